@@ -1,0 +1,63 @@
+"""The interface every posterior guide shares.
+
+A guide is a real Pyro guide: ``guide(batch)`` records one sample site per model site, with the
+model's names and shapes, so ``Trace_ELBO``, ``TraceMeanField_ELBO``, ``Predictive`` and
+``poutine.trace/replay/condition`` work with every guide. Beside that, the fast path
+``sample(S)`` / ``mean()`` gives site values directly for the batched predictive, without tracing.
+Guides never touch the network.
+"""
+
+import pyro
+import pyro.poutine as poutine
+import torch
+
+
+class LoraGuide(torch.nn.Module):
+    """Base class: a posterior ``q(theta)`` over the LoRA sites of a :class:`~pyro_lora.LoraModel`.
+
+    Subclasses implement :meth:`posterior` (site -> distribution with event shape ``site.shape``) and
+    :meth:`config` (the keyword arguments that rebuild them, for saving). Parameters are ordinary
+    ``nn.Parameter`` s of the module, not Pyro's global param store, so guides can be swapped and
+    compared in one process without colliding.
+    """
+
+    deterministic = False  # True for point estimates: the predictive then runs one forward, not S
+
+    def __init__(self, model):
+        super().__init__()
+        self._model = (model,)  # not a submodule: the network's weights are not the guide's
+        self.sites = model.sites
+
+    @property
+    def model(self):
+        return self._model[0]
+
+    def posterior(self):
+        """Site name -> ``q`` of that site, event shape ``site.shape``."""
+        raise NotImplementedError
+
+    def config(self):
+        """Constructor keyword arguments (JSON-serialisable) that :func:`pyro_lora.load_guide` passes back."""
+        return {}
+
+    def forward(self, *args, kl_weight=1.0, **kwargs):
+        """Pyro guide: one sample site per model site. ``kl_weight`` matches the model's KL annealing."""
+        posterior = self.posterior()
+        with poutine.scale(scale=kl_weight):
+            return {name: pyro.sample(name, posterior[name]) for name in self.sites}
+
+    def sample(self, num_samples):
+        """``num_samples`` draws of every site: name -> ``[S, *site.shape]`` (reparametrised where possible)."""
+        return {name: _draw(d, num_samples) for name, d in self.posterior().items()}
+
+    def mean(self):
+        """Posterior mean of every site: name -> ``site.shape``."""
+        return {name: d.mean for name, d in self.posterior().items()}
+
+    def extra_parameters(self):
+        """Number of parameters the guide adds beyond the point-estimate LoRA it describes."""
+        return 0
+
+
+def _draw(d, num_samples):
+    return d.rsample((num_samples,)) if d.has_rsample else d.sample((num_samples,))

@@ -1,0 +1,101 @@
+"""Hand sampled LoRA weights to peft's LoRA layers without copying them into parameters.
+
+Each LoRA layer gets a small holder that its forward reads. Sampling happens first (in the Pyro
+model or a guide's fast path), then the values are handed over for one forward: sampling inside the
+forward gave wrong gradients under activation checkpointing, and ``functional_call`` broke it
+(DESIGN.md, *Pitfalls*). With an empty holder the layer runs peft's own forward unchanged.
+
+With a leading sample dim ``S`` the batch is repeated ``S`` times (sample-major: row ``s * B + b``)
+and each layer applies its ``S`` deltas with one batched matmul.
+"""
+
+import contextlib
+import types
+
+import torch
+
+_HOLDER = "_pyro_lora_handed"
+
+
+class _Handed:
+    __slots__ = ("adapter", "A", "B", "R", "num_samples")
+
+    def __init__(self, adapter, weights, num_samples):
+        self.adapter = adapter
+        self.A = weights.get("A")
+        self.B = weights.get("B")
+        self.R = weights.get("R")
+        self.num_samples = num_samples
+
+
+def install(layers):
+    """Give every LoRA layer a forward that reads handed weights. Idempotent."""
+    for layer in layers.values():
+        if not hasattr(layer, _HOLDER):
+            setattr(layer, _HOLDER, None)
+            layer.forward = types.MethodType(_forward, layer)
+
+
+def uninstall(layers):
+    for layer in layers.values():
+        if hasattr(layer, _HOLDER):
+            delattr(layer, _HOLDER)
+            del layer.forward
+
+
+@contextlib.contextmanager
+def handed(layers, adapter, weights, num_samples=None):
+    """Within the context, ``layers[path]`` computes its LoRA delta from ``weights[path]``.
+
+    :param layers: module path -> installed LoRA layer.
+    :param weights: module path -> {``"A"``: ``[*S, r, d_in]``, ``"B"``: ``[*S, d_out, r]``,
+        ``"R"``: ``[*S, r, r]``}; a matrix left out is read from the layer's own parameter.
+    :param int num_samples: ``S`` when the values carry a leading sample dim, else ``None``.
+    """
+    for path, layer in layers.items():
+        if layer.merged:
+            raise ValueError(f"LoRA layer {path} is merged into its base weight: refusing to hand it samples")
+        w = weights.get(path)
+        if w is not None:
+            dtype = layer.lora_A[adapter].weight.dtype
+            w = {k: v.to(dtype) for k, v in w.items()}
+        setattr(layer, _HOLDER, _Handed(adapter, w or {}, num_samples))
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            setattr(layer, _HOLDER, None)
+
+
+def _forward(layer, x, *args, **kwargs):
+    h = getattr(layer, _HOLDER)
+    if h is None:
+        return type(layer).forward(layer, x, *args, **kwargs)
+    result = layer.base_layer(x, *args, **kwargs)
+    a = h.A if h.A is not None else layer.lora_A[h.adapter].weight
+    b = h.B if h.B is not None else layer.lora_B[h.adapter].weight
+    x = layer.lora_dropout[h.adapter](x).to(a.dtype)
+    delta = lora_delta(x, a, b, h.R, h.num_samples) * layer.scaling[h.adapter]
+    return result + delta.to(result.dtype)
+
+
+def lora_delta(x, a, b, r=None, num_samples=None):
+    """``B R A x`` for one layer (``R`` omitted when ``None``).
+
+    :param x: ``[N, ..., d_in]``; with ``num_samples = S``, ``N = S * B`` sample-major.
+    :param a: ``[r, d_in]`` or ``[S, r, d_in]``; ``b``: ``[d_out, r]`` or ``[S, d_out, r]``;
+        ``r``: ``[r, r]`` or ``[S, r, r]``.
+    :returns: ``[N, ..., d_out]``.
+    """
+    if num_samples is None:
+        h = torch.nn.functional.linear(x, a)
+        if r is not None:
+            h = torch.nn.functional.linear(h, r)
+        return torch.nn.functional.linear(h, b)
+    # [S*B, ..., d_in] -> [S, B*..., d_in]: one bmm per matrix for all samples
+    xs = x.reshape(num_samples, -1, x.shape[-1])
+    h = xs @ a.transpose(-1, -2)
+    if r is not None:
+        h = h @ r.transpose(-1, -2)
+    h = h @ b.transpose(-1, -2)
+    return h.reshape(*x.shape[:-1], h.shape[-1])

@@ -1,0 +1,102 @@
+"""Saving and loading guides (safetensors + a JSON of config and site shapes), atomically."""
+
+import contextlib
+import importlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+FORMAT = "pyro_lora.guide/1"
+_NET = "net/"
+
+
+@contextlib.contextmanager
+def atomic_directory(path):
+    """Yield a temporary directory that replaces ``path`` only once the block succeeds.
+
+    A crash leaves the old ``path`` (or nothing) in place, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+
+
+def save_guide(guide, path):
+    """Write ``guide`` (its state, config, the model's site shapes and its trained point parameters) to ``path``.
+
+    ``path`` becomes a directory with ``guide.safetensors`` and ``guide.json``.
+    """
+    model = guide.model
+    tensors = {k: v.detach().contiguous().cpu() for k, v in guide.state_dict().items()}
+    names = {id(p): n for n, p in model.net.named_parameters()}
+    tensors.update({_NET + names[id(p)]: p.detach().contiguous().cpu() for p in model.point_parameters()})
+    meta = {
+        "format": FORMAT,
+        "guide": f"{type(guide).__module__}:{type(guide).__qualname__}",
+        "config": guide.config(),
+        "sites": {n: list(s.shape) for n, s in model.sites.items()},
+        "base_model": getattr(getattr(model.net, "config", None), "_name_or_path", None),
+    }
+    with atomic_directory(path) as tmp:
+        save_file(tensors, str(tmp / "guide.safetensors"))
+        (tmp / "guide.json").write_text(json.dumps(meta, indent=2))
+    return Path(path)
+
+
+def load_guide(path, model):
+    """Rebuild a guide saved by :func:`save_guide` for ``model``, restoring the model's point parameters.
+
+    :raises ValueError: if the file is not a saved guide or was saved for other sites.
+    """
+    path = Path(path)
+    try:
+        meta = json.loads((path / "guide.json").read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} holds no saved guide (guide.json missing)") from None
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path}/guide.json is not a pyro_lora guide (format {meta.get('format')!r})")
+    saved = {n: tuple(s) for n, s in meta["sites"].items()}
+    current = {n: s.shape for n, s in model.sites.items()}
+    if saved != current:
+        diff = sorted(set(saved.items()) ^ set(current.items()))
+        raise ValueError(
+            f"guide at {path} was saved for a model with other sites (base model {meta.get('base_model')!r}); "
+            f"differing (site, shape): {diff[:6]}"
+        )
+    module, name = meta["guide"].split(":")
+    guide = getattr(importlib.import_module(module), name)(model, **meta["config"])
+    tensors = load_file(str(path / "guide.safetensors"), device=str(model.device))
+    net_params = dict(model.net.named_parameters())
+    with torch.no_grad():
+        for k in [k for k in tensors if k.startswith(_NET)]:
+            if k[len(_NET) :] not in net_params:
+                raise ValueError(f"guide at {path} holds network parameter {k[len(_NET):]!r} that this model lacks")
+            net_params[k[len(_NET) :]].copy_(tensors.pop(k))
+    guide.load_state_dict(tensors)
+    return guide
+
+
+def export_adapter(guide, path):
+    """Write the posterior mean as a regular peft adapter directory (``PeftModel.from_pretrained`` loads it)."""
+    model = guide.model
+    model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
+    with atomic_directory(path) as tmp:
+        model.net.save_pretrained(str(tmp))
+    return Path(path)

@@ -1,0 +1,228 @@
+"""Calibration, uncertainty and selective-prediction metrics (pure torch).
+
+Conventions: ``probs`` is ``[N, C]`` predictive probabilities (rows sum to 1; classes beyond an
+example's choice count carry probability 0), ``labels`` is ``[N]`` integer class indices,
+``sample_probs`` is ``[S, N, C]`` per-sample probabilities. Numpy arrays are accepted and
+converted. Everything is computed in float64 so that bin edges and sums do not drift.
+Scalar metrics return Python floats; per-example quantities return ``[N]`` float64 tensors.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = [
+    "ReliabilityBins",
+    "accuracy",
+    "accuracy_at_coverage",
+    "aurc",
+    "auroc",
+    "brier",
+    "ece",
+    "expected_entropy",
+    "mutual_information",
+    "nll",
+    "predictive_entropy",
+    "reliability_bins",
+    "risk_coverage",
+    "summarize",
+]
+
+# Floor for p[label] in the NLL: a confidently wrong example costs -log(1e-12) ~ 27.6, not inf.
+_NLL_FLOOR = 1e-12
+
+
+class ReliabilityBins(NamedTuple):
+    """Per-bin statistics of top-label confidence; every field is ``[num_bins]``.
+
+    Empty bins have confidence and accuracy 0 and count 0.
+    """
+
+    confidence: torch.Tensor  # mean top-label probability in the bin (float64)
+    accuracy: torch.Tensor  # fraction of correct top-label predictions in the bin (float64)
+    counts: torch.Tensor  # number of examples in the bin (int64)
+
+
+def _as_float(x) -> torch.Tensor:
+    return torch.as_tensor(x).detach().to(torch.float64)
+
+
+def _check_probs(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Validate and convert ``probs [N, C]`` and ``labels [N]``; raise ValueError naming the problem."""
+    probs = _as_float(probs)
+    labels = torch.as_tensor(labels).detach()
+    if probs.ndim != 2:
+        raise ValueError(f"probs must have shape [N, C], got {tuple(probs.shape)}")
+    if labels.ndim != 1:
+        raise ValueError(f"labels must have shape [N], got {tuple(labels.shape)}")
+    n, c = probs.shape
+    if n == 0 or c == 0:
+        raise ValueError(f"empty input: probs has shape {tuple(probs.shape)}")
+    if labels.shape[0] != n:
+        raise ValueError(f"shape mismatch: probs has {n} rows but labels has {labels.shape[0]}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    labels = labels.to(torch.int64)
+    if labels.min() < 0 or labels.max() >= c:
+        raise ValueError(
+            f"labels out of range: expected values in [0, {c}), "
+            f"got min {int(labels.min())} max {int(labels.max())}"
+        )
+    if not torch.isfinite(probs).all():
+        raise ValueError("probs contains non-finite values (nan or inf)")
+    return probs, labels
+
+
+def _check_sample_probs(sample_probs) -> torch.Tensor:
+    sample_probs = _as_float(sample_probs)
+    if sample_probs.ndim != 3:
+        raise ValueError(f"sample_probs must have shape [S, N, C], got {tuple(sample_probs.shape)}")
+    if sample_probs.numel() == 0:
+        raise ValueError(f"empty input: sample_probs has shape {tuple(sample_probs.shape)}")
+    if not torch.isfinite(sample_probs).all():
+        raise ValueError("sample_probs contains non-finite values (nan or inf)")
+    return sample_probs
+
+
+def _confidence_correct(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-label confidence ``[N]`` and correctness ``[N]`` (float 0/1); ties go to the lowest index."""
+    conf, pred = probs.max(dim=-1)
+    return conf, (pred == labels).to(torch.float64)
+
+
+def accuracy(probs, labels) -> float:
+    """Fraction of examples whose argmax class is the label: mean_i 1[argmax_c p_ic = y_i]."""
+    probs, labels = _check_probs(probs, labels)
+    return float(_confidence_correct(probs, labels)[1].mean())
+
+
+def reliability_bins(probs, labels, num_bins: int = 15) -> ReliabilityBins:
+    """Bin top-label confidence into ``num_bins`` equal-width bins ((k-1)/B, k/B] on [0, 1].
+
+    probs [N, C], labels [N] -> ReliabilityBins of ``[num_bins]`` tensors (mean confidence, accuracy, count).
+    """
+    if int(num_bins) != num_bins or num_bins < 1:
+        raise ValueError(f"num_bins must be a positive integer, got {num_bins}")
+    num_bins = int(num_bins)
+    probs, labels = _check_probs(probs, labels)
+    conf, correct = _confidence_correct(probs, labels)
+    # Right-closed bins as in Guo et al. 2017: confidence exactly k/B falls in bin k-1.
+    idx = (torch.ceil(conf * num_bins).long() - 1).clamp(0, num_bins - 1)
+    counts = torch.bincount(idx, minlength=num_bins)
+    denom = counts.clamp(min=1).to(torch.float64)
+    conf_sum = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, idx, conf)
+    correct_sum = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, idx, correct)
+    return ReliabilityBins(conf_sum / denom, correct_sum / denom, counts)
+
+
+def ece(probs, labels, num_bins: int = 15) -> float:
+    """Expected calibration error as a fraction: sum_b (n_b / N) |acc_b - conf_b| (multiply by 100 to report)."""
+    bins = reliability_bins(probs, labels, num_bins)
+    weights = bins.counts.to(torch.float64) / bins.counts.sum()
+    return float((weights * (bins.accuracy - bins.confidence).abs()).sum())
+
+
+def nll(probs, labels) -> float:
+    """Mean negative log-likelihood: -mean_i log max(p_{i,y_i}, 1e-12)."""
+    probs, labels = _check_probs(probs, labels)
+    p_true = probs.gather(1, labels[:, None]).squeeze(1)
+    return float(-p_true.clamp(min=_NLL_FLOOR).log().mean())
+
+
+def brier(probs, labels) -> float:
+    """Brier score: mean_i sum_c (p_ic - 1[c = y_i])^2."""
+    probs, labels = _check_probs(probs, labels)
+    onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).to(torch.float64)
+    return float(((probs - onehot) ** 2).sum(dim=1).mean())
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    """Entropy over the last dim in nats, with 0 log 0 = 0 (xlogy handles p = 0)."""
+    return -torch.special.xlogy(p, p).sum(dim=-1)
+
+
+def predictive_entropy(sample_probs) -> torch.Tensor:
+    """Total uncertainty per example: sample_probs [S, N, C] -> [N], H[mean_s p_s]."""
+    sample_probs = _check_sample_probs(sample_probs)
+    return _entropy(sample_probs.mean(dim=0))
+
+
+def expected_entropy(sample_probs) -> torch.Tensor:
+    """Aleatoric uncertainty per example: sample_probs [S, N, C] -> [N], mean_s H[p_s]."""
+    sample_probs = _check_sample_probs(sample_probs)
+    return _entropy(sample_probs).mean(dim=0)
+
+
+def mutual_information(sample_probs) -> torch.Tensor:
+    """Epistemic uncertainty per example: sample_probs [S, N, C] -> [N], max(H[mean_s p_s] - mean_s H[p_s], 0).
+
+    Exactly 0 for examples on which all samples agree (float rounding of the mean could leave ~1e-17).
+    """
+    sample_probs = _check_sample_probs(sample_probs)
+    mi = (_entropy(sample_probs.mean(dim=0)) - _entropy(sample_probs).mean(dim=0)).clamp(min=0.0)
+    agree = (sample_probs == sample_probs[:1]).all(dim=2).all(dim=0)
+    return mi.masked_fill(agree, 0.0)
+
+
+def _midranks(x: torch.Tensor) -> torch.Tensor:
+    """1-based ranks of ``x [M]`` with tied values sharing the average of their ranks."""
+    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
+    ends = counts.cumsum(0).to(torch.float64)
+    return (ends - (counts.to(torch.float64) - 1) / 2)[inverse]
+
+
+def auroc(scores_in, scores_out) -> float:
+    """P(score_out > score_in) + 1/2 P(tie): how well a score (entropy, MI) flags shifted examples.
+
+    scores_in [N_in], scores_out [N_out]; Mann-Whitney U from midranks: (R_out - n_out(n_out+1)/2) / (n_in n_out).
+    """
+    s_in, s_out = _as_float(scores_in), _as_float(scores_out)
+    for name, s in (("scores_in", s_in), ("scores_out", s_out)):
+        if s.ndim != 1:
+            raise ValueError(f"{name} must have shape [N], got {tuple(s.shape)}")
+        if s.numel() == 0:
+            raise ValueError(f"empty input: {name} has no elements")
+        if not torch.isfinite(s).all():
+            raise ValueError(f"{name} contains non-finite values (nan or inf)")
+    n_in, n_out = s_in.numel(), s_out.numel()
+    rank_out = _midranks(torch.cat([s_in, s_out]))[n_in:].sum()
+    return float((rank_out - n_out * (n_out + 1) / 2) / (n_in * n_out))
+
+
+def risk_coverage(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Accuracy when only the k most confident examples are kept, for k = 1..N.
+
+    probs [N, C], labels [N] -> (coverages [N] = k/N, accuracies [N]); confidence ties keep input order.
+    """
+    probs, labels = _check_probs(probs, labels)
+    conf, correct = _confidence_correct(probs, labels)
+    order = torch.sort(conf, descending=True, stable=True).indices
+    k = torch.arange(1, len(conf) + 1, dtype=torch.float64)
+    return k / len(conf), correct[order].cumsum(0) / k
+
+
+def accuracy_at_coverage(probs, labels, coverage: float) -> float:
+    """Accuracy on the round(coverage * N) most confident examples (at least one), 0 < coverage <= 1."""
+    if not 0.0 < coverage <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    _, accuracies = risk_coverage(probs, labels)
+    k = max(1, round(coverage * len(accuracies)))
+    return float(accuracies[k - 1])
+
+
+def aurc(probs, labels) -> float:
+    """Area under the risk-coverage curve: mean over k = 1..N of (1 - accuracy of the k most confident)."""
+    _, accuracies = risk_coverage(probs, labels)
+    return float((1.0 - accuracies).mean())
+
+
+def summarize(probs, labels, num_bins: int = 15) -> dict[str, float]:
+    """Table columns: {"accuracy": fraction, "ece": x100, "nll": nats, "brier": score}."""
+    return {
+        "accuracy": accuracy(probs, labels),
+        "ece": 100.0 * ece(probs, labels, num_bins),
+        "nll": nll(probs, labels),
+        "brier": brier(probs, labels),
+    }

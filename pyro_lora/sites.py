@@ -1,0 +1,167 @@
+"""Which LoRA matrices of a peft model are random, and how they are named as Pyro sample sites.
+
+A LoRA layer computes ``y = W0 x + s B A x`` with ``A: [r, d_in]``, ``B: [d_out, r]`` and
+``s = alpha / r``. Same-kind, same-shape matrices of all layers (``q_proj.lora_A`` of every block)
+form one stacked site of shape ``[L, r, d_in]``: one Pyro site per kind, not per matrix, is what
+keeps an SVI step close to a plain LoRA step (DESIGN.md, *Sites*).
+"""
+
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+MATRICES = ("A", "B", "R")
+
+
+@dataclass(frozen=True)
+class Site:
+    """One Pyro sample site.
+
+    :param str name: Pyro site name, e.g. ``"q_proj.lora_A"`` (stacked) or the module path plus
+        ``".lora_A"`` (``group="matrix"``).
+    :param str matrix: ``"A"``, ``"B"`` or ``"R"`` (the r x r core of LoRA-XS).
+    :param tuple layers: module paths of the LoRA layers it holds, in stacking order.
+    :param tuple shape: the site's event shape: ``(L, rows, cols)`` when stacked, else ``(rows, cols)``.
+    """
+
+    name: str
+    matrix: str
+    layers: tuple
+    shape: tuple
+
+    @property
+    def stacked(self):
+        return len(self.shape) == 3
+
+    @property
+    def numel(self):
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def find_lora_layers(net, adapter=None):
+    """Module path -> peft LoRA ``Linear`` layer for every layer holding ``adapter``.
+
+    :raises ValueError: if the model has no LoRA layers, or any is merged.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    adapter = adapter or active_adapter(net)
+    layers = OrderedDict(
+        (path, m) for path, m in net.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A
+    )
+    if not layers:
+        raise ValueError(
+            f"model {type(net).__name__} has no LoRA layers for adapter {adapter!r}: wrap it with "
+            "peft.get_peft_model(model, LoraConfig(target_modules=[...])) or pyro_lora.add_lora first"
+        )
+    merged = [p for p, m in layers.items() if m.merged]
+    if merged:
+        raise ValueError(f"LoRA layers are merged into the base weights ({merged[0]}, ...): call unmerge_adapter() first")
+    return layers
+
+
+def active_adapter(net):
+    active = getattr(net, "active_adapter", None)
+    if isinstance(active, (list, tuple)):
+        active = active[0]
+    return active or "default"
+
+
+def matrix_shape(layer, adapter, matrix):
+    """Shape of one LoRA matrix of ``layer``: A ``(r, d_in)``, B ``(d_out, r)``, R ``(r, r)``."""
+    r, d_in = layer.lora_A[adapter].weight.shape
+    d_out = layer.lora_B[adapter].weight.shape[0]
+    return {"A": (r, d_in), "B": (d_out, r), "R": (r, r)}[matrix]
+
+
+def build_sites(layers, adapter, random=("A", "B"), group="kind"):
+    """Group the random matrices of ``layers`` into sites.
+
+    :param layers: ordered module path -> LoRA layer (:func:`find_lora_layers`).
+    :param random: which matrices are random, a subset of ``("A", "B", "R")``.
+    :param group: ``"kind"`` stacks same-kind, same-shape matrices across layers; ``"matrix"`` gives one
+        site per matrix. Layers of one kind with different ranks or widths form separate stacks.
+    :returns: ordered site name -> :class:`Site`.
+    """
+    random = tuple(random)
+    bad = [m for m in random if m not in MATRICES]
+    if bad or not random:
+        raise ValueError(f"random must be a non-empty subset of {MATRICES}, got {random!r}")
+    if group not in ("kind", "matrix"):
+        raise ValueError(f"group must be 'kind' or 'matrix', got {group!r}")
+    stacks = OrderedDict()
+    for path, layer in layers.items():
+        kind = path.rsplit(".", 1)[-1]
+        for matrix in random:
+            shape = matrix_shape(layer, adapter, matrix)
+            stacks.setdefault((matrix, path if group == "matrix" else kind, shape), []).append(path)
+    shapes_per_key = Counter((matrix, key) for matrix, key, _ in stacks)
+    sites = OrderedDict()
+    for (matrix, key, shape), paths in stacks.items():
+        name = f"{key}.lora_{matrix}"
+        if group == "kind":
+            if shapes_per_key[(matrix, key)] > 1:  # heterogeneous ranks (peft rank_pattern)
+                name += "." + "x".join(map(str, shape))
+            shape = (len(paths),) + shape
+        sites[name] = Site(name, matrix, tuple(paths), tuple(shape))
+    return sites
+
+
+def matrix_view(sites):
+    """Per-matrix view: ``"<module path>.lora_A"`` -> (site name, index in the stack or ``None``)."""
+    return {
+        f"{path}.lora_{site.matrix}": (name, i if site.stacked else None)
+        for name, site in sites.items()
+        for i, path in enumerate(site.layers)
+    }
+
+
+def check_values(sites, values, allow_sample_dim=True):
+    """Validate site values: every site present, shapes ``[*S, *site.shape]``, all finite.
+
+    :raises ValueError: naming the first missing/unknown site, wrong shape or non-finite value.
+    """
+    unknown = sorted(set(values) - set(sites))
+    if unknown:
+        raise ValueError(f"unknown site(s) {unknown}; the model's sites are {list(sites)}")
+    for name, site in sites.items():
+        if name not in values:
+            raise ValueError(f"no value for site {name!r}")
+        v = values[name]
+        lead = v.dim() - len(site.shape)
+        if tuple(v.shape[lead:]) != site.shape or lead not in ((0, 1) if allow_sample_dim else (0,)):
+            raise ValueError(
+                f"site {name!r} expects shape {site.shape}"
+                f"{' with an optional leading sample dim' if allow_sample_dim else ''}, got {tuple(v.shape)}"
+            )
+        if not torch.isfinite(v).all():
+            raise ValueError(f"site {name!r} has non-finite values (nan or inf)")
+
+
+def per_layer(sites, values):
+    """Split site values into module path -> {matrix: tensor}.
+
+    Stacked values ``[*S, L, rows, cols]`` are indexed, not copied: layer ``l`` gets ``v[..., l, :, :]``.
+    """
+    out = {}
+    for name, site in sites.items():
+        v = values[name]
+        for i, path in enumerate(site.layers):
+            out.setdefault(path, {})[site.matrix] = v.select(-3, i) if site.stacked else v
+    return out
+
+
+def stack_values(sites, per_layer_values):
+    """Inverse of :func:`per_layer` for unbatched values: module path -> {matrix: [rows, cols]}."""
+    return {
+        name: (
+            torch.stack([per_layer_values[p][site.matrix] for p in site.layers])
+            if site.stacked
+            else per_layer_values[site.layers[0]][site.matrix]
+        )
+        for name, site in sites.items()
+    }

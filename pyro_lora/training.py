@@ -1,0 +1,140 @@
+"""SVI training: any Pyro ELBO, one fused torch optimizer over the model's point estimates and the guide."""
+
+import math
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro.infer import Trace_ELBO
+from tqdm.auto import tqdm
+
+
+@dataclass
+class FitState:
+    """What a callback sees after each optimizer step."""
+
+    step: int
+    epoch: int
+    loss: float
+    kl_weight: float
+    model: object
+    guide: object
+
+
+def fit(
+    model,
+    guide,
+    data,
+    *,
+    epochs=1,
+    lr=1e-3,
+    elbo=None,
+    weight_decay=0.0,
+    lr_schedule="constant",
+    warmup_steps=0,
+    kl_weight=1.0,
+    grad_accum_steps=1,
+    max_grad_norm=None,
+    autocast=None,
+    callbacks=(),
+    checkpoint_dir=None,
+    checkpoint_every=None,
+    progress=True,
+):
+    """Train ``guide`` (and the model's non-random parameters) by minimising ``elbo`` on ``data``.
+
+    The loss per step is ``elbo.differentiable_loss(model, guide, batch) / num_data``: the negative
+    ELBO per training example, with minibatches scaled to the full data by the model's data plate.
+    One ``torch.optim.AdamW`` (fused on CUDA) holds every parameter; Pyro's param store is not used.
+
+    :param data: iterable of batches (dicts of tensors), e.g. a ``DataLoader``; re-iterated each epoch.
+    :param elbo: a Pyro ELBO (default ``Trace_ELBO()``); ``TraceMeanField_ELBO()`` uses closed-form KLs.
+    :param lr_schedule: ``"constant"``, ``"linear"`` (decay to 0) or ``"cosine"``, after ``warmup_steps``.
+    :param kl_weight: a float or a callable ``step -> float`` (KL annealing; must be > 0).
+    :param autocast: ``torch.dtype`` for autocast (default bf16 on CUDA, off on CPU).
+    :param callbacks: callables ``f(FitState)`` run after each optimizer step.
+    :param checkpoint_dir: if given, the guide is saved there (atomically) every ``checkpoint_every``
+        steps and at the end.
+    :returns: list of per-step losses.
+    """
+    from .io import save_guide
+
+    elbo = elbo or Trace_ELBO()
+    num_data = model.num_data or 1
+    model.freeze_random_parameters()
+    device = model.device
+    params = model.point_parameters() + [p for p in guide.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: the model has no point parameters and the guide no parameters")
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+    steps_per_epoch = math.ceil(len(data) / grad_accum_steps) if hasattr(data, "__len__") else None
+    total = steps_per_epoch * epochs if steps_per_epoch else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(lr_schedule, warmup_steps, total))
+    if autocast is None and device.type == "cuda":
+        autocast = torch.bfloat16
+    beta = kl_weight if callable(kl_weight) else (lambda step: kl_weight)
+    net = model.net
+    was_training = net.training
+    net.train()
+    guide.train()
+    losses, step = [], 0
+    bar = tqdm(total=total, desc=f"fit {type(guide).__name__}", disable=not progress, dynamic_ncols=True)
+    try:
+        with pyro.validation_enabled(False):  # validation syncs the GPU once per site
+            for epoch in range(epochs):
+                accumulated = 0.0
+                for i, batch in enumerate(data):
+                    batch = to_device(batch, device)
+                    weight = beta(step)
+                    with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                        loss = elbo.differentiable_loss(model, guide, batch, kl_weight=weight) / num_data
+                    (loss / grad_accum_steps).backward()
+                    accumulated += loss.item() / grad_accum_steps
+                    if (i + 1) % grad_accum_steps:
+                        continue
+                    if not math.isfinite(accumulated):
+                        raise FloatingPointError(f"loss became {accumulated} at step {step} (epoch {epoch}): lower lr?")
+                    if max_grad_norm:
+                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(accumulated)
+                    step += 1
+                    bar.update()
+                    bar.set_postfix(loss=f"{accumulated:.4f}", epoch=epoch)
+                    state = FitState(step, epoch, accumulated, weight, model, guide)
+                    for cb in callbacks:
+                        cb(state)
+                    if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:
+                        save_guide(guide, checkpoint_dir)
+                    accumulated = 0.0
+    finally:
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+        net.train(was_training)
+    if checkpoint_dir:
+        save_guide(guide, checkpoint_dir)
+    return losses
+
+
+def _schedule(kind, warmup, total):
+    if kind not in ("constant", "linear", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {kind!r}")
+    if kind != "constant" and total is None:
+        raise ValueError(f"lr_schedule={kind!r} needs data with a length")
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def to_device(batch, device):
+    """Move every tensor of a batch dict to ``device``."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -1,0 +1,57 @@
+"""Tiny random networks for fast unit tests (no downloads: configs are built in code)."""
+
+import pyro
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+
+def tiny_llama(r=4, targets=("q_proj", "v_proj"), seed=0, vocab=64):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+    )
+    net = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
+    _randomize_b(net)
+    return net.eval()
+
+
+def tiny_bert(r=4, num_labels=3, seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, num_labels=num_labels,
+    )
+    net = get_peft_model(
+        BertForSequenceClassification(config),
+        LoraConfig(r=r, lora_alpha=2 * r, target_modules=["query", "value"], task_type="SEQ_CLS"),
+    )
+    _randomize_b(net)
+    return net.eval()
+
+
+def _randomize_b(net):
+    # peft starts B at zero, which would hide any error in how B is applied
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+
+
+def random_batch(batch=3, seq=7, vocab=64, seed=1, left_pad=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, seq), generator=g)
+    mask = torch.ones(batch, seq, dtype=torch.long)
+    if left_pad:
+        mask[0, :left_pad] = 0
+        ids[0, :left_pad] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pyro():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield

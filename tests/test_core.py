@@ -1,0 +1,192 @@
+"""Sites, weight hand-off, likelihoods and the Pyro model on tiny random networks."""
+
+import pyro
+import pytest
+import torch
+from conftest import random_batch, tiny_bert, tiny_llama
+from pyro.infer import Trace_ELBO
+
+from guides.map import MAPGuide
+from pyro_lora.likelihoods import CausalLM, MultipleChoice, SequenceClassification
+from pyro_lora.model import LoraModel
+from pyro_lora.sites import per_layer
+
+
+def mc_batch(**kw):
+    b = random_batch(**kw)
+    b["choice_mask"] = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    b["labels"] = torch.tensor([2, 3, 0])
+    return b
+
+
+def test_sites_group_by_kind_and_matrix():
+    net = tiny_llama()
+    model = LoraModel(net, CausalLM(), random="AB")
+    assert list(model.sites) == ["q_proj.lora_A", "q_proj.lora_B", "v_proj.lora_A", "v_proj.lora_B"]
+    assert model.sites["q_proj.lora_A"].shape == (2, 4, 32)
+    assert model.sites["v_proj.lora_B"].shape == (2, 16, 4)
+    name, i = model.matrices["base_model.model.model.layers.1.self_attn.v_proj.lora_B"]
+    assert (name, i) == ("v_proj.lora_B", 1)
+    per_matrix = LoraModel(tiny_llama(), CausalLM(), random="A", group="matrix")
+    assert len(per_matrix.sites) == 4 and all(s.shape == (4, 32) for s in per_matrix.sites.values())
+
+
+def test_heterogeneous_ranks_form_separate_sites():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    net = get_peft_model(
+        LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj"], rank_pattern={"layers.1.self_attn.q_proj": 2})
+    )
+    model = LoraModel(net, CausalLM(), random="A")
+    assert sorted(s.shape for s in model.sites.values()) == [(1, 2, 32), (1, 4, 32)]
+
+
+def test_random_matrices_frozen_others_trainable():
+    model = LoraModel(tiny_llama(), CausalLM(), random="A")
+    assert all(not p.requires_grad for p in model.random_parameters())
+    names = {id(p) for p in model.point_parameters()}
+    assert names == {id(p) for n, p in model.net.named_parameters() if "lora_B" in n}
+
+
+def test_outside_context_logits_identical_to_peft():
+    net = tiny_llama()
+    batch = random_batch()
+    before = net(**batch).logits
+    model = LoraModel(net, CausalLM())
+    after = model.net(**batch).logits
+    assert torch.equal(before, after)
+    with_values = model.logits(batch | {"labels": batch["input_ids"]}, model.adapter_values())
+    torch.testing.assert_close(with_values, before[:, :-1], rtol=1e-5, atol=1e-5)
+
+
+def test_handed_weights_change_output_and_reset():
+    net = tiny_llama()
+    model = LoraModel(net, CausalLM())
+    batch = random_batch()
+    values = {k: torch.randn_like(v) for k, v in model.adapter_values().items()}
+    changed = model.logits(batch, values)
+    assert not torch.allclose(changed, model.logits(batch))
+    # after the context the layers read their parameters again
+    assert torch.equal(model.net(**batch).logits[:, :-1], model.logits(batch))
+
+
+@pytest.mark.parametrize("random", ["A", "B", "AB"])
+def test_s_sample_forward_equals_single_forwards(random):
+    model = LoraModel(tiny_llama(), MultipleChoice(answer_token_ids=[5, 6, 7, 8]), random=random)
+    batch = mc_batch(left_pad=2)
+    values = {k: v + 0.1 * torch.randn(3, *v.shape) for k, v in model.adapter_values().items()}
+    joint = model.logits(batch, values, num_samples=3)
+    singles = torch.stack([model.logits(batch, {k: v[s] for k, v in values.items()}) for s in range(3)])
+    torch.testing.assert_close(joint, singles, rtol=1e-5, atol=1e-5)
+
+
+def test_core_matrix_r_is_applied():
+    model = LoraModel(tiny_llama(), CausalLM(), random="R")
+    batch = random_batch()
+    r = model.sites["q_proj.lora_R"].shape
+    eye = {k: torch.eye(s.shape[-1]).expand(s.shape).clone() for k, s in model.sites.items()}
+    # R = I reproduces plain LoRA; R = 0 removes the LoRA delta entirely
+    torch.testing.assert_close(model.logits(batch, eye), model.logits(batch), rtol=1e-5, atol=1e-5)
+    zero = {k: torch.zeros(s.shape) for k, s in model.sites.items()}
+    with model.net.disable_adapter():
+        base = model.logits(batch)
+    torch.testing.assert_close(model.logits(batch, zero), base, rtol=1e-5, atol=1e-5)
+    assert r == (2, 4, 4)
+
+
+def test_letter_logits_last_real_token_left_and_right_padding():
+    model = LoraModel(tiny_llama(), MultipleChoice(answer_token_ids=[5, 6, 7, 8]))
+    left = mc_batch(left_pad=3)
+    right = {k: v.clone() for k, v in left.items()}
+    # move row 0's padding to the right: same tokens, same logits
+    n = 3
+    right["input_ids"][0] = torch.cat([left["input_ids"][0, n:], torch.zeros(n, dtype=torch.long)])
+    right["attention_mask"][0] = torch.cat([torch.ones(7 - n), torch.zeros(n)]).long()
+    a, b = model.logits(left), model.logits(right)
+    torch.testing.assert_close(a[0, :3], b[0, :3], rtol=1e-4, atol=1e-4)
+    assert torch.isinf(a[0, 3]) and a[0, 3] < 0
+    direct = model.net(input_ids=left["input_ids"][1:2]).logits[0, -1, [5, 6, 7, 8]]
+    torch.testing.assert_close(a[1], direct, rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_classification_logits():
+    net = tiny_bert()
+    model = LoraModel(net, SequenceClassification())
+    batch = random_batch() | {"labels": torch.tensor([0, 1, 2])}
+    torch.testing.assert_close(model.logits(batch, model.adapter_values()), net(**random_batch()).logits)
+    assert model.logits(batch, {k: v.expand(4, *v.shape) for k, v in model.adapter_values().items()}, 4).shape == (4, 3, 3)
+
+
+def test_model_trace_sites_and_data_scaling():
+    model = LoraModel(tiny_bert(), SequenceClassification(), num_data=30)
+    batch = random_batch() | {"labels": torch.tensor([0, 1, 2])}
+    tr = pyro.poutine.trace(model).get_trace(batch)
+    tr.compute_log_prob()
+    assert set(model.sites) <= set(tr.nodes)
+    obs = tr.nodes["obs"]
+    assert obs["scale"] == 10.0
+    expected = -torch.nn.functional.cross_entropy(tr.nodes["_RETURN"]["value"], batch["labels"], reduction="none")
+    torch.testing.assert_close(obs["log_prob"], 10.0 * expected)  # trace log-probs carry the plate scale
+
+
+def test_map_guide_elbo_and_kl_weight():
+    model = LoraModel(tiny_bert(), SequenceClassification(), prior=0.5)
+    guide = MAPGuide(model)
+    batch = random_batch() | {"labels": torch.tensor([0, 1, 2])}
+    loss = Trace_ELBO().differentiable_loss(model, guide, batch)
+    nll = torch.nn.functional.cross_entropy(model.logits(batch, guide.mean()), batch["labels"], reduction="sum")
+    log_prior = sum(model.prior_distribution(s).log_prob(guide.mean()[n]) for n, s in model.sites.items())
+    torch.testing.assert_close(loss, nll - log_prior)
+    half = Trace_ELBO().differentiable_loss(model, guide, batch, kl_weight=0.5)
+    torch.testing.assert_close(half, nll - 0.5 * log_prior)
+    loss.backward()
+    assert all(p.grad is not None for p in guide.parameters())
+
+
+def test_causal_lm_token_likelihood():
+    model = LoraModel(tiny_llama(), CausalLM())
+    batch = random_batch()
+    batch["labels"] = batch["input_ids"].clone()
+    batch["labels"][0, :2] = -100
+    tr = pyro.poutine.trace(pyro.poutine.condition(model, data=model.adapter_values())).get_trace(batch)
+    lp = tr.nodes["obs"]["fn"].log_prob(model.likelihood.observed(batch))
+    logits = model.net(**random_batch()).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), batch["labels"][:, 1:], reduction="none").sum(1)
+    torch.testing.assert_close(lp, -ce, rtol=1e-5, atol=1e-4)
+
+
+def test_per_layer_is_a_view():
+    model = LoraModel(tiny_llama(), CausalLM())
+    values = model.adapter_values()
+    layers = per_layer(model.sites, values)
+    first = next(iter(layers.values()))["A"]
+    assert first.data_ptr() == values["q_proj.lora_A"].data_ptr()
+
+
+def test_bad_inputs_have_clear_errors():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    plain = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=32))
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        LoraModel(plain, SequenceClassification())
+    model = LoraModel(tiny_bert(), SequenceClassification())
+    batch = random_batch()
+    with pytest.raises(ValueError, match="random must be"):
+        LoraModel(tiny_bert(), SequenceClassification(), random="C")
+    from pyro_lora.sites import check_values
+
+    values = model.adapter_values()
+    with pytest.raises(ValueError, match="unknown site"):
+        check_values(model.sites, values | {"nope": torch.zeros(1)})
+    with pytest.raises(ValueError, match="expects shape"):
+        check_values(model.sites, values | {"query.lora_A": torch.zeros(3, 3)})
+    values["query.lora_A"][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        check_values(model.sites, values)
+    model.net.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        model.logits(batch, model.adapter_values())
+    with pytest.raises(ValueError, match="no 'labels'"):
+        model.likelihood.observed(batch)

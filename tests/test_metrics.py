@@ -1,0 +1,205 @@
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_lora import metrics, plots
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Four binary examples away from bin edges: top-label confidences 0.95 (right), 0.85 (wrong),
+# 0.65 (right), 0.55 (right).
+PROBS = torch.tensor([[0.95, 0.05], [0.85, 0.15], [0.35, 0.65], [0.55, 0.45]])
+LABELS = torch.tensor([0, 1, 1, 0])
+
+
+def test_accuracy_nll_brier_hand_case():
+    assert metrics.accuracy(PROBS, LABELS) == pytest.approx(0.75)
+    expected_nll = -(math.log(0.95) + math.log(0.15) + math.log(0.65) + math.log(0.55)) / 4
+    assert metrics.nll(PROBS, LABELS) == pytest.approx(expected_nll, rel=1e-6)
+    # Per example sum_c (p - onehot)^2: 2*0.05^2, 2*0.85^2, 2*0.35^2, 2*0.45^2.
+    assert metrics.brier(PROBS, LABELS) == pytest.approx((0.005 + 1.445 + 0.245 + 0.405) / 4, rel=1e-6)
+
+
+def test_ece_hand_case_and_num_bins():
+    # 2 bins: all four in (0.5, 1]; acc 0.75 = mean conf 0.75 -> perfectly calibrated.
+    assert metrics.ece(PROBS, LABELS, num_bins=2) == pytest.approx(0.0, abs=1e-7)
+    # 5 bins: (0.8,1] {0.95 R, 0.85 W} gap |0.5-0.9|, (0.6,0.8] {0.65 R} gap 0.35, (0.4,0.6] {0.55 R} gap 0.45.
+    assert metrics.ece(PROBS, LABELS, num_bins=5) == pytest.approx(0.5 * 0.4 + 0.25 * 0.35 + 0.25 * 0.45, rel=1e-6)
+    # 15 bins (default): each example alone in its bin.
+    assert metrics.ece(PROBS, LABELS) == pytest.approx((0.05 + 0.85 + 0.35 + 0.45) / 4, rel=1e-6)
+
+
+def test_reliability_bins_right_closed_and_consistent_with_ece():
+    probs = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75]])
+    labels = torch.tensor([0, 0, 1])
+    bins = metrics.reliability_bins(probs, labels, num_bins=4)
+    # Right-closed bins: 0.5 -> (0.25, 0.5], 0.75 -> (0.5, 0.75], 1.0 -> (0.75, 1].
+    assert bins.counts.tolist() == [0, 1, 1, 1]
+    assert bins.confidence.tolist() == [0.0, 0.5, 0.75, 1.0]
+    assert bins.accuracy.tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert metrics.ece(probs, labels, num_bins=4) == pytest.approx((0.5 + 0.25 + 0.0) / 3)
+
+
+def test_padded_classes_and_zero_probability_label():
+    # A third class that does not exist for these examples has probability 0.
+    probs = torch.tensor([[0.7, 0.3, 0.0], [1.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 1])
+    assert math.isfinite(metrics.nll(probs, labels))
+    assert metrics.nll(probs, labels) == pytest.approx((-math.log(0.7) - math.log(1e-12)) / 2)
+    assert metrics.brier(probs, labels) == pytest.approx((0.3**2 + 0.3**2 + 1 + 1) / 2)
+
+
+def test_summarize_and_numpy_input():
+    row = metrics.summarize(PROBS.numpy(), LABELS.numpy(), num_bins=5)
+    assert set(row) == {"accuracy", "ece", "nll", "brier"}
+    assert row["ece"] == pytest.approx(100 * metrics.ece(PROBS, LABELS, num_bins=5))
+    assert row["accuracy"] == pytest.approx(0.75)
+    assert row["brier"] == pytest.approx(metrics.brier(PROBS, LABELS))
+
+
+def _np_entropy(p):
+    return -np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0).sum(-1)
+
+
+def test_entropies_match_numpy():
+    rng = np.random.default_rng(0)
+    sp = rng.dirichlet(np.ones(4), size=(5, 7))  # [S=5, N=7, C=4]
+    sp[:, 0] = [0.5, 0.5, 0.0, 0.0]  # exact zeros: 0 log 0 must be 0, not nan
+    pe = metrics.predictive_entropy(torch.as_tensor(sp))
+    ee = metrics.expected_entropy(torch.as_tensor(sp))
+    mi = metrics.mutual_information(torch.as_tensor(sp))
+    assert pe.shape == ee.shape == mi.shape == (7,)
+    np.testing.assert_allclose(pe.numpy(), _np_entropy(sp.mean(0)), rtol=1e-12)
+    np.testing.assert_allclose(ee.numpy(), _np_entropy(sp).mean(0), rtol=1e-12)
+    np.testing.assert_allclose(mi.numpy(), np.maximum(_np_entropy(sp.mean(0)) - _np_entropy(sp).mean(0), 0))
+    assert pe[0] == pytest.approx(math.log(2))
+
+
+def test_mutual_information_zero_when_samples_agree_positive_when_not():
+    same = torch.tensor([0.1, 0.2, 0.7]).expand(3, 2, 3)  # [S=3, N=2, C=3], all samples identical
+    assert torch.equal(metrics.mutual_information(same), torch.zeros(2, dtype=torch.float64))
+    disagree = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])  # two confident samples, opposite classes
+    assert metrics.expected_entropy(disagree).item() == 0.0
+    assert metrics.mutual_information(disagree).item() == pytest.approx(math.log(2))
+    assert metrics.mutual_information(torch.tensor([[[0.6, 0.4]], [[0.4, 0.6]]])).item() > 0
+
+
+def test_auroc_hand_cases():
+    assert metrics.auroc([0.0, 1.0], [2.0, 3.0]) == 1.0
+    assert metrics.auroc([2.0, 3.0], [0.0, 1.0]) == 0.0
+    assert metrics.auroc([1.0, 1.0, 1.0], [1.0, 1.0]) == 0.5
+    # Pairs (out, in): (2,1) 1, (2,2) 1/2, (3,1) 1, (3,2) 1 -> 3.5 / 4.
+    assert metrics.auroc([1.0, 2.0], [2.0, 3.0]) == pytest.approx(0.875)
+
+
+def test_auroc_matches_pairwise_count_with_ties():
+    gen = torch.Generator().manual_seed(0)
+    s_in = torch.randint(0, 5, (40,), generator=gen).double()
+    s_out = torch.randint(1, 6, (30,), generator=gen).double()
+    diff = s_out[None, :] - s_in[:, None]
+    brute = ((diff > 0).double() + 0.5 * (diff == 0).double()).mean().item()
+    assert metrics.auroc(s_in, s_out) == pytest.approx(brute, rel=1e-12)
+
+
+def test_risk_coverage_hand_case():
+    # Sorted by confidence: 0.95 R, 0.85 W, 0.65 R, 0.55 R.
+    cov, acc = metrics.risk_coverage(PROBS, LABELS)
+    torch.testing.assert_close(cov, torch.tensor([0.25, 0.5, 0.75, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(acc, torch.tensor([1.0, 0.5, 2 / 3, 0.75], dtype=torch.float64))
+    assert metrics.accuracy_at_coverage(PROBS, LABELS, 0.25) == 1.0
+    assert metrics.accuracy_at_coverage(PROBS, LABELS, 0.5) == 0.5
+    assert metrics.accuracy_at_coverage(PROBS, LABELS, 1.0) == pytest.approx(metrics.accuracy(PROBS, LABELS))
+    assert metrics.aurc(PROBS, LABELS) == pytest.approx((0 + 0.5 + 1 / 3 + 0.25) / 4)
+
+
+@pytest.mark.parametrize(
+    "probs, labels, match",
+    [
+        (torch.zeros(0, 2), torch.zeros(0, dtype=torch.long), "empty"),
+        (torch.full((3, 2), 0.5), torch.tensor([0, 1]), "shape mismatch"),
+        (torch.full((2,), 0.5), torch.tensor([0, 1]), r"\[N, C\]"),
+        (torch.full((2, 2), 0.5), torch.tensor([0, 2]), "out of range"),
+        (torch.full((2, 2), 0.5), torch.tensor([-1, 0]), "out of range"),
+        (torch.tensor([[0.5, float("nan")], [0.5, 0.5]]), torch.tensor([0, 1]), "non-finite"),
+        (torch.tensor([[0.5, float("inf")], [0.5, 0.5]]), torch.tensor([0, 1]), "non-finite"),
+        (torch.full((2, 2), 0.5), torch.tensor([0.0, 1.0]), "integer"),
+    ],
+)
+def test_bad_inputs_raise(probs, labels, match):
+    for fn in (metrics.accuracy, metrics.ece, metrics.nll, metrics.brier, metrics.summarize, metrics.risk_coverage):
+        with pytest.raises(ValueError, match=match):
+            fn(probs, labels)
+
+
+def test_bad_arguments_raise():
+    with pytest.raises(ValueError, match="num_bins"):
+        metrics.ece(PROBS, LABELS, num_bins=0)
+    with pytest.raises(ValueError, match="coverage"):
+        metrics.accuracy_at_coverage(PROBS, LABELS, 0.0)
+    with pytest.raises(ValueError, match="empty"):
+        metrics.auroc([], [1.0])
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.auroc([float("nan")], [1.0])
+    with pytest.raises(ValueError, match=r"\[S, N, C\]"):
+        metrics.mutual_information(PROBS)
+    with pytest.raises(ValueError, match="empty"):
+        metrics.predictive_entropy(torch.zeros(0, 3, 2))
+    with pytest.raises(ValueError, match="non-finite"):
+        metrics.expected_entropy(torch.full((2, 1, 2), float("nan")))
+
+
+def _assert_png_alone(path):
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    assert os.listdir(path.parent) == [path.name]  # no temp file left behind
+
+
+def _random_probs(n, c, seed, sharpness):
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(sharpness * torch.randn(n, c, generator=gen), dim=-1)
+    return probs, torch.randint(0, c, (n,), generator=gen)
+
+
+def test_reliability_diagram_png(tmp_path):
+    probs, labels = _random_probs(200, 4, 0, 3.0)
+    out = plots.reliability_diagram(probs, labels, tmp_path / "sub" / "rel.png", num_bins=10, title="MAP")
+    _assert_png_alone(out)
+
+
+def test_reliability_grid_png(tmp_path):
+    sharpness = {"map": 4.0, "mfvi": 1.0, "laplace": 2.0, "tfb": 0.5}
+    results = {name: _random_probs(100, 3, i, s) for i, (name, s) in enumerate(sharpness.items())}
+    _assert_png_alone(plots.reliability_grid(results, tmp_path / "grid.png"))
+    with pytest.raises(ValueError, match="empty"):
+        plots.reliability_grid({}, tmp_path / "none.png")
+
+
+def test_metric_scatter_png(tmp_path):
+    rows = [
+        {"guide": "map", "accuracy": 0.81, "accuracy_std": 0.01, "ece": 9.9, "ece_std": 0.5, "nll": 0.46, "nll_std": 0.02},
+        {"guide": "mfvi", "accuracy": 0.80, "accuracy_std": 0.02, "ece": 3.1, "ece_std": 0.4, "nll": 0.38, "nll_std": 0.01},
+        {"guide": "laplace", "accuracy": 0.82, "ece": 3.5, "nll": 0.39},  # no stds: no error bars
+    ]
+    _assert_png_alone(plots.metric_scatter(rows, tmp_path / "scatter.png"))
+    with pytest.raises(ValueError, match="lacks keys"):
+        plots.metric_scatter([{"guide": "x", "accuracy": 0.5}], tmp_path / "bad.png")
+
+
+def test_save_png_failure_leaves_no_temp_file(tmp_path):
+    class Broken:
+        def savefig(self, f, **kwargs):
+            f.write(b"partial")
+            raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        plots._save_png(Broken(), tmp_path / "x.png")
+    assert os.listdir(tmp_path) == []
+
+
+def test_importing_plots_does_not_import_matplotlib():
+    code = "import sys, pyro_lora.plots; assert 'matplotlib' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))

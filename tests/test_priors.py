@@ -1,0 +1,218 @@
+"""Priors checked against dense ``MultivariateNormal`` on small sizes (float64)."""
+
+import pytest
+import torch
+from torch.distributions import LowRankMultivariateNormal, MultivariateNormal, kl_divergence
+
+import pyro
+import pyro.distributions as dist
+from pyro.infer import TraceMeanField_ELBO
+
+from pyro_lora.priors import LowRankPlusDiagNormal, MatrixNormalKronecker, isotropic_normal
+
+B, M, N = 2, 3, 4
+f64 = dict(dtype=torch.float64)
+
+
+def mnk_params(k_r=2, k_c=2, batch=(B,), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        loc=torch.randn(*batch, M, N, generator=g, **f64),
+        row_factor=torch.randn(*batch, M, k_r, generator=g, **f64),
+        row_diag=torch.rand(*batch, M, generator=g, **f64) + 0.5,
+        col_factor=torch.randn(*batch, N, k_c, generator=g, **f64),
+        col_diag=torch.rand(*batch, N, generator=g, **f64) + 0.5,
+    )
+
+
+def dense_factor(z, d):
+    return z @ z.mT + torch.diag_embed(d.pow(2))
+
+
+def dense_mvn(p):
+    """vec_row(X) has covariance K_row (x) K_col, entry [(i, j), (k, l)] = K_row[i, k] K_col[j, l]."""
+    k_row, k_col = dense_factor(p["row_factor"], p["row_diag"]), dense_factor(p["col_factor"], p["col_diag"])
+    cov = torch.einsum("...ik,...jl->...ijkl", k_row, k_col).reshape(*k_row.shape[:-2], M * N, M * N)
+    return MultivariateNormal(p["loc"].flatten(-2), cov)
+
+
+def diag_normal(seed=1, batch=(B,)):
+    g = torch.Generator().manual_seed(seed)
+    loc = torch.randn(*batch, M, N, generator=g, **f64)
+    scale = torch.rand(*batch, M, N, generator=g, **f64) + 0.3
+    dense = MultivariateNormal(loc.flatten(-2), torch.diag_embed(scale.pow(2).flatten(-2)))
+    return dist.Normal(loc, scale).to_event(2), dense
+
+
+def lowrank_params(k=3, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(B, M, N, generator=g, **f64),
+        torch.randn(B, M, N, k, generator=g, **f64),
+        torch.rand(B, M, N, generator=g, **f64) + 0.5,
+    )
+
+
+def test_dense_reference_is_kron():
+    p = mnk_params()
+    k_row = dense_factor(p["row_factor"][0], p["row_diag"][0])
+    k_col = dense_factor(p["col_factor"][0], p["col_diag"][0])
+    assert torch.allclose(dense_mvn(p).covariance_matrix[0], torch.kron(k_row, k_col))
+
+
+@pytest.mark.parametrize("k_r,k_c", [(2, 2), (1, 3), (2, 0)])
+def test_mnk_log_prob_entropy_moments(k_r, k_c):
+    p = mnk_params(k_r, k_c)
+    d, ref = MatrixNormalKronecker(**p), dense_mvn(p)
+    assert d.batch_shape == (B,) and d.event_shape == (M, N)
+    x = torch.randn(5, B, M, N, **f64)
+    assert torch.allclose(d.log_prob(x), ref.log_prob(x.flatten(-2)))
+    assert torch.allclose(d.entropy(), ref.entropy())
+    assert torch.allclose(d.mean, p["loc"])
+    assert torch.allclose(d.variance.flatten(-2), ref.variance)
+
+
+def test_mnk_rsample_moments():
+    p = mnk_params()
+    d, ref = MatrixNormalKronecker(**p), dense_mvn(p)
+    torch.manual_seed(0)
+    x = d.rsample((200_000,))
+    assert x.shape == (200_000, B, M, N)
+    flat = x.flatten(-2)
+    centred = flat - flat.mean(0)
+    cov = torch.einsum("sbi,sbj->bij", centred, centred) / (flat.shape[0] - 1)
+    scale = ref.covariance_matrix.diagonal(dim1=-2, dim2=-1).max()
+    assert (flat.mean(0) - ref.mean).abs().max() < 0.03 * scale.sqrt()
+    assert (cov - ref.covariance_matrix).abs().max() < 0.03 * scale
+
+
+def test_mnk_kl_matches_dense():
+    p, q = mnk_params(2, 2, seed=0), mnk_params(1, 3, seed=3)
+    kl = kl_divergence(MatrixNormalKronecker(**p), MatrixNormalKronecker(**q))
+    assert kl.shape == (B,)
+    assert torch.allclose(kl, kl_divergence(dense_mvn(p), dense_mvn(q)))
+    self_kl = kl_divergence(MatrixNormalKronecker(**p), MatrixNormalKronecker(**p))
+    assert torch.allclose(self_kl, torch.zeros(B, **f64), atol=1e-10)
+
+
+def test_mnk_kl_with_independent_normal_both_ways():
+    p = mnk_params()
+    d, ref = MatrixNormalKronecker(**p), dense_mvn(p)
+    normal, normal_ref = diag_normal()
+    assert torch.allclose(kl_divergence(normal, d), kl_divergence(normal_ref, ref))
+    assert torch.allclose(kl_divergence(d, normal), kl_divergence(ref, normal_ref))
+
+
+def test_kl_unsupported_base_raises_not_implemented():
+    d = MatrixNormalKronecker(**mnk_params())
+    laplace = dist.Laplace(torch.zeros(B, M, N, **f64), 1.0).to_event(2)
+    with pytest.raises(NotImplementedError):
+        kl_divergence(laplace, d)
+
+
+def test_trace_mean_field_elbo_uses_closed_form_kl():
+    """A stacked site [L, m, n]: guide Normal(...).to_event(3), prior MNK with batch L .to_event(1)."""
+    p = mnk_params()
+    prior = MatrixNormalKronecker(**p)
+    normal, _ = diag_normal()
+
+    def model():
+        pyro.sample("w", prior.to_event(1))
+
+    def guide():
+        pyro.sample("w", dist.Normal(normal.base_dist.loc, normal.base_dist.scale).to_event(3))
+
+    loss = TraceMeanField_ELBO().differentiable_loss(model, guide)  # exactly the KL: no likelihood, no sampling noise
+    assert torch.allclose(loss, kl_divergence(normal, prior).sum())
+
+
+def test_mnk_expand_and_broadcast():
+    p = mnk_params(batch=())
+    d = MatrixNormalKronecker(**p)
+    assert d.batch_shape == ()
+    e = d.expand((5, B))
+    assert e.batch_shape == (5, B) and e.event_shape == (M, N)
+    x = torch.randn(5, B, M, N, **f64)
+    assert torch.allclose(e.log_prob(x), d.log_prob(x))
+    assert e.rsample((7,)).shape == (7, 5, B, M, N)
+    assert e.variance.shape == (5, B, M, N)
+    # batched loc with shared factors
+    mixed = MatrixNormalKronecker(torch.zeros(B, M, N, **f64), *list(p.values())[1:])
+    assert mixed.batch_shape == (B,) and mixed.row_factor.shape == (B, M, 2)
+
+
+def test_mnk_gradients_match_dense():
+    p = {k: v.requires_grad_() for k, v in mnk_params().items()}
+    x = torch.randn(B, M, N, **f64)
+    grads = torch.autograd.grad(MatrixNormalKronecker(**p).log_prob(x).sum(), list(p.values()))
+    dense_grads = torch.autograd.grad(dense_mvn(p).log_prob(x.flatten(-2)).sum(), list(p.values()))
+    for g, h in zip(grads, dense_grads):
+        assert torch.allclose(g, h)
+    sample = MatrixNormalKronecker(**p).rsample((3,))
+    for g in torch.autograd.grad(sample.pow(2).sum(), list(p.values())):
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+
+def test_mnk_errors():
+    p = mnk_params()
+    with pytest.raises(ValueError, match="row_factor"):
+        MatrixNormalKronecker(**{**p, "row_factor": torch.randn(B, M + 1, 2, **f64)})
+    with pytest.raises(ValueError, match="col_diag"):
+        MatrixNormalKronecker(**{**p, "col_diag": torch.ones(B, N + 1, **f64)})
+    with pytest.raises(ValueError, match="do not broadcast"):
+        MatrixNormalKronecker(**{**p, "loc": torch.zeros(3, M, N, **f64)})
+    with pytest.raises(ValueError, match="row_diag"):
+        MatrixNormalKronecker(**{**p, "row_diag": -p["row_diag"]}, validate_args=True)
+    with pytest.raises(ValueError):
+        MatrixNormalKronecker(torch.zeros(M, **f64), *list(p.values())[1:])
+
+
+def test_isotropic_normal():
+    shape = (B, M, N)
+    d = isotropic_normal(shape, 0.2)
+    assert d.batch_shape == () and d.event_shape == shape
+    x = torch.randn(shape)
+    assert torch.allclose(d.log_prob(x), dist.Normal(0.0, 0.2).log_prob(x).sum())
+    per_layer = isotropic_normal(shape, torch.tensor([0.1, 0.2], **f64).view(B, 1, 1))
+    assert per_layer.event_shape == shape and per_layer.mean.dtype == torch.float64
+    assert torch.allclose(per_layer.variance[1], torch.full((M, N), 0.04, **f64))
+    with pytest.raises(ValueError, match="positive"):
+        isotropic_normal(shape, 0.0)
+    with pytest.raises(ValueError, match="broadcast"):
+        isotropic_normal(shape, torch.ones(3))
+
+
+def test_lowrank_matches_flat_lowrank_mvn():
+    loc, factor, diag = lowrank_params()
+    d = LowRankPlusDiagNormal(loc, factor, diag)
+    flat = LowRankMultivariateNormal(loc.flatten(-2), factor.flatten(-3, -2), diag.flatten(-2))
+    assert d.batch_shape == (B,) and d.event_shape == (M, N)
+    x = torch.randn(4, B, M, N, **f64)
+    assert torch.allclose(d.log_prob(x), flat.log_prob(x.flatten(-2)))
+    assert torch.allclose(d.entropy(), flat.entropy())
+    assert torch.allclose(d.variance.flatten(-2), flat.variance)
+    assert d.rsample((6,)).shape == (6, B, M, N)
+    e = d.expand((5, B))
+    assert e.batch_shape == (5, B) and torch.allclose(e.log_prob(x[0]), d.log_prob(x[0]))
+
+
+def test_lowrank_kl():
+    loc, factor, diag = lowrank_params()
+    d = LowRankPlusDiagNormal(loc, factor, diag)
+    ref = LowRankMultivariateNormal(loc.flatten(-2), factor.flatten(-3, -2), diag.flatten(-2))
+    other = LowRankPlusDiagNormal(*lowrank_params(k=2, seed=5))
+    assert torch.allclose(kl_divergence(d, other), kl_divergence(ref, other.flat))
+    normal, normal_ref = diag_normal()
+    ref = MultivariateNormal(ref.loc, ref.covariance_matrix)
+    assert torch.allclose(kl_divergence(normal, d), kl_divergence(normal_ref, ref))
+    assert torch.allclose(kl_divergence(d, normal), kl_divergence(ref, normal_ref))
+
+
+def test_lowrank_errors():
+    loc, factor, diag = lowrank_params()
+    with pytest.raises(ValueError, match="cov_factor"):
+        LowRankPlusDiagNormal(loc, factor.flatten(-3, -2), diag)
+    with pytest.raises(ValueError, match="cov_diag"):
+        LowRankPlusDiagNormal(loc, factor, diag.flatten(-2))
+    with pytest.raises(ValueError, match="cov_diag"):
+        LowRankPlusDiagNormal(loc, factor, -diag, validate_args=True)
