@@ -231,6 +231,11 @@ def subset(records, n: int, seed: int = 0) -> list:
 # --------------------------------------------------------------------------- prompt formats
 
 
+def _as_question(text: str) -> str:
+    """BoolQ questions come without a question mark, some with one: end each with exactly one."""
+    return text.rstrip().rstrip("?") + "?"
+
+
 def is_blank_item(record: dict) -> bool:
     """Whether a multiple-choice record is a WinoGrande-style sentence with one ``_`` blank."""
     question = record["question"]
@@ -244,7 +249,7 @@ def letter_prompt(record: dict) -> str:
     if len(choices) > len(LETTERS):
         raise ValueError(f"record {record['id']!r} has {len(choices)} choices, more than {len(LETTERS)} letters")
     if "context" in record:
-        head = f"Passage: {record['context']}\nQuestion: {record['question']}?"
+        head = f"Passage: {record['context']}\nQuestion: {_as_question(record['question'])}"
     elif is_blank_item(record):
         head = f"Sentence: {record['question']}\nWhich option fills the blank?"
     else:
@@ -272,7 +277,7 @@ def cloze_pairs(record: dict) -> list[tuple[str, str]]:
     of its continuation given its context.
 
     * QA: context ``"Question: {q}\\nAnswer:"``, continuation ``" {choice}"``;
-    * passage (BoolQ): context ``"{passage}\\nQuestion: {q}?\\nAnswer:"``, continuation ``" {choice}"``;
+    * passage (BoolQ): context ``"{passage}\\nQuestion: {q}?\\nAnswer:"`` (one ``?``), continuation ``" {choice}"``;
     * blank sentence (WinoGrande), partial scoring: context = the sentence up to the blank with the
       choice filled in, continuation = the rest of the sentence, the same text for every choice.
     """
@@ -286,7 +291,7 @@ def cloze_pairs(record: dict) -> list[tuple[str, str]]:
         # Blank at the very end: nothing shared to score, so score the filled-in ending instead.
         return [(prefix.rstrip(), f" {c}{rest}") for c in choices]
     if "context" in record:
-        context = f"{record['context']}\nQuestion: {question}?\nAnswer:"
+        context = f"{record['context']}\nQuestion: {_as_question(question)}\nAnswer:"
     else:
         context = f"Question: {question}\nAnswer:"
     return [(context, f" {c}") for c in choices]

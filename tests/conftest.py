@@ -18,14 +18,18 @@ def tiny_llama(r=4, targets=("q_proj", "v_proj"), seed=0, vocab=64):
     return net.eval()
 
 
-def tiny_bert(r=4, num_labels=3, seed=0):
+def tiny_bert_base(num_labels=3, seed=0):
     torch.manual_seed(seed)
     config = BertConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=64, num_labels=num_labels,
     )
+    return BertForSequenceClassification(config)
+
+
+def tiny_bert(r=4, num_labels=3, seed=0):
     net = get_peft_model(
-        BertForSequenceClassification(config),
+        tiny_bert_base(num_labels, seed),
         LoraConfig(r=r, lora_alpha=2 * r, target_modules=["query", "value"], task_type="SEQ_CLS"),
     )
     _randomize_b(net)

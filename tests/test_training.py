@@ -1,0 +1,156 @@
+"""fit, predict, save/load and adapter export on tiny random networks."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_bert, tiny_bert_base
+from pyro.infer import TraceMeanField_ELBO
+
+from guides import MAPGuide
+from pyro_lora.io import export_adapter, load_guide, save_guide
+from pyro_lora.likelihoods import SequenceClassification
+from pyro_lora.metrics import nll
+from pyro_lora.model import LoraModel
+from pyro_lora.predictive import predict
+from pyro_lora.training import FitState, fit
+
+
+def toy_data(n=48, batch=8, seed=0):
+    """Label 1 sequences repeat token 7, label 0 sequences token 40, with one random token each."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    ids = torch.where(labels[:, None] == 1, 7, 40).repeat(1, 6)
+    ids[:, 3] = torch.randint(1, 64, (n,), generator=g)
+    return [
+        {"input_ids": ids[i : i + batch], "attention_mask": torch.ones_like(ids[i : i + batch]), "labels": labels[i : i + batch]}
+        for i in range(0, n, batch)
+    ]
+
+
+def make(num_labels=2, random="AB"):
+    model = LoraModel(tiny_bert(num_labels=num_labels), SequenceClassification(), random=random, num_data=48)
+    return model, MAPGuide(model)
+
+
+def test_map_fit_reduces_loss_and_calls_back():
+    model, guide = make()
+    seen = []
+    before = predict(model, guide, toy_data())
+    losses = fit(model, guide, toy_data(), epochs=4, lr=3e-2, progress=False, callbacks=[seen.append])
+    after = predict(model, guide, toy_data())
+    assert len(losses) == 24 and isinstance(seen[-1], FitState) and seen[-1].step == 24
+    assert sum(losses[-6:]) < sum(losses[:6])
+    assert nll(after.probs, after.labels) < 0.5 * nll(before.probs, before.labels)
+
+
+def test_fit_grad_accumulation_and_schedules():
+    model, guide = make()
+    losses = fit(model, guide, toy_data(), epochs=2, lr=1e-3, grad_accum_steps=2, lr_schedule="cosine", warmup_steps=2,
+                 kl_weight=lambda step: min(1.0, 0.1 + step / 5), max_grad_norm=1.0, progress=False)
+    assert len(losses) == 6
+    with pytest.raises(ValueError, match="lr_schedule"):
+        fit(model, guide, toy_data(), lr_schedule="bogus", progress=False)
+
+
+def test_fit_trains_point_parameters_too():
+    model, guide = make(random="A")
+    head = [p for n, p in model.net.named_parameters() if "classifier" in n and p.requires_grad][0]
+    before = head.detach().clone()
+    fit(model, guide, toy_data(), epochs=1, lr=1e-2, elbo=TraceMeanField_ELBO(), progress=False)
+    assert not torch.equal(before, head)
+
+
+def test_fit_non_finite_loss_is_an_error():
+    model, guide = make()
+    with torch.no_grad():
+        guide.locs[0].fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="step 0"):
+        fit(model, guide, toy_data(), progress=False)
+
+
+class _Jitter(MAPGuide):
+    """A stochastic test guide: the MAP weights plus fixed-scale noise."""
+
+    deterministic = False
+
+    def sample(self, num_samples):
+        return {k: v + 0.05 * torch.randn(num_samples, *v.shape) for k, v in self.mean().items()}
+
+
+def test_predict_averages_softmax_over_samples_and_chunks():
+    model, _ = make(num_labels=3)
+    guide = _Jitter(model)
+    data = toy_data()
+    torch.manual_seed(0)
+    full = predict(model, guide, data, num_samples=6, keep_samples=True)
+    torch.manual_seed(0)
+    chunked = predict(model, guide, data, num_samples=6, chunk_size=4, keep_samples=True)
+    torch.testing.assert_close(full.sample_probs, chunked.sample_probs, rtol=1e-5, atol=1e-6)
+    assert full.sample_probs.shape == (6, 48, 3)
+    torch.testing.assert_close(full.probs, full.sample_probs.mean(0))
+    torch.manual_seed(0)
+    values = guide.sample(6)
+    direct = torch.softmax(model.logits(data[0], {k: v[2] for k, v in values.items()}), -1)
+    torch.testing.assert_close(full.sample_probs[2, :8], direct, rtol=1e-5, atol=1e-6)
+    assert torch.equal(full.labels, torch.cat([b["labels"] for b in data]))
+
+
+def test_predict_mean_mode_and_plain_network():
+    model, guide = make()
+    data = toy_data()
+    mean = predict(model, guide, data, mean=True)
+    plain = predict(model, None, data)
+    torch.testing.assert_close(mean.probs, plain.probs)  # MAP initialised from the adapter
+    with pytest.raises(ValueError, match="empty"):
+        predict(model, guide, [])
+
+
+def test_save_load_round_trip(tmp_path):
+    model, guide = make()
+    fit(model, guide, toy_data(), epochs=1, lr=1e-2, progress=False)
+    save_guide(guide, tmp_path / "g")
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["guide.json", "guide.safetensors"]
+    meta = json.loads((tmp_path / "g" / "guide.json").read_text())
+    assert meta["sites"]["query.lora_A"] == [2, 4, 32]
+    fresh = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), num_data=48)
+    loaded = load_guide(tmp_path / "g", fresh)
+    assert type(loaded) is MAPGuide
+    for k, v in guide.mean().items():
+        torch.testing.assert_close(loaded.mean()[k], v)
+    torch.testing.assert_close(predict(fresh, loaded, toy_data()).probs, predict(model, guide, toy_data()).probs)
+
+
+def test_save_is_atomic_and_load_refuses_other_models(tmp_path, monkeypatch):
+    model, guide = make()
+    save_guide(guide, tmp_path / "g")
+    original = (tmp_path / "g" / "guide.safetensors").read_bytes()
+    import pyro_lora.io as io
+
+    def crash(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(io, "save_file", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        save_guide(guide, tmp_path / "g")
+    assert (tmp_path / "g" / "guide.safetensors").read_bytes() == original
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]
+    other = LoraModel(tiny_bert(r=2), SequenceClassification())
+    with pytest.raises(ValueError, match="saved for a model with other sites"):
+        load_guide(tmp_path / "g", other)
+    with pytest.raises(FileNotFoundError, match="no saved guide"):
+        load_guide(tmp_path, other)
+
+
+def test_export_adapter_loads_with_peft(tmp_path):
+    from peft import PeftModel
+
+    model, guide = make()
+    fit(model, guide, toy_data(), epochs=1, lr=1e-2, progress=False)
+    export_adapter(guide, tmp_path / "adapter")
+    reference = predict(model, guide, toy_data()).probs
+    base = tiny_bert_base(num_labels=2)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    batch = toy_data()[0]
+    probs = torch.softmax(reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
+    torch.testing.assert_close(probs, reference[:8], rtol=1e-4, atol=1e-5)
