@@ -46,20 +46,22 @@ class LoraModel:
         self.prior = prior
         self.num_data = num_data
         handoff.install(self.layers)
-        # random matrices are replaced by samples: their peft parameters are unused and stay frozen
-        self.freeze_random_parameters()
+        self.set_trainable()
 
     @property
     def net(self):
         return self._net[0]
 
-    def freeze_random_parameters(self):
-        """Set ``requires_grad=False`` on the peft parameters that the sites replace.
+    def set_trainable(self):
+        """Freeze the peft LoRA parameters that the sites replace; make the other LoRA matrices trainable.
 
-        Call again after peft's ``set_adapter``/``load_adapter``, which switch it back on.
+        Random matrices come from samples, so their parameters are unused. Called by :func:`fit`, since
+        peft's ``set_adapter``/``load_adapter`` switch ``requires_grad`` back on.
         """
-        for p in self.random_parameters():
-            p.requires_grad_(False)
+        random = {id(p) for p in self.random_parameters()}
+        for layer in self.layers.values():
+            for p in (layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight):
+                p.requires_grad_(id(p) not in random)
 
     def random_parameters(self):
         return [self._parameter(path, site.matrix) for site in self.sites.values() for path in site.layers if site.matrix != "R"]

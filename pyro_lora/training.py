@@ -61,7 +61,7 @@ def fit(
 
     elbo = elbo or Trace_ELBO()
     num_data = model.num_data or 1
-    model.freeze_random_parameters()
+    model.set_trainable()
     device = model.device
     params = model.point_parameters() + [p for p in guide.parameters() if p.requires_grad]
     if not params:

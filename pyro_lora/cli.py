@@ -1,0 +1,76 @@
+"""The ``pyro-lora`` command line: ``compare`` (the default), ``fit``, ``evaluate``."""
+
+import argparse
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from . import compare as C
+
+
+def _common(p, out_default):
+    d = C.CompareConfig()
+    p.add_argument("--model", default=d.model, help="minilm, smollm2, or a local HF model folder / .gguf file")
+    p.add_argument("--dataset", default=d.dataset, help="a dataset folder name under --data-dir (sst2, arc_easy, ...)")
+    p.add_argument("--data-dir", default=None, help="canonical JSONL datasets (default: $PYRO_LORA_DATA or ../shared/data)")
+    p.add_argument("--train-size", type=int, default=d.train_size, help="training examples (validation is carved from them)")
+    p.add_argument("--test-size", type=int, default=d.test_size)
+    p.add_argument("--samples", type=int, default=d.samples, help="posterior samples per prediction (S)")
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r")
+    p.add_argument("--prior-scale", type=float, default=d.prior_scale, help="std of the isotropic prior on LoRA entries")
+    p.add_argument("--mc-format", choices=["letter", "cloze"], default=None, help="multiple-choice format (default: cloze below ~1B parameters)")
+    p.add_argument("--max-length", type=int, default=d.max_length)
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
+    p.add_argument("--out", default=out_default, help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def parser():
+    ap = argparse.ArgumentParser(prog="pyro-lora", description="Bayesian LoRA in Pyro: fit and compare posterior guides on real data.")
+    sub = ap.add_subparsers(dest="command")
+    p = sub.add_parser("compare", help="train MAP once, fit each guide, one table of accuracy and calibration (default)")
+    _common(p, "runs/compare")
+    p.add_argument("--guides", default=None, help=f"comma-separated, from: {', '.join(C.METHODS)} (default: all)")
+    p = sub.add_parser("fit", help="train MAP and fit one guide; save it to OUT/guide")
+    _common(p, "runs/fit")
+    p.add_argument("--guide", default="map", choices=list(C.METHODS))
+    p = sub.add_parser("evaluate", help="score a guide saved by `pyro-lora fit` on the test set")
+    p.add_argument("run_dir", help="the --out directory of `pyro-lora fit`")
+    p.add_argument("--test-size", type=int, default=None)
+    p.add_argument("--samples", type=int, default=None)
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    return ap
+
+
+def _config(args, **extra):
+    names = {f.name for f in fields(C.CompareConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names and k not in extra}
+    return C.CompareConfig(**values, progress=not args.quiet, **extra)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv or ["compare"])
+    if args.command in (None, "compare"):
+        guides = tuple(args.guides.split(",")) if getattr(args, "guides", None) else tuple(C.METHODS)
+        rows = C.run_compare(_config(args, guides=guides))
+        print(C.format_table(rows))
+        print(f"results: {Path(args.out) / 'results.json'}")
+    elif args.command == "fit":
+        config = _config(args, guides=(args.guide,))
+        row = C.fit_one(config)
+        print(C.format_table([row]))
+        print(f"saved: {Path(args.out) / 'guide'}")
+    elif args.command == "evaluate":
+        overrides = {k: getattr(args, k) for k in ("test_size", "samples", "device") if getattr(args, k) is not None}
+        row = C.evaluate_saved(args.run_dir, **overrides)
+        print(C.format_table([row]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
