@@ -379,7 +379,8 @@ class LetterCollator:
     (bool, ``K`` = most choices in the batch, ``False`` for options a record lacks). Prompts longer
     than ``max_length`` lose tokens at the start, so ``Answer:`` stays last. With left padding (the
     default) the last real token sits at position ``-1``, where the answer-letter logits are read;
-    with right padding it sits at ``attention_mask.sum(-1) - 1``.
+    with right padding it sits at ``attention_mask.sum(-1) - 1``. (Left padding shifts the absolute
+    positions; with rotary embeddings the logits agree with an unpadded forward to ~1e-5.)
     """
 
     def __init__(self, tokenizer, max_length: int = 512, padding_side: str = "left"):

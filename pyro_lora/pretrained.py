@@ -47,6 +47,7 @@ _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _GGUF = ("gguf", "pip install gguf")
 # Architectures whose attention projections the default LoRA targets: (query, value) module names.
 _TARGET_PAIRS = (("query", "value"), ("q_proj", "v_proj"))
+_PEFT_INTERNAL = {"base_layer", "lora_A", "lora_B", "modules_to_save", "original_module"}
 # Models below this size need the cloze multiple-choice format (see DESIGN.md).
 _CLOZE_MAX_PARAMS = 1_000_000_000
 
@@ -93,16 +94,22 @@ def cache_dir() -> Path:
 # --------------------------------------------------------------------------- loading
 
 
+class _DropLoadReport(logging.Filter):
+    def filter(self, record):
+        return "LOAD REPORT" not in record.getMessage()
+
+
 @contextmanager
 def _quiet_load_report():
-    """Silence transformers' load report, which flags an intentionally fresh head as MISSING."""
-    log = logging.getLogger("transformers.utils.loading_report")
-    level = log.level
-    log.setLevel(logging.ERROR)
+    """Hide transformers' load report while loading an embedded model: it lists the intentionally
+    fresh classification head as MISSING."""
+    log = logging.getLogger("transformers.modeling_utils")
+    drop = _DropLoadReport()
+    log.addFilter(drop)
     try:
         yield
     finally:
-        log.setLevel(level)
+        log.removeFilter(drop)
 
 
 def _auto_class(task: str):
@@ -284,10 +291,23 @@ def _base(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _linear_names(model) -> set[str]:
+    """Short names of the model's linear layers, as LoRA ``target_modules`` would name them (seen
+    through peft's wrappers, whose inner layers sit under ``base_layer``, ``lora_A``, ...)."""
+    names = set()
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            parts = name.split(".")
+            cut = next((i for i, part in enumerate(parts) if part in _PEFT_INTERNAL), len(parts))
+            if cut:
+                names.add(parts[cut - 1])
+    return names
+
+
 def default_lora_targets(model) -> list[str]:
     """LoRA target module names: ``["query", "value"]`` for BERT-like encoders, ``["q_proj", "v_proj"]``
     for Llama-like decoders. Raises ``ValueError`` for other architectures: pass ``targets=``."""
-    linear_names = {name.rsplit(".", 1)[-1] for name, m in _base(model).named_modules() if isinstance(m, torch.nn.Linear)}
+    linear_names = _linear_names(_base(model))
     for pair in _TARGET_PAIRS:
         if set(pair) <= linear_names:
             return list(pair)

