@@ -17,7 +17,7 @@ def _common(p, out_default):
     p.add_argument("--test-size", type=int, default=d.test_size)
     p.add_argument("--samples", type=int, default=d.samples, help="posterior samples per prediction (S)")
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=d.lr)
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3 for encoders, 3e-4 for causal LMs)")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r")
     p.add_argument("--prior-scale", type=float, default=d.prior_scale, help="std of the isotropic prior on LoRA entries")

@@ -33,7 +33,7 @@ class CompareConfig:
     val_fraction: float = 0.1
     samples: int = 8
     epochs: int = 3
-    lr: float = 5e-4
+    lr: float = None  # default: 2e-3 for encoders (fresh head), 3e-4 for causal LMs
     batch_size: int = 16
     rank: int = 8
     alpha: float = 16.0
@@ -101,6 +101,7 @@ def prepare(config):
             num_choices = max(len(r["choices"]) for r in train + test)
             likelihood = MultipleChoice(D.letter_token_ids(tok, num_choices), format="letter")
             collator = D.LetterCollator(tok, config.max_length)
+    config.lr = config.lr or (2e-3 if meta["task"] == "classification" else 3e-4)
     net = add_lora(net, r=config.rank, alpha=config.alpha).to(config.device)
     return Setup(config, net, tok, likelihood, train, val, test, collator)
 

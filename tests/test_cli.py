@@ -1,0 +1,65 @@
+"""The pyro-lora command line end to end on the embedded real models and real data (marked `real`)."""
+
+import json
+
+import pytest
+
+from pyro_lora import cli
+from pyro_lora.compare import METHODS, CompareConfig
+
+pytestmark = pytest.mark.real
+
+
+def run(*argv):
+    assert cli.main(list(argv)) == 0
+
+
+def test_compare_minilm_sst2_writes_results_and_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    run("compare", "--model", "minilm", "--dataset", "sst2", "--guides", "map", "--train-size", "320",
+        "--test-size", "96", "--epochs", "3", "--out", str(out), "--quiet")
+    results = json.loads((out / "results.json").read_text())
+    (row,) = results["results"]
+    assert set(row) >= {"guide", "accuracy", "ece", "nll", "brier", "fit_seconds", "predict_seconds"}
+    assert row["accuracy"] > 0.6  # SST-2 is balanced: chance is 0.5
+    assert (out / "reliability_map.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| map |" in capsys.readouterr().out
+
+
+def test_fit_then_evaluate_reproduces_the_scores(tmp_path):
+    out = tmp_path / "fit"
+    run("fit", "--guide", "map", "--train-size", "96", "--test-size", "48", "--epochs", "1", "--out", str(out), "--quiet")
+    saved = json.loads((out / "run.json").read_text())["result"]
+    from pyro_lora.compare import evaluate_saved
+
+    again = evaluate_saved(out)
+    for key in ("accuracy", "ece", "nll", "brier"):
+        assert again[key] == pytest.approx(saved[key], abs=1e-5)
+
+
+def test_compare_smollm2_arc_easy_cloze(tmp_path, capsys):
+    out = tmp_path / "smol"
+    run("compare", "--model", "smollm2", "--dataset", "arc_easy", "--guides", "map", "--train-size", "12",
+        "--test-size", "12", "--epochs", "1", "--batch-size", "4", "--out", str(out), "--quiet")
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["mc_format"] == "cloze"  # the right default for a 135M model
+    assert 0.0 <= results["results"][0]["accuracy"] <= 1.0
+
+
+def test_unknown_guide_and_missing_run_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown guide"):
+        run("compare", "--guides", "nope", "--out", str(tmp_path))
+    from pyro_lora.compare import evaluate_saved
+
+    with pytest.raises(FileNotFoundError, match="run.json missing"):
+        evaluate_saved(tmp_path)
+
+
+def test_no_arguments_is_the_default_demo(monkeypatch):
+    seen = {}
+    monkeypatch.setattr("pyro_lora.compare.run_compare", lambda config: seen.setdefault("config", config) and [])
+    monkeypatch.setattr("pyro_lora.compare.format_table", lambda rows: "")
+    run()
+    config = seen["config"]
+    assert isinstance(config, CompareConfig) and config.model == "minilm" and config.dataset == "sst2"
+    assert config.guides == tuple(METHODS)
