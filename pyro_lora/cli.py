@@ -56,7 +56,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv or ["compare"])
     if args.command in (None, "compare"):
-        guides = tuple(args.guides.split(",")) if getattr(args, "guides", None) else tuple(C.METHODS)
+        guides = tuple(args.guides.split(",")) if getattr(args, "guides", None) else None
         rows = C.run_compare(_config(args, guides=guides))
         print(C.format_table(rows))
         print(f"results: {Path(args.out) / 'results.json'}")

@@ -27,7 +27,7 @@ class CompareConfig:
 
     model: str = "minilm"
     dataset: str = "sst2"
-    guides: tuple = ("map",)
+    guides: tuple = None  # None: every method that applies to the task
     train_size: int = 1000
     test_size: int = 500
     val_fraction: float = 0.1
@@ -137,7 +137,24 @@ def method_map(setup):
     return Fitted(_guide_predictor(setup, setup.model, setup.map_guide), setup.map_guide)
 
 
-METHODS = {"map": method_map}
+def method_zeroshot(setup):
+    """The base model without its adapter: the row every fine-tuned causal-LM method must beat."""
+    if isinstance(setup.likelihood, SequenceClassification):
+        raise ValueError("zeroshot needs a causal LM: an encoder's classification head is untrained without fine-tuning")
+
+    def run(records):
+        with setup.net.disable_adapter():
+            return predict(setup.model, None, setup.loader(records))
+
+    return Fitted(run)
+
+
+METHODS = {"zeroshot": method_zeroshot, "map": method_map}
+
+
+def applicable_methods(setup):
+    """Every method name that applies to the setup's task (zero-shot needs a causal LM)."""
+    return [m for m in METHODS if not (m == "zeroshot" and isinstance(setup.likelihood, SequenceClassification))]
 
 
 def _check_methods(names):
@@ -161,10 +178,15 @@ def run_compare(config):
 
     Writes ``out/results.json`` and ``out/reliability_<guide>.png``.
     """
-    _check_methods(config.guides)
+    _check_methods(config.guides or ())
     out = Path(config.out)
     start = time.perf_counter()
     setup = prepare(config)
+    config.guides = tuple(config.guides or applicable_methods(setup))
+    if config.progress:
+        fmt = f", multiple-choice format {config.mc_format}" if config.mc_format else ""
+        print(f"# {config.model} on {config.dataset}: {len(setup.train)} train / {len(setup.val)} validation / "
+              f"{len(setup.test)} test{fmt}; guides {', '.join(config.guides)}", flush=True)
     train_map(setup)
     map_seconds = time.perf_counter() - start
     rows = []
