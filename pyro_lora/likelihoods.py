@@ -5,6 +5,8 @@ optionally for ``S`` weight samples at once (the batch is repeated ``S`` times, 
 gives the observation distribution whose ``log_prob`` is one ``F.cross_entropy`` call.
 """
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from pyro.distributions import Categorical, TorchDistribution, constraints
@@ -102,9 +104,11 @@ class MultipleChoice(Likelihood):
     tokens ``answer_token_ids`` (``[K_max]``). ``format="cloze"``: the log-likelihood of each choice's
     text as a continuation (batch rows are ``B * K`` sequences with a ``target_mask``), summed over its
     tokens, divided by its length in tokens or characters when ``normalize`` is ``"tokens"``/``"chars"``.
+    With ``share_prefix`` (default), a batch whose choices share their question (all but WinoGrande)
+    runs each question once and scores the ``K`` continuations from its key/value cache.
     """
 
-    def __init__(self, answer_token_ids=None, format="letter", normalize=None):
+    def __init__(self, answer_token_ids=None, format="letter", normalize=None, share_prefix=True):
         if format not in ("letter", "cloze"):
             raise ValueError(f"format must be 'letter' or 'cloze', got {format!r}")
         if format == "letter" and answer_token_ids is None:
@@ -114,37 +118,97 @@ class MultipleChoice(Likelihood):
         self.answer_token_ids = None if answer_token_ids is None else torch.as_tensor(answer_token_ids)
         self.format = format
         self.normalize = normalize
+        self.share_prefix = share_prefix
 
     def logits(self, net, batch, num_samples=None):
         base = _base(net)
-        inputs = repeat_inputs(batch, num_samples, ("input_ids", "attention_mask"))
-        hidden = base.get_decoder()(**inputs).last_hidden_state
-        head = base.get_output_embeddings()
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
         choice_mask = batch["choice_mask"]
         if self.format == "letter":
-            rows = torch.arange(hidden.shape[0], device=hidden.device)
-            last = hidden[rows, _last_positions(inputs["attention_mask"])]
-            ids = self.answer_token_ids.to(hidden.device)[: choice_mask.shape[1]]
-            logits = head(last)[:, ids]
+            inputs = repeat_inputs(batch, num_samples, ("input_ids", "attention_mask"))
+            hidden = decoder(**inputs).last_hidden_state
+            last = hidden[torch.arange(hidden.shape[0], device=hidden.device), _last_positions(inputs["attention_mask"])]
+            logits = head(last)[:, self.answer_token_ids.to(hidden.device)[: choice_mask.shape[1]]]
         else:
-            logits = self._cloze(hidden, head, batch, inputs["input_ids"], num_samples)
-        logits = _unfold_samples(logits.float(), num_samples).reshape(*(() if num_samples is None else (num_samples,)), *choice_mask.shape)
+            split = _shared_context(batch) if self.share_prefix else None
+            scores = self._cloze(decoder, head, batch, num_samples) if split is None else self._cloze_shared(decoder, head, split, num_samples)
+            if self.normalize:
+                length = batch["target_lengths" if self.normalize == "tokens" else "target_chars"].to(scores)
+                scores = scores / (length if num_samples is None else length.repeat(num_samples)).clamp(min=1)
+            logits = scores
+        lead = () if num_samples is None else (num_samples,)
+        logits = logits.float().reshape(*lead, *choice_mask.shape)
         return logits.masked_fill(~choice_mask.bool(), float("-inf"))
 
-    def _cloze(self, hidden, head, batch, input_ids, num_samples):
-        # token t is predicted from position t-1: score only the continuation tokens, never [N, T, V]
+    def _cloze(self, decoder, head, batch, num_samples):
+        """Every (question, choice) row run in full: ``[B*K, T]`` -> scores ``[*S*B*K]``."""
+        inputs = repeat_inputs(batch, num_samples, ("input_ids", "attention_mask"))
+        hidden = decoder(**inputs).last_hidden_state
         target = batch["target_mask"].bool()
         if num_samples is not None:
             target = target.repeat(num_samples, 1)
-        pred = target[:, 1:]
-        logp = torch.log_softmax(head(hidden[:, :-1][pred]).float(), -1)
-        token_logp = logp.gather(-1, input_ids[:, 1:][pred].unsqueeze(-1)).squeeze(-1)
-        row = torch.arange(target.shape[0], device=target.device).unsqueeze(1).expand_as(pred)[pred]
-        scores = torch.zeros(target.shape[0], device=hidden.device).index_add_(0, row, token_logp)
-        if self.normalize:
-            length = batch["target_lengths" if self.normalize == "tokens" else "target_chars"].to(scores)
-            scores = scores / (length if num_samples is None else length.repeat(num_samples)).clamp(min=1)
-        return scores
+        pred = target[:, 1:]  # token t is predicted from position t-1
+        return _score_tokens(head, hidden[:, :-1][pred], inputs["input_ids"][:, 1:][pred], pred)
+
+    def _cloze_shared(self, decoder, head, split, num_samples):
+        """The shared question runs once per record; its key/value cache serves the ``K`` continuations."""
+        ctx_ids, ctx_mask, cont_ids, cont_mask, k = split
+        if num_samples is not None:
+            ctx_ids, ctx_mask, cont_ids, cont_mask = (t.repeat(num_samples, 1) for t in (ctx_ids, ctx_mask, cont_ids, cont_mask))
+        # left-padded contexts: positions count real tokens only, so every context ends at the last column
+        out = decoder(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=(ctx_mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
+        # transformers renamed past_key_values to cache; accept both
+        name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+        cache = getattr(out, name)
+        cache.batch_repeat_interleave(k)
+        ctx_mask = ctx_mask.repeat_interleave(k, 0)
+        positions = ctx_mask.sum(1, keepdim=True) + torch.arange(cont_ids.shape[1], device=cont_ids.device)
+        cont = decoder(
+            input_ids=cont_ids, attention_mask=torch.cat([ctx_mask, cont_mask], 1), position_ids=positions, **{name: cache}
+        ).last_hidden_state
+        # the first continuation token is predicted by the context's last position, the rest by their predecessor
+        hidden = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(k, 0), cont[:, :-1]], 1)
+        mask = cont_mask.bool()
+        return _score_tokens(head, hidden[mask], cont_ids[mask], mask)
+
+
+def _score_tokens(head, hidden, tokens, mask):
+    """Sum of ``log p(token)`` per row: ``hidden [M, H]`` and ``tokens [M]`` are the ``M`` True cells of
+    ``mask [N, T]`` in row order; only those rows reach the head, never ``[N, T, V]``. Returns ``[N]``."""
+    logp = torch.log_softmax(head(hidden).float(), -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    rows = torch.arange(mask.shape[0], device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+    return torch.zeros(mask.shape[0], device=hidden.device).index_add_(0, rows, logp)
+
+
+def _shared_context(batch):
+    """Split a cloze batch into one left-padded context per record and ``K`` continuations, if all the
+    choices of each record share their context (not WinoGrande, whose contexts differ); else ``None``.
+
+    :returns: ``(context_ids [B, Tc], context_mask [B, Tc], continuation_ids [B*K, Tk],
+        continuation_mask [B*K, Tk], K)``.
+    """
+    choice_mask = batch["choice_mask"].bool()
+    b, k = choice_mask.shape
+    if k < 2:
+        return None
+    ids, target = batch["input_ids"], batch["target_mask"].bool()
+    n, t = ids.shape
+    start = target.int().argmax(1)  # first continuation position (0 for the empty rows of missing choices)
+    length = target.sum(1)
+    ctx_len = start.view(b, k)[:, 0]  # every record has its first choice
+    pos = torch.arange(t, device=ids.device)
+    ids3 = ids.view(b, k, t)
+    in_ctx = pos < ctx_len[:, None, None]
+    same = ((ids3 == ids3[:, :1]) | ~in_ctx).all(-1) & (start.view(b, k) == ctx_len[:, None])
+    if not (same | ~choice_mask).all():
+        return None
+    tc, tk = int(ctx_len.max()), max(int(length.max()), 1)
+    src = torch.arange(tc, device=ids.device) - (tc - ctx_len[:, None])  # left padding
+    ctx_mask = (src >= 0).long()
+    ctx_ids = ids3[:, 0].gather(1, src.clamp(min=0)) * ctx_mask
+    idx = (start[:, None] + torch.arange(tk, device=ids.device)).clamp(max=t - 1)
+    cont_mask = (torch.arange(tk, device=ids.device) < length[:, None]).long()
+    return ctx_ids, ctx_mask, ids.gather(1, idx) * cont_mask, cont_mask, k
 
 
 class CausalLM(Likelihood):

@@ -87,3 +87,37 @@ def test_training_raises_the_correct_choice():
     fit(model, guide, [batch] * 40, lr=3e-2, progress=False)
     after = torch.softmax(model.logits(batch, guide.mean()), -1)[[0, 1], [2, 1]]
     assert (after > 0.5).all() and (after > before + 0.15).all()
+
+
+SHARED = [
+    [([3, 9, 4, 8], [11, 12]), ([3, 9, 4, 8], [13]), ([3, 9, 4, 8], [14, 15, 16])],
+    [([5, 6], [20]), ([5, 6], [21, 22])],  # shorter context, one choice missing
+]
+
+
+def test_shared_prefix_path_equals_full_rows():
+    from pyro_lora.likelihoods import _shared_context
+
+    net = tiny_llama()
+    batch = cloze_batch(SHARED, extra_pad=2)
+    assert _shared_context(batch) is not None and _shared_context(cloze_batch()) is None
+    shared = LoraModel(net, MultipleChoice(format="cloze")).logits(batch)
+    full = LoraModel(net, MultipleChoice(format="cloze", share_prefix=False)).logits(batch)
+    torch.testing.assert_close(shared, full, rtol=1e-4, atol=1e-4)
+    expected = direct_scores(net, SHARED)
+    torch.testing.assert_close(shared[1, :2], expected[1], rtol=1e-4, atol=1e-4)
+
+
+def test_shared_prefix_s_samples_and_gradients():
+    model = LoraModel(tiny_llama(), MultipleChoice(format="cloze"))
+    reference = LoraModel(model.net, MultipleChoice(format="cloze", share_prefix=False))
+    batch = cloze_batch(SHARED)
+    values = {k: (v + 0.2 * torch.randn(3, *v.shape)).requires_grad_() for k, v in model.adapter_values().items()}
+    joint = model.logits(batch, values, num_samples=3)
+    full = reference.logits(batch, values, num_samples=3)
+    torch.testing.assert_close(joint, full, rtol=1e-4, atol=1e-4)
+    finite = joint[torch.isfinite(joint)].sum()
+    grads = torch.autograd.grad(finite, list(values.values()))
+    ref_grads = torch.autograd.grad(full[torch.isfinite(full)].sum(), list(values.values()))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4)
