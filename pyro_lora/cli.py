@@ -23,7 +23,8 @@ def _common(p, out_default):
     p.add_argument("--prior-scale", type=float, default=d.prior_scale, help="std of the isotropic prior on LoRA entries")
     p.add_argument("--mc-format", choices=["letter", "cloze"], default=None, help="multiple-choice format (default: cloze below ~1B parameters)")
     p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2 (the table shows mean ± std)")
+    p.add_argument("--eval-datasets", default="", help="comma-separated shifted test sets with the same answer format, e.g. arc_challenge,arc_easy")
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
     p.add_argument("--out", default=out_default, help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -49,6 +50,8 @@ def parser():
 def _config(args, **extra):
     names = {f.name for f in fields(C.CompareConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and k not in extra}
+    values["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    values["eval_datasets"] = tuple(n for n in args.eval_datasets.split(",") if n)
     return C.CompareConfig(**values, progress=not args.quiet, **extra)
 
 

@@ -8,14 +8,17 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import data as D
 from .likelihoods import MultipleChoice, SequenceClassification
-from .metrics import summarize
+from . import metrics as M
+from .costs import PeakMemory
 from .io import load_guide, save_guide
+from .metrics import summarize
 from .model import LoraModel
-from .plots import reliability_diagram
+from .plots import metric_scatter, reliability_diagram, reliability_grid
 from .predictive import predict
 from .pretrained import add_lora, default_mc_format, load_pretrained
 from .training import fit
@@ -38,7 +41,8 @@ class CompareConfig:
     rank: int = 8
     alpha: float = 16.0
     prior_scale: float = 1.0
-    seed: int = 0
+    seeds: tuple = (0,)
+    eval_datasets: tuple = ()  # shifted evaluation sets with the same answer format, e.g. arc_challenge
     device: str = "cpu"
     mc_format: str = None
     max_length: int = 256
@@ -59,12 +63,14 @@ class Setup:
     val: list
     test: list
     collator: object
+    seed: int = 0
+    shifted: dict = field(default_factory=dict)  # evaluation-set name -> test records
     model: LoraModel = None
     map_guide: object = None
     trained_state: dict = field(default_factory=dict)
 
     def loader(self, records, shuffle=False):
-        return D.make_loader(records, self.collator, self.config.batch_size, shuffle=shuffle, seed=self.config.seed)
+        return D.make_loader(records, self.collator, self.config.batch_size, shuffle=shuffle, seed=self.seed)
 
     def lora_model(self, random="AB", **kwargs):
         """A fresh :class:`LoraModel` view of the shared network, reset to the trained MAP state."""
@@ -80,15 +86,21 @@ class Setup:
                 params[k].copy_(v)
 
 
-def prepare(config):
-    """Load the model and data of ``config``; returns a :class:`Setup` (MAP not yet trained)."""
+def prepare(config, seed=0):
+    """Load the model (LoRA initialised under ``seed``) and the data of ``config``; the MAP is not yet trained.
+
+    The data subsets and the train/validation split do not depend on ``seed``: every seed sees the same
+    examples, only initialisation and training order change.
+    """
     meta = D.load_meta(config.dataset, config.data_dir)
-    torch.manual_seed(config.seed)
     train_all = D.load_records(config.dataset, "train", config.data_dir)
-    train_all = D.subset(train_all, min(len(train_all), config.train_size), seed=config.seed)
-    train, val = D.split_train_val(train_all, val_fraction=config.val_fraction, seed=config.seed)
-    test = D.load_records(config.dataset, "test", config.data_dir)
-    test = D.subset(test, min(len(test), config.test_size), seed=config.seed)
+    train_all = D.subset(train_all, min(len(train_all), config.train_size), seed=0)
+    train, val = D.split_train_val(train_all, val_fraction=config.val_fraction, seed=0)
+    test = _test_records(config.dataset, config)
+    shifted = {name: _test_records(name, config) for name in config.eval_datasets}
+    for name in shifted:
+        if D.load_meta(name, config.data_dir)["task"] != meta["task"]:
+            raise ValueError(f"evaluation set {name!r} is not a {meta['task']} dataset like {config.dataset!r}")
     if meta["task"] == "classification":
         net, tok = load_pretrained(config.model, "classification", num_labels=len(meta["label_names"]), device=config.device)
         likelihood, collator = SequenceClassification(), D.ClassificationCollator(tok, config.max_length)
@@ -98,12 +110,19 @@ def prepare(config):
         if config.mc_format == "cloze":
             likelihood, collator = MultipleChoice(format="cloze"), D.ClozeCollator(tok, config.max_length)
         else:
-            num_choices = max(len(r["choices"]) for r in train + test)
+            # one letter per choice of the widest set: ARC has 3-5 options, OBQA 4
+            num_choices = max(len(r["choices"]) for records in [train, test, *shifted.values()] for r in records)
             likelihood = MultipleChoice(D.letter_token_ids(tok, num_choices), format="letter")
             collator = D.LetterCollator(tok, config.max_length)
     config.lr = config.lr or (2e-3 if meta["task"] == "classification" else 3e-4)
+    torch.manual_seed(seed)
     net = add_lora(net, r=config.rank, alpha=config.alpha).to(config.device)
-    return Setup(config, net, tok, likelihood, train, val, test, collator)
+    return Setup(config, net, tok, likelihood, train, val, test, collator, seed, shifted)
+
+
+def _test_records(name, config):
+    records = D.load_records(name, "test", config.data_dir)
+    return D.subset(records, min(len(records), config.test_size), seed=0)
 
 
 def train_map(setup):
@@ -130,7 +149,7 @@ class Fitted:
 
 def _guide_predictor(setup, model, guide, **kwargs):
     c = setup.config
-    return lambda records: predict(model, guide, setup.loader(records), num_samples=c.samples, **kwargs)
+    return lambda records: predict(model, guide, setup.loader(records), num_samples=c.samples, keep_samples=True, **kwargs)
 
 
 def method_map(setup):
@@ -144,7 +163,7 @@ def method_zeroshot(setup):
 
     def run(records):
         with setup.net.disable_adapter():
-            return predict(setup.model, None, setup.loader(records))
+            return predict(setup.model, None, setup.loader(records), keep_samples=True)
 
     return Fitted(run)
 
@@ -163,43 +182,121 @@ def _check_methods(names):
         raise ValueError(f"unknown guide(s) {unknown}; available: {', '.join(METHODS)}")
 
 
-def _fit_and_score(setup, name, map_seconds):
-    t = time.perf_counter()
-    fitted = METHODS[name](setup)
-    fit_seconds = time.perf_counter() - t + (map_seconds if name == "map" else 0.0)
-    prediction = fitted.predict(setup.test)
-    row = {"guide": name, **summarize(prediction.probs, prediction.labels)}
-    row.update(fit_seconds=fit_seconds, predict_seconds=prediction.seconds, extra_parameters=fitted.extra_parameters)
-    return fitted, prediction, row
+def _fit_method(setup, name, map_seconds):
+    with PeakMemory(setup.config.device) as memory:
+        t = time.perf_counter()
+        fitted = METHODS[name](setup)
+        fit_seconds = time.perf_counter() - t + (map_seconds if name == "map" else 0.0)
+    return fitted, {"fit_seconds": fit_seconds, "fit_memory_mb": memory.megabytes, "extra_parameters": fitted.extra_parameters}
+
+
+def _evaluate(setup, fitted, records):
+    with PeakMemory(setup.config.device) as memory:
+        prediction = fitted.predict(records)
+    costs = {"predict_seconds_per_1000": 1000 * prediction.seconds / len(records), "predict_memory_mb": memory.megabytes}
+    return prediction, costs
+
+
+def score(prediction, num_bins=15):
+    """Calibration, uncertainty and selective-prediction metrics of one :class:`Prediction`."""
+    p, y = prediction.probs, prediction.labels
+    row = summarize(p, y, num_bins)
+    samples = prediction.sample_probs if prediction.sample_probs is not None else p.unsqueeze(0)
+    row.update(
+        entropy=float(M.predictive_entropy(samples).mean()),
+        mutual_information=float(M.mutual_information(samples).mean()),
+        accuracy_at_50=M.accuracy_at_coverage(p, y, 0.5),
+        accuracy_at_80=M.accuracy_at_coverage(p, y, 0.8),
+        aurc=M.aurc(p, y),
+    )
+    return row
+
+
+def _ood(in_dist, shifted):
+    """AUROC of telling the shifted set from the in-distribution test set by entropy and by mutual information."""
+    si = in_dist.sample_probs if in_dist.sample_probs is not None else in_dist.probs.unsqueeze(0)
+    so = shifted.sample_probs if shifted.sample_probs is not None else shifted.probs.unsqueeze(0)
+    return {
+        "ood_auroc_entropy": M.auroc(M.predictive_entropy(si), M.predictive_entropy(so)),
+        "ood_auroc_mi": M.auroc(M.mutual_information(si), M.mutual_information(so)),
+    }
 
 
 def run_compare(config):
-    """Run the comparison of ``config``; returns the result rows (one dict per method).
+    """Run the comparison of ``config`` over its seeds; returns the summary rows (mean and std over seeds).
 
-    Writes ``out/results.json`` and ``out/reliability_<guide>.png``.
+    Writes to ``config.out``: ``results.json`` (config, per-seed rows, summary), ``predictions_<guide>.npz``
+    (per evaluation set and seed: averaged probabilities, labels, entropy, mutual information),
+    ``reliability_<guide>.png``, ``reliability_grid.png`` and ``calibration_vs_accuracy.png``.
     """
     _check_methods(config.guides or ())
     out = Path(config.out)
-    start = time.perf_counter()
-    setup = prepare(config)
-    config.guides = tuple(config.guides or applicable_methods(setup))
-    if config.progress:
-        fmt = f", multiple-choice format {config.mc_format}" if config.mc_format else ""
-        print(f"# {config.model} on {config.dataset}: {len(setup.train)} train / {len(setup.val)} validation / "
-              f"{len(setup.test)} test{fmt}; guides {', '.join(config.guides)}", flush=True)
-    train_map(setup)
-    map_seconds = time.perf_counter() - start
-    rows = []
     out.mkdir(parents=True, exist_ok=True)
-    for name in config.guides:
-        _, prediction, row = _fit_and_score(setup, name, map_seconds)
-        setup.restore()
-        rows.append(row)
-        reliability_diagram(prediction.probs, prediction.labels, out / f"reliability_{name}.png", title=f"{name} on {config.dataset}")
+    rows, arrays, first_seed = [], {}, {}
+    for seed in config.seeds:
+        start = time.perf_counter()
+        setup = prepare(config, seed)
+        config.guides = tuple(config.guides or applicable_methods(setup))
         if config.progress:
-            print(format_row(row), flush=True)
-    write_json(out / "results.json", {"config": asdict(config), "results": rows})
-    return rows
+            fmt = f", multiple-choice format {config.mc_format}" if config.mc_format else ""
+            print(f"# seed {seed}: {config.model} on {config.dataset}: {len(setup.train)} train / {len(setup.val)} validation / "
+                  f"{len(setup.test)} test{fmt}; guides {', '.join(config.guides)}", flush=True)
+        train_map(setup)
+        map_seconds = time.perf_counter() - start
+        for name in config.guides:
+            fitted, fit_costs = _fit_method(setup, name, map_seconds)
+            predictions = {}
+            for dataset, records in [(config.dataset, setup.test), *setup.shifted.items()]:
+                prediction, costs = _evaluate(setup, fitted, records)
+                predictions[dataset] = prediction
+                row = {"guide": name, "dataset": dataset, "seed": seed, **score(prediction), **fit_costs, **costs}
+                if dataset != config.dataset:
+                    row.update(_ood(predictions[config.dataset], prediction))
+                rows.append(row)
+                arrays.setdefault(name, {}).update(_arrays(prediction, dataset, seed))
+                if config.progress:
+                    print(format_row(row), flush=True)
+            if seed == config.seeds[0]:
+                first_seed[name] = predictions[config.dataset]
+            setup.restore()
+    summary = summarize_seeds(rows)
+    for name, prediction in first_seed.items():
+        reliability_diagram(prediction.probs, prediction.labels, out / f"reliability_{name}.png", title=f"{name} on {config.dataset}")
+        np.savez_compressed(out / f"predictions_{name}.npz", **arrays[name])
+    reliability_grid({n: (p.probs, p.labels) for n, p in first_seed.items()}, out / "reliability_grid.png")
+    in_dist = [r for r in summary if r["dataset"] == config.dataset]
+    metric_scatter(in_dist, out / "calibration_vs_accuracy.png")
+    write_json(out / "results.json", {"config": asdict(config), "summary": summary, "per_seed": rows})
+    return summary
+
+
+def _arrays(prediction, dataset, seed):
+    samples = prediction.sample_probs if prediction.sample_probs is not None else prediction.probs.unsqueeze(0)
+    key = f"{dataset}__seed{seed}__"
+    return {
+        key + "probs": prediction.probs.numpy(),
+        key + "labels": prediction.labels.numpy(),
+        key + "entropy": M.predictive_entropy(samples).numpy(),
+        key + "mutual_information": M.mutual_information(samples).numpy(),
+    }
+
+
+def summarize_seeds(rows):
+    """Mean and std over seeds of every numeric column, per (guide, evaluation set): ``x`` and ``x_std``."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["guide"], r["dataset"]), []).append(r)
+    summary = []
+    for (guide, dataset), group in groups.items():
+        row = {"guide": guide, "dataset": dataset, "seeds": [r["seed"] for r in group]}
+        for key in group[0]:
+            if key in ("guide", "dataset", "seed"):
+                continue
+            values = np.array([r[key] for r in group], dtype=float)
+            row[key] = float(values.mean())
+            row[key + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        summary.append(row)
+    return summary
 
 
 def fit_one(config):
@@ -207,9 +304,11 @@ def fit_one(config):
     _check_methods(config.guides)
     (name,) = config.guides
     start = time.perf_counter()
-    setup = prepare(config)
+    setup = prepare(config, config.seeds[0])
     train_map(setup)
-    fitted, _, row = _fit_and_score(setup, name, time.perf_counter() - start)
+    fitted, costs = _fit_method(setup, name, time.perf_counter() - start)
+    prediction, predict_costs = _evaluate(setup, fitted, setup.test)
+    row = {"guide": name, "dataset": config.dataset, **score(prediction), **costs, **predict_costs}
     if fitted.guide is None:
         raise ValueError(f"method {name!r} has no guide to save")
     out = Path(config.out)
@@ -227,13 +326,12 @@ def evaluate_saved(run_dir, **overrides):
     except FileNotFoundError:
         raise FileNotFoundError(f"{run_dir} is not a `pyro-lora fit` output (run.json missing)") from None
     config = CompareConfig(**{**run["config"], **overrides})
-    setup = prepare(config)
+    setup = prepare(config, config.seeds[0])
     setup.model = LoraModel(setup.net, setup.likelihood, random=run["random"], num_data=len(setup.train), prior=config.prior_scale)
     guide = load_guide(run_dir / "guide", setup.model)
-    prediction = predict(setup.model, guide, setup.loader(setup.test), num_samples=config.samples)
-    row = {"guide": config.guides[0], **summarize(prediction.probs, prediction.labels)}
-    row.update(fit_seconds=0.0, predict_seconds=prediction.seconds, extra_parameters=guide.extra_parameters())
-    return row
+    prediction, costs = _evaluate(setup, Fitted(_guide_predictor(setup, setup.model, guide)), setup.test)
+    return {"guide": config.guides[0], "dataset": config.dataset, **score(prediction), "fit_seconds": 0.0, **costs,
+            "extra_parameters": guide.extra_parameters()}
 
 
 def write_json(path, obj):
@@ -244,14 +342,23 @@ def write_json(path, obj):
     tmp.replace(path)
 
 
+TABLE = [("accuracy", "accuracy", 3), ("ece", "ECE x100", 2), ("nll", "NLL", 3), ("brier", "Brier", 3),
+         ("mutual_information", "MI", 4), ("aurc", "AURC", 3), ("fit_seconds", "fit s", 1),
+         ("predict_seconds_per_1000", "predict s/1k", 1), ("fit_memory_mb", "peak MB", 0), ("extra_parameters", "+params", 0)]
+
+
 def format_table(rows):
-    """Markdown table: accuracy, ECE x100, NLL, Brier, seconds."""
-    head = "| guide | accuracy | ECE x100 | NLL | Brier | fit s | predict s |\n|---|---|---|---|---|---|---|"
-    return "\n".join([head] + [format_row(r) for r in rows])
+    """Markdown table, one row per (guide, evaluation set); ``mean ± std`` where rows carry ``_std``."""
+    head = "| guide | dataset | " + " | ".join(t for _, t, _ in TABLE) + " | OOD AUROC H / MI |"
+    lines = [head, "|" + "---|" * (len(TABLE) + 3)]
+    return "\n".join(lines + [format_row(r) for r in rows])
 
 
 def format_row(r):
-    return (
-        f"| {r['guide']} | {r['accuracy']:.3f} | {r['ece']:.2f} | {r['nll']:.3f} | {r['brier']:.3f} "
-        f"| {r['fit_seconds']:.1f} | {r['predict_seconds']:.1f} |"
-    )
+    def cell(key, digits):
+        value = f"{r[key]:.{digits}f}"
+        std = r.get(key + "_std")
+        return value + (f" ± {std:.{digits}f}" if std else "")
+
+    ood = f"{r['ood_auroc_entropy']:.3f} / {r['ood_auroc_mi']:.3f}" if "ood_auroc_entropy" in r else ""
+    return f"| {r['guide']} | {r['dataset']} | " + " | ".join(cell(k, d) for k, _, d in TABLE) + f" | {ood} |"

@@ -19,8 +19,8 @@ def test_compare_minilm_sst2_writes_results_and_plots(tmp_path, capsys):
     run("compare", "--model", "minilm", "--dataset", "sst2", "--guides", "map", "--train-size", "320",
         "--test-size", "96", "--epochs", "3", "--out", str(out), "--quiet")
     results = json.loads((out / "results.json").read_text())
-    (row,) = results["results"]
-    assert set(row) >= {"guide", "accuracy", "ece", "nll", "brier", "fit_seconds", "predict_seconds"}
+    (row,) = results["summary"]
+    assert set(row) >= {"guide", "accuracy", "ece", "nll", "brier", "fit_seconds", "predict_seconds_per_1000", "fit_memory_mb"}
     assert row["accuracy"] > 0.6  # SST-2 is balanced: chance is 0.5
     assert (out / "reliability_map.png").read_bytes()[:4] == b"\x89PNG"
     assert "| map |" in capsys.readouterr().out
@@ -43,7 +43,7 @@ def test_compare_smollm2_arc_easy_cloze(tmp_path, capsys):
         "--test-size", "12", "--epochs", "1", "--batch-size", "4", "--out", str(out), "--quiet")
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["mc_format"] == "cloze"  # the right default for a 135M model
-    assert 0.0 <= results["results"][0]["accuracy"] <= 1.0
+    assert 0.0 <= results["summary"][0]["accuracy"] <= 1.0
 
 
 def test_unknown_guide_and_missing_run_are_clear_errors(tmp_path):

@@ -1,0 +1,94 @@
+"""The comparison's bookkeeping: seeds summary, scores, OOD AUROC, npz outputs, letter mapping across sets."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_lora import metrics as M
+from pyro_lora.compare import CompareConfig, _ood, format_table, score, summarize_seeds
+from pyro_lora.predictive import Prediction
+
+
+def test_summarize_seeds_mean_std_and_round_trip(tmp_path):
+    rows = [
+        {"guide": "map", "dataset": "sst2", "seed": s, "accuracy": a, "ece": e}
+        for s, a, e in [(0, 0.8, 5.0), (1, 0.9, 7.0), (2, 0.7, 3.0)]
+    ] + [{"guide": "tfb", "dataset": "sst2", "seed": 0, "accuracy": 0.85, "ece": 2.0}]
+    summary = summarize_seeds(rows)
+    (map_row,) = [r for r in summary if r["guide"] == "map"]
+    assert map_row["accuracy"] == pytest.approx(0.8) and map_row["accuracy_std"] == pytest.approx(0.1)
+    assert map_row["ece"] == pytest.approx(5.0) and map_row["ece_std"] == pytest.approx(2.0)
+    assert map_row["seeds"] == [0, 1, 2]
+    (tfb_row,) = [r for r in summary if r["guide"] == "tfb"]
+    assert tfb_row["accuracy_std"] == 0.0
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"summary": summary, "per_seed": rows}))
+    back = json.loads(path.read_text())
+    assert back["summary"] == summary and back["per_seed"] == rows
+
+
+def _prediction(sample_probs, labels):
+    sample_probs = torch.tensor(sample_probs, dtype=torch.float64)
+    return Prediction(sample_probs.mean(0), torch.tensor(labels), sample_probs)
+
+
+def test_score_and_ood_auroc():
+    agree = _prediction([[[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]] * 3, [0, 1, 1])
+    row = score(agree)
+    assert row["mutual_information"] == 0.0  # identical samples carry no epistemic uncertainty
+    assert row["accuracy"] == pytest.approx(2 / 3) and row["accuracy_at_50"] == 1.0
+    # the shifted set is far more uncertain: entropy separates it perfectly, MI (zero for both) not at all
+    shifted = _prediction([[[0.5, 0.5], [0.55, 0.45], [0.5, 0.5]]] * 3, [0, 1, 0])
+    ood = _ood(agree, shifted)
+    assert ood["ood_auroc_entropy"] == 1.0 and ood["ood_auroc_mi"] == 0.5
+
+
+def test_format_table_shows_mean_and_std():
+    row = {"guide": "map", "dataset": "sst2", "accuracy": 0.8, "accuracy_std": 0.05, "ece": 3.0, "nll": 0.4, "brier": 0.3,
+           "mutual_information": 0.0, "aurc": 0.1, "fit_seconds": 3.0, "predict_seconds_per_1000": 1.0,
+           "fit_memory_mb": 100.0, "extra_parameters": 0}
+    table = format_table([row])
+    assert "0.800 ± 0.050" in table and "| map | sst2 |" in table
+
+
+@pytest.mark.real
+def test_npz_reproduces_the_table(tmp_path):
+    from pyro_lora.compare import run_compare
+
+    config = CompareConfig(guides=("map",), train_size=64, test_size=32, epochs=1, seeds=(0, 1), out=str(tmp_path), progress=False)
+    run_compare(config)
+    results = json.loads((tmp_path / "results.json").read_text())
+    arrays = np.load(tmp_path / "predictions_map.npz")
+    for row in results["per_seed"]:
+        key = f"sst2__seed{row['seed']}__"
+        probs, labels = arrays[key + "probs"], arrays[key + "labels"]
+        assert M.ece(probs, labels) * 100 == pytest.approx(row["ece"], abs=1e-6)
+        assert M.nll(probs, labels) == pytest.approx(row["nll"], abs=1e-6)
+        assert M.accuracy(probs, labels) == pytest.approx(row["accuracy"])
+    assert {r["seed"] for r in results["per_seed"]} == {0, 1}
+    for png in ("reliability_grid.png", "calibration_vs_accuracy.png", "reliability_map.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.real
+def test_letter_format_covers_the_widest_shifted_set():
+    from pyro_lora.compare import prepare
+
+    config = CompareConfig(model="smollm2", dataset="openbookqa", eval_datasets=("arc_easy",), mc_format="letter",
+                           train_size=16, test_size=3000, progress=False)
+    setup = prepare(config)
+    assert max(len(r["choices"]) for r in setup.test) == 4
+    five = [r for r in setup.shifted["arc_easy"] if len(r["choices"]) == 5][:1]
+    three = [r for r in setup.shifted["arc_easy"] if len(r["choices"]) == 3][:1]
+    assert len(setup.likelihood.answer_token_ids) == 5
+    from pyro_lora import LoraModel
+
+    model = LoraModel(setup.net, setup.likelihood)
+    batch = setup.collator(five + three)
+    logits = model.logits(batch)
+    assert torch.isfinite(logits[0]).all()  # E is a real option of the 5-choice question
+    assert torch.isfinite(logits[1, :3]).all() and torch.isinf(logits[1, 3:]).all()
+    letters = setup.tokenizer.convert_ids_to_tokens(setup.likelihood.answer_token_ids.tolist())
+    assert [t.strip("Ġ ") for t in letters] == list("ABCDE")
