@@ -4,6 +4,8 @@ Every guide is a Pyro guide with the model's site names, plus the fast path ``sa
 """
 
 from .base import LoraGuide
+from .flow import FlowGuide
 from .map import MAPGuide
+from .meanfield import MeanFieldGuide
 
-__all__ = ["LoraGuide", "MAPGuide"]
+__all__ = ["FlowGuide", "LoraGuide", "MAPGuide", "MeanFieldGuide"]

@@ -18,13 +18,14 @@ _HOLDER = "_pyro_lora_handed"
 
 
 class _Handed:
-    __slots__ = ("adapter", "A", "B", "R", "num_samples")
+    __slots__ = ("adapter", "A", "B", "R", "A_loc", "num_samples")
 
     def __init__(self, adapter, weights, num_samples):
         self.adapter = adapter
         self.A = weights.get("A")
         self.B = weights.get("B")
         self.R = weights.get("R")
+        self.A_loc = weights.get("A_loc")
         self.num_samples = num_samples
 
 
@@ -49,7 +50,8 @@ def handed(layers, adapter, weights, num_samples=None):
 
     :param layers: module path -> installed LoRA layer.
     :param weights: module path -> {``"A"``: ``[*S, r, d_in]``, ``"B"``: ``[*S, d_out, r]``,
-        ``"R"``: ``[*S, r, r]``}; a matrix left out is read from the layer's own parameter.
+        ``"R"``: ``[*S, r, r]``, optionally ``"A_loc"``: the mean of ``A`` for flipout}; a matrix left out is
+        read from the layer's own parameter.
     :param int num_samples: ``S`` when the values carry a leading sample dim, else ``None``.
     """
     for path, layer in layers.items():
@@ -75,27 +77,41 @@ def _forward(layer, x, *args, **kwargs):
     a = h.A if h.A is not None else layer.lora_A[h.adapter].weight
     b = h.B if h.B is not None else layer.lora_B[h.adapter].weight
     x = layer.lora_dropout[h.adapter](x).to(a.dtype)
-    delta = lora_delta(x, a, b, h.R, h.num_samples) * layer.scaling[h.adapter]
+    delta = lora_delta(x, a, b, h.R, h.num_samples, a_loc=h.A_loc) * layer.scaling[h.adapter]
     return result + delta.to(result.dtype)
 
 
-def lora_delta(x, a, b, r=None, num_samples=None):
+def lora_delta(x, a, b, r=None, num_samples=None, a_loc=None):
     """``B R A x`` for one layer (``R`` omitted when ``None``).
+
+    With ``a_loc`` (flipout), ``A = a_loc + E`` and example ``n`` (row ``n`` of ``x``) gets its own sign-flipped
+    noise: ``B R (a_loc x + s_n * (E (t_n * x)))`` with random ``s_n in {+-1}^r``, ``t_n in {+-1}^d_in`` shared
+    over positions. For a symmetric ``E`` every example's weights are still an exact draw of ``A``.
 
     :param x: ``[N, ..., d_in]``; with ``num_samples = S``, ``N = S * B`` sample-major.
     :param a: ``[r, d_in]`` or ``[S, r, d_in]``; ``b``: ``[d_out, r]`` or ``[S, d_out, r]``;
-        ``r``: ``[r, r]`` or ``[S, r, r]``.
+        ``r``: ``[r, r]`` or ``[S, r, r]``; ``a_loc``: like ``a``.
     :returns: ``[N, ..., d_out]``.
     """
-    if num_samples is None:
-        h = torch.nn.functional.linear(x, a)
-        if r is not None:
-            h = torch.nn.functional.linear(h, r)
-        return torch.nn.functional.linear(h, b)
-    # [S*B, ..., d_in] -> [S, B*..., d_in]: one bmm per matrix for all samples
-    xs = x.reshape(num_samples, -1, x.shape[-1])
-    h = xs @ a.transpose(-1, -2)
+    if a_loc is None:
+        h = _linear(x, a, num_samples)
+    else:
+        h = _linear(x, a_loc, num_samples) + _linear(x * _signs(x, x.shape[-1]), a - a_loc, num_samples) * _signs(x, a.shape[-2])
     if r is not None:
-        h = h @ r.transpose(-1, -2)
-    h = h @ b.transpose(-1, -2)
+        h = _linear(h, r, num_samples)
+    return _linear(h, b, num_samples)
+
+
+def _linear(x, w, num_samples):
+    """``x w^T``; with ``num_samples = S`` and ``w: [S, out, in]`` sample ``s`` multiplies rows ``s*B .. (s+1)*B - 1``."""
+    if num_samples is None or w.dim() == 2:
+        return torch.nn.functional.linear(x, w)
+    # [S*B, ..., in] -> [S, B*..., in]: one bmm for all samples
+    h = x.reshape(num_samples, -1, x.shape[-1]) @ w.transpose(-1, -2)
     return h.reshape(*x.shape[:-1], h.shape[-1])
+
+
+def _signs(x, size):
+    """Random ``+-1`` of shape ``[N, 1, ..., 1, size]``: one draw per example (row of ``x``), shared over positions."""
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (size,)
+    return torch.randint(0, 2, shape, device=x.device).to(x.dtype).mul_(2).sub_(1)

@@ -109,23 +109,36 @@ class LoraModel:
             raise ValueError(f"prior of site {site.name!r} has event shape {tuple(d.event_shape)}, expected {site.shape}")
         return d
 
-    def logits(self, batch, values=None, num_samples=None):
+    def logits(self, batch, values=None, num_samples=None, flipout_locs=None):
         """Class logits with the LoRA matrices set to ``values``.
 
         :param values: site -> ``site.shape`` or, with ``num_samples=S``, ``[S, *site.shape]``;
             ``None`` runs the peft model as it is.
+        :param flipout_locs: A site -> its posterior mean: those sites' noise ``values - loc`` is sign-flipped
+            per example (flipout, :func:`~pyro_lora.handoff.lora_delta`).
         :returns: ``[B, C]`` or ``[S, B, C]``.
         """
         if values is None:
             return self.likelihood.logits(self.net, batch, num_samples)
-        with handoff.handed(self.layers, self.adapter, per_layer(self.sites, values), num_samples):
+        weights = per_layer(self.sites, values)
+        if flipout_locs:
+            bad = [n for n in flipout_locs if self.sites[n].matrix != "A"]
+            if bad:
+                raise ValueError(f"flipout applies to A sites only, got {bad}")
+            for path, mats in per_layer({n: self.sites[n] for n in flipout_locs}, flipout_locs).items():
+                weights[path]["A_loc"] = mats["A"]
+        with handoff.handed(self.layers, self.adapter, weights, num_samples):
             return self.likelihood.logits(self.net, batch, num_samples)
 
     def __call__(self, batch, kl_weight=1.0):
-        """The Pyro model. ``kl_weight`` scales the weight sites (KL annealing); guides scale theirs alike."""
-        with poutine.scale(scale=kl_weight):
+        """The Pyro model. ``kl_weight`` scales the weight sites (KL annealing); guides scale theirs alike.
+
+        A guide that marks a site with ``infer={"flipout_loc": loc}`` (its mean) gets flipout in the likelihood.
+        """
+        with poutine.scale(scale=kl_weight), poutine.trace() as tr:
             values = {name: pyro.sample(name, self.prior_distribution(site)) for name, site in self.sites.items()}
-        logits = self.logits(batch, values)
+        flipout = {n: tr.trace.nodes[n]["infer"]["flipout_loc"] for n in values if "flipout_loc" in tr.trace.nodes[n]["infer"]}
+        logits = self.logits(batch, values, flipout_locs=flipout)
         y = self.likelihood.observed(batch)
         size = self.num_data or y.shape[0]
         with pyro.plate("data", size, subsample_size=y.shape[0], device=y.device):

@@ -1,0 +1,141 @@
+"""Mean-field Gaussian posterior over the LoRA sites, BLoB-style: Gaussian A, point-estimate B.
+
+``q(A) = N(mu, diag(sigma^2))`` per entry, ``sigma = softplus(c rho)`` or ``(c rho)^2``; the KL to the model's
+prior is closed form under :class:`~pyro.infer.TraceMeanField_ELBO` (Pyro's Normal/Normal KL for the
+isotropic prior, the core's registered KLs for the matrix priors). Optional flipout decorrelates the
+weight noise across the examples of a batch.
+"""
+
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+import torch.nn.functional as F
+
+
+from .base import LoraGuide
+
+_STDS = ("softplus", "square")
+
+
+class MeanFieldGuide(LoraGuide):
+    r"""
+    Diagonal Gaussian ``q(theta_s) = N(mu_s, diag(sigma_s^2))`` on the A sites (and, with ``b="normal"``, the
+    B sites), a point estimate (:class:`~pyro.distributions.Delta`) on the other sites.
+
+    B as a point estimate can be had two ways, and both work: build the model with ``random="A"`` (the
+    cleanest: B stays a peft parameter that :func:`~pyro_lora.fit` trains as a point estimate, with no prior
+    term), or keep ``random="AB"`` and ``b="delta"`` (B becomes a Delta site here: a MAP estimate under the
+    model's prior on B).
+
+    Each std is ``sigma = softplus(c rho)`` (``std="softplus"``, ``~ exp(c rho)`` while small) or
+    ``sigma = (c rho)^2`` (``std="square"``, BLoB), where ``c = std_lr_scale``: Adam moves ``rho`` by about one
+    learning rate per step whatever the gradient's size, so ``log sigma`` moves by about ``c * lr`` per step
+    under softplus. ``c > 1`` lets the stds travel to where the data put them within a normal LoRA run
+    (TyXe's mean-field failed because its stds could only creep one ``lr`` per step). Stds start at
+    ``init_scale`` times each layer's RMS of ``mu`` (the prior's RMS std where ``mu`` is zero).
+
+    The ELBO per step is ``E_q[log p(D | theta)] - KL(q || p)``; with :class:`~pyro.infer.TraceMeanField_ELBO`
+    the KL is closed form against ``Normal(...).to_event(k)`` priors (the model's isotropic default) and
+    the core's :class:`~pyro_lora.priors.MatrixNormalKronecker` / :class:`~pyro_lora.priors.LowRankPlusDiagNormal`,
+    and falls back to a one-sample estimate for any other prior.
+
+    **Flipout** (``flipout=True``, Wen et al. 2018): one draw ``A = mu + E`` per step, but example ``n``
+    of the batch sees ``mu + diag(s_n) E diag(t_n)`` with random signs ``s_n, t_n``. For a symmetric
+    mean-field ``q`` each example's weights are still an exact draw from ``q``, so the ELBO estimate stays
+    unbiased, while the examples' weight noise decorrelates: the weight-noise part of the minibatch
+    gradient variance then falls like ``1/batch`` instead of staying flat, for one extra ``r x d_in``
+    matmul per LoRA layer. It needs the core hand-off to apply the sign flips (``lora_delta(..., a_loc=)``);
+    the guide marks its A sites with ``infer={"flipout_loc": mu}``. Used in training only: ``sample`` /
+    the predictive draw whole-batch samples as usual.
+
+    Example::
+
+        model = LoraModel(net, SequenceClassification(), random="A", prior=0.2, num_data=len(train))
+        guide = MeanFieldGuide(model)
+        fit(model, guide, loader, epochs=3, lr=1e-3, elbo=TraceMeanField_ELBO())
+        predict(model, guide, test_loader, num_samples=8)   # or mean=True: the "N=0" evaluation
+
+    :param model: the :class:`~pyro_lora.LoraModel`.
+    :param str b: ``"delta"`` (point estimate) or ``"normal"``: what B sites get, when the model has any.
+    :param str std: ``"softplus"`` or ``"square"``: the std parametrisation.
+    :param float init_scale: initial std relative to each layer's RMS of ``mu`` (BLoB-like: ``1e-3..1e-2``).
+    :param float std_lr_scale: ``c`` above; scales how fast Adam moves the stds relative to the means.
+    :param bool flipout: decorrelate weight noise across the examples of a batch (needs the core hand-off support).
+    :param dict init: site -> initial mean (``site.shape``); default the adapter's current weights.
+    """
+
+    def __init__(self, model, b="delta", std="softplus", init_scale=1e-2, std_lr_scale=10.0, flipout=False, init=None):
+        super().__init__(model)
+        if b not in ("delta", "normal"):
+            raise ValueError(f"b must be 'delta' or 'normal', got {b!r}")
+        if std not in _STDS:
+            raise ValueError(f"std must be one of {_STDS}, got {std!r}")
+        if not init_scale > 0 or not std_lr_scale > 0:
+            raise ValueError(f"init_scale and std_lr_scale must be positive, got {init_scale} and {std_lr_scale}")
+        self.b, self.std, self.init_scale, self.std_lr_scale, self.flipout = b, std, float(init_scale), float(std_lr_scale), bool(flipout)
+        # Gaussian: A (and R) sites always, B sites when b="normal"
+        self.gaussian = [n for n, s in self.sites.items() if s.matrix != "B" or b == "normal"]
+        init = init if init is not None else model.adapter_values()
+        self.locs = torch.nn.ParameterList([torch.nn.Parameter(init[n].detach().clone().float()) for n in self.sites])
+        with torch.no_grad():
+            self.rhos = torch.nn.ParameterList(
+                [torch.nn.Parameter(self._rho(self._initial_std(model, n, init[n].float()))) for n in self.gaussian]
+            )
+
+    def _initial_std(self, model, name, loc):
+        """``init_scale *`` per-layer RMS of ``loc`` (``[L, 1, 1]`` or ``[1, 1]``), the prior's RMS std where ``loc`` is 0."""
+        rms = loc.pow(2).mean((-2, -1), keepdim=True).sqrt()
+        prior = model.prior_distribution(self.sites[name]).variance.mean((-2, -1), keepdim=True).sqrt().to(rms)
+        return (self.init_scale * torch.where(rms > 0, rms, prior)).expand_as(loc)
+
+    def _rho(self, std):
+        c = self.std_lr_scale
+        if self.std == "square":
+            return std.sqrt() / c
+        return (std + torch.log(-torch.expm1(-std))) / c  # softplus^-1
+
+    def _std(self, rho):
+        x = self.std_lr_scale * rho
+        return x.pow(2) if self.std == "square" else F.softplus(x)
+
+    def stds(self):
+        """Posterior std of every Gaussian site: name -> ``site.shape``."""
+        return {n: self._std(rho) for n, rho in zip(self.gaussian, self.rhos)}
+
+    def posterior(self):
+        stds = self.stds()
+        return {
+            n: dist.Normal(loc, stds[n]).to_event(loc.dim()) if n in stds else dist.Delta(loc, event_dim=loc.dim())
+            for n, loc in zip(self.sites, self.locs)
+        }
+
+    def forward(self, *args, kl_weight=1.0, **kwargs):
+        """Pyro guide; with flipout the Gaussian A sites carry their mean as ``infer["flipout_loc"]`` for the model."""
+        posterior = self.posterior()
+        locs = dict(zip(self.sites, self.locs))
+        with poutine.scale(scale=kl_weight):
+            return {
+                n: pyro.sample(n, posterior[n], infer={"flipout_loc": locs[n]} if self._flips(n) else {})
+                for n in self.sites
+            }
+
+    def _flips(self, name):
+        return self.flipout and self.sites[name].matrix == "A" and name in self.gaussian
+
+    def mean(self):
+        return dict(zip(self.sites, self.locs))
+
+    def extra_parameters(self):
+        """One ``rho`` per Gaussian entry: the stds are all this guide adds to a LoRA."""
+        return sum(rho.numel() for rho in self.rhos)
+
+    def config(self):
+        return {
+            "b": self.b,
+            "std": self.std,
+            "init_scale": self.init_scale,
+            "std_lr_scale": self.std_lr_scale,
+            "flipout": self.flipout,
+        }

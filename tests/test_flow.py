@@ -1,0 +1,254 @@
+"""Flow (Bayesian-LoRA) guide: the inducing construction against dense Gaussian conditioning, the batched
+flow against autograd Jacobians, the ELBO identity, the MAP limit, data response, save/load and the
+parameter budget."""
+
+import pyro
+import pytest
+import torch
+from conftest import random_batch, tiny_bert
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from test_training import toy_data
+from torch.distributions import MultivariateNormal, kl_divergence
+
+from guides.flow import BatchedAffineAutoregressive, FlowGuide, _softplus_inv
+from pyro_lora import LoraModel, SequenceClassification, fit, load_guide, save_guide
+from pyro_lora.sites import Site
+
+f64 = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny nets gain nothing from intra-op threads, and on a shared CPU they make every step many times slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make(random="AB", prior=0.3, num_data=None, r=4, **kw):
+    model = LoraModel(tiny_bert(r=r, num_labels=3), SequenceClassification(), random=random, prior=prior, num_data=num_data)
+    return model, FlowGuide(model, **kw)
+
+
+def randomize_flows(guide, scale=0.3):
+    with torch.no_grad():
+        for part in guide.parts:
+            for t in part.flows:
+                t.w2.normal_(0, scale)
+                t.b2.normal_(0, scale)
+
+
+def dense_blocks(f, l, sigma):
+    """Covariances ``(S_uu, S_wu, S_ww)`` of the augmented matrix ``[[U, .], [., W]]`` of layer ``l``, built densely."""
+    zr, dr, zc, dc = (f[k][l].to(f64) for k in ("z_row", "d_row", "z_col", "d_col"))
+    (mr, m), (mc, n) = zr.shape, zc.shape
+    psi_r = torch.cat([torch.cat([zr @ zr.T + torch.diag(dr**2), zr], 1), torch.cat([zr.T, torch.eye(m, dtype=f64)], 1)])
+    psi_c = torch.cat([torch.cat([zc @ zc.T + torch.diag(dc**2), zc], 1), torch.cat([zc.T, torch.eye(n, dtype=f64)], 1)])
+    cov = sigma**2 * torch.kron(psi_r, psi_c)  # row-major vec of the (M_r + m) x (M_c + n) matrix
+    idx = torch.arange((mr + m) * (mc + n)).reshape(mr + m, mc + n)
+    iu, iw = idx[:mr, :mc].flatten(), idx[mr:, mc:].flatten()
+    return cov[iu][:, iu], cov[iw][:, iu], cov[iw][:, iw]
+
+
+def dense_conditional(f, l, sigma):
+    s_uu, s_wu, s_ww = dense_blocks(f, l, sigma)
+    gain = torch.linalg.solve(s_uu, s_wu.T).T
+    return s_uu, gain, s_ww - gain @ s_wu.T
+
+
+def test_inducing_prior_and_conditional_match_dense_conditioning():
+    model, guide = make(inducing=(3, 2))
+    randomize_flows(guide)
+    for name, part in zip(guide.sites, guide.parts):
+        with torch.no_grad():
+            part.loc.add_(0.2 * torch.randn_like(part.loc))
+            part.d_row.normal_(0, 0.05)
+            part.lam.fill_(-0.02)
+        f = part.factors()
+        u = torch.randn(part.u_loc.shape)
+        u0 = part.flow_image(part.u_loc)
+        kl = part.kl_conditional(u0, f)
+        lp = guide.p_inducing(name).log_prob(u)
+        for l in range(2):
+            s_uu, gain, cond = dense_conditional(f, l, 0.3)
+            # E[W | U] = T_r U T_c, log p(U), and the closed-form conditional KL
+            torch.testing.assert_close((f["t_row"][l] @ u[l] @ f["t_col"][l]).flatten().to(f64), gain @ u[l].flatten().to(f64), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(lp[l].to(f64), MultivariateNormal(torch.zeros(len(s_uu), dtype=f64), s_uu).log_prob(u[l].flatten().to(f64)), rtol=1e-5, atol=1e-4)
+            lam = f["lam"][l].to(f64)
+            mean_q = part.loc[l].flatten().to(f64) + gain @ (u[l] - u0[l]).flatten().to(f64)
+            dense_kl = kl_divergence(MultivariateNormal(mean_q, lam**2 * cond), MultivariateNormal(gain @ u[l].flatten().to(f64), cond))
+            torch.testing.assert_close(kl[l].to(f64), dense_kl, rtol=1e-4, atol=1e-2)
+
+
+def test_matheron_draws_have_the_conditional_covariance():
+    model, guide = make(random="A", r=2, inducing=(3, 2), depth=0, max_lambda=1.0, prior=0.5)
+    part = guide.parts[0]
+    with torch.no_grad():
+        part.lam.fill_(100.0)  # lambda = 1: q(W | U) = p(W | U) up to the mean
+        part.u_rho.fill_(float(_softplus_inv(1e-12)) / guide.std_lr_scale)
+        f = part.factors()
+    torch.manual_seed(0)
+    w = guide.sample(40000)["query.lora_A"][:, 0].flatten(1).to(f64)  # layer 0, [S, m n]
+    _, _, cond = dense_conditional(f, 0, 0.5)
+    torch.testing.assert_close(w.mean(0), part.loc[0].flatten().to(f64), rtol=0, atol=0.02)
+    torch.testing.assert_close(torch.cov(w.T), cond, rtol=0, atol=0.01)
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_flow_log_prob_of_own_samples_is_base_minus_log_det(transpose):
+    torch.manual_seed(0)
+    t = BatchedAffineAutoregressive(layers=2, dim=3 if transpose else 4, transpose=transpose)
+    with torch.no_grad():
+        t.w2.normal_(0, 0.5)
+        t.b2.normal_(0, 0.5)
+    base = pyro.distributions.Normal(torch.randn(2, 3, 4), torch.rand(2, 3, 4) + 0.5).to_event(2)
+    q = pyro.distributions.TransformedDistribution(base, [t])
+    x = base.rsample((5,))
+    log_det = torch.zeros(5, 2)
+    for s in range(5):
+        for l in range(2):
+            jac = torch.autograd.functional.jacobian(
+                lambda v: t(torch.stack([v.view(3, 4) if i == l else x[s, i] for i in range(2)]))[l].flatten(), x[s, l].flatten()
+            )
+            log_det[s, l] = torch.linalg.slogdet(jac)[1]
+            # autoregressive along each row (each column with transpose), nothing across rows (columns)
+            j4 = jac.view(3, 4, 3, 4)
+            j4 = j4.permute(1, 0, 3, 2) if transpose else j4  # [line, pos, line', pos']
+            lines = j4.shape[0]
+            assert j4[~torch.eye(lines, dtype=torch.bool)[:, None, :, None].expand_as(j4)].abs().max() == 0
+            assert torch.triu(torch.diagonal(j4, dim1=0, dim2=2).permute(2, 0, 1), 1).abs().max() == 0
+    y = t(x)
+    torch.testing.assert_close(t.log_abs_det_jacobian(x, y), log_det, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q.log_prob(y), base.log_prob(x) - log_det, rtol=1e-5, atol=1e-5)  # cached: one MADE pass
+    fresh = y.clone()  # not the cached output: the sequential inverse
+    torch.testing.assert_close(t.inv(fresh), x, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q.log_prob(fresh), base.log_prob(x) - log_det, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("elbo", [Trace_ELBO(), TraceMeanField_ELBO()], ids=["trace", "meanfield"])
+def test_elbo_is_nll_plus_inducing_kl_plus_conditional_kl(elbo):
+    model, guide = make(random="AB", num_data=30, inducing=(3, 2), depth=2, max_lambda=1.0, init_lambda=0.2, init_scale=0.3)
+    randomize_flows(guide)
+    batch = random_batch() | {"labels": torch.tensor([0, 2, 1])}
+    pyro.set_rng_seed(3)
+    loss = elbo.differentiable_loss(model, guide, batch, kl_weight=0.5)
+    pyro.set_rng_seed(3)
+    tr = pyro.poutine.trace(guide).get_trace(batch)  # the draws the ELBO saw
+    values = {n: tr.nodes[n]["value"] for n in model.sites}
+    nll = 10.0 * torch.nn.functional.cross_entropy(model.logits(batch, values), batch["labels"], reduction="sum")
+    kl = 0.0
+    for name, part in zip(guide.sites, guide.parts):
+        u = tr.nodes[f"{name}.U"]["value"]
+        f = part.factors()
+        u0 = part.flow_image(part.u_loc)
+        kl = kl + guide.q_inducing(name).log_prob(u.clone()).sum()  # fresh value: the flow's inverse path
+        for l in range(2):
+            s_uu, gain, cond = dense_conditional(f, l, 0.3)
+            kl = kl - MultivariateNormal(torch.zeros(len(s_uu), dtype=f64), s_uu).log_prob(u[l].flatten().to(f64))
+            lam = f["lam"][l].to(f64)
+            mean_q = part.loc[l].flatten().to(f64) + gain @ (u[l] - u0[l]).flatten().to(f64)
+            kl = kl + kl_divergence(MultivariateNormal(mean_q, lam**2 * cond), MultivariateNormal(gain @ u[l].flatten().to(f64), cond))
+    torch.testing.assert_close(loss.to(f64), nll.to(f64) + 0.5 * kl, rtol=1e-4, atol=1e-2)
+    loss.backward()
+    assert all(p.grad is not None for p in guide.parameters())
+
+
+def test_zero_variance_reproduces_map_logits():
+    model, guide = make(random="AB", depth=2)
+    randomize_flows(guide)
+    with torch.no_grad():
+        for part in guide.parts:
+            part.u_rho.fill_(float(_softplus_inv(1e-12)) / guide.std_lr_scale)
+            part.lam.fill_(-60.0 / guide.std_lr_scale)
+    batch = random_batch()
+    plain = model.logits(batch)
+    adapter = model.adapter_values()
+    assert all(torch.equal(guide.mean()[n], adapter[n]) for n in adapter)
+    torch.testing.assert_close(model.logits(batch, guide.mean()), plain)
+    torch.testing.assert_close(model.logits(batch, guide.sample(3), num_samples=3), plain.expand(3, -1, -1), rtol=1e-5, atol=1e-6)
+
+
+def _fit(num_data):
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="A", prior=1.0, num_data=num_data)
+    guide = FlowGuide(model, inducing=(4, 4), max_lambda=1.0)  # uncapped lambda: free to follow the data
+    losses = fit(model, guide, toy_data(), epochs=30, lr=1e-2, progress=False)
+    with torch.no_grad():
+        log_std = torch.cat([w.std(0).flatten() for w in guide.sample(256).values()]).log()
+    return losses, log_std, torch.cat(list(guide.lambdas().values())).detach()
+
+
+def test_svi_lowers_loss_and_posterior_std_shrinks_with_data():
+    # same batches, 100x the data: the flow's noise has few scale parameters (lambda per layer, q(U) on an
+    # inducing subspace), so it needs more data than the mean-field guide to show on this toy
+    small_losses, small, small_lam = _fit(48)
+    large_losses, large, large_lam = _fit(4800)
+    for losses in (small_losses, large_losses):
+        assert sum(losses[-6:]) < 0.1 * sum(losses[:6])
+    assert large.quantile(0.05) < small.quantile(0.05) - 0.1
+    assert large.mean() < small.mean() - 0.04
+    assert large_lam.min() < small_lam.min()
+
+
+def test_one_site_per_matrix():
+    model = LoraModel(tiny_bert(), SequenceClassification(), random="AB", group="matrix", prior=0.3)
+    guide = FlowGuide(model, inducing=(3, 2))
+    batch = random_batch() | {"labels": torch.tensor([0, 2, 1])}
+    tr = pyro.poutine.trace(guide).get_trace(batch)
+    for name, site in model.sites.items():
+        assert tr.nodes[name]["value"].shape == site.shape and tr.nodes[f"{name}.U"]["value"].shape == (1, 3, 2)
+    assert all(v.shape == (2, *model.sites[n].shape) for n, v in guide.sample(2).items())
+    assert torch.isfinite(Trace_ELBO().differentiable_loss(model, guide, batch))
+
+
+def test_save_load_round_trip(tmp_path):
+    model, guide = make(random="AB", inducing=(3, 2), depth=2, hidden=5, share_basis=False)
+    randomize_flows(guide)
+    save_guide(guide, tmp_path / "flow")
+    fresh = LoraModel(tiny_bert(num_labels=3), SequenceClassification(), random="AB", prior=0.3)
+    loaded = load_guide(tmp_path / "flow", fresh)
+    assert type(loaded) is FlowGuide and loaded.config() == guide.config()
+    torch.manual_seed(1)
+    a = guide.sample(3)
+    torch.manual_seed(1)
+    b = loaded.sample(3)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+
+
+class _Shapes:
+    """Just the sites of a LoRA model (no network): enough to build a guide and count its parameters."""
+
+    def __init__(self, layers, r, d, kinds, random, prior=0.1):
+        shape = {"A": (layers, r, d), "B": (layers, d, r)}
+        self.sites = {
+            f"{k}.lora_{m}": Site(f"{k}.lora_{m}", m, tuple(f"layers.{i}.{k}" for i in range(layers)), shape[m])
+            for k in kinds
+            for m in random
+        }
+        self.prior = prior
+
+    def adapter_values(self):
+        return {n: torch.randn(s.shape) / s.shape[-1] ** 0.5 for n, s in self.sites.items()}
+
+
+@pytest.mark.parametrize("random, expected", [("A", 141_248), ("AB", 282_496)])
+def test_extra_parameters_fit_the_7b_budget(random, expected):
+    # Llama-2-7B: 32 layers, d = 4096, r = 8 on q_proj and v_proj; 9 x 9 inducing, flow depth 1
+    guide = FlowGuide(_Shapes(32, 8, 4096, ("q_proj", "v_proj"), random))
+    assert guide.extra_parameters() == expected <= 500_000
+    # per matrix: U posterior 2*81, MADE 3*9*28 + 28 + 18, D 9+9, lambda 1, narrow basis 9*8; wide bases shared per site
+    per_matrix = 2 * 81 + (3 * 9 * 28 + 28 + 18) + 18 + 1 + 9 * 8
+    assert expected == len(guide.sites) * (32 * per_matrix + 9 * 4096)
+
+
+def test_bad_inputs_have_clear_errors():
+    model = LoraModel(tiny_bert(), SequenceClassification(), prior=lambda site: None)
+    with pytest.raises(ValueError, match="isotropic prior"):
+        FlowGuide(model)
+    model, guide = make()
+    with pytest.raises(NotImplementedError, match="no closed-form"):
+        guide.posterior()
+    for bad in (dict(inducing=(0, 3)), dict(depth=-1), dict(init_lambda=0.5, max_lambda=0.1)):
+        with pytest.raises(ValueError):
+            FlowGuide(model, **bad)
