@@ -15,12 +15,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from pyro.infer import TraceMeanField_ELBO
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guides import MAPGuide  # noqa: E402
+from guides import FlowGuide, MAPGuide, MeanFieldGuide  # noqa: E402
 from pyro_lora import CausalLM, LoraModel, MultipleChoice, fit  # noqa: E402
 
 SIZES = {
@@ -28,7 +29,13 @@ SIZES = {
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-GUIDES = {"map": lambda model: MAPGuide(model)}
+# name -> (random sites, guide constructor)
+GUIDES = {
+    "map": ("AB", MAPGuide),
+    "meanfield": ("A", MeanFieldGuide),
+    "meanfield_flipout": ("A", lambda model: MeanFieldGuide(model, flipout=True)),
+    "flow": ("A", FlowGuide),
+}
 
 
 def build(size, device, dtype):
@@ -101,9 +108,11 @@ def main():
     print("| what | seconds | ratio to plain LoRA |\n|---|---|---|")
     print(f"| plain peft LoRA step | {plain:.4f} | 1.00 |")
     for name in args.guides.split(","):
-        model = LoraModel(net, CausalLM(), random="AB", num_data=1000)
-        guide = GUIDES[name](model).to(device)
-        step = timed(lambda: fit(model, guide, [batch] * args.steps, lr=1e-5, progress=False), device, args.repeats) / args.steps
+        random, make_guide = GUIDES[name]
+        model = LoraModel(net, CausalLM(), random=random, prior=0.2, num_data=1000)
+        guide = make_guide(model).to(device)
+        elbo = TraceMeanField_ELBO()
+        step = timed(lambda: fit(model, guide, [batch] * args.steps, lr=1e-5, elbo=elbo, progress=False), device, args.repeats) / args.steps
         print(f"| SVI step, {name} guide ({len(model.sites)} sites) | {step:.4f} | {step / plain:.2f} |")
 
     # predictive: S samples in one batched forward against S separate forwards (last-token class logits)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from pyro.infer import TraceMeanField_ELBO
 
 from . import data as D
 from .likelihoods import MultipleChoice, SequenceClassification
@@ -168,7 +169,30 @@ def method_zeroshot(setup):
     return Fitted(run)
 
 
-METHODS = {"zeroshot": method_zeroshot, "map": method_map}
+def _svi(setup, guide_class, random, prior, **guide_kwargs):
+    """Start a variational guide at the trained MAP and train it with the closed-form-KL ELBO."""
+    c = setup.config
+    model = setup.lora_model(random=random, prior=prior)
+    guide = guide_class(model, **guide_kwargs)
+    fit(model, guide, setup.loader(setup.train, shuffle=True), epochs=c.epochs, lr=c.lr, elbo=TraceMeanField_ELBO(), progress=c.progress)
+    return Fitted(_guide_predictor(setup, model, guide), guide, guide.extra_parameters())
+
+
+def method_meanfield(setup):
+    """BLoB-style: Gaussian A (prior std 0.2), B a point estimate."""
+    from guides import MeanFieldGuide
+
+    return _svi(setup, MeanFieldGuide, "A", 0.2)
+
+
+def method_flow(setup):
+    """Bayesian-LoRA: inducing matrices with a MAF posterior over the A sites."""
+    from guides import FlowGuide
+
+    return _svi(setup, FlowGuide, "A", 0.1)
+
+
+METHODS = {"zeroshot": method_zeroshot, "map": method_map, "meanfield": method_meanfield, "flow": method_flow}
 
 
 def applicable_methods(setup):
