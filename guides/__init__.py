@@ -7,5 +7,6 @@ from .base import LoraGuide
 from .flow import FlowGuide
 from .map import MAPGuide
 from .meanfield import MeanFieldGuide
+from .tfb import TFBGuide, bayesianize
 
-__all__ = ["FlowGuide", "LoraGuide", "MAPGuide", "MeanFieldGuide"]
+__all__ = ["FlowGuide", "LoraGuide", "MAPGuide", "MeanFieldGuide", "TFBGuide", "bayesianize"]

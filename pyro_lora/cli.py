@@ -39,8 +39,17 @@ def parser():
     p = sub.add_parser("fit", help="train MAP and fit one guide; save it to OUT/guide")
     _common(p, "runs/fit")
     p.add_argument("--guide", default="map", choices=list(C.METHODS))
-    p = sub.add_parser("evaluate", help="score a guide saved by `pyro-lora fit` on the test set")
-    p.add_argument("run_dir", help="the --out directory of `pyro-lora fit`")
+    p = sub.add_parser("bayesianize", help="TFB: turn a saved peft adapter into a posterior without training")
+    p.add_argument("adapter_dir", help="a peft adapter directory (adapter_config.json + weights)")
+    _common(p, "runs/bayesianize")
+    p.add_argument("--criterion", choices=["nll", "flip", "accuracy"], default="nll", help="what the anchors may lose")
+    p.add_argument("--tolerance", type=float, default=0.01)
+    p.add_argument("--anchors", type=int, default=256, help="training examples the search runs on")
+    p.add_argument("--low", type=float, default=1e-3, help="smallest sigma_q searched")
+    p.add_argument("--high", type=float, default=1.5e-2, help="largest sigma_q searched")
+    p.add_argument("--iterations", type=int, default=5, help="bisection steps")
+    p = sub.add_parser("evaluate", help="score a guide saved by `pyro-lora fit` or `bayesianize` on the test set")
+    p.add_argument("run_dir", help="the --out directory of `pyro-lora fit` or `bayesianize`")
     p.add_argument("--test-size", type=int, default=None)
     p.add_argument("--samples", type=int, default=None)
     p.add_argument("--device", default=None, choices=["cpu", "cuda"])
@@ -68,6 +77,11 @@ def main(argv=None):
         row = C.fit_one(config)
         print(C.format_table([row]))
         print(f"saved: {Path(args.out) / 'guide'}")
+    elif args.command == "bayesianize":
+        search = {k: getattr(args, k) for k in ("criterion", "tolerance", "low", "high", "iterations")}
+        row = C.bayesianize_adapter(_config(args, guides=("tfb",)), args.adapter_dir, anchors=args.anchors, **search)
+        print(C.format_table([row]))
+        print(f"sigma_q = {row['sigma_q']:.5g}; saved: {Path(args.out) / 'guide'}")
     elif args.command == "evaluate":
         overrides = {k: getattr(args, k) for k in ("test_size", "samples", "device") if getattr(args, k) is not None}
         row = C.evaluate_saved(args.run_dir, **overrides)

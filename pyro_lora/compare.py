@@ -87,11 +87,12 @@ class Setup:
                 params[k].copy_(v)
 
 
-def prepare(config, seed=0):
+def prepare(config, seed=0, adapter_dir=None):
     """Load the model (LoRA initialised under ``seed``) and the data of ``config``; the MAP is not yet trained.
 
     The data subsets and the train/validation split do not depend on ``seed``: every seed sees the same
-    examples, only initialisation and training order change.
+    examples, only initialisation and training order change. With ``adapter_dir``, the LoRA is a saved
+    peft adapter (``PeftModel.from_pretrained``) instead of a fresh one.
     """
     meta = D.load_meta(config.dataset, config.data_dir)
     train_all = D.load_records(config.dataset, "train", config.data_dir)
@@ -117,7 +118,14 @@ def prepare(config, seed=0):
             collator = D.LetterCollator(tok, config.max_length)
     config.lr = config.lr or (2e-3 if meta["task"] == "classification" else 3e-4)
     torch.manual_seed(seed)
-    net = add_lora(net, r=config.rank, alpha=config.alpha).to(config.device)
+    if adapter_dir is None:
+        net = add_lora(net, r=config.rank, alpha=config.alpha)
+    else:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, adapter_dir)
+        config.rank = net.peft_config[net.active_adapter].r
+    net = net.to(config.device)
     return Setup(config, net, tok, likelihood, train, val, test, collator, seed, shifted)
 
 
@@ -192,7 +200,27 @@ def method_flow(setup):
     return _svi(setup, FlowGuide, "A", 0.1)
 
 
-METHODS = {"zeroshot": method_zeroshot, "map": method_map, "meanfield": method_meanfield, "flow": method_flow}
+# TFB's reference range [1e-3, 1.5e-2] was set for 8B models; small models tolerate more noise
+TFB_SEARCH = dict(criterion="nll", tolerance=0.03, low=1e-3, high=0.1, iterations=6)
+
+
+def method_tfb(setup):
+    """Training-free Bayesianization of the MAP: sigma_q searched on anchors carved from train (the validation split)."""
+    from guides import bayesianize
+
+    c = setup.config
+    model = setup.lora_model(random="AB")
+    guide = bayesianize(model, setup.loader(setup.val), num_samples=c.samples, seed=setup.seed, progress=c.progress, **TFB_SEARCH)
+    return Fitted(_guide_predictor(setup, model, guide), guide, guide.extra_parameters())
+
+
+METHODS = {
+    "zeroshot": method_zeroshot,
+    "map": method_map,
+    "meanfield": method_meanfield,
+    "flow": method_flow,
+    "tfb": method_tfb,
+}
 
 
 def applicable_methods(setup):
@@ -342,19 +370,42 @@ def fit_one(config):
     return row
 
 
+def bayesianize_adapter(config, adapter_dir, anchors=256, **search):
+    """TFB on a saved peft adapter: search sigma_q on ``anchors`` training examples, score the test set,
+    save the guide to ``out/guide`` (``pyro-lora evaluate out`` reloads it)."""
+    from guides import bayesianize
+
+    setup = prepare(config, config.seeds[0], adapter_dir=adapter_dir)
+    setup.model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=config.prior_scale)
+    anchor_records = D.subset(setup.train, min(anchors, len(setup.train)), seed=0)
+    search.setdefault("num_samples", config.samples)
+    with PeakMemory(config.device) as memory:
+        t = time.perf_counter()
+        guide = bayesianize(setup.model, setup.loader(anchor_records), progress=config.progress, **search)
+    costs = {"fit_seconds": time.perf_counter() - t, "fit_memory_mb": memory.megabytes, "extra_parameters": guide.extra_parameters()}
+    prediction, predict_costs = _evaluate(setup, Fitted(_guide_predictor(setup, setup.model, guide)), setup.test)
+    row = {"guide": "tfb", "dataset": config.dataset, **score(prediction), **costs, **predict_costs, "sigma_q": float(guide.sigma_q)}
+    out = Path(config.out)
+    save_guide(guide, out / "guide")
+    write_json(out / "run.json", {"config": asdict(config), "random": "AB", "adapter": str(adapter_dir), "result": row})
+    return row
+
+
 def evaluate_saved(run_dir, **overrides):
-    """Score the guide saved by :func:`fit_one` in ``run_dir`` on its test set (``overrides`` change the config)."""
+    """Score the guide saved by :func:`fit_one` or :func:`bayesianize_adapter` in ``run_dir`` on its test set
+    (``overrides`` change the config)."""
     run_dir = Path(run_dir)
     try:
         run = json.loads((run_dir / "run.json").read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{run_dir} is not a `pyro-lora fit` output (run.json missing)") from None
     config = CompareConfig(**{**run["config"], **overrides})
-    setup = prepare(config, config.seeds[0])
+    # the saved adapter, if any, brings its own rank, alpha, targets and head
+    setup = prepare(config, config.seeds[0], adapter_dir=run.get("adapter"))
     setup.model = LoraModel(setup.net, setup.likelihood, random=run["random"], num_data=len(setup.train), prior=config.prior_scale)
     guide = load_guide(run_dir / "guide", setup.model)
     prediction, costs = _evaluate(setup, Fitted(_guide_predictor(setup, setup.model, guide)), setup.test)
-    return {"guide": config.guides[0], "dataset": config.dataset, **score(prediction), "fit_seconds": 0.0, **costs,
+    return {"guide": config.guides[0], "dataset": config.dataset, **score(prediction), "fit_seconds": 0.0, "fit_memory_mb": 0.0, **costs,
             "extra_parameters": guide.extra_parameters()}
 
 

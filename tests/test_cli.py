@@ -63,3 +63,20 @@ def test_no_arguments_is_the_default_demo(monkeypatch):
     config = seen["config"]
     assert isinstance(config, CompareConfig) and config.model == "minilm" and config.dataset == "sst2"
     assert config.guides is None  # resolved to every applicable method once the task is known
+
+
+def test_bayesianize_a_peft_adapter_then_evaluate(tmp_path):
+    from pyro_lora.pretrained import add_lora, load_pretrained
+
+    base, _ = load_pretrained("minilm", "classification", num_labels=2)
+    net = add_lora(base, r=4)
+    net.save_pretrained(tmp_path / "adapter")  # an adapter saved by peft itself
+    out = tmp_path / "tfb"
+    run("bayesianize", str(tmp_path / "adapter"), "--train-size", "64", "--test-size", "32", "--anchors", "32",
+        "--samples", "4", "--iterations", "2", "--out", str(out), "--quiet")
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["config"]["rank"] == 4 and saved["random"] == "AB"
+    from pyro_lora.compare import evaluate_saved
+
+    again = evaluate_saved(out)
+    assert again["accuracy"] == pytest.approx(saved["result"]["accuracy"])

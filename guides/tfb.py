@@ -1,0 +1,347 @@
+"""TFB: training-free Bayesianization of a trained LoRA (seed method 000).
+
+From a trained pair ``(B, A)`` of every LoRA layer, with the SVD ``B = U diag(d) V^T``: ``B' = U diag(d)``
+(a point estimate) and ``A' = V^T A``, so ``B' A' = B A``; the posterior over ``A'`` is
+``N(A', Omega^2)`` with ``Omega_ij = sigma_q / d_i``. The weight noise ``s B' (A'_sample - A') = s U Z``,
+``Z_ij ~ N(0, sigma_q^2)`` iid, is then isotropic inside the column space of ``B``. One scalar
+``sigma_q`` for all layers is chosen by bisection on an anchor set (:meth:`TFBGuide.search`).
+"""
+
+import math
+import warnings
+
+import pyro.distributions as dist
+import torch
+from tqdm.auto import tqdm
+
+from pyro_lora.sites import check_values
+from pyro_lora.training import to_device
+
+from .base import LoraGuide
+
+CRITERIA = ("nll", "flip", "accuracy")
+DEFAULT_TOLERANCE = {"nll": 0.01, "flip": 0.01, "accuracy": 0.01}
+_METRIC_NAMES = {"nll": "pseudo-label NLL rel. change", "flip": "flip rate", "accuracy": "accuracy drop"}
+
+
+class TFBGuide(LoraGuide):
+    r"""Training-free Bayesian LoRA: ``q(B') = delta(U diag(d))``, ``q(A') = N(V^T A, Omega^2)``, ``Omega_ij = sigma_q / d_i``.
+
+    The SVD is batched over the stacked layer dim of each site pair (``A: [L, r, d_in]``,
+    ``B: [L, d_out, r]``). Singular values below ``min_singular_ratio`` times the largest of their
+    layer are floored to that value in ``Omega`` only (``B'`` keeps them, so ``B'A' = BA`` still holds):
+    those directions get less than the isotropic noise instead of a division blow-up. A layer whose
+    ``B`` is entirely zero (an untrained adapter) gets no weight noise. Both cases warn, naming the layers.
+
+    Example::
+
+        model = LoraModel(net, SequenceClassification(), random="AB")   # net holds the trained adapter
+        guide = TFBGuide(model)                 # or TFBGuide.from_guide(model, trained_guide)
+        guide.search(anchor_loader, criterion="nll", tolerance=0.01)
+        predict(model, guide, test_loader, num_samples=10)
+
+    :param model: a :class:`~pyro_lora.LoraModel` whose random sites pair every ``A`` site with a
+        ``B`` site over the same layers (``random="AB"``).
+    :param dict init: site -> trained value (``site.shape``), e.g. a MAP guide's ``mean()``; sites left
+        out are read from the adapter (``model.adapter_values()``). Default: the adapter itself.
+    :param float sigma_q: initial noise scale (0: the guide is the point estimate).
+    :param float min_singular_ratio: relative floor (in ``(0, 1)``) on the singular values used in ``Omega``.
+    :param str criterion: the last search's criterion; with ``tolerance`` and ``trace`` (a list of
+        dicts) it is what :meth:`config` saves and :func:`pyro_lora.load_guide` restores.
+    :param bool decompose: ``False`` builds zero buffers of the final shapes without an SVD, for
+        ``load_state_dict`` (what :func:`pyro_lora.load_guide` uses).
+    """
+
+    def __init__(self, model, init=None, sigma_q=0.0, min_singular_ratio=1e-3, criterion=None, tolerance=None, trace=None, decompose=True):
+        super().__init__(model)
+        if not 0 < min_singular_ratio < 1:
+            raise ValueError(f"min_singular_ratio must be in (0, 1), got {min_singular_ratio}")
+        self.pairs = _pair_sites(model.sites)
+        self.min_singular_ratio = float(min_singular_ratio)
+        self.criterion = criterion
+        self.tolerance = tolerance
+        self.trace = list(trace or [])
+        self.register_buffer("sigma_q", torch.zeros((), device=model.device))
+        self.set_sigma_q(sigma_q)
+        device = model.device
+        if not decompose:
+            for i, (a, b) in enumerate(self.pairs):
+                shape_a, shape_b = self.sites[a].shape, self.sites[b].shape
+                self.register_buffer(f"a_prime_{i}", torch.zeros(shape_a, device=device))
+                self.register_buffer(f"b_prime_{i}", torch.zeros(shape_b, device=device))
+                self.register_buffer(f"scale_{i}", torch.ones(shape_a[:-1], device=device))
+            return
+        values = model.adapter_values()
+        if init is not None:
+            unknown = sorted(set(init) - set(self.sites))
+            if unknown:
+                raise ValueError(f"init has unknown site(s) {unknown}; the model's sites are {list(self.sites)}")
+            values.update({k: v.detach().to(device, torch.float32) for k, v in init.items()})
+        check_values(self.sites, values, allow_sample_dim=False)
+        flagged = {"small": [], "zero": []}
+        for i, (a, b) in enumerate(self.pairs):
+            a_prime, b_prime, scale, small, zero = _decompose(values[a], values[b], self.min_singular_ratio)
+            self.register_buffer(f"a_prime_{i}", a_prime)
+            self.register_buffer(f"b_prime_{i}", b_prime)
+            self.register_buffer(f"scale_{i}", scale)
+            layers = self.sites[a].layers
+            flagged["small"] += [layers[j] for j in small.reshape(-1).nonzero().flatten().tolist()]
+            flagged["zero"] += [layers[j] for j in zero.reshape(-1).nonzero().flatten().tolist()]
+        if flagged["small"] or flagged["zero"]:
+            warnings.warn(_singular_warning(flagged, self.min_singular_ratio), stacklevel=2)
+
+    @classmethod
+    def from_guide(cls, model, guide, **kwargs):
+        """Bayesianize the posterior mean of a trained ``guide`` (MAP, mean-field, ...).
+
+        ``guide`` may cover fewer sites than ``model`` (a BLoB-style guide with only ``A`` random): the
+        other sites are read from the adapter, where such a guide's point-estimate ``B`` was trained.
+        """
+        mean = {k: v.detach() for k, v in guide.mean().items() if k in model.sites}
+        if not mean:
+            raise ValueError(f"guide {type(guide).__name__} shares no site with the model ({list(model.sites)})")
+        return cls(model, init=mean, **kwargs)
+
+    @property
+    def deterministic(self):
+        return float(self.sigma_q) == 0.0  # sigma_q = 0: the predictive runs one forward
+
+    def set_sigma_q(self, value):
+        """Set the noise scale ``sigma_q >= 0`` (one scalar for all layers)."""
+        value = float(value)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ValueError(f"sigma_q must be a finite number >= 0, got {value}")
+        self.sigma_q.fill_(value)
+
+    def config(self):
+        return {
+            "min_singular_ratio": self.min_singular_ratio,
+            "criterion": self.criterion,
+            "tolerance": self.tolerance,
+            "trace": self.trace,
+            "decompose": False,
+        }
+
+    def extra_parameters(self):
+        return 1  # sigma_q
+
+    def _pair(self, i):
+        return getattr(self, f"a_prime_{i}"), getattr(self, f"b_prime_{i}"), getattr(self, f"scale_{i}")
+
+    def posterior(self):
+        """``B'``: Delta; ``A'``: ``Normal(A', sigma_q / d_i)`` over the site's event (a Delta at ``sigma_q = 0``)."""
+        out = {}
+        for i, (a, b) in enumerate(self.pairs):
+            a_prime, b_prime, scale = self._pair(i)
+            out[b] = dist.Delta(b_prime, event_dim=b_prime.dim())
+            if self.deterministic:
+                out[a] = dist.Delta(a_prime, event_dim=a_prime.dim())
+            else:
+                omega = (self.sigma_q / scale).unsqueeze(-1).expand_as(a_prime)
+                out[a] = dist.Normal(a_prime, omega).to_event(a_prime.dim())
+        return {name: out[name] for name in self.sites}
+
+    def sample(self, num_samples, generator=None, sigma_q=None):
+        """``num_samples`` draws: ``A'_s = A' + (sigma_q / d) * eps``, ``eps ~ N(0, 1)``; ``B'`` expanded.
+
+        :param torch.Generator generator: RNG on the model's device (default: the global one). The same
+            seeded generator gives the same ``eps`` for any ``sigma_q`` (common random numbers).
+        :param float sigma_q: override the guide's ``sigma_q`` for this draw.
+        :returns: site -> ``[S, *site.shape]``.
+        """
+        sigma = self.sigma_q if sigma_q is None else torch.as_tensor(float(sigma_q), device=self.sigma_q.device)
+        out = {}
+        for i, (a, b) in enumerate(self.pairs):
+            a_prime, b_prime, scale = self._pair(i)
+            eps = torch.randn((num_samples, *a_prime.shape), generator=generator, device=a_prime.device, dtype=a_prime.dtype)
+            out[a] = a_prime + (sigma / scale).unsqueeze(-1) * eps
+            out[b] = b_prime.expand(num_samples, *b_prime.shape)
+        return out
+
+    def mean(self):
+        out = {}
+        for i, (a, b) in enumerate(self.pairs):
+            out[a], out[b], _ = self._pair(i)
+        return out
+
+    def search(self, anchors, criterion="nll", tolerance=None, low=1e-3, high=1.5e-2, iterations=5, num_samples=10, seed=0, progress=True):
+        """Set ``sigma_q`` to the largest feasible value found by bisection on ``[low, high]``; return the trace.
+
+        A candidate ``sigma`` is feasible when ``metric(sigma) <= tolerance``, measured on the anchors
+        against the ``sigma = 0`` predictions, with the ``num_samples``-sample predictive (mean of the
+        softmax over samples, all samples in one batched forward):
+
+        - ``"nll"``: relative change of the NLL of the ``sigma = 0`` predicted labels (pseudo-labels),
+          ``(NLL_sigma - NLL_0) / NLL_0``;
+        - ``"flip"``: fraction of anchors whose predicted label differs from the ``sigma = 0`` one;
+        - ``"accuracy"``: drop in labelled accuracy, ``acc_0 - acc_sigma`` (needs ``labels``).
+
+        ``high`` is tried first (feasible: ``sigma_q = high``, with a warning to raise ``high``), then
+        ``low`` (infeasible: ``sigma_q = 0``, the point estimate, with a warning to lower ``low``: ``0`` is
+        the only value known to be feasible); otherwise ``iterations`` linear bisection steps keep a
+        feasible lower and an infeasible upper end, and ``sigma_q`` becomes the lower one, so the
+        next grid point up, ``sigma_q + (high - low) / 2**iterations``, is in the trace as infeasible. The
+        reference TFB code returns the last violating midpoint instead. Every candidate uses the same
+        noise ``eps`` (generator seeded with ``seed``), so the search is deterministic and the metric
+        varies smoothly with ``sigma``. Cost: ``iterations + 3`` passes over the anchors, ``num_samples``
+        forward rows per anchor for each candidate.
+
+        :param anchors: iterable of batches with the likelihood's inputs (``labels`` for ``"accuracy"``),
+            e.g. a loader over a few hundred training examples; it is read once and kept, so a shuffling
+            loader is fine. Likelihoods must give class logits ``[B, C]`` (not token-level ``CausalLM``).
+        :param tolerance: default 0.01 for every criterion.
+        :returns: the trace, a list of ``{"sigma", "metric", "feasible"}`` in evaluation order (also kept in
+            ``self.trace``, with ``criterion`` and ``tolerance``, and saved by :func:`pyro_lora.save_guide`).
+        """
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+        tolerance = DEFAULT_TOLERANCE[criterion] if tolerance is None else float(tolerance)
+        if not tolerance >= 0:
+            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+        if not 0 < low < high:
+            raise ValueError(f"need 0 < low < high, got low={low}, high={high}")
+        if int(iterations) != iterations or iterations < 0 or int(num_samples) != num_samples or num_samples < 1:
+            raise ValueError(f"iterations must be an integer >= 0 and num_samples >= 1, got {iterations}, {num_samples}")
+        batches = list(anchors)
+        if not batches:
+            raise ValueError("search got no anchor batches: the anchor set is empty")
+        net = self.model.net
+        was_training = net.training
+        net.eval()  # no dropout: the only randomness is the weight noise
+        trace = []
+        bar = tqdm(total=iterations + 2, desc="TFB sigma_q search", disable=not progress, dynamic_ncols=True)
+
+        def evaluate(sigma):
+            metric = self._metric(batches, reference, criterion, sigma, int(num_samples), seed)
+            step = {"sigma": float(sigma), "metric": metric, "feasible": metric <= tolerance}
+            trace.append(step)
+            bar.update()
+            if progress:
+                verdict = "feasible" if step["feasible"] else "infeasible"
+                bar.write(f"TFB step {len(trace)}: sigma_q={sigma:.6g}  {_METRIC_NAMES[criterion]}={metric:+.4g} (tolerance {tolerance:.4g})  {verdict}")
+            return step["feasible"]
+
+        try:
+            with torch.no_grad():
+                reference = self._reference(batches, criterion)
+                if evaluate(high):
+                    best, edge = high, f"high={high:g} is already feasible: sigma_q = high; raise `high` to search further"
+                elif not evaluate(low):
+                    best, edge = 0.0, f"low={low:g} is infeasible: sigma_q = 0 (the point estimate); lower `low` or raise the tolerance"
+                else:
+                    lo, hi, edge = low, high, None
+                    for _ in range(int(iterations)):
+                        mid = (lo + hi) / 2
+                        lo, hi = (mid, hi) if evaluate(mid) else (lo, mid)
+                    best = lo
+        finally:
+            bar.close()
+            net.train(was_training)
+        if edge:
+            warnings.warn(f"TFB search: {edge}", stacklevel=2)
+        self.set_sigma_q(best)
+        self.criterion, self.tolerance, self.trace = criterion, tolerance, trace
+        if progress:
+            note = edge or f"largest feasible; next grid point up {hi:.6g} is infeasible"
+            tqdm.write(f"TFB search: sigma_q = {best:.6g} after {len(trace)} candidates ({note})")
+        return trace
+
+    def _logits(self, batch, values=None, num_samples=None):
+        logits = self.model.logits(to_device(batch, self.model.device), self.mean() if values is None else values, num_samples)
+        if logits.dim() != (2 if num_samples is None else 3):
+            raise ValueError(
+                f"TFB search needs per-example class logits [B, C]; {type(self.model.likelihood).__name__} gave shape "
+                f"{tuple(logits.shape)} (use SequenceClassification or MultipleChoice)"
+            )
+        return logits.float()
+
+    def _reference(self, batches, criterion):
+        """The ``sigma = 0`` predictions: pseudo-labels per batch, and the reference NLL or accuracy."""
+        labels, total, count = [], 0.0, 0
+        for batch in batches:
+            logp = torch.log_softmax(self._logits(batch), -1)
+            y0 = logp.argmax(-1)
+            labels.append(y0)
+            count += y0.numel()
+            if criterion == "nll":
+                total += -logp.gather(-1, y0[:, None]).sum().item()
+            elif criterion == "accuracy":
+                total += (y0 == self._labels(batch)).sum().item()
+        return {"labels": labels, "value": total / count, "count": count}
+
+    def _labels(self, batch):
+        return self.model.likelihood.observed(batch).to(self.model.device)
+
+    def _metric(self, batches, reference, criterion, sigma, num_samples, seed):
+        generator = torch.Generator(device=self.model.device).manual_seed(seed)
+        values = self.sample(num_samples, generator=generator, sigma_q=sigma)
+        total = 0.0
+        for batch, y0 in zip(batches, reference["labels"]):
+            logp = torch.log_softmax(self._logits(batch, values, num_samples), -1)
+            log_mean = torch.logsumexp(logp, 0) - math.log(num_samples)  # log of the mean softmax over samples
+            if criterion == "nll":
+                total += -log_mean.gather(-1, y0[:, None]).sum().item()
+            elif criterion == "flip":
+                total += (log_mean.argmax(-1) != y0).sum().item()
+            else:
+                total += (log_mean.argmax(-1) == self._labels(batch)).sum().item()
+        value = total / reference["count"]
+        if criterion == "nll":
+            return (value - reference["value"]) / max(reference["value"], 1e-12)
+        if criterion == "accuracy":
+            return reference["value"] - value
+        return value
+
+
+def bayesianize(model, anchor_loader, init=None, min_singular_ratio=1e-3, **search_kwargs):
+    """Build a :class:`TFBGuide` from the trained adapter of ``model`` and search ``sigma_q`` on the anchors.
+
+    What ``pyro-lora bayesianize`` calls. ``search_kwargs`` go to :meth:`TFBGuide.search`.
+    """
+    guide = TFBGuide(model, init=init, min_singular_ratio=min_singular_ratio)
+    guide.search(anchor_loader, **search_kwargs)
+    return guide
+
+
+def _pair_sites(sites):
+    """``[(A site, B site)]`` over the same layers, in the model's order; every site must be in one pair."""
+    by_layers = {(s.matrix, s.layers): name for name, s in sites.items()}
+    pairs = [(name, by_layers.get(("B", s.layers))) for name, s in sites.items() if s.matrix == "A"]
+    paired = {n for pair in pairs for n in pair}
+    if not pairs or None in paired or paired != set(sites):
+        kinds = {name: s.matrix for name, s in sites.items()}
+        raise ValueError(
+            "TFBGuide needs a model whose random sites include both A and B of every LoRA layer "
+            f"(LoraModel(net, likelihood, random='AB')); got sites {kinds}"
+        )
+    return pairs
+
+
+def _decompose(a, b, ratio):
+    """Batched ``B = U diag(d) V^T``; returns ``A' = V^T A``, ``B' = U diag(d)``, the floored ``d`` and flag masks.
+
+    :param a: ``[*L, r, d_in]``; ``b``: ``[*L, d_out, r]``. The SVD runs in float64; results are float32.
+    :returns: ``A'`` ``[*L, r, d_in]``, ``B'`` ``[*L, d_out, r]``, scale ``[*L, r]``, and per-layer masks
+        ``[*L]`` of layers with floored singular values and of layers whose ``B`` is zero.
+    """
+    u, d, vh = torch.linalg.svd(b.double(), full_matrices=False)
+    a_prime = (vh @ a.double()).float()
+    b_prime = (u * d.unsqueeze(-2)).float()
+    top = d.amax(-1, keepdim=True)
+    floor = ratio * top
+    zero = (top == 0).squeeze(-1)
+    small = (d < floor).any(-1) & ~zero
+    scale = torch.where(top > 0, d.clamp_min(floor), torch.ones_like(d)).float()  # B' = 0: no weight noise anyway
+    return a_prime, b_prime, scale, small, zero
+
+
+def _singular_warning(flagged, ratio):
+    parts = []
+    if flagged["small"]:
+        parts.append(
+            f"singular values of B below {ratio:g} x the layer's largest in {flagged['small']}: floored in Omega, so "
+            "those directions get less than the isotropic weight noise"
+        )
+    if flagged["zero"]:
+        parts.append(f"B is zero in {flagged['zero']} (an untrained adapter?): these layers get no weight noise")
+    return "TFB: " + "; ".join(parts)

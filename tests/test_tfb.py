@@ -1,0 +1,273 @@
+"""TFB guide: the SVD transform, the noise law, the sigma_q search, peft adapters, save/load, bad input."""
+
+import math
+import warnings
+
+import pyro.poutine as poutine
+import pytest
+import torch
+from conftest import random_batch, tiny_bert, tiny_bert_base, tiny_llama
+from peft import LoraConfig, PeftModel, get_peft_model
+from pyro.infer import Trace_ELBO
+from test_training import toy_data
+
+from guides import MAPGuide
+from guides.tfb import TFBGuide, bayesianize
+from pyro_lora import CausalLM, LoraModel, MultipleChoice, SequenceClassification, load_guide, predict, save_guide
+
+
+def products(guide_or_values, model):
+    """Per pair ``B @ A`` (stacked) from site values."""
+    values = guide_or_values if isinstance(guide_or_values, dict) else guide_or_values.mean()
+    pairs = [(n, n.replace("lora_A", "lora_B")) for n, s in model.sites.items() if s.matrix == "A"]
+    return {a: values[b] @ values[a] for a, b in pairs}
+
+
+def mc_anchors(n_batches=3, batch=8):
+    """Toy multiple-choice anchors for tiny_llama: random prompts, 4 answer letters, labels 0."""
+    out = []
+    for i in range(n_batches):
+        b = random_batch(batch=batch, seed=10 + i)
+        out.append(b | {"choice_mask": torch.ones(batch, 4, dtype=torch.bool), "labels": torch.zeros(batch, dtype=torch.long)})
+    return out
+
+
+def mc_model():
+    return LoraModel(tiny_llama(), MultipleChoice(answer_token_ids=[5, 6, 7, 8]), random="AB")
+
+
+class _TwoLinear(torch.nn.Module):
+    """Two 6 -> 5 linear layers: one stacked LoRA pair of shape A [2, 3, 6], B [2, 5, 3]."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([torch.nn.ModuleDict({"lin": torch.nn.Linear(6, 5)}) for _ in range(2)])
+
+
+def tiny_layer_model(b_values):
+    """A LoraModel over :class:`_TwoLinear` (r=3, s=2) whose B matrices are set to ``b_values`` ``[2, 5, 3]``."""
+    torch.manual_seed(0)
+    net = get_peft_model(_TwoLinear(), LoraConfig(r=3, lora_alpha=6, target_modules=["lin"]))
+    model = LoraModel(net, SequenceClassification(), random="AB")
+    values = model.adapter_values()
+    values["lin.lora_B"] = b_values
+    model.write_adapter(values)
+    return model
+
+
+def with_singular_values(d, seed=0):
+    """A 5 x 3 matrix ``U diag(d) V^T`` with random orthonormal ``U``, ``V``."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(5, 3, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(3, 3, generator=g))
+    return u @ torch.diag(torch.tensor(d)) @ v.T
+
+
+@pytest.mark.parametrize("group", ["kind", "matrix"])
+def test_transform_keeps_the_product_and_orthogonal_columns(group):
+    model = LoraModel(tiny_llama(), CausalLM(), random="AB", group=group)
+    before = products(model.adapter_values(), model)
+    guide = TFBGuide(model)
+    after = products(guide, model)
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], rtol=1e-5, atol=1e-6)
+    for name, site in model.sites.items():
+        if site.matrix == "B":
+            b = guide.mean()[name]
+            gram = b.transpose(-1, -2) @ b  # U diag(d): columns orthogonal, norms d^2
+            torch.testing.assert_close(gram, torch.diag_embed(torch.diagonal(gram, dim1=-2, dim2=-1)), atol=1e-6, rtol=0)
+
+
+def test_weight_noise_covariance_is_isotropic_in_column_space_of_b():
+    # singular values spread over two orders of magnitude: Omega = sigma_q / d must undo them
+    b = torch.stack([with_singular_values([1.0, 0.1, 0.01]), with_singular_values([0.5, 0.4, 0.2], seed=1)])
+    model = tiny_layer_model(b)
+    sigma, s, n = 0.05, 2.0, 100_000
+    guide = TFBGuide(model, sigma_q=sigma)
+    a_prime, b_prime = guide.mean()["lin.lora_A"], guide.mean()["lin.lora_B"]
+    torch.manual_seed(0)
+    draws = guide.sample(n)
+    dw = s * (draws["lin.lora_B"] @ draws["lin.lora_A"] - b_prime @ a_prime)  # [S, L, d_out, d_in]
+    cov = torch.einsum("slij,slkj->ljik", dw, dw) / n  # per layer and column: [L, d_in, d_out, d_out]
+    u = torch.linalg.svd(b, full_matrices=False)[0]
+    expected = (s * sigma) ** 2 * (u @ u.transpose(-1, -2))
+    assert (cov - expected.unsqueeze(1)).abs().max() < 0.03 * (s * sigma) ** 2
+    assert dw.mean(0).abs().max() < 0.02 * s * sigma
+
+
+def test_sigma_zero_reproduces_map_and_pyro_guide_path():
+    model = LoraModel(tiny_bert(), SequenceClassification(), random="AB")
+    batch = random_batch() | {"labels": torch.tensor([0, 1, 2])}
+    map_logits = model.logits(batch, MAPGuide(model).mean())
+    guide = TFBGuide(model)
+    assert guide.deterministic and float(guide.sigma_q) == 0
+    torch.testing.assert_close(model.logits(batch, guide.sample(3), 3), map_logits.expand(3, -1, -1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(predict(model, guide, [batch]).probs, torch.softmax(map_logits, -1), rtol=1e-5, atol=1e-6)
+    guide.set_sigma_q(0.5)
+    assert not guide.deterministic
+    noisy = model.logits(batch, guide.sample(3), 3)
+    assert not torch.allclose(noisy[0], map_logits, atol=1e-3)
+    # a real Pyro guide: sites with the model's names and shapes, a finite ELBO
+    trace = poutine.trace(guide).get_trace(batch)
+    for name, site in model.sites.items():
+        assert trace.nodes[name]["value"].shape == site.shape
+    assert torch.isfinite(Trace_ELBO().differentiable_loss(model, guide, batch))
+    with pytest.raises(ValueError, match="sigma_q must be"):
+        guide.set_sigma_q(-1.0)
+
+
+def manual_metric(guide, model, anchors, sigma, num_samples, seed):
+    """Pseudo-label NLL relative change, computed without the guide's search code."""
+    g = torch.Generator().manual_seed(seed)
+    values = guide.sample(num_samples, generator=g, sigma_q=sigma)
+    ref, noisy = [], []
+    for batch in anchors:
+        p0 = torch.softmax(model.logits(batch, guide.mean()), -1)
+        p = torch.softmax(model.logits(batch, values, num_samples), -1).mean(0)
+        y0 = p0.argmax(-1)
+        ref.append(-p0.gather(1, y0[:, None]).log())
+        noisy.append(-p.gather(1, y0[:, None]).log())
+    nll0, nll = torch.cat(ref).mean(), torch.cat(noisy).mean()
+    return float((nll - nll0) / nll0)
+
+
+def test_search_returns_largest_feasible_and_next_grid_point_is_infeasible():
+    model, anchors = mc_model(), mc_anchors(n_batches=2)
+    guide = TFBGuide(model)
+    low, high, iterations, tol = 0.002, 0.2, 3, 0.02
+    trace = guide.search(anchors, criterion="nll", tolerance=tol, low=low, high=high, iterations=iterations, num_samples=4, progress=False)
+    best = max(t["sigma"] for t in trace if t["feasible"])
+    assert len(trace) == iterations + 2 and low <= best < high
+    assert float(guide.sigma_q) == pytest.approx(best, rel=1e-6)  # a float32 buffer
+    step = (high - low) / 2**iterations
+    above = [t for t in trace if math.isclose(t["sigma"], best + step)]
+    assert len(above) == 1 and not above[0]["feasible"]
+    # recomputed independently: best within tolerance, the next grid point up beyond it
+    assert manual_metric(guide, model, anchors, best, 4, 0) <= tol < manual_metric(guide, model, anchors, best + step, 4, 0)
+    match = [t for t in trace if t["sigma"] == best][0]
+    assert math.isclose(match["metric"], manual_metric(guide, model, anchors, best, 4, 0), rel_tol=1e-3, abs_tol=1e-5)
+    assert (guide.criterion, guide.tolerance, guide.trace) == ("nll", tol, trace)
+    # deterministic under the seed; another seed draws other noise
+    again = TFBGuide(model).search(anchors, criterion="nll", tolerance=tol, low=low, high=high, iterations=iterations, num_samples=4, progress=False)
+    assert again == trace
+    other = TFBGuide(model).search(anchors, criterion="nll", tolerance=tol, low=low, high=high, iterations=0, num_samples=4, seed=1, progress=False)
+    assert [t["metric"] for t in other] != [t["metric"] for t in trace[:2]]
+
+
+def test_search_edges_flip_and_accuracy(capsys):
+    model, anchors = mc_model(), mc_anchors(n_batches=2)
+    guide = TFBGuide(model)
+    with pytest.warns(UserWarning, match="already feasible"):
+        trace = guide.search(anchors, criterion="flip", tolerance=0.5, low=1e-4, high=1e-3, num_samples=2, progress=True)
+    assert float(guide.sigma_q) == pytest.approx(1e-3) and len(trace) == 1
+    printed = capsys.readouterr()
+    assert "TFB step 1: sigma_q=0.001" in printed.out + printed.err
+    assert "TFB search: sigma_q = 0.001" in printed.out + printed.err
+    with pytest.warns(UserWarning, match="low=1 is infeasible"):
+        guide.search(anchors, criterion="flip", tolerance=0.0, low=1.0, high=2.0, num_samples=2, progress=False)
+    assert float(guide.sigma_q) == 0 and guide.deterministic
+    # labels = the sigma = 0 predictions: the accuracy drop is the flip rate
+    labelled = [b | {"labels": model.logits(b).argmax(-1)} for b in anchors]
+    kw = dict(tolerance=0.1, low=1e-3, high=1.0, iterations=2, num_samples=2, progress=False)
+    accuracy = guide.search(labelled, criterion="accuracy", **kw)
+    assert all(t["feasible"] == (t["metric"] <= 0.1) for t in accuracy) and float(guide.sigma_q) < 1.0
+    assert accuracy == guide.search(labelled, criterion="flip", **kw)
+
+
+def test_peft_saved_adapter_loads_and_bayesianizes(tmp_path):
+    net = tiny_bert(num_labels=2)
+    ref_model = LoraModel(net, SequenceClassification(), random="AB")
+    expected = products(ref_model.adapter_values(), ref_model)
+    net.save_pretrained(tmp_path / "adapter")
+    reloaded = PeftModel.from_pretrained(tiny_bert_base(num_labels=2), tmp_path / "adapter").eval()
+    model = LoraModel(reloaded, SequenceClassification(), random="AB")
+    data = toy_data(n=16)
+    guide = bayesianize(model, data, criterion="flip", tolerance=0.1, low=0.5, high=40.0, iterations=2, num_samples=2, progress=False)
+    assert isinstance(guide, TFBGuide) and 0 < float(guide.sigma_q) < 40.0
+    for name, ba in products(guide, model).items():
+        torch.testing.assert_close(ba, expected[name], rtol=1e-5, atol=1e-6)
+    batch = data[0]
+    torch.testing.assert_close(model.logits(batch, guide.mean()), net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_from_map_export_and_from_a_only_guide():
+    net = tiny_bert(num_labels=2)
+    model_a = LoraModel(net, SequenceClassification(), random="A")
+    guide_a = MAPGuide(model_a, init={k: v + 0.3 for k, v in model_a.adapter_values().items()})  # BLoB-like: only A
+    model = LoraModel(net, SequenceClassification(), random="AB")
+    tfb = TFBGuide.from_guide(model, guide_a)
+    b = model.adapter_values()
+    for name, ba in products(tfb, model).items():
+        torch.testing.assert_close(ba, b[name.replace("lora_A", "lora_B")] @ guide_a.mean()[name], rtol=1e-5, atol=1e-6)
+    # MAP exported into the adapter, then the default constructor reads it
+    map_guide = MAPGuide(model, init={k: v * 1.5 for k, v in model.adapter_values().items()})
+    model.write_adapter(map_guide.mean())
+    for name, ba in products(TFBGuide(model), model).items():
+        torch.testing.assert_close(ba, products(map_guide, model)[name], rtol=1e-5, atol=1e-6)
+
+
+def test_save_load_round_trip(tmp_path):
+    model, anchors = mc_model(), mc_anchors(n_batches=2)
+    guide = TFBGuide(model)
+    guide.search(anchors, criterion="flip", tolerance=0.2, low=1e-3, high=0.3, iterations=2, num_samples=2, progress=False)
+    save_guide(guide, tmp_path / "tfb")
+    fresh = mc_model()
+    with torch.no_grad():  # an untrained adapter: loading must not decompose (nor warn about) it
+        for n, p in fresh.net.named_parameters():
+            if "lora_B" in n:
+                p.zero_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_guide(tmp_path / "tfb", fresh)
+    assert type(loaded) is TFBGuide
+    assert float(loaded.sigma_q) == float(guide.sigma_q) > 0
+    assert (loaded.criterion, loaded.tolerance, loaded.trace) == (guide.criterion, guide.tolerance, guide.trace)
+    for k, v in guide.mean().items():
+        torch.testing.assert_close(loaded.mean()[k], v)
+    draw = lambda g: g.sample(3, generator=torch.Generator().manual_seed(5))  # noqa: E731
+    for k, v in draw(guide).items():
+        torch.testing.assert_close(draw(loaded)[k], v)
+
+
+def test_near_zero_singular_values_warn_and_stay_finite():
+    rank_deficient = with_singular_values([1.0, 0.3, 0.0])
+    model = tiny_layer_model(torch.stack([rank_deficient, torch.zeros(5, 3)]))
+    before = products(model.adapter_values(), model)["lin.lora_A"]
+    with pytest.warns(UserWarning, match=r"below 0.001 x .*blocks\.0\.lin.*B is zero in .*blocks\.1\.lin"):
+        guide = TFBGuide(model, sigma_q=0.05)
+    torch.testing.assert_close(products(guide, model)["lin.lora_A"], before, rtol=1e-5, atol=1e-6)
+    draws = guide.sample(2000)
+    noise = draws["lin.lora_B"] @ (draws["lin.lora_A"] - guide.mean()["lin.lora_A"])
+    assert torch.isfinite(draws["lin.lora_A"]).all()
+    assert noise[:, 1].abs().max() == 0  # B = 0: no weight noise
+    assert noise[:, 0].std() < 2 * 0.05  # floored direction: no blow-up, at most isotropic
+    # a well-conditioned B does not warn
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        TFBGuide(tiny_layer_model(torch.stack([with_singular_values([1.0, 0.5, 0.2])] * 2)))
+
+
+def test_bad_inputs_have_clear_errors():
+    for random in ("A", "B", "R"):
+        with pytest.raises(ValueError, match="both A and B"):
+            TFBGuide(LoraModel(tiny_bert(), SequenceClassification(), random=random))
+    model = LoraModel(tiny_bert(), SequenceClassification(), random="AB")
+    with pytest.raises(ValueError, match="unknown site"):
+        TFBGuide(model, init={"nope": torch.zeros(1)})
+    bad = model.adapter_values()
+    bad["query.lora_B"][0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        TFBGuide(model, init=bad)
+    with pytest.raises(ValueError, match="min_singular_ratio"):
+        TFBGuide(model, min_singular_ratio=0.0)
+    guide = TFBGuide(model)
+    anchors = toy_data(n=8)
+    with pytest.raises(ValueError, match="criterion must be"):
+        guide.search(anchors, criterion="ece", progress=False)
+    with pytest.raises(ValueError, match="0 < low < high"):
+        guide.search(anchors, low=0.1, high=0.01, progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        guide.search([], progress=False)
+    lm = LoraModel(tiny_llama(), CausalLM(), random="AB")
+    with pytest.raises(ValueError, match="per-example class logits"):
+        TFBGuide(lm).search([random_batch()], progress=False)
