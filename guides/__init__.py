@@ -5,8 +5,9 @@ Every guide is a Pyro guide with the model's site names, plus the fast path ``sa
 
 from .base import LoraGuide
 from .flow import FlowGuide
+from .laplace import LaplaceGuide
 from .map import MAPGuide
 from .meanfield import MeanFieldGuide
 from .tfb import TFBGuide, bayesianize
 
-__all__ = ["FlowGuide", "LoraGuide", "MAPGuide", "MeanFieldGuide", "TFBGuide", "bayesianize"]
+__all__ = ["FlowGuide", "LaplaceGuide", "LoraGuide", "MAPGuide", "MeanFieldGuide", "TFBGuide", "bayesianize"]

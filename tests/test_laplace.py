@@ -1,0 +1,425 @@
+"""KFAC Laplace guide: factors against dense Fisher / GGN, evidence, GLM predictive, sampling, save/load."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import random_batch, tiny_bert, tiny_llama
+from peft import LoraConfig, get_peft_model
+from pyro import poutine
+from pyro.infer import Trace_ELBO
+
+from guides.laplace import LaplaceGuide
+from pyro_lora import load_guide, predict, save_guide
+from pyro_lora.likelihoods import CausalLM, MultipleChoice, SequenceClassification
+from pyro_lora.model import LoraModel
+
+# ---------------------------------------------------------------- tiny networks and data
+
+
+class _MLP(torch.nn.Module):
+    """logits = fc2(tanh(fc1(x))): one token per example, so KFAC is exact for a single example."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(6, 5)
+        self.fc2 = torch.nn.Linear(5, 3)
+
+    def forward(self, input_ids, attention_mask=None):
+        return SimpleNamespace(logits=self.fc2(torch.tanh(self.fc1(input_ids))))
+
+
+def mlp_model(seed=0):
+    torch.manual_seed(seed)
+    net = get_peft_model(_MLP(), LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"]))
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    return LoraModel(net.eval(), SequenceClassification())
+
+
+def mlp_data(n=4, batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+    return [{"input_ids": x[i : i + batch], "labels": y[i : i + batch]} for i in range(0, n, batch)]
+
+
+def bert_model(num_labels=3):
+    return LoraModel(tiny_bert(r=2, num_labels=num_labels), SequenceClassification())
+
+
+def bert_data(lengths=(7, 5, 4), seed=2, num_labels=3):
+    """One right-padded batch of sequences of the given lengths."""
+    g = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    mask = (torch.arange(t)[None] < torch.tensor(lengths)[:, None]).long()
+    ids = torch.randint(1, 64, (len(lengths), t), generator=g) * mask
+    return [{"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, num_labels, (len(lengths),), generator=g)}]
+
+
+def llama_mc():
+    model = LoraModel(tiny_llama(r=2), MultipleChoice(answer_token_ids=[5, 6, 7, 8]))
+    b = random_batch(left_pad=2)
+    b["choice_mask"] = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
+    b["labels"] = torch.tensor([2, 3, 0])
+    return model, [b]
+
+
+# ---------------------------------------------------------------- dense references
+
+
+def dense_factors(f):
+    """The fitted Kronecker factors of one site as dense matrices: E ``[L, r, r]``, Lambda ``[L, D, D]``."""
+    e = f.small_vecs @ torch.diag_embed(f.small_vals) @ f.small_vecs.mT
+    u = f.large_vecs
+    lam = u @ torch.diag_embed(f.large_vals) @ u.mT + f.large_rest[:, None, None] * (torch.eye(u.shape[-2]) - u @ u.mT)
+    return e, lam
+
+
+def site_kron(f, small, large):
+    """``[L, P, P]`` Kronecker products in the site's own row-major order (B sites are stored transposed)."""
+    k = torch.stack([torch.kron(s, l) for s, l in zip(small, large)])
+    if f.transposed:
+        r, d = small.shape[-1], large.shape[-1]
+        perm = torch.arange(r * d).reshape(r, d).T.reshape(-1)
+        k = k[:, perm][:, :, perm]
+    return k
+
+
+def dense_fisher(guide):
+    """Site -> ``[L, P, P]``: the KFAC Fisher ``E (x) Lambda`` of every LoRA matrix."""
+    return {name: site_kron(f, *dense_factors(f)) for name, f in zip(guide.sites, guide.factors)}
+
+
+def dense_precision(guide):
+    """The whole posterior precision, block-diagonal over matrices, in site / layer / row-major order."""
+    blocks = []
+    for f, fisher in zip(guide.factors, dense_fisher(guide).values()):
+        blocks += [b + lam * torch.eye(b.shape[0]) for b, lam in zip(fisher, f.prior_precision)]
+    return torch.block_diag(*blocks)
+
+
+def jacobian(model, guide, batch):
+    """Logits ``[N, C]`` at the posterior mean and their Jacobian ``[N, C, P]`` w.r.t. all site values."""
+    values = {k: v.detach().clone().requires_grad_() for k, v in guide.mean().items()}
+    logits = model.logits(batch, values)
+    n, c = logits.shape
+    rows = [
+        torch.cat([g.reshape(-1) for g in torch.autograd.grad(logits[i, j], list(values.values()), retain_graph=True)])
+        for i in range(n)
+        for j in range(c)
+    ]
+    return logits.detach(), torch.stack(rows).reshape(n, c, -1)
+
+
+def dense_ggn(model, guide, data):
+    """``sum_n J_n^T (diag p_n - p_n p_n^T) J_n``: the exact Fisher of the whole LoRA parameter vector."""
+    total = 0
+    for batch in data:
+        logits, jac = jacobian(model, guide, batch)
+        p = torch.softmax(logits, -1).nan_to_num()
+        h = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        total = total + torch.einsum("ncp,ncd,ndq->pq", jac, h, jac)
+    return total
+
+
+def site_blocks(guide, matrix):
+    """Split a ``[P, P]`` matrix into its diagonal blocks: site -> ``[L, P_l, P_l]``."""
+    out, start = {}, 0
+    for name, f in zip(guide.sites, guide.factors):
+        layers = f.prior_precision.numel()
+        size = f.loc.numel() // layers
+        blocks = [slice(start + i * size, start + (i + 1) * size) for i in range(layers)]
+        out[name] = torch.stack([matrix[b, b] for b in blocks])
+        start += f.loc.numel()
+    return out
+
+
+def flat_norms(guide):
+    return torch.cat([f.loc.reshape(f.prior_precision.numel(), -1).pow(2).sum(-1) for f in guide.factors])
+
+
+def dense_evidence(model, guide, data):
+    loglik = sum(
+        torch.log_softmax(model.logits(b, guide.mean()), -1).gather(1, b["labels"][:, None]).sum() for b in data
+    )
+    lam = torch.cat([f.prior_precision for f in guide.factors])
+    sizes = torch.tensor([f.loc.numel() // f.prior_precision.numel() for f in guide.factors for _ in f.prior_precision])
+    logdet = torch.linalg.slogdet(dense_precision(guide).double())[1]
+    return loglik - 0.5 * (logdet - (sizes * lam.log()).sum() + (lam * flat_norms(guide)).sum())
+
+
+# ---------------------------------------------------------------- KFAC factors
+
+
+def test_kfac_equals_exact_ggn_for_one_example():
+    model = mlp_model()
+    data = mlp_data(n=1, batch=1)
+    guide = LaplaceGuide(model, fisher="exact").fit(data, progress=False)
+    ggn = site_blocks(guide, dense_ggn(model, guide, data))
+    for name, kfac in dense_fisher(guide).items():
+        torch.testing.assert_close(kfac, ggn[name], rtol=1e-4, atol=1e-6)
+        assert ggn[name].abs().max() > 1e-3
+
+
+def test_one_token_bert_kfac_equals_exact_ggn():
+    model = bert_model()
+    data = bert_data(lengths=(1,))
+    guide = LaplaceGuide(model, fisher="exact", rank=32).fit(data, progress=False)
+    ggn = site_blocks(guide, dense_ggn(model, guide, data))
+    for name, kfac in dense_fisher(guide).items():
+        torch.testing.assert_close(kfac, ggn[name], rtol=1e-3, atol=1e-5)
+
+
+def test_kfac_sums_gradients_and_averages_activations_over_examples_and_batches():
+    model = mlp_model()
+    data = mlp_data(n=4, batch=2)
+    whole = LaplaceGuide(model, fisher="exact").fit(data, progress=False)
+    singles = [LaplaceGuide(model, fisher="exact").fit(mlp_data(n=4, batch=1)[i : i + 1], progress=False) for i in range(4)]
+    for i, (name, f) in enumerate(zip(whole.sites, whole.factors)):
+        parts = [dense_factors(s.factors[i]) for s in singles]
+        small, large = (torch.stack(p).sum(0) for p in zip(*parts))
+        # one example: the activation side is exactly a a^T; the total averages it and sums the gradient side
+        small, large = (small / 4, large) if f.transposed else (small, large / 4)
+        torch.testing.assert_close(dense_fisher(whole)[name], site_kron(f, small, large), rtol=1e-4, atol=1e-6)
+    assert whole.num_data == 4
+
+
+def test_mc_fisher_is_unbiased():
+    model = mlp_model()
+    one = mlp_data(n=1, batch=1)[0]
+    many = [{"input_ids": one["input_ids"].expand(4000, -1), "labels": one["labels"].expand(4000)}]
+    exact = dense_fisher(LaplaceGuide(model, fisher="exact").fit([one], progress=False))
+    mc = dense_fisher(LaplaceGuide(model, fisher="mc").fit(many, progress=False))
+    for name in exact:
+        err = (mc[name] / 4000 - exact[name]).norm() / exact[name].norm()
+        assert err < 0.1, (name, err)
+
+
+@pytest.mark.parametrize("kfac", ["reduce", "expand"])
+def test_padding_does_not_change_the_factors(kfac):
+    model = bert_model()
+    padded = bert_data(lengths=(7, 5, 4))
+    b = padded[0]
+    alone = [{k: v[i : i + 1, : n] if v.dim() == 2 else v[i : i + 1] for k, v in b.items()} for i, n in enumerate((7, 5, 4))]
+    one = LaplaceGuide(model, fisher="exact", rank=32, kfac=kfac).fit(padded, progress=False)
+    split = LaplaceGuide(model, fisher="exact", rank=32, kfac=kfac).fit(alone, progress=False)
+    for name, f in dense_fisher(one).items():
+        torch.testing.assert_close(f, dense_fisher(split)[name], rtol=1e-4, atol=1e-6)
+
+
+def test_reduce_and_expand_differ_on_sequences_and_agree_on_one_token():
+    model = mlp_model()
+    data = mlp_data()
+    a, b = (dense_fisher(LaplaceGuide(model, fisher="exact", kfac=k).fit(data, progress=False)) for k in ("reduce", "expand"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name])
+    model = bert_model()
+    a, b = (
+        dense_fisher(LaplaceGuide(model, fisher="exact", rank=32, kfac=k).fit(bert_data(), progress=False))
+        for k in ("reduce", "expand")
+    )
+    assert all((a[n] - b[n]).norm() > 1e-3 * a[n].norm() for n in a)
+
+
+def test_low_rank_factor_converges_to_the_full_one():
+    model = bert_model()
+    data = bert_data(lengths=(7, 7, 6, 5, 3, 2))
+    # reference for the A sites' D side: mean over sequences of (mean token input)(...)^T, from plain hooks
+    inputs = {}
+    hooks = [layer.register_forward_hook(lambda m, a, o, p=p: inputs.__setitem__(p, a[0])) for p, layer in model.layers.items()]
+    model.logits(data[0], model.adapter_values())
+    for h in hooks:
+        h.remove()
+    mask = data[0]["attention_mask"][..., None].float()
+    errors = {}
+    for rank in (1, 3, 8, 32):
+        guide = LaplaceGuide(model, fisher="exact", rank=rank).fit(data, progress=False)
+        for name, f in zip(guide.sites, guide.factors):
+            if f.transposed:
+                continue
+            x = torch.stack([(inputs[p] * mask).sum(1) / mask.sum(1) for p in model.sites[name].layers])
+            reference = x.mT @ x / x.shape[1]
+            large = dense_factors(f)[1]
+            torch.testing.assert_close(large.diagonal(dim1=-2, dim2=-1).sum(-1), reference.diagonal(dim1=-2, dim2=-1).sum(-1))
+            errors.setdefault(name, []).append(float((large - reference).norm() / reference.norm()))
+    for name, errs in errors.items():
+        assert errs[0] > errs[1] > errs[2] > errs[3], (name, errs)
+        assert errs[3] < 1e-4
+
+
+# ---------------------------------------------------------------- evidence and prior precision
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_evidence_matches_dense_and_increases_during_optimisation(per_layer):
+    model = bert_model()
+    data = bert_data()
+    guide = LaplaceGuide(model, rank=3, prior_precision={"query.lora_A": [0.5, 2.0]}).fit(data, progress=False)
+    assert guide.prior_precision["query.lora_A"].tolist() == [0.5, 2.0]
+    assert guide.prior_precision["value.lora_B"].tolist() == [1, 1]
+    dense = dense_evidence(model, guide, data)
+    torch.testing.assert_close(guide.log_marginal_likelihood().double(), dense, rtol=1e-4, atol=1e-3)
+    history = guide.optimize_prior_precision("marglik", per_layer=per_layer)
+    assert all(b >= a - 1e-6 * abs(a) for a, b in zip(history, history[1:]))
+    assert history[-1] > history[0] + 1.0
+    best = guide.log_marginal_likelihood()
+    torch.testing.assert_close(best.double(), dense_evidence(model, guide, data), rtol=1e-4, atol=1e-3)
+    lam = {k: v.clone() for k, v in guide.prior_precision.items()}
+    assert (len({round(float(x), 6) for v in lam.values() for x in v}) > 1) == per_layer
+    for factor in (0.95, 1.05):  # a maximum: moving any lambda lowers the evidence
+        assert guide.log_marginal_likelihood({k: v * factor for k, v in lam.items()}) < best
+        if per_layer:
+            one = dict(lam, **{"value.lora_B": lam["value.lora_B"] * torch.tensor([factor, 1.0])})
+            assert guide.log_marginal_likelihood(one) < best
+    assert guide.log_marginal_likelihood(5.0) != best  # evaluating elsewhere does not change lambda
+    assert guide.log_marginal_likelihood() == best
+
+
+def test_val_nll_grid_picks_the_best_value():
+    model = bert_model()
+    guide = LaplaceGuide(model).fit(bert_data(), progress=False)
+    val = bert_data(lengths=(6, 6, 3, 5), seed=5)
+    grid = [0.01, 1.0, 100.0]
+    for predictive in ("glm", "samples"):
+        nlls = guide.optimize_prior_precision("val_nll", val_loader=val, grid=grid, predictive=predictive, num_samples=4)
+        assert len(nlls) == 3
+        assert guide.prior_precision["query.lora_A"][0].item() == pytest.approx(grid[min(range(3), key=nlls.__getitem__)])
+    guide.set_prior_precision(1.0)
+    probit = guide.predict_glm(val)
+    nll = -probit.probs.gather(1, probit.labels[:, None]).log().mean()
+    assert guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1.0])[0] == pytest.approx(float(nll), rel=1e-5)
+
+
+# ---------------------------------------------------------------- predictive and posterior
+
+
+@pytest.mark.parametrize("net", ["bert", "llama_mc"])
+def test_glm_covariance_matches_dense(net):
+    model, data = (bert_model(), bert_data()) if net == "bert" else llama_mc()
+    guide = LaplaceGuide(model, fisher="exact", rank=3).fit(data, progress=False)
+    guide.set_prior_precision({n: torch.linspace(1e-3, 3e-3, f.prior_precision.numel()) for n, f in zip(guide.sites, guide.factors)})
+    batch = data[0]
+    logits, jac = jacobian(model, guide, batch)
+    cov = torch.einsum("ncp,pq,ndq->ncd", jac, torch.linalg.inv(dense_precision(guide).double()).float(), jac)
+    mean, glm_cov = guide.glm_logits(batch)
+    torch.testing.assert_close(mean, logits)
+    torch.testing.assert_close(glm_cov, cov, rtol=1e-3, atol=1e-6)
+    assert cov.diagonal(dim1=-2, dim2=-1).max() > 1e-3
+    probs = guide.predict_glm(data).probs
+    expected = torch.softmax(logits / (1 + math.pi / 8 * cov.diagonal(dim1=-2, dim2=-1)).sqrt(), -1)
+    torch.testing.assert_close(probs, expected, rtol=1e-4, atol=1e-6)
+    mc = guide.predict_glm(data, link="mc", num_samples=20000, keep_samples=True)
+    assert mc.sample_probs.shape == (20000, *probs.shape)
+    eye = torch.eye(cov.shape[-1])
+    noise = torch.distributions.MultivariateNormal(torch.zeros(cov.shape[-1]), cov + 1e-8 * eye).sample((20000,))
+    torch.testing.assert_close(mc.probs, torch.softmax(logits + noise, -1).mean(0), rtol=0, atol=0.015)
+    if net == "llama_mc":  # missing choices keep probability zero
+        assert probs[0, 3] == 0 and probs[2, 2:].sum() == 0 and mc.probs[2, 2:].sum() == 0
+
+
+def test_samples_and_log_prob_have_the_posterior_covariance():
+    model = mlp_model()
+    # rank 3 < D on three of the four sites: the low-rank part and the remainder both carry mass
+    guide = LaplaceGuide(model, fisher="exact", rank=3, prior_precision=0.01).fit(mlp_data(), progress=False)
+    precision = dense_precision(guide).double()
+    cov = torch.linalg.inv(precision)
+    samples = guide.sample(40000)
+    flat = torch.cat([v.reshape(40000, -1) for v in samples.values()], 1).double()
+    mean = torch.cat([v.reshape(-1) for v in guide.mean().values()]).double()
+    # whitened by the dense precision (P = R R^T), the samples must be N(0, I)
+    white = (flat - mean) @ torch.linalg.cholesky(precision)
+    assert (torch.cov(white.T) - torch.eye(white.shape[1])).norm() / white.shape[1] ** 0.5 < 0.05
+    assert white.mean(0).abs().max() < 0.03
+    assert torch.linalg.eigvalsh(precision).max() > 100 * torch.linalg.eigvalsh(precision).min()  # not isotropic
+    start = 0
+    for name, d in guide.posterior().items():
+        size = d.loc.numel()
+        block = cov[start : start + size, start : start + size]
+        torch.testing.assert_close(d.variance.reshape(-1).double(), block.diagonal(), rtol=1e-4, atol=1e-7)
+        block_precision = precision[start : start + size, start : start + size]
+        block_precision = (block_precision + block_precision.T) / 2
+        mvn = torch.distributions.MultivariateNormal(d.loc.reshape(-1).double(), precision_matrix=block_precision)
+        x = samples[name][:5]
+        torch.testing.assert_close(d.log_prob(x).double(), mvn.log_prob(x.reshape(5, -1).double()), rtol=1e-4, atol=1e-3)
+        start += size
+
+
+def test_is_a_pyro_guide_and_works_with_the_batched_predictive():
+    model = bert_model()
+    model.num_data = 3
+    data = bert_data()
+    guide = LaplaceGuide(model).fit(data, progress=False)
+    trace = poutine.trace(guide).get_trace(data[0])
+    assert {n: tuple(s["value"].shape) for n, s in trace.nodes.items() if s["type"] == "sample"} == {
+        n: s.shape for n, s in model.sites.items()
+    }
+    assert math.isfinite(Trace_ELBO().loss(model, guide, data[0]))
+    pred = predict(model, guide, data, num_samples=5, keep_samples=True)
+    assert pred.sample_probs.shape == (5, 3, 3) and pred.sample_probs.std(0).max() > 0
+    mean = predict(model, guide, data, mean=True).probs
+    torch.testing.assert_close(mean, predict(model, None, data).probs)
+    factor_buffers = [b for n, b in guide.named_buffers() if n.startswith("factors") and not n.endswith(".loc")]
+    assert guide.extra_parameters() == sum(b.numel() for b in factor_buffers)
+
+
+def test_save_load_round_trip(tmp_path):
+    model = bert_model()
+    data = bert_data()
+    guide = LaplaceGuide(model, fisher="exact", rank=3, kfac="expand").fit(data, progress=False)
+    guide.optimize_prior_precision("marglik", per_layer=True)
+    save_guide(guide, tmp_path / "laplace")
+    fresh = bert_model()
+    loaded = load_guide(tmp_path / "laplace", fresh)
+    assert type(loaded) is LaplaceGuide and loaded.config() == guide.config()
+    for (k, v), w in zip(guide.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(v, w), k
+    assert loaded.log_marginal_likelihood() == guide.log_marginal_likelihood()
+    torch.manual_seed(3)
+    a = guide.sample(2)
+    torch.manual_seed(3)
+    b = loaded.sample(2)
+    for k in a:
+        assert torch.equal(a[k], b[k])
+    torch.testing.assert_close(loaded.glm_logits(data[0])[1], guide.glm_logits(data[0])[1])
+
+
+def test_clear_errors():
+    model = bert_model()
+    data = bert_data()
+    guide = LaplaceGuide(model)
+    for call in (lambda: guide.sample(2), guide.mean, guide.log_marginal_likelihood, lambda: guide.predict_glm(data)):
+        with pytest.raises(ValueError, match="call fit"):
+            call()
+    with pytest.raises(ValueError, match="fisher"):
+        LaplaceGuide(model, fisher="kfac")
+    with pytest.raises(ValueError, match="kfac"):
+        LaplaceGuide(model, kfac="mean")
+    with pytest.raises(ValueError, match="rank"):
+        LaplaceGuide(model, rank=0)
+    with pytest.raises(ValueError, match="positive"):
+        LaplaceGuide(model, prior_precision=-1.0)
+    with pytest.raises(ValueError, match="unknown site"):
+        LaplaceGuide(model, prior_precision={"key.lora_A": 1.0})
+    with pytest.raises(ValueError, match="1 or 2 values"):
+        LaplaceGuide(model, prior_precision={"query.lora_A": [1.0, 2.0, 3.0]})
+    with pytest.raises(ValueError, match="class-level logits"):
+        LaplaceGuide(LoraModel(tiny_llama(), CausalLM()))
+    with pytest.raises(ValueError, match="LoRA-XS"):
+        LaplaceGuide(LoraModel(tiny_bert(), SequenceClassification(), random="R"))
+    with pytest.raises(ValueError, match="empty"):
+        guide.fit([], progress=False)
+    guide.fit(data, progress=False)
+    with pytest.raises(ValueError, match="method"):
+        guide.optimize_prior_precision("evidence")
+    with pytest.raises(ValueError, match="val_loader"):
+        guide.optimize_prior_precision("val_nll")
+    with pytest.raises(ValueError, match="per_layer"):
+        guide.optimize_prior_precision("val_nll", per_layer=True, val_loader=data)
+    with pytest.raises(ValueError, match="link"):
+        guide.predict_glm(data, link="logit")
+    with pytest.raises(ValueError, match="positive"):
+        guide.set_prior_precision({"query.lora_A": [1.0, 0.0]})
+    assert guide.prior_precision["query.lora_A"].tolist() == [1.0, 1.0]
