@@ -21,6 +21,7 @@ import torch
 from pyro.distributions import TorchDistribution, constraints
 from tqdm.auto import tqdm
 
+from pyro_lora import distributed
 from pyro_lora.metrics import nll
 from pyro_lora.predictive import Prediction, predict
 from pyro_lora.sites import per_layer
@@ -300,6 +301,11 @@ class LaplaceGuide(LoraGuide):
 
         :param data: iterable of labelled batches (dicts of tensors).
         :returns: ``self``.
+
+        Under ``torch.distributed`` every rank is given the same ``data`` and runs its block of batches;
+        the sums (``r x r`` sides, the ``D``-side sketches over the same ``Omega``, traces, ``N``, the
+        log-likelihood) are linear in the data, so one ``all_reduce`` makes every rank's factors those of
+        one process (with ``fisher="mc"`` the sampled labels differ, as with any other seed).
         """
         model = self.model
         loc = {name: v.float() for name, v in model.adapter_values().items()}
@@ -307,7 +313,7 @@ class LaplaceGuide(LoraGuide):
         acc = [_Accumulator(f, self.sketch or 2 * self.rank + 10, gen) for f in self.factors]
         loglik = torch.zeros((), device=model.device, dtype=torch.double)
         count = 0
-        bar = tqdm(data, desc="KFAC", disable=not progress, dynamic_ncols=True)
+        bar = tqdm(distributed.split_batches(data), desc="KFAC", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
         with _eval(model.net):
             weights = self._layer_weights(loc)
             for batch in bar:
@@ -322,6 +328,11 @@ class LaplaceGuide(LoraGuide):
                         x, g, n = self._reduce(*stacked[1:])
                         for i in stacked[0]:
                             acc[i].update(*self._kfac_vectors(i, x, g, weights[i]), n)
+        counts = torch.tensor([a.count for a in acc] + [count], dtype=torch.double, device=model.device)
+        distributed.all_reduce_([t for a in acc for t in (a.small, a.sketch, a.trace)] + [loglik, counts])
+        for a, c in zip(acc, counts.tolist()):
+            a.count = int(c)
+        count = int(counts[-1])
         with torch.no_grad():
             for f, a, name in zip(self.factors, acc, self.sites):
                 f.loc.copy_(loc[name])

@@ -14,6 +14,7 @@ import pyro.distributions as dist
 import torch
 from tqdm.auto import tqdm
 
+from pyro_lora import distributed
 from pyro_lora.sites import check_values
 from pyro_lora.training import to_device
 
@@ -205,6 +206,10 @@ class TFBGuide(LoraGuide):
         batches = list(anchors)
         if not batches:
             raise ValueError("search got no anchor batches: the anchor set is empty")
+        # under torch.distributed each rank scores its block of anchors; sums are all-reduced, so every
+        # rank sees the same metric and takes the same bisection steps (the noise eps is seeded alike)
+        batches = distributed.split_batches(batches)
+        progress = progress and distributed.is_main()
         net = self.model.net
         was_training = net.training
         net.eval()  # no dropout: the only randomness is the weight noise
@@ -267,6 +272,7 @@ class TFBGuide(LoraGuide):
                 total += -logp.gather(-1, y0[:, None]).sum().item()
             elif criterion == "accuracy":
                 total += (y0 == self._labels(batch)).sum().item()
+        total, count = distributed.all_reduce_(torch.tensor([total, count], dtype=torch.double)).tolist()
         return {"labels": labels, "value": total / count, "count": count}
 
     def _labels(self, batch):
@@ -285,7 +291,7 @@ class TFBGuide(LoraGuide):
                 total += (log_mean.argmax(-1) != y0).sum().item()
             else:
                 total += (log_mean.argmax(-1) == self._labels(batch)).sum().item()
-        value = total / reference["count"]
+        value = distributed.all_reduce_(torch.tensor(total, dtype=torch.double)).item() / reference["count"]
         if criterion == "nll":
             return (value - reference["value"]) / max(reference["value"], 1e-12)
         if criterion == "accuracy":

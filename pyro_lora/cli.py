@@ -1,11 +1,17 @@
 """The ``pyro-lora`` command line: ``compare`` (the default), ``fit``, ``evaluate``."""
 
 import argparse
+import os
 import sys
 from dataclasses import fields
+from datetime import timedelta
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from . import compare as C
+from .distributed import is_main
 
 
 def _common(p, out_default):
@@ -61,31 +67,42 @@ def _config(args, **extra):
     values = {k: v for k, v in vars(args).items() if k in names and k not in extra}
     values["seeds"] = tuple(int(s) for s in args.seeds.split(","))
     values["eval_datasets"] = tuple(n for n in args.eval_datasets.split(",") if n)
-    return C.CompareConfig(**values, progress=not args.quiet, **extra)
+    return C.CompareConfig(**values, progress=not args.quiet and is_main(), **extra)
+
+
+def _init_distributed():
+    """Join the process group of torchrun / accelerate (one process per GPU) when launched by one."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timedelta(minutes=30))
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv or ["compare"])
+    _init_distributed()
+    say = print if is_main() else (lambda *a, **k: None)
     if args.command in (None, "compare"):
         guides = tuple(args.guides.split(",")) if getattr(args, "guides", None) else None
         rows = C.run_compare(_config(args, guides=guides))
-        print(C.format_table(rows))
-        print(f"results: {Path(args.out) / 'results.json'}")
+        say(C.format_table(rows))
+        say(f"results: {Path(args.out) / 'results.json'}")
     elif args.command == "fit":
         config = _config(args, guides=(args.guide,))
         row = C.fit_one(config)
-        print(C.format_table([row]))
-        print(f"saved: {Path(args.out) / 'guide'}")
+        say(C.format_table([row]))
+        say(f"saved: {Path(args.out) / 'guide'}")
     elif args.command == "bayesianize":
         search = {k: getattr(args, k) for k in ("criterion", "tolerance", "low", "high", "iterations")}
         row = C.bayesianize_adapter(_config(args, guides=("tfb",)), args.adapter_dir, anchors=args.anchors, **search)
-        print(C.format_table([row]))
-        print(f"sigma_q = {row['sigma_q']:.5g}; saved: {Path(args.out) / 'guide'}")
+        say(C.format_table([row]))
+        say(f"sigma_q = {row['sigma_q']:.5g}; saved: {Path(args.out) / 'guide'}")
     elif args.command == "evaluate":
         overrides = {k: getattr(args, k) for k in ("test_size", "samples", "device") if getattr(args, k) is not None}
         row = C.evaluate_saved(args.run_dir, **overrides)
-        print(C.format_table([row]))
+        say(C.format_table([row]))
     return 0
 
 

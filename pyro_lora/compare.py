@@ -16,6 +16,7 @@ from . import data as D
 from .likelihoods import MultipleChoice, SequenceClassification
 from . import metrics as M
 from .costs import PeakMemory
+from .distributed import is_main
 from .io import load_guide, save_guide
 from .metrics import summarize
 from .model import LoraModel
@@ -36,7 +37,7 @@ class CompareConfig:
     test_size: int = 500
     val_fraction: float = 0.1
     samples: int = 8
-    epochs: int = 3
+    epochs: int = 8  # long enough for MAP to become over-confident, where calibration can be gained
     lr: float = None  # default: 2e-3 for encoders (fresh head), 3e-4 for causal LMs
     batch_size: int = 16
     rank: int = 8
@@ -328,6 +329,8 @@ def run_compare(config):
                 first_seed[name] = predictions[config.dataset]
             setup.restore()
     summary = summarize_seeds(rows)
+    if not is_main():
+        return summary
     for name, prediction in first_seed.items():
         reliability_diagram(prediction.probs, prediction.labels, out / f"reliability_{name}.png", title=f"{name} on {config.dataset}")
         np.savez_compressed(out / f"predictions_{name}.npz", **arrays[name])
@@ -426,7 +429,9 @@ def evaluate_saved(run_dir, **overrides):
 
 
 def write_json(path, obj):
-    """Write ``obj`` as JSON atomically (temp file + rename)."""
+    """Write ``obj`` as JSON atomically (temp file + rename); only the main rank writes."""
+    if not is_main():
+        return
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(obj, indent=2, default=str))

@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .distributed import is_main
+
 FORMAT = "pyro_lora.guide/1"
 _NET = "net/"
 
@@ -41,8 +43,11 @@ def atomic_directory(path):
 def save_guide(guide, path):
     """Write ``guide`` (its state, config, the model's site shapes and its trained point parameters) to ``path``.
 
-    ``path`` becomes a directory with ``guide.safetensors`` and ``guide.json``.
+    ``path`` becomes a directory with ``guide.safetensors`` and ``guide.json``. Under ``torch.distributed``
+    only rank 0 writes (the ranks hold the same guide).
     """
+    if not is_main():
+        return Path(path)
     model = guide.model
     tensors = {k: v.detach().contiguous().cpu() for k, v in guide.state_dict().items()}
     names = {id(p): n for n, p in model.net.named_parameters()}
@@ -97,6 +102,8 @@ def export_adapter(guide, path):
     """Write the posterior mean as a regular peft adapter directory (``PeftModel.from_pretrained`` loads it)."""
     model = guide.model
     model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
+    if not is_main():  # every rank updates its adapter, rank 0 writes it
+        return Path(path)
     with atomic_directory(path) as tmp:
         model.net.save_pretrained(str(tmp))
     return Path(path)

@@ -56,7 +56,16 @@ def fit(
     :param checkpoint_dir: if given, the guide is saved there (atomically) every ``checkpoint_every``
         steps and at the end.
     :returns: list of per-step losses.
+
+    Under ``torch.distributed`` (``W > 1`` ranks, see :mod:`pyro_lora.distributed`): every rank is given
+    the same ``data`` and trains on its block of ``len(data) // W`` batches per epoch; rank 0's parameters
+    are broadcast first and each rank then draws its own noise (seed offset by rank). Each rank's loss is
+    already a full-data estimate (its data plate scales its local batch ``b`` to ``num_data``, and the
+    weight sites are counted once), so gradients (and the reported loss) are *averaged* over ranks:
+    ``1/W sum_w [KL + N/b sum_{i in w} l_i] = KL + N/(W b) sum_i l_i``, the estimate of one process on the
+    global batch: the data term is scaled to ``N`` once and the KL counted once.
     """
+    from . import distributed
     from .io import save_guide
 
     elbo = elbo or Trace_ELBO()
@@ -66,6 +75,10 @@ def fit(
     params = model.point_parameters() + [p for p in guide.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: the model has no point parameters and the guide no parameters")
+    if distributed.is_distributed():
+        data = distributed.split_batches(data, even=True)  # the same number of steps on every rank
+        distributed.broadcast_parameters(params + [b for b in guide.buffers() if b.is_floating_point()])
+        distributed.seed_per_rank()
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
     steps_per_epoch = math.ceil(len(data) / grad_accum_steps) if hasattr(data, "__len__") else None
     total = steps_per_epoch * epochs if steps_per_epoch else None
@@ -78,7 +91,7 @@ def fit(
     net.train()
     guide.train()
     losses, step = [], 0
-    bar = tqdm(total=total, desc=f"fit {type(guide).__name__}", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=f"fit {type(guide).__name__}", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
     try:
         with pyro.validation_enabled(False):  # validation syncs the GPU once per site
             for epoch in range(epochs):
@@ -92,6 +105,7 @@ def fit(
                     accumulated += loss.item() / grad_accum_steps
                     if (i + 1) % grad_accum_steps:
                         continue
+                    accumulated = distributed.all_reduce_gradients(params, accumulated)
                     if not math.isfinite(accumulated):
                         raise FloatingPointError(f"loss became {accumulated} at step {step} (epoch {epoch}): lower lr?")
                     if max_grad_norm:
