@@ -124,7 +124,7 @@ def test_two_ranks_equal_one_process(tmp_path):
 
 def test_a_crash_in_one_rank_is_raised_not_hung(tmp_path):
     # whichever rank mp.spawn hears from first: rank 1's own error, or rank 0's collective broken by it
-    with pytest.raises(mp.ProcessRaisedException, match="boom on rank 1|Connection closed by peer|Gloo"):
+    with pytest.raises(mp.ProcessRaisedException, match="(?i)boom on rank 1|connection closed|gloo"):
         mp.spawn(_worker, args=(str(tmp_path), True), nprocs=WORLD, join=True)
 
 
