@@ -4,10 +4,27 @@ Every guide is a Pyro guide with the model's site names, plus the fast path ``sa
 """
 
 from .base import LoraGuide
+from .ensemble import EnsembleGuide, predict_ensemble, train_ensemble
 from .flow import FlowGuide
 from .laplace import LaplaceGuide
 from .map import MAPGuide
+from .mcdropout import MCDropoutGuide
 from .meanfield import MeanFieldGuide
+from .swag import SWAGCollector, SWAGGuide
 from .tfb import TFBGuide, bayesianize
 
-__all__ = ["FlowGuide", "LaplaceGuide", "LoraGuide", "MAPGuide", "MeanFieldGuide", "TFBGuide", "bayesianize"]
+__all__ = [
+    "EnsembleGuide",
+    "FlowGuide",
+    "LaplaceGuide",
+    "LoraGuide",
+    "MAPGuide",
+    "MCDropoutGuide",
+    "MeanFieldGuide",
+    "SWAGCollector",
+    "SWAGGuide",
+    "TFBGuide",
+    "bayesianize",
+    "predict_ensemble",
+    "train_ensemble",
+]

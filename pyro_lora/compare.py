@@ -230,6 +230,65 @@ def method_laplace(setup):
     return Fitted(lambda records: guide.predict_glm(setup.loader(records), link="probit"), guide, guide.extra_parameters())
 
 
+def method_temperature(setup):
+    """Temperature scaling of the MAP, fitted on the validation split: the cheap non-Bayesian baseline."""
+    from .calibration import apply_temperature, fit_temperature
+
+    val = predict(setup.model, setup.map_guide, setup.loader(setup.val))
+    t = fit_temperature(val.probs, val.labels)
+
+    def run(records):
+        out = predict(setup.model, setup.map_guide, setup.loader(records))
+        out.probs = apply_temperature(out.probs, t)
+        return out
+
+    return Fitted(run, None, 1)
+
+
+def method_mcdropout(setup, p=0.1):
+    """MC dropout of the LoRA input units: a LoRA trained with that dropout from peft's init (MAP's budget)."""
+    from guides import MCDropoutGuide
+    from guides.ensemble import reinitialize
+
+    c = setup.config
+    model = setup.lora_model(random="AB")
+    reinitialize(model, seed=setup.seed + 1)
+    guide = MCDropoutGuide(model, p=p)
+    fit(model, guide, setup.loader(setup.train, shuffle=True), epochs=c.epochs, lr=c.lr, progress=c.progress)
+    return Fitted(_guide_predictor(setup, model, guide), guide, 0)
+
+
+def method_ensemble(setup, k=3):
+    """Deep ensemble: the MAP plus k-1 LoRAs (and heads) trained from other seeds, probabilities averaged."""
+    from guides import predict_ensemble, train_ensemble
+
+    c = setup.config
+    model = setup.lora_model(random="AB")
+    guide = train_ensemble(model, setup.loader(setup.train, shuffle=True), k=k, seeds=[setup.seed + i for i in range(k)],
+                           fit_kwargs={"epochs": c.epochs, "lr": c.lr, "progress": c.progress}, include_current=True)
+    return Fitted(lambda records: predict_ensemble(model, guide, setup.loader(records), keep_samples=True), guide, guide.extra_parameters())
+
+
+# LoRA-XS cores start at zero and Adam moves them about one lr per step: they need ~10x LoRA's lr
+LORA_XS_LR_FACTOR = 10.0
+
+
+def method_blora_xs(setup, rank=10, scale=0.5, per_epoch=10):
+    """B-LoRA-XS: LoRA-XS cores R (A, B from the SVD of W0) trained from zero, SWAG over the last half of training."""
+    from guides import MAPGuide, SWAGCollector, SWAGGuide
+
+    from .loraxs import LoraXSModel
+
+    c = setup.config
+    setup.restore()
+    model = LoraXSModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=c.prior_scale)
+    map_guide, swag = MAPGuide(model), SWAGGuide(model, rank=rank, scale=scale)
+    loader = setup.loader(setup.train, shuffle=True)
+    collector = SWAGCollector(swag, start_epoch=c.epochs - max(1, c.epochs // 2), every=max(1, len(loader) // per_epoch))
+    fit(model, map_guide, loader, epochs=c.epochs, lr=LORA_XS_LR_FACTOR * c.lr, progress=c.progress, callbacks=[collector])
+    return Fitted(_guide_predictor(setup, model, swag), swag, swag.extra_parameters())
+
+
 METHODS = {
     "zeroshot": method_zeroshot,
     "map": method_map,
@@ -237,6 +296,10 @@ METHODS = {
     "flow": method_flow,
     "tfb": method_tfb,
     "laplace": method_laplace,
+    "temperature": method_temperature,
+    "mcdropout": method_mcdropout,
+    "ensemble": method_ensemble,
+    "blora_xs": method_blora_xs,
 }
 
 
@@ -421,7 +484,12 @@ def evaluate_saved(run_dir, **overrides):
     config = CompareConfig(**{**run["config"], **overrides})
     # the saved adapter, if any, brings its own rank, alpha, targets and head
     setup = prepare(config, config.seeds[0], adapter_dir=run.get("adapter"))
-    setup.model = LoraModel(setup.net, setup.likelihood, random=run["random"], num_data=len(setup.train), prior=config.prior_scale)
+    if run["random"] == "R":  # LoRA-XS: A, B are the deterministic SVD of W0, not saved with the guide
+        from .loraxs import LoraXSModel
+
+        setup.model = LoraXSModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=config.prior_scale)
+    else:
+        setup.model = LoraModel(setup.net, setup.likelihood, random=run["random"], num_data=len(setup.train), prior=config.prior_scale)
     guide = load_guide(run_dir / "guide", setup.model)
     prediction, costs = _evaluate(setup, Fitted(_guide_predictor(setup, setup.model, guide)), setup.test)
     return {"guide": config.guides[0], "dataset": config.dataset, **score(prediction), "fit_seconds": 0.0, "fit_memory_mb": 0.0, **costs,

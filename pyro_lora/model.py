@@ -55,13 +55,15 @@ class LoraModel:
     def set_trainable(self):
         """Freeze the peft LoRA parameters that the sites replace; make the other LoRA matrices trainable.
 
-        Random matrices come from samples, so their parameters are unused. Called by :func:`fit`, since
+        Random matrices come from samples, so their parameters are unused; layers with an ``R`` core
+        (LoRA-XS) keep A and B frozen. Called by :func:`fit`, since
         peft's ``set_adapter``/``load_adapter`` switch ``requires_grad`` back on.
         """
         random = {id(p) for p in self.random_parameters()}
-        for layer in self.layers.values():
+        cores = {path for site in self.sites.values() if site.matrix == "R" for path in site.layers}
+        for path, layer in self.layers.items():
             for p in (layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight):
-                p.requires_grad_(id(p) not in random)
+                p.requires_grad_(id(p) not in random and path not in cores)  # LoRA-XS: A, B fixed by the SVD
 
     def random_parameters(self):
         return [self._parameter(path, site.matrix) for site in self.sites.values() for path in site.layers if site.matrix != "R"]

@@ -1,0 +1,286 @@
+"""Deep ensemble of ``K`` independently trained MAP adapters, as a uniform mixture of point masses.
+
+Lakshminarayanan et al. (2017); the LoRA papers' baseline uses ``K = 3`` adapters. :func:`train_ensemble`
+trains the members (peft's LoRA initialisation under ``K`` seeds, each with a fresh head) and
+:class:`EnsembleGuide` holds them. A freshly initialised classification head is trained per member too and
+must differ per member; it is not a Pyro site, so the guide carries the heads itself and applies member
+``s mod K``'s head to sample ``s`` in the same batched S-sample forward (:meth:`EnsembleGuide.member_heads`,
+used by :func:`predict_ensemble`).
+"""
+
+import contextlib
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+
+from pyro_lora.predictive import predict
+from pyro_lora.sites import check_values
+from pyro_lora.training import fit
+
+from .base import LoraGuide
+from .map import MAPGuide
+
+MEMBER_SITE = "ensemble_member"
+
+
+class EnsembleGuide(LoraGuide):
+    r"""``q(theta) = 1/K sum_k delta(theta - theta_k)``, jointly over all sites (one member per draw).
+
+    :meth:`sample` cycles: draw ``s`` is member ``s mod K``, so ``S = K`` (the default of
+    :func:`predict_ensemble`) gives the exact mixture predictive ``1/K sum_k p(y | x, theta_k)`` and any
+    multiple of ``K`` the same; other ``S`` over-weight the first ``S mod K`` members. The Pyro guide path
+    draws the member as an auxiliary site ``"ensemble_member"`` (condition on it to pick one) and records
+    delta sites; :meth:`posterior` gives each site's marginal mixture, and :meth:`mean` the average of the
+    members' values, which is no ensemble predictor (averaged weights of separately trained adapters).
+
+    **Heads.** ``heads`` holds per-member values of point parameters outside the sites (a classification
+    head). Only ``nn.Linear`` weights and biases are supported: inside :meth:`member_heads` each such layer
+    applies member ``s mod K``'s weights to the rows of sample ``s`` with one batched matmul. A guide with
+    heads refuses :meth:`sample` outside that context, and ``guide(batch)`` altogether, since a plain
+    :func:`pyro_lora.predict` would pair every member with the network's one current head:
+    predict with :func:`predict_ensemble`. The head parameters of the network are left as they are.
+
+    :param model: the :class:`~pyro_lora.LoraModel`.
+    :param list members: ``K`` dicts site -> value (``site.shape``), e.g. MAP guides' ``mean()``.
+    :param list heads: ``K`` dicts parameter name (as in ``model.net.named_parameters()``) -> value, or ``None``.
+    :param int num_members: ``K`` when ``members`` is ``None``: zero buffers of the final shapes (for loading).
+    :param list head_parameters: parameter names when ``heads`` is ``None`` (for loading).
+    """
+
+    def __init__(self, model, members=None, heads=None, num_members=None, head_parameters=None):
+        super().__init__(model)
+        if members is not None:
+            num_members = len(members)
+        if not (isinstance(num_members, int) and num_members >= 1):
+            raise ValueError(f"an ensemble needs members (a non-empty list of site-value dicts), got {members!r}")
+        if heads is not None:
+            if len(heads) != num_members:
+                raise ValueError(f"got {len(heads)} heads for {num_members} members")
+            head_parameters = sorted(heads[0])
+            if any(sorted(h) != head_parameters for h in heads):
+                raise ValueError("every member's head must hold the same parameters")
+        self.num_members = num_members
+        self.head_parameters = list(head_parameters or [])
+        self._head_modules = _linear_owners(model.net, self.head_parameters)
+        device = model.device
+        for i, site in enumerate(self.sites.values()):
+            self.register_buffer(f"member_{i}", torch.zeros((num_members, *site.shape), device=device))
+        params = dict(model.net.named_parameters())
+        for j, name in enumerate(self.head_parameters):
+            self.register_buffer(f"head_{j}", torch.zeros((num_members, *params[name].shape), device=device))
+        with torch.no_grad():
+            for k, values in enumerate(members or []):
+                values = {n: v.detach() for n, v in values.items()}
+                check_values(self.sites, values, allow_sample_dim=False)
+                for i, name in enumerate(self.sites):
+                    getattr(self, f"member_{i}")[k] = values[name]
+            for k, head in enumerate(heads or []):
+                for j, name in enumerate(self.head_parameters):
+                    getattr(self, f"head_{j}")[k] = head[name].detach()
+        self._heads_for = None  # S while member_heads(S) is active
+
+    @property
+    def deterministic(self):
+        return self.num_members == 1
+
+    def members(self):
+        """Site name -> ``[K, *site.shape]``: every member's values."""
+        return {name: getattr(self, f"member_{i}") for i, name in enumerate(self.sites)}
+
+    def heads(self):
+        """Head parameter name -> ``[K, *shape]``."""
+        return {name: getattr(self, f"head_{j}") for j, name in enumerate(self.head_parameters)}
+
+    def _check_heads(self, num_samples):
+        if self.head_parameters and self._heads_for != num_samples:
+            raise ValueError(
+                f"this ensemble carries per-member heads ({self.head_parameters[0]}, ...): draw its samples inside "
+                f"guide.member_heads({num_samples}), e.g. through guides.ensemble.predict_ensemble(model, guide, data)"
+            )
+
+    def posterior(self):
+        """Site -> its marginal, a uniform mixture of the members' point masses (``MixtureSameFamily``)."""
+        mixture = dist.Categorical(logits=torch.zeros(self.num_members, device=self.member_0.device))
+        return {
+            name: dist.MixtureSameFamily(mixture, dist.Delta(v, event_dim=v.dim() - 1)) for name, v in self.members().items()
+        }
+
+    def forward(self, *args, kl_weight=1.0, **kwargs):
+        """Pyro guide: member ``k ~ Uniform{0..K-1}`` (auxiliary site ``"ensemble_member"``), then ``delta(theta_k)`` per site."""
+        if self.head_parameters:
+            raise ValueError("an ensemble with per-member heads has no Pyro guide path (heads are not sites): use predict_ensemble")
+        logits = torch.zeros(self.num_members, device=self.member_0.device)
+        with poutine.scale(scale=kl_weight):
+            k = pyro.sample(MEMBER_SITE, dist.Categorical(logits=logits), infer={"is_auxiliary": True})
+            return {name: pyro.sample(name, dist.Delta(v[k], event_dim=v.dim() - 1)) for name, v in self.members().items()}
+
+    def sample(self, num_samples):
+        """Draw ``s`` is member ``s mod K``: name -> ``[S, *site.shape]``."""
+        self._check_heads(num_samples)
+        index = torch.arange(num_samples, device=self.member_0.device) % self.num_members
+        return {name: v[index] for name, v in self.members().items()}
+
+    def mean(self):
+        return {name: v.mean(0) for name, v in self.members().items()}
+
+    @contextlib.contextmanager
+    def member_heads(self, num_samples):
+        """Within the context, an ``S = num_samples`` forward applies member ``s mod K``'s head to sample ``s``.
+
+        Each head ``nn.Linear`` gets a forward hook that recomputes its output from the rows of its input,
+        seen sample-major as ``[S, rows / S, d_in]``, with ``[S, d_out, d_in]`` weights. Only forwards with
+        exactly ``S`` samples may run inside (so no ``chunk_size`` in :func:`pyro_lora.predict`).
+        """
+        index = torch.arange(num_samples, device=self.member_0.device) % self.num_members
+        heads = self.heads()
+        handles = []
+        for path, module in self._head_modules.items():
+            weight = heads.get(f"{path}.weight")
+            bias = heads.get(f"{path}.bias")
+            weight = module.weight.expand(num_samples, *module.weight.shape) if weight is None else weight[index]
+            if bias is None and module.bias is not None:
+                bias = module.bias.expand(num_samples, *module.bias.shape)
+            elif bias is not None:
+                bias = bias[index]
+            handles.append(module.register_forward_hook(_batched_linear(num_samples, weight, bias)))
+        self._heads_for = num_samples
+        try:
+            yield
+        finally:
+            self._heads_for = None
+            for handle in handles:
+                handle.remove()
+
+    def extra_parameters(self):
+        """``K - 1`` further copies of the sites and heads beyond the one adapter a MAP holds."""
+        per_member = sum(s.numel for s in self.sites.values()) + sum(h[0].numel() for h in self.heads().values())
+        return (self.num_members - 1) * per_member
+
+    def config(self):
+        return {"num_members": self.num_members, "head_parameters": self.head_parameters}
+
+
+def _linear_owners(net, parameter_names):
+    """Module path -> ``nn.Linear`` for the modules owning ``parameter_names`` (``<path>.weight`` / ``<path>.bias``)."""
+    modules = dict(net.named_modules())
+    params = dict(net.named_parameters())
+    owners = {}
+    for name in parameter_names:
+        if name not in params:
+            raise ValueError(f"the network has no parameter {name!r}")
+        path, attr = name.rsplit(".", 1)
+        module = modules.get(path)
+        if not isinstance(module, torch.nn.Linear) or attr not in ("weight", "bias"):
+            raise ValueError(
+                f"per-member point parameter {name!r} is not an nn.Linear weight or bias "
+                f"({type(module).__name__}): only linear heads can be batched over members"
+            )
+        owners[path] = module
+    return owners
+
+
+def _batched_linear(num_samples, weight, bias):
+    """Forward hook: output rows of sample ``s`` are ``x_s W_s^T + b_s`` (``weight: [S, out, in]``, ``bias: [S, out]``)."""
+
+    def hook(module, args, output):
+        x = args[0]
+        if x.shape[0] % num_samples:
+            raise ValueError(f"head input has {x.shape[0]} rows, not a multiple of the {num_samples} samples it was set up for")
+        xs = x.reshape(num_samples, -1, x.shape[-1])
+        y = xs @ weight.transpose(-1, -2).to(xs.dtype)
+        if bias is not None:
+            y = y + bias.unsqueeze(-2).to(xs.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(output.dtype)
+
+    return hook
+
+
+def predict_ensemble(model, guide, data, num_samples=None, **kwargs):
+    """:func:`pyro_lora.predict` of an :class:`EnsembleGuide`, members' heads included.
+
+    :param int num_samples: default ``K`` (the exact mixture); use a multiple of ``K``.
+    :param kwargs: ``keep_samples``, ``progress`` as for :func:`pyro_lora.predict` (no ``chunk_size`` when the
+        members carry heads).
+    """
+    num_samples = num_samples or guide.num_members
+    if guide.head_parameters and kwargs.get("chunk_size"):
+        raise ValueError("an ensemble with per-member heads predicts all samples in one forward: drop chunk_size")
+    with guide.member_heads(num_samples):
+        return predict(model, guide, data, num_samples=num_samples, **kwargs)
+
+
+def head_parameters(model):
+    """Names of the model's point parameters outside its LoRA layers (the heads), checked to be ``nn.Linear`` ones."""
+    lora = _lora_ids(model)
+    names = {id(p): n for n, p in model.net.named_parameters()}
+    heads = [names[id(p)] for p in model.point_parameters() if id(p) not in lora]
+    _linear_owners(model.net, heads)
+    return heads
+
+
+def reinitialize(model, seed):
+    """peft's LoRA initialisation (``A`` Kaiming-uniform, ``B = 0``) and fresh heads, under ``torch.manual_seed(seed)``.
+
+    Heads (:func:`head_parameters`) are re-initialised by their ``nn.Linear.reset_parameters()``.
+
+    :returns: the head parameter names.
+    """
+    heads = head_parameters(model)
+    owners = _linear_owners(model.net, heads)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in model.layers.values():
+            layer.reset_lora_parameters(model.adapter, True)
+        for module in owners.values():
+            module.reset_parameters()
+    return heads
+
+
+def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_current=False):
+    """Train ``k`` MAP adapters from different initialisations; returns an :class:`EnsembleGuide`.
+
+    Each member: :func:`reinitialize` under its seed, a :class:`~guides.MAPGuide` from that adapter,
+    :func:`pyro_lora.fit` with ``fit_kwargs``; its site values and head are kept. The network's LoRA weights
+    and heads are restored afterwards. Costs ``k`` trainings (``k - 1`` with ``include_current``).
+
+    :param model: a :class:`~pyro_lora.LoraModel` whose sites are all its LoRA matrices (``random="AB"``).
+    :param data: the training batches, as for :func:`pyro_lora.fit`.
+    :param seeds: ``k`` seeds (default ``0 .. k-1``).
+    :param dict fit_kwargs: keyword arguments of :func:`pyro_lora.fit` (``epochs``, ``lr``, ...).
+    :param bool include_current: the network's current adapter and head (e.g. an already trained MAP) is
+        member 0 and only ``k - 1`` members are trained (with ``seeds[1:]``).
+    """
+    seeds = list(range(k)) if seeds is None else list(seeds)
+    if k < 1 or len(seeds) != k:
+        raise ValueError(f"need k >= 1 and k seeds, got k={k} and seeds={seeds}")
+    if any(s.matrix == "R" for s in model.sites.values()):
+        raise ValueError("train_ensemble re-initialises plain LoRA; a LoRA-XS model (R sites) is not supported")
+    lora = _lora_ids(model)
+    if any(id(p) in lora for p in model.point_parameters()):
+        raise ValueError("every LoRA matrix must be a site (random='AB'): point-estimate LoRA matrices cannot vary per member")
+    fit_kwargs = {"progress": False, **(fit_kwargs or {})}
+    heads_names = head_parameters(model)
+    params = dict(model.net.named_parameters())
+    saved = {n: p.detach().clone() for n, p in params.items() if id(p) in lora or n in heads_names}
+    members, heads = [], []
+    try:
+        for i, seed in enumerate(seeds):
+            if include_current and i == 0:
+                members.append(model.adapter_values())
+            else:
+                reinitialize(model, seed)
+                guide = MAPGuide(model)
+                fit(model, guide, data, **fit_kwargs)
+                members.append({n: v.detach().clone() for n, v in guide.mean().items()})
+            heads.append({n: params[n].detach().clone() for n in heads_names})
+    finally:
+        with torch.no_grad():
+            for n, v in saved.items():
+                params[n].copy_(v)
+    return EnsembleGuide(model, members, heads if heads_names else None)
+
+
+def _lora_ids(model):
+    return {id(p) for layer in model.layers.values() for d in (layer.lora_A, layer.lora_B) for p in d.parameters()}

@@ -1,0 +1,226 @@
+"""SWAG: a low-rank plus diagonal Gaussian over the sites, collected from the SGD iterates of a MAP run.
+
+Maddox et al. (2019), as the B-LoRA-XS posterior over the LoRA-XS cores ``R`` (seed method 003): during
+the last epochs of training, a :class:`SWAGCollector` callback of :func:`pyro_lora.fit` hands the current
+iterate ``theta_i`` (the MAP guide's value of every site) to :meth:`SWAGGuide.collect`, which keeps the
+running mean, the running second moment and the last ``K`` deviations ``theta_i - mean_i``.
+"""
+
+import math
+
+import torch
+from pyro.distributions import TorchDistribution
+from torch.distributions import LowRankMultivariateNormal, constraints
+from torch.distributions.utils import lazy_property
+
+from pyro_lora.sites import check_values
+
+from .base import LoraGuide
+
+
+class SWAGGuide(LoraGuide):
+    r"""SWAG posterior ``q(theta) = N(mean, scale (diag(sigma^2) + D D^T / (K' - 1)))`` over the model's sites.
+
+    ``mean`` and ``sigma^2 = E[theta^2] - mean^2`` are the running moments of the collected iterates, the
+    columns of ``D`` their last ``K' = min(n, rank)`` deviations from the running mean. Samples follow
+    the SWAG reference code::
+
+        theta = mean + sqrt(scale) * (sigma * z1 + D z2 / sqrt(K' - 1)),   z1 ~ N(0, I), z2 ~ N(0, I_K')
+
+    ``scale=0.5`` is the paper's ``1/2 (Sigma_diag + Sigma_low-rank)``. ``D`` spans all sites jointly (one
+    ``z2`` per sample for every site), so :meth:`sample`, which the predictive uses, draws the full joint
+    Gaussian batched over sites and stacked layers. :meth:`posterior` gives each site's exact marginal; the
+    Pyro guide path (``guide(batch)``: ``Trace_ELBO``, ``Predictive``) draws from those marginals, i.e.
+    without the low-rank correlation *between* sites (within a stacked site, across its layers, it is kept).
+
+    The moments are kept in float64: ``E[theta^2] - mean^2`` cancels catastrophically in float32 when the
+    iterates barely move. At least two iterates must be collected before sampling.
+
+    Example (B-LoRA-XS)::
+
+        model = LoraXSModel(net, SequenceClassification(), num_data=len(train))
+        map_guide, swag = MAPGuide(model), SWAGGuide(model, rank=10, scale=0.5)
+        fit(model, map_guide, loader, epochs=5, lr=1e-3,
+            callbacks=[SWAGCollector(swag, start_epoch=3, every=len(loader) // 5)])
+        predict(model, swag, test_loader, num_samples=10)
+
+    :param model: the :class:`~pyro_lora.LoraModel` whose sites the iterates cover.
+    :param int rank: ``K``, the number of deviations kept (SWAG uses 5-20).
+    :param float scale: the covariance multiplier (``0.5``: the paper's formula).
+    :param float var_clamp: floor on ``sigma^2`` (entries that never moved would otherwise get variance 0).
+    """
+
+    def __init__(self, model, rank=10, scale=0.5, var_clamp=1e-12):
+        super().__init__(model)
+        if not (isinstance(rank, int) and rank >= 2):
+            raise ValueError(f"rank must be an int >= 2 (the low-rank part divides by K - 1), got {rank!r}")
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"scale must be a positive finite number, got {scale}")
+        if not var_clamp > 0:
+            raise ValueError(f"var_clamp must be positive, got {var_clamp}")
+        self.rank, self.scale, self.var_clamp = rank, float(scale), float(var_clamp)
+        device = model.device
+        self.register_buffer("num_collected", torch.zeros((), dtype=torch.long, device=device))
+        for i, site in enumerate(self.sites.values()):
+            self.register_buffer(f"mean_{i}", torch.zeros(site.shape, dtype=torch.float64, device=device))
+            self.register_buffer(f"sq_mean_{i}", torch.zeros(site.shape, dtype=torch.float64, device=device))
+            self.register_buffer(f"dev_{i}", torch.zeros((rank, *site.shape), device=device))
+
+    def _stats(self, i):
+        return getattr(self, f"mean_{i}"), getattr(self, f"sq_mean_{i}"), getattr(self, f"dev_{i}")
+
+    @torch.no_grad()
+    def collect(self, values):
+        """Add one iterate: ``values`` site -> ``site.shape`` (e.g. a MAP guide's ``mean()``).
+
+        ``mean += (theta - mean) / n``, ``sq_mean += (theta^2 - sq_mean) / n``, and ``theta - mean`` (the updated
+        mean) overwrites the oldest of the ``K`` stored deviations.
+        """
+        values = {k: v.detach() for k, v in values.items()}
+        check_values(self.sites, values, allow_sample_dim=False)
+        n = int(self.num_collected) + 1
+        slot = (n - 1) % self.rank
+        for i, name in enumerate(self.sites):
+            mean, sq_mean, dev = self._stats(i)
+            theta = values[name].to(mean)
+            mean += (theta - mean) / n
+            sq_mean += (theta.pow(2) - sq_mean) / n
+            dev[slot] = (theta - mean).to(dev)
+        self.num_collected.fill_(n)
+
+    def _check_collected(self, minimum=2):
+        n = int(self.num_collected)
+        if n < minimum:
+            raise ValueError(
+                f"SWAG has collected {n} iterate(s), needs at least {minimum}: pass SWAGCollector(guide, ...) "
+                "to fit(..., callbacks=[...]) or call guide.collect(values)"
+            )
+        return min(n, self.rank)
+
+    def moments(self):
+        """Site -> ``(mean, variance)`` of the collected iterates (float64; variance floored at ``var_clamp``)."""
+        self._check_collected(1)
+        out = {}
+        for i, name in enumerate(self.sites):
+            mean, sq_mean, _ = self._stats(i)
+            out[name] = (mean, (sq_mean - mean.pow(2)).clamp(min=self.var_clamp))
+        return out
+
+    def deviations(self):
+        """Site -> ``[K', *site.shape]``: the stored deviations (the columns of ``D``), oldest slot first."""
+        k = self._check_collected(1)
+        return {name: self._stats(i)[2][:k] for i, name in enumerate(self.sites)}
+
+    def posterior(self):
+        """Site -> its exact SWAG marginal, a low-rank plus diagonal Gaussian with event shape ``site.shape``."""
+        k = self._check_collected()
+        moments, deviations = self.moments(), self.deviations()
+        out = {}
+        for name in self.sites:
+            mean, var = moments[name]
+            factor = deviations[name].movedim(0, -1) * math.sqrt(self.scale / (k - 1))  # [*shape, K']
+            out[name] = LowRankNormal(mean.float(), factor, (self.scale * var).float())
+        return out
+
+    def sample(self, num_samples):
+        """``theta_s = mean + sqrt(scale) (sigma z1_s + D z2_s / sqrt(K' - 1))``: name -> ``[S, *site.shape]``.
+
+        One ``z2_s`` per sample is shared by all sites (the joint SWAG Gaussian); no loop over samples or layers.
+        """
+        k = self._check_collected()
+        moments, deviations = self.moments(), self.deviations()
+        device = self.num_collected.device
+        z2 = torch.randn(num_samples, k, device=device)
+        out = {}
+        for name in self.sites:
+            mean, var = moments[name]
+            z1 = torch.randn(num_samples, *mean.shape, device=device)
+            low = torch.tensordot(z2, deviations[name], dims=1) / math.sqrt(k - 1)
+            out[name] = mean.float() + math.sqrt(self.scale) * (var.sqrt().float() * z1 + low)
+        return out
+
+    def mean(self):
+        """The SWA mean of the collected iterates."""
+        return {name: m.float() for name, (m, _) in self.moments().items()}
+
+    def extra_parameters(self):
+        """The second moment and the ``K`` deviations, beyond the mean (the point estimate it describes)."""
+        return (self.rank + 1) * sum(s.numel for s in self.sites.values())
+
+    def config(self):
+        return {"rank": self.rank, "scale": self.scale, "var_clamp": self.var_clamp}
+
+
+class SWAGCollector:
+    """A :func:`pyro_lora.fit` callback that hands the current iterate to :meth:`SWAGGuide.collect`.
+
+    It collects after optimizer step ``step`` when ``step >= start_step``, the epoch (0-based) is
+    ``>= start_epoch`` and ``step % every == 0``. With ``steps_per_epoch`` steps, collecting over the last
+    ``E`` of ``epochs`` epochs ``c`` times per epoch is ``start_epoch=epochs - E, every=steps_per_epoch // c``.
+
+    :param swag: the :class:`SWAGGuide` to fill.
+    :param source: the guide whose ``mean()`` is the iterate; default the guide being trained (``FitState.guide``).
+    """
+
+    def __init__(self, swag, start_step=0, start_epoch=0, every=1, source=None):
+        if not (isinstance(every, int) and every >= 1):
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        self.swag, self.start_step, self.start_epoch, self.every, self.source = swag, start_step, start_epoch, every, source
+
+    def __call__(self, state):
+        if state.step >= self.start_step and state.epoch >= self.start_epoch and state.step % self.every == 0:
+            self.swag.collect((self.source or state.guide).mean())
+
+
+class LowRankNormal(TorchDistribution):
+    r"""``N(loc, W W^T + diag(d))`` on ``vec(X)`` for ``X`` of any shape: event shape ``loc.shape``.
+
+    The n-dimensional counterpart of :class:`pyro_lora.priors.LowRankPlusDiagNormal` (which takes 2-D events),
+    needed for stacked ``[L, r, r]`` sites whose low-rank factor couples the layers.
+
+    :param torch.Tensor loc: ``X``'s mean, any shape (no batch dims).
+    :param torch.Tensor cov_factor: ``W`` in the layout of ``loc`` plus a trailing rank dim: ``[*loc.shape, k]``.
+    :param torch.Tensor cov_diag: positive variances, ``loc.shape``.
+    """
+
+    arg_constraints = {}
+    has_rsample = True
+
+    def __init__(self, loc, cov_factor, cov_diag, validate_args=None):
+        if loc.dim() < 1 or cov_diag.shape != loc.shape or cov_factor.shape[:-1] != loc.shape:
+            raise ValueError(
+                f"LowRankNormal: loc is {tuple(loc.shape)}, so cov_factor must be {(*loc.shape, 'k')} and cov_diag "
+                f"{tuple(loc.shape)}; got {tuple(cov_factor.shape)} and {tuple(cov_diag.shape)}"
+            )
+        self.loc, self.cov_factor, self.cov_diag = loc, cov_factor, cov_diag
+        super().__init__(torch.Size(), loc.shape, validate_args=validate_args)
+
+    @constraints.dependent_property
+    def support(self):
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    @lazy_property
+    def flat(self):
+        """The same Gaussian on ``vec(X)``: a :class:`~torch.distributions.LowRankMultivariateNormal`."""
+        return LowRankMultivariateNormal(self.loc.flatten(), self.cov_factor.flatten(0, -2), self.cov_diag.flatten())
+
+    @property
+    def mean(self):
+        return self.loc
+
+    @property
+    def variance(self):
+        return self.cov_diag + self.cov_factor.pow(2).sum(-1)
+
+    def rsample(self, sample_shape=torch.Size()):
+        # loc + W z2 + sqrt(d) z1 directly: the flat form's capacitance Cholesky is only needed by log_prob
+        shape = torch.Size(sample_shape)
+        z2 = torch.randn(*shape, self.cov_factor.shape[-1], dtype=self.loc.dtype, device=self.loc.device)
+        z1 = torch.randn(*shape, *self.loc.shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + torch.tensordot(z2, self.cov_factor, dims=([-1], [-1])) + self.cov_diag.sqrt() * z1
+
+    def log_prob(self, value):
+        return self.flat.log_prob(value.flatten(-len(self.event_shape)))
+
+    def entropy(self):
+        return self.flat.entropy()

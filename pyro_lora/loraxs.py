@@ -1,0 +1,118 @@
+"""LoRA-XS: the LoRA layer ``y = W0 x + s B R A x`` with ``A``, ``B`` frozen from the truncated SVD of ``W0``.
+
+Only the ``r x r`` core ``R`` is trained (``r^2`` numbers per layer instead of LoRA's ``r (d_in + d_out)``).
+Following the LoRA-XS reference code, ``B = U_r`` and ``A = diag(S_r) V_r^T`` (singular values folded into
+``A``), so ``B R A = W0``'s best rank-``r`` approximation at ``R = I`` and the base network at ``R = 0``.
+The core hand-off applies ``R`` (``handoff.lora_delta``); :class:`LoraXSModel` makes ``R`` the random sites
+and keeps ``A`` and ``B`` frozen.
+"""
+
+from collections import OrderedDict
+
+import torch
+
+from .model import LoraModel
+from .sites import active_adapter, find_lora_layers
+
+__all__ = ["LoraXSModel", "base_weight", "init_lora_xs", "lora_xs_parameter_counts"]
+
+
+def base_weight(layer):
+    """The frozen base weight ``W0`` of a peft LoRA layer as ``[d_out, d_in]`` (``fan_in_fan_out`` undone).
+
+    :raises ValueError: if the base layer has no dense floating-point 2-D weight (e.g. a quantized layer).
+    """
+    w = getattr(layer.get_base_layer(), "weight", None)
+    if w is None or w.dim() != 2 or not w.is_floating_point():
+        raise ValueError(
+            f"LoRA-XS needs a dense floating-point 2-D base weight; {type(layer.get_base_layer()).__name__} has "
+            f"{None if w is None else (tuple(w.shape), w.dtype)}"
+        )
+    return w.T if getattr(layer, "fan_in_fan_out", False) else w
+
+
+@torch.no_grad()
+def init_lora_xs(net, adapter=None):
+    """Write the truncated SVD of every LoRA layer's base weight into its ``lora_A`` / ``lora_B``.
+
+    ``W0 = U S V^T``: ``lora_B = U_r`` (``[d_out, r]``, orthonormal columns) and ``lora_A = diag(S_r) V_r^T``
+    (``[r, d_in]``), so ``lora_B @ lora_A`` is the best rank-``r`` approximation of ``W0`` (Eckart-Young).
+    The SVD runs in fp32, batched over all layers with the same ``(d_out, d_in, r)``. Signs are fixed
+    (each column of ``U_r`` has its largest-magnitude entry positive), so re-running it, e.g. before
+    loading a saved ``R`` posterior, gives the same ``A`` and ``B``.
+
+    :param net: a peft model with (unmerged) LoRA layers.
+    :param str adapter: adapter name; default the active one.
+    :returns: the module paths of the initialised layers.
+    :raises ValueError: if a rank exceeds ``min(d_out, d_in)``, a layer uses DoRA, or a base weight is not dense.
+    """
+    adapter = adapter or active_adapter(net)
+    layers = find_lora_layers(net, adapter)
+    groups = OrderedDict()
+    for path, layer in layers.items():
+        w0 = base_weight(layer)
+        r = layer.r[adapter]
+        if r > min(w0.shape):
+            raise ValueError(f"LoRA rank {r} of {path} exceeds min(d_out, d_in) = {min(w0.shape)} of its base weight")
+        if getattr(layer, "use_dora", {}).get(adapter, False):
+            raise ValueError(f"{path} uses DoRA: LoRA-XS needs plain LoRA layers")
+        groups.setdefault((tuple(w0.shape), r, w0.device), []).append(path)
+    for (_, r, _), paths in groups.items():
+        w0 = torch.stack([base_weight(layers[p]).float() for p in paths])  # [G, d_out, d_in]
+        u, s, vh = torch.linalg.svd(w0, full_matrices=False)
+        u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
+        # svd_flip-style sign convention: U's largest-magnitude entry per column is positive
+        sign = torch.sign(u.gather(-2, u.abs().argmax(-2, keepdim=True)))  # [G, 1, r]
+        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+        b = u * sign
+        a = s.unsqueeze(-1) * vh * sign.transpose(-1, -2)
+        for i, path in enumerate(paths):
+            layer = layers[path]
+            layer.lora_A[adapter].weight.copy_(a[i])
+            layer.lora_B[adapter].weight.copy_(b[i])
+    return list(layers)
+
+
+class LoraXSModel(LoraModel):
+    """A :class:`~pyro_lora.LoraModel` over the LoRA-XS cores: the sites are the ``R`` matrices (``[L, r, r]``).
+
+    ``y = W0 x + s B R A x`` with ``A``, ``B`` from :func:`init_lora_xs` (run by the constructor unless
+    ``svd_init=False``) and frozen; ``R`` sites start at zero (``model.adapter_values()``), so the
+    untrained model is the base network. Other trainable parameters (a classification head) are point
+    estimates, as in :class:`~pyro_lora.LoraModel`.
+
+    Example::
+
+        model = LoraXSModel(net, SequenceClassification(), prior=1.0, num_data=len(train))
+        guide = MAPGuide(model)             # R only: r^2 numbers per layer
+        fit(model, guide, loader, epochs=3, lr=1e-3)
+
+    :param net: a peft model with LoRA layers; their ``lora_A`` / ``lora_B`` are overwritten by the SVD.
+    :param bool svd_init: run :func:`init_lora_xs` (deterministic, so also right when rebuilding a saved run).
+    :param kwargs: ``group``, ``prior``, ``num_data``, ``adapter`` as for :class:`~pyro_lora.LoraModel`.
+    """
+
+    def __init__(self, net, likelihood, svd_init=True, **kwargs):
+        if "random" in kwargs:
+            raise ValueError("LoraXSModel's random sites are always the R cores; do not pass random=")
+        if svd_init:
+            init_lora_xs(net, kwargs.get("adapter"))
+        super().__init__(net, likelihood, random="R", **kwargs)
+
+
+def lora_xs_parameter_counts(model):
+    """Trainable LoRA numbers per layer: LoRA-XS ``r^2`` against plain LoRA's ``r (d_in + d_out)``.
+
+    :param model: a :class:`~pyro_lora.LoraModel` (any ``random``): only its LoRA layers' shapes are read.
+    :returns: ``{"per_layer": {path: {"lora_xs": r^2, "lora": r (d_in + d_out)}}, "lora_xs": total, "lora": total}``.
+    """
+    per_layer = {}
+    for path, layer in model.layers.items():
+        r, d_in = layer.lora_A[model.adapter].weight.shape
+        d_out = layer.lora_B[model.adapter].weight.shape[0]
+        per_layer[path] = {"lora_xs": r * r, "lora": r * (d_in + d_out)}
+    return {
+        "per_layer": per_layer,
+        "lora_xs": sum(c["lora_xs"] for c in per_layer.values()),
+        "lora": sum(c["lora"] for c in per_layer.values()),
+    }

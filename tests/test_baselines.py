@@ -1,0 +1,225 @@
+"""Baselines: temperature scaling, MC dropout on the LoRA input, deep ensembles (with per-member heads)."""
+
+import math
+
+import pyro.poutine as poutine
+import pytest
+import torch
+from conftest import random_batch, tiny_bert
+from test_training import toy_data
+
+from guides.ensemble import EnsembleGuide, head_parameters, predict_ensemble, train_ensemble
+from guides.mcdropout import ColumnDropout, MCDropoutGuide
+from pyro_lora import LoraModel, SequenceClassification, fit, load_guide, predict, save_guide
+from pyro_lora.calibration import apply_temperature, fit_temperature, temperature_nll
+from pyro_lora.metrics import nll
+
+
+def make(num_labels=2, random="AB", seed=0):
+    return LoraModel(tiny_bert(num_labels=num_labels, seed=seed), SequenceClassification(), random=random, num_data=48)
+
+
+# --- temperature scaling -------------------------------------------------------------------------
+
+
+def classification(n=400, c=4, sharpness=1.0, seed=0):
+    """Logits and labels drawn from softmax(logits); ``sharpness`` then mis-scales the logits."""
+    g = torch.Generator().manual_seed(seed)
+    logits = 2 * torch.randn(n, c, generator=g, dtype=torch.float64)
+    labels = torch.multinomial(logits.softmax(-1), 1, generator=g).squeeze(-1)
+    return sharpness * logits, labels
+
+
+@pytest.mark.parametrize("sharpness, seed", [(3.0, 0), (0.3, 1), (1.0, 2), (1.0, 3), (-1.0, 4)])
+def test_temperature_never_raises_validation_nll_and_finds_the_grid_minimum(sharpness, seed):
+    logits, labels = classification(sharpness=sharpness, seed=seed)
+    probs = logits.softmax(-1)
+    t = fit_temperature(probs, labels)
+    before, after = nll(probs, labels), nll(apply_temperature(probs, t), labels)
+    assert after <= before
+    grid = torch.exp(torch.linspace(math.log(1e-2), math.log(1e2), 1001, dtype=torch.float64))[:, None, None]
+    picked = (probs.log() / grid).log_softmax(-1).gather(-1, labels.expand(1001, -1).unsqueeze(-1))
+    best = (-picked.clamp(min=math.log(1e-12))).mean((1, 2)).min()  # the NLL on a dense grid of T
+    assert after <= best + 1e-4
+    assert temperature_nll(probs.log(), labels, t) == pytest.approx(after, abs=1e-9)
+    if sharpness == 3.0:
+        assert 2.0 < t < 4.5 and after < 0.9 * before  # over-confident: T near the mis-scaling
+    if sharpness == 0.3:
+        assert 0.2 < t < 0.5
+
+
+def test_temperature_from_logits_equals_from_probs_and_keeps_missing_choices_at_zero():
+    logits, labels = classification(sharpness=3.0)
+    assert fit_temperature(logits, labels) == pytest.approx(fit_temperature(logits.softmax(-1), labels), rel=1e-3)
+    probs = torch.tensor([[0.7, 0.3, 0.0], [0.2, 0.5, 0.3]], dtype=torch.float32)
+    scaled = apply_temperature(probs, 2.0)
+    assert scaled[0, 2] == 0 and scaled.dtype == torch.float32
+    torch.testing.assert_close(scaled.sum(-1), torch.ones(2))
+    torch.testing.assert_close(scaled[0, :2], torch.tensor([0.7, 0.3]).sqrt() / torch.tensor([0.7, 0.3]).sqrt().sum())
+    # a label on a zero-probability choice does not make the fit fail
+    assert math.isfinite(fit_temperature(probs, torch.tensor([2, 1])))
+
+
+def test_temperature_bad_input():
+    with pytest.raises(ValueError, match="positive"):
+        apply_temperature(torch.tensor([[0.5, 0.5]]), 0.0)
+    with pytest.raises(ValueError, match=r"\[N, C\]"):
+        fit_temperature(torch.tensor([0.5, 0.5]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="out of range"):
+        fit_temperature(torch.tensor([[0.5, 0.5]]), torch.tensor([2]))
+    with pytest.raises(ValueError, match="not probability vectors"):
+        fit_temperature(torch.tensor([[2.0, 0.5]]), torch.tensor([0]), kind="probs")
+
+
+# --- MC dropout -----------------------------------------------------------------------------------
+
+
+def test_mc_dropout_samples_drop_whole_input_columns_and_average_to_a():
+    model = make()
+    guide = MCDropoutGuide(model, p=0.1)
+    torch.manual_seed(0)
+    draws = guide.sample(20_000)
+    for (name, site), loc in zip(model.sites.items(), guide.locs):
+        if site.matrix == "B":
+            assert torch.equal(draws[name][7], loc)
+            continue
+        a = draws[name]  # [S, L, r, d_in]
+        kept = (a == loc / 0.9).all(-2)
+        dropped = (a == 0).all(-2)
+        assert (kept | dropped).all()  # every column of every sample is kept whole or dropped whole
+        assert abs(dropped.double().mean() - 0.1) < 0.005
+        assert (a.mean(0) - loc).abs().max() < 0.02 * loc.abs().max()
+
+
+def test_column_dropout_log_prob_counts_columns():
+    loc = torch.tensor([[1.0, 2.0, 0.0], [3.0, 4.0, 0.0]])
+    q = ColumnDropout(loc, 0.25)
+    value = torch.tensor([[0.0, 2.0 / 0.75, 0.0], [0.0, 4.0 / 0.75, 0.0]])  # column 0 dropped, 1 kept, 2 all-zero
+    assert q.log_prob(value).item() == pytest.approx(math.log(0.25) + math.log(0.75))
+    assert q.log_prob(torch.ones(2, 3)).item() == -math.inf
+    torch.testing.assert_close(q.variance, loc.pow(2) / 3)
+
+
+def test_mc_dropout_predicts_batched_and_its_mean_is_the_network():
+    model = make(num_labels=3)
+    guide = MCDropoutGuide(model, p=0.3)
+    data = toy_data()
+    torch.manual_seed(0)
+    full = predict(model, guide, data, num_samples=4, keep_samples=True)
+    torch.manual_seed(0)
+    values = guide.sample(4)
+    direct = torch.softmax(model.logits(data[1], {k: v[3] for k, v in values.items()}), -1)
+    torch.testing.assert_close(full.sample_probs[3, 8:16], direct, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(full.sample_probs[0], full.sample_probs[1])
+    torch.testing.assert_close(predict(model, guide, data, mean=True).probs, predict(model, None, data).probs)
+
+
+def test_mc_dropout_training_and_save_load(tmp_path):
+    model = make()
+    guide = MCDropoutGuide(model, p=0.1)
+    before = [loc.detach().clone() for loc in guide.locs]
+    losses = fit(model, guide, toy_data(), epochs=3, lr=3e-2, progress=False)
+    assert all(math.isfinite(x) for x in losses) and sum(losses[-6:]) < sum(losses[:6])
+    assert not torch.equal(before[0], guide.locs[0])
+    save_guide(guide, tmp_path / "mcd")
+    loaded = load_guide(tmp_path / "mcd", make())
+    assert type(loaded) is MCDropoutGuide and loaded.p == 0.1
+    for a, b in zip(guide.locs, loaded.locs):
+        torch.testing.assert_close(a, b)
+
+
+def test_mc_dropout_bad_input():
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        MCDropoutGuide(make(), p=1.0)
+    with pytest.raises(ValueError, match="no"):
+        MCDropoutGuide(make(random="B"))
+
+
+# --- deep ensemble --------------------------------------------------------------------------------
+
+
+def distinct_members(model, k=3):
+    return [{n: torch.full(s.shape, float(i + 1)) for n, s in model.sites.items()} for i in range(k)]
+
+
+def test_ensemble_cycles_members_and_its_pyro_path_keeps_sites_together():
+    model = make()
+    guide = EnsembleGuide(model, distinct_members(model))
+    draws = guide.sample(7)
+    for v in draws.values():
+        assert v[:, 0, 0, 0].tolist() == [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0]
+    assert all(torch.equal(v, torch.full_like(v, 2.0)) for v in guide.mean().values())
+    trace = poutine.trace(guide).get_trace(random_batch())
+    k = int(trace.nodes["ensemble_member"]["value"])
+    assert all(torch.equal(trace.nodes[n]["value"], torch.full(s.shape, k + 1.0)) for n, s in model.sites.items())
+    conditioned = poutine.trace(poutine.condition(guide, {"ensemble_member": torch.tensor(2)})).get_trace()
+    assert all(trace_value.eq(3.0).all() for trace_value in (conditioned.nodes[n]["value"] for n in model.sites))
+    marginal = guide.posterior()["query.lora_A"]
+    assert marginal.sample().unique().item() in (1.0, 2.0, 3.0)
+    torch.testing.assert_close(marginal.mean, torch.full(model.sites["query.lora_A"].shape, 2.0))
+    assert guide.extra_parameters() == 2 * sum(s.numel for s in model.sites.values())
+
+
+def member_prediction(model, guide, data, k):
+    """Member ``k`` the slow way: its sites and head written into the network, one plain forward."""
+    params = dict(model.net.named_parameters())
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        model.write_adapter({n: v[k] for n, v in guide.members().items()})
+        for n, v in guide.heads().items():
+            params[n].copy_(v[k])
+    probs = predict(model, None, data).probs
+    with torch.no_grad():
+        for n, v in saved.items():
+            params[n].copy_(v)
+    return probs
+
+
+def test_train_ensemble_members_differ_heads_are_batched_and_network_is_restored():
+    model = make()
+    before = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    guide = train_ensemble(model, toy_data(), k=3, seeds=[1, 2, 3], fit_kwargs={"epochs": 1, "lr": 1e-2}, include_current=True)
+    for n, p in model.net.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert guide.head_parameters == sorted(head_parameters(model)) and len(guide.head_parameters) == 2
+    heads = guide.heads()["base_model.model.classifier.modules_to_save.default.weight"]
+    assert not torch.allclose(heads[1], heads[2]) and torch.equal(heads[0], before["base_model.model.classifier.modules_to_save.default.weight"])
+    members = guide.members()["query.lora_A"]
+    assert not torch.allclose(members[1], members[2])
+    data = toy_data()
+    prediction = predict_ensemble(model, guide, data, keep_samples=True)
+    slow = torch.stack([member_prediction(model, guide, data, k) for k in range(3)])
+    torch.testing.assert_close(prediction.sample_probs, slow, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(prediction.probs, slow.mean(0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="member_heads"):
+        predict(model, guide, data, num_samples=3)
+    with pytest.raises(ValueError, match="no Pyro guide path"):
+        guide(data[0])
+    with pytest.raises(ValueError, match="chunk_size"):
+        predict_ensemble(model, guide, data, chunk_size=1)
+
+
+def test_ensemble_save_load_round_trip_with_heads(tmp_path):
+    model = make()
+    members = distinct_members(model, k=2)
+    name = "base_model.model.classifier.modules_to_save.default.weight"
+    heads = [{name: torch.randn(2, 32)}, {name: torch.randn(2, 32)}]
+    guide = EnsembleGuide(model, [{n: v * 0.01 for n, v in m.items()} for m in members], heads)
+    save_guide(guide, tmp_path / "ens")
+    fresh = make()
+    loaded = load_guide(tmp_path / "ens", fresh)
+    assert loaded.config() == {"num_members": 2, "head_parameters": [name]}
+    torch.testing.assert_close(loaded.heads()[name], guide.heads()[name])
+    torch.testing.assert_close(predict_ensemble(fresh, loaded, toy_data()).probs, predict_ensemble(model, guide, toy_data()).probs)
+
+
+def test_ensemble_bad_input():
+    model = make()
+    with pytest.raises(ValueError, match="non-empty"):
+        EnsembleGuide(model, [])
+    with pytest.raises(ValueError, match="nn.Linear"):
+        EnsembleGuide(model, num_members=2, head_parameters=["base_model.model.bert.embeddings.LayerNorm.weight"])
+    with pytest.raises(ValueError, match="expects shape"):
+        EnsembleGuide(model, [{n: torch.zeros(2) for n in model.sites}])
+    with pytest.raises(ValueError, match="random='AB'"):
+        train_ensemble(make(random="A"), toy_data(), k=2)

@@ -1,0 +1,92 @@
+"""LoRA-XS: the SVD initialisation, R = 0 / R = I against the base network, frozen A/B, parameter counts."""
+
+import pytest
+import torch
+from conftest import random_batch, tiny_bert, tiny_bert_base, tiny_llama
+from test_training import toy_data
+
+from guides import MAPGuide
+from pyro_lora import CausalLM, LoraModel, SequenceClassification, fit
+from pyro_lora.loraxs import LoraXSModel, base_weight, init_lora_xs, lora_xs_parameter_counts
+
+
+def truncated(w, r):
+    """Best rank-r approximation of ``w`` and its squared Frobenius error, in float64."""
+    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
+    return (u[:, :r] * s[:r]) @ vh[:r], s[r:].pow(2).sum()
+
+
+def test_svd_init_is_the_truncated_svd_with_orthonormal_b():
+    net = tiny_llama(r=4, targets=("q_proj", "v_proj"))  # q_proj 32 x 32, v_proj 16 x 32
+    model = LoraModel(net, CausalLM(), random="R")
+    init_lora_xs(net)
+    for path, layer in model.layers.items():
+        a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+        w0 = base_weight(layer)
+        best, error = truncated(w0, 4)
+        torch.testing.assert_close(b @ a, best, rtol=0, atol=1e-5)
+        torch.testing.assert_close((w0.double() - b @ a).pow(2).sum(), error, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(b.T @ b, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-5)
+        gram = a @ a.T  # rows of diag(S_r) V_r^T: orthogonal, norms the singular values, descending
+        singular = torch.linalg.svdvals(w0.double())[:4]
+        torch.testing.assert_close(gram, torch.diag(singular.pow(2)), rtol=0, atol=1e-4)
+
+
+def test_svd_init_is_deterministic_and_refuses_too_large_ranks():
+    net = tiny_llama(r=4)
+    init_lora_xs(net)
+    first = {n: p.detach().clone() for n, p in net.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_" in n:
+                p.normal_()
+    init_lora_xs(net)
+    for n, p in net.named_parameters():
+        if "lora_" in n:
+            assert torch.equal(p, first[n]), n
+    with pytest.raises(ValueError, match="exceeds min"):
+        init_lora_xs(tiny_llama(r=20))  # v_proj is 16 x 32
+
+
+@pytest.mark.parametrize("group", ["kind", "matrix"])
+def test_r_zero_is_the_base_network_and_r_identity_adds_the_rank_r_part(group):
+    model = LoraXSModel(tiny_bert(r=4), SequenceClassification(), group=group)
+    batch = random_batch()
+    zeros = model.adapter_values()
+    assert all(torch.equal(v, torch.zeros(s.shape)) for v, s in zip(zeros.values(), model.sites.values()))
+    base = tiny_bert_base(seed=0).eval()  # the same weights tiny_bert wraps
+    torch.testing.assert_close(model.logits(batch, zeros), base(**batch).logits, rtol=1e-5, atol=1e-6)
+
+    eye = {n: torch.eye(4).expand(s.shape).clone() for n, s in model.sites.items()}
+    scaling = 2.0  # lora_alpha / r
+    modules = dict(base.named_modules())
+    with torch.no_grad():
+        for path in model.layers:
+            linear = modules[path.removeprefix("base_model.model.")]
+            linear.weight += scaling * truncated(linear.weight, 4)[0].float()
+    torch.testing.assert_close(model.logits(batch, eye), base(**batch).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_only_the_cores_and_the_head_train():
+    model = LoraXSModel(tiny_bert(num_labels=2), SequenceClassification(), num_data=48)
+    lora = {n: p.detach().clone() for n, p in model.net.named_parameters() if "lora_" in n}
+    names = {id(p): n for n, p in model.net.named_parameters()}
+    assert all("classifier" in names[id(p)] for p in model.point_parameters())
+    guide = MAPGuide(model)
+    losses = fit(model, guide, toy_data(), epochs=3, lr=3e-2, progress=False)
+    assert sum(losses[-6:]) < sum(losses[:6])
+    for n, p in model.net.named_parameters():
+        if "lora_" in n:
+            assert torch.equal(p, lora[n]) and not p.requires_grad, n
+    assert all(v.abs().sum() > 0 for v in guide.mean().values())
+    with pytest.raises(ValueError, match="always the R cores"):
+        LoraXSModel(tiny_bert(), SequenceClassification(), random="AB")
+
+
+def test_parameter_counts():
+    model = LoraXSModel(tiny_bert(r=4), SequenceClassification())
+    counts = lora_xs_parameter_counts(model)
+    assert len(counts["per_layer"]) == 4
+    assert all(c == {"lora_xs": 16, "lora": 4 * (32 + 32)} for c in counts["per_layer"].values())
+    assert (counts["lora_xs"], counts["lora"]) == (64, 1024)
+    assert counts["lora_xs"] == sum(s.numel for s in model.sites.values())

@@ -1,0 +1,145 @@
+"""SWAG guide: moments and deviations of the collected iterates, the sample covariance, the fit callback, save/load."""
+
+import pyro.poutine as poutine
+import pytest
+import torch
+from conftest import random_batch, tiny_bert
+from pyro.infer import Trace_ELBO
+from test_training import toy_data
+
+from guides import MAPGuide
+from guides.swag import LowRankNormal, SWAGCollector, SWAGGuide
+from pyro_lora import SequenceClassification, fit, load_guide, predict, save_guide
+from pyro_lora.loraxs import LoraXSModel
+
+
+def xs_model(r=2, num_labels=2):
+    return LoraXSModel(tiny_bert(r=r, num_labels=num_labels), SequenceClassification(), num_data=48)
+
+
+def iterates(model, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{k: torch.randn(s.shape, generator=g) * (1 + i) for k, s in model.sites.items()} for i in range(n)]
+
+
+def flat(values):
+    """Concatenate site values ``[*S, *site.shape]`` into ``[*S, D]`` (site order of the dict)."""
+    return torch.cat([v.flatten(-3) for v in values.values()], -1)
+
+
+def collected(model, n, rank, scale=0.5):
+    guide = SWAGGuide(model, rank=rank, scale=scale)
+    thetas = iterates(model, n)
+    for theta in thetas:
+        guide.collect(theta)
+    return guide, thetas
+
+
+def test_moments_and_deviations_equal_the_direct_statistics_of_the_iterates():
+    model = xs_model()
+    guide, thetas = collected(model, n=5, rank=3)
+    stacked = flat({k: torch.stack([t[k] for t in thetas]) for k in model.sites}).double()  # [5, D]
+    moments = guide.moments()
+    torch.testing.assert_close(flat({k: m for k, (m, _) in moments.items()}), stacked.mean(0))
+    torch.testing.assert_close(flat({k: v for k, (_, v) in moments.items()}), stacked.var(0, unbiased=False))
+    running = stacked.cumsum(0) / torch.arange(1, 6, dtype=torch.float64)[:, None]
+    expected = (stacked - running)[[3, 4, 2]].float()  # ring buffer of K = 3 after 5 iterates: slots 4, 5, 3
+    torch.testing.assert_close(flat(guide.deviations()), expected)
+    assert int(guide.num_collected) == 5 and guide.extra_parameters() == 4 * stacked.shape[1]
+
+
+def test_joint_samples_have_the_low_rank_plus_diagonal_covariance():
+    model = xs_model()  # two sites of shape (2, 2, 2): D = 16
+    guide, _ = collected(model, n=6, rank=4, scale=0.5)
+    mean = flat(guide.mean()).double()
+    var = flat({k: v for k, (_, v) in guide.moments().items()})
+    dev = flat(guide.deviations()).double().T  # [D, K'], the columns of D
+    expected = 0.5 * (torch.diag(var) + dev @ dev.T / 3)
+    torch.manual_seed(0)
+    draws = flat(guide.sample(200_000)).double()
+    centred = draws - mean
+    cov = centred.T @ centred / draws.shape[0]
+    assert (draws.mean(0) - mean).abs().max() < 0.02 * expected.diagonal().max().sqrt()
+    assert (cov - expected).abs().max() < 0.02 * expected.diagonal().max()
+    # the low-rank part couples the two sites: the cross-site block is not zero
+    assert expected[:8, 8:].abs().max() > 0.1 * expected.diagonal().max()
+
+
+def test_posterior_marginals_match_the_joint_and_a_dense_gaussian():
+    model = xs_model()
+    guide, _ = collected(model, n=6, rank=4)
+    dev = flat(guide.deviations()).double().T
+    var = flat({k: v for k, (_, v) in guide.moments().items()})
+    joint = 0.5 * (torch.diag(var) + dev @ dev.T / 3)
+    posterior = guide.posterior()
+    for i, (name, site) in enumerate(model.sites.items()):
+        q = posterior[name]
+        assert isinstance(q, LowRankNormal) and tuple(q.event_shape) == site.shape and q.has_rsample
+        block = joint[8 * i : 8 * (i + 1), 8 * i : 8 * (i + 1)].float()
+        dense = torch.distributions.MultivariateNormal(q.mean.flatten(), block)
+        x = q.rsample((5,))
+        torch.testing.assert_close(q.log_prob(x), dense.log_prob(x.flatten(-3)), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(q.variance.flatten(), block.diagonal(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(q.entropy(), dense.entropy(), rtol=1e-4, atol=1e-4)
+
+
+def test_pyro_guide_path_records_every_site_and_gives_a_finite_elbo():
+    model = xs_model(num_labels=3)
+    guide, _ = collected(model, n=3, rank=2)
+    batch = random_batch() | {"labels": torch.tensor([0, 1, 2])}
+    trace = poutine.trace(guide).get_trace(batch)
+    for name, site in model.sites.items():
+        assert trace.nodes[name]["value"].shape == site.shape
+    assert torch.isfinite(Trace_ELBO().differentiable_loss(model, guide, batch))
+
+
+def test_collector_collects_the_map_iterates_of_the_last_epoch_and_predicts():
+    model = xs_model()
+    map_guide, swag = MAPGuide(model), SWAGGuide(model, rank=5)
+    seen = []
+
+    def record(state):
+        if state.epoch == 1 and state.step % 2 == 0:
+            seen.append({k: v.detach().clone() for k, v in state.guide.mean().items()})
+
+    fit(model, map_guide, toy_data(), epochs=2, lr=3e-2, progress=False,
+        callbacks=[record, SWAGCollector(swag, start_epoch=1, every=2)])
+    assert int(swag.num_collected) == len(seen) == 3  # steps 8, 10, 12 of epoch 1 (6 steps per epoch)
+    for name in model.sites:
+        torch.testing.assert_close(swag.mean()[name], torch.stack([s[name] for s in seen]).mean(0))
+    prediction = predict(model, swag, toy_data(), num_samples=4, keep_samples=True)
+    assert prediction.sample_probs.shape == (4, 48, 2)
+    assert not torch.allclose(prediction.sample_probs[0], prediction.sample_probs[1])
+    torch.testing.assert_close(prediction.probs.sum(-1), torch.ones(48))
+
+
+def test_save_load_round_trip(tmp_path):
+    model = xs_model()
+    guide, _ = collected(model, n=7, rank=3, scale=0.3)
+    save_guide(guide, tmp_path / "swag")
+    fresh = xs_model()
+    loaded = load_guide(tmp_path / "swag", fresh)
+    assert type(loaded) is SWAGGuide and loaded.config() == guide.config()
+    assert int(loaded.num_collected) == 7
+    torch.manual_seed(3)
+    a = guide.sample(4)
+    torch.manual_seed(3)
+    b = loaded.sample(4)
+    for name in model.sites:
+        torch.testing.assert_close(a[name], b[name])
+
+
+def test_bad_input():
+    model = xs_model()
+    guide = SWAGGuide(model, rank=3)
+    with pytest.raises(ValueError, match="at least 2"):
+        guide.sample(2)
+    guide.collect(iterates(model, 1)[0])
+    with pytest.raises(ValueError, match="at least 2"):
+        guide.posterior()
+    with pytest.raises(ValueError, match="expects shape"):
+        guide.collect({k: torch.zeros(3) for k in model.sites})
+    with pytest.raises(ValueError, match="rank"):
+        SWAGGuide(model, rank=1)
+    with pytest.raises(ValueError, match="every"):
+        SWAGCollector(guide, every=0)
