@@ -33,8 +33,8 @@ class CompareConfig:
     model: str = "minilm"
     dataset: str = "sst2"
     guides: tuple = None  # None: every method that applies to the task
-    train_size: int = 1000
-    test_size: int = 500
+    train_size: int = 500
+    test_size: int = 300
     val_fraction: float = 0.1
     samples: int = 8
     epochs: int = 8  # long enough for MAP to become over-confident, where calibration can be gained
@@ -188,10 +188,11 @@ def _svi(setup, guide_class, random, prior, **guide_kwargs):
 
 
 def method_meanfield(setup):
-    """BLoB-style: Gaussian A (prior std 0.2), B a point estimate."""
+    """BLoB-style: Gaussian A, B a point estimate. Prior std 0.1: BLoB's 0.2 let the stds of the many directions
+    the data leave free grow to 4x the MiniLM LoRA entries (accuracy -7 points on SST-2; 0.1: -2, 0.05: -3)."""
     from guides import MeanFieldGuide
 
-    return _svi(setup, MeanFieldGuide, "A", 0.2)
+    return _svi(setup, MeanFieldGuide, "A", 0.1)
 
 
 def method_flow(setup):
@@ -201,8 +202,10 @@ def method_flow(setup):
     return _svi(setup, FlowGuide, "A", 0.1)
 
 
-# TFB's reference range [1e-3, 1.5e-2] was set for 8B models; small models tolerate more noise
-TFB_SEARCH = dict(criterion="nll", tolerance=0.03, low=1e-3, high=0.1, iterations=6)
+# TFB's reference range [1e-3, 1.5e-2] was set for 8B models; small models tolerate more noise. The flip
+# criterion: on an over-confident MAP the pseudo-label NLL is near zero, so its relative change blocks any noise
+# (measured on MiniLM/SST-2: nll criterion sigma 0.017, ECE 12.4 vs MAP 12.7; flip 2% sigma 0.088, ECE 2.9)
+TFB_SEARCH = dict(criterion="flip", tolerance=0.01, low=1e-3, high=0.2, iterations=6)
 
 
 def method_tfb(setup):
