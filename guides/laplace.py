@@ -307,6 +307,7 @@ class LaplaceGuide(LoraGuide):
         log-likelihood) are linear in the data, so one ``all_reduce`` makes every rank's factors those of
         one process (with ``fisher="mc"`` the sampled labels differ, as with any other seed).
         """
+        _check_one_forward(self.model)
         model = self.model
         loc = {name: v.float() for name, v in model.adapter_values().items()}
         gen = torch.Generator(device=model.device).manual_seed(0)
@@ -613,6 +614,7 @@ class LaplaceGuide(LoraGuide):
     def _glm_batch(self, batch, lams):
         """Mean ``[N, C]`` and covariance ``[G, N, C, C]`` for ``G`` prior precisions (``lams``: per site ``[G, L]``)."""
         model = self.model
+        _check_one_forward(model)
         loc = {name: f.loc for name, f in zip(self.sites, self.factors)}
         with _eval(model.net):
             weights = self._layer_weights(loc)
@@ -623,6 +625,11 @@ class LaplaceGuide(LoraGuide):
         cov = logits.new_zeros(lams[0].shape[0], n, c, c)
         with torch.no_grad():
             for idx, x, g, mask in self._stacked(inputs, grads, batch):
+                if x.shape[1] != n:  # cloze: K rows per example, whose Jacobian sums over all their tokens
+                    k = x.shape[1] // n
+                    x = x.reshape(x.shape[0], n, k * x.shape[2], x.shape[3])
+                    g = g.reshape(*g.shape[:2], n, k * g.shape[3], g.shape[4])
+                    mask = None if mask is None else mask.reshape(n, -1)
                 if mask is not None:
                     g = g * mask.unsqueeze(-1)
                 for i in idx:
@@ -742,3 +749,10 @@ def _site_precision(config, name, site):
     if v.numel() not in (1, layers):
         raise ValueError(f"prior_precision of site {name!r} needs 1 or {layers} values, got {v.numel()}")
     return v.expand(layers)
+
+
+def _check_one_forward(model):
+    """The hooks see one forward per batch: the cloze shared-prefix path runs two (question, then choices)."""
+    lik = model.likelihood
+    if getattr(lik, "format", None) == "cloze" and lik.share_prefix:
+        raise ValueError("LaplaceGuide needs MultipleChoice(format='cloze', share_prefix=False): its hooks read one forward per batch")

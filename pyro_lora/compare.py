@@ -231,6 +231,8 @@ def method_laplace(setup):
 
     c = setup.config
     model = setup.lora_model(random="AB")
+    if getattr(model.likelihood, "format", None) == "cloze":  # the KFAC hooks read one forward per batch
+        model.likelihood = MultipleChoice(format="cloze", normalize=model.likelihood.normalize, share_prefix=False)
     guide = LaplaceGuide(model).fit(setup.loader(setup.train), progress=c.progress)
     guide.optimize_prior_precision(method="marglik")
     return Fitted(lambda records: guide.predict_glm(setup.loader(records), link="probit"), guide, guide.extra_parameters())

@@ -423,3 +423,22 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="positive"):
         guide.set_prior_precision({"query.lora_A": [1.0, 0.0]})
     assert guide.prior_precision["query.lora_A"].tolist() == [1.0, 1.0]
+
+
+def test_glm_on_cloze_rows_groups_each_questions_choices():
+    from test_cloze import SHARED, cloze_batch
+
+    from pyro_lora import MultipleChoice
+
+    net = tiny_llama()
+    model = LoraModel(net, MultipleChoice(format="cloze", share_prefix=False), num_data=4)
+    batch = cloze_batch(SHARED)
+    guide = LaplaceGuide(model).fit([batch], progress=False)
+    mean, cov = guide.glm_logits(batch)
+    assert mean.shape == (2, 3) and cov.shape == (2, 3, 3)
+    torch.testing.assert_close(cov, cov.mT)
+    one = {k: (v[:3] if v.shape[0] == 6 else v[:1]) for k, v in batch.items()}  # the first question alone
+    _, cov_one = guide.glm_logits(one)
+    torch.testing.assert_close(cov[0], cov_one[0], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="share_prefix=False"):
+        LaplaceGuide(LoraModel(net, MultipleChoice(format="cloze"))).fit([batch], progress=False)
