@@ -55,6 +55,16 @@ def random_batch(batch=3, seq=7, vocab=64, seed=1, left_pad=0):
 
 
 @pytest.fixture(autouse=True)
+def _one_thread():
+    # tiny nets gain nothing from intra-op threads, and on a shared CPU (OpenMP oversubscription) they make
+    # every step many times slower
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
 def _fresh_pyro():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)

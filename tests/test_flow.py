@@ -17,15 +17,6 @@ from pyro_lora.sites import Site
 f64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny nets gain nothing from intra-op threads, and on a shared CPU they make every step many times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(random="AB", prior=0.3, num_data=None, r=4, **kw):
     model = LoraModel(tiny_bert(r=r, num_labels=3), SequenceClassification(), random=random, prior=prior, num_data=num_data)
     return model, FlowGuide(model, **kw)

@@ -15,15 +15,6 @@ from pyro_lora import LoraModel, MatrixNormalKronecker, SequenceClassification, 
 
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny nets gain nothing from intra-op threads, and on a shared CPU they make every step many times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make(random="AB", prior=0.3, num_data=None, **kw):
     model = LoraModel(tiny_bert(num_labels=3), SequenceClassification(), random=random, prior=prior, num_data=num_data)
     return model, MeanFieldGuide(model, **kw)
