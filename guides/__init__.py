@@ -10,6 +10,7 @@ from .laplace import LaplaceGuide
 from .map import MAPGuide
 from .mcdropout import MCDropoutGuide
 from .meanfield import MeanFieldGuide
+from .scalabl import ScalaBLGuide
 from .swag import SWAGCollector, SWAGGuide
 from .tfb import TFBGuide, bayesianize
 
@@ -22,6 +23,7 @@ __all__ = [
     "MCDropoutGuide",
     "MeanFieldGuide",
     "SWAGCollector",
+    "ScalaBLGuide",
     "SWAGGuide",
     "TFBGuide",
     "bayesianize",

@@ -8,6 +8,7 @@ from .likelihoods import CausalLM, MultipleChoice, SequenceClassification
 from .model import LoraModel
 from .predictive import Prediction, predict
 from .priors import LowRankPlusDiagNormal, MatrixNormalKronecker, isotropic_normal
+from .scalabl import ScalaBLModel
 from .sites import Site
 from .training import FitState, fit
 
@@ -19,6 +20,7 @@ __all__ = [
     "MatrixNormalKronecker",
     "MultipleChoice",
     "Prediction",
+    "ScalaBLModel",
     "SequenceClassification",
     "Site",
     "export_adapter",

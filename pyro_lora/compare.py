@@ -202,6 +202,20 @@ def method_flow(setup):
     return _svi(setup, FlowGuide, "A", 0.1)
 
 
+def method_scalabl(setup):
+    """ScalaBL: the MAP rotated to A's singular basis, a Gaussian over A's log singular values, SVI with A, B."""
+    from guides import ScalaBLGuide
+
+    from .scalabl import ScalaBLModel
+
+    c = setup.config
+    setup.restore()
+    model = ScalaBLModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=c.prior_scale)
+    guide = ScalaBLGuide(model)
+    fit(model, guide, setup.loader(setup.train, shuffle=True), epochs=c.epochs, lr=c.lr, elbo=TraceMeanField_ELBO(), progress=c.progress)
+    return Fitted(_guide_predictor(setup, model, guide), guide, guide.extra_parameters())
+
+
 # TFB's reference range [1e-3, 1.5e-2] was set for 8B models; small models tolerate more noise. The flip
 # criterion: on an over-confident MAP the pseudo-label NLL is near zero, so its relative change blocks any noise
 # (measured on MiniLM/SST-2: nll criterion sigma 0.017, ECE 12.4 vs MAP 12.7; flip 2% sigma 0.088, ECE 2.9)
@@ -308,6 +322,7 @@ METHODS = {
     "mcdropout": method_mcdropout,
     "ensemble": method_ensemble,
     "blora_xs": method_blora_xs,
+    "scalabl": method_scalabl,
 }
 
 
@@ -496,6 +511,10 @@ def evaluate_saved(run_dir, **overrides):
         from .loraxs import LoraXSModel
 
         setup.model = LoraXSModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=config.prior_scale)
+    elif run["random"] == "S":  # ScalaBL: the trained A, B are point parameters the guide file restores
+        from .scalabl import ScalaBLModel
+
+        setup.model = ScalaBLModel(setup.net, setup.likelihood, rotate=False, num_data=len(setup.train), prior=config.prior_scale)
     else:
         setup.model = LoraModel(setup.net, setup.likelihood, random=run["random"], num_data=len(setup.train), prior=config.prior_scale)
     guide = load_guide(run_dir / "guide", setup.model)

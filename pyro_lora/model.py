@@ -29,7 +29,8 @@ class LoraModel:
 
     :param net: a peft model with LoRA layers (not merged).
     :param likelihood: a :class:`~pyro_lora.likelihoods.Likelihood`.
-    :param random: which LoRA matrices are random: ``"A"``, ``"B"``, ``"AB"`` (or ``"R"`` for a LoRA-XS core).
+    :param random: which LoRA matrices are random: ``"A"``, ``"B"``, ``"AB"`` (``"R"`` for a LoRA-XS core,
+        ``"S"`` for ScalaBL's log singular-value scales: :class:`~pyro_lora.scalabl.ScalaBLModel` sets these up).
     :param str group: ``"kind"`` (stacked sites, the fast default) or ``"matrix"`` (one site per matrix).
     :param prior: a float (isotropic ``N(0, prior^2)`` per entry), a dict site name -> distribution, or a
         callable ``Site -> distribution`` whose event shape is the site's shape.
@@ -56,7 +57,7 @@ class LoraModel:
         """Freeze the peft LoRA parameters that the sites replace; make the other LoRA matrices trainable.
 
         Random matrices come from samples, so their parameters are unused; layers with an ``R`` core
-        (LoRA-XS) keep A and B frozen. Called by :func:`fit`, since
+        (LoRA-XS) keep A and B frozen; ``S`` sites (ScalaBL) leave A and B trainable point estimates. Called by :func:`fit`, since
         peft's ``set_adapter``/``load_adapter`` switch ``requires_grad`` back on.
         """
         random = {id(p) for p in self.random_parameters()}
@@ -66,7 +67,7 @@ class LoraModel:
                 p.requires_grad_(id(p) not in random and path not in cores)  # LoRA-XS: A, B fixed by the SVD
 
     def random_parameters(self):
-        return [self._parameter(path, site.matrix) for site in self.sites.values() for path in site.layers if site.matrix != "R"]
+        return [self._parameter(path, site.matrix) for site in self.sites.values() for path in site.layers if site.matrix in "AB"]
 
     def point_parameters(self):
         """Trainable parameters of the network that are not random (heads, non-random LoRA matrices)."""
@@ -78,10 +79,10 @@ class LoraModel:
         return (layer.lora_A if matrix == "A" else layer.lora_B)[self.adapter].weight
 
     def adapter_values(self):
-        """Current peft LoRA weights as site values (``R`` sites start at zero): site -> ``site.shape``."""
+        """Current peft LoRA weights as site values (``R`` and ``S`` sites start at zero): site -> ``site.shape``."""
         values = {}
         for name, site in self.sites.items():
-            if site.matrix == "R":
+            if site.matrix in "RS":
                 values[name] = torch.zeros(site.shape, device=self.device)
                 continue
             mats = [self._parameter(p, site.matrix).detach().float() for p in site.layers]
@@ -94,8 +95,8 @@ class LoraModel:
         with torch.no_grad():
             for path, mats in per_layer(self.sites, values).items():
                 for matrix, v in mats.items():
-                    if matrix == "R":
-                        raise ValueError("an R (LoRA-XS core) site has no peft parameter to write into")
+                    if matrix in "RS":
+                        raise ValueError(f"an {matrix} site (LoRA-XS core or ScalaBL scales) has no peft parameter to write into")
                     self._parameter(path, matrix).copy_(v)
 
     @property

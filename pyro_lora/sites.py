@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-MATRICES = ("A", "B", "R")
+MATRICES = ("A", "B", "R", "S")
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,8 @@ class Site:
 
     :param str name: Pyro site name, e.g. ``"q_proj.lora_A"`` (stacked) or the module path plus
         ``".lora_A"`` (``group="matrix"``).
-    :param str matrix: ``"A"``, ``"B"`` or ``"R"`` (the r x r core of LoRA-XS).
+    :param str matrix: ``"A"``, ``"B"``, ``"R"`` (the r x r core of LoRA-XS) or ``"S"`` (ScalaBL's 1 x r row of
+        log-scales of A's singular values).
     :param tuple layers: module paths of the LoRA layers it holds, in stacking order.
     :param tuple shape: the site's event shape: ``(L, rows, cols)`` when stacked, else ``(rows, cols)``.
     """
@@ -72,17 +73,17 @@ def active_adapter(net):
 
 
 def matrix_shape(layer, adapter, matrix):
-    """Shape of one LoRA matrix of ``layer``: A ``(r, d_in)``, B ``(d_out, r)``, R ``(r, r)``."""
+    """Shape of one LoRA matrix of ``layer``: A ``(r, d_in)``, B ``(d_out, r)``, R ``(r, r)``, S ``(1, r)``."""
     r, d_in = layer.lora_A[adapter].weight.shape
     d_out = layer.lora_B[adapter].weight.shape[0]
-    return {"A": (r, d_in), "B": (d_out, r), "R": (r, r)}[matrix]
+    return {"A": (r, d_in), "B": (d_out, r), "R": (r, r), "S": (1, r)}[matrix]
 
 
 def build_sites(layers, adapter, random=("A", "B"), group="kind"):
     """Group the random matrices of ``layers`` into sites.
 
     :param layers: ordered module path -> LoRA layer (:func:`find_lora_layers`).
-    :param random: which matrices are random, a subset of ``("A", "B", "R")``.
+    :param random: which matrices are random, a subset of ``("A", "B", "R", "S")``.
     :param group: ``"kind"`` stacks same-kind, same-shape matrices across layers; ``"matrix"`` gives one
         site per matrix. Layers of one kind with different ranks or widths form separate stacks.
     :returns: ordered site name -> :class:`Site`.

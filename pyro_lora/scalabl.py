@@ -1,0 +1,73 @@
+"""ScalaBL's model side: a LoRA whose ``A`` has random log singular values.
+
+ScalaBL (Samplawski et al. 2025) does inference in an ``r``-dimensional subspace of each LoRA layer: with
+``A = U diag(s) V^T`` only the ``r`` singular values are random. Here ``U`` is folded into ``B`` (an ``r x r``
+rotation a point-estimate ``B`` absorbs without loss), so the layer computes
+
+    ``y = W0 x + scaling * B diag(exp(z)) A x``,  ``A = diag(s) V^T``,  ``z ~ N(0, prior^2)`` per entry,
+
+and ``log s + z`` are ``A``'s log singular values: ``z = 0`` is the LoRA as trained. ``A`` and ``B`` stay
+trainable point estimates. The random sites are ``"<kind>.lora_S"`` of shape ``[L, 1, r]`` (a row of ``r``
+log-scales per layer): ``r`` random numbers per layer, ~1k for SmolLM2 with LoRA on every attention
+projection.
+"""
+
+from collections import OrderedDict
+
+import torch
+
+from .model import LoraModel
+from .sites import active_adapter, find_lora_layers
+
+__all__ = ["ScalaBLModel", "rotate_to_singular_basis"]
+
+
+@torch.no_grad()
+def rotate_to_singular_basis(net, adapter=None):
+    """Rewrite every LoRA pair ``(B, A)`` as ``(B U, diag(s) V^T)`` from the SVD ``A = U diag(s) V^T``.
+
+    ``B A`` is unchanged (exactly, up to float rounding); afterwards the rows of ``A`` are orthogonal with
+    norms ``s``, so scaling row ``i`` scales ``A``'s ``i``-th singular value. The SVD runs in fp32, batched
+    over layers with the same ``(r, d_in)``.
+
+    :param net: a peft model with (unmerged) LoRA layers.
+    :returns: the module paths of the rotated layers.
+    :raises ValueError: if the model has no LoRA layers (see :func:`~pyro_lora.sites.find_lora_layers`).
+    """
+    adapter = adapter or active_adapter(net)
+    layers = find_lora_layers(net, adapter)
+    groups = OrderedDict()
+    for path, layer in layers.items():
+        groups.setdefault(tuple(layer.lora_A[adapter].weight.shape), []).append(path)
+    for paths in groups.values():
+        a = torch.stack([layers[p].lora_A[adapter].weight.float() for p in paths])  # [G, r, d_in]
+        u, s, vh = torch.linalg.svd(a, full_matrices=False)  # u: [G, r, r], vh: [G, r, d_in]
+        for i, path in enumerate(paths):
+            lora_a, lora_b = layers[path].lora_A[adapter].weight, layers[path].lora_B[adapter].weight
+            lora_b.copy_(lora_b.float() @ u[i])
+            lora_a.copy_(s[i].unsqueeze(-1) * vh[i])
+    return list(layers)
+
+
+class ScalaBLModel(LoraModel):
+    """A :class:`~pyro_lora.LoraModel` whose random sites are ScalaBL's log singular-value scales ``z``.
+
+    ``p(z) = N(0, prior^2)`` per entry; sites ``"<kind>.lora_S"``: ``[L, 1, r]``. The constructor rotates
+    each LoRA pair to the singular basis of ``A`` (:func:`rotate_to_singular_basis`, logits unchanged)
+    unless ``rotate=False`` (right when rebuilding a saved run whose ``A``, ``B`` are loaded afterwards).
+
+    Example::
+
+        model = ScalaBLModel(net, MultipleChoice(format="cloze"), prior=1.0, num_data=len(train))
+        guide = ScalaBLGuide(model)
+        fit(model, guide, loader, epochs=2, lr=3e-4, elbo=TraceMeanField_ELBO())
+
+    :param kwargs: ``group``, ``prior``, ``num_data``, ``adapter`` as for :class:`~pyro_lora.LoraModel`.
+    """
+
+    def __init__(self, net, likelihood, rotate=True, **kwargs):
+        if "random" in kwargs:
+            raise ValueError("ScalaBLModel's random sites are always the S log-scales; do not pass random=")
+        if rotate:
+            rotate_to_singular_basis(net, kwargs.get("adapter"))
+        super().__init__(net, likelihood, random="S", **kwargs)
