@@ -28,6 +28,8 @@ def _common(p, out_default):
     p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r")
     p.add_argument("--prior-scale", type=float, default=d.prior_scale, help="std of the isotropic prior on LoRA entries")
     p.add_argument("--mc-format", choices=["letter", "cloze"], default=None, help="multiple-choice format (default: cloze below ~1B parameters)")
+    p.add_argument("--mc-normalize", choices=["none", "tokens", "chars"], default="none",
+                   help="cloze: divide each answer's log-probability by its length (lm-eval's acc_norm is 'chars')")
     p.add_argument("--max-length", type=int, default=d.max_length)
     p.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2 (the table shows mean ± std)")
     p.add_argument("--eval-datasets", default="", help="comma-separated shifted test sets with the same answer format, e.g. arc_challenge,arc_easy")
@@ -66,6 +68,8 @@ def _config(args, **extra):
     names = {f.name for f in fields(C.CompareConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and k not in extra}
     values["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    if "mc_normalize" in values:
+        values["mc_normalize"] = None if values["mc_normalize"] == "none" else values["mc_normalize"]
     values["eval_datasets"] = tuple(n for n in args.eval_datasets.split(",") if n)
     return C.CompareConfig(**values, progress=not args.quiet and is_main(), **extra)
 

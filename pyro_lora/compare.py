@@ -47,6 +47,7 @@ class CompareConfig:
     eval_datasets: tuple = ()  # shifted evaluation sets with the same answer format, e.g. arc_challenge
     device: str = "cpu"
     mc_format: str = None
+    mc_normalize: str = None  # cloze: None (sum of log-probs), "tokens" or "chars" (per-length average)
     max_length: int = 256
     data_dir: str = None
     out: str = "runs/compare"
@@ -111,7 +112,8 @@ def prepare(config, seed=0, adapter_dir=None):
         net, tok = load_pretrained(config.model, "causal_lm", device=config.device)
         config.mc_format = config.mc_format or default_mc_format(net)
         if config.mc_format == "cloze":
-            likelihood, collator = MultipleChoice(format="cloze"), D.ClozeCollator(tok, config.max_length)
+            likelihood = MultipleChoice(format="cloze", normalize=config.mc_normalize)
+            collator = D.ClozeCollator(tok, config.max_length)
         else:
             # one letter per choice of the widest set: ARC has 3-5 options, OBQA 4
             num_choices = max(len(r["choices"]) for records in [train, test, *shifted.values()] for r in records)
@@ -389,13 +391,14 @@ def run_compare(config):
     out.mkdir(parents=True, exist_ok=True)
     rows, arrays, first_seed = [], {}, {}
     for seed in config.seeds:
-        start = time.perf_counter()
         setup = prepare(config, seed)
         config.guides = tuple(config.guides or applicable_methods(setup))
         if config.progress:
             fmt = f", multiple-choice format {config.mc_format}" if config.mc_format else ""
+            fmt += f" (normalized by {config.mc_normalize})" if config.mc_format == "cloze" and config.mc_normalize else ""
             print(f"# seed {seed}: {config.model} on {config.dataset}: {len(setup.train)} train / {len(setup.val)} validation / "
                   f"{len(setup.test)} test{fmt}; guides {', '.join(config.guides)}", flush=True)
+        start = time.perf_counter()  # MAP's fit time is its training, not loading the model and data
         train_map(setup)
         map_seconds = time.perf_counter() - start
         for name in config.guides:
@@ -460,8 +463,8 @@ def fit_one(config):
     """Train MAP, fit the one guide of ``config`` and save it to ``out/guide`` (``out/run.json`` rebuilds the model)."""
     _check_methods(config.guides)
     (name,) = config.guides
-    start = time.perf_counter()
     setup = prepare(config, config.seeds[0])
+    start = time.perf_counter()
     train_map(setup)
     fitted, costs = _fit_method(setup, name, time.perf_counter() - start)
     prediction, predict_costs = _evaluate(setup, fitted, setup.test)

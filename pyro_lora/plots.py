@@ -36,6 +36,7 @@ def _save_png(fig, path) -> Path:
     try:
         with os.fdopen(fd, "wb") as f:
             fig.savefig(f, format="png", dpi=120)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a plot is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)

@@ -39,11 +39,16 @@ def test_fit_then_evaluate_reproduces_the_scores(tmp_path):
 
 def test_compare_smollm2_arc_easy_cloze(tmp_path, capsys):
     out = tmp_path / "smol"
-    run("compare", "--model", "smollm2", "--dataset", "arc_easy", "--guides", "map", "--train-size", "12",
-        "--test-size", "12", "--epochs", "1", "--batch-size", "4", "--out", str(out), "--quiet")
+    run("compare", "--model", "smollm2", "--dataset", "arc_easy", "--guides", "map,scalabl", "--train-size", "12",
+        "--test-size", "12", "--epochs", "1", "--batch-size", "4", "--mc-normalize", "chars", "--samples", "2",
+        "--out", str(out), "--quiet")
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["mc_format"] == "cloze"  # the right default for a 135M model
-    assert 0.0 <= results["summary"][0]["accuracy"] <= 1.0
+    assert results["config"]["mc_normalize"] == "chars"
+    map_row, scalabl = results["summary"]
+    assert 0.0 <= map_row["accuracy"] <= 1.0
+    assert scalabl["guide"] == "scalabl" and scalabl["extra_parameters"] == 2 * 30 * 2 * 8  # q/v of 30 blocks, r=8
+    assert scalabl["mutual_information"] > 0  # its samples differ
 
 
 def test_unknown_guide_and_missing_run_are_clear_errors(tmp_path):
@@ -57,12 +62,15 @@ def test_unknown_guide_and_missing_run_are_clear_errors(tmp_path):
 
 def test_no_arguments_is_the_default_demo(monkeypatch):
     seen = {}
-    monkeypatch.setattr("pyro_lora.compare.run_compare", lambda config: seen.setdefault("config", config) and [])
+    monkeypatch.setattr("pyro_lora.compare.run_compare", lambda config: seen.update(config=config) or [])
     monkeypatch.setattr("pyro_lora.compare.format_table", lambda rows: "")
     run()
     config = seen["config"]
     assert isinstance(config, CompareConfig) and config.model == "minilm" and config.dataset == "sst2"
     assert config.guides is None  # resolved to every applicable method once the task is known
+    assert config.mc_normalize is None
+    run("compare", "--mc-normalize", "tokens")
+    assert seen["config"].mc_normalize == "tokens"
 
 
 def test_bayesianize_a_peft_adapter_then_evaluate(tmp_path):

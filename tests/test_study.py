@@ -1,0 +1,143 @@
+"""examples/study.py: the report built from results.json files as run_compare writes them (no model is loaded)."""
+
+import importlib.util
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from pyro_lora.compare import CompareConfig, format_table, summarize_seeds
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "study.py"
+
+
+@pytest.fixture(scope="module")
+def study():
+    spec = importlib.util.spec_from_file_location("study_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# (guide, evaluation set) -> (accuracy, ECE x100, NLL); seed s adds s * 0.01 to accuracy and NLL, s to ECE
+BASE = {
+    ("map", "arc_easy"): (0.60, 10.0, 1.000), ("temperature", "arc_easy"): (0.60, 5.0, 0.950),
+    ("meanfield", "arc_easy"): (0.55, 4.0, 1.200),  # worse than MAP on NLL, 5 accuracy points lower; better ECE
+    ("map", "openbookqa"): (0.40, 12.0, 1.300), ("temperature", "openbookqa"): (0.40, 6.0, 1.250),
+    ("meanfield", "openbookqa"): (0.41, 13.0, 1.200),  # better NLL, worse ECE than MAP
+    ("map", "arc_challenge"): (0.30, 20.0, 1.500), ("temperature", "arc_challenge"): (0.30, 9.0, 1.400),
+    ("meanfield", "arc_challenge"): (0.305, 8.0, 1.350),  # better than MAP and temperature under shift
+    ("map", "arc_easy@shift"): (0.45, 15.0, 1.200), ("temperature", "arc_easy@shift"): (0.45, 7.0, 1.150),
+    ("meanfield", "arc_easy@shift"): (0.455, 6.0, 1.100),
+}
+
+
+def _row(guide, dataset, seed, eval_set, shifted):
+    acc, ece, nll = BASE[(guide, eval_set)]
+    row = {"guide": guide, "dataset": dataset, "seed": seed, "accuracy": acc + 0.01 * seed, "ece": ece + seed,
+           "nll": nll + 0.01 * seed, "brier": 0.5, "entropy": 1.0, "mutual_information": 0.02 if guide == "meanfield" else 0.0,
+           "accuracy_at_50": 0.7, "accuracy_at_80": 0.65, "aurc": 0.3, "fit_seconds": 12.0 + seed, "fit_memory_mb": 900.0,
+           "extra_parameters": 1 if guide == "temperature" else (4096 if guide == "meanfield" else 0),
+           "predict_seconds_per_1000": 40.0, "predict_memory_mb": 800.0}
+    if shifted:
+        row.update(ood_auroc_entropy=0.55, ood_auroc_mi=0.6 if guide == "meanfield" else 0.5)
+    return row
+
+
+def _write_run(runs_dir, dataset, shift=()):
+    guides, seeds = ("map", "temperature", "meanfield"), (0, 1)
+    config = CompareConfig(model="smollm2", dataset=dataset, guides=guides, train_size=64, test_size=64, samples=4, epochs=2,
+                           batch_size=4, seeds=seeds, eval_datasets=shift, mc_format="cloze", max_length=192, lr=3e-4,
+                           out=str(runs_dir / dataset))
+    rows = []
+    for seed in seeds:  # the order of run_compare: seed, guide, evaluation set
+        for guide in guides:
+            rows.append(_row(guide, dataset, seed, dataset, False))
+            rows += [_row(guide, s, seed, s if s != "arc_easy" else "arc_easy@shift", True) for s in shift]
+    out = runs_dir / dataset
+    out.mkdir(parents=True)
+    (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows}))
+    return out
+
+
+@pytest.fixture
+def runs(tmp_path):
+    runs_dir = tmp_path / "runs"
+    easy = _write_run(runs_dir, "arc_easy")
+    _write_run(runs_dir, "openbookqa", shift=("arc_challenge", "arc_easy"))
+    (easy / "reliability_grid.png").write_bytes(b"\x89PNG fake")
+    (easy / "study_run.json").write_text(json.dumps({"command": "python examples/study.py --seeds 0,1", "wall_seconds": 754.0,
+                                                     "finished": "2025-01-01T00:00:00+00:00"}))
+    return runs_dir
+
+
+def test_report_sections_numbers_and_figures(study, runs, tmp_path):
+    docs = tmp_path / "docs"
+    path = study.build_report(runs, docs, command="python examples/study.py --report-only")
+    md = path.read_text()
+    assert path == docs / "study.md"
+    assert "## ARC-Easy (`arc_easy`)" in md and "## OpenBookQA (`openbookqa`)" in md and "## Distribution shift" in md
+    # mean ± std over the two seeds, as compare's table formats them: map on ARC-E accuracy 0.605 ± 0.007, ECE 10.50 ± 0.71
+    assert "| map | **0.605 ± 0.007** | 10.50 ± 0.71 | 1.005 ± 0.007 |" in md  # tied best accuracy with temperature
+    assert "0.605 ± 0.007" in format_table([r for r in study.load_runs(runs)["arc_easy"]["summary"] if r["guide"] == "map"])
+    assert "| OBQA→ARC-C | meanfield |" in md and "**0.600**" in md  # meanfield's MI AUROC is the best of the shift
+    assert "`python examples/study.py --report-only`" in md and "`python examples/study.py --seeds 0,1`" in md
+    assert "12m 34s" in md  # the recorded wall time
+    assert (docs / "study" / "arc_easy_reliability_grid.png").read_bytes() == b"\x89PNG fake"
+    assert "](study/arc_easy_reliability_grid.png)" in md
+    assert (docs / "study" / "summary.png").stat().st_size > 1000 and "](study/summary.png)" in md
+    assert not list(docs.glob(".*tmp"))  # the atomic write left no temp file
+
+
+def _sentence(md, start):
+    (line,) = [line for line in md.splitlines() if line.startswith(start)]
+    return line
+
+
+def _named_sets(line):
+    return re.findall(r"([A-Za-z-]+(?:→[A-Za-z-]+)?) \([+-]", line)
+
+
+def test_does_not_beat_map_names_exactly_the_right_sets(study, runs, tmp_path):
+    md = study.build_report(runs, tmp_path / "docs", command="x").read_text()
+    nll = _sentence(md, "- **meanfield** does not beat MAP on NLL")
+    assert _named_sets(nll) == ["ARC-E"] and "1 of 4 sets" in nll and "ARC-E (+0.200)" in nll
+    ece = _sentence(md, "- **meanfield** does not beat MAP on ECE")
+    assert _named_sets(ece) == ["OBQA"]
+    accuracy = _sentence(md, "- **meanfield** loses more than 1 accuracy point")
+    assert _named_sets(accuracy) == ["ARC-E"] and "(-5.0)" in accuracy
+    temperature = _sentence(md, "- **meanfield** does not beat temperature scaling")
+    assert "NLL on ARC-E (+0.250)" in temperature and "ECE on OBQA (+7.00)" in temperature
+    assert _named_sets(temperature) == ["ARC-E", "OBQA"]
+    assert "- **meanfield** detects the shift better than MAP" in md
+    # temperature scaling and MAP are not Bayesian guides: no sentences about them
+    assert "- **temperature**" not in md and "- **map**" not in md
+    assert "Over 4 (Bayesian guide, set) pairs, a Bayesian guide beats MAP on NLL in 3 and on ECE in 3." in md
+    assert "On NLL, beating MAP on every set: none; on no set: none." in md
+
+
+def test_average_ranks_and_not_beating(study):
+    table = {"map": {"a": 1.0, "b": 2.0}, "x": {"a": 2.0, "b": 1.0}, "y": {"a": 1.0, "b": 3.0}}
+    ranks = study.average_ranks(table, ["a", "b"])
+    assert ranks == {"map": pytest.approx((1.5 + 2) / 2), "x": pytest.approx((3 + 1) / 2), "y": pytest.approx((1.5 + 3) / 2)}
+    assert study.not_beating(table, "y", "map", ["a", "b"]) == [("a", 0.0), ("b", 1.0)]  # a tie does not beat
+    assert study.not_beating(table, "x", "map", ["a", "b"], lower_better=False, margin=0.5) == [("b", -1.0)]
+
+
+SIZES = ["--test-size", "64", "--epochs", "2", "--batch-size", "4", "--samples", "4", "--max-length", "192"]
+
+
+def test_resume_matches_the_saved_config(study, runs):
+    args = study.parse_args(["--datasets", "arc_easy", "--no-shift", "--guides", "map,temperature,meanfield", "--seeds", "0,1",
+                             "--train-size", "64", *SIZES, "--runs", str(runs)])
+    config = study.make_config(args, "arc_easy")
+    saved = json.loads((runs / "arc_easy" / "results.json").read_text())["config"]
+    assert study.config_differences(saved, config) == {}
+    assert study.run_dataset(config, "x") is None  # skipped: nothing is loaded
+    bigger = study.make_config(study.parse_args(["--guides", "map,temperature,meanfield", "--seeds", "0,1", "--train-size", "128", *SIZES]),
+                               "arc_easy")
+    assert study.config_differences(saved, bigger) == {"train_size": (64, 128)}
+    assert study.study_datasets(study.parse_args(["--datasets", "arc_easy"])) == ["arc_easy", "openbookqa"]
+    assert study.make_config(study.parse_args([]), "openbookqa").eval_datasets == ("arc_challenge", "arc_easy")
