@@ -49,7 +49,7 @@ def _row(guide, dataset, seed, eval_set, shifted):
 def _write_run(runs_dir, dataset, shift=()):
     guides, seeds = ("map", "temperature", "meanfield"), (0, 1)
     config = CompareConfig(model="smollm2", dataset=dataset, guides=guides, train_size=64, test_size=64, samples=4, epochs=2,
-                           batch_size=4, seeds=seeds, eval_datasets=shift, mc_format="cloze", max_length=192, lr=3e-4,
+                           batch_size=4, seeds=seeds, eval_datasets=shift, mc_format="cloze", max_length=192, lr=1e-3, val_fraction=0.25,
                            out=str(runs_dir / dataset))
     rows = []
     for seed in seeds:  # the order of run_compare: seed, guide, evaluation set
