@@ -21,8 +21,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guides import FlowGuide, MAPGuide, MeanFieldGuide  # noqa: E402
-from pyro_lora import CausalLM, LoraModel, MultipleChoice, fit  # noqa: E402
+from guides import FlowGuide, MAPGuide, MeanFieldGuide, ScalaBLGuide  # noqa: E402
+from pyro_lora import CausalLM, LoraModel, MultipleChoice, ScalaBLModel, fit  # noqa: E402
 
 SIZES = {
     "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, vocab_size=2048),
@@ -35,6 +35,7 @@ GUIDES = {
     "meanfield": ("A", MeanFieldGuide),
     "meanfield_flipout": ("A", lambda model: MeanFieldGuide(model, flipout=True)),
     "flow": ("A", FlowGuide),
+    "scalabl": ("S", ScalaBLGuide),  # the model is a ScalaBLModel (its rotation keeps B A)
 }
 
 
@@ -109,7 +110,10 @@ def main():
     print(f"| plain peft LoRA step | {plain:.4f} | 1.00 |")
     for name in args.guides.split(","):
         random, make_guide = GUIDES[name]
-        model = LoraModel(net, CausalLM(), random=random, prior=0.2, num_data=1000)
+        if random == "S":
+            model = ScalaBLModel(net, CausalLM(), prior=1.0, num_data=1000)
+        else:
+            model = LoraModel(net, CausalLM(), random=random, prior=0.2, num_data=1000)
         guide = make_guide(model).to(device)
         elbo = TraceMeanField_ELBO()
         step = timed(lambda: fit(model, guide, [batch] * args.steps, lr=1e-5, elbo=elbo, progress=False), device, args.repeats) / args.steps
