@@ -141,3 +141,21 @@ def test_resume_matches_the_saved_config(study, runs):
     assert study.config_differences(saved, bigger) == {"train_size": (64, 128)}
     assert study.study_datasets(study.parse_args(["--datasets", "arc_easy"])) == ["arc_easy", "openbookqa"]
     assert study.make_config(study.parse_args([]), "openbookqa").eval_datasets == ("arc_challenge", "arc_easy")
+
+
+def test_clear_differences_are_paired_over_seeds(study):
+    def row(guide, seed, nll, dataset="openbookqa"):
+        return {"guide": guide, "dataset": dataset, "seed": seed, "nll": nll}
+
+    per_seed = [row("map", s, v) for s, v in enumerate([1.0, 1.5, 2.0])]  # MAP itself varies a lot over seeds
+    per_seed += [row("a", s, v) for s, v in enumerate([0.9, 1.41, 1.89])]  # always ~0.1 below MAP: clear
+    per_seed += [row("b", s, v) for s, v in enumerate([0.5, 1.9, 1.5])]  # below on average, not consistently
+    per_seed += [row("map", s, 1.0, "arc_challenge") for s in range(3)] + [row("a", s, 1.2, "arc_challenge") for s in range(3)]
+    runs = {"openbookqa": {"config": {"dataset": "openbookqa"}, "per_seed": per_seed}}
+    diffs = study.paired_differences(runs, "nll")
+    assert diffs["a"]["OBQA"] == pytest.approx([-0.1, -0.09, -0.11]) and diffs["a"]["OBQA→ARC-C"] == pytest.approx([0.2] * 3)
+    assert study.clear_differences(diffs["a"]) == (["OBQA"], ["OBQA→ARC-C"])  # zero spread: clearly worse too
+    assert study.clear_differences(diffs["b"]) == ([], [])
+    assert study.clear_differences({"x": [-0.1]}) == ([], [])  # one seed: no verdict
+    sentences = study.noise_sentences(runs, ["a", "b"])
+    assert sentences == ["a, NLL: clearly better than MAP on OBQA; clearly worse on OBQA→ARC-C."]
