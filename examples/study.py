@@ -463,6 +463,13 @@ def header_section(runs, command, now, failed=()):
     lines.append(f"- date: {now}")
     missing = "" if all(w is not None for w in walls) else " (some runs have no recorded wall time)"
     lines.append(f"- total wall time: {_duration(total)} over {len(runs)} dataset runs{missing}")
+    spans = [(run["sidecar"].get("started"), run["sidecar"].get("finished")) for run in runs.values()]
+    if len(runs) > 1 and all(a and b for a, b in spans):
+        first = min(datetime.datetime.fromisoformat(a) for a, _ in spans)
+        last = max(datetime.datetime.fromisoformat(b) for _, b in spans)
+        if (last - first).total_seconds() < total - 1:  # the runs overlapped: several processes
+            lines.append(f"- elapsed from the first start to the last finish: {_duration((last - first).total_seconds())} "
+                         "(the runs overlapped in parallel processes)")
     if failed:
         lines.append(f"- **failed in this invocation** (their sections are missing or stale): {', '.join(failed)}")
     lines += ["", "| run | wall time | finished | seeds | guides | train | test | epochs | batch | samples | max length | format | lr | shift to |",
