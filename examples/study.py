@@ -28,7 +28,6 @@ import platform
 import shlex
 import shutil
 import sys
-import tempfile
 import time
 import traceback
 from dataclasses import asdict
@@ -159,12 +158,11 @@ def _normalized(config_dict):
 def expected_guides(config):
     """The guides ``run_compare`` will run: the requested ones, or every method applicable to the task."""
     from pyro_lora import data as D
-    from pyro_lora.compare import METHODS
+    from pyro_lora.compare import methods_for_task
 
     if config.guides:
         return list(config.guides)
-    classification = D.load_meta(config.dataset, config.data_dir)["task"] == "classification"
-    return [m for m in METHODS if not (m == "zeroshot" and classification)]
+    return methods_for_task(D.load_meta(config.dataset, config.data_dir)["task"])
 
 
 def config_differences(saved, config):
@@ -667,33 +665,19 @@ def summary_plot(runs, path):
         ax.set_yticks(range(len(guides)), guides, fontsize=8)
         ax.set_title(title, fontsize=9)
         fig.colorbar(image, ax=ax, shrink=0.8)
-    return _readable(_save_png(fig, path))
+    return _save_png(fig, path)
 
 
 # --------------------------------------------------------------------------- report
 
 
 def write_text(path, text):
-    """Write ``text`` to ``path`` atomically (a temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return _readable(path)
+    """Write ``text`` to ``path`` atomically (:func:`pyro_lora.io.atomic_file`)."""
+    from pyro_lora.io import atomic_file
 
-
-def _readable(path):
-    """Give ``path`` the permissions of a plainly created file (a temp file from mkstemp is private: 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-    return path
+    with atomic_file(path) as f:
+        f.write(text)
+    return Path(path)
 
 
 def build_report(runs_dir, docs_dir, datasets=None, command=None, failed=()):

@@ -17,7 +17,7 @@ from .likelihoods import MultipleChoice, SequenceClassification
 from . import metrics as M
 from .costs import PeakMemory
 from .distributed import is_main
-from .io import load_guide, save_guide
+from .io import atomic_file, load_guide, save_guide
 from .metrics import summarize
 from .model import LoraModel
 from .plots import metric_scatter, reliability_diagram, reliability_grid
@@ -180,11 +180,9 @@ def method_zeroshot(setup):
     return Fitted(run)
 
 
-def _svi(setup, guide_class, random, prior, **guide_kwargs):
-    """Start a variational guide at the trained MAP and train it with the closed-form-KL ELBO."""
+def _svi(setup, model, guide):
+    """Train a variational guide started at the trained MAP with the closed-form-KL ELBO."""
     c = setup.config
-    model = setup.lora_model(random=random, prior=prior)
-    guide = guide_class(model, **guide_kwargs)
     fit(model, guide, setup.loader(setup.train, shuffle=True), epochs=c.epochs, lr=c.lr, elbo=TraceMeanField_ELBO(), progress=c.progress)
     return Fitted(_guide_predictor(setup, model, guide), guide, guide.extra_parameters())
 
@@ -194,14 +192,16 @@ def method_meanfield(setup):
     the data leave free grow to 4x the MiniLM LoRA entries (accuracy -7 points on SST-2; 0.1: -2, 0.05: -3)."""
     from guides import MeanFieldGuide
 
-    return _svi(setup, MeanFieldGuide, "A", 0.1)
+    model = setup.lora_model(random="A", prior=0.1)
+    return _svi(setup, model, MeanFieldGuide(model))
 
 
 def method_flow(setup):
     """Bayesian-LoRA: inducing matrices with a MAF posterior over the A sites."""
     from guides import FlowGuide
 
-    return _svi(setup, FlowGuide, "A", 0.1)
+    model = setup.lora_model(random="A", prior=0.1)
+    return _svi(setup, model, FlowGuide(model))
 
 
 def method_scalabl(setup):
@@ -210,12 +210,9 @@ def method_scalabl(setup):
 
     from .scalabl import ScalaBLModel
 
-    c = setup.config
     setup.restore()
-    model = ScalaBLModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=c.prior_scale)
-    guide = ScalaBLGuide(model)
-    fit(model, guide, setup.loader(setup.train, shuffle=True), epochs=c.epochs, lr=c.lr, elbo=TraceMeanField_ELBO(), progress=c.progress)
-    return Fitted(_guide_predictor(setup, model, guide), guide, guide.extra_parameters())
+    model = ScalaBLModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=setup.config.prior_scale)
+    return _svi(setup, model, ScalaBLGuide(model))
 
 
 # TFB's reference range [1e-3, 1.5e-2] was set for 8B models; small models tolerate more noise. The flip
@@ -330,7 +327,12 @@ METHODS = {
 
 def applicable_methods(setup):
     """Every method name that applies to the setup's task (zero-shot needs a causal LM)."""
-    return [m for m in METHODS if not (m == "zeroshot" and isinstance(setup.likelihood, SequenceClassification))]
+    return methods_for_task("classification" if isinstance(setup.likelihood, SequenceClassification) else "multiple_choice")
+
+
+def methods_for_task(task):
+    """Every method name that applies to a dataset task (``meta.json``'s ``task``): no zero-shot for classification."""
+    return [m for m in METHODS if not (m == "zeroshot" and task == "classification")]
 
 
 def _check_methods(names):
@@ -530,10 +532,8 @@ def write_json(path, obj):
     """Write ``obj`` as JSON atomically (temp file + rename); only the main rank writes."""
     if not is_main():
         return
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        f.write(json.dumps(obj, indent=2, default=str))
 
 
 TABLE = [("accuracy", "accuracy", 3), ("ece", "ECE x100", 2), ("nll", "NLL", 3), ("brier", "Brier", 3),

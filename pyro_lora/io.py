@@ -18,6 +18,25 @@ _NET = "net/"
 
 
 @contextlib.contextmanager
+def atomic_file(path, mode="w"):
+    """Yield a temporary file beside ``path`` that replaces it, readable by all (0644), once the block succeeds.
+
+    :param str mode: ``"w"`` (text, UTF-8) or ``"wb"``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_directory(path):
     """Yield a temporary directory that replaces ``path`` only once the block succeeds.
 

@@ -8,12 +8,11 @@ touched. Every PNG is written atomically: a temp file in the target directory, t
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from pyro_lora import metrics
+from pyro_lora.io import atomic_file
 
 __all__ = ["metric_scatter", "reliability_diagram", "reliability_grid"]
 
@@ -30,18 +29,9 @@ def _new_figure(figsize: tuple[float, float]):
 
 def _save_png(fig, path) -> Path:
     """Write ``fig`` to ``path`` as PNG atomically: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=120)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; a plot is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-    return path
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    return Path(path)
 
 
 def _draw_reliability(fig, spec, probs, labels, num_bins: int, title: str | None) -> None:

@@ -17,19 +17,9 @@ from pyro_lora.likelihoods import SequenceClassification
 from pyro_lora.model import LoraModel
 from pyro_lora.predictive import predict
 from pyro_lora.training import fit
+from test_training import toy_data
 
 WORLD = 2
-
-
-def toy_batches(n, batch, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, 2, (n,), generator=g)
-    ids = torch.where(labels[:, None] == 1, 7, 40).repeat(1, 5)
-    ids[:, 2] = torch.randint(1, 64, (n,), generator=g)
-    return [
-        {"input_ids": ids[i : i + batch], "attention_mask": torch.ones_like(ids[i : i + batch]), "labels": labels[i : i + batch]}
-        for i in range(0, n, batch)
-    ]
 
 
 def make_model(num_data):
@@ -47,7 +37,7 @@ def run_all():
     # SVI: the global batch of 16 is one batch in one process, two halves of 8 on two ranks
     model = make_model(num_data=48)
     guide = MAPGuide(model)
-    data = toy_batches(16, 16 // world)
+    data = toy_data(16, 16 // world)
     params = model.point_parameters() + list(guide.parameters())
     local = distributed.split_batches(data)[0]
     loss = Trace_ELBO().differentiable_loss(model, guide, local) / 48
@@ -63,7 +53,7 @@ def run_all():
     out["params"] = [p.detach().clone() for p in params]
     # KFAC at full rank (k = D, so the Nystrom factor is exact); 3 batches: ranks hold 2 and 1
     model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
-    laplace = LaplaceGuide(model, fisher="exact", rank=32).fit(toy_batches(10, 4, seed=1), progress=False)
+    laplace = LaplaceGuide(model, fisher="exact", rank=32).fit(toy_data(10, 4, seed=1), progress=False)
     out["kfac"] = {
         "small": [f.small_vecs @ (f.small_vals.unsqueeze(-1) * f.small_vecs.mT) for f in laplace.factors],
         "large": [  # U diag(s) U^T + sigma (I - U U^T)
@@ -76,11 +66,11 @@ def run_all():
     }
     # TFB: the metric is summed over ranks, so the bisection takes one process's steps
     tfb = TFBGuide(model)
-    out["tfb"] = tfb.search(toy_batches(10, 4, seed=3), low=1.0, high=50.0, iterations=3, num_samples=3, tolerance=0.005, progress=False)
+    out["tfb"] = tfb.search(toy_data(10, 4, seed=3), low=1.0, high=50.0, iterations=3, num_samples=3, tolerance=0.005, progress=False)
     # predict with weight samples (TFB's, whose draws do not hinge on an eigenbasis); other ranks' RNGs
     # differ, so rank 0's samples must be used everywhere
     torch.manual_seed(5 + distributed.rank())
-    pred = predict(model, tfb, toy_batches(10, 4, seed=2), num_samples=3, keep_samples=True)
+    pred = predict(model, tfb, toy_data(10, 4, seed=2), num_samples=3, keep_samples=True)
     out["pred"] = (pred.probs, pred.labels, pred.sample_probs)
     return out
 

@@ -8,7 +8,7 @@ from conftest import tiny_bert, tiny_bert_base
 from pyro.infer import TraceMeanField_ELBO
 
 from guides import MAPGuide
-from pyro_lora.io import export_adapter, load_guide, save_guide
+from pyro_lora.io import atomic_file, export_adapter, load_guide, save_guide
 from pyro_lora.likelihoods import SequenceClassification
 from pyro_lora.metrics import nll
 from pyro_lora.model import LoraModel
@@ -119,6 +119,19 @@ def test_save_load_round_trip(tmp_path):
     for k, v in guide.mean().items():
         torch.testing.assert_close(loaded.mean()[k], v)
     torch.testing.assert_close(predict(fresh, loaded, toy_data()).probs, predict(model, guide, toy_data()).probs)
+
+
+def test_atomic_file_replaces_only_on_success(tmp_path):
+    path = tmp_path / "out" / "results.json"
+    with atomic_file(path) as f:
+        f.write("old")
+    assert path.read_text() == "old" and path.stat().st_mode & 0o777 == 0o644
+    with pytest.raises(RuntimeError, match="crash"):
+        with atomic_file(path) as f:
+            f.write("half")
+            raise RuntimeError("crash")
+    assert path.read_text() == "old"
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp file left behind
 
 
 def test_save_is_atomic_and_load_refuses_other_models(tmp_path, monkeypatch):
