@@ -74,6 +74,8 @@ class FlowGuide(LoraGuide):
     :param bool share_basis: the wide side's basis ``Z`` (``d_in`` for A, ``d_out`` for B: ``M x 4096`` at 7B)
         is shared by the layers of a stacked site; ``False`` gives one per layer (17x the extra parameters at 7B).
     :param dict init: site -> ``W_map`` (``site.shape``); default the adapter's current weights.
+    :param bool learn_loc: ``False`` keeps ``W_map`` at ``init`` (post-hoc VI around a trained LoRA: SVI learns
+        the inducing posterior, ``Z``, ``D`` and ``lambda`` only; how ``pyro-lora compare`` runs it).
     """
 
     def __init__(
@@ -88,6 +90,7 @@ class FlowGuide(LoraGuide):
         std_lr_scale=10.0,
         share_basis=True,
         init=None,
+        learn_loc=True,
     ):
         super().__init__(model)
         if not isinstance(model.prior, (int, float)):
@@ -104,7 +107,7 @@ class FlowGuide(LoraGuide):
             raise ValueError(f"init_scale and std_lr_scale must be positive, got {init_scale} and {std_lr_scale}")
         self.inducing, self.depth, self.hidden = inducing, int(depth), hidden
         self.init_scale, self.init_lambda, self.max_lambda = float(init_scale), float(init_lambda), float(max_lambda)
-        self.std_lr_scale, self.share_basis = float(std_lr_scale), bool(share_basis)
+        self.std_lr_scale, self.share_basis, self.learn_loc = float(std_lr_scale), bool(share_basis), bool(learn_loc)
         self.prior_scale = float(model.prior)
         init = init if init is not None else model.adapter_values()
         self.parts = torch.nn.ModuleList([self._part(site, init[name].detach().float()) for name, site in self.sites.items()])
@@ -114,7 +117,7 @@ class FlowGuide(LoraGuide):
         loc = loc if site.stacked else loc.unsqueeze(0)
         return _Inducing(
             loc, self.inducing, self.depth, self.hidden, wide, self.prior_scale,
-            self.init_scale, self.init_lambda, self.max_lambda, self.std_lr_scale,
+            self.init_scale, self.init_lambda, self.max_lambda, self.std_lr_scale, self.learn_loc,
         )
 
     def posterior(self):
@@ -196,19 +199,20 @@ class FlowGuide(LoraGuide):
             "max_lambda": self.max_lambda,
             "std_lr_scale": self.std_lr_scale,
             "share_basis": self.share_basis,
+            "learn_loc": self.learn_loc,
         }
 
 
 class _Inducing(torch.nn.Module):
     """The inducing-weight posterior of one stacked site ``W: [L, m, n]`` (an unstacked site has ``L = 1``)."""
 
-    def __init__(self, loc, inducing, depth, hidden, wide, prior_scale, init_scale, init_lambda, max_lambda, c):
+    def __init__(self, loc, inducing, depth, hidden, wide, prior_scale, init_scale, init_lambda, max_lambda, c, learn_loc):
         super().__init__()
         L, m, n = loc.shape
         mr, mc = inducing
         self.sigma, self.max_lambda, self.c = prior_scale, max_lambda, c
         like = dict(dtype=loc.dtype, device=loc.device)
-        self.loc = torch.nn.Parameter(loc.clone())  # W_map
+        self.loc = torch.nn.Parameter(loc.clone(), requires_grad=learn_loc)  # W_map
         # the bases start where the adapter acts: the row side from W's columns, the column side from its rows
         self.z_row = torch.nn.Parameter(_basis(loc.mT, mr, shared=wide == "row"))  # [(L,) M_r, m]
         self.z_col = torch.nn.Parameter(_basis(loc, mc, shared=wide == "col"))  # [(L,) M_c, n]

@@ -64,9 +64,11 @@ class MeanFieldGuide(LoraGuide):
     :param float std_lr_scale: ``c`` above; scales how fast Adam moves the stds relative to the means.
     :param bool flipout: decorrelate weight noise across the examples of a batch (needs the core hand-off support).
     :param dict init: site -> initial mean (``site.shape``); default the adapter's current weights.
+    :param bool learn_loc: ``False`` keeps every mean at ``init`` (post-hoc VI around a trained LoRA: SVI learns
+        only the stds, so the extra epochs cannot overfit the means; how ``pyro-lora compare`` runs it).
     """
 
-    def __init__(self, model, b="delta", std="softplus", init_scale=1e-2, std_lr_scale=10.0, flipout=False, init=None):
+    def __init__(self, model, b="delta", std="softplus", init_scale=1e-2, std_lr_scale=10.0, flipout=False, init=None, learn_loc=True):
         super().__init__(model)
         if b not in ("delta", "normal"):
             raise ValueError(f"b must be 'delta' or 'normal', got {b!r}")
@@ -75,10 +77,11 @@ class MeanFieldGuide(LoraGuide):
         if not init_scale > 0 or not std_lr_scale > 0:
             raise ValueError(f"init_scale and std_lr_scale must be positive, got {init_scale} and {std_lr_scale}")
         self.b, self.std, self.init_scale, self.std_lr_scale, self.flipout = b, std, float(init_scale), float(std_lr_scale), bool(flipout)
+        self.learn_loc = bool(learn_loc)
         # Gaussian: A (and R) sites always, B sites when b="normal"
         self.gaussian = [n for n, s in self.sites.items() if s.matrix != "B" or b == "normal"]
         init = init if init is not None else model.adapter_values()
-        self.locs = torch.nn.ParameterList([torch.nn.Parameter(init[n].detach().clone().float()) for n in self.sites])
+        self.locs = torch.nn.ParameterList([torch.nn.Parameter(init[n].detach().clone().float(), requires_grad=self.learn_loc) for n in self.sites])
         with torch.no_grad():
             self.rhos = torch.nn.ParameterList(
                 [torch.nn.Parameter(self._rho(self._initial_std(model, n, init[n].float()))) for n in self.gaussian]
@@ -138,4 +141,5 @@ class MeanFieldGuide(LoraGuide):
             "init_scale": self.init_scale,
             "std_lr_scale": self.std_lr_scale,
             "flipout": self.flipout,
+            "learn_loc": self.learn_loc,
         }

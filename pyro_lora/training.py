@@ -33,6 +33,7 @@ def fit(
     lr_schedule="constant",
     warmup_steps=0,
     kl_weight=1.0,
+    train_network=True,
     grad_accum_steps=1,
     max_grad_norm=None,
     autocast=None,
@@ -51,6 +52,8 @@ def fit(
     :param elbo: a Pyro ELBO (default ``Trace_ELBO()``); ``TraceMeanField_ELBO()`` uses closed-form KLs.
     :param lr_schedule: ``"constant"``, ``"linear"`` (decay to 0) or ``"cosine"``, after ``warmup_steps``.
     :param kl_weight: a float or a callable ``step -> float`` (KL annealing; must be > 0).
+    :param train_network: ``False`` trains the guide's parameters only; the network's point estimates (a head,
+        non-random LoRA matrices) stay as they are: post-hoc VI around a fitted network.
     :param autocast: ``torch.dtype`` for autocast (default bf16 on CUDA, off on CPU).
     :param callbacks: callables ``f(FitState)`` run after each optimizer step.
     :param checkpoint_dir: if given, the guide is saved there (atomically) every ``checkpoint_every``
@@ -72,7 +75,7 @@ def fit(
     num_data = model.num_data or 1
     model.set_trainable()
     device = model.device
-    params = model.point_parameters() + [p for p in guide.parameters() if p.requires_grad]
+    params = (model.point_parameters() if train_network else []) + [p for p in guide.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: the model has no point parameters and the guide no parameters")
     if distributed.is_distributed():

@@ -181,6 +181,16 @@ def test_svi_lowers_loss_and_posterior_std_shrinks_with_data():
     assert large_lam.min() < small_lam.min()
 
 
+def test_learn_loc_false_keeps_w_map_and_fits_the_spread():
+    model, guide = make(random="AB", inducing=(3, 2), learn_loc=False)
+    w_map = [part.loc.detach().clone() for part in guide.parts]
+    lams = torch.cat(list(guide.lambdas().values())).detach()
+    fit(model, guide, toy_data(), epochs=2, lr=1e-2, elbo=TraceMeanField_ELBO(), train_network=False, progress=False)
+    assert all(torch.equal(part.loc, w) for part, w in zip(guide.parts, w_map))
+    assert not torch.equal(torch.cat(list(guide.lambdas().values())), lams)
+    assert guide.config()["learn_loc"] is False
+
+
 def test_one_site_per_matrix():
     model = LoraModel(tiny_bert(), SequenceClassification(), random="AB", group="matrix", prior=0.3)
     guide = FlowGuide(model, inducing=(3, 2))

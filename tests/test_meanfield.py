@@ -149,6 +149,19 @@ def test_svi_lowers_loss_and_learned_stds_respond_to_data():
     assert acc.float().mean() > 0.9
 
 
+def test_learn_loc_false_fits_the_stds_around_fixed_means(tmp_path):
+    model, guide = make(random="AB", b="normal", learn_loc=False)
+    means = {n: m.detach().clone() for n, m in guide.mean().items()}
+    stds = {n: s.detach().clone() for n, s in guide.stds().items()}
+    fit(model, guide, toy_data(), epochs=2, lr=1e-2, elbo=TraceMeanField_ELBO(), train_network=False, progress=False)
+    for name, mean in guide.mean().items():
+        assert torch.equal(mean, means[name])
+        assert not torch.equal(guide.stds()[name], stds[name])
+    save_guide(guide, tmp_path / "mf")
+    loaded = load_guide(tmp_path / "mf", model)
+    assert loaded.config()["learn_loc"] is False and not any(p.requires_grad for p in loaded.locs)
+
+
 def test_save_load_round_trip(tmp_path):
     model, guide = make(random="AB", b="normal", std="square", init_scale=0.05)
     with torch.no_grad():

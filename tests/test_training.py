@@ -61,6 +61,20 @@ def test_fit_trains_point_parameters_too():
     assert not torch.equal(before, head)
 
 
+def test_fit_train_network_false_trains_the_guide_only():
+    from guides import MeanFieldGuide
+
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="A", num_data=48)
+    guide = MeanFieldGuide(model)
+    network = {n: p.detach().clone() for n, p in model.net.named_parameters() if p.requires_grad}
+    stds = torch.cat([s.flatten() for s in guide.stds().values()]).detach()
+    fit(model, guide, toy_data(), epochs=1, lr=1e-2, elbo=TraceMeanField_ELBO(), train_network=False, progress=False)
+    for n, p in model.net.named_parameters():  # head and B untouched
+        if n in network:
+            assert torch.equal(network[n], p), n
+    assert not torch.equal(stds, torch.cat([s.flatten() for s in guide.stds().values()]))
+
+
 def test_fit_non_finite_loss_is_an_error():
     model, guide = make()
     with torch.no_grad():
