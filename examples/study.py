@@ -18,6 +18,7 @@ Each dataset's ``run_compare`` output goes to ``runs/study/<dataset>/``. A datas
     python examples/study.py --device cuda --train-size 2000 --test-size 1000 --epochs 5 --samples 10
     python examples/study.py --report-only            # rebuild docs/study.md from runs/study/*/results.json
     python examples/study.py --datasets arc_easy --no-shift --guides zeroshot,map,temperature --seeds 0
+    python examples/study.py --update meanfield,flow  # after a change to those methods: rerun just their rows
 """
 
 import argparse
@@ -96,6 +97,8 @@ def parse_args(argv=None):
     ap.add_argument("--docs", default="docs", help="the report goes to DOCS/study.md, its figures to DOCS/study/")
     ap.add_argument("--force", action="store_true", help="rerun datasets whose matching results.json exists")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from RUNS without training")
+    ap.add_argument("--update", default=None,
+                    help="comma-separated guides to rerun on every dataset's existing run, replacing their rows (the rest is kept)")
     ap.add_argument("--quiet", action="store_true", help="no per-row output or progress bars from run_compare")
     return ap.parse_args(argv)
 
@@ -123,7 +126,7 @@ def make_config(args, dataset):
     from pyro_lora.compare import METHODS, CompareConfig
 
     guides = tuple(_split(args.guides)) or None
-    unknown = [g for g in guides or () if g not in METHODS]
+    unknown = [g for g in (*(guides or ()), *_split(args.update)) if g not in METHODS]
     if unknown:
         raise SystemExit(f"unknown guide(s) {unknown}; available: {', '.join(METHODS)}")
     shift = SHIFT_TARGETS if args.shift and dataset == SHIFT_SOURCE else ()
@@ -202,6 +205,29 @@ def run_dataset(config, command, force=False):
     return seconds
 
 
+def update_dataset(config, update, command):
+    """Rerun the guides ``update`` with the saved run's configuration and merge their rows into it; returns the wall seconds."""
+    from pyro_lora.compare import merge_results, run_compare
+
+    out = Path(config.out)
+    if not (out / "results.json").is_file():
+        raise SystemExit(f"--update needs an existing run: {out / 'results.json'} is missing")
+    config.guides, config.out = tuple(update), str(out / "update")
+    print(f"## {config.dataset}: rerunning {', '.join(update)} (seeds {','.join(map(str, config.seeds))})", flush=True)
+    started = datetime.datetime.now().astimezone()
+    start = time.perf_counter()
+    run_compare(config)
+    merge_results(out, config.out)
+    seconds = time.perf_counter() - start
+    sidecar = json.loads((out / SIDECAR).read_text()) if (out / SIDECAR).is_file() else {}
+    sidecar.setdefault("updates", []).append({
+        "guides": list(update), "command": command, "started": started.isoformat(timespec="seconds"),
+        "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "wall_seconds": seconds})
+    write_text(out / SIDECAR, json.dumps(sidecar, indent=2))
+    print(f"## {config.dataset}: {', '.join(update)} updated in {_duration(seconds)}", flush=True)
+    return seconds
+
+
 def run_study(args, command):
     """Run every dataset of the study in turn; returns ``(seconds per dataset run, failed datasets)``.
 
@@ -213,7 +239,10 @@ def run_study(args, command):
     for i, config in enumerate(configs, 1):
         print(f"# [{i}/{len(configs)}] {config.dataset}", flush=True)
         try:
-            took = run_dataset(config, command, force=args.force)
+            if args.update:
+                took = update_dataset(config, _split(args.update), command)
+            else:
+                took = run_dataset(config, command, force=args.force)
         except Exception:  # noqa: BLE001 -- one dataset's failure must not lose the rest of a long study
             traceback.print_exc()
             print(f"## {config.dataset}: FAILED, going on", flush=True)
@@ -469,6 +498,10 @@ def header_section(runs, command, now, failed=()):
         if (last - first).total_seconds() < total - 1:  # the runs overlapped: several processes
             lines.append(f"- elapsed from the first start to the last finish: {_duration((last - first).total_seconds())} "
                          "(the runs overlapped in parallel processes)")
+    for d, run in runs.items():
+        for u in run["sidecar"].get("updates", []):
+            lines.append(f"- {long_name(d)}: rows of {', '.join(u['guides'])} rerun on {u['finished']} in "
+                         f"{_duration(u['wall_seconds'])} with `{u['command']}` (after a change to those methods)")
     if failed:
         lines.append(f"- **failed in this invocation** (their sections are missing or stale): {', '.join(failed)}")
     lines += ["", "| run | wall time | finished | seeds | guides | train | test | epochs | batch | samples | max length | format | lr | shift to |",

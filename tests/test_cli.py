@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from pyro_lora import cli
 from pyro_lora.compare import CompareConfig
@@ -88,3 +89,15 @@ def test_bayesianize_a_peft_adapter_then_evaluate(tmp_path):
 
     again = evaluate_saved(out)
     assert again["accuracy"] == pytest.approx(saved["result"]["accuracy"])
+
+
+def test_a_seed_fixes_the_fresh_classification_head():
+    from pyro_lora.compare import prepare
+
+    def head(seed):
+        setup = prepare(CompareConfig(train_size=16, test_size=8), seed)
+        return {n: p.detach().clone() for n, p in setup.net.named_parameters() if "classifier" in n}
+
+    first, again, other = head(0), head(0), head(1)
+    assert first and all(torch.equal(first[n], again[n]) for n in first)
+    assert not all(torch.equal(first[n], other[n]) for n in first)

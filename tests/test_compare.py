@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pyro_lora import metrics as M
-from pyro_lora.compare import CompareConfig, _ood, format_table, score, summarize_seeds
+from pyro_lora.compare import CompareConfig, _ood, _std_lr_scale, format_table, score, summarize_seeds
 from pyro_lora.predictive import Prediction
 
 
@@ -92,3 +92,47 @@ def test_letter_format_covers_the_widest_shifted_set():
     assert torch.isfinite(logits[1, :3]).all() and torch.isinf(logits[1, 3:]).all()
     letters = setup.tokenizer.convert_ids_to_tokens(setup.likelihood.answer_token_ids.tolist())
     assert [t.strip("Ġ ") for t in letters] == list("ABCDE")
+
+
+def test_std_step_is_sized_to_the_run_length():
+    from types import SimpleNamespace
+
+    def setup(steps_per_epoch, epochs, lr):
+        config = CompareConfig(epochs=epochs, lr=lr)
+        return SimpleNamespace(config=config, train=list(range(steps_per_epoch)), loader=lambda records: records)
+
+    short = _std_lr_scale(setup(6, 2, 1e-3))  # the study's 12 steps: log sigma may travel log(100) = 4.6
+    assert short * 1e-3 * 12 == pytest.approx(np.log(100))
+    assert _std_lr_scale(setup(29, 8, 2e-3)) == 10.0  # long runs keep the guides' default
+
+
+def _fake_run(out, guides, nll, test_size=32):
+    """A run directory as run_compare writes it: results.json, per-guide npz and reliability PNG (seed 0)."""
+    from dataclasses import asdict
+
+    config = CompareConfig(guides=guides, test_size=test_size, seeds=(0,), out=str(out))
+    rows = [{"guide": g, "dataset": "sst2", "seed": 0, "accuracy": 0.8, "ece": 5.0, "nll": nll, "brier": 0.3} for g in guides]
+    out.mkdir()
+    probs = torch.softmax(torch.randn(8, 2), -1).numpy()
+    for g in guides:
+        np.savez(out / f"predictions_{g}.npz", sst2__seed0__probs=probs, sst2__seed0__labels=np.arange(8) % 2)
+        (out / f"reliability_{g}.png").write_bytes(f"{g} {nll}".encode())
+    (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows}))
+
+
+def test_merge_results_replaces_the_rerun_guides_only(tmp_path):
+    from pyro_lora.compare import merge_results
+
+    _fake_run(tmp_path / "run", ("map", "meanfield", "temperature"), nll=0.5)
+    _fake_run(tmp_path / "update", ("meanfield", "flow"), nll=0.4)
+    summary = merge_results(tmp_path / "run", tmp_path / "update")
+    merged = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert merged["config"]["guides"] == ["map", "meanfield", "temperature", "flow"]
+    assert [(r["guide"], r["nll"]) for r in merged["per_seed"]] == [("map", 0.5), ("meanfield", 0.4), ("temperature", 0.5), ("flow", 0.4)]
+    assert [r["guide"] for r in summary] == ["map", "meanfield", "temperature", "flow"]
+    assert (tmp_path / "run" / "reliability_meanfield.png").read_bytes() == b"meanfield 0.4"
+    assert (tmp_path / "run" / "reliability_map.png").read_bytes() == b"map 0.5"
+    assert (tmp_path / "run" / "reliability_grid.png").read_bytes()[:4] == b"\x89PNG"
+    _fake_run(tmp_path / "other", ("meanfield",), nll=0.4, test_size=64)
+    with pytest.raises(ValueError, match="differ in test_size"):
+        merge_results(tmp_path / "run", tmp_path / "other")

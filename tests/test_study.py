@@ -159,3 +159,40 @@ def test_clear_differences_are_paired_over_seeds(study):
     assert study.clear_differences({"x": [-0.1]}) == ([], [])  # one seed: no verdict
     sentences = study.noise_sentences(runs, ["a", "b"])
     assert sentences == ["a, NLL: clearly better than MAP on OBQA; clearly worse on OBQA→ARC-C."]
+
+
+def _fake_predictions(out, guides, dataset):
+    import numpy as np
+
+    for g in guides:
+        np.savez(out / f"predictions_{g}.npz", **{f"{dataset}__seed0__probs": np.full((4, 4), 0.25), f"{dataset}__seed0__labels": np.arange(4)})
+        (out / f"reliability_{g}.png").write_bytes(g.encode())
+
+
+def test_update_reruns_some_guides_and_keeps_the_rest(study, runs, tmp_path, monkeypatch):
+    import pyro_lora.compare as compare
+
+    _fake_predictions(runs / "arc_easy", ("map", "temperature", "meanfield"), "arc_easy")
+
+    def fake_run_compare(config):  # the rerun guides' rows, NLL lowered by 0.1
+        out = Path(config.out)
+        out.mkdir(parents=True)
+        rows = [{**_row(g, "arc_easy", s, "arc_easy", False), "nll": BASE[(g, "arc_easy")][2] - 0.1} for s in config.seeds for g in config.guides]
+        _fake_predictions(out, config.guides, "arc_easy")
+        (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows}))
+
+    monkeypatch.setattr(compare, "run_compare", fake_run_compare)
+    argv = ["--datasets", "arc_easy", "--no-shift", "--update", "meanfield", "--guides", "map,temperature,meanfield",
+            "--seeds", "0,1", "--train-size", "64", *SIZES, "--runs", str(runs), "--docs", str(tmp_path / "docs")]
+    assert study.main(argv) == 0
+    merged = json.loads((runs / "arc_easy" / "results.json").read_text())
+    nll = {(r["guide"], r["seed"]): r["nll"] for r in merged["per_seed"]}
+    assert nll[("meanfield", 1)] == pytest.approx(1.1) and nll[("map", 1)] == pytest.approx(1.01)
+    assert merged["config"]["guides"] == ["map", "temperature", "meanfield"]
+    sidecar = json.loads((runs / "arc_easy" / "study_run.json").read_text())
+    assert sidecar["wall_seconds"] == 754.0 and sidecar["updates"][0]["guides"] == ["meanfield"]
+    assert "rows of meanfield rerun" in (tmp_path / "docs" / "study.md").read_text()
+    with pytest.raises(SystemExit, match="unknown guide"):
+        study.make_config(study.parse_args(["--update", "bogus"]), "arc_easy")
+    with pytest.raises(SystemExit, match="existing run"):
+        study.update_dataset(study.make_config(study.parse_args(argv), "boolq"), ["meanfield"], "x")
