@@ -5,7 +5,6 @@ This is the application layer: the only part of ``pyro_lora`` that imports :mod:
 
 import json
 import math
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -474,14 +473,14 @@ def merge_results(out, update):
     rows = sorted([r for r in base["per_seed"] if r["guide"] not in updated] + new["per_seed"], key=lambda r: order[r["guide"]])
     for name in updated:
         for kind in ("predictions_{}.npz", "reliability_{}.png"):
-            shutil.copyfile(update / kind.format(name), out / kind.format(name))
+            with atomic_file(out / kind.format(name), "wb") as f:
+                f.write((update / kind.format(name)).read_bytes())
     summary = summarize_seeds(rows)
     config = {**base["config"], "guides": guides}
-    first = config["seeds"][0]
+    key = f"{config['dataset']}__seed{config['seeds'][0]}__"
     first_seed = {}
     for name in guides:
         with np.load(out / f"predictions_{name}.npz") as arrays:
-            key = f"{config['dataset']}__seed{first}__"
             first_seed[name] = (torch.from_numpy(arrays[key + "probs"]), torch.from_numpy(arrays[key + "labels"]))
     _summary_figures(out, summary, first_seed, config["dataset"])
     write_json(out / "results.json", {"config": config, "summary": summary, "per_seed": rows})
