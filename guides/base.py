@@ -11,14 +11,21 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from pyro_lora import pyro_params
+from pyro_lora.contract import describe
+
 
 class LoraGuide(torch.nn.Module):
     """Base class: a posterior ``q(theta)`` over the LoRA sites of a :class:`~pyro_lora.LoraModel`.
 
     Subclasses implement :meth:`posterior` (site -> distribution with event shape ``site.shape``) and
     :meth:`config` (the keyword arguments that rebuild them, for saving). Parameters are ordinary
-    ``nn.Parameter`` s of the module, not Pyro's global param store, so guides can be swapped and
-    compared in one process without colliding.
+    ``nn.Parameter`` s of the module; each ``guide(...)`` call also records them in Pyro's param store
+    under a name unique to the guide, so ``SVI`` with a ``pyro.optim`` optimizer trains them and guides
+    can be swapped and compared in one process without colliding.
+
+    The guide keeps :attr:`signature`, what it assumes of the model (:func:`pyro_lora.contract.describe`):
+    ``fit``, ``predict``, ``save_guide``/``load_guide`` and ``export_adapter`` refuse a model it does not fit.
     """
 
     deterministic = False  # True for point estimates: the predictive then runs one forward, not S
@@ -27,6 +34,10 @@ class LoraGuide(torch.nn.Module):
         super().__init__()
         self._model = (model,)  # not a submodule: the network's weights are not the guide's
         self.sites = model.sites
+        self.signature = describe(model)
+        self._pyro_name = pyro_params.unique_name(self)
+        # a pre-hook, so that every subclass's forward records its parameters for Pyro's optimizers
+        self.register_forward_pre_hook(_record_parameters)
 
     @property
     def model(self):
@@ -57,6 +68,10 @@ class LoraGuide(torch.nn.Module):
     def extra_parameters(self):
         """Number of parameters the guide adds beyond the point-estimate LoRA it describes."""
         return 0
+
+
+def _record_parameters(guide, args):
+    pyro_params.record(guide._pyro_name, guide.named_parameters())
 
 
 def _draw(d, num_samples):

@@ -2,19 +2,23 @@
 
 Each LoRA layer gets a small holder that its forward reads. Sampling happens first (in the Pyro
 model or a guide's fast path), then the values are handed over for one forward: sampling inside the
-forward gave wrong gradients under activation checkpointing, and ``functional_call`` broke it
-(DESIGN.md, *Pitfalls*). With an empty holder the layer runs peft's own forward unchanged.
+forward would draw again when activation checkpointing recomputes it. Under transformers' activation
+checkpointing the handed weights also travel as checkpoint inputs (:func:`handed`), so the recomputed
+forward in backward sees them. With an empty holder the layer runs peft's own forward unchanged.
 
 With a leading sample dim ``S`` the batch is repeated ``S`` times (sample-major: row ``s * B + b``)
 and each layer applies its ``S`` deltas with one batched matmul.
 """
 
 import contextlib
+import functools
 import types
 
 import torch
 
 _HOLDER = "_pyro_lora_handed"
+_WRAPPED = "_pyro_lora_checkpoint"
+_TENSORS = ("A", "B", "R", "S", "A_loc")
 
 
 class _Handed:
@@ -22,12 +26,12 @@ class _Handed:
 
     def __init__(self, adapter, weights, num_samples):
         self.adapter = adapter
-        self.A = weights.get("A")
-        self.B = weights.get("B")
-        self.R = weights.get("R")
-        self.S = weights.get("S")
-        self.A_loc = weights.get("A_loc")
+        for k in _TENSORS:
+            setattr(self, k, weights.get(k))
         self.num_samples = num_samples
+
+    def tensors(self):
+        return {k: getattr(self, k) for k in _TENSORS if getattr(self, k) is not None}
 
 
 def install(layers):
@@ -38,26 +42,31 @@ def install(layers):
             layer.forward = types.MethodType(_forward, layer)
 
 
-def uninstall(layers):
-    for layer in layers.values():
-        if hasattr(layer, _HOLDER):
-            delattr(layer, _HOLDER)
-            del layer.forward
+def checkpointing_modules(net):
+    """The modules of ``net`` that transformers' activation checkpointing may wrap (``gradient_checkpointing`` attr)."""
+    return [m for m in net.modules() if hasattr(m, "gradient_checkpointing")]
 
 
 @contextlib.contextmanager
-def handed(layers, adapter, weights, num_samples=None):
+def handed(layers, adapter, weights, num_samples=None, checkpointing=()):
     """Within the context, ``layers[path]`` computes its LoRA delta from ``weights[path]``.
+
+    Contexts nest: leaving one restores the weights the enclosing one handed.
 
     :param layers: module path -> installed LoRA layer.
     :param weights: module path -> {``"A"``: ``[*S, r, d_in]``, ``"B"``: ``[*S, d_out, r]``,
         ``"R"``: ``[*S, r, r]``, ``"S"``: ``[*S, 1, r]``, optionally ``"A_loc"``: the mean of ``A`` for flipout}; a matrix left out is
         read from the layer's own parameter.
     :param int num_samples: ``S`` when the values carry a leading sample dim, else ``None``.
+    :param checkpointing: modules that may run under activation checkpointing
+        (:func:`checkpointing_modules`); those switched on get their checkpoint function wrapped so that the
+        recomputation in backward sees the same handed weights, passed as checkpoint inputs.
     """
+    for module in checkpointing:
+        if getattr(module, "gradient_checkpointing", False):
+            _wrap_checkpoint(module)
+    previous = {path: getattr(layer, _HOLDER) for path, layer in layers.items()}
     for path, layer in layers.items():
-        if layer.merged:
-            raise ValueError(f"LoRA layer {path} is merged into its base weight: refusing to hand it samples")
         w = weights.get(path)
         if w is not None:
             dtype = layer.lora_A[adapter].weight.dtype
@@ -66,20 +75,66 @@ def handed(layers, adapter, weights, num_samples=None):
     try:
         yield
     finally:
-        for layer in layers.values():
-            setattr(layer, _HOLDER, None)
+        for path, layer in layers.items():
+            setattr(layer, _HOLDER, previous[path])
+
+
+def _wrap_checkpoint(module):
+    """Pass the handed weights of the LoRA layers inside ``module`` through its checkpoint function as inputs.
+
+    transformers calls ``module._gradient_checkpointing_func(forward, *args)``. The recomputation in backward
+    runs after :func:`handed` has exited, so without this the reentrant mode recomputes with the peft
+    weights (the data gradient of every sampled site silently vanishes) and the non-reentrant mode sees
+    other tensors than it saved. As inputs, the weights are restored for the recomputation and their
+    gradients flow back through the checkpoint in both modes.
+    """
+    func = module._gradient_checkpointing_func
+    if getattr(func, _WRAPPED, False):
+        return
+    inner = [m for m in module.modules() if hasattr(m, _HOLDER)]
+
+    @functools.wraps(func)
+    def checkpoint(forward, *args, **kwargs):
+        holders = [getattr(m, _HOLDER) for m in inner]
+        keys = [(i, k) for i, h in enumerate(holders) if h is not None for k in h.tensors()]
+        if not keys:
+            return func(forward, *args, **kwargs)
+        tensors = [getattr(holders[i], k) for i, k in keys]
+
+        def body(*inputs):
+            outer = [getattr(m, _HOLDER) for m in inner]
+            given = [h.tensors() if h is not None else None for h in holders]
+            for (i, k), t in zip(keys, inputs[len(args):]):
+                given[i][k] = t
+            for m, h, w in zip(inner, holders, given):
+                setattr(m, _HOLDER, None if h is None else _Handed(h.adapter, w, h.num_samples))
+            try:
+                return forward(*inputs[: len(args)])
+            finally:
+                for m, h in zip(inner, outer):
+                    setattr(m, _HOLDER, h)
+
+        return func(body, *args, *tensors, **kwargs)
+
+    setattr(checkpoint, _WRAPPED, True)
+    module._gradient_checkpointing_func = checkpoint
 
 
 def _forward(layer, x, *args, **kwargs):
     h = getattr(layer, _HOLDER)
     if h is None:
         return type(layer).forward(layer, x, *args, **kwargs)
+    if kwargs.get("adapter_names") is not None:
+        raise ValueError("peft's mixed-batch forward (adapter_names=...) cannot run with handed LoRA weights: call it without a guide")
     result = layer.base_layer(x, *args, **kwargs)
     a = h.A if h.A is not None else layer.lora_A[h.adapter].weight
     b = h.B if h.B is not None else layer.lora_B[h.adapter].weight
     x = layer.lora_dropout[h.adapter](x).to(a.dtype)
-    delta = lora_delta(x, a, b, h.R, h.num_samples, a_loc=h.A_loc, log_scale=h.S) * layer.scaling[h.adapter]
-    return result + delta.to(result.dtype)
+    delta = lora_delta(x, a, b, h.R, h.num_samples, a_loc=h.A_loc, log_scale=h.S)
+    bias = layer.lora_B[h.adapter].bias  # peft's lora_bias=True: B's bias is a point estimate
+    if bias is not None:
+        delta = delta + bias.to(delta.dtype)
+    return result + (delta * layer.scaling[h.adapter]).to(result.dtype)
 
 
 def lora_delta(x, a, b, r=None, num_samples=None, a_loc=None, log_scale=None):

@@ -11,9 +11,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .contract import check_guide, describe, differences
 from .distributed import is_main
 
-FORMAT = "pyro_lora.guide/1"
+FORMAT = "pyro_lora.guide/2"
+_OLD_FORMATS = ("pyro_lora.guide/1",)  # sites only, no signature
 _NET = "net/"
 
 
@@ -77,6 +79,7 @@ def save_guide(guide, path):
         "config": guide.config(),
         "sites": {n: list(s.shape) for n, s in model.sites.items()},
         "base_model": getattr(getattr(model.net, "config", None), "_name_or_path", None),
+        "signature": guide.signature,
     }
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / "guide.safetensors"))
@@ -87,23 +90,25 @@ def save_guide(guide, path):
 def load_guide(path, model):
     """Rebuild a guide saved by :func:`save_guide` for ``model``, restoring the model's point parameters.
 
-    :raises ValueError: if the file is not a saved guide or was saved for other sites.
+    :raises ValueError: if the file is not a saved guide, or ``model`` differs from the model it was saved
+        with (sites, LoRA scaling, adapter, base model, head: :func:`~pyro_lora.contract.differences`).
     """
     path = Path(path)
     try:
         meta = json.loads((path / "guide.json").read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} holds no saved guide (guide.json missing)") from None
-    if meta.get("format") != FORMAT:
+    if meta.get("format") not in (FORMAT, *_OLD_FORMATS):
         raise ValueError(f"{path}/guide.json is not a pyro_lora guide (format {meta.get('format')!r})")
-    saved = {n: tuple(s) for n, s in meta["sites"].items()}
-    current = {n: s.shape for n, s in model.sites.items()}
-    if saved != current:
-        diff = sorted(set(saved.items()) ^ set(current.items()))
-        raise ValueError(
-            f"guide at {path} was saved for a model with other sites (base model {meta.get('base_model')!r}); "
-            f"differing (site, shape): {diff[:6]}"
-        )
+    model.check_network()
+    if "signature" in meta:
+        problems = differences(meta["signature"], describe(model))
+    else:
+        saved = {n: tuple(s) for n, s in meta["sites"].items()}
+        current = {n: s.shape for n, s in model.sites.items()}
+        problems = [f"differing (site, shape): {sorted(set(saved.items()) ^ set(current.items()))[:6]}"] if saved != current else []
+    if problems:
+        raise ValueError(f"cannot load the guide at {path} into this model: " + "; ".join(problems))
     module, name = meta["guide"].split(":")
     guide = getattr(importlib.import_module(module), name)(model, **meta["config"])
     tensors = load_file(str(path / "guide.safetensors"), device=str(model.device))
@@ -118,8 +123,13 @@ def load_guide(path, model):
 
 
 def export_adapter(guide, path):
-    """Write the posterior mean as a regular peft adapter directory (``PeftModel.from_pretrained`` loads it)."""
+    """Write the posterior mean as a regular peft adapter directory (``PeftModel.from_pretrained`` loads it).
+
+    :raises ValueError: if the network changed since the guide was built (another active adapter, merged
+        layers, other LoRA scaling: :func:`~pyro_lora.contract.check_guide`).
+    """
     model = guide.model
+    check_guide(model, guide, "export the adapter")
     model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
     if not is_main():  # every rank updates its adapter, rank 0 writes it
         return Path(path)

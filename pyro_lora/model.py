@@ -4,7 +4,7 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
-from . import handoff
+from . import handoff, pyro_params
 from .priors import isotropic_normal
 from .sites import active_adapter, build_sites, check_values, find_lora_layers, matrix_view, per_layer
 
@@ -18,7 +18,11 @@ class LoraModel:
     Matrices that are not random stay peft parameters, trained as point estimates.
 
     The network is kept out of Pyro's sight (held in a tuple, as Pyro's ``AutoGuide`` holds its
-    model): Pyro only ever sees the LoRA sites.
+    model): Pyro sees the LoRA sites, and each call records the network's trainable point parameters as
+    Pyro params, so ``SVI`` with a ``pyro.optim`` optimizer trains them as :func:`~pyro_lora.fit` does.
+
+    Supported networks: peft LoRA on ``Linear`` layers, one active adapter, not merged, no LoRA variant
+    (DoRA and the like are refused); each forward re-checks that the network still runs that adapter.
 
     Example::
 
@@ -35,18 +39,25 @@ class LoraModel:
     :param prior: a float (isotropic ``N(0, prior^2)`` per entry), a dict site name -> distribution, or a
         callable ``Site -> distribution`` whose event shape is the site's shape.
     :param int num_data: training-set size for minibatch scaling; ``None`` means the batch is the data.
+    :param str adapter: the peft adapter to put a posterior over (default: the active one).
+    :raises ValueError: for networks the weight hand-off does not implement (see
+        :func:`~pyro_lora.sites.find_lora_layers`) or several active adapters.
     """
 
     def __init__(self, net, likelihood, random="AB", group="kind", prior=1.0, num_data=None, adapter=None):
         self._net = (net,)
         self.likelihood = likelihood
         self.adapter = adapter or active_adapter(net)
+        if self.adapter != active_adapter(net):
+            raise ValueError(f"adapter {self.adapter!r} is not the network's active adapter: call net.set_adapter({self.adapter!r}) first")
         self.layers = find_lora_layers(net, self.adapter)
         self.sites = build_sites(self.layers, self.adapter, tuple(random), group)
         self.matrices = matrix_view(self.sites)
         self.prior = prior
         self.num_data = num_data
         handoff.install(self.layers)
+        self._checkpointing = handoff.checkpointing_modules(net)
+        self._pyro_name = pyro_params.unique_name(self)
         self.set_trainable()
 
     @property
@@ -71,8 +82,29 @@ class LoraModel:
 
     def point_parameters(self):
         """Trainable parameters of the network that are not random (heads, non-random LoRA matrices)."""
+        return [p for _, p in self.named_point_parameters()]
+
+    def named_point_parameters(self):
+        """``(name, parameter)`` pairs of :meth:`point_parameters`, names as in ``net.named_parameters()``."""
         random = {id(p) for p in self.random_parameters()}
-        return [p for p in self.net.parameters() if p.requires_grad and id(p) not in random]
+        return [(n, p) for n, p in self.net.named_parameters() if p.requires_grad and id(p) not in random]
+
+    def check_network(self):
+        """Check that the network still runs what this model was built on; called before every forward.
+
+        :raises ValueError: if the network's active adapter changed (``set_adapter``), several adapters are
+            active, or a LoRA layer was merged into its base weight.
+        """
+        active = active_adapter(self.net)
+        if active != self.adapter:
+            raise ValueError(
+                f"the network now runs adapter {active!r}, but this LoraModel was built for adapter {self.adapter!r} "
+                f"(its LoRA layers and head would be mixed): call net.set_adapter({self.adapter!r}), or build a "
+                f"LoraModel for {active!r}"
+            )
+        merged = [p for p, layer in self.layers.items() if layer.merged]
+        if merged:
+            raise ValueError(f"LoRA layer {merged[0]} is merged into its base weight: call net.unmerge_adapter() first")
 
     def _parameter(self, path, matrix):
         layer = self.layers[path]
@@ -90,7 +122,12 @@ class LoraModel:
         return {k: v.clone() for k, v in values.items()}
 
     def write_adapter(self, values):
-        """Copy site values (e.g. a posterior mean) into the peft LoRA parameters."""
+        """Copy site values (e.g. a posterior mean) into the peft LoRA parameters.
+
+        :raises ValueError: for wrong values, or while the adapter is merged (unmerging afterwards would
+            subtract the new delta from a base that holds the old one).
+        """
+        self.check_network()
         check_values(self.sites, values, allow_sample_dim=False)
         with torch.no_grad():
             for path, mats in per_layer(self.sites, values).items():
@@ -121,8 +158,15 @@ class LoraModel:
             per example (flipout, :func:`~pyro_lora.handoff.lora_delta`).
         :returns: ``[B, C]`` or ``[S, B, C]``.
         """
+        self.check_network()
         if values is None:
             return self.likelihood.logits(self.net, batch, num_samples)
+        disabled = [p for p, layer in self.layers.items() if layer.disable_adapters]
+        if disabled:
+            raise ValueError(
+                f"the adapters are disabled ({disabled[0]}, e.g. inside net.disable_adapter()): handed LoRA weights "
+                "would be applied anyway; leave that context, or predict with guide=None for the base model"
+            )
         weights = per_layer(self.sites, values)
         if flipout_locs:
             bad = [n for n in flipout_locs if self.sites[n].matrix != "A"]
@@ -130,16 +174,27 @@ class LoraModel:
                 raise ValueError(f"flipout applies to A sites only, got {bad}")
             for path, mats in per_layer({n: self.sites[n] for n in flipout_locs}, flipout_locs).items():
                 weights[path]["A_loc"] = mats["A"]
-        with handoff.handed(self.layers, self.adapter, weights, num_samples):
+        with handoff.handed(self.layers, self.adapter, weights, num_samples, self._checkpointing):
             return self.likelihood.logits(self.net, batch, num_samples)
 
     def __call__(self, batch, kl_weight=1.0):
         """The Pyro model. ``kl_weight`` scales the weight sites (KL annealing); guides scale theirs alike.
 
         A guide that marks a site with ``infer={"flipout_loc": loc}`` (its mean) gets flipout in the likelihood.
+
+        :raises ValueError: if a value replayed from a guide has another shape than its site (a guide built
+            for another model).
         """
+        pyro_params.record(self._pyro_name, self.named_point_parameters())
         with poutine.scale(scale=kl_weight), poutine.trace() as tr:
             values = {name: pyro.sample(name, self.prior_distribution(site)) for name, site in self.sites.items()}
+        for name, v in values.items():
+            shape = self.sites[name].shape
+            if tuple(v.shape[v.dim() - len(shape) :]) != shape:
+                raise ValueError(
+                    f"site {name!r} got a value of shape {tuple(v.shape)} from the guide, but the model's site has shape "
+                    f"{shape}: the guide was built for another model"
+                )
         flipout = {n: tr.trace.nodes[n]["infer"]["flipout_loc"] for n in values if "flipout_loc" in tr.trace.nodes[n]["infer"]}
         logits = self.logits(batch, values, flipout_locs=flipout)
         y = self.likelihood.observed(batch)

@@ -3,9 +3,10 @@
 A LoRA layer computes ``y = W0 x + s B A x`` with ``A: [r, d_in]``, ``B: [d_out, r]`` and
 ``s = alpha / r``. Same-kind, same-shape matrices of all layers (``q_proj.lora_A`` of every block)
 form one stacked site of shape ``[L, r, d_in]``: one Pyro site per kind, not per matrix, is what
-keeps an SVI step close to a plain LoRA step (DESIGN.md, *Sites*).
+keeps an SVI step close to a plain LoRA step.
 """
 
+import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
@@ -46,18 +47,44 @@ class Site:
 def find_lora_layers(net, adapter=None):
     """Module path -> peft LoRA ``Linear`` layer for every layer holding ``adapter``.
 
-    :raises ValueError: if the model has no LoRA layers, or any is merged.
+    Only plain peft ``lora.Linear`` layers (``fan_in_fan_out`` and ``lora_bias`` included) are handed
+    sampled weights. LoRA on embedding layers is left out of the sites, with a warning naming the layers:
+    those matrices stay point estimates.
+
+    :raises ValueError: if the model has no LoRA layers for ``adapter``, any is merged, uses a LoRA variant
+        (DoRA's magnitude vector, aLoRA, ...) or is a LoRA layer type the weight hand-off does not implement
+        (convolutions, quantized bases, ...).
     """
-    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import Embedding, Linear, LoraLayer
 
     adapter = adapter or active_adapter(net)
-    layers = OrderedDict(
-        (path, m) for path, m in net.named_modules() if isinstance(m, LoraLayer) and adapter in m.lora_A
-    )
+    holding = [(p, m) for p, m in net.named_modules() if isinstance(m, LoraLayer) and _holds(m, adapter)]
+    layers = OrderedDict((p, m) for p, m in holding if type(m) is Linear)
     if not layers:
         raise ValueError(
-            f"model {type(net).__name__} has no LoRA layers for adapter {adapter!r}: wrap it with "
+            f"model {type(net).__name__} has no LoRA layers (on Linear modules) for adapter {adapter!r}: wrap it with "
             "peft.get_peft_model(model, LoraConfig(target_modules=[...])) or pyro_lora.add_lora first"
+        )
+    embeddings = [p for p, m in holding if isinstance(m, Embedding)]
+    if embeddings:
+        warnings.warn(
+            f"LoRA on embedding layers {embeddings} is not made random: those LoRA matrices stay point estimates "
+            "(trained by fit, no prior); target only Linear layers to make every LoRA matrix random",
+            stacklevel=3,
+        )
+    other = [f"{p} ({type(m).__name__})" for p, m in holding if p not in layers and p not in embeddings]
+    if other:
+        raise ValueError(
+            f"LoRA layers of types the weight hand-off does not implement: {other[:4]}; only peft lora.Linear "
+            "layers are supported: change target_modules to Linear layers"
+        )
+    variants = {p: type(m.lora_variant[adapter]).__name__ for p, m in layers.items() if adapter in getattr(m, "lora_variant", {})}
+    if variants:
+        path, name = next(iter(variants.items()))
+        raise ValueError(
+            f"LoRA layer {path} uses the peft variant {name} (e.g. use_dora=True for DoRA), which the weight hand-off "
+            "does not implement (its extra parameters, such as DoRA's magnitude vector, would be ignored): "
+            "build the adapter with a plain LoraConfig (use_dora=False)"
         )
     merged = [p for p, m in layers.items() if m.merged]
     if merged:
@@ -65,7 +92,21 @@ def find_lora_layers(net, adapter=None):
     return layers
 
 
+def _holds(layer, adapter):
+    return any(adapter in getattr(layer, name, {}) for name in layer.adapter_layer_names)
+
+
 def active_adapter(net):
+    """The adapter a peft model runs (``"default"`` for a model without one).
+
+    :raises ValueError: if several adapters are active at once: the hand-off replaces one adapter's matrices.
+    """
+    active = getattr(net, "active_adapters", None)
+    if isinstance(active, (list, tuple)) and len(active) > 1:
+        raise ValueError(
+            f"several adapters are active at once ({list(active)}): a LoraModel puts a posterior over one adapter; "
+            "call net.set_adapter(name) with one adapter name"
+        )
     active = getattr(net, "active_adapter", None)
     if isinstance(active, (list, tuple)):
         active = active[0]
@@ -154,15 +195,3 @@ def per_layer(sites, values):
         for i, path in enumerate(site.layers):
             out.setdefault(path, {})[site.matrix] = v.select(-3, i) if site.stacked else v
     return out
-
-
-def stack_values(sites, per_layer_values):
-    """Inverse of :func:`per_layer` for unbatched values: module path -> {matrix: [rows, cols]}."""
-    return {
-        name: (
-            torch.stack([per_layer_values[p][site.matrix] for p in site.layers])
-            if site.stacked
-            else per_layer_values[site.layers[0]][site.matrix]
-        )
-        for name, site in sites.items()
-    }

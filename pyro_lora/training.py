@@ -1,5 +1,6 @@
 """SVI training: any Pyro ELBO, one fused torch optimizer over the model's point estimates and the guide."""
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -7,6 +8,13 @@ import pyro
 import torch
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
+
+from . import pyro_params
+from .contract import check_guide
+
+
+class DivergenceError(FloatingPointError):
+    """Training stopped: the loss became non-finite or rose far above where it started."""
 
 
 @dataclass
@@ -40,6 +48,8 @@ def fit(
     callbacks=(),
     checkpoint_dir=None,
     checkpoint_every=None,
+    gradient_checkpointing=False,
+    stop_on_divergence=True,
     progress=True,
 ):
     """Train ``guide`` (and the model's non-random parameters) by minimising ``elbo`` on ``data``.
@@ -55,10 +65,18 @@ def fit(
     :param train_network: ``False`` trains the guide's parameters only; the network's point estimates (a head,
         non-random LoRA matrices) stay as they are: post-hoc VI around a fitted network.
     :param autocast: ``torch.dtype`` for autocast (default bf16 on CUDA, off on CPU).
+    :param bool gradient_checkpointing: switch transformers' activation checkpointing on (non-reentrant) for
+        the run; gradients equal those without it. A network whose checkpointing the user switched on
+        (``gradient_checkpointing_enable()``, either mode) works too.
+    :param bool stop_on_divergence: raise :class:`DivergenceError` when the smoothed loss rises above twice
+        its starting value plus one nat per example (a learning rate far too high); a non-finite loss
+        always raises it.
     :param callbacks: callables ``f(FitState)`` run after each optimizer step.
     :param checkpoint_dir: if given, the guide is saved there (atomically) every ``checkpoint_every``
         steps and at the end.
     :returns: list of per-step losses.
+    :raises ValueError: if ``guide`` was built for another model (:func:`~pyro_lora.contract.check_guide`).
+    :raises DivergenceError: see ``stop_on_divergence``.
 
     Under ``torch.distributed`` (``W > 1`` ranks, see :mod:`pyro_lora.distributed`): every rank is given
     the same ``data`` and trains on its block of ``len(data) // W`` batches per epoch; rank 0's parameters
@@ -73,6 +91,7 @@ def fit(
 
     elbo = elbo or Trace_ELBO()
     num_data = model.num_data or 1
+    check_guide(model, guide, "fit")
     model.set_trainable()
     device = model.device
     params = (model.point_parameters() if train_network else []) + [p for p in guide.parameters() if p.requires_grad]
@@ -94,9 +113,11 @@ def fit(
     net.train()
     guide.train()
     losses, step = [], 0
+    watch = _DivergenceWatch(lr) if stop_on_divergence else None
     bar = tqdm(total=total, desc=f"fit {type(guide).__name__}", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
     try:
-        with pyro.validation_enabled(False):  # validation syncs the GPU once per site
+        # validation syncs the GPU once per site; the fused optimizer above holds the parameters, not Pyro's store
+        with pyro.validation_enabled(False), pyro_params.own_optimizer(), _activation_checkpointing(net, gradient_checkpointing):
             for epoch in range(epochs):
                 accumulated = 0.0
                 for i, batch in enumerate(data):
@@ -110,7 +131,12 @@ def fit(
                         continue
                     accumulated = distributed.all_reduce_gradients(params, accumulated)
                     if not math.isfinite(accumulated):
-                        raise FloatingPointError(f"loss became {accumulated} at step {step} (epoch {epoch}): lower lr?")
+                        raise DivergenceError(
+                            f"the loss became {accumulated} at step {step} (epoch {epoch}): the learning rate ({lr:g}) is "
+                            "likely too high (or half precision overflowed); lower it or set max_grad_norm"
+                        )
+                    if watch is not None:
+                        watch.update(accumulated, step, epoch)
                     if max_grad_norm:
                         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                     optimizer.step()
@@ -133,6 +159,46 @@ def fit(
     if checkpoint_dir:
         save_guide(guide, checkpoint_dir)
     return losses
+
+
+class _DivergenceWatch:
+    """An exponential moving average of the loss against the mean of the first steps' losses."""
+
+    def __init__(self, lr, start_steps=5, decay=0.9):
+        self.lr, self.start_steps, self.decay = lr, start_steps, decay
+        self.first, self.ema = [], None
+
+    def update(self, loss, step, epoch):
+        if len(self.first) < self.start_steps:
+            self.first.append(loss)
+        self.ema = loss if self.ema is None else self.decay * self.ema + (1 - self.decay) * loss
+        start = sum(self.first) / len(self.first)
+        if self.ema > 2 * start + 1.0:
+            raise DivergenceError(
+                f"training diverged: the smoothed loss rose from {start:.4g} to {self.ema:.4g} per example by step {step} "
+                f"(epoch {epoch}); the learning rate ({self.lr:g}) is likely too high: lower it or set max_grad_norm "
+                "(stop_on_divergence=False turns this check off)"
+            )
+
+
+@contextlib.contextmanager
+def _activation_checkpointing(net, enable):
+    """Switch transformers' activation checkpointing (non-reentrant) on within the block, if ``enable``."""
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    new_api = hasattr(base, "activation_checkpointing_enable")  # transformers >= 5 renamed gradient_ to activation_
+    if not enable or (base.is_activation_checkpointing if new_api else base.is_gradient_checkpointing):
+        yield
+        return
+    if not getattr(base, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(base).__name__} does not support activation checkpointing: fit without gradient_checkpointing")
+    if new_api:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        base.activation_checkpointing_disable() if new_api else base.gradient_checkpointing_disable()
 
 
 def _schedule(kind, warmup, total):

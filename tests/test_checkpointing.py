@@ -1,0 +1,77 @@
+"""Activation checkpointing (transformers', reentrant and not) gives the same gradients as none, for every guide
+trained by SVI, on a tiny Llama and a tiny BERT."""
+
+import pyro
+import pytest
+import torch
+from conftest import random_batch, tiny_bert, tiny_llama
+from pyro.infer import Trace_ELBO
+
+from guides import FlowGuide, MAPGuide, MeanFieldGuide, ScalaBLGuide
+from pyro_lora import LoraModel, ScalaBLModel, SequenceClassification, fit
+from pyro_lora.likelihoods import CausalLM
+
+GUIDES = {
+    "map": lambda m: MAPGuide(m),
+    "meanfield": lambda m: MeanFieldGuide(m, b="normal", init_scale=0.3),
+    "meanfield_flipout": lambda m: MeanFieldGuide(m, init_scale=0.3, flipout=True),
+    "flow": lambda m: FlowGuide(m, init_scale=0.5),
+    "scalabl": lambda m: ScalaBLGuide(m, init_scale=0.3),
+}
+
+
+def build(arch, guide):
+    torch.manual_seed(0)
+    if arch == "llama":
+        net, likelihood = tiny_llama(), CausalLM()
+        ids = torch.randint(1, 64, (3, 7), generator=torch.Generator().manual_seed(1))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    else:
+        net, likelihood = tiny_bert(num_labels=3), SequenceClassification()
+        batch = random_batch() | {"labels": torch.tensor([0, 2, 1])}
+    if guide == "scalabl":
+        model = ScalaBLModel(net, likelihood, prior=0.5)
+    else:
+        model = LoraModel(net, likelihood, random="AB", prior=0.5)
+    return model, GUIDES[guide](model), batch
+
+
+def gradients(model, guide, batch):
+    """Gradients of the negative ELBO w.r.t. the guide's and the network's trainable parameters."""
+    model.net.train()
+    params = dict(guide.named_parameters()) | {f"net.{n}": p for n, p in model.named_point_parameters()}
+    for p in params.values():
+        p.grad = None
+    pyro.set_rng_seed(3)
+    Trace_ELBO().differentiable_loss(model, guide, batch).backward()
+    return {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+
+
+def _enable(net, reentrant):
+    net.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+@pytest.mark.parametrize("guide", sorted(GUIDES))
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_checkpointed_gradients_equal_plain_ones(arch, guide, reentrant):
+    model, q, batch = build(arch, guide)
+    plain = gradients(model, q, batch)
+    _enable(model.net, reentrant)
+    assert model.net.get_base_model().is_activation_checkpointing
+    checkpointed = gradients(model, q, batch)
+    assert plain.keys() == checkpointed.keys()
+    site_params = [n for n in plain if not n.startswith("net.")]
+    assert site_params and any(plain[n].abs().sum() > 0 for n in site_params)
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], rtol=1e-4, atol=1e-7, msg=f"{n} differs")
+
+
+def test_fit_switches_checkpointing_on_for_the_run_and_trains_the_same():
+    losses = {}
+    for flag in (False, True):
+        model, guide, batch = build("llama", "meanfield")
+        pyro.set_rng_seed(0)
+        losses[flag] = fit(model, guide, [batch] * 3, lr=1e-2, gradient_checkpointing=flag, progress=False)
+        assert not model.net.get_base_model().is_activation_checkpointing  # switched off again
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=1e-6)

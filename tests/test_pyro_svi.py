@@ -1,0 +1,123 @@
+"""Pyro's own SVI and optimizers train exactly what fit trains: every guide parameter and the network's point
+parameters (a classification head, non-random LoRA matrices)."""
+
+import pyro
+import pyro.optim
+import pytest
+import torch
+from conftest import tiny_bert, tiny_llama
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from test_training import toy_data
+
+from guides import FlowGuide, MAPGuide, MCDropoutGuide, MeanFieldGuide, ScalaBLGuide
+from pyro_lora import LoraModel, ScalaBLModel, SequenceClassification, fit
+from pyro_lora.likelihoods import CausalLM
+
+GUIDES = {
+    "map": (lambda m: MAPGuide(m), "AB", Trace_ELBO),
+    "meanfield": (lambda m: MeanFieldGuide(m, b="normal"), "AB", TraceMeanField_ELBO),
+    "meanfield_A": (lambda m: MeanFieldGuide(m), "A", TraceMeanField_ELBO),  # B a point estimate in the network
+    "flow": (lambda m: FlowGuide(m, init_scale=0.1), "AB", Trace_ELBO),
+    "scalabl": (lambda m: ScalaBLGuide(m), "S", TraceMeanField_ELBO),
+    "mcdropout": (lambda m: MCDropoutGuide(m, p=0.2), "AB", Trace_ELBO),
+}
+
+
+def build(name, seed=0):
+    make_guide, random, _ = GUIDES[name]
+    net = tiny_bert(num_labels=2, seed=seed)
+    torch.manual_seed(seed)
+    if random == "S":
+        model = ScalaBLModel(net, SequenceClassification(), prior=0.5, num_data=48)
+    else:
+        model = LoraModel(net, SequenceClassification(), random=random, prior=0.5, num_data=48)
+    return model, make_guide(model)
+
+
+def trained(model, guide):
+    """Every parameter SVI should move: the guide's and the network's point parameters, by name."""
+    out = {f"guide.{n}": p.detach().clone() for n, p in guide.named_parameters() if p.requires_grad}
+    out.update({f"net.{n}": p.detach().clone() for n, p in model.named_point_parameters()})
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(GUIDES))
+def test_pyro_svi_with_pyro_adam_equals_fit(name):
+    data, steps, lr = toy_data(n=16, batch=8), 4, 1e-2
+    elbo = GUIDES[name][2]
+
+    model, guide = build(name)
+    before = trained(model, guide)
+    pyro.set_rng_seed(1)
+    fit(model, guide, data, epochs=steps // len(data), lr=lr, elbo=elbo(), progress=False)
+    by_fit = trained(model, guide)
+
+    pyro.clear_param_store()
+    model, guide = build(name)
+    model.net.train()  # fit does this; a Pyro script does it itself
+    pyro.set_rng_seed(1)
+    # fit minimises the loss per example (the ELBO / num_data): the same objective for Pyro, so Adam's eps acts alike
+    per_example = 1 / model.num_data
+    svi = SVI(pyro.poutine.scale(model, per_example), pyro.poutine.scale(guide, per_example), pyro.optim.Adam({"lr": lr}), elbo())
+    losses = [svi.step(data[i % len(data)]) for i in range(steps)]
+    by_svi = trained(model, guide)
+
+    assert by_fit.keys() == by_svi.keys() and len(by_fit) > 0
+    assert any(k.startswith("net.") for k in by_fit)  # the classification head at least
+    for k in by_fit:
+        assert not torch.equal(by_svi[k], before[k]), f"SVI left {k} unchanged"
+        torch.testing.assert_close(by_svi[k], by_fit[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs")
+    assert all(map(torch.isfinite, map(torch.tensor, losses)))
+
+
+def test_two_guides_in_one_process_do_not_collide():
+    model, first = build("meanfield")
+    second = MeanFieldGuide(model, b="normal")
+    untouched = {n: p.detach().clone() for n, p in second.named_parameters()}
+    model.net.train()
+    svi = SVI(model, first, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO())
+    for batch in toy_data(n=16, batch=8):
+        svi.step(batch)
+    for n, p in second.named_parameters():
+        assert torch.equal(p, untouched[n]), n
+    svi_second = SVI(model, second, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO())
+    svi_second.step(toy_data(n=8, batch=8)[0])
+    names = list(pyro.get_param_store().keys())
+    first_names = [n for n in names if n.startswith(first._pyro_name + ".")]
+    second_names = [n for n in names if n.startswith(second._pyro_name + ".")]
+    assert len(first_names) == len(second_names) == len(list(first.parameters()))
+    for n in first_names:
+        assert pyro.get_param_store()[n] is dict(first.named_parameters())[n[len(first._pyro_name) + 1 :]]
+
+
+def test_a_stale_param_store_entry_is_replaced_by_the_live_parameter():
+    model, guide = build("map")
+    model.net.train()
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    batch = toy_data(n=8, batch=8)[0]
+    svi.step(batch)
+    store = pyro.get_param_store()
+    name = f"{guide._pyro_name}.locs.0"
+    store[name] = torch.zeros(3)  # e.g. restored from an old param-store file
+    before = guide.locs[0].detach().clone()
+    svi.step(batch)
+    assert store[name] is guide.locs[0] and not torch.equal(guide.locs[0], before)
+
+
+def test_fit_leaves_the_param_store_empty():
+    model, guide = build("meanfield")
+    fit(model, guide, toy_data(n=8, batch=8), epochs=1, progress=False)
+    assert list(pyro.get_param_store().keys()) == []
+
+
+def test_pyro_svi_trains_non_random_lora_matrices_of_a_causal_lm():
+    model = LoraModel(tiny_llama(), CausalLM(), random="A", prior=0.5)
+    guide = MeanFieldGuide(model)
+    b = [p for n, p in model.named_point_parameters() if "lora_B" in n]
+    assert len(b) == 4
+    before = [p.detach().clone() for p in b]
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2}), TraceMeanField_ELBO())
+    svi.step(batch)
+    assert all(not torch.equal(p, q) for p, q in zip(b, before))
