@@ -68,9 +68,9 @@ def fit(
     :param bool gradient_checkpointing: switch transformers' activation checkpointing on (non-reentrant) for
         the run; gradients equal those without it. A network whose checkpointing the user switched on
         (``gradient_checkpointing_enable()``, either mode) works too.
-    :param bool stop_on_divergence: raise :class:`DivergenceError` when the smoothed loss rises above twice
-        its starting value plus one nat per example (a learning rate far too high); a non-finite loss
-        always raises it.
+    :param bool stop_on_divergence: raise :class:`DivergenceError` when the smoothed loss rises above four
+        times the first step's loss plus four nats per example (a learning rate far too high); a non-finite
+        loss always raises it.
     :param callbacks: callables ``f(FitState)`` run after each optimizer step.
     :param checkpoint_dir: if given, the guide is saved there (atomically) every ``checkpoint_every``
         steps and at the end.
@@ -162,22 +162,21 @@ def fit(
 
 
 class _DivergenceWatch:
-    """An exponential moving average of the loss against the mean of the first steps' losses."""
+    """An exponential moving average of the loss against the first step's loss (taken before any update)."""
 
-    def __init__(self, lr, start_steps=5, decay=0.9):
-        self.lr, self.start_steps, self.decay = lr, start_steps, decay
-        self.first, self.ema = [], None
+    def __init__(self, lr, decay=0.9):
+        self.lr, self.decay = lr, decay
+        self.start = self.ema = None
 
     def update(self, loss, step, epoch):
-        if len(self.first) < self.start_steps:
-            self.first.append(loss)
-        self.ema = loss if self.ema is None else self.decay * self.ema + (1 - self.decay) * loss
-        start = sum(self.first) / len(self.first)
-        if self.ema > 2 * start + 1.0:
+        if self.start is None:
+            self.start = self.ema = loss
+        self.ema = self.decay * self.ema + (1 - self.decay) * loss
+        if self.ema > 4 * abs(self.start) + 4.0:
             raise DivergenceError(
-                f"training diverged: the smoothed loss rose from {start:.4g} to {self.ema:.4g} per example by step {step} "
-                f"(epoch {epoch}); the learning rate ({self.lr:g}) is likely too high: lower it or set max_grad_norm "
-                "(stop_on_divergence=False turns this check off)"
+                f"training diverged: the smoothed loss rose from {self.start:.4g} to {self.ema:.4g} per example by step "
+                f"{step} (epoch {epoch}); the learning rate ({self.lr:g}) is likely too high: lower it or set "
+                "max_grad_norm (stop_on_divergence=False turns this check off)"
             )
 
 

@@ -13,7 +13,7 @@ from pyro_lora.likelihoods import SequenceClassification
 from pyro_lora.metrics import nll
 from pyro_lora.model import LoraModel
 from pyro_lora.predictive import predict
-from pyro_lora.training import FitState, fit
+from pyro_lora.training import DivergenceError, FitState, fit
 
 
 def toy_data(n=48, batch=8, seed=0):
@@ -79,8 +79,20 @@ def test_fit_non_finite_loss_is_an_error():
     model, guide = make()
     with torch.no_grad():
         guide.locs[0].fill_(float("nan"))
-    with pytest.raises(FloatingPointError, match="step 0"):
+    with pytest.raises(DivergenceError, match="the loss became nan at step 0"):
         fit(model, guide, toy_data(), progress=False)
+
+
+def test_fit_stops_when_the_loss_explodes():
+    model, guide = make()
+    with pytest.raises(DivergenceError, match=r"training diverged: the smoothed loss rose from .* learning rate \(1000\) is likely too high"):
+        fit(model, guide, toy_data() * 3, lr=1e3, progress=False)
+    model, guide = make()
+    losses = fit(model, guide, toy_data() * 3, lr=1e3, stop_on_divergence=False, progress=False)
+    assert max(losses[-5:]) > 4 * losses[0] + 4  # what the check caught
+    model, guide = make()
+    losses = fit(model, guide, toy_data() * 3, lr=1e-2, progress=False)  # a sane run is not stopped
+    assert losses[-1] < losses[0]
 
 
 class _Jitter(MAPGuide):

@@ -1,0 +1,223 @@
+"""One contract over every guide class: Pyro sites equal the model's, the fast path's shapes, a JSON config, the
+save/load round trip, Pyro's SVI with a Pyro optimizer, and the refusal of a model the guide was not built for.
+
+A guide class exported by ``guides`` without a builder here fails ``test_every_guide_class_is_covered``.
+"""
+
+import inspect
+import json
+
+import pyro
+import pyro.optim
+import pyro.poutine as poutine
+import pytest
+import torch
+from conftest import random_batch, tiny_bert, tiny_llama
+from peft import LoraConfig, get_peft_model
+from pyro.infer import SVI, Trace_ELBO
+
+import guides
+from guides import (
+    EnsembleGuide,
+    FlowGuide,
+    LaplaceGuide,
+    LoraGuide,
+    MAPGuide,
+    MCDropoutGuide,
+    MeanFieldGuide,
+    ScalaBLGuide,
+    SWAGCollector,
+    SWAGGuide,
+    TFBGuide,
+)
+from pyro_lora import LoraModel, ScalaBLModel, SequenceClassification, export_adapter, fit, load_guide, predict, save_guide
+from pyro_lora.likelihoods import CausalLM
+from pyro_lora.loraxs import LoraXSModel
+
+
+def data():
+    return [random_batch(seed=s) | {"labels": torch.tensor([0, 2, 1])} for s in (1, 2)]
+
+
+def lora(r=4, **kw):
+    return LoraModel(tiny_bert(r=r), SequenceClassification(), prior=0.5, num_data=6, **kw)
+
+
+def _swag():
+    model = LoraXSModel(tiny_bert(), SequenceClassification(), num_data=6)
+    swag = SWAGGuide(model, rank=2)
+    fit(model, MAPGuide(model), data() * 2, lr=1e-2, callbacks=[SWAGCollector(swag)], progress=False)
+    return model, swag
+
+
+def _ensemble():
+    model = lora()
+    members = [{n: v + 0.05 * k for n, v in model.adapter_values().items()} for k in range(2)]
+    return model, EnsembleGuide(model, members)
+
+
+def _scalabl():
+    model = ScalaBLModel(tiny_bert(), SequenceClassification(), prior=0.5, num_data=6)
+    return model, ScalaBLGuide(model)
+
+
+BUILDERS = {
+    MAPGuide: lambda: (m := lora(), MAPGuide(m)),
+    MeanFieldGuide: lambda: (m := lora(), MeanFieldGuide(m, b="normal")),
+    FlowGuide: lambda: (m := lora(), FlowGuide(m, init_scale=0.1)),
+    TFBGuide: lambda: (m := lora(), TFBGuide(m, sigma_q=0.01)),
+    LaplaceGuide: lambda: (m := lora(), LaplaceGuide(m, fisher="exact", rank=3).fit(data(), progress=False)),
+    SWAGGuide: _swag,
+    ScalaBLGuide: _scalabl,
+    MCDropoutGuide: lambda: (m := lora(), MCDropoutGuide(m, p=0.2)),
+    EnsembleGuide: _ensemble,
+}
+
+
+def test_every_guide_class_is_covered():
+    exported = {c for c in vars(guides).values() if inspect.isclass(c) and issubclass(c, LoraGuide) and c is not LoraGuide}
+    assert exported == set(BUILDERS), f"guides without a contract builder: {exported - set(BUILDERS)}"
+
+
+@pytest.fixture(params=list(BUILDERS), ids=lambda c: c.__name__)
+def built(request):
+    torch.manual_seed(0)
+    return BUILDERS[request.param]()
+
+
+def test_pyro_trace_has_the_models_sites_and_shapes(built):
+    model, guide = built
+    trace = poutine.trace(guide).get_trace(data()[0])
+    sites = {
+        n: tuple(s["value"].shape)
+        for n, s in trace.nodes.items()
+        if s["type"] == "sample" and not s["infer"].get("is_auxiliary")
+    }
+    assert sites == {n: s.shape for n, s in model.sites.items()}
+    model_trace = poutine.trace(poutine.replay(model, trace=trace)).get_trace(data()[0])
+    assert torch.isfinite(model_trace.log_prob_sum())
+
+
+def test_fast_path_shapes(built):
+    model, guide = built
+    samples, mean = guide.sample(3), guide.mean()
+    assert {n: tuple(v.shape) for n, v in samples.items()} == {n: (3, *s.shape) for n, s in model.sites.items()}
+    assert {n: tuple(v.shape) for n, v in mean.items()} == {n: s.shape for n, s in model.sites.items()}
+
+
+def test_config_survives_json(built):
+    _, guide = built
+    config = guide.config()
+    assert json.loads(json.dumps(config)) == config
+
+
+def test_save_load_round_trip_gives_the_same_predictive(built, tmp_path):
+    model, guide = built
+    loader = data()
+    pyro.set_rng_seed(5)
+    before = predict(model, guide, loader, num_samples=4)
+    save_guide(guide, tmp_path / "g")
+    loaded = load_guide(tmp_path / "g", model)
+    assert type(loaded) is type(guide)
+    pyro.set_rng_seed(5)
+    after = predict(model, loaded, loader, num_samples=4)
+    torch.testing.assert_close(after.probs, before.probs)
+
+
+def test_pyro_svi_with_a_pyro_optimizer_trains_the_guide_and_the_head(built):
+    model, guide = built
+    model.net.train()
+    trainable = {f"guide.{n}": p for n, p in guide.named_parameters() if p.requires_grad}
+    trainable |= {f"net.{n}": p for n, p in model.named_point_parameters()}
+    assert trainable
+    before = {n: p.detach().clone() for n, p in trainable.items()}
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for batch in data():
+        assert torch.isfinite(torch.tensor(svi.step(batch)))
+    for n, p in trainable.items():
+        if not n.startswith("guide.parts"):  # a flow's MADE may have entries no data reaches
+            assert not torch.equal(p, before[n]), f"SVI left {n} unchanged"
+
+
+def test_a_model_the_guide_was_not_built_for_is_refused(built, tmp_path):
+    model, guide = built
+    other = LoraModel(tiny_bert(r=2), SequenceClassification(), prior=0.5)  # rank 2: other shapes
+    with pytest.raises(ValueError, match="cannot predict with this .* has shape"):
+        predict(other, guide, data())
+    with pytest.raises(ValueError, match="cannot fit with this"):
+        fit(other, guide, data(), progress=False)
+    save_guide(guide, tmp_path / "g")
+    with pytest.raises(ValueError, match="cannot load the guide"):
+        load_guide(tmp_path / "g", other)
+
+
+# The contract's cases one by one: each difference is named.
+
+
+def test_rank_8_guide_on_rank_4_model():
+    guide = MAPGuide(lora(r=8))
+    with pytest.raises(ValueError, match=r"site 'query.lora_A' has shape \(2, 8, 32\) in the guide and \(2, 4, 32\) in the model"):
+        predict(lora(r=4), guide, data())
+
+
+def test_a_and_b_guide_on_an_a_only_model():
+    guide = MeanFieldGuide(lora(random="AB"), b="normal")
+    with pytest.raises(ValueError, match=r"the guide has sites the model lacks: \['query.lora_B', 'value.lora_B'\]"):
+        predict(lora(random="A"), guide, data())
+
+
+def _alpha_model(alpha):
+    torch.manual_seed(0)
+    from conftest import _randomize_b, tiny_bert_base
+
+    net = get_peft_model(tiny_bert_base(), LoraConfig(r=4, lora_alpha=alpha, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    _randomize_b(net)
+    return LoraModel(net, SequenceClassification(), prior=0.5)
+
+
+def test_load_into_another_lora_alpha_is_refused(tmp_path):
+    save_guide(MAPGuide(_alpha_model(16)), tmp_path / "g")
+    with pytest.raises(ValueError, match=r"LoRA scaling \(lora_alpha / r\) of .* is 4 for the guide and 16 in the model .*4x the trained one"):
+        load_guide(tmp_path / "g", _alpha_model(64))
+    load_guide(tmp_path / "g", _alpha_model(16))  # the same alpha loads
+
+
+def test_guide_from_another_architecture_is_refused(tmp_path):
+    save_guide(MAPGuide(lora()), tmp_path / "g")
+    llama = LoraModel(tiny_llama(), CausalLM(), prior=0.5)
+    with pytest.raises(ValueError, match=r"cannot load the guide .* the guide was built for|sites the model lacks"):
+        load_guide(tmp_path / "g", llama)
+
+
+def test_other_base_weights_and_other_head_are_named():
+    guide = MAPGuide(lora())
+    other_base = LoraModel(tiny_bert(seed=1), SequenceClassification(), prior=0.5)
+    with pytest.raises(ValueError, match="base weights differ"):
+        predict(other_base, guide, data())
+    other_head = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5)
+    with pytest.raises(ValueError, match=r"the trained head differs"):
+        predict(other_head, guide, data())
+
+
+def test_an_equal_model_object_is_accepted():
+    guide = MAPGuide(lora())
+    twin = lora()
+    torch.testing.assert_close(predict(twin, guide, data()).probs, predict(guide.model, guide, data()).probs)
+
+
+def test_pyro_svi_with_a_guide_for_another_model_is_refused():
+    guide = MAPGuide(lora(r=8))
+    model = lora(r=4)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    with pytest.raises(ValueError, match=r"site 'query.lora_A' got a value of shape \(2, 8, 32\) from the guide"):
+        svi.step(data()[0])
+
+
+def test_export_after_switching_adapter_is_refused(tmp_path):
+    model = lora()
+    guide = MAPGuide(model)
+    model.net.add_adapter("other", LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    model.net.set_adapter("other")
+    with pytest.raises(ValueError, match="now runs adapter 'other'.*built for adapter 'default'"):
+        export_adapter(guide, tmp_path / "a")
+    assert not (tmp_path / "a").exists()

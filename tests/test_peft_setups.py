@@ -1,0 +1,167 @@
+"""peft set-ups: what the weight hand-off implements gives peft's own logits; what it does not is refused by name."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import _randomize_b, random_batch, tiny_bert, tiny_bert_base, tiny_llama
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import pyro_lora.handoff as handoff
+from guides import MAPGuide
+from pyro_lora import LoraModel, SequenceClassification, export_adapter, predict
+from pyro_lora.likelihoods import CausalLM
+
+
+def bert_with(**config):
+    torch.manual_seed(0)
+    net = get_peft_model(tiny_bert_base(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", **config))
+    _randomize_b(net)
+    return net.eval()
+
+
+def batch():
+    return random_batch() | {"labels": torch.tensor([0, 2, 1])}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"use_rslora": True}, {"lora_bias": True}, {"rank_pattern": {"value": 2}, "alpha_pattern": {"query": 3}}],
+    ids=["plain", "rslora", "lora_bias", "rank_alpha_pattern"],
+)
+def test_handed_adapter_values_reproduce_peft_logits(config):
+    net = bert_with(**config)
+    if config.get("lora_bias"):
+        with torch.no_grad():
+            for n, p in net.named_parameters():
+                if "lora_B" in n and n.endswith("bias"):
+                    p.normal_(0, 0.1)  # peft starts it at zero, which would hide a missing bias
+    model = LoraModel(net, SequenceClassification())
+    with torch.no_grad():
+        peft_logits = net(**random_batch()).logits
+        handed = model.logits(batch(), model.adapter_values())
+        sampled = model.logits(batch(), {n: v.expand(2, *v.shape) for n, v in model.adapter_values().items()}, num_samples=2)
+    torch.testing.assert_close(handed, peft_logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sampled, peft_logits.expand(2, -1, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_dora_is_refused():
+    with pytest.raises(ValueError, match=r"uses the peft variant DoraLinearVariant \(e.g. use_dora=True for DoRA\).*use_dora=False"):
+        LoraModel(bert_with(use_dora=True), SequenceClassification())
+
+
+def test_two_active_adapters_are_refused():
+    net = tiny_llama()
+    net.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    net.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match=r"several adapters are active at once \(\['default', 'other'\]\)"):
+        LoraModel(net, CausalLM())
+
+
+def test_set_adapter_after_building_is_refused_at_every_use():
+    net = bert_with()
+    model = LoraModel(net, SequenceClassification())
+    guide = MAPGuide(model)
+    net.add_adapter("other", LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    net.set_adapter("other")
+    message = r"the network now runs adapter 'other', but this LoraModel was built for adapter 'default'"
+    with pytest.raises(ValueError, match=message):
+        predict(model, guide, [batch()])
+    with pytest.raises(ValueError, match=message):
+        model.logits(batch(), guide.mean())
+    with pytest.raises(ValueError, match=message):
+        model.logits(batch())
+    net.set_adapter("default")
+    predict(model, guide, [batch()])  # back to the adapter it was built for
+
+
+def test_an_adapter_that_is_not_active_is_refused_at_build():
+    net = bert_with()
+    net.add_adapter("other", LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match=r"adapter 'other' is not the network's active adapter"):
+        LoraModel(net, SequenceClassification(), adapter="other")
+
+
+def test_lora_on_embeddings_warns_naming_the_layers():
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    net = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]))
+    with pytest.warns(UserWarning, match=r"LoRA on embedding layers \['base_model.model.model.embed_tokens'\] is not made random"):
+        model = LoraModel(net, CausalLM())
+    assert set(model.sites) == {"q_proj.lora_A", "q_proj.lora_B"}
+    assert any("lora_embedding" in n for n, _ in model.named_point_parameters())
+
+
+def test_unsupported_lora_layer_types_are_refused():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+            self.conv = torch.nn.Conv1d(8, 8, 3)
+
+    net = get_peft_model(Net(), LoraConfig(r=2, target_modules=["proj", "conv"]))
+    with pytest.raises(ValueError, match=r"types the weight hand-off does not implement: \['base_model.model.conv \(Conv1d\)'\]"):
+        LoraModel(net, SequenceClassification())
+
+
+def test_writing_into_a_merged_adapter_is_refused_and_base_weights_survive(tmp_path):
+    net = bert_with()
+    model = LoraModel(net, SequenceClassification())
+    guide = MAPGuide(model)
+    with torch.no_grad():
+        for loc in guide.locs:
+            loc.mul_(2.0)
+    base = {n: p.detach().clone() for n, p in net.named_parameters() if "base_layer" in n}
+    net.merge_adapter()
+    with pytest.raises(ValueError, match="merged into its base weight: call net.unmerge_adapter"):
+        export_adapter(guide, tmp_path / "a")
+    with pytest.raises(ValueError, match="merged into its base weight"):
+        model.write_adapter(guide.mean())
+    net.unmerge_adapter()
+    for n, p in net.named_parameters():
+        if n in base:
+            torch.testing.assert_close(p, base[n], rtol=0, atol=1e-6)
+    export_adapter(guide, tmp_path / "a")  # unmerged, it writes
+
+
+def test_disabled_adapters_refuse_handed_weights():
+    net = bert_with()
+    model = LoraModel(net, SequenceClassification())
+    with net.disable_adapter():
+        base_logits = model.logits(batch())  # guide-free: peft's own forward, the base model
+        with pytest.raises(ValueError, match="adapters are disabled"):
+            model.logits(batch(), model.adapter_values())
+    torch.testing.assert_close(base_logits, tiny_bert_base().eval()(**random_batch()).logits)
+
+
+def test_nested_handoff_contexts_restore_the_outer_weights():
+    net = tiny_llama()
+    model = LoraModel(net, CausalLM())
+    layers = model.layers
+    path = next(iter(layers))
+    layer = layers[path]
+    x = torch.randn(2, 32)
+    outer = {p: {"A": torch.randn(4, 32)} for p in layers}
+    inner = {p: {"A": torch.randn(4, 32)} for p in layers}
+    with torch.no_grad(), handoff.handed(layers, model.adapter, outer):
+        expected = layer(x)
+        with handoff.handed(layers, model.adapter, inner):
+            assert not torch.allclose(layer(x), expected)
+        torch.testing.assert_close(layer(x), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), type(layer).forward(layer, x))  # all left: peft's own forward
+
+
+def test_peft_mixed_batch_forward_with_handed_weights_is_refused():
+    net = tiny_llama()
+    model = LoraModel(net, CausalLM())
+    layer = next(iter(model.layers.values()))
+    with handoff.handed(model.layers, model.adapter, {}), pytest.raises(ValueError, match="mixed-batch forward"):
+        layer(torch.randn(2, 32), adapter_names=["default", "default"])
+
+
+def test_supported_setups_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        LoraModel(tiny_bert(), SequenceClassification())
