@@ -195,6 +195,12 @@ class LoraModel:
                     f"site {name!r} got a value of shape {tuple(v.shape)} from the guide, but the model's site has shape "
                     f"{shape}: the guide was built for another model"
                 )
+            if v.dim() > len(shape):
+                raise ValueError(
+                    f"site {name!r} got a batch of values {tuple(v.shape)}: vectorized particles (vectorize_particles=True, "
+                    "Predictive(parallel=True)) are not supported; use num_particles without vectorizing, or "
+                    "pyro_lora.predict for many samples in one forward"
+                )
         flipout = {n: tr.trace.nodes[n]["infer"]["flipout_loc"] for n in values if "flipout_loc" in tr.trace.nodes[n]["infer"]}
         logits = self.logits(batch, values, flipout_locs=flipout)
         y = self.likelihood.observed(batch)

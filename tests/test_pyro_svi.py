@@ -121,3 +121,36 @@ def test_pyro_svi_trains_non_random_lora_matrices_of_a_causal_lm():
     svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 1e-2}), TraceMeanField_ELBO())
     svi.step(batch)
     assert all(not torch.equal(p, q) for p, q in zip(b, before))
+
+
+@pytest.mark.parametrize(
+    "elbo",
+    [Trace_ELBO(), TraceMeanField_ELBO(), pyro.infer.TraceGraph_ELBO(), Trace_ELBO(num_particles=2)],
+    ids=["Trace", "TraceMeanField", "TraceGraph", "Trace_2_particles"],
+)
+def test_pyro_elbos_train_the_guide(elbo):
+    model, guide = build("meanfield")
+    model.net.train()
+    before = [p.detach().clone() for p in guide.parameters()]
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
+    assert all(torch.isfinite(torch.tensor(svi.step(b))) for b in toy_data(n=16, batch=8))
+    assert all(not torch.equal(p, q) for p, q in zip(guide.parameters(), before))
+
+
+def test_predictive_and_condition_use_the_guide_and_the_model():
+    model, guide = build("meanfield")
+    batch = toy_data(n=8, batch=8)[0]
+    out = pyro.infer.Predictive(model, guide=guide, num_samples=3, return_sites=["obs", "query.lora_A"])(batch)
+    assert out["obs"].shape == (3, 8)
+    assert out["query.lora_A"].reshape(3, -1).shape == (3, model.sites["query.lora_A"].numel)  # Predictive pads plate dims
+    zeros = {n: torch.zeros(s.shape) for n, s in model.sites.items()}
+    with torch.no_grad():
+        conditioned = pyro.poutine.condition(model, data=zeros)(batch)
+        torch.testing.assert_close(conditioned, model.logits(batch, zeros))
+
+
+def test_vectorized_particles_are_refused_by_name():
+    model, guide = build("meanfield")
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1))
+    with pytest.raises(ValueError, match="vectorized particles .* are not supported"):
+        svi.step(toy_data(n=8, batch=8)[0])
