@@ -351,8 +351,9 @@ class ClassificationCollator:
     """Sequence-classification batches for an encoder.
 
     Returns ``input_ids [B, T]``, ``attention_mask [B, T]``, ``token_type_ids [B, T]`` (when the
-    tokenizer makes them) and ``labels [B]``; padded to the longest text in the batch, truncated to
-    ``max_length`` tokens.
+    tokenizer makes them) and ``labels [B]``; padded on the right (whatever the tokenizer's
+    ``padding_side``: :class:`~pyro_lora.SequenceClassification` reads right-padded batches) to the longest
+    text in the batch, truncated to ``max_length`` tokens.
     """
 
     def __init__(self, tokenizer, max_length: int = 128):
@@ -363,6 +364,7 @@ class ClassificationCollator:
         batch = self.tokenizer(
             [r["text"] for r in records],
             padding="longest",
+            padding_side="right",
             truncation=True,
             max_length=self.max_length,
             return_tensors="pt",
@@ -379,8 +381,8 @@ class LetterCollator:
     (bool, ``K`` = most choices in the batch, ``False`` for options a record lacks). Prompts longer
     than ``max_length`` lose tokens at the start, so ``Answer:`` stays last. With left padding (the
     default) the last real token sits at position ``-1``, where the answer-letter logits are read;
-    with right padding it sits at ``attention_mask.sum(-1) - 1``. (Left padding shifts the absolute
-    positions; with rotary embeddings the logits agree with an unpadded forward to ~1e-5.)
+    with right padding it sits at ``attention_mask.sum(-1) - 1``. Either way the positions count real
+    tokens only (:class:`~pyro_lora.MultipleChoice`), so the logits do not depend on the padding.
     """
 
     def __init__(self, tokenizer, max_length: int = 512, padding_side: str = "left"):

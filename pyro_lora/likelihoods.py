@@ -3,6 +3,12 @@
 A likelihood turns a batch (a dict of tensors from :mod:`pyro_lora.data`'s collators) into logits,
 optionally for ``S`` weight samples at once (the batch is repeated ``S`` times, sample-major), and
 gives the observation distribution whose ``log_prob`` is one ``F.cross_entropy`` call.
+
+Padding never changes a real token's result: decoders get ``position_ids`` that count real tokens
+only (``attention_mask.cumsum(-1) - 1``, as ``generate`` does), so a left-padded row sits at the
+positions it has alone, which matters for absolute-position models (GPT-2). A network that takes no
+``position_ids`` gets right-padded batches only (else ``ValueError``); so does
+``SequenceClassification`` (encoders read ``[CLS]`` at column 0, RoBERTa offsets its positions).
 """
 
 import inspect
@@ -65,6 +71,73 @@ def _base(net):
     return net.get_base_model() if hasattr(net, "get_base_model") else net
 
 
+def _takes(fn, name):
+    """Whether the callable ``fn`` names the parameter ``name`` (a ``**kwargs`` may drop it silently)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _right_padded(attention_mask):
+    """Whether every row is its real tokens followed by padding (no padding before or between them)."""
+    mask = attention_mask.bool()
+    lengths = mask.sum(1, keepdim=True)
+    return bool((mask == (torch.arange(mask.shape[1], device=mask.device) < lengths)).all())
+
+
+def _real_positions(attention_mask):
+    """Position ids that count real tokens only, ``[N, T]``: a padded row's real tokens get ``0, 1, ...`` as
+    they would alone, whatever the padding (left, right or between); padding cells repeat a neighbour's."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _with_positions(module, inputs):
+    """``inputs`` plus ``position_ids`` counting real tokens when ``module.forward`` takes them. A module
+    that takes none numbers the columns ``0..T-1`` itself, which is right for right-padded rows only: any
+    other layout raises ``ValueError`` rather than shift the positions of the real tokens."""
+    mask = inputs.get("attention_mask")
+    if mask is None:
+        return inputs
+    if _takes(module.forward, "position_ids"):
+        return {**inputs, "position_ids": _real_positions(mask)}
+    if not _right_padded(mask):
+        raise ValueError(
+            f"{type(module).__name__} takes no position_ids, so padding before a row's tokens would shift their "
+            "positions: pad on the right (e.g. LetterCollator(tokenizer, padding_side='right'))"
+        )
+    return inputs
+
+
+def _decoder_and_head(net):
+    """The decoder stack (hidden states, no LM head) and the output embedding of a causal LM."""
+    base = _base(net)
+    decoder = None
+    if callable(getattr(base, "get_decoder", None)):
+        try:
+            decoder = base.get_decoder()
+        except (AttributeError, NotImplementedError, ValueError):
+            decoder = None
+    if decoder is None or decoder is base:  # no get_decoder, or it fell back to the whole model
+        inner = getattr(base, "base_model", None)
+        decoder = inner if isinstance(inner, torch.nn.Module) and inner is not base else None
+    head = base.get_output_embeddings() if callable(getattr(base, "get_output_embeddings", None)) else None
+    if decoder is None or head is None:
+        raise ValueError(
+            f"MultipleChoice needs a causal LM whose decoder (get_decoder() or base_model) and output embedding "
+            f"(get_output_embeddings()) can be found; {type(base).__name__} has "
+            f"{'no decoder' if decoder is None else 'no output embedding'}"
+        )
+    return decoder, head
+
+
+def _pad_token_id(net):
+    config = getattr(_base(net), "config", None)
+    if config is not None and callable(getattr(config, "get_text_config", None)):
+        config = config.get_text_config()
+    return getattr(config, "pad_token_id", None)
+
+
 def _last_positions(attention_mask):
     """Index of the last real token per row, for left or right padding: ``[N, T] -> [N]``."""
     t = attention_mask.shape[1]
@@ -90,9 +163,24 @@ class Likelihood:
 
 
 class SequenceClassification(Likelihood):
-    """Head logits of a sequence-classification model: ``[*S, B, C]``."""
+    """Head logits of a sequence-classification model: ``[*S, B, C]``.
+
+    Batches must be right-padded (``ValueError`` otherwise): an encoder reads ``[CLS]`` at column 0 and
+    absolute positions count from column 0. Padding cells get the model's ``pad_token_id``, since a
+    decoder's head (GPT-2, Llama) reads the last token that is not ``pad_token_id``.
+    """
 
     def logits(self, net, batch, num_samples=None):
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            if not _right_padded(mask):
+                raise ValueError(
+                    "SequenceClassification needs right-padded batches (tokenizer.padding_side = 'right'): left "
+                    "padding moves [CLS] off column 0 and shifts the positions of absolute-position models"
+                )
+            pad = _pad_token_id(net)
+            if pad is not None and "input_ids" in batch:
+                batch = {**batch, "input_ids": batch["input_ids"].masked_fill(mask == 0, pad)}
         out = net(**repeat_inputs(batch, num_samples)).logits
         return _unfold_samples(out, num_samples)
 
@@ -121,16 +209,21 @@ class MultipleChoice(Likelihood):
         self.share_prefix = share_prefix
 
     def logits(self, net, batch, num_samples=None):
-        base = _base(net)
-        decoder, head = base.get_decoder(), base.get_output_embeddings()
+        decoder, head = _decoder_and_head(net)
         choice_mask = batch["choice_mask"]
         if self.format == "letter":
+            if "attention_mask" in batch and not batch["attention_mask"].bool().any(1).all():
+                raise ValueError("a letter-format row has no real token (its attention_mask is all 0)")
             inputs = repeat_inputs(batch, num_samples, ("input_ids", "attention_mask"))
-            hidden = decoder(**inputs).last_hidden_state
-            last = hidden[torch.arange(hidden.shape[0], device=hidden.device), _last_positions(inputs["attention_mask"])]
+            hidden = decoder(**_with_positions(decoder, inputs)).last_hidden_state
+            rows = torch.arange(hidden.shape[0], device=hidden.device)
+            last = _last_positions(inputs["attention_mask"]) if "attention_mask" in inputs else hidden.shape[1] - 1
+            last = hidden[rows, last]
             logits = head(last)[:, self.answer_token_ids.to(hidden.device)[: choice_mask.shape[1]]]
         else:
-            split = _shared_context(batch) if self.share_prefix else None
+            # the shared-prefix path needs position_ids for the continuations after a left-padded context
+            shared = self.share_prefix and _takes(decoder.forward, "position_ids")
+            split = _shared_context(batch) if shared else None
             scores = self._cloze(decoder, head, batch, num_samples) if split is None else self._cloze_shared(decoder, head, split, num_samples)
             if self.normalize:
                 length = batch["target_lengths" if self.normalize == "tokens" else "target_chars"].to(scores)
@@ -143,7 +236,7 @@ class MultipleChoice(Likelihood):
     def _cloze(self, decoder, head, batch, num_samples):
         """Every (question, choice) row run in full: ``[B*K, T]`` -> scores ``[*S*B*K]``."""
         inputs = repeat_inputs(batch, num_samples, ("input_ids", "attention_mask"))
-        hidden = decoder(**inputs).last_hidden_state
+        hidden = decoder(**_with_positions(decoder, inputs)).last_hidden_state
         target = batch["target_mask"].bool()
         if num_samples is not None:
             target = target.repeat(num_samples, 1)
@@ -182,14 +275,15 @@ def _score_tokens(head, hidden, tokens, mask):
 
 def _shared_context(batch):
     """Split a cloze batch into one left-padded context per record and ``K`` continuations, if all the
-    choices of each record share their context (not WinoGrande, whose contexts differ); else ``None``.
+    choices of each record share their context (not WinoGrande, whose contexts differ) and the rows are
+    right-padded, as :class:`~pyro_lora.data.ClozeCollator` makes them; else ``None``.
 
     :returns: ``(context_ids [B, Tc], context_mask [B, Tc], continuation_ids [B*K, Tk],
         continuation_mask [B*K, Tk], K)``.
     """
     choice_mask = batch["choice_mask"].bool()
     b, k = choice_mask.shape
-    if k < 2:
+    if k < 2 or ("attention_mask" in batch and not _right_padded(batch["attention_mask"])):
         return None
     ids, target = batch["input_ids"], batch["target_mask"].bool()
     n, t = ids.shape
@@ -212,13 +306,24 @@ def _shared_context(batch):
 
 
 class CausalLM(Likelihood):
-    """Token-level language modelling: logits ``[*S, B, T-1, V]`` against labels shifted by one."""
+    """Token-level language modelling: logits ``[*S, B, T-1, V]`` against labels shifted by one.
+
+    Positions count real tokens, so a padded row's real tokens get the logits they get alone. A label
+    is observed only where its token and the one before it are real (``attention_mask``): with left
+    padding the first real token would otherwise be predicted from a padding cell.
+    """
 
     event_dims = 1
 
     def logits(self, net, batch, num_samples=None):
-        out = net(**repeat_inputs(batch, num_samples, ("input_ids", "attention_mask"))).logits[:, :-1]
+        inputs = _with_positions(_base(net), repeat_inputs(batch, num_samples, ("input_ids", "attention_mask")))
+        out = net(**inputs).logits[:, :-1]
         return _unfold_samples(out, num_samples)
 
     def observed(self, batch):
-        return super().observed(batch)[:, 1:]
+        labels = super().observed(batch)[:, 1:]
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            real = mask.bool()
+            labels = labels.masked_fill(~(real[:, 1:] & real[:, :-1]), -100)
+        return labels

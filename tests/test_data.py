@@ -255,6 +255,20 @@ def test_classification_collator(minilm_tok, records):
 
 
 @needs_smollm2
+def test_classification_collator_pads_right_whatever_the_tokenizer_says(smol_tok, records):
+    recs = records["sst2"][:5]
+    side = smol_tok.padding_side
+    smol_tok.padding_side = "left"  # many decoder tokenizers ship so
+    try:
+        mask = D.ClassificationCollator(smol_tok, max_length=64)(recs)["attention_mask"]
+    finally:
+        smol_tok.padding_side = side
+    lengths = mask.sum(-1, keepdim=True)
+    assert (mask.sum(-1) < mask.shape[1]).any()  # some row is padded
+    assert torch.equal(mask, (torch.arange(mask.shape[1]) < lengths).long())
+
+
+@needs_smollm2
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_letter_collator_padding(smol_tok, records, side):
     recs = records["arc"][:3] + records["wg"][:2]

@@ -1,0 +1,320 @@
+"""No result depends on padding or batch composition: a record's logits alone equal its logits in a padded batch.
+
+Tiny random causal LMs of three families (rotary Llama and Qwen2, absolute-position GPT-2, whose LoRA sits on
+the ``c_attn`` Conv1D), each with a peft LoRA whose B is nonzero. Batches are laid out as the collators of
+:mod:`pyro_lora.data` lay them out: letter prompts left-padded (``LetterCollator``'s default) or right-padded,
+cloze rows ``b * K + k`` right-padded with 1-token dummy rows for missing choices (``ClozeCollator``).
+"""
+
+import pytest
+import torch
+from conftest import _randomize_b, tiny_bert, tiny_llama
+from peft import LoraConfig, get_peft_model
+
+from pyro_lora import CausalLM, LoraModel, MultipleChoice, SequenceClassification
+
+PAD = 0
+LETTERS = [10, 11, 12, 13]  # answer-letter token ids
+S = 3  # weight samples
+
+
+# ------------------------------------------------------------------------------------------- tiny models
+
+
+def tiny_gpt2(seed=0, head="lm", num_labels=3):
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=1,
+        pad_token_id=PAD, num_labels=num_labels,
+    )
+    base = GPT2LMHeadModel(config) if head == "lm" else GPT2ForSequenceClassification(config)
+    task = None if head == "lm" else "SEQ_CLS"
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, task_type=task)
+    net = get_peft_model(base, lora)
+    _randomize_b(net)
+    return net.eval()
+
+
+def tiny_qwen2(seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    config = Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, bos_token_id=1, eos_token_id=1,
+    )
+    net = get_peft_model(Qwen2ForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    _randomize_b(net)
+    return net.eval()
+
+
+def tiny_llama_cls(seed=0, num_labels=3):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, num_labels=num_labels,
+    )
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    net = get_peft_model(LlamaForSequenceClassification(config), lora)
+    _randomize_b(net)
+    return net.eval()
+
+
+FAMILIES = {"llama": tiny_llama, "gpt2": tiny_gpt2, "qwen2": tiny_qwen2}
+
+
+# ------------------------------------------------------------------------------------------- records
+
+
+def _tokens(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 64, (n,), generator=g).tolist()
+
+
+# letter prompts (token ids) and their number of choices; lengths 5..13 force padding of every shorter one
+LETTER_RECORDS = [(_tokens(5, 1), 3), (_tokens(13, 2), 4), (_tokens(9, 3), 2)]
+
+# cloze records: (context, continuations) sharing their context, of different lengths and choice counts
+CLOZE_RECORDS = [
+    [(_tokens(3, 4), _tokens(2, 5)), (_tokens(3, 4), _tokens(1, 6)), (_tokens(3, 4), _tokens(3, 7))],
+    [(_tokens(9, 8), _tokens(4, 9)), (_tokens(9, 8), _tokens(1, 10))],
+    [(_tokens(6, 11), _tokens(2, 12)), (_tokens(6, 11), _tokens(5, 13)), (_tokens(6, 11), _tokens(1, 14)),
+     (_tokens(6, 11), _tokens(2, 15))],
+]
+# a WinoGrande-style record: the contexts differ, so a batch holding it cannot share its prefixes
+BLANK_RECORD = [(_tokens(4, 16), _tokens(3, 17)), (_tokens(6, 18), _tokens(3, 17))]
+
+
+def _pad(rows, side):
+    """``(input_ids, attention_mask)`` as ``pyro_lora.data._pad`` makes them."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), PAD, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, span] = torch.tensor(row)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def letter_batch(records, side="left"):
+    """``LetterCollator``'s layout: prompts padded on ``side``, ``choice_mask [B, K]``."""
+    ids, mask = _pad([r for r, _ in records], side)
+    k = max(n for _, n in records)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "labels": torch.zeros(len(records), dtype=torch.long),
+        "choice_mask": torch.arange(k)[None] < torch.tensor([n for _, n in records])[:, None],
+    }
+
+
+def cloze_batch(records, side="right"):
+    """``ClozeCollator``'s layout (``side="right"``): row ``b * K + k`` is context + continuation of choice ``k``,
+    a missing choice a 1-token dummy row with an empty target. ``side="left"`` pads the same rows on the left."""
+    k = max(map(len, records))
+    rows, targets, lengths, present = [], [], [], []
+    for choices in records:
+        for j in range(k):
+            ctx, cont = choices[j] if j < len(choices) else ([PAD], [])
+            rows.append(ctx + cont)
+            targets.append([False] * len(ctx) + [True] * len(cont))
+            lengths.append(max(1, len(cont)))
+            present.append(j < len(choices))
+    ids, mask = _pad(rows, side)
+    target = torch.zeros_like(ids, dtype=torch.bool)
+    for i, t in enumerate(targets):
+        span = slice(ids.shape[1] - len(t), ids.shape[1]) if side == "left" else slice(0, len(t))
+        target[i, span] = torch.tensor(t)
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "target_mask": target,
+        "target_lengths": torch.tensor(lengths),
+        "target_chars": 3 * torch.tensor(lengths),
+        "choice_mask": torch.tensor(present).view(len(records), k),
+        "labels": torch.zeros(len(records), dtype=torch.long),
+    }
+
+
+def sample_values(model, seed=0):
+    """``S`` weight samples around the adapter values."""
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + 0.1 * torch.randn(S, *v.shape, generator=g) for k, v in model.adapter_values().items()}
+
+
+def alone_vs_batch(model, records, make_batch, values=None, num_samples=None):
+    """``(alone, in_batch)``: each record's class logits computed alone and inside ``make_batch(records)``,
+    each ``[*S, K_b]`` for its own ``K_b`` choices; flattened and concatenated over the records."""
+    batch = model.logits(make_batch(records), values, num_samples=num_samples)
+    alone, inside = [], []
+    for b, record in enumerate(records):
+        own = model.logits(make_batch([record]), values, num_samples=num_samples)[..., 0, :]
+        assert torch.isfinite(own).all()
+        alone.append(own.reshape(-1))
+        inside.append(batch[..., b, : own.shape[-1]].reshape(-1))
+    return torch.cat(alone), torch.cat(inside)
+
+
+def max_difference(model, records, make_batch):
+    """Largest |alone - in batch| over the records, for the peft weights and for ``S`` weight samples."""
+    values = sample_values(model)
+    diffs = [alone_vs_batch(model, records, make_batch), alone_vs_batch(model, records, make_batch, values, S)]
+    return max(float((a - b).abs().max()) for a, b in diffs)
+
+
+# ------------------------------------------------------------------------------------------- multiple choice
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_letter_logits_do_not_depend_on_padding(family, side):
+    model = LoraModel(FAMILIES[family](), MultipleChoice(LETTERS, format="letter"), random="AB")
+    make = lambda records: letter_batch(records, side)  # noqa: E731
+    for values, num_samples in [(None, None), (sample_values(model), S)]:
+        alone, inside = alone_vs_batch(model, LETTER_RECORDS, make, values, num_samples)
+        torch.testing.assert_close(inside, alone, rtol=0, atol=1e-5)
+    # and the logits are the next-token logits of the unpadded prompt
+    net = model.net
+    for b, (prompt, k) in enumerate(LETTER_RECORDS):
+        direct = net(input_ids=torch.tensor([prompt])).logits[0, -1, LETTERS[:k]]
+        torch.testing.assert_close(model.logits(make(LETTER_RECORDS))[b, :k], direct, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("share_prefix", [True, False])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cloze_logits_do_not_depend_on_padding_or_batch(family, share_prefix):
+    model = LoraModel(FAMILIES[family](), MultipleChoice(format="cloze", share_prefix=share_prefix), random="AB")
+    values = sample_values(model)
+    # ClozeCollator's right-padded rows; then with a WinoGrande record, whose batch cannot share prefixes;
+    # then the same rows padded on the left (not a collator layout, but a layout all the same)
+    cases = [
+        (CLOZE_RECORDS, cloze_batch),
+        (CLOZE_RECORDS + [BLANK_RECORD], cloze_batch),
+        (CLOZE_RECORDS, lambda r: cloze_batch(r, "left")),
+        (CLOZE_RECORDS + [BLANK_RECORD], lambda r: cloze_batch(r, "left")),
+    ]
+    for records, make in cases:
+        for v, num_samples in [(None, None), (values, S)]:
+            alone, inside = alone_vs_batch(model, records, make, v, num_samples)
+            torch.testing.assert_close(inside, alone, rtol=0, atol=1e-5)
+
+
+def test_cloze_left_padded_rows_equal_collator_rows():
+    # the same records in either layout give the same class logits (GPT-2: absolute positions)
+    model = LoraModel(tiny_gpt2(), MultipleChoice(format="cloze"))
+    right = model.logits(cloze_batch(CLOZE_RECORDS))
+    left = model.logits(cloze_batch(CLOZE_RECORDS, "left"))
+    torch.testing.assert_close(left, right, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- token-level LM
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_causal_lm_real_tokens_do_not_depend_on_padding(family, side):
+    model = LoraModel(FAMILIES[family](), CausalLM(), random="AB")
+    texts = [r for r, _ in LETTER_RECORDS]
+    ids, mask = _pad(texts, side)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    values = sample_values(model)
+    for v, num_samples in [(None, None), (values, S)]:
+        logits = model.logits(batch, v, num_samples=num_samples)
+        lik = model.likelihood
+        loglik = lik.distribution(logits).log_prob(lik.observed(batch).expand(logits.shape[:-1]))
+        for b, text in enumerate(texts):
+            one = torch.tensor([text])
+            alone_batch = {"input_ids": one, "attention_mask": torch.ones_like(one), "labels": one}
+            alone = model.logits(alone_batch, v, num_samples=num_samples)
+            cols = mask[b].nonzero().squeeze(1)[:-1]  # real positions that predict a next token
+            torch.testing.assert_close(logits[..., b, cols, :], alone[..., 0, :, :], rtol=0, atol=1e-5)
+            # the log-likelihood sums the same terms: no term predicts a real token from a padding cell
+            alone_ll = lik.distribution(alone).log_prob(lik.observed(alone_batch).expand(alone.shape[:-1]))
+            torch.testing.assert_close(loglik[..., b], alone_ll[..., 0], rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- sequence classification
+
+CLS_FAMILIES = {"bert": tiny_bert, "gpt2": lambda: tiny_gpt2(head="cls"), "llama": tiny_llama_cls}
+
+
+@pytest.mark.parametrize("family", list(CLS_FAMILIES))
+def test_sequence_classification_right_padding_invariant_left_padding_refused(family):
+    model = LoraModel(CLS_FAMILIES[family](), SequenceClassification(), random="AB")
+    texts = [r for r, _ in LETTER_RECORDS]
+
+    def make(records, side="right", pad=PAD):
+        ids, mask = _pad(records, side)
+        labels = torch.zeros(len(records), dtype=torch.long)
+        return {"input_ids": ids.masked_fill(mask == 0, pad), "attention_mask": mask, "labels": labels}
+
+    values = sample_values(model)
+    for v, num_samples in [(None, None), (values, S)]:
+        inside = model.logits(make(texts), v, num_samples=num_samples)
+        for b, text in enumerate(texts):
+            alone = model.logits(make([text]), v, num_samples=num_samples)
+            torch.testing.assert_close(inside[..., b, :], alone[..., 0, :], rtol=0, atol=1e-5)
+        # padding cells holding another id than the model's pad_token_id (a tokenizer padding with eos):
+        # a decoder's head must still read the last real token
+        other = model.logits(make(texts, pad=5), v, num_samples=num_samples)
+        torch.testing.assert_close(other, inside, rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="right-padded"):
+        model.logits(make(texts, "left"))
+
+
+# ------------------------------------------------------------------------------------------- refusals
+
+
+def test_decoder_without_position_ids_refuses_left_padding():
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    net = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, pad_token_id=PAD)).eval()
+    lik = MultipleChoice(LETTERS, format="letter")
+    with pytest.raises(ValueError, match="BloomModel takes no position_ids"):
+        lik.logits(net, letter_batch(LETTER_RECORDS, "left"))
+    with pytest.raises(ValueError, match="BloomForCausalLM takes no position_ids"):
+        ids, mask = _pad([r for r, _ in LETTER_RECORDS], "left")
+        CausalLM().logits(net, {"input_ids": ids, "attention_mask": mask})
+    # right padding needs no position ids: each record's logits as alone
+    batch = lik.logits(net, letter_batch(LETTER_RECORDS, "right"))
+    for b, record in enumerate(LETTER_RECORDS):
+        alone = lik.logits(net, letter_batch([record], "right"))[0]
+        torch.testing.assert_close(batch[b, : record[1]], alone, rtol=0, atol=1e-5)
+    # cloze falls back from the shared prefix (it needs position ids) to full rows
+    cloze = MultipleChoice(format="cloze")
+    torch.testing.assert_close(
+        cloze.logits(net, cloze_batch(CLOZE_RECORDS)),
+        MultipleChoice(format="cloze", share_prefix=False).logits(net, cloze_batch(CLOZE_RECORDS)),
+        rtol=0, atol=1e-5,
+    )
+
+
+def test_multiple_choice_without_decoder_is_refused_by_name():
+    class Scorer(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids
+
+    with pytest.raises(ValueError, match="Scorer"):
+        MultipleChoice(LETTERS, format="letter").logits(Scorer(), letter_batch(LETTER_RECORDS))
+
+
+def test_decoder_found_through_base_model_without_get_decoder():
+    net = tiny_gpt2().get_base_model()
+
+    class Wrapped(torch.nn.Module):  # no get_decoder: the decoder is its base_model
+        def __init__(self):
+            super().__init__()
+            self.base_model, self.lm_head = net.transformer, net.lm_head
+
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    lik = MultipleChoice(LETTERS, format="letter")
+    batch = letter_batch(LETTER_RECORDS)
+    torch.testing.assert_close(lik.logits(Wrapped(), batch), lik.logits(net, batch), rtol=0, atol=0)
