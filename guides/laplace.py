@@ -16,6 +16,7 @@ output ``y = W0 x + s B A x`` give everything, ``dL/dA = s B^T g x^T`` and ``dL/
 
 import math
 import time
+import warnings
 
 import torch
 from pyro.distributions import TorchDistribution, constraints
@@ -30,6 +31,9 @@ from pyro_lora.training import to_device
 from .base import LoraGuide
 
 _LOG_LAMBDA_RANGE = (-25.0, 25.0)  # prior precision search bounds, log scale (exp(25) ~ 7e10)
+# A matrix whose largest Fisher eigenvalue is below float32 resolution of the largest of all matrices' has no
+# curvature that the data can be said to give it (exactly zero for A while its B is zero)
+_FLAT_CURVATURE = torch.finfo(torch.float32).eps
 
 
 class KFACNormal(TorchDistribution):
@@ -455,6 +459,11 @@ class LaplaceGuide(LoraGuide):
     def log_marginal_likelihood(self, prior_precision=None):
         """Laplace evidence ``log p(D | theta*) - 1/2 sum_W [log det P_W - P log lambda_W + lambda_W |theta*_W|^2]``.
 
+        The sum leaves out matrices with zero curvature (:meth:`flat_matrices`): the likelihood does not depend on
+        them, so their exact evidence term is 0 for every ``lambda``. Laplace's ``-lambda |theta*|^2 / 2`` there
+        (the log-dets cancel) only says that ``theta*`` is not the prior's mode, and it grows without bound as
+        ``lambda -> 0``.
+
         :param prior_precision: evaluate at this ``lambda`` (as in :meth:`set_prior_precision`) instead of the current one.
         :returns: a 0-dim tensor.
         """
@@ -472,9 +481,29 @@ class LaplaceGuide(LoraGuide):
         value, _, _ = self._evidence_terms(lam.double().log())
         return (self.log_likelihood.double() + value.sum()).float()
 
+    def flat_matrices(self):
+        """Which LoRA matrices have zero curvature: ``[M]`` bool over all layers of all sites (site order, then
+        layer), true where the largest Fisher eigenvalue is at most float32 eps (1.2e-7) times the largest of
+        all matrices' (all of them when every Fisher is zero). A LoRA ``B`` that is still zero makes its ``A``'s
+        Fisher exactly zero.
+        """
+        self._check_fitted()
+        peaks = []
+        for f in self.factors:
+            top, rest, mult = f.eigenvalues()
+            peak = top.amax(-1)
+            peaks.append(torch.maximum(peak, rest.amax(-1)) if mult > 0 else peak)
+        peaks = torch.cat(peaks).double()
+        return peaks <= _FLAT_CURVATURE * peaks.max()
+
+    def _flat_names(self, flat):
+        """``"site (module path)"`` of each matrix flagged in ``flat [M]``."""
+        names = [f"{name} ({path})" for name, site in self.sites.items() for path in site.layers]
+        return [n for n, f in zip(names, flat.tolist()) if f]
+
     def _evidence_terms(self, log_lam):
         """Per matrix (all layers of all sites, ``[M]``): the prior terms of the evidence and their first
-        and second derivatives in ``t = log lambda``."""
+        and second derivatives in ``t = log lambda``; 0 for the matrices of :meth:`flat_matrices`."""
         lam = log_lam.exp()
         vals, d1, d2 = [], [], []
         start = 0
@@ -494,7 +523,8 @@ class LaplaceGuide(LoraGuide):
             h = -0.5 * (p / lf.pow(2) - s2)  # d2/d lambda2
             d1.append(lf * g)
             d2.append(lf.pow(2) * h + lf * g)
-        return torch.cat(vals), torch.cat(d1), torch.cat(d2)
+        flat = self.flat_matrices()
+        return tuple(torch.cat(x).masked_fill(flat, 0.0) for x in (vals, d1, d2))
 
     def optimize_prior_precision(self, method="marglik", per_layer=False, val_loader=None, grid=None, predictive="glm",
                                  num_samples=8, max_iter=100, progress=False):
@@ -503,15 +533,36 @@ class LaplaceGuide(LoraGuide):
         ``"marglik"``: maximise :meth:`log_marginal_likelihood` in ``log lambda`` by safeguarded Newton steps
         with backtracking, so the evidence never decreases; it is concave in ``lambda``, so the optimum is
         unique. ``per_layer=True`` gives every LoRA matrix (each layer of each site) its own ``lambda``.
+        Matrices with zero curvature (:meth:`flat_matrices`) leave the evidence unchanged whatever their
+        ``lambda`` (Laplace's formula alone drives it towards 0, a posterior std in the hundreds): a warning
+        names them, and they keep their ``lambda`` (``per_layer=True``) or get the one fitted on the other
+        matrices (``per_layer=False``); with zero curvature everywhere nothing is fitted.
         ``"val_nll"``: one ``lambda`` for all, the grid value with the lowest NLL on ``val_loader`` under the
         GLM probit predictive (one pass: the Jacobians do not depend on ``lambda``) or, with
         ``predictive="samples"``, the sampled predictive with ``num_samples`` (common random numbers).
 
         :param grid: ``lambda`` values for ``"val_nll"`` (default ``logspace(-4, 4, 17)``).
         :returns: the trace: evidence per Newton iteration, or NLL per grid value.
+        :raises ValueError: before :meth:`fit`, on an unknown ``method`` or ``predictive``, ``"val_nll"`` without
+            ``val_loader`` or with ``per_layer=True``, or a grid of non-positive values.
         """
         self._check_fitted()
         if method == "marglik":
+            flat = self.flat_matrices()
+            if bool(flat.all()):
+                outcome = "keep their lambda: no matrix has curvature, nothing is fitted"
+            else:
+                outcome = "keep their lambda" if per_layer else "get the lambda fitted on the other matrices"
+            if bool(flat.any()):
+                warnings.warn(
+                    f"LaplaceGuide evidence: zero curvature (largest Fisher eigenvalue at most {_FLAT_CURVATURE:.1e} of "
+                    f"the largest) in {', '.join(self._flat_names(flat))}; the data do not constrain these LoRA matrices "
+                    f"(the other matrix of their layer is zero, e.g. B at its zero init?), so the evidence leaves them "
+                    f"out and they {outcome}",
+                    stacklevel=2,
+                )
+            if bool(flat.all()):
+                return [float(self.log_marginal_likelihood())]
             return self._optimize_marglik(per_layer, max_iter)
         if method != "val_nll":
             raise ValueError(f"method must be 'marglik' or 'val_nll', got {method!r}")

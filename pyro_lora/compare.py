@@ -159,6 +159,7 @@ class Fitted:
     predict: object
     guide: object = None
     extra_parameters: int = 0
+    note: str = None  # what a reader of its rows must know (e.g. temperature scaling fell back to T = 1)
 
 
 def _guide_predictor(setup, model, guide, **kwargs):
@@ -270,18 +271,22 @@ def method_laplace(setup):
 
 
 def method_temperature(setup):
-    """Temperature scaling of the MAP, fitted on the validation split: the cheap non-Bayesian baseline."""
+    """Temperature scaling of the MAP, fitted on the validation split: the cheap non-Bayesian baseline.
+
+    When the fit has no optimum inside its bounds (e.g. a validation split the MAP gets all right), the note
+    of :func:`fit_temperature` goes into the method's rows.
+    """
     from .calibration import apply_temperature, fit_temperature
 
     val = predict(setup.model, setup.map_guide, setup.loader(setup.val))
-    t = fit_temperature(val.probs, val.labels)
+    t, note = fit_temperature(val.probs, val.labels, return_info=True)
 
     def run(records):
         out = predict(setup.model, setup.map_guide, setup.loader(records))
         out.probs = apply_temperature(out.probs, t)
         return out
 
-    return Fitted(run, None, 1)
+    return Fitted(run, None, 1, note)
 
 
 def method_mcdropout(setup, p=0.1):
@@ -364,7 +369,10 @@ def _fit_method(setup, name, map_seconds):
         t = time.perf_counter()
         fitted = METHODS[name](setup)
         fit_seconds = time.perf_counter() - t + (map_seconds if name == "map" else 0.0)
-    return fitted, {"fit_seconds": fit_seconds, "fit_memory_mb": memory.megabytes, "extra_parameters": fitted.extra_parameters}
+    costs = {"fit_seconds": fit_seconds, "fit_memory_mb": memory.megabytes, "extra_parameters": fitted.extra_parameters}
+    if fitted.note:
+        costs["note"] = fitted.note
+    return fitted, costs
 
 
 def _evaluate(setup, fitted, records):
@@ -499,15 +507,24 @@ def _arrays(prediction, dataset, seed):
 
 
 def summarize_seeds(rows):
-    """Mean and std over seeds of every numeric column, per (guide, evaluation set): ``x`` and ``x_std``."""
+    """Mean and std over seeds of every numeric column, per (guide, evaluation set): ``x`` and ``x_std``.
+
+    The seeds' ``note`` entries are kept: ``"seeds 0, 2: <note>"`` per distinct note, joined by ``"; "``.
+    """
     groups = {}
     for r in rows:
         groups.setdefault((r["guide"], r["dataset"]), []).append(r)
     summary = []
     for (guide, dataset), group in groups.items():
         row = {"guide": guide, "dataset": dataset, "seeds": [r["seed"] for r in group]}
+        notes = {}
+        for r in group:
+            if r.get("note"):
+                notes.setdefault(r["note"], []).append(str(r["seed"]))
+        if notes:
+            row["note"] = "; ".join(f"seed{'s' * (len(s) > 1)} {', '.join(s)}: {n}" for n, s in notes.items())
         for key in group[0]:
-            if key in ("guide", "dataset", "seed"):
+            if key in ("guide", "dataset", "seed", "note"):
                 continue
             values = np.array([r[key] for r in group], dtype=float)
             row[key] = float(values.mean())
@@ -597,10 +614,14 @@ TABLE = [("accuracy", "accuracy", 3), ("ece", "ECE x100", 2), ("nll", "NLL", 3),
 
 
 def format_table(rows):
-    """Markdown table, one row per (guide, evaluation set); ``mean ± std`` where rows carry ``_std``."""
+    """Markdown table, one row per (guide, evaluation set); ``mean ± std`` where rows carry ``_std``.
+
+    Rows with a ``note`` are marked ``(note)`` and their notes listed under the table.
+    """
     head = "| guide | dataset | " + " | ".join(t for _, t, _ in TABLE) + " | OOD AUROC H / MI |"
     lines = [head, "|" + "---|" * (len(TABLE) + 3)]
-    return "\n".join(lines + [format_row(r) for r in rows])
+    notes = [f"Note ({r['guide']} on {r['dataset']}): {r['note']}" for r in rows if r.get("note")]
+    return "\n".join(lines + [format_row(r) for r in rows] + ([""] + notes if notes else []))
 
 
 def format_row(r):
@@ -610,4 +631,5 @@ def format_row(r):
         return value + (f" ± {std:.{digits}f}" if std else "")
 
     ood = f"{r['ood_auroc_entropy']:.3f} / {r['ood_auroc_mi']:.3f}" if "ood_auroc_entropy" in r else ""
-    return f"| {r['guide']} | {r['dataset']} | " + " | ".join(cell(k, d) for k, _, d in TABLE) + f" | {ood} |"
+    guide = r["guide"] + (" (note)" if r.get("note") else "")
+    return f"| {guide} | {r['dataset']} | " + " | ".join(cell(k, d) for k, _, d in TABLE) + f" | {ood} |"

@@ -5,6 +5,10 @@ example's choice count carry probability 0), ``labels`` is ``[N]`` integer class
 ``sample_probs`` is ``[S, N, C]`` per-sample probabilities. Numpy arrays are accepted and
 converted. Everything is computed in float64 so that bin edges and sums do not drift.
 Scalar metrics return Python floats; per-example quantities return ``[N]`` float64 tensors.
+
+Every metric checks that its rows are probability vectors (non-negative, summing to 1 up to the input
+dtype's rounding) and raises ValueError otherwise: given logits they would return numbers that look like
+results (an ECE x100 of 256, a meaningless NLL) without a word.
 """
 
 from __future__ import annotations
@@ -32,6 +36,10 @@ __all__ = [
 
 # Floor for p[label] in the NLL: a confidently wrong example costs -log(1e-12) ~ 27.6, not inf.
 _NLL_FLOOR = 1e-12
+# How far a row sum may be from 1: float32 softmax and averages are off by a few 1e-7, float16 by ~4e-4 and
+# bfloat16 by ~3e-3 (measured), so 4 eps of the input dtype, at least 1e-4 (an ECE x100 shift below 0.01).
+_SUM_TOL = 1e-4
+_SUM_EPS = 4
 
 
 class ReliabilityBins(NamedTuple):
@@ -49,8 +57,29 @@ def _as_float(x) -> torch.Tensor:
     return torch.as_tensor(x).detach().to(torch.float64)
 
 
+def _sum_tolerance(dtype: torch.dtype) -> float:
+    """How far from 1 a probability row of ``dtype`` may sum (``_SUM_EPS`` eps of the dtype, at least ``_SUM_TOL``)."""
+    return max(_SUM_TOL, _SUM_EPS * torch.finfo(dtype).eps) if dtype.is_floating_point else _SUM_TOL
+
+
+def _check_rows(x: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    """Raise ValueError unless every row (last dim) of the finite float64 ``x`` is a probability vector.
+
+    ``dtype`` is the caller's original dtype: half-precision rows are allowed their larger rounding.
+    """
+    tol = _sum_tolerance(dtype)
+    sums = x.sum(-1)
+    if bool((x < 0).any()) or bool(((sums - 1).abs() > tol).any()):
+        raise ValueError(
+            f"{name} rows must be probability vectors (non-negative, summing to 1 within {tol:.1g}); got values from "
+            f"{float(x.min()):.4g} to {float(x.max()):.4g} and row sums from {float(sums.min()):.4g} to "
+            f"{float(sums.max()):.4g}: pass softmax(logits), not logits"
+        )
+
+
 def _check_probs(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate and convert ``probs [N, C]`` and ``labels [N]``; raise ValueError naming the problem."""
+    dtype = torch.as_tensor(probs).dtype
     probs = _as_float(probs)
     labels = torch.as_tensor(labels).detach()
     if probs.ndim != 2:
@@ -72,10 +101,13 @@ def _check_probs(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
         )
     if not torch.isfinite(probs).all():
         raise ValueError("probs contains non-finite values (nan or inf)")
+    _check_rows(probs, dtype, "probs")
     return probs, labels
 
 
 def _check_sample_probs(sample_probs) -> torch.Tensor:
+    """Validate and convert ``sample_probs [S, N, C]``; raise ValueError naming the problem."""
+    dtype = torch.as_tensor(sample_probs).dtype
     sample_probs = _as_float(sample_probs)
     if sample_probs.ndim != 3:
         raise ValueError(f"sample_probs must have shape [S, N, C], got {tuple(sample_probs.shape)}")
@@ -83,6 +115,7 @@ def _check_sample_probs(sample_probs) -> torch.Tensor:
         raise ValueError(f"empty input: sample_probs has shape {tuple(sample_probs.shape)}")
     if not torch.isfinite(sample_probs).all():
         raise ValueError("sample_probs contains non-finite values (nan or inf)")
+    _check_rows(sample_probs, dtype, "sample_probs")
     return sample_probs
 
 
@@ -93,7 +126,10 @@ def _confidence_correct(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torc
 
 
 def accuracy(probs, labels) -> float:
-    """Fraction of examples whose argmax class is the label: mean_i 1[argmax_c p_ic = y_i]."""
+    """Fraction of examples whose argmax class is the label: mean_i 1[argmax_c p_ic = y_i].
+
+    :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
+    """
     probs, labels = _check_probs(probs, labels)
     return float(_confidence_correct(probs, labels)[1].mean())
 
@@ -102,6 +138,8 @@ def reliability_bins(probs, labels, num_bins: int = 15) -> ReliabilityBins:
     """Bin top-label confidence into ``num_bins`` equal-width bins ((k-1)/B, k/B] on [0, 1].
 
     probs [N, C], labels [N] -> ReliabilityBins of ``[num_bins]`` tensors (mean confidence, accuracy, count).
+
+    :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
     """
     if int(num_bins) != num_bins or num_bins < 1:
         raise ValueError(f"num_bins must be a positive integer, got {num_bins}")
@@ -118,21 +156,30 @@ def reliability_bins(probs, labels, num_bins: int = 15) -> ReliabilityBins:
 
 
 def ece(probs, labels, num_bins: int = 15) -> float:
-    """Expected calibration error as a fraction: sum_b (n_b / N) |acc_b - conf_b| (multiply by 100 to report)."""
+    """Expected calibration error as a fraction: sum_b (n_b / N) |acc_b - conf_b| (multiply by 100 to report).
+
+    :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
+    """
     bins = reliability_bins(probs, labels, num_bins)
     weights = bins.counts.to(torch.float64) / bins.counts.sum()
     return float((weights * (bins.accuracy - bins.confidence).abs()).sum())
 
 
 def nll(probs, labels) -> float:
-    """Mean negative log-likelihood: -mean_i log max(p_{i,y_i}, 1e-12)."""
+    """Mean negative log-likelihood in nats: -mean_i log max(p_{i,y_i}, 1e-12).
+
+    :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
+    """
     probs, labels = _check_probs(probs, labels)
     p_true = probs.gather(1, labels[:, None]).squeeze(1)
     return float(-p_true.clamp(min=_NLL_FLOOR).log().mean())
 
 
 def brier(probs, labels) -> float:
-    """Brier score: mean_i sum_c (p_ic - 1[c = y_i])^2."""
+    """Brier score: mean_i sum_c (p_ic - 1[c = y_i])^2.
+
+    :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
+    """
     probs, labels = _check_probs(probs, labels)
     onehot = torch.nn.functional.one_hot(labels, probs.shape[1]).to(torch.float64)
     return float(((probs - onehot) ** 2).sum(dim=1).mean())
@@ -144,13 +191,19 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
 
 
 def predictive_entropy(sample_probs) -> torch.Tensor:
-    """Total uncertainty per example: sample_probs [S, N, C] -> [N], H[mean_s p_s]."""
+    """Total uncertainty per example in nats: sample_probs [S, N, C] -> [N], H[mean_s p_s].
+
+    :raises ValueError: if a row of ``sample_probs`` is not a probability vector (e.g. logits), or on a bad shape.
+    """
     sample_probs = _check_sample_probs(sample_probs)
     return _entropy(sample_probs.mean(dim=0))
 
 
 def expected_entropy(sample_probs) -> torch.Tensor:
-    """Aleatoric uncertainty per example: sample_probs [S, N, C] -> [N], mean_s H[p_s]."""
+    """Aleatoric uncertainty per example in nats: sample_probs [S, N, C] -> [N], mean_s H[p_s].
+
+    :raises ValueError: if a row of ``sample_probs`` is not a probability vector (e.g. logits), or on a bad shape.
+    """
     sample_probs = _check_sample_probs(sample_probs)
     return _entropy(sample_probs).mean(dim=0)
 
@@ -159,6 +212,8 @@ def mutual_information(sample_probs) -> torch.Tensor:
     """Epistemic uncertainty per example: sample_probs [S, N, C] -> [N], max(H[mean_s p_s] - mean_s H[p_s], 0).
 
     Exactly 0 for examples on which all samples agree (float rounding of the mean could leave ~1e-17).
+
+    :raises ValueError: if a row of ``sample_probs`` is not a probability vector (e.g. logits), or on a bad shape.
     """
     sample_probs = _check_sample_probs(sample_probs)
     mi = (_entropy(sample_probs.mean(dim=0)) - _entropy(sample_probs).mean(dim=0)).clamp(min=0.0)
@@ -195,6 +250,8 @@ def risk_coverage(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Accuracy when only the k most confident examples are kept, for k = 1..N.
 
     probs [N, C], labels [N] -> (coverages [N] = k/N, accuracies [N]); confidence ties keep input order.
+
+    :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
     """
     probs, labels = _check_probs(probs, labels)
     conf, correct = _confidence_correct(probs, labels)
@@ -204,7 +261,10 @@ def risk_coverage(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def accuracy_at_coverage(probs, labels, coverage: float) -> float:
-    """Accuracy on the round(coverage * N) most confident examples (at least one), 0 < coverage <= 1."""
+    """Accuracy on the round(coverage * N) most confident examples (at least one), 0 < coverage <= 1.
+
+    :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
+    """
     if not 0.0 < coverage <= 1.0:
         raise ValueError(f"coverage must be in (0, 1], got {coverage}")
     _, accuracies = risk_coverage(probs, labels)
@@ -213,13 +273,19 @@ def accuracy_at_coverage(probs, labels, coverage: float) -> float:
 
 
 def aurc(probs, labels) -> float:
-    """Area under the risk-coverage curve: mean over k = 1..N of (1 - accuracy of the k most confident)."""
+    """Area under the risk-coverage curve: mean over k = 1..N of (1 - accuracy of the k most confident).
+
+    :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
+    """
     _, accuracies = risk_coverage(probs, labels)
     return float((1.0 - accuracies).mean())
 
 
 def summarize(probs, labels, num_bins: int = 15) -> dict[str, float]:
-    """Table columns: {"accuracy": fraction, "ece": x100, "nll": nats, "brier": score}."""
+    """Table columns: {"accuracy": fraction, "ece": x100, "nll": nats, "brier": score}.
+
+    :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
+    """
     return {
         "accuracy": accuracy(probs, labels),
         "ece": 100.0 * ece(probs, labels, num_bins),

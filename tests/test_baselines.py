@@ -1,6 +1,8 @@
 """Baselines: temperature scaling, MC dropout on the LoRA input, deep ensembles (with per-member heads)."""
 
 import math
+import warnings
+from types import SimpleNamespace
 
 import pyro.poutine as poutine
 import pytest
@@ -21,6 +23,9 @@ def make(num_labels=2, random="AB", seed=0):
 
 # --- temperature scaling -------------------------------------------------------------------------
 
+UPPER_BOUND_NOTE = ("the validation NLL is lowest at the upper search bound T = 100: the predictions are no better than "
+                    "uniform on the validation split, and T = 100 makes them nearly uniform")
+
 
 def classification(n=400, c=4, sharpness=1.0, seed=0):
     """Logits and labels drawn from softmax(logits); ``sharpness`` then mis-scales the logits."""
@@ -34,7 +39,11 @@ def classification(n=400, c=4, sharpness=1.0, seed=0):
 def test_temperature_never_raises_validation_nll_and_finds_the_grid_minimum(sharpness, seed):
     logits, labels = classification(sharpness=sharpness, seed=seed)
     probs = logits.softmax(-1)
-    t = fit_temperature(probs, labels)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        t = fit_temperature(probs, labels)
+    # anti-correlated logits: the minimum is at T = inf, the upper bound (said); the others are inside
+    assert [str(w.message) for w in caught] == (["temperature scaling: " + UPPER_BOUND_NOTE] if sharpness < 0 else [])
     before, after = nll(probs, labels), nll(apply_temperature(probs, t), labels)
     assert after <= before
     grid = torch.exp(torch.linspace(math.log(1e-2), math.log(1e2), 1001, dtype=torch.float64))[:, None, None]
@@ -56,8 +65,89 @@ def test_temperature_from_logits_equals_from_probs_and_keeps_missing_choices_at_
     assert scaled[0, 2] == 0 and scaled.dtype == torch.float32
     torch.testing.assert_close(scaled.sum(-1), torch.ones(2))
     torch.testing.assert_close(scaled[0, :2], torch.tensor([0.7, 0.3]).sqrt() / torch.tensor([0.7, 0.3]).sqrt().sum())
-    # a label on a zero-probability choice does not make the fit fail
-    assert math.isfinite(fit_temperature(probs, torch.tensor([2, 1])))
+    # a label on a zero-probability choice does not make the fit fail (the other example alone wants T -> 0)
+    with pytest.warns(UserWarning, match="lower search bound"):
+        assert fit_temperature(probs, torch.tensor([2, 1])) == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_temperature_reads_half_precision_probabilities_as_probabilities(dtype):
+    # their rows sum to 1 only within ~3e-4 / 3e-3: taken for logits, they gave T = 0.41 instead of 2.96
+    logits, labels = classification(sharpness=3.0)
+    probs = logits.softmax(-1).to(dtype)
+    t = fit_temperature(probs, labels)
+    assert t == pytest.approx(fit_temperature(probs.double().log(), labels, kind="logits"), rel=1e-9)
+    assert 2.0 < t < 4.5
+
+
+def test_temperature_separable_validation_falls_back_to_one_with_a_warning():
+    logits, labels = classification(n=2000, sharpness=3.0)
+    probs = logits.softmax(-1)
+    right = (probs.argmax(-1) == labels).nonzero().flatten()[:50]  # a validation split the MAP gets 100% right
+    val_probs, val_labels = probs[right], labels[right]
+    test_probs, test_labels = probs[1000:], labels[1000:]
+    with pytest.warns(UserWarning, match=r"all correct \(separable\).*falling back to T = 1"):
+        fitted = fit_temperature(val_probs, val_labels, return_info=True)
+    assert fitted.temperature == 1.0 and "no finite optimum" in fitted.note
+    with pytest.warns(UserWarning, match="separable"):
+        assert fit_temperature(val_probs, val_labels) == 1.0  # the plain call returns the float
+    # what the bound T = 0.01 would have done: test NLL 1.23 -> 8.05
+    assert nll(apply_temperature(test_probs, 0.01), test_labels) > 6 * nll(test_probs, test_labels)
+
+
+def test_temperature_overconfident_fit_has_no_note():
+    logits, labels = classification(sharpness=3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fitted = fit_temperature(logits.softmax(-1), labels, return_info=True)
+    assert 2.0 < fitted.temperature < 4.5 and fitted.note is None
+
+
+def test_temperature_optimum_on_a_search_bound_is_reported():
+    # anti-informative predictions (every label the least likely class): the NLL falls all the way to T = inf;
+    # the upper bound is kept (nearly uniform predictions: validation NLL 4.64 at T = 1, log 4 at T = 100), and said
+    logits, _ = classification(n=200)
+    probs = logits.softmax(-1)
+    labels = probs.argmin(-1)
+    with pytest.warns(UserWarning, match="upper search bound T = 100: .*no better than uniform"):
+        fitted = fit_temperature(probs, labels, return_info=True)
+    assert fitted.temperature == 100.0 and "makes them nearly uniform" in fitted.note
+    assert nll(apply_temperature(probs, 100.0), labels) == pytest.approx(math.log(4), abs=0.05)
+    # under-confident and nearly separable: 99 right by log-odds 0.04, one wrong by 0.0004; optimum T ~ 0.003
+    margin = torch.full((100,), 0.04, dtype=torch.float64)
+    margin[0] = 4e-4
+    probs = torch.stack([margin, torch.zeros(100, dtype=torch.float64)], -1).softmax(-1)
+    labels = (torch.arange(100) == 0).long()
+    with pytest.warns(UserWarning, match="lower search bound T = 0.01 .*falling back to T = 1"):
+        assert fit_temperature(probs, labels, return_info=True).temperature == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a wider interval holds the optimum: fitted, no note
+        fitted = fit_temperature(probs, labels, bounds=(1e-4, 1e2), return_info=True)
+    assert 1e-3 < fitted.temperature < 6e-3 and fitted.note is None
+
+
+def test_temperature_row_carries_the_fallback_note_into_results_and_table():
+    from pyro_lora.compare import _fit_method, format_table, summarize_seeds
+
+    model = make(num_labels=3)
+    val = toy_data()
+    predicted = predict(model, None, val).probs.argmax(-1)
+    for i, batch in enumerate(val):  # labels = the MAP's own predictions: a separable validation split
+        batch["labels"] = predicted[8 * i : 8 * (i + 1)]
+    setup = SimpleNamespace(config=SimpleNamespace(device="cpu"), model=model, map_guide=None, val=val, loader=lambda r: r)
+    with pytest.warns(UserWarning, match="separable"):
+        fitted, costs = _fit_method(setup, "temperature", 0.0)
+    assert "all correct (separable)" in fitted.note and costs["note"] == fitted.note
+    torch.testing.assert_close(fitted.predict(val).probs, predict(model, None, val).probs)  # T = 1: the MAP unchanged
+    rows = [{"guide": "temperature", "dataset": "sst2", "seed": s, "accuracy": 1.0, **costs} for s in (0, 1)]
+    rows.append({"guide": "map", "dataset": "sst2", "seed": 0, "accuracy": 1.0, "fit_seconds": 0.0})
+    summary = summarize_seeds(rows)
+    assert summary[0]["note"] == f"seeds 0, 1: {fitted.note}" and "note" not in summary[1]
+    blank = dict.fromkeys(["ece", "nll", "brier", "mutual_information", "aurc", "fit_memory_mb", "extra_parameters",
+                           "predict_seconds_per_1000"], 0.0)
+    table = format_table([{**blank, **r} for r in summary])
+    assert "| temperature (note) | sst2 |" in table and "| map | sst2 |" in table
+    assert table.endswith(f"Note (temperature on sst2): seeds 0, 1: {fitted.note}")
 
 
 def test_temperature_bad_input():

@@ -1,6 +1,7 @@
 """KFAC Laplace guide: factors against dense Fisher / GGN, evidence, GLM predictive, sampling, save/load."""
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -276,6 +277,59 @@ def test_evidence_matches_dense_and_increases_during_optimisation(per_layer):
             assert guide.log_marginal_likelihood(one) < best
     assert guide.log_marginal_likelihood(5.0) != best  # evaluating elsewhere does not change lambda
     assert guide.log_marginal_likelihood() == best
+
+
+def zero_b_bert_model(kind="query"):
+    """``bert_model`` with the LoRA B of ``kind``'s layers at zero, peft's init: the Fisher of their A is exactly zero."""
+    model = bert_model()
+    with torch.no_grad():
+        for n, p in model.net.named_parameters():
+            if "lora_B" in n and f".{kind}." in n:
+                p.zero_()
+    return model
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_zero_curvature_matrices_are_named_and_left_out_of_the_evidence(per_layer):
+    model = zero_b_bert_model()
+    data = bert_data(lengths=(7, 5, 4, 6, 3, 7))
+    guide = LaplaceGuide(model, rank=3, prior_precision={"query.lora_A": [0.5, 2.0]}).fit(data, progress=False)
+    assert list(guide.sites) == ["query.lora_A", "query.lora_B", "value.lora_A", "value.lora_B"]
+    assert guide.flat_matrices().tolist() == [True, True] + [False] * 6
+    # their exact evidence term is 0 for every lambda; Laplace's -lambda |A|^2 / 2 drove lambda to 2e-6
+    assert guide.log_marginal_likelihood({"query.lora_A": 1e-6}) == guide.log_marginal_likelihood({"query.lora_A": 1e3})
+    with pytest.warns(UserWarning, match="zero curvature") as record:
+        history = guide.optimize_prior_precision("marglik", per_layer=per_layer)
+    (message,) = [str(w.message) for w in record if "zero curvature" in str(w.message)]
+    assert all(f"query.lora_A ({path})" in message for path in model.sites["query.lora_A"].layers)
+    assert "query.lora_B" not in message and "value." not in message
+    assert all(b >= a - 1e-6 * abs(a) for a, b in zip(history, history[1:]))
+    lam = {k: v.clone() for k, v in guide.prior_precision.items()}
+    if per_layer:
+        assert lam["query.lora_A"].tolist() == [0.5, 2.0] and "keep their lambda" in message
+    else:
+        assert len({float(x) for v in lam.values() for x in v}) == 1 and "fitted on the other matrices" in message
+    # the evidence is the dense one without the flat matrices' -lambda |A|^2 / 2, and lambda is its maximum
+    norms = guide.factors[0].loc.pow(2).flatten(1).sum(-1)
+    dense = dense_evidence(model, guide, data) + 0.5 * (lam["query.lora_A"] * norms).sum()
+    best = guide.log_marginal_likelihood()
+    torch.testing.assert_close(best.double(), dense.double(), rtol=1e-4, atol=1e-3)
+    for factor in (0.95, 1.05):
+        assert guide.log_marginal_likelihood({k: v * factor for k, v in lam.items() if k != "query.lora_A"}) < best
+
+
+def test_zero_curvature_everywhere_fits_nothing_and_a_normal_fit_says_nothing():
+    guide = LaplaceGuide(bert_model(), rank=3).fit(bert_data(), progress=False)
+    assert not guide.flat_matrices().any()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        guide.optimize_prior_precision("marglik", per_layer=True)
+    guide.set_prior_precision(0.5)
+    for f in guide.factors:
+        f.small_vals.zero_()  # no curvature anywhere
+    with pytest.warns(UserWarning, match="no matrix has curvature, nothing is fitted"):
+        history = guide.optimize_prior_precision("marglik")
+    assert len(history) == 1 and all(bool((v == 0.5).all()) for v in guide.prior_precision.values())
 
 
 def test_val_nll_grid_picks_the_best_value():

@@ -136,6 +136,55 @@ def test_bad_inputs_raise(probs, labels, match):
             fn(probs, labels)
 
 
+NOT_PROBS = (r"probs rows must be probability vectors \(non-negative, summing to 1 within .*\); got values from .* "
+             r"pass softmax\(logits\), not logits")
+
+
+def _probs_metrics():
+    return (metrics.accuracy, metrics.ece, metrics.nll, metrics.brier, metrics.summarize, metrics.reliability_bins,
+            metrics.risk_coverage, metrics.aurc, lambda p, y: metrics.accuracy_at_coverage(p, y, 0.5))
+
+
+def test_logits_and_unnormalised_rows_are_refused():
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(50, 4, generator=gen)
+    labels = torch.randint(0, 4, (50,), generator=gen)
+    scores = logits.exp()  # non-negative, but not normalised
+    off = torch.tensor([[0.6, 0.3], [0.5, 0.5]])  # one row sums to 0.9
+    for bad in (logits, scores, off):
+        y = labels[: len(bad)] % bad.shape[1]
+        for fn in _probs_metrics():
+            with pytest.raises(ValueError, match=NOT_PROBS):
+                fn(bad, y)
+    with pytest.raises(ValueError, match=r"row sums from 0.9 to 1: "):
+        metrics.nll(off, torch.tensor([0, 1]))
+    for fn in (metrics.predictive_entropy, metrics.expected_entropy, metrics.mutual_information):
+        with pytest.raises(ValueError, match="sample_probs rows must be probability vectors"):
+            fn(logits.reshape(5, 10, 4))
+
+
+def test_probability_rows_pass_with_missing_choices_and_half_precision():
+    # zeros for missing choices are probability vectors; values unchanged by the check
+    probs = torch.tensor([[0.7, 0.3, 0.0], [0.2, 0.0, 0.8], [1.0, 0.0, 0.0]])
+    labels = torch.tensor([0, 2, 1])
+    assert metrics.nll(probs, labels) == pytest.approx((-math.log(0.7) - math.log(0.8) - math.log(1e-12)) / 3)
+    assert metrics.accuracy(probs, labels) == pytest.approx(2 / 3)
+    # float32 rounding (a row 5e-5 off) passes; 1e-3 off does not
+    assert metrics.accuracy(torch.tensor([[0.50005, 0.5]]), torch.tensor([0])) == 1.0
+    with pytest.raises(ValueError, match=NOT_PROBS):
+        metrics.accuracy(torch.tensor([[0.501, 0.5]]), torch.tensor([0]))
+    # half precision: softmax rows off by up to ~3e-4 (float16) / ~3e-3 (bfloat16), scored as given
+    gen = torch.Generator().manual_seed(1)
+    logits, y = 4 * torch.randn(500, 5, generator=gen), torch.randint(0, 5, (500,), generator=gen)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = torch.softmax(logits.to(dtype), -1)
+        assert (half.double().sum(-1) - 1).abs().max() > 1e-4  # beyond the float32 tolerance
+        row = metrics.summarize(half, y)
+        p_true = half.double().gather(1, y[:, None]).squeeze(1)
+        assert row["nll"] == pytest.approx(float(-p_true.clamp(min=1e-12).log().mean()), rel=1e-12)
+        assert metrics.mutual_information(half.reshape(5, 100, 5)).shape == (100,)
+
+
 def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="num_bins"):
         metrics.ece(PROBS, LABELS, num_bins=0)
