@@ -1,5 +1,7 @@
-"""The batched predictive: S posterior samples in one forward, probabilities averaged over samples."""
+"""The batched predictive: S posterior samples, drawn and run one chunk at a time, probabilities averaged over samples."""
 
+import contextlib
+import numbers
 import time
 from dataclasses import dataclass
 
@@ -7,7 +9,10 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
+from .contract import check_guide
 from .training import to_device
+
+SEED_RANGE = 2**62  # base seeds are drawn from [0, SEED_RANGE); chunk i uses base + i
 
 
 @dataclass
@@ -30,59 +35,200 @@ class Prediction:
 def predict(model, guide, data, num_samples=8, mean=False, chunk_size=None, keep_samples=False, progress=False):
     """Posterior predictive ``p(y | x, D) ~ 1/S sum_s softmax(f(x; theta_s))`` over ``data``.
 
-    One set of ``S`` weight samples is drawn and used for every batch; each forward runs a chunk of
-    ``chunk_size`` samples (default all ``S``) as one batch of ``chunk * B`` rows.
+    One set of ``S`` weight samples is used for every batch, so the predictive of an example does not
+    depend on the batch it falls in. The samples are split into chunks of ``chunk_size`` (default all
+    ``S``): chunk ``i`` holds samples ``[i c, min((i + 1) c, S))``, runs as one batch of ``chunk * B`` rows,
+    and is drawn by ``guide.sample(chunk)`` under the seed ``base + i`` in a forked RNG, where ``base`` is
+    drawn once per call from the global RNG of the model's device (so ``torch.manual_seed`` /
+    ``pyro.set_rng_seed`` before ``predict`` make it reproducible, and successive calls draw afresh). With
+    several chunks, each chunk is drawn again for every batch: memory holds one chunk of samples, never
+    ``S``, at the cost of re-drawing (cheap next to the forward). The chunk size is part of the random
+    stream: other chunk sizes give other, equally valid, draws. With one chunk the samples are drawn once.
+
+    Guides whose draws are a fixed sequence rather than independent draws (an ensemble: draw ``s`` is
+    member ``s mod K``) get the same ``S`` draws whatever the chunk size.
 
     :param guide: a guide, or ``None`` for the network's own (peft) weights.
+    :param int num_samples: ``S >= 1``.
     :param mean: use the posterior mean (one forward) instead of samples; point-estimate guides always do.
-    :param keep_samples: also return the per-sample probabilities ``[S, N, C]``.
+    :param int chunk_size: samples per forward (a positive integer), or ``None`` for all ``S`` at once.
+    :param keep_samples: also return the per-sample probabilities ``[S, N, C]`` (``[1, N, C]`` without samples).
+    :raises ValueError: for a bad ``num_samples`` / ``chunk_size``, or a guide built for another model
+        (:func:`~pyro_lora.contract.check_guide`).
 
     Under ``torch.distributed`` every rank is given the same ``data``, predicts its contiguous block of
-    batches with rank 0's weight samples, and returns the gathered predictions of all ``N`` examples in order.
+    batches with rank 0's weight samples (rank 0's base seed is broadcast; the first chunk is checked to
+    be equal on all ranks), and returns the gathered predictions of all ``N`` examples in order.
     """
+    num_samples = _positive_int(num_samples, "num_samples")
+    if chunk_size is not None:
+        chunk_size = _positive_int(chunk_size, "chunk_size", "or None for all samples in one forward")
+    if guide is not None:
+        check_guide(model, guide, "predict")
     net = model.net
     was_training = net.training
     net.eval()
     start = time.perf_counter()
-    if guide is None:
-        values, samples = None, None
-    elif mean or guide.deterministic:
-        values, samples = guide.mean(), None
-    else:
-        values, samples = guide.sample(num_samples), num_samples
-        if distributed.is_distributed():  # one set of samples for all the data: rank 0's
-            values = {k: v.contiguous() for k, v in values.items()}  # samples may be expanded views
-            distributed.broadcast_parameters(values.values())
-    data = distributed.split_batches(data)
-    chunk = chunk_size or samples
-    probs, labels = [], []
+    draws, values = None, None
+    sums, kept, labels = [], [], []
     try:
+        if guide is not None and (mean or guide.deterministic):
+            values = guide.mean()
+        elif guide is not None:
+            draws = _ChunkedDraws(guide, num_samples, chunk_size, model.device)
+        data = distributed.split_batches(data)
         for batch in tqdm(data, desc="predict", disable=not (progress and distributed.is_main()), dynamic_ncols=True):
             batch = to_device(batch, model.device)
-            if samples is None:
-                p = torch.softmax(model.logits(batch, values).float(), -1).unsqueeze(0)
+            if draws is None:
+                p = torch.softmax(model.logits(batch, values).float(), -1).unsqueeze(0)  # [1, B, C]
+                total, parts = p[0], [p]
             else:
-                p = torch.cat(
-                    [
-                        torch.softmax(model.logits(batch, {k: v[i : i + chunk] for k, v in values.items()}, min(chunk, samples - i)).float(), -1)
-                        for i in range(0, samples, chunk)
-                    ]
-                )
-            probs.append(p)
+                total, parts = 0, []
+                for i in range(len(draws)):
+                    p = draws.probs(model, batch, i)  # [chunk, B, C]; the chunk's samples are freed already
+                    total = total + p.sum(0)
+                    if keep_samples:
+                        parts.append(p)
+                total = total / num_samples
+            sums.append(total)
+            if keep_samples:
+                kept.append(torch.cat(parts))
             labels.append(model.likelihood.observed(batch))
     finally:
         net.train(was_training)
     # a rank may hold no batch when there are fewer batches than ranks
-    width = distributed.all_reduce_(torch.tensor(max((p.shape[-1] for p in probs), default=0)), op="max").item()
+    width = distributed.all_reduce_(torch.tensor(max((p.shape[-1] for p in sums), default=0)), op="max").item()
     if width == 0:
         raise ValueError("predict got no batches: the data is empty")
-    rows = [torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in probs]
-    sample_probs = torch.cat(rows, 1) if rows else torch.zeros(samples or 1, 0, width, device=model.device)
-    sample_probs = distributed.gather_cat(sample_probs.transpose(0, 1)).transpose(0, 1).cpu()
+    probs = torch.cat([_pad(p, width) for p in sums]) if sums else torch.zeros(0, width, device=model.device)
+    sample_probs = None
+    if keep_samples:
+        rows = [_pad(p, width) for p in kept]
+        sample_probs = torch.cat(rows, 1) if rows else torch.zeros(1 if draws is None else num_samples, 0, width, device=model.device)
+        sample_probs = distributed.gather_cat(sample_probs.transpose(0, 1)).transpose(0, 1).cpu()
     labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=model.device)
     return Prediction(
-        probs=sample_probs.mean(0),
+        probs=distributed.gather_cat(probs).cpu(),
         labels=distributed.gather_cat(labels).cpu(),
-        sample_probs=sample_probs if keep_samples else None,
+        sample_probs=sample_probs,
         seconds=time.perf_counter() - start,
     )
+
+
+def _positive_int(value, name, alternative=""):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        extra = f" ({alternative})" if alternative else ""
+        raise ValueError(f"{name} must be a positive integer{extra}, got {value!r}")
+    return int(value)
+
+
+def _pad(p, width):
+    return torch.nn.functional.pad(p, (0, width - p.shape[-1]))
+
+
+class _ChunkedDraws:
+    """The ``S`` weight samples of one :func:`predict` call, materialised one chunk at a time.
+
+    Chunk ``i`` (samples ``[i c, min((i + 1) c, S))``) is ``guide.sample(n_i)`` under seed ``base + i``, so
+    drawing it again (for the next batch) gives the same values. With one chunk the draw is kept.
+    """
+
+    def __init__(self, guide, num_samples, chunk_size, device):
+        self.guide, self.num_samples, self.device = guide, num_samples, torch.device(device)
+        chunk = min(chunk_size or num_samples, num_samples)
+        self.bounds = [(i, min(i + chunk, num_samples)) for i in range(0, num_samples, chunk)]
+        self.members = _cyclic_members(guide)
+        if self.members is not None and len(self.bounds) > 1 and getattr(guide, "head_parameters", None):
+            raise ValueError(
+                "an ensemble with per-member heads predicts all samples in one forward: drop chunk_size "
+                f"(got chunk_size={chunk_size} < num_samples={num_samples})"
+            )
+        # one draw from the global RNG of the model's device (reproducible under torch.manual_seed; it
+        # advances that RNG as a draw does); under torch.distributed, rank 0's
+        base = torch.randint(SEED_RANGE, (), device=self.device)
+        if distributed.is_distributed():
+            distributed.broadcast_parameters([base])
+        self.base = int(base)
+        self.cached = None
+        if len(self.bounds) == 1 or distributed.is_distributed():
+            first = self.draw(0)
+            if distributed.is_distributed():
+                _check_same_on_all_ranks(first)
+            if len(self.bounds) == 1:
+                self.cached = first
+
+    def __len__(self):
+        return len(self.bounds)
+
+    def size(self, i):
+        start, stop = self.bounds[i]
+        return stop - start
+
+    def draw(self, i):
+        """Site name -> ``[n_i, *site.shape]``: the samples of chunk ``i``."""
+        if self.cached is not None:
+            return self.cached
+        start, stop = self.bounds[i]
+        if self.members is not None and len(self.bounds) > 1:
+            # draw s is member s mod K: chunk i needs the members of ITS sample indices, not 0, 1, ...
+            members = self.members()
+            some = next(iter(members.values()))
+            index = torch.arange(start, stop, device=some.device) % some.shape[0]
+            return {name: v[index] for name, v in members.items()}
+        with _seeded(self.device, self.base + i):
+            return self.guide.sample(stop - start)
+
+    def probs(self, model, batch, i):
+        """``[n_i, B, C]`` softmax of chunk ``i`` on ``batch`` (its samples are released on return)."""
+        n = self.size(i)
+        return torch.softmax(model.logits(batch, self.draw(i), n).float(), -1)
+
+
+def _cyclic_members(guide):
+    """``guide.members`` for a guide whose draw ``s`` is member ``s mod K`` (an ``EnsembleGuide``), else ``None``."""
+    members = getattr(guide, "members", None)
+    k = getattr(guide, "num_members", None)
+    return members if callable(members) and isinstance(k, numbers.Integral) else None
+
+
+@contextlib.contextmanager
+def _seeded(device, seed):
+    """Within: the global RNGs of the CPU and of ``device`` start from ``seed``; both are restored on exit."""
+    if device.type == "cuda":
+        index = torch.cuda.current_device() if device.index is None else device.index
+        with torch.random.fork_rng(devices=[index]):
+            torch.random.default_generator.manual_seed(seed)
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+            yield
+    elif device.type == "cpu":
+        with torch.random.fork_rng(devices=[]):
+            torch.random.default_generator.manual_seed(seed)
+            yield
+    else:
+        with torch.random.fork_rng(device_type=device.type):
+            torch.manual_seed(seed)
+            yield
+
+
+def _check_same_on_all_ranks(values):
+    """Raise on every rank unless ``values`` (the first chunk) agree across ranks.
+
+    The same seed gives the same samples only from the same guide parameters; a guide that differs
+    across ranks would otherwise silently predict each rank's batches with other weights.
+    """
+    stats, scale = [], []
+    for v in values.values():
+        v = v.detach().double()
+        square = v.pow(2).sum()
+        stats += [v.sum(), square]
+        scale += [(square * v.numel()).sqrt(), square]
+    stats, scale = torch.stack(stats), torch.stack(scale)
+    high = distributed.all_reduce_(stats.clone(), op="max")
+    low = distributed.all_reduce_(stats.clone(), op="min")
+    top = distributed.all_reduce_(scale, op="max")
+    if not bool(((high - low).abs() <= 1e-4 * top + 1e-12).all()):
+        raise ValueError(
+            "the guide's weight samples differ across ranks under the same seed: its parameters must be "
+            "equal on every rank (load or fit the guide on all ranks alike) before predict"
+        )

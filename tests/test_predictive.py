@@ -1,0 +1,336 @@
+"""The chunked predictive: samples drawn one chunk at a time (memory bounded by the chunk, not S), the same
+S samples for every batch, reproducible under the global seed, chunk-size-independent in distribution,
+exact for the ensemble's member sequence, and rank 0's samples under torch.distributed."""
+
+import weakref
+from datetime import timedelta
+
+import pyro
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import random_batch, tiny_bert
+
+from guides import FlowGuide, LaplaceGuide, MCDropoutGuide, MeanFieldGuide, SWAGGuide, TFBGuide
+from guides.ensemble import EnsembleGuide
+from pyro_lora import LoraModel, SequenceClassification, distributed, predict
+from pyro_lora.predictive import SEED_RANGE
+
+N, C = 12, 3
+
+
+def make_model():
+    net = tiny_bert(num_labels=C)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a sharper head than the random init's (near-uniform softmax hides the weight noise)
+        for name, p in net.named_parameters():
+            if "classifier" in name and name.endswith("weight"):
+                p.copy_(3 * torch.randn(p.shape, generator=g))
+    return LoraModel(net, SequenceClassification(), random="AB", num_data=N)
+
+
+def examples(n=N, seed=1):
+    batch = random_batch(batch=n, seq=7, seed=seed)
+    return batch | {"labels": torch.arange(n) % C}
+
+
+def loader(batch_size, n=N):
+    """The same ``n`` examples in batches of ``batch_size`` (the last one smaller)."""
+    full = examples(n)
+    return [{k: v[i : i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]
+
+
+def perturbed(model, scale, seed):
+    g = torch.Generator().manual_seed(seed)
+    return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in model.adapter_values().items()}
+
+
+def build(kind, model):
+    """A stochastic guide of each family, with visibly random draws."""
+    if kind == "meanfield":
+        return MeanFieldGuide(model, b="normal", init_scale=3.0)
+    if kind == "mcdropout":
+        return MCDropoutGuide(model, p=0.3)
+    if kind == "flow":
+        return FlowGuide(model, inducing=(3, 2))
+    if kind == "tfb":
+        return TFBGuide(model, sigma_q=0.5)
+    if kind == "swag":
+        guide = SWAGGuide(model, rank=3, scale=1.0)
+        for i in range(4):
+            guide.collect(perturbed(model, 0.3, i))
+        return guide
+    if kind == "laplace":
+        model.num_data = 4
+        return LaplaceGuide(model, fisher="exact", prior_precision=1.0).fit(loader(4, n=4), progress=False)
+    if kind == "ensemble":
+        return EnsembleGuide(model, [perturbed(model, 0.5, i) for i in range(3)])
+    raise ValueError(kind)
+
+
+STOCHASTIC = ["meanfield", "mcdropout", "flow", "tfb", "swag", "laplace"]
+
+
+class Recorder:
+    """Wraps ``guide.sample``: the sizes asked for, and how many draws (and sample numel) are alive at once,
+    through weak references to every returned tensor: a chunk still alive when the next is drawn counts."""
+
+    def __init__(self, guide):
+        self.sample, self.sizes, self.draws = guide.sample, [], []  # draws: (weakrefs, numel) per call
+        self.peak_numel = self.peak_live_chunks = 0
+        guide.sample = self
+
+    def _alive(self):
+        return [(refs, n) for refs, n in self.draws if any(r() is not None for r in refs)]
+
+    def __call__(self, num_samples):
+        self.sizes.append(num_samples)
+        out = self.sample(num_samples)
+        self.draws = self._alive() + [([weakref.ref(v) for v in out.values()], sum(v.numel() for v in out.values()))]
+        self.peak_live_chunks = max(self.peak_live_chunks, len(self.draws))
+        self.peak_numel = max(self.peak_numel, sum(n for _, n in self.draws))
+        return out
+
+    def alive_after(self):
+        return len(self._alive())
+
+
+def per_sample_numel(model):
+    return sum(s.numel for s in model.sites.values())
+
+
+# --- (a) the guide is asked for one chunk at a time, and one chunk at most is alive ------------------
+
+
+@pytest.mark.parametrize("kind", STOCHASTIC)
+def test_samples_are_drawn_one_chunk_at_a_time(kind):
+    model = make_model()
+    guide = build(kind, model)
+    rec = Recorder(guide)
+    S, c, data = 10, 3, loader(5)  # 3 batches, chunks of 3, 3, 3, 1
+    pred = predict(model, guide, data, num_samples=S, chunk_size=c, keep_samples=True)
+    assert pred.sample_probs.shape == (S, N, C) and pred.probs.shape == (N, C)
+    assert max(rec.sizes) <= c
+    assert rec.sizes == [3, 3, 3, 1] * len(data)  # every batch sees all S samples, chunk by chunk
+    assert rec.peak_live_chunks == 1
+    assert rec.peak_numel == c * per_sample_numel(model) < S * per_sample_numel(model)
+    assert rec.alive_after() == 0
+    assert pred.sample_probs.std(0).max() > 1e-4  # the draws do differ
+
+
+def test_one_chunk_is_drawn_once_for_all_batches():
+    model = make_model()
+    guide = build("meanfield", model)
+    rec = Recorder(guide)
+    predict(model, guide, loader(5), num_samples=6)
+    assert rec.sizes == [6]
+    assert rec.alive_after() == 0
+
+
+def test_ensemble_chunks_index_the_members_and_never_hold_S_draws():
+    model = make_model()
+    guide = build("ensemble", model)
+    members = guide.members
+    asked = []
+
+    def recording_members():
+        out = members()
+        asked.append(next(iter(out.values())).shape[0])
+        return out
+
+    guide.members = recording_members
+    rec = Recorder(guide)
+    predict(model, guide, loader(5), num_samples=7, chunk_size=2)
+    assert rec.sizes == []  # chunks are read off the K stored members, not from sample(S)
+    assert asked == [3] * 4 * 3  # K = 3 members per chunk (4 chunks) and batch (3 batches)
+
+
+# --- (b) exact equalities ---------------------------------------------------------------------
+
+
+def run(guide_kind, seed, data=None, **kw):
+    """A fresh model and guide, predicted with ``keep_samples`` under ``torch.manual_seed(seed)``."""
+    model = make_model()
+    guide = build(guide_kind, model)
+    data = loader(4) if data is None else data
+    torch.manual_seed(seed)
+    return model, guide, predict(model, guide, data, keep_samples=True, **kw)
+
+
+@pytest.mark.parametrize("kind", ["meanfield", "mcdropout", "swag"])
+@pytest.mark.parametrize("chunk", [1, 3, None])
+def test_same_seed_same_prediction_and_batches_do_not_matter(kind, chunk):
+    S = 7
+    _, _, first = run(kind, 0, num_samples=S, chunk_size=chunk)
+    _, _, again = run(kind, 0, num_samples=S, chunk_size=chunk)
+    assert torch.equal(first.sample_probs, again.sample_probs) and torch.equal(first.probs, again.probs)
+    _, _, other = run(kind, 1, num_samples=S, chunk_size=chunk)
+    assert not torch.allclose(first.sample_probs, other.sample_probs)
+    # an example's S samples are the same whichever batch (and batch size) it falls in
+    for batch_size in (1, 5, N):
+        _, _, rebatched = run(kind, 0, num_samples=S, chunk_size=chunk, data=loader(batch_size))
+        torch.testing.assert_close(rebatched.sample_probs, first.sample_probs, rtol=1e-5, atol=1e-6)
+    assert first.sample_probs.shape == (S, N, C)
+    torch.testing.assert_close(first.probs, first.sample_probs.mean(0), rtol=1e-6, atol=1e-7)
+    assert torch.equal(first.labels, examples()["labels"])
+
+
+def test_the_samples_are_the_documented_per_chunk_seeded_draws():
+    """Chunk ``i`` of ``S`` is ``guide.sample(n_i)`` under ``base + i``, ``base`` drawn from the global RNG."""
+    S, c = 8, 3
+    model, guide, pred = run("meanfield", 4, num_samples=S, chunk_size=c, data=loader(N))
+    torch.manual_seed(4)
+    base = int(torch.randint(SEED_RANGE, ()))
+    batch = loader(N)[0]
+    expected = []
+    for i, start in enumerate(range(0, S, c)):
+        n = min(c, S - start)
+        with torch.random.fork_rng():
+            torch.manual_seed(base + i)
+            values = guide.sample(n)
+        expected.append(torch.softmax(model.logits(batch, values, n), -1))
+    torch.testing.assert_close(pred.sample_probs, torch.cat(expected), rtol=1e-5, atol=1e-6)
+
+
+def test_one_chunk_whatever_its_size_and_keep_samples_changes_nothing():
+    S = 5
+    _, _, default = run("meanfield", 2, num_samples=S)
+    for chunk in (S, S + 4):
+        _, _, same = run("meanfield", 2, num_samples=S, chunk_size=chunk)
+        assert torch.equal(same.sample_probs, default.sample_probs)
+    model = make_model()
+    guide = build("meanfield", model)
+    torch.manual_seed(2)
+    plain = predict(model, guide, loader(4), num_samples=S, chunk_size=2)
+    torch.manual_seed(2)
+    kept = predict(model, guide, loader(4), num_samples=S, chunk_size=2, keep_samples=True)
+    assert plain.sample_probs is None and torch.equal(plain.probs, kept.probs)
+
+
+def test_predict_advances_the_global_rng_by_one_seed_and_pyro_seeds_it():
+    model = make_model()
+    guide = build("mcdropout", model)
+    torch.manual_seed(3)
+    predict(model, guide, loader(4), num_samples=5, chunk_size=2)
+    after = torch.rand(3)
+    torch.manual_seed(3)
+    torch.randint(SEED_RANGE, ())
+    assert torch.equal(after, torch.rand(3))  # the draws ran in a forked RNG; only the base seed was taken
+    pyro.set_rng_seed(9)
+    first = predict(model, guide, loader(4), num_samples=5, chunk_size=2, keep_samples=True)
+    second = predict(model, guide, loader(4), num_samples=5, chunk_size=2, keep_samples=True)
+    assert not torch.allclose(first.sample_probs, second.sample_probs)  # successive calls draw afresh
+    pyro.set_rng_seed(9)
+    assert torch.equal(predict(model, guide, loader(4), num_samples=5, chunk_size=2, keep_samples=True).sample_probs, first.sample_probs)
+
+
+def test_ensemble_gives_its_member_sequence_for_every_chunk_size():
+    model = make_model()
+    guide = build("ensemble", model)
+    S = 7  # draw s is member s mod 3: not a multiple of K, so chunks start mid-cycle
+    full = predict(model, guide, loader(5), num_samples=S, keep_samples=True)
+    members = guide.members()
+    for s in range(S):
+        k = s % 3
+        expected = torch.softmax(model.logits(examples(), {n: v[k] for n, v in members.items()}), -1)
+        torch.testing.assert_close(full.sample_probs[s], expected, rtol=1e-5, atol=1e-6)
+    for chunk in (1, 2, 4, 6):
+        chunked = predict(model, guide, loader(5), num_samples=S, chunk_size=chunk, keep_samples=True)
+        torch.testing.assert_close(chunked.sample_probs, full.sample_probs, rtol=1e-5, atol=1e-6)
+
+
+def test_point_estimates_and_the_mean_run_one_forward():
+    model = make_model()
+    guide = build("ensemble", model)
+    single = EnsembleGuide(model, [perturbed(model, 0.5, 0)])
+    assert single.deterministic
+    rec = Recorder(single)
+    pred = predict(model, single, loader(5), num_samples=6, chunk_size=4, keep_samples=True)
+    assert rec.sizes == [] and pred.sample_probs.shape == (1, N, C)
+    mean = predict(model, guide, loader(5), mean=True, chunk_size=2, keep_samples=True)
+    expected = torch.softmax(model.logits(examples(), guide.mean()), -1)
+    torch.testing.assert_close(mean.probs, expected, rtol=1e-5, atol=1e-6)
+
+
+# --- (c) chunk sizes agree in distribution ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["meanfield", "mcdropout"])
+def test_predictive_converges_to_the_same_for_every_chunk_size(kind):
+    S = 256
+    data = loader(6, n=6)
+    preds = {}
+    for i, chunk in enumerate((1, 7, 64, None)):
+        _, _, preds[chunk] = run(kind, 100 + i, num_samples=S, chunk_size=chunk, data=data)
+    ref = preds[None]
+    spread = ref.sample_probs.std(0)  # [N, C]
+    assert spread.max() > 0.005  # the posterior is wide enough for the test to mean something
+    tol = 5 * (2 / S) ** 0.5 * spread + 1e-4  # five standard errors of a difference of two S-sample means
+    for chunk, pred in preds.items():
+        assert (pred.probs - ref.probs).abs().le(tol).all(), chunk
+        torch.testing.assert_close(pred.sample_probs.std(0), spread, rtol=0.3, atol=5e-3)
+        if chunk is not None:
+            assert not torch.allclose(pred.probs, ref.probs, rtol=0, atol=1e-7)  # independent draws
+
+
+# --- (d) arguments ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "3", True, torch.tensor(2)])
+def test_bad_chunk_size_is_an_error(bad):
+    model = make_model()
+    with pytest.raises(ValueError, match="chunk_size"):
+        predict(model, build("meanfield", model), loader(4), num_samples=4, chunk_size=bad)
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, None, False, "8"])
+def test_bad_num_samples_is_an_error(bad):
+    model = make_model()
+    for guide in (build("meanfield", model), None):
+        with pytest.raises(ValueError, match="num_samples"):
+            predict(model, guide, loader(4), num_samples=bad)
+
+
+def test_ensemble_with_heads_refuses_chunks():
+    model = make_model()
+    name = "base_model.model.classifier.modules_to_save.default.weight"
+    heads = [{name: torch.randn(C, 32)} for _ in range(3)]
+    guide = EnsembleGuide(model, [perturbed(model, 0.1, i) for i in range(3)], heads)
+    with guide.member_heads(3), pytest.raises(ValueError, match="chunk_size"):
+        predict(model, guide, loader(4), num_samples=3, chunk_size=2)
+
+
+# --- torch.distributed: rank 0's samples, chunk by chunk --------------------------------------------
+
+
+def _distributed_run(tamper):
+    model = make_model()
+    guide = build("meanfield", model)
+    if tamper and distributed.rank() == 1:
+        with torch.no_grad():
+            guide.locs[0].add_(1.0)
+    torch.manual_seed(5 + distributed.rank())  # ranks' RNGs differ: rank 0's base seed must be used
+    return predict(model, guide, loader(4), num_samples=5, chunk_size=2, keep_samples=True)
+
+
+def _worker(rank, tmp):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=2, timeout=timedelta(seconds=60))
+    try:
+        pred = _distributed_run(False)
+        with pytest.raises(ValueError, match="differ across ranks"):
+            _distributed_run(True)
+        torch.save((pred.probs, pred.sample_probs, pred.labels), f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_use_rank_0s_chunked_samples(tmp_path):
+    single = _distributed_run(False)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    for r in range(2):
+        probs, sample_probs, labels = torch.load(tmp_path / f"rank{r}.pt")
+        torch.testing.assert_close(sample_probs, single.sample_probs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(probs, single.probs, rtol=1e-5, atol=1e-6)
+        assert torch.equal(labels, single.labels)
