@@ -113,8 +113,14 @@ def check_guide(model, guide, action):
     """Refuse to ``action`` (e.g. ``"predict"``) with ``guide`` on ``model`` unless the guide fits the model.
 
     :raises ValueError: naming every difference between the model the guide was built for and ``model``,
-        or what changed in the network since (:meth:`~pyro_lora.LoraModel.check_network`).
+        or what changed in the network since (:meth:`~pyro_lora.LoraModel.check_network`), or if ``guide``
+        is no :class:`~guides.LoraGuide` (a Pyro autoguide).
     """
+    if not hasattr(guide, "signature"):
+        raise ValueError(
+            f"cannot {action} with a {type(guide).__name__}: pyro_lora needs a guide of the guides package "
+            "(guides.LoraGuide); for a Pyro autoguide use pyro.infer.SVI and pyro.infer.Predictive directly"
+        )
     model.check_network()
     problems = differences(guide.signature, describe(model))
     if problems:

@@ -154,3 +154,17 @@ def test_vectorized_particles_are_refused_by_name():
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1))
     with pytest.raises(ValueError, match="vectorized particles .* are not supported"):
         svi.step(toy_data(n=8, batch=8)[0])
+
+
+def test_a_pyro_autoguide_trains_with_svi_and_is_refused_by_fit_with_a_pointer():
+    model, _ = build("map")
+    model.net.train()
+    auto = pyro.infer.autoguide.AutoNormal(model, init_scale=1e-3)
+    head = [p for n, p in model.named_point_parameters() if "classifier" in n]
+    before = [p.detach().clone() for p in head]
+    svi = SVI(model, auto, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for b in toy_data(n=16, batch=8):
+        svi.step(b)
+    assert head and all(not torch.equal(p, q) for p, q in zip(head, before))
+    with pytest.raises(ValueError, match="cannot fit with a AutoNormal: .* for a Pyro autoguide use pyro.infer.SVI"):
+        fit(model, auto, toy_data(n=8, batch=8), progress=False)
