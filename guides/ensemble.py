@@ -203,8 +203,13 @@ def predict_ensemble(model, guide, data, num_samples=None, **kwargs):
     :param int num_samples: default ``K`` (the exact mixture); use a multiple of ``K``.
     :param kwargs: ``keep_samples``, ``progress`` as for :func:`pyro_lora.predict` (no ``chunk_size`` when the
         members carry heads).
+    :raises ValueError: with per-member heads, for another model object than ``guide.model`` or a ``chunk_size``.
     """
     num_samples = num_samples or guide.num_members
+    if guide.head_parameters and model is not guide.model:
+        raise ValueError(
+            "an ensemble with per-member heads sets the heads of the model it was built on: predict with guide.model"
+        )
     if guide.head_parameters and kwargs.get("chunk_size"):
         raise ValueError("an ensemble with per-member heads predicts all samples in one forward: drop chunk_size")
     with guide.member_heads(num_samples):

@@ -109,8 +109,11 @@ def _short(items, limit=4):
     return f"{items[:limit]}{' ...' if len(items) > limit else ''}"
 
 
-def check_guide(model, guide, action):
+def check_guide(model, guide, action, same_model=False):
     """Refuse to ``action`` (e.g. ``"predict"``) with ``guide`` on ``model`` unless the guide fits the model.
+
+    :param bool same_model: require ``model`` to be the very object the guide was built on (training: a
+        guide's own terms, such as a flow's prior correction, read its model).
 
     :raises ValueError: naming every difference between the model the guide was built for and ``model``,
         or what changed in the network since (:meth:`~pyro_lora.LoraModel.check_network`), or if ``guide``
@@ -120,6 +123,11 @@ def check_guide(model, guide, action):
         raise ValueError(
             f"cannot {action} with a {type(guide).__name__}: pyro_lora needs a guide of the guides package "
             "(guides.LoraGuide); for a Pyro autoguide use pyro.infer.SVI and pyro.infer.Predictive directly"
+        )
+    if same_model and guide.model is not model:
+        raise ValueError(
+            f"cannot {action} with this {type(guide).__name__} on another model object than the one it was built on "
+            "(its own terms read that model): pass guide.model, or build the guide on this model"
         )
     model.check_network()
     problems = differences(guide.signature, describe(model))

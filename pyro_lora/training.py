@@ -75,7 +75,7 @@ def fit(
     :param checkpoint_dir: if given, the guide is saved there (atomically) every ``checkpoint_every``
         steps and at the end.
     :returns: list of per-step losses.
-    :raises ValueError: if ``guide`` was built for another model (:func:`~pyro_lora.contract.check_guide`).
+    :raises ValueError: if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`).
     :raises DivergenceError: see ``stop_on_divergence``.
 
     Under ``torch.distributed`` (``W > 1`` ranks, see :mod:`pyro_lora.distributed`): every rank is given
@@ -91,7 +91,7 @@ def fit(
 
     elbo = elbo or Trace_ELBO()
     num_data = model.num_data or 1
-    check_guide(model, guide, "fit")
+    check_guide(model, guide, "fit", same_model=True)
     model.set_trainable()
     device = model.device
     params = (model.point_parameters() if train_network else []) + [p for p in guide.parameters() if p.requires_grad]

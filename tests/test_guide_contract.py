@@ -200,10 +200,23 @@ def test_other_base_weights_and_other_head_are_named():
         predict(other_head, guide, data())
 
 
-def test_an_equal_model_object_is_accepted():
+def test_an_equal_model_object_predicts_and_only_the_guides_own_model_trains():
     guide = MAPGuide(lora())
     twin = lora()
     torch.testing.assert_close(predict(twin, guide, data()).probs, predict(guide.model, guide, data()).probs)
+    with pytest.raises(ValueError, match="cannot fit with this MAPGuide on another model object"):
+        fit(twin, guide, data(), progress=False)
+
+
+def test_an_ensemble_with_heads_predicts_only_on_its_own_model():
+    from guides.ensemble import head_parameters, predict_ensemble
+
+    model = lora()
+    heads = [{n: p.detach() + k for n, p in model.net.named_parameters() if n in head_parameters(model)} for k in range(2)]
+    guide = EnsembleGuide(model, [model.adapter_values()] * 2, heads)
+    with pytest.raises(ValueError, match="sets the heads of the model it was built on"):
+        predict_ensemble(lora(), guide, data())
+    predict_ensemble(model, guide, data())
 
 
 def test_pyro_svi_with_a_guide_for_another_model_is_refused():
