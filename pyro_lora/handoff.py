@@ -18,17 +18,28 @@ import torch
 
 _HOLDER = "_pyro_lora_handed"
 _WRAPPED = "_pyro_lora_checkpoint"
+_NEEDS_GRAD = "_pyro_lora_handed_grad"
 _TENSORS = ("A", "B", "R", "S", "A_loc")
 
 
+_FOREIGN_CHECKPOINT = (
+    "a LoRA layer ran under an activation checkpoint that pyro_lora cannot see (autograd off in its forward, or a "
+    "recomputation in backward without the handed weights), so the gradients of the sampled LoRA matrices would be "
+    "wrong: checkpointing applied outside transformers (torch.utils.checkpoint, checkpoint_wrapper, "
+    "apply_activation_checkpointing) is not supported; use net.gradient_checkpointing_enable() or "
+    "fit(..., gradient_checkpointing=True)"
+)
+
+
 class _Handed:
-    __slots__ = ("adapter", "A", "B", "R", "S", "A_loc", "num_samples")
+    __slots__ = ("adapter", "A", "B", "R", "S", "A_loc", "num_samples", "grad_enabled")
 
     def __init__(self, adapter, weights, num_samples):
         self.adapter = adapter
         for k in _TENSORS:
             setattr(self, k, weights.get(k))
         self.num_samples = num_samples
+        self.grad_enabled = torch.is_grad_enabled()  # autograd switched off between handing and the forward: see _forward
 
     def tensors(self):
         return {k: getattr(self, k) for k in _TENSORS if getattr(self, k) is not None}
@@ -123,7 +134,16 @@ def _wrap_checkpoint(module):
 def _forward(layer, x, *args, **kwargs):
     h = getattr(layer, _HOLDER)
     if h is None:
+        if getattr(layer, _NEEDS_GRAD, False):
+            if torch._C._current_graph_task_id() != -1:  # recomputed inside backward, without the handed weights
+                raise RuntimeError(_FOREIGN_CHECKPOINT)
+            setattr(layer, _NEEDS_GRAD, False)
         return type(layer).forward(layer, x, *args, **kwargs)
+    # remembered so that a foreign checkpoint's recomputation (holder already cleared) is caught above
+    needs_grad = any(t.requires_grad for t in h.tensors().values())
+    setattr(layer, _NEEDS_GRAD, needs_grad)
+    if needs_grad and h.grad_enabled and not torch.is_grad_enabled():
+        raise RuntimeError(_FOREIGN_CHECKPOINT)
     if kwargs.get("adapter_names") is not None:
         raise ValueError("peft's mixed-batch forward (adapter_names=...) cannot run with handed LoRA weights: call it without a guide")
     result = layer.base_layer(x, *args, **kwargs)

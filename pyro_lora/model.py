@@ -185,6 +185,7 @@ class LoraModel:
         :raises ValueError: if a value replayed from a guide has another shape than its site (a guide built
             for another model).
         """
+        self.set_trainable()  # another LoraModel over this network may have switched requires_grad since
         pyro_params.record(self._pyro_name, self.named_point_parameters())
         with poutine.scale(scale=kl_weight), poutine.trace() as tr:
             values = {name: pyro.sample(name, self.prior_distribution(site)) for name, site in self.sites.items()}

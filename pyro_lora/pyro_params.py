@@ -3,22 +3,26 @@
 Guides and networks keep ordinary ``nn.Parameter`` s (several guides can live in one process). Pyro's
 ``SVI`` only optimises the parameters that a trace records as ``param`` sites, so every guide call and
 every model call records its trainable parameters under a name unique to its object (no two guides
-collide). :func:`~pyro_lora.fit` holds its own optimizer and skips the recording (:func:`own_optimizer`),
-so the param store does not keep its guides alive.
+collide). Restoring Pyro's param store from a file is refused: the guide's forward reads its own
+parameters, so restored values would be ignored. :func:`~pyro_lora.fit` holds its own optimizer and
+skips the recording (:func:`own_optimizer`), so the param store does not keep its guides alive.
 """
 
 import contextlib
 import itertools
+import weakref
 
 import pyro
 
+_NAMESPACE = "pyro_lora:"
 _ids = itertools.count()
+_recorded = weakref.WeakValueDictionary()  # id -> a parameter record() put in the store (alive while stored)
 _own_optimizer = 0
 
 
 def unique_name(obj):
-    """A param-store prefix for ``obj``, unique in this process: ``"MeanFieldGuide.3"``."""
-    return f"{type(obj).__name__}.{next(_ids)}"
+    """A param-store prefix for ``obj``, unique in this process: ``"pyro_lora:MeanFieldGuide.3"``."""
+    return f"{_NAMESPACE}{type(obj).__name__}.{next(_ids)}"
 
 
 @contextlib.contextmanager
@@ -35,15 +39,36 @@ def own_optimizer():
 def record(prefix, named_parameters):
     """Record each trainable parameter as the Pyro param ``"{prefix}.{name}"`` (the very tensor, not a copy).
 
-    A store entry of that name holding another tensor (a stale one, e.g. restored by
-    ``get_param_store().load``) is replaced, so Pyro's optimizer always steps the tensor the forward uses.
+    :raises ValueError: if the store holds another tensor under one of these names, or pyro_lora params of
+        no live guide or model: values restored with ``get_param_store().load`` would be ignored (the
+        forward reads the guide's own parameters); :func:`~pyro_lora.save_guide` / :func:`~pyro_lora.load_guide`
+        save and restore guides.
     """
     if _own_optimizer:
         return
     store = pyro.get_param_store()
     for name, p in named_parameters:
-        if p.requires_grad:
-            key = f"{prefix}.{name}"
-            if key not in store or store[key] is not p:
-                store[key] = p
-            pyro.param(key)
+        if not p.requires_grad:
+            continue
+        key = f"{prefix}.{name}"
+        if key not in store:
+            _check_no_orphans(store)
+            _recorded[id(p)] = p
+            store[key] = p
+        elif store[key] is not p:
+            raise ValueError(_refusal(f"another tensor than the live parameter under {key!r}"))
+        pyro.param(key)
+
+
+def _check_no_orphans(store):
+    orphans = [k for k in store.keys() if k.startswith(_NAMESPACE) and _recorded.get(id(store[k])) is not store[k]]
+    if orphans:
+        raise ValueError(_refusal(f"pyro_lora params that no live guide or model recorded ({orphans[0]!r}, ...)"))
+
+
+def _refusal(what):
+    return (
+        f"Pyro's param store holds {what} (restored with get_param_store().load?): those values would be ignored, "
+        "since the guide's forward reads its own parameters; save and restore guides with pyro_lora.save_guide / "
+        "load_guide, and call pyro.clear_param_store() to drop the stale entries"
+    )

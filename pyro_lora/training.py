@@ -68,9 +68,10 @@ def fit(
     :param bool gradient_checkpointing: switch transformers' activation checkpointing on (non-reentrant) for
         the run; gradients equal those without it. A network whose checkpointing the user switched on
         (``gradient_checkpointing_enable()``, either mode) works too.
-    :param bool stop_on_divergence: raise :class:`DivergenceError` when the smoothed loss rises above four
-        times the first step's loss plus four nats per example (a learning rate far too high); a non-finite
-        loss always raises it.
+    :param bool stop_on_divergence: raise :class:`DivergenceError` when the smoothed loss, or the last batch's
+        loss after the last update (one more forward), rises above four times the first step's loss plus four
+        nats per example (a learning rate far too high), both at the first step's KL weight (annealing raises
+        the loss legitimately); a non-finite loss always raises it.
     :param callbacks: callables ``f(FitState)`` run after each optimizer step.
     :param checkpoint_dir: if given, the guide is saved there (atomically) every ``checkpoint_every``
         steps and at the end.
@@ -136,7 +137,7 @@ def fit(
                             "likely too high (or half precision overflowed); lower it or set max_grad_norm"
                         )
                     if watch is not None:
-                        watch.update(accumulated, step, epoch)
+                        watch.update(accumulated, step, epoch, weight)
                     if max_grad_norm:
                         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                     optimizer.step()
@@ -152,6 +153,11 @@ def fit(
                     if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:
                         save_guide(guide, checkpoint_dir)
                     accumulated = 0.0
+            if watch is not None and step:
+                # each step's loss is taken before its update: the last update is judged on the last batch again
+                with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                    final = elbo.differentiable_loss(model, guide, batch, kl_weight=watch.kl_weight).item() / num_data
+                watch.check_final(distributed.all_reduce_gradients([], final), step, epoch)
     finally:
         bar.close()
         optimizer.zero_grad(set_to_none=True)
@@ -162,19 +168,32 @@ def fit(
 
 
 class _DivergenceWatch:
-    """An exponential moving average of the loss against the first step's loss (taken before any update)."""
+    """An exponential moving average of the loss against the first step's loss (taken before any update), over
+    the steps at the first step's KL weight."""
 
     def __init__(self, lr, decay=0.9):
         self.lr, self.decay = lr, decay
-        self.start = self.ema = None
+        self.start = self.ema = self.kl_weight = None
 
-    def update(self, loss, step, epoch):
+    def update(self, loss, step, epoch, kl_weight):
         if self.start is None:
             self.start = self.ema = loss
+            self.kl_weight = kl_weight
+        if kl_weight != self.kl_weight:  # annealing: a heavier KL term raises the loss without any divergence
+            return
         self.ema = self.decay * self.ema + (1 - self.decay) * loss
-        if self.ema > 4 * abs(self.start) + 4.0:
+        self._check(self.ema, "smoothed loss", step, epoch)
+
+    def check_final(self, loss, step, epoch):
+        """The loss on the last batch after the last update (a run of one step has nothing else to judge)."""
+        if not math.isfinite(loss):
+            raise DivergenceError(f"the loss became {loss} after the last step ({step}): the learning rate ({self.lr:g}) is likely too high")
+        self._check(loss, "loss after the last update", step, epoch)
+
+    def _check(self, loss, what, step, epoch):
+        if loss > 4 * abs(self.start) + 4.0:
             raise DivergenceError(
-                f"training diverged: the smoothed loss rose from {self.start:.4g} to {self.ema:.4g} per example by step "
+                f"training diverged: the {what} rose from {self.start:.4g} to {loss:.4g} per example by step "
                 f"{step} (epoch {epoch}); the learning rate ({self.lr:g}) is likely too high: lower it or set "
                 "max_grad_norm (stop_on_divergence=False turns this check off)"
             )

@@ -75,3 +75,26 @@ def test_fit_switches_checkpointing_on_for_the_run_and_trains_the_same():
         losses[flag] = fit(model, guide, [batch] * 3, lr=1e-2, gradient_checkpointing=flag, progress=False)
         assert not model.net.get_base_model().is_activation_checkpointing  # switched off again
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_checkpointing_applied_outside_transformers_is_refused(reentrant):
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    model, guide, batch = build("llama", "meanfield")
+    impl = CheckpointImpl.REENTRANT if reentrant else CheckpointImpl.NO_REENTRANT
+    apply_activation_checkpointing(
+        model.net, checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=impl), check_fn=lambda m: isinstance(m, LlamaDecoderLayer)
+    )
+    model.net.train()
+    with pytest.raises(RuntimeError, match="activation checkpoint that pyro_lora cannot see .* use net.gradient_checkpointing_enable"):
+        Trace_ELBO().differentiable_loss(model, guide, batch).backward()
+    with torch.no_grad():  # prediction runs no backward: nothing to refuse
+        model.logits(batch, guide.mean())

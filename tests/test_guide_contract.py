@@ -100,8 +100,8 @@ def test_pyro_trace_has_the_models_sites_and_shapes(built):
 
 def test_fast_path_shapes(built):
     model, guide = built
-    samples, mean = guide.sample(3), guide.mean()
-    assert {n: tuple(v.shape) for n, v in samples.items()} == {n: (3, *s.shape) for n, s in model.sites.items()}
+    samples, mean = guide.sample(4), guide.mean()  # 4: a multiple of the ensemble's 2 members
+    assert {n: tuple(v.shape) for n, v in samples.items()} == {n: (4, *s.shape) for n, s in model.sites.items()}
     assert {n: tuple(v.shape) for n, v in mean.items()} == {n: s.shape for n, s in model.sites.items()}
 
 

@@ -90,18 +90,48 @@ def test_two_guides_in_one_process_do_not_collide():
         assert pyro.get_param_store()[n] is dict(first.named_parameters())[n[len(first._pyro_name) + 1 :]]
 
 
-def test_a_stale_param_store_entry_is_replaced_by_the_live_parameter():
+def test_restoring_the_param_store_from_a_file_is_refused(tmp_path):
     model, guide = build("map")
     model.net.train()
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
     batch = toy_data(n=8, batch=8)[0]
     svi.step(batch)
     store = pyro.get_param_store()
-    name = f"{guide._pyro_name}.locs.0"
-    store[name] = torch.zeros(3)  # e.g. restored from an old param-store file
-    before = guide.locs[0].detach().clone()
+    store.save(tmp_path / "params.pt")
     svi.step(batch)
-    assert store[name] is guide.locs[0] and not torch.equal(guide.locs[0], before)
+    store.load(tmp_path / "params.pt")  # a roll-back: the forward would keep reading the live parameters
+    with pytest.raises(ValueError, match="another tensor than the live parameter .* save_guide / load_guide"):
+        svi.step(batch)
+    pyro.clear_param_store()
+    store.load(tmp_path / "params.pt")  # a resume into fresh objects: the saved names belong to no live guide
+    model, guide = build("map")
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    with pytest.raises(ValueError, match="pyro_lora params that no live guide or model recorded"):
+        svi.step(batch)
+
+
+def test_params_left_in_the_store_by_a_dropped_guide_are_no_orphans():
+    model, guide = build("map")
+    model.net.train()
+    SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(toy_data(n=8, batch=8)[0])
+    del guide
+    import gc
+
+    gc.collect()
+    second = MAPGuide(model)
+    SVI(model, second, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(toy_data(n=8, batch=8)[0])
+
+
+def test_a_second_model_over_the_network_does_not_freeze_the_first_ones_point_parameters():
+    net = tiny_bert(num_labels=2)
+    first = LoraModel(net, SequenceClassification(), random="A", prior=0.5, num_data=48)
+    guide = MeanFieldGuide(first)
+    LoraModel(net, SequenceClassification(), random="AB", prior=0.5)  # sets B's requires_grad off
+    b = [p for n, p in net.named_parameters() if "lora_B" in n]
+    before = [p.detach().clone() for p in b]
+    net.train()
+    SVI(first, guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO()).step(toy_data(n=8, batch=8)[0])
+    assert all(not torch.equal(p, q) for p, q in zip(b, before))
 
 
 def test_fit_leaves_the_param_store_empty():

@@ -91,6 +91,12 @@ def test_fit_stops_when_the_loss_explodes():
     losses = fit(model, guide, toy_data() * 3, lr=1e3, stop_on_divergence=False, progress=False)
     assert max(losses[-5:]) > 4 * losses[0] + 4  # what the check caught
     model, guide = make()
+    with pytest.raises(DivergenceError, match="the loss after the last update rose"):  # one step: judged after it
+        fit(model, guide, toy_data(n=8, batch=8), lr=1e3, progress=False)
+    model, guide = make()
+    with pytest.raises(DivergenceError, match="the loss after the last update rose"):
+        fit(model, guide, toy_data(n=16, batch=4), lr=1e3, grad_accum_steps=4, progress=False)
+    model, guide = make()
     losses = fit(model, guide, toy_data() * 3, lr=1e-2, progress=False)  # a sane run is not stopped
     assert losses[-1] < losses[0]
 
