@@ -12,7 +12,7 @@ import pyro.poutine as poutine
 import torch
 
 from pyro_lora import pyro_params
-from pyro_lora.contract import describe
+from pyro_lora.contract import describe, point_snapshot, take_over
 
 
 class LoraGuide(torch.nn.Module):
@@ -29,12 +29,14 @@ class LoraGuide(torch.nn.Module):
     """
 
     deterministic = False  # True for point estimates: the predictive then runs one forward, not S
+    mean_is_predictor = True  # False where mean() predicts nothing of the posterior (an ensemble's averaged members)
 
     def __init__(self, model):
         super().__init__()
         self._model = (model,)  # not a submodule: the network's weights are not the guide's
         self.sites = model.sites
         self.signature = describe(model)
+        self._point_snapshot = point_snapshot(model)  # the head etc. its predictions rely on (contract.take_over)
         self._pyro_name = pyro_params.unique_name(self)
         # a pre-hook, so that every subclass's forward records its parameters for Pyro's optimizers
         self.register_forward_pre_hook(_record_parameters)
@@ -65,12 +67,19 @@ class LoraGuide(torch.nn.Module):
         """Posterior mean of every site: name -> ``site.shape``."""
         return {name: d.mean for name, d in self.posterior().items()}
 
+    def adopt_point_parameters(self):
+        """Take the network's point parameters (a head, non-random LoRA matrices) as they are now as the ones this
+        guide's predictions use: for a guide filled while another guide trains them (SWAG's iterates)."""
+        self._point_snapshot = point_snapshot(self.model)
+
     def extra_parameters(self):
         """Number of parameters the guide adds beyond the point-estimate LoRA it describes."""
         return 0
 
 
 def _record_parameters(guide, args):
+    if torch.is_grad_enabled():  # a training step (SVI): this guide now owns the network's point parameters
+        take_over(guide.model, guide)
     pyro_params.record(guide._pyro_name, guide.named_parameters())
 
 

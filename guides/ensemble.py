@@ -9,6 +9,7 @@ used by :func:`predict_ensemble`).
 """
 
 import contextlib
+import numbers
 
 import pyro
 import pyro.distributions as dist
@@ -30,10 +31,13 @@ class EnsembleGuide(LoraGuide):
 
     :meth:`sample` cycles: draw ``s`` is member ``s mod K``, so ``S = K`` (the default of
     :func:`predict_ensemble`) gives the exact mixture predictive ``1/K sum_k p(y | x, theta_k)`` and any
-    multiple of ``K`` the same; other ``S`` over-weight the first ``S mod K`` members. The Pyro guide path
-    draws the member as an auxiliary site ``"ensemble_member"`` (condition on it to pick one) and records
-    delta sites; :meth:`posterior` gives each site's marginal mixture, and :meth:`mean` the average of the
-    members' values, which is no ensemble predictor (averaged weights of separately trained adapters).
+    multiple of ``K`` the same. Other ``S`` would over-weight the first ``S mod K`` members, so
+    :meth:`sample`, :meth:`member_heads`, :func:`predict_ensemble` and :func:`pyro_lora.predict` refuse
+    them. The Pyro guide path draws the member as an auxiliary site ``"ensemble_member"`` (condition on it
+    to pick one) and records delta sites; :meth:`posterior` gives each site's marginal mixture, and
+    :meth:`mean` the average of the members' values, which is no ensemble predictor (averaged weights of
+    separately trained adapters): ``predict(..., mean=True)`` refuses it (:attr:`mean_is_predictor`), and
+    :func:`pyro_lora.export_adapter` writes that average as one adapter, not the ensemble.
 
     **Heads.** ``heads`` holds per-member values of point parameters outside the sites (a classification
     head). Only ``nn.Linear`` weights and biases are supported: inside :meth:`member_heads` each such layer
@@ -48,6 +52,8 @@ class EnsembleGuide(LoraGuide):
     :param int num_members: ``K`` when ``members`` is ``None``: zero buffers of the final shapes (for loading).
     :param list head_parameters: parameter names when ``heads`` is ``None`` (for loading).
     """
+
+    mean_is_predictor = False  # mean() averages separately trained members' weights: predict(mean=True) refuses it
 
     def __init__(self, model, members=None, heads=None, num_members=None, head_parameters=None):
         super().__init__(model)
@@ -93,6 +99,12 @@ class EnsembleGuide(LoraGuide):
         """Head parameter name -> ``[K, *shape]``."""
         return {name: getattr(self, f"head_{j}") for j, name in enumerate(self.head_parameters)}
 
+    def check_num_samples(self, num_samples):
+        """Refuse ``num_samples`` that is not a multiple of ``K``: draw ``s`` is member ``s mod K``, so such ``S``
+        would weight the first ``S mod K`` members more than the others instead of ``1/K`` each."""
+        if num_samples % self.num_members:
+            raise ValueError(_multiple_message(num_samples, self.num_members))
+
     def _check_heads(self, num_samples):
         if self.head_parameters and self._heads_for != num_samples:
             raise ValueError(
@@ -117,7 +129,8 @@ class EnsembleGuide(LoraGuide):
             return {name: pyro.sample(name, dist.Delta(v[k], event_dim=v.dim() - 1)) for name, v in self.members().items()}
 
     def sample(self, num_samples):
-        """Draw ``s`` is member ``s mod K``: name -> ``[S, *site.shape]``."""
+        """Draw ``s`` is member ``s mod K``: name -> ``[S, *site.shape]``; ``S`` must be a multiple of ``K``."""
+        self.check_num_samples(num_samples)
         self._check_heads(num_samples)
         index = torch.arange(num_samples, device=self.member_0.device) % self.num_members
         return {name: v[index] for name, v in self.members().items()}
@@ -131,8 +144,10 @@ class EnsembleGuide(LoraGuide):
 
         Each head ``nn.Linear`` gets a forward hook that recomputes its output from the rows of its input,
         seen sample-major as ``[S, rows / S, d_in]``, with ``[S, d_out, d_in]`` weights. Only forwards with
-        exactly ``S`` samples may run inside (so no ``chunk_size`` in :func:`pyro_lora.predict`).
+        exactly ``S`` samples may run inside (so no ``chunk_size`` in :func:`pyro_lora.predict`). ``S`` must
+        be a multiple of ``K``.
         """
+        self.check_num_samples(num_samples)
         index = torch.arange(num_samples, device=self.member_0.device) % self.num_members
         heads = self.heads()
         handles = []
@@ -160,6 +175,16 @@ class EnsembleGuide(LoraGuide):
 
     def config(self):
         return {"num_members": self.num_members, "head_parameters": self.head_parameters}
+
+
+def _multiple_message(num_samples, k):
+    """Why ``num_samples`` draws of ``K = k`` members in turn are refused, and what to use instead."""
+    extra = "member 0" if num_samples % k == 1 else f"members 0..{num_samples % k - 1}"
+    return (
+        f"an ensemble of K={k} members draws them in turn (draw s is member s mod K): num_samples={num_samples} would "
+        f"weight {extra} more than the others instead of the exact mixture 1/K sum_k p_k; use a multiple of K "
+        f"(predict_ensemble uses S = K = {k})"
+    )
 
 
 def _linear_owners(net, parameter_names):
@@ -200,12 +225,16 @@ def _batched_linear(num_samples, weight, bias):
 def predict_ensemble(model, guide, data, num_samples=None, **kwargs):
     """:func:`pyro_lora.predict` of an :class:`EnsembleGuide`, members' heads included.
 
-    :param int num_samples: default ``K`` (the exact mixture); use a multiple of ``K``.
+    :param int num_samples: default ``K`` (the exact mixture); a multiple of ``K`` gives the same mixture.
     :param kwargs: ``keep_samples``, ``progress`` as for :func:`pyro_lora.predict` (no ``chunk_size`` when the
-        members carry heads).
-    :raises ValueError: with per-member heads, for another model object than ``guide.model`` or a ``chunk_size``.
+        members carry heads; no ``mean``: the members' averaged weights are no ensemble predictor).
+    :raises ValueError: for ``num_samples`` not a multiple of ``K``; with per-member heads, for another model
+        object than ``guide.model`` or a ``chunk_size``.
     """
-    num_samples = num_samples or guide.num_members
+    num_samples = guide.num_members if num_samples is None else num_samples
+    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer (a multiple of K={guide.num_members}), got {num_samples!r}")
+    guide.check_num_samples(num_samples)
     if guide.head_parameters and model is not guide.model:
         raise ValueError(
             "an ensemble with per-member heads sets the heads of the model it was built on: predict with guide.model"

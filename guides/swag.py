@@ -13,6 +13,7 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import LowRankMultivariateNormal, constraints
 from torch.distributions.utils import lazy_property
 
+from pyro_lora.contract import check_guide
 from pyro_lora.sites import check_values
 
 from .base import LoraGuide
@@ -74,7 +75,8 @@ class SWAGGuide(LoraGuide):
         """Add one iterate: ``values`` site -> ``site.shape`` (e.g. a MAP guide's ``mean()``).
 
         ``mean += (theta - mean) / n``, ``sq_mean += (theta^2 - sq_mean) / n``, and ``theta - mean`` (the updated
-        mean) overwrites the oldest of the ``K`` stored deviations.
+        mean) overwrites the oldest of the ``K`` stored deviations. The network's point parameters (a head) as
+        they are now become the ones this guide predicts with (:meth:`adopt_point_parameters`).
         """
         values = {k: v.detach() for k, v in values.items()}
         check_values(self.sites, values, allow_sample_dim=False)
@@ -87,6 +89,7 @@ class SWAGGuide(LoraGuide):
             sq_mean += (theta.pow(2) - sq_mean) / n
             dev[slot] = (theta - mean).to(dev)
         self.num_collected.fill_(n)
+        self.adopt_point_parameters()
 
     def _check_collected(self, minimum=2):
         n = int(self.num_collected)
@@ -169,7 +172,9 @@ class SWAGCollector:
 
     def __call__(self, state):
         if state.step >= self.start_step and state.epoch >= self.start_epoch and state.step % self.every == 0:
-            self.swag.collect((self.source or state.guide).mean())
+            source = self.source or state.guide
+            check_guide(self.swag.model, source, "collect SWAG iterates")
+            self.swag.collect(source.mean())
 
 
 class LowRankNormal(TorchDistribution):

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_lora import distributed
+from pyro_lora.contract import check_guide, describe, differences
 from pyro_lora.sites import check_values
 from pyro_lora.training import to_device
 
@@ -22,6 +23,7 @@ from .base import LoraGuide
 
 CRITERIA = ("nll", "flip", "accuracy")
 DEFAULT_TOLERANCE = {"nll": 0.01, "flip": 0.01, "accuracy": 0.01}
+FROM_GUIDE_ACTION = "build a TFB guide"
 _METRIC_NAMES = {"nll": "pseudo-label NLL rel. change", "flip": "flip rate", "accuracy": "accuracy drop"}
 
 
@@ -97,10 +99,20 @@ class TFBGuide(LoraGuide):
 
         ``guide`` may cover fewer sites than ``model`` (a BLoB-style guide with only ``A`` random): the
         other sites are read from the adapter, where such a guide's point-estimate ``B`` was trained.
+
+        :raises ValueError: as :func:`pyro_lora.predict` would, if ``guide`` was built for a model unlike
+            ``model`` (:func:`~pyro_lora.contract.check_guide`: other sites, LoRA scaling, adapter, base
+            weights or head; only sites of ``model`` that the guide lacks are allowed), or if its mean is no
+            trained adapter (an ensemble's averaged members, ``guide.mean_is_predictor`` false).
         """
-        mean = {k: v.detach() for k, v in guide.mean().items() if k in model.sites}
-        if not mean:
-            raise ValueError(f"guide {type(guide).__name__} shares no site with the model ({list(model.sites)})")
+        _check_source(model, guide, FROM_GUIDE_ACTION)
+        if not guide.deterministic and not getattr(guide, "mean_is_predictor", True):
+            raise ValueError(
+                f"cannot {FROM_GUIDE_ACTION} from a {type(guide).__name__}: its mean() is no trained adapter (an "
+                "ensemble's mean averages separately trained members' weights); bayesianize one member "
+                "(write it into the adapter and use TFBGuide(model)) or predict the ensemble itself"
+            )
+        mean = {k: v.detach() for k, v in guide.mean().items()}
         return cls(model, init=mean, **kwargs)
 
     @property
@@ -307,6 +319,21 @@ def bayesianize(model, anchor_loader, init=None, min_singular_ratio=1e-3, **sear
     guide = TFBGuide(model, init=init, min_singular_ratio=min_singular_ratio)
     guide.search(anchor_loader, **search_kwargs)
     return guide
+
+
+def _check_source(model, guide, action):
+    """:func:`~pyro_lora.contract.check_guide` of ``guide`` on ``model``, except that the guide may lack some of
+    the model's sites (they are read from the adapter): every other difference is refused, with its name."""
+    if not hasattr(guide, "signature") or set(guide.signature["sites"]) >= set(model.sites):
+        check_guide(model, guide, action)  # the same refusal as predict's
+        return
+    model.check_network()
+    actual = describe(model)
+    # the model's sites the guide lacks are no difference (a BLoB-style guide: A random, B in the adapter)
+    expected = {**guide.signature, "sites": {**actual["sites"], **guide.signature["sites"]}}
+    problems = differences(expected, actual)
+    if problems:
+        raise ValueError(f"cannot {action} with this {type(guide).__name__} on this model: " + "; ".join(problems))
 
 
 def _pair_sites(sites):

@@ -4,11 +4,18 @@ A guide's posterior is over the LoRA matrices of one network: their names, shape
 scaling ``alpha / r`` that turns them into weight deltas, the adapter, the base weights they adapt and the
 trained head beside them. :func:`describe` writes that down; :func:`check_guide` compares it at every
 boundary (``fit``, ``predict``, ``load_guide``, ``export_adapter``) and names each difference.
+
+The network's point parameters (a trained head, non-random LoRA matrices) are shared by every guide over
+the network, and each guide's predictions rely on their values as it left them: the guide that trains
+them last owns them (:func:`take_over`), and any other guide is refused once they changed under it.
 """
 
 import math
+import weakref
 
-_FINGERPRINT_RTOL = 1e-4  # dtype casts of the base move it by ~1e-6; another checkpoint by far more
+import torch
+
+_FINGERPRINT_RTOL = 1e-3  # a bf16 cast moves a 16-entry sum by ~3e-4, a 4096-entry one by ~2e-5
 
 
 def describe(model):
@@ -20,7 +27,6 @@ def describe(model):
     """
     net, adapter = model.net, model.adapter
     config = getattr(net, "config", None)
-    first = next(iter(model.layers.values()))
     return {
         "model": type(model).__name__,
         "adapter": adapter,
@@ -29,18 +35,40 @@ def describe(model):
         "base": {
             "name": getattr(config, "_name_or_path", None) or None,
             "architecture": getattr(config, "model_type", None),
-            "fingerprint": _fingerprint(first.get_base_layer().weight),
+            "config": _config(config),
+            "fingerprint": _fingerprint(net),
         },
         "head": _head(net, adapter),
     }
 
 
-def _fingerprint(weight):
-    """Sum of ``|w|`` over at most 65536 evenly strided entries of a float base weight (``None`` if quantized)."""
-    if not weight.is_floating_point():
-        return None
-    flat = weight.detach().reshape(-1)
-    return float(flat[:: max(1, flat.numel() // 65536)].float().abs().sum())
+def _fingerprint(net):
+    """Base parameter name -> sum of ``|w|`` over at most 4096 evenly strided entries (quantized ones left out).
+
+    Every base parameter counts (embeddings, norms, every layer), not the LoRA matrices nor the adapter's
+    trained head copies; a change confined to entries between the strides can go unseen.
+    """
+    out = {}
+    for name, p in net.named_parameters():
+        if "lora_" in name or ".modules_to_save." in name or not p.is_floating_point():
+            continue
+        flat = p.detach().reshape(-1)
+        out[name] = float(flat[:: max(1, flat.numel() // 4096)].float().abs().sum())
+    return out
+
+
+_CONFIG_IGNORED = (  # names, dtypes, versions and run-time switches that leave the function unchanged
+    "_name_or_path", "torch_dtype", "dtype", "transformers_version", "architectures", "id2label", "label2id", "use_cache",
+    "return_dict", "output_attentions", "output_hidden_states", "torchscript", "problem_type", "_attn_implementation",
+)
+
+
+def _config(config):
+    """The model config's plain values (numbers, strings, booleans), without names, dtypes and versions."""
+    if config is None or not hasattr(config, "to_dict"):
+        return {}
+    plain = (bool, int, float, str, type(None))
+    return {k: v for k, v in config.to_dict().items() if k not in _CONFIG_IGNORED and isinstance(v, plain)}
 
 
 def _head(net, adapter):
@@ -64,15 +92,33 @@ def differences(expected, actual):
         out.append(f"the guide is for adapter {expected['adapter']!r}, the model runs adapter {actual['adapter']!r}")
     out += _site_differences(expected["sites"], actual["sites"])
     out += _scaling_differences(expected["scaling"], actual["scaling"])
-    eb, ab = expected["base"], actual["base"]
-    if (eb["name"], eb["architecture"]) != (ab["name"], ab["architecture"]):
-        out.append(f"the guide's base model is {eb['name']!r} ({eb['architecture']}), the model's is {ab['name']!r} ({ab['architecture']})")
-    elif None not in (eb["fingerprint"], ab["fingerprint"]) and not math.isclose(
-        eb["fingerprint"], ab["fingerprint"], rel_tol=_FINGERPRINT_RTOL
-    ):
-        out.append("the base weights differ from the ones the guide was built on (another checkpoint of the same architecture)")
+    out += _base_differences(expected["base"], actual["base"])
     if expected["head"] != actual["head"]:
         out.append(f"the trained head differs: the guide's {_short(expected['head'])}, the model's {_short(actual['head'])}")
+    return out
+
+
+def _base_differences(expected, actual):
+    if (expected["name"], expected["architecture"]) != (actual["name"], actual["architecture"]):
+        return [
+            f"the guide's base model is {expected['name']!r} ({expected['architecture']}), the model's is "
+            f"{actual['name']!r} ({actual['architecture']})"
+        ]
+    out = []
+    ec, ac = expected.get("config", {}), actual.get("config", {})
+    changed = sorted(k for k in set(ec) & set(ac) if ec[k] != ac[k])
+    if changed:
+        out.append(f"the base model's config differs in {_short(changed)} (e.g. {changed[0]}: {ec[changed[0]]!r} vs {ac[changed[0]]!r})")
+    ef, af = expected["fingerprint"], actual["fingerprint"]
+    if not isinstance(ef, dict):  # an older guide's single number: the first LoRA layer's base weight
+        return out
+    differ = [n for n in ef if n in af and not math.isclose(ef[n], af[n], rel_tol=_FINGERPRINT_RTOL, abs_tol=1e-6)]
+    missing = sorted(set(ef) ^ set(af))
+    if differ or missing:
+        out.append(
+            "the base weights differ from the ones the guide was built on (another checkpoint of this architecture): "
+            f"{_short(differ or missing)}"
+        )
     return out
 
 
@@ -109,6 +155,62 @@ def _short(items, limit=4):
     return f"{items[:limit]}{' ...' if len(items) > limit else ''}"
 
 
+def point_snapshot(model):
+    """Name -> (version counter, float64 sum, sum of squares) of the network's point parameters (a trained
+    head, non-random LoRA matrices): what a guide's predictions rely on besides its own sites."""
+    return {n: (p._version, *_sums(p)) for n, p in model.named_point_parameters()}
+
+
+def _sums(p):
+    x = p.detach().double()
+    return float(x.sum()), float(x.pow(2).sum())
+
+
+def _changed_point_parameters(snapshot, model):
+    """Point parameters changed in place since ``snapshot`` (a restore to the same values is no change)."""
+    return [
+        n for n, p in model.named_point_parameters()
+        if n in snapshot and p._version != snapshot[n][0] and _sums(p) != snapshot[n][1:]
+    ]
+
+
+def take_over(model, guide):
+    """``guide`` starts training ``model``'s point parameters; the guide that trained them before keeps, as the
+    state its predictions need, what it leaves behind."""
+    previous = model._trainer() if model._trainer is not None else None
+    if previous is guide:
+        return
+    if previous is not None:
+        previous._point_snapshot = point_snapshot(model)
+    model._trainer = weakref.ref(guide)
+
+
+def _point_problems(model, guide):
+    own = guide.model
+    if (own._trainer() if own._trainer is not None else None) is not guide:
+        changed = _changed_point_parameters(guide._point_snapshot, own)
+        if changed:
+            return [
+                f"the network's point parameters {_short(changed)} changed since this guide was built or trained (another "
+                "guide trained them, e.g. fit with train_network=True): its LoRA would run with another head; fit the "
+                "other guide with train_network=False, or save_guide this one and load_guide it back (that restores them)"
+            ]
+    if own is model:
+        return []
+    theirs = dict(model.net.named_parameters())
+    differ = [
+        n for n, p in own.named_point_parameters()
+        if n not in theirs or not torch.equal(p.detach().to(theirs[n].device, theirs[n].dtype), theirs[n].detach())
+    ]
+    if differ:
+        return [
+            f"the model's point parameters {_short(differ)} differ from those of the model the guide was built on "
+            "(its trained head or non-random LoRA matrices): predict with guide.model, or load_guide the saved guide "
+            "into this model"
+        ]
+    return []
+
+
 def check_guide(model, guide, action, same_model=False):
     """Refuse to ``action`` (e.g. ``"predict"``) with ``guide`` on ``model`` unless the guide fits the model.
 
@@ -130,6 +232,6 @@ def check_guide(model, guide, action, same_model=False):
             "(its own terms read that model): pass guide.model, or build the guide on this model"
         )
     model.check_network()
-    problems = differences(guide.signature, describe(model))
+    problems = differences(guide.signature, describe(model)) or _point_problems(model, guide)
     if problems:
         raise ValueError(f"cannot {action} with this {type(guide).__name__} on this model: " + "; ".join(problems))

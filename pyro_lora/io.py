@@ -6,12 +6,13 @@ import json
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .contract import check_guide, describe, differences
+from .contract import check_guide, describe, differences, point_snapshot
 from .distributed import is_main
 
 FORMAT = "pyro_lora.guide/2"
@@ -119,6 +120,8 @@ def load_guide(path, model):
                 raise ValueError(f"guide at {path} holds network parameter {k[len(_NET):]!r} that this model lacks")
             net_params[k[len(_NET) :]].copy_(tensors.pop(k))
     guide.load_state_dict(tensors)
+    guide._point_snapshot = point_snapshot(model)  # the point parameters just restored are this guide's
+    model._trainer = weakref.ref(guide)
     return guide
 
 

@@ -58,6 +58,7 @@ class LoraModel:
         handoff.install(self.layers)
         self._checkpointing = handoff.checkpointing_modules(net)
         self._pyro_name = pyro_params.unique_name(self)
+        self._trainer = None  # weakref to the guide that last trained the point parameters (contract.take_over)
         self.set_trainable()
 
     @property
@@ -93,7 +94,7 @@ class LoraModel:
         """Check that the network still runs what this model was built on; called before every forward.
 
         :raises ValueError: if the network's active adapter changed (``set_adapter``), several adapters are
-            active, or a LoRA layer was merged into its base weight.
+            active, a LoRA layer was merged into its base weight, or unloaded from the network.
         """
         active = active_adapter(self.net)
         if active != self.adapter:
@@ -101,6 +102,12 @@ class LoraModel:
                 f"the network now runs adapter {active!r}, but this LoraModel was built for adapter {self.adapter!r} "
                 f"(its LoRA layers and head would be mixed): call net.set_adapter({self.adapter!r}), or build a "
                 f"LoraModel for {active!r}"
+            )
+        gone = [p for p, layer in self.layers.items() if _submodule(self.net, p) is not layer]
+        if gone:
+            raise ValueError(
+                f"LoRA layer {gone[0]} is no longer part of the network (merge_and_unload() or unload() replaced it): "
+                "the sampled LoRA matrices would not reach the forward; build a LoraModel over a peft model that holds the adapter"
             )
         merged = [p for p, layer in self.layers.items() if layer.merged]
         if merged:
@@ -210,3 +217,9 @@ class LoraModel:
             pyro.sample("obs", self.likelihood.distribution(logits), obs=y)
         return logits
 
+
+def _submodule(net, path):
+    try:
+        return net.get_submodule(path)
+    except AttributeError:
+        return None

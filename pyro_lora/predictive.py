@@ -46,14 +46,18 @@ def predict(model, guide, data, num_samples=8, mean=False, chunk_size=None, keep
     stream: other chunk sizes give other, equally valid, draws. With one chunk the samples are drawn once.
 
     Guides whose draws are a fixed sequence rather than independent draws (an ensemble: draw ``s`` is
-    member ``s mod K``) get the same ``S`` draws whatever the chunk size.
+    member ``s mod K``) get the same ``S`` draws whatever the chunk size; a guide may refuse an ``S`` its
+    draws would weight unevenly (``guide.check_num_samples(S)``: an ensemble needs a multiple of ``K``).
 
     :param guide: a guide, or ``None`` for the network's own (peft) weights.
-    :param int num_samples: ``S >= 1``.
+    :param int num_samples: ``S >= 1`` (a multiple of ``K`` for an ensemble of ``K`` members).
     :param mean: use the posterior mean (one forward) instead of samples; point-estimate guides always do.
+        Refused for a guide whose mean is no predictor (``guide.mean_is_predictor`` false: an ensemble's
+        averaged member weights).
     :param int chunk_size: samples per forward (a positive integer), or ``None`` for all ``S`` at once.
     :param keep_samples: also return the per-sample probabilities ``[S, N, C]`` (``[1, N, C]`` without samples).
-    :raises ValueError: for a bad ``num_samples`` / ``chunk_size``, or a guide built for another model
+    :raises ValueError: for a bad ``num_samples`` / ``chunk_size`` (an ensemble's ``S`` not a multiple of
+        ``K``), ``mean=True`` with a guide whose mean is no predictor, or a guide built for another model
         (:func:`~pyro_lora.contract.check_guide`).
 
     Under ``torch.distributed`` every rank is given the same ``data``, predicts its contiguous block of
@@ -65,6 +69,12 @@ def predict(model, guide, data, num_samples=8, mean=False, chunk_size=None, keep
         chunk_size = _positive_int(chunk_size, "chunk_size", "or None for all samples in one forward")
     if guide is not None:
         check_guide(model, guide, "predict")
+        if mean and not guide.deterministic and not getattr(guide, "mean_is_predictor", True):
+            raise ValueError(
+                f"predict(mean=True) refused for this {type(guide).__name__}: its mean() is no predictor of this posterior "
+                "(an ensemble's mean averages the weights of separately trained members); predict with samples "
+                "instead (an ensemble: guides.predict_ensemble, S = K, the exact mixture)"
+            )
     net = model.net
     was_training = net.training
     net.eval()
@@ -138,6 +148,9 @@ class _ChunkedDraws:
         chunk = min(chunk_size or num_samples, num_samples)
         self.bounds = [(i, min(i + chunk, num_samples)) for i in range(0, num_samples, chunk)]
         self.members = _cyclic_members(guide)
+        check = getattr(guide, "check_num_samples", None)
+        if callable(check):
+            check(num_samples)  # an ensemble: S a multiple of K, or its members would be weighted unevenly
         if self.members is not None and len(self.bounds) > 1 and getattr(guide, "head_parameters", None):
             raise ValueError(
                 "an ensemble with per-member heads predicts all samples in one forward: drop chunk_size "

@@ -10,7 +10,7 @@ from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from . import pyro_params
-from .contract import check_guide
+from .contract import check_guide, point_snapshot, take_over
 
 
 class DivergenceError(FloatingPointError):
@@ -93,6 +93,7 @@ def fit(
     elbo = elbo or Trace_ELBO()
     num_data = model.num_data or 1
     check_guide(model, guide, "fit", same_model=True)
+    take_over(model, guide)
     model.set_trainable()
     device = model.device
     params = (model.point_parameters() if train_network else []) + [p for p in guide.parameters() if p.requires_grad]
@@ -162,6 +163,7 @@ def fit(
         bar.close()
         optimizer.zero_grad(set_to_none=True)
         net.train(was_training)
+        guide._point_snapshot = point_snapshot(model)
     if checkpoint_dir:
         save_guide(guide, checkpoint_dir)
     return losses

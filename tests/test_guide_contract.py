@@ -31,6 +31,7 @@ from guides import (
     TFBGuide,
 )
 from pyro_lora import LoraModel, ScalaBLModel, SequenceClassification, export_adapter, fit, load_guide, predict, save_guide
+from pyro_lora.contract import describe, differences
 from pyro_lora.likelihoods import CausalLM
 from pyro_lora.loraxs import LoraXSModel
 
@@ -235,3 +236,91 @@ def test_export_after_switching_adapter_is_refused(tmp_path):
     with pytest.raises(ValueError, match="now runs adapter 'other'.*built for adapter 'default'"):
         export_adapter(guide, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def _llama_guide():
+    model = LoraModel(tiny_llama(), CausalLM(), prior=0.5)
+    return model, MAPGuide(model)
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["mlp_weight", "embedding", "final_norm", "lora_base_weight_layer_1"],
+)
+def test_any_changed_base_parameter_is_named(change):
+    _, guide = _llama_guide()
+    other, _ = _llama_guide()
+    base = other.net.get_base_model().model
+    target = {
+        "mlp_weight": base.layers[1].mlp.down_proj.weight,
+        "embedding": base.embed_tokens.weight,
+        "final_norm": base.norm.weight,
+        "lora_base_weight_layer_1": base.layers[1].self_attn.q_proj.base_layer.weight,
+    }[change]
+    with torch.no_grad():
+        target.add_(0.05 * torch.randn_like(target))
+    with pytest.raises(ValueError, match=r"the base weights differ .* \(another checkpoint of this architecture\)"):
+        predict(other, guide, [_llama_batch()])
+
+
+def _llama_batch():
+    ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+
+def test_a_changed_config_is_named_and_run_time_switches_are_not():
+    _, guide = _llama_guide()
+    other, _ = _llama_guide()
+    other.net.config.use_cache = False  # a run-time switch: accepted
+    predict(other, guide, [_llama_batch()])
+    other.net.config.rms_norm_eps = 1e-3
+    with pytest.raises(ValueError, match=r"the base model's config differs in \['rms_norm_eps'\]"):
+        predict(other, guide, [_llama_batch()])
+
+
+def test_a_dtype_cast_of_the_base_is_the_same_base():
+    model, guide = _llama_guide()
+    twin, _ = _llama_guide()
+    twin.net.to(torch.bfloat16)
+    assert differences(guide.signature, describe(twin)) == []
+
+
+def test_a_twin_model_with_an_untrained_head_is_refused():
+    model = lora(random="A")
+    guide = MeanFieldGuide(model)
+    fit(model, guide, data(), lr=5e-2, progress=False)  # trains the head and B (point parameters)
+    twin = lora(random="A")
+    with pytest.raises(ValueError, match="the model's point parameters .* differ from those of the model the guide was built on"):
+        predict(twin, guide, data())
+
+
+def test_a_guide_whose_head_another_guide_retrained_is_refused_until_restored(tmp_path):
+    model = lora(random="AB")
+    first = MAPGuide(model)
+    fit(model, first, data(), lr=5e-2, progress=False)
+    save_guide(first, tmp_path / "first")
+    before = predict(model, first, data()).probs
+    second = MeanFieldGuide(model, b="normal", learn_loc=False)
+    fit(model, second, data(), lr=1e-2, train_network=False, progress=False)  # leaves the head alone
+    torch.testing.assert_close(predict(model, first, data()).probs, before)
+    fit(model, second, data(), lr=5e-2, progress=False)  # train_network=True: moves the head
+    predict(model, second, data())  # the guide that trained the head last owns it
+    with pytest.raises(ValueError, match=r"point parameters \['base_model.model.classifier.modules_to_save.default.weight'.* changed"):
+        predict(model, first, data())
+    restored = load_guide(tmp_path / "first", model)  # puts the first guide's head back
+    torch.testing.assert_close(predict(model, restored, data()).probs, before)
+    with pytest.raises(ValueError, match="changed since this guide was built or trained"):
+        predict(model, second, data())
+
+
+def test_pyro_svi_takes_the_head_over_as_fit_does():
+    model = lora(random="AB")
+    first = MAPGuide(model)
+    second = MAPGuide(model)
+    model.net.train()
+    svi = SVI(model, second, pyro.optim.Adam({"lr": 5e-2}), Trace_ELBO())
+    for batch in data():
+        svi.step(batch)
+    predict(model, second, data())
+    with pytest.raises(ValueError, match="changed since this guide was built or trained"):
+        predict(model, first, data())

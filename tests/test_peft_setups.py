@@ -165,3 +165,13 @@ def test_supported_setups_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         LoraModel(tiny_bert(), SequenceClassification())
+
+
+@pytest.mark.parametrize("unload", ["merge_and_unload", "unload"])
+def test_an_unloaded_adapter_is_refused(unload):
+    net = bert_with()
+    model = LoraModel(net, SequenceClassification())
+    guide = MAPGuide(model)
+    getattr(net, unload)()
+    with pytest.raises(ValueError, match=r"is no longer part of the network \(merge_and_unload\(\) or unload\(\) replaced it\)"):
+        predict(model, guide, [batch()])

@@ -141,9 +141,9 @@ def test_ensemble_chunks_index_the_members_and_never_hold_S_draws():
 
     guide.members = recording_members
     rec = Recorder(guide)
-    predict(model, guide, loader(5), num_samples=7, chunk_size=2)
+    predict(model, guide, loader(5), num_samples=9, chunk_size=2)
     assert rec.sizes == []  # chunks are read off the K stored members, not from sample(S)
-    assert asked == [3] * 4 * 3  # K = 3 members per chunk (4 chunks) and batch (3 batches)
+    assert asked == [3] * 5 * 3  # K = 3 members per chunk (5 chunks) and batch (3 batches)
 
 
 # --- (b) exact equalities ---------------------------------------------------------------------
@@ -228,7 +228,7 @@ def test_predict_advances_the_global_rng_by_one_seed_and_pyro_seeds_it():
 def test_ensemble_gives_its_member_sequence_for_every_chunk_size():
     model = make_model()
     guide = build("ensemble", model)
-    S = 7  # draw s is member s mod 3: not a multiple of K, so chunks start mid-cycle
+    S = 6  # draw s is member s mod 3; chunks of 2 or 4 start mid-cycle (at members 2 and 1)
     full = predict(model, guide, loader(5), num_samples=S, keep_samples=True)
     members = guide.members()
     for s in range(S):
@@ -238,19 +238,48 @@ def test_ensemble_gives_its_member_sequence_for_every_chunk_size():
     for chunk in (1, 2, 4, 6):
         chunked = predict(model, guide, loader(5), num_samples=S, chunk_size=chunk, keep_samples=True)
         torch.testing.assert_close(chunked.sample_probs, full.sample_probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(full.probs, full.sample_probs[:3].mean(0), rtol=1e-5, atol=1e-6)  # the exact mixture
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2, 4])
+def test_ensemble_refuses_s_not_a_multiple_of_k_for_every_chunk_size(chunk):
+    """S = 7 of K = 3 would weight member 0 by 3/7 and members 1, 2 by 2/7: refused, chunked or not, before any draw."""
+    model = make_model()
+    guide = build("ensemble", model)
+    rec = Recorder(guide)
+    for S in (1, 7, 8):
+        with pytest.raises(ValueError, match=rf"num_samples={S} would weight .*use a multiple of K"):
+            predict(model, guide, loader(5), num_samples=S, chunk_size=chunk)
+    assert rec.sizes == []
+
+
+def test_mean_is_refused_for_a_guide_whose_mean_is_no_predictor():
+    """The generic mechanism: ``mean_is_predictor = False`` on a guide class makes predict(mean=True) refuse it."""
+
+    class AveragedMembers(MeanFieldGuide):
+        mean_is_predictor = False
+
+    model = make_model()
+    with pytest.raises(ValueError, match=r"predict\(mean=True\) refused for this AveragedMembers: its mean\(\) is no predictor"):
+        predict(model, AveragedMembers(model, b="normal"), loader(5), mean=True)
+    with pytest.raises(ValueError, match=r"predict\(mean=True\) refused for this EnsembleGuide"):
+        predict(model, build("ensemble", model), loader(5), mean=True)
+    predict(model, AveragedMembers(model, b="normal"), loader(5), num_samples=2)  # its samples are fine
 
 
 def test_point_estimates_and_the_mean_run_one_forward():
     model = make_model()
-    guide = build("ensemble", model)
     single = EnsembleGuide(model, [perturbed(model, 0.5, 0)])
     assert single.deterministic
     rec = Recorder(single)
     pred = predict(model, single, loader(5), num_samples=6, chunk_size=4, keep_samples=True)
     assert rec.sizes == [] and pred.sample_probs.shape == (1, N, C)
+    guide = build("meanfield", model)  # (an ensemble's mean is refused: no predictor)
+    rec = Recorder(guide)
     mean = predict(model, guide, loader(5), mean=True, chunk_size=2, keep_samples=True)
     expected = torch.softmax(model.logits(examples(), guide.mean()), -1)
     torch.testing.assert_close(mean.probs, expected, rtol=1e-5, atol=1e-6)
+    assert rec.sizes == [] and mean.sample_probs.shape == (1, N, C)
 
 
 # --- (c) chunk sizes agree in distribution ----------------------------------------------------------

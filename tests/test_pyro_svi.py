@@ -100,7 +100,7 @@ def test_restoring_the_param_store_from_a_file_is_refused(tmp_path):
     store.save(tmp_path / "params.pt")
     svi.step(batch)
     store.load(tmp_path / "params.pt")  # a roll-back: the forward would keep reading the live parameters
-    with pytest.raises(ValueError, match="another tensor than the live parameter .* save_guide / load_guide"):
+    with pytest.raises(ValueError, match="another tensor than the live parameter .*save_guide / load_guide"):
         svi.step(batch)
     pyro.clear_param_store()
     store.load(tmp_path / "params.pt")  # a resume into fresh objects: the saved names belong to no live guide

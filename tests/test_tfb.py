@@ -206,6 +206,82 @@ def test_from_map_export_and_from_a_only_guide():
         torch.testing.assert_close(ba, products(map_guide, model)[name], rtol=1e-5, atol=1e-6)
 
 
+def _alpha_net(alpha, base_seed=0, targets=("query", "value")):
+    """tiny_bert's base (``base_seed``) with an r=4 LoRA of ``lora_alpha=alpha`` whose ``B`` is randomised (seed 5)."""
+    net = get_peft_model(
+        tiny_bert_base(num_labels=3, seed=base_seed),
+        LoraConfig(r=4, lora_alpha=alpha, target_modules=list(targets), task_type="SEQ_CLS"),
+    )
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_" in name:
+                p.normal_(0, 0.3)
+    return net
+
+
+@pytest.mark.parametrize(
+    "other, match",
+    [
+        (lambda: LoraModel(_alpha_net(32), SequenceClassification(), random="AB"), r"LoRA scaling .* is 2 for the guide and 8 in the model .*4x"),
+        (lambda: LoraModel(_alpha_net(8, base_seed=1), SequenceClassification(), random="AB"), "base weights differ"),
+        (lambda: LoraModel(_alpha_net(8, targets=("query",)), SequenceClassification(), random="AB"), r"the guide has sites the model lacks: \['value.lora_A', 'value.lora_B'\]"),
+        (lambda: LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="AB"), "the trained head differs"),
+    ],
+    ids=["lora_alpha", "base_weights", "extra_sites", "head"],
+)
+def test_from_guide_refuses_a_guide_of_another_model_as_predict_does(other, match):
+    """A trained guide's deltas mean nothing on a model with another scaling, base, site set or head: from_guide
+    refuses it with predict's sentence (it used to keep the shared sites and quietly build a wrong TFB guide)."""
+    trained = MAPGuide(LoraModel(_alpha_net(8), SequenceClassification(), random="AB"))
+    model = other()
+    with pytest.raises(ValueError, match=match) as predicted:
+        predict(model, trained, toy_data(n=4))
+    with pytest.raises(ValueError, match=match) as built:
+        TFBGuide.from_guide(model, trained)
+    assert str(built.value).split(": ", 1)[1] == str(predicted.value).split(": ", 1)[1]
+    assert str(built.value).startswith("cannot build a TFB guide with this MAPGuide on this model")
+
+
+def test_from_guide_of_an_a_only_guide_still_checks_everything_but_the_missing_sites():
+    """A BLoB-style guide (A random, B in the adapter) may lack the model's B sites, but nothing else may differ."""
+    guide_a = MAPGuide(LoraModel(_alpha_net(8), SequenceClassification(), random="A"))
+    same = LoraModel(_alpha_net(8), SequenceClassification(), random="AB")
+    tfb = TFBGuide.from_guide(same, guide_a)
+    b = same.adapter_values()
+    for name, ba in products(tfb, same).items():
+        torch.testing.assert_close(ba, b[name.replace("lora_A", "lora_B")] @ guide_a.mean()[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"LoRA scaling .* 4x"):
+        TFBGuide.from_guide(LoraModel(_alpha_net(32), SequenceClassification(), random="AB"), guide_a)
+    with pytest.raises(ValueError, match="base weights differ"):
+        TFBGuide.from_guide(LoraModel(_alpha_net(8, base_seed=1), SequenceClassification(), random="AB"), guide_a)
+    with pytest.raises(ValueError, match="sites the model lacks"):  # an A-only guide over more layers than the model
+        TFBGuide.from_guide(
+            LoraModel(_alpha_net(8, targets=("query",)), SequenceClassification(), random="AB"),
+            MAPGuide(LoraModel(_alpha_net(8), SequenceClassification(), random="A")),
+        )
+
+
+def test_from_guide_refuses_an_ensemble_and_a_non_guide():
+    """An ensemble's mean() averages separately trained members: no trained adapter to bayesianize."""
+    from guides.ensemble import EnsembleGuide
+
+    model = LoraModel(_alpha_net(8), SequenceClassification(), random="AB")
+    values = model.adapter_values()
+    ensemble = EnsembleGuide(model, [{k: v + 0.1 * i for k, v in values.items()} for i in range(2)])
+    with pytest.raises(ValueError, match="no trained adapter"):
+        TFBGuide.from_guide(model, ensemble)
+    single = EnsembleGuide(model, [values])  # one member: its mean is that member
+    torch.testing.assert_close(products(TFBGuide.from_guide(model, single), model), products(values, model), rtol=1e-5, atol=1e-6)
+
+    class NotAGuide:
+        def mean(self):
+            return values
+
+    with pytest.raises(ValueError, match="guides.LoraGuide"):
+        TFBGuide.from_guide(model, NotAGuide())
+
+
 def test_save_load_round_trip(tmp_path):
     model, anchors = mc_model(), mc_anchors(n_batches=2)
     guide = TFBGuide(model)
