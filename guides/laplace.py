@@ -34,6 +34,10 @@ _LOG_LAMBDA_RANGE = (-25.0, 25.0)  # prior precision search bounds, log scale (e
 # A matrix whose largest Fisher eigenvalue is below float32 resolution of the largest of all matrices' has no
 # curvature that the data can be said to give it (exactly zero for A while its B is zero)
 _FLAT_CURVATURE = torch.finfo(torch.float32).eps
+# Per-layer evidence: a matrix whose data determine fewer than this many of its parameters at the floor (MacKay's
+# effective number gamma = sum_i g_i / (g_i + lambda)) has its lambda held at gamma_min / |theta*|^2 (see
+# LaplaceGuide.uninformed_matrices)
+_MIN_EFFECTIVE_PARAMETERS = 0.1
 
 
 class KFACNormal(TorchDistribution):
@@ -496,10 +500,41 @@ class LaplaceGuide(LoraGuide):
         peaks = torch.cat(peaks).double()
         return peaks <= _FLAT_CURVATURE * peaks.max()
 
+    def matrix_names(self):
+        """``"site (module path)"`` of every LoRA matrix, in the order of :meth:`flat_matrices`'s ``[M]``."""
+        return [f"{name} ({path})" for name, site in self.sites.items() for path in site.layers]
+
     def _flat_names(self, flat):
         """``"site (module path)"`` of each matrix flagged in ``flat [M]``."""
-        names = [f"{name} ({path})" for name, site in self.sites.items() for path in site.layers]
-        return [n for n, f in zip(names, flat.tolist()) if f]
+        return [n for n, f in zip(self.matrix_names(), flat.tolist()) if f]
+
+    def _log_precision_floor(self, min_effective_parameters):
+        """``[M]`` ``log(gamma_min / |theta*_W|^2)``, clamped to the search range (``theta* = 0``: its top)."""
+        sq = torch.cat([f.loc.double().reshape(f.prior_precision.numel(), -1).pow(2).sum(-1) for f in self.factors])
+        return (math.log(min_effective_parameters) - sq.log()).clamp(*_LOG_LAMBDA_RANGE)
+
+    def uninformed_matrices(self, min_effective_parameters=_MIN_EFFECTIVE_PARAMETERS):
+        """Which LoRA matrices the data barely inform: ``[M]`` bool (order of :meth:`flat_matrices`, which it
+        excludes), true where the per-matrix evidence optimum of ``lambda`` lies below the floor
+        ``lambda_min = gamma_min / |theta*_W|^2`` (``gamma_min = min_effective_parameters``).
+
+        At the evidence optimum ``lambda |theta*|^2 = gamma``, MacKay's effective number of parameters the data
+        determine, ``gamma = sum_i g_i / (g_i + lambda)`` over the matrix's Fisher eigenvalues ``g_i``; the
+        evidence's curvature in ``log lambda`` is between ``gamma / 2`` and ``gamma``, so for ``gamma << 1`` it
+        pins ``lambda`` to nothing like an e-fold. With little curvature the optimum is ``lambda ~ sqrt(sum g) /
+        |theta*|`` and goes to 0 with it: an ``A`` whose ``B`` is a few steps from peft's zero init got a prior std
+        of 61, which swamps a sampled predictive. A matrix is flagged when ``gamma < gamma_min`` at
+        ``lambda_min`` (there the evidence still rises as ``lambda`` falls). Scale-free: rescaling a matrix by
+        ``c`` scales ``g`` and ``lambda`` by ``1 / c^2`` and leaves ``gamma`` and the flags as they are.
+        ``min_effective_parameters=0`` flags nothing.
+        """
+        self._check_fitted()
+        flat = self.flat_matrices()
+        if min_effective_parameters <= 0:
+            return torch.zeros_like(flat)
+        floor = self._log_precision_floor(min_effective_parameters)
+        _, slope, _ = self._evidence_terms(floor)  # d evidence / d log lambda at the floor (0 for flat matrices)
+        return ~flat & (slope < 0)
 
     def _evidence_terms(self, log_lam):
         """Per matrix (all layers of all sites, ``[M]``): the prior terms of the evidence and their first
@@ -527,7 +562,8 @@ class LaplaceGuide(LoraGuide):
         return tuple(torch.cat(x).masked_fill(flat, 0.0) for x in (vals, d1, d2))
 
     def optimize_prior_precision(self, method="marglik", per_layer=False, val_loader=None, grid=None, predictive="glm",
-                                 num_samples=8, max_iter=100, progress=False):
+                                 num_samples=8, max_iter=100, progress=False,
+                                 min_effective_parameters=_MIN_EFFECTIVE_PARAMETERS):
         """Choose ``lambda``.
 
         ``"marglik"``: maximise :meth:`log_marginal_likelihood` in ``log lambda`` by safeguarded Newton steps
@@ -537,11 +573,19 @@ class LaplaceGuide(LoraGuide):
         ``lambda`` (Laplace's formula alone drives it towards 0, a posterior std in the hundreds): a warning
         names them, and they keep their ``lambda`` (``per_layer=True``) or get the one fitted on the other
         matrices (``per_layer=False``); with zero curvature everywhere nothing is fitted.
+        With ``per_layer=True`` each ``lambda_W`` is kept at least ``min_effective_parameters / |theta*_W|^2``
+        (a prior std per entry at most ``|theta*_W| / sqrt(gamma_min)``, 3.2 times the matrix's norm): the
+        evidence is maximised under that bound, so a matrix the data barely inform (:meth:`uninformed_matrices`,
+        e.g. an ``A`` whose ``B`` is near zero: its optimum goes to 0 with its curvature) is held at it, and a
+        warning names those matrices. Elsewhere the bound is inactive and ``lambda`` is the evidence optimum.
+        One shared ``lambda`` needs no bound: it solves ``lambda = sum_W gamma_W / sum_W |theta*_W|^2``, whose
+        numerator the informed matrices keep away from 0 however flat the others are.
         ``"val_nll"``: one ``lambda`` for all, the grid value with the lowest NLL on ``val_loader`` under the
         GLM probit predictive (one pass: the Jacobians do not depend on ``lambda``) or, with
         ``predictive="samples"``, the sampled predictive with ``num_samples`` (common random numbers).
 
         :param grid: ``lambda`` values for ``"val_nll"`` (default ``logspace(-4, 4, 17)``).
+        :param float min_effective_parameters: ``gamma_min`` of the per-layer bound (0: none).
         :returns: the trace: evidence per Newton iteration, or NLL per grid value.
         :raises ValueError: before :meth:`fit`, on an unknown ``method`` or ``predictive``, ``"val_nll"`` without
             ``val_loader`` or with ``per_layer=True``, or a grid of non-positive values.
@@ -563,7 +607,22 @@ class LaplaceGuide(LoraGuide):
                 )
             if bool(flat.all()):
                 return [float(self.log_marginal_likelihood())]
-            return self._optimize_marglik(per_layer, max_iter)
+            floor = torch.full_like(flat, _LOG_LAMBDA_RANGE[0], dtype=torch.double)
+            if per_layer:
+                held = self.uninformed_matrices(min_effective_parameters)
+                if bool(held.any()):
+                    floor = torch.where(held, self._log_precision_floor(min_effective_parameters), floor)
+                    gamma = min_effective_parameters
+                    warnings.warn(
+                        f"LaplaceGuide evidence: little curvature in {', '.join(self._flat_names(held))}: at the bound "
+                        f"lambda = {gamma:g} / |theta*|^2 the data determine fewer than {gamma:g} of each one's "
+                        "parameters (effective number sum g_i / (g_i + lambda)), so the evidence alone would take its "
+                        "lambda towards 0 with the curvature (too few data, or the other matrix of the layer near zero, "
+                        "e.g. B a few steps from its zero init); their lambda is held at that bound (prior std per entry "
+                        f"at most {gamma ** -0.5:.2g} |theta*|); uninformed_matrices() flags them",
+                        stacklevel=2,
+                    )
+            return self._optimize_marglik(per_layer, max_iter, floor)
         if method != "val_nll":
             raise ValueError(f"method must be 'marglik' or 'val_nll', got {method!r}")
         if val_loader is None:
@@ -582,7 +641,8 @@ class LaplaceGuide(LoraGuide):
         self.set_prior_precision(float(grid[int(torch.tensor(nlls).argmin())]))
         return nlls
 
-    def _optimize_marglik(self, per_layer, max_iter):
+    def _optimize_marglik(self, per_layer, max_iter, floor):
+        """Maximise the evidence in ``t = log lambda`` within ``[floor, high]`` (``floor``: ``[M]``, per layer)."""
         lam = torch.cat([f.prior_precision for f in self.factors]).double()
         t = lam.log() if per_layer else lam.log().mean().reshape(1)
 
@@ -590,7 +650,8 @@ class LaplaceGuide(LoraGuide):
             v, g, h = self._evidence_terms(t.expand(lam.shape))
             return (v, g, h) if per_layer else (v.sum(0, keepdim=True), g.sum(0, keepdim=True), h.sum(0, keepdim=True))
 
-        low, high = _LOG_LAMBDA_RANGE
+        low = floor.to(t.device) if per_layer else floor.min().reshape(1).to(t.device)
+        high = torch.full_like(low, _LOG_LAMBDA_RANGE[1])
         t = t.clamp(low, high)
         value, grad, hess = terms(t)
         history = [float(self.log_likelihood + value.sum())]
@@ -608,7 +669,8 @@ class LaplaceGuide(LoraGuide):
             t = torch.where(new[0] >= value, candidate, t)
             value, grad, hess = terms(t)
             history.append(float(self.log_likelihood + value.sum()))
-            if bool((grad.abs() <= 1e-6 * (1 + value.abs())).all()) or bool((step.abs() < 1e-10).all()):
+            held = ((t <= low) & (grad < 0)) | ((t >= high) & (grad > 0))  # at a bound, pushing outwards
+            if bool(((grad.abs() <= 1e-6 * (1 + value.abs())) | held).all()) or bool((step.abs() < 1e-10).all()):
                 break
         lam = t.expand(lam.shape).exp().float()
         start = 0

@@ -4,6 +4,9 @@
 split. Working from log-probabilities (``predict`` returns probabilities) is the same as scaling the logits:
 they differ by a per-example constant, which the softmax removes. Zero probabilities (missing choices)
 stay zero.
+
+The fit minimises the exact NLL in float64 (finite for logits); only a probability of exactly 0 at an example's
+label (saturated probabilities: no temperature can move it) is floored, and said.
 """
 
 import math
@@ -12,7 +15,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .metrics import _sum_tolerance
+from .metrics import _NLL_FLOOR, _check_probs, _sum_tolerance
 
 __all__ = ["TemperatureFit", "apply_temperature", "fit_temperature", "temperature_nll"]
 
@@ -27,7 +30,8 @@ class TemperatureFit(NamedTuple):
 
 
 def _log_probs(probs_or_logits, kind="auto"):
-    """``[N, C]`` float64 log-probabilities from probabilities (rows summing to 1, zeros allowed) or logits."""
+    """``[N, C]`` float64 log-probabilities from probabilities (rows summing to 1, zeros allowed) or logits, and
+    whether the input was read as probabilities."""
     raw = torch.as_tensor(probs_or_logits).detach()
     x = raw.to(torch.float64)
     if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
@@ -36,28 +40,63 @@ def _log_probs(probs_or_logits, kind="auto"):
         raise ValueError(f"kind must be 'auto', 'probs' or 'logits', got {kind!r}")
     if torch.isnan(x).any() or (x == math.inf).any():
         raise ValueError("probabilities/logits contain nan or +inf")
+    if bool((x == -math.inf).all(-1).any()):
+        raise ValueError("a row of logits is all -inf: it gives no class a probability")
     # the tolerance of pyro_lora.metrics: half-precision probabilities must not be taken for logits
     looks_like_probs = bool((x >= 0).all() and ((x.sum(-1) - 1).abs() <= _sum_tolerance(raw.dtype)).all())
     if kind == "probs" or (kind == "auto" and looks_like_probs):
         if not looks_like_probs:
             raise ValueError("kind='probs' but the rows are not probability vectors (entries in [0, 1] summing to 1)")
-        return x.log()
-    return x.log_softmax(-1)
+        return x.log(), True
+    return x.log_softmax(-1), False
 
 
 def temperature_nll(log_probs, labels, temperature):
-    """Mean NLL of ``softmax(log_probs / T)`` at the labels (``log_probs``: ``[N, C]``, ``labels``: ``[N]``)."""
+    """Mean NLL of ``softmax(log_probs / T)`` at the labels (``log_probs``: ``[N, C]``, ``labels``: ``[N]``), each
+    example's floored at ``-log 1e-12`` as :func:`pyro_lora.metrics.nll` reports it.
+
+    The metric, not what :func:`fit_temperature` minimises: the floor makes it flat in ``T`` wherever an example
+    is wrong by more than 27.6 nats (over-confident predictions at small ``T``), where a search would stall.
+    """
     scaled = (log_probs / temperature).log_softmax(-1)
     picked = scaled.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-    return float(-picked.clamp(min=math.log(1e-12)).mean())  # the floor of pyro_lora.metrics.nll
+    return float(-picked.clamp(min=math.log(_NLL_FLOOR)).mean())  # the floor of pyro_lora.metrics.nll
+
+
+def _exact_nll(log_probs, labels, log_t):
+    """Mean NLL of ``softmax(log_probs / T)`` at the labels, ``T = exp(log_t)``, unfloored: convex in ``1 / T``."""
+    scaled = (log_probs * math.exp(-log_t)).log_softmax(-1)
+    return float(-scaled.gather(-1, labels.unsqueeze(-1)).mean())
+
+
+def _golden(f, a, b, tol):
+    """Golden-section search of the unimodal ``f`` on ``[a, b]``: the better inner point and its value."""
+    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+    fc, fd = f(c), f(d)
+    while b - a > tol:
+        if fc <= fd:
+            b, d, fd = d, c, fc
+            c = b - _GOLDEN * (b - a)
+            fc = f(c)
+        else:
+            a, c, fc = c, d, fd
+            d = a + _GOLDEN * (b - a)
+            fd = f(d)
+    return (c, fc) if fc <= fd else (d, fd)
 
 
 def fit_temperature(probs_or_logits, labels, kind="auto", bounds=(1e-2, 1e2), tol=1e-4, return_info=False):
     """The temperature ``T`` minimising the validation NLL of ``softmax(log p / T)``.
 
-    The NLL is convex in ``1 / T`` (log-sum-exp of a linear function minus a linear one), so a golden-section
-    search over ``log T`` in ``bounds`` finds the minimum; if it does not beat ``T = 1`` (e.g. the optimum is
-    ``1`` to within ``tol``), ``1.0`` is returned: the validation NLL never rises.
+    The exact NLL (float64, not floored per example) is convex in ``1 / T`` (log-sum-exp of a linear function
+    minus a linear one), so a golden-section search over ``log T`` in ``bounds`` finds the minimum; if it does
+    not beat ``T = 1`` (e.g. the optimum is ``1`` to within ``tol``), ``1.0`` is returned: the validation NLL
+    never rises. Logits give the exact NLL for any margin. Probabilities that give an example's label exactly 0
+    (saturated: float32 below ``e^-103``, float16 below ``e^-17``) have lost the margin, and no temperature
+    changes a 0: the fit takes their label's probability as ``1e-12`` (the floor of
+    :func:`pyro_lora.metrics.nll`), or as the smallest positive number of the input's dtype where that is lower
+    (float32: ``1.4e-45``; a 0 must not count as likelier than a ``1e-20`` the dtype did hold), and a warning and
+    the note count them. Zeros elsewhere (missing choices) stay zero: never a class.
 
     When the minimum is not inside the bounds it warns, and the note of ``return_info=True`` says why:
 
@@ -65,65 +104,93 @@ def fit_temperature(probs_or_logits, labels, kind="auto", bounds=(1e-2, 1e2), to
       ``T -> 0`` and has no finite optimum; it falls back to ``T = 1``;
     - the minimum is on the lower bound (nearly separable): it falls back to ``T = 1``. Sharpening to the
       bound fits the validation split, not the data: on held-out data the NLL can be many times worse;
-    - the minimum is on the upper bound (predictions no better than uniform on the validation split): it
-      keeps ``T = high``, which makes them nearly uniform. Flattening is what the data support, and it
-      cannot cost more than about ``log C`` nats of NLL.
+    - the minimum is on the upper bound: it keeps ``T = high``. Either the predictions are no better than
+      uniform on the validation split (the NLL falls all the way to ``T -> inf``; ``T = high`` makes them nearly
+      uniform, which cannot cost more than about ``log C`` nats), or they are over-confident beyond the bound
+      (the note gives the optimum past it; widen ``bounds`` to reach it).
 
     :param probs_or_logits: ``[N, C]`` predictive probabilities (``Prediction.probs``; zeros for missing
-        choices) or logits.
-    :param labels: ``[N]`` class indices.
+        choices) or logits (``-inf`` for missing choices).
+    :param labels: ``[N]`` integer class indices.
     :param str kind: ``"probs"``, ``"logits"`` or ``"auto"`` (probabilities when every row is a probability vector).
     :param bounds: the search interval for ``T``.
-    :param bool return_info: return a :class:`TemperatureFit` (``T`` and the note, None unless it warned) instead of ``T``.
+    :param bool return_info: return a :class:`TemperatureFit` (``T`` and the note, None unless it warned)
+        instead of ``T``.
     :returns: ``T`` as a float, or a :class:`TemperatureFit`.
-    :raises ValueError: on bad shapes, labels out of range, nan / +inf inputs, ``kind="probs"`` rows that are not
-        probability vectors, or bounds that do not satisfy ``0 < low < 1 < high``.
+    :raises ValueError: on bad shapes, labels that are not integers or out of range (checked as
+        :mod:`pyro_lora.metrics` checks them), nan / +inf inputs, all ``-inf`` logit rows, ``kind="probs"`` rows
+        that are not probability vectors, or bounds that do not satisfy ``0 < low < 1 < high``.
     """
-    log_probs = _log_probs(probs_or_logits, kind)
-    labels = torch.as_tensor(labels).detach().long()
-    if labels.shape != log_probs.shape[:1]:
-        raise ValueError(f"labels must have shape [{log_probs.shape[0]}], got {tuple(labels.shape)}")
-    if labels.min() < 0 or labels.max() >= log_probs.shape[1]:
-        raise ValueError(f"labels out of range [0, {log_probs.shape[1]})")
+    log_probs, from_probs = _log_probs(probs_or_logits, kind)
+    # the labels as every metric checks them: integer dtype (float labels were truncated), shape, range
+    _, labels = _check_probs(torch.as_tensor(probs_or_logits).detach() if from_probs else log_probs.exp(), labels)
     low, high = bounds
     if not 0 < low < 1 < high:
         raise ValueError(f"bounds must satisfy 0 < low < 1 < high, got {bounds}")
+    notes = []
 
     def done(temperature, note=None):
+        note = "; ".join(notes + ([note] if note else [])) or None
         if note is not None:
             warnings.warn(f"temperature scaling: {note}", stacklevel=3)
         return TemperatureFit(temperature, note) if return_info else temperature
 
     picked = log_probs.gather(-1, labels[:, None]).squeeze(-1)
+    zero = picked == -math.inf
+    saturated = int(zero.sum())
+    if saturated:
+        # log 0 = -inf whatever T (an infinite NLL): the fit takes such a label's probability as pyro_lora.metrics.nll's
+        # floor 1e-12, or as the smallest positive number of the input's dtype where that is lower, so that an
+        # exact 0 never counts as more likely than a probability the dtype did hold (float32 holds 1e-44)
+        dtype = torch.as_tensor(probs_or_logits).dtype if from_probs else torch.float64
+        floor = min(_NLL_FLOOR, torch.finfo(dtype).tiny * torch.finfo(dtype).eps)
+        picked = picked.masked_fill(zero, math.log(floor))
+        log_probs = log_probs.scatter(-1, labels[:, None], picked[:, None])
+        what = ("give probability 0 to their label (saturated probabilities)" if from_probs
+                else "give their label a logit of -inf")
+        advice = "; pass logits for an exact fit (and scale logits with it: apply_temperature keeps a 0 at 0)"
+        notes.append(f"{saturated} of {len(labels)} validation examples {what}: no temperature changes that, so the "
+                     f"fit takes their label's probability as {floor:.3g} (below every positive {dtype} number, at "
+                     "most the 1e-12 floor of pyro_lora.metrics.nll) and its T is approximate"
+                     + (advice if from_probs else ""))
     others = log_probs.scatter(-1, labels[:, None], -math.inf).amax(-1)
     if bool((picked > others).all()):
         return done(1.0, "the validation predictions are all correct (separable): the NLL falls as T -> 0 and has "
                          "no finite optimum; falling back to T = 1")
-    nll = lambda log_t: temperature_nll(log_probs, labels, math.exp(log_t))  # noqa: E731
-    a, b = math.log(low), math.log(high)
-    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
-    fc, fd = nll(c), nll(d)
-    while b - a > tol:
-        if fc <= fd:
-            b, d, fd = d, c, fc
-            c = b - _GOLDEN * (b - a)
-            fc = nll(c)
-        else:
-            a, c, fc = c, d, fd
-            d = a + _GOLDEN * (b - a)
-            fd = nll(d)
-    log_t = c if fc <= fd else d
-    if min(fc, fd) >= nll(0.0):
+    nll = lambda log_t: _exact_nll(log_probs, labels, log_t)  # noqa: E731
+    log_t, best = _golden(nll, math.log(low), math.log(high), tol)
+    if best >= nll(0.0):
         return done(1.0)
     # the search never evaluates an end: a minimum there leaves log T within tol of it
     if log_t - math.log(low) <= 2 * tol:
         return done(1.0, f"the validation NLL is lowest at the lower search bound T = {low:g} (nearly separable "
                          "predictions): no optimum inside the bounds; falling back to T = 1")
     if math.log(high) - log_t <= 2 * tol:
-        return done(float(high), f"the validation NLL is lowest at the upper search bound T = {high:g}: the "
-                                 "predictions are no better than uniform on the validation split, and "
-                                 f"T = {high:g} makes them nearly uniform")
+        # d NLL / d(1/T) at 1/T = 0: the mean, over examples, of the row's mean log-probability (over its finite
+        # entries, the classes softmax(log p / T) tends to share as T -> inf) minus the label's
+        finite = torch.isfinite(log_probs)
+        row_mean = log_probs.where(finite, 0.0).sum(-1) / finite.sum(-1)
+        if float((row_mean - picked).mean()) >= 0:
+            return done(float(high), f"the validation NLL is lowest at the upper search bound T = {high:g}: the "
+                                     "predictions are no better than uniform on the validation split, and "
+                                     f"T = {high:g} makes them nearly uniform")
+        beyond = _beyond(nll, math.log(high), tol)
+        return done(float(high), f"the validation NLL is lowest at the upper search bound T = {high:g}: its "
+                                 f"minimum lies beyond it, at T = {beyond:.3g} (log-probabilities that many times too "
+                                 f"sharp: very over-confident predictions); keeping T = {high:g}, pass "
+                                 f"bounds=({low:g}, {10 ** math.ceil(math.log10(beyond)):g}) to reach it")
     return done(math.exp(log_t))
+
+
+def _beyond(nll, log_high, tol, limit=1e12):
+    """``T`` minimising ``nll`` (of ``log T``) above ``exp(log_high)``, where it is still falling; at most ``limit``."""
+    step = math.log(10)
+    a, b = log_high, log_high + step
+    fa, fb = nll(a), nll(b)
+    while fb < fa and b < math.log(limit):
+        a, fa, b = b, fb, b + step
+        fb = nll(b)
+    return math.exp(_golden(nll, a - step, min(b, math.log(limit)), tol)[0])
 
 
 def apply_temperature(probs, temperature):

@@ -1,6 +1,7 @@
 """Baselines: temperature scaling, MC dropout on the LoRA input, deep ensembles (with per-member heads)."""
 
 import math
+import re
 import warnings
 from types import SimpleNamespace
 
@@ -66,9 +67,20 @@ def test_temperature_from_logits_equals_from_probs_and_keeps_missing_choices_at_
     assert scaled[0, 2] == 0 and scaled.dtype == torch.float32
     torch.testing.assert_close(scaled.sum(-1), torch.ones(2))
     torch.testing.assert_close(scaled[0, :2], torch.tensor([0.7, 0.3]).sqrt() / torch.tensor([0.7, 0.3]).sqrt().sum())
-    # a label on a zero-probability choice does not make the fit fail (the other example alone wants T -> 0)
-    with pytest.warns(UserWarning, match="lower search bound"):
-        assert fit_temperature(probs, torch.tensor([2, 1])) == 1.0
+    # a label on a zero-probability choice does not make the fit fail: its probability is floored at 1e-12 (as
+    # metrics.nll floors it), which no T in the bounds beats, and said
+    with pytest.warns(UserWarning, match=r"1 of 2 validation examples give probability 0 to their label \(saturated"):
+        assert fit_temperature(probs, torch.tensor([2, 1])) == 100.0
+    # zeros elsewhere are missing choices, not classes: padding a third, empty choice changes nothing
+    two = classification(c=2, sharpness=3.0)
+    padded = torch.cat([two[0].softmax(-1), torch.zeros(400, 1, dtype=torch.float64)], -1)
+    padded_logits = torch.cat([two[0], torch.full((400, 1), -math.inf, dtype=torch.float64)], -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        t = fit_temperature(two[0].softmax(-1), two[1])
+        assert 2.0 < t < 4.5
+        assert fit_temperature(padded, two[1]) == pytest.approx(t, rel=1e-9)
+        assert fit_temperature(padded_logits, two[1]) == pytest.approx(t, rel=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -127,6 +139,70 @@ def test_temperature_optimum_on_a_search_bound_is_reported():
     assert 1e-3 < fitted.temperature < 6e-3 and fitted.note is None
 
 
+def overconfident(margin, n=200, seed=0):
+    """The adversarial tester's repro: 70% right, every prediction ``margin`` nats sure of itself (optimum ~1.33 m)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    pred = torch.where(torch.rand(n, generator=g) < 0.7, labels, 1 - labels)
+    logits = torch.zeros(n, 2)
+    logits[torch.arange(n), pred] = margin
+    return logits, labels
+
+
+def grid_optimum(log_probs, labels):
+    """``T`` minimising the exact (unfloored) mean NLL of ``softmax(log_probs / T)`` on a dense grid of [1e-3, 1e4]."""
+    grid = torch.exp(torch.linspace(math.log(1e-3), math.log(1e4), 7001, dtype=torch.float64))
+    scaled = (log_probs.double()[None] / grid[:, None, None]).log_softmax(-1)
+    nlls = -scaled.gather(-1, labels.expand(len(grid), -1).unsqueeze(-1)).mean((1, 2))
+    return float(grid[nlls.argmin()])
+
+
+@pytest.mark.parametrize("margin", [15.0, 20.0, 40.0, 80.0, 90.0, 100.0, 120.0])
+@pytest.mark.parametrize("kind, dtype", [("logits", torch.float32), ("logits", torch.float64),
+                                         ("probs", torch.float32), ("probs", torch.float16)])
+def test_temperature_of_very_overconfident_predictions_is_the_exact_nll_optimum(margin, kind, dtype):
+    # the per-example floor of the NLL (27.6 nats) made the objective flat below T ~ m / 27.6: both probes of
+    # the search landed there and it returned T = 1 without a word (logits from m = 90; float16 probabilities,
+    # whose label entry is an exact 0 from m = 20, and float32 ones from m = 104)
+    logits, labels = overconfident(margin)
+    x = logits.to(dtype) if kind == "logits" else logits.softmax(-1).to(dtype)
+    if kind == "logits":
+        log_probs = x.double().log_softmax(-1)
+        saturated = 0
+    else:  # a label probability of exactly 0 is taken as metrics.nll's floor 1e-12, or as the dtype's smallest
+        # positive number where lower (float32: 1.4e-45, below the 4e-44 it holds at m = 100); other zeros stay
+        log_probs = x.double().log()
+        picked = log_probs.gather(-1, labels[:, None])
+        saturated = int((picked == -math.inf).sum())
+        floor = {torch.float32: 1.4012984643e-45, torch.float16: 1e-12}[dtype]
+        log_probs = log_probs.scatter(-1, labels[:, None], picked.clamp(min=math.log(floor)))
+    best = grid_optimum(log_probs, labels)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted = fit_temperature(x, labels, return_info=True)
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == (fitted.note is not None) and all(m == f"temperature scaling: {fitted.note}" for m in messages)
+    if best < 100:
+        assert fitted.temperature == pytest.approx(best, rel=3e-3)
+        assert 1.2 * margin < fitted.temperature < 1.45 * margin or saturated
+    else:  # the optimum is past the upper bound: kept there, and said
+        assert fitted.temperature == 100.0 and "lowest at the upper search bound T = 100" in fitted.note
+        if saturated:  # within the floored fit the saturated errors want T -> inf
+            assert "no better than uniform" in fitted.note
+        else:
+            beyond = float(re.search(r"its minimum lies beyond it, at T = ([0-9.e+]+)", fitted.note).group(1))
+            assert beyond == pytest.approx(best, rel=5e-3) and "pass bounds=(0.01, 1000) to reach it" in fitted.note
+    if saturated:
+        assert fitted.note.startswith(f"{saturated} of 200 validation examples give probability 0 to their label "
+                                      "(saturated probabilities)") and "pass logits for an exact fit" in fitted.note
+    elif best < 100:
+        assert fitted.note is None
+    if margin == 40.0 and kind == "logits":
+        assert fitted.temperature == pytest.approx(53.07, abs=0.01)  # the repro's numbers
+    if margin >= 90.0 and kind == "logits":
+        assert fitted.temperature == 100.0 and best > 110  # was 1.0, silently
+
+
 def test_temperature_row_carries_the_fallback_note_into_results_and_table():
     from pyro_lora.compare import _fit_method, format_table, summarize_seeds
 
@@ -160,6 +236,14 @@ def test_temperature_bad_input():
         fit_temperature(torch.tensor([[0.5, 0.5]]), torch.tensor([2]))
     with pytest.raises(ValueError, match="not probability vectors"):
         fit_temperature(torch.tensor([[2.0, 0.5]]), torch.tensor([0]), kind="probs")
+    # float labels were truncated (labels + 0.7 gave the same T); refused as every metric refuses them
+    logits, labels = classification(sharpness=3.0)
+    for bad in (labels + 0.7, labels.double(), labels.bool()):
+        for x in (logits, logits.softmax(-1)):
+            with pytest.raises(ValueError, match="labels must be integer class indices"):
+                fit_temperature(x, bad)
+    with pytest.raises(ValueError, match="all -inf"):
+        fit_temperature(torch.tensor([[0.0, 1.0], [-math.inf, -math.inf]]), torch.tensor([0, 1]))
 
 
 # --- MC dropout -----------------------------------------------------------------------------------
@@ -237,9 +321,9 @@ def distinct_members(model, k=3):
 def test_ensemble_cycles_members_and_its_pyro_path_keeps_sites_together():
     model = make()
     guide = EnsembleGuide(model, distinct_members(model))
-    draws = guide.sample(7)
+    draws = guide.sample(6)
     for v in draws.values():
-        assert v[:, 0, 0, 0].tolist() == [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 1.0]
+        assert v[:, 0, 0, 0].tolist() == [1.0, 2.0, 3.0, 1.0, 2.0, 3.0]
     assert all(torch.equal(v, torch.full_like(v, 2.0)) for v in guide.mean().values())
     trace = poutine.trace(guide).get_trace(random_batch())
     k = int(trace.nodes["ensemble_member"]["value"])
@@ -315,3 +399,72 @@ def test_ensemble_bad_input():
         EnsembleGuide(model, [{n: torch.zeros(2) for n in model.sites}])
     with pytest.raises(ValueError, match="random='AB'"):
         train_ensemble(make(random="A"), toy_data(), k=2)
+
+
+def sharp():
+    """``make()`` with a sharper head than the random init's (whose near-uniform softmax hides the members)."""
+    model = make()
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.net.named_parameters():
+            if "classifier" in name and name.endswith("weight"):
+                p.copy_(3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def perturbed_members(model, k=3, scale=0.5):
+    g = torch.Generator().manual_seed(7)
+    return [{n: v + scale * torch.randn(v.shape, generator=g) for n, v in model.adapter_values().items()} for _ in range(k)]
+
+
+@pytest.mark.parametrize("bad", [1, 2, 4, 5, 8])
+def test_ensemble_refuses_a_number_of_samples_that_is_not_a_multiple_of_k(bad):
+    """Draw s is member s mod K: any other S would weight the first S mod K members more (S=8, K=3: members 0
+    and 1 get 3/8 each, member 2 only 2/8; S=1: member 0 alone), so every path refuses it."""
+    model = sharp()
+    guide = EnsembleGuide(model, perturbed_members(model))
+    data = toy_data()
+    with pytest.raises(ValueError, match=rf"num_samples={bad} would weight member.*use a multiple of K \(predict_ensemble uses S = K = 3\)"):
+        guide.sample(bad)
+    for chunk in (None, 2):
+        with pytest.raises(ValueError, match="use a multiple of K"):
+            predict(model, guide, data, num_samples=bad, chunk_size=chunk)
+    with pytest.raises(ValueError, match="use a multiple of K"):
+        predict_ensemble(model, guide, data, num_samples=bad)
+    with pytest.raises(ValueError, match="use a multiple of K"), guide.member_heads(bad):
+        pass
+
+
+def test_ensemble_default_predict_is_refused_and_multiples_of_k_give_the_exact_mixture():
+    model = sharp()
+    guide = EnsembleGuide(model, perturbed_members(model))
+    data = toy_data()
+    exact = torch.stack([member_prediction(model, guide, data, k) for k in range(3)]).mean(0)  # 1/K sum_k p_k
+    assert (torch.stack([member_prediction(model, guide, data, k) for k in range(3)]) - exact).abs().max() > 0.05
+    with pytest.raises(ValueError, match="num_samples=8 .*use a multiple of K"):
+        predict(model, guide, data)  # predict's default S = 8 is no multiple of K = 3
+    torch.testing.assert_close(predict_ensemble(model, guide, data).probs, exact, rtol=1e-5, atol=1e-6)
+    for num_samples, chunk in [(3, None), (6, None), (6, 4), (9, 2)]:
+        pred = predict(model, guide, data, num_samples=num_samples, chunk_size=chunk)
+        torch.testing.assert_close(pred.probs, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_ensemble_mean_is_no_predictor_but_is_what_export_adapter_writes(tmp_path):
+    """predict(mean=True) would run the members' averaged weights, not the ensemble: refused. export_adapter
+    writes exactly that average as one adapter (documented as such)."""
+    from pyro_lora import export_adapter
+
+    model = sharp()
+    members = perturbed_members(model)
+    guide = EnsembleGuide(model, members)
+    with pytest.raises(ValueError, match=r"mean=True.*no predictor.*predict_ensemble"):
+        predict(model, guide, toy_data(), mean=True)
+    single = EnsembleGuide(model, members[:1])  # one member: its mean is that member, one forward
+    torch.testing.assert_close(
+        predict(model, single, toy_data(), mean=True).probs, member_prediction(model, single, toy_data(), 0), rtol=1e-5, atol=1e-6
+    )
+    export_adapter(guide, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").exists()
+    average = {n: torch.stack([m[n] for m in members]).mean(0) for n in members[0]}
+    for n, v in model.adapter_values().items():
+        torch.testing.assert_close(v, average[n], rtol=1e-5, atol=1e-6)

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import random_batch, tiny_bert, tiny_llama
+from conftest import random_batch, tiny_bert, tiny_bert_base, tiny_llama
 from peft import LoraConfig, get_peft_model
 from pyro import poutine
 from pyro.infer import Trace_ELBO
@@ -263,7 +263,9 @@ def test_evidence_matches_dense_and_increases_during_optimisation(per_layer):
     assert guide.prior_precision["value.lora_B"].tolist() == [1, 1]
     dense = dense_evidence(model, guide, data)
     torch.testing.assert_close(guide.log_marginal_likelihood().double(), dense, rtol=1e-4, atol=1e-3)
-    history = guide.optimize_prior_precision("marglik", per_layer=per_layer)
+    # three sequences determine next to none of a matrix's parameters (gamma ~ 1e-5): without the per-layer bound
+    # (min_effective_parameters=0) the optimum is the evidence's own
+    history = guide.optimize_prior_precision("marglik", per_layer=per_layer, min_effective_parameters=0)
     assert all(b >= a - 1e-6 * abs(a) for a, b in zip(history, history[1:]))
     assert history[-1] > history[0] + 1.0
     best = guide.log_marginal_likelihood()
@@ -299,7 +301,7 @@ def test_zero_curvature_matrices_are_named_and_left_out_of_the_evidence(per_laye
     # their exact evidence term is 0 for every lambda; Laplace's -lambda |A|^2 / 2 drove lambda to 2e-6
     assert guide.log_marginal_likelihood({"query.lora_A": 1e-6}) == guide.log_marginal_likelihood({"query.lora_A": 1e3})
     with pytest.warns(UserWarning, match="zero curvature") as record:
-        history = guide.optimize_prior_precision("marglik", per_layer=per_layer)
+        history = guide.optimize_prior_precision("marglik", per_layer=per_layer, min_effective_parameters=0)
     (message,) = [str(w.message) for w in record if "zero curvature" in str(w.message)]
     assert all(f"query.lora_A ({path})" in message for path in model.sites["query.lora_A"].layers)
     assert "query.lora_B" not in message and "value." not in message
@@ -319,17 +321,122 @@ def test_zero_curvature_matrices_are_named_and_left_out_of_the_evidence(per_laye
 
 
 def test_zero_curvature_everywhere_fits_nothing_and_a_normal_fit_says_nothing():
-    guide = LaplaceGuide(bert_model(), rank=3).fit(bert_data(), progress=False)
-    assert not guide.flat_matrices().any()
+    # a normal fit: every matrix informed (effective numbers of parameters 0.9 to 1.8), nothing said, the bound
+    # inactive: the same lambda as the unbounded evidence optimum
+    guide = LaplaceGuide(mlp_model(), fisher="exact", rank=3).fit(mlp_data(), progress=False)
+    assert not guide.flat_matrices().any() and not guide.uninformed_matrices().any()
+    guide.optimize_prior_precision("marglik", per_layer=True, min_effective_parameters=0)
+    unbounded = torch.cat(list(guide.prior_precision.values()))
+    guide.set_prior_precision(1.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         guide.optimize_prior_precision("marglik", per_layer=True)
+    assert torch.equal(torch.cat(list(guide.prior_precision.values())), unbounded)
+    guide = LaplaceGuide(bert_model(), rank=3).fit(bert_data(), progress=False)
+    assert not guide.flat_matrices().any()
     guide.set_prior_precision(0.5)
     for f in guide.factors:
         f.small_vals.zero_()  # no curvature anywhere
     with pytest.warns(UserWarning, match="no matrix has curvature, nothing is fitted"):
         history = guide.optimize_prior_precision("marglik")
     assert len(history) == 1 and all(bool((v == 0.5).all()) for v in guide.prior_precision.values())
+
+
+def small_b_bert(b_scale, seed=0):
+    """The adversarial tester's setting: 2 labels, a sharp head, B ~ N(0, 1) * ``b_scale`` (a few steps from peft's
+    zero init when small), and 48 sequences."""
+    net = tiny_bert_base(num_labels=2, seed=seed)
+    net.classifier.weight.data.normal_(0, 1.0)
+    net = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0).mul_(b_scale)
+    g = torch.Generator().manual_seed(3)
+    data = []
+    for _ in range(3):
+        lengths = torch.randint(4, 13, (16,), generator=g)
+        mask = (torch.arange(12)[None] < lengths[:, None]).long()
+        ids = torch.randint(1, 64, (16, 12), generator=g) * mask
+        data.append({"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (16,), generator=g)})
+    return LoraModel(net.eval(), SequenceClassification(), num_data=48), data
+
+
+def precisions(guide):
+    return torch.cat([guide.prior_precision[k] for k in guide.sites])
+
+
+@pytest.mark.parametrize("b_scale", [1e-3, 1e-4, 3e-5])
+def test_little_curvature_keeps_lambda_bounded_and_names_the_matrices(b_scale):
+    # a B of scale 1e-4 made value.lora_A's Fisher ~1e-8 of the largest, above the zero-curvature cutoff: its
+    # per-layer evidence optimum lambda ~ sqrt(sum g) / |A| fell to 2.7e-4 (prior std 61, swamping the sampled
+    # predictive) without a word
+    model, data = small_b_bert(b_scale)
+    guide = LaplaceGuide(model, fisher="exact", rank=3).fit(data, progress=False)
+    flat, held = guide.flat_matrices(), guide.uninformed_matrices()
+    assert not (flat & held).any() and held.any()
+    names = guide.matrix_names()
+    assert len(names) == len(held) and all(n.startswith(("query.lora_", "value.lora_")) and "(base_model." in n for n in names)
+    norms = flat_norms(guide).double()
+    bound = 0.1 / norms
+    guide.optimize_prior_precision("marglik", per_layer=True, min_effective_parameters=0)
+    unbounded = precisions(guide).double()
+    assert (unbounded[held] < bound[held]).all() and (unbounded[~held & ~flat] >= bound[~held & ~flat]).all()
+    assert unbounded[held].min() < 1e-2 * bound[held].max()  # what the evidence alone gave
+    guide.set_prior_precision(1.0)
+    with pytest.warns(UserWarning, match="little curvature") as record:
+        guide.optimize_prior_precision("marglik", per_layer=True)
+    (message,) = [str(w.message) for w in record if "little curvature" in str(w.message)]
+    named = [n for n in names if n in message]
+    assert named == [n for n, h in zip(names, held.tolist()) if h]  # every held matrix (site and module path), no other
+    assert "held at that bound" in message and "prior std per entry at most 3.2 |theta*|" in message
+    lam = precisions(guide).double()
+    torch.testing.assert_close(lam[held], bound[held], rtol=1e-5, atol=0)  # held at the bound, bounded below
+    torch.testing.assert_close(lam[~held & ~flat], unbounded[~held & ~flat], rtol=1e-5, atol=0)  # the others as before
+    assert (lam[flat] == 1.0).all()
+    # the bound is the constrained maximum: the evidence rises below it, falls above it
+    best = guide.log_marginal_likelihood()
+    for factor, better in ((0.5, True), (2.0, False)):
+        moved = lam.clone()
+        moved[held] *= factor
+        start, moved_lam = 0, {}
+        for k in guide.sites:
+            n = guide.prior_precision[k].numel()
+            moved_lam[k] = moved[start : start + n].float()
+            start += n
+        assert (guide.log_marginal_likelihood(moved_lam) > best) == better
+    # the shared lambda is fitted on all curved matrices and is not pulled down by the barely informed ones: it
+    # does not move as their curvature shrinks (B ~ 1e-2 to 1e-4: 0.32 each time), it gives their A a prior no
+    # wider than the per-layer bound, and no bound applies (nothing said)
+    guide.set_prior_precision(1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guide.optimize_prior_precision("marglik")
+    assert not [w for w in caught if "little curvature" in str(w.message)]
+    shared = float(precisions(guide)[0])
+    if not flat[4:6].any():  # value.lora_A curved (B ~ 1e-3, 1e-4): held per layer
+        assert held[4:6].all() and names[4].startswith("value.lora_A")
+        assert shared >= bound[4:6].max() and shared > 50 * unbounded[4:6].max()
+        other, other_data = small_b_bert(1e-2)
+        other_guide = LaplaceGuide(other, fisher="exact", rank=3).fit(other_data, progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            other_guide.optimize_prior_precision("marglik")
+        assert float(precisions(other_guide)[0]) == pytest.approx(shared, rel=0.02)
+
+
+def test_a_normal_scale_b_is_not_held():
+    model, data = small_b_bert(1.0)
+    guide = LaplaceGuide(model, fisher="exact", rank=3).fit(data, progress=False)
+    assert not guide.flat_matrices().any() and not guide.uninformed_matrices().any()
+    guide.optimize_prior_precision("marglik", per_layer=True, min_effective_parameters=0)
+    unbounded = precisions(guide)
+    guide.set_prior_precision(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        guide.optimize_prior_precision("marglik", per_layer=True)
+    assert torch.equal(precisions(guide), unbounded)
 
 
 def test_val_nll_grid_picks_the_best_value():
