@@ -174,20 +174,29 @@ def _changed_point_parameters(snapshot, model):
     ]
 
 
+_TRAINER = "_pyro_lora_trainer"  # on the network, which every LoraModel over it shares
+
+
+def trainer(model):
+    """The guide that last trained the point parameters of ``model``'s network (``None`` if none is alive)."""
+    ref = getattr(model.net, _TRAINER, None)
+    return ref() if ref is not None else None
+
+
 def take_over(model, guide):
-    """``guide`` starts training ``model``'s point parameters; the guide that trained them before keeps, as the
-    state its predictions need, what it leaves behind."""
-    previous = model._trainer() if model._trainer is not None else None
+    """``guide`` starts training the point parameters of ``model``'s network; the guide that trained them before
+    keeps, as the state its predictions need, what it leaves behind."""
+    previous = trainer(model)
     if previous is guide:
         return
     if previous is not None:
-        previous._point_snapshot = point_snapshot(model)
-    model._trainer = weakref.ref(guide)
+        previous._point_snapshot = point_snapshot(previous.model)
+    setattr(model.net, _TRAINER, weakref.ref(guide))
 
 
 def _point_problems(model, guide):
     own = guide.model
-    if (own._trainer() if own._trainer is not None else None) is not guide:
+    if trainer(own) is not guide:
         changed = _changed_point_parameters(guide._point_snapshot, own)
         if changed:
             return [

@@ -6,13 +6,12 @@ import json
 import os
 import shutil
 import tempfile
-import weakref
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .contract import check_guide, describe, differences, point_snapshot
+from .contract import check_guide, describe, differences, point_snapshot, take_over
 from .distributed import is_main
 
 FORMAT = "pyro_lora.guide/2"
@@ -113,6 +112,7 @@ def load_guide(path, model):
     module, name = meta["guide"].split(":")
     guide = getattr(importlib.import_module(module), name)(model, **meta["config"])
     tensors = load_file(str(path / "guide.safetensors"), device=str(model.device))
+    take_over(model, guide)  # before the restore: the guide that trained the point parameters keeps its state
     net_params = dict(model.net.named_parameters())
     with torch.no_grad():
         for k in [k for k in tensors if k.startswith(_NET)]:
@@ -120,8 +120,7 @@ def load_guide(path, model):
                 raise ValueError(f"guide at {path} holds network parameter {k[len(_NET):]!r} that this model lacks")
             net_params[k[len(_NET) :]].copy_(tensors.pop(k))
     guide.load_state_dict(tensors)
-    guide._point_snapshot = point_snapshot(model)  # the point parameters just restored are this guide's
-    model._trainer = weakref.ref(guide)
+    guide._point_snapshot = point_snapshot(model)
     return guide
 
 

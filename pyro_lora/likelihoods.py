@@ -30,9 +30,10 @@ class FusedCategorical(TorchDistribution):
     arg_constraints = {}
     support = constraints.nonnegative_integer
 
-    def __init__(self, logits, event_dims=0, ignore_index=-100):
+    def __init__(self, logits, event_dims=0, ignore_index=-100, observer=None):
         self.logits = logits
         self.ignore_index = ignore_index
+        self.observer = observer  # called with each log_prob computed, detached (the model's data-fit record)
         shape = logits.shape[:-1]
         super().__init__(shape[: len(shape) - event_dims], shape[len(shape) - event_dims :], validate_args=False)
 
@@ -43,14 +44,17 @@ class FusedCategorical(TorchDistribution):
             reduction="none",
             ignore_index=self.ignore_index,
         ).view(value.shape)
-        return -ce.sum(tuple(range(-len(self.event_shape), 0))) if self.event_shape else -ce
+        log_prob = -ce.sum(tuple(range(-len(self.event_shape), 0))) if self.event_shape else -ce
+        if self.observer is not None:
+            self.observer(log_prob.detach())
+        return log_prob
 
     def sample(self, sample_shape=torch.Size()):
         return Categorical(logits=self.logits).sample(sample_shape)
 
     def expand(self, batch_shape, _instance=None):
         event = self.logits.shape[len(self.batch_shape) : -1]
-        return FusedCategorical(self.logits.expand(*batch_shape, *event, self.logits.shape[-1]), len(event), self.ignore_index)
+        return FusedCategorical(self.logits.expand(*batch_shape, *event, self.logits.shape[-1]), len(event), self.ignore_index, self.observer)
 
 
 def repeat_inputs(batch, num_samples, keys=_NET_INPUTS):

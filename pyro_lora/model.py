@@ -58,7 +58,7 @@ class LoraModel:
         handoff.install(self.layers)
         self._checkpointing = handoff.checkpointing_modules(net)
         self._pyro_name = pyro_params.unique_name(self)
-        self._trainer = None  # weakref to the guide that last trained the point parameters (contract.take_over)
+        self.last_nll = None  # mean NLL per example of the last batch the Pyro model scored (a detached tensor)
         self.set_trainable()
 
     @property
@@ -213,9 +213,15 @@ class LoraModel:
         logits = self.logits(batch, values, flipout_locs=flipout)
         y = self.likelihood.observed(batch)
         size = self.num_data or y.shape[0]
+        observed = self.likelihood.distribution(logits)
+        if hasattr(observed, "observer"):
+            observed.observer = self._observe
         with pyro.plate("data", size, subsample_size=y.shape[0], device=y.device):
-            pyro.sample("obs", self.likelihood.distribution(logits), obs=y)
+            pyro.sample("obs", observed, obs=y)
         return logits
+
+    def _observe(self, log_prob):
+        self.last_nll = -log_prob.mean()  # per example, for fit's divergence check: the ELBO's prior term scales with 1/N
 
 
 def _submodule(net, path):

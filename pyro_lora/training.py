@@ -9,7 +9,7 @@ import torch
 from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
-from . import pyro_params
+from . import distributed, pyro_params
 from .contract import check_guide, point_snapshot, take_over
 
 
@@ -68,10 +68,11 @@ def fit(
     :param bool gradient_checkpointing: switch transformers' activation checkpointing on (non-reentrant) for
         the run; gradients equal those without it. A network whose checkpointing the user switched on
         (``gradient_checkpointing_enable()``, either mode) works too.
-    :param bool stop_on_divergence: raise :class:`DivergenceError` when the smoothed loss, or the last batch's
-        loss after the last update (one more forward), rises above four times the first step's loss plus four
-        nats per example (a learning rate far too high), both at the first step's KL weight (annealing raises
-        the loss legitimately); a non-finite loss always raises it.
+    :param bool stop_on_divergence: raise :class:`DivergenceError` (a learning rate far too high) when the data
+        NLL per example (the likelihood term alone, whatever ``num_data`` and the KL weight), smoothed over steps,
+        rises above four times the first step's plus four nats; or when, after an epoch, the first batch's NLL
+        (one more forward) exceeds its NLL before the run by more than half of it or half a nat, whichever is
+        more (training on a batch should not make it worse); a non-finite loss always raises it.
     :param callbacks: callables ``f(FitState)`` run after each optimizer step.
     :param checkpoint_dir: if given, the guide is saved there (atomically) every ``checkpoint_every``
         steps and at the end.
@@ -87,7 +88,6 @@ def fit(
     ``1/W sum_w [KL + N/b sum_{i in w} l_i] = KL + N/(W b) sum_i l_i``, the estimate of one process on the
     global batch: the data term is scaled to ``N`` once and the KL counted once.
     """
-    from . import distributed
     from .io import save_guide
 
     elbo = elbo or Trace_ELBO()
@@ -129,6 +129,8 @@ def fit(
                         loss = elbo.differentiable_loss(model, guide, batch, kl_weight=weight) / num_data
                     (loss / grad_accum_steps).backward()
                     accumulated += loss.item() / grad_accum_steps
+                    if watch is not None:
+                        watch.observe(model.last_nll, batch, grad_accum_steps)
                     if (i + 1) % grad_accum_steps:
                         continue
                     accumulated = distributed.all_reduce_gradients(params, accumulated)
@@ -138,7 +140,7 @@ def fit(
                             "likely too high (or half precision overflowed); lower it or set max_grad_norm"
                         )
                     if watch is not None:
-                        watch.update(accumulated, step, epoch, weight)
+                        watch.update(step, epoch)
                     if max_grad_norm:
                         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                     optimizer.step()
@@ -154,11 +156,13 @@ def fit(
                     if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:
                         save_guide(guide, checkpoint_dir)
                     accumulated = 0.0
-            if watch is not None and step:
-                # each step's loss is taken before its update: the last update is judged on the last batch again
-                with torch.no_grad(), torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                    final = elbo.differentiable_loss(model, guide, batch, kl_weight=watch.kl_weight).item() / num_data
-                watch.check_final(distributed.all_reduce_gradients([], final), step, epoch)
+                if watch is not None and watch.first is not None:
+                    # each step's NLL is taken before its update and on another batch: the same batch judges the epoch
+                    # a forked RNG: the check must not change the run's random stream (dropout, weight noise)
+                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+                        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                            elbo.differentiable_loss(model, guide, watch.first[0])
+                    watch.check_first_batch(model.last_nll, epoch)
     finally:
         bar.close()
         optimizer.zero_grad(set_to_none=True)
@@ -170,34 +174,53 @@ def fit(
 
 
 class _DivergenceWatch:
-    """An exponential moving average of the loss against the first step's loss (taken before any update), over
-    the steps at the first step's KL weight."""
+    """The data NLL per example (the likelihood term alone: the ELBO's prior term scales with 1/N), smoothed
+    over steps against the first step's, and the first batch's before and after the run."""
 
     def __init__(self, lr, decay=0.9):
         self.lr, self.decay = lr, decay
-        self.start = self.ema = self.kl_weight = None
+        self.start = self.ema = None
+        self.first = None  # (the first batch, its NLL per example before any update)
+        self.step_nll, self.seen = 0.0, False
 
-    def update(self, loss, step, epoch, kl_weight):
-        if self.start is None:
-            self.start = self.ema = loss
-            self.kl_weight = kl_weight
-        if kl_weight != self.kl_weight:  # annealing: a heavier KL term raises the loss without any divergence
+    def observe(self, nll, batch, grad_accum_steps):
+        """After each batch's loss: ``nll`` is the model's ``last_nll`` (``None`` for a likelihood that keeps none)."""
+        if nll is None:
             return
-        self.ema = self.decay * self.ema + (1 - self.decay) * loss
-        self._check(self.ema, "smoothed loss", step, epoch)
+        nll = float(nll)
+        if self.first is None:
+            self.first = (batch, nll)
+        self.step_nll += nll / grad_accum_steps
+        self.seen = True
 
-    def check_final(self, loss, step, epoch):
-        """The loss on the last batch after the last update (a run of one step has nothing else to judge)."""
-        if not math.isfinite(loss):
-            raise DivergenceError(f"the loss became {loss} after the last step ({step}): the learning rate ({self.lr:g}) is likely too high")
-        self._check(loss, "loss after the last update", step, epoch)
-
-    def _check(self, loss, what, step, epoch):
-        if loss > 4 * abs(self.start) + 4.0:
+    def update(self, step, epoch):
+        """After the batches of one optimizer step."""
+        if not self.seen:
+            return
+        nll = distributed.all_reduce_gradients([], self.step_nll)
+        self.step_nll, self.seen = 0.0, False
+        if not math.isfinite(nll):
+            raise DivergenceError(f"the data NLL became {nll} at step {step} (epoch {epoch}): the learning rate ({self.lr:g}) is likely too high")
+        if self.start is None:
+            self.start = self.ema = nll
+        self.ema = self.decay * self.ema + (1 - self.decay) * nll
+        if self.ema > 4 * self.start + 4.0:
             raise DivergenceError(
-                f"training diverged: the {what} rose from {self.start:.4g} to {loss:.4g} per example by step "
-                f"{step} (epoch {epoch}); the learning rate ({self.lr:g}) is likely too high: lower it or set "
+                f"training diverged: the smoothed data NLL rose from {self.start:.4g} to {self.ema:.4g} per example by "
+                f"step {step} (epoch {epoch}); the learning rate ({self.lr:g}) is likely too high: lower it or set "
                 "max_grad_norm (stop_on_divergence=False turns this check off)"
+            )
+
+    def check_first_batch(self, nll, epoch):
+        """After each epoch: ``nll`` is the first batch's NLL per example now, judged against the one before the run."""
+        before, after = (distributed.all_reduce_gradients([], v) for v in (self.first[1], float(nll)))
+        self._judge(before, after, f"of the first batch rose from {before:.4g} before the run to {after:.4g} after epoch {epoch}")
+
+    def _judge(self, before, after, what):
+        if not after <= before + max(0.5 * before, 0.5):  # training on data should not make it worse
+            raise DivergenceError(
+                f"training diverged: the data NLL per example {what}; the learning rate ({self.lr:g}) is likely too "
+                "high: lower it or set max_grad_norm (stop_on_divergence=False turns this check off)"
             )
 
 

@@ -324,3 +324,14 @@ def test_pyro_svi_takes_the_head_over_as_fit_does():
     predict(model, second, data())
     with pytest.raises(ValueError, match="changed since this guide was built or trained"):
         predict(model, first, data())
+
+
+def test_ownership_is_per_network_not_per_model_object():
+    net = tiny_bert()
+    first_model = LoraModel(net, SequenceClassification(), random="AB", prior=0.5, num_data=6)
+    first = MAPGuide(first_model)
+    fit(first_model, first, data(), lr=5e-2, progress=False)
+    second_model = LoraModel(net, SequenceClassification(), random="A", prior=0.5, num_data=6)
+    fit(second_model, MeanFieldGuide(second_model), data(), lr=5e-2, progress=False)  # retrains the shared head
+    with pytest.raises(ValueError, match="changed since this guide was built or trained"):
+        predict(first_model, first, data())

@@ -2,12 +2,13 @@
 
 import json
 
+import pyro
 import pytest
 import torch
 from conftest import tiny_bert, tiny_bert_base
 from pyro.infer import TraceMeanField_ELBO
 
-from guides import MAPGuide
+from guides import MAPGuide, MeanFieldGuide
 from pyro_lora.io import atomic_file, export_adapter, load_guide, save_guide
 from pyro_lora.likelihoods import SequenceClassification
 from pyro_lora.metrics import nll
@@ -85,22 +86,49 @@ def test_fit_non_finite_loss_is_an_error():
 
 def test_fit_stops_when_the_loss_explodes():
     model, guide = make()
-    with pytest.raises(DivergenceError, match=r"training diverged: the smoothed loss rose from .* learning rate \(1000\) is likely too high"):
+    with pytest.raises(DivergenceError, match=r"training diverged: the smoothed data NLL rose from .* learning rate \(1000\) is likely too high"):
         fit(model, guide, toy_data() * 3, lr=1e3, progress=False)
     model, guide = make()
     losses = fit(model, guide, toy_data() * 3, lr=1e3, stop_on_divergence=False, progress=False)
     assert max(losses[-5:]) > 4 * losses[0] + 4  # what the check caught
-    model, guide = make()
-    with pytest.raises(DivergenceError, match="the loss after the last update rose"):  # one step: judged after it
-        fit(model, guide, toy_data(n=8, batch=8), lr=1e3, progress=False)
-    model, guide = make()
-    with pytest.raises(DivergenceError, match="the loss after the last update rose"):
-        fit(model, guide, toy_data(n=16, batch=4), lr=1e3, grad_accum_steps=4, progress=False)
+    for kwargs in (dict(data=toy_data(n=8, batch=8)), dict(data=toy_data(n=16, batch=4), grad_accum_steps=4)):
+        model, guide = make()  # one optimizer step: judged on the first batch after it
+        with pytest.raises(DivergenceError, match="the data NLL per example of the first batch rose from .* after epoch 0"):
+            fit(model, guide, lr=1e3, progress=False, **kwargs)
     model, guide = make()
     losses = fit(model, guide, toy_data() * 3, lr=1e-2, progress=False)  # a sane run is not stopped
     assert losses[-1] < losses[0]
 
 
+def _three_class_data():
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, 64, (32, 8), generator=g)
+    labels = ids[:, 0] % 3
+    return [{"input_ids": ids[i : i + 8], "attention_mask": torch.ones(8, 8, dtype=torch.long), "labels": labels[i : i + 8]} for i in range(0, 32, 8)]
+
+
+@pytest.mark.parametrize("num_data", [32, 100_000])
+def test_divergence_is_judged_on_the_data_term_whatever_the_data_size(num_data):
+    # the ELBO per example carries -log p(theta) / N: with N = 32 it dwarfed the data term and hid the divergence
+    model = LoraModel(tiny_bert(num_labels=3), SequenceClassification(), num_data=num_data)
+    with pytest.raises(DivergenceError, match="data NLL"):
+        fit(model, MAPGuide(model), _three_class_data(), epochs=5, lr=3.0, progress=False)
+
+
+def test_a_hard_last_batch_is_no_divergence_and_the_check_leaves_the_random_stream_alone():
+    data = _three_class_data()
+    model = LoraModel(tiny_bert(num_labels=3), SequenceClassification(), num_data=100_000)
+    guide = MAPGuide(model)
+    fit(model, guide, data, epochs=60, lr=3e-2, progress=False)
+    flipped = data[:3] + [data[3] | {"labels": (data[3]["labels"] + 1) % 3}]  # a hard last batch, nothing moves
+    fit(model, guide, flipped, lr=1e-12, progress=False)
+    runs = []
+    for check in (True, False):
+        model = LoraModel(tiny_bert(num_labels=3), SequenceClassification(), num_data=32)
+        guide = MeanFieldGuide(model, b="normal")
+        pyro.set_rng_seed(0)
+        runs.append(fit(model, guide, data, epochs=2, lr=1e-3, stop_on_divergence=check, progress=False))
+    assert runs[0] == runs[1]
 class _Jitter(MAPGuide):
     """A stochastic test guide: the MAP weights plus fixed-scale noise."""
 
