@@ -24,6 +24,7 @@ Each dataset's ``run_compare`` output goes to ``runs/study/<dataset>/``. A datas
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -404,6 +405,8 @@ def _cell(row, key, digits):
     """``mean ± std`` as compare.format_table writes it (no ``± std`` with one seed)."""
     if key not in row:
         return "—"
+    if math.isnan(row[key]):  # not available (e.g. mutual information without weight samples)
+        return "n/a"
     std = row.get(key + "_std")
     return f"{row[key]:.{digits}f}" + (f" ± {std:.{digits}f}" if std else "")
 
@@ -434,6 +437,7 @@ def markdown_table(rows, columns, first=("guide",)):
 
 def _best_shown(values, digits, lower_better):
     """The best of ``values`` as the table shows it (so equal-looking cells are bold alike); None where all look equal."""
+    values = [v for v in values if not math.isnan(v)]  # n/a cells are never the best
     shown = {f"{v:.{digits}f}" for v in values}
     if len(shown) < 2:
         return None

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pyro_lora import distributed
 from pyro_lora.metrics import nll
-from pyro_lora.predictive import Prediction, predict
+from pyro_lora.predictive import Prediction, _positive_int, predict
 from pyro_lora.sites import per_layer
 from pyro_lora.training import to_device
 
@@ -248,10 +248,11 @@ class LaplaceGuide(LoraGuide):
             raise ValueError(f"fisher must be 'mc' or 'exact', got {fisher!r}")
         if kfac not in ("reduce", "expand"):
             raise ValueError(f"kfac must be 'reduce' or 'expand', got {kfac!r}")
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"rank must be a positive int, got {rank!r}")
-        if sketch is not None and (not isinstance(sketch, int) or sketch < rank):
-            raise ValueError(f"sketch must be an int >= rank ({rank}), got {sketch!r}")
+        rank = _positive_int(rank, "rank")
+        if sketch is not None:
+            sketch = _positive_int(sketch, "sketch", f"at least rank = {rank}")
+            if sketch < rank:
+                raise ValueError(f"sketch must be an int >= rank ({rank}), got {sketch!r}")
         if model.likelihood.event_dims != 0:
             raise ValueError(
                 f"LaplaceGuide needs class-level logits [B, C]; {type(model.likelihood).__name__} scores tokens"
@@ -409,6 +410,13 @@ class LaplaceGuide(LoraGuide):
         for i, site in enumerate(self.sites.values()):
             groups.setdefault(site.layers, []).append(i)
         for layers, idx in groups.items():
+            shapes = {tuple(inputs[p].shape) for p in layers}
+            if len(shapes) > 1:
+                raise ValueError(
+                    f"the LoRA layers of site {list(self.sites)[idx[0]]!r} see inputs of different shapes {sorted(shapes)} "
+                    f"(e.g. BERT's pooler beside its token layers: {list(layers)}): KFAC stacks a site's layers; build the "
+                    "model with group='matrix', or leave those layers out of target_modules"
+                )
             x = torch.stack([inputs[p] for p in layers]).float()
             g = torch.stack([grads[p] for p in layers], 1).float()
             if x.dim() == 3:  # [L, N, d]: no token dim
@@ -584,13 +592,21 @@ class LaplaceGuide(LoraGuide):
         GLM probit predictive (one pass: the Jacobians do not depend on ``lambda``) or, with
         ``predictive="samples"``, the sampled predictive with ``num_samples`` (common random numbers).
 
-        :param grid: ``lambda`` values for ``"val_nll"`` (default ``logspace(-4, 4, 17)``).
+        When the lowest NLL is at the grid's smallest or largest value, the optimum may lie beyond the grid: a
+        warning names that edge and asks for a wider grid (the edge value is still set).
+
+        :param grid: ``lambda`` values for ``"val_nll"`` (default ``logspace(-4, 4, 17)``), finite and positive.
+        :param int num_samples: weight samples per ``lambda`` for ``predictive="samples"`` (a positive integer).
+        :param int max_iter: at most this many Newton iterations for ``"marglik"`` (a positive integer).
         :param float min_effective_parameters: ``gamma_min`` of the per-layer bound (0: none).
         :returns: the trace: evidence per Newton iteration, or NLL per grid value.
         :raises ValueError: before :meth:`fit`, on an unknown ``method`` or ``predictive``, ``"val_nll"`` without
-            ``val_loader`` or with ``per_layer=True``, or a grid of non-positive values.
+            ``val_loader`` or with ``per_layer=True``, a grid value that is not finite and positive (0, negative,
+            inf, nan), a ``num_samples`` or ``max_iter`` that is not a positive integer, or a grid NLL that is nan.
         """
         self._check_fitted()
+        num_samples = _positive_int(num_samples, "num_samples")
+        max_iter = _positive_int(max_iter, "max_iter")
         if method == "marglik":
             flat = self.flat_matrices()
             if bool(flat.all()):
@@ -632,13 +648,30 @@ class LaplaceGuide(LoraGuide):
         if predictive not in ("glm", "samples"):
             raise ValueError(f"predictive must be 'glm' or 'samples', got {predictive!r}")
         grid = torch.logspace(-4, 4, 17) if grid is None else torch.as_tensor(grid, dtype=torch.float).reshape(-1)
-        if grid.numel() == 0 or not bool((grid > 0).all()):
-            raise ValueError("grid must hold positive prior precisions")
+        if grid.numel() == 0 or not bool((torch.isfinite(grid) & (grid > 0)).all()):
+            raise ValueError(
+                f"grid must hold finite positive prior precisions (float32), got {grid.tolist()}"
+            )
         if predictive == "glm":
             nlls = self._grid_nll_glm(val_loader, grid.to(self.num_data.device), progress)
         else:
             nlls = self._grid_nll_samples(val_loader, grid, num_samples, progress)
-        self.set_prior_precision(float(grid[int(torch.tensor(nlls).argmin())]))
+        values = torch.tensor(nlls, dtype=torch.double)
+        if bool(values.isnan().any()):
+            bad = [g for g, v in zip(grid.tolist(), nlls) if math.isnan(v)]
+            raise ValueError(f"the validation NLL is nan at lambda = {', '.join(f'{g:g}' for g in bad)}: no lambda was set")
+        best = float(grid[int(values.argmin())])
+        low, high = float(grid.min()), float(grid.max())
+        if low < high and best in (low, high):
+            side, beyond = ("smallest", f"below {low:g} (a wider posterior)") if best == low else \
+                ("largest", f"above {high:g} (a narrower posterior, towards the MAP)")
+            warnings.warn(
+                f"LaplaceGuide val_nll: the validation NLL is lowest at the {side} grid value lambda = {best:g} (grid "
+                f"{low:g} to {high:g}): the optimum may lie beyond the grid; lambda = {best:g} is set, but extend the "
+                f"grid {beyond} to find it",
+                stacklevel=2,
+            )
+        self.set_prior_precision(best)
         return nlls
 
     def _optimize_marglik(self, per_layer, max_iter, floor):
@@ -772,11 +805,16 @@ class LaplaceGuide(LoraGuide):
 
         :param link: ``"probit"`` (``softmax(mean / sqrt(1 + pi/8 diag(cov)))``) or ``"mc"`` (``num_samples``
             logit draws per example).
+        :param int num_samples: logit draws per example for ``link="mc"`` (a positive integer, checked for
+            either link as :func:`pyro_lora.predict` checks it).
         :param keep_samples: with ``link="mc"``, also return the per-draw probabilities ``[S, N, C]``.
         :returns: a :class:`~pyro_lora.Prediction`.
+        :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, ``keep_samples`` with
+            the probit link, before :meth:`fit`, or on empty ``data``.
         """
         if link not in ("probit", "mc"):
             raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
+        num_samples = _positive_int(num_samples, "num_samples")
         if keep_samples and link != "mc":
             raise ValueError("keep_samples needs link='mc' (the probit link draws no samples)")
         self._check_fitted()

@@ -5,6 +5,7 @@ This is the application layer: the only part of ``pyro_lora`` that imports :mod:
 
 import json
 import math
+import numbers
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -160,6 +161,13 @@ class Fitted:
     guide: object = None
     extra_parameters: int = 0
     note: str = None  # what a reader of its rows must know (e.g. temperature scaling fell back to T = 1)
+    # one set of weights (MAP, zero-shot, temperature scaling): its mutual information is exactly 0, not missing.
+    # None: the guide's ``deterministic`` (False without a guide)
+    point_estimate: bool = None
+
+    def __post_init__(self):
+        if self.point_estimate is None:
+            self.point_estimate = bool(self.guide is not None and self.guide.deterministic)
 
 
 def _guide_predictor(setup, model, guide, **kwargs):
@@ -180,7 +188,7 @@ def method_zeroshot(setup):
         with setup.net.disable_adapter():
             return predict(setup.model, None, setup.loader(records), keep_samples=True)
 
-    return Fitted(run)
+    return Fitted(run, point_estimate=True)
 
 
 def _svi(setup, model, guide, train_network=True):
@@ -257,7 +265,8 @@ def method_laplace(setup):
     """KFAC Laplace at the MAP, prior precision by the evidence, linearised (GLM) probit predictive.
 
     Weight samples from this posterior collapse to chance on real data (as laplace-torch's do: DESIGN.md),
-    so the table reports the GLM predictive.
+    so the table reports the GLM predictive. The probit link draws no samples: its rows have no mutual
+    information (n/a, with a note), not an MI of 0.
     """
     from guides import LaplaceGuide
 
@@ -286,7 +295,7 @@ def method_temperature(setup):
         out.probs = apply_temperature(out.probs, t)
         return out
 
-    return Fitted(run, None, 1, note)
+    return Fitted(run, None, 1, note, point_estimate=True)
 
 
 def method_mcdropout(setup, p=0.1):
@@ -382,29 +391,71 @@ def _evaluate(setup, fitted, records):
     return prediction, costs
 
 
-def score(prediction, num_bins=15):
-    """Calibration, uncertainty and selective-prediction metrics of one :class:`Prediction`."""
+MI_SAMPLES_NOTE = ("mutual information n/a: one weight sample per example (--samples 1), and MI needs at least 2 "
+                   "(with one sample it is 0 by construction); rerun with --samples 2 or more")
+MI_NO_SAMPLES_NOTE = ("mutual information n/a: this predictive draws no weight samples (e.g. Laplace's GLM probit "
+                      "link, in closed form), and MI needs several")
+
+
+def _mi_samples(prediction, point_estimate):
+    """The per-sample probabilities that mutual information can be computed from, and None or the reason it cannot.
+
+    MI needs at least 2 weight samples. A point estimate (one set of weights) has MI exactly 0, whatever it kept;
+    any other predictive with fewer than 2 samples (none kept: a closed-form predictive; ``S = 1``) has none: its
+    MI of 0 would be the sample count speaking, not the posterior.
+    """
+    kept = prediction.sample_probs
+    count = 0 if kept is None else kept.shape[0]
+    samples = prediction.probs.unsqueeze(0) if kept is None else kept
+    if count >= 2 or point_estimate:
+        return samples, None
+    return samples, MI_SAMPLES_NOTE if count == 1 else MI_NO_SAMPLES_NOTE
+
+
+def score(prediction, num_bins=15, point_estimate=False):
+    """Calibration, uncertainty and selective-prediction metrics of one :class:`Prediction`.
+
+    ``mutual_information`` is NaN (n/a) where it cannot be computed, with the reason in ``note``: fewer than 2
+    weight samples from a predictive that is not a ``point_estimate`` (whose MI is exactly 0).
+    """
     p, y = prediction.probs, prediction.labels
     row = summarize(p, y, num_bins)
-    samples = prediction.sample_probs if prediction.sample_probs is not None else p.unsqueeze(0)
+    samples, missing = _mi_samples(prediction, point_estimate)
     row.update(
         entropy=float(M.predictive_entropy(samples).mean()),
-        mutual_information=float(M.mutual_information(samples).mean()),
+        mutual_information=float("nan") if missing else float(M.mutual_information(samples).mean()),
         accuracy_at_50=M.accuracy_at_coverage(p, y, 0.5),
         accuracy_at_80=M.accuracy_at_coverage(p, y, 0.8),
         aurc=M.aurc(p, y),
     )
+    if missing:
+        row["note"] = missing
     return row
 
 
-def _ood(in_dist, shifted):
-    """AUROC of telling the shifted set from the in-distribution test set by entropy and by mutual information."""
-    si = in_dist.sample_probs if in_dist.sample_probs is not None else in_dist.probs.unsqueeze(0)
-    so = shifted.sample_probs if shifted.sample_probs is not None else shifted.probs.unsqueeze(0)
+def _ood(in_dist, shifted, point_estimate=False):
+    """AUROC of telling the shifted set from the in-distribution test set by entropy and by mutual information
+    (NaN, n/a, where either set's MI cannot be computed: see :func:`score`)."""
+    si, missing_in = _mi_samples(in_dist, point_estimate)
+    so, missing_out = _mi_samples(shifted, point_estimate)
     return {
         "ood_auroc_entropy": M.auroc(M.predictive_entropy(si), M.predictive_entropy(so)),
-        "ood_auroc_mi": M.auroc(M.mutual_information(si), M.mutual_information(so)),
+        "ood_auroc_mi": float("nan") if missing_in or missing_out else M.auroc(M.mutual_information(si), M.mutual_information(so)),
     }
+
+
+def _row(head, *parts):
+    """``head`` updated with every dict of ``parts``; their ``note`` entries joined by ``"; "`` (each once)."""
+    row = dict(head)
+    notes = []
+    for part in parts:
+        row.update(part)
+        if part.get("note") and part["note"] not in notes:
+            notes.append(part["note"])
+    row.pop("note", None)
+    if notes:
+        row["note"] = "; ".join(notes)
+    return row
 
 
 def run_compare(config):
@@ -435,11 +486,12 @@ def run_compare(config):
             for dataset, records in [(config.dataset, setup.test), *setup.shifted.items()]:
                 prediction, costs = _evaluate(setup, fitted, records)
                 predictions[dataset] = prediction
-                row = {"guide": name, "dataset": dataset, "seed": seed, **score(prediction), **fit_costs, **costs}
+                row = _row({"guide": name, "dataset": dataset, "seed": seed}, score(prediction, point_estimate=fitted.point_estimate),
+                           fit_costs, costs)
                 if dataset != config.dataset:
-                    row.update(_ood(predictions[config.dataset], prediction))
+                    row.update(_ood(predictions[config.dataset], prediction, fitted.point_estimate))
                 rows.append(row)
-                arrays.setdefault(name, {}).update(_arrays(prediction, dataset, seed))
+                arrays.setdefault(name, {}).update(_arrays(prediction, dataset, seed, fitted.point_estimate))
                 if config.progress:
                     print(format_row(row), flush=True)
             if seed == config.seeds[0]:
@@ -495,14 +547,16 @@ def merge_results(out, update):
     return summary
 
 
-def _arrays(prediction, dataset, seed):
-    samples = prediction.sample_probs if prediction.sample_probs is not None else prediction.probs.unsqueeze(0)
+def _arrays(prediction, dataset, seed, point_estimate=False):
+    """The npz arrays of one evaluation; mutual information all NaN where it cannot be computed (see :func:`score`)."""
+    samples, missing = _mi_samples(prediction, point_estimate)
     key = f"{dataset}__seed{seed}__"
+    mi = M.mutual_information(samples).numpy() if not missing else np.full(len(prediction.labels), np.nan)
     return {
         key + "probs": prediction.probs.numpy(),
         key + "labels": prediction.labels.numpy(),
         key + "entropy": M.predictive_entropy(samples).numpy(),
-        key + "mutual_information": M.mutual_information(samples).numpy(),
+        key + "mutual_information": mi,
     }
 
 
@@ -510,6 +564,8 @@ def summarize_seeds(rows):
     """Mean and std over seeds of every numeric column, per (guide, evaluation set): ``x`` and ``x_std``.
 
     The seeds' ``note`` entries are kept: ``"seeds 0, 2: <note>"`` per distinct note, joined by ``"; "``.
+    A value that is not available (NaN, or None: JSON null) in any seed makes the column's mean and std NaN:
+    n/a, not a mean over the seeds that happen to have it. NaN is written to ``results.json`` as ``NaN``.
     """
     groups = {}
     for r in rows:
@@ -526,7 +582,7 @@ def summarize_seeds(rows):
         for key in group[0]:
             if key in ("guide", "dataset", "seed", "note"):
                 continue
-            values = np.array([r[key] for r in group], dtype=float)
+            values = np.array([r[key] for r in group], dtype=float)  # None (JSON null) -> NaN
             row[key] = float(values.mean())
             row[key + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         summary.append(row)
@@ -542,7 +598,7 @@ def fit_one(config):
     train_map(setup)
     fitted, costs = _fit_method(setup, name, time.perf_counter() - start)
     prediction, predict_costs = _evaluate(setup, fitted, setup.test)
-    row = {"guide": name, "dataset": config.dataset, **score(prediction), **costs, **predict_costs}
+    row = _row({"guide": name, "dataset": config.dataset}, score(prediction, point_estimate=fitted.point_estimate), costs, predict_costs)
     if fitted.guide is None:
         raise ValueError(f"method {name!r} has no guide to save")
     out = Path(config.out)
@@ -566,7 +622,8 @@ def bayesianize_adapter(config, adapter_dir, anchors=256, **search):
         guide = bayesianize(setup.model, setup.loader(anchor_records), progress=config.progress, **search)
     costs = {"fit_seconds": time.perf_counter() - t, "fit_memory_mb": memory.megabytes, "extra_parameters": guide.extra_parameters()}
     prediction, predict_costs = _evaluate(setup, Fitted(_guide_predictor(setup, setup.model, guide)), setup.test)
-    row = {"guide": "tfb", "dataset": config.dataset, **score(prediction), **costs, **predict_costs, "sigma_q": float(guide.sigma_q)}
+    row = _row({"guide": "tfb", "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic), costs, predict_costs,
+               {"sigma_q": float(guide.sigma_q)})
     out = Path(config.out)
     save_guide(guide, out / "guide")
     write_json(out / "run.json", {"config": asdict(config), "random": "AB", "adapter": str(adapter_dir), "result": row})
@@ -596,8 +653,8 @@ def evaluate_saved(run_dir, **overrides):
         setup.model = LoraModel(setup.net, setup.likelihood, random=run["random"], num_data=len(setup.train), prior=config.prior_scale)
     guide = load_guide(run_dir / "guide", setup.model)
     prediction, costs = _evaluate(setup, Fitted(_guide_predictor(setup, setup.model, guide)), setup.test)
-    return {"guide": config.guides[0], "dataset": config.dataset, **score(prediction), "fit_seconds": 0.0, "fit_memory_mb": 0.0, **costs,
-            "extra_parameters": guide.extra_parameters()}
+    return _row({"guide": config.guides[0], "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
+                {"fit_seconds": 0.0, "fit_memory_mb": 0.0}, costs, {"extra_parameters": guide.extra_parameters()})
 
 
 def write_json(path, obj):
@@ -616,7 +673,8 @@ TABLE = [("accuracy", "accuracy", 3), ("ece", "ECE x100", 2), ("nll", "NLL", 3),
 def format_table(rows):
     """Markdown table, one row per (guide, evaluation set); ``mean ± std`` where rows carry ``_std``.
 
-    Rows with a ``note`` are marked ``(note)`` and their notes listed under the table.
+    Rows with a ``note`` are marked ``(note)`` and their notes listed under the table. A value that is not
+    available (NaN or None: e.g. the mutual information of a predictive without weight samples) reads ``n/a``.
     """
     head = "| guide | dataset | " + " | ".join(t for _, t, _ in TABLE) + " | OOD AUROC H / MI |"
     lines = [head, "|" + "---|" * (len(TABLE) + 3)]
@@ -624,12 +682,19 @@ def format_table(rows):
     return "\n".join(lines + [format_row(r) for r in rows] + ([""] + notes if notes else []))
 
 
-def format_row(r):
-    def cell(key, digits):
-        value = f"{r[key]:.{digits}f}"
-        std = r.get(key + "_std")
-        return value + (f" ± {std:.{digits}f}" if std else "")
+def _not_available(value):
+    """None (JSON null) or NaN: a value the run could not compute (see :func:`score`)."""
+    return value is None or (isinstance(value, numbers.Real) and math.isnan(value))
 
-    ood = f"{r['ood_auroc_entropy']:.3f} / {r['ood_auroc_mi']:.3f}" if "ood_auroc_entropy" in r else ""
+
+def format_row(r):
+    def number(key, digits):
+        return "n/a" if _not_available(r[key]) else f"{r[key]:.{digits}f}"
+
+    def cell(key, digits):
+        std = r.get(key + "_std")
+        return number(key, digits) + (f" ± {std:.{digits}f}" if std and not _not_available(std) and not _not_available(r[key]) else "")
+
+    ood = f"{number('ood_auroc_entropy', 3)} / {number('ood_auroc_mi', 3)}" if "ood_auroc_entropy" in r else ""
     guide = r["guide"] + (" (note)" if r.get("note") else "")
     return f"| {guide} | {r['dataset']} | " + " | ".join(cell(k, d) for k, _, d in TABLE) + f" | {ood} |"

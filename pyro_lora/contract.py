@@ -15,6 +15,7 @@ import weakref
 
 import torch
 
+_ADAPTER_NAMES = ("lora_", ".modules_to_save.", "trainable_tokens_")  # the adapter's, not the base's
 _FINGERPRINT_RTOL = 1e-3  # a bf16 cast moves a 16-entry sum by ~3e-4, a 4096-entry one by ~2e-5
 
 
@@ -45,12 +46,13 @@ def describe(model):
 def _fingerprint(net):
     """Base parameter name -> sum of ``|w|`` over at most 4096 evenly strided entries (quantized ones left out).
 
-    Every base parameter counts (embeddings, norms, every layer), not the LoRA matrices nor the adapter's
-    trained head copies; a change confined to entries between the strides can go unseen.
+    Every frozen base parameter counts (embeddings, norms, every layer), not the adapter's (LoRA matrices, head
+    copies, token deltas) nor trainable ones (point parameters, compared apart); a change confined to entries
+    between the strides can go unseen.
     """
     out = {}
     for name, p in net.named_parameters():
-        if "lora_" in name or ".modules_to_save." in name or not p.is_floating_point():
+        if p.requires_grad or any(k in name for k in _ADAPTER_NAMES) or not p.is_floating_point():
             continue
         flat = p.detach().reshape(-1)
         out[name] = float(flat[:: max(1, flat.numel() // 4096)].float().abs().sum())
@@ -112,12 +114,12 @@ def _base_differences(expected, actual):
     ef, af = expected["fingerprint"], actual["fingerprint"]
     if not isinstance(ef, dict):  # an older guide's single number: the first LoRA layer's base weight
         return out
+    # parameters on one side only were switched to trainable (point parameters, compared apart) or belong to
+    # another architecture (its config and sites differ)
     differ = [n for n in ef if n in af and not math.isclose(ef[n], af[n], rel_tol=_FINGERPRINT_RTOL, abs_tol=1e-6)]
-    missing = sorted(set(ef) ^ set(af))
-    if differ or missing:
+    if differ:
         out.append(
-            "the base weights differ from the ones the guide was built on (another checkpoint of this architecture): "
-            f"{_short(differ or missing)}"
+            f"the base weights differ from the ones the guide was built on (another checkpoint of this architecture): {_short(differ)}"
         )
     return out
 
@@ -158,7 +160,7 @@ def _short(items, limit=4):
 def point_snapshot(model):
     """Name -> (version counter, float64 sum, sum of squares) of the network's point parameters (a trained
     head, non-random LoRA matrices): what a guide's predictions rely on besides its own sites."""
-    return {n: (p._version, *_sums(p)) for n, p in model.named_point_parameters()}
+    return {n: (p._version, *_sums(p)) for n, p in model.named_adapter_parameters()}
 
 
 def _sums(p):
@@ -169,7 +171,7 @@ def _sums(p):
 def _changed_point_parameters(snapshot, model):
     """Point parameters changed in place since ``snapshot`` (a restore to the same values is no change)."""
     return [
-        n for n, p in model.named_point_parameters()
+        n for n, p in model.named_adapter_parameters()
         if n in snapshot and p._version != snapshot[n][0] and _sums(p) != snapshot[n][1:]
     ]
 
@@ -181,6 +183,15 @@ def trainer(model):
     """The guide that last trained the point parameters of ``model``'s network (``None`` if none is alive)."""
     ref = getattr(model.net, _TRAINER, None)
     return ref() if ref is not None else None
+
+
+def head_trainer(model):
+    """The guide whose training left the network's point parameters as they are now, if it is alive (``None``
+    once anything else changed them, e.g. a re-initialisation)."""
+    owner = trainer(model)
+    if owner is None or _changed_point_parameters(owner._point_snapshot, owner.model):
+        return None
+    return owner
 
 
 def take_over(model, guide):
@@ -208,7 +219,7 @@ def _point_problems(model, guide):
         return []
     theirs = dict(model.net.named_parameters())
     differ = [
-        n for n, p in own.named_point_parameters()
+        n for n, p in own.named_adapter_parameters()
         if n not in theirs or not torch.equal(p.detach().to(theirs[n].device, theirs[n].dtype), theirs[n].detach())
     ]
     if differ:

@@ -71,8 +71,7 @@ def save_guide(guide, path):
         return Path(path)
     model = guide.model
     tensors = {k: v.detach().contiguous().cpu() for k, v in guide.state_dict().items()}
-    names = {id(p): n for n, p in model.net.named_parameters()}
-    tensors.update({_NET + names[id(p)]: p.detach().contiguous().cpu() for p in model.point_parameters()})
+    tensors.update({_NET + n: p.detach().contiguous().cpu() for n, p in model.named_adapter_parameters()})
     meta = {
         "format": FORMAT,
         "guide": f"{type(guide).__module__}:{type(guide).__qualname__}",

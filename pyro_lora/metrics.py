@@ -249,19 +249,37 @@ def auroc(scores_in, scores_out) -> float:
 def risk_coverage(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Accuracy when only the k most confident examples are kept, for k = 1..N.
 
-    probs [N, C], labels [N] -> (coverages [N] = k/N, accuracies [N]); confidence ties keep input order.
+    probs [N, C], labels [N] -> (coverages [N] = k/N, accuracies [N]).
+
+    Confidence ties are averaged, not broken by input order: when the k-th example falls inside a group of
+    m examples of equal confidence with c correct, of which j are kept, the kept ones count j c / m correct
+    (the expectation over the orders of the tie group), so the result does not depend on the order of the
+    examples. Ties are common: saturated confidences of 1.0, repeated inputs, ensembles. At a group's end,
+    and everywhere without ties, this is the plain cumulative accuracy.
 
     :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
     """
     probs, labels = _check_probs(probs, labels)
     conf, correct = _confidence_correct(probs, labels)
-    order = torch.sort(conf, descending=True, stable=True).indices
-    k = torch.arange(1, len(conf) + 1, dtype=torch.float64)
-    return k / len(conf), correct[order].cumsum(0) / k
+    n = len(conf)
+    # tie groups, most confident first: their sizes m_g and correct counts c_g
+    _, inverse, counts = torch.unique(conf, sorted=True, return_inverse=True, return_counts=True)
+    hits = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, inverse, correct).flip(0)
+    counts = counts.flip(0)
+    start = counts.cumsum(0) - counts  # examples more confident than the group
+    before = hits.cumsum(0) - hits  # correct ones among them
+    group = torch.repeat_interleave(torch.arange(len(counts)), counts)  # group of the k-th most confident, [N]
+    k = torch.arange(1, n + 1, dtype=torch.float64)
+    kept = k - start[group].to(torch.float64)  # j: how many of its group the first k keep, 1..m
+    expected_correct = before[group] + kept * hits[group] / counts[group].to(torch.float64)
+    return k / n, expected_correct / k
 
 
 def accuracy_at_coverage(probs, labels, coverage: float) -> float:
     """Accuracy on the round(coverage * N) most confident examples (at least one), 0 < coverage <= 1.
+
+    Confidence ties at the cut are averaged (see :func:`risk_coverage`): the result does not depend on the
+    order of the examples.
 
     :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
     """
@@ -274,6 +292,9 @@ def accuracy_at_coverage(probs, labels, coverage: float) -> float:
 
 def aurc(probs, labels) -> float:
     """Area under the risk-coverage curve: mean over k = 1..N of (1 - accuracy of the k most confident).
+
+    Confidence ties are averaged (see :func:`risk_coverage`): the expectation over the orders within each tie
+    group, independent of the order of the examples.
 
     :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
     """

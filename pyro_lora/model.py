@@ -5,8 +5,12 @@ import pyro.poutine as poutine
 import torch
 
 from . import handoff, pyro_params
+from .contract import head_trainer
 from .priors import isotropic_normal
 from .sites import active_adapter, build_sites, check_values, find_lora_layers, matrix_view, per_layer
+
+
+_ADAPTER_NAMES = ("lora_", ".modules_to_save.", "trainable_tokens_")  # parameters peft adds for an adapter
 
 
 class LoraModel:
@@ -90,6 +94,16 @@ class LoraModel:
         random = {id(p) for p in self.random_parameters()}
         return [(n, p) for n, p in self.net.named_parameters() if p.requires_grad and id(p) not in random]
 
+    def named_adapter_parameters(self):
+        """``(name, parameter)`` of all a guide's predictions rely on besides its sites: the point parameters and
+        the adapter's frozen ones (a head loaded with ``is_trainable=False``, non-random LoRA matrices, peft's
+        trainable-token deltas)."""
+        random = {id(p) for p in self.random_parameters()}
+        return [
+            (n, p) for n, p in self.net.named_parameters()
+            if id(p) not in random and (p.requires_grad or any(k in n for k in _ADAPTER_NAMES))
+        ]
+
     def check_network(self):
         """Check that the network still runs what this model was built on; called before every forward.
 
@@ -118,7 +132,12 @@ class LoraModel:
         return (layer.lora_A if matrix == "A" else layer.lora_B)[self.adapter].weight
 
     def adapter_values(self):
-        """Current peft LoRA weights as site values (``R`` and ``S`` sites start at zero): site -> ``site.shape``."""
+        """Current peft LoRA weights as site values (``R`` and ``S`` sites start at zero): site -> ``site.shape``.
+
+        :raises ValueError: if a guide trained the network's head (``fit``, SVI) with other LoRA values than the
+            adapter holds (a MAP guide keeps its LoRA in the guide): a guide built from this adapter would pair
+            untrained LoRA matrices with the trained head.
+        """
         values = {}
         for name, site in self.sites.items():
             if site.matrix in "RS":
@@ -126,6 +145,18 @@ class LoraModel:
                 continue
             mats = [self._parameter(p, site.matrix).detach().float() for p in site.layers]
             values[name] = torch.stack(mats) if site.stacked else mats[0]
+        owner = head_trainer(self)
+        if owner is not None:
+            theirs = owner.mean()
+            stale = [
+                n for n, v in values.items()
+                if self.sites[n].matrix in "AB" and n in theirs and theirs[n].shape == v.shape and not torch.equal(theirs[n].detach().float(), v)
+            ]
+            if stale:
+                raise ValueError(
+                    f"the network's head was trained by a {type(owner).__name__} whose LoRA values the adapter does not hold "
+                    f"({stale[0]}, ...): call model.write_adapter(guide.mean()) first, or pass init=guide.mean()"
+                )
         return {k: v.clone() for k, v in values.items()}
 
     def write_adapter(self, values):

@@ -126,7 +126,8 @@ def build_sites(layers, adapter, random=("A", "B"), group="kind"):
     :param layers: ordered module path -> LoRA layer (:func:`find_lora_layers`).
     :param random: which matrices are random, a subset of ``("A", "B", "R", "S")``.
     :param group: ``"kind"`` stacks same-kind, same-shape matrices across layers; ``"matrix"`` gives one
-        site per matrix. Layers of one kind with different ranks or widths form separate stacks.
+        site per matrix. Layers of one kind with different ranks or widths form separate stacks, named with a
+        ``.r{r}_{d_in}x{d_out}`` suffix; the A and B sites of a stack always hold the same layers.
     :returns: ordered site name -> :class:`Site`.
     """
     random = tuple(random)
@@ -135,21 +136,24 @@ def build_sites(layers, adapter, random=("A", "B"), group="kind"):
         raise ValueError(f"random must be a non-empty subset of {MATRICES}, got {random!r}")
     if group not in ("kind", "matrix"):
         raise ValueError(f"group must be 'kind' or 'matrix', got {group!r}")
+    # one stack per module kind and whole layer shape (r, d_in, d_out): the A and B sites of a stack then hold the
+    # same layers, even where one name covers several shapes (BERT's "dense", all-linear targets, rank_pattern)
     stacks = OrderedDict()
     for path, layer in layers.items():
-        kind = path.rsplit(".", 1)[-1]
-        for matrix in random:
-            shape = matrix_shape(layer, adapter, matrix)
-            stacks.setdefault((matrix, path if group == "matrix" else kind, shape), []).append(path)
-    shapes_per_key = Counter((matrix, key) for matrix, key, _ in stacks)
+        key = path if group == "matrix" else path.rsplit(".", 1)[-1]
+        r, d_in = layer.lora_A[adapter].weight.shape
+        stacks.setdefault((key, (r, d_in, layer.lora_B[adapter].weight.shape[0])), []).append(path)
+    shapes_per_key = Counter(key for key, _ in stacks)
     sites = OrderedDict()
-    for (matrix, key, shape), paths in stacks.items():
-        name = f"{key}.lora_{matrix}"
-        if group == "kind":
-            if shapes_per_key[(matrix, key)] > 1:  # heterogeneous ranks (peft rank_pattern)
-                name += "." + "x".join(map(str, shape))
-            shape = (len(paths),) + shape
-        sites[name] = Site(name, matrix, tuple(paths), tuple(shape))
+    for (key, (r, d_in, d_out)), paths in stacks.items():
+        for matrix in random:
+            name = f"{key}.lora_{matrix}"
+            shape = matrix_shape(layers[paths[0]], adapter, matrix)
+            if group == "kind":
+                if shapes_per_key[key] > 1:
+                    name += f".r{r}_{d_in}x{d_out}"
+                shape = (len(paths),) + shape
+            sites[name] = Site(name, matrix, tuple(paths), tuple(shape))
     return sites
 
 

@@ -71,8 +71,9 @@ def fit(
     :param bool stop_on_divergence: raise :class:`DivergenceError` (a learning rate far too high) when the data
         NLL per example (the likelihood term alone, whatever ``num_data`` and the KL weight), smoothed over steps,
         rises above four times the first step's plus four nats; or when, after an epoch, the first batch's NLL
-        (one more forward) exceeds its NLL before the run by more than half of it or half a nat, whichever is
-        more (training on a batch should not make it worse); a non-finite loss always raises it.
+        at the posterior mean (one more forward, in eval mode) exceeds its NLL before the run by more than half
+        of it or half a nat, whichever is more (training on a batch should not make it worse); a non-finite
+        loss always raises it.
     :param callbacks: callables ``f(FitState)`` run after each optimizer step.
     :param checkpoint_dir: if given, the guide is saved there (atomically) every ``checkpoint_every``
         steps and at the end.
@@ -93,7 +94,8 @@ def fit(
     elbo = elbo or Trace_ELBO()
     num_data = model.num_data or 1
     check_guide(model, guide, "fit", same_model=True)
-    take_over(model, guide)
+    if train_network:
+        take_over(model, guide)
     model.set_trainable()
     device = model.device
     params = (model.point_parameters() if train_network else []) + [p for p in guide.parameters() if p.requires_grad]
@@ -124,13 +126,15 @@ def fit(
                 accumulated = 0.0
                 for i, batch in enumerate(data):
                     batch = to_device(batch, device)
+                    if watch is not None and watch.first is None:
+                        watch.first = (batch, _mean_nll(model, guide, batch))
                     weight = beta(step)
                     with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                         loss = elbo.differentiable_loss(model, guide, batch, kl_weight=weight) / num_data
                     (loss / grad_accum_steps).backward()
                     accumulated += loss.item() / grad_accum_steps
                     if watch is not None:
-                        watch.observe(model.last_nll, batch, grad_accum_steps)
+                        watch.observe(model.last_nll, grad_accum_steps)
                     if (i + 1) % grad_accum_steps:
                         continue
                     accumulated = distributed.all_reduce_gradients(params, accumulated)
@@ -157,12 +161,9 @@ def fit(
                         save_guide(guide, checkpoint_dir)
                     accumulated = 0.0
                 if watch is not None and watch.first is not None:
-                    # each step's NLL is taken before its update and on another batch: the same batch judges the epoch
-                    # a forked RNG: the check must not change the run's random stream (dropout, weight noise)
-                    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-                        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
-                            elbo.differentiable_loss(model, guide, watch.first[0])
-                    watch.check_first_batch(model.last_nll, epoch)
+                    # each step's NLL is sampled, before its update and on another batch: the epoch is judged on
+                    # the first batch at the posterior mean, as before the run
+                    watch.check_first_batch(_mean_nll(model, guide, watch.first[0]), epoch)
     finally:
         bar.close()
         optimizer.zero_grad(set_to_none=True)
@@ -175,22 +176,19 @@ def fit(
 
 class _DivergenceWatch:
     """The data NLL per example (the likelihood term alone: the ELBO's prior term scales with 1/N), smoothed
-    over steps against the first step's, and the first batch's before and after the run."""
+    over steps against the first step's, and the first batch's at the posterior mean before and after each epoch."""
 
     def __init__(self, lr, decay=0.9):
         self.lr, self.decay = lr, decay
         self.start = self.ema = None
-        self.first = None  # (the first batch, its NLL per example before any update)
+        self.first = None  # (the first batch, its NLL per example at the posterior mean before any update)
         self.step_nll, self.seen = 0.0, False
 
-    def observe(self, nll, batch, grad_accum_steps):
+    def observe(self, nll, grad_accum_steps):
         """After each batch's loss: ``nll`` is the model's ``last_nll`` (``None`` for a likelihood that keeps none)."""
         if nll is None:
             return
-        nll = float(nll)
-        if self.first is None:
-            self.first = (batch, nll)
-        self.step_nll += nll / grad_accum_steps
+        self.step_nll += float(nll) / grad_accum_steps
         self.seen = True
 
     def update(self, step, epoch):
@@ -212,8 +210,11 @@ class _DivergenceWatch:
             )
 
     def check_first_batch(self, nll, epoch):
-        """After each epoch: ``nll`` is the first batch's NLL per example now, judged against the one before the run."""
-        before, after = (distributed.all_reduce_gradients([], v) for v in (self.first[1], float(nll)))
+        """After each epoch: ``nll`` is the first batch's NLL per example at the posterior mean now, judged against
+        the one before the run (``None``: a guide whose mean predicts nothing)."""
+        if nll is None or self.first[1] is None:
+            return
+        before, after = (distributed.all_reduce_gradients([], v) for v in (self.first[1], nll))
         self._judge(before, after, f"of the first batch rose from {before:.4g} before the run to {after:.4g} after epoch {epoch}")
 
     def _judge(self, before, after, what):
@@ -222,6 +223,20 @@ class _DivergenceWatch:
                 f"training diverged: the data NLL per example {what}; the learning rate ({self.lr:g}) is likely too "
                 "high: lower it or set max_grad_norm (stop_on_divergence=False turns this check off)"
             )
+
+
+def _mean_nll(model, guide, batch):
+    """NLL per example of ``batch`` at the posterior mean, in eval mode (no dropout: no random draw at all)."""
+    if not guide.mean_is_predictor:
+        return None
+    was_training = model.net.training
+    model.net.eval()
+    try:
+        with torch.no_grad():
+            logits = model.logits(batch, guide.mean())
+            return float(-model.likelihood.distribution(logits).log_prob(model.likelihood.observed(batch)).float().mean())
+    finally:
+        model.net.train(was_training)
 
 
 @contextlib.contextmanager

@@ -1,13 +1,14 @@
 """The comparison's bookkeeping: seeds summary, scores, OOD AUROC, npz outputs, letter mapping across sets."""
 
 import json
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from pyro_lora import metrics as M
-from pyro_lora.compare import CompareConfig, _ood, _std_lr_scale, format_table, score, summarize_seeds
+from pyro_lora.compare import CompareConfig, _arrays, _ood, _std_lr_scale, format_table, score, summarize_seeds
 from pyro_lora.predictive import Prediction
 
 
@@ -43,6 +44,108 @@ def test_score_and_ood_auroc():
     shifted = _prediction([[[0.5, 0.5], [0.55, 0.45], [0.5, 0.5]]] * 3, [0, 1, 0])
     ood = _ood(agree, shifted)
     assert ood["ood_auroc_entropy"] == 1.0 and ood["ood_auroc_mi"] == 0.5
+
+
+def test_mi_is_not_available_without_several_weight_samples():
+    labels = [0, 1, 1]
+    one = _prediction([[[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]], labels)  # S = 1 (--samples 1)
+    none = Prediction(one.probs, one.labels)  # no per-sample probabilities (Laplace's GLM probit)
+    shifted = _prediction([[[0.5, 0.5], [0.55, 0.45], [0.5, 0.5]]], [0, 1, 0])
+    for prediction, reason in [(one, "--samples 1"), (none, "draws no weight samples")]:
+        row = score(prediction)
+        assert math.isnan(row["mutual_information"]) and reason in row["note"]  # was 0.0, silently
+        assert row["entropy"] == pytest.approx(float(M.predictive_entropy(one.sample_probs).mean()))
+        assert row["accuracy"] == pytest.approx(2 / 3)  # the rest is scored as before
+        other = shifted if prediction.sample_probs is not None else Prediction(shifted.probs, shifted.labels)
+        ood = _ood(prediction, other)
+        assert ood["ood_auroc_entropy"] == 1.0 and math.isnan(ood["ood_auroc_mi"])  # was 0.5 by construction
+        arrays = _arrays(prediction, "sst2", 0)
+        assert np.isnan(arrays["sst2__seed0__mutual_information"]).all()
+        # a point estimate (MAP, temperature scaling) has no epistemic uncertainty: MI exactly 0, no note
+        point = score(prediction, point_estimate=True)
+        assert point["mutual_information"] == 0.0 and "note" not in point
+        assert _ood(prediction, other, point_estimate=True)["ood_auroc_mi"] == 0.5
+    two = _prediction([[[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], [[0.5, 0.5], [0.2, 0.8], [0.9, 0.1]]], labels)
+    row = score(two)
+    assert row["mutual_information"] > 0 and "note" not in row  # two samples: computed
+    assert not np.isnan(_ood(two, _prediction([[[0.5, 0.5]] * 3] * 2, [0, 1, 0]))["ood_auroc_mi"])
+
+
+def test_not_available_mi_through_summary_table_and_json(tmp_path):
+    from pyro_lora.compare import write_json
+
+    MI_NO_SAMPLES_NOTE = "mutual information n/a: no weight samples"
+    base = {"dataset": "sst2", "accuracy": 0.8, "ece": 3.0, "nll": 0.4, "brier": 0.3, "aurc": 0.1, "fit_seconds": 3.0,
+            "predict_seconds_per_1000": 1.0, "fit_memory_mb": 100.0, "extra_parameters": 0}
+    rows = [{"guide": "laplace", "seed": s, **base, "mutual_information": mi, "note": MI_NO_SAMPLES_NOTE} for s, mi in
+            [(0, float("nan")), (1, None)]]  # None: a JSON null
+    rows += [{"guide": "map", "seed": s, **base, "mutual_information": 0.0} for s in (0, 1)]
+    rows += [{"guide": g, "seed": 0, **base, "dataset": "arc", "mutual_information": mi, "ood_auroc_entropy": 0.6,
+              "ood_auroc_mi": mi} for g, mi in [("laplace", float("nan")), ("meanfield", 0.02)]]
+    summary = summarize_seeds(rows)
+    laplace = summary[0]
+    assert math.isnan(laplace["mutual_information"]) and math.isnan(laplace["mutual_information_std"])
+    assert laplace["note"] == f"seeds 0, 1: {MI_NO_SAMPLES_NOTE}"
+    table = format_table(summary)
+    line = [x for x in table.splitlines() if x.startswith("| laplace (note) | sst2 |")][0]
+    assert "| n/a |" in line and "nan" not in line and "0.800 ± 0.000" not in line
+    assert [x for x in table.splitlines() if x.startswith("| map | sst2 |")][0].count("| 0.0000 |") == 1
+    shift = [x for x in table.splitlines() if x.startswith("| laplace | arc |")][0]
+    assert shift.endswith("| 0.600 / n/a |")
+    assert [x for x in table.splitlines() if x.startswith("| meanfield | arc |")][0].endswith("| 0.600 / 0.020 |")
+    assert f"Note (laplace on sst2): seeds 0, 1: {MI_NO_SAMPLES_NOTE}" in table
+    write_json(tmp_path / "results.json", {"summary": summary, "per_seed": rows})
+    back = json.loads((tmp_path / "results.json").read_text())
+    assert math.isnan(back["summary"][0]["mutual_information"]) and back["per_seed"][1]["mutual_information"] is None
+    assert format_table(summarize_seeds(back["per_seed"])) == table  # merge_results re-summarises what it reads
+
+
+def test_methods_report_mi_as_computed_zero_or_not_available():
+    from types import SimpleNamespace
+
+    from conftest import random_batch, tiny_bert
+
+    from guides import MAPGuide
+    from pyro_lora import LoraModel, SequenceClassification
+    from pyro_lora.compare import Fitted, method_laplace, method_map, method_meanfield
+
+    def batches(seed):
+        out = []
+        for i in range(2):
+            b = random_batch(batch=4, seq=6, seed=seed + i)
+            b["labels"] = b["input_ids"][:, 0] % 3
+            out.append(b)
+        return out
+
+    train, test = batches(0), batches(10)
+    net = tiny_bert()
+    trained = {n: p.detach().clone() for n, p in net.named_parameters()}
+
+    def setup(samples):
+        config = CompareConfig(samples=samples, epochs=1, lr=1e-3, progress=False)
+
+        def lora_model(random="AB", **kwargs):
+            with torch.no_grad():
+                for n, p in net.named_parameters():
+                    p.copy_(trained[n])
+            return LoraModel(net, SequenceClassification(), random=random, num_data=8, **kwargs)
+
+        model = lora_model()
+        return SimpleNamespace(config=config, train=train, loader=lambda records, shuffle=False: records,
+                               lora_model=lora_model, model=model, map_guide=MAPGuide(model))
+
+    def mi(fitted):
+        row = score(fitted.predict(test), point_estimate=fitted.point_estimate)
+        return row["mutual_information"], row.get("note")
+
+    assert mi(method_map(setup(1))) == (0.0, None)  # a point estimate: exactly 0
+    value, note = mi(method_laplace(setup(8)))  # the GLM probit predictive draws no samples
+    assert math.isnan(value) and "draws no weight samples" in note
+    value, note = mi(method_meanfield(setup(1)))
+    assert math.isnan(value) and "--samples 1" in note
+    value, note = mi(method_meanfield(setup(3)))
+    assert value > 0 and note is None
+    assert Fitted(None).point_estimate is False and Fitted(None, SimpleNamespace(deterministic=True)).point_estimate is True
 
 
 def test_format_table_shows_mean_and_std():

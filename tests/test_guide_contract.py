@@ -300,6 +300,9 @@ def test_a_guide_whose_head_another_guide_retrained_is_refused_until_restored(tm
     fit(model, first, data(), lr=5e-2, progress=False)
     save_guide(first, tmp_path / "first")
     before = predict(model, first, data()).probs
+    with pytest.raises(ValueError, match="head was trained by a MAPGuide whose LoRA values the adapter does not hold"):
+        MeanFieldGuide(model, b="normal")  # from the untrained adapter, beside the trained head
+    model.write_adapter({k: v.detach() for k, v in first.mean().items()})
     second = MeanFieldGuide(model, b="normal", learn_loc=False)
     fit(model, second, data(), lr=1e-2, train_network=False, progress=False)  # leaves the head alone
     torch.testing.assert_close(predict(model, first, data()).probs, before)
@@ -331,7 +334,38 @@ def test_ownership_is_per_network_not_per_model_object():
     first_model = LoraModel(net, SequenceClassification(), random="AB", prior=0.5, num_data=6)
     first = MAPGuide(first_model)
     fit(first_model, first, data(), lr=5e-2, progress=False)
+    first_model.write_adapter({k: v.detach() for k, v in first.mean().items()})
     second_model = LoraModel(net, SequenceClassification(), random="A", prior=0.5, num_data=6)
     fit(second_model, MeanFieldGuide(second_model), data(), lr=5e-2, progress=False)  # retrains the shared head
     with pytest.raises(ValueError, match="changed since this guide was built or trained"):
         predict(first_model, first, data())
+
+
+def test_a_frozen_head_is_part_of_the_contract_and_of_the_saved_guide(tmp_path):
+    def frozen(seed):
+        model = lora()
+        with torch.no_grad():
+            for n, p in model.net.named_parameters():
+                if ".modules_to_save." in n:
+                    p.normal_(generator=torch.Generator().manual_seed(seed))
+                    p.requires_grad_(False)  # as PeftModel.from_pretrained(..., is_trainable=False) loads it
+        return model
+
+    x, y = frozen(1), frozen(2)
+    guide = MAPGuide(x)
+    with pytest.raises(ValueError, match=r"point parameters \['base_model.model.classifier.modules_to_save.default.weight'"):
+        predict(y, guide, data())
+    save_guide(guide, tmp_path / "g")
+    loaded = load_guide(tmp_path / "g", y)  # restores x's head into y
+    torch.testing.assert_close(predict(y, loaded, data()).probs, predict(x, guide, data()).probs)
+
+
+def test_peft_trainable_token_deltas_are_point_parameters_not_base_weights():
+    torch.manual_seed(0)
+    from conftest import tiny_bert_base
+
+    config = LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", trainable_token_indices={"word_embeddings": [1, 2, 3]})
+    model = LoraModel(get_peft_model(tiny_bert_base(), config), SequenceClassification(), prior=0.5, num_data=6)
+    guide = MAPGuide(model)
+    fit(model, guide, data(), lr=5e-2, progress=False)
+    predict(model, guide, data())  # the trained token deltas are the guide's, not another base

@@ -439,6 +439,7 @@ def test_a_normal_scale_b_is_not_held():
     assert torch.equal(precisions(guide), unbounded)
 
 
+@pytest.mark.filterwarnings("ignore:LaplaceGuide val_nll")  # an optimum on the grid's edge: tested below
 def test_val_nll_grid_picks_the_best_value():
     model = bert_model()
     guide = LaplaceGuide(model).fit(bert_data(), progress=False)
@@ -452,6 +453,70 @@ def test_val_nll_grid_picks_the_best_value():
     probit = guide.predict_glm(val)
     nll = -probit.probs.gather(1, probit.labels[:, None]).log().mean()
     assert guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1.0])[0] == pytest.approx(float(nll), rel=1e-5)
+
+
+def test_val_nll_optimum_on_the_grid_edge_warns_and_bad_grids_are_refused():
+    # fisher="exact": no sampled labels, so the NLL curve is deterministic; its minimum is at lambda = 1e-6
+    # (NLL 1.09759 against 1.09789 at 1e-7 and 1.09771 at 1e-5; flat at 1.09784 from 1e-3 up)
+    guide = LaplaceGuide(bert_model(), fisher="exact").fit(bert_data(), progress=False)
+    val = bert_data(lengths=(6, 6, 3, 5), seed=5)
+    lam = lambda: guide.prior_precision["query.lora_A"][0].item()  # noqa: E731
+    for grid in ([1e-7, 1e-6, 1e-5], [1e-7, 1e-5, 1e-6]):  # inside the grid (by value, whatever the order): silent
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            guide.optimize_prior_precision("val_nll", val_loader=val, grid=grid)
+        assert lam() == pytest.approx(1e-6)
+    with pytest.warns(UserWarning, match=r"largest grid value lambda = 1e-07 .*extend the grid above 1e-07"):
+        guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-8, 1e-9, 1e-7])
+    assert lam() == pytest.approx(1e-7)  # still set: the best the grid has
+    with pytest.warns(UserWarning, match=r"smallest grid value lambda = 1e-05 .*extend the grid below 1e-05"):
+        guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-5, 1e-4, 1e-3])
+    assert lam() == pytest.approx(1e-5)
+    with warnings.catch_warnings():  # one value is no search: nothing to warn about
+        warnings.simplefilter("error")
+        guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-5])
+    for bad in ([1.0, float("inf")], [float("nan"), 1.0], [0.0, 1.0], [-1.0, 1.0], [1e-50, 1.0], []):
+        with pytest.raises(ValueError, match="finite positive"):
+            guide.optimize_prior_precision("val_nll", val_loader=val, grid=bad)
+        assert lam() == pytest.approx(1e-5)  # a refused grid changes nothing
+    guide._grid_nll_glm = lambda *args: [1.0, float("nan"), 2.0]  # argmin took the nan as the best: 1e-4
+    with pytest.raises(ValueError, match="NLL is nan at lambda = 0.0001"):
+        guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-5, 1e-4, 1e-3])
+    assert lam() == pytest.approx(1e-5)
+
+
+def test_counts_are_checked_as_predict_checks_them():
+    from pyro_lora.predictive import _positive_int
+
+    model = bert_model()
+    data = bert_data()
+    guide = LaplaceGuide(model).fit(data, progress=False)
+    for bad in (0, -1, 2.5, True, "4", None):
+        with pytest.raises(ValueError) as expected:
+            _positive_int(bad, "num_samples")
+        message = str(expected.value)
+        assert "num_samples must be a positive integer" in message
+        with pytest.raises(ValueError) as got:  # 0 gave all-nan probabilities, -1 and 2.5 torch errors
+            guide.predict_glm(data, link="mc", num_samples=bad)
+        assert str(got.value) == message
+        with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+            predict(model, guide, data, num_samples=bad)  # the batched predictive says the same
+        with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+            guide.optimize_prior_precision("val_nll", val_loader=data, grid=[1.0], predictive="samples", num_samples=bad)
+    for bad in (0, -1, 2.5):
+        with pytest.raises(ValueError, match="max_iter must be a positive integer"):
+            guide.optimize_prior_precision("marglik", max_iter=bad)
+        with pytest.raises(ValueError, match="rank must be a positive integer"):
+            LaplaceGuide(model, rank=bad)
+        with pytest.raises(ValueError, match="sketch must be a positive integer"):
+            LaplaceGuide(model, rank=2, sketch=bad)
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        LaplaceGuide(model, rank=True)
+    with pytest.raises(ValueError, match="sketch must be an int >= rank"):
+        LaplaceGuide(model, rank=4, sketch=3)
+    assert LaplaceGuide(model, rank=torch.tensor(3).numpy()[()], sketch=8).rank == 3  # numpy integers are integers
+    mc = guide.predict_glm(data, link="mc", num_samples=3, keep_samples=True)
+    assert mc.sample_probs.shape[0] == 3 and bool(torch.isfinite(mc.probs).all())
 
 
 # ---------------------------------------------------------------- predictive and posterior

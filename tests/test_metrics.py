@@ -117,6 +117,64 @@ def test_risk_coverage_hand_case():
     assert metrics.aurc(PROBS, LABELS) == pytest.approx((0 + 0.5 + 1 / 3 + 0.25) / 4)
 
 
+def _ordered_accuracies(probs, labels):
+    """The curve with ties broken by input order (stable sort): the old, order-dependent definition."""
+    conf, pred = probs.double().max(-1)
+    correct = (pred == labels).double()[torch.sort(conf, descending=True, stable=True).indices]
+    return correct.cumsum(0) / torch.arange(1, len(conf) + 1, dtype=torch.float64)
+
+
+def test_risk_coverage_averages_confidence_ties_hand_case():
+    # two tie groups: 0.9 (both right), then 0.6 (one right, one wrong); the input order must not matter
+    probs = torch.tensor([[0.6, 0.4], [0.6, 0.4], [0.9, 0.1], [0.9, 0.1]])
+    labels = torch.tensor([0, 1, 0, 0])
+    for order in ([0, 1, 2, 3], [1, 0, 2, 3], [3, 1, 2, 0]):
+        p, y = probs[order], labels[order]
+        _, acc = metrics.risk_coverage(p, y)
+        # k = 3 keeps one of the 0.6 pair: 1/2 of a correct one on average
+        torch.testing.assert_close(acc, torch.tensor([1.0, 1.0, 2.5 / 3, 0.75], dtype=torch.float64))
+        assert metrics.aurc(p, y) == pytest.approx((0 + 0 + 1 / 6 + 1 / 4) / 4)  # 0.1042 (order gave 0.0625 or 0.1458)
+        assert metrics.accuracy_at_coverage(p, y, 0.75) == pytest.approx(5 / 6)  # (order gave 1.0 or 0.667)
+        assert metrics.accuracy_at_coverage(p, y, 0.5) == 1.0
+
+
+def test_risk_coverage_is_the_expectation_over_orders_and_order_invariant():
+    import itertools
+
+    g = torch.Generator().manual_seed(0)
+    # 7 examples, confidences on a coarse grid (saturated 1.0 included): several tie groups
+    top = torch.tensor([1.0, 1.0, 0.8, 0.8, 0.8, 0.6, 1.0], dtype=torch.float64)
+    probs = torch.stack([top, 1 - top], 1)
+    labels = torch.tensor([0, 1, 0, 1, 1, 0, 0])
+    _, acc = metrics.risk_coverage(probs, labels)
+    # the exact expectation: every order of the examples, ties broken by that order
+    orders = [list(o) for o in itertools.permutations(range(7))]
+    mean = torch.stack([_ordered_accuracies(probs[o], labels[o]) for o in orders]).mean(0)
+    torch.testing.assert_close(acc, mean, rtol=0, atol=1e-12)
+    # random permutations of a larger, tie-heavy set change nothing
+    levels = torch.tensor([0.5, 0.7, 0.9, 1.0])
+    top = levels[torch.randint(0, 4, (200,), generator=g)]
+    probs = torch.stack([top, 1 - top], 1)
+    labels = torch.randint(0, 2, (200,), generator=g)
+    ref = metrics.risk_coverage(probs, labels)[1]
+    for _ in range(5):
+        perm = torch.randperm(200, generator=g)
+        torch.testing.assert_close(metrics.risk_coverage(probs[perm], labels[perm])[1], ref, rtol=0, atol=1e-12)
+        assert metrics.aurc(probs[perm], labels[perm]) == pytest.approx(metrics.aurc(probs, labels), abs=1e-12)
+        for c in (0.1, 0.33, 0.5, 0.8):
+            assert metrics.accuracy_at_coverage(probs[perm], labels[perm], c) == pytest.approx(
+                metrics.accuracy_at_coverage(probs, labels, c), abs=1e-12)
+
+
+def test_risk_coverage_without_ties_is_the_plain_cumulative_accuracy():
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(3 * torch.randn(300, 4, generator=g, dtype=torch.float64), -1)
+    labels = torch.randint(0, 4, (300,), generator=g)
+    assert len(torch.unique(probs.max(-1).values)) == 300
+    assert torch.equal(metrics.risk_coverage(probs, labels)[1], _ordered_accuracies(probs, labels))
+    assert metrics.aurc(probs, labels) == float((1 - _ordered_accuracies(probs, labels)).mean())
+
+
 @pytest.mark.parametrize(
     "probs, labels, match",
     [

@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import pyro_lora.handoff as handoff
 from guides import MAPGuide
 from pyro_lora import LoraModel, SequenceClassification, export_adapter, predict
-from pyro_lora.likelihoods import CausalLM
+from pyro_lora.likelihoods import CausalLM, MultipleChoice
 
 
 def bert_with(**config):
@@ -175,3 +175,47 @@ def test_an_unloaded_adapter_is_refused(unload):
     getattr(net, unload)()
     with pytest.raises(ValueError, match=r"is no longer part of the network \(merge_and_unload\(\) or unload\(\) replaced it\)"):
         predict(model, guide, [batch()])
+
+
+def _gpt2_lm():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    net = get_peft_model(GPT2LMHeadModel(config), LoraConfig(r=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
+    _randomize_b(net)
+    return net.eval()
+
+
+def test_one_module_name_with_several_shapes_pairs_a_and_b_per_stack():
+    from guides import LaplaceGuide, TFBGuide
+
+    model = LoraModel(_gpt2_lm(), CausalLM())  # GPT-2's c_proj: 32 -> 32 in attention, 128 -> 32 in the MLP
+    assert {n: s.shape for n, s in model.sites.items() if n.startswith("c_proj")} == {
+        "c_proj.lora_A.r4_32x32": (2, 4, 32), "c_proj.lora_B.r4_32x32": (2, 32, 4),
+        "c_proj.lora_A.r4_128x32": (2, 4, 128), "c_proj.lora_B.r4_128x32": (2, 32, 4),
+    }
+    for site in model.sites.values():  # the A and B sites of a stack hold the same layers
+        partner = site.name.replace("lora_A", "lora_B") if site.matrix == "A" else site.name.replace("lora_B", "lora_A")
+        assert model.sites[partner].layers == site.layers
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(batch, model.adapter_values()), model.net(**batch).logits[:, :-1])
+    tfb = TFBGuide(model, sigma_q=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(batch, tfb.mean()), model.net(**batch).logits[:, :-1], rtol=1e-4, atol=1e-5)
+    letters = LoraModel(model.net, MultipleChoice(answer_token_ids=[5, 6, 7]))  # Laplace needs class logits
+    choice = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "choice_mask": torch.ones(2, 3, dtype=torch.bool), "labels": torch.tensor([0, 2])}
+    LaplaceGuide(letters, fisher="exact", rank=3).fit([choice], progress=False)
+
+
+def test_laplace_refuses_a_site_whose_layers_see_different_input_shapes():
+    from guides import LaplaceGuide
+
+    net = get_peft_model(tiny_bert_base(), LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS"))
+    model = LoraModel(net, SequenceClassification())
+    with pytest.raises(ValueError, match=r"see inputs of different shapes .* BERT's pooler .* group='matrix'"):
+        LaplaceGuide(model, fisher="exact", rank=3).fit([batch()], progress=False)
+    per_matrix = LoraModel(net, SequenceClassification(), group="matrix")
+    LaplaceGuide(per_matrix, fisher="exact", rank=3).fit([batch()], progress=False)
