@@ -195,14 +195,14 @@ def head_trainer(model):
 
 
 def take_over(model, guide):
-    """``guide`` starts training the point parameters of ``model``'s network; the guide that trained them before
-    keeps, as the state its predictions need, what it leaves behind."""
+    """``guide`` (or ``None``: nobody, e.g. while a saved guide is rebuilt) starts setting the point parameters of
+    ``model``'s network; the guide that set them before keeps, as the state its predictions need, what it leaves."""
     previous = trainer(model)
     if previous is guide:
         return
     if previous is not None:
         previous._point_snapshot = point_snapshot(previous.model)
-    setattr(model.net, _TRAINER, weakref.ref(guide))
+    setattr(model.net, _TRAINER, None if guide is None else weakref.ref(guide))
 
 
 def _point_problems(model, guide):

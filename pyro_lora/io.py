@@ -109,9 +109,10 @@ def load_guide(path, model):
     if problems:
         raise ValueError(f"cannot load the guide at {path} into this model: " + "; ".join(problems))
     module, name = meta["guide"].split(":")
+    take_over(model, None)  # the guide that set the point parameters keeps its state; the restore below replaces them
     guide = getattr(importlib.import_module(module), name)(model, **meta["config"])
     tensors = load_file(str(path / "guide.safetensors"), device=str(model.device))
-    take_over(model, guide)  # before the restore: the guide that trained the point parameters keeps its state
+    take_over(model, guide)
     net_params = dict(model.net.named_parameters())
     with torch.no_grad():
         for k in [k for k in tensors if k.startswith(_NET)]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import random_batch, tiny_bert, tiny_llama
 from peft import LoraConfig, get_peft_model
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
 import guides
 from guides import (
@@ -369,3 +369,19 @@ def test_peft_trainable_token_deltas_are_point_parameters_not_base_weights():
     guide = MAPGuide(model)
     fit(model, guide, data(), lr=5e-2, progress=False)
     predict(model, guide, data())  # the trained token deltas are the guide's, not another base
+
+
+def test_load_guide_restores_an_older_guide_into_the_model_another_guide_trained_since(tmp_path):
+    model = lora(random="AB")
+    first = MAPGuide(model)
+    fit(model, first, data(), lr=5e-2, progress=False)
+    before = predict(model, first, data()).probs
+    save_guide(first, tmp_path / "first")
+    load_guide(tmp_path / "first", model)  # the plain round trip on the model that trained it
+    model.write_adapter({k: v.detach() for k, v in first.mean().items()})
+    second = MeanFieldGuide(model, b="normal")
+    fit(model, second, data(), lr=5e-2, elbo=TraceMeanField_ELBO(), progress=False)
+    restored = load_guide(tmp_path / "first", model)
+    torch.testing.assert_close(predict(model, restored, data()).probs, before, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="changed since this guide was built or trained"):
+        predict(model, second, data())
