@@ -15,7 +15,7 @@ import weakref
 
 import torch
 
-_ADAPTER_NAMES = ("lora_", ".modules_to_save.", "trainable_tokens_")  # the adapter's, not the base's
+ADAPTER_NAMES = ("lora_", ".modules_to_save.", "trainable_tokens_")  # in the names of the parameters peft adds
 _FINGERPRINT_RTOL = 1e-3  # a bf16 cast moves a 16-entry sum by ~3e-4, a 4096-entry one by ~2e-5
 
 
@@ -52,7 +52,7 @@ def _fingerprint(net):
     """
     out = {}
     for name, p in net.named_parameters():
-        if p.requires_grad or any(k in name for k in _ADAPTER_NAMES) or not p.is_floating_point():
+        if p.requires_grad or any(k in name for k in ADAPTER_NAMES) or not p.is_floating_point():
             continue
         flat = p.detach().reshape(-1)
         out[name] = float(flat[:: max(1, flat.numel() // 4096)].float().abs().sum())

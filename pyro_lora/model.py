@@ -5,12 +5,9 @@ import pyro.poutine as poutine
 import torch
 
 from . import handoff, pyro_params
-from .contract import head_trainer
+from .contract import ADAPTER_NAMES, head_trainer
 from .priors import isotropic_normal
 from .sites import active_adapter, build_sites, check_values, find_lora_layers, matrix_view, per_layer
-
-
-_ADAPTER_NAMES = ("lora_", ".modules_to_save.", "trainable_tokens_")  # parameters peft adds for an adapter
 
 
 class LoraModel:
@@ -101,7 +98,7 @@ class LoraModel:
         random = {id(p) for p in self.random_parameters()}
         return [
             (n, p) for n, p in self.net.named_parameters()
-            if id(p) not in random and (p.requires_grad or any(k in n for k in _ADAPTER_NAMES))
+            if id(p) not in random and (p.requires_grad or any(k in n for k in ADAPTER_NAMES))
         ]
 
     def check_network(self):
