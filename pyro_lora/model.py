@@ -220,8 +220,9 @@ class LoraModel:
         :raises ValueError: if a value replayed from a guide has another shape than its site (a guide built
             for another model).
         """
-        self.set_trainable()  # another LoraModel over this network may have switched requires_grad since
-        pyro_params.record(self._pyro_name, self.named_point_parameters())
+        if pyro_params.recording():  # Pyro's own optimizers: fit holds its own and has set the trainable set
+            self.set_trainable()  # another LoraModel over this network may have switched requires_grad since
+            pyro_params.record(self._pyro_name, self.named_point_parameters())
         with poutine.scale(scale=kl_weight), poutine.trace() as tr:
             values = {name: pyro.sample(name, self.prior_distribution(site)) for name, site in self.sites.items()}
         for name, v in values.items():

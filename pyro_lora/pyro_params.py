@@ -36,6 +36,11 @@ def own_optimizer():
         _own_optimizer -= 1
 
 
+def recording():
+    """Whether :func:`record` records (outside :func:`own_optimizer`)."""
+    return not _own_optimizer
+
+
 def record(prefix, named_parameters):
     """Record each trainable parameter as the Pyro param ``"{prefix}.{name}"`` (the very tensor, not a copy).
 
