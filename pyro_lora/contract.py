@@ -189,7 +189,9 @@ def head_trainer(model):
     """The guide whose training left the network's point parameters as they are now, if it is alive (``None``
     once anything else changed them, e.g. a re-initialisation)."""
     owner = trainer(model)
-    if owner is None or _changed_point_parameters(owner._point_snapshot, owner.model):
+    if owner is None or not owner.model.named_point_parameters():  # it trained no point parameter of the network
+        return None
+    if _changed_point_parameters(owner._point_snapshot, owner.model):
         return None
     return owner
 

@@ -385,3 +385,9 @@ def test_load_guide_restores_an_older_guide_into_the_model_another_guide_trained
     torch.testing.assert_close(predict(model, restored, data()).probs, before, rtol=0, atol=0)
     with pytest.raises(ValueError, match="changed since this guide was built or trained"):
         predict(model, second, data())
+
+
+def test_a_guide_that_trained_no_point_parameter_leaves_the_adapter_free():
+    model = LoraModel(tiny_llama(), CausalLM(), random="AB", prior=0.5)  # every LoRA matrix a site, no head
+    fit(model, MAPGuide(model), [_llama_batch()], lr=1e-2, progress=False)
+    MeanFieldGuide(model)  # the MAP kept its LoRA in the guide, but trained nothing in the network
