@@ -78,8 +78,9 @@ class LoraGuide(torch.nn.Module):
 
 
 def _record_parameters(guide, args):
-    if torch.is_grad_enabled():  # a training step (SVI): this guide now owns the network's point parameters
+    if torch.is_grad_enabled() and pyro_params.recording():  # a step of Pyro's SVI (fit keeps its own books)
         take_over(guide.model, guide)
+        guide._point_snapshot = None  # the network's point parameters are being trained with it: live
     pyro_params.record(guide._pyro_name, guide.named_parameters())
 
 

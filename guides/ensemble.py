@@ -16,6 +16,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
+from pyro_lora.contract import take_over
 from pyro_lora.predictive import predict
 from pyro_lora.sites import check_values
 from pyro_lora.training import fit
@@ -263,6 +264,7 @@ def reinitialize(model, seed):
     """
     heads = head_parameters(model)
     owners = _linear_owners(model.net, heads)
+    take_over(model, None)  # whichever guide trained the head keeps its state: restoring it later is no change
     torch.manual_seed(seed)
     with torch.no_grad():
         for layer in model.layers.values():

@@ -209,14 +209,15 @@ def take_over(model, guide):
 
 def _point_problems(model, guide):
     own = guide.model
-    if trainer(own) is not guide:
-        changed = _changed_point_parameters(guide._point_snapshot, own)
-        if changed:
-            return [
-                f"the network's point parameters {_short(changed)} changed since this guide was built or trained (another "
-                "guide trained them, e.g. fit with train_network=True): its LoRA would run with another head; fit the "
-                "other guide with train_network=False, or save_guide this one and load_guide it back (that restores them)"
-            ]
+    snapshot = guide._point_snapshot  # None while Pyro's SVI trains it: the live state is its own
+    changed = [] if snapshot is None else _changed_point_parameters(snapshot, own)
+    if changed:
+        return [
+            f"the network's point parameters {_short(changed)} changed since this guide was built or trained (another "
+            "guide trained them, e.g. fit with train_network=True, or they were re-initialised or written): its LoRA "
+            "would run with another head; fit other guides with train_network=False, or load_guide a copy of this "
+            "guide saved before (that restores them)"
+        ]
     if own is model:
         return []
     theirs = dict(model.net.named_parameters())

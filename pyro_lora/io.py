@@ -64,12 +64,16 @@ def atomic_directory(path):
 def save_guide(guide, path):
     """Write ``guide`` (its state, config, the model's site shapes and its trained point parameters) to ``path``.
 
+    :raises ValueError: if the network's point parameters are no longer the guide's (another guide trained
+        them since: :func:`~pyro_lora.contract.check_guide`), since they are saved with it.
+
     ``path`` becomes a directory with ``guide.safetensors`` and ``guide.json``. Under ``torch.distributed``
     only rank 0 writes (the ranks hold the same guide).
     """
     if not is_main():
         return Path(path)
     model = guide.model
+    check_guide(model, guide, "save")  # the network's point parameters it saves must still be its own
     tensors = {k: v.detach().contiguous().cpu() for k, v in guide.state_dict().items()}
     tensors.update({_NET + n: p.detach().contiguous().cpu() for n, p in model.named_adapter_parameters()})
     meta = {

@@ -96,11 +96,18 @@ def fit(
     check_guide(model, guide, "fit", same_model=True)
     if train_network:
         take_over(model, guide)
+        guide._point_snapshot = None  # live while it trains them (callbacks, checkpoints); taken again at the end
     model.set_trainable()
     device = model.device
     params = (model.point_parameters() if train_network else []) + [p for p in guide.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: the model has no point parameters and the guide no parameters")
+    low = sorted({str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)})
+    if low:
+        raise ValueError(
+            f"fit trains parameters held in {low}: AdamW's updates underflow there (the head becomes nan); keep the "
+            "trainable parameters (LoRA, head) in float32 and run the half-precision base under autocast"
+        )
     if distributed.is_distributed():
         data = distributed.split_batches(data, even=True)  # the same number of steps on every rank
         distributed.broadcast_parameters(params + [b for b in guide.buffers() if b.is_floating_point()])
@@ -129,6 +136,11 @@ def fit(
                     if watch is not None and watch.first is None:
                         watch.first = (batch, _mean_nll(model, guide, batch))
                     weight = beta(step)
+                    if not (isinstance(weight, (int, float)) and weight > 0 and math.isfinite(weight)):
+                        raise ValueError(
+                            f"kl_weight gave {weight!r} at step {step}: it must be a positive finite number (Pyro scales "
+                            "log-densities by it); start a KL warm-up from a small positive weight, e.g. max(1e-3, step / 100)"
+                        )
                     with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                         loss = elbo.differentiable_loss(model, guide, batch, kl_weight=weight) / num_data
                     (loss / grad_accum_steps).backward()

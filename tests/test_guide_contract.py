@@ -391,3 +391,31 @@ def test_a_guide_that_trained_no_point_parameter_leaves_the_adapter_free():
     model = LoraModel(tiny_llama(), CausalLM(), random="AB", prior=0.5)  # every LoRA matrix a site, no head
     fit(model, MAPGuide(model), [_llama_batch()], lr=1e-2, progress=False)
     MeanFieldGuide(model)  # the MAP kept its LoRA in the guide, but trained nothing in the network
+
+
+def test_the_owner_is_checked_too_and_a_non_owner_cannot_save_another_guides_head(tmp_path):
+    from guides.ensemble import reinitialize
+
+    model = lora(random="AB")
+    first = MAPGuide(model)
+    fit(model, first, data(), lr=5e-2, progress=False)
+    model.write_adapter({k: v.detach() for k, v in first.mean().items()})
+    second = MeanFieldGuide(model, b="normal")
+    fit(model, second, data(), lr=5e-2, elbo=TraceMeanField_ELBO(), progress=False)  # retrains the head
+    with pytest.raises(ValueError, match="cannot save with this MAPGuide .* changed since this guide was built or trained"):
+        save_guide(first, tmp_path / "first")  # it would store the second guide's head beside its LoRA
+    reinitialize(model, seed=1)  # the owner's own head replaced
+    with pytest.raises(ValueError, match="re-initialised or written"):
+        predict(model, second, data())
+
+
+def test_train_ensemble_from_the_current_map_leaves_the_map_usable():
+    from guides.ensemble import train_ensemble
+
+    model = lora(random="AB")
+    map_guide = MAPGuide(model)
+    fit(model, map_guide, data(), lr=5e-2, progress=False)
+    before = predict(model, map_guide, data()).probs
+    model.write_adapter({k: v.detach() for k, v in map_guide.mean().items()})
+    train_ensemble(model, data(), k=2, include_current=True, fit_kwargs={"lr": 5e-2})
+    torch.testing.assert_close(predict(model, map_guide, data()).probs, before, rtol=0, atol=0)

@@ -232,3 +232,20 @@ def test_export_adapter_loads_with_peft(tmp_path):
     batch = toy_data()[0]
     probs = torch.softmax(reloaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, -1)
     torch.testing.assert_close(probs, reference[:8], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, lambda step: min(1.0, step / 10), float("nan")])
+def test_a_kl_weight_that_is_not_positive_is_named(kl_weight):
+    model, guide = make()
+    with pytest.raises(ValueError, match=r"kl_weight gave .* at step 0: it must be a positive finite number"):
+        fit(model, guide, toy_data(), kl_weight=kl_weight, progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_trainable_parameters_are_refused_before_training(dtype):
+    model, guide = make()
+    model.net.to(dtype)
+    head = [p.detach().clone() for n, p in model.named_point_parameters()]
+    with pytest.raises(ValueError, match="fit trains parameters held in .* keep the trainable parameters .* in float32"):
+        fit(model, guide, toy_data(), progress=False)
+    assert all(torch.equal(p, q) for (_, p), q in zip(model.named_point_parameters(), head))
