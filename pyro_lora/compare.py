@@ -103,6 +103,11 @@ def prepare(config, seed=0, adapter_dir=None):
     train_all = D.subset(train_all, min(len(train_all), config.train_size), seed=0)
     train, val = D.split_train_val(train_all, val_fraction=config.val_fraction, seed=0)
     test = _test_records(config.dataset, config)
+    if config.dataset in config.eval_datasets or len(set(config.eval_datasets)) != len(config.eval_datasets):
+        raise ValueError(
+            f"--eval-datasets {','.join(config.eval_datasets)} repeats a set or names the training set {config.dataset!r}: "
+            "its rows would merge with the in-distribution ones; list each shifted set once, not the training set"
+        )
     shifted = {name: _test_records(name, config) for name in config.eval_datasets}
     for name in shifted:
         if D.load_meta(name, config.data_dir)["task"] != meta["task"]:
@@ -652,9 +657,21 @@ def evaluate_saved(run_dir, **overrides):
     else:
         setup.model = LoraModel(setup.net, setup.likelihood, random=run["random"], num_data=len(setup.train), prior=config.prior_scale)
     guide = load_guide(run_dir / "guide", setup.model)
-    prediction, costs = _evaluate(setup, Fitted(_guide_predictor(setup, setup.model, guide)), setup.test)
+    prediction, costs = _evaluate(setup, Fitted(_saved_predictor(setup, guide)), setup.test)
     return _row({"guide": config.guides[0], "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
                 {"fit_seconds": 0.0, "fit_memory_mb": 0.0}, costs, {"extra_parameters": guide.extra_parameters()})
+
+
+def _saved_predictor(setup, guide):
+    """The predictive ``compare`` reports for the method of ``guide``: Laplace's GLM probit, an ensemble's exact
+    mixture with its members' heads, else weight samples."""
+    from guides import EnsembleGuide, LaplaceGuide, predict_ensemble
+
+    if isinstance(guide, LaplaceGuide):
+        return lambda records: guide.predict_glm(setup.loader(records), link="probit")
+    if isinstance(guide, EnsembleGuide):
+        return lambda records: predict_ensemble(setup.model, guide, setup.loader(records), keep_samples=True)
+    return _guide_predictor(setup, setup.model, guide)
 
 
 def write_json(path, obj):

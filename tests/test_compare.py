@@ -239,3 +239,32 @@ def test_merge_results_replaces_the_rerun_guides_only(tmp_path):
     _fake_run(tmp_path / "other", ("meanfield",), nll=0.4, test_size=64)
     with pytest.raises(ValueError, match="differ in test_size"):
         merge_results(tmp_path / "run", tmp_path / "other")
+
+
+def test_a_saved_guide_is_scored_with_the_predictive_compare_reports():
+    from types import SimpleNamespace
+
+    from conftest import random_batch, tiny_bert
+
+    from guides import EnsembleGuide, LaplaceGuide, MAPGuide, predict_ensemble
+    from guides.ensemble import head_parameters
+    from pyro_lora import LoraModel, SequenceClassification
+    from pyro_lora.compare import _saved_predictor
+
+    data = [random_batch(seed=s) | {"labels": torch.tensor([0, 2, 1])} for s in (1, 2)]
+    model = LoraModel(tiny_bert(), SequenceClassification(), prior=0.5, num_data=6)
+    setup = SimpleNamespace(model=model, loader=lambda records: records, config=SimpleNamespace(samples=4))
+    laplace = LaplaceGuide(model, fisher="exact", rank=3).fit(data, progress=False)
+    torch.testing.assert_close(_saved_predictor(setup, laplace)(data).probs, laplace.predict_glm(data, link="probit").probs)
+    heads = [{n: p.detach() + k for n, p in model.net.named_parameters() if n in head_parameters(model)} for k in range(2)]
+    ensemble = EnsembleGuide(model, [model.adapter_values()] * 2, heads)
+    torch.testing.assert_close(_saved_predictor(setup, ensemble)(data).probs, predict_ensemble(model, ensemble, data).probs)
+    assert _saved_predictor(setup, MAPGuide(model))(data).probs.shape == (6, 3)
+
+
+def test_eval_datasets_naming_the_training_set_or_repeating_are_refused():
+    from pyro_lora.compare import CompareConfig, prepare
+
+    for sets in (("sst2",), ("boolq", "boolq")):
+        with pytest.raises(ValueError, match="repeats a set or names the training set"):
+            prepare(CompareConfig(dataset="sst2", eval_datasets=sets, train_size=40, test_size=10))
