@@ -168,7 +168,11 @@ class LoraModel:
             for path, mats in per_layer(self.sites, values).items():
                 for matrix, v in mats.items():
                     if matrix in "RS":
-                        raise ValueError(f"an {matrix} site (LoRA-XS core or ScalaBL scales) has no peft parameter to write into")
+                        raise ValueError(
+                            f"an {matrix} site (LoRA-XS core or ScalaBL scales) has no peft parameter to write into, so "
+                            "write_adapter and export_adapter support A and B sites only: a LoRA-XS or ScalaBL guide is "
+                            "kept with save_guide / load_guide"
+                        )
                     self._parameter(path, matrix).copy_(v)
 
     @property
