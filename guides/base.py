@@ -13,6 +13,7 @@ import torch
 
 from pyro_lora import pyro_params
 from pyro_lora.contract import describe, point_snapshot, take_over
+from pyro_lora.io import register_guide
 
 
 class LoraGuide(torch.nn.Module):
@@ -30,6 +31,10 @@ class LoraGuide(torch.nn.Module):
 
     deterministic = False  # True for point estimates: the predictive then runs one forward, not S
     mean_is_predictor = True  # False where mean() predicts nothing of the posterior (an ensemble's averaged members)
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        register_guide(cls)  # load_guide builds registered classes only
 
     def __init__(self, model):
         super().__init__()

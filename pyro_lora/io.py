@@ -49,6 +49,9 @@ def atomic_directory(path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a saved guide is shared
+        for f in tmp.rglob("*"):
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -59,6 +62,29 @@ def atomic_directory(path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+_GUIDE_CLASSES = {}  # "module:qualname" -> class: the only classes load_guide builds
+
+
+def register_guide(cls):
+    """Make ``cls`` (a guide class) loadable by :func:`load_guide`; every ``guides.LoraGuide`` subclass registers
+    itself when it is defined."""
+    _GUIDE_CLASSES[f"{cls.__module__}:{cls.__qualname__}"] = cls
+    return cls
+
+
+def _guide_class(name, path):
+    """The registered class ``guide.json`` names; anything else is refused before any import (a guide folder is
+    data, never code)."""
+    if name not in _GUIDE_CLASSES and isinstance(name, str) and name.split(":")[0].split(".")[0] == "guides":
+        importlib.import_module("guides")  # this project's guides register on import
+    if name not in _GUIDE_CLASSES:
+        raise ValueError(
+            f"{path}/guide.json names {name!r}, which is no registered guide class: refusing to build it (a guide "
+            "folder is data; only subclasses of guides.LoraGuide, defined before loading, are built)"
+        )
+    return _GUIDE_CLASSES[name]
 
 
 def save_guide(guide, path):
@@ -112,9 +138,9 @@ def load_guide(path, model):
         problems = [f"differing (site, shape): {sorted(set(saved.items()) ^ set(current.items()))[:6]}"] if saved != current else []
     if problems:
         raise ValueError(f"cannot load the guide at {path} into this model: " + "; ".join(problems))
-    module, name = meta["guide"].split(":")
+    cls = _guide_class(meta.get("guide"), path)
     take_over(model, None)  # the guide that set the point parameters keeps its state; the restore below replaces them
-    guide = getattr(importlib.import_module(module), name)(model, **meta["config"])
+    guide = cls(model, **meta["config"])
     tensors = load_file(str(path / "guide.safetensors"), device=str(model.device))
     take_over(model, guide)
     net_params = dict(model.net.named_parameters())

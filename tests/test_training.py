@@ -249,3 +249,22 @@ def test_half_precision_trainable_parameters_are_refused_before_training(dtype):
     with pytest.raises(ValueError, match="fit trains parameters held in .* keep the trainable parameters .* in float32"):
         fit(model, guide, toy_data(), progress=False)
     assert all(torch.equal(p, q) for (_, p), q in zip(model.named_point_parameters(), head))
+
+
+def test_a_guide_folder_is_data_never_code(tmp_path):
+    model, guide = make()
+    save_guide(guide, tmp_path / "g")
+    meta = json.loads((tmp_path / "g" / "guide.json").read_text())
+    for crafted in ("os:system", "subprocess:run", "builtins:eval", "guides.base:pyro_params"):
+        (tmp_path / "g" / "guide.json").write_text(json.dumps(meta | {"guide": crafted}))
+        with pytest.raises(ValueError, match=f"names {crafted!r}, which is no registered guide class"):
+            load_guide(tmp_path / "g", model)
+
+
+def test_saved_guides_are_readable_by_others(tmp_path):
+    import stat
+
+    model, guide = make()
+    save_guide(guide, tmp_path / "g")
+    assert stat.S_IMODE((tmp_path / "g").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "g").iterdir()} == {0o644}
