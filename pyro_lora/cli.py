@@ -1,6 +1,7 @@
 """The ``pyro-lora`` command line: ``compare`` (the default), ``fit``, ``evaluate``."""
 
 import argparse
+import math
 import os
 import sys
 from dataclasses import fields
@@ -13,27 +14,63 @@ import torch.distributed as dist
 from . import compare as C
 from .distributed import is_main
 
+_UNSAVEABLE = ("temperature", "zeroshot")  # no guide to save: compare reports them
 
-def _common(p, out_default):
+
+_MIN_MAX_LENGTH = 8  # shorter cuts most inputs to a few tokens
+
+
+def _number(kind, low, strict=True):
+    """An argparse type: ``kind`` (int or float) that is ``> low`` (``>= low`` unless ``strict``), finite."""
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or (value <= low if strict else value < low):
+            raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {low}")
+        return value
+
+    return parse
+
+
+def _seeds(text):
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a seed (it would count one run twice)")
+    return tuple(seeds)
+
+
+def _common(p, out_default, several_runs=True):
     d = C.CompareConfig()
-    p.add_argument("--model", default=d.model, help="minilm, smollm2, or a local HF model folder / .gguf file")
-    p.add_argument("--dataset", default=d.dataset, help="a dataset folder name under --data-dir (sst2, arc_easy, ...)")
+    positive, positive_float = _number(int, 0), _number(float, 0.0)
+    p.add_argument("--model", default=d.model, help=f"minilm, smollm2, or a local HF model folder / .gguf file (default {d.model})")
+    p.add_argument("--dataset", default=d.dataset, help=f"a dataset folder name under --data-dir (sst2, arc_easy, ...; default {d.dataset})")
     p.add_argument("--data-dir", default=None, help="canonical JSONL datasets (default: $PYRO_LORA_DATA or ../shared/data)")
-    p.add_argument("--train-size", type=int, default=d.train_size, help="training examples (validation is carved from them)")
-    p.add_argument("--test-size", type=int, default=d.test_size)
-    p.add_argument("--samples", type=int, default=d.samples, help="posterior samples per prediction (S)")
-    p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3 for encoders, 3e-4 for causal LMs)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--rank", type=int, default=d.rank, help="LoRA rank r")
-    p.add_argument("--prior-scale", type=float, default=d.prior_scale, help="std of the isotropic prior on LoRA entries")
+    p.add_argument("--train-size", type=positive, default=d.train_size, help=f"training examples, validation carved from them (default {d.train_size})")
+    p.add_argument("--test-size", type=positive, default=d.test_size, help=f"test examples (default {d.test_size})")
+    p.add_argument("--samples", type=positive, default=d.samples, help=f"posterior samples per prediction, S (default {d.samples})")
+    p.add_argument("--epochs", type=_number(int, 0, strict=False), default=d.epochs, help=f"training epochs (default {d.epochs})")
+    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 2e-3 for encoders, 3e-4 for causal LMs)")
+    p.add_argument("--batch-size", type=positive, default=d.batch_size, help=f"examples per batch (default {d.batch_size})")
+    p.add_argument("--rank", type=positive, default=d.rank, help=f"LoRA rank r (default {d.rank})")
+    p.add_argument("--prior-scale", type=positive_float, default=d.prior_scale,
+                   help=f"std of the isotropic prior on LoRA entries (default {d.prior_scale})")
     p.add_argument("--mc-format", choices=["letter", "cloze"], default=None, help="multiple-choice format (default: cloze below ~1B parameters)")
     p.add_argument("--mc-normalize", choices=["none", "tokens", "chars"], default="none",
-                   help="cloze: divide each answer's log-probability by its length (lm-eval's acc_norm is 'chars')")
-    p.add_argument("--max-length", type=int, default=d.max_length)
-    p.add_argument("--seeds", default="0", help="comma-separated training seeds, e.g. 0,1,2 (the table shows mean ± std)")
-    p.add_argument("--eval-datasets", default="", help="comma-separated shifted test sets with the same answer format, e.g. arc_challenge,arc_easy")
-    p.add_argument("--device", default=d.device, choices=["cpu", "cuda"])
+                   help="cloze: divide each answer's log-probability by its length (lm-eval's acc_norm is 'chars'; default none)")
+    p.add_argument("--max-length", type=_number(int, _MIN_MAX_LENGTH, strict=False), default=d.max_length,
+                   help=f"tokens per input, at least {_MIN_MAX_LENGTH} (default {d.max_length})")
+    if several_runs:  # fit and bayesianize train and score one run
+        p.add_argument("--seeds", type=_seeds, default=(0,), help="comma-separated training seeds, e.g. 0,1,2 (the table shows mean ± std; default 0)")
+        p.add_argument("--eval-datasets", default="", help="comma-separated shifted test sets with the same answer format, e.g. arc_challenge,arc_easy")
+    else:
+        p.add_argument("--seed", type=_number(int, 0, strict=False), default=0, help="training seed (default 0)")
+    p.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help=f"device (default {d.device})")
     p.add_argument("--out", default=out_default, help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -45,32 +82,33 @@ def parser():
     _common(p, "runs/compare")
     p.add_argument("--guides", default=None, help=f"comma-separated, from: {', '.join(C.METHODS)} (default: all)")
     p = sub.add_parser("fit", help="train MAP and fit one guide; save it to OUT/guide")
-    _common(p, "runs/fit")
-    p.add_argument("--guide", default="map", choices=list(C.METHODS))
+    _common(p, "runs/fit", several_runs=False)
+    saveable = [m for m in C.METHODS if m not in _UNSAVEABLE]
+    p.add_argument("--guide", default="map", choices=saveable, help="the method to fit and save (default map)")
     p = sub.add_parser("bayesianize", help="TFB: turn a saved peft adapter into a posterior without training")
     p.add_argument("adapter_dir", help="a peft adapter directory (adapter_config.json + weights)")
-    _common(p, "runs/bayesianize")
-    p.add_argument("--criterion", choices=["nll", "flip", "accuracy"], default="nll", help="what the anchors may lose")
-    p.add_argument("--tolerance", type=float, default=0.01)
+    _common(p, "runs/bayesianize", several_runs=False)
+    p.add_argument("--criterion", choices=["nll", "flip", "accuracy"], default="nll", help="what the anchors may lose (default nll)")
+    p.add_argument("--tolerance", type=_number(float, 0.0), default=0.01, help="how much the criterion may lose (default 0.01)")
     p.add_argument("--anchors", type=int, default=256, help="training examples the search runs on")
     p.add_argument("--low", type=float, default=1e-3, help="smallest sigma_q searched")
     p.add_argument("--high", type=float, default=1.5e-2, help="largest sigma_q searched")
     p.add_argument("--iterations", type=int, default=5, help="bisection steps")
     p = sub.add_parser("evaluate", help="score a guide saved by `pyro-lora fit` or `bayesianize` on the test set")
     p.add_argument("run_dir", help="the --out directory of `pyro-lora fit` or `bayesianize`")
-    p.add_argument("--test-size", type=int, default=None)
-    p.add_argument("--samples", type=int, default=None)
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    p.add_argument("--test-size", type=_number(int, 0), default=None, help="test examples (default: the run's)")
+    p.add_argument("--samples", type=_number(int, 0), default=None, help="posterior samples per prediction (default: the run's)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="device (default: the run's)")
     return ap
 
 
 def _config(args, **extra):
     names = {f.name for f in fields(C.CompareConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and k not in extra}
-    values["seeds"] = tuple(int(s) for s in args.seeds.split(","))
+    values["seeds"] = args.seeds if hasattr(args, "seeds") else (args.seed,)
     if "mc_normalize" in values:
         values["mc_normalize"] = None if values["mc_normalize"] == "none" else values["mc_normalize"]
-    values["eval_datasets"] = tuple(n for n in args.eval_datasets.split(",") if n)
+    values["eval_datasets"] = tuple(n for n in getattr(args, "eval_datasets", "").split(",") if n)
     return C.CompareConfig(**values, progress=not args.quiet and is_main(), **extra)
 
 
