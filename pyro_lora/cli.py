@@ -71,6 +71,7 @@ def _common(p, out_default, several_runs=True):
     else:
         p.add_argument("--seed", type=_number(int, 0, strict=False), default=0, help="training seed (default 0)")
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help=f"device (default {d.device})")
+    _debug(p)
     p.add_argument("--out", default=out_default, help="output directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -99,7 +100,12 @@ def parser():
     p.add_argument("--test-size", type=_number(int, 0), default=None, help="test examples (default: the run's)")
     p.add_argument("--samples", type=_number(int, 0), default=None, help="posterior samples per prediction (default: the run's)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="device (default: the run's)")
+    _debug(p)
     return ap
+
+
+def _debug(p):
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (default: one line)")
 
 
 def _config(args, **extra):
@@ -122,8 +128,21 @@ def _init_distributed():
 
 
 def main(argv=None):
+    """Run the command line; an error the library raises is one line, ``pyro-lora: error: ...``, exit status 2
+    (the traceback with ``--debug``)."""
     argv = sys.argv[1:] if argv is None else argv
     args = parser().parse_args(argv or ["compare"])
+    try:
+        return _run(args)
+    except Exception as error:  # noqa: BLE001 -- every library error reaches the user as one line
+        if getattr(args, "debug", False):
+            raise
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"pyro-lora: error: {first} (--debug shows where)", file=sys.stderr)
+        return 2
+
+
+def _run(args):
     _init_distributed()
     say = print if is_main() else (lambda *a, **k: None)
     if args.command in (None, "compare"):

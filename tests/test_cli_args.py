@@ -50,3 +50,11 @@ def test_every_flag_has_help_with_its_default():
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def test_a_library_error_is_one_line_with_exit_status_2(tmp_path, capsys):
+    assert cli.main(["evaluate", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"pyro-lora: error: {tmp_path / 'nowhere'} is not a `pyro-lora fit` output (run.json missing) (--debug shows where)"]
+    with pytest.raises(FileNotFoundError, match="run.json missing"):
+        cli.main(["evaluate", str(tmp_path / "nowhere"), "--debug"])
