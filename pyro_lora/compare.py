@@ -507,7 +507,8 @@ def run_compare(config):
         return summary
     for name, prediction in first_seed.items():
         reliability_diagram(prediction.probs, prediction.labels, out / f"reliability_{name}.png", title=f"{name} on {config.dataset}")
-        np.savez_compressed(out / f"predictions_{name}.npz", **arrays[name])
+        with atomic_file(out / f"predictions_{name}.npz", "wb") as f:  # a kill mid-write leaves the old file
+            np.savez_compressed(f, **arrays[name])
     _summary_figures(out, summary, {n: (p.probs, p.labels) for n, p in first_seed.items()}, config.dataset)
     write_json(out / "results.json", {"config": asdict(config), "summary": summary, "per_seed": rows})
     return summary

@@ -157,7 +157,7 @@ def test_format_table_shows_mean_and_std():
 
 
 @pytest.mark.real
-def test_npz_reproduces_the_table(tmp_path):
+def test_npz_reproduces_the_table_and_is_written_atomically(tmp_path, monkeypatch):
     from pyro_lora.compare import run_compare
 
     config = CompareConfig(guides=("map",), train_size=64, test_size=32, epochs=1, seeds=(0, 1), out=str(tmp_path), progress=False)
@@ -173,6 +173,19 @@ def test_npz_reproduces_the_table(tmp_path):
     assert {r["seed"] for r in results["per_seed"]} == {0, 1}
     for png in ("reliability_grid.png", "calibration_vs_accuracy.png", "reliability_map.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    finished = (tmp_path / "predictions_map.npz").read_bytes()
+
+    def dies_mid_write(file, **arrays):
+        file.write(b"PK\x03\x04 half an npz")
+        raise KeyboardInterrupt  # a kill while rerunning over the finished run
+
+    import pyro_lora.compare as compare_module
+
+    monkeypatch.setattr(compare_module.np, "savez_compressed", dies_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        run_compare(config)
+    assert (tmp_path / "predictions_map.npz").read_bytes() == finished
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 @pytest.mark.real
