@@ -52,9 +52,11 @@ def test_compare_smollm2_arc_easy_cloze(tmp_path, capsys):
     assert scalabl["mutual_information"] > 0  # its samples differ
 
 
-def test_unknown_guide_and_missing_run_are_clear_errors(tmp_path):
+def test_unknown_guide_and_missing_run_are_clear_errors(tmp_path, capsys):
+    assert cli.main(["compare", "--guides", "nope", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("pyro-lora: error: unknown guide")
     with pytest.raises(ValueError, match="unknown guide"):
-        run("compare", "--guides", "nope", "--out", str(tmp_path))
+        cli.main(["compare", "--guides", "nope", "--out", str(tmp_path), "--debug"])
     from pyro_lora.compare import evaluate_saved
 
     with pytest.raises(FileNotFoundError, match="run.json missing"):
