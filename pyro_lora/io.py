@@ -42,11 +42,14 @@ def atomic_file(path, mode="w"):
 def atomic_directory(path):
     """Yield a temporary directory that replaces ``path`` only once the block succeeds.
 
-    A crash leaves the old ``path`` (or nothing) in place, never a half-written one.
+    A crash leaves the old ``path`` (or nothing) in place, never a half-written one. A kill between the two
+    renames of the swap leaves the old folder under a hidden name: :func:`recover_directory` (run here and by
+    :func:`load_guide`) puts it back; temporary folders of dead processes are removed.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    recover_directory(path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a saved guide is shared
@@ -62,6 +65,33 @@ def atomic_directory(path):
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def recover_directory(path):
+    """Finish what a killed :func:`atomic_directory` left at ``path``: put back the previous folder if ``path`` is
+    missing, and remove the temporary and previous folders of processes that are no longer running."""
+    path = Path(path)
+    for leftover in sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+        if _alive(leftover.name.rsplit("-", 1)[-1]):
+            continue
+        if not path.exists():
+            os.replace(leftover, path)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True)
+    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+        if not _alive(leftover.name[len(f".{path.name}.tmp-") :].split("-", 1)[0]):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid):
+    """Whether process ``pid`` (a string) runs: another process may be writing its folder right now."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return int(pid) != 0
 
 
 _GUIDE_CLASSES = {}  # "module:qualname" -> class: the only classes load_guide builds
@@ -123,6 +153,7 @@ def load_guide(path, model):
         with (sites, LoRA scaling, adapter, base model, head: :func:`~pyro_lora.contract.differences`).
     """
     path = Path(path)
+    recover_directory(path)
     try:
         meta = json.loads((path / "guide.json").read_text())
     except FileNotFoundError:

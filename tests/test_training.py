@@ -268,3 +268,20 @@ def test_saved_guides_are_readable_by_others(tmp_path):
     save_guide(guide, tmp_path / "g")
     assert stat.S_IMODE((tmp_path / "g").stat().st_mode) == 0o755
     assert {stat.S_IMODE(f.stat().st_mode) for f in (tmp_path / "g").iterdir()} == {0o644}
+
+
+def test_a_kill_inside_the_directory_swap_is_recovered(tmp_path):
+    import os
+
+    model, guide = make()
+    save_guide(guide, tmp_path / "g")
+    dead = 2**22 + 12345  # above Linux's default pid_max: no process has it
+    os.replace(tmp_path / "g", tmp_path / f".g.old-{dead}")  # killed between the swap's two renames
+    (tmp_path / f".g.tmp-{dead}-x1y2").mkdir()  # and a temporary folder of an interrupted save
+    (tmp_path / f".g.tmp-{dead}-x1y2" / "guide.safetensors").write_bytes(b"half")
+    load_guide(tmp_path / "g", model)  # the previous complete guide is found and put back
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]
+    mine = tmp_path / f".g.tmp-{os.getpid()}-live"
+    mine.mkdir()  # a running process's save is left alone
+    save_guide(guide, tmp_path / "g")
+    assert mine.exists()
