@@ -660,7 +660,7 @@ def evaluate_saved(run_dir, **overrides):
     guide = load_guide(run_dir / "guide", setup.model)
     prediction, costs = _evaluate(setup, Fitted(_saved_predictor(setup, guide)), setup.test)
     return _row({"guide": config.guides[0], "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
-                {"fit_seconds": 0.0, "fit_memory_mb": 0.0}, costs, {"extra_parameters": guide.extra_parameters()})
+                costs, {"extra_parameters": guide.extra_parameters()})
 
 
 def _saved_predictor(setup, guide):
@@ -710,6 +710,8 @@ def format_row(r):
         return "n/a" if _not_available(r[key]) else f"{r[key]:.{digits}f}"
 
     def cell(key, digits):
+        if key not in r:  # not measured here (evaluate does not fit)
+            return ""
         std = r.get(key + "_std")
         return number(key, digits) + (f" ± {std:.{digits}f}" if std and not _not_available(std) and not _not_available(r[key]) else "")
 

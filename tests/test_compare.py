@@ -281,3 +281,12 @@ def test_eval_datasets_naming_the_training_set_or_repeating_are_refused():
     for sets in (("sst2",), ("boolq", "boolq")):
         with pytest.raises(ValueError, match="repeats a set or names the training set"):
             prepare(CompareConfig(dataset="sst2", eval_datasets=sets, train_size=40, test_size=10))
+
+
+def test_a_row_without_fit_costs_shows_empty_cells_not_zeros():
+    row = {"guide": "map", "dataset": "sst2", "accuracy": 0.5, "ece": 1.0, "nll": 0.7, "brier": 0.25, "mutual_information": 0.0,
+           "aurc": 0.3, "predict_seconds_per_1000": 2.0, "extra_parameters": 0}
+    line = format_table([row]).splitlines()[-1]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    headers = [c.strip() for c in format_table([row]).splitlines()[0].strip("|").split("|")]
+    assert cells[headers.index("fit s")] == "" and "0.0" not in cells[headers.index("fit s")]
