@@ -180,6 +180,16 @@ def _guide_predictor(setup, model, guide, **kwargs):
     return lambda records: predict(model, guide, setup.loader(records), num_samples=c.samples, keep_samples=True, **kwargs)
 
 
+def _glm_predictor(setup, guide):
+    return lambda records: guide.predict_glm(setup.loader(records), link="probit")
+
+
+def _ensemble_predictor(setup, model, guide):
+    from guides import predict_ensemble
+
+    return lambda records: predict_ensemble(model, guide, setup.loader(records), keep_samples=True)
+
+
 def method_map(setup):
     return Fitted(_guide_predictor(setup, setup.model, setup.map_guide), setup.map_guide)
 
@@ -281,7 +291,7 @@ def method_laplace(setup):
         model.likelihood = MultipleChoice(format="cloze", normalize=model.likelihood.normalize, share_prefix=False)
     guide = LaplaceGuide(model).fit(setup.loader(setup.train), progress=c.progress)
     guide.optimize_prior_precision(method="marglik")
-    return Fitted(lambda records: guide.predict_glm(setup.loader(records), link="probit"), guide, guide.extra_parameters())
+    return Fitted(_glm_predictor(setup, guide), guide, guide.extra_parameters())
 
 
 def method_temperature(setup):
@@ -318,13 +328,13 @@ def method_mcdropout(setup, p=0.1):
 
 def method_ensemble(setup, k=3):
     """Deep ensemble: the MAP plus k-1 LoRAs (and heads) trained from other seeds, probabilities averaged."""
-    from guides import predict_ensemble, train_ensemble
+    from guides import train_ensemble
 
     c = setup.config
     model = setup.lora_model(random="AB")
     guide = train_ensemble(model, setup.loader(setup.train, shuffle=True), k=k, seeds=[setup.seed + i for i in range(k)],
                            fit_kwargs={"epochs": c.epochs, "lr": c.lr, "progress": c.progress}, include_current=True)
-    return Fitted(lambda records: predict_ensemble(model, guide, setup.loader(records), keep_samples=True), guide, guide.extra_parameters())
+    return Fitted(_ensemble_predictor(setup, model, guide), guide, guide.extra_parameters())
 
 
 # LoRA-XS cores start at zero and Adam moves them about one lr per step: they need ~10x LoRA's lr
@@ -666,12 +676,12 @@ def evaluate_saved(run_dir, **overrides):
 def _saved_predictor(setup, guide):
     """The predictive ``compare`` reports for the method of ``guide``: Laplace's GLM probit, an ensemble's exact
     mixture with its members' heads, else weight samples."""
-    from guides import EnsembleGuide, LaplaceGuide, predict_ensemble
+    from guides import EnsembleGuide, LaplaceGuide
 
     if isinstance(guide, LaplaceGuide):
-        return lambda records: guide.predict_glm(setup.loader(records), link="probit")
+        return _glm_predictor(setup, guide)
     if isinstance(guide, EnsembleGuide):
-        return lambda records: predict_ensemble(setup.model, guide, setup.loader(records), keep_samples=True)
+        return _ensemble_predictor(setup, setup.model, guide)
     return _guide_predictor(setup, setup.model, guide)
 
 
