@@ -13,9 +13,7 @@ import torch.distributed as dist
 
 from . import compare as C
 from .distributed import is_main
-
-_UNSAVEABLE = ("temperature", "zeroshot")  # no guide to save: compare reports them
-
+from .results import GuideFailures
 
 _MIN_MAX_LENGTH = 8  # shorter cuts most inputs to a few tokens
 
@@ -45,61 +43,97 @@ def _seeds(text):
     return tuple(seeds)
 
 
-def _common(p, out_default, several_runs=True):
+def _guides(text):
+    names = [n.strip() for n in text.split(",")]
+    unknown = [n for n in names if n not in C.METHODS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown guide(s) {unknown}; available: {', '.join(C.METHODS)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} repeats a guide")
+    return tuple(names)
+
+
+def _model_args(p):
     d = C.CompareConfig()
-    positive, positive_float = _number(int, 0), _number(float, 0.0)
     p.add_argument("--model", default=d.model, help=f"minilm, smollm2, or a local HF model folder / .gguf file (default {d.model})")
     p.add_argument("--dataset", default=d.dataset, help=f"a dataset folder name under --data-dir (sst2, arc_easy, ...; default {d.dataset})")
     p.add_argument("--data-dir", default=None, help="canonical JSONL datasets (default: $PYRO_LORA_DATA or ../shared/data)")
-    p.add_argument("--train-size", type=positive, default=d.train_size, help=f"training examples, validation carved from them (default {d.train_size})")
-    p.add_argument("--test-size", type=positive, default=d.test_size, help=f"test examples (default {d.test_size})")
-    p.add_argument("--samples", type=positive, default=d.samples, help=f"posterior samples per prediction, S (default {d.samples})")
-    p.add_argument("--epochs", type=_number(int, 0, strict=False), default=d.epochs, help=f"training epochs (default {d.epochs})")
-    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default 2e-3 for encoders, 3e-4 for causal LMs)")
-    p.add_argument("--batch-size", type=positive, default=d.batch_size, help=f"examples per batch (default {d.batch_size})")
-    p.add_argument("--rank", type=positive, default=d.rank, help=f"LoRA rank r (default {d.rank})")
-    p.add_argument("--prior-scale", type=positive_float, default=d.prior_scale,
-                   help=f"std of the isotropic prior on LoRA entries (default {d.prior_scale})")
     p.add_argument("--mc-format", choices=["letter", "cloze"], default=None, help="multiple-choice format (default: cloze below ~1B parameters)")
     p.add_argument("--mc-normalize", choices=["none", "tokens", "chars"], default="none",
                    help="cloze: divide each answer's log-probability by its length (lm-eval's acc_norm is 'chars'; default none)")
     p.add_argument("--max-length", type=_number(int, _MIN_MAX_LENGTH, strict=False), default=d.max_length,
-                   help=f"tokens per input, at least {_MIN_MAX_LENGTH} (default {d.max_length})")
-    if several_runs:  # fit and bayesianize train and score one run
-        p.add_argument("--seeds", type=_seeds, default=(0,), help="comma-separated training seeds, e.g. 0,1,2 (the table shows mean ± std; default 0)")
-        p.add_argument("--eval-datasets", default="", help="comma-separated shifted test sets with the same answer format, e.g. arc_challenge,arc_easy")
-    else:
-        p.add_argument("--seed", type=_number(int, 0, strict=False), default=0, help="training seed (default 0)")
+                   help=f"tokens per input, at least {_MIN_MAX_LENGTH} and at most the model's positions (default {d.max_length})")
+    p.add_argument("--batch-size", type=_number(int, 0), default=d.batch_size, help=f"examples per batch (default {d.batch_size})")
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help=f"device (default {d.device})")
+
+
+def _size_args(p, train_help="training examples, validation carved from them"):
+    d = C.CompareConfig()
+    p.add_argument("--train-size", type=_number(int, 1), default=d.train_size, help=f"{train_help} (at least 2; default {d.train_size})")
+    p.add_argument("--test-size", type=_number(int, 0), default=d.test_size, help=f"test examples (default {d.test_size})")
+    p.add_argument("--samples", type=_number(int, 0), default=d.samples, help=f"posterior samples per prediction, S (default {d.samples})")
+
+
+def _training_args(p):
+    d = C.CompareConfig()
+    p.add_argument("--epochs", type=_number(int, 0, strict=False), default=d.epochs, help=f"training epochs (default {d.epochs})")
+    p.add_argument("--lr", type=_number(float, 0.0), default=None, help="learning rate (default 2e-3 for encoders, 3e-4 for causal LMs)")
+    p.add_argument("--rank", type=_number(int, 0), default=d.rank, help=f"LoRA rank r (default {d.rank})")
+    p.add_argument("--prior-scale", type=_number(float, 0.0), default=d.prior_scale,
+                   help=f"std of the isotropic prior on LoRA entries (default {d.prior_scale})")
+
+
+def _output_args(p, out_default):
+    p.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (also none while loading the model)")
     _debug(p)
-    p.add_argument("--out", default=out_default, help="output directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _seed_arg(p, help):
+    p.add_argument("--seed", type=_number(int, 0, strict=False), default=0, help=f"{help} (default 0)")
 
 
 def parser():
     ap = argparse.ArgumentParser(prog="pyro-lora", description="Bayesian LoRA in Pyro: fit and compare posterior guides on real data.")
     sub = ap.add_subparsers(dest="command")
     p = sub.add_parser("compare", help="train MAP once, fit each guide, one table of accuracy and calibration (default)")
-    _common(p, "runs/compare")
-    p.add_argument("--guides", default=None, help=f"comma-separated, from: {', '.join(C.METHODS)} (default: all)")
+    _model_args(p)
+    _size_args(p)
+    _training_args(p)
+    p.add_argument("--guides", type=_guides, default=None, help=f"comma-separated, from: {', '.join(C.METHODS)} (default: all that apply)")
+    p.add_argument("--seeds", type=_seeds, default=(0,), help="comma-separated training seeds, e.g. 0,1,2 (the table shows mean ± std; default 0)")
+    p.add_argument("--eval-datasets", default="", help="comma-separated shifted test sets with the same answer format, e.g. arc_challenge,arc_easy (default none)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a run of another configuration in --out (default: refused; a run of the same configuration resumes)")
+    _output_args(p, "runs/compare")
     p = sub.add_parser("fit", help="train MAP and fit one guide; save it to OUT/guide")
-    _common(p, "runs/fit", several_runs=False)
-    saveable = [m for m in C.METHODS if m not in _UNSAVEABLE]
+    _model_args(p)
+    _size_args(p)
+    _training_args(p)
+    saveable = [m for m in C.METHODS if m not in C.UNSAVEABLE]
     p.add_argument("--guide", default="map", choices=saveable, help="the method to fit and save (default map)")
+    _seed_arg(p, "training seed")
+    p.add_argument("--adapter", action="store_true",
+                   help=f"also write the posterior mean as a peft adapter folder OUT/adapter ({', '.join(C.EXPORTABLE)}; default off)")
+    _output_args(p, "runs/fit")
     p = sub.add_parser("bayesianize", help="TFB: turn a saved peft adapter into a posterior without training")
     p.add_argument("adapter_dir", help="a peft adapter directory (adapter_config.json + weights)")
-    _common(p, "runs/bayesianize", several_runs=False)
+    _model_args(p)
+    _size_args(p, train_help="training examples the anchors are drawn from")
+    _seed_arg(p, "seed of the posterior samples")
     p.add_argument("--criterion", choices=["nll", "flip", "accuracy"], default="nll", help="what the anchors may lose (default nll)")
     p.add_argument("--tolerance", type=_number(float, 0.0), default=0.01, help="how much the criterion may lose (default 0.01)")
-    p.add_argument("--anchors", type=int, default=256, help="training examples the search runs on")
-    p.add_argument("--low", type=float, default=1e-3, help="smallest sigma_q searched")
-    p.add_argument("--high", type=float, default=1.5e-2, help="largest sigma_q searched")
-    p.add_argument("--iterations", type=int, default=5, help="bisection steps")
+    p.add_argument("--anchors", type=_number(int, 0), default=256, help="training examples the search runs on (default 256)")
+    p.add_argument("--low", type=_number(float, 0.0), default=1e-3, help="smallest sigma_q searched (default 0.001)")
+    p.add_argument("--high", type=_number(float, 0.0), default=1.5e-2, help="largest sigma_q searched (default 0.015)")
+    p.add_argument("--iterations", type=_number(int, 0), default=5, help="bisection steps (default 5)")
+    _output_args(p, "runs/bayesianize")
     p = sub.add_parser("evaluate", help="score a guide saved by `pyro-lora fit` or `bayesianize` on the test set")
-    p.add_argument("run_dir", help="the --out directory of `pyro-lora fit` or `bayesianize`")
+    p.add_argument("run_dir", help="the --out folder of `pyro-lora fit` or `bayesianize`")
     p.add_argument("--test-size", type=_number(int, 0), default=None, help="test examples (default: the run's)")
     p.add_argument("--samples", type=_number(int, 0), default=None, help="posterior samples per prediction (default: the run's)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="device (default: the run's)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (also none while loading the model)")
     _debug(p)
     return ap
 
@@ -131,7 +165,10 @@ def main(argv=None):
     """Run the command line; an error the library raises is one line, ``pyro-lora: error: ...``, exit status 2
     (the traceback with ``--debug``)."""
     argv = sys.argv[1:] if argv is None else argv
-    args = parser().parse_args(argv or ["compare"])
+    ap = parser()
+    args = ap.parse_args(argv or ["compare"])
+    if args.command == "bayesianize" and args.low >= args.high:
+        ap.error(f"bayesianize: --low {args.low} must be below --high {args.high}")
     try:
         return _run(args)
     except Exception as error:  # noqa: BLE001 -- every library error reaches the user as one line
@@ -146,15 +183,18 @@ def _run(args):
     _init_distributed()
     say = print if is_main() else (lambda *a, **k: None)
     if args.command in (None, "compare"):
-        guides = tuple(args.guides.split(",")) if getattr(args, "guides", None) else None
-        rows = C.run_compare(_config(args, guides=guides))
+        try:
+            rows = C.run_compare(_config(args, guides=getattr(args, "guides", None)), overwrite=getattr(args, "overwrite", False))
+        except GuideFailures as failures:  # the finished guides' table first, then the one-line error
+            say(C.format_table(failures.summary))
+            raise
         say(C.format_table(rows))
         say(f"results: {Path(args.out) / 'results.json'}")
     elif args.command == "fit":
         config = _config(args, guides=(args.guide,))
-        row = C.fit_one(config)
+        row = C.fit_one(config, adapter=args.adapter)
         say(C.format_table([row]))
-        say(f"saved: {Path(args.out) / 'guide'}")
+        say(f"saved: {Path(args.out) / 'guide'}" + (f", adapter: {Path(args.out) / 'adapter'}" if args.adapter else ""))
     elif args.command == "bayesianize":
         search = {k: getattr(args, k) for k in ("criterion", "tolerance", "low", "high", "iterations")}
         row = C.bayesianize_adapter(_config(args, guides=("tfb",)), args.adapter_dir, anchors=args.anchors, **search)
@@ -162,7 +202,7 @@ def _run(args):
         say(f"sigma_q = {row['sigma_q']:.5g}; saved: {Path(args.out) / 'guide'}")
     elif args.command == "evaluate":
         overrides = {k: getattr(args, k) for k in ("test_size", "samples", "device") if getattr(args, k) is not None}
-        row = C.evaluate_saved(args.run_dir, **overrides)
+        row = C.evaluate_saved(args.run_dir, progress=not args.quiet and is_main(), **overrides)
         say(C.format_table([row]))
     return 0
 

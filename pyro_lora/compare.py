@@ -7,10 +7,12 @@ import json
 import math
 import numbers
 import time
+import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyro
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
@@ -19,12 +21,12 @@ from .likelihoods import MultipleChoice, SequenceClassification
 from . import metrics as M
 from .costs import PeakMemory
 from .distributed import is_main
-from .io import atomic_file, load_guide, save_guide
+from .io import export_adapter, load_guide, recover_directory, save_guide, writable_folder
 from .metrics import summarize
 from .model import LoraModel
-from .plots import metric_scatter, reliability_diagram, reliability_grid
 from .predictive import predict
-from .pretrained import add_lora, default_mc_format, load_pretrained
+from .results import RESULTS, RunFolder, merge_results, summarize_seeds, write_json  # noqa: F401 -- merge_results, summarize_seeds: public here too
+from .pretrained import add_lora, default_mc_format, load_adapter, load_pretrained, max_positions
 from .training import fit
 
 
@@ -74,6 +76,12 @@ class Setup:
     map_guide: object = None
     trained_state: dict = field(default_factory=dict)
 
+    @property
+    def sizes(self):
+        """Examples used per split: train, validation, test and each shifted test set."""
+        return {"train": len(self.train), "validation": len(self.val), "test": len(self.test),
+                **{f"test {name}": len(records) for name, records in self.shifted.items()}}
+
     def loader(self, records, shuffle=False):
         return D.make_loader(records, self.collator, self.config.batch_size, shuffle=shuffle, seed=self.seed)
 
@@ -94,6 +102,9 @@ class Setup:
 def prepare(config, seed=0, adapter_dir=None):
     """Load the model (LoRA initialised under ``seed``) and the data of ``config``; the MAP is not yet trained.
 
+    Sets what ``config`` left to defaults (``lr``, ``mc_format``); ``Setup.sizes`` are the sizes actually used
+    (at most those requested). :func:`check_config` refuses first a configuration that cannot run.
+
     The data subsets and the train/validation split do not depend on ``seed``: every seed sees the same
     examples, only initialisation and training order change. With ``adapter_dir``, the LoRA is a saved
     peft adapter (``PeftModel.from_pretrained``) instead of a fresh one.
@@ -103,21 +114,14 @@ def prepare(config, seed=0, adapter_dir=None):
     train_all = D.subset(train_all, min(len(train_all), config.train_size), seed=0)
     train, val = D.split_train_val(train_all, val_fraction=config.val_fraction, seed=0)
     test = _test_records(config.dataset, config)
-    if config.dataset in config.eval_datasets or len(set(config.eval_datasets)) != len(config.eval_datasets):
-        raise ValueError(
-            f"--eval-datasets {','.join(config.eval_datasets)} repeats a set or names the training set {config.dataset!r}: "
-            "its rows would merge with the in-distribution ones; list each shifted set once, not the training set"
-        )
     shifted = {name: _test_records(name, config) for name in config.eval_datasets}
-    for name in shifted:
-        if D.load_meta(name, config.data_dir)["task"] != meta["task"]:
-            raise ValueError(f"evaluation set {name!r} is not a {meta['task']} dataset like {config.dataset!r}")
     torch.manual_seed(seed)  # a classification head is initialised while loading
     if meta["task"] == "classification":
-        net, tok = load_pretrained(config.model, "classification", num_labels=len(meta["label_names"]), device=config.device)
+        net, tok = load_pretrained(config.model, "classification", num_labels=len(meta["label_names"]), device=config.device,
+                                   progress=config.progress)
         likelihood, collator = SequenceClassification(), D.ClassificationCollator(tok, config.max_length)
     else:
-        net, tok = load_pretrained(config.model, "causal_lm", device=config.device)
+        net, tok = load_pretrained(config.model, "causal_lm", device=config.device, progress=config.progress)
         config.mc_format = config.mc_format or default_mc_format(net)
         if config.mc_format == "cloze":
             likelihood = MultipleChoice(format="cloze", normalize=config.mc_normalize)
@@ -132,9 +136,7 @@ def prepare(config, seed=0, adapter_dir=None):
     if adapter_dir is None:
         net = add_lora(net, r=config.rank, alpha=config.alpha)
     else:
-        from peft import PeftModel
-
-        net = PeftModel.from_pretrained(net, adapter_dir)
+        net = load_adapter(net, adapter_dir)
         config.rank = net.peft_config[net.active_adapter].r
     net = net.to(config.device)
     return Setup(config, net, tok, likelihood, train, val, test, collator, seed, shifted)
@@ -388,7 +390,46 @@ def _check_methods(names):
         raise ValueError(f"unknown guide(s) {unknown}; available: {', '.join(METHODS)}")
 
 
+def check_config(config, guides=None):
+    """Refuse, before any model is loaded, a ``config`` that cannot run; returns the dataset's task.
+
+    Checks the methods (``guides``, default ``config.guides``) exist and apply to the task, the datasets and
+    shifted sets exist with one task, the training set can be split, ``max_length`` fits the model's positions
+    and ``config.out`` can be written.
+
+    :raises ValueError: naming what is wrong and what to do.
+    """
+    guides = config.guides if guides is None else guides
+    _check_methods(guides or ())
+    task = D.load_meta(config.dataset, config.data_dir)["task"]
+    if guides and "zeroshot" in guides and task == "classification":
+        raise ValueError(f"zeroshot needs a causal LM task: {config.dataset!r} is a classification set, whose head is "
+                         "untrained without fine-tuning; leave zeroshot out")
+    if config.dataset in config.eval_datasets or len(set(config.eval_datasets)) != len(config.eval_datasets):
+        raise ValueError(
+            f"--eval-datasets {','.join(config.eval_datasets)} repeats a set or names the training set {config.dataset!r}: "
+            "its rows would merge with the in-distribution ones; list each shifted set once, not the training set"
+        )
+    for name in config.eval_datasets:
+        if D.load_meta(name, config.data_dir)["task"] != task:
+            raise ValueError(f"evaluation set {name!r} is not a {task} dataset like {config.dataset!r}")
+    if config.train_size < 2:
+        raise ValueError(f"train_size {config.train_size} cannot be split into training and validation examples: use 2 or more")
+    limit = max_positions(config.model)
+    if limit is not None and config.max_length > limit:
+        raise ValueError(f"max_length {config.max_length} is beyond {config.model}'s {limit} positions: use at most {limit}")
+    writable_folder(config.out)
+    return task
+
+
+def _seed_for(seed, name, stage):
+    """Seed every global RNG from (run seed, method, stage): a method's numbers do not depend on which methods
+    ran before it, so a resumed run, or one where another method failed, gives the rows of a full run."""
+    pyro.set_rng_seed(zlib.crc32(f"{seed}/{name}/{stage}".encode()))
+
+
 def _fit_method(setup, name, map_seconds):
+    _seed_for(setup.seed, name, "fit")
     with PeakMemory(setup.config.device) as memory:
         t = time.perf_counter()
         fitted = METHODS[name](setup)
@@ -399,7 +440,10 @@ def _fit_method(setup, name, map_seconds):
     return fitted, costs
 
 
-def _evaluate(setup, fitted, records):
+def _evaluate(setup, fitted, records, name, dataset):
+    """Predict ``records`` with ``fitted`` (the guide ``name``) under a seed of its own; returns the prediction and
+    its costs."""
+    _seed_for(setup.seed, name, f"predict {dataset}")
     with PeakMemory(setup.config.device) as memory:
         prediction = fitted.predict(records)
     costs = {"predict_seconds_per_1000": 1000 * prediction.seconds / len(records), "predict_memory_mb": memory.megabytes}
@@ -473,94 +517,81 @@ def _row(head, *parts):
     return row
 
 
-def run_compare(config):
+def run_compare(config, overwrite=False):
     """Run the comparison of ``config`` over its seeds; returns the summary rows (mean and std over seeds).
 
-    Writes to ``config.out``: ``results.json`` (config, per-seed rows, summary), ``predictions_<guide>.npz``
-    (per evaluation set and seed: averaged probabilities, labels, entropy, mutual information),
-    ``reliability_<guide>.png``, ``reliability_grid.png`` and ``calibration_vs_accuracy.png``.
+    Writes to ``config.out`` as each (guide, seed) finishes (:class:`~pyro_lora.results.RunFolder`):
+    ``results.json`` (config, per-seed rows, summary, failed guides), ``predictions_<guide>.npz`` (per evaluation
+    set and seed: averaged probabilities, labels, entropy, mutual information), ``reliability_<guide>.png``,
+    ``reliability_grid.png`` and ``calibration_vs_accuracy.png``. A guide that fails is recorded with its error and
+    the others go on. A rerun of the same configuration into the same folder resumes: it skips what finished.
+
+    :param overwrite: replace a run of another configuration in ``config.out`` (otherwise refused).
+    :raises ValueError: for a configuration that cannot run (:func:`check_config`), before loading anything.
+    :raises GuideFailures: at the end, if some guide failed; every other one is written.
     """
-    _check_methods(config.guides or ())
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    rows, arrays, first_seed = [], {}, {}
+    task = check_config(config)
+    config.guides = tuple(config.guides or methods_for_task(task))
+    run = RunFolder(config.out, config, overwrite=overwrite)
+    datasets = [config.dataset, *config.eval_datasets]
+    say = print if is_main() else (lambda *a, **k: None)
     for seed in config.seeds:
+        todo = [g for g in config.guides if not run.complete(g, seed, datasets)]
+        if len(todo) < len(config.guides):
+            done = ", ".join(g for g in config.guides if g not in todo)
+            say(f"# seed {seed}: {done} already complete in {run.out / RESULTS}: skipped", flush=True)
+        if not todo:
+            continue
         setup = prepare(config, seed)
-        config.guides = tuple(config.guides or applicable_methods(setup))
         if config.progress:
             fmt = f", multiple-choice format {config.mc_format}" if config.mc_format else ""
             fmt += f" (normalized by {config.mc_normalize})" if config.mc_format == "cloze" and config.mc_normalize else ""
             print(f"# seed {seed}: {config.model} on {config.dataset}: {len(setup.train)} train / {len(setup.val)} validation / "
-                  f"{len(setup.test)} test{fmt}; guides {', '.join(config.guides)}", flush=True)
+                  f"{len(setup.test)} test{fmt}; guides {', '.join(todo)}", flush=True)
+        run.sizes = setup.sizes
         start = time.perf_counter()  # MAP's fit time is its training, not loading the model and data
-        train_map(setup)
+        try:
+            train_map(setup)
+        except Exception as error:  # noqa: BLE001 -- recorded for every guide of this seed; the next seed goes on
+            for name in todo:
+                run.fail(name, seed, RuntimeError(f"training the MAP every guide starts from failed: {type(error).__name__}: {error}"))
+            say(f"# seed {seed}: training the MAP failed ({error}); its guides are recorded as failed", flush=True)
+            continue
         map_seconds = time.perf_counter() - start
-        for name in config.guides:
-            fitted, fit_costs = _fit_method(setup, name, map_seconds)
-            predictions = {}
-            for dataset, records in [(config.dataset, setup.test), *setup.shifted.items()]:
-                prediction, costs = _evaluate(setup, fitted, records)
-                predictions[dataset] = prediction
-                row = _row({"guide": name, "dataset": dataset, "seed": seed}, score(prediction, point_estimate=fitted.point_estimate),
-                           fit_costs, costs)
-                if dataset != config.dataset:
-                    row.update(_ood(predictions[config.dataset], prediction, fitted.point_estimate))
-                rows.append(row)
-                arrays.setdefault(name, {}).update(_arrays(prediction, dataset, seed, fitted.point_estimate))
-                if config.progress:
+        for name in todo:
+            try:
+                rows, arrays, first = _run_method(setup, name, map_seconds)
+            except Exception as error:  # noqa: BLE001 -- recorded; the other guides go on
+                run.fail(name, seed, error)
+                say(f"# {name} (seed {seed}) failed: {type(error).__name__}: {error}", flush=True)
+                continue
+            finally:
+                setup.restore()
+            run.add(name, seed, rows, arrays, first)
+            if config.progress:
+                for row in rows:
                     print(format_row(row), flush=True)
-            if seed == config.seeds[0]:
-                first_seed[name] = predictions[config.dataset]
-            setup.restore()
-    summary = summarize_seeds(rows)
-    if not is_main():
-        return summary
-    for name, prediction in first_seed.items():
-        reliability_diagram(prediction.probs, prediction.labels, out / f"reliability_{name}.png", title=f"{name} on {config.dataset}")
-        with atomic_file(out / f"predictions_{name}.npz", "wb") as f:  # a kill mid-write leaves the old file
-            np.savez_compressed(f, **arrays[name])
-    _summary_figures(out, summary, {n: (p.probs, p.labels) for n, p in first_seed.items()}, config.dataset)
-    write_json(out / "results.json", {"config": asdict(config), "summary": summary, "per_seed": rows})
-    return summary
+    run.raise_failures()
+    return run.summary()
 
 
-def _summary_figures(out, summary, first_seed, dataset):
-    """The run's reliability grid (first seed, ``first_seed``: guide -> (probs, labels)) and calibration-vs-accuracy plot."""
-    reliability_grid(first_seed, out / "reliability_grid.png")
-    metric_scatter([r for r in summary if r["dataset"] == dataset], out / "calibration_vs_accuracy.png")
-
-
-def merge_results(out, update):
-    """Replace the rows of some guides in the run ``out`` by those of the run ``update`` (a rerun of just those
-    guides, e.g. after a change to them, with otherwise the same configuration); returns the merged summary.
-
-    Copies the updated guides' ``predictions_*.npz`` and ``reliability_*.png``, redraws the run's two summary
-    figures and rewrites ``out/results.json`` (atomically), guides in the original order, new ones last.
-    """
-    out, update = Path(out), Path(update)
-    base, new = (json.loads((d / "results.json").read_text()) for d in (out, update))
-    differ = sorted(k for k in set(base["config"]) | set(new["config"])
-                    if k not in ("guides", "out", "progress") and base["config"].get(k) != new["config"].get(k))
-    if differ:
-        raise ValueError(f"cannot merge {update} into {out}: their configurations differ in {', '.join(differ)}")
-    updated = list(new["config"]["guides"])
-    guides = list(base["config"]["guides"]) + [g for g in updated if g not in base["config"]["guides"]]
-    order = {g: i for i, g in enumerate(guides)}
-    rows = sorted([r for r in base["per_seed"] if r["guide"] not in updated] + new["per_seed"], key=lambda r: order[r["guide"]])
-    for name in updated:
-        for kind in ("predictions_{}.npz", "reliability_{}.png"):
-            with atomic_file(out / kind.format(name), "wb") as f:
-                f.write((update / kind.format(name)).read_bytes())
-    summary = summarize_seeds(rows)
-    config = {**base["config"], "guides": guides}
-    key = f"{config['dataset']}__seed{config['seeds'][0]}__"
-    first_seed = {}
-    for name in guides:
-        with np.load(out / f"predictions_{name}.npz") as arrays:
-            first_seed[name] = (torch.from_numpy(arrays[key + "probs"]), torch.from_numpy(arrays[key + "labels"]))
-    _summary_figures(out, summary, first_seed, config["dataset"])
-    write_json(out / "results.json", {"config": config, "summary": summary, "per_seed": rows})
-    return summary
+def _run_method(setup, name, map_seconds):
+    """Fit method ``name`` on ``setup`` and score it on every evaluation set; returns its rows, npz arrays and the
+    in-distribution ``(probs, labels)`` for its reliability diagram."""
+    config, seed = setup.config, setup.seed
+    fitted, fit_costs = _fit_method(setup, name, map_seconds)
+    rows, arrays, predictions = [], {}, {}
+    for dataset, records in [(config.dataset, setup.test), *setup.shifted.items()]:
+        prediction, costs = _evaluate(setup, fitted, records, name, dataset)
+        predictions[dataset] = prediction
+        row = _row({"guide": name, "dataset": dataset, "seed": seed}, score(prediction, point_estimate=fitted.point_estimate),
+                   fit_costs, costs)
+        if dataset != config.dataset:
+            row.update(_ood(predictions[config.dataset], prediction, fitted.point_estimate))
+        rows.append(row)
+        arrays.update(_arrays(prediction, dataset, seed, fitted.point_estimate))
+    first = predictions[config.dataset]
+    return rows, arrays, (first.probs, first.labels)
 
 
 def _arrays(prediction, dataset, seed, point_estimate=False):
@@ -576,121 +607,155 @@ def _arrays(prediction, dataset, seed, point_estimate=False):
     }
 
 
-def summarize_seeds(rows):
-    """Mean and std over seeds of every numeric column, per (guide, evaluation set): ``x`` and ``x_std``.
+UNSAVEABLE = ("temperature", "zeroshot")  # no guide to save: compare reports them
+# methods whose posterior mean is a predictor of plain A, B LoRA matrices, which a peft adapter holds
+EXPORTABLE = ("map", "meanfield", "flow", "tfb", "laplace", "mcdropout")
 
-    The seeds' ``note`` entries are kept: ``"seeds 0, 2: <note>"`` per distinct note, joined by ``"; "``.
-    A value that is not available (NaN, or None: JSON null) in any seed makes the column's mean and std NaN:
-    n/a, not a mean over the seeds that happen to have it. NaN is written to ``results.json`` as ``NaN``.
+
+def fit_one(config, adapter=False):
+    """Train MAP, fit the one guide of ``config`` and save it, with the run's record, to ``out/guide`` as one unit
+    (``guide.json``, ``guide.safetensors``, ``run.json``: ``pyro-lora evaluate out`` reproduces the row).
+
+    :param adapter: also write the posterior mean as a peft adapter folder ``out/adapter``
+        (``PeftModel.from_pretrained`` and ``pyro-lora bayesianize`` take it).
+    :raises ValueError: before loading anything, for a configuration that cannot run, a method with no guide to
+        save, or ``adapter`` with a method whose mean is no LoRA adapter.
     """
-    groups = {}
-    for r in rows:
-        groups.setdefault((r["guide"], r["dataset"]), []).append(r)
-    summary = []
-    for (guide, dataset), group in groups.items():
-        row = {"guide": guide, "dataset": dataset, "seeds": [r["seed"] for r in group]}
-        notes = {}
-        for r in group:
-            if r.get("note"):
-                notes.setdefault(r["note"], []).append(str(r["seed"]))
-        if notes:
-            row["note"] = "; ".join(f"seed{'s' * (len(s) > 1)} {', '.join(s)}: {n}" for n, s in notes.items())
-        for key in group[0]:
-            if key in ("guide", "dataset", "seed", "note"):
-                continue
-            values = np.array([r[key] for r in group], dtype=float)  # None (JSON null) -> NaN
-            row[key] = float(values.mean())
-            row[key + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
-        summary.append(row)
-    return summary
-
-
-def fit_one(config):
-    """Train MAP, fit the one guide of ``config`` and save it to ``out/guide`` (``out/run.json`` rebuilds the model)."""
-    _check_methods(config.guides)
     (name,) = config.guides
-    setup = prepare(config, config.seeds[0])
+    if name in UNSAVEABLE:
+        raise ValueError(f"method {name!r} has no guide to save; `pyro-lora compare --guides {name}` reports it")
+    if adapter and name not in EXPORTABLE:
+        raise ValueError(f"method {name!r} has no posterior mean to write as a peft adapter (an ensemble's averaged members, "
+                         f"LoRA-XS cores or ScalaBL scales are no plain LoRA); methods that have one: {', '.join(EXPORTABLE)}")
+    check_config(config)
+    seed = config.seeds[0]
+    setup = prepare(config, seed)
     start = time.perf_counter()
     train_map(setup)
     fitted, costs = _fit_method(setup, name, time.perf_counter() - start)
-    prediction, predict_costs = _evaluate(setup, fitted, setup.test)
+    predictive, predictor = _saved_predictor(setup, fitted.guide)
+    prediction, predict_costs = _evaluate(setup, Fitted(predictor), setup.test, name, config.dataset)
     row = _row({"guide": name, "dataset": config.dataset}, score(prediction, point_estimate=fitted.point_estimate), costs, predict_costs)
-    if fitted.guide is None:
-        raise ValueError(f"method {name!r} has no guide to save")
-    out = Path(config.out)
-    save_guide(fitted.guide, out / "guide")
     random = "".join(sorted({s.matrix for s in fitted.guide.sites.values()}))
-    write_json(out / "run.json", {"config": asdict(config), "random": random, "result": row})
+    out = Path(config.out)
+    save_guide(fitted.guide, out / "guide", run=_run_record(setup, row, predictive, random=random))
+    if adapter:
+        export_adapter(fitted.guide, out / "adapter")
     return row
+
+
+def _run_record(setup, row, predictive, **extra):
+    """``run.json``: what :func:`evaluate_saved` needs to rebuild the model and reproduce ``row``."""
+    return {"config": asdict(setup.config), "sizes": setup.sizes, "seed": setup.seed, "predictive": predictive, **extra, "result": row}
 
 
 def bayesianize_adapter(config, adapter_dir, anchors=256, **search):
     """TFB on a saved peft adapter: search sigma_q on ``anchors`` training examples, score the test set,
-    save the guide to ``out/guide`` (``pyro-lora evaluate out`` reloads it)."""
+    save the guide with the run's record to ``out/guide`` (``pyro-lora evaluate out`` reloads it).
+
+    :raises ValueError: before loading the model, for a configuration that cannot run or a folder that holds no
+        peft adapter.
+    """
     from guides import bayesianize
 
+    task = check_config(config, guides=())
+    _check_adapter_dir(adapter_dir, task)
     setup = prepare(config, config.seeds[0], adapter_dir=adapter_dir)
     setup.model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=config.prior_scale)
     anchor_records = D.subset(setup.train, min(anchors, len(setup.train)), seed=0)
     search.setdefault("num_samples", config.samples)
+    _seed_for(setup.seed, "tfb", "fit")
     with PeakMemory(config.device) as memory:
         t = time.perf_counter()
         guide = bayesianize(setup.model, setup.loader(anchor_records), progress=config.progress, **search)
     costs = {"fit_seconds": time.perf_counter() - t, "fit_memory_mb": memory.megabytes, "extra_parameters": guide.extra_parameters()}
-    prediction, predict_costs = _evaluate(setup, Fitted(_guide_predictor(setup, setup.model, guide)), setup.test)
+    predictive, predictor = _saved_predictor(setup, guide)
+    prediction, predict_costs = _evaluate(setup, Fitted(predictor), setup.test, "tfb", config.dataset)
     row = _row({"guide": "tfb", "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic), costs, predict_costs,
                {"sigma_q": float(guide.sigma_q)})
-    out = Path(config.out)
-    save_guide(guide, out / "guide")
-    write_json(out / "run.json", {"config": asdict(config), "random": "AB", "adapter": str(adapter_dir), "result": row})
+    save_guide(guide, Path(config.out) / "guide",
+               run=_run_record(setup, row, predictive, random="AB", adapter=str(Path(adapter_dir).resolve())))
     return row
 
 
-def evaluate_saved(run_dir, **overrides):
-    """Score the guide saved by :func:`fit_one` or :func:`bayesianize_adapter` in ``run_dir`` on its test set
-    (``overrides`` change the config)."""
-    run_dir = Path(run_dir)
+def _check_adapter_dir(adapter_dir, task):
+    """Refuse a folder that is no peft adapter, or a classification adapter without its trained head."""
+    path = Path(adapter_dir)
     try:
-        run = json.loads((run_dir / "run.json").read_text())
+        adapter = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{run_dir} is not a `pyro-lora fit` output (run.json missing)") from None
-    config = CompareConfig(**{**run["config"], **overrides})
+        raise ValueError(f"{path} holds no peft adapter (adapter_config.json missing): give the folder that "
+                         "`save_pretrained` of a peft model (or `pyro-lora fit --adapter`) wrote") from None
+    except ValueError as error:
+        raise ValueError(f"{path}/adapter_config.json is not valid JSON ({error})") from None
+    if task == "classification" and adapter.get("task_type") != "SEQ_CLS" and not adapter.get("modules_to_save"):
+        raise ValueError(f"{path} holds no classification head (task_type {adapter.get('task_type')!r}, no modules_to_save): "
+                         "the head would be freshly random; save the adapter with task_type SEQ_CLS (peft keeps the head)")
+
+
+def _run_file(run_dir):
+    """The ``run.json`` of a `fit` / `bayesianize` output folder (or of its ``guide`` folder)."""
+    run_dir = Path(run_dir)
+    for path in (run_dir / "guide" / "run.json", run_dir / "run.json"):
+        recover_directory(path.parent)  # a save killed between its renames left the previous guide aside
+        if path.is_file() and (path.parent / "guide.json").is_file():
+            return path
+    raise FileNotFoundError(f"{run_dir} is not a `pyro-lora fit` or `bayesianize` output (guide/run.json missing)")
+
+
+def evaluate_saved(run_dir, **overrides):
+    """Score the guide saved by :func:`fit_one` or :func:`bayesianize_adapter` in ``run_dir`` on its test set, with
+    the predictive and seed the run used, so the row is the run's (``overrides`` change the config).
+
+    :raises FileNotFoundError: if ``run_dir`` holds no saved run.
+    :raises ValueError: if its ``run.json`` is not readable, or the guide does not fit the rebuilt model.
+    """
+    path = _run_file(run_dir)
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+        fields = set(CompareConfig.__dataclass_fields__)
+        unknown = set(run["config"]) - fields
+        if unknown:
+            raise ValueError(f"unknown settings {sorted(unknown)}")
+        config = CompareConfig(**{**run["config"], **overrides})
+        random, predictive, seed = run["random"], run["predictive"], run["seed"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a readable run record ({type(error).__name__}: {error})") from None
+    if random not in ("AB", "A", "B", "R", "S"):
+        raise ValueError(f"{path}: random {random!r} is none of AB, A, B (LoRA), R (LoRA-XS), S (ScalaBL)")
     # the saved adapter, if any, brings its own rank, alpha, targets and head
-    setup = prepare(config, config.seeds[0], adapter_dir=run.get("adapter"))
-    if run["random"] == "R":  # LoRA-XS: A, B are the deterministic SVD of W0, not saved with the guide
+    setup = prepare(config, seed, adapter_dir=run.get("adapter"))
+    if random == "R":  # LoRA-XS: A, B are the deterministic SVD of W0, not saved with the guide
         from .loraxs import LoraXSModel
 
         setup.model = LoraXSModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=config.prior_scale)
-    elif run["random"] == "S":  # ScalaBL: the trained A, B are point parameters the guide file restores
+    elif random == "S":  # ScalaBL: the trained A, B are point parameters the guide file restores
         from .scalabl import ScalaBLModel
 
         setup.model = ScalaBLModel(setup.net, setup.likelihood, rotate=False, num_data=len(setup.train), prior=config.prior_scale)
     else:
-        setup.model = LoraModel(setup.net, setup.likelihood, random=run["random"], num_data=len(setup.train), prior=config.prior_scale)
-    guide = load_guide(run_dir / "guide", setup.model)
-    prediction, costs = _evaluate(setup, Fitted(_saved_predictor(setup, guide)), setup.test)
-    return _row({"guide": config.guides[0], "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
+        setup.model = LoraModel(setup.net, setup.likelihood, random=random, num_data=len(setup.train), prior=config.prior_scale)
+    guide = load_guide(path.parent, setup.model)
+    kind, predictor = _saved_predictor(setup, guide)
+    if kind != predictive:
+        raise ValueError(f"{path} was scored with the {predictive} predictive, and this guide gives {kind}: the row would differ")
+    name = config.guides[0]
+    prediction, costs = _evaluate(setup, Fitted(predictor), setup.test, name, config.dataset)
+    return _row({"guide": name, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
                 costs, {"extra_parameters": guide.extra_parameters()})
 
 
 def _saved_predictor(setup, guide):
-    """The predictive ``compare`` reports for the method of ``guide``: Laplace's GLM probit, an ensemble's exact
-    mixture with its members' heads, else weight samples."""
+    """The predictive ``compare`` reports for the method of ``guide``, and its name: Laplace's GLM probit
+    (``"glm_probit"``), an ensemble's exact mixture with its members' heads (``"ensemble_mixture"``), else weight
+    samples (``"weight_samples"``)."""
     from guides import EnsembleGuide, LaplaceGuide
 
     if isinstance(guide, LaplaceGuide):
-        return _glm_predictor(setup, guide)
+        return "glm_probit", _glm_predictor(setup, guide)
     if isinstance(guide, EnsembleGuide):
-        return _ensemble_predictor(setup, setup.model, guide)
-    return _guide_predictor(setup, setup.model, guide)
-
-
-def write_json(path, obj):
-    """Write ``obj`` as JSON atomically (temp file + rename); only the main rank writes."""
-    if not is_main():
-        return
-    with atomic_file(path) as f:
-        f.write(json.dumps(obj, indent=2, default=str))
+        return "ensemble_mixture", _ensemble_predictor(setup, setup.model, guide)
+    return "weight_samples", _guide_predictor(setup, setup.model, guide)
 
 
 TABLE = [("accuracy", "accuracy", 3), ("ece", "ECE x100", 2), ("nll", "NLL", 3), ("brier", "Brier", 3),

@@ -52,7 +52,8 @@ def _fingerprint(net):
     """
     out = {}
     for name, p in net.named_parameters():
-        if p.requires_grad or any(k in name for k in ADAPTER_NAMES) or not p.is_floating_point():
+        # peft's frozen copy of a replaced head (".original_module.") never runs: a fresh head differs by seed
+        if p.requires_grad or any(k in name for k in (*ADAPTER_NAMES, ".original_module.")) or not p.is_floating_point():
             continue
         flat = p.detach().reshape(-1)
         out[name] = float(flat[:: max(1, flat.numel() // 4096)].float().abs().sum())
@@ -96,8 +97,18 @@ def differences(expected, actual):
     out += _scaling_differences(expected["scaling"], actual["scaling"])
     out += _base_differences(expected["base"], actual["base"])
     if expected["head"] != actual["head"]:
-        out.append(f"the trained head differs: the guide's {_short(expected['head'])}, the model's {_short(actual['head'])}")
+        out.append(_head_difference(expected["head"], actual["head"]))
     return out
+
+
+def _head_difference(expected, actual):
+    """One sentence on how the trained heads differ: the number of classes where that is what changed."""
+    outputs = {(expected[n][0], actual[n][0]) for n in expected
+               if n in actual and n.endswith("weight") and expected[n][0] != actual[n][0]}
+    if len(outputs) == 1 and expected.keys() == actual.keys():
+        (g, m), = outputs
+        return f"the head has {g} outputs (classes) in the guide and {m} in the model"
+    return f"the trained head differs: the guide's {_short(expected)}, the model's {_short(actual)}"
 
 
 def _base_differences(expected, actual):

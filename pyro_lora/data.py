@@ -102,9 +102,15 @@ def available_datasets(data_dir=None) -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "meta.json").is_file())
 
 
+_META_NEEDS = f'"task" (one of {", ".join(TASKS)}) and, for classification, "label_names" (a list of at least 2 names)'
+
+
 def _dataset_dir(name: str, data_dir) -> Path:
+    """``<data_dir>/<name>``; raises ``ValueError`` if it is missing or holds no ``meta.json``."""
     root = _resolve_dir(data_dir)
     folder = root / name
+    if folder.is_dir() and not (folder / "meta.json").is_file():  # a half-prepared dataset is no typo of a name
+        raise ValueError(f"dataset folder {folder} exists but has no meta.json; it must hold a JSON object with {_META_NEEDS}")
     if not (folder / "meta.json").is_file():
         raise ValueError(
             f"unknown dataset {name!r} in {root}; available: {', '.join(available_datasets(root)) or 'none'}"
@@ -113,12 +119,20 @@ def _dataset_dir(name: str, data_dir) -> Path:
 
 
 def load_meta(name: str, data_dir=None) -> dict:
-    """``meta.json`` of a dataset (task, counts, sources, ``label_names`` for classification)."""
+    """``meta.json`` of a dataset (task, counts, sources, ``label_names`` for classification).
+
+    Raises ``ValueError`` naming the folder if it has no ``meta.json``, and naming the file if that is not
+    UTF-8 JSON, not an object, or lacks a valid ``task`` or (for classification) ``label_names``.
+    """
     path = _dataset_dir(name, data_dir) / "meta.json"
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:  # names a byte position only, never the file
+        raise ValueError(f"{path}: not UTF-8 (byte 0x{err.object[err.start]:02x} at byte offset {err.start})") from None
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: invalid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: must be a JSON object with {_META_NEEDS}, got {type(meta).__name__}")
     if meta.get("task") not in TASKS:
         raise ValueError(f"{path}: task must be one of {TASKS}, got {meta.get('task')!r}")
     if meta["task"] == "classification":
@@ -165,8 +179,8 @@ def validate_record(record, task: str, num_labels: int | None = None) -> str | N
 def load_records(name: str, split: str, data_dir=None) -> list[dict]:
     """Every record of ``<data_dir>/<name>/<split>.jsonl``, validated against the dataset's task.
 
-    Raises ``ValueError`` naming the file and line for malformed JSON or an invalid record, and for
-    an empty file.
+    Raises ``ValueError`` naming the file and line for a line that is not UTF-8, malformed JSON or an
+    invalid record, and for an empty file; ``FileNotFoundError`` if the split's file is missing.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -177,8 +191,15 @@ def load_records(name: str, split: str, data_dir=None) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # decoded line by line: a text-mode error names a byte position in the file only
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line); "
+                    "re-encode the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:

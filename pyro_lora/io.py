@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .contract import check_guide, describe, differences, point_snapshot, take_over
+from .contract import check_guide, describe, differences, point_snapshot, take_over, trainer
 from .distributed import is_main
 
 FORMAT = "pyro_lora.guide/2"
@@ -23,11 +23,14 @@ _NET = "net/"
 def atomic_file(path, mode="w"):
     """Yield a temporary file beside ``path`` that replaces it, readable by all (0644), once the block succeeds.
 
+    A kill leaves the previous ``path`` and a hidden temporary, removed by the next write to ``path``.
+
     :param str mode: ``"w"`` (text, UTF-8) or ``"wb"``.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    _remove_dead_temporaries(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
@@ -36,6 +39,24 @@ def atomic_file(path, mode="w"):
     except BaseException:
         os.unlink(tmp)
         raise
+
+
+def writable_folder(path):
+    """Create the folder ``path`` if needed and check that files can be written in it, before any long work.
+
+    :raises ValueError: if ``path`` is a file, or cannot be created or written (naming the reason).
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output folder {path} is a file: choose another --out")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"cannot write to output folder {path} ({error.strerror or error}): choose another --out") from None
+    return path
 
 
 @contextlib.contextmanager
@@ -78,9 +99,17 @@ def recover_directory(path):
             os.replace(leftover, path)
         else:
             shutil.rmtree(leftover, ignore_errors=True)
+    _remove_dead_temporaries(path)
+
+
+def _remove_dead_temporaries(path):
+    """Remove the temporary files or folders that killed writers of ``path`` left (``.<name>.tmp-<pid>-*``)."""
     for leftover in path.parent.glob(f".{path.name}.tmp-*"):
         if not _alive(leftover.name[len(f".{path.name}.tmp-") :].split("-", 1)[0]):
-            shutil.rmtree(leftover, ignore_errors=True)
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
 
 
 def _alive(pid):
@@ -117,8 +146,11 @@ def _guide_class(name, path):
     return _GUIDE_CLASSES[name]
 
 
-def save_guide(guide, path):
+def save_guide(guide, path, run=None):
     """Write ``guide`` (its state, config, the model's site shapes and its trained point parameters) to ``path``.
+
+    :param dict run: a record of the run that produced the guide (JSON-able), written as ``run.json`` in the same
+        atomic unit: a kill never leaves a guide beside another run's record.
 
     :raises ValueError: if the network's point parameters are no longer the guide's (another guide trained
         them since: :func:`~pyro_lora.contract.check_guide`), since they are saved with it.
@@ -143,42 +175,128 @@ def save_guide(guide, path):
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / "guide.safetensors"))
         (tmp / "guide.json").write_text(json.dumps(meta, indent=2))
+        if run is not None:
+            (tmp / "run.json").write_text(json.dumps(run, indent=2, default=str))
     return Path(path)
+
+
+_JSON_TYPES = {dict: "object", str: "string", list: "array", int: "number", float: "number", bool: "boolean", type(None): "null"}
+
+
+def _read_meta(path):
+    """``guide.json`` of the guide folder ``path``, checked for every key :func:`load_guide` reads.
+
+    :raises FileNotFoundError: if it is missing.
+    :raises ValueError: if it is not UTF-8 JSON, not an object, of another format, or lacks a key.
+    """
+    file = path / "guide.json"
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} holds no saved guide (guide.json missing)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:  # both name a position only, never the file
+        raise ValueError(f"{file} is corrupt: it is not valid JSON ({err})") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{file} is corrupt: it holds a JSON {_JSON_TYPES.get(type(meta), 'value')}, not an object")
+    if meta.get("format") not in (FORMAT, *_OLD_FORMATS):
+        raise ValueError(f"{file} is not a pyro_lora guide (format {meta.get('format')!r})")
+    # an old format holds the site shapes only; the current one the whole signature
+    for key, kind in (("guide", str), ("config", dict), ("signature" if meta["format"] == FORMAT else "sites", dict)):
+        if not isinstance(meta.get(key), kind):
+            found = f"a JSON {_JSON_TYPES.get(type(meta[key]), 'value')}" if key in meta else "nothing"
+            raise ValueError(f"{file} is corrupt: key {key!r} should hold a JSON {_JSON_TYPES[kind]}, it holds {found}")
+    return meta
+
+
+def _read_tensors(path, device):
+    """The tensors of ``guide.safetensors`` in the guide folder ``path``, each checked to be finite.
+
+    :raises FileNotFoundError: if it is missing.
+    :raises ValueError: if safetensors cannot read it (truncated, not a safetensors file), or a tensor holds NaN
+        or inf (the guide would predict NaN without a word).
+    """
+    from safetensors import SafetensorError
+
+    file = path / "guide.safetensors"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} is missing: the guide at {path} is incomplete")
+    try:
+        tensors = load_file(str(file), device=device)
+    except (SafetensorError, OSError) as err:  # safetensors' message names neither the file nor the tensor
+        raise ValueError(f"{file} is corrupt: safetensors cannot read it ({err})") from None
+    for name, t in tensors.items():
+        if (t.is_floating_point() or t.is_complex()) and not torch.isfinite(t).all():
+            bad = "NaN" if t.isnan().any() else "infinite"
+            raise ValueError(f"{file} is corrupt: tensor {name!r} holds {bad} values, which would give NaN predictions")
+    return tensors
+
+
+def _check_tensors(file, tensors, guide, net_params):
+    """Refuse, naming the tensor, any tensor of ``file`` that ``guide``'s state dict or the network lacks or holds in
+    another shape, and any state of ``guide`` the file lacks: load_state_dict would fail half-way through."""
+    state = guide.state_dict()
+    owner = type(guide).__name__
+    for key, t in tensors.items():
+        net = key.startswith(_NET)
+        name, expected = (key[len(_NET) :], net_params) if net else (key, state)
+        what = f"network parameter {name!r}" if net else f"{owner} tensor {name!r}"
+        if name not in expected:
+            raise ValueError(f"{file} holds {what}, which this {'model' if net else owner} lacks")
+        if t.shape != expected[name].shape:
+            raise ValueError(
+                f"{file} holds {what} of shape {tuple(t.shape)}, where this {'model' if net else owner} has "
+                f"{tuple(expected[name].shape)}"
+            )
+    missing = sorted(set(state) - set(tensors))
+    if missing:
+        raise ValueError(f"{file} lacks the {owner} tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}")
 
 
 def load_guide(path, model):
     """Rebuild a guide saved by :func:`save_guide` for ``model``, restoring the model's point parameters.
 
-    :raises ValueError: if the file is not a saved guide, or ``model`` differs from the model it was saved
-        with (sites, LoRA scaling, adapter, base model, head: :func:`~pyro_lora.contract.differences`).
+    Everything is checked before the network's parameters are written: a refused guide leaves ``model`` as it was.
+
+    :raises FileNotFoundError: if ``guide.json`` or ``guide.safetensors`` is missing.
+    :raises ValueError: if a file is corrupt (not JSON, missing keys, unreadable safetensors, NaN or inf values,
+        tensors missing, unexpected or of another shape) or not a saved guide, or ``model`` differs from the model
+        it was saved with (sites, LoRA scaling, adapter, base model, head: :func:`~pyro_lora.contract.differences`);
+        each message names the file.
     """
     path = Path(path)
     recover_directory(path)
-    try:
-        meta = json.loads((path / "guide.json").read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} holds no saved guide (guide.json missing)") from None
-    if meta.get("format") not in (FORMAT, *_OLD_FORMATS):
-        raise ValueError(f"{path}/guide.json is not a pyro_lora guide (format {meta.get('format')!r})")
+    meta = _read_meta(path)
+    tensors = _read_tensors(path, str(model.device))
     model.check_network()
-    if "signature" in meta:
-        problems = differences(meta["signature"], describe(model))
-    else:
-        saved = {n: tuple(s) for n, s in meta["sites"].items()}
-        current = {n: s.shape for n, s in model.sites.items()}
-        problems = [f"differing (site, shape): {sorted(set(saved.items()) ^ set(current.items()))[:6]}"] if saved != current else []
+    current = describe(model)
+    try:
+        if meta["format"] == FORMAT:
+            problems = differences(meta["signature"], current)
+        else:
+            saved = {n: tuple(s) for n, s in meta["sites"].items()}
+            now = {n: s.shape for n, s in model.sites.items()}
+            problems = [f"differing (site, shape): {sorted(set(saved.items()) ^ set(now.items()))[:6]}"] if saved != now else []
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # a hand-edited signature
+        key = "signature" if meta["format"] == FORMAT else "sites"
+        raise ValueError(f"{path}/guide.json is corrupt: its {key!r} is malformed ({err!r})") from None
     if problems:
         raise ValueError(f"cannot load the guide at {path} into this model: " + "; ".join(problems))
-    cls = _guide_class(meta.get("guide"), path)
-    take_over(model, None)  # the guide that set the point parameters keeps its state; the restore below replaces them
-    guide = cls(model, **meta["config"])
-    tensors = load_file(str(path / "guide.safetensors"), device=str(model.device))
-    take_over(model, guide)
+    cls = _guide_class(meta["guide"], path)
+    previous = trainer(model)
+    take_over(model, None)  # the restore below replaces the point parameters: building may not refuse them
     net_params = dict(model.net.named_parameters())
+    try:
+        try:
+            guide = cls(model, **meta["config"])  # guides never touch the network
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{path}/guide.json is corrupt: its config does not build a {cls.__name__} for this model ({err})") from None
+        _check_tensors(path / "guide.safetensors", tensors, guide, net_params)
+    except ValueError:
+        take_over(model, previous)  # refused: the network stays its previous trainer's
+        raise
+    take_over(model, guide)  # the guide that set the point parameters keeps its state; the restore below replaces them
     with torch.no_grad():
         for k in [k for k in tensors if k.startswith(_NET)]:
-            if k[len(_NET) :] not in net_params:
-                raise ValueError(f"guide at {path} holds network parameter {k[len(_NET):]!r} that this model lacks")
             net_params[k[len(_NET) :]].copy_(tensors.pop(k))
     guide.load_state_dict(tensors)
     guide._point_snapshot = point_snapshot(model)

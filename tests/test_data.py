@@ -163,6 +163,44 @@ def test_empty_file_and_unknown_names(tmp_path):
         D.load_meta("badtask", tmp_path)
 
 
+def test_a_non_utf8_line_names_file_line_and_byte(tmp_path):
+    path = _write(tmp_path, "toy", MC_META, [json.dumps(GOOD_MC), json.dumps(GOOD_MC)])
+    path.write_bytes(path.read_bytes() + b'{"id": "c", "question": "caf\xe9?", "choices": ["x", "y"], "label": 0}\n')
+    with pytest.raises(ValueError, match=r"not UTF-8 \(byte 0xe9 at byte 29 of the line\)") as err:
+        D.load_records("toy", "train", tmp_path)
+    assert f"{path}:3: " in str(err.value)
+
+
+def test_a_folder_without_meta_json_is_named_as_such(tmp_path):
+    _write(tmp_path, "toy", MC_META, [json.dumps(GOOD_MC)])
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "train.jsonl").write_text(json.dumps(GOOD_MC) + "\n")
+    for call in (lambda: D.load_meta("half", tmp_path), lambda: D.load_records("half", "train", tmp_path)):
+        with pytest.raises(ValueError, match=r"exists but has no meta\.json; .*\"task\" .*\"label_names\"") as err:
+            call()
+        assert str(tmp_path / "half") in str(err.value) and "unknown dataset" not in str(err.value)
+    with pytest.raises(ValueError, match="unknown dataset 'nope'.*available: toy"):  # a folder that is not there
+        D.load_meta("nope", tmp_path)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"task": "classification", "label_names": ["n\xe9g", "pos"]}', r"not UTF-8 \(byte 0xe9 at byte offset 45\)"),
+        (b'{"task": "classification",', "invalid JSON"),
+        (b'["classification"]', "must be a JSON object with .*task.*got list"),
+        (b'{"task": "classification", "label_names": ["pos"]}', "classification needs label_names"),
+    ],
+)
+def test_a_bad_meta_json_names_the_file(tmp_path, content, message):
+    _write(tmp_path, "toycls", CLS_META, [json.dumps({"id": 1, "text": "fine", "label": 1})])
+    (tmp_path / "toycls" / "meta.json").write_bytes(content)
+    for call in (lambda: D.load_meta("toycls", tmp_path), lambda: D.load_records("toycls", "train", tmp_path)):
+        with pytest.raises(ValueError, match=message) as err:
+            call()
+        assert str(err.value).startswith(f"{tmp_path / 'toycls' / 'meta.json'}: ")
+
+
 # --------------------------------------------------------------------------- splits
 
 

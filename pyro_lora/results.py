@@ -1,0 +1,264 @@
+"""The output folder of a comparison run, written as each (guide, seed) finishes, so that nothing finished is lost.
+
+``results.json`` (config, per-seed rows, summary, failed guides), ``predictions_<guide>.npz``,
+``reliability_<guide>.png`` and the two summary figures. Every file goes through the atomic writer: a kill
+leaves the previous complete file, and ``results.json``, written last, is the record of what is complete.
+"""
+
+import json
+import traceback
+import zipfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .distributed import is_main
+from .io import atomic_file
+from .plots import metric_scatter, reliability_diagram, reliability_grid
+
+RESULTS = "results.json"
+_UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)  # what np.load raises for a missing or broken npz
+ARRAYS = ("probs", "labels", "entropy", "mutual_information")  # per evaluation set and seed in predictions_<guide>.npz
+# settings a resumed run may change: what is run (guides, seeds), where it is written, and the bars
+_RESUMABLE = ("guides", "seeds", "out", "progress")
+
+
+def write_json(path, obj):
+    """Write ``obj`` as JSON atomically (temp file + rename); only the main rank writes."""
+    if not is_main():
+        return
+    with atomic_file(path) as f:
+        f.write(json.dumps(obj, indent=2, default=str))
+
+
+def summarize_seeds(rows):
+    """Mean and std over seeds of every numeric column, per (guide, evaluation set): ``x`` and ``x_std``.
+
+    The seeds' ``note`` entries are kept: ``"seeds 0, 2: <note>"`` per distinct note, joined by ``"; "``.
+    A value that is not available (NaN, or None: JSON null) in any seed makes the column's mean and std NaN:
+    n/a, not a mean over the seeds that happen to have it. NaN is written to ``results.json`` as ``NaN``.
+    """
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["guide"], r["dataset"]), []).append(r)
+    summary = []
+    for (guide, dataset), group in groups.items():
+        row = {"guide": guide, "dataset": dataset, "seeds": [r["seed"] for r in group]}
+        notes = {}
+        for r in group:
+            if r.get("note"):
+                notes.setdefault(r["note"], []).append(str(r["seed"]))
+        if notes:
+            row["note"] = "; ".join(f"seed{'s' * (len(s) > 1)} {', '.join(s)}: {n}" for n, s in notes.items())
+        for key in group[0]:
+            if key in ("guide", "dataset", "seed", "note"):
+                continue
+            values = np.array([r[key] for r in group], dtype=float)  # None (JSON null) -> NaN
+            row[key] = float(values.mean())
+            row[key + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        summary.append(row)
+    return summary
+
+
+class GuideFailures(RuntimeError):
+    """Some (guide, seed) runs of a comparison failed; the others are written. ``summary`` holds their rows."""
+
+    def __init__(self, message, summary):
+        super().__init__(message)
+        self.summary = summary
+
+
+class RunFolder:
+    """The folder ``out`` of one comparison run, kept complete after every finished (guide, seed).
+
+    Opening a folder that holds a run of the same configuration (all but guides, seeds, output folder and
+    progress bars) resumes it: :meth:`complete` says which (guide, seed) are done. A folder holding another
+    configuration is refused, unless ``overwrite`` (then its rows are dropped).
+
+    :param config: the run's :class:`~pyro_lora.compare.CompareConfig`, as requested (defaults such as the
+        learning rate may be resolved later; :meth:`write` records the resolved values).
+    :raises ValueError: if ``out`` holds a run of another configuration, or a ``results.json`` that is not one.
+    """
+
+    def __init__(self, out, config, overwrite=False):
+        self.out, self.config = Path(out), config
+        self.request = asdict(config)
+        self.rows, self.failed, self.guides, self.seeds = [], [], [], []
+        saved = self._read() if not overwrite else None
+        if saved is not None:
+            self._check_same(saved)
+            self.rows, self.failed = saved["per_seed"], saved.get("failed", [])
+            self.guides, self.seeds = list(saved["config"]["guides"] or ()), list(saved["config"]["seeds"])
+
+    def _read(self):
+        path = self.out / RESULTS
+        if not path.is_file():
+            return None
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+            saved["config"], saved["per_seed"]  # noqa: B018 -- the keys every run writes
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"{path} is not the results of a `pyro-lora compare` run ({error}); choose another --out") from None
+        return saved
+
+    def _check_same(self, saved):
+        resolved, requested = saved["config"], saved.get("request", saved["config"])
+        differ = [
+            f"{k} {requested.get(k, resolved.get(k))!r} there, {v!r} now"
+            for k, v in self.request.items()
+            if k not in _RESUMABLE and _jsonable(v) not in (_jsonable(requested.get(k)), _jsonable(resolved.get(k)))
+        ]
+        if differ:
+            raise ValueError(
+                f"{self.out} holds a run of another configuration ({'; '.join(differ)}): a rerun there resumes only the "
+                "same configuration; choose another --out, or pass --overwrite to replace that run"
+            )
+
+    def complete(self, guide, seed, datasets):
+        """Whether ``guide`` under ``seed`` has its rows for every evaluation set in ``datasets`` and its arrays."""
+        have = {r["dataset"] for r in self.rows if r["guide"] == guide and r["seed"] == seed}
+        if not set(datasets) <= have:
+            return False
+        arrays = self._arrays(guide)
+        return all(f"{d}__seed{seed}__{kind}" in arrays for d in datasets for kind in ARRAYS)
+
+    def _arrays(self, guide):
+        path = self.out / f"predictions_{guide}.npz"
+        try:
+            with np.load(path) as saved:
+                return dict(saved)
+        except _UNREADABLE:  # missing, or not an npz: those rows are redone
+            return {}
+
+    def add(self, guide, seed, rows, arrays, first_seed=None):
+        """Record a finished (guide, seed): its ``rows`` (one per evaluation set), npz ``arrays`` and, for the run's
+        first seed, ``first_seed = (probs, labels)`` of the in-distribution test set for its reliability diagram."""
+        self._track(guide, seed)
+        self.rows = [r for r in self.rows if (r["guide"], r["seed"]) != (guide, seed)] + list(rows)
+        self.failed = [f for f in self.failed if (f["guide"], f["seed"]) != (guide, seed)]
+        if not is_main():
+            return
+        recorded = {f"{r['dataset']}__seed{r['seed']}__" for r in self.rows if r["guide"] == guide}
+        kept = {k: v for k, v in self._arrays(guide).items() if k[: k.rindex("__") + 2] in recorded}  # not a replaced run's
+        with atomic_file(self.out / f"predictions_{guide}.npz", "wb") as f:
+            np.savez_compressed(f, **{**kept, **arrays})
+        if first_seed is not None and seed == self.seeds[0]:
+            probs, labels = first_seed
+            reliability_diagram(probs, labels, self.out / f"reliability_{guide}.png", title=f"{guide} on {self.config.dataset}")
+        self.write(figures=True)
+
+    def fail(self, guide, seed, error):
+        """Record that ``guide`` failed under ``seed`` with ``error`` (its message and traceback go to results.json)."""
+        self._track(guide, seed)
+        self.failed = [f for f in self.failed if (f["guide"], f["seed"]) != (guide, seed)]
+        self.failed.append({
+            "guide": guide, "seed": seed, "error": f"{type(error).__name__}: {_first_line(error)}",
+            "traceback": "".join(traceback.format_exception(error)),
+        })
+        self.write()
+
+    def _track(self, guide, seed):
+        if guide not in self.guides:
+            self.guides.append(guide)
+        if seed not in self.seeds:
+            self.seeds.append(seed)
+
+    def summary(self):
+        """Mean ± std over seeds per (guide, evaluation set), guides in run order; a guide that failed under some
+        seed says so in its note (its mean is over the other seeds)."""
+        order = {g: i for i, g in enumerate(self.guides)}
+        seed_order = {s: i for i, s in enumerate(self.seeds)}
+        self.rows.sort(key=lambda r: (order.get(r["guide"], len(order)), seed_order.get(r["seed"], len(seed_order))))
+        summary = summarize_seeds(self.rows)
+        for row in summary:
+            missing = [str(f["seed"]) for f in self.failed if f["guide"] == row["guide"]]
+            if missing:
+                note = f"failed under seed{'s' * (len(missing) > 1)} {', '.join(missing)} (results.json 'failed'): mean over the others"
+                row["note"] = f"{row['note']}; {note}" if row.get("note") else note
+        return summary
+
+    def write(self, figures=False):
+        """Write ``results.json`` (and with ``figures`` the reliability grid and calibration-vs-accuracy plot)."""
+        if not is_main():
+            return
+        summary = self.summary()
+        if figures:
+            self._summary_figures(summary)
+        config = {**asdict(self.config), "guides": self.guides, "seeds": self.seeds}
+        write_json(self.out / RESULTS, {"config": config, "request": self.request, "summary": summary,
+                                        "per_seed": self.rows, "failed": self.failed})
+
+    def _summary_figures(self, summary):
+        _draw_summary(self.out, summary, self.guides, self.config.dataset, self.seeds[0])
+
+    def raise_failures(self):
+        """Raise :class:`GuideFailures` naming every failed (guide, seed) of the run, if any."""
+        if self.failed:
+            done = len({(r["guide"], r["seed"]) for r in self.rows})
+            listed = "; ".join(f"{f['guide']} (seed {f['seed']}): {f['error']}" for f in self.failed)
+            raise GuideFailures(
+                f"{len(self.failed)} guide run(s) failed: {listed}. The {done} finished are in {self.out / RESULTS} "
+                "(tracebacks under 'failed'); a rerun with the same configuration resumes with the failed ones",
+                self.summary(),
+            )
+
+
+def _draw_summary(out, summary, guides, dataset, seed):
+    """The reliability grid and calibration-vs-accuracy plot of the ``guides`` whose arrays for ``seed`` (the run's
+    first) on ``dataset`` are in ``out``."""
+    first = {}
+    for guide in guides:
+        try:
+            with np.load(out / f"predictions_{guide}.npz") as arrays:
+                key = f"{dataset}__seed{seed}__"
+                if key + "probs" in arrays and key + "labels" in arrays:
+                    first[guide] = (torch.from_numpy(arrays[key + "probs"]), torch.from_numpy(arrays[key + "labels"]))
+        except _UNREADABLE:  # this guide has no finished arrays
+            continue
+    if first:
+        reliability_grid(first, out / "reliability_grid.png")
+        metric_scatter([r for r in summary if r["dataset"] == dataset and r["guide"] in first], out / "calibration_vs_accuracy.png")
+
+
+def _jsonable(value):
+    """``value`` as it reads back from JSON (tuples become lists), for comparing a request with a saved run."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _first_line(error):
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def merge_results(out, update):
+    """Replace the rows of some guides in the run ``out`` by those of the run ``update`` (a rerun of just those
+    guides, e.g. after a change to them, with otherwise the same configuration); returns the merged summary.
+
+    Copies the updated guides' ``predictions_*.npz`` and ``reliability_*.png``, redraws the run's two summary
+    figures and rewrites ``out/results.json`` (atomically), guides in the original order, new ones last.
+
+    :raises ValueError: if the two runs' configurations differ in anything but guides, output folder and bars.
+    """
+    out, update = Path(out), Path(update)
+    base, new = (json.loads((d / RESULTS).read_text()) for d in (out, update))
+    differ = sorted(k for k in set(base["config"]) | set(new["config"])
+                    if k not in ("guides", "out", "progress") and base["config"].get(k) != new["config"].get(k))
+    if differ:
+        raise ValueError(f"cannot merge {update} into {out}: their configurations differ in {', '.join(differ)}")
+    updated = list(new["config"]["guides"])
+    guides = list(base["config"]["guides"]) + [g for g in updated if g not in base["config"]["guides"]]
+    order = {g: i for i, g in enumerate(guides)}
+    rows = sorted([r for r in base["per_seed"] if r["guide"] not in updated] + new["per_seed"], key=lambda r: order[r["guide"]])
+    failed = [f for f in base.get("failed", []) if f["guide"] not in updated] + new.get("failed", [])
+    for name in updated:
+        for kind in ("predictions_{}.npz", "reliability_{}.png"):
+            if (update / kind.format(name)).is_file():
+                with atomic_file(out / kind.format(name), "wb") as f:
+                    f.write((update / kind.format(name)).read_bytes())
+    summary = summarize_seeds(rows)
+    config = {**base["config"], "guides": guides}
+    _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
+    write_json(out / RESULTS, {**base, "config": config, "summary": summary, "per_seed": rows, "failed": failed})
+    return summary

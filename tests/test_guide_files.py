@@ -1,0 +1,190 @@
+"""A corrupt saved guide is refused by ``load_guide`` with one sentence naming the file and what is wrong, and
+before anything of it reaches the model: the network's parameters are left exactly as they were."""
+
+import json
+import re
+
+import pytest
+import torch
+from conftest import random_batch, tiny_bert
+from safetensors.torch import load_file, save_file
+
+from guides import MAPGuide, MeanFieldGuide
+from pyro_lora import LoraModel, predict
+from pyro_lora.contract import point_snapshot, take_over, trainer
+from pyro_lora.io import load_guide, save_guide
+from pyro_lora.likelihoods import SequenceClassification
+
+HEAD = "base_model.model.classifier.modules_to_save.default.weight"
+
+
+def lora(num_labels=2):
+    return LoraModel(tiny_bert(num_labels=num_labels), SequenceClassification(), prior=0.5, num_data=6)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A mean-field guide saved over a trained head (unlike a fresh model's), and the folder it is in."""
+    model = lora()
+    with torch.no_grad():
+        for _, p in model.named_point_parameters():
+            p.add_(1.0)
+    save_guide(MeanFieldGuide(model, b="normal"), tmp_path / "g")
+    return tmp_path / "g"
+
+
+def refused(folder, error=ValueError, num_labels=2):
+    """Load ``folder`` into a fresh model; returns the message, after checking that the model is untouched."""
+    model = lora(num_labels)
+    owner = MAPGuide(model)
+    take_over(model, owner)  # a guide that trained the head: it keeps it
+    before = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    with pytest.raises(error) as err:
+        load_guide(folder, model)
+    for n, p in model.net.named_parameters():
+        assert torch.equal(p, before[n]), f"a refused guide changed {n}"
+    assert trainer(model) is owner and owner._point_snapshot == point_snapshot(model)
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def edit_json(folder, change):
+    meta = json.loads((folder / "guide.json").read_text())
+    (folder / "guide.json").write_text(json.dumps(change(meta)))
+
+
+def edit_tensors(folder, change):
+    tensors = load_file(str(folder / "guide.safetensors"))
+    change(tensors)
+    save_file(tensors, str(folder / "guide.safetensors"))
+
+
+def test_the_saved_guide_loads_and_restores_the_head(saved):
+    model = lora()
+    guide = load_guide(saved, model)
+    assert type(guide) is MeanFieldGuide
+    torch.testing.assert_close(dict(model.net.named_parameters())[HEAD], load_file(str(saved / "guide.safetensors"))["net/" + HEAD])
+    assert torch.isfinite(predict(model, guide, [random_batch() | {"labels": torch.tensor([0, 1, 1])}]).probs).all()
+
+
+# --------------------------------------------------------------------------- guide.json
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (lambda good: good[: len(good) // 2], r"is corrupt: it is not valid JSON \(.*line \d+ column \d+"),
+        (lambda good: "", r"is corrupt: it is not valid JSON"),
+        (lambda good: good.replace("{", "{,", 1), r"is corrupt: it is not valid JSON"),
+        (lambda good: "[1, 2]", r"is corrupt: it holds a JSON array, not an object"),
+        (lambda good: '"a guide"', r"is corrupt: it holds a JSON string, not an object"),
+    ],
+    ids=["truncated", "empty", "invalid", "array", "string"],
+)
+def test_guide_json_that_is_not_a_json_object(saved, text, message):
+    file = saved / "guide.json"
+    file.write_text(text(file.read_text()))
+    assert re.match(re.escape(str(file)) + " " + message, refused(saved))
+
+
+def test_guide_json_that_is_not_utf8(saved):
+    file = saved / "guide.json"
+    file.write_bytes(b'{"format": "caf\xe9"}')
+    assert re.match(re.escape(str(file)) + r" is corrupt: it is not valid JSON \('utf-8' codec can't decode byte 0xe9", refused(saved))
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: {k: v for k, v in m.items() if k != "config"}, "key 'config' should hold a JSON object, it holds nothing"),
+        (lambda m: {k: v for k, v in m.items() if k != "guide"}, "key 'guide' should hold a JSON string, it holds nothing"),
+        (lambda m: m | {"config": [1]}, "key 'config' should hold a JSON object, it holds a JSON array"),
+        (lambda m: m | {"guide": None}, "key 'guide' should hold a JSON string, it holds a JSON null"),
+        (lambda m: {k: v for k, v in m.items() if k != "signature"}, "key 'signature' should hold a JSON object, it holds nothing"),
+        (lambda m: m | {"signature": m["signature"] | {"sites": None}}, r"its 'signature' is malformed \(TypeError"),
+        (lambda m: m | {"signature": {"model": "LoraModel"}}, r"its 'signature' is malformed \(KeyError\('adapter'\)\)"),
+        (lambda m: m | {"config": {"no_such_option": 1}}, r"its config does not build a MeanFieldGuide for this model \(.*no_such_option"),
+        (lambda m: m | {"config": m["config"] | {"std": "cubic"}}, r"its config does not build a MeanFieldGuide for this model"),
+    ],
+    ids=["no-config", "no-guide", "config-array", "guide-null", "no-signature", "signature-sites", "signature-keys", "config-key", "config-value"],
+)
+def test_guide_json_with_missing_or_malformed_keys(saved, change, message):
+    edit_json(saved, change)
+    assert re.match(re.escape(str(saved / "guide.json")) + " is corrupt: " + message, refused(saved))
+
+
+def test_guide_json_of_another_format_or_missing(saved):
+    edit_json(saved, lambda m: m | {"format": "something/else"})
+    assert refused(saved) == f"{saved / 'guide.json'} is not a pyro_lora guide (format 'something/else')"
+    (saved / "guide.json").unlink()
+    assert refused(saved, FileNotFoundError) == f"{saved} holds no saved guide (guide.json missing)"
+
+
+# --------------------------------------------------------------------------- guide.safetensors
+
+
+def test_guide_safetensors_missing(saved):
+    file = saved / "guide.safetensors"
+    file.unlink()
+    assert refused(saved, FileNotFoundError) == f"{file} is missing: the guide at {saved} is incomplete"
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (lambda good: good[: len(good) // 2], "incomplete metadata, file not fully covered"),
+        (lambda good: b"not a safetensors file, just some garbage bytes", "header too large"),
+        (lambda good: b"", "header too small"),
+        (lambda good: good[:8] + b"\x00" * (len(good) - 8), "invalid JSON in header"),
+    ],
+    ids=["truncated", "garbage", "empty", "zeroed-header"],
+)
+def test_guide_safetensors_unreadable(saved, content, reason):
+    file = saved / "guide.safetensors"
+    file.write_bytes(content(file.read_bytes()))
+    message = refused(saved)
+    assert message.startswith(f"{file} is corrupt: safetensors cannot read it (Error while deserializing header: ")
+    assert reason in message
+
+
+@pytest.mark.parametrize("value, word", [(float("nan"), "NaN"), (float("inf"), "infinite"), (-float("inf"), "infinite")])
+@pytest.mark.parametrize("tensor", ["rhos.2", "net/" + HEAD])
+def test_non_finite_values_are_refused(saved, tensor, value, word):
+    def poison(tensors):
+        tensors[tensor].view(-1)[3] = value
+
+    edit_tensors(saved, poison)
+    assert refused(saved) == (
+        f"{saved / 'guide.safetensors'} is corrupt: tensor {tensor!r} holds {word} values, which would give NaN predictions"
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t: t.update({"locs.1": t["locs.1"][:, :16].contiguous()}), "holds MeanFieldGuide tensor 'locs.1' of shape (2, 16, 4), where this MeanFieldGuide has (2, 32, 4)"),
+        (lambda t: t.pop("rhos.3"), "lacks the MeanFieldGuide tensor(s) ['rhos.3']"),
+        (lambda t: t.update({"scales.0": torch.ones(3)}), "holds MeanFieldGuide tensor 'scales.0', which this MeanFieldGuide lacks"),
+        (lambda t: t.update({"net/" + HEAD: t["net/" + HEAD][:1]}), f"holds network parameter {HEAD!r} of shape (1, 32), where this model has (2, 32)"),
+        (lambda t: t.update({"net/no.such.weight": torch.ones(2)}), "holds network parameter 'no.such.weight', which this model lacks"),
+    ],
+    ids=["shape", "missing", "unexpected", "net-shape", "net-unexpected"],
+)
+def test_tensors_that_do_not_fit_the_guide_or_the_network(saved, change, message):
+    edit_tensors(saved, change)
+    assert refused(saved) == f"{saved / 'guide.safetensors'} {message}"
+
+
+def test_a_tensor_of_another_guide_class_is_named(saved):
+    edit_json(saved, lambda m: m | {"guide": f"{MAPGuide.__module__}:{MAPGuide.__qualname__}", "config": {}})
+    assert refused(saved) == f"{saved / 'guide.safetensors'} holds MAPGuide tensor 'rhos.0', which this MAPGuide lacks"
+
+
+# --------------------------------------------------------------------------- another model
+
+
+def test_a_two_class_guide_over_a_three_class_head_is_refused_by_the_signature(saved):
+    message = refused(saved, num_labels=3)
+    assert message == (f"cannot load the guide at {saved} into this model: the head has 2 outputs (classes) in the guide "
+                       "and 3 in the model")  # peft's unused copy of the head is no base weight

@@ -1,0 +1,97 @@
+"""Fault injection: ``compare`` and ``fit`` killed (SIGKILL) at points of their writes; every file left loads and the
+previous complete run is intact."""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from pyro_lora import cli
+from pyro_lora.compare import evaluate_saved
+
+pytestmark = pytest.mark.real
+
+# Runs the CLI with os.replace (every atomic write's commit) killing the process with SIGKILL right before or
+# right after the first replace whose target name matches a pattern.
+DRIVER = r"""
+import fnmatch, os, signal, sys
+pattern, when = sys.argv[1], sys.argv[2]
+real = os.replace
+def replace(src, dst, *args, **kwargs):
+    hit = fnmatch.fnmatch(os.path.basename(os.fspath(dst)), pattern)
+    if hit and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst, *args, **kwargs)
+    if hit and when == "after":
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+from pyro_lora import cli
+sys.exit(cli.main(sys.argv[3:]))
+"""
+SMALL = ["--train-size", "48", "--test-size", "16", "--epochs", "1", "--quiet"]
+
+
+def killed(pattern, when, argv):
+    done = subprocess.run([sys.executable, "-c", DRIVER, pattern, when, *argv], capture_output=True, text=True,
+                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert done.returncode == -signal.SIGKILL, f"not killed at {when} {pattern}: {done.returncode}\n{done.stderr[-2000:]}"
+
+
+def every_file_loads(out):
+    """Every file in ``out`` opens as what its name says; returns results.json."""
+    from matplotlib.image import imread
+
+    for path in out.iterdir():
+        if path.suffix == ".npz":
+            with np.load(path) as arrays:
+                [arrays[k] for k in arrays]
+        elif path.suffix == ".png":
+            assert imread(path).ndim == 3
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+    return json.loads((out / "results.json").read_text())
+
+
+def test_compare_killed_while_writing_keeps_every_file_whole_and_the_previous_run(tmp_path):
+    out = tmp_path / "run"
+    assert cli.main(["compare", "--guides", "map", *SMALL, "--out", str(out)]) == 0
+    previous = json.loads((out / "results.json").read_text())
+    map_arrays = (out / "predictions_map.npz").read_bytes()
+    more = ["compare", "--guides", "map,temperature", *SMALL, "--out", str(out)]  # resumes: map kept, temperature added
+    for pattern, when in [("predictions_temperature.npz", "before"), ("reliability_grid.png", "after"),
+                          ("results.json", "before"), ("results.json", "after")]:
+        killed(pattern, when, more)
+        results = every_file_loads(out)
+        assert [r for r in results["per_seed"] if r["guide"] == "map"] == previous["per_seed"], (pattern, when)
+        assert (out / "predictions_map.npz").read_bytes() == map_arrays
+        if any(r["guide"] == "temperature" for r in results["per_seed"]):  # recorded only once its arrays are there
+            with np.load(out / "predictions_temperature.npz") as arrays:
+                assert "sst2__seed0__probs" in arrays
+    assert cli.main(more) == 0  # the rerun finishes the run
+    results = every_file_loads(out)
+    assert [r["guide"] for r in results["summary"]] == ["map", "temperature"] and results["failed"] == []
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # temporaries of the killed runs removed
+
+
+def test_fit_killed_while_saving_keeps_a_whole_guide_with_its_own_run_record(tmp_path):
+    out = tmp_path / "fit"
+    assert cli.main(["fit", "--guide", "map", *SMALL, "--out", str(out)]) == 0
+    previous = (out / "guide" / "run.json").read_text()
+    again = ["fit", "--guide", "map", "--seed", "1", *SMALL, "--out", str(out)]
+    for pattern, when in [("guide", "before"), (".guide.old-*", "after")]:  # temp folder complete; between the renames
+        killed(pattern, when, again)
+        row = evaluate_saved(out, progress=False)  # finds (and restores) the previous complete guide
+        assert (out / "guide" / "run.json").read_text() == previous
+        saved = json.loads(previous)["result"]
+        assert {k: row[k] for k in ("accuracy", "ece", "nll")} == {k: saved[k] for k in ("accuracy", "ece", "nll")}
+        load_file(str(out / "guide" / "guide.safetensors"))
+    killed("guide", "after", again)  # the new unit is in place, whole: guide and run record of seed 1 together
+    assert json.loads((out / "guide" / "run.json").read_text())["seed"] == 1
+    row, saved = evaluate_saved(out, progress=False), json.loads((out / "guide" / "run.json").read_text())["result"]
+    assert {k: row[k] for k in ("accuracy", "ece", "nll")} == {k: saved[k] for k in ("accuracy", "ece", "nll")}
+    assert sorted(p.name for p in Path(out).iterdir()) == ["guide"]  # the killed saves' temporary folders removed

