@@ -177,7 +177,9 @@ def config_differences(saved, config):
 
 
 def run_dataset(config, command, force=False):
-    """Run ``run_compare(config)`` unless a matching ``results.json`` exists; returns the wall seconds (None: skipped).
+    """Run ``run_compare(config)`` unless a matching, complete ``results.json`` exists; returns the wall seconds
+    (None: skipped). A run that stopped part-way (killed, or some guide failed) resumes: ``run_compare`` skips the
+    (guide, seed) it finished; a run of another configuration is replaced.
 
     Writes :data:`SIDECAR` (command, machine, dates, wall seconds) next to ``results.json``.
     """
@@ -185,19 +187,22 @@ def run_dataset(config, command, force=False):
 
     out = Path(config.out)
     results = out / "results.json"
+    overwrite = force
     if results.is_file() and not force:
-        differences = config_differences(json.loads(results.read_text())["config"], config)
-        if not differences:
+        saved = json.loads(results.read_text())
+        differences = config_differences(saved["config"], config)
+        if not differences and not saved.get("failed"):
             print(f"## {config.dataset}: {results} matches this configuration, skipped (--force reruns it)", flush=True)
             return None
         changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in differences.items())
-        print(f"## {config.dataset}: configuration changed ({changed}), rerunning", flush=True)
+        overwrite = not set(differences) <= {"guides", "seeds"}  # what run_compare resumes
+        print(f"## {config.dataset}: " + (f"configuration changed ({changed}), rerunning" if overwrite else "resuming the unfinished guides"), flush=True)
     shift = f", shift to {', '.join(config.eval_datasets)}" if config.eval_datasets else ""
     print(f"## {config.dataset}: {config.model}, train {config.train_size}, test {config.test_size}, epochs {config.epochs}, "
           f"seeds {','.join(map(str, config.seeds))}{shift}", flush=True)
     started = datetime.datetime.now().astimezone()
     start = time.perf_counter()
-    run_compare(config)
+    run_compare(config, overwrite=overwrite)
     seconds = time.perf_counter() - start
     sidecar = {"command": command, "machine": machine_info(config.device), "started": started.isoformat(timespec="seconds"),
                "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "wall_seconds": seconds}
@@ -208,7 +213,8 @@ def run_dataset(config, command, force=False):
 
 def update_dataset(config, update, command):
     """Rerun the guides ``update`` with the saved run's configuration and merge their rows into it; returns the wall seconds."""
-    from pyro_lora.compare import merge_results, run_compare
+    from pyro_lora.compare import run_compare
+    from pyro_lora.results import merge_results
 
     out = Path(config.out)
     if not (out / "results.json").is_file():
@@ -217,7 +223,7 @@ def update_dataset(config, update, command):
     print(f"## {config.dataset}: rerunning {', '.join(update)} (seeds {','.join(map(str, config.seeds))})", flush=True)
     started = datetime.datetime.now().astimezone()
     start = time.perf_counter()
-    run_compare(config)
+    run_compare(config, overwrite=True)  # a previous update's rows are not this one's
     merge_results(out, config.out)
     seconds = time.perf_counter() - start
     sidecar = json.loads((out / SIDECAR).read_text()) if (out / SIDECAR).is_file() else {}

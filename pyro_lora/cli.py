@@ -38,6 +38,8 @@ def _seeds(text):
         seeds = [int(s) for s in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
+    if min(seeds) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} holds a negative seed: seeds are integers >= 0")
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"{text!r} repeats a seed (it would count one run twice)")
     return tuple(seeds)

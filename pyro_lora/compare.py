@@ -25,7 +25,7 @@ from .io import export_adapter, load_guide, recover_directory, save_guide, writa
 from .metrics import summarize
 from .model import LoraModel
 from .predictive import predict
-from .results import RESULTS, RunFolder, merge_results, summarize_seeds, write_json  # noqa: F401 -- merge_results, summarize_seeds: public here too
+from .results import RESULTS, RunFolder
 from .pretrained import add_lora, default_mc_format, load_adapter, load_pretrained, max_positions
 from .training import fit
 

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import struct
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -395,7 +394,8 @@ def max_positions(name_or_path: str) -> int | None:
     if name_or_path == "minilm":
         return _folder_max_positions(minilm_dir())
     if name_or_path == "smollm2":
-        return _gguf_max_positions(smollm2_gguf())
+        gguf, cache = smollm2_gguf(), cache_dir() / "smollm2"
+        return _folder_max_positions(cache) if _cache_is_valid(cache, _source_stamp(gguf)) else _gguf_max_positions(gguf)
     path = _local_path(name_or_path)
     if path.suffix == ".gguf":
         return _gguf_max_positions(path)
@@ -426,66 +426,22 @@ def _folder_max_positions(folder: Path) -> int | None:
     return limit
 
 
-# GGUF metadata value types (https://github.com/ggml-org/ggml/blob/master/docs/gguf.md): struct
-# format of each fixed-size type; 8 is a string, 9 an array.
-_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
 def _gguf_max_positions(path: Path) -> int | None:
-    """``<architecture>.context_length`` from a GGUF header.
+    """``<architecture>.context_length`` from a GGUF header, read with ``gguf.GGUFReader`` (which memory-maps
+    the file; decoding a large vocabulary's metadata takes a few seconds)."""
+    _require_gguf()
+    from gguf import GGUFReader
 
-    The header is parsed here, stopping at that key, instead of with ``gguf.GGUFReader``: the reader
-    decodes every metadata array (SmolLM2's 49k-token vocabulary and merges) and takes seconds."""
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        (version,) = struct.unpack("<I", f.read(4))
-        # A big-endian file's version reads byte-swapped on the little-endian side.
-        order = "<" if version & 0xFFFF else ">"
-        if order == ">":
-            (version,) = struct.unpack(">I", struct.pack("<I", version))
-        size = "I" if version == 1 else "Q"  # GGUF v1 used 32-bit lengths and counts
-
-        def read(fmt):
-            fmt = order + fmt
-            data = f.read(struct.calcsize(fmt))
-            if len(data) != struct.calcsize(fmt):
-                raise ValueError(f"{path}: truncated GGUF header")
-            return struct.unpack(fmt, data)[0]
-
-        def read_string():
-            return f.read(read(size)).decode("utf-8", errors="replace")
-
-        def skip(kind):
-            if kind in _GGUF_SCALARS:
-                f.seek(struct.calcsize(_GGUF_SCALARS[kind]), os.SEEK_CUR)
-            elif kind == _GGUF_STRING:
-                f.seek(read(size), os.SEEK_CUR)
-            elif kind == _GGUF_ARRAY:
-                item, count = read("I"), read(size)
-                if item in _GGUF_SCALARS:
-                    f.seek(count * struct.calcsize(_GGUF_SCALARS[item]), os.SEEK_CUR)
-                else:
-                    for _ in range(count):
-                        skip(item)
-            else:
-                raise ValueError(f"{path}: unknown GGUF metadata type {kind}")
-
-        read(size)  # tensor count
-        arch, lengths = None, {}
-        for _ in range(read(size)):
-            key, kind = read_string(), read("I")
-            if key == "general.architecture" and kind == _GGUF_STRING:
-                arch = read_string()
-            elif key.endswith(".context_length") and kind in _GGUF_SCALARS and kind not in (6, 7, 12):
-                lengths[key] = read(_GGUF_SCALARS[kind])
-            else:
-                skip(kind)
-            if arch is not None and f"{arch}.context_length" in lengths:
-                break
-    limit = lengths.get(f"{arch}.context_length")
-    return int(limit) if limit else None
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path} is not a readable GGUF file ({err})") from None
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        return None
+    arch = field.contents()
+    length = reader.fields.get(f"{arch}.context_length")
+    return int(length.contents()) if length is not None else None
 
 
 # --------------------------------------------------------------------------- LoRA

@@ -75,7 +75,7 @@ class RunFolder:
 
     Opening a folder that holds a run of the same configuration (all but guides, seeds, output folder and
     progress bars) resumes it: :meth:`complete` says which (guide, seed) are done. A folder holding another
-    configuration is refused, unless ``overwrite`` (then its rows are dropped).
+    configuration is refused, unless ``overwrite`` (then its files are deleted).
 
     :param config: the run's :class:`~pyro_lora.compare.CompareConfig`, as requested (defaults such as the
         learning rate may be resolved later; :meth:`write` records the resolved values).
@@ -86,10 +86,13 @@ class RunFolder:
         self.out, self.config = Path(out), config
         self.request = asdict(config)
         self.rows, self.failed, self.guides, self.seeds = [], [], [], []
-        saved = self._read() if not overwrite else None
-        if saved is not None:
+        self.sizes = None  # examples used per split (``Setup.sizes``), once a seed has loaded its data
+        saved = self._read()
+        if saved is not None and overwrite:
+            self._remove(saved)
+        elif saved is not None:
             self._check_same(saved)
-            self.rows, self.failed = saved["per_seed"], saved.get("failed", [])
+            self.rows, self.failed, self.sizes = saved["per_seed"], saved.get("failed", []), saved.get("sizes")
             self.guides, self.seeds = list(saved["config"]["guides"] or ()), list(saved["config"]["seeds"])
 
     def _read(self):
@@ -102,6 +105,16 @@ class RunFolder:
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"{path} is not the results of a `pyro-lora compare` run ({error}); choose another --out") from None
         return saved
+
+    def _remove(self, saved):
+        """Delete the files of the run ``saved`` (its results, figures and predictions): it is being replaced."""
+        if not is_main():
+            return
+        names = [RESULTS, "reliability_grid.png", "calibration_vs_accuracy.png"]
+        for guide in saved["config"].get("guides") or ():
+            names += [f"predictions_{guide}.npz", f"reliability_{guide}.png"]
+        for name in names:
+            (self.out / name).unlink(missing_ok=True)
 
     def _check_same(self, saved):
         resolved, requested = saved["config"], saved.get("request", saved["config"])
@@ -187,7 +200,7 @@ class RunFolder:
         if figures:
             self._summary_figures(summary)
         config = {**asdict(self.config), "guides": self.guides, "seeds": self.seeds}
-        write_json(self.out / RESULTS, {"config": config, "request": self.request, "summary": summary,
+        write_json(self.out / RESULTS, {"config": config, "request": self.request, "sizes": self.sizes, "summary": summary,
                                         "per_seed": self.rows, "failed": self.failed})
 
     def _summary_figures(self, summary):

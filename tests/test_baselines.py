@@ -204,14 +204,15 @@ def test_temperature_of_very_overconfident_predictions_is_the_exact_nll_optimum(
 
 
 def test_temperature_row_carries_the_fallback_note_into_results_and_table():
-    from pyro_lora.compare import _fit_method, format_table, summarize_seeds
+    from pyro_lora.compare import _fit_method, format_table
+    from pyro_lora.results import summarize_seeds
 
     model = make(num_labels=3)
     val = toy_data()
     predicted = predict(model, None, val).probs.argmax(-1)
     for i, batch in enumerate(val):  # labels = the MAP's own predictions: a separable validation split
         batch["labels"] = predicted[8 * i : 8 * (i + 1)]
-    setup = SimpleNamespace(config=SimpleNamespace(device="cpu"), model=model, map_guide=None, val=val, loader=lambda r: r)
+    setup = SimpleNamespace(config=SimpleNamespace(device="cpu"), seed=0, model=model, map_guide=None, val=val, loader=lambda r: r)
     with pytest.warns(UserWarning, match="separable"):
         fitted, costs = _fit_method(setup, "temperature", 0.0)
     assert "all correct (separable)" in fitted.note and costs["note"] == fitted.note

@@ -14,6 +14,8 @@ from pyro_lora import cli
         (["compare", "--epochs", "-1"], "--epochs"),
         (["compare", "--seeds", "0,0"], "--seeds"),
         (["compare", "--seeds", "0,1.5"], "--seeds"),
+        (["compare", "--seeds", "-1"], "--seeds"),
+        (["fit", "--seed", "-1"], "--seed"),
         (["compare", "--samples", "0"], "--samples"),
         (["compare", "--test-size", "0"], "--test-size"),
         (["compare", "--train-size", "-5"], "--train-size"),
@@ -58,10 +60,14 @@ def test_good_arguments_parse_to_the_config():
 
 
 def test_every_flag_has_help_with_its_default():
+    import argparse
+
     for name, sub in cli.parser()._subparsers._group_actions[0].choices.items():
         for action in sub._actions:
             if action.option_strings and action.dest != "help":
                 assert action.help, f"{name} {action.option_strings} has no help"
+                if not isinstance(action, argparse._StoreTrueAction):  # a switch is off unless given
+                    assert "default" in action.help, f"{name} {action.option_strings}: its help names no default"
 
 
 def test_a_library_error_is_one_line_with_exit_status_2(tmp_path, capsys):

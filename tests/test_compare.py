@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pyro_lora import metrics as M
-from pyro_lora.compare import CompareConfig, _arrays, _ood, _std_lr_scale, format_table, score, summarize_seeds
+from pyro_lora.compare import CompareConfig, _arrays, _ood, _std_lr_scale, format_table, score
+from pyro_lora.results import summarize_seeds
 from pyro_lora.predictive import Prediction
 
 
@@ -72,7 +73,7 @@ def test_mi_is_not_available_without_several_weight_samples():
 
 
 def test_not_available_mi_through_summary_table_and_json(tmp_path):
-    from pyro_lora.compare import write_json
+    from pyro_lora.results import write_json
 
     MI_NO_SAMPLES_NOTE = "mutual information n/a: no weight samples"
     base = {"dataset": "sst2", "accuracy": 0.8, "ece": 3.0, "nll": 0.4, "brier": 0.3, "aurc": 0.1, "fit_seconds": 3.0,
@@ -180,8 +181,9 @@ def test_npz_reproduces_the_table_and_is_written_atomically(tmp_path, monkeypatc
         raise KeyboardInterrupt  # a kill while rerunning over the finished run
 
     monkeypatch.setattr("pyro_lora.results.np.savez_compressed", dies_mid_write)
+    config.seeds = (0, 1, 2)  # resumed: seed 2's arrays are added to the guide's npz
     with pytest.raises(KeyboardInterrupt):
-        run_compare(config, overwrite=True)  # the same run redone from scratch
+        run_compare(config)
     assert (tmp_path / "predictions_map.npz").read_bytes() == finished
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
@@ -235,7 +237,7 @@ def _fake_run(out, guides, nll, test_size=32):
 
 
 def test_merge_results_replaces_the_rerun_guides_only(tmp_path):
-    from pyro_lora.compare import merge_results
+    from pyro_lora.results import merge_results
 
     _fake_run(tmp_path / "run", ("map", "meanfield", "temperature"), nll=0.5)
     _fake_run(tmp_path / "update", ("meanfield", "flow"), nll=0.4)

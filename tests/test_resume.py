@@ -1,6 +1,7 @@
 """Nothing finished is lost: a failing guide keeps the others, a rerun resumes, a folder of another run is kept."""
 
 import json
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -34,7 +35,9 @@ def test_a_folder_holding_another_configuration_is_refused_naming_the_difference
     assert again.complete("map", 0, ["sst2"]) and not again.complete("map", 1, ["sst2"]) and not again.complete("tfb", 0, ["sst2"])
     with pytest.raises(ValueError, match=r"holds a run of another configuration \(test_size 16 there, 32 now\).*--overwrite"):
         RunFolder(tmp_path, small(tmp_path, test_size=32))
+    (tmp_path / "notes.txt").write_text("the user's own file")
     assert RunFolder(tmp_path, small(tmp_path, test_size=32), overwrite=True).rows == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the replaced run's files only are gone
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not the results of a `pyro-lora compare` run"):
         RunFolder(tmp_path, small(tmp_path))
@@ -91,6 +94,7 @@ def test_a_failing_guide_keeps_the_others_and_a_rerun_resumes_with_it(tmp_path, 
     ]
     saved = json.loads((out / "results.json").read_text())
     assert [(f["guide"], f["seed"]) for f in saved["failed"]] == [("meanfield", 0)]
+    assert saved["sizes"] == {"train": 43, "validation": 5, "test": 16}  # the sizes used: 48 carved into 43 + 5
     # the other guides' numbers are a full run's: each method runs under its own seed
     for row, expected in zip(saved["summary"], reference, strict=True):
         assert row["guide"] == expected["guide"]
@@ -145,10 +149,14 @@ def test_evaluate_reproduces_the_fit_row_exactly_with_the_recorded_predictive(tm
 
 
 @pytest.mark.real
-def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path):
+def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path, capfd):
     fit_out = tmp_path / "fit"
-    assert cli.main(["fit", "--guide", "map", "--train-size", "48", "--test-size", "16", "--epochs", "1", "--adapter",
-                     "--out", str(fit_out), "--quiet"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["fit", "--guide", "map", "--train-size", "48", "--test-size", "16", "--epochs", "1", "--adapter",
+                         "--out", str(fit_out), "--quiet"]) == 0
+    assert [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))] == []
+    assert capfd.readouterr().err == ""  # --quiet: no bar, not even the model loading's
     from peft import PeftModel
 
     from pyro_lora.pretrained import load_pretrained
@@ -162,8 +170,11 @@ def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path):
         logits = net.eval()(**batch).logits
     assert (logits.argmax(-1) == batch["labels"]).float().mean().item() == pytest.approx(saved["result"]["accuracy"])
     tfb_out = tmp_path / "tfb"
-    assert cli.main(["bayesianize", str(fit_out / "adapter"), "--train-size", "48", "--test-size", "16", "--anchors", "16",
-                     "--iterations", "2", "--samples", "4", "--out", str(tfb_out), "--quiet"]) == 0
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cli.main(["bayesianize", str(fit_out / "adapter"), "--train-size", "48", "--test-size", "16", "--anchors", "16",
+                         "--iterations", "2", "--samples", "4", "--out", str(tfb_out), "--quiet"]) == 0
+    assert [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))] == []
     assert json.loads((tfb_out / "guide" / "run.json").read_text())["adapter"] == str((fit_out / "adapter").resolve())
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pyro_lora.compare import CompareConfig, format_table, summarize_seeds
+from pyro_lora.compare import CompareConfig, format_table
+from pyro_lora.results import summarize_seeds
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "study.py"
 
@@ -174,7 +175,7 @@ def test_update_reruns_some_guides_and_keeps_the_rest(study, runs, tmp_path, mon
 
     _fake_predictions(runs / "arc_easy", ("map", "temperature", "meanfield"), "arc_easy")
 
-    def fake_run_compare(config):  # the rerun guides' rows, NLL lowered by 0.1
+    def fake_run_compare(config, overwrite=False):  # the rerun guides' rows, NLL lowered by 0.1
         out = Path(config.out)
         out.mkdir(parents=True)
         rows = [{**_row(g, "arc_easy", s, "arc_easy", False), "nll": BASE[(g, "arc_easy")][2] - 0.1} for s in config.seeds for g in config.guides]
