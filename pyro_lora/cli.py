@@ -135,6 +135,7 @@ def parser():
     p.add_argument("--test-size", type=_number(int, 0), default=None, help="test examples (default: the run's)")
     p.add_argument("--samples", type=_number(int, 0), default=None, help="posterior samples per prediction (default: the run's)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="device (default: the run's)")
+    p.add_argument("--data-dir", default=None, help="the datasets folder, where the run's moved (default: the run's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (also none while loading the model)")
     _debug(p)
     return ap
@@ -203,9 +204,10 @@ def _run(args):
         say(C.format_table([row]))
         say(f"sigma_q = {row['sigma_q']:.5g}; saved: {Path(args.out) / 'guide'}")
     elif args.command == "evaluate":
-        overrides = {k: getattr(args, k) for k in ("test_size", "samples", "device") if getattr(args, k) is not None}
+        overrides = {k: getattr(args, k) for k in ("test_size", "samples", "device", "data_dir") if getattr(args, k) is not None}
         row = C.evaluate_saved(args.run_dir, progress=not args.quiet and is_main(), **overrides)
         say(C.format_table([row]))
+        say(f"scored on {row['test_examples']} test examples")
     return 0
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import pyro
 import torch
 from pyro.infer import TraceMeanField_ELBO
+from safetensors.torch import load_file
 
 from . import data as D
 from .likelihoods import MultipleChoice, SequenceClassification
@@ -89,7 +90,8 @@ class Setup:
         """A fresh :class:`LoraModel` view of the shared network, reset to the trained MAP state."""
         self.restore()
         kwargs.setdefault("prior", self.config.prior_scale)
-        return LoraModel(self.net, self.likelihood, random=random, num_data=len(self.train), **kwargs)
+        kwargs.setdefault("likelihood", self.likelihood)
+        return LoraModel(self.net, random=random, num_data=len(self.train), **kwargs)
 
     def restore(self):
         """Put the MAP adapter and head back: each method starts from the same trained network."""
@@ -288,12 +290,18 @@ def method_laplace(setup):
     from guides import LaplaceGuide
 
     c = setup.config
-    model = setup.lora_model(random="AB")
-    if getattr(model.likelihood, "format", None) == "cloze":  # the KFAC hooks read one forward per batch
-        model.likelihood = MultipleChoice(format="cloze", normalize=model.likelihood.normalize, share_prefix=False)
+    model = setup.lora_model(random="AB", likelihood=_kfac_likelihood(setup.likelihood))
     guide = LaplaceGuide(model).fit(setup.loader(setup.train), progress=c.progress)
     guide.optimize_prior_precision(method="marglik")
     return Fitted(_glm_predictor(setup, guide), guide, guide.extra_parameters())
+
+
+def _kfac_likelihood(likelihood):
+    """``likelihood`` as Laplace's KFAC hooks need it: a cloze likelihood runs one forward per batch (no shared
+    prefix); scores are the same."""
+    if getattr(likelihood, "format", None) == "cloze":
+        return MultipleChoice(format="cloze", normalize=likelihood.normalize, share_prefix=False)
+    return likelihood
 
 
 def method_temperature(setup):
@@ -390,18 +398,27 @@ def _check_methods(names):
         raise ValueError(f"unknown guide(s) {unknown}; available: {', '.join(METHODS)}")
 
 
-def check_config(config, guides=None):
+def check_config(config, guides=None, writes=True):
     """Refuse, before any model is loaded, a ``config`` that cannot run; returns the dataset's task.
 
     Checks the methods (``guides``, default ``config.guides``) exist and apply to the task, the datasets and
-    shifted sets exist with one task, the training set can be split, ``max_length`` fits the model's positions
-    and ``config.out`` can be written.
+    shifted sets exist with one task the model can take, the multiple-choice settings apply, the training set
+    can be split, ``max_length`` fits the model's positions, the device exists and (with ``writes``)
+    ``config.out`` can be written.
 
-    :raises ValueError: naming what is wrong and what to do.
+    :raises ValueError: naming what is wrong (with its command-line flag) and what to do.
     """
     guides = config.guides if guides is None else guides
     _check_methods(guides or ())
     task = D.load_meta(config.dataset, config.data_dir)["task"]
+    if config.model == "minilm" and task != "classification":
+        raise ValueError(f"--model minilm is an encoder for classification sets, and --dataset {config.dataset} is a {task} "
+                         "set: use --model smollm2 (or a causal LM folder)")
+    if task == "classification" and (config.mc_format or config.mc_normalize):
+        raise ValueError(f"--mc-format / --mc-normalize apply to multiple-choice sets, and --dataset {config.dataset} is a "
+                         "classification set: leave them out")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
     if guides and "zeroshot" in guides and task == "classification":
         raise ValueError(f"zeroshot needs a causal LM task: {config.dataset!r} is a classification set, whose head is "
                          "untrained without fine-tuning; leave zeroshot out")
@@ -414,11 +431,12 @@ def check_config(config, guides=None):
         if D.load_meta(name, config.data_dir)["task"] != task:
             raise ValueError(f"evaluation set {name!r} is not a {task} dataset like {config.dataset!r}")
     if config.train_size < 2:
-        raise ValueError(f"train_size {config.train_size} cannot be split into training and validation examples: use 2 or more")
+        raise ValueError(f"--train-size {config.train_size} cannot be split into training and validation examples: use 2 or more")
     limit = max_positions(config.model)
     if limit is not None and config.max_length > limit:
-        raise ValueError(f"max_length {config.max_length} is beyond {config.model}'s {limit} positions: use at most {limit}")
-    writable_folder(config.out)
+        raise ValueError(f"--max-length {config.max_length} is beyond {config.model}'s {limit} positions: use at most {limit}")
+    if writes:
+        writable_folder(config.out)
     return task
 
 
@@ -571,6 +589,7 @@ def run_compare(config, overwrite=False):
             if config.progress:
                 for row in rows:
                     print(format_row(row), flush=True)
+    run.redraw()
     run.raise_failures()
     return run.summary()
 
@@ -628,6 +647,7 @@ def fit_one(config, adapter=False):
         raise ValueError(f"method {name!r} has no posterior mean to write as a peft adapter (an ensemble's averaged members, "
                          f"LoRA-XS cores or ScalaBL scales are no plain LoRA); methods that have one: {', '.join(EXPORTABLE)}")
     check_config(config)
+    _check_free(config.out, "guide", "adapter")
     seed = config.seeds[0]
     setup = prepare(config, seed)
     start = time.perf_counter()
@@ -645,8 +665,17 @@ def fit_one(config, adapter=False):
 
 
 def _run_record(setup, row, predictive, **extra):
-    """``run.json``: what :func:`evaluate_saved` needs to rebuild the model and reproduce ``row``."""
-    return {"config": asdict(setup.config), "sizes": setup.sizes, "seed": setup.seed, "predictive": predictive, **extra, "result": row}
+    """``run.json``: what :func:`evaluate_saved` needs to rebuild the model and reproduce ``row`` (the datasets
+    folder absolute, so that it is found from any working directory)."""
+    config = {**asdict(setup.config), "data_dir": str(D.resolve_data_dir(setup.config.data_dir))}
+    return {"config": config, "sizes": setup.sizes, "seed": setup.seed, "predictive": predictive, **extra, "result": row}
+
+
+def _check_free(out, *names):
+    """Refuse a file where a folder ``out/<name>`` will be written (it would be moved aside, out of sight)."""
+    for name in names:
+        if (Path(out) / name).is_file():
+            raise ValueError(f"{Path(out) / name} is a file, where the {name} folder goes: move it or choose another --out")
 
 
 def bayesianize_adapter(config, adapter_dir, anchors=256, **search):
@@ -658,8 +687,10 @@ def bayesianize_adapter(config, adapter_dir, anchors=256, **search):
     """
     from guides import bayesianize
 
-    task = check_config(config, guides=())
+    task = check_config(config, guides=(), writes=False)
     _check_adapter_dir(adapter_dir, task)
+    writable_folder(config.out)
+    _check_free(config.out, "guide")
     setup = prepare(config, config.seeds[0], adapter_dir=adapter_dir)
     setup.model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=config.prior_scale)
     anchor_records = D.subset(setup.train, min(anchors, len(setup.train)), seed=0)
@@ -679,7 +710,8 @@ def bayesianize_adapter(config, adapter_dir, anchors=256, **search):
 
 
 def _check_adapter_dir(adapter_dir, task):
-    """Refuse a folder that is no peft adapter, or a classification adapter without its trained head."""
+    """Refuse, before loading the model, a folder that is no readable peft adapter: its config and weights file
+    present and readable, every weight finite, and for a classification set its trained head."""
     path = Path(adapter_dir)
     try:
         adapter = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
@@ -688,9 +720,24 @@ def _check_adapter_dir(adapter_dir, task):
                          "`save_pretrained` of a peft model (or `pyro-lora fit --adapter`) wrote") from None
     except ValueError as error:
         raise ValueError(f"{path}/adapter_config.json is not valid JSON ({error})") from None
-    if task == "classification" and adapter.get("task_type") != "SEQ_CLS" and not adapter.get("modules_to_save"):
-        raise ValueError(f"{path} holds no classification head (task_type {adapter.get('task_type')!r}, no modules_to_save): "
-                         "the head would be freshly random; save the adapter with task_type SEQ_CLS (peft keeps the head)")
+    if adapter.get("peft_type") != "LORA" or adapter.get("use_dora"):
+        kind = "a DoRA adapter" if adapter.get("use_dora") else f"an adapter of type {adapter.get('peft_type')}"
+        raise ValueError(f"{path} holds {kind}: a posterior over LoRA needs a plain LoRA adapter (no DoRA or other "
+                         "variants: their extra parameters would be left out of the posterior)")
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"{weights} is missing: the adapter folder holds no weights (peft would look for them online)")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as error:  # noqa: BLE001 -- safetensors raises its own error types for a broken file
+        raise ValueError(f"{weights} is corrupt: safetensors cannot read it ({error})") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{weights} holds NaN or infinite values in {bad[:3]}")
+    if task == "classification" and all("lora_" in k for k in tensors):
+        raise ValueError(f"{weights} holds no classification head (only LoRA matrices; task_type "
+                         f"{adapter.get('task_type')!r}): the head would be freshly random; save the adapter with "
+                         "task_type SEQ_CLS (peft keeps the head)")
 
 
 def _run_file(run_dir):
@@ -705,44 +752,50 @@ def _run_file(run_dir):
 
 def evaluate_saved(run_dir, **overrides):
     """Score the guide saved by :func:`fit_one` or :func:`bayesianize_adapter` in ``run_dir`` on its test set, with
-    the predictive and seed the run used, so the row is the run's (``overrides`` change the config).
+    the predictive and seed the run used, so the row is the run's (``overrides`` change the config, e.g.
+    ``data_dir`` where the run's datasets folder moved). The row's ``test_examples`` is the number scored.
 
     :raises FileNotFoundError: if ``run_dir`` holds no saved run.
-    :raises ValueError: if its ``run.json`` is not readable, or the guide does not fit the rebuilt model.
+    :raises ValueError: if its ``run.json`` is not a complete run record, its configuration cannot run here
+        (:func:`check_config`), or the guide does not fit the rebuilt model.
     """
     path = _run_file(run_dir)
     try:
         run = json.loads(path.read_text(encoding="utf-8"))
-        fields = set(CompareConfig.__dataclass_fields__)
-        unknown = set(run["config"]) - fields
-        if unknown:
-            raise ValueError(f"unknown settings {sorted(unknown)}")
+        settings = set(CompareConfig.__dataclass_fields__)
+        missing, unknown = sorted(settings - set(run["config"])), sorted(set(run["config"]) - settings)
+        if missing or unknown:
+            raise ValueError(f"config {'lacks ' + str(missing) if missing else 'has unknown settings ' + str(unknown)}")
         config = CompareConfig(**{**run["config"], **overrides})
         random, predictive, seed = run["random"], run["predictive"], run["seed"]
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed {seed!r} is no integer >= 0")
+        if random not in ("AB", "A", "B", "R", "S"):
+            raise ValueError(f"random {random!r} is none of AB, A, B (LoRA), R (LoRA-XS), S (ScalaBL)")
+        (name,) = config.guides
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a readable run record ({type(error).__name__}: {error})") from None
-    if random not in ("AB", "A", "B", "R", "S"):
-        raise ValueError(f"{path}: random {random!r} is none of AB, A, B (LoRA), R (LoRA-XS), S (ScalaBL)")
+        raise ValueError(f"{path} is not a complete run record ({type(error).__name__}: {error})") from None
+    check_config(config, guides=(), writes=False)
     # the saved adapter, if any, brings its own rank, alpha, targets and head
     setup = prepare(config, seed, adapter_dir=run.get("adapter"))
+    likelihood = _kfac_likelihood(setup.likelihood) if name == "laplace" else setup.likelihood
     if random == "R":  # LoRA-XS: A, B are the deterministic SVD of W0, not saved with the guide
         from .loraxs import LoraXSModel
 
-        setup.model = LoraXSModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=config.prior_scale)
+        setup.model = LoraXSModel(setup.net, likelihood, num_data=len(setup.train), prior=config.prior_scale)
     elif random == "S":  # ScalaBL: the trained A, B are point parameters the guide file restores
         from .scalabl import ScalaBLModel
 
-        setup.model = ScalaBLModel(setup.net, setup.likelihood, rotate=False, num_data=len(setup.train), prior=config.prior_scale)
+        setup.model = ScalaBLModel(setup.net, likelihood, rotate=False, num_data=len(setup.train), prior=config.prior_scale)
     else:
-        setup.model = LoraModel(setup.net, setup.likelihood, random=random, num_data=len(setup.train), prior=config.prior_scale)
+        setup.model = LoraModel(setup.net, likelihood, random=random, num_data=len(setup.train), prior=config.prior_scale)
     guide = load_guide(path.parent, setup.model)
     kind, predictor = _saved_predictor(setup, guide)
     if kind != predictive:
         raise ValueError(f"{path} was scored with the {predictive} predictive, and this guide gives {kind}: the row would differ")
-    name = config.guides[0]
     prediction, costs = _evaluate(setup, Fitted(predictor), setup.test, name, config.dataset)
     return _row({"guide": name, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
-                costs, {"extra_parameters": guide.extra_parameters()})
+                costs, {"extra_parameters": guide.extra_parameters(), "test_examples": len(setup.test)})
 
 
 def _saved_predictor(setup, guide):

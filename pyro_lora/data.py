@@ -92,13 +92,22 @@ def default_data_dir() -> Path:
     )
 
 
-def _resolve_dir(data_dir) -> Path:
-    return Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+def resolve_data_dir(data_dir=None) -> Path:
+    """The absolute datasets folder: ``data_dir``, else :func:`default_data_dir`.
+
+    :raises FileNotFoundError: if ``data_dir`` is not a folder.
+    """
+    if data_dir is None:
+        return default_data_dir().resolve()
+    path = Path(data_dir).expanduser()
+    if not path.is_dir():
+        raise FileNotFoundError(f"data folder {data_dir} (--data-dir) does not exist or is not a folder")
+    return path.resolve()
 
 
 def available_datasets(data_dir=None) -> list[str]:
     """Names of the datasets (sub-folders holding a ``meta.json``) in ``data_dir``."""
-    root = _resolve_dir(data_dir)
+    root = resolve_data_dir(data_dir)
     return sorted(p.name for p in root.iterdir() if (p / "meta.json").is_file())
 
 
@@ -107,7 +116,7 @@ _META_NEEDS = f'"task" (one of {", ".join(TASKS)}) and, for classification, "lab
 
 def _dataset_dir(name: str, data_dir) -> Path:
     """``<data_dir>/<name>``; raises ``ValueError`` if it is missing or holds no ``meta.json``."""
-    root = _resolve_dir(data_dir)
+    root = resolve_data_dir(data_dir)
     folder = root / name
     if folder.is_dir() and not (folder / "meta.json").is_file():  # a half-prepared dataset is no typo of a name
         raise ValueError(f"dataset folder {folder} exists but has no meta.json; it must hold a JSON object with {_META_NEEDS}")

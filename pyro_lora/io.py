@@ -3,6 +3,7 @@
 import contextlib
 import importlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -17,6 +18,28 @@ from .distributed import is_main
 FORMAT = "pyro_lora.guide/2"
 _OLD_FORMATS = ("pyro_lora.guide/1",)  # sites only, no signature
 _NET = "net/"
+
+
+def write_json(path, obj):
+    """Write ``obj`` as standard JSON atomically (temp file + rename); only the main rank writes.
+
+    NaN and infinities, which JSON lacks, are written as ``null`` (a value the run could not compute).
+    """
+    if not is_main():
+        return
+    with atomic_file(path) as f:
+        f.write(json.dumps(standard_json(obj), indent=2, allow_nan=False, default=str))
+
+
+def standard_json(obj):
+    """``obj`` with every non-finite float replaced by ``None``, so that it is standard JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: standard_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [standard_json(v) for v in obj]
+    return obj
 
 
 @contextlib.contextmanager
@@ -176,7 +199,7 @@ def save_guide(guide, path, run=None):
         save_file(tensors, str(tmp / "guide.safetensors"))
         (tmp / "guide.json").write_text(json.dumps(meta, indent=2))
         if run is not None:
-            (tmp / "run.json").write_text(json.dumps(run, indent=2, default=str))
+            (tmp / "run.json").write_text(json.dumps(standard_json(run), indent=2, allow_nan=False, default=str))
     return Path(path)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from .distributed import is_main
-from .io import atomic_file
+from .io import atomic_file, write_json
 from .plots import metric_scatter, reliability_diagram, reliability_grid
 
 RESULTS = "results.json"
@@ -25,20 +25,12 @@ ARRAYS = ("probs", "labels", "entropy", "mutual_information")  # per evaluation 
 _RESUMABLE = ("guides", "seeds", "out", "progress")
 
 
-def write_json(path, obj):
-    """Write ``obj`` as JSON atomically (temp file + rename); only the main rank writes."""
-    if not is_main():
-        return
-    with atomic_file(path) as f:
-        f.write(json.dumps(obj, indent=2, default=str))
-
-
 def summarize_seeds(rows):
     """Mean and std over seeds of every numeric column, per (guide, evaluation set): ``x`` and ``x_std``.
 
     The seeds' ``note`` entries are kept: ``"seeds 0, 2: <note>"`` per distinct note, joined by ``"; "``.
     A value that is not available (NaN, or None: JSON null) in any seed makes the column's mean and std NaN:
-    n/a, not a mean over the seeds that happen to have it. NaN is written to ``results.json`` as ``NaN``.
+    n/a, not a mean over the seeds that happen to have it. It is written to ``results.json`` as ``null``.
     """
     groups = {}
     for r in rows:
@@ -87,6 +79,7 @@ class RunFolder:
         self.request = asdict(config)
         self.rows, self.failed, self.guides, self.seeds = [], [], [], []
         self.sizes = None  # examples used per split (``Setup.sizes``), once a seed has loaded its data
+        self._added = set()  # guides this process added rows for (their figures are fresh)
         saved = self._read()
         if saved is not None and overwrite:
             self._remove(saved)
@@ -149,6 +142,7 @@ class RunFolder:
         """Record a finished (guide, seed): its ``rows`` (one per evaluation set), npz ``arrays`` and, for the run's
         first seed, ``first_seed = (probs, labels)`` of the in-distribution test set for its reliability diagram."""
         self._track(guide, seed)
+        self._added.add(guide)
         self.rows = [r for r in self.rows if (r["guide"], r["seed"]) != (guide, seed)] + list(rows)
         self.failed = [f for f in self.failed if (f["guide"], f["seed"]) != (guide, seed)]
         if not is_main():
@@ -206,11 +200,21 @@ class RunFolder:
     def _summary_figures(self, summary):
         _draw_summary(self.out, summary, self.guides, self.config.dataset, self.seeds[0])
 
+    def redraw(self):
+        """Draw again, from the npz files, the figures of the guides this process did not add (kept from an earlier
+        run: a figure damaged since is made whole) and the summary figures."""
+        if is_main() and self.seeds:
+            kept = [g for g in self.guides if g not in self._added]
+            _draw_summary(self.out, self.summary(), self.guides, self.config.dataset, self.seeds[0], each=kept)
+
     def raise_failures(self):
         """Raise :class:`GuideFailures` naming every failed (guide, seed) of the run, if any."""
         if self.failed:
             done = len({(r["guide"], r["seed"]) for r in self.rows})
-            listed = "; ".join(f"{f['guide']} (seed {f['seed']}): {f['error']}" for f in self.failed)
+            by_error = {}  # one error shared by several runs (e.g. a failed MAP) is said once
+            for f in self.failed:
+                by_error.setdefault(f["error"], []).append(f"{f['guide']} (seed {f['seed']})")
+            listed = "; ".join(f"{', '.join(runs)}: {error}" for error, runs in by_error.items())
             raise GuideFailures(
                 f"{len(self.failed)} guide run(s) failed: {listed}. The {done} finished are in {self.out / RESULTS} "
                 "(tracebacks under 'failed'); a rerun with the same configuration resumes with the failed ones",
@@ -218,9 +222,9 @@ class RunFolder:
             )
 
 
-def _draw_summary(out, summary, guides, dataset, seed):
+def _draw_summary(out, summary, guides, dataset, seed, each=()):
     """The reliability grid and calibration-vs-accuracy plot of the ``guides`` whose arrays for ``seed`` (the run's
-    first) on ``dataset`` are in ``out``."""
+    first) on ``dataset`` are in ``out``; and the reliability diagram of each guide in ``each``."""
     first = {}
     for guide in guides:
         try:
@@ -230,6 +234,9 @@ def _draw_summary(out, summary, guides, dataset, seed):
                     first[guide] = (torch.from_numpy(arrays[key + "probs"]), torch.from_numpy(arrays[key + "labels"]))
         except _UNREADABLE:  # this guide has no finished arrays
             continue
+    for guide in each:
+        if guide in first:
+            reliability_diagram(*first[guide], out / f"reliability_{guide}.png", title=f"{guide} on {dataset}")
     if first:
         reliability_grid(first, out / "reliability_grid.png")
         metric_scatter([r for r in summary if r["dataset"] == dataset and r["guide"] in first], out / "calibration_vs_accuracy.png")

@@ -100,7 +100,7 @@ def nothing_loads(monkeypatch):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["compare", "--max-length", "100000"], "max_length 100000 is beyond minilm's 512 positions: use at most 512"),
+        (["compare", "--max-length", "100000"], "--max-length 100000 is beyond minilm's 512 positions: use at most 512"),
         (["fit", "--model", "smollm2", "--dataset", "arc_easy", "--max-length", "9000"], "beyond smollm2's 8192 positions"),
         (["compare", "--guides", "zeroshot"], "zeroshot needs a causal LM task: 'sst2' is a classification set"),
         (["compare", "--eval-datasets", "sst2"], "names the training set 'sst2'"),
@@ -109,6 +109,11 @@ def nothing_loads(monkeypatch):
         (["fit", "--guide", "ensemble", "--adapter"], "method 'ensemble' has no posterior mean to write as a peft adapter"),
         (["fit", "--guide", "blora_xs", "--adapter"], "method 'blora_xs' has no posterior mean"),
         (["bayesianize", "/nowhere/adapter"], "/nowhere/adapter holds no peft adapter (adapter_config.json missing)"),
+        (["compare", "--dataset", "arc_easy"], "--model minilm is an encoder for classification sets, and --dataset arc_easy"),
+        (["fit", "--mc-format", "letter"], "--mc-format / --mc-normalize apply to multiple-choice sets"),
+        (["compare", "--mc-normalize", "chars"], "--mc-format / --mc-normalize apply to multiple-choice sets"),
+        (["compare", "--data-dir", "/nowhere/data"], "data folder /nowhere/data (--data-dir) does not exist"),
+        (["compare", "--device", "cuda"], "--device cuda: this torch"),
     ],
 )
 def test_a_configuration_that_cannot_run_is_refused_before_loading(argv, message, nothing_loads, tmp_path, capsys):
@@ -117,18 +122,55 @@ def test_a_configuration_that_cannot_run_is_refused_before_loading(argv, message
     assert err.startswith("pyro-lora: error: ") and message in err and len(err.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("command", [["compare"], ["fit"], ["bayesianize", "adapter"]])
+@pytest.mark.parametrize("command", [["compare"], ["fit"], ["bayesianize", "ADAPTER"]])
 def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(command, nothing_loads, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    adapter = tmp_path / "adapter"  # what peft writes for a classifier: LoRA matrices and the head
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "task_type": "SEQ_CLS", "r": 4}')
+    save_file({"q.lora_A.weight": torch.zeros(4, 8), "classifier.weight": torch.zeros(2, 8)}, str(adapter / "adapter_model.safetensors"))
+    command = [str(adapter) if c == "ADAPTER" else c for c in command]
     (tmp_path / "file").write_text("a file, not a folder")
     assert cli.main(command + ["--out", str(tmp_path / "file")]) == 2
     assert f"output folder {tmp_path / 'file'} is a file: choose another --out" in capsys.readouterr().err
     assert cli.main(command + ["--out", str(tmp_path / "file" / "below")]) == 2
     assert f"cannot write to output folder {tmp_path / 'file' / 'below'} (" in capsys.readouterr().err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "guide").write_text("the user's file, where the guide folder goes")
+    if command[0] != "compare":
+        assert cli.main(command + ["--out", str(tmp_path / "run")]) == 2
+        assert f"{tmp_path / 'run' / 'guide'} is a file, where the guide folder goes" in capsys.readouterr().err
 
 
-def test_a_classification_adapter_without_its_head_is_refused(nothing_loads, tmp_path, capsys):
-    adapter = tmp_path / "adapter"
+def test_a_broken_adapter_folder_is_refused_naming_the_file_before_loading(nothing_loads, tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    adapter, out = tmp_path / "adapter", str(tmp_path / "out")
     adapter.mkdir()
+    weights = adapter / "adapter_model.safetensors"
+
+    def refused():
+        assert cli.main(["bayesianize", str(adapter), "--out", out]) == 2
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1
+        return err
+
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "task_type": null, "r"')
+    assert f"{adapter}/adapter_config.json is not valid JSON" in refused()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "task_type": null, "r": 4, "use_dora": true}')
+    assert f"{adapter} holds a DoRA adapter: a posterior over LoRA needs a plain LoRA adapter" in refused()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "IA3", "task_type": null}')
+    assert f"{adapter} holds an adapter of type IA3: a posterior over LoRA needs a plain LoRA adapter" in refused()
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "task_type": null, "r": 4}')
-    assert cli.main(["bayesianize", str(adapter), "--out", str(tmp_path / "out")]) == 2
-    assert "holds no classification head (task_type None, no modules_to_save)" in capsys.readouterr().err
+    assert f"{weights} is missing: the adapter folder holds no weights" in refused()  # peft would go online
+    lora = {"base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": torch.zeros(4, 384)}
+    save_file(lora, str(weights))
+    assert f"{weights} holds no classification head (only LoRA matrices; task_type None)" in refused()
+    save_file({**lora, "base_model.model.classifier.weight": torch.full((2, 384), float("nan"))}, str(weights))
+    assert f"{weights} holds NaN or infinite values in ['base_model.model.classifier.weight']" in refused()
+    weights.write_bytes(weights.read_bytes()[:50])
+    assert f"{weights} is corrupt: safetensors cannot read it" in refused()
+    assert not (tmp_path / "out").exists()  # refused before the output folder was made

@@ -101,6 +101,7 @@ def test_a_failing_guide_keeps_the_others_and_a_rerun_resumes_with_it(tmp_path, 
         assert {k: row[k] for k in METRICS} == {k: expected[k] for k in METRICS}
     assert sorted(p.name for p in out.glob("predictions_*.npz")) == ["predictions_map.npz", "predictions_temperature.npz"]
 
+    (out / "reliability_map.png").write_bytes(b"\x89PNG half a figure")  # damaged since: the rerun redraws it
     monkeypatch.undo()
     ran = []
     for name, method in list(C.METHODS.items()):
@@ -113,6 +114,9 @@ def test_a_failing_guide_keeps_the_others_and_a_rerun_resumes_with_it(tmp_path, 
     assert [r for r in resumed["per_seed"] if r["guide"] != "meanfield"] == saved["per_seed"]  # kept as they were
     with np.load(out / "predictions_meanfield.npz") as arrays:
         assert arrays["sst2__seed0__probs"].shape == (16, 2)
+    from matplotlib.image import imread
+
+    assert imread(out / "reliability_map.png").ndim == 3
 
 
 @pytest.mark.real
@@ -133,14 +137,21 @@ def test_a_failed_map_training_is_recorded_for_every_guide_of_the_seed(tmp_path,
 
 @pytest.mark.real
 @pytest.mark.parametrize("guide, predictive", [("meanfield", "weight_samples"), ("laplace", "glm_probit")])
-def test_evaluate_reproduces_the_fit_row_exactly_with_the_recorded_predictive(tmp_path, guide, predictive):
+def test_evaluate_reproduces_the_fit_row_exactly_with_the_recorded_predictive(tmp_path, monkeypatch, guide, predictive):
+    from pyro_lora.data import default_data_dir
+
+    (tmp_path / "data").symlink_to(default_data_dir().resolve())
+    monkeypatch.chdir(tmp_path)
     out = tmp_path / "fit"
-    config = small(out, guides=(guide,), train_size=400, samples=4)
+    config = small(out, guides=(guide,), train_size=400, samples=4, data_dir="data")  # a relative datasets folder
     row = C.fit_one(config)
     run = json.loads((out / "guide" / "run.json").read_text())
     assert run["predictive"] == predictive and run["seed"] == 0
     assert run["sizes"] == {"train": 360, "validation": 40, "test": 16}
+    assert run["config"]["data_dir"] == str((tmp_path / "data").resolve())  # absolute: found from any working directory
+    monkeypatch.chdir("/")
     again = C.evaluate_saved(out, progress=False)
+    assert again["test_examples"] == 16
     for key in METRICS:
         assert again[key] == row[key] or (np.isnan(again[key]) and np.isnan(row[key])), key
     if guide == "meanfield":
@@ -190,3 +201,67 @@ def test_a_request_is_compared_with_what_was_requested_not_with_resolved_default
     with pytest.raises(ValueError, match=r"lr None there, 0.001 now"):
         RunFolder(tmp_path, small(tmp_path, lr=1e-3))
     assert asdict(config)["lr"] == 2e-3
+
+
+@pytest.mark.real
+def test_evaluate_reproduces_a_smollm2_cloze_laplace_fit(tmp_path):
+    """Laplace on cloze multiple choice runs one forward per batch (its KFAC hooks): evaluate rebuilds it so."""
+    out = tmp_path / "smol"
+    config = small(out, model="smollm2", dataset="arc_easy", guides=("laplace",), train_size=8, test_size=8, batch_size=4)
+    row = C.fit_one(config)
+    again = C.evaluate_saved(out, progress=False)
+    assert {k: again[k] for k in ("accuracy", "ece", "nll")} == {k: row[k] for k in ("accuracy", "ece", "nll")}
+
+
+def _run_folder(tmp_path, **changes):
+    """A `fit` output whose run.json is a complete record with ``changes`` (None: the setting removed)."""
+    (tmp_path / "guide").mkdir(exist_ok=True)
+    (tmp_path / "guide" / "guide.json").write_text("{}")
+    run = {"config": asdict(small(tmp_path, guides=("map",))), "random": "AB", "predictive": "weight_samples", "seed": 0}
+    for key, value in changes.items():
+        target = run["config"] if key in run["config"] else run
+        if value is None:
+            del target[key]
+        else:
+            target[key] = value
+    (tmp_path / "guide" / "run.json").write_text(json.dumps(run))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model": None}, "config lacks ['model']"),  # it used to evaluate the default model without a word
+        ({"seed": "abc"}, "seed 'abc' is no integer >= 0"),
+        ({"seed": -1}, "seed -1 is no integer >= 0"),
+        ({"random": "Q"}, "random 'Q' is none of AB"),
+        ({"predictive": None}, "KeyError: 'predictive'"),
+        ({"colour": "red"}, None),
+    ],
+)
+def test_an_incomplete_run_record_is_refused_naming_the_file(tmp_path, changes, message, monkeypatch):
+    monkeypatch.setattr(C, "prepare", lambda *a, **k: pytest.fail("loaded a model from a broken record"))
+    folder = _run_folder(tmp_path, **changes)
+    if message is None:  # an unknown top-level key is harmless; an unknown setting is not
+        folder = _run_folder(tmp_path)
+        record = json.loads((folder / "guide" / "run.json").read_text())
+        record["config"]["colour"] = "red"
+        (folder / "guide" / "run.json").write_text(json.dumps(record))
+        message = "config has unknown settings ['colour']"
+    with pytest.raises(ValueError) as refused:
+        C.evaluate_saved(folder)
+    assert str(refused.value).startswith(f"{folder / 'guide' / 'run.json'} is not a complete run record (") and message in str(refused.value)
+
+
+def test_a_dataset_the_model_cannot_take_is_refused_before_loading(tmp_path, monkeypatch):
+    monkeypatch.setattr(C, "prepare", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match="--model minilm is an encoder for classification sets, and --dataset arc_easy"):
+        C.evaluate_saved(_run_folder(tmp_path, dataset="arc_easy"))
+
+
+def test_one_error_shared_by_several_runs_is_said_once(tmp_path):
+    folder = RunFolder(tmp_path, small(tmp_path, guides=("map", "tfb")))
+    for guide in ("map", "tfb"):
+        folder.fail(guide, 0, RuntimeError("training the MAP every guide starts from failed: loss became nan"))
+    with pytest.raises(GuideFailures, match=r"^2 guide run\(s\) failed: map \(seed 0\), tfb \(seed 0\): RuntimeError: training"):
+        folder.raise_failures()
