@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pyro_lora.data import resolve_data_dir
+
 # sizes sized for 2 CPU cores (flags scale them up on a GPU)
 TRAIN_SIZE = 32  # training examples per dataset, the validation split included
 VAL_FRACTION = 0.25  # temperature scaling needs a few validation questions
@@ -173,6 +175,8 @@ def config_differences(saved, config):
     """``{key: (saved, wanted)}`` for every :data:`MATCH_KEYS` entry where a saved run's config differs."""
     wanted = _normalized({**asdict(config), "guides": expected_guides(config)})
     saved = _normalized(saved)
+    for entry in (wanted, saved):  # compare runs record the datasets folder they used, absolute
+        entry["data_dir"] = str(resolve_data_dir(entry.get("data_dir")))
     return {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
 
 

@@ -16,6 +16,7 @@ from .distributed import is_main
 from .results import GuideFailures
 
 _MIN_MAX_LENGTH = 8  # shorter cuts most inputs to a few tokens
+SEED_LIMIT = 2**32  # numpy's seeds; torch's overflow above 2**63
 
 
 def _number(kind, low, strict=True):
@@ -38,8 +39,8 @@ def _seeds(text):
         seeds = [int(s) for s in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers") from None
-    if min(seeds) < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} holds a negative seed: seeds are integers >= 0")
+    if not all(0 <= seed < SEED_LIMIT for seed in seeds):
+        raise argparse.ArgumentTypeError(f"{text!r} holds a seed out of range: seeds are integers in [0, 2**32)")
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"{text!r} repeats a seed (it would count one run twice)")
     return tuple(seeds)
@@ -85,14 +86,27 @@ def _training_args(p):
                    help=f"std of the isotropic prior on LoRA entries (default {d.prior_scale})")
 
 
+def _folder(text):
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty folder name (give a path, e.g. runs/x)")
+    return text
+
+
 def _output_args(p, out_default):
-    p.add_argument("--out", default=out_default, help=f"output folder (default {out_default})")
-    p.add_argument("--quiet", action="store_true", help="no progress bars (also none while loading the model)")
+    p.add_argument("--out", type=_folder, default=out_default, help=f"output folder (default {out_default})")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, also none while loading the model (default: bars shown)")
     _debug(p)
 
 
+def _seed(text):
+    seeds = _seeds(text)
+    if len(seeds) != 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than one seed: this command runs one")
+    return seeds[0]
+
+
 def _seed_arg(p, help):
-    p.add_argument("--seed", type=_number(int, 0, strict=False), default=0, help=f"{help} (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help=f"{help}, in [0, 2**32) (default 0)")
 
 
 def parser():
@@ -116,7 +130,7 @@ def parser():
     p.add_argument("--guide", default="map", choices=saveable, help="the method to fit and save (default map)")
     _seed_arg(p, "training seed")
     p.add_argument("--adapter", action="store_true",
-                   help=f"also write the posterior mean as a peft adapter folder OUT/adapter ({', '.join(C.EXPORTABLE)}; default off)")
+                   help=f"also write the posterior mean as a peft adapter folder OUT/guide/adapter ({', '.join(C.EXPORTABLE)}; default off)")
     _output_args(p, "runs/fit")
     p = sub.add_parser("bayesianize", help="TFB: turn a saved peft adapter into a posterior without training")
     p.add_argument("adapter_dir", help="a peft adapter directory (adapter_config.json + weights)")
@@ -136,7 +150,7 @@ def parser():
     p.add_argument("--samples", type=_number(int, 0), default=None, help="posterior samples per prediction (default: the run's)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="device (default: the run's)")
     p.add_argument("--data-dir", default=None, help="the datasets folder, where the run's moved (default: the run's)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars (also none while loading the model)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, also none while loading the model (default: bars shown)")
     _debug(p)
     return ap
 
@@ -197,7 +211,7 @@ def _run(args):
         config = _config(args, guides=(args.guide,))
         row = C.fit_one(config, adapter=args.adapter)
         say(C.format_table([row]))
-        say(f"saved: {Path(args.out) / 'guide'}" + (f", adapter: {Path(args.out) / 'adapter'}" if args.adapter else ""))
+        say(f"saved: {Path(args.out) / 'guide'}" + (f", adapter: {Path(args.out) / 'guide' / 'adapter'}" if args.adapter else ""))
     elif args.command == "bayesianize":
         search = {k: getattr(args, k) for k in ("criterion", "tolerance", "low", "high", "iterations")}
         row = C.bayesianize_adapter(_config(args, guides=("tfb",)), args.adapter_dir, anchors=args.anchors, **search)

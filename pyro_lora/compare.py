@@ -22,7 +22,7 @@ from .likelihoods import MultipleChoice, SequenceClassification
 from . import metrics as M
 from .costs import PeakMemory
 from .distributed import is_main
-from .io import export_adapter, load_guide, recover_directory, save_guide, writable_folder
+from .io import load_guide, recover_directory, save_guide, writable_folder
 from .metrics import summarize
 from .model import LoraModel
 from .predictive import predict
@@ -114,6 +114,9 @@ def prepare(config, seed=0, adapter_dir=None):
     meta = D.load_meta(config.dataset, config.data_dir)
     train_all = D.load_records(config.dataset, "train", config.data_dir)
     train_all = D.subset(train_all, min(len(train_all), config.train_size), seed=0)
+    if len(train_all) < 2:
+        raise ValueError(f"dataset {config.dataset!r} has {len(train_all)} training record: at least 2 are needed to carve "
+                         "a validation split from them")
     train, val = D.split_train_val(train_all, val_fraction=config.val_fraction, seed=0)
     test = _test_records(config.dataset, config)
     shifted = {name: _test_records(name, config) for name in config.eval_datasets}
@@ -410,6 +413,7 @@ def check_config(config, guides=None, writes=True):
     """
     guides = config.guides if guides is None else guides
     _check_methods(guides or ())
+    _check_numbers(config)
     task = D.load_meta(config.dataset, config.data_dir)["task"]
     if config.model == "minilm" and task != "classification":
         raise ValueError(f"--model minilm is an encoder for classification sets, and --dataset {config.dataset} is a {task} "
@@ -438,6 +442,32 @@ def check_config(config, guides=None, writes=True):
     if writes:
         writable_folder(config.out)
     return task
+
+
+# setting -> (its flag, smallest value, whether that value is allowed): the CLI's bounds, for configs from Python
+# or from a run record
+_BOUNDS = {"train_size": ("--train-size", 2, True), "test_size": ("--test-size", 1, True), "samples": ("--samples", 1, True),
+           "epochs": ("--epochs", 0, True), "batch_size": ("--batch-size", 1, True), "rank": ("--rank", 1, True),
+           "max_length": ("--max-length", 8, True), "lr": ("--lr", 0, False), "prior_scale": ("--prior-scale", 0, False),
+           "alpha": ("alpha", 0, False)}
+
+
+def _check_numbers(config):
+    """Refuse a size, count or scale out of range, or a device that is none of cpu, cuda, naming the setting."""
+    for key, (flag, low, inclusive) in _BOUNDS.items():
+        value = getattr(config, key)
+        if value is None and key == "lr":  # resolved by the task
+            continue
+        integer = key not in ("lr", "prior_scale", "alpha")
+        number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise ValueError(f"{flag} {value!r} must be {'an integer' if integer else 'a number'} "
+                             f"{'>=' if inclusive else '>'} {low}")
+    seeds = config.seeds
+    if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in seeds):
+        raise ValueError(f"seeds {seeds!r} must be integers in [0, 2**32)")
+    if str(config.device).split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"--device {config.device!r} is none of cpu, cuda")
 
 
 def _seed_for(seed, name, stage):
@@ -550,6 +580,7 @@ def run_compare(config, overwrite=False):
     """
     task = check_config(config)
     config.guides = tuple(config.guides or methods_for_task(task))
+    config.data_dir = str(D.resolve_data_dir(config.data_dir))  # the folder used, whatever chose it
     run = RunFolder(config.out, config, overwrite=overwrite)
     datasets = [config.dataset, *config.eval_datasets]
     say = print if is_main() else (lambda *a, **k: None)
@@ -635,7 +666,7 @@ def fit_one(config, adapter=False):
     """Train MAP, fit the one guide of ``config`` and save it, with the run's record, to ``out/guide`` as one unit
     (``guide.json``, ``guide.safetensors``, ``run.json``: ``pyro-lora evaluate out`` reproduces the row).
 
-    :param adapter: also write the posterior mean as a peft adapter folder ``out/adapter``
+    :param adapter: also write the posterior mean as a peft adapter folder ``out/guide/adapter``, in the same unit
         (``PeftModel.from_pretrained`` and ``pyro-lora bayesianize`` take it).
     :raises ValueError: before loading anything, for a configuration that cannot run, a method with no guide to
         save, or ``adapter`` with a method whose mean is no LoRA adapter.
@@ -647,7 +678,7 @@ def fit_one(config, adapter=False):
         raise ValueError(f"method {name!r} has no posterior mean to write as a peft adapter (an ensemble's averaged members, "
                          f"LoRA-XS cores or ScalaBL scales are no plain LoRA); methods that have one: {', '.join(EXPORTABLE)}")
     check_config(config)
-    _check_free(config.out, "guide", "adapter")
+    _check_free(config.out, "guide")
     seed = config.seeds[0]
     setup = prepare(config, seed)
     start = time.perf_counter()
@@ -657,10 +688,8 @@ def fit_one(config, adapter=False):
     prediction, predict_costs = _evaluate(setup, Fitted(predictor), setup.test, name, config.dataset)
     row = _row({"guide": name, "dataset": config.dataset}, score(prediction, point_estimate=fitted.point_estimate), costs, predict_costs)
     random = "".join(sorted({s.matrix for s in fitted.guide.sites.values()}))
-    out = Path(config.out)
-    save_guide(fitted.guide, out / "guide", run=_run_record(setup, row, predictive, random=random))
-    if adapter:
-        export_adapter(fitted.guide, out / "adapter")
+    save_guide(fitted.guide, Path(config.out) / "guide", adapter=adapter,
+               run=_run_record(setup, row, predictive, random=random, prior=float(fitted.guide.model.prior)))
     return row
 
 
@@ -672,10 +701,12 @@ def _run_record(setup, row, predictive, **extra):
 
 
 def _check_free(out, *names):
-    """Refuse a file where a folder ``out/<name>`` will be written (it would be moved aside, out of sight)."""
+    """Refuse a file or a link where a folder ``out/<name>`` will be written (it would be moved aside, out of sight)."""
     for name in names:
-        if (Path(out) / name).is_file():
-            raise ValueError(f"{Path(out) / name} is a file, where the {name} folder goes: move it or choose another --out")
+        path = Path(out) / name
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            kind = "a link" if path.is_symlink() else "a file"
+            raise ValueError(f"{path} is {kind}, where the {name} folder goes: move it or choose another --out")
 
 
 def bayesianize_adapter(config, adapter_dir, anchors=256, **search):
@@ -704,8 +735,10 @@ def bayesianize_adapter(config, adapter_dir, anchors=256, **search):
     prediction, predict_costs = _evaluate(setup, Fitted(predictor), setup.test, "tfb", config.dataset)
     row = _row({"guide": "tfb", "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic), costs, predict_costs,
                {"sigma_q": float(guide.sigma_q)})
-    save_guide(guide, Path(config.out) / "guide",
-               run=_run_record(setup, row, predictive, random="AB", adapter=str(Path(adapter_dir).resolve())))
+    # the adapter travels inside the unit (as the guide's mean, which TFB keeps at the adapter's values): the folder
+    # can be shared and evaluated without the original adapter
+    save_guide(guide, Path(config.out) / "guide", adapter=True,
+               run=_run_record(setup, row, predictive, random="AB", prior=config.prior_scale, adapter="adapter"))
     return row
 
 
@@ -775,9 +808,16 @@ def evaluate_saved(run_dir, **overrides):
         (name,) = config.guides
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not a complete run record ({type(error).__name__}: {error})") from None
+    if "samples" in overrides and predictive != "weight_samples":
+        raise ValueError(f"--samples changes nothing here: {path} was scored with the {predictive} predictive, which "
+                         "draws no weight samples (an ensemble uses each member once)")
     check_config(config, guides=(), writes=False)
+    adapter = run.get("adapter") and path.parent / run["adapter"]  # saved in the unit, beside run.json
+    if adapter is not None:
+        _check_adapter_dir(adapter, D.load_meta(config.dataset, config.data_dir)["task"])
     # the saved adapter, if any, brings its own rank, alpha, targets and head
-    setup = prepare(config, seed, adapter_dir=run.get("adapter"))
+    setup = prepare(config, seed, adapter_dir=adapter)
+    config.prior_scale = run.get("prior", config.prior_scale)  # the prior of the guide's model (e.g. post hoc: 0.1)
     likelihood = _kfac_likelihood(setup.likelihood) if name == "laplace" else setup.likelihood
     if random == "R":  # LoRA-XS: A, B are the deterministic SVD of W0, not saved with the guide
         from .loraxs import LoraXSModel
@@ -801,14 +841,14 @@ def evaluate_saved(run_dir, **overrides):
 def _saved_predictor(setup, guide):
     """The predictive ``compare`` reports for the method of ``guide``, and its name: Laplace's GLM probit
     (``"glm_probit"``), an ensemble's exact mixture with its members' heads (``"ensemble_mixture"``), else weight
-    samples (``"weight_samples"``)."""
+    samples (``"weight_samples"``); each on the guide's own model (LoRA-XS, ScalaBL, the post-hoc guides' prior)."""
     from guides import EnsembleGuide, LaplaceGuide
 
     if isinstance(guide, LaplaceGuide):
         return "glm_probit", _glm_predictor(setup, guide)
     if isinstance(guide, EnsembleGuide):
-        return "ensemble_mixture", _ensemble_predictor(setup, setup.model, guide)
-    return "weight_samples", _guide_predictor(setup, setup.model, guide)
+        return "ensemble_mixture", _ensemble_predictor(setup, guide.model, guide)
+    return "weight_samples", _guide_predictor(setup, guide.model, guide)
 
 
 TABLE = [("accuracy", "accuracy", 3), ("ece", "ECE x100", 2), ("nll", "NLL", 3), ("brier", "Brier", 3),

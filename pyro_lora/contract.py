@@ -24,7 +24,7 @@ def describe(model):
 
     :returns: dict with ``model`` (class name), ``adapter``, ``sites`` (name -> ``[matrix, shape, layers]``),
         ``scaling`` (module path -> ``alpha / r``), ``base`` (name, architecture, weight fingerprint) and
-        ``head`` (trained head parameter -> shape).
+        ``head`` (trained head parameter -> shape) and ``prior`` (its std if a float, else its class name).
     """
     net, adapter = model.net, model.adapter
     config = getattr(net, "config", None)
@@ -40,6 +40,8 @@ def describe(model):
             "fingerprint": _fingerprint(net),
         },
         "head": _head(net, adapter),
+        # a float prior std, else the prior's class: a guide may read it (Bayesian-LoRA's inducing prior)
+        "prior": float(model.prior) if isinstance(model.prior, (int, float)) else type(model.prior).__name__,
     }
 
 
@@ -98,6 +100,9 @@ def differences(expected, actual):
     out += _base_differences(expected["base"], actual["base"])
     if expected["head"] != actual["head"]:
         out.append(_head_difference(expected["head"], actual["head"]))
+    if "prior" in expected and expected["prior"] != actual["prior"]:  # older guides did not record it
+        out.append(f"the guide was built under the prior {expected['prior']!r}, the model has {actual['prior']!r} "
+                   f"(build the model with prior={expected['prior']!r})")
     return out
 
 

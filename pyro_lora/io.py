@@ -169,11 +169,13 @@ def _guide_class(name, path):
     return _GUIDE_CLASSES[name]
 
 
-def save_guide(guide, path, run=None):
+def save_guide(guide, path, run=None, adapter=False):
     """Write ``guide`` (its state, config, the model's site shapes and its trained point parameters) to ``path``.
 
     :param dict run: a record of the run that produced the guide (JSON-able), written as ``run.json`` in the same
         atomic unit: a kill never leaves a guide beside another run's record.
+    :param bool adapter: also write the posterior mean as a peft adapter folder ``path/adapter`` in the same unit
+        (as :func:`export_adapter`): never a stale adapter beside a newer guide.
 
     :raises ValueError: if the network's point parameters are no longer the guide's (another guide trained
         them since: :func:`~pyro_lora.contract.check_guide`), since they are saved with it.
@@ -200,6 +202,8 @@ def save_guide(guide, path, run=None):
         (tmp / "guide.json").write_text(json.dumps(meta, indent=2))
         if run is not None:
             (tmp / "run.json").write_text(json.dumps(standard_json(run), indent=2, allow_nan=False, default=str))
+        if adapter:
+            _write_adapter(guide, tmp / "adapter")
     return Path(path)
 
 
@@ -332,11 +336,16 @@ def export_adapter(guide, path):
     :raises ValueError: if the network changed since the guide was built (another active adapter, merged
         layers, other LoRA scaling: :func:`~pyro_lora.contract.check_guide`).
     """
-    model = guide.model
-    check_guide(model, guide, "export the adapter")
-    model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
+    check_guide(guide.model, guide, "export the adapter")
     if not is_main():  # every rank updates its adapter, rank 0 writes it
+        guide.model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
         return Path(path)
     with atomic_directory(path) as tmp:
-        model.net.save_pretrained(str(tmp))
+        _write_adapter(guide, tmp)
     return Path(path)
+
+
+def _write_adapter(guide, folder):
+    """Write ``guide``'s posterior mean into the network's LoRA and save it as a peft adapter in ``folder``."""
+    guide.model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
+    guide.model.net.save_pretrained(str(folder))

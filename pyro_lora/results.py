@@ -80,10 +80,10 @@ class RunFolder:
         self.rows, self.failed, self.guides, self.seeds = [], [], [], []
         self.sizes = None  # examples used per split (``Setup.sizes``), once a seed has loaded its data
         self._added = set()  # guides this process added rows for (their figures are fresh)
+        self._check_writable(config.guides or ())
         saved = self._read()
-        if saved is not None and overwrite:
-            self._remove(saved)
-        elif saved is not None:
+        self._replaced = saved if overwrite else None  # its files go once this run writes its first result
+        if saved is not None and not overwrite:
             self._check_same(saved)
             self.rows, self.failed, self.sizes = saved["per_seed"], saved.get("failed", []), saved.get("sizes")
             self.guides, self.seeds = list(saved["config"]["guides"] or ()), list(saved["config"]["seeds"])
@@ -99,13 +99,26 @@ class RunFolder:
             raise ValueError(f"{path} is not the results of a `pyro-lora compare` run ({error}); choose another --out") from None
         return saved
 
-    def _remove(self, saved):
-        """Delete the files of the run ``saved`` (its results, figures and predictions): it is being replaced."""
-        if not is_main():
-            return
+    def _check_writable(self, guides):
+        """Refuse, before any work, a folder or link where one of the run's files goes (found late, it stopped the run)."""
         names = [RESULTS, "reliability_grid.png", "calibration_vs_accuracy.png"]
+        names += [f"{kind}_{g}.{ext}" for g in guides for kind, ext in (("predictions", "npz"), ("reliability", "png"))]
+        for name in names:
+            path = self.out / name
+            if path.is_symlink() or (path.exists() and not path.is_file()):
+                raise ValueError(f"{path} is {'a link' if path.is_symlink() else 'a folder'}, where the run writes a file: "
+                                 "move it or choose another --out")
+
+    def _remove_replaced(self):
+        """Delete the files of the run ``--overwrite`` replaces, but those this run wrote already: only now that the
+        new run has a result to write (a kill or a failure before keeps the old run)."""
+        saved, self._replaced = self._replaced, None
+        if saved is None or not is_main():
+            return
+        names = ["reliability_grid.png", "calibration_vs_accuracy.png"]
         for guide in saved["config"].get("guides") or ():
-            names += [f"predictions_{guide}.npz", f"reliability_{guide}.png"]
+            if guide not in self._added:
+                names += [f"predictions_{guide}.npz", f"reliability_{guide}.png"]
         for name in names:
             (self.out / name).unlink(missing_ok=True)
 
@@ -190,6 +203,7 @@ class RunFolder:
         """Write ``results.json`` (and with ``figures`` the reliability grid and calibration-vs-accuracy plot)."""
         if not is_main():
             return
+        self._remove_replaced()
         summary = self.summary()
         if figures:
             self._summary_figures(summary)

@@ -16,6 +16,10 @@ from pyro_lora import cli
         (["compare", "--seeds", "0,1.5"], "--seeds"),
         (["compare", "--seeds", "-1"], "--seeds"),
         (["fit", "--seed", "-1"], "--seed"),
+        (["fit", "--seed", "99999999999999999999"], "seeds are integers in [0, 2**32)"),
+        (["compare", "--seeds", "0,18446744073709551616"], "seeds are integers in [0, 2**32)"),
+        (["fit", "--seed", "0,1"], "more than one seed"),
+        (["compare", "--out", ""], "an empty folder name"),
         (["compare", "--samples", "0"], "--samples"),
         (["compare", "--test-size", "0"], "--test-size"),
         (["compare", "--train-size", "-5"], "--train-size"),
@@ -139,9 +143,13 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(comma
     assert f"cannot write to output folder {tmp_path / 'file' / 'below'} (" in capsys.readouterr().err
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "guide").write_text("the user's file, where the guide folder goes")
+    (tmp_path / "link").mkdir()
+    (tmp_path / "link" / "guide").symlink_to(tmp_path / "nowhere")
     if command[0] != "compare":
         assert cli.main(command + ["--out", str(tmp_path / "run")]) == 2
         assert f"{tmp_path / 'run' / 'guide'} is a file, where the guide folder goes" in capsys.readouterr().err
+        assert cli.main(command + ["--out", str(tmp_path / "link")]) == 2
+        assert f"{tmp_path / 'link' / 'guide'} is a link, where the guide folder goes" in capsys.readouterr().err
 
 
 def test_a_broken_adapter_folder_is_refused_naming_the_file_before_loading(nothing_loads, tmp_path, capsys):

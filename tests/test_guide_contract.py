@@ -419,3 +419,14 @@ def test_train_ensemble_from_the_current_map_leaves_the_map_usable():
     model.write_adapter({k: v.detach() for k, v in map_guide.mean().items()})
     train_ensemble(model, data(), k=2, include_current=True, fit_kwargs={"lr": 5e-2})
     torch.testing.assert_close(predict(model, map_guide, data()).probs, before, rtol=0, atol=0)
+
+
+def test_a_guide_under_another_prior_is_refused_the_flow_reads_it(tmp_path):
+    """Bayesian-LoRA's inducing prior has the model's prior std: under another prior the same flow state would
+    sample other weights without a word."""
+    model = LoraModel(tiny_bert(), SequenceClassification(), prior=0.1, num_data=6)
+    save_guide(FlowGuide(model, init_scale=0.1), tmp_path / "g")
+    other = LoraModel(tiny_bert(), SequenceClassification(), prior=1.0, num_data=6)
+    with pytest.raises(ValueError, match=r"the guide was built under the prior 0.1, the model has 1.0 \(build the model with prior=0.1\)"):
+        load_guide(tmp_path / "g", other)
+    load_guide(tmp_path / "g", LoraModel(tiny_bert(), SequenceClassification(), prior=0.1, num_data=6))

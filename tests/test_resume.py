@@ -36,8 +36,10 @@ def test_a_folder_holding_another_configuration_is_refused_naming_the_difference
     with pytest.raises(ValueError, match=r"holds a run of another configuration \(test_size 16 there, 32 now\).*--overwrite"):
         RunFolder(tmp_path, small(tmp_path, test_size=32))
     (tmp_path / "notes.txt").write_text("the user's own file")
-    assert RunFolder(tmp_path, small(tmp_path, test_size=32), overwrite=True).rows == []
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]  # the replaced run's files only are gone
+    replacing = RunFolder(tmp_path, small(tmp_path, test_size=32), overwrite=True)
+    assert replacing.rows == []
+    replacing.fail("map", 0, ValueError("boom"))  # its first write: the replaced run's files only are gone
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "results.json"]
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not the results of a `pyro-lora compare` run"):
         RunFolder(tmp_path, small(tmp_path))
@@ -173,7 +175,7 @@ def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path, capfd):
     from pyro_lora.pretrained import load_pretrained
 
     base, _ = load_pretrained("minilm", "classification", num_labels=2, progress=False)
-    net = PeftModel.from_pretrained(base, fit_out / "adapter")
+    net = PeftModel.from_pretrained(base, fit_out / "guide" / "adapter")  # in the guide's unit: never stale
     saved = json.loads((fit_out / "guide" / "run.json").read_text())
     setup = C.prepare(CompareConfig(**{**saved["config"], "guides": ("map",)}), 0)
     with torch.no_grad():
@@ -183,10 +185,19 @@ def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path, capfd):
     tfb_out = tmp_path / "tfb"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert cli.main(["bayesianize", str(fit_out / "adapter"), "--train-size", "48", "--test-size", "16", "--anchors", "16",
-                         "--iterations", "2", "--samples", "4", "--out", str(tfb_out), "--quiet"]) == 0
+        assert cli.main(["bayesianize", str(fit_out / "guide" / "adapter"), "--train-size", "48", "--test-size", "16",
+                         "--anchors", "16", "--iterations", "2", "--samples", "4", "--out", str(tfb_out), "--quiet"]) == 0
     assert [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))] == []
-    assert json.loads((tfb_out / "guide" / "run.json").read_text())["adapter"] == str((fit_out / "adapter").resolve())
+    record = json.loads((tfb_out / "guide" / "run.json").read_text())
+    assert record["adapter"] == "adapter"  # a copy inside the unit: the output can be shared on its own
+    import shutil
+
+    shutil.rmtree(fit_out)
+    moved = tfb_out.rename(tmp_path / "shared")
+    again = C.evaluate_saved(moved, progress=False)
+    assert {k: again[k] for k in ("accuracy", "ece", "nll")} == {k: record["result"][k] for k in ("accuracy", "ece", "nll")}
+    with pytest.raises(ValueError, match="--samples changes nothing here"):
+        C.evaluate_saved(_run_folder(tmp_path / "glm", predictive="glm_probit"), samples=3)
 
 
 def test_a_request_is_compared_with_what_was_requested_not_with_resolved_defaults(tmp_path):
@@ -204,6 +215,16 @@ def test_a_request_is_compared_with_what_was_requested_not_with_resolved_default
 
 
 @pytest.mark.real
+@pytest.mark.parametrize("guide", ["flow", "ensemble", "blora_xs", "scalabl"])
+def test_every_saveable_method_fits_and_evaluate_reproduces_its_row(tmp_path, guide):
+    """Each on its own model (ScalaBL's, LoRA-XS's, the post-hoc guides' prior 0.1): the flow's inducing prior reads it."""
+    out = tmp_path / guide
+    row = C.fit_one(small(out, guides=(guide,), samples=4))
+    again = C.evaluate_saved(out, progress=False)
+    assert {k: again[k] for k in METRICS} == {k: row[k] for k in METRICS}
+
+
+@pytest.mark.real
 def test_evaluate_reproduces_a_smollm2_cloze_laplace_fit(tmp_path):
     """Laplace on cloze multiple choice runs one forward per batch (its KFAC hooks): evaluate rebuilds it so."""
     out = tmp_path / "smol"
@@ -215,7 +236,7 @@ def test_evaluate_reproduces_a_smollm2_cloze_laplace_fit(tmp_path):
 
 def _run_folder(tmp_path, **changes):
     """A `fit` output whose run.json is a complete record with ``changes`` (None: the setting removed)."""
-    (tmp_path / "guide").mkdir(exist_ok=True)
+    (tmp_path / "guide").mkdir(parents=True, exist_ok=True)
     (tmp_path / "guide" / "guide.json").write_text("{}")
     run = {"config": asdict(small(tmp_path, guides=("map",))), "random": "AB", "predictive": "weight_samples", "seed": 0}
     for key, value in changes.items():
@@ -237,11 +258,21 @@ def _run_folder(tmp_path, **changes):
         ({"random": "Q"}, "random 'Q' is none of AB"),
         ({"predictive": None}, "KeyError: 'predictive'"),
         ({"colour": "red"}, None),
+        ({"test_size": 0}, None),
+        ({"samples": 0}, None),
+        ({"batch_size": -2}, None),
+        ({"device": "tpu"}, None),
     ],
 )
 def test_an_incomplete_run_record_is_refused_naming_the_file(tmp_path, changes, message, monkeypatch):
     monkeypatch.setattr(C, "prepare", lambda *a, **k: pytest.fail("loaded a model from a broken record"))
     folder = _run_folder(tmp_path, **changes)
+    bounds = {"test_size": "--test-size 0 must be an integer >= 1", "samples": "--samples 0 must be an integer >= 1",
+              "batch_size": "--batch-size -2 must be an integer >= 1", "device": "--device 'tpu' is none of cpu, cuda"}
+    if message is None and set(changes) & set(bounds):  # complete, but a value no command would run with
+        with pytest.raises(ValueError, match=bounds[next(iter(changes))]):
+            C.evaluate_saved(folder)
+        return
     if message is None:  # an unknown top-level key is harmless; an unknown setting is not
         folder = _run_folder(tmp_path)
         record = json.loads((folder / "guide" / "run.json").read_text())
@@ -257,6 +288,25 @@ def test_a_dataset_the_model_cannot_take_is_refused_before_loading(tmp_path, mon
     monkeypatch.setattr(C, "prepare", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match="--model minilm is an encoder for classification sets, and --dataset arc_easy"):
         C.evaluate_saved(_run_folder(tmp_path, dataset="arc_easy"))
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_result(tmp_path):
+    old = RunFolder(tmp_path, small(tmp_path, guides=("map", "tfb")))
+    old.add("map", 0, [ROW], arrays(0))
+    old.add("tfb", 0, [{**ROW, "guide": "tfb"}], arrays(0))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    new = RunFolder(tmp_path, small(tmp_path, guides=("map",), test_size=32), overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # a kill or a failure here keeps the old run
+    new.add("map", 0, [ROW], arrays(0))
+    assert not (tmp_path / "predictions_tfb.npz").exists() and (tmp_path / "predictions_map.npz").exists()
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["test_size"] == 32
+
+
+@pytest.mark.parametrize("name", ["results.json", "predictions_map.npz", "reliability_grid.png"])
+def test_a_folder_where_the_run_writes_a_file_is_refused_at_the_start(tmp_path, name):
+    (tmp_path / name).mkdir()
+    with pytest.raises(ValueError, match=f"{tmp_path / name} is a folder, where the run writes a file"):
+        RunFolder(tmp_path, small(tmp_path, guides=("map",)))
 
 
 def test_one_error_shared_by_several_runs_is_said_once(tmp_path):
