@@ -4,6 +4,7 @@ import argparse
 import math
 import os
 import sys
+import warnings
 from dataclasses import fields
 from datetime import timedelta
 from pathlib import Path
@@ -186,14 +187,26 @@ def main(argv=None):
     args = ap.parse_args(argv or ["compare"])
     if args.command == "bayesianize" and args.low >= args.high:
         ap.error(f"bayesianize: --low {args.low} must be below --high {args.high}")
+    debug, shown = getattr(args, "debug", False), warnings.showwarning
+    if not debug:
+        warnings.showwarning = _one_line_warning
     try:
         return _run(args)
     except Exception as error:  # noqa: BLE001 -- every library error reaches the user as one line
-        if getattr(args, "debug", False):
+        if debug:
             raise
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"pyro-lora: error: {first} (--debug shows where)", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    """A warning as one line, like errors, its category named unless a plain UserWarning (``--debug`` shows Python's
+    form, with the source line)."""
+    kind = "" if category is UserWarning else f"{category.__name__}: "
+    print(f"pyro-lora: warning: {kind}{message}", file=sys.stderr)
 
 
 def _run(args):

@@ -230,6 +230,17 @@ def _std_lr_scale(setup, travel=100.0):
     return max(10.0, math.log(travel) / (c.lr * steps))
 
 
+POST_HOC_PRIOR = 0.1  # the prior std of the post-hoc mean-field and flow guides (method_meanfield says why)
+
+
+def _post_hoc_note(setup, fitted):
+    """``fitted`` with a note where ``--prior-scale`` set another prior than the default, which these guides ignore."""
+    if setup.config.prior_scale not in (CompareConfig.prior_scale, POST_HOC_PRIOR):
+        fitted.note = (f"prior std {POST_HOC_PRIOR} (the post-hoc guides fix it; --prior-scale "
+                       f"{setup.config.prior_scale:g} applies to the MAP and the other methods)")
+    return fitted
+
+
 def method_meanfield(setup):
     """BLoB-style mean-field Gaussian, fitted post hoc: means fixed at the MAP, SVI learns the stds of A and B.
     Prior std 0.1: BLoB's 0.2 let the stds of the many directions the data leave free grow to 4x the MiniLM LoRA
@@ -238,8 +249,9 @@ def method_meanfield(setup):
     A alone the spread reaches the outputs only through B's small trained entries (MI 0.0004 vs 0.003)."""
     from guides import MeanFieldGuide
 
-    model = setup.lora_model(random="AB", prior=0.1)
-    return _svi(setup, model, MeanFieldGuide(model, b="normal", std_lr_scale=_std_lr_scale(setup), learn_loc=False), train_network=False)
+    model = setup.lora_model(random="AB", prior=POST_HOC_PRIOR)
+    guide = MeanFieldGuide(model, b="normal", std_lr_scale=_std_lr_scale(setup), learn_loc=False)
+    return _post_hoc_note(setup, _svi(setup, model, guide, train_network=False))
 
 
 def method_flow(setup):
@@ -248,9 +260,9 @@ def method_flow(setup):
     stayed too narrow on MiniLM/SST-2 to beat MAP's ECE (3 seeds: 15.18 vs 14.88; 0.1: 14.27)."""
     from guides import FlowGuide
 
-    model = setup.lora_model(random="AB", prior=0.1)
+    model = setup.lora_model(random="AB", prior=POST_HOC_PRIOR)
     guide = FlowGuide(model, init_scale=0.1, std_lr_scale=_std_lr_scale(setup), learn_loc=False)
-    return _svi(setup, model, guide, train_network=False)
+    return _post_hoc_note(setup, _svi(setup, model, guide, train_network=False))
 
 
 def method_scalabl(setup):
@@ -658,6 +670,10 @@ def _arrays(prediction, dataset, seed, point_estimate=False):
 
 
 UNSAVEABLE = ("temperature", "zeroshot")  # no guide to save: compare reports them
+# the guide class each saveable method saves: evaluate refuses a run record whose method did not save its guide
+GUIDE_CLASSES = {"map": "MAPGuide", "meanfield": "MeanFieldGuide", "flow": "FlowGuide", "tfb": "TFBGuide",
+                 "laplace": "LaplaceGuide", "mcdropout": "MCDropoutGuide", "ensemble": "EnsembleGuide",
+                 "blora_xs": "SWAGGuide", "scalabl": "ScalaBLGuide"}
 # methods whose posterior mean is a predictor of plain A, B LoRA matrices, which a peft adapter holds
 EXPORTABLE = ("map", "meanfield", "flow", "tfb", "laplace", "mcdropout")
 
@@ -707,6 +723,9 @@ def _check_free(out, *names):
         if path.is_symlink() or (path.exists() and not path.is_dir()):
             kind = "a link" if path.is_symlink() else "a file"
             raise ValueError(f"{path} is {kind}, where the {name} folder goes: move it or choose another --out")
+        if path.is_dir() and any(path.iterdir()) and not (path / "guide.json").is_file():
+            raise ValueError(f"{path} is a folder that holds no saved guide, where the {name} folder goes (saving would "
+                             "replace it): move it or choose another --out")
 
 
 def bayesianize_adapter(config, adapter_dir, anchors=256, **search):
@@ -801,12 +820,15 @@ def evaluate_saved(run_dir, **overrides):
             raise ValueError(f"config {'lacks ' + str(missing) if missing else 'has unknown settings ' + str(unknown)}")
         config = CompareConfig(**{**run["config"], **overrides})
         random, predictive, seed = run["random"], run["predictive"], run["seed"]
-        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
-            raise ValueError(f"seed {seed!r} is no integer >= 0")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed {seed!r} is no integer in [0, 2**32)")
         if random not in ("AB", "A", "B", "R", "S"):
             raise ValueError(f"random {random!r} is none of AB, A, B (LoRA), R (LoRA-XS), S (ScalaBL)")
         (name,) = config.guides
-    except (ValueError, KeyError, TypeError) as error:
+        saved_class = json.loads((path.parent / "guide.json").read_text(encoding="utf-8")).get("guide", "")
+        if name not in GUIDE_CLASSES or saved_class.rsplit(":", 1)[-1] != GUIDE_CLASSES[name]:
+            raise ValueError(f"its method {name!r} did not save the guide beside it ({saved_class!r})")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is not a complete run record ({type(error).__name__}: {error})") from None
     if "samples" in overrides and predictive != "weight_samples":
         raise ValueError(f"--samples changes nothing here: {path} was scored with the {predictive} predictive, which "
@@ -834,8 +856,16 @@ def evaluate_saved(run_dir, **overrides):
     if kind != predictive:
         raise ValueError(f"{path} was scored with the {predictive} predictive, and this guide gives {kind}: the row would differ")
     prediction, costs = _evaluate(setup, Fitted(predictor), setup.test, name, config.dataset)
-    return _row({"guide": name, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
-                costs, {"extra_parameters": guide.extra_parameters(), "test_examples": len(setup.test)})
+    row = _row({"guide": name, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
+               costs, {"extra_parameters": guide.extra_parameters(), "test_examples": len(setup.test)})
+    recorded = run.get("result") or {}
+    if not set(overrides) & {"test_size", "samples"} and "accuracy" in recorded:
+        changed = [k for k in ("accuracy", "ece", "nll") if not math.isclose(row[k], recorded[k], rel_tol=1e-6, abs_tol=1e-9)]
+        if changed:  # the same run re-scored: only other data or other software changes it
+            note = (f"differs from the row the run recorded ({changed[0]} {recorded[changed[0]]:.4g} there, {row[changed[0]]:.4g} "
+                    "here): the test data or the software changed since")
+            row["note"] = f"{row['note']}; {note}" if row.get("note") else note
+    return row
 
 
 def _saved_predictor(setup, guide):

@@ -110,8 +110,8 @@ class RunFolder:
                                  "move it or choose another --out")
 
     def _remove_replaced(self):
-        """Delete the files of the run ``--overwrite`` replaces, but those this run wrote already: only now that the
-        new run has a result to write (a kill or a failure before keeps the old run)."""
+        """Delete the files of the run ``--overwrite`` replaces, but those this run wrote already: only once the new
+        run has a finished result (a kill, or failures, before keep the old run)."""
         saved, self._replaced = self._replaced, None
         if saved is None or not is_main():
             return
@@ -160,6 +160,7 @@ class RunFolder:
         self.failed = [f for f in self.failed if (f["guide"], f["seed"]) != (guide, seed)]
         if not is_main():
             return
+        self._remove_replaced()
         recorded = {f"{r['dataset']}__seed{r['seed']}__" for r in self.rows if r["guide"] == guide}
         kept = {k: v for k, v in self._arrays(guide).items() if k[: k.rindex("__") + 2] in recorded}  # not a replaced run's
         with atomic_file(self.out / f"predictions_{guide}.npz", "wb") as f:
@@ -177,7 +178,8 @@ class RunFolder:
             "guide": guide, "seed": seed, "error": f"{type(error).__name__}: {_first_line(error)}",
             "traceback": "".join(traceback.format_exception(error)),
         })
-        self.write()
+        if self._replaced is None:  # a run being replaced stays until a result of the new one exists
+            self.write()
 
     def _track(self, guide, seed):
         if guide not in self.guides:
@@ -203,7 +205,6 @@ class RunFolder:
         """Write ``results.json`` (and with ``figures`` the reliability grid and calibration-vs-accuracy plot)."""
         if not is_main():
             return
-        self._remove_replaced()
         summary = self.summary()
         if figures:
             self._summary_figures(summary)
@@ -229,11 +230,10 @@ class RunFolder:
             for f in self.failed:
                 by_error.setdefault(f["error"], []).append(f"{f['guide']} (seed {f['seed']})")
             listed = "; ".join(f"{', '.join(runs)}: {error}" for error, runs in by_error.items())
-            raise GuideFailures(
-                f"{len(self.failed)} guide run(s) failed: {listed}. The {done} finished are in {self.out / RESULTS} "
-                "(tracebacks under 'failed'); a rerun with the same configuration resumes with the failed ones",
-                self.summary(),
-            )
+            where = (f"The run --overwrite was to replace is kept in {self.out}" if self._replaced is not None else
+                     f"The {done} finished are in {self.out / RESULTS} (tracebacks under 'failed'); a rerun with the same "
+                     "configuration resumes with the failed ones")
+            raise GuideFailures(f"{len(self.failed)} guide run(s) failed: {listed}. {where}", self.summary())
 
 
 def _draw_summary(out, summary, guides, dataset, seed, each=()):

@@ -145,11 +145,15 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(comma
     (tmp_path / "run" / "guide").write_text("the user's file, where the guide folder goes")
     (tmp_path / "link").mkdir()
     (tmp_path / "link" / "guide").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "mine" / "guide").mkdir(parents=True)
+    (tmp_path / "mine" / "guide" / "notes.txt").write_text("the user's notes, not a guide")
     if command[0] != "compare":
         assert cli.main(command + ["--out", str(tmp_path / "run")]) == 2
         assert f"{tmp_path / 'run' / 'guide'} is a file, where the guide folder goes" in capsys.readouterr().err
         assert cli.main(command + ["--out", str(tmp_path / "link")]) == 2
         assert f"{tmp_path / 'link' / 'guide'} is a link, where the guide folder goes" in capsys.readouterr().err
+        assert cli.main(command + ["--out", str(tmp_path / "mine")]) == 2
+        assert f"{tmp_path / 'mine' / 'guide'} is a folder that holds no saved guide" in capsys.readouterr().err
 
 
 def test_a_broken_adapter_folder_is_refused_naming_the_file_before_loading(nothing_loads, tmp_path, capsys):

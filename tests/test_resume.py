@@ -38,8 +38,9 @@ def test_a_folder_holding_another_configuration_is_refused_naming_the_difference
     (tmp_path / "notes.txt").write_text("the user's own file")
     replacing = RunFolder(tmp_path, small(tmp_path, test_size=32), overwrite=True)
     assert replacing.rows == []
-    replacing.fail("map", 0, ValueError("boom"))  # its first write: the replaced run's files only are gone
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "results.json"]
+    replacing.add("map", 0, [ROW], arrays(0))  # its first result: the replaced run's files only are gone
+    assert "notes.txt" in [p.name for p in tmp_path.iterdir()]
+    assert not (tmp_path / "predictions_tfb.npz").exists()
     (tmp_path / "results.json").write_text("{not json")
     with pytest.raises(ValueError, match="is not the results of a `pyro-lora compare` run"):
         RunFolder(tmp_path, small(tmp_path))
@@ -164,12 +165,11 @@ def test_evaluate_reproduces_the_fit_row_exactly_with_the_recorded_predictive(tm
 @pytest.mark.real
 def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path, capfd):
     fit_out = tmp_path / "fit"
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # every warning printed, as one line each by the command line
         assert cli.main(["fit", "--guide", "map", "--train-size", "48", "--test-size", "16", "--epochs", "1", "--adapter",
                          "--out", str(fit_out), "--quiet"]) == 0
-    assert [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))] == []
-    assert capfd.readouterr().err == ""  # --quiet: no bar, not even the model loading's
+    assert capfd.readouterr().err == ""  # --quiet: no bar, not even the model loading's, and no warning
     from peft import PeftModel
 
     from pyro_lora.pretrained import load_pretrained
@@ -183,11 +183,12 @@ def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path, capfd):
         logits = net.eval()(**batch).logits
     assert (logits.argmax(-1) == batch["labels"]).float().mean().item() == pytest.approx(saved["result"]["accuracy"])
     tfb_out = tmp_path / "tfb"
-    with warnings.catch_warnings(record=True) as caught:
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
         assert cli.main(["bayesianize", str(fit_out / "guide" / "adapter"), "--train-size", "48", "--test-size", "16",
                          "--anchors", "16", "--iterations", "2", "--samples", "4", "--out", str(tfb_out), "--quiet"]) == 0
-    assert [str(w.message) for w in caught if issubclass(w.category, (DeprecationWarning, FutureWarning))] == []
+    err = capfd.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("pyro-lora: warning: TFB search: high=0.015 is already feasible")  # ours, one line
     record = json.loads((tfb_out / "guide" / "run.json").read_text())
     assert record["adapter"] == "adapter"  # a copy inside the unit: the output can be shared on its own
     import shutil
@@ -222,6 +223,18 @@ def test_every_saveable_method_fits_and_evaluate_reproduces_its_row(tmp_path, gu
     row = C.fit_one(small(out, guides=(guide,), samples=4))
     again = C.evaluate_saved(out, progress=False)
     assert {k: again[k] for k in METRICS} == {k: row[k] for k in METRICS}
+    if guide == "flow":  # the same run on other test labels: a different row, and it says so
+        from pyro_lora.data import default_data_dir
+
+        real = default_data_dir().resolve() / "sst2"
+        (tmp_path / "data" / "sst2").mkdir(parents=True)
+        for name in ("meta.json", "train.jsonl"):
+            (tmp_path / "data" / "sst2" / name).symlink_to(real / name)
+        flipped = [{**r, "label": 1 - r["label"]} for r in map(json.loads, (real / "test.jsonl").read_text().splitlines())]
+        (tmp_path / "data" / "sst2" / "test.jsonl").write_text("\n".join(map(json.dumps, flipped)))
+        other = C.evaluate_saved(out, progress=False, data_dir=str(tmp_path / "data"))
+        assert other["accuracy"] != row["accuracy"]
+        assert "differs from the row the run recorded (accuracy" in other["note"] and "data or the software changed" in other["note"]
 
 
 @pytest.mark.real
@@ -237,7 +250,7 @@ def test_evaluate_reproduces_a_smollm2_cloze_laplace_fit(tmp_path):
 def _run_folder(tmp_path, **changes):
     """A `fit` output whose run.json is a complete record with ``changes`` (None: the setting removed)."""
     (tmp_path / "guide").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "guide" / "guide.json").write_text("{}")
+    (tmp_path / "guide" / "guide.json").write_text('{"guide": "guides.map:MAPGuide"}')
     run = {"config": asdict(small(tmp_path, guides=("map",))), "random": "AB", "predictive": "weight_samples", "seed": 0}
     for key, value in changes.items():
         target = run["config"] if key in run["config"] else run
@@ -253,8 +266,11 @@ def _run_folder(tmp_path, **changes):
     "changes, message",
     [
         ({"model": None}, "config lacks ['model']"),  # it used to evaluate the default model without a word
-        ({"seed": "abc"}, "seed 'abc' is no integer >= 0"),
-        ({"seed": -1}, "seed -1 is no integer >= 0"),
+        ({"seed": "abc"}, "seed 'abc' is no integer in [0, 2**32)"),
+        ({"seed": -1}, "seed -1 is no integer in [0, 2**32)"),
+        ({"seed": 2**32}, "seed 4294967296 is no integer in [0, 2**32)"),  # it wrapped to seed 0 without a word
+        ({"guides": ["meanfield"]}, "its method 'meanfield' did not save the guide beside it ('guides.map:MAPGuide')"),
+        ({"guides": ["bogus"]}, "its method 'bogus' did not save the guide beside it"),
         ({"random": "Q"}, "random 'Q' is none of AB"),
         ({"predictive": None}, "KeyError: 'predictive'"),
         ({"colour": "red"}, None),
@@ -297,6 +313,10 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_result(tmp_path):
     before = sorted(p.name for p in tmp_path.iterdir())
     new = RunFolder(tmp_path, small(tmp_path, guides=("map",), test_size=32), overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # a kill or a failure here keeps the old run
+    new.fail("map", 1, RuntimeError("training the MAP every guide starts from failed: loss became nan"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # failures are no result: the old run stays
+    with pytest.raises(GuideFailures, match="The run --overwrite was to replace is kept in"):
+        new.raise_failures()
     new.add("map", 0, [ROW], arrays(0))
     assert not (tmp_path / "predictions_tfb.npz").exists() and (tmp_path / "predictions_map.npz").exists()
     assert json.loads((tmp_path / "results.json").read_text())["config"]["test_size"] == 32
