@@ -765,6 +765,8 @@ def _check_adapter_dir(adapter_dir, task):
     """Refuse, before loading the model, a folder that is no readable peft adapter: its config and weights file
     present and readable, every weight finite, and for a classification set its trained head."""
     path = Path(adapter_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file: give the adapter folder that holds adapter_config.json")
     try:
         adapter = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -776,6 +778,9 @@ def _check_adapter_dir(adapter_dir, task):
         kind = "a DoRA adapter" if adapter.get("use_dora") else f"an adapter of type {adapter.get('peft_type')}"
         raise ValueError(f"{path} holds {kind}: a posterior over LoRA needs a plain LoRA adapter (no DoRA or other "
                          "variants: their extra parameters would be left out of the posterior)")
+    rank, alpha = adapter.get("r"), adapter.get("lora_alpha", 8)
+    if not (isinstance(rank, int) and rank >= 1 and isinstance(alpha, (int, float)) and alpha > 0):
+        raise ValueError(f"{path}/adapter_config.json has r {rank!r} and lora_alpha {alpha!r}: a LoRA needs r >= 1 and lora_alpha > 0")
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise ValueError(f"{weights} is missing: the adapter folder holds no weights (peft would look for them online)")
@@ -825,6 +830,7 @@ def evaluate_saved(run_dir, **overrides):
         if random not in ("AB", "A", "B", "R", "S"):
             raise ValueError(f"random {random!r} is none of AB, A, B (LoRA), R (LoRA-XS), S (ScalaBL)")
         (name,) = config.guides
+        _check_numbers(config)
         saved_class = json.loads((path.parent / "guide.json").read_text(encoding="utf-8")).get("guide", "")
         if name not in GUIDE_CLASSES or saved_class.rsplit(":", 1)[-1] != GUIDE_CLASSES[name]:
             raise ValueError(f"its method {name!r} did not save the guide beside it ({saved_class!r})")
@@ -859,12 +865,17 @@ def evaluate_saved(run_dir, **overrides):
     row = _row({"guide": name, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
                costs, {"extra_parameters": guide.extra_parameters(), "test_examples": len(setup.test)})
     recorded = run.get("result") or {}
-    if not set(overrides) & {"test_size", "samples"} and "accuracy" in recorded:
-        changed = [k for k in ("accuracy", "ece", "nll") if not math.isclose(row[k], recorded[k], rel_tol=1e-6, abs_tol=1e-9)]
+    changed_settings = [f"{k} {overrides[k]} (the run: {run['config'][k]})" for k in ("test_size", "samples")
+                        if k in overrides and overrides[k] != run["config"][k]]
+    note = f"re-scored with {', '.join(changed_settings)}: not the run's row" if changed_settings else None
+    if not changed_settings:
+        changed = [k for k in ("accuracy", "ece", "nll") if isinstance(recorded.get(k), (int, float))
+                   and not math.isclose(row[k], recorded[k], rel_tol=1e-6, abs_tol=1e-9)]
         if changed:  # the same run re-scored: only other data or other software changes it
             note = (f"differs from the row the run recorded ({changed[0]} {recorded[changed[0]]:.4g} there, {row[changed[0]]:.4g} "
                     "here): the test data or the software changed since")
-            row["note"] = f"{row['note']}; {note}" if row.get("note") else note
+    if note:
+        row["note"] = f"{row['note']}; {note}" if row.get("note") else note
     return row
 
 

@@ -115,7 +115,9 @@ class RunFolder:
         saved, self._replaced = self._replaced, None
         if saved is None or not is_main():
             return
-        names = ["reliability_grid.png", "calibration_vs_accuracy.png"]
+        # results.json first: a kill from here until the new one is written leaves no record, never the old record
+        # beside new files
+        names = [RESULTS, "reliability_grid.png", "calibration_vs_accuracy.png"]
         for guide in saved["config"].get("guides") or ():
             if guide not in self._added:
                 names += [f"predictions_{guide}.npz", f"reliability_{guide}.png"]
@@ -218,7 +220,7 @@ class RunFolder:
     def redraw(self):
         """Draw again, from the npz files, the figures of the guides this process did not add (kept from an earlier
         run: a figure damaged since is made whole) and the summary figures."""
-        if is_main() and self.seeds:
+        if is_main() and self.seeds and self.rows and self._replaced is None:
             kept = [g for g in self.guides if g not in self._added]
             _draw_summary(self.out, self.summary(), self.guides, self.config.dataset, self.seeds[0], each=kept)
 
@@ -251,9 +253,10 @@ def _draw_summary(out, summary, guides, dataset, seed, each=()):
     for guide in each:
         if guide in first:
             reliability_diagram(*first[guide], out / f"reliability_{guide}.png", title=f"{guide} on {dataset}")
-    if first:
+    rows = [r for r in summary if r["dataset"] == dataset and r["guide"] in first]
+    if first and rows:
         reliability_grid(first, out / "reliability_grid.png")
-        metric_scatter([r for r in summary if r["dataset"] == dataset and r["guide"] in first], out / "calibration_vs_accuracy.png")
+        metric_scatter(rows, out / "calibration_vs_accuracy.png")
 
 
 def _jsonable(value):

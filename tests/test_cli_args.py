@@ -176,6 +176,8 @@ def test_a_broken_adapter_folder_is_refused_naming_the_file_before_loading(nothi
     assert f"{adapter} holds a DoRA adapter: a posterior over LoRA needs a plain LoRA adapter" in refused()
     (adapter / "adapter_config.json").write_text('{"peft_type": "IA3", "task_type": null}')
     assert f"{adapter} holds an adapter of type IA3: a posterior over LoRA needs a plain LoRA adapter" in refused()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "task_type": null, "r": 0}')
+    assert f"{adapter}/adapter_config.json has r 0 and lora_alpha 8: a LoRA needs r >= 1" in refused()
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "task_type": null, "r": 4}')
     assert f"{weights} is missing: the adapter folder holds no weights" in refused()  # peft would go online
     lora = {"base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": torch.zeros(4, 384)}
