@@ -15,14 +15,13 @@ import numpy as np
 import pyro
 import torch
 from pyro.infer import TraceMeanField_ELBO
-from safetensors.torch import load_file
 
 from . import data as D
 from .likelihoods import MultipleChoice, SequenceClassification
 from . import metrics as M
 from .costs import PeakMemory
 from .distributed import is_main
-from .io import load_guide, recover_directory, save_guide, writable_folder
+from .io import load_guide, read_safetensors, recover_directory, save_guide, writable_folder
 from .metrics import summarize
 from .model import LoraModel
 from .predictive import predict
@@ -784,13 +783,7 @@ def _check_adapter_dir(adapter_dir, task):
     weights = path / "adapter_model.safetensors"
     if not weights.is_file():
         raise ValueError(f"{weights} is missing: the adapter folder holds no weights (peft would look for them online)")
-    try:
-        tensors = load_file(str(weights))
-    except Exception as error:  # noqa: BLE001 -- safetensors raises its own error types for a broken file
-        raise ValueError(f"{weights} is corrupt: safetensors cannot read it ({error})") from None
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise ValueError(f"{weights} holds NaN or infinite values in {bad[:3]}")
+    tensors = read_safetensors(weights)
     if task == "classification" and all("lora_" in k for k in tensors):
         raise ValueError(f"{weights} holds no classification head (only LoRA matrices; task_type "
                          f"{adapter.get('task_type')!r}): the head would be freshly random; save the adapter with "
@@ -839,10 +832,10 @@ def evaluate_saved(run_dir, **overrides):
     if "samples" in overrides and predictive != "weight_samples":
         raise ValueError(f"--samples changes nothing here: {path} was scored with the {predictive} predictive, which "
                          "draws no weight samples (an ensemble uses each member once)")
-    check_config(config, guides=(), writes=False)
+    task = check_config(config, guides=(), writes=False)
     adapter = run.get("adapter") and path.parent / run["adapter"]  # saved in the unit, beside run.json
     if adapter is not None:
-        _check_adapter_dir(adapter, D.load_meta(config.dataset, config.data_dir)["task"])
+        _check_adapter_dir(adapter, task)
     # the saved adapter, if any, brings its own rank, alpha, targets and head
     setup = prepare(config, seed, adapter_dir=adapter)
     config.prior_scale = run.get("prior", config.prior_scale)  # the prior of the guide's model (e.g. post hoc: 0.1)

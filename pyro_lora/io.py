@@ -239,14 +239,22 @@ def _read_tensors(path, device):
     """The tensors of ``guide.safetensors`` in the guide folder ``path``, each checked to be finite.
 
     :raises FileNotFoundError: if it is missing.
-    :raises ValueError: if safetensors cannot read it (truncated, not a safetensors file), or a tensor holds NaN
-        or inf (the guide would predict NaN without a word).
+    :raises ValueError: as :func:`read_safetensors`.
     """
-    from safetensors import SafetensorError
-
     file = path / "guide.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: the guide at {path} is incomplete")
+    return read_safetensors(file, device)
+
+
+def read_safetensors(file, device="cpu"):
+    """The tensors of the safetensors ``file`` (a guide's, a peft adapter's), each checked to be finite.
+
+    :raises ValueError: naming the file, if safetensors cannot read it (truncated, not a safetensors file), or a
+        tensor holds NaN or inf (predictions would be NaN without a word).
+    """
+    from safetensors import SafetensorError
+
     try:
         tensors = load_file(str(file), device=device)
     except (SafetensorError, OSError) as err:  # safetensors' message names neither the file nor the tensor

@@ -184,7 +184,7 @@ def test_a_broken_adapter_folder_is_refused_naming_the_file_before_loading(nothi
     save_file(lora, str(weights))
     assert f"{weights} holds no classification head (only LoRA matrices; task_type None)" in refused()
     save_file({**lora, "base_model.model.classifier.weight": torch.full((2, 384), float("nan"))}, str(weights))
-    assert f"{weights} holds NaN or infinite values in ['base_model.model.classifier.weight']" in refused()
+    assert f"{weights} is corrupt: tensor 'base_model.model.classifier.weight' holds NaN values" in refused()
     weights.write_bytes(weights.read_bytes()[:50])
     assert f"{weights} is corrupt: safetensors cannot read it" in refused()
     assert not (tmp_path / "out").exists()  # refused before the output folder was made
