@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForSequenceClassification
 
-from guides.laplace import LaplaceGuide
+from pyro_lora.guides.laplace import LaplaceGuide
 from pyro_lora import LoraModel, SequenceClassification, predict
 
 

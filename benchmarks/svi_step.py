@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guides import FlowGuide, MAPGuide, MeanFieldGuide, ScalaBLGuide  # noqa: E402
+from pyro_lora.guides import FlowGuide, MAPGuide, MeanFieldGuide, ScalaBLGuide  # noqa: E402
 from pyro_lora import CausalLM, LoraModel, MultipleChoice, ScalaBLModel, fit  # noqa: E402
 
 SIZES = {

@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guides.tfb import TFBGuide  # noqa: E402
+from pyro_lora.guides.tfb import TFBGuide  # noqa: E402
 from pyro_lora import LoraModel, MultipleChoice  # noqa: E402
 
 SIZES = {

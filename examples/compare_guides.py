@@ -13,7 +13,7 @@ import pyro
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
-from guides import MAPGuide, MeanFieldGuide, bayesianize
+from pyro_lora.guides import MAPGuide, MeanFieldGuide, bayesianize
 from pyro_lora import LoraModel, SequenceClassification, fit, predict
 from pyro_lora import data as D
 from pyro_lora.metrics import summarize

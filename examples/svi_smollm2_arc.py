@@ -15,7 +15,7 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 from tqdm.auto import tqdm
 
-from guides import MeanFieldGuide
+from pyro_lora.guides import MeanFieldGuide
 from pyro_lora import LoraModel, MultipleChoice, predict
 from pyro_lora import data as D
 from pyro_lora.metrics import summarize

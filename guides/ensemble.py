@@ -110,7 +110,7 @@ class EnsembleGuide(LoraGuide):
         if self.head_parameters and self._heads_for != num_samples:
             raise ValueError(
                 f"this ensemble carries per-member heads ({self.head_parameters[0]}, ...): draw its samples inside "
-                f"guide.member_heads({num_samples}), e.g. through guides.ensemble.predict_ensemble(model, guide, data)"
+                f"guide.member_heads({num_samples}), e.g. through pyro_lora.guides.ensemble.predict_ensemble(model, guide, data)"
             )
 
     def posterior(self):
@@ -277,7 +277,7 @@ def reinitialize(model, seed):
 def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_current=False):
     """Train ``k`` MAP adapters from different initialisations; returns an :class:`EnsembleGuide`.
 
-    Each member: :func:`reinitialize` under its seed, a :class:`~guides.MAPGuide` from that adapter,
+    Each member: :func:`reinitialize` under its seed, a :class:`~pyro_lora.guides.MAPGuide` from that adapter,
     :func:`pyro_lora.fit` with ``fit_kwargs``; its site values and head are kept. The network's LoRA weights
     and heads are restored afterwards. Costs ``k`` trainings (``k - 1`` with ``include_current``).
 

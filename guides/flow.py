@@ -70,7 +70,7 @@ class FlowGuide(LoraGuide):
     :param float init_lambda: initial conditional noise scale ``lambda``.
     :param float max_lambda: ``lambda = max_lambda * sigmoid(c rho)``.
     :param float std_lr_scale: ``c``: the scale parameters are ``softplus(c rho)`` / ``sigmoid(c rho)``, so
-        Adam moves them ``c`` times faster than the means (as in :class:`~guides.meanfield.MeanFieldGuide`).
+        Adam moves them ``c`` times faster than the means (as in :class:`~pyro_lora.guides.meanfield.MeanFieldGuide`).
     :param bool share_basis: the wide side's basis ``Z`` (``d_in`` for A, ``d_out`` for B: ``M x 4096`` at 7B)
         is shared by the layers of a stacked site; ``False`` gives one per layer (17x the extra parameters at 7B).
     :param dict init: site -> ``W_map`` (``site.shape``); default the adapter's current weights.

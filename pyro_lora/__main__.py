@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from .experiments.cli import main
 
 sys.exit(main())

@@ -258,12 +258,12 @@ def check_guide(model, guide, action, same_model=False):
 
     :raises ValueError: naming every difference between the model the guide was built for and ``model``,
         or what changed in the network since (:meth:`~pyro_lora.LoraModel.check_network`), or if ``guide``
-        is no :class:`~guides.LoraGuide` (a Pyro autoguide).
+        is no :class:`~pyro_lora.guides.LoraGuide` (a Pyro autoguide).
     """
     if not hasattr(guide, "signature"):
         raise ValueError(
             f"cannot {action} with a {type(guide).__name__}: pyro_lora needs a guide of the guides package "
-            "(guides.LoraGuide); for a Pyro autoguide use pyro.infer.SVI and pyro.infer.Predictive directly"
+            "(pyro_lora.guides.LoraGuide); for a Pyro autoguide use pyro.infer.SVI and pyro.infer.Predictive directly"
         )
     if same_model and guide.model is not model:
         raise ValueError(

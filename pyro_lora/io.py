@@ -150,7 +150,7 @@ _GUIDE_CLASSES = {}  # "module:qualname" -> class: the only classes load_guide b
 
 
 def register_guide(cls):
-    """Make ``cls`` (a guide class) loadable by :func:`load_guide`; every ``guides.LoraGuide`` subclass registers
+    """Make ``cls`` (a guide class) loadable by :func:`load_guide`; every ``pyro_lora.guides.LoraGuide`` subclass registers
     itself when it is defined."""
     _GUIDE_CLASSES[f"{cls.__module__}:{cls.__qualname__}"] = cls
     return cls
@@ -160,11 +160,11 @@ def _guide_class(name, path):
     """The registered class ``guide.json`` names; anything else is refused before any import (a guide folder is
     data, never code)."""
     if name not in _GUIDE_CLASSES and isinstance(name, str) and name.split(":")[0].split(".")[0] == "guides":
-        importlib.import_module("guides")  # this project's guides register on import
+        importlib.import_module("pyro_lora.guides")  # this project's guides register on import
     if name not in _GUIDE_CLASSES:
         raise ValueError(
             f"{path}/guide.json names {name!r}, which is no registered guide class: refusing to build it (a guide "
-            "folder is data; only subclasses of guides.LoraGuide, defined before loading, are built)"
+            "folder is data; only subclasses of pyro_lora.guides.LoraGuide, defined before loading, are built)"
         )
     return _GUIDE_CLASSES[name]
 

@@ -11,8 +11,8 @@ import torch
 from conftest import random_batch, tiny_bert
 from test_training import toy_data
 
-from guides.ensemble import EnsembleGuide, head_parameters, predict_ensemble, train_ensemble
-from guides.mcdropout import ColumnDropout, MCDropoutGuide
+from pyro_lora.guides.ensemble import EnsembleGuide, head_parameters, predict_ensemble, train_ensemble
+from pyro_lora.guides.mcdropout import ColumnDropout, MCDropoutGuide
 from pyro_lora import LoraModel, SequenceClassification, fit, load_guide, predict, save_guide
 from pyro_lora.calibration import apply_temperature, fit_temperature, temperature_nll
 from pyro_lora.metrics import nll
@@ -204,8 +204,8 @@ def test_temperature_of_very_overconfident_predictions_is_the_exact_nll_optimum(
 
 
 def test_temperature_row_carries_the_fallback_note_into_results_and_table():
-    from pyro_lora.compare import _fit_method, format_table
-    from pyro_lora.results import summarize_seeds
+    from pyro_lora.experiments.compare import _fit_method, format_table
+    from pyro_lora.experiments.results import summarize_seeds
 
     model = make(num_labels=3)
     val = toy_data()

@@ -7,7 +7,7 @@ import torch
 from conftest import random_batch, tiny_bert, tiny_llama
 from pyro.infer import Trace_ELBO
 
-from guides import FlowGuide, MAPGuide, MeanFieldGuide, ScalaBLGuide
+from pyro_lora.guides import FlowGuide, MAPGuide, MeanFieldGuide, ScalaBLGuide
 from pyro_lora import LoraModel, ScalaBLModel, SequenceClassification, fit
 from pyro_lora.likelihoods import CausalLM
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pyro_lora import cli
+from pyro_lora.experiments import cli
 
 
 @pytest.mark.parametrize(
@@ -97,8 +97,8 @@ def nothing_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the configuration was checked")
 
-    monkeypatch.setattr("pyro_lora.compare.load_pretrained", refuse)
-    monkeypatch.setattr("pyro_lora.compare.prepare", refuse)
+    monkeypatch.setattr("pyro_lora.experiments.compare.load_pretrained", refuse)
+    monkeypatch.setattr("pyro_lora.experiments.compare.prepare", refuse)
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,7 @@
 import torch
 from conftest import tiny_llama
 
-from guides import MAPGuide
+from pyro_lora.guides import MAPGuide
 from pyro_lora import LoraModel, MultipleChoice, fit
 
 # two questions; the second has only 2 of 3 choices. (context ids, continuation ids) per choice.

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from pyro_lora import metrics as M
-from pyro_lora.compare import CompareConfig, _arrays, _ood, _std_lr_scale, format_table, score
-from pyro_lora.results import summarize_seeds
+from pyro_lora.experiments.compare import CompareConfig, _arrays, _ood, _std_lr_scale, format_table, score
+from pyro_lora.experiments.results import summarize_seeds
 from pyro_lora.predictive import Prediction
 
 
@@ -107,9 +107,9 @@ def test_methods_report_mi_as_computed_zero_or_not_available():
 
     from conftest import random_batch, tiny_bert
 
-    from guides import MAPGuide
+    from pyro_lora.guides import MAPGuide
     from pyro_lora import LoraModel, SequenceClassification
-    from pyro_lora.compare import Fitted, method_laplace, method_map, method_meanfield
+    from pyro_lora.experiments.compare import Fitted, method_laplace, method_map, method_meanfield
 
     def batches(seed):
         out = []
@@ -160,7 +160,7 @@ def test_format_table_shows_mean_and_std():
 
 @pytest.mark.real
 def test_npz_reproduces_the_table_and_is_written_atomically(tmp_path, monkeypatch):
-    from pyro_lora.compare import run_compare
+    from pyro_lora.experiments.compare import run_compare
 
     config = CompareConfig(guides=("map",), train_size=64, test_size=32, epochs=1, seeds=(0, 1), out=str(tmp_path), progress=False)
     run_compare(config)
@@ -181,7 +181,7 @@ def test_npz_reproduces_the_table_and_is_written_atomically(tmp_path, monkeypatc
         file.write(b"PK\x03\x04 half an npz")
         raise KeyboardInterrupt  # a kill while rerunning over the finished run
 
-    monkeypatch.setattr("pyro_lora.results.np.savez_compressed", dies_mid_write)
+    monkeypatch.setattr("pyro_lora.experiments.results.np.savez_compressed", dies_mid_write)
     config.seeds = (0, 1, 2)  # resumed: seed 2's arrays are added to the guide's npz
     with pytest.raises(KeyboardInterrupt):
         run_compare(config)
@@ -191,7 +191,7 @@ def test_npz_reproduces_the_table_and_is_written_atomically(tmp_path, monkeypatc
 
 @pytest.mark.real
 def test_letter_format_covers_the_widest_shifted_set():
-    from pyro_lora.compare import prepare
+    from pyro_lora.experiments.compare import prepare
 
     config = CompareConfig(model="smollm2", dataset="openbookqa", eval_datasets=("arc_easy",), mc_format="letter",
                            train_size=16, test_size=3000, progress=False)
@@ -238,7 +238,7 @@ def _fake_run(out, guides, nll, test_size=32):
 
 
 def test_merge_results_replaces_the_rerun_guides_only(tmp_path):
-    from pyro_lora.results import merge_results
+    from pyro_lora.experiments.results import merge_results
 
     _fake_run(tmp_path / "run", ("map", "meanfield", "temperature"), nll=0.5)
     _fake_run(tmp_path / "update", ("meanfield", "flow"), nll=0.4)
@@ -260,10 +260,10 @@ def test_a_saved_guide_is_scored_with_the_predictive_compare_reports():
 
     from conftest import random_batch, tiny_bert
 
-    from guides import EnsembleGuide, LaplaceGuide, MAPGuide, predict_ensemble
-    from guides.ensemble import head_parameters
+    from pyro_lora.guides import EnsembleGuide, LaplaceGuide, MAPGuide, predict_ensemble
+    from pyro_lora.guides.ensemble import head_parameters
     from pyro_lora import LoraModel, SequenceClassification
-    from pyro_lora.compare import _saved_predictor
+    from pyro_lora.experiments.compare import _saved_predictor
 
     data = [random_batch(seed=s) | {"labels": torch.tensor([0, 2, 1])} for s in (1, 2)]
     model = LoraModel(tiny_bert(), SequenceClassification(), prior=0.5, num_data=6)
@@ -278,7 +278,7 @@ def test_a_saved_guide_is_scored_with_the_predictive_compare_reports():
 
 
 def test_eval_datasets_naming_the_training_set_or_repeating_are_refused():
-    from pyro_lora.compare import CompareConfig, check_config
+    from pyro_lora.experiments.compare import CompareConfig, check_config
 
     for sets in (("sst2",), ("boolq", "boolq")):
         with pytest.raises(ValueError, match="repeats a set or names the training set"):

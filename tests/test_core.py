@@ -6,7 +6,7 @@ import torch
 from conftest import random_batch, tiny_bert, tiny_llama
 from pyro.infer import Trace_ELBO
 
-from guides import MAPGuide
+from pyro_lora.guides import MAPGuide
 from pyro_lora.likelihoods import CausalLM, MultipleChoice, SequenceClassification
 from pyro_lora.model import LoraModel
 from pyro_lora.sites import per_layer

@@ -9,9 +9,9 @@ import torch.multiprocessing as mp
 from conftest import tiny_bert
 from pyro.infer import Trace_ELBO
 
-from guides import MAPGuide
-from guides.laplace import LaplaceGuide
-from guides.tfb import TFBGuide
+from pyro_lora.guides import MAPGuide
+from pyro_lora.guides.laplace import LaplaceGuide
+from pyro_lora.guides.tfb import TFBGuide
 from pyro_lora import distributed
 from pyro_lora.likelihoods import SequenceClassification
 from pyro_lora.model import LoraModel

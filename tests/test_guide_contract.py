@@ -16,8 +16,8 @@ from conftest import random_batch, tiny_bert, tiny_llama
 from peft import LoraConfig, get_peft_model
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
-import guides
-from guides import (
+import pyro_lora.guides as guides
+from pyro_lora.guides import (
     EnsembleGuide,
     FlowGuide,
     LaplaceGuide,
@@ -210,7 +210,7 @@ def test_an_equal_model_object_predicts_and_only_the_guides_own_model_trains():
 
 
 def test_an_ensemble_with_heads_predicts_only_on_its_own_model():
-    from guides.ensemble import head_parameters, predict_ensemble
+    from pyro_lora.guides.ensemble import head_parameters, predict_ensemble
 
     model = lora()
     heads = [{n: p.detach() + k for n, p in model.net.named_parameters() if n in head_parameters(model)} for k in range(2)]
@@ -394,7 +394,7 @@ def test_a_guide_that_trained_no_point_parameter_leaves_the_adapter_free():
 
 
 def test_the_owner_is_checked_too_and_a_non_owner_cannot_save_another_guides_head(tmp_path):
-    from guides.ensemble import reinitialize
+    from pyro_lora.guides.ensemble import reinitialize
 
     model = lora(random="AB")
     first = MAPGuide(model)
@@ -410,7 +410,7 @@ def test_the_owner_is_checked_too_and_a_non_owner_cannot_save_another_guides_hea
 
 
 def test_train_ensemble_from_the_current_map_leaves_the_map_usable():
-    from guides.ensemble import train_ensemble
+    from pyro_lora.guides.ensemble import train_ensemble
 
     model = lora(random="AB")
     map_guide = MAPGuide(model)

@@ -9,7 +9,7 @@ import torch
 from conftest import random_batch, tiny_bert
 from safetensors.torch import load_file, save_file
 
-from guides import MAPGuide, MeanFieldGuide
+from pyro_lora.guides import MAPGuide, MeanFieldGuide
 from pyro_lora import LoraModel, predict
 from pyro_lora.contract import point_snapshot, take_over, trainer
 from pyro_lora.io import load_guide, save_guide

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
-from pyro_lora import cli
-from pyro_lora.compare import evaluate_saved
+from pyro_lora.experiments import cli
+from pyro_lora.experiments.compare import evaluate_saved
 
 pytestmark = pytest.mark.real
 
@@ -30,7 +30,7 @@ def replace(src, dst, *args, **kwargs):
     if hit and when == "after":
         os.kill(os.getpid(), signal.SIGKILL)
 os.replace = replace
-from pyro_lora import cli
+from pyro_lora.experiments import cli
 sys.exit(cli.main(sys.argv[3:]))
 """
 SMALL = ["--train-size", "48", "--test-size", "16", "--epochs", "1", "--quiet"]

@@ -11,7 +11,7 @@ from peft import LoraConfig, get_peft_model
 from pyro import poutine
 from pyro.infer import Trace_ELBO
 
-from guides.laplace import LaplaceGuide
+from pyro_lora.guides.laplace import LaplaceGuide
 from pyro_lora import load_guide, predict, save_guide
 from pyro_lora.likelihoods import CausalLM, MultipleChoice, SequenceClassification
 from pyro_lora.model import LoraModel

@@ -5,7 +5,7 @@ import torch
 from conftest import random_batch, tiny_bert, tiny_bert_base, tiny_llama
 from test_training import toy_data
 
-from guides import MAPGuide
+from pyro_lora.guides import MAPGuide
 from pyro_lora import CausalLM, LoraModel, SequenceClassification, fit
 from pyro_lora.loraxs import LoraXSModel, base_weight, init_lora_xs, lora_xs_parameter_counts
 

@@ -10,7 +10,7 @@ from test_training import toy_data
 from torch.distributions import MultivariateNormal, kl_divergence
 
 import pyro_lora.handoff as handoff
-from guides.meanfield import MeanFieldGuide
+from pyro_lora.guides.meanfield import MeanFieldGuide
 from pyro_lora import LoraModel, MatrixNormalKronecker, SequenceClassification, fit, load_guide, predict, save_guide
 
 

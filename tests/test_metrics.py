@@ -308,5 +308,5 @@ def test_save_png_failure_leaves_no_temp_file(tmp_path):
 
 
 def test_importing_plots_does_not_import_matplotlib():
-    code = "import sys, pyro_lora.plots; assert 'matplotlib' not in sys.modules"
+    code = "import sys, pyro_lora.experiments.plots; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))

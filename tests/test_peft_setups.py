@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import pyro_lora.handoff as handoff
-from guides import MAPGuide
+from pyro_lora.guides import MAPGuide
 from pyro_lora import LoraModel, SequenceClassification, export_adapter, predict
 from pyro_lora.likelihoods import CausalLM, MultipleChoice
 
@@ -188,7 +188,7 @@ def _gpt2_lm():
 
 
 def test_one_module_name_with_several_shapes_pairs_a_and_b_per_stack():
-    from guides import LaplaceGuide, TFBGuide
+    from pyro_lora.guides import LaplaceGuide, TFBGuide
 
     model = LoraModel(_gpt2_lm(), CausalLM())  # GPT-2's c_proj: 32 -> 32 in attention, 128 -> 32 in the MLP
     assert {n: s.shape for n, s in model.sites.items() if n.startswith("c_proj")} == {
@@ -211,7 +211,7 @@ def test_one_module_name_with_several_shapes_pairs_a_and_b_per_stack():
 
 
 def test_laplace_refuses_a_site_whose_layers_see_different_input_shapes():
-    from guides import LaplaceGuide
+    from pyro_lora.guides import LaplaceGuide
 
     net = get_peft_model(tiny_bert_base(), LoraConfig(r=4, target_modules="all-linear", task_type="SEQ_CLS"))
     model = LoraModel(net, SequenceClassification())

@@ -12,8 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import random_batch, tiny_bert
 
-from guides import FlowGuide, LaplaceGuide, MCDropoutGuide, MeanFieldGuide, SWAGGuide, TFBGuide
-from guides.ensemble import EnsembleGuide
+from pyro_lora.guides import FlowGuide, LaplaceGuide, MCDropoutGuide, MeanFieldGuide, SWAGGuide, TFBGuide
+from pyro_lora.guides.ensemble import EnsembleGuide
 from pyro_lora import LoraModel, SequenceClassification, distributed, predict
 from pyro_lora.predictive import SEED_RANGE
 

@@ -9,7 +9,7 @@ from conftest import tiny_bert, tiny_llama
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from test_training import toy_data
 
-from guides import FlowGuide, MAPGuide, MCDropoutGuide, MeanFieldGuide, ScalaBLGuide
+from pyro_lora.guides import FlowGuide, MAPGuide, MCDropoutGuide, MeanFieldGuide, ScalaBLGuide
 from pyro_lora import LoraModel, ScalaBLModel, SequenceClassification, fit
 from pyro_lora.likelihoods import CausalLM
 

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_lora import cli
-from pyro_lora import compare as C
-from pyro_lora.compare import CompareConfig, run_compare
+from pyro_lora.experiments import cli
+from pyro_lora.experiments import compare as C
+from pyro_lora.experiments.compare import CompareConfig, run_compare
 from pyro_lora.io import atomic_file
-from pyro_lora.results import GuideFailures, RunFolder
+from pyro_lora.experiments.results import GuideFailures, RunFolder
 
 ROW = {"guide": "map", "dataset": "sst2", "seed": 0, "accuracy": 0.5, "ece": 5.0, "nll": 0.7}
 METRICS = ("accuracy", "ece", "nll", "brier", "mutual_information", "aurc", "entropy")
@@ -250,7 +250,7 @@ def test_evaluate_reproduces_a_smollm2_cloze_laplace_fit(tmp_path):
 def _run_folder(tmp_path, **changes):
     """A `fit` output whose run.json is a complete record with ``changes`` (None: the setting removed)."""
     (tmp_path / "guide").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "guide" / "guide.json").write_text('{"guide": "guides.map:MAPGuide"}')
+    (tmp_path / "guide" / "guide.json").write_text('{"guide": "pyro_lora.guides.map:MAPGuide"}')
     run = {"config": asdict(small(tmp_path, guides=("map",))), "random": "AB", "predictive": "weight_samples", "seed": 0}
     for key, value in changes.items():
         target = run["config"] if key in run["config"] else run
@@ -324,7 +324,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_result(tmp_path):
 
     import unittest.mock
 
-    with unittest.mock.patch("pyro_lora.results.np.savez_compressed", killed), pytest.raises(KeyboardInterrupt):
+    with unittest.mock.patch("pyro_lora.experiments.results.np.savez_compressed", killed), pytest.raises(KeyboardInterrupt):
         new.add("map", 0, [ROW], arrays(0))
     assert not (tmp_path / "results.json").exists()  # no record of the old run beside the new run's files
     new.add("map", 0, [ROW], arrays(0))

@@ -9,7 +9,7 @@ from test_training import toy_data
 from torch.distributions import MultivariateNormal, kl_divergence
 
 import pyro_lora.handoff as handoff
-from guides import ScalaBLGuide
+from pyro_lora.guides import ScalaBLGuide
 from pyro_lora import LoraModel, ScalaBLModel, SequenceClassification, fit, load_guide, predict, save_guide
 from pyro_lora.likelihoods import CausalLM
 from pyro_lora.scalabl import rotate_to_singular_basis

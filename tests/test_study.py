@@ -1,6 +1,5 @@
-"""examples/study.py: the report built from results.json files as run_compare writes them (no model is loaded)."""
+"""pyro_lora.experiments.study: the report built from results.json files as run_compare writes them (no model is loaded)."""
 
-import importlib.util
 import json
 import re
 from dataclasses import asdict
@@ -8,18 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from pyro_lora.compare import CompareConfig, format_table
-from pyro_lora.results import summarize_seeds
+from pyro_lora.experiments.compare import CompareConfig, format_table
+from pyro_lora.experiments.results import summarize_seeds
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "study.py"
 
 
 @pytest.fixture(scope="module")
 def study():
-    spec = importlib.util.spec_from_file_location("study_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from pyro_lora.experiments import study
+
+    return study
 
 
 # (guide, evaluation set) -> (accuracy, ECE x100, NLL); seed s adds s * 0.01 to accuracy and NLL, s to ECE
@@ -171,7 +168,7 @@ def _fake_predictions(out, guides, dataset):
 
 
 def test_update_reruns_some_guides_and_keeps_the_rest(study, runs, tmp_path, monkeypatch):
-    import pyro_lora.compare as compare
+    import pyro_lora.experiments.compare as compare
 
     _fake_predictions(runs / "arc_easy", ("map", "temperature", "meanfield"), "arc_easy")
 

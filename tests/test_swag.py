@@ -7,8 +7,8 @@ from conftest import random_batch, tiny_bert
 from pyro.infer import Trace_ELBO
 from test_training import toy_data
 
-from guides import MAPGuide
-from guides.swag import LowRankNormal, SWAGCollector, SWAGGuide
+from pyro_lora.guides import MAPGuide
+from pyro_lora.guides.swag import LowRankNormal, SWAGCollector, SWAGGuide
 from pyro_lora import SequenceClassification, fit, load_guide, predict, save_guide
 from pyro_lora.loraxs import LoraXSModel
 

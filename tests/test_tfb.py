@@ -11,8 +11,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from pyro.infer import Trace_ELBO
 from test_training import toy_data
 
-from guides import MAPGuide
-from guides.tfb import TFBGuide, bayesianize
+from pyro_lora.guides import MAPGuide
+from pyro_lora.guides.tfb import TFBGuide, bayesianize
 from pyro_lora import CausalLM, LoraModel, MultipleChoice, SequenceClassification, load_guide, predict, save_guide
 
 
@@ -264,7 +264,7 @@ def test_from_guide_of_an_a_only_guide_still_checks_everything_but_the_missing_s
 
 def test_from_guide_refuses_an_ensemble_and_a_non_guide():
     """An ensemble's mean() averages separately trained members: no trained adapter to bayesianize."""
-    from guides.ensemble import EnsembleGuide
+    from pyro_lora.guides.ensemble import EnsembleGuide
 
     model = LoraModel(_alpha_net(8), SequenceClassification(), random="AB")
     values = model.adapter_values()
@@ -278,7 +278,7 @@ def test_from_guide_refuses_an_ensemble_and_a_non_guide():
         def mean(self):
             return values
 
-    with pytest.raises(ValueError, match="guides.LoraGuide"):
+    with pytest.raises(ValueError, match="pyro_lora.guides.LoraGuide"):
         TFBGuide.from_guide(model, NotAGuide())
 
 

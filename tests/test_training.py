@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_bert, tiny_bert_base
 from pyro.infer import TraceMeanField_ELBO
 
-from guides import MAPGuide, MeanFieldGuide
+from pyro_lora.guides import MAPGuide, MeanFieldGuide
 from pyro_lora.io import atomic_file, export_adapter, load_guide, save_guide
 from pyro_lora.likelihoods import SequenceClassification
 from pyro_lora.metrics import nll
@@ -63,7 +63,7 @@ def test_fit_trains_point_parameters_too():
 
 
 def test_fit_train_network_false_trains_the_guide_only():
-    from guides import MeanFieldGuide
+    from pyro_lora.guides import MeanFieldGuide
 
     model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="A", num_data=48)
     guide = MeanFieldGuide(model)
@@ -255,7 +255,7 @@ def test_a_guide_folder_is_data_never_code(tmp_path):
     model, guide = make()
     save_guide(guide, tmp_path / "g")
     meta = json.loads((tmp_path / "g" / "guide.json").read_text())
-    for crafted in ("os:system", "subprocess:run", "builtins:eval", "guides.base:pyro_params"):
+    for crafted in ("os:system", "subprocess:run", "builtins:eval", "pyro_lora.guides.base:pyro_params"):
         (tmp_path / "g" / "guide.json").write_text(json.dumps(meta | {"guide": crafted}))
         with pytest.raises(ValueError, match=f"names {crafted!r}, which is no registered guide class"):
             load_guide(tmp_path / "g", model)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from . import compare as C
-from .distributed import is_main
+from ..distributed import is_main
 from .results import GuideFailures
 
 _MIN_MAX_LENGTH = 8  # shorter cuts most inputs to a few tokens

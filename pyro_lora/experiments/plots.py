@@ -11,8 +11,8 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from pyro_lora import metrics
-from pyro_lora.io import atomic_file
+from .. import metrics
+from ..io import atomic_file
 
 __all__ = ["metric_scatter", "reliability_diagram", "reliability_grid"]
 

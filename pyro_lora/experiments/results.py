@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .distributed import is_main
-from .io import atomic_file, write_json
+from ..distributed import is_main
+from ..io import atomic_file, write_json
 from .plots import metric_scatter, reliability_diagram, reliability_grid
 
 RESULTS = "results.json"
@@ -69,7 +69,7 @@ class RunFolder:
     progress bars) resumes it: :meth:`complete` says which (guide, seed) are done. A folder holding another
     configuration is refused, unless ``overwrite`` (then its files are deleted).
 
-    :param config: the run's :class:`~pyro_lora.compare.CompareConfig`, as requested (defaults such as the
+    :param config: the run's :class:`~pyro_lora.experiments.compare.CompareConfig`, as requested (defaults such as the
         learning rate may be resolved later; :meth:`write` records the resolved values).
     :raises ValueError: if ``out`` holds a run of another configuration, or a ``results.json`` that is not one.
     """

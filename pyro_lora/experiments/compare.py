@@ -16,18 +16,18 @@ import pyro
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
-from . import data as D
-from .likelihoods import MultipleChoice, SequenceClassification
-from . import metrics as M
-from .costs import PeakMemory
-from .distributed import is_main
-from .io import load_guide, read_safetensors, recover_directory, save_guide, writable_folder
-from .metrics import summarize
-from .model import LoraModel
-from .predictive import predict
+from .. import data as D
+from ..likelihoods import MultipleChoice, SequenceClassification
+from .. import metrics as M
+from ..costs import PeakMemory
+from ..distributed import is_main
+from ..io import load_guide, read_safetensors, recover_directory, save_guide, writable_folder
+from ..metrics import summarize
+from ..model import LoraModel
+from ..predictive import predict
 from .results import RESULTS, RunFolder
-from .pretrained import add_lora, default_mc_format, load_adapter, load_pretrained, max_positions
-from .training import fit
+from ..pretrained import add_lora, default_mc_format, load_adapter, load_pretrained, max_positions
+from ..training import fit
 
 
 @dataclass
@@ -153,7 +153,7 @@ def _test_records(name, config):
 
 def train_map(setup):
     """Fine-tune the MAP LoRA (plain LoRA through the Pyro model) and remember its trained state."""
-    from guides import MAPGuide
+    from ..guides import MAPGuide
 
     c = setup.config
     model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=c.prior_scale)
@@ -191,7 +191,7 @@ def _glm_predictor(setup, guide):
 
 
 def _ensemble_predictor(setup, model, guide):
-    from guides import predict_ensemble
+    from ..guides import predict_ensemble
 
     return lambda records: predict_ensemble(model, guide, setup.loader(records), keep_samples=True)
 
@@ -246,7 +246,7 @@ def method_meanfield(setup):
     entries (accuracy -7 points on SST-2; 0.1: -2, 0.05: -3). Means fixed: on SmolLM2/ARC-E, SVI epochs that also
     trained the means from the MAP cost 1-7 accuracy points (an overfit, noisy second run); B Gaussian too: with
     A alone the spread reaches the outputs only through B's small trained entries (MI 0.0004 vs 0.003)."""
-    from guides import MeanFieldGuide
+    from ..guides import MeanFieldGuide
 
     model = setup.lora_model(random="AB", prior=POST_HOC_PRIOR)
     guide = MeanFieldGuide(model, b="normal", std_lr_scale=_std_lr_scale(setup), learn_loc=False)
@@ -257,7 +257,7 @@ def method_flow(setup):
     """Bayesian-LoRA: inducing matrices with a MAF posterior over A and B, fitted post hoc around the MAP
     (``W_map`` fixed, as for mean-field). ``q(U)`` starts at 0.1 of the prior std: from the default 0.01 it
     stayed too narrow on MiniLM/SST-2 to beat MAP's ECE (3 seeds: 15.18 vs 14.88; 0.1: 14.27)."""
-    from guides import FlowGuide
+    from ..guides import FlowGuide
 
     model = setup.lora_model(random="AB", prior=POST_HOC_PRIOR)
     guide = FlowGuide(model, init_scale=0.1, std_lr_scale=_std_lr_scale(setup), learn_loc=False)
@@ -266,9 +266,9 @@ def method_flow(setup):
 
 def method_scalabl(setup):
     """ScalaBL: the MAP rotated to A's singular basis, a Gaussian over A's log singular values, SVI with A, B."""
-    from guides import ScalaBLGuide
+    from ..guides import ScalaBLGuide
 
-    from .scalabl import ScalaBLModel
+    from ..scalabl import ScalaBLModel
 
     setup.restore()
     model = ScalaBLModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=setup.config.prior_scale)
@@ -284,7 +284,7 @@ TFB_ANCHORS = 128
 
 def method_tfb(setup):
     """Training-free Bayesianization of the MAP: sigma_q searched on anchors drawn from the training set."""
-    from guides import bayesianize
+    from ..guides import bayesianize
 
     c = setup.config
     model = setup.lora_model(random="AB")
@@ -301,7 +301,7 @@ def method_laplace(setup):
     so the table reports the GLM predictive. The probit link draws no samples: its rows have no mutual
     information (n/a, with a note), not an MI of 0.
     """
-    from guides import LaplaceGuide
+    from ..guides import LaplaceGuide
 
     c = setup.config
     model = setup.lora_model(random="AB", likelihood=_kfac_likelihood(setup.likelihood))
@@ -324,7 +324,7 @@ def method_temperature(setup):
     When the fit has no optimum inside its bounds (e.g. a validation split the MAP gets all right), the note
     of :func:`fit_temperature` goes into the method's rows.
     """
-    from .calibration import apply_temperature, fit_temperature
+    from ..calibration import apply_temperature, fit_temperature
 
     val = predict(setup.model, setup.map_guide, setup.loader(setup.val))
     t, note = fit_temperature(val.probs, val.labels, return_info=True)
@@ -339,8 +339,8 @@ def method_temperature(setup):
 
 def method_mcdropout(setup, p=0.1):
     """MC dropout of the LoRA input units: a LoRA trained with that dropout from peft's init (MAP's budget)."""
-    from guides import MCDropoutGuide
-    from guides.ensemble import reinitialize
+    from ..guides import MCDropoutGuide
+    from ..guides.ensemble import reinitialize
 
     c = setup.config
     model = setup.lora_model(random="AB")
@@ -352,7 +352,7 @@ def method_mcdropout(setup, p=0.1):
 
 def method_ensemble(setup, k=3):
     """Deep ensemble: the MAP plus k-1 LoRAs (and heads) trained from other seeds, probabilities averaged."""
-    from guides import train_ensemble
+    from ..guides import train_ensemble
 
     c = setup.config
     model = setup.lora_model(random="AB")
@@ -367,9 +367,9 @@ LORA_XS_LR_FACTOR = 10.0
 
 def method_blora_xs(setup, rank=10, scale=0.5, per_epoch=10):
     """B-LoRA-XS: LoRA-XS cores R (A, B from the SVD of W0) trained from zero, SWAG over the last half of training."""
-    from guides import MAPGuide, SWAGCollector, SWAGGuide
+    from ..guides import MAPGuide, SWAGCollector, SWAGGuide
 
-    from .loraxs import LoraXSModel
+    from ..loraxs import LoraXSModel
 
     c = setup.config
     setup.restore()
@@ -579,7 +579,7 @@ def _row(head, *parts):
 def run_compare(config, overwrite=False):
     """Run the comparison of ``config`` over its seeds; returns the summary rows (mean and std over seeds).
 
-    Writes to ``config.out`` as each (guide, seed) finishes (:class:`~pyro_lora.results.RunFolder`):
+    Writes to ``config.out`` as each (guide, seed) finishes (:class:`~pyro_lora.experiments.results.RunFolder`):
     ``results.json`` (config, per-seed rows, summary, failed guides), ``predictions_<guide>.npz`` (per evaluation
     set and seed: averaged probabilities, labels, entropy, mutual information), ``reliability_<guide>.png``,
     ``reliability_grid.png`` and ``calibration_vs_accuracy.png``. A guide that fails is recorded with its error and
@@ -734,7 +734,7 @@ def bayesianize_adapter(config, adapter_dir, anchors=256, **search):
     :raises ValueError: before loading the model, for a configuration that cannot run or a folder that holds no
         peft adapter.
     """
-    from guides import bayesianize
+    from ..guides import bayesianize
 
     task = check_config(config, guides=(), writes=False)
     _check_adapter_dir(adapter_dir, task)
@@ -841,11 +841,11 @@ def evaluate_saved(run_dir, **overrides):
     config.prior_scale = run.get("prior", config.prior_scale)  # the prior of the guide's model (e.g. post hoc: 0.1)
     likelihood = _kfac_likelihood(setup.likelihood) if name == "laplace" else setup.likelihood
     if random == "R":  # LoRA-XS: A, B are the deterministic SVD of W0, not saved with the guide
-        from .loraxs import LoraXSModel
+        from ..loraxs import LoraXSModel
 
         setup.model = LoraXSModel(setup.net, likelihood, num_data=len(setup.train), prior=config.prior_scale)
     elif random == "S":  # ScalaBL: the trained A, B are point parameters the guide file restores
-        from .scalabl import ScalaBLModel
+        from ..scalabl import ScalaBLModel
 
         setup.model = ScalaBLModel(setup.net, likelihood, rotate=False, num_data=len(setup.train), prior=config.prior_scale)
     else:
@@ -876,7 +876,7 @@ def _saved_predictor(setup, guide):
     """The predictive ``compare`` reports for the method of ``guide``, and its name: Laplace's GLM probit
     (``"glm_probit"``), an ensemble's exact mixture with its members' heads (``"ensemble_mixture"``), else weight
     samples (``"weight_samples"``); each on the guide's own model (LoRA-XS, ScalaBL, the post-hoc guides' prior)."""
-    from guides import EnsembleGuide, LaplaceGuide
+    from ..guides import EnsembleGuide, LaplaceGuide
 
     if isinstance(guide, LaplaceGuide):
         return "glm_probit", _glm_predictor(setup, guide)
