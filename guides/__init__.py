@@ -1,32 +1,41 @@
 """Posterior guides over the LoRA sites of a :class:`pyro_lora.LoraModel`, one family per module.
 
 Every guide is a Pyro guide with the model's site names, plus the fast path ``sample(S)`` / ``mean()``.
+Each module also registers its method for ``pyro-lora compare`` (:mod:`pyro_lora.guides.registry`); the
+import order below is the order of the comparison table.
 """
 
 from .base import LoraGuide
-from .ensemble import EnsembleGuide, predict_ensemble, train_ensemble
-from .flow import FlowGuide
-from .laplace import LaplaceGuide
+from .registry import METHODS, Fitted, Method, get_method, method, methods_for_task
 from .map import MAPGuide
-from .mcdropout import MCDropoutGuide
 from .meanfield import MeanFieldGuide
-from .scalabl import ScalaBLGuide
-from .swag import SWAGCollector, SWAGGuide
+from .flow import FlowGuide
 from .tfb import TFBGuide, bayesianize
+from .laplace import LaplaceGuide
+from .mcdropout import MCDropoutGuide
+from .ensemble import EnsembleGuide, predict_ensemble, train_ensemble
+from .swag import SWAGCollector, SWAGGuide
+from .scalabl import ScalaBLGuide
 
 __all__ = [
+    "METHODS",
     "EnsembleGuide",
+    "Fitted",
     "FlowGuide",
     "LaplaceGuide",
     "LoraGuide",
     "MAPGuide",
     "MCDropoutGuide",
     "MeanFieldGuide",
+    "Method",
     "SWAGCollector",
     "SWAGGuide",
     "ScalaBLGuide",
     "TFBGuide",
     "bayesianize",
+    "get_method",
+    "method",
+    "methods_for_task",
     "predict_ensemble",
     "train_ensemble",
 ]

@@ -23,6 +23,7 @@ from pyro_lora.training import fit
 
 from .base import LoraGuide
 from .map import MAPGuide
+from .registry import Fitted, method
 
 MEMBER_SITE = "ensemble_member"
 
@@ -320,3 +321,18 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
 
 def _lora_ids(model):
     return {id(p) for layer in model.layers.values() for d in (layer.lora_A, layer.lora_B) for p in d.parameters()}
+
+
+def ensemble_mixture(guide, loader, num_samples):
+    """The ensemble's exact mixture: each member (with its head) once; ``num_samples`` is the member count."""
+    return predict_ensemble(guide.model, guide, loader, keep_samples=True)
+
+
+@method("ensemble", bayesian=True, guide=EnsembleGuide, predictive=ensemble_mixture)
+def ensemble(setup, k=3):
+    """Deep ensemble: the MAP plus k-1 LoRAs (and heads) trained from other seeds, probabilities averaged."""
+    c = setup.config
+    model = setup.lora_model(random="AB")
+    guide = train_ensemble(model, setup.loader(setup.train, shuffle=True), k=k, seeds=[setup.seed + i for i in range(k)],
+                           fit_kwargs={"epochs": c.epochs, "lr": c.lr, "progress": c.progress}, include_current=True)
+    return Fitted(guide=guide, extra_parameters=guide.extra_parameters())

@@ -1,9 +1,15 @@
-"""MAP: a point estimate of every LoRA site, i.e. plain LoRA fine-tuning through the Pyro model."""
+"""MAP: a point estimate of every LoRA site, i.e. plain LoRA fine-tuning through the Pyro model; and the two
+baselines without a posterior that every table holds beside it: zero-shot and temperature scaling."""
 
 import pyro.distributions as dist
 import torch
 
+from pyro_lora.calibration import apply_temperature, fit_temperature
+from pyro_lora.likelihoods import SequenceClassification
+from pyro_lora.predictive import predict
+
 from .base import LoraGuide
+from .registry import Fitted, method
 
 
 class MAPGuide(LoraGuide):
@@ -29,3 +35,40 @@ class MAPGuide(LoraGuide):
 
     def mean(self):
         return dict(zip(self.sites, self.locs))
+
+
+@method("zeroshot", bayesian=False, tasks=("multiple_choice",))
+def zeroshot(setup):
+    """The base model without its adapter, needing a causal LM: the row every fine-tuned method must beat."""
+    if isinstance(setup.likelihood, SequenceClassification):
+        raise ValueError("zeroshot needs a causal LM: an encoder's classification head is untrained without fine-tuning")
+
+    def run(records):
+        with setup.net.disable_adapter():
+            return predict(setup.model, None, setup.loader(records), keep_samples=True)
+
+    return Fitted(run, point_estimate=True)
+
+
+@method("map", bayesian=False, guide=MAPGuide, exportable=True)
+def map_estimate(setup):
+    """Plain LoRA fine-tuning (the MAP every other method starts from)."""
+    return Fitted(guide=setup.map_guide, is_map=True)
+
+
+@method("temperature", bayesian=False)
+def temperature(setup):
+    """Temperature scaling of the MAP, fitted on the validation split: the cheap non-Bayesian baseline.
+
+    When the fit has no optimum inside its bounds (e.g. a validation split the MAP gets all right), the note
+    of :func:`~pyro_lora.calibration.fit_temperature` goes into the method's rows (Guo et al., 2017).
+    """
+    val = predict(setup.model, setup.map_guide, setup.loader(setup.val))
+    t, note = fit_temperature(val.probs, val.labels, return_info=True)
+
+    def run(records):
+        out = predict(setup.model, setup.map_guide, setup.loader(records))
+        out.probs = apply_temperature(out.probs, t)
+        return out
+
+    return Fitted(run, None, 1, note, point_estimate=True)

@@ -15,6 +15,8 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
 from .base import LoraGuide
+from .ensemble import reinitialize
+from .registry import Fitted, method
 
 
 class MCDropoutGuide(LoraGuide):
@@ -125,3 +127,13 @@ class ColumnDropout(TorchDistribution):
             zero, 0.0, torch.where(kept, math.log1p(-self.p), torch.where(dropped, log_p, -math.inf))
         )
         return per_column.flatten(-(len(self.event_shape) - 1)).sum(-1)
+
+
+@method("mcdropout", bayesian=True, guide=MCDropoutGuide, exportable=True)
+def mcdropout(setup, p=0.1):
+    """MC dropout of the LoRA input units: a LoRA trained with that dropout from peft's init (MAP's budget)."""
+    model = setup.lora_model(random="AB")
+    reinitialize(model, seed=setup.seed + 1)
+    guide = MCDropoutGuide(model, p=p)
+    setup.fit(model, guide)
+    return Fitted(guide=guide)

@@ -5,7 +5,10 @@
 to the model's ``N(0, prior^2)`` is closed form under :class:`~pyro.infer.TraceMeanField_ELBO`.
 """
 
+from pyro_lora.scalabl import ScalaBLModel
+
 from .meanfield import MeanFieldGuide
+from .registry import method
 
 
 class ScalaBLGuide(MeanFieldGuide):
@@ -46,3 +49,11 @@ class ScalaBLGuide(MeanFieldGuide):
 
     def config(self):
         return {"std": self.std, "init_scale": self.init_scale, "std_lr_scale": self.std_lr_scale}
+
+
+@method("scalabl", bayesian=True, guide=ScalaBLGuide, model=ScalaBLModel)
+def scalabl(setup):
+    """ScalaBL: the MAP rotated to A's singular basis, a Gaussian over A's log singular values, SVI with A and B."""
+    setup.restore()
+    model = ScalaBLModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=setup.config.prior_scale)
+    return setup.svi(model, ScalaBLGuide(model))

@@ -9,14 +9,16 @@ running mean, the running second moment and the last ``K`` deviations ``theta_i 
 import math
 
 import torch
-from pyro.distributions import TorchDistribution
-from torch.distributions import LowRankMultivariateNormal, constraints
-from torch.distributions.utils import lazy_property
 
 from pyro_lora.contract import check_guide
+from pyro_lora.distributions import LowRankPlusDiagNormal
+from pyro_lora.loraxs import LoraXSModel
 from pyro_lora.sites import check_values
+from pyro_lora.training import fit
 
 from .base import LoraGuide
+from .map import MAPGuide
+from .registry import Fitted, method
 
 
 class SWAGGuide(LoraGuide):
@@ -122,7 +124,7 @@ class SWAGGuide(LoraGuide):
         for name in self.sites:
             mean, var = moments[name]
             factor = deviations[name].movedim(0, -1) * math.sqrt(self.scale / (k - 1))  # [*shape, K']
-            out[name] = LowRankNormal(mean.float(), factor, (self.scale * var).float())
+            out[name] = LowRankPlusDiagNormal(mean.float(), factor, (self.scale * var).float(), event_dim=mean.dim())
         return out
 
     def sample(self, num_samples):
@@ -177,55 +179,22 @@ class SWAGCollector:
             self.swag.collect(source.mean())
 
 
-class LowRankNormal(TorchDistribution):
-    r"""``N(loc, W W^T + diag(d))`` on ``vec(X)`` for ``X`` of any shape: event shape ``loc.shape``.
+# LoRA-XS cores start at zero and Adam moves them about one lr per step: they need ~10x LoRA's lr
+LORA_XS_LR_FACTOR = 10.0
 
-    The n-dimensional counterpart of :class:`pyro_lora.priors.LowRankPlusDiagNormal` (which takes 2-D events),
-    needed for stacked ``[L, r, r]`` sites whose low-rank factor couples the layers.
 
-    :param torch.Tensor loc: ``X``'s mean, any shape (no batch dims).
-    :param torch.Tensor cov_factor: ``W`` in the layout of ``loc`` plus a trailing rank dim: ``[*loc.shape, k]``.
-    :param torch.Tensor cov_diag: positive variances, ``loc.shape``.
+@method("blora_xs", bayesian=True, guide=SWAGGuide, model=LoraXSModel)
+def blora_xs(setup, rank=10, scale=0.5, per_epoch=10):
+    """B-LoRA-XS: LoRA-XS cores R (A, B from the SVD of W0) trained from zero, SWAG over the last half of training.
+
+    (Marszałek et al., 2025, "Minimal Ranks, Maximum Confidence: Parameter-efficient Uncertainty Quantification
+    for LoRA"; SWAG: Maddox et al., 2019.)
     """
-
-    arg_constraints = {}
-    has_rsample = True
-
-    def __init__(self, loc, cov_factor, cov_diag, validate_args=None):
-        if loc.dim() < 1 or cov_diag.shape != loc.shape or cov_factor.shape[:-1] != loc.shape:
-            raise ValueError(
-                f"LowRankNormal: loc is {tuple(loc.shape)}, so cov_factor must be {(*loc.shape, 'k')} and cov_diag "
-                f"{tuple(loc.shape)}; got {tuple(cov_factor.shape)} and {tuple(cov_diag.shape)}"
-            )
-        self.loc, self.cov_factor, self.cov_diag = loc, cov_factor, cov_diag
-        super().__init__(torch.Size(), loc.shape, validate_args=validate_args)
-
-    @constraints.dependent_property
-    def support(self):
-        return constraints.independent(constraints.real, len(self.event_shape))
-
-    @lazy_property
-    def flat(self):
-        """The same Gaussian on ``vec(X)``: a :class:`~torch.distributions.LowRankMultivariateNormal`."""
-        return LowRankMultivariateNormal(self.loc.flatten(), self.cov_factor.flatten(0, -2), self.cov_diag.flatten())
-
-    @property
-    def mean(self):
-        return self.loc
-
-    @property
-    def variance(self):
-        return self.cov_diag + self.cov_factor.pow(2).sum(-1)
-
-    def rsample(self, sample_shape=torch.Size()):
-        # loc + W z2 + sqrt(d) z1 directly: the flat form's capacitance Cholesky is only needed by log_prob
-        shape = torch.Size(sample_shape)
-        z2 = torch.randn(*shape, self.cov_factor.shape[-1], dtype=self.loc.dtype, device=self.loc.device)
-        z1 = torch.randn(*shape, *self.loc.shape, dtype=self.loc.dtype, device=self.loc.device)
-        return self.loc + torch.tensordot(z2, self.cov_factor, dims=([-1], [-1])) + self.cov_diag.sqrt() * z1
-
-    def log_prob(self, value):
-        return self.flat.log_prob(value.flatten(-len(self.event_shape)))
-
-    def entropy(self):
-        return self.flat.entropy()
+    c = setup.config
+    setup.restore()
+    model = LoraXSModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=c.prior_scale)
+    map_guide, swag = MAPGuide(model), SWAGGuide(model, rank=rank, scale=scale)
+    loader = setup.loader(setup.train, shuffle=True)
+    collector = SWAGCollector(swag, start_epoch=c.epochs - max(1, c.epochs // 2), every=max(1, len(loader) // per_epoch))
+    fit(model, map_guide, loader, epochs=c.epochs, lr=LORA_XS_LR_FACTOR * c.lr, progress=c.progress, callbacks=[collector])
+    return Fitted(guide=swag, extra_parameters=swag.extra_parameters())

@@ -16,10 +16,12 @@ from tqdm.auto import tqdm
 
 from pyro_lora import distributed
 from pyro_lora.contract import check_guide, describe, differences
+from pyro_lora.data import subset
 from pyro_lora.sites import check_values
-from pyro_lora.training import to_device
+from pyro_lora.data import to_device
 
 from .base import LoraGuide
+from .registry import Fitted, method
 
 CRITERIA = ("nll", "flip", "accuracy")
 DEFAULT_TOLERANCE = {"nll": 0.01, "flip": 0.01, "accuracy": 0.01}
@@ -378,3 +380,20 @@ def _singular_warning(flagged, ratio):
     if flagged["zero"]:
         parts.append(f"B is zero in {flagged['zero']} (an untrained adapter?): these layers get no weight noise")
     return "TFB: " + "; ".join(parts)
+
+
+# TFB's reference range [1e-3, 1.5e-2] was set for 8B models; small models tolerate more noise. The flip criterion:
+# on an over-confident MAP the pseudo-label NLL is near zero, so its relative change blocks any noise.
+TFB_SEARCH = dict(criterion="flip", tolerance=0.01, low=1e-3, high=0.2, iterations=6)
+TFB_ANCHORS = 128
+
+
+@method("tfb", bayesian=True, guide=TFBGuide, exportable=True)
+def tfb(setup):
+    """Training-free Bayesianization of the MAP: sigma_q searched on anchors drawn from the training set."""
+    c = setup.config
+    model = setup.lora_model(random="AB")
+    # anchors from train, as the paper draws them: enough that a 1% flip rate allows a flip
+    anchors = subset(setup.train, min(TFB_ANCHORS, len(setup.train)), seed=setup.seed)
+    guide = bayesianize(model, setup.loader(anchors), num_samples=c.samples, seed=setup.seed, progress=c.progress, **TFB_SEARCH)
+    return Fitted(guide=guide, extra_parameters=guide.extra_parameters())

@@ -7,7 +7,7 @@ from .io import export_adapter, load_guide, save_guide
 from .likelihoods import CausalLM, MultipleChoice, SequenceClassification
 from .model import LoraModel
 from .predictive import Prediction, predict
-from .priors import LowRankPlusDiagNormal, MatrixNormalKronecker, isotropic_normal
+from .distributions import LowRankPlusDiagNormal, MatrixNormalKronecker, isotropic_normal
 from .scalabl import ScalaBLModel
 from .sites import Site
 from .training import FitState, fit

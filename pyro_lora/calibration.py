@@ -9,6 +9,8 @@ The fit minimises the exact NLL in float64 (finite for logits); only a probabili
 label (saturated probabilities: no temperature can move it) is floored, and said.
 """
 
+from __future__ import annotations
+
 import math
 import warnings
 from typing import NamedTuple, Optional
@@ -51,7 +53,7 @@ def _log_probs(probs_or_logits, kind="auto"):
     return x.log_softmax(-1), False
 
 
-def temperature_nll(log_probs, labels, temperature):
+def temperature_nll(log_probs: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
     """Mean NLL of ``softmax(log_probs / T)`` at the labels (``log_probs``: ``[N, C]``, ``labels``: ``[N]``), each
     example's floored at ``-log 1e-12`` as :func:`pyro_lora.metrics.nll` reports it.
 
@@ -85,7 +87,8 @@ def _golden(f, a, b, tol):
     return (c, fc) if fc <= fd else (d, fd)
 
 
-def fit_temperature(probs_or_logits, labels, kind="auto", bounds=(1e-2, 1e2), tol=1e-4, return_info=False):
+def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: str = "auto", bounds: tuple[float, float] = (1e-2, 1e2),
+                    tol: float = 1e-4, return_info: bool = False) -> float | TemperatureFit:
     """The temperature ``T`` minimising the validation NLL of ``softmax(log p / T)``.
 
     The exact NLL (float64, not floored per example) is convex in ``1 / T`` (log-sum-exp of a linear function
@@ -193,7 +196,7 @@ def _beyond(nll, log_high, tol, limit=1e12):
     return math.exp(_golden(nll, a - step, min(b, math.log(limit)), tol)[0])
 
 
-def apply_temperature(probs, temperature):
+def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """``softmax(log probs / T)``: ``[..., C]`` probabilities recalibrated by ``T``; zero entries stay zero.
 
     :param probs: ``[..., C]`` probabilities (rows summing to 1), e.g. ``Prediction.probs``.

@@ -10,6 +10,8 @@ the network, and each guide's predictions rely on their values as it left them: 
 them last owns them (:func:`take_over`), and any other guide is refused once they changed under it.
 """
 
+from __future__ import annotations
+
 import math
 import weakref
 
@@ -19,7 +21,7 @@ ADAPTER_NAMES = ("lora_", ".modules_to_save.", "trainable_tokens_")  # in the na
 _FINGERPRINT_RTOL = 1e-3  # a bf16 cast moves a 16-entry sum by ~3e-4, a 4096-entry one by ~2e-5
 
 
-def describe(model):
+def describe(model) -> dict:
     """What a guide depends on in ``model``, as JSON-serialisable values.
 
     :returns: dict with ``model`` (class name), ``adapter``, ``sites`` (name -> ``[matrix, shape, layers]``),
@@ -88,7 +90,7 @@ def _head(net, adapter):
     }
 
 
-def differences(expected, actual):
+def differences(expected: dict, actual: dict) -> list[str]:
     """Sentences naming each way ``actual`` (:func:`describe` of a model) differs from ``expected`` (the guide's)."""
     out = []
     if expected["model"] != actual["model"]:
@@ -173,7 +175,7 @@ def _short(items, limit=4):
     return f"{items[:limit]}{' ...' if len(items) > limit else ''}"
 
 
-def point_snapshot(model):
+def point_snapshot(model) -> dict:
     """Name -> (version counter, float64 sum, sum of squares) of the network's point parameters (a trained
     head, non-random LoRA matrices): what a guide's predictions rely on besides its own sites."""
     return {n: (p._version, *_sums(p)) for n, p in model.named_adapter_parameters()}
@@ -212,7 +214,7 @@ def head_trainer(model):
     return owner
 
 
-def take_over(model, guide):
+def take_over(model, guide) -> None:
     """``guide`` (or ``None``: nobody, e.g. while a saved guide is rebuilt) starts setting the point parameters of
     ``model``'s network; the guide that set them before keeps, as the state its predictions need, what it leaves."""
     previous = trainer(model)
@@ -250,7 +252,7 @@ def _point_problems(model, guide):
     return []
 
 
-def check_guide(model, guide, action, same_model=False):
+def check_guide(model, guide, action: str, same_model: bool = False) -> None:
     """Refuse to ``action`` (e.g. ``"predict"``) with ``guide`` on ``model`` unless the guide fits the model.
 
     :param bool same_model: require ``model`` to be the very object the guide was built on (training: a

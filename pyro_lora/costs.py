@@ -1,5 +1,7 @@
 """Peak memory of a block of work: CUDA peak allocated on a GPU, peak resident memory on the CPU."""
 
+from __future__ import annotations
+
 import os
 import threading
 
@@ -21,7 +23,7 @@ class PeakMemory:
     (``ru_maxrss``) cannot be reset between methods.
     """
 
-    def __init__(self, device, interval=0.01):
+    def __init__(self, device, interval: float = 0.01):
         self.device = torch.device(device)
         self.interval = interval
         self.megabytes = 0.0

@@ -1,4 +1,4 @@
-"""Datasets, prompt formats and collators.
+"""Datasets: the canonical JSONL layout, loading and validating records, seeded splits and loaders.
 
 The datasets live outside the repository in one canonical JSONL layout (see
 ``shared/data/README.md``)::
@@ -8,29 +8,25 @@ The datasets live outside the repository in one canonical JSONL layout (see
 with records ``{"id", "question", "choices", "label", "context"?}`` for ``multiple_choice`` and
 ``{"id", "text", "label"}`` for ``classification``.
 
-Multiple choice reaches a causal LM in one of two formats:
-
-* **letter**: one prompt listing the options as ``A. ...``, ending with ``Answer:``; the class logits
-  are the next-token logits of the answer letters (``letter_token_ids``). Used by the large-model
-  papers.
-* **cloze**: one (context, continuation) pair per option; the class score is the log-likelihood of
-  the continuation. Small models (SmolLM2-135M) are at chance in the letter format and need this one.
-
-Collators turn a list of records into a dict of tensors; ``make_loader`` wraps them in a seeded
-``DataLoader``.
+Multiple choice reaches a causal LM in one of two prompt formats (letter or cloze,
+:mod:`pyro_lora.prompts`). Collators (:mod:`pyro_lora.collators`) turn a list of records into a dict of
+tensors; :func:`make_loader` wraps them in a seeded ``DataLoader``. The prompt and collator names are
+importable from here too.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
-import string
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+
+from .collators import CausalLMCollator, ClassificationCollator, ClozeCollator, LetterCollator
+from .prompts import LETTERS, cloze_pairs, is_blank_item, letter_prompt, letter_token_ids, record_text
 
 __all__ = [
     "TASKS",
@@ -53,15 +49,11 @@ __all__ = [
     "ClozeCollator",
     "CausalLMCollator",
     "make_loader",
+    "to_device",
 ]
 
 TASKS = ("multiple_choice", "classification")
 SPLITS = ("train", "test")
-LETTERS = string.ascii_uppercase
-
-# A WinoGrande blank is a lone "_" between spaces; ARC/OBQA use "___" blanks and "CO_{2}" formulas,
-# which must stay ordinary questions.
-_BLANK = re.compile(r"(?<!\S)_(?![\w{])")
 
 
 # --------------------------------------------------------------------------- locating and loading
@@ -92,7 +84,7 @@ def default_data_dir() -> Path:
     )
 
 
-def resolve_data_dir(data_dir=None) -> Path:
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
     """The absolute datasets folder: ``data_dir``, else :func:`default_data_dir`.
 
     :raises FileNotFoundError: if ``data_dir`` is not a folder.
@@ -105,7 +97,7 @@ def resolve_data_dir(data_dir=None) -> Path:
     return path.resolve()
 
 
-def available_datasets(data_dir=None) -> list[str]:
+def available_datasets(data_dir: str | os.PathLike | None = None) -> list[str]:
     """Names of the datasets (sub-folders holding a ``meta.json``) in ``data_dir``."""
     root = resolve_data_dir(data_dir)
     return sorted(p.name for p in root.iterdir() if (p / "meta.json").is_file())
@@ -127,7 +119,7 @@ def _dataset_dir(name: str, data_dir) -> Path:
     return folder
 
 
-def load_meta(name: str, data_dir=None) -> dict:
+def load_meta(name: str, data_dir: str | os.PathLike | None = None) -> dict:
     """``meta.json`` of a dataset (task, counts, sources, ``label_names`` for classification).
 
     Raises ``ValueError`` naming the folder if it has no ``meta.json``, and naming the file if that is not
@@ -151,7 +143,7 @@ def load_meta(name: str, data_dir=None) -> dict:
     return meta
 
 
-def validate_record(record, task: str, num_labels: int | None = None) -> str | None:
+def validate_record(record: object, task: str, num_labels: int | None = None) -> str | None:
     """What is wrong with ``record`` for ``task`` (``None`` if it is valid).
 
     ``num_labels`` bounds the label of classification records (``len(meta["label_names"])``).
@@ -185,7 +177,7 @@ def validate_record(record, task: str, num_labels: int | None = None) -> str | N
     return None
 
 
-def load_records(name: str, split: str, data_dir=None) -> list[dict]:
+def load_records(name: str, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
     """Every record of ``<data_dir>/<name>/<split>.jsonl``, validated against the dataset's task.
 
     Raises ``ValueError`` naming the file and line for a line that is not UTF-8, malformed JSON or an
@@ -227,7 +219,7 @@ def load_records(name: str, split: str, data_dir=None) -> list[dict]:
 # --------------------------------------------------------------------------- splits
 
 
-def split_train_val(records, val_fraction: float = 0.1, val_size: int | None = None, seed: int = 0):
+def split_train_val(records: list, val_fraction: float = 0.1, val_size: int | None = None, seed: int = 0) -> tuple[list, list]:
     """Split ``records`` into ``(train, val)`` by a seeded permutation.
 
     ``val_size`` (a count) overrides ``val_fraction``. The same seed gives the same split on every
@@ -247,7 +239,7 @@ def split_train_val(records, val_fraction: float = 0.1, val_size: int | None = N
     return train, val
 
 
-def subset(records, n: int, seed: int = 0) -> list:
+def subset(records: list, n: int, seed: int = 0) -> list:
     """``n`` records drawn without replacement by a seeded permutation (all of them if ``n`` is
     larger), in their original order."""
     if n < 0:
@@ -258,286 +250,7 @@ def subset(records, n: int, seed: int = 0) -> list:
     return [records[i] for i in keep.tolist()]
 
 
-# --------------------------------------------------------------------------- prompt formats
-
-
-def _as_question(text: str) -> str:
-    """BoolQ questions come without a question mark, some with one: end each with exactly one."""
-    return text.rstrip().rstrip("?") + "?"
-
-
-def is_blank_item(record: dict) -> bool:
-    """Whether a multiple-choice record is a WinoGrande-style sentence with one ``_`` blank."""
-    question = record["question"]
-    return "context" not in record and question.count("_") == 1 and _BLANK.search(question) is not None
-
-
-def letter_prompt(record: dict) -> str:
-    """The letter-format prompt: question (with passage or blank sentence), options ``A. ...``,
-    ending with ``Answer:`` so the next token is the answer letter."""
-    choices = record["choices"]
-    if len(choices) > len(LETTERS):
-        raise ValueError(f"record {record['id']!r} has {len(choices)} choices, more than {len(LETTERS)} letters")
-    if "context" in record:
-        head = f"Passage: {record['context']}\nQuestion: {_as_question(record['question'])}"
-    elif is_blank_item(record):
-        head = f"Sentence: {record['question']}\nWhich option fills the blank?"
-    else:
-        head = f"Question: {record['question']}"
-    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
-    return f"{head}\n{options}\nAnswer:"
-
-
-def letter_token_ids(tokenizer, num_choices: int) -> torch.Tensor:
-    """``LongTensor[num_choices]``: the single token id of ``" A"``, ``" B"``, ... .
-
-    Raises ``ValueError`` if a letter is not exactly one token for this tokenizer.
-    """
-    ids = []
-    for letter in LETTERS[:num_choices]:
-        tokens = tokenizer(f" {letter}", add_special_tokens=False)["input_ids"]
-        if len(tokens) != 1:
-            raise ValueError(f"' {letter}' is {len(tokens)} tokens {tokens} for this tokenizer; the letter format needs one")
-        ids.append(tokens[0])
-    return torch.tensor(ids, dtype=torch.long)
-
-
-def cloze_pairs(record: dict) -> list[tuple[str, str]]:
-    """One ``(context, continuation)`` pair per choice; the score of a choice is the log-likelihood
-    of its continuation given its context.
-
-    * QA: context ``"Question: {q}\\nAnswer:"``, continuation ``" {choice}"``;
-    * passage (BoolQ): context ``"{passage}\\nQuestion: {q}?\\nAnswer:"`` (one ``?``), continuation ``" {choice}"``;
-    * blank sentence (WinoGrande), partial scoring: context = the sentence up to the blank with the
-      choice filled in, continuation = the rest of the sentence, the same text for every choice.
-    """
-    choices = record["choices"]
-    question = record["question"]
-    if is_blank_item(record):
-        start = question.index("_")
-        prefix, rest = question[:start], question[start + 1 :]
-        if rest.strip():
-            return [(prefix + c, rest) for c in choices]
-        # Blank at the very end: nothing shared to score, so score the filled-in ending instead.
-        return [(prefix.rstrip(), f" {c}{rest}") for c in choices]
-    if "context" in record:
-        context = f"{record['context']}\nQuestion: {_as_question(question)}\nAnswer:"
-    else:
-        context = f"Question: {question}\nAnswer:"
-    return [(context, f" {c}") for c in choices]
-
-
-def record_text(record: dict) -> str:
-    """Plain text of a record for language modelling: ``text`` for classification records, the
-    cloze context followed by the correct continuation for multiple-choice ones."""
-    if "text" in record:
-        return record["text"]
-    context, continuation = cloze_pairs(record)[record["label"]]
-    return context + continuation
-
-
-# --------------------------------------------------------------------------- collators
-
-
-def _special_prefix(tokenizer) -> list[int]:
-    """Special tokens the tokenizer puts before the text (its BOS, if it uses one)."""
-    probe = "hello"
-    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
-    for start in range(len(full) - len(plain) + 1):
-        if full[start : start + len(plain)] == plain:
-            return list(full[:start])
-    return []
-
-
-def _pad_id(tokenizer) -> int:
-    if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
-    return tokenizer.pad_token_id
-
-
-def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)``, both ``[len(rows), max_len]``, padded on ``side``."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, row in enumerate(rows):
-        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
-        ids[i, span] = torch.tensor(row, dtype=torch.long)
-        mask[i, span] = 1
-    return ids, mask
-
-
-def _labels(records) -> torch.Tensor:
-    return torch.tensor([r["label"] for r in records], dtype=torch.long)
-
-
-def _choice_mask(records, num_choices: int) -> torch.Tensor:
-    counts = torch.tensor([len(r["choices"]) for r in records])
-    return torch.arange(num_choices)[None, :] < counts[:, None]
-
-
-class ClassificationCollator:
-    """Sequence-classification batches for an encoder.
-
-    Returns ``input_ids [B, T]``, ``attention_mask [B, T]``, ``token_type_ids [B, T]`` (when the
-    tokenizer makes them) and ``labels [B]``; padded on the right (whatever the tokenizer's
-    ``padding_side``: :class:`~pyro_lora.SequenceClassification` reads right-padded batches) to the longest
-    text in the batch, truncated to ``max_length`` tokens.
-    """
-
-    def __init__(self, tokenizer, max_length: int = 128):
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-
-    def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer(
-            [r["text"] for r in records],
-            padding="longest",
-            padding_side="right",
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
-        out = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        out["labels"] = _labels(records)
-        return out
-
-
-class LetterCollator:
-    """Letter-format multiple-choice batches for a causal LM.
-
-    Returns ``input_ids [B, T]``, ``attention_mask [B, T]``, ``labels [B]`` and ``choice_mask [B, K]``
-    (bool, ``K`` = most choices in the batch, ``False`` for options a record lacks). Prompts longer
-    than ``max_length`` lose tokens at the start, so ``Answer:`` stays last. With left padding (the
-    default) the last real token sits at position ``-1``, where the answer-letter logits are read;
-    with right padding it sits at ``attention_mask.sum(-1) - 1``. Either way the positions count real
-    tokens only (:class:`~pyro_lora.MultipleChoice`), so the logits do not depend on the padding.
-    """
-
-    def __init__(self, tokenizer, max_length: int = 512, padding_side: str = "left"):
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.padding_side = padding_side
-        self.pad_id = _pad_id(tokenizer)
-        self.prefix = _special_prefix(tokenizer)
-        if max_length <= len(self.prefix):
-            raise ValueError(f"max_length={max_length} leaves no room after the special prefix")
-
-    def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
-        prompts = [letter_prompt(r) for r in records]
-        encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
-        budget = self.max_length - len(self.prefix)
-        rows = [self.prefix + ids[-budget:] for ids in encoded]
-        input_ids, attention_mask = _pad(rows, self.pad_id, self.padding_side)
-        num_choices = max(len(r["choices"]) for r in records)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": _labels(records),
-            "choice_mask": _choice_mask(records, num_choices),
-        }
-
-
-class ClozeCollator:
-    """Cloze-format multiple-choice batches for a causal LM: one row per (record, choice).
-
-    Row ``b * K + k`` holds context + continuation of choice ``k`` of record ``b`` (``K`` = most
-    choices in the batch). Returns
-
-    * ``input_ids``, ``attention_mask`` ``[B*K, T]``, right-padded;
-    * ``target_mask [B*K, T]`` bool: the positions of the continuation tokens in ``input_ids`` (the
-      logits that predict them sit one position earlier);
-    * ``target_lengths [B*K]`` (tokens) and ``target_chars [B*K]`` (characters), for length
-      normalisation;
-    * ``choice_mask [B, K]`` bool and ``labels [B]``.
-
-    Context and continuation are tokenized separately and concatenated, so the boundary is exact;
-    too long a context loses tokens at its start. Missing choices become a 1-token dummy row with an
-    empty target, lengths 1 (so normalising never divides by zero) and ``choice_mask`` False.
-    """
-
-    def __init__(self, tokenizer, max_length: int = 512):
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.pad_id = _pad_id(tokenizer)
-        self.prefix = _special_prefix(tokenizer)
-        if max_length < len(self.prefix) + 2:
-            raise ValueError(f"max_length={max_length} leaves no room for a context and a continuation")
-
-    def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
-        num_choices = max(len(r["choices"]) for r in records)
-        pairs = []
-        for record in records:
-            own = cloze_pairs(record)
-            pairs.extend(own + [None] * (num_choices - len(own)))
-        real = [p for p in pairs if p is not None]
-        tok = self.tokenizer
-        contexts = iter(tok([c for c, _ in real], add_special_tokens=False)["input_ids"])
-        continuations = iter(tok([t for _, t in real], add_special_tokens=False)["input_ids"])
-
-        rows, spans, chars = [], [], []
-        budget = self.max_length - len(self.prefix)
-        for pair in pairs:
-            if pair is None:
-                rows.append([self.pad_id])
-                spans.append((1, 1))
-                chars.append(1)
-                continue
-            ctx, cont = next(contexts), next(continuations)
-            cont = cont[: budget - 1]  # keep at least one context token to condition on
-            ctx = ctx[len(ctx) - (budget - len(cont)) :] if len(ctx) + len(cont) > budget else ctx
-            row = self.prefix + ctx + cont
-            rows.append(row)
-            spans.append((len(row) - len(cont), len(row)))
-            chars.append(len(pair[1]))
-
-        input_ids, attention_mask = _pad(rows, self.pad_id, "right")
-        target_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        for i, (start, stop) in enumerate(spans):
-            target_mask[i, start:stop] = True
-        choice_mask = _choice_mask(records, num_choices)
-        target_lengths = target_mask.sum(-1).masked_fill(~choice_mask.reshape(-1), 1)
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "target_mask": target_mask,
-            "target_lengths": target_lengths,
-            "target_chars": torch.tensor(chars, dtype=torch.long),
-            "choice_mask": choice_mask,
-            "labels": _labels(records),
-        }
-
-
-class CausalLMCollator:
-    """Token-level language-modelling batches.
-
-    Returns ``input_ids``, ``attention_mask`` and ``labels``, all ``[B, T]``, right-padded; ``labels``
-    equal ``input_ids`` with -100 on padding (the model shifts them). The text of each record comes
-    from ``text_fn`` (default ``record_text``).
-    """
-
-    def __init__(self, tokenizer, max_length: int = 512, text_fn=record_text):
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.text_fn = text_fn
-        self.pad_id = _pad_id(tokenizer)
-        self.prefix = _special_prefix(tokenizer)
-
-    def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
-        encoded = self.tokenizer([self.text_fn(r) for r in records], add_special_tokens=False)["input_ids"]
-        rows = [(self.prefix + ids)[: self.max_length] for ids in encoded]
-        input_ids, attention_mask = _pad(rows, self.pad_id, "right")
-        return {
-            "input_ids": input_ids,
-            "attention_mask": attention_mask,
-            "labels": input_ids.masked_fill(attention_mask == 0, -100),
-        }
-
-
-def make_loader(records, collator, batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> DataLoader:
+def make_loader(records: list, collator: Callable[[list[dict]], dict], batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> DataLoader:
     """A ``DataLoader`` over ``records`` batched by ``collator``; the shuffle order is seeded, so it is
     the same on every run."""
     generator = torch.Generator().manual_seed(seed)
@@ -549,3 +262,8 @@ def make_loader(records, collator, batch_size: int, shuffle: bool = False, seed:
         generator=generator,
         drop_last=drop_last,
     )
+
+
+def to_device(batch: dict, device: torch.device | str) -> dict:
+    """Move every tensor of a batch dict to ``device`` (other values are kept as they are)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -9,25 +9,27 @@ are summed or gathered across ranks, so every rank returns what one process woul
 Collectives run on CUDA for the NCCL backend and on CPU otherwise; tensors are moved there and back.
 """
 
+from __future__ import annotations
+
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 
 
-def is_distributed():
+def is_distributed() -> bool:
     """``True`` inside an initialised process group with more than one rank."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def rank():
+def rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def world_size():
+def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def is_main():
+def is_main() -> bool:
     """Rank 0 (or no process group): the one that prints and writes files."""
     return rank() == 0
 
@@ -47,7 +49,7 @@ def _bounds(n, even):
     return start, start + size + (r < extra)
 
 
-def shard(items, even=False):
+def shard(items, even: bool = False):
     """This rank's contiguous block of a sequence (list of records, of batches) or a map-style ``Dataset``.
 
     Blocks concatenated in rank order give back ``items`` (with ``even=True``, less its last ``n % W``),
@@ -77,7 +79,7 @@ class _BlockSampler:
         return stop - start
 
 
-def split_batches(data, even=False):
+def split_batches(data, even: bool = False):
     """This rank's contiguous block of the batches of ``data`` (a ``DataLoader`` or a list of batches).
 
     A ``DataLoader`` is rebuilt over the same dataset, collate function and workers with a batch sampler
@@ -111,7 +113,7 @@ def _unflat_(flat, tensors):
         start += t.numel()
 
 
-def all_reduce_(tensors, op="sum"):
+def all_reduce_(tensors: torch.Tensor | list[torch.Tensor], op: str = "sum") -> torch.Tensor | list[torch.Tensor]:
     """In-place ``all_reduce`` of a tensor or a list of tensors, one collective per dtype.
 
     :param str op: ``"sum"``, ``"mean"``, ``"max"`` or ``"min"``.
@@ -134,7 +136,7 @@ def all_reduce_(tensors, op="sum"):
     return tensors
 
 
-def all_reduce_gradients(params, loss=None):
+def all_reduce_gradients(params: list[torch.Tensor], loss: float | None = None) -> float | None:
     r"""Average ``.grad`` over ranks in one flattened ``all_reduce`` (DDP's rule), and the ``loss`` with it.
 
     A parameter keeps ``grad=None`` only where no rank produced a gradient (so AdamW skips it exactly as
@@ -164,7 +166,7 @@ def all_reduce_gradients(params, loss=None):
     return None if loss is None else flat[-1].item()
 
 
-def broadcast_parameters(tensors, src=0):
+def broadcast_parameters(tensors: list[torch.Tensor], src: int = 0) -> list[torch.Tensor]:
     """Overwrite ``tensors`` (parameters, buffers) in place with rank ``src``'s values, one collective per dtype."""
     if not is_distributed():
         return tensors
@@ -179,7 +181,7 @@ def broadcast_parameters(tensors, src=0):
     return tensors
 
 
-def gather_cat(tensor):
+def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """``all_gather`` of tensors whose first dim differs across ranks, concatenated in rank order.
 
     :param tensor: ``[n_rank, *rest]`` (``rest`` equal on every rank).
@@ -198,7 +200,7 @@ def gather_cat(tensor):
     return torch.cat([o[:n] for o, n in zip(out, sizes)]).to(tensor.device)
 
 
-def seed_per_rank():
+def seed_per_rank() -> None:
     """Give every rank its own random stream (weight noise, dropout, MC labels) from the current one.
 
     Draws one seed from the current generator (the same on every rank seeded alike) and reseeds with

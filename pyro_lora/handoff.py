@@ -10,16 +10,20 @@ With a leading sample dim ``S`` the batch is repeated ``S`` times (sample-major:
 and each layer applies its ``S`` deltas with one batched matmul.
 """
 
+from __future__ import annotations
+
 import contextlib
 import functools
 import types
 
 import torch
 
+from .kinds import KINDS, between_kinds, down_kind, linear, up_kind
+
 _HOLDER = "_pyro_lora_handed"
 _WRAPPED = "_pyro_lora_checkpoint"
 _NEEDS_GRAD = "_pyro_lora_handed_grad"
-_TENSORS = ("A", "B", "R", "S", "A_loc")
+FLIPOUT_LOC = "A_loc"  # key of the down projection's posterior mean in a layer's handed weights (flipout)
 
 
 _FOREIGN_CHECKPOINT = (
@@ -32,20 +36,21 @@ _FOREIGN_CHECKPOINT = (
 
 
 class _Handed:
-    __slots__ = ("adapter", "A", "B", "R", "S", "A_loc", "num_samples", "grad_enabled")
+    """The weights handed to one layer: matrix letter (or :data:`FLIPOUT_LOC`) -> tensor."""
+
+    __slots__ = ("adapter", "weights", "num_samples", "grad_enabled")
 
     def __init__(self, adapter, weights, num_samples):
         self.adapter = adapter
-        for k in _TENSORS:
-            setattr(self, k, weights.get(k))
+        self.weights = {k: v for k, v in weights.items() if v is not None and (k in KINDS or k == FLIPOUT_LOC)}
         self.num_samples = num_samples
         self.grad_enabled = torch.is_grad_enabled()  # autograd switched off between handing and the forward: see _forward
 
     def tensors(self):
-        return {k: getattr(self, k) for k in _TENSORS if getattr(self, k) is not None}
+        return dict(self.weights)
 
 
-def install(layers):
+def install(layers: dict) -> None:
     """Give every LoRA layer a forward that reads handed weights. Idempotent."""
     for layer in layers.values():
         if not hasattr(layer, _HOLDER):
@@ -53,21 +58,22 @@ def install(layers):
             layer.forward = types.MethodType(_forward, layer)
 
 
-def checkpointing_modules(net):
+def checkpointing_modules(net) -> list:
     """The modules of ``net`` that transformers' activation checkpointing may wrap (``gradient_checkpointing`` attr)."""
     return [m for m in net.modules() if hasattr(m, "gradient_checkpointing")]
 
 
 @contextlib.contextmanager
-def handed(layers, adapter, weights, num_samples=None, checkpointing=()):
+def handed(layers: dict, adapter: str, weights: dict, num_samples: int | None = None, checkpointing=()):
     """Within the context, ``layers[path]`` computes its LoRA delta from ``weights[path]``.
 
     Contexts nest: leaving one restores the weights the enclosing one handed.
 
     :param layers: module path -> installed LoRA layer.
-    :param weights: module path -> {``"A"``: ``[*S, r, d_in]``, ``"B"``: ``[*S, d_out, r]``,
-        ``"R"``: ``[*S, r, r]``, ``"S"``: ``[*S, 1, r]``, optionally ``"A_loc"``: the mean of ``A`` for flipout}; a matrix left out is
-        read from the layer's own parameter.
+    :param weights: module path -> {matrix letter: ``[*S, rows, cols]``} (``"A"``: ``[*S, r, d_in]``, ``"B"``:
+        ``[*S, d_out, r]``, ``"R"``: ``[*S, r, r]``, ``"S"``: ``[*S, 1, r]``; shapes from
+        :data:`~pyro_lora.kinds.KINDS`), optionally ``"A_loc"``: the mean of ``A`` for flipout. ``A`` or ``B`` left
+        out is read from the layer's own parameter; a between kind left out is not applied.
     :param int num_samples: ``S`` when the values carry a leading sample dim, else ``None``.
     :param checkpointing: modules that may run under activation checkpointing
         (:func:`checkpointing_modules`); those switched on get their checkpoint function wrapped so that the
@@ -110,7 +116,7 @@ def _wrap_checkpoint(module):
         keys = [(i, k) for i, h in enumerate(holders) if h is not None for k in h.tensors()]
         if not keys:
             return func(forward, *args, **kwargs)
-        tensors = [getattr(holders[i], k) for i, k in keys]
+        tensors = [holders[i].weights[k] for i, k in keys]
 
         def body(*inputs):
             outer = [getattr(m, _HOLDER) for m in inner]
@@ -147,17 +153,24 @@ def _forward(layer, x, *args, **kwargs):
     if kwargs.get("adapter_names") is not None:
         raise ValueError("peft's mixed-batch forward (adapter_names=...) cannot run with handed LoRA weights: call it without a guide")
     result = layer.base_layer(x, *args, **kwargs)
-    a = h.A if h.A is not None else layer.lora_A[h.adapter].weight
-    b = h.B if h.B is not None else layer.lora_B[h.adapter].weight
+    a, b = (_own_or_handed(layer, h, kind) for kind in (down_kind(), up_kind()))
     x = layer.lora_dropout[h.adapter](x).to(a.dtype)
-    delta = lora_delta(x, a, b, h.R, h.num_samples, a_loc=h.A_loc, log_scale=h.S)
+    between = {k: v for k, v in h.weights.items() if k in KINDS and KINDS[k].role == "between"}
+    delta = _delta(x, a, b, between, h.num_samples, h.weights.get(FLIPOUT_LOC))
     bias = layer.lora_B[h.adapter].bias  # peft's lora_bias=True: B's bias is a point estimate
     if bias is not None:
         delta = delta + bias.to(delta.dtype)
     return result + (delta * layer.scaling[h.adapter]).to(result.dtype)
 
 
-def lora_delta(x, a, b, r=None, num_samples=None, a_loc=None, log_scale=None):
+def _own_or_handed(layer, handed, kind):
+    """The handed matrix of ``kind`` (``A`` or ``B``), else the layer's own peft parameter."""
+    v = handed.weights.get(kind.letter)
+    return v if v is not None else getattr(layer, kind.parameter)[handed.adapter].weight
+
+
+def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r: torch.Tensor | None = None, num_samples: int | None = None,
+               a_loc: torch.Tensor | None = None, log_scale: torch.Tensor | None = None) -> torch.Tensor:
     """``B R diag(exp(z)) A x`` for one layer (``R`` and the ScalaBL log-scales ``z`` omitted when ``None``).
 
     With ``a_loc`` (flipout), ``A = a_loc + E`` and example ``n`` (row ``n`` of ``x``) gets its own sign-flipped
@@ -169,31 +182,21 @@ def lora_delta(x, a, b, r=None, num_samples=None, a_loc=None, log_scale=None):
         ``r``: ``[r, r]`` or ``[S, r, r]``; ``a_loc``: like ``a``; ``log_scale``: ``[1, r]`` or ``[S, 1, r]``.
     :returns: ``[N, ..., d_out]``.
     """
+    between = {k: v for k, v in (("R", r), ("S", log_scale)) if v is not None}
+    return _delta(x, a, b, between, num_samples, a_loc)
+
+
+def _delta(x, a, b, between, num_samples=None, a_loc=None):
+    """``B M_k ... M_1 A x`` with the between matrices ``between`` (letter -> value) applied in their kinds' stage
+    order (:func:`~pyro_lora.kinds.between_kinds`); flipout on ``A`` with ``a_loc`` as in :func:`lora_delta`."""
     if a_loc is None:
-        h = _linear(x, a, num_samples)
+        h = linear(x, a, num_samples)
     else:
-        h = _linear(x, a_loc, num_samples) + _linear(x * _signs(x, x.shape[-1]), a - a_loc, num_samples) * _signs(x, a.shape[-2])
-    if log_scale is not None:
-        h = _scale(h, log_scale.exp(), num_samples)
-    if r is not None:
-        h = _linear(h, r, num_samples)
-    return _linear(h, b, num_samples)
-
-
-def _linear(x, w, num_samples):
-    """``x w^T``; with ``num_samples = S`` and ``w: [S, out, in]`` sample ``s`` multiplies rows ``s*B .. (s+1)*B - 1``."""
-    if num_samples is None or w.dim() == 2:
-        return torch.nn.functional.linear(x, w)
-    # [S*B, ..., in] -> [S, B*..., in]: one bmm for all samples
-    h = x.reshape(num_samples, -1, x.shape[-1]) @ w.transpose(-1, -2)
-    return h.reshape(*x.shape[:-1], h.shape[-1])
-
-
-def _scale(h, s, num_samples):
-    """``h * s`` over the last dim; with ``num_samples = S`` and ``s: [S, 1, r]`` sample ``s`` scales its own rows."""
-    if num_samples is None or s.dim() == 2:
-        return h * s.squeeze(0)
-    return (h.reshape(num_samples, -1, h.shape[-1]) * s).reshape(h.shape)
+        h = linear(x, a_loc, num_samples) + linear(x * _signs(x, x.shape[-1]), a - a_loc, num_samples) * _signs(x, a.shape[-2])
+    for kind in between_kinds():
+        if kind.letter in between:
+            h = kind.apply(h, between[kind.letter], num_samples)
+    return linear(h, b, num_samples)
 
 
 def _signs(x, size):

@@ -159,7 +159,7 @@ def register_guide(cls):
 def _guide_class(name, path):
     """The registered class ``guide.json`` names; anything else is refused before any import (a guide folder is
     data, never code)."""
-    if name not in _GUIDE_CLASSES and isinstance(name, str) and name.split(":")[0].split(".")[0] == "guides":
+    if name not in _GUIDE_CLASSES and isinstance(name, str) and name.startswith("pyro_lora.guides."):
         importlib.import_module("pyro_lora.guides")  # this project's guides register on import
     if name not in _GUIDE_CLASSES:
         raise ValueError(

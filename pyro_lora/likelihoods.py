@@ -11,6 +11,8 @@ positions it has alone, which matters for absolute-position models (GPT-2). A ne
 ``SequenceClassification`` (encoders read ``[CLS]`` at column 0, RoBERTa offsets its positions).
 """
 
+from __future__ import annotations
+
 import inspect
 
 import torch
@@ -57,7 +59,7 @@ class FusedCategorical(TorchDistribution):
         return FusedCategorical(self.logits.expand(*batch_shape, *event, self.logits.shape[-1]), len(event), self.ignore_index, self.observer)
 
 
-def repeat_inputs(batch, num_samples, keys=_NET_INPUTS):
+def repeat_inputs(batch: dict, num_samples: int | None, keys=_NET_INPUTS) -> dict:
     """The network inputs of ``batch``, each repeated ``num_samples`` times along dim 0 (sample-major)."""
     out = {}
     for k in keys:
@@ -153,16 +155,16 @@ class Likelihood:
 
     event_dims = 0
 
-    def logits(self, net, batch, num_samples=None):
+    def logits(self, net, batch: dict, num_samples: int | None = None) -> torch.Tensor:
         raise NotImplementedError
 
-    def observed(self, batch):
+    def observed(self, batch: dict) -> torch.Tensor:
         """The observed labels, ``[B]`` (or ``[B, T]`` for token-level LM)."""
         if "labels" not in batch:
             raise ValueError(f"batch has no 'labels'; its keys are {sorted(batch)}")
         return batch["labels"]
 
-    def distribution(self, logits):
+    def distribution(self, logits: torch.Tensor) -> FusedCategorical:
         return FusedCategorical(logits, self.event_dims)
 
 

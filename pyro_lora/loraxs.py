@@ -1,4 +1,4 @@
-"""LoRA-XS: the LoRA layer ``y = W0 x + s B R A x`` with ``A``, ``B`` frozen from the truncated SVD of ``W0``.
+"""LoRA-XS (Balazy et al. 2024): the LoRA layer ``y = W0 x + s B R A x`` with ``A``, ``B`` frozen from the truncated SVD of ``W0``.
 
 Only the ``r x r`` core ``R`` is trained (``r^2`` numbers per layer instead of LoRA's ``r (d_in + d_out)``).
 Following the LoRA-XS reference code, ``B = U_r`` and ``A = diag(S_r) V_r^T`` (singular values folded into
@@ -7,17 +7,19 @@ The core hand-off applies ``R`` (``handoff.lora_delta``); :class:`LoraXSModel` m
 and keeps ``A`` and ``B`` frozen.
 """
 
+from __future__ import annotations
+
 from collections import OrderedDict
 
 import torch
 
 from .model import LoraModel
-from .sites import active_adapter, find_lora_layers
+from .sites import active_adapter, find_lora_layers, layer_dims
 
 __all__ = ["LoraXSModel", "base_weight", "init_lora_xs", "lora_xs_parameter_counts"]
 
 
-def base_weight(layer):
+def base_weight(layer) -> torch.Tensor:
     """The frozen base weight ``W0`` of a peft LoRA layer as ``[d_out, d_in]`` (``fan_in_fan_out`` undone).
 
     :raises ValueError: if the base layer has no dense floating-point 2-D weight (e.g. a quantized layer).
@@ -32,7 +34,7 @@ def base_weight(layer):
 
 
 @torch.no_grad()
-def init_lora_xs(net, adapter=None):
+def init_lora_xs(net, adapter: str | None = None) -> list[str]:
     """Write the truncated SVD of every LoRA layer's base weight into its ``lora_A`` / ``lora_B``.
 
     ``W0 = U S V^T``: ``lora_B = U_r`` (``[d_out, r]``, orthonormal columns) and ``lora_A = diag(S_r) V_r^T``
@@ -92,15 +94,23 @@ class LoraXSModel(LoraModel):
     :param kwargs: ``group``, ``prior``, ``num_data``, ``adapter`` as for :class:`~pyro_lora.LoraModel`.
     """
 
-    def __init__(self, net, likelihood, svd_init=True, **kwargs):
+    name = "lora_xs"
+
+    def __init__(self, net, likelihood, svd_init: bool = True, **kwargs):
         if "random" in kwargs:
             raise ValueError("LoraXSModel's random sites are always the R cores; do not pass random=")
         if svd_init:
             init_lora_xs(net, kwargs.get("adapter"))
         super().__init__(net, likelihood, random="R", **kwargs)
 
+    @classmethod
+    def restore(cls, net, likelihood, random, **kwargs) -> LoraXSModel:
+        """Rebuild over ``net``: the SVD initialisation is deterministic, so it gives the saved run's ``A`` and
+        ``B`` again; ``random`` is ignored (always the ``R`` cores)."""
+        return cls(net, likelihood, **kwargs)
 
-def lora_xs_parameter_counts(model):
+
+def lora_xs_parameter_counts(model: LoraModel) -> dict:
     """Trainable LoRA numbers per layer: LoRA-XS ``r^2`` against plain LoRA's ``r (d_in + d_out)``.
 
     :param model: a :class:`~pyro_lora.LoraModel` (any ``random``): only its LoRA layers' shapes are read.
@@ -108,8 +118,7 @@ def lora_xs_parameter_counts(model):
     """
     per_layer = {}
     for path, layer in model.layers.items():
-        r, d_in = layer.lora_A[model.adapter].weight.shape
-        d_out = layer.lora_B[model.adapter].weight.shape[0]
+        r, d_in, d_out = layer_dims(layer, model.adapter)
         per_layer[path] = {"lora_xs": r * r, "lora": r * (d_in + d_out)}
     return {
         "per_layer": per_layer,

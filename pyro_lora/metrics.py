@@ -125,7 +125,7 @@ def _confidence_correct(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torc
     return conf, (pred == labels).to(torch.float64)
 
 
-def accuracy(probs, labels) -> float:
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of examples whose argmax class is the label: mean_i 1[argmax_c p_ic = y_i].
 
     :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
@@ -134,7 +134,7 @@ def accuracy(probs, labels) -> float:
     return float(_confidence_correct(probs, labels)[1].mean())
 
 
-def reliability_bins(probs, labels, num_bins: int = 15) -> ReliabilityBins:
+def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> ReliabilityBins:
     """Bin top-label confidence into ``num_bins`` equal-width bins ((k-1)/B, k/B] on [0, 1].
 
     probs [N, C], labels [N] -> ReliabilityBins of ``[num_bins]`` tensors (mean confidence, accuracy, count).
@@ -155,7 +155,7 @@ def reliability_bins(probs, labels, num_bins: int = 15) -> ReliabilityBins:
     return ReliabilityBins(conf_sum / denom, correct_sum / denom, counts)
 
 
-def ece(probs, labels, num_bins: int = 15) -> float:
+def ece(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> float:
     """Expected calibration error as a fraction: sum_b (n_b / N) |acc_b - conf_b| (multiply by 100 to report).
 
     :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
@@ -165,7 +165,7 @@ def ece(probs, labels, num_bins: int = 15) -> float:
     return float((weights * (bins.accuracy - bins.confidence).abs()).sum())
 
 
-def nll(probs, labels) -> float:
+def nll(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean negative log-likelihood in nats: -mean_i log max(p_{i,y_i}, 1e-12).
 
     :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
@@ -175,7 +175,7 @@ def nll(probs, labels) -> float:
     return float(-p_true.clamp(min=_NLL_FLOOR).log().mean())
 
 
-def brier(probs, labels) -> float:
+def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Brier score: mean_i sum_c (p_ic - 1[c = y_i])^2.
 
     :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
@@ -190,7 +190,7 @@ def _entropy(p: torch.Tensor) -> torch.Tensor:
     return -torch.special.xlogy(p, p).sum(dim=-1)
 
 
-def predictive_entropy(sample_probs) -> torch.Tensor:
+def predictive_entropy(sample_probs: torch.Tensor) -> torch.Tensor:
     """Total uncertainty per example in nats: sample_probs [S, N, C] -> [N], H[mean_s p_s].
 
     :raises ValueError: if a row of ``sample_probs`` is not a probability vector (e.g. logits), or on a bad shape.
@@ -199,7 +199,7 @@ def predictive_entropy(sample_probs) -> torch.Tensor:
     return _entropy(sample_probs.mean(dim=0))
 
 
-def expected_entropy(sample_probs) -> torch.Tensor:
+def expected_entropy(sample_probs: torch.Tensor) -> torch.Tensor:
     """Aleatoric uncertainty per example in nats: sample_probs [S, N, C] -> [N], mean_s H[p_s].
 
     :raises ValueError: if a row of ``sample_probs`` is not a probability vector (e.g. logits), or on a bad shape.
@@ -208,7 +208,7 @@ def expected_entropy(sample_probs) -> torch.Tensor:
     return _entropy(sample_probs).mean(dim=0)
 
 
-def mutual_information(sample_probs) -> torch.Tensor:
+def mutual_information(sample_probs: torch.Tensor) -> torch.Tensor:
     """Epistemic uncertainty per example: sample_probs [S, N, C] -> [N], max(H[mean_s p_s] - mean_s H[p_s], 0).
 
     Exactly 0 for examples on which all samples agree (float rounding of the mean could leave ~1e-17).
@@ -228,7 +228,7 @@ def _midranks(x: torch.Tensor) -> torch.Tensor:
     return (ends - (counts.to(torch.float64) - 1) / 2)[inverse]
 
 
-def auroc(scores_in, scores_out) -> float:
+def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
     """P(score_out > score_in) + 1/2 P(tie): how well a score (entropy, MI) flags shifted examples.
 
     scores_in [N_in], scores_out [N_out]; Mann-Whitney U from midranks: (R_out - n_out(n_out+1)/2) / (n_in n_out).
@@ -246,7 +246,7 @@ def auroc(scores_in, scores_out) -> float:
     return float((rank_out - n_out * (n_out + 1) / 2) / (n_in * n_out))
 
 
-def risk_coverage(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
+def risk_coverage(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Accuracy when only the k most confident examples are kept, for k = 1..N.
 
     probs [N, C], labels [N] -> (coverages [N] = k/N, accuracies [N]).
@@ -275,7 +275,7 @@ def risk_coverage(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
     return k / n, expected_correct / k
 
 
-def accuracy_at_coverage(probs, labels, coverage: float) -> float:
+def accuracy_at_coverage(probs: torch.Tensor, labels: torch.Tensor, coverage: float) -> float:
     """Accuracy on the round(coverage * N) most confident examples (at least one), 0 < coverage <= 1.
 
     Confidence ties at the cut are averaged (see :func:`risk_coverage`): the result does not depend on the
@@ -290,7 +290,7 @@ def accuracy_at_coverage(probs, labels, coverage: float) -> float:
     return float(accuracies[k - 1])
 
 
-def aurc(probs, labels) -> float:
+def aurc(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Area under the risk-coverage curve: mean over k = 1..N of (1 - accuracy of the k most confident).
 
     Confidence ties are averaged (see :func:`risk_coverage`): the expectation over the orders within each tie
@@ -302,7 +302,7 @@ def aurc(probs, labels) -> float:
     return float((1.0 - accuracies).mean())
 
 
-def summarize(probs, labels, num_bins: int = 15) -> dict[str, float]:
+def summarize(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> dict[str, float]:
     """Table columns: {"accuracy": fraction, "ece": x100, "nll": nats, "brier": score}.
 
     :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.

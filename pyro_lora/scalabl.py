@@ -8,9 +8,10 @@ rotation a point-estimate ``B`` absorbs without loss), so the layer computes
 
 and ``log s + z`` are ``A``'s log singular values: ``z = 0`` is the LoRA as trained. ``A`` and ``B`` stay
 trainable point estimates. The random sites are ``"<kind>.lora_S"`` of shape ``[L, 1, r]`` (a row of ``r``
-log-scales per layer): ``r`` random numbers per layer, ~1k for SmolLM2 with LoRA on every attention
-projection.
+log-scales per layer): ``r`` random numbers per layer.
 """
+
+from __future__ import annotations
 
 from collections import OrderedDict
 
@@ -23,7 +24,7 @@ __all__ = ["ScalaBLModel", "rotate_to_singular_basis"]
 
 
 @torch.no_grad()
-def rotate_to_singular_basis(net, adapter=None):
+def rotate_to_singular_basis(net, adapter: str | None = None) -> list[str]:
     """Rewrite every LoRA pair ``(B, A)`` as ``(B U, diag(s) V^T)`` from the SVD ``A = U diag(s) V^T``.
 
     ``B A`` is unchanged (exactly, up to float rounding); afterwards the rows of ``A`` are orthogonal with
@@ -65,9 +66,17 @@ class ScalaBLModel(LoraModel):
     :param kwargs: ``group``, ``prior``, ``num_data``, ``adapter`` as for :class:`~pyro_lora.LoraModel`.
     """
 
-    def __init__(self, net, likelihood, rotate=True, **kwargs):
+    name = "scalabl"
+
+    def __init__(self, net, likelihood, rotate: bool = True, **kwargs):
         if "random" in kwargs:
             raise ValueError("ScalaBLModel's random sites are always the S log-scales; do not pass random=")
         if rotate:
             rotate_to_singular_basis(net, kwargs.get("adapter"))
         super().__init__(net, likelihood, random="S", **kwargs)
+
+    @classmethod
+    def restore(cls, net, likelihood, random, **kwargs) -> ScalaBLModel:
+        """Rebuild over ``net`` without rotating: the trained ``A`` and ``B`` are restored from the guide file;
+        ``random`` is ignored (always the ``S`` log-scales)."""
+        return cls(net, likelihood, rotate=False, **kwargs)

@@ -6,13 +6,15 @@ form one stacked site of shape ``[L, r, d_in]``: one Pyro site per kind, not per
 keeps an SVI step close to a plain LoRA step.
 """
 
+from __future__ import annotations
+
 import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import torch
 
-MATRICES = ("A", "B", "R", "S")
+from .kinds import KINDS, MatrixKind
 
 
 @dataclass(frozen=True)
@@ -21,8 +23,9 @@ class Site:
 
     :param str name: Pyro site name, e.g. ``"q_proj.lora_A"`` (stacked) or the module path plus
         ``".lora_A"`` (``group="matrix"``).
-    :param str matrix: ``"A"``, ``"B"``, ``"R"`` (the r x r core of LoRA-XS) or ``"S"`` (ScalaBL's 1 x r row of
-        log-scales of A's singular values).
+    :param str matrix: the letter of its :class:`~pyro_lora.kinds.MatrixKind`: ``"A"``, ``"B"``, ``"R"`` (the
+        r x r core of LoRA-XS), ``"S"`` (ScalaBL's 1 x r row of log-scales of A's singular values) or a
+        registered one.
     :param tuple layers: module paths of the LoRA layers it holds, in stacking order.
     :param tuple shape: the site's event shape: ``(L, rows, cols)`` when stacked, else ``(rows, cols)``.
     """
@@ -33,18 +36,23 @@ class Site:
     shape: tuple
 
     @property
-    def stacked(self):
+    def kind(self) -> MatrixKind:
+        """The site's entry in :data:`~pyro_lora.kinds.KINDS`."""
+        return KINDS[self.matrix]
+
+    @property
+    def stacked(self) -> bool:
         return len(self.shape) == 3
 
     @property
-    def numel(self):
+    def numel(self) -> int:
         n = 1
         for d in self.shape:
             n *= d
         return n
 
 
-def find_lora_layers(net, adapter=None):
+def find_lora_layers(net, adapter: str | None = None) -> OrderedDict:
     """Module path -> peft LoRA ``Linear`` layer for every layer holding ``adapter``.
 
     Only plain peft ``lora.Linear`` layers (``fan_in_fan_out`` and ``lora_bias`` included) are handed
@@ -96,7 +104,7 @@ def _holds(layer, adapter):
     return any(adapter in getattr(layer, name, {}) for name in layer.adapter_layer_names)
 
 
-def active_adapter(net):
+def active_adapter(net) -> str:
     """The adapter a peft model runs (``"default"`` for a model without one).
 
     :raises ValueError: if several adapters are active at once: the hand-off replaces one adapter's matrices.
@@ -113,27 +121,27 @@ def active_adapter(net):
     return active or "default"
 
 
-def matrix_shape(layer, adapter, matrix):
-    """Shape of one LoRA matrix of ``layer``: A ``(r, d_in)``, B ``(d_out, r)``, R ``(r, r)``, S ``(1, r)``."""
+def layer_dims(layer, adapter: str) -> tuple[int, int, int]:
+    """``(r, d_in, d_out)`` of a peft LoRA layer's adapter."""
     r, d_in = layer.lora_A[adapter].weight.shape
-    d_out = layer.lora_B[adapter].weight.shape[0]
-    return {"A": (r, d_in), "B": (d_out, r), "R": (r, r), "S": (1, r)}[matrix]
+    return r, d_in, layer.lora_B[adapter].weight.shape[0]
 
 
-def build_sites(layers, adapter, random=("A", "B"), group="kind"):
+def build_sites(layers: dict, adapter: str, random=("A", "B"), group: str = "kind") -> OrderedDict:
     """Group the random matrices of ``layers`` into sites.
 
     :param layers: ordered module path -> LoRA layer (:func:`find_lora_layers`).
-    :param random: which matrices are random, a subset of ``("A", "B", "R", "S")``.
+    :param random: which matrices are random, letters of :data:`~pyro_lora.kinds.KINDS` (``"A"``, ``"B"``,
+        ``"R"``, ``"S"``, ...).
     :param group: ``"kind"`` stacks same-kind, same-shape matrices across layers; ``"matrix"`` gives one
         site per matrix. Layers of one kind with different ranks or widths form separate stacks, named with a
         ``.r{r}_{d_in}x{d_out}`` suffix; the A and B sites of a stack always hold the same layers.
     :returns: ordered site name -> :class:`Site`.
     """
     random = tuple(random)
-    bad = [m for m in random if m not in MATRICES]
+    bad = [m for m in random if m not in KINDS]
     if bad or not random:
-        raise ValueError(f"random must be a non-empty subset of {MATRICES}, got {random!r}")
+        raise ValueError(f"random must be a non-empty subset of {tuple(KINDS)}, got {random!r}")
     if group not in ("kind", "matrix"):
         raise ValueError(f"group must be 'kind' or 'matrix', got {group!r}")
     # one stack per module kind and whole layer shape (r, d_in, d_out): the A and B sites of a stack then hold the
@@ -141,14 +149,13 @@ def build_sites(layers, adapter, random=("A", "B"), group="kind"):
     stacks = OrderedDict()
     for path, layer in layers.items():
         key = path if group == "matrix" else path.rsplit(".", 1)[-1]
-        r, d_in = layer.lora_A[adapter].weight.shape
-        stacks.setdefault((key, (r, d_in, layer.lora_B[adapter].weight.shape[0])), []).append(path)
+        stacks.setdefault((key, layer_dims(layer, adapter)), []).append(path)
     shapes_per_key = Counter(key for key, _ in stacks)
     sites = OrderedDict()
     for (key, (r, d_in, d_out)), paths in stacks.items():
         for matrix in random:
             name = f"{key}.lora_{matrix}"
-            shape = matrix_shape(layers[paths[0]], adapter, matrix)
+            shape = KINDS[matrix].matrix_shape(r, d_in, d_out)
             if group == "kind":
                 if shapes_per_key[key] > 1:
                     name += f".r{r}_{d_in}x{d_out}"
@@ -157,7 +164,7 @@ def build_sites(layers, adapter, random=("A", "B"), group="kind"):
     return sites
 
 
-def matrix_view(sites):
+def matrix_view(sites: dict) -> dict:
     """Per-matrix view: ``"<module path>.lora_A"`` -> (site name, index in the stack or ``None``)."""
     return {
         f"{path}.lora_{site.matrix}": (name, i if site.stacked else None)
@@ -166,7 +173,7 @@ def matrix_view(sites):
     }
 
 
-def check_values(sites, values, allow_sample_dim=True):
+def check_values(sites: dict, values: dict, allow_sample_dim: bool = True) -> None:
     """Validate site values: every site present, shapes ``[*S, *site.shape]``, all finite.
 
     :raises ValueError: naming the first missing/unknown site, wrong shape or non-finite value.
@@ -188,7 +195,7 @@ def check_values(sites, values, allow_sample_dim=True):
             raise ValueError(f"site {name!r} has non-finite values (nan or inf)")
 
 
-def per_layer(sites, values):
+def per_layer(sites: dict, values: dict) -> dict:
     """Split site values into module path -> {matrix: tensor}.
 
     Stacked values ``[*S, L, rows, cols]`` are indexed, not copied: layer ``l`` gets ``v[..., l, :, :]``.

@@ -1,5 +1,7 @@
 """SVI training: any Pyro ELBO, one fused torch optimizer over the model's point estimates and the guide."""
 
+from __future__ import annotations
+
 import contextlib
 import math
 from dataclasses import dataclass
@@ -11,6 +13,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, pyro_params
 from .contract import check_guide, point_snapshot, take_over
+from .data import to_device
 
 
 class DivergenceError(FloatingPointError):
@@ -51,7 +54,7 @@ def fit(
     gradient_checkpointing=False,
     stop_on_divergence=True,
     progress=True,
-):
+) -> list[float]:
     """Train ``guide`` (and the model's non-random parameters) by minimising ``elbo`` on ``data``.
 
     The loss per step is ``elbo.differentiable_loss(model, guide, batch) / num_data``: the negative
@@ -124,6 +127,7 @@ def fit(
     net.train()
     guide.train()
     losses, step = [], 0
+    shown = _Smoothed()  # the bar's number: the data NLL per example, which moves as the model learns
     watch = _DivergenceWatch(lr) if stop_on_divergence else None
     bar = tqdm(total=total, desc=f"fit {type(guide).__name__}", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
     try:
@@ -145,6 +149,7 @@ def fit(
                         loss = elbo.differentiable_loss(model, guide, batch, kl_weight=weight) / num_data
                     (loss / grad_accum_steps).backward()
                     accumulated += loss.item() / grad_accum_steps
+                    shown.observe(model.last_nll, grad_accum_steps)
                     if watch is not None:
                         watch.observe(model.last_nll, grad_accum_steps)
                     if (i + 1) % grad_accum_steps:
@@ -165,7 +170,7 @@ def fit(
                     losses.append(accumulated)
                     step += 1
                     bar.update()
-                    bar.set_postfix(loss=f"{accumulated:.4f}", epoch=epoch)
+                    bar.set_postfix(shown.postfix(accumulated), epoch=epoch)
                     state = FitState(step, epoch, accumulated, weight, model, guide)
                     for cb in callbacks:
                         cb(state)
@@ -184,6 +189,27 @@ def fit(
     if checkpoint_dir:
         save_guide(guide, checkpoint_dir)
     return losses
+
+
+class _Smoothed:
+    """The progress bar's figure: the data NLL per example, smoothed over steps. The loss per example adds the
+    prior's term divided by the data size, nearly constant for a point estimate (it hid the learning)."""
+
+    def __init__(self, decay=0.9):
+        self.decay, self.value, self.step_nll, self.seen = decay, None, 0.0, False
+
+    def observe(self, nll, grad_accum_steps):
+        if nll is not None:
+            self.step_nll += float(nll) / grad_accum_steps
+            self.seen = True
+
+    def postfix(self, loss):
+        """``{"nll": ...}`` once a likelihood reported its NLL this step, else ``{"loss": ...}``."""
+        if not self.seen:
+            return {"loss": f"{loss:.4f}"}
+        value = self.step_nll if self.value is None else self.decay * self.value + (1 - self.decay) * self.step_nll
+        self.value, self.step_nll, self.seen = value, 0.0, False
+        return {"nll": f"{value:.4f}"}
 
 
 class _DivergenceWatch:
@@ -286,8 +312,3 @@ def _schedule(kind, warmup, total):
         return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
-
-
-def to_device(batch, device):
-    """Move every tensor of a batch dict to ``device``."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -204,7 +204,8 @@ def test_temperature_of_very_overconfident_predictions_is_the_exact_nll_optimum(
 
 
 def test_temperature_row_carries_the_fallback_note_into_results_and_table():
-    from pyro_lora.experiments.compare import _fit_method, format_table
+    from pyro_lora.experiments.compare import fit_method
+    from pyro_lora.experiments.table import format_table
     from pyro_lora.experiments.results import summarize_seeds
 
     model = make(num_labels=3)
@@ -213,8 +214,9 @@ def test_temperature_row_carries_the_fallback_note_into_results_and_table():
     for i, batch in enumerate(val):  # labels = the MAP's own predictions: a separable validation split
         batch["labels"] = predicted[8 * i : 8 * (i + 1)]
     setup = SimpleNamespace(config=SimpleNamespace(device="cpu"), seed=0, model=model, map_guide=None, val=val, loader=lambda r: r)
+    setup.for_method = lambda name: setup
     with pytest.warns(UserWarning, match="separable"):
-        fitted, costs = _fit_method(setup, "temperature", 0.0)
+        fitted, costs = fit_method(setup, "temperature", 0.0)
     assert "all correct (separable)" in fitted.note and costs["note"] == fitted.note
     torch.testing.assert_close(fitted.predict(val).probs, predict(model, None, val).probs)  # T = 1: the MAP unchanged
     rows = [{"guide": "temperature", "dataset": "sst2", "seed": s, "accuracy": 1.0, **costs} for s in (0, 1)]

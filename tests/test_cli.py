@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyro_lora.experiments import cli
-from pyro_lora.experiments.compare import CompareConfig
+from pyro_lora.experiments.setup import CompareConfig
 
 pytestmark = pytest.mark.real
 
@@ -42,7 +42,8 @@ def test_compare_smollm2_arc_easy_cloze(tmp_path, capsys):
 
 
 def test_unknown_guide_and_missing_run_are_clear_errors(tmp_path, capsys):
-    from pyro_lora.experiments.compare import evaluate_saved, run_compare
+    from pyro_lora.experiments.compare import run_compare
+    from pyro_lora.experiments.saved import evaluate_saved
 
     with pytest.raises(ValueError, match="unknown guide"):
         run_compare(CompareConfig(guides=("nope",), out=str(tmp_path)))
@@ -53,8 +54,8 @@ def test_unknown_guide_and_missing_run_are_clear_errors(tmp_path, capsys):
 
 def test_no_arguments_is_the_default_demo(monkeypatch):
     seen = {}
-    monkeypatch.setattr("pyro_lora.experiments.compare.run_compare", lambda config, overwrite=False: seen.update(config=config) or [])
-    monkeypatch.setattr("pyro_lora.experiments.compare.format_table", lambda rows: "")
+    monkeypatch.setattr("pyro_lora.experiments.cli.run_compare", lambda config, overwrite=False: seen.update(config=config) or [])
+    monkeypatch.setattr("pyro_lora.experiments.cli.format_table", lambda rows: "")
     run()
     config = seen["config"]
     assert isinstance(config, CompareConfig) and config.model == "minilm" and config.dataset == "sst2"
@@ -75,14 +76,14 @@ def test_bayesianize_a_peft_adapter_then_evaluate(tmp_path):
         "--samples", "4", "--iterations", "2", "--out", str(out), "--quiet")
     saved = json.loads((out / "guide" / "run.json").read_text())
     assert saved["config"]["rank"] == 4 and saved["random"] == "AB"
-    from pyro_lora.experiments.compare import evaluate_saved
+    from pyro_lora.experiments.saved import evaluate_saved
 
     again = evaluate_saved(out)
     assert again["accuracy"] == pytest.approx(saved["result"]["accuracy"])
 
 
 def test_a_seed_fixes_the_fresh_classification_head():
-    from pyro_lora.experiments.compare import prepare
+    from pyro_lora.experiments.setup import prepare
 
     def head(seed):
         setup = prepare(CompareConfig(train_size=16, test_size=8), seed)

@@ -46,6 +46,10 @@ from pyro_lora.experiments import cli
         (["bayesianize", "adapter", "--iterations", "0"], "--iterations"),
         (["bayesianize", "adapter", "--low", "-1"], "--low"),
         (["evaluate", "run", "--guides", "map"], "unrecognized arguments: --guides"),
+        # no abbreviations: `study --dataset X` silently ran `--datasets X` (a whole study), `compare --guide` is no flag
+        (["study", "--dataset", "arc_easy"], "unrecognized arguments: --dataset"),
+        (["compare", "--guide", "map"], "unrecognized arguments: --guide"),
+        (["fit", "--epoch", "2"], "unrecognized arguments: --epoch"),
     ],
 )
 def test_bad_arguments_are_refused_naming_the_flag(argv, flag, capsys):
@@ -97,8 +101,9 @@ def nothing_loads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded before the configuration was checked")
 
-    monkeypatch.setattr("pyro_lora.experiments.compare.load_pretrained", refuse)
+    monkeypatch.setattr("pyro_lora.experiments.setup.load_pretrained", refuse)
     monkeypatch.setattr("pyro_lora.experiments.compare.prepare", refuse)
+    monkeypatch.setattr("pyro_lora.experiments.saved.prepare", refuse)
 
 
 @pytest.mark.parametrize(
@@ -106,7 +111,7 @@ def nothing_loads(monkeypatch):
     [
         (["compare", "--max-length", "100000"], "--max-length 100000 is beyond minilm's 512 positions: use at most 512"),
         (["fit", "--model", "smollm2", "--dataset", "arc_easy", "--max-length", "9000"], "beyond smollm2's 8192 positions"),
-        (["compare", "--guides", "zeroshot"], "zeroshot needs a causal LM task: 'sst2' is a classification set"),
+        (["compare", "--guides", "zeroshot"], "zeroshot does not apply to classification sets like 'sst2' (The base model without its adapter, needing a causal LM"),
         (["compare", "--eval-datasets", "sst2"], "names the training set 'sst2'"),
         (["compare", "--eval-datasets", "arc_easy"], "evaluation set 'arc_easy' is not a classification dataset"),
         (["compare", "--dataset", "nope"], "unknown dataset 'nope'"),

@@ -1,6 +1,7 @@
 """The comparison's bookkeeping: seeds summary, scores, OOD AUROC, npz outputs, letter mapping across sets."""
 
 import json
+from dataclasses import replace
 import math
 
 import numpy as np
@@ -8,7 +9,9 @@ import pytest
 import torch
 
 from pyro_lora import metrics as M
-from pyro_lora.experiments.compare import CompareConfig, _arrays, _ood, _std_lr_scale, format_table, score
+from pyro_lora.experiments.scoring import ood_auroc, prediction_arrays, score
+from pyro_lora.experiments.setup import CompareConfig, Setup
+from pyro_lora.experiments.table import format_table
 from pyro_lora.experiments.results import summarize_seeds
 from pyro_lora.predictive import Prediction
 
@@ -43,7 +46,7 @@ def test_score_and_ood_auroc():
     assert row["accuracy"] == pytest.approx(2 / 3) and row["accuracy_at_50"] == 1.0
     # the shifted set is far more uncertain: entropy separates it perfectly, MI (zero for both) not at all
     shifted = _prediction([[[0.5, 0.5], [0.55, 0.45], [0.5, 0.5]]] * 3, [0, 1, 0])
-    ood = _ood(agree, shifted)
+    ood = ood_auroc(agree, shifted)
     assert ood["ood_auroc_entropy"] == 1.0 and ood["ood_auroc_mi"] == 0.5
 
 
@@ -58,18 +61,18 @@ def test_mi_is_not_available_without_several_weight_samples():
         assert row["entropy"] == pytest.approx(float(M.predictive_entropy(one.sample_probs).mean()))
         assert row["accuracy"] == pytest.approx(2 / 3)  # the rest is scored as before
         other = shifted if prediction.sample_probs is not None else Prediction(shifted.probs, shifted.labels)
-        ood = _ood(prediction, other)
+        ood = ood_auroc(prediction, other)
         assert ood["ood_auroc_entropy"] == 1.0 and math.isnan(ood["ood_auroc_mi"])  # was 0.5 by construction
-        arrays = _arrays(prediction, "sst2", 0)
+        arrays = prediction_arrays(prediction, "sst2", 0)
         assert np.isnan(arrays["sst2__seed0__mutual_information"]).all()
         # a point estimate (MAP, temperature scaling) has no epistemic uncertainty: MI exactly 0, no note
         point = score(prediction, point_estimate=True)
         assert point["mutual_information"] == 0.0 and "note" not in point
-        assert _ood(prediction, other, point_estimate=True)["ood_auroc_mi"] == 0.5
+        assert ood_auroc(prediction, other, point_estimate=True)["ood_auroc_mi"] == 0.5
     two = _prediction([[[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], [[0.5, 0.5], [0.2, 0.8], [0.9, 0.1]]], labels)
     row = score(two)
     assert row["mutual_information"] > 0 and "note" not in row  # two samples: computed
-    assert not np.isnan(_ood(two, _prediction([[[0.5, 0.5]] * 3] * 2, [0, 1, 0]))["ood_auroc_mi"])
+    assert not np.isnan(ood_auroc(two, _prediction([[[0.5, 0.5]] * 3] * 2, [0, 1, 0]))["ood_auroc_mi"])
 
 
 def test_not_available_mi_through_summary_table_and_json(tmp_path):
@@ -109,7 +112,8 @@ def test_methods_report_mi_as_computed_zero_or_not_available():
 
     from pyro_lora.guides import MAPGuide
     from pyro_lora import LoraModel, SequenceClassification
-    from pyro_lora.experiments.compare import Fitted, method_laplace, method_map, method_meanfield
+    from pyro_lora.experiments.compare import fit_method
+    from pyro_lora.guides import Fitted
 
     def batches(seed):
         out = []
@@ -123,29 +127,28 @@ def test_methods_report_mi_as_computed_zero_or_not_available():
     net = tiny_bert()
     trained = {n: p.detach().clone() for n, p in net.named_parameters()}
 
-    def setup(samples):
+    class Batches(Setup):  # records are batches already: 2 of 4 examples
+        def loader(self, records, shuffle=False):
+            return records
+
+        def lora_model(self, random="AB", **kwargs):
+            return super().lora_model(random, num_data=8, **kwargs)
+
+    def mi(name, samples):
         config = CompareConfig(samples=samples, epochs=1, lr=1e-3, progress=False)
-
-        def lora_model(random="AB", likelihood=None, **kwargs):
-            with torch.no_grad():
-                for n, p in net.named_parameters():
-                    p.copy_(trained[n])
-            return LoraModel(net, likelihood or SequenceClassification(), random=random, num_data=8, **kwargs)
-
-        model = lora_model()
-        return SimpleNamespace(config=config, train=train, loader=lambda records, shuffle=False: records, likelihood=model.likelihood,
-                               lora_model=lora_model, model=model, map_guide=MAPGuide(model))
-
-    def mi(fitted):
+        model = LoraModel(net, SequenceClassification(), random="AB", num_data=8)
+        setup = Batches(config, net, None, model.likelihood, train, train, test, None, model=model, map_guide=MAPGuide(model),
+                        trained_state=trained)
+        fitted, _ = fit_method(setup, name)
         row = score(fitted.predict(test), point_estimate=fitted.point_estimate)
         return row["mutual_information"], row.get("note")
 
-    assert mi(method_map(setup(1))) == (0.0, None)  # a point estimate: exactly 0
-    value, note = mi(method_laplace(setup(8)))  # the GLM probit predictive draws no samples
+    assert mi("map", 1) == (0.0, None)  # a point estimate: exactly 0
+    value, note = mi("laplace", 8)  # the GLM probit predictive draws no samples
     assert math.isnan(value) and "draws no weight samples" in note
-    value, note = mi(method_meanfield(setup(1)))
+    value, note = mi("meanfield", 1)
     assert math.isnan(value) and "--samples 1" in note
-    value, note = mi(method_meanfield(setup(3)))
+    value, note = mi("meanfield", 3)
     assert value > 0 and note is None
     assert Fitted(None).point_estimate is False and Fitted(None, SimpleNamespace(deterministic=True)).point_estimate is True
 
@@ -182,16 +185,15 @@ def test_npz_reproduces_the_table_and_is_written_atomically(tmp_path, monkeypatc
         raise KeyboardInterrupt  # a kill while rerunning over the finished run
 
     monkeypatch.setattr("pyro_lora.experiments.results.np.savez_compressed", dies_mid_write)
-    config.seeds = (0, 1, 2)  # resumed: seed 2's arrays are added to the guide's npz
-    with pytest.raises(KeyboardInterrupt):
-        run_compare(config)
+    with pytest.raises(KeyboardInterrupt):  # resumed: seed 2's arrays are added to the guide's npz
+        run_compare(replace(config, seeds=(0, 1, 2)))
     assert (tmp_path / "predictions_map.npz").read_bytes() == finished
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 @pytest.mark.real
 def test_letter_format_covers_the_widest_shifted_set():
-    from pyro_lora.experiments.compare import prepare
+    from pyro_lora.experiments.setup import prepare
 
     config = CompareConfig(model="smollm2", dataset="openbookqa", eval_datasets=("arc_easy",), mc_format="letter",
                            train_size=16, test_size=3000, progress=False)
@@ -212,15 +214,16 @@ def test_letter_format_covers_the_widest_shifted_set():
 
 
 def test_std_step_is_sized_to_the_run_length():
-    from types import SimpleNamespace
+    class Batches(Setup):  # records are batches already
+        def loader(self, records, shuffle=False):
+            return records
 
     def setup(steps_per_epoch, epochs, lr):
-        config = CompareConfig(epochs=epochs, lr=lr)
-        return SimpleNamespace(config=config, train=list(range(steps_per_epoch)), loader=lambda records: records)
+        return Batches(CompareConfig(epochs=epochs, lr=lr), None, None, None, list(range(steps_per_epoch)), [], [], None)
 
-    short = _std_lr_scale(setup(6, 2, 1e-3))  # the study's 12 steps: log sigma may travel log(100) = 4.6
+    short = setup(6, 2, 1e-3).std_lr_scale()  # the study's 12 steps: log sigma may travel log(100) = 4.6
     assert short * 1e-3 * 12 == pytest.approx(np.log(100))
-    assert _std_lr_scale(setup(29, 8, 2e-3)) == 10.0  # long runs keep the guides' default
+    assert setup(29, 8, 2e-3).std_lr_scale() == 10.0  # long runs keep the guides' default
 
 
 def _fake_run(out, guides, nll, test_size=32):
@@ -263,22 +266,25 @@ def test_a_saved_guide_is_scored_with_the_predictive_compare_reports():
     from pyro_lora.guides import EnsembleGuide, LaplaceGuide, MAPGuide, predict_ensemble
     from pyro_lora.guides.ensemble import head_parameters
     from pyro_lora import LoraModel, SequenceClassification
-    from pyro_lora.experiments.compare import _saved_predictor
+    from pyro_lora.experiments.compare import predictor
+    from pyro_lora.guides import get_method
 
     data = [random_batch(seed=s) | {"labels": torch.tensor([0, 2, 1])} for s in (1, 2)]
     model = LoraModel(tiny_bert(), SequenceClassification(), prior=0.5, num_data=6)
     setup = SimpleNamespace(model=model, loader=lambda records: records, config=SimpleNamespace(samples=4))
     laplace = LaplaceGuide(model, fisher="exact", rank=3).fit(data, progress=False)
-    torch.testing.assert_close(_saved_predictor(setup, laplace)[1](data).probs, laplace.predict_glm(data, link="probit").probs)
     heads = [{n: p.detach() + k for n, p in model.net.named_parameters() if n in head_parameters(model)} for k in range(2)]
     ensemble = EnsembleGuide(model, [model.adapter_values()] * 2, heads)
-    torch.testing.assert_close(_saved_predictor(setup, ensemble)[1](data).probs, predict_ensemble(model, ensemble, data).probs)
-    assert _saved_predictor(setup, MAPGuide(model))[1](data).probs.shape == (6, 3)
-    assert [_saved_predictor(setup, g)[0] for g in (laplace, ensemble, MAPGuide(model))] == ["glm_probit", "ensemble_mixture", "weight_samples"]
+    saved = {"laplace": laplace, "ensemble": ensemble, "map": MAPGuide(model)}
+    predicted = {name: predictor(setup, get_method(name), guide)(data).probs for name, guide in saved.items()}
+    torch.testing.assert_close(predicted["laplace"], laplace.predict_glm(data, link="probit").probs)
+    torch.testing.assert_close(predicted["ensemble"], predict_ensemble(model, ensemble, data).probs)
+    assert predicted["map"].shape == (6, 3)
+    assert [get_method(name).predictive.__name__ for name in saved] == ["glm_probit", "ensemble_mixture", "weight_samples"]
 
 
 def test_eval_datasets_naming_the_training_set_or_repeating_are_refused():
-    from pyro_lora.experiments.compare import CompareConfig, check_config
+    from pyro_lora.experiments.setup import CompareConfig, check_config
 
     for sets in (("sst2",), ("boolq", "boolq")):
         with pytest.raises(ValueError, match="repeats a set or names the training set"):

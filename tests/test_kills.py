@@ -12,7 +12,7 @@ import pytest
 from safetensors.torch import load_file
 
 from pyro_lora.experiments import cli
-from pyro_lora.experiments.compare import evaluate_saved
+from pyro_lora.experiments.saved import evaluate_saved
 
 pytestmark = pytest.mark.real
 

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_lora import metrics, plots
+from pyro_lora import metrics
+from pyro_lora.experiments import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -303,7 +304,7 @@ def test_save_png_failure_leaves_no_temp_file(tmp_path):
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        plots._save_png(Broken(), tmp_path / "x.png")
+        plots.save_png(Broken(), tmp_path / "x.png")
     assert os.listdir(tmp_path) == []
 
 

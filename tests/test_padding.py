@@ -90,7 +90,7 @@ BLANK_RECORD = [(_tokens(4, 16), _tokens(3, 17)), (_tokens(6, 18), _tokens(3, 17
 
 
 def _pad(rows, side):
-    """``(input_ids, attention_mask)`` as ``pyro_lora.data._pad`` makes them."""
+    """``(input_ids, attention_mask)`` as ``pyro_lora.collators._pad`` makes them."""
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), PAD, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -2,7 +2,7 @@
 
 import json
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 import pytest
@@ -10,7 +10,10 @@ import torch
 
 from pyro_lora.experiments import cli
 from pyro_lora.experiments import compare as C
-from pyro_lora.experiments.compare import CompareConfig, run_compare
+from pyro_lora.experiments import saved as S
+from pyro_lora.experiments.compare import run_compare
+from pyro_lora.experiments.setup import CompareConfig, prepare
+from pyro_lora.guides.registry import METHODS
 from pyro_lora.io import atomic_file
 from pyro_lora.experiments.results import GuideFailures, RunFolder
 
@@ -83,7 +86,7 @@ def test_a_failing_guide_keeps_the_others_and_a_rerun_resumes_with_it(tmp_path, 
     def boom(setup):
         raise ValueError("the guide's loss became nan")
 
-    monkeypatch.setitem(C.METHODS, "meanfield", boom)
+    monkeypatch.setitem(METHODS, "meanfield", replace(METHODS["meanfield"], recipe=boom))
     out = tmp_path / "run"
     argv = ["compare", "--guides", "map,meanfield,temperature", "--train-size", "48", "--test-size", "16", "--epochs", "1",
             "--out", str(out), "--quiet"]
@@ -107,8 +110,9 @@ def test_a_failing_guide_keeps_the_others_and_a_rerun_resumes_with_it(tmp_path, 
     (out / "reliability_map.png").write_bytes(b"\x89PNG half a figure")  # damaged since: the rerun redraws it
     monkeypatch.undo()
     ran = []
-    for name, method in list(C.METHODS.items()):
-        monkeypatch.setitem(C.METHODS, name, lambda setup, name=name, method=method: ran.append(name) or method(setup))
+    for name, method in list(METHODS.items()):
+        recipe = lambda setup, name=name, recipe=method.recipe: ran.append(name) or recipe(setup)  # noqa: E731
+        monkeypatch.setitem(METHODS, name, replace(method, recipe=recipe))
     assert cli.main(argv) == 0
     assert ran == ["meanfield"]
     assert "# seed 0: map, temperature already complete" in capsys.readouterr().out
@@ -147,13 +151,13 @@ def test_evaluate_reproduces_the_fit_row_exactly_with_the_recorded_predictive(tm
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "fit"
     config = small(out, guides=(guide,), train_size=400, samples=4, data_dir="data")  # a relative datasets folder
-    row = C.fit_one(config)
+    row = S.fit_one(config)
     run = json.loads((out / "guide" / "run.json").read_text())
     assert run["predictive"] == predictive and run["seed"] == 0
     assert run["sizes"] == {"train": 360, "validation": 40, "test": 16}
     assert run["config"]["data_dir"] == str((tmp_path / "data").resolve())  # absolute: found from any working directory
     monkeypatch.chdir("/")
-    again = C.evaluate_saved(out, progress=False)
+    again = S.evaluate_saved(out, progress=False)
     assert again["test_examples"] == 16
     for key in METRICS:
         assert again[key] == row[key] or (np.isnan(again[key]) and np.isnan(row[key])), key
@@ -177,7 +181,7 @@ def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path, capfd):
     base, _ = load_pretrained("minilm", "classification", num_labels=2, progress=False)
     net = PeftModel.from_pretrained(base, fit_out / "guide" / "adapter")  # in the guide's unit: never stale
     saved = json.loads((fit_out / "guide" / "run.json").read_text())
-    setup = C.prepare(CompareConfig(**{**saved["config"], "guides": ("map",)}), 0)
+    setup = prepare(CompareConfig(**{**saved["config"], "guides": ("map",)}), 0)
     with torch.no_grad():
         batch = setup.collator(setup.test)
         logits = net.eval()(**batch).logits
@@ -195,16 +199,16 @@ def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path, capfd):
 
     shutil.rmtree(fit_out)
     moved = tfb_out.rename(tmp_path / "shared")
-    again = C.evaluate_saved(moved, progress=False)
+    again = S.evaluate_saved(moved, progress=False)
     assert {k: again[k] for k in ("accuracy", "ece", "nll")} == {k: record["result"][k] for k in ("accuracy", "ece", "nll")}
     with pytest.raises(ValueError, match="--samples changes nothing here"):
-        C.evaluate_saved(_run_folder(tmp_path / "glm", predictive="glm_probit"), samples=3)
+        S.evaluate_saved(_run_folder(tmp_path / "glm", predictive="glm_probit"), samples=3)
 
 
 def test_a_request_is_compared_with_what_was_requested_not_with_resolved_defaults(tmp_path):
     config = small(tmp_path, guides=("map",))
     folder = RunFolder(tmp_path, config)
-    config.lr, config.mc_format = 2e-3, None  # resolved while running
+    folder.config = replace(config, lr=2e-3)  # resolved while running
     folder.add("map", 0, [ROW], arrays(0))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["config"]["lr"] == 2e-3 and saved["request"]["lr"] is None
@@ -212,7 +216,7 @@ def test_a_request_is_compared_with_what_was_requested_not_with_resolved_default
     RunFolder(tmp_path, small(tmp_path, lr=2e-3))  # the value the default resolved to: the same run
     with pytest.raises(ValueError, match=r"lr None there, 0.001 now"):
         RunFolder(tmp_path, small(tmp_path, lr=1e-3))
-    assert asdict(config)["lr"] == 2e-3
+    assert config.lr is None  # the caller's config is never changed
 
 
 @pytest.mark.real
@@ -220,8 +224,8 @@ def test_a_request_is_compared_with_what_was_requested_not_with_resolved_default
 def test_every_saveable_method_fits_and_evaluate_reproduces_its_row(tmp_path, guide):
     """Each on its own model (ScalaBL's, LoRA-XS's, the post-hoc guides' prior 0.1): the flow's inducing prior reads it."""
     out = tmp_path / guide
-    row = C.fit_one(small(out, guides=(guide,), samples=4))
-    again = C.evaluate_saved(out, progress=False)
+    row = S.fit_one(small(out, guides=(guide,), samples=4))
+    again = S.evaluate_saved(out, progress=False)
     assert {k: again[k] for k in METRICS} == {k: row[k] for k in METRICS}
     if guide == "flow":  # the same run on other test labels: a different row, and it says so
         from pyro_lora.data import default_data_dir
@@ -232,7 +236,7 @@ def test_every_saveable_method_fits_and_evaluate_reproduces_its_row(tmp_path, gu
             (tmp_path / "data" / "sst2" / name).symlink_to(real / name)
         flipped = [{**r, "label": 1 - r["label"]} for r in map(json.loads, (real / "test.jsonl").read_text().splitlines())]
         (tmp_path / "data" / "sst2" / "test.jsonl").write_text("\n".join(map(json.dumps, flipped)))
-        other = C.evaluate_saved(out, progress=False, data_dir=str(tmp_path / "data"))
+        other = S.evaluate_saved(out, progress=False, data_dir=str(tmp_path / "data"))
         assert other["accuracy"] != row["accuracy"]
         assert "differs from the row the run recorded (accuracy" in other["note"] and "data or the software changed" in other["note"]
 
@@ -242,8 +246,8 @@ def test_evaluate_reproduces_a_smollm2_cloze_laplace_fit(tmp_path):
     """Laplace on cloze multiple choice runs one forward per batch (its KFAC hooks): evaluate rebuilds it so."""
     out = tmp_path / "smol"
     config = small(out, model="smollm2", dataset="arc_easy", guides=("laplace",), train_size=8, test_size=8, batch_size=4)
-    row = C.fit_one(config)
-    again = C.evaluate_saved(out, progress=False)
+    row = S.fit_one(config)
+    again = S.evaluate_saved(out, progress=False)
     assert {k: again[k] for k in ("accuracy", "ece", "nll")} == {k: row[k] for k in ("accuracy", "ece", "nll")}
 
 
@@ -251,7 +255,8 @@ def _run_folder(tmp_path, **changes):
     """A `fit` output whose run.json is a complete record with ``changes`` (None: the setting removed)."""
     (tmp_path / "guide").mkdir(parents=True, exist_ok=True)
     (tmp_path / "guide" / "guide.json").write_text('{"guide": "pyro_lora.guides.map:MAPGuide"}')
-    run = {"config": asdict(small(tmp_path, guides=("map",))), "random": "AB", "predictive": "weight_samples", "seed": 0}
+    run = {"config": asdict(small(tmp_path, guides=("map",))), "random": "AB", "predictive": "weight_samples", "seed": 0,
+           "model_class": "lora"}
     for key, value in changes.items():
         target = run["config"] if key in run["config"] else run
         if value is None:
@@ -269,9 +274,10 @@ def _run_folder(tmp_path, **changes):
         ({"seed": "abc"}, "seed 'abc' is no integer in [0, 2**32)"),
         ({"seed": -1}, "seed -1 is no integer in [0, 2**32)"),
         ({"seed": 2**32}, "seed 4294967296 is no integer in [0, 2**32)"),  # it wrapped to seed 0 without a word
-        ({"guides": ["meanfield"]}, "its method 'meanfield' did not save the guide beside it ('guides.map:MAPGuide')"),
+        ({"guides": ["meanfield"]}, "its method 'meanfield' did not save the guide beside it ('pyro_lora.guides.map:MAPGuide')"),
         ({"guides": ["bogus"]}, "its method 'bogus' did not save the guide beside it"),
-        ({"random": "Q"}, "random 'Q' is none of AB"),
+        ({"random": "Q"}, "random 'Q' is none of the matrix kinds"),
+        ({"model_class": "lora_xs"}, "model class 'lora_xs' is not the model of method 'map' ('lora')"),
         ({"predictive": None}, "KeyError: 'predictive'"),
         ({"colour": "red"}, None),
         ({"test_size": 0}, None),
@@ -281,7 +287,7 @@ def _run_folder(tmp_path, **changes):
     ],
 )
 def test_an_incomplete_run_record_is_refused_naming_the_file(tmp_path, changes, message, monkeypatch):
-    monkeypatch.setattr(C, "prepare", lambda *a, **k: pytest.fail("loaded a model from a broken record"))
+    monkeypatch.setattr(S, "prepare", lambda *a, **k: pytest.fail("loaded a model from a broken record"))
     folder = _run_folder(tmp_path, **changes)
     bounds = {"test_size": "--test-size 0 must be an integer >= 1", "samples": "--samples 0 must be an integer >= 1",
               "batch_size": "--batch-size -2 must be an integer >= 1", "device": "--device 'tpu' is none of cpu, cuda"}
@@ -294,14 +300,14 @@ def test_an_incomplete_run_record_is_refused_naming_the_file(tmp_path, changes, 
         (folder / "guide" / "run.json").write_text(json.dumps(record))
         message = "config has unknown settings ['colour']"
     with pytest.raises(ValueError) as refused:
-        C.evaluate_saved(folder)
+        S.evaluate_saved(folder)
     assert str(refused.value).startswith(f"{folder / 'guide' / 'run.json'} is not a complete run record (") and message in str(refused.value)
 
 
 def test_a_dataset_the_model_cannot_take_is_refused_before_loading(tmp_path, monkeypatch):
-    monkeypatch.setattr(C, "prepare", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(S, "prepare", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError, match="--model minilm is an encoder for classification sets, and --dataset arc_easy"):
-        C.evaluate_saved(_run_folder(tmp_path, dataset="arc_easy"))
+        S.evaluate_saved(_run_folder(tmp_path, dataset="arc_easy"))
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_result(tmp_path):

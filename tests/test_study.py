@@ -1,4 +1,5 @@
-"""pyro_lora.experiments.study: the report built from results.json files as run_compare writes them (no model is loaded)."""
+"""``pyro-lora study``: its flags, its resume and update, and the report built from results.json files as run_compare
+writes them (no model is loaded)."""
 
 import json
 import re
@@ -7,9 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pyro_lora.experiments.compare import CompareConfig, format_table
+from pyro_lora.experiments import cli
+from pyro_lora.experiments import study_report as report
 from pyro_lora.experiments.results import summarize_seeds
-
+from pyro_lora.experiments.setup import CompareConfig
+from pyro_lora.experiments.table import format_table
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +20,22 @@ def study():
     from pyro_lora.experiments import study
 
     return study
+
+
+@pytest.fixture(autouse=True)
+def _nothing_runs_here(tmp_path, monkeypatch):
+    """Every test in its own folder (the study's default runs/ and docs/ land there), and no model trained unless a
+    test says how: a command line that parses by mistake fails instead of running the study."""
+    import pyro_lora.experiments.compare as compare
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(compare, "run_compare", lambda *a, **k: pytest.fail("this test runs no comparison"))
+
+
+def parse(*argv):
+    """The study's flags as ``pyro-lora study`` parses them, and the base config the CLI builds from them."""
+    args = cli.parser().parse_args(["study", *argv])
+    return args, cli._config(args)
 
 
 # (guide, evaluation set) -> (accuracy, ECE x100, NLL); seed s adds s * 0.01 to accuracy and NLL, s to ECE
@@ -66,22 +85,22 @@ def runs(tmp_path):
     easy = _write_run(runs_dir, "arc_easy")
     _write_run(runs_dir, "openbookqa", shift=("arc_challenge", "arc_easy"))
     (easy / "reliability_grid.png").write_bytes(b"\x89PNG fake")
-    (easy / "study_run.json").write_text(json.dumps({"command": "python examples/study.py --seeds 0,1", "wall_seconds": 754.0,
+    (easy / "study_run.json").write_text(json.dumps({"command": "pyro-lora study --seeds 0,1", "wall_seconds": 754.0,
                                                      "finished": "2025-01-01T00:00:00+00:00"}))
     return runs_dir
 
 
-def test_report_sections_numbers_and_figures(study, runs, tmp_path):
+def test_report_sections_numbers_and_figures(runs, tmp_path):
     docs = tmp_path / "docs"
-    path = study.build_report(runs, docs, command="python examples/study.py --report-only")
+    path = report.build_report(runs, docs, command="pyro-lora study --report-only")
     md = path.read_text()
     assert path == docs / "study.md"
     assert "## ARC-Easy (`arc_easy`)" in md and "## OpenBookQA (`openbookqa`)" in md and "## Distribution shift" in md
     # mean ± std over the two seeds, as compare's table formats them: map on ARC-E accuracy 0.605 ± 0.007, ECE 10.50 ± 0.71
     assert "| map | **0.605 ± 0.007** | 10.50 ± 0.71 | 1.005 ± 0.007 |" in md  # tied best accuracy with temperature
-    assert "0.605 ± 0.007" in format_table([r for r in study.load_runs(runs)["arc_easy"]["summary"] if r["guide"] == "map"])
+    assert "0.605 ± 0.007" in format_table([r for r in report.load_runs(runs)["arc_easy"]["summary"] if r["guide"] == "map"])
     assert "| OBQA→ARC-C | meanfield |" in md and "**0.600**" in md  # meanfield's MI AUROC is the best of the shift
-    assert "`python examples/study.py --report-only`" in md and "`python examples/study.py --seeds 0,1`" in md
+    assert "`pyro-lora study --report-only`" in md and "`pyro-lora study --seeds 0,1`" in md
     assert "12m 34s" in md  # the recorded wall time
     assert (docs / "study" / "arc_easy_reliability_grid.png").read_bytes() == b"\x89PNG fake"
     assert "](study/arc_easy_reliability_grid.png)" in md
@@ -98,8 +117,8 @@ def _named_sets(line):
     return re.findall(r"([A-Za-z-]+(?:→[A-Za-z-]+)?) \([+-]", line)
 
 
-def test_does_not_beat_map_names_exactly_the_right_sets(study, runs, tmp_path):
-    md = study.build_report(runs, tmp_path / "docs", command="x").read_text()
+def test_does_not_beat_map_names_exactly_the_right_sets(runs, tmp_path):
+    md = report.build_report(runs, tmp_path / "docs", command="x").read_text()
     nll = _sentence(md, "- **meanfield** does not beat MAP on NLL")
     assert _named_sets(nll) == ["ARC-E"] and "1 of 4 sets" in nll and "ARC-E (+0.200)" in nll
     ece = _sentence(md, "- **meanfield** does not beat MAP on ECE")
@@ -116,32 +135,35 @@ def test_does_not_beat_map_names_exactly_the_right_sets(study, runs, tmp_path):
     assert "On NLL, beating MAP on every set: none; on no set: none." in md
 
 
-def test_average_ranks_and_not_beating(study):
+def test_average_ranks_and_not_beating():
     table = {"map": {"a": 1.0, "b": 2.0}, "x": {"a": 2.0, "b": 1.0}, "y": {"a": 1.0, "b": 3.0}}
-    ranks = study.average_ranks(table, ["a", "b"])
+    ranks = report.average_ranks(table, ["a", "b"])
     assert ranks == {"map": pytest.approx((1.5 + 2) / 2), "x": pytest.approx((3 + 1) / 2), "y": pytest.approx((1.5 + 3) / 2)}
-    assert study.not_beating(table, "y", "map", ["a", "b"]) == [("a", 0.0), ("b", 1.0)]  # a tie does not beat
-    assert study.not_beating(table, "x", "map", ["a", "b"], lower_better=False, margin=0.5) == [("b", -1.0)]
+    assert report.not_beating(table, "y", "map", ["a", "b"]) == [("a", 0.0), ("b", 1.0)]  # a tie does not beat
+    assert report.not_beating(table, "x", "map", ["a", "b"], lower_better=False, margin=0.5) == [("b", -1.0)]
 
 
 SIZES = ["--test-size", "64", "--epochs", "2", "--batch-size", "4", "--samples", "4", "--max-length", "192"]
 
 
 def test_resume_matches_the_saved_config(study, runs):
-    args = study.parse_args(["--datasets", "arc_easy", "--no-shift", "--guides", "map,temperature,meanfield", "--seeds", "0,1",
-                             "--train-size", "64", *SIZES, "--runs", str(runs)])
-    config = study.make_config(args, "arc_easy")
-    saved = json.loads((runs / "arc_easy" / "results.json").read_text())["config"]
-    assert study.config_differences(saved, config) == {}
+    args, base = parse("--datasets", "arc_easy", "--no-shift", "--guides", "map,temperature,meanfield", "--seeds", "0,1",
+                       "--train-size", "64", *SIZES, "--runs", str(runs))
+    (config,) = study.study_configs(base, args.datasets, args.shift, args.runs)
+    assert config.out == str(runs / "arc_easy") and config.eval_datasets == () and config.mc_normalize is None
+    saved = json.loads((runs / "arc_easy" / "results.json").read_text())
+    assert study.saved_differences(saved, config) == {}
     assert study.run_dataset(config, "x") is None  # skipped: nothing is loaded
-    bigger = study.make_config(study.parse_args(["--guides", "map,temperature,meanfield", "--seeds", "0,1", "--train-size", "128", *SIZES]),
-                               "arc_easy")
-    assert study.config_differences(saved, bigger) == {"train_size": (64, 128)}
-    assert study.study_datasets(study.parse_args(["--datasets", "arc_easy"])) == ["arc_easy", "openbookqa"]
-    assert study.make_config(study.parse_args([]), "openbookqa").eval_datasets == ("arc_challenge", "arc_easy")
+    _, bigger = parse("--guides", "map,temperature,meanfield", "--seeds", "0,1", "--train-size", "128", *SIZES)
+    assert study.saved_differences(saved, study.make_config(bigger, "arc_easy", runs=runs)) == {"train_size": (64, 128)}
+    assert study.study_datasets(["arc_easy"]) == ["arc_easy", "openbookqa"]
+    assert study.study_datasets(["arc_easy"], shift=False) == ["arc_easy"]
+    shift = study.make_config(parse()[1], "openbookqa")
+    assert shift.eval_datasets == ("arc_challenge", "arc_easy") and shift.mc_normalize == "chars" and shift.out == "runs/study/openbookqa"
+    assert study.make_config(parse("--mc-format", "letter")[1], "openbookqa").mc_normalize is None
 
 
-def test_clear_differences_are_paired_over_seeds(study):
+def test_clear_differences_are_paired_over_seeds():
     def row(guide, seed, nll, dataset="openbookqa"):
         return {"guide": guide, "dataset": dataset, "seed": seed, "nll": nll}
 
@@ -150,12 +172,12 @@ def test_clear_differences_are_paired_over_seeds(study):
     per_seed += [row("b", s, v) for s, v in enumerate([0.5, 1.9, 1.5])]  # below on average, not consistently
     per_seed += [row("map", s, 1.0, "arc_challenge") for s in range(3)] + [row("a", s, 1.2, "arc_challenge") for s in range(3)]
     runs = {"openbookqa": {"config": {"dataset": "openbookqa"}, "per_seed": per_seed}}
-    diffs = study.paired_differences(runs, "nll")
+    diffs = report.paired_differences(runs, "nll")
     assert diffs["a"]["OBQA"] == pytest.approx([-0.1, -0.09, -0.11]) and diffs["a"]["OBQA→ARC-C"] == pytest.approx([0.2] * 3)
-    assert study.clear_differences(diffs["a"]) == (["OBQA"], ["OBQA→ARC-C"])  # zero spread: clearly worse too
-    assert study.clear_differences(diffs["b"]) == ([], [])
-    assert study.clear_differences({"x": [-0.1]}) == ([], [])  # one seed: no verdict
-    sentences = study.noise_sentences(runs, ["a", "b"])
+    assert report.clear_differences(diffs["a"]) == (["OBQA"], ["OBQA→ARC-C"])  # zero spread: clearly worse too
+    assert report.clear_differences(diffs["b"]) == ([], [])
+    assert report.clear_differences({"x": [-0.1]}) == ([], [])  # one seed: no verdict
+    sentences = report.noise_sentences(runs, ["a", "b"])
     assert sentences == ["a, NLL: clearly better than MAP on OBQA; clearly worse on OBQA→ARC-C."]
 
 
@@ -182,15 +204,113 @@ def test_update_reruns_some_guides_and_keeps_the_rest(study, runs, tmp_path, mon
     monkeypatch.setattr(compare, "run_compare", fake_run_compare)
     argv = ["--datasets", "arc_easy", "--no-shift", "--update", "meanfield", "--guides", "map,temperature,meanfield",
             "--seeds", "0,1", "--train-size", "64", *SIZES, "--runs", str(runs), "--docs", str(tmp_path / "docs")]
-    assert study.main(argv) == 0
+    assert cli.main(["study", *argv]) == 0
     merged = json.loads((runs / "arc_easy" / "results.json").read_text())
     nll = {(r["guide"], r["seed"]): r["nll"] for r in merged["per_seed"]}
     assert nll[("meanfield", 1)] == pytest.approx(1.1) and nll[("map", 1)] == pytest.approx(1.01)
     assert merged["config"]["guides"] == ["map", "temperature", "meanfield"]
     sidecar = json.loads((runs / "arc_easy" / "study_run.json").read_text())
     assert sidecar["wall_seconds"] == 754.0 and sidecar["updates"][0]["guides"] == ["meanfield"]
-    assert "rows of meanfield rerun" in (tmp_path / "docs" / "study.md").read_text()
-    with pytest.raises(SystemExit, match="unknown guide"):
-        study.make_config(study.parse_args(["--update", "bogus"]), "arc_easy")
-    with pytest.raises(SystemExit, match="existing run"):
-        study.update_dataset(study.make_config(study.parse_args(argv), "boolq"), ["meanfield"], "x")
+    md = (tmp_path / "docs" / "study.md").read_text()
+    assert "rows of meanfield rerun" in md and f"`pyro-lora study {' '.join(argv)}`" in md
+    with pytest.raises(ValueError, match="existing run"):
+        study.update_dataset(study.make_config(parse(*argv)[1], "boolq", runs=runs), ["meanfield"], "x")
+    with pytest.raises(ValueError, match="--update needs an existing run: .*boolq"):  # refused before any dataset runs
+        study.study_configs(parse(*argv)[1], ["arc_easy", "boolq"], shift=False, runs=runs, update=("meanfield",))
+
+
+
+def test_study_help_lists_its_flags_with_the_study_defaults(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "250")  # one line per flag
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["study", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: pyro-lora study")
+    for flag in ("--datasets", "--no-shift", "--report-only", "--update", "--force", "--runs", "--docs", "--val-fraction",
+                 "--train-size", "--guides", "--seeds", "--quiet", "--debug"):
+        assert flag in out
+    assert "(default smollm2)" in out and "(default 0,1,2)" in out and "(default runs/study)" in out
+    assert "--dataset " not in out and "--mc-normalize" not in out  # set per dataset by the study
+
+
+def test_study_flags_build_the_config_without_changing_compare_s(study):
+    args, base = parse("--lr", "2e-3", "--epochs", "1", "--seeds", "0", "--guides", "map,temperature", "--rank", "4")
+    assert (base.model, base.lr, base.epochs, base.seeds, base.guides, base.rank) == ("smollm2", 2e-3, 1, (0,), ("map", "temperature"), 4)
+    assert (base.train_size, base.test_size, base.val_fraction, base.mc_format) == (32, 32, 0.25, "cloze")
+    assert args.shift and not args.report_only and args.runs == "runs/study" and args.docs == "docs"
+    compare = cli._config(cli.parser().parse_args(["compare"]))
+    assert (compare.model, compare.lr, compare.seeds, compare.mc_format) == ("minilm", None, (0,), None)  # compare's own defaults
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--guides", "map,bogus"], "study: error: argument --guides: unknown guide(s) ['bogus']; available: zeroshot, map,"),
+    (["--update", "bogus"], "study: error: argument --update: unknown guide(s) ['bogus']"),
+    (["--seeds", "0,0"], "study: error: argument --seeds"),
+    (["--val-fraction", "1"], "study: error: argument --val-fraction: 1 must be below 1"),
+    (["--datasets", "arc_easy,,boolq"], "study: error: argument --datasets"),
+    (["--mc-normalize", "chars"], ": error: unrecognized arguments: --mc-normalize chars"),  # the study sets it per dataset
+])
+def test_a_bad_study_flag_is_one_error_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["study", *argv])
+    assert exit_info.value.code == 2
+    (error,) = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert error.startswith("pyro-lora") and message in error
+
+
+def test_report_only_through_the_cli(runs, tmp_path, capsys):
+    docs = tmp_path / "site"
+    assert cli.main(["study", "--report-only", "--runs", str(runs), "--docs", str(docs)]) == 0
+    md = (docs / "study.md").read_text()
+    assert f"- report: `pyro-lora study --report-only --runs {runs} --docs {docs}`" in md
+    assert "## ARC-Easy (`arc_easy`)" in md and "## OpenBookQA (`openbookqa`)" in md
+    assert f"report: {docs / 'study.md'}" in capsys.readouterr().out
+    assert cli.main(["study", "--report-only", "--datasets", "boolq", "--runs", str(runs), "--docs", str(docs)]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"pyro-lora: error: no results.json under {runs} for boolq: run the study first (or give --runs the folder of its runs) "
+        "(--debug shows where)"]
+
+
+def test_a_study_that_cannot_run_is_refused_before_training(tmp_path, capsys):
+    argv = ["study", "--datasets", "arc_easy,no_such_set", "--runs", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs")]
+    assert cli.main(argv) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("pyro-lora: error: ") and "no_such_set" in line
+    assert cli.main(["study", "--datasets", "arc_easy", "--update", "map", "--runs", str(tmp_path / "runs")]) == 2
+    assert "--update needs an existing run" in capsys.readouterr().err
+
+
+def test_run_dataset_resumes_more_guides_or_seeds_and_replaces_another_configuration(study, runs, monkeypatch):
+    import pyro_lora.experiments.compare as compare
+
+    calls = []
+    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False: calls.append((config, overwrite)))
+    common = ("--guides", "map,temperature,meanfield", "--train-size", "64", *SIZES)
+    more_seeds = study.make_config(parse(*common, "--seeds", "0,1,2")[1], "arc_easy", shift=False, runs=runs)
+    assert study.run_dataset(more_seeds, "pyro-lora study --seeds 0,1,2") is not None
+    assert calls[-1] == (more_seeds, False)  # resumed: run_compare skips the finished (guide, seed)
+    other = study.make_config(parse(*common, "--seeds", "0,1", "--lr", "5e-4")[1], "arc_easy", shift=False, runs=runs)
+    study.run_dataset(other, "x")
+    assert calls[-1] == (other, True)  # another configuration: replaced
+    same = study.make_config(parse(*common, "--seeds", "0,1")[1], "arc_easy", shift=False, runs=runs)
+    study.run_dataset(same, "x", force=True)
+    assert calls[-1] == (same, True)
+    sidecar = json.loads((runs / "arc_easy" / "study_run.json").read_text())
+    assert sidecar["command"] == "x" and sidecar["machine"]["device"] == "cpu"
+
+
+def test_one_config_comparison_for_resume_merge_and_the_study(tmp_path):
+    from pyro_lora.experiments.results import config_differences
+
+    request = asdict(CompareConfig(lr=None, seeds=(0,), out="a"))
+    record = {"config": {**request, "lr": 2e-3, "seeds": [0], "data_dir": None}, "request": request}
+    assert config_differences(record, CompareConfig(lr=2e-3, seeds=(0,), out="a")) == {}  # what the default resolved to
+    assert config_differences(record, CompareConfig(seeds=(0,), out="a")) == {}  # the default again
+    assert config_differences(record, CompareConfig(lr=1e-3, seeds=(0, 1), out="b"), ignore=("seeds", "out")) == {"lr": (None, 1e-3)}
+    assert config_differences(record["config"], CompareConfig(lr=1e-3, seeds=(0,), out="a")) == {"lr": (2e-3, 1e-3)}  # a bare config
+    from pyro_lora.data import resolve_data_dir
+
+    assert config_differences(record, CompareConfig(lr=2e-3, seeds=(0,), out="a", data_dir=str(resolve_data_dir()))) == {}
+    assert config_differences(record, CompareConfig(lr=2e-3, seeds=(0,), out="a", data_dir=str(tmp_path))) == {
+        "data_dir": (None, str(tmp_path))}

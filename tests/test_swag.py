@@ -8,7 +8,8 @@ from pyro.infer import Trace_ELBO
 from test_training import toy_data
 
 from pyro_lora.guides import MAPGuide
-from pyro_lora.guides.swag import LowRankNormal, SWAGCollector, SWAGGuide
+from pyro_lora.distributions import LowRankPlusDiagNormal
+from pyro_lora.guides.swag import SWAGCollector, SWAGGuide
 from pyro_lora import SequenceClassification, fit, load_guide, predict, save_guide
 from pyro_lora.loraxs import LoraXSModel
 
@@ -74,7 +75,7 @@ def test_posterior_marginals_match_the_joint_and_a_dense_gaussian():
     posterior = guide.posterior()
     for i, (name, site) in enumerate(model.sites.items()):
         q = posterior[name]
-        assert isinstance(q, LowRankNormal) and tuple(q.event_shape) == site.shape and q.has_rsample
+        assert isinstance(q, LowRankPlusDiagNormal) and tuple(q.event_shape) == site.shape and q.has_rsample
         block = joint[8 * i : 8 * (i + 1), 8 * i : 8 * (i + 1)].float()
         dense = torch.distributions.MultivariateNormal(q.mean.flatten(), block)
         x = q.rsample((5,))

@@ -1,4 +1,4 @@
-"""The ``pyro-lora`` command line: ``compare`` (the default), ``fit``, ``evaluate``."""
+"""The ``pyro-lora`` command line: ``compare`` (the default), ``fit``, ``bayesianize``, ``evaluate``, ``study``."""
 
 import argparse
 import math
@@ -12,9 +12,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from . import compare as C
 from ..distributed import is_main
+from ..guides.registry import METHODS
+from . import study
+from .compare import run_compare
 from .results import GuideFailures
+from .saved import bayesianize_adapter, evaluate_saved, fit_one
+from .setup import CompareConfig
+from .table import format_table
 
 _MIN_MAX_LENGTH = 8  # shorter cuts most inputs to a few tokens
 SEED_LIMIT = 2**32  # numpy's seeds; torch's overflow above 2**63
@@ -49,39 +54,49 @@ def _seeds(text):
 
 def _guides(text):
     names = [n.strip() for n in text.split(",")]
-    unknown = [n for n in names if n not in C.METHODS]
+    unknown = [n for n in names if n not in METHODS]
     if unknown:
-        raise argparse.ArgumentTypeError(f"unknown guide(s) {unknown}; available: {', '.join(C.METHODS)}")
+        raise argparse.ArgumentTypeError(f"unknown guide(s) {unknown}; available: {', '.join(METHODS)}")
     if len(set(names)) != len(names):
         raise argparse.ArgumentTypeError(f"{text!r} repeats a guide")
     return tuple(names)
 
 
-def _model_args(p):
-    d = C.CompareConfig()
+def _guides_arg(p):
+    p.add_argument("--guides", type=_guides, default=None, help=f"comma-separated, from: {', '.join(METHODS)} (default: all that apply)")
+
+
+def _model_args(p, d=None, one_dataset=True):
+    """The model, data and input flags, defaults from ``d`` (default ``CompareConfig()``); ``one_dataset=False`` leaves
+    out ``--dataset`` and ``--mc-normalize``, which the study sets per dataset."""
+    d = d or CompareConfig()
     p.add_argument("--model", default=d.model, help=f"minilm, smollm2, or a local HF model folder / .gguf file (default {d.model})")
-    p.add_argument("--dataset", default=d.dataset, help=f"a dataset folder name under --data-dir (sst2, arc_easy, ...; default {d.dataset})")
+    if one_dataset:
+        p.add_argument("--dataset", default=d.dataset, help=f"a dataset folder name under --data-dir (sst2, arc_easy, ...; default {d.dataset})")
     p.add_argument("--data-dir", default=None, help="canonical JSONL datasets (default: $PYRO_LORA_DATA or ../shared/data)")
-    p.add_argument("--mc-format", choices=["letter", "cloze"], default=None, help="multiple-choice format (default: cloze below ~1B parameters)")
-    p.add_argument("--mc-normalize", choices=["none", "tokens", "chars"], default="none",
-                   help="cloze: divide each answer's log-probability by its length (lm-eval's acc_norm is 'chars'; default none)")
+    p.add_argument("--mc-format", choices=["letter", "cloze"], default=d.mc_format,
+                   help=f"multiple-choice format (default {d.mc_format})" if d.mc_format else "multiple-choice format (default: cloze below ~1B parameters)")
+    if one_dataset:
+        p.add_argument("--mc-normalize", choices=["none", "tokens", "chars"], default="none",
+                       help="cloze: divide each answer's log-probability by its length (lm-eval's acc_norm is 'chars'; default none)")
     p.add_argument("--max-length", type=_number(int, _MIN_MAX_LENGTH, strict=False), default=d.max_length,
                    help=f"tokens per input, at least {_MIN_MAX_LENGTH} and at most the model's positions (default {d.max_length})")
     p.add_argument("--batch-size", type=_number(int, 0), default=d.batch_size, help=f"examples per batch (default {d.batch_size})")
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help=f"device (default {d.device})")
 
 
-def _size_args(p, train_help="training examples, validation carved from them"):
-    d = C.CompareConfig()
+def _size_args(p, train_help="training examples, validation carved from them", d=None):
+    d = d or CompareConfig()
     p.add_argument("--train-size", type=_number(int, 1), default=d.train_size, help=f"{train_help} (at least 2; default {d.train_size})")
     p.add_argument("--test-size", type=_number(int, 0), default=d.test_size, help=f"test examples (default {d.test_size})")
     p.add_argument("--samples", type=_number(int, 0), default=d.samples, help=f"posterior samples per prediction, S (default {d.samples})")
 
 
-def _training_args(p):
-    d = C.CompareConfig()
+def _training_args(p, d=None):
+    d = d or CompareConfig()
     p.add_argument("--epochs", type=_number(int, 0, strict=False), default=d.epochs, help=f"training epochs (default {d.epochs})")
-    p.add_argument("--lr", type=_number(float, 0.0), default=None, help="learning rate (default 2e-3 for encoders, 3e-4 for causal LMs)")
+    p.add_argument("--lr", type=_number(float, 0.0), default=d.lr,
+                   help=f"learning rate (default {d.lr})" if d.lr else "learning rate (default 2e-3 for encoders, 3e-4 for causal LMs)")
     p.add_argument("--rank", type=_number(int, 0), default=d.rank, help=f"LoRA rank r (default {d.rank})")
     p.add_argument("--prior-scale", type=_number(float, 0.0), default=d.prior_scale,
                    help=f"std of the isotropic prior on LoRA entries (default {d.prior_scale})")
@@ -95,8 +110,49 @@ def _folder(text):
 
 def _output_args(p, out_default):
     p.add_argument("--out", type=_folder, default=out_default, help=f"output folder (default {out_default})")
+    _progress_args(p)
+
+
+def _progress_args(p):
     p.add_argument("--quiet", action="store_true", help="no progress bars, also none while loading the model (default: bars shown)")
     _debug(p)
+
+
+def _names(text):
+    names = [n.strip() for n in text.split(",")]
+    if not all(names) or len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of distinct names")
+    return tuple(names)
+
+
+def _fraction(text):
+    value = _number(float, 0.0)(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"{text} must be below 1")
+    return value
+
+
+def _study_args(p):
+    """The study's flags: compare's, with the study's defaults (:data:`~pyro_lora.experiments.study.DEFAULTS`), and its own."""
+    d = study.DEFAULTS
+    p.add_argument("--datasets", type=_names, default=None,
+                   help=f"comma-separated (default {','.join(study.DATASETS)}; with --report-only: every run found)")
+    p.add_argument("--shift", action=argparse.BooleanOptionalAction, default=True,
+                   help=f"evaluate the {study.SHIFT_SOURCE} run on {', '.join(study.SHIFT_TARGETS)} (adds {study.SHIFT_SOURCE} if absent; default: on)")
+    _model_args(p, d, one_dataset=False)
+    _size_args(p, d=d)
+    p.add_argument("--val-fraction", type=_fraction, default=d.val_fraction,
+                   help=f"share of --train-size held out for validation, in (0, 1) (default {d.val_fraction})")
+    _training_args(p, d)
+    _guides_arg(p)
+    p.add_argument("--seeds", type=_seeds, default=d.seeds, help=f"comma-separated training seeds (default {','.join(map(str, d.seeds))})")
+    p.add_argument("--runs", type=_folder, default=d.out, help=f"each dataset's run goes to RUNS/<dataset> (default {d.out})")
+    p.add_argument("--docs", type=_folder, default=study.DOCS, help=f"the report goes to DOCS/study.md, its figures to DOCS/study/ (default {study.DOCS})")
+    p.add_argument("--force", action="store_true", help="rerun datasets whose results.json holds the same configuration (default: skipped)")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from RUNS without training")
+    p.add_argument("--update", type=_guides, default=None,
+                   help="comma-separated guides to rerun on every dataset's existing run, replacing their rows, the rest kept (default none)")
+    _progress_args(p)
 
 
 def _seed(text):
@@ -111,29 +167,29 @@ def _seed_arg(p, help):
 
 
 def parser():
-    ap = argparse.ArgumentParser(prog="pyro-lora", description="Bayesian LoRA in Pyro: fit and compare posterior guides on real data.")
+    ap = argparse.ArgumentParser(prog="pyro-lora", allow_abbrev=False, description="Bayesian LoRA in Pyro: fit and compare posterior guides on real data.")
     sub = ap.add_subparsers(dest="command")
-    p = sub.add_parser("compare", help="train MAP once, fit each guide, one table of accuracy and calibration (default)")
+    p = sub.add_parser("compare", allow_abbrev=False, help="train MAP once, fit each guide, one table of accuracy and calibration (default)")
     _model_args(p)
     _size_args(p)
     _training_args(p)
-    p.add_argument("--guides", type=_guides, default=None, help=f"comma-separated, from: {', '.join(C.METHODS)} (default: all that apply)")
+    _guides_arg(p)
     p.add_argument("--seeds", type=_seeds, default=(0,), help="comma-separated training seeds, e.g. 0,1,2 (the table shows mean ± std; default 0)")
     p.add_argument("--eval-datasets", default="", help="comma-separated shifted test sets with the same answer format, e.g. arc_challenge,arc_easy (default none)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run of another configuration in --out (default: refused; a run of the same configuration resumes)")
     _output_args(p, "runs/compare")
-    p = sub.add_parser("fit", help="train MAP and fit one guide; save it to OUT/guide")
+    p = sub.add_parser("fit", allow_abbrev=False, help="train MAP and fit one guide; save it to OUT/guide")
     _model_args(p)
     _size_args(p)
     _training_args(p)
-    saveable = [m for m in C.METHODS if m not in C.UNSAVEABLE]
+    saveable = [name for name, m in METHODS.items() if m.saveable]
     p.add_argument("--guide", default="map", choices=saveable, help="the method to fit and save (default map)")
     _seed_arg(p, "training seed")
     p.add_argument("--adapter", action="store_true",
-                   help=f"also write the posterior mean as a peft adapter folder OUT/guide/adapter ({', '.join(C.EXPORTABLE)}; default off)")
+                   help=f"also write the posterior mean as a peft adapter folder OUT/guide/adapter ({', '.join(n for n, m in METHODS.items() if m.exportable)}; default off)")
     _output_args(p, "runs/fit")
-    p = sub.add_parser("bayesianize", help="TFB: turn a saved peft adapter into a posterior without training")
+    p = sub.add_parser("bayesianize", allow_abbrev=False, help="TFB: turn a saved peft adapter into a posterior without training")
     p.add_argument("adapter_dir", help="a peft adapter directory (adapter_config.json + weights)")
     _model_args(p)
     _size_args(p, train_help="training examples the anchors are drawn from")
@@ -145,7 +201,7 @@ def parser():
     p.add_argument("--high", type=_number(float, 0.0), default=1.5e-2, help="largest sigma_q searched (default 0.015)")
     p.add_argument("--iterations", type=_number(int, 0), default=5, help="bisection steps (default 5)")
     _output_args(p, "runs/bayesianize")
-    p = sub.add_parser("evaluate", help="score a guide saved by `pyro-lora fit` or `bayesianize` on the test set")
+    p = sub.add_parser("evaluate", allow_abbrev=False, help="score a guide saved by `pyro-lora fit` or `bayesianize` on the test set")
     p.add_argument("run_dir", help="the --out folder of `pyro-lora fit` or `bayesianize`")
     p.add_argument("--test-size", type=_number(int, 0), default=None, help="test examples (default: the run's)")
     p.add_argument("--samples", type=_number(int, 0), default=None, help="posterior samples per prediction (default: the run's)")
@@ -153,6 +209,9 @@ def parser():
     p.add_argument("--data-dir", default=None, help="the datasets folder, where the run's moved (default: the run's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, also none while loading the model (default: bars shown)")
     _debug(p)
+    p = sub.add_parser("study", allow_abbrev=False, help="every guide on SmolLM2 over five multiple-choice sets and a shift; report in DOCS/study.md",
+                       description=study.__doc__.splitlines()[0].replace("``", ""))
+    _study_args(p)
     return ap
 
 
@@ -161,13 +220,13 @@ def _debug(p):
 
 
 def _config(args, **extra):
-    names = {f.name for f in fields(C.CompareConfig)}
+    names = {f.name for f in fields(CompareConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and k not in extra}
     values["seeds"] = args.seeds if hasattr(args, "seeds") else (args.seed,)
     if "mc_normalize" in values:
         values["mc_normalize"] = None if values["mc_normalize"] == "none" else values["mc_normalize"]
     values["eval_datasets"] = tuple(n for n in getattr(args, "eval_datasets", "").split(",") if n)
-    return C.CompareConfig(**values, progress=not args.quiet and is_main(), **extra)
+    return CompareConfig(**values, progress=not args.quiet and is_main(), **extra)
 
 
 def _init_distributed():
@@ -191,7 +250,7 @@ def main(argv=None):
     if not debug:
         warnings.showwarning = _one_line_warning
     try:
-        return _run(args)
+        return _run(args, argv)
     except Exception as error:  # noqa: BLE001 -- every library error reaches the user as one line
         if debug:
             raise
@@ -209,31 +268,33 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"pyro-lora: warning: {kind}{message}", file=sys.stderr)
 
 
-def _run(args):
+def _run(args, argv=()):
     _init_distributed()
     say = print if is_main() else (lambda *a, **k: None)
     if args.command in (None, "compare"):
         try:
-            rows = C.run_compare(_config(args, guides=getattr(args, "guides", None)), overwrite=getattr(args, "overwrite", False))
+            rows = run_compare(_config(args, guides=getattr(args, "guides", None)), overwrite=getattr(args, "overwrite", False))
         except GuideFailures as failures:  # the finished guides' table first, then the one-line error
-            say(C.format_table(failures.summary))
+            say(format_table(failures.summary))
             raise
-        say(C.format_table(rows))
+        say(format_table(rows))
         say(f"results: {Path(args.out) / 'results.json'}")
     elif args.command == "fit":
         config = _config(args, guides=(args.guide,))
-        row = C.fit_one(config, adapter=args.adapter)
-        say(C.format_table([row]))
+        row = fit_one(config, adapter=args.adapter)
+        say(format_table([row]))
         say(f"saved: {Path(args.out) / 'guide'}" + (f", adapter: {Path(args.out) / 'guide' / 'adapter'}" if args.adapter else ""))
     elif args.command == "bayesianize":
         search = {k: getattr(args, k) for k in ("criterion", "tolerance", "low", "high", "iterations")}
-        row = C.bayesianize_adapter(_config(args, guides=("tfb",)), args.adapter_dir, anchors=args.anchors, **search)
-        say(C.format_table([row]))
+        row = bayesianize_adapter(_config(args, guides=("tfb",)), args.adapter_dir, anchors=args.anchors, **search)
+        say(format_table([row]))
         say(f"sigma_q = {row['sigma_q']:.5g}; saved: {Path(args.out) / 'guide'}")
+    elif args.command == "study":
+        return study.main(args, _config(args), study.command_line(argv))
     elif args.command == "evaluate":
         overrides = {k: getattr(args, k) for k in ("test_size", "samples", "device", "data_dir") if getattr(args, k) is not None}
-        row = C.evaluate_saved(args.run_dir, progress=not args.quiet and is_main(), **overrides)
-        say(C.format_table([row]))
+        row = evaluate_saved(args.run_dir, progress=not args.quiet and is_main(), **overrides)
+        say(format_table([row]))
         say(f"scored on {row['test_examples']} test examples")
     return 0
 

@@ -14,11 +14,13 @@ from pathlib import Path
 from .. import metrics
 from ..io import atomic_file
 
-__all__ = ["metric_scatter", "reliability_diagram", "reliability_grid"]
+__all__ = ["difference_heatmaps", "metric_scatter", "new_figure", "reliability_diagram", "reliability_grid", "save_png"]
 
 
-def _new_figure(figsize: tuple[float, float]):
-    """A matplotlib Figure bound to an Agg canvas (no pyplot, no GUI backend)."""
+def new_figure(figsize: tuple[float, float]):
+    """A matplotlib ``Figure`` of ``figsize`` inches (width, height), constrained layout, bound to an Agg canvas:
+    no pyplot and no GUI backend, so no global figure state is touched. Draw on it with its own methods
+    (``fig.subplots(...)``, ``fig.colorbar(...)``) and write it with :func:`save_png`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -27,11 +29,13 @@ def _new_figure(figsize: tuple[float, float]):
     return fig
 
 
-def _save_png(fig, path) -> Path:
-    """Write ``fig`` to ``path`` as PNG atomically: readers never see a half-written file."""
+def save_png(fig, path) -> Path:
+    """Write the figure ``fig`` (e.g. from :func:`new_figure`) to ``path`` as a 120 dpi PNG, atomically: readers never
+    see a half-written file, and a failure leaves no temp file. Returns ``Path(path)``."""
     with atomic_file(path, "wb") as f:
         fig.savefig(f, format="png", dpi=120)
     return Path(path)
+
 
 
 def _draw_reliability(fig, spec, probs, labels, num_bins: int, title: str | None) -> None:
@@ -74,9 +78,9 @@ def _draw_reliability(fig, spec, probs, labels, num_bins: int, title: str | None
 
 def reliability_diagram(probs, labels, path, num_bins: int = 15, title: str | None = None) -> Path:
     """Save one reliability diagram (probs [N, C], labels [N]) as a PNG at ``path``; returns the path."""
-    fig = _new_figure((4.2, 4.8))
+    fig = new_figure((4.2, 4.8))
     _draw_reliability(fig, fig.add_gridspec(1, 1)[0], probs, labels, num_bins, title)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def reliability_grid(results: Mapping[str, tuple], path, num_bins: int = 15) -> Path:
@@ -85,11 +89,11 @@ def reliability_grid(results: Mapping[str, tuple], path, num_bins: int = 15) -> 
         raise ValueError("empty input: results has no guides")
     ncols = min(len(results), 3)
     nrows = math.ceil(len(results) / ncols)
-    fig = _new_figure((4.0 * ncols, 4.6 * nrows))
+    fig = new_figure((4.0 * ncols, 4.6 * nrows))
     grid = fig.add_gridspec(nrows, ncols)
     for i, (name, (probs, labels)) in enumerate(results.items()):
         _draw_reliability(fig, grid[i // ncols, i % ncols], probs, labels, num_bins, name)
-    return _save_png(fig, path)
+    return save_png(fig, path)
 
 
 def metric_scatter(rows: Sequence[Mapping], path, x: str = "accuracy", ys: Sequence[str] = ("ece", "nll")) -> Path:
@@ -109,7 +113,7 @@ def metric_scatter(rows: Sequence[Mapping], path, x: str = "accuracy", ys: Seque
     from matplotlib import colormaps
 
     colors = colormaps["tab10"]
-    fig = _new_figure((4.0 * len(ys), 3.6))
+    fig = new_figure((4.0 * len(ys), 3.6))
     axes = fig.subplots(1, len(ys), squeeze=False)[0]
     for ax, y in zip(axes, ys):
         for i, row in enumerate(rows):
@@ -122,4 +126,36 @@ def metric_scatter(rows: Sequence[Mapping], path, x: str = "accuracy", ys: Seque
         ax.set_title(f"{y} vs {x}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.margins(0.15)
-    return _save_png(fig, path)
+    return save_png(fig, path)
+
+
+def difference_heatmaps(panels: Sequence[tuple], rows: Sequence[str], cols: Sequence[str], path,
+                        scale_rows: Sequence[int] | None = None) -> Path:
+    """Save side-by-side heatmaps of signed differences (e.g. a guide's metric minus MAP's), one per panel.
+
+    panels: ``[(title, values)]``, ``values`` an array ``[len(rows), len(cols)]``; NaN cells stay blank, the others
+    are labelled with their value. Each panel's colour scale is symmetric around zero (blue below, red above),
+    set by the rows ``scale_rows`` (row indices; default all), so that a far-off row does not wash out the others.
+    """
+    import numpy as np
+
+    if not panels or not len(rows) or not len(cols):
+        raise ValueError("empty input: no panel, row or column to draw")
+    scaled = list(scale_rows) if scale_rows else list(range(len(rows)))
+    fig = new_figure((1.2 + 0.95 * len(cols) * len(panels), 1.2 + 0.45 * len(rows)))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (title, values) in zip(axes, panels):
+        values = np.asarray(values, dtype=float)
+        finite = np.abs(values[scaled])[np.isfinite(values[scaled])]
+        vmax = float(finite.max()) if finite.size and finite.max() > 0 else 1.0
+        image = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
+        for i in range(len(rows)):
+            for j in range(len(cols)):
+                if np.isfinite(values[i, j]):
+                    color = "white" if abs(values[i, j]) > 0.6 * vmax else "black"
+                    ax.text(j, i, f"{values[i, j]:+.1f}", ha="center", va="center", fontsize=7, color=color)
+        ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right", fontsize=8)
+        ax.set_yticks(range(len(rows)), rows, fontsize=8)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    return save_png(fig, path)

@@ -8,12 +8,13 @@ leaves the previous complete file, and ``results.json``, written last, is the re
 import json
 import traceback
 import zipfile
-from dataclasses import asdict
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..data import resolve_data_dir
 from ..distributed import is_main
 from ..io import atomic_file, write_json
 from .plots import metric_scatter, reliability_diagram, reliability_grid
@@ -125,12 +126,7 @@ class RunFolder:
             (self.out / name).unlink(missing_ok=True)
 
     def _check_same(self, saved):
-        resolved, requested = saved["config"], saved.get("request", saved["config"])
-        differ = [
-            f"{k} {requested.get(k, resolved.get(k))!r} there, {v!r} now"
-            for k, v in self.request.items()
-            if k not in _RESUMABLE and _jsonable(v) not in (_jsonable(requested.get(k)), _jsonable(resolved.get(k)))
-        ]
+        differ = [f"{k} {there!r} there, {now!r} now" for k, (there, now) in config_differences(saved, self.request, _RESUMABLE).items()]
         if differ:
             raise ValueError(
                 f"{self.out} holds a run of another configuration ({'; '.join(differ)}): a rerun there resumes only the "
@@ -259,8 +255,43 @@ def _draw_summary(out, summary, guides, dataset, seed, each=()):
         metric_scatter(rows, out / "calibration_vs_accuracy.png")
 
 
-def _jsonable(value):
-    """``value`` as it reads back from JSON (tuples become lists), for comparing a request with a saved run."""
+def config_differences(saved, config, ignore=()):
+    """``{setting: (value there, value now)}`` for every setting of ``config`` that the saved run ``saved`` holds
+    otherwise, but those named in ``ignore``; ``{}``: the same configuration. The one comparison of a request with
+    a saved run: resuming a folder (:class:`RunFolder`), merging a rerun (:func:`merge_results`) and the study's
+    resume (:mod:`pyro_lora.experiments.study`).
+
+    :param saved: a run record as ``results.json`` holds it (its resolved ``config`` and, where written, the
+        ``request`` it was run with), or a bare config dict. A value now equal to either the requested or the
+        resolved one is the same: a default left to the run (e.g. ``lr=None``) matches what it resolved to.
+        The value there reported is the requested one.
+    :param config: the configuration now, a :class:`~pyro_lora.experiments.setup.CompareConfig` or its dict;
+        its settings are the ones compared.
+    :param ignore: setting names left out (e.g. what a resumed run may change: guides, seeds, out, progress).
+
+    Values are compared as JSON reads them back (tuples are lists), data folders as the absolute folders they
+    name (``None``: the default one).
+    """
+    now = asdict(config) if is_dataclass(config) else dict(config)
+    resolved = saved.get("config", saved)
+    requested = saved.get("request", resolved)
+    out = {}
+    for key, value in now.items():
+        if key in ignore:
+            continue
+        there = requested.get(key, resolved.get(key))
+        if _comparable(key, value) not in (_comparable(key, requested.get(key)), _comparable(key, resolved.get(key))):
+            out[key] = (there, value)
+    return out
+
+
+def _comparable(key, value):
+    """``value`` as it reads back from JSON (tuples become lists); a data folder as its absolute path."""
+    if key == "data_dir":
+        try:
+            return str(resolve_data_dir(value))
+        except FileNotFoundError:  # a folder gone since: compared by name
+            return value
     return json.loads(json.dumps(value, default=str))
 
 
@@ -280,8 +311,7 @@ def merge_results(out, update):
     """
     out, update = Path(out), Path(update)
     base, new = (json.loads((d / RESULTS).read_text()) for d in (out, update))
-    differ = sorted(k for k in set(base["config"]) | set(new["config"])
-                    if k not in ("guides", "out", "progress") and base["config"].get(k) != new["config"].get(k))
+    differ = sorted(config_differences(base, new["config"], ignore=("guides", "out", "progress")))
     if differ:
         raise ValueError(f"cannot merge {update} into {out}: their configurations differ in {', '.join(differ)}")
     updated = list(new["config"]["guides"])

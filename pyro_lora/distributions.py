@@ -1,16 +1,21 @@
-"""Priors over LoRA matrices.
+"""The project's distributions over LoRA matrices: priors and posteriors.
 
-Three families, all Pyro distributions with reparametrised sampling and closed-form KL:
+All are Pyro distributions with reparametrised sampling:
 
 - :func:`isotropic_normal`: ``N(0, scale^2)`` per entry of a (stacked) LoRA site;
 - :class:`MatrixNormalKronecker`: matrix-normal with covariance ``K_row (x) K_col``, each factor low-rank
   plus diagonal, evaluated through Woodbury / the matrix determinant lemma (never a dense ``mn x mn``);
-- :class:`LowRankPlusDiagNormal`: a low-rank plus diagonal Gaussian over a small matrix (LoRA-XS cores).
+- :class:`LowRankPlusDiagNormal`: a low-rank plus diagonal Gaussian over a tensor (LoRA-XS cores, SWAG's
+  posterior over a stacked site);
+- :class:`KFACNormal`: the Kronecker-factored Laplace posterior of a (stacked) LoRA site.
 
-Closed-form KL divergences are registered with :func:`torch.distributions.kl.register_kl` between the
-two matrix families and against ``Normal(...).to_event(2)`` in both directions, so
-:class:`~pyro.infer.TraceMeanField_ELBO` uses them for mean-field guides.
+Closed-form KL divergences are registered with :func:`torch.distributions.kl.register_kl` between
+:class:`MatrixNormalKronecker` pairs, :class:`LowRankPlusDiagNormal` pairs, and each of them against
+``Normal(...).to_event(k)`` in both directions, so :class:`~pyro.infer.TraceMeanField_ELBO` uses them for
+mean-field guides.
 """
+
+from __future__ import annotations
 
 import math
 import numbers
@@ -23,10 +28,10 @@ from torch.distributions.utils import lazy_property
 import pyro.distributions as dist
 from pyro.distributions import TorchDistribution
 
-__all__ = ["isotropic_normal", "MatrixNormalKronecker", "LowRankPlusDiagNormal"]
+__all__ = ["isotropic_normal", "KFACNormal", "MatrixNormalKronecker", "LowRankPlusDiagNormal"]
 
 
-def isotropic_normal(shape, scale):
+def isotropic_normal(shape: tuple | torch.Size, scale: float | torch.Tensor) -> dist.Independent:
     """
     Isotropic Gaussian prior ``X_ij ~ N(0, scale^2)`` over a whole tensor site, e.g. a stacked
     ``lora_A`` site of shape ``[L, r, d_in]``.
@@ -126,7 +131,8 @@ class MatrixNormalKronecker(TorchDistribution):
     support = constraints.independent(constraints.real, 2)
     has_rsample = True
 
-    def __init__(self, loc, row_factor, row_diag, col_factor, col_diag, validate_args=None):
+    def __init__(self, loc: torch.Tensor, row_factor: torch.Tensor, row_diag: torch.Tensor, col_factor: torch.Tensor,
+                 col_diag: torch.Tensor, validate_args: bool | None = None):
         name = type(self).__name__
         if loc.dim() < 2 or row_factor.dim() < 2 or col_factor.dim() < 2 or row_diag.dim() < 1 or col_diag.dim() < 1:
             raise ValueError(f"{name}: loc, row_factor, col_factor need >= 2 dims and row_diag, col_diag >= 1")
@@ -217,49 +223,72 @@ class MatrixNormalKronecker(TorchDistribution):
 
 class LowRankPlusDiagNormal(TorchDistribution):
     r"""
-    Gaussian over a matrix ``X: (p, q)`` (e.g. an ``r x r`` LoRA-XS core) with covariance
-    ``W W^T + diag(cov_diag)`` on ``vec(X)`` (row-major): a
-    :class:`~pyro.distributions.LowRankMultivariateNormal` on ``vec(X)`` seen with event shape ``(p, q)``.
+    Gaussian over a tensor ``X`` (an ``r x r`` LoRA-XS core, or a whole stacked ``[L, r, r]`` site) with
+    covariance ``W W^T + diag(cov_diag)`` on ``vec(X)`` (row-major): a
+    :class:`~pyro.distributions.LowRankMultivariateNormal` on ``vec(X)`` seen with the event shape of ``X``.
     ``cov_diag`` has the layout of ``loc`` and ``cov_factor`` adds a trailing rank dim, so SWAG's
-    ``mean + sigma * z1 + Dev z2 / sqrt(K - 1)`` maps to ``cov_diag = sigma^2``, ``cov_factor = Dev / sqrt(K - 1)``.
+    ``mean + sigma * z1 + Dev z2 / sqrt(K - 1)`` (Maddox et al. 2019) maps to ``cov_diag = sigma^2``,
+    ``cov_factor = Dev / sqrt(K - 1)``.
 
-    :param torch.Tensor loc: mean, shape ``(..., p, q)``.
-    :param torch.Tensor cov_factor: ``W`` in matrix layout, shape ``(..., p, q, k)``.
-    :param torch.Tensor cov_diag: positive variances, shape ``(..., p, q)``.
+    The last ``event_dim`` dims of ``loc`` are the event, the ones before it the batch. With
+    ``event_dim=loc.dim()`` the low-rank factor couples every entry, e.g. all layers of a stacked site.
+
+    :param torch.Tensor loc: mean, shape ``(..., *event)``.
+    :param torch.Tensor cov_factor: ``W`` in the layout of ``loc`` plus a rank dim, shape ``(..., *event, k)``.
+    :param torch.Tensor cov_diag: positive variances, shape ``(..., *event)``.
+    :param int event_dim: how many trailing dims of ``loc`` form the event (default 2: a matrix).
+    :raises ValueError: if ``loc`` has fewer than ``event_dim`` dims, the shapes do not match or the batch
+        shapes do not broadcast.
     """
 
-    arg_constraints = {
-        "loc": constraints.independent(constraints.real, 2),
-        "cov_factor": constraints.independent(constraints.real, 3),
-        "cov_diag": constraints.independent(constraints.positive, 2),
-    }
-    support = constraints.independent(constraints.real, 2)
     has_rsample = True
 
-    def __init__(self, loc, cov_factor, cov_diag, validate_args=None):
+    def __init__(self, loc: torch.Tensor, cov_factor: torch.Tensor, cov_diag: torch.Tensor, validate_args: bool | None = None,
+                 event_dim: int = 2):
         name = type(self).__name__
-        if loc.dim() < 2:
-            raise ValueError(f"{name}: loc must have shape (..., p, q), got {tuple(loc.shape)}")
-        event_shape = loc.shape[-2:]
-        if cov_diag.shape[-2:] != event_shape or cov_factor.dim() < 3 or cov_factor.shape[-3:-1] != event_shape:
+        if not (isinstance(event_dim, int) and event_dim >= 1):
+            raise ValueError(f"{name}: event_dim must be an int >= 1, got {event_dim!r}")
+        if loc.dim() < event_dim:
+            raise ValueError(f"{name}: loc must have at least event_dim = {event_dim} dims, got {tuple(loc.shape)}")
+        event_shape = loc.shape[loc.dim() - event_dim :]
+        if (
+            cov_diag.dim() < event_dim or cov_diag.shape[cov_diag.dim() - event_dim :] != event_shape
+            or cov_factor.dim() < event_dim + 1 or cov_factor.shape[cov_factor.dim() - event_dim - 1 : -1] != event_shape
+        ):
+            event = ", ".join(str(d) for d in event_shape)
             raise ValueError(
-                f"{name}: loc is {tuple(event_shape)}, so cov_factor must be (..., {event_shape[0]}, "
-                f"{event_shape[1]}, k) and cov_diag (..., {event_shape[0]}, {event_shape[1]}); "
-                f"got {tuple(cov_factor.shape)} and {tuple(cov_diag.shape)}"
+                f"{name}: loc has event shape {tuple(event_shape)}, so cov_factor must be (..., {event}, k) and "
+                f"cov_diag (..., {event}); got {tuple(cov_factor.shape)} and {tuple(cov_diag.shape)}"
             )
-        batch_shape = _broadcast_batch(name, loc.shape[:-2], cov_factor.shape[:-3], cov_diag.shape[:-2])
-        self._set_params(batch_shape, loc, cov_factor, cov_diag)
+        batch_shape = _broadcast_batch(
+            name, loc.shape[: loc.dim() - event_dim], cov_factor.shape[: cov_factor.dim() - event_dim - 1],
+            cov_diag.shape[: cov_diag.dim() - event_dim],
+        )
+        self._set_params(batch_shape, event_shape, loc, cov_factor, cov_diag)
         super().__init__(batch_shape, event_shape, validate_args=validate_args)
 
-    def _set_params(self, batch_shape, loc, cov_factor, cov_diag):
-        self.loc = loc.expand(batch_shape + loc.shape[-2:])
-        self.cov_factor = cov_factor.expand(batch_shape + cov_factor.shape[-3:])
-        self.cov_diag = cov_diag.expand(batch_shape + cov_diag.shape[-2:])
+    @property
+    def arg_constraints(self):
+        e = len(self.event_shape) if hasattr(self, "_event_shape") else 2
+        return {
+            "loc": constraints.independent(constraints.real, e),
+            "cov_factor": constraints.independent(constraints.real, e + 1),
+            "cov_diag": constraints.independent(constraints.positive, e),
+        }
+
+    @constraints.dependent_property
+    def support(self):
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    def _set_params(self, batch_shape, event_shape, loc, cov_factor, cov_diag):
+        self.loc = loc.expand(batch_shape + event_shape)
+        self.cov_factor = cov_factor.expand(batch_shape + cov_factor.shape[cov_factor.dim() - len(event_shape) - 1 :])
+        self.cov_diag = cov_diag.expand(batch_shape + event_shape)
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(LowRankPlusDiagNormal, _instance)
         batch_shape = torch.Size(batch_shape)
-        new._set_params(batch_shape, self.loc, self.cov_factor, self.cov_diag)
+        new._set_params(batch_shape, self.event_shape, self.loc, self.cov_factor, self.cov_diag)
         super(LowRankPlusDiagNormal, new).__init__(batch_shape, self.event_shape, validate_args=False)
         new._validate_args = self._validate_args
         return new
@@ -267,9 +296,10 @@ class LowRankPlusDiagNormal(TorchDistribution):
     @lazy_property
     def flat(self):
         """The same Gaussian on ``vec(X)``, a :class:`~torch.distributions.LowRankMultivariateNormal`."""
-        # built lazily, after our own arg_constraints were validated with matrix-shaped names
+        # built lazily, after our own arg_constraints were validated with tensor-shaped names
+        e = len(self.event_shape)
         return LowRankMultivariateNormal(
-            self.loc.flatten(-2), self.cov_factor.flatten(-3, -2), self.cov_diag.flatten(-2), validate_args=False
+            self.loc.flatten(-e), self.cov_factor.flatten(-e - 1, -2), self.cov_diag.flatten(-e), validate_args=False
         )
 
     @lazy_property
@@ -292,26 +322,117 @@ class LowRankPlusDiagNormal(TorchDistribution):
         return self._cov.logdet()
 
     def _mahalanobis(self, delta):
-        delta = delta.flatten(-2).unsqueeze(-1)
+        delta = delta.flatten(-len(self.event_shape)).unsqueeze(-1)
         return (delta * self._cov.solve(delta)).sum((-2, -1))
 
     def _precision_diagonal(self):
         return self._cov.inv_diagonal().unflatten(-1, self.event_shape)
 
     def rsample(self, sample_shape=torch.Size()):
-        return self.flat.rsample(sample_shape).unflatten(-1, self.event_shape)
+        if self.batch_shape:
+            return self.flat.rsample(sample_shape).unflatten(-1, self.event_shape)
+        # no batch: loc + W z2 + sqrt(d) z1 directly, without the flat form's capacitance Cholesky (log_prob needs it)
+        shape = torch.Size(sample_shape)
+        z2 = torch.randn(*shape, self.cov_factor.shape[-1], dtype=self.loc.dtype, device=self.loc.device)
+        z1 = torch.randn(*shape, *self.loc.shape, dtype=self.loc.dtype, device=self.loc.device)
+        return self.loc + torch.tensordot(z2, self.cov_factor, dims=([-1], [-1])) + self.cov_diag.sqrt() * z1
 
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
-        return self.flat.log_prob(value.flatten(-2))
+        return self.flat.log_prob(value.flatten(-len(self.event_shape)))
 
     def entropy(self):
         return self.flat.entropy()
 
 
+class KFACNormal(TorchDistribution):
+    r"""
+    Gaussian over a (stacked) LoRA site with Kronecker-factored precision, per layer ``l``:
+    ``P_l = E_l (x) Lambda_l + lambda_l I`` in the canonical row-major orientation ``W: [r, D]``, with
+    ``E = V diag(e) V^T`` (``r x r``) and ``Lambda = U diag(s) U^T + sigma (I - U U^T)`` (``U: [D, k]``).
+    Its eigenvectors are ``v_i (x) u_j`` (eigenvalue ``e_i s_j + lambda``) and ``v_i (x) w`` for ``w``
+    orthogonal to ``U`` (``e_i sigma + lambda``), so sampling, ``log_prob`` and the variance cost
+    ``O(r D k)`` per layer; no ``rD x rD`` matrix is formed.
+
+    :param loc: mean, the site's shape ``[L, rows, cols]`` (or ``[rows, cols]``).
+    :param small_vecs: ``V``, ``[L, r, r]``; ``small_vals``: ``e >= 0``, ``[L, r]``.
+    :param large_vecs: ``U`` with orthonormal columns, ``[L, D, k]``; ``large_vals``: ``s >= 0``,
+        ``[L, k]``; ``large_rest``: ``sigma >= 0``, ``[L]``.
+    :param prior_precision: ``lambda > 0``, ``[L]``.
+    :param bool transposed: the site holds ``W^T`` (LoRA ``B``: ``[L, D, r]``).
+    """
+
+    arg_constraints = {}
+    support = constraints.real
+    has_rsample = True
+
+    def __init__(self, loc: torch.Tensor, small_vecs: torch.Tensor, small_vals: torch.Tensor, large_vecs: torch.Tensor,
+                 large_vals: torch.Tensor, large_rest: torch.Tensor, prior_precision: torch.Tensor, transposed: bool):
+        self.loc = loc
+        self.small_vecs, self.small_vals = small_vecs, small_vals
+        self.large_vecs, self.large_vals, self.large_rest = large_vecs, large_vals, large_rest
+        self.prior_precision = prior_precision
+        self.transposed = transposed
+        super().__init__(torch.Size(), loc.shape, validate_args=False)
+
+    def _canonical(self, x):
+        """``[*S, *event]`` -> ``[*S, L, r, D]``."""
+        x = x if len(self.event_shape) == 3 else x.unsqueeze(-3)
+        return x.transpose(-1, -2) if self.transposed else x
+
+    def _site(self, x):
+        x = x.transpose(-1, -2) if self.transposed else x
+        return x if len(self.event_shape) == 3 else x.squeeze(-3)
+
+    def _eigenvalues(self):
+        """Precision eigenvalues: ``[L, r, k]`` on ``v_i (x) u_j`` and ``[L, r]`` on the complement."""
+        lam = self.prior_precision
+        top = self.small_vals.unsqueeze(-1) * self.large_vals.unsqueeze(-2) + lam[:, None, None]
+        rest = self.small_vals * self.large_rest.unsqueeze(-1) + lam[:, None]
+        return top, rest
+
+    @property
+    def mean(self):
+        return self.loc
+
+    @property
+    def variance(self):
+        top, rest = self._eigenvalues()
+        u2 = self.large_vecs.pow(2)  # [L, D, k]
+        # Var W_ad = sum_i V_ai^2 (sum_j U_dj^2 / top_ij + (1 - |U_d|^2) / rest_i)
+        per_i = (u2 @ top.reciprocal().mT).mT + (1 - u2.sum(-1)).unsqueeze(-2) / rest.unsqueeze(-1)  # [L, r, D]
+        return self._site(self.small_vecs.pow(2) @ per_i)
+
+    def rsample(self, sample_shape=torch.Size()):
+        top, rest = self._eigenvalues()
+        L, r, D = self.large_vecs.shape[0], self.small_vecs.shape[-1], self.large_vecs.shape[-2]
+        shape = torch.Size(sample_shape)
+        z1 = torch.randn(shape + top.shape, device=top.device, dtype=top.dtype)
+        z2 = torch.randn(shape + (L, r, D), device=top.device, dtype=top.dtype)
+        u = self.large_vecs
+        # W = V [(z1 / sqrt(top)) U^T + diag(rest^-1/2) z2 (I - U U^T)]
+        inner = (z1 * top.rsqrt()) @ u.mT + rest.rsqrt().unsqueeze(-1) * (z2 - (z2 @ u) @ u.mT)
+        return self.loc + self._site(self.small_vecs @ inner)
+
+    def log_prob(self, value):
+        top, rest = self._eigenvalues()
+        D, k = self.large_vecs.shape[-2:]
+        m = self.small_vecs.mT @ self._canonical(value - self.loc)  # V^T dW: [*S, L, r, D]
+        t = m @ self.large_vecs  # [*S, L, r, k]
+        t2 = t.pow(2)
+        quad = (t2 * top).sum((-1, -2)) + ((m.pow(2).sum(-1) - t2.sum(-1)) * rest).sum(-1)
+        logdet = top.log().sum((-1, -2)) + (D - k) * rest.log().sum(-1)
+        n = top.shape[-2] * D
+        return (-0.5 * (quad - logdet + n * math.log(2 * math.pi))).sum(-1)
+
+
+def _event_dims(event_shape):
+    return tuple(range(-len(event_shape), 0))
+
+
 class _DiagNormal:
-    """``Normal(loc, scale).to_event(2)`` seen through the interface the Gaussian KLs below use."""
+    """``Normal(loc, scale).to_event(k)`` seen through the interface the Gaussian KLs below use."""
 
     def __init__(self, d, event_shape):
         if not (isinstance(d.base_dist, Normal) and d.event_shape == event_shape):
@@ -321,10 +442,10 @@ class _DiagNormal:
         self.event_shape = event_shape
 
     def _logdet(self):
-        return 2 * self.scale.log().sum((-2, -1))
+        return 2 * self.scale.log().sum(_event_dims(self.event_shape))
 
     def _mahalanobis(self, delta):
-        return (delta / self.scale).pow(2).sum((-2, -1))
+        return (delta / self.scale).pow(2).sum(_event_dims(self.event_shape))
 
     def _precision_diagonal(self):
         return self.variance.reciprocal()
@@ -338,7 +459,7 @@ def _kl_gaussian(p, q, trace):
 
 def _diagonal_trace(p, q):
     # tr(S_q^-1 S_p) = sum diag(S_p) * diag(S_q^-1) when S_p or S_q is diagonal
-    return (p.variance * q._precision_diagonal()).sum((-2, -1))
+    return (p.variance * q._precision_diagonal()).sum(_event_dims(p.event_shape))
 
 
 @register_kl(MatrixNormalKronecker, MatrixNormalKronecker)

@@ -1,0 +1,130 @@
+"""The method registry: every method of ``pyro-lora compare``, ``fit`` and ``evaluate`` is one decorated recipe.
+
+A recipe turns the shared, trained MAP (a *setup*, :class:`pyro_lora.experiments.setup.Setup`) into a
+:class:`Fitted` method; its metadata says what the application layer needs to know about it, so no code
+switches on method names::
+
+    @method("meanfield", bayesian=True, guide=MeanFieldGuide, exportable=True)
+    def meanfield(setup):
+        model = setup.lora_model(random="AB")
+        return setup.svi(model, MeanFieldGuide(model))
+
+A new method is its guide file, one recipe and one export line in :mod:`pyro_lora.guides`.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from pyro_lora.model import LoraModel
+from pyro_lora.predictive import Prediction, predict
+
+TASKS = ("classification", "multiple_choice")
+
+
+@dataclass
+class Fitted:
+    """A fitted method: ``predict(records) -> Prediction``, and what it adds over plain LoRA.
+
+    ``predict`` may be left out when ``guide`` is given: the method's registered predictive then scores the guide.
+    """
+
+    predict: Optional[Callable] = None
+    guide: object = None
+    extra_parameters: int = 0
+    note: Optional[str] = None  # what a reader of its rows must know (e.g. temperature scaling fell back to T = 1)
+    # one set of weights (MAP, zero-shot, temperature scaling): its mutual information is exactly 0, not missing.
+    # None: the guide's ``deterministic`` (False without a guide)
+    point_estimate: Optional[bool] = None
+    # the shared MAP itself: its fit time is the MAP's training (which every other method starts from, uncounted)
+    is_map: bool = False
+
+    def __post_init__(self):
+        if self.point_estimate is None:
+            self.point_estimate = bool(self.guide is not None and self.guide.deterministic)
+
+
+def weight_samples(guide, loader, num_samples: int) -> Prediction:
+    """The default predictive: ``S = num_samples`` weight draws of ``guide``, probabilities averaged."""
+    return predict(guide.model, guide, loader, num_samples=num_samples, keep_samples=True)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered method (see :func:`method` for the fields)."""
+
+    name: str
+    recipe: Callable
+    bayesian: bool
+    tasks: tuple
+    guide: Optional[type]
+    model: type
+    exportable: bool
+    predictive: Callable
+    likelihood: Optional[Callable]
+
+    @property
+    def saveable(self) -> bool:
+        """Whether ``pyro-lora fit`` can save it: it has a guide."""
+        return self.guide is not None
+
+    @property
+    def summary(self) -> str:
+        """The first line of the recipe's docstring."""
+        return (self.recipe.__doc__ or self.name).strip().splitlines()[0]
+
+    def task_likelihood(self, likelihood):
+        """The task's likelihood as this method's model needs it."""
+        return likelihood if self.likelihood is None else self.likelihood(likelihood)
+
+
+METHODS: dict = {}  # name -> Method, in registration order (the order of compare's table)
+MODELS: dict = {}  # a model class's registered name (its ``name`` attribute) -> the class, for run records
+
+
+def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[type] = None, model: type = LoraModel,
+           exportable: bool = False, predictive: Callable = weight_samples, likelihood: Optional[Callable] = None):
+    """Register the decorated recipe ``recipe(setup) -> Fitted`` as method ``name``.
+
+    :param bayesian: whether it is a posterior (or an ensemble), not a point estimate or a recalibration.
+    :param tasks: the dataset tasks it applies to (``"classification"``, ``"multiple_choice"``).
+    :param guide: the :class:`~pyro_lora.guides.LoraGuide` subclass its :class:`Fitted` holds, which ``fit`` saves;
+        ``None``: nothing to save (``compare`` reports it, ``fit`` refuses it).
+    :param model: the :class:`~pyro_lora.LoraModel` class (or subclass) of its guide's model; run records name it
+        by its ``name`` attribute, and ``evaluate`` rebuilds it with its ``restore`` classmethod.
+    :param exportable: whether the guide's mean is a plain LoRA (A, B), which a peft adapter holds.
+    :param predictive: ``predictive(guide, loader, num_samples) -> Prediction``, the predictive its rows report;
+        run records name it by its ``__name__``.
+    :param likelihood: ``likelihood(task_likelihood) -> likelihood``, where its model needs another form of the
+        task's likelihood (e.g. one forward per batch for KFAC).
+    :raises ValueError: for a name already registered, or a model class whose ``name`` another class holds.
+    """
+    if name in METHODS:
+        raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
+    unknown = [t for t in tasks if t not in TASKS]
+    if not tasks or unknown:
+        raise ValueError(f"method {name!r}: tasks {tasks!r} must be a non-empty subset of {TASKS}")
+    if MODELS.get(model.name, model) is not model:
+        raise ValueError(f"model class {model.__qualname__} has the name {model.name!r} of {MODELS[model.name].__qualname__}: "
+                         "give it a name of its own")
+
+    def register(recipe):
+        MODELS[model.name] = model
+        METHODS[name] = Method(name, recipe, bayesian, tuple(tasks), guide, model, exportable, predictive, likelihood)
+        return recipe
+
+    return register
+
+
+def get_method(name: str) -> Method:
+    """The registered method ``name``.
+
+    :raises ValueError: naming the registered methods, if there is none of that name.
+    """
+    if name not in METHODS:
+        raise ValueError(f"unknown guide {name!r}; available: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def methods_for_task(task: str) -> list:
+    """The names of the registered methods that apply to a dataset task (``meta.json``'s ``task``)."""
+    return [name for name, m in METHODS.items() if task in m.tasks]

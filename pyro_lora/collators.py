@@ -1,0 +1,214 @@
+"""Collators: a list of records -> a dict of tensors, one class per batch layout.
+
+:class:`ClassificationCollator` for encoders, :class:`LetterCollator` and :class:`ClozeCollator` for
+multiple choice on a causal LM (the two formats of :mod:`pyro_lora.prompts`), :class:`CausalLMCollator`
+for token-level language modelling. :func:`pyro_lora.data.make_loader` wraps one in a seeded ``DataLoader``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .prompts import cloze_pairs, letter_prompt, record_text
+
+__all__ = ["CausalLMCollator", "ClassificationCollator", "ClozeCollator", "LetterCollator"]
+
+
+def _special_prefix(tokenizer) -> list[int]:
+    """Special tokens the tokenizer puts before the text (its BOS, if it uses one)."""
+    probe = "hello"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(plain) + 1):
+        if full[start : start + len(plain)] == plain:
+            return list(full[:start])
+    return []
+
+
+def _pad_id(tokenizer) -> int:
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to its eos token)")
+    return tokenizer.pad_token_id
+
+
+def _pad(rows: list[list[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``, both ``[len(rows), max_len]``, padded on ``side``."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        span = slice(width - len(row), width) if side == "left" else slice(0, len(row))
+        ids[i, span] = torch.tensor(row, dtype=torch.long)
+        mask[i, span] = 1
+    return ids, mask
+
+
+def _labels(records) -> torch.Tensor:
+    return torch.tensor([r["label"] for r in records], dtype=torch.long)
+
+
+def _choice_mask(records, num_choices: int) -> torch.Tensor:
+    counts = torch.tensor([len(r["choices"]) for r in records])
+    return torch.arange(num_choices)[None, :] < counts[:, None]
+
+
+class ClassificationCollator:
+    """Sequence-classification batches for an encoder.
+
+    Returns ``input_ids [B, T]``, ``attention_mask [B, T]``, ``token_type_ids [B, T]`` (when the
+    tokenizer makes them) and ``labels [B]``; padded on the right (whatever the tokenizer's
+    ``padding_side``: :class:`~pyro_lora.SequenceClassification` reads right-padded batches) to the longest
+    text in the batch, truncated to ``max_length`` tokens.
+    """
+
+    def __init__(self, tokenizer, max_length: int = 128):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+
+    def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        batch = self.tokenizer(
+            [r["text"] for r in records],
+            padding="longest",
+            padding_side="right",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
+        out = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        out["labels"] = _labels(records)
+        return out
+
+
+class LetterCollator:
+    """Letter-format multiple-choice batches for a causal LM.
+
+    Returns ``input_ids [B, T]``, ``attention_mask [B, T]``, ``labels [B]`` and ``choice_mask [B, K]``
+    (bool, ``K`` = most choices in the batch, ``False`` for options a record lacks). Prompts longer
+    than ``max_length`` lose tokens at the start, so ``Answer:`` stays last. With left padding (the
+    default) the last real token sits at position ``-1``, where the answer-letter logits are read;
+    with right padding it sits at ``attention_mask.sum(-1) - 1``. Either way the positions count real
+    tokens only (:class:`~pyro_lora.MultipleChoice`), so the logits do not depend on the padding.
+    """
+
+    def __init__(self, tokenizer, max_length: int = 512, padding_side: str = "left"):
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.padding_side = padding_side
+        self.pad_id = _pad_id(tokenizer)
+        self.prefix = _special_prefix(tokenizer)
+        if max_length <= len(self.prefix):
+            raise ValueError(f"max_length={max_length} leaves no room after the special prefix")
+
+    def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        prompts = [letter_prompt(r) for r in records]
+        encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        budget = self.max_length - len(self.prefix)
+        rows = [self.prefix + ids[-budget:] for ids in encoded]
+        input_ids, attention_mask = _pad(rows, self.pad_id, self.padding_side)
+        num_choices = max(len(r["choices"]) for r in records)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": _labels(records),
+            "choice_mask": _choice_mask(records, num_choices),
+        }
+
+
+class ClozeCollator:
+    """Cloze-format multiple-choice batches for a causal LM: one row per (record, choice).
+
+    Row ``b * K + k`` holds context + continuation of choice ``k`` of record ``b`` (``K`` = most
+    choices in the batch). Returns
+
+    * ``input_ids``, ``attention_mask`` ``[B*K, T]``, right-padded;
+    * ``target_mask [B*K, T]`` bool: the positions of the continuation tokens in ``input_ids`` (the
+      logits that predict them sit one position earlier);
+    * ``target_lengths [B*K]`` (tokens) and ``target_chars [B*K]`` (characters), for length
+      normalisation;
+    * ``choice_mask [B, K]`` bool and ``labels [B]``.
+
+    Context and continuation are tokenized separately and concatenated, so the boundary is exact;
+    too long a context loses tokens at its start. Missing choices become a 1-token dummy row with an
+    empty target, lengths 1 (so normalising never divides by zero) and ``choice_mask`` False.
+    """
+
+    def __init__(self, tokenizer, max_length: int = 512):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_id = _pad_id(tokenizer)
+        self.prefix = _special_prefix(tokenizer)
+        if max_length < len(self.prefix) + 2:
+            raise ValueError(f"max_length={max_length} leaves no room for a context and a continuation")
+
+    def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        num_choices = max(len(r["choices"]) for r in records)
+        pairs = []
+        for record in records:
+            own = cloze_pairs(record)
+            pairs.extend(own + [None] * (num_choices - len(own)))
+        real = [p for p in pairs if p is not None]
+        tok = self.tokenizer
+        contexts = iter(tok([c for c, _ in real], add_special_tokens=False)["input_ids"])
+        continuations = iter(tok([t for _, t in real], add_special_tokens=False)["input_ids"])
+
+        rows, spans, chars = [], [], []
+        budget = self.max_length - len(self.prefix)
+        for pair in pairs:
+            if pair is None:
+                rows.append([self.pad_id])
+                spans.append((1, 1))
+                chars.append(1)
+                continue
+            ctx, cont = next(contexts), next(continuations)
+            cont = cont[: budget - 1]  # keep at least one context token to condition on
+            ctx = ctx[len(ctx) - (budget - len(cont)) :] if len(ctx) + len(cont) > budget else ctx
+            row = self.prefix + ctx + cont
+            rows.append(row)
+            spans.append((len(row) - len(cont), len(row)))
+            chars.append(len(pair[1]))
+
+        input_ids, attention_mask = _pad(rows, self.pad_id, "right")
+        target_mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for i, (start, stop) in enumerate(spans):
+            target_mask[i, start:stop] = True
+        choice_mask = _choice_mask(records, num_choices)
+        target_lengths = target_mask.sum(-1).masked_fill(~choice_mask.reshape(-1), 1)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "target_mask": target_mask,
+            "target_lengths": target_lengths,
+            "target_chars": torch.tensor(chars, dtype=torch.long),
+            "choice_mask": choice_mask,
+            "labels": _labels(records),
+        }
+
+
+class CausalLMCollator:
+    """Token-level language-modelling batches.
+
+    Returns ``input_ids``, ``attention_mask`` and ``labels``, all ``[B, T]``, right-padded; ``labels``
+    equal ``input_ids`` with -100 on padding (the model shifts them). The text of each record comes
+    from ``text_fn`` (default ``record_text``).
+    """
+
+    def __init__(self, tokenizer, max_length: int = 512, text_fn: Callable[[dict], str] = record_text):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.text_fn = text_fn
+        self.pad_id = _pad_id(tokenizer)
+        self.prefix = _special_prefix(tokenizer)
+
+    def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        encoded = self.tokenizer([self.text_fn(r) for r in records], add_special_tokens=False)["input_ids"]
+        rows = [(self.prefix + ids)[: self.max_length] for ids in encoded]
+        input_ids, attention_mask = _pad(rows, self.pad_id, "right")
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": input_ids.masked_fill(attention_mask == 0, -100),
+        }

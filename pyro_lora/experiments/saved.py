@@ -1,0 +1,240 @@
+"""``pyro-lora fit``, ``bayesianize`` and ``evaluate``: one method saved with its run record, and that record re-scored."""
+
+import json
+import math
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from .. import data as D
+from ..costs import PeakMemory
+from ..io import load_guide, read_safetensors, recover_directory, save_guide, writable_folder
+from ..model import LoraModel
+from ..kinds import KINDS
+from ..guides import bayesianize
+from ..guides.registry import METHODS, MODELS, Fitted, get_method, weight_samples
+from .compare import evaluate, fit_method, predictor, seed_for
+from .scoring import join_row, score
+from .setup import CompareConfig, check_config, check_numbers, prepare, train_map
+
+
+def fit_one(config: CompareConfig, adapter: bool = False) -> dict:
+    """Train MAP, fit the one method of ``config`` and save its guide, with the run's record, to ``out/guide`` as one
+    unit (``guide.json``, ``guide.safetensors``, ``run.json``: ``pyro-lora evaluate out`` reproduces the row).
+
+    :param adapter: also write the posterior mean as a peft adapter folder ``out/guide/adapter``, in the same unit
+        (``PeftModel.from_pretrained`` and ``pyro-lora bayesianize`` take it).
+    :raises ValueError: before loading anything, for a configuration that cannot run, a method with no guide to
+        save, or ``adapter`` with a method whose mean is no LoRA adapter.
+    """
+    if not config.guides or len(config.guides) != 1:
+        raise ValueError(f"fit takes exactly one method, got {config.guides!r}")
+    (name,) = config.guides
+    method = get_method(name)
+    if not method.saveable:
+        raise ValueError(f"method {name!r} has no guide to save; `pyro-lora compare --guides {name}` reports it")
+    if adapter and not method.exportable:
+        exportable = ", ".join(n for n, m in METHODS.items() if m.exportable)
+        raise ValueError(f"method {name!r} has no posterior mean to write as a peft adapter (an ensemble's averaged members, "
+                         f"LoRA-XS cores or ScalaBL scales are no plain LoRA); methods that have one: {exportable}")
+    check_config(config)
+    check_free(config.out, "guide")
+    setup = prepare(config, config.seeds[0])
+    start = time.perf_counter()
+    train_map(setup)
+    fitted, costs = fit_method(setup, name, time.perf_counter() - start)
+    guide = fitted.guide
+    view = setup.for_method(name)
+    prediction, predict_costs = evaluate(setup, Fitted(predictor(view, method, guide)), setup.test, name, config.dataset)
+    row = join_row({"guide": name, "dataset": config.dataset}, score(prediction, point_estimate=fitted.point_estimate),
+                   costs, predict_costs)
+    random = "".join(sorted({s.matrix for s in guide.sites.values()}))
+    save_guide(guide, Path(config.out) / "guide", adapter=adapter,
+               run=run_record(setup, row, method, random=random, prior=float(guide.model.prior)))
+    return row
+
+
+def run_record(setup, row: dict, method, **extra) -> dict:
+    """``run.json``: what :func:`evaluate_saved` needs to rebuild the model and reproduce ``row`` (the datasets
+    folder absolute, so that it is found from any working directory; the model class by its registered name)."""
+    config = {**asdict(setup.config), "data_dir": str(D.resolve_data_dir(setup.config.data_dir))}
+    return {"config": config, "sizes": setup.sizes, "seed": setup.seed, "model_class": method.model.name,
+            "predictive": method.predictive.__name__, **extra, "result": row}
+
+
+def check_free(out, *names):
+    """Refuse a file or a link where a folder ``out/<name>`` will be written (it would be moved aside, out of sight).
+
+    :raises ValueError: naming the path and what is there.
+    """
+    for name in names:
+        path = Path(out) / name
+        if path.is_symlink() or (path.exists() and not path.is_dir()):
+            kind = "a link" if path.is_symlink() else "a file"
+            raise ValueError(f"{path} is {kind}, where the {name} folder goes: move it or choose another --out")
+        if path.is_dir() and any(path.iterdir()) and not (path / "guide.json").is_file():
+            raise ValueError(f"{path} is a folder that holds no saved guide, where the {name} folder goes (saving would "
+                             "replace it): move it or choose another --out")
+
+
+def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = 256, **search) -> dict:
+    """TFB on a saved peft adapter: search sigma_q on ``anchors`` training examples, score the test set,
+    save the guide with the run's record to ``out/guide`` (``pyro-lora evaluate out`` reloads it).
+
+    :raises ValueError: before loading the model, for a configuration that cannot run or a folder that holds no
+        peft adapter.
+    """
+    task = check_config(config, guides=(), writes=False)
+    check_adapter_dir(adapter_dir, task)
+    writable_folder(config.out)
+    check_free(config.out, "guide")
+    setup = prepare(config, config.seeds[0], adapter_dir=adapter_dir)
+    config = setup.config
+    setup.model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=config.prior_scale)
+    anchor_records = D.subset(setup.train, min(anchors, len(setup.train)), seed=0)
+    search.setdefault("num_samples", config.samples)
+    seed_for(setup.seed, "tfb", "fit")
+    with PeakMemory(config.device) as memory:
+        t = time.perf_counter()
+        guide = bayesianize(setup.model, setup.loader(anchor_records), progress=config.progress, **search)
+    costs = {"fit_seconds": time.perf_counter() - t, "fit_memory_mb": memory.megabytes, "extra_parameters": guide.extra_parameters()}
+    method = get_method("tfb")
+    prediction, predict_costs = evaluate(setup, Fitted(predictor(setup, method, guide)), setup.test, "tfb", config.dataset)
+    row = join_row({"guide": "tfb", "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic), costs,
+                   predict_costs, {"sigma_q": float(guide.sigma_q)})
+    # the adapter travels inside the unit (as the guide's mean, which TFB keeps at the adapter's values): the folder
+    # can be shared and evaluated without the original adapter
+    save_guide(guide, Path(config.out) / "guide", adapter=True,
+               run=run_record(setup, row, method, random="AB", prior=config.prior_scale, adapter="adapter"))
+    return row
+
+
+def check_adapter_dir(adapter_dir, task: str):
+    """Refuse, before loading the model, a folder that is no readable peft adapter: its config and weights file
+    present and readable, every weight finite, and for a classification set its trained head.
+
+    :raises ValueError: naming the file and what is wrong with it.
+    """
+    path = Path(adapter_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file: give the adapter folder that holds adapter_config.json")
+    try:
+        adapter = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path} holds no peft adapter (adapter_config.json missing): give the folder that "
+                         "`save_pretrained` of a peft model (or `pyro-lora fit --adapter`) wrote") from None
+    except ValueError as error:
+        raise ValueError(f"{path}/adapter_config.json is not valid JSON ({error})") from None
+    if adapter.get("peft_type") != "LORA" or adapter.get("use_dora"):
+        kind = "a DoRA adapter" if adapter.get("use_dora") else f"an adapter of type {adapter.get('peft_type')}"
+        raise ValueError(f"{path} holds {kind}: a posterior over LoRA needs a plain LoRA adapter (no DoRA or other "
+                         "variants: their extra parameters would be left out of the posterior)")
+    rank, alpha = adapter.get("r"), adapter.get("lora_alpha", 8)
+    if not (isinstance(rank, int) and rank >= 1 and isinstance(alpha, (int, float)) and alpha > 0):
+        raise ValueError(f"{path}/adapter_config.json has r {rank!r} and lora_alpha {alpha!r}: a LoRA needs r >= 1 and lora_alpha > 0")
+    weights = path / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise ValueError(f"{weights} is missing: the adapter folder holds no weights (peft would look for them online)")
+    tensors = read_safetensors(weights)
+    if task == "classification" and all("lora_" in k for k in tensors):
+        raise ValueError(f"{weights} holds no classification head (only LoRA matrices; task_type "
+                         f"{adapter.get('task_type')!r}): the head would be freshly random; save the adapter with "
+                         "task_type SEQ_CLS (peft keeps the head)")
+
+
+def _run_file(run_dir):
+    """The ``run.json`` of a `fit` / `bayesianize` output folder (or of its ``guide`` folder)."""
+    run_dir = Path(run_dir)
+    for path in (run_dir / "guide" / "run.json", run_dir / "run.json"):
+        recover_directory(path.parent)  # a save killed between its renames left the previous guide aside
+        if path.is_file() and (path.parent / "guide.json").is_file():
+            return path
+    raise FileNotFoundError(f"{run_dir} is not a `pyro-lora fit` or `bayesianize` output (guide/run.json missing)")
+
+
+def _read_record(path, overrides):
+    """The run record at ``path`` checked whole: ``(run, config, method)``, ``config`` with ``overrides`` applied.
+
+    :raises ValueError: if a setting is missing, unknown or out of range, or the record names another method, model
+        or guide class than the one saved beside it.
+    """
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+        settings = set(CompareConfig.__dataclass_fields__)
+        missing, unknown = sorted(settings - set(run["config"])), sorted(set(run["config"]) - settings)
+        if missing or unknown:
+            raise ValueError(f"config {'lacks ' + str(missing) if missing else 'has unknown settings ' + str(unknown)}")
+        saved = {**run["config"], **overrides}
+        config = CompareConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
+        random, seed, predictive = run["random"], run["seed"], run["predictive"]
+        if not isinstance(predictive, str):
+            raise ValueError(f"predictive {predictive!r} is no name")
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+            raise ValueError(f"seed {seed!r} is no integer in [0, 2**32)")
+        if not isinstance(random, str) or not random or any(k not in KINDS for k in random):
+            raise ValueError(f"random {random!r} is none of the matrix kinds {', '.join(KINDS)}")
+        (name,) = config.guides
+        check_numbers(config)
+        saved_class = json.loads((path.parent / "guide.json").read_text(encoding="utf-8")).get("guide", "")
+        method = METHODS.get(name)
+        if method is None or not method.saveable or saved_class != f"{method.guide.__module__}:{method.guide.__qualname__}":
+            raise ValueError(f"its method {name!r} did not save the guide beside it ({saved_class!r})")
+        if run["model_class"] != method.model.name or MODELS.get(run["model_class"]) is not method.model:
+            raise ValueError(f"model class {run['model_class']!r} is not the model of method {name!r} ({method.model.name!r})")
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{path} is not a complete run record ({type(error).__name__}: {error})") from None
+    return run, config, method
+
+
+def evaluate_saved(run_dir, **overrides) -> dict:
+    """Score the guide saved by :func:`fit_one` or :func:`bayesianize_adapter` in ``run_dir`` on its test set, with
+    the predictive and seed the run used, so the row is the run's (``overrides`` change the config, e.g.
+    ``data_dir`` where the run's datasets folder moved). The row's ``test_examples`` is the number scored.
+
+    :raises FileNotFoundError: if ``run_dir`` holds no saved run.
+    :raises ValueError: if its ``run.json`` is not a complete run record, its configuration cannot run here
+        (:func:`check_config`), or the guide does not fit the rebuilt model.
+    """
+    path = _run_file(run_dir)
+    run, config, method = _read_record(path, overrides)
+    predictive = run["predictive"]
+    if "samples" in overrides and predictive != weight_samples.__name__:
+        raise ValueError(f"--samples changes nothing here: {path} was scored with the {predictive} predictive, which "
+                         "draws no weight samples (an ensemble uses each member once)")
+    if predictive != method.predictive.__name__:
+        raise ValueError(f"{path} was scored with the {predictive} predictive, and method {method.name!r} gives "
+                         f"{method.predictive.__name__}: the row would differ")
+    task = check_config(config, guides=(), writes=False)
+    adapter = run.get("adapter") and path.parent / run["adapter"]  # saved in the unit, beside run.json
+    if adapter is not None:
+        check_adapter_dir(adapter, task)
+    # the saved adapter, if any, brings its own rank, alpha, targets and head
+    setup = prepare(config, run["seed"], adapter_dir=adapter)
+    view = setup.for_method(method.name)
+    prior = run.get("prior", config.prior_scale)  # the prior of the guide's model (e.g. post hoc: 0.1)
+    model = method.model.restore(setup.net, view.likelihood, run["random"], num_data=len(setup.train), prior=prior)
+    guide = load_guide(path.parent, model)
+    prediction, costs = evaluate(setup, Fitted(predictor(view, method, guide)), setup.test, method.name, config.dataset)
+    row = join_row({"guide": method.name, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
+                   costs, {"extra_parameters": guide.extra_parameters(), "test_examples": len(setup.test)})
+    note = _rescored_note(row, run, overrides)
+    if note:
+        row["note"] = f"{row['note']}; {note}" if row.get("note") else note
+    return row
+
+
+def _rescored_note(row, run, overrides):
+    """Why ``row`` is not the row the run recorded, if it is not: other sizes or samples asked for, or (the same
+    settings) other test data or software."""
+    changed_settings = [f"{k} {overrides[k]} (the run: {run['config'][k]})" for k in ("test_size", "samples")
+                        if k in overrides and overrides[k] != run["config"][k]]
+    if changed_settings:
+        return f"re-scored with {', '.join(changed_settings)}: not the run's row"
+    recorded = run.get("result") or {}
+    changed = [k for k in ("accuracy", "ece", "nll") if isinstance(recorded.get(k), (int, float))
+               and not math.isclose(row[k], recorded[k], rel_tol=1e-6, abs_tol=1e-9)]
+    if changed:
+        return (f"differs from the row the run recorded ({changed[0]} {recorded[changed[0]]:.4g} there, {row[changed[0]]:.4g} "
+                "here): the test data or the software changed since")
+    return None
+

@@ -1,0 +1,86 @@
+"""Scores of one prediction: calibration, uncertainty, selective prediction and out-of-distribution detection."""
+
+import numpy as np
+
+from .. import metrics as M
+from ..metrics import summarize
+
+
+MI_SAMPLES_NOTE = ("mutual information n/a: one weight sample per example (--samples 1), and MI needs at least 2 "
+                   "(with one sample it is 0 by construction); rerun with --samples 2 or more")
+MI_NO_SAMPLES_NOTE = ("mutual information n/a: this predictive draws no weight samples (e.g. Laplace's GLM probit "
+                      "link, in closed form), and MI needs several")
+
+
+def _mi_samples(prediction, point_estimate):
+    """The per-sample probabilities that mutual information can be computed from, and None or the reason it cannot.
+
+    MI needs at least 2 weight samples. A point estimate (one set of weights) has MI exactly 0, whatever it kept;
+    any other predictive with fewer than 2 samples (none kept: a closed-form predictive; ``S = 1``) has none: its
+    MI of 0 would be the sample count speaking, not the posterior.
+    """
+    kept = prediction.sample_probs
+    count = 0 if kept is None else kept.shape[0]
+    samples = prediction.probs.unsqueeze(0) if kept is None else kept
+    if count >= 2 or point_estimate:
+        return samples, None
+    return samples, MI_SAMPLES_NOTE if count == 1 else MI_NO_SAMPLES_NOTE
+
+
+def score(prediction, num_bins=15, point_estimate=False):
+    """Calibration, uncertainty and selective-prediction metrics of one :class:`Prediction`.
+
+    ``mutual_information`` is NaN (n/a) where it cannot be computed, with the reason in ``note``: fewer than 2
+    weight samples from a predictive that is not a ``point_estimate`` (whose MI is exactly 0).
+    """
+    p, y = prediction.probs, prediction.labels
+    row = summarize(p, y, num_bins)
+    samples, missing = _mi_samples(prediction, point_estimate)
+    row.update(
+        entropy=float(M.predictive_entropy(samples).mean()),
+        mutual_information=float("nan") if missing else float(M.mutual_information(samples).mean()),
+        accuracy_at_50=M.accuracy_at_coverage(p, y, 0.5),
+        accuracy_at_80=M.accuracy_at_coverage(p, y, 0.8),
+        aurc=M.aurc(p, y),
+    )
+    if missing:
+        row["note"] = missing
+    return row
+
+
+def ood_auroc(in_dist, shifted, point_estimate=False):
+    """AUROC of telling the shifted set from the in-distribution test set by entropy and by mutual information
+    (NaN, n/a, where either set's MI cannot be computed: see :func:`score`)."""
+    si, missing_in = _mi_samples(in_dist, point_estimate)
+    so, missing_out = _mi_samples(shifted, point_estimate)
+    return {
+        "ood_auroc_entropy": M.auroc(M.predictive_entropy(si), M.predictive_entropy(so)),
+        "ood_auroc_mi": float("nan") if missing_in or missing_out else M.auroc(M.mutual_information(si), M.mutual_information(so)),
+    }
+
+
+def join_row(head, *parts):
+    """``head`` updated with every dict of ``parts``; their ``note`` entries joined by ``"; "`` (each once)."""
+    row = dict(head)
+    notes = []
+    for part in parts:
+        row.update(part)
+        if part.get("note") and part["note"] not in notes:
+            notes.append(part["note"])
+    row.pop("note", None)
+    if notes:
+        row["note"] = "; ".join(notes)
+    return row
+
+
+def prediction_arrays(prediction, dataset, seed, point_estimate=False):
+    """The npz arrays of one evaluation; mutual information all NaN where it cannot be computed (see :func:`score`)."""
+    samples, missing = _mi_samples(prediction, point_estimate)
+    key = f"{dataset}__seed{seed}__"
+    mi = M.mutual_information(samples).numpy() if not missing else np.full(len(prediction.labels), np.nan)
+    return {
+        key + "probs": prediction.probs.numpy(),
+        key + "labels": prediction.labels.numpy(),
+        key + "entropy": M.predictive_entropy(samples).numpy(),
+        key + "mutual_information": mi,
+    }

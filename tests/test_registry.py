@@ -1,0 +1,110 @@
+"""The method registry: a method registered from outside the package runs through compare, fit and evaluate."""
+
+import json
+
+import pyro.distributions as dist
+import pytest
+import torch
+
+from pyro_lora.experiments import cli
+from pyro_lora.experiments.compare import run_compare
+from pyro_lora.experiments.saved import evaluate_saved, fit_one
+from pyro_lora.experiments.setup import CompareConfig, check_config
+from pyro_lora.guides import METHODS, Fitted, LoraGuide, get_method, method, methods_for_task
+from pyro_lora.guides.registry import MODELS
+from pyro_lora.model import LoraModel
+
+pytestmark = pytest.mark.real
+
+
+class JitterGuide(LoraGuide):
+    """``q(theta) = N(theta_MAP, std^2 I)``: the smallest posterior a user could add."""
+
+    def __init__(self, model, std=1e-3, init=None):
+        super().__init__(model)
+        init = init if init is not None else model.adapter_values()
+        self.std = std
+        self.locs = torch.nn.ParameterList([torch.nn.Parameter(init[name].detach().clone().float()) for name in self.sites])
+
+    def posterior(self):
+        return {name: dist.Normal(loc, self.std).to_event(loc.dim()) for name, loc in zip(self.sites, self.locs)}
+
+    def config(self):
+        return {"std": self.std}
+
+
+def jitter(setup):
+    """A Gaussian of fixed std around the MAP (a test method)."""
+    model = setup.lora_model(random="AB")
+    return Fitted(guide=JitterGuide(model, std=0.05), extra_parameters=1)
+
+
+@pytest.fixture
+def jitter_method():
+    method("jitter", bayesian=True, tasks=("classification",), guide=JitterGuide, exportable=True)(jitter)
+    yield get_method("jitter")
+    METHODS.pop("jitter")
+
+
+def small(out, **kwargs):
+    return CompareConfig(**{"train_size": 40, "test_size": 16, "epochs": 1, "samples": 3, "out": str(out), "progress": False,
+                            **kwargs})
+
+
+def test_a_method_registered_outside_runs_through_compare_fit_and_evaluate(tmp_path, jitter_method):
+    assert "jitter" in methods_for_task("classification") and "jitter" not in methods_for_task("multiple_choice")
+    assert jitter_method.summary == "A Gaussian of fixed std around the MAP (a test method)." and jitter_method.bayesian
+    rows = run_compare(small(tmp_path / "compare", guides=("map", "jitter")))
+    assert [r["guide"] for r in rows] == ["map", "jitter"]
+    jittered = rows[1]
+    assert jittered["extra_parameters"] == 1 and jittered["mutual_information"] > 0  # its own weight samples
+    assert 0.0 <= jittered["accuracy"] <= 1.0
+    # the command line offers it like a built-in method, fit saves it and evaluate reproduces fit's row
+    out = tmp_path / "fit"
+    assert cli.main(["fit", "--guide", "jitter", "--train-size", "40", "--test-size", "16", "--epochs", "1", "--samples", "3",
+                     "--out", str(out), "--quiet", "--adapter"]) == 0
+    record = json.loads((out / "guide" / "run.json").read_text())
+    assert record["model_class"] == "lora" and record["predictive"] == "weight_samples"
+    assert (out / "guide" / "adapter" / "adapter_config.json").is_file()
+    again = evaluate_saved(out, progress=False)
+    assert {k: again[k] for k in ("accuracy", "ece", "nll")} == {k: record["result"][k] for k in ("accuracy", "ece", "nll")}
+
+
+def test_a_method_that_does_not_take_the_task_is_refused_before_loading(tmp_path, jitter_method):
+    with pytest.raises(ValueError, match="jitter does not apply to multiple_choice sets like 'arc_easy'"):
+        check_config(small(tmp_path, model="smollm2", dataset="arc_easy", guides=("jitter",)))
+
+
+def test_a_method_without_a_guide_is_not_saveable(tmp_path):
+    method("nothing", bayesian=False)(lambda setup: Fitted(lambda records: None))
+    try:
+        with pytest.raises(ValueError, match="method 'nothing' has no guide to save"):
+            fit_one(small(tmp_path, guides=("nothing",)))
+    finally:
+        METHODS.pop("nothing")
+
+
+def test_registration_is_checked():
+    with pytest.raises(ValueError, match="method 'map' is already registered"):
+        method("map", bayesian=False)(lambda setup: None)
+    with pytest.raises(ValueError, match="tasks \\('regression',\\) must be a non-empty subset"):
+        method("regress", bayesian=False, tasks=("regression",))(lambda setup: None)
+
+    class Impostor(LoraModel):
+        pass  # inherits the name "lora" of another class
+
+    with pytest.raises(ValueError, match="model class .*Impostor has the name 'lora' of LoraModel"):
+        method("impostor", bayesian=True, model=Impostor)(lambda setup: None)
+    assert "impostor" not in METHODS and MODELS["lora"] is LoraModel
+    with pytest.raises(ValueError, match="unknown guide 'nope'; available: zeroshot, map, temperature"):
+        get_method("nope")
+
+
+def test_every_built_in_method_has_its_metadata():
+    for name, m in METHODS.items():
+        assert m.summary and m.tasks, name
+        assert MODELS[m.model.name] is m.model
+        if m.saveable:
+            assert issubclass(m.guide, LoraGuide)
+    assert [n for n, m in METHODS.items() if not m.bayesian] == ["zeroshot", "map", "temperature"]
+    assert methods_for_task("classification") == [n for n in METHODS if n != "zeroshot"]
