@@ -32,17 +32,14 @@ __all__ = ["isotropic_normal", "KFACNormal", "MatrixNormalKronecker", "LowRankPl
 
 
 def isotropic_normal(shape: tuple | torch.Size, scale: float | torch.Tensor) -> dist.Independent:
-    """
-    Isotropic Gaussian prior ``X_ij ~ N(0, scale^2)`` over a whole tensor site, e.g. a stacked
+    """Isotropic Gaussian prior ``X_ij ~ N(0, scale^2)`` over a whole tensor site, e.g. a stacked
     ``lora_A`` site of shape ``[L, r, d_in]``.
 
     :param shape: event shape of the site.
-    :type shape: torch.Size or tuple
     :param scale: prior standard deviation; a float, or a positive tensor broadcastable to ``shape``
         (e.g. ``[L, 1, 1]`` for one scale per layer). Its dtype and device are those of the prior.
-    :type scale: float or torch.Tensor
     :returns: a distribution with ``batch_shape == ()`` and ``event_shape == shape``.
-    :rtype: pyro.distributions.Independent
+    :raises ValueError: for a scale that is not positive.
     """
     shape = torch.Size(shape)
     if isinstance(scale, numbers.Real) and scale <= 0:

@@ -193,3 +193,18 @@ def test_a_broken_adapter_folder_is_refused_naming_the_file_before_loading(nothi
     weights.write_bytes(weights.read_bytes()[:50])
     assert f"{weights} is corrupt: safetensors cannot read it" in refused()
     assert not (tmp_path / "out").exists()  # refused before the output folder was made
+
+
+def test_full_is_one_flag_away_and_given_flags_still_win(monkeypatch):
+    from pyro_lora.experiments.setup import FULL, CompareConfig
+
+    seen = []
+    monkeypatch.setattr("pyro_lora.experiments.cli.run_compare", lambda config, overwrite=False: seen.append(config) or [])
+    monkeypatch.setattr("pyro_lora.experiments.cli.format_table", lambda rows: "")
+    for argv in ([], ["compare", "--full"], ["compare", "--full", "--epochs", "3", "--test-size", "50"]):
+        assert cli.main(argv) == 0
+    demo, full, mixed = seen
+    assert (demo.train_size, demo.test_size, demo.epochs, demo.samples) == (300, 150, 6, 4) == tuple(
+        getattr(CompareConfig(), k) for k in ("train_size", "test_size", "epochs", "samples"))
+    assert {k: getattr(full, k) for k in FULL} == FULL
+    assert (mixed.train_size, mixed.test_size, mixed.epochs, mixed.samples) == (FULL["train_size"], 50, 3, FULL["samples"])

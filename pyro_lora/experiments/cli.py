@@ -5,7 +5,7 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import fields
+from dataclasses import fields, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,7 +18,7 @@ from . import study
 from .compare import run_compare
 from .results import GuideFailures
 from .saved import bayesianize_adapter, evaluate_saved, fit_one
-from .setup import CompareConfig
+from .setup import FULL, CompareConfig
 from .table import format_table
 
 _MIN_MAX_LENGTH = 8  # shorter cuts most inputs to a few tokens
@@ -166,13 +166,18 @@ def _seed_arg(p, help):
     p.add_argument("--seed", type=_seed, default=0, help=f"{help}, in [0, 2**32) (default 0)")
 
 
-def parser():
+def parser(full=False):
+    """The ``pyro-lora`` parser; ``full``: ``compare``'s sizes default to the full comparison (``--full``)."""
     ap = argparse.ArgumentParser(prog="pyro-lora", allow_abbrev=False, description="Bayesian LoRA in Pyro: fit and compare posterior guides on real data.")
     sub = ap.add_subparsers(dest="command")
     p = sub.add_parser("compare", allow_abbrev=False, help="train MAP once, fit each guide, one table of accuracy and calibration (default)")
+    sizes = replace(CompareConfig(), **FULL) if full else CompareConfig()
+    p.add_argument("--full", action="store_true",
+                   help=f"the full comparison: defaults {FULL['train_size']} training and {FULL['test_size']} test examples, "
+                        f"{FULL['epochs']} epochs, {FULL['samples']} samples (about an hour on 2 CPU cores; default: the demo)")
     _model_args(p)
-    _size_args(p)
-    _training_args(p)
+    _size_args(p, d=sizes)
+    _training_args(p, sizes)
     _guides_arg(p)
     p.add_argument("--seeds", type=_seeds, default=(0,), help="comma-separated training seeds, e.g. 0,1,2 (the table shows mean ± std; default 0)")
     p.add_argument("--eval-datasets", default="", help="comma-separated shifted test sets with the same answer format, e.g. arc_challenge,arc_easy (default none)")
@@ -244,6 +249,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ap = parser()
     args = ap.parse_args(argv or ["compare"])
+    if getattr(args, "full", False):  # other defaults, flags given still win
+        args = parser(full=True).parse_args(argv)
     if args.command == "bayesianize" and args.low >= args.high:
         ap.error(f"bayesianize: --low {args.low} must be below --high {args.high}")
     debug, shown = getattr(args, "debug", False), warnings.showwarning
