@@ -1,7 +1,7 @@
 """One SVI step of each guide, and the S-sample predictive, as ratios to plain peft LoRA in the same process.
 
 CPU by default on a small random Llama (per-site overhead shows there); ``--size 1b --device cuda`` is
-the ~1B Llama-architecture config of DESIGN.md (LoRA r=8 on all 7 projections, batch 4x256).
+a ~1B Llama-architecture config (LoRA r=8 on all 7 projections, batch 4x256).
 
     python benchmarks/svi_step.py                      # CPU, small
     python benchmarks/svi_step.py --size 1b --device cuda --guides map,meanfield,flow

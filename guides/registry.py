@@ -40,7 +40,7 @@ class Fitted:
 
     def __post_init__(self):
         if self.point_estimate is None:
-            self.point_estimate = bool(self.guide is not None and self.guide.deterministic)
+            self.point_estimate = bool(getattr(self.guide, "deterministic", False))
 
 
 def weight_samples(guide, loader, num_samples: int) -> Prediction:

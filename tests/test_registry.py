@@ -108,3 +108,31 @@ def test_every_built_in_method_has_its_metadata():
             assert issubclass(m.guide, LoraGuide)
     assert [n for n, m in METHODS.items() if not m.bayesian] == ["zeroshot", "map", "temperature"]
     assert methods_for_task("classification") == [n for n in METHODS if n != "zeroshot"]
+
+
+@pytest.mark.parametrize("returned, message", [
+    (lambda: "a guide", "its recipe returned str, not a Fitted"),
+    (lambda: Fitted(), "its recipe returned neither a predict function nor a guide"),
+    (lambda: Fitted(guide=torch.nn.Linear(1, 1)), "registered with guide=JitterGuide, and its recipe returned Linear"),
+    (lambda: Fitted(guide=_guide_on(object())), "registered with model=LoraModel, and its guide's model is a object"),
+])
+def test_a_recipe_returning_other_than_it_registered_is_refused(returned, message):
+    """Saved and rebuilt by its registration, it would silently be another method's guide or model."""
+    from types import SimpleNamespace
+
+    from pyro_lora.experiments.compare import fit_method
+
+    setup = SimpleNamespace(seed=0, config=SimpleNamespace(device="cpu"))
+    setup.for_method = lambda name: setup
+    method("liar", bayesian=True, guide=JitterGuide)(lambda setup: returned())
+    try:
+        with pytest.raises((TypeError, ValueError), match=message):
+            fit_method(setup, "liar")
+    finally:
+        METHODS.pop("liar")
+
+
+def _guide_on(model):
+    guide = JitterGuide.__new__(JitterGuide)
+    object.__setattr__(guide, "_model", (model,))
+    return guide

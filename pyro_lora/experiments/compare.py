@@ -33,6 +33,7 @@ def fit_method(setup, name: str, map_seconds: float = 0.0):
         t = time.perf_counter()
         fitted = method.recipe(view)
         fit_seconds = time.perf_counter() - t
+    _check_fitted(method, fitted)
     fit_seconds += map_seconds if fitted.is_map else 0.0
     if fitted.predict is None:
         fitted = replace(fitted, predict=predictor(view, method, fitted.guide))
@@ -40,6 +41,21 @@ def fit_method(setup, name: str, map_seconds: float = 0.0):
     if fitted.note:
         costs["note"] = fitted.note
     return fitted, costs
+
+
+def _check_fitted(method, fitted):
+    """Refuse a recipe's result that its registration does not describe: saved and rebuilt by that description,
+    it would be another method's guide or model."""
+    if not isinstance(fitted, Fitted):
+        raise TypeError(f"method {method.name!r}: its recipe returned {type(fitted).__name__}, not a Fitted")
+    if fitted.predict is None and fitted.guide is None:
+        raise ValueError(f"method {method.name!r}: its recipe returned neither a predict function nor a guide")
+    if method.guide is not None and type(fitted.guide) is not method.guide:
+        raise TypeError(f"method {method.name!r} is registered with guide={method.guide.__name__}, and its recipe returned "
+                        f"{type(fitted.guide).__name__}: register the class it returns")
+    if method.guide is not None and type(fitted.guide.model) is not method.model:
+        raise TypeError(f"method {method.name!r} is registered with model={method.model.__name__}, and its guide's model is a "
+                        f"{type(fitted.guide.model).__name__}: register the model class its recipe builds")
 
 
 def predictor(setup, method, guide):
