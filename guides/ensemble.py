@@ -292,8 +292,9 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     seeds = list(range(k)) if seeds is None else list(seeds)
     if k < 1 or len(seeds) != k:
         raise ValueError(f"need k >= 1 and k seeds, got k={k} and seeds={seeds}")
-    if any(s.matrix == "R" for s in model.sites.values()):
-        raise ValueError("train_ensemble re-initialises plain LoRA; a LoRA-XS model (R sites) is not supported")
+    if any(s.kind.role == "between" for s in model.sites.values()):
+        raise ValueError("train_ensemble re-initialises plain LoRA (A and B); a model with matrices between them (LoRA-XS "
+                         "R cores, ScalaBL S scales) is not supported")
     lora = _lora_ids(model)
     if any(id(p) in lora for p in model.point_parameters()):
         raise ValueError("every LoRA matrix must be a site (random='AB'): point-estimate LoRA matrices cannot vary per member")
@@ -326,6 +327,9 @@ def _lora_ids(model):
 def ensemble_mixture(guide, loader, num_samples):
     """The ensemble's exact mixture: each member (with its head) once; ``num_samples`` is the member count."""
     return predict_ensemble(guide.model, guide, loader, keep_samples=True)
+
+
+ensemble_mixture.uses_samples = False
 
 
 @method("ensemble", bayesian=True, guide=EnsembleGuide, predictive=ensemble_mixture)

@@ -448,6 +448,9 @@ def glm_probit(guide, loader, num_samples):
     return guide.predict_glm(loader, link="probit")
 
 
+glm_probit.uses_samples = False
+
+
 @method("laplace", bayesian=True, guide=LaplaceGuide, exportable=True, predictive=glm_probit, likelihood=kfac_likelihood)
 def laplace(setup):
     """Laplace-LoRA: KFAC Laplace at the MAP, prior precision by the evidence, GLM probit predictive.

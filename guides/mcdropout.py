@@ -49,7 +49,7 @@ class MCDropoutGuide(LoraGuide):
         super().__init__(model)
         if not 0 <= p < 1:
             raise ValueError(f"dropout probability p must be in [0, 1), got {p}")
-        if not any(s.matrix == "A" for s in self.sites.values()):
+        if not any(s.kind.role == "down" for s in self.sites.values()):
             raise ValueError(f"MC dropout drops columns of the A sites; the model has none ({list(self.sites)}): use random='A' or 'AB'")
         self.p = float(p)
         init = init if init is not None else model.adapter_values()
@@ -57,14 +57,14 @@ class MCDropoutGuide(LoraGuide):
 
     def posterior(self):
         return {
-            name: ColumnDropout(loc, self.p) if site.matrix == "A" else dist.Delta(loc, event_dim=loc.dim())
+            name: ColumnDropout(loc, self.p) if site.kind.role == "down" else dist.Delta(loc, event_dim=loc.dim())
             for (name, site), loc in zip(self.sites.items(), self.locs)
         }
 
     def sample(self, num_samples):
         """Name -> ``[S, *site.shape]``: ``A`` sites with one column mask per sample and layer, others repeated."""
         return {
-            name: _drop(loc, self.p, (num_samples,)) if site.matrix == "A" else loc.expand(num_samples, *loc.shape)
+            name: _drop(loc, self.p, (num_samples,)) if site.kind.role == "down" else loc.expand(num_samples, *loc.shape)
             for (name, site), loc in zip(self.sites.items(), self.locs)
         }
 

@@ -126,7 +126,7 @@ class MeanFieldGuide(LoraGuide):
             }
 
     def _flips(self, name):
-        return self.flipout and self.sites[name].matrix == "A" and name in self.gaussian
+        return self.flipout and self.sites[name].kind.role == "down" and name in self.gaussian
 
     def mean(self):
         return dict(zip(self.sites, self.locs))

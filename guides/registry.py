@@ -15,8 +15,12 @@ A new method is its guide file, one recipe and one export line in :mod:`pyro_lor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+from importlib.metadata import entry_points
+
 from pyro_lora.model import LoraModel
 from pyro_lora.predictive import Prediction, predict
+
+from .base import LoraGuide
 
 TASKS = ("classification", "multiple_choice")
 
@@ -98,8 +102,18 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
         task's likelihood (e.g. one forward per batch for KFAC).
     :raises ValueError: for a name already registered, or a model class whose ``name`` another class holds.
     """
+    if not (isinstance(name, str) and name.isidentifier() and name.isascii()):
+        raise ValueError(f"method name {name!r} must be a Python identifier (letters, digits, _): it names files and flags")
     if name in METHODS:
         raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
+    if not isinstance(bayesian, bool) or not isinstance(exportable, bool):
+        raise ValueError(f"method {name!r}: bayesian and exportable are True or False")
+    if guide is not None and not (isinstance(guide, type) and issubclass(guide, LoraGuide)):
+        raise ValueError(f"method {name!r}: guide={guide!r} is no LoraGuide subclass (None: nothing to save)")
+    if exportable and guide is None:
+        raise ValueError(f"method {name!r}: exportable needs the guide whose mean is exported")
+    if not callable(predictive) or (likelihood is not None and not callable(likelihood)):
+        raise ValueError(f"method {name!r}: predictive (and likelihood, if given) must be functions")
     unknown = [t for t in tasks if t not in TASKS]
     if not tasks or unknown:
         raise ValueError(f"method {name!r}: tasks {tasks!r} must be a non-empty subset of {TASKS}")
@@ -108,11 +122,25 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
                          "give it a name of its own")
 
     def register(recipe):
+        if name in METHODS:  # two decorators made before either was applied
+            raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
         MODELS[model.name] = model
         METHODS[name] = Method(name, recipe, bayesian, tuple(tasks), guide, model, exportable, predictive, likelihood)
         return recipe
 
     return register
+
+
+def load_plugins(group: str = "pyro_lora.methods"):
+    """Import the modules that installed packages name under the entry-point ``group``: their ``@method``
+    recipes register (the command line calls this first). In a package's ``setup.cfg``::
+
+        [options.entry_points]
+        pyro_lora.methods =
+            jitter = mypackage.jitter
+    """
+    for entry in entry_points(group=group):
+        entry.load()
 
 
 def get_method(name: str) -> Method:

@@ -340,8 +340,8 @@ def _check_source(model, guide, action):
 
 def _pair_sites(sites):
     """``[(A site, B site)]`` over the same layers, in the model's order; every site must be in one pair."""
-    by_layers = {(s.matrix, s.layers): name for name, s in sites.items()}
-    pairs = [(name, by_layers.get(("B", s.layers))) for name, s in sites.items() if s.matrix == "A"]
+    by_layers = {(s.kind.role, s.layers): name for name, s in sites.items()}
+    pairs = [(name, by_layers.get(("up", s.layers))) for name, s in sites.items() if s.kind.role == "down"]
     paired = {n for pair in pairs for n in pair}
     if not pairs or None in paired or paired != set(sites):
         kinds = {name: s.matrix for name, s in sites.items()}

@@ -78,10 +78,8 @@ def default_data_dir() -> Path:
     for path in candidates:
         if path.is_dir():
             return path
-    tried = "\n  ".join(str(p) for p in candidates)
-    raise FileNotFoundError(
-        f"no datasets folder found; set PYRO_LORA_DATA or pass data_dir. Tried:\n  {tried}"
-    )
+    tried = ", ".join(str(p) for p in candidates)
+    raise FileNotFoundError(f"no datasets folder found (tried {tried}): set PYRO_LORA_DATA or pass --data-dir / data_dir")
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:

@@ -1,6 +1,7 @@
 """Saving and loading guides (safetensors + a JSON of config and site shapes), atomically."""
 
 import contextlib
+import hashlib
 import importlib
 import json
 import math
@@ -197,11 +198,14 @@ def save_guide(guide, path, run=None, adapter=False):
         "base_model": getattr(getattr(model.net, "config", None), "_name_or_path", None),
         "signature": guide.signature,
     }
+    record = None if run is None else json.dumps(standard_json(run), indent=2, allow_nan=False, default=str).encode()
+    if record is not None:
+        meta["run_sha256"] = hashlib.sha256(record).hexdigest()  # evaluate refuses a run.json edited since
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / "guide.safetensors"))
         (tmp / "guide.json").write_text(json.dumps(meta, indent=2))
-        if run is not None:
-            (tmp / "run.json").write_text(json.dumps(standard_json(run), indent=2, allow_nan=False, default=str))
+        if record is not None:
+            (tmp / "run.json").write_bytes(record)
         if adapter:
             _write_adapter(guide, tmp / "adapter")
     return Path(path)

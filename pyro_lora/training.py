@@ -115,6 +115,8 @@ def fit(
         data = distributed.split_batches(data, even=True)  # the same number of steps on every rank
         distributed.broadcast_parameters(params + [b for b in guide.buffers() if b.is_floating_point()])
         distributed.seed_per_rank()
+    for p in params:  # a gradient left by an earlier fit (e.g. on a head it did not train) would join the first step
+        p.grad = None
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
     steps_per_epoch = math.ceil(len(data) / grad_accum_steps) if hasattr(data, "__len__") else None
     total = steps_per_epoch * epochs if steps_per_epoch else None

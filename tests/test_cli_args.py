@@ -208,3 +208,11 @@ def test_full_is_one_flag_away_and_given_flags_still_win(monkeypatch):
         getattr(CompareConfig(), k) for k in ("train_size", "test_size", "epochs", "samples"))
     assert {k: getattr(full, k) for k in FULL} == FULL
     assert (mixed.train_size, mixed.test_size, mixed.epochs, mixed.samples) == (FULL["train_size"], 50, 3, FULL["samples"])
+
+
+def test_compare_flags_without_the_command_run_compare(monkeypatch):
+    seen = []
+    monkeypatch.setattr("pyro_lora.experiments.cli.run_compare", lambda config, overwrite=False: seen.append(config) or [])
+    monkeypatch.setattr("pyro_lora.experiments.cli.format_table", lambda rows: "")
+    assert cli.main(["--full", "--train-size", "40"]) == 0 and cli.main(["--epochs", "2"]) == 0
+    assert (seen[0].train_size, seen[0].epochs, seen[1].epochs) == (40, 10, 2)

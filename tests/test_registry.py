@@ -136,3 +136,52 @@ def _guide_on(model):
     guide = JitterGuide.__new__(JitterGuide)
     object.__setattr__(guide, "_model", (model,))
     return guide
+
+
+def test_registration_refuses_unusable_metadata():
+    for name in ("../escaped", "a,b", "", " map", "x y"):  # names become files and --guides entries
+        with pytest.raises(ValueError, match="must be a Python identifier"):
+            method(name, bayesian=True)(lambda setup: None)
+    for kwargs, message in [({"guide": 42}, "is no LoraGuide subclass"), ({"exportable": True}, "exportable needs the guide"),
+                            ({"predictive": None}, "predictive .and likelihood, if given. must be functions"),
+                            ({"bayesian": "no"}, "bayesian and exportable are True or False")]:
+        with pytest.raises(ValueError, match=message):
+            method("odd", **{"bayesian": True, **kwargs})(lambda setup: None)
+    first, second = method("twice", bayesian=True), method("twice", bayesian=True)
+    first(lambda setup: None)
+    try:
+        with pytest.raises(ValueError, match="method 'twice' is already registered"):
+            second(lambda setup: None)
+    finally:
+        METHODS.pop("twice")
+    assert "odd" not in METHODS
+
+
+def test_a_recipe_giving_a_guide_and_its_own_predict_is_refused():
+    """compare would score its predict, fit and evaluate the registered predictive: two rows for one method."""
+    from types import SimpleNamespace
+
+    from pyro_lora.experiments.compare import fit_method
+
+    setup = SimpleNamespace(seed=0, config=SimpleNamespace(device="cpu"))
+    setup.for_method = lambda name: setup
+    method("both", bayesian=True, guide=JitterGuide)(lambda setup: Fitted(lambda records: None, _guide_on(LoraModel.__new__(LoraModel))))
+    try:
+        with pytest.raises(ValueError, match="saves its guide, and its recipe returned a predict function too"):
+            fit_method(setup, "both")
+    finally:
+        METHODS.pop("both")
+
+
+def test_installed_packages_register_methods_through_entry_points(monkeypatch):
+    from pyro_lora.guides import registry
+
+    loaded = []
+    entry = type("Entry", (), {"load": lambda self: loaded.append("jitter") or method("plugin", bayesian=True)(jitter)})()
+    monkeypatch.setattr(registry, "entry_points", lambda group: [entry] if group == "pyro_lora.methods" else [])
+    try:
+        with pytest.raises(SystemExit):  # the command line loads them before it parses --guides
+            cli.main(["compare", "--guides", "plugin", "--help"])
+        assert loaded == ["jitter"] and "plugin" in METHODS
+    finally:
+        METHODS.pop("plugin", None)

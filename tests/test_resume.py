@@ -1,5 +1,6 @@
 """Nothing finished is lost: a failing guide keeps the others, a rerun resumes, a folder of another run is kept."""
 
+import hashlib
 import json
 import warnings
 from dataclasses import asdict, replace
@@ -263,7 +264,10 @@ def _run_folder(tmp_path, **changes):
             del target[key]
         else:
             target[key] = value
-    (tmp_path / "guide" / "run.json").write_text(json.dumps(run))
+    record = json.dumps(run).encode()
+    (tmp_path / "guide" / "run.json").write_bytes(record)
+    sealed = {"guide": "pyro_lora.guides.map:MAPGuide", "run_sha256": hashlib.sha256(record).hexdigest()}
+    (tmp_path / "guide" / "guide.json").write_text(json.dumps(sealed))
     return tmp_path
 
 
@@ -275,7 +279,7 @@ def _run_folder(tmp_path, **changes):
         ({"seed": -1}, "seed -1 is no integer in [0, 2**32)"),
         ({"seed": 2**32}, "seed 4294967296 is no integer in [0, 2**32)"),  # it wrapped to seed 0 without a word
         ({"guides": ["meanfield"]}, "its method 'meanfield' did not save the guide beside it ('pyro_lora.guides.map:MAPGuide')"),
-        ({"guides": ["bogus"]}, "its method 'bogus' did not save the guide beside it"),
+        ({"guides": ["bogus"]}, "its method 'bogus' is not registered here"),
         ({"random": "Q"}, "random 'Q' is none of the matrix kinds"),
         ({"model_class": "lora_xs"}, "model class 'lora_xs' is not the model of method 'map' ('lora')"),
         ({"predictive": None}, "KeyError: 'predictive'"),
@@ -351,3 +355,33 @@ def test_one_error_shared_by_several_runs_is_said_once(tmp_path):
         folder.fail(guide, 0, RuntimeError("training the MAP every guide starts from failed: loss became nan"))
     with pytest.raises(GuideFailures, match=r"^2 guide run\(s\) failed: map \(seed 0\), tfb \(seed 0\): RuntimeError: training"):
         folder.raise_failures()
+
+
+@pytest.mark.parametrize("edit", [("seed", 1), ("max_length", 9), ("test_size", 40), ("result", None)])
+def test_a_run_record_edited_since_the_save_is_refused_not_rescored(tmp_path, edit, monkeypatch):
+    """Consistent hand edits used to re-score another run under a note blaming the data or the software."""
+    monkeypatch.setattr(S, "prepare", lambda *a, **k: pytest.fail("loaded a model from an edited record"))
+    folder = _run_folder(tmp_path)
+    path = folder / "guide" / "run.json"
+    record = json.loads(path.read_text())
+    key, value = edit
+    target = record["config"] if key in record["config"] else record
+    target[key] = value
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"is not the record saved with its guide \(its SHA-256 differs"):
+        S.evaluate_saved(folder)
+
+
+def test_an_unregistered_method_is_named_as_such(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "prepare", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError, match="its method 'jitter' is not registered here: import the module that registers it"):
+        S.evaluate_saved(_run_folder(tmp_path, guides=["jitter"]))
+
+
+def test_unknown_multiple_choice_settings_are_refused(tmp_path):
+    from pyro_lora.experiments.setup import check_config
+
+    with pytest.raises(ValueError, match="--mc-format 'Cloze' is none of letter, cloze"):
+        check_config(small(tmp_path, model="smollm2", dataset="arc_easy", mc_format="Cloze"))
+    with pytest.raises(ValueError, match="--mc-normalize 'bogus' is none of none, tokens, chars"):
+        check_config(small(tmp_path, model="smollm2", dataset="arc_easy", mc_normalize="bogus"))

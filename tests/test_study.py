@@ -279,6 +279,9 @@ def test_a_study_that_cannot_run_is_refused_before_training(tmp_path, capsys):
     assert line.startswith("pyro-lora: error: ") and "no_such_set" in line
     assert cli.main(["study", "--datasets", "arc_easy", "--update", "map", "--runs", str(tmp_path / "runs")]) == 2
     assert "--update needs an existing run" in capsys.readouterr().err
+    # a classification set: said as such (it used to blame --mc-format, a flag the user never gave)
+    assert cli.main(["study", "--datasets", "sst2", "--no-shift", "--runs", str(tmp_path / "runs")]) == 2
+    assert "the study compares multiple-choice sets, and sst2 is a classification set" in capsys.readouterr().err
 
 
 def test_run_dataset_resumes_more_guides_or_seeds_and_replaces_another_configuration(study, runs, monkeypatch):

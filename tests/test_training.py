@@ -285,3 +285,21 @@ def test_a_kill_inside_the_directory_swap_is_recovered(tmp_path):
     mine.mkdir()  # a running process's save is left alone
     save_guide(guide, tmp_path / "g")
     assert mine.exists()
+
+
+def test_a_gradient_left_by_an_earlier_fit_does_not_join_the_next_one():
+    """fit(train_network=False) leaves gradients on the head it does not train; the next fit that trains the head
+    used to add them to its first step (the rows of compare then depended on the methods run before)."""
+    data = toy_data()
+
+    def trained(stale):
+        pyro.set_rng_seed(0)
+        model, guide = make()
+        if stale:
+            for p in model.point_parameters():
+                p.grad = torch.full_like(p, 100.0)
+        fit(model, guide, data, epochs=1, lr=1e-2, progress=False)
+        return [p.detach().clone() for p in model.point_parameters()]
+
+    for clean, after_stale in zip(trained(False), trained(True), strict=True):
+        torch.testing.assert_close(after_stale, clean)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from ..distributed import is_main
-from ..guides.registry import METHODS
+from ..guides.registry import METHODS, load_plugins
 from . import study
 from .compare import run_compare
 from .results import GuideFailures
@@ -246,9 +246,12 @@ def _init_distributed():
 def main(argv=None):
     """Run the command line; an error the library raises is one line, ``pyro-lora: error: ...``, exit status 2
     (the traceback with ``--debug``)."""
-    argv = sys.argv[1:] if argv is None else argv
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["compare", *argv]  # compare is the default command, with its flags too
+    load_plugins()
     ap = parser()
-    args = ap.parse_args(argv or ["compare"])
+    args = ap.parse_args(argv)
     if getattr(args, "full", False):  # other defaults, flags given still win
         args = parser(full=True).parse_args(argv)
     if args.command == "bayesianize" and args.low >= args.high:

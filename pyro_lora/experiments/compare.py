@@ -50,6 +50,10 @@ def _check_fitted(method, fitted):
         raise TypeError(f"method {method.name!r}: its recipe returned {type(fitted).__name__}, not a Fitted")
     if fitted.predict is None and fitted.guide is None:
         raise ValueError(f"method {method.name!r}: its recipe returned neither a predict function nor a guide")
+    if method.guide is not None and fitted.predict is not None:
+        raise ValueError(f"method {method.name!r} saves its guide, and its recipe returned a predict function too: fit and "
+                         "evaluate score a saved guide with the registered predictive, so compare must as well; register "
+                         "it as the method's predictive instead")
     if method.guide is not None and type(fitted.guide) is not method.guide:
         raise TypeError(f"method {method.name!r} is registered with guide={method.guide.__name__}, and its recipe returned "
                         f"{type(fitted.guide).__name__}: register the class it returns")

@@ -1,5 +1,6 @@
 """``pyro-lora fit``, ``bayesianize`` and ``evaluate``: one method saved with its run record, and that record re-scored."""
 
+import hashlib
 import json
 import math
 import time
@@ -12,7 +13,7 @@ from ..io import load_guide, read_safetensors, recover_directory, save_guide, wr
 from ..model import LoraModel
 from ..kinds import KINDS
 from ..guides import bayesianize
-from ..guides.registry import METHODS, MODELS, Fitted, get_method, weight_samples
+from ..guides.registry import METHODS, MODELS, Fitted, get_method
 from .compare import evaluate, fit_method, predictor, seed_for
 from .scoring import join_row, score
 from .setup import CompareConfig, check_config, check_numbers, prepare, train_map
@@ -175,14 +176,21 @@ def _read_record(path, overrides):
             raise ValueError(f"random {random!r} is none of the matrix kinds {', '.join(KINDS)}")
         (name,) = config.guides
         check_numbers(config)
-        saved_class = json.loads((path.parent / "guide.json").read_text(encoding="utf-8")).get("guide", "")
-        method = METHODS.get(name)
+        meta = json.loads((path.parent / "guide.json").read_text(encoding="utf-8"))
+        saved_class, method = meta.get("guide", ""), METHODS.get(name)
+        if method is None and isinstance(name, str) and name.isidentifier():
+            raise ValueError(f"its method {name!r} is not registered here: import the module that registers it (or install "
+                             "the package whose pyro_lora.methods entry point does)")
         if method is None or not method.saveable or saved_class != f"{method.guide.__module__}:{method.guide.__qualname__}":
             raise ValueError(f"its method {name!r} did not save the guide beside it ({saved_class!r})")
         if run["model_class"] != method.model.name or MODELS.get(run["model_class"]) is not method.model:
             raise ValueError(f"model class {run['model_class']!r} is not the model of method {name!r} ({method.model.name!r})")
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is not a complete run record ({type(error).__name__}: {error})") from None
+    if meta.get("run_sha256") != hashlib.sha256(path.read_bytes()).hexdigest():
+        raise ValueError(f"{path} is not the record saved with its guide (its SHA-256 differs from the one guide.json holds): "
+                         "it was edited or replaced since; evaluate re-scores a run as saved (--test-size, --samples, "
+                         "--device and --data-dir may change), `pyro-lora fit` makes a run with other settings")
     return run, config, method
 
 
@@ -198,7 +206,7 @@ def evaluate_saved(run_dir, **overrides) -> dict:
     path = _run_file(run_dir)
     run, config, method = _read_record(path, overrides)
     predictive = run["predictive"]
-    if "samples" in overrides and predictive != weight_samples.__name__:
+    if "samples" in overrides and not getattr(method.predictive, "uses_samples", True):
         raise ValueError(f"--samples changes nothing here: {path} was scored with the {predictive} predictive, which "
                          "draws no weight samples (an ensemble uses each member once)")
     if predictive != method.predictive.__name__:

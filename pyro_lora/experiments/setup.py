@@ -98,6 +98,8 @@ class Setup:
             params = dict(self.net.named_parameters())
             for k, v in self.trained_state.items():
                 params[k].copy_(v)
+            for p in params.values():  # the next method starts from the MAP, not from another method's gradients
+                p.grad = None
 
     def fit(self, model, guide, **kwargs):
         """Train ``guide`` on the training split for the run's epochs, learning rate and progress bars."""
@@ -252,5 +254,9 @@ def check_numbers(config: CompareConfig):
     seeds = config.seeds
     if not seeds or not all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**32 for x in seeds):
         raise ValueError(f"seeds {seeds!r} must be integers in [0, 2**32)")
+    if config.mc_format not in (None, "letter", "cloze"):
+        raise ValueError(f"--mc-format {config.mc_format!r} is none of letter, cloze")
+    if config.mc_normalize not in (None, "tokens", "chars"):
+        raise ValueError(f"--mc-normalize {config.mc_normalize!r} is none of none, tokens, chars")
     if str(config.device).split(":")[0] not in ("cpu", "cuda"):
         raise ValueError(f"--device {config.device!r} is none of cpu, cuda")

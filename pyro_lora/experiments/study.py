@@ -99,6 +99,10 @@ def study_configs(base, datasets=None, shift=True, runs=DEFAULTS.out, update=Non
     """
     configs = [make_config(base, d, shift, runs) for d in study_datasets(datasets, shift)]
     for config in configs:
+        task = D.load_meta(config.dataset, config.data_dir)["task"]
+        if task != "multiple_choice":
+            raise ValueError(f"--datasets {config.dataset}: the study compares multiple-choice sets, and {config.dataset} is a "
+                             f"{task} set; use `pyro-lora compare --dataset {config.dataset}`")
         check_config(config, guides=update, writes=False)
         if update and not (Path(config.out) / RESULTS).is_file():
             raise ValueError(f"--update needs an existing run: {Path(config.out) / RESULTS} is missing (run the study, "
