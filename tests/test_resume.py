@@ -203,7 +203,7 @@ def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path, capfd):
     again = S.evaluate_saved(moved, progress=False)
     assert {k: again[k] for k in ("accuracy", "ece", "nll")} == {k: record["result"][k] for k in ("accuracy", "ece", "nll")}
     with pytest.raises(ValueError, match="--samples changes nothing here"):
-        S.evaluate_saved(_run_folder(tmp_path / "glm", predictive="glm_probit"), samples=3)
+        S.evaluate_saved(_run_folder(tmp_path / "glm", saved="laplace", guides=["laplace"], predictive="glm_probit"), samples=3)
 
 
 def test_a_request_is_compared_with_what_was_requested_not_with_resolved_defaults(tmp_path):
@@ -252,8 +252,9 @@ def test_evaluate_reproduces_a_smollm2_cloze_laplace_fit(tmp_path):
     assert {k: again[k] for k in ("accuracy", "ece", "nll")} == {k: row[k] for k in ("accuracy", "ece", "nll")}
 
 
-def _run_folder(tmp_path, **changes):
-    """A `fit` output whose run.json is a complete record with ``changes`` (None: the setting removed)."""
+def _run_folder(tmp_path, saved="map", **changes):
+    """A `fit` output whose run.json is a complete record with ``changes`` (None: the setting removed), beside the guide
+    file of method ``saved``."""
     (tmp_path / "guide").mkdir(parents=True, exist_ok=True)
     (tmp_path / "guide" / "guide.json").write_text('{"guide": "pyro_lora.guides.map:MAPGuide"}')
     run = {"config": asdict(small(tmp_path, guides=("map",))), "random": "AB", "predictive": "weight_samples", "seed": 0,
@@ -266,7 +267,8 @@ def _run_folder(tmp_path, **changes):
             target[key] = value
     record = json.dumps(run).encode()
     (tmp_path / "guide" / "run.json").write_bytes(record)
-    sealed = {"guide": "pyro_lora.guides.map:MAPGuide", "run_sha256": hashlib.sha256(record).hexdigest()}
+    guide = METHODS[saved].guide
+    sealed = {"guide": f"{guide.__module__}:{guide.__qualname__}", "run_sha256": hashlib.sha256(record).hexdigest()}
     (tmp_path / "guide" / "guide.json").write_text(json.dumps(sealed))
     return tmp_path
 
