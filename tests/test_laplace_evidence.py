@@ -1,0 +1,261 @@
+"""Laplace's prior precision: the evidence against a dense reference, matrices the data leave unconstrained, and
+the validation-NLL grid."""
+
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_bert_base
+from peft import LoraConfig, get_peft_model
+from test_laplace import bert_data, bert_model, dense_precision, mlp_data, mlp_model
+
+from pyro_lora.guides.laplace import LaplaceGuide
+from pyro_lora.likelihoods import SequenceClassification
+from pyro_lora.model import LoraModel
+
+def flat_norms(guide):
+    return torch.cat([f.loc.reshape(f.prior_precision.numel(), -1).pow(2).sum(-1) for f in guide.factors])
+
+
+def dense_evidence(model, guide, data):
+    loglik = sum(
+        torch.log_softmax(model.logits(b, guide.mean()), -1).gather(1, b["labels"][:, None]).sum() for b in data
+    )
+    lam = torch.cat([f.prior_precision for f in guide.factors])
+    sizes = torch.tensor([f.loc.numel() // f.prior_precision.numel() for f in guide.factors for _ in f.prior_precision])
+    logdet = torch.linalg.slogdet(dense_precision(guide).double())[1]
+    return loglik - 0.5 * (logdet - (sizes * lam.log()).sum() + (lam * flat_norms(guide)).sum())
+
+
+# ---------------------------------------------------------------- KFAC factors
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_evidence_matches_dense_and_increases_during_optimisation(per_layer):
+    model = bert_model()
+    data = bert_data()
+    guide = LaplaceGuide(model, rank=3, prior_precision={"query.lora_A": [0.5, 2.0]}).fit(data, progress=False)
+    assert guide.prior_precision["query.lora_A"].tolist() == [0.5, 2.0]
+    assert guide.prior_precision["value.lora_B"].tolist() == [1, 1]
+    dense = dense_evidence(model, guide, data)
+    torch.testing.assert_close(guide.log_marginal_likelihood().double(), dense, rtol=1e-4, atol=1e-3)
+    # three sequences determine next to none of a matrix's parameters (gamma ~ 1e-5): without the per-layer bound
+    # (min_effective_parameters=0) the optimum is the evidence's own
+    history = guide.optimize_prior_precision("marglik", per_layer=per_layer, min_effective_parameters=0)
+    assert all(b >= a - 1e-6 * abs(a) for a, b in zip(history, history[1:]))
+    assert history[-1] > history[0] + 1.0
+    best = guide.log_marginal_likelihood()
+    torch.testing.assert_close(best.double(), dense_evidence(model, guide, data), rtol=1e-4, atol=1e-3)
+    lam = {k: v.clone() for k, v in guide.prior_precision.items()}
+    assert (len({round(float(x), 6) for v in lam.values() for x in v}) > 1) == per_layer
+    for factor in (0.95, 1.05):  # a maximum: moving any lambda lowers the evidence
+        assert guide.log_marginal_likelihood({k: v * factor for k, v in lam.items()}) < best
+        if per_layer:
+            one = dict(lam, **{"value.lora_B": lam["value.lora_B"] * torch.tensor([factor, 1.0])})
+            assert guide.log_marginal_likelihood(one) < best
+    assert guide.log_marginal_likelihood(5.0) != best  # evaluating elsewhere does not change lambda
+    assert guide.log_marginal_likelihood() == best
+
+
+def zero_b_bert_model(kind="query"):
+    """``bert_model`` with the LoRA B of ``kind``'s layers at zero, peft's init: the Fisher of their A is exactly zero."""
+    model = bert_model()
+    with torch.no_grad():
+        for n, p in model.net.named_parameters():
+            if "lora_B" in n and f".{kind}." in n:
+                p.zero_()
+    return model
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_zero_curvature_matrices_are_named_and_left_out_of_the_evidence(per_layer):
+    model = zero_b_bert_model()
+    data = bert_data(lengths=(7, 5, 4, 6, 3, 7))
+    guide = LaplaceGuide(model, rank=3, prior_precision={"query.lora_A": [0.5, 2.0]}).fit(data, progress=False)
+    assert list(guide.sites) == ["query.lora_A", "query.lora_B", "value.lora_A", "value.lora_B"]
+    assert guide.flat_matrices().tolist() == [True, True] + [False] * 6
+    # their exact evidence term is 0 for every lambda; Laplace's -lambda |A|^2 / 2 drove lambda to 2e-6
+    assert guide.log_marginal_likelihood({"query.lora_A": 1e-6}) == guide.log_marginal_likelihood({"query.lora_A": 1e3})
+    with pytest.warns(UserWarning, match="zero curvature") as record:
+        history = guide.optimize_prior_precision("marglik", per_layer=per_layer, min_effective_parameters=0)
+    (message,) = [str(w.message) for w in record if "zero curvature" in str(w.message)]
+    assert all(f"query.lora_A ({path})" in message for path in model.sites["query.lora_A"].layers)
+    assert "query.lora_B" not in message and "value." not in message
+    assert all(b >= a - 1e-6 * abs(a) for a, b in zip(history, history[1:]))
+    lam = {k: v.clone() for k, v in guide.prior_precision.items()}
+    if per_layer:
+        assert lam["query.lora_A"].tolist() == [0.5, 2.0] and "keep their lambda" in message
+    else:
+        assert len({float(x) for v in lam.values() for x in v}) == 1 and "fitted on the other matrices" in message
+    # the evidence is the dense one without the flat matrices' -lambda |A|^2 / 2, and lambda is its maximum
+    norms = guide.factors[0].loc.pow(2).flatten(1).sum(-1)
+    dense = dense_evidence(model, guide, data) + 0.5 * (lam["query.lora_A"] * norms).sum()
+    best = guide.log_marginal_likelihood()
+    torch.testing.assert_close(best.double(), dense.double(), rtol=1e-4, atol=1e-3)
+    for factor in (0.95, 1.05):
+        assert guide.log_marginal_likelihood({k: v * factor for k, v in lam.items() if k != "query.lora_A"}) < best
+
+
+def test_zero_curvature_everywhere_fits_nothing_and_a_normal_fit_says_nothing():
+    # a normal fit: every matrix informed (effective numbers of parameters 0.9 to 1.8), nothing said, the bound
+    # inactive: the same lambda as the unbounded evidence optimum
+    guide = LaplaceGuide(mlp_model(), fisher="exact", rank=3).fit(mlp_data(), progress=False)
+    assert not guide.flat_matrices().any() and not guide.uninformed_matrices().any()
+    guide.optimize_prior_precision("marglik", per_layer=True, min_effective_parameters=0)
+    unbounded = torch.cat(list(guide.prior_precision.values()))
+    guide.set_prior_precision(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        guide.optimize_prior_precision("marglik", per_layer=True)
+    assert torch.equal(torch.cat(list(guide.prior_precision.values())), unbounded)
+    guide = LaplaceGuide(bert_model(), rank=3).fit(bert_data(), progress=False)
+    assert not guide.flat_matrices().any()
+    guide.set_prior_precision(0.5)
+    for f in guide.factors:
+        f.small_vals.zero_()  # no curvature anywhere
+    with pytest.warns(UserWarning, match="no matrix has curvature, nothing is fitted"):
+        history = guide.optimize_prior_precision("marglik")
+    assert len(history) == 1 and all(bool((v == 0.5).all()) for v in guide.prior_precision.values())
+
+
+def small_b_bert(b_scale, seed=0):
+    """The adversarial tester's setting: 2 labels, a sharp head, B ~ N(0, 1) * ``b_scale`` (a few steps from peft's
+    zero init when small), and 48 sequences."""
+    net = tiny_bert_base(num_labels=2, seed=seed)
+    net.classifier.weight.data.normal_(0, 1.0)
+    net = get_peft_model(net, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 1.0).mul_(b_scale)
+    g = torch.Generator().manual_seed(3)
+    data = []
+    for _ in range(3):
+        lengths = torch.randint(4, 13, (16,), generator=g)
+        mask = (torch.arange(12)[None] < lengths[:, None]).long()
+        ids = torch.randint(1, 64, (16, 12), generator=g) * mask
+        data.append({"input_ids": ids, "attention_mask": mask, "labels": torch.randint(0, 2, (16,), generator=g)})
+    return LoraModel(net.eval(), SequenceClassification(), num_data=48), data
+
+
+def precisions(guide):
+    return torch.cat([guide.prior_precision[k] for k in guide.sites])
+
+
+@pytest.mark.parametrize("b_scale", [1e-3, 1e-4, 3e-5])
+def test_little_curvature_keeps_lambda_bounded_and_names_the_matrices(b_scale):
+    # a B of scale 1e-4 made value.lora_A's Fisher ~1e-8 of the largest, above the zero-curvature cutoff: its
+    # per-layer evidence optimum lambda ~ sqrt(sum g) / |A| fell to 2.7e-4 (prior std 61, swamping the sampled
+    # predictive) without a word
+    model, data = small_b_bert(b_scale)
+    guide = LaplaceGuide(model, fisher="exact", rank=3).fit(data, progress=False)
+    flat, held = guide.flat_matrices(), guide.uninformed_matrices()
+    assert not (flat & held).any() and held.any()
+    names = guide.matrix_names()
+    assert len(names) == len(held) and all(n.startswith(("query.lora_", "value.lora_")) and "(base_model." in n for n in names)
+    norms = flat_norms(guide).double()
+    bound = 0.1 / norms
+    guide.optimize_prior_precision("marglik", per_layer=True, min_effective_parameters=0)
+    unbounded = precisions(guide).double()
+    assert (unbounded[held] < bound[held]).all() and (unbounded[~held & ~flat] >= bound[~held & ~flat]).all()
+    assert unbounded[held].min() < 1e-2 * bound[held].max()  # what the evidence alone gave
+    guide.set_prior_precision(1.0)
+    with pytest.warns(UserWarning, match="little curvature") as record:
+        guide.optimize_prior_precision("marglik", per_layer=True)
+    (message,) = [str(w.message) for w in record if "little curvature" in str(w.message)]
+    named = [n for n in names if n in message]
+    assert named == [n for n, h in zip(names, held.tolist()) if h]  # every held matrix (site and module path), no other
+    assert "held at that bound" in message and "prior std per entry at most 3.2 |theta*|" in message
+    lam = precisions(guide).double()
+    torch.testing.assert_close(lam[held], bound[held], rtol=1e-5, atol=0)  # held at the bound, bounded below
+    torch.testing.assert_close(lam[~held & ~flat], unbounded[~held & ~flat], rtol=1e-5, atol=0)  # the others as before
+    assert (lam[flat] == 1.0).all()
+    # the bound is the constrained maximum: the evidence rises below it, falls above it
+    best = guide.log_marginal_likelihood()
+    for factor, better in ((0.5, True), (2.0, False)):
+        moved = lam.clone()
+        moved[held] *= factor
+        start, moved_lam = 0, {}
+        for k in guide.sites:
+            n = guide.prior_precision[k].numel()
+            moved_lam[k] = moved[start : start + n].float()
+            start += n
+        assert (guide.log_marginal_likelihood(moved_lam) > best) == better
+    # the shared lambda is fitted on all curved matrices and is not pulled down by the barely informed ones: it
+    # does not move as their curvature shrinks (B ~ 1e-2 to 1e-4: 0.32 each time), it gives their A a prior no
+    # wider than the per-layer bound, and no bound applies (nothing said)
+    guide.set_prior_precision(1.0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guide.optimize_prior_precision("marglik")
+    assert not [w for w in caught if "little curvature" in str(w.message)]
+    shared = float(precisions(guide)[0])
+    if not flat[4:6].any():  # value.lora_A curved (B ~ 1e-3, 1e-4): held per layer
+        assert held[4:6].all() and names[4].startswith("value.lora_A")
+        assert shared >= bound[4:6].max() and shared > 50 * unbounded[4:6].max()
+        other, other_data = small_b_bert(1e-2)
+        other_guide = LaplaceGuide(other, fisher="exact", rank=3).fit(other_data, progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            other_guide.optimize_prior_precision("marglik")
+        assert float(precisions(other_guide)[0]) == pytest.approx(shared, rel=0.02)
+
+
+def test_a_normal_scale_b_is_not_held():
+    model, data = small_b_bert(1.0)
+    guide = LaplaceGuide(model, fisher="exact", rank=3).fit(data, progress=False)
+    assert not guide.flat_matrices().any() and not guide.uninformed_matrices().any()
+    guide.optimize_prior_precision("marglik", per_layer=True, min_effective_parameters=0)
+    unbounded = precisions(guide)
+    guide.set_prior_precision(1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        guide.optimize_prior_precision("marglik", per_layer=True)
+    assert torch.equal(precisions(guide), unbounded)
+
+
+@pytest.mark.filterwarnings("ignore:LaplaceGuide val_nll")  # an optimum on the grid's edge: tested below
+def test_val_nll_grid_picks_the_best_value():
+    model = bert_model()
+    guide = LaplaceGuide(model).fit(bert_data(), progress=False)
+    val = bert_data(lengths=(6, 6, 3, 5), seed=5)
+    grid = [0.01, 1.0, 100.0]
+    for predictive in ("glm", "samples"):
+        nlls = guide.optimize_prior_precision("val_nll", val_loader=val, grid=grid, predictive=predictive, num_samples=4)
+        assert len(nlls) == 3
+        assert guide.prior_precision["query.lora_A"][0].item() == pytest.approx(grid[min(range(3), key=nlls.__getitem__)])
+    guide.set_prior_precision(1.0)
+    probit = guide.predict_glm(val)
+    nll = -probit.probs.gather(1, probit.labels[:, None]).log().mean()
+    assert guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1.0])[0] == pytest.approx(float(nll), rel=1e-5)
+
+
+def test_val_nll_optimum_on_the_grid_edge_warns_and_bad_grids_are_refused():
+    # fisher="exact": no sampled labels, so the NLL curve is deterministic; its minimum is at lambda = 1e-6
+    # (NLL 1.09759 against 1.09789 at 1e-7 and 1.09771 at 1e-5; flat at 1.09784 from 1e-3 up)
+    guide = LaplaceGuide(bert_model(), fisher="exact").fit(bert_data(), progress=False)
+    val = bert_data(lengths=(6, 6, 3, 5), seed=5)
+    lam = lambda: guide.prior_precision["query.lora_A"][0].item()  # noqa: E731
+    for grid in ([1e-7, 1e-6, 1e-5], [1e-7, 1e-5, 1e-6]):  # inside the grid (by value, whatever the order): silent
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            guide.optimize_prior_precision("val_nll", val_loader=val, grid=grid)
+        assert lam() == pytest.approx(1e-6)
+    with pytest.warns(UserWarning, match=r"largest grid value lambda = 1e-07 .*extend the grid above 1e-07"):
+        guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-8, 1e-9, 1e-7])
+    assert lam() == pytest.approx(1e-7)  # still set: the best the grid has
+    with pytest.warns(UserWarning, match=r"smallest grid value lambda = 1e-05 .*extend the grid below 1e-05"):
+        guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-5, 1e-4, 1e-3])
+    assert lam() == pytest.approx(1e-5)
+    with warnings.catch_warnings():  # one value is no search: nothing to warn about
+        warnings.simplefilter("error")
+        guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-5])
+    for bad in ([1.0, float("inf")], [float("nan"), 1.0], [0.0, 1.0], [-1.0, 1.0], [1e-50, 1.0], []):
+        with pytest.raises(ValueError, match="finite positive"):
+            guide.optimize_prior_precision("val_nll", val_loader=val, grid=bad)
+        assert lam() == pytest.approx(1e-5)  # a refused grid changes nothing
+    guide._grid_nll_glm = lambda *args: [1.0, float("nan"), 2.0]  # argmin took the nan as the best: 1e-4
+    with pytest.raises(ValueError, match="NLL is nan at lambda = 0.0001"):
+        guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-5, 1e-4, 1e-3])
+    assert lam() == pytest.approx(1e-5)
