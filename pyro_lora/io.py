@@ -198,17 +198,45 @@ def save_guide(guide, path, run=None, adapter=False):
         "base_model": getattr(getattr(model.net, "config", None), "_name_or_path", None),
         "signature": guide.signature,
     }
-    record = None if run is None else json.dumps(standard_json(run), indent=2, allow_nan=False, default=str).encode()
-    if record is not None:
-        meta["run_sha256"] = hashlib.sha256(record).hexdigest()  # evaluate refuses a run.json edited since
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / "guide.safetensors"))
-        (tmp / "guide.json").write_text(json.dumps(meta, indent=2))
-        if record is not None:
+        if run is not None:  # sealed together: check_sealed refuses any of the three files edited or swapped since
+            meta["tensors_sha256"] = _sha256((tmp / "guide.safetensors").read_bytes())
+            record = json.dumps(standard_json({**run, "guide_sha256": _sha256(_canonical(meta))}), indent=2,
+                                allow_nan=False, default=str).encode()
+            meta["run_sha256"] = _sha256(record)
             (tmp / "run.json").write_bytes(record)
+        (tmp / "guide.json").write_text(json.dumps(meta, indent=2))
         if adapter:
             _write_adapter(guide, tmp / "adapter")
     return Path(path)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _canonical(meta: dict) -> bytes:
+    return json.dumps({k: v for k, v in meta.items() if k != "run_sha256"}, sort_keys=True).encode()
+
+
+def check_sealed(path) -> None:
+    """Refuse a guide folder saved with a run record (:func:`save_guide` with ``run``) whose ``run.json``,
+    ``guide.json`` or ``guide.safetensors`` changed since, or was taken from another save.
+
+    :raises ValueError: naming the file that is not the one saved with the others.
+    """
+    path = Path(path)
+    meta = json.loads((path / "guide.json").read_text(encoding="utf-8"))
+    record = (path / "run.json").read_bytes()
+    if meta.get("format") != FORMAT or meta.get("run_sha256") != _sha256(record):
+        raise ValueError(f"{path / 'run.json'} is not the record saved with its guide (its SHA-256 differs from the one "
+                         "guide.json holds, or guide.json is of another format): it was edited or replaced since")
+    if json.loads(record).get("guide_sha256") != _sha256(_canonical(meta)):
+        raise ValueError(f"{path / 'guide.json'} is not the one saved with {path / 'run.json'}: it was edited or replaced since")
+    if meta.get("tensors_sha256") != _sha256((path / "guide.safetensors").read_bytes()):
+        raise ValueError(f"{path / 'guide.safetensors'} is not the one saved with {path / 'guide.json'}: it was "
+                         "edited or replaced since")
 
 
 _JSON_TYPES = {dict: "object", str: "string", list: "array", int: "number", float: "number", bool: "boolean", type(None): "null"}

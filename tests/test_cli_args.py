@@ -216,3 +216,19 @@ def test_compare_flags_without_the_command_run_compare(monkeypatch):
     monkeypatch.setattr("pyro_lora.experiments.cli.format_table", lambda rows: "")
     assert cli.main(["--full", "--train-size", "40"]) == 0 and cli.main(["--epochs", "2"]) == 0
     assert (seen[0].train_size, seen[0].epochs, seen[1].epochs) == (40, 10, 2)
+
+
+def test_full_help_shows_the_full_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["compare", "--full", "--help"])
+    assert "training epochs (default 10)" in capsys.readouterr().out
+
+
+def test_a_plugin_that_fails_to_load_is_one_error_line(monkeypatch, capsys):
+    from pyro_lora.guides import registry
+
+    broken = type("Entry", (), {"load": lambda self: __import__("no_such_plugin_module")})()
+    monkeypatch.setattr(registry, "entry_points", lambda group: [broken])
+    assert cli.main(["compare", "--help"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("pyro-lora: error: a pyro_lora.methods plugin failed to load: ModuleNotFoundError")

@@ -185,3 +185,40 @@ def test_installed_packages_register_methods_through_entry_points(monkeypatch):
         assert loaded == ["jitter"] and "plugin" in METHODS
     finally:
         METHODS.pop("plugin", None)
+
+
+def test_a_saved_guide_edited_or_swapped_since_is_refused(tmp_path):
+    """The guide's own file and settings are sealed with its run record: a changed dropout p or another run's tensors
+    were re-scored under a note that blamed the data or the software."""
+    import shutil
+
+    rows = {}
+    for seed in (0, 1):
+        rows[seed] = fit_one(small(tmp_path / f"s{seed}", guides=("mcdropout",), seeds=(seed,)))
+    guide = tmp_path / "s0" / "guide"
+    meta = json.loads((guide / "guide.json").read_text())
+    pristine = (guide / "guide.json").read_text()
+    (guide / "guide.json").write_text(json.dumps({**meta, "config": {**meta["config"], "p": 0.6}}))
+    with pytest.raises(ValueError, match="guide.json is not the one saved with"):
+        evaluate_saved(tmp_path / "s0", progress=False)
+    (guide / "guide.json").write_text(pristine)
+    shutil.copy(tmp_path / "s1" / "guide" / "guide.safetensors", guide / "guide.safetensors")
+    with pytest.raises(ValueError, match="guide.safetensors is not the one saved with"):
+        evaluate_saved(tmp_path / "s0", progress=False)
+
+
+def test_each_recipe_gets_its_own_setup_and_the_network_back(tmp_path):
+    from pyro_lora.experiments.setup import prepare, train_map
+
+    setup = prepare(small(tmp_path, guides=("map",)), 0)
+    train_map(setup)
+    view = setup.for_method("map")
+    assert view is not setup and isinstance(view.train, tuple) and view.config is setup.config
+    with pytest.raises(AttributeError):
+        view.train.reverse()  # a recipe cannot reorder the next method's data
+    head = [p for n, p in setup.net.named_parameters() if "classifier" in n and p.requires_grad]
+    assert head
+    for p in head:  # a recipe that froze the head
+        p.requires_grad_(False)
+    setup.restore()
+    assert all(p.requires_grad for p in head)

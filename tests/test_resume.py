@@ -1,6 +1,5 @@
 """Nothing finished is lost: a failing guide keeps the others, a rerun resumes, a folder of another run is kept."""
 
-import hashlib
 import json
 import warnings
 from dataclasses import asdict, replace
@@ -15,7 +14,7 @@ from pyro_lora.experiments import saved as S
 from pyro_lora.experiments.compare import run_compare
 from pyro_lora.experiments.setup import CompareConfig, prepare
 from pyro_lora.guides.registry import METHODS
-from pyro_lora.io import atomic_file
+from pyro_lora.io import FORMAT, _canonical, _sha256, atomic_file
 from pyro_lora.experiments.results import GuideFailures, RunFolder
 
 ROW = {"guide": "map", "dataset": "sst2", "seed": 0, "accuracy": 0.5, "ece": 5.0, "nll": 0.7}
@@ -265,11 +264,12 @@ def _run_folder(tmp_path, saved="map", **changes):
             del target[key]
         else:
             target[key] = value
-    record = json.dumps(run).encode()
-    (tmp_path / "guide" / "run.json").write_bytes(record)
     guide = METHODS[saved].guide
-    sealed = {"guide": f"{guide.__module__}:{guide.__qualname__}", "run_sha256": hashlib.sha256(record).hexdigest()}
-    (tmp_path / "guide" / "guide.json").write_text(json.dumps(sealed))
+    (tmp_path / "guide" / "guide.safetensors").write_bytes(b"")
+    meta = {"format": FORMAT, "guide": f"{guide.__module__}:{guide.__qualname__}", "tensors_sha256": _sha256(b"")}
+    record = json.dumps({**run, "guide_sha256": _sha256(_canonical(meta))}).encode()
+    (tmp_path / "guide" / "run.json").write_bytes(record)
+    (tmp_path / "guide" / "guide.json").write_text(json.dumps({**meta, "run_sha256": _sha256(record)}))
     return tmp_path
 
 

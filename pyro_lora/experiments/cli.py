@@ -249,11 +249,14 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["compare", *argv]  # compare is the default command, with its flags too
-    load_plugins()
-    ap = parser()
+    try:
+        load_plugins()
+    except Exception as error:  # noqa: BLE001 -- an installed plugin that fails is one line too
+        print(f"pyro-lora: error: a pyro_lora.methods plugin failed to load: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    # --full: compare's other defaults (shown by --help too); flags given with it still win
+    ap = parser(full=argv[0] == "compare" and "--full" in argv)
     args = ap.parse_args(argv)
-    if getattr(args, "full", False):  # other defaults, flags given still win
-        args = parser(full=True).parse_args(argv)
     if args.command == "bayesianize" and args.low >= args.high:
         ap.error(f"bayesianize: --low {args.low} must be below --high {args.high}")
     debug, shown = getattr(args, "debug", False), warnings.showwarning

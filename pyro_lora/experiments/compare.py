@@ -9,6 +9,7 @@ import pyro
 from .. import data as D
 from ..costs import PeakMemory
 from ..distributed import is_main
+from ..predictive import Prediction
 from ..guides.registry import Fitted, get_method, methods_for_task
 from .results import RESULTS, RunFolder
 from .scoring import join_row, ood_auroc, prediction_arrays, score
@@ -63,8 +64,19 @@ def _check_fitted(method, fitted):
 
 
 def predictor(setup, method, guide):
-    """``records -> Prediction``: the registered predictive of ``method`` on ``guide``, with the run's samples."""
-    return lambda records: method.predictive(guide, setup.loader(records), setup.config.samples)
+    """``records -> Prediction``: the registered predictive of ``method`` on ``guide``, with the run's samples.
+
+    :raises TypeError: from the returned function, if the predictive gives no :class:`~pyro_lora.Prediction`.
+    """
+
+    def run(records):
+        prediction = method.predictive(guide, setup.loader(records), setup.config.samples)
+        if not isinstance(prediction, Prediction):
+            raise TypeError(f"method {method.name!r}: its predictive {method.predictive.__name__} returned "
+                            f"{type(prediction).__name__}, not a Prediction")
+        return prediction
+
+    return run
 
 
 def evaluate(setup, fitted: Fitted, records, name: str, dataset: str):

@@ -1,6 +1,5 @@
 """``pyro-lora fit``, ``bayesianize`` and ``evaluate``: one method saved with its run record, and that record re-scored."""
 
-import hashlib
 import json
 import math
 import time
@@ -9,7 +8,7 @@ from pathlib import Path
 
 from .. import data as D
 from ..costs import PeakMemory
-from ..io import load_guide, read_safetensors, recover_directory, save_guide, writable_folder
+from ..io import check_sealed, load_guide, read_safetensors, recover_directory, save_guide, writable_folder
 from ..model import LoraModel
 from ..kinds import KINDS
 from ..guides import bayesianize
@@ -187,10 +186,11 @@ def _read_record(path, overrides):
             raise ValueError(f"model class {run['model_class']!r} is not the model of method {name!r} ({method.model.name!r})")
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is not a complete run record ({type(error).__name__}: {error})") from None
-    if meta.get("run_sha256") != hashlib.sha256(path.read_bytes()).hexdigest():
-        raise ValueError(f"{path} is not the record saved with its guide (its SHA-256 differs from the one guide.json holds): "
-                         "it was edited or replaced since; evaluate re-scores a run as saved (--test-size, --samples, "
-                         "--device and --data-dir may change), `pyro-lora fit` makes a run with other settings")
+    try:
+        check_sealed(path.parent)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"{error}; evaluate re-scores a run as saved (--test-size, --samples, --device and --data-dir may "
+                         "change), `pyro-lora fit` makes a run with other settings") from None
     return run, config, method
 
 
@@ -208,7 +208,7 @@ def evaluate_saved(run_dir, **overrides) -> dict:
     predictive = run["predictive"]
     if "samples" in overrides and not getattr(method.predictive, "uses_samples", True):
         raise ValueError(f"--samples changes nothing here: {path} was scored with the {predictive} predictive, which "
-                         "draws no weight samples (an ensemble uses each member once)")
+                         "draws no weight samples")
     if predictive != method.predictive.__name__:
         raise ValueError(f"{path} was scored with the {predictive} predictive, and method {method.name!r} gives "
                          f"{method.predictive.__name__}: the row would differ")

@@ -73,6 +73,7 @@ class Setup:
     model: LoraModel = None
     map_guide: object = None
     trained_state: dict = field(default_factory=dict)
+    trainable: dict = field(default_factory=dict)  # parameter name -> requires_grad after the MAP's training
 
     @property
     def sizes(self) -> dict:
@@ -98,8 +99,9 @@ class Setup:
             params = dict(self.net.named_parameters())
             for k, v in self.trained_state.items():
                 params[k].copy_(v)
-            for p in params.values():  # the next method starts from the MAP, not from another method's gradients
-                p.grad = None
+            for n, p in params.items():  # the next method starts from the MAP, not from another method's gradients
+                p.grad = None  # or its frozen parameters
+                p.requires_grad_(self.trainable.get(n, p.requires_grad))
 
     def fit(self, model, guide, **kwargs):
         """Train ``guide`` on the training split for the run's epochs, learning rate and progress bars."""
@@ -119,9 +121,16 @@ class Setup:
         return max(10.0, math.log(travel) / (self.config.lr * steps))
 
     def for_method(self, name: str) -> "Setup":
-        """This setup as method ``name`` sees it: the task's likelihood in the form its model needs."""
+        """A copy of this setup for method ``name``: the task's likelihood in the form its model needs, the splits as
+        tuples (what one recipe reassigns or reorders, the next never sees).
+
+        :raises ValueError: if the method's likelihood hook gives no likelihood.
+        """
         likelihood = get_method(name).task_likelihood(self.likelihood)
-        return self if likelihood is self.likelihood else replace(self, likelihood=likelihood)
+        if likelihood is None:
+            raise ValueError(f"method {name!r}: its likelihood hook returned None for {type(self.likelihood).__name__}")
+        return replace(self, likelihood=likelihood, train=tuple(self.train), val=tuple(self.val), test=tuple(self.test),
+                       shifted={k: tuple(v) for k, v in self.shifted.items()})
 
 
 def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
@@ -185,6 +194,7 @@ def train_map(setup: Setup):
     model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
     setup.model, setup.map_guide = model, guide
     setup.trained_state = {n: p.detach().clone() for n, p in setup.net.named_parameters() if "lora_" in n or p.requires_grad}
+    setup.trainable = {n: p.requires_grad for n, p in setup.net.named_parameters()}
 
 
 def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str:
