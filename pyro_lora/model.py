@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pyro
 import pyro.poutine as poutine
 import torch
 
-from . import handoff, pyro_params
+from . import handoff, pyro_params, quantized
 from .contract import ADAPTER_NAMES, head_trainer
 from .distributions import isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
@@ -25,8 +27,14 @@ class LoraModel:
     model): Pyro sees the LoRA sites, and each call records the network's trainable point parameters as
     Pyro params, so ``SVI`` with a ``pyro.optim`` optimizer trains them as :func:`~pyro_lora.fit` does.
 
-    Supported networks: peft LoRA on ``Linear`` layers, one active adapter, not merged, no LoRA variant
-    (DoRA and the like are refused); each forward re-checks that the network still runs that adapter.
+    Supported networks: peft LoRA on ``Linear`` layers (also GPT-2's ``Conv1D`` and bitsandbytes' 4-bit and 8-bit
+    bases), one active adapter, not merged, no LoRA variant (DoRA and the like are refused); each forward re-checks
+    that the network still runs that adapter.
+
+    Precision: a base loaded in bfloat16 or float16 (``load_pretrained(..., dtype=torch.bfloat16)``) runs every
+    forward under ``torch.autocast`` in that dtype, while the trainable parameters (LoRA matrices, the head) are
+    kept in float32 (cast at construction, as peft keeps its adapter weights) and logits are returned in float32,
+    so guide parameters, log-densities, KFAC factors and metrics stay float32; samples are cast at the hand-off.
 
     Model variants (:class:`~pyro_lora.loraxs.LoraXSModel`, :class:`~pyro_lora.scalabl.ScalaBLModel`) are
     subclasses whose sites are of another :class:`~pyro_lora.kinds.MatrixKind`; every per-kind decision here
@@ -69,10 +77,13 @@ class LoraModel:
         self.prior = prior
         self.num_data = num_data
         handoff.install(self.layers)
+        self._embeddings = _input_embeddings(net)
+        quantized.keep_differentiable(net)
         self._checkpointing = handoff.checkpointing_modules(net)
         self._pyro_name = pyro_params.unique_name(self)
         self.last_nll = None  # mean NLL per example of the last batch the Pyro model scored (a detached tensor)
         self.set_trainable()
+        _float32_trainables(self.point_parameters() + [p for layer in self.layers.values() for p in self._lora_parameters(layer)])
 
     @classmethod
     def restore(cls, net, likelihood, random, **kwargs) -> LoraModel:
@@ -207,6 +218,12 @@ class LoraModel:
                     self._parameter(path, kind).copy_(v)
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the base network runs in (that of its input embeddings; ``float32`` for a base without one).
+        ``bfloat16`` or ``float16`` turn autocast on in every forward."""
+        return self._embeddings.weight.dtype if self._embeddings is not None else torch.float32
+
+    @property
     def device(self) -> torch.device:
         return next(iter(self.layers.values())).lora_A[self.adapter].weight.device
 
@@ -227,9 +244,13 @@ class LoraModel:
             ``None`` runs the peft model as it is.
         :param flipout_locs: A site -> its posterior mean: those sites' noise ``values - loc`` is sign-flipped
             per example (flipout, :func:`~pyro_lora.handoff.lora_delta`).
-        :returns: ``[B, C]`` or ``[S, B, C]``.
+        :returns: ``[B, C]`` or ``[S, B, C]``, float32 whatever the network's dtype.
         """
         self.check_network()
+        with _autocast(self.device, self.compute_dtype):
+            return self._logits(batch, values, num_samples, flipout_locs).float()
+
+    def _logits(self, batch, values, num_samples, flipout_locs):
         if values is None:
             return self.likelihood.logits(self.net, batch, num_samples)
         disabled = [p for p, layer in self.layers.items() if layer.disable_adapters]
@@ -254,9 +275,14 @@ class LoraModel:
         A guide that marks a site with ``infer={"flipout_loc": loc}`` (its mean) gets flipout in the likelihood.
 
         :raises ValueError: if a value replayed from a guide has another shape than its site (a guide built
-            for another model).
+            for another model), or under Pyro's optimizers (``pyro.infer.SVI``) for a float16 network.
         """
         if pyro_params.recording():  # Pyro's own optimizers: fit holds its own and has set the trainable set
+            if self.compute_dtype == torch.float16:
+                raise ValueError(
+                    "training a float16 network with Pyro's SVI has no loss scaling, so small gradients underflow to zero "
+                    "unnoticed: train with pyro_lora.fit (which scales the loss), or load the base in bfloat16 or float32"
+                )
             self.set_trainable()  # another LoraModel over this network may have switched requires_grad since
             pyro_params.record(self._pyro_name, self.named_point_parameters())
         with poutine.scale(scale=kl_weight), poutine.trace() as tr:
@@ -287,6 +313,31 @@ class LoraModel:
 
     def _observe(self, log_prob):
         self.last_nll = -log_prob.mean()  # per example, for fit's divergence check: the ELBO's prior term scales with 1/N
+
+
+def _input_embeddings(net):
+    get = getattr(net, "get_input_embeddings", None)
+    try:
+        embeddings = get() if get is not None else None
+    except NotImplementedError:
+        return None
+    return embeddings if isinstance(getattr(embeddings, "weight", None), torch.Tensor) else None
+
+
+def _float32_trainables(params) -> None:
+    """Hold half-precision trainable parameters in float32: AdamW's small updates vanish in bf16 / fp16 (the
+    forward runs under autocast, so the network computes in its own dtype all the same)."""
+    with torch.no_grad():
+        for p in params:
+            if p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.float()
+
+
+def _autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast in ``dtype`` for a half-precision network, else nothing (an enclosing autocast stays on)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast(device.type, dtype=dtype)
+    return contextlib.nullcontext()
 
 
 def _submodule(net, path):

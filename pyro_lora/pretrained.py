@@ -49,12 +49,18 @@ __all__ = [
     "add_lora",
     "load_adapter",
     "default_mc_format",
+    "DTYPES",
+    "QUANTIZATIONS",
 ]
 
 TASKS = ("classification", "causal_lm")
+# the ``--dtype`` names of the weight dtypes load_pretrained takes
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZATIONS = ("nf4", "int8")
 
-# Architectures whose attention projections the default LoRA targets: (query, value) module names.
-_TARGET_PAIRS = (("query", "value"), ("q_proj", "v_proj"))
+# Fallback when peft's table (by ``config.model_type``) has no entry: fused attention projections first (one module
+# holds q, k and v), then separate (query, value) pairs.
+_TARGET_FALLBACKS = (("qkv_proj",), ("query_key_value",), ("c_attn",), ("query", "value"), ("q_proj", "v_proj"))
 _PEFT_INTERNAL = {"base_layer", "lora_A", "lora_B", "modules_to_save", "original_module"}
 # Models below this size are at chance in the letter multiple-choice format and need the cloze one.
 _CLOZE_MAX_PARAMS = 1_000_000_000
@@ -210,9 +216,10 @@ def _write_cache(folder: Path, model, tokenizer, stamp: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_smollm2(task: str, num_labels: int, dtype, progress: bool = True):
+def _load_smollm2(task: str, num_labels: int, dtype, progress: bool = True, extra: dict | None = None):
     """SmolLM2 from the cache, dequantising the GGUF and writing the cache first if it is missing or
-    stale (a cache that cannot be written costs a warning, not the load)."""
+    stale (a cache that cannot be written costs a warning, not the load). ``extra``: more ``from_pretrained``
+    arguments for the cached folder (quantisation, which needs the cache)."""
     from transformers import AutoTokenizer
 
     gguf = smollm2_gguf()
@@ -223,13 +230,17 @@ def _load_smollm2(task: str, num_labels: int, dtype, progress: bool = True):
         try:
             _write_cache(folder, model, tokenizer, stamp)
         except OSError as err:
+            if extra:
+                raise OSError(f"a quantised SmolLM2 is loaded from its cache, which could not be written in {folder} ({err}): "
+                              "set PYRO_LORA_CACHE to a writable folder") from err
             warnings.warn(f"could not cache the dequantised SmolLM2 in {folder} ({err}); the next load dequantises again")
             if task != "causal_lm":
                 return _load_gguf(gguf, task, num_labels, dtype, progress)
-        if task == "causal_lm":
+        if task == "causal_lm" and not extra:
             return model.to(dtype), tokenizer
     with _quiet_load_report():
-        model = _auto_class(task).from_pretrained(folder, dtype=dtype, local_files_only=True, **_task_kwargs(task, num_labels))
+        model = _auto_class(task).from_pretrained(folder, dtype=dtype, local_files_only=True, **_task_kwargs(task, num_labels),
+                                                  **(extra or {}))
     return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
@@ -262,7 +273,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 def load_pretrained(
     name_or_path: str, task: str, num_labels: int = 2, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-    progress: bool = True,
+    progress: bool = True, quantization: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a backbone and its tokenizer, offline. Returns ``(model, tokenizer)``.
 
@@ -270,8 +281,14 @@ def load_pretrained(
         file.
     :param task: ``"classification"`` (``AutoModelForSequenceClassification`` with a freshly
         initialised head of ``num_labels`` outputs) or ``"causal_lm"``.
-    :param dtype: weight dtype (SmolLM2 is dequantised and cached in float32, then cast).
-    :param device: where the model is moved.
+    :param dtype: weight dtype: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16`` (SmolLM2 is dequantised
+        and cached in float32, then cast). A :class:`~pyro_lora.model.LoraModel` over a half-precision base runs it
+        under autocast and keeps LoRA and head parameters in float32.
+    :param quantization: ``"nf4"`` (QLoRA's 4-bit NormalFloat with double quantisation, computing in ``dtype``) or
+        ``"int8"`` (LLM.int8()) to load the linear layers through transformers' bitsandbytes integration
+        (``pip install bitsandbytes``; it runs on CPUs too); ``None`` loads them unquantised. The classification head
+        and embeddings stay in ``dtype``. Not for ``.gguf`` files (dequantised on load): use ``"smollm2"`` or a folder.
+    :param device: where the model is moved (a quantised model is loaded there directly).
     :param progress: show transformers' progress bars (weight loading, GGUF dequantising, cache
         writing). ``False`` hides them for this call only; the libraries' switches are restored after.
 
@@ -283,17 +300,48 @@ def load_pretrained(
         neither embedded nor an existing local path.
     """
     model_class = _auto_class(task)
+    if dtype not in DTYPES.values():
+        raise ValueError(f"dtype must be one of torch.float32, torch.bfloat16, torch.float16, got {dtype!r}")
+    extra = _quantization_kwargs(quantization, dtype, device, name_or_path)
     with _progress_bars(progress):
-        model, tokenizer = _load(name_or_path, task, model_class, num_labels, dtype, progress)
+        model, tokenizer = _load(name_or_path, task, model_class, num_labels, dtype, progress, extra)
     _ensure_pad_token(tokenizer, model)
-    return model.to(device).eval(), tokenizer
+    return (model if quantization else model.to(device)).eval(), tokenizer
 
 
-def _load(name_or_path: str, task: str, model_class, num_labels: int, dtype, progress: bool):
-    """``load_pretrained``'s model and tokenizer, before the pad token and the device."""
+
+def _quantization_kwargs(quantization, dtype, device, name_or_path) -> dict:
+    """``from_pretrained`` keyword arguments for a bitsandbytes-quantised load (none for ``quantization=None``).
+
+    :raises ValueError: an unknown ``quantization`` or a ``.gguf`` file; :raises ImportError: bitsandbytes is missing.
+    """
+    if quantization is None:
+        return {}
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization must be one of {QUANTIZATIONS} or None, got {quantization!r}")
+    if str(name_or_path).endswith(".gguf"):
+        raise ValueError(f"{name_or_path} is a GGUF file, which is dequantised on load and cannot be loaded in {quantization}: "
+                         "load it once, save_pretrained it to a folder, and quantise that folder")
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError(f"quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "nf4":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=dtype)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": str(device)}}
+
+
+def _load(name_or_path: str, task: str, model_class, num_labels: int, dtype, progress: bool, extra: dict):
+    """``load_pretrained``'s model and tokenizer, before the pad token and the device; ``extra``: more
+    ``from_pretrained`` arguments (quantisation)."""
     from transformers import AutoTokenizer
 
-    kwargs = dict(dtype=dtype, local_files_only=True, **_task_kwargs(task, num_labels))
+    kwargs = dict(dtype=dtype, local_files_only=True, **_task_kwargs(task, num_labels), **extra)
     if name_or_path == "minilm":
         if task != "classification":
             raise ValueError("minilm is an encoder: load it with task='classification'")
@@ -302,7 +350,7 @@ def _load(name_or_path: str, task: str, model_class, num_labels: int, dtype, pro
             model = model_class.from_pretrained(folder, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     elif name_or_path == "smollm2":
-        model, tokenizer = _load_smollm2(task, num_labels, dtype, progress)
+        model, tokenizer = _load_smollm2(task, num_labels, dtype, progress, extra)
     else:
         path = _local_path(name_or_path)
         if path.suffix == ".gguf":
@@ -326,7 +374,7 @@ def _linear_names(model) -> set[str]:
     through peft's wrappers, whose inner layers sit under ``base_layer``, ``lora_A``, ...)."""
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D":  # GPT-2's transposed linear
             parts = name.split(".")
             cut = next((i for i, part in enumerate(parts) if part in _PEFT_INTERNAL), len(parts))
             if cut:
@@ -335,14 +383,28 @@ def _linear_names(model) -> set[str]:
 
 
 def default_lora_targets(model: torch.nn.Module) -> list[str]:
-    """LoRA target module names: ``["query", "value"]`` for BERT-like encoders, ``["q_proj", "v_proj"]``
-    for Llama-like decoders. Raises ``ValueError`` for other architectures: pass ``targets=``."""
-    linear_names = _linear_names(_base(model))
-    for pair in _TARGET_PAIRS:
-        if set(pair) <= linear_names:
-            return list(pair)
+    """LoRA target module names for ``model``: the attention's query and value projections.
+
+    peft's own table by ``config.model_type`` when it has the model (Llama, Qwen2/3, Mistral, Gemma: ``q_proj``,
+    ``v_proj``; BERT, RoBERTa: ``query``, ``value``; GPT-2: the fused ``c_attn`` (a ``Conv1D``); GPT-NeoX: the
+    fused ``query_key_value``), else the first of the fused ``qkv_proj`` (Phi-3), ``query_key_value``, ``c_attn``,
+    then ``query``/``value`` and ``q_proj``/``v_proj`` that the model has as linear layers.
+
+    :raises ValueError: for a model with none of them (the message lists its linear layers): pass ``targets=``.
+    """
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
+
+    base = _base(model)
+    linear_names = _linear_names(base)
+    model_type = getattr(getattr(base, "config", None), "model_type", None)
+    known = PEFT_TARGETS.get(model_type)
+    if known and set(known) <= linear_names:
+        return list(known)
+    for names in _TARGET_FALLBACKS:
+        if set(names) <= linear_names:
+            return list(names)
     raise ValueError(
-        f"no default LoRA targets for {type(_base(model)).__name__}; pass targets= with module names "
+        f"no default LoRA targets for {type(base).__name__}; pass targets= with module names "
         f"from its linear layers: {', '.join(sorted(linear_names))}"
     )
 

@@ -55,19 +55,20 @@ class Site:
 def find_lora_layers(net, adapter: str | None = None) -> OrderedDict:
     """Module path -> peft LoRA ``Linear`` layer for every layer holding ``adapter``.
 
-    Only plain peft ``lora.Linear`` layers (``fan_in_fan_out`` and ``lora_bias`` included) are handed
-    sampled weights. LoRA on embedding layers is left out of the sites, with a warning naming the layers:
+    Only peft ``lora.Linear`` layers (``fan_in_fan_out`` for GPT-2's ``Conv1D`` and ``lora_bias`` included) and
+    peft's LoRA layers over bitsandbytes' 4-bit and 8-bit bases are handed sampled weights: all compute the base
+    layer's output, then add ``s B A x`` from float LoRA matrices. LoRA on embedding layers is left out of the sites, with a warning naming the layers:
     those matrices stay point estimates.
 
     :raises ValueError: if the model has no LoRA layers for ``adapter``, any is merged, uses a LoRA variant
         (DoRA's magnitude vector, aLoRA, ...) or is a LoRA layer type the weight hand-off does not implement
-        (convolutions, quantized bases, ...).
+        (convolutions, other quantized bases such as GPTQ or HQQ, ...).
     """
     from peft.tuners.lora import Embedding, Linear, LoraLayer
 
     adapter = adapter or active_adapter(net)
     holding = [(p, m) for p, m in net.named_modules() if isinstance(m, LoraLayer) and _holds(m, adapter)]
-    layers = OrderedDict((p, m) for p, m in holding if type(m) is Linear)
+    layers = OrderedDict((p, m) for p, m in holding if type(m) in _linear_types(Linear))
     if not layers:
         raise ValueError(
             f"model {type(net).__name__} has no LoRA layers (on Linear modules) for adapter {adapter!r}: wrap it with "
@@ -98,6 +99,16 @@ def find_lora_layers(net, adapter: str | None = None) -> OrderedDict:
     if merged:
         raise ValueError(f"LoRA layers are merged into the base weights ({merged[0]}, ...): call unmerge_adapter() first")
     return layers
+
+
+def _linear_types(linear) -> tuple:
+    """peft's LoRA layers whose forward is ``base_layer(x) + s B A x``: ``lora.Linear`` and, when bitsandbytes is
+    installed, its quantized-base variants."""
+    try:
+        from peft.tuners.lora.bnb import Linear4bit, Linear8bitLt
+    except ImportError:  # bitsandbytes is not installed: peft defines neither
+        return (linear,)
+    return (linear, Linear4bit, Linear8bitLt)
 
 
 def _holds(layer, adapter):

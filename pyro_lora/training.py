@@ -67,7 +67,9 @@ def fit(
     :param kl_weight: a float or a callable ``step -> float`` (KL annealing; must be > 0).
     :param train_network: ``False`` trains the guide's parameters only; the network's point estimates (a head,
         non-random LoRA matrices) stay as they are: post-hoc VI around a fitted network.
-    :param autocast: ``torch.dtype`` for autocast (default bf16 on CUDA, off on CPU).
+    :param autocast: ``torch.dtype`` for autocast (default bf16 on CUDA, off on CPU; a half-precision network
+        always runs under autocast in its own dtype, see :class:`~pyro_lora.model.LoraModel`). A float16 network
+        trains with a loss scaler (``torch.amp.GradScaler``): steps whose gradients overflowed are skipped.
     :param bool gradient_checkpointing: switch transformers' activation checkpointing on (non-reentrant) for
         the run; gradients equal those without it. A network whose checkpointing the user switched on
         (``gradient_checkpointing_enable()``, either mode) works too.
@@ -118,6 +120,9 @@ def fit(
     for p in params:  # a gradient left by an earlier fit (e.g. on a head it did not train) would join the first step
         p.grad = None
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+    # fp16's narrow range underflows small gradients: scale the loss up, unscale before the update, skip steps that
+    # overflowed (bf16 has fp32's range and needs none)
+    scaler = torch.amp.GradScaler(device.type, enabled=model.compute_dtype == torch.float16)
     steps_per_epoch = math.ceil(len(data) / grad_accum_steps) if hasattr(data, "__len__") else None
     total = steps_per_epoch * epochs if steps_per_epoch else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(lr_schedule, warmup_steps, total))
@@ -149,7 +154,7 @@ def fit(
                         )
                     with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
                         loss = elbo.differentiable_loss(model, guide, batch, kl_weight=weight) / num_data
-                    (loss / grad_accum_steps).backward()
+                    scaler.scale(loss / grad_accum_steps).backward()
                     accumulated += loss.item() / grad_accum_steps
                     shown.observe(model.last_nll, grad_accum_steps)
                     if watch is not None:
@@ -165,8 +170,10 @@ def fit(
                     if watch is not None:
                         watch.update(step, epoch)
                     if max_grad_norm:
+                        scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                    optimizer.step()
+                    scaler.step(optimizer)
+                    scaler.update()
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     losses.append(accumulated)

@@ -29,9 +29,9 @@ def tiny_bert_base(num_labels=3, seed=0):
     return BertForSequenceClassification(config)
 
 
-def tiny_bert(r=4, num_labels=3, seed=0):
+def tiny_bert(r=4, num_labels=3, seed=0, dtype=torch.float32):
     net = get_peft_model(
-        tiny_bert_base(num_labels, seed),
+        tiny_bert_base(num_labels, seed).to(dtype),
         LoraConfig(r=r, lora_alpha=2 * r, target_modules=["query", "value"], task_type="SEQ_CLS"),
     )
     _randomize_b(net)

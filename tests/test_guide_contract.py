@@ -40,38 +40,39 @@ def data():
     return [random_batch(seed=s) | {"labels": torch.tensor([0, 2, 1])} for s in (1, 2)]
 
 
-def lora(r=4, **kw):
-    return LoraModel(tiny_bert(r=r), SequenceClassification(), prior=0.5, num_data=6, **kw)
+def lora(r=4, dtype=torch.float32, **kw):
+    return LoraModel(tiny_bert(r=r, dtype=dtype), SequenceClassification(), prior=0.5, num_data=6, **kw)
 
 
-def _swag():
-    model = LoraXSModel(tiny_bert(), SequenceClassification(), num_data=6)
+def _swag(dtype):
+    model = LoraXSModel(tiny_bert(dtype=dtype), SequenceClassification(), num_data=6)
     swag = SWAGGuide(model, rank=2)
     fit(model, MAPGuide(model), data() * 2, lr=1e-2, callbacks=[SWAGCollector(swag)], progress=False)
     return model, swag
 
 
-def _ensemble():
-    model = lora()
+def _ensemble(dtype):
+    model = lora(dtype=dtype)
     members = [{n: v + 0.05 * k for n, v in model.adapter_values().items()} for k in range(2)]
     return model, EnsembleGuide(model, members)
 
 
-def _scalabl():
-    model = ScalaBLModel(tiny_bert(), SequenceClassification(), prior=0.5, num_data=6)
+def _scalabl(dtype):
+    model = ScalaBLModel(tiny_bert(dtype=dtype), SequenceClassification(), prior=0.5, num_data=6)
     return model, ScalaBLGuide(model)
 
 
+# guide class -> builder(dtype of the base network) -> (model, guide)
 BUILDERS = {
-    MAPGuide: lambda: (m := lora(), MAPGuide(m)),
-    MeanFieldGuide: lambda: (m := lora(), MeanFieldGuide(m, b="normal")),
-    FlowGuide: lambda: (m := lora(), FlowGuide(m, init_scale=0.1)),
-    TFBGuide: lambda: (m := lora(), TFBGuide(m, sigma_q=0.01)),
-    LaplaceGuide: lambda: (m := lora(), LaplaceGuide(m, fisher="exact", rank=3).fit(data(), progress=False)),
-    SWAGGuide: _swag,
-    ScalaBLGuide: _scalabl,
-    MCDropoutGuide: lambda: (m := lora(), MCDropoutGuide(m, p=0.2)),
-    EnsembleGuide: _ensemble,
+    MAPGuide: lambda dtype=torch.float32: (m := lora(dtype=dtype), MAPGuide(m)),
+    MeanFieldGuide: lambda dtype=torch.float32: (m := lora(dtype=dtype), MeanFieldGuide(m, b="normal")),
+    FlowGuide: lambda dtype=torch.float32: (m := lora(dtype=dtype), FlowGuide(m, init_scale=0.1)),
+    TFBGuide: lambda dtype=torch.float32: (m := lora(dtype=dtype), TFBGuide(m, sigma_q=0.01)),
+    LaplaceGuide: lambda dtype=torch.float32: (m := lora(dtype=dtype), LaplaceGuide(m, fisher="exact", rank=3).fit(data(), progress=False)),
+    SWAGGuide: lambda dtype=torch.float32: _swag(dtype),
+    ScalaBLGuide: lambda dtype=torch.float32: _scalabl(dtype),
+    MCDropoutGuide: lambda dtype=torch.float32: (m := lora(dtype=dtype), MCDropoutGuide(m, p=0.2)),
+    EnsembleGuide: lambda dtype=torch.float32: _ensemble(dtype),
 }
 
 

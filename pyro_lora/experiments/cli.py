@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ..distributed import is_main
 from ..guides.registry import METHODS, load_plugins
+from ..pretrained import DTYPES
 from . import study
 from .compare import run_compare
 from .results import GuideFailures
@@ -83,6 +84,10 @@ def _model_args(p, d=None, one_dataset=True):
                    help=f"tokens per input, at least {_MIN_MAX_LENGTH} and at most the model's positions (default {d.max_length})")
     p.add_argument("--batch-size", type=_number(int, 0), default=d.batch_size, help=f"examples per batch (default {d.batch_size})")
     p.add_argument("--device", default=d.device, choices=["cpu", "cuda"], help=f"device (default {d.device})")
+    p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES),
+                   help=f"the base model's weights; LoRA, head and posteriors stay fp32 (default {d.dtype})")
+    p.add_argument("--load-in-4bit", action="store_true",
+                   help="load the base's linear layers in 4-bit NF4 through bitsandbytes (QLoRA; default off)")
 
 
 def _size_args(p, train_help="training examples, validation carved from them", d=None):

@@ -18,6 +18,7 @@ from ..data import resolve_data_dir
 from ..distributed import is_main
 from ..io import atomic_file, write_json
 from .plots import metric_scatter, reliability_diagram, reliability_grid
+from .setup import ADDED_SETTINGS
 
 RESULTS = "results.json"
 _UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)  # what np.load raises for a missing or broken npz
@@ -279,8 +280,9 @@ def config_differences(saved, config, ignore=()):
     for key, value in now.items():
         if key in ignore:
             continue
-        there = requested.get(key, resolved.get(key))
-        if _comparable(key, value) not in (_comparable(key, requested.get(key)), _comparable(key, resolved.get(key))):
+        older = ADDED_SETTINGS.get(key)  # a record from before the setting existed ran with its old value
+        there = requested.get(key, resolved.get(key, older))
+        if _comparable(key, value) not in (_comparable(key, requested.get(key, older)), _comparable(key, resolved.get(key, older))):
             out[key] = (there, value)
     return out
 

@@ -15,7 +15,7 @@ from ..guides import bayesianize
 from ..guides.registry import METHODS, MODELS, Fitted, get_method
 from .compare import evaluate, fit_method, predictor, seed_for
 from .scoring import join_row, score
-from .setup import CompareConfig, check_config, check_numbers, prepare, train_map
+from .setup import ADDED_SETTINGS, CompareConfig, check_config, check_numbers, prepare, train_map
 
 
 def fit_one(config: CompareConfig, adapter: bool = False) -> dict:
@@ -161,10 +161,11 @@ def _read_record(path, overrides):
     try:
         run = json.loads(path.read_text(encoding="utf-8"))
         settings = set(CompareConfig.__dataclass_fields__)
-        missing, unknown = sorted(settings - set(run["config"])), sorted(set(run["config"]) - settings)
+        recorded = {**ADDED_SETTINGS, **run["config"]}
+        missing, unknown = sorted(settings - set(recorded)), sorted(set(recorded) - settings)
         if missing or unknown:
             raise ValueError(f"config {'lacks ' + str(missing) if missing else 'has unknown settings ' + str(unknown)}")
-        saved = {**run["config"], **overrides}
+        saved = {**recorded, **overrides}
         config = CompareConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
         random, seed, predictive = run["random"], run["seed"], run["predictive"]
         if not isinstance(predictive, str):

@@ -1,5 +1,6 @@
 """What every method of a comparison shares: its configuration, checked before loading, and the trained MAP."""
 
+import importlib.util
 import math
 from dataclasses import dataclass, field, replace
 
@@ -10,7 +11,7 @@ from .. import data as D
 from ..io import writable_folder
 from ..likelihoods import MultipleChoice, SequenceClassification
 from ..model import LoraModel
-from ..pretrained import add_lora, default_mc_format, load_adapter, load_pretrained, max_positions
+from ..pretrained import DTYPES, add_lora, default_mc_format, load_adapter, load_pretrained, max_positions
 from ..training import fit
 from ..guides import MAPGuide
 from ..guides.registry import Fitted, get_method
@@ -39,6 +40,8 @@ class CompareConfig:
     seeds: tuple = (0,)
     eval_datasets: tuple = ()  # shifted evaluation sets with the same answer format, e.g. arc_challenge
     device: str = "cpu"
+    dtype: str = "fp32"  # the base's weights: fp32, bf16 or fp16 (LoRA, head and guides stay float32)
+    load_in_4bit: bool = False  # the base's linear layers in NF4 through bitsandbytes (QLoRA)
     mc_format: str = None
     mc_normalize: str = None  # cloze: None (sum of log-probs), "tokens" or "chars" (per-length average)
     max_length: int = 256
@@ -46,6 +49,9 @@ class CompareConfig:
     out: str = "runs/compare"
     progress: bool = True
 
+
+# settings added after run records were first written, with the value every older run had
+ADDED_SETTINGS = {"dtype": "fp32", "load_in_4bit": False}
 
 # the full comparison (`pyro-lora compare --full`): the reference task's sizes (SST-2: all 872 test sentences)
 FULL = {"train_size": 2000, "test_size": 1000, "samples": 8, "epochs": 10}
@@ -154,12 +160,13 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
     test = _test_records(config.dataset, config)
     shifted = {name: _test_records(name, config) for name in config.eval_datasets}
     torch.manual_seed(seed)  # a classification head is initialised while loading
+    load = dict(device=config.device, progress=config.progress, dtype=DTYPES[config.dtype],
+                quantization="nf4" if config.load_in_4bit else None)
     if meta["task"] == "classification":
-        net, tok = load_pretrained(config.model, "classification", num_labels=len(meta["label_names"]), device=config.device,
-                                   progress=config.progress)
+        net, tok = load_pretrained(config.model, "classification", num_labels=len(meta["label_names"]), **load)
         likelihood, collator = SequenceClassification(), D.ClassificationCollator(tok, config.max_length)
     else:
-        net, tok = load_pretrained(config.model, "causal_lm", device=config.device, progress=config.progress)
+        net, tok = load_pretrained(config.model, "causal_lm", **load)
         config = replace(config, mc_format=config.mc_format or default_mc_format(net))
         if config.mc_format == "cloze":
             likelihood = MultipleChoice(format="cloze", normalize=config.mc_normalize)
@@ -217,6 +224,11 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
     if task == "classification" and (config.mc_format or config.mc_normalize):
         raise ValueError(f"--mc-format / --mc-normalize apply to multiple-choice sets, and --dataset {config.dataset} is a "
                          "classification set: leave them out")
+    if config.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--load-in-4bit loads the base through bitsandbytes, which is not installed: pip install bitsandbytes")
+    if config.load_in_4bit and str(config.model).endswith(".gguf"):
+        raise ValueError(f"--load-in-4bit cannot quantise the GGUF file {config.model} (it is dequantised on load): save it "
+                         "as a Hugging Face folder first, or use --model smollm2, which is cached as one")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
     for m in methods:
@@ -268,5 +280,9 @@ def check_numbers(config: CompareConfig):
         raise ValueError(f"--mc-format {config.mc_format!r} is none of letter, cloze")
     if config.mc_normalize not in (None, "tokens", "chars"):
         raise ValueError(f"--mc-normalize {config.mc_normalize!r} is none of none, tokens, chars")
+    if config.dtype not in DTYPES:
+        raise ValueError(f"--dtype {config.dtype!r} is none of {', '.join(DTYPES)}")
+    if not isinstance(config.load_in_4bit, bool):
+        raise ValueError(f"--load-in-4bit {config.load_in_4bit!r} is no boolean")
     if str(config.device).split(":")[0] not in ("cpu", "cuda"):
         raise ValueError(f"--device {config.device!r} is none of cpu, cuda")

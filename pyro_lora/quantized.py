@@ -1,0 +1,25 @@
+"""Quantised bases (bitsandbytes' 4-bit and 8-bit layers, loaded through transformers): what a posterior over their
+LoRA matrices needs from them."""
+
+from __future__ import annotations
+
+
+def keep_differentiable(net) -> None:
+    """Keep every bitsandbytes 4-bit layer of ``net`` on its differentiable kernels.
+
+    On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a faster inference kernel the first time the
+    layer runs in eval mode on an input without gradient (every ``torch.no_grad`` prediction), and from then on
+    uses that kernel, which has no backward, in training too: the gradients of the LoRA matrices below it come out
+    silently wrong. Switch the repacking off and undo it where it happened.
+    """
+    try:
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes: no quantised layers
+        return
+    for module in net.modules():
+        if isinstance(module, Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+            state = getattr(module.weight, "quant_state", None)
+            if getattr(state, "packing_format_for_cpu", False):
+                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)

@@ -1,0 +1,116 @@
+"""Half precision: a bf16 / fp16 base runs under autocast while LoRA, head and guide parameters, logits, KFAC factors
+and metrics stay float32; every guide's fit and predictive are finite and within a stated tolerance of float32's."""
+
+import pyro
+import pyro.optim
+import pytest
+import torch
+from conftest import random_batch, tiny_bert
+from pyro.infer import SVI, Trace_ELBO
+from test_guide_contract import BUILDERS, data, lora
+from test_laplace import dense_fisher
+
+from pyro_lora import LoraModel, SequenceClassification, fit, predict
+from pyro_lora.guides import LaplaceGuide, MAPGuide
+
+# The stated tolerance: bf16 (8 significant bits) moves these predictive probabilities by at most 0.01 (measured:
+# <= 0.003, where the fp32 probabilities spread over 0.13-0.28)
+PROB_TOL = 0.01
+TRAINED = {"MAPGuide", "MeanFieldGuide", "FlowGuide", "ScalaBLGuide", "MCDropoutGuide"}
+
+
+@pytest.fixture(autouse=True)
+def confident_heads(monkeypatch):
+    """A classifier head 30x the tiny BERT's: probabilities far from uniform, so a tolerance on them means something."""
+    import conftest
+
+    plain = conftest.tiny_bert_base
+
+    def confident(num_labels=3, seed=0):
+        net = plain(num_labels, seed)
+        with torch.no_grad():
+            net.classifier.weight.mul_(30)
+        return net
+
+    monkeypatch.setattr(conftest, "tiny_bert_base", confident)
+
+
+def _fit_and_predict(cls, dtype):
+    torch.manual_seed(0)
+    pyro.set_rng_seed(0)
+    model, guide = BUILDERS[cls](dtype)
+    losses = fit(model, guide, data() * 2, lr=1e-2, progress=False) if cls.__name__ in TRAINED else []
+    pyro.set_rng_seed(5)
+    if isinstance(guide, LaplaceGuide):  # its weight samples rotate within near-equal eigenvalues: compare the GLM
+        return model, guide, losses, guide.predict_glm(data()).probs
+    return model, guide, losses, predict(model, guide, data(), num_samples=4).probs
+
+
+@pytest.mark.parametrize("cls", list(BUILDERS), ids=lambda c: c.__name__)
+def test_every_guide_fits_and_predicts_in_bf16_within_tolerance_of_fp32(cls):
+    _, _, losses32, p32 = _fit_and_predict(cls, torch.float32)
+    model, guide, losses16, p16 = _fit_and_predict(cls, torch.bfloat16)
+    assert model.compute_dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in guide.parameters())
+    assert all(p.dtype == torch.float32 for p in model.point_parameters())
+    assert p16.dtype == torch.float32 and torch.isfinite(p16).all()
+    assert (p32 - 1 / 3).abs().max() > 0.05  # the probabilities say something
+    assert (p16 - p32).abs().max() < PROB_TOL
+    torch.testing.assert_close(torch.tensor(losses16), torch.tensor(losses32), rtol=0.02, atol=0.02)
+
+
+def test_a_bf16_head_trains_in_float32_and_follows_the_fp32_run():
+    heads = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = lora(dtype=dtype)
+        (name, head), *_ = [(n, p) for n, p in model.named_point_parameters() if "classifier" in n and n.endswith("weight")]
+        before = head.detach().clone()
+        fit(model, MAPGuide(model), data() * 3, lr=1e-3, progress=False)
+        heads[dtype] = (before, head.detach())
+    (b32, a32), (b16, a16) = heads[torch.float32], heads[torch.bfloat16]
+    assert a16.dtype == torch.float32
+    step32, step16 = a32 - b32, a16 - b16
+    assert step16.abs().max() > 1e-4  # in bf16 storage these 1e-3 updates of ~0.02 entries would vanish
+    assert torch.nn.functional.cosine_similarity(step16.flatten(), step32.flatten(), dim=0) > 0.95
+
+
+def test_logits_are_float32_and_match_fp32_in_bf16_and_fp16():
+    batch = random_batch()
+    ref = LoraModel(tiny_bert(), SequenceClassification())
+    want = ref.logits(batch, ref.adapter_values())
+    for dtype, tol in ((torch.bfloat16, 0.05), (torch.float16, 0.01)):
+        model = LoraModel(tiny_bert(dtype=dtype), SequenceClassification())
+        got = model.logits(batch, model.adapter_values())
+        assert got.dtype == torch.float32
+        assert (got - want).abs().max() < tol
+        assert (got - want).abs().max() > 0  # it did compute in half precision
+
+
+def test_kfac_factors_in_bf16_are_float32_and_near_fp32():
+    fisher = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        guide = LaplaceGuide(lora(dtype=dtype), fisher="exact", rank=3).fit(data(), progress=False)
+        assert all(f.loc.dtype == torch.float32 and f.small_vals.dtype == torch.float32 for f in guide.factors)
+        fisher[dtype] = dense_fisher(guide)
+    for name, f32 in fisher[torch.float32].items():
+        f16 = fisher[torch.bfloat16][name]
+        assert (f16 - f32).norm() / f32.norm() < 0.05
+
+
+def test_fp16_fit_scales_the_loss_and_trains():
+    torch.manual_seed(0)
+    model = lora(dtype=torch.float16)
+    guide = MAPGuide(model)
+    losses = fit(model, guide, data() * 4, lr=1e-2, progress=False)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
+    assert all(torch.isfinite(v).all() for v in guide.mean().values())
+
+
+def test_pyro_svi_on_an_fp16_network_is_refused_with_the_way_out():
+    model = lora(dtype=torch.float16)
+    guide = MAPGuide(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    with pytest.raises(ValueError, match="float16 network with Pyro's SVI has no loss scaling.*pyro_lora.fit"):
+        svi.step(data()[0])

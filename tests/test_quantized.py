@@ -1,0 +1,152 @@
+"""A bitsandbytes-quantised base (QLoRA's NF4, LLM.int8()) under peft's quantised LoRA layers: the hand-off, gradients
+against the dequantised dense network, and every guide through it. bitsandbytes runs on the CPU (>= 0.45)."""
+
+import copy
+
+import pyro
+import pytest
+import torch
+from conftest import random_batch, skip_without
+from transformers import LlamaConfig, LlamaForSequenceClassification
+
+from pyro_lora import LoraModel, SequenceClassification, fit, predict
+from pyro_lora.pretrained import add_lora, load_pretrained
+from pyro_lora.experiments.setup import CompareConfig, check_config
+from pyro_lora.guides import FlowGuide, LaplaceGuide, MAPGuide, MeanFieldGuide, TFBGuide
+
+pytestmark = skip_without("bitsandbytes")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A tiny random Llama classifier saved as a Hugging Face folder, with a tokenizer."""
+    from transformers import AutoTokenizer
+
+    from pyro_lora.pretrained import minilm_dir
+
+    path = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, pad_token_id=0, num_labels=3)
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    try:
+        AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True).save_pretrained(path)
+    except (ImportError, OSError):
+        pytest.skip("no tokenizer to save beside the tiny model (the embedded MiniLM is not installed)")
+    return path
+
+
+def quantized(folder, quantization, dtype=torch.bfloat16):
+    torch.manual_seed(1)
+    net, _ = load_pretrained(str(folder), "classification", num_labels=3, dtype=dtype, quantization=quantization,
+                             progress=False)
+    net = add_lora(net, r=4, alpha=8)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return net
+
+
+def dense_twin(net):
+    """The same peft network with every quantised base layer replaced by a float32 Linear of its dequantised weight."""
+    import bitsandbytes as bnb
+
+    twin = copy.deepcopy(net).float()
+    for path, module in list(twin.named_modules()):
+        if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+            if isinstance(module, bnb.nn.Linear4bit):
+                w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            else:
+                w = module.weight.data.float() * module.weight.SCB[:, None] / 127
+            dense = torch.nn.Linear(w.shape[1], w.shape[0], bias=module.bias is not None)
+            dense.weight.data = w.float()
+            if module.bias is not None:
+                dense.bias.data = module.bias.data.float()
+            parent, _, name = path.rpartition(".")
+            setattr(twin.get_submodule(parent), name, dense)
+    return twin
+
+
+def batch():
+    return random_batch(batch=3, seq=7) | {"labels": torch.tensor([0, 2, 1])}
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_handed_adapter_values_reproduce_peft_on_a_quantized_base(folder, quantization):
+    net = quantized(folder, quantization)
+    assert "4bit" in type(net.base_model.model.model.layers[0].self_attn.q_proj).__name__ or quantization == "int8"
+    model = LoraModel(net, SequenceClassification())
+    b = batch()
+    own = model.logits(b)
+    handed = model.logits(b, model.adapter_values())
+    torch.testing.assert_close(handed, own)
+    moved = model.logits(b, {k: v + 0.3 for k, v in model.adapter_values().items()})
+    assert (moved - own).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_lora_gradients_through_a_quantized_base_equal_the_dequantized_dense_network(folder, quantization):
+    net = quantized(folder, quantization, dtype=torch.float32)
+    model, twin = LoraModel(net, SequenceClassification()), LoraModel(dense_twin(net), SequenceClassification())
+    grads = []
+    for m in (model, twin):
+        values = {k: v.requires_grad_() for k, v in m.adapter_values().items()}
+        loss = torch.nn.functional.cross_entropy(m.logits(batch(), values), batch()["labels"])
+        grads.append(torch.autograd.grad(loss, list(values.values())))
+    for g, want in zip(*grads):
+        assert (g - want).norm() <= 0.02 * want.norm()  # int8 rounds its activations too
+        assert want.norm() > 0
+
+
+def test_predicting_first_does_not_break_the_gradients_of_training_after(folder):
+    # bitsandbytes repacks a 4-bit weight for a backward-less CPU kernel on its first no-grad eval forward
+    net = quantized(folder, "nf4", dtype=torch.float32)
+    model, twin = LoraModel(net, SequenceClassification()), LoraModel(dense_twin(net), SequenceClassification())
+    one = {"input_ids": torch.tensor([[5]]), "attention_mask": torch.ones(1, 1, dtype=torch.long)}
+    with torch.no_grad():
+        model.logits(batch())
+    grads = []
+    for m in (model, twin):
+        values = {k: v.requires_grad_() for k, v in m.adapter_values().items()}
+        grads.append(torch.autograd.grad(m.logits(one, values).sum(), list(values.values())))
+    for g, want in zip(*grads):
+        torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("cls", [MAPGuide, MeanFieldGuide, FlowGuide, TFBGuide, LaplaceGuide], ids=lambda c: c.__name__)
+def test_every_guide_family_fits_and_predicts_through_an_nf4_base(folder, cls):
+    model = LoraModel(quantized(folder, "nf4"), SequenceClassification(), num_data=6)
+    data = [batch(), random_batch(seed=2) | {"labels": torch.tensor([1, 1, 0])}]
+    pyro.set_rng_seed(0)
+    if cls is LaplaceGuide:
+        guide = LaplaceGuide(model, rank=3).fit(data, progress=False)
+    elif cls is TFBGuide:
+        guide = TFBGuide(model, sigma_q=0.01)
+    else:
+        guide = cls(model)
+        losses = fit(model, guide, data * 2, lr=1e-2, progress=False)
+        assert all(torch.isfinite(torch.tensor(losses)))
+    probs = predict(model, guide, data, num_samples=4).probs
+    assert probs.shape == (6, 3) and torch.isfinite(probs).all()
+    assert torch.allclose(probs.sum(-1), torch.ones(6))
+
+
+def test_cli_config_refusals_name_the_way_out(monkeypatch):
+    with pytest.raises(ValueError, match="cannot quantise the GGUF file"):
+        check_config(CompareConfig(model="x.gguf", load_in_4bit=True, dataset="sst2"), writes=False)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    with pytest.raises(ValueError, match="pip install bitsandbytes"):
+        check_config(CompareConfig(load_in_4bit=True), writes=False)
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        load_pretrained("minilm", "classification", quantization="nf4")
+
+
+def test_load_pretrained_refuses_unknown_quantization_and_dtype(folder):
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        load_pretrained(str(folder), "classification", quantization="int4")
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        load_pretrained(str(folder), "classification", dtype=torch.int8)
