@@ -328,11 +328,13 @@ def _quantization_kwargs(quantization, dtype, device, name_or_path) -> dict:
         raise ImportError(f"quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
+    # heads stay unquantised: a fresh classification head trains (peft copies it), the LM head scores answers
+    keep = ["classifier", "score", "lm_head"]
     if quantization == "nf4":
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                    bnb_4bit_compute_dtype=dtype)
+                                    bnb_4bit_compute_dtype=dtype, llm_int8_skip_modules=keep)
     else:
-        config = BitsAndBytesConfig(load_in_8bit=True)
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return {"quantization_config": config, "device_map": {"": str(device)}}
 
 

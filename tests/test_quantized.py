@@ -150,3 +150,22 @@ def test_load_pretrained_refuses_unknown_quantization_and_dtype(folder):
         load_pretrained(str(folder), "classification", quantization="int4")
     with pytest.raises(ValueError, match="dtype must be one of"):
         load_pretrained(str(folder), "classification", dtype=torch.int8)
+
+
+def test_a_bert_classifier_loads_in_nf4_with_its_fresh_head_unquantized_and_trains(tmp_path):
+    from conftest import tiny_bert_base
+
+    tiny_bert_base().save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+
+    from pyro_lora.pretrained import minilm_dir
+
+    AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True).save_pretrained(tmp_path)
+    net, _ = load_pretrained(str(tmp_path), "classification", num_labels=3, quantization="nf4", progress=False)
+    assert type(net.classifier) is torch.nn.Linear
+    assert "4bit" in type(net.bert.encoder.layer[0].attention.self.query).__name__
+    model = LoraModel(add_lora(net, r=4), SequenceClassification(), num_data=6)
+    guide = MAPGuide(model)
+    losses = fit(model, guide, [batch()] * 3, lr=1e-2, progress=False)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0]
