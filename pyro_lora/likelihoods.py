@@ -134,6 +134,11 @@ def _decoder_and_head(net):
             f"(get_output_embeddings()) can be found; {type(base).__name__} has "
             f"{'no decoder' if decoder is None else 'no output embedding'}"
         )
+    config = getattr(base, "config", None)
+    config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap:  # Gemma 2/3 squash the LM head's logits in their forward, after the head this bypass calls
+        return decoder, lambda hidden: cap * torch.tanh(head(hidden) / cap)
     return decoder, head
 
 

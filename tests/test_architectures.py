@@ -1,0 +1,327 @@
+"""Every architecture family users fine-tune, as tiny random configs built in code: default LoRA targets, the weight
+hand-off against peft's own logits, KFAC against the dense GGN, padding, adapter export and folder loading.
+
+Decoders (Llama, Qwen2, Qwen3, Mistral, Gemma and Gemma 2 with tied embeddings, Phi-3 with a fused ``qkv_proj``,
+GPT-2 with ``Conv1D`` layers, GPT-NeoX with a fused ``query_key_value``) run as sequence classifiers and as causal LMs
+(letter and cloze multiple choice); encoders (BERT, RoBERTa) as classifiers. Each network is built once per module, its
+LoRA B randomized (peft starts it at zero, which would hide any error in how B is applied). Gemma 2 also checks
+that multiple choice applies its final logit softcapping (the LM head is called outside the model's forward).
+"""
+
+import copy
+import warnings
+from dataclasses import dataclass
+from functools import partial
+
+import pytest
+import torch
+from conftest import _randomize_b
+from peft.tuners.lora import LoraLayer
+from test_cloze import direct_scores
+from test_laplace import dense_fisher, dense_ggn, site_blocks
+from test_padding import (
+    BLANK_RECORD, CLOZE_RECORDS, LETTER_RECORDS, LETTERS, PAD, _pad, alone_vs_batch, cloze_batch, letter_batch,
+)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from pyro_lora import LoraModel, MultipleChoice, SequenceClassification, export_adapter
+from pyro_lora.guides import MAPGuide
+from pyro_lora.guides.laplace import LaplaceGuide
+from pyro_lora.pretrained import add_lora, default_lora_targets, load_adapter, load_pretrained
+
+VOCAB, BOS, EOS = 64, 1, 2
+NUM_LABELS = 3
+S = 3  # weight samples in one forward
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    max_position_embeddings=64, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, num_labels=NUM_LABELS,
+    initializer_range=0.2,  # logits of order 1, not 0.01: a wrong weight shows well above the tolerances
+)
+
+
+def config(model_type, **extra):
+    return AutoConfig.for_model(model_type, **COMMON, **extra)
+
+
+@dataclass(frozen=True)
+class Family:
+    config: partial  # builds the tiny config
+    targets: list  # what default_lora_targets must pick
+    decoder: bool = True
+    tied: bool = False  # the causal LM's output embedding is its input embedding
+
+
+FAMILIES = {
+    "llama": Family(partial(config, "llama", num_key_value_heads=2), ["q_proj", "v_proj"]),
+    "qwen2": Family(partial(config, "qwen2", num_key_value_heads=2), ["q_proj", "v_proj"]),
+    "qwen3": Family(partial(config, "qwen3", num_key_value_heads=2, head_dim=8), ["q_proj", "v_proj"]),
+    "mistral": Family(partial(config, "mistral", num_key_value_heads=2, head_dim=8), ["q_proj", "v_proj"]),
+    "gemma": Family(partial(config, "gemma", num_key_value_heads=2, head_dim=8), ["q_proj", "v_proj"], tied=True),
+    # Gemma 2 also caps its final logits in Gemma2ForCausalLM.forward (final_logit_softcapping: 30 in the real
+    # models, 3 here so that the tiny model's logits of order 1 feel it)
+    "gemma2": Family(
+        partial(config, "gemma2", num_key_value_heads=2, head_dim=8, final_logit_softcapping=3.0),
+        ["q_proj", "v_proj"],
+        tied=True,
+    ),
+    "phi3": Family(partial(config, "phi3", num_key_value_heads=2), ["qkv_proj"]),  # fused q, k, v
+    "gpt2": Family(partial(config, "gpt2"), ["c_attn"], tied=True),  # a Conv1D: transposed weight, fan_in_fan_out
+    "gpt_neox": Family(partial(config, "gpt_neox"), ["query_key_value"]),  # fused q, k, v
+    "bert": Family(partial(config, "bert"), ["query", "value"], decoder=False),
+    "roberta": Family(partial(config, "roberta"), ["query", "value"], decoder=False),
+}
+CLS = [(f, "cls") for f in FAMILIES]
+LM = [(f, "lm") for f, family in FAMILIES.items() if family.decoder]
+CASES = CLS + LM
+
+# each head's likelihoods and the batch (collator layout) each is tested on
+CLS_RECORDS = [r for r, _ in LETTER_RECORDS]  # token ids 3..63, lengths 5, 13, 9
+
+
+def cls_batch(records, side="right", pad=PAD):
+    """``ClassificationCollator``'s layout: right-padded rows, padding cells holding ``pad``."""
+    ids, mask = _pad(records, side)
+    labels = torch.arange(len(records)) % NUM_LABELS
+    return {"input_ids": ids.masked_fill(mask == 0, pad), "attention_mask": mask, "labels": labels}
+
+
+LIKELIHOODS = {  # name: (likelihood, batch)
+    "seqcls": (SequenceClassification, lambda: cls_batch(CLS_RECORDS)),
+    "letter": (lambda: MultipleChoice(LETTERS, format="letter"), lambda: letter_batch(LETTER_RECORDS, "left")),
+    "cloze": (lambda: MultipleChoice(format="cloze"), lambda: cloze_batch(CLOZE_RECORDS)),
+}
+HEAD_LIKELIHOODS = {"cls": ["seqcls"], "lm": ["letter", "cloze"]}
+LIKELIHOOD_CASES = [(f, h, lik) for f, h in CASES for lik in HEAD_LIKELIHOODS[h]]
+
+
+def params(cases):
+    """The cases as pytest params named ``family-head[-likelihood]``."""
+    return [pytest.param(*case, id="-".join(case)) for case in cases]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """``tiny(family, head) -> (base, net)``: the transformers model as built (kept pristine) and a copy wrapped by
+    ``add_lora`` with its default targets and a random B, each built once per module. Tests that change a network
+    change a copy."""
+    cache = {}
+
+    def get(family, head):
+        if (family, head) not in cache:
+            torch.manual_seed(0)
+            auto = AutoModelForSequenceClassification if head == "cls" else AutoModelForCausalLM
+            base = auto.from_config(FAMILIES[family].config()).eval()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False")  # peft sets it for Conv1D
+                net = add_lora(copy.deepcopy(base), r=4, alpha=8)
+            _randomize_b(net)
+            cache[family, head] = base, net.eval()
+        return cache[family, head]
+
+    return get
+
+
+def build(tiny, family, head, likelihood, copy_net=False):
+    """``(LoraModel, batch)`` of the family's network under the named likelihood."""
+    net = tiny(family, head)[1]
+    make_likelihood, make_batch = LIKELIHOODS[likelihood]
+    return LoraModel(copy.deepcopy(net) if copy_net else net, make_likelihood()), make_batch()
+
+
+def samples_around(model, scale=0.1, seed=0):
+    """``[S, ...]`` site values: the adapter's own values first, then ``S - 1`` values around them."""
+    g = torch.Generator().manual_seed(seed)
+    values = model.adapter_values()
+    noise = {k: scale * torch.randn(S - 1, *v.shape, generator=g) for k, v in values.items()}
+    return {k: torch.cat([v[None], v + noise[k]]) for k, v in values.items()}
+
+
+def one_sample(values, s):
+    return {k: v[s] for k, v in values.items()}
+
+
+def max_change(a, b):
+    """Largest |a - b| over the entries finite in both (missing choices are -inf in both)."""
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    assert finite.any()
+    return float((a - b)[finite].abs().max())
+
+
+# ------------------------------------------------------------------------------------------- default targets
+
+
+@pytest.mark.parametrize(("family", "head"), params(CASES))
+def test_default_targets_pick_each_familys_attention_projections(tiny, family, head):
+    base, net = tiny(family, head)
+    expected = FAMILIES[family].targets
+    assert default_lora_targets(base) == expected
+    assert default_lora_targets(net) == expected  # seen through the peft wrapper
+    adapted = [name for name, m in net.named_modules() if isinstance(m, LoraLayer)]
+    assert sorted({name.rsplit(".", 1)[-1] for name in adapted}) == sorted(expected)
+    assert len(adapted) == base.config.num_hidden_layers * len(expected)
+    assert net.peft_config["default"].fan_in_fan_out == (family == "gpt2")  # Conv1D stores its weight transposed
+    if head == "lm":
+        tied = base.get_output_embeddings().weight is base.get_input_embeddings().weight
+        assert tied == base.config.tie_word_embeddings == FAMILIES[family].tied
+
+
+# ------------------------------------------------------------------------------------------- weight hand-off
+
+
+@pytest.mark.parametrize(("family", "head", "likelihood"), params(LIKELIHOOD_CASES))
+def test_handed_adapter_values_reproduce_peft_logits_and_other_values_change_them(tiny, family, head, likelihood):
+    model, batch = build(tiny, family, head, likelihood)
+    values = samples_around(model)
+    with torch.no_grad():
+        peft = model.logits(batch)  # peft's own forward
+        handed = model.logits(batch, model.adapter_values())
+        with model.net.disable_adapter():
+            without = model.logits(batch)
+        singles = torch.stack([model.logits(batch, one_sample(values, s)) for s in range(S)])
+        joint = model.logits(batch, values, num_samples=S)  # S samples in one batched forward
+    torch.testing.assert_close(handed, peft, rtol=1e-5, atol=1e-5)
+    assert max_change(peft, without) > 1e-3  # the adapter acts, so the equality above is not the base's
+    assert max_change(singles[1], peft) > 1e-3  # other values reach the forward
+    assert joint.shape == (S, *peft.shape)
+    torch.testing.assert_close(joint, singles, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(joint[0], peft, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- KFAC
+
+
+KFAC_CASES = [(f, "cls", "seqcls") for f, _ in CLS] + [(f, "lm", "letter") for f, _ in LM]
+
+
+def one_token(likelihood):
+    batch = {"input_ids": torch.tensor([[7]]), "attention_mask": torch.tensor([[1]]), "labels": torch.tensor([1])}
+    return batch | ({"choice_mask": torch.ones(1, len(LETTERS), dtype=torch.bool)} if likelihood == "letter" else {})
+
+
+@pytest.mark.parametrize(("family", "head", "likelihood"), params(KFAC_CASES))
+def test_kfac_equals_the_exact_ggn_for_one_token(tiny, family, head, likelihood):
+    model, _ = build(tiny, family, head, likelihood)
+    data = [one_token(likelihood)]
+    guide = LaplaceGuide(model, fisher="exact", rank=8).fit(data, progress=False)
+    ggn = site_blocks(guide, dense_ggn(model, guide, data))
+    assert set(ggn) == set(model.sites)
+    for name, kfac in dense_fisher(guide).items():
+        torch.testing.assert_close(kfac, ggn[name], rtol=1e-3, atol=1e-5)
+        # attention over one key ignores the query: only a separate query projection's blocks are zero
+        ignored = name.split(".")[0] in ("q_proj", "query")
+        assert (ggn[name].abs().max() > 1e-4) != ignored, name
+
+
+# ------------------------------------------------------------------------------------------- padding
+
+
+@pytest.mark.parametrize(("family", "head"), params(CLS))
+def test_classifier_logits_do_not_depend_on_right_padding_and_left_padding_is_refused(tiny, family, head):
+    model, batch = build(tiny, family, head, "seqcls")
+    values = samples_around(model)
+    with torch.no_grad():
+        for v, num_samples in [(None, None), (values, S)]:
+            alone, inside = alone_vs_batch(model, CLS_RECORDS, cls_batch, v, num_samples)
+            torch.testing.assert_close(inside, alone, rtol=0, atol=1e-5)
+            # padding cells holding eos (a tokenizer padding with eos): a decoder's head still reads the last real token
+            eos_padded = model.logits(cls_batch(CLS_RECORDS, pad=EOS), v, num_samples=num_samples)
+            torch.testing.assert_close(eos_padded, model.logits(batch, v, num_samples=num_samples), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="right-padded"):
+        model.logits(cls_batch(CLS_RECORDS, "left"))
+
+
+@pytest.mark.parametrize(("family", "head"), params(LM))
+def test_letter_logits_do_not_depend_on_left_or_right_padding(tiny, family, head):
+    model, _ = build(tiny, family, head, "letter")
+    values = samples_around(model)
+    with torch.no_grad():
+        for side in ("left", "right"):  # LetterCollator's default, and padding_side="right"
+            make = partial(letter_batch, side=side)
+            for v, num_samples in [(None, None), (values, S)]:
+                alone, inside = alone_vs_batch(model, LETTER_RECORDS, make, v, num_samples)
+                torch.testing.assert_close(inside, alone, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("family", "head"), params(LM))
+def test_cloze_logits_do_not_depend_on_padding_or_batch(tiny, family, head):
+    model, _ = build(tiny, family, head, "cloze")
+    values = samples_around(model)
+    with torch.no_grad():
+        # shared prefixes (one key/value cache per question), then with a WinoGrande record (full rows)
+        for records in (CLOZE_RECORDS, CLOZE_RECORDS + [BLANK_RECORD]):
+            for v, num_samples in [(None, None), (values, S)]:
+                alone, inside = alone_vs_batch(model, records, cloze_batch, v, num_samples)
+                torch.testing.assert_close(inside, alone, rtol=0, atol=1e-5)
+
+
+LM_LIKELIHOOD_CASES = [case for case in LIKELIHOOD_CASES if case[1] == "lm"]
+
+
+@pytest.mark.parametrize(("family", "head", "likelihood"), params(LM_LIKELIHOOD_CASES))
+def test_multiple_choice_logits_are_the_networks_own(tiny, family, head, likelihood):
+    """Letter: the next-token logits of the prompt alone; cloze: each choice's log-likelihood, one unpadded forward
+    per choice, both through the network's own forward (its ``logits``)."""
+    model, batch = build(tiny, family, head, likelihood)
+    with torch.no_grad():
+        logits = model.logits(batch)
+        if likelihood == "letter":
+            alone = [(model.net(input_ids=torch.tensor([prompt])).logits, k) for prompt, k in LETTER_RECORDS]
+            expected = [own[0, -1, LETTERS[:k]] for own, k in alone]
+        else:
+            expected = direct_scores(model.net, CLOZE_RECORDS)
+    for b, own in enumerate(expected):
+        torch.testing.assert_close(logits[b, : len(own)], own, rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- export and loading
+
+
+@pytest.mark.parametrize(("family", "head"), params(CASES))
+def test_exported_sample_reloads_onto_a_fresh_base_with_the_handed_logits(tiny, family, head, tmp_path):
+    likelihood = HEAD_LIKELIHOODS[head][0]
+    model, batch = build(tiny, family, head, likelihood, copy_net=True)
+    sample = one_sample(samples_around(model), 1)
+    with torch.no_grad():
+        if head == "cls":  # a head trained beside the LoRA (peft's modules_to_save) travels with the adapter
+            assert model.point_parameters()
+            for p in model.point_parameters():
+                p.add_(torch.randn_like(p))
+        before = model.logits(batch)
+        handed = model.logits(batch, sample)
+    export_adapter(MAPGuide(model, init=sample), tmp_path / "adapter")  # the guide's mean: the sample
+    reloaded = load_adapter(copy.deepcopy(tiny(family, head)[0]), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        again = LoraModel(reloaded, LIKELIHOODS[likelihood][0]()).logits(batch)
+    torch.testing.assert_close(again, handed, rtol=1e-5, atol=1e-5)
+    assert max_change(handed, before) > 1e-3  # what was exported is not what the adapter held before
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """A word-level tokenizer whose ids stay below the tiny models' vocabulary (pad 0, bos 1, eos 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "the a cat dog sat on mat good bad film movie was is very not".split()
+    vocab = {"<pad>": PAD, "<s>": BOS, "</s>": EOS, "<unk>": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = dict(pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
+
+
+@pytest.mark.parametrize(("family", "head"), params(CASES))
+def test_load_pretrained_reads_a_saved_folder_with_the_same_default_targets(tiny, tokenizer, family, head, tmp_path):
+    base = tiny(family, head)[0]
+    base.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded, loaded_tokenizer = load_pretrained(
+        str(tmp_path), "classification" if head == "cls" else "causal_lm", num_labels=NUM_LABELS, progress=False
+    )
+    assert type(loaded) is type(base)
+    assert default_lora_targets(loaded) == FAMILIES[family].targets  # what `pyro-lora compare --model PATH` adapts
+    inputs = loaded_tokenizer(["the cat sat on the mat", "a very good film"], padding=True, return_tensors="pt")
+    tokens = inputs["input_ids"]
+    assert (tokens != loaded_tokenizer.unk_token_id).all() and tokens.max() < VOCAB  # known words, inside the vocab
+    with torch.no_grad():  # the weights were read, not freshly initialised
+        torch.testing.assert_close(loaded(**inputs).logits, base(**inputs).logits, rtol=0, atol=1e-6)
