@@ -136,10 +136,20 @@ def _decoder_and_head(net):
         )
     config = getattr(base, "config", None)
     config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
-    cap = getattr(config, "final_logit_softcapping", None)
-    if cap:  # Gemma 2/3 squash the LM head's logits in their forward, after the head this bypass calls
-        return decoder, lambda hidden: cap * torch.tanh(head(hidden) / cap)
-    return decoder, head
+    # what a model's forward does to the LM head's output, which this bypass of the forward must repeat
+    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
+    scale = getattr(config, "logit_scale", None) if getattr(config, "model_type", "").startswith("cohere") else None
+    divide = getattr(config, "logits_scaling", None) if getattr(config, "model_type", "").startswith("granite") else None
+    if not (cap or scale or divide):
+        return decoder, head
+
+    def scaled_head(hidden):
+        logits = head(hidden)
+        logits = logits * scale if scale else logits
+        logits = logits / divide if divide else logits
+        return cap * torch.tanh(logits / cap) if cap else logits
+
+    return decoder, scaled_head
 
 
 def _pad_token_id(net):

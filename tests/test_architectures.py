@@ -325,3 +325,19 @@ def test_load_pretrained_reads_a_saved_folder_with_the_same_default_targets(tiny
     assert (tokens != loaded_tokenizer.unk_token_id).all() and tokens.max() < VOCAB  # known words, inside the vocab
     with torch.no_grad():  # the weights were read, not freshly initialised
         torch.testing.assert_close(loaded(**inputs).logits, base(**inputs).logits, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("family", "post_head"), [("cohere", {"logit_scale": 0.3}), ("granite", {"logits_scaling": 4.0})])
+def test_multiple_choice_repeats_what_the_forward_does_after_the_lm_head(family, post_head):
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(family, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, initializer_range=0.2, **post_head)
+    net = AutoModelForCausalLM.from_config(config).eval()
+    prompt = torch.tensor([[5, 9, 17, 23, 31]])
+    batch = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "choice_mask": torch.ones(1, 3, dtype=torch.bool)}
+    with torch.no_grad():
+        ours = MultipleChoice([10, 11, 12], format="letter").logits(net, batch)[0]
+        theirs = net(input_ids=prompt).logits[0, -1, [10, 11, 12]]
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert (theirs - theirs.mean()).abs().max() > 0.05
