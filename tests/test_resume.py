@@ -15,7 +15,7 @@ from pyro_lora.experiments.compare import run_compare
 from pyro_lora.experiments.setup import CompareConfig, prepare
 from pyro_lora.guides.registry import METHODS
 from pyro_lora.io import FORMAT, _canonical, _sha256, atomic_file
-from pyro_lora.experiments.results import GuideFailures, RunFolder
+from pyro_lora.experiments.results import GuideFailures, RunFolder, config_differences
 
 ROW = {"guide": "map", "dataset": "sst2", "seed": 0, "accuracy": 0.5, "ece": 5.0, "nll": 0.7}
 METRICS = ("accuracy", "ece", "nll", "brier", "mutual_information", "aurc", "entropy")
@@ -387,3 +387,25 @@ def test_unknown_multiple_choice_settings_are_refused(tmp_path):
         check_config(small(tmp_path, model="smollm2", dataset="arc_easy", mc_format="Cloze"))
     with pytest.raises(ValueError, match="--mc-normalize 'bogus' is none of none, tokens, chars"):
         check_config(small(tmp_path, model="smollm2", dataset="arc_easy", mc_normalize="bogus"))
+
+
+def test_a_record_from_before_dtype_and_4bit_existed_is_evaluated_as_fp32_unquantized(tmp_path, monkeypatch):
+    seen = {}
+
+    def prepare(config, *a, **k):
+        seen["config"] = config
+        raise RuntimeError("stop before loading")
+
+    monkeypatch.setattr(S, "prepare", prepare)
+    with pytest.raises(RuntimeError, match="stop before loading"):
+        S.evaluate_saved(_run_folder(tmp_path, dtype=None, load_in_4bit=None))
+    assert seen["config"].dtype == "fp32" and seen["config"].load_in_4bit is False
+    assert config_differences({"config": {k: v for k, v in asdict(small(tmp_path)).items() if k not in ("dtype", "load_in_4bit")}},
+                              small(tmp_path)) == {}
+    assert config_differences({"config": asdict(small(tmp_path))}, small(tmp_path, dtype="bf16")) == {"dtype": ("fp32", "bf16")}
+
+
+def test_a_record_with_an_unknown_dtype_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "prepare", lambda *a, **k: pytest.fail("loaded a model from a broken record"))
+    with pytest.raises(ValueError, match="--dtype 'fp8' is none of fp32, bf16, fp16"):
+        S.evaluate_saved(_run_folder(tmp_path, dtype="fp8"))
