@@ -1,34 +1,30 @@
-"""One SVI step of each guide, and the S-sample predictive, as ratios to plain peft LoRA in the same process.
+"""One SVI step of each guide, and the S-sample predictive, as ratios to plain peft LoRA in the same process;
+and their peak memory against a plain LoRA step and a plain forward.
 
 CPU by default on a small random Llama (per-site overhead shows there); ``--size 1b --device cuda`` is
-a ~1B Llama-architecture config (LoRA r=8 on all 7 projections, batch 4x256).
+a ~1B Llama-architecture config (LoRA r=8 on all 7 projections, batch 4x256, bf16 base).
 
-    python benchmarks/svi_step.py                      # CPU, small
+    python benchmarks/svi_step.py                      # CPU, small, fp32
     python benchmarks/svi_step.py --size 1b --device cuda --guides map,meanfield,flow
+
+Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the live tensors before the block plus
+the peak of the allocations torch.profiler traces within it (exact; sampling the resident set is too coarse
+for a small model). ``--no-memory`` skips it.
 """
 
 import argparse
-import statistics
+import math
 import sys
-import time
-from pathlib import Path
 
+import _common as C  # noqa: I001  (first: puts the working tree's pyro_lora on the path)
 import torch
 import torch.nn.functional as F
 from pyro.infer import TraceMeanField_ELBO
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from pyro_lora import CausalLM, LoraModel, MultipleChoice, ScalaBLModel, fit, predict
+from pyro_lora.guides import FlowGuide, MAPGuide, MeanFieldGuide, ScalaBLGuide
 
-from pyro_lora.guides import FlowGuide, MAPGuide, MeanFieldGuide, ScalaBLGuide  # noqa: E402
-from pyro_lora import CausalLM, LoraModel, MultipleChoice, ScalaBLModel, fit  # noqa: E402
-
-SIZES = {
-    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, vocab_size=2048),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
-}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # name -> (random sites, guide constructor)
 GUIDES = {
     "map": ("AB", MAPGuide),
@@ -37,38 +33,14 @@ GUIDES = {
     "flow": ("A", FlowGuide),
     "scalabl": ("S", ScalaBLGuide),  # the model is a ScalaBLModel (its rotation keeps B A)
 }
-
-
-def build(size, device, dtype):
-    torch.manual_seed(0)
-    net = LlamaForCausalLM(LlamaConfig(**SIZES[size], max_position_embeddings=4096)).to(device, dtype)
-    net = get_peft_model(net, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.01)
-    return net
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, repeats):
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync(device)
-        t = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+LABELS = {"meanfield_flipout": "meanfield + flipout"}
 
 
 def plain_steps(net, batch, steps, device, autocast):
-    params = [p for p in net.parameters() if p.requires_grad]
+    """``steps`` plain peft LoRA training steps (AdamW, fused on CUDA, as ``fit``'s), one optimizer kept across calls."""
+    params = [p for n, p in net.named_parameters() if "lora_" in n]  # trainable again: a LoraModel may have frozen them
+    for p in params:
+        p.requires_grad_(True)
     opt = torch.optim.AdamW(params, lr=1e-5, fused=device.type == "cuda")
 
     def run():
@@ -83,58 +55,194 @@ def plain_steps(net, batch, steps, device, autocast):
     return run
 
 
+def make_model(net, name):
+    random, make_guide = GUIDES[name]
+    if random == "S":
+        model = ScalaBLModel(net, CausalLM(), prior=1.0, num_data=1000)
+    else:
+        model = LoraModel(net, CausalLM(), random=random, prior=0.2, num_data=1000)
+    return model, make_guide(model).to(model.device)
+
+
+def svi_steps(model, guide, batch, steps):
+    elbo = TraceMeanField_ELBO()
+    # stop_on_divergence=False: its one forward per epoch is no part of a step (this epoch has only `steps` steps)
+    return lambda: fit(model, guide, [batch] * steps, lr=1e-5, elbo=elbo, stop_on_divergence=False, progress=False)
+
+
+def run(size="small", device="cpu", dtype=None, batch=4, seq=None, steps=5, repeats=3, samples=8, guides=",".join(GUIDES),
+        memory=True, memory_guides="meanfield,flow", chunks=(1, 2, 8), net=None, log=print):
+    """Measure; returns a dict of figures (seconds, MiB) that :func:`tables` prints. ``net``: a LoRA Llama of
+    :func:`_common.build_llama` to reuse (else one is built). A measurement that fails is left out and its error
+    listed in ``out["errors"]``; the others go on."""
+    device = torch.device(device)
+    dtype = dtype or C.default_dtype(device)
+    seq = seq or (64 if size == "small" else 256)
+    # fit runs under bf16 autocast on CUDA whatever the base's dtype, and a bf16 base always does (LoraModel):
+    # the plain step does as they do
+    autocast = device.type == "cuda" or dtype == "bf16"
+    net = net if net is not None else C.build_llama(LlamaForCausalLM, size, device, dtype)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1, net.config.vocab_size, (batch, seq), generator=g).to(device)
+    data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    out = {"size": size, "device": str(device), "dtype": dtype, "batch": batch, "seq": seq, "samples": samples,
+           "lora_params": C.lora_parameters(net), "steps": {}, "predictive": {}, "memory": {}, "errors": []}
+    errors = out["errors"]
+    log(f"# svi_step: {size} Llama, LoRA r=8 on 7 projections ({out['lora_params'] / 1e6:.2f}M LoRA params), batch {batch}x{seq}, {device}, {dtype}")
+
+    step = C.timed(plain_steps(net, data, steps, device, autocast), device, repeats) / steps
+    out["steps"]["plain"] = {"seconds": step}
+    log(f"  plain peft LoRA step {step:.4f} s")
+    for name in guides.split(","):
+
+        def time_guide():
+            model, guide = make_model(net, name)
+            # the guide trained the network's point parameters beside its own LoRA values: the next one starts afresh
+            return C.timed(svi_steps(model, guide, data, steps), device, repeats) / steps, len(model.sites)
+
+        timing = C.attempt(errors, f"SVI step, {name}", time_guide)
+        C.free(device)
+        if timing is not None:
+            out["steps"][name] = {"seconds": timing[0], "sites": timing[1]}
+            log(f"  SVI step, {name} {timing[0]:.4f} s ({timing[0] / out['steps']['plain']['seconds']:.2f}x)")
+
+    # predictive: S samples in one batched forward against S separate forwards (last-token class logits)
+    choices = {
+        "input_ids": ids, "attention_mask": data["attention_mask"], "choice_mask": torch.ones(batch, 4, dtype=torch.bool, device=device),
+        "labels": torch.randint(0, 4, (batch,), generator=g).to(device),
+    }
+    model = LoraModel(net, MultipleChoice(answer_token_ids=[5, 6, 7, 8]), random="AB")
+
+    def time_predictive():
+        values = {k: v + 0.01 * torch.randn(samples, *v.shape, device=device) for k, v in model.adapter_values().items()}
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            one = C.timed(lambda: model.logits(choices), device, repeats)
+            batched = C.timed(lambda: model.logits(choices, values, samples), device, repeats)
+            looped = C.timed(lambda: [model.logits(choices, {k: v[s] for k, v in values.items()}) for s in range(samples)], device, repeats)
+        return {"forward": one, "batched": batched, "looped": looped}
+
+    net.eval()
+    out["predictive"] = C.attempt(errors, "predictive", time_predictive) or {}
+    net.train()
+    if out["predictive"]:
+        p = out["predictive"]
+        log(f"  predictive S={samples}: batched {p['batched']:.4f} s, looped {p['looped']:.4f} s ({p['batched'] / p['looped']:.2f}x)")
+    if memory:
+        out["memory"] = measure_memory(net, data, choices, model, device, autocast, memory_guides, samples, chunks, errors, log)
+    return out
+
+
+def measure_memory(net, data, choices, mc_model, device, autocast, memory_guides, samples, chunks, errors, log=print):
+    """Peak memory (total, above resident; MiB) of two training steps of plain LoRA and of each SVI guide, of a
+    plain forward and of the ``samples``-sample predictive with each chunk size (one batch). A block that fails
+    reads ``(nan, nan)``."""
+    nan = (float("nan"), float("nan"))
+    mem = {}
+    for p in net.parameters():
+        p.grad = None
+    # a fresh optimizer: its state is allocated within the block, as fit's is
+    mem["plain_step"] = C.attempt(errors, "memory, plain step", C.peak_memory, plain_steps(net, data, 2, device, autocast), device) or nan
+    for name in filter(None, memory_guides.split(",")):
+
+        def svi_block():
+            model, guide = make_model(net, name)
+            svi_steps(model, guide, data, 1)()  # warm-up outside the block (lazily built state)
+            return C.peak_memory(svi_steps(model, guide, data, 2), device)
+
+        mem[f"svi_{name}"] = C.attempt(errors, f"memory, SVI step {name}", svi_block) or nan
+        C.free(device)
+    guide = MeanFieldGuide(mc_model, b="normal").to(device)  # every LoRA matrix sampled: the largest draw
+    mem["sample_mib"] = sum(4 * math.prod(site.shape) for site in mc_model.sites.values()) / 2**20  # one float32 draw of every site
+
+    def predictive_block(num_samples, chunk_size=None, with_guide=True):
+        block = lambda: predict(mc_model, guide if with_guide else None, [choices], num_samples=num_samples, chunk_size=chunk_size)  # noqa: E731
+        block()  # warm-up
+        return C.peak_memory(block, device)
+
+    mem["forward"] = C.attempt(errors, "memory, plain forward", predictive_block, 1, with_guide=False) or nan
+    mem["one_sample"] = C.attempt(errors, "memory, predictive S=1", predictive_block, 1) or nan  # the unit of "bounded by chunk_size"
+    for c in chunks:
+        mem[f"chunk_{c}"] = C.attempt(errors, f"memory, predictive chunk_size={c}", predictive_block, samples, c) or nan
+    log("  memory (MiB, total / above resident): " + ", ".join(f"{k} {v[0]:.0f}/{v[1]:.1f}" for k, v in mem.items() if isinstance(v, tuple)))
+    return mem
+
+
+def tables(out) -> str:
+    """The figures of :func:`run` as markdown tables (RESULTS.md's)."""
+    plain = out["steps"]["plain"]["seconds"]
+    lines = ["| what | seconds | ratio to plain LoRA |", "|---|---|---|", f"| plain peft LoRA step | {plain:.4f} | 1.00 |"]
+    for name, r in out["steps"].items():
+        if name != "plain":
+            lines.append(f"| SVI step, {LABELS.get(name, name)} guide ({r['sites']} sites) | {r['seconds']:.4f} | {r['seconds'] / plain:.2f} |")
+    p, s = out["predictive"], out["samples"]
+    if p:
+        lines += [
+            f"| plain forward | {p['forward']:.4f} | 1.00 |",
+            f"| predictive, S={s} in one batched forward | {p['batched']:.4f} | {p['batched'] / p['forward']:.2f} |",
+            f"| predictive, S={s} looped | {p['looped']:.4f} | {p['looped'] / p['forward']:.2f} |",
+            f"| batched / looped | | {p['batched'] / p['looped']:.2f} |",
+        ]
+    if out["memory"]:
+        lines += ["", memory_table(out["memory"], s)]
+    if out.get("errors"):
+        lines += ["", "Failed: " + "; ".join(out["errors"])]
+    return "\n".join(lines)
+
+
+def chunk_bound(mem):
+    """``max_c`` of the S-sample predictive's memory above resident with ``chunk_size=c`` over ``c`` times a one-sample
+    predictive's: at most about 1 when the predictive's memory is bounded by the chunk, not by ``S`` (nan if any is missing)."""
+    one = mem["one_sample"][1]
+    values = [C.ratio(v[1], int(k[6:]) * one) for k, v in mem.items() if k.startswith("chunk_")]
+    return float("nan") if not values or any(math.isnan(v) for v in values) else max(values)
+
+
+def memory_table(mem, samples) -> str:
+    """The peak-memory figures of :func:`measure_memory` as two markdown tables (training, predictive)."""
+    step, one = mem["plain_step"], mem["one_sample"]
+    lines = [
+        "| peak memory, training | MiB | / plain LoRA step | MiB above resident | / plain LoRA step's |",
+        "|---|---|---|---|---|",
+        f"| plain peft LoRA step (2 steps, fresh AdamW) | {step[0]:.1f} | 1.000 | {step[1]:.1f} | 1.00 |",
+    ]
+    for k in (k for k in mem if k.startswith("svi_")):
+        total, extra = mem[k]
+        name = LABELS.get(k[4:], k[4:])
+        lines.append(f"| SVI step, {name} guide (2 steps) | {total:.1f} | {C.ratio(total, step[0]):.3f} | {extra:.1f} | {C.ratio(extra, step[1]):.2f} |")
+    forward = mem["forward"]
+    lines += [
+        "",
+        f"| peak memory, predictive (one weight sample: {mem['sample_mib']:.2f} MiB) | MiB | / plain LoRA step | MiB above resident | / (chunk x S=1's) |",
+        "|---|---|---|---|---|",
+        f"| plain forward (predict, no guide) | {forward[0]:.1f} | {C.ratio(forward[0], step[0]):.3f} | {forward[1]:.1f} | |",
+        f"| predictive, S=1 | {one[0]:.1f} | {C.ratio(one[0], step[0]):.3f} | {one[1]:.1f} | 1.00 |",
+    ]
+    for k in (k for k in mem if k.startswith("chunk_")):
+        (total, extra), c = mem[k], int(k[6:])
+        lines.append(f"| predictive, S={samples}, chunk_size={c} | {total:.1f} | {C.ratio(total, step[0]):.3f} | {extra:.1f} | {C.ratio(extra, c * one[1]):.2f} |")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=SIZES, default="small")
+    ap.add_argument("--size", choices=C.SIZES, default="small")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=C.DTYPES, default=None, help="base weights (default bf16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=None, help="sequence length (default 64 small, 256 1b)")
     ap.add_argument("--steps", type=int, default=5, help="optimizer steps per timing")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--guides", default=",".join(GUIDES))
+    ap.add_argument("--memory-guides", default="meanfield,flow", help="guides whose step peak memory is measured")
+    ap.add_argument("--chunks", default="1,2,8", help="predictive chunk sizes whose peak memory is measured")
+    ap.add_argument("--no-memory", action="store_true")
     args = ap.parse_args()
-    device = torch.device(args.device)
-    seq = args.seq or (64 if args.size == "small" else 256)
-    autocast = device.type == "cuda"
-    net = build(args.size, device, torch.float32)
-    vocab = net.config.vocab_size
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(1, vocab, (args.batch, seq), generator=g).to(device)
-    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
-    n_lora = sum(p.numel() for n, p in net.named_parameters() if "lora_" in n)
-    print(f"# {args.size} Llama, LoRA r=8 on 7 projections ({n_lora / 1e6:.2f}M LoRA params), batch {args.batch}x{seq}, {device}")
-
-    plain = timed(plain_steps(net, batch, args.steps, device, autocast), device, args.repeats) / args.steps
-    print("| what | seconds | ratio to plain LoRA |\n|---|---|---|")
-    print(f"| plain peft LoRA step | {plain:.4f} | 1.00 |")
-    for name in args.guides.split(","):
-        random, make_guide = GUIDES[name]
-        if random == "S":
-            model = ScalaBLModel(net, CausalLM(), prior=1.0, num_data=1000)
-        else:
-            model = LoraModel(net, CausalLM(), random=random, prior=0.2, num_data=1000)
-        guide = make_guide(model).to(device)
-        elbo = TraceMeanField_ELBO()
-        # stop_on_divergence=False: its one forward per epoch is no part of a step (this epoch has only `steps` steps)
-        run = lambda: fit(model, guide, [batch] * args.steps, lr=1e-5, elbo=elbo, stop_on_divergence=False, progress=False)  # noqa: E731
-        step = timed(run, device, args.repeats) / args.steps
-        print(f"| SVI step, {name} guide ({len(model.sites)} sites) | {step:.4f} | {step / plain:.2f} |")
-        del guide  # it trained the network's point parameters beside its own LoRA values: the next guide starts afresh
-
-    # predictive: S samples in one batched forward against S separate forwards (last-token class logits)
-    choices = {"input_ids": ids, "attention_mask": batch["attention_mask"], "choice_mask": torch.ones(args.batch, 4, dtype=torch.bool, device=device)}
-    model = LoraModel(net, MultipleChoice(answer_token_ids=[5, 6, 7, 8]), random="AB")
-    values = {k: v + 0.01 * torch.randn(args.samples, *v.shape, device=device) for k, v in model.adapter_values().items()}
-    net.eval()
-    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        one = timed(lambda: model.logits(choices), device, args.repeats)
-        batched = timed(lambda: model.logits(choices, values, args.samples), device, args.repeats)
-        looped = timed(lambda: [model.logits(choices, {k: v[s] for k, v in values.items()}) for s in range(args.samples)], device, args.repeats)
-    print(f"| plain forward | {one:.4f} | 1.00 |")
-    print(f"| predictive, S={args.samples} batched | {batched:.4f} | {batched / one:.2f} |")
-    print(f"| predictive, S={args.samples} looped | {looped:.4f} | {looped / one:.2f} |")
-    print(f"| batched / looped | | {batched / looped:.2f} |")
+    out = run(args.size, args.device, args.dtype, args.batch, args.seq, args.steps, args.repeats, args.samples, args.guides,
+              not args.no_memory, args.memory_guides, tuple(int(c) for c in args.chunks.split(",")), log=lambda *a: None)
+    print(f"# {args.size} Llama, LoRA r=8 on 7 projections ({out['lora_params'] / 1e6:.2f}M LoRA params), batch {out['batch']}x{out['seq']}, {out['device']}, {out['dtype']}")
+    print(tables(out))
+    sys.exit(1 if out["errors"] else 0)
 
 
 if __name__ == "__main__":

@@ -11,54 +11,79 @@ what the batched S-sample forward costs against that row count. CPU by default.
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
+import _common as C  # noqa: I001  (first: puts the working tree's pyro_lora on the path)
 import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pyro_lora.guides.tfb import TFBGuide  # noqa: E402
-from pyro_lora import LoraModel, MultipleChoice  # noqa: E402
-
-SIZES = {
-    "small": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, vocab_size=2048),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
-}
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from pyro_lora import LoraModel, MultipleChoice
+from pyro_lora.guides.tfb import TFBGuide
 
 
-def build(size, device):
-    torch.manual_seed(0)
-    net = LlamaForCausalLM(LlamaConfig(**SIZES[size], max_position_embeddings=4096)).to(device)
-    net = get_peft_model(net, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
-    with torch.no_grad():
-        for n, p in net.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.01)
-    return net.eval()
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
+def timed_once(fn, device):
+    C.sync(device)
     t = time.perf_counter()
     out = fn()
-    sync(device)
+    C.sync(device)
     return time.perf_counter() - t, out
+
+
+def run(size="small", device="cpu", dtype=None, anchors=128, batch=16, seq=64, samples=10, iterations=5, criterion="nll", tolerance=0.01,
+        repeats=3, net=None, log=print):
+    """Measure; returns a dict of figures that :func:`tables` prints. ``net``: a LoRA Llama to reuse (else one is built)."""
+    device = torch.device(device)
+    dtype = dtype or C.default_dtype(device)
+    net = (net if net is not None else C.build_llama(LlamaForCausalLM, size, device, dtype)).eval()
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(0, anchors, batch):
+        n = min(batch, anchors - i)
+        ids = torch.randint(1, net.config.vocab_size, (n, seq), generator=g)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "choice_mask": torch.ones(n, 4, dtype=torch.bool)})
+    model = LoraModel(net, MultipleChoice(answer_token_ids=[5, 6, 7, 8]), random="AB")
+    on_device = [{k: v.to(device) for k, v in b.items()} for b in batches]
+
+    def plain_pass():
+        with torch.no_grad():
+            return [model.logits(b) for b in on_device]
+
+    plain_pass()  # warm-up
+    forward = statistics.median(timed_once(plain_pass, device)[0] for _ in range(repeats))
+    build_s, guide = timed_once(lambda: TFBGuide(model), device)
+    search_s, trace = timed_once(
+        lambda: guide.search(batches, criterion=criterion, tolerance=tolerance, iterations=iterations, num_samples=samples, progress=False),
+        device,
+    )
+    out = {
+        "device": str(device), "dtype": dtype, "size": size, "anchors": anchors, "batch": batch, "seq": seq, "samples": samples,
+        "criterion": criterion, "tolerance": tolerance, "iterations": iterations, "candidates": len(trace),
+        "passes": 1 + len(trace),  # the sigma = 0 reference, then one pass per candidate
+        "rows": 1 + samples * len(trace),  # forward rows per anchor, in plain-forward units
+        "build": build_s, "forward": forward, "search": search_s, "sigma_q": float(guide.sigma_q),
+        "trace": ", ".join(f"{t['sigma']:.4g}:{'ok' if t['feasible'] else 'x'}" for t in trace),
+    }
+    log(f"# tfb_search: {size} Llama, {anchors} anchors x {seq} tokens, S={samples}: {out['passes']} anchor passes, search {search_s:.2f} s, "
+        f"plain forward {forward:.3f} s")
+    return out
+
+
+def tables(out) -> str:
+    return "\n".join([
+        f"sigma_q = {out['sigma_q']:.6g} ({out['criterion']}, tolerance {out['tolerance']}); trace: {out['trace']}",
+        "",
+        "| device | anchors | S | candidates | anchor passes | forward rows / anchor | SVD build s | plain forward s | search s | search / forward |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| {torch.device(out['device']).type} | {out['anchors']} | {out['samples']} | {out['candidates']} | {out['passes']} | {out['rows']} | "
+        f"{out['build']:.3f} | {out['forward']:.3f} | {out['search']:.2f} | {out['search'] / out['forward']:.1f} |",
+    ])
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size", choices=SIZES, default="small")
+    ap.add_argument("--size", choices=C.SIZES, default="small")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=C.DTYPES, default=None, help="base weights (default bf16 on CUDA, fp32 on the CPU)")
     ap.add_argument("--anchors", type=int, default=128)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
@@ -68,36 +93,10 @@ def main():
     ap.add_argument("--tolerance", type=float, default=0.01)
     ap.add_argument("--repeats", type=int, default=3, help="plain-forward timings (median)")
     args = ap.parse_args()
-    device = torch.device(args.device)
-    net = build(args.size, device)
-    g = torch.Generator().manual_seed(0)
-    anchors = []
-    for i in range(0, args.anchors, args.batch):
-        n = min(args.batch, args.anchors - i)
-        ids = torch.randint(1, net.config.vocab_size, (n, args.seq), generator=g)
-        anchors.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "choice_mask": torch.ones(n, 4, dtype=torch.bool)})
-    model = LoraModel(net, MultipleChoice(answer_token_ids=[5, 6, 7, 8]), random="AB")
-    on_device = [{k: v.to(device) for k, v in b.items()} for b in anchors]
-
-    def plain_pass():
-        with torch.no_grad():
-            return [model.logits(b) for b in on_device]
-
-    plain_pass()  # warm-up
-    forward = statistics.median(timed(plain_pass, device)[0] for _ in range(args.repeats))
-    build_s, guide = timed(lambda: TFBGuide(model), device)
-    search_s, trace = timed(
-        lambda: guide.search(anchors, criterion=args.criterion, tolerance=args.tolerance, iterations=args.iterations, num_samples=args.samples, progress=False),
-        device,
-    )
-    passes = 1 + len(trace)
-    rows = 1 + args.samples * len(trace)  # forward rows per anchor, in plain-forward units
-    print(f"# {args.size} Llama, LoRA r=8 on 7 projections, {args.anchors} anchors x {args.seq} tokens, batch {args.batch}, {device}")
-    print(f"# sigma_q = {float(guide.sigma_q):.6g} ({args.criterion}, tolerance {args.tolerance}); trace: "
-          + ", ".join(f"{t['sigma']:.4g}:{'ok' if t['feasible'] else 'x'}" for t in trace))
-    print("| device | anchors | S | candidates | anchor passes | forward rows / anchor | SVD build s | plain forward s | search s | search / forward |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {device.type} | {args.anchors} | {args.samples} | {len(trace)} | {passes} | {rows} | {build_s:.3f} | {forward:.3f} | {search_s:.2f} | {search_s / forward:.1f} |")
+    out = run(args.size, args.device, args.dtype, args.anchors, args.batch, args.seq, args.samples, args.iterations, args.criterion,
+              args.tolerance, args.repeats, log=lambda *a: None)
+    print(f"# {args.size} Llama, LoRA r=8 on 7 projections, {args.anchors} anchors x {args.seq} tokens, batch {args.batch}, {out['device']}, {out['dtype']}")
+    print(tables(out))
 
 
 if __name__ == "__main__":

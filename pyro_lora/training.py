@@ -67,7 +67,7 @@ def fit(
     :param kl_weight: a float or a callable ``step -> float`` (KL annealing; must be > 0).
     :param train_network: ``False`` trains the guide's parameters only; the network's point estimates (a head,
         non-random LoRA matrices) stay as they are: post-hoc VI around a fitted network.
-    :param autocast: ``torch.dtype`` for autocast (default bf16 on CUDA, off on CPU; a half-precision network
+    :param autocast: ``torch.dtype`` for autocast, ``False`` for none (default bf16 on CUDA, none on CPU; a half-precision network
         always runs under autocast in its own dtype, see :class:`~pyro_lora.model.LoraModel`). A float16 network
         trains with a loss scaler (``torch.amp.GradScaler``): steps whose gradients overflowed are skipped.
     :param bool gradient_checkpointing: switch transformers' activation checkpointing on (non-reentrant) for
@@ -152,7 +152,7 @@ def fit(
                             f"kl_weight gave {weight!r} at step {step}: it must be a positive finite number (Pyro scales "
                             "log-densities by it); start a KL warm-up from a small positive weight, e.g. max(1e-3, step / 100)"
                         )
-                    with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+                    with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
                         loss = elbo.differentiable_loss(model, guide, batch, kl_weight=weight) / num_data
                     scaler.scale(loss / grad_accum_steps).backward()
                     accumulated += loss.item() / grad_accum_steps
