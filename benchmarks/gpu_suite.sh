@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU suite: every benchmark on the ~1B random Llama (LoRA r=8 on all 7 projections, batch 4x256, bf16),
-# the goals as ratios in one run, printed as a benchmarks/RESULTS.md section.
+# the speed and memory goals as ratios in one run, printed as a benchmarks/RESULTS.md section.
 #
 #   bash benchmarks/gpu_suite.sh [--size 1b|small] [--device cuda|cpu] [--dtype bf16|fp32] [--out FILE]
 #

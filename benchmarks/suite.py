@@ -1,4 +1,4 @@
-"""Every benchmark in one process, with the issue's goals as ratios measured in the same run.
+"""Every benchmark in one process, with the speed and memory goals as ratios measured in the same run.
 
 Run it through ``bash benchmarks/gpu_suite.sh`` (which first provides pyro from the wheels in
 ``benchmarks/wheels`` where the machine lacks it, and the project from the working tree):
@@ -33,7 +33,7 @@ import tfb_search
 import torch
 from transformers import LlamaForCausalLM
 
-# what each size runs: 1b is the issue's GPU shape, sized to finish well inside 8 minutes on one GPU;
+# what each size runs: 1b is the goals' GPU shape, sized to finish well inside 8 minutes on one GPU;
 # small is the CPU/CI shape (about 30 s on 2 cores, one thread)
 PRESETS = {
     "1b": dict(
