@@ -13,6 +13,7 @@ from collections import OrderedDict
 
 import torch
 
+from . import quantized
 from .model import LoraModel
 from .sites import active_adapter, find_lora_layers, layer_dims
 
@@ -22,8 +23,13 @@ __all__ = ["LoraXSModel", "base_weight", "init_lora_xs", "lora_xs_parameter_coun
 def base_weight(layer) -> torch.Tensor:
     """The frozen base weight ``W0`` of a peft LoRA layer as ``[d_out, d_in]`` (``fan_in_fan_out`` undone).
 
-    :raises ValueError: if the base layer has no dense floating-point 2-D weight (e.g. a quantized layer).
+    A bitsandbytes 4-bit or 8-bit base gives its dequantised weight.
+
+    :raises ValueError: if the base layer has no floating-point 2-D weight (and is no bitsandbytes layer).
     """
+    dense = quantized.dense_weight(layer.get_base_layer())
+    if dense is not None:
+        return dense
     w = getattr(layer.get_base_layer(), "weight", None)
     if w is None or w.dim() != 2 or not w.is_floating_point():
         raise ValueError(

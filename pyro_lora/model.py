@@ -83,7 +83,7 @@ class LoraModel:
         self._pyro_name = pyro_params.unique_name(self)
         self.last_nll = None  # mean NLL per example of the last batch the Pyro model scored (a detached tensor)
         self.set_trainable()
-        _float32_trainables(self.point_parameters() + [p for layer in self.layers.values() for p in self._lora_parameters(layer)])
+        _float32_trainables(net, self.point_parameters() + [p for layer in self.layers.values() for p in self._lora_parameters(layer)])
 
     @classmethod
     def restore(cls, net, likelihood, random, **kwargs) -> LoraModel:
@@ -245,10 +245,17 @@ class LoraModel:
         :param flipout_locs: A site -> its posterior mean: those sites' noise ``values - loc`` is sign-flipped
             per example (flipout, :func:`~pyro_lora.handoff.lora_delta`).
         :returns: ``[B, C]`` or ``[S, B, C]``, float32 whatever the network's dtype.
+        :raises FloatingPointError: if a half-precision network's logits are not finite (float16 overflow).
         """
         self.check_network()
         with _autocast(self.device, self.compute_dtype):
-            return self._logits(batch, values, num_samples, flipout_locs).float()
+            logits = self._logits(batch, values, num_samples, flipout_locs).float()
+        if self.compute_dtype in _HALF and not torch.isfinite(logits).all():
+            raise FloatingPointError(
+                f"the logits of this {self.compute_dtype} network are not finite: its activations overflowed "
+                f"{self.compute_dtype}'s range (float16 ends at 65504); load the base in bfloat16 or float32"
+            )
+        return logits
 
     def _logits(self, batch, values, num_samples, flipout_locs):
         if values is None:
@@ -324,18 +331,45 @@ def _input_embeddings(net):
     return embeddings if isinstance(getattr(embeddings, "weight", None), torch.Tensor) else None
 
 
-def _float32_trainables(params) -> None:
+_HALF = (torch.float16, torch.bfloat16)
+_INPUT_DTYPE = "_pyro_lora_input_dtype"
+
+
+def _float32_trainables(net, params) -> None:
     """Hold half-precision trainable parameters in float32: AdamW's small updates vanish in bf16 / fp16 (the
-    forward runs under autocast, so the network computes in its own dtype all the same)."""
+    forward runs under autocast, so the network computes in its own dtype all the same). The modules holding them
+    take their inputs in float32 and give their outputs back in the input's dtype, so the network also runs as
+    before outside autocast (a user's own ``net(...)``)."""
+    upcast = {id(p) for p in params if p.dtype in _HALF}
+    if not upcast:
+        return
     with torch.no_grad():
-        for p in params:
-            if p.dtype in (torch.float16, torch.bfloat16):
+        for module in net.modules():
+            own = [p for p in module._parameters.values() if p is not None and id(p) in upcast]
+            for p in own:
                 p.data = p.data.float()
+            if own and not hasattr(module, _INPUT_DTYPE):
+                setattr(module, _INPUT_DTYPE, None)
+                module.register_forward_pre_hook(_inputs_to_float32)
+                module.register_forward_hook(_output_to_input_dtype)
+
+
+def _inputs_to_float32(module, args):
+    half = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in _HALF]
+    setattr(module, _INPUT_DTYPE, half[0] if half else None)
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype in _HALF else a for a in args)
+
+
+def _output_to_input_dtype(module, args, output):
+    dtype = getattr(module, _INPUT_DTYPE)
+    if dtype is not None and isinstance(output, torch.Tensor) and output.is_floating_point():
+        return output.to(dtype)
+    return output
 
 
 def _autocast(device: torch.device, dtype: torch.dtype):
     """Autocast in ``dtype`` for a half-precision network, else nothing (an enclosing autocast stays on)."""
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype in _HALF:
         return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
 

@@ -415,7 +415,8 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
              task: str | None = None) -> PeftModel:
     """Wrap ``model`` in a peft LoRA adapter and return the ``PeftModel``.
 
-    :param targets: module names to adapt (default ``default_lora_targets(model)``).
+    :param targets: module names to adapt (default ``default_lora_targets(model)``), or one string peft reads:
+        ``"all-linear"`` (every linear layer but the output head) or a regular expression.
     :param task: ``"classification"`` (peft ``SEQ_CLS``: the classifier head stays trainable through
         ``modules_to_save``) or ``"causal_lm"``; default from the model class.
     """
@@ -430,10 +431,17 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(targets) if targets is not None else default_lora_targets(model),
+        target_modules=_targets(targets, model),
     )
     with _quiet_peft_wrapping():
         return get_peft_model(model, config)
+
+
+def _targets(targets, model):
+    """``targets`` as peft takes them: a string is one peft spelling (``"all-linear"``, a regex), kept whole."""
+    if targets is None:
+        return default_lora_targets(model)
+    return targets if isinstance(targets, str) else list(targets)
 
 
 def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwargs) -> PeftModel:

@@ -3,6 +3,8 @@ LoRA matrices needs from them."""
 
 from __future__ import annotations
 
+import torch
+
 
 def keep_differentiable(net) -> None:
     """Keep every bitsandbytes 4-bit layer of ``net`` on its differentiable kernels.
@@ -23,3 +25,18 @@ def keep_differentiable(net) -> None:
             state = getattr(module.weight, "quant_state", None)
             if getattr(state, "packing_format_for_cpu", False):
                 module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+
+
+def dense_weight(module) -> torch.Tensor | None:
+    """The float32 ``[d_out, d_in]`` weight a bitsandbytes 4-bit or 8-bit layer computes with (dequantised), or
+    ``None`` for a layer that is not one of them."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    w = module.weight
+    if isinstance(module, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
+    if isinstance(module, bnb.nn.Linear8bitLt) and getattr(w, "SCB", None) is not None:
+        return w.data.float() * w.SCB.float()[:, None] / 127  # LLM.int8(): row-wise absmax scaling
+    return None

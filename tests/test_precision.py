@@ -127,3 +127,24 @@ def test_the_compare_setup_loads_the_base_in_the_requested_dtype(tmp_path):
     assert {p.dtype for _, p in model.named_point_parameters()} == {torch.float32}
     batch = setup.collator(list(setup.test))
     assert model.logits(batch, model.adapter_values()).dtype == torch.float32
+
+
+def test_the_users_own_forward_still_runs_in_half_precision_after_the_model_keeps_the_head_in_float32():
+    net = tiny_bert(dtype=torch.bfloat16)
+    before = net(**random_batch()).logits
+    model = LoraModel(net, SequenceClassification())
+    assert {p.dtype for p in model.point_parameters()} == {torch.float32}
+    after = net(**random_batch()).logits  # outside autocast: used to fail, bf16 hidden states into a float32 head
+    assert after.dtype == torch.bfloat16
+    torch.testing.assert_close(after, before, rtol=0.02, atol=0.02)
+    LoraModel(net, SequenceClassification())  # a second model over the network adds no second cast
+    assert net(**random_batch()).logits.dtype == torch.bfloat16
+
+
+def test_fp16_overflow_is_an_error_not_nan_probabilities():
+    model = lora(dtype=torch.float16)
+    with torch.no_grad():
+        for layer in model.net.base_model.model.bert.encoder.layer:
+            layer.output.dense.weight.mul_(1e7)  # activations far beyond float16's 65504
+    with pytest.raises(FloatingPointError, match="float16 network are not finite.*bfloat16 or float32"):
+        predict(model, None, data())

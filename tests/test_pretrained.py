@@ -159,3 +159,10 @@ def test_smollm2_loads_then_loads_from_cache(offline, monkeypatch, tmp_path):
         assert classifier(**ids).logits.shape == (1, 3)
     assert classifier.config.pad_token_id == tok.pad_token_id
     print(f"\nSmolLM2 load: first (dequantise + cache) {first:.1f} s, cached {second:.2f} s")
+
+
+def test_add_lora_passes_peft_string_targets_whole():
+    net = P.add_lora(_tiny_llama(), r=2, targets="all-linear")
+    adapted = {n.rsplit(".", 1)[-1] for n, m in net.named_modules() if hasattr(m, "lora_A")}
+    assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= adapted
+    assert "lm_head" not in adapted

@@ -169,3 +169,22 @@ def test_a_bert_classifier_loads_in_nf4_with_its_fresh_head_unquantized_and_trai
     losses = fit(model, guide, [batch()] * 3, lr=1e-2, progress=False)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_lora_xs_takes_the_svd_of_the_dequantized_base(folder, quantization):
+    from pyro_lora.guides import SWAGCollector, SWAGGuide
+    from pyro_lora.loraxs import LoraXSModel, base_weight
+
+    net = quantized(folder, quantization)
+    dense = dense_twin(net)
+    model = LoraXSModel(net, SequenceClassification(), num_data=6)
+    for path, layer in model.layers.items():
+        w0 = dense.get_submodule(path).get_base_layer().weight
+        torch.testing.assert_close(base_weight(layer), w0)
+        b, a = layer.lora_B["default"].weight, layer.lora_A["default"].weight
+        r = a.shape[0]
+        torch.testing.assert_close(torch.linalg.svdvals(b @ a)[:r], torch.linalg.svdvals(w0)[:r], rtol=1e-4, atol=1e-5)
+    swag = SWAGGuide(model, rank=2)
+    fit(model, MAPGuide(model), [batch()] * 4, lr=1e-2, callbacks=[SWAGCollector(swag)], progress=False)
+    assert torch.isfinite(predict(model, swag, [batch()], num_samples=2).probs).all()
