@@ -24,6 +24,7 @@ import shlex
 import sys
 import time
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import _common as C  # noqa: I001  (first: puts the working tree's pyro_lora on the path)
@@ -124,6 +125,11 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_suite: --device cuda but torch sees no GPU; on a CPU run --size small --device cpu")
+    if args.out:  # checked before minutes of device time are spent
+        out = Path(args.out)
+        if out.is_dir() or not out.parent.is_dir() or (out.exists() and not os.access(out, os.W_OK)):
+            sys.exit(f"gpu_suite: --out {args.out} cannot be appended to (a folder, a missing folder, or read-only): "
+                     "give a file in an existing folder")
     dtype = args.dtype or C.default_dtype(device)
     preset = PRESETS[args.size]
     # the Laplace evidence names every matrix it holds at its bound (hundreds at 1b); transformers' deprecations

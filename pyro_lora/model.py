@@ -245,15 +245,18 @@ class LoraModel:
         :param flipout_locs: A site -> its posterior mean: those sites' noise ``values - loc`` is sign-flipped
             per example (flipout, :func:`~pyro_lora.handoff.lora_delta`).
         :returns: ``[B, C]`` or ``[S, B, C]``, float32 whatever the network's dtype.
-        :raises FloatingPointError: if a half-precision network's logits are not finite (float16 overflow).
+        :raises FloatingPointError: if a half-precision network's logits are NaN or ``+inf`` (an overflow; ``-inf`` is a
+            masked multiple-choice answer).
         """
         self.check_network()
         with _autocast(self.device, self.compute_dtype):
             logits = self._logits(batch, values, num_samples, flipout_locs).float()
-        if self.compute_dtype in _HALF and not torch.isfinite(logits).all():
+        # -inf is a masked choice (multiple choice); NaN or +inf is an overflow
+        if self.compute_dtype in _HALF and (torch.isnan(logits).any() or torch.isposinf(logits).any()):
+            way_out = "bfloat16 (float32's range) or float32" if self.compute_dtype == torch.float16 else "float32"
             raise FloatingPointError(
-                f"the logits of this {self.compute_dtype} network are not finite: its activations overflowed "
-                f"{self.compute_dtype}'s range (float16 ends at 65504); load the base in bfloat16 or float32"
+                f"the logits of this {str(self.compute_dtype).removeprefix('torch.')} network are NaN or infinite: its "
+                f"activations overflowed; load the base in {way_out}"
             )
         return logits
 

@@ -117,3 +117,11 @@ def test_the_carried_wheels_need_nothing_a_gpu_image_lacks():
         needs = [re.split(r"[ ;<>=!~(\[]", line.split(":", 1)[1].strip())[0]
                  for line in meta.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
         assert set(needs) <= image, (wheel.name, needs)
+
+
+def test_a_bad_out_file_is_refused_before_any_benchmark_runs(tmp_path):
+    done = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--size", "small", "--device", "cpu",
+                           "--out", str(tmp_path / "missing" / "x.md")], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode != 0 and "--out" in done.stderr and "cannot be appended to" in done.stderr
+    assert "svi_step" not in done.stdout  # nothing was measured

@@ -5,7 +5,7 @@ import pyro
 import pyro.optim
 import pytest
 import torch
-from conftest import random_batch, skip_without, tiny_bert
+from conftest import random_batch, skip_without, tiny_bert, tiny_llama
 from pyro.infer import SVI, Trace_ELBO
 from test_guide_contract import BUILDERS, data, lora
 from test_laplace import dense_fisher
@@ -146,5 +146,27 @@ def test_fp16_overflow_is_an_error_not_nan_probabilities():
     with torch.no_grad():
         for layer in model.net.base_model.model.bert.encoder.layer:
             layer.output.dense.weight.mul_(1e7)  # activations far beyond float16's 65504
-    with pytest.raises(FloatingPointError, match="float16 network are not finite.*bfloat16 or float32"):
+    with pytest.raises(FloatingPointError, match="float16 network are NaN or infinite.*load the base in bfloat16"):
         predict(model, None, data())
+
+
+@pytest.mark.parametrize("fmt", ["letter", "cloze"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_multiple_choice_with_a_missing_choice_runs_in_half_precision_as_in_fp32(fmt, dtype):
+    # a question with fewer choices masks the others with -inf: no overflow (ARC mixes 3 to 5 choices)
+    from test_padding import cloze_batch, letter_batch
+
+    from pyro_lora import MultipleChoice
+
+    letter = [([5, 9, 17, 3], 4), ([6, 7], 3)]  # (prompt, number of choices)
+    cloze = [[([5, 9], [20]), ([5, 9], [21, 22]), ([5, 9], [23]), ([5, 9], [24])], [([6, 7], [25]), ([6, 7], [26]), ([6, 7], [27])]]
+    probs = {}
+    for dt in (torch.float32, dtype):
+        torch.manual_seed(0)
+        net = tiny_llama().to(dt)
+        likelihood = MultipleChoice([30, 31, 32, 33], format="letter") if fmt == "letter" else MultipleChoice(format="cloze")
+        model = LoraModel(net, likelihood)
+        batch = letter_batch(letter) if fmt == "letter" else cloze_batch(cloze)
+        probs[dt] = model.logits(batch, model.adapter_values()).softmax(-1)
+    assert probs[dtype][1, 3] == 0 and torch.isfinite(probs[dtype]).all()
+    assert (probs[dtype] - probs[torch.float32]).abs().max() < 0.02

@@ -102,6 +102,12 @@ def test_report_sections_numbers_and_figures(runs, tmp_path):
     assert "| OBQA→ARC-C | meanfield |" in md and "**0.600**" in md  # meanfield's MI AUROC is the best of the shift
     assert "`pyro-lora study --report-only`" in md and "`pyro-lora study --seeds 0,1`" in md
     assert "12m 34s" in md  # the recorded wall time
+    assert "| 0.001 | fp32 | —" in md  # each run's base precision
+    results = runs / "openbookqa" / "results.json"
+    saved = json.loads(results.read_text())
+    saved["config"].update(dtype="bf16", load_in_4bit=True)
+    results.write_text(json.dumps(saved))
+    assert "| 0.001 | bf16, 4-bit | ARC-Challenge" in report.build_report(runs, docs, command="x").read_text()
     assert (docs / "study" / "arc_easy_reliability_grid.png").read_bytes() == b"\x89PNG fake"
     assert "](study/arc_easy_reliability_grid.png)" in md
     assert (docs / "study" / "summary.png").stat().st_size > 1000 and "](study/summary.png)" in md
@@ -217,6 +223,10 @@ def test_update_reruns_some_guides_and_keeps_the_rest(study, runs, tmp_path, mon
         study.update_dataset(study.make_config(parse(*argv)[1], "boolq", runs=runs), ["meanfield"], "x")
     with pytest.raises(ValueError, match="--update needs an existing run: .*boolq"):  # refused before any dataset runs
         study.study_configs(parse(*argv)[1], ["arc_easy", "boolq"], shift=False, runs=runs, update=("meanfield",))
+    # another configuration is refused before any training (it used to retrain, then fail to merge)
+    monkeypatch.setattr(compare, "run_compare", lambda *a, **k: pytest.fail("trained before refusing"))
+    with pytest.raises(ValueError, match=r"--update reruns arc_easy with its run's configuration.*dtype 'fp32' there, 'bf16' now"):
+        study.study_configs(parse(*argv, "--dtype", "bf16")[1], ["arc_easy"], shift=False, runs=runs, update=("meanfield",))
 
 
 

@@ -107,6 +107,13 @@ def study_configs(base, datasets=None, shift=True, runs=DEFAULTS.out, update=Non
         if update and not (Path(config.out) / RESULTS).is_file():
             raise ValueError(f"--update needs an existing run: {Path(config.out) / RESULTS} is missing (run the study, "
                              "or leave that dataset out of --datasets)")
+        if update:  # the merge would refuse it after the training: refuse it now
+            saved = json.loads((Path(config.out) / RESULTS).read_text())
+            differ = config_differences(saved, config, ignore=("guides", "out", "progress"))
+            if differ:
+                changed = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+                raise ValueError(f"--update reruns {config.dataset} with its run's configuration, and these flags differ from "
+                                 f"it ({changed}): give the run's settings, or rerun the whole dataset without --update")
     return configs
 
 

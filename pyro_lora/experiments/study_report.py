@@ -282,14 +282,15 @@ def header_section(runs, command, now, failed=()):
                          f"{duration(u['wall_seconds'])} with `{u['command']}` (after a change to those methods)")
     if failed:
         lines.append(f"- **failed in this invocation** (their sections are missing or stale): {', '.join(failed)}")
-    lines += ["", "| run | wall time | finished | seeds | guides | train | test | epochs | batch | samples | max length | format | lr | shift to |",
-              "|" + "---|" * 14]
+    lines += ["", "| run | wall time | finished | seeds | guides | train | test | epochs | batch | samples | max length | format | lr "
+                  "| base | shift to |", "|" + "---|" * 15]
     for d, run in runs.items():
         c, s = run["config"], run["sidecar"]
         lines.append(
             f"| {long_name(d)} | {duration(s.get('wall_seconds'))} | {s.get('finished', '—')} | {','.join(map(str, c['seeds']))} "
             f"| {len(c['guides'])} | {c['train_size']} | {c['test_size']} | {c['epochs']} | {c['batch_size']} | {c['samples']} "
-            f"| {c['max_length']} | {c['mc_format']}{' / ' + c['mc_normalize'] if c.get('mc_normalize') else ''} | {c['lr']} | {', '.join(map(long_name, c['eval_datasets'])) or '—'} |")
+            f"| {c['max_length']} | {c['mc_format']}{' / ' + c['mc_normalize'] if c.get('mc_normalize') else ''} | {c['lr']} "
+            f"| {c.get('dtype', 'fp32')}{', 4-bit' if c.get('load_in_4bit') else ''} | {', '.join(map(long_name, c['eval_datasets'])) or '—'} |")
     lines += ["", f"Training subsets include the validation split ({runs[next(iter(runs))]['config']['val_fraction']:.0%}, "
                   "used by temperature scaling); every seed sees the same examples, only initialisation and order change. "
                   "Test subsets are capped at the set's size."]
