@@ -95,11 +95,11 @@ def test_a_seed_fixes_the_fresh_classification_head():
 
 
 def test_post_hoc_mean_field_improves_calibration_over_map_on_sst2(tmp_path):
-    # MiniLM on real SST-2, trained long enough for MAP to be over-confident (ECE ~15); measured here:
-    # MAP 0.805 / ECE 15.26 / NLL 0.564, mean-field 0.805 / 14.33 / 0.533 (mean of seeds 0, 1)
+    # MiniLM on real SST-2, trained long enough for MAP to be over-confident (ECE ~13); measured here, seed 0:
+    # MAP 0.836 / ECE 12.82 / NLL 0.509, mean-field 0.828 / 11.55 / 0.492 (seed 1 alike: 17.71 / 0.618 -> 15.04 / 0.577)
     out = tmp_path / "mf"
     run("compare", "--guides", "map,meanfield", "--train-size", "240", "--test-size", "128", "--epochs", "10",
-        "--seeds", "0,1", "--out", str(out), "--quiet")
+        "--seeds", "0", "--out", str(out), "--quiet")
     rows = {r["guide"]: r for r in json.loads((out / "results.json").read_text())["summary"]}
     map_row, meanfield = rows["map"], rows["meanfield"]
     assert meanfield["nll"] < map_row["nll"] and meanfield["ece"] < map_row["ece"]
