@@ -173,6 +173,9 @@ class Likelihood:
     def logits(self, net, batch: dict, num_samples: int | None = None) -> torch.Tensor:
         raise NotImplementedError
 
+    def check_network(self, net) -> None:
+        """Refuse a network this likelihood cannot score faithfully (called by :class:`~pyro_lora.LoraModel`)."""
+
     def observed(self, batch: dict) -> torch.Tensor:
         """The observed labels, ``[B]`` (or ``[B, T]`` for token-level LM)."""
         if "labels" not in batch:
@@ -228,6 +231,35 @@ class MultipleChoice(Likelihood):
         self.format = format
         self.normalize = normalize
         self.share_prefix = share_prefix
+
+    def check_network(self, net) -> None:
+        """Refuse a causal LM whose forward does something to its LM head's logits that this likelihood, which calls
+        the decoder and the head itself, does not repeat (it repeats Gemma's softcapping, Cohere's and Granite's
+        scalings): its letter and cloze scores would not be the model's own. One forward of 4 tokens each way.
+
+        :raises ValueError: naming the model class and the largest difference.
+        """
+        decoder, head = _decoder_and_head(net)
+        weight = getattr(_base(net).get_output_embeddings(), "weight", None)
+        vocab = weight.shape[0] if weight is not None else 5
+        ids = (torch.arange(1, 5) % vocab).unsqueeze(0).to(next(net.parameters()).device)
+        was_training = net.training
+        net.eval()  # no dropout: both ways must be the same function
+        try:
+            with torch.no_grad():
+                theirs = net(input_ids=ids).logits[0, -1]
+                ours = head(decoder(input_ids=ids).last_hidden_state[:, -1])[0].float()
+        finally:
+            net.train(was_training)
+        tolerance = 2e-2 if theirs.dtype in (torch.float16, torch.bfloat16) else 1e-3
+        theirs = theirs.float()
+        gap = (ours - theirs).abs().max()
+        if not gap <= tolerance * theirs.abs().max() + 1e-5:
+            raise ValueError(
+                f"{type(_base(net)).__name__}'s forward changes its LM head's logits in a way MultipleChoice does not "
+                f"repeat (they differ by up to {gap:.3g} on a 4-token probe): its letter and cloze scores would not be the "
+                "model's own; this model family is not supported for multiple choice"
+            )
 
     def logits(self, net, batch, num_samples=None):
         decoder, head = _decoder_and_head(net)

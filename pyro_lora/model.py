@@ -79,6 +79,8 @@ class LoraModel:
         handoff.install(self.layers)
         self._embeddings = _input_embeddings(net)
         quantized.keep_differentiable(net)
+        with _autocast(self.device, self.compute_dtype):
+            likelihood.check_network(net)
         self._checkpointing = handoff.checkpointing_modules(net)
         self._pyro_name = pyro_params.unique_name(self)
         self.last_nll = None  # mean NLL per example of the last batch the Pyro model scored (a detached tensor)

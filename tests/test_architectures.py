@@ -341,3 +341,20 @@ def test_multiple_choice_repeats_what_the_forward_does_after_the_lm_head(family,
         theirs = net(input_ids=prompt).logits[0, -1, [10, 11, 12]]
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     assert (theirs - theirs.mean()).abs().max() > 0.05
+
+
+def test_a_causal_lm_whose_forward_changes_the_head_logits_is_refused_for_multiple_choice():
+    from transformers import LlamaForCausalLM
+
+    class Doubled(LlamaForCausalLM):  # a family doing something after its LM head that MultipleChoice cannot know
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, initializer_range=0.2)
+    with pytest.raises(ValueError, match="Doubled's forward changes its LM head's logits.*not supported for multiple choice"):
+        LoraModel(add_lora(Doubled(config), r=2), MultipleChoice([10, 11, 12], format="letter"))
+    LoraModel(add_lora(LlamaForCausalLM(config), r=2), MultipleChoice([10, 11, 12], format="letter"))  # the plain one is taken
