@@ -190,7 +190,8 @@ def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path, capfd):
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         assert cli.main(["bayesianize", str(fit_out / "guide" / "adapter"), "--train-size", "48", "--test-size", "16",
-                         "--anchors", "16", "--iterations", "2", "--samples", "4", "--out", str(tfb_out), "--quiet"]) == 0
+                         "--anchors", "16", "--iterations", "2", "--samples", "4", "--high", "0.015", "--out", str(tfb_out),
+                         "--quiet"]) == 0
     err = capfd.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("pyro-lora: warning: TFB search: high=0.015 is already feasible")  # ours, one line
     record = json.loads((tfb_out / "guide" / "run.json").read_text())
@@ -409,3 +410,16 @@ def test_a_record_with_an_unknown_dtype_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "prepare", lambda *a, **k: pytest.fail("loaded a model from a broken record"))
     with pytest.raises(ValueError, match="--dtype 'fp8' is none of fp32, bf16, fp16"):
         S.evaluate_saved(_run_folder(tmp_path, dtype="fp8"))
+
+
+def test_bayesianize_on_the_maps_adapter_gives_the_tfb_row_that_compare_and_fit_give(tmp_path):
+    # one set of search defaults: `bayesianize` used to stop at sigma 0.015 on 256 anchors where compare searched to 0.2
+    sizes = ["--train-size", "48", "--test-size", "16", "--epochs", "1", "--quiet"]
+    assert cli.main(["fit", "--guide", "map", *sizes, "--adapter", "--out", str(tmp_path / "map")]) == 0
+    assert cli.main(["fit", "--guide", "tfb", *sizes, "--out", str(tmp_path / "tfb")]) == 0
+    assert cli.main(["bayesianize", str(tmp_path / "map" / "guide" / "adapter"), *sizes[:4], "--quiet",
+                     "--out", str(tmp_path / "bayes")]) == 0
+    fitted, bayesianized = (json.loads((tmp_path / d / "guide" / "run.json").read_text())["result"] for d in ("tfb", "bayes"))
+    for key in ("accuracy", "ece", "nll", "brier", "mutual_information"):
+        assert bayesianized[key] == pytest.approx(fitted[key], rel=1e-6, abs=1e-9), key
+    assert 0 < bayesianized["sigma_q"]

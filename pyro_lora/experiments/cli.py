@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from ..distributed import is_main
 from ..guides.registry import METHODS, load_plugins
+from ..guides.tfb import TFB_ANCHORS, TFB_SEARCH
 from ..pretrained import DTYPES
 from . import study
 from .compare import run_compare
@@ -204,12 +205,18 @@ def parser(full=False):
     _model_args(p)
     _size_args(p, train_help="training examples the anchors are drawn from")
     _seed_arg(p, "seed of the posterior samples")
-    p.add_argument("--criterion", choices=["nll", "flip", "accuracy"], default="nll", help="what the anchors may lose (default nll)")
-    p.add_argument("--tolerance", type=_number(float, 0.0), default=0.01, help="how much the criterion may lose (default 0.01)")
-    p.add_argument("--anchors", type=_number(int, 0), default=256, help="training examples the search runs on (default 256)")
-    p.add_argument("--low", type=_number(float, 0.0), default=1e-3, help="smallest sigma_q searched (default 0.001)")
-    p.add_argument("--high", type=_number(float, 0.0), default=1.5e-2, help="largest sigma_q searched (default 0.015)")
-    p.add_argument("--iterations", type=_number(int, 0), default=5, help="bisection steps (default 5)")
+    # the search compare's tfb rows run: a bayesianized MAP adapter gets the posterior of compare's tfb row
+    t = TFB_SEARCH
+    p.add_argument("--criterion", choices=["nll", "flip", "accuracy"], default=t["criterion"],
+                   help=f"what the anchors may lose (default {t['criterion']})")
+    p.add_argument("--tolerance", type=_number(float, 0.0), default=t["tolerance"],
+                   help=f"how much the criterion may lose (default {t['tolerance']:g})")
+    p.add_argument("--anchors", type=_number(int, 0), default=TFB_ANCHORS,
+                   help=f"training examples the search runs on (default {TFB_ANCHORS})")
+    p.add_argument("--low", type=_number(float, 0.0), default=t["low"], help=f"smallest sigma_q searched (default {t['low']:g})")
+    p.add_argument("--high", type=_number(float, 0.0), default=t["high"], help=f"largest sigma_q searched (default {t['high']:g})")
+    p.add_argument("--iterations", type=_number(int, 0), default=t["iterations"],
+                   help=f"bisection steps (default {t['iterations']})")
     _output_args(p, "runs/bayesianize")
     p = sub.add_parser("evaluate", allow_abbrev=False, help="score a guide saved by `pyro-lora fit` or `bayesianize` on the test set")
     p.add_argument("run_dir", help="the --out folder of `pyro-lora fit` or `bayesianize`")

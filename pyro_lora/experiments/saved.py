@@ -12,6 +12,7 @@ from ..io import check_sealed, load_guide, read_safetensors, recover_directory, 
 from ..model import LoraModel
 from ..kinds import KINDS
 from ..guides import bayesianize
+from ..guides.tfb import TFB_ANCHORS, TFB_SEARCH
 from ..guides.registry import METHODS, MODELS, Fitted, get_method
 from .compare import evaluate, fit_method, predictor, seed_for
 from .scoring import join_row, score
@@ -77,9 +78,12 @@ def check_free(out, *names):
                              "replace it): move it or choose another --out")
 
 
-def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = 256, **search) -> dict:
+def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_ANCHORS, **search) -> dict:
     """TFB on a saved peft adapter: search sigma_q on ``anchors`` training examples, score the test set,
     save the guide with the run's record to ``out/guide`` (``pyro-lora evaluate out`` reloads it).
+
+    The search is compare's tfb search (:data:`~pyro_lora.guides.tfb.TFB_SEARCH`, anchors drawn and noise seeded
+    as there) with ``search`` changing any of its settings.
 
     :raises ValueError: before loading the model, for a configuration that cannot run or a folder that holds no
         peft adapter.
@@ -91,8 +95,8 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = 256, 
     setup = prepare(config, config.seeds[0], adapter_dir=adapter_dir)
     config = setup.config
     setup.model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=config.prior_scale)
-    anchor_records = D.subset(setup.train, min(anchors, len(setup.train)), seed=0)
-    search.setdefault("num_samples", config.samples)
+    anchor_records = D.subset(setup.train, min(anchors, len(setup.train)), seed=setup.seed)
+    search = {**TFB_SEARCH, "num_samples": config.samples, "seed": setup.seed, **search}
     seed_for(setup.seed, "tfb", "fit")
     with PeakMemory(config.device) as memory:
         t = time.perf_counter()
