@@ -388,12 +388,19 @@ TFB_SEARCH = dict(criterion="flip", tolerance=0.01, low=1e-3, high=0.2, iteratio
 TFB_ANCHORS = 128
 
 
+def bayesianize_setup(setup, model, anchors: int = TFB_ANCHORS, **search) -> TFBGuide:
+    """:func:`bayesianize` ``model`` as ``compare`` does: :data:`TFB_SEARCH` (``search`` changes any setting) on
+    ``anchors`` examples drawn from ``setup``'s training split, the noise seeded by its seed, its ``samples`` per
+    anchor. What both the ``tfb`` method and ``pyro-lora bayesianize`` run."""
+    c = setup.config
+    # anchors from train, as the paper draws them: enough that a 1% flip rate allows a flip
+    records = subset(setup.train, min(anchors, len(setup.train)), seed=setup.seed)
+    search = {**TFB_SEARCH, "num_samples": c.samples, "seed": setup.seed, **search}
+    return bayesianize(model, setup.loader(records), progress=c.progress, **search)
+
+
 @method("tfb", bayesian=True, guide=TFBGuide, exportable=True)
 def tfb(setup):
     """Training-free Bayesianization of the MAP: sigma_q searched on anchors drawn from the training set."""
-    c = setup.config
-    model = setup.lora_model(random="AB")
-    # anchors from train, as the paper draws them: enough that a 1% flip rate allows a flip
-    anchors = subset(setup.train, min(TFB_ANCHORS, len(setup.train)), seed=setup.seed)
-    guide = bayesianize(model, setup.loader(anchors), num_samples=c.samples, seed=setup.seed, progress=c.progress, **TFB_SEARCH)
+    guide = bayesianize_setup(setup, setup.lora_model(random="AB"))
     return Fitted(guide=guide, extra_parameters=guide.extra_parameters())

@@ -254,7 +254,7 @@ class LoraModel:
         with _autocast(self.device, self.compute_dtype):
             logits = self._logits(batch, values, num_samples, flipout_locs).float()
         # -inf is a masked choice (multiple choice); NaN or +inf is an overflow
-        if self.compute_dtype in _HALF and (torch.isnan(logits).any() or torch.isposinf(logits).any()):
+        if self.compute_dtype in _HALF and (torch.isnan(logits) | torch.isposinf(logits)).any():  # one reduction, one sync
             way_out = "bfloat16 (float32's range) or float32" if self.compute_dtype == torch.float16 else "float32"
             raise FloatingPointError(
                 f"the logits of this {str(self.compute_dtype).removeprefix('torch.')} network are NaN or infinite: its "

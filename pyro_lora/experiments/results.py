@@ -302,6 +302,10 @@ def _first_line(error):
     return text.splitlines()[0] if text else type(error).__name__
 
 
+# what a rerun of some guides (merge_results) may set otherwise than the run it updates
+MERGE_IGNORES = ("guides", "out", "progress")
+
+
 def merge_results(out, update):
     """Replace the rows of some guides in the run ``out`` by those of the run ``update`` (a rerun of just those
     guides, e.g. after a change to them, with otherwise the same configuration); returns the merged summary.
@@ -313,7 +317,7 @@ def merge_results(out, update):
     """
     out, update = Path(out), Path(update)
     base, new = (json.loads((d / RESULTS).read_text()) for d in (out, update))
-    differ = sorted(config_differences(base, new["config"], ignore=("guides", "out", "progress")))
+    differ = sorted(config_differences(base, new["config"], ignore=MERGE_IGNORES))
     if differ:
         raise ValueError(f"cannot merge {update} into {out}: their configurations differ in {', '.join(differ)}")
     updated = list(new["config"]["guides"])

@@ -11,8 +11,7 @@ from ..costs import PeakMemory
 from ..io import check_sealed, load_guide, read_safetensors, recover_directory, save_guide, writable_folder
 from ..model import LoraModel
 from ..kinds import KINDS
-from ..guides import bayesianize
-from ..guides.tfb import TFB_ANCHORS, TFB_SEARCH
+from ..guides.tfb import TFB_ANCHORS, bayesianize_setup
 from ..guides.registry import METHODS, MODELS, Fitted, get_method
 from .compare import evaluate, fit_method, predictor, seed_for
 from .scoring import join_row, score
@@ -82,8 +81,8 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
     """TFB on a saved peft adapter: search sigma_q on ``anchors`` training examples, score the test set,
     save the guide with the run's record to ``out/guide`` (``pyro-lora evaluate out`` reloads it).
 
-    The search is compare's tfb search (:data:`~pyro_lora.guides.tfb.TFB_SEARCH`, anchors drawn and noise seeded
-    as there) with ``search`` changing any of its settings.
+    The search is compare's tfb search (:func:`~pyro_lora.guides.tfb.bayesianize_setup`) with ``search`` changing
+    any of its settings.
 
     :raises ValueError: before loading the model, for a configuration that cannot run or a folder that holds no
         peft adapter.
@@ -95,12 +94,10 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
     setup = prepare(config, config.seeds[0], adapter_dir=adapter_dir)
     config = setup.config
     setup.model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=config.prior_scale)
-    anchor_records = D.subset(setup.train, min(anchors, len(setup.train)), seed=setup.seed)
-    search = {**TFB_SEARCH, "num_samples": config.samples, "seed": setup.seed, **search}
     seed_for(setup.seed, "tfb", "fit")
     with PeakMemory(config.device) as memory:
         t = time.perf_counter()
-        guide = bayesianize(setup.model, setup.loader(anchor_records), progress=config.progress, **search)
+        guide = bayesianize_setup(setup, setup.model, anchors, **search)
     costs = {"fit_seconds": time.perf_counter() - t, "fit_memory_mb": memory.megabytes, "extra_parameters": guide.extra_parameters()}
     method = get_method("tfb")
     prediction, predict_costs = evaluate(setup, Fitted(predictor(setup, method, guide)), setup.test, "tfb", config.dataset)

@@ -35,7 +35,7 @@ from .. import data as D
 from ..guides.registry import methods_for_task
 from ..io import write_json
 from . import compare
-from .results import RESULTS, config_differences, merge_results
+from .results import MERGE_IGNORES, RESULTS, config_differences, merge_results
 from .setup import CompareConfig, check_config
 from .study_report import DATASETS, SIDECAR, build_report, duration, machine_info
 
@@ -109,7 +109,7 @@ def study_configs(base, datasets=None, shift=True, runs=DEFAULTS.out, update=Non
                              "or leave that dataset out of --datasets)")
         if update:  # the merge would refuse it after the training: refuse it now
             saved = json.loads((Path(config.out) / RESULTS).read_text())
-            differ = config_differences(saved, config, ignore=("guides", "out", "progress"))
+            differ = config_differences(saved, config, ignore=MERGE_IGNORES)
             if differ:
                 changed = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differ.items())
                 raise ValueError(f"--update reruns {config.dataset} with its run's configuration, and these flags differ from "
