@@ -31,6 +31,10 @@ class LoraGuide(torch.nn.Module):
 
     deterministic = False  # True for point estimates: the predictive then runs one forward, not S
     mean_is_predictor = True  # False where mean() predicts nothing of the posterior (an ensemble's averaged members)
+    # False where the posterior is over something besides the sites (last-layer Laplace: the head), which samples of
+    # the sites do not carry: predict() refuses the guide and names ``own_predictive``, the function that predicts it
+    samples_carry_posterior = True
+    own_predictive = None
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -56,7 +56,7 @@ def map_estimate(setup):
     return Fitted(guide=setup.map_guide, is_map=True)
 
 
-@method("temperature", bayesian=False)
+@method("temperature", bayesian=False, validation=True)
 def temperature(setup):
     """Temperature scaling of the MAP, fitted on the validation split: the cheap non-Bayesian baseline.
 

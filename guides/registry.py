@@ -65,6 +65,7 @@ class Method:
     exportable: bool
     predictive: Callable
     likelihood: Optional[Callable]
+    validation: bool = False
 
     @property
     def saveable(self) -> bool:
@@ -86,7 +87,8 @@ MODELS: dict = {}  # a model class's registered name (its ``name`` attribute) ->
 
 
 def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[type] = None, model: type = LoraModel,
-           exportable: bool = False, predictive: Callable = weight_samples, likelihood: Optional[Callable] = None):
+           exportable: bool = False, predictive: Callable = weight_samples, likelihood: Optional[Callable] = None,
+           validation: bool = False):
     """Register the decorated recipe ``recipe(setup) -> Fitted`` as method ``name``.
 
     :param bayesian: whether it is a posterior (or an ensemble), not a point estimate or a recalibration.
@@ -100,14 +102,17 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
         run records name it by its ``__name__``.
     :param likelihood: ``likelihood(task_likelihood) -> likelihood``, where its model needs another form of the
         task's likelihood (e.g. one forward per batch for KFAC).
+    :param validation: whether its recipe fits anything on the validation split (temperature scaling, a prior
+        precision or posterior temperature chosen by validation NLL): the table names such methods
+        "validation-tuned", the others "no validation data".
     :raises ValueError: for a name already registered, or a model class whose ``name`` another class holds.
     """
     if not (isinstance(name, str) and name.isidentifier() and name.isascii()):
         raise ValueError(f"method name {name!r} must be a Python identifier (letters, digits, _): it names files and flags")
     if name in METHODS:
         raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
-    if not isinstance(bayesian, bool) or not isinstance(exportable, bool):
-        raise ValueError(f"method {name!r}: bayesian and exportable are True or False")
+    if not all(isinstance(flag, bool) for flag in (bayesian, exportable, validation)):
+        raise ValueError(f"method {name!r}: bayesian, exportable and validation are True or False")
     if guide is not None and not (isinstance(guide, type) and issubclass(guide, LoraGuide)):
         raise ValueError(f"method {name!r}: guide={guide!r} is no LoraGuide subclass (None: nothing to save)")
     if exportable and guide is None:
@@ -125,7 +130,8 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
         if name in METHODS:  # two decorators made before either was applied
             raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
         MODELS[model.name] = model
-        METHODS[name] = Method(name, recipe, bayesian, tuple(tasks), guide, model, exportable, predictive, likelihood)
+        METHODS[name] = Method(name, recipe, bayesian, tuple(tasks), guide, model, exportable, predictive, likelihood,
+                               validation)
         return recipe
 
     return register

@@ -60,7 +60,8 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     :param int chunk_size: samples per forward (a positive integer), or ``None`` for all ``S`` at once.
     :param keep_samples: also return the per-sample probabilities ``[S, N, C]`` (``[1, N, C]`` without samples).
     :raises ValueError: for a bad ``num_samples`` / ``chunk_size`` (an ensemble's ``S`` not a multiple of
-        ``K``), ``mean=True`` with a guide whose mean is no predictor, or a guide built for another model
+        ``K``), ``mean=True`` with a guide whose mean is no predictor, a guide whose posterior its site samples do
+        not carry (``guide.samples_carry_posterior`` false: last-layer Laplace), or a guide built for another model
         (:func:`~pyro_lora.contract.check_guide`).
 
     Under ``torch.distributed`` every rank is given the same ``data``, predicts its contiguous block of
@@ -72,6 +73,12 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
         chunk_size = _positive_int(chunk_size, "chunk_size", "or None for all samples in one forward")
     if guide is not None:
         check_guide(model, guide, "predict")
+        if not guide.samples_carry_posterior:
+            raise ValueError(
+                f"predict refused for this {type(guide).__name__}: its posterior is not over the model's LoRA sites (they are "
+                f"its point estimate), so weight samples would give the point estimate's predictions; use its own "
+                f"predictive ({guide.own_predictive})"
+            )
         if mean and not guide.deterministic and not getattr(guide, "mean_is_predictor", True):
             raise ValueError(
                 f"predict(mean=True) refused for this {type(guide).__name__}: its mean() is no predictor of this posterior "

@@ -80,6 +80,7 @@ class Setup:
     map_guide: object = None
     trained_state: dict = field(default_factory=dict)
     trainable: dict = field(default_factory=dict)  # parameter name -> requires_grad after the MAP's training
+    initial_state: dict = field(default_factory=dict)  # adapter and head before the MAP's training (name -> tensor)
 
     @property
     def sizes(self) -> dict:
@@ -99,11 +100,12 @@ class Setup:
         kwargs.setdefault("num_data", len(self.train))
         return LoraModel(self.net, random=random, **kwargs)
 
-    def restore(self):
-        """Put the MAP adapter and head back: each method starts from the same trained network."""
+    def restore(self, initial: bool = False):
+        """Put the MAP adapter and head back (``initial``: the adapter and head before the MAP's training, for a
+        method that trains its own from the same start): each method starts from the same network."""
         with torch.no_grad():
             params = dict(self.net.named_parameters())
-            for k, v in self.trained_state.items():
+            for k, v in (self.initial_state if initial else self.trained_state).items():
                 params[k].copy_(v)
             for n, p in params.items():  # the next method starts from the MAP, not from another method's gradients
                 p.grad = None  # or its frozen parameters
@@ -195,6 +197,7 @@ def _test_records(name, config):
 def train_map(setup: Setup):
     """Fine-tune the MAP LoRA (plain LoRA through the Pyro model) and remember its trained state."""
     c = setup.config
+    setup.initial_state = {n: p.detach().clone() for n, p in setup.net.named_parameters() if "lora_" in n or p.requires_grad}
     model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=c.prior_scale)
     guide = MAPGuide(model)
     setup.fit(model, guide)
