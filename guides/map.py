@@ -50,13 +50,13 @@ def zeroshot(setup):
     return Fitted(run, point_estimate=True)
 
 
-@method("map", bayesian=False, guide=MAPGuide, exportable=True)
+@method("map", bayesian=False, guide=MAPGuide, exportable=True, ts=False)
 def map_estimate(setup):
     """Plain LoRA fine-tuning (the MAP every other method starts from)."""
     return Fitted(guide=setup.map_guide, is_map=True)
 
 
-@method("temperature", bayesian=False, validation=True)
+@method("temperature", bayesian=False, validation=True, ts=False)
 def temperature(setup):
     """Temperature scaling of the MAP, fitted on the validation split: the cheap non-Bayesian baseline.
 

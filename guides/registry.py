@@ -23,6 +23,8 @@ from pyro_lora.predictive import Prediction, predict
 from .base import LoraGuide
 
 TASKS = ("classification", "multiple_choice")
+# what a method was given besides the training split: the two settings a table must not mix
+NO_VALIDATION, VALIDATION_TUNED = "no validation data", "validation-tuned"
 
 
 @dataclass
@@ -41,6 +43,8 @@ class Fitted:
     point_estimate: Optional[bool] = None
     # the shared MAP itself: its fit time is the MAP's training (which every other method starts from, uncounted)
     is_map: bool = False
+    # the fit time of the method it starts from (``Setup.fit_of``), counted in its own
+    inherited_seconds: float = 0.0
 
     def __post_init__(self):
         if self.point_estimate is None:
@@ -66,11 +70,17 @@ class Method:
     predictive: Callable
     likelihood: Optional[Callable]
     validation: bool = False
+    ts: bool = True
 
     @property
     def saveable(self) -> bool:
         """Whether ``pyro-lora fit`` can save it: it has a guide."""
         return self.guide is not None
+
+    @property
+    def setting(self) -> str:
+        """:data:`VALIDATION_TUNED` where the recipe fits anything on the validation split, else :data:`NO_VALIDATION`."""
+        return VALIDATION_TUNED if self.validation else NO_VALIDATION
 
     @property
     def summary(self) -> str:
@@ -88,7 +98,7 @@ MODELS: dict = {}  # a model class's registered name (its ``name`` attribute) ->
 
 def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[type] = None, model: type = LoraModel,
            exportable: bool = False, predictive: Callable = weight_samples, likelihood: Optional[Callable] = None,
-           validation: bool = False):
+           validation: bool = False, ts: bool = True):
     """Register the decorated recipe ``recipe(setup) -> Fitted`` as method ``name``.
 
     :param bayesian: whether it is a posterior (or an ensemble), not a point estimate or a recalibration.
@@ -105,14 +115,16 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
     :param validation: whether its recipe fits anything on the validation split (temperature scaling, a prior
         precision or posterior temperature chosen by validation NLL): the table names such methods
         "validation-tuned", the others "no validation data".
+    :param ts: whether ``compare`` adds its ``+ts`` row (a temperature fitted on the validation split on its
+        averaged predictive); False where that row would repeat another (``map+ts`` is the ``temperature`` row).
     :raises ValueError: for a name already registered, or a model class whose ``name`` another class holds.
     """
     if not (isinstance(name, str) and name.isidentifier() and name.isascii()):
         raise ValueError(f"method name {name!r} must be a Python identifier (letters, digits, _): it names files and flags")
     if name in METHODS:
         raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
-    if not all(isinstance(flag, bool) for flag in (bayesian, exportable, validation)):
-        raise ValueError(f"method {name!r}: bayesian, exportable and validation are True or False")
+    if not all(isinstance(flag, bool) for flag in (bayesian, exportable, validation, ts)):
+        raise ValueError(f"method {name!r}: bayesian, exportable, validation and ts are True or False")
     if guide is not None and not (isinstance(guide, type) and issubclass(guide, LoraGuide)):
         raise ValueError(f"method {name!r}: guide={guide!r} is no LoraGuide subclass (None: nothing to save)")
     if exportable and guide is None:
@@ -131,7 +143,7 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
             raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
         MODELS[model.name] = model
         METHODS[name] = Method(name, recipe, bayesian, tuple(tasks), guide, model, exportable, predictive, likelihood,
-                               validation)
+                               validation, ts)
         return recipe
 
     return register

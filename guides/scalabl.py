@@ -9,6 +9,7 @@ from pyro_lora.scalabl import ScalaBLModel
 
 from .meanfield import MeanFieldGuide
 from .registry import method
+from .tuning import tune_temperature
 
 
 class ScalaBLGuide(MeanFieldGuide):
@@ -32,23 +33,24 @@ class ScalaBLGuide(MeanFieldGuide):
     :param float init_scale: initial std relative to the prior's std.
     :param float std_lr_scale: how fast Adam moves the stds relative to the means.
     :param dict init: site -> initial mean ``[L, 1, r]``; default zero.
+    :param float temperature: the posterior temperature (:class:`MeanFieldGuide`'s).
     """
 
-    def __init__(self, model, std="softplus", init_scale=0.1, std_lr_scale=10.0, init=None):
+    def __init__(self, model, std="softplus", init_scale=0.1, std_lr_scale=10.0, init=None, temperature=1.0):
         other = [n for n, s in model.sites.items() if s.matrix != "S"]
         if other:
             raise ValueError(
                 f"ScalaBLGuide needs a ScalaBLModel, whose sites are all log-scale (S) sites; got {other}: "
                 "build the model with pyro_lora.ScalaBLModel(net, likelihood, ...)"
             )
-        super().__init__(model, std=std, init_scale=init_scale, std_lr_scale=std_lr_scale, init=init)
+        super().__init__(model, std=std, init_scale=init_scale, std_lr_scale=std_lr_scale, init=init, temperature=temperature)
 
     def extra_parameters(self):
         """Means and stds of the ``z`` sites: all this guide adds to a point-estimate LoRA."""
         return 2 * sum(loc.numel() for loc in self.locs)
 
     def config(self):
-        return {"std": self.std, "init_scale": self.init_scale, "std_lr_scale": self.std_lr_scale}
+        return {"std": self.std, "init_scale": self.init_scale, "std_lr_scale": self.std_lr_scale, "temperature": self.temperature}
 
 
 @method("scalabl", bayesian=True, guide=ScalaBLGuide, model=ScalaBLModel)
@@ -57,3 +59,11 @@ def scalabl(setup):
     setup.restore()
     model = ScalaBLModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=setup.config.prior_scale)
     return setup.svi(model, ScalaBLGuide(model))
+
+
+@method("scalabl_val", bayesian=True, guide=ScalaBLGuide, model=ScalaBLModel, validation=True)
+def scalabl_val(setup):
+    """ScalaBL with a posterior temperature chosen by validation NLL (every std times sqrt(T))."""
+    fitted = setup.fit_of("scalabl")
+    tune_temperature(setup, fitted.guide)
+    return fitted

@@ -22,6 +22,7 @@ from pyro_lora.data import to_device
 
 from .base import LoraGuide
 from .registry import Fitted, method
+from .tuning import tune_on_validation
 
 CRITERIA = ("nll", "flip", "accuracy")
 DEFAULT_TOLERANCE = {"nll": 0.01, "flip": 0.01, "accuracy": 0.01}
@@ -403,4 +404,17 @@ def bayesianize_setup(setup, model, anchors: int = TFB_ANCHORS, **search) -> TFB
 def tfb(setup):
     """Training-free Bayesianization of the MAP: sigma_q searched on anchors drawn from the training set."""
     guide = bayesianize_setup(setup, setup.lora_model(random="AB"))
+    return Fitted(guide=guide, extra_parameters=guide.extra_parameters())
+
+
+@method("tfb_val", bayesian=True, guide=TFBGuide, exportable=True, validation=True)
+def tfb_val(setup):
+    """TFB with sigma_q by validation NLL: a log grid over the search's range, refined by golden section."""
+    guide = TFBGuide(setup.lora_model(random="AB"))
+    low, high = TFB_SEARCH["low"], TFB_SEARCH["high"]
+    grid = [low * (high / low) ** (k / 6) for k in range(7)]
+    trace = tune_on_validation(guide, "sigma_q", guide.set_sigma_q, grid, setup.loader(setup.val), setup.config.samples,
+                               seed=setup.seed)
+    guide.criterion, guide.tolerance = "val_nll", None
+    guide.trace = [{"sigma_q": value, "val_nll": loss} for value, loss in trace]
     return Fitted(guide=guide, extra_parameters=guide.extra_parameters())

@@ -1,6 +1,7 @@
 """Laplace's prior precision: the evidence against a dense reference, matrices the data leave unconstrained, and
 the validation-NLL grid."""
 
+import math
 import warnings
 
 import pytest
@@ -222,7 +223,8 @@ def test_val_nll_grid_picks_the_best_value():
     val = bert_data(lengths=(6, 6, 3, 5), seed=5)
     grid = [0.01, 1.0, 100.0]
     for predictive in ("glm", "samples"):
-        nlls = guide.optimize_prior_precision("val_nll", val_loader=val, grid=grid, predictive=predictive, num_samples=4)
+        nlls = guide.optimize_prior_precision("val_nll", val_loader=val, grid=grid, predictive=predictive, num_samples=4,
+                                              refine=False)
         assert len(nlls) == 3
         assert guide.prior_precision["query.lora_A"][0].item() == pytest.approx(grid[min(range(3), key=nlls.__getitem__)])
     guide.set_prior_precision(1.0)
@@ -240,7 +242,7 @@ def test_val_nll_optimum_on_the_grid_edge_warns_and_bad_grids_are_refused():
     for grid in ([1e-7, 1e-6, 1e-5], [1e-7, 1e-5, 1e-6]):  # inside the grid (by value, whatever the order): silent
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            guide.optimize_prior_precision("val_nll", val_loader=val, grid=grid)
+            guide.optimize_prior_precision("val_nll", val_loader=val, grid=grid, refine=False)
         assert lam() == pytest.approx(1e-6)
     with pytest.warns(UserWarning, match=r"largest grid value lambda = 1e-07 .*extend the grid above 1e-07"):
         guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-8, 1e-9, 1e-7])
@@ -259,3 +261,18 @@ def test_val_nll_optimum_on_the_grid_edge_warns_and_bad_grids_are_refused():
     with pytest.raises(ValueError, match="NLL is nan at lambda = 0.0001"):
         guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-5, 1e-4, 1e-3])
     assert lam() == pytest.approx(1e-5)
+
+
+def test_val_nll_refines_between_the_best_grid_values_neighbours():
+    # the deterministic curve of the test above: minimum near lambda = 1e-6 on a coarse grid
+    guide = LaplaceGuide(bert_model(), fisher="exact").fit(bert_data(), progress=False)
+    val = bert_data(lengths=(6, 6, 3, 5), seed=5)
+    fine = torch.logspace(-7, -5, 41)
+    brute = guide.optimize_prior_precision("val_nll", val_loader=val, grid=fine.tolist(), refine=False)
+    coarse = guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-7, 1e-6, 1e-5], refine=False)
+    nlls = guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-7, 1e-6, 1e-5])
+    assert len(nlls) == 3 + 7 and nlls[:3] == coarse  # the grid, then 7 values between 1e-7 and 1e-5
+    lam = guide.prior_precision["query.lora_A"][0].item()
+    assert min(nlls) <= min(coarse) and min(nlls) == pytest.approx(min(brute), abs=2e-5)
+    # the refining grid's step is 10^0.25: the chosen lambda is within half a step of the brute-force optimum
+    assert abs(math.log10(lam) - math.log10(float(fine[int(torch.tensor(brute).argmin())]))) <= 0.125 + 1e-6

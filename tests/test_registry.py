@@ -144,8 +144,8 @@ def test_registration_refuses_unusable_metadata():
             method(name, bayesian=True)(lambda setup: None)
     for kwargs, message in [({"guide": 42}, "is no LoraGuide subclass"), ({"exportable": True}, "exportable needs the guide"),
                             ({"predictive": None}, "predictive .and likelihood, if given. must be functions"),
-                            ({"bayesian": "no"}, "bayesian, exportable and validation are True or False"),
-                            ({"validation": 1}, "bayesian, exportable and validation are True or False")]:
+                            ({"bayesian": "no"}, "bayesian, exportable, validation and ts are True or False"),
+                            ({"validation": 1}, "bayesian, exportable, validation and ts are True or False")]:
         with pytest.raises(ValueError, match=message):
             method("odd", **{"bayesian": True, **kwargs})(lambda setup: None)
     first, second = method("twice", bayesian=True), method("twice", bayesian=True)

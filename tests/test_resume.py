@@ -92,7 +92,7 @@ def test_a_failing_guide_keeps_the_others_and_a_rerun_resumes_with_it(tmp_path, 
             "--out", str(out), "--quiet"]
     assert cli.main(argv) == 2
     printed = capsys.readouterr()
-    assert "| map | sst2 |" in printed.out and "| temperature | sst2 |" in printed.out  # the finished ones' table
+    assert "| map | no validation data | sst2 |" in printed.out and "| temperature | validation-tuned | sst2 |" in printed.out  # the finished ones' table
     assert printed.err.strip().splitlines() == [
         f"pyro-lora: error: 1 guide run(s) failed: meanfield (seed 0): ValueError: the guide's loss became nan. The 2 finished "
         f"are in {out / 'results.json'} (tracebacks under 'failed'); a rerun with the same configuration resumes with the "
@@ -117,8 +117,8 @@ def test_a_failing_guide_keeps_the_others_and_a_rerun_resumes_with_it(tmp_path, 
     assert ran == ["meanfield"]
     assert "# seed 0: map, temperature already complete" in capsys.readouterr().out
     resumed = json.loads((out / "results.json").read_text())
-    assert [r["guide"] for r in resumed["summary"]] == ["map", "meanfield", "temperature"] and resumed["failed"] == []
-    assert [r for r in resumed["per_seed"] if r["guide"] != "meanfield"] == saved["per_seed"]  # kept as they were
+    assert [r["guide"] for r in resumed["summary"]] == ["map", "meanfield", "meanfield+ts", "temperature"] and resumed["failed"] == []
+    assert [r for r in resumed["per_seed"] if not r["guide"].startswith("meanfield")] == saved["per_seed"]  # kept as they were
     with np.load(out / "predictions_meanfield.npz") as arrays:
         assert arrays["sst2__seed0__probs"].shape == (16, 2)
     from matplotlib.image import imread

@@ -1,6 +1,7 @@
 """The ``pyro-lora`` command line: ``compare`` (the default), ``fit``, ``bayesianize``, ``evaluate``, ``study``."""
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -18,7 +19,7 @@ from ..guides.tfb import TFB_ANCHORS, TFB_SEARCH
 from ..pretrained import DTYPES
 from . import study
 from .compare import run_compare
-from .results import GuideFailures
+from .results import RESULTS, GuideFailures
 from .saved import bayesianize_adapter, evaluate_saved, fit_one
 from .setup import FULL, CompareConfig
 from .table import format_table
@@ -66,6 +67,12 @@ def _guides(text):
 
 def _guides_arg(p):
     p.add_argument("--guides", type=_guides, default=None, help=f"comma-separated, from: {', '.join(METHODS)} (default: all that apply)")
+
+
+def _ts_arg(p):
+    p.add_argument("--ts", action=argparse.BooleanOptionalAction, default=True,
+                   help="beside each method, its row after temperature scaling fitted on the validation split on its "
+                        "averaged predictive (METHOD+ts); --no-ts leaves them out (default: on)")
 
 
 def _model_args(p, d=None, one_dataset=True):
@@ -151,6 +158,7 @@ def _study_args(p):
                    help=f"share of --train-size held out for validation, in (0, 1) (default {d.val_fraction})")
     _training_args(p, d)
     _guides_arg(p)
+    _ts_arg(p)
     p.add_argument("--seeds", type=_seeds, default=d.seeds, help=f"comma-separated training seeds (default {','.join(map(str, d.seeds))})")
     p.add_argument("--runs", type=_folder, default=d.out, help=f"each dataset's run goes to RUNS/<dataset> (default {d.out})")
     p.add_argument("--docs", type=_folder, default=study.DOCS, help=f"the report goes to DOCS/study.md, its figures to DOCS/study/ (default {study.DOCS})")
@@ -187,6 +195,7 @@ def parser(full=False):
     _guides_arg(p)
     p.add_argument("--seeds", type=_seeds, default=(0,), help="comma-separated training seeds, e.g. 0,1,2 (the table shows mean ± std; default 0)")
     p.add_argument("--eval-datasets", default="", help="comma-separated shifted test sets with the same answer format, e.g. arc_challenge,arc_easy (default none)")
+    _ts_arg(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run of another configuration in --out (default: refused; a run of the same configuration resumes)")
     _output_args(p, "runs/compare")
@@ -293,6 +302,11 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     print(f"pyro-lora: warning: {kind}{message}", file=sys.stderr)
 
 
+def _verdict(out):
+    """The verdict paragraph the run wrote to its results.json, after a blank line."""
+    return "\n" + json.loads((Path(out) / RESULTS).read_text(encoding="utf-8")).get("verdict", "")
+
+
 def _run(args, argv=()):
     _init_distributed()
     say = print if is_main() else (lambda *a, **k: None)
@@ -301,17 +315,19 @@ def _run(args, argv=()):
             rows = run_compare(_config(args, guides=getattr(args, "guides", None)), overwrite=getattr(args, "overwrite", False))
         except GuideFailures as failures:  # the finished guides' table first, then the one-line error
             say(format_table(failures.summary))
+            say(_verdict(args.out))
             raise
         say(format_table(rows))
+        say(_verdict(args.out))
         say(f"results: {Path(args.out) / 'results.json'}")
     elif args.command == "fit":
-        config = _config(args, guides=(args.guide,))
+        config = _config(args, guides=(args.guide,), ts=False)
         row = fit_one(config, adapter=args.adapter)
         say(format_table([row]))
         say(f"saved: {Path(args.out) / 'guide'}" + (f", adapter: {Path(args.out) / 'guide' / 'adapter'}" if args.adapter else ""))
     elif args.command == "bayesianize":
         search = {k: getattr(args, k) for k in ("criterion", "tolerance", "low", "high", "iterations")}
-        row = bayesianize_adapter(_config(args, guides=("tfb",)), args.adapter_dir, anchors=args.anchors, **search)
+        row = bayesianize_adapter(_config(args, guides=("tfb",), ts=False), args.adapter_dir, anchors=args.anchors, **search)
         say(format_table([row]))
         say(f"sigma_q = {row['sigma_q']:.5g}; saved: {Path(args.out) / 'guide'}")
     elif args.command == "study":

@@ -1,26 +1,18 @@
 """``pyro-lora compare``: train a MAP LoRA once, fit several registered methods from it, score all on one test set."""
 
 import time
-import zlib
 from dataclasses import replace
 
-import pyro
-
 from .. import data as D
+from ..calibration import apply_temperature, fit_temperature
 from ..costs import PeakMemory
 from ..distributed import is_main
 from ..predictive import Prediction
-from ..guides.registry import Fitted, get_method, methods_for_task
+from ..guides.registry import VALIDATION_TUNED, Fitted, get_method, methods_for_task
 from .results import RESULTS, RunFolder
-from .scoring import join_row, ood_auroc, prediction_arrays, score
-from .setup import CompareConfig, check_config, prepare, train_map
-from .table import format_row
-
-
-def seed_for(seed: int, name: str, stage: str):
-    """Seed every global RNG from (run seed, method, stage): a method's numbers do not depend on which methods
-    ran before it, so a resumed run, or one where another method failed, gives the rows of a full run."""
-    pyro.set_rng_seed(zlib.crc32(f"{seed}/{name}/{stage}".encode()))
+from .scoring import MI_NO_SAMPLES_NOTE, join_row, ood_auroc, prediction_arrays, score
+from .setup import CompareConfig, check_config, prepare, seed_for, train_map
+from .table import format_row, ts_name
 
 
 def fit_method(setup, name: str, map_seconds: float = 0.0):
@@ -35,7 +27,8 @@ def fit_method(setup, name: str, map_seconds: float = 0.0):
         fitted = method.recipe(view)
         fit_seconds = time.perf_counter() - t
     _check_fitted(method, fitted)
-    fit_seconds += map_seconds if fitted.is_map else 0.0
+    setup.fitted[name] = (fitted, fit_seconds)
+    fit_seconds += (map_seconds if fitted.is_map else 0.0) + fitted.inherited_seconds
     if fitted.predict is None:
         fitted = replace(fitted, predict=predictor(view, method, fitted.guide))
     costs = {"fit_seconds": fit_seconds, "fit_memory_mb": memory.megabytes, "extra_parameters": fitted.extra_parameters}
@@ -108,7 +101,8 @@ def run_compare(config: CompareConfig, overwrite: bool = False):
     run = RunFolder(config.out, config, overwrite=overwrite)
     datasets = [config.dataset, *config.eval_datasets]
     say = print if is_main() else (lambda *a, **k: None)
-    plan = {seed: [g for g in config.guides if not run.complete(g, seed, datasets)] for seed in config.seeds}
+    plan = {seed: [g for g in config.guides if not all(run.complete(r, seed, datasets) for r in row_names(config, g))]
+            for seed in config.seeds}
     eta = _Estimate(sum(map(len, plan.values())))
     for seed in config.seeds:
         todo = plan[seed]
@@ -139,17 +133,18 @@ def run_compare(config: CompareConfig, overwrite: bool = False):
             if config.progress:
                 print(f"# {eta.next()} {name} (seed {seed}): {get_method(name).summary}", flush=True)
             try:
-                rows, arrays, first = run_method(setup, name, map_seconds)
+                results = run_method(setup, name, map_seconds)
             except Exception as error:  # noqa: BLE001 -- recorded; the other guides go on
                 run.fail(name, seed, error)
                 say(f"# {name} (seed {seed}) failed: {type(error).__name__}: {error}", flush=True)
                 continue
             finally:
                 setup.restore()
-            run.add(name, seed, rows, arrays, first)
-            if config.progress:
-                for row in rows:
-                    print(format_row(row), flush=True)
+            for row_name, (rows, arrays, first) in results.items():
+                run.add(row_name, seed, rows, arrays, first)
+                if config.progress:
+                    for row in rows:
+                        print(format_row(row), flush=True)
     run.redraw()
     run.raise_failures()
     return run.summary()
@@ -175,20 +170,54 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-def run_method(setup, name: str, map_seconds: float):
-    """Fit method ``name`` on ``setup`` and score it on every evaluation set; returns its rows, npz arrays and the
-    in-distribution ``(probs, labels)`` for its reliability diagram."""
-    config, seed = setup.config, setup.seed
+def row_names(config, name: str) -> list:
+    """The row names method ``name`` gives in a run of ``config``: its own and, with ``config.ts`` where the method
+    allows it, its ``+ts`` row."""
+    return [name, ts_name(name)] if config.ts and get_method(name).ts else [name]
+
+
+def run_method(setup, name: str, map_seconds: float) -> dict:
+    """Fit method ``name`` on ``setup`` and score it on every evaluation set, and, where :func:`row_names` has
+    them, its ``+ts`` rows: the temperature fitted on the validation split on the method's own averaged predictive
+    (Guo et al., 2017), applied to its test predictions. Returns row name -> (its rows, npz arrays, the
+    in-distribution ``(probs, labels)`` for its reliability diagram)."""
+    config = setup.config
+    method = get_method(name)
     fitted, fit_costs = fit_method(setup, name, map_seconds)
-    rows, arrays, predictions = [], {}, {}
-    for dataset, records in [(config.dataset, setup.test), *setup.shifted.items()]:
-        prediction, costs = evaluate(setup, fitted, records, name, dataset)
-        predictions[dataset] = prediction
-        row = join_row({"guide": name, "dataset": dataset, "seed": seed}, score(prediction, point_estimate=fitted.point_estimate),
-                       fit_costs, costs)
+    datasets = [(config.dataset, setup.test), *setup.shifted.items()]
+    predictions, costs = {}, {}
+    for dataset, records in datasets:
+        predictions[dataset], costs[dataset] = evaluate(setup, fitted, records, name, dataset)
+    out = {name: _score_rows(setup, name, method.setting, fitted.point_estimate, predictions, fit_costs, costs, MI_NO_SAMPLES_NOTE)}
+    if len(row_names(config, name)) > 1:
+        t = time.perf_counter()
+        val, _ = evaluate(setup, fitted, setup.val, name, "validation")
+        temperature, note = fit_temperature(val.probs, val.labels, return_info=True)
+        scaled = {d: replace(p, probs=apply_temperature(p.probs, temperature), sample_probs=None) for d, p in predictions.items()}
+        ts_costs = {**fit_costs, "fit_seconds": fit_costs["fit_seconds"] + time.perf_counter() - t,
+                    "extra_parameters": fit_costs["extra_parameters"] + 1, "temperature": temperature,
+                    "note": "; ".join(n for n in (fit_costs.get("note"), note) if n)}
+        out[ts_name(name)] = _score_rows(setup, ts_name(name), VALIDATION_TUNED, fitted.point_estimate, scaled, ts_costs,
+                                         costs, TS_MI_NOTE)
+    return out
+
+
+# the +ts row's MI: the temperature rescales the averaged predictive, which its weight samples no longer average to
+TS_MI_NOTE = "MI n/a: the temperature applies to the averaged predictive, not to its weight samples"
+
+
+def _score_rows(setup, row_name, setting, point_estimate, predictions, fit_costs, costs, no_samples_note):
+    """The rows, npz arrays and first-set ``(probs, labels)`` of one row name over the run's evaluation sets
+    (``no_samples_note``: why its MI is n/a where its predictions keep no weight samples)."""
+    config, seed = setup.config, setup.seed
+    rows, arrays = [], {}
+    for dataset, prediction in predictions.items():
+        row = join_row({"guide": row_name, "setting": setting, "dataset": dataset, "seed": seed},
+                       score(prediction, point_estimate=point_estimate, no_samples_note=no_samples_note), fit_costs,
+                       costs[dataset])
         if dataset != config.dataset:
-            row.update(ood_auroc(predictions[config.dataset], prediction, fitted.point_estimate))
+            row.update(ood_auroc(predictions[config.dataset], prediction, point_estimate))
         rows.append(row)
-        arrays.update(prediction_arrays(prediction, dataset, seed, fitted.point_estimate))
+        arrays.update(prediction_arrays(prediction, dataset, seed, point_estimate))
     first = predictions[config.dataset]
     return rows, arrays, (first.probs, first.labels)

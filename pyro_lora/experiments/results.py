@@ -19,6 +19,8 @@ from ..distributed import is_main
 from ..io import atomic_file, write_json
 from .plots import metric_scatter, reliability_diagram, reliability_grid
 from .setup import ADDED_SETTINGS
+from .table import base_guide, ts_name
+from .verdict import verdict
 
 RESULTS = "results.json"
 _UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)  # what np.load raises for a missing or broken npz
@@ -40,6 +42,8 @@ def summarize_seeds(rows):
     summary = []
     for (guide, dataset), group in groups.items():
         row = {"guide": guide, "dataset": dataset, "seeds": [r["seed"] for r in group]}
+        if "setting" in group[0]:
+            row["setting"] = group[0]["setting"]
         notes = {}
         for r in group:
             if r.get("note"):
@@ -47,7 +51,7 @@ def summarize_seeds(rows):
         if notes:
             row["note"] = "; ".join(f"seed{'s' * (len(s) > 1)} {', '.join(s)}: {n}" for n, s in notes.items())
         for key in group[0]:
-            if key in ("guide", "dataset", "seed", "note"):
+            if key in ("guide", "dataset", "seed", "note", "setting"):
                 continue
             values = np.array([r[key] for r in group], dtype=float)  # None (JSON null) -> NaN
             row[key] = float(values.mean())
@@ -104,7 +108,8 @@ class RunFolder:
     def _check_writable(self, guides):
         """Refuse, before any work, a folder or link where one of the run's files goes (found late, it stopped the run)."""
         names = [RESULTS, "reliability_grid.png", "calibration_vs_accuracy.png"]
-        names += [f"{kind}_{g}.{ext}" for g in guides for kind, ext in (("predictions", "npz"), ("reliability", "png"))]
+        names += [f"{kind}_{g}.{ext}" for name in guides for g in (name, ts_name(name))
+                  for kind, ext in (("predictions", "npz"), ("reliability", "png"))]
         for name in names:
             path = self.out / name
             if path.is_symlink() or (path.exists() and not path.is_file()):
@@ -120,9 +125,10 @@ class RunFolder:
         # results.json first: a kill from here until the new one is written leaves no record, never the old record
         # beside new files
         names = [RESULTS, "reliability_grid.png", "calibration_vs_accuracy.png"]
-        for guide in saved["config"].get("guides") or ():
-            if guide not in self._added:
-                names += [f"predictions_{guide}.npz", f"reliability_{guide}.png"]
+        for name in saved["config"].get("guides") or ():
+            for guide in (name, ts_name(name)):
+                if guide not in self._added:
+                    names += [f"predictions_{guide}.npz", f"reliability_{guide}.png"]
         for name in names:
             (self.out / name).unlink(missing_ok=True)
 
@@ -181,20 +187,22 @@ class RunFolder:
             self.write()
 
     def _track(self, guide, seed):
+        guide = base_guide(guide)  # config.guides lists methods; a +ts row follows its method's
         if guide not in self.guides:
             self.guides.append(guide)
         if seed not in self.seeds:
             self.seeds.append(seed)
 
     def summary(self):
-        """Mean ± std over seeds per (guide, evaluation set), guides in run order; a guide that failed under some
-        seed says so in its note (its mean is over the other seeds)."""
+        """Mean ± std over seeds per (guide, evaluation set), guides in run order (a ``+ts`` row after its method's);
+        a guide that failed under some seed says so in its note (its mean is over the other seeds)."""
         order = {g: i for i, g in enumerate(self.guides)}
         seed_order = {s: i for i, s in enumerate(self.seeds)}
-        self.rows.sort(key=lambda r: (order.get(r["guide"], len(order)), seed_order.get(r["seed"], len(seed_order))))
+        self.rows.sort(key=lambda r: (order.get(base_guide(r["guide"]), len(order)), r["guide"] != base_guide(r["guide"]),
+                                      seed_order.get(r["seed"], len(seed_order))))
         summary = summarize_seeds(self.rows)
         for row in summary:
-            missing = [str(f["seed"]) for f in self.failed if f["guide"] == row["guide"]]
+            missing = [str(f["seed"]) for f in self.failed if f["guide"] == base_guide(row["guide"])]
             if missing:
                 note = f"failed under seed{'s' * (len(missing) > 1)} {', '.join(missing)} (results.json 'failed'): mean over the others"
                 row["note"] = f"{row['note']}; {note}" if row.get("note") else note
@@ -209,7 +217,8 @@ class RunFolder:
             self._summary_figures(summary)
         config = {**asdict(self.config), "guides": self.guides, "seeds": self.seeds}
         write_json(self.out / RESULTS, {"config": config, "request": self.request, "sizes": self.sizes, "summary": summary,
-                                        "per_seed": self.rows, "failed": self.failed})
+                                        "verdict": verdict(self.rows, self.config.dataset), "per_seed": self.rows,
+                                        "failed": self.failed})
 
     def _summary_figures(self, summary):
         _draw_summary(self.out, summary, self.guides, self.config.dataset, self.seeds[0])
@@ -323,9 +332,10 @@ def merge_results(out, update):
     updated = list(new["config"]["guides"])
     guides = list(base["config"]["guides"]) + [g for g in updated if g not in base["config"]["guides"]]
     order = {g: i for i, g in enumerate(guides)}
-    rows = sorted([r for r in base["per_seed"] if r["guide"] not in updated] + new["per_seed"], key=lambda r: order[r["guide"]])
+    rows = sorted([r for r in base["per_seed"] if base_guide(r["guide"]) not in updated] + new["per_seed"],
+                  key=lambda r: (order[base_guide(r["guide"])], r["guide"] != base_guide(r["guide"])))
     failed = [f for f in base.get("failed", []) if f["guide"] not in updated] + new.get("failed", [])
-    for name in updated:
+    for name in [g for u in updated for g in (u, ts_name(u))]:
         for kind in ("predictions_{}.npz", "reliability_{}.png"):
             if (update / kind.format(name)).is_file():
                 with atomic_file(out / kind.format(name), "wb") as f:
@@ -333,5 +343,6 @@ def merge_results(out, update):
     summary = summarize_seeds(rows)
     config = {**base["config"], "guides": guides}
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
-    write_json(out / RESULTS, {**base, "config": config, "summary": summary, "per_seed": rows, "failed": failed})
+    write_json(out / RESULTS, {**base, "config": config, "summary": summary, "verdict": verdict(rows, config["dataset"]),
+                               "per_seed": rows, "failed": failed})
     return summary

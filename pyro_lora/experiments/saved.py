@@ -13,9 +13,9 @@ from ..model import LoraModel
 from ..kinds import KINDS
 from ..guides.tfb import TFB_ANCHORS, bayesianize_setup
 from ..guides.registry import METHODS, MODELS, Fitted, get_method
-from .compare import evaluate, fit_method, predictor, seed_for
+from .compare import evaluate, fit_method, predictor
 from .scoring import join_row, score
-from .setup import ADDED_SETTINGS, CompareConfig, check_config, check_numbers, prepare, train_map
+from .setup import ADDED_SETTINGS, CompareConfig, check_config, check_numbers, prepare, seed_for, train_map
 
 
 def fit_one(config: CompareConfig, adapter: bool = False) -> dict:
@@ -46,7 +46,7 @@ def fit_one(config: CompareConfig, adapter: bool = False) -> dict:
     guide = fitted.guide
     view = setup.for_method(name)
     prediction, predict_costs = evaluate(setup, Fitted(predictor(view, method, guide)), setup.test, name, config.dataset)
-    row = join_row({"guide": name, "dataset": config.dataset}, score(prediction, point_estimate=fitted.point_estimate),
+    row = join_row({"guide": name, "setting": method.setting, "dataset": config.dataset}, score(prediction, point_estimate=fitted.point_estimate),
                    costs, predict_costs)
     random = "".join(sorted({s.matrix for s in guide.sites.values()}))
     save_guide(guide, Path(config.out) / "guide", adapter=adapter,
@@ -101,7 +101,7 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
     costs = {"fit_seconds": time.perf_counter() - t, "fit_memory_mb": memory.megabytes, "extra_parameters": guide.extra_parameters()}
     method = get_method("tfb")
     prediction, predict_costs = evaluate(setup, Fitted(predictor(setup, method, guide)), setup.test, "tfb", config.dataset)
-    row = join_row({"guide": "tfb", "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic), costs,
+    row = join_row({"guide": "tfb", "setting": get_method("tfb").setting, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic), costs,
                    predict_costs, {"sigma_q": float(guide.sigma_q)})
     # the adapter travels inside the unit (as the guide's mean, which TFB keeps at the adapter's values): the folder
     # can be shared and evaluated without the original adapter
@@ -225,7 +225,7 @@ def evaluate_saved(run_dir, **overrides) -> dict:
     model = method.model.restore(setup.net, view.likelihood, run["random"], num_data=len(setup.train), prior=prior)
     guide = load_guide(path.parent, model)
     prediction, costs = evaluate(setup, Fitted(predictor(view, method, guide)), setup.test, method.name, config.dataset)
-    row = join_row({"guide": method.name, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
+    row = join_row({"guide": method.name, "setting": method.setting, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
                    costs, {"extra_parameters": guide.extra_parameters(), "test_examples": len(setup.test)})
     note = _rescored_note(row, run, overrides)
     if note:

@@ -12,7 +12,7 @@ MI_NO_SAMPLES_NOTE = ("mutual information n/a: this predictive draws no weight s
                       "link, in closed form), and MI needs several")
 
 
-def _mi_samples(prediction, point_estimate):
+def _mi_samples(prediction, point_estimate, no_samples_note=MI_NO_SAMPLES_NOTE):
     """The per-sample probabilities that mutual information can be computed from, and None or the reason it cannot.
 
     MI needs at least 2 weight samples. A point estimate (one set of weights) has MI exactly 0, whatever it kept;
@@ -24,18 +24,19 @@ def _mi_samples(prediction, point_estimate):
     samples = prediction.probs.unsqueeze(0) if kept is None else kept
     if count >= 2 or point_estimate:
         return samples, None
-    return samples, MI_SAMPLES_NOTE if count == 1 else MI_NO_SAMPLES_NOTE
+    return samples, MI_SAMPLES_NOTE if count == 1 else no_samples_note
 
 
-def score(prediction, num_bins=15, point_estimate=False):
+def score(prediction, num_bins=15, point_estimate=False, no_samples_note=MI_NO_SAMPLES_NOTE):
     """Calibration, uncertainty and selective-prediction metrics of one :class:`Prediction`.
 
     ``mutual_information`` is NaN (n/a) where it cannot be computed, with the reason in ``note``: fewer than 2
-    weight samples from a predictive that is not a ``point_estimate`` (whose MI is exactly 0).
+    weight samples from a predictive that is not a ``point_estimate`` (whose MI is exactly 0); ``no_samples_note``
+    is the reason where it kept none.
     """
     p, y = prediction.probs, prediction.labels
     row = summarize(p, y, num_bins)
-    samples, missing = _mi_samples(prediction, point_estimate)
+    samples, missing = _mi_samples(prediction, point_estimate, no_samples_note)
     row.update(
         entropy=float(M.predictive_entropy(samples).mean()),
         mutual_information=float("nan") if missing else float(M.mutual_information(samples).mean()),

@@ -2,8 +2,11 @@
 
 import importlib.util
 import math
+import time
+import zlib
 from dataclasses import dataclass, field, replace
 
+import pyro
 import torch
 from pyro.infer import TraceMeanField_ELBO
 
@@ -42,6 +45,7 @@ class CompareConfig:
     device: str = "cpu"
     dtype: str = "fp32"  # the base's weights: fp32, bf16 or fp16 (LoRA, head and guides stay float32)
     load_in_4bit: bool = False  # the base's linear layers in NF4 through bitsandbytes (QLoRA)
+    ts: bool = True  # beside each method, its row after temperature scaling on its averaged predictive (``+ts``)
     mc_format: str = None
     mc_normalize: str = None  # cloze: None (sum of log-probs), "tokens" or "chars" (per-length average)
     max_length: int = 256
@@ -51,10 +55,16 @@ class CompareConfig:
 
 
 # settings added after run records were first written, with the value every older run had
-ADDED_SETTINGS = {"dtype": "fp32", "load_in_4bit": False}
+ADDED_SETTINGS = {"dtype": "fp32", "load_in_4bit": False, "ts": False}
 
 # the full comparison (`pyro-lora compare --full`): the reference task's sizes (SST-2: all 872 test sentences)
 FULL = {"train_size": 2000, "test_size": 1000, "samples": 8, "epochs": 10}
+
+
+def seed_for(seed: int, name: str, stage: str):
+    """Seed every global RNG from (run seed, method, stage): a method's numbers do not depend on which methods
+    ran before it, so a resumed run, or one where another method failed, gives the rows of a full run."""
+    pyro.set_rng_seed(zlib.crc32(f"{seed}/{name}/{stage}".encode()))
 
 
 def default_lr(task: str) -> float:
@@ -81,6 +91,7 @@ class Setup:
     trained_state: dict = field(default_factory=dict)
     trainable: dict = field(default_factory=dict)  # parameter name -> requires_grad after the MAP's training
     initial_state: dict = field(default_factory=dict)  # adapter and head before the MAP's training (name -> tensor)
+    fitted: dict = field(default_factory=dict)  # method name -> (its Fitted, fit seconds), as fitted under this seed
 
     @property
     def sizes(self) -> dict:
@@ -121,6 +132,19 @@ class Setup:
         """Train a variational guide started at the trained MAP with the closed-form-KL ELBO."""
         self.fit(model, guide, elbo=TraceMeanField_ELBO(), train_network=train_network)
         return Fitted(guide=guide, extra_parameters=guide.extra_parameters())
+
+    def fit_of(self, name: str) -> Fitted:
+        """Method ``name`` as fitted under this seed: the one ``compare`` fitted already, else fitted now under its own
+        seed (the same result). For a method that starts from another's posterior (a validation-tuned variant): its
+        ``inherited_seconds`` are that fit's. The caller may change the returned guide: the method's rows are written.
+        """
+        if name not in self.fitted:
+            seed_for(self.seed, name, "fit")
+            start = time.perf_counter()
+            fitted = get_method(name).recipe(self.for_method(name))
+            self.fitted[name] = (fitted, time.perf_counter() - start)
+        fitted, seconds = self.fitted[name]
+        return replace(fitted, inherited_seconds=seconds)
 
     def std_lr_scale(self, travel=100.0) -> float:
         """The guides' ``std_lr_scale`` for this run: Adam moves ``log sigma`` by about ``std_lr_scale * lr`` per
@@ -285,7 +309,8 @@ def check_numbers(config: CompareConfig):
         raise ValueError(f"--mc-normalize {config.mc_normalize!r} is none of none, tokens, chars")
     if config.dtype not in DTYPES:
         raise ValueError(f"--dtype {config.dtype!r} is none of {', '.join(DTYPES)}")
-    if not isinstance(config.load_in_4bit, bool):
-        raise ValueError(f"--load-in-4bit {config.load_in_4bit!r} is no boolean")
+    for flag, value in (("--load-in-4bit", config.load_in_4bit), ("--ts", config.ts)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{flag} {value!r} is no boolean")
     if str(config.device).split(":")[0] not in ("cpu", "cuda"):
         raise ValueError(f"--device {config.device!r} is none of cpu, cuda")

@@ -19,6 +19,7 @@ from ..guides.registry import METHODS
 from ..io import atomic_file
 from .plots import difference_heatmaps
 from .table import COLUMNS, columns, format_cell, not_available
+from .verdict import clear_difference
 
 DATASETS = ("arc_easy", "arc_challenge", "openbookqa", "winogrande_s", "boolq")  # the study's sets, in report order
 NAMES = {"arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openbookqa": "OpenBookQA",
@@ -403,21 +404,11 @@ def paired_differences(runs, metric, reference="map"):
     return out
 
 
-# two-sided 95% Student-t quantiles by degrees of freedom (seeds - 1); 1.96 beyond the table
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
-
-
 def clear_differences(diffs, lower_better=True):
     """``(better, worse)`` set labels where the mean paired difference is outside its 95% Student-t interval
-    (over seeds; needs two seeds or more)."""
-    better, worse = [], []
-    for label, d in diffs.items():
-        if len(d) < 2:
-            continue
-        mean, se = float(np.mean(d)), float(np.std(d, ddof=1)) / np.sqrt(len(d))
-        if abs(mean) > T95.get(len(d) - 1, 1.96) * se and mean != 0:
-            (better if (mean < 0) == lower_better else worse).append(label)
-    return better, worse
+    (over seeds; needs two seeds or more: :func:`~pyro_lora.experiments.verdict.clear_difference`)."""
+    outcome = {label: clear_difference(d, lower_better) for label, d in diffs.items()}
+    return [k for k, v in outcome.items() if v == "better"], [k for k, v in outcome.items() if v == "worse"]
 
 
 def noise_sentences(runs, guides):

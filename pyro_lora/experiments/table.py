@@ -29,6 +29,19 @@ TABLE = [Column("accuracy", "accuracy", 3, "max"), Column("ece", "ECE x100", 2, 
 OOD = [Column("ood_auroc_entropy", "OOD AUROC entropy", 3, "max"), Column("ood_auroc_mi", "OOD AUROC MI", 3, "max")]
 COLUMNS = {c.key: c for c in TABLE + OOD}  # key -> Column: every metric a table shows
 
+# a method's row after temperature scaling fitted on the validation split on its averaged predictive
+TS_SUFFIX = "+ts"
+
+
+def ts_name(guide: str) -> str:
+    """The name of ``guide``'s ``+ts`` row."""
+    return guide + TS_SUFFIX
+
+
+def base_guide(name: str) -> str:
+    """The method a row name belongs to: ``laplace`` for ``laplace+ts``, the name itself otherwise."""
+    return name.removesuffix(TS_SUFFIX)
+
 
 def columns(*keys):
     """The :class:`Column` of each metric in ``keys``, in that order (a sub-table, e.g. the study's)."""
@@ -38,13 +51,21 @@ def columns(*keys):
 def format_table(rows):
     """Markdown table, one row per (guide, evaluation set); ``mean ± std`` where rows carry ``_std``.
 
-    Rows with a ``note`` are marked ``(note)`` and their notes listed under the table. A value that is not
-    available (NaN or None: e.g. the mutual information of a predictive without weight samples) reads ``n/a``.
+    Rows with a ``note`` are marked ``(note)`` and their notes listed under the table, each note once with the
+    rows it applies to. A value that is not available (NaN or None: e.g. the mutual information of a predictive
+    without weight samples) reads ``n/a``. The ``setting`` column says whether a row's method fitted anything on the
+    validation split ("validation-tuned") or not ("no validation data"): :attr:`~pyro_lora.guides.registry.Method.setting`
+    (left out for rows of runs from before it was recorded).
     """
-    head = "| guide | dataset | " + " | ".join(c.title for c in TABLE) + " | OOD AUROC H / MI |"
-    lines = [head, "|" + "---|" * (len(TABLE) + 3)]
-    notes = [f"Note ({r['guide']} on {r['dataset']}): {r['note']}" for r in rows if r.get("note")]
-    return "\n".join(lines + [format_row(r) for r in rows] + ([""] + notes if notes else []))
+    setting = any("setting" in r for r in rows)
+    head = "| guide | " + "setting | " * setting + "dataset | " + " | ".join(c.title for c in TABLE) + " | OOD AUROC H / MI |"
+    lines = [head, "|" + "---|" * (len(TABLE) + 3 + setting)]
+    notes = {}
+    for r in rows:
+        if r.get("note"):
+            notes.setdefault(r["note"], []).append(f"{r['guide']} on {r['dataset']}")
+    listed = [f"Note ({', '.join(where)}): {note}" for note, where in notes.items()]
+    return "\n".join(lines + [format_row(r, setting) for r in rows] + ([""] + listed if listed else []))
 
 
 def not_available(value):
@@ -65,8 +86,8 @@ def _number(value, digits):
     return "n/a" if not_available(value) else f"{value:.{digits}f}"
 
 
-def format_row(r):
-    """One line of :func:`format_table`."""
+def format_row(r, setting=True):
+    """One line of :func:`format_table` (``setting``: with the setting column)."""
     ood = " / ".join(_number(r[c.key], c.digits) for c in OOD) if "ood_auroc_entropy" in r else ""
     guide = r["guide"] + (" (note)" if r.get("note") else "")
-    return f"| {guide} | {r['dataset']} | " + " | ".join(format_cell(r, c.key, c.digits) for c in TABLE) + f" | {ood} |"
+    return f"| {guide} | " + (f"{r.get('setting', '')} | " if setting else "") + f"{r['dataset']} | " + " | ".join(format_cell(r, c.key, c.digits) for c in TABLE) + f" | {ood} |"

@@ -1,0 +1,115 @@
+"""The verdict under compare's table: which method is best on each score, and which beat temperature scaling.
+
+A difference between two methods counts where the 95% Student-t interval of the mean per-seed difference excludes
+zero (both scored on the same seed's test set, so the interval covers the training noise); with one seed there is
+no interval, and the verdict compares the values and says so.
+"""
+
+import numpy as np
+
+from ..guides.registry import METHODS
+from .table import COLUMNS, base_guide
+
+# two-sided 95% Student-t quantiles by degrees of freedom (seeds - 1); 1.96 beyond the table
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
+
+BASELINE, REFERENCE = "temperature", "map"
+ACCURACY_POINTS = 1.0  # the accuracy loss against MAP, in points, that the verdict names
+
+
+def clear_difference(diffs, lower_better=True):
+    """``"better"``, ``"worse"`` or ``None`` (within the noise, or fewer than 2 seeds) for the per-seed differences
+    ``diffs`` (method - other): the mean outside its 95% Student-t interval."""
+    if len(diffs) < 2:
+        return None
+    mean, se = float(np.mean(diffs)), float(np.std(diffs, ddof=1)) / np.sqrt(len(diffs))
+    if mean == 0 or abs(mean) <= T95.get(len(diffs) - 1, 1.96) * se:
+        return None
+    return "better" if (mean < 0) == lower_better else "worse"
+
+
+def _by_guide(rows, dataset, metric):
+    """``{guide: {seed: value}}`` of ``metric`` on ``dataset`` (values that are not available left out)."""
+    out = {}
+    for r in rows:
+        value = r.get(metric)
+        if r["dataset"] == dataset and isinstance(value, (int, float)) and np.isfinite(value):
+            out.setdefault(r["guide"], {})[r["seed"]] = float(value)
+    return out
+
+
+def _beats(values, guide, other, metric):
+    """Whether ``guide`` is better than ``other`` on ``metric``: by the paired interval over their shared seeds
+    (two or more), by the value with one."""
+    lower = COLUMNS[metric].lower_better
+    seeds = sorted(set(values.get(guide, {})) & set(values.get(other, {})))
+    if not seeds:
+        return False
+    diffs = [values[guide][s] - values[other][s] for s in seeds]
+    if len(seeds) == 1:
+        return (diffs[0] < 0) == lower and diffs[0] != 0
+    return clear_difference(diffs, lower) == "better"
+
+
+def _mean(values, guide):
+    return float(np.mean(list(values[guide].values())))
+
+
+def _best(values, metric):
+    lower = COLUMNS[metric].lower_better
+    if not values:
+        return None
+    return (min if lower else max)(values, key=lambda g: _mean(values, g))
+
+
+def _fmt(values, guide, metric):
+    return f"{guide} ({_mean(values, guide):.{COLUMNS[metric].digits}f})"
+
+
+def _names(guides):
+    return ", ".join(guides) if guides else "none"
+
+
+def verdict(rows, dataset) -> str:
+    """The paragraph ``compare`` prints under its table, from the per-seed ``rows`` of one run whose training set
+    is ``dataset``: the best row on ECE, NLL and AURC (and OOD AUROC by entropy on each shifted set); which rows beat
+    temperature scaling on both ECE and NLL, by setting (no validation data / validation-tuned); which lose more
+    than :data:`ACCURACY_POINTS` accuracy points against MAP. Empty where ``rows`` hold nothing of ``dataset``."""
+    values = {m: _by_guide(rows, dataset, m) for m in ("accuracy", "ece", "nll", "aurc")}
+    if not values["nll"]:
+        return ""
+    seeds = sorted({r["seed"] for r in rows if r["dataset"] == dataset})
+    how = (f"{len(seeds)} seeds; a difference counts where the paired per-seed 95% interval excludes 0" if len(seeds) > 1
+           else "1 seed: no interval, the values compared as they are; run several --seeds to tell noise apart")
+    lines = [f"Verdict on {dataset} ({how}):"]
+    best = [f"{COLUMNS[m].title}: {_fmt(values[m], _best(values[m], m), m)}" for m in ("ece", "nll", "aurc") if values[m]]
+    for shifted in sorted({r["dataset"] for r in rows} - {dataset}):
+        ood = _by_guide(rows, shifted, "ood_auroc_entropy")
+        if ood:
+            best.append(f"OOD AUROC (entropy) on {shifted}: {_fmt(ood, _best(ood, 'ood_auroc_entropy'), 'ood_auroc_entropy')}")
+    lines.append("- Best: " + "; ".join(best) + ".")
+    if BASELINE in values["nll"]:
+        lines += _against_baseline(rows, values)
+    if REFERENCE in values["accuracy"]:
+        ref = _mean(values["accuracy"], REFERENCE)
+        lost = [g for g in values["accuracy"] if 100 * (ref - _mean(values["accuracy"], g)) > ACCURACY_POINTS]
+        detail = [f"{g} {100 * (_mean(values['accuracy'], g) - ref):+.1f}" for g in lost]
+        lines.append(f"- Accuracy against MAP ({ref:.3f}): " + (f"more than {ACCURACY_POINTS:g} point below it: "
+                     f"{', '.join(detail)}." if lost else f"every method within {ACCURACY_POINTS:g} point."))
+    return "\n".join(lines)
+
+
+def _against_baseline(rows, values):
+    """The sentences on temperature scaling: per setting, who beats it on both ECE and NLL, on NLL only."""
+    settings = {r["guide"]: r.get("setting") for r in rows}
+    ece, nll = (f"{_mean(values[m], BASELINE):.{COLUMNS[m].digits}f}" for m in ("ece", "nll"))
+    lines = []
+    for setting in sorted({s for g, s in settings.items() if s and g not in (BASELINE, REFERENCE)}):
+        guides = [g for g in values["nll"] if settings.get(g) == setting and g not in (BASELINE, REFERENCE)]
+        both = [g for g in guides if _beats(values["nll"], g, BASELINE, "nll") and _beats(values["ece"], g, BASELINE, "ece")]
+        nll_only = [g for g in guides if g not in both and _beats(values["nll"], g, BASELINE, "nll")]
+        bayesian = [g for g in both if base_guide(g) in METHODS and METHODS[base_guide(g)].bayesian]
+        lines.append(f"- {setting.capitalize()}: beat temperature scaling (ECE {ece}, NLL {nll}) on both ECE and NLL: "
+                     f"{_names(both)}" + (f" (Bayesian: {_names(bayesian)})" if both else "") +
+                     f"; on NLL only: {_names(nll_only)}.")
+    return lines

@@ -1,0 +1,197 @@
+"""Validation-tuned posteriors and compare's +ts rows: the knob search, the posterior temperature, the temperature
+applied to a method's averaged predictive, the verdict's paired intervals, and the base fit a variant reuses."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import random_batch, tiny_bert
+
+from pyro_lora import LoraModel, Prediction, SequenceClassification, load_guide, save_guide
+from pyro_lora.calibration import apply_temperature, fit_temperature
+from pyro_lora.experiments.compare import fit_method, run_method
+from pyro_lora.experiments.setup import CompareConfig, Setup
+from pyro_lora.experiments.verdict import verdict
+from pyro_lora.guides import MeanFieldGuide, ScalaBLGuide
+from pyro_lora.guides.registry import METHODS, Fitted, method
+from pyro_lora.guides.tuning import tune_on_validation, validation_nll
+from pyro_lora.scalabl import ScalaBLModel
+
+
+def data(seeds=(1, 2, 3)):
+    return [random_batch(batch=4, seed=s) | {"labels": torch.tensor([0, 2, 1, 1])} for s in seeds]
+
+
+def meanfield():
+    model = LoraModel(tiny_bert(), SequenceClassification(), prior=0.5, num_data=12)
+    return model, MeanFieldGuide(model, b="normal", init_scale=0.5)
+
+
+def test_posterior_temperature_scales_every_std_and_is_saved(tmp_path):
+    model, guide = meanfield()
+    before = {n: s.clone() for n, s in guide.stds().items()}
+    guide.set_temperature(4.0)
+    for n, s in guide.stds().items():
+        torch.testing.assert_close(s, 2.0 * before[n])  # std x sqrt(T)
+    draws = guide.sample(4000)
+    name = next(iter(before))
+    empirical = (draws[name] - guide.mean()[name]).std(0).detach()
+    assert float((empirical / (2.0 * before[name])).mean()) == pytest.approx(1.0, abs=0.03)
+    save_guide(guide, tmp_path / "g")
+    assert load_guide(tmp_path / "g", model).temperature == 4.0
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite positive number"):
+            guide.set_temperature(bad)
+    assert guide.temperature == 4.0
+    scalabl = ScalaBLGuide(ScalaBLModel(tiny_bert(), SequenceClassification(), num_data=12), temperature=0.25)
+    assert scalabl.config()["temperature"] == 0.25
+
+
+def test_validation_nll_uses_common_random_numbers():
+    model, guide = meanfield()
+    first, again = (validation_nll(guide, data(), num_samples=4, seed=3) for _ in range(2))
+    assert first == again and validation_nll(guide, data(), num_samples=4, seed=4) != first
+
+
+def test_tuning_finds_the_minimum_of_a_fine_grid_and_leaves_the_knob_there():
+    model, guide = meanfield()
+    val = data((4, 5))
+    grid = [10.0 ** (k / 2) for k in range(-4, 5)]
+    trace = tune_on_validation(guide, "posterior temperature", guide.set_temperature, grid, val, num_samples=8, refine=8)
+    assert [t for t, _ in trace[: len(grid)]] == grid and len(trace) == len(grid) + 8
+    best, loss = min(trace, key=lambda t: t[1])
+    assert guide.temperature == best
+    assert validation_nll(guide, val, 8) == pytest.approx(loss, rel=1e-6)  # the NLL recorded is the knob's
+    fine = [10.0 ** (k / 20) for k in range(-40, 41)]
+    brute = []
+    for t in fine:
+        guide.set_temperature(t)
+        brute.append(validation_nll(guide, val, 8))
+    assert loss <= min(brute) + 0.002  # golden section over the bracket reaches the fine grid's minimum
+
+
+def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
+    knob = {}
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_nll", lambda *args, **kw: (math.log(knob["v"]) - math.log(optimum)) ** 2)
+    set_value = lambda v: knob.update(v=v)  # noqa: E731
+    optimum = 3.7
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        trace = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4, refine=12)
+    assert knob["v"] == pytest.approx(optimum, rel=0.01) and min(trace, key=lambda t: t[1])[0] == knob["v"]
+    optimum = 1e5  # beyond the grid's largest value
+    with pytest.warns(UserWarning, match="lowest at the largest T of the grid .100; grid 0.1 to 100.: the optimum may lie beyond"):
+        tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4)
+    assert knob["v"] == pytest.approx(100.0)  # the refinement stays inside the grid
+    for bad in ([1.0, 2.0], [1.0, 0.5, 2.0], [0.0, 1.0, 2.0], [1.0, 2.0, float("inf")]):
+        with pytest.raises(ValueError, match="at least 3 finite positive values, increasing"):
+            tune_on_validation(None, "T", set_value, bad, None, num_samples=4)
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_nll", lambda *args, **kw: float("nan"))
+    with pytest.raises(ValueError, match="the validation NLL is NaN at T = 0.1: no T was set"):
+        tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4)
+
+
+# --------------------------------------------------------------------------- compare's +ts rows and base fits
+
+
+def _records(n, offset=0):
+    return [{"id": offset + i, "label": i % 2} for i in range(n)]
+
+
+def _over_confident(records):
+    """Probabilities that put 0.97 on a class, right 70% of the time: what temperature scaling softens."""
+    probs = torch.tensor([[0.97, 0.03] if (r["id"] % 10 < 7) == (r["label"] == 0) else [0.03, 0.97] for r in records])
+    return Prediction(probs=probs, labels=torch.tensor([r["label"] for r in records]))
+
+
+@pytest.fixture
+def fake_methods():
+    calls = []
+
+    @method("fake_base", bayesian=True)
+    def fake_base(setup):
+        """A fake posterior."""
+        calls.append("fit")
+        return Fitted(_over_confident)
+
+    @method("fake_variant", bayesian=True, validation=True)
+    def fake_variant(setup):
+        """A fake variant of fake_base."""
+        base = setup.fit_of("fake_base")
+        return Fitted(base.predict, inherited_seconds=base.inherited_seconds)
+
+    yield calls
+    METHODS.pop("fake_base")
+    METHODS.pop("fake_variant")
+
+
+def _setup(ts=True):
+    config = CompareConfig(out="unused", ts=ts, progress=False)
+    return Setup(config, None, None, SequenceClassification(), _records(40), _records(50, 1000), _records(60, 2000), None,
+                 shifted={"other": _records(30, 3000)})
+
+
+def test_ts_rows_hold_the_temperature_fitted_on_the_methods_own_validation_predictive(fake_methods):
+    setup = _setup()
+    out = run_method(setup, "fake_base", 0.0)
+    assert list(out) == ["fake_base", "fake_base+ts"]
+    val = _over_confident(setup.val)
+    t = fit_temperature(val.probs, val.labels)
+    assert t > 1.5  # over-confident: softened
+    rows, arrays, (probs, labels) = out["fake_base+ts"]
+    test = _over_confident(setup.test)
+    torch.testing.assert_close(probs, apply_temperature(test.probs, t))
+    plain, ts = out["fake_base"][0][0], rows[0]
+    assert ts["temperature"] == pytest.approx(t) and ts["setting"] == "validation-tuned" and plain["setting"] == "no validation data"
+    assert ts["accuracy"] == plain["accuracy"] and ts["nll"] < plain["nll"]
+    assert math.isnan(ts["mutual_information"]) and "temperature applies to the averaged predictive" in ts["note"]
+    assert ts["extra_parameters"] == plain["extra_parameters"] + 1 and rows[1]["dataset"] == "other"
+    assert "ood_auroc_entropy" in rows[1]
+    assert list(run_method(_setup(ts=False), "fake_base", 0.0)) == ["fake_base"]
+
+
+def test_map_and_temperature_have_no_ts_row():
+    assert not METHODS["map"].ts and not METHODS["temperature"].ts and METHODS["laplace"].ts
+
+
+def test_a_variant_reuses_the_base_fit_of_its_seed_and_counts_its_time(fake_methods):
+    setup = _setup()
+    fit_method(setup, "fake_base")
+    variant, costs = fit_method(setup, "fake_variant")
+    assert fake_methods == ["fit"]  # fitted once
+    assert costs["fit_seconds"] >= setup.fitted["fake_base"][1]
+    alone = _setup()
+    fit_method(alone, "fake_variant")  # run alone: the base is fitted under its own seed
+    assert fake_methods == ["fit", "fit"] and "fake_base" in alone.fitted
+
+
+# --------------------------------------------------------------------------- the verdict
+
+
+def _rows(values, dataset="sst2"):
+    """Per-seed rows from ``{guide: [(accuracy, ece, nll, aurc) per seed]}``."""
+    settings = {"map": "no validation data", "laplace": "no validation data"}
+    return [{"guide": g, "dataset": dataset, "seed": s, "setting": settings.get(g, "validation-tuned"), "accuracy": a,
+             "ece": e, "nll": n, "aurc": r} for g, seeds in values.items() for s, (a, e, n, r) in enumerate(seeds)]
+
+
+def test_verdict_counts_a_win_only_where_the_paired_interval_excludes_zero():
+    rows = _rows({
+        "map": [(0.81, 11.0, 0.57, 0.10), (0.80, 12.0, 0.58, 0.11), (0.82, 11.5, 0.56, 0.10)],
+        "temperature": [(0.81, 3.0, 0.43, 0.10), (0.80, 3.4, 0.44, 0.11), (0.82, 2.6, 0.42, 0.10)],
+        # always 0.2 / 0.010 below temperature: a clear win on both, though its mean is close
+        "laplace_val": [(0.81, 2.8, 0.42, 0.09), (0.80, 3.2, 0.43, 0.10), (0.82, 2.4, 0.41, 0.09)],
+        # lower on average, but by noise: no win
+        "laplace+ts": [(0.81, 1.0, 0.40, 0.10), (0.80, 5.0, 0.47, 0.11), (0.82, 1.5, 0.38, 0.10)],
+        "laplace": [(0.79, 4.0, 0.43, 0.10), (0.78, 4.4, 0.45, 0.11), (0.80, 4.1, 0.44, 0.10)],
+    })
+    text = verdict(rows, "sst2")
+    assert "3 seeds" in text
+    assert "Validation-tuned: beat temperature scaling (ECE 3.00, NLL 0.430) on both ECE and NLL: laplace_val (Bayesian: laplace_val); on NLL only: none." in text
+    assert "No validation data: beat temperature scaling (ECE 3.00, NLL 0.430) on both ECE and NLL: none" in text
+    assert "ECE x100: laplace+ts (2.50)" in text  # the best mean, whatever the noise
+    assert "more than 1 point below it: laplace -2.0" in text
+    one = verdict([r for r in rows if r["seed"] == 1], "sst2")
+    assert "1 seed: no interval" in one and "on both ECE and NLL: laplace_val" in one
+    assert verdict(rows, "boolq") == ""
