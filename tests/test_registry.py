@@ -55,7 +55,7 @@ def test_a_method_registered_outside_runs_through_compare_fit_and_evaluate(tmp_p
     assert "jitter" in methods_for_task("classification") and "jitter" not in methods_for_task("multiple_choice")
     assert jitter_method.summary == "A Gaussian of fixed std around the MAP (a test method)." and jitter_method.bayesian
     rows = run_compare(small(tmp_path / "compare", guides=("map", "jitter")))
-    assert [r["guide"] for r in rows] == ["map", "jitter"]
+    assert [r["guide"] for r in rows] == ["map", "jitter", "jitter+ts"]
     jittered = rows[1]
     assert jittered["extra_parameters"] == 1 and jittered["mutual_information"] > 0  # its own weight samples
     assert 0.0 <= jittered["accuracy"] <= 1.0
