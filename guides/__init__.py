@@ -12,17 +12,21 @@ from .meanfield import MeanFieldGuide
 from .flow import FlowGuide
 from .tfb import TFBGuide, bayesianize
 from .laplace import LaplaceGuide
+from .llla import LastLayerLaplaceGuide
 from .mcdropout import MCDropoutGuide
 from .ensemble import EnsembleGuide, predict_ensemble, train_ensemble
 from .swag import SWAGCollector, SWAGGuide
 from .scalabl import ScalaBLGuide
+from .ivon import IVONGuide, train_ivon
 
 __all__ = [
     "METHODS",
     "EnsembleGuide",
     "Fitted",
     "FlowGuide",
+    "IVONGuide",
     "LaplaceGuide",
+    "LastLayerLaplaceGuide",
     "LoraGuide",
     "MAPGuide",
     "MCDropoutGuide",
@@ -38,4 +42,5 @@ __all__ = [
     "methods_for_task",
     "predict_ensemble",
     "train_ensemble",
+    "train_ivon",
 ]

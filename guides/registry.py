@@ -12,6 +12,7 @@ switches on method names::
 A new method is its guide file, one recipe and one export line in :mod:`pyro_lora.guides`.
 """
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -71,6 +72,12 @@ class Method:
     likelihood: Optional[Callable]
     validation: bool = False
     ts: bool = True
+    requires: tuple = ()
+
+    @property
+    def missing(self) -> list:
+        """The packages of :attr:`requires` (``(module, pip name)``) that are not installed: their pip names."""
+        return [package for module, package in self.requires if importlib.util.find_spec(module) is None]
 
     @property
     def saveable(self) -> bool:
@@ -98,7 +105,7 @@ MODELS: dict = {}  # a model class's registered name (its ``name`` attribute) ->
 
 def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[type] = None, model: type = LoraModel,
            exportable: bool = False, predictive: Callable = weight_samples, likelihood: Optional[Callable] = None,
-           validation: bool = False, ts: bool = True):
+           validation: bool = False, ts: bool = True, requires: tuple = ()):
     """Register the decorated recipe ``recipe(setup) -> Fitted`` as method ``name``.
 
     :param bayesian: whether it is a posterior (or an ensemble), not a point estimate or a recalibration.
@@ -115,6 +122,8 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
     :param validation: whether its recipe fits anything on the validation split (temperature scaling, a prior
         precision or posterior temperature chosen by validation NLL): the table names such methods
         "validation-tuned", the others "no validation data".
+    :param requires: ``(module, pip name)`` pairs of optional packages its recipe needs: without them ``compare``
+        leaves it out of its default methods and refuses it by name, before loading anything.
     :param ts: whether ``compare`` adds its ``+ts`` row (a temperature fitted on the validation split on its
         averaged predictive); False where that row would repeat another (``map+ts`` is the ``temperature`` row).
     :raises ValueError: for a name already registered, or a model class whose ``name`` another class holds.
@@ -143,7 +152,7 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
             raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
         MODELS[model.name] = model
         METHODS[name] = Method(name, recipe, bayesian, tuple(tasks), guide, model, exportable, predictive, likelihood,
-                               validation, ts)
+                               validation, ts, tuple(requires))
         return recipe
 
     return register
@@ -172,5 +181,6 @@ def get_method(name: str) -> Method:
 
 
 def methods_for_task(task: str) -> list:
-    """The names of the registered methods that apply to a dataset task (``meta.json``'s ``task``)."""
-    return [name for name, m in METHODS.items() if task in m.tasks]
+    """The names of the registered methods that apply to a dataset task (``meta.json``'s ``task``) and whose optional
+    packages are installed (:attr:`Method.missing`)."""
+    return [name for name, m in METHODS.items() if task in m.tasks and not m.missing]

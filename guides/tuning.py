@@ -10,10 +10,9 @@ import warnings
 
 import torch
 
+from pyro_lora.calibration import golden_section
 from pyro_lora.metrics import nll
 from pyro_lora.predictive import predict
-
-_GOLDEN = (math.sqrt(5) - 1) / 2
 
 
 def validation_nll(guide, loader, num_samples: int, seed: int = 0) -> float:
@@ -25,12 +24,12 @@ def validation_nll(guide, loader, num_samples: int, seed: int = 0) -> float:
     return nll(prediction.probs, prediction.labels)
 
 
-def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: int, refine: int = 6, seed: int = 0):
+def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: int, tol: float = 0.1, seed: int = 0):
     """Set the ``knob`` of ``guide`` (through ``set_value(value)``) to the value of lowest validation NLL.
 
-    The ``grid`` values (positive, increasing) are scored first; then ``refine`` golden-section steps in
-    ``log value`` between the best grid value's neighbours. A best value at an end of the grid may lie beyond it:
-    a warning names that end.
+    The ``grid`` values (positive, increasing) are scored first; then a golden-section search in ``log value``
+    between the best grid value's neighbours, until the bracket is ``tol`` wide (0.1: values within 10%). A best
+    value at an end of the grid may lie beyond it: a warning names that end.
 
     :param str knob: the knob's name, for the warning and the trace.
     :param grid: at least 3 positive values, increasing.
@@ -58,18 +57,7 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
         side = "smallest" if i == 0 else "largest"
         warnings.warn(f"the validation NLL is lowest at the {side} {knob} of the grid ({grid[i]:g}; grid {grid[0]:g} to "
                       f"{grid[-1]:g}): the optimum may lie beyond it", stacklevel=2)
-    lo, hi = math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)])
-    a, b = hi - _GOLDEN * (hi - lo), lo + _GOLDEN * (hi - lo)
-    fa, fb = score(math.exp(a)), score(math.exp(b))
-    for _ in range(max(refine - 2, 0)):
-        if fa <= fb:
-            hi, b, fb = b, a, fa
-            a = hi - _GOLDEN * (hi - lo)
-            fa = score(math.exp(a))
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + _GOLDEN * (hi - lo)
-            fb = score(math.exp(b))
+    golden_section(lambda t: score(math.exp(t)), math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)]), tol)
     best = min(trace, key=lambda t: t[1])[0]
     set_value(best)
     return trace

@@ -71,8 +71,9 @@ def _exact_nll(log_probs, labels, log_t):
     return float(-scaled.gather(-1, labels.unsqueeze(-1)).mean())
 
 
-def _golden(f, a, b, tol):
-    """Golden-section search of the unimodal ``f`` on ``[a, b]``: the better inner point and its value."""
+def golden_section(f, a, b, tol):
+    """Golden-section search of the unimodal ``f`` on ``[a, b]`` until the bracket is ``tol`` wide: the better inner
+    point and its value (the search temperature scaling and the validation-tuned posteriors share)."""
     c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
     fc, fd = f(c), f(d)
     while b - a > tol:
@@ -161,7 +162,7 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
         return done(1.0, "the validation predictions are all correct (separable): the NLL falls as T -> 0 and has "
                          "no finite optimum; falling back to T = 1")
     nll = lambda log_t: _exact_nll(log_probs, labels, log_t)  # noqa: E731
-    log_t, best = _golden(nll, math.log(low), math.log(high), tol)
+    log_t, best = golden_section(nll, math.log(low), math.log(high), tol)
     if best >= nll(0.0):
         return done(1.0)
     # the search never evaluates an end: a minimum there leaves log T within tol of it
@@ -193,7 +194,7 @@ def _beyond(nll, log_high, tol, limit=1e12):
     while fb < fa and b < math.log(limit):
         a, fa, b = b, fb, b + step
         fb = nll(b)
-    return math.exp(_golden(nll, a - step, min(b, math.log(limit)), tol)[0])
+    return math.exp(golden_section(nll, a - step, min(b, math.log(limit)), tol)[0])
 
 
 def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -280,10 +280,15 @@ def _mean_nll(model, guide, batch):
     model.net.eval()
     try:
         with torch.no_grad():
-            logits = model.logits(batch, guide.mean())
-            return float(-model.likelihood.distribution(logits).log_prob(model.likelihood.observed(batch)).float().mean())
+            return float(batch_nll(model, batch, guide.mean()))
     finally:
         model.net.train(was_training)
+
+
+def batch_nll(model, batch, values=None):
+    """Mean NLL per example of ``batch`` with the LoRA sites at ``values`` (``None``: the network's own peft weights)."""
+    logits = model.logits(batch, values)
+    return -model.likelihood.distribution(logits).log_prob(model.likelihood.observed(batch)).float().mean()
 
 
 @contextlib.contextmanager

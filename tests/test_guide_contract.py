@@ -21,6 +21,7 @@ from pyro_lora.guides import (
     EnsembleGuide,
     FlowGuide,
     LaplaceGuide,
+    LastLayerLaplaceGuide,
     LoraGuide,
     MAPGuide,
     MCDropoutGuide,
@@ -69,10 +70,12 @@ BUILDERS = {
     FlowGuide: lambda dtype=torch.float32: (m := lora(dtype=dtype), FlowGuide(m, init_scale=0.1)),
     TFBGuide: lambda dtype=torch.float32: (m := lora(dtype=dtype), TFBGuide(m, sigma_q=0.01)),
     LaplaceGuide: lambda dtype=torch.float32: (m := lora(dtype=dtype), LaplaceGuide(m, fisher="exact", rank=3).fit(data(), progress=False)),
+    LastLayerLaplaceGuide: lambda dtype=torch.float32: (m := lora(dtype=dtype), LastLayerLaplaceGuide(m).fit(data(), progress=False)),
     SWAGGuide: lambda dtype=torch.float32: _swag(dtype),
     ScalaBLGuide: lambda dtype=torch.float32: _scalabl(dtype),
     MCDropoutGuide: lambda dtype=torch.float32: (m := lora(dtype=dtype), MCDropoutGuide(m, p=0.2)),
     EnsembleGuide: lambda dtype=torch.float32: _ensemble(dtype),
+    guides.IVONGuide: lambda dtype=torch.float32: (m := lora(dtype=dtype), guides.train_ivon(m, data(), progress=False)),
 }
 
 
@@ -113,16 +116,27 @@ def test_config_survives_json(built):
     assert json.loads(json.dumps(config)) == config
 
 
+def _predictive(model, guide):
+    """``guide -> Prediction``: weight samples where they carry the posterior; else (refused by ``predict``, which names
+    the guide's own) the predictive its registered method reports."""
+    if guide.samples_carry_posterior:
+        return lambda g: predict(model, g, data(), num_samples=4)
+    with pytest.raises(ValueError, match=r"predict refused .* use its own predictive"):
+        predict(model, guide, data())
+    own = next(m.predictive for m in guides.METHODS.values() if m.guide is type(guide))
+    return lambda g: own(g, data(), 4)
+
+
 def test_save_load_round_trip_gives_the_same_predictive(built, tmp_path):
     model, guide = built
-    loader = data()
+    predictive = _predictive(model, guide)
     pyro.set_rng_seed(5)
-    before = predict(model, guide, loader, num_samples=4)
+    before = predictive(guide)
     save_guide(guide, tmp_path / "g")
     loaded = load_guide(tmp_path / "g", model)
     assert type(loaded) is type(guide)
     pyro.set_rng_seed(5)
-    after = predict(model, loaded, loader, num_samples=4)
+    after = predictive(loaded)
     torch.testing.assert_close(after.probs, before.probs)
 
 

@@ -223,3 +223,17 @@ def test_each_recipe_gets_its_own_setup_and_the_network_back(tmp_path):
         p.requires_grad_(False)
     setup.restore()
     assert all(p.requires_grad for p in head)
+
+
+def test_a_method_needing_a_missing_package_is_left_out_by_default_and_refused_by_name(tmp_path):
+    from pyro_lora.experiments.setup import CompareConfig, check_config
+
+    method("needs_pkg", bayesian=True, requires=(("no_such_module_pyro_lora", "no-such-package"),))(lambda setup: None)
+    try:
+        assert METHODS["needs_pkg"].missing == ["no-such-package"]
+        assert "needs_pkg" not in methods_for_task("classification") and "map" in methods_for_task("classification")
+        with pytest.raises(ValueError, match="needs_pkg needs no-such-package, which is not installed: pip install no-such-package"):
+            check_config(CompareConfig(guides=("map", "needs_pkg"), out=str(tmp_path)))
+    finally:
+        METHODS.pop("needs_pkg")
+    assert METHODS["ivon"].missing == [] and METHODS["ivon"].requires == (("ivon", "ivon-opt"),)

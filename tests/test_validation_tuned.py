@@ -58,8 +58,8 @@ def test_tuning_finds_the_minimum_of_a_fine_grid_and_leaves_the_knob_there():
     model, guide = meanfield()
     val = data((4, 5))
     grid = [10.0 ** (k / 2) for k in range(-4, 5)]
-    trace = tune_on_validation(guide, "posterior temperature", guide.set_temperature, grid, val, num_samples=8, refine=8)
-    assert [t for t, _ in trace[: len(grid)]] == grid and len(trace) == len(grid) + 8
+    trace = tune_on_validation(guide, "posterior temperature", guide.set_temperature, grid, val, num_samples=8, tol=0.05)
+    assert [t for t, _ in trace[: len(grid)]] == grid and len(trace) > len(grid) + 4
     best, loss = min(trace, key=lambda t: t[1])
     assert guide.temperature == best
     assert validation_nll(guide, val, 8) == pytest.approx(loss, rel=1e-6)  # the NLL recorded is the knob's
@@ -78,7 +78,7 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
     optimum = 3.7
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        trace = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4, refine=12)
+        trace = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4, tol=0.01)
     assert knob["v"] == pytest.approx(optimum, rel=0.01) and min(trace, key=lambda t: t[1])[0] == knob["v"]
     optimum = 1e5  # beyond the grid's largest value
     with pytest.warns(UserWarning, match="lowest at the largest T of the grid .100; grid 0.1 to 100.: the optimum may lie beyond"):

@@ -259,6 +259,9 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
     for m in methods:
+        if m.missing:
+            raise ValueError(f"{m.name} needs {', '.join(m.missing)}, which is not installed: pip install {' '.join(m.missing)}, "
+                             f"or leave {m.name} out")
         if task not in m.tasks:
             raise ValueError(f"{m.name} does not apply to {task} sets like {config.dataset!r} ({m.summary}): it applies to "
                              f"{' and '.join(m.tasks)} sets; leave {m.name} out")

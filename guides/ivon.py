@@ -1,0 +1,255 @@
+"""IVON: variational learning with the Improved Variational Online Newton optimiser (Shen et al., 2024), on LoRA as
+in Cong et al. (2024).
+
+:func:`train_ivon` trains the adapter's LoRA matrices and the head with ``ivon.IVON`` (package ``ivon-opt``): every
+step runs the network on weights drawn from IVON's diagonal Gaussian and updates its mean and its diagonal Hessian
+estimate. :class:`IVONGuide` holds that Gaussian over the LoRA sites, read off the trained optimiser.
+"""
+
+import math
+import numbers
+
+import pyro.distributions as dist
+import torch
+from tqdm.auto import tqdm
+
+from pyro_lora import distributed
+from pyro_lora.contract import take_over
+from pyro_lora.data import to_device
+from pyro_lora.model import LoraModel
+from pyro_lora.sites import check_values
+from pyro_lora.training import _DivergenceWatch, _schedule, batch_nll
+
+from .base import LoraGuide
+from .registry import Fitted, method
+
+CLIP_RADIUS = 1e-3  # Cong et al.'s bound on each entry's preconditioned step: the step is at most lr * CLIP_RADIUS
+
+
+class IVONGuide(LoraGuide):
+    r"""IVON's posterior over the LoRA sites: ``q(theta_s) = N(m_s, diag(sigma_s^2))`` for every A and B site, with
+    ``sigma = 1 / sqrt(ess * (h + delta))`` from IVON's Hessian estimate ``h``, effective sample size ``ess`` and
+    weight decay ``delta`` (what ``ivon.IVON`` samples from).
+
+    IVON trains the head too, but this guide's posterior is over the LoRA sites only: the head is a point
+    parameter of the network, kept at IVON's mean (as every guide's head is), and its stds are dropped.
+
+    Build it from a trained optimiser with :meth:`from_optimizer` (what :func:`train_ivon` returns);
+    ``IVONGuide(model)`` alone is a placeholder that :func:`pyro_lora.load_guide` fills: means at the adapter's
+    weights, stds at the prior's.
+
+    :param model: a :class:`~pyro_lora.LoraModel` whose sites are A and B matrices (``random="AB"``).
+    :param dict locs: site -> mean (``site.shape``); default the adapter's current weights.
+    :param dict stds: site -> positive std (``site.shape``); default the prior's std.
+    :param dict trained_with: the IVON settings that trained it (a record kept in ``config()``; no effect).
+    """
+
+    def __init__(self, model, locs=None, stds=None, trained_with=None):
+        super().__init__(model)
+        other = [n for n, s in self.sites.items() if s.kind.parameter is None]
+        if other:
+            raise ValueError(f"IVON trains peft's LoRA matrices: sites {other} have none (build the model with random='AB')")
+        locs = model.adapter_values() if locs is None else locs
+        if stds is None:
+            stds = {n: model.prior_distribution(s).variance.sqrt().expand(s.shape) for n, s in self.sites.items()}
+        for values in (locs, stds):
+            check_values(self.sites, values, allow_sample_dim=False)
+        if not all(bool((stds[n] > 0).all()) for n in self.sites):
+            raise ValueError("IVONGuide: every std must be positive")
+        for i, name in enumerate(self.sites):
+            self.register_buffer(f"loc_{i}", locs[name].detach().float().clone().to(model.device))
+            self.register_buffer(f"std_{i}", stds[name].detach().float().clone().to(model.device))
+        self.trained_with = dict(trained_with or {})
+
+    @classmethod
+    def from_optimizer(cls, model, optimizer):
+        """The guide of a trained ``ivon.IVON`` whose parameters include every LoRA matrix of ``model``'s sites: means
+        are the network's current weights (IVON's mean, outside ``sampled_params``), stds
+        ``1 / sqrt(ess * (hess + weight_decay))`` of each parameter's group, entry by entry.
+
+        :raises ValueError: if a LoRA matrix of a site is not among the optimiser's parameters.
+        """
+        std_of = {}
+        for group in optimizer.param_groups:
+            std = (group["ess"] * (group["hess"] + group["weight_decay"])).rsqrt()
+            offset = 0
+            for p in (p for p in group["params"] if p is not None):  # IVON's flat order: its groups' params in turn
+                std_of[id(p)] = std[offset : offset + p.numel()].view_as(p)
+                offset += p.numel()
+        params = iter(model.random_parameters())  # site by site, each site's layers in stacking order
+        locs, stds = {}, {}
+        for name, site in model.sites.items():
+            mats = [next(params) for _ in site.layers]
+            if any(id(p) not in std_of for p in mats):
+                raise ValueError(f"the optimiser does not hold the LoRA matrices of site {name!r}: train them with it")
+            stack = torch.stack if site.stacked else (lambda ts: ts[0])
+            locs[name] = stack([p.detach() for p in mats])
+            stds[name] = stack([std_of[id(p)] for p in mats])
+        settings = {k: float(v) for k, v in optimizer.defaults.items()}
+        settings |= {"rescale_lr": bool(optimizer.rescale_lr), "steps": optimizer.current_step}
+        return cls(model, locs, stds, trained_with=settings)
+
+    def locs(self):
+        """Posterior mean of every site: name -> ``site.shape``."""
+        return {name: getattr(self, f"loc_{i}") for i, name in enumerate(self.sites)}
+
+    def stds(self):
+        """Posterior std of every site: name -> ``site.shape``."""
+        return {name: getattr(self, f"std_{i}") for i, name in enumerate(self.sites)}
+
+    def posterior(self):
+        stds = self.stds()
+        return {n: dist.Normal(loc, stds[n]).to_event(loc.dim()) for n, loc in self.locs().items()}
+
+    def mean(self):
+        return self.locs()
+
+    def extra_parameters(self):
+        """One std per LoRA entry: all the posterior adds to the LoRA it is centred on."""
+        return sum(s.numel for s in self.sites.values())
+
+    def config(self):
+        return {"trained_with": self.trained_with}
+
+
+def train_ivon(model, data, *, epochs=1, lr=0.03, ess=1e7, hess_init=3e-4, weight_decay=1e-4, beta2=0.99999,
+               mc_samples=1, clip_radius=CLIP_RADIUS, rescale_lr=False, lr_schedule="linear", autocast=None,
+               progress=True) -> IVONGuide:
+    """Train the adapter's LoRA matrices and the head with ``ivon.IVON`` from their current values; returns the
+    :class:`IVONGuide` of the trained optimiser. Afterwards the network holds IVON's mean (LoRA and head).
+
+    Each step draws ``mc_samples`` weight sets inside ``optimizer.sampled_params(train=True)`` (the ``ivon-opt``
+    README's loop), each giving the gradient of the batch's mean NLL (:func:`pyro_lora.training.batch_nll`, the
+    network's own peft weights), then ``optimizer.step()``. No prior term enters the loss: IVON's weight decay is
+    its prior, ``N(0, 1 / (ess * weight_decay))`` per entry.
+
+    The defaults are Cong et al.'s for LoRA on Llama-2-7B (their scripts: ``ess`` 1e6 to 1e8, ``rescale_lr=False``),
+    not ``ess = N``: the Hessian estimate ``h`` moves by about ``1 - beta2 = 1e-5`` of its distance per step, so in a
+    fine-tuning run it stays near ``hess_init`` and the weight noise near ``1 / sqrt(ess * (hess_init +
+    weight_decay))``, 0.016 here; with ``ess = N`` it would be ``1 / sqrt(N * 4e-4)``, 3.7 for 180 examples, which
+    wrecks the network. With ``hess_init`` this small nearly every entry's step hits the clip, so each step moves
+    an entry by ``lr * clip_radius`` (3e-5 here), like Adam's steps of size ``lr``: scale ``lr`` to the model.
+
+    :param model: a :class:`~pyro_lora.LoraModel` whose sites are all its LoRA matrices (``random="AB"``).
+    :param data: the training batches (re-iterated each epoch), e.g. a shuffled ``DataLoader``.
+    :param float ess: IVON's effective sample size (``N / ess`` is the posterior's temperature).
+    :param float hess_init: the Hessian estimate's start.
+    :param float weight_decay: IVON's ``delta``, the prior precision per unit of ``ess``.
+    :param float beta2: the Hessian estimate's decay.
+    :param int mc_samples: weight draws per step, their gradients averaged.
+    :param float clip_radius: bound on each entry's preconditioned step.
+    :param bool rescale_lr: ``ivon.IVON``'s option to multiply ``lr`` by ``hess_init + weight_decay``.
+    :param str lr_schedule: ``"linear"`` (decay to 0, Cong et al.'s), ``"constant"`` or ``"cosine"``, as for
+        :func:`pyro_lora.fit`.
+    :param autocast: as for :func:`pyro_lora.fit` (default bf16 on CUDA, none on CPU).
+    :raises ValueError: before any training, naming the argument, for a non-positive ``lr``, ``ess``, ``hess_init``
+        or ``clip_radius``, a negative ``weight_decay``, ``beta2`` outside ``[0, 1)``, ``epochs`` or ``mc_samples``
+        below 1, an unknown ``lr_schedule``, an empty ``data``, a model with other sites than A and B, a float16 base
+        (IVON has no loss scaling) or a run under ``torch.distributed``.
+    :raises ~pyro_lora.training.DivergenceError: when the loss becomes non-finite or rises far above its start (the network is then
+        put back as it was).
+    """
+    _check_arguments(model, data, epochs=epochs, lr=lr, ess=ess, hess_init=hess_init, weight_decay=weight_decay,
+                     beta2=beta2, mc_samples=mc_samples, clip_radius=clip_radius)
+    schedule = _schedule(lr_schedule, 0, epochs * len(data))
+    try:
+        import ivon  # here, not at the top: a saved IVONGuide loads and predicts without the optimiser's package
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("train_ivon needs the IVON optimiser: pip install ivon-opt") from None
+
+    params = model.random_parameters() + model.point_parameters()
+    take_over(model, None)  # whichever guide trained the head keeps the state it left as its own
+    device, net = model.device, model.net
+    if autocast is None and device.type == "cuda":
+        autocast = torch.bfloat16
+    was_training = net.training
+    own = [p.data for p in params]  # IVON swaps in views of its flat buffers: each parameter gets its own tensor back
+    start = [t.clone() for t in own]
+    for p in params:
+        p.requires_grad_(True)  # the sites' peft matrices are frozen in a LoraModel: IVON trains them in place
+        p.grad = None
+    optimizer = ivon.IVON(params, lr=lr, ess=ess, hess_init=hess_init, weight_decay=weight_decay, beta2=beta2,
+                          mc_samples=mc_samples, clip_radius=clip_radius, rescale_lr=rescale_lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    watch = _DivergenceWatch(lr)
+    bar = tqdm(total=epochs * len(data), desc="train IVON", disable=not progress, dynamic_ncols=True)
+    net.train()
+    trained = False
+    try:
+        for epoch in range(epochs):
+            for batch in data:
+                batch = to_device(batch, device)
+                loss = 0.0
+                for _ in range(mc_samples):
+                    with optimizer.sampled_params(train=True):
+                        optimizer.zero_grad()
+                        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
+                            nll = batch_nll(model, batch)
+                        nll.backward()
+                    loss += nll.item() / mc_samples
+                watch.observe(loss, 1)
+                watch.update(optimizer.current_step, epoch)  # raises on a non-finite or runaway loss
+                optimizer.step()
+                scheduler.step()
+                bar.update()
+                bar.set_postfix(nll=f"{loss:.4f}", epoch=epoch)
+        trained = True
+    finally:
+        bar.close()
+        optimizer.zero_grad(set_to_none=True)
+        net.train(was_training)
+        model.set_trainable()
+        with torch.no_grad():  # IVON's mean, or the start after a failure (an exception leaves a weight draw in place)
+            for p, tensor, value in zip(params, own, start):
+                value = p.detach() if trained else value
+                p.data = tensor
+                p.copy_(value)  # in place: bumps the version that the guides' ownership checks read
+    guide = IVONGuide.from_optimizer(model, optimizer)
+    guide.trained_with["lr_schedule"] = lr_schedule
+    take_over(model, guide)  # the head is IVON's mean, which this guide predicts with
+    return guide
+
+
+def _check_arguments(model, data, **args):
+    positive = ("lr", "ess", "hess_init", "clip_radius")
+    for name, value in args.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if name in positive and not value > 0:
+            raise ValueError(f"{name} must be positive, got {value!r}")
+        if name in ("epochs", "mc_samples") and not (isinstance(value, numbers.Integral) and value >= 1):
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if args["weight_decay"] < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {args['weight_decay']!r}")
+    if not 0 <= args["beta2"] < 1:
+        raise ValueError(f"beta2 must be in [0, 1), got {args['beta2']!r}")
+    if not hasattr(data, "__len__") or len(data) == 0:
+        raise ValueError("data must be a non-empty sequence of batches (a DataLoader or a list), re-iterated each epoch")
+    matrices = sorted({s.matrix for s in model.sites.values()})
+    if matrices != ["A", "B"]:
+        raise ValueError(f"train_ivon needs every LoRA matrix (A and B) as a site, the model's are {matrices}: build it "
+                         "with random='AB'")
+    if distributed.is_distributed():
+        raise ValueError("train_ivon runs in one process: under torch.distributed every rank would train its own posterior")
+    if model.compute_dtype == torch.float16:
+        raise ValueError("train_ivon on a float16 base: IVON has no loss scaling, so small gradients underflow; load the "
+                         "base in bfloat16 or float32")
+
+
+@method("ivon", bayesian=True, guide=IVONGuide, exportable=True, requires=(("ivon", "ivon-opt"),))
+def ivon_method(setup):
+    """IVON: LoRA and head trained by variational learning (a diagonal Gaussian, Newton-like updates) from the MAP's start.
+
+    Trains its own adapter from the initialisation the MAP started from, for the same epochs, with Cong et al.'s
+    settings (``ess`` 1e7, a tempered posterior: ``ess = N`` leaves the network untrained) and the run's step size
+    (Shen et al., 2024, "Variational Learning is Effective for Large Deep Networks"; on LoRA: Cong et al., 2024,
+    "Variational Low-Rank Adaptation Using IVON").
+    """
+    c = setup.config
+    take_over(setup.model, None)  # the MAP keeps its trained head as its own while the initial one goes back
+    setup.restore(initial=True)
+    model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=c.prior_scale)
+    # hess_init 3e-4 makes nearly every entry's step hit the clip, lr * CLIP_RADIUS: that is the run's Adam step size
+    guide = train_ivon(model, setup.loader(setup.train, shuffle=True), epochs=c.epochs, lr=c.lr / CLIP_RADIUS,
+                       progress=c.progress)
+    return Fitted(guide=guide, extra_parameters=guide.extra_parameters())

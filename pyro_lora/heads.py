@@ -1,0 +1,128 @@
+"""The linear head that gives a model's class logits, and its input for each example (the last-layer features).
+
+For last-layer methods (:class:`~pyro_lora.guides.LastLayerLaplaceGuide`): the head is found in the network, its
+input captured by a forward hook during the model's own forward and checked to reproduce the model's logits, so a
+family that transforms the logits after its head is refused rather than described by the wrong function.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import ModulesToSaveWrapper
+
+from .data import to_device
+from .kfac import eval_mode
+from .likelihoods import MultipleChoice
+
+__all__ = ["class_rows", "find_head", "head_features", "head_rows"]
+
+# how closely the head's output must reproduce the model's logits, (relative to the largest, absolute): float32
+# rounding, or half precision's (bf16 keeps 8 significant bits)
+_TOLERANCE = {False: (1e-4, 1e-5), True: (2e-2, 1e-3)}
+
+
+def find_head(model, path: str | None = None) -> torch.nn.Linear:
+    """The ``nn.Linear`` whose output gives ``model``'s class logits.
+
+    At ``path`` (a name of ``model.net.named_modules()``), else the base model's ``classifier`` or ``score`` (a
+    sequence classifier) or its output embedding (:class:`~pyro_lora.MultipleChoice`); peft's trained copy of a
+    saved module; within a module, its last linear layer (RoBERTa's ``classifier.out_proj``).
+
+    :raises ValueError: if there is no such module, it carries a peft adapter layer (LoRA on the head), or holds no
+        linear layer with floating-point weights.
+    """
+    net = model.net
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    if path is not None:
+        try:
+            module, where = net.get_submodule(path), repr(path)
+        except AttributeError:
+            raise ValueError(f"head={path!r} names no module of the network (see model.net.named_modules())") from None
+    elif isinstance(model.likelihood, MultipleChoice):
+        get = getattr(base, "get_output_embeddings", None)
+        module, where = (get() if callable(get) else None), "the output embedding"
+    else:
+        module, where = next(((getattr(base, n), n) for n in ("classifier", "score")
+                              if isinstance(getattr(base, n, None), torch.nn.Module)), (None, None))
+    if module is None:
+        raise ValueError(f"found no head in {type(base).__name__} (no 'classifier' or 'score' module, or output embedding "
+                         "for multiple choice): pass head='its.module.path' of model.net.named_modules()")
+    if isinstance(module, ModulesToSaveWrapper):
+        module = module.modules_to_save[model.adapter]
+    if any(isinstance(m, BaseTunerLayer) for m in module.modules()):
+        raise ValueError(f"the head {where} carries a peft adapter layer (LoRA on the head?): a last-layer posterior needs "
+                         "its plain weights; leave the head out of target_modules")
+    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point()]
+    if not linears:
+        raise ValueError(f"the head {where} ({type(module).__name__}) holds no linear layer with floating-point weights")
+    return linears[-1]
+
+
+def class_rows(likelihood, linear: torch.nn.Linear) -> torch.Tensor:
+    """The head's rows of the ``C`` classes, ``[C]``: the answer-letter tokens (letter multiple choice), else all.
+
+    :raises ValueError: for answer tokens that are not rows of the head.
+    """
+    ids = getattr(likelihood, "answer_token_ids", None)
+    if ids is None:
+        return torch.arange(linear.out_features, device=linear.weight.device)
+    ids = torch.as_tensor(ids, device=linear.weight.device).long()
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= linear.out_features:
+        raise ValueError(f"answer_token_ids {ids.tolist()} are not rows of the head's {linear.out_features} outputs")
+    return ids
+
+
+def head_rows(linear: torch.nn.Linear, rows: torch.Tensor) -> torch.Tensor:
+    """The head's ``rows`` as they are now, the bias (if any) as last column: ``[C, D1]`` float64."""
+    theta = linear.weight.detach()[rows].double()
+    if linear.bias is not None:
+        theta = torch.cat([theta, linear.bias.detach()[rows].double()[:, None]], 1)
+    return theta
+
+
+@torch.no_grad()
+def head_features(model, linear: torch.nn.Linear, rows: torch.Tensor, batch: dict, values: dict | None = None):
+    """The model's logits on ``batch`` (at the site ``values``) and the head's input for each example.
+
+    Where the head runs on every position (``[B, T, D]``: Llama's ``score``), the example's input is the position
+    whose output, restricted to ``rows``, equals the logits (their finite entries: ``-inf`` is a missing choice).
+
+    :returns: logits ``[B, K]`` (float32) and the inputs ``phi`` ``[B, D]`` (float64).
+    :raises ValueError: if the head does not run exactly once in the forward, its input is not per example, or no
+        position reproduces the logits to ``1e-4`` of the largest (float32; ``2e-2`` in half precision).
+    """
+    batch = to_device(batch, model.device)
+    seen = []
+    handle = linear.register_forward_hook(lambda module, args, output: seen.append(args[0].detach()))
+    try:
+        with eval_mode(model.net):
+            logits = model.logits(batch, values)
+    finally:
+        handle.remove()
+    if len(seen) != 1:
+        raise ValueError(f"the head ran {len(seen)} times in one forward, where a last-layer posterior needs it once")
+    hidden, (b, k) = seen[0], logits.shape
+    if hidden.dim() < 2 or hidden.shape[0] != b:
+        raise ValueError(f"the head's input has shape {tuple(hidden.shape)}, not [B = {b}, ..., D]: it is no per-example head")
+    x = hidden.reshape(b, -1, hidden.shape[-1])  # [B, T, D]: T = 1 for a pooled input
+    theta = head_rows(linear, rows[:k])
+    w, bias = (theta[:, :-1], theta[:, -1]) if linear.bias is not None else (theta, theta.new_zeros(k))
+    finite = torch.isfinite(logits)
+    target = logits.double().where(finite, 0.0)
+    # the position whose output is the logits: searched in the input's dtype over all T, checked in float64
+    out = (x @ w.to(x.dtype).T).float() + bias.float()
+    pos = ((out - target.float()[:, None]).abs() * finite[:, None]).amax(-1).argmin(1)
+    phi = x[torch.arange(b, device=x.device), pos].double()
+    gap = ((phi @ w.T + bias - target).abs() * finite).amax(-1)
+    rtol, atol = _TOLERANCE[model.compute_dtype in (torch.bfloat16, torch.float16)]
+    bad = gap > rtol * target.abs().amax(-1) + atol
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0])
+        raise ValueError(
+            f"the head's output reproduces the model's logits at no position for example {i} (they differ by "
+            f"{float(gap[i]):.3g}, the logits reach {float(target[i].abs().max()):.3g}): the model transforms its head's "
+            "output (a scaling, a softcapping, a wrapper), so a posterior over the head's rows would not be one over "
+            "these logits; a last-layer posterior needs a head whose output is the logits"
+        )
+    return logits, phi

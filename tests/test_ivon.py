@@ -1,0 +1,283 @@
+"""IVON (guides/ivon.py): the guide read off ``ivon.IVON``'s state entry by entry, its samples and batched predictive,
+``train_ivon``'s training and refusals, the saved guide, a bf16 base and the compare recipe."""
+
+import ivon
+import pyro
+import pytest
+import torch
+from conftest import random_batch, tiny_bert
+from test_guide_contract import data, lora
+
+from pyro_lora import LoraModel, SequenceClassification, fit, load_guide, predict, save_guide
+from pyro_lora.experiments.compare import fit_method
+from pyro_lora.experiments.setup import CompareConfig, Setup, train_map
+from pyro_lora.guides import IVONGuide, MAPGuide, train_ivon
+from pyro_lora.training import DivergenceError, batch_nll
+
+FAST = {"epochs": 15, "lr": 10.0, "progress": False}  # steps of lr * clip_radius <= 0.01: the tiny net learns in 30
+
+
+def by_name(values, model):
+    """peft parameter name -> that matrix of site ``values``, found from the name alone (``...layer.1...query.lora_A...``
+    is entry 1 of site ``query.lora_A``): independent of the sites' own layer order."""
+    out = {}
+    for name, p in model.net.named_parameters():
+        if "lora_" in name:
+            layer = int(name.split("layer.")[1].split(".")[0])
+            module, matrix = name.split(".")[-4], name.split(".")[-3]
+            out[name] = values[f"{module}.{matrix}"][layer]
+    return out
+
+
+def lora_parameters(model):
+    return {n: p for n, p in model.net.named_parameters() if "lora_" in n}
+
+
+def scrambled_optimizer(model):
+    """IVON over the LoRA matrices and the head in two groups of their own ess and weight decay, in an order unlike
+    the sites' (B before A, layer 1 before layer 0), trained 3 steps with a fast-moving Hessian so its entries differ."""
+    named = lora_parameters(model)
+    query = [named[n] for n in sorted(named, reverse=True) if ".query." in n]
+    rest = [named[n] for n in sorted(named) if ".value." in n] + model.point_parameters()
+    for p in named.values():
+        p.requires_grad_(True)
+    optimizer = ivon.IVON([{"params": query, "ess": 5e3, "weight_decay": 1e-3}, {"params": rest}], lr=0.05, ess=2e4,
+                          hess_init=0.5, beta2=0.5, weight_decay=1e-4)
+    model.net.train()
+    for batch in data() * 2:
+        with optimizer.sampled_params(train=True):
+            optimizer.zero_grad()
+            batch_nll(model, batch).backward()
+        optimizer.step()
+    model.net.eval()
+    model.set_trainable()
+    return optimizer
+
+
+def group_slices(optimizer, model):
+    """peft parameter name -> (group index, slice of the group's flat state, shape), walking IVON's groups."""
+    names = {id(p): n for n, p in model.net.named_parameters()}
+    out = {}
+    for g, group in enumerate(optimizer.param_groups):
+        offset = 0
+        for p in group["params"]:
+            out[names[id(p)]] = (g, slice(offset, offset + p.numel()), p.shape)
+            offset += p.numel()
+    return out
+
+
+# ------------------------------------------------------------------ (1) the guide is the optimiser's Gaussian
+
+
+def test_stds_are_ivons_from_its_state_and_locs_the_networks_entry_by_entry():
+    model = lora()
+    optimizer = scrambled_optimizer(model)
+    guide = IVONGuide.from_optimizer(model, optimizer)
+    assert model.sites["query.lora_A"].shape == (2, 4, 32)  # a stacked two-layer site
+    stds, locs = by_name(guide.stds(), model), by_name(guide.locs(), model)
+    spread = set()
+    for name, (g, part, shape) in group_slices(optimizer, model).items():
+        if name not in stds:
+            continue  # the head: a point parameter
+        group = optimizer.param_groups[g]
+        expected = (1.0 / torch.sqrt(group["ess"] * (group["hess"][part] + group["weight_decay"]))).view(shape)
+        torch.testing.assert_close(stds[name], expected, rtol=1e-6, atol=0)
+        assert torch.equal(locs[name], lora_parameters(model)[name].detach())
+        spread |= set(expected.flatten().tolist())
+    assert len(stds) == 8 and len(spread) > 100  # every matrix, and stds that differ entry by entry
+
+
+def test_the_stds_are_the_ones_ivon_draws_its_weights_with():
+    model = lora()
+    optimizer = scrambled_optimizer(model)
+    guide = IVONGuide.from_optimizer(model, optimizer)
+    params = lora_parameters(model)
+    means = {n: p.detach().clone() for n, p in params.items()}
+    torch.manual_seed(3)
+    with optimizer.sampled_params():
+        noise = {n: p.detach() - means[n] for n, p in params.items()}
+    torch.manual_seed(3)  # IVON draws randn(numel of the group) for each group in turn
+    z = [torch.randn(group["numel"]) for group in optimizer.param_groups]
+    stds = by_name(guide.stds(), model)
+    for name, (g, part, shape) in group_slices(optimizer, model).items():
+        if name in stds:
+            torch.testing.assert_close(noise[name], stds[name] * z[g][part].view(shape), rtol=1e-4, atol=1e-7)
+
+
+def test_train_ivon_leaves_the_network_at_the_guides_mean():
+    model = lora()
+    guide = train_ivon(model, data(), **FAST)
+    locs = by_name(guide.locs(), model)
+    assert all(torch.equal(locs[n], p.detach()) for n, p in lora_parameters(model).items())
+    assert guide.trained_with["steps"] == 30 and guide.trained_with["ess"] == 1e7
+    assert guide.extra_parameters() == sum(p.numel() for p in lora_parameters(model).values())
+
+
+# ------------------------------------------------------------------ (2) samples and the batched predictive
+
+
+def test_samples_have_the_posteriors_mean_and_std():
+    model = lora()
+    guide = IVONGuide.from_optimizer(model, scrambled_optimizer(model))
+    draws = guide.sample(4000)
+    for name, loc in guide.locs().items():
+        std, x = guide.stds()[name], draws[name]
+        assert ((x.mean(0) - loc).abs() / (std / 4000**0.5)).max() < 5
+        assert (x.std(0) / std - 1).abs().max() < 0.06
+
+
+def test_the_batched_predictive_equals_writing_each_draw_into_the_network():
+    model = lora()
+    guide = train_ivon(model, data(), **FAST)
+    drawn, sample = [], guide.sample
+    guide.sample = lambda n: drawn.append(sample(n)) or drawn[-1]  # the draws predict uses
+    batched = predict(model, guide, data(), num_samples=3).probs
+    assert len(drawn) == 1
+    model.net.eval()
+    by_hand = 0
+    with torch.no_grad():
+        for s in range(3):
+            model.write_adapter({n: v[s] for n, v in drawn[0].items()})
+            by_hand = by_hand + torch.cat([torch.softmax(model.logits(b), -1) for b in data()]) / 3
+    torch.testing.assert_close(batched, by_hand, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(batched, predict(model, guide, data(), mean=True).probs, atol=1e-4)  # the draws differ
+
+
+# ------------------------------------------------------------------ (3) training
+
+
+def _mean_nll(model):
+    model.net.eval()
+    with torch.no_grad():
+        return float(sum(batch_nll(model, b) for b in data()) / len(data()))
+
+
+def test_train_ivon_lowers_the_training_loss_and_leaves_the_base_alone():
+    model = lora()
+    base = {n: p.detach().clone() for n, p in model.net.named_parameters() if not p.requires_grad and "lora_" not in n}
+    head = {n: p.detach().clone() for n, p in model.named_point_parameters()}
+    before = _mean_nll(model)
+    train_ivon(model, data(), **FAST)
+    assert _mean_nll(model) < before - 0.1
+    assert all(torch.equal(p, base[n]) for n, p in model.net.named_parameters() if n in base)
+    assert all(not torch.equal(p, head[n]) for n, p in model.named_point_parameters())  # the head trained too
+    assert not any(p.requires_grad for p in lora_parameters(model).values())  # the sites' matrices frozen again
+
+
+def test_the_previous_owner_of_the_head_is_refused_after_ivon_retrained_it():
+    model = lora()
+    map_guide = MAPGuide(model)
+    fit(model, map_guide, data(), lr=5e-2, progress=False)
+    model.write_adapter({k: v.detach() for k, v in map_guide.mean().items()})
+    guide = train_ivon(model, data(), **FAST)  # swaps IVON's tensors in: the head's version must still move
+    predict(model, guide, data())
+    with pytest.raises(ValueError, match="changed since this guide was built or trained"):
+        predict(model, map_guide, data())
+
+
+def test_a_divergence_puts_the_network_back_as_it_was(monkeypatch):
+    import pyro_lora.guides.ivon as module
+
+    model = lora()
+    start = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    calls = []
+
+    def nan_on_the_third(model, batch):
+        calls.append(1)
+        nll = batch_nll(model, batch)
+        return nll * float("nan") if len(calls) == 3 else nll
+
+    monkeypatch.setattr(module, "batch_nll", nan_on_the_third)
+    with pytest.raises(DivergenceError, match=r"the data NLL became nan at step 2 \(epoch 1\)"):
+        train_ivon(model, data(), **FAST)
+    assert all(torch.equal(p, start[n]) for n, p in model.net.named_parameters())  # not a weight draw
+
+
+# ------------------------------------------------------------------ (4) saving
+
+
+def test_save_and_load_give_identical_predictions(tmp_path):
+    model = lora()
+    guide = train_ivon(model, data(), **FAST)
+    pyro.set_rng_seed(5)
+    before = predict(model, guide, data(), num_samples=4).probs
+    save_guide(guide, tmp_path / "g")
+    other = lora()  # an untrained head: loading restores IVON's
+    loaded = load_guide(tmp_path / "g", other)
+    assert type(loaded) is IVONGuide and loaded.trained_with == guide.trained_with
+    assert all(torch.equal(loaded.stds()[n], s) for n, s in guide.stds().items())
+    pyro.set_rng_seed(5)
+    torch.testing.assert_close(predict(other, loaded, data(), num_samples=4).probs, before, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------ (5) refusals before training
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"lr": 0.0}, "lr must be positive"), ({"lr": -1.0}, "lr must be positive"), ({"ess": 0}, "ess must be positive"),
+    ({"hess_init": 0.0}, "hess_init must be positive"), ({"epochs": 0}, "epochs must be an integer >= 1"),
+    ({"epochs": 1.5}, "epochs must be an integer"), ({"mc_samples": 0}, "mc_samples must be"),
+    ({"clip_radius": 0.0}, "clip_radius must be positive"), ({"weight_decay": -1e-4}, "weight_decay must be >= 0"),
+    ({"beta2": 1.0}, r"beta2 must be in \[0, 1\)"), ({"lr": float("nan")}, "lr must be a finite number"),
+    ({"lr_schedule": "step"}, "lr_schedule must be"), ({"data": []}, "data must be a non-empty"),
+])
+def test_bad_arguments_are_refused_before_training(bad, match):
+    model = lora()
+    start = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    kwargs = {**FAST, **bad}
+    with pytest.raises(ValueError, match=match):
+        train_ivon(model, kwargs.pop("data", data()), **kwargs)
+    assert all(torch.equal(p, start[n]) for n, p in model.net.named_parameters())
+
+
+def test_models_it_cannot_train_are_refused():
+    with pytest.raises(ValueError, match=r"every LoRA matrix \(A and B\) as a site, the model's are \['A'\]"):
+        train_ivon(lora(random="A"), data(), **FAST)
+    with pytest.raises(ValueError, match="float16 base: IVON has no loss scaling"):
+        train_ivon(lora(dtype=torch.float16), data(), **FAST)
+
+
+# ------------------------------------------------------------------ (6) half precision; the compare recipe
+
+
+def test_a_bf16_base_trains_and_predicts_within_001_of_fp32():
+    probs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = lora(dtype=dtype)
+        guide = train_ivon(model, data(), **FAST)
+        pyro.set_rng_seed(5)
+        probs[dtype] = predict(model, guide, data(), num_samples=4).probs
+        assert all(s.dtype == torch.float32 for s in guide.stds().values())
+    assert probs[torch.bfloat16].dtype == torch.float32 and torch.isfinite(probs[torch.bfloat16]).all()
+    assert (probs[torch.float32] - 1 / 3).abs().max() > 0.05  # the probabilities say something
+    assert (probs[torch.bfloat16] - probs[torch.float32]).abs().max() < 0.01  # measured: 0.0006
+
+
+def test_the_recipe_trains_from_the_maps_start_and_leaves_the_map_usable(monkeypatch):
+    import pyro_lora.guides.ivon as module
+
+    batches = [random_batch(batch=4, seed=s) | {"labels": torch.tensor([0, 2, 1, 0])} for s in (1, 2, 3)]
+    records = [{k: v[i] for k, v in b.items()} for b in batches for i in range(4)]
+    collate = lambda rs: {k: torch.stack([r[k] for r in rs]) for k in rs[0]}  # noqa: E731
+    setup = Setup(CompareConfig(batch_size=3, epochs=2, lr=1e-2, progress=False), tiny_bert(), None,
+                  SequenceClassification(), records[:9], records[9:], [], collate)
+    train_map(setup)
+    map_probs = predict(setup.model, setup.map_guide, data()).probs
+    started = {}
+
+    def recorded(model, loader, **kwargs):
+        started.update({n: p.detach().clone() for n, p in model.net.named_parameters() if n in setup.initial_state})
+        return train(model, loader, **kwargs)
+
+    train = module.train_ivon
+    monkeypatch.setattr(module, "train_ivon", recorded)
+    fitted, _ = fit_method(setup, "ivon")
+    assert started.keys() == setup.initial_state.keys()
+    assert all(torch.equal(v, setup.initial_state[n]) for n, v in started.items())  # not the MAP's trained state
+    guide = fitted.guide
+    assert type(guide) is IVONGuide and type(guide.model) is LoraModel and guide.trained_with["lr"] == 10.0
+    assert guide.trained_with["steps"] == 6 and fitted.extra_parameters == guide.extra_parameters()
+    predict(guide.model, guide, data())
+    setup.restore()  # what compare does after each method: the MAP's adapter and head are its own again
+    torch.testing.assert_close(predict(setup.model, setup.map_guide, data()).probs, map_probs, rtol=0, atol=0)

@@ -1,0 +1,404 @@
+"""Last-layer Laplace: the GGN against autograd's Hessian, the GLM logits against dense algebra and head samples, the
+evidence and validation optima against brute force, the features on three head layouts, refusals, save/load, bf16."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import random_batch, tiny_bert, tiny_bert_base, tiny_llama
+from peft import LoraConfig, get_peft_model
+from test_laplace import mlp_data, mlp_model
+from test_padding import _pad, _tokens, letter_batch, tiny_llama_cls
+from transformers import BertForSequenceClassification
+
+from pyro_lora import LoraModel, MultipleChoice, SequenceClassification, load_guide, predict, save_guide
+from pyro_lora.calibration import golden_section
+from pyro_lora.experiments.compare import fit_method
+from pyro_lora.experiments.setup import CompareConfig, Setup
+from pyro_lora.guides import METHODS, LastLayerLaplaceGuide, MAPGuide
+from pyro_lora.heads import class_rows, find_head, head_rows
+
+LETTERS = [10, 11, 12, 13]
+RECORDS = [(_tokens(5, 1), 3), (_tokens(13, 2), 4), (_tokens(9, 3), 2), (_tokens(7, 4), 4), (_tokens(6, 5), 4)]
+
+
+def bert(scale=30.0, dtype=torch.float32, net=None):
+    """Tiny BERT whose classifier is ``scale`` times its init: probabilities far from uniform."""
+    model = LoraModel(net or tiny_bert(dtype=dtype), SequenceClassification(), prior=0.5, num_data=12)
+    with torch.no_grad():
+        find_head(model).weight.mul_(scale)
+    return model
+
+
+def bert_data(seeds=(1, 2, 3), labels_seed=0):
+    g = torch.Generator().manual_seed(labels_seed)
+    return [random_batch(batch=4, seed=s) | {"labels": torch.randint(0, 3, (4,), generator=g)} for s in seeds]
+
+
+def llama(dtype=torch.float32, scale=20.0):
+    """Tiny Llama answering letters 10-13; the letters' lm_head rows ``scale`` times their init."""
+    net = tiny_llama()
+    with torch.no_grad():
+        net.get_base_model().lm_head.weight[LETTERS] *= scale
+    return LoraModel(net.to(dtype), MultipleChoice(LETTERS, format="letter"), prior=0.5)
+
+
+def letter_data(side="left"):
+    """Two letter batches of 3-, 4- and 2-choice questions (the missing choices at -inf)."""
+    labels = torch.tensor([0, 3, 1, 2, 3])
+    return [letter_batch(RECORDS[:3], side) | {"labels": labels[:3]}, letter_batch(RECORDS[3:], side) | {"labels": labels[3:]}]
+
+
+# ------------------------------------------------------------------ (1) the curvature
+
+
+def dense_ggn(guide, batches):
+    """``sum_n J_n^T Lambda_n J_n`` in float64 with ``J_n = I_C (x) phi_n^T`` formed densely, from the guide's features."""
+    total, c = 0, guide.loc.shape[0]
+    for batch in batches:
+        logits, phi = guide.features(batch)
+        p = F.pad(logits.double(), (0, c - logits.shape[1]), value=-math.inf).softmax(-1)
+        jac = torch.kron(torch.eye(c, dtype=torch.float64), phi[:, None, :])  # [B, C, P]
+        total = total + (jac.mT @ (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) @ jac).sum(0)
+    return total
+
+
+def autograd_hessian(model, batches):
+    """Hessian of the summed NLL w.r.t. the head's class rows ``[C, D1]``, the head replaced by ``F.linear``."""
+    linear = find_head(model)
+    rows = class_rows(model.likelihood, linear)
+    theta0, d = head_rows(linear, rows), linear.in_features
+    weight = linear.weight.detach().double()
+    bias = None if linear.bias is None else linear.bias.detach().double()
+
+    def total_nll(theta):
+        w = weight.index_put((rows,), theta[:, :d])
+        b = None if bias is None else bias.index_put((rows,), theta[:, d])
+        linear.forward = lambda x: F.linear(x.double(), w, b).to(x.dtype)
+        return sum(F.cross_entropy(model.logits(x, model.adapter_values()).double(), x["labels"], reduction="sum")
+                   for x in batches)
+
+    try:
+        h = torch.autograd.functional.hessian(total_nll, theta0)
+    finally:
+        del linear.forward
+    return h.reshape(theta0.numel(), theta0.numel())
+
+
+@pytest.mark.parametrize("build, batches", [(bert, bert_data), (llama, letter_data)], ids=["bert", "llama-letters"])
+def test_the_full_ggn_is_autograds_hessian_of_the_nll_in_the_head_rows(build, batches):
+    model = build()
+    guide = LastLayerLaplaceGuide(model).fit(batches(), progress=False)
+    assert guide.hessian == "full"
+    exact = autograd_hessian(model, batches())
+    torch.testing.assert_close(guide.ggn(), exact, rtol=0, atol=2e-5 * float(exact.abs().max()))
+    torch.testing.assert_close(dense_ggn(guide, batches()), exact, rtol=0, atol=2e-5 * float(exact.abs().max()))
+    assert float(exact.abs().max()) > 0.1  # the head is not flat
+
+
+def test_kfac_is_n_times_the_kronecker_product_of_the_mean_factors():
+    model, data = bert(), bert_data()
+    guide = LastLayerLaplaceGuide(model, hessian="kfac").fit(data, progress=False)
+    lams, outer = [], []
+    for batch in data:
+        logits, phi = guide.features(batch)
+        p = logits.double().softmax(-1)
+        lams.append(torch.diag_embed(p) - p[:, :, None] * p[:, None, :])
+        outer.append(phi[:, :, None] * phi[:, None, :])
+    n = 12
+    expected = n * torch.kron(torch.cat(lams).mean(0), torch.cat(outer).mean(0))
+    torch.testing.assert_close(guide.ggn(), expected, rtol=0, atol=1e-5 * float(expected.abs().max()))
+    assert not torch.allclose(expected, LastLayerLaplaceGuide(model).fit(data, progress=False).ggn(), atol=1e-3)
+
+
+# ------------------------------------------------------------------ (2) the GLM predictive
+
+
+@pytest.mark.parametrize("link", ["probit", "mc"])
+def test_an_infinite_prior_precision_predicts_the_maps_probabilities(link):
+    model = llama()
+    guide = LastLayerLaplaceGuide(model, prior_precision=1e12).fit(letter_data(), progress=False)
+    glm = guide.predict_glm(letter_data(), link=link, num_samples=3)
+    point = predict(model, MAPGuide(model), letter_data())
+    torch.testing.assert_close(glm.probs, point.probs, rtol=0, atol=1e-5)
+    assert glm.probs[0, 3] == 0 and glm.probs[2, 2:].eq(0).all()  # missing choices stay at 0
+
+
+@pytest.mark.parametrize("hessian", ["full", "kfac"])
+def test_the_logit_covariance_is_j_sigma_jt_and_what_head_samples_give(hessian):
+    model, data = bert(), bert_data()
+    guide = LastLayerLaplaceGuide(model, hessian=hessian, prior_precision=3.0).fit(data, progress=False)
+    mean, cov = guide.glm_logits(data[0])
+    logits, phi = guide.features(data[0])
+    torch.testing.assert_close(mean, logits.double())
+    h = dense_ggn(guide, data) if hessian == "full" else guide.ggn()
+    sigma = torch.linalg.inv(h + 3.0 * torch.eye(h.shape[0], dtype=torch.float64))
+    jac = torch.kron(torch.eye(3, dtype=torch.float64), phi[:, None, :])  # [B, C, P]: J_n = I_C (x) phi_n^T
+    dense = jac @ sigma @ jac.mT
+    torch.testing.assert_close(cov, dense, rtol=1e-4, atol=1e-6 * float(dense.abs().max()))
+    torch.manual_seed(0)
+    theta = guide.sample_head(40000)  # [S, C, D1]
+    torch.testing.assert_close(theta.mean(0), guide.loc.double(), rtol=0, atol=0.03 * float(dense.diagonal(0, -2, -1).max()) ** 0.5)
+    f = torch.einsum("scd,bd->sbc", theta, phi)  # the head applied by hand
+    centred = f - f.mean(0)
+    estimate = torch.einsum("sbc,sbk->bck", centred, centred) / (f.shape[0] - 1)
+    torch.testing.assert_close(estimate, dense, rtol=0, atol=0.03 * float(dense.abs().max()))
+    torch.testing.assert_close(f.mean(0), logits.double(), rtol=0, atol=0.02 * float(dense.diagonal(0, -2, -1).max()) ** 0.5 + 1e-4)
+
+
+# ------------------------------------------------------------------ (3) the prior precision
+
+
+def test_the_evidence_is_laplaces_formula_and_its_optimum_the_dense_grids_argmax():
+    model, data = bert(), bert_data()
+    guide = LastLayerLaplaceGuide(model).fit(data, progress=False)
+    h, theta = dense_ggn(guide, data), guide.loc.double().reshape(-1)
+    with torch.no_grad():
+        loglik = -sum(F.cross_entropy(model.logits(b, model.adapter_values()), b["labels"], reduction="sum").double() for b in data)
+    for lam in (1e-3, 0.7, 50.0):
+        logdet = torch.linalg.slogdet(h + lam * torch.eye(h.shape[0], dtype=torch.float64))[1]
+        expected = loglik - lam / 2 * theta @ theta + theta.numel() / 2 * math.log(lam) - logdet / 2
+        assert guide.log_marginal_likelihood(lam) == pytest.approx(float(expected), rel=1e-6)
+    history = guide.optimize_prior_precision("marglik")
+    assert all(b >= a - 1e-9 for a, b in zip(history, history[1:]))  # never downhill
+    grid = torch.logspace(-4, 4, 4001)
+    values = torch.tensor([guide.log_marginal_likelihood(g) for g in grid.tolist()])
+    best = float(grid[values.argmax()])
+    assert abs(math.log10(float(guide.prior_precision)) - math.log10(best)) <= 2 * 8 / 4000
+    assert guide.log_marginal_likelihood() >= float(values.max()) - 1e-9
+    assert 1e-3 < best < 1e3  # an interior optimum
+
+
+def contrarian_data(model):
+    """Six batches labelled with the MAP's argmax (about 60%) or its argmin: over-confident on a validation split."""
+    g = torch.Generator().manual_seed(0)
+    batches = [random_batch(batch=4, seed=s) for s in range(1, 7)]
+    with torch.no_grad():
+        logits = [model.logits(b) for b in batches]
+    return [b | {"labels": torch.where(torch.rand(4, generator=g) < 0.6, x.argmax(-1), x.argmin(-1))}
+            for b, x in zip(batches, logits)]
+
+
+def test_val_nll_finds_the_brute_force_minimum_of_the_probit_predictives_nll():
+    model = bert(scale=100.0)
+    data = contrarian_data(model)
+    train, val = data[:3], data[3:]
+    guide = LastLayerLaplaceGuide(model).fit(train, progress=False)
+    h = dense_ggn(guide, train)
+    feats = [guide.features(b) for b in val]
+    phi, mean = torch.cat([f[1] for f in feats]), torch.cat([f[0] for f in feats]).double()
+    labels = torch.cat([b["labels"] for b in val])
+    jac = torch.kron(torch.eye(3, dtype=torch.float64), phi[:, None, :])
+
+    def nll(log_lam):  # by hand: dense posterior, probit link
+        sigma = torch.linalg.inv(h + math.exp(log_lam) * torch.eye(h.shape[0], dtype=torch.float64))
+        var = (jac @ sigma @ jac.mT).diagonal(0, -2, -1)
+        p = torch.softmax(mean / (1 + math.pi / 8 * var).sqrt(), -1)
+        return float(-p.gather(1, labels[:, None]).log().mean())
+
+    grid = torch.linspace(math.log(1e-4), math.log(1e4), 801)
+    brute = min(grid.tolist(), key=nll)
+    brute = golden_section(nll, brute - 0.02, brute + 0.02, 1e-6)[0]
+    nlls = guide.optimize_prior_precision("val_nll", val_loader=val)
+    found = math.log(float(guide.prior_precision))
+    assert len(nlls) == 17 and min(nlls) > nll(brute)  # the grid alone misses it; the refinement finds it
+    assert abs(found - brute) < 0.01 and nll(found) <= nll(brute) + 1e-7
+    assert math.exp(brute) < 0.1  # interior, far from either end of the grid
+
+
+def test_val_nll_warns_at_the_edge_of_the_grid_and_refuses_bad_grids():
+    model, data = bert(), bert_data()
+    guide = LastLayerLaplaceGuide(model).fit(data, progress=False)
+    with pytest.warns(UserWarning, match=r"lowest at the (smallest|largest) grid value .* extend the grid"):
+        guide.optimize_prior_precision("val_nll", val_loader=data, grid=[1e6, 1e7, 1e8])
+    for grid in ([], [1.0, 0.0], [1.0, math.inf], [math.nan]):
+        with pytest.raises(ValueError, match="grid must hold finite positive"):
+            guide.optimize_prior_precision("val_nll", val_loader=data, grid=grid)
+    with pytest.raises(ValueError, match="needs val_loader"):
+        guide.optimize_prior_precision("val_nll")
+    with pytest.raises(ValueError, match="val_loader is empty"):
+        guide.optimize_prior_precision("val_nll", val_loader=[])
+    with pytest.raises(ValueError, match="method must be 'marglik' or 'val_nll'"):
+        guide.optimize_prior_precision("gridsearch")
+
+
+# ------------------------------------------------------------------ (4) the features
+
+
+def test_bert_features_reproduce_the_logits():
+    model, data = bert(), bert_data()
+    guide = LastLayerLaplaceGuide(model)
+    logits, phi = guide.features(data[0])
+    assert phi.shape == (4, 33) and phi.dtype == torch.float64 and phi[:, -1].eq(1).all()
+    torch.testing.assert_close(phi @ guide.head_rows().T, logits.double(), rtol=1e-6, atol=1e-6)
+
+
+def test_letter_features_are_the_last_real_tokens_whatever_the_padding():
+    model = llama()
+    guide = LastLayerLaplaceGuide(model)
+    assert guide.head_rows().shape == (4, 32)  # the letters' lm_head rows, no bias: never the vocabulary
+    left, right = (guide.features(letter_data(side)[0]) for side in ("left", "right"))
+    torch.testing.assert_close(left[1], right[1], rtol=1e-5, atol=1e-5)
+    logits, phi = left
+    finite = torch.isfinite(logits)
+    torch.testing.assert_close((phi @ guide.head_rows().T)[finite], logits.double()[finite], rtol=1e-6, atol=1e-6)
+    assert not finite[0, 3] and not finite[2, 2:].any()
+
+
+def test_a_per_token_head_gives_the_last_real_token_of_each_right_padded_row():
+    model = LoraModel(tiny_llama_cls(), SequenceClassification(), prior=0.5)
+    guide = LastLayerLaplaceGuide(model)
+    ids, mask = _pad([r for r, _ in RECORDS], "right")
+    seen = []
+    handle = find_head(model).register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    _, phi = guide.features({"input_ids": ids, "attention_mask": mask})
+    handle.remove()
+    hidden = seen[0]  # [B, T, D]: the score runs on every token
+    last = mask.sum(1) - 1
+    torch.testing.assert_close(phi, hidden[torch.arange(len(RECORDS)), last].double())
+    assert (last < ids.shape[1] - 1).any()  # some rows are padded: the last column would be wrong for them
+
+
+def test_cloze_multiple_choice_is_refused_with_the_way_out():
+    model = LoraModel(tiny_llama(), MultipleChoice(format="cloze"), prior=0.5)
+    with pytest.raises(ValueError, match="refuses cloze multiple choice.*use the letter format"):
+        LastLayerLaplaceGuide(model)
+
+
+class _Doubled(BertForSequenceClassification):
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = 2 * out.logits
+        return out
+
+
+def test_a_model_that_transforms_its_heads_output_is_refused():
+    base = tiny_bert_base()
+    net = get_peft_model(_Doubled(base.config), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    guide = LastLayerLaplaceGuide(bert(net=net.eval()))
+    with pytest.raises(ValueError, match="reproduces the model's logits at no position .* transforms its head's output"):
+        guide.fit(bert_data(), progress=False)
+
+
+def test_sites_without_a_peft_parameter_are_refused():
+    from pyro_lora.loraxs import LoraXSModel
+
+    with pytest.raises(ValueError, match=r"site\(s\) \['query.lora_R', 'value.lora_R'\] have no peft parameter"):
+        LastLayerLaplaceGuide(LoraXSModel(tiny_bert(), SequenceClassification(), num_data=6))
+
+
+def test_a_head_it_cannot_find_or_use_is_refused_by_name_and_one_named_is_used():
+    with pytest.raises(ValueError, match="found no head in _MLP .* pass head="):
+        LastLayerLaplaceGuide(mlp_model())  # LoRA on fc1 and fc2, no classifier
+    with pytest.raises(ValueError, match="carries a peft adapter layer"):
+        LastLayerLaplaceGuide(mlp_model(), head="base_model.model.fc2")
+    with pytest.raises(ValueError, match="names no module"):
+        LastLayerLaplaceGuide(mlp_model(), head="nowhere")
+    from test_laplace import _MLP
+
+    torch.manual_seed(0)
+    net = get_peft_model(_MLP(), LoraConfig(r=2, lora_alpha=4, target_modules=["fc1"])).eval()
+    model = LoraModel(net, SequenceClassification())
+    guide = LastLayerLaplaceGuide(model, head="base_model.model.fc2").fit(mlp_data(), progress=False)
+    assert guide.ggn().shape == (18, 18) and guide.config()["head"] == "base_model.model.fc2"
+
+
+# ------------------------------------------------------------------ (5) the boundary, save and load
+
+
+def test_predict_refuses_the_guide_and_names_its_predictive():
+    model = bert()
+    guide = LastLayerLaplaceGuide(model).fit(bert_data(), progress=False)
+    with pytest.raises(ValueError, match=r"predict refused .* use its own predictive \(guide.predict_glm\(loader\)\)"):
+        predict(model, guide, bert_data())
+
+
+def test_before_fit_and_on_empty_data_the_guide_says_so():
+    guide = LastLayerLaplaceGuide(bert())
+    for call in (lambda: guide.predict_glm(bert_data()), lambda: guide.log_marginal_likelihood(),
+                 lambda: guide.optimize_prior_precision(), lambda: guide.sample_head(2)):
+        with pytest.raises(ValueError, match="no posterior yet: call fit"):
+            call()
+    with pytest.raises(ValueError, match="the data is empty"):
+        guide.fit([], progress=False)
+    guide.fit(bert_data(), progress=False)
+    with pytest.raises(ValueError, match="the data is empty"):
+        guide.predict_glm([])
+    with pytest.raises(ValueError, match="positive finite"):
+        guide.set_prior_precision(0.0)
+    with pytest.raises(ValueError, match="hessian must be"):
+        LastLayerLaplaceGuide(guide.model, hessian="diag")
+
+
+def test_a_changed_head_row_is_refused_until_fitted_again():
+    model = llama()
+    guide = LastLayerLaplaceGuide(model).fit(letter_data(), progress=False)
+    with torch.no_grad():
+        model.net.get_base_model().lm_head.weight[LETTERS[1], 3] += 1e-3  # below the base fingerprint's tolerance
+    with pytest.raises(ValueError, match="head's rows changed since LastLayerLaplaceGuide.fit"):
+        guide.predict_glm(letter_data())
+    guide.fit(letter_data(), progress=False)
+    guide.predict_glm(letter_data())
+
+
+@pytest.mark.parametrize("hessian", ["full", "kfac"])
+def test_save_and_load_give_identical_predictions(hessian, tmp_path):
+    model = llama()
+    guide = LastLayerLaplaceGuide(model, hessian=hessian).fit(letter_data(), progress=False)
+    guide.optimize_prior_precision("marglik")
+    before = guide.predict_glm(letter_data())
+    save_guide(guide, tmp_path / "g")
+    other = llama()
+    loaded = load_guide(tmp_path / "g", other)
+    assert type(loaded) is LastLayerLaplaceGuide and loaded.hessian == hessian
+    assert float(loaded.prior_precision) == float(guide.prior_precision) != 1.0
+    torch.testing.assert_close(loaded.predict_glm(letter_data()).probs, before.probs, rtol=0, atol=0)
+    assert loaded.extra_parameters() == guide.extra_parameters() == (128**2 + 128 if hessian == "full" else 4**2 + 4 + 32**2 + 32)
+
+
+# ------------------------------------------------------------------ (6) half precision; the registered methods
+
+
+def test_a_bf16_base_predicts_within_001_of_fp32():
+    probs = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        guide = LastLayerLaplaceGuide(llama(dtype)).fit(letter_data(), progress=False)
+        guide.optimize_prior_precision("marglik")
+        probs[dtype] = guide.predict_glm(letter_data()).probs
+        assert probs[dtype].dtype == torch.float32 and guide.eigvals.dtype == torch.float64
+    assert (probs[torch.float32].max(-1).values > 0.4).any()  # the probabilities say something
+    assert (probs[torch.bfloat16] - probs[torch.float32]).abs().max() < 0.01
+
+
+def _setup(likelihood, net, records, collate):
+    config = CompareConfig(batch_size=3, progress=False)
+    return Setup(config, net, None, likelihood, records[:6], records[6:], [], collate)
+
+
+def test_the_recipes_fit_the_evidence_and_the_validation_lambda():
+    assert METHODS["llla"].validation is False and METHODS["llla_val"].validation is True
+    assert METHODS["llla"].guide is LastLayerLaplaceGuide and METHODS["llla"].predictive.uses_samples is False
+    batch = bert_data(seeds=(1, 2, 3))
+    records = [{k: v[i] for k, v in b.items()} for b in batch for i in range(4)]
+    collate = lambda rs: {k: torch.stack([r[k] for r in rs]) for k in rs[0]}  # noqa: E731
+    setup = _setup(SequenceClassification(), tiny_bert(), records, collate)
+    evidence, _ = fit_method(setup, "llla")
+    lam = float(evidence.guide.prior_precision)
+    assert lam != 1.0 and bool(evidence.guide.fitted)
+    validated, costs = fit_method(setup, "llla_val")  # the llla fit, its lambda chosen anew
+    assert validated.guide is evidence.guide and float(validated.guide.prior_precision) != lam
+    cloze = _setup(MultipleChoice(format="cloze"), tiny_llama(), records, collate)
+    for name in ("llla", "llla_val"):
+        with pytest.raises(ValueError, match="refuses cloze multiple choice"):
+            METHODS[name].recipe(cloze)
+
+
+def test_the_guide_path_and_fast_path_are_the_maps_lora():
+    model = bert()
+    guide = LastLayerLaplaceGuide(model)
+    values = model.adapter_values()
+    assert all(torch.equal(guide.mean()[n], v) for n, v in values.items())
+    assert all(torch.equal(s, values[n].expand_as(s)) for n, s in guide.sample(3).items())
+    assert guide.deterministic is False and guide.samples_carry_posterior is False
+    assert guide.config() == {"hessian": "full", "prior_precision": 1.0, "head": None}
