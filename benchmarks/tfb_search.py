@@ -18,7 +18,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from pyro_lora import LoraModel, MultipleChoice
-from pyro_lora.guides.tfb import TFBGuide
+from pyro_lora.guides.tfb import TFB_SEARCH, TFBGuide
 
 
 def timed_once(fn, device):
@@ -29,7 +29,7 @@ def timed_once(fn, device):
     return time.perf_counter() - t, out
 
 
-def run(size="small", device="cpu", dtype=None, anchors=128, batch=16, seq=64, samples=10, iterations=5, criterion="nll", tolerance=0.01,
+def run(size="small", device="cpu", dtype=None, anchors=128, batch=16, seq=64, samples=10, iterations=TFB_SEARCH["iterations"], criterion="nll", tolerance=0.01,
         repeats=3, net=None, log=print):
     """Measure; returns a dict of figures that :func:`tables` prints. ``net``: a LoRA Llama to reuse (else one is built)."""
     device = torch.device(device)
@@ -88,7 +88,7 @@ def main():
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--samples", type=int, default=10)
-    ap.add_argument("--iterations", type=int, default=5)
+    ap.add_argument("--iterations", type=int, default=TFB_SEARCH["iterations"])
     ap.add_argument("--criterion", default="nll")
     ap.add_argument("--tolerance", type=float, default=0.01)
     ap.add_argument("--repeats", type=int, default=3, help="plain-forward timings (median)")
