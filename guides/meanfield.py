@@ -195,7 +195,7 @@ def meanfield(setup):
 def meanfield_val(setup):
     """Mean-field post hoc with a posterior temperature chosen by validation NLL (every std times sqrt(T)).
 
-    The ``meanfield`` posterior, tempered: ``T`` from a log grid (every std times 0.1 to 10) refined by golden
+    The ``meanfield`` posterior, tempered: ``T`` from a log grid (every std times 0.1 to 100) refined by golden
     section, on the validation split temperature scaling uses (Wenzel et al., 2020).
     """
     fitted = setup.fit_of("meanfield")

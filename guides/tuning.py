@@ -63,8 +63,9 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     return trace
 
 
-# posterior temperatures tried first: every std times 0.1 to 10
-TEMPERATURE_GRID = [10.0 ** (k / 2) for k in range(-4, 5)]
+# posterior temperatures tried first: every std times 0.1 to 100 (a post-hoc fit a few epochs long can leave the
+# stds far narrower than the data allow)
+TEMPERATURE_GRID = [10.0 ** (k / 2) for k in range(-4, 9)]
 
 
 def tune_temperature(setup, guide):

@@ -30,7 +30,7 @@ def test_compare_minilm_sst2_writes_results_and_plots(tmp_path, capsys):
 def test_compare_smollm2_arc_easy_cloze(tmp_path, capsys):
     out = tmp_path / "smol"
     run("compare", "--model", "smollm2", "--dataset", "arc_easy", "--guides", "map,scalabl", "--train-size", "12",
-        "--test-size", "12", "--epochs", "1", "--batch-size", "4", "--mc-normalize", "chars", "--samples", "2",
+        "--test-size", "12", "--epochs", "1", "--batch-size", "4", "--mc-normalize", "chars", "--samples", "2", "--no-ts",
         "--out", str(out), "--quiet")
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["mc_format"] == "cloze"  # the right default for a 135M model

@@ -303,8 +303,10 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _verdict(out):
-    """The verdict paragraph the run wrote to its results.json, after a blank line."""
-    return "\n" + json.loads((Path(out) / RESULTS).read_text(encoding="utf-8")).get("verdict", "")
+    """The verdict paragraph the run wrote to its results.json, after a blank line ("" where it wrote none)."""
+    path = Path(out) / RESULTS
+    verdict = json.loads(path.read_text(encoding="utf-8")).get("verdict", "") if path.is_file() else ""
+    return "\n" + verdict if verdict else ""
 
 
 def _run(args, argv=()):
@@ -314,11 +316,9 @@ def _run(args, argv=()):
         try:
             rows = run_compare(_config(args, guides=getattr(args, "guides", None)), overwrite=getattr(args, "overwrite", False))
         except GuideFailures as failures:  # the finished guides' table first, then the one-line error
-            say(format_table(failures.summary))
-            say(_verdict(args.out))
+            say(format_table(failures.summary) + _verdict(args.out))
             raise
-        say(format_table(rows))
-        say(_verdict(args.out))
+        say(format_table(rows) + _verdict(args.out))
         say(f"results: {Path(args.out) / 'results.json'}")
     elif args.command == "fit":
         config = _config(args, guides=(args.guide,), ts=False)
