@@ -9,7 +9,6 @@ accumulation, eigendecompositions, GLM Jacobians) is :mod:`pyro_lora.kfac`; the 
 """
 
 import math
-import time
 import warnings
 
 import torch
@@ -18,10 +17,10 @@ from tqdm.auto import tqdm
 from pyro_lora.data import to_device
 from pyro_lora.distributions import KFACNormal
 from pyro_lora.evidence import curvature_peaks, evidence_terms, maximise_evidence, precision_config, site_precision
-from pyro_lora.kfac import SiteFactors, accumulate, glm_batch, glm_probs, grid_nll_glm
+from pyro_lora.kfac import SiteFactors, accumulate, glm_batch, glm_predict, grid_nll_glm
 from pyro_lora.likelihoods import MultipleChoice
 from pyro_lora.metrics import nll
-from pyro_lora.predictive import Prediction, _positive_int, predict
+from pyro_lora.predictive import _positive_int, predict
 
 from .base import LoraGuide
 from .registry import Fitted, method
@@ -428,28 +427,8 @@ class LaplaceGuide(LoraGuide):
         :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, ``keep_samples`` with
             the probit link, before :meth:`fit`, or on empty ``data``.
         """
-        if link not in ("probit", "mc"):
-            raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
-        num_samples = _positive_int(num_samples, "num_samples")
-        if keep_samples and link != "mc":
-            raise ValueError("keep_samples needs link='mc' (the probit link draws no samples)")
-        self._check_fitted()
-        start = time.perf_counter()
-        probs, labels = [], []
-        for batch in tqdm(data, desc="GLM predict", disable=not progress, dynamic_ncols=True):
-            batch = to_device(batch, self.model.device)
-            probs.append(glm_probs(*self.glm_logits(batch), link, num_samples))
-            labels.append(self.model.likelihood.observed(batch))
-        if not probs:
-            raise ValueError("predict_glm got no batches: the data is empty")
-        width = max(p.shape[-1] for p in probs)
-        sample_probs = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in probs], 1).cpu()
-        return Prediction(
-            probs=sample_probs.mean(0),
-            labels=torch.cat(labels).cpu(),
-            sample_probs=sample_probs if keep_samples else None,
-            seconds=time.perf_counter() - start,
-        )
+        return glm_predict(data, self.glm_logits, self.model.likelihood.observed, link, num_samples, keep_samples, progress,
+                           ready=self._check_fitted)
 
 
 def kfac_likelihood(likelihood):

@@ -16,7 +16,6 @@ over ``P = C D1`` numbers (``hessian="full"``), or its KFAC approximation ``N E[
 """
 
 import math
-import time
 import warnings
 
 import pyro.distributions as dist
@@ -29,9 +28,9 @@ from pyro_lora.contract import check_guide
 from pyro_lora.data import to_device
 from pyro_lora.evidence import maximise_evidence
 from pyro_lora.heads import class_rows, find_head, head_features, head_rows
-from pyro_lora.kfac import glm_probs, probit
+from pyro_lora.kfac import glm_predict, probit
 from pyro_lora.metrics import nll
-from pyro_lora.predictive import Prediction, _positive_int
+from pyro_lora.predictive import _positive_int
 
 from .base import LoraGuide
 from .laplace import _LOG_LAMBDA_RANGE, LAMBDA_GRID, glm_probit
@@ -383,8 +382,7 @@ class LastLayerLaplaceGuide(LoraGuide):
     def glm_logits(self, batch):
         """The logits' distribution under the posterior: mean ``[B, K]`` (the model's logits, ``-inf`` for a missing
         choice) and covariance ``J Sigma J^T`` ``[B, K, K]``, both float64."""
-        self._check_fitted()
-        self._check_head()
+        self._ready()
         return self._glm(batch)
 
     def _glm(self, batch):
@@ -403,25 +401,13 @@ class LastLayerLaplaceGuide(LoraGuide):
         :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, ``keep_samples`` with the
             probit link, before :meth:`fit`, a head changed since, or empty ``data``.
         """
-        if link not in ("probit", "mc"):
-            raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
-        num_samples = _positive_int(num_samples, "num_samples")
-        if keep_samples and link != "mc":
-            raise ValueError("keep_samples needs link='mc' (the probit link draws no samples)")
+        return glm_predict(data, self._glm, self.model.likelihood.observed, link, num_samples, keep_samples, progress,
+                           desc="LLLA predict", ready=self._ready)
+
+    def _ready(self):
+        """Refuse to predict before fit, or with a head changed since."""
         self._check_fitted()
         self._check_head()
-        start = time.perf_counter()
-        probs, labels = [], []
-        for batch in tqdm(data, desc="LLLA predict", disable=not progress, dynamic_ncols=True):
-            mean, cov = self._glm(batch)
-            probs.append(glm_probs(mean.float(), cov.float(), link, num_samples))
-            labels.append(self.model.likelihood.observed(batch))
-        if not probs:
-            raise ValueError("predict_glm got no batches: the data is empty")
-        width = max(p.shape[-1] for p in probs)
-        sample_probs = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in probs], 1).cpu()
-        return Prediction(probs=sample_probs.mean(0), labels=torch.cat(labels).cpu(),
-                          sample_probs=sample_probs if keep_samples else None, seconds=time.perf_counter() - start)
 
 
 @method("llla", bayesian=True, guide=LastLayerLaplaceGuide, exportable=True, predictive=glm_probit)

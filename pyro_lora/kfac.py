@@ -21,6 +21,7 @@ the posterior's eigenbasis.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 
 import torch
@@ -30,6 +31,7 @@ from . import distributed
 from .data import to_device
 from .distributions import KFACNormal
 from .kinds import down_kind, up_kind
+from .predictive import Prediction, _positive_int
 from .sites import Site, per_layer
 
 __all__ = [
@@ -429,6 +431,36 @@ def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int
     root = q * w.clamp(min=0).sqrt().unsqueeze(-2)  # cov = root root^T
     z = torch.randn(num_samples, *mean.shape, 1, device=mean.device)
     return torch.softmax(mean + (root @ z).squeeze(-1), -1)
+
+
+def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_samples=False, progress=False,
+                desc="GLM predict", ready=None) -> Prediction:
+    """The GLM predictive ``p(y | x) = E_{f ~ N(mean, cov)} softmax(f)`` over ``data``, what Laplace's and last-layer
+    Laplace's ``predict_glm`` share: ``logits_of(batch) -> (mean [N, C], cov [N, C, C])``, ``observed(batch)`` the
+    labels; ``ready()`` (the guide's own checks) runs after the arguments are checked, before any batch.
+
+    :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, ``keep_samples`` with the
+        probit link, or empty ``data``.
+    """
+    if link not in ("probit", "mc"):
+        raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
+    num_samples = _positive_int(num_samples, "num_samples")
+    if keep_samples and link != "mc":
+        raise ValueError("keep_samples needs link='mc' (the probit link draws no samples)")
+    if ready is not None:
+        ready()
+    start = time.perf_counter()
+    probs, labels = [], []
+    for batch in tqdm(data, desc=desc, disable=not progress, dynamic_ncols=True):
+        mean, cov = logits_of(batch)
+        probs.append(glm_probs(mean.float(), cov.float(), link, num_samples))
+        labels.append(observed(batch))
+    if not probs:
+        raise ValueError("predict_glm got no batches: the data is empty")
+    width = max(p.shape[-1] for p in probs)
+    sample_probs = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in probs], 1).cpu()
+    return Prediction(probs=sample_probs.mean(0), labels=torch.cat(labels).cpu(),
+                      sample_probs=sample_probs if keep_samples else None, seconds=time.perf_counter() - start)
 
 
 def grid_nll_glm(model, sites: dict, factors, data, grid: torch.Tensor, progress: bool = False) -> list[float]:
