@@ -462,7 +462,7 @@ def laplace(setup):
 
 
 @method("laplace_val", bayesian=True, guide=LaplaceGuide, exportable=True, predictive=glm_probit, likelihood=kfac_likelihood,
-        validation=True)
+        validation=True, base="laplace")
 def laplace_val(setup):
     """Laplace-LoRA with the prior precision by validation NLL of the GLM probit predictive (grid, then refined).
 
@@ -470,7 +470,7 @@ def laplace_val(setup):
     ``optimize_prior_precision(method="gridsearch")`` choose it (Yang et al., 2024), on the validation split
     temperature scaling uses.
     """
-    fitted = setup.fit_of("laplace")
+    fitted = setup.base_fit()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an edge of the grid is said in the method's note instead
         fitted.guide.optimize_prior_precision(method="val_nll", val_loader=setup.loader(setup.val), grid=LAMBDA_GRID)

@@ -424,7 +424,7 @@ def llla(setup):
     return Fitted(guide=guide, extra_parameters=guide.extra_parameters())
 
 
-@method("llla_val", bayesian=True, guide=LastLayerLaplaceGuide, exportable=True, predictive=glm_probit, validation=True)
+@method("llla_val", bayesian=True, guide=LastLayerLaplaceGuide, exportable=True, predictive=glm_probit, validation=True, base="llla")
 def llla_val(setup):
     """Last-layer Laplace with the prior precision by validation NLL (grid, then golden section), GLM probit.
 
@@ -432,7 +432,7 @@ def llla_val(setup):
     of the GLM probit predictive over ``laplace_val``'s grid instead of maximising the evidence; a ``lambda``
     at an end of the grid is said in the method's note. Cloze multiple choice is refused: use letter format.
     """
-    fitted = setup.fit_of("llla")
+    fitted = setup.base_fit()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an end of the grid is said in the method's note instead
         fitted.guide.optimize_prior_precision("val_nll", val_loader=setup.loader(setup.val), grid=LAMBDA_GRID)

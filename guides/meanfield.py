@@ -191,13 +191,13 @@ def meanfield(setup):
     return post_hoc_note(setup, setup.svi(model, guide, train_network=False))
 
 
-@method("meanfield_val", bayesian=True, guide=MeanFieldGuide, exportable=True, validation=True)
+@method("meanfield_val", bayesian=True, guide=MeanFieldGuide, exportable=True, validation=True, base="meanfield")
 def meanfield_val(setup):
     """Mean-field post hoc with a posterior temperature chosen by validation NLL (every std times sqrt(T)).
 
     The ``meanfield`` posterior, tempered: ``T`` from a log grid (every std times 0.1 to 100) refined by golden
     section, on the validation split temperature scaling uses (Wenzel et al., 2020).
     """
-    fitted = setup.fit_of("meanfield")
+    fitted = setup.base_fit()
     tune_temperature(setup, fitted.guide)
     return fitted

@@ -44,7 +44,7 @@ class Fitted:
     point_estimate: Optional[bool] = None
     # the shared MAP itself: its fit time is the MAP's training (which every other method starts from, uncounted)
     is_map: bool = False
-    # the fit time of the method it starts from (``Setup.fit_of``), counted in its own
+    # the fit time of the method it starts from (``Setup.base_fit``), counted in its own
     inherited_seconds: float = 0.0
 
     def __post_init__(self):
@@ -73,6 +73,7 @@ class Method:
     validation: bool = False
     ts: bool = True
     requires: tuple = ()
+    base: Optional[str] = None
 
     @property
     def missing(self) -> list:
@@ -105,7 +106,7 @@ MODELS: dict = {}  # a model class's registered name (its ``name`` attribute) ->
 
 def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[type] = None, model: type = LoraModel,
            exportable: bool = False, predictive: Callable = weight_samples, likelihood: Optional[Callable] = None,
-           validation: bool = False, ts: bool = True, requires: tuple = ()):
+           validation: bool = False, ts: bool = True, requires: tuple = (), base: Optional[str] = None):
     """Register the decorated recipe ``recipe(setup) -> Fitted`` as method ``name``.
 
     :param bayesian: whether it is a posterior (or an ensemble), not a point estimate or a recalibration.
@@ -126,6 +127,9 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
         leaves it out of its default methods and refuses it by name, before loading anything.
     :param ts: whether ``compare`` adds its ``+ts`` row (a temperature fitted on the validation split on its
         averaged predictive); False where that row would repeat another (``map+ts`` is the ``temperature`` row).
+    :param base: the method whose fit under the same seed the recipe starts from (a validation-tuned variant tunes
+        its base's posterior): the recipe takes it from ``setup.base_fit()``, and ``compare`` keeps that fit, with the
+        network as the fit left it, for the variant when both run.
     :raises ValueError: for a name already registered, or a model class whose ``name`` another class holds.
     """
     if not (isinstance(name, str) and name.isidentifier() and name.isascii()):
@@ -134,6 +138,8 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
         raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
     if not all(isinstance(flag, bool) for flag in (bayesian, exportable, validation, ts)):
         raise ValueError(f"method {name!r}: bayesian, exportable, validation and ts are True or False")
+    if base is not None and (not isinstance(base, str) or base == name):
+        raise ValueError(f"method {name!r}: base={base!r} must name another method")
     if guide is not None and not (isinstance(guide, type) and issubclass(guide, LoraGuide)):
         raise ValueError(f"method {name!r}: guide={guide!r} is no LoraGuide subclass (None: nothing to save)")
     if exportable and guide is None:
@@ -152,7 +158,7 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
             raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
         MODELS[model.name] = model
         METHODS[name] = Method(name, recipe, bayesian, tuple(tasks), guide, model, exportable, predictive, likelihood,
-                               validation, ts, tuple(requires))
+                               validation, ts, tuple(requires), base)
         return recipe
 
     return register

@@ -61,9 +61,9 @@ def scalabl(setup):
     return setup.svi(model, ScalaBLGuide(model))
 
 
-@method("scalabl_val", bayesian=True, guide=ScalaBLGuide, model=ScalaBLModel, validation=True)
+@method("scalabl_val", bayesian=True, guide=ScalaBLGuide, model=ScalaBLModel, validation=True, base="scalabl")
 def scalabl_val(setup):
     """ScalaBL with a posterior temperature chosen by validation NLL (every std times sqrt(T))."""
-    fitted = setup.fit_of("scalabl")
+    fitted = setup.base_fit()
     tune_temperature(setup, fitted.guide)
     return fitted

@@ -10,7 +10,7 @@ from conftest import random_batch, tiny_bert
 
 from pyro_lora import LoraModel, Prediction, SequenceClassification, load_guide, save_guide
 from pyro_lora.calibration import apply_temperature, fit_temperature
-from pyro_lora.experiments.compare import fit_method, run_method
+from pyro_lora.experiments.compare import fit_method, run_compare, run_method
 from pyro_lora.experiments.setup import CompareConfig, Setup
 from pyro_lora.experiments.verdict import verdict
 from pyro_lora.guides import MeanFieldGuide, ScalaBLGuide
@@ -115,10 +115,10 @@ def fake_methods():
         calls.append("fit")
         return Fitted(_over_confident)
 
-    @method("fake_variant", bayesian=True, validation=True)
+    @method("fake_variant", bayesian=True, validation=True, base="fake_base")
     def fake_variant(setup):
         """A fake variant of fake_base."""
-        base = setup.fit_of("fake_base")
+        base = setup.base_fit()
         return Fitted(base.predict, inherited_seconds=base.inherited_seconds)
 
     yield calls
@@ -126,14 +126,14 @@ def fake_methods():
     METHODS.pop("fake_variant")
 
 
-def _setup(ts=True):
-    config = CompareConfig(out="unused", ts=ts, progress=False)
-    return Setup(config, None, None, SequenceClassification(), _records(40), _records(50, 1000), _records(60, 2000), None,
+def _setup(ts=True, guides=("fake_base", "fake_variant"), net=None):
+    config = CompareConfig(out="unused", ts=ts, progress=False, guides=guides)
+    return Setup(config, net, None, SequenceClassification(), _records(40), _records(50, 1000), _records(60, 2000), None,
                  shifted={"other": _records(30, 3000)})
 
 
 def test_ts_rows_hold_the_temperature_fitted_on_the_methods_own_validation_predictive(fake_methods):
-    setup = _setup()
+    setup = _setup(guides=("fake_base",))
     out = run_method(setup, "fake_base", 0.0)
     assert list(out) == ["fake_base", "fake_base+ts"]
     val = _over_confident(setup.val)
@@ -148,7 +148,7 @@ def test_ts_rows_hold_the_temperature_fitted_on_the_methods_own_validation_predi
     assert math.isnan(ts["mutual_information"]) and "temperature applies to the averaged predictive" in ts["note"]
     assert ts["extra_parameters"] == plain["extra_parameters"] + 1 and rows[1]["dataset"] == "other"
     assert "ood_auroc_entropy" in rows[1]
-    assert list(run_method(_setup(ts=False), "fake_base", 0.0)) == ["fake_base"]
+    assert list(run_method(_setup(ts=False, guides=("fake_base",)), "fake_base", 0.0)) == ["fake_base"]
 
 
 def test_map_and_temperature_have_no_ts_row():
@@ -156,14 +156,63 @@ def test_map_and_temperature_have_no_ts_row():
 
 
 def test_a_variant_reuses_the_base_fit_of_its_seed_and_counts_its_time(fake_methods):
-    setup = _setup()
+    setup = _setup(net=torch.nn.Linear(2, 2))
     fit_method(setup, "fake_base")
     variant, costs = fit_method(setup, "fake_variant")
     assert fake_methods == ["fit"]  # fitted once
-    assert costs["fit_seconds"] >= setup.fitted["fake_base"][1]
-    alone = _setup()
+    assert costs["fit_seconds"] >= setup.kept["fake_base"][1]
+    alone = _setup(guides=("fake_variant",))
     fit_method(alone, "fake_variant")  # run alone: the base is fitted under its own seed
-    assert fake_methods == ["fit", "fit"] and "fake_base" in alone.fitted
+    assert fake_methods == ["fit", "fit"] and "fake_base" in alone.kept
+
+
+def test_a_kept_base_fit_comes_back_with_the_network_it_trained(fake_methods):
+    """A base whose fit trains the adapter (ScalaBL, mean-field SVI) leaves a guide that predicts only with that
+    network: compare restores the MAP between methods, and the variant must get the base's network back."""
+    net = torch.nn.Linear(2, 2)
+    seen = []
+
+    @method("net_base", bayesian=True)
+    def net_base(view):
+        """Writes the network, as an SVI fit that trains the adapter does."""
+        with torch.no_grad():
+            net.weight.fill_(5.0)
+        return Fitted(_over_confident)
+
+    @method("net_variant", bayesian=True, validation=True, base="net_base")
+    def net_variant(view):
+        """Records the network it starts from."""
+        base = view.base_fit()
+        seen.append(net.weight.detach().clone())
+        return base
+
+    try:
+        setup = _setup(guides=("fake_base", "net_base", "net_variant"), net=net)
+        setup.trained_state = {k: torch.zeros_like(v) for k, v in net.state_dict().items()}
+        fit_method(setup, "fake_base")
+        assert "fake_base" not in setup.kept  # no requested method starts from it: not held through the seed
+        setup.restore()
+        fit_method(setup, "net_base")
+        setup.restore()  # compare's next method starts from the MAP
+        assert float(net.weight.abs().sum()) == 0.0
+        fit_method(setup, "net_variant")
+        assert bool((seen[0] == 5.0).all())  # the variant tuned the base's posterior on the base's network
+        with pytest.raises(ValueError, match="registered without a base method"):
+            setup.for_method("net_base").base_fit()
+    finally:
+        METHODS.pop("net_base")
+        METHODS.pop("net_variant")
+    with pytest.raises(ValueError, match="must name another method"):
+        method("selfish", bayesian=True, base="selfish")
+
+
+def test_validation_tuned_variants_run_after_their_base_in_one_compare(tmp_path):
+    """ScalaBL trains the adapter: its variant, run after it in one compare, predicts with the network ScalaBL left
+    (it raised 'point parameters changed since this guide was built' before)."""
+    rows = run_compare(CompareConfig(guides=("map", "scalabl", "scalabl_val"), train_size=40, test_size=16, epochs=1,
+                                     samples=3, out=str(tmp_path), progress=False, ts=False))
+    assert [r["guide"] for r in rows] == ["map", "scalabl", "scalabl_val"]
+    assert rows[2]["fit_seconds"] >= rows[1]["fit_seconds"]  # the base's fit, inherited
 
 
 # --------------------------------------------------------------------------- the verdict

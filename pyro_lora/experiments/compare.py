@@ -27,7 +27,7 @@ def fit_method(setup, name: str, map_seconds: float = 0.0):
         fitted = method.recipe(view)
         fit_seconds = time.perf_counter() - t
     _check_fitted(method, fitted)
-    setup.fitted[name] = (fitted, fit_seconds)
+    setup.keep_fit(name, fitted, fit_seconds)
     fit_seconds += (map_seconds if fitted.is_map else 0.0) + fitted.inherited_seconds
     if fitted.predict is None:
         fitted = replace(fitted, predict=predictor(view, method, fitted.guide))

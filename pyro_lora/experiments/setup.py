@@ -5,6 +5,7 @@ import math
 import time
 import zlib
 from dataclasses import dataclass, field, replace
+from typing import Optional
 
 import pyro
 import torch
@@ -91,7 +92,9 @@ class Setup:
     trained_state: dict = field(default_factory=dict)
     trainable: dict = field(default_factory=dict)  # parameter name -> requires_grad after the MAP's training
     initial_state: dict = field(default_factory=dict)  # adapter and head before the MAP's training (name -> tensor)
-    fitted: dict = field(default_factory=dict)  # method name -> (its Fitted, fit seconds), as fitted under this seed
+    # method name -> (its Fitted, fit seconds, network state after it), for the requested methods that start from it
+    kept: dict = field(default_factory=dict)
+    method: Optional[str] = None  # the method this view is for (:meth:`for_method`)
 
     @property
     def sizes(self) -> dict:
@@ -133,17 +136,35 @@ class Setup:
         self.fit(model, guide, elbo=TraceMeanField_ELBO(), train_network=train_network)
         return Fitted(guide=guide, extra_parameters=guide.extra_parameters())
 
-    def fit_of(self, name: str) -> Fitted:
-        """Method ``name`` as fitted under this seed: the one ``compare`` fitted already, else fitted now under its own
-        seed (the same result). For a method that starts from another's posterior (a validation-tuned variant): its
-        ``inherited_seconds`` are that fit's. The caller may change the returned guide: the method's rows are written.
+    def keep_fit(self, name: str, fitted: Fitted, seconds: float):
+        """Keep method ``name``'s fit, with the adapter and head as it left them, where a requested method starts
+        from it (its registered ``base``); other fits are not held through the seed."""
+        if any(get_method(g).base == name for g in self.config.guides):
+            params = dict(self.net.named_parameters())
+            self.kept[name] = (fitted, seconds, {k: params[k].detach().clone() for k in self.trained_state})
+
+    def base_fit(self) -> Fitted:
+        """The fit of this view's method's registered ``base`` under this seed: the one ``compare`` kept, with the
+        network put back as that fit left it (a guide that trained the adapter predicts with it), else fitted now
+        under the base's own seed (the same result). Its ``inherited_seconds`` are that fit's. The caller may change
+        the returned guide: the base's rows are written.
+
+        :raises ValueError: outside a method's view (:meth:`for_method`), or for a method registered without a base.
         """
-        if name not in self.fitted:
-            seed_for(self.seed, name, "fit")
+        base = get_method(self.method).base if self.method else None
+        if base is None:
+            raise ValueError(f"base_fit: method {self.method!r} is registered without a base method (@method(..., base=))")
+        if base not in self.kept:
+            seed_for(self.seed, base, "fit")
             start = time.perf_counter()
-            fitted = get_method(name).recipe(self.for_method(name))
-            self.fitted[name] = (fitted, time.perf_counter() - start)
-        fitted, seconds = self.fitted[name]
+            fitted = get_method(base).recipe(self.for_method(base))
+            self.kept[base] = (fitted, time.perf_counter() - start, None)  # the network is as the fit left it
+        fitted, seconds, state = self.kept[base]
+        if state is not None:
+            with torch.no_grad():
+                params = dict(self.net.named_parameters())
+                for k, v in state.items():
+                    params[k].copy_(v)
         return replace(fitted, inherited_seconds=seconds)
 
     def std_lr_scale(self, travel=100.0) -> float:
@@ -161,7 +182,7 @@ class Setup:
         likelihood = get_method(name).task_likelihood(self.likelihood)
         if likelihood is None:
             raise ValueError(f"method {name!r}: its likelihood hook returned None for {type(self.likelihood).__name__}")
-        return replace(self, likelihood=likelihood, train=tuple(self.train), val=tuple(self.val), test=tuple(self.test),
+        return replace(self, method=name, likelihood=likelihood, train=tuple(self.train), val=tuple(self.val), test=tuple(self.test),
                        shifted={k: tuple(v) for k, v in self.shifted.items()})
 
 
