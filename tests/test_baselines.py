@@ -213,14 +213,15 @@ def test_temperature_row_carries_the_fallback_note_into_results_and_table():
     predicted = predict(model, None, val).probs.argmax(-1)
     for i, batch in enumerate(val):  # labels = the MAP's own predictions: a separable validation split
         batch["labels"] = predicted[8 * i : 8 * (i + 1)]
-    setup = SimpleNamespace(config=SimpleNamespace(device="cpu"), seed=0, model=model, map_guide=None, fitted={}, val=val, loader=lambda r: r)
+    setup = SimpleNamespace(config=SimpleNamespace(device="cpu"), seed=0, model=model, map_guide=None, val=val, loader=lambda r: r)
     setup.for_method = lambda name: setup
+    setup.keep_fit = lambda *args: None
     with pytest.warns(UserWarning, match="separable"):
         fitted, costs = fit_method(setup, "temperature", 0.0)
     assert "all correct (separable)" in fitted.note and costs["note"] == fitted.note
     torch.testing.assert_close(fitted.predict(val).probs, predict(model, None, val).probs)  # T = 1: the MAP unchanged
     rows = [{"guide": "temperature", "dataset": "sst2", "seed": s, "accuracy": 1.0, **costs} for s in (0, 1)]
-    rows.append({"guide": "map", "dataset": "sst2", "seed": 0, "accuracy": 1.0, "fit_seconds": 0.0})
+    rows += [{"guide": "map", "dataset": "sst2", "seed": s, "accuracy": 1.0, "fit_seconds": 0.0} for s in (0, 1)]
     summary = summarize_seeds(rows)
     assert summary[0]["note"] == f"seeds 0, 1: {fitted.note}" and "note" not in summary[1]
     blank = dict.fromkeys(["ece", "nll", "brier", "mutual_information", "aurc", "fit_memory_mb", "extra_parameters",

@@ -391,7 +391,7 @@ def test_the_recipes_fit_the_evidence_and_the_validation_lambda():
     cloze = _setup(MultipleChoice(format="cloze"), tiny_llama(), records, collate)
     for name in ("llla", "llla_val"):
         with pytest.raises(ValueError, match="refuses cloze multiple choice"):
-            METHODS[name].recipe(cloze)
+            METHODS[name].recipe(cloze.for_method(name))
 
 
 def test_the_guide_path_and_fast_path_are_the_maps_lora():

@@ -327,3 +327,10 @@ def test_one_config_comparison_for_resume_merge_and_the_study(tmp_path):
     assert config_differences(record, CompareConfig(lr=2e-3, seeds=(0,), out="a", data_dir=str(resolve_data_dir()))) == {}
     assert config_differences(record, CompareConfig(lr=2e-3, seeds=(0,), out="a", data_dir=str(tmp_path))) == {
         "data_dir": (None, str(tmp_path))}
+
+
+def test_a_study_table_marks_a_mean_over_fewer_seeds():
+    rows = summarize_seeds([{"guide": g, "dataset": "arc_easy", "seed": s, "accuracy": 0.5, "ece": 1.0}
+                            for g, seeds in (("map", (0, 1, 2)), ("flow", (0,))) for s in seeds])
+    table = report.markdown_table(rows, report.columns("accuracy", "ece"))
+    assert "| flow (a mean over seed 0 only: seed(s) 1, 2 missing) |" in table and "| map |" in table

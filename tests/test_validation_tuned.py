@@ -11,7 +11,9 @@ from conftest import random_batch, tiny_bert
 from pyro_lora import LoraModel, Prediction, SequenceClassification, load_guide, save_guide
 from pyro_lora.calibration import apply_temperature, fit_temperature
 from pyro_lora.experiments.compare import fit_method, run_compare, run_method
+from pyro_lora.experiments.results import summarize_seeds
 from pyro_lora.experiments.setup import CompareConfig, Setup
+from pyro_lora.experiments.table import format_table
 from pyro_lora.experiments.verdict import verdict
 from pyro_lora.guides import MeanFieldGuide, ScalaBLGuide
 from pyro_lora.guides.registry import METHODS, Fitted, method
@@ -244,3 +246,21 @@ def test_verdict_counts_a_win_only_where_the_paired_interval_excludes_zero():
     one = verdict([r for r in rows if r["seed"] == 1], "sst2")
     assert "1 seed: no interval" in one and "on both ECE and NLL: laplace_val" in one
     assert verdict(rows, "boolq") == ""
+
+
+def test_a_run_cut_short_is_compared_on_the_seeds_every_method_finished():
+    """MAP and temperature finished seeds 0 and 1, laplace only seed 0 (the run was cut short, or it failed on 1):
+    the verdict compares on seed 0 alone and says so; the table marks laplace's mean as over fewer seeds."""
+    rows = _rows({"map": [(0.80, 14.0, 0.66, 0.09), (0.70, 20.0, 0.90, 0.20)],
+                  "temperature": [(0.80, 6.0, 0.45, 0.09), (0.70, 9.0, 0.60, 0.20)],
+                  "laplace": [(0.79, 3.0, 0.44, 0.08)]})
+    text = verdict(rows, "sst2")
+    assert "1 seed: no interval" in text and "seed 1 left out: not every method finished it" in text
+    # on seed 0 laplace is 1 point below MAP (0.80): not the 6 points a 2-seed MAP mean (0.75) would make it
+    assert "every method within 1 point" in text and "(ECE 6.00, NLL 0.450)" in text
+    table = format_table(summarize_seeds(rows))
+    assert "laplace (note)" in table and "a mean over seed 0 only: seed(s) 1 missing" in table
+    assert "map (note)" not in table
+    assert "no seed was finished by every method" in verdict(
+        _rows({"map": [(0.8, 14.0, 0.66, 0.09)]}) + [{**r, "seed": 1} for r in _rows({"laplace": [(0.79, 3.0, 0.44, 0.08)]})],
+        "sst2")

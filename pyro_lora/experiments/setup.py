@@ -18,7 +18,7 @@ from ..model import LoraModel
 from ..pretrained import DTYPES, add_lora, default_mc_format, load_adapter, load_pretrained, max_positions
 from ..training import fit
 from ..guides import MAPGuide
-from ..guides.registry import Fitted, get_method
+from ..guides.registry import METHODS, Fitted, get_method
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,8 @@ class Setup:
     def keep_fit(self, name: str, fitted: Fitted, seconds: float):
         """Keep method ``name``'s fit, with the adapter and head as it left them, where a requested method starts
         from it (its registered ``base``); other fits are not held through the seed."""
-        if any(get_method(g).base == name for g in self.config.guides):
+        requested = self.config.guides or METHODS  # None: every method that applies
+        if any(get_method(g).base == name for g in requested):
             params = dict(self.net.named_parameters())
             self.kept[name] = (fitted, seconds, {k: params[k].detach().clone() for k in self.trained_state})
 

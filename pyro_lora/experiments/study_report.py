@@ -18,7 +18,7 @@ import numpy as np
 from ..guides.registry import METHODS
 from ..io import atomic_file
 from .plots import difference_heatmaps
-from .table import COLUMNS, columns, format_cell, not_available
+from .table import COLUMNS, columns, format_cell, not_available, partial_seeds_note
 from .verdict import clear_difference
 
 DATASETS = ("arc_easy", "arc_challenge", "openbookqa", "winogrande_s", "boolq")  # the study's sets, in report order
@@ -201,6 +201,9 @@ def markdown_table(rows, spec, first=("guide",)):
     lines = ["| " + " | ".join([*first, *(c.title for c in spec)]) + " |", "|" + "---|" * (len(first) + len(spec))]
     for r in rows:
         cells = [str(r[k]) for k in first]
+        partial = partial_seeds_note(r, rows)
+        if partial:
+            cells[-1] += f" ({partial})"
         for c in spec:
             text = format_cell(r, c.key, c.digits, missing="—")
             shown = c.key in r and not not_available(r[c.key]) and f"{r[c.key]:.{c.digits}f}"

@@ -60,12 +60,36 @@ def format_table(rows):
     setting = any("setting" in r for r in rows)
     head = "| guide | " + "setting | " * setting + "dataset | " + " | ".join(c.title for c in TABLE) + " | OOD AUROC H / MI |"
     lines = [head, "|" + "---|" * (len(TABLE) + 3 + setting)]
+    rows = _mark_partial_seeds(rows)
     notes = {}
     for r in rows:
         if r.get("note"):
             notes.setdefault(r["note"], []).append(f"{r['guide']} on {r['dataset']}")
     listed = [f"Note ({', '.join(where)}): {note}" for note, where in notes.items()]
     return "\n".join(lines + [format_row(r, setting) for r in rows] + ([""] + listed if listed else []))
+
+
+def partial_seeds_note(row, rows) -> Optional[str]:
+    """What a summary row averaged over fewer seeds than the other ``rows`` of its evaluation set must say, else
+    None: side by side, a mean over other seeds (a method failed, a run was cut short) reads as a comparison it is
+    not."""
+    seeds = row.get("seeds")
+    every = sorted({s for r in rows if r.get("dataset") == row.get("dataset") for s in r.get("seeds", ())})
+    if seeds is None or sorted(seeds) == every:
+        return None
+    missing = ", ".join(str(s) for s in every if s not in seeds)
+    return f"a mean over seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} only: seed(s) {missing} missing"
+
+
+def _mark_partial_seeds(rows):
+    """``rows`` with :func:`partial_seeds_note` joined to their notes."""
+    marked = []
+    for r in rows:
+        note = partial_seeds_note(r, rows)
+        if note:
+            r = {**r, "note": f"{r['note']}; {note}" if r.get("note") else note}
+        marked.append(r)
+    return marked
 
 
 def not_available(value):

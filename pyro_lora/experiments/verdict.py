@@ -75,12 +75,27 @@ def verdict(rows, dataset) -> str:
     is ``dataset``: the best row on ECE, NLL and AURC (and OOD AUROC by entropy on each shifted set); which rows beat
     temperature scaling on both ECE and NLL, by setting (no validation data / validation-tuned); which lose more
     than :data:`ACCURACY_POINTS` accuracy points against MAP. Empty where ``rows`` hold nothing of ``dataset``."""
+    by_guide = {}
+    for r in rows:
+        if r["dataset"] == dataset:
+            by_guide.setdefault(r["guide"], set()).add(r["seed"])
+    if not by_guide:
+        return ""
+    # every comparison on the seeds every method finished: a mean over other seeds is another number
+    seeds = sorted(set.intersection(*by_guide.values()))
+    left_out = sorted(set.union(*by_guide.values()) - set(seeds))
+    if not seeds:
+        return (f"Verdict on {dataset}: none: no seed was finished by every method (seeds "
+                f"{', '.join(map(str, left_out))} each lack some); rerun the missing ones.")
+    rows = [r for r in rows if r["seed"] in seeds]
     values = {m: _by_guide(rows, dataset, m) for m in ("accuracy", "ece", "nll", "aurc")}
     if not values["nll"]:
         return ""
-    seeds = sorted({r["seed"] for r in rows if r["dataset"] == dataset})
     how = (f"{len(seeds)} seeds; a difference counts where the paired per-seed 95% interval excludes 0" if len(seeds) > 1
            else "1 seed: no interval, the values compared as they are; run several --seeds to tell noise apart")
+    if left_out:
+        how += (f"; seed{'s' * (len(left_out) > 1)} {', '.join(map(str, left_out))} left out: not every method "
+                "finished it, and means over other seeds would not compare")
     lines = [f"Verdict on {dataset} ({how}):"]
     best = [f"{COLUMNS[m].title}: {_fmt(values[m], _best(values[m], m), m)}" for m in ("ece", "nll", "aurc") if values[m]]
     for shifted in sorted({r["dataset"] for r in rows} - {dataset}):
@@ -92,7 +107,8 @@ def verdict(rows, dataset) -> str:
         lines += _against_baseline(rows, values)
     if REFERENCE in values["accuracy"]:
         ref = _mean(values["accuracy"], REFERENCE)
-        lost = [g for g in values["accuracy"] if 100 * (ref - _mean(values["accuracy"], g)) > ACCURACY_POINTS]
+        # rounded: 0.80 - 0.79 is 1.0000000000000009 points, which "more than 1 point: -1.0" would contradict
+        lost = [g for g in values["accuracy"] if round(100 * (ref - _mean(values["accuracy"], g)), 9) > ACCURACY_POINTS]
         detail = [f"{g} {100 * (_mean(values['accuracy'], g) - ref):+.1f}" for g in lost]
         lines.append(f"- Accuracy against MAP ({ref:.3f}): " + (f"more than {ACCURACY_POINTS:g} point below it: "
                      f"{', '.join(detail)}." if lost else f"every method within {ACCURACY_POINTS:g} point."))
