@@ -411,12 +411,13 @@ def tfb(setup):
 
 @method("tfb_val", bayesian=True, guide=TFBGuide, exportable=True, validation=True)
 def tfb_val(setup):
-    """TFB with sigma_q by validation NLL: a log grid over the search's range, refined by golden section."""
+    """TFB with sigma_q by validation NLL among the values that keep validation accuracy (within 1 point): a log grid
+    over the search's range, refined by golden section."""
     guide = TFBGuide(setup.lora_model(random="AB"))
     low, high = TFB_SEARCH["low"], TFB_SEARCH["high"]
     grid = [low * (high / low) ** (k / 6) for k in range(7)]
     trace = tune_on_validation(guide, "sigma_q", guide.set_sigma_q, grid, setup.loader(setup.val), setup.config.samples,
                                seed=setup.seed)
     guide.criterion, guide.tolerance = "val_nll", None
-    guide.trace = [{"sigma_q": value, "val_nll": loss} for value, loss in trace]
+    guide.trace = [{"sigma_q": value, "val_nll": loss, "val_accuracy": acc} for value, loss, acc in trace]
     return Fitted(guide=guide, extra_parameters=guide.extra_parameters())

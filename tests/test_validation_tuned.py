@@ -17,7 +17,7 @@ from pyro_lora.experiments.table import format_table
 from pyro_lora.experiments.verdict import verdict
 from pyro_lora.guides import MeanFieldGuide, ScalaBLGuide
 from pyro_lora.guides.registry import METHODS, Fitted, method
-from pyro_lora.guides.tuning import tune_on_validation, validation_nll
+from pyro_lora.guides.tuning import tune_on_validation, validation_scores
 from pyro_lora.scalabl import ScalaBLModel
 
 
@@ -50,10 +50,10 @@ def test_posterior_temperature_scales_every_std_and_is_saved(tmp_path):
     assert scalabl.config()["temperature"] == 0.25
 
 
-def test_validation_nll_uses_common_random_numbers():
+def test_validation_scores_use_common_random_numbers():
     model, guide = meanfield()
-    first, again = (validation_nll(guide, data(), num_samples=4, seed=3) for _ in range(2))
-    assert first == again and validation_nll(guide, data(), num_samples=4, seed=4) != first
+    first, again = (validation_scores(guide, data(), num_samples=4, seed=3) for _ in range(2))
+    assert first == again and validation_scores(guide, data(), num_samples=4, seed=4)[0] != first[0]
 
 
 def test_tuning_finds_the_minimum_of_a_fine_grid_and_leaves_the_knob_there():
@@ -61,27 +61,30 @@ def test_tuning_finds_the_minimum_of_a_fine_grid_and_leaves_the_knob_there():
     val = data((4, 5))
     grid = [10.0 ** (k / 2) for k in range(-4, 5)]
     trace = tune_on_validation(guide, "posterior temperature", guide.set_temperature, grid, val, num_samples=8, tol=0.05)
-    assert [t for t, _ in trace[: len(grid)]] == grid and len(trace) > len(grid) + 4
-    best, loss = min(trace, key=lambda t: t[1])
+    assert [t[0] for t in trace[: len(grid)]] == grid and len(trace) > len(grid) + 4
+    floor = trace[0][2] - 0.01
+    best, loss, _ = min((t for t in trace if t[2] >= floor), key=lambda t: t[1])
     assert guide.temperature == best
-    assert validation_nll(guide, val, 8) == pytest.approx(loss, rel=1e-6)  # the NLL recorded is the knob's
+    assert validation_scores(guide, val, 8)[0] == pytest.approx(loss, rel=1e-6)  # the NLL recorded is the knob's
     fine = [10.0 ** (k / 20) for k in range(-40, 41)]
     brute = []
     for t in fine:
         guide.set_temperature(t)
-        brute.append(validation_nll(guide, val, 8))
+        brute_loss, brute_acc = validation_scores(guide, val, 8)
+        brute.append(brute_loss if brute_acc >= floor else math.inf)
     assert loss <= min(brute) + 0.002  # golden section over the bracket reaches the fine grid's minimum
 
 
 def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
     knob = {}
-    monkeypatch.setattr("pyro_lora.guides.tuning.validation_nll", lambda *args, **kw: (math.log(knob["v"]) - math.log(optimum)) ** 2)
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *args, **kw: ((math.log(knob["v"]) - math.log(optimum)) ** 2, 0.8))
     set_value = lambda v: knob.update(v=v)  # noqa: E731
     optimum = 3.7
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trace = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4, tol=0.01)
     assert knob["v"] == pytest.approx(optimum, rel=0.01) and min(trace, key=lambda t: t[1])[0] == knob["v"]
+    assert all(len(t) == 3 and t[2] == 0.8 for t in trace)
     optimum = 1e5  # beyond the grid's largest value
     with pytest.warns(UserWarning, match="lowest at the largest T of the grid .100; grid 0.1 to 100.: the optimum may lie beyond"):
         tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4)
@@ -89,9 +92,30 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
     for bad in ([1.0, 2.0], [1.0, 0.5, 2.0], [0.0, 1.0, 2.0], [1.0, 2.0, float("inf")]):
         with pytest.raises(ValueError, match="at least 3 finite positive values, increasing"):
             tune_on_validation(None, "T", set_value, bad, None, num_samples=4)
-    monkeypatch.setattr("pyro_lora.guides.tuning.validation_nll", lambda *args, **kw: float("nan"))
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *args, **kw: (float("nan"), 0.8))
     with pytest.raises(ValueError, match="the validation NLL is NaN at T = 0.1: no T was set"):
         tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4)
+    with pytest.raises(ValueError, match="max_accuracy_drop must be a fraction >= 0"):
+        tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4, max_accuracy_drop=-0.1)
+
+
+def test_tuning_refuses_a_value_that_costs_validation_accuracy(monkeypatch):
+    """The NLL falls all the way to T = 100, but accuracy falls from 0.80 beyond T = 3: the lowest NLL among the
+    values within 1 point is kept (TFB's sigma_q by NLL alone cost 3 accuracy points on SST-2)."""
+    knob = {}
+
+    def scores(*args, **kw):
+        t = knob["v"]
+        return 1.0 / (1.0 + math.log10(t) + 2), 0.80 if t <= 3.0 else 0.75
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", scores)
+    set_value = lambda v: knob.update(v=v)  # noqa: E731
+    trace = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], None, num_samples=4, tol=0.01)
+    assert 2.9 <= knob["v"] <= 3.0 and min(trace, key=lambda t: t[1])[0] == 100.0  # not the lowest NLL: it costs 5 points
+    trace = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], None, num_samples=4, max_accuracy_drop=0.1)
+    assert knob["v"] == 100.0  # allowed 10 points: the lowest NLL
+    with pytest.warns(UserWarning, match="every T of the grid above its smallest .2. costs more than 1 validation accuracy"):
+        tune_on_validation(None, "T", set_value, [2.0, 10.0, 100.0], None, num_samples=4)
+    assert 2.0 <= knob["v"] <= 3.0
 
 
 # --------------------------------------------------------------------------- compare's +ts rows and base fits
