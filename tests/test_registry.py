@@ -58,6 +58,7 @@ def test_a_method_registered_outside_runs_through_compare_fit_and_evaluate(tmp_p
     assert [r["guide"] for r in rows] == ["map", "jitter", "jitter+ts"]
     jittered = rows[1]
     assert jittered["extra_parameters"] == 1 and jittered["mutual_information"] > 0  # its own weight samples
+    assert jittered["mean_accuracy"] == rows[0]["accuracy"] and "mean_accuracy" not in rows[0]  # its mean is the MAP
     assert 0.0 <= jittered["accuracy"] <= 1.0
     # the command line offers it like a built-in method, fit saves it and evaluate reproduces fit's row
     out = tmp_path / "fit"

@@ -288,3 +288,15 @@ def test_a_run_cut_short_is_compared_on_the_seeds_every_method_finished():
     assert "no seed was finished by every method" in verdict(
         _rows({"map": [(0.8, 14.0, 0.66, 0.09)]}) + [{**r, "seed": 1} for r in _rows({"laplace": [(0.79, 3.0, 0.44, 0.08)]})],
         "sst2")
+
+
+def test_the_verdict_says_whether_the_noise_or_the_fit_costs_accuracy():
+    rows = _rows({"map": [(0.80, 14.0, 0.66, 0.09)], "temperature": [(0.80, 6.0, 0.45, 0.09)],
+                  "meanfield": [(0.77, 2.2, 0.47, 0.11)], "blora_xs": [(0.74, 2.2, 0.51, 0.13)],
+                  "ivon": [(0.76, 6.9, 0.51, 0.11)]})
+    for r in rows:
+        r.update({"meanfield": {"mean_accuracy": 0.795}, "blora_xs": {"mean_accuracy": 0.75}}.get(r["guide"], {}))
+    text = verdict(rows, "sst2")
+    assert "meanfield -3.0 (its posterior mean -0.5: the weight noise costs it)" in text
+    assert "blora_xs -6.0 (its posterior mean -5.0: its fit itself costs it)" in text
+    assert "ivon -4.0," in text or text.rstrip(".").endswith("ivon -4.0")  # no mean accuracy: no reason given

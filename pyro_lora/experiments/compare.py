@@ -7,7 +7,8 @@ from .. import data as D
 from ..calibration import apply_temperature, fit_temperature
 from ..costs import PeakMemory
 from ..distributed import is_main
-from ..predictive import Prediction
+from ..metrics import accuracy
+from ..predictive import Prediction, predict
 from ..guides.registry import VALIDATION_TUNED, Fitted, get_method, methods_for_task
 from .results import RESULTS, RunFolder
 from .scoring import MI_NO_SAMPLES_NOTE, join_row, ood_auroc, prediction_arrays, score
@@ -188,6 +189,8 @@ def run_method(setup, name: str, map_seconds: float) -> dict:
     predictions, costs = {}, {}
     for dataset, records in datasets:
         predictions[dataset], costs[dataset] = evaluate(setup, fitted, records, name, dataset)
+    if _has_mean_predictor(method, fitted):
+        costs[config.dataset]["mean_accuracy"] = mean_accuracy(setup, fitted.guide)
     out = {name: _score_rows(setup, name, method.setting, fitted.point_estimate, predictions, fit_costs, costs, MI_NO_SAMPLES_NOTE)}
     if len(row_names(config, name)) > 1:
         t = time.perf_counter()
@@ -200,6 +203,21 @@ def run_method(setup, name: str, map_seconds: float) -> dict:
         out[ts_name(name)] = _score_rows(setup, ts_name(name), VALIDATION_TUNED, fitted.point_estimate, scaled, ts_costs,
                                          costs, TS_MI_NOTE)
     return out
+
+
+def _has_mean_predictor(method, fitted) -> bool:
+    """Whether the method's rows average weight samples of a guide whose mean is itself a predictor."""
+    guide = fitted.guide
+    return (method.bayesian and guide is not None and not fitted.point_estimate
+            and getattr(method.predictive, "uses_samples", True) and guide.mean_is_predictor
+            and guide.samples_carry_posterior)
+
+
+def mean_accuracy(setup, guide) -> float:
+    """Test accuracy of ``guide``'s posterior mean (one forward per batch): beside the predictive's, it tells an
+    accuracy lost to the weight noise (the mean keeps MAP's) from one lost by the fit itself (the mean loses it too)."""
+    prediction = predict(guide.model, guide, setup.loader(setup.test), mean=True)
+    return accuracy(prediction.probs, prediction.labels)
 
 
 # the +ts row's MI: the temperature rescales the averaged predictive, which its weight samples no longer average to

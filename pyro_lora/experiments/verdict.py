@@ -74,7 +74,9 @@ def verdict(rows, dataset) -> str:
     """The paragraph ``compare`` prints under its table, from the per-seed ``rows`` of one run whose training set
     is ``dataset``: the best row on ECE, NLL and AURC (and OOD AUROC by entropy on each shifted set); which rows beat
     temperature scaling on both ECE and NLL, by setting (no validation data / validation-tuned); which lose more
-    than :data:`ACCURACY_POINTS` accuracy points against MAP. Empty where ``rows`` hold nothing of ``dataset``."""
+    than :data:`ACCURACY_POINTS` accuracy points against MAP, and, where the rows hold their posterior mean's
+    accuracy (``mean_accuracy``), whether the weight noise or the fit itself costs it. Empty where ``rows`` hold
+    nothing of ``dataset``."""
     by_guide = {}
     for r in rows:
         if r["dataset"] == dataset:
@@ -109,10 +111,21 @@ def verdict(rows, dataset) -> str:
         ref = _mean(values["accuracy"], REFERENCE)
         # rounded: 0.80 - 0.79 is 1.0000000000000009 points, which "more than 1 point: -1.0" would contradict
         lost = [g for g in values["accuracy"] if round(100 * (ref - _mean(values["accuracy"], g)), 9) > ACCURACY_POINTS]
-        detail = [f"{g} {100 * (_mean(values['accuracy'], g) - ref):+.1f}" for g in lost]
+        means = _by_guide(rows, dataset, "mean_accuracy")
+        detail = [f"{g} {100 * (_mean(values['accuracy'], g) - ref):+.1f}" + _why(means, g, ref) for g in lost]
         lines.append(f"- Accuracy against MAP ({ref:.3f}): " + (f"more than {ACCURACY_POINTS:g} point below it: "
                      f"{', '.join(detail)}." if lost else f"every method within {ACCURACY_POINTS:g} point."))
     return "\n".join(lines)
+
+
+def _why(means, guide, ref) -> str:
+    """Why ``guide`` lost accuracy, from its posterior mean's accuracy where the rows have it: the mean keeps MAP's
+    (within :data:`ACCURACY_POINTS`), so the weight noise costs it; or the mean loses it too: the fit does."""
+    if guide not in means:
+        return ""
+    drop = 100 * (_mean(means, guide) - ref)
+    cause = "the weight noise costs it" if round(-drop, 9) <= ACCURACY_POINTS else "its fit itself costs it"
+    return f" (its posterior mean {drop:+.1f}: {cause})"
 
 
 def _against_baseline(rows, values):
