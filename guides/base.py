@@ -7,6 +7,8 @@ model's names and shapes, so ``Trace_ELBO``, ``TraceMeanField_ELBO``, ``Predicti
 Guides never touch the network.
 """
 
+import math
+
 import pyro
 import pyro.poutine as poutine
 import torch
@@ -14,6 +16,17 @@ import torch
 from pyro_lora import pyro_params
 from pyro_lora.contract import describe, point_snapshot, take_over
 from pyro_lora.io import register_guide
+
+
+def check_temperature(value) -> float:
+    """A posterior temperature ``T`` as a float.
+
+    :raises ValueError: unless ``T`` is a finite positive number.
+    """
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"temperature must be a finite positive number, got {value}")
+    return value
 
 
 class LoraGuide(torch.nn.Module):

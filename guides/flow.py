@@ -30,9 +30,10 @@ from torch.distributions.kl import register_kl
 
 from pyro_lora.distributions import MatrixNormalKronecker
 
-from .base import LoraGuide
+from .base import LoraGuide, check_temperature
 from .meanfield import POST_HOC_PRIOR, post_hoc_note
 from .registry import method
+from .tuning import tune_temperature
 
 
 class FlowGuide(LoraGuide):
@@ -78,6 +79,10 @@ class FlowGuide(LoraGuide):
     :param dict init: site -> ``W_map`` (``site.shape``); default the adapter's current weights.
     :param bool learn_loc: ``False`` keeps ``W_map`` at ``init`` (post-hoc VI around a trained LoRA: SVI learns
         the inducing posterior, ``Z``, ``D`` and ``lambda`` only; how ``pyro-lora compare`` runs it).
+    :param float temperature: the posterior temperature ``T > 0`` of prediction: every draw's deviation from
+        ``W_map`` times ``sqrt(T)`` (for a Gaussian ``q`` exactly the tempered ``q^(1/T)``, as
+        :class:`~pyro_lora.guides.meanfield.MeanFieldGuide`'s; through the flow a scaling of the posterior's spread,
+        not of its density). SVI trains at ``T = 1``; the ``flow_val`` method chooses ``T`` by validation NLL.
     """
 
     def __init__(
@@ -93,8 +98,10 @@ class FlowGuide(LoraGuide):
         share_basis=True,
         init=None,
         learn_loc=True,
+        temperature=1.0,
     ):
         super().__init__(model)
+        self.set_temperature(temperature)
         if not isinstance(model.prior, (int, float)):
             raise ValueError(
                 "FlowGuide needs the model's isotropic prior, LoraModel(prior=<float>): its inducing prior has "
@@ -128,8 +135,22 @@ class FlowGuide(LoraGuide):
             "itself as a Pyro guide, sample(S) or mean()"
         )
 
+    def set_temperature(self, value):
+        """Set the posterior temperature ``T`` of :meth:`sample` (deviations from ``W_map`` times ``sqrt(T)``).
+
+        :raises ValueError: unless ``T`` is a finite positive number.
+        """
+        self.temperature = check_temperature(value)
+
     def forward(self, *args, kl_weight=1.0, **kwargs):
-        """Pyro guide: an auxiliary site ``"<site>.U"`` and a Delta weight site per model site (ELBO in the class docstring)."""
+        """Pyro guide: an auxiliary site ``"<site>.U"`` and a Delta weight site per model site (ELBO in the class docstring).
+
+        :raises ValueError: at a posterior temperature other than 1: its ELBO is that of the untempered ``q``.
+        """
+        if self.temperature != 1.0:
+            raise ValueError(f"FlowGuide at temperature {self.temperature:g}: the Pyro guide path (SVI, Predictive) is the "
+                             "untempered posterior, whose ELBO the class docstring gives; set_temperature(1.0) to train, "
+                             "and predict with pyro_lora.predict (sample(S) applies the temperature)")
         values = {}
         with poutine.scale(scale=kl_weight), self._fp32():
             for (name, site), part in zip(self.sites.items(), self.parts):
@@ -151,7 +172,10 @@ class FlowGuide(LoraGuide):
             for (name, site), part in zip(self.sites.items(), self.parts):
                 f = part.factors()
                 u = part.q_u().rsample((num_samples,))
-                out[name] = part.draw(u, part.flow_image(part.u_loc), f).reshape(num_samples, *site.shape)
+                w = part.draw(u, part.flow_image(part.u_loc), f)
+                if self.temperature != 1.0:
+                    w = part.loc + math.sqrt(self.temperature) * (w - part.loc)
+                out[name] = w.reshape(num_samples, *site.shape)
         return out
 
     def _fp32(self):
@@ -202,6 +226,7 @@ class FlowGuide(LoraGuide):
             "std_lr_scale": self.std_lr_scale,
             "share_basis": self.share_basis,
             "learn_loc": self.learn_loc,
+            "temperature": self.temperature,
         }
 
 
@@ -408,3 +433,12 @@ def flow(setup):
     model = setup.lora_model(random="AB", prior=POST_HOC_PRIOR)
     guide = FlowGuide(model, init_scale=0.1, std_lr_scale=setup.std_lr_scale(), learn_loc=False)
     return post_hoc_note(setup, setup.svi(model, guide, train_network=False))
+
+
+@method("flow_val", bayesian=True, guide=FlowGuide, exportable=True, validation=True, base="flow")
+def flow_val(setup):
+    """Bayesian-LoRA with a posterior temperature chosen by validation NLL (every draw's deviation from the MAP
+    times sqrt(T)), as ``meanfield_val`` tempers mean-field."""
+    fitted = setup.base_fit()
+    tune_temperature(setup, fitted.guide)
+    return fitted

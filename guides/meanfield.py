@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 
-from .base import LoraGuide
+from .base import LoraGuide, check_temperature
 from .registry import method
 from .tuning import tune_temperature
 
@@ -116,10 +116,7 @@ class MeanFieldGuide(LoraGuide):
 
         :raises ValueError: unless ``T`` is a finite positive number.
         """
-        value = float(value)
-        if not (value > 0 and math.isfinite(value)):
-            raise ValueError(f"temperature must be a finite positive number, got {value}")
-        self.temperature = value
+        self.temperature = check_temperature(value)
 
     def stds(self):
         """Posterior std of every Gaussian site, the temperature's ``sqrt(T)`` included: name -> ``site.shape``."""

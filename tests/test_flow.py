@@ -255,3 +255,34 @@ def test_bad_inputs_have_clear_errors():
     for bad in (dict(inducing=(0, 3)), dict(depth=-1), dict(init_lambda=0.5, max_lambda=0.1)):
         with pytest.raises(ValueError):
             FlowGuide(model, **bad)
+
+
+def test_posterior_temperature_scales_each_draws_deviation_and_is_saved(tmp_path):
+    model, guide = make()
+    randomize_flows(guide)
+    loc = guide.mean()
+    torch.manual_seed(5)
+    plain = guide.sample(3)
+    guide.set_temperature(4.0)
+    torch.manual_seed(5)
+    tempered = guide.sample(3)  # the same draws, their deviation from W_map times sqrt(4)
+    for name in plain:
+        torch.testing.assert_close(tempered[name] - loc[name], 2.0 * (plain[name] - loc[name]))
+    assert FlowGuide(model, temperature=0.5).config()["temperature"] == 0.5
+    save_guide(guide, tmp_path / "g")
+    assert load_guide(tmp_path / "g", model).temperature == 4.0
+    batch = random_batch() | {"labels": torch.tensor([0, 2, 1])}
+    with pytest.raises(ValueError, match="FlowGuide at temperature 4: the Pyro guide path .* set_temperature.1.0. to train"):
+        Trace_ELBO().differentiable_loss(model, guide, batch)
+    for bad in (0.0, -2.0, float("nan")):
+        with pytest.raises(ValueError, match="temperature must be a finite positive number"):
+            guide.set_temperature(bad)
+    guide.set_temperature(1.0)
+    Trace_ELBO().differentiable_loss(model, guide, batch)  # trains again at T = 1
+
+
+def test_flow_val_tempers_the_flow_fit_on_validation():
+    from pyro_lora.guides.registry import METHODS
+
+    m = METHODS["flow_val"]
+    assert m.base == "flow" and m.validation and m.guide is FlowGuide and m.setting == "validation-tuned"
