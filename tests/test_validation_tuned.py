@@ -192,6 +192,36 @@ def test_a_variant_reuses_the_base_fit_of_its_seed_and_counts_its_time(fake_meth
     assert fake_methods == ["fit", "fit"] and "fake_base" in alone.kept
 
 
+def test_a_variants_fit_time_holds_its_base_fit_once_in_any_order(monkeypatch):
+    """The base fit counts once in the variant's time whether compare kept it or the variant fitted it (run alone,
+    listed first, resumed): it was counted twice when fitted inside the variant's timed recipe."""
+    clock = [0.0]
+    monkeypatch.setattr("time.perf_counter", lambda: clock[0])
+
+    @method("slow_base", bayesian=True)
+    def slow_base(view):
+        """Takes 10 s."""
+        clock[0] += 10.0
+        return Fitted(_over_confident)
+
+    @method("quick_variant", bayesian=True, validation=True, base="slow_base")
+    def quick_variant(view):
+        """Takes 1 s after its base."""
+        base = view.base_fit()
+        clock[0] += 1.0
+        return Fitted(base.predict, inherited_seconds=base.inherited_seconds)
+
+    try:
+        for guides in (("slow_base", "quick_variant"), ("quick_variant",), ("quick_variant", "slow_base")):
+            setup = _setup(guides=guides, net=torch.nn.Linear(2, 2))
+            seconds = {name: fit_method(setup, name)[1]["fit_seconds"] for name in guides}
+            assert seconds["quick_variant"] == 11.0, guides
+            assert seconds.get("slow_base", 10.0) == 10.0
+    finally:
+        METHODS.pop("slow_base")
+        METHODS.pop("quick_variant")
+
+
 def test_a_kept_base_fit_comes_back_with_the_network_it_trained(fake_methods):
     """A base whose fit trains the adapter (ScalaBL, mean-field SVI) leaves a guide that predicts only with that
     network: compare restores the MAP between methods, and the variant must get the base's network back."""

@@ -155,7 +155,8 @@ class Setup:
         base = get_method(self.method).base if self.method else None
         if base is None:
             raise ValueError(f"base_fit: method {self.method!r} is registered without a base method (@method(..., base=))")
-        if base not in self.kept:
+        fresh = base not in self.kept
+        if fresh:
             seed_for(self.seed, base, "fit")
             start = time.perf_counter()
             fitted = get_method(base).recipe(self.for_method(base))
@@ -166,7 +167,8 @@ class Setup:
                 params = dict(self.net.named_parameters())
                 for k, v in state.items():
                     params[k].copy_(v)
-        return replace(fitted, inherited_seconds=seconds)
+        # fitted now, inside the caller's recipe, whose timing already holds it: nothing more to inherit
+        return replace(fitted, inherited_seconds=0.0 if fresh else seconds)
 
     def std_lr_scale(self, travel=100.0) -> float:
         """The guides' ``std_lr_scale`` for this run: Adam moves ``log sigma`` by about ``std_lr_scale * lr`` per
