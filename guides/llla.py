@@ -410,7 +410,8 @@ class LastLayerLaplaceGuide(LoraGuide):
         self._check_head()
 
 
-@method("llla", bayesian=True, guide=LastLayerLaplaceGuide, exportable=True, predictive=glm_probit)
+# cloze scores each choice by the whole vocabulary's log-softmax over its tokens: no head rows hold the answer
+@method("llla", bayesian=True, guide=LastLayerLaplaceGuide, exportable=True, predictive=glm_probit, mc_formats=("letter",))
 def llla(setup):
     """Last-layer Laplace: a Gaussian over the head's class rows at the MAP, prior precision by the evidence, GLM probit.
 
@@ -424,7 +425,8 @@ def llla(setup):
     return Fitted(guide=guide, extra_parameters=guide.extra_parameters())
 
 
-@method("llla_val", bayesian=True, guide=LastLayerLaplaceGuide, exportable=True, predictive=glm_probit, validation=True, base="llla")
+@method("llla_val", bayesian=True, guide=LastLayerLaplaceGuide, exportable=True, predictive=glm_probit, validation=True,
+        base="llla", mc_formats=("letter",))
 def llla_val(setup):
     """Last-layer Laplace with the prior precision by validation NLL (grid, then golden section), GLM probit.
 

@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 from importlib.metadata import entry_points
 
+from pyro_lora.likelihoods import MC_FORMATS
 from pyro_lora.model import LoraModel
 from pyro_lora.predictive import Prediction, predict
 
@@ -74,6 +75,7 @@ class Method:
     ts: bool = True
     requires: tuple = ()
     base: Optional[str] = None
+    mc_formats: tuple = MC_FORMATS
 
     @property
     def missing(self) -> list:
@@ -106,7 +108,8 @@ MODELS: dict = {}  # a model class's registered name (its ``name`` attribute) ->
 
 def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[type] = None, model: type = LoraModel,
            exportable: bool = False, predictive: Callable = weight_samples, likelihood: Optional[Callable] = None,
-           validation: bool = False, ts: bool = True, requires: tuple = (), base: Optional[str] = None):
+           validation: bool = False, ts: bool = True, requires: tuple = (), base: Optional[str] = None,
+           mc_formats: tuple = MC_FORMATS):
     """Register the decorated recipe ``recipe(setup) -> Fitted`` as method ``name``.
 
     :param bayesian: whether it is a posterior (or an ensemble), not a point estimate or a recalibration.
@@ -130,8 +133,12 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
     :param base: the method whose fit under the same seed the recipe starts from (a validation-tuned variant tunes
         its base's posterior): the recipe takes it from ``setup.base_fit()``, and ``compare`` keeps that fit, with the
         network as the fit left it, for the variant when both run.
+    :param mc_formats: the multiple-choice formats it applies to (``"letter"``, ``"cloze"``): ``compare`` leaves it
+        out of its default methods for another format and refuses it by name, before loading anything.
     :raises ValueError: for a name already registered, or a model class whose ``name`` another class holds.
     """
+    if not mc_formats or any(f not in MC_FORMATS for f in mc_formats):
+        raise ValueError(f"method {name!r}: mc_formats {mc_formats!r} must be a non-empty subset of {MC_FORMATS}")
     if not (isinstance(name, str) and name.isidentifier() and name.isascii()):
         raise ValueError(f"method name {name!r} must be a Python identifier (letters, digits, _): it names files and flags")
     if name in METHODS:
@@ -158,7 +165,7 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
             raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
         MODELS[model.name] = model
         METHODS[name] = Method(name, recipe, bayesian, tuple(tasks), guide, model, exportable, predictive, likelihood,
-                               validation, ts, tuple(requires), base)
+                               validation, ts, tuple(requires), base, tuple(mc_formats))
         return recipe
 
     return register
@@ -186,7 +193,9 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def methods_for_task(task: str) -> list:
-    """The names of the registered methods that apply to a dataset task (``meta.json``'s ``task``) and whose optional
-    packages are installed (:attr:`Method.missing`)."""
-    return [name for name, m in METHODS.items() if task in m.tasks and not m.missing]
+def methods_for_task(task: str, mc_format: Optional[str] = None) -> list:
+    """The names of the registered methods that apply to a dataset task (``meta.json``'s ``task``), to its
+    multiple-choice format where it has one (``mc_format``; ``None``: any), and whose optional packages are installed
+    (:attr:`Method.missing`)."""
+    return [name for name, m in METHODS.items() if task in m.tasks and not m.missing
+            and (task != "multiple_choice" or mc_format is None or mc_format in m.mc_formats)]

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from pyro.distributions import Categorical, TorchDistribution, constraints
 
 _NET_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+MC_FORMATS = ("letter", "cloze")  # the answer as a letter token, or scored as the choice text's continuation
 
 
 class FusedCategorical(TorchDistribution):
@@ -221,7 +222,7 @@ class MultipleChoice(Likelihood):
     """
 
     def __init__(self, answer_token_ids=None, format="letter", normalize=None, share_prefix=True):
-        if format not in ("letter", "cloze"):
+        if format not in MC_FORMATS:
             raise ValueError(f"format must be 'letter' or 'cloze', got {format!r}")
         if format == "letter" and answer_token_ids is None:
             raise ValueError("format='letter' needs answer_token_ids (see pyro_lora.data.letter_token_ids)")

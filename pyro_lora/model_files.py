@@ -152,3 +152,43 @@ def _gguf_max_positions(path: Path) -> int | None:
     arch = field.contents()
     length = reader.fields.get(f"{arch}.context_length")
     return int(length.contents()) if length is not None else None
+
+
+def parameter_count(name_or_path: str) -> int | None:
+    """The base model's parameter count from metadata only: a Hugging Face folder's config built on the ``meta``
+    device (no memory), a GGUF file's tensor sizes. ``None`` where a folder has no ``config.json``.
+
+    :raises ImportError, ValueError: as :func:`max_positions`.
+    """
+    if name_or_path == "minilm":
+        return _folder_parameter_count(minilm_dir())
+    if name_or_path == "smollm2":
+        gguf, cache = smollm2_gguf(), cache_dir() / "smollm2"
+        return _folder_parameter_count(cache) if _cache_is_valid(cache, _source_stamp(gguf)) else _gguf_parameter_count(gguf)
+    path = _local_path(name_or_path)
+    if path.suffix == ".gguf":
+        return _gguf_parameter_count(path)
+    if not path.is_dir():
+        raise ValueError(f"{path} is neither a model folder nor a .gguf file")
+    return _folder_parameter_count(path)
+
+
+def _folder_parameter_count(folder: Path) -> int | None:
+    if not (folder / "config.json").is_file():
+        return None
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    with torch.device("meta"):
+        model = AutoModel.from_config(AutoConfig.from_pretrained(folder))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _gguf_parameter_count(path: Path) -> int:
+    _require_gguf()
+    from gguf import GGUFReader
+
+    try:
+        return sum(int(t.n_elements) for t in GGUFReader(path).tensors)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"{path} is not a readable GGUF file ({err})") from None

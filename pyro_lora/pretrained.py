@@ -29,7 +29,7 @@ import torch
 
 from .model_files import (
     EMBEDDED_MODELS, _cache_is_valid, _local_path, _require_gguf, _source_stamp, cache_dir, max_positions, minilm_dir,
-    smollm2_gguf,
+    parameter_count, smollm2_gguf,
 )
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ __all__ = [
     "add_lora",
     "load_adapter",
     "default_mc_format",
+    "expected_mc_format",
     "DTYPES",
     "QUANTIZATIONS",
 ]
@@ -457,5 +458,15 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
 def default_mc_format(model: torch.nn.Module) -> str:
     """``"cloze"`` for models under ~1B parameters (the letter format leaves them at chance), else
     ``"letter"``."""
-    n_params = sum(p.numel() for p in _base(model).parameters())
+    return _mc_format_for(sum(p.numel() for p in _base(model).parameters()))
+
+
+def expected_mc_format(name_or_path: str) -> str | None:
+    """:func:`default_mc_format` of a model before loading it, from its metadata (``parameter_count``); ``None``
+    where the metadata does not tell."""
+    n_params = parameter_count(name_or_path)
+    return None if n_params is None else _mc_format_for(n_params)
+
+
+def _mc_format_for(n_params: int) -> str:
     return "cloze" if n_params < _CLOZE_MAX_PARAMS else "letter"

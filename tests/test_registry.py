@@ -1,6 +1,7 @@
 """The method registry: a method registered from outside the package runs through compare, fit and evaluate."""
 
 import json
+from dataclasses import replace
 
 import pyro.distributions as dist
 import pytest
@@ -238,3 +239,24 @@ def test_a_method_needing_a_missing_package_is_left_out_by_default_and_refused_b
     finally:
         METHODS.pop("needs_pkg")
     assert METHODS["ivon"].missing == [] and METHODS["ivon"].requires == (("ivon", "ivon-opt"),)
+
+
+def test_a_method_for_one_multiple_choice_format_is_refused_before_loading_and_left_out_of_the_defaults(tmp_path, monkeypatch):
+    """Last-layer Laplace needs the answer-letter rows of lm_head: with SmolLM2's default cloze format it was planned by
+    default and refused only after the MAP had trained, on every seed."""
+    from pyro_lora.experiments import setup as S
+    from pyro_lora.model_files import parameter_count
+
+    assert METHODS["llla"].mc_formats == ("letter",) and METHODS["llla_val"].mc_formats == ("letter",)
+    assert parameter_count("smollm2") == 134_515_008  # from metadata: the loaded base's count
+    monkeypatch.setattr(S, "load_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    config = S.CompareConfig(model="smollm2", dataset="arc_easy", out=str(tmp_path))
+    with pytest.raises(ValueError, match="llla does not apply to the cloze multiple-choice format .* give --mc-format letter"):
+        S.check_config(replace(config, guides=("map", "llla")))
+    assert S.check_config(replace(config, guides=("map", "llla"), mc_format="letter")) == "multiple_choice"
+    defaults = S.default_guides(config)
+    assert "llla" not in defaults and "llla_val" not in defaults and "laplace" in defaults
+    assert "llla" in S.default_guides(replace(config, mc_format="letter"))
+    assert "llla" in methods_for_task("classification") and "llla" in methods_for_task("multiple_choice")
+    with pytest.raises(ValueError, match="mc_formats .'cloze2',. must be a non-empty subset"):
+        method("odd_format", bayesian=True, mc_formats=("cloze2",))

@@ -9,10 +9,10 @@ from ..costs import PeakMemory
 from ..distributed import is_main
 from ..metrics import accuracy
 from ..predictive import Prediction, predict
-from ..guides.registry import VALIDATION_TUNED, Fitted, get_method, methods_for_task
+from ..guides.registry import VALIDATION_TUNED, Fitted, get_method
 from .results import RESULTS, RunFolder
 from .scoring import MI_NO_SAMPLES_NOTE, join_row, ood_auroc, prediction_arrays, score
-from .setup import CompareConfig, check_config, prepare, seed_for, train_map
+from .setup import CompareConfig, check_config, default_guides, prepare, seed_for, train_map
 from .table import format_row, ts_name
 
 
@@ -96,8 +96,8 @@ def run_compare(config: CompareConfig, overwrite: bool = False):
     :raises ValueError: for a configuration that cannot run (:func:`check_config`), before loading anything.
     :raises GuideFailures: at the end, if some guide failed; every other one is written.
     """
-    task = check_config(config)
-    config = replace(config, guides=tuple(config.guides or methods_for_task(task)),
+    check_config(config)
+    config = replace(config, guides=tuple(config.guides or default_guides(config)),
                      data_dir=str(D.resolve_data_dir(config.data_dir)))
     run = RunFolder(config.out, config, overwrite=overwrite)
     datasets = [config.dataset, *config.eval_datasets]

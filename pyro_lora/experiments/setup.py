@@ -15,10 +15,11 @@ from .. import data as D
 from ..io import writable_folder
 from ..likelihoods import MultipleChoice, SequenceClassification
 from ..model import LoraModel
-from ..pretrained import DTYPES, add_lora, default_mc_format, load_adapter, load_pretrained, max_positions
+from ..pretrained import DTYPES, add_lora, default_mc_format, expected_mc_format, load_adapter, load_pretrained, max_positions
 from ..training import fit
 from ..guides import MAPGuide
-from ..guides.registry import METHODS, Fitted, get_method
+from ..guides.registry import METHODS, Fitted, get_method, methods_for_task
+from ..likelihoods import MC_FORMATS
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,13 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
                          "as a Hugging Face folder first, or use --model smollm2, which is cached as one")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    # read from the model's metadata only where a requested method does not take every format
+    restricted = any(m.mc_formats != MC_FORMATS for m in methods)
+    mc_format = expected_format(config, task) if restricted else None
     for m in methods:
+        if mc_format is not None and mc_format not in m.mc_formats:
+            raise ValueError(f"{m.name} does not apply to the {mc_format} multiple-choice format ({m.summary}): it applies "
+                             f"to {' and '.join(m.mc_formats)}; give --mc-format {m.mc_formats[0]}, or leave {m.name} out")
         if m.missing:
             raise ValueError(f"{m.name} needs {', '.join(m.missing)}, which is not installed: pip install {' '.join(m.missing)}, "
                              f"or leave {m.name} out")
@@ -303,6 +310,22 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
     if writes:
         writable_folder(config.out)
     return task
+
+
+def expected_format(config: CompareConfig, task: str):
+    """The multiple-choice format a run of ``config`` will use, before loading: ``--mc-format``, else the model's
+    default from its metadata (:func:`~pyro_lora.pretrained.expected_mc_format`); ``None`` for classification or
+    where the metadata does not tell (then ``prepare`` resolves it from the loaded model)."""
+    if task != "multiple_choice":
+        return None
+    return config.mc_format or expected_mc_format(config.model)
+
+
+def default_guides(config: CompareConfig) -> list:
+    """The methods ``compare`` runs when ``config.guides`` names none: every method that applies to the dataset's
+    task and multiple-choice format and whose packages are installed."""
+    task = D.load_meta(config.dataset, config.data_dir)["task"]
+    return methods_for_task(task, expected_format(config, task))
 
 
 # setting -> (its flag, smallest value, whether that value is allowed): the CLI's bounds, for configs from Python

@@ -32,11 +32,10 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import data as D
-from ..guides.registry import methods_for_task
 from ..io import write_json
 from . import compare
 from .results import MERGE_IGNORES, RESULTS, config_differences, merge_results
-from .setup import CompareConfig, check_config
+from .setup import CompareConfig, check_config, default_guides
 from .study_report import DATASETS, SIDECAR, build_report, duration, machine_info
 
 # The study's defaults, where they differ from compare's: sized for 2 CPU cores (flags scale them up on a GPU).
@@ -119,9 +118,7 @@ def study_configs(base, datasets=None, shift=True, runs=DEFAULTS.out, update=Non
 
 def expected_guides(config):
     """The guides ``run_compare`` will run: the requested ones, or every method applicable to the task."""
-    if config.guides:
-        return list(config.guides)
-    return methods_for_task(D.load_meta(config.dataset, config.data_dir)["task"])
+    return list(config.guides) if config.guides else default_guides(config)
 
 
 def saved_differences(saved, config):
