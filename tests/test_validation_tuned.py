@@ -330,3 +330,17 @@ def test_the_verdict_says_whether_the_noise_or_the_fit_costs_accuracy():
     assert "meanfield -3.0 (its posterior mean -0.5: the weight noise costs it)" in text
     assert "blora_xs -6.0 (its posterior mean -5.0: its fit itself costs it)" in text
     assert "ivon -4.0," in text or text.rstrip(".").endswith("ivon -4.0")  # no mean accuracy: no reason given
+
+
+def test_the_verdict_names_ties_and_leaves_out_a_method_with_a_missing_value():
+    rows = _rows({"map": [(0.80, 14.0, 0.66, 0.09), (0.81, 13.0, 0.65, 0.08)],
+                  "temperature": [(0.80, 6.0, 0.45, 0.09), (0.81, 5.0, 0.44, 0.08)],
+                  "laplace": [(0.80, 3.0, 0.40, 0.07), (0.81, 2.0, 0.39, 0.06)]})
+    text = verdict(rows, "sst2")
+    assert "AURC: laplace (0.065)" in text
+    tie = verdict(rows + [{**r, "guide": "laplace+ts"} for r in rows if r["guide"] == "laplace"], "sst2")
+    assert "AURC: laplace, laplace+ts (0.065, tied)" in tie  # a temperature keeps the ranking: the same AURC
+    rows[4]["nll"] = float("nan")  # laplace's NLL n/a on seed 0: the table's mean is n/a
+    text = verdict(rows, "sst2")
+    assert "NLL: temperature (0.445)" in text and "on both ECE and NLL: none" in text  # not compared on seed 1 alone
+    assert "ECE x100: laplace (2.50)" in text

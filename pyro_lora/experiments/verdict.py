@@ -29,13 +29,20 @@ def clear_difference(diffs, lower_better=True):
 
 
 def _by_guide(rows, dataset, metric):
-    """``{guide: {seed: value}}`` of ``metric`` on ``dataset`` (values that are not available left out)."""
-    out = {}
+    """``{guide: {seed: value}}`` of ``metric`` on ``dataset``, for the guides whose value is available on every seed
+    of ``rows``: one n/a seed leaves the guide out of that metric (the table shows its mean as n/a), rather than
+    comparing it on fewer seeds than the verdict names."""
+    seeds = {r["seed"] for r in rows}
+    out, unavailable = {}, set()
     for r in rows:
+        if r["dataset"] != dataset:
+            continue
         value = r.get(metric)
-        if r["dataset"] == dataset and isinstance(value, (int, float)) and np.isfinite(value):
+        if isinstance(value, (int, float)) and np.isfinite(value):
             out.setdefault(r["guide"], {})[r["seed"]] = float(value)
-    return out
+        elif metric in r:
+            unavailable.add(r["guide"])
+    return {g: v for g, v in out.items() if g not in unavailable and set(v) == seeds}
 
 
 def _beats(values, guide, other, metric):
@@ -55,15 +62,14 @@ def _mean(values, guide):
     return float(np.mean(list(values[guide].values())))
 
 
-def _best(values, metric):
-    lower = COLUMNS[metric].lower_better
-    if not values:
-        return None
-    return (min if lower else max)(values, key=lambda g: _mean(values, g))
-
-
-def _fmt(values, guide, metric):
-    return f"{guide} ({_mean(values, guide):.{COLUMNS[metric].digits}f})"
+def _best(values, metric) -> str:
+    """The best mean of ``metric``: ``"guide (value)"``, or every guide whose mean reads the same at the table's
+    digits, ``"a, b (value, tied)"`` (a method and its +ts row share their AURC: a temperature keeps the ranking)."""
+    digits = COLUMNS[metric].digits
+    shown = {g: f"{_mean(values, g):.{digits}f}" for g in values}
+    top = (min if COLUMNS[metric].lower_better else max)(values, key=lambda g: _mean(values, g))
+    tied = [g for g in values if shown[g] == shown[top]]
+    return f"{', '.join(tied)} ({shown[top]}{', tied' if len(tied) > 1 else ''})"
 
 
 def _names(guides):
@@ -99,11 +105,11 @@ def verdict(rows, dataset) -> str:
         how += (f"; seed{'s' * (len(left_out) > 1)} {', '.join(map(str, left_out))} left out: not every method "
                 "finished it, and means over other seeds would not compare")
     lines = [f"Verdict on {dataset} ({how}):"]
-    best = [f"{COLUMNS[m].title}: {_fmt(values[m], _best(values[m], m), m)}" for m in ("ece", "nll", "aurc") if values[m]]
+    best = [f"{COLUMNS[m].title}: {_best(values[m], m)}" for m in ("ece", "nll", "aurc") if values[m]]
     for shifted in sorted({r["dataset"] for r in rows} - {dataset}):
         ood = _by_guide(rows, shifted, "ood_auroc_entropy")
         if ood:
-            best.append(f"OOD AUROC (entropy) on {shifted}: {_fmt(ood, _best(ood, 'ood_auroc_entropy'), 'ood_auroc_entropy')}")
+            best.append(f"OOD AUROC (entropy) on {shifted}: {_best(ood, 'ood_auroc_entropy')}")
     lines.append("- Best: " + "; ".join(best) + ".")
     if BASELINE in values["nll"]:
         lines += _against_baseline(rows, values)
