@@ -332,7 +332,7 @@ def ensemble_mixture(guide, loader, num_samples):
 ensemble_mixture.uses_samples = False
 
 
-@method("ensemble", bayesian=True, guide=EnsembleGuide, predictive=ensemble_mixture)
+@method("ensemble", bayesian=True, guide=EnsembleGuide, predictive=ensemble_mixture, trains=True)
 def ensemble(setup, k=3):
     """Deep ensemble: the MAP plus k-1 LoRAs (and heads) trained from other seeds, probabilities averaged."""
     c = setup.config

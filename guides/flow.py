@@ -423,7 +423,7 @@ def _softplus_inv(y):
     return y + torch.log(-torch.expm1(-y))  # inverse of softplus, stable for small y
 
 
-@method("flow", bayesian=True, guide=FlowGuide, exportable=True)
+@method("flow", bayesian=True, guide=FlowGuide, exportable=True, trains=True)
 def flow(setup):
     """Bayesian-LoRA: inducing matrices with a MAF posterior over A and B, fitted post hoc around the MAP.
 

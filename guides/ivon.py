@@ -236,7 +236,7 @@ def _check_arguments(model, data, **args):
                          "base in bfloat16 or float32")
 
 
-@method("ivon", bayesian=True, guide=IVONGuide, exportable=True, requires=(("ivon", "ivon-opt"),))
+@method("ivon", bayesian=True, guide=IVONGuide, exportable=True, requires=(("ivon", "ivon-opt"),), trains=True)
 def ivon_method(setup):
     """IVON: LoRA and head trained by variational learning (a diagonal Gaussian, Newton-like updates) from the MAP's start.
 

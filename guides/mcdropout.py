@@ -129,7 +129,7 @@ class ColumnDropout(TorchDistribution):
         return per_column.flatten(-(len(self.event_shape) - 1)).sum(-1)
 
 
-@method("mcdropout", bayesian=True, guide=MCDropoutGuide, exportable=True)
+@method("mcdropout", bayesian=True, guide=MCDropoutGuide, exportable=True, trains=True)
 def mcdropout(setup, p=0.1):
     """MC dropout of the LoRA input units: a LoRA trained with that dropout from peft's init (MAP's budget)."""
     model = setup.lora_model(random="AB")

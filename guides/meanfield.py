@@ -175,7 +175,7 @@ def post_hoc_note(setup, fitted):
     return fitted
 
 
-@method("meanfield", bayesian=True, guide=MeanFieldGuide, exportable=True)
+@method("meanfield", bayesian=True, guide=MeanFieldGuide, exportable=True, trains=True)
 def meanfield(setup):
     """BLoB-style mean-field Gaussian over A and B, fitted post hoc: means fixed at the MAP, SVI learns the stds.
 

@@ -76,6 +76,7 @@ class Method:
     requires: tuple = ()
     base: Optional[str] = None
     mc_formats: tuple = MC_FORMATS
+    trains: bool = False
 
     @property
     def missing(self) -> list:
@@ -86,6 +87,11 @@ class Method:
     def saveable(self) -> bool:
         """Whether ``pyro-lora fit`` can save it: it has a guide."""
         return self.guide is not None
+
+    @property
+    def needs_training(self) -> bool:
+        """Whether its recipe, or its base method's, trains for the run's epochs (:attr:`trains`)."""
+        return self.trains or (self.base in METHODS and METHODS[self.base].trains)
 
     @property
     def setting(self) -> str:
@@ -109,7 +115,7 @@ MODELS: dict = {}  # a model class's registered name (its ``name`` attribute) ->
 def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[type] = None, model: type = LoraModel,
            exportable: bool = False, predictive: Callable = weight_samples, likelihood: Optional[Callable] = None,
            validation: bool = False, ts: bool = True, requires: tuple = (), base: Optional[str] = None,
-           mc_formats: tuple = MC_FORMATS):
+           mc_formats: tuple = MC_FORMATS, trains: bool = False):
     """Register the decorated recipe ``recipe(setup) -> Fitted`` as method ``name``.
 
     :param bayesian: whether it is a posterior (or an ensemble), not a point estimate or a recalibration.
@@ -133,6 +139,8 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
     :param base: the method whose fit under the same seed the recipe starts from (a validation-tuned variant tunes
         its base's posterior): the recipe takes it from ``setup.base_fit()``, and ``compare`` keeps that fit, with the
         network as the fit left it, for the variant when both run.
+    :param trains: its recipe trains for the run's epochs (SVI, ensemble members, its own LoRA): ``compare`` refuses
+        it, and leaves it out of its defaults, with ``epochs=0``; a method with a ``base`` that trains is refused too.
     :param mc_formats: the multiple-choice formats it applies to (``"letter"``, ``"cloze"``): ``compare`` leaves it
         out of its default methods for another format and refuses it by name, before loading anything.
     :raises ValueError: for a name already registered, or a model class whose ``name`` another class holds.
@@ -143,8 +151,8 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
         raise ValueError(f"method name {name!r} must be a Python identifier (letters, digits, _): it names files and flags")
     if name in METHODS:
         raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
-    if not all(isinstance(flag, bool) for flag in (bayesian, exportable, validation, ts)):
-        raise ValueError(f"method {name!r}: bayesian, exportable, validation and ts are True or False")
+    if not all(isinstance(flag, bool) for flag in (bayesian, exportable, validation, ts, trains)):
+        raise ValueError(f"method {name!r}: bayesian, exportable, validation, ts and trains are True or False")
     if base is not None and (not isinstance(base, str) or base == name):
         raise ValueError(f"method {name!r}: base={base!r} must name another method")
     if guide is not None and not (isinstance(guide, type) and issubclass(guide, LoraGuide)):
@@ -165,7 +173,7 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
             raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
         MODELS[model.name] = model
         METHODS[name] = Method(name, recipe, bayesian, tuple(tasks), guide, model, exportable, predictive, likelihood,
-                               validation, ts, tuple(requires), base, tuple(mc_formats))
+                               validation, ts, tuple(requires), base, tuple(mc_formats), trains)
         return recipe
 
     return register
@@ -193,9 +201,10 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def methods_for_task(task: str, mc_format: Optional[str] = None) -> list:
+def methods_for_task(task: str, mc_format: Optional[str] = None, epochs: Optional[int] = None) -> list:
     """The names of the registered methods that apply to a dataset task (``meta.json``'s ``task``), to its
-    multiple-choice format where it has one (``mc_format``; ``None``: any), and whose optional packages are installed
-    (:attr:`Method.missing`)."""
+    multiple-choice format where it has one (``mc_format``; ``None``: any), to ``epochs=0`` where given (no method
+    that trains), and whose optional packages are installed (:attr:`Method.missing`)."""
     return [name for name, m in METHODS.items() if task in m.tasks and not m.missing
-            and (task != "multiple_choice" or mc_format is None or mc_format in m.mc_formats)]
+            and (task != "multiple_choice" or mc_format is None or mc_format in m.mc_formats)
+            and not (epochs == 0 and m.needs_training)]

@@ -53,7 +53,7 @@ class ScalaBLGuide(MeanFieldGuide):
         return {"std": self.std, "init_scale": self.init_scale, "std_lr_scale": self.std_lr_scale, "temperature": self.temperature}
 
 
-@method("scalabl", bayesian=True, guide=ScalaBLGuide, model=ScalaBLModel)
+@method("scalabl", bayesian=True, guide=ScalaBLGuide, model=ScalaBLModel, trains=True)
 def scalabl(setup):
     """ScalaBL: the MAP rotated to A's singular basis, a Gaussian over A's log singular values, SVI with A and B."""
     setup.restore()

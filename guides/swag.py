@@ -183,7 +183,7 @@ class SWAGCollector:
 LORA_XS_LR_FACTOR = 10.0
 
 
-@method("blora_xs", bayesian=True, guide=SWAGGuide, model=LoraXSModel)
+@method("blora_xs", bayesian=True, guide=SWAGGuide, model=LoraXSModel, trains=True)
 def blora_xs(setup, rank=10, scale=0.5, per_epoch=10):
     """B-LoRA-XS: LoRA-XS cores R (A, B from the SVD of W0) trained from zero, SWAG over the last half of training.
 

@@ -260,3 +260,19 @@ def test_a_method_for_one_multiple_choice_format_is_refused_before_loading_and_l
     assert "llla" in methods_for_task("classification") and "llla" in methods_for_task("multiple_choice")
     with pytest.raises(ValueError, match="mc_formats .'cloze2',. must be a non-empty subset"):
         method("odd_format", bayesian=True, mc_formats=("cloze2",))
+
+
+
+def test_methods_that_train_are_refused_with_zero_epochs_before_loading(tmp_path, monkeypatch):
+    """--epochs 0 is a legal MAP (the adapter as initialised), but meanfield and flow divided by zero and IVON refused
+    it only after the MAP had trained."""
+    from pyro_lora.experiments import setup as S
+
+    monkeypatch.setattr(S, "load_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    config = S.CompareConfig(epochs=0, out=str(tmp_path))
+    with pytest.raises(ValueError, match="meanfield, ivon, meanfield_val train for --epochs .* and --epochs is 0"):
+        S.check_config(replace(config, guides=("map", "meanfield", "ivon", "meanfield_val", "laplace")))
+    defaults = S.default_guides(config)
+    assert {"map", "temperature", "laplace", "tfb"} <= set(defaults)
+    assert not {"meanfield", "meanfield_val", "flow", "flow_val", "ensemble", "ivon", "blora_xs", "scalabl"} & set(defaults)
+    assert {"meanfield", "ensemble", "ivon"} <= set(S.default_guides(replace(config, epochs=1)))

@@ -286,6 +286,10 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
     # read from the model's metadata only where a requested method does not take every format
     restricted = any(m.mc_formats != MC_FORMATS for m in methods)
     mc_format = expected_format(config, task) if restricted else None
+    untrained = [m.name for m in methods if m.needs_training]
+    if config.epochs == 0 and untrained:
+        raise ValueError(f"{', '.join(untrained)} train for --epochs (their own fit, or their base method's), and --epochs "
+                         "is 0: give --epochs 1 or more, or leave them out")
     for m in methods:
         if mc_format is not None and mc_format not in m.mc_formats:
             raise ValueError(f"{m.name} does not apply to the {mc_format} multiple-choice format ({m.summary}): it applies "
@@ -323,9 +327,10 @@ def expected_format(config: CompareConfig, task: str):
 
 def default_guides(config: CompareConfig) -> list:
     """The methods ``compare`` runs when ``config.guides`` names none: every method that applies to the dataset's
-    task and multiple-choice format and whose packages are installed."""
+    task, its multiple-choice format and the epochs (none that trains with ``epochs=0``), and whose packages are
+    installed."""
     task = D.load_meta(config.dataset, config.data_dir)["task"]
-    return methods_for_task(task, expected_format(config, task))
+    return methods_for_task(task, expected_format(config, task), config.epochs)
 
 
 # setting -> (its flag, smallest value, whether that value is allowed): the CLI's bounds, for configs from Python
