@@ -32,7 +32,7 @@ from pyro_lora.distributions import MatrixNormalKronecker
 
 from .base import LoraGuide, check_temperature
 from .meanfield import POST_HOC_PRIOR, post_hoc_note
-from .registry import method
+from .registry import join_notes, method
 from .tuning import tune_temperature
 
 
@@ -440,5 +440,5 @@ def flow_val(setup):
     """Bayesian-LoRA with a posterior temperature chosen by validation NLL (every draw's deviation from the MAP
     times sqrt(T)), as ``meanfield_val`` tempers mean-field."""
     fitted = setup.base_fit()
-    tune_temperature(setup, fitted.guide)
+    fitted.note = join_notes(fitted.note, tune_temperature(setup, fitted.guide).note)
     return fitted

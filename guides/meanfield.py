@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 
 from .base import LoraGuide, check_temperature
-from .registry import method
+from .registry import join_notes, method
 from .tuning import tune_temperature
 
 _STDS = ("softplus", "square")
@@ -196,5 +196,5 @@ def meanfield_val(setup):
     section, on the validation split temperature scaling uses (Wenzel et al., 2020).
     """
     fitted = setup.base_fit()
-    tune_temperature(setup, fitted.guide)
+    fitted.note = join_notes(fitted.note, tune_temperature(setup, fitted.guide).note)
     return fitted

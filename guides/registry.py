@@ -53,6 +53,11 @@ class Fitted:
             self.point_estimate = bool(getattr(self.guide, "deterministic", False))
 
 
+def join_notes(*notes) -> Optional[str]:
+    """The notes given, ``None`` ones left out, joined by ``"; "`` (``None`` where none is left)."""
+    return "; ".join(n for n in notes if n) or None
+
+
 def weight_samples(guide, loader, num_samples: int) -> Prediction:
     """The default predictive: ``S = num_samples`` weight draws of ``guide``, probabilities averaged."""
     return predict(guide.model, guide, loader, num_samples=num_samples, keep_samples=True)

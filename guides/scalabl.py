@@ -8,7 +8,7 @@ to the model's ``N(0, prior^2)`` is closed form under :class:`~pyro.infer.TraceM
 from pyro_lora.scalabl import ScalaBLModel
 
 from .meanfield import MeanFieldGuide
-from .registry import method
+from .registry import join_notes, method
 from .tuning import tune_temperature
 
 
@@ -65,5 +65,5 @@ def scalabl(setup):
 def scalabl_val(setup):
     """ScalaBL with a posterior temperature chosen by validation NLL (every std times sqrt(T))."""
     fitted = setup.base_fit()
-    tune_temperature(setup, fitted.guide)
+    fitted.note = join_notes(fitted.note, tune_temperature(setup, fitted.guide).note)
     return fitted

@@ -67,6 +67,7 @@ class TFBGuide(LoraGuide):
         self.criterion = criterion
         self.tolerance = tolerance
         self.trace = list(trace or [])
+        self.search_edge = None  # what the last search warned of, if it ended at an end of its range
         self.register_buffer("sigma_q", torch.zeros((), device=model.device))
         self.set_sigma_q(sigma_q)
         device = model.device
@@ -260,7 +261,7 @@ class TFBGuide(LoraGuide):
         if edge:
             warnings.warn(f"TFB search: {edge}", stacklevel=2)
         self.set_sigma_q(best)
-        self.criterion, self.tolerance, self.trace = criterion, tolerance, trace
+        self.criterion, self.tolerance, self.trace, self.search_edge = criterion, tolerance, trace, edge
         if progress:
             note = edge or f"largest feasible; next grid point up {hi:.6g} is infeasible"
             tqdm.write(f"TFB search: sigma_q = {best:.6g} after {len(trace)} candidates ({note})")
@@ -406,7 +407,8 @@ def bayesianize_setup(setup, model, anchors: int = TFB_ANCHORS, **search) -> TFB
 def tfb(setup):
     """Training-free Bayesianization of the MAP: sigma_q searched on anchors drawn from the training set."""
     guide = bayesianize_setup(setup, setup.lora_model(random="AB"))
-    return Fitted(guide=guide, extra_parameters=guide.extra_parameters())
+    note = f"TFB search: {guide.search_edge}" if guide.search_edge else None
+    return Fitted(guide=guide, extra_parameters=guide.extra_parameters(), note=note)
 
 
 @method("tfb_val", bayesian=True, guide=TFBGuide, exportable=True, validation=True)
@@ -416,8 +418,8 @@ def tfb_val(setup):
     guide = TFBGuide(setup.lora_model(random="AB"))
     low, high = TFB_SEARCH["low"], TFB_SEARCH["high"]
     grid = [low * (high / low) ** (k / 6) for k in range(7)]
-    trace = tune_on_validation(guide, "sigma_q", guide.set_sigma_q, grid, setup.loader(setup.val), setup.config.samples,
-                               seed=setup.seed)
+    tuning = tune_on_validation(guide, "sigma_q", guide.set_sigma_q, grid, setup.loader(setup.val), setup.config.samples,
+                                seed=setup.seed)
     guide.criterion, guide.tolerance = "val_nll", None
-    guide.trace = [{"sigma_q": value, "val_nll": loss, "val_accuracy": acc} for value, loss, acc in trace]
-    return Fitted(guide=guide, extra_parameters=guide.extra_parameters())
+    guide.trace = [{"sigma_q": value, "val_nll": loss, "val_accuracy": acc} for value, loss, acc in tuning.trace]
+    return Fitted(guide=guide, extra_parameters=guide.extra_parameters(), note=tuning.note)

@@ -8,6 +8,7 @@ value that costs validation accuracy is refused: the NLL alone can favour noise 
 
 import math
 import warnings
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -17,6 +18,16 @@ from pyro_lora.predictive import predict
 
 # the validation accuracy a tuned value may cost against the grid's first (least noisy) value: the issue's 1 point
 MAX_ACCURACY_DROP = 0.01
+
+
+class Tuning(NamedTuple):
+    """What :func:`tune_on_validation` chose: the ``value`` the knob is left at, the ``trace``
+    ``[(value, NLL, accuracy), ...]`` in the order scored, and a ``note`` where the choice is at an edge (the grid's
+    end, or every larger value costs accuracy), for the method's rows; else None."""
+
+    value: float
+    trace: list
+    note: Optional[str]
 
 
 def validation_scores(guide, loader, num_samples: int, seed: int = 0) -> tuple:
@@ -43,7 +54,8 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     :param str knob: the knob's name, for the warning and the trace.
     :param grid: at least 3 positive values, increasing.
     :param loader: the validation data.
-    :returns: the trace, ``[(value, NLL, accuracy), ...]`` in the order scored; the knob is left at the best value.
+    :returns: a :class:`Tuning` (the value, the trace, the edge note, which is also warned); the knob is left at the
+        best value.
     :raises ValueError: for a grid of fewer than 3 values or values that are not positive and increasing, a
         negative ``max_accuracy_drop``, or a validation NLL that is NaN.
     """
@@ -64,17 +76,20 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
 
     losses = [score(v) for v in grid]
     i = min(range(len(grid)), key=losses.__getitem__)
+    note = None
     if i == 0 and math.isinf(losses[1]):
-        warnings.warn(f"every {knob} of the grid above its smallest ({grid[0]:g}) costs more than "
-                      f"{100 * max_accuracy_drop:g} validation accuracy points: the search stays below the next one", stacklevel=2)
+        note = (f"every {knob} of the grid above its smallest ({grid[0]:g}) costs more than {100 * max_accuracy_drop:g} "
+                "validation accuracy points: the search stays below the next one")
     elif i in (0, len(grid) - 1):
         side = "smallest" if i == 0 else "largest"
-        warnings.warn(f"the validation NLL is lowest at the {side} {knob} of the grid ({grid[i]:g}; grid {grid[0]:g} to "
-                      f"{grid[-1]:g}): the optimum may lie beyond it", stacklevel=2)
+        note = (f"the validation NLL is lowest at the {side} {knob} of the grid ({grid[i]:g}; grid {grid[0]:g} to "
+                f"{grid[-1]:g}): the optimum may lie beyond it")
+    if note:
+        warnings.warn(note, stacklevel=2)
     golden_section(lambda t: score(math.exp(t)), math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)]), tol)
     best = min(trace, key=lambda t: (t[1] if t[2] >= trace[0][2] - max_accuracy_drop - 1e-9 else math.inf, t[0]))[0]
     set_value(best)
-    return trace
+    return Tuning(best, trace, note)
 
 
 # posterior temperatures tried first: every std times 0.1 to 100 (a post-hoc fit a few epochs long can leave the
@@ -84,6 +99,7 @@ TEMPERATURE_GRID = [10.0 ** (k / 2) for k in range(-4, 9)]
 
 def tune_temperature(setup, guide):
     """Set ``guide``'s posterior temperature (``guide.set_temperature``) by the validation NLL of its predictive with
-    ``setup``'s samples and seed (:func:`tune_on_validation` over :data:`TEMPERATURE_GRID`); returns the trace."""
+    ``setup``'s samples and seed (:func:`tune_on_validation` over :data:`TEMPERATURE_GRID`); returns its
+    :class:`Tuning`."""
     return tune_on_validation(guide, "posterior temperature", guide.set_temperature, TEMPERATURE_GRID,
                               setup.loader(setup.val), setup.config.samples, seed=setup.seed)

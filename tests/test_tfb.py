@@ -160,18 +160,20 @@ def test_search_edges_flip_and_accuracy(capsys):
     with pytest.warns(UserWarning, match="already feasible"):
         trace = guide.search(anchors, criterion="flip", tolerance=0.5, low=1e-4, high=1e-3, num_samples=2, progress=True)
     assert float(guide.sigma_q) == pytest.approx(1e-3) and len(trace) == 1
+    assert guide.search_edge.startswith("high=0.001 is already feasible")  # the tfb method's note
     printed = capsys.readouterr()
     assert "TFB step 1: sigma_q=0.001" in printed.out + printed.err
     assert "TFB search: sigma_q = 0.001" in printed.out + printed.err
     with pytest.warns(UserWarning, match="low=1 is infeasible"):
         guide.search(anchors, criterion="flip", tolerance=0.0, low=1.0, high=2.0, num_samples=2, progress=False)
-    assert float(guide.sigma_q) == 0 and guide.deterministic
+    assert float(guide.sigma_q) == 0 and guide.deterministic and guide.search_edge.startswith("low=1 is infeasible")
     # labels = the sigma = 0 predictions: the accuracy drop is the flip rate
     labelled = [b | {"labels": model.logits(b).argmax(-1)} for b in anchors]
     kw = dict(tolerance=0.1, low=1e-3, high=1.0, iterations=2, num_samples=2, progress=False)
     accuracy = guide.search(labelled, criterion="accuracy", **kw)
     assert all(t["feasible"] == (t["metric"] <= 0.1) for t in accuracy) and float(guide.sigma_q) < 1.0
     assert accuracy == guide.search(labelled, criterion="flip", **kw)
+    assert guide.search_edge is None
 
 
 def test_peft_saved_adapter_loads_and_bayesianizes(tmp_path):

@@ -60,7 +60,9 @@ def test_tuning_finds_the_minimum_of_a_fine_grid_and_leaves_the_knob_there():
     model, guide = meanfield()
     val = data((4, 5))
     grid = [10.0 ** (k / 2) for k in range(-4, 5)]
-    trace = tune_on_validation(guide, "posterior temperature", guide.set_temperature, grid, val, num_samples=8, tol=0.05)
+    tuning = tune_on_validation(guide, "posterior temperature", guide.set_temperature, grid, val, num_samples=8, tol=0.05)
+    trace = tuning.trace
+    assert tuning.value == guide.temperature and tuning.note is None
     assert [t[0] for t in trace[: len(grid)]] == grid and len(trace) > len(grid) + 4
     floor = trace[0][2] - 0.01
     best, loss, _ = min((t for t in trace if t[2] >= floor), key=lambda t: t[1])
@@ -82,12 +84,13 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
     optimum = 3.7
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        trace = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4, tol=0.01)
+        trace = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4, tol=0.01).trace
     assert knob["v"] == pytest.approx(optimum, rel=0.01) and min(trace, key=lambda t: t[1])[0] == knob["v"]
     assert all(len(t) == 3 and t[2] == 0.8 for t in trace)
     optimum = 1e5  # beyond the grid's largest value
     with pytest.warns(UserWarning, match="lowest at the largest T of the grid .100; grid 0.1 to 100.: the optimum may lie beyond"):
-        tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4)
+        tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4)
+    assert "lowest at the largest T of the grid" in tuning.note  # for the method's rows
     assert knob["v"] == pytest.approx(100.0)  # the refinement stays inside the grid
     for bad in ([1.0, 2.0], [1.0, 0.5, 2.0], [0.0, 1.0, 2.0], [1.0, 2.0, float("inf")]):
         with pytest.raises(ValueError, match="at least 3 finite positive values, increasing"):
@@ -109,9 +112,9 @@ def test_tuning_refuses_a_value_that_costs_validation_accuracy(monkeypatch):
         return 1.0 / (1.0 + math.log10(t) + 2), 0.80 if t <= 3.0 else 0.75
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", scores)
     set_value = lambda v: knob.update(v=v)  # noqa: E731
-    trace = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], None, num_samples=4, tol=0.01)
+    trace = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], None, num_samples=4, tol=0.01).trace
     assert 2.9 <= knob["v"] <= 3.0 and min(trace, key=lambda t: t[1])[0] == 100.0  # not the lowest NLL: it costs 5 points
-    trace = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], None, num_samples=4, max_accuracy_drop=0.1)
+    tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], None, num_samples=4, max_accuracy_drop=0.1)
     assert knob["v"] == 100.0  # allowed 10 points: the lowest NLL
     with pytest.warns(UserWarning, match="every T of the grid above its smallest .2. costs more than 1 validation accuracy"):
         tune_on_validation(None, "T", set_value, [2.0, 10.0, 100.0], None, num_samples=4)
@@ -344,3 +347,17 @@ def test_the_verdict_names_ties_and_leaves_out_a_method_with_a_missing_value():
     text = verdict(rows, "sst2")
     assert "NLL: temperature (0.445)" in text and "on both ECE and NLL: none" in text  # not compared on seed 1 alone
     assert "ECE x100: laplace (2.50)" in text
+
+
+def test_a_tuned_variant_carries_the_tunings_edge_into_its_note(monkeypatch):
+    """The grid-edge and accuracy warnings of tfb_val, meanfield_val, scalabl_val and flow_val reached stderr only:
+    the rows and results.json lost them."""
+    from pyro_lora.guides.tuning import Tuning
+
+    model, guide = meanfield()
+    setup = Setup(CompareConfig(out="unused", guides=("meanfield", "meanfield_val"), progress=False), model.net, None,
+                  SequenceClassification(), [], [], [], None)
+    setup.kept["meanfield"] = (Fitted(guide=guide, note="prior std 0.1"), 1.0, None)
+    monkeypatch.setattr("pyro_lora.guides.meanfield.tune_temperature", lambda view, g: Tuning(1e4, [], "lowest at the largest"))
+    fitted = METHODS["meanfield_val"].recipe(setup.for_method("meanfield_val"))
+    assert fitted.note == "prior std 0.1; lowest at the largest"
