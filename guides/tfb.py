@@ -267,6 +267,11 @@ class TFBGuide(LoraGuide):
             tqdm.write(f"TFB search: sigma_q = {best:.6g} after {len(trace)} candidates ({note})")
         return trace
 
+    @property
+    def search_note(self):
+        """``"TFB search: <what it warned of>"`` where the last search ended at an end of its range, else None."""
+        return f"TFB search: {self.search_edge}" if self.search_edge else None
+
     def _logits(self, batch, values=None, num_samples=None):
         logits = self.model.logits(to_device(batch, self.model.device), self.mean() if values is None else values, num_samples)
         if logits.dim() != (2 if num_samples is None else 3):
@@ -407,8 +412,7 @@ def bayesianize_setup(setup, model, anchors: int = TFB_ANCHORS, **search) -> TFB
 def tfb(setup):
     """Training-free Bayesianization of the MAP: sigma_q searched on anchors drawn from the training set."""
     guide = bayesianize_setup(setup, setup.lora_model(random="AB"))
-    note = f"TFB search: {guide.search_edge}" if guide.search_edge else None
-    return Fitted(guide=guide, extra_parameters=guide.extra_parameters(), note=note)
+    return Fitted(guide=guide, extra_parameters=guide.extra_parameters(), note=guide.search_note)
 
 
 @method("tfb_val", bayesian=True, guide=TFBGuide, exportable=True, validation=True)

@@ -37,7 +37,7 @@ class JitterGuide(LoraGuide):
 def jitter(setup):
     """A Gaussian of fixed std around the MAP (a test method)."""
     model = setup.lora_model(random="AB")
-    return Fitted(guide=JitterGuide(model, std=0.05), extra_parameters=1)
+    return Fitted(guide=JitterGuide(model, std=0.05), extra_parameters=1, note="std fixed at 0.05")
 
 
 @pytest.fixture
@@ -70,6 +70,7 @@ def test_a_method_registered_outside_runs_through_compare_fit_and_evaluate(tmp_p
     assert (out / "guide" / "adapter" / "adapter_config.json").is_file()
     again = evaluate_saved(out, progress=False)
     assert {k: again[k] for k in ("accuracy", "ece", "nll")} == {k: record["result"][k] for k in ("accuracy", "ece", "nll")}
+    assert record["fit_note"] == "std fixed at 0.05" and again["note"] == "std fixed at 0.05"  # evaluate keeps the fit's note
 
 
 def test_a_method_that_does_not_take_the_task_is_refused_before_loading(tmp_path, jitter_method):

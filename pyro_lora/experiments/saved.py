@@ -12,7 +12,7 @@ from ..io import check_sealed, load_guide, read_safetensors, recover_directory, 
 from ..model import LoraModel
 from ..kinds import KINDS
 from ..guides.tfb import TFB_ANCHORS, bayesianize_setup
-from ..guides.registry import METHODS, MODELS, Fitted, get_method
+from ..guides.registry import METHODS, MODELS, Fitted, get_method, join_notes
 from .compare import evaluate, fit_method, predictor
 from .scoring import join_row, score
 from .setup import ADDED_SETTINGS, CompareConfig, check_config, check_numbers, prepare, seed_for, train_map
@@ -50,13 +50,14 @@ def fit_one(config: CompareConfig, adapter: bool = False) -> dict:
                    costs, predict_costs)
     random = "".join(sorted({s.matrix for s in guide.sites.values()}))
     save_guide(guide, Path(config.out) / "guide", adapter=adapter,
-               run=run_record(setup, row, method, random=random, prior=float(guide.model.prior)))
+               run=run_record(setup, row, method, random=random, prior=float(guide.model.prior), fit_note=costs.get("note")))
     return row
 
 
 def run_record(setup, row: dict, method, **extra) -> dict:
     """``run.json``: what :func:`evaluate_saved` needs to rebuild the model and reproduce ``row`` (the datasets
-    folder absolute, so that it is found from any working directory; the model class by its registered name)."""
+    folder absolute, so that it is found from any working directory; the model class by its registered name;
+    ``extra`` e.g. the fit's ``fit_note``, which evaluate's rows repeat)."""
     config = {**asdict(setup.config), "data_dir": str(D.resolve_data_dir(setup.config.data_dir))}
     return {"config": config, "sizes": setup.sizes, "seed": setup.seed, "model_class": method.model.name,
             "predictive": method.predictive.__name__, **extra, "result": row}
@@ -99,6 +100,8 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
         t = time.perf_counter()
         guide = bayesianize_setup(setup, setup.model, anchors, **search)
     costs = {"fit_seconds": time.perf_counter() - t, "fit_memory_mb": memory.megabytes, "extra_parameters": guide.extra_parameters()}
+    if guide.search_note:
+        costs["note"] = guide.search_note
     method = get_method("tfb")
     prediction, predict_costs = evaluate(setup, Fitted(predictor(setup, method, guide)), setup.test, "tfb", config.dataset)
     row = join_row({"guide": "tfb", "setting": get_method("tfb").setting, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic), costs,
@@ -106,7 +109,8 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
     # the adapter travels inside the unit (as the guide's mean, which TFB keeps at the adapter's values): the folder
     # can be shared and evaluated without the original adapter
     save_guide(guide, Path(config.out) / "guide", adapter=True,
-               run=run_record(setup, row, method, random="AB", prior=config.prior_scale, adapter="adapter"))
+               run=run_record(setup, row, method, random="AB", prior=config.prior_scale, adapter="adapter",
+                              fit_note=guide.search_note))
     return row
 
 
@@ -227,9 +231,10 @@ def evaluate_saved(run_dir, **overrides) -> dict:
     prediction, costs = evaluate(setup, Fitted(predictor(view, method, guide)), setup.test, method.name, config.dataset)
     row = join_row({"guide": method.name, "setting": method.setting, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
                    costs, {"extra_parameters": guide.extra_parameters(), "test_examples": len(setup.test)})
-    note = _rescored_note(row, run, overrides)
+    # the fit's own note (a tuning at the end of its grid, a search at the end of its range) holds for the guide
+    note = join_notes(run.get("fit_note"), row.get("note"), _rescored_note(row, run, overrides))
     if note:
-        row["note"] = f"{row['note']}; {note}" if row.get("note") else note
+        row["note"] = note
     return row
 
 
