@@ -361,3 +361,17 @@ def test_a_tuned_variant_carries_the_tunings_edge_into_its_note(monkeypatch):
     monkeypatch.setattr("pyro_lora.guides.meanfield.tune_temperature", lambda view, g: Tuning(1e4, [], "lowest at the largest"))
     fitted = METHODS["meanfield_val"].recipe(setup.for_method("meanfield_val"))
     assert fitted.note == "prior std 0.1; lowest at the largest"
+
+
+def test_the_ts_row_of_a_predictive_without_weight_samples_says_so():
+    def closed_form(guide, loader, num_samples):
+        """A GLM-like predictive."""
+
+    closed_form.uses_samples = False
+    method("fake_glm", bayesian=True, predictive=closed_form)(lambda view: Fitted(_over_confident))
+    try:
+        out = run_method(_setup(guides=("fake_glm",)), "fake_glm", 0.0)
+        note = out["fake_glm+ts"][0][0]["note"]
+        assert "draws no weight samples" in note and "temperature applies" not in note
+    finally:
+        METHODS.pop("fake_glm")
