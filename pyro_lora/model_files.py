@@ -101,17 +101,23 @@ def max_positions(name_or_path: str) -> int | None:
     :raises ValueError: ``name_or_path`` is neither embedded nor an existing folder or ``.gguf`` file,
         a config is not valid JSON, or a ``.gguf`` file has no valid GGUF header.
     """
+    return _from_metadata(name_or_path, _folder_max_positions, _gguf_max_positions)
+
+
+def _from_metadata(name_or_path: str, from_folder, from_gguf):
+    """``from_folder(folder)`` or ``from_gguf(file)`` of the model ``name_or_path`` names (SmolLM2: its converted
+    cache once valid, else its GGUF file)."""
     if name_or_path == "minilm":
-        return _folder_max_positions(minilm_dir())
+        return from_folder(minilm_dir())
     if name_or_path == "smollm2":
         gguf, cache = smollm2_gguf(), cache_dir() / "smollm2"
-        return _folder_max_positions(cache) if _cache_is_valid(cache, _source_stamp(gguf)) else _gguf_max_positions(gguf)
+        return from_folder(cache) if _cache_is_valid(cache, _source_stamp(gguf)) else from_gguf(gguf)
     path = _local_path(name_or_path)
     if path.suffix == ".gguf":
-        return _gguf_max_positions(path)
+        return from_gguf(path)
     if not path.is_dir():
         raise ValueError(f"{path} is neither a model folder nor a .gguf file")
-    return _folder_max_positions(path)
+    return from_folder(path)
 
 
 def _read_json(path: Path) -> dict:
@@ -160,17 +166,7 @@ def parameter_count(name_or_path: str) -> int | None:
 
     :raises ImportError, ValueError: as :func:`max_positions`.
     """
-    if name_or_path == "minilm":
-        return _folder_parameter_count(minilm_dir())
-    if name_or_path == "smollm2":
-        gguf, cache = smollm2_gguf(), cache_dir() / "smollm2"
-        return _folder_parameter_count(cache) if _cache_is_valid(cache, _source_stamp(gguf)) else _gguf_parameter_count(gguf)
-    path = _local_path(name_or_path)
-    if path.suffix == ".gguf":
-        return _gguf_parameter_count(path)
-    if not path.is_dir():
-        raise ValueError(f"{path} is neither a model folder nor a .gguf file")
-    return _folder_parameter_count(path)
+    return _from_metadata(name_or_path, _folder_parameter_count, _gguf_parameter_count)
 
 
 def _folder_parameter_count(folder: Path) -> int | None:
