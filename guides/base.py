@@ -8,6 +8,7 @@ Guides never touch the network.
 """
 
 import math
+import numbers
 
 import pyro
 import pyro.poutine as poutine
@@ -23,6 +24,8 @@ def check_temperature(value) -> float:
 
     :raises ValueError: unless ``T`` is a finite positive number.
     """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"temperature must be a finite positive number, got {value!r}")
     value = float(value)
     if not (value > 0 and math.isfinite(value)):
         raise ValueError(f"temperature must be a finite positive number, got {value}")

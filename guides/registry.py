@@ -94,9 +94,26 @@ class Method:
         return self.guide is not None
 
     @property
+    def lineage(self) -> list:
+        """This method and the methods its recipe runs first: its base, the base's base, ...
+
+        :raises ValueError: for a base that is not registered, or a chain of bases that returns to a method.
+        """
+        chain, m = [self], self
+        while m.base is not None:
+            if m.base not in METHODS:
+                raise ValueError(f"method {self.name!r} starts from the method {m.base!r}, which is not registered; "
+                                 f"registered: {', '.join(METHODS)}")
+            m = METHODS[m.base]
+            if m in chain:
+                raise ValueError(f"method {self.name!r}: its bases return to {m.name!r}")
+            chain.append(m)
+        return chain
+
+    @property
     def needs_training(self) -> bool:
-        """Whether its recipe, or its base method's, trains for the run's epochs (:attr:`trains`)."""
-        return self.trains or (self.base in METHODS and METHODS[self.base].trains)
+        """Whether its recipe, or one it starts from (:attr:`lineage`), trains for the run's epochs (:attr:`trains`)."""
+        return any(m.trains for m in self.lineage)
 
     @property
     def setting(self) -> str:
@@ -209,7 +226,16 @@ def get_method(name: str) -> Method:
 def methods_for_task(task: str, mc_format: Optional[str] = None, epochs: Optional[int] = None) -> list:
     """The names of the registered methods that apply to a dataset task (``meta.json``'s ``task``), to its
     multiple-choice format where it has one (``mc_format``; ``None``: any), to ``epochs=0`` where given (no method
-    that trains), and whose optional packages are installed (:attr:`Method.missing`)."""
-    return [name for name, m in METHODS.items() if task in m.tasks and not m.missing
-            and (task != "multiple_choice" or mc_format is None or mc_format in m.mc_formats)
-            and not (epochs == 0 and m.needs_training)]
+    that trains), and whose optional packages are installed (:attr:`Method.missing`); so must every method of its
+    :attr:`~Method.lineage`."""
+    def applies(m):
+        return (task in m.tasks and not m.missing and not (epochs == 0 and m.trains)
+                and (task != "multiple_choice" or mc_format is None or mc_format in m.mc_formats))
+
+    def chain(m):
+        try:
+            return m.lineage
+        except ValueError:
+            return None  # an unknown base: refused by name where it is asked for, never run by default
+
+    return [name for name, m in METHODS.items() if chain(m) is not None and all(map(applies, chain(m)))]

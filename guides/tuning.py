@@ -57,27 +57,34 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     :returns: a :class:`Tuning` (the value, the trace, the edge note, which is also warned); the knob is left at the
         best value.
     :raises ValueError: for a grid of fewer than 3 values or values that are not positive and increasing, a
-        negative ``max_accuracy_drop``, or a validation NLL that is NaN.
+        negative ``max_accuracy_drop``, a ``tol`` that is not positive and finite, or a validation NLL or accuracy
+        that is NaN (the knob is left at that value).
     """
     grid = [float(v) for v in grid]
     if len(grid) < 3 or not all(0 < a < b for a, b in zip(grid, grid[1:])) or not all(map(math.isfinite, grid)):
         raise ValueError(f"{knob} grid {grid} must hold at least 3 finite positive values, increasing")
     if not max_accuracy_drop >= 0:
         raise ValueError(f"max_accuracy_drop must be a fraction >= 0, got {max_accuracy_drop!r}")
-    trace = []
+    if not (isinstance(tol, (int, float)) and 0 < tol < math.inf):
+        raise ValueError(f"tol must be a positive finite width in log space, got {tol!r}")
+    trace, refused = [], set()
 
     def score(value):
         set_value(value)
         loss, acc = validation_scores(guide, loader, num_samples, seed)
-        if math.isnan(loss):
-            raise ValueError(f"the validation NLL is NaN at {knob} = {value:g}: no {knob} was set")
+        if math.isnan(loss) or math.isnan(acc):
+            raise ValueError(f"the validation NLL or accuracy is NaN at {knob} = {value:g}: the tuning stopped, with the "
+                             f"{knob} left there")
         trace.append((value, loss, acc))
-        return loss if acc >= trace[0][2] - max_accuracy_drop - 1e-9 else math.inf
+        if acc < trace[0][2] - max_accuracy_drop - 1e-9:
+            refused.add(value)
+            return math.inf
+        return loss
 
     losses = [score(v) for v in grid]
     i = min(range(len(grid)), key=losses.__getitem__)
     note = None
-    if i == 0 and math.isinf(losses[1]):
+    if i == 0 and all(v in refused for v in grid[1:]):
         note = (f"every {knob} of the grid above its smallest ({grid[0]:g}) costs more than {100 * max_accuracy_drop:g} "
                 "validation accuracy points: the search stays below the next one")
     elif i in (0, len(grid) - 1):
@@ -87,7 +94,7 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     if note:
         warnings.warn(note, stacklevel=2)
     golden_section(lambda t: score(math.exp(t)), math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)]), tol)
-    best = min(trace, key=lambda t: (t[1] if t[2] >= trace[0][2] - max_accuracy_drop - 1e-9 else math.inf, t[0]))[0]
+    best = min(trace, key=lambda t: (math.inf if t[0] in refused else t[1], t[0]))[0]
     set_value(best)
     return Tuning(best, trace, note)
 

@@ -60,6 +60,7 @@ def test_a_method_registered_outside_runs_through_compare_fit_and_evaluate(tmp_p
     jittered = rows[1]
     assert jittered["extra_parameters"] == 1 and jittered["mutual_information"] > 0  # its own weight samples
     assert jittered["mean_accuracy"] == rows[0]["accuracy"] and "mean_accuracy" not in rows[0]  # its mean is the MAP
+    assert "temperature applies to the averaged predictive" in rows[2]["note"]  # its samples have an MI; the +ts row not
     assert 0.0 <= jittered["accuracy"] <= 1.0
     # the command line offers it like a built-in method, fit saves it and evaluate reproduces fit's row
     out = tmp_path / "fit"
@@ -147,8 +148,8 @@ def test_registration_refuses_unusable_metadata():
             method(name, bayesian=True)(lambda setup: None)
     for kwargs, message in [({"guide": 42}, "is no LoraGuide subclass"), ({"exportable": True}, "exportable needs the guide"),
                             ({"predictive": None}, "predictive .and likelihood, if given. must be functions"),
-                            ({"bayesian": "no"}, "bayesian, exportable, validation and ts are True or False"),
-                            ({"validation": 1}, "bayesian, exportable, validation and ts are True or False")]:
+                            ({"bayesian": "no"}, "bayesian, exportable, validation, ts and trains are True or False"),
+                            ({"validation": 1}, "bayesian, exportable, validation, ts and trains are True or False")]:
         with pytest.raises(ValueError, match=message):
             method("odd", **{"bayesian": True, **kwargs})(lambda setup: None)
     first, second = method("twice", bayesian=True), method("twice", bayesian=True)
@@ -277,3 +278,33 @@ def test_methods_that_train_are_refused_with_zero_epochs_before_loading(tmp_path
     assert {"map", "temperature", "laplace", "tfb"} <= set(defaults)
     assert not {"meanfield", "meanfield_val", "flow", "flow_val", "ensemble", "ivon", "blora_xs", "scalabl"} & set(defaults)
     assert {"meanfield", "ensemble", "ivon"} <= set(S.default_guides(replace(config, epochs=1)))
+
+
+def test_a_variant_inherits_its_bases_constraints_along_the_chain(tmp_path, monkeypatch):
+    """A plugin variant of a base that trains, needs a package or another task ran its base's recipe and failed after
+    the MAP; an unknown base failed there too."""
+    from pyro_lora.experiments import setup as S
+
+    monkeypatch.setattr(S, "load_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    method("needs_pkg2", bayesian=True, requires=(("no_such_module_pyro_lora", "no-such-package"),))(lambda v: None)
+    method("of_pkg", bayesian=True, base="needs_pkg2")(lambda v: None)
+    method("of_chain", bayesian=True, base="meanfield_val")(lambda v: None)
+    method("of_nothing", bayesian=True, base="nosuch")(lambda v: None)
+    method("of_zeroshot", bayesian=True, base="zeroshot")(lambda v: None)
+    try:
+        config = S.CompareConfig(out=str(tmp_path))
+        with pytest.raises(ValueError, match=r"of_pkg \(through its base method needs_pkg2\) needs no-such-package"):
+            S.check_config(replace(config, guides=("of_pkg",)))
+        with pytest.raises(ValueError, match="of_chain train for --epochs"):
+            S.check_config(replace(config, guides=("of_chain",), epochs=0))
+        assert [m.name for m in METHODS["of_chain"].lineage] == ["of_chain", "meanfield_val", "meanfield"]
+        with pytest.raises(ValueError, match="starts from the method 'nosuch', which is not registered"):
+            S.check_config(replace(config, guides=("of_nothing",)))
+        with pytest.raises(ValueError, match=r"of_zeroshot \(through its base method zeroshot\) does not apply to classification"):
+            S.check_config(replace(config, guides=("of_zeroshot",)))
+        defaults = S.default_guides(config)
+        assert not {"of_pkg", "of_nothing", "of_zeroshot"} & set(defaults) and "of_chain" in defaults
+        assert "of_chain" not in S.default_guides(replace(config, epochs=0))
+    finally:
+        for name in ("needs_pkg2", "of_pkg", "of_chain", "of_nothing", "of_zeroshot"):
+            METHODS.pop(name)

@@ -42,7 +42,7 @@ def test_posterior_temperature_scales_every_std_and_is_saved(tmp_path):
     assert float((empirical / (2.0 * before[name])).mean()) == pytest.approx(1.0, abs=0.03)
     save_guide(guide, tmp_path / "g")
     assert load_guide(tmp_path / "g", model).temperature == 4.0
-    for bad in (0.0, -1.0, float("inf"), float("nan")):
+    for bad in (0.0, -1.0, float("inf"), float("nan"), True, "2"):
         with pytest.raises(ValueError, match="temperature must be a finite positive number"):
             guide.set_temperature(bad)
     assert guide.temperature == 4.0
@@ -96,10 +96,13 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
         with pytest.raises(ValueError, match="at least 3 finite positive values, increasing"):
             tune_on_validation(None, "T", set_value, bad, None, num_samples=4)
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *args, **kw: (float("nan"), 0.8))
-    with pytest.raises(ValueError, match="the validation NLL is NaN at T = 0.1: no T was set"):
+    with pytest.raises(ValueError, match="the validation NLL or accuracy is NaN at T = 0.1: the tuning stopped"):
         tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4)
     with pytest.raises(ValueError, match="max_accuracy_drop must be a fraction >= 0"):
         tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4, max_accuracy_drop=-0.1)
+    for tol in (0.0, -0.1, float("nan"), float("inf")):  # 0 looped forever, NaN skipped the refinement
+        with pytest.raises(ValueError, match="tol must be a positive finite width"):
+            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4, tol=tol)
 
 
 def test_tuning_refuses_a_value_that_costs_validation_accuracy(monkeypatch):
@@ -174,7 +177,7 @@ def test_ts_rows_hold_the_temperature_fitted_on_the_methods_own_validation_predi
     plain, ts = out["fake_base"][0][0], rows[0]
     assert ts["temperature"] == pytest.approx(t) and ts["setting"] == "validation-tuned" and plain["setting"] == "no validation data"
     assert ts["accuracy"] == plain["accuracy"] and ts["nll"] < plain["nll"]
-    assert math.isnan(ts["mutual_information"]) and "temperature applies to the averaged predictive" in ts["note"]
+    assert math.isnan(ts["mutual_information"]) and "draws no weight samples" in ts["note"]  # none kept: as the plain row
     assert ts["extra_parameters"] == plain["extra_parameters"] + 1 and rows[1]["dataset"] == "other"
     assert "ood_auroc_entropy" in rows[1]
     assert list(run_method(_setup(ts=False, guides=("fake_base",)), "fake_base", 0.0)) == ["fake_base"]
@@ -375,3 +378,38 @@ def test_the_ts_row_of_a_predictive_without_weight_samples_says_so():
         assert "draws no weight samples" in note and "temperature applies" not in note
     finally:
         METHODS.pop("fake_glm")
+
+
+def test_two_variants_of_one_base_each_get_the_base_as_it_left_it():
+    """The second variant of a base was handed the guide the first had tuned in place (its rows scored with the
+    first's knob)."""
+    model, guide = meanfield()
+    setup = Setup(CompareConfig(out="unused", guides=("meanfield", "meanfield_val"), progress=False), model.net, None,
+                  SequenceClassification(), [], [], [], None)
+    setup.kept["meanfield"] = (Fitted(guide=guide), 1.0, None)
+    first = setup.for_method("meanfield_val").base_fit()
+    first.guide.set_temperature(100.0)
+    second = setup.for_method("meanfield_val").base_fit()
+    assert second.guide.temperature == 1.0 and guide.temperature == 1.0 and first.guide is not guide
+    assert second.guide.model is model and second.guide.model.net is model.net  # the network is shared, not copied
+    torch.testing.assert_close(second.guide.stds()[next(iter(guide.stds()))], guide.stds()[next(iter(guide.stds()))])
+
+
+def test_the_accuracy_note_only_where_every_larger_value_costs_accuracy(monkeypatch):
+    """Accuracy drops at the second grid value only: the note must not say every larger value costs it."""
+    knob = {}
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores",
+                        lambda *a, **k: (1.0 + abs(math.log10(knob["v"]) + 2), 0.7 if knob["v"] == 0.1 else 0.8))
+    with pytest.warns(UserWarning, match="lowest at the smallest T of the grid"):
+        tuning = tune_on_validation(None, "T", knob.update and (lambda v: knob.update(v=v)), [0.01, 0.1, 1.0, 10.0], None,
+                                    num_samples=4)
+    assert "costs more than" not in tuning.note
+
+
+def test_seeds_whose_rows_differ_in_columns_summarize_to_not_available():
+    """A run resumed from an older version: seed 0's row lacks mean_accuracy (it raised KeyError, or dropped it)."""
+    old = {"guide": "tfb", "dataset": "sst2", "seed": 0, "accuracy": 0.8}
+    new = {**old, "seed": 1, "mean_accuracy": 0.81}
+    for rows in ([old, new], [new, old]):
+        row = summarize_seeds(rows)[0]
+        assert row["accuracy"] == pytest.approx(0.8) and math.isnan(row["mean_accuracy"])

@@ -200,8 +200,8 @@ def run_method(setup, name: str, map_seconds: float) -> dict:
         ts_costs = {**fit_costs, "fit_seconds": fit_costs["fit_seconds"] + time.perf_counter() - t,
                     "extra_parameters": fit_costs["extra_parameters"] + 1, "temperature": temperature,
                     "note": "; ".join(n for n in (fit_costs.get("note"), note) if n)}
-        # a predictive without weight samples (GLM probit) has no MI before the temperature either: say that
-        mi_note = TS_MI_NOTE if getattr(method.predictive, "uses_samples", True) else MI_NO_SAMPLES_NOTE
+        # a predictive that keeps no per-sample probabilities (GLM probit) has no MI before the temperature either
+        mi_note = TS_MI_NOTE if predictions[config.dataset].sample_probs is not None else MI_NO_SAMPLES_NOTE
         out[ts_name(name)] = _score_rows(setup, ts_name(name), VALIDATION_TUNED, fitted.point_estimate, scaled, ts_costs,
                                          costs, mi_note)
     return out

@@ -33,7 +33,8 @@ def summarize_seeds(rows):
     """Mean and std over seeds of every numeric column, per (guide, evaluation set): ``x`` and ``x_std``.
 
     The seeds' ``note`` entries are kept: ``"seeds 0, 2: <note>"`` per distinct note, joined by ``"; "``.
-    A value that is not available (NaN, or None: JSON null) in any seed makes the column's mean and std NaN:
+    A value that is not available (NaN, None: JSON null, or missing from a seed's row) in any seed makes the column's
+    mean and std NaN:
     n/a, not a mean over the seeds that happen to have it. It is written to ``results.json`` as ``null``.
     """
     groups = {}
@@ -50,10 +51,11 @@ def summarize_seeds(rows):
                 notes.setdefault(r["note"], []).append(str(r["seed"]))
         if notes:
             row["note"] = "; ".join(f"seed{'s' * (len(s) > 1)} {', '.join(s)}: {n}" for n, s in notes.items())
-        for key in group[0]:
+        keys = dict.fromkeys(k for r in group for k in r)  # every seed's columns: a resumed older run may lack some
+        for key in keys:
             if key in ("guide", "dataset", "seed", "note", "setting"):
                 continue
-            values = np.array([r[key] for r in group], dtype=float)  # None (JSON null) -> NaN
+            values = np.array([r.get(key) for r in group], dtype=float)  # None (JSON null) or missing -> NaN
             row[key] = float(values.mean())
             row[key + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         summary.append(row)

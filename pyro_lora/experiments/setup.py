@@ -1,5 +1,6 @@
 """What every method of a comparison shares: its configuration, checked before loading, and the trained MAP."""
 
+import copy
 import importlib.util
 import math
 import time
@@ -148,8 +149,9 @@ class Setup:
     def base_fit(self) -> Fitted:
         """The fit of this view's method's registered ``base`` under this seed: the one ``compare`` kept, with the
         network put back as that fit left it (a guide that trained the adapter predicts with it), else fitted now
-        under the base's own seed (the same result). Its ``inherited_seconds`` are that fit's. The caller may change
-        the returned guide: the base's rows are written.
+        under the base's own seed (the same result). Its ``inherited_seconds`` are the kept fit's time (a fit made
+        now is inside the caller's timing). Its guide is a copy (sharing the model): the caller may tune it, and
+        another variant of the same base still gets the base's guide as the base left it.
 
         :raises ValueError: outside a method's view (:meth:`for_method`), or for a method registered without a base.
         """
@@ -168,8 +170,13 @@ class Setup:
                 params = dict(self.net.named_parameters())
                 for k, v in state.items():
                     params[k].copy_(v)
+        guide = fitted.guide
+        if guide is not None:  # the guide's own tensors copied, never the model, the network or any part of it
+            net = guide.model.net
+            shared = (guide.model, *net.modules(), *net.parameters(), *net.buffers())
+            guide = copy.deepcopy(guide, {id(x): x for x in shared})
         # fitted now, inside the caller's recipe, whose timing already holds it: nothing more to inherit
-        return replace(fitted, inherited_seconds=0.0 if fresh else seconds)
+        return replace(fitted, guide=guide, inherited_seconds=0.0 if fresh else seconds)
 
     def std_lr_scale(self, travel=100.0) -> float:
         """The guides' ``std_lr_scale`` for this run: Adam moves ``log sigma`` by about ``std_lr_scale * lr`` per
@@ -283,23 +290,26 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
                          "as a Hugging Face folder first, or use --model smollm2, which is cached as one")
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU; use --device cpu")
+    # a method runs its base's recipe too (a variant, or a chain of them): each one's constraints apply
+    lineage = [(m, a) for m in methods for a in m.lineage]
     # read from the model's metadata only where a requested method does not take every format
-    restricted = any(m.mc_formats != MC_FORMATS for m in methods)
+    restricted = any(a.mc_formats != MC_FORMATS for _, a in lineage)
     mc_format = expected_format(config, task) if restricted else None
     untrained = [m.name for m in methods if m.needs_training]
     if config.epochs == 0 and untrained:
         raise ValueError(f"{', '.join(untrained)} train for --epochs (their own fit, or their base method's), and --epochs "
                          "is 0: give --epochs 1 or more, or leave them out")
-    for m in methods:
-        if mc_format is not None and mc_format not in m.mc_formats:
-            raise ValueError(f"{m.name} does not apply to the {mc_format} multiple-choice format ({m.summary}): it applies "
-                             f"to {' and '.join(m.mc_formats)}; give --mc-format {m.mc_formats[0]}, or leave {m.name} out")
-        if m.missing:
-            raise ValueError(f"{m.name} needs {', '.join(m.missing)}, which is not installed: pip install {' '.join(m.missing)}, "
+    for m, a in lineage:
+        who = m.name if a is m else f"{m.name} (through its base method {a.name})"
+        if mc_format is not None and mc_format not in a.mc_formats:
+            raise ValueError(f"{who} does not apply to the {mc_format} multiple-choice format ({a.summary}): it applies "
+                             f"to {' and '.join(a.mc_formats)}; give --mc-format {a.mc_formats[0]}, or leave {m.name} out")
+        if a.missing:
+            raise ValueError(f"{who} needs {', '.join(a.missing)}, which is not installed: pip install {' '.join(a.missing)}, "
                              f"or leave {m.name} out")
-        if task not in m.tasks:
-            raise ValueError(f"{m.name} does not apply to {task} sets like {config.dataset!r} ({m.summary}): it applies to "
-                             f"{' and '.join(m.tasks)} sets; leave {m.name} out")
+        if task not in a.tasks:
+            raise ValueError(f"{who} does not apply to {task} sets like {config.dataset!r} ({a.summary}): it applies to "
+                             f"{' and '.join(a.tasks)} sets; leave {m.name} out")
     if config.dataset in config.eval_datasets or len(set(config.eval_datasets)) != len(config.eval_datasets):
         raise ValueError(
             f"--eval-datasets {','.join(config.eval_datasets)} repeats a set or names the training set {config.dataset!r}: "
