@@ -32,11 +32,13 @@ class Tuning(NamedTuple):
 
 def validation_scores(guide, loader, num_samples: int, seed: int = 0) -> tuple:
     """``(NLL, accuracy)`` of ``guide``'s weight-sample predictive on ``loader``, its draws seeded by ``seed`` (in a
-    forked RNG)."""
+    forked RNG); ``(inf, nan)`` where the predictive is not finite."""
     device = guide.model.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         prediction = predict(guide.model, guide, loader, num_samples=num_samples)
+    if not bool(torch.isfinite(prediction.probs).all()):  # e.g. a wide ScalaBL posterior overflows exp(log s)
+        return math.inf, math.nan
     return nll(prediction.probs, prediction.labels), accuracy(prediction.probs, prediction.labels)
 
 
@@ -57,8 +59,9 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     :returns: a :class:`Tuning` (the value, the trace, the edge note, which is also warned); the knob is left at the
         best value.
     :raises ValueError: for a grid of fewer than 3 values or values that are not positive and increasing, a
-        negative ``max_accuracy_drop``, a ``tol`` that is not positive and finite, or a validation NLL or accuracy
-        that is NaN (the knob is left at that value).
+        negative ``max_accuracy_drop``, a ``tol`` that is not positive and finite, or a grid none of whose values
+        gives a finite validation NLL (a value whose predictive is not finite is refused, as one that costs
+        accuracy).
     """
     grid = [float(v) for v in grid]
     if len(grid) < 3 or not all(0 < a < b for a, b in zip(grid, grid[1:])) or not all(map(math.isfinite, grid)):
@@ -72,16 +75,16 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     def score(value):
         set_value(value)
         loss, acc = validation_scores(guide, loader, num_samples, seed)
-        if math.isnan(loss) or math.isnan(acc):
-            raise ValueError(f"the validation NLL or accuracy is NaN at {knob} = {value:g}: the tuning stopped, with the "
-                             f"{knob} left there")
         trace.append((value, loss, acc))
-        if acc < trace[0][2] - max_accuracy_drop - 1e-9:
-            refused.add(value)
+        if not (math.isfinite(loss) and math.isfinite(acc)) or acc < trace[0][2] - max_accuracy_drop - 1e-9:
+            refused.add(value)  # a predictive that is not finite, or one that costs accuracy
             return math.inf
         return loss
 
     losses = [score(v) for v in grid]
+    if all(v in refused for v in grid):
+        raise ValueError(f"no {knob} of the grid ({grid[0]:g} to {grid[-1]:g}) gives a finite validation NLL: the tuning "
+                         f"stopped, with the {knob} left at {grid[-1]:g}")
     i = min(range(len(grid)), key=losses.__getitem__)
     note = None
     if i == 0 and all(v in refused for v in grid[1:]):

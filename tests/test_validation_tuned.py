@@ -95,9 +95,14 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
     for bad in ([1.0, 2.0], [1.0, 0.5, 2.0], [0.0, 1.0, 2.0], [1.0, 2.0, float("inf")]):
         with pytest.raises(ValueError, match="at least 3 finite positive values, increasing"):
             tune_on_validation(None, "T", set_value, bad, None, num_samples=4)
-    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *args, **kw: (float("nan"), 0.8))
-    with pytest.raises(ValueError, match="the validation NLL or accuracy is NaN at T = 0.1: the tuning stopped"):
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *args, **kw: (math.inf, math.nan))
+    with pytest.raises(ValueError, match="no T of the grid .0.1 to 10. gives a finite validation NLL"):
         tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4)
+    # the demo's scalabl_val: the widest temperatures overflow the predictive; they are refused, not fatal
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores",
+                        lambda *a, **k: (math.inf, math.nan) if knob["v"] > 5 else (1.0 / knob["v"], 0.8))
+    assert tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4).value <= 10.0
+    assert knob["v"] < 10.0
     with pytest.raises(ValueError, match="max_accuracy_drop must be a fraction >= 0"):
         tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4, max_accuracy_drop=-0.1)
     for tol in (0.0, -0.1, float("nan"), float("inf")):  # 0 looped forever, NaN skipped the refinement
