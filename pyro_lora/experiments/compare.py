@@ -9,7 +9,7 @@ from ..costs import PeakMemory
 from ..distributed import is_main
 from ..metrics import accuracy
 from ..predictive import Prediction, predict
-from ..guides.registry import VALIDATION_TUNED, Fitted, get_method
+from ..guides.registry import VALIDATION_TUNED, Fitted, get_method, join_notes
 from .results import RESULTS, RunFolder
 from .scoring import MI_NO_SAMPLES_NOTE, join_row, ood_auroc, prediction_arrays, score
 from .setup import CompareConfig, check_config, default_guides, prepare, seed_for, train_map
@@ -199,7 +199,7 @@ def run_method(setup, name: str, map_seconds: float) -> dict:
         scaled = {d: replace(p, probs=apply_temperature(p.probs, temperature), sample_probs=None) for d, p in predictions.items()}
         ts_costs = {**fit_costs, "fit_seconds": fit_costs["fit_seconds"] + time.perf_counter() - t,
                     "extra_parameters": fit_costs["extra_parameters"] + 1, "temperature": temperature,
-                    "note": "; ".join(n for n in (fit_costs.get("note"), note) if n)}
+                    "note": join_notes(fit_costs.get("note"), note)}
         # a predictive that keeps no per-sample probabilities (GLM probit) has no MI before the temperature either
         mi_note = TS_MI_NOTE if predictions[config.dataset].sample_probs is not None else MI_NO_SAMPLES_NOTE
         out[ts_name(name)] = _score_rows(setup, ts_name(name), VALIDATION_TUNED, fitted.point_estimate, scaled, ts_costs,

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..guides.registry import join_notes
 from ..data import resolve_data_dir
 from ..distributed import is_main
 from ..io import atomic_file, write_json
@@ -207,7 +208,7 @@ class RunFolder:
             missing = [str(f["seed"]) for f in self.failed if f["guide"] == base_guide(row["guide"])]
             if missing:
                 note = f"failed under seed{'s' * (len(missing) > 1)} {', '.join(missing)} (results.json 'failed'): mean over the others"
-                row["note"] = f"{row['note']}; {note}" if row.get("note") else note
+                row["note"] = join_notes(row.get("note"), note)
         return summary
 
     def write(self, figures=False):

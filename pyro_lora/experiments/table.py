@@ -4,6 +4,8 @@ import math
 import numbers
 from typing import NamedTuple, Optional
 
+from ..guides.registry import join_notes
+
 
 class Column(NamedTuple):
     """One metric column: the row key, its header, the digits shown, and which way is better (``"min"``,
@@ -87,7 +89,7 @@ def _mark_partial_seeds(rows):
     for r in rows:
         note = partial_seeds_note(r, rows)
         if note:
-            r = {**r, "note": f"{r['note']}; {note}" if r.get("note") else note}
+            r = {**r, "note": join_notes(r.get("note"), note)}
         marked.append(r)
     return marked
 
