@@ -230,6 +230,48 @@ def test_update_reruns_some_guides_and_keeps_the_rest(study, runs, tmp_path, mon
 
 
 
+def test_update_reruns_the_variants_of_an_updated_base_and_merges_a_partial_rerun(study, runs, tmp_path, monkeypatch):
+    """--update laplace also reruns laplace_val (it tunes laplace's fit: its old rows would mix two fits); a rerun whose
+    (laplace, seed 1) fails still merges the finished rows, drops that stale row for the failure, and the dataset fails."""
+    import pyro_lora.experiments.compare as compare
+    from pyro_lora.experiments.results import GuideFailures
+
+    assert study.stale_guides(["laplace"], ["map", "laplace", "laplace_val", "tfb"]) == ["laplace", "laplace_val"]
+    assert study.stale_guides(["laplace_val"], ["map", "laplace", "laplace_val"]) == ["laplace_val"]
+    assert study.stale_guides(["map"], ["map", "laplace", "tfb_val"]) == ["map", "laplace", "tfb_val"]
+    assert study.stale_guides(["flow"], ["map", "plugin_not_loaded"]) == ["flow"]
+    easy = runs / "arc_easy"
+    saved = json.loads((easy / "results.json").read_text())
+    saved["config"]["guides"] = ["map", "laplace", "laplace_val"]
+    saved["per_seed"] = [{**_row("map", "arc_easy", s, "arc_easy", False), "guide": g} for s in (0, 1) for g in saved["config"]["guides"]]
+    (easy / "results.json").write_text(json.dumps(saved))
+    ran = []
+
+    def fake_run_compare(config, overwrite=False):  # laplace seed 1 fails; the finished rows have NLL 0.5
+        ran.append(list(config.guides))
+        out = Path(config.out)
+        out.mkdir(parents=True)
+        rows = [{**_row("map", "arc_easy", s, "arc_easy", False), "guide": g, "nll": 0.5}
+                for s in config.seeds for g in config.guides if (g, s) != ("laplace", 1)]
+        failed = [{"guide": "laplace", "seed": 1, "error": "RuntimeError: boom", "traceback": ""}]
+        (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows),
+                                                      "per_seed": rows, "failed": failed}))
+        raise GuideFailures("1 guide run(s) failed", summarize_seeds(rows))
+
+    monkeypatch.setattr(compare, "run_compare", fake_run_compare)
+    argv = ["--datasets", "arc_easy", "--no-shift", "--update", "laplace", "--guides", "map,laplace,laplace_val",
+            "--seeds", "0,1", "--train-size", "64", *SIZES, "--runs", str(runs), "--docs", str(tmp_path / "docs")]
+    assert cli.main(["study", *argv]) == 1  # the dataset is reported failed
+    assert ran == [["laplace", "laplace_val"]]
+    merged = json.loads((easy / "results.json").read_text())
+    nll = {(r["guide"], r["seed"]): r["nll"] for r in merged["per_seed"]}
+    assert nll == {("map", 0): 1.0, ("map", 1): pytest.approx(1.01), ("laplace", 0): 0.5,
+                   ("laplace_val", 0): 0.5, ("laplace_val", 1): 0.5}
+    assert [(f["guide"], f["seed"]) for f in merged["failed"]] == [("laplace", 1)]
+    updates = json.loads((easy / "study_run.json").read_text())["updates"]
+    assert updates[-1]["guides"] == ["laplace", "laplace_val"]
+
+
 def test_study_help_lists_its_flags_with_the_study_defaults(capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "250")  # one line per flag
     with pytest.raises(SystemExit) as exit_info:

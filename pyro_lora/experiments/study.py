@@ -32,11 +32,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from .. import data as D
+from ..guides.registry import METHODS
 from ..io import write_json
 from . import compare
-from .results import MERGE_IGNORES, RESULTS, config_differences, merge_results
+from .results import MERGE_IGNORES, RESULTS, GuideFailures, config_differences, merge_results
 from .setup import CompareConfig, check_config, default_guides
 from .study_report import DATASETS, SIDECAR, build_report, duration, machine_info
+from .verdict import REFERENCE
 
 # The study's defaults, where they differ from compare's: sized for 2 CPU cores (flags scale them up on a GPU).
 DEFAULTS = CompareConfig(
@@ -160,27 +162,53 @@ def run_dataset(config, command, force=False):
     return seconds
 
 
+def stale_guides(update, guides):
+    """The guides of a run (``guides``, its order kept) whose rows an update of the methods ``update`` leaves stale:
+    those and the variants that start from their fit (:attr:`~pyro_lora.guides.registry.Method.lineage`); every
+    guide where the MAP, which every method starts from, is updated. Updated guides the run lacks come last."""
+    if REFERENCE in update:
+        stale = list(guides)
+    else:
+        stale = [g for g in guides if g in update or (g in METHODS and any(m.name in update for m in METHODS[g].lineage))]
+    return stale + [g for g in update if g not in stale]
+
+
 def update_dataset(config, update, command):
     """Rerun the guides ``update`` with the configuration ``config`` into ``OUT/update`` and merge their rows into the
     run in ``config.out`` (:func:`~pyro_lora.experiments.results.merge_results`); returns the wall seconds.
 
+    The rerun also covers the run's guides that start from an updated one (:func:`stale_guides`). A (guide, seed)
+    that fails in the rerun is merged as failed (its old row is not kept beside the new code's rows), the others'
+    rows are merged, then the failure is raised.
+
     :raises ValueError: if there is no run to update, or it has another configuration.
+    :raises GuideFailures: after the merge, if some rerun (guide, seed) failed.
     """
     out = Path(config.out)
     if not (out / RESULTS).is_file():
         raise ValueError(f"--update needs an existing run: {out / RESULTS} is missing")
-    rerun = replace(config, guides=tuple(update), out=str(out / "update"))
-    print(f"## {config.dataset}: rerunning {', '.join(update)} (seeds {','.join(map(str, config.seeds))})", flush=True)
+    saved = json.loads((out / RESULTS).read_text())["config"]["guides"] or ()
+    guides = stale_guides(list(update), list(saved))
+    rerun = replace(config, guides=tuple(guides), out=str(out / "update"))
+    added = [g for g in guides if g not in update]
+    why = f" ({', '.join(added)}: they start from an updated fit)" if added else ""
+    print(f"## {config.dataset}: rerunning {', '.join(guides)}{why} (seeds {','.join(map(str, config.seeds))})", flush=True)
     started = _now()
     start = time.perf_counter()
-    compare.run_compare(rerun, overwrite=True)  # a previous update's rows are not this one's
+    failure = None
+    try:
+        compare.run_compare(rerun, overwrite=True)  # a previous update's rows are not this one's
+    except GuideFailures as error:  # the finished rows are merged; the failed ones replace their stale rows
+        failure = error
     merge_results(out, rerun.out)
     seconds = time.perf_counter() - start
     sidecar = json.loads((out / SIDECAR).read_text()) if (out / SIDECAR).is_file() else {}
-    sidecar.setdefault("updates", []).append({"guides": list(update), "command": command, "started": started,
+    sidecar.setdefault("updates", []).append({"guides": guides, "command": command, "started": started,
                                               "finished": _now(), "wall_seconds": seconds})
     write_json(out / SIDECAR, sidecar)
-    print(f"## {config.dataset}: {', '.join(update)} updated in {duration(seconds)}", flush=True)
+    if failure is not None:
+        raise failure
+    print(f"## {config.dataset}: {', '.join(guides)} updated in {duration(seconds)}", flush=True)
     return seconds
 
 
