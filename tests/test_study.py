@@ -3,7 +3,7 @@ writes them (no model is loaded)."""
 
 import json
 import re
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -35,7 +35,7 @@ def _nothing_runs_here(tmp_path, monkeypatch):
 def parse(*argv):
     """The study's flags as ``pyro-lora study`` parses them, and the base config the CLI builds from them."""
     args = cli.parser().parse_args(["study", *argv])
-    return args, cli._config(args)
+    return args, cli._study_overrides(args)
 
 
 # (guide, evaluation set) -> (accuracy, ECE x100, NLL); seed s adds s * 0.01 to accuracy and NLL, s to ECE
@@ -66,7 +66,7 @@ def _row(guide, dataset, seed, eval_set, shifted):
 def _write_run(runs_dir, dataset, shift=()):
     guides, seeds = ("map", "temperature", "meanfield"), (0, 1)
     config = CompareConfig(model="smollm2", dataset=dataset, guides=guides, train_size=64, test_size=64, samples=4, epochs=2,
-                           batch_size=4, seeds=seeds, eval_datasets=shift, mc_format="cloze", max_length=192, lr=1e-3, val_fraction=0.25,
+                           batch_size=4, seeds=seeds, eval_datasets=shift, mc_format="cloze", max_length=192, lr=1e-3, val_fraction=0.2,
                            out=str(runs_dir / dataset))
     rows = []
     for seed in seeds:  # the order of run_compare: seed, guide, evaluation set
@@ -112,6 +112,21 @@ def test_report_sections_numbers_and_figures(runs, tmp_path):
     assert "](study/arc_easy_reliability_grid.png)" in md
     assert (docs / "study" / "summary.png").stat().st_size > 1000 and "](study/summary.png)" in md
     assert not list(docs.glob(".*tmp"))  # the atomic write left no temp file
+
+
+def test_report_names_each_runs_model_and_a_classification_run_has_no_answer_format(runs, tmp_path):
+    config = CompareConfig(model="minilm", dataset="sst2", guides=("map", "temperature", "meanfield"), train_size=2000,
+                           test_size=872, samples=8, epochs=10, lr=2e-3, seeds=(0, 1), out=str(runs / "sst2"))
+    rows = [_row(g, "sst2", s, "arc_easy", False) for s in (0, 1) for g in config.guides]
+    (runs / "sst2").mkdir()
+    (runs / "sst2" / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows}))
+    md = report.build_report(runs, tmp_path / "docs", command="x").read_text()
+    assert md.startswith("# Study: Bayesian LoRA guides on MiniLM and SmolLM2-135M\n")
+    assert "| SST-2 | MiniLM | unknown | — | 0,1 | 3 | 2000 | 10% | 872 | 10 | 16 | 8 | 256 | — | 0.002 | fp32 | — |" in md
+    assert "| ARC-Easy | SmolLM2-135M | 12m 34s |" in md and "| 64 | 20% | 64 | 2 | 4 | 4 | 192 | cloze | 0.001 |" in md
+    assert "MiniLM; train 2000 (10% of it for validation), test 872, epochs 10, seeds 0,1, 8 posterior samples.\n" in md
+    assert "SmolLM2-135M; train 64 (20% of it for validation), test 64, epochs 2, seeds 0,1, 4 posterior samples, cloze format." in md
+    assert md.index("## SST-2 (`sst2`)") < md.index("## ARC-Easy (`arc_easy`)")  # the study's order
 
 
 def _sentence(md, start):
@@ -282,15 +297,25 @@ def test_study_help_lists_its_flags_with_the_study_defaults(capsys, monkeypatch)
     for flag in ("--datasets", "--no-shift", "--report-only", "--update", "--force", "--runs", "--docs", "--val-fraction",
                  "--train-size", "--guides", "--seeds", "--quiet", "--debug"):
         assert flag in out
-    assert "(default smollm2)" in out and "(default 0,1,2)" in out and "(default runs/study)" in out
+    assert "--model MODEL  " in out and "(default per task)" in out and "(default per task: 0,1,2)" in out
+    assert "(default runs/study)" in out and "--device {cpu,cuda}   device (default cpu)" in out
     assert "--dataset " not in out and "--mc-normalize" not in out  # set per dataset by the study
 
 
-def test_study_flags_build_the_config_without_changing_compare_s(study):
-    args, base = parse("--lr", "2e-3", "--epochs", "1", "--seeds", "0", "--guides", "map,temperature", "--rank", "4")
-    assert (base.model, base.lr, base.epochs, base.seeds, base.guides, base.rank) == ("smollm2", 2e-3, 1, (0,), ("map", "temperature"), 4)
-    assert (base.train_size, base.test_size, base.val_fraction, base.mc_format) == (32, 32, 0.25, "cloze")
+def test_study_flags_set_every_task_and_the_rest_comes_from_its_plan(study):
+    args, given = parse("--lr", "2e-3", "--epochs", "1", "--seeds", "0", "--guides", "map,temperature", "--rank", "4")
+    sst2, easy = (study.make_config(given, d) for d in ("sst2", "arc_easy"))
+    for c in (sst2, easy):
+        assert (c.lr, c.epochs, c.seeds, c.guides, c.rank) == (2e-3, 1, (0,), ("map", "temperature"), 4)
+    assert (sst2.model, sst2.train_size, sst2.val_fraction, sst2.test_size, sst2.samples, sst2.mc_format) == ("minilm", 2000, 0.1, 872, 8, None)
+    assert (easy.model, easy.train_size, easy.val_fraction, easy.test_size, easy.mc_format) == ("smollm2", 1250, 0.2, 500, "cloze")
     assert args.shift and not args.report_only and args.runs == "runs/study" and args.docs == "docs"
+    # with no flags: SST-2 is the reference task, `compare --full` on all 872 test sentences, 3 seeds
+    _, none_given = parse()
+    full = cli._config(cli.parser(full=True).parse_args(["compare", "--full", "--test-size", "872", "--seeds", "0,1,2", "--lr", "2e-3"]))
+    assert study.make_config(none_given, "sst2") == replace(full, out="runs/study/sst2")
+    plan = study.make_config(none_given, "openbookqa")
+    assert plan.guides == ("zeroshot", "map", "temperature", "tfb") and plan.seeds == (0, 1, 2)
     compare = cli._config(cli.parser().parse_args(["compare"]))
     assert (compare.model, compare.lr, compare.seeds, compare.mc_format) == ("minilm", None, (0,), None)  # compare's own defaults
 
@@ -331,9 +356,9 @@ def test_a_study_that_cannot_run_is_refused_before_training(tmp_path, capsys):
     assert line.startswith("pyro-lora: error: ") and "no_such_set" in line
     assert cli.main(["study", "--datasets", "arc_easy", "--update", "map", "--runs", str(tmp_path / "runs")]) == 2
     assert "--update needs an existing run" in capsys.readouterr().err
-    # a classification set: said as such (it used to blame --mc-format, a flag the user never gave)
-    assert cli.main(["study", "--datasets", "sst2", "--no-shift", "--runs", str(tmp_path / "runs")]) == 2
-    assert "the study compares multiple-choice sets, and sst2 is a classification set" in capsys.readouterr().err
+    # a multiple-choice flag on the classification set: refused by name, before anything runs
+    assert cli.main(["study", "--datasets", "sst2", "--no-shift", "--mc-format", "letter", "--runs", str(tmp_path / "runs")]) == 2
+    assert "--mc-format / --mc-normalize apply to multiple-choice sets, and --dataset sst2 is a classification set" in capsys.readouterr().err
 
 
 def test_run_dataset_resumes_more_guides_or_seeds_and_replaces_another_configuration(study, runs, monkeypatch):

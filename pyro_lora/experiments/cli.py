@@ -145,28 +145,50 @@ def _fraction(text):
     return value
 
 
+class _PerTask:
+    """The study's flags show this as their defaults: each task's plan sets them (``study.PLANS``)."""
+
+    def __getattr__(self, name):
+        return "per task" if name in _PLANNED else getattr(CompareConfig(), name)
+
+
+# the CompareConfig fields each task's plan sets: a study flag left out takes the plan's value
+_PLANNED = ("model", "mc_format", "max_length", "batch_size", "train_size", "test_size", "samples", "val_fraction", "epochs",
+            "lr", "rank", "prior_scale", "guides", "seeds")
+
+
 def _study_args(p):
-    """The study's flags: compare's, with the study's defaults (:data:`~pyro_lora.experiments.study.DEFAULTS`), and its own."""
-    d = study.DEFAULTS
+    """The study's flags: compare's, defaulting to each task's plan (:data:`~pyro_lora.experiments.study.PLANS`), and its own."""
+    d = _PerTask()
     p.add_argument("--datasets", type=_names, default=None,
                    help=f"comma-separated (default {','.join(study.DATASETS)}; with --report-only: every run found)")
     p.add_argument("--shift", action=argparse.BooleanOptionalAction, default=True,
                    help=f"evaluate the {study.SHIFT_SOURCE} run on {', '.join(study.SHIFT_TARGETS)} (adds {study.SHIFT_SOURCE} if absent; default: on)")
     _model_args(p, d, one_dataset=False)
     _size_args(p, d=d)
-    p.add_argument("--val-fraction", type=_fraction, default=d.val_fraction,
-                   help=f"share of --train-size held out for validation, in (0, 1) (default {d.val_fraction})")
+    p.add_argument("--val-fraction", type=_fraction, default=None,
+                   help="share of --train-size held out for validation, in (0, 1) (default per task)")
     _training_args(p, d)
-    _guides_arg(p)
+    p.add_argument("--guides", type=_guides, default=None,
+                   help=f"comma-separated, from: {', '.join(METHODS)} (default per task: every method that applies to "
+                        f"classification; {', '.join(study.PLANS['multiple_choice'].guides)} for multiple choice)")
+    p.set_defaults(**dict.fromkeys(_PLANNED))
     _ts_arg(p)
-    p.add_argument("--seeds", type=_seeds, default=d.seeds, help=f"comma-separated training seeds (default {','.join(map(str, d.seeds))})")
-    p.add_argument("--runs", type=_folder, default=d.out, help=f"each dataset's run goes to RUNS/<dataset> (default {d.out})")
+    p.add_argument("--seeds", type=_seeds, default=None, help="comma-separated training seeds (default per task: 0,1,2)")
+    p.add_argument("--runs", type=_folder, default=study.RUNS, help=f"each dataset's run goes to RUNS/<dataset> (default {study.RUNS})")
     p.add_argument("--docs", type=_folder, default=study.DOCS, help=f"the report goes to DOCS/study.md, its figures to DOCS/study/ (default {study.DOCS})")
     p.add_argument("--force", action="store_true", help="rerun datasets whose results.json holds the same configuration (default: skipped)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from RUNS without training")
     p.add_argument("--update", type=_guides, default=None,
                    help="comma-separated guides to rerun on every dataset's existing run, replacing their rows, the rest kept (default none)")
     _progress_args(p)
+
+
+def _study_overrides(args) -> dict:
+    """The CompareConfig settings the study's command line gives; the others come from each task's plan."""
+    names = {f.name for f in fields(CompareConfig)}
+    given = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    return {**given, "progress": not args.quiet and is_main()}
 
 
 def _seed(text):
@@ -235,7 +257,7 @@ def parser(full=False):
     p.add_argument("--data-dir", default=None, help="the datasets folder, where the run's moved (default: the run's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, also none while loading the model (default: bars shown)")
     _debug(p)
-    p = sub.add_parser("study", allow_abbrev=False, help="every guide on SmolLM2 over five multiple-choice sets and a shift; report in DOCS/study.md",
+    p = sub.add_parser("study", allow_abbrev=False, help="every method on the reference task (MiniLM, SST-2) and on SmolLM2 (ARC-Easy, OBQA -> ARC); report in DOCS/study.md",
                        description=study.__doc__.splitlines()[0].replace("``", ""))
     _study_args(p)
     return ap
@@ -331,7 +353,7 @@ def _run(args, argv=()):
         say(format_table([row]))
         say(f"sigma_q = {row['sigma_q']:.5g}; saved: {Path(args.out) / 'guide'}")
     elif args.command == "study":
-        return study.main(args, _config(args), study.command_line(argv))
+        return study.main(args, _study_overrides(args), study.command_line(argv))
     elif args.command == "evaluate":
         overrides = {k: getattr(args, k) for k in ("test_size", "samples", "device", "data_dir") if getattr(args, k) is not None}
         row = evaluate_saved(args.run_dir, progress=not args.quiet and is_main(), **overrides)

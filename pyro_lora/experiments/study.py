@@ -1,22 +1,26 @@
-"""``pyro-lora study``: every guide on SmolLM2-135M over five multiple-choice sets and the OBQA -> ARC shift.
+"""``pyro-lora study``: every method on the reference task (MiniLM, SST-2); SmolLM2-135M on ARC-Easy and OBQA -> ARC.
 
 This is the report a user reads first. It runs the comparison protocol of ``pyro-lora compare`` (MAP LoRA trained
-once per seed, each guide fitted from it, all scored on the same test subset) on
+once per seed, each method fitted from it, all scored on the same test set) on
 
-* in-distribution: ARC-Easy, ARC-Challenge, OpenBookQA, WinoGrande-S, BoolQ;
-* distribution shift: trained on OpenBookQA, evaluated on ARC-Challenge and ARC-Easy (the OpenBookQA
-  run serves both its in-distribution table and the shift table),
+* SST-2 with MiniLM at the reference task's size (``compare --full``: 2000 training sentences, 10% of them for
+  validation, all 872 test sentences, 10 epochs, S = 8), every method;
+* ARC-Easy with SmolLM2-135M (cloze): 1000 training and 250 validation questions, 500 test questions; the
+  methods whose cost fits a 2-core CPU (zero-shot, MAP, temperature scaling, TFB, each with its ``+ts`` row);
+* distribution shift: SmolLM2 trained on OpenBookQA (1000 + 250 questions), evaluated on its 500 test questions
+  and on 500 of ARC-Challenge and of ARC-Easy (the OpenBookQA run serves both its in-distribution table and
+  the shift table, with OOD AUROC),
 
-with every applicable guide and 3 seeds, then writes ``docs/study.md`` (tables, plots and a summary computed from
-the numbers: where each Bayesian guide does *not* beat MAP) and PNGs in ``docs/study/``
-(:mod:`pyro_lora.experiments.study_report`).
+with 3 seeds, then writes ``docs/study.md`` (tables, plots and a summary computed from the numbers: where each
+Bayesian method does *not* beat MAP) and PNGs in ``docs/study/`` (:mod:`pyro_lora.experiments.study_report`).
+Each task has its settings (:data:`PLANS`); a flag given on the command line sets that setting for every dataset.
 
 Each dataset's ``run_compare`` output goes to ``runs/study/<dataset>/``. A dataset whose ``results.json`` exists
 with the same configuration is skipped, so an interrupted study resumes (``--force`` reruns it); ``--report-only``
 rebuilds the report from those files without training::
 
-    OMP_NUM_THREADS=1 pyro-lora study              # default subsets, sized for 2 CPU cores
-    pyro-lora study --device cuda --train-size 2000 --test-size 1000 --epochs 5 --samples 10
+    OMP_NUM_THREADS=1 pyro-lora study              # the committed report
+    pyro-lora study --datasets sst2 --device cuda  # the reference task alone, on a GPU
     pyro-lora study --report-only                  # rebuild docs/study.md from runs/study/*/results.json
     pyro-lora study --datasets arc_easy --no-shift --guides zeroshot,map,temperature --seeds 0
     pyro-lora study --update meanfield,flow        # after a change to those methods: rerun just their rows
@@ -36,25 +40,28 @@ from ..guides.registry import METHODS
 from ..io import write_json
 from . import compare
 from .results import MERGE_IGNORES, RESULTS, GuideFailures, config_differences, merge_results
-from .setup import CompareConfig, check_config, default_guides
-from .study_report import DATASETS, SIDECAR, build_report, duration, machine_info
+from .setup import FULL, CompareConfig, check_config, default_guides
+from .study_header import duration, machine_info
+from .study_report import DATASETS, SIDECAR, build_report
 from .verdict import REFERENCE
 
-# The study's defaults, where they differ from compare's: sized for 2 CPU cores (flags scale them up on a GPU).
-DEFAULTS = CompareConfig(
-    model="smollm2", dataset=DATASETS[0],
-    train_size=32,  # training examples per dataset, the validation split included
-    val_fraction=0.25,  # temperature scaling needs a few validation questions
-    test_size=32,  # test examples per evaluation set
-    epochs=2,
-    lr=1e-3,  # compare's causal-LM default 3e-4 barely moves the LoRA in the 12 steps of these subsets
-    batch_size=4,
-    samples=4,  # posterior samples per prediction
-    max_length=192,
-    seeds=(0, 1, 2),
-    mc_format="cloze",
-    out="runs/study",  # each dataset's run goes to OUT/<dataset> (the --runs flag)
-)
+# Each task's run settings. Classification: the reference task, every method. Multiple choice: SmolLM2-135M with
+# 1000 training questions and 500 test questions per set, and only the methods whose cost fits hours, not days, of
+# 2 CPU cores (docs/the-study.md says what each left-out method costs)
+PLANS = {
+    "classification": replace(CompareConfig(), model="minilm", **{**FULL, "test_size": 872}, val_fraction=0.1, lr=2e-3,
+                              seeds=(0, 1, 2), mc_format=None),
+    "multiple_choice": CompareConfig(
+        model="smollm2",
+        train_size=1250, val_fraction=0.2,  # 1000 training and 250 validation questions
+        test_size=500,  # per evaluation set: accuracy in steps of 0.2 points
+        epochs=2,
+        lr=1e-3,  # compare's causal-LM default 3e-4 barely moved the LoRA in the 12 steps of an earlier, smaller study
+        batch_size=4, samples=4, max_length=192, seeds=(0, 1, 2), mc_format="cloze",
+        guides=("zeroshot", "map", "temperature", "tfb"),
+    ),
+}
+RUNS = "runs/study"  # each dataset's run goes to RUNS/<dataset> (the --runs flag)
 DOCS = "docs"  # the report goes to DOCS/study.md, its figures to DOCS/study/
 # Answers of very different lengths make the unnormalised cloze sum favour short ones: zero-shot SmolLM2,
 # 100 test questions, summed vs per character: OpenBookQA 0.190 / ECE 63.1 vs 0.280 / 8.6, ARC-Challenge
@@ -82,28 +89,32 @@ def study_datasets(datasets=None, shift=True):
     return datasets
 
 
-def make_config(base, dataset, shift=True, runs=DEFAULTS.out):
-    """The :class:`CompareConfig` of one dataset's run: ``base`` (the flags' settings) on ``dataset``, written to
-    ``runs/<dataset>``, the OpenBookQA run also scored on the shifted ARC sets (with ``shift``), cloze answers
-    normalised as :data:`NORMALIZE` says."""
-    normalize = NORMALIZE.get(dataset) if (base.mc_format or "cloze") == "cloze" else None
-    return replace(base, dataset=dataset, eval_datasets=SHIFT_TARGETS if shift and dataset == SHIFT_SOURCE else (),
+def make_config(overrides, dataset, shift=True, runs=RUNS):
+    """The :class:`CompareConfig` of one dataset's run: its task's plan (:data:`PLANS`) with ``overrides`` (the
+    settings given as flags, ``{field: value}``) on ``dataset``, written to ``runs/<dataset>``; the OpenBookQA run
+    also scored on the shifted ARC sets (with ``shift``), cloze answers normalised as :data:`NORMALIZE` says.
+
+    :raises ValueError: for a dataset that is missing, or of a task the study has no plan for.
+    """
+    task = D.load_meta(dataset, overrides.get("data_dir"))["task"]
+    if task not in PLANS:
+        raise ValueError(f"--datasets {dataset}: the study runs {' and '.join(PLANS)} sets, and {dataset} is a {task} set")
+    config = replace(PLANS[task], **overrides)
+    normalize = NORMALIZE.get(dataset) if config.mc_format == "cloze" else None
+    return replace(config, dataset=dataset, eval_datasets=SHIFT_TARGETS if shift and dataset == SHIFT_SOURCE else (),
                    mc_normalize=normalize, out=str(Path(runs) / dataset))
 
 
-def study_configs(base, datasets=None, shift=True, runs=DEFAULTS.out, update=None):
+def study_configs(overrides, datasets=None, shift=True, runs=RUNS, update=None):
     """The checked configuration of every dataset run, in order: a flag that cannot run is refused before the first
     hour of training.
 
+    :param overrides: the settings given as flags (:func:`make_config`).
     :param update: the guides ``--update`` reruns (they must apply, and every dataset's run must exist).
     :raises ValueError: naming what is wrong (:func:`~pyro_lora.experiments.setup.check_config`).
     """
-    configs = [make_config(base, d, shift, runs) for d in study_datasets(datasets, shift)]
+    configs = [make_config(overrides, d, shift, runs) for d in study_datasets(datasets, shift)]
     for config in configs:
-        task = D.load_meta(config.dataset, config.data_dir)["task"]
-        if task != "multiple_choice":
-            raise ValueError(f"--datasets {config.dataset}: the study compares multiple-choice sets, and {config.dataset} is a "
-                             f"{task} set; use `pyro-lora compare --dataset {config.dataset}`")
         check_config(config, guides=update, writes=False)
         if update and not (Path(config.out) / RESULTS).is_file():
             raise ValueError(f"--update needs an existing run: {Path(config.out) / RESULTS} is missing (run the study, "
@@ -233,20 +244,21 @@ def run_study(configs, command, update=None, force=False):
     return seconds, failed
 
 
-def main(args, base, command):
+def main(args, overrides, command):
     """``pyro-lora study``: run the study the parsed flags ``args`` ask for, then write the report; returns the exit
     status (1 if some dataset failed: the report says which).
 
     :param args: the ``study`` subcommand's flags (``datasets``, ``shift``, ``runs``, ``docs``, ``force``,
         ``report_only``, ``update``).
-    :param base: the :class:`CompareConfig` of its shared flags (model, sizes, training, guides, seeds).
+    :param overrides: the :class:`CompareConfig` settings given as flags, ``{field: value}``; the others come from
+        each dataset's plan (:data:`PLANS`).
     :param command: the command line the sidecars and the report name (:func:`command_line`).
     """
     failed = []
     if args.report_only:
         datasets = list(args.datasets) if args.datasets else None
     else:
-        configs = study_configs(base, args.datasets, args.shift, args.runs, args.update)
+        configs = study_configs(overrides, args.datasets, args.shift, args.runs, args.update)
         start = time.perf_counter()
         seconds, failed = run_study(configs, command, update=args.update, force=args.force)
         datasets = [c.dataset for c in configs]
