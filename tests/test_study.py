@@ -117,9 +117,13 @@ def test_report_sections_numbers_and_figures(runs, tmp_path):
 def test_report_names_each_runs_model_and_a_classification_run_has_no_answer_format(runs, tmp_path):
     config = CompareConfig(model="minilm", dataset="sst2", guides=("map", "temperature", "meanfield"), train_size=2000,
                            test_size=872, samples=8, epochs=10, lr=2e-3, seeds=(0, 1), out=str(runs / "sst2"))
-    rows = [_row(g, "sst2", s, "arc_easy", False) for s in (0, 1) for g in config.guides]
+    rows = [{**_row(g, "sst2", s, "arc_easy", False), "setting": "validation-tuned" if g == "temperature" else "no validation data"}
+            for s in (0, 1) for g in config.guides]
+    rows[2]["note"] = rows[5]["note"] = "the KL weight is at the grid's edge"  # meanfield's, both seeds
+    verdict = "Verdict on sst2 (2 seeds; ...):\n- Best: NLL: temperature (0.955).\n- No validation data: beat temperature scaling: none."
     (runs / "sst2").mkdir()
-    (runs / "sst2" / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows}))
+    (runs / "sst2" / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows,
+                                                            "verdict": verdict}))
     md = report.build_report(runs, tmp_path / "docs", command="x").read_text()
     assert md.startswith("# Study: Bayesian LoRA guides on MiniLM and SmolLM2-135M\n")
     assert "| SST-2 | MiniLM | unknown | — | 0,1 | 3 | 2000 | 10% | 872 | 10 | 16 | 8 | 256 | — | 0.002 | fp32 | — |" in md
@@ -127,6 +131,11 @@ def test_report_names_each_runs_model_and_a_classification_run_has_no_answer_for
     assert "MiniLM; train 2000 (10% of it for validation), test 872, epochs 10, seeds 0,1, 8 posterior samples.\n" in md
     assert "SmolLM2-135M; train 64 (20% of it for validation), test 64, epochs 2, seeds 0,1, 4 posterior samples, cloze format." in md
     assert md.index("## SST-2 (`sst2`)") < md.index("## ARC-Easy (`arc_easy`)")  # the study's order
+    sst2 = md[md.index("## SST-2"):md.index("## ARC-Easy")]
+    assert "| guide | setting | accuracy |" in sst2 and "| temperature | validation-tuned | " in sst2
+    assert "Notes:\n\n- meanfield: seeds 0, 1: the KL weight is at the grid's edge\n" in sst2
+    assert "\nVerdict on sst2 (2 seeds; ...):\n\n- Best: NLL: temperature (0.955).\n- No validation data" in sst2
+    assert "| guide | accuracy |" in md[md.index("## ARC-Easy"):]  # rows without a setting: no empty column
 
 
 def _sentence(md, start):

@@ -226,6 +226,20 @@ def copy_figures(run_dir, dataset, figures_dir):
     return copied
 
 
+def in_distribution_table(run):
+    """The run's table on its own test set, with the setting column (no validation data / validation-tuned) where its
+    rows record it, and the rows' notes under it."""
+    rows = in_distribution_rows(run)
+    first = ("guide", "setting") if any("setting" in r for r in rows) else ("guide",)
+    notes = {}
+    for r in rows:
+        if r.get("note"):
+            notes.setdefault(r["note"], []).append(r["guide"])
+    listed = [f"- {', '.join(guides)}: {note}" for note, guides in notes.items()]
+    table = markdown_table([{"setting": "", **r} for r in rows], IN_DISTRIBUTION, first)
+    return table + ("\n\nNotes:\n\n" + "\n".join(listed) if listed else "")
+
+
 def dataset_section(dataset, run, figures):
     """One in-distribution section: the table and the run's figures."""
     c = run["config"]
@@ -234,7 +248,10 @@ def dataset_section(dataset, run, figures):
              f"{model_name(c)}; train {c['train_size']} ({c['val_fraction']:.0%} of it for validation), test {c['test_size']}, "
              f"epochs {c['epochs']}, seeds {seeds}, {c['samples']} posterior samples"
              + (f", {answer_format(c)} format." if c.get("mc_format") else "."), "",
-             markdown_table(in_distribution_rows(run), IN_DISTRIBUTION), ""]
+             in_distribution_table(run), ""]
+    if run.get("verdict"):  # compare's paragraph: the best methods, and which beat temperature scaling by a paired interval
+        head, _, points = run["verdict"].partition("\n")
+        lines += [head, "", points, ""]
     if "reliability_grid" in figures:
         lines += [f"![reliability diagrams, {dataset}, seed {c['seeds'][0]}](study/{figures['reliability_grid']})", ""]
     if "calibration_vs_accuracy" in figures:
