@@ -67,7 +67,7 @@ def _write_run(runs_dir, dataset, shift=()):
     guides, seeds = ("map", "temperature", "meanfield"), (0, 1)
     config = CompareConfig(model="smollm2", dataset=dataset, guides=guides, train_size=64, test_size=64, samples=4, epochs=2,
                            batch_size=4, seeds=seeds, eval_datasets=shift, mc_format="cloze", max_length=192, lr=1e-3, val_fraction=0.2,
-                           out=str(runs_dir / dataset))
+                           ts=False, out=str(runs_dir / dataset))
     rows = []
     for seed in seeds:  # the order of run_compare: seed, guide, evaluation set
         for guide in guides:
@@ -76,7 +76,20 @@ def _write_run(runs_dir, dataset, shift=()):
     out = runs_dir / dataset
     out.mkdir(parents=True)
     (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows}))
+    _complete_arrays(out, guides, seeds, [dataset, *shift])
     return out
+
+
+def _complete_arrays(out, guides, seeds, datasets):
+    """The predictions files of a finished run: every array of every (guide, seed, evaluation set)."""
+    import numpy as np
+
+    from pyro_lora.experiments.results import ARRAYS
+
+    arrays = {"probs": np.full((4, 2), 0.5), "labels": np.arange(4) % 2, "entropy": np.zeros(4), "mutual_information": np.zeros(4)}
+    assert set(arrays) == set(ARRAYS)
+    for g in guides:
+        np.savez(out / f"predictions_{g}.npz", **{f"{d}__seed{s}__{k}": arrays[k] for d in datasets for s in seeds for k in ARRAYS})
 
 
 @pytest.fixture
@@ -123,19 +136,56 @@ def test_report_names_each_runs_model_and_a_classification_run_has_no_answer_for
     verdict = "Verdict on sst2 (2 seeds; ...):\n- Best: NLL: temperature (0.955).\n- No validation data: beat temperature scaling: none."
     (runs / "sst2").mkdir()
     (runs / "sst2" / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows,
-                                                            "verdict": verdict}))
+                                                            "verdict": verdict, "sizes": {"train": 1800, "validation": 200, "test": 872}}))
     md = report.build_report(runs, tmp_path / "docs", command="x").read_text()
     assert md.startswith("# Study: Bayesian LoRA guides on MiniLM and SmolLM2-135M\n")
-    assert "| SST-2 | MiniLM | unknown | — | 0,1 | 3 | 2000 | 10% | 872 | 10 | 16 | 8 | 256 | — | 0.002 | fp32 | — |" in md
-    assert "| ARC-Easy | SmolLM2-135M | 12m 34s |" in md and "| 64 | 20% | 64 | 2 | 4 | 4 | 192 | cloze | 0.001 |" in md
-    assert "MiniLM; train 2000 (10% of it for validation), test 872, epochs 10, seeds 0,1, 8 posterior samples.\n" in md
-    assert "SmolLM2-135M; train 64 (20% of it for validation), test 64, epochs 2, seeds 0,1, 4 posterior samples, cloze format." in md
+    # the sizes used (results.json's sizes), not those asked for; a run without them says what was asked
+    assert "| SST-2 | MiniLM | unknown | — | 0,1 | 3 | 1800 | 200 | 872 | 10 | 16 | 8 | 256 | — | 0.002 | fp32 | — |" in md
+    assert "| ARC-Easy | SmolLM2-135M | 12m 34s |" in md and "| 64 asked | 20% of it | 64 asked | 2 | 4 | 4 | 192 | cloze | 0.001 |" in md
+    assert "MiniLM; train 1800, validation 200, test 872, epochs 10, seeds 0,1, 8 posterior samples.\n" in md
+    assert "SmolLM2-135M; train 64 asked, validation 20% of it, test 64 asked, epochs 2, seeds 0,1, 4 posterior samples, cloze format." in md
     assert md.index("## SST-2 (`sst2`)") < md.index("## ARC-Easy (`arc_easy`)")  # the study's order
     sst2 = md[md.index("## SST-2"):md.index("## ARC-Easy")]
     assert "| guide | setting | accuracy |" in sst2 and "| temperature | validation-tuned | " in sst2
     assert "Notes:\n\n- meanfield: seeds 0, 1: the KL weight is at the grid's edge\n" in sst2
     assert "\nVerdict on sst2 (2 seeds; ...):\n\n- Best: NLL: temperature (0.955).\n- No validation data" in sst2
     assert "| guide | accuracy |" in md[md.index("## ARC-Easy"):]  # rows without a setting: no empty column
+
+
+def test_report_takes_na_values_partial_means_and_stray_folders(runs, tmp_path, capsys):
+    """An n/a metric (the OOD MI AUROC of a +ts row, a non-finite NLL) is left out, never a crash; a mean over fewer
+    seeds is marked and never compared; a copy of a run under another folder name is left out, said so."""
+    obqa = runs / "openbookqa" / "results.json"
+    saved = json.loads(obqa.read_text())
+    for r in saved["summary"]:
+        if r["guide"] == "meanfield" and r["dataset"] == "arc_challenge":
+            r["ood_auroc_mi"] = None
+        if r["guide"] == "temperature" and r["dataset"] == "openbookqa":
+            r["nll"] = None
+        if r["guide"] == "meanfield" and r["dataset"] == "arc_easy":
+            r["seeds"] = [0]  # a mean over seed 0 only, beside the others' 0 and 1
+    for r in saved["summary"]:
+        if r["guide"] == "map":
+            r["seeds"] = [0, 1]
+    obqa.write_text(json.dumps(saved))
+    (runs / "arc_easy.bak").mkdir()
+    (runs / "arc_easy.bak" / "results.json").write_text((runs / "arc_easy" / "results.json").read_text())
+    with pytest.warns(UserWarning, match="arc_easy.bak holds a run of arc_easy, not of arc_easy.bak: left out"):
+        md = report.build_report(runs, tmp_path / "docs", command="x").read_text()
+    assert "arc_easy.bak" not in md
+    nll = md.split("### NLL")[1].split("### ECE")[0]
+    assert "| meanfield | 1.205 | **1.205** | **1.355** | 1.105 † |" in nll  # partial: marked, never bold
+    assert "| temperature | **0.955** | — |" in nll and "avg rank" not in nll  # n/a: no rank over unequal pools
+    assert "OBQA→ARC-E" not in _sentence(md, "- **meanfield** does not beat MAP on NLL")  # the partial mean is not compared
+    assert "on 1 of 3 sets" in _sentence(md, "- **meanfield** does not beat MAP on NLL")
+    with pytest.raises(ValueError, match="no run of arc_eassy under"):
+        report.build_report(runs, tmp_path / "docs", datasets=["arc_easy", "arc_eassy"])
+    (tmp_path / "docs_file").write_text("")
+    argv = ["study", "--datasets", "arc_easy", "--runs", str(runs), "--docs", str(tmp_path / "docs_file")]
+    assert cli.main(argv) == 2  # found before any training (run_compare fails this test if called)
+    assert "docs_file" in capsys.readouterr().err
+    assert report.guide_order({"a": {"summary": [{"guide": g} for g in ("tfb+ts", "map", "tfb", "laplace+ts", "laplace")]}}) == [
+        "map", "tfb", "tfb+ts", "laplace", "laplace+ts"]
 
 
 def _sentence(md, start):
@@ -173,7 +223,7 @@ def test_average_ranks_and_not_beating():
     assert report.not_beating(table, "x", "map", ["a", "b"], lower_better=False, margin=0.5) == [("b", -1.0)]
 
 
-SIZES = ["--test-size", "64", "--epochs", "2", "--batch-size", "4", "--samples", "4", "--max-length", "192"]
+SIZES = ["--test-size", "64", "--epochs", "2", "--batch-size", "4", "--samples", "4", "--max-length", "192", "--no-ts"]
 
 
 def test_resume_matches_the_saved_config(study, runs):
@@ -186,8 +236,10 @@ def test_resume_matches_the_saved_config(study, runs):
     assert study.run_dataset(config, "x") is None  # skipped: nothing is loaded
     _, bigger = parse("--guides", "map,temperature,meanfield", "--seeds", "0,1", "--train-size", "128", *SIZES)
     assert study.saved_differences(saved, study.make_config(bigger, "arc_easy", runs=runs)) == {"train_size": (64, 128)}
-    assert study.study_datasets(["arc_easy"]) == ["arc_easy", "openbookqa"]
-    assert study.study_datasets(["arc_easy"], shift=False) == ["arc_easy"]
+    assert study.study_datasets(["arc_easy"]) == ["arc_easy"]  # the shift scores the OpenBookQA run; it adds none
+    assert study.study_datasets() == ["sst2", "arc_easy", "openbookqa"]
+    with pytest.raises(ValueError, match="--datasets sst2/: a dataset is a folder name"):
+        study.study_datasets(["sst2/"])  # it named the sst2 run's folder, and replaced that run
     shift = study.make_config(parse()[1], "openbookqa")
     assert shift.eval_datasets == ("arc_challenge", "arc_easy") and shift.mc_normalize == "chars" and shift.out == "runs/study/openbookqa"
     assert study.make_config(parse("--mc-format", "letter")[1], "openbookqa").mc_normalize is None
@@ -244,7 +296,16 @@ def test_update_reruns_some_guides_and_keeps_the_rest(study, runs, tmp_path, mon
     md = (tmp_path / "docs" / "study.md").read_text()
     assert "rows of meanfield rerun" in md and f"`pyro-lora study {' '.join(argv)}`" in md
     with pytest.raises(ValueError, match="existing run"):
-        study.update_dataset(study.make_config(parse(*argv)[1], "boolq", runs=runs), ["meanfield"], "x")
+        study.update_dataset(replace(study.make_config(parse(*argv)[1], "boolq", runs=runs), guides=("meanfield",)), "x")
+    # a rerun of some seeds would leave the others' rows from the old code: refused; without --seeds, the run's seeds
+    with pytest.raises(ValueError, match=r"--update reruns every seed of the arc_easy run \(0,1\): leave --seeds out"):
+        study.study_configs(parse(*argv[:-2], "--seeds", "1")[1], ["arc_easy"], runs=runs, update=("meanfield",))
+    no_seeds = [a for a in argv if a not in ("--seeds", "0,1")]
+    (config,) = study.study_configs(parse(*no_seeds)[1], ["arc_easy"], runs=runs, update=("meanfield",))
+    assert config.seeds == (0, 1) and config.guides == ("meanfield",)
+    # a method the run lacks is not added by --update (the plan may leave it out for its cost)
+    with pytest.raises(ValueError, match="no run of arc_easy has those methods"):
+        study.study_configs(parse(*argv)[1], ["arc_easy"], runs=runs, update=("flow",))
     with pytest.raises(ValueError, match="--update needs an existing run: .*boolq"):  # refused before any dataset runs
         study.study_configs(parse(*argv)[1], ["arc_easy", "boolq"], shift=False, runs=runs, update=("meanfield",))
     # another configuration is refused before any training (it used to retrain, then fail to merge)
@@ -263,7 +324,7 @@ def test_update_reruns_the_variants_of_an_updated_base_and_merges_a_partial_reru
     assert study.stale_guides(["laplace"], ["map", "laplace", "laplace_val", "tfb"]) == ["laplace", "laplace_val"]
     assert study.stale_guides(["laplace_val"], ["map", "laplace", "laplace_val"]) == ["laplace_val"]
     assert study.stale_guides(["map"], ["map", "laplace", "tfb_val"]) == ["map", "laplace", "tfb_val"]
-    assert study.stale_guides(["flow"], ["map", "plugin_not_loaded"]) == ["flow"]
+    assert study.stale_guides(["flow"], ["map", "plugin_not_loaded"]) == []  # --update never adds a method
     easy = runs / "arc_easy"
     saved = json.loads((easy / "results.json").read_text())
     saved["config"]["guides"] = ["map", "laplace", "laplace_val"]
@@ -294,6 +355,23 @@ def test_update_reruns_the_variants_of_an_updated_base_and_merges_a_partial_reru
     assert [(f["guide"], f["seed"]) for f in merged["failed"]] == [("laplace", 1)]
     updates = json.loads((easy / "study_run.json").read_text())["updates"]
     assert updates[-1]["guides"] == ["laplace", "laplace_val"]
+    (laplace_row,) = [r for r in merged["summary"] if r["guide"] == "laplace"]  # the summary says what failed
+    assert "failed under seed 1" in laplace_row["note"]
+
+    def every_seed_fails(config, overwrite=False):  # the MAP fails: nothing finishes, and run_compare records that
+        from pyro_lora.experiments.results import RunFolder
+
+        run = RunFolder(config.out, config, overwrite=overwrite)
+        for s in config.seeds:
+            for g in config.guides:
+                run.fail(g, s, RuntimeError("the MAP failed"))
+        run.raise_failures()
+
+    monkeypatch.setattr(compare, "run_compare", every_seed_fails)
+    assert cli.main(["study", *argv]) == 1
+    merged = json.loads((easy / "results.json").read_text())  # the earlier update's rows were not merged again
+    assert {(r["guide"], r["seed"]) for r in merged["per_seed"]} == {("map", 0), ("map", 1)}
+    assert sorted((f["guide"], f["seed"]) for f in merged["failed"]) == [("laplace", 0), ("laplace", 1), ("laplace_val", 0), ("laplace_val", 1)]
 
 
 def test_study_help_lists_its_flags_with_the_study_defaults(capsys, monkeypatch):
@@ -370,23 +448,44 @@ def test_a_study_that_cannot_run_is_refused_before_training(tmp_path, capsys):
     assert "--mc-format / --mc-normalize apply to multiple-choice sets, and --dataset sst2 is a classification set" in capsys.readouterr().err
 
 
-def test_run_dataset_resumes_more_guides_or_seeds_and_replaces_another_configuration(study, runs, monkeypatch):
+def test_run_dataset_resumes_what_is_unfinished_and_refuses_another_configuration(study, runs, monkeypatch):
     import pyro_lora.experiments.compare as compare
+    from pyro_lora.experiments.results import GuideFailures
 
     calls = []
     monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False: calls.append((config, overwrite)))
     common = ("--guides", "map,temperature,meanfield", "--train-size", "64", *SIZES)
+    same = study.make_config(parse(*common, "--seeds", "0,1")[1], "arc_easy", shift=False, runs=runs)
+    assert study.unfinished(same) == [] and study.run_dataset(same, "x") is None and not calls  # complete: skipped
     more_seeds = study.make_config(parse(*common, "--seeds", "0,1,2")[1], "arc_easy", shift=False, runs=runs)
+    assert study.unfinished(more_seeds) == [("map", 2), ("temperature", 2), ("meanfield", 2)]
     assert study.run_dataset(more_seeds, "pyro-lora study --seeds 0,1,2") is not None
     assert calls[-1] == (more_seeds, False)  # resumed: run_compare skips the finished (guide, seed)
+    # killed part-way: the record matches the request, but a (guide, seed) has no arrays: resumed, not skipped
+    import numpy as np
+
+    (runs / "arc_easy" / "predictions_meanfield.npz").unlink()
+    np.savez(runs / "arc_easy" / "predictions_meanfield.npz", x=np.zeros(1))
+    assert study.unfinished(same) == [("meanfield", 0), ("meanfield", 1)]
+    assert study.run_dataset(same, "y") is not None and calls[-1] == (same, False)
+    # another configuration is refused, naming the difference: replacing it is --force's
     other = study.make_config(parse(*common, "--seeds", "0,1", "--lr", "5e-4")[1], "arc_easy", shift=False, runs=runs)
-    study.run_dataset(other, "x")
-    assert calls[-1] == (other, True)  # another configuration: replaced
-    same = study.make_config(parse(*common, "--seeds", "0,1")[1], "arc_easy", shift=False, runs=runs)
-    study.run_dataset(same, "x", force=True)
-    assert calls[-1] == (same, True)
-    sidecar = json.loads((runs / "arc_easy" / "study_run.json").read_text())
-    assert sidecar["command"] == "x" and sidecar["machine"]["device"] == "cpu"
+    with pytest.raises(ValueError, match=r"holds a run of another configuration \(lr 0\.001 there, 0\.0005 now\).*--force"):
+        study.run_dataset(other, "z")
+    sidecar = json.loads((runs / "arc_easy" / "study_run.json").read_text())  # the resumes added to the record
+    assert sidecar["wall_seconds"] >= 754.0 and sidecar["commands"] == ["pyro-lora study --seeds 0,1", "pyro-lora study --seeds 0,1,2", "y"]
+    assert sidecar["finished"] != "2025-01-01T00:00:00+00:00" and sidecar["machine"]["device"] == "cpu"
+
+    def fails(config, overwrite=False):
+        calls.append((config, overwrite))
+        raise GuideFailures("1 guide run(s) failed", [])
+
+    monkeypatch.setattr(compare, "run_compare", fails)
+    with pytest.raises(GuideFailures):
+        study.run_dataset(other, "w", force=True)
+    assert calls[-1] == (other, True)
+    sidecar = json.loads((runs / "arc_easy" / "study_run.json").read_text())  # a replaced run: a new record, even on failure
+    assert sidecar["commands"] == ["w"] and sidecar["wall_seconds"] < 60
 
 
 def test_one_config_comparison_for_resume_merge_and_the_study(tmp_path):

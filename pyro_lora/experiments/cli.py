@@ -163,7 +163,7 @@ def _study_args(p):
     p.add_argument("--datasets", type=_names, default=None,
                    help=f"comma-separated (default {','.join(study.DATASETS)}; with --report-only: every run found)")
     p.add_argument("--shift", action=argparse.BooleanOptionalAction, default=True,
-                   help=f"evaluate the {study.SHIFT_SOURCE} run on {', '.join(study.SHIFT_TARGETS)} (adds {study.SHIFT_SOURCE} if absent; default: on)")
+                   help=f"score the {study.SHIFT_SOURCE} run, where --datasets has it, on {', '.join(study.SHIFT_TARGETS)} too (default: on)")
     _model_args(p, d, one_dataset=False)
     _size_args(p, d=d)
     p.add_argument("--val-fraction", type=_fraction, default=None,

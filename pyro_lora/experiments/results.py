@@ -197,19 +197,9 @@ class RunFolder:
             self.seeds.append(seed)
 
     def summary(self):
-        """Mean ± std over seeds per (guide, evaluation set), guides in run order (a ``+ts`` row after its method's);
-        a guide that failed under some seed says so in its note (its mean is over the other seeds)."""
-        order = {g: i for i, g in enumerate(self.guides)}
-        seed_order = {s: i for i, s in enumerate(self.seeds)}
-        self.rows.sort(key=lambda r: (order.get(base_guide(r["guide"]), len(order)), r["guide"] != base_guide(r["guide"]),
-                                      seed_order.get(r["seed"], len(seed_order))))
-        summary = summarize_seeds(self.rows)
-        for row in summary:
-            missing = [str(f["seed"]) for f in self.failed if f["guide"] == base_guide(row["guide"])]
-            if missing:
-                note = f"failed under seed{'s' * (len(missing) > 1)} {', '.join(missing)} (results.json 'failed'): mean over the others"
-                row["note"] = join_notes(row.get("note"), note)
-        return summary
+        """Mean ± std over seeds per (guide, evaluation set) (:func:`summarize_run`); sorts the run's rows."""
+        self.rows.sort(key=_row_order(self.guides, self.seeds))
+        return summarize_run(self.rows, self.failed)
 
     def write(self, figures=False):
         """Write ``results.json`` (and with ``figures`` the reliability grid and calibration-vs-accuracy plot)."""
@@ -266,6 +256,26 @@ def _draw_summary(out, summary, guides, dataset, seed, each=()):
     if first and rows:
         reliability_grid(first, out / "reliability_grid.png")
         metric_scatter(rows, out / "calibration_vs_accuracy.png")
+
+
+def _row_order(guides, seeds):
+    """Sort key of per-seed rows: guides in run order (a ``+ts`` row after its method's), then seeds in run order."""
+    order = {g: i for i, g in enumerate(guides)}
+    seed_order = {s: i for i, s in enumerate(seeds)}
+    return lambda r: (order.get(base_guide(r["guide"]), len(order)), r["guide"] != base_guide(r["guide"]),
+                      seed_order.get(r["seed"], len(seed_order)))
+
+
+def summarize_run(rows, failed):
+    """Mean ± std over seeds per (guide, evaluation set) of a run's per-seed ``rows``; a guide that ``failed`` (the
+    run's ``failed`` records) under some seed says so in its note (its mean is over the other seeds)."""
+    summary = summarize_seeds(rows)
+    for row in summary:
+        missing = [str(f["seed"]) for f in failed if f["guide"] == base_guide(row["guide"])]
+        if missing:
+            note = f"failed under seed{'s' * (len(missing) > 1)} {', '.join(missing)} (results.json 'failed'): mean over the others"
+            row["note"] = join_notes(row.get("note"), note)
+    return summary
 
 
 def config_differences(saved, config, ignore=()):
@@ -332,18 +342,23 @@ def merge_results(out, update):
     differ = sorted(config_differences(base, new["config"], ignore=MERGE_IGNORES))
     if differ:
         raise ValueError(f"cannot merge {update} into {out}: their configurations differ in {', '.join(differ)}")
+    missing = sorted(set(base["config"]["seeds"]) - set(new["config"]["seeds"]), key=str)
+    if missing:
+        raise ValueError(f"cannot merge {update} into {out}: the rerun lacks seed(s) {', '.join(map(str, missing))} of the run, "
+                         "whose rows of the rerun methods would be left from the old code")
     updated = list(new["config"]["guides"])
     guides = list(base["config"]["guides"]) + [g for g in updated if g not in base["config"]["guides"]]
-    order = {g: i for i, g in enumerate(guides)}
     rows = sorted([r for r in base["per_seed"] if base_guide(r["guide"]) not in updated] + new["per_seed"],
-                  key=lambda r: (order[base_guide(r["guide"])], r["guide"] != base_guide(r["guide"])))
+                  key=_row_order(guides, base["config"]["seeds"]))
     failed = [f for f in base.get("failed", []) if f["guide"] not in updated] + new.get("failed", [])
     for name in [g for u in updated for g in (u, ts_name(u))]:
         for kind in ("predictions_{}.npz", "reliability_{}.png"):
             if (update / kind.format(name)).is_file():
                 with atomic_file(out / kind.format(name), "wb") as f:
                     f.write((update / kind.format(name)).read_bytes())
-    summary = summarize_seeds(rows)
+            else:  # failed under every seed: the old code's arrays must not draw its figures
+                (out / kind.format(name)).unlink(missing_ok=True)
+    summary = summarize_run(rows, failed)
     config = {**base["config"], "guides": guides}
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
     write_json(out / RESULTS, {**base, "config": config, "summary": summary, "verdict": verdict(rows, config["dataset"]),

@@ -26,9 +26,11 @@ rebuilds the report from those files without training::
     pyro-lora study --update meanfield,flow        # after a change to those methods: rerun just their rows
 """
 
+import contextlib
 import datetime
 import json
 import shlex
+import shutil
 import sys
 import time
 import traceback
@@ -37,9 +39,9 @@ from pathlib import Path
 
 from .. import data as D
 from ..guides.registry import METHODS
-from ..io import write_json
+from ..io import writable_folder, write_json
 from . import compare
-from .results import MERGE_IGNORES, RESULTS, GuideFailures, config_differences, merge_results
+from .results import MERGE_IGNORES, RESULTS, GuideFailures, RunFolder, config_differences, merge_results
 from .setup import FULL, CompareConfig, check_config, default_guides
 from .study_header import duration, machine_info
 from .study_report import DATASETS, SIDECAR, build_report
@@ -80,12 +82,15 @@ def command_line(argv=None):
     return shlex.join(["pyro-lora", *(sys.argv[1:] if argv is None else argv)])
 
 
-def study_datasets(datasets=None, shift=True):
-    """The datasets to run, in order (default :data:`DATASETS`); the shift needs the OpenBookQA run, so ``shift``
-    adds it."""
+def study_datasets(datasets=None):
+    """The datasets to run, in order (default :data:`DATASETS`).
+
+    :raises ValueError: for a name that is no dataset folder name (``sst2/``, ``../x``): it would name another run.
+    """
     datasets = list(datasets or DATASETS)
-    if shift and SHIFT_SOURCE not in datasets:
-        datasets.append(SHIFT_SOURCE)
+    for d in datasets:
+        if Path(d).name != d or d in (".", ".."):
+            raise ValueError(f"--datasets {d}: a dataset is a folder name under the data folder (e.g. sst2, arc_easy)")
     return datasets
 
 
@@ -109,24 +114,53 @@ def study_configs(overrides, datasets=None, shift=True, runs=RUNS, update=None):
     """The checked configuration of every dataset run, in order: a flag that cannot run is refused before the first
     hour of training.
 
+    With ``update``, each config reruns, under its run's own seeds, the guides of its run that ``update`` leaves
+    stale (:func:`stale_guides`); a dataset whose run has none of them is left out, said so.
+
     :param overrides: the settings given as flags (:func:`make_config`).
-    :param update: the guides ``--update`` reruns (they must apply, and every dataset's run must exist).
+    :param update: the guides ``--update`` reruns (every dataset's run must exist, with the flags' configuration).
     :raises ValueError: naming what is wrong (:func:`~pyro_lora.experiments.setup.check_config`).
     """
-    configs = [make_config(overrides, d, shift, runs) for d in study_datasets(datasets, shift)]
-    for config in configs:
-        check_config(config, guides=update, writes=False)
-        if update and not (Path(config.out) / RESULTS).is_file():
-            raise ValueError(f"--update needs an existing run: {Path(config.out) / RESULTS} is missing (run the study, "
-                             "or leave that dataset out of --datasets)")
-        if update:  # the merge would refuse it after the training: refuse it now
-            saved = json.loads((Path(config.out) / RESULTS).read_text())
-            differ = config_differences(saved, config, ignore=MERGE_IGNORES)
-            if differ:
-                changed = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differ.items())
-                raise ValueError(f"--update reruns {config.dataset} with its run's configuration, and these flags differ from "
-                                 f"it ({changed}): give the run's settings, or rerun the whole dataset without --update")
+    configs = []
+    for dataset in study_datasets(datasets):
+        config = make_config(overrides, dataset, shift, runs)
+        if update:
+            config = _update_config(config, update, overrides)
+            if config is None:
+                continue
+        try:
+            check_config(config, writes=False)
+        except ValueError as error:
+            raise ValueError(f"the study's {dataset} run: {error}") from None
+        configs.append(config)
+    if update and not configs:
+        raise ValueError(f"--update {','.join(update)}: no run of {', '.join(study_datasets(datasets))} has those methods "
+                         "(to add a method to a run, give it in --guides without --update)")
     return configs
+
+
+def _update_config(config, update, overrides):
+    """``config`` rerunning what ``update`` leaves stale in its saved run, under that run's seeds; None if nothing."""
+    path = Path(config.out) / RESULTS
+    if not path.is_file():
+        raise ValueError(f"--update needs an existing run: {path} is missing (run the study, or leave that dataset out "
+                         "of --datasets)")
+    saved = json.loads(path.read_text())
+    seeds = tuple(saved["config"]["seeds"])
+    if "seeds" in overrides and sorted(overrides["seeds"]) != sorted(seeds):
+        raise ValueError(f"--update reruns every seed of the {config.dataset} run ({','.join(map(str, seeds))}): leave "
+                         "--seeds out (a rerun of some seeds would leave the others' rows from the old code)")
+    config = replace(config, seeds=seeds)
+    differ = config_differences(saved, config, ignore=MERGE_IGNORES)
+    if differ:  # the merge would refuse it after the training: refuse it now
+        changed = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+        raise ValueError(f"--update reruns {config.dataset} with its run's configuration, and these flags differ from "
+                         f"it ({changed}): give the run's settings, or rerun the whole dataset without --update")
+    guides = stale_guides(list(update), list(saved["config"]["guides"] or ()))
+    if not guides:
+        print(f"## {config.dataset}: its run has none of {', '.join(update)}: left as it is", flush=True)
+        return None
+    return replace(config, guides=tuple(guides))
 
 
 def expected_guides(config):
@@ -140,57 +174,84 @@ def saved_differences(saved, config):
     return config_differences(saved, replace(config, guides=tuple(expected_guides(config))), ignore=("out", "progress"))
 
 
-def run_dataset(config, command, force=False):
-    """Run ``run_compare(config)`` unless a matching, complete ``results.json`` exists; returns the wall seconds
-    (None: skipped). A run that stopped part-way (killed, or some guide failed) resumes: ``run_compare`` skips the
-    (guide, seed) it finished; a run of another configuration is replaced.
+def unfinished(config):
+    """The (guide, seed) of ``config`` whose rows (every evaluation set, ``+ts`` rows too) its run folder lacks."""
+    run = RunFolder(config.out, config)
+    datasets = [config.dataset, *config.eval_datasets]
+    return [(g, s) for s in config.seeds for g in expected_guides(config)
+            if not all(run.complete(r, s, datasets) for r in compare.row_names(config, g))]
 
-    Writes :data:`~pyro_lora.experiments.study_report.SIDECAR` (command, machine, dates, wall seconds) next to
-    ``results.json``.
+
+def run_dataset(config, command, force=False):
+    """Run ``run_compare(config)`` unless its run folder holds every (guide, seed) of it; returns the wall seconds
+    (None: skipped). A run that stopped part-way (killed, or some guide failed) resumes: ``run_compare`` skips the
+    (guide, seed) it finished. A run of another configuration is refused, naming the differences, unless ``force``
+    (which also reruns a complete run of the same configuration).
+
+    Writes :data:`~pyro_lora.experiments.study_report.SIDECAR` (commands, machine, dates, wall seconds summed over
+    the invocations that ran it) next to ``results.json``, also when the run fails.
+
+    :raises ValueError: for a run of another configuration without ``force``.
     """
     out = Path(config.out)
     results = out / RESULTS
-    overwrite = force
-    if results.is_file() and not force:
+    resumed = results.is_file() and not force
+    if resumed:
         saved = json.loads(results.read_text())
-        differences = saved_differences(saved, config)
-        if not differences and not saved.get("failed"):
-            print(f"## {config.dataset}: {results} matches this configuration, skipped (--force reruns it)", flush=True)
+        differences = {k: v for k, v in saved_differences(saved, config).items() if k not in _RESUMABLE}
+        if differences:
+            changed = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differences.items())
+            raise ValueError(f"{results} holds a run of another configuration ({changed}): give its settings to resume it, "
+                             "or --force to replace it (its results are deleted)")
+        todo = unfinished(config)
+        if not todo:
+            print(f"## {config.dataset}: {results} holds every method and seed of this configuration, skipped "
+                  "(--force reruns it)", flush=True)
             return None
-        changed = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in differences.items())
-        overwrite = not set(differences) <= _RESUMABLE
-        print(f"## {config.dataset}: " + (f"configuration changed ({changed}), rerunning" if overwrite else "resuming the unfinished guides"), flush=True)
+        print(f"## {config.dataset}: resuming {len(todo)} unfinished (method, seed)", flush=True)
     shift = f", shift to {', '.join(config.eval_datasets)}" if config.eval_datasets else ""
     print(f"## {config.dataset}: {config.model}, train {config.train_size}, test {config.test_size}, epochs {config.epochs}, "
           f"seeds {','.join(map(str, config.seeds))}{shift}", flush=True)
-    started = _now()
-    start = time.perf_counter()
-    compare.run_compare(config, overwrite=overwrite)
-    seconds = time.perf_counter() - start
-    write_json(out / SIDECAR, {"command": command, "machine": machine_info(config.device), "started": started,
-                               "finished": _now(), "wall_seconds": seconds})
-    print(f"## {config.dataset}: done in {duration(seconds)}", flush=True)
-    return seconds
+    with _sidecar(out, command, config.device, keep=resumed) as record:
+        compare.run_compare(config, overwrite=force)
+    print(f"## {config.dataset}: done in {duration(record['seconds'])}", flush=True)
+    return record["seconds"]
+
+
+@contextlib.contextmanager
+def _sidecar(out, command, device, keep):
+    """Time the block and record it in ``out``'s sidecar, also when it raises; ``keep``: add to the record there (a
+    resumed run: its commands, first start, summed wall time and updates kept), else start a new one."""
+    path = Path(out) / SIDECAR
+    old = json.loads(path.read_text()) if keep and path.is_file() else {}
+    started, start, record = _now(), time.perf_counter(), {}
+    try:
+        yield record
+    finally:
+        record["seconds"] = time.perf_counter() - start
+        commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
+        if Path(out).is_dir():
+            write_json(path, {**old, "command": command, "commands": list(dict.fromkeys([*commands, command])),
+                              "machine": machine_info(device), "started": old.get("started", started), "finished": _now(),
+                              "wall_seconds": (old.get("wall_seconds") or 0.0) + record["seconds"]})
 
 
 def stale_guides(update, guides):
     """The guides of a run (``guides``, its order kept) whose rows an update of the methods ``update`` leaves stale:
     those and the variants that start from their fit (:attr:`~pyro_lora.guides.registry.Method.lineage`); every
-    guide where the MAP, which every method starts from, is updated. Updated guides the run lacks come last."""
+    guide where the MAP, which every method starts from, is updated. An updated method the run lacks is not added."""
     if REFERENCE in update:
-        stale = list(guides)
-    else:
-        stale = [g for g in guides if g in update or (g in METHODS and any(m.name in update for m in METHODS[g].lineage))]
-    return stale + [g for g in update if g not in stale]
+        return list(guides)
+    return [g for g in guides if g in update or (g in METHODS and any(m.name in update for m in METHODS[g].lineage))]
 
 
-def update_dataset(config, update, command):
-    """Rerun the guides ``update`` with the configuration ``config`` into ``OUT/update`` and merge their rows into the
-    run in ``config.out`` (:func:`~pyro_lora.experiments.results.merge_results`); returns the wall seconds.
+def update_dataset(config, command):
+    """Rerun ``config.guides`` (:func:`study_configs` with ``update``) into ``OUT/update``, emptied first, and merge
+    their rows into the run in ``config.out`` (:func:`~pyro_lora.experiments.results.merge_results`); returns the
+    wall seconds.
 
-    The rerun also covers the run's guides that start from an updated one (:func:`stale_guides`). A (guide, seed)
-    that fails in the rerun is merged as failed (its old row is not kept beside the new code's rows), the others'
-    rows are merged, then the failure is raised.
+    A (guide, seed) that fails in the rerun is merged as failed (its old row is not kept beside the new code's
+    rows), the others' rows are merged, then the failure is raised.
 
     :raises ValueError: if there is no run to update, or it has another configuration.
     :raises GuideFailures: after the merge, if some rerun (guide, seed) failed.
@@ -198,34 +259,31 @@ def update_dataset(config, update, command):
     out = Path(config.out)
     if not (out / RESULTS).is_file():
         raise ValueError(f"--update needs an existing run: {out / RESULTS} is missing")
-    saved = json.loads((out / RESULTS).read_text())["config"]["guides"] or ()
-    guides = stale_guides(list(update), list(saved))
-    rerun = replace(config, guides=tuple(guides), out=str(out / "update"))
-    added = [g for g in guides if g not in update]
-    why = f" ({', '.join(added)}: they start from an updated fit)" if added else ""
-    print(f"## {config.dataset}: rerunning {', '.join(guides)}{why} (seeds {','.join(map(str, config.seeds))})", flush=True)
+    rerun = replace(config, out=str(out / "update"))
+    shutil.rmtree(rerun.out, ignore_errors=True)  # an earlier update's rows must never be merged as this one's
+    print(f"## {config.dataset}: rerunning {', '.join(config.guides)} (seeds {','.join(map(str, config.seeds))})", flush=True)
     started = _now()
     start = time.perf_counter()
     failure = None
     try:
-        compare.run_compare(rerun, overwrite=True)  # a previous update's rows are not this one's
+        compare.run_compare(rerun, overwrite=True)
     except GuideFailures as error:  # the finished rows are merged; the failed ones replace their stale rows
         failure = error
     merge_results(out, rerun.out)
     seconds = time.perf_counter() - start
     sidecar = json.loads((out / SIDECAR).read_text()) if (out / SIDECAR).is_file() else {}
-    sidecar.setdefault("updates", []).append({"guides": guides, "command": command, "started": started,
+    sidecar.setdefault("updates", []).append({"guides": list(config.guides), "command": command, "started": started,
                                               "finished": _now(), "wall_seconds": seconds})
     write_json(out / SIDECAR, sidecar)
     if failure is not None:
         raise failure
-    print(f"## {config.dataset}: {', '.join(guides)} updated in {duration(seconds)}", flush=True)
+    print(f"## {config.dataset}: {', '.join(config.guides)} updated in {duration(seconds)}", flush=True)
     return seconds
 
 
-def run_study(configs, command, update=None, force=False):
-    """Run (or with ``update``, rerun those guides of) every dataset's config in turn; returns
-    ``(seconds per dataset run, failed datasets)``.
+def run_study(configs, command, update=False, force=False):
+    """Run (or with ``update``, rerun the guides of) every dataset's config in turn; returns ``(seconds per dataset
+    run, failed datasets)``.
 
     A dataset that fails is reported with its traceback and the study goes on (its rerun resumes from the others).
     """
@@ -233,7 +291,7 @@ def run_study(configs, command, update=None, force=False):
     for i, config in enumerate(configs, 1):
         print(f"# [{i}/{len(configs)}] {config.dataset}", flush=True)
         try:
-            took = update_dataset(config, update, command) if update else run_dataset(config, command, force=force)
+            took = update_dataset(config, command) if update else run_dataset(config, command, force=force)
         except Exception:  # noqa: BLE001 -- one dataset's failure must not lose the rest of a long study
             traceback.print_exc()
             print(f"## {config.dataset}: FAILED, going on", flush=True)
@@ -245,8 +303,8 @@ def run_study(configs, command, update=None, force=False):
 
 
 def main(args, overrides, command):
-    """``pyro-lora study``: run the study the parsed flags ``args`` ask for, then write the report; returns the exit
-    status (1 if some dataset failed: the report says which).
+    """``pyro-lora study``: run the study the parsed flags ``args`` ask for, then write the report of every run in
+    ``args.runs``; returns the exit status (1 if some dataset failed: the report says which).
 
     :param args: the ``study`` subcommand's flags (``datasets``, ``shift``, ``runs``, ``docs``, ``force``,
         ``report_only``, ``update``).
@@ -254,14 +312,15 @@ def main(args, overrides, command):
         each dataset's plan (:data:`PLANS`).
     :param command: the command line the sidecars and the report name (:func:`command_line`).
     """
+    writable_folder(Path(args.docs) / "study")  # found after hours of training, it lost the report
     failed = []
     if args.report_only:
-        datasets = list(args.datasets) if args.datasets else None
+        datasets = study_datasets(args.datasets) if args.datasets else None
     else:
         configs = study_configs(overrides, args.datasets, args.shift, args.runs, args.update)
         start = time.perf_counter()
-        seconds, failed = run_study(configs, command, update=args.update, force=args.force)
-        datasets = [c.dataset for c in configs]
+        seconds, failed = run_study(configs, command, update=bool(args.update), force=args.force)
+        datasets = None  # the report covers every run, not only this invocation's
         print(f"# study: {len(seconds)} dataset run(s) in {duration(time.perf_counter() - start)}"
               + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
     path = build_report(args.runs, args.docs, datasets, command, failed)

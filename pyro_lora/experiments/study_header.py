@@ -48,7 +48,7 @@ def _machine_line(m):
 def header_section(runs, command, now, failed=()):
     """Title, command lines, machine(s), dates, wall times and the sizes of every run."""
     sidecars = {d: run["sidecar"] for d, run in runs.items()}
-    commands = sorted({s["command"] for s in sidecars.values() if s.get("command")})
+    commands = sorted({c for s in sidecars.values() for c in (s.get("commands") or ([s["command"]] if s.get("command") else []))})
     machines = sorted({_machine_line(s["machine"]) for s in sidecars.values() if s.get("machine")})
     walls = [s.get("wall_seconds") for s in sidecars.values()]
     total = sum(w for w in walls if w is not None)
@@ -84,15 +84,26 @@ def header_section(runs, command, now, failed=()):
                   "| max length | format | lr | base | shift to |", "|" + "---|" * 17]
     for d, run in runs.items():
         c, s = run["config"], run["sidecar"]
+        train, validation, test = used_sizes(run)
         lines.append(
             f"| {long_name(d)} | {model_name(c)} | {duration(s.get('wall_seconds'))} | {s.get('finished', '—')} "
-            f"| {','.join(map(str, c['seeds']))} | {len(c['guides'])} | {c['train_size']} | {c['val_fraction']:.0%} | {c['test_size']} "
+            f"| {','.join(map(str, c['seeds']))} | {len(c['guides'])} | {train} | {validation} | {test} "
             f"| {c['epochs']} | {c['batch_size']} | {c['samples']} | {c['max_length']} | {answer_format(c)} | {c['lr']} "
             f"| {c.get('dtype', 'fp32')}{', 4-bit' if c.get('load_in_4bit') else ''} | {', '.join(map(long_name, c['eval_datasets'])) or '—'} |")
-    lines += ["", "The training size includes the validation split (the share in the validation column), on which temperature "
-                  "scaling, the `+ts` rows and the validation-tuned methods are fitted; every seed sees the same examples, only "
-                  "initialisation and order change. Test sets are capped at the set's size."]
+    lines += ["", "Train, validation and test are the examples used (a set smaller than the size asked for gives all it has); "
+                  "temperature scaling, the `+ts` rows and the validation-tuned methods are fitted on the validation split. "
+                  "Every seed sees the same examples, only initialisation and order change."]
     return "\n".join(lines)
+
+
+def used_sizes(run):
+    """``(train, validation, test)`` as the report prints them: the examples the run used (``results.json``'s
+    ``sizes``; the shifted test sets in brackets), or, for a run that did not record them, the sizes asked for."""
+    sizes, c = run.get("sizes"), run["config"]
+    if not sizes:
+        return f"{c['train_size']} asked", f"{c['val_fraction']:.0%} of it", f"{c['test_size']} asked"
+    shifted = ", ".join(f"{short(name)} {sizes[f'test {name}']}" for name in c["eval_datasets"] if f"test {name}" in sizes)
+    return str(sizes["train"]), str(sizes["validation"]), f"{sizes['test']}" + (f" ({shifted})" if shifted else "")
 
 
 def model_name(config):

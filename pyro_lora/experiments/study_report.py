@@ -9,6 +9,7 @@ import datetime
 import json
 import shlex
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,8 @@ import numpy as np
 from ..guides.registry import METHODS
 from ..io import atomic_file
 from .plots import difference_heatmaps
-from .study_header import answer_format, header_section, long_name, model_name, short
-from .table import COLUMNS, columns, format_cell, not_available, partial_seeds_note
+from .study_header import answer_format, header_section, long_name, model_name, short, used_sizes
+from .table import COLUMNS, columns, format_cell, not_available, partial_seeds_note, ts_name
 from .verdict import clear_difference
 
 DATASETS = ("sst2", "arc_easy", "openbookqa")  # the study's sets, in report order
@@ -34,19 +35,27 @@ SHIFTED = columns("accuracy", "ece", "nll", "ood_auroc_entropy", "ood_auroc_mi")
 def load_runs(runs_dir, datasets=None):
     """``{dataset: {"config", "summary", "per_seed", "sidecar"}}`` from ``runs_dir/<dataset>/results.json``.
 
-    ``datasets`` picks and orders them (missing ones are left out); default every run found, the study's
-    datasets first.
+    ``datasets`` picks and orders them; default every run found, the study's datasets first. A folder whose
+    run is of another dataset than its name (a copy, ``arc_easy.bak``) is left out, with a warning.
+
+    :raises ValueError: naming the ``datasets`` asked for that have no run there.
     """
     runs_dir = Path(runs_dir)
-    if datasets is None:
+    named = datasets is not None
+    if not named:
         found = sorted(p.parent.name for p in runs_dir.glob("*/results.json"))
         datasets = [d for d in DATASETS if d in found] + [d for d in found if d not in DATASETS]
+    missing = [d for d in datasets if not (runs_dir / d / "results.json").is_file()]
+    if named and missing and len(missing) < len(datasets):
+        raise ValueError(f"no run of {', '.join(missing)} under {runs_dir} (runs there: "
+                         f"{', '.join(sorted(p.parent.name for p in runs_dir.glob('*/results.json')))})")
     runs = {}
-    for dataset in datasets:
+    for dataset in [d for d in datasets if d not in missing]:
         path = runs_dir / dataset / "results.json"
-        if not path.is_file():
-            continue
         run = json.loads(path.read_text())
+        if run["config"]["dataset"] != dataset:
+            warnings.warn(f"{path.parent} holds a run of {run['config']['dataset']}, not of {dataset}: left out of the report")
+            continue
         sidecar = path.with_name(SIDECAR)
         run["sidecar"] = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
         runs[dataset] = run
@@ -68,15 +77,28 @@ def set_label(source, target=None):
     return short(source) if target is None else f"{short(source)}→{short(target)}"
 
 
-def metric_table(runs, metric):
-    """``{guide: {set label: mean over seeds}}`` of ``metric`` over every in-distribution and shifted set."""
-    table = {}
+def metric_table(runs, metric, complete_only=False):
+    """``{guide: {set label: mean over seeds}}`` of ``metric`` over every in-distribution and shifted set; values
+    that are not available are left out. ``complete_only``: also means over fewer seeds than another row of their
+    set has (:func:`partial_cells`), which no comparison may take side by side with the others."""
+    table, partial = {}, partial_cells(runs) if complete_only else set()
     for dataset, run in runs.items():
         for row in run["summary"]:
-            if metric in row:  # OOD AUROC exists on shifted sets only
-                target = None if row["dataset"] == dataset else row["dataset"]
-                table.setdefault(row["guide"], {})[set_label(dataset, target)] = row[metric]
+            if metric in row and not not_available(row[metric]):  # OOD AUROC exists on shifted sets only
+                label = set_label(dataset, None if row["dataset"] == dataset else row["dataset"])
+                if (row["guide"], label) not in partial:
+                    table.setdefault(row["guide"], {})[label] = row[metric]
     return table
+
+
+def partial_cells(runs):
+    """``{(guide, set label)}`` whose mean is over fewer seeds than another row of that set."""
+    out = set()
+    for dataset, run in runs.items():
+        for row in run["summary"]:
+            if partial_seeds_note(row, run["summary"]):
+                out.add((row["guide"], set_label(dataset, None if row["dataset"] == dataset else row["dataset"])))
+    return out
 
 
 def set_labels(runs):
@@ -86,9 +108,11 @@ def set_labels(runs):
 
 
 def guide_order(runs):
-    """Every guide of the runs, in the order of the method registry (others after)."""
+    """Every guide of the runs, in the order of the method registry, each ``+ts`` row after its method's (others
+    after)."""
     seen = {r["guide"] for run in runs.values() for r in run["summary"]}
-    return [m for m in METHODS if m in seen] + sorted(seen - set(METHODS))
+    ordered = [g for m in METHODS for g in (m, ts_name(m)) if g in seen]
+    return ordered + sorted(seen - set(ordered))
 
 
 # --------------------------------------------------------------------------- comparisons
@@ -152,7 +176,9 @@ def guide_sentences(tables, guide, labels):
     auroc = tables.get("ood_auroc_entropy", {})
     shifts = [label for label in labels if label in auroc.get(guide, {}) and label in auroc.get("map", {})]
     if shifts:
-        best = {g: {label: max(v, tables["ood_auroc_mi"][g][label]) for label, v in row.items()} for g, row in auroc.items()}
+        mi = tables.get("ood_auroc_mi", {})
+        best = {g: {label: max([v, *([mi[g][label]] if label in mi.get(g, {}) else [])]) for label, v in row.items()}
+                for g, row in auroc.items()}
         worse = not_beating(best, guide, "map", shifts, lower_better=False)
         if worse:
             lines.append(f"**{guide}** does not beat MAP's OOD AUROC (its better of entropy and MI) on {_listing(worse, COLUMNS['ood_auroc_entropy'].digits)}.")
@@ -180,7 +206,7 @@ def markdown_table(rows, spec, first=("guide",)):
         cells = [str(r[k]) for k in first]
         partial = partial_seeds_note(r, rows)
         if partial:
-            cells[-1] += f" ({partial})"
+            cells[0] += f" ({partial})"
         for c in spec:
             text = format_cell(r, c.key, c.digits, missing="—")
             shown = c.key in r and not not_available(r[c.key]) and f"{r[c.key]:.{c.digits}f}"
@@ -199,17 +225,21 @@ def _best_shown(values, digits, lower_better):
     return f"{best:.{digits}f}"
 
 
-def cross_table(table, labels, guides, digits, lower_better=True):
-    """Guides x sets markdown table of one metric's means, best per set in bold, plus the average rank."""
-    ranks = average_ranks(table, labels, lower_better)
-    best = {label: _best_shown([row[label] for row in table.values() if label in row], digits, lower_better) for label in labels}
-    lines = ["| guide | " + " | ".join(labels) + " | avg rank |", "|" + "---|" * (len(labels) + 2)]
+def cross_table(table, labels, guides, digits, lower_better=True, partial=frozenset()):
+    """Guides x sets markdown table of one metric's means, best per set in bold (``†``: a mean over fewer seeds,
+    ``partial``, never bold); the average rank only where every guide has every set (else the ranks would be over
+    different pools of methods)."""
+    full = {g: {k: v for k, v in row.items() if (g, k) not in partial} for g, row in table.items()}
+    best = {label: _best_shown([row[label] for row in full.values() if label in row], digits, lower_better) for label in labels}
+    ranked = all(label in full.get(g, {}) for g in guides for label in labels)
+    ranks = average_ranks(full, labels, lower_better) if ranked else {}
+    lines = ["| guide | " + " | ".join(labels) + " |" + " avg rank |" * ranked, "|" + "---|" * (len(labels) + 1 + ranked)]
     for g in guides:
         cells = []
         for label in labels:
             text = f"{table[g][label]:.{digits}f}" if label in table.get(g, {}) else "—"
-            cells.append(f"**{text}**" if text == best[label] else text)
-        lines.append(f"| {g} | " + " | ".join(cells) + f" | {ranks.get(g, float('nan')):.2f} |")
+            cells.append(f"{text} †" if (g, label) in partial else f"**{text}**" if text == best[label] else text)
+        lines.append(f"| {g} | " + " | ".join(cells) + " |" + f" {ranks.get(g, float('nan')):.2f} |" * ranked)
     return "\n".join(lines)
 
 
@@ -245,7 +275,7 @@ def dataset_section(dataset, run, figures):
     c = run["config"]
     seeds = ",".join(map(str, c["seeds"]))
     lines = [f"## {long_name(dataset)} (`{dataset}`)", "",
-             f"{model_name(c)}; train {c['train_size']} ({c['val_fraction']:.0%} of it for validation), test {c['test_size']}, "
+             f"{model_name(c)}; train {used_sizes(run)[0]}, validation {used_sizes(run)[1]}, test {used_sizes(run)[2]}, "
              f"epochs {c['epochs']}, seeds {seeds}, {c['samples']} posterior samples"
              + (f", {answer_format(c)} format." if c.get("mc_format") else "."), "",
              in_distribution_table(run), ""]
@@ -285,12 +315,15 @@ def summary_section(runs, figure=None):
     """Cross-set tables (accuracy, ECE, NLL, average rank) and where each Bayesian guide does not beat MAP."""
     labels = set_labels(runs)
     guides = guide_order(runs)
-    tables = {m: metric_table(runs, m) for m in ("accuracy", "ece", "nll", "ood_auroc_entropy", "ood_auroc_mi")}
+    partial = partial_cells(runs)
+    shown = {m: metric_table(runs, m) for m in ("accuracy", "ece", "nll")}
+    tables = {m: metric_table(runs, m, complete_only=True) for m in ("accuracy", "ece", "nll", "ood_auroc_entropy", "ood_auroc_mi")}
     lines = ["## Summary", "",
-             "Means over seeds; in-distribution sets first, then the shifts (source→target). The average rank is over "
-             "every set shown (1 = best).", ""]
+             "Means over seeds; in-distribution sets first, then the shifts (source→target). The average rank (1 = best) "
+             "is shown where every method has every set. † marks a mean over fewer seeds than the set's other methods "
+             "(a method failed, or the run was cut short): it is left out of the comparisons below.", ""]
     for c in columns("nll", "ece", "accuracy"):
-        lines += [f"### {c.title}", "", cross_table(tables[c.key], labels, guides, c.digits, c.lower_better), ""]
+        lines += [f"### {c.title}", "", cross_table(shown[c.key], labels, guides, c.digits, c.lower_better, partial), ""]
     if figure:
         lines += [f"![NLL and ECE relative to MAP](study/{figure})", ""]
     bayesian = [g for g in guides if g in METHODS and METHODS[g].bayesian]  # posteriors and ensembles
@@ -328,7 +361,8 @@ def paired_differences(runs, metric, reference="map"):
     spread of these differences is the noise a comparison with ``reference`` has to beat."""
     out = {}
     for dataset, run in runs.items():
-        values = {(r["guide"], r["dataset"], r["seed"]): r[metric] for r in run["per_seed"] if metric in r}
+        values = {(r["guide"], r["dataset"], r["seed"]): r[metric] for r in run["per_seed"]
+                  if metric in r and not not_available(r[metric])}
         for (guide, evaluated, seed), v in values.items():
             ref = values.get((reference, evaluated, seed))
             if guide != reference and ref is not None:
@@ -368,7 +402,7 @@ def summary_plot(runs, path):
     """Heatmaps guide x set of NLL relative to MAP (%) and ECE - MAP (points); red is worse than MAP."""
     labels = set_labels(runs)
     guides = [g for g in guide_order(runs) if g != "map"]
-    nll, ece = metric_table(runs, "nll"), metric_table(runs, "ece")
+    nll, ece = metric_table(runs, "nll", complete_only=True), metric_table(runs, "ece", complete_only=True)
     if "map" not in nll or not guides:
         return None
 
