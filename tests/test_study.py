@@ -173,6 +173,8 @@ def test_report_takes_na_values_partial_means_and_stray_folders(runs, tmp_path, 
     with pytest.warns(UserWarning, match="arc_easy.bak holds a run of arc_easy, not of arc_easy.bak: left out"):
         md = report.build_report(runs, tmp_path / "docs", command="x").read_text()
     assert "arc_easy.bak" not in md
+    shifted = md.split("## Distribution shift")[1].split("## Summary")[0]
+    assert "| OBQA→ARC-E | meanfield (a mean over seed 0 only: seed(s) 1 missing) | 0.460 ± 0.007 | 6.50 ± 0.71 | 1.105 ± 0.007 |" in shifted
     nll = md.split("### NLL")[1].split("### ECE")[0]
     assert "| meanfield | 1.205 | **1.205** | **1.355** | 1.105 † |" in nll  # partial: marked, never bold
     assert "| temperature | **0.955** | — |" in nll and "avg rank" not in nll  # n/a: no rank over unequal pools

@@ -199,14 +199,16 @@ def guide_sentences(tables, guide, labels):
 
 def markdown_table(rows, spec, first=("guide",)):
     """A markdown table, one line per row and one column per :class:`~pyro_lora.experiments.table.Column` of
-    ``spec``: ``mean ± std`` cells (``—`` where a row lacks the metric), the best mean of a ranked column in bold."""
-    best = {c.key: _best_shown([r[c.key] for r in rows if c.key in r], c.digits, c.lower_better) for c in spec if c.better}
+    ``spec``: ``mean ± std`` cells (``—`` where a row lacks the metric), the best mean of a ranked column in bold
+    (among the rows over every seed of the set: a partial mean is marked on its first cell)."""
+    whole = [r for r in rows if not partial_seeds_note(r, rows)]  # a mean over fewer seeds is never the best
+    best = {c.key: _best_shown([r[c.key] for r in whole if c.key in r], c.digits, c.lower_better) for c in spec if c.better}
     lines = ["| " + " | ".join([*first, *(c.title for c in spec)]) + " |", "|" + "---|" * (len(first) + len(spec))]
     for r in rows:
         cells = [str(r[k]) for k in first]
         partial = partial_seeds_note(r, rows)
         if partial:
-            cells[0] += f" ({partial})"
+            cells[first.index("guide") if "guide" in first else 0] += f" ({partial})"
         for c in spec:
             text = format_cell(r, c.key, c.digits, missing="—")
             shown = c.key in r and not not_available(r[c.key]) and f"{r[c.key]:.{c.digits}f}"
