@@ -136,6 +136,32 @@ def _remove_dead_temporaries(path):
                 leftover.unlink(missing_ok=True)
 
 
+@contextlib.contextmanager
+def folder_lock(path, what="this folder"):
+    """Hold ``path/.lock`` (this process's id) for the block: a second process writing the same folder would
+    interleave two sets of rows. A lock left by a process that is gone is taken over.
+
+    :raises ValueError: if a running process holds it (naming its id).
+    """
+    lock = Path(path) / ".lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            holder = lock.read_text().strip() if lock.is_file() else ""
+            if _alive(holder):
+                raise ValueError(f"process {holder} is writing {what} ({lock}): wait for it, or stop it first") from None
+            lock.unlink(missing_ok=True)  # its process is gone
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
 def _alive(pid):
     """Whether process ``pid`` (a string) runs: another process may be writing its folder right now."""
     try:

@@ -2,6 +2,7 @@
 writes them (no model is loaded)."""
 
 import json
+import os
 import re
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -190,6 +191,29 @@ def test_report_takes_na_values_partial_means_and_stray_folders(runs, tmp_path, 
         "map", "tfb", "tfb+ts", "laplace", "laplace+ts"]
 
 
+def test_report_says_what_a_run_lacks_and_skips_an_unreadable_record(runs, tmp_path):
+    from pyro_lora.experiments.study_header import run_state
+    from pyro_lora.experiments.table import partial_seeds_note
+
+    easy = runs / "arc_easy" / "results.json"
+    saved = json.loads(easy.read_text())
+    saved["request"] = {**saved["config"], "guides": ["map", "temperature", "meanfield", "tfb"], "seeds": [0, 1, 2]}
+    saved["failed"] = [{"guide": "tfb", "seed": 0, "error": "RuntimeError: x", "traceback": ""},
+                       {"guide": "tfb", "seed": 1, "error": "RuntimeError: x", "traceback": ""}]
+    easy.write_text(json.dumps(saved))
+    run = json.loads(easy.read_text())
+    assert run_state(run) == ["**unfinished**: 4 of 12 (method, seed) neither finished nor failed (a run cut short, or still "
+                              "running; the same command resumes it)",
+                              "**failed**: tfb (seeds 0, 1) (tracebacks in its results.json, under 'failed')"]
+    (runs / "openbookqa" / "results.json").write_text('{"config": ')  # cut off mid-write by hand
+    with pytest.warns(UserWarning, match="openbookqa/results.json is no `pyro-lora compare` record"):
+        md = report.build_report(runs, tmp_path / "docs", command="x").read_text()
+    assert "- ARC-Easy: **failed**: tfb (seeds 0, 1)" in md and "## OpenBookQA" not in md
+    # one method with an extra seed is the odd one, not every other row
+    rows = [{"dataset": "d", "seeds": [0, 1]}, {"dataset": "d", "seeds": [0, 1]}, {"dataset": "d", "seeds": [0, 1, 2]}]
+    assert [partial_seeds_note(r, rows) for r in rows] == [None, None, "a mean over seeds 0, 1, 2, where the other rows have 0, 1 only"]
+
+
 def _sentence(md, start):
     (line,) = [line for line in md.splitlines() if line.startswith(start)]
     return line
@@ -207,13 +231,13 @@ def test_does_not_beat_map_names_exactly_the_right_sets(runs, tmp_path):
     assert _named_sets(ece) == ["OBQA"]
     accuracy = _sentence(md, "- **meanfield** loses more than 1 accuracy point")
     assert _named_sets(accuracy) == ["ARC-E"] and "(-5.0)" in accuracy
-    temperature = _sentence(md, "- **meanfield** does not beat temperature scaling")
+    temperature = _sentence(md, "- **meanfield**'s mean is not below temperature scaling's")
     assert "NLL on ARC-E (+0.250)" in temperature and "ECE on OBQA (+7.00)" in temperature
     assert _named_sets(temperature) == ["ARC-E", "OBQA"]
     assert "- **meanfield** detects the shift better than MAP" in md
     # temperature scaling and MAP are not Bayesian guides: no sentences about them
     assert "- **temperature**" not in md and "- **map**" not in md
-    assert "Over 4 (Bayesian guide, set) pairs, a Bayesian guide beats MAP on NLL in 3 and on ECE in 3." in md
+    assert "A Bayesian guide beats MAP on NLL in 3 of 4 (guide, set) pairs and on ECE in 3 of 4." in md
     assert "On NLL, beating MAP on every set: none; on no set: none." in md
 
 
@@ -486,8 +510,45 @@ def test_run_dataset_resumes_what_is_unfinished_and_refuses_another_configuratio
     with pytest.raises(GuideFailures):
         study.run_dataset(other, "w", force=True)
     assert calls[-1] == (other, True)
-    sidecar = json.loads((runs / "arc_easy" / "study_run.json").read_text())  # a replaced run: a new record, even on failure
-    assert sidecar["commands"] == ["w"] and sidecar["wall_seconds"] < 60
+    # the replacement failed before its first result: the old run is there, and so is its record
+    sidecar = json.loads((runs / "arc_easy" / "study_run.json").read_text())
+    assert sidecar["commands"] == ["pyro-lora study --seeds 0,1", "pyro-lora study --seeds 0,1,2", "y"]
+
+    def replaces(config, overwrite=False):
+        (Path(config.out) / "results.json").write_text(json.dumps({"config": asdict(config), "per_seed": []}))
+
+    monkeypatch.setattr(compare, "run_compare", replaces)
+    study.run_dataset(other, "v", force=True)
+    sidecar = json.loads((runs / "arc_easy" / "study_run.json").read_text())  # a replaced run: a new record
+    assert sidecar["commands"] == ["v"] and sidecar["wall_seconds"] < 60
+
+
+def test_another_configuration_is_refused_before_any_training_and_force_keeps_complete_runs(study, runs, monkeypatch, capsys):
+    import pyro_lora.experiments.compare as compare
+
+    calls = []
+    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False: calls.append((config.dataset, overwrite)))
+    argv = ["--datasets", "arc_easy,openbookqa", "--guides", "map,temperature,meanfield", "--seeds", "0,1", "--train-size", "64",
+            *SIZES, "--runs", str(runs), "--docs", str(runs.parent / "docs")]
+    assert cli.main(["study", *argv, "--lr", "5e-4"]) == 2 and not calls  # both refused, by name, before any training
+    err = capsys.readouterr().err
+    assert "arc_easy (lr 0.001 there, 0.0005 now), openbookqa (lr 0.001 there, 0.0005 now, " in err
+    assert "these runs hold another configuration; give the runs' settings to resume them, or --force to replace them" in err
+    # --force replaces the runs of another configuration, never a complete run of this one
+    (runs / "openbookqa" / "results.json").write_text((runs / "openbookqa" / "results.json").read_text().replace('"epochs": 2', '"epochs": 3'))
+    assert cli.main(["study", *argv, "--force"]) == 0
+    assert calls == [("openbookqa", True)]
+    # one process at a time writes a run
+    from pyro_lora.io import folder_lock
+
+    with folder_lock(runs / "arc_easy"):
+        with pytest.raises(ValueError, match=f"process {os.getpid()} is writing"):
+            with folder_lock(runs / "arc_easy"):
+                pass
+    (runs / "arc_easy" / ".lock").write_text("999999999")  # left by a process that is gone: taken over
+    with folder_lock(runs / "arc_easy"):
+        assert (runs / "arc_easy" / ".lock").read_text() == str(os.getpid())
+    assert not (runs / "arc_easy" / ".lock").exists()
 
 
 def test_one_config_comparison_for_resume_merge_and_the_study(tmp_path):

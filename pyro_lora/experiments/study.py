@@ -16,8 +16,9 @@ Bayesian method does *not* beat MAP) and PNGs in ``docs/study/`` (:mod:`pyro_lor
 Each task has its settings (:data:`PLANS`); a flag given on the command line sets that setting for every dataset.
 
 Each dataset's ``run_compare`` output goes to ``runs/study/<dataset>/``. A dataset whose ``results.json`` exists
-with the same configuration is skipped, so an interrupted study resumes (``--force`` reruns it); ``--report-only``
-rebuilds the report from those files without training::
+holding every method and seed of the same configuration is skipped, one that stopped part-way resumes, one of
+another configuration is refused (``--force`` replaces it); ``--report-only`` rebuilds the report from those files
+without training::
 
     OMP_NUM_THREADS=1 pyro-lora study              # the committed report
     pyro-lora study --datasets sst2 --device cuda  # the reference task alone, on a GPU
@@ -31,6 +32,7 @@ import datetime
 import json
 import shlex
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -39,7 +41,7 @@ from pathlib import Path
 
 from .. import data as D
 from ..guides.registry import METHODS
-from ..io import writable_folder, write_json
+from ..io import folder_lock, writable_folder, write_json
 from . import compare
 from .results import MERGE_IGNORES, RESULTS, GuideFailures, RunFolder, config_differences, merge_results
 from .setup import FULL, CompareConfig, check_config, default_guides
@@ -110,7 +112,7 @@ def make_config(overrides, dataset, shift=True, runs=RUNS):
                    mc_normalize=normalize, out=str(Path(runs) / dataset))
 
 
-def study_configs(overrides, datasets=None, shift=True, runs=RUNS, update=None):
+def study_configs(overrides, datasets=None, shift=True, runs=RUNS, update=None, force=False):
     """The checked configuration of every dataset run, in order: a flag that cannot run is refused before the first
     hour of training.
 
@@ -119,7 +121,9 @@ def study_configs(overrides, datasets=None, shift=True, runs=RUNS, update=None):
 
     :param overrides: the settings given as flags (:func:`make_config`).
     :param update: the guides ``--update`` reruns (every dataset's run must exist, with the flags' configuration).
-    :raises ValueError: naming what is wrong (:func:`~pyro_lora.experiments.setup.check_config`).
+    :param force: replace the runs of another configuration (without it, each is refused here, by name).
+    :raises ValueError: naming what is wrong (:func:`~pyro_lora.experiments.setup.check_config`), or every run
+        of another configuration without ``force``.
     """
     configs = []
     for dataset in study_datasets(datasets):
@@ -132,7 +136,17 @@ def study_configs(overrides, datasets=None, shift=True, runs=RUNS, update=None):
             check_config(config, writes=False)
         except ValueError as error:
             raise ValueError(f"the study's {dataset} run: {error}") from None
+        task = D.load_meta(dataset, config.data_dir)["task"]
+        absent = [f"{n} ({', '.join(m.missing)})" for n, m in METHODS.items() if not config.guides and task in m.tasks and m.missing]
+        if absent:  # a fresh machine without an optional package would otherwise run fewer methods without a word
+            print(f"## {dataset}: left out, their packages are not installed (pip install them to run them): "
+                  f"{', '.join(absent)}", flush=True)
         configs.append(config)
+    other = [f"{c.dataset} ({changed})" for c in configs if not update and (changed := _other_configuration(c))]
+    if other and not force:
+        raise ValueError(f"{', '.join(other)}: {'these runs hold' if len(other) > 1 else 'its run holds'} another configuration; "
+                         "give the runs' settings to resume them, or --force to replace them (their results are deleted "
+                         "once the new run has a result)")
     if update and not configs:
         raise ValueError(f"--update {','.join(update)}: no run of {', '.join(study_datasets(datasets))} has those methods "
                          "(to add a method to a run, give it in --guides without --update)")
@@ -182,46 +196,67 @@ def unfinished(config):
             if not all(run.complete(r, s, datasets) for r in compare.row_names(config, g))]
 
 
+def _saved(config):
+    """The record of ``config``'s run folder (None: no run there).
+
+    :raises ValueError: naming a ``results.json`` that cannot be read.
+    """
+    path = Path(config.out) / RESULTS
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved["config"], saved["per_seed"]  # noqa: B018 -- the keys every run writes
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is no `pyro-lora compare` record ({error}): move it away to run {config.dataset}") from None
+    return saved
+
+
+def _other_configuration(config):
+    """``"lr 0.001 there, 0.0005 now, ..."`` where ``config``'s run folder holds a run of another configuration
+    (more guides or seeds resume it), else ``""``."""
+    saved = _saved(config)
+    differences = {} if saved is None else {k: v for k, v in saved_differences(saved, config).items() if k not in _RESUMABLE}
+    return ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differences.items())
+
+
 def run_dataset(config, command, force=False):
     """Run ``run_compare(config)`` unless its run folder holds every (guide, seed) of it; returns the wall seconds
     (None: skipped). A run that stopped part-way (killed, or some guide failed) resumes: ``run_compare`` skips the
-    (guide, seed) it finished. A run of another configuration is refused, naming the differences, unless ``force``
-    (which also reruns a complete run of the same configuration).
+    (guide, seed) it finished. A run of another configuration is refused, naming the differences, unless ``force``.
+    One process at a time writes a run (:func:`~pyro_lora.io.folder_lock`).
 
     Writes :data:`~pyro_lora.experiments.study_report.SIDECAR` (commands, machine, dates, wall seconds summed over
     the invocations that ran it) next to ``results.json``, also when the run fails.
 
-    :raises ValueError: for a run of another configuration without ``force``.
+    :raises ValueError: for a run of another configuration without ``force``, or one another process is writing.
     """
     out = Path(config.out)
-    results = out / RESULTS
-    resumed = results.is_file() and not force
+    changed = _other_configuration(config)
+    if changed and not force:
+        raise ValueError(f"{out / RESULTS} holds a run of another configuration ({changed}): give its settings to resume "
+                         "it, or --force to replace it (its results are deleted once the new run has a result)")
+    resumed = _saved(config) is not None and not changed
     if resumed:
-        saved = json.loads(results.read_text())
-        differences = {k: v for k, v in saved_differences(saved, config).items() if k not in _RESUMABLE}
-        if differences:
-            changed = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differences.items())
-            raise ValueError(f"{results} holds a run of another configuration ({changed}): give its settings to resume it, "
-                             "or --force to replace it (its results are deleted)")
         todo = unfinished(config)
         if not todo:
-            print(f"## {config.dataset}: {results} holds every method and seed of this configuration, skipped "
-                  "(--force reruns it)", flush=True)
+            print(f"## {config.dataset}: {out / RESULTS} holds every method and seed of this configuration, skipped", flush=True)
             return None
         print(f"## {config.dataset}: resuming {len(todo)} unfinished (method, seed)", flush=True)
     shift = f", shift to {', '.join(config.eval_datasets)}" if config.eval_datasets else ""
     print(f"## {config.dataset}: {config.model}, train {config.train_size}, test {config.test_size}, epochs {config.epochs}, "
           f"seeds {','.join(map(str, config.seeds))}{shift}", flush=True)
-    with _sidecar(out, command, config.device, keep=resumed) as record:
-        compare.run_compare(config, overwrite=force)
+    with folder_lock(out, f"the {config.dataset} run"), _sidecar(out, command, config, keep=resumed) as record:
+        compare.run_compare(config, overwrite=bool(changed))
     print(f"## {config.dataset}: done in {duration(record['seconds'])}", flush=True)
     return record["seconds"]
 
 
 @contextlib.contextmanager
-def _sidecar(out, command, device, keep):
+def _sidecar(out, command, config, keep):
     """Time the block and record it in ``out``'s sidecar, also when it raises; ``keep``: add to the record there (a
-    resumed run: its commands, first start, summed wall time and updates kept), else start a new one."""
+    resumed run: its commands, first start, summed wall time and updates kept), else start a new one, once the
+    folder holds this configuration's run (a replacement that failed before its first result left the old run)."""
     path = Path(out) / SIDECAR
     old = json.loads(path.read_text()) if keep and path.is_file() else {}
     started, start, record = _now(), time.perf_counter(), {}
@@ -230,10 +265,10 @@ def _sidecar(out, command, device, keep):
     finally:
         record["seconds"] = time.perf_counter() - start
         commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
-        if Path(out).is_dir():
+        if keep or not _other_configuration(config):
             write_json(path, {**old, "command": command, "commands": list(dict.fromkeys([*commands, command])),
-                              "machine": machine_info(device), "started": old.get("started", started), "finished": _now(),
-                              "wall_seconds": (old.get("wall_seconds") or 0.0) + record["seconds"]})
+                              "machine": machine_info(config.device), "started": old.get("started", started),
+                              "finished": _now(), "wall_seconds": (old.get("wall_seconds") or 0.0) + record["seconds"]})
 
 
 def stale_guides(update, guides):
@@ -265,11 +300,12 @@ def update_dataset(config, command):
     started = _now()
     start = time.perf_counter()
     failure = None
-    try:
-        compare.run_compare(rerun, overwrite=True)
-    except GuideFailures as error:  # the finished rows are merged; the failed ones replace their stale rows
-        failure = error
-    merge_results(out, rerun.out)
+    with folder_lock(out, f"the {config.dataset} run"):
+        try:
+            compare.run_compare(rerun, overwrite=True)
+        except GuideFailures as error:  # the finished rows are merged; the failed ones replace their stale rows
+            failure = error
+        merge_results(out, rerun.out)
     seconds = time.perf_counter() - start
     sidecar = json.loads((out / SIDECAR).read_text()) if (out / SIDECAR).is_file() else {}
     sidecar.setdefault("updates", []).append({"guides": list(config.guides), "command": command, "started": started,
@@ -317,7 +353,8 @@ def main(args, overrides, command):
     if args.report_only:
         datasets = study_datasets(args.datasets) if args.datasets else None
     else:
-        configs = study_configs(overrides, args.datasets, args.shift, args.runs, args.update)
+        configs = study_configs(overrides, args.datasets, args.shift, args.runs, args.update, force=args.force)
+        signal.signal(signal.SIGTERM, _terminated)  # `kill`, `timeout`: unwind, so the run's record keeps its time
         start = time.perf_counter()
         seconds, failed = run_study(configs, command, update=bool(args.update), force=args.force)
         datasets = None  # the report covers every run, not only this invocation's
@@ -326,6 +363,10 @@ def main(args, overrides, command):
     path = build_report(args.runs, args.docs, datasets, command, failed)
     print(f"report: {path}", flush=True)
     return 1 if failed else 0
+
+
+def _terminated(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _now():

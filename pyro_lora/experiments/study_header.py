@@ -5,6 +5,8 @@ import datetime
 import os
 import platform
 
+from .table import base_guide
+
 NAMES = {"sst2": "SST-2", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openbookqa": "OpenBookQA",
          "winogrande_s": "WinoGrande-S", "boolq": "BoolQ"}
 SHORT = {"sst2": "SST-2", "arc_easy": "ARC-E", "arc_challenge": "ARC-C", "openbookqa": "OBQA", "winogrande_s": "WG-S", "boolq": "BoolQ"}
@@ -48,7 +50,7 @@ def _machine_line(m):
 def header_section(runs, command, now, failed=()):
     """Title, command lines, machine(s), dates, wall times and the sizes of every run."""
     sidecars = {d: run["sidecar"] for d, run in runs.items()}
-    commands = sorted({c for s in sidecars.values() for c in (s.get("commands") or ([s["command"]] if s.get("command") else []))})
+    commands = list(dict.fromkeys(c for s in sidecars.values() for c in (s.get("commands") or ([s["command"]] if s.get("command") else []))))
     machines = sorted({_machine_line(s["machine"]) for s in sidecars.values() if s.get("machine")})
     walls = [s.get("wall_seconds") for s in sidecars.values()]
     total = sum(w for w in walls if w is not None)
@@ -78,8 +80,9 @@ def header_section(runs, command, now, failed=()):
         for u in run["sidecar"].get("updates", []):
             lines.append(f"- {long_name(d)}: rows of {', '.join(u['guides'])} rerun on {u['finished']} in "
                          f"{duration(u['wall_seconds'])} with `{u['command']}` (after a change to those methods)")
+    lines += [f"- {long_name(d)}: {state}" for d, run in runs.items() for state in run_state(run)]
     if failed:
-        lines.append(f"- **failed in this invocation** (their sections are missing or stale): {', '.join(failed)}")
+        lines.append(f"- **failed in this invocation** (see its output; a failed update's finished rows are merged): {', '.join(failed)}")
     lines += ["", "| run | model | wall time | finished | seeds | guides | train | validation | test | epochs | batch | samples "
                   "| max length | format | lr | base | shift to |", "|" + "---|" * 17]
     for d, run in runs.items():
@@ -104,6 +107,28 @@ def used_sizes(run):
         return f"{c['train_size']} asked", f"{c['val_fraction']:.0%} of it", f"{c['test_size']} asked"
     shifted = ", ".join(f"{short(name)} {sizes[f'test {name}']}" for name in c["eval_datasets"] if f"test {name}" in sizes)
     return str(sizes["train"]), str(sizes["validation"]), f"{sizes['test']}" + (f" ({shifted})" if shifted else "")
+
+
+def run_state(run):
+    """Sentences on what a run lacks: the (method, seed) it was asked for that neither finished nor failed (cut
+    short, or still running), and those that failed."""
+    request, config = run.get("request") or {}, run["config"]
+    guides, seeds = request.get("guides") or config["guides"], request.get("seeds") or config["seeds"]
+    done = {(base_guide(r["guide"]), r["seed"]) for r in run["per_seed"]}
+    failed = {(f["guide"], f["seed"]) for f in run.get("failed", [])}
+    expected = {(g, s) for g in guides for s in seeds} | done | failed
+    out = []
+    missing = expected - done - failed
+    if missing:
+        out.append(f"**unfinished**: {len(missing)} of {len(expected)} (method, seed) neither finished nor failed (a run cut "
+                   "short, or still running; the same command resumes it)")
+    by_guide = {}
+    for g, seed in sorted(failed, key=str):
+        by_guide.setdefault(g, []).append(str(seed))
+    if by_guide:
+        out.append("**failed**: " + "; ".join(f"{g} (seed{'s' * (len(v) > 1)} {', '.join(v)})" for g, v in by_guide.items())
+                   + " (tracebacks in its results.json, under 'failed')")
+    return out
 
 
 def model_name(config):

@@ -18,7 +18,7 @@ from ..guides.registry import METHODS
 from ..io import atomic_file
 from .plots import difference_heatmaps
 from .study_header import answer_format, header_section, long_name, model_name, short, used_sizes
-from .table import COLUMNS, columns, format_cell, not_available, partial_seeds_note, ts_name
+from .table import COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, ts_name
 from .verdict import clear_difference
 
 DATASETS = ("sst2", "arc_easy", "openbookqa")  # the study's sets, in report order
@@ -52,7 +52,12 @@ def load_runs(runs_dir, datasets=None):
     runs = {}
     for dataset in [d for d in datasets if d not in missing]:
         path = runs_dir / dataset / "results.json"
-        run = json.loads(path.read_text())
+        try:
+            run = json.loads(path.read_text(encoding="utf-8"))
+            run["config"]["dataset"], run["summary"], run["per_seed"]  # noqa: B018 -- the keys a report reads
+        except (ValueError, KeyError, TypeError) as error:
+            warnings.warn(f"{path} is no `pyro-lora compare` record ({type(error).__name__}: {error}): left out of the report")
+            continue
         if run["config"]["dataset"] != dataset:
             warnings.warn(f"{path.parent} holds a run of {run['config']['dataset']}, not of {dataset}: left out of the report")
             continue
@@ -104,7 +109,7 @@ def partial_cells(runs):
 def set_labels(runs):
     """Every set label in report order: in-distribution sets, then shifts."""
     shifts = [set_label(d, r["dataset"]) for d, run in runs.items() for r in shift_rows(run)]
-    return [set_label(d) for d in runs] + list(dict.fromkeys(shifts))
+    return [set_label(d) for d, run in runs.items() if in_distribution_rows(run)] + list(dict.fromkeys(shifts))
 
 
 def guide_order(runs):
@@ -154,12 +159,18 @@ def _name(metric):
     return COLUMNS[metric].title.removesuffix(" x100")
 
 
+def _compared(tables, metric, guide, reference, labels):
+    """The sets where both ``guide`` and ``reference`` have a (whole-seed) mean of ``metric``."""
+    return [label for label in labels if label in tables[metric].get(guide, {}) and label in tables[metric].get(reference, {})]
+
+
 def guide_sentences(tables, guide, labels):
-    """Plain sentences on where ``guide`` does not beat MAP (NLL, ECE, accuracy, OOD AUROC) and temperature scaling."""
-    n = sum(label in tables["nll"].get(guide, {}) for label in labels)
+    """Plain sentences on where ``guide`` does not beat MAP (NLL, ECE, accuracy, OOD AUROC) and where its mean is
+    not below temperature scaling's; a metric without a set to compare on is left out."""
     lines = []
     for metric, unit in [("nll", " nats"), ("ece", " ECE points")]:
-        if "map" not in tables[metric]:
+        n = len(_compared(tables, metric, guide, "map", labels))
+        if not n:
             continue
         losses = not_beating(tables[metric], guide, "map", labels)
         if losses:
@@ -167,7 +178,7 @@ def guide_sentences(tables, guide, labels):
                          f"{_listing(losses, COLUMNS[metric].digits)}{unit}.")
         else:
             lines.append(f"**{guide}** beats MAP on {_name(metric)} on every set ({n} of {n}).")
-    if "map" in tables["accuracy"]:
+    if _compared(tables, "accuracy", guide, "map", labels):
         drops = not_beating(tables["accuracy"], guide, "map", labels, lower_better=False, margin=ACCURACY_MARGIN)
         if drops:
             lines.append(f"**{guide}** loses more than 1 accuracy point to MAP on {_listing(drops, 1, 100)} points.")
@@ -184,14 +195,21 @@ def guide_sentences(tables, guide, labels):
             lines.append(f"**{guide}** does not beat MAP's OOD AUROC (its better of entropy and MI) on {_listing(worse, COLUMNS['ood_auroc_entropy'].digits)}.")
         else:
             lines.append(f"**{guide}** detects the shift better than MAP (OOD AUROC, its better of entropy and MI) on every shift.")
-    if "temperature" in tables["nll"]:
-        parts = [f"{_name(metric)} on {_listing(losses, COLUMNS[metric].digits)}" for metric in ("nll", "ece")
-                 if (losses := not_beating(tables[metric], guide, "temperature", labels))]
-        if parts:
-            lines.append(f"**{guide}** does not beat temperature scaling on " + "; on ".join(parts) + ".")
-        else:
-            lines.append(f"**{guide}** beats temperature scaling on NLL and ECE on every set.")
+    lines += temperature_sentences(tables, guide, labels)
     return lines
+
+
+def temperature_sentences(tables, guide, labels):
+    """Where ``guide``'s mean NLL and ECE are not below temperature scaling's (means only: the verdict under each
+    run's table says which differences a paired per-seed interval supports)."""
+    parts = [f"{_name(metric)} on {_listing(losses, COLUMNS[metric].digits)}" for metric in ("nll", "ece")
+             if (losses := not_beating(tables[metric], guide, "temperature", labels))]
+    if not any(_compared(tables, m, guide, "temperature", labels) for m in ("nll", "ece")):
+        return []
+    if parts:
+        return [f"**{guide}**'s mean is not below temperature scaling's on " + "; on ".join(parts) + "."]
+    return [f"**{guide}**'s mean NLL and ECE are below temperature scaling's on every set (means only; the verdict "
+            "under each run's table says whether a paired interval supports it)."]
 
 
 # --------------------------------------------------------------------------- markdown
@@ -334,13 +352,12 @@ def summary_section(runs, figure=None):
               "With small test subsets and few seeds many differences are within the seed std of the per-set tables.", ""]
     if not bayesian or "map" not in guides:
         return "\n".join(lines + ["No Bayesian guide and MAP to compare in these runs.", ""])
-    wins = {m: sum(len(labels) - len(not_beating(tables[m], g, "map", labels)) - _missing(tables[m], g, labels) for g in bayesian)
-            for m in ("nll", "ece")}
-    pairs = sum(len(labels) - _missing(tables["nll"], g, labels) for g in bayesian)
-    lines += [f"Over {pairs} (Bayesian guide, set) pairs, a Bayesian guide beats MAP on NLL in {wins['nll']} and on ECE in "
-              f"{wins['ece']}.", ""]
+    pairs = {m: sum(len(_compared(tables, m, g, "map", labels)) for g in bayesian) for m in ("nll", "ece")}
+    wins = {m: pairs[m] - sum(len(not_beating(tables[m], g, "map", labels)) for g in bayesian) for m in ("nll", "ece")}
+    lines += [f"A Bayesian guide beats MAP on NLL in {wins['nll']} of {pairs['nll']} (guide, set) pairs and on ECE in "
+              f"{wins['ece']} of {pairs['ece']}.", ""]
     for metric in ("nll", "ece"):
-        compared = {g: len(labels) - _missing(tables[metric], g, labels) for g in bayesian}
+        compared = {g: len(_compared(tables, metric, g, "map", labels)) for g in bayesian}
         losses = {g: len(not_beating(tables[metric], g, "map", labels)) for g in bayesian}
         everywhere = [g for g in bayesian if compared[g] and not losses[g]] or ["none"]
         nowhere = [g for g in bayesian if compared[g] and losses[g] == compared[g]] or ["none"]
@@ -348,6 +365,11 @@ def summary_section(runs, figure=None):
     lines.append("")
     for g in bayesian:
         lines += [f"- {s}" for s in guide_sentences(tables, g, labels)]
+    calibrated = [g for g in guides if base_guide(g) in bayesian and g != base_guide(g)]
+    if calibrated:
+        lines += ["", "After temperature scaling on its own averaged predictive (the `+ts` rows), against temperature "
+                      "scaling of the MAP:", ""]
+        lines += [f"- {s}" for g in calibrated for s in temperature_sentences(tables, g, labels)]
     clear = noise_sentences(runs, [g for g in guides if g != "map"])
     lines += ["", "### Which differences from MAP stand out of the seed noise", "",
               "Per seed, each guide and MAP are scored on the same test questions; a difference counts as clear when "
@@ -391,10 +413,6 @@ def noise_sentences(runs, guides):
                 lines.append(f"{g}, {_name(metric)}: clearly better than MAP on {', '.join(better) or 'no set'}; "
                              f"clearly worse on {', '.join(worse) or 'no set'}.")
     return lines
-
-
-def _missing(table, guide, labels):
-    return sum(label not in table.get(guide, {}) or label not in table.get("map", {}) for label in labels)
 
 
 # --------------------------------------------------------------------------- figure

@@ -2,6 +2,7 @@
 
 import math
 import numbers
+from collections import Counter
 from typing import NamedTuple, Optional
 
 from ..guides.registry import join_notes
@@ -72,15 +73,21 @@ def format_table(rows):
 
 
 def partial_seeds_note(row, rows) -> Optional[str]:
-    """What a summary row averaged over fewer seeds than the other ``rows`` of its evaluation set must say, else
-    None: side by side, a mean over other seeds (a method failed, a run was cut short) reads as a comparison it is
-    not."""
+    """What a summary row averaged over other seeds than most ``rows`` of its evaluation set must say, else None:
+    side by side, a mean over other seeds (a method failed, a run was cut short, a method got an extra seed) reads
+    as a comparison it is not. Where as many rows have two seed sets, the larger is the common one."""
     seeds = row.get("seeds")
-    every = sorted({s for r in rows if r.get("dataset") == row.get("dataset") for s in r.get("seeds", ())})
-    if seeds is None or sorted(seeds) == every:
+    if seeds is None:
         return None
-    missing = ", ".join(str(s) for s in every if s not in seeds)
-    return f"a mean over seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} only: seed(s) {missing} missing"
+    counts = Counter(tuple(sorted(r["seeds"])) for r in rows if r.get("dataset") == row.get("dataset") and r.get("seeds") is not None)
+    common = max(counts, key=lambda k: (counts[k], len(k)))
+    if tuple(sorted(seeds)) == common:
+        return None
+    missing = [s for s in common if s not in seeds]
+    if missing:
+        return (f"a mean over seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} only: seed(s) "
+                f"{', '.join(map(str, missing))} missing")
+    return f"a mean over seeds {', '.join(map(str, seeds))}, where the other rows have {', '.join(map(str, common))} only"
 
 
 def _mark_partial_seeds(rows):
