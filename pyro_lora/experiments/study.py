@@ -155,11 +155,10 @@ def study_configs(overrides, datasets=None, shift=True, runs=RUNS, update=None, 
 
 def _update_config(config, update, overrides):
     """``config`` rerunning what ``update`` leaves stale in its saved run, under that run's seeds; None if nothing."""
-    path = Path(config.out) / RESULTS
-    if not path.is_file():
-        raise ValueError(f"--update needs an existing run: {path} is missing (run the study, or leave that dataset out "
-                         "of --datasets)")
-    saved = json.loads(path.read_text())
+    saved = _saved(config)
+    if saved is None:
+        raise ValueError(f"--update needs an existing run: {Path(config.out) / RESULTS} is missing (run the study, or leave "
+                         "that dataset out of --datasets)")
     seeds = tuple(saved["config"]["seeds"])
     if "seeds" in overrides and sorted(overrides["seeds"]) != sorted(seeds):
         raise ValueError(f"--update reruns every seed of the {config.dataset} run ({','.join(map(str, seeds))}): leave "
