@@ -310,7 +310,7 @@ def test_update_reruns_some_guides_and_keeps_the_rest(study, runs, tmp_path, mon
         (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows}))
 
     monkeypatch.setattr(compare, "run_compare", fake_run_compare)
-    argv = ["--datasets", "arc_easy", "--no-shift", "--update", "meanfield", "--guides", "map,temperature,meanfield",
+    argv = ["--datasets", "arc_easy", "--no-shift", "--update", "meanfield",
             "--seeds", "0,1", "--train-size", "64", *SIZES, "--runs", str(runs), "--docs", str(tmp_path / "docs")]
     assert cli.main(["study", *argv]) == 0
     merged = json.loads((runs / "arc_easy" / "results.json").read_text())
@@ -370,7 +370,7 @@ def test_update_reruns_the_variants_of_an_updated_base_and_merges_a_partial_reru
         raise GuideFailures("1 guide run(s) failed", summarize_seeds(rows))
 
     monkeypatch.setattr(compare, "run_compare", fake_run_compare)
-    argv = ["--datasets", "arc_easy", "--no-shift", "--update", "laplace", "--guides", "map,laplace,laplace_val",
+    argv = ["--datasets", "arc_easy", "--no-shift", "--update", "laplace",
             "--seeds", "0,1", "--train-size", "64", *SIZES, "--runs", str(runs), "--docs", str(tmp_path / "docs")]
     assert cli.main(["study", *argv]) == 1  # the dataset is reported failed
     assert ran == [["laplace", "laplace_val"]]
@@ -521,6 +521,17 @@ def test_run_dataset_resumes_what_is_unfinished_and_refuses_another_configuratio
     study.run_dataset(other, "v", force=True)
     sidecar = json.loads((runs / "arc_easy" / "study_run.json").read_text())  # a replaced run: a new record
     assert sidecar["commands"] == ["v"] and sidecar["wall_seconds"] < 60
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--report-only", "--seeds", "5", "--epochs", "9"], "--report-only trains nothing: --epochs, --seeds would be ignored"),
+    (["--report-only", "--force"], "--report-only trains nothing: --update and --force would be ignored"),
+    (["--update", "tfb", "--guides", "map,tfb"], "--update reruns the methods it names with each run's own configuration: --guides"),
+    (["--update", "tfb", "--force"], "--update reruns the methods it names with each run's own configuration: --guides and --force"),
+])
+def test_flags_an_invocation_would_ignore_are_refused(argv, message, runs, capsys):
+    assert cli.main(["study", *argv, "--runs", str(runs), "--docs", str(runs.parent / "docs")]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_another_configuration_is_refused_before_any_training_and_force_keeps_complete_runs(study, runs, monkeypatch, capsys):

@@ -347,6 +347,9 @@ def main(args, overrides, command):
         each dataset's plan (:data:`PLANS`).
     :param command: the command line the sidecars and the report name (:func:`command_line`).
     """
+    ignored = [flag for flag, given in _ignored_flags(args, overrides).items() if given]
+    if ignored:
+        raise ValueError(f"{' and '.join(ignored)}")
     writable_folder(Path(args.docs) / "study")  # found after hours of training, it lost the report
     failed = []
     if args.report_only:
@@ -362,6 +365,18 @@ def main(args, overrides, command):
     path = build_report(args.runs, args.docs, datasets, command, failed)
     print(f"report: {path}", flush=True)
     return 1 if failed else 0
+
+
+def _ignored_flags(args, overrides):
+    """``{sentence: whether it applies}`` for the flags this invocation would ignore without a word."""
+    planned = [f"--{k.replace('_', '-')}" for k in PLANS["classification"].__dataclass_fields__ if k in overrides and k not in
+               ("progress", "device", "dtype", "load_in_4bit", "ts", "data_dir")]
+    return {
+        f"--report-only trains nothing: {', '.join(planned)} would be ignored": args.report_only and planned,
+        "--report-only trains nothing: --update and --force would be ignored": args.report_only and (args.update or args.force),
+        "--update reruns the methods it names with each run's own configuration: --guides and --force would be ignored":
+            bool(args.update) and ("guides" in overrides or args.force),
+    }
 
 
 def _terminated(signum, frame):
