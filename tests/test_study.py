@@ -206,7 +206,7 @@ def test_report_says_what_a_run_lacks_and_skips_an_unreadable_record(runs, tmp_p
                               "running; the same command resumes it)",
                               "**failed**: tfb (seeds 0, 1) (tracebacks in its results.json, under 'failed')"]
     (runs / "openbookqa" / "results.json").write_text('{"config": ')  # cut off mid-write by hand
-    with pytest.warns(UserWarning, match="openbookqa/results.json is no `pyro-lora compare` record"):
+    with pytest.warns(UserWarning, match="openbookqa/results.json is not the results of a `pyro-lora compare` run .*left out of the report"):
         md = report.build_report(runs, tmp_path / "docs", command="x").read_text()
     assert "- ARC-Easy: **failed**: tfb (seeds 0, 1)" in md and "## OpenBookQA" not in md
     # one method with an extra seed is the odd one, not every other row

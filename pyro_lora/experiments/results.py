@@ -98,15 +98,7 @@ class RunFolder:
             self.guides, self.seeds = list(saved["config"]["guides"] or ()), list(saved["config"]["seeds"])
 
     def _read(self):
-        path = self.out / RESULTS
-        if not path.is_file():
-            return None
-        try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-            saved["config"], saved["per_seed"]  # noqa: B018 -- the keys every run writes
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"{path} is not the results of a `pyro-lora compare` run ({error}); choose another --out") from None
-        return saved
+        return read_record(self.out, "choose another --out")
 
     def _check_writable(self, guides):
         """Refuse, before any work, a folder or link where one of the run's files goes (found late, it stopped the run)."""
@@ -256,6 +248,25 @@ def _draw_summary(out, summary, guides, dataset, seed, each=()):
     if first and rows:
         reliability_grid(first, out / "reliability_grid.png")
         metric_scatter(rows, out / "calibration_vs_accuracy.png")
+
+
+def read_record(out, advice, needs=()):
+    """The run record ``out/results.json`` (None: there is none).
+
+    :param advice: what the error tells the user to do about a file that is no run record.
+    :param needs: the keys the caller reads besides ``config`` and ``per_seed`` (e.g. ``"summary"``).
+    :raises ValueError: naming a ``results.json`` that is not UTF-8 JSON with those keys.
+    """
+    path = Path(out) / RESULTS
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        [saved[k] for k in ("config", "per_seed", *needs)]  # noqa: B018 -- a KeyError names the missing key
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not the results of a `pyro-lora compare` run ({type(error).__name__}: {error}); "
+                         f"{advice}") from None
+    return saved
 
 
 def _row_order(guides, seeds):

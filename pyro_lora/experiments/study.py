@@ -43,7 +43,7 @@ from .. import data as D
 from ..guides.registry import METHODS
 from ..io import folder_lock, writable_folder, write_json
 from . import compare
-from .results import MERGE_IGNORES, RESULTS, GuideFailures, RunFolder, config_differences, merge_results
+from .results import MERGE_IGNORES, RESULTS, GuideFailures, RunFolder, config_differences, merge_results, read_record
 from .setup import FULL, CompareConfig, check_config, default_guides
 from .study_header import duration, machine_info
 from .study_report import DATASETS, SIDECAR, build_report
@@ -142,7 +142,7 @@ def study_configs(overrides, datasets=None, shift=True, runs=RUNS, update=None, 
             print(f"## {dataset}: left out, their packages are not installed (pip install them to run them): "
                   f"{', '.join(absent)}", flush=True)
         configs.append(config)
-    other = [f"{c.dataset} ({changed})" for c in configs if not update and (changed := _other_configuration(c))]
+    other = [f"{c.dataset} ({changed})" for c in configs if not update and (changed := _other_configuration(c, _saved(c)))]
     if other and not force:
         raise ValueError(f"{', '.join(other)}: {'these runs hold' if len(other) > 1 else 'its run holds'} another configuration; "
                          "give the runs' settings to resume them, or --force to replace them (their results are deleted "
@@ -196,25 +196,13 @@ def unfinished(config):
 
 
 def _saved(config):
-    """The record of ``config``'s run folder (None: no run there).
-
-    :raises ValueError: naming a ``results.json`` that cannot be read.
-    """
-    path = Path(config.out) / RESULTS
-    if not path.is_file():
-        return None
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-        saved["config"], saved["per_seed"]  # noqa: B018 -- the keys every run writes
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is no `pyro-lora compare` record ({error}): move it away to run {config.dataset}") from None
-    return saved
+    """The record of ``config``'s run folder (None: no run there; :func:`~pyro_lora.experiments.results.read_record`)."""
+    return read_record(config.out, f"move it away to run {config.dataset}")
 
 
-def _other_configuration(config):
-    """``"lr 0.001 there, 0.0005 now, ..."`` where ``config``'s run folder holds a run of another configuration
-    (more guides or seeds resume it), else ``""``."""
-    saved = _saved(config)
+def _other_configuration(config, saved):
+    """``"lr 0.001 there, 0.0005 now, ..."`` where the record ``saved`` of ``config``'s run folder holds a run of
+    another configuration (more guides or seeds resume it), else ``""`` (also for no record)."""
     differences = {} if saved is None else {k: v for k, v in saved_differences(saved, config).items() if k not in _RESUMABLE}
     return ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differences.items())
 
@@ -231,11 +219,12 @@ def run_dataset(config, command, force=False):
     :raises ValueError: for a run of another configuration without ``force``, or one another process is writing.
     """
     out = Path(config.out)
-    changed = _other_configuration(config)
+    saved = _saved(config)
+    changed = _other_configuration(config, saved)
     if changed and not force:
         raise ValueError(f"{out / RESULTS} holds a run of another configuration ({changed}): give its settings to resume "
                          "it, or --force to replace it (its results are deleted once the new run has a result)")
-    resumed = _saved(config) is not None and not changed
+    resumed = saved is not None and not changed
     if resumed:
         todo = unfinished(config)
         if not todo:
@@ -264,7 +253,7 @@ def _sidecar(out, command, config, keep):
     finally:
         record["seconds"] = time.perf_counter() - start
         commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
-        if keep or not _other_configuration(config):
+        if keep or not _other_configuration(config, _saved(config)):
             write_json(path, {**old, "command": command, "commands": list(dict.fromkeys([*commands, command])),
                               "machine": machine_info(config.device), "started": old.get("started", started),
                               "finished": _now(), "wall_seconds": (old.get("wall_seconds") or 0.0) + record["seconds"]})

@@ -17,6 +17,7 @@ import numpy as np
 from ..guides.registry import METHODS
 from ..io import atomic_file
 from .plots import difference_heatmaps
+from .results import read_record
 from .study_header import answer_format, header_section, long_name, model_name, short, used_sizes
 from .table import COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, ts_name
 from .verdict import clear_difference
@@ -53,10 +54,13 @@ def load_runs(runs_dir, datasets=None):
     for dataset in [d for d in datasets if d not in missing]:
         path = runs_dir / dataset / "results.json"
         try:
-            run = json.loads(path.read_text(encoding="utf-8"))
-            run["config"]["dataset"], run["summary"], run["per_seed"]  # noqa: B018 -- the keys a report reads
-        except (ValueError, KeyError, TypeError) as error:
-            warnings.warn(f"{path} is no `pyro-lora compare` record ({type(error).__name__}: {error}): left out of the report")
+            run = read_record(path.parent, "left out of the report", needs=("summary",))
+            run["config"]["dataset"]  # noqa: B018 -- the key a report files a run under
+        except (KeyError, TypeError) as error:
+            warnings.warn(f"{path}: no dataset in its config ({type(error).__name__}: {error}): left out of the report")
+            continue
+        except ValueError as error:
+            warnings.warn(str(error))
             continue
         if run["config"]["dataset"] != dataset:
             warnings.warn(f"{path.parent} holds a run of {run['config']['dataset']}, not of {dataset}: left out of the report")
