@@ -283,12 +283,12 @@ def update_dataset(config, command):
     if not (out / RESULTS).is_file():
         raise ValueError(f"--update needs an existing run: {out / RESULTS} is missing")
     rerun = replace(config, out=str(out / "update"))
-    shutil.rmtree(rerun.out, ignore_errors=True)  # an earlier update's rows must never be merged as this one's
     print(f"## {config.dataset}: rerunning {', '.join(config.guides)} (seeds {','.join(map(str, config.seeds))})", flush=True)
     started = _now()
     start = time.perf_counter()
     failure = None
     with folder_lock(out, f"the {config.dataset} run"):
+        shutil.rmtree(rerun.out, ignore_errors=True)  # an earlier update's rows must never be merged as this one's
         try:
             compare.run_compare(rerun, overwrite=True)
         except GuideFailures as error:  # the finished rows are merged; the failed ones replace their stale rows
