@@ -163,6 +163,10 @@ class SWAGCollector:
     ``>= start_epoch`` and ``step % every == 0``. With ``steps_per_epoch`` steps, collecting over the last
     ``E`` of ``epochs`` epochs ``c`` times per epoch is ``start_epoch=epochs - E, every=steps_per_epoch // c``.
 
+    Once it has collected, the network's point parameters (a head trained beside the cores) *after every step*
+    become the ones the SWAG guide predicts with, so it predicts with the head training ended on, also when the
+    last step is not a collecting one.
+
     :param swag: the :class:`SWAGGuide` to fill.
     :param source: the guide whose ``mean()`` is the iterate; default the guide being trained (``FitState.guide``).
     """
@@ -177,6 +181,8 @@ class SWAGCollector:
             source = self.source or state.guide
             check_guide(self.swag.model, source, "collect SWAG iterates")
             self.swag.collect(source.mean())
+        elif int(self.swag.num_collected):
+            self.swag.adopt_point_parameters()
 
 
 # LoRA-XS cores start at zero and Adam moves them about one lr per step: they need ~10x LoRA's lr

@@ -114,6 +114,19 @@ def test_collector_collects_the_map_iterates_of_the_last_epoch_and_predicts():
     torch.testing.assert_close(prediction.probs.sum(-1), torch.ones(48))
 
 
+def test_guide_predicts_with_the_head_training_ended_on_when_the_last_step_collects_nothing():
+    model = xs_model()
+    head = "base_model.model.classifier.modules_to_save.default.weight"
+    map_guide, swag = MAPGuide(model), SWAGGuide(model, rank=2)
+    fit(model, map_guide, toy_data(), epochs=2, lr=3e-2, progress=False,
+        callbacks=[SWAGCollector(swag, every=5)])
+    assert int(swag.num_collected) == 2  # steps 5 and 10 of 12: steps 11 and 12 train the head on
+    final = dict(model.named_adapter_parameters())[head].detach().clone()
+    prediction = predict(model, swag, toy_data(), num_samples=2)
+    assert torch.equal(dict(model.named_adapter_parameters())[head], final)
+    torch.testing.assert_close(prediction.probs.sum(-1), torch.ones(48))
+
+
 def test_save_load_round_trip(tmp_path):
     model = xs_model()
     guide, _ = collected(model, n=7, rank=3, scale=0.3)
