@@ -4,6 +4,7 @@ applied to a method's averaged predictive, the verdict's paired intervals, and t
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_batch, tiny_bert
@@ -14,7 +15,7 @@ from pyro_lora.experiments.compare import fit_method, run_compare, run_method
 from pyro_lora.experiments.results import summarize_seeds
 from pyro_lora.experiments.setup import CompareConfig, Setup
 from pyro_lora.experiments.table import format_table
-from pyro_lora.experiments.verdict import verdict
+from pyro_lora.experiments.verdict import clear_difference, t_quantile_95, verdict
 from pyro_lora.guides import MeanFieldGuide, ScalaBLGuide
 from pyro_lora.guides.registry import METHODS, Fitted, method
 from pyro_lora.guides.tuning import tune_on_validation, validation_scores
@@ -311,6 +312,34 @@ def test_verdict_counts_a_win_only_where_the_paired_interval_excludes_zero():
     one = verdict([r for r in rows if r["seed"] == 1], "sst2")
     assert "1 seed: no interval" in one and "on both ECE and NLL: laplace_val" in one
     assert verdict(rows, "boolq") == ""
+
+
+@pytest.mark.parametrize("df, quantile", [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (11, 2.201), (29, 2.045),
+                                          (120, 1.980)])
+def test_the_interval_uses_students_t_quantile_for_any_number_of_seeds(df, quantile):
+    assert t_quantile_95(df) == pytest.approx(quantile, abs=6e-4)  # the printed tables' values
+
+
+def test_twelve_seeds_with_t_between_the_normal_and_students_quantile_is_no_win():
+    """|t| = 2.05 over 12 seeds: outside 1.96 (the normal quantile), inside t(11) = 2.201: the interval holds 0."""
+    d = np.random.default_rng(0).normal(size=12)
+    d = (d - d.mean()) / d.std(ddof=1) - 2.05 / np.sqrt(12)
+    assert clear_difference(list(d)) is None and clear_difference(list(d - 0.2)) == "better"
+    rows = _rows({"map": [(0.8, 10.0, 0.6, 0.1)] * 12, "temperature": [(0.8, 5.0, 0.5, 0.1)] * 12,
+                  "laplace_val": [(0.8, 5.0 + 10 * x, 0.5 + 0.1 * x, 0.1) for x in d]})
+    assert "on both ECE and NLL: none" in verdict(rows, "sst2").split("Validation-tuned")[1]
+
+
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_a_difference_of_float_round_off_is_a_tie_not_a_win(seeds):
+    """llla_val at the grid's upper edge is the MAP: its +ts row equals temperature scaling up to 1e-8, on every
+    seed; the table shows the same values and the Best line calls them tied: no "beats"."""
+    t = [(0.56, 11.083094589 + s, 0.6809502454 + s / 100, 0.39) for s in range(seeds)]
+    rows = _rows({"map": [(0.56, 15.0, 0.69, 0.39)] * seeds, "temperature": t,
+                  "llla_val+ts": [(a, e - 1e-6, n - 1e-8, r) for a, e, n, r in t]})
+    text = verdict(rows, "sst2")
+    assert "tied" in text and "on both ECE and NLL: none; on NLL only: none." in text
+    assert clear_difference([-1e-8] * 3, digits=3) is None and clear_difference([-1e-8] * 3) == "better"
 
 
 def test_a_run_cut_short_is_compared_on_the_seeds_every_method_finished():

@@ -399,10 +399,11 @@ def paired_differences(runs, metric, reference="map"):
     return out
 
 
-def clear_differences(diffs, lower_better=True):
+def clear_differences(diffs, lower_better=True, digits=None):
     """``(better, worse)`` set labels where the mean paired difference is outside its 95% Student-t interval
-    (over seeds; needs two seeds or more: :func:`~pyro_lora.experiments.verdict.clear_difference`)."""
-    outcome = {label: clear_difference(d, lower_better) for label, d in diffs.items()}
+    (over seeds; needs two seeds or more) and reads as nonzero at ``digits`` decimals
+    (:func:`~pyro_lora.experiments.verdict.clear_difference`)."""
+    outcome = {label: clear_difference(d, lower_better, digits) for label, d in diffs.items()}
     return [k for k, v in outcome.items() if v == "better"], [k for k, v in outcome.items() if v == "worse"]
 
 
@@ -412,7 +413,7 @@ def noise_sentences(runs, guides):
     for metric in ("nll", "ece", "accuracy"):
         diffs = paired_differences(runs, metric)
         for g in guides:
-            better, worse = clear_differences(diffs.get(g, {}), COLUMNS[metric].lower_better)
+            better, worse = clear_differences(diffs.get(g, {}), COLUMNS[metric].lower_better, COLUMNS[metric].digits)
             if better or worse:
                 lines.append(f"{g}, {_name(metric)}: clearly better than MAP on {', '.join(better) or 'no set'}; "
                              f"clearly worse on {', '.join(worse) or 'no set'}.")

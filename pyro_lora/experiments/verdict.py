@@ -5,25 +5,62 @@ zero (both scored on the same seed's test set, so the interval covers the traini
 no interval, and the verdict compares the values and says so.
 """
 
+import math
+from functools import lru_cache
+
 import numpy as np
 
 from ..guides.registry import METHODS
 from .table import COLUMNS, base_guide
 
-# two-sided 95% Student-t quantiles by degrees of freedom (seeds - 1); 1.96 beyond the table
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
-
 BASELINE, REFERENCE = "temperature", "map"
 ACCURACY_POINTS = 1.0  # the accuracy loss against MAP, in points, that the verdict names
 
 
-def clear_difference(diffs, lower_better=True):
-    """``"better"``, ``"worse"`` or ``None`` (within the noise, or fewer than 2 seeds) for the per-seed differences
-    ``diffs`` (method - other): the mean outside its 95% Student-t interval."""
+def _t_within(t, df):
+    """``P(|T| <= t)`` for Student's t with ``df`` (a positive int) degrees of freedom, in closed form
+    (Abramowitz & Stegun 26.7.3-4: a finite series in ``theta = atan(t / sqrt(df))``)."""
+    theta = math.atan(t / math.sqrt(df))
+    c2, term = math.cos(theta) ** 2, 1.0
+    if df % 2:
+        total = 0.0
+        for k in range(1, (df - 1) // 2):  # cos(theta) (1 + 2/3 cos^2 + 2*4/(3*5) cos^4 + ... + cos^(df-3) term)
+            total, term = total + term, term * c2 * 2 * k / (2 * k + 1)
+        series = math.cos(theta) * (total + term) if df > 1 else 0.0
+        return 2 / math.pi * (theta + math.sin(theta) * series)
+    total = 0.0
+    for k in range(1, df // 2):  # 1 + 1/2 cos^2 + 1*3/(2*4) cos^4 + ... up to cos^(df-2)
+        total, term = total + term, term * c2 * (2 * k - 1) / (2 * k)
+    return math.sin(theta) * (total + term)
+
+
+@lru_cache(maxsize=None)
+def t_quantile_95(df: int) -> float:
+    """The two-sided 95% quantile of Student's t with ``df`` degrees of freedom (12.706 for 1, 2.201 for 11,
+    1.960 in the limit), by bisection on :func:`_t_within`."""
+    low, high = 0.0, 1e3
+    for _ in range(100):
+        mid = (low + high) / 2
+        low, high = (mid, high) if _t_within(mid, df) < 0.95 else (low, mid)
+    return (low + high) / 2
+
+
+def shows_difference(difference, digits) -> bool:
+    """Whether ``difference`` reads as nonzero at the table's ``digits`` decimals: a smaller one (e.g. float
+    round-off between a method at a grid edge and the MAP it equals) is a tie, whatever its interval."""
+    return float(f"{abs(difference):.{digits}f}") > 0
+
+
+def clear_difference(diffs, lower_better=True, digits=None):
+    """``"better"``, ``"worse"`` or ``None`` (within the noise, fewer than 2 seeds, or a mean difference that reads
+    as 0 at ``digits`` decimals) for the per-seed differences ``diffs`` (method - other): the mean outside its 95%
+    Student-t interval."""
     if len(diffs) < 2:
         return None
     mean, se = float(np.mean(diffs)), float(np.std(diffs, ddof=1)) / np.sqrt(len(diffs))
-    if mean == 0 or abs(mean) <= T95.get(len(diffs) - 1, 1.96) * se:
+    if mean == 0 or (digits is not None and not shows_difference(mean, digits)):
+        return None
+    if abs(mean) <= t_quantile_95(len(diffs) - 1) * se:
         return None
     return "better" if (mean < 0) == lower_better else "worse"
 
@@ -47,15 +84,19 @@ def _by_guide(rows, dataset, metric):
 
 def _beats(values, guide, other, metric):
     """Whether ``guide`` is better than ``other`` on ``metric``: by the paired interval over their shared seeds
-    (two or more), by the value with one."""
-    lower = COLUMNS[metric].lower_better
+    (two or more), by the value with one; never where their means read the same at the table's digits (what
+    :func:`_best` calls tied)."""
+    lower, digits = COLUMNS[metric].lower_better, COLUMNS[metric].digits
     seeds = sorted(set(values.get(guide, {})) & set(values.get(other, {})))
     if not seeds:
         return False
     diffs = [values[guide][s] - values[other][s] for s in seeds]
+    shown = {f"{np.mean([values[g][s] for s in seeds]):.{digits}f}" for g in (guide, other)}
+    if len(shown) == 1:
+        return False
     if len(seeds) == 1:
-        return (diffs[0] < 0) == lower and diffs[0] != 0
-    return clear_difference(diffs, lower) == "better"
+        return (diffs[0] < 0) == lower and shows_difference(diffs[0], digits)
+    return clear_difference(diffs, lower, digits) == "better"
 
 
 def _mean(values, guide):
