@@ -45,7 +45,15 @@ def _log_probs(probs_or_logits, kind="auto"):
     if bool((x == -math.inf).all(-1).any()):
         raise ValueError("a row of logits is all -inf: it gives no class a probability")
     # the tolerance of pyro_lora.metrics: half-precision probabilities must not be taken for logits
-    looks_like_probs = bool((x >= 0).all() and ((x.sum(-1) - 1).abs() <= _sum_tolerance(raw.dtype)).all())
+    in_unit = bool(((x >= 0) & (x <= 1)).all())
+    looks_like_probs = in_unit and bool(((x.sum(-1) - 1).abs() <= _sum_tolerance(raw.dtype)).all())
+    if kind == "auto" and in_unit and not looks_like_probs:
+        # clipped or rounded probabilities read as logits would get a T of another scale, without a word
+        worst = float((x.sum(-1) - 1).abs().max())
+        raise ValueError(
+            f"every entry is in [0, 1] but a row's sum is {worst:.3g} away from 1: probabilities that were clipped or "
+            "rounded, or logits? renormalise probabilities (p / p.sum(-1, keepdim=True)), or pass kind='logits'"
+        )
     if kind == "probs" or (kind == "auto" and looks_like_probs):
         if not looks_like_probs:
             raise ValueError("kind='probs' but the rows are not probability vectors (entries in [0, 1] summing to 1)")
@@ -116,14 +124,15 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
     :param probs_or_logits: ``[N, C]`` predictive probabilities (``Prediction.probs``; zeros for missing
         choices) or logits (``-inf`` for missing choices).
     :param labels: ``[N]`` integer class indices.
-    :param str kind: ``"probs"``, ``"logits"`` or ``"auto"`` (probabilities when every row is a probability vector).
+    :param str kind: ``"probs"``, ``"logits"`` or ``"auto"`` (probabilities when every row is a probability vector;
+        entries all in ``[0, 1]`` whose rows do not sum to 1 are refused as ambiguous).
     :param bounds: the search interval for ``T``.
     :param bool return_info: return a :class:`TemperatureFit` (``T`` and the note, None unless it warned)
         instead of ``T``.
     :returns: ``T`` as a float, or a :class:`TemperatureFit`.
     :raises ValueError: on bad shapes, labels that are not integers or out of range (checked as
         :mod:`pyro_lora.metrics` checks them), nan / +inf inputs, all ``-inf`` logit rows, ``kind="probs"`` rows
-        that are not probability vectors, or bounds that do not satisfy ``0 < low < 1 < high``.
+        that are not probability vectors, ``kind="auto"`` entries all in ``[0, 1]`` in rows not summing to 1, or bounds that do not satisfy ``0 < low < 1 < high``.
     """
     log_probs, from_probs = _log_probs(probs_or_logits, kind)
     # the labels as every metric checks them: integer dtype (float labels were truncated), shape, range

@@ -250,6 +250,17 @@ def test_temperature_bad_input():
         fit_temperature(torch.tensor([[0.0, 1.0], [-math.inf, -math.inf]]), torch.tensor([0, 1]))
 
 
+def test_temperature_refuses_clipped_probabilities_it_would_read_as_logits():
+    """Probabilities clipped at 1e-3 (rows sum to up to 1.001) were read as logits: T 0.60 where the renormalised
+    rows give 3.8, without a word. Entries all in [0, 1] whose rows miss 1 are ambiguous: refused."""
+    logits, labels = classification(sharpness=6.0)
+    clipped = logits.softmax(-1).clamp(min=1e-3)
+    with pytest.raises(ValueError, match=r"in \[0, 1\] but a row's sum is .* away from 1.*renormalise"):
+        fit_temperature(clipped, labels)
+    renormalised = fit_temperature(clipped / clipped.sum(-1, keepdim=True), labels)
+    assert renormalised == pytest.approx(fit_temperature(clipped.log(), labels, kind="logits"), rel=1e-6)
+
+
 # --- MC dropout -----------------------------------------------------------------------------------
 
 
