@@ -27,14 +27,14 @@ from pyro_lora.calibration import golden_section
 from pyro_lora.contract import check_guide
 from pyro_lora.data import to_device
 from pyro_lora.evidence import maximise_evidence
-from pyro_lora.heads import class_rows, find_head, head_features, head_rows
+from pyro_lora.heads import class_rows, find_head, head_features, head_rows, tied_parameters
 from pyro_lora.kfac import glm_predict, probit
 from pyro_lora.metrics import nll
 from pyro_lora.predictive import _positive_int
 
 from .base import LoraGuide
 from .laplace import _LOG_LAMBDA_RANGE, LAMBDA_GRID, glm_probit
-from .registry import Fitted, method
+from .registry import Fitted, join_notes, method
 
 _FULL_LIMIT = 8192  # P up to which hessian="auto" keeps the dense GGN (its P x P eigenvectors: 256 MiB in float32)
 _VAL_TOL = 1e-3  # golden-section tolerance of "val_nll" in log lambda (0.1% in lambda)
@@ -92,6 +92,14 @@ class LastLayerLaplaceGuide(LoraGuide):
         self.head = head
         linear = find_head(model, head)
         rows = class_rows(likelihood, linear)
+        self.tied = tied = tied_parameters(model.net, linear)
+        if tied:
+            warnings.warn(
+                f"the head's weight is tied to the input embeddings ({', '.join(tied)}: tie_word_embeddings): the "
+                "posterior is over the answer rows as output rows only, the answer tokens' input embeddings stay at "
+                "the MAP; the GGN and the GLM predictive are exact for the model with its head untied at the MAP, not "
+                "for the tied one (where a sampled row would also move those tokens wherever the prompt holds them)",
+                UserWarning, stacklevel=2)
         self._head = (linear, rows)  # not a submodule: the network's weights are not the guide's
         c, d1 = rows.numel(), linear.in_features + (linear.bias is not None)
         self.hessian = ("full" if c * d1 <= _FULL_LIMIT else "kfac") if hessian == "auto" else hessian
@@ -422,7 +430,8 @@ def llla(setup):
     model = setup.lora_model(random="AB")
     guide = LastLayerLaplaceGuide(model).fit(setup.loader(setup.train), progress=setup.config.progress)
     guide.optimize_prior_precision("marglik")
-    return Fitted(guide=guide, extra_parameters=guide.extra_parameters())
+    note = "head tied to the input embeddings: a posterior over its output rows only" if guide.tied else None
+    return Fitted(guide=guide, extra_parameters=guide.extra_parameters(), note=note)
 
 
 @method("llla_val", bayesian=True, guide=LastLayerLaplaceGuide, exportable=True, predictive=glm_probit, validation=True,
@@ -440,5 +449,6 @@ def llla_val(setup):
         fitted.guide.optimize_prior_precision("val_nll", val_loader=setup.loader(setup.val), grid=LAMBDA_GRID)
     lam = float(fitted.guide.prior_precision)
     if any(math.isclose(lam, edge, rel_tol=1e-5) for edge in (LAMBDA_GRID[0], LAMBDA_GRID[-1])):
-        fitted.note = f"prior precision {lam:g} at the end of the validation grid ({LAMBDA_GRID[0]:g} to {LAMBDA_GRID[-1]:g})"
+        fitted.note = join_notes(fitted.note, f"prior precision {lam:g} at the end of the validation grid "
+                                 f"({LAMBDA_GRID[0]:g} to {LAMBDA_GRID[-1]:g})")
     return fitted

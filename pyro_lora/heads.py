@@ -15,7 +15,7 @@ from .data import to_device
 from .kfac import eval_mode
 from .likelihoods import MultipleChoice
 
-__all__ = ["class_rows", "find_head", "head_features", "head_rows"]
+__all__ = ["class_rows", "find_head", "head_features", "head_rows", "tied_parameters"]
 
 # how closely the head's output must reproduce the model's logits, (relative to the largest, absolute): float32
 # rounding, or half precision's (bf16 keeps 8 significant bits)
@@ -71,6 +71,14 @@ def class_rows(likelihood, linear: torch.nn.Linear) -> torch.Tensor:
     if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= linear.out_features:
         raise ValueError(f"answer_token_ids {ids.tolist()} are not rows of the head's {linear.out_features} outputs")
     return ids
+
+
+def tied_parameters(net, linear: torch.nn.Linear) -> list[str]:
+    """The names of ``net``'s parameters that share the head's weight, the head's own name among them: empty
+    unless the weight is tied (a causal LM's ``tie_word_embeddings``: the output rows are also the input embeddings)."""
+    ptr = linear.weight.data_ptr()
+    names = [n for n, p in net.named_parameters(remove_duplicate=False) if p.data_ptr() == ptr]
+    return names if len(names) > 1 else []
 
 
 def head_rows(linear: torch.nn.Linear, rows: torch.Tensor) -> torch.Tensor:

@@ -229,6 +229,15 @@ class MultipleChoice(Likelihood):
         if normalize not in (None, "tokens", "chars"):
             raise ValueError(f"normalize must be None, 'tokens' or 'chars', got {normalize!r}")
         self.answer_token_ids = None if answer_token_ids is None else torch.as_tensor(answer_token_ids)
+        if self.answer_token_ids is not None:
+            ids = self.answer_token_ids
+            if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.is_complex():
+                raise ValueError(f"answer_token_ids must be a non-empty 1-d sequence of token ids, got {ids.tolist()!r}")
+            if ids.unique().numel() != ids.numel():
+                raise ValueError(
+                    f"answer_token_ids {ids.tolist()} repeat a token: those choices would always get the same "
+                    "logit (and a last-layer posterior would count its row twice); give each choice its own token"
+                )
         self.format = format
         self.normalize = normalize
         self.share_prefix = share_prefix

@@ -2,6 +2,7 @@
 evidence and validation optima against brute force, the features on three head layouts, refusals, save/load, bf16."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -305,6 +306,28 @@ def test_a_head_it_cannot_find_or_use_is_refused_by_name_and_one_named_is_used()
 
 
 # ------------------------------------------------------------------ (5) the boundary, save and load
+
+
+def test_a_head_tied_to_the_input_embeddings_is_named_in_a_warning():
+    """SmolLM2 ties lm_head to embed_tokens: the posterior is over the rows' output use only (the GGN is exact for
+    the head untied at the MAP); the guide says so. An untied head gives no warning."""
+    net = tiny_llama()
+    likelihood = MultipleChoice([10, 11, 12, 13], format="letter")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        LastLayerLaplaceGuide(LoraModel(net, likelihood))
+    base = net.get_base_model()
+    base.lm_head.weight = base.model.embed_tokens.weight
+    with pytest.warns(UserWarning, match=r"tied to the input embeddings \(.*embed_tokens.weight.*lm_head.weight"):
+        guide = LastLayerLaplaceGuide(LoraModel(net, likelihood))
+    assert len(guide.tied) == 2  # the recipes' rows carry a note from it
+
+
+def test_repeated_answer_tokens_are_refused():
+    with pytest.raises(ValueError, match=r"answer_token_ids \[10, 10, 12, 13\] repeat a token"):
+        MultipleChoice([10, 10, 12, 13], format="letter")
+    with pytest.raises(ValueError, match="non-empty 1-d"):
+        MultipleChoice([[10, 11]], format="letter")
 
 
 def test_predict_refuses_the_guide_and_names_its_predictive():
