@@ -30,6 +30,14 @@ FROM_GUIDE_ACTION = "build a TFB guide"
 _METRIC_NAMES = {"nll": "pseudo-label NLL rel. change", "flip": "flip rate", "accuracy": "accuracy drop"}
 
 
+# TFB's reference range [1e-3, 1.5e-2] was set for 8B models; small models tolerate more noise. The flip criterion:
+# on an over-confident MAP the pseudo-label NLL is near zero, so its relative change blocks any noise. 512 anchors:
+# on 128 a few borderline training examples flip at the smallest noise and stop the search near 0; 4 bisection
+# steps (6 anchor passes with the reference and the bounds) resolve sigma_q to 0.0125 in [0.001, 0.2].
+TFB_SEARCH = dict(criterion="flip", tolerance=0.01, low=1e-3, high=0.2, iterations=4)
+TFB_ANCHORS = 512
+
+
 class TFBGuide(LoraGuide):
     r"""Training-free Bayesian LoRA: ``q(B') = delta(U diag(d))``, ``q(A') = N(V^T A, Omega^2)``, ``Omega_ij = sigma_q / d_i``.
 
@@ -43,7 +51,7 @@ class TFBGuide(LoraGuide):
 
         model = LoraModel(net, SequenceClassification(), random="AB")   # net holds the trained adapter
         guide = TFBGuide(model)                 # or TFBGuide.from_guide(model, trained_guide)
-        guide.search(anchor_loader, criterion="nll", tolerance=0.01)
+        guide.search(anchor_loader)             # TFB_SEARCH: compare's and pyro-lora bayesianize's defaults
         predict(model, guide, test_loader, num_samples=10)
 
     :param model: a :class:`~pyro_lora.LoraModel` whose random sites pair every ``A`` site with a
@@ -181,7 +189,8 @@ class TFBGuide(LoraGuide):
             out[a], out[b], _ = self._pair(i)
         return out
 
-    def search(self, anchors, criterion="nll", tolerance=None, low=1e-3, high=1.5e-2, iterations=5, num_samples=10, seed=0, progress=True):
+    def search(self, anchors, criterion=TFB_SEARCH["criterion"], tolerance=TFB_SEARCH["tolerance"], low=TFB_SEARCH["low"],
+               high=TFB_SEARCH["high"], iterations=TFB_SEARCH["iterations"], num_samples=10, seed=0, progress=True):
         """Set ``sigma_q`` to the largest feasible value found by bisection on ``[low, high]``; return the trace.
 
         A candidate ``sigma`` is feasible when ``metric(sigma) <= tolerance``, measured on the anchors
@@ -206,7 +215,11 @@ class TFBGuide(LoraGuide):
         :param anchors: iterable of batches with the likelihood's inputs (``labels`` for ``"accuracy"``),
             e.g. a loader over a few hundred training examples; it is read once and kept, so a shuffling
             loader is fine. Likelihoods must give class logits ``[B, C]`` (not token-level ``CausalLM``).
-        :param tolerance: default 0.01 for every criterion.
+        The defaults, :data:`TFB_SEARCH`, are those of ``pyro-lora compare`` and ``pyro-lora bayesianize``
+        (the flip rate at 1% on ``[1e-3, 0.2]``, 4 bisection steps); TFB's reference settings for 8B models are
+        ``criterion="nll", low=1e-3, high=1.5e-2``.
+
+        :param tolerance: ``None``: 0.01, the default of every criterion.
         :returns: the trace, a list of ``{"sigma", "metric", "feasible"}`` in evaluation order (also kept in
             ``self.trace``, with ``criterion`` and ``tolerance``, and saved by :func:`pyro_lora.save_guide`).
         """
@@ -323,7 +336,8 @@ class TFBGuide(LoraGuide):
 def bayesianize(model, anchor_loader, init=None, min_singular_ratio=1e-3, **search_kwargs):
     """Build a :class:`TFBGuide` from the trained adapter of ``model`` and search ``sigma_q`` on the anchors.
 
-    What ``pyro-lora bayesianize`` calls. ``search_kwargs`` go to :meth:`TFBGuide.search`.
+    What ``pyro-lora bayesianize`` calls. ``search_kwargs`` go to :meth:`TFBGuide.search`, whose defaults
+    (:data:`TFB_SEARCH`) are ``compare``'s.
     """
     guide = TFBGuide(model, init=init, min_singular_ratio=min_singular_ratio)
     guide.search(anchor_loader, **search_kwargs)
@@ -387,14 +401,6 @@ def _singular_warning(flagged, ratio):
     if flagged["zero"]:
         parts.append(f"B is zero in {flagged['zero']} (an untrained adapter?): these layers get no weight noise")
     return "TFB: " + "; ".join(parts)
-
-
-# TFB's reference range [1e-3, 1.5e-2] was set for 8B models; small models tolerate more noise. The flip criterion:
-# on an over-confident MAP the pseudo-label NLL is near zero, so its relative change blocks any noise. 512 anchors:
-# on 128 a few borderline training examples flip at the smallest noise and stop the search near 0; 4 bisection
-# steps (6 anchor passes with the reference and the bounds) resolve sigma_q to 0.0125 in [0.001, 0.2].
-TFB_SEARCH = dict(criterion="flip", tolerance=0.01, low=1e-3, high=0.2, iterations=4)
-TFB_ANCHORS = 512
 
 
 def bayesianize_setup(setup, model, anchors: int = TFB_ANCHORS, **search) -> TFBGuide:

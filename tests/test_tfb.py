@@ -12,7 +12,7 @@ from pyro.infer import Trace_ELBO
 from test_training import toy_data
 
 from pyro_lora.guides import MAPGuide
-from pyro_lora.guides.tfb import TFBGuide, bayesianize
+from pyro_lora.guides.tfb import TFB_SEARCH, TFBGuide, bayesianize
 from pyro_lora import CausalLM, LoraModel, MultipleChoice, SequenceClassification, load_guide, predict, save_guide
 
 
@@ -152,6 +152,18 @@ def test_search_returns_largest_feasible_and_next_grid_point_is_infeasible():
     assert again == trace
     other = TFBGuide(model).search(anchors, criterion="nll", tolerance=tol, low=low, high=high, iterations=0, num_samples=4, seed=1, progress=False)
     assert [t["metric"] for t in other] != [t["metric"] for t in trace[:2]]
+
+
+def test_the_python_search_defaults_are_compares():
+    """bayesianize() searched with TFB's 8B-model range (nll, high 0.015, 5 steps) where compare and the CLI use
+    TFB_SEARCH (flip at 1% on [0.001, 0.2], 4 steps): a Python user got another posterior from the same adapter."""
+    model, anchors = mc_model(), mc_anchors(n_batches=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a search edge, if any, is the same in both
+        default = bayesianize(model, anchors, num_samples=4, progress=False)
+        shared = TFBGuide(model).search(anchors, **TFB_SEARCH, num_samples=4, progress=False)
+    assert default.trace == shared and (default.criterion, default.tolerance) == ("flip", 0.01)
+    assert max(t["sigma"] for t in shared) == TFB_SEARCH["high"] and len(shared) <= TFB_SEARCH["iterations"] + 2
 
 
 def test_search_edges_flip_and_accuracy(capsys):
