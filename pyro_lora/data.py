@@ -228,6 +228,9 @@ def split_train_val(records: list, val_fraction: float = 0.1, val_size: int | No
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
         val_size = max(1, int(round(n * val_fraction)))
+        if not val_size < n:
+            raise ValueError(f"val_fraction {val_fraction:g} of {n} records holds out {val_size}, leaving none to train on: "
+                             "lower the validation fraction (--val-fraction) or give more records (--train-size)")
     if not 0 < val_size < n:
         raise ValueError(f"val_size must be in [1, {n - 1}] for {n} records, got {val_size}")
     perm = np.random.default_rng(seed).permutation(n)

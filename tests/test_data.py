@@ -220,6 +220,8 @@ def test_split_train_val_is_deterministic_and_disjoint():
     assert [r["id"] for r in D.split_train_val(recs[:20], val_size=3, seed=0)[1]] == [4, 6, 19]
     with pytest.raises(ValueError):
         D.split_train_val(recs, val_size=1000)
+    with pytest.raises(ValueError, match=r"val_fraction 0.96 of 10 records holds out 10, leaving none.*--val-fraction"):
+        D.split_train_val(recs[:10], val_fraction=0.96)
 
 
 def test_subset_is_deterministic():

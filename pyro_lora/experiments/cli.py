@@ -101,6 +101,9 @@ def _model_args(p, d=None, one_dataset=True):
 def _size_args(p, train_help="training examples, validation carved from them", d=None):
     d = d or CompareConfig()
     p.add_argument("--train-size", type=_number(int, 1), default=d.train_size, help=f"{train_help} (at least 2; default {d.train_size})")
+    p.add_argument("--val-fraction", type=_fraction, default=d.val_fraction,
+                   help=f"share of --train-size held out as the validation split that temperature scaling, the +ts rows and "
+                        f"the validation-tuned methods fit on, in (0, 1) (default {d.val_fraction})")
     p.add_argument("--test-size", type=_number(int, 0), default=d.test_size, help=f"test examples (default {d.test_size})")
     p.add_argument("--samples", type=_number(int, 0), default=d.samples, help=f"posterior samples per prediction, S (default {d.samples})")
 
@@ -166,8 +169,6 @@ def _study_args(p):
                    help=f"score the {study.SHIFT_SOURCE} run, where --datasets has it, on {', '.join(study.SHIFT_TARGETS)} too (default: on)")
     _model_args(p, d, one_dataset=False)
     _size_args(p, d=d)
-    p.add_argument("--val-fraction", type=_fraction, default=None,
-                   help="share of --train-size held out for validation, in (0, 1) (default per task)")
     _training_args(p, d)
     p.add_argument("--guides", type=_guides, default=None,
                    help=f"comma-separated, from: {', '.join(METHODS)} (default per task: every method that applies to "
