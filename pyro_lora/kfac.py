@@ -419,14 +419,22 @@ def glm_site_cov(f: SiteFactors, x: torch.Tensor, g: torch.Tensor, weights, lam:
 def probit(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     """Probit approximation ``softmax(mean / sqrt(1 + pi/8 var))``; mean ``[N, C]``, cov ``[G, N, C, C]`` -> ``[G, N, C]``."""
     var = cov.diagonal(dim1=-2, dim2=-1).clamp(min=0)
-    return torch.softmax(mean / (1 + math.pi / 8 * var).sqrt(), -1)
+    scaled = mean / (1 + math.pi / 8 * var).sqrt()
+    # a missing choice stays at -inf whatever its variance (-inf / inf would be nan); a real one goes to 0
+    return torch.softmax(scaled.where(~torch.isneginf(mean), -math.inf), -1)
 
 
 def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int) -> torch.Tensor:
     """Class probabilities of logits ``N(mean, cov)`` (mean ``[N, C]``, cov ``[N, C, C]``): ``[1, N, C]`` by the
-    probit approximation (``link="probit"``), or ``[S, N, C]`` from ``num_samples`` logit draws (``"mc"``)."""
+    probit approximation (``link="probit"``), or ``[S, N, C]`` from ``num_samples`` logit draws (``"mc"``).
+
+    :raises ValueError: for ``"mc"`` with a covariance that is not finite."""
     if link == "probit":
         return probit(mean, cov.unsqueeze(0))
+    if not bool(torch.isfinite(cov).all()):
+        raise ValueError(f"the logit covariance is not finite (largest variance {float(cov.diagonal(dim1=-2, dim2=-1).max()):.3g}"
+                         f" in {cov.dtype}): a prior precision this small overflows the posterior covariance; use a "
+                         "larger one (or link='probit', whose limit is the uniform predictive)")
     w, q = torch.linalg.eigh(cov)
     root = q * w.clamp(min=0).sqrt().unsqueeze(-2)  # cov = root root^T
     z = torch.randn(num_samples, *mean.shape, 1, device=mean.device)
@@ -440,7 +448,7 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     labels; ``ready()`` (the guide's own checks) runs after the arguments are checked, before any batch.
 
     :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, ``keep_samples`` with the
-        probit link, or empty ``data``.
+        probit link, empty ``data``, or a predictive that is not finite (an overflowing covariance).
     """
     if link not in ("probit", "mc"):
         raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
@@ -453,7 +461,13 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     probs, labels = [], []
     for batch in tqdm(data, desc=desc, disable=not progress, dynamic_ncols=True):
         mean, cov = logits_of(batch)
-        probs.append(glm_probs(mean.float(), cov.float(), link, num_samples))
+        p = glm_probs(mean.float(), cov.float(), link, num_samples)
+        if not bool(torch.isfinite(p).all()):
+            raise ValueError(
+                f"{desc}: the predictive is not finite (largest logit variance {float(cov.diagonal(dim1=-2, dim2=-1).max()):.3g}"
+                " in float32): a prior precision this small overflows the posterior covariance; use a larger one"
+            )
+        probs.append(p)
         labels.append(observed(batch))
     if not probs:
         raise ValueError("predict_glm got no batches: the data is empty")

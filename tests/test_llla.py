@@ -308,6 +308,18 @@ def test_a_head_it_cannot_find_or_use_is_refused_by_name_and_one_named_is_used()
 # ------------------------------------------------------------------ (5) the boundary, save and load
 
 
+def test_a_vanishing_prior_precision_gives_uniform_real_choices_or_a_clear_error():
+    """lambda 1e-300: the logit variances overflow float32; a missing choice's -inf / inf was nan in every row."""
+    guide = LastLayerLaplaceGuide(llama(), hessian="full").fit(letter_data(), progress=False)
+    guide.set_prior_precision(1e-300)
+    probs = guide.predict_glm(letter_data()).probs
+    real = torch.isfinite(torch.cat([guide.glm_logits(b)[0] for b in letter_data()]))
+    assert torch.equal(probs > 0, real)  # missing choices 0
+    torch.testing.assert_close(probs, real / real.sum(-1, keepdim=True))  # the probit's limit: uniform
+    with pytest.raises(ValueError, match="not finite.*prior precision this small"):
+        guide.predict_glm(letter_data(), link="mc", num_samples=4)
+
+
 def test_a_head_tied_to_the_input_embeddings_is_named_in_a_warning():
     """SmolLM2 ties lm_head to embed_tokens: the posterior is over the rows' output use only (the GGN is exact for
     the head untied at the MAP); the guide says so. An untied head gives no warning."""
