@@ -47,6 +47,8 @@ class Fitted:
     is_map: bool = False
     # the fit time of the method it starts from (``Setup.base_fit``), counted in its own
     inherited_seconds: float = 0.0
+    # the temperature the method applies (temperature scaling): its rows keep it, as the +ts rows keep theirs
+    temperature: Optional[float] = None
 
     def __post_init__(self):
         if self.point_estimate is None:

@@ -219,6 +219,7 @@ def test_temperature_row_carries_the_fallback_note_into_results_and_table():
     with pytest.warns(UserWarning, match="separable"):
         fitted, costs = fit_method(setup, "temperature", 0.0)
     assert "all correct (separable)" in fitted.note and costs["note"] == fitted.note
+    assert costs["temperature"] == 1.0  # its rows keep the T it applied, as the +ts rows keep theirs
     torch.testing.assert_close(fitted.predict(val).probs, predict(model, None, val).probs)  # T = 1: the MAP unchanged
     rows = [{"guide": "temperature", "dataset": "sst2", "seed": s, "accuracy": 1.0, **costs} for s in (0, 1)]
     rows += [{"guide": "map", "dataset": "sst2", "seed": s, "accuracy": 1.0, "fit_seconds": 0.0} for s in (0, 1)]
