@@ -209,7 +209,8 @@ def head_trainer(model):
     owner = trainer(model)
     if owner is None or not owner.model.named_point_parameters():  # it trained no point parameter of the network
         return None
-    if _changed_point_parameters(owner._point_snapshot, owner.model):
+    snapshot = owner._point_snapshot  # None while Pyro's SVI trains it: the head as it is now is its own
+    if snapshot is not None and _changed_point_parameters(snapshot, owner.model):
         return None
     return owner
 

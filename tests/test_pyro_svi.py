@@ -167,6 +167,18 @@ def test_pyro_elbos_train_the_guide(elbo):
     assert all(not torch.equal(p, q) for p, q in zip(guide.parameters(), before))
 
 
+def test_a_guide_built_after_pyros_svi_sees_the_head_it_trained():
+    """After an SVI step (or any ELBO evaluation) the trainer's snapshot is live (None): building another guide
+    raised TypeError; it is the refusal fit gives (the head goes with the SVI guide's LoRA), until the adapter holds it."""
+    model, guide = build("meanfield")
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO())
+    svi.step(toy_data(n=8, batch=8)[0])
+    with pytest.raises(ValueError, match="head was trained by a MeanFieldGuide whose LoRA values the adapter does not hold"):
+        MAPGuide(model)
+    model.write_adapter(guide.mean())
+    torch.testing.assert_close(MAPGuide(model).mean(), guide.mean())
+
+
 def test_predictive_and_condition_use_the_guide_and_the_model():
     model, guide = build("meanfield")
     batch = toy_data(n=8, batch=8)[0]
