@@ -380,6 +380,13 @@ class BatchedAffineAutoregressive(TransformModule):
         self._cached_log_scale = log_scale
         return x.mT if self.transpose else x
 
+    def __getstate__(self):
+        # the caches hold tensors of the last forward's graph, which deepcopy (a variant's copy of its base's fit)
+        # and pickling refuse: a copy starts with empty ones, as after __init__
+        state = super().__getstate__()
+        state["_cached_x_y"], state["_cached_log_scale"] = (None, None), None
+        return state
+
     def log_abs_det_jacobian(self, x, y):
         x_old, y_old = self._cached_x_y
         if x is not x_old or y is not y_old:

@@ -4,6 +4,7 @@ save/load round trip, Pyro's SVI with a Pyro optimizer, and the refusal of a mod
 A guide class exported by ``guides`` without a builder here fails ``test_every_guide_class_is_covered``.
 """
 
+import copy
 import inspect
 import json
 
@@ -138,6 +139,21 @@ def test_save_load_round_trip_gives_the_same_predictive(built, tmp_path):
     pyro.set_rng_seed(5)
     after = predictive(loaded)
     torch.testing.assert_close(after.probs, before.probs)
+
+
+def test_a_guide_deep_copies_right_after_a_training_step(built):
+    """What a validation-tuned variant does with its base's fit (``Setup.base_fit``): a flow's transforms cached
+    tensors of the last step's graph, and ``flow_val`` without ``flow`` in the run failed in ``deepcopy``."""
+    model, guide = built
+    fit(model, guide, data(), lr=1e-3, train_network=False, progress=False) if list(guide.parameters()) else \
+        Trace_ELBO().differentiable_loss(model, guide, data()[0])
+    net = model.net
+    copied = copy.deepcopy(guide, {id(x): x for x in (model, *net.modules(), *net.parameters(), *net.buffers())})
+    predictive = _predictive(model, guide)
+    pyro.set_rng_seed(5)
+    before = predictive(guide)
+    pyro.set_rng_seed(5)
+    torch.testing.assert_close(predictive(copied).probs, before.probs)
 
 
 def test_pyro_svi_with_a_pyro_optimizer_trains_the_guide_and_the_head(built):
