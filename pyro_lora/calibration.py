@@ -208,6 +208,8 @@ def _beyond(nll, log_high, tol, limit=1e12):
 
 def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """``softmax(log probs / T)``: ``[..., C]`` probabilities recalibrated by ``T``; zero entries stay zero.
+    ``T = 1`` returns a copy of ``probs`` unchanged (a renormalisation would move them by float rounding, enough to
+    reorder tied confidences and change an AURC).
 
     :param probs: ``[..., C]`` probabilities (rows summing to 1), e.g. ``Prediction.probs``.
     :param float temperature: ``T > 0`` from :func:`fit_temperature`.
@@ -218,4 +220,6 @@ def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     probs = torch.as_tensor(probs)
     if (probs < 0).any() or torch.isnan(probs).any():
         raise ValueError("probs must be non-negative probabilities")
+    if temperature == 1.0:
+        return probs.clone()
     return (probs.double().log() / temperature).softmax(-1).to(probs.dtype)

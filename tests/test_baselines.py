@@ -251,6 +251,15 @@ def test_temperature_bad_input():
         fit_temperature(torch.tensor([[0.0, 1.0], [-math.inf, -math.inf]]), torch.tensor([0, 1]))
 
 
+def test_a_temperature_of_one_leaves_the_probabilities_exactly_as_they_are():
+    """A fallback T = 1 renormalised in float64 moved float32 probabilities by 6e-8: near-tied confidences reordered
+    and the temperature row's AURC differed from MAP's (0.5610 against 0.5596)."""
+    probs = torch.softmax(torch.randn(500, 3, generator=torch.Generator().manual_seed(0)), -1)
+    out = apply_temperature(probs, 1.0)
+    assert torch.equal(out, probs) and out is not probs
+    assert not torch.equal(apply_temperature(probs, 1.0 + 1e-6), probs)
+
+
 def test_temperature_refuses_clipped_probabilities_it_would_read_as_logits():
     """Probabilities clipped at 1e-3 (rows sum to up to 1.001) were read as logits: T 0.60 where the renormalised
     rows give 3.8, without a word. Entries all in [0, 1] whose rows miss 1 are ambiguous: refused."""
