@@ -447,5 +447,6 @@ def flow_val(setup):
     """Bayesian-LoRA with a posterior temperature chosen by validation NLL (every draw's deviation from the MAP
     times sqrt(T)), as ``meanfield_val`` tempers mean-field."""
     fitted = setup.base_fit()
-    fitted.note = join_notes(fitted.note, tune_temperature(setup, fitted.guide).note)
+    tuning = tune_temperature(setup, fitted.guide)
+    fitted.note, fitted.chosen = join_notes(fitted.note, tuning.note), {**fitted.chosen, "posterior_temperature": tuning.value}
     return fitted

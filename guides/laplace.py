@@ -23,7 +23,7 @@ from pyro_lora.metrics import nll
 from pyro_lora.predictive import _positive_int, predict
 
 from .base import LoraGuide
-from .registry import Fitted, method
+from .registry import Fitted, join_notes, method
 
 _LOG_LAMBDA_RANGE = (-25.0, 25.0)  # prior precision search bounds, log scale (exp(25) ~ 7e10)
 # A matrix whose largest Fisher eigenvalue is below float32 resolution of the largest of all matrices' has no
@@ -476,7 +476,9 @@ def laplace_val(setup):
         fitted.guide.optimize_prior_precision(method="val_nll", val_loader=setup.loader(setup.val), grid=LAMBDA_GRID)
     lam = float(next(iter(fitted.guide.prior_precision.values()))[0])  # one lambda for all
     if any(math.isclose(lam, edge, rel_tol=1e-5) for edge in (LAMBDA_GRID[0], LAMBDA_GRID[-1])):
-        fitted.note = f"prior precision {lam:g} at the end of the validation grid ({LAMBDA_GRID[0]:g} to {LAMBDA_GRID[-1]:g})"
+        fitted.note = join_notes(fitted.note, f"prior precision {lam:g} at the end of the validation grid "
+                                 f"({LAMBDA_GRID[0]:g} to {LAMBDA_GRID[-1]:g})")
+    fitted.chosen = {**fitted.chosen, "prior_precision": lam}
     return fitted
 
 

@@ -451,4 +451,5 @@ def llla_val(setup):
     if any(math.isclose(lam, edge, rel_tol=1e-5) for edge in (LAMBDA_GRID[0], LAMBDA_GRID[-1])):
         fitted.note = join_notes(fitted.note, f"prior precision {lam:g} at the end of the validation grid "
                                  f"({LAMBDA_GRID[0]:g} to {LAMBDA_GRID[-1]:g})")
+    fitted.chosen = {**fitted.chosen, "prior_precision": lam}
     return fitted

@@ -71,4 +71,4 @@ def temperature(setup):
         out.probs = apply_temperature(out.probs, t)
         return out
 
-    return Fitted(run, None, 1, note, point_estimate=True, temperature=t)
+    return Fitted(run, None, 1, note, point_estimate=True, chosen={"temperature": t})

@@ -196,5 +196,6 @@ def meanfield_val(setup):
     section, on the validation split temperature scaling uses (Wenzel et al., 2020).
     """
     fitted = setup.base_fit()
-    fitted.note = join_notes(fitted.note, tune_temperature(setup, fitted.guide).note)
+    tuning = tune_temperature(setup, fitted.guide)
+    fitted.note, fitted.chosen = join_notes(fitted.note, tuning.note), {**fitted.chosen, "posterior_temperature": tuning.value}
     return fitted

@@ -13,7 +13,7 @@ A new method is its guide file, one recipe and one export line in :mod:`pyro_lor
 """
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from importlib.metadata import entry_points
@@ -47,8 +47,9 @@ class Fitted:
     is_map: bool = False
     # the fit time of the method it starts from (``Setup.base_fit``), counted in its own
     inherited_seconds: float = 0.0
-    # the temperature the method applies (temperature scaling): its rows keep it, as the +ts rows keep theirs
-    temperature: Optional[float] = None
+    # what the recipe chose, kept in its rows (results.json): temperature scaling's ``temperature``, a validation-tuned
+    # ``prior_precision``, ``sigma_q`` or ``posterior_temperature`` (a variant replaces, never mutates, its base's dict)
+    chosen: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.point_estimate is None:

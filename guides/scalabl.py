@@ -65,5 +65,6 @@ def scalabl(setup):
 def scalabl_val(setup):
     """ScalaBL with a posterior temperature chosen by validation NLL (every std times sqrt(T))."""
     fitted = setup.base_fit()
-    fitted.note = join_notes(fitted.note, tune_temperature(setup, fitted.guide).note)
+    tuning = tune_temperature(setup, fitted.guide)
+    fitted.note, fitted.chosen = join_notes(fitted.note, tuning.note), {**fitted.chosen, "posterior_temperature": tuning.value}
     return fitted

@@ -418,7 +418,8 @@ def bayesianize_setup(setup, model, anchors: int = TFB_ANCHORS, **search) -> TFB
 def tfb(setup):
     """Training-free Bayesianization of the MAP: sigma_q searched on anchors drawn from the training set."""
     guide = bayesianize_setup(setup, setup.lora_model(random="AB"))
-    return Fitted(guide=guide, extra_parameters=guide.extra_parameters(), note=guide.search_note)
+    return Fitted(guide=guide, extra_parameters=guide.extra_parameters(), note=guide.search_note,
+                  chosen={"sigma_q": float(guide.sigma_q)})
 
 
 @method("tfb_val", bayesian=True, guide=TFBGuide, exportable=True, validation=True)
@@ -432,4 +433,4 @@ def tfb_val(setup):
                                 seed=setup.seed)
     guide.criterion, guide.tolerance = "val_nll", None
     guide.trace = [{"sigma_q": value, "val_nll": loss, "val_accuracy": acc} for value, loss, acc in tuning.trace]
-    return Fitted(guide=guide, extra_parameters=guide.extra_parameters(), note=tuning.note)
+    return Fitted(guide=guide, extra_parameters=guide.extra_parameters(), note=tuning.note, chosen={"sigma_q": tuning.value})

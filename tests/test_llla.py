@@ -423,6 +423,7 @@ def test_the_recipes_fit_the_evidence_and_the_validation_lambda():
     assert lam != 1.0 and bool(evidence.guide.fitted)
     validated, costs = fit_method(setup, "llla_val")  # the llla fit, its lambda chosen anew
     assert float(validated.guide.prior_precision) != lam  # a copy of the llla fit, its lambda chosen anew
+    assert costs["prior_precision"] == float(validated.guide.prior_precision)  # kept in its rows
     assert float(evidence.guide.prior_precision) == lam and validated.guide._head[0] is evidence.guide._head[0]
     cloze = _setup(MultipleChoice(format="cloze"), tiny_llama(), records, collate)
     for name in ("llla", "llla_val"):

@@ -398,6 +398,10 @@ def test_a_tuned_variant_carries_the_tunings_edge_into_its_note(monkeypatch):
     monkeypatch.setattr("pyro_lora.guides.meanfield.tune_temperature", lambda view, g: Tuning(1e4, [], "lowest at the largest"))
     fitted = METHODS["meanfield_val"].recipe(setup.for_method("meanfield_val"))
     assert fitted.note == "prior std 0.1; lowest at the largest"
+    # the chosen knob goes into the rows (results.json), the base's record untouched
+    assert fitted.chosen == {"posterior_temperature": 1e4} and setup.kept["meanfield"][0].chosen == {}
+    _, costs = fit_method(setup, "meanfield_val", 0.0)
+    assert costs["posterior_temperature"] == 1e4
 
 
 def test_the_ts_row_of_a_predictive_without_weight_samples_says_so():

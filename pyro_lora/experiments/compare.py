@@ -33,8 +33,7 @@ def fit_method(setup, name: str, map_seconds: float = 0.0):
     if fitted.predict is None:
         fitted = replace(fitted, predict=predictor(view, method, fitted.guide))
     costs = {"fit_seconds": fit_seconds, "fit_memory_mb": memory.megabytes, "extra_parameters": fitted.extra_parameters}
-    if fitted.temperature is not None:
-        costs["temperature"] = fitted.temperature
+    costs.update(fitted.chosen)
     if fitted.note:
         costs["note"] = fitted.note
     return fitted, costs
