@@ -51,7 +51,8 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     ``log value`` between the best grid value's neighbours, until the bracket is ``tol`` wide (0.1: values within
     10%). A value whose validation accuracy is more than ``max_accuracy_drop`` (a fraction: 0.01 is one point) below
     the first grid value's counts as infinitely bad: on SST-2, TFB's sigma_q of lowest validation NLL cost 3 test
-    accuracy points. A best value at an end of the grid may lie beyond it: a warning names that end.
+    accuracy points. A best value at an end of the grid may lie beyond it: a warning names that end. A validation NLL
+    the same at every grid value (a knob without effect on the predictions) leaves the smallest, with its own note.
 
     :param str knob: the knob's name, for the warning and the trace.
     :param grid: at least 3 positive values, increasing.
@@ -86,7 +87,14 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
         raise ValueError(f"no {knob} of the grid ({grid[0]:g} to {grid[-1]:g}) gives a finite validation NLL: the tuning "
                          f"stopped, with the {knob} left at {grid[-1]:g}")
     i = min(range(len(grid)), key=losses.__getitem__)
+    finite = [loss for loss in losses if math.isfinite(loss)]
     note = None
+    if len(finite) == len(grid) and max(finite) - min(finite) <= 1e-9 * max(1.0, abs(min(finite))):
+        set_value(grid[0])
+        note = (f"the validation NLL is the same at every {knob} of the grid ({grid[0]:g} to {grid[-1]:g}): the {knob} "
+                f"does not change these predictions (a posterior without spread?); left at the smallest, {grid[0]:g}")
+        warnings.warn(note, stacklevel=2)
+        return Tuning(grid[0], trace, note)
     if i == 0 and all(v in refused for v in grid[1:]):
         note = (f"every {knob} of the grid above its smallest ({grid[0]:g}) costs more than {100 * max_accuracy_drop:g} "
                 "validation accuracy points: the search stays below the next one")

@@ -106,6 +106,11 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
     assert knob["v"] < 10.0
     with pytest.raises(ValueError, match="max_accuracy_drop must be a fraction >= 0"):
         tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4, max_accuracy_drop=-0.1)
+    # a knob without effect (an untrained posterior): not "the optimum may lie beyond" the grid
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *a, **k: (0.6547, 0.61))
+    with pytest.warns(UserWarning, match="the same at every T of the grid .0.1 to 100.: the T does not change"):
+        tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4)
+    assert tuning.value == knob["v"] == 0.1 and len(tuning.trace) == 4 and "beyond" not in tuning.note
     for tol in (0.0, -0.1, float("nan"), float("inf")):  # 0 looped forever, NaN skipped the refinement
         with pytest.raises(ValueError, match="tol must be a positive finite width"):
             tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4, tol=tol)

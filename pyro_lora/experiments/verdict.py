@@ -105,7 +105,8 @@ def _mean(values, guide):
 
 def _best(values, metric) -> str:
     """The best mean of ``metric``: ``"guide (value)"``, or every guide whose mean reads the same at the table's
-    digits, ``"a, b (value, tied)"`` (a method and its +ts row share their AURC: a temperature keeps the ranking)."""
+    digits, ``"a, b (value, tied)"`` (with two classes a method and its +ts row share their AURC: a temperature keeps the ranking of binary
+    confidences; with more choices it can reorder them)."""
     digits = COLUMNS[metric].digits
     shown = {g: f"{_mean(values, g):.{digits}f}" for g in values}
     top = (min if COLUMNS[metric].lower_better else max)(values, key=lambda g: _mean(values, g))
