@@ -132,7 +132,8 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
     :returns: ``T`` as a float, or a :class:`TemperatureFit`.
     :raises ValueError: on bad shapes, labels that are not integers or out of range (checked as
         :mod:`pyro_lora.metrics` checks them), nan / +inf inputs, all ``-inf`` logit rows, ``kind="probs"`` rows
-        that are not probability vectors, ``kind="auto"`` entries all in ``[0, 1]`` in rows not summing to 1, or bounds that do not satisfy ``0 < low < 1 < high``.
+        that are not probability vectors, ``kind="auto"`` entries all in ``[0, 1]`` in rows not summing to 1, or
+        bounds that do not satisfy ``0 < low < 1 < high``.
     """
     log_probs, from_probs = _log_probs(probs_or_logits, kind)
     # the labels as every metric checks them: integer dtype (float labels were truncated), shape, range
