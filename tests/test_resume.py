@@ -423,3 +423,33 @@ def test_bayesianize_on_the_maps_adapter_gives_the_tfb_row_that_compare_and_fit_
     for key in ("accuracy", "ece", "nll", "brier", "mutual_information"):
         assert bayesianized[key] == pytest.approx(fitted[key], rel=1e-6, abs=1e-9), key
     assert 0 < bayesianized["sigma_q"]
+
+
+def test_a_resumed_seed_whose_retrained_map_predicts_otherwise_is_noted(tmp_path):
+    """A resume retrains the seed's MAP; the seed's saved rows came from the first one. A retrained MAP that predicts
+    otherwise (another thread count, library version) would silently pair rows of two MAPs: warned and noted."""
+    from types import SimpleNamespace
+
+    from conftest import random_batch, tiny_bert
+    from pyro_lora import LoraModel, SequenceClassification, predict
+    from pyro_lora.guides import MAPGuide
+
+    model = LoraModel(tiny_bert(), SequenceClassification(), num_data=8)
+    test = [random_batch(seed=s) | {"labels": torch.tensor([0, 1, 2])} for s in (1, 2)]
+    guide = MAPGuide(model)
+    probs = predict(model, guide, test).probs.numpy()
+    config = small(tmp_path, guides=("map", "tfb"))
+    setup = SimpleNamespace(seed=0, config=config, model=model, map_guide=guide, test=test, loader=lambda records: records)
+    folder = RunFolder(tmp_path, config)
+    assert C.map_drift(folder, setup) is None  # nothing saved of this seed: nothing to compare
+    key = "sst2__seed0__"
+    saved = {key + "probs": probs, key + "labels": np.zeros(6, dtype=np.int64), key + "entropy": np.ones(6), key + "mutual_information": np.zeros(6)}
+    folder.add("map", 0, [ROW], saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert C.map_drift(folder, setup) is None  # the same MAP
+    saved[key + "probs"] = probs + np.array([1e-3, -1e-3, 0.0])
+    folder.add("map", 0, [ROW], saved)
+    with pytest.warns(UserWarning, match="MAP retrained for seed 0 on resume predicts up to 0.001 away"):
+        note = C.map_drift(folder, setup)
+    assert "two MAPs" in note

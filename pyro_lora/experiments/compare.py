@@ -1,6 +1,7 @@
 """``pyro-lora compare``: train a MAP LoRA once, fit several registered methods from it, score all on one test set."""
 
 import time
+import warnings
 from dataclasses import replace
 
 from .. import data as D
@@ -84,6 +85,28 @@ def evaluate(setup, fitted: Fitted, records, name: str, dataset: str):
     return prediction, costs
 
 
+# how far the MAP retrained on resume may predict from the one a seed's saved rows used (float noise, not another MAP)
+MAP_DRIFT_TOLERANCE = 1e-4
+
+
+def map_drift(run, setup):
+    """Where ``run`` already holds the MAP's rows of ``setup``'s seed (a resumed run), whether the MAP trained now
+    predicts the test probabilities those rows were scored with: the seed's other saved rows came from that MAP, and a
+    retrained one that differs (another thread count, another library version) would pair them with another MAP.
+    Returns a note for the rows this process adds (also warned), or ``None``."""
+    saved = run.saved_probs("map", setup.seed, setup.config.dataset)
+    if saved is None:
+        return None
+    now = predict(setup.model, setup.map_guide, setup.loader(setup.test)).probs.numpy()
+    gap = float(abs(now - saved).max()) if now.shape == saved.shape else float("inf")
+    if gap <= MAP_DRIFT_TOLERANCE:
+        return None
+    note = (f"the MAP retrained for seed {setup.seed} on resume predicts up to {gap:.2g} away from the one this seed's "
+            "earlier rows used: its rows and theirs start from two MAPs (rerun the seed whole to compare them)")
+    warnings.warn(note, stacklevel=2)
+    return note
+
+
 def run_compare(config: CompareConfig, overwrite: bool = False):
     """Run the comparison of ``config`` over its seeds; returns the summary rows (mean and std over seeds).
 
@@ -131,6 +154,7 @@ def run_compare(config: CompareConfig, overwrite: bool = False):
             say(f"# seed {seed}: training the MAP failed ({error}); its guides are recorded as failed", flush=True)
             continue
         map_seconds = time.perf_counter() - start
+        drift = map_drift(run, setup)
         for name in todo:
             if config.progress:
                 print(f"# {eta.next()} {name} (seed {seed}): {get_method(name).summary}", flush=True)
@@ -143,6 +167,8 @@ def run_compare(config: CompareConfig, overwrite: bool = False):
             finally:
                 setup.restore()
             for row_name, (rows, arrays, first) in results.items():
+                for row in rows:
+                    row["note"] = join_notes(row.get("note"), drift)
                 run.add(row_name, seed, rows, arrays, first)
                 if config.progress:
                     for row in rows:

@@ -143,6 +143,13 @@ class RunFolder:
         arrays = self._arrays(guide)
         return all(f"{d}__seed{seed}__{kind}" in arrays for d in datasets for kind in ARRAYS)
 
+    def saved_probs(self, guide, seed, dataset):
+        """The test probabilities ``[N, C]`` the saved rows of ``guide`` under ``seed`` were scored with on ``dataset``,
+        or ``None`` where its row or arrays are not complete."""
+        if not self.complete(guide, seed, [dataset]):
+            return None
+        return self._arrays(guide)[f"{dataset}__seed{seed}__probs"]
+
     def _arrays(self, guide):
         path = self.out / f"predictions_{guide}.npz"
         try:
