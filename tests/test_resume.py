@@ -128,7 +128,7 @@ def test_a_failing_guide_keeps_the_others_and_a_rerun_resumes_with_it(tmp_path, 
 
 @pytest.mark.real
 def test_a_failed_map_training_is_recorded_for_every_guide_of_the_seed(tmp_path, monkeypatch):
-    def diverges(setup):
+    def diverges(setup, cache=None):
         raise FloatingPointError("loss became nan at step 3")
 
     monkeypatch.setattr(C, "train_map", diverges)
@@ -321,6 +321,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_result(tmp_path):
     old = RunFolder(tmp_path, small(tmp_path, guides=("map", "tfb")))
     old.add("map", 0, [ROW], arrays(0))
     old.add("tfb", 0, [{**ROW, "guide": "tfb"}], arrays(0))
+    (tmp_path / "map_seed0.safetensors").write_bytes(b"the old run's MAP")
     before = sorted(p.name for p in tmp_path.iterdir())
     new = RunFolder(tmp_path, small(tmp_path, guides=("map",), test_size=32), overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # a kill or a failure here keeps the old run
@@ -343,9 +344,21 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_result(tmp_path):
     new.add("map", 0, [ROW], arrays(0))
     assert not (tmp_path / "predictions_tfb.npz").exists() and (tmp_path / "predictions_map.npz").exists()
     assert json.loads((tmp_path / "results.json").read_text())["config"]["test_size"] == 32
+    assert not (tmp_path / "map_seed0.safetensors").exists()  # another configuration's MAP: a resume must not load it
 
 
-@pytest.mark.parametrize("name", ["results.json", "predictions_map.npz", "reliability_grid.png"])
+def test_overwrite_removes_the_old_maps_before_the_new_run_writes_its_own(tmp_path):
+    RunFolder(tmp_path, small(tmp_path, guides=("map",))).add("map", 0, [ROW], arrays(0))
+    (tmp_path / "map_seed0.safetensors").write_bytes(b"the old run's MAP")
+    new = RunFolder(tmp_path, small(tmp_path, guides=("map",), test_size=32), overwrite=True)
+    path = new.map_file(0)
+    assert not path.exists()  # never loaded as the new run's
+    path.write_bytes(b"the new run's MAP")
+    new.add("map", 0, [ROW], arrays(0))
+    assert path.read_bytes() == b"the new run's MAP"
+
+
+@pytest.mark.parametrize("name", ["results.json", "predictions_map.npz", "reliability_grid.png", "map_seed0.safetensors"])
 def test_a_folder_where_the_run_writes_a_file_is_refused_at_the_start(tmp_path, name):
     (tmp_path / name).mkdir()
     with pytest.raises(ValueError, match=f"{tmp_path / name} is a folder, where the run writes a file"):
@@ -453,3 +466,53 @@ def test_a_resumed_seed_whose_retrained_map_predicts_otherwise_is_noted(tmp_path
     with pytest.warns(UserWarning, match="MAP retrained for seed 0 on resume predicts up to 0.001 away"):
         note = C.map_drift(folder, setup)
     assert "two MAPs" in note
+
+
+@pytest.mark.real
+def test_a_resumed_seed_loads_its_saved_map_and_gives_the_rows_of_a_whole_run(tmp_path, monkeypatch):
+    """Every row of a seed starts from one MAP: a resume loads the MAP the seed's first process saved (retrained, it
+    may differ with the thread count or library version) and gives the rows of an uninterrupted run."""
+    from pyro_lora.experiments.setup import Setup
+
+    reference = run_compare(small(tmp_path / "reference", guides=("map", "temperature")))
+    out = tmp_path / "run"
+    run_compare(small(out, guides=("map",)))
+    assert (out / "map_seed0.safetensors").is_file()
+    monkeypatch.setattr(Setup, "fit", lambda *a, **k: pytest.fail("trained the MAP again"))
+    resumed = run_compare(small(out, guides=("map", "temperature")))
+    assert [r["guide"] for r in resumed] == ["map", "temperature"]
+    for row, expected in zip(resumed, reference, strict=True):
+        assert {k: row[k] for k in METRICS} == {k: expected[k] for k in METRICS}
+    # --overwrite: the replaced run's MAP is another configuration's, never loaded
+    with pytest.raises(pytest.fail.Exception, match="trained the MAP again"):
+        run_compare(small(out, guides=("map",), test_size=8), overwrite=True)
+
+
+@pytest.mark.real
+def test_a_loaded_map_is_the_trained_one_and_a_file_of_another_seed_or_a_broken_one_is_trained_again(tmp_path, monkeypatch):
+    from pyro_lora.contract import head_trainer
+    from pyro_lora.experiments.setup import Setup, train_map
+
+    config, cache = small(tmp_path), tmp_path / "map.safetensors"
+    trained = prepare(config)
+    seconds = train_map(trained, cache=cache)
+    with monkeypatch.context() as patch:
+        patch.setattr(Setup, "fit", lambda *a, **k: pytest.fail("trained the MAP again"))
+        loaded = prepare(config)
+        assert train_map(loaded, cache=cache) == seconds  # the MAP row's fit time is its training's
+    for state in ("initial_state", "trained_state"):
+        a, b = getattr(trained, state), getattr(loaded, state)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), state
+    assert loaded.trainable == trained.trainable and head_trainer(loaded.model) is loaded.map_guide
+    assert all(torch.equal(x, y) for x, y in zip(trained.map_guide.locs, loaded.map_guide.locs, strict=True))
+    with pytest.warns(UserWarning, match=r"holds another MAP than seed 1's of this network \(seed 0\): it is trained again"):
+        other = prepare(config, seed=1)
+        train_map(other, cache=cache)
+    cache.write_bytes(b"half a file")
+    with pytest.warns(UserWarning, match="map.safetensors cannot be read .*: the MAP of seed 1 is trained again"):
+        train_map(prepare(config, seed=1), cache=cache)
+    again = prepare(config, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_map(again, cache=cache)  # the one trained after the broken file was saved in its place
+    assert all(torch.equal(again.trained_state[k], other.trained_state[k]) for k in other.trained_state)

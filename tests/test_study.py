@@ -302,9 +302,13 @@ def test_update_reruns_some_guides_and_keeps_the_rest(study, runs, tmp_path, mon
 
     _fake_predictions(runs / "arc_easy", ("map", "temperature", "meanfield"), "arc_easy")
 
+    for seed in (0, 1):  # the MAPs the run's rows started from: the rerun starts from them, not from a retrained one
+        (runs / "arc_easy" / f"map_seed{seed}.safetensors").write_bytes(b"seed %d's MAP" % seed)
+
     def fake_run_compare(config, overwrite=False):  # the rerun guides' rows, NLL lowered by 0.1
         out = Path(config.out)
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
+        assert [(out / f"map_seed{s}.safetensors").read_bytes() for s in (0, 1)] == [b"seed 0's MAP", b"seed 1's MAP"]
         rows = [{**_row(g, "arc_easy", s, "arc_easy", False), "nll": BASE[(g, "arc_easy")][2] - 0.1} for s in config.seeds for g in config.guides]
         _fake_predictions(out, config.guides, "arc_easy")
         (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows}))
@@ -341,6 +345,35 @@ def test_update_reruns_some_guides_and_keeps_the_rest(study, runs, tmp_path, mon
 
 
 
+def test_update_of_the_map_keeps_the_retrained_maps_and_drops_a_failed_seeds(study, runs, tmp_path, monkeypatch):
+    """--update map retrains every seed's MAP: the run's folder then keeps the new ones (a resume starts from the MAP
+    the merged rows did), and none for a seed whose MAP failed (a resume trains it with the new code)."""
+    import pyro_lora.experiments.compare as compare
+    from pyro_lora.experiments.results import GuideFailures
+
+    easy = runs / "arc_easy"
+    for seed in (0, 1):
+        (easy / f"map_seed{seed}.safetensors").write_bytes(b"old MAP")
+
+    def fake_run_compare(config, overwrite=False):  # seed 1's MAP fails: every guide of it fails
+        out = Path(config.out)
+        assert not out.exists()  # nothing copied: the MAP is retrained
+        out.mkdir(parents=True)
+        (out / "map_seed0.safetensors").write_bytes(b"new MAP")
+        _fake_predictions(out, config.guides, "arc_easy")
+        rows = [_row(g, "arc_easy", 0, "arc_easy", False) for g in config.guides]
+        failed = [{"guide": g, "seed": 1, "error": "RuntimeError: boom", "traceback": ""} for g in config.guides]
+        (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows),
+                                                      "per_seed": rows, "failed": failed}))
+        raise GuideFailures("3 guide run(s) failed", summarize_seeds(rows))
+
+    monkeypatch.setattr(compare, "run_compare", fake_run_compare)
+    argv = ["--datasets", "arc_easy", "--no-shift", "--update", "map",
+            "--seeds", "0,1", "--train-size", "64", *SIZES, "--runs", str(runs), "--docs", str(tmp_path / "docs")]
+    assert cli.main(["study", *argv]) == 1
+    assert (easy / "map_seed0.safetensors").read_bytes() == b"new MAP" and not (easy / "map_seed1.safetensors").exists()
+
+
 def test_update_reruns_the_variants_of_an_updated_base_and_merges_a_partial_rerun(study, runs, tmp_path, monkeypatch):
     """--update laplace also reruns laplace_val (it tunes laplace's fit: its old rows would mix two fits); a rerun whose
     (laplace, seed 1) fails still merges the finished rows, drops that stale row for the failure, and the dataset fails."""
@@ -361,7 +394,7 @@ def test_update_reruns_the_variants_of_an_updated_base_and_merges_a_partial_reru
     def fake_run_compare(config, overwrite=False):  # laplace seed 1 fails; the finished rows have NLL 0.5
         ran.append(list(config.guides))
         out = Path(config.out)
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
         rows = [{**_row("map", "arc_easy", s, "arc_easy", False), "guide": g, "nll": 0.5}
                 for s in config.seeds for g in config.guides if (g, s) != ("laplace", 1)]
         failed = [{"guide": "laplace", "seed": 1, "error": "RuntimeError: boom", "traceback": ""}]

@@ -90,9 +90,10 @@ MAP_DRIFT_TOLERANCE = 1e-4
 
 
 def map_drift(run, setup):
-    """Where ``run`` already holds the MAP's rows of ``setup``'s seed (a resumed run), whether the MAP trained now
-    predicts the test probabilities those rows were scored with: the seed's other saved rows came from that MAP, and a
-    retrained one that differs (another thread count, another library version) would pair them with another MAP.
+    """Where ``run`` already holds the MAP's rows of ``setup``'s seed (a resumed run), whether the MAP of this process
+    predicts the test probabilities those rows were scored with: the seed's other saved rows came from that MAP, and
+    one trained again (the run has none saved) that differs (another thread count, another library version) would
+    pair them with another MAP.
     Returns a note for the rows this process adds (also warned), or ``None``."""
     saved = run.saved_probs("map", setup.seed, setup.config.dataset)
     if saved is None:
@@ -113,7 +114,8 @@ def run_compare(config: CompareConfig, overwrite: bool = False):
     Writes to ``config.out`` as each (guide, seed) finishes (:class:`~pyro_lora.experiments.results.RunFolder`):
     ``results.json`` (config, per-seed rows, summary, failed guides), ``predictions_<guide>.npz`` (per evaluation
     set and seed: averaged probabilities, labels, entropy, mutual information), ``reliability_<guide>.png``,
-    ``reliability_grid.png`` and ``calibration_vs_accuracy.png``. A guide that fails is recorded with its error and
+    ``reliability_grid.png``, ``calibration_vs_accuracy.png`` and ``map_seed<k>.safetensors`` (seed ``k``'s MAP,
+    which a resumed seed loads rather than trains). A guide that fails is recorded with its error and
     the others go on. A rerun of the same configuration into the same folder resumes: it skips what finished.
 
     :param overwrite: replace a run of another configuration in ``config.out`` (otherwise refused).
@@ -145,15 +147,13 @@ def run_compare(config: CompareConfig, overwrite: bool = False):
             print(f"# seed {seed}: {c.model} on {c.dataset}: {len(setup.train)} train / {len(setup.val)} validation / "
                   f"{len(setup.test)} test{fmt}; guides {', '.join(todo)}", flush=True)
         run.sizes = setup.sizes
-        start = time.perf_counter()  # MAP's fit time is its training, not loading the model and data
         try:
-            train_map(setup)
+            map_seconds = train_map(setup, cache=run.map_file(seed))  # its training, not loading the model and data
         except Exception as error:  # noqa: BLE001 -- recorded for every guide of this seed; the next seed goes on
             for name in todo:
                 run.fail(name, seed, RuntimeError(f"training the MAP every guide starts from failed: {type(error).__name__}: {error}"))
             say(f"# seed {seed}: training the MAP failed ({error}); its guides are recorded as failed", flush=True)
             continue
-        map_seconds = time.perf_counter() - start
         drift = map_drift(run, setup)
         for name in todo:
             if config.progress:

@@ -30,6 +30,11 @@ ARRAYS = ("probs", "labels", "entropy", "mutual_information")  # per evaluation 
 _RESUMABLE = ("guides", "seeds", "out", "progress")
 
 
+def map_name(seed) -> str:
+    """The name of the file that keeps the trained MAP of ``seed`` in a run's folder."""
+    return f"map_seed{seed}.safetensors"
+
+
 def summarize_seeds(rows):
     """Mean and std over seeds of every numeric column, per (guide, evaluation set): ``x`` and ``x_std``.
 
@@ -89,6 +94,7 @@ class RunFolder:
         self.rows, self.failed, self.guides, self.seeds = [], [], [], []
         self.sizes = None  # examples used per split (``Setup.sizes``), once a seed has loaded its data
         self._added = set()  # guides this process added rows for (their figures are fresh)
+        self._maps = set()  # seeds whose MAP file is this run's (:meth:`map_file`)
         self._check_writable(config.guides or ())
         saved = self._read()
         self._replaced = saved if overwrite else None  # its files go once this run writes its first result
@@ -102,7 +108,7 @@ class RunFolder:
 
     def _check_writable(self, guides):
         """Refuse, before any work, a folder or link where one of the run's files goes (found late, it stopped the run)."""
-        names = [RESULTS, "reliability_grid.png", "calibration_vs_accuracy.png"]
+        names = [RESULTS, "reliability_grid.png", "calibration_vs_accuracy.png", *map(map_name, self.config.seeds)]
         names += [f"{kind}_{g}.{ext}" for name in guides for g in (name, ts_name(name))
                   for kind, ext in (("predictions", "npz"), ("reliability", "png"))]
         for name in names:
@@ -124,6 +130,7 @@ class RunFolder:
             for guide in (name, ts_name(name)):
                 if guide not in self._added:
                     names += [f"predictions_{guide}.npz", f"reliability_{guide}.png"]
+        names += [map_name(seed) for seed in saved["config"]["seeds"] if seed not in self._maps]
         for name in names:
             (self.out / name).unlink(missing_ok=True)
 
@@ -142,6 +149,15 @@ class RunFolder:
             return False
         arrays = self._arrays(guide)
         return all(f"{d}__seed{seed}__{kind}" in arrays for d in datasets for kind in ARRAYS)
+
+    def map_file(self, seed) -> Path:
+        """The file that keeps the MAP of ``seed`` (``train_map``'s cache): a resumed seed loads it rather than training
+        it again. That of a run ``--overwrite`` replaces is removed first: it is another configuration's MAP."""
+        path = self.out / map_name(seed)
+        if self._replaced is not None and seed not in self._maps and is_main():
+            path.unlink(missing_ok=True)
+        self._maps.add(seed)
+        return path
 
     def saved_probs(self, guide, seed, dataset):
         """The test probabilities ``[N, C]`` the saved rows of ``guide`` under ``seed`` were scored with on ``dataset``,

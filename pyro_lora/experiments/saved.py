@@ -40,9 +40,7 @@ def fit_one(config: CompareConfig, adapter: bool = False) -> dict:
     check_config(config)
     check_free(config.out, "guide")
     setup = prepare(config, config.seeds[0])
-    start = time.perf_counter()
-    train_map(setup)
-    fitted, costs = fit_method(setup, name, time.perf_counter() - start)
+    fitted, costs = fit_method(setup, name, train_map(setup))
     guide = fitted.guide
     view = setup.for_method(name)
     prediction, predict_costs = evaluate(setup, Fitted(predictor(view, method, guide)), setup.test, name, config.dataset)

@@ -4,16 +4,22 @@ import copy
 import importlib.util
 import math
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Optional
 
 import pyro
 import torch
 from pyro.infer import TraceMeanField_ELBO
+from safetensors import safe_open
+from safetensors.torch import save as save_safetensors
 
 from .. import data as D
-from ..io import writable_folder
+from ..contract import take_over
+from ..distributed import is_main
+from ..io import atomic_file, read_safetensors, writable_folder
 from ..likelihoods import MultipleChoice, SequenceClassification
 from ..model import LoraModel
 from ..pretrained import DTYPES, add_lora, default_mc_format, expected_mc_format, load_adapter, load_pretrained, max_positions
@@ -250,17 +256,65 @@ def _test_records(name, config):
     return D.subset(records, min(len(records), config.test_size), seed=0)
 
 
-def train_map(setup: Setup):
-    """Fine-tune the MAP LoRA (plain LoRA through the Pyro model) and remember its trained state."""
+def train_map(setup: Setup, cache=None) -> float:
+    """Fine-tune the MAP LoRA (plain LoRA through the Pyro model) and remember its trained state; returns its
+    training seconds.
+
+    :param cache: a file (``RunFolder.map_file``) that keeps this seed's MAP: where an earlier process of the same run
+        saved it there, it is loaded instead of trained (its recorded seconds returned), so a resumed seed's new rows
+        start from the MAP its saved rows did; a MAP trained now is saved there (atomically).
+    """
     c = setup.config
     setup.initial_state = {n: p.detach().clone() for n, p in setup.net.named_parameters() if "lora_" in n or p.requires_grad}
     model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=c.prior_scale)
-    guide = MAPGuide(model)
-    setup.fit(model, guide)
-    model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
+    seconds = _load_map(setup, cache) if cache is not None else None
+    loaded = seconds is not None
+    if not loaded:
+        start = time.perf_counter()
+        guide = MAPGuide(model)
+        setup.fit(model, guide)
+        model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
+        seconds = time.perf_counter() - start
+    else:
+        model.set_trainable()  # as fit leaves them
+        guide = MAPGuide(model)  # its mean: the loaded adapter
+        take_over(model, guide)  # the head is the MAP's, as after its training
     setup.model, setup.map_guide = model, guide
     setup.trained_state = {n: p.detach().clone() for n, p in setup.net.named_parameters() if "lora_" in n or p.requires_grad}
     setup.trainable = {n: p.requires_grad for n, p in setup.net.named_parameters()}
+    if cache is not None and not loaded and is_main():
+        tensors = {n: t.detach().cpu().contiguous() for n, t in setup.trained_state.items()}
+        with atomic_file(cache, "wb") as f:
+            f.write(save_safetensors(tensors, metadata={"seconds": repr(seconds), "seed": str(setup.seed)}))
+    return seconds
+
+
+def _load_map(setup: Setup, file: Path):
+    """Write the MAP adapter and head saved in ``file`` into ``setup.net``; returns its training seconds, or ``None``
+    where there is none to load: no file, or one that cannot be read or holds another network's or seed's tensors
+    (warned: the MAP is trained again)."""
+    if not file.is_file():
+        return None
+    params = dict(setup.net.named_parameters())
+    try:
+        tensors = read_safetensors(file, setup.config.device)
+        with safe_open(str(file), framework="pt") as f:
+            meta = f.metadata() or {}
+        seconds, seed = float(meta["seconds"]), int(meta["seed"])
+    except (ValueError, KeyError) as err:
+        warnings.warn(f"{file} cannot be read ({err}): the MAP of seed {setup.seed} is trained again", stacklevel=3)
+        return None
+    other = sorted(set(tensors) ^ set(setup.initial_state))
+    other += [n for n in tensors if n in params and tensors[n].shape != params[n].shape]
+    if other or seed != setup.seed:
+        what = f"tensors {other[:3]}" if other else f"seed {seed}"
+        warnings.warn(f"{file} holds another MAP than seed {setup.seed}'s of this network ({what}): it is trained again",
+                      stacklevel=3)
+        return None
+    with torch.no_grad():
+        for n, t in tensors.items():
+            params[n].copy_(t)
+    return seconds
 
 
 def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str:

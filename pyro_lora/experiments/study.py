@@ -41,9 +41,9 @@ from pathlib import Path
 
 from .. import data as D
 from ..guides.registry import METHODS
-from ..io import folder_lock, writable_folder, write_json
+from ..io import atomic_file, folder_lock, writable_folder, write_json
 from . import compare
-from .results import MERGE_IGNORES, RESULTS, GuideFailures, RunFolder, config_differences, merge_results, read_record
+from .results import MERGE_IGNORES, RESULTS, GuideFailures, RunFolder, config_differences, map_name, merge_results, read_record
 from .setup import FULL, CompareConfig, check_config, default_guides
 from .study_header import duration, machine_info
 from .study_report import DATASETS, SIDECAR, build_report
@@ -271,7 +271,8 @@ def stale_guides(update, guides):
 def update_dataset(config, command):
     """Rerun ``config.guides`` (:func:`study_configs` with ``update``) into ``OUT/update``, emptied first, and merge
     their rows into the run in ``config.out`` (:func:`~pyro_lora.experiments.results.merge_results`); returns the
-    wall seconds.
+    wall seconds. The rerun starts from each seed's saved MAP, the one the run's other rows started from; an update of
+    the MAP itself trains them again, and the run keeps the new ones.
 
     A (guide, seed) that fails in the rerun is merged as failed (its old row is not kept beside the new code's
     rows), the others' rows are merged, then the failure is raised.
@@ -289,11 +290,24 @@ def update_dataset(config, command):
     failure = None
     with folder_lock(out, f"the {config.dataset} run"):
         shutil.rmtree(rerun.out, ignore_errors=True)  # an earlier update's rows must never be merged as this one's
+        maps = [map_name(seed) for seed in config.seeds]
+        retrain = REFERENCE in config.guides
+        if not retrain:  # the rerun starts from the MAP the run's other rows started from
+            Path(rerun.out).mkdir(parents=True)
+            for name in maps:
+                if (out / name).is_file():
+                    shutil.copyfile(out / name, Path(rerun.out) / name)
         try:
             compare.run_compare(rerun, overwrite=True)
         except GuideFailures as error:  # the finished rows are merged; the failed ones replace their stale rows
             failure = error
         merge_results(out, rerun.out)
+        for name in maps if retrain else ():  # the MAP the merged rows start from; none where its training failed
+            if (Path(rerun.out) / name).is_file():
+                with atomic_file(out / name, "wb") as f:
+                    f.write((Path(rerun.out) / name).read_bytes())
+            else:
+                (out / name).unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     sidecar = json.loads((out / SIDECAR).read_text()) if (out / SIDECAR).is_file() else {}
     sidecar.setdefault("updates", []).append({"guides": list(config.guides), "command": command, "started": started,
