@@ -210,7 +210,8 @@ class TFBGuide(LoraGuide):
         reference TFB code returns the last violating midpoint instead. Every candidate uses the same
         noise ``eps`` (generator seeded with ``seed``), so the search is deterministic and the metric
         varies smoothly with ``sigma``. Cost: ``iterations + 3`` passes over the anchors, ``num_samples``
-        forward rows per anchor for each candidate.
+        forward rows per anchor for each candidate; under ``"flip"``, a candidate stops once its flips pass the
+        tolerance (flips only add up: it is infeasible), so most infeasible candidates cost a few batches.
 
         :param anchors: iterable of batches with the likelihood's inputs (``labels`` for ``"accuracy"``),
             e.g. a loader over a few hundred training examples; it is read once and kept, so a shuffling
@@ -220,8 +221,10 @@ class TFBGuide(LoraGuide):
         ``criterion="nll", low=1e-3, high=1.5e-2``.
 
         :param tolerance: ``None``: 0.01, the default of every criterion.
-        :returns: the trace, a list of ``{"sigma", "metric", "feasible"}`` in evaluation order (also kept in
-            ``self.trace``, with ``criterion`` and ``tolerance``, and saved by :func:`pyro_lora.save_guide`).
+        :returns: the trace, a list of ``{"sigma", "metric", "feasible", "anchors"}`` in evaluation order
+            (``anchors``: how many were scored; a flip rate that stopped early is the rate over the whole anchor set
+            of the flips so far, a lower bound), also kept in ``self.trace``, with ``criterion`` and ``tolerance``,
+            and saved by :func:`pyro_lora.save_guide`.
         """
         if criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
@@ -246,13 +249,15 @@ class TFBGuide(LoraGuide):
         bar = tqdm(total=iterations + 2, desc="TFB sigma_q search", disable=not progress, dynamic_ncols=True)
 
         def evaluate(sigma):
-            metric = self._metric(batches, reference, criterion, sigma, int(num_samples), seed)
-            step = {"sigma": float(sigma), "metric": metric, "feasible": metric <= tolerance}
+            metric, scored = self._metric(batches, reference, criterion, sigma, int(num_samples), seed, tolerance)
+            step = {"sigma": float(sigma), "metric": metric, "feasible": metric <= tolerance, "anchors": scored}
             trace.append(step)
             bar.update()
             if progress:
                 verdict = "feasible" if step["feasible"] else "infeasible"
-                bar.write(f"TFB step {len(trace)}: sigma_q={sigma:.6g}  {_METRIC_NAMES[criterion]}={metric:+.4g} (tolerance {tolerance:.4g})  {verdict}")
+                early = f" after {scored} of {reference['count']} anchors" if scored < reference["count"] else ""
+                bar.write(f"TFB step {len(trace)}: sigma_q={sigma:.6g}  {_METRIC_NAMES[criterion]}={metric:+.4g} (tolerance "
+                          f"{tolerance:.4g})  {verdict}{early}")
             return step["feasible"]
 
         try:
@@ -312,25 +317,31 @@ class TFBGuide(LoraGuide):
     def _labels(self, batch):
         return self.model.likelihood.observed(batch).to(self.model.device)
 
-    def _metric(self, batches, reference, criterion, sigma, num_samples, seed):
+    def _metric(self, batches, reference, criterion, sigma, num_samples, seed, tolerance):
+        """The criterion's value at ``sigma`` and the anchors scored: every one, but where the flip rate passed
+        ``tolerance`` part-way (flips only add up, so the candidate is infeasible: its value is the rate so far)."""
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
         values = self.sample(num_samples, generator=generator, sigma_q=sigma)
-        total = 0.0
+        total, scored = 0.0, 0
         for batch, y0 in zip(batches, reference["labels"]):
             logp = torch.log_softmax(self._logits(batch, values, num_samples), -1)
             log_mean = torch.logsumexp(logp, 0) - math.log(num_samples)  # log of the mean softmax over samples
+            scored += y0.numel()
             if criterion == "nll":
                 total += -log_mean.gather(-1, y0[:, None]).sum().item()
             elif criterion == "flip":
                 total += (log_mean.argmax(-1) != y0).sum().item()
+                if total / reference["count"] > tolerance:
+                    break
             else:
                 total += (log_mean.argmax(-1) == self._labels(batch)).sum().item()
-        value = distributed.all_reduce_(torch.tensor(total, dtype=torch.double)).item() / reference["count"]
+        total, scored = distributed.all_reduce_(torch.tensor([total, scored], dtype=torch.double)).tolist()
+        value = total / reference["count"]
         if criterion == "nll":
-            return (value - reference["value"]) / max(reference["value"], 1e-12)
-        if criterion == "accuracy":
-            return reference["value"] - value
-        return value
+            value = (value - reference["value"]) / max(reference["value"], 1e-12)
+        elif criterion == "accuracy":
+            value = reference["value"] - value
+        return value, int(scored)
 
 
 def bayesianize(model, anchor_loader, init=None, min_singular_ratio=1e-3, **search_kwargs):

@@ -184,8 +184,37 @@ def test_search_edges_flip_and_accuracy(capsys):
     kw = dict(tolerance=0.1, low=1e-3, high=1.0, iterations=2, num_samples=2, progress=False)
     accuracy = guide.search(labelled, criterion="accuracy", **kw)
     assert all(t["feasible"] == (t["metric"] <= 0.1) for t in accuracy) and float(guide.sigma_q) < 1.0
-    assert accuracy == guide.search(labelled, criterion="flip", **kw)
+    flip = guide.search(labelled, criterion="flip", **kw)
+    assert [(t["sigma"], t["feasible"]) for t in flip] == [(t["sigma"], t["feasible"]) for t in accuracy]
+    assert all(f["metric"] == a["metric"] for f, a in zip(flip, accuracy) if f["anchors"] == 16)  # scored whole
     assert guide.search_edge is None
+
+
+def manual_flip_rate(guide, model, anchors, sigma, num_samples, seed):
+    """Fraction of anchors whose mean-softmax prediction differs from the sigma = 0 one, over every anchor."""
+    values = guide.sample(num_samples, generator=torch.Generator().manual_seed(seed), sigma_q=sigma)
+    flips = [model.logits(b, values, num_samples).softmax(-1).mean(0).argmax(-1) != model.logits(b, guide.mean()).argmax(-1)
+             for b in anchors]
+    return float(torch.cat(flips).float().mean())
+
+
+def test_a_flip_candidate_stops_once_infeasible_and_the_search_chooses_what_a_full_scoring_would():
+    """Flips only add up: a candidate past the tolerance part-way is infeasible whatever the other anchors do, so the
+    search stops scoring it (the study's TFB search on SmolLM2 spent most of its 78 minutes on such candidates)."""
+    model, anchors = mc_model(), mc_anchors(n_batches=8, batch=4)
+    guide = TFBGuide(model)
+    tol, kw = 0.1, dict(low=1e-3, high=3.0, iterations=4, num_samples=2, progress=False)
+    trace = guide.search(anchors, criterion="flip", tolerance=tol, **kw)
+    full = {t["sigma"]: manual_flip_rate(guide, model, anchors, t["sigma"], 2, 0) for t in trace}
+    for t in trace:
+        assert t["feasible"] == (full[t["sigma"]] <= tol)
+        if t["anchors"] < 32:  # stopped: infeasible, its rate so far a lower bound past the tolerance
+            assert not t["feasible"] and tol < t["metric"] <= full[t["sigma"]]
+        else:
+            assert t["metric"] == pytest.approx(full[t["sigma"]])
+    assert any(t["anchors"] < 32 for t in trace) and any(t["feasible"] for t in trace)
+    feasible = [s for s, rate in full.items() if rate <= tol]
+    assert float(guide.sigma_q) == pytest.approx(max(feasible))
 
 
 def test_peft_saved_adapter_loads_and_bayesianizes(tmp_path):
