@@ -1,6 +1,7 @@
 """Nothing finished is lost: a failing guide keeps the others, a rerun resumes, a folder of another run is kept."""
 
 import json
+import re
 import warnings
 from dataclasses import asdict, replace
 
@@ -128,7 +129,7 @@ def test_a_failing_guide_keeps_the_others_and_a_rerun_resumes_with_it(tmp_path, 
 
 @pytest.mark.real
 def test_a_failed_map_training_is_recorded_for_every_guide_of_the_seed(tmp_path, monkeypatch):
-    def diverges(setup, cache=None):
+    def diverges(setup, load=None):
         raise FloatingPointError("loss became nan at step 3")
 
     monkeypatch.setattr(C, "train_map", diverges)
@@ -452,7 +453,8 @@ def test_a_resumed_seed_whose_retrained_map_predicts_otherwise_is_noted(tmp_path
     guide = MAPGuide(model)
     probs = predict(model, guide, test).probs.numpy()
     config = small(tmp_path, guides=("map", "tfb"))
-    setup = SimpleNamespace(seed=0, config=config, model=model, map_guide=guide, test=test, loader=lambda records: records)
+    setup = SimpleNamespace(seed=0, config=config, model=model, map_guide=guide, test=test, loader=lambda records: records,
+                            map_loaded=False, map_digest="a")
     folder = RunFolder(tmp_path, config)
     assert C.map_drift(folder, setup) is None  # nothing saved of this seed: nothing to compare
     key = "sst2__seed0__"
@@ -463,7 +465,7 @@ def test_a_resumed_seed_whose_retrained_map_predicts_otherwise_is_noted(tmp_path
         assert C.map_drift(folder, setup) is None  # the same MAP
     saved[key + "probs"] = probs + np.array([1e-3, -1e-3, 0.0])
     folder.add("map", 0, [ROW], saved)
-    with pytest.warns(UserWarning, match="MAP retrained for seed 0 on resume predicts up to 0.001 away"):
+    with pytest.warns(UserWarning, match="MAP trained again for seed 0 on resume predicts up to 0.001 away"):
         note = C.map_drift(folder, setup)
     assert "two MAPs" in note
 
@@ -486,33 +488,110 @@ def test_a_resumed_seed_loads_its_saved_map_and_gives_the_rows_of_a_whole_run(tm
     # --overwrite: the replaced run's MAP is another configuration's, never loaded
     with pytest.raises(pytest.fail.Exception, match="trained the MAP again"):
         run_compare(small(out, guides=("map",), test_size=8), overwrite=True)
+    monkeypatch.undo()
+    # a run killed before its first result leaves its MAP: a rerun with other flags trains its own
+    killed = tmp_path / "killed"
+    run_compare(small(killed, guides=("map",), lr=0.05))
+    for f in killed.glob("*"):
+        if f.name != "map_seed0.safetensors":
+            f.unlink()
+    with pytest.warns(UserWarning, match=r"it holds the MAP of another configuration \(lr 0.05 there, 0.002 now\)"):
+        again = run_compare(small(killed, guides=("map", "temperature")))
+    assert [{k: r[k] for k in METRICS} for r in again] == [{k: r[k] for k in METRICS} for r in reference]
 
 
 @pytest.mark.real
-def test_a_loaded_map_is_the_trained_one_and_a_file_of_another_seed_or_a_broken_one_is_trained_again(tmp_path, monkeypatch):
+def test_a_resumed_seed_whose_map_is_not_the_one_its_rows_used_says_so_without_a_map_row(tmp_path):
+    """The MAP digest in results.json ties a seed's rows to their MAP, also where no map row's probabilities can."""
+    out = tmp_path / "run"
+    run_compare(small(out, guides=("temperature",)))
+    record = json.loads((out / "results.json").read_text())
+    assert list(record["maps"]) == ["0"]
+    record["maps"]["0"] = "0" * 64  # the rows' MAP is not the one saved (nor the one trained now)
+    (out / "results.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="not the MAP the seed's saved rows started from"), \
+            pytest.warns(UserWarning, match="MAP trained again for seed 0 on resume is not the one this seed's earlier rows used"):
+        rows = run_compare(small(out, guides=("temperature", "llla")))
+    (llla,) = [r for r in rows if r["guide"] == "llla"]
+    assert "two MAPs" in llla["note"]
+    assert json.loads((out / "results.json").read_text())["maps"] == {"0": "0" * 64}  # still the saved rows' MAP
+
+
+@pytest.mark.real
+def test_a_loaded_map_is_the_trained_one_and_one_that_is_not_this_seeds_is_trained_again(tmp_path, monkeypatch):
+    """The MAP file is used only where it is the MAP this run would train for this seed and its saved rows started
+    from: another seed's, another configuration's (a run killed before its first result, then resumed with other
+    flags; a file copied from another run), a changed or broken file is warned about and trained again."""
+    import json as _json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     from pyro_lora.contract import head_trainer
     from pyro_lora.experiments.setup import Setup, train_map
 
-    config, cache = small(tmp_path), tmp_path / "map.safetensors"
-    trained = prepare(config)
-    seconds = train_map(trained, cache=cache)
-    with monkeypatch.context() as patch:
-        patch.setattr(Setup, "fit", lambda *a, **k: pytest.fail("trained the MAP again"))
-        loaded = prepare(config)
-        assert train_map(loaded, cache=cache) == seconds  # the MAP row's fit time is its training's
+    config = small(tmp_path)
+    folder, trained = RunFolder(tmp_path, config), prepare(config)
+    seconds = train_map(trained, load=folder.load_map)
+    assert not trained.map_loaded and seconds > 0
+    folder.save_map(trained, seconds)
+    file = tmp_path / "map_seed0.safetensors"
+
+    def load(config, seed=0, expected=None, warns=None):
+        setup = prepare(config, seed=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            if warns:
+                with pytest.warns(UserWarning, match=warns):
+                    train_map(setup, load=lambda s: RunFolder(tmp_path, config).load_map(s, expected))
+            else:
+                with monkeypatch.context() as patch:
+                    patch.setattr(Setup, "fit", lambda *a, **k: pytest.fail("trained the MAP again"))
+                    assert train_map(setup, load=lambda s: RunFolder(tmp_path, config).load_map(s, expected)) == seconds
+        return setup
+
+    loaded = load(config)
+    assert loaded.map_loaded and loaded.map_digest == trained.map_digest
     for state in ("initial_state", "trained_state"):
         a, b = getattr(trained, state), getattr(loaded, state)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), state
     assert loaded.trainable == trained.trainable and head_trainer(loaded.model) is loaded.map_guide
-    assert all(torch.equal(x, y) for x, y in zip(trained.map_guide.locs, loaded.map_guide.locs, strict=True))
-    with pytest.warns(UserWarning, match=r"holds another MAP than seed 1's of this network \(seed 0\): it is trained again"):
-        other = prepare(config, seed=1)
-        train_map(other, cache=cache)
-    cache.write_bytes(b"half a file")
-    with pytest.warns(UserWarning, match="map.safetensors cannot be read .*: the MAP of seed 1 is trained again"):
-        train_map(prepare(config, seed=1), cache=cache)
-    again = prepare(config, seed=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        train_map(again, cache=cache)  # the one trained after the broken file was saved in its place
-    assert all(torch.equal(again.trained_state[k], other.trained_state[k]) for k in other.trained_state)
+    load(replace(config, guides=("map", "tfb"), seeds=(0, 1)))  # what a resume may change
+    tag = r"map_seed0.safetensors is not used: "
+    load(config, expected="0" * 64, warns=tag + "it is not the MAP the seed's saved rows started from; the MAP of seed 0 is trained again")
+    (tmp_path / "map_seed1.safetensors").write_bytes(file.read_bytes())  # copied by hand
+    load(config, seed=1, warns=r"map_seed1.safetensors is not used: it holds seed 0's MAP")
+    with safe_open(str(file), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    for change, message in [({"config": _json.dumps({**_json.loads(meta["config"]), "lr": 0.05})},
+                             r"it holds the MAP of another configuration \(lr 0.05 there, 0.002 now\)"),
+                            ({"seconds": "nan"}, "its training time nan is no number of seconds"),
+                            ({"seconds": "-100.0"}, "its training time -100.0 is no number of seconds")]:
+        save_file(tensors, str(file), metadata={**meta, **change})
+        load(config, warns=tag + message)
+    name = next(iter(tensors))
+    save_file({**tensors, name: tensors[name].half()}, str(file), metadata=meta)  # rewritten in another dtype
+    load(config, warns=tag + rf"its tensors \['{re.escape(name)}'\] are not this network's")
+    save_file({**tensors, name: tensors[name] + 1e-3}, str(file), metadata=meta)
+    load(config, warns=tag + "its tensors changed since it was saved")
+    file.write_bytes(b"half a file")
+    load(config, warns=r"map_seed0.safetensors cannot be read .*: the MAP of seed 0 is trained again")
+
+
+@pytest.mark.real
+def test_an_update_rerun_is_checked_against_the_map_of_the_run_it_merges_into(tmp_path):
+    """``study --update`` reruns methods in a folder of their own: the MAP it starts from (trained again where the run
+    kept none) is checked against the rows of the run it merges into, not against its own empty folder."""
+    base = tmp_path / "run"
+    run_compare(small(base, guides=("map",)))
+    (base / "map_seed0.safetensors").unlink()  # a run from before MAPs were saved
+    record = json.loads((base / "results.json").read_text())
+    del record["maps"]
+    (base / "results.json").write_text(json.dumps(record))
+    with np.load(base / "predictions_map.npz") as saved:
+        arrays = dict(saved)
+    arrays["sst2__seed0__probs"] = arrays["sst2__seed0__probs"] + np.array([1e-3, -1e-3])  # another MAP's rows
+    np.savez(base / "predictions_map.npz", **arrays)
+    with pytest.warns(UserWarning, match="MAP trained again for seed 0 on resume predicts up to 0.001 away"):
+        (row,) = run_compare(small(tmp_path / "update", guides=("temperature",)), overwrite=True, reference=base)
+    assert "two MAPs" in row["note"]

@@ -305,7 +305,8 @@ def test_update_reruns_some_guides_and_keeps_the_rest(study, runs, tmp_path, mon
     for seed in (0, 1):  # the MAPs the run's rows started from: the rerun starts from them, not from a retrained one
         (runs / "arc_easy" / f"map_seed{seed}.safetensors").write_bytes(b"seed %d's MAP" % seed)
 
-    def fake_run_compare(config, overwrite=False):  # the rerun guides' rows, NLL lowered by 0.1
+    def fake_run_compare(config, overwrite=False, reference=None):  # the rerun guides' rows, NLL lowered by 0.1
+        assert reference == runs / "arc_easy"  # its MAPs must be those the run's rows started from
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
         assert [(out / f"map_seed{s}.safetensors").read_bytes() for s in (0, 1)] == [b"seed 0's MAP", b"seed 1's MAP"]
@@ -355,7 +356,8 @@ def test_update_of_the_map_keeps_the_retrained_maps_and_drops_a_failed_seeds(stu
     for seed in (0, 1):
         (easy / f"map_seed{seed}.safetensors").write_bytes(b"old MAP")
 
-    def fake_run_compare(config, overwrite=False):  # seed 1's MAP fails: every guide of it fails
+    def fake_run_compare(config, overwrite=False, reference=None):  # seed 1's MAP fails: every guide of it fails
+        assert reference is None  # every row is replaced: none to match
         out = Path(config.out)
         assert not out.exists()  # nothing copied: the MAP is retrained
         out.mkdir(parents=True)
@@ -391,7 +393,7 @@ def test_update_reruns_the_variants_of_an_updated_base_and_merges_a_partial_reru
     (easy / "results.json").write_text(json.dumps(saved))
     ran = []
 
-    def fake_run_compare(config, overwrite=False):  # laplace seed 1 fails; the finished rows have NLL 0.5
+    def fake_run_compare(config, overwrite=False, reference=None):  # laplace seed 1 fails; the finished rows have NLL 0.5
         ran.append(list(config.guides))
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -417,7 +419,7 @@ def test_update_reruns_the_variants_of_an_updated_base_and_merges_a_partial_reru
     (laplace_row,) = [r for r in merged["summary"] if r["guide"] == "laplace"]  # the summary says what failed
     assert "failed under seed 1" in laplace_row["note"]
 
-    def every_seed_fails(config, overwrite=False):  # the MAP fails: nothing finishes, and run_compare records that
+    def every_seed_fails(config, overwrite=False, reference=None):  # the MAP fails: nothing finishes, and run_compare records that
         from pyro_lora.experiments.results import RunFolder
 
         run = RunFolder(config.out, config, overwrite=overwrite)

@@ -90,25 +90,31 @@ MAP_DRIFT_TOLERANCE = 1e-4
 
 
 def map_drift(run, setup):
-    """Where ``run`` already holds the MAP's rows of ``setup``'s seed (a resumed run), whether the MAP of this process
-    predicts the test probabilities those rows were scored with: the seed's other saved rows came from that MAP, and
-    one trained again (the run has none saved) that differs (another thread count, another library version) would
-    pair them with another MAP.
-    Returns a note for the rows this process adds (also warned), or ``None``."""
+    """Where ``run`` already holds rows of ``setup``'s seed (a resumed run, or the run an update merges into), whether
+    they started from the MAP of this process: by the test probabilities of the seed's saved MAP rows (within
+    :data:`MAP_DRIFT_TOLERANCE`), else by the MAP digest the run recorded. A MAP trained again (none saved, e.g. a run
+    from before MAPs were saved) that differs (another thread count, another library version) would pair the new
+    rows with another MAP's. Returns a note for the rows this process adds (also warned), or ``None``."""
+    how = "loaded" if setup.map_loaded else "trained again"
     saved = run.saved_probs("map", setup.seed, setup.config.dataset)
-    if saved is None:
-        return None
-    now = predict(setup.model, setup.map_guide, setup.loader(setup.test)).probs.numpy()
-    gap = float(abs(now - saved).max()) if now.shape == saved.shape else float("inf")
-    if gap <= MAP_DRIFT_TOLERANCE:
-        return None
-    note = (f"the MAP retrained for seed {setup.seed} on resume predicts up to {gap:.2g} away from the one this seed's "
-            "earlier rows used: its rows and theirs start from two MAPs (rerun the seed whole to compare them)")
+    if saved is not None:
+        now = predict(setup.model, setup.map_guide, setup.loader(setup.test)).probs.numpy()
+        gap = float(abs(now - saved).max()) if now.shape == saved.shape else float("inf")
+        if gap <= MAP_DRIFT_TOLERANCE:
+            return None
+        note = (f"the MAP {how} for seed {setup.seed} on resume predicts up to {gap:.2g} away from the one this seed's "
+                "earlier rows used: its rows and theirs start from two MAPs (rerun the seed whole to compare them)")
+    else:
+        recorded = run.maps.get(str(setup.seed))
+        if recorded in (None, setup.map_digest) or not any(r["seed"] == setup.seed for r in run.rows):
+            return None
+        note = (f"the MAP {how} for seed {setup.seed} on resume is not the one this seed's earlier rows used (another "
+                "digest): its rows and theirs start from two MAPs (rerun the seed whole to compare them)")
     warnings.warn(note, stacklevel=2)
     return note
 
 
-def run_compare(config: CompareConfig, overwrite: bool = False):
+def run_compare(config: CompareConfig, overwrite: bool = False, reference=None):
     """Run the comparison of ``config`` over its seeds; returns the summary rows (mean and std over seeds).
 
     Writes to ``config.out`` as each (guide, seed) finishes (:class:`~pyro_lora.experiments.results.RunFolder`):
@@ -119,6 +125,8 @@ def run_compare(config: CompareConfig, overwrite: bool = False):
     the others go on. A rerun of the same configuration into the same folder resumes: it skips what finished.
 
     :param overwrite: replace a run of another configuration in ``config.out`` (otherwise refused).
+    :param reference: the folder of the run a rerun of some methods will be merged into (``study --update``): each
+        seed's MAP must be the one that run's rows started from (its digest; checked as on resume otherwise).
     :raises ValueError: for a configuration that cannot run (:func:`check_config`), before loading anything.
     :raises GuideFailures: at the end, if some guide failed; every other one is written.
     """
@@ -126,6 +134,7 @@ def run_compare(config: CompareConfig, overwrite: bool = False):
     config = replace(config, guides=tuple(config.guides or default_guides(config)),
                      data_dir=str(D.resolve_data_dir(config.data_dir)))
     run = RunFolder(config.out, config, overwrite=overwrite)
+    earlier = run if reference is None else RunFolder(reference, config)  # the rows the new ones join
     datasets = [config.dataset, *config.eval_datasets]
     say = print if is_main() else (lambda *a, **k: None)
     plan = {seed: [g for g in config.guides if not all(run.complete(r, seed, datasets) for r in row_names(config, g))]
@@ -148,13 +157,17 @@ def run_compare(config: CompareConfig, overwrite: bool = False):
                   f"{len(setup.test)} test{fmt}; guides {', '.join(todo)}", flush=True)
         run.sizes = setup.sizes
         try:
-            map_seconds = train_map(setup, cache=run.map_file(seed))  # its training, not loading the model and data
+            expected = earlier.maps.get(str(seed))
+            map_seconds = train_map(setup, load=lambda s: run.load_map(s, expected))  # not loading the model and data
+            if not setup.map_loaded:
+                run.save_map(setup, map_seconds)
         except Exception as error:  # noqa: BLE001 -- recorded for every guide of this seed; the next seed goes on
             for name in todo:
                 run.fail(name, seed, RuntimeError(f"training the MAP every guide starts from failed: {type(error).__name__}: {error}"))
             say(f"# seed {seed}: training the MAP failed ({error}); its guides are recorded as failed", flush=True)
             continue
-        drift = map_drift(run, setup)
+        drift = map_drift(earlier, setup)
+        run.record_map(seed, setup.map_digest)
         for name in todo:
             if config.progress:
                 print(f"# {eta.next()} {name} (seed {seed}): {get_method(name).summary}", flush=True)

@@ -6,22 +6,26 @@ leaves the previous complete file, and ``results.json``, written last, is the re
 """
 
 import json
+import math
 import traceback
+import warnings
 import zipfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from safetensors.torch import save as save_safetensors
 
 from ..guides.registry import join_notes
 from ..data import resolve_data_dir
 from ..distributed import is_main
-from ..io import atomic_file, write_json
+from ..io import atomic_file, read_safetensors, standard_json, write_json
 from .plots import metric_scatter, reliability_diagram, reliability_grid
-from .setup import ADDED_SETTINGS
+from .setup import ADDED_SETTINGS, state_digest
 from .table import base_guide, ts_name
-from .verdict import verdict
+from .verdict import REFERENCE, verdict
 
 RESULTS = "results.json"
 _UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)  # what np.load raises for a missing or broken npz
@@ -95,12 +99,14 @@ class RunFolder:
         self.sizes = None  # examples used per split (``Setup.sizes``), once a seed has loaded its data
         self._added = set()  # guides this process added rows for (their figures are fresh)
         self._maps = set()  # seeds whose MAP file is this run's (:meth:`map_file`)
+        self.maps = {}  # seed (a string, as JSON keys are) -> digest of the MAP its rows start from
         self._check_writable(config.guides or ())
         saved = self._read()
         self._replaced = saved if overwrite else None  # its files go once this run writes its first result
         if saved is not None and not overwrite:
             self._check_same(saved)
             self.rows, self.failed, self.sizes = saved["per_seed"], saved.get("failed", []), saved.get("sizes")
+            self.maps = dict(saved.get("maps", {}))
             self.guides, self.seeds = list(saved["config"]["guides"] or ()), list(saved["config"]["seeds"])
 
     def _read(self):
@@ -158,6 +164,59 @@ class RunFolder:
             path.unlink(missing_ok=True)
         self._maps.add(seed)
         return path
+
+    def load_map(self, setup, expected=None):
+        """Write into ``setup.net`` the MAP this run saved for ``setup.seed`` (``train_map``'s ``load``); returns its
+        training seconds, or ``None`` where there is none to use: no file, or one that cannot be read, holds the MAP
+        of another configuration, seed or network, or is not the MAP the seed's saved rows started from (its digest
+        is not ``expected``, default the one this run recorded). All but a missing file are warned: the MAP is
+        trained again."""
+        path = self.map_file(setup.seed)
+        if not path.is_file():
+            return None
+        expected = expected or self.maps.get(str(setup.seed))
+        try:
+            tensors = read_safetensors(path, setup.config.device)
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            seconds, seed, config = float(meta["seconds"]), int(meta["seed"]), json.loads(meta["config"])
+        except (ValueError, KeyError, TypeError) as err:  # json's errors are ValueErrors
+            warnings.warn(f"{path} cannot be read ({err}): the MAP of seed {setup.seed} is trained again", stacklevel=2)
+            return None
+        params = dict(setup.net.named_parameters())
+        names = sorted(set(tensors) ^ set(setup.initial_state))
+        names += [n for n in tensors if n in params and (tensors[n].shape, tensors[n].dtype) != (params[n].shape, params[n].dtype)]
+        differ = config_differences(config, setup.config, _RESUMABLE)
+        digest = state_digest(tensors)
+        problem = (f"it holds seed {seed}'s MAP" if seed != setup.seed else
+                   f"its tensors {names[:3]} are not this network's" if names else
+                   "it holds the MAP of another configuration (" + "; ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differ.items()) + ")" if differ else
+                   f"its training time {seconds!r} is no number of seconds" if not (math.isfinite(seconds) and seconds >= 0) else
+                   "its tensors changed since it was saved" if digest != meta.get("digest") else
+                   "it is not the MAP the seed's saved rows started from" if expected not in (None, digest) else None)
+        if problem:
+            warnings.warn(f"{path} is not used: {problem}; the MAP of seed {setup.seed} is trained again", stacklevel=2)
+            return None
+        with torch.no_grad():
+            for n, t in tensors.items():
+                params[n].copy_(t)
+        return seconds
+
+    def save_map(self, setup, seconds):
+        """Keep ``setup``'s trained MAP (adapter and head, with its configuration, seed, training ``seconds`` and
+        digest) in :meth:`map_file`, atomically."""
+        if not is_main():
+            return
+        tensors = {n: t.detach().cpu().contiguous() for n, t in setup.trained_state.items()}
+        config = json.dumps(standard_json(asdict(setup.config)))
+        meta = {"seconds": repr(float(seconds)), "seed": str(setup.seed), "config": config, "digest": setup.map_digest}
+        with atomic_file(self.map_file(setup.seed), "wb") as f:
+            f.write(save_safetensors(tensors, metadata=meta))
+
+    def record_map(self, seed, digest):
+        """Record ``digest`` as the MAP the rows of ``seed`` start from, unless the seed has rows of another one."""
+        if str(seed) not in self.maps or not any(r["seed"] == seed for r in self.rows):
+            self.maps[str(seed)] = digest
 
     def saved_probs(self, guide, seed, dataset):
         """The test probabilities ``[N, C]`` the saved rows of ``guide`` under ``seed`` were scored with on ``dataset``,
@@ -226,7 +285,7 @@ class RunFolder:
         config = {**asdict(self.config), "guides": self.guides, "seeds": self.seeds}
         write_json(self.out / RESULTS, {"config": config, "request": self.request, "sizes": self.sizes, "summary": summary,
                                         "verdict": verdict(self.rows, self.config.dataset), "per_seed": self.rows,
-                                        "failed": self.failed})
+                                        "failed": self.failed, "maps": self.maps})
 
     def _summary_figures(self, summary):
         _draw_summary(self.out, summary, self.guides, self.config.dataset, self.seeds[0])
@@ -394,7 +453,9 @@ def merge_results(out, update):
                 (out / kind.format(name)).unlink(missing_ok=True)
     summary = summarize_run(rows, failed)
     config = {**base["config"], "guides": guides}
+    # the MAP each seed's rows start from: the rerun's where it retrained the MAP itself (every row is its), else the run's
+    maps = {**base.get("maps", {}), **new.get("maps", {})} if REFERENCE in updated else {**new.get("maps", {}), **base.get("maps", {})}
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
     write_json(out / RESULTS, {**base, "config": config, "summary": summary, "verdict": verdict(rows, config["dataset"]),
-                               "per_seed": rows, "failed": failed})
+                               "per_seed": rows, "failed": failed, "maps": maps})
     return summary

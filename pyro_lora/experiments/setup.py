@@ -1,25 +1,21 @@
 """What every method of a comparison shares: its configuration, checked before loading, and the trained MAP."""
 
 import copy
+import hashlib
 import importlib.util
 import math
 import time
-import warnings
 import zlib
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Optional
 
 import pyro
 import torch
 from pyro.infer import TraceMeanField_ELBO
-from safetensors import safe_open
-from safetensors.torch import save as save_safetensors
 
 from .. import data as D
 from ..contract import take_over
-from ..distributed import is_main
-from ..io import atomic_file, read_safetensors, writable_folder
+from ..io import writable_folder
 from ..likelihoods import MultipleChoice, SequenceClassification
 from ..model import LoraModel
 from ..pretrained import DTYPES, add_lora, default_mc_format, expected_mc_format, load_adapter, load_pretrained, max_positions
@@ -103,6 +99,8 @@ class Setup:
     # method name -> (its Fitted, fit seconds, network state after it), for the requested methods that start from it
     kept: dict = field(default_factory=dict)
     method: Optional[str] = None  # the method this view is for (:meth:`for_method`)
+    map_digest: Optional[str] = None  # :func:`state_digest` of the trained MAP (:func:`train_map`)
+    map_loaded: bool = False  # whether the MAP was loaded from a run's folder rather than trained
 
     @property
     def sizes(self) -> dict:
@@ -256,65 +254,43 @@ def _test_records(name, config):
     return D.subset(records, min(len(records), config.test_size), seed=0)
 
 
-def train_map(setup: Setup, cache=None) -> float:
-    """Fine-tune the MAP LoRA (plain LoRA through the Pyro model) and remember its trained state; returns its
-    training seconds.
+def train_map(setup: Setup, load=None) -> float:
+    """Fine-tune the MAP LoRA (plain LoRA through the Pyro model) and remember its trained state
+    (``setup.trained_state``, its digest ``setup.map_digest``); returns its training seconds.
 
-    :param cache: a file (``RunFolder.map_file``) that keeps this seed's MAP: where an earlier process of the same run
-        saved it there, it is loaded instead of trained (its recorded seconds returned), so a resumed seed's new rows
-        start from the MAP its saved rows did; a MAP trained now is saved there (atomically).
+    :param load: ``setup -> seconds or None``, e.g. ``RunFolder.load_map``: where it writes a saved MAP into the
+        network and returns that MAP's training seconds, the MAP is kept instead of trained (``setup.map_loaded``).
     """
     c = setup.config
     setup.initial_state = {n: p.detach().clone() for n, p in setup.net.named_parameters() if "lora_" in n or p.requires_grad}
     model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=c.prior_scale)
-    seconds = _load_map(setup, cache) if cache is not None else None
-    loaded = seconds is not None
-    if not loaded:
+    seconds = load(setup) if load is not None else None
+    setup.map_loaded = seconds is not None
+    if setup.map_loaded:
+        model.set_trainable()  # as fit leaves them
+        guide = MAPGuide(model)  # its mean: the loaded adapter
+        take_over(model, guide)  # the head is the MAP's, as after its training
+    else:
         start = time.perf_counter()
         guide = MAPGuide(model)
         setup.fit(model, guide)
         model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
         seconds = time.perf_counter() - start
-    else:
-        model.set_trainable()  # as fit leaves them
-        guide = MAPGuide(model)  # its mean: the loaded adapter
-        take_over(model, guide)  # the head is the MAP's, as after its training
     setup.model, setup.map_guide = model, guide
     setup.trained_state = {n: p.detach().clone() for n, p in setup.net.named_parameters() if "lora_" in n or p.requires_grad}
     setup.trainable = {n: p.requires_grad for n, p in setup.net.named_parameters()}
-    if cache is not None and not loaded and is_main():
-        tensors = {n: t.detach().cpu().contiguous() for n, t in setup.trained_state.items()}
-        with atomic_file(cache, "wb") as f:
-            f.write(save_safetensors(tensors, metadata={"seconds": repr(seconds), "seed": str(setup.seed)}))
+    setup.map_digest = state_digest(setup.trained_state)
     return seconds
 
 
-def _load_map(setup: Setup, file: Path):
-    """Write the MAP adapter and head saved in ``file`` into ``setup.net``; returns its training seconds, or ``None``
-    where there is none to load: no file, or one that cannot be read or holds another network's or seed's tensors
-    (warned: the MAP is trained again)."""
-    if not file.is_file():
-        return None
-    params = dict(setup.net.named_parameters())
-    try:
-        tensors = read_safetensors(file, setup.config.device)
-        with safe_open(str(file), framework="pt") as f:
-            meta = f.metadata() or {}
-        seconds, seed = float(meta["seconds"]), int(meta["seed"])
-    except (ValueError, KeyError) as err:
-        warnings.warn(f"{file} cannot be read ({err}): the MAP of seed {setup.seed} is trained again", stacklevel=3)
-        return None
-    other = sorted(set(tensors) ^ set(setup.initial_state))
-    other += [n for n in tensors if n in params and tensors[n].shape != params[n].shape]
-    if other or seed != setup.seed:
-        what = f"tensors {other[:3]}" if other else f"seed {seed}"
-        warnings.warn(f"{file} holds another MAP than seed {setup.seed}'s of this network ({what}): it is trained again",
-                      stacklevel=3)
-        return None
-    with torch.no_grad():
-        for n, t in tensors.items():
-            params[n].copy_(t)
-    return seconds
+def state_digest(state: dict) -> str:
+    """SHA-256 of a network state (name -> tensor): names, dtypes, shapes and values, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str:

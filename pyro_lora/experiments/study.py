@@ -297,16 +297,16 @@ def update_dataset(config, command):
             for name in maps:
                 if (out / name).is_file():
                     shutil.copyfile(out / name, Path(rerun.out) / name)
-        try:
-            compare.run_compare(rerun, overwrite=True)
+        try:  # a retrained MAP's rows replace every row: nothing to match
+            compare.run_compare(rerun, overwrite=True, reference=None if retrain else out)
         except GuideFailures as error:  # the finished rows are merged; the failed ones replace their stale rows
             failure = error
         merge_results(out, rerun.out)
-        for name in maps if retrain else ():  # the MAP the merged rows start from; none where its training failed
+        for name in maps:  # the MAP the merged rows start from; none where a retrained one failed
             if (Path(rerun.out) / name).is_file():
                 with atomic_file(out / name, "wb") as f:
                     f.write((Path(rerun.out) / name).read_bytes())
-            else:
+            elif retrain:
                 (out / name).unlink(missing_ok=True)
     seconds = time.perf_counter() - start
     sidecar = json.loads((out / SIDECAR).read_text()) if (out / SIDECAR).is_file() else {}
