@@ -574,6 +574,8 @@ def test_a_loaded_map_is_the_trained_one_and_one_that_is_not_this_seeds_is_train
     load(config, warns=tag + rf"its tensors \['{re.escape(name)}'\] are not this network's")
     save_file({**tensors, name: tensors[name] + 1e-3}, str(file), metadata=meta)
     load(config, warns=tag + "its tensors changed since it was saved")
+    save_file(tensors, str(file), metadata={k: v for k, v in meta.items() if k != "config"})  # an earlier format
+    load(config, warns=r"map_seed0.safetensors cannot be read \(its metadata lacks config\): the MAP of seed 0 is trained")
     file.write_bytes(b"half a file")
     load(config, warns=r"map_seed0.safetensors cannot be read .*: the MAP of seed 0 is trained again")
 

@@ -179,8 +179,11 @@ class RunFolder:
             tensors = read_safetensors(path, setup.config.device)
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
+            missing = [k for k in ("seconds", "seed", "config", "digest") if k not in meta]
+            if missing:  # e.g. written by another program, or an earlier pyro_lora
+                raise ValueError(f"its metadata lacks {', '.join(missing)}")
             seconds, seed, config = float(meta["seconds"]), int(meta["seed"]), json.loads(meta["config"])
-        except (ValueError, KeyError, TypeError) as err:  # json's errors are ValueErrors
+        except (ValueError, TypeError) as err:  # json's errors are ValueErrors
             warnings.warn(f"{path} cannot be read ({err}): the MAP of seed {setup.seed} is trained again", stacklevel=2)
             return None
         params = dict(setup.net.named_parameters())
