@@ -117,7 +117,7 @@ def recover_directory(path):
     missing, and remove the temporary and previous folders of processes that are no longer running."""
     path = Path(path)
     for leftover in sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True):
-        if _alive(leftover.name.rsplit("-", 1)[-1]):
+        if process_alive(leftover.name.rsplit("-", 1)[-1]):
             continue
         if not path.exists():
             os.replace(leftover, path)
@@ -129,7 +129,7 @@ def recover_directory(path):
 def _remove_dead_temporaries(path):
     """Remove the temporary files or folders that killed writers of ``path`` left (``.<name>.tmp-<pid>-*``)."""
     for leftover in path.parent.glob(f".{path.name}.tmp-*"):
-        if not _alive(leftover.name[len(f".{path.name}.tmp-") :].split("-", 1)[0]):
+        if not process_alive(leftover.name[len(f".{path.name}.tmp-") :].split("-", 1)[0]):
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
@@ -151,7 +151,7 @@ def folder_lock(path, what="this folder"):
             break
         except FileExistsError:
             holder = lock.read_text().strip() if lock.is_file() else ""
-            if _alive(holder):
+            if process_alive(holder):
                 raise ValueError(f"process {holder} is writing {what} ({lock}): wait for it, or stop it first") from None
             lock.unlink(missing_ok=True)  # its process is gone
     with os.fdopen(fd, "w") as f:
@@ -162,7 +162,7 @@ def folder_lock(path, what="this folder"):
         lock.unlink(missing_ok=True)
 
 
-def _alive(pid):
+def process_alive(pid):
     """Whether process ``pid`` (a string) runs: another process may be writing its folder right now."""
     try:
         os.kill(int(pid), 0)

@@ -456,17 +456,18 @@ def test_a_resumed_seed_whose_retrained_map_predicts_otherwise_is_noted(tmp_path
     setup = SimpleNamespace(seed=0, config=config, model=model, map_guide=guide, test=test, loader=lambda records: records,
                             map_loaded=False, map_digest="a")
     folder = RunFolder(tmp_path, config)
-    assert C.map_drift(folder, setup) is None  # nothing saved of this seed: nothing to compare
+    assert C.map_drift(folder, setup) == (None, False)  # nothing saved of this seed: nothing to compare
     key = "sst2__seed0__"
     saved = {key + "probs": probs, key + "labels": np.zeros(6, dtype=np.int64), key + "entropy": np.ones(6), key + "mutual_information": np.zeros(6)}
     folder.add("map", 0, [ROW], saved)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert C.map_drift(folder, setup) is None  # the same MAP
+        assert C.map_drift(folder, setup) == (None, True)  # the same MAP, confirmed by its saved rows
     saved[key + "probs"] = probs + np.array([1e-3, -1e-3, 0.0])
     folder.add("map", 0, [ROW], saved)
     with pytest.warns(UserWarning, match="MAP trained again for seed 0 on resume predicts up to 0.001 away"):
-        note = C.map_drift(folder, setup)
+        note, confirmed = C.map_drift(folder, setup)
+    assert not confirmed
     assert "two MAPs" in note
 
 
@@ -571,13 +572,22 @@ def test_a_loaded_map_is_the_trained_one_and_one_that_is_not_this_seeds_is_train
         load(config, warns=tag + message)
     name = next(iter(tensors))
     save_file({**tensors, name: tensors[name].half()}, str(file), metadata=meta)  # rewritten in another dtype
-    load(config, warns=tag + rf"its tensors \['{re.escape(name)}'\] are not this network's")
+    load(config, warns=tag + rf"its tensors \['{re.escape(name)}'\] differ from this network's in name, shape or dtype")
     save_file({**tensors, name: tensors[name] + 1e-3}, str(file), metadata=meta)
     load(config, warns=tag + "its tensors changed since it was saved")
     save_file(tensors, str(file), metadata={k: v for k, v in meta.items() if k != "config"})  # an earlier format
     load(config, warns=r"map_seed0.safetensors cannot be read \(its metadata lacks config\): the MAP of seed 0 is trained")
+    save_file(tensors, str(file), metadata={**meta, "config": "[]"})
+    load(config, warns=r"cannot be read \(its configuration is \[\], no JSON object\)")
     file.write_bytes(b"half a file")
     load(config, warns=r"map_seed0.safetensors cannot be read .*: the MAP of seed 0 is trained again")
+    # a seed with saved rows but no recorded MAP (a run from before MAPs were recorded): nothing to check a file against
+    folder.save_map(trained, seconds)
+    load(config)
+    folder.add("map", 0, [ROW], arrays(0))
+    folder.maps.clear()
+    folder.write()
+    load(config, warns=tag + "the seed's saved rows record no MAP to check it against")
 
 
 @pytest.mark.real
@@ -597,3 +607,27 @@ def test_an_update_rerun_is_checked_against_the_map_of_the_run_it_merges_into(tm
     with pytest.warns(UserWarning, match="MAP trained again for seed 0 on resume predicts up to 0.001 away"):
         (row,) = run_compare(small(tmp_path / "update", guides=("temperature",)), overwrite=True, reference=base)
     assert "two MAPs" in row["note"]
+
+
+@pytest.mark.real
+def test_a_wrong_recorded_map_digest_is_mended_where_the_saved_map_rows_confirm_the_map(tmp_path):
+    out = tmp_path / "run"
+    run_compare(small(out, guides=("map",)))
+    record = json.loads((out / "results.json").read_text())
+    digest, record["maps"]["0"] = record["maps"]["0"], "0" * 64
+    (out / "results.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match="not the MAP the seed's saved rows started from"):
+        run_compare(small(out, guides=("map", "temperature")))
+    assert json.loads((out / "results.json").read_text())["maps"] == {"0": digest}  # its map rows confirm the MAP
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run_compare(small(out, guides=("map", "temperature", "llla")))  # loaded: no warning
+
+
+def test_a_results_json_whose_maps_is_no_digest_per_seed_is_refused_by_name(tmp_path):
+    RunFolder(tmp_path, small(tmp_path, guides=("map",))).add("map", 0, [ROW], arrays(0))
+    record = json.loads((tmp_path / "results.json").read_text())
+    for maps in (None, "x", {"0": 5}):
+        (tmp_path / "results.json").write_text(json.dumps({**record, "maps": maps}))
+        with pytest.raises(ValueError, match=r"results.json is not the results of a `pyro-lora compare` run .*its 'maps' is "):
+            RunFolder(tmp_path, small(tmp_path))

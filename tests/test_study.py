@@ -618,3 +618,52 @@ def test_a_study_table_marks_a_mean_over_fewer_seeds():
                             for g, seeds in (("map", (0, 1, 2)), ("flow", (0,))) for s in seeds])
     table = report.markdown_table(rows, report.columns("accuracy", "ece"))
     assert "| flow (a mean over seed 0 only: seed(s) 1, 2 missing) |" in table and "| map |" in table
+
+
+def test_a_merge_cut_short_by_a_kill_is_finished_by_the_next_reader(study, runs, tmp_path, monkeypatch):
+    """merge_results copies a rerun's files one by one: a kill part-way left new prediction files beside the old rows
+    (and their figures), read as complete. Its marker makes the next reader finish the merge."""
+    import numpy as np
+
+    from pyro_lora.experiments import results as R
+
+    easy = runs / "arc_easy"
+    update = easy / "update"
+    update.mkdir()
+    rows = [{**_row("meanfield", "arc_easy", s, "arc_easy", False), "nll": 0.5} for s in (0, 1)]
+    config = {**json.loads((easy / "results.json").read_text())["config"], "guides": ["meanfield"]}
+    (update / "results.json").write_text(json.dumps({"config": config, "summary": summarize_seeds(rows), "per_seed": rows}))
+    np.savez(update / "predictions_meanfield.npz", arrays=np.zeros(2))
+    (update / "map_seed0.safetensors").write_bytes(b"the MAP")
+    real = R.write_json
+
+    def killed(path, obj):
+        if Path(path).name == "results.json":
+            raise KeyboardInterrupt
+        real(path, obj)
+
+    monkeypatch.setattr(R, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        R.merge_results(easy, update)
+    monkeypatch.undo()
+    assert (easy / R.MERGING).is_file()  # new arrays beside the old rows
+    (easy / ".lock").write_text(str(os.getpid() + 10**6))  # a process that is gone
+    with pytest.warns(UserWarning, match="finishing the merge of .*update, which a kill cut short"):
+        record = R.read_record(easy, "x")
+    assert not (easy / R.MERGING).exists() and (easy / "map_seed0.safetensors").read_bytes() == b"the MAP"
+    assert {r["seed"]: r["nll"] for r in record["per_seed"] if r["guide"] == "meanfield"} == {0: 0.5, 1: 0.5}
+    (easy / R.MERGING).write_text(str(tmp_path / "gone"))
+    with pytest.raises(ValueError, match="its rerun folder .*gone is gone: .*delete .*.merging and rerun that --update"):
+        R.read_record(easy, "x")
+    (easy / ".lock").write_text(str(os.getppid()))  # a live process holds the run: it may be merging right now
+    with pytest.raises(ValueError, match=r"process \d+ is merging an --update into .*arc_easy: wait for it"):
+        R.read_record(easy, "x")
+
+
+def test_update_refuses_a_link_where_it_reruns(study, runs, tmp_path):
+    (tmp_path / "elsewhere").mkdir()
+    (runs / "arc_easy" / "update").symlink_to(tmp_path / "elsewhere")
+    config = replace(study.make_config(parse("--datasets", "arc_easy", "--no-shift", "--seeds", "0,1", "--train-size", "64",
+                                             *SIZES, "--runs", str(runs))[1], "arc_easy", runs=runs), guides=("meanfield",))
+    with pytest.raises(ValueError, match="update is a link, where --update reruns the methods: move it"):
+        study.update_dataset(config, "x")

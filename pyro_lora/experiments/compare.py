@@ -94,24 +94,28 @@ def map_drift(run, setup):
     they started from the MAP of this process: by the test probabilities of the seed's saved MAP rows (within
     :data:`MAP_DRIFT_TOLERANCE`), else by the MAP digest the run recorded. A MAP trained again (none saved, e.g. a run
     from before MAPs were saved) that differs (another thread count, another library version) would pair the new
-    rows with another MAP's. Returns a note for the rows this process adds (also warned), or ``None``."""
+    rows with another MAP's. Returns a note for the rows this process adds (also warned), or ``None``, and whether
+    the saved MAP rows confirm this MAP."""
     how = "loaded" if setup.map_loaded else "trained again"
     saved = run.saved_probs("map", setup.seed, setup.config.dataset)
     if saved is not None:
         now = predict(setup.model, setup.map_guide, setup.loader(setup.test)).probs.numpy()
         gap = float(abs(now - saved).max()) if now.shape == saved.shape else float("inf")
         if gap <= MAP_DRIFT_TOLERANCE:
-            return None
+            return None, True
         note = (f"the MAP {how} for seed {setup.seed} on resume predicts up to {gap:.2g} away from the one this seed's "
-                "earlier rows used: its rows and theirs start from two MAPs (rerun the seed whole to compare them)")
+                f"earlier rows used: its rows and theirs start from two MAPs ({RERUN_SEED})")
     else:
         recorded = run.maps.get(str(setup.seed))
         if recorded in (None, setup.map_digest) or not any(r["seed"] == setup.seed for r in run.rows):
-            return None
+            return None, False
         note = (f"the MAP {how} for seed {setup.seed} on resume is not the one this seed's earlier rows used (another "
-                "digest): its rows and theirs start from two MAPs (rerun the seed whole to compare them)")
+                f"digest): its rows and theirs start from two MAPs ({RERUN_SEED})")
     warnings.warn(note, stacklevel=2)
-    return note
+    return note, False
+
+
+RERUN_SEED = "to compare them, rerun the seed alone into a new --out: --seeds <seed>"
 
 
 def run_compare(config: CompareConfig, overwrite: bool = False, reference=None):
@@ -166,8 +170,8 @@ def run_compare(config: CompareConfig, overwrite: bool = False, reference=None):
                 run.fail(name, seed, RuntimeError(f"training the MAP every guide starts from failed: {type(error).__name__}: {error}"))
             say(f"# seed {seed}: training the MAP failed ({error}); its guides are recorded as failed", flush=True)
             continue
-        drift = map_drift(earlier, setup)
-        run.record_map(seed, setup.map_digest)
+        drift, confirmed = map_drift(earlier, setup)
+        run.record_map(seed, setup.map_digest, confirmed)
         for name in todo:
             if config.progress:
                 print(f"# {eta.next()} {name} (seed {seed}): {get_method(name).summary}", flush=True)

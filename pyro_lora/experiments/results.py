@@ -7,6 +7,7 @@ leaves the previous complete file, and ``results.json``, written last, is the re
 
 import json
 import math
+import os
 import traceback
 import warnings
 import zipfile
@@ -21,13 +22,14 @@ from safetensors.torch import save as save_safetensors
 from ..guides.registry import join_notes
 from ..data import resolve_data_dir
 from ..distributed import is_main
-from ..io import atomic_file, read_safetensors, standard_json, write_json
+from ..io import atomic_file, process_alive, read_safetensors, standard_json, write_json
 from .plots import metric_scatter, reliability_diagram, reliability_grid
 from .setup import ADDED_SETTINGS, state_digest
 from .table import base_guide, ts_name
 from .verdict import REFERENCE, verdict
 
 RESULTS = "results.json"
+MERGING = ".merging"  # in a run's folder while merge_results copies a rerun in; names the rerun folder
 _UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)  # what np.load raises for a missing or broken npz
 ARRAYS = ("probs", "labels", "entropy", "mutual_information")  # per evaluation set and seed in predictions_<guide>.npz
 # settings a resumed run may change: what is run (guides, seeds), where it is written, and the bars
@@ -175,6 +177,7 @@ class RunFolder:
         if not path.is_file():
             return None
         expected = expected or self.maps.get(str(setup.seed))
+        has_rows = any(r["seed"] == setup.seed for r in self.rows)
         try:
             tensors = read_safetensors(path, setup.config.device)
             with safe_open(str(path), framework="pt") as f:
@@ -183,6 +186,8 @@ class RunFolder:
             if missing:  # e.g. written by another program, or an earlier pyro_lora
                 raise ValueError(f"its metadata lacks {', '.join(missing)}")
             seconds, seed, config = float(meta["seconds"]), int(meta["seed"]), json.loads(meta["config"])
+            if not isinstance(config, dict):
+                raise ValueError(f"its configuration is {config!r}, no JSON object")
         except (ValueError, TypeError) as err:  # json's errors are ValueErrors
             warnings.warn(f"{path} cannot be read ({err}): the MAP of seed {setup.seed} is trained again", stacklevel=2)
             return None
@@ -192,11 +197,12 @@ class RunFolder:
         differ = config_differences(config, setup.config, _RESUMABLE)
         digest = state_digest(tensors)
         problem = (f"it holds seed {seed}'s MAP" if seed != setup.seed else
-                   f"its tensors {names[:3]} are not this network's" if names else
+                   f"its tensors {names[:3]} differ from this network's in name, shape or dtype" if names else
                    "it holds the MAP of another configuration (" + "; ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differ.items()) + ")" if differ else
                    f"its training time {seconds!r} is no number of seconds" if not (math.isfinite(seconds) and seconds >= 0) else
                    "its tensors changed since it was saved" if digest != meta.get("digest") else
-                   "it is not the MAP the seed's saved rows started from" if expected not in (None, digest) else None)
+                   "it is not the MAP the seed's saved rows started from" if expected not in (None, digest) else
+                   "the seed's saved rows record no MAP to check it against" if expected is None and has_rows else None)
         if problem:
             warnings.warn(f"{path} is not used: {problem}; the MAP of seed {setup.seed} is trained again", stacklevel=2)
             return None
@@ -216,10 +222,16 @@ class RunFolder:
         with atomic_file(self.map_file(setup.seed), "wb") as f:
             f.write(save_safetensors(tensors, metadata=meta))
 
-    def record_map(self, seed, digest):
-        """Record ``digest`` as the MAP the rows of ``seed`` start from, unless the seed has rows of another one."""
-        if str(seed) not in self.maps or not any(r["seed"] == seed for r in self.rows):
-            self.maps[str(seed)] = digest
+    def record_map(self, seed, digest, confirmed=False):
+        """Record ``digest`` as the MAP the rows of ``seed`` start from (in ``results.json`` at once: a kill before the
+        seed's next row keeps it), unless the seed has rows of another one; ``confirmed``: the seed's saved MAP rows
+        show they came from this MAP (a wrong record is mended)."""
+        if str(seed) in self.maps and any(r["seed"] == seed for r in self.rows) and not confirmed:
+            return
+        changed = self.maps.get(str(seed)) != digest
+        self.maps[str(seed)] = digest
+        if changed and self.rows and self._replaced is None:  # a run being replaced keeps its record until a result
+            self.write()
 
     def saved_probs(self, guide, seed, dataset):
         """The test probabilities ``[N, C]`` the saved rows of ``guide`` under ``seed`` were scored with on ``dataset``,
@@ -340,14 +352,19 @@ def read_record(out, advice, needs=()):
 
     :param advice: what the error tells the user to do about a file that is no run record.
     :param needs: the keys the caller reads besides ``config`` and ``per_seed`` (e.g. ``"summary"``).
-    :raises ValueError: naming a ``results.json`` that is not UTF-8 JSON with those keys.
+    :raises ValueError: naming a ``results.json`` that is not UTF-8 JSON with those keys, or from
+        :func:`finish_merge`, which completes a merge a kill cut short first.
     """
     path = Path(out) / RESULTS
+    finish_merge(out)
     if not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         [saved[k] for k in ("config", "per_seed", *needs)]  # noqa: B018 -- a KeyError names the missing key
+        maps = saved.get("maps", {})
+        if not (isinstance(maps, dict) and all(isinstance(v, str) for v in maps.values())):
+            raise ValueError(f"its 'maps' is {maps!r}, not seed -> MAP digest")
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not the results of a `pyro-lora compare` run ({type(error).__name__}: {error}); "
                          f"{advice}") from None
@@ -447,18 +464,42 @@ def merge_results(out, update):
     rows = sorted([r for r in base["per_seed"] if base_guide(r["guide"]) not in updated] + new["per_seed"],
                   key=_row_order(guides, base["config"]["seeds"]))
     failed = [f for f in base.get("failed", []) if f["guide"] not in updated] + new.get("failed", [])
-    for name in [g for u in updated for g in (u, ts_name(u))]:
-        for kind in ("predictions_{}.npz", "reliability_{}.png"):
-            if (update / kind.format(name)).is_file():
-                with atomic_file(out / kind.format(name), "wb") as f:
-                    f.write((update / kind.format(name)).read_bytes())
-            else:  # failed under every seed: the old code's arrays must not draw its figures
-                (out / kind.format(name)).unlink(missing_ok=True)
+    retrained = REFERENCE in updated  # then every row is the rerun's, and so is the MAP each seed starts from
+    maps = {**base.get("maps", {}), **new.get("maps", {})} if retrained else {**new.get("maps", {}), **base.get("maps", {})}
+    # copied file by file: a kill part-way leaves the marker, and the next reader finishes the merge (finish_merge)
+    with atomic_file(out / MERGING) as f:
+        f.write(str(update.resolve()))
+    files = [kind.format(g) for u in updated for g in (u, ts_name(u)) for kind in ("predictions_{}.npz", "reliability_{}.png")]
+    for name in files + [map_name(seed) for seed in base["config"]["seeds"]]:
+        if (update / name).is_file():
+            with atomic_file(out / name, "wb") as f:
+                f.write((update / name).read_bytes())
+        elif name in files or retrained:  # failed under every seed: nothing of the old code is kept
+            (out / name).unlink(missing_ok=True)
     summary = summarize_run(rows, failed)
     config = {**base["config"], "guides": guides}
-    # the MAP each seed's rows start from: the rerun's where it retrained the MAP itself (every row is its), else the run's
-    maps = {**base.get("maps", {}), **new.get("maps", {})} if REFERENCE in updated else {**new.get("maps", {}), **base.get("maps", {})}
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
     write_json(out / RESULTS, {**base, "config": config, "summary": summary, "verdict": verdict(rows, config["dataset"]),
                                "per_seed": rows, "failed": failed, "maps": maps})
+    (out / MERGING).unlink()
     return summary
+
+
+def finish_merge(out):
+    """Finish the :func:`merge_results` a kill interrupted in the run ``out`` (its marker names the rerun folder):
+    until then its rows, prediction files and MAPs may come from two runs. Nothing to do without a marker.
+
+    :raises ValueError: if a running process holds the folder (it may be merging now), or the rerun folder is gone.
+    """
+    marker = Path(out) / MERGING
+    if not marker.is_file():
+        return
+    holder = (Path(out) / ".lock").read_text().strip() if (Path(out) / ".lock").is_file() else ""
+    if holder and holder != str(os.getpid()) and process_alive(holder):
+        raise ValueError(f"process {holder} is merging an --update into {out}: wait for it")
+    update = Path(marker.read_text().strip())
+    if not (update / RESULTS).is_file():
+        raise ValueError(f"{out} holds an --update whose merge was cut short, and its rerun folder {update} is gone: its "
+                         f"rows and prediction files may disagree; delete {marker} and rerun that --update")
+    warnings.warn(f"{out}: finishing the merge of {update}, which a kill cut short", stacklevel=2)
+    merge_results(out, update)

@@ -41,9 +41,10 @@ from pathlib import Path
 
 from .. import data as D
 from ..guides.registry import METHODS
-from ..io import atomic_file, folder_lock, writable_folder, write_json
+from ..io import folder_lock, writable_folder, write_json
 from . import compare
-from .results import MERGE_IGNORES, RESULTS, GuideFailures, RunFolder, config_differences, map_name, merge_results, read_record
+from .results import (MERGE_IGNORES, RESULTS, GuideFailures, RunFolder, config_differences, finish_merge, map_name,
+                      merge_results, read_record)
 from .setup import FULL, CompareConfig, check_config, default_guides
 from .study_header import duration, machine_info
 from .study_report import DATASETS, SIDECAR, build_report
@@ -288,26 +289,23 @@ def update_dataset(config, command):
     started = _now()
     start = time.perf_counter()
     failure = None
+    here = Path(rerun.out)
+    if here.is_symlink() or (here.exists() and not here.is_dir()):
+        raise ValueError(f"{here} is {'a link' if here.is_symlink() else 'a file'}, where --update reruns the methods: move it")
     with folder_lock(out, f"the {config.dataset} run"):
-        shutil.rmtree(rerun.out, ignore_errors=True)  # an earlier update's rows must never be merged as this one's
-        maps = [map_name(seed) for seed in config.seeds]
+        finish_merge(out)  # a merge a kill cut short, before its rerun folder goes
+        shutil.rmtree(here, ignore_errors=True)  # an earlier update's rows must never be merged as this one's
         retrain = REFERENCE in config.guides
         if not retrain:  # the rerun starts from the MAP the run's other rows started from
-            Path(rerun.out).mkdir(parents=True)
-            for name in maps:
-                if (out / name).is_file():
-                    shutil.copyfile(out / name, Path(rerun.out) / name)
+            here.mkdir(parents=True)
+            for seed in config.seeds:
+                if (out / map_name(seed)).is_file():
+                    shutil.copyfile(out / map_name(seed), here / map_name(seed))
         try:  # a retrained MAP's rows replace every row: nothing to match
             compare.run_compare(rerun, overwrite=True, reference=None if retrain else out)
         except GuideFailures as error:  # the finished rows are merged; the failed ones replace their stale rows
             failure = error
-        merge_results(out, rerun.out)
-        for name in maps:  # the MAP the merged rows start from; none where a retrained one failed
-            if (Path(rerun.out) / name).is_file():
-                with atomic_file(out / name, "wb") as f:
-                    f.write((Path(rerun.out) / name).read_bytes())
-            elif retrain:
-                (out / name).unlink(missing_ok=True)
+        merge_results(out, here)
     seconds = time.perf_counter() - start
     sidecar = json.loads((out / SIDECAR).read_text()) if (out / SIDECAR).is_file() else {}
     sidecar.setdefault("updates", []).append({"guides": list(config.guides), "command": command, "started": started,
