@@ -346,11 +346,19 @@ def test_update_reruns_some_guides_and_keeps_the_rest(study, runs, tmp_path, mon
 
 
 
+def _fail_rerun(out, config, rows, failed):
+    """What run_compare leaves of a rerun some of whose (guide, seed) failed: their record, then GuideFailures."""
+    from pyro_lora.experiments.results import GuideFailures
+
+    (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows),
+                                                  "per_seed": rows, "failed": failed}))
+    raise GuideFailures(f"{len(failed)} guide run(s) failed", summarize_seeds(rows))
+
+
 def test_update_of_the_map_keeps_the_retrained_maps_and_drops_a_failed_seeds(study, runs, tmp_path, monkeypatch):
     """--update map retrains every seed's MAP: the run's folder then keeps the new ones (a resume starts from the MAP
     the merged rows did), and none for a seed whose MAP failed (a resume trains it with the new code)."""
     import pyro_lora.experiments.compare as compare
-    from pyro_lora.experiments.results import GuideFailures
 
     easy = runs / "arc_easy"
     for seed in (0, 1):
@@ -365,9 +373,7 @@ def test_update_of_the_map_keeps_the_retrained_maps_and_drops_a_failed_seeds(stu
         _fake_predictions(out, config.guides, "arc_easy")
         rows = [_row(g, "arc_easy", 0, "arc_easy", False) for g in config.guides]
         failed = [{"guide": g, "seed": 1, "error": "RuntimeError: boom", "traceback": ""} for g in config.guides]
-        (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows),
-                                                      "per_seed": rows, "failed": failed}))
-        raise GuideFailures("3 guide run(s) failed", summarize_seeds(rows))
+        _fail_rerun(out, config, rows, failed)
 
     monkeypatch.setattr(compare, "run_compare", fake_run_compare)
     argv = ["--datasets", "arc_easy", "--no-shift", "--update", "map",
@@ -380,7 +386,6 @@ def test_update_reruns_the_variants_of_an_updated_base_and_merges_a_partial_reru
     """--update laplace also reruns laplace_val (it tunes laplace's fit: its old rows would mix two fits); a rerun whose
     (laplace, seed 1) fails still merges the finished rows, drops that stale row for the failure, and the dataset fails."""
     import pyro_lora.experiments.compare as compare
-    from pyro_lora.experiments.results import GuideFailures
 
     assert study.stale_guides(["laplace"], ["map", "laplace", "laplace_val", "tfb"]) == ["laplace", "laplace_val"]
     assert study.stale_guides(["laplace_val"], ["map", "laplace", "laplace_val"]) == ["laplace_val"]
@@ -400,9 +405,7 @@ def test_update_reruns_the_variants_of_an_updated_base_and_merges_a_partial_reru
         rows = [{**_row("map", "arc_easy", s, "arc_easy", False), "guide": g, "nll": 0.5}
                 for s in config.seeds for g in config.guides if (g, s) != ("laplace", 1)]
         failed = [{"guide": "laplace", "seed": 1, "error": "RuntimeError: boom", "traceback": ""}]
-        (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows),
-                                                      "per_seed": rows, "failed": failed}))
-        raise GuideFailures("1 guide run(s) failed", summarize_seeds(rows))
+        _fail_rerun(out, config, rows, failed)
 
     monkeypatch.setattr(compare, "run_compare", fake_run_compare)
     argv = ["--datasets", "arc_easy", "--no-shift", "--update", "laplace",
