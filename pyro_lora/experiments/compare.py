@@ -107,7 +107,7 @@ def map_drift(run, setup):
                 f"earlier rows used: its rows and theirs start from two MAPs ({RERUN_SEED})")
     else:
         recorded = run.maps.get(str(setup.seed))
-        if recorded in (None, setup.map_digest) or not any(r["seed"] == setup.seed for r in run.rows):
+        if recorded in (None, setup.map_digest) or not run.has_rows(setup.seed):
             return None, False
         note = (f"the MAP {how} for seed {setup.seed} on resume is not the one this seed's earlier rows used (another "
                 f"digest): its rows and theirs start from two MAPs ({RERUN_SEED})")

@@ -177,7 +177,6 @@ class RunFolder:
         if not path.is_file():
             return None
         expected = expected or self.maps.get(str(setup.seed))
-        has_rows = any(r["seed"] == setup.seed for r in self.rows)
         try:
             tensors = read_safetensors(path, setup.config.device)
             with safe_open(str(path), framework="pt") as f:
@@ -202,7 +201,7 @@ class RunFolder:
                    f"its training time {seconds!r} is no number of seconds" if not (math.isfinite(seconds) and seconds >= 0) else
                    "its tensors changed since it was saved" if digest != meta.get("digest") else
                    "it is not the MAP the seed's saved rows started from" if expected not in (None, digest) else
-                   "the seed's saved rows record no MAP to check it against" if expected is None and has_rows else None)
+                   "the seed's saved rows record no MAP to check it against" if expected is None and self.has_rows(setup.seed) else None)
         if problem:
             warnings.warn(f"{path} is not used: {problem}; the MAP of seed {setup.seed} is trained again", stacklevel=2)
             return None
@@ -226,12 +225,16 @@ class RunFolder:
         """Record ``digest`` as the MAP the rows of ``seed`` start from (in ``results.json`` at once: a kill before the
         seed's next row keeps it), unless the seed has rows of another one; ``confirmed``: the seed's saved MAP rows
         show they came from this MAP (a wrong record is mended)."""
-        if str(seed) in self.maps and any(r["seed"] == seed for r in self.rows) and not confirmed:
+        if str(seed) in self.maps and self.has_rows(seed) and not confirmed:
             return
         changed = self.maps.get(str(seed)) != digest
         self.maps[str(seed)] = digest
         if changed and self.rows and self._replaced is None:  # a run being replaced keeps its record until a result
             self.write()
+
+    def has_rows(self, seed) -> bool:
+        """Whether some finished row of ``seed`` is saved."""
+        return any(r["seed"] == seed for r in self.rows)
 
     def saved_probs(self, guide, seed, dataset):
         """The test probabilities ``[N, C]`` the saved rows of ``guide`` under ``seed`` were scored with on ``dataset``,
