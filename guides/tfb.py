@@ -435,13 +435,15 @@ def tfb(setup):
 
 @method("tfb_val", bayesian=True, guide=TFBGuide, exportable=True, validation=True)
 def tfb_val(setup):
-    """TFB with sigma_q by validation NLL among the values that keep validation accuracy (within 1 point): a log grid
-    over the search's range, refined by golden section."""
+    """TFB with sigma_q by validation NLL among the values that keep validation accuracy (within 1 point) and flip at
+    most the search's tolerance of the validation predictions: a log grid over the search's range, refined by golden
+    section."""
     guide = TFBGuide(setup.lora_model(random="AB"))
     low, high = TFB_SEARCH["low"], TFB_SEARCH["high"]
     grid = [low * (high / low) ** (k / 6) for k in range(7)]
     tuning = tune_on_validation(guide, "sigma_q", guide.set_sigma_q, grid, setup.loader(setup.val), setup.config.samples,
-                                seed=setup.seed)
+                                seed=setup.seed, max_flip_rate=TFB_SEARCH["tolerance"])
     guide.criterion, guide.tolerance = "val_nll", None
-    guide.trace = [{"sigma_q": value, "val_nll": loss, "val_accuracy": acc} for value, loss, acc in tuning.trace]
+    guide.trace = [{"sigma_q": value, "val_nll": loss, "val_accuracy": acc, "val_flip_rate": flips}
+                   for value, loss, acc, flips in tuning.trace]
     return Fitted(guide=guide, extra_parameters=guide.extra_parameters(), note=tuning.note, chosen={"sigma_q": tuning.value})

@@ -3,7 +3,9 @@
 What the validation-tuned methods share (TFB's ``sigma_q``, the posterior temperature of the variational guides):
 each value is scored by the NLL of the guide's own weight-sample predictive on the validation split, with the same
 weight noise for every value (common random numbers), so the comparison between values is not sampling noise. A
-value that costs validation accuracy is refused: the NLL alone can favour noise that flips predictions.
+value that costs validation accuracy is refused: the NLL alone can favour noise that flips predictions. Where the
+values share one set of weights (TFB), a value that flips more than a given share of the validation predictions is
+refused too: on a small split, flips in both directions hide an accuracy loss.
 """
 
 import math
@@ -20,9 +22,19 @@ from pyro_lora.predictive import predict
 MAX_ACCURACY_DROP = 0.01
 
 
+class Scores(NamedTuple):
+    """A guide's predictive on the validation split: ``nll`` (nats), ``accuracy`` (a fraction) and ``predicted``, the
+    argmax class of each example ``[N]`` (None where the predictive is not finite)."""
+
+    nll: float
+    accuracy: float
+    predicted: Optional[torch.Tensor]
+
+
 class Tuning(NamedTuple):
     """What :func:`tune_on_validation` chose: the ``value`` the knob is left at, the ``trace``
-    ``[(value, NLL, accuracy), ...]`` in the order scored, and a ``note`` where the choice is at an edge (the grid's
+    ``[(value, NLL, accuracy, flip rate), ...]`` in the order scored (the flip rate: the share of validation
+    predictions that differ from the first value's, NaN where unknown), and a ``note`` where the choice is at an edge (the grid's
     end, or every larger value costs accuracy), for the method's rows; else None."""
 
     value: float
@@ -30,20 +42,28 @@ class Tuning(NamedTuple):
     note: Optional[str]
 
 
-def validation_scores(guide, loader, num_samples: int, seed: int = 0) -> tuple:
-    """``(NLL, accuracy)`` of ``guide``'s weight-sample predictive on ``loader``, its draws seeded by ``seed`` (in a
-    forked RNG); ``(inf, nan)`` where the predictive is not finite."""
+def validation_scores(guide, loader, num_samples: int, seed: int = 0) -> Scores:
+    """The :class:`Scores` of ``guide``'s weight-sample predictive on ``loader``, its draws seeded by ``seed`` (in a
+    forked RNG); ``(inf, nan, None)`` where the predictive is not finite."""
     device = guide.model.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         prediction = predict(guide.model, guide, loader, num_samples=num_samples)
     if not bool(torch.isfinite(prediction.probs).all()):  # e.g. a wide ScalaBL posterior overflows exp(log s)
-        return math.inf, math.nan
-    return nll(prediction.probs, prediction.labels), accuracy(prediction.probs, prediction.labels)
+        return Scores(math.inf, math.nan, None)
+    return Scores(nll(prediction.probs, prediction.labels), accuracy(prediction.probs, prediction.labels),
+                  prediction.probs.argmax(-1))
+
+
+def _flip_rate(predicted, reference) -> float:
+    """The share of examples whose predicted class differs from ``reference``'s; NaN where either is unknown."""
+    if predicted is None or reference is None:
+        return math.nan
+    return float((predicted != reference).double().mean())
 
 
 def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: int, tol: float = 0.1, seed: int = 0,
-                       max_accuracy_drop: float = MAX_ACCURACY_DROP):
+                       max_accuracy_drop: float = MAX_ACCURACY_DROP, max_flip_rate: Optional[float] = None):
     """Set the ``knob`` of ``guide`` (through ``set_value(value)``) to the value of lowest validation NLL among those
     that keep validation accuracy.
 
@@ -51,16 +71,18 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     ``log value`` between the best grid value's neighbours, until the bracket is ``tol`` wide (0.1: values within
     10%). A value whose validation accuracy is more than ``max_accuracy_drop`` (a fraction: 0.01 is one point) below
     the first grid value's counts as infinitely bad: on SST-2, TFB's sigma_q of lowest validation NLL cost 3 test
-    accuracy points. A best value at an end of the grid may lie beyond it: a warning names that end. A validation NLL
+    accuracy points. With ``max_flip_rate``, so does a value whose predicted classes differ from the first value's on
+    more than that share of the validation examples (for knobs that add noise to one set of weights, as TFB's). A best value at an end of the grid may lie beyond it: a warning names that end. A validation NLL
     the same at every grid value (a knob without effect on the predictions) leaves the smallest, with its own note.
 
     :param str knob: the knob's name, for the warning and the trace.
     :param grid: at least 3 positive values, increasing.
+    :param max_flip_rate: a fraction in ``[0, 1]``, or None for no flip guard.
     :param loader: the validation data.
     :returns: a :class:`Tuning` (the value, the trace, the edge note, which is also warned); the knob is left at the
         best value.
     :raises ValueError: for a grid of fewer than 3 values or values that are not positive and increasing, a
-        negative ``max_accuracy_drop``, a ``tol`` that is not positive and finite, or a grid none of whose values
+        negative ``max_accuracy_drop``, a ``max_flip_rate`` outside ``[0, 1]``, a ``tol`` that is not positive and finite, or a grid none of whose values
         gives a finite validation NLL (a value whose predictive is not finite is refused, as one that costs
         accuracy).
     """
@@ -69,16 +91,22 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
         raise ValueError(f"{knob} grid {grid} must hold at least 3 finite positive values, increasing")
     if not max_accuracy_drop >= 0:
         raise ValueError(f"max_accuracy_drop must be a fraction >= 0, got {max_accuracy_drop!r}")
+    if max_flip_rate is not None and not 0 <= max_flip_rate <= 1:
+        raise ValueError(f"max_flip_rate must be a fraction in [0, 1] or None, got {max_flip_rate!r}")
     if not (isinstance(tol, (int, float)) and 0 < tol < math.inf):
         raise ValueError(f"tol must be a positive finite width in log space, got {tol!r}")
-    trace, refused = [], set()
+    trace, refused, first = [], set(), []
 
     def score(value):
         set_value(value)
-        loss, acc = validation_scores(guide, loader, num_samples, seed)
-        trace.append((value, loss, acc))
-        if not (math.isfinite(loss) and math.isfinite(acc)) or acc < trace[0][2] - max_accuracy_drop - 1e-9:
-            refused.add(value)  # a predictive that is not finite, or one that costs accuracy
+        loss, acc, predicted = validation_scores(guide, loader, num_samples, seed)
+        if not trace:
+            first.append(predicted)  # the least noisy value's predictions: what a flip is counted against
+        flips = _flip_rate(predicted, first[0])
+        trace.append((value, loss, acc, flips))
+        flipped = max_flip_rate is not None and not flips <= max_flip_rate + 1e-9  # NaN: unknown, refused
+        if not (math.isfinite(loss) and math.isfinite(acc)) or acc < trace[0][2] - max_accuracy_drop - 1e-9 or flipped:
+            refused.add(value)  # a predictive that is not finite, or one that costs accuracy or flips predictions
             return math.inf
         return loss
 
@@ -96,8 +124,9 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
         warnings.warn(note, stacklevel=2)
         return Tuning(grid[0], trace, note)
     if i == 0 and all(v in refused for v in grid[1:]):
+        flips = "" if max_flip_rate is None else f" or flips more than {100 * max_flip_rate:g}% of the validation predictions"
         note = (f"every {knob} of the grid above its smallest ({grid[0]:g}) costs more than {100 * max_accuracy_drop:g} "
-                "validation accuracy points: the search stays below the next one")
+                f"validation accuracy points{flips}: the search stays below the next one")
     elif i in (0, len(grid) - 1):
         side = "smallest" if i == 0 else "largest"
         note = (f"the validation NLL is lowest at the {side} {knob} of the grid ({grid[i]:g}; grid {grid[0]:g} to "

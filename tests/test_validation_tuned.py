@@ -54,7 +54,8 @@ def test_posterior_temperature_scales_every_std_and_is_saved(tmp_path):
 def test_validation_scores_use_common_random_numbers():
     model, guide = meanfield()
     first, again = (validation_scores(guide, data(), num_samples=4, seed=3) for _ in range(2))
-    assert first == again and validation_scores(guide, data(), num_samples=4, seed=4)[0] != first[0]
+    assert first[:2] == again[:2] and torch.equal(first.predicted, again.predicted)
+    assert validation_scores(guide, data(), num_samples=4, seed=4).nll != first.nll
 
 
 def test_tuning_finds_the_minimum_of_a_fine_grid_and_leaves_the_knob_there():
@@ -66,28 +67,28 @@ def test_tuning_finds_the_minimum_of_a_fine_grid_and_leaves_the_knob_there():
     assert tuning.value == guide.temperature and tuning.note is None
     assert [t[0] for t in trace[: len(grid)]] == grid and len(trace) > len(grid) + 4
     floor = trace[0][2] - 0.01
-    best, loss, _ = min((t for t in trace if t[2] >= floor), key=lambda t: t[1])
+    best, loss, _, _ = min((t for t in trace if t[2] >= floor), key=lambda t: t[1])
     assert guide.temperature == best
     assert validation_scores(guide, val, 8)[0] == pytest.approx(loss, rel=1e-6)  # the NLL recorded is the knob's
     fine = [10.0 ** (k / 20) for k in range(-40, 41)]
     brute = []
     for t in fine:
         guide.set_temperature(t)
-        brute_loss, brute_acc = validation_scores(guide, val, 8)
+        brute_loss, brute_acc, _ = validation_scores(guide, val, 8)
         brute.append(brute_loss if brute_acc >= floor else math.inf)
     assert loss <= min(brute) + 0.002  # golden section over the bracket reaches the fine grid's minimum
 
 
 def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
     knob = {}
-    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *args, **kw: ((math.log(knob["v"]) - math.log(optimum)) ** 2, 0.8))
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *args, **kw: ((math.log(knob["v"]) - math.log(optimum)) ** 2, 0.8, None))
     set_value = lambda v: knob.update(v=v)  # noqa: E731
     optimum = 3.7
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         trace = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4, tol=0.01).trace
     assert knob["v"] == pytest.approx(optimum, rel=0.01) and min(trace, key=lambda t: t[1])[0] == knob["v"]
-    assert all(len(t) == 3 and t[2] == 0.8 for t in trace)
+    assert all(len(t) == 4 and t[2] == 0.8 and math.isnan(t[3]) for t in trace)  # no predictions: flips unknown
     optimum = 1e5  # beyond the grid's largest value
     with pytest.warns(UserWarning, match="lowest at the largest T of the grid .100; grid 0.1 to 100.: the optimum may lie beyond"):
         tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4)
@@ -96,18 +97,18 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
     for bad in ([1.0, 2.0], [1.0, 0.5, 2.0], [0.0, 1.0, 2.0], [1.0, 2.0, float("inf")]):
         with pytest.raises(ValueError, match="at least 3 finite positive values, increasing"):
             tune_on_validation(None, "T", set_value, bad, None, num_samples=4)
-    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *args, **kw: (math.inf, math.nan))
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *args, **kw: (math.inf, math.nan, None))
     with pytest.raises(ValueError, match="no T of the grid .0.1 to 10. gives a finite validation NLL"):
         tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4)
     # the demo's scalabl_val: the widest temperatures overflow the predictive; they are refused, not fatal
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores",
-                        lambda *a, **k: (math.inf, math.nan) if knob["v"] > 5 else (1.0 / knob["v"], 0.8))
+                        lambda *a, **k: (math.inf, math.nan, None) if knob["v"] > 5 else (1.0 / knob["v"], 0.8, None))
     assert tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4).value <= 10.0
     assert knob["v"] < 10.0
     with pytest.raises(ValueError, match="max_accuracy_drop must be a fraction >= 0"):
         tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4, max_accuracy_drop=-0.1)
     # a knob without effect (an untrained posterior): not "the optimum may lie beyond" the grid
-    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *a, **k: (0.6547, 0.61))
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *a, **k: (0.6547, 0.61, None))
     with pytest.warns(UserWarning, match="the same at every T of the grid .0.1 to 100.: the T does not change"):
         tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4)
     assert tuning.value == knob["v"] == 0.1 and len(tuning.trace) == 4 and "beyond" not in tuning.note
@@ -123,7 +124,7 @@ def test_tuning_refuses_a_value_that_costs_validation_accuracy(monkeypatch):
 
     def scores(*args, **kw):
         t = knob["v"]
-        return 1.0 / (1.0 + math.log10(t) + 2), 0.80 if t <= 3.0 else 0.75
+        return 1.0 / (1.0 + math.log10(t) + 2), 0.80 if t <= 3.0 else 0.75, None
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", scores)
     set_value = lambda v: knob.update(v=v)  # noqa: E731
     trace = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], None, num_samples=4, tol=0.01).trace
@@ -134,6 +135,53 @@ def test_tuning_refuses_a_value_that_costs_validation_accuracy(monkeypatch):
         tune_on_validation(None, "T", set_value, [2.0, 10.0, 100.0], None, num_samples=4)
     assert 2.0 <= knob["v"] <= 3.0
 
+
+
+def test_tuning_refuses_a_value_whose_flips_hide_in_the_validation_accuracy(monkeypatch):
+    """Beyond T = 3 the noise flips 4 of 100 predictions, two each way: validation accuracy and the NLL say nothing,
+    the flip guard refuses it (TFB's sigma_q by NLL cost test accuracy that 200 validation sentences did not show)."""
+    knob, reference = {}, torch.tensor([0, 1] * 50)
+
+    def scores(*args, **kw):
+        t, predicted = knob["v"], reference.clone()
+        if t > 3.0:
+            predicted[:4] = 1 - predicted[:4]  # two right answers turn wrong, two wrong ones right
+        return 1.0 / (1.0 + math.log10(t) + 2), 0.80, predicted
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", scores)
+    set_value = lambda v: knob.update(v=v)  # noqa: E731
+    tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], None, num_samples=4)
+    assert knob["v"] == 100.0  # without the guard: the lowest NLL
+    tuning = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], None, num_samples=4, tol=0.01,
+                                max_flip_rate=0.01)
+    assert 2.9 <= knob["v"] <= 3.0 and knob["v"] == max(t[0] for t in tuning.trace if t[3] <= 0.01)
+    assert {t[3] for t in tuning.trace} == {0.0, 0.04}  # flips against the first value's predictions
+    tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], None, num_samples=4, max_flip_rate=0.05)
+    assert knob["v"] == 100.0  # 4% allowed
+    with pytest.warns(UserWarning, match="costs more than 1 validation accuracy points or flips more than 1% of the"):
+        tune_on_validation(None, "T", set_value, [2.0, 10.0, 100.0], None, num_samples=4, max_flip_rate=0.01)
+    assert 2.0 <= knob["v"] <= 3.0
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="max_flip_rate must be a fraction in"):
+            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4, max_flip_rate=bad)
+
+
+def test_tfb_val_guards_flips_with_the_search_tolerance_and_keeps_them_in_its_trace(monkeypatch):
+    from pyro_lora.guides.tfb import TFB_SEARCH
+    from pyro_lora.guides.tuning import Tuning
+
+    asked = {}
+
+    def tune(guide, knob, set_value, grid, loader, num_samples, **kwargs):
+        asked.update(kwargs, knob=knob)
+        set_value(grid[1])
+        return Tuning(grid[1], [(grid[0], 0.5, 0.8, 0.0), (grid[1], 0.4, 0.8, 0.005)], None)
+    monkeypatch.setattr("pyro_lora.guides.tfb.tune_on_validation", tune)
+    setup = Setup(CompareConfig(out="unused", guides=("map", "tfb_val"), progress=False), tiny_bert(), None,
+                  SequenceClassification(), [], [], [], None)
+    fitted = METHODS["tfb_val"].recipe(setup.for_method("tfb_val"))
+    assert asked["knob"] == "sigma_q" and asked["max_flip_rate"] == TFB_SEARCH["tolerance"]
+    assert fitted.guide.trace[1] == {"sigma_q": fitted.chosen["sigma_q"], "val_nll": 0.4, "val_accuracy": 0.8,
+                                     "val_flip_rate": 0.005}
 
 # --------------------------------------------------------------------------- compare's +ts rows and base fits
 
@@ -442,7 +490,7 @@ def test_the_accuracy_note_only_where_every_larger_value_costs_accuracy(monkeypa
     """Accuracy drops at the second grid value only: the note must not say every larger value costs it."""
     knob = {}
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores",
-                        lambda *a, **k: (1.0 + abs(math.log10(knob["v"]) + 2), 0.7 if knob["v"] == 0.1 else 0.8))
+                        lambda *a, **k: (1.0 + abs(math.log10(knob["v"]) + 2), 0.7 if knob["v"] == 0.1 else 0.8, None))
     with pytest.warns(UserWarning, match="lowest at the smallest T of the grid"):
         tuning = tune_on_validation(None, "T", knob.update and (lambda v: knob.update(v=v)), [0.01, 0.1, 1.0, 10.0], None,
                                     num_samples=4)
