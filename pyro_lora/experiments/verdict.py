@@ -177,16 +177,22 @@ def _why(means, guide, ref) -> str:
 
 
 def _against_baseline(rows, values):
-    """The sentences on temperature scaling: per setting, who beats it on both ECE and NLL, on NLL only."""
+    """The sentences on temperature scaling: per setting, who beats it on both ECE and NLL, on NLL only (none on
+    both where its ECE is n/a on some seed)."""
     settings = {r["guide"]: r.get("setting") for r in rows}
-    ece, nll = (f"{_mean(values[m], BASELINE):.{COLUMNS[m].digits}f}" for m in ("ece", "nll"))
+    shown = {m: f"{_mean(values[m], BASELINE):.{COLUMNS[m].digits}f}" for m in ("ece", "nll") if BASELINE in values[m]}
     lines = []
     for setting in sorted({s for g, s in settings.items() if s and g not in (BASELINE, REFERENCE)}):
         guides = [g for g in values["nll"] if settings.get(g) == setting and g not in (BASELINE, REFERENCE)]
-        both = [g for g in guides if _beats(values["nll"], g, BASELINE, "nll") and _beats(values["ece"], g, BASELINE, "ece")]
-        nll_only = [g for g in guides if g not in both and _beats(values["nll"], g, BASELINE, "nll")]
+        on_nll = [g for g in guides if _beats(values["nll"], g, BASELINE, "nll")]
+        if BASELINE not in values["ece"]:
+            lines.append(f"- {setting.capitalize()}: beat temperature scaling (NLL {shown['nll']}) on NLL: {_names(on_nll)}; ECE "
+                         "not compared: temperature scaling's ECE is n/a on some seed.")
+            continue
+        both = [g for g in on_nll if _beats(values["ece"], g, BASELINE, "ece")]
+        nll_only = [g for g in on_nll if g not in both]
         bayesian = [g for g in both if base_guide(g) in METHODS and METHODS[base_guide(g)].bayesian]
-        lines.append(f"- {setting.capitalize()}: beat temperature scaling (ECE {ece}, NLL {nll}) on both ECE and NLL: "
+        lines.append(f"- {setting.capitalize()}: beat temperature scaling (ECE {shown['ece']}, NLL {shown['nll']}) on both ECE and NLL: "
                      f"{_names(both)}" + (f" (Bayesian: {_names(bayesian)})" if both else "") +
                      f"; on NLL only: {_names(nll_only)}.")
     return lines
