@@ -437,6 +437,9 @@ def test_the_verdict_names_ties_and_leaves_out_a_method_with_a_missing_value():
     text = verdict(rows, "sst2")
     assert "NLL: temperature (0.445)" in text and "on both ECE and NLL: none" in text  # not compared on seed 1 alone
     assert "ECE x100: laplace (2.50)" in text
+    rows[4]["nll"], rows[2]["ece"] = 0.40, None  # temperature scaling's ECE n/a on seed 0: raised KeyError
+    text = verdict(rows, "sst2")
+    assert "beat temperature scaling (NLL 0.445) on NLL: laplace; ECE not compared: temperature scaling's ECE is n/a" in text
 
 
 def test_a_tuned_variant_carries_the_tunings_edge_into_its_note(monkeypatch):
