@@ -348,15 +348,24 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_result(tmp_path):
     assert not (tmp_path / "map_seed0.safetensors").exists()  # another configuration's MAP: a resume must not load it
 
 
-def test_overwrite_removes_the_old_maps_before_the_new_run_writes_its_own(tmp_path):
+def test_overwrite_keeps_the_old_map_until_the_new_runs_first_result(tmp_path):
+    """A kill after the new MAP is trained but before the new run's first result left the old run without its MAP."""
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+
     RunFolder(tmp_path, small(tmp_path, guides=("map",))).add("map", 0, [ROW], arrays(0))
-    (tmp_path / "map_seed0.safetensors").write_bytes(b"the old run's MAP")
-    new = RunFolder(tmp_path, small(tmp_path, guides=("map",), test_size=32), overwrite=True)
-    path = new.map_file(0)
-    assert not path.exists()  # never loaded as the new run's
-    path.write_bytes(b"the new run's MAP")
+    path = tmp_path / "map_seed0.safetensors"
+    path.write_bytes(b"the old run's MAP")
+    config = small(tmp_path, guides=("map",), test_size=32)
+    new = RunFolder(tmp_path, config, overwrite=True)
+    setup = SimpleNamespace(seed=0, config=config, trained_state={"w": torch.ones(2)}, map_digest="new digest")
+    assert new.load_map(setup) is None  # another configuration's MAP: never loaded as the new run's
+    new.save_map(setup, 1.0)
+    assert path.read_bytes() == b"the old run's MAP"  # a kill here keeps the old run whole
     new.add("map", 0, [ROW], arrays(0))
-    assert path.read_bytes() == b"the new run's MAP"
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["digest"] == "new digest"
 
 
 @pytest.mark.parametrize("name", ["results.json", "predictions_map.npz", "reliability_grid.png", "map_seed0.safetensors"])

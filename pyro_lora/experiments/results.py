@@ -100,7 +100,7 @@ class RunFolder:
         self.rows, self.failed, self.guides, self.seeds = [], [], [], []
         self.sizes = None  # examples used per split (``Setup.sizes``), once a seed has loaded its data
         self._added = set()  # guides this process added rows for (their figures are fresh)
-        self._maps = set()  # seeds whose MAP file is this run's (:meth:`map_file`)
+        self._pending_maps = {}  # seed -> MAP file bytes, kept while a replaced run's files stand (:meth:`save_map`)
         self.maps = {}  # seed (a string, as JSON keys are) -> digest of the MAP its rows start from
         self._check_writable(config.guides or ())
         saved = self._read()
@@ -138,9 +138,13 @@ class RunFolder:
             for guide in (name, ts_name(name)):
                 if guide not in self._added:
                     names += [f"predictions_{guide}.npz", f"reliability_{guide}.png"]
-        names += [map_name(seed) for seed in saved["config"]["seeds"] if seed not in self._maps]
+        names += [map_name(seed) for seed in saved["config"]["seeds"]]
         for name in names:
             (self.out / name).unlink(missing_ok=True)
+        for seed, data in self._pending_maps.items():
+            with atomic_file(self.map_file(seed), "wb") as f:
+                f.write(data)
+        self._pending_maps = {}
 
     def _check_same(self, saved):
         differ = [f"{k} {there!r} there, {now!r} now" for k, (there, now) in config_differences(saved, self.request, _RESUMABLE).items()]
@@ -160,21 +164,17 @@ class RunFolder:
 
     def map_file(self, seed) -> Path:
         """The file that keeps the MAP of ``seed`` (``train_map``'s cache): a resumed seed loads it rather than training
-        it again. That of a run ``--overwrite`` replaces is removed first: it is another configuration's MAP."""
-        path = self.out / map_name(seed)
-        if self._replaced is not None and seed not in self._maps and is_main():
-            path.unlink(missing_ok=True)
-        self._maps.add(seed)
-        return path
+        it again."""
+        return self.out / map_name(seed)
 
     def load_map(self, setup, expected=None):
         """Write into ``setup.net`` the MAP this run saved for ``setup.seed`` (``train_map``'s ``load``); returns its
         training seconds, or ``None`` where there is none to use: no file, or one that cannot be read, holds the MAP
         of another configuration, seed or network, or is not the MAP the seed's saved rows started from (its digest
         is not ``expected``, default the one this run recorded). All but a missing file are warned: the MAP is
-        trained again."""
+        trained again. While a run ``--overwrite`` replaces still stands, its MAP files are its own: never loaded."""
         path = self.map_file(setup.seed)
-        if not path.is_file():
+        if self._replaced is not None or not path.is_file():
             return None
         expected = expected or self.maps.get(str(setup.seed))
         try:
@@ -212,14 +212,19 @@ class RunFolder:
 
     def save_map(self, setup, seconds):
         """Keep ``setup``'s trained MAP (adapter and head, with its configuration, seed, training ``seconds`` and
-        digest) in :meth:`map_file`, atomically."""
+        digest) in :meth:`map_file`, atomically; while a run ``--overwrite`` replaces still stands, in memory until
+        this run's first result replaces it (a kill before keeps the old run whole)."""
         if not is_main():
             return
         tensors = {n: t.detach().cpu().contiguous() for n, t in setup.trained_state.items()}
         config = json.dumps(standard_json(asdict(setup.config)))
         meta = {"seconds": repr(float(seconds)), "seed": str(setup.seed), "config": config, "digest": setup.map_digest}
+        data = save_safetensors(tensors, metadata=meta)
+        if self._replaced is not None:
+            self._pending_maps[setup.seed] = data
+            return
         with atomic_file(self.map_file(setup.seed), "wb") as f:
-            f.write(save_safetensors(tensors, metadata=meta))
+            f.write(data)
 
     def record_map(self, seed, digest, confirmed=False):
         """Record ``digest`` as the MAP the rows of ``seed`` start from (in ``results.json`` at once: a kill before the
