@@ -114,7 +114,8 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
 
     - every validation example's label is its strict argmax (separable): the NLL falls all the way to
       ``T -> 0`` and has no finite optimum; it falls back to ``T = 1``;
-    - the minimum is on the lower bound (nearly separable): it falls back to ``T = 1``. Sharpening to the
+    - the minimum is on the lower bound (predictions nearly uniform yet better than chance, or nearly separable):
+      it falls back to ``T = 1``. Sharpening to the
       bound fits the validation split, not the data: on held-out data the NLL can be many times worse;
     - the minimum is on the upper bound: it keeps ``T = high``. Either the predictions are no better than
       uniform on the validation split (the NLL falls all the way to ``T -> inf``; ``T = high`` makes them nearly
@@ -177,8 +178,9 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
         return done(1.0)
     # the search never evaluates an end: a minimum there leaves log T within tol of it
     if log_t - math.log(low) <= 2 * tol:
-        return done(1.0, f"the validation NLL is lowest at the lower search bound T = {low:g} (nearly separable "
-                         "predictions): no optimum inside the bounds; falling back to T = 1")
+        return done(1.0, f"the validation NLL is lowest at the lower search bound T = {low:g} (the predictions want "
+                         f"sharpening more than {1 / low:g}-fold: nearly uniform yet better than chance, or nearly "
+                         "separable): no optimum inside the bounds; falling back to T = 1")
     if math.log(high) - log_t <= 2 * tol:
         # d NLL / d(1/T) at 1/T = 0: the mean, over examples, of the row's mean log-probability (over its finite
         # entries, the classes softmax(log p / T) tends to share as T -> inf) minus the label's

@@ -132,7 +132,8 @@ def test_temperature_optimum_on_a_search_bound_is_reported():
     probs = torch.stack([margin, torch.zeros(100, dtype=torch.float64)], -1).softmax(-1)
     labels = (torch.arange(100) == 0).long()
     with pytest.warns(UserWarning, match="lower search bound T = 0.01 .*falling back to T = 1"):
-        assert fit_temperature(probs, labels, return_info=True).temperature == 1.0
+        fitted = fit_temperature(probs, labels, return_info=True)
+    assert fitted.temperature == 1.0 and "want sharpening more than 100-fold: nearly uniform yet better" in fitted.note
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a wider interval holds the optimum: fitted, no note
         fitted = fit_temperature(probs, labels, bounds=(1e-4, 1e2), return_info=True)
@@ -216,20 +217,20 @@ def test_temperature_row_carries_the_fallback_note_into_results_and_table():
     setup = SimpleNamespace(config=SimpleNamespace(device="cpu"), seed=0, model=model, map_guide=None, val=val, loader=lambda r: r)
     setup.for_method = lambda name: setup
     setup.keep_fit = lambda *args: None
-    with pytest.warns(UserWarning, match="separable"):
+    with pytest.warns(UserWarning, match="separable"), pytest.warns(UserWarning, match="validation split of 6 examples"):
         fitted, costs = fit_method(setup, "temperature", 0.0)
-    assert "all correct (separable)" in fitted.note and costs["note"] == fitted.note
+    assert "all correct (separable)" in fitted.note and costs["note"].startswith(f"{fitted.note}; fitted on a validation split")
     assert costs["temperature"] == 1.0  # its rows keep the T it applied, as the +ts rows keep theirs
     torch.testing.assert_close(fitted.predict(val).probs, predict(model, None, val).probs)  # T = 1: the MAP unchanged
     rows = [{"guide": "temperature", "dataset": "sst2", "seed": s, "accuracy": 1.0, **costs} for s in (0, 1)]
     rows += [{"guide": "map", "dataset": "sst2", "seed": s, "accuracy": 1.0, "fit_seconds": 0.0} for s in (0, 1)]
     summary = summarize_seeds(rows)
-    assert summary[0]["note"] == f"seeds 0, 1: {fitted.note}" and "note" not in summary[1]
+    assert summary[0]["note"] == f"seeds 0, 1: {costs['note']}" and "note" not in summary[1]
     blank = dict.fromkeys(["ece", "nll", "brier", "mutual_information", "aurc", "fit_memory_mb", "extra_parameters",
                            "predict_seconds_per_1000"], 0.0)
     table = format_table([{**blank, **r} for r in summary])
     assert "| temperature (note) | sst2 |" in table and "| map | sst2 |" in table
-    assert table.endswith(f"Note (temperature on sst2): seeds 0, 1: {fitted.note}")
+    assert table.endswith(f"Note (temperature on sst2): seeds 0, 1: {costs['note']}")
 
 
 def test_temperature_bad_input():

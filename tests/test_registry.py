@@ -61,6 +61,9 @@ def test_a_method_registered_outside_runs_through_compare_fit_and_evaluate(tmp_p
     assert jittered["extra_parameters"] == 1 and jittered["mutual_information"] > 0  # its own weight samples
     assert jittered["mean_accuracy"] == rows[0]["accuracy"] and "mean_accuracy" not in rows[0]  # its mean is the MAP
     assert "temperature applies to the averaged predictive" in rows[2]["note"]  # its samples have an MI; the +ts row not
+    # what is fitted on the 4 validation sentences says so: the +ts row, not the method that uses none
+    assert "validation split of 4 examples (fewer than 100: each weighs 25 accuracy points" in rows[2]["note"]
+    assert "validation split" not in (rows[1].get("note") or "")
     assert 0.0 <= jittered["accuracy"] <= 1.0
     # the command line offers it like a built-in method, fit saves it and evaluate reproduces fit's row
     out = tmp_path / "fit"

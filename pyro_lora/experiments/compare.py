@@ -35,8 +35,9 @@ def fit_method(setup, name: str, map_seconds: float = 0.0):
         fitted = replace(fitted, predict=predictor(view, method, fitted.guide))
     costs = {"fit_seconds": fit_seconds, "fit_memory_mb": memory.megabytes, "extra_parameters": fitted.extra_parameters}
     costs.update(fitted.chosen)
-    if fitted.note:
-        costs["note"] = fitted.note
+    note = join_notes(fitted.note, small_validation_note(setup) if method.validation else None)
+    if note:
+        costs["note"] = note
     return fitted, costs
 
 
@@ -116,6 +117,23 @@ def map_drift(run, setup):
 
 
 RERUN_SEED = "to compare them, rerun the seed alone into a new --out: --seeds <seed>"
+
+# below it, one validation example weighs more than an accuracy point: the 1-point guard of the _val knobs, and a
+# temperature fitted on the split, rest on a handful of answers
+MIN_VALIDATION = 100
+
+
+def small_validation_note(setup):
+    """The note (also warned) for the rows fitted on ``setup``'s validation split where it holds fewer than
+    :data:`MIN_VALIDATION` examples; else None."""
+    n = len(setup.val)
+    if n == 0 or n >= MIN_VALIDATION:  # none: nothing is fitted on it (a real run's split holds at least one)
+        return None
+    note = (f"fitted on a validation split of {n} example{'s' * (n != 1)} (fewer than {MIN_VALIDATION}: each weighs "
+            f"{100 / n:.2g} accuracy points, more than the 1-point guard of the validation-tuned knobs; a larger "
+            "--train-size or --val-fraction gives more)")
+    warnings.warn(note, stacklevel=2)  # the same text from here: shown once per run
+    return note
 
 
 def run_compare(config: CompareConfig, overwrite: bool = False, reference=None):
@@ -243,7 +261,7 @@ def run_method(setup, name: str, map_seconds: float) -> dict:
         scaled = {d: replace(p, probs=apply_temperature(p.probs, temperature), sample_probs=None) for d, p in predictions.items()}
         ts_costs = {**fit_costs, "fit_seconds": fit_costs["fit_seconds"] + time.perf_counter() - t,
                     "extra_parameters": fit_costs["extra_parameters"] + 1, "temperature": temperature,
-                    "note": join_notes(fit_costs.get("note"), note)}
+                    "note": join_notes(fit_costs.get("note"), note, None if method.validation else small_validation_note(setup))}
         # a predictive that keeps no per-sample probabilities (GLM probit) has no MI before the temperature either
         mi_note = TS_MI_NOTE if predictions[config.dataset].sample_probs is not None else MI_NO_SAMPLES_NOTE
         out[ts_name(name)] = _score_rows(setup, ts_name(name), VALIDATION_TUNED, fitted.point_estimate, scaled, ts_costs,
