@@ -32,9 +32,11 @@ _METRIC_NAMES = {"nll": "pseudo-label NLL rel. change", "flip": "flip rate", "ac
 
 # TFB's reference range [1e-3, 1.5e-2] was set for 8B models; small models tolerate more noise. The flip criterion:
 # on an over-confident MAP the pseudo-label NLL is near zero, so its relative change blocks any noise. 512 anchors:
-# on 128 a few borderline training examples flip at the smallest noise and stop the search near 0; 4 bisection
-# steps (6 anchor passes with the reference and the bounds) resolve sigma_q to 0.0125 in [0.001, 0.2].
-TFB_SEARCH = dict(criterion="flip", tolerance=0.01, low=1e-3, high=0.2, iterations=4)
+# on 128 a few borderline training examples flip at the smallest noise and stop the search near 0. The range spans
+# 200x, so the bisection runs in log sigma_q: linear steps resolve only 0.0124, and on ARC-Easy (SmolLM2) every
+# linear midpoint flipped more than 1%, leaving sigma_q at the low end; 5 log steps resolve it to 18%.
+TFB_SEARCH = dict(criterion="flip", tolerance=0.01, low=1e-3, high=0.2, iterations=5, spacing="log")
+SPACINGS = ("log", "linear")
 TFB_ANCHORS = 512
 
 
@@ -190,7 +192,8 @@ class TFBGuide(LoraGuide):
         return out
 
     def search(self, anchors, criterion=TFB_SEARCH["criterion"], tolerance=TFB_SEARCH["tolerance"], low=TFB_SEARCH["low"],
-               high=TFB_SEARCH["high"], iterations=TFB_SEARCH["iterations"], num_samples=10, seed=0, progress=True):
+               high=TFB_SEARCH["high"], iterations=TFB_SEARCH["iterations"], num_samples=10, seed=0, progress=True,
+               spacing=TFB_SEARCH["spacing"]):
         """Set ``sigma_q`` to the largest feasible value found by bisection on ``[low, high]``; return the trace.
 
         A candidate ``sigma`` is feasible when ``metric(sigma) <= tolerance``, measured on the anchors
@@ -204,10 +207,12 @@ class TFBGuide(LoraGuide):
 
         ``high`` is tried first (feasible: ``sigma_q = high``, with a warning to raise ``high``), then
         ``low`` (infeasible: ``sigma_q = 0``, the point estimate, with a warning to lower ``low``: ``0`` is
-        the only value known to be feasible); otherwise ``iterations`` linear bisection steps keep a
-        feasible lower and an infeasible upper end, and ``sigma_q`` becomes the lower one, so the
-        next grid point up, ``sigma_q + (high - low) / 2**iterations``, is in the trace as infeasible. The
-        reference TFB code returns the last violating midpoint instead. Every candidate uses the same
+        the only value known to be feasible); otherwise ``iterations`` bisection steps keep a
+        feasible lower and an infeasible upper end, and ``sigma_q`` becomes the lower one, so the next grid
+        point up is in the trace as infeasible: ``sigma_q * (high / low) ** (1 / 2**iterations)`` with
+        ``spacing="log"`` (midpoints ``sqrt(lo * hi)``), ``sigma_q + (high - low) / 2**iterations`` with
+        ``"linear"`` (TFB's own search, for its narrow reference range). The reference TFB code returns the
+        last violating midpoint instead. Every candidate uses the same
         noise ``eps`` (generator seeded with ``seed``), so the search is deterministic and the metric
         varies smoothly with ``sigma``. Cost: ``iterations + 3`` passes over the anchors, ``num_samples``
         forward rows per anchor for each candidate; under ``"flip"``, a candidate stops once its flips pass the
@@ -217,8 +222,8 @@ class TFBGuide(LoraGuide):
             e.g. a loader over a few hundred training examples; it is read once and kept, so a shuffling
             loader is fine. Likelihoods must give class logits ``[B, C]`` (not token-level ``CausalLM``).
         The defaults, :data:`TFB_SEARCH`, are those of ``pyro-lora compare`` and ``pyro-lora bayesianize``
-        (the flip rate at 1% on ``[1e-3, 0.2]``, 4 bisection steps); TFB's reference settings for 8B models are
-        ``criterion="nll", low=1e-3, high=1.5e-2``.
+        (the flip rate at 1% on ``[1e-3, 0.2]``, 5 bisection steps in log space); TFB's reference settings for 8B
+        models are ``criterion="nll", low=1e-3, high=1.5e-2, spacing="linear"``.
 
         :param tolerance: ``None``: 0.01, the default of every criterion.
         :returns: the trace, a list of ``{"sigma", "metric", "feasible", "anchors"}`` in evaluation order
@@ -233,6 +238,8 @@ class TFBGuide(LoraGuide):
             raise ValueError(f"tolerance must be >= 0, got {tolerance}")
         if not 0 < low < high:
             raise ValueError(f"need 0 < low < high, got low={low}, high={high}")
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         if int(iterations) != iterations or iterations < 0 or int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"iterations must be an integer >= 0 and num_samples >= 1, got {iterations}, {num_samples}")
         batches = list(anchors)
@@ -270,7 +277,7 @@ class TFBGuide(LoraGuide):
                 else:
                     lo, hi, edge = low, high, None
                     for _ in range(int(iterations)):
-                        mid = (lo + hi) / 2
+                        mid = math.sqrt(lo * hi) if spacing == "log" else (lo + hi) / 2
                         lo, hi = (mid, hi) if evaluate(mid) else (lo, mid)
                     best = lo
         finally:

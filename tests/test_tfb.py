@@ -131,32 +131,36 @@ def manual_metric(guide, model, anchors, sigma, num_samples, seed):
     return float((nll - nll0) / nll0)
 
 
-def test_search_returns_largest_feasible_and_next_grid_point_is_infeasible():
+@pytest.mark.parametrize("spacing", ["linear", "log"])
+def test_search_returns_largest_feasible_and_next_grid_point_is_infeasible(spacing):
     model, anchors = mc_model(), mc_anchors(n_batches=2)
     guide = TFBGuide(model)
     low, high, iterations, tol = 0.002, 0.2, 3, 0.02
-    trace = guide.search(anchors, criterion="nll", tolerance=tol, low=low, high=high, iterations=iterations, num_samples=4, progress=False)
+    kw = dict(criterion="nll", tolerance=tol, low=low, high=high, num_samples=4, progress=False, spacing=spacing)
+    trace = guide.search(anchors, iterations=iterations, **kw)
     best = max(t["sigma"] for t in trace if t["feasible"])
     assert len(trace) == iterations + 2 and low <= best < high
     assert float(guide.sigma_q) == pytest.approx(best, rel=1e-6)  # a float32 buffer
-    step = (high - low) / 2**iterations
-    above = [t for t in trace if math.isclose(t["sigma"], best + step)]
+    # the grid the bisection walks: 2**iterations equal steps, in sigma or in log sigma
+    up = best + (high - low) / 2**iterations if spacing == "linear" else best * (high / low) ** (1 / 2**iterations)
+    above = [t for t in trace if math.isclose(t["sigma"], up)]
     assert len(above) == 1 and not above[0]["feasible"]
     # recomputed independently: best within tolerance, the next grid point up beyond it
-    assert manual_metric(guide, model, anchors, best, 4, 0) <= tol < manual_metric(guide, model, anchors, best + step, 4, 0)
+    assert manual_metric(guide, model, anchors, best, 4, 0) <= tol < manual_metric(guide, model, anchors, up, 4, 0)
     match = [t for t in trace if t["sigma"] == best][0]
     assert math.isclose(match["metric"], manual_metric(guide, model, anchors, best, 4, 0), rel_tol=1e-3, abs_tol=1e-5)
     assert (guide.criterion, guide.tolerance, guide.trace) == ("nll", tol, trace)
     # deterministic under the seed; another seed draws other noise
-    again = TFBGuide(model).search(anchors, criterion="nll", tolerance=tol, low=low, high=high, iterations=iterations, num_samples=4, progress=False)
-    assert again == trace
-    other = TFBGuide(model).search(anchors, criterion="nll", tolerance=tol, low=low, high=high, iterations=0, num_samples=4, seed=1, progress=False)
+    assert TFBGuide(model).search(anchors, iterations=iterations, **kw) == trace
+    other = TFBGuide(model).search(anchors, iterations=0, seed=1, **kw)
     assert [t["metric"] for t in other] != [t["metric"] for t in trace[:2]]
+    with pytest.raises(ValueError, match="spacing must be one of"):
+        guide.search(anchors, **{**kw, "spacing": "geometric"})
 
 
 def test_the_python_search_defaults_are_compares():
     """bayesianize() searched with TFB's 8B-model range (nll, high 0.015, 5 steps) where compare and the CLI use
-    TFB_SEARCH (flip at 1% on [0.001, 0.2], 4 steps): a Python user got another posterior from the same adapter."""
+    TFB_SEARCH (flip at 1% on [0.001, 0.2]): a Python user got another posterior from the same adapter."""
     model, anchors = mc_model(), mc_anchors(n_batches=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a search edge, if any, is the same in both

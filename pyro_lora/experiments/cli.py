@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ..distributed import is_main
 from ..guides.registry import METHODS, load_plugins
-from ..guides.tfb import TFB_ANCHORS, TFB_SEARCH
+from ..guides.tfb import SPACINGS, TFB_ANCHORS, TFB_SEARCH
 from ..pretrained import DTYPES
 from . import study
 from .compare import run_compare
@@ -250,6 +250,8 @@ def parser(full=False):
     p.add_argument("--high", type=_number(float, 0.0), default=t["high"], help=f"largest sigma_q searched (default {t['high']:g})")
     p.add_argument("--iterations", type=_number(int, 0), default=t["iterations"],
                    help=f"bisection steps (default {t['iterations']})")
+    p.add_argument("--spacing", choices=SPACINGS, default=t["spacing"],
+                   help=f"bisect sigma_q in log space or linearly, as TFB's own search (default {t['spacing']})")
     _output_args(p, "runs/bayesianize")
     p = sub.add_parser("evaluate", allow_abbrev=False, help="score a guide saved by `pyro-lora fit` or `bayesianize` on the test set")
     p.add_argument("run_dir", help="the --out folder of `pyro-lora fit` or `bayesianize`")
@@ -350,7 +352,7 @@ def _run(args, argv=()):
         say(format_table([row]))
         say(f"saved: {Path(args.out) / 'guide'}" + (f", adapter: {Path(args.out) / 'guide' / 'adapter'}" if args.adapter else ""))
     elif args.command == "bayesianize":
-        search = {k: getattr(args, k) for k in ("criterion", "tolerance", "low", "high", "iterations")}
+        search = {k: getattr(args, k) for k in ("criterion", "tolerance", "low", "high", "iterations", "spacing")}
         row = bayesianize_adapter(_config(args, guides=("tfb",), ts=False), args.adapter_dir, anchors=args.anchors, **search)
         say(format_table([row]))
         say(f"sigma_q = {row['sigma_q']:.5g}; saved: {Path(args.out) / 'guide'}")
