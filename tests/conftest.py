@@ -1,12 +1,21 @@
 """Tiny random networks for fast unit tests (no downloads: configs are built in code)."""
 
 import importlib.util
+import os
+
+# each pytest-xdist worker (the README's `-n 2`) gets one thread, its subprocesses too: two torch processes of two
+# threads each on 2 cores run many times slower than one
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import pyro
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+
+if "PYTEST_XDIST_WORKER" in os.environ:
+    torch.set_num_threads(1)
 
 
 def tiny_llama(r=4, targets=("q_proj", "v_proj"), seed=0, vocab=64):
