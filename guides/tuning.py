@@ -95,14 +95,15 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
         raise ValueError(f"max_flip_rate must be a fraction in [0, 1] or None, got {max_flip_rate!r}")
     if not (isinstance(tol, (int, float)) and 0 < tol < math.inf):
         raise ValueError(f"tol must be a positive finite width in log space, got {tol!r}")
-    trace, refused, first = [], set(), []
+    trace, refused, reference = [], set(), None
 
     def score(value):
+        nonlocal reference
         set_value(value)
         loss, acc, predicted = validation_scores(guide, loader, num_samples, seed)
         if not trace:
-            first.append(predicted)  # the least noisy value's predictions: what a flip is counted against
-        flips = _flip_rate(predicted, first[0])
+            reference = predicted  # the least noisy value's predictions: what a flip is counted against
+        flips = _flip_rate(predicted, reference)
         trace.append((value, loss, acc, flips))
         flipped = max_flip_rate is not None and not flips <= max_flip_rate + 1e-9  # NaN: unknown, refused
         if not (math.isfinite(loss) and math.isfinite(acc)) or acc < trace[0][2] - max_accuracy_drop - 1e-9 or flipped:

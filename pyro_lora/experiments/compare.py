@@ -132,7 +132,7 @@ def small_validation_note(setup):
     note = (f"fitted on a validation split of {n} example{'s' * (n != 1)} (fewer than {MIN_VALIDATION}: each weighs "
             f"{100 / n:.2g} accuracy points, more than the 1-point guard of the validation-tuned knobs; a larger "
             "--train-size or --val-fraction gives more)")
-    warnings.warn(note, stacklevel=2)  # the same text from here: shown once per run
+    warnings.warn(note)  # one text from one line, whichever method asks: Python shows it once per run
     return note
 
 
