@@ -178,20 +178,29 @@ def _short(items, limit=4):
 def point_snapshot(model) -> dict:
     """Name -> (version counter, float64 sum, sum of squares) of the network's point parameters (a trained
     head, non-random LoRA matrices): what a guide's predictions rely on besides its own sites."""
-    return {n: (p._version, *_sums(p)) for n, p in model.named_adapter_parameters()}
+    named = model.named_adapter_parameters()
+    sums = _sums(p for _, p in named)
+    return {n: (p._version, *sums[id(p)]) for n, p in named}
 
 
-def _sums(p):
-    x = p.detach().double()
-    return float(x.sum()), float(x.pow(2).sum())
+def _sums(params) -> dict:
+    """``id(p)`` -> (float64 sum, sum of squares) of each of ``params``: one host read per device, not two per
+    parameter (each read waits for the GPU)."""
+    by_device = {}
+    for p in params:
+        by_device.setdefault(p.device, []).append(p)
+    out = {}
+    for group in by_device.values():
+        rows = torch.stack([torch.stack((x.sum(), x.pow(2).sum())) for x in (p.detach().double() for p in group)]).tolist()
+        out.update({id(p): tuple(row) for p, row in zip(group, rows)})
+    return out
 
 
 def _changed_point_parameters(snapshot, model):
     """Point parameters changed in place since ``snapshot`` (a restore to the same values is no change)."""
-    return [
-        n for n, p in model.named_adapter_parameters()
-        if n in snapshot and p._version != snapshot[n][0] and _sums(p) != snapshot[n][1:]
-    ]
+    touched = [(n, p) for n, p in model.named_adapter_parameters() if n in snapshot and p._version != snapshot[n][0]]
+    sums = _sums(p for _, p in touched)
+    return [n for n, p in touched if sums[id(p)] != snapshot[n][1:]]
 
 
 _TRAINER = "_pyro_lora_trainer"  # on the network, which every LoraModel over it shares

@@ -232,7 +232,8 @@ class LoraModel:
     def prior_distribution(self, site: Site) -> torch.distributions.Distribution:
         """The prior of ``site`` with event shape ``site.shape``."""
         if isinstance(self.prior, (int, float)):
-            return isotropic_normal(site.shape, torch.tensor(float(self.prior), device=self.device))
+            # a fill, not torch.tensor(..., device=...): a host-to-device copy would synchronise the GPU per site and step
+            return isotropic_normal(site.shape, torch.full((), float(self.prior), device=self.device))
         d = self.prior[site.name] if isinstance(self.prior, dict) else self.prior(site)
         if tuple(d.event_shape) != site.shape:
             raise ValueError(f"prior of site {site.name!r} has event shape {tuple(d.event_shape)}, expected {site.shape}")
@@ -380,7 +381,11 @@ def _autocast(device: torch.device, dtype: torch.dtype):
 
 
 def _submodule(net, path):
-    try:
-        return net.get_submodule(path)
-    except AttributeError:
-        return None
+    """The module at ``path`` or ``None``: ``net.get_submodule`` without its checks, as it runs before every forward
+    (``getattr``, not ``_modules``: a checkpoint wrapper forwards its wrapped module's attributes)."""
+    module = net
+    for name in path.split("."):
+        module = getattr(module, name, None)
+        if module is None:
+            return None
+    return module

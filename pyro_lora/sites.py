@@ -209,11 +209,13 @@ def check_values(sites: dict, values: dict, allow_sample_dim: bool = True) -> No
 def per_layer(sites: dict, values: dict) -> dict:
     """Split site values into module path -> {matrix: tensor}.
 
-    Stacked values ``[*S, L, rows, cols]`` are indexed, not copied: layer ``l`` gets ``v[..., l, :, :]``.
+    Stacked values ``[*S, L, rows, cols]`` are viewed, not copied: layer ``l`` gets ``v[..., l, :, :]``. One
+    ``unbind`` per site, not ``L`` selects: its backward stacks the ``L`` gradients in one op, where each select's
+    would write a zero-filled ``[*S, L, rows, cols]`` gradient and add them up.
     """
     out = {}
     for name, site in sites.items():
         v = values[name]
-        for i, path in enumerate(site.layers):
-            out.setdefault(path, {})[site.matrix] = v.select(-3, i) if site.stacked else v
+        for path, w in zip(site.layers, v.unbind(-3) if site.stacked else [v]):
+            out.setdefault(path, {})[site.matrix] = w
     return out
