@@ -59,9 +59,14 @@ class _LowRankPlusDiag:
     ``K = W W^T + diag(d)`` with ``W: (..., m, k)``, ``d: (..., m)`` (d > 0), evaluated by Woodbury:
     ``K^-1 = diag(1/d) - U U^T`` with ``U = diag(1/d) W L^-T`` and ``L L^T = I_k + W^T diag(1/d) W``;
     ``log det K = sum log d + 2 sum log diag L``. Everything costs O(m k^2).
+
+    Computed in float64 whatever the inputs' dtype, results returned in it: ``K^-1 v`` subtracts two terms of size
+    ``v / d``, so where ``d`` is small against ``W W^T`` float32 loses every digit (a log-density off by 80%).
     """
 
     def __init__(self, factor, diag):
+        self.dtype = factor.dtype
+        factor, diag = factor.double(), diag.double()
         self.factor, self.diag = factor, diag
         self.diag_inv = diag.reciprocal()
         scaled = factor * self.diag_inv.unsqueeze(-1)
@@ -71,21 +76,24 @@ class _LowRankPlusDiag:
         self.U = torch.linalg.solve_triangular(self.cap_tril, scaled.mT, upper=False).mT
 
     def logdet(self):
-        return self.diag.log().sum(-1) + 2 * self.cap_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return (self.diag.log().sum(-1) + 2 * self.cap_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)).to(self.dtype)
 
     def solve(self, v):
-        """``K^-1 v`` for ``v: (..., m, p)``."""
-        return self.diag_inv.unsqueeze(-1) * v - self.U @ (self.U.mT @ v)
+        """``K^-1 v`` for ``v: (..., m, p)``, in ``v``'s dtype."""
+        w = v.double()
+        return (self.diag_inv.unsqueeze(-1) * w - self.U @ (self.U.mT @ w)).to(v.dtype)
 
     def inv_diagonal(self):
-        return self.diag_inv - self.U.pow(2).sum(-1)
+        return (self.diag_inv - self.U.pow(2).sum(-1)).to(self.dtype)
 
     def diagonal(self):
-        return self.diag + self.factor.pow(2).sum(-1)
+        return (self.diag + self.factor.pow(2).sum(-1)).to(self.dtype)
 
     def trace_inv_times(self, other):
         """``tr(K^-1 K_other)`` for another :class:`_LowRankPlusDiag` of the same size."""
-        return (other.factor * self.solve(other.factor)).sum((-2, -1)) + (self.inv_diagonal() * other.diag).sum(-1)
+        w = self.diag_inv.unsqueeze(-1) * other.factor - self.U @ (self.U.mT @ other.factor)
+        inv_diag = self.diag_inv - self.U.pow(2).sum(-1)
+        return ((other.factor * w).sum((-2, -1)) + (inv_diag * other.diag).sum(-1)).to(self.dtype)
 
 
 def _broadcast_batch(name, *shapes):
@@ -191,8 +199,9 @@ class MatrixNormalKronecker(TorchDistribution):
         return n * self._row.logdet() + m * self._col.logdet()
 
     def _mahalanobis(self, delta):
-        """``vec(delta)^T (K_row (x) K_col)^-1 vec(delta) = tr(K_row^-1 delta K_col^-1 delta^T)``."""
-        return (self._col.solve(self._row.solve(delta).mT).mT * delta).sum((-2, -1))
+        """``vec(delta)^T (K_row (x) K_col)^-1 vec(delta) = tr(K_row^-1 delta K_col^-1 delta^T)``, summed in float64."""
+        d = delta.double()
+        return (self._col.solve(self._row.solve(d).mT).mT * d).sum((-2, -1)).to(delta.dtype)
 
     def _precision_diagonal(self):
         return self._row.inv_diagonal().unsqueeze(-1) * self._col.inv_diagonal().unsqueeze(-2)
@@ -319,8 +328,8 @@ class LowRankPlusDiagNormal(TorchDistribution):
         return self._cov.logdet()
 
     def _mahalanobis(self, delta):
-        delta = delta.flatten(-len(self.event_shape)).unsqueeze(-1)
-        return (delta * self._cov.solve(delta)).sum((-2, -1))
+        d = delta.flatten(-len(self.event_shape)).unsqueeze(-1).double()  # summed in float64, as the solve runs
+        return (d * self._cov.solve(d)).sum((-2, -1)).to(delta.dtype)
 
     def _precision_diagonal(self):
         return self._cov.inv_diagonal().unflatten(-1, self.event_shape)
@@ -337,10 +346,13 @@ class LowRankPlusDiagNormal(TorchDistribution):
     def log_prob(self, value):
         if self._validate_args:
             self._validate_sample(value)
-        return self.flat.log_prob(value.flatten(-len(self.event_shape)))
+        # not self.flat.log_prob: torch's float32 Woodbury loses every digit where the diagonal is small (_LowRankPlusDiag)
+        d = self.event_shape.numel()
+        return -0.5 * (d * math.log(2 * math.pi) + self._logdet() + self._mahalanobis(value - self.loc))
 
     def entropy(self):
-        return self.flat.entropy()
+        d = self.event_shape.numel()
+        return 0.5 * (d * (1 + math.log(2 * math.pi)) + self._logdet())
 
 
 class KFACNormal(TorchDistribution):
