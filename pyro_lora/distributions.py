@@ -80,20 +80,24 @@ class _LowRankPlusDiag:
 
     def solve(self, v):
         """``K^-1 v`` for ``v: (..., m, p)``, in ``v``'s dtype."""
-        w = v.double()
-        return (self.diag_inv.unsqueeze(-1) * w - self.U @ (self.U.mT @ w)).to(v.dtype)
+        return self._solve(v.double()).to(v.dtype)
+
+    def _solve(self, w):
+        return self.diag_inv.unsqueeze(-1) * w - self.U @ (self.U.mT @ w)
 
     def inv_diagonal(self):
-        return (self.diag_inv - self.U.pow(2).sum(-1)).to(self.dtype)
+        return self._inv_diagonal().to(self.dtype)
+
+    def _inv_diagonal(self):
+        return self.diag_inv - self.U.pow(2).sum(-1)
 
     def diagonal(self):
         return (self.diag + self.factor.pow(2).sum(-1)).to(self.dtype)
 
     def trace_inv_times(self, other):
         """``tr(K^-1 K_other)`` for another :class:`_LowRankPlusDiag` of the same size."""
-        w = self.diag_inv.unsqueeze(-1) * other.factor - self.U @ (self.U.mT @ other.factor)
-        inv_diag = self.diag_inv - self.U.pow(2).sum(-1)
-        return ((other.factor * w).sum((-2, -1)) + (inv_diag * other.diag).sum(-1)).to(self.dtype)
+        trace = (other.factor * self._solve(other.factor)).sum((-2, -1)) + (self._inv_diagonal() * other.diag).sum(-1)
+        return trace.to(self.dtype)
 
 
 def _broadcast_batch(name, *shapes):
