@@ -22,7 +22,7 @@ import numbers
 
 import torch
 from torch.distributions import Independent, LowRankMultivariateNormal, Normal, constraints
-from torch.distributions.kl import kl_divergence, register_kl
+from torch.distributions.kl import register_kl
 from torch.distributions.utils import lazy_property
 
 import pyro.distributions as dist
@@ -54,20 +54,28 @@ def isotropic_normal(shape: tuple | torch.Size, scale: float | torch.Tensor) -> 
     return dist.Normal(torch.zeros_like(scale), scale).expand(shape).to_event(len(shape))
 
 
+_DENSE_MAX = 256  # up to this many rows a K = W W^T + diag(d) is factored densely (see _LowRankPlusDiag)
+
+
 class _LowRankPlusDiag:
     """
-    ``K = W W^T + diag(d)`` with ``W: (..., m, k)``, ``d: (..., m)`` (d > 0), evaluated by Woodbury:
-    ``K^-1 = diag(1/d) - U U^T`` with ``U = diag(1/d) W L^-T`` and ``L L^T = I_k + W^T diag(1/d) W``;
-    ``log det K = sum log d + 2 sum log diag L``. Everything costs O(m k^2).
-
-    Computed in float64 whatever the inputs' dtype, results returned in it: ``K^-1 v`` subtracts two terms of size
+    ``K = W W^T + diag(d)`` with ``W: (..., m, k)``, ``d: (..., m)`` (d > 0), in float64 whatever the inputs' dtype
+    (every method returns float64; the distributions cast their results back): ``K^-1 v`` subtracts terms of size
     ``v / d``, so where ``d`` is small against ``W W^T`` float32 loses every digit (a log-density off by 80%).
+
+    Up to ``_DENSE_MAX`` rows ``K`` gets a dense Cholesky, ``O(m^3)``: Woodbury's cancellation costs digits even in
+    float64 once ``d`` is 1e-12 of a rank-deficient ``W W^T`` (hundreds of nats). Above it, Woodbury, ``O(m k^2)``:
+    ``K^-1 = diag(1/d) - U U^T`` with ``U = diag(1/d) W L^-T`` and ``L L^T = I_k + W^T diag(1/d) W``;
+    ``log det K = sum log d + 2 sum log diag L``.
     """
 
     def __init__(self, factor, diag):
-        self.dtype = factor.dtype
         factor, diag = factor.double(), diag.double()
         self.factor, self.diag = factor, diag
+        self.dense = factor.shape[-2] <= _DENSE_MAX
+        if self.dense:
+            self.tril = torch.linalg.cholesky(factor @ factor.mT + torch.diag_embed(diag))
+            return
         self.diag_inv = diag.reciprocal()
         scaled = factor * self.diag_inv.unsqueeze(-1)
         k = factor.shape[-1]
@@ -76,28 +84,29 @@ class _LowRankPlusDiag:
         self.U = torch.linalg.solve_triangular(self.cap_tril, scaled.mT, upper=False).mT
 
     def logdet(self):
-        return (self.diag.log().sum(-1) + 2 * self.cap_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)).to(self.dtype)
+        if self.dense:
+            return 2 * self.tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        return self.diag.log().sum(-1) + 2 * self.cap_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
 
     def solve(self, v):
-        """``K^-1 v`` for ``v: (..., m, p)``, in ``v``'s dtype."""
-        return self._solve(v.double()).to(v.dtype)
-
-    def _solve(self, w):
-        return self.diag_inv.unsqueeze(-1) * w - self.U @ (self.U.mT @ w)
+        """``K^-1 v`` for ``v: (..., m, p)``."""
+        v = v.double()
+        if self.dense:
+            return torch.cholesky_solve(v, self.tril)
+        return self.diag_inv.unsqueeze(-1) * v - self.U @ (self.U.mT @ v)
 
     def inv_diagonal(self):
-        return self._inv_diagonal().to(self.dtype)
-
-    def _inv_diagonal(self):
+        if self.dense:  # K^-1 = L^-T L^-1: column sums of (L^-1)^2
+            eye = torch.eye(self.tril.shape[-1], dtype=self.tril.dtype, device=self.tril.device)
+            return torch.linalg.solve_triangular(self.tril, eye, upper=False).pow(2).sum(-2)
         return self.diag_inv - self.U.pow(2).sum(-1)
 
     def diagonal(self):
-        return (self.diag + self.factor.pow(2).sum(-1)).to(self.dtype)
+        return self.diag + self.factor.pow(2).sum(-1)
 
     def trace_inv_times(self, other):
         """``tr(K^-1 K_other)`` for another :class:`_LowRankPlusDiag` of the same size."""
-        trace = (other.factor * self._solve(other.factor)).sum((-2, -1)) + (self._inv_diagonal() * other.diag).sum(-1)
-        return trace.to(self.dtype)
+        return (other.factor * self.solve(other.factor)).sum((-2, -1)) + (self.inv_diagonal() * other.diag).sum(-1)
 
 
 def _broadcast_batch(name, *shapes):
@@ -105,6 +114,26 @@ def _broadcast_batch(name, *shapes):
         return torch.broadcast_shapes(*shapes)
     except RuntimeError:
         raise ValueError(f"{name}: parameter batch shapes {[tuple(s) for s in shapes]} do not broadcast") from None
+
+
+def _check_dtypes(name, **tensors):
+    dtypes = {str(t.dtype).removeprefix("torch."): n for n, t in tensors.items()}
+    if len(dtypes) > 1:
+        raise ValueError(f"{name}: the parameters must share a dtype, got {', '.join(f'{n} {d}' for d, n in dtypes.items())}")
+
+
+def _gaussian_log_prob(self, value):
+    """``-1/2 [d log 2 pi + log det S + maha(value - loc)]``, summed in float64 and returned in ``loc``'s dtype (float16's
+    range holds the result where it may not hold the log-determinant's parts)."""
+    if self._validate_args:
+        self._validate_sample(value)
+    d = self.event_shape.numel()
+    return (-0.5 * (d * math.log(2 * math.pi) + self._logdet() + self._mahalanobis(value - self.loc))).to(self.loc.dtype)
+
+
+def _gaussian_entropy(self):
+    d = self.event_shape.numel()
+    return (0.5 * (d * (1 + math.log(2 * math.pi)) + self._logdet())).to(self.loc.dtype)
 
 
 class MatrixNormalKronecker(TorchDistribution):
@@ -145,6 +174,7 @@ class MatrixNormalKronecker(TorchDistribution):
         name = type(self).__name__
         if loc.dim() < 2 or row_factor.dim() < 2 or col_factor.dim() < 2 or row_diag.dim() < 1 or col_diag.dim() < 1:
             raise ValueError(f"{name}: loc, row_factor, col_factor need >= 2 dims and row_diag, col_diag >= 1")
+        _check_dtypes(name, loc=loc, row_factor=row_factor, row_diag=row_diag, col_factor=col_factor, col_diag=col_diag)
         m, n = loc.shape[-2:]
         if row_factor.shape[-2] != m or row_diag.shape[-1] != m:
             raise ValueError(
@@ -180,11 +210,11 @@ class MatrixNormalKronecker(TorchDistribution):
 
     @lazy_property
     def _row(self):
-        return _LowRankPlusDiag(self.row_factor, self.row_diag.pow(2))
+        return _LowRankPlusDiag(self.row_factor, self.row_diag.double().pow(2))  # D^2 may overflow float16
 
     @lazy_property
     def _col(self):
-        return _LowRankPlusDiag(self.col_factor, self.col_diag.pow(2))
+        return _LowRankPlusDiag(self.col_factor, self.col_diag.double().pow(2))  # D^2 may overflow float16
 
     @property
     def mean(self):
@@ -196,16 +226,16 @@ class MatrixNormalKronecker(TorchDistribution):
 
     @property
     def variance(self):
-        return self._row.diagonal().unsqueeze(-1) * self._col.diagonal().unsqueeze(-2)
+        return (self._row.diagonal().unsqueeze(-1) * self._col.diagonal().unsqueeze(-2)).to(self.loc.dtype)
 
     def _logdet(self):
         m, n = self.event_shape
         return n * self._row.logdet() + m * self._col.logdet()
 
     def _mahalanobis(self, delta):
-        """``vec(delta)^T (K_row (x) K_col)^-1 vec(delta) = tr(K_row^-1 delta K_col^-1 delta^T)``, summed in float64."""
+        """``vec(delta)^T (K_row (x) K_col)^-1 vec(delta) = tr(K_row^-1 delta K_col^-1 delta^T)`` (float64)."""
         d = delta.double()
-        return (self._col.solve(self._row.solve(d).mT).mT * d).sum((-2, -1)).to(delta.dtype)
+        return (self._col.solve(self._row.solve(d).mT).mT * d).sum((-2, -1))
 
     def _precision_diagonal(self):
         return self._row.inv_diagonal().unsqueeze(-1) * self._col.inv_diagonal().unsqueeze(-2)
@@ -220,15 +250,8 @@ class MatrixNormalKronecker(TorchDistribution):
         right = eps[..., :k_c] @ self.col_factor.mT + eps[..., k_c:] * self.col_diag.unsqueeze(-2)
         return self.loc + self.row_factor @ right[..., :k_r, :] + self.row_diag.unsqueeze(-1) * right[..., k_r:, :]
 
-    def log_prob(self, value):
-        if self._validate_args:
-            self._validate_sample(value)
-        d = self.event_shape.numel()
-        return -0.5 * (d * math.log(2 * math.pi) + self._logdet() + self._mahalanobis(value - self.loc))
-
-    def entropy(self):
-        d = self.event_shape.numel()
-        return 0.5 * (d * (1 + math.log(2 * math.pi)) + self._logdet())
+    log_prob = _gaussian_log_prob
+    entropy = _gaussian_entropy
 
 
 class LowRankPlusDiagNormal(TorchDistribution):
@@ -256,8 +279,9 @@ class LowRankPlusDiagNormal(TorchDistribution):
     def __init__(self, loc: torch.Tensor, cov_factor: torch.Tensor, cov_diag: torch.Tensor, validate_args: bool | None = None,
                  event_dim: int = 2):
         name = type(self).__name__
-        if not (isinstance(event_dim, int) and event_dim >= 1):
+        if not (isinstance(event_dim, int) and not isinstance(event_dim, bool) and event_dim >= 1):
             raise ValueError(f"{name}: event_dim must be an int >= 1, got {event_dim!r}")
+        _check_dtypes(name, loc=loc, cov_factor=cov_factor, cov_diag=cov_diag)
         if loc.dim() < event_dim:
             raise ValueError(f"{name}: loc must have at least event_dim = {event_dim} dims, got {tuple(loc.shape)}")
         event_shape = loc.shape[loc.dim() - event_dim :]
@@ -314,7 +338,8 @@ class LowRankPlusDiagNormal(TorchDistribution):
 
     @lazy_property
     def _cov(self):
-        return _LowRankPlusDiag(self.flat.cov_factor, self.flat.cov_diag)
+        e = len(self.event_shape)
+        return _LowRankPlusDiag(self.cov_factor.flatten(-e - 1, -2), self.cov_diag.flatten(-e))
 
     @property
     def mean(self):
@@ -326,37 +351,30 @@ class LowRankPlusDiagNormal(TorchDistribution):
 
     @property
     def variance(self):
-        return self.flat.variance.unflatten(-1, self.event_shape)
+        return self.cov_diag + self.cov_factor.pow(2).sum(-1)
 
     def _logdet(self):
         return self._cov.logdet()
 
     def _mahalanobis(self, delta):
-        d = delta.flatten(-len(self.event_shape)).unsqueeze(-1).double()  # summed in float64, as the solve runs
-        return (d * self._cov.solve(d)).sum((-2, -1)).to(delta.dtype)
+        d = delta.flatten(-len(self.event_shape)).unsqueeze(-1).double()  # float64, as the solve runs
+        return (d * self._cov.solve(d)).sum((-2, -1))
 
     def _precision_diagonal(self):
         return self._cov.inv_diagonal().unflatten(-1, self.event_shape)
 
     def rsample(self, sample_shape=torch.Size()):
-        if self.batch_shape:
-            return self.flat.rsample(sample_shape).unflatten(-1, self.event_shape)
-        # no batch: loc + W z2 + sqrt(d) z1 directly, without the flat form's capacitance Cholesky (log_prob needs it)
-        shape = torch.Size(sample_shape)
-        z2 = torch.randn(*shape, self.cov_factor.shape[-1], dtype=self.loc.dtype, device=self.loc.device)
-        z1 = torch.randn(*shape, *self.loc.shape, dtype=self.loc.dtype, device=self.loc.device)
-        return self.loc + torch.tensordot(z2, self.cov_factor, dims=([-1], [-1])) + self.cov_diag.sqrt() * z1
+        # loc + W z2 + sqrt(d) z1, z2 drawn first (SWAG's order); no Cholesky, so any diagonal, rank and dtype
+        e = len(self.event_shape)
+        like = dict(dtype=self.loc.dtype, device=self.loc.device)
+        z2 = torch.randn(*sample_shape, *self.batch_shape, self.cov_factor.shape[-1], **like)
+        z1 = torch.randn(*sample_shape, *self.loc.shape, **like)
+        low_rank = (self.cov_factor.flatten(-e - 1, -2) @ z2.unsqueeze(-1)).squeeze(-1).unflatten(-1, self.event_shape)
+        return self.loc + low_rank + self.cov_diag.sqrt() * z1
 
-    def log_prob(self, value):
-        if self._validate_args:
-            self._validate_sample(value)
-        # not self.flat.log_prob: torch's float32 Woodbury loses every digit where the diagonal is small (_LowRankPlusDiag)
-        d = self.event_shape.numel()
-        return -0.5 * (d * math.log(2 * math.pi) + self._logdet() + self._mahalanobis(value - self.loc))
-
-    def entropy(self):
-        d = self.event_shape.numel()
-        return 0.5 * (d * (1 + math.log(2 * math.pi)) + self._logdet())
+    # not through self.flat: torch's LowRankMultivariateNormal runs its Woodbury in the input dtype (_LowRankPlusDiag)
+    log_prob = _gaussian_log_prob
+    entropy = _gaussian_entropy
 
 
 class KFACNormal(TorchDistribution):
@@ -467,7 +485,7 @@ class _DiagNormal:
 def _kl_gaussian(p, q, trace):
     """``KL(p || q) = 1/2 [tr(S_q^-1 S_p) + maha_q(mu_p - mu_q) - d + log det S_q - log det S_p]``."""
     d = p.event_shape.numel()
-    return 0.5 * (trace + q._mahalanobis(p.mean - q.mean) - d + q._logdet() - p._logdet())
+    return (0.5 * (trace + q._mahalanobis(p.mean - q.mean) - d + q._logdet() - p._logdet())).to(p.mean.dtype)
 
 
 def _diagonal_trace(p, q):
@@ -488,7 +506,7 @@ def _kl_mnk_mnk(p, q):
 def _kl_lowrank_lowrank(p, q):
     if p.event_shape != q.event_shape:
         raise ValueError(f"KL between event shapes {tuple(p.event_shape)} and {tuple(q.event_shape)}")
-    return kl_divergence(p.flat, q.flat)
+    return _kl_gaussian(p, q, q._cov.trace_inv_times(p._cov))
 
 
 @register_kl(Independent, MatrixNormalKronecker)

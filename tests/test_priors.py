@@ -1,5 +1,7 @@
 """Priors checked against dense ``MultivariateNormal`` on small sizes (float64)."""
 
+import math
+
 import pytest
 import torch
 from torch.distributions import LowRankMultivariateNormal, MultivariateNormal, kl_divergence
@@ -8,10 +10,20 @@ import pyro
 import pyro.distributions as dist
 from pyro.infer import TraceMeanField_ELBO
 
+import pyro_lora.distributions as distributions
 from pyro_lora.distributions import LowRankPlusDiagNormal, MatrixNormalKronecker, isotropic_normal
 
 B, M, N = 2, 3, 4
 f64 = dict(dtype=torch.float64)
+
+
+@pytest.fixture(autouse=True, params=["dense", "woodbury"])
+def factorization(request, monkeypatch):
+    """Every test runs through both ways of factoring ``W W^T + diag(d)``: dense (the sizes here) and Woodbury
+    (above ``_DENSE_MAX`` rows)."""
+    if request.param == "woodbury":
+        monkeypatch.setattr(distributions, "_DENSE_MAX", 0)
+    return request.param
 
 
 def mnk_params(k_r=2, k_c=2, batch=(B,), seed=0):
@@ -286,3 +298,86 @@ def test_lowrank_float32_log_prob_stays_exact_with_a_small_diagonal():
     x = dense.sample((4,)).unflatten(-1, (M, N))  # its own draws, near the low-rank part: where Woodbury cancels
     d32 = LowRankPlusDiagNormal(loc.float(), factor.float(), diag.float())
     torch.testing.assert_close(d32.log_prob(x.float()).double(), dense.log_prob(x.flatten(-2)), rtol=1e-5, atol=1e-2)
+
+
+def test_lowrank_kl_stays_exact_in_float32_with_a_small_diagonal():
+    """The KL between two low-rank Gaussians went through torch's float32 LowRankMultivariateNormal: 13.13 for 9.09."""
+    g = torch.Generator().manual_seed(4)
+    p, q = ((torch.randn(6, 6, generator=g, **f64), torch.randn(6, 6, 4, generator=g, **f64),
+             torch.full((6, 6), 1e-6, **f64) * (1 + torch.rand(6, 6, generator=g, **f64))) for _ in range(2))
+    dense = [MultivariateNormal(loc.flatten(), w.flatten(0, 1) @ w.flatten(0, 1).T + torch.diag(d.flatten())) for loc, w, d in (p, q)]
+    p32, q32 = (LowRankPlusDiagNormal(*(t.float() for t in params)) for params in (p, q))
+    torch.testing.assert_close(kl_divergence(p32, q32).double(), kl_divergence(*dense), rtol=1e-4, atol=1e-2)
+
+
+def test_mnk_rank_deficient_factors_with_a_tiny_diagonal_in_float64(monkeypatch):
+    """Both factors of rank below their size and D = 1e-6: Woodbury's cancellation cost 398 nats even in float64; the
+    dense Cholesky that small factors get holds the dense reference."""
+    monkeypatch.setattr(distributions, "_DENSE_MAX", 256)
+    p = mnk_params(k_r=2, k_c=2, batch=())
+    p["row_diag"], p["col_diag"] = torch.full((M,), 1e-6, **f64), torch.full((N,), 1e-6, **f64)
+    d = MatrixNormalKronecker(**p)
+    x = d.sample()
+    # K = Z Z^T + D^2 rounded to float64 moves D^2's 1e-12 by 1e-4: the reference forms it with 50 digits
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+
+    def factor(z, diag):
+        z = mpmath.matrix(z.tolist())
+        return z * z.T + mpmath.diag([mpmath.mpf(v) ** 2 for v in diag.tolist()])
+
+    k_row, k_col = factor(p["row_factor"], p["row_diag"]), factor(p["col_factor"], p["col_diag"])
+    delta = mpmath.matrix((x - p["loc"]).tolist())
+    solved = mpmath.inverse(k_row) * delta * mpmath.inverse(k_col)
+    maha = sum(solved[i, j] * delta[i, j] for i in range(M) for j in range(N))
+    exact = -0.5 * (M * N * mpmath.log(2 * mpmath.pi) + N * mpmath.log(mpmath.det(k_row)) + M * mpmath.log(mpmath.det(k_col)) + maha)
+    assert abs(d.log_prob(x).item() - float(exact)) < 1e-2
+
+
+def test_half_precision_log_densities_sum_in_float64():
+    """A float16 MNK with D = 1000 (D^2 and n log det K_row overflow float16) has a log-density float16 holds."""
+    m = n = 64
+    exact = -0.5 * m * n * (math.log(2 * math.pi) + math.log(1e6) + 1.0)
+    half = dict(dtype=torch.float16)
+    d = MatrixNormalKronecker(torch.zeros(m, n, **half), torch.zeros(m, 1, **half), torch.full((m,), 1000.0, **half),
+                              torch.zeros(n, 1, **half), torch.ones(n, **half))
+    value = torch.full((m, n), 1000.0, **half)
+    assert d.log_prob(value).dtype == torch.float16 and abs(d.log_prob(value).item() - exact) <= 32  # float16's step there
+    loc, factor, diag = (t[0] for t in lowrank_params())
+    ref = LowRankPlusDiagNormal(loc, factor, diag)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = LowRankPlusDiagNormal(loc.to(dtype), factor.to(dtype), diag.to(dtype))
+        exact = LowRankPlusDiagNormal(*(t.to(dtype).double() for t in (loc, factor, diag))).log_prob(loc.to(dtype).double() + 1)
+        assert low.log_prob(loc.to(dtype) + 1).dtype == dtype
+        torch.testing.assert_close(low.log_prob(loc.to(dtype) + 1).double(), exact, rtol=1e-2, atol=0)
+        assert low.rsample((2,)).shape == (2, M, N) and torch.isfinite(low.entropy()) and torch.isfinite(ref.entropy())
+
+
+def test_lowrank_tiny_diagonal_rank_above_size_and_rank_zero():
+    """float32 with a rank (10) above the event's 4 entries and a 1e-8 diagonal crashed in torch's float32
+    capacitance Cholesky; rank 0 raised an IndexError."""
+    g = torch.Generator().manual_seed(6)
+    loc, w, d = torch.randn(2, 2, generator=g, **f64), torch.randn(2, 2, 10, generator=g, **f64), torch.full((2, 2), 1e-8, **f64)
+    ref = MultivariateNormal(loc.flatten(), w.flatten(0, 1) @ w.flatten(0, 1).T + torch.diag(d.flatten()))
+    x = ref.sample((3,)).unflatten(-1, (2, 2))
+    low = LowRankPlusDiagNormal(loc.float(), w.float(), d.float())
+    torch.testing.assert_close(low.log_prob(x.float()).double(), ref.log_prob(x.flatten(-2)), rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(low.variance.double(), ref.variance.unflatten(-1, (2, 2)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(low.entropy().double(), ref.entropy(), rtol=1e-4, atol=1e-2)
+    loc, _, diag = lowrank_params()
+    zero = LowRankPlusDiagNormal(loc, torch.zeros(B, M, N, 0, **f64), diag)
+    independent = dist.Normal(loc, diag.sqrt()).to_event(2)
+    torch.testing.assert_close(zero.log_prob(loc + 1), independent.log_prob(loc + 1))
+    torch.testing.assert_close(zero.variance, diag)
+    assert zero.rsample((3,)).shape == (3, B, M, N)
+
+
+def test_mixed_dtypes_and_a_bool_event_dim_are_refused():
+    p = mnk_params()
+    with pytest.raises(ValueError, match="share a dtype"):
+        MatrixNormalKronecker(**{**p, "col_diag": p["col_diag"].float()})
+    loc, factor, diag = lowrank_params()
+    with pytest.raises(ValueError, match="share a dtype"):
+        LowRankPlusDiagNormal(loc, factor.float(), diag)
+    with pytest.raises(ValueError, match="event_dim"):
+        LowRankPlusDiagNormal(loc, factor, diag, event_dim=True)
