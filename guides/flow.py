@@ -257,17 +257,21 @@ class _Inducing(torch.nn.Module):
         ).to(**like)
 
     def factors(self):
-        """``Z``, ``D``, ``K = Z Z^T + D^2`` with Cholesky ``chol``, ``T_r = Z_r^T K_r^-1``, ``T_c = K_c^-1 Z_c``, ``lambda``."""
+        """``Z``, ``D``, ``K = Z Z^T + D^2`` with Cholesky ``chol`` (both float64), ``T_r = Z_r^T K_r^-1``,
+        ``T_c = K_c^-1 Z_c``, ``lambda``."""
         L = self.loc.shape[0]
         rho = self.c * self.lam
         out = {"lam": self.max_lambda * torch.sigmoid(rho), "log_lam": math.log(self.max_lambda) + F.logsigmoid(rho)}
         for side, z, d in (("row", self.z_row, self.d_row), ("col", self.z_col, self.d_col)):
             z = z.expand(L, *z.shape[-2:])
             d = F.softplus(self.c * d)
-            k = z @ z.mT + torch.diag_embed(d.pow(2))
+            # K is rank-deficient but for D^2 where M exceeds its side (9 inducing rows for a rank-8 A): once D shrinks,
+            # a float32 Cholesky fails or log p(U) loses hundreds of nats, so K, its factor and solves are float64
+            z64 = z.double()
+            k = z64 @ z64.mT + torch.diag_embed(d.double().pow(2))
             chol = torch.linalg.cholesky(k)
             out.update({f"z_{side}": z, f"d_{side}": d, f"k_{side}": k, f"chol_{side}": chol})
-            out[f"t_{side}"] = torch.cholesky_solve(z, chol)  # K^-1 Z
+            out[f"t_{side}"] = torch.cholesky_solve(z64, chol).to(z.dtype)  # K^-1 Z
         out["t_row"] = out["t_row"].mT  # Z_r^T K_r^-1: [L, m, M_r]
         return out
 
@@ -291,11 +295,12 @@ class _Inducing(torch.nn.Module):
         ``-1/2 [||L_r^-1 U L_c^-T||^2 / sigma^2 + log det(sigma^2 K_r (x) K_c) + M_r M_c log 2 pi]``. The SVI step's path:
         :meth:`p_u`'s ``log_prob`` gives the same without reusing ``f``'s factors (a QR of the wide basis per call)."""
         mr, mc = u.shape[-2:]
-        a = torch.linalg.solve_triangular(f["chol_row"], u, upper=False)  # L_r^-1 U
+        a = torch.linalg.solve_triangular(f["chol_row"], u.double(), upper=False)  # L_r^-1 U, float64 as the factors
         b = torch.linalg.solve_triangular(f["chol_col"], a.mT, upper=False)  # (L_r^-1 U L_c^-T)^T
         half_logdet = (mc * f["chol_row"].diagonal(dim1=-2, dim2=-1).log().sum(-1)
                        + mr * f["chol_col"].diagonal(dim1=-2, dim2=-1).log().sum(-1) + mr * mc * math.log(self.sigma))
-        return -0.5 * b.pow(2).sum((-2, -1)) / self.sigma**2 - half_logdet - 0.5 * mr * mc * math.log(2 * math.pi)
+        log_p = -0.5 * b.pow(2).sum((-2, -1)) / self.sigma**2 - half_logdet - 0.5 * mr * mc * math.log(2 * math.pi)
+        return log_p.to(u.dtype)
 
     def draw(self, u, u0, f):
         """Matheron: ``W = W_map + lambda W~ + T_r (U - U_0 - lambda U~) T_c`` with ``(U~, W~ = sigma E)`` a joint prior draw.
@@ -306,10 +311,11 @@ class _Inducing(torch.nn.Module):
         L, m, n = self.loc.shape
         mr, mc = u.shape[-2:]
         zr, zc, dr, dc = f["z_row"], f["z_col"], f["d_row"], f["d_col"]
-        eps = torch.randn(*lead, L, m, n, device=u.device)
-        e12 = torch.randn(*lead, L, m, mc, device=u.device)
-        e21 = torch.randn(*lead, L, mr, n, device=u.device)
-        e22 = torch.randn(*lead, L, mr, mc, device=u.device)
+        like = dict(dtype=u.dtype, device=u.device)
+        eps = torch.randn(*lead, L, m, n, **like)
+        e12 = torch.randn(*lead, L, m, mc, **like)
+        e21 = torch.randn(*lead, L, mr, n, **like)
+        e22 = torch.randn(*lead, L, mr, mc, **like)
         # U~ / sigma = Z_r E Z_c^T + Z_r E12 D_c + D_r E21 Z_c^T + D_r E22 D_c: the U block of the augmented draw
         u_prior = (zr @ eps + dr[..., None] * e21) @ zc.mT + (zr @ e12 + dr[..., None] * e22) * dc[..., None, :]
         lam = f["lam"][:, None, None]
@@ -322,16 +328,17 @@ class _Inducing(torch.nn.Module):
         ``C = G G^T`` (Woodbury): one ``M_r M_c``-square solve per layer, no ``mn``-square matrix.
         """
         L, m, n = self.loc.shape
-        delta = self.loc - f["t_row"] @ u0 @ f["t_col"]
-        g_row = torch.linalg.solve_triangular(f["chol_row"], f["z_row"], upper=False)
-        g_col = torch.linalg.solve_triangular(f["chol_col"], f["z_col"], upper=False)
+        # float64 as the factors: I - C is near-singular where K is (D small against Z Z^T)
+        delta = (self.loc - f["t_row"] @ u0 @ f["t_col"]).double()
+        g_row = torch.linalg.solve_triangular(f["chol_row"], f["z_row"].double(), upper=False)
+        g_col = torch.linalg.solve_triangular(f["chol_col"], f["z_col"].double(), upper=False)
         y = (g_row @ delta @ g_col.mT).flatten(-2)
         c = torch.einsum("lij,lkm->likjm", g_row @ g_row.mT, g_col @ g_col.mT).flatten(-4, -3).flatten(-2)
         eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
         quad = (y * torch.cholesky_solve(y[..., None], torch.linalg.cholesky(eye - c))[..., 0]).sum(-1)
         maha = (delta.pow(2).sum((-2, -1)) + quad) / self.sigma**2
         lam, log_lam = f["lam"], f["log_lam"]
-        return 0.5 * (m * n * (lam.pow(2) - 1 - 2 * log_lam) + maha)
+        return 0.5 * (m * n * (lam.pow(2) - 1 - 2 * log_lam) + maha.to(lam.dtype))
 
 
 class BatchedAffineAutoregressive(TransformModule):

@@ -88,6 +88,47 @@ def test_log_p_u_from_the_factors_matches_the_dense_prior(lead):
         torch.testing.assert_close(part.log_p_u(u, f).to(f64), dense, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("small", [1e-3, 1e-4])
+def test_log_p_u_stays_exact_with_more_inducing_rows_than_the_matrix_and_a_small_d(small):
+    """The default 9 x 9 inducing matrix over a rank-4 A: K_r = Z_r Z_r^T + D_r^2 has rank 4 but for D_r^2. At D = 1e-3
+    the float32 Cholesky path was 277 nats off for a U from q(U); at 1e-4 it raised. Reference: 50 digits."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    model, guide = make(random="A")
+    part = guide.parts[0]
+    with torch.no_grad():
+        part.d_row.fill_(float(_softplus_inv(small)) / guide.std_lr_scale)
+        part.d_col.fill_(float(_softplus_inv(small)) / guide.std_lr_scale)
+    f = part.factors()
+    torch.manual_seed(0)
+    u = part.q_u().sample()
+    got = part.log_p_u(u, f)
+    assert got.dtype == torch.float32
+
+    def factor(z, d):
+        z = mpmath.matrix(z.tolist())
+        return z * z.T + mpmath.diag([mpmath.mpf(v) ** 2 for v in d.tolist()])
+
+    for l in range(u.shape[0]):
+        k_row, k_col = factor(f["z_row"][l], f["d_row"][l]), factor(f["z_col"][l], f["d_col"][l])
+        x = mpmath.matrix(u[l].double().tolist())
+        solved = mpmath.inverse(k_row) * x * mpmath.inverse(k_col)
+        mr, mc = u.shape[-2:]
+        maha = sum(solved[i, j] * x[i, j] for i in range(mr) for j in range(mc)) / mpmath.mpf(0.3) ** 2
+        logdet = mc * mpmath.log(mpmath.det(k_row)) + mr * mpmath.log(mpmath.det(k_col)) + mr * mc * mpmath.log(mpmath.mpf(0.3) ** 2)
+        exact = -0.5 * (maha + logdet + mr * mc * mpmath.log(2 * mpmath.pi))
+        assert abs(got[l].item() - float(exact)) < 1e-3 * abs(float(exact)) + 1e-2
+    assert torch.isfinite(part.kl_conditional(part.flow_image(part.u_loc), f)).all()
+
+
+def test_a_float64_guide_samples_and_trains():
+    model, guide = make(random="AB", inducing=(3, 2), num_data=30)
+    guide.double()
+    assert guide.sample(2)["query.lora_A"].dtype == torch.float64
+    loss = Trace_ELBO().differentiable_loss(model, guide, random_batch() | {"labels": torch.tensor([0, 2, 1])})
+    assert torch.isfinite(loss)
+
+
 def test_kl_terms_are_the_inducing_kl_and_the_conditional_kl():
     # depth 0: q(U) is a diagonal Gaussian, so KL(q(U) || p(U)) has a closed form against the dense prior
     model, guide = make(random="AB", inducing=(3, 2), depth=0, init_scale=0.5)
