@@ -59,7 +59,8 @@ class LoraModel:
     :param int num_data: training-set size for minibatch scaling; ``None`` means the batch is the data.
     :param str adapter: the peft adapter to put a posterior over (default: the active one).
     :raises ValueError: for networks the weight hand-off does not implement (see
-        :func:`~pyro_lora.sites.find_lora_layers`) or several active adapters.
+        :func:`~pyro_lora.sites.find_lora_layers`), several active adapters, or a network its likelihood refuses
+        (``Likelihood.check_network``: e.g. a regression or multi-label head for ``SequenceClassification``).
     """
 
     name = "lora"  # how run records refer to this class (subclasses set their own)
@@ -72,6 +73,7 @@ class LoraModel:
         if self.adapter != active_adapter(net):
             raise ValueError(f"adapter {self.adapter!r} is not the network's active adapter: call net.set_adapter({self.adapter!r}) first")
         self.layers = find_lora_layers(net, self.adapter)
+        self._lora_shapes = {path: _lora_shapes(layer, self.adapter) for path, layer in self.layers.items()}
         self.sites = build_sites(self.layers, self.adapter, tuple(random), group)
         self.matrices = matrix_view(self.sites)
         self.prior = prior
@@ -147,8 +149,9 @@ class LoraModel:
     def check_network(self) -> None:
         """Check that the network still runs what this model was built on; called before every forward.
 
-        :raises ValueError: if the network's active adapter changed (``set_adapter``), several adapters are
-            active, a LoRA layer was merged into its base weight, or unloaded from the network.
+        :raises ValueError: if the network's active adapter changed (``set_adapter``, on the network or on one
+            layer), several adapters are active, a LoRA layer was merged into its base weight, replaced or unloaded
+            from the network, or its LoRA matrices changed shape (``update_layer`` with another rank).
         """
         active = active_adapter(self.net)
         if active != self.adapter:
@@ -157,15 +160,26 @@ class LoraModel:
                 f"(its LoRA layers and head would be mixed): call net.set_adapter({self.adapter!r}), or build a "
                 f"LoraModel for {active!r}"
             )
-        gone = [p for p, layer in self.layers.items() if _submodule(self.net, p) is not layer]
-        if gone:
-            raise ValueError(
-                f"LoRA layer {gone[0]} is no longer part of the network (merge_and_unload() or unload() replaced it): "
-                "the sampled LoRA matrices would not reach the forward; build a LoraModel over a peft model that holds the adapter"
-            )
-        merged = [p for p, layer in self.layers.items() if layer.merged]
-        if merged:
-            raise ValueError(f"LoRA layer {merged[0]} is merged into its base weight: call net.unmerge_adapter() first")
+        for path, layer in self.layers.items():
+            if _submodule(self.net, path) is not layer:
+                raise ValueError(
+                    f"LoRA layer {path} is no longer part of the network (replaced, e.g. by merge_and_unload(), unload() or "
+                    "an assignment): the sampled LoRA matrices would not reach the forward; build a LoraModel over the "
+                    "network as it is now"
+                )
+            if layer.merged:
+                raise ValueError(f"LoRA layer {path} is merged into its base weight: call net.unmerge_adapter() first")
+            if list(layer.active_adapters) != [self.adapter]:
+                raise ValueError(
+                    f"LoRA layer {path} runs adapter(s) {layer.active_adapters}, but this LoraModel hands it adapter "
+                    f"{self.adapter!r}'s matrices: call net.set_adapter({self.adapter!r})"
+                )
+            if self._lora_shapes[path] != _lora_shapes(layer, self.adapter):
+                raise ValueError(
+                    f"LoRA layer {path}'s matrices changed shape since this LoraModel was built (now "
+                    f"{_lora_shapes(layer, self.adapter)}, built for {self._lora_shapes[path]}: update_layer with another "
+                    "rank?): build a LoraModel over the network as it is now"
+                )
 
     def _parameter(self, path: str, kind: MatrixKind) -> torch.nn.Parameter:
         return getattr(self.layers[path], kind.parameter)[self.adapter].weight
@@ -378,6 +392,13 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     if dtype in _HALF:
         return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
+
+
+def _lora_shapes(layer, adapter):
+    """The shapes of a LoRA layer's ``A`` and ``B`` weights for ``adapter`` (``None`` if it has none)."""
+    if adapter not in layer.lora_A:
+        return None
+    return layer.lora_A[adapter].weight.shape, layer.lora_B[adapter].weight.shape
 
 
 def _submodule(net, path):

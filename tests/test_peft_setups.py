@@ -173,8 +173,29 @@ def test_an_unloaded_adapter_is_refused(unload):
     model = LoraModel(net, SequenceClassification())
     guide = MAPGuide(model)
     getattr(net, unload)()
-    with pytest.raises(ValueError, match=r"is no longer part of the network \(merge_and_unload\(\) or unload\(\) replaced it\)"):
+    with pytest.raises(ValueError, match=r"is no longer part of the network \(replaced, e.g. by merge_and_unload\(\), unload\(\)"):
         predict(model, guide, [batch()])
+
+
+def test_one_layer_switched_to_another_adapter_is_refused():
+    """``set_adapter`` on one LoRA layer leaves the network's own active adapter as it was: the layer is checked."""
+    net = bert_with()
+    model = LoraModel(net, SequenceClassification())
+    guide = MAPGuide(model)
+    net.add_adapter("other", LoraConfig(r=4, target_modules=["query", "value"]))
+    layer = next(iter(model.layers.values()))
+    layer.set_adapter("other")
+    with pytest.raises(ValueError, match=r"runs adapter\(s\) \['other'\], but this LoraModel hands it adapter 'default'"):
+        predict(model, guide, [batch()])
+
+
+def test_a_layer_rebuilt_at_another_rank_is_refused():
+    net = bert_with()
+    model = LoraModel(net, SequenceClassification(), random="A")
+    path, layer = next(iter(model.layers.items()))
+    layer.update_layer("default", 2, 4, LoraConfig(r=2, lora_alpha=4))
+    with pytest.raises(ValueError, match=f"LoRA layer {path}'s matrices changed shape"):
+        model.logits(batch())
 
 
 def _gpt2_lm():
