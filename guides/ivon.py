@@ -41,14 +41,15 @@ class IVONGuide(LoraGuide):
     :param model: a :class:`~pyro_lora.LoraModel` whose sites are A and B matrices (``random="AB"``).
     :param dict locs: site -> mean (``site.shape``); default the adapter's current weights.
     :param dict stds: site -> positive std (``site.shape``); default the prior's std.
-    :param dict trained_with: the IVON settings that trained it (a record kept in ``config()``; no effect).
+    :param dict trained_with: the IVON settings that trained it (a record kept in ``config()``; no effect); a
+        ``clip_radius`` of ``None`` (how a saved guide holds an infinite one) is read as ``inf``.
+    :raises ValueError: for a model with other sites than A and B (``random="A"`` would drop B's uncertainty), or
+        ``locs``/``stds`` not of the sites' shapes or a std not positive.
     """
 
     def __init__(self, model, locs=None, stds=None, trained_with=None):
+        _check_sites(model, "IVONGuide")
         super().__init__(model)
-        other = [n for n, s in self.sites.items() if s.kind.parameter is None]
-        if other:
-            raise ValueError(f"IVON trains peft's LoRA matrices: sites {other} have none (build the model with random='AB')")
         locs = model.adapter_values() if locs is None else locs
         if stds is None:
             stds = {n: model.prior_distribution(s).variance.sqrt().expand(s.shape) for n, s in self.sites.items()}
@@ -60,6 +61,8 @@ class IVONGuide(LoraGuide):
             self.register_buffer(f"loc_{i}", locs[name].detach().float().clone().to(model.device))
             self.register_buffer(f"std_{i}", stds[name].detach().float().clone().to(model.device))
         self.trained_with = dict(trained_with or {})
+        if "clip_radius" in self.trained_with and self.trained_with["clip_radius"] is None:
+            self.trained_with["clip_radius"] = math.inf  # ivon-opt's default (no clip), which guide.json holds as null
 
     @classmethod
     def from_optimizer(cls, model, optimizer):
@@ -67,8 +70,10 @@ class IVONGuide(LoraGuide):
         are the network's current weights (IVON's mean, outside ``sampled_params``), stds
         ``1 / sqrt(ess * (hess + weight_decay))`` of each parameter's group, entry by entry.
 
-        :raises ValueError: if a LoRA matrix of a site is not among the optimiser's parameters.
+        :raises ValueError: for a model with other sites than A and B (as the constructor), or if a LoRA matrix of a
+            site is not among the optimiser's parameters.
         """
+        _check_sites(model, "IVONGuide.from_optimizer")
         std_of = {}
         for group in optimizer.param_groups:
             std = (group["ess"] * (group["hess"] + group["weight_decay"])).rsqrt()
@@ -225,15 +230,21 @@ def _check_arguments(model, data, **args):
         raise ValueError(f"beta2 must be in [0, 1), got {args['beta2']!r}")
     if not hasattr(data, "__len__") or len(data) == 0:
         raise ValueError("data must be a non-empty sequence of batches (a DataLoader or a list), re-iterated each epoch")
-    matrices = sorted({s.matrix for s in model.sites.values()})
-    if matrices != ["A", "B"]:
-        raise ValueError(f"train_ivon needs every LoRA matrix (A and B) as a site, the model's are {matrices}: build it "
-                         "with random='AB'")
+    _check_sites(model, "train_ivon")
     if distributed.is_distributed():
         raise ValueError("train_ivon runs in one process: under torch.distributed every rank would train its own posterior")
     if model.compute_dtype == torch.float16:
         raise ValueError("train_ivon on a float16 base: IVON has no loss scaling, so small gradients underflow; load the "
                          "base in bfloat16 or float32")
+
+
+def _check_sites(model, who):
+    """Refuse a model whose sites are not its A and B matrices: IVON trains and samples both, so a guide over A alone
+    would drop B's uncertainty, and a LoRA-XS core or ScalaBL scale has no peft matrix for IVON to train."""
+    matrices = sorted({s.matrix for s in model.sites.values()})
+    if matrices != ["A", "B"]:
+        raise ValueError(f"{who} needs every LoRA matrix (A and B) as a site, the model's are {matrices}: build it "
+                         "with random='AB'")
 
 
 @method("ivon", bayesian=True, guide=IVONGuide, exportable=True, requires=(("ivon", "ivon-opt"),), trains=True)

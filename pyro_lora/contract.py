@@ -176,11 +176,11 @@ def _short(items, limit=4):
 
 
 def point_snapshot(model) -> dict:
-    """Name -> (version counter, float64 sum, sum of squares) of the network's point parameters (a trained
-    head, non-random LoRA matrices): what a guide's predictions rely on besides its own sites."""
+    """Name -> (float64 sum, sum of squares) of the network's point parameters (a trained head, non-random LoRA
+    matrices): what a guide's predictions rely on besides its own sites."""
     named = model.named_adapter_parameters()
     sums = _sums(p for _, p in named)
-    return {n: (p._version, *sums[id(p)]) for n, p in named}
+    return {n: sums[id(p)] for n, p in named}
 
 
 def _sums(params) -> dict:
@@ -197,10 +197,11 @@ def _sums(params) -> dict:
 
 
 def _changed_point_parameters(snapshot, model):
-    """Point parameters changed in place since ``snapshot`` (a restore to the same values is no change)."""
-    touched = [(n, p) for n, p in model.named_adapter_parameters() if n in snapshot and p._version != snapshot[n][0]]
-    sums = _sums(p for _, p in touched)
-    return [n for n, p in touched if sums[id(p)] != snapshot[n][1:]]
+    """Point parameters changed since ``snapshot`` (a restore to the same values is no change). Every one is read,
+    not only those whose version counter moved: an optimiser that assigns ``p.data`` (ivon-opt's IVON) leaves it."""
+    named = [(n, p) for n, p in model.named_adapter_parameters() if n in snapshot]
+    sums = _sums(p for _, p in named)
+    return [n for n, p in named if sums[id(p)] != snapshot[n]]
 
 
 _TRAINER = "_pyro_lora_trainer"  # on the network, which every LoraModel over it shares

@@ -207,7 +207,8 @@ def save_guide(guide, path, run=None, adapter=False):
     :raises ValueError: if the network's point parameters are no longer the guide's (another guide trained
         them since: :func:`~pyro_lora.contract.check_guide`), since they are saved with it.
 
-    ``path`` becomes a directory with ``guide.safetensors`` and ``guide.json``. Under ``torch.distributed``
+    ``path`` becomes a directory with ``guide.safetensors`` and ``guide.json`` (standard JSON: a config value that
+    is inf or NaN is written as ``null``, which the guide's constructor reads back). Under ``torch.distributed``
     only rank 0 writes (the ranks hold the same guide).
     """
     if not is_main():
@@ -216,14 +217,14 @@ def save_guide(guide, path, run=None, adapter=False):
     check_guide(model, guide, "save")  # the network's point parameters it saves must still be its own
     tensors = {k: v.detach().contiguous().cpu() for k, v in guide.state_dict().items()}
     tensors.update({_NET + n: p.detach().contiguous().cpu() for n, p in model.named_adapter_parameters()})
-    meta = {
+    meta = standard_json({  # JSON has no inf or NaN (ivon-opt's default clip_radius is inf): written as null
         "format": FORMAT,
         "guide": f"{type(guide).__module__}:{type(guide).__qualname__}",
         "config": guide.config(),
         "sites": {n: list(s.shape) for n, s in model.sites.items()},
         "base_model": getattr(getattr(model.net, "config", None), "_name_or_path", None),
         "signature": guide.signature,
-    }
+    })
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / "guide.safetensors"))
         if run is not None:  # sealed together: check_sealed refuses any of the three files edited or swapped since
@@ -232,7 +233,7 @@ def save_guide(guide, path, run=None, adapter=False):
                                 allow_nan=False, default=str).encode()
             meta["run_sha256"] = _sha256(record)
             (tmp / "run.json").write_bytes(record)
-        (tmp / "guide.json").write_text(json.dumps(meta, indent=2))
+        (tmp / "guide.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
         if adapter:
             _write_adapter(guide, tmp / "adapter")
     return Path(path)
@@ -381,8 +382,10 @@ def load_guide(path, model):
     try:
         try:
             guide = cls(model, **meta["config"])  # guides never touch the network
-        except (TypeError, ValueError) as err:
+        except TypeError as err:  # keywords the class does not take
             raise ValueError(f"{path}/guide.json is corrupt: its config does not build a {cls.__name__} for this model ({err})") from None
+        except ValueError as err:  # a value the class refuses, or this model (e.g. other answer letters): err says which
+            raise ValueError(f"{path}/guide.json: its config does not build a {cls.__name__} for this model ({err})") from None
         _check_tensors(path / "guide.safetensors", tensors, guide, net_params)
     except ValueError:
         take_over(model, previous)  # refused: the network stays its previous trainer's

@@ -193,7 +193,28 @@ class SequenceClassification(Likelihood):
     Batches must be right-padded (``ValueError`` otherwise): an encoder reads ``[CLS]`` at column 0 and
     absolute positions count from column 0. Padding cells get the model's ``pad_token_id``, since a
     decoder's head (GPT-2, Llama) reads the last token that is not ``pad_token_id``.
+
+    Only single-label classification with at least 2 classes: its logits are read as a softmax over the classes
+    (:meth:`check_network` refuses other heads).
     """
+
+    def check_network(self, net) -> None:
+        """Refuse a head this softmax likelihood would misread: a regression head (one logit, every probability 1) or
+        a multi-label one (independent sigmoids), as its ``config.problem_type`` or ``config.num_labels`` say.
+
+        :raises ValueError: naming ``problem_type`` or ``num_labels``.
+        """
+        config = getattr(_base(net), "config", None)
+        problem = getattr(config, "problem_type", None)
+        if problem not in (None, "single_label_classification"):
+            raise ValueError(f"SequenceClassification reads the head's logits as a softmax over classes, but the network's "
+                             f"config.problem_type is {problem!r}: only single-label classification with >= 2 classes is "
+                             "supported (load the model with num_labels >= 2 and problem_type='single_label_classification')")
+        labels = getattr(config, "num_labels", None)
+        if labels is not None and labels < 2:
+            raise ValueError(f"SequenceClassification reads the head's logits as a softmax over classes, but the network's "
+                             f"config.num_labels is {labels} (a regression head; one logit gives every probability 1): "
+                             "only single-label classification with >= 2 classes is supported (load it with num_labels >= 2)")
 
     def logits(self, net, batch, num_samples=None):
         mask = batch.get("attention_mask")

@@ -119,6 +119,21 @@ def test_sequence_classification_logits():
     assert model.logits(batch, {k: v.expand(4, *v.shape) for k, v in model.adapter_values().items()}, 4).shape == (4, 3, 3)
 
 
+@pytest.mark.parametrize("num_labels, problem_type, match", [
+    (1, "regression", r"config.problem_type is 'regression'"),  # one logit: every softmax probability 1
+    (1, None, r"config.num_labels is 1"),
+    (3, "multi_label_classification", r"config.problem_type is 'multi_label_classification'"),  # sigmoids, no softmax
+])
+def test_sequence_classification_refuses_regression_and_multi_label_heads(num_labels, problem_type, match):
+    net = tiny_bert(num_labels=num_labels)
+    net.config.problem_type = problem_type
+    with pytest.raises(ValueError, match=match + ".*only single-label classification with >= 2 classes is supported"):
+        LoraModel(net, SequenceClassification())
+    net.config.problem_type = "single_label_classification"
+    if num_labels >= 2:
+        LoraModel(net, SequenceClassification())
+
+
 def test_model_trace_sites_and_data_scaling():
     model = LoraModel(tiny_bert(), SequenceClassification(), num_data=30)
     batch = random_batch() | {"labels": torch.tensor([0, 1, 2])}

@@ -360,6 +360,20 @@ def test_pyro_svi_takes_the_head_over_as_fit_does():
         predict(model, first, data())
 
 
+def test_a_head_replaced_through_data_is_a_change():
+    """ivon-opt's IVON steps by assigning ``p.data``, which leaves the version counter where it was: the ownership
+    check reads the values, not the counter."""
+    model = lora(random="AB")
+    guide = MAPGuide(model)
+    fit(model, guide, data(), lr=5e-2, progress=False)
+    head = dict(model.net.named_parameters())["base_model.model.classifier.modules_to_save.default.weight"]
+    version = head._version
+    head.data = head.data + 4.5e-3
+    assert head._version == version
+    with pytest.raises(ValueError, match="changed since this guide was built or trained"):
+        predict(model, guide, data())
+
+
 def test_ownership_is_per_network_not_per_model_object():
     net = tiny_bert()
     first_model = LoraModel(net, SequenceClassification(), random="AB", prior=0.5, num_data=6)

@@ -1,6 +1,9 @@
 """IVON (guides/ivon.py): the guide read off ``ivon.IVON``'s state entry by entry, its samples and batched predictive,
 ``train_ivon``'s training and refusals, the saved guide, a bf16 base and the compare recipe."""
 
+import json
+import math
+
 import ivon
 import pyro
 import pytest
@@ -210,6 +213,26 @@ def test_save_and_load_give_identical_predictions(tmp_path):
     torch.testing.assert_close(predict(other, loaded, data(), num_samples=4).probs, before, rtol=0, atol=0)
 
 
+def test_ivon_opts_default_infinite_clip_radius_is_saved_as_standard_json_and_loads_as_inf(tmp_path):
+    model = lora()
+    params = model.random_parameters() + model.point_parameters()
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = ivon.IVON(params, lr=0.1, ess=1e4)  # ivon-opt's default clip_radius: inf
+    model.set_trainable()
+    guide = IVONGuide.from_optimizer(model, optimizer)
+    assert guide.trained_with["clip_radius"] == math.inf
+    save_guide(guide, tmp_path / "g")
+
+    def refuse(constant):
+        raise ValueError(f"guide.json holds {constant}, which is not standard JSON")
+
+    meta = json.loads((tmp_path / "g" / "guide.json").read_text(), parse_constant=refuse)
+    assert meta["config"]["trained_with"]["clip_radius"] is None
+    loaded = load_guide(tmp_path / "g", lora())
+    assert loaded.trained_with == guide.trained_with and loaded.trained_with["clip_radius"] == math.inf
+
+
 # ------------------------------------------------------------------ (5) refusals before training
 
 
@@ -233,6 +256,15 @@ def test_bad_arguments_are_refused_before_training(bad, match):
 def test_models_it_cannot_train_are_refused():
     with pytest.raises(ValueError, match=r"every LoRA matrix \(A and B\) as a site, the model's are \['A'\]"):
         train_ivon(lora(random="A"), data(), **FAST)
+    a_only = lora(random="A")  # the guide too: over A alone it would drop the uncertainty IVON learnt for B
+    with pytest.raises(ValueError, match=r"^IVONGuide needs every LoRA matrix \(A and B\) as a site, .*random='AB'"):
+        IVONGuide(a_only)
+    params = [p for n, p in a_only.net.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = ivon.IVON(params, lr=0.1, ess=1e4)
+    with pytest.raises(ValueError, match=r"^IVONGuide.from_optimizer needs every LoRA matrix \(A and B\) as a site"):
+        IVONGuide.from_optimizer(a_only, optimizer)
     with pytest.raises(ValueError, match="float16 base: IVON has no loss scaling"):
         train_ivon(lora(dtype=torch.float16), data(), **FAST)
 

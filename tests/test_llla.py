@@ -2,6 +2,7 @@
 evidence and validation optima against brute force, the features on three head layouts, refusals, save/load, bf16."""
 
 import math
+import re
 import warnings
 
 import pytest
@@ -392,6 +393,22 @@ def test_save_and_load_give_identical_predictions(hessian, tmp_path):
     assert loaded.extra_parameters() == guide.extra_parameters() == (128**2 + 128 if hessian == "full" else 4**2 + 4 + 32**2 + 32)
 
 
+@pytest.mark.parametrize("letters", [[20, 21, 22, 23], [10, 11, 12], [11, 10, 12, 13]])
+def test_a_saved_guide_refuses_a_model_answering_with_other_letters(letters, tmp_path):
+    guide = LastLayerLaplaceGuide(llama()).fit(letter_data(), progress=False)
+    assert guide.config()["answer_token_ids"] == LETTERS
+    save_guide(guide, tmp_path / "g")
+    net = tiny_llama()  # the same base and adapter: only the answer letters, whose rows the posterior is over, differ
+    with torch.no_grad():
+        net.get_base_model().lm_head.weight[LETTERS] *= 20.0  # as llama()'s
+    other = LoraModel(net, MultipleChoice(letters, format="letter"), prior=0.5)
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with pytest.raises(ValueError, match=re.escape(f"the head rows of the answer tokens {LETTERS}, but the model's "
+                                                   f"likelihood answers with tokens {letters}")):
+        load_guide(tmp_path / "g", other)
+    assert all(torch.equal(p, start[n]) for n, p in net.named_parameters())  # refused before the network was written
+
+
 # ------------------------------------------------------------------ (6) half precision; the registered methods
 
 
@@ -438,4 +455,4 @@ def test_the_guide_path_and_fast_path_are_the_maps_lora():
     assert all(torch.equal(guide.mean()[n], v) for n, v in values.items())
     assert all(torch.equal(s, values[n].expand_as(s)) for n, s in guide.sample(3).items())
     assert guide.deterministic is False and guide.samples_carry_posterior is False
-    assert guide.config() == {"hessian": "full", "prior_precision": 1.0, "head": None}
+    assert guide.config() == {"hessian": "full", "prior_precision": 1.0, "head": None, "answer_token_ids": None}
