@@ -14,7 +14,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from pyro_lora.calibration import golden_section
+from pyro_lora.calibration import check_tol, golden_section
 from pyro_lora.metrics import accuracy, nll
 from pyro_lora.predictive import predict
 
@@ -93,8 +93,7 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
         raise ValueError(f"max_accuracy_drop must be a fraction >= 0, got {max_accuracy_drop!r}")
     if max_flip_rate is not None and not 0 <= max_flip_rate <= 1:
         raise ValueError(f"max_flip_rate must be a fraction in [0, 1] or None, got {max_flip_rate!r}")
-    if not (isinstance(tol, (int, float)) and 0 < tol < math.inf):
-        raise ValueError(f"tol must be a positive finite width in log space, got {tol!r}")
+    check_tol(tol)
     trace, refused, reference = [], set(), None
 
     def score(value):

@@ -79,9 +79,20 @@ def _exact_nll(log_probs, labels, log_t):
     return float(-scaled.gather(-1, labels.unsqueeze(-1)).mean())
 
 
+def check_tol(tol):
+    """Refuse a ``tol`` that is not a positive finite number: the search's stopping width, which 0 or less never
+    reaches (it loops forever) and nan reaches at once (the first probe returned as the optimum)."""
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and 0 < tol < math.inf):  # nan fails it too
+        raise ValueError(f"tol must be a positive finite width (in log space), got {tol!r}")
+
+
 def golden_section(f, a, b, tol):
     """Golden-section search of the unimodal ``f`` on ``[a, b]`` until the bracket is ``tol`` wide: the better inner
-    point and its value (the search temperature scaling and the validation-tuned posteriors share)."""
+    point and its value (the search temperature scaling and the validation-tuned posteriors share).
+
+    :raises ValueError: if ``tol`` is not a positive finite number (:func:`check_tol`).
+    """
+    check_tol(tol)
     c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
     fc, fd = f(c), f(d)
     while b - a > tol:
@@ -123,25 +134,29 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
       (the note gives the optimum past it; widen ``bounds`` to reach it).
 
     :param probs_or_logits: ``[N, C]`` predictive probabilities (``Prediction.probs``; zeros for missing
-        choices) or logits (``-inf`` for missing choices).
+        choices) or logits (``-inf`` for missing choices, never at an example's label).
     :param labels: ``[N]`` integer class indices.
     :param str kind: ``"probs"``, ``"logits"`` or ``"auto"`` (probabilities when every row is a probability vector;
         entries all in ``[0, 1]`` whose rows do not sum to 1 are refused as ambiguous).
-    :param bounds: the search interval for ``T``.
+    :param bounds: the search interval ``(low, high)`` for ``T``, finite with ``0 < low < 1 < high``.
+    :param float tol: the width in ``log T`` at which the search stops: a positive finite number.
     :param bool return_info: return a :class:`TemperatureFit` (``T`` and the note, None unless it warned)
         instead of ``T``.
     :returns: ``T`` as a float, or a :class:`TemperatureFit`.
     :raises ValueError: on bad shapes, labels that are not integers or out of range (checked as
         :mod:`pyro_lora.metrics` checks them), nan / +inf inputs, all ``-inf`` logit rows, ``kind="probs"`` rows
-        that are not probability vectors, ``kind="auto"`` entries all in ``[0, 1]`` in rows not summing to 1, or
-        bounds that do not satisfy ``0 < low < 1 < high``.
+        that are not probability vectors, ``kind="auto"`` entries all in ``[0, 1]`` in rows not summing to 1, logits
+        of ``-inf`` at an example's label (a label on a missing choice), ``bounds`` that are not finite with
+        ``0 < low < 1 < high``, or a ``tol`` that is not a positive finite number.
     """
+    # before any work: a bad tol never ends the search or ends it at once, an infinite bound makes T nan
+    check_tol(tol)
+    low, high = bounds
+    if not 0 < low < 1 < high < math.inf:  # nan fails it too
+        raise ValueError(f"bounds must be finite with 0 < low < 1 < high, got {bounds}")
     log_probs, from_probs = _log_probs(probs_or_logits, kind)
     # the labels as every metric checks them: integer dtype (float labels were truncated), shape, range
     _, labels = _check_probs(torch.as_tensor(probs_or_logits).detach() if from_probs else log_probs.exp(), labels)
-    low, high = bounds
-    if not 0 < low < 1 < high:
-        raise ValueError(f"bounds must satisfy 0 < low < 1 < high, got {bounds}")
     notes = []
 
     def done(temperature, note=None):
@@ -153,21 +168,24 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
     picked = log_probs.gather(-1, labels[:, None]).squeeze(-1)
     zero = picked == -math.inf
     saturated = int(zero.sum())
+    if saturated and not from_probs:
+        # a logit of -inf marks a missing choice: a label there is bad data, not a saturated prediction (floored,
+        # it alone drove T to the upper bound, with a note blaming the predictions)
+        raise ValueError(f"{saturated} of {len(labels)} validation examples (the first: index "
+                         f"{int(zero.nonzero()[0])}) have their label's logit at -inf: a label on a missing choice")
     if saturated:
         # log 0 = -inf whatever T (an infinite NLL): the fit takes such a label's probability as pyro_lora.metrics.nll's
         # floor 1e-12, or as the smallest positive number of the input's dtype where that is lower, so that an
         # exact 0 never counts as more likely than a probability the dtype did hold (float32 holds 1e-44)
-        dtype = torch.as_tensor(probs_or_logits).dtype if from_probs else torch.float64
+        dtype = torch.as_tensor(probs_or_logits).dtype
         floor = min(_NLL_FLOOR, torch.finfo(dtype).tiny * torch.finfo(dtype).eps)
         picked = picked.masked_fill(zero, math.log(floor))
         log_probs = log_probs.scatter(-1, labels[:, None], picked[:, None])
-        what = ("give probability 0 to their label (saturated probabilities)" if from_probs
-                else "give their label a logit of -inf")
-        advice = "; pass logits for an exact fit (and scale logits with it: apply_temperature keeps a 0 at 0)"
-        notes.append(f"{saturated} of {len(labels)} validation examples {what}: no temperature changes that, so the "
-                     f"fit takes their label's probability as {floor:.3g} (below every positive {dtype} number, at "
-                     "most the 1e-12 floor of pyro_lora.metrics.nll) and its T is approximate"
-                     + (advice if from_probs else ""))
+        notes.append(f"{saturated} of {len(labels)} validation examples give probability 0 to their label (saturated "
+                     f"probabilities): no temperature changes that, so the fit takes their label's probability as "
+                     f"{floor:.3g} (below every positive {dtype} number, at most the 1e-12 floor of "
+                     "pyro_lora.metrics.nll) and its T is approximate; pass logits for an exact fit (and scale logits "
+                     "with it: apply_temperature keeps a 0 at 0)")
     others = log_probs.scatter(-1, labels[:, None], -math.inf).amax(-1)
     if bool((picked > others).all()):
         return done(1.0, "the validation predictions are all correct (separable): the NLL falls as T -> 0 and has "

@@ -14,7 +14,7 @@ from test_training import toy_data
 from pyro_lora.guides.ensemble import EnsembleGuide, head_parameters, predict_ensemble, train_ensemble
 from pyro_lora.guides.mcdropout import ColumnDropout, MCDropoutGuide
 from pyro_lora import LoraModel, SequenceClassification, fit, load_guide, predict, save_guide
-from pyro_lora.calibration import apply_temperature, fit_temperature, temperature_nll
+from pyro_lora.calibration import apply_temperature, fit_temperature, golden_section, temperature_nll
 from pyro_lora.metrics import nll
 from pyro_lora.predictive import SEED_RANGE
 
@@ -250,6 +250,27 @@ def test_temperature_bad_input():
                 fit_temperature(x, bad)
     with pytest.raises(ValueError, match="all -inf"):
         fit_temperature(torch.tensor([[0.0, 1.0], [-math.inf, -math.inf]]), torch.tensor([0, 1]))
+    # tol 0 or -1 looped forever, nan stopped at the first probe (T = 2.966, not 1.974); an infinite bound gave T = nan
+    for tol in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="tol must be a positive finite"):
+            fit_temperature(logits, labels, tol=tol)
+        with pytest.raises(ValueError, match="tol must be a positive finite"):
+            golden_section(lambda x: x * x, -1.0, 1.0, tol)  # the search tune_on_validation shares
+    for bounds in ((0.01, math.inf), (0.01, math.nan), (0.0, 100.0), (2.0, 100.0), (0.01, 1.0)):
+        with pytest.raises(ValueError, match="bounds must be finite with 0 < low < 1 < high"):
+            fit_temperature(logits, labels, bounds=bounds)
+
+
+def test_temperature_refuses_a_label_on_a_missing_choice_of_logits():
+    """One example of 200 whose label's logit is -inf (a missing choice) was floored at 4.9e-324: T went to the
+    bound 100 (2.2 without it) with a note saying the predictions were no better than uniform."""
+    logits, labels = classification(n=200)
+    bad = logits.clone()
+    bad[[3, 7], labels[[3, 7]]] = -math.inf
+    with pytest.raises(ValueError, match=r"2 of 200 validation examples \(the first: index 3\) have their label's logit at -inf"):
+        fit_temperature(bad, labels)
+    with pytest.raises(ValueError, match="label's logit at -inf"):
+        fit_temperature(bad, labels, kind="logits")
 
 
 def test_a_temperature_of_one_leaves_the_probabilities_exactly_as_they_are():

@@ -435,11 +435,38 @@ def test_the_verdict_names_ties_and_leaves_out_a_method_with_a_missing_value():
     assert "AURC: laplace, laplace+ts (0.065, tied)" in tie  # a temperature keeps the ranking: the same AURC
     rows[4]["nll"] = float("nan")  # laplace's NLL n/a on seed 0: the table's mean is n/a
     text = verdict(rows, "sst2")
-    assert "NLL: temperature (0.445)" in text and "on both ECE and NLL: none" in text  # not compared on seed 1 alone
+    # not compared on seed 1 alone, and said: "beat ...: none" and temperature's best NLL read as laplace losing
+    assert "NLL: temperature (0.445)" in text and "on both ECE and NLL: none" in text
+    assert "- Left out of the NLL comparison: laplace (n/a on seed 0)." in text
+    assert "on NLL only: none; not compared (NLL n/a on some seed): laplace." in text
     assert "ECE x100: laplace (2.50)" in text
     rows[4]["nll"], rows[2]["ece"] = 0.40, None  # temperature scaling's ECE n/a on seed 0: raised KeyError
     text = verdict(rows, "sst2")
     assert "beat temperature scaling (NLL 0.445) on NLL: laplace; ECE not compared: temperature scaling's ECE is n/a" in text
+    assert "- Left out of the ECE comparison: temperature (n/a on seed 0)." in text
+    rows[2]["ece"], rows[5]["ece"] = 5.0, None  # laplace's ECE n/a on seed 1: it did not lose on ECE ("NLL only")
+    text = verdict(rows, "sst2")
+    assert "- Left out of the ECE comparison: laplace (n/a on seed 1)." in text
+    assert "on NLL only: none; on NLL, its ECE not compared (n/a on some seed): laplace." in text
+
+
+def test_the_verdict_says_when_temperature_scaling_or_map_has_no_finished_seed():
+    """Temperature scaling or MAP failed on every seed (no rows): the sentences comparing against it vanished."""
+    runs = {"map": [(0.80, 14.0, 0.66, 0.09), (0.81, 13.0, 0.65, 0.08)],
+            "temperature": [(0.80, 6.0, 0.45, 0.09), (0.81, 5.0, 0.44, 0.08)],
+            "laplace": [(0.80, 3.0, 0.40, 0.07), (0.81, 2.0, 0.39, 0.06)]}
+    text = verdict(_rows({g: v for g, v in runs.items() if g != "temperature"}), "sst2")
+    assert "- Against temperature scaling: not compared: temperature scaling has no finished seed" in text
+    assert "Accuracy against MAP (0.805): every method within 1 point." in text
+    text = verdict(_rows({g: v for g, v in runs.items() if g != "map"}), "sst2")
+    assert "- Accuracy against MAP: not compared: MAP has no finished seed" in text
+    assert "on both ECE and NLL: laplace" in text
+    rows = _rows(runs)
+    rows[2]["nll"], rows[1]["accuracy"] = None, float("nan")  # n/a, not missing: said so
+    text = verdict(rows, "sst2")
+    assert "- Against temperature scaling: not compared: its NLL is n/a on seed 0." in text
+    assert "- Accuracy against MAP: not compared: its accuracy is n/a on seed 1." in text
+    assert "Left out of the NLL comparison: temperature (n/a on seed 0); of the accuracy comparison: map (n/a on seed 1)." in text
 
 
 def test_a_tuned_variant_carries_the_tunings_edge_into_its_note(monkeypatch):

@@ -68,18 +68,20 @@ def clear_difference(diffs, lower_better=True, digits=None):
 def _by_guide(rows, dataset, metric):
     """``{guide: {seed: value}}`` of ``metric`` on ``dataset``, for the guides whose value is available on every seed
     of ``rows``: one n/a seed leaves the guide out of that metric (the table shows its mean as n/a), rather than
-    comparing it on fewer seeds than the verdict names."""
+    comparing it on fewer seeds than the verdict names; and ``{guide: [seeds]}``: the guides that hold ``metric`` but
+    were left out so, with their n/a seeds."""
     seeds = {r["seed"] for r in rows}
-    out, unavailable = {}, set()
+    out, holds = {}, {}  # holds: ordered as the rows are
     for r in rows:
         if r["dataset"] != dataset:
             continue
         value = r.get(metric)
+        if metric in r:
+            holds[r["guide"]] = True
         if isinstance(value, (int, float)) and np.isfinite(value):
             out.setdefault(r["guide"], {})[r["seed"]] = float(value)
-        elif metric in r:
-            unavailable.add(r["guide"])
-    return {g: v for g, v in out.items() if g not in unavailable and set(v) == seeds}
+    na = {g: sorted(seeds - set(out.get(g, {}))) for g in holds}
+    return {g: v for g, v in out.items() if not na[g]}, {g: s for g, s in na.items() if s}
 
 
 def _beats(values, guide, other, metric):
@@ -118,13 +120,35 @@ def _names(guides):
     return ", ".join(guides) if guides else "none"
 
 
+def _seeds(seeds, compared):
+    return "every seed" if seeds == compared else f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+
+
+def _left_out(left, compared):
+    """The line naming, per metric, the methods left out of its comparison (``{metric title: {guide: seeds}}``)
+    and the seeds their value is n/a on: a list of one line, or none where none was left out."""
+    parts = [f"of the {title} comparison: " + ", ".join(f"{g} (n/a on {_seeds(s, compared)})" for g, s in out.items())
+             for title, out in left.items() if out]
+    return ["- Left out " + "; ".join(parts) + "."] if parts else []
+
+
+def _missing(name, guide, left, compared, what):
+    """Why ``guide`` (temperature scaling, MAP) cannot be compared against: its ``what`` is n/a on some seed, or it
+    has no row: no finished seed (failed on every one, or not run)."""
+    if guide in left:
+        return f"its {what} is n/a on {_seeds(left[guide], compared)}"
+    return f"{name} has no finished seed (it failed on every one, or was not run)"
+
+
 def verdict(rows, dataset) -> str:
     """The paragraph ``compare`` prints under its table, from the per-seed ``rows`` of one run whose training set
     is ``dataset``: the best row on ECE, NLL and AURC (and OOD AUROC by entropy on each shifted set); which rows beat
     temperature scaling on both ECE and NLL, by setting (no validation data / validation-tuned); which lose more
     than :data:`ACCURACY_POINTS` accuracy points against MAP, and, where the rows hold their posterior mean's
-    accuracy (``mean_accuracy``), whether the weight noise or the fit itself costs it. Empty where ``rows`` hold
-    nothing of ``dataset``."""
+    accuracy (``mean_accuracy``), whether the weight noise or the fit itself costs it. A method whose score is n/a
+    on one of the compared seeds is left out of that score's comparison, and the verdict names it with those
+    seeds; where temperature scaling or MAP has no finished seed (or an n/a NLL / accuracy), it says that
+    comparison was not made. Empty where ``rows`` hold nothing of ``dataset``."""
     by_guide = {}
     for r in rows:
         if r["dataset"] == dataset:
@@ -138,9 +162,9 @@ def verdict(rows, dataset) -> str:
         return (f"Verdict on {dataset}: none: no seed was finished by every method (seeds "
                 f"{', '.join(map(str, left_out))} each lack some); rerun the missing ones.")
     rows = [r for r in rows if r["seed"] in seeds]
-    values = {m: _by_guide(rows, dataset, m) for m in ("accuracy", "ece", "nll", "aurc")}
-    if not values["nll"]:
-        return ""
+    values, left = {}, {}
+    for m in ("accuracy", "ece", "nll", "aurc"):
+        values[m], left[m] = _by_guide(rows, dataset, m)
     how = (f"{len(seeds)} seeds; a difference counts where the paired per-seed 95% interval excludes 0" if len(seeds) > 1
            else "1 seed: no interval, the values compared as they are; run several --seeds to tell noise apart")
     if left_out:
@@ -148,21 +172,31 @@ def verdict(rows, dataset) -> str:
                 "finished it, and means over other seeds would not compare")
     lines = [f"Verdict on {dataset} ({how}):"]
     best = [f"{COLUMNS[m].title}: {_best(values[m], m)}" for m in ("ece", "nll", "aurc") if values[m]]
+    # a method n/a on one seed is left out of that metric's comparison (not compared on fewer seeds), and said
+    titles = {m: COLUMNS[m].title.removesuffix(" x100") for m in ("accuracy", "ece", "nll", "aurc")}
+    dropped = {titles[m]: left[m] for m in ("ece", "nll", "aurc", "accuracy")}
     for shifted in sorted({r["dataset"] for r in rows} - {dataset}):
-        ood = _by_guide(rows, shifted, "ood_auroc_entropy")
+        ood, dropped[f"OOD AUROC (entropy) on {shifted}"] = _by_guide(rows, shifted, "ood_auroc_entropy")
         if ood:
             best.append(f"OOD AUROC (entropy) on {shifted}: {_best(ood, 'ood_auroc_entropy')}")
-    lines.append("- Best: " + "; ".join(best) + ".")
+    lines.append("- Best: " + ("; ".join(best) if best else "none: every score is n/a") + ".")
+    lines += _left_out(dropped, seeds)
     if BASELINE in values["nll"]:
-        lines += _against_baseline(rows, values)
+        lines += _against_baseline(rows, values, left)
+    else:
+        lines.append("- Against temperature scaling: not compared: "
+                     + _missing("temperature scaling", BASELINE, left["nll"], seeds, "NLL") + ".")
     if REFERENCE in values["accuracy"]:
         ref = _mean(values["accuracy"], REFERENCE)
         # rounded: 0.80 - 0.79 is 1.0000000000000009 points, which "more than 1 point: -1.0" would contradict
         lost = [g for g in values["accuracy"] if round(100 * (ref - _mean(values["accuracy"], g)), 9) > ACCURACY_POINTS]
-        means = _by_guide(rows, dataset, "mean_accuracy")
+        means = _by_guide(rows, dataset, "mean_accuracy")[0]
         detail = [f"{g} {100 * (_mean(values['accuracy'], g) - ref):+.1f}" + _why(means, g, ref) for g in lost]
         lines.append(f"- Accuracy against MAP ({ref:.3f}): " + (f"more than {ACCURACY_POINTS:g} point below it: "
                      f"{', '.join(detail)}." if lost else f"every method within {ACCURACY_POINTS:g} point."))
+    else:
+        lines.append("- Accuracy against MAP: not compared: "
+                     + _missing("MAP", REFERENCE, left["accuracy"], seeds, "accuracy") + ".")
     return "\n".join(lines)
 
 
@@ -176,23 +210,28 @@ def _why(means, guide, ref) -> str:
     return f" (its posterior mean {drop:+.1f}: {cause})"
 
 
-def _against_baseline(rows, values):
+def _against_baseline(rows, values, left):
     """The sentences on temperature scaling: per setting, who beats it on both ECE and NLL, on NLL only (none on
-    both where its ECE is n/a on some seed)."""
+    both where its ECE is n/a on some seed), and who was not compared (n/a on some seed: ``left``)."""
     settings = {r["guide"]: r.get("setting") for r in rows}
     shown = {m: f"{_mean(values[m], BASELINE):.{COLUMNS[m].digits}f}" for m in ("ece", "nll") if BASELINE in values[m]}
     lines = []
     for setting in sorted({s for g, s in settings.items() if s and g not in (BASELINE, REFERENCE)}):
-        guides = [g for g in values["nll"] if settings.get(g) == setting and g not in (BASELINE, REFERENCE)]
-        on_nll = [g for g in guides if _beats(values["nll"], g, BASELINE, "nll")]
+        ours = [g for g in settings if settings[g] == setting and g not in (BASELINE, REFERENCE)]
+        on_nll = [g for g in values["nll"] if g in ours and _beats(values["nll"], g, BASELINE, "nll")]
+        no_nll = [g for g in ours if g in left["nll"]]
+        tail = f"; not compared (NLL n/a on some seed): {_names(no_nll)}." if no_nll else "."
         if BASELINE not in values["ece"]:
             lines.append(f"- {setting.capitalize()}: beat temperature scaling (NLL {shown['nll']}) on NLL: {_names(on_nll)}; ECE "
-                         "not compared: temperature scaling's ECE is n/a on some seed.")
+                         "not compared: temperature scaling's ECE is n/a on some seed" + tail)
             continue
         both = [g for g in on_nll if _beats(values["ece"], g, BASELINE, "ece")]
-        nll_only = [g for g in on_nll if g not in both]
+        # a method whose ECE was not compared did not lose on it: never "on NLL only"
+        no_ece = [g for g in on_nll if g in left["ece"]]
+        nll_only = [g for g in on_nll if g not in both and g not in no_ece]
         bayesian = [g for g in both if base_guide(g) in METHODS and METHODS[base_guide(g)].bayesian]
         lines.append(f"- {setting.capitalize()}: beat temperature scaling (ECE {shown['ece']}, NLL {shown['nll']}) on both ECE and NLL: "
                      f"{_names(both)}" + (f" (Bayesian: {_names(bayesian)})" if both else "") +
-                     f"; on NLL only: {_names(nll_only)}.")
+                     f"; on NLL only: {_names(nll_only)}" +
+                     (f"; on NLL, its ECE not compared (n/a on some seed): {_names(no_ece)}" if no_ece else "") + tail)
     return lines
