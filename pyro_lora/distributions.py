@@ -54,7 +54,8 @@ def isotropic_normal(shape: tuple | torch.Size, scale: float | torch.Tensor) -> 
     return dist.Normal(torch.zeros_like(scale), scale).expand(shape).to_event(len(shape))
 
 
-_DENSE_MAX = 256  # up to this many rows a K = W W^T + diag(d) is factored densely (see _LowRankPlusDiag)
+_DENSE_MAX = 1024  # up to this many rows a K = W W^T + diag(d) is factored densely (see _LowRankPlusDiag)
+_WOODBURY_MAX_RATIO = 1e12  # above it a row's |W_j|^2 / d_j costs Woodbury more than 1e-4 of its cancelling terms
 
 
 class _LowRankPlusDiag:
@@ -64,9 +65,10 @@ class _LowRankPlusDiag:
     ``v / d``, so where ``d`` is small against ``W W^T`` float32 loses every digit (a log-density off by 80%).
 
     Up to ``_DENSE_MAX`` rows ``K`` gets a dense Cholesky, ``O(m^3)``: Woodbury's cancellation costs digits even in
-    float64 once ``d`` is 1e-12 of a rank-deficient ``W W^T`` (hundreds of nats). Above it, Woodbury, ``O(m k^2)``:
+    float64 once some ``d_j`` is 1e-12 of its row of ``W W^T`` (hundreds of nats). Above it, Woodbury, ``O(m k^2)``:
     ``K^-1 = diag(1/d) - U U^T`` with ``U = diag(1/d) W L^-T`` and ``L L^T = I_k + W^T diag(1/d) W``;
-    ``log det K = sum log d + 2 sum log diag L``.
+    ``log det K = sum log d + 2 sum log diag L``; a ``K`` with some ``|W_j|^2 / d_j`` above ``_WOODBURY_MAX_RATIO``
+    is refused there rather than evaluated wrongly (one host read).
     """
 
     def __init__(self, factor, diag):
@@ -76,6 +78,14 @@ class _LowRankPlusDiag:
         if self.dense:
             self.tril = torch.linalg.cholesky(factor @ factor.mT + torch.diag_embed(diag))
             return
+        ratio = (factor.pow(2).sum(-1) / diag).max() if factor.numel() else 0.0
+        if ratio > _WOODBURY_MAX_RATIO:
+            raise ValueError(
+                f"a covariance W W^T + diag(d) of {factor.shape[-2]} rows (above {_DENSE_MAX}, evaluated by Woodbury) has a "
+                f"diagonal entry {float(ratio):.1e} times smaller than its row of W W^T: Woodbury would lose the digits "
+                f"of its log-density there; floor the diagonal (SWAG's var_clamp, a prior's D) at above 1e-12 of the "
+                "low-rank part"
+            )
         self.diag_inv = diag.reciprocal()
         scaled = factor * self.diag_inv.unsqueeze(-1)
         k = factor.shape[-1]
@@ -128,7 +138,7 @@ def _gaussian_log_prob(self, value):
     if self._validate_args:
         self._validate_sample(value)
     d = self.event_shape.numel()
-    return (-0.5 * (d * math.log(2 * math.pi) + self._logdet() + self._mahalanobis(value - self.loc))).to(self.loc.dtype)
+    return (-0.5 * (d * math.log(2 * math.pi) + self._logdet() + self._mahalanobis(value.double() - self.loc.double()))).to(self.loc.dtype)
 
 
 def _gaussian_entropy(self):
@@ -226,7 +236,10 @@ class MatrixNormalKronecker(TorchDistribution):
 
     @property
     def variance(self):
-        return (self._row.diagonal().unsqueeze(-1) * self._col.diagonal().unsqueeze(-2)).to(self.loc.dtype)
+        return self._variance().to(self.loc.dtype)
+
+    def _variance(self):
+        return self._row.diagonal().unsqueeze(-1) * self._col.diagonal().unsqueeze(-2)
 
     def _logdet(self):
         m, n = self.event_shape
@@ -351,7 +364,10 @@ class LowRankPlusDiagNormal(TorchDistribution):
 
     @property
     def variance(self):
-        return self.cov_diag + self.cov_factor.pow(2).sum(-1)
+        return self._variance().to(self.loc.dtype)
+
+    def _variance(self):
+        return self.cov_diag.double() + self.cov_factor.double().pow(2).sum(-1)
 
     def _logdet(self):
         return self._cov.logdet()
@@ -468,8 +484,9 @@ class _DiagNormal:
     def __init__(self, d, event_shape):
         if not (isinstance(d.base_dist, Normal) and d.event_shape == event_shape):
             raise NotImplementedError  # no closed form: TraceMeanField_ELBO falls back to sampling
-        self.mean, self.scale = d.base_dist.loc, d.base_dist.scale
-        self.variance = self.scale.pow(2)
+        # float64 as the other side: a float16 log-determinant or Mahalanobis sum over many entries overflows
+        self.mean, self.scale = d.base_dist.loc.double(), d.base_dist.scale.double()
+        self.dtype = d.base_dist.loc.dtype
         self.event_shape = event_shape
 
     def _logdet(self):
@@ -478,19 +495,23 @@ class _DiagNormal:
     def _mahalanobis(self, delta):
         return (delta / self.scale).pow(2).sum(_event_dims(self.event_shape))
 
+    def _variance(self):
+        return self.scale.pow(2)
+
     def _precision_diagonal(self):
-        return self.variance.reciprocal()
+        return self._variance().reciprocal()
 
 
-def _kl_gaussian(p, q, trace):
-    """``KL(p || q) = 1/2 [tr(S_q^-1 S_p) + maha_q(mu_p - mu_q) - d + log det S_q - log det S_p]``."""
+def _kl_gaussian(p, q, trace, dtype):
+    """``KL(p || q) = 1/2 [tr(S_q^-1 S_p) + maha_q(mu_p - mu_q) - d + log det S_q - log det S_p]``, summed in float64,
+    returned in ``dtype``."""
     d = p.event_shape.numel()
-    return (0.5 * (trace + q._mahalanobis(p.mean - q.mean) - d + q._logdet() - p._logdet())).to(p.mean.dtype)
+    return (0.5 * (trace + q._mahalanobis(p.mean.double() - q.mean.double()) - d + q._logdet() - p._logdet())).to(dtype)
 
 
 def _diagonal_trace(p, q):
     # tr(S_q^-1 S_p) = sum diag(S_p) * diag(S_q^-1) when S_p or S_q is diagonal
-    return (p.variance * q._precision_diagonal()).sum(_event_dims(p.event_shape))
+    return (p._variance() * q._precision_diagonal()).sum(_event_dims(p.event_shape))
 
 
 @register_kl(MatrixNormalKronecker, MatrixNormalKronecker)
@@ -499,25 +520,25 @@ def _kl_mnk_mnk(p, q):
         raise ValueError(f"KL between event shapes {tuple(p.event_shape)} and {tuple(q.event_shape)}")
     # tr((A2 (x) B2)^-1 (A1 (x) B1)) = tr(A2^-1 A1) tr(B2^-1 B1)
     trace = q._row.trace_inv_times(p._row) * q._col.trace_inv_times(p._col)
-    return _kl_gaussian(p, q, trace)
+    return _kl_gaussian(p, q, trace, p.loc.dtype)
 
 
 @register_kl(LowRankPlusDiagNormal, LowRankPlusDiagNormal)
 def _kl_lowrank_lowrank(p, q):
     if p.event_shape != q.event_shape:
         raise ValueError(f"KL between event shapes {tuple(p.event_shape)} and {tuple(q.event_shape)}")
-    return _kl_gaussian(p, q, q._cov.trace_inv_times(p._cov))
+    return _kl_gaussian(p, q, q._cov.trace_inv_times(p._cov), p.loc.dtype)
 
 
 @register_kl(Independent, MatrixNormalKronecker)
 @register_kl(Independent, LowRankPlusDiagNormal)
 def _kl_diag_normal_matrix(p, q):
     p = _DiagNormal(p, q.event_shape)
-    return _kl_gaussian(p, q, _diagonal_trace(p, q))
+    return _kl_gaussian(p, q, _diagonal_trace(p, q), p.dtype)
 
 
 @register_kl(MatrixNormalKronecker, Independent)
 @register_kl(LowRankPlusDiagNormal, Independent)
 def _kl_matrix_diag_normal(p, q):
     q = _DiagNormal(q, p.event_shape)
-    return _kl_gaussian(p, q, _diagonal_trace(p, q))
+    return _kl_gaussian(p, q, _diagonal_trace(p, q), p.loc.dtype)

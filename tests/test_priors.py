@@ -381,3 +381,35 @@ def test_mixed_dtypes_and_a_bool_event_dim_are_refused():
         LowRankPlusDiagNormal(loc, factor.float(), diag)
     with pytest.raises(ValueError, match="event_dim"):
         LowRankPlusDiagNormal(loc, factor, diag, event_dim=True)
+
+
+def test_diagonal_normal_kl_sums_in_float64():
+    """KL(Normal || MNK) over a 64 x 700 event in float16: the Normal side's log-determinant overflowed to inf."""
+    m, n = 64, 700
+    half = dict(dtype=torch.float16)
+    normal = dist.Normal(torch.zeros(m, n, **half), torch.full((m, n), 0.09, **half)).to_event(2)
+    mnk = MatrixNormalKronecker(torch.zeros(m, n, **half), torch.zeros(m, 1, **half), torch.ones(m, **half),
+                                torch.zeros(n, 1, **half), torch.full((n,), 0.1, **half))
+    # both diagonal: KL = sum over entries of log(s_q / s_p) + s_p^2 / (2 s_q^2) - 1/2, with float16's rounded scales
+    s_p, s_q = torch.tensor(0.09, **half).double(), torch.tensor(0.1, **half).double()
+    exact = m * n * (torch.log(s_q / s_p) + s_p**2 / (2 * s_q**2) - 0.5)
+    for kl, ref in ((kl_divergence(normal, mnk), exact), (kl_divergence(mnk, normal), m * n * (torch.log(s_p / s_q) + s_q**2 / (2 * s_p**2) - 0.5))):
+        assert kl.dtype == torch.float16
+        torch.testing.assert_close(kl.double(), ref, rtol=2e-3, atol=0)
+
+
+def test_woodbury_refuses_a_diagonal_it_cannot_evaluate(monkeypatch):
+    """Above the dense size, a diagonal entry 1e-16 of its row of W W^T (SWAG's var_clamp on a never-moved entry) made
+    Woodbury give a KL of 157.6 for 355.2: refused with the remedy; the dense factorisation evaluates it."""
+    g = torch.Generator().manual_seed(7)
+    loc, w = torch.zeros(300, **f64), torch.randn(300, 8, generator=g, **f64)
+    d = torch.ones(300, **f64)
+    d[:5] = 1e-16
+    monkeypatch.setattr(distributions, "_DENSE_MAX", 256)
+    with pytest.raises(ValueError, match="floor the diagonal"):
+        LowRankPlusDiagNormal(loc, w, d, event_dim=1).log_prob(loc)
+    monkeypatch.setattr(distributions, "_DENSE_MAX", 1024)
+    normal = dist.Normal(loc, torch.ones(300, **f64)).to_event(1)
+    dense = MultivariateNormal(loc, w @ w.T + torch.diag(d))
+    torch.testing.assert_close(kl_divergence(normal, LowRankPlusDiagNormal(loc, w, d, event_dim=1)),
+                               kl_divergence(MultivariateNormal(loc, torch.eye(300, **f64)), dense), rtol=1e-6, atol=1e-6)
