@@ -227,7 +227,11 @@ class SequenceClassification(Likelihood):
             pad = _pad_token_id(net)
             if pad is not None and "input_ids" in batch:
                 batch = {**batch, "input_ids": batch["input_ids"].masked_fill(mask == 0, pad)}
+        self.check_network(net)  # a config attribute or two: problem_type may be set after the model was built
         out = net(**repeat_inputs(batch, num_samples)).logits
+        if out.shape[-1] < 2:  # a config may claim 2 labels over a 1-output head: every probability would be 1
+            raise ValueError(f"the network's head gives {out.shape[-1]} logit per example: SequenceClassification needs a "
+                             "single-label classification head with >= 2 classes")
         return _unfold_samples(out, num_samples)
 
 

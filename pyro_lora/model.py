@@ -8,6 +8,8 @@ import pyro
 import pyro.poutine as poutine
 import torch
 
+from peft.utils import ModulesToSaveWrapper
+
 from . import handoff, pyro_params, quantized
 from .contract import ADAPTER_NAMES, head_trainer
 from .distributions import isotropic_normal
@@ -74,6 +76,8 @@ class LoraModel:
             raise ValueError(f"adapter {self.adapter!r} is not the network's active adapter: call net.set_adapter({self.adapter!r}) first")
         self.layers = find_lora_layers(net, self.adapter)
         self._lora_shapes = {path: _lora_shapes(layer, self.adapter) for path, layer in self.layers.items()}
+        # peft's trainable copies (the classification head): what they ran when built, checked before every forward
+        self._heads = {name: (m, list(m.active_adapters)) for name, m in net.named_modules() if isinstance(m, ModulesToSaveWrapper)}
         self.sites = build_sites(self.layers, self.adapter, tuple(random), group)
         self.matrices = matrix_view(self.sites)
         self.prior = prior
@@ -149,9 +153,10 @@ class LoraModel:
     def check_network(self) -> None:
         """Check that the network still runs what this model was built on; called before every forward.
 
-        :raises ValueError: if the network's active adapter changed (``set_adapter``, on the network or on one
-            layer), several adapters are active, a LoRA layer was merged into its base weight, replaced or unloaded
-            from the network, or its LoRA matrices changed shape (``update_layer`` with another rank).
+        :raises ValueError: if the network's active adapter changed (``set_adapter``, on the network, one layer or
+            the head), several adapters are active, a LoRA layer was merged into its base weight, replaced or unloaded
+            from the network, its LoRA matrices changed shape or variant (``update_layer`` with another rank or
+            ``use_dora``), or the head's adapter was disabled without the LoRA layers'.
         """
         active = active_adapter(self.net)
         if active != self.adapter:
@@ -174,11 +179,27 @@ class LoraModel:
                     f"LoRA layer {path} runs adapter(s) {layer.active_adapters}, but this LoraModel hands it adapter "
                     f"{self.adapter!r}'s matrices: call net.set_adapter({self.adapter!r})"
                 )
+            if self.adapter in getattr(layer, "lora_variant", {}):
+                raise ValueError(
+                    f"LoRA layer {path} now uses the peft variant {type(layer.lora_variant[self.adapter]).__name__} (e.g. "
+                    "update_layer with use_dora=True), which the weight hand-off would run as plain LoRA: rebuild it with "
+                    "a plain LoraConfig"
+                )
             if self._lora_shapes[path] != _lora_shapes(layer, self.adapter):
                 raise ValueError(
                     f"LoRA layer {path}'s matrices changed shape since this LoraModel was built (now "
                     f"{_lora_shapes(layer, self.adapter)}, built for {self._lora_shapes[path]}: update_layer with another "
                     "rank?): build a LoraModel over the network as it is now"
+                )
+
+        disabled = next(iter(self.layers.values())).disable_adapters  # net.disable_adapter() disables heads alike
+        for name, (head, active) in self._heads.items():
+            if list(head.active_adapters) != active or head.disable_adapters != disabled:
+                now = "its adapters disabled" if head.disable_adapters != disabled else f"adapter(s) {list(head.active_adapters)}"
+                raise ValueError(
+                    f"{name} (a module peft trains beside the LoRA, e.g. the classification head) now runs {now}, but ran "
+                    f"{active} when this LoraModel was built: its head and the LoRA matrices would not match; call "
+                    f"net.set_adapter({self.adapter!r}) (or enable its adapters)"
                 )
 
     def _parameter(self, path: str, kind: MatrixKind) -> torch.nn.Parameter:

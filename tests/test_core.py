@@ -134,6 +134,20 @@ def test_sequence_classification_refuses_regression_and_multi_label_heads(num_la
         LoraModel(net, SequenceClassification())
 
 
+def test_a_head_narrower_than_its_config_or_retyped_after_building_is_refused_at_the_forward():
+    """config.num_labels = 3 over a 1-output classifier (every probability 1: accuracy 1.0 on labels all 0), and a
+    problem_type set after the model was built."""
+    net = tiny_bert(num_labels=3)
+    model = LoraModel(net, SequenceClassification())
+    net.config.problem_type = "multi_label_classification"
+    with pytest.raises(ValueError, match="problem_type is 'multi_label_classification'"):
+        model.logits(random_batch())
+    net.config.problem_type = None
+    net.base_model.model.classifier.modules_to_save["default"] = torch.nn.Linear(32, 1)
+    with pytest.raises(ValueError, match="head gives 1 logit per example"):
+        model.logits(random_batch())
+
+
 def test_model_trace_sites_and_data_scaling():
     model = LoraModel(tiny_bert(), SequenceClassification(), num_data=30)
     batch = random_batch() | {"labels": torch.tensor([0, 1, 2])}

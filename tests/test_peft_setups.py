@@ -189,6 +189,37 @@ def test_one_layer_switched_to_another_adapter_is_refused():
         predict(model, guide, [batch()])
 
 
+def test_a_layer_rebuilt_as_dora_is_refused():
+    """Same rank, so the same shapes: DoRA's magnitude would be dropped by the hand-off (outputs 0.5 off)."""
+    net = bert_with()
+    model = LoraModel(net, SequenceClassification(), random="A")
+    path, layer = next(iter(model.layers.items()))
+    layer.update_layer("default", 4, 8, LoraConfig(r=4, lora_alpha=8, use_dora=True))
+    with pytest.raises(ValueError, match=f"LoRA layer {path} now uses the peft variant"):
+        model.logits(batch())
+
+
+@pytest.mark.parametrize("change", ["set_adapter", "disable"])
+def test_a_head_switched_to_another_adapter_or_disabled_is_refused(change):
+    """The classification head (peft's ModulesToSaveWrapper) switched on its own: default's LoRA with other's head."""
+    net = bert_with()
+    model = LoraModel(net, SequenceClassification())
+    guide = MAPGuide(model)
+    net.add_adapter("other", LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    predict(model, guide, [batch()])  # adding an adapter changes nothing
+    head = net.base_model.model.classifier
+    head.set_adapter("other") if change == "set_adapter" else head.enable_adapters(False)
+    with pytest.raises(ValueError, match="classifier .*now runs"):
+        predict(model, guide, [batch()])
+
+
+def test_the_base_model_under_disable_adapter_is_still_predicted():
+    net = bert_with()
+    model = LoraModel(net, SequenceClassification())
+    with net.disable_adapter():
+        assert predict(model, None, [batch()]).probs.shape == (3, 3)
+
+
 def test_a_layer_rebuilt_at_another_rank_is_refused():
     net = bert_with()
     model = LoraModel(net, SequenceClassification(), random="A")
