@@ -82,7 +82,11 @@ def _exact_nll(log_probs, labels, log_t):
 def check_tol(tol):
     """Refuse a ``tol`` that is not a positive finite number: the search's stopping width, which 0 or less never
     reaches (it loops forever) and nan reaches at once (the first probe returned as the optimum)."""
-    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and 0 < tol < math.inf):  # nan fails it too
+    try:  # numpy and 0-d torch scalars count as numbers; strings and booleans do not
+        value = math.nan if isinstance(tol, (bool, str)) else float(tol)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not 0 < value < math.inf:  # nan fails it too
         raise ValueError(f"tol must be a positive finite width (in log space), got {tol!r}")
 
 

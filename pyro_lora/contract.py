@@ -176,24 +176,30 @@ def _short(items, limit=4):
 
 
 def point_snapshot(model) -> dict:
-    """Name -> (float64 sum, sum of squares) of the network's point parameters (a trained head, non-random LoRA
-    matrices): what a guide's predictions rely on besides its own sites."""
+    """Name -> (float64 sum, sum of squares, position-weighted sum) of the network's point parameters (a trained
+    head, non-random LoRA matrices): what a guide's predictions rely on besides its own sites."""
     named = model.named_adapter_parameters()
     sums = _sums(p for _, p in named)
     return {n: sums[id(p)] for n, p in named}
 
 
 def _sums(params) -> dict:
-    """``id(p)`` -> (float64 sum, sum of squares) of each of ``params``: one host read per device, not two per
-    parameter (each read waits for the GPU)."""
+    """``id(p)`` -> (float64 sum, sum of squares, position-weighted sum) of each of ``params``: one host read per
+    device, not three per parameter (each read waits for the GPU). The weighted sum tells a permutation (a head's
+    rows swapped, as another label order) from the same values."""
     by_device = {}
     for p in params:
         by_device.setdefault(p.device, []).append(p)
     out = {}
     for group in by_device.values():
-        rows = torch.stack([torch.stack((x.sum(), x.pow(2).sum())) for x in (p.detach().double() for p in group)]).tolist()
+        rows = torch.stack([torch.stack((x.sum(), x.pow(2).sum(), (x.flatten() * torch.arange(x.numel(), **_like(x))).sum()))
+                            for x in (p.detach().double() for p in group)]).tolist()
         out.update({id(p): tuple(row) for p, row in zip(group, rows)})
     return out
+
+
+def _like(x):
+    return {"dtype": x.dtype, "device": x.device}
 
 
 def _changed_point_parameters(snapshot, model):

@@ -250,6 +250,8 @@ def test_temperature_bad_input():
                 fit_temperature(x, bad)
     with pytest.raises(ValueError, match="all -inf"):
         fit_temperature(torch.tensor([[0.0, 1.0], [-math.inf, -math.inf]]), torch.tensor([0, 1]))
+    # a numpy or torch scalar tol is a number (it was refused as not positive and finite)
+    assert fit_temperature(logits, labels, tol=torch.tensor(1e-3)) == fit_temperature(logits, labels, tol=1e-3)
     # tol 0 or -1 looped forever, nan stopped at the first probe (T = 2.966, not 1.974); an infinite bound gave T = nan
     for tol in (0.0, -1.0, math.nan, math.inf):
         with pytest.raises(ValueError, match="tol must be a positive finite"):

@@ -374,6 +374,18 @@ def test_a_head_replaced_through_data_is_a_change():
         predict(model, guide, data())
 
 
+def test_a_head_with_its_rows_swapped_is_a_change():
+    """Sums and sums of squares do not see a permutation (a head saved under another label order)."""
+    model = lora(random="AB")
+    guide = MAPGuide(model)
+    fit(model, guide, data(), lr=5e-2, progress=False)
+    head = dict(model.net.named_parameters())["base_model.model.classifier.modules_to_save.default.weight"]
+    with torch.no_grad():
+        head.copy_(head[[1, 0, 2]])
+    with pytest.raises(ValueError, match="changed since this guide was built or trained"):
+        predict(model, guide, data())
+
+
 def test_ownership_is_per_network_not_per_model_object():
     net = tiny_bert()
     first_model = LoraModel(net, SequenceClassification(), random="AB", prior=0.5, num_data=6)
