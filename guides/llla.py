@@ -64,18 +64,15 @@ class LastLayerLaplaceGuide(LoraGuide):
         (``N E[Lambda] (x) E[phi phi^T]``: ``C x C`` and ``D1 x D1`` factors) or ``"auto"`` (full for ``P <= 8192``).
     :param float prior_precision: ``lambda`` of the isotropic prior ``N(0, lambda^-1 I)`` over the head's rows.
     :param str head: the head's module path in ``model.net.named_modules()``, where it is not found by itself.
-    :param answer_token_ids: the answer tokens whose head rows a saved guide's posterior is over (:meth:`config`
-        records them, for letter multiple choice); ``None``: no check.
     :raises ValueError: for cloze multiple choice or token-level likelihoods, sites other than LoRA A and B, a head
-        that cannot be found, is no linear layer or carries a peft adapter, answer tokens beyond its rows, answer
-        tokens other than ``answer_token_ids`` (a saved guide loaded into a model answering with other letters), or
-        an unknown ``hessian``.
+        that cannot be found, is no linear layer or carries a peft adapter, answer tokens beyond its rows, or an
+        unknown ``hessian``.
     """
 
     samples_carry_posterior = False
     own_predictive = "guide.predict_glm(loader)"
 
-    def __init__(self, model, hessian="auto", prior_precision=1.0, head=None, answer_token_ids=None):
+    def __init__(self, model, hessian="auto", prior_precision=1.0, head=None):
         super().__init__(model)
         likelihood = model.likelihood
         if getattr(likelihood, "format", None) == "cloze":
@@ -95,15 +92,6 @@ class LastLayerLaplaceGuide(LoraGuide):
         self.head = head
         linear = find_head(model, head)
         rows = class_rows(likelihood, linear)
-        # the answer rows are no part of the model's signature (the LM head is the frozen base): a saved posterior
-        # over other letters' rows would load into a model of the same letter count and centre on the wrong rows
-        self.answer_token_ids = None if getattr(likelihood, "answer_token_ids", None) is None else rows.tolist()
-        saved = None if answer_token_ids is None else [int(t) for t in answer_token_ids]
-        if saved is not None and saved != self.answer_token_ids:
-            now = "has no answer tokens" if self.answer_token_ids is None else f"answers with tokens {self.answer_token_ids}"
-            raise ValueError(f"this LastLayerLaplaceGuide's posterior is over the head rows of the answer tokens {saved}, "
-                             f"but the model's likelihood {now}: build the model with MultipleChoice({saved}, "
-                             "format='letter'), or fit a new guide for its answers")
         self.tied = tied = tied_parameters(model.net, linear)
         if tied:
             warnings.warn(
@@ -134,8 +122,7 @@ class LastLayerLaplaceGuide(LoraGuide):
         self._eigen = list(shapes)
 
     def config(self):
-        return {"hessian": self.hessian, "prior_precision": float(self.prior_precision), "head": self.head,
-                "answer_token_ids": self.answer_token_ids}
+        return {"hessian": self.hessian, "prior_precision": float(self.prior_precision), "head": self.head}
 
     def extra_parameters(self):
         """The numbers the posterior stores: ``P^2 + P`` (full) or ``C^2 + C + D1^2 + D1`` (KFAC)."""

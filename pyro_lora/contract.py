@@ -44,7 +44,19 @@ def describe(model) -> dict:
         "head": _head(net, adapter),
         # a float prior std, else the prior's class: a guide may read it (Bayesian-LoRA's inducing prior)
         "prior": float(model.prior) if isinstance(model.prior, (int, float)) else type(model.prior).__name__,
+        "likelihood": _likelihood(model.likelihood),
     }
+
+
+def _likelihood(likelihood):
+    """The likelihood's class and the settings that say what each class logit is (multiple choice's answer tokens
+    and format): a guide fitted on letters A-D scores other rows under other letters, or their order."""
+    out = {"class": type(likelihood).__name__}
+    for key in ("answer_token_ids", "format", "normalize"):
+        value = getattr(likelihood, key, None)
+        if value is not None:
+            out[key] = [int(t) for t in value] if key == "answer_token_ids" else value
+    return out
 
 
 def _fingerprint(net):
@@ -105,6 +117,9 @@ def differences(expected: dict, actual: dict) -> list[str]:
     if "prior" in expected and expected["prior"] != actual["prior"]:  # older guides did not record it
         out.append(f"the guide was built under the prior {expected['prior']!r}, the model has {actual['prior']!r} "
                    f"(build the model with prior={expected['prior']!r})")
+    if "likelihood" in expected and expected["likelihood"] != actual["likelihood"]:  # older guides did not record it
+        out.append(f"the guide was fitted under the likelihood {expected['likelihood']}, the model has "
+                   f"{actual['likelihood']}: its class logits would be other answers (build the model's likelihood as the guide's)")
     return out
 
 
@@ -119,7 +134,12 @@ def _head_difference(expected, actual):
 
 
 def _base_differences(expected, actual):
-    if (expected["name"], expected["architecture"]) != (actual["name"], actual["architecture"]):
+    ef, af = expected["fingerprint"], actual["fingerprint"]
+    # the name is often a folder (a local checkpoint, the embedded models' install path): the same weights read from
+    # another folder or machine are the same base
+    same_weights = isinstance(ef, dict) and ef.keys() == af.keys() and all(
+        math.isclose(ef[n], af[n], rel_tol=_FINGERPRINT_RTOL, abs_tol=1e-6) for n in ef)
+    if expected["architecture"] != actual["architecture"] or (expected["name"] != actual["name"] and not same_weights):
         return [
             f"the guide's base model is {expected['name']!r} ({expected['architecture']}), the model's is "
             f"{actual['name']!r} ({actual['architecture']})"
@@ -129,7 +149,6 @@ def _base_differences(expected, actual):
     changed = sorted(k for k in set(ec) & set(ac) if ec[k] != ac[k])
     if changed:
         out.append(f"the base model's config differs in {_short(changed)} (e.g. {changed[0]}: {ec[changed[0]]!r} vs {ac[changed[0]]!r})")
-    ef, af = expected["fingerprint"], actual["fingerprint"]
     if not isinstance(ef, dict):  # an older guide's single number: the first LoRA layer's base weight
         return out
     # parameters on one side only were switched to trainable (point parameters, compared apart) or belong to
@@ -214,8 +233,9 @@ _TRAINER = "_pyro_lora_trainer"  # on the network, which every LoraModel over it
 
 
 def trainer(model):
-    """The guide that last trained the point parameters of ``model``'s network (``None`` if none is alive)."""
-    ref = getattr(model.net, _TRAINER, None)
+    """The guide that last trained the point parameters of ``model``'s adapter in its network (``None`` if none is
+    alive); per adapter, as each adapter has its own LoRA matrices and head copy."""
+    ref = getattr(model.net, _TRAINER, {}).get(model.adapter)
     return ref() if ref is not None else None
 
 
@@ -239,7 +259,9 @@ def take_over(model, guide) -> None:
         return
     if previous is not None:
         previous._point_snapshot = point_snapshot(previous.model)
-    setattr(model.net, _TRAINER, None if guide is None else weakref.ref(guide))
+    if not isinstance(getattr(model.net, _TRAINER, None), dict):
+        setattr(model.net, _TRAINER, {})
+    getattr(model.net, _TRAINER)[model.adapter] = None if guide is None else weakref.ref(guide)
 
 
 def _point_problems(model, guide):

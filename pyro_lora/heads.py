@@ -48,15 +48,28 @@ def find_head(model, path: str | None = None) -> torch.nn.Linear:
     if module is None:
         raise ValueError(f"found no head in {type(base).__name__} (no 'classifier' or 'score' module, or output embedding "
                          "for multiple choice): pass head='its.module.path' of model.net.named_modules()")
-    if isinstance(module, ModulesToSaveWrapper):
-        module = module.modules_to_save[model.adapter]
-    if any(isinstance(m, BaseTunerLayer) for m in module.modules()):
-        raise ValueError(f"the head {where} carries a peft adapter layer (LoRA on the head?): a last-layer posterior needs "
-                         "its plain weights; leave the head out of target_modules")
-    linears = [m for m in module.modules() if isinstance(m, torch.nn.Linear) and m.weight.is_floating_point()]
+    linears = list(_linears(module, model.adapter))
     if not linears:
         raise ValueError(f"the head {where} ({type(module).__name__}) holds no linear layer with floating-point weights")
+    if isinstance(linears[-1], BaseTunerLayer):
+        raise ValueError(f"the head {where} carries a peft adapter layer (LoRA on the head?): a last-layer posterior needs "
+                         "its plain weights; leave the head out of target_modules")
     return linears[-1]
+
+
+def _linears(module, adapter):
+    """The linear layers of ``module`` in order, each peft-trained copy read as ``adapter``'s (RoBERTa's
+    ``classifier.out_proj`` in ``modules_to_save`` beside another adapter's), a LoRA layer as itself."""
+    if isinstance(module, ModulesToSaveWrapper):
+        yield from _linears(module.modules_to_save[adapter] if adapter in module.modules_to_save else module.original_module, adapter)
+    elif isinstance(module, BaseTunerLayer):
+        yield module
+    elif isinstance(module, torch.nn.Linear):
+        if module.weight.is_floating_point():
+            yield module
+    else:
+        for child in module.children():
+            yield from _linears(child, adapter)
 
 
 def class_rows(likelihood, linear: torch.nn.Linear) -> torch.Tensor:

@@ -138,7 +138,7 @@ class LoraModel:
     def named_point_parameters(self) -> list:
         """``(name, parameter)`` pairs of :meth:`point_parameters`, names as in ``net.named_parameters()``."""
         random = {id(p) for p in self.random_parameters()}
-        return [(n, p) for n, p in self.net.named_parameters() if p.requires_grad and id(p) not in random]
+        return [(n, p) for n, p in self.net.named_parameters() if p.requires_grad and id(p) not in random and self._own(n)]
 
     def named_adapter_parameters(self) -> list:
         """``(name, parameter)`` of all a guide's predictions rely on besides its sites: the point parameters and
@@ -147,8 +147,13 @@ class LoraModel:
         random = {id(p) for p in self.random_parameters()}
         return [
             (n, p) for n, p in self.net.named_parameters()
-            if id(p) not in random and (p.requires_grad or any(k in n for k in ADAPTER_NAMES))
+            if id(p) not in random and (p.requires_grad or any(k in n for k in ADAPTER_NAMES)) and self._own(n)
         ]
+
+    def _own(self, name: str) -> bool:
+        """Whether a parameter is not another adapter's (its LoRA matrices, head copy or token deltas), which this
+        model's forward never runs and its guides must neither save nor check."""
+        return not any(k in name for k in ADAPTER_NAMES) or f".{self.adapter}." in name + "."
 
     def check_network(self) -> None:
         """Check that the network still runs what this model was built on; called before every forward.

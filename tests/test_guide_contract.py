@@ -487,3 +487,57 @@ def test_a_guide_under_another_prior_is_refused_the_flow_reads_it(tmp_path):
     with pytest.raises(ValueError, match=r"the guide was built under the prior 0.1, the model has 1.0 \(build the model with prior=0.1\)"):
         load_guide(tmp_path / "g", other)
     load_guide(tmp_path / "g", LoraModel(tiny_bert(), SequenceClassification(), prior=0.1, num_data=6))
+
+
+def _two_adapters():
+    net = tiny_bert()
+    net.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    return net
+
+
+def test_each_adapter_of_a_network_keeps_its_own_guides():
+    """A guide of adapter 'default' was refused once adapter 'other''s guide trained 'other''s head, saved 'other''s
+    weights, and a MAP fit on 'default' blocked building any guide on 'other' (whose values it compared)."""
+    net = _two_adapters()
+    first_model = LoraModel(net, SequenceClassification(), num_data=6)
+    first = MAPGuide(first_model)
+    fit(first_model, first, data(), lr=5e-2, progress=False)
+    first_model.write_adapter({k: v.detach() for k, v in first.mean().items()})
+    before = predict(first_model, first, data()).probs
+    net.set_adapter("other")
+    second_model = LoraModel(net, SequenceClassification(), num_data=6)
+    MeanFieldGuide(second_model)  # not refused for 'default''s MAP
+    second = MAPGuide(second_model)
+    fit(second_model, second, data(), lr=5e-2, progress=False)
+    net.set_adapter("default")
+    torch.testing.assert_close(predict(first_model, first, data()).probs, before)
+    assert all(".other." not in n + "." for n, _ in first_model.named_adapter_parameters())
+
+
+def test_the_same_base_weights_from_another_folder_are_the_same_base(tmp_path):
+    model = lora()
+    model.net.config._name_or_path = "/one/folder/minilm"
+    guide = MAPGuide(model)
+    fit(model, guide, data(), lr=5e-2, progress=False)
+    save_guide(guide, tmp_path / "g")
+    model.net.config._name_or_path = "/another/install/minilm"
+    load_guide(tmp_path / "g", model)
+    other = lora()
+    other.net.config._name_or_path = "/one/folder/minilm"
+    with torch.no_grad():
+        next(p for n, p in other.net.named_parameters() if "embeddings.word" in n).mul_(2)
+    with pytest.raises(ValueError, match="base weights differ"):
+        load_guide(tmp_path / "g", other)
+
+
+def test_a_guide_refuses_a_model_answering_with_other_letters(tmp_path):
+    from pyro_lora.likelihoods import MultipleChoice
+
+    batch = random_batch(4, seed=3) | {"choice_mask": torch.ones(4, 4, dtype=torch.bool), "labels": torch.tensor([0, 1, 2, 3])}
+    model = LoraModel(tiny_llama(), MultipleChoice([5, 6, 7, 8]), num_data=4)
+    guide = MeanFieldGuide(model)
+    fit(model, guide, [batch], epochs=1, lr=5e-2, progress=False)
+    save_guide(guide, tmp_path / "g")
+    with pytest.raises(ValueError, match="fitted under the likelihood"):
+        load_guide(tmp_path / "g", LoraModel(tiny_llama(), MultipleChoice([8, 7, 6, 5]), num_data=4))
+    load_guide(tmp_path / "g", LoraModel(tiny_llama(), MultipleChoice([5, 6, 7, 8]), num_data=4))

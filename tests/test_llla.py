@@ -396,15 +396,14 @@ def test_save_and_load_give_identical_predictions(hessian, tmp_path):
 @pytest.mark.parametrize("letters", [[20, 21, 22, 23], [10, 11, 12], [11, 10, 12, 13]])
 def test_a_saved_guide_refuses_a_model_answering_with_other_letters(letters, tmp_path):
     guide = LastLayerLaplaceGuide(llama()).fit(letter_data(), progress=False)
-    assert guide.config()["answer_token_ids"] == LETTERS
     save_guide(guide, tmp_path / "g")
     net = tiny_llama()  # the same base and adapter: only the answer letters, whose rows the posterior is over, differ
     with torch.no_grad():
         net.get_base_model().lm_head.weight[LETTERS] *= 20.0  # as llama()'s
     other = LoraModel(net, MultipleChoice(letters, format="letter"), prior=0.5)
     start = {n: p.detach().clone() for n, p in net.named_parameters()}
-    with pytest.raises(ValueError, match=re.escape(f"the head rows of the answer tokens {LETTERS}, but the model's "
-                                                   f"likelihood answers with tokens {letters}")):
+    with pytest.raises(ValueError, match=re.escape(f"'answer_token_ids': {LETTERS}, 'format': 'letter'}}, the model has "
+                                                   f"{{'class': 'MultipleChoice', 'answer_token_ids': {letters}")):
         load_guide(tmp_path / "g", other)
     assert all(torch.equal(p, start[n]) for n, p in net.named_parameters())  # refused before the network was written
 
@@ -455,4 +454,22 @@ def test_the_guide_path_and_fast_path_are_the_maps_lora():
     assert all(torch.equal(guide.mean()[n], v) for n, v in values.items())
     assert all(torch.equal(s, values[n].expand_as(s)) for n, s in guide.sample(3).items())
     assert guide.deterministic is False and guide.samples_carry_posterior is False
-    assert guide.config() == {"hessian": "full", "prior_precision": 1.0, "head": None, "answer_token_ids": None}
+    assert guide.config() == {"hessian": "full", "prior_precision": 1.0, "head": None}
+
+
+@pytest.mark.parametrize("setup", ["two adapters", "lora on classifier.dense"])
+def test_the_head_is_this_adapters_copy_of_out_proj(setup):
+    """RoBERTa with classifier.out_proj in modules_to_save: beside another adapter's copy the last linear found was
+    'other''s (the head 'ran 0 times'); with LoRA on classifier.dense the plain out_proj was refused as LoRA'd."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = RobertaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           max_position_embeddings=72, num_labels=3, pad_token_id=1)
+    targets = ["query", "value"] + (["dense"] if setup == "lora on classifier.dense" else [])
+    net = get_peft_model(RobertaForSequenceClassification(config),
+                         LoraConfig(r=4, lora_alpha=8, target_modules=targets, modules_to_save=["classifier.out_proj"]))
+    if setup == "two adapters":
+        net.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=targets, modules_to_save=["classifier.out_proj"]))
+    model = LoraModel(net, SequenceClassification())
+    assert find_head(model) is net.base_model.model.classifier.out_proj.modules_to_save["default"]
