@@ -20,7 +20,7 @@ from .plots import difference_heatmaps
 from .results import read_record
 from .study_header import answer_format, header_section, long_name, model_name, short, used_sizes
 from .table import COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, ts_name
-from .verdict import clear_difference
+from .verdict import clear_difference, verdict
 
 DATASETS = ("sst2", "arc_easy", "openbookqa")  # the study's sets, in report order
 ACCURACY_MARGIN = 0.01  # "loses more than 1 accuracy point"
@@ -303,8 +303,10 @@ def dataset_section(dataset, run, figures):
              f"epochs {c['epochs']}, seeds {seeds}, {c['samples']} posterior samples"
              + (f", {answer_format(c)} format." if c.get("mc_format") else "."), "",
              in_distribution_table(run), ""]
-    if run.get("verdict"):  # compare's paragraph: the best methods, and which beat temperature scaling by a paired interval
-        head, _, points = run["verdict"].partition("\n")
+    # compare's paragraph, recomputed from the rows: one stored by older code would miss what the verdict says now
+    text = verdict(run["per_seed"], c["dataset"]) if run.get("per_seed") else run.get("verdict")
+    if text:
+        head, _, points = text.partition("\n")
         lines += [head, "", points, ""]
     if "reliability_grid" in figures:
         lines += [f"![reliability diagrams, {dataset}, seed {c['seeds'][0]}](study/{figures['reliability_grid']})", ""]

@@ -175,10 +175,12 @@ def verdict(rows, dataset) -> str:
     # a method n/a on one seed is left out of that metric's comparison (not compared on fewer seeds), and said
     titles = {m: COLUMNS[m].title.removesuffix(" x100") for m in ("accuracy", "ece", "nll", "aurc")}
     dropped = {titles[m]: left[m] for m in ("ece", "nll", "aurc", "accuracy")}
+    oods = {}
     for shifted in sorted({r["dataset"] for r in rows} - {dataset}):
         ood, dropped[f"OOD AUROC (entropy) on {shifted}"] = _by_guide(rows, shifted, "ood_auroc_entropy")
         if ood:
             best.append(f"OOD AUROC (entropy) on {shifted}: {_best(ood, 'ood_auroc_entropy')}")
+            oods[f"OOD AUROC (entropy) on {shifted}"] = ood
     lines.append("- Best: " + ("; ".join(best) if best else "none: every score is n/a") + ".")
     lines += _left_out(dropped, seeds)
     if BASELINE in values["nll"]:
@@ -197,6 +199,12 @@ def verdict(rows, dataset) -> str:
     else:
         lines.append("- Accuracy against MAP: not compared: "
                      + _missing("MAP", REFERENCE, left["accuracy"], seeds, "accuracy") + ".")
+    # what a temperature can hardly change: selective prediction and telling shifted inputs apart
+    for title, scores, metric in [("AURC", values["aurc"], "aurc")] + [(t, o, "ood_auroc_entropy") for t, o in oods.items()]:
+        if BASELINE in scores and REFERENCE in scores:
+            better = [g for g in scores if g not in (BASELINE, REFERENCE)
+                      and all(_beats(scores, g, other, metric) for other in (REFERENCE, BASELINE))]
+            lines.append(f"- {title}: better than both MAP and temperature scaling: {_names(better)}.")
     return "\n".join(lines)
 
 
