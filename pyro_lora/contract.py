@@ -261,7 +261,13 @@ def take_over(model, guide) -> None:
         previous._point_snapshot = point_snapshot(previous.model)
     if not isinstance(getattr(model.net, _TRAINER, None), dict):
         setattr(model.net, _TRAINER, {})
-    getattr(model.net, _TRAINER)[model.adapter] = None if guide is None else weakref.ref(guide)
+    trainers = getattr(model.net, _TRAINER)
+    # another adapter's guide still live (Pyro's SVI) keeps what it leaves too: a base parameter the user unfroze
+    # is shared by every adapter
+    for other in (ref() for a, ref in trainers.items() if a != model.adapter and ref is not None):
+        if other is not None and other is not guide and other._point_snapshot is None:
+            other._point_snapshot = point_snapshot(other.model)
+    trainers[model.adapter] = None if guide is None else weakref.ref(guide)
 
 
 def _point_problems(model, guide):

@@ -152,8 +152,14 @@ class LoraModel:
 
     def _own(self, name: str) -> bool:
         """Whether a parameter is not another adapter's (its LoRA matrices, head copy or token deltas), which this
-        model's forward never runs and its guides must neither save nor check."""
-        return not any(k in name for k in ADAPTER_NAMES) or f".{self.adapter}." in name + "."
+        model's forward never runs and its guides must neither save nor check. peft names the adapter right after
+        its container (``lora_A.<adapter>.weight``, ``modules_to_save.<adapter>.bias``): matched there, not anywhere
+        in the path (an adapter named ``"0"`` or ``"query"`` is also a module name)."""
+        parts = name.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if part.startswith(("lora_", "trainable_tokens_")) or part == "modules_to_save":
+                return parts[i + 1] == self.adapter
+        return True
 
     def check_network(self) -> None:
         """Check that the network still runs what this model was built on; called before every forward.

@@ -541,3 +541,38 @@ def test_a_guide_refuses_a_model_answering_with_other_letters(tmp_path):
     with pytest.raises(ValueError, match="fitted under the likelihood"):
         load_guide(tmp_path / "g", LoraModel(tiny_llama(), MultipleChoice([8, 7, 6, 5]), num_data=4))
     load_guide(tmp_path / "g", LoraModel(tiny_llama(), MultipleChoice([5, 6, 7, 8]), num_data=4))
+
+
+def test_adapters_named_like_modules_keep_to_their_own_parameters():
+    """``".0." in name`` matched layer 0's path: adapter '0' claimed adapter '1''s and 'default''s matrices."""
+    net = tiny_bert()
+    for name in ("0", "1", "query"):
+        net.add_adapter(name, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    for name in ("0", "1", "query", "default"):
+        net.set_adapter(name)
+        model = LoraModel(net, SequenceClassification(), random="A")
+        owners = {n.split("lora_B.")[1].split(".")[0] for n, _ in model.named_adapter_parameters() if "lora_B." in n}
+        assert owners == {name}
+
+
+def test_a_shared_base_parameter_moved_by_another_adapters_svi_is_a_change():
+    """Adapters 'default' and 'b' share a LayerNorm the user unfroze: b's SVI moved it under default's live guide."""
+    net = _two_adapters()
+    norm = net.base_model.model.bert.encoder.layer[1].output.LayerNorm.weight
+
+    def train(adapter):
+        net.set_adapter(adapter)
+        norm.requires_grad_(True)
+        model = LoraModel(net, SequenceClassification(), num_data=6, adapter=adapter)
+        guide = MeanFieldGuide(model, b="normal")
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 5e-2}), TraceMeanField_ELBO())
+        for batch in data():
+            svi.step(batch)
+        return model, guide
+
+    first_model, first = train("default")
+    predict(first_model, first, data())
+    train("other")
+    net.set_adapter("default")
+    with pytest.raises(ValueError, match="changed since this guide was built or trained"):
+        predict(first_model, first, data())
