@@ -98,21 +98,22 @@ def fit(
 
     elbo = elbo or Trace_ELBO()
     num_data = model.num_data or 1
-    check_guide(model, guide, "fit", same_model=True)
-    if train_network:
-        take_over(model, guide)
-        guide._point_snapshot = None  # live while it trains them (callbacks, checkpoints); taken again at the end
     model.set_trainable()
     device = model.device
     params = (model.point_parameters() if train_network else []) + [p for p in guide.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: the model has no point parameters and the guide no parameters")
+    # first: a cast network (net.to(bfloat16)) also changed the head the guide was built beside, the lesser news
     low = sorted({str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)})
     if low:
         raise ValueError(
             f"fit trains parameters held in {low}: AdamW's updates underflow there (the head becomes nan); keep the "
             "trainable parameters (LoRA, head) in float32 and run the half-precision base under autocast"
         )
+    check_guide(model, guide, "fit", same_model=True)
+    if train_network:
+        take_over(model, guide)
+        guide._point_snapshot = None  # live while it trains them (callbacks, checkpoints); taken again at the end
     if distributed.is_distributed():
         data = distributed.split_batches(data, even=True)  # the same number of steps on every rank
         distributed.broadcast_parameters(params + [b for b in guide.buffers() if b.is_floating_point()])
