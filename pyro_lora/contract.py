@@ -18,6 +18,18 @@ import weakref
 import torch
 
 ADAPTER_NAMES = ("lora_", ".modules_to_save.", "trainable_tokens_")  # in the names of the parameters peft adds
+
+
+def parameter_adapter(name: str) -> str | None:
+    """The peft adapter a parameter of the network belongs to, ``None`` for a base parameter: the name part right
+    after its container (``lora_A.<adapter>.weight``, ``modules_to_save.<adapter>.bias``,
+    ``trainable_tokens_delta.<adapter>``), matched by position, not anywhere in the path (an adapter named ``"0"``
+    or ``"query"`` is also a module name)."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.startswith(("lora_", "trainable_tokens_")) or part == "modules_to_save":
+            return parts[i + 1]
+    return None
 _FINGERPRINT_RTOL = 1e-3  # a bf16 cast moves a 16-entry sum by ~3e-4, a 4096-entry one by ~2e-5
 
 

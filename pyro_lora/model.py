@@ -11,7 +11,7 @@ import torch
 from peft.utils import ModulesToSaveWrapper
 
 from . import handoff, pyro_params, quantized
-from .contract import ADAPTER_NAMES, head_trainer
+from .contract import head_trainer, parameter_adapter
 from .distributions import isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .sites import Site, active_adapter, build_sites, check_values, find_lora_layers, matrix_view, per_layer
@@ -138,28 +138,20 @@ class LoraModel:
     def named_point_parameters(self) -> list:
         """``(name, parameter)`` pairs of :meth:`point_parameters`, names as in ``net.named_parameters()``."""
         random = {id(p) for p in self.random_parameters()}
-        return [(n, p) for n, p in self.net.named_parameters() if p.requires_grad and id(p) not in random and self._own(n)]
+        return [(n, p) for n, p in self.net.named_parameters()
+                if p.requires_grad and id(p) not in random and parameter_adapter(n) in (None, self.adapter)]
 
     def named_adapter_parameters(self) -> list:
         """``(name, parameter)`` of all a guide's predictions rely on besides its sites: the point parameters and
         the adapter's frozen ones (a head loaded with ``is_trainable=False``, non-random LoRA matrices, peft's
         trainable-token deltas)."""
         random = {id(p) for p in self.random_parameters()}
+        # another adapter's parameters never run in this model's forward: its guides neither save nor check them
         return [
             (n, p) for n, p in self.net.named_parameters()
-            if id(p) not in random and (p.requires_grad or any(k in n for k in ADAPTER_NAMES)) and self._own(n)
+            if id(p) not in random and (p.requires_grad or parameter_adapter(n) == self.adapter)
+            and parameter_adapter(n) in (None, self.adapter)
         ]
-
-    def _own(self, name: str) -> bool:
-        """Whether a parameter is not another adapter's (its LoRA matrices, head copy or token deltas), which this
-        model's forward never runs and its guides must neither save nor check. peft names the adapter right after
-        its container (``lora_A.<adapter>.weight``, ``modules_to_save.<adapter>.bias``): matched there, not anywhere
-        in the path (an adapter named ``"0"`` or ``"query"`` is also a module name)."""
-        parts = name.split(".")
-        for i, part in enumerate(parts[:-1]):
-            if part.startswith(("lora_", "trainable_tokens_")) or part == "modules_to_save":
-                return parts[i + 1] == self.adapter
-        return True
 
     def check_network(self) -> None:
         """Check that the network still runs what this model was built on; called before every forward.

@@ -360,13 +360,17 @@ def test_pyro_svi_takes_the_head_over_as_fit_does():
         predict(model, first, data())
 
 
-def test_a_head_replaced_through_data_is_a_change():
-    """ivon-opt's IVON steps by assigning ``p.data``, which leaves the version counter where it was: the ownership
-    check reads the values, not the counter."""
+def _fitted_map_and_its_head():
     model = lora(random="AB")
     guide = MAPGuide(model)
     fit(model, guide, data(), lr=5e-2, progress=False)
-    head = dict(model.net.named_parameters())["base_model.model.classifier.modules_to_save.default.weight"]
+    return model, guide, dict(model.net.named_parameters())["base_model.model.classifier.modules_to_save.default.weight"]
+
+
+def test_a_head_replaced_through_data_is_a_change():
+    """ivon-opt's IVON steps by assigning ``p.data``, which leaves the version counter where it was: the ownership
+    check reads the values, not the counter."""
+    model, guide, head = _fitted_map_and_its_head()
     version = head._version
     head.data = head.data + 4.5e-3
     assert head._version == version
@@ -376,10 +380,7 @@ def test_a_head_replaced_through_data_is_a_change():
 
 def test_a_head_with_its_rows_swapped_is_a_change():
     """Sums and sums of squares do not see a permutation (a head saved under another label order)."""
-    model = lora(random="AB")
-    guide = MAPGuide(model)
-    fit(model, guide, data(), lr=5e-2, progress=False)
-    head = dict(model.net.named_parameters())["base_model.model.classifier.modules_to_save.default.weight"]
+    model, guide, head = _fitted_map_and_its_head()
     with torch.no_grad():
         head.copy_(head[[1, 0, 2]])
     with pytest.raises(ValueError, match="changed since this guide was built or trained"):
