@@ -478,6 +478,21 @@ def test_the_verdict_says_when_temperature_scaling_or_map_has_no_finished_seed()
     assert "Left out of the NLL comparison: temperature (n/a on seed 0); of the accuracy comparison: map (n/a on seed 1)." in text
 
 
+def test_a_row_without_a_metric_key_is_named_as_left_out_not_dropped():
+    """An old or hand-made record whose rows lack the AURC key altogether (not None): laplace was left out of the AURC
+    comparison without a word, and its 'Best' line read as if laplace had been compared."""
+    rows = _rows({"map": [(0.80, 14.0, 0.66, 0.09), (0.81, 13.0, 0.65, 0.08)],
+                  "temperature": [(0.80, 6.0, 0.45, 0.09), (0.81, 5.0, 0.44, 0.08)],
+                  "laplace": [(0.80, 3.0, 0.40, 0.07), (0.81, 2.0, 0.39, 0.06)]})
+    for r in rows:
+        if r["guide"] == "laplace":
+            del r["aurc"]
+    text = verdict(rows, "sst2")
+    assert "- Left out of the AURC comparison: laplace (n/a on every seed)." in text
+    assert "AURC: map, temperature (0.085, tied)" in text
+    assert "Left out" not in verdict([{k: v for k, v in r.items() if k != "aurc"} for r in rows], "sst2")
+
+
 def test_a_tuned_variant_carries_the_tunings_edge_into_its_note(monkeypatch):
     """The grid-edge and accuracy warnings of tfb_val, meanfield_val, scalabl_val and flow_val reached stderr only:
     the rows and results.json lost them."""

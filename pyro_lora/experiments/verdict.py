@@ -68,19 +68,19 @@ def clear_difference(diffs, lower_better=True, digits=None):
 def _by_guide(rows, dataset, metric):
     """``{guide: {seed: value}}`` of ``metric`` on ``dataset``, for the guides whose value is available on every seed
     of ``rows``: one n/a seed leaves the guide out of that metric (the table shows its mean as n/a), rather than
-    comparing it on fewer seeds than the verdict names; and ``{guide: [seeds]}``: the guides that hold ``metric`` but
-    were left out so, with their n/a seeds."""
+    comparing it on fewer seeds than the verdict names; and ``{guide: [seeds]}``: the guides left out so, with their
+    n/a seeds. Where any row on ``dataset`` holds ``metric``, a row without the key (an old or hand-made record) is
+    n/a on its seed: left out and named, never dropped without a word."""
     seeds = {r["seed"] for r in rows}
-    out, holds = {}, {}  # holds: ordered as the rows are
+    out, guides, held = {}, {}, False  # guides: ordered as the rows are
     for r in rows:
         if r["dataset"] != dataset:
             continue
         value = r.get(metric)
-        if metric in r:
-            holds[r["guide"]] = True
+        guides[r["guide"]], held = True, held or metric in r
         if isinstance(value, (int, float)) and np.isfinite(value):
             out.setdefault(r["guide"], {})[r["seed"]] = float(value)
-    na = {g: sorted(seeds - set(out.get(g, {}))) for g in holds}
+    na = {g: sorted(seeds - set(out.get(g, {}))) for g in guides} if held else {}
     return {g: v for g, v in out.items() if not na[g]}, {g: s for g, s in na.items() if s}
 
 
