@@ -139,12 +139,16 @@ def _remove_dead_temporaries(path):
 @contextlib.contextmanager
 def folder_lock(path, what="this folder"):
     """Hold ``path/.lock`` (this process's id) for the block: a second process writing the same folder would
-    interleave two sets of rows. A lock left by a process that is gone is taken over.
+    interleave two sets of rows. A lock left by a process that is gone is taken over; one this process holds
+    already (the study's, around the comparison it runs there) is held on.
 
     :raises ValueError: if a running process holds it (naming its id).
     """
     lock = Path(path) / ".lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
+    if lock.is_file() and lock.read_text().strip() == str(os.getpid()):
+        yield
+        return
     while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)

@@ -643,3 +643,50 @@ def test_a_results_json_whose_maps_is_no_digest_per_seed_is_refused_by_name(tmp_
         (tmp_path / "results.json").write_text(json.dumps({**record, "maps": maps}))
         with pytest.raises(ValueError, match=r"results.json is not the results of a `pyro-lora compare` run .*its 'maps' is "):
             RunFolder(tmp_path, small(tmp_path))
+
+
+def test_two_processes_never_write_one_run_folder(tmp_path):
+    """A compare into a folder another running process writes (a second compare, or a study) is refused before any
+    work: each wrote its own results.json over the other's, and a finished run lost its rows without a word."""
+    import os
+
+    (tmp_path / ".lock").write_text(str(os.getppid()))  # a live process holds the folder
+    with pytest.raises(ValueError, match=f"process {os.getppid()} is writing this run folder"):
+        run_compare(small(tmp_path, guides=("map",)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
+    (tmp_path / ".lock").unlink()
+    rows = run_compare(small(tmp_path, guides=("temperature",), epochs=0))
+    assert [r["guide"] for r in rows] == ["temperature"] and not (tmp_path / ".lock").exists()
+
+
+def _old_run(out):
+    """A finished run of map and temperature scaling (seeds 0, 1) in ``out`` whose stored verdict is stale."""
+    old = RunFolder(out, small(out, guides=("map", "temperature"), seeds=(0, 1)))
+    for seed in (0, 1):
+        old.add("map", seed, [{**ROW, "seed": seed, "nll": 0.7 + seed / 10}], arrays(seed))
+        old.add("temperature", seed, [{**ROW, "guide": "temperature", "seed": seed, "nll": 0.5}], arrays(seed))
+    saved = json.loads((out / "results.json").read_text())
+    (out / "results.json").write_text(json.dumps({**saved, "verdict": "Verdict on sst2 (stale): by older code"}))
+
+
+def test_the_cli_prints_the_verdict_of_this_runs_rows(tmp_path, monkeypatch, capsys):
+    """The stored verdict was printed as it was (older code's, or a hand-edited record's); an --overwrite that failed
+    before its first result printed the replaced run's verdict under its own empty table."""
+    _old_run(tmp_path)
+    monkeypatch.setattr(cli, "run_compare", lambda config, overwrite=False: [])
+    assert cli.main(["compare", "--out", str(tmp_path), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "(stale)" not in out and "- Best: ECE x100: map, temperature (5.00, tied); NLL: temperature (0.500)" in out
+    monkeypatch.undo()
+
+    def no_map(setup, load=None):
+        raise RuntimeError("loss became nan")
+
+    monkeypatch.setattr(C, "prepare", lambda config, seed: __import__("types").SimpleNamespace(config=config, sizes=None))
+    monkeypatch.setattr(C, "train_map", no_map)
+    argv = ["compare", "--guides", "map", "--train-size", "48", "--test-size", "32", "--epochs", "1", "--out", str(tmp_path),
+            "--overwrite", "--quiet"]
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert "Verdict" not in captured.out and "The run --overwrite was to replace is kept in" in captured.err
+    assert json.loads((tmp_path / "results.json").read_text())["config"]["seeds"] == [0, 1]  # the old run, kept

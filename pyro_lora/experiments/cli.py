@@ -1,7 +1,6 @@
 """The ``pyro-lora`` command line: ``compare`` (the default), ``fit``, ``bayesianize``, ``evaluate``, ``study``."""
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -19,10 +18,11 @@ from ..guides.tfb import SPACINGS, TFB_ANCHORS, TFB_SEARCH
 from ..pretrained import DTYPES
 from . import study
 from .compare import run_compare
-from .results import RESULTS, GuideFailures
+from .results import GuideFailures, read_record
 from .saved import bayesianize_adapter, evaluate_saved, fit_one
 from .setup import FULL, CompareConfig
 from .table import format_table
+from .verdict import verdict
 
 _MIN_MAX_LENGTH = 8  # shorter cuts most inputs to a few tokens
 SEED_LIMIT = 2**32  # numpy's seeds; torch's overflow above 2**63
@@ -329,10 +329,11 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _verdict(out):
-    """The verdict paragraph the run wrote to its results.json, after a blank line ("" where it wrote none)."""
-    path = Path(out) / RESULTS
-    verdict = json.loads(path.read_text(encoding="utf-8")).get("verdict", "") if path.is_file() else ""
-    return "\n" + verdict if verdict else ""
+    """The verdict on the rows of the run in ``out``, recomputed from them (one stored by older code misses what the
+    verdict says now), after a blank line ("" where there are none)."""
+    saved = read_record(out, "choose another --out")
+    text = verdict(saved["per_seed"], saved["config"]["dataset"]) if saved else ""
+    return "\n" + text if text else ""
 
 
 def _run(args, argv=()):
@@ -342,7 +343,7 @@ def _run(args, argv=()):
         try:
             rows = run_compare(_config(args, guides=getattr(args, "guides", None)), overwrite=getattr(args, "overwrite", False))
         except GuideFailures as failures:  # the finished guides' table first, then the one-line error
-            say(format_table(failures.summary) + _verdict(args.out))
+            say(format_table(failures.summary) + ("\n" + failures.verdict if failures.verdict else ""))
             raise
         say(format_table(rows) + _verdict(args.out))
         say(f"results: {Path(args.out) / 'results.json'}")

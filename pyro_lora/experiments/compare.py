@@ -1,5 +1,6 @@
 """``pyro-lora compare``: train a MAP LoRA once, fit several registered methods from it, score all on one test set."""
 
+import contextlib
 import time
 import warnings
 from dataclasses import replace
@@ -8,6 +9,7 @@ from .. import data as D
 from ..calibration import apply_temperature, fit_temperature
 from ..costs import PeakMemory
 from ..distributed import is_main
+from ..io import folder_lock
 from ..metrics import accuracy
 from ..predictive import Prediction, predict
 from ..guides.registry import VALIDATION_TUNED, Fitted, get_method, join_notes
@@ -149,12 +151,21 @@ def run_compare(config: CompareConfig, overwrite: bool = False, reference=None):
     :param overwrite: replace a run of another configuration in ``config.out`` (otherwise refused).
     :param reference: the folder of the run a rerun of some methods will be merged into (``study --update``): each
         seed's MAP must be the one that run's rows started from (its digest; checked as on resume otherwise).
-    :raises ValueError: for a configuration that cannot run (:func:`check_config`), before loading anything.
+    One process at a time writes a run folder (:func:`~pyro_lora.io.folder_lock`): two writing one ``results.json``
+    would each keep only their own rows.
+
+    :raises ValueError: for a configuration that cannot run (:func:`check_config`), before loading anything; for a
+        folder another running process writes.
     :raises GuideFailures: at the end, if some guide failed; every other one is written.
     """
     check_config(config)
     config = replace(config, guides=tuple(config.guides or default_guides(config)),
                      data_dir=str(D.resolve_data_dir(config.data_dir)))
+    with folder_lock(config.out, "this run folder") if is_main() else contextlib.nullcontext():
+        return _run_seeds(config, overwrite, reference)
+
+
+def _run_seeds(config, overwrite, reference):
     run = RunFolder(config.out, config, overwrite=overwrite)
     earlier = run if reference is None else RunFolder(reference, config)  # the rows the new ones join
     datasets = [config.dataset, *config.eval_datasets]

@@ -75,11 +75,13 @@ def summarize_seeds(rows):
 
 
 class GuideFailures(RuntimeError):
-    """Some (guide, seed) runs of a comparison failed; the others are written. ``summary`` holds their rows."""
+    """Some (guide, seed) runs of a comparison failed; the others are written. ``summary`` holds their rows and
+    ``verdict`` the paragraph on them ("" where the run has none: an ``--overwrite`` that failed before its first
+    result keeps the replaced run's record, which is not this run's)."""
 
-    def __init__(self, message, summary):
+    def __init__(self, message, summary, verdict=""):
         super().__init__(message)
-        self.summary = summary
+        self.summary, self.verdict = summary, verdict
 
 
 class RunFolder:
@@ -331,7 +333,8 @@ class RunFolder:
             where = (f"The run --overwrite was to replace is kept in {self.out}" if self._replaced is not None else
                      f"The {done} finished are in {self.out / RESULTS} (tracebacks under 'failed'); a rerun with the same "
                      "configuration resumes with the failed ones")
-            raise GuideFailures(f"{len(self.failed)} guide run(s) failed: {listed}. {where}", self.summary())
+            raise GuideFailures(f"{len(self.failed)} guide run(s) failed: {listed}. {where}", self.summary(),
+                                verdict(self.rows, self.config.dataset))
 
 
 def _draw_summary(out, summary, guides, dataset, seed, each=()):

@@ -17,7 +17,7 @@ import numpy as np
 from ..guides.registry import METHODS
 from ..io import atomic_file
 from .plots import difference_heatmaps
-from .results import read_record
+from .results import read_record, summarize_run
 from .study_header import answer_format, header_section, long_name, model_name, short, used_sizes
 from .table import COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, ts_name
 from .verdict import clear_difference, verdict
@@ -37,7 +37,8 @@ def load_runs(runs_dir, datasets=None):
     """``{dataset: {"config", "summary", "per_seed", "sidecar"}}`` from ``runs_dir/<dataset>/results.json``.
 
     ``datasets`` picks and orders them; default every run found, the study's datasets first. A folder whose
-    run is of another dataset than its name (a copy, ``arc_easy.bak``) is left out, with a warning.
+    run is of another dataset than its name (a copy, ``arc_easy.bak``) is left out, with a warning. The summary is
+    recomputed from the per-seed rows, as the verdict is.
 
     :raises ValueError: naming the ``datasets`` asked for that have no run there.
     """
@@ -54,7 +55,7 @@ def load_runs(runs_dir, datasets=None):
     for dataset in [d for d in datasets if d not in missing]:
         path = runs_dir / dataset / "results.json"
         try:
-            run = read_record(path.parent, "left out of the report", needs=("summary",))
+            run = read_record(path.parent, "left out of the report")
             run["config"]["dataset"]  # noqa: B018 -- the key a report files a run under
         except (KeyError, TypeError) as error:
             warnings.warn(f"{path}: no dataset in its config ({type(error).__name__}: {error}): left out of the report")
@@ -65,6 +66,8 @@ def load_runs(runs_dir, datasets=None):
         if run["config"]["dataset"] != dataset:
             warnings.warn(f"{path.parent} holds a run of {run['config']['dataset']}, not of {dataset}: left out of the report")
             continue
+        # the tables and the verdict from the same rows: a stored summary may be older than them (a hand-edited row)
+        run["summary"] = summarize_run(run["per_seed"], run.get("failed", []))
         sidecar = path.with_name(SIDECAR)
         run["sidecar"] = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
         runs[dataset] = run
@@ -234,7 +237,7 @@ def markdown_table(rows, spec, first=("guide",)):
         for c in spec:
             text = format_cell(r, c.key, c.digits, missing="—")
             shown = c.key in r and not not_available(r[c.key]) and f"{r[c.key]:.{c.digits}f}"
-            cells.append(f"**{text}**" if shown and shown == best.get(c.key) else text)
+            cells.append(f"**{text}**" if shown and not partial and shown == best.get(c.key) else text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -304,7 +307,7 @@ def dataset_section(dataset, run, figures):
              + (f", {answer_format(c)} format." if c.get("mc_format") else "."), "",
              in_distribution_table(run), ""]
     # compare's paragraph, recomputed from the rows: one stored by older code would miss what the verdict says now
-    text = verdict(run["per_seed"], c["dataset"]) if run.get("per_seed") else run.get("verdict")
+    text = verdict(run["per_seed"], c["dataset"])
     if text:
         head, _, points = text.partition("\n")
         lines += [head, "", points, ""]
