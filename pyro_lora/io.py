@@ -65,21 +65,22 @@ def atomic_file(path, mode="w"):
         raise
 
 
-def writable_folder(path):
+def writable_folder(path, flag="--out"):
     """Create the folder ``path`` if needed and check that files can be written in it, before any long work.
 
+    :param flag: the command-line flag that names it, for the error.
     :raises ValueError: if ``path`` is a file, or cannot be created or written (naming the reason).
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
-        raise ValueError(f"output folder {path} is a file: choose another --out")
+        raise ValueError(f"output folder {path} is a file: choose another {flag}")
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path, prefix=".write-check-")
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
-        raise ValueError(f"cannot write to output folder {path} ({error.strerror or error}): choose another --out") from None
+        raise ValueError(f"cannot write to output folder {path} ({error.strerror or error}): choose another {flag}") from None
     return path
 
 

@@ -325,6 +325,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_result(tmp_path):
     old.add("map", 0, [ROW], arrays(0))
     old.add("tfb", 0, [{**ROW, "guide": "tfb"}], arrays(0))
     (tmp_path / "map_seed0.safetensors").write_bytes(b"the old run's MAP")
+    (tmp_path / "study_run.json").write_text('{"command": "the old run\'s study"}')
     before = sorted(p.name for p in tmp_path.iterdir())
     new = RunFolder(tmp_path, small(tmp_path, guides=("map",), test_size=32), overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # a kill or a failure here keeps the old run
@@ -348,6 +349,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_result(tmp_path):
     assert not (tmp_path / "predictions_tfb.npz").exists() and (tmp_path / "predictions_map.npz").exists()
     assert json.loads((tmp_path / "results.json").read_text())["config"]["test_size"] == 32
     assert not (tmp_path / "map_seed0.safetensors").exists()  # another configuration's MAP: a resume must not load it
+    assert not (tmp_path / "study_run.json").exists()  # the old run's commands and wall time are not this run's
 
 
 def test_overwrite_keeps_the_old_map_until_the_new_runs_first_result(tmp_path):
@@ -690,3 +692,41 @@ def test_the_cli_prints_the_verdict_of_this_runs_rows(tmp_path, monkeypatch, cap
     captured = capsys.readouterr()
     assert "Verdict" not in captured.out and "The run --overwrite was to replace is kept in" in captured.err
     assert json.loads((tmp_path / "results.json").read_text())["config"]["seeds"] == [0, 1]  # the old run, kept
+
+
+def test_a_resume_on_changed_data_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Only the data folder's path was compared: a resume over relabelled training records fitted its new rows on them
+    beside rows fitted on the old ones (a +ts row at ECE 30.7 beside temperature scaling's 12.5), without a word."""
+    from pyro_lora.data import default_data_dir
+
+    real, data = default_data_dir().resolve() / "sst2", tmp_path / "data" / "sst2"
+    data.mkdir(parents=True)
+    (data / "meta.json").symlink_to(real / "meta.json")
+    lines = {name: (real / name).read_text().splitlines()[:120] for name in ("train.jsonl", "test.jsonl")}
+    for name, text in lines.items():
+        (data / name).write_text("\n".join(text))
+    config = small(tmp_path / "run", guides=("temperature",), epochs=0, data_dir=str(tmp_path / "data"))
+    run_compare(config)
+    assert len(json.loads((tmp_path / "run" / "results.json").read_text())["data"]) == 64
+    flipped = [{**r, "label": 1 - r["label"]} for r in map(json.loads, lines["train.jsonl"])]
+    (data / "train.jsonl").write_text("\n".join(map(json.dumps, flipped)))
+    monkeypatch.setattr(C, "prepare", lambda *a, **k: pytest.fail("the data check comes before loading the model"))
+    with pytest.raises(ValueError, match=r"holds rows scored on other sst2 records than .*data gives now .*changed since"):
+        run_compare(replace(config, guides=("temperature", "map")))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["per_seed"][0].pop("guide"), r"its per_seed\[0\] is not a row with a string guide and dataset and an integer seed"),
+    (lambda s: s["per_seed"][0].update(seed="0"), r"its per_seed\[0\] is not a row .* an integer seed"),
+    (lambda s: s["per_seed"].append(dict(s["per_seed"][0])), r"its per_seed holds the row of \('map', 'sst2', 0\) twice"),
+    (lambda s: s.update(failed=[{"seed": 1, "error": "x"}]), r"its failed\[0\] is not a row with a string guide and an integer seed"),
+])
+def test_a_hand_edited_record_with_bad_rows_is_refused_by_name(tmp_path, edit, message):
+    """A row without a guide raised KeyError 'guide'; a string seed failed after a MAP was retrained, leaving rows of
+    seed '0' beside 0; a repeated row counted as one more seed in the table and was dropped by the verdict."""
+    RunFolder(tmp_path, small(tmp_path, guides=("map",))).add("map", 0, [ROW], arrays(0))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    edit(saved)
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="results.json is not the results of a `pyro-lora compare` run .*" + message):
+        RunFolder(tmp_path, small(tmp_path, guides=("map",)))

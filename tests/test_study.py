@@ -186,7 +186,7 @@ def test_report_takes_na_values_partial_means_and_stray_folders(runs, tmp_path, 
     (tmp_path / "docs_file").write_text("")
     argv = ["study", "--datasets", "arc_easy", "--runs", str(runs), "--docs", str(tmp_path / "docs_file")]
     assert cli.main(argv) == 2  # found before any training (run_compare fails this test if called)
-    assert "docs_file" in capsys.readouterr().err
+    assert "docs_file/study (Not a directory): choose another --docs" in capsys.readouterr().err
     assert report.guide_order({"a": {"summary": [{"guide": g} for g in ("tfb+ts", "map", "tfb", "laplace+ts", "laplace")]}}) == [
         "map", "tfb", "tfb+ts", "laplace", "laplace+ts"]
 
@@ -558,12 +558,32 @@ def test_run_dataset_resumes_what_is_unfinished_and_refuses_another_configuratio
     monkeypatch.setattr(compare, "run_compare", replaces)
     study.run_dataset(other, "v", force=True)
     sidecar = json.loads((runs / "arc_easy" / "study_run.json").read_text())  # a replaced run: a new record
-    assert sidecar["commands"] == ["v"] and sidecar["wall_seconds"] < 60
+    assert sidecar["commands"] == ["v"] and sidecar["wall_seconds"] < 60 and "running" not in sidecar
+    # a kill (no finally) keeps the start: the record is written first, marked running; the next invocation lists it
+    seen = []
+
+    def killed(config, overwrite=False):
+        seen.append(json.loads((Path(config.out) / "study_run.json").read_text()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "run_compare", killed)
+    more = study.make_config(parse(*common, "--seeds", "0,1,2", "--lr", "5e-4")[1], "arc_easy", shift=False, runs=runs)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_dataset(more, "u")
+    assert seen[0]["running"]["command"] == "u" and seen[0]["commands"] == ["v", "u"]
+    (runs / "arc_easy" / "study_run.json").write_text(json.dumps(seen[0]))  # what a kill -9 leaves
+    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False: None)
+    study.run_dataset(more, "t")
+    sidecar = json.loads((runs / "arc_easy" / "study_run.json").read_text())
+    assert [i["command"] for i in sidecar["interrupted"]] == ["u"] and "running" not in sidecar
+    header = report.header_section(report.load_runs(runs, ["arc_easy"]), "x", "now")
+    assert "(not counting 1 invocation(s) cut short or still running, whose time is not recorded)" in header
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--report-only", "--seeds", "5", "--epochs", "9"], "--report-only trains nothing: --epochs, --seeds would be ignored"),
     (["--report-only", "--force"], "--report-only trains nothing: --update and --force would be ignored"),
+    (["--report-only", "--no-ts", "--no-shift", "--dtype", "bf16"], "--report-only trains nothing: --no-shift, --no-ts, --dtype would be ignored"),
     (["--update", "tfb", "--guides", "map,tfb"], "--update reruns the methods it names with each run's own configuration: --guides"),
     (["--update", "tfb", "--force"], "--update reruns the methods it names with each run's own configuration: --guides and --force"),
 ])
@@ -688,3 +708,14 @@ def test_report_tables_come_from_the_per_seed_rows_as_the_verdict_does(runs, tmp
     easy.write_text(json.dumps(saved))
     md = report.build_report(runs, tmp_path / "docs", command="x").read_text()
     assert "| map | **0.605 ± 0.007** | 10.50 ± 0.71 | 1.505 ± 0.700 |" in md
+
+
+def test_a_file_for_a_folder_or_a_folder_for_the_report_is_refused_before_any_work(runs, tmp_path, capsys):
+    """--runs naming a file printed a traceback, then 'no results.json under ...: run the study first'; DOCS/study.md
+    a folder failed with a raw OS error, after the training of a full study."""
+    (tmp_path / "a_file").write_text("")
+    assert cli.main(["study", "--report-only", "--runs", str(tmp_path / "a_file")]) == 2
+    assert f"--runs {tmp_path / 'a_file'} is a file: give the folder" in capsys.readouterr().err
+    (tmp_path / "docs" / "study.md").mkdir(parents=True)
+    assert cli.main(["study", "--report-only", "--runs", str(runs), "--docs", str(tmp_path / "docs")]) == 2
+    assert "study.md is a folder, where the study writes its report" in capsys.readouterr().err

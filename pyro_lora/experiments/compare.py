@@ -15,7 +15,7 @@ from ..predictive import Prediction, predict
 from ..guides.registry import VALIDATION_TUNED, Fitted, get_method, join_notes
 from .results import RESULTS, RunFolder
 from .scoring import MI_NO_SAMPLES_NOTE, join_row, ood_auroc, prediction_arrays, score
-from .setup import CompareConfig, check_config, default_guides, prepare, seed_for, train_map
+from .setup import CompareConfig, check_config, data_digest, default_guides, prepare, seed_for, train_map
 from .table import format_row, ts_name
 
 
@@ -168,6 +168,10 @@ def run_compare(config: CompareConfig, overwrite: bool = False, reference=None):
 def _run_seeds(config, overwrite, reference):
     run = RunFolder(config.out, config, overwrite=overwrite)
     earlier = run if reference is None else RunFolder(reference, config)  # the rows the new ones join
+    digest = data_digest(config)
+    for folder in {id(run): run, id(earlier): earlier}.values():
+        folder.check_data(digest)
+    run.data = digest
     datasets = [config.dataset, *config.eval_datasets]
     say = print if is_main() else (lambda *a, **k: None)
     plan = {seed: [g for g in config.guides if not all(run.complete(r, seed, datasets) for r in row_names(config, g))]

@@ -29,6 +29,7 @@ from .table import base_guide, ts_name
 from .verdict import REFERENCE, verdict
 
 RESULTS = "results.json"
+SIDECAR = "study_run.json"  # next to results.json where the study made the run: its commands, machine, wall time
 MERGING = ".merging"  # in a run's folder while merge_results copies a rerun in; names the rerun folder
 _UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)  # what np.load raises for a missing or broken npz
 ARRAYS = ("probs", "labels", "entropy", "mutual_information")  # per evaluation set and seed in predictions_<guide>.npz
@@ -104,13 +105,14 @@ class RunFolder:
         self._added = set()  # guides this process added rows for (their figures are fresh)
         self._pending_maps = {}  # seed -> MAP file bytes, kept while a replaced run's files stand (:meth:`save_map`)
         self.maps = {}  # seed (a string, as JSON keys are) -> digest of the MAP its rows start from
+        self.data = None  # digest of the records its rows were scored on (:func:`~.setup.data_digest`)
         self._check_writable(config.guides or ())
         saved = self._read()
         self._replaced = saved if overwrite else None  # its files go once this run writes its first result
         if saved is not None and not overwrite:
             self._check_same(saved)
             self.rows, self.failed, self.sizes = saved["per_seed"], saved.get("failed", []), saved.get("sizes")
-            self.maps = dict(saved.get("maps", {}))
+            self.maps, self.data = dict(saved.get("maps", {})), saved.get("data")
             self.guides, self.seeds = list(saved["config"]["guides"] or ()), list(saved["config"]["seeds"])
 
     def _read(self):
@@ -135,7 +137,7 @@ class RunFolder:
             return
         # results.json first: a kill from here until the new one is written leaves no record, never the old record
         # beside new files
-        names = [RESULTS, "reliability_grid.png", "calibration_vs_accuracy.png"]
+        names = [RESULTS, "reliability_grid.png", "calibration_vs_accuracy.png", SIDECAR]  # the sidecar: the old run's story
         for name in saved["config"].get("guides") or ():
             for guide in (name, ts_name(name)):
                 if guide not in self._added:
@@ -155,6 +157,18 @@ class RunFolder:
                 f"{self.out} holds a run of another configuration ({'; '.join(differ)}): a rerun there resumes only the "
                 "same configuration; choose another --out, or pass --overwrite to replace that run"
             )
+
+    def check_data(self, digest):
+        """Refuse to add rows scored on other records than those of the rows here (``digest``: the
+        :func:`~pyro_lora.experiments.setup.data_digest` of the data folder now); a record from before digests were
+        kept is taken as it is, with a warning."""
+        if self.data is None and self.rows:
+            warnings.warn(f"{self.out / RESULTS} keeps no digest of the data its rows were scored on (written by an older "
+                          "version): they are not checked against the data now", stacklevel=2)
+        elif self.data is not None and self.data != digest:
+            raise ValueError(f"{self.out / RESULTS} holds rows scored on other {self.config.dataset} records than "
+                             f"{self.config.data_dir} gives now (its train, validation or test files changed since): restore "
+                             "that data, or run into another --out (or pass --overwrite to replace the run)")
 
     def complete(self, guide, seed, datasets):
         """Whether ``guide`` under ``seed`` has its rows for every evaluation set in ``datasets`` and its arrays."""
@@ -310,7 +324,7 @@ class RunFolder:
         config = {**asdict(self.config), "guides": self.guides, "seeds": self.seeds}
         write_json(self.out / RESULTS, {"config": config, "request": self.request, "sizes": self.sizes, "summary": summary,
                                         "verdict": verdict(self.rows, self.config.dataset), "per_seed": self.rows,
-                                        "failed": self.failed, "maps": self.maps})
+                                        "failed": self.failed, "maps": self.maps, "data": self.data})
 
     def _summary_figures(self, summary):
         _draw_summary(self.out, summary, self.guides, self.config.dataset, self.seeds[0])
@@ -376,10 +390,27 @@ def read_record(out, advice, needs=()):
         maps = saved.get("maps", {})
         if not (isinstance(maps, dict) and all(isinstance(v, str) for v in maps.values())):
             raise ValueError(f"its 'maps' is {maps!r}, not seed -> MAP digest")
+        _check_rows(saved["per_seed"], "per_seed", ("guide", "dataset"))
+        _check_rows(saved.get("failed", []), "failed", ("guide",))
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not the results of a `pyro-lora compare` run ({type(error).__name__}: {error}); "
                          f"{advice}") from None
     return saved
+
+
+def _check_rows(rows, key, names):
+    """Refuse a record's ``key`` list whose entries lack a string ``names`` or an integer seed, or repeat a (guide,
+    dataset, seed): a repeated row was averaged as one more seed by the table and dropped by the verdict."""
+    if not isinstance(rows, list):
+        raise ValueError(f"its {key!r} is a {type(rows).__name__}, not a list")
+    seen = set()
+    for i, r in enumerate(rows):
+        if not (isinstance(r, dict) and all(isinstance(r.get(n), str) for n in names) and type(r.get("seed")) is int):
+            raise ValueError(f"its {key}[{i}] is not a row with a string {' and '.join(names)} and an integer seed: {r!r:.120}")
+        one = tuple(r.get(n) for n in (*names, "seed"))
+        if key == "per_seed" and one in seen:
+            raise ValueError(f"its per_seed holds the row of {one} twice")
+        seen.add(one)
 
 
 def _row_order(guides, seeds):
@@ -491,7 +522,7 @@ def merge_results(out, update):
     config = {**base["config"], "guides": guides}
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
     write_json(out / RESULTS, {**base, "config": config, "summary": summary, "verdict": verdict(rows, config["dataset"]),
-                               "per_seed": rows, "failed": failed, "maps": maps})
+                               "per_seed": rows, "failed": failed, "maps": maps, "data": base.get("data") or new.get("data")})
     (out / MERGING).unlink()
     return summary
 

@@ -3,6 +3,7 @@
 import copy
 import hashlib
 import importlib.util
+import json
 import math
 import time
 import zlib
@@ -213,14 +214,7 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
     peft adapter (``PeftModel.from_pretrained``) instead of a fresh one.
     """
     meta = D.load_meta(config.dataset, config.data_dir)
-    train_all = D.load_records(config.dataset, "train", config.data_dir)
-    train_all = D.subset(train_all, min(len(train_all), config.train_size), seed=0)
-    if len(train_all) < 2:
-        raise ValueError(f"dataset {config.dataset!r} has {len(train_all)} training record: at least 2 are needed to carve "
-                         "a validation split from them")
-    train, val = D.split_train_val(train_all, val_fraction=config.val_fraction, seed=0)
-    test = _test_records(config.dataset, config)
-    shifted = {name: _test_records(name, config) for name in config.eval_datasets}
+    train, val, test, shifted = load_splits(config)
     torch.manual_seed(seed)  # a classification head is initialised while loading
     load = dict(device=config.device, progress=config.progress, dtype=DTYPES[config.dtype],
                 quantization="nf4" if config.load_in_4bit else None)
@@ -247,6 +241,26 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
         config = replace(config, rank=net.peft_config[net.active_adapter].r)
     net = net.to(config.device)
     return Setup(config, net, tok, likelihood, train, val, test, collator, seed, shifted)
+
+
+def load_splits(config: CompareConfig):
+    """The records ``config`` runs on, the same for every seed: ``(train, validation, test, {shifted set: test})``."""
+    train_all = D.load_records(config.dataset, "train", config.data_dir)
+    train_all = D.subset(train_all, min(len(train_all), config.train_size), seed=0)
+    if len(train_all) < 2:
+        raise ValueError(f"dataset {config.dataset!r} has {len(train_all)} training record: at least 2 are needed to carve "
+                         "a validation split from them")
+    train, val = D.split_train_val(train_all, val_fraction=config.val_fraction, seed=0)
+    test = _test_records(config.dataset, config)
+    return train, val, test, {name: _test_records(name, config) for name in config.eval_datasets}
+
+
+def data_digest(config: CompareConfig) -> str:
+    """SHA-256 of the records ``config`` runs on (:func:`load_splits`): a run's rows are comparable only while the
+    files under its data folder give the same records (a regenerated set, another machine's copy)."""
+    train, val, test, shifted = load_splits(config)
+    text = json.dumps({"train": train, "validation": val, "test": test, "shifted": shifted}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _test_records(name, config):

@@ -43,11 +43,11 @@ from .. import data as D
 from ..guides.registry import METHODS
 from ..io import folder_lock, writable_folder, write_json
 from . import compare
-from .results import (MERGE_IGNORES, RESULTS, GuideFailures, RunFolder, config_differences, finish_merge, map_name,
+from .results import (MERGE_IGNORES, RESULTS, SIDECAR, GuideFailures, RunFolder, config_differences, finish_merge, map_name,
                       merge_results, read_record)
 from .setup import FULL, CompareConfig, check_config, default_guides
 from .study_header import duration, machine_info
-from .study_report import DATASETS, SIDECAR, build_report
+from .study_report import DATASETS, build_report
 from .verdict import REFERENCE
 
 # Each task's run settings. Classification: the reference task, every method. Multiple choice: SmolLM2-135M with
@@ -214,7 +214,7 @@ def run_dataset(config, command, force=False):
     (guide, seed) it finished. A run of another configuration is refused, naming the differences, unless ``force``.
     One process at a time writes a run (:func:`~pyro_lora.io.folder_lock`).
 
-    Writes :data:`~pyro_lora.experiments.study_report.SIDECAR` (commands, machine, dates, wall seconds summed over
+    Writes :data:`~pyro_lora.experiments.results.SIDECAR` (commands, machine, dates, wall seconds summed over
     the invocations that ran it) next to ``results.json``, also when the run fails.
 
     :raises ValueError: for a run of another configuration without ``force``, or one another process is writing.
@@ -245,19 +245,27 @@ def run_dataset(config, command, force=False):
 def _sidecar(out, command, config, keep):
     """Time the block and record it in ``out``'s sidecar, also when it raises; ``keep``: add to the record there (a
     resumed run: its commands, first start, summed wall time and updates kept), else start a new one, once the
-    folder holds this configuration's run (a replacement that failed before its first result left the old run)."""
+    folder holds this configuration's run (a replacement that failed before its first result left the old run).
+
+    The record is written at the start too, marked ``running``: an invocation a kill cut short is listed on the
+    next one under ``interrupted`` (its start known, its wall time not)."""
     path = Path(out) / SIDECAR
     old = json.loads(path.read_text()) if keep and path.is_file() else {}
+    if "running" in old:  # the folder's lock is ours: the invocation that wrote it is gone
+        cut = old.pop("running")
+        old["interrupted"] = [*old.get("interrupted", []), cut]
     started, start, record = _now(), time.perf_counter(), {}
+    commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
+    ours = {**old, "command": command, "commands": list(dict.fromkeys([*commands, command])),
+            "machine": machine_info(config.device), "started": old.get("started", started)}
+    if keep or _saved(config) is None:  # never over the record of a run this one has not replaced yet
+        write_json(path, {**ours, "running": {"command": command, "started": started}})
     try:
         yield record
     finally:
         record["seconds"] = time.perf_counter() - start
-        commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
         if keep or not _other_configuration(config, _saved(config)):
-            write_json(path, {**old, "command": command, "commands": list(dict.fromkeys([*commands, command])),
-                              "machine": machine_info(config.device), "started": old.get("started", started),
-                              "finished": _now(), "wall_seconds": (old.get("wall_seconds") or 0.0) + record["seconds"]})
+            write_json(path, {**ours, "finished": _now(), "wall_seconds": (old.get("wall_seconds") or 0.0) + record["seconds"]})
 
 
 def stale_guides(update, guides):
@@ -351,7 +359,14 @@ def main(args, overrides, command):
     ignored = [flag for flag, given in _ignored_flags(args, overrides).items() if given]
     if ignored:
         raise ValueError(f"{' and '.join(ignored)}")
-    writable_folder(Path(args.docs) / "study")  # found after hours of training, it lost the report
+    runs = Path(args.runs)
+    if runs.exists() and not runs.is_dir():
+        raise ValueError(f"--runs {runs} is a file: give the folder that holds (or will hold) each dataset's run")
+    writable_folder(Path(args.docs) / "study", "--docs")  # found after hours of training, it lost the report
+    report = Path(args.docs) / "study.md"
+    if report.is_symlink() or (report.exists() and not report.is_file()):
+        raise ValueError(f"{report} is {'a link' if report.is_symlink() else 'a folder'}, where the study writes its report: "
+                         "move it, or choose another --docs")
     failed = []
     if args.report_only:
         datasets = study_datasets(args.datasets) if args.datasets else None
@@ -372,6 +387,12 @@ def _ignored_flags(args, overrides):
     """``{sentence: whether it applies}`` for the flags this invocation would ignore without a word."""
     planned = [f"--{k.replace('_', '-')}" for k in PLANS["classification"].__dataclass_fields__ if k in overrides and k not in
                ("progress", "device", "dtype", "load_in_4bit", "ts", "data_dir")]
+    # flags with a default value always in ``overrides``: given where they differ from it
+    planned += [flag for flag, given in [("--no-shift", not args.shift), ("--no-ts", overrides.get("ts") is False),
+                                         ("--device", overrides.get("device", "cpu") != "cpu"),
+                                         ("--dtype", overrides.get("dtype", "fp32") != "fp32"),
+                                         ("--load-in-4bit", bool(overrides.get("load_in_4bit"))),
+                                         ("--data-dir", overrides.get("data_dir") is not None)] if given]
     return {
         f"--report-only trains nothing: {', '.join(planned)} would be ignored": args.report_only and planned,
         "--report-only trains nothing: --update and --force would be ignored": args.report_only and (args.update or args.force),

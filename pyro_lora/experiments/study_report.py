@@ -17,14 +17,13 @@ import numpy as np
 from ..guides.registry import METHODS
 from ..io import atomic_file
 from .plots import difference_heatmaps
-from .results import read_record, summarize_run
+from .results import SIDECAR, read_record, summarize_run
 from .study_header import answer_format, header_section, long_name, model_name, short, used_sizes
 from .table import COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, ts_name
 from .verdict import clear_difference, verdict
 
 DATASETS = ("sst2", "arc_easy", "openbookqa")  # the study's sets, in report order
 ACCURACY_MARGIN = 0.01  # "loses more than 1 accuracy point"
-SIDECAR = "study_run.json"  # next to results.json: command, machine, wall time of the run
 # the columns of the per-set tables (in distribution, under shift), from the one table spec
 IN_DISTRIBUTION = columns("accuracy", "ece", "nll", "brier", "aurc", "fit_seconds", "predict_seconds_per_1000", "extra_parameters")
 SHIFTED = columns("accuracy", "ece", "nll", "ood_auroc_entropy", "ood_auroc_mi")
