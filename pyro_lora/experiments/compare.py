@@ -169,7 +169,7 @@ def _run_seeds(config, overwrite, reference):
     run = RunFolder(config.out, config, overwrite=overwrite)
     earlier = run if reference is None else RunFolder(reference, config)  # the rows the new ones join
     digest = data_digest(config)
-    for folder in {id(run): run, id(earlier): earlier}.values():
+    for folder in [run] if earlier is run else [run, earlier]:
         folder.check_data(digest)
     run.data = digest
     datasets = [config.dataset, *config.eval_datasets]

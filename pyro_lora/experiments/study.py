@@ -385,14 +385,12 @@ def main(args, overrides, command):
 
 def _ignored_flags(args, overrides):
     """``{sentence: whether it applies}`` for the flags this invocation would ignore without a word."""
+    d = CompareConfig()
+    defaulted = ("ts", "device", "dtype", "load_in_4bit", "data_dir")  # always in ``overrides``: given where not the default
     planned = [f"--{k.replace('_', '-')}" for k in PLANS["classification"].__dataclass_fields__ if k in overrides and k not in
-               ("progress", "device", "dtype", "load_in_4bit", "ts", "data_dir")]
-    # flags with a default value always in ``overrides``: given where they differ from it
-    planned += [flag for flag, given in [("--no-shift", not args.shift), ("--no-ts", overrides.get("ts") is False),
-                                         ("--device", overrides.get("device", "cpu") != "cpu"),
-                                         ("--dtype", overrides.get("dtype", "fp32") != "fp32"),
-                                         ("--load-in-4bit", bool(overrides.get("load_in_4bit"))),
-                                         ("--data-dir", overrides.get("data_dir") is not None)] if given]
+               ("progress", *defaulted)]
+    planned += ["--no-shift"] * (not args.shift) + [
+        "--no-ts" if k == "ts" else f"--{k.replace('_', '-')}" for k in defaulted if overrides.get(k, getattr(d, k)) != getattr(d, k)]
     return {
         f"--report-only trains nothing: {', '.join(planned)} would be ignored": args.report_only and planned,
         "--report-only trains nothing: --update and --force would be ignored": args.report_only and (args.update or args.force),
