@@ -10,6 +10,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: folder_lock refuses to run
+    fcntl = None
+
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -137,45 +142,96 @@ def _remove_dead_temporaries(path):
                 leftover.unlink(missing_ok=True)
 
 
+class FolderLocked(ValueError):
+    """Another process holds the folder :func:`folder_lock` was asked for."""
+
+
+_HELD = {}  # resolved folder -> the open lock file this process holds there (folder_lock is re-entrant)
+
+
 @contextlib.contextmanager
 def folder_lock(path, what="this folder"):
-    """Hold ``path/.lock`` (this process's id) for the block: a second process writing the same folder would
-    interleave two sets of rows. A lock left by a process that is gone is taken over; one this process holds
-    already (the study's, around the comparison it runs there) is held on.
+    """Hold an exclusive lock on ``path/.lock`` for the block: a second process writing the same folder would
+    interleave two sets of rows. The lock is the kernel's (``flock``): it goes with its process, so a lock a killed
+    run left needs no takeover, and the process id written in the file only names the holder in the error. A lock this
+    process holds already (the study's, around the comparison it runs there) is held on.
 
-    :raises ValueError: if a running process holds it (naming its id).
+    :raises FolderLocked: if another process holds it (naming its id).
+    :raises ValueError: if ``path/.lock`` is no file this can lock.
+    :raises RuntimeError: on a platform without POSIX file locks.
     """
-    lock = Path(path) / ".lock"
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    if lock.is_file() and lock.read_text().strip() == str(os.getpid()):
+    folder = Path(path).resolve()
+    if folder in _HELD:
         yield
         return
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            holder = lock.read_text().strip() if lock.is_file() else ""
-            if process_alive(holder):
-                raise ValueError(f"process {holder} is writing {what} ({lock}): wait for it, or stop it first") from None
-            lock.unlink(missing_ok=True)  # its process is gone
-    with os.fdopen(fd, "w") as f:
-        f.write(str(os.getpid()))
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".lock"
+    _HELD[folder] = _acquire(lock, what)
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)  # before closing: a process waiting on this file sees it is gone and retries
+        os.close(_HELD.pop(folder))
+
+
+def _acquire(lock, what):
+    """Open and ``flock`` ``lock``, returning the descriptor, with this process's id written in it."""
+    if fcntl is None:
+        raise RuntimeError("run folders are locked with POSIX file locks (fcntl), which this platform lacks")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ValueError(f"{lock} cannot be opened as this folder's lock file ({e.strerror}): remove it") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise FolderLocked(f"{holder} is writing {what} ({lock}): wait for it, or stop it first") from None
+        try:  # the holder before may have removed the file between this open and this lock: lock the one there now
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            return fd
+        os.close(fd)
+
+
+def _lock_holder(fd):
+    """'process <id>' as the holder of the lock file ``fd`` wrote it, or 'another process' if it wrote none yet."""
+    text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+    return f"process {text}" if text.isdigit() else "another process"
+
+
+def locked_elsewhere(path):
+    """Whether another process holds :func:`folder_lock` on ``path`` now (it may be writing there)."""
+    folder = Path(path).resolve()
+    if folder in _HELD or fcntl is None or not (folder / ".lock").is_file():
+        return False
+    fd = os.open(folder / ".lock", os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def process_alive(pid):
-    """Whether process ``pid`` (a string) runs: another process may be writing its folder right now."""
+    """Whether process ``pid`` (a string of digits) runs: another process may be writing its folder right now."""
+    if not (pid.isascii() and pid.isdigit()) or int(pid) == 0:
+        return False
     try:
         os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
-    return int(pid) != 0
+    return True
 
 
 _GUIDE_CLASSES = {}  # "module:qualname" -> class: the only classes load_guide builds

@@ -1,7 +1,10 @@
 """Tiny random networks for fast unit tests (no downloads: configs are built in code)."""
 
+import contextlib
 import importlib.util
 import os
+import subprocess
+import sys
 
 # each pytest-xdist worker (the README's `-n 2`) gets one thread, its subprocesses too: two torch processes of two
 # threads each on 2 cores run many times slower than one
@@ -93,3 +96,16 @@ def offline(monkeypatch):
     """Any attempt to reach the Hugging Face Hub fails."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+@contextlib.contextmanager
+def held_by_another_process(folder):
+    """Another Python process holds ``folder_lock(folder)`` for the block; yields its process id."""
+    code = "import sys; from pyro_lora.io import folder_lock\nwith folder_lock(sys.argv[1]):\n print('held', flush=True); sys.stdin.read()"
+    proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "held\n"
+        yield proc.pid
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=60)

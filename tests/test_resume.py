@@ -650,13 +650,12 @@ def test_a_results_json_whose_maps_is_no_digest_per_seed_is_refused_by_name(tmp_
 def test_two_processes_never_write_one_run_folder(tmp_path):
     """A compare into a folder another running process writes (a second compare, or a study) is refused before any
     work: each wrote its own results.json over the other's, and a finished run lost its rows without a word."""
-    import os
+    from conftest import held_by_another_process
 
-    (tmp_path / ".lock").write_text(str(os.getppid()))  # a live process holds the folder
-    with pytest.raises(ValueError, match=f"process {os.getppid()} is writing this run folder"):
-        run_compare(small(tmp_path, guides=("map",)))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
-    (tmp_path / ".lock").unlink()
+    with held_by_another_process(tmp_path) as pid:
+        with pytest.raises(ValueError, match=f"process {pid} is writing this run folder"):
+            run_compare(small(tmp_path, guides=("map",)))
+        assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
     rows = run_compare(small(tmp_path, guides=("temperature",), epochs=0))
     assert [r["guide"] for r in rows] == ["temperature"] and not (tmp_path / ".lock").exists()
 

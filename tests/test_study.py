@@ -4,6 +4,8 @@ writes them (no model is loaded)."""
 import json
 import os
 import re
+import subprocess
+import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from pyro_lora.experiments import study_report as report
 from pyro_lora.experiments.results import summarize_seeds
 from pyro_lora.experiments.setup import CompareConfig
 from pyro_lora.experiments.table import format_table
+from pyro_lora.io import folder_lock
 
 
 @pytest.fixture(scope="module")
@@ -608,21 +611,66 @@ def test_another_configuration_is_refused_before_any_training_and_force_keeps_co
     assert cli.main(["study", *argv, "--force"]) == 0
     assert calls == [("openbookqa", True)]
     # one process at a time writes a run
-    from pyro_lora.io import folder_lock
+    from conftest import held_by_another_process
 
-    (runs / "arc_easy" / ".lock").write_text(str(os.getppid()))  # a live process
-    with pytest.raises(ValueError, match=f"process {os.getppid()} is writing"):
-        with folder_lock(runs / "arc_easy"):
-            pass
+    fresh = runs.parent / "fresh"
+    with held_by_another_process(fresh / "openbookqa") as pid:
+        assert cli.main(["study", *argv, "--runs", str(fresh)]) == 2
+        err = capsys.readouterr().err
+        assert f"## openbookqa: FAILED: process {pid} is writing the openbookqa run" in err and "Traceback" not in err
     with folder_lock(runs / "openbookqa"):  # this process's own lock (the study's, around its compare): held on
         with folder_lock(runs / "openbookqa"):
             pass
         assert (runs / "openbookqa" / ".lock").read_text() == str(os.getpid())
     assert not (runs / "openbookqa" / ".lock").exists()
-    (runs / "arc_easy" / ".lock").write_text("999999999")  # left by a process that is gone: taken over
-    with folder_lock(runs / "arc_easy"):
-        assert (runs / "arc_easy" / ".lock").read_text() == str(os.getpid())
-    assert not (runs / "arc_easy" / ".lock").exists()
+
+
+@pytest.mark.parametrize("left", ["999999999", "-1", "9" * 40, "", "\udcff"])
+def test_a_lock_file_a_gone_process_left_is_no_lock(tmp_path, left):
+    """The lock is the kernel's and goes with its process: whatever a killed run left in ``.lock`` (its id, an id
+    since reused, an id os.kill reads as "every process", a half-written file) does not hold the folder."""
+    (tmp_path / ".lock").write_bytes(left.encode("utf-8", "surrogateescape"))
+    with folder_lock(tmp_path):
+        assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    assert not (tmp_path / ".lock").exists()
+
+
+def test_two_processes_racing_for_a_lock_never_both_hold_it(tmp_path):
+    """Processes taking one folder's lock at once, over and over: never two inside at the same time."""
+    code = """
+import os, sys, time
+from pathlib import Path
+from pyro_lora.io import folder_lock
+inside, overlaps = Path(sys.argv[1]) / "inside", 0
+for _ in range(300):
+    try:
+        with folder_lock(sys.argv[1]):
+            fd = os.open(inside, os.O_CREAT | os.O_EXCL)  # fails if the other process is inside too
+            os.close(fd)
+            time.sleep(0.0005)
+            os.unlink(inside)
+    except ValueError:
+        pass
+    except FileExistsError:
+        overlaps += 1
+print(overlaps)
+"""
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    assert [p.communicate(timeout=300)[0].strip() for p in procs] == ["0", "0", "0"]
+
+
+@pytest.mark.parametrize("kind", ["folder", "unreadable"])
+def test_a_lock_that_is_no_file_is_refused_by_name(tmp_path, kind):
+    if kind == "folder":
+        (tmp_path / ".lock").mkdir()
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root reads any file")
+        (tmp_path / ".lock").write_text("1")
+        (tmp_path / ".lock").chmod(0)
+    with pytest.raises(ValueError, match=r"\.lock cannot be opened as this folder's lock file \(.*\): remove it"):
+        with folder_lock(tmp_path):
+            pass
 
 
 def test_one_config_comparison_for_resume_merge_and_the_study(tmp_path):
@@ -683,9 +731,11 @@ def test_a_merge_cut_short_by_a_kill_is_finished_by_the_next_reader(study, runs,
     (easy / R.MERGING).write_text(str(tmp_path / "gone"))
     with pytest.raises(ValueError, match="its rerun folder .*gone is gone: .*delete .*.merging and rerun that --update"):
         R.read_record(easy, "x")
-    (easy / ".lock").write_text(str(os.getppid()))  # a live process holds the run: it may be merging right now
-    with pytest.raises(ValueError, match=r"process \d+ is merging an --update into .*arc_easy: wait for it"):
-        R.read_record(easy, "x")
+    from conftest import held_by_another_process
+
+    with held_by_another_process(easy):  # another process holds the run: it may be merging right now
+        with pytest.raises(ValueError, match=r"another process holds .*arc_easy \(its .lock\) and may be merging an --update"):
+            R.read_record(easy, "x")
 
 
 def test_update_refuses_a_link_where_it_reruns(study, runs, tmp_path):

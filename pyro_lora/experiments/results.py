@@ -7,7 +7,6 @@ leaves the previous complete file, and ``results.json``, written last, is the re
 
 import json
 import math
-import os
 import traceback
 import warnings
 import zipfile
@@ -22,7 +21,7 @@ from safetensors.torch import save as save_safetensors
 from ..guides.registry import join_notes
 from ..data import resolve_data_dir
 from ..distributed import is_main
-from ..io import atomic_file, process_alive, read_safetensors, standard_json, write_json
+from ..io import atomic_file, locked_elsewhere, read_safetensors, standard_json, write_json
 from .plots import metric_scatter, reliability_diagram, reliability_grid
 from .setup import ADDED_SETTINGS, state_digest
 from .table import base_guide, ts_name
@@ -536,9 +535,8 @@ def finish_merge(out):
     marker = Path(out) / MERGING
     if not marker.is_file():
         return
-    holder = (Path(out) / ".lock").read_text().strip() if (Path(out) / ".lock").is_file() else ""
-    if holder and holder != str(os.getpid()) and process_alive(holder):
-        raise ValueError(f"process {holder} is merging an --update into {out}: wait for it")
+    if locked_elsewhere(out):
+        raise ValueError(f"another process holds {out} (its .lock) and may be merging an --update into it: wait for it")
     update = Path(marker.read_text().strip())
     if not (update / RESULTS).is_file():
         raise ValueError(f"{out} holds an --update whose merge was cut short, and its rerun folder {update} is gone: its "

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from .. import data as D
 from ..guides.registry import METHODS
-from ..io import folder_lock, writable_folder, write_json
+from ..io import FolderLocked, folder_lock, writable_folder, write_json
 from . import compare
 from .results import (MERGE_IGNORES, RESULTS, SIDECAR, GuideFailures, RunFolder, config_differences, finish_merge, map_name,
                       merge_results, read_record)
@@ -329,13 +329,18 @@ def run_study(configs, command, update=False, force=False):
     """Run (or with ``update``, rerun the guides of) every dataset's config in turn; returns ``(seconds per dataset
     run, failed datasets)``.
 
-    A dataset that fails is reported with its traceback and the study goes on (its rerun resumes from the others).
+    A dataset that fails is reported with its traceback (one line if another process holds its run) and the study goes
+    on (its rerun resumes from the others).
     """
     seconds, failed = {}, []
     for i, config in enumerate(configs, 1):
         print(f"# [{i}/{len(configs)}] {config.dataset}", flush=True)
         try:
             took = update_dataset(config, command) if update else run_dataset(config, command, force=force)
+        except FolderLocked as error:  # a refusal before any work: the sentence says it all
+            print(f"## {config.dataset}: FAILED: {error}", file=sys.stderr, flush=True)
+            failed.append(config.dataset)
+            continue
         except Exception:  # noqa: BLE001 -- one dataset's failure must not lose the rest of a long study
             traceback.print_exc()
             print(f"## {config.dataset}: FAILED, going on", flush=True)
