@@ -226,18 +226,19 @@ def test_std_step_is_sized_to_the_run_length():
     assert setup(29, 8, 2e-3).std_lr_scale() == 10.0  # long runs keep the guides' default
 
 
-def _fake_run(out, guides, nll, test_size=32):
+def _fake_run(out, guides, nll, test_size=32, data=None, data_dir=None):
     """A run directory as run_compare writes it: results.json, per-guide npz and reliability PNG (seed 0)."""
     from dataclasses import asdict
 
-    config = CompareConfig(guides=guides, test_size=test_size, seeds=(0,), out=str(out))
+    config = CompareConfig(guides=guides, test_size=test_size, seeds=(0,), out=str(out), data_dir=data_dir)
     rows = [{"guide": g, "dataset": "sst2", "seed": 0, "accuracy": 0.8, "ece": 5.0, "nll": nll, "brier": 0.3} for g in guides]
     out.mkdir()
     probs = torch.softmax(torch.randn(8, 2), -1).numpy()
     for g in guides:
         np.savez(out / f"predictions_{g}.npz", sst2__seed0__probs=probs, sst2__seed0__labels=np.arange(8) % 2)
         (out / f"reliability_{g}.png").write_bytes(f"{g} {nll}".encode())
-    (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows}))
+    (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows,
+                                                  **({"data": data} if data else {})}))
 
 
 def test_merge_results_replaces_the_rerun_guides_only(tmp_path):
@@ -256,6 +257,23 @@ def test_merge_results_replaces_the_rerun_guides_only(tmp_path):
     _fake_run(tmp_path / "other", ("meanfield",), nll=0.4, test_size=64)
     with pytest.raises(ValueError, match="differ in test_size"):
         merge_results(tmp_path / "run", tmp_path / "other")
+
+
+def test_a_merge_keeps_the_digest_of_the_records_its_rows_were_scored_on(tmp_path):
+    """A merge kept the run's digest whatever the rerun scored on: after `--update map` retrained every row on new
+    records, the run claimed the old ones, and a later partial update on the old data was merged beside them."""
+    from pyro_lora.experiments.results import merge_results
+
+    _fake_run(tmp_path / "run", ("map", "meanfield"), nll=0.5, data="a" * 64, data_dir=str(tmp_path / "there"))
+    _fake_run(tmp_path / "some", ("meanfield",), nll=0.4, data="b" * 64)
+    with pytest.raises(ValueError, match="differ in data"):  # rows of two sets of records in one table
+        merge_results(tmp_path / "run", tmp_path / "some")
+    _fake_run(tmp_path / "moved", ("meanfield",), nll=0.4, data="a" * 64, data_dir=str(tmp_path / "elsewhere"))
+    merge_results(tmp_path / "run", tmp_path / "moved")  # the same records in another folder: the same data
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["data"] == "a" * 64
+    _fake_run(tmp_path / "every", ("map", "meanfield"), nll=0.3, data="b" * 64)  # every row rerun
+    merge_results(tmp_path / "run", tmp_path / "every")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["data"] == "b" * 64
 
 
 def test_a_saved_guide_is_scored_with_the_predictive_compare_reports():

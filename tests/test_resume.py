@@ -712,6 +712,32 @@ def test_a_resume_on_changed_data_is_refused_before_any_work(tmp_path, monkeypat
     monkeypatch.setattr(C, "prepare", lambda *a, **k: pytest.fail("the data check comes before loading the model"))
     with pytest.raises(ValueError, match=r"holds rows scored on other sst2 records than .*data gives now .*changed since"):
         run_compare(replace(config, guides=("temperature", "map")))
+    # the same records in another folder are the same data: the digest is the check, not the path
+    copy = tmp_path / "copy" / "sst2"
+    copy.mkdir(parents=True)
+    (copy / "meta.json").symlink_to(real / "meta.json")
+    for name, text in lines.items():
+        (copy / name).write_text("\n".join(text))
+    assert run_compare(replace(config, data_dir=str(tmp_path / "copy")))[0]["guide"] == "temperature"  # complete: nothing rerun
+
+
+def test_a_record_from_before_digests_stays_unchecked(tmp_path):
+    """A record written before digests were kept got the data's digest on its next resume, though its old rows were
+    never checked against it: from then on they passed for rows scored on that data."""
+    folder = RunFolder(tmp_path, small(tmp_path, guides=("map",)))
+    folder.add("map", 0, [ROW], arrays(0))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved.pop("data") is None
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    again = RunFolder(tmp_path, small(tmp_path, guides=("map", "tfb")))
+    with pytest.warns(UserWarning, match="keeps no digest of the data its rows were scored on"):
+        again.check_data("c" * 64)
+    again.add("tfb", 0, [{**ROW, "guide": "tfb"}], arrays(0))
+    assert json.loads((tmp_path / "results.json").read_text())["data"] is None
+    fresh = RunFolder(tmp_path / "new", small(tmp_path / "new", guides=("map",)))
+    fresh.check_data("c" * 64)
+    fresh.add("map", 0, [ROW], arrays(0))
+    assert json.loads((tmp_path / "new" / "results.json").read_text())["data"] == "c" * 64
 
 
 @pytest.mark.parametrize("edit, message", [

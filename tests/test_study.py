@@ -358,6 +358,35 @@ def _fail_rerun(out, config, rows, failed):
     raise GuideFailures(f"{len(failed)} guide run(s) failed", summarize_seeds(rows))
 
 
+def test_a_run_on_other_records_is_another_configuration_and_only_a_full_update_may_rerun_it(study, runs, tmp_path, monkeypatch,
+                                                                                             capsys):
+    """A study resumed a run whose records had changed, and compare then refused it pointing at --overwrite, a flag the
+    study lacks; an --update of some methods mixed rows of both; a copy of the data at another path was refused."""
+    import pyro_lora.experiments.compare as compare
+
+    easy = runs / "arc_easy" / "results.json"
+    saved = json.loads(easy.read_text())
+    digest = study.data_digest(study.make_config(parse("--datasets", "arc_easy", "--no-shift", "--seeds", "0,1", "--train-size",
+                                                       "64", *SIZES, "--runs", str(runs))[1], "arc_easy", shift=False, runs=runs))
+    easy.write_text(json.dumps({**saved, "data": digest, "config": {**saved["config"], "data_dir": str(tmp_path / "a copy")}}))
+    argv = ["--datasets", "arc_easy", "--no-shift", "--guides", "map,temperature,meanfield", "--seeds", "0,1", "--train-size", "64",
+            *SIZES, "--runs", str(runs), "--docs", str(tmp_path / "docs")]
+    assert cli.main(["study", *argv]) == 0  # the same records at another path: complete, skipped
+    easy.write_text(json.dumps({**saved, "data": "0" * 64}))
+    assert cli.main(["study", *argv]) == 2
+    assert "arc_easy (data 'records 000000000000' there, 'records " in capsys.readouterr().err
+    calls = []
+    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, reference=None: calls.append(overwrite))
+    assert cli.main(["study", *argv, "--force"]) == 0 and calls == [True]  # replaced, as another configuration
+    update = ["--datasets", "arc_easy", "--no-shift", "--train-size", "64", *SIZES, "--runs", str(runs), "--docs", str(tmp_path / "docs")]
+    with pytest.raises(ValueError, match=r"the arc_easy records under .* changed since its run \(data records 000000000000 there, "
+                                         r"records \w{12} now\): --update meanfield would mix rows of both; restore them, or "
+                                         "--update map to rerun every method"):
+        study.study_configs(parse(*update, "--update", "meanfield")[1], ["arc_easy"], False, str(runs), ("meanfield",))
+    assert [c.guides for c in study.study_configs(parse(*update, "--update", "map")[1], ["arc_easy"], False, str(runs), ("map",))] \
+        == [("map", "temperature", "meanfield")]
+
+
 def test_update_of_the_map_keeps_the_retrained_maps_and_drops_a_failed_seeds(study, runs, tmp_path, monkeypatch):
     """--update map retrains every seed's MAP: the run's folder then keeps the new ones (a resume starts from the MAP
     the merged rows did), and none for a seed whose MAP failed (a resume trains it with the new code)."""

@@ -171,7 +171,6 @@ def _run_seeds(config, overwrite, reference):
     digest = data_digest(config)
     for folder in [run] if earlier is run else [run, earlier]:
         folder.check_data(digest)
-    run.data = digest
     datasets = [config.dataset, *config.eval_datasets]
     say = print if is_main() else (lambda *a, **k: None)
     plan = {seed: [g for g in config.guides if not all(run.complete(r, seed, datasets) for r in row_names(config, g))]

@@ -159,15 +159,17 @@ class RunFolder:
 
     def check_data(self, digest):
         """Refuse to add rows scored on other records than those of the rows here (``digest``: the
-        :func:`~pyro_lora.experiments.setup.data_digest` of the data folder now); a record from before digests were
-        kept is taken as it is, with a warning."""
-        if self.data is None and self.rows:
+        :func:`~pyro_lora.experiments.setup.data_digest` of the data folder now), and keep ``digest`` as the run's; a
+        record from before digests were kept is taken as it is, with a warning, and keeps none."""
+        if self.data is None and self.rows:  # and stays without one: its old rows were never checked
             warnings.warn(f"{self.out / RESULTS} keeps no digest of the data its rows were scored on (written by an older "
                           "version): they are not checked against the data now", stacklevel=2)
-        elif self.data is not None and self.data != digest:
+            return
+        if self.data not in (None, digest):
             raise ValueError(f"{self.out / RESULTS} holds rows scored on other {self.config.dataset} records than "
                              f"{self.config.data_dir} gives now (its train, validation or test files changed since): restore "
                              "that data, or run into another --out (or pass --overwrite to replace the run)")
+        self.data = digest
 
     def complete(self, guide, seed, datasets):
         """Whether ``guide`` under ``seed`` has its rows for every evaluation set in ``datasets`` and its arrays."""
@@ -208,7 +210,8 @@ class RunFolder:
         params = dict(setup.net.named_parameters())
         names = sorted(set(tensors) ^ set(setup.initial_state))
         names += [n for n in tensors if n in params and (tensors[n].shape, tensors[n].dtype) != (params[n].shape, params[n].dtype)]
-        differ = config_differences(config, setup.config, _RESUMABLE)
+        # a run whose records were checked by digest may have moved its data folder
+        differ = config_differences(config, setup.config, _RESUMABLE + ("data_dir",) * (self.data is not None))
         digest = state_digest(tensors)
         problem = (f"it holds seed {seed}'s MAP" if seed != setup.seed else
                    f"its tensors {names[:3]} differ from this network's in name, shape or dtype" if names else
@@ -432,7 +435,7 @@ def summarize_run(rows, failed):
     return summary
 
 
-def config_differences(saved, config, ignore=()):
+def config_differences(saved, config, ignore=(), data=None):
     """``{setting: (value there, value now)}`` for every setting of ``config`` that the saved run ``saved`` holds
     otherwise, but those named in ``ignore``; ``{}``: the same configuration. The one comparison of a request with
     a saved run: resuming a folder (:class:`RunFolder`), merging a rerun (:func:`merge_results`) and the study's
@@ -445,16 +448,21 @@ def config_differences(saved, config, ignore=()):
     :param config: the configuration now, a :class:`~pyro_lora.experiments.setup.CompareConfig` or its dict;
         its settings are the ones compared.
     :param ignore: setting names left out (e.g. what a resumed run may change: guides, seeds, out, progress).
+    :param data: the :func:`~pyro_lora.experiments.setup.data_digest` of the records now, compared (as ``data``) with
+        the one the record keeps.
 
     Values are compared as JSON reads them back (tuples are lists), data folders as the absolute folders they
-    name (``None``: the default one).
+    name (``None``: the default one). A record that keeps the digest of its records is not compared by data folder:
+    the same records elsewhere are the same data, other records at the same path are not.
     """
     now = asdict(config) if is_dataclass(config) else dict(config)
     resolved = saved.get("config", saved)
     requested = saved.get("request", resolved)
     out = {}
+    if data is not None and saved.get("data") not in (None, data):
+        out["data"] = (f"records {saved['data'][:12]}", f"records {data[:12]}")
     for key, value in now.items():
-        if key in ignore:
+        if key in ignore or (key == "data_dir" and saved.get("data")):
             continue
         older = ADDED_SETTINGS.get(key)  # a record from before the setting existed ran with its old value
         there = requested.get(key, resolved.get(key, older))
@@ -493,7 +501,8 @@ def merge_results(out, update):
     """
     out, update = Path(out), Path(update)
     base, new = (json.loads((d / RESULTS).read_text()) for d in (out, update))
-    differ = sorted(config_differences(base, new["config"], ignore=MERGE_IGNORES))
+    replaces_all = set(base["config"]["guides"] or ()) <= set(new["config"]["guides"] or ())  # a retrained MAP's rerun
+    differ = sorted(config_differences(base, new["config"], ignore=MERGE_IGNORES, data=None if replaces_all else new.get("data")))
     if differ:
         raise ValueError(f"cannot merge {update} into {out}: their configurations differ in {', '.join(differ)}")
     missing = sorted(set(base["config"]["seeds"]) - set(new["config"]["seeds"]), key=str)
@@ -521,7 +530,8 @@ def merge_results(out, update):
     config = {**base["config"], "guides": guides}
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
     write_json(out / RESULTS, {**base, "config": config, "summary": summary, "verdict": verdict(rows, config["dataset"]),
-                               "per_seed": rows, "failed": failed, "maps": maps, "data": base.get("data") or new.get("data")})
+                               "per_seed": rows, "failed": failed, "maps": maps,
+                               "data": new.get("data") if replaces_all else base.get("data")})
     (out / MERGING).unlink()
     return summary
 

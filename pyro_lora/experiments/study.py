@@ -45,7 +45,7 @@ from ..io import FolderLocked, folder_lock, writable_folder, write_json
 from . import compare
 from .results import (MERGE_IGNORES, RESULTS, SIDECAR, GuideFailures, RunFolder, config_differences, finish_merge, map_name,
                       merge_results, read_record)
-from .setup import FULL, CompareConfig, check_config, default_guides
+from .setup import FULL, CompareConfig, check_config, data_digest, default_guides
 from .study_header import duration, machine_info
 from .study_report import DATASETS, build_report
 from .verdict import REFERENCE
@@ -165,7 +165,12 @@ def _update_config(config, update, overrides):
         raise ValueError(f"--update reruns every seed of the {config.dataset} run ({','.join(map(str, seeds))}): leave "
                          "--seeds out (a rerun of some seeds would leave the others' rows from the old code)")
     config = replace(config, seeds=seeds)
-    differ = config_differences(saved, config, ignore=MERGE_IGNORES)
+    retrain = REFERENCE in update  # every row is rerun: on the records there now
+    differ = config_differences(saved, config, ignore=MERGE_IGNORES, data=None if retrain or not saved.get("data") else data_digest(config))
+    if "data" in differ:
+        raise ValueError(f"the {config.dataset} records under {D.resolve_data_dir(config.data_dir)} changed since its run "
+                         f"(data {differ['data'][0]} there, {differ['data'][1]} now): --update {','.join(update)} would mix "
+                         f"rows of both; restore them, or --update {REFERENCE} to rerun every method on the records now")
     if differ:  # the merge would refuse it after the training: refuse it now
         changed = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differ.items())
         raise ValueError(f"--update reruns {config.dataset} with its run's configuration, and these flags differ from "
@@ -184,8 +189,10 @@ def expected_guides(config):
 
 def saved_differences(saved, config):
     """``{setting: (saved, wanted)}`` where the saved run record ``saved`` (``results.json``) differs from the run
-    ``config`` asks for (its guides as ``run_compare`` expands them); output folder and progress bars aside."""
-    return config_differences(saved, replace(config, guides=tuple(expected_guides(config))), ignore=("out", "progress"))
+    ``config`` asks for (its guides as ``run_compare`` expands them, ``data``: the records it scored on); output folder
+    and progress bars aside."""
+    return config_differences(saved, replace(config, guides=tuple(expected_guides(config))), ignore=("out", "progress"),
+                              data=data_digest(config) if saved.get("data") else None)
 
 
 def unfinished(config):
