@@ -612,6 +612,44 @@ def test_run_dataset_resumes_what_is_unfinished_and_refuses_another_configuratio
     assert "(not counting 1 invocation(s) cut short or still running, whose time is not recorded)" in header
 
 
+def test_an_invocation_killed_before_its_first_result_or_during_an_update_is_listed(study, runs, tmp_path, monkeypatch):
+    """A run's first invocation killed before any result left a sidecar marked running, which the next invocation
+    wrote over (no record to keep); a killed --update left no trace at all."""
+    import pyro_lora.experiments.compare as compare
+
+    seen = []
+
+    def killed(config, overwrite=False, reference=None):
+        seen.append(json.loads((runs / "arc_easy" / "study_run.json").read_text()))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(compare, "run_compare", killed)
+    common = ("--no-shift", "--guides", "map,temperature,meanfield", "--seeds", "0,1", "--train-size", "64", *SIZES)
+    fresh = study.make_config(parse(*common)[1], "arc_easy", shift=False, runs=tmp_path / "fresh")
+    with pytest.raises(KeyboardInterrupt):
+        study.run_dataset(replace(fresh, out=str(runs / "arc_easy" / "x")), "first")  # its sidecar: x/study_run.json
+    sidecar = runs / "arc_easy" / "x" / "study_run.json"
+    assert json.loads(sidecar.read_text())["running"]["command"] == "first"
+    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, reference=None: None)
+    study.run_dataset(replace(fresh, out=str(runs / "arc_easy" / "x")), "second")
+    after = json.loads(sidecar.read_text())
+    assert [i["command"] for i in after["interrupted"]] == ["first"] and after["commands"] == ["second"]
+    # a killed update: marked running at its start, listed under interrupted by the next invocation
+    monkeypatch.setattr(compare, "run_compare", killed)
+    config = study.study_configs(parse("--datasets", "arc_easy", "--no-shift", "--train-size", "64", *SIZES, "--runs", str(runs),
+                                       "--update", "meanfield")[1], ["arc_easy"], False, str(runs), ("meanfield",))[0]
+    with pytest.raises(KeyboardInterrupt):
+        study.update_dataset(config, "the update")
+    assert seen[-1]["running"] == {"command": "the update", "started": seen[-1]["running"]["started"], "update": ["meanfield"]}
+    assert json.loads((runs / "arc_easy" / "study_run.json").read_text())["running"]["command"] == "the update"
+    header = report.header_section(report.load_runs(runs, ["arc_easy"]), "x", "now")
+    assert "(not counting 1 invocation(s) cut short or still running, whose time is not recorded)" in header
+    with pytest.raises(KeyboardInterrupt):
+        study.update_dataset(config, "again")
+    after = json.loads((runs / "arc_easy" / "study_run.json").read_text())
+    assert [i["command"] for i in after["interrupted"]] == ["the update"] and after["running"]["command"] == "again"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--report-only", "--seeds", "5", "--epochs", "9"], "--report-only trains nothing: --epochs, --seeds would be ignored"),
     (["--report-only", "--force"], "--report-only trains nothing: --update and --force would be ignored"),

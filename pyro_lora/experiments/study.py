@@ -257,22 +257,30 @@ def _sidecar(out, command, config, keep):
     The record is written at the start too, marked ``running``: an invocation a kill cut short is listed on the
     next one under ``interrupted`` (its start known, its wall time not)."""
     path = Path(out) / SIDECAR
-    old = json.loads(path.read_text()) if keep and path.is_file() else {}
-    if "running" in old:  # the folder's lock is ours: the invocation that wrote it is gone
-        cut = old.pop("running")
-        old["interrupted"] = [*old.get("interrupted", []), cut]
+    fresh = not keep and _saved(config) is None  # no run here yet: only the tries cut short before a result to keep
+    old = _read_sidecar(path) if keep else {k: v for k, v in _read_sidecar(path).items() if k == "interrupted"} if fresh else {}
     started, start, record = _now(), time.perf_counter(), {}
     commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
     ours = {**old, "command": command, "commands": list(dict.fromkeys([*commands, command])),
             "machine": machine_info(config.device), "started": old.get("started", started)}
-    if keep or _saved(config) is None:  # never over the record of a run this one has not replaced yet
+    if keep or fresh:  # never over the record of a run this one has not replaced yet
         write_json(path, {**ours, "running": {"command": command, "started": started}})
     try:
         yield record
     finally:
         record["seconds"] = time.perf_counter() - start
-        if keep or not _other_configuration(config, _saved(config)):
+        saved = _saved(config)  # none yet: no result to time; the next invocation lists this one as interrupted
+        if keep or (saved is not None and not _other_configuration(config, saved)):
             write_json(path, {**ours, "finished": _now(), "wall_seconds": (old.get("wall_seconds") or 0.0) + record["seconds"]})
+
+
+def _read_sidecar(path):
+    """The sidecar at ``path`` (``{}`` if none), the invocation it marks ``running`` moved to ``interrupted``: the
+    caller holds the folder's lock, so that invocation is gone."""
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    if "running" in old:
+        old["interrupted"] = [*old.get("interrupted", []), old.pop("running")]
+    return old
 
 
 def stale_guides(update, guides):
@@ -308,6 +316,8 @@ def update_dataset(config, command):
     if here.is_symlink() or (here.exists() and not here.is_dir()):
         raise ValueError(f"{here} is {'a link' if here.is_symlink() else 'a file'}, where --update reruns the methods: move it")
     with folder_lock(out, f"the {config.dataset} run"):
+        sidecar = _read_sidecar(out / SIDECAR)  # marked running: a kill leaves a trace
+        write_json(out / SIDECAR, {**sidecar, "running": {"command": command, "started": started, "update": list(config.guides)}})
         finish_merge(out)  # a merge a kill cut short, before its rerun folder goes
         shutil.rmtree(here, ignore_errors=True)  # an earlier update's rows must never be merged as this one's
         retrain = REFERENCE in config.guides
@@ -321,11 +331,10 @@ def update_dataset(config, command):
         except GuideFailures as error:  # the finished rows are merged; the failed ones replace their stale rows
             failure = error
         merge_results(out, here)
-    seconds = time.perf_counter() - start
-    sidecar = json.loads((out / SIDECAR).read_text()) if (out / SIDECAR).is_file() else {}
-    sidecar.setdefault("updates", []).append({"guides": list(config.guides), "command": command, "started": started,
-                                              "finished": _now(), "wall_seconds": seconds})
-    write_json(out / SIDECAR, sidecar)
+        seconds = time.perf_counter() - start
+        sidecar.setdefault("updates", []).append({"guides": list(config.guides), "command": command, "started": started,
+                                                  "finished": _now(), "wall_seconds": seconds})
+        write_json(out / SIDECAR, sidecar)
     if failure is not None:
         raise failure
     print(f"## {config.dataset}: {', '.join(config.guides)} updated in {duration(seconds)}", flush=True)
