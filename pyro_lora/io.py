@@ -89,6 +89,17 @@ def writable_folder(path, flag="--out"):
     return path
 
 
+def check_file_slot(path, where):
+    """Refuse, before any long work, a link or folder at ``path``, where a file is to be written (found late, it
+    stopped the run); ``where`` ends the sentence, e.g. "the run writes a file: choose another --out".
+
+    :raises ValueError: naming what is there.
+    """
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ValueError(f"{path} is {'a link' if path.is_symlink() else 'a folder'}, where {where}")
+
+
 @contextlib.contextmanager
 def atomic_directory(path):
     """Yield a temporary directory that replaces ``path`` only once the block succeeds.

@@ -21,7 +21,7 @@ from safetensors.torch import save as save_safetensors
 from ..guides.registry import join_notes
 from ..data import resolve_data_dir
 from ..distributed import is_main
-from ..io import atomic_file, locked_elsewhere, read_safetensors, standard_json, write_json
+from ..io import atomic_file, check_file_slot, locked_elsewhere, read_safetensors, standard_json, write_json
 from .plots import metric_scatter, reliability_diagram, reliability_grid
 from .setup import ADDED_SETTINGS, state_digest
 from .table import base_guide, ts_name
@@ -118,15 +118,12 @@ class RunFolder:
         return read_record(self.out, "choose another --out")
 
     def _check_writable(self, guides):
-        """Refuse, before any work, a folder or link where one of the run's files goes (found late, it stopped the run)."""
+        """Refuse, before any work, a folder or link where one of the run's files goes."""
         names = [RESULTS, "reliability_grid.png", "calibration_vs_accuracy.png", *map(map_name, self.config.seeds)]
         names += [f"{kind}_{g}.{ext}" for name in guides for g in (name, ts_name(name))
                   for kind, ext in (("predictions", "npz"), ("reliability", "png"))]
         for name in names:
-            path = self.out / name
-            if path.is_symlink() or (path.exists() and not path.is_file()):
-                raise ValueError(f"{path} is {'a link' if path.is_symlink() else 'a folder'}, where the run writes a file: "
-                                 "move it or choose another --out")
+            check_file_slot(self.out / name, "the run writes a file: move it or choose another --out")
 
     def _remove_replaced(self):
         """Delete the files of the run ``--overwrite`` replaces, but those this run wrote already: only once the new

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from .. import data as D
 from ..guides.registry import METHODS
-from ..io import FolderLocked, folder_lock, writable_folder, write_json
+from ..io import FolderLocked, check_file_slot, folder_lock, writable_folder, write_json
 from . import compare
 from .results import (MERGE_IGNORES, RESULTS, SIDECAR, GuideFailures, RunFolder, config_differences, finish_merge, map_name,
                       merge_results, read_record)
@@ -384,10 +384,7 @@ def main(args, overrides, command):
     if runs.exists() and not runs.is_dir():
         raise ValueError(f"--runs {runs} is a file: give the folder that holds (or will hold) each dataset's run")
     writable_folder(Path(args.docs) / "study", "--docs")  # found after hours of training, it lost the report
-    report = Path(args.docs) / "study.md"
-    if report.is_symlink() or (report.exists() and not report.is_file()):
-        raise ValueError(f"{report} is {'a link' if report.is_symlink() else 'a folder'}, where the study writes its report: "
-                         "move it, or choose another --docs")
+    check_file_slot(Path(args.docs) / "study.md", "the study writes its report: move it, or choose another --docs")
     failed = []
     if args.report_only:
         datasets = study_datasets(args.datasets) if args.datasets else None
