@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 import tempfile
+import threading
 from pathlib import Path
 
 try:
@@ -157,7 +158,7 @@ class FolderLocked(ValueError):
     """Another process holds the folder :func:`folder_lock` was asked for."""
 
 
-_HELD = {}  # resolved folder -> the open lock file this process holds there (folder_lock is re-entrant)
+_HELD = {}  # (resolved folder, thread) -> the open lock file this thread holds there (folder_lock is re-entrant)
 
 
 @contextlib.contextmanager
@@ -165,24 +166,24 @@ def folder_lock(path, what="this folder"):
     """Hold an exclusive lock on ``path/.lock`` for the block: a second process writing the same folder would
     interleave two sets of rows. The lock is the kernel's (``flock``): it goes with its process, so a lock a killed
     run left needs no takeover, and the process id written in the file only names the holder in the error. A lock this
-    process holds already (the study's, around the comparison it runs there) is held on.
+    thread holds already (the study's, around the comparison it runs there) is held on; another thread's is refused.
 
     :raises FolderLocked: if another process holds it (naming its id).
     :raises ValueError: if ``path/.lock`` is no file this can lock.
     :raises RuntimeError: on a platform without POSIX file locks.
     """
-    folder = Path(path).resolve()
-    if folder in _HELD:
+    key = (Path(path).resolve(), threading.get_ident())  # another thread's lock is another holder: refused as one
+    if key in _HELD:
         yield
         return
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / ".lock"
-    _HELD[folder] = _acquire(lock, what)
+    key[0].mkdir(parents=True, exist_ok=True)
+    lock = key[0] / ".lock"
+    _HELD[key] = _acquire(lock, what)
     try:
         yield
     finally:
         lock.unlink(missing_ok=True)  # before closing: a process waiting on this file sees it is gone and retries
-        os.close(_HELD.pop(folder))
+        os.close(_HELD.pop(key))
 
 
 def _acquire(lock, what):
@@ -218,9 +219,9 @@ def _lock_holder(fd):
 
 
 def locked_elsewhere(path):
-    """Whether another process holds :func:`folder_lock` on ``path`` now (it may be writing there)."""
+    """Whether another process (or thread) holds :func:`folder_lock` on ``path`` now (it may be writing there)."""
     folder = Path(path).resolve()
-    if folder in _HELD or fcntl is None or not (folder / ".lock").is_file():
+    if (folder, threading.get_ident()) in _HELD or fcntl is None or not (folder / ".lock").is_file():
         return False
     fd = os.open(folder / ".lock", os.O_RDONLY)
     try:

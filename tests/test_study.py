@@ -726,6 +726,30 @@ print(overlaps)
     assert [p.communicate(timeout=300)[0].strip() for p in procs] == ["0", "0", "0"]
 
 
+def test_another_thread_of_this_process_is_another_holder(tmp_path):
+    """The lock was re-entrant for the whole process: two threads running a comparison into one folder both held it."""
+    import threading
+
+    from pyro_lora.io import locked_elsewhere
+
+    seen = []
+
+    def other():
+        seen.append(locked_elsewhere(tmp_path))
+        try:
+            with folder_lock(tmp_path, "this run folder"):
+                seen.append("held")
+        except ValueError as error:
+            seen.append(str(error))
+
+    with folder_lock(tmp_path, "this run folder"):
+        assert not locked_elsewhere(tmp_path)  # this thread's own
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert seen[0] is True and seen[1].startswith(f"process {os.getpid()} is writing this run folder")
+
+
 @pytest.mark.parametrize("kind", ["folder", "unreadable"])
 def test_a_lock_that_is_no_file_is_refused_by_name(tmp_path, kind):
     if kind == "folder":
