@@ -14,6 +14,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from pyro_lora.contract import check_guide
 from pyro_lora.data import to_device
 from pyro_lora.distributions import KFACNormal
 from pyro_lora.evidence import curvature_peaks, evidence_terms, maximise_evidence, precision_config, site_precision
@@ -142,6 +143,7 @@ class LaplaceGuide(LoraGuide):
         self.log_likelihood.fill_(loglik)
         self.num_data.fill_(count)
         self.fitted.fill_(True)
+        self.adopt_point_parameters()  # the posterior is of the network as it is now (its head too)
         return self
 
     # ------------------------------------------------------------------ posterior
@@ -149,6 +151,12 @@ class LaplaceGuide(LoraGuide):
     def _check_fitted(self):
         if not bool(self.fitted):
             raise ValueError("LaplaceGuide has no posterior yet: call fit(train_loader) first (or load a fitted guide)")
+
+    def _check_network(self, action):
+        """Refuse ``action`` on a network whose head or adapter changed since the fit, as :func:`~pyro_lora.predict`
+        does: the Jacobians would be those of another network than the posterior's."""
+        self._check_fitted()
+        check_guide(self.model, self, action)
 
     def posterior(self) -> dict[str, KFACNormal]:
         self._check_fitted()
@@ -269,7 +277,8 @@ class LaplaceGuide(LoraGuide):
         :param int max_iter: at most this many Newton iterations for ``"marglik"`` (a positive integer).
         :param float min_effective_parameters: ``gamma_min`` of the per-layer bound (0: none).
         :returns: the trace: evidence per Newton iteration, or NLL per grid value (the refining grid's after).
-        :raises ValueError: before :meth:`fit`, on an unknown ``method`` or ``predictive``, ``"val_nll"`` without
+        :raises ValueError: before :meth:`fit`, on an unknown ``method`` or ``predictive``, ``"val_nll"`` on a network
+            whose head or adapter changed since the fit (as ``predict`` refuses it) or without
             ``val_loader`` or with ``per_layer=True``, a grid value that is not finite and positive (0, negative,
             inf, nan), a ``num_samples`` or ``max_iter`` that is not a positive integer, or a grid NLL that is nan.
         """
@@ -321,6 +330,7 @@ class LaplaceGuide(LoraGuide):
             raise ValueError(
                 f"grid must hold finite positive prior precisions (float32), got {grid.tolist()}"
             )
+        self._check_network("tune lambda on validation data")
         nlls = self._grid_nll(val_loader, grid, predictive, num_samples, progress)
         best = float(grid[int(torch.tensor(nlls).argmin())])
         low, high = float(grid.min()), float(grid.max())
@@ -405,8 +415,13 @@ class LaplaceGuide(LoraGuide):
         Cost: one forward and ``C`` backward passes to the LoRA layers' outputs, then per matrix and
         example ``O(C T r D + C^2 r D + C^2 r k)`` (``T`` tokens): the Jacobian ``J_c = sum_t s_t l_t^T``
         is contracted in the posterior's eigenbasis, never as a ``P x P`` matrix.
+
+        :raises ValueError: before :meth:`fit`, or where the network's head or adapter changed since (as ``predict``).
         """
-        self._check_fitted()
+        self._check_network("compute GLM logits")
+        return self._glm_logits(batch)
+
+    def _glm_logits(self, batch):
         batch = to_device(batch, self.model.device)
         mean, cov = self._glm_batch(batch, [f.prior_precision.unsqueeze(0) for f in self.factors])
         return mean, cov[0]
@@ -425,10 +440,11 @@ class LaplaceGuide(LoraGuide):
         :param keep_samples: with ``link="mc"``, also return the per-draw probabilities ``[S, N, C]``.
         :returns: a :class:`~pyro_lora.Prediction`.
         :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, ``keep_samples`` with
-            the probit link, before :meth:`fit`, or on empty ``data``.
+            the probit link, before :meth:`fit`, on a network whose head or adapter changed since (as ``predict``),
+            or on empty ``data``.
         """
-        return glm_predict(data, self.glm_logits, self.model.likelihood.observed, link, num_samples, keep_samples, progress,
-                           ready=self._check_fitted)
+        return glm_predict(data, self._glm_logits, self.model.likelihood.observed, link, num_samples, keep_samples, progress,
+                           ready=lambda: self._check_network("predict"))
 
 
 def kfac_likelihood(likelihood):

@@ -242,6 +242,7 @@ class TFBGuide(LoraGuide):
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
         if int(iterations) != iterations or iterations < 0 or int(num_samples) != num_samples or num_samples < 1:
             raise ValueError(f"iterations must be an integer >= 0 and num_samples >= 1, got {iterations}, {num_samples}")
+        check_guide(self.model, self, "search sigma_q")  # a head changed since: the search would score another network
         batches = list(anchors)
         if not batches:
             raise ValueError("search got no anchor batches: the anchor set is empty")

@@ -419,3 +419,35 @@ def test_glm_on_cloze_rows_groups_each_questions_choices():
     torch.testing.assert_close(cov[0], cov_one[0], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="share_prefix=False"):
         LaplaceGuide(LoraModel(net, MultipleChoice(format="cloze"))).fit([batch], progress=False)
+
+
+def test_the_glm_predictive_refuses_a_head_retrained_after_the_fit():
+    """predict refused a network whose head another guide retrained after the fit, but predict_glm, glm_logits and
+    the val_nll tuning ran on it without a word: Jacobians of the new head under the old head's posterior."""
+    from pyro_lora import fit
+    from pyro_lora.guides import MAPGuide
+
+    model, data = bert_model(), bert_data()
+    guide = LaplaceGuide(model, fisher="exact").fit(data, progress=False)
+    before = guide.predict_glm(data).probs
+    fit(model, MAPGuide(model), data, epochs=2, lr=5e-2, progress=False)  # train_network=True: moves the head
+    for call in (lambda: guide.predict_glm(data), lambda: guide.glm_logits(data[0]),
+                 lambda: guide.optimize_prior_precision("val_nll", val_loader=data, grid=[1.0, 2.0])):
+        with pytest.raises(ValueError, match=r"LaplaceGuide on this model: the network's point parameters .* changed since"):
+            call()
+    refit = guide.fit(data, progress=False)  # a fit at the network as it is now: its head is the posterior's
+    assert not torch.allclose(refit.predict_glm(data).probs, before)
+    predict(model, refit, data)
+
+
+def test_the_tfb_search_refuses_a_head_retrained_after_the_guide_was_built():
+    from pyro_lora import fit
+    from pyro_lora.guides import MAPGuide, TFBGuide
+
+    model = LoraModel(tiny_bert(r=2), SequenceClassification(), random="AB")
+    data = bert_data()
+    fit(model, MAPGuide(model), data, epochs=2, lr=5e-2, progress=False)
+    guide = TFBGuide(model)
+    fit(model, MAPGuide(model), data, epochs=2, lr=5e-2, progress=False)
+    with pytest.raises(ValueError, match=r"cannot search sigma_q with this TFBGuide on this model: the network's point"):
+        guide.search(data, progress=False)
