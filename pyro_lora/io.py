@@ -488,6 +488,12 @@ def export_adapter(guide, path):
 
 
 def _write_adapter(guide, folder):
-    """Write ``guide``'s posterior mean into the network's LoRA and save it as a peft adapter in ``folder``."""
-    guide.model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
-    guide.model.net.save_pretrained(str(folder))
+    """Write ``guide``'s posterior mean into the network's LoRA and save that adapter alone as a peft adapter in
+    ``folder`` (the other adapters of the network are not the guide's)."""
+    model = guide.model
+    model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
+    model.net.save_pretrained(str(folder), selected_adapters=[model.adapter])
+    if model.adapter != "default":  # peft saves another name in a subfolder: from_pretrained(folder) reads the top
+        for item in list((Path(folder) / model.adapter).iterdir()):
+            os.replace(item, Path(folder) / item.name)
+        (Path(folder) / model.adapter).rmdir()

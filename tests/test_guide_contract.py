@@ -515,6 +515,26 @@ def test_each_adapter_of_a_network_keeps_its_own_guides():
     assert all(".other." not in n + "." for n, _ in first_model.named_adapter_parameters())
 
 
+def test_the_exported_adapter_is_the_guides_own_not_the_default_one(tmp_path):
+    """With adapter 'other' active, export wrote every adapter, 'default' (untouched) at the folder's top and the
+    trained one in other/: PeftModel.from_pretrained(folder) loaded 'default' without a word."""
+    from conftest import tiny_bert_base
+    from peft import PeftModel
+
+    net = _two_adapters()
+    net.set_adapter("other")
+    model = LoraModel(net, SequenceClassification(), num_data=6)
+    guide = MAPGuide(model)
+    fit(model, guide, data(), lr=5e-2, progress=False)
+    export_adapter(guide, tmp_path / "a")
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((tmp_path / "a" / "adapter_config.json").read_text())["r"] == 4
+    loaded = PeftModel.from_pretrained(tiny_bert_base(), tmp_path / "a").eval()
+    with torch.no_grad():
+        logits = torch.cat([loaded(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits for b in data()])
+    torch.testing.assert_close(torch.softmax(logits, -1), predict(model, guide, data()).probs)
+
+
 def test_the_same_base_weights_from_another_folder_are_the_same_base(tmp_path):
     model = lora()
     model.net.config._name_or_path = "/one/folder/minilm"
