@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 from dataclasses import dataclass
 
 import pyro
@@ -14,6 +15,7 @@ from tqdm.auto import tqdm
 from . import distributed, pyro_params
 from .contract import check_guide, point_snapshot, take_over
 from .data import to_device
+from .predictive import _positive_int
 
 
 class DivergenceError(FloatingPointError):
@@ -65,6 +67,9 @@ def fit(
     :param elbo: a Pyro ELBO (default ``Trace_ELBO()``); ``TraceMeanField_ELBO()`` uses closed-form KLs.
     :param lr_schedule: ``"constant"``, ``"linear"`` (decay to 0) or ``"cosine"``, after ``warmup_steps``.
     :param kl_weight: a float or a callable ``step -> float`` (KL annealing; must be > 0).
+    :param int grad_accum_steps: micro-batches per optimizer step, which takes their mean gradient; an epoch's
+        last group may hold fewer (its step takes their mean too), never carried into the next epoch.
+    :param max_grad_norm: clip the global gradient norm to it before each step (``None``: no clipping).
     :param train_network: ``False`` trains the guide's parameters only; the network's point estimates (a head,
         non-random LoRA matrices) stay as they are: post-hoc VI around a fitted network.
     :param autocast: ``torch.dtype`` for autocast, ``False`` for none (default bf16 on CUDA, none on CPU; a half-precision network
@@ -83,7 +88,8 @@ def fit(
     :param checkpoint_dir: if given, the guide is saved there (atomically) every ``checkpoint_every``
         steps and at the end.
     :returns: list of per-step losses.
-    :raises ValueError: if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`).
+    :raises ValueError: if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
+        or on an ``epochs``, ``lr``, ``grad_accum_steps`` or ``max_grad_norm`` out of range, before any work.
     :raises DivergenceError: see ``stop_on_divergence``.
 
     Under ``torch.distributed`` (``W > 1`` ranks, see :mod:`pyro_lora.distributed`): every rank is given
@@ -96,6 +102,12 @@ def fit(
     """
     from .io import save_guide
 
+    grad_accum_steps = _positive_int(grad_accum_steps, "grad_accum_steps")
+    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
+        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
+    for name, value in (("lr", lr), ("max_grad_norm", max_grad_norm or 1.0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     elbo = elbo or Trace_ELBO()
     num_data = model.num_data or 1
     model.set_trainable()
@@ -138,12 +150,51 @@ def fit(
     shown = _Smoothed()  # the bar's number: the data NLL per example, which moves as the model learns
     watch = _DivergenceWatch(lr) if stop_on_divergence else None
     bar = tqdm(total=total, desc=f"fit {type(guide).__name__}", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
+
+    def take_step(accumulated, batches, epoch, weight):
+        """The optimizer step on the gradients of the last ``batches`` micro-batches (each loss divided by
+        ``grad_accum_steps``)."""
+        nonlocal step
+        if batches < grad_accum_steps:  # an epoch's last, partial group: the mean of its batches, as a full one
+            scale = grad_accum_steps / batches
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+            accumulated *= scale
+            for meter in (shown, watch):
+                if meter is not None:
+                    meter.step_nll *= scale
+        accumulated = distributed.all_reduce_gradients(params, accumulated)
+        if not math.isfinite(accumulated):
+            raise DivergenceError(
+                f"the loss became {accumulated} at step {step} (epoch {epoch}): the learning rate ({lr:g}) is "
+                "likely too high (or half precision overflowed); lower it or set max_grad_norm"
+            )
+        if watch is not None:
+            watch.update(step, epoch)
+        if max_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(accumulated)
+        step += 1
+        bar.update()
+        bar.set_postfix(shown.postfix(accumulated), epoch=epoch)
+        state = FitState(step, epoch, accumulated, weight, model, guide)
+        for cb in callbacks:
+            cb(state)
+        if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:
+            save_guide(guide, checkpoint_dir)
+
     try:
         # validation syncs the GPU once per site; the fused optimizer above holds the parameters, not Pyro's store
         with pyro.validation_enabled(False), pyro_params.own_optimizer(), _activation_checkpointing(net, gradient_checkpointing):
             for epoch in range(epochs):
-                accumulated = 0.0
-                for i, batch in enumerate(data):
+                accumulated, pending = 0.0, 0
+                for batch in data:
                     batch = to_device(batch, device)
                     if watch is not None and watch.first is None:
                         watch.first = (batch, _mean_nll(model, guide, batch))
@@ -157,36 +208,15 @@ def fit(
                         loss = elbo.differentiable_loss(model, guide, batch, kl_weight=weight) / num_data
                     scaler.scale(loss / grad_accum_steps).backward()
                     accumulated += loss.item() / grad_accum_steps
+                    pending += 1
                     shown.observe(model.last_nll, grad_accum_steps)
                     if watch is not None:
                         watch.observe(model.last_nll, grad_accum_steps)
-                    if (i + 1) % grad_accum_steps:
-                        continue
-                    accumulated = distributed.all_reduce_gradients(params, accumulated)
-                    if not math.isfinite(accumulated):
-                        raise DivergenceError(
-                            f"the loss became {accumulated} at step {step} (epoch {epoch}): the learning rate ({lr:g}) is "
-                            "likely too high (or half precision overflowed); lower it or set max_grad_norm"
-                        )
-                    if watch is not None:
-                        watch.update(step, epoch)
-                    if max_grad_norm:
-                        scaler.unscale_(optimizer)
-                        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                    scaler.step(optimizer)
-                    scaler.update()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    losses.append(accumulated)
-                    step += 1
-                    bar.update()
-                    bar.set_postfix(shown.postfix(accumulated), epoch=epoch)
-                    state = FitState(step, epoch, accumulated, weight, model, guide)
-                    for cb in callbacks:
-                        cb(state)
-                    if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:
-                        save_guide(guide, checkpoint_dir)
-                    accumulated = 0.0
+                    if pending == grad_accum_steps:
+                        take_step(accumulated, pending, epoch, weight)
+                        accumulated, pending = 0.0, 0
+                if pending:  # never carried into the next epoch's first step, nor dropped
+                    take_step(accumulated, pending, epoch, weight)
                 if watch is not None and watch.first is not None:
                     # each step's NLL is sampled, before its update and on another batch: the epoch is judged on
                     # the first batch at the posterior mean, as before the run

@@ -54,6 +54,48 @@ def test_fit_grad_accumulation_and_schedules():
         fit(model, guide, toy_data(), lr_schedule="bogus", progress=False)
 
 
+def test_an_epochs_last_partial_group_of_micro_batches_steps_on_its_own_mean(monkeypatch):
+    """With 5 batches and grad_accum_steps=2, the fifth batch's gradient (divided by 2) was carried into the next
+    epoch's first step (3 half-weighted batches) and dropped after the last epoch; the schedule counted 3 steps
+    per epoch where fit took 2."""
+    steps = []
+    real = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):  # the gradients each step applies (lr 0: the parameters never move)
+        steps.append([p.grad.clone() for group in self.param_groups for p in group["params"] if p.grad is not None])
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    batches = toy_data(n=40, batch=8)
+    model, guide = make()
+    model.net.eval()  # no dropout: every step of the same batches gives the same gradients
+    model.net.train = lambda mode=True: model.net
+    fit(model, guide, batches, epochs=2, lr=0.0, grad_accum_steps=2, stop_on_divergence=False, progress=False)
+    assert len(steps) == 6  # 2 + 2 + 1 batches per epoch
+    for a, b in zip(steps[0], steps[3]):  # each epoch's first step: batches 0 and 1 alone
+        torch.testing.assert_close(a, b)
+    alone = len(steps)
+    fit(model, guide, batches[4:], epochs=1, lr=0.0, stop_on_divergence=False, progress=False)
+    for a, b in zip(steps[2], steps[alone]):  # the partial group's step: the mean of its one batch
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(grad_accum_steps=0), "grad_accum_steps must be a positive integer, got 0"),
+    (dict(grad_accum_steps=1.5), "grad_accum_steps must be a positive integer, got 1.5"),
+    (dict(epochs=-1), "epochs must be an integer >= 0, got -1"),
+    (dict(epochs=2.5), "epochs must be an integer >= 0, got 2.5"),
+    (dict(lr=float("nan")), "lr must be a finite number >= 0, got nan"),
+    (dict(lr="1e-3"), "lr must be a finite number >= 0, got '1e-3'"),
+    (dict(max_grad_norm=-1.0), "max_grad_norm must be a finite number >= 0, got -1.0"),
+])
+def test_fit_refuses_settings_out_of_range_before_any_work(kwargs, message):
+    """grad_accum_steps=0 raised ZeroDivisionError after the first forward; 1.5 never stepped; a nan lr trained to nan."""
+    model, guide = make()
+    with pytest.raises(ValueError, match=message):
+        fit(model, guide, toy_data(), progress=False, **kwargs)
+
+
 def test_fit_trains_point_parameters_too():
     model, guide = make(random="A")
     head = [p for n, p in model.net.named_parameters() if "classifier" in n and p.requires_grad][0]
