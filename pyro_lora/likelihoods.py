@@ -296,9 +296,30 @@ class MultipleChoice(Likelihood):
                 "model's own; this model family is not supported for multiple choice"
             )
 
+    def observed(self, batch):
+        """The labels ``[B]``, each on one of its row's choices.
+
+        :raises ValueError: naming the rows whose label is outside the batch's choices or on a choice their
+            ``choice_mask`` marks missing (bad data: its probability is 0, its NLL infinite).
+        """
+        labels = super().observed(batch)
+        mask = batch.get("choice_mask")
+        if mask is None:
+            return labels
+        inside = (labels >= 0) & (labels < mask.shape[-1])
+        on = inside & mask.bool().gather(-1, labels.long().clamp(0, mask.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+        if not bool(on.all()):
+            rows = (~on).nonzero().flatten().tolist()
+            raise ValueError(f"row(s) {rows[:5]} of the batch have label(s) {labels[~on].tolist()[:5]}, not one of the row's "
+                             f"choices (choice_mask, {mask.shape[-1]} columns): the data's labels and choices disagree")
+        return labels
+
     def logits(self, net, batch, num_samples=None):
         decoder, head = _decoder_and_head(net)
         choice_mask = batch["choice_mask"]
+        if self.format == "letter" and choice_mask.shape[-1] > self.answer_token_ids.numel():
+            raise ValueError(f"the batch has {choice_mask.shape[-1]} choices and answer_token_ids {self.answer_token_ids.numel()} "
+                             "tokens: give one answer token per choice (pyro_lora.data.letter_token_ids)")
         if self.format == "letter":
             if "attention_mask" in batch and not batch["attention_mask"].bool().any(1).all():
                 raise ValueError("a letter-format row has no real token (its attention_mask is all 0)")

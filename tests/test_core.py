@@ -219,3 +219,33 @@ def test_bad_inputs_have_clear_errors():
         model.logits(batch, model.adapter_values())
     with pytest.raises(ValueError, match="no 'labels'"):
         model.likelihood.observed(batch)
+
+
+def _mc_batch(labels, mask):
+    b = random_batch(left_pad=2)
+    b["choice_mask"] = torch.tensor(mask, dtype=torch.bool)
+    b["labels"] = torch.tensor(labels)
+    return b
+
+
+def test_a_multiple_choice_label_on_a_missing_choice_is_refused_by_row():
+    """fit blamed the learning rate ('the loss became nan ... likely too high'); predict and the metrics scored it as
+    a probability floored at 1e-12 (NLL 10), without a word."""
+    from pyro_lora import fit, predict
+
+    model = LoraModel(tiny_llama(r=2), MultipleChoice(answer_token_ids=[5, 6, 7, 8]))
+    bad = _mc_batch([2, 3, 3], [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])  # row 2's label is on a missing choice
+    message = r"row\(s\) \[2\] of the batch have label\(s\) \[3\], not one of the row's choices"
+    with pytest.raises(ValueError, match=message):
+        fit(model, MAPGuide(model), [bad], progress=False)
+    with pytest.raises(ValueError, match=message):
+        predict(model, MAPGuide(model), [bad])
+    with pytest.raises(ValueError, match=r"row\(s\) \[0\] of the batch have label\(s\) \[4\]"):
+        predict(model, MAPGuide(model), [_mc_batch([4, 0, 1], [[1, 1, 1, 1]] * 3)])
+    predict(model, MAPGuide(model), [_mc_batch([2, 3, 1], [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])])
+
+
+def test_more_choices_than_answer_tokens_is_refused_by_name():
+    model = LoraModel(tiny_llama(r=2), MultipleChoice(answer_token_ids=[5, 6, 7, 8]))
+    with pytest.raises(ValueError, match="the batch has 5 choices and answer_token_ids 4 tokens: give one answer token per choice"):
+        model.logits(_mc_batch([0, 1, 2], [[1, 1, 1, 1, 1]] * 3))
