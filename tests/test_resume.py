@@ -550,18 +550,24 @@ def test_a_loaded_map_is_the_trained_one_and_one_that_is_not_this_seeds_is_train
 
     probes = {}  # a refused file leaves the network as it was: one setup per seed serves every refusal
 
-    def load(config, seed=0, expected=None, warns=None):
+    def load(config, seed=0, expected=None, warns=None, data=None):
         setup = prepare(config, seed=seed) if not warns else probes.get(seed) or probes.setdefault(seed, prepare(config, seed=seed))
+
+        def load_map(s):
+            run = RunFolder(tmp_path, config)
+            run.data = data  # the digest of the records the run scores on
+            return run.load_map(s, expected)
+
         with warnings.catch_warnings(), monkeypatch.context() as patch:
             warnings.simplefilter("error")
             if warns:
                 patch.setattr(Setup, "fit", lambda *a, **k: None)  # what training would follow is not this test's
                 with pytest.warns(UserWarning, match=warns):
-                    train_map(setup, load=lambda s: RunFolder(tmp_path, config).load_map(s, expected))
+                    train_map(setup, load=load_map)
                 assert not setup.map_loaded
             else:
                 patch.setattr(Setup, "fit", lambda *a, **k: pytest.fail("trained the MAP again"))
-                assert train_map(setup, load=lambda s: RunFolder(tmp_path, config).load_map(s, expected)) == seconds
+                assert train_map(setup, load=load_map) == seconds
         return setup
 
     loaded = load(config)
@@ -583,6 +589,13 @@ def test_a_loaded_map_is_the_trained_one_and_one_that_is_not_this_seeds_is_train
                             ({"seconds": "-100.0"}, "its training time -100.0 is no number of seconds")]:
         save_file(tensors, str(file), metadata={**meta, **change})
         load(config, warns=tag + message)
+    # a MAP of a run killed before its first result, resumed on other records (it was loaded: only the folder counted)
+    moved = {**meta, "data": "a" * 64, "config": _json.dumps({**_json.loads(meta["config"]), "data_dir": "/moved/elsewhere"})}
+    save_file(tensors, str(file), metadata=moved)
+    load(config, data="b" * 64, warns=tag + r"it was trained on other records than this run's \(its data digest\)")
+    load(config, data="a" * 64)  # the same records in another folder: its MAP
+    save_file(tensors, str(file), metadata={**meta, "config": moved["config"]})  # no digest: checked by folder
+    load(config, data="a" * 64, warns=tag + r"it holds the MAP of another configuration \(data_dir '/moved/elsewhere' there")
     name = next(iter(tensors))
     save_file({**tensors, name: tensors[name].half()}, str(file), metadata=meta)  # rewritten in another dtype
     load(config, warns=tag + rf"its tensors \['{re.escape(name)}'\] differ from this network's in name, shape or dtype")

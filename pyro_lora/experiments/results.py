@@ -185,7 +185,8 @@ class RunFolder:
         """Write into ``setup.net`` the MAP this run saved for ``setup.seed`` (``train_map``'s ``load``); returns its
         training seconds, or ``None`` where there is none to use: no file, or one that cannot be read, holds the MAP
         of another configuration, seed or network, or is not the MAP the seed's saved rows started from (its digest
-        is not ``expected``, default the one this run recorded). All but a missing file are warned: the MAP is
+        is not ``expected``, default the one this run recorded), or was trained on other records (the data digest it
+        records; one that records none is checked by data folder). All but a missing file are warned: the MAP is
         trained again. While a run ``--overwrite`` replaces still stands, its MAP files are its own: never loaded."""
         path = self.map_file(setup.seed)
         if self._replaced is not None or not path.is_file():
@@ -207,11 +208,13 @@ class RunFolder:
         params = dict(setup.net.named_parameters())
         names = sorted(set(tensors) ^ set(setup.initial_state))
         names += [n for n in tensors if n in params and (tensors[n].shape, tensors[n].dtype) != (params[n].shape, params[n].dtype)]
-        # a run whose records were checked by digest may have moved its data folder
-        differ = config_differences(config, setup.config, _RESUMABLE + ("data_dir",) * (self.data is not None))
+        # a MAP that records the digest of the records it was trained on may come from another data folder
+        trained_on = meta.get("data")
+        differ = config_differences(config, setup.config, _RESUMABLE + ("data_dir",) * (trained_on is not None))
         digest = state_digest(tensors)
         problem = (f"it holds seed {seed}'s MAP" if seed != setup.seed else
                    f"its tensors {names[:3]} differ from this network's in name, shape or dtype" if names else
+                   "it was trained on other records than this run's (its data digest)" if trained_on not in (None, self.data) else
                    "it holds the MAP of another configuration (" + "; ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differ.items()) + ")" if differ else
                    f"its training time {seconds!r} is no number of seconds" if not (math.isfinite(seconds) and seconds >= 0) else
                    "its tensors changed since it was saved" if digest != meta.get("digest") else
@@ -233,7 +236,8 @@ class RunFolder:
             return
         tensors = {n: t.detach().cpu().contiguous() for n, t in setup.trained_state.items()}
         config = json.dumps(standard_json(asdict(setup.config)))
-        meta = {"seconds": repr(float(seconds)), "seed": str(setup.seed), "config": config, "digest": setup.map_digest}
+        meta = {"seconds": repr(float(seconds)), "seed": str(setup.seed), "config": config, "digest": setup.map_digest,
+                **({"data": self.data} if self.data else {})}
         data = save_safetensors(tensors, metadata=meta)
         if self._replaced is not None:
             self._pending_maps[setup.seed] = data
