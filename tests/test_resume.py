@@ -670,7 +670,7 @@ def test_two_processes_never_write_one_run_folder(tmp_path):
             run_compare(small(tmp_path, guides=("map",)))
         assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
     rows = run_compare(small(tmp_path, guides=("temperature",), epochs=0))
-    assert [r["guide"] for r in rows] == ["temperature"] and not (tmp_path / ".lock").exists()
+    assert [r["guide"] for r in rows] == ["temperature"]
 
 
 def _old_run(out):

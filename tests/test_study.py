@@ -4,8 +4,6 @@ writes them (no model is loaded)."""
 import json
 import os
 import re
-import subprocess
-import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -689,79 +687,6 @@ def test_another_configuration_is_refused_before_any_training_and_force_keeps_co
         with folder_lock(runs / "openbookqa"):
             pass
         assert (runs / "openbookqa" / ".lock").read_text() == str(os.getpid())
-    assert not (runs / "openbookqa" / ".lock").exists()
-
-
-@pytest.mark.parametrize("left", ["999999999", "-1", "9" * 40, "", "\udcff"])
-def test_a_lock_file_a_gone_process_left_is_no_lock(tmp_path, left):
-    """The lock is the kernel's and goes with its process: whatever a killed run left in ``.lock`` (its id, an id
-    since reused, an id os.kill reads as "every process", a half-written file) does not hold the folder."""
-    (tmp_path / ".lock").write_bytes(left.encode("utf-8", "surrogateescape"))
-    with folder_lock(tmp_path):
-        assert (tmp_path / ".lock").read_text() == str(os.getpid())
-    assert not (tmp_path / ".lock").exists()
-
-
-def test_two_processes_racing_for_a_lock_never_both_hold_it(tmp_path):
-    """Processes taking one folder's lock at once, over and over: never two inside at the same time."""
-    code = """
-import os, sys, time
-from pathlib import Path
-from pyro_lora.io import folder_lock
-inside, overlaps = Path(sys.argv[1]) / "inside", 0
-for _ in range(300):
-    try:
-        with folder_lock(sys.argv[1]):
-            fd = os.open(inside, os.O_CREAT | os.O_EXCL)  # fails if the other process is inside too
-            os.close(fd)
-            time.sleep(0.0005)
-            os.unlink(inside)
-    except ValueError:
-        pass
-    except FileExistsError:
-        overlaps += 1
-print(overlaps)
-"""
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True) for _ in range(3)]
-    assert [p.communicate(timeout=300)[0].strip() for p in procs] == ["0", "0", "0"]
-
-
-def test_another_thread_of_this_process_is_another_holder(tmp_path):
-    """The lock was re-entrant for the whole process: two threads running a comparison into one folder both held it."""
-    import threading
-
-    from pyro_lora.io import locked_elsewhere
-
-    seen = []
-
-    def other():
-        seen.append(locked_elsewhere(tmp_path))
-        try:
-            with folder_lock(tmp_path, "this run folder"):
-                seen.append("held")
-        except ValueError as error:
-            seen.append(str(error))
-
-    with folder_lock(tmp_path, "this run folder"):
-        assert not locked_elsewhere(tmp_path)  # this thread's own
-        thread = threading.Thread(target=other)
-        thread.start()
-        thread.join()
-    assert seen[0] is True and seen[1].startswith(f"process {os.getpid()} is writing this run folder")
-
-
-@pytest.mark.parametrize("kind", ["folder", "unreadable"])
-def test_a_lock_that_is_no_file_is_refused_by_name(tmp_path, kind):
-    if kind == "folder":
-        (tmp_path / ".lock").mkdir()
-    else:
-        if os.geteuid() == 0:
-            pytest.skip("root reads any file")
-        (tmp_path / ".lock").write_text("1")
-        (tmp_path / ".lock").chmod(0)
-    with pytest.raises(ValueError, match=r"\.lock cannot be opened as this folder's lock file \(.*\): remove it"):
-        with folder_lock(tmp_path):
-            pass
 
 
 def test_one_config_comparison_for_resume_merge_and_the_study(tmp_path):
