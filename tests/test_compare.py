@@ -271,7 +271,10 @@ def test_a_merge_keeps_the_digest_of_the_records_its_rows_were_scored_on(tmp_pat
     _fake_run(tmp_path / "moved", ("meanfield",), nll=0.4, data="a" * 64, data_dir=str(tmp_path / "elsewhere"))
     merge_results(tmp_path / "run", tmp_path / "moved")  # the same records in another folder: the same data
     assert json.loads((tmp_path / "run" / "results.json").read_text())["data"] == "a" * 64
-    _fake_run(tmp_path / "every", ("map", "meanfield"), nll=0.3, data="b" * 64)  # every row rerun
+    _fake_run(tmp_path / "bare", ("meanfield",), nll=0.4, data_dir=str(tmp_path / "else"))  # no digest, another folder
+    with pytest.raises(ValueError, match=r"differ in data \(the rerun records no digest of its records\)"):
+        merge_results(tmp_path / "run", tmp_path / "bare")
+    _fake_run(tmp_path / "every", ("map", "meanfield"), nll=0.3, data="b" * 64, data_dir=str(tmp_path / "new"))  # every row
     merge_results(tmp_path / "run", tmp_path / "every")
     assert json.loads((tmp_path / "run" / "results.json").read_text())["data"] == "b" * 64
 

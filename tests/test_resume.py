@@ -758,6 +758,8 @@ def test_a_record_from_before_digests_stays_unchecked(tmp_path):
     (lambda s: s["per_seed"][0].update(seed="0"), r"its per_seed\[0\] is not a row .* an integer seed"),
     (lambda s: s["per_seed"].append(dict(s["per_seed"][0])), r"its per_seed holds the row of \('map', 'sst2', 0\) twice"),
     (lambda s: s.update(failed=[{"seed": 1, "error": "x"}]), r"its failed\[0\] is not a row with a string guide and an integer seed"),
+    (lambda s: s.update(data=123), r"its 'data' is 123, not the SHA-256 digest of the run's records"),
+    (lambda s: s.update(data={"train": "x"}), r"its 'data' is \{'train': 'x'\}, not the SHA-256 digest"),
 ])
 def test_a_hand_edited_record_with_bad_rows_is_refused_by_name(tmp_path, edit, message):
     """A row without a guide raised KeyError 'guide'; a string seed failed after a MAP was retrained, leaving rows of

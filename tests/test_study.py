@@ -383,6 +383,11 @@ def test_a_run_on_other_records_is_another_configuration_and_only_a_full_update_
         study.study_configs(parse(*update, "--update", "meanfield")[1], ["arc_easy"], False, str(runs), ("meanfield",))
     assert [c.guides for c in study.study_configs(parse(*update, "--update", "map")[1], ["arc_easy"], False, str(runs), ("map",))] \
         == [("map", "temperature", "meanfield")]
+    # a record from before digests, its data folder moved: only a rerun of every row may take the records now
+    easy.write_text(json.dumps({**saved, "config": {**saved["config"], "data_dir": str(tmp_path / "moved")}}))
+    with pytest.raises(ValueError, match=r"these flags differ from it \(data_dir "):
+        study.study_configs(parse(*update, "--update", "meanfield")[1], ["arc_easy"], False, str(runs), ("meanfield",))
+    assert len(study.study_configs(parse(*update, "--update", "map")[1], ["arc_easy"], False, str(runs), ("map",))) == 1
 
 
 def test_update_of_the_map_keeps_the_retrained_maps_and_drops_a_failed_seeds(study, runs, tmp_path, monkeypatch):

@@ -393,6 +393,9 @@ def read_record(out, advice, needs=()):
         maps = saved.get("maps", {})
         if not (isinstance(maps, dict) and all(isinstance(v, str) for v in maps.values())):
             raise ValueError(f"its 'maps' is {maps!r}, not seed -> MAP digest")
+        data = saved.get("data")
+        if not (data is None or (isinstance(data, str) and len(data) == 64 and all(c in "0123456789abcdef" for c in data))):
+            raise ValueError(f"its 'data' is {data!r:.80}, not the SHA-256 digest of the run's records")
         _check_rows(saved["per_seed"], "per_seed", ("guide", "dataset"))
         _check_rows(saved.get("failed", []), "failed", ("guide",))
     except (ValueError, KeyError, TypeError) as error:
@@ -503,7 +506,11 @@ def merge_results(out, update):
     out, update = Path(out), Path(update)
     base, new = (json.loads((d / RESULTS).read_text()) for d in (out, update))
     replaces_all = set(base["config"]["guides"] or ()) <= set(new["config"]["guides"] or ())  # a retrained MAP's rerun
-    differ = sorted(config_differences(base, new["config"], ignore=MERGE_IGNORES, data=None if replaces_all else new.get("data")))
+    # every row rerun: on the records there now, wherever they are
+    ignore = MERGE_IGNORES + ("data_dir",) * replaces_all
+    differ = sorted(config_differences(base, new["config"], ignore=ignore, data=None if replaces_all else new.get("data")))
+    if base.get("data") and not new.get("data") and not replaces_all:
+        differ.append("data (the rerun records no digest of its records)")
     if differ:
         raise ValueError(f"cannot merge {update} into {out}: their configurations differ in {', '.join(differ)}")
     missing = sorted(set(base["config"]["seeds"]) - set(new["config"]["seeds"]), key=str)

@@ -166,7 +166,8 @@ def _update_config(config, update, overrides):
                          "--seeds out (a rerun of some seeds would leave the others' rows from the old code)")
     config = replace(config, seeds=seeds)
     retrain = REFERENCE in update  # every row is rerun: on the records there now
-    differ = config_differences(saved, config, ignore=MERGE_IGNORES, data=None if retrain or not saved.get("data") else data_digest(config))
+    differ = config_differences(saved, config, ignore=MERGE_IGNORES + ("data_dir",) * retrain,
+                                data=None if retrain or not saved.get("data") else data_digest(config))
     if "data" in differ:
         raise ValueError(f"the {config.dataset} records under {D.resolve_data_dir(config.data_dir)} changed since its run "
                          f"(data {differ['data'][0]} there, {differ['data'][1]} now): --update {','.join(update)} would mix "
