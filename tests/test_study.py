@@ -694,6 +694,28 @@ def test_another_configuration_is_refused_before_any_training_and_force_keeps_co
         assert (runs / "openbookqa" / ".lock").read_text() == str(os.getpid())
 
 
+@pytest.mark.parametrize("update", [False, True])
+def test_a_run_another_process_holds_mid_merge_fails_alone(study, runs, tmp_path, monkeypatch, capsys, update):
+    """Planning read every run's record, and one another process was merging into stopped the whole study."""
+    import pyro_lora.experiments.compare as compare
+    from conftest import held_by_another_process
+
+    from pyro_lora.experiments.results import MERGING
+
+    calls = []
+    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, reference=None: calls.append(config.dataset))
+    (runs / "arc_easy" / MERGING).write_text(str(runs / "arc_easy" / "update"))
+    argv = ["--datasets", "arc_easy,openbookqa", "--guides", "map,temperature,meanfield", "--seeds", "0,1", "--train-size",
+            "64", *SIZES, "--runs", str(runs), "--docs", str(tmp_path / "docs"), "--force"]  # openbookqa's plan: replaced
+    argv = ["--datasets", "arc_easy", "--no-shift", "--update", "meanfield", "--train-size", "64", *SIZES, "--runs", str(runs),
+            "--docs", str(tmp_path / "docs")] if update else argv
+    with held_by_another_process(runs / "arc_easy"):
+        status = cli.main(["study", *argv])
+    err = capsys.readouterr().err
+    assert "## arc_easy: FAILED: " in err and "Traceback" not in err, err
+    assert status == 1 and calls == ([] if update else ["openbookqa"])
+
+
 def test_one_config_comparison_for_resume_merge_and_the_study(tmp_path):
     from pyro_lora.experiments.results import config_differences
 

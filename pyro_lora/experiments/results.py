@@ -21,7 +21,7 @@ from safetensors.torch import save as save_safetensors
 from ..guides.registry import join_notes
 from ..data import resolve_data_dir
 from ..distributed import is_main
-from ..io import atomic_file, check_file_slot, locked_elsewhere, read_safetensors, standard_json, write_json
+from ..io import FolderLocked, atomic_file, check_file_slot, locked_elsewhere, read_safetensors, standard_json, write_json
 from .plots import metric_scatter, reliability_diagram, reliability_grid
 from .setup import ADDED_SETTINGS, state_digest
 from .table import base_guide, ts_name
@@ -554,7 +554,7 @@ def finish_merge(out):
     if not marker.is_file():
         return
     if locked_elsewhere(out):
-        raise ValueError(f"another process holds {out} (its .lock) and may be merging an --update into it: wait for it")
+        raise FolderLocked(f"another process holds {out} (its .lock) and may be merging an --update into it: wait for it")
     update = Path(marker.read_text().strip())
     if not (update / RESULTS).is_file():
         raise ValueError(f"{out} holds an --update whose merge was cut short, and its rerun folder {update} is gone: its "

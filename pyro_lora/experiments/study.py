@@ -41,7 +41,7 @@ from pathlib import Path
 
 from .. import data as D
 from ..guides.registry import METHODS
-from ..io import FolderLocked, check_file_slot, folder_lock, writable_folder, write_json
+from ..io import FolderLocked, check_file_slot, folder_lock, locked_elsewhere, writable_folder, write_json
 from . import compare
 from .results import (MERGE_IGNORES, RESULTS, SIDECAR, GuideFailures, RunFolder, config_differences, finish_merge, map_name,
                       merge_results, read_record)
@@ -126,10 +126,12 @@ def study_configs(overrides, datasets=None, shift=True, runs=RUNS, update=None, 
     :raises ValueError: naming what is wrong (:func:`~pyro_lora.experiments.setup.check_config`), or every run
         of another configuration without ``force``.
     """
-    configs = []
+    configs, held = [], set()
     for dataset in study_datasets(datasets):
         config = make_config(overrides, dataset, shift, runs)
-        if update:
+        if locked_elsewhere(config.out):  # its run is not to be read now: the study says so when it gets there
+            held.add(dataset)
+        elif update:
             config = _update_config(config, update, overrides)
             if config is None:
                 continue
@@ -143,7 +145,8 @@ def study_configs(overrides, datasets=None, shift=True, runs=RUNS, update=None, 
             print(f"## {dataset}: left out, their packages are not installed (pip install them to run them): "
                   f"{', '.join(absent)}", flush=True)
         configs.append(config)
-    other = [f"{c.dataset} ({changed})" for c in configs if not update and (changed := _other_configuration(c, _saved(c)))]
+    other = [f"{c.dataset} ({changed})" for c in configs
+             if not update and c.dataset not in held and (changed := _other_configuration(c, _saved(c)))]
     if other and not force:
         raise ValueError(f"{', '.join(other)}: {'these runs hold' if len(other) > 1 else 'its run holds'} another configuration; "
                          "give the runs' settings to resume them, or --force to replace them (their results are deleted "
@@ -228,23 +231,24 @@ def run_dataset(config, command, force=False):
     :raises ValueError: for a run of another configuration without ``force``, or one another process is writing.
     """
     out = Path(config.out)
-    saved = _saved(config)
-    changed = _other_configuration(config, saved)
-    if changed and not force:
-        raise ValueError(f"{out / RESULTS} holds a run of another configuration ({changed}): give its settings to resume "
-                         "it, or --force to replace it (its results are deleted once the new run has a result)")
-    resumed = saved is not None and not changed
-    if resumed:
-        todo = unfinished(config)
-        if not todo:
-            print(f"## {config.dataset}: {out / RESULTS} holds every method and seed of this configuration, skipped", flush=True)
-            return None
-        print(f"## {config.dataset}: resuming {len(todo)} unfinished (method, seed)", flush=True)
-    shift = f", shift to {', '.join(config.eval_datasets)}" if config.eval_datasets else ""
-    print(f"## {config.dataset}: {config.model}, train {config.train_size}, test {config.test_size}, epochs {config.epochs}, "
-          f"seeds {','.join(map(str, config.seeds))}{shift}", flush=True)
-    with folder_lock(out, f"the {config.dataset} run"), _sidecar(out, command, config, keep=resumed) as record:
-        compare.run_compare(config, overwrite=bool(changed))
+    with folder_lock(out, f"the {config.dataset} run"):  # first: what is read below may change until then
+        saved = _saved(config)
+        changed = _other_configuration(config, saved)
+        if changed and not force:
+            raise ValueError(f"{out / RESULTS} holds a run of another configuration ({changed}): give its settings to "
+                             "resume it, or --force to replace it (its results are deleted once the new run has a result)")
+        resumed = saved is not None and not changed
+        if resumed:
+            todo = unfinished(config)
+            if not todo:
+                print(f"## {config.dataset}: {out / RESULTS} holds every method and seed of this configuration, skipped", flush=True)
+                return None
+            print(f"## {config.dataset}: resuming {len(todo)} unfinished (method, seed)", flush=True)
+        shift = f", shift to {', '.join(config.eval_datasets)}" if config.eval_datasets else ""
+        print(f"## {config.dataset}: {config.model}, train {config.train_size}, test {config.test_size}, epochs {config.epochs}, "
+              f"seeds {','.join(map(str, config.seeds))}{shift}", flush=True)
+        with _sidecar(out, command, config, keep=resumed) as record:
+            compare.run_compare(config, overwrite=bool(changed))
     print(f"## {config.dataset}: done in {duration(record['seconds'])}", flush=True)
     return record["seconds"]
 
@@ -309,7 +313,6 @@ def update_dataset(config, command):
     if not (out / RESULTS).is_file():
         raise ValueError(f"--update needs an existing run: {out / RESULTS} is missing")
     rerun = replace(config, out=str(out / "update"))
-    print(f"## {config.dataset}: rerunning {', '.join(config.guides)} (seeds {','.join(map(str, config.seeds))})", flush=True)
     started = _now()
     start = time.perf_counter()
     failure = None
@@ -317,6 +320,7 @@ def update_dataset(config, command):
     if here.is_symlink() or (here.exists() and not here.is_dir()):
         raise ValueError(f"{here} is {'a link' if here.is_symlink() else 'a file'}, where --update reruns the methods: move it")
     with folder_lock(out, f"the {config.dataset} run"):
+        print(f"## {config.dataset}: rerunning {', '.join(config.guides)} (seeds {','.join(map(str, config.seeds))})", flush=True)
         sidecar = _read_sidecar(out / SIDECAR)  # marked running: a kill leaves a trace
         write_json(out / SIDECAR, {**sidecar, "running": {"command": command, "started": started, "update": list(config.guides)}})
         finish_merge(out)  # a merge a kill cut short, before its rerun folder goes
