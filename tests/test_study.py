@@ -653,6 +653,64 @@ def test_an_invocation_killed_before_its_first_result_or_during_an_update_is_lis
     assert [i["command"] for i in after["interrupted"]] == ["the update"] and after["running"]["command"] == "again"
 
 
+def test_a_sidecar_never_takes_another_configurations_history_and_a_killed_replacement_is_listed(study, runs, tmp_path,
+                                                                                                 monkeypatch):
+    """A try of configuration A killed before any result was listed as cut short in the record of configuration B's
+    run begun after it; a --force replacement killed after its first result left no record at all (the replaced run's
+    went with it); an --update whose merge a kill cut short, finished by the next command, was never listed."""
+    import numpy as np
+
+    import pyro_lora.experiments.compare as compare
+    from pyro_lora.experiments.results import ARRAYS, MERGING, RESULTS, RunFolder
+
+    def killed(config, overwrite=False, reference=None):
+        raise KeyboardInterrupt
+
+    common = ("--no-shift", "--guides", "map,temperature,meanfield", "--seeds", "0,1", "--train-size", "64", *SIZES)
+    base = study.make_config(parse(*common)[1], "arc_easy", shift=False, runs=runs)
+    fresh = replace(base, out=str(tmp_path / "fresh"))
+    monkeypatch.setattr(compare, "run_compare", killed)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_dataset(replace(fresh, lr=5e-4), "A")
+    with pytest.raises(KeyboardInterrupt):
+        study.run_dataset(fresh, "B1")
+    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, reference=None: None)
+    study.run_dataset(fresh, "B2")
+    sidecar = json.loads((tmp_path / "fresh" / "study_run.json").read_text())
+    assert [i["command"] for i in sidecar["interrupted"]] == ["B1"]  # A's try is not this run's
+
+    def first_result_then_killed(config, overwrite=False, reference=None):
+        rows = [_row("map", "arc_easy", 0, "arc_easy", False)]
+        arrays = {"probs": np.full((4, 2), 0.5), "labels": np.arange(4) % 2, "entropy": np.zeros(4), "mutual_information": np.zeros(4)}
+        RunFolder(config.out, config, overwrite=overwrite).add("map", 0, rows, {f"arc_easy__seed0__{k}": arrays[k] for k in ARRAYS})
+        seen.append(json.loads((Path(config.out) / "study_run.json").read_text()))  # what a kill -9 here leaves
+        raise KeyboardInterrupt
+
+    seen = []
+    monkeypatch.setattr(compare, "run_compare", first_result_then_killed)
+    other = replace(base, lr=5e-4)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_dataset(other, "replacing", force=True)
+    assert seen[0]["running"]["command"] == "replacing" and seen[0]["commands"] == ["replacing"]  # the old run's story went
+    (runs / "arc_easy" / "study_run.json").write_text(json.dumps(seen[0]))
+    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, reference=None: None)
+    study.run_dataset(other, "resume")
+    sidecar = json.loads((runs / "arc_easy" / "study_run.json").read_text())
+    assert [i["command"] for i in sidecar["interrupted"]] == ["replacing"] and "running" not in sidecar
+    assert not (runs / "arc_easy" / ".study_run.next.json").exists()
+    # an update killed in its merge: the next command that reads the run finishes it and lists the update
+    easy = runs / "arc_easy"
+    update = easy / "update"
+    update.mkdir()
+    (update / RESULTS).write_text((easy / RESULTS).read_text())
+    (easy / MERGING).write_text(str(update))
+    (easy / "study_run.json").write_text(json.dumps({**sidecar, "running": {"command": "u", "started": "t", "update": ["map"]}}))
+    with pytest.warns(UserWarning, match="finishing the merge"):
+        study._saved(other)
+    sidecar = json.loads((easy / "study_run.json").read_text())
+    assert "running" not in sidecar and sidecar["updates"][-1]["command"] == "u" and sidecar["updates"][-1]["wall_seconds"] is None
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--report-only", "--seeds", "5", "--epochs", "9"], "--report-only trains nothing: --epochs, --seeds would be ignored"),
     (["--report-only", "--force"], "--report-only trains nothing: --update and --force would be ignored"),

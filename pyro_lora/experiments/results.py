@@ -5,8 +5,10 @@
 leaves the previous complete file, and ``results.json``, written last, is the record of what is complete.
 """
 
+import datetime
 import json
 import math
+import os
 import traceback
 import warnings
 import zipfile
@@ -29,6 +31,7 @@ from .verdict import REFERENCE, verdict
 
 RESULTS = "results.json"
 SIDECAR = "study_run.json"  # next to results.json where the study made the run: its commands, machine, wall time
+NEXT_SIDECAR = ".study_run.next.json"  # a replacing study's sidecar, the SIDECAR once its first result replaces the run
 MERGING = ".merging"  # in a run's folder while merge_results copies a rerun in; names the rerun folder
 _UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)  # what np.load raises for a missing or broken npz
 ARRAYS = ("probs", "labels", "entropy", "mutual_information")  # per evaluation set and seed in predictions_<guide>.npz
@@ -141,6 +144,8 @@ class RunFolder:
         names += [map_name(seed) for seed in saved["config"]["seeds"]]
         for name in names:
             (self.out / name).unlink(missing_ok=True)
+        if (self.out / NEXT_SIDECAR).is_file():  # the replacing study's record, marked running
+            os.replace(self.out / NEXT_SIDECAR, self.out / SIDECAR)
         for seed, data in self._pending_maps.items():
             with atomic_file(self.map_file(seed), "wb") as f:
                 f.write(data)
@@ -561,3 +566,18 @@ def finish_merge(out):
                          f"rows and prediction files may disagree; delete {marker} and rerun that --update")
     warnings.warn(f"{out}: finishing the merge of {update}, which a kill cut short", stacklevel=2)
     merge_results(out, update)
+    _record_finished_update(Path(out) / SIDECAR)
+
+
+def _record_finished_update(path):
+    """List the ``study --update`` whose merge a kill cut short (the sidecar at ``path`` marks it running) among the
+    run's updates: its rerun was complete, and its rows are merged now (its wall time is unknown)."""
+    sidecar = json.loads(path.read_text()) if path.is_file() else {}
+    running = sidecar.get("running") or {}
+    if "update" not in running:
+        return
+    del sidecar["running"]
+    sidecar.setdefault("updates", []).append({"guides": running["update"], "command": running.get("command"),
+                                              "started": running.get("started"), "wall_seconds": None,
+                                              "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
+    write_json(path, sidecar)

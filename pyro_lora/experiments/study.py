@@ -36,14 +36,14 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .. import data as D
 from ..guides.registry import METHODS
-from ..io import FolderLocked, check_file_slot, folder_lock, locked_elsewhere, writable_folder, write_json
+from ..io import FolderLocked, check_file_slot, folder_lock, locked_elsewhere, standard_json, writable_folder, write_json
 from . import compare
-from .results import (MERGE_IGNORES, RESULTS, SIDECAR, GuideFailures, RunFolder, config_differences, finish_merge, map_name,
+from .results import (MERGE_IGNORES, NEXT_SIDECAR, RESULTS, SIDECAR, GuideFailures, RunFolder, config_differences, finish_merge, map_name,
                       merge_results, read_record)
 from .setup import FULL, CompareConfig, check_config, data_digest, default_guides
 from .study_header import duration, machine_info
@@ -259,17 +259,25 @@ def _sidecar(out, command, config, keep):
     resumed run: its commands, first start, summed wall time and updates kept), else start a new one, once the
     folder holds this configuration's run (a replacement that failed before its first result left the old run).
 
-    The record is written at the start too, marked ``running``: an invocation a kill cut short is listed on the
-    next one under ``interrupted`` (its start known, its wall time not)."""
-    path = Path(out) / SIDECAR
+    The record is written at the start too, marked ``running`` (with the configuration): an invocation a kill cut
+    short is listed on the next one under ``interrupted`` (its start known, its wall time not), also a replacement's
+    (its record waits in :data:`~pyro_lora.experiments.results.NEXT_SIDECAR` until its first result replaces the
+    run), and a fresh run's tries of its own configuration only."""
+    path, pending = Path(out) / SIDECAR, Path(out) / NEXT_SIDECAR
+    pending.unlink(missing_ok=True)  # a replacement killed before its first result: the run there is not its own
     fresh = not keep and _saved(config) is None  # no run here yet: only the tries cut short before a result to keep
-    old = _read_sidecar(path) if keep else {k: v for k, v in _read_sidecar(path).items() if k == "interrupted"} if fresh else {}
+    if keep:
+        old = _read_sidecar(path)
+    else:  # a fresh run keeps its own configuration's tries that a kill cut short before any result
+        tries = [i for i in _read_sidecar(path).get("interrupted", []) if fresh and _same_configuration(i, config)]
+        old = {"interrupted": tries} if tries else {}
     started, start, record = _now(), time.perf_counter(), {}
     commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
     ours = {**old, "command": command, "commands": list(dict.fromkeys([*commands, command])),
             "machine": machine_info(config.device), "started": old.get("started", started)}
-    if keep or fresh:  # never over the record of a run this one has not replaced yet
-        write_json(path, {**ours, "running": {"command": command, "started": started}})
+    # a replacement's record waits beside the old run's until its first result replaces that run (RunFolder)
+    mark = {"command": command, "started": started, "config": standard_json(asdict(config))}
+    write_json(path if keep or fresh else pending, {**ours, "running": mark})
     try:
         yield record
     finally:
@@ -277,6 +285,13 @@ def _sidecar(out, command, config, keep):
         saved = _saved(config)  # none yet: no result to time; the next invocation lists this one as interrupted
         if keep or (saved is not None and not _other_configuration(config, saved)):
             write_json(path, {**ours, "finished": _now(), "wall_seconds": (old.get("wall_seconds") or 0.0) + record["seconds"]})
+        pending.unlink(missing_ok=True)
+
+
+def _same_configuration(invocation, config):
+    """Whether a sidecar's ``invocation`` (one cut short) ran ``config``'s configuration (more guides or seeds aside)."""
+    return isinstance(invocation.get("config"), dict) and not {
+        k for k in config_differences(invocation["config"], config, ignore=("guides", "seeds", "out", "progress"))}
 
 
 def _read_sidecar(path):
