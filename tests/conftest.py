@@ -101,7 +101,7 @@ def offline(monkeypatch):
 @contextlib.contextmanager
 def held_by_another_process(folder):
     """Another Python process holds ``folder_lock(folder)`` for the block; yields its process id."""
-    code = "import sys; from pyro_lora.io import folder_lock\nwith folder_lock(sys.argv[1]):\n print('held', flush=True); sys.stdin.read()"
+    code = "import sys; from pyro_lora.locking import folder_lock\nwith folder_lock(sys.argv[1]):\n print('held', flush=True); sys.stdin.read()"
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline() == "held\n"

@@ -7,7 +7,7 @@ import sys
 import pytest
 from conftest import held_by_another_process
 
-from pyro_lora.io import folder_lock, locked_elsewhere
+from pyro_lora.locking import folder_lock, locked_elsewhere
 
 
 @pytest.mark.parametrize("left", ["999999999", "-1", "9" * 40, "", "\udcff"])
@@ -24,7 +24,7 @@ def test_two_processes_racing_for_a_lock_never_both_hold_it(tmp_path):
     code = """
 import os, sys, time
 from pathlib import Path
-from pyro_lora.io import folder_lock
+from pyro_lora.locking import folder_lock
 inside, overlaps = Path(sys.argv[1]) / "inside", 0
 for _ in range(300):
     try:
@@ -47,7 +47,7 @@ def test_another_thread_of_this_process_is_another_holder(tmp_path):
     """The lock was re-entrant for the whole process: two threads running a comparison into one folder both held it."""
     import threading
 
-    from pyro_lora.io import locked_elsewhere
+    from pyro_lora.locking import locked_elsewhere
 
     seen = []
 
@@ -125,7 +125,7 @@ def test_leaving_the_lock_never_frees_another_holders(tmp_path):
 def test_a_probe_never_makes_a_writer_refuse(tmp_path):
     """locked_elsewhere holds the lock for an instant: a writer starting then was refused, naming a dead process."""
     (tmp_path / ".lock").write_text("777777")
-    code = "import sys\nfrom pyro_lora.io import locked_elsewhere\nprint('probing', flush=True)\nwhile True: locked_elsewhere(sys.argv[1])"
+    code = "import sys\nfrom pyro_lora.locking import locked_elsewhere\nprint('probing', flush=True)\nwhile True: locked_elsewhere(sys.argv[1])"
     prober = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert prober.stdout.readline() == "probing\n"

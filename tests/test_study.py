@@ -14,7 +14,7 @@ from pyro_lora.experiments import study_report as report
 from pyro_lora.experiments.results import summarize_seeds
 from pyro_lora.experiments.setup import CompareConfig
 from pyro_lora.experiments.table import format_table
-from pyro_lora.io import folder_lock
+from pyro_lora.locking import folder_lock
 
 
 @pytest.fixture(scope="module")

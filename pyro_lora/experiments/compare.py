@@ -9,7 +9,7 @@ from .. import data as D
 from ..calibration import apply_temperature, fit_temperature
 from ..costs import PeakMemory
 from ..distributed import is_main
-from ..io import folder_lock
+from ..locking import folder_lock
 from ..metrics import accuracy
 from ..predictive import Prediction, predict
 from ..guides.registry import VALIDATION_TUNED, Fitted, get_method, join_notes
@@ -151,7 +151,7 @@ def run_compare(config: CompareConfig, overwrite: bool = False, reference=None):
     :param overwrite: replace a run of another configuration in ``config.out`` (otherwise refused).
     :param reference: the folder of the run a rerun of some methods will be merged into (``study --update``): each
         seed's MAP must be the one that run's rows started from (its digest; checked as on resume otherwise).
-    One process at a time writes a run folder (:func:`~pyro_lora.io.folder_lock`): two writing one ``results.json``
+    One process at a time writes a run folder (:func:`~pyro_lora.locking.folder_lock`): two writing one ``results.json``
     would each keep only their own rows.
 
     :raises ValueError: for a configuration that cannot run (:func:`check_config`), before loading anything; for a

@@ -23,7 +23,8 @@ from safetensors.torch import save as save_safetensors
 from ..guides.registry import join_notes
 from ..data import resolve_data_dir
 from ..distributed import is_main
-from ..io import FolderLocked, atomic_file, check_file_slot, locked_elsewhere, read_safetensors, standard_json, write_json
+from ..io import atomic_file, check_file_slot, read_safetensors, standard_json, write_json
+from ..locking import FolderLocked, locked_elsewhere
 from .plots import metric_scatter, reliability_diagram, reliability_grid
 from .setup import ADDED_SETTINGS, state_digest
 from .table import base_guide, ts_name

@@ -41,7 +41,8 @@ from pathlib import Path
 
 from .. import data as D
 from ..guides.registry import METHODS
-from ..io import FolderLocked, check_file_slot, folder_lock, locked_elsewhere, standard_json, writable_folder, write_json
+from ..io import check_file_slot, standard_json, writable_folder, write_json
+from ..locking import FolderLocked, folder_lock, locked_elsewhere
 from . import compare
 from .results import (MERGE_IGNORES, NEXT_SIDECAR, RESULTS, SIDECAR, GuideFailures, RunFolder, config_differences, finish_merge, map_name,
                       merge_results, read_record)
@@ -223,7 +224,7 @@ def run_dataset(config, command, force=False):
     """Run ``run_compare(config)`` unless its run folder holds every (guide, seed) of it; returns the wall seconds
     (None: skipped). A run that stopped part-way (killed, or some guide failed) resumes: ``run_compare`` skips the
     (guide, seed) it finished. A run of another configuration is refused, naming the differences, unless ``force``.
-    One process at a time writes a run (:func:`~pyro_lora.io.folder_lock`).
+    One process at a time writes a run (:func:`~pyro_lora.locking.folder_lock`).
 
     Writes :data:`~pyro_lora.experiments.results.SIDECAR` (commands, machine, dates, wall seconds summed over
     the invocations that ran it) next to ``results.json``, also when the run fails.
