@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import math
 import numbers
@@ -89,7 +90,9 @@ def fit(
         steps and at the end.
     :returns: list of per-step losses.
     :raises ValueError: if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
-        or on an ``epochs``, ``lr``, ``grad_accum_steps`` or ``max_grad_norm`` out of range, before any work.
+        on an ``epochs``, ``warmup_steps`` (longer than the run too), ``lr``, ``grad_accum_steps``,
+        ``max_grad_norm`` or ``checkpoint_every`` out of range, on a one-shot iterator with ``epochs > 1``, before
+        any work, and on an epoch that yields no batch.
     :raises DivergenceError: see ``stop_on_divergence``.
 
     Under ``torch.distributed`` (``W > 1`` ranks, see :mod:`pyro_lora.distributed`): every rank is given
@@ -103,11 +106,18 @@ def fit(
     from .io import save_guide
 
     grad_accum_steps = _positive_int(grad_accum_steps, "grad_accum_steps")
-    if isinstance(epochs, bool) or not isinstance(epochs, numbers.Integral) or epochs < 0:
-        raise ValueError(f"epochs must be an integer >= 0, got {epochs!r}")
-    for name, value in (("lr", lr), ("max_grad_norm", max_grad_norm or 1.0)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    for name, value in (("epochs", epochs), ("warmup_steps", warmup_steps)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    if checkpoint_every is not None:
+        _positive_int(checkpoint_every, "checkpoint_every", "or None: a checkpoint at the end only")
+    for name, value, least in (("lr", lr, "0"), ("max_grad_norm", 1.0 if max_grad_norm is None else max_grad_norm, "0 (None: no clipping)")):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0) \
+                or (name == "max_grad_norm" and value == 0):
+            raise ValueError(f"{name} must be a finite number {'>=' if name == 'lr' else '>'} {least}, got {value!r}")
+    if epochs > 1 and isinstance(data, collections.abc.Iterator):  # a generator: its second pass is empty
+        raise ValueError(f"data is a one-shot iterator ({type(data).__name__}): it yields its batches once, and epochs={epochs} "
+                         "needs them every epoch; pass a list of batches or a DataLoader")
     elbo = elbo or Trace_ELBO()
     num_data = model.num_data or 1
     model.set_trainable()
@@ -136,8 +146,11 @@ def fit(
     # fp16's narrow range underflows small gradients: scale the loss up, unscale before the update, skip steps that
     # overflowed (bf16 has fp32's range and needs none)
     scaler = torch.amp.GradScaler(device.type, enabled=model.compute_dtype == torch.float16)
-    steps_per_epoch = math.ceil(len(data) / grad_accum_steps) if hasattr(data, "__len__") else None
+    steps_per_epoch = math.ceil(_length(data) / grad_accum_steps) if _length(data) is not None else None
     total = steps_per_epoch * epochs if steps_per_epoch else None
+    if total is not None and warmup_steps > total:
+        raise ValueError(f"warmup_steps={warmup_steps} is longer than the run's {total} optimizer steps: the learning rate "
+                         f"would never reach lr; use at most {total}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(lr_schedule, warmup_steps, total))
     if autocast is None and device.type == "cuda":
         autocast = torch.bfloat16
@@ -193,8 +206,9 @@ def fit(
         # validation syncs the GPU once per site; the fused optimizer above holds the parameters, not Pyro's store
         with pyro.validation_enabled(False), pyro_params.own_optimizer(), _activation_checkpointing(net, gradient_checkpointing):
             for epoch in range(epochs):
-                accumulated, pending = 0.0, 0
+                accumulated, pending, seen = 0.0, 0, 0
                 for batch in data:
+                    seen += 1
                     batch = to_device(batch, device)
                     if watch is not None and watch.first is None:
                         watch.first = (batch, _mean_nll(model, guide, batch))
@@ -215,6 +229,9 @@ def fit(
                     if pending == grad_accum_steps:
                         take_step(accumulated, pending, epoch, weight)
                         accumulated, pending = 0.0, 0
+                if not seen:
+                    raise ValueError(f"data yielded no batch in epoch {epoch}: it is empty, or an iterator that a "
+                                     "previous epoch used up")
                 if pending:  # never carried into the next epoch's first step, nor dropped
                     take_step(accumulated, pending, epoch, weight)
                 if watch is not None and watch.first is not None:
@@ -340,6 +357,14 @@ def _activation_checkpointing(net, enable):
         yield
     finally:
         base.activation_checkpointing_disable() if new_api else base.gradient_checkpointing_disable()
+
+
+def _length(data):
+    """``len(data)``, or ``None`` for data without one (a generator, a DataLoader over an IterableDataset)."""
+    try:
+        return len(data)
+    except TypeError:
+        return None
 
 
 def _schedule(kind, warmup, total):

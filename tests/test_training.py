@@ -87,13 +87,31 @@ def test_an_epochs_last_partial_group_of_micro_batches_steps_on_its_own_mean(mon
     (dict(epochs=2.5), "epochs must be an integer >= 0, got 2.5"),
     (dict(lr=float("nan")), "lr must be a finite number >= 0, got nan"),
     (dict(lr="1e-3"), "lr must be a finite number >= 0, got '1e-3'"),
-    (dict(max_grad_norm=-1.0), "max_grad_norm must be a finite number >= 0, got -1.0"),
+    (dict(max_grad_norm=-1.0), r"max_grad_norm must be a finite number > 0 \(None: no clipping\), got -1.0"),
+    (dict(max_grad_norm=0), r"max_grad_norm must be a finite number > 0 \(None: no clipping\), got 0"),
+    (dict(warmup_steps=2.5), "warmup_steps must be an integer >= 0, got 2.5"),
+    (dict(warmup_steps=-3), "warmup_steps must be an integer >= 0, got -3"),
+    (dict(warmup_steps=100, lr_schedule="linear"), "warmup_steps=100 is longer than the run's 6 optimizer steps"),
+    (dict(checkpoint_every=0), "checkpoint_every must be a positive integer"),
+    (dict(data=iter(toy_data()), epochs=2), r"data is a one-shot iterator \(list_iterator\): it yields its batches once"),
+    (dict(data=[]), "data yielded no batch in epoch 0"),
 ])
 def test_fit_refuses_settings_out_of_range_before_any_work(kwargs, message):
     """grad_accum_steps=0 raised ZeroDivisionError after the first forward; 1.5 never stepped; a nan lr trained to nan."""
     model, guide = make()
     with pytest.raises(ValueError, match=message):
-        fit(model, guide, toy_data(), progress=False, **kwargs)
+        fit(model, guide, **{"data": toy_data(), "progress": False, **kwargs})
+
+
+def test_a_dataloader_without_a_length_trains_every_epoch():
+    """A DataLoader over an IterableDataset has __len__ but len() raises: fit crashed with 'has no len()'."""
+    class Batches(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(toy_data())
+
+    model, guide = make()
+    losses = fit(model, guide, torch.utils.data.DataLoader(Batches(), batch_size=None), epochs=2, progress=False)
+    assert len(losses) == 12
 
 
 def test_fit_trains_point_parameters_too():
