@@ -159,8 +159,13 @@ class LastLayerLaplaceGuide(LoraGuide):
         """The model's logits ``[B, K]`` (float32, ``-inf`` for a missing choice) at the guide's LoRA, and the head's
         input ``phi`` with a 1 appended for a bias, ``[B, D1]`` float64: ``theta* phi`` equals the finite logits.
 
-        :raises ValueError: as :func:`~pyro_lora.heads.head_features` (a model that transforms its head's output).
+        :raises ValueError: as :func:`~pyro_lora.heads.head_features` (a model that transforms its head's output), or
+            where the network changed since the guide was built or fitted (:func:`~pyro_lora.contract.check_guide`).
         """
+        check_guide(self.model, self, "compute features")
+        return self._features(batch)
+
+    def _features(self, batch):
         logits, phi = head_features(self.model, *self._head, batch, self.mean())
         return logits, torch.cat([phi, torch.ones_like(phi[:, :1])], 1) if self._head[0].bias is not None else phi
 
@@ -177,6 +182,7 @@ class LastLayerLaplaceGuide(LoraGuide):
         :raises ValueError: on empty ``data``, a model this guide does not fit (:func:`~pyro_lora.contract.check_guide`),
             or features that do not reproduce the logits (:meth:`features`).
         """
+        self.adopt_point_parameters()  # the head as it is now is what the posterior is over
         check_guide(self.model, self, "fit")
         with torch.no_grad():
             for site, value in zip(self._sites().values(), self.model.adapter_values().values()):
@@ -191,7 +197,7 @@ class LastLayerLaplaceGuide(LoraGuide):
         bar = tqdm(distributed.split_batches(data), desc="LLLA", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
         for batch in bar:
             batch = to_device(batch, self.model.device)
-            logits, phi = self.features(batch)
+            logits, phi = self._features(batch)
             labels = likelihood.observed(batch)
             totals[0] += likelihood.distribution(logits).log_prob(labels).double().sum()
             totals[1] += labels.shape[0]
@@ -215,7 +221,6 @@ class LastLayerLaplaceGuide(LoraGuide):
             self.log_likelihood.fill_(totals[0])
             self.num_data.fill_(totals[1])
             self.fitted.fill_(True)
-        self.adopt_point_parameters()  # the head as fitted is what the posterior is over
         return self
 
     def _set_eigen(self, vals, vecs, matrix):
@@ -350,7 +355,7 @@ class LastLayerLaplaceGuide(LoraGuide):
         self._check_head()
         cache, labels = [], []
         for batch in tqdm(val_loader, desc="LLLA val features", disable=not progress, dynamic_ncols=True):
-            logits, phi = self.features(batch)
+            logits, phi = self._features(batch)
             cache.append((logits, self._project(phi).pow(2)))
             labels.append(self.model.likelihood.observed(to_device(batch, self.model.device)))
         if not cache:
@@ -394,7 +399,7 @@ class LastLayerLaplaceGuide(LoraGuide):
         return self._glm(batch)
 
     def _glm(self, batch):
-        logits, phi = self.features(batch)
+        logits, phi = self._features(batch)
         k = logits.shape[1]
         return logits.double(), self._logit_cov(self._project(phi), self.prior_precision)[:, :k, :k]
 

@@ -409,6 +409,8 @@ def _write_adapter(guide, folder):
     model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
     model.net.save_pretrained(str(folder), selected_adapters=[model.adapter])
     if model.adapter != "default":  # peft saves another name in a subfolder: from_pretrained(folder) reads the top
-        for item in list((Path(folder) / model.adapter).iterdir()):
+        sub = Path(folder) / model.adapter
+        for item in list(sub.iterdir()):
             os.replace(item, Path(folder) / item.name)
-        (Path(folder) / model.adapter).rmdir()
+        for empty in [sub, *sub.parents[: len(sub.relative_to(folder).parts) - 1]]:  # "a/b": b, then a
+            empty.rmdir()

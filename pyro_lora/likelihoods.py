@@ -235,6 +235,14 @@ class SequenceClassification(Likelihood):
         return _unfold_samples(out, num_samples)
 
 
+def _choice_mask(batch):
+    """The batch's ``choice_mask`` ``[B, K]``, which the multiple-choice collators write."""
+    if "choice_mask" not in batch:
+        raise ValueError(f"a multiple-choice batch needs 'choice_mask' [B, K] (LetterCollator and ClozeCollator write it); "
+                         f"its keys are {sorted(batch)}")
+    return batch["choice_mask"]
+
+
 class MultipleChoice(Likelihood):
     """Multiple choice with a causal LM; class logits ``[*S, B, K]``, missing choices at ``-inf``.
 
@@ -299,13 +307,15 @@ class MultipleChoice(Likelihood):
     def observed(self, batch):
         """The labels ``[B]``, each on one of its row's choices.
 
-        :raises ValueError: naming the rows whose label is outside the batch's choices or on a choice their
-            ``choice_mask`` marks missing (bad data: its probability is 0, its NLL infinite).
+        :raises ValueError: on labels that are not integers of shape ``[B]``, naming the rows whose label is outside
+            the batch's choices or on a choice their ``choice_mask`` marks missing (bad data: its probability is 0,
+            its NLL infinite), or on a batch without ``choice_mask``.
         """
         labels = super().observed(batch)
-        mask = batch.get("choice_mask")
-        if mask is None:
-            return labels
+        mask = _choice_mask(batch)
+        if labels.is_floating_point() or labels.is_complex() or labels.shape != mask.shape[:-1]:
+            raise ValueError(f"labels must be integer choice indices of shape {tuple(mask.shape[:-1])} (one per row), got "
+                             f"{labels.dtype} of shape {tuple(labels.shape)}")
         inside = (labels >= 0) & (labels < mask.shape[-1])
         on = inside & mask.bool().gather(-1, labels.long().clamp(0, mask.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
         if not bool(on.all()):
@@ -316,7 +326,7 @@ class MultipleChoice(Likelihood):
 
     def logits(self, net, batch, num_samples=None):
         decoder, head = _decoder_and_head(net)
-        choice_mask = batch["choice_mask"]
+        choice_mask = _choice_mask(batch)
         if self.format == "letter" and choice_mask.shape[-1] > self.answer_token_ids.numel():
             raise ValueError(f"the batch has {choice_mask.shape[-1]} choices and answer_token_ids {self.answer_token_ids.numel()} "
                              "tokens: give one answer token per choice (pyro_lora.data.letter_token_ids)")

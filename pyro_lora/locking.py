@@ -46,7 +46,21 @@ def folder_lock(path, what="this folder"):
     try:
         yield
     finally:
-        os.close(_HELD.pop(key))
+        fd = _HELD.pop(key, None)  # None in a forked child: it closed its copy at the fork
+        if fd is not None:
+            os.close(fd)
+
+
+def _forget_locks_at_fork():
+    """In a forked child (a DataLoader worker), close the inherited lock descriptors: the lock must end with the
+    parent's block, not with the last child that shares it."""
+    for fd in _HELD.values():
+        os.close(fd)
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_at_fork)
 
 
 def _acquire(lock, what):

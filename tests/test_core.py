@@ -245,6 +245,22 @@ def test_a_multiple_choice_label_on_a_missing_choice_is_refused_by_row():
     predict(model, MAPGuide(model), [_mc_batch([2, 3, 1], [[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]])])
 
 
+@pytest.mark.parametrize("labels, message", [
+    (torch.tensor([1.7, 0.0, 2.0]), r"labels must be integer choice indices of shape \(3,\) \(one per row\), got torch.float32"),
+    (torch.tensor([[1], [0], [2]]), r"labels must be integer choice indices of shape \(3,\) .* of shape \(3, 1\)"),
+])
+def test_multiple_choice_labels_that_are_not_indices_are_refused(labels, message):
+    from pyro_lora import predict
+
+    model = LoraModel(tiny_llama(r=2), MultipleChoice(answer_token_ids=[5, 6, 7, 8]))
+    batch = {**_mc_batch([0, 0, 0], [[1, 1, 1, 1]] * 3), "labels": labels}
+    with pytest.raises(ValueError, match=message):
+        predict(model, MAPGuide(model), [batch])
+    del batch["choice_mask"]
+    with pytest.raises(ValueError, match=r"a multiple-choice batch needs 'choice_mask' \[B, K\]"):
+        model.logits(batch)
+
+
 def test_more_choices_than_answer_tokens_is_refused_by_name():
     model = LoraModel(tiny_llama(r=2), MultipleChoice(answer_token_ids=[5, 6, 7, 8]))
     with pytest.raises(ValueError, match="the batch has 5 choices and answer_token_ids 4 tokens: give one answer token per choice"):

@@ -152,3 +152,24 @@ def test_a_forked_child_is_another_holder(tmp_path):
                 os._exit(0)
         os.waitpid(child, 0)
     assert os.read(read, 16) == b"refused"
+
+
+def test_a_forked_child_that_outlives_the_block_does_not_keep_the_lock(tmp_path):
+    """A child forked inside the block (a DataLoader worker) inherited the lock and held it after the parent left:
+    the next writer was refused, naming the parent."""
+    read, write = os.pipe()
+    started, ready = os.pipe()
+    with folder_lock(tmp_path):
+        child = os.fork()
+        if child == 0:
+            os.write(ready, b"r")  # running: what it inherited at the fork is settled
+            os.read(read, 1)  # alive until the parent says
+            os._exit(0)
+        assert os.read(started, 1) == b"r"
+    try:
+        assert not locked_elsewhere(tmp_path)
+        with folder_lock(tmp_path):
+            pass
+    finally:
+        os.write(write, b"x")
+        os.waitpid(child, 0)

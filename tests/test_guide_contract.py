@@ -515,14 +515,16 @@ def test_each_adapter_of_a_network_keeps_its_own_guides():
     assert all(".other." not in n + "." for n, _ in first_model.named_adapter_parameters())
 
 
-def test_the_exported_adapter_is_the_guides_own_not_the_default_one(tmp_path):
+@pytest.mark.parametrize("name", ["other", "a/b"])
+def test_the_exported_adapter_is_the_guides_own_not_the_default_one(tmp_path, name):
     """With adapter 'other' active, export wrote every adapter, 'default' (untouched) at the folder's top and the
     trained one in other/: PeftModel.from_pretrained(folder) loaded 'default' without a word."""
     from conftest import tiny_bert_base
     from peft import PeftModel
 
-    net = _two_adapters()
-    net.set_adapter("other")
+    net = tiny_bert()
+    net.add_adapter(name, LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    net.set_adapter(name)
     model = LoraModel(net, SequenceClassification(), num_data=6)
     guide = MAPGuide(model)
     fit(model, guide, data(), lr=5e-2, progress=False)

@@ -473,3 +473,18 @@ def test_the_head_is_this_adapters_copy_of_out_proj(setup):
         net.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=targets, modules_to_save=["classifier.out_proj"]))
     model = LoraModel(net, SequenceClassification())
     assert find_head(model) is net.base_model.model.classifier.out_proj.modules_to_save["default"]
+
+
+def test_a_fit_is_at_the_head_as_it_is_then_and_features_refuse_a_head_changed_since():
+    """A guide built before the MAP trained the head refused to fit ('point parameters changed'), though a fit is at
+    the head as it is then; features() ran on a head retrained after the fit without a word."""
+    from pyro_lora import fit
+
+    model, data = bert(), bert_data()
+    guide = LastLayerLaplaceGuide(model)
+    fit(model, MAPGuide(model), data, epochs=2, lr=5e-2, progress=False)  # moves the head
+    guide.fit(data, progress=False)
+    guide.predict_glm(data)
+    fit(model, MAPGuide(model), data, epochs=2, lr=5e-2, progress=False)
+    with pytest.raises(ValueError, match=r"cannot compute features with this LastLayerLaplaceGuide on this model: the network's point"):
+        guide.features(data[0])
