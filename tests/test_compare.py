@@ -276,7 +276,8 @@ def test_a_merge_keeps_the_digest_of_the_records_its_rows_were_scored_on(tmp_pat
         merge_results(tmp_path / "run", tmp_path / "bare")
     _fake_run(tmp_path / "every", ("map", "meanfield"), nll=0.3, data="b" * 64, data_dir=str(tmp_path / "new"))  # every row
     merge_results(tmp_path / "run", tmp_path / "every")
-    assert json.loads((tmp_path / "run" / "results.json").read_text())["data"] == "b" * 64
+    merged = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert merged["data"] == "b" * 64 and merged["config"]["data_dir"] == str(tmp_path / "new")  # the rerun's records
 
 
 def test_a_saved_guide_is_scored_with_the_predictive_compare_reports():

@@ -696,7 +696,10 @@ def test_the_cli_prints_the_verdict_of_this_runs_rows(tmp_path, monkeypatch, cap
     def no_map(setup, load=None):
         raise RuntimeError("loss became nan")
 
-    monkeypatch.setattr(C, "prepare", lambda config, seed: __import__("types").SimpleNamespace(config=config, sizes=None))
+    from pyro_lora.experiments.setup import load_splits
+
+    monkeypatch.setattr(C, "prepare", lambda config, seed: __import__("types").SimpleNamespace(
+        config=config, sizes=None, **dict(zip(("train", "val", "test", "shifted"), load_splits(config)))))
     monkeypatch.setattr(C, "train_map", no_map)
     argv = ["compare", "--guides", "map", "--train-size", "48", "--test-size", "32", "--epochs", "1", "--out", str(tmp_path),
             "--overwrite", "--quiet"]
@@ -732,6 +735,27 @@ def test_a_resume_on_changed_data_is_refused_before_any_work(tmp_path, monkeypat
     for name, text in lines.items():
         (copy / name).write_text("\n".join(text))
     assert run_compare(replace(config, data_dir=str(tmp_path / "copy")))[0]["guide"] == "temperature"  # complete: nothing rerun
+
+
+def test_records_that_change_during_a_run_stop_it(tmp_path, monkeypatch):
+    """The digest was taken once, but each seed reloads the records: test labels flipped before seed 1 were scored
+    and recorded under the first records' digest."""
+    from pyro_lora.experiments import setup as S
+
+    real = S.prepare
+    calls = []
+
+    def flipped_after_seed_0(config, seed):
+        calls.append(seed)
+        setup = real(config, seed)
+        if seed == 1:
+            setup.test = [{**r, "label": 1 - r["label"]} for r in setup.test]
+        return setup
+
+    monkeypatch.setattr(C, "prepare", flipped_after_seed_0)
+    with pytest.raises(ValueError, match=r"the sst2 records under .* changed during the run \(before seed 1\)"):
+        run_compare(small(tmp_path, guides=("temperature",), epochs=0, seeds=(0, 1)))
+    assert calls == [0, 1]
 
 
 def test_a_record_from_before_digests_stays_unchecked(tmp_path):

@@ -542,10 +542,13 @@ def merge_results(out, update):
             (out / name).unlink(missing_ok=True)
     summary = summarize_run(rows, failed)
     config = {**base["config"], "guides": guides}
+    # every row rerun: the records are the rerun's, wherever they were read and however many it used
+    data = {"data": new.get("data"), "sizes": new.get("sizes")} if replaces_all else {}
+    if replaces_all:
+        config["data_dir"] = new["config"].get("data_dir")
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
     write_json(out / RESULTS, {**base, "config": config, "summary": summary, "verdict": verdict(rows, config["dataset"]),
-                               "per_seed": rows, "failed": failed, "maps": maps,
-                               "data": new.get("data") if replaces_all else base.get("data")})
+                               "per_seed": rows, "failed": failed, "maps": maps, **data})
     (out / MERGING).unlink()
     return summary
 

@@ -258,7 +258,11 @@ def load_splits(config: CompareConfig):
 def data_digest(config: CompareConfig) -> str:
     """SHA-256 of the records ``config`` runs on (:func:`load_splits`): a run's rows are comparable only while the
     files under its data folder give the same records (a regenerated set, another machine's copy)."""
-    train, val, test, shifted = load_splits(config)
+    return records_digest(*load_splits(config))
+
+
+def records_digest(train, val, test, shifted) -> str:
+    """SHA-256 of the records of a run's splits (``shifted``: evaluation-set name -> test records)."""
     text = json.dumps({"train": train, "validation": val, "test": test, "shifted": shifted}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 

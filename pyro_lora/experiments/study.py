@@ -130,7 +130,10 @@ def study_configs(overrides, datasets=None, shift=True, runs=RUNS, update=None, 
     configs, held = [], set()
     for dataset in study_datasets(datasets):
         config = make_config(overrides, dataset, shift, runs)
-        if locked_elsewhere(config.out):  # its run is not to be read now: the study says so when it gets there
+        if locked_elsewhere(config.out) and update:  # what to rerun is read from the run: not now
+            raise FolderLocked(f"another process is writing the {dataset} run ({config.out}): wait for it, or leave "
+                               f"{dataset} out of --datasets")
+        if locked_elsewhere(config.out):  # its run is not to be read now: run_dataset reads it under the lock
             held.add(dataset)
         elif update:
             config = _update_config(config, update, overrides)
@@ -265,13 +268,13 @@ def _sidecar(out, command, config, keep):
     (its record waits in :data:`~pyro_lora.experiments.results.NEXT_SIDECAR` until its first result replaces the
     run), and a fresh run's tries of its own configuration only."""
     path, pending = Path(out) / SIDECAR, Path(out) / NEXT_SIDECAR
-    pending.unlink(missing_ok=True)  # a replacement killed before its first result: the run there is not its own
     fresh = not keep and _saved(config) is None  # no run here yet: only the tries cut short before a result to keep
     if keep:
         old = _read_sidecar(path)
-    else:  # a fresh run keeps its own configuration's tries that a kill cut short before any result
-        tries = [i for i in _read_sidecar(path).get("interrupted", []) if fresh and _same_configuration(i, config)]
+    else:  # a fresh run or a replacement keeps its own configuration's tries that a kill cut short before any result
+        tries = [i for i in _read_sidecar(path if fresh else pending).get("interrupted", []) if _same_configuration(i, config)]
         old = {"interrupted": tries} if tries else {}
+    pending.unlink(missing_ok=True)  # a replacement's killed before its first result: kept above if it was this one
     started, start, record = _now(), time.perf_counter(), {}
     commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
     ours = {**old, "command": command, "commands": list(dict.fromkeys([*commands, command])),
@@ -286,7 +289,6 @@ def _sidecar(out, command, config, keep):
         saved = _saved(config)  # none yet: no result to time; the next invocation lists this one as interrupted
         if keep or (saved is not None and not _other_configuration(config, saved)):
             write_json(path, {**ours, "finished": _now(), "wall_seconds": (old.get("wall_seconds") or 0.0) + record["seconds"]})
-        pending.unlink(missing_ok=True)
 
 
 def _same_configuration(invocation, config):
@@ -337,9 +339,9 @@ def update_dataset(config, command):
         raise ValueError(f"{here} is {'a link' if here.is_symlink() else 'a file'}, where --update reruns the methods: move it")
     with folder_lock(out, f"the {config.dataset} run"):
         print(f"## {config.dataset}: rerunning {', '.join(config.guides)} (seeds {','.join(map(str, config.seeds))})", flush=True)
+        finish_merge(out)  # a merge a kill cut short (it lists that update), before its rerun folder goes
         sidecar = _read_sidecar(out / SIDECAR)  # marked running: a kill leaves a trace
         write_json(out / SIDECAR, {**sidecar, "running": {"command": command, "started": started, "update": list(config.guides)}})
-        finish_merge(out)  # a merge a kill cut short, before its rerun folder goes
         shutil.rmtree(here, ignore_errors=True)  # an earlier update's rows must never be merged as this one's
         retrain = REFERENCE in config.guides
         if not retrain:  # the rerun starts from the MAP the run's other rows started from

@@ -68,7 +68,8 @@ def header_section(runs, command, now, failed=()):
     lines += [f"- machine: {m}" for m in machines] or [f"- machine (this report): {_machine_line(machine_info())}"]
     lines.append(f"- date: {now}")
     missing = "" if all(w is not None for w in walls) else " (some runs have no recorded wall time)"
-    cut = sum(len(s.get("interrupted", [])) + ("running" in s) for s in sidecars.values())
+    cut = sum(len(s.get("interrupted", [])) + ("running" in s) + sum(u.get("wall_seconds") is None for u in s.get("updates", []))
+              for s in sidecars.values())  # an update a later command finished has no time either
     missing += f" (not counting {cut} invocation(s) cut short or still running, whose time is not recorded)" if cut else ""
     lines.append(f"- total wall time: {duration(total)} over {len(runs)} dataset runs{missing}")
     spans = [(run["sidecar"].get("started"), run["sidecar"].get("finished")) for run in runs.values()]
