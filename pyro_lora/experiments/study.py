@@ -44,8 +44,8 @@ from ..guides.registry import METHODS
 from ..io import check_file_slot, standard_json, writable_folder, write_json
 from ..locking import FolderLocked, folder_lock, locked_elsewhere
 from . import compare
-from .results import (MERGE_IGNORES, NEXT_SIDECAR, RESULTS, SIDECAR, GuideFailures, RunFolder, config_differences, finish_merge, map_name,
-                      merge_results, read_record)
+from .results import (MERGE_IGNORES, NEXT_SIDECAR, RESULTS, SIDECAR, GuideFailures, RunFolder, config_differences,
+                      finish_merge, map_name, merge_results, read_record)
 from .setup import FULL, CompareConfig, check_config, data_digest, default_guides
 from .study_header import duration, machine_info
 from .study_report import DATASETS, build_report
@@ -130,11 +130,11 @@ def study_configs(overrides, datasets=None, shift=True, runs=RUNS, update=None, 
     configs, held = [], set()
     for dataset in study_datasets(datasets):
         config = make_config(overrides, dataset, shift, runs)
-        if locked_elsewhere(config.out) and update:  # what to rerun is read from the run: not now
-            raise FolderLocked(f"another process is writing the {dataset} run ({config.out}): wait for it, or leave "
-                               f"{dataset} out of --datasets")
-        if locked_elsewhere(config.out):  # its run is not to be read now: run_dataset reads it under the lock
-            held.add(dataset)
+        if locked_elsewhere(config.out):
+            if update:  # what to rerun is read from the run: not now
+                raise FolderLocked(f"another process is writing the {dataset} run ({config.out}): wait for it, or leave "
+                                   f"{dataset} out of --datasets")
+            held.add(dataset)  # its run is not to be read now: run_dataset reads it under the lock
         elif update:
             config = _update_config(config, update, overrides)
             if config is None:
