@@ -679,6 +679,13 @@ def test_a_sidecar_never_takes_another_configurations_history_and_a_killed_repla
     study.run_dataset(fresh, "B2")
     sidecar = json.loads((tmp_path / "fresh" / "study_run.json").read_text())
     assert [i["command"] for i in sidecar["interrupted"]] == ["B1"]  # A's try is not this run's
+    # a replacement killed while the replaced run's files went: no results.json, its record still pending
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    (gone / ".study_run.next.json").write_text(json.dumps({"running": {"command": "R", "started": "t",
+                                                                       "config": json.loads(json.dumps(asdict(fresh)))}}))
+    study.run_dataset(replace(fresh, out=str(gone)), "after")
+    assert [i["command"] for i in json.loads((gone / "study_run.json").read_text())["interrupted"]] == ["R"]
 
     def first_result_then_killed(config, overwrite=False, reference=None):
         rows = [_row("map", "arc_easy", 0, "arc_easy", False)]

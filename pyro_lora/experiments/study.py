@@ -272,7 +272,9 @@ def _sidecar(out, command, config, keep):
     if keep:
         old = _read_sidecar(path)
     else:  # a fresh run or a replacement keeps its own configuration's tries that a kill cut short before any result
-        tries = [i for i in _read_sidecar(path if fresh else pending).get("interrupted", []) if _same_configuration(i, config)]
+        # (fresh: a replacement killed while the replaced run's files went leaves its record in ``pending`` too)
+        tries = [i for source in ((path, pending) if fresh else (pending,))
+                 for i in _read_sidecar(source).get("interrupted", []) if _same_configuration(i, config)]
         old = {"interrupted": tries} if tries else {}
     pending.unlink(missing_ok=True)  # a replacement's killed before its first result: kept above if it was this one
     started, start, record = _now(), time.perf_counter(), {}
