@@ -111,10 +111,10 @@ def fit(
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     if checkpoint_every is not None:
         _positive_int(checkpoint_every, "checkpoint_every", "or None: a checkpoint at the end only")
-    for name, value, least in (("lr", lr, "0"), ("max_grad_norm", 1.0 if max_grad_norm is None else max_grad_norm, "0 (None: no clipping)")):
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= 0) \
-                or (name == "max_grad_norm" and value == 0):
-            raise ValueError(f"{name} must be a finite number {'>=' if name == 'lr' else '>'} {least}, got {value!r}")
+    if not (_finite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    if max_grad_norm is not None and not (_finite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be a finite number > 0 (None: no clipping), got {max_grad_norm!r}")
     if epochs > 1 and isinstance(data, collections.abc.Iterator):  # a generator: its second pass is empty
         raise ValueError(f"data is a one-shot iterator ({type(data).__name__}): it yields its batches once, and epochs={epochs} "
                          "needs them every epoch; pass a list of batches or a DataLoader")
@@ -146,7 +146,8 @@ def fit(
     # fp16's narrow range underflows small gradients: scale the loss up, unscale before the update, skip steps that
     # overflowed (bf16 has fp32's range and needs none)
     scaler = torch.amp.GradScaler(device.type, enabled=model.compute_dtype == torch.float16)
-    steps_per_epoch = math.ceil(_length(data) / grad_accum_steps) if _length(data) is not None else None
+    length = _length(data)
+    steps_per_epoch = math.ceil(length / grad_accum_steps) if length is not None else None
     total = steps_per_epoch * epochs if steps_per_epoch else None
     if total is not None and warmup_steps > total:
         raise ValueError(f"warmup_steps={warmup_steps} is longer than the run's {total} optimizer steps: the learning rate "
@@ -357,6 +358,10 @@ def _activation_checkpointing(net, enable):
         yield
     finally:
         base.activation_checkpointing_disable() if new_api else base.gradient_checkpointing_disable()
+
+
+def _finite(value):
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
 
 
 def _length(data):

@@ -5,7 +5,6 @@
 leaves the previous complete file, and ``results.json``, written last, is the record of what is complete.
 """
 
-import datetime
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from ..io import atomic_file, check_file_slot, read_safetensors, standard_json, 
 from ..locking import FolderLocked, locked_elsewhere
 from .plots import metric_scatter, reliability_diagram, reliability_grid
 from .setup import ADDED_SETTINGS, state_digest
+from .study_header import now
 from .table import base_guide, ts_name
 from .verdict import REFERENCE, verdict
 
@@ -542,13 +542,12 @@ def merge_results(out, update):
             (out / name).unlink(missing_ok=True)
     summary = summarize_run(rows, failed)
     config = {**base["config"], "guides": guides}
-    # every row rerun: the records are the rerun's, wherever they were read and however many it used
-    data = {"data": new.get("data"), "sizes": new.get("sizes")} if replaces_all else {}
-    if replaces_all:
+    if replaces_all:  # every row rerun: the records are the rerun's, wherever they were read and however many it used
         config["data_dir"] = new["config"].get("data_dir")
+        base = {**base, "data": new.get("data"), "sizes": new.get("sizes")}
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
     write_json(out / RESULTS, {**base, "config": config, "summary": summary, "verdict": verdict(rows, config["dataset"]),
-                               "per_seed": rows, "failed": failed, "maps": maps, **data})
+                               "per_seed": rows, "failed": failed, "maps": maps})
     (out / MERGING).unlink()
     return summary
 
@@ -583,5 +582,5 @@ def _record_finished_update(path):
     del sidecar["running"]
     sidecar.setdefault("updates", []).append({"guides": running["update"], "command": running.get("command"),
                                               "started": running.get("started"), "wall_seconds": None,
-                                              "finished": datetime.datetime.now().astimezone().isoformat(timespec="seconds")})
+                                              "finished": now()})
     write_json(path, sidecar)

@@ -28,7 +28,6 @@ without training::
 """
 
 import contextlib
-import datetime
 import json
 import shlex
 import shutil
@@ -47,7 +46,7 @@ from . import compare
 from .results import (MERGE_IGNORES, NEXT_SIDECAR, RESULTS, SIDECAR, GuideFailures, RunFolder, config_differences,
                       finish_merge, map_name, merge_results, read_record)
 from .setup import FULL, CompareConfig, check_config, data_digest, default_guides
-from .study_header import duration, machine_info
+from .study_header import duration, machine_info, now
 from .study_report import DATASETS, build_report
 from .verdict import REFERENCE
 
@@ -277,7 +276,7 @@ def _sidecar(out, command, config, keep):
                  for i in _read_sidecar(source).get("interrupted", []) if _same_configuration(i, config)]
         old = {"interrupted": tries} if tries else {}
     pending.unlink(missing_ok=True)  # a replacement's killed before its first result: kept above if it was this one
-    started, start, record = _now(), time.perf_counter(), {}
+    started, start, record = now(), time.perf_counter(), {}
     commands = old.get("commands") or ([old["command"]] if old.get("command") else [])
     ours = {**old, "command": command, "commands": list(dict.fromkeys([*commands, command])),
             "machine": machine_info(config.device), "started": old.get("started", started)}
@@ -290,7 +289,7 @@ def _sidecar(out, command, config, keep):
         record["seconds"] = time.perf_counter() - start
         saved = _saved(config)  # none yet: no result to time; the next invocation lists this one as interrupted
         if keep or (saved is not None and not _other_configuration(config, saved)):
-            write_json(path, {**ours, "finished": _now(), "wall_seconds": (old.get("wall_seconds") or 0.0) + record["seconds"]})
+            write_json(path, {**ours, "finished": now(), "wall_seconds": (old.get("wall_seconds") or 0.0) + record["seconds"]})
 
 
 def _same_configuration(invocation, config):
@@ -333,7 +332,7 @@ def update_dataset(config, command):
     if not (out / RESULTS).is_file():
         raise ValueError(f"--update needs an existing run: {out / RESULTS} is missing")
     rerun = replace(config, out=str(out / "update"))
-    started = _now()
+    started = now()
     start = time.perf_counter()
     failure = None
     here = Path(rerun.out)
@@ -358,7 +357,7 @@ def update_dataset(config, command):
         merge_results(out, here)
         seconds = time.perf_counter() - start
         sidecar.setdefault("updates", []).append({"guides": list(config.guides), "command": command, "started": started,
-                                                  "finished": _now(), "wall_seconds": seconds})
+                                                  "finished": now(), "wall_seconds": seconds})
         write_json(out / SIDECAR, sidecar)
     if failure is not None:
         raise failure
@@ -444,7 +443,3 @@ def _ignored_flags(args, overrides):
 
 def _terminated(signum, frame):
     raise SystemExit(128 + signum)
-
-
-def _now():
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")

@@ -32,6 +32,11 @@ def machine_info(device="cpu"):
     return info
 
 
+def now():
+    """The local time as the study's records write it, ``2026-12-01T05:55:44+00:00``."""
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
 def duration(seconds):
     """``1h 02m 03s``, ``4m 05s`` or ``6.0s``; ``unknown`` for None (a run without a recorded wall time)."""
     if seconds is None:
