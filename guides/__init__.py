@@ -15,6 +15,7 @@ from .laplace import LaplaceGuide
 from .llla import LastLayerLaplaceGuide
 from .mcdropout import MCDropoutGuide
 from .ensemble import EnsembleGuide, predict_ensemble, train_ensemble
+from .mola import LaplaceMixtureGuide
 from .swag import SWAGCollector, SWAGGuide
 from .scalabl import ScalaBLGuide
 from .ivon import IVONGuide, train_ivon
@@ -26,6 +27,7 @@ __all__ = [
     "FlowGuide",
     "IVONGuide",
     "LaplaceGuide",
+    "LaplaceMixtureGuide",
     "LastLayerLaplaceGuide",
     "LoraGuide",
     "MAPGuide",

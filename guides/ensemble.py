@@ -151,22 +151,32 @@ class EnsembleGuide(LoraGuide):
         """
         self.check_num_samples(num_samples)
         index = torch.arange(num_samples, device=self.member_0.device) % self.num_members
-        heads = self.heads()
-        handles = []
+        with self.heads_of(index):
+            self._heads_for = num_samples
+            try:
+                yield
+            finally:
+                self._heads_for = None
+
+    @contextlib.contextmanager
+    def heads_of(self, index):
+        """Within the context, a forward of ``S = len(index)`` samples (rows sample-major) applies member
+        ``index[s]``'s head to sample ``s``; ``heads_of([k])``: every row runs member ``k``'s head. Heads the
+        members do not carry (none: the network's own) run as they are."""
+        index = torch.as_tensor(index, device=self.member_0.device).reshape(-1)
+        heads, handles = self.heads(), []
         for path, module in self._head_modules.items():
             weight = heads.get(f"{path}.weight")
             bias = heads.get(f"{path}.bias")
-            weight = module.weight.expand(num_samples, *module.weight.shape) if weight is None else weight[index]
+            weight = module.weight.expand(len(index), *module.weight.shape) if weight is None else weight[index]
             if bias is None and module.bias is not None:
-                bias = module.bias.expand(num_samples, *module.bias.shape)
+                bias = module.bias.expand(len(index), *module.bias.shape)
             elif bias is not None:
                 bias = bias[index]
-            handles.append(module.register_forward_hook(_batched_linear(num_samples, weight, bias)))
-        self._heads_for = num_samples
+            handles.append(module.register_forward_hook(_batched_linear(len(index), weight, bias)))
         try:
             yield
         finally:
-            self._heads_for = None
             for handle in handles:
                 handle.remove()
 

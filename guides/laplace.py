@@ -22,6 +22,7 @@ from pyro_lora.kfac import SiteFactors, accumulate, glm_batch, glm_predict, grid
 from pyro_lora.likelihoods import MultipleChoice
 from pyro_lora.metrics import nll
 from pyro_lora.predictive import _positive_int, predict
+from pyro_lora.sites import check_values
 
 from .base import LoraGuide
 from .registry import Fitted, join_notes, method
@@ -122,23 +123,27 @@ class LaplaceGuide(LoraGuide):
 
     # ------------------------------------------------------------------ fitting
 
-    def fit(self, data, progress=True):
-        """Accumulate the KFAC factors over ``data`` at the model's current adapter ``theta*``.
+    def fit(self, data, progress=True, loc=None):
+        """Accumulate the KFAC factors over ``data`` at ``theta*``: the model's current adapter, or ``loc``.
 
         Per batch: one forward at ``theta*`` with hooks on every LoRA layer, then one backward to the LoRA
         layers' outputs (``C - 1`` for ``fisher="exact"``); the factor sums are batched over layers. Also
         records ``log p(D | theta*)`` and ``N`` (labelled examples) for the evidence.
 
         :param data: iterable of labelled batches (dicts of tensors).
+        :param dict loc: site -> value (``site.shape``) to fit at instead of the adapter (a member of an ensemble).
         :returns: ``self``.
+        :raises ValueError: for ``loc`` values that are not the sites' (names, shapes, finite).
 
         Under ``torch.distributed`` every rank is given the same ``data`` and runs its block of batches;
         the sums (``r x r`` sides, the ``D``-side sketches over the same ``Omega``, traces, ``N``, the
         log-likelihood) are linear in the data, so one ``all_reduce`` makes every rank's factors those of
         one process (with ``fisher="mc"`` the sampled labels differ, as with any other seed).
         """
+        if loc is not None:
+            check_values(self.sites, loc, allow_sample_dim=False)
         loglik, count = accumulate(
-            self.model, self.sites, self.factors, data, self.fisher, self.kfac, self.sketch or 2 * self.rank + 10, progress
+            self.model, self.sites, self.factors, data, self.fisher, self.kfac, self.sketch or 2 * self.rank + 10, progress, loc
         )
         self.log_likelihood.fill_(loglik)
         self.num_data.fill_(count)

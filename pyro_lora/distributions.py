@@ -7,7 +7,8 @@ All are Pyro distributions with reparametrised sampling:
   plus diagonal, evaluated through Woodbury / the matrix determinant lemma (never a dense ``mn x mn``);
 - :class:`LowRankPlusDiagNormal`: a low-rank plus diagonal Gaussian over a tensor (LoRA-XS cores, SWAG's
   posterior over a stacked site);
-- :class:`KFACNormal`: the Kronecker-factored Laplace posterior of a (stacked) LoRA site.
+- :class:`KFACNormal`: the Kronecker-factored Laplace posterior of a (stacked) LoRA site;
+- :class:`UniformMixture`: ``1/K sum_k q_k`` of ``K`` such posteriors (a mixture of Laplace approximations).
 
 Closed-form KL divergences are registered with :func:`torch.distributions.kl.register_kl` between
 :class:`MatrixNormalKronecker` pairs, :class:`LowRankPlusDiagNormal` pairs, and each of them against
@@ -28,7 +29,7 @@ from torch.distributions.utils import lazy_property
 import pyro.distributions as dist
 from pyro.distributions import TorchDistribution
 
-__all__ = ["isotropic_normal", "KFACNormal", "MatrixNormalKronecker", "LowRankPlusDiagNormal"]
+__all__ = ["isotropic_normal", "KFACNormal", "MatrixNormalKronecker", "LowRankPlusDiagNormal", "UniformMixture"]
 
 
 def isotropic_normal(shape: tuple | torch.Size, scale: float | torch.Tensor) -> dist.Independent:
@@ -473,6 +474,54 @@ class KFACNormal(TorchDistribution):
         n = top.shape[-2] * D
         return (-0.5 * (quad - logdet + n * math.log(2 * math.pi))).sum(-1)
 
+
+
+class UniformMixture(TorchDistribution):
+    r"""``q(x) = 1/K sum_k q_k(x)`` over ``K`` distributions of one event shape and no batch shape (e.g. the
+    :class:`KFACNormal` s of a mixture of Laplace approximations), which need not share a family.
+
+    ``log_prob`` is ``logsumexp_k log q_k(x) - log K``; ``sample`` draws the component uniformly per sample (not
+    reparametrised: the component is discrete); ``mean`` and ``variance`` are the mixture's (law of total variance).
+
+    :param list components: ``K >= 1`` distributions with ``batch_shape == ()`` and the same ``event_shape``.
+    :raises ValueError: for no components, a batch shape or differing event shapes.
+    """
+
+    arg_constraints = {}
+    support = constraints.real
+    has_rsample = False
+
+    def __init__(self, components):
+        components = list(components)
+        if not components:
+            raise ValueError("a UniformMixture needs at least one component")
+        shapes = {tuple(c.event_shape) for c in components}
+        if len(shapes) != 1 or any(c.batch_shape != torch.Size() for c in components):
+            raise ValueError(f"UniformMixture components need one event shape and no batch shape, got event shapes {shapes} "
+                             f"and batch shapes {sorted({tuple(c.batch_shape) for c in components})}")
+        self.components = components
+        super().__init__(torch.Size(), components[0].event_shape, validate_args=False)
+
+    @property
+    def mean(self):
+        return torch.stack([c.mean for c in self.components]).mean(0)
+
+    @property
+    def variance(self):
+        means = torch.stack([c.mean for c in self.components])
+        second = torch.stack([c.variance for c in self.components]) + means.pow(2)
+        return second.mean(0) - means.mean(0).pow(2)
+
+    def sample(self, sample_shape=torch.Size()):
+        shape = torch.Size(sample_shape)
+        draws = torch.stack([c.sample(shape) for c in self.components])  # [K, *S, *event]
+        k = torch.randint(len(self.components), shape, device=draws.device)
+        pick = k.reshape(1, *shape, *([1] * len(self.event_shape))).expand(1, *draws.shape[1:])
+        return draws.gather(0, pick).squeeze(0)
+
+    def log_prob(self, value):
+        logs = torch.stack([c.log_prob(value) for c in self.components])
+        return torch.logsumexp(logs, 0) - math.log(len(self.components))
 
 def _event_dims(event_shape):
     return tuple(range(-len(event_shape), 0))

@@ -316,9 +316,10 @@ def check_one_forward(model) -> None:
 # --------------------------------------------------------------------------- fitting the factors
 
 
-def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch: int, progress: bool = True) -> tuple[float, int]:
-    """Fill ``factors`` (one :class:`SiteFactors` per site) with the KFAC factors of ``data`` at the model's
-    current adapter ``theta*``.
+def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch: int, progress: bool = True,
+               loc: dict | None = None) -> tuple[float, int]:
+    """Fill ``factors`` (one :class:`SiteFactors` per site) with the KFAC factors of ``data`` at ``theta*``: ``loc``
+    (site -> value), else the model's current adapter.
 
     Per batch: one forward at ``theta*`` with hooks on every LoRA layer, then one backward to the LoRA
     layers' outputs (``C - 1`` for ``fisher="exact"``); the factor sums are batched over layers. Under
@@ -331,7 +332,7 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
     :raises ValueError: on empty ``data``, or a likelihood that runs two forwards per batch.
     """
     check_one_forward(model)
-    loc = {name: v.float() for name, v in model.adapter_values().items()}
+    loc = {name: v.detach().float() for name, v in (model.adapter_values() if loc is None else loc).items()}
     gen = torch.Generator(device=model.device).manual_seed(0)
     acc = [Accumulator(f, sketch, gen) for f in factors]
     loglik = torch.zeros((), device=model.device, dtype=torch.double)

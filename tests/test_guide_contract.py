@@ -59,6 +59,11 @@ def _ensemble(dtype):
     return model, EnsembleGuide(model, members)
 
 
+def _mola(dtype):
+    model, ensemble = _ensemble(dtype)
+    return model, guides.LaplaceMixtureGuide.from_ensemble(ensemble, fisher="exact", rank=3).fit(data(), progress=False)
+
+
 def _scalabl(dtype):
     model = ScalaBLModel(tiny_bert(dtype=dtype), SequenceClassification(), prior=0.5, num_data=6)
     return model, ScalaBLGuide(model)
@@ -76,6 +81,7 @@ BUILDERS = {
     ScalaBLGuide: lambda dtype=torch.float32: _scalabl(dtype),
     MCDropoutGuide: lambda dtype=torch.float32: (m := lora(dtype=dtype), MCDropoutGuide(m, p=0.2)),
     EnsembleGuide: lambda dtype=torch.float32: _ensemble(dtype),
+    guides.LaplaceMixtureGuide: lambda dtype=torch.float32: _mola(dtype),
     guides.IVONGuide: lambda dtype=torch.float32: (m := lora(dtype=dtype), guides.train_ivon(m, data(), progress=False)),
 }
 

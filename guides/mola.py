@@ -1,0 +1,188 @@
+"""Mixture of Laplace approximations (MoLA): a KFAC Laplace around each member of a deep ensemble.
+
+Eschenhagen et al. (2021), "Mixtures of Laplace Approximations for Improved Post-Hoc Uncertainty in Deep Learning":
+``q(theta) = 1/K sum_k N(theta_k, P_k^-1)``, component ``k`` the :class:`~pyro_lora.guides.LaplaceGuide` of member
+``k`` (fitted at its LoRA values, with its own head), and the predictive the uniform mixture of the components' GLM
+predictives. The members bring the accuracy of the ensemble, each Laplace the spread around its member; it costs the
+ensemble plus ``K`` Laplace fits, and ``K`` GLM passes per prediction.
+"""
+
+import pyro
+import pyro.distributions as dist
+import pyro.poutine as poutine
+import torch
+
+from pyro_lora.contract import check_guide
+from pyro_lora.distributions import UniformMixture
+from pyro_lora.predictive import Prediction
+
+from .ensemble import MEMBER_SITE, EnsembleGuide
+from .laplace import LaplaceGuide, kfac_likelihood
+from .registry import Fitted, method
+
+
+class LaplaceMixtureGuide(EnsembleGuide):
+    r"""``q(theta) = 1/K sum_k N(theta_k, (G_k (x) Lambda_k + lambda_k I)^-1)``: one KFAC Laplace per ensemble member.
+
+    Build it from a trained ensemble, fit the components, then predict with the mixture of GLM predictives::
+
+        ensemble = train_ensemble(model, train_loader, k=3)
+        guide = LaplaceMixtureGuide.from_ensemble(ensemble).fit(train_loader)
+        guide.optimize_prior_precision("marglik")        # each component its own lambda_k
+        pred = guide.predict_glm(test_loader)            # 1/K sum_k GLM probit of component k
+
+    Component ``k`` is ``components[k]``, a :class:`~pyro_lora.guides.LaplaceGuide` whose mean is member ``k``; while
+    it is fitted or predicts, member ``k``'s head runs in the network's place (:meth:`heads_of`), so its curvature and
+    its Jacobians are those of member ``k``'s network. As for :class:`EnsembleGuide`, :meth:`sample` draws component
+    ``s mod K`` for draw ``s`` (``S`` a multiple of ``K``), with per-member heads only inside :meth:`member_heads`,
+    and :meth:`mean` (the members' averaged weights) predicts nothing. Weight samples of a Laplace collapse on real
+    data (see :class:`~pyro_lora.guides.LaplaceGuide`): report :meth:`predict_glm`.
+
+    :param model: the :class:`~pyro_lora.LoraModel` (class-level logits, sites ``A`` and ``B``).
+    :param list members: ``K`` dicts site -> value (the ensemble's members).
+    :param list heads: ``K`` dicts head parameter name -> value, or ``None`` (no trained head).
+    :param int num_members: ``K`` when ``members`` is ``None`` (for loading).
+    :param list head_parameters: the head parameter names when ``heads`` is ``None`` (for loading).
+    :param str fisher: ``"mc"`` or ``"exact"``; ``rank``, ``kfac``: as :class:`~pyro_lora.guides.LaplaceGuide`'s.
+    """
+
+    def __init__(self, model, members=None, heads=None, num_members=None, head_parameters=None, fisher="mc", rank=10,
+                 kfac="reduce"):
+        super().__init__(model, members, heads, num_members, head_parameters)
+        self.components = torch.nn.ModuleList(
+            LaplaceGuide(model, fisher=fisher, rank=rank, kfac=kfac) for _ in range(self.num_members))
+        self.fisher, self.rank, self.kfac = fisher, rank, kfac
+
+    @classmethod
+    def from_ensemble(cls, ensemble, model=None, **laplace_kwargs):
+        """The (unfitted) mixture over ``ensemble``'s members and heads, on ``model`` (default the ensemble's; another
+        :class:`~pyro_lora.LoraModel` over the same network, e.g. with the one-forward likelihood KFAC needs)."""
+        model = ensemble.model if model is None else model
+        if model.net is not ensemble.model.net:
+            raise ValueError("from_ensemble: the model must run the ensemble's network (its heads are set there)")
+        members = [{n: v[k] for n, v in ensemble.members().items()} for k in range(ensemble.num_members)]
+        heads = [{n: v[k] for n, v in ensemble.heads().items()} for k in range(ensemble.num_members)]
+        return cls(model, members, heads if ensemble.head_parameters else None, **laplace_kwargs)
+
+    @property
+    def deterministic(self):
+        return False
+
+    @property
+    def fitted(self):
+        return all(bool(c.fitted) for c in self.components)
+
+    def fit(self, data, progress=True):
+        """Fit component ``k`` (:meth:`LaplaceGuide.fit`) at member ``k``'s values with member ``k``'s head, for each
+        ``k``: ``K`` passes over ``data`` (which must be iterable again: a list or a ``DataLoader``).
+
+        :returns: ``self``.
+        :raises ValueError: for ``data`` that is an iterator (the second member would see nothing).
+        """
+        _check_reiterable(data)
+        check_guide(self.model, self, "fit")
+        members = self.members()
+        for k, component in enumerate(self.components):
+            with self.heads_of([k]):
+                component.fit(data, progress=progress, loc={n: v[k] for n, v in members.items()})
+        self.adopt_point_parameters()
+        return self
+
+    def optimize_prior_precision(self, method="marglik", **kwargs):
+        """:meth:`LaplaceGuide.optimize_prior_precision` of each component, with its member's head (``val_nll`` runs
+        the validation data through it); returns the ``K`` results."""
+        if kwargs.get("val_loader") is not None:
+            _check_reiterable(kwargs["val_loader"])
+        out = []
+        for k, component in enumerate(self.components):
+            with self.heads_of([k]):
+                out.append(component.optimize_prior_precision(method, **kwargs))
+        return out
+
+    def posterior(self):
+        """Site -> :class:`~pyro_lora.distributions.UniformMixture` of the components' :class:`KFACNormal` s."""
+        parts = [c.posterior() for c in self.components]
+        return {name: UniformMixture(p[name] for p in parts) for name in self.sites}
+
+    def forward(self, *args, kl_weight=1.0, **kwargs):
+        """Pyro guide: component ``k ~ Uniform{0..K-1}`` (auxiliary site ``"ensemble_member"``), then its Gaussian."""
+        if self.head_parameters:
+            raise ValueError("a Laplace mixture with per-member heads has no Pyro guide path (heads are not sites): "
+                             "use predict_glm")
+        logits = torch.zeros(self.num_members, device=self.member_0.device)
+        with poutine.scale(scale=kl_weight):
+            k = pyro.sample(MEMBER_SITE, dist.Categorical(logits=logits), infer={"is_auxiliary": True})
+            posterior = self.components[int(k)].posterior()
+            return {name: pyro.sample(name, posterior[name]) for name in self.sites}
+
+    def sample(self, num_samples):
+        """Draw ``s`` from component ``s mod K``: name -> ``[S, *site.shape]``; ``S`` must be a multiple of ``K``."""
+        self.check_num_samples(num_samples)
+        self._check_heads(num_samples)
+        per = num_samples // self.num_members
+        draws = [c.sample(per) for c in self.components]  # K x {name: [S / K, ...]}
+        # [S / K, K, ...] flattened: draw s = j K + k is component k = s mod K
+        return {name: torch.stack([d[name] for d in draws], 1).reshape(num_samples, *site.shape)
+                for name, site in self.sites.items()}
+
+    def predict_glm(self, data, link="probit", num_samples=100, keep_samples=False, progress=False):
+        """``p(y | x) = 1/K sum_k p_k(y | x)``, ``p_k`` component ``k``'s GLM predictive
+        (:meth:`LaplaceGuide.predict_glm` with member ``k``'s head); ``data`` is read ``K`` times.
+
+        :param link: ``"probit"`` or ``"mc"`` (``num_samples`` logit draws per example and component).
+        :param keep_samples: with ``link="mc"``, also the draws of every component: ``[K S, N, C]``.
+        :returns: a :class:`~pyro_lora.Prediction`.
+        :raises ValueError: before :meth:`fit`, on a network whose head changed since, for ``data`` that is an
+            iterator, or as :meth:`LaplaceGuide.predict_glm` does.
+        """
+        if not self.fitted:
+            raise ValueError("LaplaceMixtureGuide has no posterior yet: call fit(train_loader) first (or load a fitted guide)")
+        _check_reiterable(data)
+        check_guide(self.model, self, "predict")
+        parts = []
+        for k, component in enumerate(self.components):
+            with self.heads_of([k]):
+                parts.append(component.predict_glm(data, link=link, num_samples=num_samples, keep_samples=keep_samples,
+                                                   progress=progress))
+        labels = parts[0].labels
+        if any(not torch.equal(p.labels, labels) for p in parts[1:]):
+            raise ValueError("predict_glm read other examples on each pass over data: give a list or a DataLoader "
+                             "without shuffling")
+        samples = torch.cat([p.sample_probs for p in parts]) if keep_samples else None
+        return Prediction(probs=torch.stack([p.probs for p in parts]).mean(0), labels=labels, sample_probs=samples,
+                          seconds=sum(p.seconds for p in parts))
+
+    def extra_parameters(self):
+        """The ensemble's further members plus every component's curvature factors."""
+        return super().extra_parameters() + sum(c.extra_parameters() for c in self.components)
+
+    def config(self):
+        return {**super().config(), "fisher": self.fisher, "rank": self.rank, "kfac": self.kfac}
+
+
+def _check_reiterable(data):
+    if iter(data) is data:
+        raise ValueError(f"a Laplace mixture reads the data once per member: give a list or a DataLoader, not a "
+                         f"{type(data).__name__} (an iterator is empty after the first pass)")
+
+
+def mixture_glm_probit(guide, loader, num_samples):
+    """The mixture of the components' GLM probit predictives: closed form per component, no weight samples."""
+    return guide.predict_glm(loader, link="probit")
+
+
+mixture_glm_probit.uses_samples = False
+
+
+@method("mola", bayesian=True, guide=LaplaceMixtureGuide, predictive=mixture_glm_probit, likelihood=kfac_likelihood,
+        base="ensemble")
+def mola(setup):
+    """Mixture of Laplace approximations: KFAC Laplace (evidence prior) around each ensemble member, GLM probit averaged.
+
+    Eschenhagen et al. (2021); the members are the ``ensemble`` method's (the MAP and ``K - 1`` more).
+    """
+    base = setup.base_fit()
+    guide = LaplaceMixtureGuide.from_ensemble(base.guide, setup.lora_model(random="AB"))
+    guide.fit(setup.loader(setup.train), progress=setup.config.progress)
+    guide.optimize_prior_precision("marglik")
+    return Fitted(guide=guide, extra_parameters=guide.extra_parameters(), inherited_seconds=base.inherited_seconds)
