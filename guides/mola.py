@@ -11,6 +11,7 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
 from pyro_lora.contract import check_guide
 from pyro_lora.distributions import UniformMixture
@@ -138,6 +139,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
         if not self.fitted:
             raise ValueError("LaplaceMixtureGuide has no posterior yet: call fit(train_loader) first (or load a fitted guide)")
         _check_reiterable(data)
+        _check_in_order(data)
         check_guide(self.model, self, "predict")
         parts = []
         for k, component in enumerate(self.components):
@@ -161,9 +163,19 @@ class LaplaceMixtureGuide(EnsembleGuide):
 
 
 def _check_reiterable(data):
+    """Refuse an iterator: the second member's pass would find it empty."""
     if iter(data) is data:
         raise ValueError(f"a Laplace mixture reads the data once per member: give a list or a DataLoader, not a "
                          f"{type(data).__name__} (an iterator is empty after the first pass)")
+
+
+def _check_in_order(data):
+    """Refuse a loader that reads the examples in another order on each pass (the passes are averaged row by row)."""
+    sampler = getattr(data, "sampler", None)
+    if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset) and not isinstance(sampler, SequentialSampler):
+        raise ValueError(f"a Laplace mixture reads the data once per member and averages the passes example by example: "
+                         f"this DataLoader's {type(sampler).__name__} (shuffle=True?) would read them in another order "
+                         "each time; give a DataLoader with shuffle=False")
 
 
 def mixture_glm_probit(guide, loader, num_samples):

@@ -279,8 +279,8 @@ def test_methods_that_train_are_refused_with_zero_epochs_before_loading(tmp_path
         S.check_config(replace(config, guides=("map", "meanfield", "ivon", "meanfield_val", "laplace")))
     defaults = S.default_guides(config)
     assert {"map", "temperature", "laplace", "tfb"} <= set(defaults)
-    assert not {"meanfield", "meanfield_val", "flow", "flow_val", "ensemble", "ivon", "blora_xs", "scalabl"} & set(defaults)
-    assert {"meanfield", "ensemble", "ivon"} <= set(S.default_guides(replace(config, epochs=1)))
+    assert not {"meanfield", "meanfield_val", "flow", "flow_val", "ensemble", "mola", "ivon", "blora_xs", "scalabl"} & set(defaults)
+    assert {"meanfield", "ensemble", "mola", "ivon"} <= set(S.default_guides(replace(config, epochs=1)))
 
 
 def test_a_variant_inherits_its_bases_constraints_along_the_chain(tmp_path, monkeypatch):
