@@ -50,9 +50,12 @@ class EnsembleGuide(LoraGuide):
 
     :param model: the :class:`~pyro_lora.LoraModel`.
     :param list members: ``K`` dicts site -> value (``site.shape``), e.g. MAP guides' ``mean()``.
-    :param list heads: ``K`` dicts parameter name (as in ``model.net.named_parameters()``) -> value, or ``None``.
+    :param list heads: ``K`` dicts parameter name (as in ``model.net.named_parameters()``) -> value, or ``None``;
+        the names are the model's point parameters outside its sites (:meth:`~pyro_lora.LoraModel.named_point_parameters`).
     :param int num_members: ``K`` when ``members`` is ``None``: zero buffers of the final shapes (for loading).
     :param list head_parameters: parameter names when ``heads`` is ``None`` (for loading).
+    :raises ValueError: for no members, members that are not the sites' values, heads of another count, names or
+        shapes than the members' and the model's head, non-finite heads, or heads that are not ``nn.Linear`` ones.
     """
 
     mean_is_predictor = False  # mean() averages separately trained members' weights: predict(mean=True) refuses it
@@ -71,11 +74,20 @@ class EnsembleGuide(LoraGuide):
                 raise ValueError("every member's head must hold the same parameters")
         self.num_members = num_members
         self.head_parameters = list(head_parameters or [])
+        params = dict(model.net.named_parameters())
+        point = {n for n, _ in model.named_point_parameters()}
+        if set(self.head_parameters) - point:
+            raise ValueError(f"per-member heads must be trained parameters of the model outside its sites (its head), "
+                             f"and {sorted(set(self.head_parameters) - point)} are not: {sorted(point) or 'it has none'}")
+        for head in heads or []:
+            for name, value in head.items():
+                if tuple(value.shape) != tuple(params[name].shape) or not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"a member's head value {name!r} must be finite, of the parameter's shape "
+                                     f"{tuple(params[name].shape)}, got shape {tuple(value.shape)}")
         self._head_modules = _linear_owners(model.net, self.head_parameters)
         device = model.device
         for i, site in enumerate(self.sites.values()):
             self.register_buffer(f"member_{i}", torch.zeros((num_members, *site.shape), device=device))
-        params = dict(model.net.named_parameters())
         for j, name in enumerate(self.head_parameters):
             self.register_buffer(f"head_{j}", torch.zeros((num_members, *params[name].shape), device=device))
         with torch.no_grad():

@@ -7,15 +7,16 @@ predictives. The members bring the accuracy of the ensemble, each Laplace the sp
 ensemble plus ``K`` Laplace fits, and ``K`` GLM passes per prediction.
 """
 
+import contextlib
+
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
-from torch.utils.data import DataLoader, IterableDataset, SequentialSampler
 
 from pyro_lora.contract import check_guide
 from pyro_lora.distributions import UniformMixture
-from pyro_lora.predictive import Prediction
+from pyro_lora.kfac import glm_predict
 
 from .ensemble import MEMBER_SITE, EnsembleGuide
 from .laplace import LaplaceGuide, kfac_likelihood
@@ -61,6 +62,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
         model = ensemble.model if model is None else model
         if model.net is not ensemble.model.net:
             raise ValueError("from_ensemble: the model must run the ensemble's network (its heads are set there)")
+        check_guide(model, ensemble, "build a Laplace mixture from")  # its sites, adapter, base and head are the model's
         members = [{n: v[k] for n, v in ensemble.members().items()} for k in range(ensemble.num_members)]
         heads = [{n: v[k] for n, v in ensemble.heads().items()} for k in range(ensemble.num_members)]
         return cls(model, members, heads if ensemble.head_parameters else None, **laplace_kwargs)
@@ -75,30 +77,57 @@ class LaplaceMixtureGuide(EnsembleGuide):
 
     def fit(self, data, progress=True):
         """Fit component ``k`` (:meth:`LaplaceGuide.fit`) at member ``k``'s values with member ``k``'s head, for each
-        ``k``: ``K`` passes over ``data`` (which must be iterable again: a list or a ``DataLoader``).
+        ``k``: ``K`` passes over ``data`` (which must be iterable again: a list or a ``DataLoader``). The posterior is of
+        the network as it is now (as :meth:`LaplaceGuide.fit`); a fit that fails leaves every component as it was.
 
         :returns: ``self``.
-        :raises ValueError: for ``data`` that is an iterator (the second member would see nothing).
+        :raises ValueError: for ``data`` that is an iterator (the second member would see nothing), or a model the
+            guide was not built for.
         """
         _check_reiterable(data)
-        check_guide(self.model, self, "fit")
         members = self.members()
-        for k, component in enumerate(self.components):
-            with self.heads_of([k]):
-                component.fit(data, progress=progress, loc={n: v[k] for n, v in members.items()})
-        self.adopt_point_parameters()
+        with self._all_or_nothing(adopt=True):
+            check_guide(self.model, self, "fit")
+            for k, component in enumerate(self.components):
+                with self.heads_of([k]):
+                    component.fit(data, progress=progress, loc={n: v[k] for n, v in members.items()})
         return self
 
     def optimize_prior_precision(self, method="marglik", **kwargs):
-        """:meth:`LaplaceGuide.optimize_prior_precision` of each component, with its member's head (``val_nll`` runs
-        the validation data through it); returns the ``K`` results."""
+        """:meth:`LaplaceGuide.optimize_prior_precision` of each component, with its member's head (``val_nll`` reads
+        ``val_loader`` once per member); returns the ``K`` results. One that fails leaves every ``lambda_k`` as it was."""
         if kwargs.get("val_loader") is not None:
             _check_reiterable(kwargs["val_loader"])
+        if method != "marglik":  # it runs the network: refused as predict_glm is, naming this guide
+            check_guide(self.model, self, "optimize the prior precision of")
         out = []
-        for k, component in enumerate(self.components):
-            with self.heads_of([k]):
-                out.append(component.optimize_prior_precision(method, **kwargs))
+        with self._all_or_nothing():
+            for k, component in enumerate(self.components):
+                with self.heads_of([k]):
+                    out.append(component.optimize_prior_precision(method, **kwargs))
         return out
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self, adopt=False):
+        """Put every component (and, with ``adopt``, the head this guide was fitted at) back as it was where the block
+        fails: a failure in member ``k``'s pass must not leave a mixture of new and old components."""
+        saved = [{n: t.clone() for n, t in c.state_dict().items()} for c in self.components]
+        snapshots = [g._point_snapshot for g in (self, *self.components)]
+        if adopt:
+            self.adopt_point_parameters()  # the fit defines the posterior at the network as it is now
+        try:
+            yield
+        except BaseException:
+            for component, state in zip(self.components, saved):
+                component.load_state_dict(state)
+            for g, snapshot in zip((self, *self.components), snapshots):
+                g._point_snapshot = snapshot
+            raise
+
+    def adopt_point_parameters(self):
+        super().adopt_point_parameters()
+        for component in self.components:
+            component.adopt_point_parameters()
 
     def posterior(self):
         """Site -> :class:`~pyro_lora.distributions.UniformMixture` of the components' :class:`KFACNormal` s."""
@@ -113,6 +142,10 @@ class LaplaceMixtureGuide(EnsembleGuide):
         logits = torch.zeros(self.num_members, device=self.member_0.device)
         with poutine.scale(scale=kl_weight):
             k = pyro.sample(MEMBER_SITE, dist.Categorical(logits=logits), infer={"is_auxiliary": True})
+            if k.numel() != 1:
+                raise ValueError(f"the component site {MEMBER_SITE!r} got a batch of values {tuple(k.shape)}: vectorized "
+                                 "particles (vectorize_particles=True, Predictive(parallel=True)) are not supported; use "
+                                 "num_particles without vectorizing, or Predictive(parallel=False)")
             posterior = self.components[int(k)].posterior()
             return {name: pyro.sample(name, posterior[name]) for name in self.sites}
 
@@ -127,32 +160,30 @@ class LaplaceMixtureGuide(EnsembleGuide):
                 for name, site in self.sites.items()}
 
     def predict_glm(self, data, link="probit", num_samples=100, keep_samples=False, progress=False):
-        """``p(y | x) = 1/K sum_k p_k(y | x)``, ``p_k`` component ``k``'s GLM predictive
-        (:meth:`LaplaceGuide.predict_glm` with member ``k``'s head); ``data`` is read ``K`` times.
+        """``p(y | x) = 1/K sum_k p_k(y | x)``, ``p_k`` component ``k``'s GLM predictive (:meth:`LaplaceGuide.predict_glm`
+        with member ``k``'s head), in one pass over ``data``: every component scores a batch before the next.
 
         :param link: ``"probit"`` or ``"mc"`` (``num_samples`` logit draws per example and component).
-        :param keep_samples: with ``link="mc"``, also the draws of every component: ``[K S, N, C]``.
+        :param keep_samples: with ``link="mc"``, also the draws of every component: ``[S K, N, C]``.
         :returns: a :class:`~pyro_lora.Prediction`.
-        :raises ValueError: before :meth:`fit`, on a network whose head changed since, for ``data`` that is an
-            iterator, or as :meth:`LaplaceGuide.predict_glm` does.
+        :raises ValueError: before :meth:`fit`, on a model the guide was not built for or a network whose head changed
+            since, or as :meth:`LaplaceGuide.predict_glm` does.
         """
+        return glm_predict(data, self._glm_logits, self.model.likelihood.observed, link, num_samples, keep_samples, progress,
+                           ready=self._check_ready)
+
+    def _check_ready(self):
         if not self.fitted:
             raise ValueError("LaplaceMixtureGuide has no posterior yet: call fit(train_loader) first (or load a fitted guide)")
-        _check_reiterable(data)
-        _check_in_order(data)
         check_guide(self.model, self, "predict")
+
+    def _glm_logits(self, batch):
+        """Every component's linearised logits of ``batch``, each with its member's head: ``[K, N, C]``, ``[K, N, C, C]``."""
         parts = []
         for k, component in enumerate(self.components):
             with self.heads_of([k]):
-                parts.append(component.predict_glm(data, link=link, num_samples=num_samples, keep_samples=keep_samples,
-                                                   progress=progress))
-        labels = parts[0].labels
-        if any(not torch.equal(p.labels, labels) for p in parts[1:]):
-            raise ValueError("predict_glm read other examples on each pass over data: give a list or a DataLoader "
-                             "without shuffling")
-        samples = torch.cat([p.sample_probs for p in parts]) if keep_samples else None
-        return Prediction(probs=torch.stack([p.probs for p in parts]).mean(0), labels=labels, sample_probs=samples,
-                          seconds=sum(p.seconds for p in parts))
+                parts.append(component._glm_logits(batch))
+        return torch.stack([m for m, _ in parts]), torch.stack([c for _, c in parts])
 
     def extra_parameters(self):
         """The ensemble's further members plus every component's curvature factors."""
@@ -167,15 +198,6 @@ def _check_reiterable(data):
     if iter(data) is data:
         raise ValueError(f"a Laplace mixture reads the data once per member: give a list or a DataLoader, not a "
                          f"{type(data).__name__} (an iterator is empty after the first pass)")
-
-
-def _check_in_order(data):
-    """Refuse a loader that reads the examples in another order on each pass (the passes are averaged row by row)."""
-    sampler = getattr(data, "sampler", None)
-    if isinstance(data, DataLoader) and not isinstance(data.dataset, IterableDataset) and not isinstance(sampler, SequentialSampler):
-        raise ValueError(f"a Laplace mixture reads the data once per member and averages the passes example by example: "
-                         f"this DataLoader's {type(sampler).__name__} (shuffle=True?) would read them in another order "
-                         "each time; give a DataLoader with shuffle=False")
 
 
 def mixture_glm_probit(guide, loader, num_samples):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .contract import check_guide, describe, differences, point_snapshot, take_over, trainer
+from .contract import check_guide, describe, differences, take_over, trainer
 from .distributed import is_main
 
 FORMAT = "pyro_lora.guide/2"
@@ -383,7 +383,7 @@ def load_guide(path, model):
         for k in [k for k in tensors if k.startswith(_NET)]:
             net_params[k[len(_NET) :]].copy_(tensors.pop(k))
     guide.load_state_dict(tensors)
-    guide._point_snapshot = point_snapshot(model)
+    guide.adopt_point_parameters()
     return guide
 
 

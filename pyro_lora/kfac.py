@@ -427,7 +427,8 @@ def probit(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
 
 def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int) -> torch.Tensor:
     """Class probabilities of logits ``N(mean, cov)`` (mean ``[N, C]``, cov ``[N, C, C]``): ``[1, N, C]`` by the
-    probit approximation (``link="probit"``), or ``[S, N, C]`` from ``num_samples`` logit draws (``"mc"``).
+    probit approximation (``link="probit"``), or ``[S, N, C]`` from ``num_samples`` logit draws (``"mc"``). With ``K``
+    Gaussians (mean ``[K, N, C]``, cov ``[K, N, C, C]``): ``[1, K, N, C]`` or ``[S, K, N, C]``.
 
     :raises ValueError: for ``"mc"`` with a covariance that is not finite."""
     if link == "probit":
@@ -446,7 +447,9 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
                 desc="GLM predict", ready=None) -> Prediction:
     """The GLM predictive ``p(y | x) = E_{f ~ N(mean, cov)} softmax(f)`` over ``data``, what Laplace's and last-layer
     Laplace's ``predict_glm`` share: ``logits_of(batch) -> (mean [N, C], cov [N, C, C])``, ``observed(batch)`` the
-    labels; ``ready()`` (the guide's own checks) runs after the arguments are checked, before any batch.
+    labels; ``ready()`` (the guide's own checks) runs after the arguments are checked, before any batch. A uniform
+    mixture of ``K`` Gaussians per example (mean ``[K, N, C]``, cov ``[K, N, C, C]``) averages the ``K``
+    predictives; its draws with ``keep_samples`` are ``[S K, N, C]``.
 
     :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, ``keep_samples`` with the
         probit link, empty ``data``, or a predictive that is not finite (an overflowing covariance).
@@ -463,6 +466,7 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     for batch in tqdm(data, desc=desc, disable=not progress, dynamic_ncols=True):
         mean, cov = logits_of(batch)
         p = glm_probs(mean.float(), cov.float(), link, num_samples)
+        p = p.reshape(-1, *p.shape[-2:])  # a mixture's components are draws of equal weight
         if not bool(torch.isfinite(p).all()):
             raise ValueError(
                 f"{desc}: the predictive is not finite (largest logit variance {float(cov.diagonal(dim1=-2, dim2=-1).max()):.3g}"

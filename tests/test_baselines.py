@@ -442,7 +442,7 @@ def test_ensemble_bad_input():
     model = make()
     with pytest.raises(ValueError, match="non-empty"):
         EnsembleGuide(model, [])
-    with pytest.raises(ValueError, match="nn.Linear"):
+    with pytest.raises(ValueError, match="must be trained parameters of the model outside its sites .*LayerNorm.weight'\\] are not"):
         EnsembleGuide(model, num_members=2, head_parameters=["base_model.model.bert.embeddings.LayerNorm.weight"])
     with pytest.raises(ValueError, match="expects shape"):
         EnsembleGuide(model, [{n: torch.zeros(2) for n in model.sites}])

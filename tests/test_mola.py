@@ -88,7 +88,7 @@ def test_weight_samples_need_the_members_heads():
     assert predict_ensemble(model, guide, data(), num_samples=4).probs.shape == (6, 3)
 
 
-def test_an_iterator_is_refused_before_any_pass():
+def test_an_iterator_is_refused_where_each_member_reads_the_data():
     model, ensemble = trained_ensemble()
     guide = LaplaceMixtureGuide.from_ensemble(ensemble, rank=3)
     with pytest.raises(ValueError, match="reads the data once per member: give a list or a DataLoader, not a list_iterator"):
@@ -96,21 +96,101 @@ def test_an_iterator_is_refused_before_any_pass():
     with pytest.raises(ValueError, match="no posterior yet: call fit"):
         guide.predict_glm(data())
     guide.fit(data(), progress=False)
-    with pytest.raises(ValueError, match="once per member"):
-        guide.predict_glm(iter(data()))
+    torch.testing.assert_close(guide.predict_glm(iter(data())).probs, guide.predict_glm(data()).probs)  # one pass
 
 
-def test_a_shuffling_loader_is_refused_for_predictions_it_would_mix_up():
-    """Each pass is averaged example by example: a shuffled order pairs one example's component with another's."""
-    from torch.utils.data import DataLoader
+class Alternating:
+    """Batches in order on the first pass, reversed on the next, and so on: labels [0, 2, 1] in both."""
 
+    def __init__(self, batches):
+        self.batches, self.passes = batches, 0
+
+    def __iter__(self):
+        self.passes += 1  # runs at the first batch read: an iterator made and dropped unread (tqdm's) is no pass
+        yield from (self.batches if self.passes % 2 else self.batches[::-1])
+
+
+def test_every_component_scores_a_batch_in_one_pass():
+    """A loader that reads the examples in another order on each pass (a shuffling batch sampler or stream) mixed one
+    example's component with another's where the labels matched."""
     model, _, guide = fitted_mixture()
-    rows = [{k: v[i] for k, v in batch.items()} for batch in data() for i in range(3)]
-    with pytest.raises(ValueError, match="RandomSampler .* give a DataLoader with shuffle=False"):
-        guide.predict_glm(DataLoader(rows, batch_size=3, shuffle=True))
-    guide.fit(DataLoader(rows, batch_size=3, shuffle=True), progress=False)  # the curvature's sums take any order
-    in_order = guide.predict_glm(DataLoader(rows, batch_size=3)).probs
-    torch.testing.assert_close(in_order, guide.predict_glm(data()).probs)
+    expected = guide.predict_glm(data()).probs
+    torch.testing.assert_close(guide.predict_glm(Alternating(data())).probs, expected)
+
+
+def test_a_failure_in_a_later_members_pass_leaves_every_component_as_it_was():
+    model, _, guide = fitted_mixture()
+    before = guide.predict_glm(data()).probs
+    lams = [c.prior_precision for c in guide.components]
+
+    class FailsOnSecondPass(Alternating):
+        def __iter__(self):
+            if self.passes == 1:
+                raise OSError("stream dropped")
+            yield from super().__iter__()
+
+    other = [random_batch(seed=s) | {"labels": torch.tensor([1, 1, 0])} for s in (7, 8)]
+    with pytest.raises(OSError):
+        guide.fit(FailsOnSecondPass(other), progress=False)
+    with pytest.raises(OSError):
+        guide.optimize_prior_precision("val_nll", val_loader=FailsOnSecondPass(other), grid=[0.1, 1.0, 10.0])
+    torch.testing.assert_close(guide.predict_glm(data()).probs, before)
+    for c, lam in zip(guide.components, lams):
+        torch.testing.assert_close(c.prior_precision, lam)
+    assert [float(c.num_data) for c in guide.components] == [6.0, 6.0]
+
+
+def test_a_saved_mixture_predicts_the_same_in_a_fresh_network_with_another_head(tmp_path):
+    model, _, guide = fitted_mixture()
+    before = guide.predict_glm(data()).probs
+    save_guide(guide, tmp_path / "g")
+    net = tiny_bert(r=4)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.3)
+    loaded = load_guide(tmp_path / "g", LoraModel(net, SequenceClassification(), random="AB", prior=0.5, num_data=6))
+    torch.testing.assert_close(loaded.predict_glm(data()).probs, before)
+    loaded.optimize_prior_precision("val_nll", val_loader=data(), grid=[0.1, 1.0, 10.0])
+
+
+def test_an_ensemble_of_another_adapter_or_base_is_refused():
+    from peft import LoraConfig
+
+    model, ensemble = trained_ensemble()
+    model.net.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    model.net.set_adapter("other")
+    other = LoraModel(model.net, SequenceClassification(), random="AB", prior=0.5, num_data=6)
+    with pytest.raises(ValueError, match="the guide is for adapter 'default', the model runs adapter 'other'"):
+        LaplaceMixtureGuide.from_ensemble(ensemble, other)  # its members' heads would never run
+    model.net.set_adapter("default")
+    with torch.no_grad():
+        model.net.base_model.model.bert.embeddings.word_embeddings.weight.add_(0.1)
+    with pytest.raises(ValueError, match="base weights differ"):
+        LaplaceMixtureGuide.from_ensemble(ensemble)
+
+
+def test_member_heads_of_another_shape_or_parameter_are_refused():
+    model, ensemble = trained_ensemble()
+    heads = [{n: v[k] for n, v in ensemble.heads().items()} for k in range(2)]
+    members = [{n: v[k] for n, v in ensemble.members().items()} for k in range(2)]
+    bias = next(n for n in heads[0] if n.endswith("bias"))
+    bad = [{**h, bias: h[bias][:1]} for h in heads]  # broadcast silently over the classes before
+    with pytest.raises(ValueError, match="of the parameter's shape \\(3,\\), got shape \\(1,\\)"):
+        LaplaceMixtureGuide(model, members, bad)
+    with pytest.raises(ValueError, match="must be finite"):
+        LaplaceMixtureGuide(model, members, [{**h, bias: h[bias] * float("nan")} for h in heads])
+    with pytest.raises(ValueError, match="pooler.dense.weight'\\] are not"):
+        LaplaceMixtureGuide(model, members, head_parameters=["base_model.model.bert.pooler.dense.weight"])
+
+
+def test_vectorized_particles_are_refused_by_name():
+    model, ensemble = trained_ensemble()
+    guide = LaplaceMixtureGuide.from_ensemble(LaplaceMixtureGuide(model, [{n: v[k] for n, v in ensemble.members().items()}
+                                                                          for k in range(2)]), rank=3)
+    guide.fit(data(), progress=False)
+    with pytest.raises(ValueError, match="vectorized particles"):
+        pyro.infer.Predictive(model, guide=guide, num_samples=3, parallel=True)(data()[0])
 
 
 def test_a_head_changed_since_the_fit_is_refused():
