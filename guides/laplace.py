@@ -330,33 +330,10 @@ class LaplaceGuide(LoraGuide):
             raise ValueError("method='val_nll' searches one lambda for all layers: use per_layer=False")
         if predictive not in ("glm", "samples"):
             raise ValueError(f"predictive must be 'glm' or 'samples', got {predictive!r}")
-        grid = torch.logspace(-4, 4, 17) if grid is None else torch.as_tensor(grid, dtype=torch.float).reshape(-1)
-        if grid.numel() == 0 or not bool((torch.isfinite(grid) & (grid > 0)).all()):
-            raise ValueError(
-                f"grid must hold finite positive prior precisions (float32), got {grid.tolist()}"
-            )
+        grid = prior_precision_grid(grid)
         self._check_network("tune lambda on validation data")
-        nlls = self._grid_nll(val_loader, grid, predictive, num_samples, progress)
-        best = float(grid[int(torch.tensor(nlls).argmin())])
-        low, high = float(grid.min()), float(grid.max())
-        if low < high and best in (low, high):
-            side, beyond = ("smallest", f"below {low:g} (a wider posterior)") if best == low else \
-                ("largest", f"above {high:g} (a narrower posterior, towards the MAP)")
-            warnings.warn(
-                f"LaplaceGuide val_nll: the validation NLL is lowest at the {side} grid value lambda = {best:g} (grid "
-                f"{low:g} to {high:g}): the optimum may lie beyond the grid; lambda = {best:g} is set, but extend the "
-                f"grid {beyond} to find it",
-                stacklevel=2,
-            )
-        elif refine and low < high:  # one value is no search
-            # a finer log-spaced grid between the best value's neighbours: the grid's step is a factor 10^0.5 by default
-            ordered = grid.sort().values
-            i = int((ordered == best).nonzero()[0, 0])
-            fine = torch.logspace(math.log10(float(ordered[i - 1])), math.log10(float(ordered[i + 1])), 9)[1:-1]
-            fine_nlls = self._grid_nll(val_loader, fine, predictive, num_samples, progress)
-            if min(fine_nlls) < min(nlls):
-                best = float(fine[int(torch.tensor(fine_nlls).argmin())])
-            nlls = nlls + fine_nlls
+        best, nlls = search_grid(grid, lambda g: self._grid_nll(val_loader, g, predictive, num_samples, progress), refine,
+                                 type(self).__name__)
         self.set_prior_precision(best)
         return nlls
 
@@ -452,6 +429,46 @@ class LaplaceGuide(LoraGuide):
                            ready=lambda: self._check_network("predict"))
 
 
+def prior_precision_grid(grid=None) -> torch.Tensor:
+    """``grid`` as a flat float tensor (default ``logspace(-4, 4, 17)``).
+
+    :raises ValueError: for an empty grid or a value that is not finite and positive.
+    """
+    grid = torch.logspace(-4, 4, 17) if grid is None else torch.as_tensor(grid, dtype=torch.float).reshape(-1)
+    if grid.numel() == 0 or not bool((torch.isfinite(grid) & (grid > 0)).all()):
+        raise ValueError(f"grid must hold finite positive prior precisions (float32), got {grid.tolist()}")
+    return grid
+
+
+def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide"):
+    """The ``lambda`` of lowest validation NLL: ``nlls_of(values) -> [NLL per value]`` over ``grid``, then (``refine``)
+    7 values log-spaced between the best one's neighbours (one more pass); returns ``(best, NLLs in the order
+    scored)``. A best value at an end of the grid is kept unrefined, with a warning naming the end (``who`` says whose).
+    """
+    nlls = nlls_of(grid)
+    best = float(grid[int(torch.tensor(nlls).argmin())])
+    low, high = float(grid.min()), float(grid.max())
+    if low < high and best in (low, high):
+        side, beyond = ("smallest", f"below {low:g} (a wider posterior)") if best == low else \
+            ("largest", f"above {high:g} (a narrower posterior, towards the MAP)")
+        warnings.warn(
+            f"{who} val_nll: the validation NLL is lowest at the {side} grid value lambda = {best:g} (grid "
+            f"{low:g} to {high:g}): the optimum may lie beyond the grid; lambda = {best:g} is set, but extend the "
+            f"grid {beyond} to find it",
+            stacklevel=3,
+        )
+    elif refine and low < high:  # one value is no search
+        # a finer log-spaced grid between the best value's neighbours: the grid's step is a factor 10^0.5 by default
+        ordered = grid.sort().values
+        i = int((ordered == best).nonzero()[0, 0])
+        fine = torch.logspace(math.log10(float(ordered[i - 1])), math.log10(float(ordered[i + 1])), 9)[1:-1]
+        fine_nlls = nlls_of(fine)
+        if min(fine_nlls) < min(nlls):
+            best = float(fine[int(torch.tensor(fine_nlls).argmin())])
+        nlls = nlls + fine_nlls
+    return best, nlls
+
+
 def kfac_likelihood(likelihood):
     """``likelihood`` as the KFAC hooks need it: a cloze likelihood runs one forward per batch (no shared prefix);
     the scores are the same."""
@@ -491,16 +508,27 @@ def laplace_val(setup):
     ``optimize_prior_precision(method="gridsearch")`` choose it (Yang et al., 2024), on the validation split
     temperature scaling uses.
     """
-    fitted = setup.base_fit()
+    return tuned_prior_precision(setup, setup.base_fit())
+
+
+def tuned_prior_precision(setup, fitted):
+    """``fitted`` (a copy of its base's fit) with one ``lambda`` for all by validation NLL over :data:`LAMBDA_GRID`,
+    refined (``optimize_prior_precision("val_nll")``); a choice at an end of the grid is said in its note."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # an edge of the grid is said in the method's note instead
         fitted.guide.optimize_prior_precision(method="val_nll", val_loader=setup.loader(setup.val), grid=LAMBDA_GRID)
-    lam = float(next(iter(fitted.guide.prior_precision.values()))[0])  # one lambda for all
+    lam = _shared_prior_precision(fitted.guide)
     if any(math.isclose(lam, edge, rel_tol=1e-5) for edge in (LAMBDA_GRID[0], LAMBDA_GRID[-1])):
         fitted.note = join_notes(fitted.note, f"prior precision {lam:g} at the end of the validation grid "
                                  f"({LAMBDA_GRID[0]:g} to {LAMBDA_GRID[-1]:g})")
     fitted.chosen = {**fitted.chosen, "prior_precision": lam}
     return fitted
+
+
+def _shared_prior_precision(guide):
+    """The one ``lambda`` a validation search set (a mixture sets it on every component)."""
+    factors = [f for c in getattr(guide, "components", [guide]) for f in c.factors]
+    return float(factors[0].prior_precision[0])
 
 
 LAMBDA_GRID = [10.0 ** (k / 2) for k in range(-8, 13)]  # 1e-4 to 1e6: the MAP itself near the top

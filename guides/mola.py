@@ -8,6 +8,7 @@ ensemble plus ``K`` Laplace fits, and ``K`` GLM passes per prediction.
 """
 
 import contextlib
+import math
 
 import pyro
 import pyro.distributions as dist
@@ -16,10 +17,10 @@ import torch
 
 from pyro_lora.contract import check_guide
 from pyro_lora.distributions import UniformMixture
-from pyro_lora.kfac import glm_predict
+from pyro_lora.kfac import glm_predict, grid_nll, probit
 
 from .ensemble import MEMBER_SITE, EnsembleGuide
-from .laplace import LaplaceGuide, kfac_likelihood
+from .laplace import LaplaceGuide, kfac_likelihood, prior_precision_grid, search_grid, tuned_prior_precision
 from .registry import Fitted, method
 
 
@@ -93,19 +94,58 @@ class LaplaceMixtureGuide(EnsembleGuide):
                     component.fit(data, progress=progress, loc={n: v[k] for n, v in members.items()})
         return self
 
-    def optimize_prior_precision(self, method="marglik", **kwargs):
-        """:meth:`LaplaceGuide.optimize_prior_precision` of each component, with its member's head (``val_nll`` reads
-        ``val_loader`` once per member); returns the ``K`` results. One that fails leaves every ``lambda_k`` as it was."""
-        if kwargs.get("val_loader") is not None:
-            _check_reiterable(kwargs["val_loader"])
-        if method != "marglik":  # it runs the network: refused as predict_glm is, naming this guide
-            check_guide(self.model, self, "optimize the prior precision of")
-        out = []
+    def optimize_prior_precision(self, method="marglik", val_loader=None, grid=None, refine=True, progress=False, **kwargs):
+        """Choose the prior precisions.
+
+        ``"marglik"``: each component its own ``lambda_k`` by its evidence (:meth:`LaplaceGuide.optimize_prior_precision`,
+        whose keyword arguments ``kwargs`` takes: ``per_layer``, ``max_iter``, ...). ``"val_nll"``: one ``lambda`` for
+        every component, the value of ``grid`` (default ``logspace(-4, 4, 17)``; then, with ``refine``, 7 values between
+        its neighbours) of lowest NLL on ``val_loader`` of the predictive :meth:`predict_glm` reports, the mixture's GLM
+        probit (one pass per grid: the Jacobians do not depend on ``lambda``). Either leaves every ``lambda_k`` as it
+        was where it fails.
+
+        :returns: the components' evidence traces (``"marglik"``), or the validation NLL per grid value (``"val_nll"``).
+        :raises ValueError: before :meth:`fit`, on an unknown ``method``, ``"val_nll"`` without ``val_loader``, with an
+            iterator (read once per grid), with ``kwargs``, on a grid value that is not finite and positive, on a model
+            the guide was not built for or a network whose head changed since, or where the NLL is nan.
+        """
+        if not self.fitted:
+            raise ValueError("LaplaceMixtureGuide has no posterior yet: call fit(train_loader) first (or load a fitted guide)")
+        if method == "marglik":
+            with self._all_or_nothing():
+                return [c.optimize_prior_precision("marglik", **kwargs) for c in self.components]
+        if method != "val_nll":
+            raise ValueError(f"method must be 'marglik' or 'val_nll', got {method!r}")
+        if val_loader is None:
+            raise ValueError("method='val_nll' needs val_loader")
+        if kwargs:
+            raise ValueError(f"method='val_nll' of a Laplace mixture takes val_loader, grid, refine and progress; got {sorted(kwargs)}")
+        _check_reiterable(val_loader)
+        grid = prior_precision_grid(grid)
+        check_guide(self.model, self, "tune lambda on validation data")
         with self._all_or_nothing():
+            best, nlls = search_grid(grid, lambda g: self._grid_nll(val_loader, g, progress), refine, type(self).__name__)
+            for component in self.components:
+                component.set_prior_precision(best)
+        return nlls
+
+    def _grid_nll(self, data, grid, progress):
+        """Validation NLL of the mixture's GLM probit predictive at each ``lambda`` of ``grid`` (shared by the components)."""
+        grid = grid.to(self.member_0.device)
+        lams = [[grid[:, None].expand(-1, f.prior_precision.numel()) for f in c.factors] for c in self.components]
+
+        def probs_of(batch):
+            total = 0
             for k, component in enumerate(self.components):
                 with self.heads_of([k]):
-                    out.append(component.optimize_prior_precision(method, **kwargs))
-        return out
+                    total = total + probit(*component._glm_batch(batch, lams[k]))  # [G, N, C]
+            return total / self.num_members
+
+        nlls = grid_nll(self.model, data, grid.numel(), probs_of, progress)
+        bad = [g for g, v in zip(grid.tolist(), nlls) if math.isnan(v)]
+        if bad:
+            raise ValueError(f"the validation NLL is nan at lambda = {', '.join(f'{g:g}' for g in bad)}: no lambda was set")
+        return nlls
 
     @contextlib.contextmanager
     def _all_or_nothing(self, adopt=False):
@@ -220,3 +260,11 @@ def mola(setup):
     guide.fit(setup.loader(setup.train), progress=setup.config.progress)
     guide.optimize_prior_precision("marglik")
     return Fitted(guide=guide, extra_parameters=guide.extra_parameters(), inherited_seconds=base.inherited_seconds)
+
+
+@method("mola_val", bayesian=True, guide=LaplaceMixtureGuide, predictive=mixture_glm_probit, likelihood=kfac_likelihood,
+        validation=True, base="mola")
+def mola_val(setup):
+    """Mixture of Laplace approximations with one prior precision by validation NLL of the mixture's GLM probit
+    predictive (grid, then refined), on the validation split temperature scaling uses."""
+    return tuned_prior_precision(setup, setup.base_fit())

@@ -43,6 +43,7 @@ __all__ = [
     "fisher_vectors",
     "glm_batch",
     "glm_probs",
+    "grid_nll",
     "grid_nll_glm",
     "nystrom",
     "output_grads",
@@ -488,14 +489,22 @@ def grid_nll_glm(model, sites: dict, factors, data, grid: torch.Tensor, progress
 
     :raises ValueError: on empty ``data``.
     """
-    total, count = torch.zeros(grid.numel(), dtype=torch.double), 0
     lams = [grid[:, None].expand(-1, f.prior_precision.numel()) for f in factors]
+    return grid_nll(model, data, grid.numel(), lambda batch: probit(*glm_batch(model, sites, factors, batch, lams)), progress)
+
+
+def grid_nll(model, data, size: int, probs_of, progress: bool = False) -> list[float]:
+    """Mean NLL over ``data`` of ``size`` predictives at once: ``probs_of(batch) -> [size, N, C]`` (e.g. one per
+    prior precision of a grid), the labels by ``model.likelihood``.
+
+    :raises ValueError: on empty ``data``.
+    """
+    total, count = torch.zeros(size, dtype=torch.double), 0
     for batch in tqdm(data, desc="val NLL grid", disable=not progress, dynamic_ncols=True):
         batch = to_device(batch, model.device)
         labels = model.likelihood.observed(batch)
-        mean, cov = glm_batch(model, sites, factors, batch, lams)
-        probs = probit(mean, cov)  # [G, N, C]
-        p_true = probs.gather(-1, labels.expand(grid.numel(), -1).unsqueeze(-1))
+        probs = probs_of(batch)  # [G, N, C]
+        p_true = probs.gather(-1, labels.expand(size, -1).unsqueeze(-1))
         total -= p_true.clamp(min=1e-12).log().sum((-1, -2)).double().cpu()
         count += labels.shape[0]
     if count == 0:

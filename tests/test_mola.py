@@ -132,8 +132,16 @@ def test_a_failure_in_a_later_members_pass_leaves_every_component_as_it_was():
     other = [random_batch(seed=s) | {"labels": torch.tensor([1, 1, 0])} for s in (7, 8)]
     with pytest.raises(OSError):
         guide.fit(FailsOnSecondPass(other), progress=False)
+    def fails_at_its_second_batch():
+        yield other[0]
+        raise OSError("stream dropped")
+
+    class Stream:
+        def __iter__(self):
+            return fails_at_its_second_batch()
+
     with pytest.raises(OSError):
-        guide.optimize_prior_precision("val_nll", val_loader=FailsOnSecondPass(other), grid=[0.1, 1.0, 10.0])
+        guide.optimize_prior_precision("val_nll", val_loader=Stream(), grid=[0.1, 1.0, 10.0])
     torch.testing.assert_close(guide.predict_glm(data()).probs, before)
     for c, lam in zip(guide.components, lams):
         torch.testing.assert_close(c.prior_precision, lam)
@@ -260,3 +268,36 @@ def test_uniform_mixture_refuses_mismatched_components():
     with pytest.raises(ValueError, match="one event shape"):
         UniformMixture([pyro.distributions.Normal(torch.zeros(2), 1.0).to_event(1),
                         pyro.distributions.Normal(torch.zeros(3), 1.0).to_event(1)])
+
+
+def test_val_nll_picks_the_lambda_of_lowest_mixture_nll_on_a_dense_reference():
+    """One lambda for all components, scored by the NLL of the predictive predict_glm reports."""
+    from pyro_lora.metrics import nll
+
+    model, _, guide = fitted_mixture()
+    val = [random_batch(seed=9) | {"labels": torch.tensor([2, 0, 1])}]
+    grid = [0.01, 0.1, 1.0, 10.0, 100.0]
+    nlls = guide.optimize_prior_precision("val_nll", val_loader=val, grid=grid, refine=False)
+    reference = []
+    for lam in grid:
+        for component in guide.components:
+            component.set_prior_precision(lam)
+        p = guide.predict_glm(val)
+        reference.append(nll(p.probs, p.labels))
+    assert nlls == pytest.approx(reference, rel=1e-5)
+    best = grid[min(range(len(grid)), key=reference.__getitem__)]
+    guide.optimize_prior_precision("val_nll", val_loader=val, grid=grid, refine=False)
+    for component in guide.components:
+        assert float(component.factors[0].prior_precision[0]) == pytest.approx(best)
+
+
+def test_val_nll_refuses_what_it_cannot_use():
+    model, _, guide = fitted_mixture()
+    with pytest.raises(ValueError, match="needs val_loader"):
+        guide.optimize_prior_precision("val_nll")
+    with pytest.raises(ValueError, match="takes val_loader, grid, refine and progress; got \\['per_layer'\\]"):
+        guide.optimize_prior_precision("val_nll", val_loader=data(), per_layer=True)
+    with pytest.raises(ValueError, match="finite positive"):
+        guide.optimize_prior_precision("val_nll", val_loader=data(), grid=[0.0, 1.0])
+    with pytest.raises(ValueError, match="'marglik' or 'val_nll'"):
+        guide.optimize_prior_precision("gridsearch")
