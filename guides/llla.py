@@ -29,6 +29,7 @@ from pyro_lora.data import to_device
 from pyro_lora.evidence import maximise_evidence
 from pyro_lora.heads import class_rows, find_head, head_features, head_rows, tied_parameters
 from pyro_lora.kfac import glm_predict, probit
+from pyro_lora.progress import progress_bar
 from pyro_lora.metrics import nll
 from pyro_lora.predictive import _positive_int
 
@@ -354,7 +355,7 @@ class LastLayerLaplaceGuide(LoraGuide):
     def _optimize_val_nll(self, val_loader, grid, progress):
         self._check_head()
         cache, labels = [], []
-        for batch in tqdm(val_loader, desc="LLLA val features", disable=not progress, dynamic_ncols=True):
+        for batch in progress_bar(val_loader, desc="LLLA val features", disable=not progress, dynamic_ncols=True):
             logits, phi = self._features(batch)
             cache.append((logits, self._project(phi).pow(2)))
             labels.append(self.model.likelihood.observed(to_device(batch, self.model.device)))

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .data import to_device
+from .progress import progress_bar
 from .distributions import KFACNormal
 from .kinds import down_kind, up_kind
 from .predictive import Prediction, _positive_int
@@ -464,7 +465,7 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
         ready()
     start = time.perf_counter()
     probs, labels = [], []
-    for batch in tqdm(data, desc=desc, disable=not progress, dynamic_ncols=True):
+    for batch in progress_bar(data, desc=desc, disable=not progress, dynamic_ncols=True):
         mean, cov = logits_of(batch)
         p = glm_probs(mean.float(), cov.float(), link, num_samples)
         p = p.reshape(-1, *p.shape[-2:])  # a mixture's components are draws of equal weight
@@ -500,7 +501,7 @@ def grid_nll(model, data, size: int, probs_of, progress: bool = False) -> list[f
     :raises ValueError: on empty ``data``.
     """
     total, count = torch.zeros(size, dtype=torch.double), 0
-    for batch in tqdm(data, desc="val NLL grid", disable=not progress, dynamic_ncols=True):
+    for batch in progress_bar(data, desc="val NLL grid", disable=not progress, dynamic_ncols=True):
         batch = to_device(batch, model.device)
         labels = model.likelihood.observed(batch)
         probs = probs_of(batch)  # [G, N, C]

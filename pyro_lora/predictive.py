@@ -8,11 +8,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed
 from .contract import check_guide
 from .data import to_device
+from .progress import progress_bar
 
 SEED_RANGE = 2**62  # base seeds are drawn from [0, SEED_RANGE); chunk i uses base + i
 
@@ -97,7 +97,7 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
         elif guide is not None:
             draws = _ChunkedDraws(guide, num_samples, chunk_size, model.device)
         data = distributed.split_batches(data)
-        for batch in tqdm(data, desc="predict", disable=not (progress and distributed.is_main()), dynamic_ncols=True):
+        for batch in progress_bar(data, desc="predict", disable=not (progress and distributed.is_main()), dynamic_ncols=True):
             batch = to_device(batch, model.device)
             if draws is None:
                 p = torch.softmax(model.logits(batch, values).float(), -1).unsqueeze(0)  # [1, B, C]

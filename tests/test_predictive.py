@@ -363,3 +363,32 @@ def test_two_ranks_use_rank_0s_chunked_samples(tmp_path):
         torch.testing.assert_close(sample_probs, single.sample_probs, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(probs, single.probs, rtol=1e-5, atol=1e-6)
         assert torch.equal(labels, single.labels)
+
+
+class CountedPasses:
+    """Batches, counting every ``iter()``: a DataLoader starts its workers, a stream moves on, at each one."""
+
+    def __init__(self, batches):
+        self.batches, self.iters = batches, 0
+
+    def __iter__(self):
+        self.iters += 1
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_every_pass_over_the_data_reads_it_once(progress):
+    """tqdm.auto's bar took an iterator of the data when built and iterated the data afresh: two iter() per pass."""
+    model = LoraModel(tiny_bert(), SequenceClassification(), prior=0.5, num_data=6)
+    batches = [random_batch(seed=s) | {"labels": torch.tensor([0, 2, 1])} for s in (1, 2)]
+    laplace = LaplaceGuide(model, fisher="exact", rank=3).fit(batches, progress=False)
+    for run in (lambda d: predict(model, laplace, d, num_samples=2, progress=progress),
+                lambda d: laplace.predict_glm(d, progress=progress),
+                lambda d: laplace.optimize_prior_precision("val_nll", val_loader=d, grid=[1.0, 2.0, 3.0], refine=False,
+                                                           progress=progress)):
+        data = CountedPasses(batches)
+        run(data)
+        assert data.iters == 1
