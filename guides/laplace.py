@@ -459,7 +459,7 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide"):
         )
     elif refine and low < high:  # one value is no search
         # a finer log-spaced grid between the best value's neighbours: the grid's step is a factor 10^0.5 by default
-        ordered = grid.sort().values
+        ordered = torch.unique(grid)  # sorted, each value once: a repeated best value is not its own neighbour
         i = int((ordered == best).nonzero()[0, 0])
         fine = torch.logspace(math.log10(float(ordered[i - 1])), math.log10(float(ordered[i + 1])), 9)[1:-1]
         fine_nlls = nlls_of(fine)

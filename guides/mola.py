@@ -15,7 +15,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
-from pyro_lora.contract import check_guide
+from pyro_lora.contract import check_guide, point_snapshot
 from pyro_lora.distributions import UniformMixture
 from pyro_lora.kfac import glm_predict, grid_nll, probit
 
@@ -55,6 +55,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
         self.components = torch.nn.ModuleList(
             LaplaceGuide(model, fisher=fisher, rank=rank, kfac=kfac) for _ in range(self.num_members))
         self.fisher, self.rank, self.kfac = fisher, rank, kfac
+        self.adopt_point_parameters()
 
     @classmethod
     def from_ensemble(cls, ensemble, model=None, **laplace_kwargs):
@@ -92,6 +93,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
             for k, component in enumerate(self.components):
                 with self.heads_of([k]):
                     component.fit(data, progress=progress, loc={n: v[k] for n, v in members.items()})
+            self.adopt_point_parameters()  # each component's head is its member's, not the network's its fit took
         return self
 
     def optimize_prior_precision(self, method="marglik", val_loader=None, grid=None, refine=True, progress=False, **kwargs):
@@ -165,9 +167,12 @@ class LaplaceMixtureGuide(EnsembleGuide):
             raise
 
     def adopt_point_parameters(self):
+        """Take the network's point parameters as they are now for the mixture; component ``k`` takes them with member
+        ``k``'s head in place of the network's, so used alone it predicts only on a network that holds that head."""
         super().adopt_point_parameters()
-        for component in self.components:
-            component.adopt_point_parameters()
+        heads = self.heads()
+        for k, component in enumerate(self.components):
+            component._point_snapshot = point_snapshot(self.model, {n: v[k] for n, v in heads.items()})
 
     def posterior(self):
         """Site -> :class:`~pyro_lora.distributions.UniformMixture` of the components' :class:`KFACNormal` s."""

@@ -206,10 +206,11 @@ def _short(items, limit=4):
     return f"{items[:limit]}{' ...' if len(items) > limit else ''}"
 
 
-def point_snapshot(model) -> dict:
+def point_snapshot(model, values: dict | None = None) -> dict:
     """Name -> (float64 sum, sum of squares, position-weighted sum) of the network's point parameters (a trained
-    head, non-random LoRA matrices): what a guide's predictions rely on besides its own sites."""
-    named = model.named_adapter_parameters()
+    head, non-random LoRA matrices): what a guide's predictions rely on besides its own sites. ``values`` (name ->
+    tensor) stand in for the network's own (an ensemble member's head)."""
+    named = [(n, (values or {}).get(n, p)) for n, p in model.named_adapter_parameters()]
     sums = _sums(p for _, p in named)
     return {n: sums[id(p)] for n, p in named}
 

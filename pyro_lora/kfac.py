@@ -32,6 +32,7 @@ from .data import to_device
 from .progress import progress_bar
 from .distributions import KFACNormal
 from .kinds import down_kind, up_kind
+from .metrics import check_labels
 from .predictive import Prediction, _positive_int
 from .sites import Site, per_layer
 
@@ -315,6 +316,17 @@ def check_one_forward(model) -> None:
         raise ValueError("LaplaceGuide needs MultipleChoice(format='cloze', share_prefix=False): its hooks read one forward per batch")
 
 
+def check_autograd(action: str) -> None:
+    """The curvature and the GLM Jacobians are gradients: refuse to ``action`` under ``torch.inference_mode()``, whose
+    tensors can never require grad (``torch.no_grad()`` is fine: the gradients are taken with it switched off).
+
+    :raises ValueError: inside ``torch.inference_mode()``.
+    """
+    if torch.is_inference_mode_enabled():
+        raise ValueError(f"cannot {action} inside torch.inference_mode(): the Laplace curvature and the GLM's Jacobians "
+                         "are gradients, which inference-mode tensors never carry; call it outside (torch.no_grad() is fine)")
+
+
 # --------------------------------------------------------------------------- fitting the factors
 
 
@@ -334,6 +346,7 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
     :raises ValueError: on empty ``data``, or a likelihood that runs two forwards per batch.
     """
     check_one_forward(model)
+    check_autograd("fit a Laplace")
     loc = {name: v.detach().float() for name, v in (model.adapter_values() if loc is None else loc).items()}
     gen = torch.Generator(device=model.device).manual_seed(0)
     acc = [Accumulator(f, sketch, gen) for f in factors]
@@ -378,6 +391,7 @@ def glm_batch(model, sites: dict, factors, batch: dict, lams: list) -> tuple[tor
     in the posterior's eigenbasis, never formed as a ``P x P`` matrix.
     """
     check_one_forward(model)
+    check_autograd("compute GLM logits")
     loc = {name: f.loc for name, f in zip(sites, factors)}
     with eval_mode(model.net):
         weights = layer_weights(model, sites, loc)
@@ -475,7 +489,7 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
                 " in float32): a prior precision this small overflows the posterior covariance; use a larger one"
             )
         probs.append(p)
-        labels.append(observed(batch))
+        labels.append(check_labels(observed(batch), p.shape[-2], p.shape[-1]))
     if not probs:
         raise ValueError("predict_glm got no batches: the data is empty")
     width = max(p.shape[-1] for p in probs)
@@ -505,6 +519,7 @@ def grid_nll(model, data, size: int, probs_of, progress: bool = False) -> list[f
         batch = to_device(batch, model.device)
         labels = model.likelihood.observed(batch)
         probs = probs_of(batch)  # [G, N, C]
+        labels = check_labels(labels, probs.shape[-2], probs.shape[-1]).to(probs.device)
         p_true = probs.gather(-1, labels.expand(size, -1).unsqueeze(-1))
         total -= p_true.clamp(min=1e-12).log().sum((-1, -2)).double().cpu()
         count += labels.shape[0]

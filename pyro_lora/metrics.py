@@ -77,6 +77,28 @@ def _check_rows(x: torch.Tensor, dtype: torch.dtype, name: str) -> None:
         )
 
 
+def check_labels(labels, n: int, c: int) -> torch.Tensor:
+    """``labels`` as ``int64 [N]`` class indices in ``[0, C)``.
+
+    :raises ValueError: for another shape than ``[n]``, a float, complex or bool dtype, or a value outside ``[0, c)``
+        (e.g. an ignore index -100).
+    """
+    labels = torch.as_tensor(labels).detach()
+    if labels.ndim != 1:
+        raise ValueError(f"labels must have shape [N], got {tuple(labels.shape)}")
+    if labels.shape[0] != n:
+        raise ValueError(f"shape mismatch: probs has {n} rows but labels has {labels.shape[0]}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    labels = labels.to(torch.int64)
+    if n and (labels.min() < 0 or labels.max() >= c):
+        raise ValueError(
+            f"labels out of range: expected values in [0, {c}), "
+            f"got min {int(labels.min())} max {int(labels.max())}"
+        )
+    return labels
+
+
 def _check_probs(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate and convert ``probs [N, C]`` and ``labels [N]``; raise ValueError naming the problem."""
     dtype = torch.as_tensor(probs).dtype
@@ -84,21 +106,10 @@ def _check_probs(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
     labels = torch.as_tensor(labels).detach()
     if probs.ndim != 2:
         raise ValueError(f"probs must have shape [N, C], got {tuple(probs.shape)}")
-    if labels.ndim != 1:
-        raise ValueError(f"labels must have shape [N], got {tuple(labels.shape)}")
     n, c = probs.shape
     if n == 0 or c == 0:
         raise ValueError(f"empty input: probs has shape {tuple(probs.shape)}")
-    if labels.shape[0] != n:
-        raise ValueError(f"shape mismatch: probs has {n} rows but labels has {labels.shape[0]}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
-    labels = labels.to(torch.int64)
-    if labels.min() < 0 or labels.max() >= c:
-        raise ValueError(
-            f"labels out of range: expected values in [0, {c}), "
-            f"got min {int(labels.min())} max {int(labels.max())}"
-        )
+    labels = check_labels(labels, n, c)
     if not torch.isfinite(probs).all():
         raise ValueError("probs contains non-finite values (nan or inf)")
     _check_rows(probs, dtype, "probs")

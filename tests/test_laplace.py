@@ -451,3 +451,16 @@ def test_the_tfb_search_refuses_a_head_retrained_after_the_guide_was_built():
     fit(model, MAPGuide(model), data, epochs=2, lr=5e-2, progress=False)
     with pytest.raises(ValueError, match=r"cannot search sigma_q with this TFBGuide on this model: the network's point"):
         guide.search(data, progress=False)
+
+
+def test_a_repeated_best_grid_value_is_refined_on_both_sides():
+    """The refining grid took the best value's neighbours in the sorted grid: a repeated value was its own neighbour."""
+    from pyro_lora.guides.laplace import search_grid
+
+    def nlls_of(values):
+        return [(math.log10(float(v)) - 0.3) ** 2 for v in values]  # lowest at 10^0.3, right of 1
+
+    grid = torch.tensor([0.01, 0.1, 1.0, 10.0, 100.0])
+    best, _ = search_grid(grid, nlls_of)
+    repeated, _ = search_grid(torch.tensor([0.01, 0.1, 1.0, 1.0, 10.0, 100.0]), nlls_of)
+    assert repeated == pytest.approx(best) and best > 1.0

@@ -301,3 +301,33 @@ def test_val_nll_refuses_what_it_cannot_use():
         guide.optimize_prior_precision("val_nll", val_loader=data(), grid=[0.0, 1.0])
     with pytest.raises(ValueError, match="'marglik' or 'val_nll'"):
         guide.optimize_prior_precision("gridsearch")
+
+
+def test_a_component_alone_predicts_only_with_its_members_head():
+    """components[k] passed every check on the network's own head and predicted member k's LoRA with it (0.6 off)."""
+    model, ensemble, guide = fitted_mixture()
+    with pytest.raises(ValueError, match="changed since this guide was built or trained"):
+        guide.components[1].predict_glm(data())
+    with pytest.raises(ValueError, match="changed since this guide was built or trained"):
+        predict(model, guide.components[1], data(), num_samples=2)
+    reference = member_laplace(model, ensemble, 1)  # member 1's head and LoRA written into the network
+    torch.testing.assert_close(guide.components[1].predict_glm(data()).probs, reference.predict_glm(data()).probs)
+
+
+@pytest.mark.parametrize("labels", [torch.tensor([[0], [2], [1]]), torch.tensor([0, 3, 1]), torch.tensor([0.0, 2.0, 1.0])])
+def test_labels_that_are_not_class_indices_are_refused(labels):
+    """[N, 1] labels broadcast against the grid and scored grid value g with example g's label."""
+    model, _, guide = fitted_mixture()
+    bad = [data()[0] | {"labels": labels}]
+    with pytest.raises(ValueError, match="labels (must have shape \\[N\\]|out of range|must be integer)"):
+        guide.optimize_prior_precision("val_nll", val_loader=bad, grid=[0.1, 1.0, 10.0])
+    with pytest.raises(ValueError, match="labels (must have shape \\[N\\]|out of range|must be integer)"):
+        guide.predict_glm(bad)
+
+
+def test_inference_mode_is_refused_by_name():
+    model, _, guide = fitted_mixture()
+    with torch.inference_mode(), pytest.raises(ValueError, match="inside torch.inference_mode\\(\\).* gradients"):
+        guide.predict_glm(data())
+    with torch.no_grad():
+        guide.predict_glm(data())

@@ -570,3 +570,32 @@ def test_seeds_whose_rows_differ_in_columns_summarize_to_not_available():
     for rows in ([old, new], [new, old]):
         row = summarize_seeds(rows)[0]
         assert row["accuracy"] == pytest.approx(0.8) and math.isnan(row["mean_accuracy"])
+
+
+def test_a_variant_draws_the_same_random_numbers_alone_as_after_its_kept_base():
+    """Run alone, a variant fitted its base and went on with the RNG as the base's training left it: mola's Monte-Carlo
+    Fisher labels (and so its lambda, and mola_val's) differed from a run with the ensemble."""
+    draws = []
+
+    @method("fake_rng_base", bayesian=True)
+    def fake_rng_base(setup):
+        """A base whose fit draws random numbers (a training)."""
+        torch.rand(5)
+        return Fitted(_over_confident)
+
+    @method("fake_rng_variant", bayesian=True, validation=True, base="fake_rng_base")
+    def fake_rng_variant(setup):
+        """A variant that draws after taking its base's fit."""
+        setup.base_fit()
+        draws.append(float(torch.rand(())))
+        return Fitted(_over_confident)
+
+    try:
+        together = _setup(guides=("fake_rng_base", "fake_rng_variant"), net=torch.nn.Linear(2, 2))
+        fit_method(together, "fake_rng_base")
+        fit_method(together, "fake_rng_variant")
+        fit_method(_setup(guides=("fake_rng_variant",)), "fake_rng_variant")
+        assert draws[0] == draws[1]
+    finally:
+        METHODS.pop("fake_rng_base")
+        METHODS.pop("fake_rng_variant")

@@ -169,6 +169,7 @@ class Setup:
             start = time.perf_counter()
             fitted = get_method(base).recipe(self.for_method(base))
             self.kept[base] = (fitted, time.perf_counter() - start, None)  # the network is as the fit left it
+            seed_for(self.seed, self.method, "fit")  # the caller goes on as after a kept fit (compare seeded it so)
         fitted, seconds, state = self.kept[base]
         if state is not None:
             with torch.no_grad():
