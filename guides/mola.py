@@ -111,8 +111,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
             iterator (read once per grid), with ``kwargs``, on a grid value that is not finite and positive, on a model
             the guide was not built for or a network whose head changed since, or where the NLL is nan.
         """
-        if not self.fitted:
-            raise ValueError("LaplaceMixtureGuide has no posterior yet: call fit(train_loader) first (or load a fitted guide)")
+        self._check_fitted()
         if method == "marglik":
             with self._all_or_nothing():
                 return [c.optimize_prior_precision("marglik", **kwargs) for c in self.components]
@@ -217,9 +216,12 @@ class LaplaceMixtureGuide(EnsembleGuide):
         return glm_predict(data, self._glm_logits, self.model.likelihood.observed, link, num_samples, keep_samples, progress,
                            ready=self._check_ready)
 
-    def _check_ready(self):
+    def _check_fitted(self):
         if not self.fitted:
             raise ValueError("LaplaceMixtureGuide has no posterior yet: call fit(train_loader) first (or load a fitted guide)")
+
+    def _check_ready(self):
+        self._check_fitted()
         check_guide(self.model, self, "predict")
 
     def _glm_logits(self, batch):
