@@ -90,9 +90,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
         members = self.members()
         with self._all_or_nothing(adopt=True):
             check_guide(self.model, self, "fit")
-            for k, component in enumerate(self.components):
-                with self.heads_of([k]):
-                    component.fit(data, progress=progress, loc={n: v[k] for n, v in members.items()})
+            self._each_component(lambda k, c: c.fit(data, progress=progress, loc={n: v[k] for n, v in members.items()}))
             self.adopt_point_parameters()  # each component's head is its member's, not the network's its fit took
         return self
 
@@ -135,12 +133,8 @@ class LaplaceMixtureGuide(EnsembleGuide):
         grid = grid.to(self.member_0.device)
         lams = [[grid[:, None].expand(-1, f.prior_precision.numel()) for f in c.factors] for c in self.components]
 
-        def probs_of(batch):
-            total = 0
-            for k, component in enumerate(self.components):
-                with self.heads_of([k]):
-                    total = total + probit(*component._glm_batch(batch, lams[k]))  # [G, N, C]
-            return total / self.num_members
+        def probs_of(batch):  # [G, N, C]
+            return torch.stack(self._each_component(lambda k, c: probit(*c._glm_batch(batch, lams[k])))).mean(0)
 
         nlls = grid_nll(self.model, data, grid.numel(), probs_of, progress)
         bad = [g for g, v in zip(grid.tolist(), nlls) if math.isnan(v)]
@@ -226,11 +220,16 @@ class LaplaceMixtureGuide(EnsembleGuide):
 
     def _glm_logits(self, batch):
         """Every component's linearised logits of ``batch``, each with its member's head: ``[K, N, C]``, ``[K, N, C, C]``."""
-        parts = []
+        parts = self._each_component(lambda k, c: c._glm_logits(batch))
+        return torch.stack([m for m, _ in parts]), torch.stack([c for _, c in parts])
+
+    def _each_component(self, fn):
+        """``[fn(k, components[k]) for each k]``, each run with member ``k``'s head in the network's head's place."""
+        out = []
         for k, component in enumerate(self.components):
             with self.heads_of([k]):
-                parts.append(component._glm_logits(batch))
-        return torch.stack([m for m, _ in parts]), torch.stack([c for _, c in parts])
+                out.append(fn(k, component))
+        return out
 
     def extra_parameters(self):
         """The ensemble's further members plus every component's curvature factors."""

@@ -29,11 +29,11 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .data import to_device
-from .progress import progress_bar
 from .distributions import KFACNormal
 from .kinds import down_kind, up_kind
 from .metrics import check_labels
 from .predictive import Prediction, _positive_int
+from .progress import progress_bar
 from .sites import Site, per_layer
 
 __all__ = [

@@ -103,7 +103,6 @@ def _check_probs(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate and convert ``probs [N, C]`` and ``labels [N]``; raise ValueError naming the problem."""
     dtype = torch.as_tensor(probs).dtype
     probs = _as_float(probs)
-    labels = torch.as_tensor(labels).detach()
     if probs.ndim != 2:
         raise ValueError(f"probs must have shape [N, C], got {tuple(probs.shape)}")
     n, c = probs.shape
