@@ -202,13 +202,24 @@ def record_layers(model, batch: dict, loc: dict) -> tuple[torch.Tensor, dict, di
     return logits.float(), inputs, outputs
 
 
-def output_grads(logits: torch.Tensor, outputs: dict, vectors: torch.Tensor) -> dict:
+def output_grads(logits: torch.Tensor, outputs: dict, vectors: torch.Tensor, rows_per_choice: bool = False) -> dict:
     """``vectors^T d logits / d y`` for every recorded layer output ``y``: path -> ``[K, *y.shape]``.
 
-    One backward pass per vector (``K`` of them; the graph is kept between them).
+    One backward pass per vector (``K`` of them; the graph is kept between them). With ``rows_per_choice``
+    (cloze: row ``b * C + c`` of every ``y`` is choice ``c`` of example ``b`` run alone), one backward pass of
+    the summed logits gives each row its own choice's gradient, and vector ``k`` weighs row ``(b, c)`` by
+    ``vectors[k, b, c]``: the same result in one pass instead of ``K``.
     """
     paths, ys = list(outputs), list(outputs.values())
     k = vectors.shape[0]
+    if rows_per_choice:
+        rows = vectors[0].numel()
+        if any(y.shape[0] != rows for y in ys):
+            raise ValueError(f"a cloze batch of {tuple(vectors.shape[1:])} (examples, choices) should run {rows} rows "
+                             f"through every LoRA layer; got {sorted({y.shape[0] for y in ys})}")
+        grads = torch.autograd.grad(logits, ys, torch.ones_like(vectors[0]), allow_unused=True, materialize_grads=True)
+        weights = vectors.reshape(k, rows)
+        return {p: weights.view(k, rows, *[1] * (g.dim() - 1)) * g for p, g in zip(paths, grads)}
     grads = [
         torch.autograd.grad(logits, ys, vectors[j], retain_graph=j < k - 1, allow_unused=True, materialize_grads=True)
         for j in range(k)
@@ -316,6 +327,12 @@ def check_one_forward(model) -> None:
         raise ValueError("LaplaceGuide needs MultipleChoice(format='cloze', share_prefix=False): its hooks read one forward per batch")
 
 
+def rows_per_choice(model) -> bool:
+    """Whether the network runs each (example, choice) pair as its own row: the cloze format (one forward per
+    batch, :func:`check_one_forward`), whose ``C`` logits of an example come from ``C`` separate rows."""
+    return getattr(model.likelihood, "format", None) == "cloze"
+
+
 def check_autograd(action: str) -> None:
     """The curvature and the GLM Jacobians are gradients: refuse to ``action`` under ``torch.inference_mode()``, whose
     tensors can never require grad (``torch.no_grad()`` is fine: the gradients are taken with it switched off).
@@ -336,7 +353,7 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
     (site -> value), else the model's current adapter.
 
     Per batch: one forward at ``theta*`` with hooks on every LoRA layer, then one backward to the LoRA
-    layers' outputs (``C - 1`` for ``fisher="exact"``); the factor sums are batched over layers. Under
+    layers' outputs (``C - 1`` for ``fisher="exact"``, but one for cloze); the factor sums are batched over layers. Under
     ``torch.distributed`` every rank runs its block of batches and the sums (linear in the data) are
     all-reduced, so every rank ends with the factors of one process.
 
@@ -361,7 +378,7 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
             logits, inputs, outputs = record_layers(model, batch, loc)
             loglik += model.likelihood.distribution(logits.detach()).log_prob(labels).double().sum()
             count += labels.shape[0]
-            grads = output_grads(logits, outputs, fisher_vectors(logits.detach(), fisher))
+            grads = output_grads(logits, outputs, fisher_vectors(logits.detach(), fisher), rows_per_choice(model))
             with torch.no_grad():  # the recorded inputs of later layers still require grad
                 for stacked in stack_layers(sites, inputs, grads, batch):
                     x, g, n = reduce_tokens(*stacked[1:], kfac)
@@ -386,7 +403,8 @@ def glm_batch(model, sites: dict, factors, batch: dict, lams: list) -> tuple[tor
     ``J P^-1 J^T`` ``[G, N, C, C]`` for ``G`` prior precisions (``lams``: per site ``[G, L]``), summed over
     LoRA matrices (block-diagonal posterior).
 
-    One forward and ``C`` backward passes to the LoRA layers' outputs, then per matrix and example
+    One forward and ``C`` backward passes to the LoRA layers' outputs (one for cloze, whose choices run as rows of
+    their own: :func:`output_grads`), then per matrix and example
     ``O(C T r D + C^2 r D + C^2 r k)`` (``T`` tokens): the Jacobian ``J_c = sum_t s_t l_t^T`` is contracted
     in the posterior's eigenbasis, never formed as a ``P x P`` matrix.
     """
@@ -398,7 +416,7 @@ def glm_batch(model, sites: dict, factors, batch: dict, lams: list) -> tuple[tor
         logits, inputs, outputs = record_layers(model, batch, loc)
         n, c = logits.shape
         eye = torch.eye(c, device=logits.device).unsqueeze(1).expand(c, n, c)
-        grads = output_grads(logits, outputs, eye)
+        grads = output_grads(logits, outputs, eye, rows_per_choice(model))
     cov = logits.new_zeros(lams[0].shape[0], n, c, c)
     with torch.no_grad():
         for idx, x, g, mask in stack_layers(sites, inputs, grads, batch):

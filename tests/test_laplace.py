@@ -421,6 +421,42 @@ def test_glm_on_cloze_rows_groups_each_questions_choices():
         LaplaceGuide(LoraModel(net, MultipleChoice(format="cloze"))).fit([batch], progress=False)
 
 
+@pytest.mark.parametrize("fisher", ["exact", "mc"])
+def test_cloze_one_backward_pass_equals_one_per_choice(monkeypatch, fisher):
+    """A cloze row holds one (question, choice) pair, so one backward pass gives every choice's gradient on its own
+    row: the KFAC factors and the GLM covariance equal those of one backward pass per choice (or Fisher vector)."""
+    from test_cloze import SHARED, cloze_batch
+
+    from pyro_lora import kfac
+
+    net = tiny_llama()
+    model = LoraModel(net, MultipleChoice(format="cloze", share_prefix=False), num_data=4)
+    batch = cloze_batch(SHARED)
+
+    def fitted():
+        torch.manual_seed(0)
+        guide = LaplaceGuide(model, fisher=fisher).fit([batch], progress=False)
+        return guide, guide.glm_logits(batch)
+
+    one, (mean, cov) = fitted()
+    monkeypatch.setattr(kfac, "rows_per_choice", lambda model: False)
+    each, (mean_each, cov_each) = fitted()
+    for a, b in zip(one.factors, each.factors):
+        torch.testing.assert_close(a.small_vals, b.small_vals, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a.large_vals, b.large_vals, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(mean, mean_each)
+    torch.testing.assert_close(cov, cov_each, rtol=1e-4, atol=1e-6)
+    assert cov.abs().max() > 0
+
+
+def test_cloze_one_backward_pass_refuses_rows_that_are_not_one_per_choice():
+    from pyro_lora.kfac import output_grads
+
+    logits = torch.zeros(2, 3, requires_grad=True)
+    with pytest.raises(ValueError, match="6 rows"):
+        output_grads(logits * 1, {"layer": logits.reshape(2, 3, 1) * 1}, torch.eye(3).unsqueeze(1).expand(3, 2, 3), True)
+
+
 def test_the_glm_predictive_refuses_a_head_retrained_after_the_fit():
     """predict refused a network whose head another guide retrained after the fit, but predict_glm, glm_logits and
     the val_nll tuning ran on it without a word: Jacobians of the new head under the old head's posterior."""
