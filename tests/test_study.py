@@ -501,7 +501,7 @@ def test_study_flags_set_every_task_and_the_rest_comes_from_its_plan(study):
     full = cli._config(cli.parser(full=True).parse_args(["compare", "--full", "--test-size", "872", "--seeds", "0,1,2", "--lr", "2e-3"]))
     assert study.make_config(none_given, "sst2") == replace(full, out="runs/study/sst2")
     plan = study.make_config(none_given, "openbookqa")
-    assert plan.guides == ("zeroshot", "map", "temperature", "tfb") and plan.seeds == (0, 1, 2)
+    assert plan.guides == ("zeroshot", "map", "temperature", "tfb", "laplace") and plan.seeds == (0, 1, 2)
     compare = cli._config(cli.parser().parse_args(["compare"]))
     assert (compare.model, compare.lr, compare.seeds, compare.mc_format) == ("minilm", None, (0,), None)  # compare's own defaults
 

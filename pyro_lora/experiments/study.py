@@ -63,7 +63,7 @@ PLANS = {
         epochs=2,
         lr=1e-3,  # compare's causal-LM default 3e-4 barely moved the LoRA in the 12 steps of an earlier, smaller study
         batch_size=4, samples=4, max_length=192, seeds=(0, 1, 2), mc_format="cloze",
-        guides=("zeroshot", "map", "temperature", "tfb"),
+        guides=("zeroshot", "map", "temperature", "tfb", "laplace"),
     ),
 }
 RUNS = "runs/study"  # each dataset's run goes to RUNS/<dataset> (the --runs flag)
