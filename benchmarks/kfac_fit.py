@@ -1,11 +1,14 @@
 """KFAC Laplace cost: fitting time against one forward+backward pass, GLM against the sampled predictive.
 
 A random-initialised Llama-architecture sequence classifier with LoRA (weights do not change timings),
-random token batches. Prints markdown rows; every time is the median of ``--repeats`` runs after a warm-up.
-With ``--memory``, also the fit's peak memory over ``--batches`` and twice as many batches, streamed from a
-generator (it should not depend on the data size).
+random token batches; with ``--cloze``, a causal LM scoring ``--labels`` random continuations per question
+(multiple choice in the cloze format: one row per choice, whose gradients one backward pass gives). Prints
+markdown rows; every time is the median of ``--repeats`` runs after a warm-up. With ``--memory``, also the fit's
+peak memory over ``--batches`` and twice as many batches, streamed from a generator (it should not depend on the
+data size).
 
     python benchmarks/kfac_fit.py                    # CPU, small config
+    python benchmarks/kfac_fit.py --cloze --batch 2           # cloze multiple choice: 2 questions x 4 choices per batch
     python benchmarks/kfac_fit.py --device cuda --hidden 1024 --layers 8 --seq 256
     python benchmarks/kfac_fit.py --device cuda --size 1b --targets all --batch 4 --seq 256 --memory
 """
@@ -16,36 +19,47 @@ import sys
 import _common as C  # noqa: I001  (first: puts the working tree's pyro_lora on the path)
 import torch
 import torch.nn.functional as F
-from transformers import LlamaForSequenceClassification
+from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-from pyro_lora import LoraModel, SequenceClassification, predict
+from pyro_lora import LoraModel, MultipleChoice, SequenceClassification, predict
 from pyro_lora.guides.laplace import LaplaceGuide
 
 
 def build(args):
+    cls, task, extra = (LlamaForCausalLM, "CAUSAL_LM", {}) if args.cloze else (LlamaForSequenceClassification, "SEQ_CLS", {"num_labels": args.labels})
     if args.size:  # a preset of svi_step's (its MLP width and grouped-query heads)
-        net = C.build_llama(LlamaForSequenceClassification, args.size, args.device, args.dtype, args.targets, args.r, "SEQ_CLS", 0.02,
-                            num_labels=args.labels)
+        net = C.build_llama(cls, args.size, args.device, args.dtype, args.targets, args.r, task, 0.02, **extra)
     else:
         config = dict(
             vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
-            num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=args.seq, num_labels=args.labels,
+            num_attention_heads=args.heads, num_key_value_heads=args.heads, max_position_embeddings=args.seq, **extra,
         )
-        net = C.build_llama(LlamaForSequenceClassification, "small", args.device, args.dtype, args.targets, args.r, "SEQ_CLS", 0.02, **config)
+        net = C.build_llama(cls, "small", args.device, args.dtype, args.targets, args.r, task, 0.02, **config)
     net = net.eval()
     data = list(batches(net.config.vocab_size, args, args.batches))
-    return LoraModel(net, SequenceClassification(), num_data=args.batch * args.batches), data
+    # the hooks of the KFAC pass and the GLM predictive read one forward per batch: every choice's row in full
+    likelihood = MultipleChoice(format="cloze", share_prefix=False) if args.cloze else SequenceClassification()
+    return LoraModel(net, likelihood, num_data=args.batch * args.batches), data
+
+
+CONTINUATION = 8  # cloze: the scored tokens at the end of each choice's row
 
 
 def batches(vocab, args, n, seed=1):
-    """``n`` random labelled batches on the device, made one at a time (a generator: the data need not be held)."""
+    """``n`` random labelled batches on the device, made one at a time (a generator: the data need not be held).
+    Cloze: ``args.batch`` questions of ``args.labels`` rows each, the last ``CONTINUATION`` tokens scored."""
     g = torch.Generator().manual_seed(seed)
+    rows = args.batch * args.labels if args.cloze else args.batch
     for _ in range(n):
-        yield {
-            "input_ids": torch.randint(1, vocab, (args.batch, args.seq), generator=g).to(args.device),
-            "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long, device=args.device),
-            "labels": torch.randint(0, args.labels, (args.batch,), generator=g).to(args.device),
+        batch = {
+            "input_ids": torch.randint(1, vocab, (rows, args.seq), generator=g),
+            "attention_mask": torch.ones(rows, args.seq, dtype=torch.long),
+            "labels": torch.randint(0, args.labels, (args.batch,), generator=g),
         }
+        if args.cloze:
+            batch["target_mask"] = torch.arange(args.seq).expand(rows, -1) >= args.seq - CONTINUATION
+            batch["choice_mask"] = torch.ones(args.batch, args.labels, dtype=torch.bool)
+        yield {k: v.to(args.device) for k, v in batch.items()}
 
 
 def forward_backward(model, data):
@@ -84,6 +98,7 @@ def parser():
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--memory", action="store_true", help="also the fit's peak memory over N and 2N streamed batches")
     p.add_argument("--no-predictive", action="store_true", help="time the fit only")
+    p.add_argument("--cloze", action="store_true", help="a causal LM scoring --labels choices per question (cloze multiple choice)")
     return p
 
 
@@ -99,7 +114,7 @@ def run(args, log=print):
     out = {
         "device": device, "dtype": args.dtype, "layers": config.num_hidden_layers, "hidden": config.hidden_size, "targets": args.targets,
         "r": args.r, "batches": args.batches, "batch": args.batch, "seq": args.seq, "labels": args.labels, "rank": args.rank,
-        "samples": args.samples,
+        "samples": args.samples, "cloze": args.cloze,
     }
     log(f"# kfac_fit: Llama {out['layers']}x{out['hidden']}, LoRA r={args.r} on {','.join(args.targets)}, {args.batches} batches of "
         f"{args.batch}x{args.seq}, {args.labels} classes, KFAC rank {args.rank}, {device}, {args.dtype}")
@@ -151,7 +166,10 @@ def run(args, log=print):
 def tables(out) -> str:
     """The figures of :func:`run` as markdown tables (RESULTS.md's)."""
     base = out["forward_backward"]
-    passes = f"{out['labels'] - 1} backward pass(es)"
+    # a cloze batch's choices are rows of their own: one backward pass gives every choice's gradient
+    one = "1 backward pass, one row per choice"
+    passes = f"{out['labels']} choices: {one}" if out["cloze"] else f"{out['labels']} classes: {out['labels'] - 1} backward pass(es)"
+    glm_passes = one if out["cloze"] else f"{out['labels']} backward passes"
     lines = [
         "| step | seconds | / forward+backward |",
         "|---|---|---|",
@@ -159,7 +177,7 @@ def tables(out) -> str:
         f"| KFAC fit, MC Fisher | {out['fit_mc']:.3f} | {out['fit_mc'] / base:.2f} |",
     ]
     if "fit_exact" in out:
-        lines.append(f"| KFAC fit, exact Fisher ({out['labels']} classes: {passes}) | {out['fit_exact']:.3f} | {out['fit_exact'] / base:.2f} |")
+        lines.append(f"| KFAC fit, exact Fisher ({passes}) | {out['fit_exact']:.3f} | {out['fit_exact'] / base:.2f} |")
     if "fit_memory" in out:
         (n, small), (n2, large) = out["fit_memory"].items()
         lines += [
@@ -177,7 +195,7 @@ def tables(out) -> str:
             "|---|---|---|---|",
             f"| MAP forward | {forward:.3f} | 1.00 | {forward / sampled:.2f} |",
             f"| sampled, S={out['samples']} (one batched forward) | {sampled:.3f} | {sampled / forward:.2f} | 1.00 |",
-            f"| GLM probit ({out['labels']} backward passes) | {glm:.3f} | {glm / forward:.2f} | {glm / sampled:.2f} |",
+            f"| GLM probit ({glm_passes}) | {glm:.3f} | {glm / forward:.2f} | {glm / sampled:.2f} |",
         ]
     if out.get("errors"):
         lines += ["", "Failed: " + "; ".join(out["errors"])]
@@ -190,7 +208,7 @@ def main(argv=None):
     name = C.device_name(out["device"])
     print(
         f"device: {name}; Llama {out['layers']}x{out['hidden']}, LoRA r={out['r']} on {','.join(out['targets'])}, "
-        f"{out['batches']} batches of {out['batch']}x{out['seq']}, {out['labels']} classes, KFAC rank {out['rank']}, {out['dtype']}\n"
+        f"{out['batches']} batches of {out['batch']}x{out['seq']}, {out['labels']} {'cloze choices' if out['cloze'] else 'classes'}, KFAC rank {out['rank']}, {out['dtype']}\n"
     )
     print(tables(out))
     sys.exit(1 if out["errors"] else 0)
