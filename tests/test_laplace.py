@@ -422,16 +422,17 @@ def test_glm_on_cloze_rows_groups_each_questions_choices():
 
 
 @pytest.mark.parametrize("fisher", ["exact", "mc"])
-def test_cloze_one_backward_pass_equals_one_per_choice(monkeypatch, fisher):
+@pytest.mark.parametrize("items", ["shared", "a missing choice"])
+def test_cloze_one_backward_pass_equals_one_per_choice(monkeypatch, fisher, items):
     """A cloze row holds one (question, choice) pair, so one backward pass gives every choice's gradient on its own
     row: the KFAC factors and the GLM covariance equal those of one backward pass per choice (or Fisher vector)."""
-    from test_cloze import SHARED, cloze_batch
+    from test_cloze import ITEMS, SHARED, cloze_batch
 
     from pyro_lora import kfac
 
     net = tiny_llama()
     model = LoraModel(net, MultipleChoice(format="cloze", share_prefix=False), num_data=4)
-    batch = cloze_batch(SHARED)
+    batch = cloze_batch(SHARED if items == "shared" else ITEMS)
 
     def fitted():
         torch.manual_seed(0)
