@@ -419,11 +419,12 @@ class LaplaceGuide(LoraGuide):
             logit draws per example).
         :param int num_samples: logit draws per example for ``link="mc"`` (a positive integer, checked for
             either link as :func:`pyro_lora.predict` checks it).
-        :param keep_samples: with ``link="mc"``, also return the per-draw probabilities ``[S, N, C]``.
+        :param keep_samples: also return the per-draw probabilities ``[S, N, C]`` of ``num_samples`` logit draws
+            (with ``link="probit"``, draws of the same Gaussian for the mutual information; ``probs`` stay the
+            probit's).
         :returns: a :class:`~pyro_lora.Prediction`.
-        :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, ``keep_samples`` with
-            the probit link, before :meth:`fit`, on a network whose head or adapter changed since (as ``predict``),
-            or on empty ``data``.
+        :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, before :meth:`fit`, on a
+            network whose head or adapter changed since (as ``predict``), or on empty ``data``.
         """
         return glm_predict(data, self._glm_logits, self.model.likelihood.observed, link, num_samples, keep_samples, progress,
                            ready=lambda: self._check_network("predict"))
@@ -478,8 +479,9 @@ def kfac_likelihood(likelihood):
 
 
 def glm_probit(guide, loader, num_samples):
-    """The linearised (GLM) predictive with the probit approximation: closed form, no weight samples."""
-    return guide.predict_glm(loader, link="probit")
+    """The linearised (GLM) predictive with the probit approximation: closed form, no weight samples; 100 logit
+    draws of the same Gaussian are kept for the mutual information."""
+    return guide.predict_glm(loader, link="probit", keep_samples=True)
 
 
 glm_probit.uses_samples = False

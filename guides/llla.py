@@ -410,10 +410,12 @@ class LastLayerLaplaceGuide(LoraGuide):
         :param link: ``"probit"`` (``softmax(mean / sqrt(1 + pi/8 diag(cov)))``) or ``"mc"`` (``num_samples`` logit
             draws per example).
         :param int num_samples: logit draws for ``link="mc"`` (a positive integer, checked for either link).
-        :param keep_samples: with ``link="mc"``, also return the per-draw probabilities ``[S, N, C]``.
+        :param keep_samples: also return the per-draw probabilities ``[S, N, C]`` of ``num_samples`` logit draws
+            (with ``link="probit"``, draws of the same Gaussian for the mutual information; ``probs`` stay the
+            probit's).
         :returns: a :class:`~pyro_lora.Prediction` (probs ``[N, C]``, 0 for missing choices).
-        :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, ``keep_samples`` with the
-            probit link, before :meth:`fit`, a head changed since, or empty ``data``.
+        :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, before :meth:`fit`, a
+            head changed since, or empty ``data``.
         """
         return glm_predict(data, self._glm, self.model.likelihood.observed, link, num_samples, keep_samples, progress,
                            desc="LLLA predict", ready=self._ready)

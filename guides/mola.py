@@ -202,7 +202,8 @@ class LaplaceMixtureGuide(EnsembleGuide):
         with member ``k``'s head), in one pass over ``data``: every component scores a batch before the next.
 
         :param link: ``"probit"`` or ``"mc"`` (``num_samples`` logit draws per example and component).
-        :param keep_samples: with ``link="mc"``, also the draws of every component: ``[S K, N, C]``.
+        :param keep_samples: also the logit draws of every component: ``[S K, N, C]`` (with ``link="probit"``, for
+            the mutual information; ``probs`` stay the probits' average).
         :returns: a :class:`~pyro_lora.Prediction`.
         :raises ValueError: before :meth:`fit`, on a model the guide was not built for or a network whose head changed
             since, or as :meth:`LaplaceGuide.predict_glm` does.
@@ -247,8 +248,9 @@ def _check_reiterable(data):
 
 
 def mixture_glm_probit(guide, loader, num_samples):
-    """The mixture of the components' GLM probit predictives: closed form per component, no weight samples."""
-    return guide.predict_glm(loader, link="probit")
+    """The mixture of the components' GLM probit predictives: closed form per component, no weight samples; 100
+    logit draws of each component's Gaussian are kept for the mutual information."""
+    return guide.predict_glm(loader, link="probit", keep_samples=True)
 
 
 mixture_glm_probit.uses_samples = False

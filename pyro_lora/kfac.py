@@ -459,7 +459,7 @@ def probit(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scaled.where(~torch.isneginf(mean), -math.inf), -1)
 
 
-def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int) -> torch.Tensor:
+def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Class probabilities of logits ``N(mean, cov)`` (mean ``[N, C]``, cov ``[N, C, C]``): ``[1, N, C]`` by the
     probit approximation (``link="probit"``), or ``[S, N, C]`` from ``num_samples`` logit draws (``"mc"``). With ``K``
     Gaussians (mean ``[K, N, C]``, cov ``[K, N, C, C]``): ``[1, K, N, C]`` or ``[S, K, N, C]``.
@@ -473,7 +473,7 @@ def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int
                          "larger one (or link='probit', whose limit is the uniform predictive)")
     w, q = torch.linalg.eigh(cov)
     root = q * w.clamp(min=0).sqrt().unsqueeze(-2)  # cov = root root^T
-    z = torch.randn(num_samples, *mean.shape, 1, device=mean.device)
+    z = torch.randn(num_samples, *mean.shape, 1, device=mean.device, generator=generator)
     return torch.softmax(mean + (root @ z).squeeze(-1), -1)
 
 
@@ -483,37 +483,51 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     Laplace's ``predict_glm`` share: ``logits_of(batch) -> (mean [N, C], cov [N, C, C])``, ``observed(batch)`` the
     labels; ``ready()`` (the guide's own checks) runs after the arguments are checked, before any batch. A uniform
     mixture of ``K`` Gaussians per example (mean ``[K, N, C]``, cov ``[K, N, C, C]``) averages the ``K``
-    predictives; its draws with ``keep_samples`` are ``[S K, N, C]``.
+    predictives; its draws with ``keep_samples`` are ``[S K, N, C]``. With the probit link, ``keep_samples`` keeps
+    ``num_samples`` logit draws of the same Gaussians (what the mutual information needs; from a generator of
+    their own, seeded 0 per call) while ``probs`` stay the probit's.
 
-    :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, ``keep_samples`` with the
-        probit link, empty ``data``, or a predictive that is not finite (an overflowing covariance).
+    :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, empty ``data``, or a
+        predictive that is not finite (an overflowing covariance).
     """
     if link not in ("probit", "mc"):
         raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
     num_samples = _positive_int(num_samples, "num_samples")
-    if keep_samples and link != "mc":
-        raise ValueError("keep_samples needs link='mc' (the probit link draws no samples)")
     if ready is not None:
         ready()
     start = time.perf_counter()
-    probs, labels = [], []
+    probs, draws, labels = [], [], []
+    generator = None
     for batch in progress_bar(data, desc=desc, disable=not progress, dynamic_ncols=True):
         mean, cov = logits_of(batch)
-        p = glm_probs(mean.float(), cov.float(), link, num_samples)
-        p = p.reshape(-1, *p.shape[-2:])  # a mixture's components are draws of equal weight
-        if not bool(torch.isfinite(p).all()):
+        mean, cov = mean.float(), cov.float()
+        p = glm_probs(mean, cov, link, num_samples)
+        if keep_samples and link != "mc":
+            # the probit predictive stays deterministic and leaves the global RNG alone: its draws have their own
+            generator = generator or torch.Generator(device=mean.device).manual_seed(0)
+            d = glm_probs(mean, cov, "mc", num_samples, generator)
+        else:
+            d = p
+        # a mixture's components are draws of equal weight
+        p, d = p.reshape(-1, *p.shape[-2:]), d.reshape(-1, *d.shape[-2:])
+        if not bool(torch.isfinite(p).all() and torch.isfinite(d).all()):
             raise ValueError(
                 f"{desc}: the predictive is not finite (largest logit variance {float(cov.diagonal(dim1=-2, dim2=-1).max()):.3g}"
                 " in float32): a prior precision this small overflows the posterior covariance; use a larger one"
             )
-        probs.append(p)
+        probs.append(p.mean(0))
+        if keep_samples:
+            draws.append(d)
         labels.append(check_labels(observed(batch), p.shape[-2], p.shape[-1]))
     if not probs:
         raise ValueError("predict_glm got no batches: the data is empty")
     width = max(p.shape[-1] for p in probs)
-    sample_probs = torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in probs], 1).cpu()
-    return Prediction(probs=sample_probs.mean(0), labels=torch.cat(labels).cpu(),
-                      sample_probs=sample_probs if keep_samples else None, seconds=time.perf_counter() - start)
+
+    def pad(parts):  # batches of fewer choices get zero columns
+        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in parts], -2).cpu()
+
+    return Prediction(probs=pad(probs), labels=torch.cat(labels).cpu(), sample_probs=pad(draws) if keep_samples else None,
+                      seconds=time.perf_counter() - start)
 
 
 def grid_nll_glm(model, sites: dict, factors, data, grid: torch.Tensor, progress: bool = False) -> list[float]:

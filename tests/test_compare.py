@@ -50,6 +50,22 @@ def test_score_and_ood_auroc():
     assert ood["ood_auroc_entropy"] == 1.0 and ood["ood_auroc_mi"] == 0.5
 
 
+def test_entropy_is_the_reported_predictives_and_mi_the_draws():
+    """A GLM probit prediction keeps logit draws for the MI, but reports the probit probabilities, which are not the
+    draws' mean: the entropy (and its OOD AUROC) is the reported predictive's."""
+    draws = torch.tensor([[[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], [[0.5, 0.5], [0.6, 0.4], [0.4, 0.6]]])
+    probs = torch.tensor([[0.7, 0.3], [0.5, 0.5], [0.55, 0.45]])
+    glm = Prediction(probs, torch.tensor([0, 1, 1]), sample_probs=draws)
+    row = score(glm)
+    assert row["entropy"] == pytest.approx(float(M.predictive_entropy(probs.unsqueeze(0)).mean()))
+    assert row["mutual_information"] == pytest.approx(float(M.mutual_information(draws).mean()))
+    arrays = prediction_arrays(glm, "sst2", 0)
+    np.testing.assert_allclose(arrays["sst2__seed0__entropy"], M.predictive_entropy(probs.unsqueeze(0)).numpy())
+    confident = Prediction(torch.tensor([[0.99, 0.01]] * 3), torch.tensor([0, 0, 0]), sample_probs=draws)
+    ood = ood_auroc(confident, glm)  # by their draws' means the two sets would tie
+    assert ood["ood_auroc_entropy"] == 1.0 and ood["ood_auroc_mi"] == 0.5
+
+
 def test_mi_is_not_available_without_several_weight_samples():
     labels = [0, 1, 1]
     one = _prediction([[[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]]], labels)  # S = 1 (--samples 1)
@@ -144,8 +160,8 @@ def test_methods_report_mi_as_computed_zero_or_not_available():
         return row["mutual_information"], row.get("note")
 
     assert mi("map", 1) == (0.0, None)  # a point estimate: exactly 0
-    value, note = mi("laplace", 8)  # the GLM probit predictive draws no samples
-    assert math.isnan(value) and "draws no weight samples" in note
+    value, note = mi("laplace", 8)  # the GLM probit predictive keeps logit draws of its Gaussian for the MI
+    assert value > 0 and note is None
     value, note = mi("meanfield", 1)
     assert math.isnan(value) and "--samples 1" in note
     value, note = mi("meanfield", 3)

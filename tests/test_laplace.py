@@ -293,8 +293,14 @@ def test_glm_covariance_matches_dense(net):
     eye = torch.eye(cov.shape[-1])
     noise = torch.distributions.MultivariateNormal(torch.zeros(cov.shape[-1]), cov + 1e-8 * eye).sample((20000,))
     torch.testing.assert_close(mc.probs, torch.softmax(logits + noise, -1).mean(0), rtol=0, atol=0.015)
+    # the probit predictive with its logit draws kept (the mutual information's): its probabilities stay the probit's
+    kept = guide.predict_glm(data, num_samples=20000, keep_samples=True)
+    torch.testing.assert_close(kept.probs, probs)
+    assert kept.sample_probs.shape == (20000, *probs.shape)
+    torch.testing.assert_close(kept.sample_probs.mean(0), mc.probs, rtol=0, atol=0.015)
     if net == "llama_mc":  # missing choices keep probability zero
         assert probs[0, 3] == 0 and probs[2, 2:].sum() == 0 and mc.probs[2, 2:].sum() == 0
+        assert kept.sample_probs[:, 2, 2:].sum() == 0
 
 
 def test_samples_and_log_prob_have_the_posterior_covariance():

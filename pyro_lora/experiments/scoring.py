@@ -30,6 +30,9 @@ def _mi_samples(prediction, point_estimate, no_samples_note=MI_NO_SAMPLES_NOTE):
 def score(prediction, num_bins=15, point_estimate=False, no_samples_note=MI_NO_SAMPLES_NOTE):
     """Calibration, uncertainty and selective-prediction metrics of one :class:`Prediction`.
 
+    The entropy is the reported predictive's (``probs``); the mutual information comes from the kept samples, which
+    for a GLM probit predictive are logit draws of the same Gaussian (``probs`` the probit's, not their mean).
+
     ``mutual_information`` is NaN (n/a) where it cannot be computed, with the reason in ``note``: fewer than 2
     weight samples from a predictive that is not a ``point_estimate`` (whose MI is exactly 0); ``no_samples_note``
     is the reason where it kept none.
@@ -38,7 +41,7 @@ def score(prediction, num_bins=15, point_estimate=False, no_samples_note=MI_NO_S
     row = summarize(p, y, num_bins)
     samples, missing = _mi_samples(prediction, point_estimate, no_samples_note)
     row.update(
-        entropy=float(M.predictive_entropy(samples).mean()),
+        entropy=float(M.predictive_entropy(p.unsqueeze(0)).mean()),
         mutual_information=float("nan") if missing else float(M.mutual_information(samples).mean()),
         accuracy_at_50=M.accuracy_at_coverage(p, y, 0.5),
         accuracy_at_80=M.accuracy_at_coverage(p, y, 0.8),
@@ -55,7 +58,7 @@ def ood_auroc(in_dist, shifted, point_estimate=False):
     si, missing_in = _mi_samples(in_dist, point_estimate)
     so, missing_out = _mi_samples(shifted, point_estimate)
     return {
-        "ood_auroc_entropy": M.auroc(M.predictive_entropy(si), M.predictive_entropy(so)),
+        "ood_auroc_entropy": M.auroc(M.predictive_entropy(in_dist.probs.unsqueeze(0)), M.predictive_entropy(shifted.probs.unsqueeze(0))),
         "ood_auroc_mi": float("nan") if missing_in or missing_out else M.auroc(M.mutual_information(si), M.mutual_information(so)),
     }
 
@@ -82,6 +85,6 @@ def prediction_arrays(prediction, dataset, seed, point_estimate=False):
     return {
         key + "probs": prediction.probs.numpy(),
         key + "labels": prediction.labels.numpy(),
-        key + "entropy": M.predictive_entropy(samples).numpy(),
+        key + "entropy": M.predictive_entropy(prediction.probs.unsqueeze(0)).numpy(),
         key + "mutual_information": mi,
     }
