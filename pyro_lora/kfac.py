@@ -213,11 +213,8 @@ def output_grads(logits: torch.Tensor, outputs: dict, vectors: torch.Tensor, row
     paths, ys = list(outputs), list(outputs.values())
     k = vectors.shape[0]
     if rows_per_choice:
-        rows = vectors[0].numel()
-        if any(y.shape[0] != rows for y in ys):
-            raise ValueError(f"a cloze batch of {tuple(vectors.shape[1:])} (examples, choices) should run {rows} rows "
-                             f"through every LoRA layer; got {sorted({y.shape[0] for y in ys})}")
-        grads = torch.autograd.grad(logits, ys, torch.ones_like(vectors[0]), allow_unused=True, materialize_grads=True)
+        rows = vectors.shape[1:].numel()  # vectors may be none (exact Fisher, one choice column)
+        grads = torch.autograd.grad(logits, ys, torch.ones_like(logits), allow_unused=True, materialize_grads=True)
         weights = vectors.reshape(k, rows)
         return {p: weights.view(k, rows, *[1] * (g.dim() - 1)) * g for p, g in zip(paths, grads)}
     grads = [
@@ -327,10 +324,26 @@ def check_one_forward(model) -> None:
         raise ValueError("LaplaceGuide needs MultipleChoice(format='cloze', share_prefix=False): its hooks read one forward per batch")
 
 
-def rows_per_choice(model) -> bool:
+def rows_per_choice(model, batch: dict, outputs: dict) -> bool:
     """Whether the network runs each (example, choice) pair as its own row: the cloze format (one forward per
-    batch, :func:`check_one_forward`), whose ``C`` logits of an example come from ``C`` separate rows."""
-    return getattr(model.likelihood, "format", None) == "cloze"
+    batch, :func:`check_one_forward`), whose ``C`` logits of an example come from ``C`` separate rows; then every
+    LoRA layer's output (``outputs``: path -> tensor) must be ``[rows, T, d]`` as ``batch["input_ids"]`` is ``[rows, T]``.
+
+    :raises ValueError: naming a LoRA layer that sees other rows (LoRA on the LM head, which the cloze score runs on
+        the scored tokens only, ``[M, d]``): its Jacobians would be assigned to the wrong choices.
+    """
+    if getattr(model.likelihood, "format", None) != "cloze":
+        return False
+    rows = tuple(batch["input_ids"].shape)
+    for path, y in outputs.items():
+        if tuple(y.shape[:2]) != rows or y.dim() != 3:
+            raise ValueError(
+                f"LoRA layer {path!r} has outputs of shape {tuple(y.shape)}, not one row per (question, choice) and token "
+                f"({rows[0]} x {rows[1]} of the cloze batch): the cloze score runs the LM head on the scored tokens only, "
+                "so a Laplace over its LoRA cannot tell the choices apart; leave the LM head out of target_modules (or "
+                "use the letter format)"
+            )
+    return True
 
 
 def check_autograd(action: str) -> None:
@@ -378,11 +391,15 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
             logits, inputs, outputs = record_layers(model, batch, loc)
             loglik += model.likelihood.distribution(logits.detach()).log_prob(labels).double().sum()
             count += labels.shape[0]
-            grads = output_grads(logits, outputs, fisher_vectors(logits.detach(), fisher), rows_per_choice(model))
+            cloze = rows_per_choice(model, batch, outputs)
+            grads = output_grads(logits, outputs, fisher_vectors(logits.detach(), fisher), cloze)
             with torch.no_grad():  # the recorded inputs of later layers still require grad
-                for stacked in stack_layers(sites, inputs, grads, batch):
-                    x, g, n = reduce_tokens(*stacked[1:], kfac)
-                    for i in stacked[0]:
+                for idx, x, g, mask in stack_layers(sites, inputs, grads, batch):
+                    if cloze:  # the filler row of a missing choice is no data: its activations stay out of the factors
+                        keep = batch["choice_mask"].bool().flatten()
+                        x, g, mask = x[:, keep], g[:, :, keep], None if mask is None else mask[keep]
+                    x, g, n = reduce_tokens(x, g, mask, kfac)
+                    for i in idx:
                         acc[i].update(*kfac_vectors(factors[i], x, g, weights[i]), n)
     counts = torch.tensor([a.count for a in acc] + [count], dtype=torch.double, device=model.device)
     distributed.all_reduce_([t for a in acc for t in (a.small, a.sketch, a.trace)] + [loglik, counts])
@@ -416,7 +433,7 @@ def glm_batch(model, sites: dict, factors, batch: dict, lams: list) -> tuple[tor
         logits, inputs, outputs = record_layers(model, batch, loc)
         n, c = logits.shape
         eye = torch.eye(c, device=logits.device).unsqueeze(1).expand(c, n, c)
-        grads = output_grads(logits, outputs, eye, rows_per_choice(model))
+        grads = output_grads(logits, outputs, eye, rows_per_choice(model, batch, outputs))
     cov = logits.new_zeros(lams[0].shape[0], n, c, c)
     with torch.no_grad():
         for idx, x, g, mask in stack_layers(sites, inputs, grads, batch):

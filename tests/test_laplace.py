@@ -446,7 +446,8 @@ def test_cloze_one_backward_pass_equals_one_per_choice(monkeypatch, fisher, item
         return guide, guide.glm_logits(batch)
 
     one, (mean, cov) = fitted()
-    monkeypatch.setattr(kfac, "rows_per_choice", lambda model: False)
+    each_pass = kfac.output_grads
+    monkeypatch.setattr(kfac, "output_grads", lambda logits, outputs, vectors, rows=False: each_pass(logits, outputs, vectors))
     each, (mean_each, cov_each) = fitted()
     for a, b in zip(one.factors, each.factors):
         torch.testing.assert_close(a.small_vals, b.small_vals, rtol=1e-4, atol=1e-6)
@@ -456,12 +457,57 @@ def test_cloze_one_backward_pass_equals_one_per_choice(monkeypatch, fisher, item
     assert cov.abs().max() > 0
 
 
-def test_cloze_one_backward_pass_refuses_rows_that_are_not_one_per_choice():
-    from pyro_lora.kfac import output_grads
+def test_cloze_refuses_lora_on_the_lm_head_even_when_its_rows_happen_to_match():
+    """The cloze score runs the LM head on the scored tokens only ([M, d]): with M = B * K (here 6 one- or two-token
+    answers and a filler row) its rows looked like the batch's, and every choice got another's Jacobian."""
+    from test_cloze import cloze_batch
 
-    logits = torch.zeros(2, 3, requires_grad=True)
-    with pytest.raises(ValueError, match="6 rows"):
-        output_grads(logits * 1, {"layer": logits.reshape(2, 3, 1) * 1}, torch.eye(3).unsqueeze(1).expand(3, 2, 3), True)
+    from pyro_lora import MultipleChoice
+
+    items = [[([3, 9, 4], [11, 12]), ([3, 9, 4], [13]), ([3, 9, 4], [14])], [([5, 6], [20]), ([5, 7], [21])]]
+    batch = cloze_batch(items, (2, 1))
+    assert batch["input_ids"].shape[0] == int(batch["target_mask"].sum()) == 6
+    model = LoraModel(tiny_llama(targets=("q_proj", "lm_head")), MultipleChoice(format="cloze", share_prefix=False))
+    for fisher in ("mc", "exact"):
+        with pytest.raises(ValueError, match="'base_model.model.lm_head'.*leave the LM head out of target_modules"):
+            LaplaceGuide(model, fisher=fisher).fit([batch], progress=False)
+
+
+def test_cloze_fit_leaves_the_filler_rows_of_missing_choices_out():
+    """A missing choice's filler row (choice_mask False) is no data: batching questions together, which adds one,
+    gives the posterior of one question per batch."""
+    from test_cloze import ITEMS, cloze_batch
+
+    from pyro_lora import MultipleChoice
+
+    model = LoraModel(tiny_llama(), MultipleChoice(format="cloze", share_prefix=False), num_data=2)
+    together = [cloze_batch(ITEMS, (2, 1))]
+    apart = [cloze_batch(ITEMS[:1], (2,)), cloze_batch(ITEMS[1:], (1,))]
+    assert not together[0]["choice_mask"].all() and all(b["choice_mask"].all() for b in apart)
+    guides = [LaplaceGuide(model, fisher="exact").fit(data, progress=False) for data in (together, apart)]
+    for kfac in ("reduce", "expand"):
+        guides += [LaplaceGuide(model, fisher="exact", kfac=kfac).fit(data, progress=False) for data in (together, apart)]
+    for a, b in zip(guides[::2], guides[1::2]):
+        for fa, fb in zip(a.factors, b.factors):
+            torch.testing.assert_close(fa.small_vals, fb.small_vals, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(fa.large_vals, fb.large_vals, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(fa.large_rest, fb.large_rest, rtol=1e-4, atol=1e-7)
+
+
+def test_cloze_exact_fisher_of_one_choice_column_is_zero():
+    """One choice per question: a one-class softmax has no Fisher (C - 1 = 0 vectors), as the MC Fisher says."""
+    from test_cloze import cloze_batch
+
+    from pyro_lora import MultipleChoice
+
+    batch = cloze_batch([[([3, 9, 4], [11, 12])], [([5, 6], [20])]], (0, 0))
+    model = LoraModel(tiny_llama(), MultipleChoice(format="cloze", share_prefix=False), num_data=2)
+    for fisher in ("exact", "mc"):
+        guide = LaplaceGuide(model, fisher=fisher).fit([batch], progress=False)
+        for f in guide.factors:  # the Kronecker factors' eigenvalue products: the curvature
+            assert float((f.small_vals.unsqueeze(-1) * f.large_vals.unsqueeze(-2)).abs().max()) == 0
+            assert float((f.small_vals * f.large_rest.unsqueeze(-1)).abs().max()) == 0
+        assert guide.predict_glm([batch]).probs.tolist() == [[1.0], [1.0]]
 
 
 def test_the_glm_predictive_refuses_a_head_retrained_after_the_fit():
