@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -478,19 +479,25 @@ def probit(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
 
 def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """Class probabilities of logits ``N(mean, cov)`` (mean ``[N, C]``, cov ``[N, C, C]``): ``[1, N, C]`` by the
-    probit approximation (``link="probit"``), or ``[S, N, C]`` from ``num_samples`` logit draws (``"mc"``). With ``K``
-    Gaussians (mean ``[K, N, C]``, cov ``[K, N, C, C]``): ``[1, K, N, C]`` or ``[S, K, N, C]``.
+    probit approximation (``link="probit"``), or ``[S, N, C]`` from ``num_samples`` logit draws (``"mc"``; the normal
+    draws from ``generator``, on its device, else the global RNG of ``mean``'s). With ``K`` Gaussians (mean
+    ``[K, N, C]``, cov ``[K, N, C, C]``): ``[1, K, N, C]`` or ``[S, K, N, C]``. Probabilities in ``mean``'s dtype.
 
     :raises ValueError: for ``"mc"`` with a covariance that is not finite."""
     if link == "probit":
-        return probit(mean, cov.unsqueeze(0))
+        return probit(mean, cov.to(mean.dtype).unsqueeze(0))
     if not bool(torch.isfinite(cov).all()):
         raise ValueError(f"the logit covariance is not finite (largest variance {float(cov.diagonal(dim1=-2, dim2=-1).max()):.3g}"
                          f" in {cov.dtype}): a prior precision this small overflows the posterior covariance; use a "
                          "larger one (or link='probit', whose limit is the uniform predictive)")
-    w, q = torch.linalg.eigh(cov)
-    root = q * w.clamp(min=0).sqrt().unsqueeze(-2)  # cov = root root^T
-    z = torch.randn(num_samples, *mean.shape, 1, device=mean.device, generator=generator)
+    # softmax ignores a shift of every logit, so that direction is left out before the root, in float64: a head whose
+    # rows move together (bounded by the prior alone) would otherwise swamp the other variances in rounding
+    c = cov.shape[-1]
+    center = torch.eye(c, dtype=torch.double, device=cov.device) - 1.0 / c
+    w, q = torch.linalg.eigh(center @ cov.double() @ center)
+    root = (q * w.clamp(min=0).sqrt().unsqueeze(-2)).to(mean.dtype)  # centred cov = root root^T
+    z = torch.randn(num_samples, *mean.shape, 1, dtype=mean.dtype, generator=generator,
+                    device=mean.device if generator is None else generator.device).to(mean.device)
     return torch.softmax(mean + (root @ z).squeeze(-1), -1)
 
 
@@ -501,8 +508,9 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     labels; ``ready()`` (the guide's own checks) runs after the arguments are checked, before any batch. A uniform
     mixture of ``K`` Gaussians per example (mean ``[K, N, C]``, cov ``[K, N, C, C]``) averages the ``K``
     predictives; its draws with ``keep_samples`` are ``[S K, N, C]``. With the probit link, ``keep_samples`` keeps
-    ``num_samples`` logit draws of the same Gaussians (what the mutual information needs; from a generator of
-    their own, seeded 0 per call) while ``probs`` stay the probit's.
+    ``num_samples`` logit draws of the same Gaussians (what the mutual information needs; from a CPU generator of
+    their own, seeded 0 per call) while ``probs`` stay the probit's; where a covariance is not finite it keeps
+    none (``sample_probs`` None) and warns.
 
     :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, empty ``data``, or a
         predictive that is not finite (an overflowing covariance).
@@ -514,36 +522,38 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
         ready()
     start = time.perf_counter()
     probs, draws, labels = [], [], []
-    generator = None
+    # the probit's draws (for the MI) come from a CPU generator of their own: deterministic on every device, and
+    # the global RNG is left alone
+    generator = torch.Generator().manual_seed(0) if keep_samples and link != "mc" else None
+    overflow = None
     for batch in progress_bar(data, desc=desc, disable=not progress, dynamic_ncols=True):
         mean, cov = logits_of(batch)
-        mean, cov = mean.float(), cov.float()
-        p = glm_probs(mean, cov, link, num_samples)
-        if keep_samples and link != "mc":
-            # the probit predictive stays deterministic and leaves the global RNG alone: its draws have their own
-            generator = generator or torch.Generator(device=mean.device).manual_seed(0)
-            d = glm_probs(mean, cov, "mc", num_samples, generator)
-        else:
-            d = p
-        # a mixture's components are draws of equal weight
-        p, d = p.reshape(-1, *p.shape[-2:]), d.reshape(-1, *d.shape[-2:])
-        if not bool(torch.isfinite(p).all() and torch.isfinite(d).all()):
+        mean = mean.float()
+        p = glm_probs(mean, cov, link, num_samples).reshape(-1, *mean.shape[-2:])  # a mixture's components: equal weights
+        if not bool(torch.isfinite(p).all()):
             raise ValueError(
                 f"{desc}: the predictive is not finite (largest logit variance {float(cov.diagonal(dim1=-2, dim2=-1).max()):.3g}"
-                " in float32): a prior precision this small overflows the posterior covariance; use a larger one"
+                f" in {cov.dtype}): a prior precision this small overflows the posterior covariance; use a larger one"
             )
         probs.append(p.mean(0))
-        if keep_samples:
-            draws.append(d)
+        if generator is not None and overflow is None and not bool(torch.isfinite(cov).all()):
+            overflow = float(cov.diagonal(dim1=-2, dim2=-1).max())  # the probit copes (uniform); draws cannot
+        if keep_samples and overflow is None:
+            draws.append(p if generator is None else glm_probs(mean, cov, "mc", num_samples, generator).reshape(-1, *mean.shape[-2:]))
         labels.append(check_labels(observed(batch), p.shape[-2], p.shape[-1]))
     if not probs:
         raise ValueError("predict_glm got no batches: the data is empty")
+    if overflow is not None:
+        warnings.warn(f"{desc}: the logit covariance is not finite (largest variance {overflow:.3g}): the probit predictive "
+                      "is kept, but no logit draws, so its mutual information is n/a; a larger prior precision avoids "
+                      "this", stacklevel=2)
     width = max(p.shape[-1] for p in probs)
 
     def pad(parts):  # batches of fewer choices get zero columns
         return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in parts], -2).cpu()
 
-    return Prediction(probs=pad(probs), labels=torch.cat(labels).cpu(), sample_probs=pad(draws) if keep_samples else None,
+    kept = keep_samples and overflow is None
+    return Prediction(probs=pad(probs), labels=torch.cat(labels).cpu(), sample_probs=pad(draws) if kept else None,
                       seconds=time.perf_counter() - start)
 
 
