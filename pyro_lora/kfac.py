@@ -214,7 +214,7 @@ def output_grads(logits: torch.Tensor, outputs: dict, vectors: torch.Tensor, row
     paths, ys = list(outputs), list(outputs.values())
     k = vectors.shape[0]
     if rows_per_choice:
-        rows = vectors.shape[1:].numel()  # vectors may be none (exact Fisher, one choice column)
+        rows = vectors.shape[1:].numel()  # K may be 0: the exact Fisher of one choice column
         grads = torch.autograd.grad(logits, ys, torch.ones_like(logits), allow_unused=True, materialize_grads=True)
         weights = vectors.reshape(k, rows)
         return {p: weights.view(k, rows, *[1] * (g.dim() - 1)) * g for p, g in zip(paths, grads)}
