@@ -459,6 +459,25 @@ def test_the_verdict_names_who_beats_map_and_temperature_on_aurc():
     assert "- AURC: better than both MAP and temperature scaling: laplace." in verdict(_rows(runs), "sst2")
 
 
+def test_the_verdict_sets_a_methods_mi_against_the_baselines_entropy_on_a_shift():
+    """MAP's and temperature scaling's MI is 0 by construction (an AUROC of 0.5): a method's OOD AUROC by MI is set
+    against their AUROC by entropy, their best score, not against their 0.5."""
+    runs = {"map": [(0.80, 14.0, 0.66, 0.09)] * 3, "temperature": [(0.80, 6.0, 0.45, 0.09)] * 3,
+            "laplace": [(0.80, 3.0, 0.40, 0.09)] * 3, "tfb": [(0.80, 3.0, 0.40, 0.09)] * 3,
+            "laplace+ts": [(0.80, 3.0, 0.40, 0.09)] * 3}
+    ood = {"map": ([0.72, 0.73, 0.71], [0.5] * 3), "temperature": ([0.72, 0.73, 0.71], [0.5] * 3),
+           "laplace": ([0.72, 0.73, 0.71], [0.75, 0.76, 0.745]),  # MI above their entropy on every seed
+           "tfb": ([0.72, 0.73, 0.71], [0.60, 0.65, 0.62]),  # MI above their MI (0.5), below their entropy
+           "laplace+ts": ([0.72, 0.73, 0.71], [None] * 3)}  # a +ts row keeps no samples: MI n/a
+    shifted = [{**r, "dataset": "arc_easy", "ood_auroc_entropy": ood[r["guide"]][0][r["seed"]],
+                "ood_auroc_mi": ood[r["guide"]][1][r["seed"]]} for r in _rows(runs)]
+    text = verdict(_rows(runs) + shifted, "sst2")
+    assert "OOD AUROC (MI) on arc_easy: laplace (0.752)" in text
+    assert "- OOD AUROC (entropy) on arc_easy: better than both MAP and temperature scaling: none." in text
+    assert "- OOD AUROC (MI, theirs by entropy) on arc_easy: better than both MAP and temperature scaling: laplace." in text
+    assert "Left out of the OOD" not in text
+
+
 def test_the_verdict_says_when_temperature_scaling_or_map_has_no_finished_seed():
     """Temperature scaling or MAP failed on every seed (no rows): the sentences comparing against it vanished."""
     runs = {"map": [(0.80, 14.0, 0.66, 0.09), (0.81, 13.0, 0.65, 0.08)],

@@ -142,7 +142,9 @@ def _missing(name, guide, left, compared, what):
 
 def verdict(rows, dataset) -> str:
     """The paragraph ``compare`` prints under its table, from the per-seed ``rows`` of one run whose training set
-    is ``dataset``: the best row on ECE, NLL and AURC (and OOD AUROC by entropy on each shifted set); which rows beat
+    is ``dataset``: the best row on ECE, NLL and AURC (and OOD AUROC by entropy and by MI on each shifted set); which
+    rows beat MAP and temperature scaling on AURC and on OOD AUROC (a method's MI against the baselines' entropy:
+    their MI is 0 by construction); which rows beat
     temperature scaling on both ECE and NLL, by setting (no validation data / validation-tuned); which lose more
     than :data:`ACCURACY_POINTS` accuracy points against MAP, and, where the rows hold their posterior mean's
     accuracy (``mean_accuracy``), whether the weight noise or the fit itself costs it. A method whose score is n/a
@@ -181,6 +183,13 @@ def verdict(rows, dataset) -> str:
         if ood:
             best.append(f"OOD AUROC (entropy) on {shifted}: {_best(ood, 'ood_auroc_entropy')}")
             oods[f"OOD AUROC (entropy) on {shifted}"] = ood
+        # MI is n/a where a predictive keeps no samples (the +ts rows): those are simply not in this comparison
+        mi = {g: v for g, v in _by_guide(rows, shifted, "ood_auroc_mi")[0].items() if g not in (BASELINE, REFERENCE)}
+        if mi:
+            best.append(f"OOD AUROC (MI) on {shifted}: {_best(mi, 'ood_auroc_mi')}")
+            # the baselines' MI is 0 by construction: a method's MI is set against their entropy, their best score
+            oods[f"OOD AUROC (MI, theirs by entropy) on {shifted}"] = {
+                **mi, **{g: v for g, v in ood.items() if g in (BASELINE, REFERENCE)}}
     lines.append("- Best: " + ("; ".join(best) if best else "none: every score is n/a") + ".")
     lines += _left_out(dropped, seeds)
     if BASELINE in values["nll"]:
