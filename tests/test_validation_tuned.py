@@ -475,7 +475,19 @@ def test_the_verdict_sets_a_methods_mi_against_the_baselines_entropy_on_a_shift(
     assert "OOD AUROC (MI) on arc_easy: laplace (0.752)" in text
     assert "- OOD AUROC (entropy) on arc_easy: better than both MAP and temperature scaling: none." in text
     assert "- OOD AUROC (MI, theirs by entropy) on arc_easy: better than both MAP and temperature scaling: laplace." in text
-    assert "Left out of the OOD" not in text
+    assert "Left out of the OOD" not in text  # laplace+ts's MI is n/a by design: not named
+    # an MI n/a on one seed (an overflowing covariance) leaves the method out of the MI comparison, said by name
+    shifted[10]["ood_auroc_mi"] = float("nan")  # tfb, seed 1
+    shifted[9]["ood_auroc_mi"] = 0.9  # tfb, seed 0: its MI mean over the other seeds would have been the best
+    text = verdict(_rows(runs) + shifted, "sst2")
+    assert "Left out of the OOD AUROC (MI) on arc_easy comparison: tfb (n/a on seed 1)" in text
+    assert "OOD AUROC (MI) on arc_easy: laplace (0.752)" in text
+    # MAP's entropy AUROC n/a on one seed, temperature scaling's rows absent on the shift: said, not silently dropped
+    shifted[2]["ood_auroc_entropy"] = None  # map, seed 2
+    text = verdict(_rows(runs) + [r for r in shifted if r["guide"] != "temperature"], "sst2")
+    assert ("- OOD AUROC (entropy) on arc_easy: not compared against MAP and temperature scaling: MAP's OOD AUROC (entropy) "
+            "on arc_easy is n/a on seed 2; temperature scaling has no finished seed") in text
+    assert "- OOD AUROC (MI, theirs by entropy) on arc_easy: not compared against MAP and temperature scaling" in text
 
 
 def test_the_verdict_says_when_temperature_scaling_or_map_has_no_finished_seed():

@@ -177,19 +177,24 @@ def verdict(rows, dataset) -> str:
     # a method n/a on one seed is left out of that metric's comparison (not compared on fewer seeds), and said
     titles = {m: COLUMNS[m].title.removesuffix(" x100") for m in ("accuracy", "ece", "nll", "aurc")}
     dropped = {titles[m]: left[m] for m in ("ece", "nll", "aurc", "accuracy")}
-    oods = {}
+    # what a temperature can hardly change, against both baselines: (title, scores, the baselines' n/a seeds, what)
+    against = [("AURC", values["aurc"], left["aurc"], "AURC")]
     for shifted in sorted({r["dataset"] for r in rows} - {dataset}):
-        ood, dropped[f"OOD AUROC (entropy) on {shifted}"] = _by_guide(rows, shifted, "ood_auroc_entropy")
+        entropy = f"OOD AUROC (entropy) on {shifted}"
+        ood, dropped[entropy] = _by_guide(rows, shifted, "ood_auroc_entropy")
         if ood:
-            best.append(f"OOD AUROC (entropy) on {shifted}: {_best(ood, 'ood_auroc_entropy')}")
-            oods[f"OOD AUROC (entropy) on {shifted}"] = ood
-        # MI is n/a where a predictive keeps no samples (the +ts rows): those are simply not in this comparison
-        mi = {g: v for g, v in _by_guide(rows, shifted, "ood_auroc_mi")[0].items() if g not in (BASELINE, REFERENCE)}
+            best.append(f"{entropy}: {_best(ood, 'ood_auroc_entropy')}")
+        against.append((entropy, ood, dropped[entropy], f"OOD AUROC (entropy) on {shifted}"))
+        mi, na = _by_guide(rows, shifted, "ood_auroc_mi")
+        mi = {g: v for g, v in mi.items() if g not in (BASELINE, REFERENCE)}
+        # a +ts row keeps no samples, so its MI is n/a by design: only other n/a values are named
+        dropped[f"OOD AUROC (MI) on {shifted}"] = {g: s for g, s in na.items() if base_guide(g) == g}
         if mi:
             best.append(f"OOD AUROC (MI) on {shifted}: {_best(mi, 'ood_auroc_mi')}")
             # the baselines' MI is 0 by construction: a method's MI is set against their entropy, their best score
-            oods[f"OOD AUROC (MI, theirs by entropy) on {shifted}"] = {
-                **mi, **{g: v for g, v in ood.items() if g in (BASELINE, REFERENCE)}}
+            against.append((f"OOD AUROC (MI, theirs by entropy) on {shifted}",
+                            {**mi, **{g: v for g, v in ood.items() if g in (BASELINE, REFERENCE)}}, dropped[entropy],
+                            f"OOD AUROC (entropy) on {shifted}"))
     lines.append("- Best: " + ("; ".join(best) if best else "none: every score is n/a") + ".")
     lines += _left_out(dropped, seeds)
     if BASELINE in values["nll"]:
@@ -209,11 +214,16 @@ def verdict(rows, dataset) -> str:
         lines.append("- Accuracy against MAP: not compared: "
                      + _missing("MAP", REFERENCE, left["accuracy"], seeds, "accuracy") + ".")
     # what a temperature can hardly change: selective prediction and telling shifted inputs apart
-    for title, scores, metric in [("AURC", values["aurc"], "aurc")] + [(t, o, "ood_auroc_entropy") for t, o in oods.items()]:
+    for title, scores, na, what in against:
+        metric = "aurc" if title == "AURC" else "ood_auroc_entropy"
         if BASELINE in scores and REFERENCE in scores:
             better = [g for g in scores if g not in (BASELINE, REFERENCE)
                       and all(_beats(scores, g, other, metric) for other in (REFERENCE, BASELINE))]
             lines.append(f"- {title}: better than both MAP and temperature scaling: {_names(better)}.")
+        else:
+            missing = [f"{name}'s {what} is n/a on {_seeds(na[g], seeds)}" if g in na else _missing(name, g, na, seeds, what)
+                       for name, g in (("MAP", REFERENCE), ("temperature scaling", BASELINE)) if g not in scores]
+            lines.append(f"- {title}: not compared against MAP and temperature scaling: {'; '.join(missing)}.")
     return "\n".join(lines)
 
 
