@@ -1,6 +1,7 @@
 """KFAC Laplace guide: factors against dense Fisher / GGN, evidence, GLM predictive, sampling, save/load."""
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -493,6 +494,28 @@ def test_cloze_one_backward_pass_equals_one_per_choice(monkeypatch, fisher, item
     torch.testing.assert_close(mean, mean_each)
     torch.testing.assert_close(cov, cov_each, rtol=1e-4, atol=1e-6)
     assert cov.abs().max() > 0
+
+
+def test_compare_predictive_says_the_probit_is_shift_dependent_on_cloze():
+    """softmax ignores a shift of every logit, the probit approximation does not: adding 10 to every logit moves
+    its probabilities, and cloze scores lie far below 0, so compare's GLM probit predictive says so on cloze."""
+    from test_cloze import cloze_batch
+
+    from pyro_lora import MultipleChoice
+    from pyro_lora.guides.laplace import glm_probit
+    from pyro_lora.kfac import probit
+
+    mean, cov = torch.tensor([[-20.0, -12.0]]), torch.tensor([[[30.0, 0.0], [0.0, 5.0]]])
+    assert float((probit(mean + 10, cov.unsqueeze(0)) - probit(mean, cov.unsqueeze(0))).abs().max()) > 0.1
+    batch = cloze_batch()
+    cloze = LoraModel(tiny_llama(), MultipleChoice(format="cloze", share_prefix=False), num_data=2)
+    guide = LaplaceGuide(cloze).fit([batch], progress=False)
+    with pytest.warns(UserWarning, match="not invariant to a shift of every logit"):
+        glm_probit(guide, [batch], 4)
+    model, data = mlp_model(), mlp_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        glm_probit(LaplaceGuide(model).fit(data, progress=False), data, 4)
 
 
 def test_cloze_refuses_lora_on_the_lm_head_even_when_its_rows_happen_to_match():
