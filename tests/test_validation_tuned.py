@@ -471,8 +471,16 @@ def test_the_verdict_sets_a_methods_mi_against_the_baselines_entropy_on_a_shift(
            "laplace+ts": ([0.72, 0.73, 0.71], [None] * 3)}  # a +ts row keeps no samples: MI n/a
     shifted = [{**r, "dataset": "arc_easy", "ood_auroc_entropy": ood[r["guide"]][0][r["seed"]],
                 "ood_auroc_mi": ood[r["guide"]][1][r["seed"]]} for r in _rows(runs)]
-    text = verdict(_rows(runs) + shifted, "sst2")
+    # a point estimate (zero-shot) has MI 0 and an MI AUROC of 0.5 by construction: never the best by MI
+    point = [{**r, "guide": "zeroshot", "mutual_information": 0.0, "ood_auroc_mi": 0.5} for r in shifted if r["guide"] == "map"]
+    text = verdict(_rows(runs) + shifted + point, "sst2")
     assert "OOD AUROC (MI) on arc_easy: laplace (0.752)" in text
+    for r in shifted:
+        r["ood_auroc_mi"] = {"laplace": 0.3, "tfb": 0.35}.get(r["guide"], r["ood_auroc_mi"])
+    assert "OOD AUROC (MI) on arc_easy: tfb (0.350)" in verdict(_rows(runs) + shifted + point, "sst2")
+    for r in shifted:
+        r["ood_auroc_mi"] = ood[r["guide"]][1][r["seed"]]
+    text = verdict(_rows(runs) + shifted, "sst2")
     assert "- OOD AUROC (entropy) on arc_easy: better than both MAP and temperature scaling: none." in text
     assert "- OOD AUROC (MI, theirs by entropy) on arc_easy: better than both MAP and temperature scaling: laplace." in text
     assert "Left out of the OOD" not in text  # laplace+ts's MI is n/a by design: not named

@@ -186,7 +186,9 @@ def verdict(rows, dataset) -> str:
             best.append(f"{entropy}: {_best(ood, 'ood_auroc_entropy')}")
         against.append((entropy, ood, dropped[entropy], f"OOD AUROC (entropy) on {shifted}"))
         mi, na = _by_guide(rows, shifted, "ood_auroc_mi")
-        mi = {g: v for g, v in mi.items() if g not in (BASELINE, REFERENCE)}
+        # a point estimate's MI is 0, its AUROC 0.5 by construction (MAP, temperature scaling, zero-shot): not ranked
+        point = {r["guide"] for r in rows if r["dataset"] == shifted and r.get("mutual_information") == 0}
+        mi = {g: v for g, v in mi.items() if g not in (BASELINE, REFERENCE) and g not in point}
         # a +ts row keeps no samples, so its MI is n/a by design: only other n/a values are named
         dropped[f"OOD AUROC (MI) on {shifted}"] = {g: s for g, s in na.items() if base_guide(g) == g}
         if mi:
