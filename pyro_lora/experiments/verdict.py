@@ -144,8 +144,7 @@ def verdict(rows, dataset) -> str:
     """The paragraph ``compare`` prints under its table, from the per-seed ``rows`` of one run whose training set
     is ``dataset``: the best row on ECE, NLL and AURC (and OOD AUROC by entropy and by MI on each shifted set); which
     rows beat MAP and temperature scaling on AURC and on OOD AUROC (a method's MI against the baselines' entropy:
-    their MI is 0 by construction); which rows beat
-    temperature scaling on both ECE and NLL, by setting (no validation data / validation-tuned); which lose more
+    their MI is 0 by construction); which rows beat temperature scaling on both ECE and NLL, by setting (no validation data / validation-tuned); which lose more
     than :data:`ACCURACY_POINTS` accuracy points against MAP, and, where the rows hold their posterior mean's
     accuracy (``mean_accuracy``), whether the weight noise or the fit itself costs it. A method whose score is n/a
     on one of the compared seeds is left out of that score's comparison, and the verdict names it with those
@@ -177,14 +176,15 @@ def verdict(rows, dataset) -> str:
     # a method n/a on one seed is left out of that metric's comparison (not compared on fewer seeds), and said
     titles = {m: COLUMNS[m].title.removesuffix(" x100") for m in ("accuracy", "ece", "nll", "aurc")}
     dropped = {titles[m]: left[m] for m in ("ece", "nll", "aurc", "accuracy")}
-    # what a temperature can hardly change, against both baselines: (title, scores, the baselines' n/a seeds, what)
-    against = [("AURC", values["aurc"], left["aurc"], "AURC")]
+    # what a temperature can hardly change, against both baselines:
+    # (title, scores, metric, the baselines' n/a seeds, the baselines' score named where it is n/a)
+    against = [("AURC", values["aurc"], "aurc", left["aurc"], "AURC")]
     for shifted in sorted({r["dataset"] for r in rows} - {dataset}):
         entropy = f"OOD AUROC (entropy) on {shifted}"
         ood, dropped[entropy] = _by_guide(rows, shifted, "ood_auroc_entropy")
         if ood:
             best.append(f"{entropy}: {_best(ood, 'ood_auroc_entropy')}")
-        against.append((entropy, ood, dropped[entropy], f"OOD AUROC (entropy) on {shifted}"))
+        against.append((entropy, ood, "ood_auroc_entropy", dropped[entropy], entropy))
         mi, na = _by_guide(rows, shifted, "ood_auroc_mi")
         # a point estimate's MI is 0, its AUROC 0.5 by construction (MAP, temperature scaling, zero-shot): not ranked
         point = {r["guide"] for r in rows if r["dataset"] == shifted and r.get("mutual_information") == 0}
@@ -195,8 +195,8 @@ def verdict(rows, dataset) -> str:
             best.append(f"OOD AUROC (MI) on {shifted}: {_best(mi, 'ood_auroc_mi')}")
             # the baselines' MI is 0 by construction: a method's MI is set against their entropy, their best score
             against.append((f"OOD AUROC (MI, theirs by entropy) on {shifted}",
-                            {**mi, **{g: v for g, v in ood.items() if g in (BASELINE, REFERENCE)}}, dropped[entropy],
-                            f"OOD AUROC (entropy) on {shifted}"))
+                            {**mi, **{g: v for g, v in ood.items() if g in (BASELINE, REFERENCE)}}, "ood_auroc_mi",
+                            dropped[entropy], entropy))
     lines.append("- Best: " + ("; ".join(best) if best else "none: every score is n/a") + ".")
     lines += _left_out(dropped, seeds)
     if BASELINE in values["nll"]:
@@ -216,8 +216,7 @@ def verdict(rows, dataset) -> str:
         lines.append("- Accuracy against MAP: not compared: "
                      + _missing("MAP", REFERENCE, left["accuracy"], seeds, "accuracy") + ".")
     # what a temperature can hardly change: selective prediction and telling shifted inputs apart
-    for title, scores, na, what in against:
-        metric = "aurc" if title == "AURC" else "ood_auroc_entropy"
+    for title, scores, metric, na, what in against:
         if BASELINE in scores and REFERENCE in scores:
             better = [g for g in scores if g not in (BASELINE, REFERENCE)
                       and all(_beats(scores, g, other, metric) for other in (REFERENCE, BASELINE))]
