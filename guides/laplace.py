@@ -19,7 +19,7 @@ from pyro_lora.data import to_device
 from pyro_lora.distributions import KFACNormal
 from pyro_lora.evidence import curvature_peaks, evidence_terms, maximise_evidence, precision_config, site_precision
 from pyro_lora.kfac import SiteFactors, accumulate, glm_batch, glm_predict, grid_nll_glm
-from pyro_lora.likelihoods import MultipleChoice
+from pyro_lora.likelihoods import MultipleChoice, is_cloze
 from pyro_lora.metrics import nll
 from pyro_lora.predictive import _positive_int, predict
 from pyro_lora.sites import check_values
@@ -473,7 +473,7 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide"):
 def kfac_likelihood(likelihood):
     """``likelihood`` as the KFAC hooks need it: a cloze likelihood runs one forward per batch (no shared prefix);
     the scores are the same."""
-    if getattr(likelihood, "format", None) == "cloze":
+    if is_cloze(likelihood):
         return MultipleChoice(format="cloze", normalize=likelihood.normalize, share_prefix=False)
     return likelihood
 
@@ -482,7 +482,7 @@ def warn_probit_on_cloze(model):
     """The probit approximation is not invariant to a shift of every logit (softmax is): cloze scores, sums of
     log-probabilities far below 0, are where it strays furthest from the GLM predictive it approximates. Said, not
     silent, until a shift-invariant link replaces it."""
-    if getattr(model.likelihood, "format", None) == "cloze":
+    if is_cloze(model.likelihood):
         warnings.warn("the GLM probit predictive on cloze multiple choice: the probit approximation is not invariant to a "
                       "shift of every logit, and cloze scores (sums of log-probabilities) lie far below 0, so it can be far "
                       "from the GLM predictive it approximates (probabilities up to 0.9 apart measured on ARC-Easy); "

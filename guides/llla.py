@@ -29,6 +29,7 @@ from pyro_lora.data import to_device
 from pyro_lora.evidence import maximise_evidence
 from pyro_lora.heads import class_rows, find_head, head_features, head_rows, tied_parameters
 from pyro_lora.kfac import glm_predict, probit
+from pyro_lora.likelihoods import is_cloze
 from pyro_lora.progress import progress_bar
 from pyro_lora.metrics import nll
 from pyro_lora.predictive import _positive_int
@@ -76,7 +77,7 @@ class LastLayerLaplaceGuide(LoraGuide):
     def __init__(self, model, hessian="auto", prior_precision=1.0, head=None):
         super().__init__(model)
         likelihood = model.likelihood
-        if getattr(likelihood, "format", None) == "cloze":
+        if is_cloze(likelihood):
             raise ValueError(
                 "LastLayerLaplaceGuide refuses cloze multiple choice: a cloze score sums the log-softmax over the whole "
                 "vocabulary at every token of a choice, no linear function of a few head rows; use the letter format "

@@ -32,6 +32,7 @@ from . import distributed
 from .data import to_device
 from .distributions import KFACNormal
 from .kinds import down_kind, up_kind
+from .likelihoods import is_cloze
 from .metrics import check_labels
 from .predictive import Prediction, _positive_int
 from .progress import progress_bar
@@ -321,7 +322,7 @@ def check_one_forward(model) -> None:
     :raises ValueError: for ``MultipleChoice(format="cloze", share_prefix=True)``.
     """
     lik = model.likelihood
-    if getattr(lik, "format", None) == "cloze" and lik.share_prefix:
+    if is_cloze(lik) and lik.share_prefix:
         raise ValueError("LaplaceGuide needs MultipleChoice(format='cloze', share_prefix=False): its hooks read one forward per batch")
 
 
@@ -333,7 +334,7 @@ def rows_per_choice(model, batch: dict, outputs: dict) -> bool:
     :raises ValueError: naming a LoRA layer that sees other rows (LoRA on the LM head, which the cloze score runs on
         the scored tokens only, ``[M, d]``): its Jacobians would be assigned to the wrong choices.
     """
-    if getattr(model.likelihood, "format", None) != "cloze":
+    if not is_cloze(model.likelihood):
         return False
     rows = tuple(batch["input_ids"].shape)
     for path, y in outputs.items():

@@ -235,6 +235,11 @@ class SequenceClassification(Likelihood):
         return _unfold_samples(out, num_samples)
 
 
+def is_cloze(likelihood) -> bool:
+    """Whether ``likelihood`` scores multiple choice in the cloze format (one row per (question, choice) pair)."""
+    return getattr(likelihood, "format", None) == "cloze"
+
+
 def _choice_mask(batch):
     """The batch's ``choice_mask`` ``[B, K]``, which the multiple-choice collators write."""
     if "choice_mask" not in batch:
