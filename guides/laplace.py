@@ -415,8 +415,8 @@ class LaplaceGuide(LoraGuide):
     def predict_glm(self, data, link="probit", num_samples=100, keep_samples=False, progress=False):
         """GLM predictive over ``data``: ``p(y | x) = E_{f ~ N(mean, cov)} softmax(f)`` from :meth:`glm_logits`.
 
-        :param link: ``"probit"`` (``softmax(mean / sqrt(1 + pi/8 diag(cov)))``) or ``"mc"`` (``num_samples``
-            logit draws per example).
+        :param link: ``"probit"`` (the pairwise probit :func:`~pyro_lora.kfac.probit`, shift-invariant like
+            softmax) or ``"mc"`` (``num_samples`` logit draws per example).
         :param int num_samples: logit draws per example for ``link="mc"`` (a positive integer, checked for
             either link as :func:`pyro_lora.predict` checks it).
         :param keep_samples: also return the per-draw probabilities ``[S, N, C]`` of ``num_samples`` logit draws
@@ -478,21 +478,9 @@ def kfac_likelihood(likelihood):
     return likelihood
 
 
-def warn_probit_on_cloze(model):
-    """The probit approximation is not invariant to a shift of every logit (softmax is): cloze scores, sums of
-    log-probabilities far below 0, are where it strays furthest from the GLM predictive it approximates. Said, not
-    silent, until a shift-invariant link replaces it."""
-    if is_cloze(model.likelihood):
-        warnings.warn("the GLM probit predictive on cloze multiple choice: the probit approximation is not invariant to a "
-                      "shift of every logit, and cloze scores (sums of log-probabilities) lie far below 0, so it can be far "
-                      "from the GLM predictive it approximates (probabilities up to 0.9 apart measured on ARC-Easy); "
-                      "predict_glm(link='mc') draws the same Gaussian instead", stacklevel=3)
-
-
 def glm_probit(guide, loader, num_samples):
     """The linearised (GLM) predictive with the probit approximation: closed form, no weight samples; 100 logit
     draws of the same Gaussian are kept for the mutual information."""
-    warn_probit_on_cloze(guide.model)
     return guide.predict_glm(loader, link="probit", keep_samples=True)
 
 

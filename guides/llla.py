@@ -269,13 +269,6 @@ class LastLayerLaplaceGuide(LoraGuide):
         u = self.class_eigvecs.double()
         return torch.einsum("ci,ni,ki->nck", u, m.pow(2) @ w.T, u)
 
-    def _logit_var(self, sq, lam):
-        """The diagonal of :meth:`_logit_cov` ``[N, C]`` from ``sq = _project(phi) ** 2``."""
-        w = self._inverse(lam)
-        if self.hessian == "full":
-            return sq @ w
-        return (sq @ w.T) @ self.class_eigvecs.double().pow(2).T
-
     def ggn(self):
         """The GGN ``H`` (KFAC: its approximation) as a dense ``[P, P]`` float64 matrix, ``theta`` flattened row-major
         from ``[C, D1]`` (entry ``c D1 + d``; the bias is the last column)."""
@@ -358,7 +351,7 @@ class LastLayerLaplaceGuide(LoraGuide):
         cache, labels = [], []
         for batch in progress_bar(val_loader, desc="LLLA val features", disable=not progress, dynamic_ncols=True):
             logits, phi = self._features(batch)
-            cache.append((logits, self._project(phi).pow(2)))
+            cache.append((logits, self._project(phi)))
             labels.append(self.model.likelihood.observed(to_device(batch, self.model.device)))
         if not cache:
             raise ValueError("val_loader is empty")
@@ -366,8 +359,8 @@ class LastLayerLaplaceGuide(LoraGuide):
 
         def val_nll(t):
             lam = math.exp(t)
-            probs = [probit(mean, torch.diag_embed(self._logit_var(sq, lam)[:, : mean.shape[1]]))
-                     for mean, sq in cache]
+            probs = [probit(mean, self._logit_cov(m, lam)[:, : mean.shape[1], : mean.shape[1]])
+                     for mean, m in cache]
             return nll(torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in probs]), labels)
 
         nlls = [val_nll(math.log(g)) for g in grid]
@@ -408,8 +401,8 @@ class LastLayerLaplaceGuide(LoraGuide):
     def predict_glm(self, data, link="probit", num_samples=100, keep_samples=False, progress=False):
         """The predictive ``p(y | x) = E_{f ~ N(mean, cov)} softmax(f)`` over ``data`` from :meth:`glm_logits`.
 
-        :param link: ``"probit"`` (``softmax(mean / sqrt(1 + pi/8 diag(cov)))``) or ``"mc"`` (``num_samples`` logit
-            draws per example).
+        :param link: ``"probit"`` (the pairwise probit :func:`~pyro_lora.kfac.probit`, shift-invariant like
+            softmax) or ``"mc"`` (``num_samples`` logit draws per example).
         :param int num_samples: logit draws for ``link="mc"`` (a positive integer, checked for either link).
         :param keep_samples: also return the per-draw probabilities ``[S, N, C]`` of ``num_samples`` logit draws
             (with ``link="probit"``, draws of the same Gaussian for the mutual information; ``probs`` stay the

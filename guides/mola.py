@@ -20,7 +20,7 @@ from pyro_lora.distributions import UniformMixture
 from pyro_lora.kfac import glm_predict, grid_nll, probit
 
 from .ensemble import MEMBER_SITE, EnsembleGuide
-from .laplace import LaplaceGuide, kfac_likelihood, prior_precision_grid, search_grid, tuned_prior_precision, warn_probit_on_cloze
+from .laplace import LaplaceGuide, kfac_likelihood, prior_precision_grid, search_grid, tuned_prior_precision
 from .registry import Fitted, method
 
 
@@ -250,7 +250,6 @@ def _check_reiterable(data):
 def mixture_glm_probit(guide, loader, num_samples):
     """The mixture of the components' GLM probit predictives: closed form per component, no weight samples; 100
     logit draws of each component's Gaussian are kept for the mutual information."""
-    warn_probit_on_cloze(guide.model)
     return guide.predict_glm(loader, link="probit", keep_samples=True)
 
 

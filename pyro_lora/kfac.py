@@ -471,11 +471,21 @@ def glm_site_cov(f: SiteFactors, x: torch.Tensor, g: torch.Tensor, weights, lam:
 
 
 def probit(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """Probit approximation ``softmax(mean / sqrt(1 + pi/8 var))``; mean ``[N, C]``, cov ``[G, N, C, C]`` -> ``[G, N, C]``."""
-    var = cov.diagonal(dim1=-2, dim2=-1).clamp(min=0)
-    scaled = mean / (1 + math.pi / 8 * var).sqrt()
-    # a missing choice stays at -inf whatever its variance (-inf / inf would be nan); a real one goes to 0
-    return torch.softmax(scaled.where(~torch.isneginf(mean), -math.inf), -1)
+    """Pairwise probit approximation of ``E softmax(f)``, ``f ~ N(mean, cov)`` (Lu, Ie & Sha 2020, mean-field with the
+    pairwise covariances): ``p_c ∝ 1 / sum_k exp(-(m_c - m_k) / sqrt(1 + pi/8 Var(f_c - f_k)))``, normalised.
+    Like softmax, it ignores a shift of every logit (cloze scores are sums of log-probabilities, far below 0); for two
+    classes it is MacKay's probit ``sigmoid(m / sqrt(1 + pi/8 var))`` of the logit difference. mean ``[N, C]`` (or
+    ``[K, N, C]``), cov ``[G, N, C, C]`` (or ``[G, K, N, C, C]``) -> ``[G, N, C]``; ``-inf`` marks a missing choice
+    (probability 0), and a difference whose variance overflowed counts as infinitely uncertain (a tie)."""
+    missing = torch.isneginf(mean)
+    m = mean.masked_fill(missing, 0)
+    var = cov.diagonal(dim1=-2, dim2=-1)
+    diff_var = (var.unsqueeze(-1) + var.unsqueeze(-2) - 2 * cov).clamp(min=0).nan_to_num(nan=math.inf)
+    z = (m.unsqueeze(-1) - m.unsqueeze(-2)) / (1 + math.pi / 8 * diff_var).sqrt()  # [.., c, k]: f_c - f_k scaled
+    # a missing k never beats a real c (its term is 0); a missing c gets probability 0 below
+    z = z.masked_fill(missing.unsqueeze(-2), math.inf)
+    score = -torch.logsumexp(-z, -1)  # log 1 / sum_k exp(-z_ck); the k = c term is exp(0) = 1
+    return torch.softmax(score.masked_fill(missing, -math.inf), -1)
 
 
 def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 import contextlib
 import importlib.util
+import math
 import os
 import subprocess
 import sys
@@ -66,6 +67,22 @@ def random_batch(batch=3, seq=7, vocab=64, seed=1, left_pad=0):
         mask[0, :left_pad] = 0
         ids[0, :left_pad] = 0
     return {"input_ids": ids, "attention_mask": mask}
+
+
+def pairwise_probit_reference(mean, cov):
+    """The pairwise probit written out term by term (mean ``[N, C]``, ``-inf`` a missing choice; cov ``[N, C, C]``):
+    ``p_c ∝ 1 / sum_k exp(-(m_c - m_k) / sqrt(1 + pi/8 (S_cc + S_kk - 2 S_ck)))`` over the real choices."""
+    n, c = mean.shape
+    p = torch.zeros(n, c, dtype=torch.float64)
+    for i in range(n):
+        real = [a for a in range(c) if math.isfinite(float(mean[i, a]))]
+        for a in real:
+            total = 0.0
+            for b in real:
+                var = float(cov[i, a, a] + cov[i, b, b] - 2 * cov[i, a, b])
+                total += math.exp(-float(mean[i, a] - mean[i, b]) / math.sqrt(1 + math.pi / 8 * max(var, 0.0)))
+            p[i, a] = 1 / total
+    return (p / p.sum(-1, keepdim=True)).to(mean.dtype)
 
 
 @pytest.fixture(autouse=True)

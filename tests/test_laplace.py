@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import random_batch, tiny_bert, tiny_llama
+from conftest import pairwise_probit_reference, random_batch, tiny_bert, tiny_llama
 from peft import LoraConfig, get_peft_model
 from pyro import poutine
 from pyro.infer import Trace_ELBO
@@ -287,8 +287,7 @@ def test_glm_covariance_matches_dense(net):
     torch.testing.assert_close(glm_cov, cov, rtol=1e-3, atol=1e-6)
     assert cov.diagonal(dim1=-2, dim2=-1).max() > 1e-3
     probs = guide.predict_glm(data).probs
-    expected = torch.softmax(logits / (1 + math.pi / 8 * cov.diagonal(dim1=-2, dim2=-1)).sqrt(), -1)
-    torch.testing.assert_close(probs, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(probs, pairwise_probit_reference(logits, cov), rtol=1e-4, atol=1e-6)
     mc = guide.predict_glm(data, link="mc", num_samples=20000, keep_samples=True)
     assert mc.sample_probs.shape == (20000, *probs.shape)
     eye = torch.eye(cov.shape[-1])
@@ -496,26 +495,55 @@ def test_cloze_one_backward_pass_equals_one_per_choice(monkeypatch, fisher, item
     assert cov.abs().max() > 0
 
 
-def test_compare_predictive_says_the_probit_is_shift_dependent_on_cloze():
-    """softmax ignores a shift of every logit, the probit approximation does not: adding 10 to every logit moves
-    its probabilities, and cloze scores lie far below 0, so compare's GLM probit predictive says so on cloze."""
+def test_the_probit_ignores_a_shift_of_every_logit_and_is_mackays_for_two_classes():
+    """softmax ignores a shift of every logit and so must its approximation: cloze scores (sums of
+    log-probabilities) lie far below 0, where the diagonal probit ``softmax(m / sqrt(1 + pi/8 diag S))`` moved by up
+    to 0.5 under a shift of 10. For two classes the pairwise probit is MacKay's probit of the logit difference."""
+    from pyro_lora.kfac import probit
+
+    g = torch.Generator().manual_seed(0)
+    mean = -19 + 3 * torch.randn(40, 4, generator=g, dtype=torch.float64)
+    a = torch.randn(40, 4, 4, generator=g, dtype=torch.float64)
+    cov = a @ a.mT
+    probs = probit(mean, cov.unsqueeze(0))[0]
+    torch.testing.assert_close(probs, pairwise_probit_reference(mean, cov))
+    torch.testing.assert_close(probit(mean + 10, cov.unsqueeze(0))[0], probs, rtol=0, atol=1e-12)
+    two = cov[:, :2, :2]
+    diff_var = two[:, 0, 0] + two[:, 1, 1] - 2 * two[:, 0, 1]
+    mackay = torch.sigmoid((mean[:, 0] - mean[:, 1]) / (1 + math.pi / 8 * diff_var).sqrt())
+    torch.testing.assert_close(probit(mean[:, :2], two.unsqueeze(0))[0, :, 0], mackay)
+    # an approximation of E softmax(f): close to 20000 draws where the diagonal probit was up to 0.86 away
+    draws = mean + (torch.linalg.cholesky(cov) @ torch.randn(40, 4, 20000, generator=g, dtype=torch.float64)).permute(2, 0, 1)
+    assert float((probs - torch.softmax(draws, -1).mean(0)).abs().max()) < 0.2
+
+
+def test_the_probit_keeps_missing_choices_at_zero_and_ties_overflowed_differences():
+    from pyro_lora.kfac import probit
+
+    mean = torch.tensor([[-20.0, -12.0, -math.inf], [1.0, 3.0, 2.0]])
+    cov = torch.tensor([[[30.0, 0.0, math.inf], [0.0, 5.0, math.inf], [math.inf, math.inf, math.inf]],
+                        [[math.inf] * 3] * 3])
+    probs = probit(mean, cov.unsqueeze(0))[0]
+    torch.testing.assert_close(probs[:1], pairwise_probit_reference(mean[:1], cov[:1]))
+    assert float(probs[0, 2]) == 0.0
+    torch.testing.assert_close(probs[1], torch.full((3,), 1 / 3))  # infinitely uncertain: the uniform limit
+
+
+def test_compare_predictive_runs_the_probit_on_cloze_without_a_warning():
+    """The probit is shift-invariant, so cloze needs no warning (the diagonal probit's said it strayed)."""
     from test_cloze import cloze_batch
 
     from pyro_lora import MultipleChoice
     from pyro_lora.guides.laplace import glm_probit
-    from pyro_lora.kfac import probit
 
-    mean, cov = torch.tensor([[-20.0, -12.0]]), torch.tensor([[[30.0, 0.0], [0.0, 5.0]]])
-    assert float((probit(mean + 10, cov.unsqueeze(0)) - probit(mean, cov.unsqueeze(0))).abs().max()) > 0.1
     batch = cloze_batch()
     cloze = LoraModel(tiny_llama(), MultipleChoice(format="cloze", share_prefix=False), num_data=2)
     guide = LaplaceGuide(cloze).fit([batch], progress=False)
-    with pytest.warns(UserWarning, match="not invariant to a shift of every logit"):
-        glm_probit(guide, [batch], 4)
-    model, data = mlp_model(), mlp_data()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        glm_probit(LaplaceGuide(model).fit(data, progress=False), data, 4)
+        prediction = glm_probit(guide, [batch], 4)
+    mean, cov = guide.glm_logits(batch)
+    torch.testing.assert_close(prediction.probs, pairwise_probit_reference(mean, cov), rtol=1e-4, atol=1e-6)
 
 
 def test_cloze_refuses_lora_on_the_lm_head_even_when_its_rows_happen_to_match():

@@ -234,44 +234,44 @@ def test_val_nll_grid_picks_the_best_value():
 
 
 def test_val_nll_optimum_on_the_grid_edge_warns_and_bad_grids_are_refused():
-    # fisher="exact": no sampled labels, so the NLL curve is deterministic; its minimum is at lambda = 1e-6
-    # (NLL 1.09759 against 1.09789 at 1e-7 and 1.09771 at 1e-5; flat at 1.09784 from 1e-3 up)
+    # fisher="exact": no sampled labels, so the NLL curve is deterministic; its minimum is near lambda = 5e-6
+    # (NLL 1.09765 against 1.09784 at 5e-7 and 1.09776 at 5e-5; flat at 1.09784 from 1e-3 up)
     guide = LaplaceGuide(bert_model(), fisher="exact").fit(bert_data(), progress=False)
     val = bert_data(lengths=(6, 6, 3, 5), seed=5)
     lam = lambda: guide.prior_precision["query.lora_A"][0].item()  # noqa: E731
-    for grid in ([1e-7, 1e-6, 1e-5], [1e-7, 1e-5, 1e-6]):  # inside the grid (by value, whatever the order): silent
+    for grid in ([5e-7, 5e-6, 5e-5], [5e-7, 5e-5, 5e-6]):  # inside the grid (by value, whatever the order): silent
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             guide.optimize_prior_precision("val_nll", val_loader=val, grid=grid, refine=False)
-        assert lam() == pytest.approx(1e-6)
-    with pytest.warns(UserWarning, match=r"largest grid value lambda = 1e-07 .*extend the grid above 1e-07"):
-        guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-8, 1e-9, 1e-7])
-    assert lam() == pytest.approx(1e-7)  # still set: the best the grid has
-    with pytest.warns(UserWarning, match=r"smallest grid value lambda = 1e-05 .*extend the grid below 1e-05"):
-        guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-5, 1e-4, 1e-3])
-    assert lam() == pytest.approx(1e-5)
+        assert lam() == pytest.approx(5e-6)
+    with pytest.warns(UserWarning, match=r"largest grid value lambda = 5e-07 .*extend the grid above 5e-07"):
+        guide.optimize_prior_precision("val_nll", val_loader=val, grid=[5e-8, 5e-9, 5e-7])
+    assert lam() == pytest.approx(5e-7)  # still set: the best the grid has
+    with pytest.warns(UserWarning, match=r"smallest grid value lambda = 5e-05 .*extend the grid below 5e-05"):
+        guide.optimize_prior_precision("val_nll", val_loader=val, grid=[5e-5, 5e-4, 5e-3])
+    assert lam() == pytest.approx(5e-5)
     with warnings.catch_warnings():  # one value is no search: nothing to warn about
         warnings.simplefilter("error")
-        guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-5])
+        guide.optimize_prior_precision("val_nll", val_loader=val, grid=[5e-5])
     for bad in ([1.0, float("inf")], [float("nan"), 1.0], [0.0, 1.0], [-1.0, 1.0], [1e-50, 1.0], []):
         with pytest.raises(ValueError, match="finite positive"):
             guide.optimize_prior_precision("val_nll", val_loader=val, grid=bad)
-        assert lam() == pytest.approx(1e-5)  # a refused grid changes nothing
+        assert lam() == pytest.approx(5e-5)  # a refused grid changes nothing
     guide._grid_nll_glm = lambda *args: [1.0, float("nan"), 2.0]  # argmin took the nan as the best: 1e-4
     with pytest.raises(ValueError, match="NLL is nan at lambda = 0.0001"):
         guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-5, 1e-4, 1e-3])
-    assert lam() == pytest.approx(1e-5)
+    assert lam() == pytest.approx(5e-5)  # the nan grid set nothing
 
 
 def test_val_nll_refines_between_the_best_grid_values_neighbours():
-    # the deterministic curve of the test above: minimum near lambda = 1e-6 on a coarse grid
+    # the deterministic curve of the test above: minimum near lambda = 5e-6 on a coarse grid
     guide = LaplaceGuide(bert_model(), fisher="exact").fit(bert_data(), progress=False)
     val = bert_data(lengths=(6, 6, 3, 5), seed=5)
-    fine = torch.logspace(-7, -5, 41)
+    fine = torch.logspace(math.log10(5e-7), math.log10(5e-5), 41)
     brute = guide.optimize_prior_precision("val_nll", val_loader=val, grid=fine.tolist(), refine=False)
-    coarse = guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-7, 1e-6, 1e-5], refine=False)
-    nlls = guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-7, 1e-6, 1e-5])
-    assert len(nlls) == 3 + 7 and nlls[:3] == coarse  # the grid, then 7 values between 1e-7 and 1e-5
+    coarse = guide.optimize_prior_precision("val_nll", val_loader=val, grid=[5e-7, 5e-6, 5e-5], refine=False)
+    nlls = guide.optimize_prior_precision("val_nll", val_loader=val, grid=[5e-7, 5e-6, 5e-5])
+    assert len(nlls) == 3 + 7 and nlls[:3] == coarse  # the grid, then 7 values between 5e-7 and 5e-5
     lam = guide.prior_precision["query.lora_A"][0].item()
     assert min(nlls) <= min(coarse) and min(nlls) == pytest.approx(min(brute), abs=2e-5)
     # the refining grid's step is 10^0.25: the chosen lambda is within half a step of the brute-force optimum

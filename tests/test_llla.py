@@ -8,7 +8,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_batch, tiny_bert, tiny_bert_base, tiny_llama
+from conftest import pairwise_probit_reference, random_batch, tiny_bert, tiny_bert_base, tiny_llama
 from peft import LoraConfig, get_peft_model
 from test_laplace import mlp_data, mlp_model
 from test_padding import _pad, _tokens, letter_batch, tiny_llama_cls
@@ -183,6 +183,7 @@ def contrarian_data(model):
 
 
 def test_val_nll_finds_the_brute_force_minimum_of_the_probit_predictives_nll():
+    """By hand: dense posterior, the pairwise probit with the full logit covariance (the reported predictive's)."""
     model = bert(scale=100.0)
     data = contrarian_data(model)
     train, val = data[:3], data[3:]
@@ -193,10 +194,9 @@ def test_val_nll_finds_the_brute_force_minimum_of_the_probit_predictives_nll():
     labels = torch.cat([b["labels"] for b in val])
     jac = torch.kron(torch.eye(3, dtype=torch.float64), phi[:, None, :])
 
-    def nll(log_lam):  # by hand: dense posterior, probit link
+    def nll(log_lam):
         sigma = torch.linalg.inv(h + math.exp(log_lam) * torch.eye(h.shape[0], dtype=torch.float64))
-        var = (jac @ sigma @ jac.mT).diagonal(0, -2, -1)
-        p = torch.softmax(mean / (1 + math.pi / 8 * var).sqrt(), -1)
+        p = pairwise_probit_reference(mean, jac @ sigma @ jac.mT)
         return float(-p.gather(1, labels[:, None]).log().mean())
 
     grid = torch.linspace(math.log(1e-4), math.log(1e4), 801)
