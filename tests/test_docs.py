@@ -1,8 +1,9 @@
 """The documentation: the MkDocs site builds in strict mode, every Python example of README.md and docs/ runs as
 written, and every ``pyro-lora`` command line in them is accepted by the command's parser.
 
-The examples of one page run in order in one namespace, in a fresh Python process (working directory a
-temporary folder, one thread); a failure names the page and the example's line. The embedded models' pages
+The examples of one page run in order in one namespace, in a process of their own (forked from one that has
+imported the libraries; working directory a temporary folder, one thread); a failure names the page and the
+example's line. The embedded models' pages
 are marked ``real``, like the other tests on the embedded models and real data.
 """
 
@@ -100,18 +101,82 @@ def test_nav_lists_every_page():
 
 # --------------------------------------------------------------------------- the Python examples
 
-_RUNNER = r"""
-import json, sys, time
-blocks = json.loads(open(sys.argv[1], encoding="utf-8").read())
-namespace = {"__name__": "__main__"}
-for block in blocks:
-    print(f"### {block['page']}:{block['line']}", flush=True)
-    start = time.perf_counter()
-    # pad with newlines so that a traceback gives the line of the page itself
-    code = compile("\n" * (block["line"] - 1) + block["code"], block["page"], "exec")
-    exec(code, namespace)
-    print(f"### {block['page']}:{block['line']} ran in {time.perf_counter() - start:.1f} s", flush=True)
+# Every page's process imports torch, transformers and peft (about 11 s of CPU each on 2 cores): a zygote imports
+# them once and forks a fresh process per page, so a page still starts with its own namespace, RNG and param store.
+_ZYGOTE = r"""
+import json, os, signal, sys, time, traceback
+import pyro, pyro_lora, pyro_lora.data, pyro_lora.guides, pyro_lora.metrics, pyro_lora.pretrained
+
+def run_page(folder):
+    blocks = json.loads(open(os.path.join(folder, "blocks.json"), encoding="utf-8").read())
+    namespace = {"__name__": "__main__"}
+    for block in blocks:
+        print(f"### {block['page']}:{block['line']}", flush=True)
+        start = time.perf_counter()
+        # pad with newlines so that a traceback gives the line of the page itself
+        code = compile("\n" * (block["line"] - 1) + block["code"], block["page"], "exec")
+        exec(code, namespace)
+        print(f"### {block['page']}:{block['line']} ran in {time.perf_counter() - start:.1f} s", flush=True)
+
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the waiters reap themselves
+for line in sys.stdin:
+    folder = line.strip()
+    waiter = os.fork()
+    if waiter:
+        print(waiter, flush=True)
+        continue
+    # the waiter: its own process group (the test kills the group on a timeout), the page in a child of its own
+    os.setsid()
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    page = os.fork()
+    if page == 0:
+        os.chdir(os.path.join(folder, "work"))
+        out = os.open(os.path.join(folder, "output.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        code = 0
+        try:
+            run_page(folder)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    status = os.waitpid(page, 0)[1]
+    with open(os.path.join(folder, "rc.tmp"), "w") as f:
+        f.write(str(os.waitstatus_to_exitcode(status)))
+    os.replace(os.path.join(folder, "rc.tmp"), os.path.join(folder, "rc"))
+    os._exit(0)
 """
+
+
+class _Page:
+    """A page's forked process, with the part of ``subprocess.Popen`` the test uses."""
+
+    def __init__(self, pid, folder):
+        self.pid, self.folder, self.returncode = pid, folder, None
+
+    def poll(self):
+        if self.returncode is None and (self.folder / "rc").exists():
+            self.returncode = int((self.folder / "rc").read_text())
+        return self.returncode
+
+    def wait(self, timeout=None):
+        deadline = None if timeout is None else time.perf_counter() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.perf_counter() > deadline:
+                raise subprocess.TimeoutExpired("docs page", timeout)
+            time.sleep(0.2)
+        return self.returncode
+
+    def kill(self):
+        if self.returncode is None:
+            try:
+                os.killpg(self.pid, 9)
+            except ProcessLookupError:
+                pass
+            self.returncode = -9
 
 
 def _data_dir():
@@ -157,21 +222,35 @@ def _skip_reason(modules, needs_data):
     return None
 
 
+def _zygote(folder):
+    global _ZYGOTE_PROCESS
+    if _ZYGOTE_PROCESS is None or _ZYGOTE_PROCESS.poll() is not None:
+        (folder / "zygote.py").write_text(_ZYGOTE, encoding="utf-8")
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
+               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        if _data_dir() is not None:
+            env["PYRO_LORA_DATA"] = str(_data_dir())
+        _ZYGOTE_PROCESS = subprocess.Popen([sys.executable, str(folder / "zygote.py")], env=env, text=True,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    return _ZYGOTE_PROCESS
+
+
+_ZYGOTE_PROCESS = None
+
+
 def _start(page, folder):
     blocks = [{"page": _rel(page), "line": line, "code": code}
               for language, line, code in fenced_blocks(page) if language in PYTHON]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "blocks.json").write_text(json.dumps(blocks), encoding="utf-8")
-    (folder / "runner.py").write_text(_RUNNER, encoding="utf-8")
     (folder / "work").mkdir(exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if _data_dir() is not None:
-        env["PYRO_LORA_DATA"] = str(_data_dir())
-    with open(folder / "output.txt", "w", encoding="utf-8") as out:
-        process = subprocess.Popen([sys.executable, str(folder / "runner.py"), str(folder / "blocks.json")],
-                                   cwd=folder / "work", env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
-    _started[page] = (process, time.perf_counter(), folder)
+    zygote = _zygote(folder.parent)
+    zygote.stdin.write(f"{folder}\n")
+    zygote.stdin.flush()
+    pid = zygote.stdout.readline().strip()
+    if not pid:
+        raise RuntimeError(f"the docs examples' zygote exited with {zygote.wait()} before forking {_rel(page)}")
+    _started[page] = (_Page(int(pid), folder), time.perf_counter(), folder)
 
 
 def _selected_pages(session):
@@ -190,7 +269,9 @@ def _stop_started_pages():
     for process, _, _ in _started.values():  # pages started ahead whose test did not run (-x, a keyboard interrupt)
         if process.poll() is None:
             process.kill()
-            process.wait()
+    if _ZYGOTE_PROCESS is not None:
+        _ZYGOTE_PROCESS.stdin.close()
+        _ZYGOTE_PROCESS.wait()
 
 
 @pytest.mark.parametrize("page, modules, needs_data", _python_pages())

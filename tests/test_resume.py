@@ -249,7 +249,7 @@ def test_every_saveable_method_fits_and_evaluate_reproduces_its_row(tmp_path, gu
 def test_evaluate_reproduces_a_smollm2_cloze_laplace_fit(tmp_path):
     """Laplace on cloze multiple choice runs one forward per batch (its KFAC hooks): evaluate rebuilds it so."""
     out = tmp_path / "smol"
-    config = small(out, model="smollm2", dataset="arc_easy", guides=("laplace",), train_size=8, test_size=8, batch_size=4)
+    config = small(out, model="smollm2", dataset="arc_easy", guides=("laplace",), train_size=4, test_size=4, batch_size=4)
     row = S.fit_one(config)
     again = S.evaluate_saved(out, progress=False)
     assert {k: again[k] for k in ("accuracy", "ece", "nll")} == {k: row[k] for k in ("accuracy", "ece", "nll")}
