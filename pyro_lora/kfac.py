@@ -475,17 +475,23 @@ def probit(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     pairwise covariances): ``p_c ∝ 1 / sum_k exp(-(m_c - m_k) / sqrt(1 + pi/8 Var(f_c - f_k)))``, normalised.
     Like softmax, it ignores a shift of every logit (cloze scores are sums of log-probabilities, far below 0); for two
     classes it is MacKay's probit ``sigmoid(m / sqrt(1 + pi/8 var))`` of the logit difference. mean ``[N, C]`` (or
-    ``[K, N, C]``), cov ``[G, N, C, C]`` (or ``[G, K, N, C, C]``) -> ``[G, N, C]``; ``-inf`` marks a missing choice
-    (probability 0), and a difference whose variance overflowed counts as infinitely uncertain (a tie)."""
+    ``[K, N, C]``), cov ``[G, N, C, C]`` (or ``[G, K, N, C, C]``) -> ``[G, N, C]`` (or ``[G, K, N, C]``) in the
+    inputs' promoted dtype; ``-inf`` marks a missing choice (probability 0), a difference whose variance overflowed
+    (an infinite entry) counts as infinitely uncertain (a tie), and a nan stays nan."""
+    dtype = torch.promote_types(mean.dtype, cov.dtype)
+    # float64: where most of the variance shifts every logit alike, S_cc + S_kk - 2 S_ck cancels it, and in float32
+    # the rounding of a variance of 1e7 alone moved probabilities by 0.1
     missing = torch.isneginf(mean)
-    m = mean.masked_fill(missing, 0)
+    m, cov = mean.double().masked_fill(missing, 0), cov.double()
     var = cov.diagonal(dim1=-2, dim2=-1)
-    diff_var = (var.unsqueeze(-1) + var.unsqueeze(-2) - 2 * cov).clamp(min=0).nan_to_num(nan=math.inf)
+    diff_var = (var.unsqueeze(-1) + var.unsqueeze(-2) - 2 * cov).clamp(min=0)
+    overflow = torch.isinf(var).unsqueeze(-1) | torch.isinf(var).unsqueeze(-2) | torch.isinf(cov)
+    diff_var = diff_var.masked_fill(overflow, math.inf)  # inf - inf would be nan
     z = (m.unsqueeze(-1) - m.unsqueeze(-2)) / (1 + math.pi / 8 * diff_var).sqrt()  # [.., c, k]: f_c - f_k scaled
     # a missing k never beats a real c (its term is 0); a missing c gets probability 0 below
     z = z.masked_fill(missing.unsqueeze(-2), math.inf)
     score = -torch.logsumexp(-z, -1)  # log 1 / sum_k exp(-z_ck); the k = c term is exp(0) = 1
-    return torch.softmax(score.masked_fill(missing, -math.inf), -1)
+    return torch.softmax(score.masked_fill(missing, -math.inf), -1).to(dtype)
 
 
 def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -496,7 +502,7 @@ def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int
 
     :raises ValueError: for ``"mc"`` with a covariance that is not finite."""
     if link == "probit":
-        return probit(mean, cov.to(mean.dtype).unsqueeze(0))
+        return probit(mean, cov.unsqueeze(0)).to(mean.dtype)
     if not bool(torch.isfinite(cov).all()):
         raise ValueError(f"the logit covariance is not finite (largest variance {float(cov.diagonal(dim1=-2, dim2=-1).max()):.3g}"
                          f" in {cov.dtype}): a prior precision this small overflows the posterior covariance; use a "
@@ -512,6 +518,21 @@ def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int
     return torch.softmax(mean + (root @ z).squeeze(-1), -1)
 
 
+def _check_gaussians(mean, cov, desc):
+    """Refuse logits that are nan or ``+inf`` and a covariance with a nan among the real choices (``-inf`` marks a
+    missing choice): neither is the overflow of a small prior precision, which the predictive handles."""
+    bad = torch.isnan(mean) | torch.isposinf(mean)
+    if bool(bad.any()):
+        raise ValueError(f"{desc}: the model's logits are not finite ({int(bad.sum())} of {mean.numel()} are nan or +inf, in "
+                         f"{mean.dtype}): its forward pass overflowed (a float16 base?) or its inputs are broken; the GLM "
+                         "predictive needs finite logits")
+    real = ~torch.isneginf(mean)
+    nan = torch.isnan(cov) & real.unsqueeze(-1) & real.unsqueeze(-2)
+    if bool(nan.any()):
+        raise ValueError(f"{desc}: the logit covariance holds nan ({int(nan.sum())} entries among the real choices): the "
+                         "posterior or the Jacobians are broken (a nan prior precision or curvature?); refit the guide")
+
+
 def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_samples=False, progress=False,
                 desc="GLM predict", ready=None) -> Prediction:
     """The GLM predictive ``p(y | x) = E_{f ~ N(mean, cov)} softmax(f)`` over ``data``, what Laplace's and last-layer
@@ -523,8 +544,8 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     their own, seeded 0 per call) while ``probs`` stay the probit's; where a covariance is not finite it keeps
     none (``sample_probs`` None) and warns.
 
-    :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, empty ``data``, or a
-        predictive that is not finite (an overflowing covariance).
+    :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, empty ``data``, logits that
+        are nan or ``+inf``, a covariance with a nan, or a predictive that is not finite (an overflowing covariance).
     """
     if link not in ("probit", "mc"):
         raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
@@ -540,6 +561,7 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     for batch in progress_bar(data, desc=desc, disable=not progress, dynamic_ncols=True):
         mean, cov = logits_of(batch)
         mean = mean.float()
+        _check_gaussians(mean, cov, desc)
         p = glm_probs(mean, cov, link, num_samples).reshape(-1, *mean.shape[-2:])  # a mixture's components: equal weights
         if not bool(torch.isfinite(p).all()):
             raise ValueError(

@@ -529,6 +529,48 @@ def test_the_probit_keeps_missing_choices_at_zero_and_ties_overflowed_difference
     torch.testing.assert_close(probs[1], torch.full((3,), 1 / 3))  # infinitely uncertain: the uniform limit
 
 
+def test_the_probit_forms_the_pairwise_variances_in_float64():
+    """Where most of the variance shifts every logit alike (softmax ignores it), S_cc + S_kk - 2 S_ck cancels it;
+    formed in float32 after the cast to the logits' dtype, the rounding of a shared variance of 1e7 moved the
+    probabilities by 0.09 (1e8: 0.16)."""
+    from pyro_lora.kfac import glm_probs, probit
+
+    g = torch.Generator().manual_seed(1)
+    mean = 3 * torch.randn(50, 4, generator=g)
+    b = torch.randn(50, 4, 4, generator=g, dtype=torch.float64)
+    b = b @ b.mT / 4
+    exact = probit(mean.double(), b.unsqueeze(0))[0]
+    for shared in (1e6, 1e7, 1e8):
+        probs = glm_probs(mean, shared + b, "probit", 1)[0]
+        assert probs.dtype == torch.float32
+        torch.testing.assert_close(probs.double(), exact, rtol=0, atol=1e-6)
+
+
+def test_glm_predict_names_nan_or_infinite_logits_and_a_nan_covariance():
+    """A nan is no overflow: the probit took a nan covariance entry for an infinite variance (a silent tie: 0.50
+    where 0.98 is right), and a +inf logit was blamed on the prior precision."""
+    from pyro_lora.kfac import glm_predict, probit
+
+    mean, cov = torch.tensor([[5.0, 0.0, -5.0]]), torch.eye(3).unsqueeze(0)
+    broken = cov.clone()
+    broken[0, 0, 1] = broken[0, 1, 0] = math.nan
+    assert bool(torch.isnan(probit(mean, broken.unsqueeze(0))).all())
+    label = lambda batch: torch.zeros(1, dtype=torch.long)  # noqa: E731
+    for link in ("probit", "mc"):
+        with pytest.raises(ValueError, match="covariance holds nan"):
+            glm_predict([0], lambda batch: (mean, broken), label, link=link, num_samples=4)
+    for bad in (math.inf, math.nan):
+        logits = mean.clone()
+        logits[0, 1] = bad
+        with pytest.raises(ValueError, match=r"logits are not finite \(1 of 3 are nan or \+inf"):
+            glm_predict([0], lambda batch: (logits, cov), label)
+    missing = torch.tensor([[5.0, 0.0, -math.inf]])
+    nan_on_missing = cov.clone()
+    nan_on_missing[0, 2, 2] = math.nan  # a missing choice's entries are never used
+    probs = glm_predict([0], lambda batch: (missing, nan_on_missing), label).probs
+    torch.testing.assert_close(probs, pairwise_probit_reference(missing, cov).float())
+
+
 def test_compare_predictive_runs_the_probit_on_cloze_without_a_warning():
     """The probit is shift-invariant, so cloze needs no warning (the diagonal probit's said it strayed)."""
     from test_cloze import cloze_batch

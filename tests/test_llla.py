@@ -20,6 +20,7 @@ from pyro_lora.experiments.compare import fit_method
 from pyro_lora.experiments.setup import CompareConfig, Setup
 from pyro_lora.guides import METHODS, LastLayerLaplaceGuide, MAPGuide
 from pyro_lora.heads import class_rows, find_head, head_rows
+from pyro_lora.metrics import nll
 
 LETTERS = [10, 11, 12, 13]
 RECORDS = [(_tokens(5, 1), 3), (_tokens(13, 2), 4), (_tokens(9, 3), 2), (_tokens(7, 4), 4), (_tokens(6, 5), 4)]
@@ -488,3 +489,30 @@ def test_a_fit_is_at_the_head_as_it_is_then_and_features_refuse_a_head_changed_s
     fit(model, MAPGuide(model), data, epochs=2, lr=5e-2, progress=False)
     with pytest.raises(ValueError, match=r"cannot compute features with this LastLayerLaplaceGuide on this model: the network's point"):
         guide.features(data[0])
+
+
+def test_val_nll_scores_what_predict_glm_reports_where_the_common_logit_variance_is_large():
+    """A head input of norm ~170 (an LLM's final hidden state) at a small lambda: most of each logit's variance shifts
+    every logit alike, and forming Var(f_c - f_k) in float32 moved predict_glm's probabilities by up to 0.12 from
+    the val_nll objective's (float64) at the same lambda."""
+    net = tiny_llama_cls()
+    with torch.no_grad():
+        net.get_base_model().model.norm.weight.mul_(30.0)
+        net.get_base_model().score.weight.mul_(0.2)
+    model = LoraModel(net, SequenceClassification(), num_data=80)
+    g = torch.Generator().manual_seed(0)
+    data = []
+    for _ in range(12):
+        batch = {"input_ids": torch.randint(1, 64, (8, 7), generator=g), "attention_mask": torch.ones(8, 7, dtype=torch.long)}
+        with torch.no_grad():
+            top = model.logits(batch).argmax(-1)
+        data.append(batch | {"labels": torch.where(torch.rand(8, generator=g) < 0.7, top, torch.randint(0, 3, (8,), generator=g))})
+    train, val = data[:10], data[10:]
+    guide = LastLayerLaplaceGuide(model).fit(train, progress=False)
+    for lam in (1e-4, 1e-3):
+        objective = guide.optimize_prior_precision("val_nll", val_loader=val, grid=[lam])[0]
+        reported = guide.predict_glm(val)
+        mean, cov = map(torch.cat, zip(*[guide.glm_logits(b) for b in val]))
+        assert float(cov.diagonal(dim1=-2, dim2=-1).max()) > 1e5  # the regime where float32 cancels
+        torch.testing.assert_close(reported.probs, pairwise_probit_reference(mean, cov).float(), rtol=0, atol=1e-5)
+        assert abs(nll(reported.probs, reported.labels) - objective) < 1e-5
