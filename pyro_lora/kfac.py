@@ -485,7 +485,8 @@ def probit(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     m, cov = mean.double().masked_fill(missing, 0), cov.double()
     var = cov.diagonal(dim1=-2, dim2=-1)
     diff_var = (var.unsqueeze(-1) + var.unsqueeze(-2) - 2 * cov).clamp(min=0)
-    overflow = torch.isinf(var).unsqueeze(-1) | torch.isinf(var).unsqueeze(-2) | torch.isinf(cov)
+    inf = torch.isinf(var)
+    overflow = inf.unsqueeze(-1) | inf.unsqueeze(-2) | torch.isinf(cov)
     diff_var = diff_var.masked_fill(overflow, math.inf)  # inf - inf would be nan
     z = (m.unsqueeze(-1) - m.unsqueeze(-2)) / (1 + math.pi / 8 * diff_var).sqrt()  # [.., c, k]: f_c - f_k scaled
     # a missing k never beats a real c (its term is 0); a missing c gets probability 0 below

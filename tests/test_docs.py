@@ -3,8 +3,8 @@ written, and every ``pyro-lora`` command line in them is accepted by the command
 
 The examples of one page run in order in one namespace, in a process of their own (forked from one that has
 imported the libraries; working directory a temporary folder, one thread); a failure names the page and the
-example's line. The embedded models' pages
-are marked ``real``, like the other tests on the embedded models and real data.
+example's line. The embedded models' pages are marked ``real``, like the other tests on the embedded models and
+real data.
 """
 
 import importlib.util
@@ -222,6 +222,9 @@ def _skip_reason(modules, needs_data):
     return None
 
 
+_ZYGOTE_PROCESS = None
+
+
 def _zygote(folder):
     global _ZYGOTE_PROCESS
     if _ZYGOTE_PROCESS is None or _ZYGOTE_PROCESS.poll() is not None:
@@ -233,9 +236,6 @@ def _zygote(folder):
         _ZYGOTE_PROCESS = subprocess.Popen([sys.executable, str(folder / "zygote.py")], env=env, text=True,
                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     return _ZYGOTE_PROCESS
-
-
-_ZYGOTE_PROCESS = None
 
 
 def _start(page, folder):

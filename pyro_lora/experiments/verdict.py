@@ -144,12 +144,13 @@ def verdict(rows, dataset) -> str:
     """The paragraph ``compare`` prints under its table, from the per-seed ``rows`` of one run whose training set
     is ``dataset``: the best row on ECE, NLL and AURC (and OOD AUROC by entropy and by MI on each shifted set); which
     rows beat MAP and temperature scaling on AURC and on OOD AUROC (a method's MI against the baselines' entropy:
-    their MI is 0 by construction); which rows beat temperature scaling on both ECE and NLL, by setting (no validation data / validation-tuned); which lose more
-    than :data:`ACCURACY_POINTS` accuracy points against MAP, and, where the rows hold their posterior mean's
-    accuracy (``mean_accuracy``), whether the weight noise or the fit itself costs it. A method whose score is n/a
-    on one of the compared seeds is left out of that score's comparison, and the verdict names it with those
-    seeds; where temperature scaling or MAP has no finished seed (or an n/a NLL / accuracy), it says that
-    comparison was not made. Empty where ``rows`` hold nothing of ``dataset``."""
+    their MI is 0 by construction); which rows beat temperature scaling on both ECE and NLL, by setting (no
+    validation data / validation-tuned); which lose more than :data:`ACCURACY_POINTS` accuracy points against MAP,
+    and, where the rows hold their posterior mean's accuracy (``mean_accuracy``), whether the weight noise or the
+    fit itself costs it. A method whose score is n/a on one of the compared seeds is left out of that score's
+    comparison, and the verdict names it with those seeds; where temperature scaling or MAP has no finished seed
+    (or an n/a NLL / accuracy), it says that comparison was not made. Empty where ``rows`` hold nothing of
+    ``dataset``."""
     by_guide = {}
     for r in rows:
         if r["dataset"] == dataset:
