@@ -18,6 +18,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+import pyro_lora.locking
+
 if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
 
@@ -85,6 +87,17 @@ def pairwise_probit_reference(mean, cov):
     return (p / p.sum(-1, keepdim=True)).to(mean.dtype)
 
 
+# The files of minutes first, longest first: pytest-xdist (--dist loadfile) hands files to the workers in the order
+# collected, and a long file handed out last runs while the other worker, with nothing left, idles.
+SLOW_FILES_FIRST = ("test_docs.py", "test_resume.py", "test_cli.py", "test_kills.py", "test_benchmarks.py",
+                    "test_study.py", "test_examples.py", "test_folder_lock.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the order within a file is kept
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     # tiny nets gain nothing from intra-op threads, and on a shared CPU (OpenMP oversubscription) they make
@@ -115,10 +128,21 @@ def offline(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+# The start of a child process's code that takes folder locks: pyro_lora/locking.py loaded on its own (it needs the
+# standard library only), not through the package, whose imports (torch, transformers, peft) cost ~11 s of CPU.
+LOCKING_ALONE = (
+    "import importlib.util, sys\n"
+    f"_spec = importlib.util.spec_from_file_location('pyro_lora.locking', {pyro_lora.locking.__file__!r})\n"
+    "_locking = importlib.util.module_from_spec(_spec)\n"
+    "_spec.loader.exec_module(_locking)\n"
+    "folder_lock, locked_elsewhere = _locking.folder_lock, _locking.locked_elsewhere\n"
+)
+
+
 @contextlib.contextmanager
 def held_by_another_process(folder):
     """Another Python process holds ``folder_lock(folder)`` for the block; yields its process id."""
-    code = "import sys; from pyro_lora.locking import folder_lock\nwith folder_lock(sys.argv[1]):\n print('held', flush=True); sys.stdin.read()"
+    code = LOCKING_ALONE + "with folder_lock(sys.argv[1]):\n print('held', flush=True); sys.stdin.read()"
     proc = subprocess.Popen([sys.executable, "-c", code, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline() == "held\n"

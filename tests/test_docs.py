@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from forking import Zygote
+
 ROOT = Path(__file__).resolve().parent.parent
 GENERATED = {"docs/study.md"}  # written by `pyro-lora study`: its command lines are checked, not its prose
 PYTHON = ("python", "py")
@@ -101,82 +103,18 @@ def test_nav_lists_every_page():
 
 # --------------------------------------------------------------------------- the Python examples
 
-# Every page's process imports torch, transformers and peft (about 11 s of CPU each on 2 cores): a zygote imports
-# them once and forks a fresh process per page, so a page still starts with its own namespace, RNG and param store.
-_ZYGOTE = r"""
-import json, os, signal, sys, time, traceback
-import pyro, pyro_lora, pyro_lora.data, pyro_lora.guides, pyro_lora.metrics, pyro_lora.pretrained
+# The examples of a page, run in a fork of the zygote (tests/forking.py) from FOLDER/work, the blocks in FOLDER.
+_RUN_PAGE = r"""
+import json, time
 
-def run_page(folder):
-    blocks = json.loads(open(os.path.join(folder, "blocks.json"), encoding="utf-8").read())
-    namespace = {"__name__": "__main__"}
-    for block in blocks:
-        print(f"### {block['page']}:{block['line']}", flush=True)
-        start = time.perf_counter()
-        # pad with newlines so that a traceback gives the line of the page itself
-        code = compile("\n" * (block["line"] - 1) + block["code"], block["page"], "exec")
-        exec(code, namespace)
-        print(f"### {block['page']}:{block['line']} ran in {time.perf_counter() - start:.1f} s", flush=True)
-
-signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the waiters reap themselves
-for line in sys.stdin:
-    folder = line.strip()
-    waiter = os.fork()
-    if waiter:
-        print(waiter, flush=True)
-        continue
-    # the waiter: its own process group (the test kills the group on a timeout), the page in a child of its own
-    os.setsid()
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    page = os.fork()
-    if page == 0:
-        os.chdir(os.path.join(folder, "work"))
-        out = os.open(os.path.join(folder, "output.txt"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        code = 0
-        try:
-            run_page(folder)
-        except BaseException:
-            traceback.print_exc()
-            code = 1
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    status = os.waitpid(page, 0)[1]
-    with open(os.path.join(folder, "rc.tmp"), "w") as f:
-        f.write(str(os.waitstatus_to_exitcode(status)))
-    os.replace(os.path.join(folder, "rc.tmp"), os.path.join(folder, "rc"))
-    os._exit(0)
+namespace = {"__name__": "__main__"}
+for block in json.loads(open("../blocks.json", encoding="utf-8").read()):
+    print(f"### {block['page']}:{block['line']}", flush=True)
+    start = time.perf_counter()
+    # pad with newlines so that a traceback gives the line of the page itself
+    exec(compile("\n" * (block["line"] - 1) + block["code"], block["page"], "exec"), namespace)
+    print(f"### {block['page']}:{block['line']} ran in {time.perf_counter() - start:.1f} s", flush=True)
 """
-
-
-class _Page:
-    """A page's forked process, with the part of ``subprocess.Popen`` the test uses."""
-
-    def __init__(self, pid, folder):
-        self.pid, self.folder, self.returncode = pid, folder, None
-
-    def poll(self):
-        if self.returncode is None and (self.folder / "rc").exists():
-            self.returncode = int((self.folder / "rc").read_text())
-        return self.returncode
-
-    def wait(self, timeout=None):
-        deadline = None if timeout is None else time.perf_counter() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.perf_counter() > deadline:
-                raise subprocess.TimeoutExpired("docs page", timeout)
-            time.sleep(0.2)
-        return self.returncode
-
-    def kill(self):
-        if self.returncode is None:
-            try:
-                os.killpg(self.pid, 9)
-            except ProcessLookupError:
-                pass
-            self.returncode = -9
 
 
 def _data_dir():
@@ -222,20 +160,15 @@ def _skip_reason(modules, needs_data):
     return None
 
 
-_ZYGOTE_PROCESS = None
+def _zygote_env():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if _data_dir() is not None:
+        env["PYRO_LORA_DATA"] = str(_data_dir())
+    return env
 
 
-def _zygote(folder):
-    global _ZYGOTE_PROCESS
-    if _ZYGOTE_PROCESS is None or _ZYGOTE_PROCESS.poll() is not None:
-        (folder / "zygote.py").write_text(_ZYGOTE, encoding="utf-8")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg",
-               "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-        if _data_dir() is not None:
-            env["PYRO_LORA_DATA"] = str(_data_dir())
-        _ZYGOTE_PROCESS = subprocess.Popen([sys.executable, str(folder / "zygote.py")], env=env, text=True,
-                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    return _ZYGOTE_PROCESS
+_ZYGOTE = Zygote(_zygote_env())
 
 
 def _start(page, folder):
@@ -243,14 +176,7 @@ def _start(page, folder):
               for language, line, code in fenced_blocks(page) if language in PYTHON]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "blocks.json").write_text(json.dumps(blocks), encoding="utf-8")
-    (folder / "work").mkdir(exist_ok=True)
-    zygote = _zygote(folder.parent)
-    zygote.stdin.write(f"{folder}\n")
-    zygote.stdin.flush()
-    pid = zygote.stdout.readline().strip()
-    if not pid:
-        raise RuntimeError(f"the docs examples' zygote exited with {zygote.wait()} before forking {_rel(page)}")
-    _started[page] = (_Page(int(pid), folder), time.perf_counter(), folder)
+    _started[page] = (_ZYGOTE.start(_RUN_PAGE, folder), time.perf_counter(), folder)
 
 
 def _selected_pages(session):
@@ -269,9 +195,7 @@ def _stop_started_pages():
     for process, _, _ in _started.values():  # pages started ahead whose test did not run (-x, a keyboard interrupt)
         if process.poll() is None:
             process.kill()
-    if _ZYGOTE_PROCESS is not None:
-        _ZYGOTE_PROCESS.stdin.close()
-        _ZYGOTE_PROCESS.wait()
+    _ZYGOTE.close()
 
 
 @pytest.mark.parametrize("page, modules, needs_data", _python_pages())

