@@ -87,10 +87,16 @@ def pairwise_probit_reference(mean, cov):
     return (p / p.sum(-1, keepdim=True)).to(mean.dtype)
 
 
-# The files of minutes first, longest first: pytest-xdist (--dist loadfile) hands files to the workers in the order
-# collected, and a long file handed out last runs while the other worker, with nothing left, idles.
-SLOW_FILES_FIRST = ("test_docs.py", "test_resume.py", "test_cli.py", "test_kills.py", "test_benchmarks.py",
-                    "test_study.py", "test_examples.py", "test_folder_lock.py")
+# The files of minutes first, longest first: pytest-xdist (--dist loadfile) hands whole files to the workers, by
+# default those of most tests first, which left the longest (test_cli.py: few tests, four minutes) to the end while
+# the other worker, with nothing left, idled.
+SLOW_FILES_FIRST = ("test_docs.py", "test_resume.py", "test_cli.py", "test_benchmarks.py", "test_guide_contract.py",
+                    "test_kills.py", "test_predictive.py", "test_examples.py", "test_loading_output.py", "test_study.py")
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # xdist's: files in the order collected (below), not by test count
+        config.option.loadscopereorder = False
 
 
 def pytest_collection_modifyitems(items):
