@@ -512,8 +512,8 @@ def test_the_verdict_says_when_temperature_scaling_or_map_has_no_finished_seed()
     rows = _rows(runs)
     rows[2]["nll"], rows[1]["accuracy"] = None, float("nan")  # n/a, not missing: said so
     text = verdict(rows, "sst2")
-    assert "- Against temperature scaling: not compared: its NLL is n/a on seed 0." in text
-    assert "- Accuracy against MAP: not compared: its accuracy is n/a on seed 1." in text
+    assert "- Against temperature scaling: not compared: temperature scaling's NLL is n/a on seed 0." in text
+    assert "- Accuracy against MAP: not compared: MAP's accuracy is n/a on seed 1." in text
     assert "Left out of the NLL comparison: temperature (n/a on seed 0); of the accuracy comparison: map (n/a on seed 1)." in text
 
 

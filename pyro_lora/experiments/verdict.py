@@ -136,7 +136,7 @@ def _missing(name, guide, left, compared, what):
     """Why ``guide`` (temperature scaling, MAP) cannot be compared against: its ``what`` is n/a on some seed, or it
     has no row: no finished seed (failed on every one, or not run)."""
     if guide in left:
-        return f"its {what} is n/a on {_seeds(left[guide], compared)}"
+        return f"{name}'s {what} is n/a on {_seeds(left[guide], compared)}"
     return f"{name} has no finished seed (it failed on every one, or was not run)"
 
 
@@ -223,8 +223,8 @@ def verdict(rows, dataset) -> str:
                       and all(_beats(scores, g, other, metric) for other in (REFERENCE, BASELINE))]
             lines.append(f"- {title}: better than both MAP and temperature scaling: {_names(better)}.")
         else:
-            missing = [f"{name}'s {what} is n/a on {_seeds(na[g], seeds)}" if g in na else _missing(name, g, na, seeds, what)
-                       for name, g in (("MAP", REFERENCE), ("temperature scaling", BASELINE)) if g not in scores]
+            missing = [_missing(name, g, na, seeds, what) for name, g in (("MAP", REFERENCE), ("temperature scaling", BASELINE))
+                       if g not in scores]
             lines.append(f"- {title}: not compared against MAP and temperature scaling: {'; '.join(missing)}.")
     return "\n".join(lines)
 
