@@ -142,6 +142,12 @@ def fit(
         distributed.seed_per_rank()
     for p in params:  # a gradient left by an earlier fit (e.g. on a head it did not train) would join the first step
         p.grad = None
+    # what fit does not train still gets gradients from its backward passes: left as found, or an optimiser that
+    # zeroes after its step (Pyro's SVI) would add the whole run's sum to its first step
+    trained = {id(p) for p in params}
+    untrained = {p: p.grad for p in (*model.net.parameters(), *guide.parameters()) if p.requires_grad and id(p) not in trained}
+    for p in untrained:  # set aside: a backward pass adds into a gradient in place
+        p.grad = None
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
     # fp16's narrow range underflows small gradients: scale the loss up, unscale before the update, skip steps that
     # overflowed (bf16 has fp32's range and needs none)
@@ -242,6 +248,8 @@ def fit(
     finally:
         bar.close()
         optimizer.zero_grad(set_to_none=True)
+        for p, grad in untrained.items():
+            p.grad = grad
         net.train(was_training)
         guide._point_snapshot = point_snapshot(model)
     if checkpoint_dir:
