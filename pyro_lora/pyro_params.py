@@ -58,6 +58,8 @@ def record(prefix: str, named_parameters) -> None:
         if not p.requires_grad:
             continue
         key = f"{prefix}.{name}"
+        if not p.is_contiguous():  # the store would keep a contiguous copy, which Pyro's optimizer would train instead
+            p.data = p.data.contiguous()  # same values, same parameter object
         if key not in store:
             _check_no_orphans(store)
             _recorded[id(p)] = p
