@@ -160,6 +160,10 @@ def _pad_token_id(net):
     return getattr(config, "pad_token_id", None)
 
 
+_NO_PAD_TOKEN = ("the network's config has no pad_token_id, which a decoder's classification head (Llama, GPT-2) needs to "
+                 "find each row's last token: set net.config.pad_token_id, e.g. to tokenizer.pad_token_id or eos_token_id")
+
+
 def _last_positions(attention_mask):
     """Index of the last real token per row, for left or right padding: ``[N, T] -> [N]``."""
     t = attention_mask.shape[1]
@@ -225,10 +229,17 @@ class SequenceClassification(Likelihood):
                     "padding moves [CLS] off column 0 and shifts the positions of absolute-position models"
                 )
             pad = _pad_token_id(net)
+            if pad is None and not bool(mask.bool().all()):
+                raise ValueError(_NO_PAD_TOKEN + "; this batch is padded, and a decoder's head would read a padding cell")
             if pad is not None and "input_ids" in batch:
                 batch = {**batch, "input_ids": batch["input_ids"].masked_fill(mask == 0, pad)}
         self.check_network(net)  # a config attribute or two: problem_type may be set after the model was built
-        out = net(**repeat_inputs(batch, num_samples)).logits
+        try:
+            out = net(**repeat_inputs(batch, num_samples)).logits
+        except ValueError as e:  # transformers' decoder heads refuse more than one row without a pad token
+            if _pad_token_id(net) is None and "padding token" in str(e):
+                raise ValueError(_NO_PAD_TOKEN + " (S weight samples run as S copies of the batch: a batch of one is S rows)") from e
+            raise
         if out.shape[-1] < 2:  # a config may claim 2 labels over a 1-output head: every probability would be 1
             raise ValueError(f"the network's head gives {out.shape[-1]} logit per example: SequenceClassification needs a "
                              "single-label classification head with >= 2 classes")

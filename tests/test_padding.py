@@ -267,6 +267,25 @@ def test_sequence_classification_right_padding_invariant_left_padding_refused(fa
         model.logits(make(texts, "left"))
 
 
+def test_a_decoder_head_without_pad_token_id_is_refused_by_name_when_it_cannot_find_the_last_token():
+    """No pad_token_id (Llama's default): transformers' head refuses more than one row, and S samples of a batch of
+    one are S rows (its message blamed the batch size); a padded row of one was read at a padding cell."""
+    net = tiny_llama_cls()
+    net.config.pad_token_id = None
+    model = LoraModel(net, SequenceClassification(), random="AB")
+    one = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    full = model.logits(one)  # one unpadded row: its last token is its last column
+    values = sample_values(model)
+    with pytest.raises(ValueError, match="no pad_token_id, which a decoder's classification head .*S weight samples run as S copies"):
+        model.logits(one, values, num_samples=S)
+    padded = {"input_ids": torch.tensor([[5, 6, 7, 8, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])}
+    with pytest.raises(ValueError, match="no pad_token_id.*this batch is padded"):
+        model.logits(padded)
+    net.config.pad_token_id = PAD
+    torch.testing.assert_close(model.logits(padded), full)
+    assert model.logits(one, values, num_samples=S).shape == (S, 1, 3)
+
+
 # ------------------------------------------------------------------------------------------- refusals
 
 
