@@ -15,6 +15,9 @@ import torch
 import torch.nn.functional as F
 
 
+from pyro_lora.likelihoods import is_cloze
+from pyro_lora.model import FLIPOUT_CLOZE
+
 from .base import LoraGuide, check_temperature
 from .registry import join_notes, method
 from .tuning import tune_temperature
@@ -51,7 +54,8 @@ class MeanFieldGuide(LoraGuide):
     gradient variance then falls like ``1/batch`` instead of staying flat, for one extra ``r x d_in``
     matmul per LoRA layer. It needs the core hand-off to apply the sign flips (``lora_delta(..., a_loc=)``);
     the guide marks its A sites with ``infer={"flipout_loc": mu}``. Used in training only: ``sample`` /
-    the predictive draw whole-batch samples as usual.
+    the predictive draw whole-batch samples as usual. Refused (``ValueError``) for cloze multiple choice, whose
+    choices run as rows of their own: flipout would score them under different weights.
 
     Example::
 
@@ -84,6 +88,8 @@ class MeanFieldGuide(LoraGuide):
             raise ValueError(f"std must be one of {_STDS}, got {std!r}")
         if not init_scale > 0 or not std_lr_scale > 0:
             raise ValueError(f"init_scale and std_lr_scale must be positive, got {init_scale} and {std_lr_scale}")
+        if flipout and is_cloze(model.likelihood):
+            raise ValueError(FLIPOUT_CLOZE)
         self.b, self.std, self.init_scale, self.std_lr_scale, self.flipout = b, std, float(init_scale), float(std_lr_scale), bool(flipout)
         self.learn_loc = bool(learn_loc)
         # Gaussian: A (and R) sites always, B sites when b="normal"

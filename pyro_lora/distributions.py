@@ -43,8 +43,8 @@ def isotropic_normal(shape: tuple | torch.Size, scale: float | torch.Tensor) -> 
     :raises ValueError: for a scale that is not positive.
     """
     shape = torch.Size(shape)
-    if isinstance(scale, numbers.Real) and scale <= 0:
-        raise ValueError(f"isotropic_normal: scale must be positive, got {scale}")
+    if isinstance(scale, numbers.Real) and not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"isotropic_normal: scale must be finite and positive, got {scale}")
     scale = torch.as_tensor(scale)
     try:
         broadcasts = torch.broadcast_shapes(scale.shape, shape) == shape

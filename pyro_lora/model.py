@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 
 import pyro
 import pyro.poutine as poutine
@@ -14,6 +16,7 @@ from . import handoff, pyro_params, quantized
 from .contract import head_trainer, parameter_adapter
 from .distributions import isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
+from .likelihoods import is_cloze
 from .sites import Site, active_adapter, build_sites, check_values, find_lora_layers, matrix_view, per_layer
 
 
@@ -60,7 +63,8 @@ class LoraModel:
         callable ``Site -> distribution`` whose event shape is the site's shape.
     :param int num_data: training-set size for minibatch scaling; ``None`` means the batch is the data.
     :param str adapter: the peft adapter to put a posterior over (default: the active one).
-    :raises ValueError: for networks the weight hand-off does not implement (see
+    :raises ValueError: for a float ``prior`` that is not finite and positive, a ``num_data`` that is not a positive
+        integer, networks the weight hand-off does not implement (see
         :func:`~pyro_lora.sites.find_lora_layers`), several active adapters, or a network its likelihood refuses
         (``Likelihood.check_network``: e.g. a regression or multi-label head for ``SequenceClassification``).
     """
@@ -74,6 +78,7 @@ class LoraModel:
         self.adapter = adapter or active_adapter(net)
         if self.adapter != active_adapter(net):
             raise ValueError(f"adapter {self.adapter!r} is not the network's active adapter: call net.set_adapter({self.adapter!r}) first")
+        _check_prior_and_size(prior, num_data)
         self.layers = find_lora_layers(net, self.adapter)
         self._lora_shapes = {path: _lora_shapes(layer, self.adapter) for path, layer in self.layers.items()}
         # peft's trainable copies (the classification head): what they ran when built, checked before every forward
@@ -315,6 +320,8 @@ class LoraModel:
             bad = [n for n in flipout_locs if self.sites[n].kind.role != "down"]
             if bad:
                 raise ValueError(f"flipout applies to A sites only, got {bad}")
+            if is_cloze(self.likelihood):
+                raise ValueError(FLIPOUT_CLOZE)
             for path, mats in per_layer({n: self.sites[n] for n in flipout_locs}, flipout_locs).items():
                 weights[path][handoff.FLIPOUT_LOC] = mats[down_kind().letter]
         with handoff.handed(self.layers, self.adapter, weights, num_samples, self._checkpointing):
@@ -364,6 +371,22 @@ class LoraModel:
 
     def _observe(self, log_prob):
         self.last_nll = -log_prob.mean()  # per example, for fit's divergence check: the ELBO's prior term scales with 1/N
+
+
+# flipout draws its signs per row of a layer's input
+FLIPOUT_CLOZE = ("flipout draws its weight noise per row, and cloze multiple choice runs each choice of a question as a "
+                 "row of its own (and the shared question apart): the choices would be scored under different weights; "
+                 "use flipout=False, or the letter format (MultipleChoice(format='letter'))")
+
+
+def _check_prior_and_size(prior, num_data) -> None:
+    """Refuse, before anything is built, a float prior std that is not finite and positive (a std of 0 or nan showed up
+    only as a diverging first step) and a ``num_data`` that is not a positive integer (0 read as "no size")."""
+    if isinstance(prior, bool) or (isinstance(prior, numbers.Real) and not (math.isfinite(prior) and prior > 0)):
+        raise ValueError(f"prior must be a finite positive std (or a dict / callable of distributions), got {prior!r}")
+    if num_data is not None and (isinstance(num_data, bool) or not isinstance(num_data, numbers.Integral) or num_data < 1):
+        raise ValueError(f"num_data must be the training set's size, a positive integer (None: each batch is the data), "
+                         f"got {num_data!r}")
 
 
 def _input_embeddings(net):

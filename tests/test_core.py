@@ -134,6 +134,21 @@ def test_sequence_classification_refuses_regression_and_multi_label_heads(num_la
         LoraModel(net, SequenceClassification())
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(prior=0.0), "prior must be a finite positive std"),  # fit stopped at step 0 blaming the learning rate
+    (dict(prior=-1.0), "prior must be a finite positive std"),
+    (dict(prior=float("inf")), "prior must be a finite positive std"),
+    (dict(prior=float("nan")), "prior must be a finite positive std"),
+    (dict(prior=True), "prior must be a finite positive std"),
+    (dict(num_data=0), "num_data must be the training set's size, a positive integer"),  # read as "no size"
+    (dict(num_data=-5), "num_data must be the training set's size"),
+    (dict(num_data=2.5), "num_data must be the training set's size"),
+])
+def test_a_prior_std_or_data_size_that_cannot_be_is_refused_when_the_model_is_built(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LoraModel(tiny_bert(), SequenceClassification(), **kwargs)
+
+
 def test_a_head_narrower_than_its_config_or_retyped_after_building_is_refused_at_the_forward():
     """config.num_labels = 3 over a 1-output classifier (every probability 1: accuracy 1.0 on labels all 0), and a
     problem_type set after the model was built."""

@@ -11,7 +11,7 @@ from torch.distributions import MultivariateNormal, kl_divergence
 
 import pyro_lora.handoff as handoff
 from pyro_lora.guides.meanfield import MeanFieldGuide
-from pyro_lora import LoraModel, MatrixNormalKronecker, SequenceClassification, fit, load_guide, predict, save_guide
+from pyro_lora import LoraModel, MatrixNormalKronecker, MultipleChoice, SequenceClassification, fit, load_guide, predict, save_guide
 
 
 
@@ -204,6 +204,23 @@ def test_flipout_is_a_per_example_sign_flip(monkeypatch):
         torch.testing.assert_close(out[n], handoff.lora_delta(x[n], a_n, b))
     # the batched-sample path flips the same way
     torch.testing.assert_close(handoff.lora_delta(x, (a_loc + noise)[None], b[None], num_samples=1, a_loc=a_loc), out)
+
+
+def test_flipout_on_cloze_multiple_choice_is_refused_by_name():
+    """Cloze runs each choice of a question as a row of its own: flipout's per-row noise scored a question's choices
+    under different weights (two identical choices no longer tied), a silently other training objective."""
+    from conftest import tiny_llama
+    from test_cloze import cloze_batch
+
+    cloze = LoraModel(tiny_llama(), MultipleChoice(format="cloze"), random="A")
+    with pytest.raises(ValueError, match="flipout draws its weight noise per row, and cloze multiple choice"):
+        MeanFieldGuide(cloze, flipout=True)
+    guide = MeanFieldGuide(cloze)  # a guide marking its sites itself meets the same refusal in the forward
+    values = {n: v[0] for n, v in guide.sample(1).items()}
+    with pytest.raises(ValueError, match="use flipout=False, or the letter format"):
+        cloze.logits(cloze_batch(), values, flipout_locs={n: guide.mean()[n] for n in guide.gaussian})
+    letter = MultipleChoice(torch.tensor([3, 4, 5]), format="letter")  # one row per question
+    MeanFieldGuide(LoraModel(tiny_llama(), letter, random="A"), flipout=True)
 
 
 def test_flipout_decorrelates_identical_examples_and_trains():

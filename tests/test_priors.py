@@ -188,8 +188,9 @@ def test_isotropic_normal():
     per_layer = isotropic_normal(shape, torch.tensor([0.1, 0.2], **f64).view(B, 1, 1))
     assert per_layer.event_shape == shape and per_layer.mean.dtype == torch.float64
     assert torch.allclose(per_layer.variance[1], torch.full((M, N), 0.04, **f64))
-    with pytest.raises(ValueError, match="positive"):
-        isotropic_normal(shape, 0.0)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="finite and positive"):
+            isotropic_normal(shape, bad)
     with pytest.raises(ValueError, match="broadcast"):
         isotropic_normal(shape, torch.ones(3))
 

@@ -70,6 +70,60 @@ def test_pyro_svi_with_pyro_adam_equals_fit(name):
     assert all(map(torch.isfinite, map(torch.tensor, losses)))
 
 
+def test_a_post_hoc_fit_leaves_no_gradient_for_pyros_svi_to_add():
+    """fit(train_network=False) backpropagates into the head it does not train: those gradients were left in .grad,
+    and Pyro's SVI (which zeroes after its step, not before) added their sum to its first step (the head 50% off)."""
+    data, lr = toy_data(n=16, batch=8), 1e-2
+
+    def map_after_post_hoc(train):
+        pyro.clear_param_store()
+        model, spread = build("meanfield")
+        fit(model, spread, data, epochs=3, lr=1e-3, elbo=TraceMeanField_ELBO(), train_network=False, progress=False)
+        assert all(p.grad is None for p in model.net.parameters())
+        guide = MAPGuide(model)
+        model.net.train()
+        pyro.set_rng_seed(1)
+        train(model, guide)
+        return trained(model, guide)
+
+    def with_svi(model, guide):
+        per_example = 1 / model.num_data
+        svi = SVI(pyro.poutine.scale(model, per_example), pyro.poutine.scale(guide, per_example), pyro.optim.Adam({"lr": lr}),
+                  Trace_ELBO())
+        for b in data * 2:
+            svi.step(b)
+
+    by_fit = map_after_post_hoc(lambda model, guide: fit(model, guide, data, epochs=2, lr=lr, progress=False))
+    by_svi = map_after_post_hoc(with_svi)
+    assert any(k.startswith("net.") for k in by_fit)
+    for k in by_fit:
+        torch.testing.assert_close(by_svi[k], by_fit[k], rtol=1e-5, atol=1e-6, msg=f"{k} differs")
+
+
+def test_fit_leaves_a_gradient_it_did_not_make_as_it_was():
+    model, guide = build("meanfield")
+    head = next(p for n, p in model.named_point_parameters() if "classifier" in n)
+    mine = torch.full_like(head, 0.5)
+    head.grad = mine
+    fit(model, guide, toy_data(n=8, batch=8), epochs=1, lr=1e-3, elbo=TraceMeanField_ELBO(), train_network=False, progress=False)
+    assert head.grad is mine and bool((mine == 0.5).all())
+
+
+def test_pyros_svi_trains_a_parameter_held_in_another_memory_layout():
+    """Pyro's store keeps a contiguous copy of a strided tensor: the copy was trained (the guide's own parameter not)
+    and the next step refused the store as holding a parameter no live guide recorded."""
+    data = toy_data(n=8, batch=8)
+    model, _ = build("map")
+    init = {n: v.mT.contiguous().mT for n, v in model.adapter_values().items()}  # the same values, column-major
+    guide = MAPGuide(model, init=init)
+    assert not all(p.is_contiguous() for p in guide.parameters())
+    before = [p.detach().clone() for p in guide.parameters()]
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(2):
+        svi.step(data[0])
+    assert all(not torch.equal(p, q) for p, q in zip(guide.parameters(), before))
+
+
 def test_two_guides_in_one_process_do_not_collide():
     model, first = build("meanfield")
     second = MeanFieldGuide(model, b="normal")
