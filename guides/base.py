@@ -94,7 +94,8 @@ class LoraGuide(torch.nn.Module):
 
     def adopt_point_parameters(self):
         """Take the network's point parameters (a head, non-random LoRA matrices) as they are now as the ones this
-        guide's predictions use: for a guide filled while another guide trains them (SWAG's iterates)."""
+        guide's predictions use: for a guide filled while another guide trains them (SWAG's iterates), or after a
+        Pyro ``SVI`` loop (whose end Pyro does not signal), so that a later change to them is refused."""
         self._point_snapshot = point_snapshot(self.model)
 
     def extra_parameters(self):

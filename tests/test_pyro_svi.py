@@ -10,7 +10,7 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from test_training import toy_data
 
 from pyro_lora.guides import FlowGuide, MAPGuide, MCDropoutGuide, MeanFieldGuide, ScalaBLGuide
-from pyro_lora import LoraModel, ScalaBLModel, SequenceClassification, fit
+from pyro_lora import LoraModel, ScalaBLModel, SequenceClassification, fit, predict
 from pyro_lora.likelihoods import CausalLM
 
 GUIDES = {
@@ -231,6 +231,24 @@ def test_a_guide_built_after_pyros_svi_sees_the_head_it_trained():
         MAPGuide(model)
     model.write_adapter(guide.mean())
     torch.testing.assert_close(MAPGuide(model).mean(), guide.mean())
+
+
+def test_a_guide_pinned_after_pyros_svi_refuses_a_head_changed_since():
+    """After an SVI loop the guide's head is live (Pyro does not signal the loop's end); adopt_point_parameters()
+    pins it, and a re-initialised head is refused as after fit."""
+    model, guide = build("meanfield")
+    model.net.train()
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO())
+    data = toy_data(n=16, batch=8)
+    for b in data:
+        svi.step(b)
+    guide.adopt_point_parameters()
+    predict(model, guide, data, num_samples=2)
+    head = next(p for n, p in model.named_point_parameters() if "classifier" in n)
+    with torch.no_grad():
+        head.normal_()
+    with pytest.raises(ValueError, match="changed since this guide was built or trained"):
+        predict(model, guide, data, num_samples=2)
 
 
 def test_predictive_and_condition_use_the_guide_and_the_model():

@@ -177,7 +177,7 @@ def test_tfb_val_guards_flips_with_the_search_tolerance_and_keeps_them_in_its_tr
         return Tuning(grid[1], [(grid[0], 0.5, 0.8, 0.0), (grid[1], 0.4, 0.8, 0.005)], None)
     monkeypatch.setattr("pyro_lora.guides.tfb.tune_on_validation", tune)
     setup = Setup(CompareConfig(out="unused", guides=("map", "tfb_val"), progress=False), tiny_bert(), None,
-                  SequenceClassification(), [], [], [], None)
+                  SequenceClassification(), [{"id": 0, "label": 0}], [], [], None)  # the model's num_data: 1
     fitted = METHODS["tfb_val"].recipe(setup.for_method("tfb_val"))
     assert asked["knob"] == "sigma_q" and asked["max_flip_rate"] == TFB_SEARCH["tolerance"]
     assert fitted.guide.trace[1] == {"sigma_q": fitted.chosen["sigma_q"], "val_nll": 0.4, "val_accuracy": 0.8,
