@@ -14,7 +14,6 @@ import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
 
-
 from pyro_lora.likelihoods import is_cloze
 from pyro_lora.model import FLIPOUT_CLOZE
 

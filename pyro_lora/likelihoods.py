@@ -221,14 +221,13 @@ class SequenceClassification(Likelihood):
                              "only single-label classification with >= 2 classes is supported (load it with num_labels >= 2)")
 
     def logits(self, net, batch, num_samples=None):
-        mask = batch.get("attention_mask")
+        mask, pad = batch.get("attention_mask"), _pad_token_id(net)
         if mask is not None:
             if not _right_padded(mask):
                 raise ValueError(
                     "SequenceClassification needs right-padded batches (tokenizer.padding_side = 'right'): left "
                     "padding moves [CLS] off column 0 and shifts the positions of absolute-position models"
                 )
-            pad = _pad_token_id(net)
             if pad is None and not bool(mask.bool().all()):
                 raise ValueError(_NO_PAD_TOKEN + "; this batch is padded, and a decoder's head would read a padding cell")
             if pad is not None and "input_ids" in batch:
@@ -237,7 +236,7 @@ class SequenceClassification(Likelihood):
         try:
             out = net(**repeat_inputs(batch, num_samples)).logits
         except ValueError as e:  # transformers' decoder heads refuse more than one row without a pad token
-            if _pad_token_id(net) is None and "padding token" in str(e):
+            if pad is None and "padding token" in str(e):
                 raise ValueError(_NO_PAD_TOKEN + " (S weight samples run as S copies of the batch: a batch of one is S rows)") from e
             raise
         if out.shape[-1] < 2:  # a config may claim 2 labels over a 1-output head: every probability would be 1

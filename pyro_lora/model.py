@@ -373,7 +373,6 @@ class LoraModel:
         self.last_nll = -log_prob.mean()  # per example, for fit's divergence check: the ELBO's prior term scales with 1/N
 
 
-# flipout draws its signs per row of a layer's input
 FLIPOUT_CLOZE = ("flipout draws its weight noise per row, and cloze multiple choice runs each choice of a question as a "
                  "row of its own (and the shared question apart): the choices would be scored under different weights; "
                  "use flipout=False, or the letter format (MultipleChoice(format='letter'))")

@@ -140,13 +140,11 @@ def fit(
         data = distributed.split_batches(data, even=True)  # the same number of steps on every rank
         distributed.broadcast_parameters(params + [b for b in guide.buffers() if b.is_floating_point()])
         distributed.seed_per_rank()
-    for p in params:  # a gradient left by an earlier fit (e.g. on a head it did not train) would join the first step
-        p.grad = None
-    # what fit does not train still gets gradients from its backward passes: left as found, or an optimiser that
-    # zeroes after its step (Pyro's SVI) would add the whole run's sum to its first step
+    # what fit does not train still gets gradients from its backward passes: set aside and put back as found, or an
+    # optimiser that zeroes after its step (Pyro's SVI) would add the whole run's sum to its first step
     trained = {id(p) for p in params}
     untrained = {p: p.grad for p in (*model.net.parameters(), *guide.parameters()) if p.requires_grad and id(p) not in trained}
-    for p in untrained:  # set aside: a backward pass adds into a gradient in place
+    for p in (*params, *untrained):  # a gradient left by earlier work would join the first step (backward adds in place)
         p.grad = None
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
     # fp16's narrow range underflows small gradients: scale the loss up, unscale before the update, skip steps that
