@@ -734,7 +734,6 @@ def test_a_sidecar_never_takes_another_configurations_history_and_a_killed_repla
     (["--report-only", "--force"], "--report-only trains nothing: --update and --force would be ignored"),
     (["--report-only", "--no-ts", "--no-shift", "--dtype", "bf16"], "--report-only trains nothing: --no-shift, --no-ts, --dtype would be ignored"),
     (["--update", "tfb", "--guides", "map,tfb"], "--update reruns the methods it names with each run's own configuration: --guides"),
-    (["--update", "tfb", "--force"], "--update reruns the methods it names with each run's own configuration: --guides and --force"),
 ])
 def test_flags_an_invocation_would_ignore_are_refused(argv, message, runs, capsys):
     assert cli.main(["study", *argv, "--runs", str(runs), "--docs", str(runs.parent / "docs")]) == 2
@@ -858,6 +857,91 @@ def test_a_merge_cut_short_by_a_kill_is_finished_by_the_next_reader(study, runs,
     with held_by_another_process(easy):  # another process holds the run: it may be merging right now
         with pytest.raises(ValueError, match=r"another process holds .*arc_easy \(its .lock\) and may be merging an --update"):
             R.read_record(easy, "x")
+
+
+def test_an_update_cut_short_resumes_with_what_it_finished_and_nothing_else_does(study, runs, monkeypatch, capsys):
+    """A kill or an error in an --update's third hour lost every (method, seed) it had finished: the next invocation
+    emptied its folder and started again. Resumed now, by the same update only, from the same MAPs; --force restarts."""
+    import numpy as np
+
+    import pyro_lora.experiments.compare as compare
+    from pyro_lora.experiments.results import ARRAYS, RunFolder
+
+    easy = runs / "arc_easy"
+    record = json.loads((easy / "results.json").read_text())
+    (easy / "results.json").write_text(json.dumps({**record, "maps": {"0": "a" * 64, "1": "b" * 64}}))
+    arrays = {"probs": np.full((4, 2), 0.5), "labels": np.arange(4) % 2, "entropy": np.zeros(4), "mutual_information": np.zeros(4)}
+    ran = []
+
+    def rerun(stop=None, map_digest="a" * 64):
+        def run_compare(config, overwrite=False, reference=None):  # each (guide, seed) written as it finishes
+            run = RunFolder(config.out, config, overwrite=overwrite)
+            for seed in config.seeds:
+                for guide in config.guides:
+                    if run.complete(guide, seed, ["arc_easy"]):
+                        continue
+                    if (guide, seed) == stop:
+                        raise KeyboardInterrupt if seed else RuntimeError("out of memory")
+                    run.record_map(seed, map_digest if seed == 0 else "b" * 64)
+                    ran.append((guide, seed, overwrite))
+                    run.add(guide, seed, [{**_row(guide, "arc_easy", seed, "arc_easy", False), "nll": 0.5}],
+                            {f"arc_easy__seed{seed}__{k}": arrays[k] for k in ARRAYS})
+        monkeypatch.setattr(compare, "run_compare", run_compare)
+
+    def update(guides=("meanfield",), force=False, command="u"):
+        argv = ("--datasets", "arc_easy", "--no-shift", "--train-size", "64", *SIZES, "--runs", str(runs), "--update", ",".join(guides))
+        config = study.study_configs(parse(*argv)[1], ["arc_easy"], False, str(runs), guides)[0]
+        return study.update_dataset(config, command, force=force)
+
+    rerun(stop=("meanfield", 1))
+    with pytest.raises(KeyboardInterrupt):  # a kill after seed 0
+        update(command="first")
+    rerun()
+    update(command="second")
+    assert ran == [("meanfield", 0, True), ("meanfield", 1, False)]  # seed 0 kept, not rerun
+    assert "resuming the update `first` begun " in capsys.readouterr().out
+    merged = json.loads((easy / "results.json").read_text())
+    assert {r["seed"]: r["nll"] for r in merged["per_seed"] if r["guide"] == "meanfield"} == {0: 0.5, 1: 0.5}
+    assert [u["command"] for u in json.loads((easy / "study_run.json").read_text())["updates"]] == ["second"]
+    # a finished update is not resumed: the next one reruns everything
+    ran.clear()
+    update()
+    assert ran == [("meanfield", 0, True), ("meanfield", 1, True)]
+    # --force reruns what the update cut short had finished
+    ran.clear()
+    rerun(stop=("meanfield", 1))
+    with pytest.raises(KeyboardInterrupt):
+        update()
+    rerun()
+    update(force=True)
+    assert ran == [("meanfield", 0, True), ("meanfield", 0, True), ("meanfield", 1, True)]
+    # an error cuts it short too (temperature's seed 0 finished, meanfield's failed): resumed
+    ran.clear()
+    rerun(stop=("meanfield", 0))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        update(("meanfield", "temperature"))
+    rerun()
+    update(("meanfield", "temperature"))
+    assert ran == [("temperature", 0, True), ("meanfield", 0, False), ("temperature", 1, False), ("meanfield", 1, False)]
+    # an update of other methods in between: the rows of the one cut short are not the next one's
+    ran.clear()
+    rerun(stop=("meanfield", 0))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        update(("meanfield", "temperature"))
+    rerun(stop=("temperature", 1))
+    with pytest.raises(KeyboardInterrupt):
+        update(("temperature",))
+    rerun()
+    update(("meanfield", "temperature"))
+    assert ran[-4:] == [("temperature", 0, True), ("meanfield", 0, True), ("temperature", 1, True), ("meanfield", 1, True)]
+    # rows started from another MAP than the run's are never resumed
+    ran.clear()
+    rerun(stop=("meanfield", 1), map_digest="c" * 64)
+    with pytest.raises(KeyboardInterrupt):
+        update()
+    rerun()
+    update()
+    assert ran == [("meanfield", 0, True), ("meanfield", 0, True), ("meanfield", 1, True)]
 
 
 def test_update_refuses_a_link_where_it_reruns(study, runs, tmp_path):

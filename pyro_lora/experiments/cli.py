@@ -179,7 +179,8 @@ def _study_args(p):
     p.add_argument("--runs", type=_folder, default=study.RUNS, help=f"each dataset's run goes to RUNS/<dataset> (default {study.RUNS})")
     p.add_argument("--docs", type=_folder, default=study.DOCS, help=f"the report goes to DOCS/study.md, its figures to DOCS/study/ (default {study.DOCS})")
     p.add_argument("--force", action="store_true",
-                   help="replace the runs of another configuration (default: refused, naming the differences)")
+                   help="replace the runs of another configuration (default: refused, naming the differences); with "
+                        "--update, rerun from the start an update that was cut short (default: resumed)")
     p.add_argument("--report-only", action="store_true", help="rebuild the report from RUNS without training")
     p.add_argument("--update", type=_guides, default=None,
                    help="comma-separated guides to rerun on every dataset's existing run, replacing their rows, the rest kept (default none)")

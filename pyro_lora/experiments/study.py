@@ -25,6 +25,8 @@ without training::
     pyro-lora study --report-only                  # rebuild docs/study.md from runs/study/*/results.json
     pyro-lora study --datasets arc_easy --no-shift --guides zeroshot,map,temperature --seeds 0
     pyro-lora study --update meanfield,flow        # after a change to those methods: rerun just their rows
+
+An ``--update`` cut short (killed, or failed) resumes with the same command; ``--force`` reruns it from the start.
 """
 
 import contextlib
@@ -301,10 +303,14 @@ def _same_configuration(invocation, config):
 def _read_sidecar(path):
     """The sidecar at ``path`` (``{}`` if none), the invocation it marks ``running`` moved to ``interrupted``: the
     caller holds the folder's lock, so that invocation is gone."""
-    old = json.loads(path.read_text()) if path.is_file() else {}
+    old = _json_or_empty(path)
     if "running" in old:
         old["interrupted"] = [*old.get("interrupted", []), old.pop("running")]
     return old
+
+
+def _json_or_empty(path):
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def stale_guides(update, guides):
@@ -316,14 +322,16 @@ def stale_guides(update, guides):
     return [g for g in guides if g in update or (g in METHODS and any(m.name in update for m in METHODS[g].lineage))]
 
 
-def update_dataset(config, command):
+def update_dataset(config, command, force=False):
     """Rerun ``config.guides`` (:func:`study_configs` with ``update``) into ``OUT/update``, emptied first, and merge
     their rows into the run in ``config.out`` (:func:`~pyro_lora.experiments.results.merge_results`); returns the
     wall seconds. The rerun starts from each seed's saved MAP, the one the run's other rows started from; an update of
     the MAP itself trains them again, and the run keeps the new ones.
 
-    A (guide, seed) that fails in the rerun is merged as failed (its old row is not kept beside the new code's
-    rows), the others' rows are merged, then the failure is raised.
+    An update of the same guides that the previous invocation began and a kill or an error cut short is resumed: the
+    (guide, seed) it finished in ``OUT/update`` are kept (said so), unless ``force``. A (guide, seed) that fails in
+    the rerun is merged as failed (its old row is not kept beside the new code's rows), the others' rows are merged,
+    then the failure is raised.
 
     :raises ValueError: if there is no run to update, or it has another configuration.
     :raises GuideFailures: after the merge, if some rerun (guide, seed) failed.
@@ -341,17 +349,23 @@ def update_dataset(config, command):
     with folder_lock(out, f"the {config.dataset} run"):
         print(f"## {config.dataset}: rerunning {', '.join(config.guides)} (seeds {','.join(map(str, config.seeds))})", flush=True)
         finish_merge(out)  # a merge a kill cut short (it lists that update), before its rerun folder goes
+        cut = _json_or_empty(out / SIDECAR).get("running")  # the invocation before, if a kill or an error cut it short
         sidecar = _read_sidecar(out / SIDECAR)  # marked running: a kill leaves a trace
+        resume = not force and _resumable(cut, rerun, out)
         write_json(out / SIDECAR, {**sidecar, "running": {"command": command, "started": started, "update": list(config.guides)}})
-        shutil.rmtree(here, ignore_errors=True)  # an earlier update's rows must never be merged as this one's
+        if resume:
+            print(f"## {config.dataset}: resuming the update `{cut['command']}` begun {cut['started']} and cut short: the "
+                  f"(method, seed) it finished in {here} are kept (--force reruns them)", flush=True)
+        else:
+            shutil.rmtree(here, ignore_errors=True)  # an earlier update's rows must never be merged as this one's
         retrain = REFERENCE in config.guides
         if not retrain:  # the rerun starts from the MAP the run's other rows started from
-            here.mkdir(parents=True)
+            here.mkdir(parents=True, exist_ok=True)
             for seed in config.seeds:
                 if (out / map_name(seed)).is_file():
                     shutil.copyfile(out / map_name(seed), here / map_name(seed))
         try:  # a retrained MAP's rows replace every row: nothing to match
-            compare.run_compare(rerun, overwrite=True, reference=None if retrain else out)
+            compare.run_compare(rerun, overwrite=not resume, reference=None if retrain else out)
         except GuideFailures as error:  # the finished rows are merged; the failed ones replace their stale rows
             failure = error
         merge_results(out, here)
@@ -365,6 +379,17 @@ def update_dataset(config, command):
     return seconds
 
 
+def _resumable(cut, rerun, out):
+    """Whether the update ``rerun`` may resume the rows in its folder: the invocation ``cut`` (the sidecar's mark of
+    the one before, which a kill or an error cut short; None if it finished) was an update of the same guides, and
+    the folder holds its rows of this configuration, started from the MAPs of the run in ``out``."""
+    if not cut or cut.get("update") != list(rerun.guides):
+        return False
+    here, there = _saved(rerun), read_record(out, "move it away to update the run")
+    return (here is not None and not _other_configuration(rerun, here)
+            and all(there.get("maps", {}).get(seed) == digest for seed, digest in here.get("maps", {}).items()))
+
+
 def run_study(configs, command, update=False, force=False):
     """Run (or with ``update``, rerun the guides of) every dataset's config in turn; returns ``(seconds per dataset
     run, failed datasets)``.
@@ -376,7 +401,7 @@ def run_study(configs, command, update=False, force=False):
     for i, config in enumerate(configs, 1):
         print(f"# [{i}/{len(configs)}] {config.dataset}", flush=True)
         try:
-            took = update_dataset(config, command) if update else run_dataset(config, command, force=force)
+            took = update_dataset(config, command, force) if update else run_dataset(config, command, force=force)
         except FolderLocked as error:  # a refusal before any work: the sentence says it all
             print(f"## {config.dataset}: FAILED: {error}", file=sys.stderr, flush=True)
             failed.append(config.dataset)
@@ -436,8 +461,8 @@ def _ignored_flags(args, overrides):
     return {
         f"--report-only trains nothing: {', '.join(planned)} would be ignored": args.report_only and planned,
         "--report-only trains nothing: --update and --force would be ignored": args.report_only and (args.update or args.force),
-        "--update reruns the methods it names with each run's own configuration: --guides and --force would be ignored":
-            bool(args.update) and ("guides" in overrides or args.force),
+        "--update reruns the methods it names with each run's own configuration: --guides would be ignored":
+            bool(args.update) and "guides" in overrides,
     }
 
 
