@@ -15,7 +15,7 @@ import pyro.poutine as poutine
 import torch
 
 from pyro_lora import pyro_params
-from pyro_lora.contract import describe, point_snapshot, take_over
+from pyro_lora.contract import describe, follow_svi_step, point_snapshot, take_over
 from pyro_lora.io import register_guide
 
 
@@ -94,8 +94,8 @@ class LoraGuide(torch.nn.Module):
 
     def adopt_point_parameters(self):
         """Take the network's point parameters (a head, non-random LoRA matrices) as they are now as the ones this
-        guide's predictions use: for a guide filled while another guide trains them (SWAG's iterates), or after a
-        Pyro ``SVI`` loop (whose end Pyro does not signal), so that a later change to them is refused."""
+        guide's predictions use: for a guide filled while another guide trains them (SWAG's iterates), so that a later
+        change to them is refused. A guide trained by Pyro's ``SVI`` follows its steps by itself."""
         self._point_snapshot = point_snapshot(self.model)
 
     def extra_parameters(self):
@@ -106,7 +106,7 @@ class LoraGuide(torch.nn.Module):
 def _record_parameters(guide, args):
     if torch.is_grad_enabled() and pyro_params.recording():  # a step of Pyro's SVI (fit keeps its own books)
         take_over(guide.model, guide)
-        guide._point_snapshot = None  # the network's point parameters are being trained with it: live
+        follow_svi_step(guide)
     pyro_params.record(guide._pyro_name, guide.named_parameters())
 
 

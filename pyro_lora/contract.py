@@ -16,6 +16,7 @@ import math
 import weakref
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 ADAPTER_NAMES = ("lora_", ".modules_to_save.", "trainable_tokens_")  # in the names of the parameters peft adds
 
@@ -206,28 +207,39 @@ def _short(items, limit=4):
     return f"{items[:limit]}{' ...' if len(items) > limit else ''}"
 
 
-def point_snapshot(model, values: dict | None = None) -> dict:
+def point_snapshot(model, values: dict | None = None, lazy: bool = False) -> dict:
     """Name -> (float64 sum, sum of squares, position-weighted sum) of the network's point parameters (a trained
     head, non-random LoRA matrices): what a guide's predictions rely on besides its own sites. ``values`` (name ->
-    tensor) stand in for the network's own (an ensemble member's head)."""
+    tensor) stand in for the network's own (an ensemble member's head); ``lazy``: each left on its device as a
+    ``[3]`` tensor (no host read in a training step), read when compared."""
     named = [(n, (values or {}).get(n, p)) for n, p in model.named_adapter_parameters()]
-    sums = _sums(p for _, p in named)
+    sums = _sums((p for _, p in named), lazy)
     return {n: sums[id(p)] for n, p in named}
 
 
-def _sums(params) -> dict:
+def _sums(params, lazy=False) -> dict:
     """``id(p)`` -> (float64 sum, sum of squares, position-weighted sum) of each of ``params``: one host read per
-    device, not three per parameter (each read waits for the GPU). The weighted sum tells a permutation (a head's
-    rows swapped, as another label order) from the same values."""
+    device, not three per parameter (each read waits for the GPU); ``lazy``: none, each a ``[3]`` tensor on its
+    device. The weighted sum tells a permutation (a head's rows swapped, as another label order) from the same values."""
     by_device = {}
     for p in params:
         by_device.setdefault(p.device, []).append(p)
     out = {}
     for group in by_device.values():
         rows = torch.stack([torch.stack((x.sum(), x.pow(2).sum(), (x.flatten() * torch.arange(x.numel(), **_like(x))).sum()))
-                            for x in (p.detach().double() for p in group)]).tolist()
-        out.update({id(p): tuple(row) for p, row in zip(group, rows)})
+                            for x in (p.detach().double() for p in group)])
+        out.update({id(p): row if lazy else tuple(row) for p, row in zip(group, rows if lazy else rows.tolist())})
     return out
+
+
+def _settle(snapshot) -> None:
+    """Read the lazy entries of ``snapshot`` (:func:`point_snapshot`) to the host, in place: one read per device."""
+    by_device = {}
+    for n, v in snapshot.items():
+        if torch.is_tensor(v):
+            by_device.setdefault(v.device, []).append(n)
+    for names in by_device.values():
+        snapshot.update(zip(names, map(tuple, torch.stack([snapshot[n] for n in names]).tolist())))
 
 
 def _like(x):
@@ -237,12 +249,41 @@ def _like(x):
 def _changed_point_parameters(snapshot, model):
     """Point parameters changed since ``snapshot`` (a restore to the same values is no change). Every one is read,
     not only those whose version counter moved: an optimiser that assigns ``p.data`` (ivon-opt's IVON) leaves it."""
+    _settle(snapshot)
     named = [(n, p) for n, p in model.named_adapter_parameters() if n in snapshot]
     sums = _sums(p for _, p in named)
     return [n for n, p in named if sums[id(p)] != snapshot[n]]
 
 
 _TRAINER = "_pyro_lora_trainer"  # on the network, which every LoraModel over it shares
+_STEPPING = {}  # id(parameter) -> (its weakref, the guide's, its name): the next optimiser step on it is that guide's
+_step_hook = None
+
+
+def follow_svi_step(guide) -> None:
+    """``guide`` is called in a step of Pyro's ``SVI`` (or of a loop differentiating its ELBO): the network's point
+    parameters as they are now are its own, and so are they after the next optimiser step on each of them, which
+    ends that step (Pyro's optimisers step each parameter once). Pyro does not signal a loop's end: any other change
+    to them afterwards (a re-initialisation, a plain torch loop) is a change under the guide."""
+    global _step_hook
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_after_optimizer_step)
+    guide._point_snapshot = point_snapshot(guide.model, lazy=True)
+    me = weakref.ref(guide)
+    for n, p in guide.model.named_adapter_parameters():
+        if p.requires_grad:  # a frozen one is never stepped: it would stay listed
+            _STEPPING[id(p)] = (weakref.ref(p), me, n)
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    if not _STEPPING:
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            ref, guide, name = _STEPPING.pop(id(p), (None, None, None))
+            guide = guide() if ref is not None and ref() is p else None
+            if guide is not None and guide._point_snapshot is not None and name in guide._point_snapshot:
+                guide._point_snapshot[name] = _sums([p], lazy=True)[id(p)]
 
 
 def trainer(model):
@@ -258,7 +299,7 @@ def head_trainer(model):
     owner = trainer(model)
     if owner is None or not owner.model.named_point_parameters():  # it trained no point parameter of the network
         return None
-    snapshot = owner._point_snapshot  # None while Pyro's SVI trains it: the head as it is now is its own
+    snapshot = owner._point_snapshot  # None while fit trains it: the head as it is now is its own
     if snapshot is not None and _changed_point_parameters(snapshot, owner.model):
         return None
     return owner
@@ -270,12 +311,14 @@ def take_over(model, guide) -> None:
     previous = trainer(model)
     if previous is guide:
         return
+    for _, p in model.named_adapter_parameters():  # another guide's SVI step must not be taken as the new trainer's
+        _STEPPING.pop(id(p), None)
     if previous is not None:
         previous._point_snapshot = point_snapshot(previous.model)
     if not isinstance(getattr(model.net, _TRAINER, None), dict):
         setattr(model.net, _TRAINER, {})
     trainers = getattr(model.net, _TRAINER)
-    # another adapter's guide still live (Pyro's SVI) keeps what it leaves too: a base parameter the user unfroze
+    # another adapter's guide still live (fit) keeps what it leaves too: a base parameter the user unfroze
     # is shared by every adapter
     for other in (ref() for a, ref in trainers.items() if a != model.adapter and ref is not None):
         if other is not None and other is not guide and other._point_snapshot is None:
@@ -285,7 +328,7 @@ def take_over(model, guide) -> None:
 
 def _point_problems(model, guide):
     own = guide.model
-    snapshot = guide._point_snapshot  # None while Pyro's SVI trains it: the live state is its own
+    snapshot = guide._point_snapshot  # None while fit trains it: the live state is its own
     changed = [] if snapshot is None else _changed_point_parameters(snapshot, own)
     if changed:
         return [
