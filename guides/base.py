@@ -15,7 +15,7 @@ import pyro.poutine as poutine
 import torch
 
 from pyro_lora import pyro_params
-from pyro_lora.contract import describe, follow_svi_step, point_snapshot, take_over
+from pyro_lora.contract import describe, follow_svi_step, point_snapshot, stop_following, take_over
 from pyro_lora.io import register_guide
 
 
@@ -95,7 +95,9 @@ class LoraGuide(torch.nn.Module):
     def adopt_point_parameters(self):
         """Take the network's point parameters (a head, non-random LoRA matrices) as they are now as the ones this
         guide's predictions use: for a guide filled while another guide trains them (SWAG's iterates), so that a later
-        change to them is refused. A guide trained by Pyro's ``SVI`` follows its steps by itself."""
+        change to them is refused. A guide trained by Pyro's ``SVI`` follows its steps by itself (under
+        ``JitTrace_ELBO`` it cannot tell them from later ones: call this after the loop)."""
+        stop_following(self.model)
         self._point_snapshot = point_snapshot(self.model)
 
     def extra_parameters(self):

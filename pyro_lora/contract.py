@@ -16,7 +16,7 @@ import math
 import weakref
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 ADAPTER_NAMES = ("lora_", ".modules_to_save.", "trainable_tokens_")  # in the names of the parameters peft adds
 
@@ -79,14 +79,14 @@ def _fingerprint(net):
     copies, token deltas) nor trainable ones (point parameters, compared apart); a change confined to entries
     between the strides can go unseen.
     """
-    out = {}
-    for name, p in net.named_parameters():
-        # peft's frozen copy of a replaced head (".original_module.") never runs: a fresh head differs by seed
-        if p.requires_grad or any(k in name for k in (*ADAPTER_NAMES, ".original_module.")) or not p.is_floating_point():
-            continue
-        flat = p.detach().reshape(-1)
-        out[name] = float(flat[:: max(1, flat.numel() // 4096)].float().abs().sum())
-    return out
+    return {name: _fingerprint_of(p) for name, p in net.named_parameters()
+            # peft's frozen copy of a replaced head (".original_module.") never runs: a fresh head differs by seed
+            if not (p.requires_grad or any(k in name for k in (*ADAPTER_NAMES, ".original_module.")) or not p.is_floating_point())}
+
+
+def _fingerprint_of(p) -> float:
+    flat = p.detach().reshape(-1)
+    return float(flat[:: max(1, flat.numel() // 4096)].float().abs().sum())
 
 
 _CONFIG_IGNORED = (  # names, dtypes, versions and run-time switches that leave the function unchanged
@@ -221,13 +221,15 @@ def _sums(params, lazy=False) -> dict:
     """``id(p)`` -> (float64 sum, sum of squares, position-weighted sum) of each of ``params``: one host read per
     device, not three per parameter (each read waits for the GPU); ``lazy``: none, each a ``[3]`` tensor on its
     device. The weighted sum tells a permutation (a head's rows swapped, as another label order) from the same values."""
-    by_device = {}
+    by_device, f64 = {}, torch.float64
     for p in params:
         by_device.setdefault(p.device, []).append(p)
     out = {}
     for group in by_device.values():
-        rows = torch.stack([torch.stack((x.sum(), x.pow(2).sum(), (x.flatten() * torch.arange(x.numel(), **_like(x))).sum()))
-                            for x in (p.detach().double() for p in group)])
+        # float64 accumulators over the tensor as it is (no float64 copy: an SVI step reads its head so)
+        rows = torch.stack([torch.stack((x.sum(dtype=f64), x.square().sum(dtype=f64),
+                                         (x * torch.arange(x.numel(), **_like(x))).sum(dtype=f64)))
+                            for x in (_flat(p) for p in group)])
         out.update({id(p): row if lazy else tuple(row) for p, row in zip(group, rows if lazy else rows.tolist())})
     return out
 
@@ -242,6 +244,12 @@ def _settle(snapshot) -> None:
         snapshot.update(zip(names, map(tuple, torch.stack([snapshot[n] for n in names]).tolist())))
 
 
+def _flat(p):
+    """``p`` as a vector of at least float32 (a half-precision square overflows at 256; no copy otherwise)."""
+    x = p.detach().reshape(-1)
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _like(x):
     return {"dtype": x.dtype, "device": x.device}
 
@@ -250,39 +258,71 @@ def _changed_point_parameters(snapshot, model):
     """Point parameters changed since ``snapshot`` (a restore to the same values is no change). Every one is read,
     not only those whose version counter moved: an optimiser that assigns ``p.data`` (ivon-opt's IVON) leaves it."""
     _settle(snapshot)
-    named = [(n, p) for n, p in model.named_adapter_parameters() if n in snapshot]
+    named = [(n, p) for n, p in model.net.named_parameters() if n in snapshot]  # also one frozen since
     sums = _sums(p for _, p in named)
     return [n for n, p in named if sums[id(p)] != snapshot[n]]
 
 
 _TRAINER = "_pyro_lora_trainer"  # on the network, which every LoraModel over it shares
-_STEPPING = {}  # id(parameter) -> (its weakref, the guide's, its name): the next optimiser step on it is that guide's
-_step_hook = None
+# id(parameter) -> (its weakref, the guide's, its name, traced): the next optimiser step on it is that guide's
+_STEPPING = {}
+_backward = weakref.WeakSet()  # guides whose parameters got a gradient since their last call: a step may follow
+_hooked = weakref.WeakSet()  # guides whose parameters report their gradients (_backward)
+_hooks = []
+_depth = 0  # optimiser steps under way: a wrapper's (Lookahead) ends after its inner optimiser's
 
 
 def follow_svi_step(guide) -> None:
-    """``guide`` is called in a step of Pyro's ``SVI`` (or of a loop differentiating its ELBO): the network's point
-    parameters as they are now are its own, and so are they after the next optimiser step on each of them, which
-    ends that step (Pyro's optimisers step each parameter once). Pyro does not signal a loop's end: any other change
-    to them afterwards (a re-initialisation, a plain torch loop) is a change under the guide."""
-    global _step_hook
-    if _step_hook is None:
-        _step_hook = register_optimizer_step_post_hook(_after_optimizer_step)
-    guide._point_snapshot = point_snapshot(guide.model, lazy=True)
-    me = weakref.ref(guide)
+    """``guide`` is called in a step of Pyro's ``SVI`` (or of a loop differentiating its ELBO): the next optimiser
+    step on each of the network's point parameters ends that step (Pyro's optimisers step each parameter once), and
+    the values it leaves are the guide's own. Pyro does not signal a loop's end: any other change to them afterwards
+    (a re-initialisation, a value written, a plain torch loop) is a change under the guide, and so is a step after a
+    call with no backward pass into the guide (a validation ELBO, a trace). A guide call traced by ``JitTrace_ELBO``
+    is not called again (its compiled steps are): every later step is taken as its own."""
+    global _depth
+    if not _hooks:
+        _hooks.extend((register_optimizer_step_pre_hook(_before_optimizer_step),
+                       register_optimizer_step_post_hook(_after_optimizer_step)))
+    _depth = 0  # no optimiser step is under way while the guide runs (one that raised never ended)
+    me, traced = weakref.ref(guide), torch.jit.is_tracing()
+    trained = [p for p in guide.parameters() if p.requires_grad]
+    if trained and guide not in _hooked:
+        _hooked.add(guide)
+        for p in trained:
+            p.register_post_accumulate_grad_hook(lambda _, me=me: _backward.add(me()) if me() is not None else None)
+    _backward.discard(guide)
+    if not trained:  # no gradient of its own to wait for (MC dropout trains only the network)
+        _backward.add(guide)
     for n, p in guide.model.named_adapter_parameters():
         if p.requires_grad:  # a frozen one is never stepped: it would stay listed
-            _STEPPING[id(p)] = (weakref.ref(p), me, n)
+            _STEPPING[id(p)] = (weakref.ref(p), me, n, traced)
+
+
+def stop_following(model) -> None:
+    """Forget the steps any guide expects on ``model``'s point parameters (another guide trains them, or one is pinned)."""
+    for _, p in model.named_adapter_parameters():
+        _STEPPING.pop(id(p), None)
+
+
+def _before_optimizer_step(optimizer, args, kwargs) -> None:
+    global _depth
+    _depth += 1
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
-    if not _STEPPING:
+    global _depth
+    _depth = max(_depth - 1, 0)
+    if not _STEPPING or _depth:
         return
     for group in optimizer.param_groups:
         for p in group["params"]:
-            ref, guide, name = _STEPPING.pop(id(p), (None, None, None))
-            guide = guide() if ref is not None and ref() is p else None
-            if guide is not None and guide._point_snapshot is not None and name in guide._point_snapshot:
+            ref, guide, name, traced = _STEPPING.get(id(p), (None, None, None, False))
+            if ref is None:
+                continue
+            if not traced or ref() is not p:
+                del _STEPPING[id(p)]
+            guide = guide() if ref() is p else None
+            if guide is not None and guide._point_snapshot is not None and (traced or guide in _backward):
                 guide._point_snapshot[name] = _sums([p], lazy=True)[id(p)]
 
 
@@ -311,8 +351,7 @@ def take_over(model, guide) -> None:
     previous = trainer(model)
     if previous is guide:
         return
-    for _, p in model.named_adapter_parameters():  # another guide's SVI step must not be taken as the new trainer's
-        _STEPPING.pop(id(p), None)
+    stop_following(model)  # another guide's SVI step must not be taken as the new trainer's
     if previous is not None:
         previous._point_snapshot = point_snapshot(previous.model)
     if not isinstance(getattr(model.net, _TRAINER, None), dict):
@@ -326,10 +365,22 @@ def take_over(model, guide) -> None:
     trainers[model.adapter] = None if guide is None else weakref.ref(guide)
 
 
+def _unfrozen_and_changed(model, guide):
+    """Base parameters frozen when the guide was built (in its fingerprint), trainable now (left out of the model's
+    fingerprint) and neither trained by the guide nor pinned (not in its snapshot), whose values changed."""
+    expected = guide.signature["base"]["fingerprint"]
+    if not isinstance(expected, dict):  # an older guide's single number
+        return []
+    snapshot = guide._point_snapshot or {}
+    return [n for n, p in model.net.named_parameters()
+            if p.requires_grad and n in expected and n not in snapshot
+            and not math.isclose(_fingerprint_of(p), expected[n], rel_tol=_FINGERPRINT_RTOL, abs_tol=1e-6)]
+
+
 def _point_problems(model, guide):
     own = guide.model
     snapshot = guide._point_snapshot  # None while fit trains it: the live state is its own
-    changed = [] if snapshot is None else _changed_point_parameters(snapshot, own)
+    changed = [] if snapshot is None else _changed_point_parameters(snapshot, own) + _unfrozen_and_changed(model, guide)
     if changed:
         return [
             f"the network's point parameters {_short(changed)} changed since this guide was built or trained (another "
