@@ -4,6 +4,7 @@ writes them (no model is loaded)."""
 import json
 import os
 import re
+import shutil
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -844,11 +845,17 @@ def test_a_merge_cut_short_by_a_kill_is_finished_by_the_next_reader(study, runs,
         R.merge_results(easy, update)
     monkeypatch.undo()
     assert (easy / R.MERGING).is_file()  # new arrays beside the old rows
+    shutil.copytree(easy, tmp_path / "copy")  # a copy of the run merges its own copy of the rerun, not the original's
     (easy / ".lock").write_text(str(os.getpid() + 10**6))  # a process that is gone
     with pytest.warns(UserWarning, match="finishing the merge of .*update, which a kill cut short"):
         record = R.read_record(easy, "x")
     assert not (easy / R.MERGING).exists() and (easy / "map_seed0.safetensors").read_bytes() == b"the MAP"
     assert {r["seed"]: r["nll"] for r in record["per_seed"] if r["guide"] == "meanfield"} == {0: 0.5, 1: 0.5}
+    later = [{**r, "nll": 0.9} for r in rows]
+    (update / "results.json").write_text(json.dumps({"config": config, "summary": summarize_seeds(later), "per_seed": later}))
+    with pytest.warns(UserWarning, match="finishing the merge of .*copy.*update"):
+        copied = R.read_record(tmp_path / "copy", "x")
+    assert {r["seed"]: r["nll"] for r in copied["per_seed"] if r["guide"] == "meanfield"} == {0: 0.5, 1: 0.5}
     (easy / R.MERGING).write_text(str(tmp_path / "gone"))
     with pytest.raises(ValueError, match="its rerun folder .*gone is gone: .*delete .*.merging and rerun that --update"):
         R.read_record(easy, "x")
@@ -942,6 +949,80 @@ def test_an_update_cut_short_resumes_with_what_it_finished_and_nothing_else_does
     rerun()
     update()
     assert ran == [("meanfield", 0, True), ("meanfield", 0, True), ("meanfield", 1, True)]
+    # an update of the MAP resumes from the MAPs it retrained (never the run's)
+    ran.clear()
+    rerun(stop=("meanfield", 1), map_digest="c" * 64)
+    with pytest.raises(KeyboardInterrupt):
+        update(("map",))
+    rerun(map_digest="c" * 64)
+    update(("map",))
+    assert len(ran) == 6 and ran[-1] == ("meanfield", 1, False)
+
+
+def test_an_update_killed_around_its_folder_or_its_record_is_neither_resumed_from_another_nor_lost(study, runs, monkeypatch):
+    """A kill after an update's 'running' mark but before its folder was emptied left the previous, finished update's
+    rows to be resumed and merged as the next one's; a kill between the merge and the record of the update lost it
+    (listed only as cut short)."""
+    import pyro_lora.experiments.compare as compare
+    from pyro_lora.experiments.results import MERGING, RunFolder
+
+    ran = []
+
+    def run_compare(config, overwrite=False, reference=None):
+        run = RunFolder(config.out, config, overwrite=overwrite)
+        for seed in config.seeds:
+            if not run.complete("meanfield", seed, ["arc_easy"]):
+                ran.append((seed, overwrite))
+                run.add("meanfield", seed, [_row("meanfield", "arc_easy", seed, "arc_easy", False)], {})
+
+    monkeypatch.setattr(compare, "run_compare", run_compare)
+    argv = ("--datasets", "arc_easy", "--no-shift", "--train-size", "64", *SIZES, "--runs", str(runs), "--update", "meanfield")
+    config = study.study_configs(parse(*argv)[1], ["arc_easy"], False, str(runs), ("meanfield",))[0]
+    study.update_dataset(config, "first")
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        study.update_dataset(config, "second")
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    ran.clear()
+    study.update_dataset(config, "third")
+    assert ran == [(0, True), (1, True)]  # all rerun: the first update's rows are not the third's
+    easy = runs / "arc_easy"
+    real_write = study.write_json
+
+    def killed_at_the_record(path, obj):
+        if Path(path).name == "study_run.json" and "running" not in obj:
+            raise KeyboardInterrupt
+        real_write(path, obj)
+
+    monkeypatch.setattr(study, "write_json", killed_at_the_record)
+    with pytest.raises(KeyboardInterrupt):
+        study.update_dataset(config, "fourth")
+    monkeypatch.setattr(study, "write_json", real_write)
+    assert (easy / MERGING).is_file()
+    (easy / ".lock").unlink(missing_ok=True)
+    with pytest.warns(UserWarning, match="finishing the merge"):
+        study._saved(config)
+    sidecar = json.loads((easy / "study_run.json").read_text())
+    assert [u["command"] for u in sidecar["updates"]] == ["first", "third", "fourth"] and "running" not in sidecar
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not JSON"),
+    ("[]", "it is not a JSON object"),
+    ('{"running": "x"}', "its 'running' is not an object with a 'command'"),
+    ('{"updates": {}}', "its 'updates' is not a list"),
+])
+def test_a_study_record_that_cannot_be_read_is_refused_by_name_before_any_work(study, runs, content, message):
+    (runs / "arc_easy" / "study_run.json").write_text(content)
+    argv = ("--datasets", "arc_easy", "--no-shift", "--train-size", "64", *SIZES, "--runs", str(runs))
+    for update in (("meanfield",), None):
+        with pytest.raises(ValueError, match=f"study_run.json, the study's record of this run.*{re.escape(message)}.*move it away"):
+            study.study_configs(parse(*argv)[1], ["arc_easy"], False, str(runs), update)
 
 
 def test_update_refuses_a_link_where_it_reruns(study, runs, tmp_path):

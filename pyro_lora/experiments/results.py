@@ -500,12 +500,15 @@ def _first_line(error):
 MERGE_IGNORES = ("guides", "out", "progress")
 
 
-def merge_results(out, update):
+def merge_results(out, update, record=None):
     """Replace the rows of some guides in the run ``out`` by those of the run ``update`` (a rerun of just those
     guides, e.g. after a change to them, with otherwise the same configuration); returns the merged summary.
 
     Copies the updated guides' ``predictions_*.npz`` and ``reliability_*.png``, redraws the run's two summary
     figures and rewrites ``out/results.json`` (atomically), guides in the original order, new ones last.
+
+    :param record: called once the run holds the merged rows, before the merge's marker goes (the study records
+        the update in its sidecar): a kill in between leaves the marker, and the merge is finished again.
 
     :raises ValueError: if the two runs' configurations differ in anything but guides, output folder and bars.
     """
@@ -531,8 +534,8 @@ def merge_results(out, update):
     retrained = REFERENCE in updated  # then every row is the rerun's, and so is the MAP each seed starts from
     maps = {**base.get("maps", {}), **new.get("maps", {})} if retrained else {**new.get("maps", {}), **base.get("maps", {})}
     # copied file by file: a kill part-way leaves the marker, and the next reader finishes the merge (finish_merge)
-    with atomic_file(out / MERGING) as f:
-        f.write(str(update.resolve()))
+    with atomic_file(out / MERGING) as f:  # relative where inside the run: a copy of the run merges its own copy
+        f.write(str(_relative_to(update.resolve(), out.resolve())))
     files = [kind.format(g) for u in updated for g in (u, ts_name(u)) for kind in ("predictions_{}.npz", "reliability_{}.png")]
     for name in files + [map_name(seed) for seed in base["config"]["seeds"]]:
         if (update / name).is_file():
@@ -548,8 +551,14 @@ def merge_results(out, update):
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
     write_json(out / RESULTS, {**base, "config": config, "summary": summary, "verdict": verdict(rows, config["dataset"]),
                                "per_seed": rows, "failed": failed, "maps": maps})
+    if record is not None:
+        record()
     (out / MERGING).unlink()
     return summary
+
+
+def _relative_to(path, folder):
+    return path.relative_to(folder) if path.is_relative_to(folder) else path
 
 
 def finish_merge(out):
@@ -563,19 +572,42 @@ def finish_merge(out):
         return
     if locked_elsewhere(out):
         raise FolderLocked(f"another process holds {out} (its .lock) and may be merging an --update into it: wait for it")
-    update = Path(marker.read_text().strip())
+    update = Path(out) / marker.read_text().strip()  # an absolute path stays as it is
     if not (update / RESULTS).is_file():
         raise ValueError(f"{out} holds an --update whose merge was cut short, and its rerun folder {update} is gone: its "
                          f"rows and prediction files may disagree; delete {marker} and rerun that --update")
     warnings.warn(f"{out}: finishing the merge of {update}, which a kill cut short", stacklevel=2)
-    merge_results(out, update)
-    _record_finished_update(Path(out) / SIDECAR)
+    merge_results(out, update, record=lambda: _record_finished_update(Path(out) / SIDECAR))
+
+
+def read_sidecar(path) -> dict:
+    """The study's record of a run (:data:`SIDECAR` or :data:`NEXT_SIDECAR` at ``path``; ``{}`` if none).
+
+    :raises ValueError: naming a file that is not a JSON object, whose ``running`` is not an object with a
+        ``command``, or whose ``commands``, ``updates`` or ``interrupted`` is not a list.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        sidecar = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}, the study's record of this run, is not JSON ({error}): fix it or move it away") from None
+    running = sidecar.get("running") if isinstance(sidecar, dict) else None
+    problem = ("it is not a JSON object" if not isinstance(sidecar, dict) else
+               "its 'running' is not an object with a 'command'"
+               if "running" in sidecar and not (isinstance(running, dict) and isinstance(running.get("command"), str)) else
+               next((f"its {k!r} is not a list" for k in ("commands", "updates", "interrupted")
+                     if not isinstance(sidecar.get(k, []), list)), None))
+    if problem:
+        raise ValueError(f"{path}, the study's record of this run: {problem}; fix it or move it away")
+    return sidecar
 
 
 def _record_finished_update(path):
     """List the ``study --update`` whose merge a kill cut short (the sidecar at ``path`` marks it running) among the
     run's updates: its rerun was complete, and its rows are merged now (its wall time is unknown)."""
-    sidecar = json.loads(path.read_text()) if path.is_file() else {}
+    sidecar = read_sidecar(path)
     running = sidecar.get("running") or {}
     if "update" not in running:
         return

@@ -30,7 +30,6 @@ An ``--update`` cut short (killed, or failed) resumes with the same command; ``-
 """
 
 import contextlib
-import json
 import shlex
 import shutil
 import signal
@@ -46,7 +45,7 @@ from ..io import check_file_slot, standard_json, writable_folder, write_json
 from ..locking import FolderLocked, folder_lock, locked_elsewhere
 from . import compare
 from .results import (MERGE_IGNORES, NEXT_SIDECAR, RESULTS, SIDECAR, GuideFailures, RunFolder, config_differences,
-                      finish_merge, map_name, merge_results, read_record)
+                      finish_merge, map_name, merge_results, read_record, read_sidecar)
 from .setup import FULL, CompareConfig, check_config, data_digest, default_guides
 from .study_header import duration, machine_info, now
 from .study_report import DATASETS, build_report
@@ -136,10 +135,12 @@ def study_configs(overrides, datasets=None, shift=True, runs=RUNS, update=None, 
                 raise FolderLocked(f"another process is writing the {dataset} run ({config.out}): wait for it, or leave "
                                    f"{dataset} out of --datasets")
             held.add(dataset)  # its run is not to be read now: run_dataset reads it under the lock
-        elif update:
-            config = _update_config(config, update, overrides)
-            if config is None:
-                continue
+        else:  # a record that cannot be read is found now, not after the datasets before it
+            read_sidecar(Path(config.out) / SIDECAR)
+            if update:
+                config = _update_config(config, update, overrides)
+                if config is None:
+                    continue
         try:
             check_config(config, writes=False)
         except ValueError as error:
@@ -301,16 +302,12 @@ def _same_configuration(invocation, config):
 
 
 def _read_sidecar(path):
-    """The sidecar at ``path`` (``{}`` if none), the invocation it marks ``running`` moved to ``interrupted``: the
-    caller holds the folder's lock, so that invocation is gone."""
-    old = _json_or_empty(path)
+    """The sidecar at ``path`` (``{}`` if none; :func:`~pyro_lora.experiments.results.read_sidecar`), the invocation
+    it marks ``running`` moved to ``interrupted``: the caller holds the folder's lock, so that invocation is gone."""
+    old = read_sidecar(path)
     if "running" in old:
         old["interrupted"] = [*old.get("interrupted", []), old.pop("running")]
     return old
-
-
-def _json_or_empty(path):
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def stale_guides(update, guides):
@@ -349,15 +346,15 @@ def update_dataset(config, command, force=False):
     with folder_lock(out, f"the {config.dataset} run"):
         print(f"## {config.dataset}: rerunning {', '.join(config.guides)} (seeds {','.join(map(str, config.seeds))})", flush=True)
         finish_merge(out)  # a merge a kill cut short (it lists that update), before its rerun folder goes
-        cut = _json_or_empty(out / SIDECAR).get("running")  # the invocation before, if a kill or an error cut it short
+        cut = read_sidecar(out / SIDECAR).get("running")  # the invocation before, if a kill or an error cut it short
         sidecar = _read_sidecar(out / SIDECAR)  # marked running: a kill leaves a trace
         resume = not force and _resumable(cut, rerun, out)
-        write_json(out / SIDECAR, {**sidecar, "running": {"command": command, "started": started, "update": list(config.guides)}})
         if resume:
-            print(f"## {config.dataset}: resuming the update `{cut['command']}` begun {cut['started']} and cut short: the "
-                  f"(method, seed) it finished in {here} are kept (--force reruns them)", flush=True)
-        else:
-            shutil.rmtree(here, ignore_errors=True)  # an earlier update's rows must never be merged as this one's
+            print(f"## {config.dataset}: resuming the update `{cut['command']}` begun {cut.get('started')} and cut short: "
+                  f"the (method, seed) it finished in {here} are kept (--force reruns them)", flush=True)
+        elif here.exists():  # before the mark: an earlier update's rows must never be resumed or merged as this one's
+            shutil.rmtree(here)
+        write_json(out / SIDECAR, {**sidecar, "running": {"command": command, "started": started, "update": list(config.guides)}})
         retrain = REFERENCE in config.guides
         if not retrain:  # the rerun starts from the MAP the run's other rows started from
             here.mkdir(parents=True, exist_ok=True)
@@ -368,11 +365,10 @@ def update_dataset(config, command, force=False):
             compare.run_compare(rerun, overwrite=not resume, reference=None if retrain else out)
         except GuideFailures as error:  # the finished rows are merged; the failed ones replace their stale rows
             failure = error
-        merge_results(out, here)
         seconds = time.perf_counter() - start
         sidecar.setdefault("updates", []).append({"guides": list(config.guides), "command": command, "started": started,
                                                   "finished": now(), "wall_seconds": seconds})
-        write_json(out / SIDECAR, sidecar)
+        merge_results(out, here, record=lambda: write_json(out / SIDECAR, sidecar))
     if failure is not None:
         raise failure
     print(f"## {config.dataset}: {', '.join(config.guides)} updated in {duration(seconds)}", flush=True)
@@ -382,12 +378,14 @@ def update_dataset(config, command, force=False):
 def _resumable(cut, rerun, out):
     """Whether the update ``rerun`` may resume the rows in its folder: the invocation ``cut`` (the sidecar's mark of
     the one before, which a kill or an error cut short; None if it finished) was an update of the same guides, and
-    the folder holds its rows of this configuration, started from the MAPs of the run in ``out``."""
+    the folder holds its rows of this configuration, started from the MAPs of the run in ``out`` (an update of the
+    MAP started from the ones it retrained, kept there)."""
     if not cut or cut.get("update") != list(rerun.guides):
         return False
     here, there = _saved(rerun), read_record(out, "move it away to update the run")
     return (here is not None and not _other_configuration(rerun, here)
-            and all(there.get("maps", {}).get(seed) == digest for seed, digest in here.get("maps", {}).items()))
+            and (REFERENCE in rerun.guides
+                 or all(there.get("maps", {}).get(seed) == digest for seed, digest in here.get("maps", {}).items())))
 
 
 def run_study(configs, command, update=False, force=False):
