@@ -26,7 +26,8 @@ without training::
     pyro-lora study --datasets arc_easy --no-shift --guides zeroshot,map,temperature --seeds 0
     pyro-lora study --update meanfield,flow        # after a change to those methods: rerun just their rows
 
-An ``--update`` cut short (killed, or failed) resumes with the same command; ``--force`` reruns it from the start.
+An ``--update`` cut short (killed, or stopped by an error) resumes with the same command; ``--force`` reruns it from
+the start.
 """
 
 import contextlib
