@@ -266,10 +266,12 @@ def _changed_point_parameters(snapshot, model):
 _TRAINER = "_pyro_lora_trainer"  # on the network, which every LoraModel over it shares
 # id(parameter) -> (its weakref, the guide's, its name, traced): the next optimiser step on it is that guide's
 _STEPPING = {}
+_OWN = {}  # id(guide parameter) -> (its weakref, the guide's): a step on it is a step of that guide's loop
 _backward = weakref.WeakSet()  # guides whose parameters got a gradient since their last call: a step may follow
-_hooked = weakref.WeakSet()  # guides whose parameters report their gradients (_backward)
+_own_stepped = weakref.WeakSet()  # guides a parameter of which was stepped since their last call
+_hooked = weakref.WeakSet()  # guides whose parameters report their gradients (_backward) and steps (_OWN)
 _hooks = []
-_depth = 0  # optimiser steps under way: a wrapper's (Lookahead) ends after its inner optimiser's
+_in_step = {}  # id(optimiser) -> ids of its parameters, while its step runs: a wrapper's (Lookahead) ends after its inner one's
 
 
 def follow_svi_step(guide) -> None:
@@ -277,24 +279,34 @@ def follow_svi_step(guide) -> None:
     step on each of the network's point parameters ends that step (Pyro's optimisers step each parameter once), and
     the values it leaves are the guide's own. Pyro does not signal a loop's end: any other change to them afterwards
     (a re-initialisation, a value written, a plain torch loop) is a change under the guide, and so is a step after a
-    call with no backward pass into the guide (a validation ELBO, a trace). A guide call traced by ``JitTrace_ELBO``
-    is not called again (its compiled steps are): every later step is taken as its own."""
-    global _depth
+    call with no backward pass into the guide (a validation ELBO, a trace), or after a loop that stepped the guide but
+    not that parameter. A guide call traced by ``JitTrace_ELBO`` is not called again (its compiled steps are): every
+    later step is taken as its own."""
     if not _hooks:
         _hooks.extend((register_optimizer_step_pre_hook(_before_optimizer_step),
                        register_optimizer_step_post_hook(_after_optimizer_step)))
-    _depth = 0  # no optimiser step is under way while the guide runs (one that raised never ended)
+    _in_step.clear()  # no optimiser step is under way while the guide runs (one that raised never ended)
     me, traced = weakref.ref(guide), torch.jit.is_tracing()
     trained = [p for p in guide.parameters() if p.requires_grad]
     if trained and guide not in _hooked:
         _hooked.add(guide)
+        for key in [k for k, (ref, owner) in _OWN.items() if ref() is None or owner() is None]:
+            del _OWN[key]  # parameters of guides gone
         for p in trained:
             p.register_post_accumulate_grad_hook(lambda _, me=me: _backward.add(me()) if me() is not None else None)
+            _OWN[id(p)] = (weakref.ref(p), me)
     _backward.discard(guide)
-    if not trained:  # no gradient of its own to wait for (MC dropout trains only the network)
+    if guide not in _hooked:  # built with no trainable parameter: no gradient of its own to wait for
         _backward.add(guide)
+    idle = guide in _own_stepped  # since the last call its loop stepped its own parameters: a step round ended
+    _own_stepped.discard(guide)
     for n, p in guide.model.named_adapter_parameters():
-        if p.requires_grad:  # a frozen one is never stepped: it would stay listed
+        if not p.requires_grad:  # a frozen one is never stepped: it would stay listed
+            continue
+        ref, owner, _, _ = _STEPPING.get(id(p), (None, None, None, False))
+        if idle and ref is not None and ref() is p and owner() is guide:
+            del _STEPPING[id(p)]  # the round stepped the guide but not this one: a later step of it is not the loop's
+        else:
             _STEPPING[id(p)] = (weakref.ref(p), me, n, traced)
 
 
@@ -305,17 +317,20 @@ def stop_following(model) -> None:
 
 
 def _before_optimizer_step(optimizer, args, kwargs) -> None:
-    global _depth
-    _depth += 1
+    _in_step[id(optimizer)] = {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
-    global _depth
-    _depth = max(_depth - 1, 0)
-    if not _STEPPING or _depth:
+    _in_step.pop(id(optimizer), None)
+    if not _STEPPING and not _OWN:
         return
     for group in optimizer.param_groups:
         for p in group["params"]:
+            if any(id(p) in others for others in _in_step.values()):
+                continue  # an inner optimiser's step: the wrapper's, still running, ends the step
+            own = _OWN.get(id(p))
+            if own is not None and own[0]() is p and own[1]() is not None:
+                _own_stepped.add(own[1]())
             ref, guide, name, traced = _STEPPING.get(id(p), (None, None, None, False))
             if ref is None:
                 continue

@@ -319,6 +319,62 @@ def test_svi_of_the_head_under_a_guide_with_no_trainable_parameter_is_its_own():
     predict(model, guide, data, mean=True)
 
 
+def test_a_step_after_a_loop_that_never_stepped_the_head_or_a_guide_frozen_since_is_not_its_own():
+    """A loop stepping only the guide left the follow of its last call armed: one plain torch step on the head after
+    it was taken as the guide's (0.50 in probability); so was one after a trace of a guide frozen after training."""
+    data = toy_data(n=16, batch=8)
+
+    def plain_step(model):
+        plain = torch.optim.SGD(model.point_parameters(), lr=5.0)
+        for p in model.point_parameters():
+            p.grad = torch.randn_like(p)
+        plain.step()
+
+    model, guide = build("meanfield_A")
+    model.net.train()
+    optimizer = torch.optim.Adam(guide.parameters(), lr=1e-2)
+    for b in data * 2:
+        optimizer.zero_grad()
+        TraceMeanField_ELBO().differentiable_loss(model, guide, b).backward()
+        optimizer.step()
+    predict(model, guide, data, mean=True)
+    plain_step(model)
+    with pytest.raises(ValueError, match="changed since this guide was built or trained"):
+        predict(model, guide, data, mean=True)
+    pyro.clear_param_store()
+    model, guide = build("meanfield_A")
+    model.net.train()
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO())
+    for b in data:
+        svi.step(b)
+    guide.requires_grad_(False)
+    pyro.poutine.trace(guide).get_trace(data[0])
+    plain_step(model)
+    with pytest.raises(ValueError, match="changed since this guide was built or trained"):
+        predict(model, guide, data, mean=True)
+
+
+def test_an_optimiser_step_that_raised_does_not_stop_the_next_from_being_the_guides():
+    """A step that raised (caught by the loop) never ended: every later step was taken for an inner one and ignored."""
+
+    class Picky(torch.optim.SGD):
+        def step(self, closure=None):
+            raise FloatingPointError("a non-finite gradient: step skipped")
+
+    data = toy_data(n=16, batch=8)
+    model, guide = build("meanfield_A")
+    model.net.train()
+    skipped, head = Picky(guide.parameters(), lr=1e-2), torch.optim.Adam(model.point_parameters(), lr=1e-2)
+    for b in data * 2:
+        skipped.zero_grad()
+        head.zero_grad()
+        TraceMeanField_ELBO().differentiable_loss(model, guide, b).backward()
+        with pytest.raises(FloatingPointError):
+            skipped.step()
+        head.step()
+    predict(model, guide, data, mean=True)
+
+
 class _Lookahead(torch.optim.Optimizer):
     """A wrapper optimiser as timm's Lookahead: the inner step, then a pull of the weights toward slow copies."""
 
