@@ -73,7 +73,7 @@ def _likelihood(likelihood):
 
 
 def _fingerprint(net):
-    """Base parameter name -> sum of ``|w|`` over at most 4096 evenly strided entries (quantized ones left out).
+    """Base parameter name -> :func:`_fingerprint_of` its weights (quantized ones left out).
 
     Every frozen base parameter counts (embeddings, norms, every layer), not the adapter's (LoRA matrices, head
     copies, token deltas) nor trainable ones (point parameters, compared apart); a change confined to entries
@@ -84,9 +84,20 @@ def _fingerprint(net):
             if not (p.requires_grad or any(k in name for k in (*ADAPTER_NAMES, ".original_module.")) or not p.is_floating_point())}
 
 
-def _fingerprint_of(p) -> float:
+def _fingerprint_of(p) -> list:
+    """``[sum |w|, sum w, position-weighted sum w]`` over at most 4096 evenly strided entries: a sign flipped or rows
+    permuted leave the first as it is."""
     flat = p.detach().reshape(-1)
-    return float(flat[:: max(1, flat.numel() // 4096)].float().abs().sum())
+    x = flat[:: max(1, flat.numel() // 4096)].float()
+    return [float(x.abs().sum()), float(x.sum()), float((x * torch.linspace(0, 1, x.numel(), device=x.device)).sum())]
+
+
+def _same_fingerprint(expected, actual) -> bool:
+    """Each part within ``_FINGERPRINT_RTOL`` of ``sum |w|`` (which bounds a cast's change to each); an older
+    guide's single number is ``sum |w|`` alone."""
+    expected = expected if isinstance(expected, list) else [expected]
+    scale = _FINGERPRINT_RTOL * max(abs(expected[0]), abs(actual[0])) + 1e-6
+    return all(abs(e - a) <= scale for e, a in zip(expected, actual))
 
 
 _CONFIG_IGNORED = (  # names, dtypes, versions and run-time switches that leave the function unchanged
@@ -150,8 +161,7 @@ def _base_differences(expected, actual):
     ef, af = expected["fingerprint"], actual["fingerprint"]
     # the name is often a folder (a local checkpoint, the embedded models' install path): the same weights read from
     # another folder or machine are the same base
-    same_weights = isinstance(ef, dict) and ef.keys() == af.keys() and all(
-        math.isclose(ef[n], af[n], rel_tol=_FINGERPRINT_RTOL, abs_tol=1e-6) for n in ef)
+    same_weights = isinstance(ef, dict) and ef.keys() == af.keys() and all(_same_fingerprint(ef[n], af[n]) for n in ef)
     if expected["architecture"] != actual["architecture"] or (expected["name"] != actual["name"] and not same_weights):
         return [
             f"the guide's base model is {expected['name']!r} ({expected['architecture']}), the model's is "
@@ -166,7 +176,7 @@ def _base_differences(expected, actual):
         return out
     # parameters on one side only were switched to trainable (point parameters, compared apart) or belong to
     # another architecture (its config and sites differ)
-    differ = [n for n in ef if n in af and not math.isclose(ef[n], af[n], rel_tol=_FINGERPRINT_RTOL, abs_tol=1e-6)]
+    differ = [n for n in ef if n in af and not _same_fingerprint(ef[n], af[n])]
     if differ:
         out.append(
             f"the base weights differ from the ones the guide was built on (another checkpoint of this architecture): {_short(differ)}"
@@ -389,7 +399,7 @@ def _unfrozen_and_changed(model, guide):
     snapshot = guide._point_snapshot or {}
     return [n for n, p in model.net.named_parameters()
             if p.requires_grad and n in expected and n not in snapshot
-            and not math.isclose(_fingerprint_of(p), expected[n], rel_tol=_FINGERPRINT_RTOL, abs_tol=1e-6)]
+            and not _same_fingerprint(expected[n], _fingerprint_of(p))]
 
 
 def _point_problems(model, guide):

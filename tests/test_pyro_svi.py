@@ -319,6 +319,25 @@ def test_svi_of_the_head_under_a_guide_with_no_trainable_parameter_is_its_own():
     predict(model, guide, data, mean=True)
 
 
+@pytest.mark.parametrize("unfreeze", [False, True])
+@pytest.mark.parametrize("name, change", [
+    ("embeddings.LayerNorm.weight", lambda w: w.neg_()),
+    ("layer.0.attention.self.query.base_layer.weight", lambda w: w.neg_()),
+    ("word_embeddings.weight", lambda w: w.copy_(w.flip(0))),
+])
+def test_a_base_weight_negated_or_permuted_is_a_change(name, change, unfreeze):
+    """The base fingerprint summed |w| alone: a weight negated or its rows permuted passed (0.04 in probability)."""
+    data = toy_data(n=16, batch=8)
+    model, guide = build("meanfield_A")
+    fit(model, guide, data, epochs=1, lr=1e-2, elbo=TraceMeanField_ELBO(), progress=False)
+    weight = next(p for n, p in model.net.named_parameters() if n.endswith(name))
+    weight.requires_grad_(unfreeze)
+    with torch.no_grad():
+        change(weight)
+    with pytest.raises(ValueError, match=r"base weights differ|point parameters .* changed since"):
+        predict(model, guide, data, mean=True)
+
+
 def test_a_step_after_a_loop_that_never_stepped_the_head_or_a_guide_frozen_since_is_not_its_own():
     """A loop stepping only the guide left the follow of its last call armed: one plain torch step on the head after
     it was taken as the guide's (0.50 in probability); so was one after a trace of a guide frozen after training."""
