@@ -100,6 +100,11 @@ class LoraGuide(torch.nn.Module):
         stop_following(self.model)
         self._point_snapshot = point_snapshot(self.model)
 
+    def carried_point_parameters(self) -> set:
+        """Names of the network's point parameters whose values the guide carries itself (an ensemble's per-member
+        heads): its predictions never read the network's, so a change to those is no change under it."""
+        return set()
+
     def extra_parameters(self):
         """Number of parameters the guide adds beyond the point-estimate LoRA it describes."""
         return 0

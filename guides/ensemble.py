@@ -109,6 +109,9 @@ class EnsembleGuide(LoraGuide):
         """Site name -> ``[K, *site.shape]``: every member's values."""
         return {name: getattr(self, f"member_{i}") for i, name in enumerate(self.sites)}
 
+    def carried_point_parameters(self):
+        return set(self.head_parameters)
+
     def heads(self):
         """Head parameter name -> ``[K, *shape]``."""
         return {name: getattr(self, f"head_{j}") for j, name in enumerate(self.head_parameters)}

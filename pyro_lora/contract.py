@@ -55,6 +55,7 @@ def describe(model) -> dict:
             "fingerprint": _fingerprint(net),
         },
         "head": _head(net, adapter),
+        "tokens": _tokens(net, adapter),
         # a float prior std, else the prior's class: a guide may read it (Bayesian-LoRA's inducing prior)
         "prior": float(model.prior) if isinstance(model.prior, (int, float)) else type(model.prior).__name__,
         "likelihood": _likelihood(model.likelihood),
@@ -114,6 +115,14 @@ def _config(config):
     return {k: v for k, v in config.to_dict().items() if k not in _CONFIG_IGNORED and isinstance(v, plain)}
 
 
+def _tokens(net, adapter):
+    """Module path -> the token ids whose embedding rows the adapter trains (peft's ``trainable_token_indices``)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    return {path: [int(t) for t in m.token_indices[adapter]] for path, m in net.named_modules()
+            if isinstance(m, TrainableTokensLayer) and adapter in m.token_indices}
+
+
 def _head(net, adapter):
     """Shapes of the adapter's trained copies of whole modules (peft's ``modules_to_save``: a classification head)."""
     from peft.utils import ModulesToSaveWrapper
@@ -138,6 +147,10 @@ def differences(expected: dict, actual: dict) -> list[str]:
     out += _base_differences(expected["base"], actual["base"])
     if expected["head"] != actual["head"]:
         out.append(_head_difference(expected["head"], actual["head"]))
+    if "tokens" in expected and expected["tokens"] != actual["tokens"]:  # older guides did not record them
+        out.append(f"the adapter trains the embedding rows of tokens {_short(expected['tokens'])} for the guide and "
+                   f"{_short(actual['tokens'])} in the model: each trained row would land on another token (build the "
+                   "adapter with the guide's trainable_token_indices, in its order)")
     if "prior" in expected and expected["prior"] != actual["prior"]:  # older guides did not record it
         out.append(f"the guide was built under the prior {expected['prior']!r}, the model has {actual['prior']!r} "
                    f"(build the model with prior={expected['prior']!r})")
@@ -255,9 +268,9 @@ def _settle(snapshot) -> None:
 
 
 def _flat(p):
-    """``p`` as a vector of at least float32 (a half-precision square overflows at 256; no copy otherwise)."""
-    x = p.detach().reshape(-1)
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+    """``p`` as a float32 vector, whatever its dtype: a lossless cast (to float64) leaves its sums as they were, and
+    a half-precision square would overflow at 256 (no copy for float32)."""
+    return p.detach().reshape(-1).float()
 
 
 def _like(x):
@@ -405,11 +418,14 @@ def _unfrozen_and_changed(model, guide):
 def _point_problems(model, guide):
     own = guide.model
     snapshot = guide._point_snapshot  # None while fit trains it: the live state is its own
-    changed = [] if snapshot is None else _changed_point_parameters(snapshot, own) + _unfrozen_and_changed(model, guide)
+    carried = guide.carried_point_parameters()
+    changed = [] if snapshot is None else [
+        n for n in _changed_point_parameters(snapshot, own) + _unfrozen_and_changed(model, guide) if n not in carried]
     if changed:
         return [
             f"the network's point parameters {_short(changed)} changed since this guide was built or trained (another "
-            "guide trained them, e.g. fit with train_network=True, or they were re-initialised or written): its LoRA "
+            "guide trained them, e.g. fit with train_network=True, or they were re-initialised, written or cast to a "
+            "lower precision): its LoRA "
             "would run with another head; fit other guides with train_network=False, or load_guide a copy of this "
             "guide saved before (that restores them)"
         ]
@@ -417,8 +433,8 @@ def _point_problems(model, guide):
         return []
     theirs = dict(model.net.named_parameters())
     differ = [
-        n for n, p in own.named_adapter_parameters()
-        if n not in theirs or not torch.equal(p.detach().to(theirs[n].device, theirs[n].dtype), theirs[n].detach())
+        n for n, p in own.named_adapter_parameters() if n not in carried
+        and (n not in theirs or not torch.equal(p.detach().to(theirs[n].device, theirs[n].dtype), theirs[n].detach()))
     ]
     if differ:
         return [

@@ -12,6 +12,7 @@ from conftest import random_batch, tiny_bert
 from test_training import toy_data
 
 from pyro_lora.guides.ensemble import EnsembleGuide, head_parameters, predict_ensemble, train_ensemble
+from pyro_lora.guides.map import MAPGuide
 from pyro_lora.guides.mcdropout import ColumnDropout, MCDropoutGuide
 from pyro_lora import LoraModel, SequenceClassification, fit, load_guide, predict, save_guide
 from pyro_lora.calibration import apply_temperature, fit_temperature, golden_section, temperature_nll
@@ -517,3 +518,13 @@ def test_ensemble_mean_is_no_predictor_but_is_what_export_adapter_writes(tmp_pat
     average = {n: torch.stack([m[n] for m in members]).mean(0) for n in members[0]}
     for n, v in model.adapter_values().items():
         torch.testing.assert_close(v, average[n], rtol=1e-5, atol=1e-6)
+
+
+def test_an_ensemble_carrying_its_heads_is_no_longer_refused_after_the_network_head_is_retrained():
+    """Its predictions never read the network's head (0.0 in probability), yet a later MAP fit refused them."""
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5, num_data=48)
+    ensemble = train_ensemble(model, toy_data(), k=2, fit_kwargs={"epochs": 1, "lr": 1e-2})
+    assert ensemble.head_parameters
+    before = predict_ensemble(model, ensemble, toy_data()).probs
+    fit(model, MAPGuide(model), toy_data(), epochs=1, lr=5e-2, progress=False)
+    torch.testing.assert_close(predict_ensemble(model, ensemble, toy_data()).probs, before)
