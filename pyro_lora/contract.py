@@ -249,7 +249,7 @@ def _sums(params, lazy=False) -> dict:
         by_device.setdefault(p.device, []).append(p)
     out = {}
     for group in by_device.values():
-        # float64 accumulators over the tensor as it is (no float64 copy: an SVI step reads its head so)
+        # float64 accumulators over float32 values (no float64 copy: an SVI step reads its head so)
         rows = torch.stack([torch.stack((x.sum(dtype=f64), x.square().sum(dtype=f64),
                                          (x * torch.arange(x.numel(), **_like(x))).sum(dtype=f64)))
                             for x in (_flat(p) for p in group)])
