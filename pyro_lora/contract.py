@@ -230,13 +230,13 @@ def _short(items, limit=4):
     return f"{items[:limit]}{' ...' if len(items) > limit else ''}"
 
 
-def point_snapshot(model, values: dict | None = None, lazy: bool = False) -> dict:
+def point_snapshot(model, values: dict | None = None) -> dict:
     """Name -> (float64 sum, sum of squares, position-weighted sum) of the network's point parameters (a trained
     head, non-random LoRA matrices): what a guide's predictions rely on besides its own sites. ``values`` (name ->
-    tensor) stand in for the network's own (an ensemble member's head); ``lazy``: each left on its device as a
-    ``[3]`` tensor (no host read in a training step), read when compared."""
+    tensor) stand in for the network's own (an ensemble member's head). An entry a step of Pyro's SVI adopted is
+    left on its device as a ``[3]`` tensor (no host read in the step) until compared (:func:`_settle`)."""
     named = [(n, (values or {}).get(n, p)) for n, p in model.named_adapter_parameters()]
-    sums = _sums((p for _, p in named), lazy)
+    sums = _sums(p for _, p in named)
     return {n: sums[id(p)] for n, p in named}
 
 
@@ -340,12 +340,13 @@ def stop_following(model) -> None:
 
 
 def _before_optimizer_step(optimizer, args, kwargs) -> None:
-    _in_step[id(optimizer)] = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if _STEPPING:  # nothing to follow (fit's own steps, a plain torch loop): no work on the step
+        _in_step[id(optimizer)] = {id(p) for group in optimizer.param_groups for p in group["params"]}
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
     _in_step.pop(id(optimizer), None)
-    if not _STEPPING and not _OWN:
+    if not _STEPPING:  # then no guide has a step to tell apart at its next call either (follow_svi_step's idle)
         return
     for group in optimizer.param_groups:
         for p in group["params"]:

@@ -305,7 +305,11 @@ def _same_configuration(invocation, config):
 def _read_sidecar(path):
     """The sidecar at ``path`` (``{}`` if none; :func:`~pyro_lora.experiments.results.read_sidecar`), the invocation
     it marks ``running`` moved to ``interrupted``: the caller holds the folder's lock, so that invocation is gone."""
-    old = read_sidecar(path)
+    return _cut_short(read_sidecar(path))
+
+
+def _cut_short(old):
+    """``old`` (a sidecar) with the invocation it marks ``running`` moved to ``interrupted``."""
     if "running" in old:
         old["interrupted"] = [*old.get("interrupted", []), old.pop("running")]
     return old
@@ -347,8 +351,9 @@ def update_dataset(config, command, force=False):
     with folder_lock(out, f"the {config.dataset} run"):
         print(f"## {config.dataset}: rerunning {', '.join(config.guides)} (seeds {','.join(map(str, config.seeds))})", flush=True)
         finish_merge(out)  # a merge a kill cut short (it lists that update), before its rerun folder goes
-        cut = read_sidecar(out / SIDECAR).get("running")  # the invocation before, if a kill or an error cut it short
-        sidecar = _read_sidecar(out / SIDECAR)  # marked running: a kill leaves a trace
+        sidecar = read_sidecar(out / SIDECAR)
+        cut = sidecar.get("running")  # the invocation before, if a kill or an error cut it short
+        sidecar = _cut_short(sidecar)  # marked running: a kill leaves a trace
         resume = not force and _resumable(cut, rerun, out)
         if resume:
             print(f"## {config.dataset}: resuming the update `{cut['command']}` begun {cut.get('started')} and cut short: "
