@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 
 import pyro
 import pyro.poutine as poutine
@@ -17,7 +18,7 @@ from .contract import head_trainer, parameter_adapter
 from .distributions import isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
-from .sites import Site, active_adapter, build_sites, check_values, find_lora_layers, matrix_view, per_layer
+from .sites import Site, active_adapter, base_rewriting_init, build_sites, check_values, find_lora_layers, matrix_view, per_layer
 
 
 class LoraModel:
@@ -80,6 +81,14 @@ class LoraModel:
             raise ValueError(f"adapter {self.adapter!r} is not the network's active adapter: call net.set_adapter({self.adapter!r}) first")
         _check_prior_and_size(prior, num_data)
         self.layers = find_lora_layers(net, self.adapter)
+        self._rewritten_base = base_rewriting_init(net, self.adapter)
+        if self._rewritten_base:
+            warnings.warn(
+                f"adapter {self.adapter!r} was initialised with init_lora_weights={self._rewritten_base!r}, which moved "
+                "part of each base weight into A and B: the prior, centred at A = B = 0, is centred at the residual base "
+                "weights, not at the pretrained model (give a prior centred at the initial A, B if that is not meant)",
+                stacklevel=2,
+            )
         self._lora_shapes = {path: _lora_shapes(layer, self.adapter) for path, layer in self.layers.items()}
         # peft's trainable copies (the classification head): what they ran when built, checked before every forward
         self._heads = {name: (m, list(m.active_adapters)) for name, m in net.named_modules() if isinstance(m, ModulesToSaveWrapper)}
@@ -307,9 +316,16 @@ class LoraModel:
         return logits
 
     def _logits(self, batch, values, num_samples, flipout_locs):
+        disabled = [p for p, layer in self.layers.items() if layer.disable_adapters]
+        if disabled and self._rewritten_base:
+            raise ValueError(
+                f"the adapters are disabled ({disabled[0]}), but adapter {self.adapter!r} was initialised with "
+                f"init_lora_weights={self._rewritten_base!r}, which subtracted its initial B A from the base weights: "
+                "without the adapter the network runs those residual weights, not the pretrained model; for zero-shot "
+                "predictions load the base model without the adapter"
+            )
         if values is None:
             return self.likelihood.logits(self.net, batch, num_samples)
-        disabled = [p for p, layer in self.layers.items() if layer.disable_adapters]
         if disabled:
             raise ValueError(
                 f"the adapters are disabled ({disabled[0]}, e.g. inside net.disable_adapter()): handed LoRA weights "

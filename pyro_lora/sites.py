@@ -101,6 +101,20 @@ def find_lora_layers(net, adapter: str | None = None) -> OrderedDict:
     return layers
 
 
+# peft initialisations that subtract the initial ``s B0 A0`` from the base weight (PiSSA, CorDA, OLoRA, LoftQ,
+# LoRA-GA): the network with its adapter disabled, or with A = B = 0, is then not the pretrained model
+_BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
+
+
+def base_rewriting_init(net, adapter: str) -> str | None:
+    """The adapter's ``init_lora_weights`` when it is one that rewrote the base weights (PiSSA, CorDA, OLoRA,
+    LoftQ, LoRA-GA), else ``None``; read from the network's peft config (a network without one, LoRA injected by
+    hand, gives ``None``)."""
+    config = getattr(net, "peft_config", None)
+    init = getattr(config.get(adapter), "init_lora_weights", None) if isinstance(config, dict) else None
+    return init if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS) else None
+
+
 def _linear_types(linear) -> tuple:
     """peft's LoRA layers whose forward is ``base_layer(x) + s B A x``: ``lora.Linear`` and, when bitsandbytes is
     installed, its quantized-base variants."""

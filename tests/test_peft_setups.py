@@ -220,6 +220,36 @@ def test_the_base_model_under_disable_adapter_is_still_predicted():
         assert predict(model, None, [batch()]).probs.shape == (3, 3)
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_an_init_that_rewrote_the_base_weights_is_named_and_its_residual_is_never_the_base_model(init):
+    """PiSSA and OLoRA subtract the initial ``s B0 A0`` from each base weight: with the adapter disabled the network
+    is the residual (a real model loses its principal directions), so a zero-shot
+    prediction through it would be silently wrong; the prior centred at A = B = 0 is centred there too."""
+    torch.manual_seed(0)
+    pretrained = tiny_bert_base().eval()
+    reference = pretrained(**random_batch()).logits
+    net = get_peft_model(tiny_bert_base(), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=init)).eval()
+    with pytest.warns(UserWarning, match=f"init_lora_weights='{init}'.*the prior, centred at A = B = 0, is centred at the residual base weights"):
+        model = LoraModel(net, SequenceClassification())
+    with torch.no_grad():
+        torch.testing.assert_close(predict(model, None, [batch()]).probs, torch.softmax(reference, -1), rtol=1e-4, atol=1e-5)
+        with net.disable_adapter():
+            residual = net.base_model.model.bert.encoder.layer[0].attention.self.query.base_layer.weight
+            assert (residual - pretrained.bert.encoder.layer[0].attention.self.query.weight).abs().max() > 1e-2
+            with pytest.raises(ValueError, match=f"adapter 'default' was initialised with init_lora_weights='{init}'.*not the pretrained model"):
+                predict(model, None, [batch()])
+
+
+@pytest.mark.parametrize("init", [False, "gaussian", "orthogonal"])
+def test_an_init_that_leaves_the_base_weights_keeps_zero_shot_and_says_nothing(init):
+    net = get_peft_model(tiny_bert_base(), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=init)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = LoraModel(net, SequenceClassification())
+    with torch.no_grad(), net.disable_adapter():
+        torch.testing.assert_close(predict(model, None, [batch()]).probs, torch.softmax(tiny_bert_base().eval()(**random_batch()).logits, -1))
+
+
 def test_a_layer_rebuilt_at_another_rank_is_refused():
     net = bert_with()
     model = LoraModel(net, SequenceClassification(), random="A")
