@@ -15,7 +15,8 @@ import pyro.poutine as poutine
 import torch
 
 from pyro_lora import pyro_params
-from pyro_lora.contract import describe, follow_svi_step, point_snapshot, stop_following, take_over
+from pyro_lora.contract import describe
+from pyro_lora.ownership import follow_svi_step, point_snapshot, stop_following, take_over
 from pyro_lora.io import register_guide
 
 
@@ -61,7 +62,7 @@ class LoraGuide(torch.nn.Module):
         self._model = (model,)  # not a submodule: the network's weights are not the guide's
         self.sites = model.sites
         self.signature = describe(model)
-        self._point_snapshot = point_snapshot(model)  # the head etc. its predictions rely on (contract.take_over)
+        self._point_snapshot = point_snapshot(model)  # the head etc. its predictions rely on (ownership.take_over)
         self._pyro_name = pyro_params.unique_name(self)
         # a pre-hook, so that every subclass's forward records its parameters for Pyro's optimizers
         self.register_forward_pre_hook(_record_parameters)

@@ -16,7 +16,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
-from pyro_lora.contract import take_over
+from pyro_lora.ownership import take_over
 from pyro_lora.predictive import predict
 from pyro_lora.sites import check_values
 from pyro_lora.training import fit

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_lora import distributed
-from pyro_lora.contract import take_over
+from pyro_lora.ownership import take_over
 from pyro_lora.data import to_device
 from pyro_lora.model import LoraModel
 from pyro_lora.sites import check_values

@@ -15,7 +15,8 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
-from pyro_lora.contract import check_guide, point_snapshot
+from pyro_lora.contract import check_guide
+from pyro_lora.ownership import point_snapshot
 from pyro_lora.distributions import UniformMixture
 from pyro_lora.kfac import glm_predict, grid_nll, probit
 

@@ -5,18 +5,17 @@ scaling ``alpha / r`` that turns them into weight deltas, the adapter, the base 
 trained head beside them. :func:`describe` writes that down; :func:`check_guide` compares it at every
 boundary (``fit``, ``predict``, ``load_guide``, ``export_adapter``) and names each difference.
 
-The network's point parameters (a trained head, non-random LoRA matrices) are shared by every guide over
-the network, and each guide's predictions rely on their values as it left them: the guide that trains
-them last owns them (:func:`take_over`), and any other guide is refused once they changed under it.
+Which guide left the network's point parameters as they are is kept by :mod:`pyro_lora.ownership`; a guide is
+refused once they changed under it.
 """
 
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+
+from .ownership import changed_point_parameters
 
 ADAPTER_NAMES = ("lora_", ".modules_to_save.", "trainable_tokens_")  # in the names of the parameters peft adds
 
@@ -230,180 +229,6 @@ def _short(items, limit=4):
     return f"{items[:limit]}{' ...' if len(items) > limit else ''}"
 
 
-def point_snapshot(model, values: dict | None = None) -> dict:
-    """Name -> (float64 sum, sum of squares, position-weighted sum) of the network's point parameters (a trained
-    head, non-random LoRA matrices): what a guide's predictions rely on besides its own sites. ``values`` (name ->
-    tensor) stand in for the network's own (an ensemble member's head). An entry a step of Pyro's SVI adopted is
-    left on its device as a ``[3]`` tensor (no host read in the step) until compared (:func:`_settle`)."""
-    named = [(n, (values or {}).get(n, p)) for n, p in model.named_adapter_parameters()]
-    sums = _sums(p for _, p in named)
-    return {n: sums[id(p)] for n, p in named}
-
-
-def _sums(params, lazy=False) -> dict:
-    """``id(p)`` -> (float64 sum, sum of squares, position-weighted sum) of each of ``params``: one host read per
-    device, not three per parameter (each read waits for the GPU); ``lazy``: none, each a ``[3]`` tensor on its
-    device. The weighted sum tells a permutation (a head's rows swapped, as another label order) from the same values."""
-    by_device, f64 = {}, torch.float64
-    for p in params:
-        by_device.setdefault(p.device, []).append(p)
-    out = {}
-    for group in by_device.values():
-        # float64 accumulators over float32 values (no float64 copy: an SVI step reads its head so)
-        rows = torch.stack([torch.stack((x.sum(dtype=f64), x.square().sum(dtype=f64),
-                                         (x * torch.arange(x.numel(), **_like(x))).sum(dtype=f64)))
-                            for x in (_flat(p) for p in group)])
-        out.update({id(p): row if lazy else tuple(row) for p, row in zip(group, rows if lazy else rows.tolist())})
-    return out
-
-
-def _settle(snapshot) -> None:
-    """Read the lazy entries of ``snapshot`` (:func:`point_snapshot`) to the host, in place: one read per device."""
-    by_device = {}
-    for n, v in snapshot.items():
-        if torch.is_tensor(v):
-            by_device.setdefault(v.device, []).append(n)
-    for names in by_device.values():
-        snapshot.update(zip(names, map(tuple, torch.stack([snapshot[n] for n in names]).tolist())))
-
-
-def _flat(p):
-    """``p`` as a float32 vector, whatever its dtype: a lossless cast (to float64) leaves its sums as they were, and
-    a half-precision square would overflow at 256 (no copy for float32)."""
-    return p.detach().reshape(-1).float()
-
-
-def _like(x):
-    return {"dtype": x.dtype, "device": x.device}
-
-
-def _changed_point_parameters(snapshot, model):
-    """Point parameters changed since ``snapshot`` (a restore to the same values is no change). Every one is read,
-    not only those whose version counter moved: an optimiser that assigns ``p.data`` (ivon-opt's IVON) leaves it."""
-    _settle(snapshot)
-    named = [(n, p) for n, p in model.net.named_parameters() if n in snapshot]  # also one frozen since
-    sums = _sums(p for _, p in named)
-    return [n for n, p in named if sums[id(p)] != snapshot[n]]
-
-
-_TRAINER = "_pyro_lora_trainer"  # on the network, which every LoraModel over it shares
-# id(parameter) -> (its weakref, the guide's, its name, traced): the next optimiser step on it is that guide's
-_STEPPING = {}
-_OWN = {}  # id(guide parameter) -> (its weakref, the guide's): a step on it is a step of that guide's loop
-_backward = weakref.WeakSet()  # guides whose parameters got a gradient since their last call: a step may follow
-_own_stepped = weakref.WeakSet()  # guides a parameter of which was stepped since their last call
-_hooked = weakref.WeakSet()  # guides whose parameters report their gradients (_backward) and steps (_OWN)
-_hooks = []
-_in_step = {}  # id(optimiser) -> ids of its parameters, while its step runs: a wrapper's (Lookahead) ends after its inner one's
-
-
-def follow_svi_step(guide) -> None:
-    """``guide`` is called in a step of Pyro's ``SVI`` (or of a loop differentiating its ELBO): the next optimiser
-    step on each of the network's point parameters ends that step (Pyro's optimisers step each parameter once), and
-    the values it leaves are the guide's own. Pyro does not signal a loop's end: any other change to them afterwards
-    (a re-initialisation, a value written, a plain torch loop) is a change under the guide, and so is a step after a
-    call with no backward pass into the guide (a validation ELBO, a trace), or after a loop that stepped the guide but
-    not that parameter. A guide call traced by ``JitTrace_ELBO`` is not called again (its compiled steps are): every
-    later step is taken as its own."""
-    if not _hooks:
-        _hooks.extend((register_optimizer_step_pre_hook(_before_optimizer_step),
-                       register_optimizer_step_post_hook(_after_optimizer_step)))
-    _in_step.clear()  # no optimiser step is under way while the guide runs (one that raised never ended)
-    me, traced = weakref.ref(guide), torch.jit.is_tracing()
-    trained = [p for p in guide.parameters() if p.requires_grad]
-    if trained and guide not in _hooked:
-        _hooked.add(guide)
-        for key in [k for k, (ref, owner) in _OWN.items() if ref() is None or owner() is None]:
-            del _OWN[key]  # parameters of guides gone
-        for p in trained:
-            p.register_post_accumulate_grad_hook(lambda _, me=me: _backward.add(me()) if me() is not None else None)
-            _OWN[id(p)] = (weakref.ref(p), me)
-    _backward.discard(guide)
-    if guide not in _hooked:  # built with no trainable parameter: no gradient of its own to wait for
-        _backward.add(guide)
-    idle = guide in _own_stepped  # since the last call its loop stepped its own parameters: a step round ended
-    _own_stepped.discard(guide)
-    for n, p in guide.model.named_adapter_parameters():
-        if not p.requires_grad:  # a frozen one is never stepped: it would stay listed
-            continue
-        ref, owner, _, _ = _STEPPING.get(id(p), (None, None, None, False))
-        if idle and ref is not None and ref() is p and owner() is guide:
-            del _STEPPING[id(p)]  # the round stepped the guide but not this one: a later step of it is not the loop's
-        else:
-            _STEPPING[id(p)] = (weakref.ref(p), me, n, traced)
-
-
-def stop_following(model) -> None:
-    """Forget the steps any guide expects on ``model``'s point parameters (another guide trains them, or one is pinned)."""
-    for _, p in model.named_adapter_parameters():
-        _STEPPING.pop(id(p), None)
-
-
-def _before_optimizer_step(optimizer, args, kwargs) -> None:
-    if _STEPPING:  # nothing to follow (fit's own steps, a plain torch loop): no work on the step
-        _in_step[id(optimizer)] = {id(p) for group in optimizer.param_groups for p in group["params"]}
-
-
-def _after_optimizer_step(optimizer, args, kwargs) -> None:
-    _in_step.pop(id(optimizer), None)
-    if not _STEPPING:  # then no guide has a step to tell apart at its next call either (follow_svi_step's idle)
-        return
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if any(id(p) in others for others in _in_step.values()):
-                continue  # an inner optimiser's step: the wrapper's, still running, ends the step
-            own = _OWN.get(id(p))
-            if own is not None and own[0]() is p and own[1]() is not None:
-                _own_stepped.add(own[1]())
-            ref, guide, name, traced = _STEPPING.get(id(p), (None, None, None, False))
-            if ref is None:
-                continue
-            if not traced or ref() is not p:
-                del _STEPPING[id(p)]
-            guide = guide() if ref() is p else None
-            if guide is not None and guide._point_snapshot is not None and (traced or guide in _backward):
-                guide._point_snapshot[name] = _sums([p], lazy=True)[id(p)]
-
-
-def trainer(model):
-    """The guide that last trained the point parameters of ``model``'s adapter in its network (``None`` if none is
-    alive); per adapter, as each adapter has its own LoRA matrices and head copy."""
-    ref = getattr(model.net, _TRAINER, {}).get(model.adapter)
-    return ref() if ref is not None else None
-
-
-def head_trainer(model):
-    """The guide whose training left the network's point parameters as they are now, if it is alive (``None``
-    once anything else changed them, e.g. a re-initialisation)."""
-    owner = trainer(model)
-    if owner is None or not owner.model.named_point_parameters():  # it trained no point parameter of the network
-        return None
-    snapshot = owner._point_snapshot  # None while fit trains it: the head as it is now is its own
-    if snapshot is not None and _changed_point_parameters(snapshot, owner.model):
-        return None
-    return owner
-
-
-def take_over(model, guide) -> None:
-    """``guide`` (or ``None``: nobody, e.g. while a saved guide is rebuilt) starts setting the point parameters of
-    ``model``'s network; the guide that set them before keeps, as the state its predictions need, what it leaves."""
-    previous = trainer(model)
-    if previous is guide:
-        return
-    stop_following(model)  # another guide's SVI step must not be taken as the new trainer's
-    if previous is not None:
-        previous._point_snapshot = point_snapshot(previous.model)
-    if not isinstance(getattr(model.net, _TRAINER, None), dict):
-        setattr(model.net, _TRAINER, {})
-    trainers = getattr(model.net, _TRAINER)
-    # another adapter's guide still live (fit) keeps what it leaves too: a base parameter the user unfroze
-    # is shared by every adapter
-    for other in (ref() for a, ref in trainers.items() if a != model.adapter and ref is not None):
-        if other is not None and other is not guide and other._point_snapshot is None:
-            other._point_snapshot = point_snapshot(other.model)
-    trainers[model.adapter] = None if guide is None else weakref.ref(guide)
-
-
 def _unfrozen_and_changed(model, guide):
     """Base parameters frozen when the guide was built (in its fingerprint), trainable now (left out of the model's
     fingerprint) and neither trained by the guide nor pinned (not in its snapshot), whose values changed."""
@@ -421,7 +246,7 @@ def _point_problems(model, guide):
     snapshot = guide._point_snapshot  # None while fit trains it: the live state is its own
     carried = guide.carried_point_parameters()
     changed = [] if snapshot is None else [
-        n for n in _changed_point_parameters(snapshot, own) + _unfrozen_and_changed(model, guide) if n not in carried]
+        n for n in changed_point_parameters(snapshot, own) + _unfrozen_and_changed(model, guide) if n not in carried]
     if changed:
         return [
             f"the network's point parameters {_short(changed)} changed since this guide was built or trained (another "

@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .contract import check_guide, describe, differences, take_over, trainer
+from .contract import check_guide, describe, differences
+from .ownership import take_over, trainer
 from .distributed import is_main
 
 FORMAT = "pyro_lora.guide/2"

@@ -14,7 +14,8 @@ import torch
 from peft.utils import ModulesToSaveWrapper
 
 from . import handoff, pyro_params, quantized
-from .contract import head_trainer, parameter_adapter
+from .contract import parameter_adapter
+from .ownership import head_trainer
 from .distributions import isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze

@@ -14,7 +14,8 @@ from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from . import distributed, pyro_params
-from .contract import check_guide, point_snapshot, take_over
+from .contract import check_guide
+from .ownership import point_snapshot, take_over
 from .data import to_device
 from .predictive import _positive_int
 

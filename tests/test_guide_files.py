@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from pyro_lora.guides import MAPGuide, MeanFieldGuide
 from pyro_lora import LoraModel, predict
-from pyro_lora.contract import point_snapshot, take_over, trainer
+from pyro_lora.ownership import point_snapshot, take_over, trainer
 from pyro_lora.io import load_guide, save_guide
 from pyro_lora.likelihoods import SequenceClassification
 

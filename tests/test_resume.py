@@ -538,7 +538,7 @@ def test_a_loaded_map_is_the_trained_one_and_one_that_is_not_this_seeds_is_train
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    from pyro_lora.contract import head_trainer
+    from pyro_lora.ownership import head_trainer
     from pyro_lora.experiments.setup import Setup, train_map
 
     config = small(tmp_path)
