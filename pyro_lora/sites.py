@@ -60,7 +60,8 @@ def find_lora_layers(net, adapter: str | None = None) -> OrderedDict:
     layer's output, then add ``s B A x`` from float LoRA matrices. LoRA on embedding layers is left out of the sites, with a warning naming the layers:
     those matrices stay point estimates.
 
-    :raises ValueError: if the model has no LoRA layers for ``adapter``, any is merged, uses a LoRA variant
+    :raises ValueError: if the model has no LoRA layers for ``adapter``, any is merged, shares its LoRA matrices with
+        another parameter (peft's ``ensure_weight_tying``), uses a LoRA variant
         (DoRA's magnitude vector, aLoRA, ...) or is a LoRA layer type the weight hand-off does not implement
         (convolutions, other quantized bases such as GPTQ or HQQ, ...).
     """
@@ -69,23 +70,30 @@ def find_lora_layers(net, adapter: str | None = None) -> OrderedDict:
     adapter = adapter or active_adapter(net)
     holding = [(p, m) for p, m in net.named_modules() if isinstance(m, LoraLayer) and _holds(m, adapter)]
     layers = OrderedDict((p, m) for p, m in holding if type(m) in _linear_types(Linear))
+    embeddings = [p for p, m in holding if isinstance(m, Embedding)]
+    other = [f"{p} ({type(m).__name__})" for p, m in holding if p not in layers and p not in embeddings]
+    if other:
+        raise ValueError(
+            f"LoRA layers of types the weight hand-off does not implement: {other[:4]}; only peft lora.Linear "
+            "layers are supported (not target_parameters' ParamWrapper, convolutions, ...): change target_modules to Linear layers"
+        )
     if not layers:
         raise ValueError(
             f"model {type(net).__name__} has no LoRA layers (on Linear modules) for adapter {adapter!r}: wrap it with "
             "peft.get_peft_model(model, LoraConfig(target_modules=[...])) or pyro_lora.add_lora first"
         )
-    embeddings = [p for p, m in holding if isinstance(m, Embedding)]
+    tied = _tied_lora(net, layers, adapter)
+    if tied:
+        raise ValueError(
+            f"LoRA matrix {tied[0]} shares its storage with {tied[1]} (peft's ensure_weight_tying=True ties a tied lm_head's "
+            "LoRA to the input embedding's): a sampled matrix would change only one of them; build the adapter without "
+            "ensure_weight_tying, or leave lm_head out of target_modules"
+        )
     if embeddings:
         warnings.warn(
             f"LoRA on embedding layers {embeddings} is not made random: those LoRA matrices stay point estimates "
             "(trained by fit, no prior); target only Linear layers to make every LoRA matrix random",
             stacklevel=3,
-        )
-    other = [f"{p} ({type(m).__name__})" for p, m in holding if p not in layers and p not in embeddings]
-    if other:
-        raise ValueError(
-            f"LoRA layers of types the weight hand-off does not implement: {other[:4]}; only peft lora.Linear "
-            "layers are supported: change target_modules to Linear layers"
         )
     variants = {p: type(m.lora_variant[adapter]).__name__ for p, m in layers.items() if adapter in getattr(m, "lora_variant", {})}
     if variants:
@@ -99,6 +107,21 @@ def find_lora_layers(net, adapter: str | None = None) -> OrderedDict:
     if merged:
         raise ValueError(f"LoRA layers are merged into the base weights ({merged[0]}, ...): call unmerge_adapter() first")
     return layers
+
+
+def _tied_lora(net, layers, adapter) -> tuple[str, str] | None:
+    """The first (LoRA matrix, other parameter) of the network sharing one storage, ``None`` if none does."""
+    mine = {}
+    for path, layer in layers.items():
+        for name in ("lora_A", "lora_B"):
+            ptr = getattr(layer, name)[adapter].weight.untyped_storage().data_ptr()
+            if ptr:  # 0: no storage of its own yet (a meta tensor)
+                mine.setdefault(ptr, f"{path}.{name}.{adapter}")
+    for name, p in net.named_parameters(remove_duplicate=False):
+        owner = mine.get(p.untyped_storage().data_ptr())
+        if owner is not None and not name.startswith(owner + "."):
+            return owner, name
+    return None
 
 
 # peft initialisations that subtract the initial ``s B0 A0`` from the base weight (PiSSA, CorDA, OLoRA, LoftQ,

@@ -105,6 +105,33 @@ def test_unsupported_lora_layer_types_are_refused():
         LoraModel(net, SequenceClassification())
 
 
+def test_lora_on_a_tied_lm_head_whose_matrices_peft_shares_with_the_embedding_is_refused():
+    """``ensure_weight_tying=True`` makes lm_head's lora_A / lora_B views of the embedding LoRA's matrices: a handed
+    sample changed the lm_head side only (0.999 in probability against the network holding the same values)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=True)
+    tied = LoraConfig(r=4, target_modules=["q_proj", "lm_head"], ensure_weight_tying=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # refused before the embedding LoRA's point-estimate warning
+        with pytest.raises(ValueError, match=r"LoRA matrix base_model.model.lm_head.lora_[AB].default shares its storage with "
+                                             r"base_model.model.model.embed_tokens.lora_embedding_[AB].default .*ensure_weight_tying"):
+            LoraModel(get_peft_model(LlamaForCausalLM(config), tied), CausalLM())
+    untied = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "lm_head"]))
+    assert "lm_head.lora_A" in LoraModel(untied, CausalLM()).sites  # the tied base weight alone is no LoRA matrix
+
+
+def test_lora_on_parameters_alone_is_refused_naming_target_parameters():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(8, 8)
+
+    net = get_peft_model(Net(), LoraConfig(r=2, target_parameters=["proj.weight"]))
+    with pytest.raises(ValueError, match=r"does not implement: \['base_model.model.proj \(ParamWrapper\)'\].*target_parameters"):
+        LoraModel(net, SequenceClassification())
+
+
 def test_writing_into_a_merged_adapter_is_refused_and_base_weights_survive(tmp_path):
     net = bert_with()
     model = LoraModel(net, SequenceClassification())
