@@ -15,7 +15,9 @@ import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from peft.utils import ModulesToSaveWrapper
 
+from pyro_lora.contract import parameter_adapter
 from pyro_lora.ownership import take_over
 from pyro_lora.predictive import predict
 from pyro_lora.sites import check_values
@@ -224,6 +226,12 @@ def _linear_owners(net, parameter_names):
             raise ValueError(f"the network has no parameter {name!r}")
         path, attr = name.rsplit(".", 1)
         module = modules.get(path)
+        if parameter_adapter(name) is not None and ".modules_to_save." not in name:
+            raise ValueError(
+                f"per-member point parameter {name!r} belongs to a LoRA layer (peft's lora_bias=True: B's bias): the weight "
+                "hand-off adds it itself, not through its module's forward, so a member's value would be ignored; only "
+                "linear heads can vary per member"
+            )
         if not isinstance(module, torch.nn.Linear) or attr not in ("weight", "bias"):
             raise ValueError(
                 f"per-member point parameter {name!r} is not an nn.Linear weight or bias "
@@ -282,22 +290,58 @@ def head_parameters(model):
 
 
 def reinitialize(model, seed):
-    """peft's LoRA initialisation (``A`` Kaiming-uniform, ``B = 0``) and fresh heads, under ``torch.manual_seed(seed)``.
+    """peft's LoRA initialisation (``A`` Kaiming-uniform, ``B = 0``) and the heads (:func:`head_parameters`) as a new
+    training starts them, under ``torch.manual_seed(seed)``.
 
-    Heads (:func:`head_parameters`) are re-initialised by their ``nn.Linear.reset_parameters()``.
+    A sequence classifier's head (the base model's ``classifier`` or ``score``, which transformers initialises
+    afresh) is re-drawn by ``nn.Linear.reset_parameters()``; any other module peft trains a copy of
+    (``modules_to_save``: a pretrained pooler, an ``lm_head``) restarts from the values peft copied, its
+    ``original_module``'s.
 
+    :raises ValueError: for a trainable base parameter outside both (a LoRA layer's base bias under peft's
+        ``bias="all"`` or ``"lora_only"``, a weight unfrozen by hand): nothing holds the value it started from.
     :returns: the head parameter names.
     """
     heads = head_parameters(model)
-    owners = _linear_owners(model.net, heads)
+    fresh, copied = _restarts(model, heads)
     take_over(model, None)  # whichever guide trained the head keeps its state: restoring it later is no change
     torch.manual_seed(seed)
     with torch.no_grad():
         for layer in model.layers.values():
             layer.reset_lora_parameters(model.adapter, True)
-        for module in owners.values():
+        for module in fresh:
             module.reset_parameters()
+        for p, start in copied:
+            p.copy_(start)
     return heads
+
+
+def _restarts(model, heads):
+    """How :func:`reinitialize` restarts each head parameter: ``(linear layers to re-draw, [(parameter, the value peft
+    copied it from)])``."""
+    net = model.net
+    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    fresh_ids = {id(p) for n in ("classifier", "score") if isinstance(getattr(base, n, None), torch.nn.Module)
+                 for p in getattr(base, n).parameters()}
+    owners, params = _linear_owners(net, heads), dict(net.named_parameters())
+    wrappers = {f"{path}.modules_to_save.{model.adapter}.": m for path, m in net.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+    fresh, copied, stuck = {}, [], []
+    for name in heads:
+        path = name.rsplit(".", 1)[0]
+        prefix = next((w for w in wrappers if name.startswith(w)), None)
+        if id(params[name]) in fresh_ids:
+            fresh[path] = owners[path]
+        elif prefix is not None:
+            copied.append((params[name], wrappers[prefix].original_module.get_parameter(name[len(prefix):])))
+        else:
+            stuck.append(name)
+    if stuck:
+        raise ValueError(
+            f"the trainable parameters {stuck[:4]} are base weights (peft's bias='all' or 'lora_only', or unfrozen by "
+            "hand): a new member cannot restart them from the values they started from, which nothing keeps; build the "
+            "adapter with bias='none' (modules_to_save for a module to train whole)"
+        )
+    return list(fresh.values()), copied
 
 
 def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_current=False):
@@ -321,8 +365,12 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
         raise ValueError("train_ensemble re-initialises plain LoRA (A and B); a model with matrices between them (LoRA-XS "
                          "R cores, ScalaBL S scales) is not supported")
     lora = _lora_ids(model)
-    if any(id(p) in lora for p in model.point_parameters()):
-        raise ValueError("every LoRA matrix must be a site (random='AB'): point-estimate LoRA matrices cannot vary per member")
+    point_lora = [n for n, p in model.named_point_parameters() if id(p) in lora]
+    if point_lora:
+        raise ValueError(f"every trainable LoRA parameter must be a site, and {point_lora[:4]} are not (a LoRA matrix "
+                         "left out of the sites: build the model with random='AB'; or peft's lora_bias=True: B's bias): "
+                         "they cannot vary per member")
+    _restarts(model, head_parameters(model))  # refused before any training, not at the first member's start
     fit_kwargs = {"progress": False, **(fit_kwargs or {})}
     heads_names = head_parameters(model)
     params = dict(model.net.named_parameters())

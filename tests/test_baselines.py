@@ -451,6 +451,62 @@ def test_ensemble_bad_input():
         train_ensemble(make(random="A"), toy_data(), k=2)
 
 
+def peft_bert(**config):
+    from conftest import tiny_bert_base
+    from peft import LoraConfig, get_peft_model
+
+    net = get_peft_model(tiny_bert_base(num_labels=2), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", **config))
+    return LoraModel(net, SequenceClassification(), num_data=48)
+
+
+@pytest.mark.parametrize("bias, message", [
+    ("lora_only", r"the trainable parameters \[.*query.base_layer.bias.*\] are base weights \(peft's bias='all' or 'lora_only'"),
+    ("all", r"per-member point parameter '.*LayerNorm.bias' is not an nn.Linear weight or bias"),
+])
+def test_a_new_member_never_redraws_pretrained_base_weights(bias, message):
+    """peft's bias='lora_only' / 'all' trains base biases, whose owners are the pretrained base layers: re-initialising
+    them re-drew the frozen pretrained weights (0.24 off, never restored). Refused before any training."""
+    from pyro_lora.guides.ensemble import reinitialize
+
+    model = peft_bert(bias=bias)
+    before = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    with pytest.raises(ValueError, match=message):
+        reinitialize(model, seed=1)
+    with pytest.raises(ValueError, match=message):
+        train_ensemble(model, toy_data(), k=2, fit_kwargs={"epochs": 1})
+    for n, p in model.net.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+def test_a_new_member_restarts_a_pretrained_module_peft_copies_from_its_pretrained_values():
+    """``modules_to_save=["pooler"]``: the pooler's trainable copy was re-drawn at random (0.21 off the pretrained
+    pooler); it restarts from peft's copy source now, and only the fresh classifier is re-drawn."""
+    from pyro_lora.guides.ensemble import reinitialize
+
+    model = peft_bert(modules_to_save=["pooler"])
+    pooler = model.net.base_model.model.bert.pooler
+    classifier = model.net.base_model.model.classifier.modules_to_save["default"]
+    with torch.no_grad():
+        pooler.modules_to_save["default"].dense.weight.add_(0.5)  # as trained
+    head = classifier.weight.detach().clone()
+    reinitialize(model, seed=1)
+    assert torch.equal(pooler.modules_to_save["default"].dense.weight, pooler.original_module.dense.weight)
+    assert torch.equal(pooler.modules_to_save["default"].dense.bias, pooler.original_module.dense.bias)
+    assert not torch.allclose(classifier.weight, head)
+
+
+def test_per_member_values_of_a_lora_layers_own_bias_are_refused():
+    """peft's lora_bias=True: B's bias is added by the weight hand-off, not by lora_B's forward, where the member hook
+    sits: every member ran the network's one bias (0.098 in probability)."""
+    model = peft_bert(lora_bias=True)
+    name = next(n for n, _ in model.named_point_parameters() if "lora_B" in n and n.endswith("bias"))
+    members = [model.adapter_values()] * 2
+    with pytest.raises(ValueError, match=f"per-member point parameter '{re.escape(name)}' belongs to a LoRA layer"):
+        EnsembleGuide(model, members, [{name: torch.zeros(32)}, {name: torch.ones(32)}])
+    with pytest.raises(ValueError, match=r"every trainable LoRA parameter must be a site, and \[.*lora_B.default.bias.*lora_bias=True"):
+        train_ensemble(model, toy_data(), k=2)
+
+
 def sharp():
     """``make()`` with a sharper head than the random init's (whose near-uniform softmax hides the members)."""
     model = make()
