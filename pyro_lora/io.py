@@ -204,6 +204,8 @@ def save_guide(guide, path, run=None, adapter=False):
         return Path(path)
     model = guide.model
     check_guide(model, guide, "save")  # the network's point parameters it saves must still be its own
+    if adapter:
+        _check_peft_model(model)
     tensors = {k: v.detach().contiguous().cpu() for k, v in guide.state_dict().items()}
     tensors.update({_NET + n: p.detach().contiguous().cpu() for n, p in model.named_adapter_parameters()})
     meta = standard_json({  # JSON has no inf or NaN (ivon-opt's default clip_radius is inf): written as null
@@ -392,15 +394,30 @@ def export_adapter(guide, path):
     """Write the posterior mean as a regular peft adapter directory (``PeftModel.from_pretrained`` loads it).
 
     :raises ValueError: if the network changed since the guide was built (another active adapter, merged
-        layers, other LoRA scaling: :func:`~pyro_lora.contract.check_guide`).
+        layers, other LoRA scaling: :func:`~pyro_lora.contract.check_guide`), or is no ``PeftModel`` (a model built
+        on ``net.base_model``).
     """
     check_guide(guide.model, guide, "export the adapter")
+    _check_peft_model(guide.model)
     if not is_main():  # every rank updates its adapter, rank 0 writes it
         guide.model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
         return Path(path)
     with atomic_directory(path) as tmp:
         _write_adapter(guide, tmp)
     return Path(path)
+
+
+def _check_peft_model(model):
+    """Refuse a network that is no ``PeftModel`` (a LoraModel built on ``net.base_model`` or ``.model``): its
+    ``save_pretrained`` is transformers', which writes a whole checkpoint where peft writes an adapter folder."""
+    from peft import PeftModel
+
+    if not isinstance(model.net, PeftModel):
+        raise ValueError(
+            f"cannot write a peft adapter from a {type(model.net).__name__}: only a PeftModel (what get_peft_model "
+            "returns) saves one, and this network's save_pretrained writes a whole checkpoint instead; build the "
+            "LoraModel on the PeftModel rather than on its base_model"
+        )
 
 
 def _write_adapter(guide, folder):

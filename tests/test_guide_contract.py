@@ -275,6 +275,23 @@ def test_export_after_switching_adapter_is_refused(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("inner", ["base_model", "base_model.model"])
+def test_a_model_built_on_the_peft_models_inner_module_predicts_but_refuses_to_write_an_adapter(tmp_path, inner):
+    """Predicting through the inner module is the PeftModel's forward; its save_pretrained is not peft's: it wrote a
+    whole checkpoint as the 'adapter' (from_pretrained failed later, far from the cause)."""
+    net = tiny_bert()
+    model = LoraModel(net.get_submodule(inner), SequenceClassification())
+    guide = MAPGuide(model)
+    torch.testing.assert_close(predict(model, guide, data()).probs, predict(LoraModel(net, SequenceClassification()), None, data()).probs)
+    message = r"cannot write a peft adapter from a .*: only a PeftModel .* build the LoraModel on the PeftModel"
+    with pytest.raises(ValueError, match=message):
+        export_adapter(guide, tmp_path / "a")
+    with pytest.raises(ValueError, match=message):
+        save_guide(guide, tmp_path / "g", adapter=True)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "g").exists()
+    save_guide(guide, tmp_path / "g")  # the guide alone is fine
+
+
 def _llama_guide():
     model = LoraModel(tiny_llama(), CausalLM(), prior=0.5)
     return model, MAPGuide(model)
