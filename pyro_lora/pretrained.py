@@ -448,11 +448,22 @@ def _targets(targets, model):
 def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwargs) -> PeftModel:
     """Wrap ``model`` in the saved peft adapter of ``adapter_dir`` (``PeftModel.from_pretrained``,
     ``kwargs`` passed on) and return the ``PeftModel``, without peft's deprecation noise (see
-    ``_quiet_peft_wrapping``). peft's errors (e.g. no ``adapter_config.json`` there) pass through."""
+    ``_quiet_peft_wrapping``). peft's errors (e.g. no ``adapter_config.json`` there) pass through.
+
+    :raises ValueError: if the weights file lacks some of the adapter's parameters, which peft only warns about
+        (those would stay at their initial values: ``B = 0``, a random head).
+    """
     from peft import PeftModel
 
-    with _quiet_peft_wrapping():
-        return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
+    with _quiet_peft_wrapping(), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*Found missing adapter keys", category=UserWarning)
+        try:
+            return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
+        except UserWarning as warning:
+            raise ValueError(
+                f"the adapter in {adapter_dir} lacks weights of some of its own layers (peft: {warning}): they would stay "
+                "at their initial values (B = 0: no LoRA there; a random head); save the adapter again from the trained model"
+            ) from None
 
 
 def default_mc_format(model: torch.nn.Module) -> str:

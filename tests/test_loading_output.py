@@ -178,6 +178,24 @@ def test_local_model_and_lora_warn_nothing_deprecated(offline, bert_dir, llama_d
     assert reloaded.peft_config["default"].r == 2
 
 
+def test_an_adapter_whose_weights_file_lacks_some_of_its_layers_is_refused_not_loaded_half(tmp_path):
+    """peft only warns on missing adapter keys: the layers left out kept B = 0 (no LoRA), silently in a run's log."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    def lm():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=8, num_hidden_layers=2,
+                                            num_attention_heads=1))
+
+    get_peft_model(lm(), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).save_pretrained(tmp_path / "adapter")
+    P.load_adapter(lm(), tmp_path / "adapter")  # whole: loads
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if "layers.1.self_attn.v_proj" not in k}, weights)
+    with pytest.raises(ValueError, match=r"the adapter in .*adapter lacks weights of some of its own layers .*layers.1.self_attn.v_proj.lora_A"):
+        P.load_adapter(lm(), tmp_path / "adapter")
+
+
 def test_only_the_peft_warning_is_hidden():
     # The filter is scoped: the same deprecation raised outside add_lora/load_adapter still shows.
     with warnings.catch_warnings(record=True) as record:
