@@ -316,15 +316,20 @@ def read_safetensors(file, device="cpu"):
     return tensors
 
 
-def _check_tensors(file, tensors, guide, net_params):
-    """Refuse, naming the tensor, any tensor of ``file`` that ``guide``'s state dict or the network lacks or holds in
-    another shape, and any state of ``guide`` the file lacks: load_state_dict would fail half-way through."""
+def _check_tensors(file, tensors, guide, adapter_params, net_params):
+    """Refuse, naming the tensor, any tensor of ``file`` that ``guide``'s state dict or the model's adapter parameters
+    (what :func:`save_guide` writes) lack or hold in another shape, and any state of ``guide`` the file lacks:
+    load_state_dict would fail half-way through, or a base weight frozen here would be overwritten."""
     state = guide.state_dict()
     owner = type(guide).__name__
     for key, t in tensors.items():
         net = key.startswith(_NET)
-        name, expected = (key[len(_NET) :], net_params) if net else (key, state)
+        name, expected = (key[len(_NET) :], adapter_params) if net else (key, state)
         what = f"network parameter {name!r}" if net else f"{owner} tensor {name!r}"
+        if net and name in net_params and name not in adapter_params:
+            raise ValueError(f"{file} holds {what}, trained with the guide, which this model keeps frozen as a base weight "
+                             "(was the guide's adapter built with peft's bias='all' or 'lora_only', or that parameter "
+                             "unfrozen?): build the adapter as the guide's")
         if name not in expected:
             raise ValueError(f"{file} holds {what}, which this {'model' if net else owner} lacks")
         if t.shape != expected[name].shape:
@@ -377,7 +382,7 @@ def load_guide(path, model):
             raise ValueError(f"{path}/guide.json is corrupt: its config does not build a {cls.__name__} for this model ({err})") from None
         except ValueError as err:  # a value the class refuses, or this model (e.g. other answer letters): err says which
             raise ValueError(f"{path}/guide.json: its config does not build a {cls.__name__} for this model ({err})") from None
-        _check_tensors(path / "guide.safetensors", tensors, guide, net_params)
+        _check_tensors(path / "guide.safetensors", tensors, guide, dict(model.named_adapter_parameters()), net_params)
     except ValueError:
         take_over(model, previous)  # refused: the network stays its previous trainer's
         raise

@@ -194,3 +194,28 @@ def test_a_two_class_guide_over_a_three_class_head_is_refused_by_the_signature(s
     message = refused(saved, num_labels=3)
     assert message == (f"cannot load the guide at {saved} into this model: the head has 2 outputs (classes) in the guide "
                        "and 3 in the model")  # peft's unused copy of the head is no base weight
+
+
+def test_a_guide_that_trained_base_biases_is_refused_where_they_are_frozen_and_the_base_is_left_alone(tmp_path):
+    """peft's bias='lora_only' trains the LoRA layers' base biases, saved with the guide: loaded into a bias='none'
+    adapter they were written over the frozen base biases (refused only later, at predict, as another checkpoint)."""
+    from conftest import tiny_bert_base
+    from peft import LoraConfig, get_peft_model
+
+    def model(bias):
+        net = get_peft_model(tiny_bert_base(num_labels=2), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", bias=bias))
+        return LoraModel(net, SequenceClassification())
+
+    trained = model("lora_only")
+    with torch.no_grad():
+        for n, p in trained.net.named_parameters():
+            if n.endswith("base_layer.bias"):
+                p.add_(1.0)  # as trained
+    save_guide(MAPGuide(trained), tmp_path / "g")
+    frozen = model("none")
+    before = {n: p.detach().clone() for n, p in frozen.net.named_parameters()}
+    with pytest.raises(ValueError, match=r"holds network parameter '.*query.base_layer.bias', trained with the guide, which "
+                                         r"this model keeps frozen as a base weight \(was the guide's adapter built with peft's bias='all'"):
+        load_guide(tmp_path / "g", frozen)
+    assert all(torch.equal(p, before[n]) for n, p in frozen.net.named_parameters())
+    load_guide(tmp_path / "g", model("lora_only"))  # where the adapter trains them too
