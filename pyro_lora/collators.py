@@ -131,8 +131,11 @@ class ClozeCollator:
       normalisation;
     * ``choice_mask [B, K]`` bool and ``labels [B]``.
 
-    Context and continuation are tokenized separately and concatenated, so the boundary is exact;
-    too long a context loses tokens at its start. Missing choices become a 1-token dummy row with an
+    The continuation's tokens are those of context and continuation tokenized together, after the context's
+    own (as lm-evaluation-harness splits them), so they are the text's own: a SentencePiece tokenizer that
+    prepends ``"▁"`` to each text it encodes would give a continuation tokenized alone an extra token. Where
+    the joint tokens merge across the boundary, the continuation is tokenized alone. Too long a context loses
+    tokens at its start. Missing choices become a 1-token dummy row with an
     empty target, lengths 1 (so normalising never divides by zero) and ``choice_mask`` False.
     """
 
@@ -152,8 +155,14 @@ class ClozeCollator:
             pairs.extend(own + [None] * (num_choices - len(own)))
         real = [p for p in pairs if p is not None]
         tok = self.tokenizer
-        contexts = iter(tok([c for c, _ in real], add_special_tokens=False)["input_ids"])
-        continuations = iter(tok([t for _, t in real], add_special_tokens=False)["input_ids"])
+        contexts = tok([c for c, _ in real], add_special_tokens=False)["input_ids"]
+        wholes = tok([c + t for c, t in real], add_special_tokens=False)["input_ids"]
+        alone = tok([t for _, t in real], add_special_tokens=False)["input_ids"]
+        # the continuation's tokens are the text's own: a SentencePiece tokenizer that prepends "▁" to each text gives
+        # " Paris" alone an extra "▁"; where the joint tokens merge across the boundary, the continuation alone
+        split = [(w[: len(c)], w[len(c) :]) if w[: len(c)] == c and len(w) > len(c) else (c, a)
+                 for c, w, a in zip(contexts, wholes, alone)]
+        contexts, continuations = iter([c for c, _ in split]), iter([t for _, t in split])
 
         rows, spans, chars = [], [], []
         budget = self.max_length - len(self.prefix)

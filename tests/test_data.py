@@ -381,6 +381,27 @@ def test_cloze_collator_truncates_context_from_the_left(smol_tok, records):
         assert smol_tok.decode(ids).endswith("Answer:" + cont)
 
 
+def test_cloze_continuations_are_the_texts_own_tokens_with_a_tokenizer_that_prepends_a_space_marker():
+    """Llama-2's / Mistral-v0.1's legacy tokenizer prepends "▁" to every text it encodes: " Paris" alone is
+    ["▁", "▁Paris"], where the text "...Answer: Paris" holds ["▁Paris"] (the extra token was scored, 0.21 in
+    probability on a tiny Llama). The continuation is split from the joint tokens now."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["▁Question:", "▁What", "▁is", "▁it?", "▁Answer:", "▁Paris", "▁London"]
+    vocab = [("<pad>", 0.0), ("<unk>", 0.0), ("▁", -3.0)] + [(w, -1.0) for w in words] + [(c, -5.0) for c in "aeinorstu\n"]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=1))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    assert tokenizer.convert_ids_to_tokens(tokenizer(" Paris", add_special_tokens=False)["input_ids"]) == ["▁", "▁Paris"]
+    record = {"id": "q", "question": "What is it?", "choices": ["Paris", "London"], "label": 0}
+    batch = D.ClozeCollator(tokenizer)([record])
+    for row, choice in enumerate(record["choices"]):
+        whole = tokenizer(f"Question: What is it?\nAnswer: {choice}", add_special_tokens=False)["input_ids"]
+        assert batch["input_ids"][row][batch["attention_mask"][row].bool()].tolist() == whole
+        assert tokenizer.convert_ids_to_tokens(batch["input_ids"][row][batch["target_mask"][row]]) == [f"▁{choice}"]
+
+
 @needs_minilm
 def test_collators_add_the_tokenizers_leading_special_token(minilm_tok, records):
     # MiniLM's tokenizer starts every text with [CLS]; SmolLM2's adds nothing.
