@@ -86,6 +86,11 @@ def _takes(fn, name):
         return False
 
 
+def _no_cache(decoder) -> dict:
+    """``use_cache=False`` where the decoder takes it: a forward read once needs no key/value cache (its memory)."""
+    return {"use_cache": False} if _takes(decoder.forward, "use_cache") else {}
+
+
 def _right_padded(attention_mask):
     """Whether every row is its real tokens followed by padding (no padding before or between them)."""
     mask = attention_mask.bool()
@@ -220,8 +225,24 @@ class SequenceClassification(Likelihood):
                              f"config.num_labels is {labels} (a regression head; one logit gives every probability 1): "
                              "only single-label classification with >= 2 classes is supported (load it with num_labels >= 2)")
 
+    def observed(self, batch):
+        """The labels ``[B]``.
+
+        :raises ValueError: on labels that are not integer class indices of shape ``[B]``, or negative ones (-100,
+            transformers' ignore index: such a row would add nothing to the likelihood yet count as an example).
+        """
+        labels = super().observed(batch)
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.dim() != 1:
+            raise ValueError(f"labels must be integer class indices of shape [B], got {labels.dtype} of shape {tuple(labels.shape)}")
+        if bool((labels < 0).any()):
+            raise ValueError(f"labels hold negative values ({sorted(set(labels[labels < 0].tolist()))[:3]}; -100 is "
+                             "transformers' ignore index): SequenceClassification scores every row, and an unlabelled one "
+                             "would count as an example adding nothing to the likelihood; drop the unlabelled rows")
+        return labels
+
     def logits(self, net, batch, num_samples=None):
         mask, pad = batch.get("attention_mask"), _pad_token_id(net)
+        _refuse_empty_rows(batch, "a classification")
         if mask is not None:
             if not _right_padded(mask):
                 raise ValueError(
@@ -281,6 +302,9 @@ class MultipleChoice(Likelihood):
             ids = self.answer_token_ids
             if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.is_complex():
                 raise ValueError(f"answer_token_ids must be a non-empty 1-d sequence of token ids, got {ids.tolist()!r}")
+            if bool((ids < 0).any()):
+                raise ValueError(f"answer_token_ids {ids.tolist()} hold a negative id: indexing would read a token from the "
+                                 "end of the vocabulary; give each choice's token id")
             if ids.unique().numel() != ids.numel():
                 raise ValueError(
                     f"answer_token_ids {ids.tolist()} repeat a token: those choices would always get the same "
@@ -295,11 +319,14 @@ class MultipleChoice(Likelihood):
         the decoder and the head itself, does not repeat (it repeats Gemma's softcapping, Cohere's and Granite's
         scalings): its letter and cloze scores would not be the model's own. One forward of 4 tokens each way.
 
-        :raises ValueError: naming the model class and the largest difference.
+        :raises ValueError: naming the model class and the largest difference, or answer tokens beyond its vocabulary.
         """
         decoder, head = _decoder_and_head(net)
         weight = getattr(_base(net).get_output_embeddings(), "weight", None)
         vocab = weight.shape[0] if weight is not None else 5
+        if weight is not None and self.answer_token_ids is not None and int(self.answer_token_ids.max()) >= vocab:
+            raise ValueError(f"answer_token_ids {self.answer_token_ids.tolist()} name a token beyond the LM head's {vocab} rows: "
+                             "give token ids of this model's tokenizer")
         ids = (torch.arange(1, 5) % vocab).unsqueeze(0).to(next(net.parameters()).device)
         was_training = net.training
         net.eval()  # no dropout: both ways must be the same function
@@ -346,19 +373,19 @@ class MultipleChoice(Likelihood):
             raise ValueError(f"the batch has {choice_mask.shape[-1]} choices and answer_token_ids {self.answer_token_ids.numel()} "
                              "tokens: give one answer token per choice (pyro_lora.data.letter_token_ids)")
         if self.format == "letter":
-            if "attention_mask" in batch and not batch["attention_mask"].bool().any(1).all():
-                raise ValueError("a letter-format row has no real token (its attention_mask is all 0)")
+            _refuse_empty_rows(batch, "a letter-format")
             inputs = repeat_inputs(batch, num_samples, ("input_ids", "attention_mask"))
-            hidden = decoder(**_with_positions(decoder, inputs)).last_hidden_state
+            hidden = decoder(**_with_positions(decoder, inputs), **_no_cache(decoder)).last_hidden_state
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             last = _last_positions(inputs["attention_mask"]) if "attention_mask" in inputs else hidden.shape[1] - 1
             last = hidden[rows, last]
             logits = head(last)[:, self.answer_token_ids.to(hidden.device)[: choice_mask.shape[1]]]
         else:
-            # the shared-prefix path needs position_ids for the continuations after a left-padded context
-            shared = self.share_prefix and _takes(decoder.forward, "position_ids")
-            split = _shared_context(batch) if shared else None
-            scores = self._cloze(decoder, head, batch, num_samples) if split is None else self._cloze_shared(decoder, head, split, num_samples)
+            _refuse_empty_rows(batch, "a cloze")
+            split = _shared_context(batch) if self.share_prefix and _can_share_prefix(decoder) else None
+            scores = None if split is None else self._cloze_shared(decoder, head, split, num_samples)
+            if scores is None:
+                scores = self._cloze(decoder, head, batch, num_samples)
             if self.normalize:
                 length = batch["target_lengths" if self.normalize == "tokens" else "target_chars"].to(scores)
                 scores = scores / (length if num_samples is None else length.repeat(num_samples)).clamp(min=1)
@@ -370,7 +397,7 @@ class MultipleChoice(Likelihood):
     def _cloze(self, decoder, head, batch, num_samples):
         """Every (question, choice) row run in full: ``[B*K, T]`` -> scores ``[*S*B*K]``."""
         inputs = repeat_inputs(batch, num_samples, ("input_ids", "attention_mask"))
-        hidden = decoder(**_with_positions(decoder, inputs)).last_hidden_state
+        hidden = decoder(**_with_positions(decoder, inputs), **_no_cache(decoder)).last_hidden_state
         target = batch["target_mask"].bool()
         if num_samples is not None:
             target = target.repeat(num_samples, 1)
@@ -378,7 +405,8 @@ class MultipleChoice(Likelihood):
         return _score_tokens(head, hidden[:, :-1][pred], inputs["input_ids"][:, 1:][pred], pred)
 
     def _cloze_shared(self, decoder, head, split, num_samples):
-        """The shared question runs once per record; its key/value cache serves the ``K`` continuations."""
+        """The shared question runs once per record; its key/value cache serves the ``K`` continuations (``None``
+        when the decoder returns no cache)."""
         ctx_ids, ctx_mask, cont_ids, cont_mask, k = split
         if num_samples is not None:
             ctx_ids, ctx_mask, cont_ids, cont_mask = (t.repeat(num_samples, 1) for t in (ctx_ids, ctx_mask, cont_ids, cont_mask))
@@ -387,6 +415,8 @@ class MultipleChoice(Likelihood):
         # transformers renamed past_key_values to cache; accept both
         name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
         cache = getattr(out, name)
+        if cache is None:  # the decoder kept no cache (e.g. transformers' own checkpointing drops it): every row in full
+            return None
         cache.batch_repeat_interleave(k)
         ctx_mask = ctx_mask.repeat_interleave(k, 0)
         positions = ctx_mask.sum(1, keepdim=True) + torch.arange(cont_ids.shape[1], device=cont_ids.device)
@@ -397,6 +427,32 @@ class MultipleChoice(Likelihood):
         hidden = torch.cat([out.last_hidden_state[:, -1:].repeat_interleave(k, 0), cont[:, :-1]], 1)
         mask = cont_mask.bool()
         return _score_tokens(head, hidden[mask], cont_ids[mask], mask)
+
+
+def _can_share_prefix(decoder) -> bool:
+    """Whether a question's key/value cache gives its continuations what a full forward gives them: the decoder takes
+    ``position_ids`` (continuations after a left-padded context), keeps a cache (not under transformers' checkpointing
+    while training) and its rotary frequencies do not depend on the length run (dynamic NTK and LongRoPE rescale
+    them once a forward passes a length, so the question alone would get other ones)."""
+    if not _takes(decoder.forward, "position_ids"):
+        return False
+    if decoder.training and getattr(decoder, "gradient_checkpointing", False):
+        return False
+    for m in decoder.modules():
+        kind = getattr(m, "rope_type", None)
+        for t in (kind.values() if isinstance(kind, dict) else (kind,)):
+            if isinstance(t, str) and ("dynamic" in t or t == "longrope"):
+                return False
+    return True
+
+
+def _refuse_empty_rows(batch, what):
+    """Refuse rows whose ``attention_mask`` is all 0: no token to read a score from (the network would still give one)."""
+    mask = batch.get("attention_mask")
+    if mask is not None and not bool(mask.bool().any(-1).all()):
+        rows = (~mask.bool().any(-1)).nonzero().flatten().tolist()
+        raise ValueError(f"{what} batch's row(s) {rows[:5]} have no real token (attention_mask all 0): the network would "
+                         "score padding; drop empty rows")
 
 
 def _score_tokens(head, hidden, tokens, mask):
@@ -423,8 +479,10 @@ def _shared_context(batch):
     n, t = ids.shape
     start = target.int().argmax(1)  # first continuation position (0 for the empty rows of missing choices)
     length = target.sum(1)
-    ctx_len = start.view(b, k)[:, 0]  # every record has its first choice
     pos = torch.arange(t, device=ids.device)
+    if not bool((target == ((pos >= start[:, None]) & (pos < (start + length)[:, None]))).all()):
+        return None  # a target with a gap: the continuations below are read as runs of consecutive tokens
+    ctx_len = start.view(b, k)[:, 0]  # every record has its first choice
     ids3 = ids.view(b, k, t)
     in_ctx = pos < ctx_len[:, None, None]
     same = ((ids3 == ids3[:, :1]) | ~in_ctx).all(-1) & (start.view(b, k) == ctx_len[:, None])

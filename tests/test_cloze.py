@@ -1,5 +1,6 @@
 """The cloze multiple-choice likelihood against direct per-choice computations on a tiny causal LM."""
 
+import pytest
 import torch
 from conftest import tiny_llama
 
@@ -121,3 +122,60 @@ def test_shared_prefix_s_samples_and_gradients():
     ref_grads = torch.autograd.grad(full[torch.isfinite(full)].sum(), list(values.values()))
     for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-4)
+
+
+def _llama(seed=8, **config):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, pad_token_id=0, initializer_range=0.5, **config)
+    return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"])).eval()
+
+
+def test_a_length_dependent_rope_is_scored_in_full_rows():
+    """Dynamic NTK rescales the rotary frequencies once a forward passes max_position_embeddings: a 7-token question
+    alone kept the unscaled ones, its 10-token rows the rescaled ones (0.96 in probability, the answer flipped)."""
+    from pyro_lora.likelihoods import _can_share_prefix, _decoder_and_head
+
+    net = _llama(max_position_embeddings=8, rope_parameters={"rope_type": "dynamic", "factor": 8.0, "rope_theta": 100.0})
+    g = torch.Generator().manual_seed(8)
+    ctx = torch.randint(1, 64, (7,), generator=g).tolist()
+    items = [[(ctx, torch.randint(1, 64, (3,), generator=g).tolist()) for _ in range(3)]]
+    assert not _can_share_prefix(_decoder_and_head(net)[0])
+    assert _can_share_prefix(_decoder_and_head(_llama(max_position_embeddings=8))[0])
+    with torch.no_grad():
+        logits = LoraModel(net, MultipleChoice(format="cloze")).logits(cloze_batch(items, labels=(0,)))
+        torch.testing.assert_close(logits[0], direct_scores(net, items)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_target_with_a_gap_scores_its_own_tokens_only():
+    """A target_mask skipping a connector token: the shared path read runs of consecutive tokens (0.86 in probability)."""
+    net = _llama(seed=0, max_position_embeddings=64)
+    batch = cloze_batch([[([5, 9, 13, 4], [20, 7, 22]), ([5, 9, 13, 4], [23, 7, 25])]], labels=(0,))
+    batch["target_mask"][:, 5] = False  # the connector 7 is context, not scored
+    batch["target_lengths"] = batch["target_mask"].sum(1)
+    with torch.no_grad():
+        shared = LoraModel(net, MultipleChoice(format="cloze")).logits(batch)
+        logp = [torch.log_softmax(net(input_ids=row[None]).logits[0], -1) for row in batch["input_ids"]]
+    expected = torch.stack([lp[3, row[4]] + lp[5, row[6]] for lp, row in zip(logp, batch["input_ids"])])
+    torch.testing.assert_close(shared[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_transformers_checkpointing_in_training_scores_every_row_in_full():
+    """Checkpointing drops the decoder's cache: the shared path crashed on it (AttributeError on None)."""
+    losses = {}
+    for checkpointing in (False, True):
+        model = LoraModel(tiny_llama(), MultipleChoice(format="cloze"), num_data=2)
+        torch.manual_seed(0)
+        losses[checkpointing] = fit(model, MAPGuide(model), [cloze_batch(SHARED)], progress=False, gradient_checkpointing=checkpointing)
+    torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_without_a_real_token_is_refused_in_every_format():
+    batch = cloze_batch(SHARED)
+    batch["attention_mask"][4] = 0
+    for share in (True, False):
+        with pytest.raises(ValueError, match=r"a cloze batch's row\(s\) \[4\] have no real token"):
+            LoraModel(tiny_llama(), MultipleChoice(format="cloze", share_prefix=share)).logits(batch)

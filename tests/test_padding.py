@@ -337,3 +337,29 @@ def test_decoder_found_through_base_model_without_get_decoder():
     lik = MultipleChoice(LETTERS, format="letter")
     batch = letter_batch(LETTER_RECORDS)
     torch.testing.assert_close(lik.logits(Wrapped(), batch), lik.logits(net, batch), rtol=0, atol=0)
+
+
+def test_a_classification_row_without_a_real_token_or_label_is_refused():
+    """An all-0 attention_mask row got near-uniform probabilities; a -100 label (transformers' ignore index) added
+    nothing to the likelihood yet counted as an example (half the rows unlabelled halved the data term)."""
+    from pyro_lora import fit
+    from pyro_lora.guides import MAPGuide
+
+    model = LoraModel(tiny_bert(), SequenceClassification(), num_data=3)
+    batch = {"input_ids": torch.tensor([[2, 5, 6], [2, 7, 0], [2, 9, 8]]), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0], [1, 1, 1]]),
+             "labels": torch.tensor([0, 2, 1])}
+    model.logits(batch)
+    empty = {**batch, "attention_mask": torch.tensor([[1, 1, 1], [0, 0, 0], [1, 1, 1]])}
+    with pytest.raises(ValueError, match=r"a classification batch's row\(s\) \[1\] have no real token"):
+        model.logits(empty)
+    with pytest.raises(ValueError, match=r"labels hold negative values \(\[-100\]; -100 is transformers' ignore index\)"):
+        fit(model, MAPGuide(model), [{**batch, "labels": torch.tensor([0, -100, 1])}], progress=False)
+    with pytest.raises(ValueError, match=r"labels must be integer class indices of shape \[B\], got torch.float32"):
+        model({**batch, "labels": torch.tensor([0.0, 2.0, 1.0])})
+
+
+def test_answer_token_ids_outside_the_vocabulary_are_refused_by_name():
+    with pytest.raises(ValueError, match=r"answer_token_ids \[50, 51, -1\] hold a negative id"):
+        MultipleChoice(answer_token_ids=[50, 51, -1])
+    with pytest.raises(ValueError, match=r"answer_token_ids \[5, 64\] name a token beyond the LM head's 64 rows"):
+        LoraModel(tiny_llama(), MultipleChoice(answer_token_ids=[5, 64]))
