@@ -15,7 +15,7 @@ from peft.utils import ModulesToSaveWrapper
 
 from . import handoff, pyro_params, quantized
 from .contract import parameter_adapter
-from .ownership import head_trainer
+from .ownership import head_trainer, unwritten_fit
 from .distributions import isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
@@ -249,6 +249,15 @@ class LoraModel:
                 raise ValueError(
                     f"the network's head was trained by a {type(owner).__name__} whose LoRA values the adapter does not hold "
                     f"({stale[0]}, ...): call model.write_adapter(guide.mean()) first, or pass init=guide.mean()"
+                )
+        else:
+            fitted = unwritten_fit(self, values)
+            if fitted is not None:  # no head to pair: a guide built from the adapter would silently miss the training
+                warnings.warn(
+                    f"the adapter still holds the LoRA values it held when fit last trained this network with a "
+                    f"{type(fitted).__name__}, not that guide's mean: what is built from the adapter starts from those "
+                    "values, not from the training; call model.write_adapter(guide.mean()) first (or pass init=guide.mean())",
+                    stacklevel=2,
                 )
         return {k: v.clone() for k, v in values.items()}
 

@@ -169,9 +169,43 @@ def head_trainer(model):
     return owner
 
 
+_FITTED = "_pyro_lora_fitted"  # on the network: adapter -> (the guide fit last trained it with, the adapter's sums then)
+
+
+def record_fit(model, guide) -> None:
+    """``fit`` trained the network with ``guide``: keep it beside the sums of the adapter's LoRA weights as they are
+    now (:func:`unwritten_fit`)."""
+    params = model.random_parameters()
+    sums = _sums(params)
+    fitted = getattr(model.net, _FITTED, None)
+    if not isinstance(fitted, dict):
+        fitted = {}
+        setattr(model.net, _FITTED, fitted)
+    fitted[model.adapter] = (weakref.ref(guide), [sums[id(p)] for p in params])
+
+
+def unwritten_fit(model, values: dict):
+    """The guide ``fit`` last trained ``model``'s network with, if the adapter still holds what it held when that
+    training ended and the guide's mean differs from ``values`` (the adapter's): its mean was never written into the
+    adapter (``model.write_adapter``). ``None`` otherwise."""
+    entry = getattr(model.net, _FITTED, {}).get(model.adapter)
+    guide = entry[0]() if entry is not None else None
+    if guide is None:
+        return None
+    params = model.random_parameters()
+    sums = _sums(params)
+    if [sums[id(p)] for p in params] != entry[1]:  # written or loaded since: whatever it holds was put there
+        return None
+    mean = guide.mean()
+    return guide if any(n in mean and mean[n].shape == v.shape and not torch.equal(mean[n].detach().float(), v)
+                        for n, v in values.items()) else None
+
+
 def take_over(model, guide) -> None:
     """``guide`` (or ``None``: nobody, e.g. while a saved guide is rebuilt) starts setting the point parameters of
     ``model``'s network; the guide that set them before keeps, as the state its predictions need, what it leaves."""
+    if guide is None:  # a guide rebuilt or re-initialised: what it is built from is no longer what fit left
+        getattr(model.net, _FITTED, {}).pop(model.adapter, None)
     previous = trainer(model)
     if previous is guide:
         return

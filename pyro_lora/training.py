@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, pyro_params
 from .contract import check_guide
-from .ownership import point_snapshot, take_over
+from .ownership import point_snapshot, record_fit, take_over
 from .data import to_device
 from .predictive import _positive_int
 
@@ -251,6 +251,8 @@ def fit(
             p.grad = grad
         net.train(was_training)
         guide._point_snapshot = point_snapshot(model)
+    if train_network:
+        record_fit(model, guide)
     if checkpoint_dir:
         save_guide(guide, checkpoint_dir)
     return losses
