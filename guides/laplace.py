@@ -57,15 +57,18 @@ class LaplaceGuide(LoraGuide):
     :param str fisher: ``"mc"`` (one label ``y ~ softmax(f)`` per example, one backward pass) or
         ``"exact"`` (all ``C`` classes weighted by ``p``, through ``C - 1`` backward passes).
     :param int rank: ``k``, rank kept of each ``D x D`` factor (``d_in`` for ``A``, ``d_out`` for ``B``).
-    :param prior_precision: ``lambda``: a float, or a dict site -> float or a list of one per layer.
+    :param prior_precision: ``lambda``: a float, or a dict site -> float or a list of one per layer; default
+        ``1 / prior**2`` of the model's float prior (the prior its MAP was trained under), else 1.0 (with a warning).
     :param str kfac: how token positions enter: ``"reduce"`` (per sequence: mean of the activations,
         sum of the gradients over its tokens; right for one label per sequence) or ``"expand"`` (every
         token a separate term, activations averaged over tokens).
     :param int sketch: Nystrom sketch width for the ``D`` side (default ``2 k + 10``).
     """
 
-    def __init__(self, model, fisher="mc", rank=10, prior_precision=1.0, kfac="reduce", sketch=None):
+    def __init__(self, model, fisher="mc", rank=10, prior_precision=None, kfac="reduce", sketch=None):
         super().__init__(model)
+        if prior_precision is None:
+            prior_precision = _model_precision(model)
         if fisher not in ("mc", "exact"):
             raise ValueError(f"fisher must be 'mc' or 'exact', got {fisher!r}")
         if kfac not in ("reduce", "expand"):
@@ -428,6 +431,15 @@ class LaplaceGuide(LoraGuide):
         """
         return glm_predict(data, self._glm_logits, self.model.likelihood.observed, link, num_samples, keep_samples, progress,
                            ready=lambda: self._check_network("predict"))
+
+
+def _model_precision(model) -> float:
+    """``1 / prior**2`` of ``model``'s isotropic prior std; 1.0, said, for a prior of distributions."""
+    if isinstance(model.prior, (int, float)):
+        return 1.0 / float(model.prior) ** 2
+    warnings.warn(f"the model's prior is a {type(model.prior).__name__}, not one std: the Laplace's prior precision starts "
+                  "at 1.0; pass prior_precision= to match the prior (optimize_prior_precision re-chooses it)", stacklevel=3)
+    return 1.0
 
 
 def prior_precision_grid(grid=None) -> torch.Tensor:

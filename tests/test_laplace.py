@@ -684,3 +684,19 @@ def test_a_repeated_best_grid_value_is_refined_on_both_sides():
     best, _ = search_grid(grid, nlls_of)
     repeated, _ = search_grid(torch.tensor([0.01, 0.1, 1.0, 1.0, 10.0, 100.0]), nlls_of)
     assert repeated == pytest.approx(best) and best > 1.0
+
+
+def test_the_default_prior_precision_is_the_models_prior():
+    """The MAP was trained under the model's prior N(0, s^2): the Laplace's default lambda is 1 / s^2 (it was 1 whatever
+    the prior, so for s = 0.1 a posterior 100 times too wide where the data say little, and another evidence)."""
+    import pyro.distributions as dist
+
+    narrow = LoraModel(tiny_bert(), SequenceClassification(), prior=0.1)
+    assert all(torch.allclose(v, torch.tensor(100.0)) for v in LaplaceGuide(narrow).prior_precision.values())
+    assert all(torch.allclose(v, torch.tensor(2.0)) for v in LaplaceGuide(narrow, prior_precision=2.0).prior_precision.values())
+    sites = LoraModel(tiny_bert(), SequenceClassification()).sites
+    shaped = LoraModel(tiny_bert(), SequenceClassification(),
+                       prior={n: dist.Normal(torch.zeros(s.shape), 0.5).to_event(len(s.shape)) for n, s in sites.items()})
+    with pytest.warns(UserWarning, match="the model's prior is a dict, not one std: the Laplace's prior precision starts at 1.0"):
+        guide = LaplaceGuide(shaped)
+    assert all(torch.allclose(v, torch.tensor(1.0)) for v in guide.prior_precision.values())
