@@ -385,8 +385,8 @@ class LoraModel:
                     "pyro_lora.predict for many samples in one forward"
                 )
         flipout = {n: tr.trace.nodes[n]["infer"]["flipout_loc"] for n in values if "flipout_loc" in tr.trace.nodes[n]["infer"]}
+        y = self.likelihood.observed(batch)  # its checks read the labels on the host: before the forward is queued
         logits = self.logits(batch, values, flipout_locs=flipout)
-        y = self.likelihood.observed(batch)
         size = self.num_data or y.shape[0]
         observed = self.likelihood.distribution(logits)
         if hasattr(observed, "observer"):
