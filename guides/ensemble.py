@@ -290,8 +290,8 @@ def head_parameters(model):
 
 
 def reinitialize(model, seed):
-    """peft's LoRA initialisation (``A`` Kaiming-uniform, ``B = 0``) and the heads (:func:`head_parameters`) as a new
-    training starts them, under ``torch.manual_seed(seed)``.
+    """peft's LoRA initialisation of the adapter (``init_lora_weights``: by default ``A`` Kaiming-uniform, ``B = 0``)
+    and the heads (:func:`head_parameters`) as a new training starts them, under ``torch.manual_seed(seed)``.
 
     A sequence classifier's head (the base model's ``classifier`` or ``score``, which transformers initialises
     afresh) is re-drawn by ``nn.Linear.reset_parameters()``; any other module peft trains a copy of
@@ -299,21 +299,45 @@ def reinitialize(model, seed):
     ``original_module``'s.
 
     :raises ValueError: for a trainable base parameter outside both (a LoRA layer's base bias under peft's
-        ``bias="all"`` or ``"lora_only"``, a weight unfrozen by hand): nothing holds the value it started from.
+        ``bias="all"`` or ``"lora_only"``, a weight unfrozen by hand): nothing holds the value it started from; or an
+        adapter whose init rewrote the base weights or needs data (PiSSA, OLoRA, EVA, ...).
     :returns: the head parameter names.
     """
     heads = head_parameters(model)
     fresh, copied = _restarts(model, heads)
+    init = _member_init(model)
     take_over(model, None)  # whichever guide trained the head keeps its state: restoring it later is no change
     torch.manual_seed(seed)
     with torch.no_grad():
         for layer in model.layers.values():
-            layer.reset_lora_parameters(model.adapter, True)
+            if init is False:  # peft leaves both at nn.Linear's own initialisation
+                layer.lora_A[model.adapter].reset_parameters()
+                layer.lora_B[model.adapter].reset_parameters()
+            else:
+                layer.reset_lora_parameters(model.adapter, init)
         for module in fresh:
             module.reset_parameters()
         for p, start in copied:
             p.copy_(start)
     return heads
+
+
+def _member_init(model):
+    """The adapter's own ``init_lora_weights`` for a new member: ``True`` (A Kaiming-uniform, B = 0), ``False`` or
+    ``"gaussian"``; a network without a peft config counts as ``True``.
+
+    :raises ValueError: for an init that rewrites the base weights or needs data (PiSSA, OLoRA, EVA, ...): a new
+        member cannot start as that init started the adapter.
+    """
+    config = getattr(model.net, "peft_config", None)
+    init = getattr(config.get(model.adapter), "init_lora_weights", True) if isinstance(config, dict) else True
+    if init not in (True, False, "gaussian"):
+        raise ValueError(
+            f"adapter {model.adapter!r} was initialised with init_lora_weights={init!r}: a new member cannot start as it "
+            "did (the init rewrote the base weights, or needs data), and peft's default init on those weights would start "
+            "it from another function; train the members from an adapter built with init_lora_weights=True"
+        )
+    return init
 
 
 def _restarts(model, heads):
@@ -371,6 +395,7 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
                          "left out of the sites: build the model with random='AB'; or peft's lora_bias=True: B's bias): "
                          "they cannot vary per member")
     _restarts(model, head_parameters(model))  # refused before any training, not at the first member's start
+    _member_init(model)
     fit_kwargs = {"progress": False, **(fit_kwargs or {})}
     heads_names = head_parameters(model)
     params = dict(model.net.named_parameters())

@@ -19,7 +19,7 @@ from .ownership import head_trainer, unwritten_fit
 from .distributions import isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
-from .sites import Site, active_adapter, base_rewriting_init, build_sites, check_values, find_lora_layers, matrix_view, per_layer
+from .sites import Site, active_adapter, base_rewriting_inits, build_sites, check_values, describe_inits, find_lora_layers, matrix_view, per_layer
 
 
 class LoraModel:
@@ -82,12 +82,12 @@ class LoraModel:
             raise ValueError(f"adapter {self.adapter!r} is not the network's active adapter: call net.set_adapter({self.adapter!r}) first")
         _check_prior_and_size(prior, num_data)
         self.layers = find_lora_layers(net, self.adapter)
-        self._rewritten_base = base_rewriting_init(net, self.adapter)
-        if self._rewritten_base:
+        rewritten = base_rewriting_inits(net)
+        if rewritten:
             warnings.warn(
-                f"adapter {self.adapter!r} was initialised with init_lora_weights={self._rewritten_base!r}, which moved "
-                "part of each base weight into A and B: the prior, centred at A = B = 0, is centred at the residual base "
-                "weights, not at the pretrained model (give a prior centred at the initial A, B if that is not meant)",
+                f"{describe_inits(rewritten)} moved part of each base weight it adapts into its A and B: the prior, "
+                "centred at A = B = 0, is centred at those residual base weights, not at the pretrained model (give a "
+                "prior centred at the initial A, B if that is not meant)",
                 stacklevel=2,
             )
         self._lora_shapes = {path: _lora_shapes(layer, self.adapter) for path, layer in self.layers.items()}
@@ -138,6 +138,17 @@ class LoraModel:
     def _lora_parameters(self, layer) -> list:
         """The layer's peft LoRA weights (``lora_A``, ``lora_B``): those of the kinds with a peft parameter."""
         return [getattr(layer, k.parameter)[self.adapter].weight for k in KINDS.values() if k.parameter is not None]
+
+    def named_lora_weights(self) -> list:
+        """``(name, parameter)`` of every peft LoRA weight of the model's layers (``lora_A`` / ``lora_B``), names as in
+        ``net.named_parameters()``."""
+        return [(f"{path}.{k.parameter}.{self.adapter}.weight", self._parameter(path, k))
+                for path in self.layers for k in KINDS.values() if k.parameter is not None]
+
+    def lora_weight_values(self, values: dict) -> dict:
+        """Site values (``values``) as the peft LoRA weights they stand for: name -> tensor (kinds with a peft parameter)."""
+        return {f"{path}.{KINDS[m].parameter}.{self.adapter}.weight": v
+                for path, mats in per_layer(self.sites, values).items() for m, v in mats.items() if KINDS[m].parameter is not None}
 
     def random_parameters(self) -> list:
         """The peft parameters whose values the sites replace (sites of kinds with a peft parameter)."""
@@ -251,11 +262,11 @@ class LoraModel:
                     f"({stale[0]}, ...): call model.write_adapter(guide.mean()) first, or pass init=guide.mean()"
                 )
         else:
-            fitted = unwritten_fit(self, values)
+            fitted = unwritten_fit(self)
             if fitted is not None:  # no head to pair: a guide built from the adapter would silently miss the training
                 warnings.warn(
                     f"the adapter still holds the LoRA values it held when fit last trained this network with a "
-                    f"{type(fitted).__name__}, not that guide's mean: what is built from the adapter starts from those "
+                    f"{fitted}, not that guide's mean: what is built from the adapter starts from those "
                     "values, not from the training; call model.write_adapter(guide.mean()) first (or pass init=guide.mean())",
                     stacklevel=2,
                 )
@@ -327,12 +338,12 @@ class LoraModel:
 
     def _logits(self, batch, values, num_samples, flipout_locs):
         disabled = [p for p, layer in self.layers.items() if layer.disable_adapters]
-        if disabled and self._rewritten_base:
+        rewritten = base_rewriting_inits(self.net) if disabled else {}
+        if rewritten:
             raise ValueError(
-                f"the adapters are disabled ({disabled[0]}), but adapter {self.adapter!r} was initialised with "
-                f"init_lora_weights={self._rewritten_base!r}, which subtracted its initial B A from the base weights: "
-                "without the adapter the network runs those residual weights, not the pretrained model; for zero-shot "
-                "predictions load the base model without the adapter"
+                f"the adapters are disabled ({disabled[0]}), but {describe_inits(rewritten)} subtracted its initial B A "
+                "from the base weights: without the adapter the network runs those residual weights, not the pretrained "
+                "model; for zero-shot predictions load the base model without the adapter"
             )
         if values is None:
             return self.likelihood.logits(self.net, batch, num_samples)

@@ -169,36 +169,37 @@ def head_trainer(model):
     return owner
 
 
-_FITTED = "_pyro_lora_fitted"  # on the network: adapter -> (the guide fit last trained it with, the adapter's sums then)
+_FITTED = "_pyro_lora_fitted"  # on the network: adapter -> (guide class, LoRA weight name -> (sums then, its mean's))
 
 
 def record_fit(model, guide) -> None:
-    """``fit`` trained the network with ``guide``: keep it beside the sums of the adapter's LoRA weights as they are
-    now (:func:`unwritten_fit`)."""
-    params = model.random_parameters()
-    sums = _sums(params)
+    """``fit`` trained the network with ``guide``: keep, per LoRA weight its sites hold, the sums of the adapter's
+    weight as it is now and of the guide's mean (:func:`unwritten_fit`); sums, not the guide, so that a guide
+    dropped after training or a model over the network with other sites still sees them."""
+    held = dict(model.named_lora_weights())
+    mean = model.lora_weight_values({n: v.detach() for n, v in guide.mean().items()})
+    sums = _sums([*held.values(), *mean.values()])
+    record = {n: (sums[id(held[n])], sums[id(v)]) for n, v in mean.items()}
     fitted = getattr(model.net, _FITTED, None)
     if not isinstance(fitted, dict):
         fitted = {}
         setattr(model.net, _FITTED, fitted)
-    fitted[model.adapter] = (weakref.ref(guide), [sums[id(p)] for p in params])
+    fitted[model.adapter] = (type(guide).__name__, record)
 
 
-def unwritten_fit(model, values: dict):
-    """The guide ``fit`` last trained ``model``'s network with, if the adapter still holds what it held when that
-    training ended and the guide's mean differs from ``values`` (the adapter's): its mean was never written into the
-    adapter (``model.write_adapter``). ``None`` otherwise."""
+def unwritten_fit(model) -> str | None:
+    """The class of the guide ``fit`` last trained ``model``'s network with, if every LoRA weight still holds what it
+    held when that training ended and some differ from the guide's mean: its mean was never written into the adapter
+    (``model.write_adapter``). ``None`` otherwise."""
     entry = getattr(model.net, _FITTED, {}).get(model.adapter)
-    guide = entry[0]() if entry is not None else None
-    if guide is None:
+    if entry is None:
         return None
-    params = model.random_parameters()
-    sums = _sums(params)
-    if [sums[id(p)] for p in params] != entry[1]:  # written or loaded since: whatever it holds was put there
+    name, record = entry
+    held = [(n, p) for n, p in model.named_lora_weights() if n in record]
+    sums = _sums(p for _, p in held)
+    if not held or any(sums[id(p)] != record[n][0] for n, p in held):  # written or loaded since: it holds what was put there
         return None
-    mean = guide.mean()
-    return guide if any(n in mean and mean[n].shape == v.shape and not torch.equal(mean[n].detach().float(), v)
-                        for n, v in values.items()) else None
+    return name if any(record[n][0] != record[n][1] for n, _ in held) else None
 
 
 def take_over(model, guide) -> None:

@@ -129,13 +129,18 @@ def _tied_lora(net, layers, adapter) -> tuple[str, str] | None:
 _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
-def base_rewriting_init(net, adapter: str) -> str | None:
-    """The adapter's ``init_lora_weights`` when it is one that rewrote the base weights (PiSSA, CorDA, OLoRA,
-    LoftQ, LoRA-GA), else ``None``; read from the network's peft config (a network without one, LoRA injected by
-    hand, gives ``None``)."""
+def base_rewriting_inits(net) -> dict:
+    """Adapter -> its ``init_lora_weights``, for the network's adapters initialised by one that rewrote the base
+    weights they adapt (PiSSA, CorDA, OLoRA, LoftQ, LoRA-GA): any adapter, since they share the base weights. Read
+    from the network's peft config (a network without one, LoRA injected by hand, gives none)."""
     config = getattr(net, "peft_config", None)
-    init = getattr(config.get(adapter), "init_lora_weights", None) if isinstance(config, dict) else None
-    return init if isinstance(init, str) and init.lower().startswith(_BASE_REWRITING_INITS) else None
+    inits = {a: getattr(c, "init_lora_weights", None) for a, c in config.items()} if isinstance(config, dict) else {}
+    return {a: i for a, i in inits.items() if isinstance(i, str) and i.lower().startswith(_BASE_REWRITING_INITS)}
+
+
+def describe_inits(inits: dict) -> str:
+    """``adapter 'p' (init_lora_weights='pissa')``, for messages."""
+    return ", ".join(f"adapter {a!r} (init_lora_weights={i!r})" for a, i in inits.items())
 
 
 def _linear_types(linear) -> tuple:

@@ -584,3 +584,34 @@ def test_an_ensemble_carrying_its_heads_is_no_longer_refused_after_the_network_h
     before = predict_ensemble(model, ensemble, toy_data()).probs
     fit(model, MAPGuide(model), toy_data(), epochs=1, lr=5e-2, progress=False)
     torch.testing.assert_close(predict_ensemble(model, ensemble, toy_data()).probs, before)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_members_of_an_adapter_whose_init_rewrote_the_base_are_refused(init):
+    """Kaiming A and B = 0 on a PiSSA adapter start a member at the residual base weights, another function than
+    the pretrained model peft's init starts from (0.215 in probability): refused before any training."""
+    from pyro_lora.guides.ensemble import reinitialize
+
+    with pytest.warns(UserWarning, match="moved part of each base weight"):
+        model = peft_bert(init_lora_weights=init)
+    before = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    message = f"adapter 'default' was initialised with init_lora_weights='{init}': a new member cannot start as it did"
+    with pytest.raises(ValueError, match=message):
+        train_ensemble(model, toy_data(), k=2, fit_kwargs={"epochs": 1})
+    with pytest.raises(ValueError, match=message):
+        reinitialize(model, seed=1)
+    assert all(torch.equal(p, before[n]) for n, p in model.net.named_parameters())
+
+
+@pytest.mark.parametrize("init", [False, "gaussian"])
+def test_a_new_member_starts_from_its_adapters_own_init(init):
+    from pyro_lora.guides.ensemble import reinitialize
+
+    model = peft_bert(init_lora_weights=init)
+    reinitialize(model, seed=1)
+    layer = next(iter(model.layers.values()))
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    if init == "gaussian":  # peft's: A ~ N(0, 1/r), B = 0
+        assert torch.count_nonzero(b) == 0 and abs(a.std().item() - 1 / 4) < 0.05
+    else:  # nn.Linear's own initialisation of both
+        assert torch.count_nonzero(b) == b.numel() and a.abs().max() <= 1 / math.sqrt(a.shape[1])

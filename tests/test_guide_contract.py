@@ -480,10 +480,16 @@ def test_a_guide_that_trained_no_point_parameter_leaves_the_adapter_free_but_an_
         MeanFieldGuide(model)  # the MAP kept its LoRA in the guide, and trained nothing in the network
     with pytest.warns(UserWarning, match=message):
         TFBGuide(model)
+    other = LoraModel(model.net, CausalLM(), random="A", prior=0.5)  # other sites over the same network: said too
+    with pytest.warns(UserWarning, match=message):
+        MeanFieldGuide(other)
     model.write_adapter({k: v.detach() for k, v in trained.mean().items()})
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         MeanFieldGuide(model)
+    fit(model, MAPGuide(model), [_llama_batch()], lr=1e-2, progress=False)  # a guide not kept after training: said too
+    with pytest.warns(UserWarning, match=message):
+        TFBGuide(model)
 
 
 def test_the_owner_is_checked_too_and_a_non_owner_cannot_save_another_guides_head(tmp_path):

@@ -256,15 +256,27 @@ def test_an_init_that_rewrote_the_base_weights_is_named_and_its_residual_is_neve
     pretrained = tiny_bert_base().eval()
     reference = pretrained(**random_batch()).logits
     net = get_peft_model(tiny_bert_base(), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=init)).eval()
-    with pytest.warns(UserWarning, match=f"init_lora_weights='{init}'.*the prior, centred at A = B = 0, is centred at the residual base weights"):
+    with pytest.warns(UserWarning, match=f"adapter 'default' \\(init_lora_weights='{init}'\\) moved .* the prior, centred at A = B = 0, is centred at those residual"):
         model = LoraModel(net, SequenceClassification())
     with torch.no_grad():
         torch.testing.assert_close(predict(model, None, [batch()]).probs, torch.softmax(reference, -1), rtol=1e-4, atol=1e-5)
         with net.disable_adapter():
             residual = net.base_model.model.bert.encoder.layer[0].attention.self.query.base_layer.weight
             assert (residual - pretrained.bert.encoder.layer[0].attention.self.query.weight).abs().max() > 1e-2
-            with pytest.raises(ValueError, match=f"adapter 'default' was initialised with init_lora_weights='{init}'.*not the pretrained model"):
+            with pytest.raises(ValueError, match=f"adapter 'default' \\(init_lora_weights='{init}'\\) subtracted its initial B A.*not the pretrained model"):
                 predict(model, None, [batch()])
+
+
+def test_a_base_rewriting_init_in_another_adapter_is_said_too():
+    """PiSSA in a second adapter rewrites the base weights the first adapts: zero-shot through it scored the residual
+    (0.56 in probability), and peft's own warning checks for 'pissa' exactly ('pissa_niter_2' passed silently)."""
+    net = get_peft_model(tiny_bert_base(), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")).eval()
+    net.add_adapter("p", LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights="pissa_niter_2"))
+    net.set_adapter("default")
+    with pytest.warns(UserWarning, match=r"adapter 'p' \(init_lora_weights='pissa_niter_2'\) moved"):
+        model = LoraModel(net, SequenceClassification())
+    with torch.no_grad(), net.disable_adapter(), pytest.raises(ValueError, match=r"adapter 'p' \(init_lora_weights='pissa_niter_2'\) subtracted"):
+        predict(model, None, [batch()])
 
 
 @pytest.mark.parametrize("init", [False, "gaussian", "orthogonal"])
