@@ -135,7 +135,8 @@ class ClozeCollator:
     own (as lm-evaluation-harness splits them), so they are the text's own: a SentencePiece tokenizer that
     prepends ``"▁"`` to each text it encodes would give a continuation tokenized alone an extra token. Where
     the joint tokens merge across the boundary, the continuation is tokenized alone. Too long a context loses
-    tokens at its start. Missing choices become a 1-token dummy row with an
+    tokens at its start; a choice longer than ``max_length`` leaves for it is refused (``ValueError``), since
+    cutting its end would score the choices on their beginnings. Missing choices become a 1-token dummy row with an
     empty target, lengths 1 (so normalising never divides by zero) and ``choice_mask`` False.
     """
 
@@ -149,10 +150,11 @@ class ClozeCollator:
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
         num_choices = max(len(r["choices"]) for r in records)
-        pairs = []
+        pairs, owners = [], []
         for record in records:
             own = cloze_pairs(record)
             pairs.extend(own + [None] * (num_choices - len(own)))
+            owners.extend([record.get("id")] * num_choices)
         real = [p for p in pairs if p is not None]
         tok = self.tokenizer
         contexts = tok([c for c, _ in real], add_special_tokens=False)["input_ids"]
@@ -166,14 +168,19 @@ class ClozeCollator:
 
         rows, spans, chars = [], [], []
         budget = self.max_length - len(self.prefix)
-        for pair in pairs:
+        for pair, owner in zip(pairs, owners):
             if pair is None:
                 rows.append([self.pad_id])
                 spans.append((1, 1))
                 chars.append(1)
                 continue
             ctx, cont = next(contexts), next(continuations)
-            cont = cont[: budget - 1]  # keep at least one context token to condition on
+            if len(cont) > budget - 1:  # at least one context token to condition on
+                raise ValueError(
+                    f"a choice of record {owner!r} is {len(cont)} tokens, more than max_length={self.max_length} leaves "
+                    f"for it ({budget - 1}): its end would be cut and the choices scored on their beginnings only; "
+                    "raise max_length"
+                )
             ctx = ctx[len(ctx) - (budget - len(cont)) :] if len(ctx) + len(cont) > budget else ctx
             row = self.prefix + ctx + cont
             rows.append(row)

@@ -138,6 +138,8 @@ def load_meta(name: str, data_dir: str | os.PathLike | None = None) -> dict:
         names = meta.get("label_names")
         if not isinstance(names, list) or len(names) < 2:
             raise ValueError(f"{path}: classification needs label_names, a list of at least 2 names")
+        if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise ValueError(f"{path}: label_names must be distinct non-empty strings, got {names}")
     return meta
 
 
@@ -160,6 +162,8 @@ def validate_record(record: object, task: str, num_labels: int | None = None) ->
     if task == "classification":
         if not isinstance(record["text"], str):
             return "text must be a string"
+        if not record["text"].strip():
+            return "text is empty (or only whitespace): every such example would be the same input"
         if num_labels is not None and not 0 <= label < num_labels:
             return f"label {label} out of range [0, {num_labels})"
         return None
@@ -168,6 +172,9 @@ def validate_record(record: object, task: str, num_labels: int | None = None) ->
     choices = record["choices"]
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
         return "choices must be a list of at least 2 strings"
+    blank = [i for i, c in enumerate(choices) if not c.strip()]
+    if blank:
+        return f"choice(s) {blank} are empty (or only whitespace): a blank continuation scores as one likely token"
     if not 0 <= label < len(choices):
         return f"label {label} out of range [0, {len(choices)})"
     if "context" in record and not isinstance(record["context"], str):

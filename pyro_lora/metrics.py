@@ -3,7 +3,8 @@
 Conventions: ``probs`` is ``[N, C]`` predictive probabilities (rows sum to 1; classes beyond an
 example's choice count carry probability 0), ``labels`` is ``[N]`` integer class indices,
 ``sample_probs`` is ``[S, N, C]`` per-sample probabilities. Numpy arrays are accepted and
-converted. Everything is computed in float64 so that bin edges and sums do not drift.
+converted. Everything is computed in float64 so that sums do not drift; confidences are binned in the input's
+dtype, against edges rounded to it, so that a float32 0.6 lands in the bin a float64 0.6 does.
 Scalar metrics return Python floats; per-example quantities return ``[N]`` float64 tensors.
 
 Every metric checks that its rows are probability vectors (non-negative, summing to 1 up to the input
@@ -130,13 +131,16 @@ def _check_sample_probs(sample_probs) -> torch.Tensor:
 
 
 def _confidence_correct(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-label confidence ``[N]`` and correctness ``[N]`` (float 0/1); ties go to the lowest index."""
-    conf, pred = probs.max(dim=-1)
-    return conf, (pred == labels).to(torch.float64)
+    """Top-label confidence ``[N]`` and correctness ``[N]``: 1 or 0, or ``1 / m`` where the label is one of ``m``
+    classes tied at the top (the expectation over a random tie-break: credit does not depend on the label's index)."""
+    conf = probs.max(dim=-1).values
+    tied = probs == conf.unsqueeze(-1)
+    return conf, tied.gather(-1, labels.unsqueeze(-1)).squeeze(-1).to(torch.float64) / tied.sum(-1)
 
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
-    """Fraction of examples whose argmax class is the label: mean_i 1[argmax_c p_ic = y_i].
+    """Fraction of examples whose argmax class is the label: mean_i 1[argmax_c p_ic = y_i] (``1 / m`` where the
+    label is one of ``m`` classes tied at the top).
 
     :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
     """
@@ -154,10 +158,14 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 
     if int(num_bins) != num_bins or num_bins < 1:
         raise ValueError(f"num_bins must be a positive integer, got {num_bins}")
     num_bins = int(num_bins)
+    dtype = torch.as_tensor(probs).dtype
     probs, labels = _check_probs(probs, labels)
     conf, correct = _confidence_correct(probs, labels)
-    # Right-closed bins as in Guo et al. 2017: confidence exactly k/B falls in bin k-1.
-    idx = (torch.ceil(conf * num_bins).long() - 1).clamp(0, num_bins - 1)
+    # Right-closed bins as in Guo et al. 2017: confidence exactly k/B falls in bin k-1. The comparison is made in the
+    # input's dtype, edges rounded like the probabilities: float32's 0.6 is 0.60000002, and would leave its bin in float64
+    where = dtype if dtype.is_floating_point else torch.float64
+    edges = (torch.arange(num_bins + 1, dtype=torch.float64) / num_bins).to(where)
+    idx = (torch.searchsorted(edges, conf.to(where).contiguous()) - 1).clamp(0, num_bins - 1)
     counts = torch.bincount(idx, minlength=num_bins)
     denom = counts.clamp(min=1).to(torch.float64)
     conf_sum = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, idx, conf)

@@ -237,3 +237,22 @@ def test_a_plugin_that_fails_to_load_is_one_error_line(monkeypatch, capsys):
     assert cli.main(["compare", "--help"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("pyro-lora: error: a pyro_lora.methods plugin failed to load: ModuleNotFoundError")
+
+
+def test_a_shifted_set_naming_its_labels_in_another_order_is_refused_before_loading(nothing_loads, tmp_path, capsys):
+    """Labels are compared by index: a set with label_names ["positive", "negative"] scored accuracy 1 - accuracy."""
+    import json
+    import shutil
+
+    from pyro_lora.data import default_data_dir
+
+    data = tmp_path / "data"
+    shutil.copytree(default_data_dir() / "sst2", data / "sst2")
+    (data / "swapped").mkdir()
+    meta = json.loads((data / "sst2" / "meta.json").read_text())
+    (data / "swapped" / "meta.json").write_text(json.dumps({**meta, "label_names": meta["label_names"][::-1]}))
+    shutil.copy(data / "sst2" / "test.jsonl", data / "swapped" / "test.jsonl")
+    argv = ["compare", "--data-dir", str(data), "--eval-datasets", "swapped", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"evaluation set 'swapped' names its labels {meta['label_names'][::-1]}, 'sst2' {meta['label_names']}" in err

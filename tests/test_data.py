@@ -127,6 +127,8 @@ def _write(root, name, meta, lines, split="train"):
         (json.dumps({**GOOD_MC, "label": 2}), "label 2 out of range"),
         (json.dumps({**GOOD_MC, "label": "1"}), "label must be an integer"),
         (json.dumps({**GOOD_MC, "choices": ["only"]}), "at least 2 strings"),
+        (json.dumps({**GOOD_MC, "choices": ["x", " "]}), r"choice\(s\) \[1\] are empty \(or only whitespace\)"),
+        (json.dumps({**GOOD_MC, "choices": ["", "y"]}), r"choice\(s\) \[0\] are empty"),
         (json.dumps({**GOOD_MC, "context": 3}), "context must be a string"),
         ("[1, 2]", "expected a JSON object"),
     ],
@@ -146,6 +148,9 @@ def test_bad_classification_label_names_file_and_line(tmp_path):
     assert f"{path}:2" in str(err.value)
     _write(tmp_path, "toycls", CLS_META, [json.dumps({"id": 3, "label": 0})])
     with pytest.raises(ValueError, match="missing field.*text"):
+        D.load_records("toycls", "train", tmp_path)
+    _write(tmp_path, "toycls", CLS_META, [good, json.dumps({"id": 4, "text": " \n", "label": 0})])
+    with pytest.raises(ValueError, match="text is empty \\(or only whitespace\\)"):
         D.load_records("toycls", "train", tmp_path)
 
 
@@ -402,6 +407,15 @@ def test_cloze_continuations_are_the_texts_own_tokens_with_a_tokenizer_that_prep
         assert tokenizer.convert_ids_to_tokens(batch["input_ids"][row][batch["target_mask"][row]]) == [f"▁{choice}"]
 
 
+@needs_smollm2
+def test_a_cloze_choice_longer_than_max_length_leaves_is_refused_not_cut(smol_tok, records):
+    """Cutting a choice's end scored the choices on a shared lead-in: 5 of 16 rows became exact ties."""
+    record = {**records["arc"][0], "choices": ["the same long lead-in words " * 4 + c for c in ("one", "two", "three")]}
+    with pytest.raises(ValueError, match=f"a choice of record {record['id']!r} is .* tokens, more than max_length=16 leaves"):
+        D.ClozeCollator(smol_tok, max_length=16)([record])
+    assert D.ClozeCollator(smol_tok, max_length=64)([record])["target_mask"].any()
+
+
 @needs_minilm
 def test_collators_add_the_tokenizers_leading_special_token(minilm_tok, records):
     # MiniLM's tokenizer starts every text with [CLS]; SmolLM2's adds nothing.
@@ -431,3 +445,10 @@ def test_make_loader_is_seeded(smol_tok, records):
     assert order(0) == order(0)
     plain = [b["labels"].tolist() for b in D.make_loader(recs, collator, 4)]
     assert sum(plain, []) == [r["label"] for r in recs]
+
+
+@pytest.mark.parametrize("names", [["x", "x"], ["neg", None], ["neg", ""]])
+def test_label_names_that_cannot_tell_classes_apart_are_refused(tmp_path, names):
+    _write(tmp_path, "toycls", {**CLS_META, "label_names": names}, [json.dumps({"id": 1, "text": "fine", "label": 1})])
+    with pytest.raises(ValueError, match=r"label_names must be distinct non-empty strings"):
+        D.load_records("toycls", "train", tmp_path)

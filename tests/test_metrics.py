@@ -42,8 +42,28 @@ def test_reliability_bins_right_closed_and_consistent_with_ece():
     # Right-closed bins: 0.5 -> (0.25, 0.5], 0.75 -> (0.5, 0.75], 1.0 -> (0.75, 1].
     assert bins.counts.tolist() == [0, 1, 1, 1]
     assert bins.confidence.tolist() == [0.0, 0.5, 0.75, 1.0]
-    assert bins.accuracy.tolist() == [0.0, 1.0, 1.0, 1.0]
-    assert metrics.ece(probs, labels, num_bins=4) == pytest.approx((0.5 + 0.25 + 0.0) / 3)
+    assert bins.accuracy.tolist() == [0.0, 0.5, 1.0, 1.0]  # the tie [0.5, 0.5] earns half a hit
+    assert metrics.ece(probs, labels, num_bins=4) == pytest.approx((0.0 + 0.25 + 0.0) / 3)
+
+
+def test_a_float32_probability_on_a_bin_edge_lands_where_its_float64_twin_does():
+    """float32's 0.6 is 0.60000002: binned in float64 it left the bin (8/15, 9/15] (ECE 0.12 against 0.52)."""
+    probs, labels = [[0.6, 0.4], [0.64, 0.36]], [0, 1]
+    for num_bins in (15, 10, 5, 3):
+        f64 = metrics.reliability_bins(torch.tensor(probs, dtype=torch.float64), torch.tensor(labels), num_bins)
+        f32 = metrics.reliability_bins(torch.tensor(probs, dtype=torch.float32), torch.tensor(labels), num_bins)
+        assert f32.counts.tolist() == f64.counts.tolist()
+    uniform = torch.full((4, 3), 1 / 3)  # float32's 1/3 is above 1/3: still in (4/15, 5/15]
+    assert metrics.reliability_bins(uniform, torch.zeros(4, dtype=torch.long)).counts.nonzero().flatten().tolist() == [4]
+
+
+def test_a_tie_at_the_top_earns_the_same_credit_whichever_class_holds_the_label():
+    """Ties went to the lowest index: [0.5, 0.5] scored accuracy 1 with label 0 and 0 with label 1 (AURC 0 and 1)."""
+    probs = torch.tensor([[0.5, 0.5]] * 4)
+    for labels in (torch.zeros(4, dtype=torch.long), torch.ones(4, dtype=torch.long)):
+        assert metrics.accuracy(probs, labels) == 0.5 and metrics.aurc(probs, labels) == 0.5
+    three = torch.tensor([[0.4, 0.4, 0.2], [0.4, 0.4, 0.2]])
+    assert metrics.accuracy(three, torch.tensor([1, 2])) == pytest.approx(0.25)
 
 
 def test_padded_classes_and_zero_probability_label():

@@ -364,9 +364,15 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
             f"--eval-datasets {','.join(config.eval_datasets)} repeats a set or names the training set {config.dataset!r}: "
             "its rows would merge with the in-distribution ones; list each shifted set once, not the training set"
         )
+    names = D.load_meta(config.dataset, config.data_dir).get("label_names")
     for name in config.eval_datasets:
-        if D.load_meta(name, config.data_dir)["task"] != task:
+        meta = D.load_meta(name, config.data_dir)
+        if meta["task"] != task:
             raise ValueError(f"evaluation set {name!r} is not a {task} dataset like {config.dataset!r}")
+        if task == "classification" and meta["label_names"] != names:
+            raise ValueError(f"evaluation set {name!r} names its labels {meta['label_names']}, {config.dataset!r} "
+                             f"{names}: labels are compared by index, so each would be scored as another class; give "
+                             "both sets the same label_names in the same order")
     limit = max_positions(config.model)
     if limit is not None and config.max_length > limit:
         raise ValueError(f"--max-length {config.max_length} is beyond {config.model}'s {limit} positions: use at most {limit}")
