@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field, replace
 from typing import Optional
@@ -253,7 +254,28 @@ def load_splits(config: CompareConfig):
                          "a validation split from them")
     train, val = D.split_train_val(train_all, val_fraction=config.val_fraction, seed=0)
     test = _test_records(config.dataset, config)
+    _warn_about_splits(config.dataset, train, val, test)
     return train, val, test, {name: _test_records(name, config) for name in config.eval_datasets}
+
+
+def _warn_about_splits(dataset, train, val, test):
+    """Say what makes a run's numbers mean less than they seem: test or validation records that repeat training
+    ones (memory, not generalisation), and test labels no training record has."""
+    def key(r):
+        return r["text"] if "text" in r else (r.get("context"), r["question"], tuple(r["choices"]))
+
+    trained = {key(r) for r in train}
+    for name, records, seen in (("test", test, trained | {key(r) for r in val}), ("validation", val, trained)):
+        repeated = sum(key(r) in seen for r in records)
+        if repeated:
+            warnings.warn(f"{repeated} of the {len(records)} {name} records of {dataset!r} repeat a training or "
+                          "validation record (the same text): their scores measure memory there, not generalisation; "
+                          "deduplicate the splits", stacklevel=3)
+    if "text" in (train[0] if train else {}):
+        unseen = sorted({r["label"] for r in test} - {r["label"] for r in train})
+        if unseen:
+            warnings.warn(f"the test records of {dataset!r} hold label(s) {unseen} that no training record has: the "
+                          "model never learns those classes", stacklevel=3)
 
 
 def data_digest(config: CompareConfig) -> str:
