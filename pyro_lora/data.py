@@ -209,9 +209,12 @@ def load_records(name: str, split: str, data_dir: str | os.PathLike | None = Non
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line, object_pairs_hook=_unique_keys)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+            except KeyError as err:
+                raise ValueError(f"{path}:{lineno}: the key {err.args[0]!r} appears twice in one object (JSON keeps the "
+                                 "last silently): keep one") from None
             problem = validate_record(record, task, num_labels)
             if problem:
                 raise ValueError(f"{path}:{lineno}: invalid {task} record: {problem}")
@@ -219,6 +222,16 @@ def load_records(name: str, split: str, data_dir: str | os.PathLike | None = Non
     if not records:
         raise ValueError(f"{path}: no records (empty file)")
     return records
+
+
+def _unique_keys(pairs):
+    """A JSON object as a dict, refusing a key given twice (``KeyError`` naming it)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise KeyError(key)
+        out[key] = value
+    return out
 
 
 # --------------------------------------------------------------------------- splits

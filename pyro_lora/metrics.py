@@ -14,6 +14,7 @@ results (an ECE x100 of 256, a meaningless NLL) without a word.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -294,7 +295,7 @@ def risk_coverage(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 
 def accuracy_at_coverage(probs: torch.Tensor, labels: torch.Tensor, coverage: float) -> float:
-    """Accuracy on the round(coverage * N) most confident examples (at least one), 0 < coverage <= 1.
+    """Accuracy on the ``coverage * N`` most confident examples, rounded half up (at least one), 0 < coverage <= 1.
 
     Confidence ties at the cut are averaged (see :func:`risk_coverage`): the result does not depend on the
     order of the examples.
@@ -304,7 +305,7 @@ def accuracy_at_coverage(probs: torch.Tensor, labels: torch.Tensor, coverage: fl
     if not 0.0 < coverage <= 1.0:
         raise ValueError(f"coverage must be in (0, 1], got {coverage}")
     _, accuracies = risk_coverage(probs, labels)
-    k = max(1, round(coverage * len(accuracies)))
+    k = max(1, math.floor(coverage * len(accuracies) + 0.5))  # half up: Python's round() keeps 2 of 5 at 0.5
     return float(accuracies[k - 1])
 
 

@@ -131,6 +131,7 @@ def _write(root, name, meta, lines, split="train"):
         (json.dumps({**GOOD_MC, "choices": ["", "y"]}), r"choice\(s\) \[0\] are empty"),
         (json.dumps({**GOOD_MC, "context": 3}), "context must be a string"),
         ("[1, 2]", "expected a JSON object"),
+        ('{"id": "b", "question": "q", "choices": ["x", "y"], "label": 0, "label": 1}', "the key 'label' appears twice"),
     ],
 )
 def test_bad_multiple_choice_line_names_file_and_line(tmp_path, bad_line, message):

@@ -331,3 +331,11 @@ def test_save_png_failure_leaves_no_temp_file(tmp_path):
 def test_importing_plots_does_not_import_matplotlib():
     code = "import sys, pyro_lora.experiments.plots; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+
+
+def test_accuracy_at_coverage_rounds_half_up_whatever_n():
+    """round() rounds half to even: at 0.5 it kept 2 of 5 examples but 4 of 7."""
+    for n, kept in ((5, 3), (7, 4), (3, 2)):
+        probs = torch.tensor([[1.0 - i / (2 * n), i / (2 * n)] for i in range(n)])  # confidence falls with the row
+        labels = torch.tensor([0] * (kept - 1) + [1] * (n - kept + 1))  # the `kept`-th most confident is wrong
+        assert metrics.accuracy_at_coverage(probs, labels, 0.5) == pytest.approx((kept - 1) / kept)
