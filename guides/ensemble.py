@@ -20,7 +20,7 @@ from peft.utils import ModulesToSaveWrapper
 from pyro_lora.contract import parameter_adapter
 from pyro_lora.ownership import take_over
 from pyro_lora.predictive import predict
-from pyro_lora.sites import check_values
+from pyro_lora.sites import check_values, lora_inits
 from pyro_lora.training import fit
 
 from .base import LoraGuide
@@ -329,8 +329,7 @@ def _member_init(model):
     :raises ValueError: for an init that rewrites the base weights or needs data (PiSSA, OLoRA, EVA, ...): a new
         member cannot start as that init started the adapter.
     """
-    config = getattr(model.net, "peft_config", None)
-    init = getattr(config.get(model.adapter), "init_lora_weights", True) if isinstance(config, dict) else True
+    init = lora_inits(model.net).get(model.adapter, True)
     if init not in (True, False, "gaussian"):
         raise ValueError(
             f"adapter {model.adapter!r} was initialised with init_lora_weights={init!r}: a new member cannot start as it "
@@ -394,10 +393,10 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
         raise ValueError(f"every trainable LoRA parameter must be a site, and {point_lora[:4]} are not (a LoRA matrix "
                          "left out of the sites: build the model with random='AB'; or peft's lora_bias=True: B's bias): "
                          "they cannot vary per member")
-    _restarts(model, head_parameters(model))  # refused before any training, not at the first member's start
+    heads_names = head_parameters(model)
+    _restarts(model, heads_names)  # refused before any training, not at the first member's start
     _member_init(model)
     fit_kwargs = {"progress": False, **(fit_kwargs or {})}
-    heads_names = head_parameters(model)
     params = dict(model.net.named_parameters())
     saved = {n: p.detach().clone() for n, p in params.items() if id(p) in lora or n in heads_names}
     members, heads = [], []

@@ -142,13 +142,16 @@ class LoraModel:
     def named_lora_weights(self) -> list:
         """``(name, parameter)`` of every peft LoRA weight of the model's layers (``lora_A`` / ``lora_B``), names as in
         ``net.named_parameters()``."""
-        return [(f"{path}.{k.parameter}.{self.adapter}.weight", self._parameter(path, k))
+        return [(self._weight_name(path, k), self._parameter(path, k))
                 for path in self.layers for k in KINDS.values() if k.parameter is not None]
 
     def lora_weight_values(self, values: dict) -> dict:
         """Site values (``values``) as the peft LoRA weights they stand for: name -> tensor (kinds with a peft parameter)."""
-        return {f"{path}.{KINDS[m].parameter}.{self.adapter}.weight": v
+        return {self._weight_name(path, KINDS[m]): v
                 for path, mats in per_layer(self.sites, values).items() for m, v in mats.items() if KINDS[m].parameter is not None}
+
+    def _weight_name(self, path: str, kind: MatrixKind) -> str:
+        return f"{path}.{kind.parameter}.{self.adapter}.weight"  # as net.named_parameters() names it
 
     def random_parameters(self) -> list:
         """The peft parameters whose values the sites replace (sites of kinds with a peft parameter)."""

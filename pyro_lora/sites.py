@@ -129,13 +129,17 @@ def _tied_lora(net, layers, adapter) -> tuple[str, str] | None:
 _BASE_REWRITING_INITS = ("pissa", "corda", "olora", "loftq", "lora_ga")
 
 
-def base_rewriting_inits(net) -> dict:
-    """Adapter -> its ``init_lora_weights``, for the network's adapters initialised by one that rewrote the base
-    weights they adapt (PiSSA, CorDA, OLoRA, LoftQ, LoRA-GA): any adapter, since they share the base weights. Read
-    from the network's peft config (a network without one, LoRA injected by hand, gives none)."""
+def lora_inits(net) -> dict:
+    """Adapter -> its ``init_lora_weights``, read from the network's peft config (a network without one, LoRA
+    injected by hand, gives none)."""
     config = getattr(net, "peft_config", None)
-    inits = {a: getattr(c, "init_lora_weights", None) for a, c in config.items()} if isinstance(config, dict) else {}
-    return {a: i for a, i in inits.items() if isinstance(i, str) and i.lower().startswith(_BASE_REWRITING_INITS)}
+    return {a: getattr(c, "init_lora_weights", None) for a, c in config.items()} if isinstance(config, dict) else {}
+
+
+def base_rewriting_inits(net) -> dict:
+    """:func:`lora_inits` of the network's adapters initialised by one that rewrote the base weights they adapt
+    (PiSSA, CorDA, OLoRA, LoftQ, LoRA-GA): any adapter, since they share the base weights."""
+    return {a: i for a, i in lora_inits(net).items() if isinstance(i, str) and i.lower().startswith(_BASE_REWRITING_INITS)}
 
 
 def describe_inits(inits: dict) -> str:

@@ -347,7 +347,8 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
     guides = config.guides if guides is None else guides
     methods = [get_method(name) for name in guides or ()]
     check_numbers(config)
-    task = D.load_meta(config.dataset, config.data_dir)["task"]
+    dataset_meta = D.load_meta(config.dataset, config.data_dir)
+    task = dataset_meta["task"]
     if config.model == "minilm" and task != "classification":
         raise ValueError(f"--model minilm is an encoder for classification sets, and --dataset {config.dataset} is a {task} "
                          "set: use --model smollm2 (or a causal LM folder)")
@@ -386,7 +387,7 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
             f"--eval-datasets {','.join(config.eval_datasets)} repeats a set or names the training set {config.dataset!r}: "
             "its rows would merge with the in-distribution ones; list each shifted set once, not the training set"
         )
-    names = D.load_meta(config.dataset, config.data_dir).get("label_names")
+    names = dataset_meta.get("label_names")
     for name in config.eval_datasets:
         meta = D.load_meta(name, config.data_dir)
         if meta["task"] != task:
