@@ -9,7 +9,6 @@ used by :func:`predict_ensemble`).
 """
 
 import contextlib
-import numbers
 
 import pyro
 import pyro.distributions as dist
@@ -17,10 +16,11 @@ import pyro.poutine as poutine
 import torch
 from peft.utils import ModulesToSaveWrapper
 
+from pyro_lora.checks import check_count
 from pyro_lora.contract import parameter_adapter
 from pyro_lora.ownership import take_over
 from pyro_lora.predictive import predict
-from pyro_lora.sites import check_values, lora_inits
+from pyro_lora.sites import base_network, check_values, lora_inits
 from pyro_lora.training import fit
 
 from .base import LoraGuide
@@ -66,8 +66,9 @@ class EnsembleGuide(LoraGuide):
         super().__init__(model)
         if members is not None:
             num_members = len(members)
-        if not (isinstance(num_members, int) and num_members >= 1):
+        if members is None and num_members is None or members is not None and not members:
             raise ValueError(f"an ensemble needs members (a non-empty list of site-value dicts), got {members!r}")
+        num_members = check_count(num_members, "num_members")
         if heads is not None:
             if len(heads) != num_members:
                 raise ValueError(f"got {len(heads)} heads for {num_members} members")
@@ -267,8 +268,7 @@ def predict_ensemble(model, guide, data, num_samples=None, **kwargs):
         object than ``guide.model`` or a ``chunk_size``.
     """
     num_samples = guide.num_members if num_samples is None else num_samples
-    if isinstance(num_samples, bool) or not isinstance(num_samples, numbers.Integral) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer (a multiple of K={guide.num_members}), got {num_samples!r}")
+    check_count(num_samples, "num_samples", alternative=f"a multiple of K={guide.num_members}")
     guide.check_num_samples(num_samples)
     if guide.head_parameters and model is not guide.model:
         raise ValueError(
@@ -294,7 +294,9 @@ def reinitialize(model, seed):
     and the heads (:func:`head_parameters`) as a new training starts them, under ``torch.manual_seed(seed)``.
 
     A sequence classifier's head (the base model's ``classifier`` or ``score``, which transformers initialises
-    afresh) is re-drawn by ``nn.Linear.reset_parameters()``; any other module peft trains a copy of
+    afresh) is re-drawn by the base model's own ``_init_weights``, as transformers draws a new head (for most
+    models ``N(0, initializer_range^2)``, bias 0; ``nn.Linear.reset_parameters()`` for a network that is no
+    transformers model); any other module peft trains a copy of
     (``modules_to_save``: a pretrained pooler, an ``lm_head``) restarts from the values peft copied, its
     ``original_module``'s.
 
@@ -305,6 +307,7 @@ def reinitialize(model, seed):
     """
     heads = head_parameters(model)
     fresh, copied = _restarts(model, heads)
+    base = base_network(model.net)
     init = _member_init(model)
     take_over(model, None)  # whichever guide trained the head keeps its state: restoring it later is no change
     torch.manual_seed(seed)
@@ -316,10 +319,25 @@ def reinitialize(model, seed):
             else:
                 layer.reset_lora_parameters(model.adapter, init)
         for module in fresh:
-            module.reset_parameters()
+            _draw_head(base, module)
         for p, start in copied:
             p.copy_(start)
     return heads
+
+
+def _draw_head(base, linear):
+    """Draw ``linear`` as ``base`` (a transformers model) draws a new head. On a twin layer: transformers' init
+    functions skip a weight it marked initialised when it loaded the model, as it marks a fresh head's."""
+    init_weights = getattr(base, "_init_weights", None)
+    if init_weights is None:
+        linear.reset_parameters()
+        return
+    twin = torch.nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                           device=linear.weight.device, dtype=linear.weight.dtype)
+    init_weights(twin)
+    linear.weight.copy_(twin.weight)
+    if linear.bias is not None:
+        linear.bias.copy_(twin.bias)
 
 
 def _member_init(model):
@@ -343,7 +361,7 @@ def _restarts(model, heads):
     """How :func:`reinitialize` restarts each head parameter: ``(linear layers to re-draw, [(parameter, the value peft
     copied it from)])``."""
     net = model.net
-    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    base = base_network(net)
     fresh_ids = {id(p) for n in ("classifier", "score") if isinstance(getattr(base, n, None), torch.nn.Module)
                  for p in getattr(base, n).parameters()}
     owners, params = _linear_owners(net, heads), dict(net.named_parameters())

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_lora import distributed
+from pyro_lora.checks import check_count
 from pyro_lora.ownership import take_over
 from pyro_lora.data import to_device
 from pyro_lora.model import LoraModel
@@ -222,8 +223,8 @@ def _check_arguments(model, data, **args):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
         if name in positive and not value > 0:
             raise ValueError(f"{name} must be positive, got {value!r}")
-        if name in ("epochs", "mc_samples") and not (isinstance(value, numbers.Integral) and value >= 1):
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if name in ("epochs", "mc_samples"):
+            check_count(value, name)
     if args["weight_decay"] < 0:
         raise ValueError(f"weight_decay must be >= 0, got {args['weight_decay']!r}")
     if not 0 <= args["beta2"] < 1:

@@ -21,7 +21,8 @@ from pyro_lora.evidence import curvature_peaks, evidence_terms, maximise_evidenc
 from pyro_lora.kfac import SiteFactors, accumulate, glm_batch, glm_predict, grid_nll_glm
 from pyro_lora.likelihoods import MultipleChoice, is_cloze
 from pyro_lora.metrics import nll
-from pyro_lora.predictive import _positive_int, predict
+from pyro_lora.checks import check_count
+from pyro_lora.predictive import predict
 from pyro_lora.sites import check_values
 
 from .base import LoraGuide
@@ -73,11 +74,9 @@ class LaplaceGuide(LoraGuide):
             raise ValueError(f"fisher must be 'mc' or 'exact', got {fisher!r}")
         if kfac not in ("reduce", "expand"):
             raise ValueError(f"kfac must be 'reduce' or 'expand', got {kfac!r}")
-        rank = _positive_int(rank, "rank")
+        rank = check_count(rank, "rank")
         if sketch is not None:
-            sketch = _positive_int(sketch, "sketch", f"at least rank = {rank}")
-            if sketch < rank:
-                raise ValueError(f"sketch must be an int >= rank ({rank}), got {sketch!r}")
+            sketch = check_count(sketch, "sketch", minimum=rank, alternative="at least rank")
         if model.likelihood.event_dims != 0:
             raise ValueError(
                 f"LaplaceGuide needs class-level logits [B, C]; {type(model.likelihood).__name__} scores tokens"
@@ -291,8 +290,8 @@ class LaplaceGuide(LoraGuide):
             inf, nan), a ``num_samples`` or ``max_iter`` that is not a positive integer, or a grid NLL that is nan.
         """
         self._check_fitted()
-        num_samples = _positive_int(num_samples, "num_samples")
-        max_iter = _positive_int(max_iter, "max_iter")
+        num_samples = check_count(num_samples, "num_samples")
+        max_iter = check_count(max_iter, "max_iter")
         if method == "marglik":
             flat = self.flat_matrices()
             if bool(flat.all()):

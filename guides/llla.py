@@ -32,7 +32,7 @@ from pyro_lora.kfac import glm_predict, probit
 from pyro_lora.likelihoods import is_cloze
 from pyro_lora.progress import progress_bar
 from pyro_lora.metrics import nll
-from pyro_lora.predictive import _positive_int
+from pyro_lora.checks import check_count
 
 from .base import LoraGuide
 from .laplace import _LOG_LAMBDA_RANGE, LAMBDA_GRID, glm_probit
@@ -282,7 +282,7 @@ class LastLayerLaplaceGuide(LoraGuide):
     def sample_head(self, num_samples):
         """``num_samples`` draws of the head's rows from ``N(theta*, (H + lambda I)^-1)``: ``[S, C, D1]`` float64."""
         self._check_fitted()
-        num_samples = _positive_int(num_samples, "num_samples")
+        num_samples = check_count(num_samples, "num_samples")
         z = torch.randn(num_samples, *self.loc.shape, dtype=torch.float64, device=self.loc.device)
         root = self._inverse(self.prior_precision).sqrt()
         if self.hessian == "full":
@@ -330,7 +330,7 @@ class LastLayerLaplaceGuide(LoraGuide):
             empty one, a grid value that is not finite and positive, or a grid NLL that is nan.
         """
         self._check_fitted()
-        max_iter = _positive_int(max_iter, "max_iter")
+        max_iter = check_count(max_iter, "max_iter")
         if method == "marglik":
             low, high = (torch.full((1,), v, dtype=torch.float64, device=self.loc.device) for v in _LOG_LAMBDA_RANGE)
             start = self.prior_precision.log().reshape(1).clamp(low, high)

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from pyro_lora.checks import check_count
 from pyro_lora.contract import check_guide
 from pyro_lora.distributions import LowRankPlusDiagNormal
 from pyro_lora.loraxs import LoraXSModel
@@ -55,8 +56,7 @@ class SWAGGuide(LoraGuide):
 
     def __init__(self, model, rank=10, scale=0.5, var_clamp=1e-12):
         super().__init__(model)
-        if not (isinstance(rank, int) and rank >= 2):
-            raise ValueError(f"rank must be an int >= 2 (the low-rank part divides by K - 1), got {rank!r}")
+        check_count(rank, "rank", minimum=2, alternative="the low-rank part divides by K - 1")
         if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"scale must be a positive finite number, got {scale}")
         if not var_clamp > 0:
@@ -172,8 +172,7 @@ class SWAGCollector:
     """
 
     def __init__(self, swag, start_step=0, start_epoch=0, every=1, source=None):
-        if not (isinstance(every, int) and every >= 1):
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        check_count(every, "every")
         self.swag, self.start_step, self.start_epoch, self.every, self.source = swag, start_step, start_epoch, every, source
 
     def __call__(self, state):

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_lora import distributed
+from pyro_lora.checks import check_count
 from pyro_lora.contract import check_guide, describe, differences
 from pyro_lora.data import subset
 from pyro_lora.sites import check_values
@@ -240,8 +241,8 @@ class TFBGuide(LoraGuide):
             raise ValueError(f"need 0 < low < high, got low={low}, high={high}")
         if spacing not in SPACINGS:
             raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-        if int(iterations) != iterations or iterations < 0 or int(num_samples) != num_samples or num_samples < 1:
-            raise ValueError(f"iterations must be an integer >= 0 and num_samples >= 1, got {iterations}, {num_samples}")
+        check_count(iterations, "iterations", minimum=0)
+        check_count(num_samples, "num_samples")
         check_guide(self.model, self, "search sigma_q")  # a head changed since: the search would score another network
         batches = list(anchors)
         if not batches:

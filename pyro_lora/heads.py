@@ -14,6 +14,7 @@ from peft.utils import ModulesToSaveWrapper
 from .data import to_device
 from .kfac import eval_mode
 from .likelihoods import MultipleChoice
+from .sites import base_network
 
 __all__ = ["class_rows", "find_head", "head_features", "head_rows", "tied_parameters"]
 
@@ -33,7 +34,7 @@ def find_head(model, path: str | None = None) -> torch.nn.Linear:
         linear layer with floating-point weights.
     """
     net = model.net
-    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    base = base_network(net)
     if path is not None:
         try:
             module, where = net.get_submodule(path), repr(path)

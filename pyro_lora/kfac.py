@@ -34,7 +34,8 @@ from .distributions import KFACNormal
 from .kinds import down_kind, up_kind
 from .likelihoods import is_cloze
 from .metrics import check_labels
-from .predictive import Prediction, _positive_int
+from .checks import check_count
+from .predictive import Prediction
 from .progress import progress_bar
 from .sites import Site, per_layer
 
@@ -550,7 +551,7 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     """
     if link not in ("probit", "mc"):
         raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
-    num_samples = _positive_int(num_samples, "num_samples")
+    num_samples = check_count(num_samples, "num_samples")
     if ready is not None:
         ready()
     start = time.perf_counter()

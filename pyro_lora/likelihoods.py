@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from pyro.distributions import Categorical, TorchDistribution, constraints
 
+from .sites import base_network
+
 _NET_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 MC_FORMATS = ("letter", "cloze")  # the answer as a letter token, or scored as the choice text's continuation
 
@@ -74,10 +76,6 @@ def _unfold_samples(t, num_samples):
     return t if num_samples is None else t.view(num_samples, -1, *t.shape[1:])
 
 
-def _base(net):
-    return net.get_base_model() if hasattr(net, "get_base_model") else net
-
-
 def _takes(fn, name):
     """Whether the callable ``fn`` names the parameter ``name`` (a ``**kwargs`` may drop it silently)."""
     try:
@@ -123,7 +121,7 @@ def _with_positions(module, inputs):
 
 def _decoder_and_head(net):
     """The decoder stack (hidden states, no LM head) and the output embedding of a causal LM."""
-    base = _base(net)
+    base = base_network(net)
     decoder = None
     if callable(getattr(base, "get_decoder", None)):
         try:
@@ -159,7 +157,7 @@ def _decoder_and_head(net):
 
 
 def _pad_token_id(net):
-    config = getattr(_base(net), "config", None)
+    config = getattr(base_network(net), "config", None)
     if config is not None and callable(getattr(config, "get_text_config", None)):
         config = config.get_text_config()
     return getattr(config, "pad_token_id", None)
@@ -213,7 +211,7 @@ class SequenceClassification(Likelihood):
 
         :raises ValueError: naming ``problem_type`` or ``num_labels``.
         """
-        config = getattr(_base(net), "config", None)
+        config = getattr(base_network(net), "config", None)
         problem = getattr(config, "problem_type", None)
         if problem not in (None, "single_label_classification"):
             raise ValueError(f"SequenceClassification reads the head's logits as a softmax over classes, but the network's "
@@ -322,7 +320,7 @@ class MultipleChoice(Likelihood):
         :raises ValueError: naming the model class and the largest difference, or answer tokens beyond its vocabulary.
         """
         decoder, head = _decoder_and_head(net)
-        weight = getattr(_base(net).get_output_embeddings(), "weight", None)
+        weight = getattr(base_network(net).get_output_embeddings(), "weight", None)
         vocab = weight.shape[0] if weight is not None else 5
         if weight is not None and self.answer_token_ids is not None and int(self.answer_token_ids.max()) >= vocab:
             raise ValueError(f"answer_token_ids {self.answer_token_ids.tolist()} name a token beyond the LM head's {vocab} rows: "
@@ -341,7 +339,7 @@ class MultipleChoice(Likelihood):
         gap = (ours - theirs).abs().max()
         if not gap <= tolerance * theirs.abs().max() + 1e-5:
             raise ValueError(
-                f"{type(_base(net)).__name__}'s forward changes its LM head's logits in a way MultipleChoice does not "
+                f"{type(base_network(net)).__name__}'s forward changes its LM head's logits in a way MultipleChoice does not "
                 f"repeat (they differ by up to {gap:.3g} on a 4-token probe): its letter and cloze scores would not be the "
                 "model's own; this model family is not supported for multiple choice"
             )
@@ -508,7 +506,7 @@ class CausalLM(Likelihood):
     event_dims = 1
 
     def logits(self, net, batch, num_samples=None):
-        inputs = _with_positions(_base(net), repeat_inputs(batch, num_samples, ("input_ids", "attention_mask")))
+        inputs = _with_positions(base_network(net), repeat_inputs(batch, num_samples, ("input_ids", "attention_mask")))
         out = net(**inputs).logits[:, :-1]
         return _unfold_samples(out, num_samples)
 

@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from .checks import check_count
+
 __all__ = [
     "ReliabilityBins",
     "accuracy",
@@ -156,9 +158,7 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 
 
     :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
     """
-    if int(num_bins) != num_bins or num_bins < 1:
-        raise ValueError(f"num_bins must be a positive integer, got {num_bins}")
-    num_bins = int(num_bins)
+    num_bins = check_count(num_bins, "num_bins")
     dtype = torch.as_tensor(probs).dtype
     probs, labels = _check_probs(probs, labels)
     conf, correct = _confidence_correct(probs, labels)

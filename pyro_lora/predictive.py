@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
+from .checks import check_count
 from .contract import check_guide
 from .data import to_device
 from .progress import progress_bar
@@ -68,9 +69,9 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     batches with rank 0's weight samples (rank 0's base seed is broadcast; the first chunk is checked to
     be equal on all ranks), and returns the gathered predictions of all ``N`` examples in order.
     """
-    num_samples = _positive_int(num_samples, "num_samples")
+    num_samples = check_count(num_samples, "num_samples")
     if chunk_size is not None:
-        chunk_size = _positive_int(chunk_size, "chunk_size", "or None for all samples in one forward")
+        chunk_size = check_count(chunk_size, "chunk_size", alternative="or None for all samples in one forward")
     if guide is not None:
         check_guide(model, guide, "predict")
         if not guide.samples_carry_posterior:
@@ -133,13 +134,6 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
         sample_probs=sample_probs,
         seconds=time.perf_counter() - start,
     )
-
-
-def _positive_int(value, name, alternative=""):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        extra = f" ({alternative})" if alternative else ""
-        raise ValueError(f"{name} must be a positive integer{extra}, got {value!r}")
-    return int(value)
 
 
 def _pad(p, width):

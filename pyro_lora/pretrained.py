@@ -31,6 +31,7 @@ from .model_files import (
     EMBEDDED_MODELS, _cache_is_valid, _local_path, _require_gguf, _source_stamp, cache_dir, max_positions, minilm_dir,
     parameter_count, smollm2_gguf,
 )
+from .sites import base_network
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -367,11 +368,6 @@ def _load(name_or_path: str, task: str, model_class, num_labels: int, dtype, pro
 # --------------------------------------------------------------------------- LoRA
 
 
-def _base(model):
-    """The transformers model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _linear_names(model) -> set[str]:
     """Short names of the model's linear layers, as LoRA ``target_modules`` would name them (seen
     through peft's wrappers, whose inner layers sit under ``base_layer``, ``lora_A``, ...)."""
@@ -397,7 +393,7 @@ def default_lora_targets(model: torch.nn.Module) -> list[str]:
     """
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_TARGETS
 
-    base = _base(model)
+    base = base_network(model)
     linear_names = _linear_names(base)
     model_type = getattr(getattr(base, "config", None), "model_type", None)
     known = PEFT_TARGETS.get(model_type)
@@ -469,7 +465,7 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
 def default_mc_format(model: torch.nn.Module) -> str:
     """``"cloze"`` for models under ~1B parameters (the letter format leaves them at chance), else
     ``"letter"``."""
-    return _mc_format_for(sum(p.numel() for p in _base(model).parameters()))
+    return _mc_format_for(sum(p.numel() for p in base_network(model).parameters()))
 
 
 def expected_mc_format(name_or_path: str) -> str | None:

@@ -52,6 +52,11 @@ class Site:
         return n
 
 
+def base_network(net):
+    """The transformers model under a peft wrapper (or ``net`` itself)."""
+    return net.get_base_model() if hasattr(net, "get_base_model") else net
+
+
 def find_lora_layers(net, adapter: str | None = None) -> OrderedDict:
     """Module path -> peft LoRA ``Linear`` layer for every layer holding ``adapter``.
 

@@ -17,7 +17,8 @@ from . import distributed, pyro_params
 from .contract import check_guide
 from .ownership import point_snapshot, record_fit, take_over
 from .data import to_device
-from .predictive import _positive_int
+from .checks import check_count
+from .sites import base_network
 
 
 class DivergenceError(FloatingPointError):
@@ -106,12 +107,11 @@ def fit(
     """
     from .io import save_guide
 
-    grad_accum_steps = _positive_int(grad_accum_steps, "grad_accum_steps")
-    for name, value in (("epochs", epochs), ("warmup_steps", warmup_steps)):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+    grad_accum_steps = check_count(grad_accum_steps, "grad_accum_steps")
+    check_count(epochs, "epochs", minimum=0)
+    check_count(warmup_steps, "warmup_steps", minimum=0)
     if checkpoint_every is not None:
-        _positive_int(checkpoint_every, "checkpoint_every", "or None: a checkpoint at the end only")
+        check_count(checkpoint_every, "checkpoint_every", alternative="or None: a checkpoint at the end only")
     if not (_finite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     if max_grad_norm is not None and not (_finite(max_grad_norm) and max_grad_norm > 0):
@@ -352,7 +352,7 @@ def batch_nll(model, batch, values=None):
 @contextlib.contextmanager
 def _activation_checkpointing(net, enable):
     """Switch transformers' activation checkpointing (non-reentrant) on within the block, if ``enable``."""
-    base = net.get_base_model() if hasattr(net, "get_base_model") else net
+    base = base_network(net)
     new_api = hasattr(base, "activation_checkpointing_enable")  # transformers >= 5 renamed gradient_ to activation_
     if not enable or (base.is_activation_checkpointing if new_api else base.is_gradient_checkpointing):
         yield

@@ -495,6 +495,32 @@ def test_a_new_member_restarts_a_pretrained_module_peft_copies_from_its_pretrain
     assert not torch.allclose(classifier.weight, head)
 
 
+def test_a_new_member_draws_its_classifier_as_transformers_draws_a_new_head(tmp_path):
+    """A loaded base's fresh classifier is N(0, initializer_range^2) with bias 0 (transformers' ``_init_weights``);
+    members re-drew it with nn.Linear's Kaiming-uniform, 5x that std at hidden size 32 (0.10 against 0.02)."""
+    from conftest import tiny_bert_base
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForSequenceClassification
+
+    from pyro_lora.guides.ensemble import reinitialize
+
+    tiny_bert_base(num_labels=2).bert.save_pretrained(tmp_path)
+    base = BertForSequenceClassification.from_pretrained(tmp_path, num_labels=2)
+    net = get_peft_model(base, LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    model = LoraModel(net, SequenceClassification(), num_data=48)
+    head = net.base_model.model.classifier.modules_to_save["default"]
+    with torch.no_grad():
+        head.bias.fill_(0.3)  # as trained
+    reinitialize(model, seed=1)
+    drawn = head.weight.detach().clone()
+    assert 0.6 * base.config.initializer_range < drawn.std() < 1.4 * base.config.initializer_range
+    assert torch.equal(head.bias, torch.zeros_like(head.bias))
+    reinitialize(model, seed=1)
+    assert torch.equal(head.weight, drawn)  # the member's seed decides it
+    reinitialize(model, seed=2)
+    assert not torch.equal(head.weight, drawn)
+
+
 def test_per_member_values_of_a_lora_layers_own_bias_are_refused():
     """peft's lora_bias=True: B's bias is added by the weight hand-off, not by lora_B's forward, where the member hook
     sits: every member ran the network's one bias (0.098 in probability)."""

@@ -678,3 +678,21 @@ def test_a_lossless_cast_of_the_network_is_no_change_and_a_rounding_one_is_named
     model.net.half()
     with pytest.raises(ValueError, match="cast to a lower precision"):
         predict(model, guide, toy_data(), mean=True)
+
+
+def test_a_bool_count_is_refused():
+    """``True`` is an ``int`` to Python: as a count it was taken as 1 (one SWAG deviation, one ensemble member,
+    one bin), a slip read as a setting."""
+    model = lora()
+    xs = LoraXSModel(tiny_bert(), SequenceClassification(), num_data=6)
+    refusals = {
+        "rank": lambda: SWAGGuide(xs, rank=True),
+        "every": lambda: SWAGCollector(SWAGGuide(xs, rank=2), every=True),
+        "num_members": lambda: EnsembleGuide(model, num_members=True),
+        "num_samples": lambda: predict(model, EnsembleGuide(model, [model.adapter_values()]), data(), num_samples=True),
+        "iterations": lambda: TFBGuide(model).search(data(), iterations=True),
+        "epochs": lambda: fit(model, MAPGuide(model), data(), epochs=True, progress=False),
+    }
+    for name, call in refusals.items():
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            call()

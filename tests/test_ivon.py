@@ -238,8 +238,8 @@ def test_ivon_opts_default_infinite_clip_radius_is_saved_as_standard_json_and_lo
 
 @pytest.mark.parametrize("bad, match", [
     ({"lr": 0.0}, "lr must be positive"), ({"lr": -1.0}, "lr must be positive"), ({"ess": 0}, "ess must be positive"),
-    ({"hess_init": 0.0}, "hess_init must be positive"), ({"epochs": 0}, "epochs must be an integer >= 1"),
-    ({"epochs": 1.5}, "epochs must be an integer"), ({"mc_samples": 0}, "mc_samples must be"),
+    ({"hess_init": 0.0}, "hess_init must be positive"), ({"epochs": 0}, "epochs must be a positive integer"),
+    ({"epochs": True}, "epochs must be a finite number"), ({"epochs": 1.5}, "epochs must be a positive integer"), ({"mc_samples": 0}, "mc_samples must be"),
     ({"clip_radius": 0.0}, "clip_radius must be positive"), ({"weight_decay": -1e-4}, "weight_decay must be >= 0"),
     ({"beta2": 1.0}, r"beta2 must be in \[0, 1\)"), ({"lr": float("nan")}, "lr must be a finite number"),
     ({"lr_schedule": "step"}, "lr_schedule must be"), ({"data": []}, "data must be a non-empty"),

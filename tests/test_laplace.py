@@ -238,14 +238,14 @@ def test_low_rank_factor_converges_to_the_full_one():
 
 
 def test_counts_are_checked_as_predict_checks_them():
-    from pyro_lora.predictive import _positive_int
+    from pyro_lora.checks import check_count
 
     model = bert_model()
     data = bert_data()
     guide = LaplaceGuide(model).fit(data, progress=False)
     for bad in (0, -1, 2.5, True, "4", None):
         with pytest.raises(ValueError) as expected:
-            _positive_int(bad, "num_samples")
+            check_count(bad, "num_samples")
         message = str(expected.value)
         assert "num_samples must be a positive integer" in message
         with pytest.raises(ValueError) as got:  # 0 gave all-nan probabilities, -1 and 2.5 torch errors
@@ -260,11 +260,11 @@ def test_counts_are_checked_as_predict_checks_them():
             guide.optimize_prior_precision("marglik", max_iter=bad)
         with pytest.raises(ValueError, match="rank must be a positive integer"):
             LaplaceGuide(model, rank=bad)
-        with pytest.raises(ValueError, match="sketch must be a positive integer"):
+        with pytest.raises(ValueError, match=r"sketch must be an integer >= 2 \(at least rank\)"):
             LaplaceGuide(model, rank=2, sketch=bad)
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         LaplaceGuide(model, rank=True)
-    with pytest.raises(ValueError, match="sketch must be an int >= rank"):
+    with pytest.raises(ValueError, match=r"sketch must be an integer >= 4 \(at least rank\), got 3"):
         LaplaceGuide(model, rank=4, sketch=3)
     assert LaplaceGuide(model, rank=torch.tensor(3).numpy()[()], sketch=8).rank == 3  # numpy integers are integers
     mc = guide.predict_glm(data, link="mc", num_samples=3, keep_samples=True)

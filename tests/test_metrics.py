@@ -265,8 +265,10 @@ def test_probability_rows_pass_with_missing_choices_and_half_precision():
 
 
 def test_bad_arguments_raise():
-    with pytest.raises(ValueError, match="num_bins"):
-        metrics.ece(PROBS, LABELS, num_bins=0)
+    for bad in (0, True, 2.5, "5"):  # True was taken as one bin: ECE |mean conf - acc| over everything
+        with pytest.raises(ValueError, match="num_bins must be a positive integer"):
+            metrics.ece(PROBS, LABELS, num_bins=bad)
+    assert metrics.ece(PROBS, LABELS, num_bins=np.int64(2)) == pytest.approx(0.0, abs=1e-7)
     with pytest.raises(ValueError, match="coverage"):
         metrics.accuracy_at_coverage(PROBS, LABELS, 0.0)
     with pytest.raises(ValueError, match="empty"):

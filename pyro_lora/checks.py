@@ -1,0 +1,21 @@
+"""Argument checks shared by the model side and the guides."""
+
+from __future__ import annotations
+
+import numbers
+
+
+def check_count(value, name: str, *, minimum: int = 1, alternative: str = "") -> int:
+    """``value`` as an ``int`` if it is an integer ``>= minimum``.
+
+    ``True`` and ``False`` are refused although Python counts them as integers: ``num_bins=True`` is a slip,
+    not one bin.
+
+    :param alternative: what else the argument accepts, said in the error (e.g. ``"or None for all samples"``).
+    :raises ValueError: for a bool, a non-integer or a value below ``minimum``.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        extra = f" ({alternative})" if alternative else ""
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {kind}{extra}, got {value!r}")
+    return int(value)
