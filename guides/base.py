@@ -15,9 +15,10 @@ import pyro.poutine as poutine
 import torch
 
 from pyro_lora import pyro_params
-from pyro_lora.contract import describe
+from pyro_lora.contract import check_guide, describe
 from pyro_lora.ownership import follow_svi_step, point_snapshot, stop_following, take_over
 from pyro_lora.io import register_guide
+from pyro_lora.pyro_stack import VECTORIZED, enclosing_plates
 
 
 def check_temperature(value) -> float:
@@ -112,9 +113,14 @@ class LoraGuide(torch.nn.Module):
 
 
 def _record_parameters(guide, args):
+    plates = enclosing_plates()
+    if plates:
+        raise ValueError(f"the guide runs inside the plate(s) {plates}: its sites are global, and {VECTORIZED}")
     if torch.is_grad_enabled() and pyro_params.recording():  # a step of Pyro's SVI (fit keeps its own books)
         take_over(guide.model, guide)
         follow_svi_step(guide)
+    elif not torch.is_grad_enabled():  # Predictive (under no_grad), SVI.evaluate_loss: the network must still be its own
+        check_guide(guide.model, guide, "run as a Pyro guide (pyro.infer.Predictive, a trace)")
     pyro_params.record(guide._pyro_name, guide.named_parameters())
 
 

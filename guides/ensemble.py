@@ -399,8 +399,9 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     :param bool include_current: the network's current adapter and head (e.g. an already trained MAP) is
         member 0 and only ``k - 1`` members are trained (with ``seeds[1:]``).
     """
+    k = check_count(k, "k")
     seeds = list(range(k)) if seeds is None else list(seeds)
-    if k < 1 or len(seeds) != k:
+    if len(seeds) != k:
         raise ValueError(f"need k >= 1 and k seeds, got k={k} and seeds={seeds}")
     if any(s.kind.role == "between" for s in model.sites.values()):
         raise ValueError("train_ensemble re-initialises plain LoRA (A and B); a model with matrices between them (LoRA-XS "

@@ -28,6 +28,7 @@ from pyro.distributions.torch_transform import TransformModule
 from pyro.distributions.transforms.utils import clamp_preserve_gradients
 from torch.distributions.kl import register_kl
 
+from pyro_lora.checks import check_count
 from pyro_lora.distributions import MatrixNormalKronecker
 
 from .base import LoraGuide, check_temperature
@@ -107,9 +108,12 @@ class FlowGuide(LoraGuide):
                 "FlowGuide needs the model's isotropic prior, LoraModel(prior=<float>): its inducing prior has "
                 f"that marginal on W; got prior={model.prior!r}"
             )
-        inducing = tuple(int(i) for i in inducing)
-        if len(inducing) != 2 or min(inducing) < 1 or depth < 0:
-            raise ValueError(f"inducing must be two positive ints and depth >= 0, got {inducing} and {depth}")
+        if not (isinstance(inducing, (tuple, list)) and len(inducing) == 2):
+            raise ValueError(f"inducing must be two positive ints, got {inducing!r}")
+        inducing = tuple(check_count(i, "each of inducing") for i in inducing)
+        depth = check_count(depth, "depth", minimum=0)
+        if hidden is not None:
+            hidden = check_count(hidden, "hidden")
         if not 0 < init_lambda < max_lambda <= 1:
             raise ValueError(f"need 0 < init_lambda < max_lambda <= 1, got {init_lambda} and {max_lambda}")
         if not init_scale > 0 or not std_lr_scale > 0:

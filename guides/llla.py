@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pyro_lora import distributed
 from pyro_lora.calibration import golden_section
-from pyro_lora.contract import check_guide
+from pyro_lora.contract import check_guide, check_ranks_agree
 from pyro_lora.data import to_device
 from pyro_lora.evidence import maximise_evidence
 from pyro_lora.heads import class_rows, find_head, head_features, head_rows, tied_parameters
@@ -185,7 +185,9 @@ class LastLayerLaplaceGuide(LoraGuide):
             or features that do not reproduce the logits (:meth:`features`).
         """
         self.adopt_point_parameters()  # the head as it is now is what the posterior is over
-        check_guide(self.model, self, "fit")
+        with distributed.refused_together("fit a last-layer Laplace"):  # a refusal on one rank only: the others would wait
+            check_guide(self.model, self, "fit")
+        check_ranks_agree(self.model, None, "fit a last-layer Laplace")
         with torch.no_grad():
             for site, value in zip(self._sites().values(), self.model.adapter_values().values()):
                 site.copy_(value)
@@ -285,10 +287,14 @@ class LastLayerLaplaceGuide(LoraGuide):
         num_samples = check_count(num_samples, "num_samples")
         z = torch.randn(num_samples, *self.loc.shape, dtype=torch.float64, device=self.loc.device)
         root = self._inverse(self.prior_precision).sqrt()
+        # the symmetric root Q diag(root) Q^T z: a draw does not hinge on the eigenvectors eigh picks by the float
+        # summation order (batches reordered, or split across ranks), e.g. in the softmax's degenerate shift direction
         if self.hessian == "full":
-            noise = (z.reshape(num_samples, -1) * root) @ self.eigvecs.double().T
+            q = self.eigvecs.double()
+            noise = ((z.reshape(num_samples, -1) @ q) * root) @ q.T
         else:
-            noise = self.class_eigvecs.double() @ (z * root) @ self.feature_eigvecs.double().T
+            a, b = self.class_eigvecs.double(), self.feature_eigvecs.double()
+            noise = a @ ((a.T @ z @ b) * root) @ b.T
         return self.loc.double() + noise.view_as(z)
 
     # ------------------------------------------------------------------ evidence and prior precision

@@ -173,6 +173,8 @@ class SWAGCollector:
 
     def __init__(self, swag, start_step=0, start_epoch=0, every=1, source=None):
         check_count(every, "every")
+        check_count(start_step, "start_step", minimum=0)
+        check_count(start_epoch, "start_epoch", minimum=0)
         self.swag, self.start_step, self.start_epoch, self.every, self.source = swag, start_step, start_epoch, every, source
 
     def __call__(self, state):

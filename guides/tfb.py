@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from pyro_lora import distributed
 from pyro_lora.checks import check_count
-from pyro_lora.contract import check_guide, describe, differences
+from pyro_lora.contract import check_guide, check_ranks_agree, describe, differences
 from pyro_lora.data import subset
 from pyro_lora.sites import check_values
 from pyro_lora.data import to_device
@@ -232,24 +232,27 @@ class TFBGuide(LoraGuide):
             of the flips so far, a lower bound), also kept in ``self.trace``, with ``criterion`` and ``tolerance``,
             and saved by :func:`pyro_lora.save_guide`.
         """
-        if criterion not in CRITERIA:
-            raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-        tolerance = DEFAULT_TOLERANCE[criterion] if tolerance is None else float(tolerance)
-        if not tolerance >= 0:
-            raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-        if not 0 < low < high:
-            raise ValueError(f"need 0 < low < high, got low={low}, high={high}")
-        if spacing not in SPACINGS:
-            raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-        check_count(iterations, "iterations", minimum=0)
-        check_count(num_samples, "num_samples")
-        check_guide(self.model, self, "search sigma_q")  # a head changed since: the search would score another network
-        batches = list(anchors)
-        if not batches:
+        with distributed.refused_together("search sigma_q"):  # a refusal on one rank only would leave the others waiting
+            if criterion not in CRITERIA:
+                raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+            tolerance = DEFAULT_TOLERANCE[criterion] if tolerance is None else float(tolerance)
+            if not tolerance >= 0:
+                raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+            if not 0 < low < high:
+                raise ValueError(f"need 0 < low < high, got low={low}, high={high}")
+            if spacing not in SPACINGS:
+                raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+            check_count(iterations, "iterations", minimum=0)
+            check_count(num_samples, "num_samples")
+            check_guide(self.model, self, "search sigma_q")  # a head changed since: the search would score another network
+            if hasattr(anchors, "__len__") and len(anchors) == 0:
+                raise ValueError("search got no anchor batches: the anchor set is empty")
+        check_ranks_agree(self.model, self, "search sigma_q")
+        # under torch.distributed each rank scores its block of anchors (a shuffling loader's as rank 0 draws it);
+        # sums are all-reduced, so every rank sees the same metric and takes the same bisection steps
+        batches = list(distributed.split_batches(anchors))
+        if not batches and not distributed.is_distributed():  # an iterable without a length
             raise ValueError("search got no anchor batches: the anchor set is empty")
-        # under torch.distributed each rank scores its block of anchors; sums are all-reduced, so every
-        # rank sees the same metric and takes the same bisection steps (the noise eps is seeded alike)
-        batches = distributed.split_batches(batches)
         progress = progress and distributed.is_main()
         net = self.model.net
         was_training = net.training

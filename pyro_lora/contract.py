@@ -15,7 +15,8 @@ import math
 
 import torch
 
-from .ownership import changed_point_parameters
+from . import distributed
+from .ownership import _sums, changed_point_parameters
 
 ADAPTER_NAMES = ("lora_", ".modules_to_save.", "trainable_tokens_")  # in the names of the parameters peft adds
 
@@ -295,3 +296,32 @@ def check_guide(model, guide, action: str, same_model: bool = False) -> None:
     problems = differences(guide.signature, describe(model)) or _point_problems(model, guide)
     if problems:
         raise ValueError(f"cannot {action} with this {type(guide).__name__} on this model: " + "; ".join(problems))
+
+
+def check_ranks_agree(model, guide, action: str) -> None:
+    """Under ``torch.distributed``, refuse to ``action`` unless every rank holds the same adapter (its LoRA weights and
+    trained head) and ``guide`` state: each rank computes its block of the data, so a rank that loaded a guide before
+    rank 0 had written it, or an adapter written on one rank only, would give a mix of two networks' results. A
+    collective: every rank calls it.
+
+    :raises ValueError: naming the tensors that differ.
+    """
+    if not distributed.is_distributed():
+        return
+    named = [*model.named_lora_weights(), *model.named_adapter_parameters()]
+    if guide is not None:
+        named += [(f"guide.{n}", t) for n, t in guide.state_dict().items() if t.is_floating_point()]
+    count = distributed.all_reduce_(torch.tensor([len(named), -len(named)]), op="max").tolist()
+    if count[0] != -count[1]:
+        raise ValueError(f"cannot {action}: the ranks hold {-count[1]} to {count[0]} adapter and guide tensors; every rank "
+                         "must build the same model and guide")
+    sums = _sums(t for _, t in named)
+    table = torch.tensor([sums[id(t)] for _, t in named], dtype=torch.float64).reshape(-1, 3)
+    both = distributed.all_reduce_(torch.cat([table, -table]), op="max")
+    differ = [n for (n, _), high, low in zip(named, both[: len(named)], both[len(named):]) if not torch.equal(high, -low)]
+    if differ:
+        raise ValueError(
+            f"cannot {action}: the ranks hold different values of {_short(differ)}: every rank must hold the same adapter "
+            "and guide (after rank 0 writes a file the others load, wait for it: save_guide and export_adapter return on "
+            "every rank once it is written; write an adapter on every rank, as save_guide(adapter=True) does)"
+        )

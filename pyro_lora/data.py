@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from .checks import check_count
 from .collators import CausalLMCollator, ClassificationCollator, ClozeCollator, LetterCollator
 from .prompts import LETTERS, cloze_pairs, is_blank_item, letter_prompt, letter_token_ids, record_text
 
@@ -251,8 +252,8 @@ def split_train_val(records: list, val_fraction: float = 0.1, val_size: int | No
         if not val_size < n:
             raise ValueError(f"val_fraction {val_fraction:g} of {n} records holds out {val_size}, leaving none to train on: "
                              "lower the validation fraction (--val-fraction) or give more records (--train-size)")
-    if not 0 < val_size < n:
-        raise ValueError(f"val_size must be in [1, {n - 1}] for {n} records, got {val_size}")
+    if not check_count(val_size, "val_size") < n:
+        raise ValueError(f"val_size must be in [1, {n - 1}] for {n} records, got {val_size!r}")
     perm = np.random.default_rng(seed).permutation(n)
     val_idx = set(perm[:val_size].tolist())
     train = [r for i, r in enumerate(records) if i not in val_idx]
@@ -263,8 +264,7 @@ def split_train_val(records: list, val_fraction: float = 0.1, val_size: int | No
 def subset(records: list, n: int, seed: int = 0) -> list:
     """``n`` records drawn without replacement by a seeded permutation (all of them if ``n`` is
     larger), in their original order."""
-    if n < 0:
-        raise ValueError(f"n must be non-negative, got {n}")
+    n = check_count(n, "n", minimum=0)
     if n >= len(records):
         return list(records)
     keep = np.sort(np.random.default_rng(seed).permutation(len(records))[:n])

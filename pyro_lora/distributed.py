@@ -11,9 +11,11 @@ Collectives run on CUDA for the NCCL backend and on CPU otherwise; tensors are m
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, IterableDataset, Subset
 
 
 def is_distributed() -> bool:
@@ -64,15 +66,17 @@ def shard(items, even: bool = False):
 
 
 class _BlockSampler:
-    """Batch sampler yielding this rank's block of another batch sampler's batches (indices only: the
-    other ranks' batches are never loaded or collated). Re-drawn per epoch, identically on every rank
-    as long as the loader's shuffle generator is seeded alike (``pyro_lora.data.make_loader`` does)."""
+    """(Batch) sampler yielding this rank's block of another (batch) sampler's items, indices only: the other ranks'
+    batches are never loaded or collated. Re-drawn per epoch as rank 0 draws it (its indices are broadcast): a
+    shuffling loader whose generator differs across ranks would otherwise give overlapping blocks."""
 
     def __init__(self, batch_sampler, even):
         self.batch_sampler, self.even = batch_sampler, even
 
     def __iter__(self):
-        return iter(shard(list(self.batch_sampler), self.even))
+        batches = [list(self.batch_sampler)]
+        dist.broadcast_object_list(batches, src=0)
+        return iter(shard(batches[0], self.even))
 
     def __len__(self):
         start, stop = _bounds(len(self.batch_sampler), self.even)
@@ -90,16 +94,42 @@ def split_batches(data, even: bool = False):
     """
     if not is_distributed():
         return data
-    if even and hasattr(data, "__len__") and len(data) < world_size():
+    if isinstance(data, DataLoader):
+        sampler = getattr(data.batch_sampler, "sampler", data.sampler)
+        if isinstance(data.dataset, IterableDataset):
+            raise ValueError("under torch.distributed a DataLoader over an IterableDataset cannot be split into blocks of "
+                             "batches: pass a map-style Dataset, or a list of batches (the same on every rank)")
+        sharding = [type(x).__name__ for x in (data, data.batch_sampler, sampler, data.sampler) if _shards(x)]
+        if sharding:
+            raise ValueError(f"the DataLoader already gives each rank a part of the data ({sharding[0]}: a DistributedSampler, "
+                             "or accelerate's prepare), and pyro_lora splits the batches across ranks itself (each rank would "
+                             "see 1/W of its part): pass a plain loader over the whole data, the same on every rank "
+                             "(shuffle=True is fine)")
+    if not hasattr(data, "__len__"):
+        raise ValueError(f"under torch.distributed the data must have a length to be split across ranks, got {type(data).__name__}")
+    counts = all_reduce_(torch.tensor([len(data), -len(data)]), op="max").tolist()
+    if counts[0] != -counts[1]:
+        raise ValueError(f"the ranks were given {-counts[1]} to {counts[0]} batches: every rank must be given the same "
+                         "full data (each keeps its block of it)")
+    if even and len(data) < world_size():
         raise ValueError(f"{len(data)} batches cannot give each of {world_size()} ranks one: use smaller batches")
-    if isinstance(data, DataLoader) and data.batch_sampler is not None:
+    if isinstance(data, DataLoader):
+        if data.batch_sampler is None:  # batch_size=None: the dataset's items are the batches, drawn by the sampler
+            return DataLoader(data.dataset, batch_size=None, sampler=_BlockSampler(data.sampler, even),
+                              collate_fn=data.collate_fn, num_workers=data.num_workers, pin_memory=data.pin_memory)
         return DataLoader(
             data.dataset, batch_sampler=_BlockSampler(data.batch_sampler, even), collate_fn=data.collate_fn,
             num_workers=data.num_workers, pin_memory=data.pin_memory,
         )
-    if not hasattr(data, "__len__"):
-        raise ValueError(f"under torch.distributed the data must have a length to be split across ranks, got {type(data).__name__}")
     return shard(data if isinstance(data, (list, tuple)) else list(data), even)
+
+
+# samplers and loaders that already give each rank its part: torch's, and those accelerate's prepare() makes
+_SHARDING = {"DistributedSampler", "BatchSamplerShard", "DataLoaderShard", "DataLoaderDispatcher", "IterableDatasetShard"}
+
+
+def _shards(x) -> bool:
+    return any(c.__name__ in _SHARDING for c in type(x).__mro__)
 
 
 def _flat(tensors, device):
@@ -122,9 +152,11 @@ def all_reduce_(tensors: torch.Tensor | list[torch.Tensor], op: str = "sum") -> 
     ops = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
     if op not in ops:
         raise ValueError(f"op must be one of {sorted(ops)}, got {op!r}")
+    group = [tensors] if torch.is_tensor(tensors) else list(tensors)
+    if op == "mean" and not all(t.is_floating_point() for t in group):
+        raise ValueError("all_reduce_(op='mean') needs floating-point tensors: an integer tensor cannot hold the mean")
     if not is_distributed():
         return tensors
-    group = [tensors] if torch.is_tensor(tensors) else list(tensors)
     device = _comm_device()
     for dtype in sorted({t.dtype for t in group}, key=str):
         same = [t for t in group if t.dtype == dtype]
@@ -187,6 +219,8 @@ def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     :param tensor: ``[n_rank, *rest]`` (``rest`` equal on every rank).
     :returns: ``[sum_rank n_rank, *rest]`` on ``tensor``'s device, the same on every rank.
     """
+    if tensor.dim() == 0:
+        raise ValueError("gather_cat concatenates along dim 0: give a tensor of at least one dimension (t.reshape(1))")
     if not is_distributed():
         return tensor
     device = _comm_device()
@@ -200,11 +234,58 @@ def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat([o[:n] for o, n in zip(out, sizes)]).to(tensor.device)
 
 
-def seed_per_rank() -> None:
-    """Give every rank its own random stream (weight noise, dropout, MC labels) from the current one.
+@contextlib.contextmanager
+def rank_streams():
+    """Within the block every rank draws from a random stream of its own (weight noise, dropout, MC labels: ranks
+    must not draw alike); after it, every rank from one stream again, so that later draws agree across ranks (a
+    loader's shuffle, a sampled predictive). Both streams are seeded from rank 0's current one: deterministic given
+    its seed."""
+    if not is_distributed():
+        yield
+        return
+    seeds = broadcast_parameters([torch.randint(2**62, (2,))])[0].tolist()
+    torch.manual_seed(seeds[0] + rank())
+    try:
+        yield
+    finally:
+        torch.manual_seed(seeds[1])
 
-    Draws one seed from the current generator (the same on every rank seeded alike) and reseeds with
-    ``seed + rank``: deterministic given the user's seed, different across ranks.
-    """
+
+@contextlib.contextmanager
+def refused_together(action: str):
+    """Checks that may refuse on some ranks only (a head changed on one of them): every rank runs the block, then all
+    learn whether any refused, and all raise, so that none waits in a later collective for a rank that stopped. Its
+    ``ValueError`` on the rank that refused, one naming that rank's on the others. A collective: every rank enters it."""
+    error = None
+    try:
+        yield
+    except ValueError as caught:
+        error = caught
     if is_distributed():
-        torch.manual_seed(int(torch.randint(2**62, ())) + rank())
+        said = [None] * world_size()
+        dist.all_gather_object(said, None if error is None else str(error))
+        refused = [(r, m) for r, m in enumerate(said) if m is not None]
+        if refused and error is None:
+            raise ValueError(f"cannot {action}: rank {refused[0][0]} refused: {refused[0][1]}")
+    if error is not None:
+        raise error
+
+
+def on_main(write, what: str):
+    """Run ``write()`` on rank 0 only, and return on every rank once it has finished (a file rank 0 wrote is there
+    for the others to read); if it failed, every rank raises (rank 0 its own error). Its result on rank 0, else
+    ``None``. A collective: every rank calls it."""
+    if not is_distributed():
+        return write()
+    result, error = None, None
+    if is_main():
+        try:
+            result = write()
+        except BaseException as caught:  # noqa: BLE001 - re-raised below, after the others are told
+            error = caught
+    failed = all_reduce_(torch.tensor([float(error is not None)]), op="max").item()
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"rank 0 failed to {what}: see its error")
+    return result

@@ -456,12 +456,15 @@ class KFACNormal(TorchDistribution):
         top, rest = self._eigenvalues()
         L, r, D = self.large_vecs.shape[0], self.small_vecs.shape[-1], self.large_vecs.shape[-2]
         shape = torch.Size(sample_shape)
-        z1 = torch.randn(shape + top.shape, device=top.device, dtype=top.dtype)
-        z2 = torch.randn(shape + (L, r, D), device=top.device, dtype=top.dtype)
-        u = self.large_vecs
-        # W = V [(z1 / sqrt(top)) U^T + diag(rest^-1/2) z2 (I - U U^T)]
-        inner = (z1 * top.rsqrt()) @ u.mT + rest.rsqrt().unsqueeze(-1) * (z2 - (z2 @ u) @ u.mT)
-        return self.loc + self._site(self.small_vecs @ inner)
+        z = torch.randn(shape + (L, r, D), device=top.device, dtype=top.dtype)
+        u, v = self.large_vecs, self.small_vecs
+        # W = P^-1/2 z, the symmetric root: V [(m U / sqrt(top)) U^T + diag(rest^-1/2) m (I - U U^T)], m = V^T z.
+        # Unlike a draw in the eigenbasis it does not depend on the eigenvectors' signs or on the basis of an
+        # eigenspace, which eigh picks by the float summation order (batches reordered, or split across ranks)
+        m = v.mT @ z
+        t = m @ u
+        inner = (t * top.rsqrt()) @ u.mT + rest.rsqrt().unsqueeze(-1) * (m - t @ u.mT)
+        return self.loc + self._site(v @ inner)
 
     def log_prob(self, value):
         top, rest = self._eigenvalues()

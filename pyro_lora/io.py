@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from .contract import check_guide, describe, differences
 from .ownership import take_over, trainer
-from .distributed import is_main
+from .distributed import is_main, on_main, refused_together
 
 FORMAT = "pyro_lora.guide/2"
 _OLD_FORMATS = ("pyro_lora.guide/1",)  # sites only, no signature
@@ -198,14 +198,22 @@ def save_guide(guide, path, run=None, adapter=False):
 
     ``path`` becomes a directory with ``guide.safetensors`` and ``guide.json`` (standard JSON: a config value that
     is inf or NaN is written as ``null``, which the guide's constructor reads back). Under ``torch.distributed``
-    only rank 0 writes (the ranks hold the same guide).
+    only rank 0 writes (the ranks hold the same guide), every rank updates its adapter (``adapter=True``), and every
+    rank returns once the file is written.
     """
-    if not is_main():
-        return Path(path)
     model = guide.model
-    check_guide(model, guide, "save")  # the network's point parameters it saves must still be its own
-    if adapter:
-        _check_peft_model(model)
+    with refused_together("save the guide"):  # a refusal on one rank only would leave the others waiting
+        check_guide(model, guide, "save")  # the network's point parameters it saves must still be its own
+        if adapter:
+            _check_peft_model(model)
+    if adapter and not is_main():  # every rank updates its adapter, rank 0 writes it
+        model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
+    on_main(lambda: _write_guide(guide, path, run, adapter), f"save the guide to {path}")
+    return Path(path)
+
+
+def _write_guide(guide, path, run, adapter):
+    model = guide.model
     tensors = {k: v.detach().contiguous().cpu() for k, v in guide.state_dict().items()}
     tensors.update({_NET + n: p.detach().contiguous().cpu() for n, p in model.named_adapter_parameters()})
     meta = standard_json({  # JSON has no inf or NaN (ivon-opt's default clip_radius is inf): written as null
@@ -227,7 +235,6 @@ def save_guide(guide, path, run=None, adapter=False):
         (tmp / "guide.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
         if adapter:
             _write_adapter(guide, tmp / "adapter")
-    return Path(path)
 
 
 def _sha256(data: bytes) -> str:
@@ -402,13 +409,17 @@ def export_adapter(guide, path):
         layers, other LoRA scaling: :func:`~pyro_lora.contract.check_guide`), or is no ``PeftModel`` (a model built
         on ``net.base_model``).
     """
-    check_guide(guide.model, guide, "export the adapter")
-    _check_peft_model(guide.model)
+    with refused_together("export the adapter"):
+        check_guide(guide.model, guide, "export the adapter")
+        _check_peft_model(guide.model)
     if not is_main():  # every rank updates its adapter, rank 0 writes it
         guide.model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
-        return Path(path)
-    with atomic_directory(path) as tmp:
-        _write_adapter(guide, tmp)
+
+    def write():
+        with atomic_directory(path) as tmp:
+            _write_adapter(guide, tmp)
+
+    on_main(write, f"export the adapter to {path}")
     return Path(path)
 
 

@@ -35,6 +35,7 @@ from .kinds import down_kind, up_kind
 from .likelihoods import is_cloze
 from .metrics import check_labels
 from .checks import check_count
+from .contract import check_ranks_agree
 from .predictive import Prediction
 from .progress import progress_bar
 from .sites import Site, per_layer
@@ -378,8 +379,10 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
     :returns: ``(log p(D | theta*), N)``, ``N`` the number of labelled examples.
     :raises ValueError: on empty ``data``, or a likelihood that runs two forwards per batch.
     """
-    check_one_forward(model)
-    check_autograd("fit a Laplace")
+    with distributed.refused_together("fit a Laplace"):  # a refusal on one rank only would leave the others waiting
+        check_one_forward(model)
+        check_autograd("fit a Laplace")
+    check_ranks_agree(model, None, "fit a Laplace")
     loc = {name: v.detach().float() for name, v in (model.adapter_values() if loc is None else loc).items()}
     gen = torch.Generator(device=model.device).manual_seed(0)
     acc = [Accumulator(f, sketch, gen) for f in factors]
@@ -514,7 +517,8 @@ def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int
     c = cov.shape[-1]
     center = torch.eye(c, dtype=torch.double, device=cov.device) - 1.0 / c
     w, q = torch.linalg.eigh(center @ cov.double() @ center)
-    root = (q * w.clamp(min=0).sqrt().unsqueeze(-2)).to(mean.dtype)  # centred cov = root root^T
+    # the symmetric root (centred cov = root root^T): a draw does not hinge on the eigenvectors eigh picks
+    root = ((q * w.clamp(min=0).sqrt().unsqueeze(-2)) @ q.mT).to(mean.dtype)
     z = torch.randn(num_samples, *mean.shape, 1, dtype=mean.dtype, generator=generator,
                     device=mean.device if generator is None else generator.device).to(mean.device)
     return torch.softmax(mean + (root @ z).squeeze(-1), -1)

@@ -186,8 +186,8 @@ class Likelihood:
 
     def observed(self, batch: dict) -> torch.Tensor:
         """The observed labels, ``[B]`` (or ``[B, T]`` for token-level LM)."""
-        if "labels" not in batch:
-            raise ValueError(f"batch has no 'labels'; its keys are {sorted(batch)}")
+        if batch.get("labels") is None:
+            raise ValueError(f"the batch has no 'labels' (its keys are {sorted(batch)}; None counts as none)")
         return batch["labels"]
 
     def distribution(self, logits: torch.Tensor) -> FusedCategorical:

@@ -19,6 +19,7 @@ from .ownership import head_trainer, unwritten_fit
 from .distributions import isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
+from .pyro_stack import VECTORIZED, enclosing_plates, replayed_trace
 from .sites import Site, active_adapter, base_rewriting_inits, build_sites, check_values, describe_inits, find_lora_layers, matrix_view, per_layer
 
 
@@ -370,11 +371,18 @@ class LoraModel:
     def __call__(self, batch: dict, kl_weight: float = 1.0) -> torch.Tensor:
         """The Pyro model. ``kl_weight`` scales the weight sites (KL annealing); guides scale theirs alike.
 
+        A batch without ``"labels"`` samples ``"obs"`` (``[B]``, class indices): ``pyro.infer.Predictive``'s predictions.
         A guide that marks a site with ``infer={"flipout_loc": loc}`` (its mean) gets flipout in the likelihood.
 
         :raises ValueError: if a value replayed from a guide has another shape than its site (a guide built
-            for another model), or under Pyro's optimizers (``pyro.infer.SVI``) for a float16 network.
+            for another model); inside a plate (vectorized particles); under an ELBO, for a ``kl_weight`` the
+            guide's sites are not scaled by (a Pyro autoguide: its ``log q`` unscaled); for a ``num_data`` below a
+            labelled batch's rows; in ``fit``, for a batch without labels; or under Pyro's optimizers
+            (``pyro.infer.SVI``) for a float16 network.
         """
+        plates = enclosing_plates()
+        if plates:
+            raise ValueError(f"the model runs inside the plate(s) {plates}: its weight sites are global, and {VECTORIZED}")
         if pyro_params.recording():  # Pyro's own optimizers: fit holds its own and has set the trainable set
             if self.compute_dtype == torch.float16:
                 raise ValueError(
@@ -385,6 +393,9 @@ class LoraModel:
             pyro_params.record(self._pyro_name, self.named_point_parameters())
         with poutine.scale(scale=kl_weight), poutine.trace() as tr:
             values = {name: pyro.sample(name, self.prior_distribution(site)) for name, site in self.sites.items()}
+        guide_trace = replayed_trace()
+        if guide_trace is not None:
+            self._check_guide_trace(guide_trace, tr.trace)
         for name, v in values.items():
             shape = self.sites[name].shape
             if tuple(v.shape[v.dim() - len(shape) :]) != shape:
@@ -392,22 +403,51 @@ class LoraModel:
                     f"site {name!r} got a value of shape {tuple(v.shape)} from the guide, but the model's site has shape "
                     f"{shape}: the guide was built for another model"
                 )
+            if v.dim() > len(shape) and v.numel() == math.prod(shape):  # Predictive's samples keep its plates' dims
+                values[name] = v = v.reshape(shape)
             if v.dim() > len(shape):
-                raise ValueError(
-                    f"site {name!r} got a batch of values {tuple(v.shape)}: vectorized particles (vectorize_particles=True, "
-                    "Predictive(parallel=True)) are not supported; use num_particles without vectorizing, or "
-                    "pyro_lora.predict for many samples in one forward"
-                )
+                raise ValueError(f"site {name!r} got a batch of values {tuple(v.shape)}: {VECTORIZED}")
         flipout = {n: tr.trace.nodes[n]["infer"]["flipout_loc"] for n in values if "flipout_loc" in tr.trace.nodes[n]["infer"]}
-        y = self.likelihood.observed(batch)  # its checks read the labels on the host: before the forward is queued
+        y = self._labels(batch)  # its checks read the labels on the host: before the forward is queued
         logits = self.logits(batch, values, flipout_locs=flipout)
-        size = self.num_data or y.shape[0]
+        rows = logits.shape[0]
+        if y is not None and self.num_data is not None and not torch.jit.is_tracing() and self.num_data < rows:
+            raise ValueError(f"num_data={self.num_data} is below this batch's {rows} rows: num_data is the number of "
+                             "training examples the data term is scaled to; build the model with num_data=len(training set)")
+        size = self.num_data if self.num_data is not None and self.num_data >= rows else rows
         observed = self.likelihood.distribution(logits)
         if hasattr(observed, "observer"):
             observed.observer = self._observe
-        with pyro.plate("data", size, subsample_size=y.shape[0], device=y.device):
+        with pyro.plate("data", size, subsample_size=rows, device=logits.device):
             pyro.sample("obs", observed, obs=y)
         return logits
+
+    def _labels(self, batch):
+        """The batch's observed labels, or ``None`` for a batch without them (``"obs"`` is then drawn); inside ``fit``
+        (which keeps Pyro's param store out: an SVI step of Pyro's own warns of ``"obs"`` itself) refused."""
+        if batch.get("labels") is not None or self.likelihood.event_dims != 0:  # a token-level likelihood: its tokens
+            return self.likelihood.observed(batch)
+        if not pyro_params.recording():
+            raise ValueError(f"the batch has no 'labels' (its keys are {sorted(batch)}): fit trains on labelled batches; "
+                             "a batch without labels draws 'obs', as pyro.infer.Predictive's predictions")
+        return None
+
+    def _check_guide_trace(self, guide_trace, own):
+        """Under an ELBO (the model replayed against ``guide_trace``; ``own``: the trace of the model's weight sites):
+        refuse guide sites scaled otherwise than the model's (``kl_weight`` or a ``poutine.scale`` on one side only:
+        ``log q`` and ``log p`` would be weighted apart, which is no (beta-)ELBO)."""
+        scale = float(own.nodes[next(iter(self.sites))]["scale"])
+        unscaled = {n: float(node["scale"]) for n, node in guide_trace.nodes.items() if node["type"] == "sample"
+                    and not node["is_observed"] and (n in self.sites or node["infer"].get("is_auxiliary"))
+                    and not math.isclose(float(node["scale"]), scale, rel_tol=1e-6)}
+        if unscaled:
+            name, value = next(iter(unscaled.items()))
+            raise ValueError(
+                f"the model's weight sites are scaled by {scale:g} (kl_weight, poutine.scale), but the guide's site {name!r} "
+                f"by {value:g} ({len(unscaled)} sites so): the objective would weigh log q and log p apart, which is no "
+                "ELBO; a Pyro autoguide takes no kl_weight: run it under poutine.scale(scale=kl_weight), or use a "
+                "pyro_lora guide, and scale the model and the guide alike"
+            )
 
     def _observe(self, log_prob):
         self.last_nll = -log_prob.mean()  # per example, for fit's divergence check: the ELBO's prior term scales with 1/N

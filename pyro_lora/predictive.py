@@ -11,7 +11,7 @@ import torch
 
 from . import distributed
 from .checks import check_count
-from .contract import check_guide
+from .contract import check_guide, check_ranks_agree
 from .data import to_device
 from .progress import progress_bar
 
@@ -69,23 +69,25 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     batches with rank 0's weight samples (rank 0's base seed is broadcast; the first chunk is checked to
     be equal on all ranks), and returns the gathered predictions of all ``N`` examples in order.
     """
-    num_samples = check_count(num_samples, "num_samples")
-    if chunk_size is not None:
-        chunk_size = check_count(chunk_size, "chunk_size", alternative="or None for all samples in one forward")
-    if guide is not None:
-        check_guide(model, guide, "predict")
-        if not guide.samples_carry_posterior:
-            raise ValueError(
-                f"predict refused for this {type(guide).__name__}: its posterior is not over the model's LoRA sites (they are "
-                f"its point estimate), so weight samples would give the point estimate's predictions; use its own "
-                f"predictive ({guide.own_predictive})"
-            )
-        if mean and not guide.deterministic and not getattr(guide, "mean_is_predictor", True):
-            raise ValueError(
-                f"predict(mean=True) refused for this {type(guide).__name__}: its mean() is no predictor of this posterior "
-                "(an ensemble's mean averages the weights of separately trained members); predict with samples "
-                "instead (an ensemble: guides.predict_ensemble, S = K, the exact mixture)"
-            )
+    with distributed.refused_together("predict"):  # a refusal on one rank only would leave the others waiting
+        num_samples = check_count(num_samples, "num_samples")
+        if chunk_size is not None:
+            chunk_size = check_count(chunk_size, "chunk_size", alternative="or None for all samples in one forward")
+        if guide is not None:
+            check_guide(model, guide, "predict")
+            if not guide.samples_carry_posterior:
+                raise ValueError(
+                    f"predict refused for this {type(guide).__name__}: its posterior is not over the model's LoRA sites (they are "
+                    f"its point estimate), so weight samples would give the point estimate's predictions; use its own "
+                    f"predictive ({guide.own_predictive})"
+                )
+            if mean and not guide.deterministic and not getattr(guide, "mean_is_predictor", True):
+                raise ValueError(
+                    f"predict(mean=True) refused for this {type(guide).__name__}: its mean() is no predictor of this posterior "
+                    "(an ensemble's mean averages the weights of separately trained members); predict with samples "
+                    "instead (an ensemble: guides.predict_ensemble, S = K, the exact mixture)"
+                )
+    check_ranks_agree(model, guide, "predict")
     net = model.net
     was_training = net.training
     net.eval()

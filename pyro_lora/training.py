@@ -1,4 +1,4 @@
-"""SVI training: any Pyro ELBO, one fused torch optimizer over the model's point estimates and the guide."""
+"""SVI training: a Pyro ELBO with a differentiable loss, one fused torch optimizer over the model's point estimates and the guide."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from . import distributed, pyro_params
-from .contract import check_guide
+from .contract import check_guide, check_ranks_agree
 from .ownership import point_snapshot, record_fit, take_over
 from .data import to_device
 from .checks import check_count
@@ -67,7 +67,8 @@ def fit(
     One ``torch.optim.AdamW`` (fused on CUDA) holds every parameter; Pyro's param store is not used.
 
     :param data: iterable of batches (dicts of tensors), e.g. a ``DataLoader``; re-iterated each epoch.
-    :param elbo: a Pyro ELBO (default ``Trace_ELBO()``); ``TraceMeanField_ELBO()`` uses closed-form KLs.
+    :param elbo: a Pyro ELBO with ``differentiable_loss`` (default ``Trace_ELBO()``); ``TraceMeanField_ELBO()`` uses
+        closed-form KLs. ``TraceGraph_ELBO``, ``RenyiELBO`` and the JIT ones train through ``pyro.infer.SVI``.
     :param lr_schedule: ``"constant"``, ``"linear"`` (decay to 0) or ``"cosine"``, after ``warmup_steps``.
     :param kl_weight: a float or a callable ``step -> float`` (KL annealing; must be > 0).
     :param int grad_accum_steps: micro-batches per optimizer step, which takes their mean gradient; an epoch's
@@ -93,13 +94,14 @@ def fit(
     :returns: list of per-step losses.
     :raises ValueError: if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
         on an ``epochs``, ``warmup_steps`` (longer than the run too), ``lr``, ``grad_accum_steps``,
-        ``max_grad_norm`` or ``checkpoint_every`` out of range, on a one-shot iterator with ``epochs > 1``, before
+        ``max_grad_norm`` or ``checkpoint_every`` out of range, an ELBO it cannot step, on a one-shot iterator with ``epochs > 1``, before
         any work, and on an epoch that yields no batch.
     :raises DivergenceError: see ``stop_on_divergence``.
 
     Under ``torch.distributed`` (``W > 1`` ranks, see :mod:`pyro_lora.distributed`): every rank is given
     the same ``data`` and trains on its block of ``len(data) // W`` batches per epoch; rank 0's parameters
-    are broadcast first and each rank then draws its own noise (seed offset by rank). Each rank's loss is
+    are broadcast first and each rank then draws its own noise (one shared stream again after fit:
+    :func:`~pyro_lora.distributed.rank_streams`). ``num_data`` is required. Each rank's loss is
     already a full-data estimate (its data plate scales its local batch ``b`` to ``num_data``, and the
     weight sites are counted once), so gradients (and the reported loss) are *averaged* over ranks:
     ``1/W sum_w [KL + N/b sum_{i in w} l_i] = KL + N/(W b) sum_i l_i``, the estimate of one process on the
@@ -107,40 +109,47 @@ def fit(
     """
     from .io import save_guide
 
-    grad_accum_steps = check_count(grad_accum_steps, "grad_accum_steps")
-    check_count(epochs, "epochs", minimum=0)
-    check_count(warmup_steps, "warmup_steps", minimum=0)
-    if checkpoint_every is not None:
-        check_count(checkpoint_every, "checkpoint_every", alternative="or None: a checkpoint at the end only")
-    if not (_finite(lr) and lr >= 0):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-    if max_grad_norm is not None and not (_finite(max_grad_norm) and max_grad_norm > 0):
-        raise ValueError(f"max_grad_norm must be a finite number > 0 (None: no clipping), got {max_grad_norm!r}")
-    if epochs > 1 and isinstance(data, collections.abc.Iterator):  # a generator: its second pass is empty
-        raise ValueError(f"data is a one-shot iterator ({type(data).__name__}): it yields its batches once, and epochs={epochs} "
-                         "needs them every epoch; pass a list of batches or a DataLoader")
-    elbo = elbo or Trace_ELBO()
-    num_data = model.num_data or 1
-    model.set_trainable()
-    device = model.device
-    params = (model.point_parameters() if train_network else []) + [p for p in guide.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("nothing to train: the model has no point parameters and the guide no parameters")
-    # first: a cast network (net.to(bfloat16)) also changed the head the guide was built beside, the lesser news
-    low = sorted({str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)})
-    if low:
-        raise ValueError(
-            f"fit trains parameters held in {low}: AdamW's updates underflow there (the head becomes nan); keep the "
-            "trainable parameters (LoRA, head) in float32 and run the half-precision base under autocast"
-        )
-    check_guide(model, guide, "fit", same_model=True)
+    with distributed.refused_together("fit"):  # a refusal on one rank only would leave the others waiting
+        grad_accum_steps = check_count(grad_accum_steps, "grad_accum_steps")
+        check_count(epochs, "epochs", minimum=0)
+        check_count(warmup_steps, "warmup_steps", minimum=0)
+        if checkpoint_every is not None:
+            check_count(checkpoint_every, "checkpoint_every", alternative="or None: a checkpoint at the end only")
+        if not (_finite(lr) and lr >= 0):
+            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        if max_grad_norm is not None and not (_finite(max_grad_norm) and max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0 (None: no clipping), got {max_grad_norm!r}")
+        if epochs > 1 and isinstance(data, collections.abc.Iterator):  # a generator: its second pass is empty
+            raise ValueError(f"data is a one-shot iterator ({type(data).__name__}): it yields its batches once, and epochs={epochs} "
+                             "needs them every epoch; pass a list of batches or a DataLoader")
+        elbo = elbo or Trace_ELBO()
+        _check_elbo(elbo)
+        num_data = model.num_data or 1
+        model.set_trainable()
+        device = model.device
+        params = (model.point_parameters() if train_network else []) + [p for p in guide.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("nothing to train: the model has no point parameters and the guide no parameters")
+        # first: a cast network (net.to(bfloat16)) also changed the head the guide was built beside, the lesser news
+        low = sorted({str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)})
+        if low:
+            raise ValueError(
+                f"fit trains parameters held in {low}: AdamW's updates underflow there (the head becomes nan); keep the "
+                "trainable parameters (LoRA, head) in float32 and run the half-precision base under autocast"
+            )
+        check_guide(model, guide, "fit", same_model=True)
+        if distributed.is_distributed() and model.num_data is None:  # each rank's batch would count as the data
+            raise ValueError(f"under torch.distributed ({distributed.world_size()} ranks) the model needs num_data (the "
+                             "training set's size): without it each rank scales its data term to its own batch, so the "
+                             "averaged loss counts the data once per rank and the prior W times")
     if train_network:
         take_over(model, guide)
         guide._point_snapshot = None  # live while it trains them (callbacks, checkpoints); taken again at the end
+    else:  # the network is not broadcast below: it must be the same on every rank
+        check_ranks_agree(model, None, "fit")
     if distributed.is_distributed():
         data = distributed.split_batches(data, even=True)  # the same number of steps on every rank
         distributed.broadcast_parameters(params + [b for b in guide.buffers() if b.is_floating_point()])
-        distributed.seed_per_rank()
     # what fit does not train still gets gradients from its backward passes: set aside and put back as found, or an
     # optimiser that zeroes after its step (Pyro's SVI) would add the whole run's sum to its first step
     trained = {id(p) for p in params}
@@ -210,7 +219,8 @@ def fit(
 
     try:
         # validation syncs the GPU once per site; the fused optimizer above holds the parameters, not Pyro's store
-        with pyro.validation_enabled(False), pyro_params.own_optimizer(), _activation_checkpointing(net, gradient_checkpointing):
+        with pyro.validation_enabled(False), pyro_params.own_optimizer(), _activation_checkpointing(net, gradient_checkpointing), \
+                distributed.rank_streams():
             for epoch in range(epochs):
                 accumulated, pending, seen = 0.0, 0, 0
                 for batch in data:
@@ -256,6 +266,16 @@ def fit(
     if checkpoint_dir:
         save_guide(guide, checkpoint_dir)
     return losses
+
+
+def _check_elbo(elbo) -> None:
+    """Refuse an ELBO fit cannot step: one without ``differentiable_loss`` (TraceGraph_ELBO, RenyiELBO), or a JIT one
+    (it traces the network's weights as constants: fit holds them outside Pyro's param store)."""
+    name = type(elbo).__name__
+    if name.startswith("Jit") or not callable(getattr(elbo, "differentiable_loss", None)):
+        why = "JIT-compiles the loss with the weights fit trains as constants" if name.startswith("Jit") else "has no differentiable_loss"
+        raise ValueError(f"fit cannot train with {name}: it {why}; fit takes Trace_ELBO, TraceMeanField_ELBO or "
+                         f"TraceEnum_ELBO, and pyro.infer.SVI(model, guide, optim, {name}()) trains with it")
 
 
 class _Smoothed:

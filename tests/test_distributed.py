@@ -9,7 +9,7 @@ import torch.multiprocessing as mp
 from conftest import tiny_bert
 from pyro.infer import Trace_ELBO
 
-from pyro_lora.guides import MAPGuide
+from pyro_lora.guides import MAPGuide, MeanFieldGuide
 from pyro_lora.guides.laplace import LaplaceGuide
 from pyro_lora.guides.tfb import TFBGuide
 from pyro_lora import distributed
@@ -68,22 +68,92 @@ def run_all():
     tfb = TFBGuide(model)
     out["tfb"] = tfb.search(toy_data(10, 4, seed=3), criterion="nll", low=1.0, high=50.0, iterations=3, num_samples=3,
                             tolerance=0.005, progress=False)
-    # predict with weight samples (TFB's, whose draws do not hinge on an eigenbasis); other ranks' RNGs
-    # differ, so rank 0's samples must be used everywhere
+    # predict with weight samples; other ranks' RNGs differ, so rank 0's samples must be used everywhere
     torch.manual_seed(5 + distributed.rank())
     pred = predict(model, tfb, toy_data(10, 4, seed=2), num_samples=3, keep_samples=True)
     out["pred"] = (pred.probs, pred.labels, pred.sample_probs)
+    # Laplace's draws: the same factors summed in another order (eigh picks other eigenvectors) give the same draws
+    laplace.set_prior_precision(1.0)
+    torch.manual_seed(7 + distributed.rank())
+    out["laplace_pred"] = predict(model, laplace, toy_data(10, 4, seed=2), num_samples=3, keep_samples=True).sample_probs
     return out
 
 
-def _worker(rank, tmp, crash):
+def _refused(call):
+    try:
+        call()
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def run_misuses(tmp):
+    """What each rank sees of a misuse (the message it raised, or a value to compare across ranks)."""
+    from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, TensorDataset
+
+    from pyro_lora.io import save_guide
+
+    out, r = {}, distributed.rank()
+    model = make_model(num_data=None)
+    out["num_data"] = _refused(lambda: fit(model, MAPGuide(model), toy_data(16, 4), progress=False))
+    # a shuffling loader without a generator: after the ranks' own streams (fit's) each drew another permutation
+    torch.manual_seed(100 + r)
+    loader = DataLoader(TensorDataset(torch.arange(16)), batch_size=4, shuffle=True)
+    seen = torch.cat([b[0] for b in distributed.split_batches(loader)])
+    out["covered"] = sorted(distributed.gather_cat(seen).tolist())
+    batches = DataLoader([torch.arange(i, i + 4) for i in range(0, 16, 4)], batch_size=None, shuffle=True)  # collated
+    out["covered_collated"] = sorted(distributed.gather_cat(torch.cat(list(distributed.split_batches(batches)))).tolist())
+    from accelerate.data_loader import prepare_data_loader
+
+    prepared = prepare_data_loader(DataLoader(TensorDataset(torch.arange(16)), batch_size=4), num_processes=2,
+                                   process_index=r, put_on_device=False)
+    out["accelerate"] = _refused(lambda: distributed.split_batches(prepared))
+    out["sharded"] = _refused(lambda: distributed.split_batches(DataLoader(
+        TensorDataset(torch.arange(16)), batch_size=4, sampler=DistributedSampler(TensorDataset(torch.arange(16)), 2, r))))
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(range(8))
+
+    out["iterable"] = _refused(lambda: distributed.split_batches(DataLoader(Stream(), batch_size=2)))
+    out["lengths"] = _refused(lambda: predict(make_model(48), None, toy_data(16 if r == 0 else 12, 4)))
+    # after fit every rank draws from one stream again
+    model = make_model(num_data=16)
+    guide = MAPGuide(model)
+    torch.manual_seed(0)
+    fit(model, guide, toy_data(16, 4), progress=False)
+    out["after_fit"] = distributed.gather_cat(torch.rand(1)).tolist()
+    # save_guide(adapter=True) writes the adapter into every rank's network
+    save_guide(guide, f"{tmp}/guide", adapter=True)
+    out["adapter"] = distributed.gather_cat(torch.stack([p.detach().sum() for _, p in model.named_lora_weights()])[None]).tolist()
+    # a rank whose guide differs (loaded before rank 0 had written it) is refused, not mixed in
+    if r == 1:
+        with torch.no_grad():
+            guide.locs[0].add_(1.0)
+    out["differs"] = _refused(lambda: predict(model, guide, toy_data(16, 4)))
+    # a check that refuses on one rank only: every rank raises, none waits in a collective for it
+    model = make_model(num_data=16)
+    first = MAPGuide(model)
+    fit(model, first, toy_data(16, 4), progress=False)
+    model.write_adapter(first.mean())
+    if r == 1:
+        with torch.no_grad():
+            model.point_parameters()[0].add_(1.0)  # the head changed on rank 1 only
+    out["save_one_rank"] = _refused(lambda: save_guide(first, f"{tmp}/first"))
+    out["predict_one_rank"] = _refused(lambda: predict(model, first, toy_data(16, 4)))
+    out["frozen_fit"] = _refused(lambda: fit(model, MeanFieldGuide(model), toy_data(16, 4), train_network=False,
+                                             progress=False))
+    return out
+
+
+def _worker(rank, tmp, crash, misuses=False):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
     try:
         if crash and rank == 1:
             raise RuntimeError("boom on rank 1")
         torch.manual_seed(0)
-        out = distributed.all_reduce_(torch.ones(1)) if crash else run_all()
+        out = distributed.all_reduce_(torch.ones(1)) if crash else run_misuses(tmp) if misuses else run_all()
         torch.save(out, f"{tmp}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -108,9 +178,32 @@ def test_two_ranks_equal_one_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert single["pred"][2].shape == (3, 10, 2) and single["kfac"]["n"] == 10
     assert any(s["feasible"] for s in single["tfb"]) and not all(s["feasible"] for s in single["tfb"])
-    for key in ("loss", "grads", "fit_loss", "params", "kfac", "pred", "tfb"):
+    for key in ("loss", "grads", "fit_loss", "params", "kfac", "pred", "tfb", "laplace_pred"):
         for r, out in enumerate(ranks):
             assert close(out[key], single[key]), f"rank {r}: {key} differs from one process"
+
+
+def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
+    """Each of these gave a silent wrong result: num_data=None halved the data term against one process; fit's per-rank
+    streams made a shuffling loader's blocks overlap (46 of 64 examples an epoch) and stayed after it (ranks drew
+    apart); a DistributedSampler halved the data again; ranks given other data lengths returned a mix; save_guide
+    wrote the adapter on rank 0 only; a rank holding another guide was mixed into predict (0.33 off)."""
+    mp.spawn(_worker, args=(str(tmp_path), False, True), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    for out in ranks:
+        assert "the model needs num_data" in out["num_data"]
+        assert out["covered"] == list(range(16))  # each example once, whatever the ranks' own streams drew
+        assert "already gives each rank a part of the data (DistributedSampler" in out["sharded"]
+        assert "over an IterableDataset cannot be split" in out["iterable"]
+        assert "the ranks were given 3 to 4 batches" in out["lengths"]
+        assert out["after_fit"][0] == out["after_fit"][1]
+        assert out["adapter"][0] == out["adapter"][1]
+        assert "cannot predict: the ranks hold different values of ['guide.locs.0']" in out["differs"]
+        assert out["covered_collated"] == list(range(16))
+        assert "already gives each rank a part of the data (DataLoaderShard" in out["accelerate"]
+        for key in ("save_one_rank", "predict_one_rank"):
+            assert "changed since this guide was built or trained" in out[key]
+        assert "cannot fit: the ranks hold different values of" in out["frozen_fit"]
 
 
 def test_a_crash_in_one_rank_is_raised_not_hung(tmp_path):
@@ -125,3 +218,7 @@ def test_helpers_are_identities_without_a_process_group():
     assert distributed.gather_cat(t) is t and distributed.all_reduce_(t, op="max") is t
     with pytest.raises(ValueError, match="op must be"):
         distributed.all_reduce_(t, op="prod")
+    with pytest.raises(ValueError, match="needs floating-point tensors"):  # the mean of integers was cast back (or not)
+        distributed.all_reduce_(torch.arange(3), op="mean")
+    with pytest.raises(ValueError, match="at least one dimension"):
+        distributed.gather_cat(torch.tensor(1.0))

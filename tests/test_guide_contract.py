@@ -681,6 +681,8 @@ def test_a_lossless_cast_of_the_network_is_no_change_and_a_rounding_one_is_named
 
 
 def test_a_bool_count_is_refused():
+    from pyro_lora.data import split_train_val, subset
+
     """``True`` is an ``int`` to Python: as a count it was taken as 1 (one SWAG deviation, one ensemble member,
     one bin), a slip read as a setting."""
     model = lora()
@@ -692,6 +694,13 @@ def test_a_bool_count_is_refused():
         "num_samples": lambda: predict(model, EnsembleGuide(model, [model.adapter_values()]), data(), num_samples=True),
         "iterations": lambda: TFBGuide(model).search(data(), iterations=True),
         "epochs": lambda: fit(model, MAPGuide(model), data(), epochs=True, progress=False),
+        "k": lambda: guides.train_ensemble(model, data(), k=True),
+        "depth": lambda: FlowGuide(model, depth=True),
+        "each of inducing": lambda: FlowGuide(model, inducing=(True, 9)),
+        "hidden": lambda: FlowGuide(model, hidden=True),
+        "start_step": lambda: SWAGCollector(SWAGGuide(xs, rank=2), start_step=True),
+        "n": lambda: subset(list(range(5)), True),
+        "val_size": lambda: split_train_val(list(range(5)), val_size=True),
     }
     for name, call in refusals.items():
         with pytest.raises(ValueError, match=f"{name} must be"):

@@ -451,11 +451,123 @@ def test_predictive_and_condition_use_the_guide_and_the_model():
         torch.testing.assert_close(conditioned, model.logits(batch, zeros))
 
 
-def test_vectorized_particles_are_refused_by_name():
-    model, guide = build("meanfield")
+@pytest.mark.parametrize("name", sorted(GUIDES))
+def test_vectorized_particles_are_refused_by_name(name):
+    """FlowGuide reshaped its plate-batched draws first: a bare shape error."""
+    model, guide = build(name)
+    batch = toy_data(n=8, batch=8)[0]
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO(num_particles=2, vectorize_particles=True, max_plate_nesting=1))
-    with pytest.raises(ValueError, match="vectorized particles .* are not supported"):
-        svi.step(toy_data(n=8, batch=8)[0])
+    with pytest.raises(ValueError, match=r"the guide runs inside the plate\(s\) \['num_particles_vectorized'\]: .*vectorized particles"):
+        svi.step(batch)
+    with pytest.raises(ValueError, match=r"inside the plate\(s\) \['_num_predictive_samples'\]"):
+        pyro.infer.Predictive(model, guide=guide, num_samples=2, parallel=True)(batch)
+    with pytest.raises(ValueError, match=r"the model runs inside the plate\(s\) \['_num_predictive_samples'\]"):
+        pyro.infer.Predictive(model, posterior_samples={n: torch.zeros(2, *s.shape) for n, s in model.sites.items()},
+                              parallel=True)(batch)
+
+
+def test_predictive_without_labels_draws_obs_from_the_predictive():
+    """With labels, "obs" is the labels (Pyro conditions on them): a batch without labels was refused, so Predictive
+    gave no predictions; it draws them now, at the guide's predictive frequencies."""
+    model, guide = build("map")
+    batch = toy_data(n=8, batch=8)[0]
+    with torch.no_grad():
+        for n, p in model.net.named_parameters():
+            if "classifier" in n:
+                p.normal_(0, 2.0)  # spread-out class probabilities
+    guide = MAPGuide(model)
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    pyro.set_rng_seed(0)
+    draws = pyro.infer.Predictive(model, guide=guide, num_samples=2000, return_sites=["obs"])(unlabelled)["obs"]
+    assert draws.shape == (2000, 8)
+    probs = torch.softmax(model.logits(batch, guide.mean()), -1)[:, 1]
+    torch.testing.assert_close(draws.float().mean(0), probs, atol=0.05, rtol=0)  # 4.5 binomial std errors at most
+    labelled = pyro.infer.Predictive(model, guide=guide, num_samples=3, return_sites=["obs"])(batch)["obs"]
+    assert torch.equal(labelled, batch["labels"].expand(3, -1))
+
+
+def test_training_on_a_batch_without_labels_is_refused_or_warned():
+    """fit refuses it (its labels None too: an AttributeError before); Pyro's SVI warns of the unguided "obs" itself,
+    and a replay of a guide's trace on it (the posterior predictive) draws "obs"."""
+    model, guide = build("meanfield")
+    batch = {k: v for k, v in toy_data(n=8, batch=8)[0].items() if k != "labels"}
+    for unlabelled in (batch, {**batch, "labels": None}):
+        with pytest.raises(ValueError, match="the batch has no 'labels'"):
+            fit(model, guide, [unlabelled], progress=False)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    with pytest.warns(UserWarning, match="Found vars in model but not guide: {'obs'}"):
+        svi.step(batch)
+    guide_trace = pyro.poutine.trace(guide).get_trace(batch)
+    drawn = pyro.poutine.trace(pyro.poutine.replay(model, trace=guide_trace)).get_trace(batch).nodes["obs"]
+    assert not drawn["is_observed"] and drawn["value"].shape == (8,)
+
+
+def test_predictives_own_samples_feed_back_into_predictive():
+    """Predictive pads its samples with its plates' dims ([S, 1, *shape]): fed back as posterior_samples they were
+    refused as vectorized particles."""
+    model, guide = build("meanfield")
+    batch = toy_data(n=8, batch=8)[0]
+    sites = list(model.sites)
+    samples = pyro.infer.Predictive(model, guide=guide, num_samples=3, return_sites=sites)(batch)
+    assert samples[sites[0]].shape == (3, 1, *model.sites[sites[0]].shape)
+    logits = pyro.infer.Predictive(model, posterior_samples=samples, return_sites=["_RETURN"])(batch)["_RETURN"]
+    for i in range(3):
+        values = {n: samples[n][i].reshape(model.sites[n].shape) for n in sites}
+        torch.testing.assert_close(logits[i], model.logits(batch, values))
+
+
+def test_predictive_refuses_a_guide_whose_head_changed_since():
+    """predict refused it, Predictive ran it with the other guide's head (0.95 against its own 0.61)."""
+    model, first = build("map")
+    data = toy_data(n=16, batch=8)
+    fit(model, first, data, lr=1e-2, progress=False)
+    model.write_adapter(first.mean())
+    fit(model, MAPGuide(model), data, lr=5e-2, progress=False)  # another guide trains the head
+    with pytest.raises(ValueError, match="cannot run as a Pyro guide .* point parameters .* changed since"):
+        pyro.infer.Predictive(model, guide=first, num_samples=2)(data[0])
+
+
+def test_a_guide_scaled_otherwise_than_the_model_is_refused():
+    """kl_weight scales the model's weight sites; a Pyro autoguide ignores it, so Trace_ELBO computed
+    nll + log q - 0.1 log p (1750.8 where the beta-ELBO is 299.9)."""
+    model, guide = build("meanfield")
+    batch = toy_data(n=8, batch=8)[0]
+    auto = pyro.infer.autoguide.AutoNormal(model, init_scale=1e-2)
+    auto(batch)
+    with pytest.raises(ValueError, match=r"scaled by 0.1 \(kl_weight, poutine.scale\), but the guide's site '.*' by 1 "):
+        Trace_ELBO().loss(model, auto, batch, kl_weight=0.1)
+    with pytest.raises(ValueError, match="scaled by 0.5 .* the guide's site .* by 1 "):  # the model scaled, the guide not
+        Trace_ELBO().loss(pyro.poutine.scale(model, 0.5), guide, batch)
+    pyro.set_rng_seed(0)
+    scaled = Trace_ELBO().loss(model, pyro.poutine.scale(auto, 0.1), batch, kl_weight=0.1)  # scaled alike: the beta-ELBO
+    pyro.set_rng_seed(0)
+    trace = pyro.poutine.trace(auto).get_trace(batch)
+    values = {n: trace.nodes[n]["value"] for n in model.sites}
+    trace.compute_log_prob()
+    log_q = sum(trace.nodes[n]["log_prob_sum"] for n in trace.stochastic_nodes)
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model.logits(batch, values), batch["labels"], reduction="sum") * model.num_data / 8
+        log_p = sum(model.prior_distribution(s).log_prob(values[n]) for n, s in model.sites.items())
+    assert scaled == pytest.approx(float(nll + 0.1 * (log_q - log_p)), rel=1e-5)
+    Trace_ELBO().loss(model, guide, batch, kl_weight=0.1)  # a pyro_lora guide scales its sites itself
+
+
+@pytest.mark.parametrize("elbo, why", [
+    (pyro.infer.TraceGraph_ELBO(), "has no differentiable_loss"), (pyro.infer.RenyiELBO(), "has no differentiable_loss"),
+    (pyro.infer.JitTrace_ELBO(), "JIT-compiles the loss"),
+])
+def test_fit_refuses_an_elbo_it_cannot_step_and_points_at_svi(elbo, why):
+    model, guide = build("meanfield")
+    with pytest.raises(ValueError, match=f"fit cannot train with {type(elbo).__name__}: it {why}.*; .* pyro.infer.SVI"):
+        fit(model, guide, toy_data(n=8, batch=8), elbo=elbo, progress=False)
+
+
+def test_num_data_below_the_batch_is_named():
+    """Pyro's own message blamed subsample sizes of the model and the guide ("16 vs 10")."""
+    net = tiny_bert(num_labels=2)
+    model = LoraModel(net, SequenceClassification(), prior=0.5, num_data=4)
+    with pytest.raises(ValueError, match="num_data=4 is below this batch's 8 rows"):
+        fit(model, MAPGuide(model), toy_data(n=8, batch=8), progress=False)
 
 
 def test_a_pyro_autoguide_trains_with_svi_and_is_refused_by_fit_with_a_pointer():
