@@ -199,19 +199,20 @@ class LastLayerLaplaceGuide(LoraGuide):
         totals = torch.zeros(2, **opts)  # log p(D | theta*), N
         likelihood = self.model.likelihood
         bar = tqdm(distributed.split_batches(data), desc="LLLA", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
-        for batch in bar:
-            batch = to_device(batch, self.model.device)
-            logits, phi = self._features(batch)
-            labels = likelihood.observed(batch)
-            totals[0] += likelihood.distribution(logits).log_prob(labels).double().sum()
-            totals[1] += labels.shape[0]
-            p = torch.nn.functional.pad(logits.double(), (0, c - logits.shape[1]), value=-math.inf).softmax(-1)
-            lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # [B, C, C]; 0 for missing choices
-            if self.hessian == "full":
-                sums[0] += torch.einsum("bij,bk,bl->ikjl", lam, phi, phi)  # Lambda (x) phi phi^T, theta row-major
-            else:
-                sums[0] += lam.sum(0)
-                sums[1] += phi.T @ phi
+        with distributed.refused_together("fit a last-layer Laplace"):  # a batch of one rank's block may be refused there alone
+            for batch in bar:
+                batch = to_device(batch, self.model.device)
+                logits, phi = self._features(batch)
+                labels = likelihood.observed(batch)
+                totals[0] += likelihood.distribution(logits).log_prob(labels).double().sum()
+                totals[1] += labels.shape[0]
+                p = torch.nn.functional.pad(logits.double(), (0, c - logits.shape[1]), value=-math.inf).softmax(-1)
+                lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # [B, C, C]; 0 for missing choices
+                if self.hessian == "full":
+                    sums[0] += torch.einsum("bij,bk,bl->ikjl", lam, phi, phi)  # Lambda (x) phi phi^T, theta row-major
+                else:
+                    sums[0] += lam.sum(0)
+                    sums[1] += phi.T @ phi
         distributed.all_reduce_(sums + [totals])
         if totals[1] == 0:
             raise ValueError("LastLayerLaplaceGuide.fit got no batches: the data is empty")

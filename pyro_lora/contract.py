@@ -318,7 +318,8 @@ def check_ranks_agree(model, guide, action: str) -> None:
     sums = _sums(t for _, t in named)
     table = torch.tensor([sums[id(t)] for _, t in named], dtype=torch.float64).reshape(-1, 3)
     both = distributed.all_reduce_(torch.cat([table, -table]), op="max")
-    differ = [n for (n, _), high, low in zip(named, both[: len(named)], both[len(named):]) if not torch.equal(high, -low)]
+    differ = [n for (n, _), high, low in zip(named, both[: len(named)], both[len(named):])
+              if not torch.equal(high.nan_to_num(), (-low).nan_to_num())]  # a nan on every rank is no difference
     if differ:
         raise ValueError(
             f"cannot {action}: the ranks hold different values of {_short(differ)}: every rank must hold the same adapter "

@@ -114,15 +114,16 @@ def split_batches(data, even: bool = False):
     if even and len(data) < world_size():
         raise ValueError(f"{len(data)} batches cannot give each of {world_size()} ranks one: use smaller batches")
     if isinstance(data, DataLoader):
+        options = {k: getattr(data, k) for k in _LOADER_OPTIONS if hasattr(data, k)}  # workers' init, generator, ...
         if data.batch_sampler is None:  # batch_size=None: the dataset's items are the batches, drawn by the sampler
-            return DataLoader(data.dataset, batch_size=None, sampler=_BlockSampler(data.sampler, even),
-                              collate_fn=data.collate_fn, num_workers=data.num_workers, pin_memory=data.pin_memory)
-        return DataLoader(
-            data.dataset, batch_sampler=_BlockSampler(data.batch_sampler, even), collate_fn=data.collate_fn,
-            num_workers=data.num_workers, pin_memory=data.pin_memory,
-        )
+            return DataLoader(data.dataset, batch_size=None, sampler=_BlockSampler(data.sampler, even), **options)
+        return DataLoader(data.dataset, batch_sampler=_BlockSampler(data.batch_sampler, even), **options)
     return shard(data if isinstance(data, (list, tuple)) else list(data), even)
 
+
+# what a DataLoader is built with besides its dataset and sampling: kept when it is rebuilt over this rank's block
+_LOADER_OPTIONS = ("collate_fn", "num_workers", "pin_memory", "timeout", "worker_init_fn", "multiprocessing_context",
+                   "generator", "prefetch_factor", "persistent_workers", "pin_memory_device", "in_order")
 
 # samplers and loaders that already give each rank its part: torch's, and those accelerate's prepare() makes
 _SHARDING = {"DistributedSampler", "BatchSamplerShard", "DataLoaderShard", "DataLoaderDispatcher", "IterableDatasetShard"}

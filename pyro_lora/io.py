@@ -206,9 +206,9 @@ def save_guide(guide, path, run=None, adapter=False):
         check_guide(model, guide, "save")  # the network's point parameters it saves must still be its own
         if adapter:
             _check_peft_model(model)
-    if adapter and not is_main():  # every rank updates its adapter, rank 0 writes it
-        model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
     on_main(lambda: _write_guide(guide, path, run, adapter), f"save the guide to {path}")
+    if adapter and not is_main():  # every rank updates its adapter once rank 0 wrote it (a failed write changes none)
+        model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
     return Path(path)
 
 
@@ -412,14 +412,13 @@ def export_adapter(guide, path):
     with refused_together("export the adapter"):
         check_guide(guide.model, guide, "export the adapter")
         _check_peft_model(guide.model)
-    if not is_main():  # every rank updates its adapter, rank 0 writes it
-        guide.model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
-
     def write():
         with atomic_directory(path) as tmp:
             _write_adapter(guide, tmp)
 
     on_main(write, f"export the adapter to {path}")
+    if not is_main():  # every rank updates its adapter once rank 0 wrote it (a failed write changes none)
+        guide.model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
     return Path(path)
 
 

@@ -391,22 +391,23 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
     bar = tqdm(distributed.split_batches(data), desc="KFAC", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
     with eval_mode(model.net):
         weights = layer_weights(model, sites, loc)
-        for batch in bar:
-            batch = to_device(batch, model.device)
-            labels = model.likelihood.observed(batch)
-            logits, inputs, outputs = record_layers(model, batch, loc)
-            loglik += model.likelihood.distribution(logits.detach()).log_prob(labels).double().sum()
-            count += labels.shape[0]
-            cloze = rows_per_choice(model, batch, outputs)
-            grads = output_grads(logits, outputs, fisher_vectors(logits.detach(), fisher), cloze)
-            with torch.no_grad():  # the recorded inputs of later layers still require grad
-                for idx, x, g, mask in stack_layers(sites, inputs, grads, batch):
-                    if cloze:  # the filler row of a missing choice is no data: its activations stay out of the factors
-                        keep = batch["choice_mask"].bool().flatten()
-                        x, g, mask = x[:, keep], g[:, :, keep], None if mask is None else mask[keep]
-                    x, g, n = reduce_tokens(x, g, mask, kfac)
-                    for i in idx:
-                        acc[i].update(*kfac_vectors(factors[i], x, g, weights[i]), n)
+        with distributed.refused_together("fit a Laplace"):  # a batch of one rank's block may be refused there alone
+            for batch in bar:
+                batch = to_device(batch, model.device)
+                labels = model.likelihood.observed(batch)
+                logits, inputs, outputs = record_layers(model, batch, loc)
+                loglik += model.likelihood.distribution(logits.detach()).log_prob(labels).double().sum()
+                count += labels.shape[0]
+                cloze = rows_per_choice(model, batch, outputs)
+                grads = output_grads(logits, outputs, fisher_vectors(logits.detach(), fisher), cloze)
+                with torch.no_grad():  # the recorded inputs of later layers still require grad
+                    for idx, x, g, mask in stack_layers(sites, inputs, grads, batch):
+                        if cloze:  # the filler row of a missing choice is no data: its activations stay out of the factors
+                            keep = batch["choice_mask"].bool().flatten()
+                            x, g, mask = x[:, keep], g[:, :, keep], None if mask is None else mask[keep]
+                        x, g, n = reduce_tokens(x, g, mask, kfac)
+                        for i in idx:
+                            acc[i].update(*kfac_vectors(factors[i], x, g, weights[i]), n)
     counts = torch.tensor([a.count for a in acc] + [count], dtype=torch.double, device=model.device)
     distributed.all_reduce_([t for a in acc for t in (a.small, a.sketch, a.trace)] + [loglik, counts])
     for a, c in zip(acc, counts.tolist()):

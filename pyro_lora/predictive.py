@@ -100,23 +100,24 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
         elif guide is not None:
             draws = _ChunkedDraws(guide, num_samples, chunk_size, model.device)
         data = distributed.split_batches(data)
-        for batch in progress_bar(data, desc="predict", disable=not (progress and distributed.is_main()), dynamic_ncols=True):
-            batch = to_device(batch, model.device)
-            if draws is None:
-                p = torch.softmax(model.logits(batch, values).float(), -1).unsqueeze(0)  # [1, B, C]
-                total, parts = p[0], [p]
-            else:
-                total, parts = 0, []
-                for i in range(len(draws)):
-                    p = draws.probs(model, batch, i)  # [chunk, B, C]; the chunk's samples are freed already
-                    total = total + p.sum(0)
-                    if keep_samples:
-                        parts.append(p)
-                total = total / num_samples
-            sums.append(total)
-            if keep_samples:
-                kept.append(torch.cat(parts))
-            labels.append(model.likelihood.observed(batch))
+        with distributed.refused_together("predict"):  # a batch of one rank's block may be refused there alone
+            for batch in progress_bar(data, desc="predict", disable=not (progress and distributed.is_main()), dynamic_ncols=True):
+                batch = to_device(batch, model.device)
+                if draws is None:
+                    p = torch.softmax(model.logits(batch, values).float(), -1).unsqueeze(0)  # [1, B, C]
+                    total, parts = p[0], [p]
+                else:
+                    total, parts = 0, []
+                    for i in range(len(draws)):
+                        p = draws.probs(model, batch, i)  # [chunk, B, C]; the chunk's samples are freed already
+                        total = total + p.sum(0)
+                        if keep_samples:
+                            parts.append(p)
+                    total = total / num_samples
+                sums.append(total)
+                if keep_samples:
+                    kept.append(torch.cat(parts))
+                labels.append(model.likelihood.observed(batch))
     finally:
         net.train(was_training)
     # a rank may hold no batch when there are fewer batches than ranks

@@ -143,6 +143,24 @@ def run_misuses(tmp):
     out["predict_one_rank"] = _refused(lambda: predict(model, first, toy_data(16, 4)))
     out["frozen_fit"] = _refused(lambda: fit(model, MeanFieldGuide(model), toy_data(16, 4), train_network=False,
                                              progress=False))
+    # a batch only rank 1 holds is refused there: rank 0 raised nothing and waited in the next collective
+    bad = toy_data(16, 4)
+    bad[-1] = {**bad[-1], "labels": bad[-1]["labels"].clone().fill_(-100)}
+    out["batch_one_rank"] = _refused(lambda: predict(make_model(48), None, bad))
+    # rank 0's write failed: no rank may have updated its adapter
+    model = make_model(num_data=16)
+    before = [p.detach().clone() for _, p in model.named_lora_weights()]
+    (tmp_file := f"{tmp}/a_file") and open(tmp_file, "w").close()
+    from pyro_lora.io import export_adapter
+
+    try:
+        export_adapter(MAPGuide(model, init={n: v + 1.0 for n, v in model.adapter_values().items()}), f"{tmp_file}/adapter")
+    except (OSError, RuntimeError):
+        pass
+    out["adapter_kept"] = all(torch.equal(p, q) for (_, p), q in zip(model.named_lora_weights(), before))
+    init = lambda worker: None  # noqa: E731
+    out["kept_options"] = distributed.split_batches(DataLoader(TensorDataset(torch.arange(8)), batch_size=2, num_workers=1,
+                                                               worker_init_fn=init)).worker_init_fn is init
     return out
 
 
@@ -204,6 +222,9 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         for key in ("save_one_rank", "predict_one_rank"):
             assert "changed since this guide was built or trained" in out[key]
         assert "cannot fit: the ranks hold different values of" in out["frozen_fit"]
+        assert "labels hold negative values" in out["batch_one_rank"]
+        assert out["adapter_kept"] and out["kept_options"]
+    assert "rank 1 refused" in ranks[0]["batch_one_rank"]
 
 
 def test_a_crash_in_one_rank_is_raised_not_hung(tmp_path):
