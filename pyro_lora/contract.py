@@ -311,15 +311,14 @@ def check_ranks_agree(model, guide, action: str) -> None:
     named = [*model.named_lora_weights(), *model.named_adapter_parameters()]
     if guide is not None:
         named += [(f"guide.{n}", t) for n, t in guide.state_dict().items() if t.is_floating_point()]
-    count = distributed.all_reduce_(torch.tensor([len(named), -len(named)]), op="max").tolist()
-    if count[0] != -count[1]:
-        raise ValueError(f"cannot {action}: the ranks hold {-count[1]} to {count[0]} adapter and guide tensors; every rank "
+    fewest, most = (int(v) for v in distributed.spread(torch.tensor(len(named))))
+    if fewest != most:
+        raise ValueError(f"cannot {action}: the ranks hold {fewest} to {most} adapter and guide tensors; every rank "
                          "must build the same model and guide")
     sums = _sums(t for _, t in named)
-    table = torch.tensor([sums[id(t)] for _, t in named], dtype=torch.float64).reshape(-1, 3)
-    both = distributed.all_reduce_(torch.cat([table, -table]), op="max")
-    differ = [n for (n, _), high, low in zip(named, both[: len(named)], both[len(named):])
-              if not torch.equal(high.nan_to_num(), (-low).nan_to_num())]  # a nan on every rank is no difference
+    low, high = distributed.spread(torch.tensor([sums[id(t)] for _, t in named], dtype=torch.float64).reshape(-1, 3))
+    differ = [n for (n, _), lo, hi in zip(named, low, high)
+              if not torch.equal(lo.nan_to_num(), hi.nan_to_num())]  # a nan on every rank is no difference
     if differ:
         raise ValueError(
             f"cannot {action}: the ranks hold different values of {_short(differ)}: every rank must hold the same adapter "

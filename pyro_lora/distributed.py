@@ -107,9 +107,9 @@ def split_batches(data, even: bool = False):
                              "(shuffle=True is fine)")
     if not hasattr(data, "__len__"):
         raise ValueError(f"under torch.distributed the data must have a length to be split across ranks, got {type(data).__name__}")
-    counts = all_reduce_(torch.tensor([len(data), -len(data)]), op="max").tolist()
-    if counts[0] != -counts[1]:
-        raise ValueError(f"the ranks were given {-counts[1]} to {counts[0]} batches: every rank must be given the same "
+    fewest, most = (int(v) for v in spread(torch.tensor(len(data))))
+    if fewest != most:
+        raise ValueError(f"the ranks were given {fewest} to {most} batches: every rank must be given the same "
                          "full data (each keeps its block of it)")
     if even and len(data) < world_size():
         raise ValueError(f"{len(data)} batches cannot give each of {world_size()} ranks one: use smaller batches")
@@ -167,6 +167,14 @@ def all_reduce_(tensors: torch.Tensor | list[torch.Tensor], op: str = "sum") -> 
             flat /= world_size()
         _unflat_(flat, same)
     return tensors
+
+
+def spread(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The smallest and the largest of ``values`` over the ranks, elementwise, in one ``all_reduce`` (``values``
+    itself twice without a process group): equal where every rank holds the same."""
+    both = all_reduce_(torch.cat([values.reshape(-1), -values.reshape(-1)]), op="max")
+    n = values.numel()
+    return -both[n:].view_as(values), both[:n].view_as(values)
 
 
 def all_reduce_gradients(params: list[torch.Tensor], loss: float | None = None) -> float | None:

@@ -412,6 +412,7 @@ def export_adapter(guide, path):
     with refused_together("export the adapter"):
         check_guide(guide.model, guide, "export the adapter")
         _check_peft_model(guide.model)
+
     def write():
         with atomic_directory(path) as tmp:
             _write_adapter(guide, tmp)
