@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from pyro_lora import distributed
 from pyro_lora.calibration import golden_section
-from pyro_lora.contract import check_guide, check_ranks_agree
+from pyro_lora.contract import check_guide, entry_checks
 from pyro_lora.data import to_device
 from pyro_lora.evidence import maximise_evidence
 from pyro_lora.heads import class_rows, find_head, head_features, head_rows, tied_parameters
@@ -185,9 +185,8 @@ class LastLayerLaplaceGuide(LoraGuide):
             or features that do not reproduce the logits (:meth:`features`).
         """
         self.adopt_point_parameters()  # the head as it is now is what the posterior is over
-        with distributed.refused_together("fit a last-layer Laplace"):  # a refusal on one rank only: the others would wait
+        with entry_checks(self.model, None, "fit a last-layer Laplace"):
             check_guide(self.model, self, "fit")
-        check_ranks_agree(self.model, None, "fit a last-layer Laplace")
         with torch.no_grad():
             for site, value in zip(self._sites().values(), self.model.adapter_values().values()):
                 site.copy_(value)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from pyro_lora import distributed
 from pyro_lora.checks import check_count
-from pyro_lora.contract import check_guide, check_ranks_agree, describe, differences
+from pyro_lora.contract import check_guide, describe, differences, entry_checks
 from pyro_lora.data import subset
 from pyro_lora.sites import check_values
 from pyro_lora.data import to_device
@@ -232,7 +232,7 @@ class TFBGuide(LoraGuide):
             of the flips so far, a lower bound), also kept in ``self.trace``, with ``criterion`` and ``tolerance``,
             and saved by :func:`pyro_lora.save_guide`.
         """
-        with distributed.refused_together("search sigma_q"):  # a refusal on one rank only would leave the others waiting
+        with entry_checks(self.model, self, "search sigma_q"):
             if criterion not in CRITERIA:
                 raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
             tolerance = DEFAULT_TOLERANCE[criterion] if tolerance is None else float(tolerance)
@@ -247,7 +247,6 @@ class TFBGuide(LoraGuide):
             check_guide(self.model, self, "search sigma_q")  # a head changed since: the search would score another network
             if hasattr(anchors, "__len__") and len(anchors) == 0:
                 raise ValueError("search got no anchor batches: the anchor set is empty")
-        check_ranks_agree(self.model, self, "search sigma_q")
         # under torch.distributed each rank scores its block of anchors (a shuffling loader's as rank 0 draws it);
         # sums are all-reduced, so every rank sees the same metric and takes the same bisection steps
         batches = list(distributed.split_batches(anchors))

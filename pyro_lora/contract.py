@@ -11,12 +11,13 @@ refused once they changed under it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 
 from . import distributed
-from .ownership import _sums, changed_point_parameters
+from .ownership import changed_point_parameters, value_sums
 
 ADAPTER_NAMES = ("lora_", ".modules_to_save.", "trainable_tokens_")  # in the names of the parameters peft adds
 
@@ -298,6 +299,16 @@ def check_guide(model, guide, action: str, same_model: bool = False) -> None:
         raise ValueError(f"cannot {action} with this {type(guide).__name__} on this model: " + "; ".join(problems))
 
 
+@contextlib.contextmanager
+def entry_checks(model, guide, action: str):
+    """The checks at the entry of a collective ``action``, run in the ``with`` block: a ``ValueError`` on any rank is
+    raised on every rank (:func:`~pyro_lora.distributed.refused_together`; one rank refusing alone would leave the
+    others waiting), then :func:`check_ranks_agree` on ``model`` and ``guide`` (``None``: the adapter alone)."""
+    with distributed.refused_together(action):
+        yield
+    check_ranks_agree(model, guide, action)
+
+
 def check_ranks_agree(model, guide, action: str) -> None:
     """Under ``torch.distributed``, refuse to ``action`` unless every rank holds the same adapter (its LoRA weights and
     trained head) and ``guide`` state: each rank computes its block of the data, so a rank that loaded a guide before
@@ -315,7 +326,7 @@ def check_ranks_agree(model, guide, action: str) -> None:
     if fewest != most:
         raise ValueError(f"cannot {action}: the ranks hold {fewest} to {most} adapter and guide tensors; every rank "
                          "must build the same model and guide")
-    sums = _sums(t for _, t in named)
+    sums = value_sums(t for _, t in named)
     low, high = distributed.spread(torch.tensor([sums[id(t)] for _, t in named], dtype=torch.float64).reshape(-1, 3))
     differ = [n for (n, _), lo, hi in zip(named, low, high)
               if not torch.equal(lo.nan_to_num(), hi.nan_to_num())]  # a nan on every rank is no difference

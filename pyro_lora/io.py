@@ -206,9 +206,7 @@ def save_guide(guide, path, run=None, adapter=False):
         check_guide(model, guide, "save")  # the network's point parameters it saves must still be its own
         if adapter:
             _check_peft_model(model)
-    on_main(lambda: _write_guide(guide, path, run, adapter), f"save the guide to {path}")
-    if adapter and not is_main():  # every rank updates its adapter once rank 0 wrote it (a failed write changes none)
-        model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
+    _write_on_main(lambda: _write_guide(guide, path, run, adapter), f"save the guide to {path}", guide, adapter)
     return Path(path)
 
 
@@ -417,10 +415,20 @@ def export_adapter(guide, path):
         with atomic_directory(path) as tmp:
             _write_adapter(guide, tmp)
 
-    on_main(write, f"export the adapter to {path}")
-    if not is_main():  # every rank updates its adapter once rank 0 wrote it (a failed write changes none)
-        guide.model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
+    _write_on_main(write, f"export the adapter to {path}", guide, adapter=True)
     return Path(path)
+
+
+def _write_on_main(write, what, guide, adapter):
+    """``write`` on rank 0 (:func:`~pyro_lora.distributed.on_main`); with ``adapter``, the other ranks then put the
+    guide's mean into their LoRA as rank 0's write did (after it succeeded: a failed write changes none)."""
+    on_main(write, what)
+    if adapter and not is_main():
+        _adopt_mean(guide)
+
+
+def _adopt_mean(guide):
+    guide.model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
 
 
 def _check_peft_model(model):
@@ -440,7 +448,7 @@ def _write_adapter(guide, folder):
     """Write ``guide``'s posterior mean into the network's LoRA and save that adapter alone as a peft adapter in
     ``folder`` (the other adapters of the network are not the guide's)."""
     model = guide.model
-    model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
+    _adopt_mean(guide)
     model.net.save_pretrained(str(folder), selected_adapters=[model.adapter])
     if model.adapter != "default":  # peft saves another name in a subfolder: from_pretrained(folder) reads the top
         sub = Path(folder) / model.adapter

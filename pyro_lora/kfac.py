@@ -35,7 +35,7 @@ from .kinds import down_kind, up_kind
 from .likelihoods import is_cloze
 from .metrics import check_labels
 from .checks import check_count
-from .contract import check_ranks_agree
+from .contract import entry_checks
 from .predictive import Prediction
 from .progress import progress_bar
 from .sites import Site, per_layer
@@ -379,10 +379,9 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
     :returns: ``(log p(D | theta*), N)``, ``N`` the number of labelled examples.
     :raises ValueError: on empty ``data``, or a likelihood that runs two forwards per batch.
     """
-    with distributed.refused_together("fit a Laplace"):  # a refusal on one rank only would leave the others waiting
+    with entry_checks(model, None, "fit a Laplace"):
         check_one_forward(model)
         check_autograd("fit a Laplace")
-    check_ranks_agree(model, None, "fit a Laplace")
     loc = {name: v.detach().float() for name, v in (model.adapter_values() if loc is None else loc).items()}
     gen = torch.Generator(device=model.device).manual_seed(0)
     acc = [Accumulator(f, sketch, gen) for f in factors]

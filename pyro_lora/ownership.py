@@ -21,11 +21,11 @@ def point_snapshot(model, values: dict | None = None) -> dict:
     tensor) stand in for the network's own (an ensemble member's head). An entry a step of Pyro's SVI adopted is
     left on its device as a ``[3]`` tensor (no host read in the step) until compared (:func:`_settle`)."""
     named = [(n, (values or {}).get(n, p)) for n, p in model.named_adapter_parameters()]
-    sums = _sums(p for _, p in named)
+    sums = value_sums(p for _, p in named)
     return {n: sums[id(p)] for n, p in named}
 
 
-def _sums(params, lazy=False) -> dict:
+def value_sums(params, lazy=False) -> dict:
     """``id(p)`` -> (float64 sum, sum of squares, position-weighted sum) of each of ``params``: one host read per
     device, not three per parameter (each read waits for the GPU); ``lazy``: none, each a ``[3]`` tensor on its
     device. The weighted sum tells a permutation (a head's rows swapped, as another label order) from the same values."""
@@ -67,7 +67,7 @@ def changed_point_parameters(snapshot, model):
     not only those whose version counter moved: an optimiser that assigns ``p.data`` (ivon-opt's IVON) leaves it."""
     _settle(snapshot)
     named = [(n, p) for n, p in model.net.named_parameters() if n in snapshot]  # also one frozen since
-    sums = _sums(p for _, p in named)
+    sums = value_sums(p for _, p in named)
     return [n for n, p in named if sums[id(p)] != snapshot[n]]
 
 
@@ -147,7 +147,7 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
                 del _STEPPING[id(p)]
             guide = guide() if ref() is p else None
             if guide is not None and guide._point_snapshot is not None and (traced or guide in _backward):
-                guide._point_snapshot[name] = _sums([p], lazy=True)[id(p)]
+                guide._point_snapshot[name] = value_sums([p], lazy=True)[id(p)]
 
 
 def trainer(model):
@@ -178,7 +178,7 @@ def record_fit(model, guide) -> None:
     dropped after training or a model over the network with other sites still sees them."""
     held = dict(model.named_lora_weights())
     mean = model.lora_weight_values({n: v.detach() for n, v in guide.mean().items()})
-    sums = _sums([*held.values(), *mean.values()])
+    sums = value_sums([*held.values(), *mean.values()])
     record = {n: (sums[id(held[n])], sums[id(v)]) for n, v in mean.items()}
     fitted = getattr(model.net, _FITTED, None)
     if not isinstance(fitted, dict):
@@ -196,7 +196,7 @@ def unwritten_fit(model) -> str | None:
         return None
     name, record = entry
     held = [(n, p) for n, p in model.named_lora_weights() if n in record]
-    sums = _sums(p for _, p in held)
+    sums = value_sums(p for _, p in held)
     if not held or any(sums[id(p)] != record[n][0] for n, p in held):  # written or loaded since: it holds what was put there
         return None
     return name if any(record[n][0] != record[n][1] for n, _ in held) else None

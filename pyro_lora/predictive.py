@@ -11,7 +11,7 @@ import torch
 
 from . import distributed
 from .checks import check_count
-from .contract import check_guide, check_ranks_agree
+from .contract import check_guide, entry_checks
 from .data import to_device
 from .progress import progress_bar
 
@@ -69,7 +69,7 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     batches with rank 0's weight samples (rank 0's base seed is broadcast; the first chunk is checked to
     be equal on all ranks), and returns the gathered predictions of all ``N`` examples in order.
     """
-    with distributed.refused_together("predict"):  # a refusal on one rank only would leave the others waiting
+    with entry_checks(model, guide, "predict"):
         num_samples = check_count(num_samples, "num_samples")
         if chunk_size is not None:
             chunk_size = check_count(chunk_size, "chunk_size", alternative="or None for all samples in one forward")
@@ -87,7 +87,6 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
                     "(an ensemble's mean averages the weights of separately trained members); predict with samples "
                     "instead (an ensemble: guides.predict_ensemble, S = K, the exact mixture)"
                 )
-    check_ranks_agree(model, guide, "predict")
     net = model.net
     was_training = net.training
     net.eval()
