@@ -7,9 +7,6 @@ model's names and shapes, so ``Trace_ELBO``, ``TraceMeanField_ELBO``, ``Predicti
 Guides never touch the network.
 """
 
-import math
-import numbers
-
 import pyro
 import pyro.poutine as poutine
 import torch
@@ -19,19 +16,6 @@ from pyro_lora.contract import check_guide, describe
 from pyro_lora.ownership import follow_svi_step, point_snapshot, stop_following, take_over
 from pyro_lora.io import register_guide
 from pyro_lora.pyro_stack import VECTORIZED, enclosing_plates
-
-
-def check_temperature(value) -> float:
-    """A posterior temperature ``T`` as a float.
-
-    :raises ValueError: unless ``T`` is a finite positive number.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"temperature must be a finite positive number, got {value!r}")
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"temperature must be a finite positive number, got {value}")
-    return value
 
 
 class LoraGuide(torch.nn.Module):

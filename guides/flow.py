@@ -28,10 +28,10 @@ from pyro.distributions.torch_transform import TransformModule
 from pyro.distributions.transforms.utils import clamp_preserve_gradients
 from torch.distributions.kl import register_kl
 
-from pyro_lora.checks import check_count
+from pyro_lora.checks import check_count, check_positive
 from pyro_lora.distributions import MatrixNormalKronecker
 
-from .base import LoraGuide, check_temperature
+from .base import LoraGuide
 from .meanfield import POST_HOC_PRIOR, post_hoc_note
 from .registry import join_notes, method
 from .tuning import tune_temperature
@@ -144,7 +144,7 @@ class FlowGuide(LoraGuide):
 
         :raises ValueError: unless ``T`` is a finite positive number.
         """
-        self.temperature = check_temperature(value)
+        self.temperature = check_positive(value, "temperature")
 
     def forward(self, *args, kl_weight=1.0, **kwargs):
         """Pyro guide: an auxiliary site ``"<site>.U"`` and a Delta weight site per model site (ELBO in the class docstring).

@@ -275,9 +275,10 @@ class LaplaceGuide(LoraGuide):
         GLM probit predictive (one pass: the Jacobians do not depend on ``lambda``) or, with
         ``predictive="samples"``, the sampled predictive with ``num_samples`` (common random numbers).
 
-        With ``refine``, a second grid of 7 values, log-spaced between the best value's neighbours, refines it (one
-        more pass). When the lowest NLL is at the grid's smallest or largest value, the optimum may lie beyond the
-        grid: a warning names that edge and asks for a wider grid (the edge value is still set, unrefined).
+        With ``refine``, a second grid of 7 values, log-spaced between the best value's neighbours (between it and its
+        one neighbour at an end of the grid), refines it (one more pass). When the lowest NLL is still at the grid's
+        smallest or largest value, the optimum may lie beyond the grid: a warning names that edge and asks for a
+        wider grid (the edge value is set).
 
         :param grid: ``lambda`` values for ``"val_nll"`` (default ``logspace(-4, 4, 17)``), finite and positive.
         :param int num_samples: weight samples per ``lambda`` for ``predictive="samples"`` (a positive integer).
@@ -454,12 +455,23 @@ def prior_precision_grid(grid=None) -> torch.Tensor:
 
 def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide"):
     """The ``lambda`` of lowest validation NLL: ``nlls_of(values) -> [NLL per value]`` over ``grid``, then (``refine``)
-    7 values log-spaced between the best one's neighbours (one more pass); returns ``(best, NLLs in the order
-    scored)``. A best value at an end of the grid is kept unrefined, with a warning naming the end (``who`` says whose).
+    7 values log-spaced between the best one's neighbours (between it and its one neighbour at an end of the grid; one
+    more pass); returns ``(best, NLLs in the order scored)``. A best value still at an end of the grid warns, naming
+    the end (``who`` says whose): the optimum may lie beyond it.
     """
     nlls = nlls_of(grid)
     best = float(grid[int(torch.tensor(nlls).argmin())])
-    low, high = float(grid.min()), float(grid.max())
+    ordered = torch.unique(grid)  # sorted, each value once: a repeated best value is not its own neighbour
+    low, high = float(ordered[0]), float(ordered[-1])
+    if refine and len(ordered) > 1:  # one value is no search
+        # a finer log-spaced grid around the best value: the grid's step is a factor 10^0.5 by default
+        i = int((ordered == best).nonzero()[0, 0])
+        a, b = float(ordered[max(i - 1, 0)]), float(ordered[min(i + 1, len(ordered) - 1)])
+        fine = torch.logspace(math.log10(a), math.log10(b), 9, dtype=grid.dtype)[1:-1]
+        fine_nlls = nlls_of(fine)
+        if min(fine_nlls) < min(nlls):
+            best = float(fine[int(torch.tensor(fine_nlls).argmin())])
+        nlls = nlls + fine_nlls
     if low < high and best in (low, high):
         side, beyond = ("smallest", f"below {low:g} (a wider posterior)") if best == low else \
             ("largest", f"above {high:g} (a narrower posterior, towards the MAP)")
@@ -469,15 +481,6 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide"):
             f"grid {beyond} to find it",
             stacklevel=3,
         )
-    elif refine and low < high:  # one value is no search
-        # a finer log-spaced grid between the best value's neighbours: the grid's step is a factor 10^0.5 by default
-        ordered = torch.unique(grid)  # sorted, each value once: a repeated best value is not its own neighbour
-        i = int((ordered == best).nonzero()[0, 0])
-        fine = torch.logspace(math.log10(float(ordered[i - 1])), math.log10(float(ordered[i + 1])), 9)[1:-1]
-        fine_nlls = nlls_of(fine)
-        if min(fine_nlls) < min(nlls):
-            best = float(fine[int(torch.tensor(fine_nlls).argmin())])
-        nlls = nlls + fine_nlls
     return best, nlls
 
 

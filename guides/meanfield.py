@@ -14,10 +14,11 @@ import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
 
+from pyro_lora.checks import check_positive
 from pyro_lora.likelihoods import is_cloze
 from pyro_lora.model import FLIPOUT_CLOZE
 
-from .base import LoraGuide, check_temperature
+from .base import LoraGuide
 from .registry import join_notes, method
 from .tuning import tune_temperature
 
@@ -121,7 +122,7 @@ class MeanFieldGuide(LoraGuide):
 
         :raises ValueError: unless ``T`` is a finite positive number.
         """
-        self.temperature = check_temperature(value)
+        self.temperature = check_positive(value, "temperature")
 
     def stds(self):
         """Posterior std of every Gaussian site, the temperature's ``sqrt(T)`` included: name -> ``site.shape``."""

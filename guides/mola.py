@@ -101,7 +101,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
         ``"marglik"``: each component its own ``lambda_k`` by its evidence (:meth:`LaplaceGuide.optimize_prior_precision`,
         whose keyword arguments ``kwargs`` takes: ``per_layer``, ``max_iter``, ...). ``"val_nll"``: one ``lambda`` for
         every component, the value of ``grid`` (default ``logspace(-4, 4, 17)``; then, with ``refine``, 7 values between
-        its neighbours) of lowest NLL on ``val_loader`` of the predictive :meth:`predict_glm` reports, the mixture's GLM
+        its neighbours, or between it and its one neighbour at an end) of lowest NLL on ``val_loader`` of the predictive :meth:`predict_glm` reports, the mixture's GLM
         probit (one pass per grid: the Jacobians do not depend on ``lambda``). Either leaves every ``lambda_k`` as it
         was where it fails.
 

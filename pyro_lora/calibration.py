@@ -17,7 +17,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .metrics import _NLL_FLOOR, _check_probs, _sum_tolerance
+from .checks import check_positive
+from .metrics import _NLL_FLOOR, _check_probs, _check_rows, _sum_tolerance
 
 __all__ = ["TemperatureFit", "apply_temperature", "fit_temperature", "temperature_nll"]
 
@@ -82,12 +83,7 @@ def _exact_nll(log_probs, labels, log_t):
 def check_tol(tol):
     """Refuse a ``tol`` that is not a positive finite number: the search's stopping width, which 0 or less never
     reaches (it loops forever) and nan reaches at once (the first probe returned as the optimum)."""
-    try:  # numpy and 0-d torch scalars count as numbers; strings and booleans do not
-        value = math.nan if isinstance(tol, (bool, str)) else float(tol)
-    except (TypeError, ValueError):
-        value = math.nan
-    if not 0 < value < math.inf:  # nan fails it too
-        raise ValueError(f"tol must be a positive finite width (in log space), got {tol!r}")
+    check_positive(tol, "tol (the search's stopping width in log space)")
 
 
 def golden_section(f, a, b, tol):
@@ -232,19 +228,35 @@ def _beyond(nll, log_high, tol, limit=1e12):
 
 
 def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
-    """``softmax(log probs / T)``: ``[..., C]`` probabilities recalibrated by ``T``; zero entries stay zero.
-    ``T = 1`` returns a copy of ``probs`` unchanged (a renormalisation would move them by float rounding, enough to
-    reorder tied confidences and change an AURC).
+    """``softmax(log probs / T)``: ``[..., C]`` probabilities recalibrated by ``T``, in float64; zero entries stay zero.
+    ``T = 1`` returns them unchanged (a renormalisation would move them by float rounding, enough to reorder tied
+    confidences and change an AURC).
 
-    :param probs: ``[..., C]`` probabilities (rows summing to 1), e.g. ``Prediction.probs``.
-    :param float temperature: ``T > 0`` from :func:`fit_temperature`.
+    Float64 whatever the input: sharpening (``T < 1``) pushes confidences towards 1, and float32 rounds one within
+    6e-8 of 1 to exactly 1, tying examples that AURC, accuracy at coverage and OOD AUROC must order. Where even
+    float64 rounds a confidence to 1 (a margin beyond about 37 nats after scaling), a warning counts them.
+
+    :param probs: ``[..., C]`` probability vectors (rows summing to 1; zeros for missing choices), e.g.
+        ``Prediction.probs``. Logits are refused: scale those as ``logits / T``.
+    :param float temperature: ``T``, a finite positive number (from :func:`fit_temperature`).
+    :returns: ``[..., C]`` float64 probabilities.
+    :raises ValueError: for a ``T`` that is no finite positive number (a bool included), or rows that are not
+        probability vectors (logits, nan, inf).
     """
-    temperature = float(temperature)
-    if not (temperature > 0 and math.isfinite(temperature)):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    probs = torch.as_tensor(probs)
-    if (probs < 0).any() or torch.isnan(probs).any():
-        raise ValueError("probs must be non-negative probabilities")
+    temperature = check_positive(temperature, "temperature")
+    raw = torch.as_tensor(probs).detach()
+    x = raw.to(torch.float64, copy=True)
+    if x.dim() == 0 or x.numel() == 0:
+        raise ValueError(f"probs must be [..., C] probability vectors, got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("probs contains non-finite values (nan or inf)")
+    _check_rows(x, raw.dtype, "probs")
     if temperature == 1.0:
-        return probs.clone()
-    return (probs.double().log() / temperature).softmax(-1).to(probs.dtype)
+        return x
+    scaled = (x.log() / temperature).softmax(-1)
+    tied = int(((scaled.amax(-1) == 1) & (x.amax(-1) < 1)).sum())
+    if tied:
+        warnings.warn(f"temperature T = {temperature:.3g} sharpens {tied} of {scaled[..., 0].numel()} confidences to "
+                      "exactly 1 even in float64: they tie, so AURC, accuracy at coverage and OOD AUROC cannot order "
+                      "them", stacklevel=2)
+    return scaled

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 
@@ -19,3 +20,17 @@ def check_count(value, name: str, *, minimum: int = 1, alternative: str = "") ->
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name} must be {kind}{extra}, got {value!r}")
     return int(value)
+
+
+def check_positive(value, name: str) -> float:
+    """``value`` as a ``float`` if it is a finite positive real number (a temperature, a scale).
+
+    :raises ValueError: for a bool (``True`` is a slip, not 1), a string, nan, inf, 0 or less.
+    """
+    try:  # numpy and 0-d torch scalars count as numbers; strings and booleans do not
+        number = math.nan if isinstance(value, (bool, str)) else float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if not 0 < number < math.inf:  # nan fails it too
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+    return number

@@ -43,6 +43,11 @@ class FusedCategorical(TorchDistribution):
         super().__init__(shape[: len(shape) - event_dims], shape[len(shape) - event_dims :], validate_args=False)
 
     def log_prob(self, value):
+        c = self.logits.shape[-1]
+        outside = (value != self.ignore_index) & ((value < 0) | (value >= c))
+        if bool(outside.any()):  # torch's own error names neither the labels nor the head (CUDA: a device assert)
+            raise ValueError(f"label(s) {sorted(set(value[outside].tolist()))[:5]} outside the {c} classes of the logits "
+                             f"(0 to {c - 1}): the data's labels and the network's head disagree (its num_labels too small?)")
         ce = F.cross_entropy(
             self.logits.reshape(-1, self.logits.shape[-1]).float(),
             value.reshape(-1),

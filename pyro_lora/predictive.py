@@ -13,6 +13,7 @@ from . import distributed
 from .checks import check_count
 from .contract import check_guide, entry_checks
 from .data import to_device
+from .metrics import check_labels
 from .progress import progress_bar
 
 SEED_RANGE = 2**62  # base seeds are drawn from [0, SEED_RANGE); chunk i uses base + i
@@ -102,6 +103,7 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
         with distributed.refused_together("predict"):  # a batch of one rank's block may be refused there alone
             for batch in progress_bar(data, desc="predict", disable=not (progress and distributed.is_main()), dynamic_ncols=True):
                 batch = to_device(batch, model.device)
+                observed = model.likelihood.observed(batch)  # before the forward: unlabelled data costs none
                 if draws is None:
                     p = torch.softmax(model.logits(batch, values).float(), -1).unsqueeze(0)  # [1, B, C]
                     total, parts = p[0], [p]
@@ -116,7 +118,8 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
                 sums.append(total)
                 if keep_samples:
                     kept.append(torch.cat(parts))
-                labels.append(model.likelihood.observed(batch))
+                # a label outside the head's classes (num_labels smaller than the data's) is no prediction to score
+                labels.append(check_labels(observed, total.shape[0], total.shape[-1]))
     finally:
         net.train(was_training)
     # a rank may hold no batch when there are fewer batches than ranks

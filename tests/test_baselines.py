@@ -65,9 +65,10 @@ def test_temperature_from_logits_equals_from_probs_and_keeps_missing_choices_at_
     assert fit_temperature(logits, labels) == pytest.approx(fit_temperature(logits.softmax(-1), labels), rel=1e-3)
     probs = torch.tensor([[0.7, 0.3, 0.0], [0.2, 0.5, 0.3]], dtype=torch.float32)
     scaled = apply_temperature(probs, 2.0)
-    assert scaled[0, 2] == 0 and scaled.dtype == torch.float32
-    torch.testing.assert_close(scaled.sum(-1), torch.ones(2))
-    torch.testing.assert_close(scaled[0, :2], torch.tensor([0.7, 0.3]).sqrt() / torch.tensor([0.7, 0.3]).sqrt().sum())
+    assert scaled[0, 2] == 0 and scaled.dtype == torch.float64  # float32 would tie sharpened confidences at 1
+    torch.testing.assert_close(scaled.sum(-1), torch.ones(2, dtype=torch.float64))
+    root = probs[0, :2].double().sqrt()
+    torch.testing.assert_close(scaled[0, :2], root / root.sum())
     # a label on a zero-probability choice does not make the fit fail: its probability is floored at 1e-12 (as
     # metrics.nll floors it), which no T in the bounds beats, and said
     with pytest.warns(UserWarning, match=r"1 of 2 validation examples give probability 0 to their label \(saturated"):
@@ -106,7 +107,8 @@ def test_temperature_separable_validation_falls_back_to_one_with_a_warning():
     with pytest.warns(UserWarning, match="separable"):
         assert fit_temperature(val_probs, val_labels) == 1.0  # the plain call returns the float
     # what the bound T = 0.01 would have done: test NLL 1.23 -> 8.05
-    assert nll(apply_temperature(test_probs, 0.01), test_labels) > 6 * nll(test_probs, test_labels)
+    with pytest.warns(UserWarning, match="sharpens 935 of 1000 confidences to exactly 1"):
+        assert nll(apply_temperature(test_probs, 0.01), test_labels) > 6 * nll(test_probs, test_labels)
 
 
 def test_temperature_overconfident_fit_has_no_note():
@@ -222,7 +224,7 @@ def test_temperature_row_carries_the_fallback_note_into_results_and_table():
         fitted, costs = fit_method(setup, "temperature", 0.0)
     assert "all correct (separable)" in fitted.note and costs["note"].startswith(f"{fitted.note}; fitted on a validation split")
     assert costs["temperature"] == 1.0  # its rows keep the T it applied, as the +ts rows keep theirs
-    torch.testing.assert_close(fitted.predict(val).probs, predict(model, None, val).probs)  # T = 1: the MAP unchanged
+    assert torch.equal(fitted.predict(val).probs, predict(model, None, val).probs.double())  # T = 1: the MAP unchanged
     rows = [{"guide": "temperature", "dataset": "sst2", "seed": s, "accuracy": 1.0, **costs} for s in (0, 1)]
     rows += [{"guide": "map", "dataset": "sst2", "seed": s, "accuracy": 1.0, "fit_seconds": 0.0} for s in (0, 1)]
     summary = summarize_seeds(rows)
@@ -255,9 +257,9 @@ def test_temperature_bad_input():
     assert fit_temperature(logits, labels, tol=torch.tensor(1e-3)) == fit_temperature(logits, labels, tol=1e-3)
     # tol 0 or -1 looped forever, nan stopped at the first probe (T = 2.966, not 1.974); an infinite bound gave T = nan
     for tol in (0.0, -1.0, math.nan, math.inf):
-        with pytest.raises(ValueError, match="tol must be a positive finite"):
+        with pytest.raises(ValueError, match=r"tol \(the search.s stopping width in log space\) must be a finite positive number"):
             fit_temperature(logits, labels, tol=tol)
-        with pytest.raises(ValueError, match="tol must be a positive finite"):
+        with pytest.raises(ValueError, match=r"tol \(the search.s stopping width in log space\) must be a finite positive number"):
             golden_section(lambda x: x * x, -1.0, 1.0, tol)  # the search tune_on_validation shares
     for bounds in ((0.01, math.inf), (0.01, math.nan), (0.0, 100.0), (2.0, 100.0), (0.01, 1.0)):
         with pytest.raises(ValueError, match="bounds must be finite with 0 < low < 1 < high"):
@@ -641,3 +643,41 @@ def test_a_new_member_starts_from_its_adapters_own_init(init):
         assert torch.count_nonzero(b) == 0 and abs(a.std().item() - 1 / 4) < 0.05
     else:  # nn.Linear's own initialisation of both
         assert torch.count_nonzero(b) == b.numel() and a.abs().max() <= 1 / math.sqrt(a.shape[1])
+
+
+def test_apply_temperature_refuses_what_is_no_probability_vector_or_temperature():
+    """Logits were read as probabilities (0.634 where softmax(logits / 2) is 0.731), unnormalised rows renormalised,
+    +inf gave nan and T = True was 1."""
+    probs = torch.tensor([[0.7, 0.3]])
+    for bad, match in ((torch.tensor([[2.0, 1.0]]), "pass softmax"), (torch.tensor([[0.3, 0.3]]), "summing to 1"),
+                       (torch.tensor([[math.inf, 0.0]]), "non-finite"), (torch.tensor([[math.nan, 1.0]]), "non-finite"),
+                       (torch.tensor([[1.2, -0.2]]), "non-negative"), (torch.zeros(0, 2), "shape")):
+        with pytest.raises(ValueError, match=match):
+            apply_temperature(bad, 2.0)
+    for t in (True, 0.0, -1.0, math.inf, math.nan, "2"):
+        with pytest.raises(ValueError, match="temperature must be a finite positive number"):
+            apply_temperature(probs, t)
+    assert torch.equal(apply_temperature(probs, 1.0), probs.double())  # unchanged, not renormalised
+    assert torch.equal(apply_temperature(probs.half(), torch.tensor(2.0)), apply_temperature(probs.half(), 2.0))
+
+
+def test_a_sharpening_temperature_keeps_the_confidence_order_and_says_when_float64_cannot():
+    """Two classes: no temperature can reorder the confidences, so AURC and accuracy at coverage must not move. In
+    float32 T = 0.05 rounded 1 - p below 6e-8 to exactly 1 and tied right and wrong examples (AURC 0.172 against
+    0.106)."""
+    from pyro_lora.metrics import accuracy_at_coverage, aurc
+
+    gen = torch.Generator().manual_seed(0)
+    margin = torch.randn(400, generator=gen, dtype=torch.float64) * 0.2  # log-odds 2m up to 1.2: 24 nats at T = 0.05
+    probs = torch.stack([margin, -margin], -1).softmax(-1).float()
+    labels = (torch.rand(400, generator=gen) < torch.sigmoid(-2 * margin.float())).long()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sharp = apply_temperature(probs, 0.05)
+    assert aurc(sharp, labels) == pytest.approx(aurc(probs, labels), abs=1e-12)
+    assert accuracy_at_coverage(sharp, labels, 0.5) == pytest.approx(accuracy_at_coverage(probs, labels, 0.5), abs=1e-12)
+    assert float(sharp.max()) < 1
+    # margins of 5 at T = 0.05 are 100 nats: float64 cannot hold 1 - p there either, and says so
+    wide = torch.tensor([[0.5, 0.5], [0.99, 0.01], [0.995, 0.005]])
+    with pytest.warns(UserWarning, match=r"T = 0.05 sharpens 2 of 3 confidences to exactly 1 even in float64: they tie"):
+        apply_temperature(wide, 0.05)

@@ -276,3 +276,25 @@ def test_val_nll_refines_between_the_best_grid_values_neighbours():
     assert min(nlls) <= min(coarse) and min(nlls) == pytest.approx(min(brute), abs=2e-5)
     # the refining grid's step is 10^0.25: the chosen lambda is within half a step of the brute-force optimum
     assert abs(math.log10(lam) - math.log10(float(fine[int(torch.tensor(brute).argmin())]))) <= 0.125 + 1e-6
+
+
+def test_val_nll_refines_a_best_value_at_an_end_of_the_grid_towards_its_neighbour():
+    """An optimum between the grid's smallest value and its neighbour was left at the end, unrefined, with a warning
+    to extend the grid below it (a dense search found it inside the first interval); LLLA refined there already."""
+    guide = LaplaceGuide(bert_model(), fisher="exact").fit(bert_data(), progress=False)
+    val = bert_data(lengths=(6, 6, 3, 5), seed=5)
+    fine = torch.logspace(math.log10(5e-7), math.log10(5e-5), 41)
+    brute = guide.optimize_prior_precision("val_nll", val_loader=val, grid=fine.tolist(), refine=False)
+    optimum = float(fine[int(torch.tensor(brute).argmin())])
+    grid = [optimum / 2, optimum * 5, optimum * 50]
+    with pytest.warns(UserWarning, match="smallest grid value"):  # unrefined, the end is the best the grid has
+        coarse = guide.optimize_prior_precision("val_nll", val_loader=val, grid=grid, refine=False)
+    assert min(range(3), key=coarse.__getitem__) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refined inside the first interval: no edge to warn about
+        nlls = guide.optimize_prior_precision("val_nll", val_loader=val, grid=grid)
+    assert len(nlls) == 3 + 7 and min(nlls) < coarse[0] and min(nlls) == pytest.approx(min(brute), abs=2e-5)
+    lam = guide.prior_precision["query.lora_A"][0].item()
+    assert optimum / 2 < lam < optimum * 5
+    # the refining step is a decade / 8, the brute grid's 0.05 decade
+    assert abs(math.log10(lam) - math.log10(optimum)) <= 0.0625 + 0.025 + 1e-6

@@ -363,3 +363,24 @@ def test_answer_token_ids_outside_the_vocabulary_are_refused_by_name():
         MultipleChoice(answer_token_ids=[50, 51, -1])
     with pytest.raises(ValueError, match=r"answer_token_ids \[5, 64\] name a token beyond the LM head's 64 rows"):
         LoraModel(tiny_llama(), MultipleChoice(answer_token_ids=[5, 64]))
+
+
+def test_a_label_beyond_the_heads_classes_is_refused_by_name_everywhere():
+    """A label equal to num_labels reached torch's bare IndexError in fit and both Laplace fits (a device assert on
+    CUDA) and predict returned it as a label to score."""
+    from pyro_lora import fit, predict
+    from pyro_lora.guides import LaplaceGuide, LastLayerLaplaceGuide, MAPGuide
+
+    model = LoraModel(tiny_bert(num_labels=3), SequenceClassification(), num_data=3)
+    batch = {"input_ids": torch.tensor([[2, 5, 6], [2, 7, 9]]), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+             "labels": torch.tensor([0, 3])}
+    beyond = r"label\(s\) \[3\] outside the 3 classes of the logits \(0 to 2\)"
+    with pytest.raises(ValueError, match=beyond):
+        fit(model, MAPGuide(model), [batch], progress=False)
+    with pytest.raises(ValueError, match=beyond):
+        LaplaceGuide(model).fit([batch], progress=False)
+    with pytest.raises(ValueError, match=beyond):
+        LastLayerLaplaceGuide(model).fit([batch], progress=False)
+    with pytest.raises(ValueError, match=r"labels out of range: expected values in \[0, 3\), got min 0 max 3"):
+        predict(model, None, [batch])
+    assert predict(model, None, [{**batch, "labels": torch.tensor([0, 2])}]).labels.tolist() == [0, 2]

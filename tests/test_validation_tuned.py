@@ -113,7 +113,7 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
         tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4)
     assert tuning.value == knob["v"] == 0.1 and len(tuning.trace) == 4 and "beyond" not in tuning.note
     for tol in (0.0, -0.1, float("nan"), float("inf")):  # 0 looped forever, NaN skipped the refinement
-        with pytest.raises(ValueError, match="tol must be a positive finite width"):
+        with pytest.raises(ValueError, match=r"tol \(the search's stopping width in log space\) must be a finite positive number"):
             tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4, tol=tol)
 
 
@@ -240,6 +240,27 @@ def test_ts_rows_hold_the_temperature_fitted_on_the_methods_own_validation_predi
     assert ts["extra_parameters"] == plain["extra_parameters"] + 1 and rows[1]["dataset"] == "other"
     assert "ood_auroc_entropy" in rows[1]
     assert list(run_method(_setup(ts=False, guides=("fake_base",)), "fake_base", 0.0)) == ["fake_base"]
+
+
+def test_a_ts_row_whose_temperature_ties_confidences_at_one_says_so_in_its_note():
+    """Under-confident validation predictions (0.52 on the label 95% of the time) want T ~ 0.03; test rows of 0.99
+    then sharpen past float64's 1 - 1e-16 and tie: the row's AURC cannot order them, which its note says."""
+    def under_confident(records):
+        def row(r):
+            p = 0.99 if r["id"] >= 2000 and r["id"] % 3 == 0 else (0.52 if r["id"] % 20 else 0.48)
+            return [p, 1 - p] if r["label"] == 0 else [1 - p, p]
+        return Prediction(probs=torch.tensor([row(r) for r in records]), labels=torch.tensor([r["label"] for r in records]))
+
+    method("fake_under", bayesian=True)(lambda setup: Fitted(under_confident))
+    try:
+        out = run_method(_setup(guides=("fake_under",)), "fake_under", 0.0)
+    finally:
+        METHODS.pop("fake_under")
+    ts = out["fake_under+ts"][0]
+    assert ts[0]["temperature"] < 0.05
+    assert "sst2: temperature T = " in ts[0]["note"] and "sharpens 20 of 60 confidences to exactly 1 even in float64" in ts[0]["note"]
+    assert "other: temperature T = " in ts[0]["note"] and "sharpens 10 of 30" in ts[0]["note"]
+    assert "sharpens" not in (out["fake_under"][0][0]["note"] or "")
 
 
 def test_map_and_temperature_have_no_ts_row():

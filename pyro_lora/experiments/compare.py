@@ -275,10 +275,16 @@ def run_method(setup, name: str, map_seconds: float) -> dict:
         t = time.perf_counter()
         val, _ = evaluate(setup, fitted, setup.val, name, "validation")
         temperature, note = fit_temperature(val.probs, val.labels, return_info=True)
-        scaled = {d: replace(p, probs=apply_temperature(p.probs, temperature), sample_probs=None) for d, p in predictions.items()}
+        scaled, sharpened = {}, []
+        for d, p in predictions.items():
+            with warnings.catch_warnings(record=True) as caught:  # ties a sharpening T makes go into the row's note
+                warnings.simplefilter("always")
+                scaled[d] = replace(p, probs=apply_temperature(p.probs, temperature), sample_probs=None)
+            sharpened += [f"{d}: {w.message}" for w in caught]
         ts_costs = {**fit_costs, "fit_seconds": fit_costs["fit_seconds"] + time.perf_counter() - t,
                     "extra_parameters": fit_costs["extra_parameters"] + 1, "temperature": temperature,
-                    "note": join_notes(fit_costs.get("note"), note, None if method.validation else small_validation_note(setup))}
+                    "note": join_notes(fit_costs.get("note"), note, None if method.validation else small_validation_note(setup),
+                                       *sharpened)}
         # a predictive that keeps no per-sample probabilities (GLM probit) has no MI before the temperature either
         mi_note = TS_MI_NOTE if predictions[config.dataset].sample_probs is not None else MI_NO_SAMPLES_NOTE
         out[ts_name(name)] = _score_rows(setup, ts_name(name), VALIDATION_TUNED, fitted.point_estimate, scaled, ts_costs,
