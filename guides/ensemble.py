@@ -450,9 +450,10 @@ ensemble_mixture.uses_samples = False
 
 @method("ensemble", bayesian=True, guide=EnsembleGuide, predictive=ensemble_mixture, trains=True)
 def ensemble(setup, k=3):
-    """Deep ensemble: the MAP plus k-1 LoRAs (and heads) trained from other seeds, probabilities averaged."""
+    """Deep ensemble: the MAP plus k-1 LoRAs (and heads) trained from other seeds, probabilities averaged; no run
+    seed shares a member seed with another (their rows are independent draws)."""
     c = setup.config
     model = setup.lora_model(random="AB")
-    guide = train_ensemble(model, setup.loader(setup.train, shuffle=True), k=k, seeds=[setup.seed + i for i in range(k)],
+    guide = train_ensemble(model, setup.loader(setup.train, shuffle=True), k=k, seeds=setup.derived_seeds("ensemble member", k),
                            fit_kwargs={"epochs": c.epochs, "lr": c.lr, "progress": c.progress}, include_current=True)
     return Fitted(guide=guide, extra_parameters=guide.extra_parameters())

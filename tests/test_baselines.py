@@ -427,6 +427,32 @@ def test_train_ensemble_members_differ_heads_are_batched_and_network_is_restored
         predict_ensemble(model, guide, data, chunk_size=1)
 
 
+def test_the_ensembles_of_different_run_seeds_share_no_member(monkeypatch):
+    """The recipe trained members under seeds run_seed + i: run seeds 0 and 1 trained the same member (seed 2), so
+    the rows averaged over run seeds, and their paired intervals, were not independent draws."""
+    from pyro_lora.experiments.compare import fit_method
+    from pyro_lora.experiments.setup import CompareConfig, Setup
+
+    asked = {}
+
+    def train(model, data, k, seeds, **kwargs):
+        asked[setup.seed] = seeds
+        return EnsembleGuide(model, [model.adapter_values()] * k)
+    monkeypatch.setattr("pyro_lora.guides.ensemble.train_ensemble", train)
+    for seed in (0, 1, 2):
+        setup = Setup(CompareConfig(out="unused", guides=("ensemble",), progress=False), tiny_bert(), None,
+                      SequenceClassification(), [{"id": 0, "label": 0}], [], [], None, seed=seed)
+        setup.for_method = lambda name, setup=setup: setup
+        fit_method(setup, "ensemble")
+    trained = [set(seeds[1:]) for seeds in asked.values()]  # member 0 is the run's MAP
+    assert all(len(t) == 2 for t in trained) and not (trained[0] & trained[1] or trained[0] & trained[2] or trained[1] & trained[2])
+    # a member's seed decides it: the old seeds trained one member twice (identical LoRA)
+    model = LoraModel(tiny_bert(), SequenceClassification(), random="AB", num_data=48)
+    a, b = (train_ensemble(model, toy_data(), k=2, seeds=[0, s], fit_kwargs={"epochs": 1, "lr": 1e-2}, include_current=True)
+            for s in (5, 5))
+    assert torch.equal(a.members()["query.lora_A"][1], b.members()["query.lora_A"][1])
+
+
 def test_ensemble_save_load_round_trip_with_heads(tmp_path):
     model = make()
     members = distinct_members(model, k=2)

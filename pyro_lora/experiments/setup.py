@@ -68,10 +68,16 @@ ADDED_SETTINGS = {"dtype": "fp32", "load_in_4bit": False, "ts": False}
 FULL = {"train_size": 2000, "test_size": 1000, "samples": 8, "epochs": 10}
 
 
+def derived_seed(seed: int, name: str, stage: str) -> int:
+    """A seed of (run seed, method, stage) that no other run seed shares: ``seed + i`` would give seed 0's run and
+    seed 1's one training (an ensemble member) alike, and rows averaged over seeds must be independent draws."""
+    return zlib.crc32(f"{seed}/{name}/{stage}".encode())
+
+
 def seed_for(seed: int, name: str, stage: str):
     """Seed every global RNG from (run seed, method, stage): a method's numbers do not depend on which methods
     ran before it, so a resumed run, or one where another method failed, gives the rows of a full run."""
-    pyro.set_rng_seed(zlib.crc32(f"{seed}/{name}/{stage}".encode()))
+    pyro.set_rng_seed(derived_seed(seed, name, stage))
 
 
 def default_lr(task: str) -> float:
@@ -103,6 +109,11 @@ class Setup:
     method: Optional[str] = None  # the method this view is for (:meth:`for_method`)
     map_digest: Optional[str] = None  # :func:`state_digest` of the trained MAP (:func:`train_map`)
     map_loaded: bool = False  # whether the MAP was loaded from a run's folder rather than trained
+
+    def derived_seeds(self, what: str, k: int) -> list:
+        """``k`` seeds for ``what`` (e.g. ``"ensemble member"``) of this run seed, shared with no other run seed
+        (:func:`derived_seed`); the same whichever method asks (``mola`` trains the ``ensemble`` method's members)."""
+        return [derived_seed(self.seed, what, str(i)) for i in range(k)]
 
     @property
     def sizes(self) -> dict:
