@@ -228,11 +228,8 @@ def _linear_owners(net, parameter_names):
         path, attr = name.rsplit(".", 1)
         module = modules.get(path)
         if parameter_adapter(name) is not None and ".modules_to_save." not in name:
-            raise ValueError(
-                f"per-member point parameter {name!r} belongs to a LoRA layer (peft's lora_bias=True: B's bias): the weight "
-                "hand-off adds it itself, not through its module's forward, so a member's value would be ignored; only "
-                "linear heads can vary per member"
-            )
+            raise ValueError(f"per-member point parameter {name!r} {_adapter_parameter(name)}; only linear heads can vary "
+                             "per member")
         if not isinstance(module, torch.nn.Linear) or attr not in ("weight", "bias"):
             raise ValueError(
                 f"per-member point parameter {name!r} is not an nn.Linear weight or bias "
@@ -240,6 +237,18 @@ def _linear_owners(net, parameter_names):
             )
         owners[path] = module
     return owners
+
+
+def _adapter_parameter(name):
+    """What the adapter parameter ``name`` (no ``modules_to_save`` copy) is, and why members cannot vary it."""
+    if "lora_embedding_" in name:
+        return ("is the LoRA of an embedding (no sample site: a point estimate), which peft's embedding forward adds "
+                "itself; leave the embedding out of target_modules")
+    if "trainable_tokens_" in name:
+        return ("holds peft's trainable tokens (trainable_token_indices), which its embedding forward adds itself; "
+                "leave them out of the adapter")
+    return ("belongs to a LoRA layer (peft's lora_bias=True: B's bias): the weight hand-off adds it itself, not through "
+            "its module's forward, so a member's value would be ignored")
 
 
 def _batched_linear(num_samples, weight, bias):

@@ -38,13 +38,15 @@ _FOREIGN_CHECKPOINT = (
 class _Handed:
     """The weights handed to one layer: matrix letter (or :data:`FLIPOUT_LOC`) -> tensor."""
 
-    __slots__ = ("adapter", "weights", "num_samples", "grad_enabled")
+    __slots__ = ("adapter", "weights", "num_samples", "grad_enabled", "flipout_calls")
 
-    def __init__(self, adapter, weights, num_samples):
+    def __init__(self, adapter, weights, num_samples, flipout_calls=None):
         self.adapter = adapter
         self.weights = {k: v for k, v in weights.items() if v is not None and (k in KINDS or k == FLIPOUT_LOC)}
         self.num_samples = num_samples
         self.grad_enabled = torch.is_grad_enabled()  # autograd switched off between handing and the forward: see _forward
+        # forwards of the layer with flipout under this hand-off, shared with a checkpoint's re-handed copy
+        self.flipout_calls = [0] if flipout_calls is None else flipout_calls
 
     def tensors(self):
         return dict(self.weights)
@@ -124,7 +126,7 @@ def _wrap_checkpoint(module):
             for (i, k), t in zip(keys, inputs[len(args):]):
                 given[i][k] = t
             for m, h, w in zip(inner, holders, given):
-                setattr(m, _HOLDER, None if h is None else _Handed(h.adapter, w, h.num_samples))
+                setattr(m, _HOLDER, None if h is None else _Handed(h.adapter, w, h.num_samples, h.flipout_calls))
             try:
                 return forward(*inputs[: len(args)])
             finally:
@@ -152,6 +154,12 @@ def _forward(layer, x, *args, **kwargs):
         raise RuntimeError(_FOREIGN_CHECKPOINT)
     if kwargs.get("adapter_names") is not None:
         raise ValueError("peft's mixed-batch forward (adapter_names=...) cannot run with handed LoRA weights: call it without a guide")
+    if FLIPOUT_LOC in h.weights and torch._C._current_graph_task_id() == -1:  # a recomputation in backward is no new use
+        h.flipout_calls[0] += 1
+        if h.flipout_calls[0] > 1:
+            raise ValueError(
+                "a LoRA layer ran twice in one forward with flipout (a module shared across depths, as ALBERT's layers "
+                "are): each application would draw its own sign flips, two weights for one example; use flipout=False")
     result = layer.base_layer(x, *args, **kwargs)
     a, b = (_own_or_handed(layer, h, kind) for kind in (down_kind(), up_kind()))
     x = layer.lora_dropout[h.adapter](x).to(a.dtype)

@@ -190,6 +190,12 @@ def record_layers(model, batch: dict, loc: dict) -> tuple[torch.Tensor, dict, di
 
     def hook(path):
         def record(module, args, out):
+            if path in inputs:
+                raise ValueError(
+                    f"the LoRA layer {path} runs more than once in one forward (a module shared across depths, as "
+                    "ALBERT's layers are): KFAC factors and GLM Jacobians take one input and output per layer, so they "
+                    "would keep its last application only; a Laplace over a network that reuses a LoRA layer is not "
+                    "supported")
             if not out.requires_grad:  # frozen backbone: make the output a leaf we can differentiate to
                 out.requires_grad_()
             inputs[path], outputs[path] = args[0], out

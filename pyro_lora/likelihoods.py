@@ -43,11 +43,7 @@ class FusedCategorical(TorchDistribution):
         super().__init__(shape[: len(shape) - event_dims], shape[len(shape) - event_dims :], validate_args=False)
 
     def log_prob(self, value):
-        c = self.logits.shape[-1]
-        outside = (value != self.ignore_index) & ((value < 0) | (value >= c))
-        if bool(outside.any()):  # torch's own error names neither the labels nor the head (CUDA: a device assert)
-            raise ValueError(f"label(s) {sorted(set(value[outside].tolist()))[:5]} outside the {c} classes of the logits "
-                             f"(0 to {c - 1}): the data's labels and the network's head disagree (its num_labels too small?)")
+        check_label_range(value, self.logits.shape[-1], self.ignore_index)
         ce = F.cross_entropy(
             self.logits.reshape(-1, self.logits.shape[-1]).float(),
             value.reshape(-1),
@@ -65,6 +61,19 @@ class FusedCategorical(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         event = self.logits.shape[len(self.batch_shape) : -1]
         return FusedCategorical(self.logits.expand(*batch_shape, *event, self.logits.shape[-1]), len(event), self.ignore_index, self.observer)
+
+
+def check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int = -100) -> None:
+    """Refuse labels outside ``[0, num_classes)`` other than ``ignore_index``: torch's own error names neither the
+    labels nor the head (on CUDA it is a device assert).
+
+    :raises ValueError: naming the labels outside the head's classes.
+    """
+    outside = (labels != ignore_index) & ((labels < 0) | (labels >= num_classes))
+    if bool(outside.any()):
+        raise ValueError(f"label(s) {sorted(set(labels[outside].tolist()))[:5]} outside the {num_classes} classes of the "
+                         f"logits (0 to {num_classes - 1}): the data's labels and the network's head disagree (its "
+                         "num_labels too small?)")
 
 
 def repeat_inputs(batch: dict, num_samples: int | None, keys=_NET_INPUTS) -> dict:

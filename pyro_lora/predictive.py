@@ -13,7 +13,7 @@ from . import distributed
 from .checks import check_count
 from .contract import check_guide, entry_checks
 from .data import to_device
-from .metrics import check_labels
+from .likelihoods import check_label_range
 from .progress import progress_bar
 
 SEED_RANGE = 2**62  # base seeds are drawn from [0, SEED_RANGE); chunk i uses base + i
@@ -118,8 +118,8 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
                 sums.append(total)
                 if keep_samples:
                     kept.append(torch.cat(parts))
-                # a label outside the head's classes (num_labels smaller than the data's) is no prediction to score
-                labels.append(check_labels(observed, total.shape[0], total.shape[-1]))
+                check_label_range(observed, total.shape[-1])  # a label the head has no class for is nothing to score
+                labels.append(observed)
     finally:
         net.train(was_training)
     # a rank may hold no batch when there are fewer batches than ranks

@@ -198,12 +198,13 @@ def build_sites(layers: dict, adapter: str, random=("A", "B"), group: str = "kin
     :param group: ``"kind"`` stacks same-kind, same-shape matrices across layers; ``"matrix"`` gives one
         site per matrix. Layers of one kind with different ranks or widths form separate stacks, named with a
         ``.r{r}_{d_in}x{d_out}`` suffix; the A and B sites of a stack always hold the same layers.
-    :returns: ordered site name -> :class:`Site`.
+    :returns: ordered site name -> :class:`Site`, the matrices of a stack in the order of :data:`KINDS` whatever
+        the order of ``random`` (``"BA"`` is ``"AB"``: a guide's state is restored site by site in this order).
     """
-    random = tuple(random)
-    bad = [m for m in random if m not in KINDS]
+    bad = [m for m in tuple(random) if m not in KINDS]
     if bad or not random:
         raise ValueError(f"random must be a non-empty subset of {tuple(KINDS)}, got {random!r}")
+    random = [m for m in KINDS if m in tuple(random)]
     if group not in ("kind", "matrix"):
         raise ValueError(f"group must be 'kind' or 'matrix', got {group!r}")
     # one stack per module kind and whole layer shape (r, d_in, d_out): the A and B sites of a stack then hold the

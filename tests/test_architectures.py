@@ -358,3 +358,42 @@ def test_a_causal_lm_whose_forward_changes_the_head_logits_is_refused_for_multip
     with pytest.raises(ValueError, match="Doubled's forward changes its LM head's logits.*not supported for multiple choice"):
         LoraModel(add_lora(Doubled(config), r=2), MultipleChoice([10, 11, 12], format="letter"))
     LoraModel(add_lora(LlamaForCausalLM(config), r=2), MultipleChoice([10, 11, 12], format="letter"))  # the plain one is taken
+
+
+def tiny_albert(num_hidden_layers=2):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = AlbertConfig(vocab_size=64, embedding_size=16, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                          num_hidden_layers=num_hidden_layers, num_hidden_groups=1, max_position_embeddings=64, num_labels=3)
+    net = get_peft_model(AlbertForSequenceClassification(config),
+                         LoraConfig(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    _randomize_b(net)
+    return LoraModel(net.eval(), SequenceClassification(), num_data=2)
+
+
+def test_a_lora_layer_shared_across_depths_is_refused_where_one_application_per_forward_is_assumed():
+    """ALBERT runs one encoder layer at every depth. KFAC and the GLM Jacobians kept its last application only (the
+    factor's trace 5.7e-5 against the exact GGN's 2.0e-4; a GLM covariance 3.7x too small) and flipout drew its sign
+    flips anew at every depth, two weights for one example. Plain weight samples apply one weight everywhere: right."""
+    from pyro.infer import Trace_ELBO
+
+    from pyro_lora.guides import MeanFieldGuide
+
+    batch = {"input_ids": torch.tensor([[9, 4, 7], [5, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 1], [1, 1, 0]]),
+             "labels": torch.tensor([1, 2])}
+    model = tiny_albert()
+    with pytest.raises(ValueError, match=r"LoRA layer .*query runs more than once in one forward .*as ALBERT's"):
+        LaplaceGuide(model).fit([batch], progress=False)
+    with pytest.raises(ValueError, match="a LoRA layer ran twice in one forward with flipout"):
+        Trace_ELBO().differentiable_loss(model, MeanFieldGuide(model, flipout=True), batch)
+    Trace_ELBO().differentiable_loss(model, MeanFieldGuide(model), batch)  # one weight draw per forward: supported
+    with torch.no_grad():  # that draw is the weight of every depth: peft's own forward with it written in
+        values = {n: v + 0.1 * torch.randn_like(v) for n, v in model.adapter_values().items()}
+        handed = model.logits(batch, values)
+        model.write_adapter(values)
+        torch.testing.assert_close(handed, model.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+    single = tiny_albert(num_hidden_layers=1)  # each layer once: both run
+    LaplaceGuide(single).fit([batch], progress=False)
+    Trace_ELBO().differentiable_loss(single, MeanFieldGuide(single, flipout=True), batch)

@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pyro.poutine as poutine
 import pytest
 import torch
-from conftest import random_batch, tiny_bert
+from conftest import random_batch, tiny_bert, tiny_bert_base
+from peft import LoraConfig, get_peft_model
 from test_training import toy_data
 
 from pyro_lora.guides.ensemble import EnsembleGuide, head_parameters, predict_ensemble, train_ensemble
@@ -480,9 +481,6 @@ def test_ensemble_bad_input():
 
 
 def peft_bert(**config):
-    from conftest import tiny_bert_base
-    from peft import LoraConfig, get_peft_model
-
     net = get_peft_model(tiny_bert_base(num_labels=2), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", **config))
     return LoraModel(net, SequenceClassification(), num_data=48)
 
@@ -547,6 +545,19 @@ def test_a_new_member_draws_its_classifier_as_transformers_draws_a_new_head(tmp_
     assert torch.equal(head.weight, drawn)  # the member's seed decides it
     reinitialize(model, seed=2)
     assert not torch.equal(head.weight, drawn)
+
+
+@pytest.mark.filterwarnings("ignore:LoRA on embedding layers")
+@pytest.mark.parametrize("config, says", [
+    ({"target_modules": ["query", "word_embeddings"]}, r"is the LoRA of an embedding .*leave the embedding out of target_modules"),
+    ({"target_modules": ["query"], "trainable_token_indices": [7, 40]}, r"holds peft's trainable tokens \(trainable_token_indices\)"),
+])
+def test_an_ensemble_over_an_embedding_lora_or_trainable_tokens_is_refused_naming_it(config, says):
+    """Both were refused as 'peft's lora_bias=True: B's bias', which neither adapter sets."""
+    net = get_peft_model(tiny_bert_base(num_labels=2), LoraConfig(r=2, lora_alpha=4, task_type="SEQ_CLS", **config))
+    model = LoraModel(net, SequenceClassification(), num_data=48)
+    with pytest.raises(ValueError, match=says):
+        train_ensemble(model, toy_data(), k=2, fit_kwargs={"epochs": 1})
 
 
 def test_per_member_values_of_a_lora_layers_own_bias_are_refused():

@@ -219,3 +219,31 @@ def test_a_guide_that_trained_base_biases_is_refused_where_they_are_frozen_and_t
         load_guide(tmp_path / "g", frozen)
     assert all(torch.equal(p, before[n]) for n, p in frozen.net.named_parameters())
     load_guide(tmp_path / "g", model("lora_only"))  # where the adapter trains them too
+
+
+def test_a_guide_is_restored_site_by_site_whatever_the_letter_order_of_random(tmp_path):
+    """A guide keeps its tensors by position in the model's site order, and random='BA' built the same sites in the
+    order B, A: with r = d_in = d_out the saved B went into A and A into B (a prediction flipped), without a word."""
+    from conftest import tiny_bert_base
+    from peft import LoraConfig, get_peft_model
+
+    from pyro_lora.contract import describe, differences
+
+    def model(random):
+        net = get_peft_model(tiny_bert_base(num_labels=2), LoraConfig(r=32, lora_alpha=8, target_modules=["query", "value"],
+                                                                      task_type="SEQ_CLS"))
+        return LoraModel(net, SequenceClassification(), random=random, num_data=4)
+
+    ab, ba = model("AB"), model("BA")
+    assert list(ba.sites) == list(ab.sites) == ["query.lora_A", "query.lora_B", "value.lora_A", "value.lora_B"]
+    guide = MeanFieldGuide(ab, b="normal", init_scale=0.3)
+    save_guide(guide, tmp_path / "g")
+    loaded = load_guide(tmp_path / "g", ba)
+    for name, value in guide.mean().items():
+        assert torch.equal(loaded.mean()[name], value), name
+    batch = {**random_batch(), "labels": torch.tensor([0, 1, 1])}
+    torch.testing.assert_close(predict(ba, loaded, [batch], mean=True).probs, predict(ab, guide, [batch], mean=True).probs)
+    # whatever else builds them in another order is named, not restored crosswise
+    expected = describe(ab)
+    reordered = {**expected, "sites": dict(reversed(list(expected["sites"].items())))}
+    assert any("the model has the guide's sites in another order" in d for d in differences(reordered, describe(ab)))

@@ -381,6 +381,6 @@ def test_a_label_beyond_the_heads_classes_is_refused_by_name_everywhere():
         LaplaceGuide(model).fit([batch], progress=False)
     with pytest.raises(ValueError, match=beyond):
         LastLayerLaplaceGuide(model).fit([batch], progress=False)
-    with pytest.raises(ValueError, match=r"labels out of range: expected values in \[0, 3\), got min 0 max 3"):
+    with pytest.raises(ValueError, match=beyond):
         predict(model, None, [batch])
     assert predict(model, None, [{**batch, "labels": torch.tensor([0, 2])}]).labels.tolist() == [0, 2]
