@@ -81,16 +81,27 @@ def _fingerprint(net):
     copies, token deltas) nor trainable ones (point parameters, compared apart); a change confined to entries
     between the strides can go unseen.
     """
-    return {name: _fingerprint_of(p) for name, p in net.named_parameters()
-            # peft's frozen copy of a replaced head (".original_module.") never runs: a fresh head differs by seed
-            if not (p.requires_grad or any(k in name for k in (*ADAPTER_NAMES, ".original_module.")) or not p.is_floating_point())}
+    return {name: _fingerprint_of(p) for name, p in frozen_base_parameters(net)}
+
+
+def frozen_base_parameters(net) -> list:
+    """``(name, parameter)`` of ``net``'s frozen floating-point base weights: not the adapter's (LoRA matrices, head
+    copies, token deltas), not trainable ones, not quantized ones."""
+    # peft's frozen copy of a replaced head (".original_module.") never runs: a fresh head differs by seed
+    return [(name, p) for name, p in net.named_parameters()
+            if not (p.requires_grad or any(k in name for k in (*ADAPTER_NAMES, ".original_module.")) or not p.is_floating_point())]
+
+
+def strided_entries(p) -> torch.Tensor:
+    """At most 4096 evenly strided entries of ``p``, float32, flat: what a fingerprint reads of a weight."""
+    flat = p.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // 4096)].float()
 
 
 def _fingerprint_of(p) -> list:
-    """``[sum |w|, sum w, position-weighted sum w]`` over at most 4096 evenly strided entries: a sign flipped or rows
-    permuted leave the first as it is."""
-    flat = p.detach().reshape(-1)
-    x = flat[:: max(1, flat.numel() // 4096)].float()
+    """``[sum |w|, sum w, position-weighted sum w]`` over :func:`strided_entries`: a sign flipped or rows permuted
+    leave the first as it is."""
+    x = strided_entries(p)
     return [float(x.abs().sum()), float(x.sum()), float((x * torch.linspace(0, 1, x.numel(), device=x.device)).sum())]
 
 

@@ -360,9 +360,26 @@ def _load(name_or_path: str, task: str, model_class, num_labels: int, dtype, pro
         if path.suffix == ".gguf":
             model, tokenizer = _load_gguf(path, task, num_labels, dtype, progress)
         else:
+            if task == "classification":
+                _check_head_classes(path, num_labels)
             model = model_class.from_pretrained(path, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
+
+
+def _check_head_classes(folder: Path, num_labels: int):
+    """Refuse a classification checkpoint whose trained head has another number of classes than the task (transformers
+    refuses it naming a flag, ``ignore_mismatched_sizes``, that would silently draw a fresh head)."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # transformers says what is wrong with the folder
+    trained = any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or ())
+    classes = len(config.get("id2label") or {}) or config.get("num_labels") or 2  # transformers leaves out its default 2
+    if trained and classes != num_labels:
+        raise ValueError(f"{folder} holds a classification head of {classes} classes and the task has {num_labels}: "
+                         f"give the checkpoint it was fine-tuned from (a model without a classification head gets a fresh "
+                         f"one), or data with its {classes} labels")
 
 
 # --------------------------------------------------------------------------- LoRA
@@ -455,6 +472,15 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
         warnings.filterwarnings("error", message=".*Found missing adapter keys", category=UserWarning)
         try:
             return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
+        except RuntimeError as error:  # torch's "Error(s) in loading state_dict" puts the reason on later lines
+            sizes = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
+            if not sizes:
+                raise
+            raise ValueError(
+                f"the adapter in {adapter_dir} does not fit this model: {'; '.join(sizes[:2])}"
+                f"{f' (and {len(sizes) - 2} more)' if len(sizes) > 2 else ''}: a head of another number of classes, "
+                "another LoRA rank, or an adapter of another base model"
+            ) from None
         except UserWarning as warning:
             raise ValueError(
                 f"the adapter in {adapter_dir} lacks weights of some of its own layers (peft: {warning}): they would stay "

@@ -1,6 +1,7 @@
 """The pyro-lora command line end to end on the embedded real models and real data (marked `real`)."""
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -105,3 +106,30 @@ def test_post_hoc_mean_field_improves_calibration_over_map_on_sst2(tmp_path):
     assert meanfield["nll"] < map_row["nll"] and meanfield["ece"] < map_row["ece"]
     assert meanfield["accuracy"] > map_row["accuracy"] - 0.02
     assert meanfield["mutual_information"] > 0.005  # a real spread, not the MAP again
+
+
+def test_a_head_or_base_the_task_does_not_fit_is_named(tmp_path):
+    """A local checkpoint with a 2-class head for 3 labels failed with transformers' 'ignore_mismatched_sizes' (a flag
+    the CLI lacks); an adapter with a 3-class head on a 2-class model with 'Error(s) in loading state_dict' (its
+    reason on a line --debug showed); an adapter trained on another base folder ran there without a word."""
+    from conftest import tiny_bert_base
+    from peft import LoraConfig, get_peft_model
+
+    from pyro_lora.experiments.saved import _warn_about_another_base
+    from pyro_lora.pretrained import load_adapter, load_pretrained
+
+    tiny_bert_base(num_labels=2).save_pretrained(tmp_path / "two")
+    with pytest.raises(ValueError, match=r"holds a classification head of 2 classes and the task has 3"):
+        load_pretrained(str(tmp_path / "two"), "classification", num_labels=3)
+    three = get_peft_model(tiny_bert_base(num_labels=3), LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS"))
+    three.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"does not fit this model: size mismatch for .*classifier.*a head of another number"):
+        load_adapter(tiny_bert_base(num_labels=2), tmp_path / "adapter")
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": str(tmp_path / "two")}))
+    tiny_bert_base(num_labels=2, seed=1).save_pretrained(tmp_path / "other")
+    with pytest.warns(UserWarning, match=r"was trained on .*two .*and --model gives .*other"):
+        _warn_about_another_base(tmp_path / "adapter", str(tmp_path / "other"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_about_another_base(tmp_path / "adapter", str(tmp_path / "two"))

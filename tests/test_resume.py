@@ -699,7 +699,7 @@ def test_the_cli_prints_the_verdict_of_this_runs_rows(tmp_path, monkeypatch, cap
     from pyro_lora.experiments.setup import load_splits
 
     monkeypatch.setattr(C, "prepare", lambda config, seed: __import__("types").SimpleNamespace(
-        config=config, sizes=None, **dict(zip(("train", "val", "test", "shifted"), load_splits(config)))))
+        config=config, sizes=None, net=torch.nn.Module(), **dict(zip(("train", "val", "test", "shifted"), load_splits(config)))))
     monkeypatch.setattr(C, "train_map", no_map)
     argv = ["compare", "--guides", "map", "--train-size", "48", "--test-size", "32", "--epochs", "1", "--out", str(tmp_path),
             "--overwrite", "--quiet"]
@@ -794,3 +794,42 @@ def test_a_hand_edited_record_with_bad_rows_is_refused_by_name(tmp_path, edit, m
     (tmp_path / "results.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="results.json is not the results of a `pyro-lora compare` run .*" + message):
         RunFolder(tmp_path, small(tmp_path, guides=("map",)))
+
+
+def test_a_resume_with_another_base_model_is_refused(tmp_path, monkeypatch):
+    """The base model was known by its --model path only: a folder holding another checkpoint since gave new rows
+    (TFB at accuracy 0.367 where the first base gives 0.633) beside the first base's rows, without a word."""
+    from pyro_lora.contract import frozen_base_parameters
+
+    config = small(tmp_path / "run", guides=("temperature",), epochs=0)
+    run_compare(config)
+    assert len(json.loads((tmp_path / "run" / "results.json").read_text())["base"]) == 64
+    real = C.prepare
+
+    def other_checkpoint(config, seed):
+        setup = real(config, seed)
+        with torch.no_grad():
+            frozen_base_parameters(setup.net)[-1][1].add_(0.01)
+        return setup
+
+    monkeypatch.setattr(C, "prepare", other_checkpoint)
+    with pytest.raises(ValueError, match="holds rows scored with another base model than --model minilm loads now"):
+        run_compare(replace(config, guides=("temperature", "map")))
+    monkeypatch.undo()  # the same checkpoint loaded again is the same base: the run goes on
+    rows = run_compare(replace(config, guides=("temperature", "map")))
+    assert {r["guide"] for r in rows} >= {"temperature", "map"}
+
+
+def test_a_fit_run_records_a_local_models_path_absolute(tmp_path, monkeypatch):
+    """run.json kept --model as given: a run fitted with a relative path could not be evaluated from another working
+    directory ("'tinybert' is neither an embedded model nor a local model folder")."""
+    from types import SimpleNamespace
+
+    (tmp_path / "tinybert").mkdir()
+    monkeypatch.chdir(tmp_path)
+    method = SimpleNamespace(model=SimpleNamespace(name="lora"), predictive=SimpleNamespace(__name__="weight_samples"))
+    setup = SimpleNamespace(config=CompareConfig(model="tinybert", out="unused"), sizes=None, seed=0)
+    assert S.run_record(setup, {}, method)["config"]["model"] == str(tmp_path / "tinybert")
+    setup.config = CompareConfig(model="minilm", out="unused")
+    (tmp_path / "minilm").mkdir()  # an embedded name stays the embedded model, whatever the working directory holds
+    assert S.run_record(setup, {}, method)["config"]["model"] == "minilm"

@@ -15,7 +15,7 @@ from ..predictive import Prediction, predict
 from ..guides.registry import VALIDATION_TUNED, Fitted, get_method, join_notes
 from .results import RESULTS, RunFolder
 from .scoring import MI_NO_SAMPLES_NOTE, join_row, ood_auroc, prediction_arrays, score
-from .setup import CompareConfig, check_config, data_digest, default_guides, prepare, records_digest, seed_for, train_map
+from .setup import CompareConfig, base_digest, check_config, data_digest, default_guides, prepare, records_digest, seed_for, train_map
 from .table import format_row, ts_name
 
 
@@ -187,6 +187,9 @@ def _run_seeds(config, overwrite, reference):
         if records_digest(setup.train, setup.val, setup.test, setup.shifted) != digest:  # reloaded for each seed
             raise ValueError(f"the {config.dataset} records under {config.data_dir} changed during the run (before seed "
                              f"{seed}): its rows would mix two sets of records; rerun once the data is settled")
+        base = base_digest(setup.net)  # the folder --model names may hold another checkpoint since the rows were scored
+        for folder in [run] if earlier is run else [run, earlier]:
+            folder.check_base(base)
         run.config = setup.config  # the resolved defaults (learning rate, multiple-choice format) go into results.json
         if config.progress:
             c = setup.config

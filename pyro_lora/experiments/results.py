@@ -109,13 +109,14 @@ class RunFolder:
         self._pending_maps = {}  # seed -> MAP file bytes, kept while a replaced run's files stand (:meth:`save_map`)
         self.maps = {}  # seed (a string, as JSON keys are) -> digest of the MAP its rows start from
         self.data = None  # digest of the records its rows were scored on (:func:`~.setup.data_digest`)
+        self.base = None  # digest of the base model's weights they were scored with (:func:`~.setup.base_digest`)
         self._check_writable(config.guides or ())
         saved = self._read()
         self._replaced = saved if overwrite else None  # its files go once this run writes its first result
         if saved is not None and not overwrite:
             self._check_same(saved)
             self.rows, self.failed, self.sizes = saved["per_seed"], saved.get("failed", []), saved.get("sizes")
-            self.maps, self.data = dict(saved.get("maps", {})), saved.get("data")
+            self.maps, self.data, self.base = dict(saved.get("maps", {})), saved.get("data"), saved.get("base")
             self.guides, self.seeds = list(saved["config"]["guides"] or ()), list(saved["config"]["seeds"])
 
     def _read(self):
@@ -173,6 +174,22 @@ class RunFolder:
                              f"{self.config.data_dir} gives now (its train, validation or test files changed since): restore "
                              "that data, or run into another --out (or pass --overwrite to replace the run)")
         self.data = digest
+
+    def check_base(self, digest):
+        """Refuse to add rows scored with another base model than the rows here (``digest``: the
+        :func:`~pyro_lora.experiments.setup.base_digest` of the network ``--model`` loads now: a folder may hold another
+        checkpoint since), and keep ``digest`` as the run's; a record from before base digests were kept is taken as it
+        is, with a warning, and keeps none."""
+        if self.base is None and self.rows:
+            warnings.warn(f"{self.out / RESULTS} keeps no digest of the base model its rows were scored with (written by "
+                          "an older version): the model is not checked against them", stacklevel=2)
+            return
+        if self.base not in (None, digest):
+            raise ValueError(f"{self.out / RESULTS} holds rows scored with another base model than --model "
+                             f"{self.config.model} loads now (its weights differ: the folder holds another checkpoint "
+                             "since, or the path names another one): restore that model, or run into another --out (or "
+                             "pass --overwrite to replace the run)")
+        self.base = digest
 
     def complete(self, guide, seed, datasets):
         """Whether ``guide`` under ``seed`` has its rows for every evaluation set in ``datasets`` and its arrays."""
@@ -333,7 +350,7 @@ class RunFolder:
         config = {**asdict(self.config), "guides": self.guides, "seeds": self.seeds}
         write_json(self.out / RESULTS, {"config": config, "request": self.request, "sizes": self.sizes, "summary": summary,
                                         "verdict": verdict(self.rows, self.config.dataset), "per_seed": self.rows,
-                                        "failed": self.failed, "maps": self.maps, "data": self.data})
+                                        "failed": self.failed, "maps": self.maps, "data": self.data, "base": self.base})
 
     def _summary_figures(self, summary):
         _draw_summary(self.out, summary, self.guides, self.config.dataset, self.seeds[0])
@@ -402,6 +419,9 @@ def read_record(out, advice, needs=()):
         data = saved.get("data")
         if not (data is None or (isinstance(data, str) and len(data) == 64 and all(c in "0123456789abcdef" for c in data))):
             raise ValueError(f"its 'data' is {data!r:.80}, not the SHA-256 digest of the run's records")
+        base = saved.get("base")
+        if not (base is None or (isinstance(base, str) and len(base) == 64 and all(c in "0123456789abcdef" for c in base))):
+            raise ValueError(f"its 'base' is {base!r:.80}, not the SHA-256 digest of the base model's weights")
         _check_rows(saved["per_seed"], "per_seed", ("guide", "dataset"))
         _check_rows(saved.get("failed", []), "failed", ("guide",))
     except (ValueError, KeyError, TypeError) as error:

@@ -3,6 +3,7 @@
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from .. import data as D
 from ..costs import PeakMemory
 from ..io import check_sealed, load_guide, read_safetensors, recover_directory, save_guide, writable_folder
 from ..model import LoraModel
+from ..model_files import EMBEDDED_MODELS, minilm_dir
 from ..kinds import KINDS
 from ..guides.tfb import TFB_ANCHORS, bayesianize_setup
 from ..guides.registry import METHODS, MODELS, Fitted, get_method, join_notes
@@ -54,9 +56,12 @@ def fit_one(config: CompareConfig, adapter: bool = False) -> dict:
 
 def run_record(setup, row: dict, method, **extra) -> dict:
     """``run.json``: what :func:`evaluate_saved` needs to rebuild the model and reproduce ``row`` (the datasets
-    folder absolute, so that it is found from any working directory; the model class by its registered name;
-    ``extra`` e.g. the fit's ``fit_note``, which evaluate's rows repeat)."""
-    config = {**asdict(setup.config), "data_dir": str(D.resolve_data_dir(setup.config.data_dir))}
+    folder and a local model's path absolute, so that they are found from any working directory; the model class by
+    its registered name; ``extra`` e.g. the fit's ``fit_note``, which evaluate's rows repeat)."""
+    model = setup.config.model
+    if model not in EMBEDDED_MODELS and Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())
+    config = {**asdict(setup.config), "data_dir": str(D.resolve_data_dir(setup.config.data_dir)), "model": model}
     return {"config": config, "sizes": setup.sizes, "seed": setup.seed, "model_class": method.model.name,
             "predictive": method.predictive.__name__, **extra, "result": row}
 
@@ -88,6 +93,7 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
     """
     task = check_config(config, guides=(), writes=False)
     check_adapter_dir(adapter_dir, task)
+    _warn_about_another_base(adapter_dir, config.model)
     writable_folder(config.out)
     check_free(config.out, "guide")
     setup = prepare(config, config.seeds[0], adapter_dir=adapter_dir)
@@ -143,6 +149,20 @@ def check_adapter_dir(adapter_dir, task: str):
         raise ValueError(f"{weights} holds no classification head (only LoRA matrices; task_type "
                          f"{adapter.get('task_type')!r}): the head would be freshly random; save the adapter with "
                          "task_type SEQ_CLS (peft keeps the head)")
+
+
+def _warn_about_another_base(adapter_dir, model):
+    """Warn when the adapter records a local base folder other than the one ``model`` (``--model``) loads: a LoRA on
+    another base than its own gives other predictions (peft loads it there all the same, if the shapes agree)."""
+    recorded = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
+    given = minilm_dir() if model == "minilm" else None if model in EMBEDDED_MODELS else Path(model).expanduser()
+    if not (isinstance(recorded, str) and recorded and given is not None):
+        return
+    recorded = Path(recorded).expanduser()
+    if recorded.is_dir() and given.is_dir() and recorded.resolve() != given.resolve():
+        warnings.warn(f"the adapter in {adapter_dir} was trained on {recorded} (its adapter_config.json), and --model gives "
+                      f"{given}: on another base than its own a LoRA gives other predictions; give --model {recorded}",
+                      stacklevel=2)
 
 
 def _run_file(run_dir):

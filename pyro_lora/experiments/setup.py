@@ -16,6 +16,7 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from .. import data as D
+from ..contract import frozen_base_parameters, strided_entries
 from ..ownership import take_over
 from ..io import writable_folder
 from ..likelihoods import MultipleChoice, SequenceClassification
@@ -66,6 +67,16 @@ ADDED_SETTINGS = {"dtype": "fp32", "load_in_4bit": False, "ts": False}
 
 # the full comparison (`pyro-lora compare --full`): the reference task's sizes (SST-2: all 872 test sentences)
 FULL = {"train_size": 2000, "test_size": 1000, "samples": 8, "epochs": 10}
+
+
+def base_digest(net) -> str:
+    """SHA-256 of the frozen base weights (their strided entries, as a guide's fingerprint reads them): a run's rows
+    are comparable only on one base model, whatever path ``--model`` gives it."""
+    digest = hashlib.sha256()
+    for name, p in frozen_base_parameters(net):
+        digest.update(name.encode())
+        digest.update(strided_entries(p).cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def derived_seed(seed: int, name: str, stage: str) -> int:
