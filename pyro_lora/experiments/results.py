@@ -165,31 +165,26 @@ class RunFolder:
         """Refuse to add rows scored on other records than those of the rows here (``digest``: the
         :func:`~pyro_lora.experiments.setup.data_digest` of the data folder now), and keep ``digest`` as the run's; a
         record from before digests were kept is taken as it is, with a warning, and keeps none."""
-        if self.data is None and self.rows:  # and stays without one: its old rows were never checked
-            warnings.warn(f"{self.out / RESULTS} keeps no digest of the data its rows were scored on (written by an older "
-                          "version): they are not checked against the data now", stacklevel=2)
-            return
-        if self.data not in (None, digest):
-            raise ValueError(f"{self.out / RESULTS} holds rows scored on other {self.config.dataset} records than "
-                             f"{self.config.data_dir} gives now (its train, validation or test files changed since): restore "
-                             "that data, or run into another --out (or pass --overwrite to replace the run)")
-        self.data = digest
+        self._check_digest("data", digest, "the data its rows were scored on", (
+            f"holds rows scored on other {self.config.dataset} records than {self.config.data_dir} gives now (its train, "
+            "validation or test files changed since): restore that data"))
 
     def check_base(self, digest):
-        """Refuse to add rows scored with another base model than the rows here (``digest``: the
-        :func:`~pyro_lora.experiments.setup.base_digest` of the network ``--model`` loads now: a folder may hold another
-        checkpoint since), and keep ``digest`` as the run's; a record from before base digests were kept is taken as it
-        is, with a warning, and keeps none."""
-        if self.base is None and self.rows:
-            warnings.warn(f"{self.out / RESULTS} keeps no digest of the base model its rows were scored with (written by "
-                          "an older version): the model is not checked against them", stacklevel=2)
+        """As :meth:`check_data` for the base model (``digest``: the :func:`~pyro_lora.experiments.setup.base_digest`
+        of the network ``--model`` loads now: a folder may hold another checkpoint since)."""
+        self._check_digest("base", digest, "the base model its rows were scored with", (
+            f"holds rows scored with another base model than --model {self.config.model} loads now (its weights differ: "
+            "the folder holds another checkpoint since, or the path names another one): restore that model"))
+
+    def _check_digest(self, key, digest, what, refusal):
+        if getattr(self, key) is None and self.rows:  # and stays without one: its old rows were never checked
+            warnings.warn(f"{self.out / RESULTS} keeps no digest of {what} (written by an older version): they are not "
+                          "checked now", stacklevel=3)
             return
-        if self.base not in (None, digest):
-            raise ValueError(f"{self.out / RESULTS} holds rows scored with another base model than --model "
-                             f"{self.config.model} loads now (its weights differ: the folder holds another checkpoint "
-                             "since, or the path names another one): restore that model, or run into another --out (or "
-                             "pass --overwrite to replace the run)")
-        self.base = digest
+        if getattr(self, key) not in (None, digest):
+            raise ValueError(f"{self.out / RESULTS} {refusal}, or run into another --out (or pass --overwrite to replace "
+                             "the run)")
+        setattr(self, key, digest)
 
     def complete(self, guide, seed, datasets):
         """Whether ``guide`` under ``seed`` has its rows for every evaluation set in ``datasets`` and its arrays."""
