@@ -411,12 +411,10 @@ def read_record(out, advice, needs=()):
         maps = saved.get("maps", {})
         if not (isinstance(maps, dict) and all(isinstance(v, str) for v in maps.values())):
             raise ValueError(f"its 'maps' is {maps!r}, not seed -> MAP digest")
-        data = saved.get("data")
-        if not (data is None or (isinstance(data, str) and len(data) == 64 and all(c in "0123456789abcdef" for c in data))):
-            raise ValueError(f"its 'data' is {data!r:.80}, not the SHA-256 digest of the run's records")
-        base = saved.get("base")
-        if not (base is None or (isinstance(base, str) and len(base) == 64 and all(c in "0123456789abcdef" for c in base))):
-            raise ValueError(f"its 'base' is {base!r:.80}, not the SHA-256 digest of the base model's weights")
+        for key, what in (("data", "the run's records"), ("base", "the base model's weights")):
+            value = saved.get(key)
+            if not (value is None or (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value))):
+                raise ValueError(f"its {key!r} is {value!r:.80}, not the SHA-256 digest of {what}")
         _check_rows(saved["per_seed"], "per_seed", ("guide", "dataset"))
         _check_rows(saved.get("failed", []), "failed", ("guide",))
     except (ValueError, KeyError, TypeError) as error:
