@@ -262,7 +262,9 @@ def test_splits_that_repeat_training_records_or_miss_a_class_are_said(tmp_path):
     """A test set equal to training records scored 0.688 against 0.438 on a disjoint one, without a word."""
     import json
 
-    from pyro_lora.experiments.setup import CompareConfig, load_splits
+    import warnings
+
+    from pyro_lora.experiments.setup import CompareConfig, data_digest, load_splits
 
     data = tmp_path / "data" / "toy"
     data.mkdir(parents=True)
@@ -277,3 +279,7 @@ def test_splits_that_repeat_training_records_or_miss_a_class_are_said(tmp_path):
     messages = [str(w.message) for w in record]
     assert any(m.startswith("3 of the 4 test records of 'toy' repeat a training or validation record") for m in messages)
     assert any("hold label(s) [2] that no training record has" in m for m in messages)
+    # the run's data digest reads the same splits: it must not say it a second time (the CLI printed both twice)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(data_digest(config)) == 64

@@ -245,6 +245,18 @@ def test_every_saveable_method_fits_and_evaluate_reproduces_its_row(tmp_path, gu
         assert "differs from the row the run recorded (accuracy" in other["note"] and "data or the software changed" in other["note"]
 
 
+def test_a_test_size_at_or_above_the_data_scores_the_runs_rows_and_says_nothing():
+    """evaluate --test-size 500 of a run that scored all 60 test records said "not the run's row" of the same 60."""
+    run = {"config": {"test_size": 60, "samples": 8}, "result": {"accuracy": 0.5, "ece": 1.0, "nll": 0.7}}
+    row = dict(run["result"])
+    assert S._rescored_note(row, run, {"test_size": 500}, available=60) is None
+    assert S._rescored_note(row, {**run, "config": {"test_size": 100, "samples": 8}}, {"test_size": 500}, available=60) is None
+    assert S._rescored_note(row, run, {"test_size": 40}, available=60).startswith("re-scored with test_size 40 (the run: 60)")
+    assert S._rescored_note(row, run, {"test_size": 500}, available=100).startswith("re-scored with test_size 500 (the run: 60)")
+    # the same records, other numbers: still said
+    assert "differs from the row the run recorded" in S._rescored_note({**row, "nll": 0.9}, run, {"test_size": 500}, available=60)
+
+
 @pytest.mark.real
 def test_evaluate_reproduces_a_smollm2_cloze_laplace_fit(tmp_path):
     """Laplace on cloze multiple choice runs one forward per batch (its KFAC hooks): evaluate rebuilds it so."""

@@ -250,17 +250,22 @@ def evaluate_saved(run_dir, **overrides) -> dict:
     row = join_row({"guide": method.name, "setting": method.setting, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
                    costs, {"extra_parameters": guide.extra_parameters(), "test_examples": len(setup.test)})
     # the fit's own note (a tuning at the end of its grid, a search at the end of its range) holds for the guide
-    note = join_notes(run.get("fit_note"), row.get("note"), _rescored_note(row, run, overrides))
+    available = len(D.load_records(config.dataset, "test", config.data_dir))
+    note = join_notes(run.get("fit_note"), row.get("note"), _rescored_note(row, run, overrides, available))
     if note:
         row["note"] = note
     return row
 
 
-def _rescored_note(row, run, overrides):
+def _rescored_note(row, run, overrides, available):
     """Why ``row`` is not the row the run recorded, if it is not: other sizes or samples asked for, or (the same
-    settings) other test data or software."""
+    settings) other test data or software. ``available``: the test records the data holds; a test size at or above
+    it scores them all, as the run did where its own size was too."""
+    def scored(key, value):
+        return min(value, available) if key == "test_size" else value
+
     changed_settings = [f"{k} {overrides[k]} (the run: {run['config'][k]})" for k in ("test_size", "samples")
-                        if k in overrides and overrides[k] != run["config"][k]]
+                        if k in overrides and scored(k, overrides[k]) != scored(k, run["config"][k])]
     if changed_settings:
         return f"re-scored with {', '.join(changed_settings)}: not the run's row"
     recorded = run.get("result") or {}

@@ -267,8 +267,9 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
     return Setup(config, net, tok, likelihood, train, val, test, collator, seed, shifted)
 
 
-def load_splits(config: CompareConfig):
-    """The records ``config`` runs on, the same for every seed: ``(train, validation, test, {shifted set: test})``."""
+def load_splits(config: CompareConfig, warn: bool = True):
+    """The records ``config`` runs on, the same for every seed: ``(train, validation, test, {shifted set: test})``;
+    ``warn``: say what makes the splits' scores mean less (:func:`_warn_about_splits`), once per run, not per reader."""
     train_all = D.load_records(config.dataset, "train", config.data_dir)
     train_all = D.subset(train_all, min(len(train_all), config.train_size), seed=0)
     if len(train_all) < 2:
@@ -276,7 +277,8 @@ def load_splits(config: CompareConfig):
                          "a validation split from them")
     train, val = D.split_train_val(train_all, val_fraction=config.val_fraction, seed=0)
     test = _test_records(config.dataset, config)
-    _warn_about_splits(config.dataset, train, val, test)
+    if warn:
+        _warn_about_splits(config.dataset, train, val, test)
     return train, val, test, {name: _test_records(name, config) for name in config.eval_datasets}
 
 
@@ -303,7 +305,7 @@ def _warn_about_splits(dataset, train, val, test):
 def data_digest(config: CompareConfig) -> str:
     """SHA-256 of the records ``config`` runs on (:func:`load_splits`): a run's rows are comparable only while the
     files under its data folder give the same records (a regenerated set, another machine's copy)."""
-    return records_digest(*load_splits(config))
+    return records_digest(*load_splits(config, warn=False))  # prepare() warns, for the run's first seed
 
 
 def records_digest(train, val, test, shifted) -> str:
