@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["EMBEDDED_MODELS", "cache_dir", "max_positions", "minilm_dir", "smollm2_gguf"]
+__all__ = ["EMBEDDED_MODELS", "cache_dir", "local_model_path", "max_positions", "minilm_dir", "smollm2_gguf"]
 
 EMBEDDED_MODELS = ("minilm", "smollm2")
 
@@ -72,6 +72,15 @@ def _cache_is_valid(folder: Path, stamp: dict) -> bool:
         return json.loads((folder / "source.json").read_text()) == stamp
     except (OSError, ValueError):
         return False
+
+def local_model_path(name_or_path) -> Path | None:
+    """The absolute path of the local model folder or ``.gguf`` file ``name_or_path`` names, or ``None`` for an
+    embedded model's name or a path that does not exist."""
+    if name_or_path in EMBEDDED_MODELS:
+        return None
+    path = Path(name_or_path).expanduser()
+    return path.resolve() if path.exists() else None
+
 
 def _local_path(name_or_path) -> Path:
     path = Path(name_or_path).expanduser()

@@ -11,7 +11,7 @@ from .. import data as D
 from ..costs import PeakMemory
 from ..io import check_sealed, load_guide, read_safetensors, recover_directory, save_guide, writable_folder
 from ..model import LoraModel
-from ..model_files import EMBEDDED_MODELS, minilm_dir
+from ..model_files import local_model_path, minilm_dir
 from ..kinds import KINDS
 from ..guides.tfb import TFB_ANCHORS, bayesianize_setup
 from ..guides.registry import METHODS, MODELS, Fitted, get_method, join_notes
@@ -58,10 +58,8 @@ def run_record(setup, row: dict, method, **extra) -> dict:
     """``run.json``: what :func:`evaluate_saved` needs to rebuild the model and reproduce ``row`` (the datasets
     folder and a local model's path absolute, so that they are found from any working directory; the model class by
     its registered name; ``extra`` e.g. the fit's ``fit_note``, which evaluate's rows repeat)."""
-    model = setup.config.model
-    if model not in EMBEDDED_MODELS and Path(model).expanduser().exists():
-        model = str(Path(model).expanduser().resolve())
-    config = {**asdict(setup.config), "data_dir": str(D.resolve_data_dir(setup.config.data_dir)), "model": model}
+    model = local_model_path(setup.config.model) or setup.config.model
+    config = {**asdict(setup.config), "data_dir": str(D.resolve_data_dir(setup.config.data_dir)), "model": str(model)}
     return {"config": config, "sizes": setup.sizes, "seed": setup.seed, "model_class": method.model.name,
             "predictive": method.predictive.__name__, **extra, "result": row}
 
@@ -155,7 +153,7 @@ def _warn_about_another_base(adapter_dir, model):
     """Warn when the adapter records a local base folder other than the one ``model`` (``--model``) loads: a LoRA on
     another base than its own gives other predictions (peft loads it there all the same, if the shapes agree)."""
     recorded = json.loads((Path(adapter_dir) / "adapter_config.json").read_text(encoding="utf-8")).get("base_model_name_or_path")
-    given = minilm_dir() if model == "minilm" else None if model in EMBEDDED_MODELS else Path(model).expanduser()
+    given = minilm_dir() if model == "minilm" else local_model_path(model)
     if not (isinstance(recorded, str) and recorded and given is not None):
         return
     recorded = Path(recorded).expanduser()
