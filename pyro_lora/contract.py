@@ -84,24 +84,25 @@ def _fingerprint(net):
     return {name: _fingerprint_of(p) for name, p in frozen_base_parameters(net)}
 
 
-def frozen_base_parameters(net) -> list:
-    """``(name, parameter)`` of ``net``'s frozen floating-point base weights: not the adapter's (LoRA matrices, head
-    copies, token deltas), not trainable ones, not quantized ones."""
+def frozen_base_parameters(net, quantized: bool = False) -> list:
+    """``(name, parameter)`` of ``net``'s frozen base weights: not the adapter's (LoRA matrices, head copies, token
+    deltas), not trainable ones, and quantized ones (packed integers) only with ``quantized``."""
     # peft's frozen copy of a replaced head (".original_module.") never runs: a fresh head differs by seed
     return [(name, p) for name, p in net.named_parameters()
-            if not (p.requires_grad or any(k in name for k in (*ADAPTER_NAMES, ".original_module.")) or not p.is_floating_point())]
+            if not (p.requires_grad or any(k in name for k in (*ADAPTER_NAMES, ".original_module."))
+                    or not (quantized or p.is_floating_point()))]
 
 
-def strided_entries(p) -> torch.Tensor:
+def _strided_entries(p) -> torch.Tensor:
     """At most 4096 evenly strided entries of ``p``, float32, flat: what a fingerprint reads of a weight."""
     flat = p.detach().reshape(-1)
     return flat[:: max(1, flat.numel() // 4096)].float()
 
 
 def _fingerprint_of(p) -> list:
-    """``[sum |w|, sum w, position-weighted sum w]`` over :func:`strided_entries`: a sign flipped or rows permuted
+    """``[sum |w|, sum w, position-weighted sum w]`` over :func:`_strided_entries`: a sign flipped or rows permuted
     leave the first as it is."""
-    x = strided_entries(p)
+    x = _strided_entries(p)
     return [float(x.abs().sum()), float(x.sum()), float((x * torch.linspace(0, 1, x.numel(), device=x.device)).sum())]
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "cache_dir",
     "load_tokenizer",
     "load_pretrained",
+    "drawn_at_load",
     "max_positions",
     "default_lora_targets",
     "add_lora",
@@ -87,6 +88,26 @@ def _quiet_load_report():
         yield
     finally:
         log.removeFilter(drop)
+
+
+_DRAWN_AT_LOAD = "_pyro_lora_drawn_at_load"
+
+
+def _from_pretrained(model_class, where, **kwargs):
+    """``model_class.from_pretrained(where, **kwargs)`` with the weights the checkpoint lacks marked (a fresh head, the
+    pooler an MLM checkpoint has none of): transformers draws them under the torch seed (:func:`drawn_at_load`)."""
+    model, info = model_class.from_pretrained(where, output_loading_info=True, **kwargs)
+    params = dict(model.named_parameters())
+    for name in info["missing_keys"]:
+        if name in params:
+            setattr(params[name], _DRAWN_AT_LOAD, True)
+    return model
+
+
+def drawn_at_load(parameter) -> bool:
+    """Whether :func:`load_pretrained` drew ``parameter`` afresh because the checkpoint lacked it (its values follow
+    the torch seed, not the checkpoint)."""
+    return getattr(parameter, _DRAWN_AT_LOAD, False)
 
 
 @contextmanager
@@ -184,7 +205,8 @@ def _load_gguf(path: Path, task: str, num_labels: int, dtype, progress: bool = T
     kwargs = dict(gguf_file=path.name, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
     with _gguf_progress_bar(progress):
-        model = _auto_class(task).from_pretrained(
+        model = _from_pretrained(
+            _auto_class(task),
             path.parent,
             dtype=dtype,
             # dequantize=True gives ordinary nn.Linear weights that peft can wrap and save_pretrained can
@@ -241,8 +263,8 @@ def _load_smollm2(task: str, num_labels: int, dtype, progress: bool = True, extr
         if task == "causal_lm" and not extra:
             return model.to(dtype), tokenizer
     with _quiet_load_report():
-        model = _auto_class(task).from_pretrained(folder, dtype=dtype, local_files_only=True, **_task_kwargs(task, num_labels),
-                                                  **(extra or {}))
+        model = _from_pretrained(_auto_class(task), folder, dtype=dtype, local_files_only=True, **_task_kwargs(task, num_labels),
+                                 **(extra or {}))
     return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
 
 
@@ -351,7 +373,7 @@ def _load(name_or_path: str, task: str, model_class, num_labels: int, dtype, pro
             raise ValueError("minilm is an encoder: load it with task='classification'")
         folder = minilm_dir()
         with _quiet_load_report():
-            model = model_class.from_pretrained(folder, **kwargs)
+            model = _from_pretrained(model_class, folder, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     elif name_or_path == "smollm2":
         model, tokenizer = _load_smollm2(task, num_labels, dtype, progress, extra)
@@ -362,7 +384,7 @@ def _load(name_or_path: str, task: str, model_class, num_labels: int, dtype, pro
         else:
             if task == "classification":
                 _check_head_classes(path, num_labels)
-            model = model_class.from_pretrained(path, **kwargs)
+            model = _from_pretrained(model_class, path, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
 

@@ -242,11 +242,13 @@ def test_std_step_is_sized_to_the_run_length():
     assert setup(29, 8, 2e-3).std_lr_scale() == 10.0  # long runs keep the guides' default
 
 
-def _fake_run(out, guides, nll, test_size=32, data=None, data_dir=None):
+def _fake_run(out, guides, nll, test_size=32, data=None, data_dir=None, base=None, model="minilm"):
     """A run directory as run_compare writes it: results.json, per-guide npz and reliability PNG (seed 0)."""
     from dataclasses import asdict
 
-    config = CompareConfig(guides=guides, test_size=test_size, seeds=(0,), out=str(out), data_dir=data_dir)
+    from pyro_lora.experiments.setup import BASE_DIGEST_VERSION
+
+    config = CompareConfig(guides=guides, test_size=test_size, seeds=(0,), out=str(out), data_dir=data_dir, model=model)
     rows = [{"guide": g, "dataset": "sst2", "seed": 0, "accuracy": 0.8, "ece": 5.0, "nll": nll, "brier": 0.3} for g in guides]
     out.mkdir()
     probs = torch.softmax(torch.randn(8, 2), -1).numpy()
@@ -254,7 +256,8 @@ def _fake_run(out, guides, nll, test_size=32, data=None, data_dir=None):
         np.savez(out / f"predictions_{g}.npz", sst2__seed0__probs=probs, sst2__seed0__labels=np.arange(8) % 2)
         (out / f"reliability_{g}.png").write_bytes(f"{g} {nll}".encode())
     (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows,
-                                                  **({"data": data} if data else {})}))
+                                                  **({"data": data} if data else {}),
+                                                  **({"base": base, "base_version": BASE_DIGEST_VERSION} if base else {})}))
 
 
 def test_merge_results_replaces_the_rerun_guides_only(tmp_path):
@@ -294,6 +297,26 @@ def test_a_merge_keeps_the_digest_of_the_records_its_rows_were_scored_on(tmp_pat
     merge_results(tmp_path / "run", tmp_path / "every")
     merged = json.loads((tmp_path / "run" / "results.json").read_text())
     assert merged["data"] == "b" * 64 and merged["config"]["data_dir"] == str(tmp_path / "new")  # the rerun's records
+
+
+def test_a_merge_keeps_the_digest_of_the_base_its_rows_were_scored_with(tmp_path):
+    """After `study --update map` retrained every row on checkpoint B, results.json still named A's digest: a later
+    update on B was refused, one on A was merged beside B's rows."""
+    from pyro_lora.experiments.results import merge_results
+
+    _fake_run(tmp_path / "run", ("map", "meanfield"), nll=0.5, base="a" * 64, model=str(tmp_path / "A"))
+    _fake_run(tmp_path / "other", ("meanfield",), nll=0.4, base="b" * 64, model=str(tmp_path / "A"))
+    with pytest.raises(ValueError, match=r"differ in base \(the rerun ran on other base model weights\)"):
+        merge_results(tmp_path / "run", tmp_path / "other")
+    _fake_run(tmp_path / "moved", ("meanfield",), nll=0.4, base="a" * 64, model=str(tmp_path / "A2"))
+    merge_results(tmp_path / "run", tmp_path / "moved")  # the same base in another folder: the same base
+    _fake_run(tmp_path / "every", ("map", "meanfield"), nll=0.3, base="b" * 64, model=str(tmp_path / "B"))  # every row
+    merge_results(tmp_path / "run", tmp_path / "every")
+    merged = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert merged["base"] == "b" * 64 and merged["config"]["model"] == str(tmp_path / "B")  # the rerun's base
+    _fake_run(tmp_path / "again", ("meanfield",), nll=0.2, base="a" * 64, model=str(tmp_path / "B"))
+    with pytest.raises(ValueError, match="differ in base"):  # A's rows beside B's
+        merge_results(tmp_path / "run", tmp_path / "again")
 
 
 def test_a_saved_guide_is_scored_with_the_predictive_compare_reports():

@@ -249,12 +249,12 @@ def test_a_test_size_at_or_above_the_data_scores_the_runs_rows_and_says_nothing(
     """evaluate --test-size 500 of a run that scored all 60 test records said "not the run's row" of the same 60."""
     run = {"config": {"test_size": 60, "samples": 8}, "result": {"accuracy": 0.5, "ece": 1.0, "nll": 0.7}}
     row = dict(run["result"])
-    assert S._rescored_note(row, run, {"test_size": 500}, available=60) is None
-    assert S._rescored_note(row, {**run, "config": {"test_size": 100, "samples": 8}}, {"test_size": 500}, available=60) is None
-    assert S._rescored_note(row, run, {"test_size": 40}, available=60).startswith("re-scored with test_size 40 (the run: 60)")
-    assert S._rescored_note(row, run, {"test_size": 500}, available=100).startswith("re-scored with test_size 500 (the run: 60)")
+    assert S._rescored_note(row, run, {"test_size": 500}, available=60, base=None) is None
+    assert S._rescored_note(row, {**run, "config": {"test_size": 100, "samples": 8}}, {"test_size": 500}, available=60, base=None) is None
+    assert S._rescored_note(row, run, {"test_size": 40}, available=60, base=None).startswith("re-scored with test_size 40 (the run: 60)")
+    assert S._rescored_note(row, run, {"test_size": 500}, available=100, base=None).startswith("re-scored with test_size 500 (the run: 60)")
     # the same records, other numbers: still said
-    assert "differs from the row the run recorded" in S._rescored_note({**row, "nll": 0.9}, run, {"test_size": 500}, available=60)
+    assert "differs from the row the run recorded" in S._rescored_note({**row, "nll": 0.9}, run, {"test_size": 500}, available=60, base=None)
 
 
 @pytest.mark.real
@@ -711,8 +711,10 @@ def test_the_cli_prints_the_verdict_of_this_runs_rows(tmp_path, monkeypatch, cap
     from pyro_lora.experiments.setup import load_splits
 
     monkeypatch.setattr(C, "prepare", lambda config, seed: __import__("types").SimpleNamespace(
-        config=config, sizes=None, net=torch.nn.Module(), **dict(zip(("train", "val", "test", "shifted"), load_splits(config)))))
+        config=config, sizes=None, net=torch.nn.Module(), tokenizer=None,
+        **dict(zip(("train", "val", "test", "shifted"), load_splits(config)))))
     monkeypatch.setattr(C, "train_map", no_map)
+    monkeypatch.setattr(C, "base_digest", lambda net, tokenizer: "0" * 64)  # the stand-in network has no weights to read
     argv = ["compare", "--guides", "map", "--train-size", "48", "--test-size", "32", "--epochs", "1", "--out", str(tmp_path),
             "--overwrite", "--quiet"]
     assert cli.main(argv) == 2
@@ -830,6 +832,100 @@ def test_a_resume_with_another_base_model_is_refused(tmp_path, monkeypatch):
     monkeypatch.undo()  # the same checkpoint loaded again is the same base: the run goes on
     rows = run_compare(replace(config, guides=("temperature", "map")))
     assert {r["guide"] for r in rows} >= {"temperature", "map"}
+
+
+def _mlm_checkpoint(folder):
+    """A tiny BERT saved from a masked LM (no pooler: loading draws one under the torch seed), MiniLM's tokenizer."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from pyro_lora.model_files import minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_the_base_digest_reads_every_checkpoint_weight_its_config_and_tokenizer_not_what_loading_draws(tmp_path):
+    """An MLM checkpoint (no pooler) had another digest under each seed: a fresh two-seed run was refused at seed 1 as
+    "another base model". The digest read 4096 entries per weight and nothing else: swapped embedding rows, a permuted
+    vocabulary or another activation in config.json resumed on another model without a word."""
+    from safetensors.torch import load_file, save_file
+
+    from pyro_lora.experiments.setup import base_digest
+
+    folder = _mlm_checkpoint(tmp_path / "mlm")
+    config = small(tmp_path / "run", model=str(folder))
+
+    def digest(seed=0, model=folder):
+        setup = prepare(replace(config, model=str(model)), seed)
+        return base_digest(setup.net, setup.tokenizer)
+
+    first = digest()
+    assert digest(1) == first  # the pooler drawn under each seed is no part of the checkpoint
+    weights = folder / "model.safetensors"
+    state = load_file(weights)
+    swapped = {k: v.clone() for k, v in state.items()}
+    rows = swapped["bert.embeddings.word_embeddings.weight"]
+    rows[[1000, 1001]] = rows[[1001, 1000]]  # two rows a strided read skips
+    save_file(swapped, weights, metadata={"format": "pt"})
+    assert digest() != first
+    save_file(state, weights, metadata={"format": "pt"})
+    assert digest() == first
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["movie"], vocab["film"] = vocab["film"], vocab["movie"]  # the same weights read under other ids
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    assert digest() != first
+    _mlm_checkpoint(folder)
+    assert digest() == first
+    for name, key in (("tokenizer.json", "normalizer"), ("tokenizer_config.json", None)):
+        spec = json.loads((folder / name).read_text())
+        (spec[key] if key else spec)["lowercase" if key else "do_lower_case"] = False  # "QUICK" is no longer "quick"
+        (folder / name).write_text(json.dumps(spec))
+    assert digest() != first  # the same vocabulary
+    _mlm_checkpoint(folder)
+    settings = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**settings, "hidden_act": "relu"}))
+    assert digest() != first
+    moved = folder.rename(tmp_path / "elsewhere")
+    (moved / "config.json").write_text(json.dumps(settings))
+    assert digest(model=moved) == first  # the path is no part of the base
+
+
+def test_a_run_resumes_from_its_base_model_moved_to_another_folder(tmp_path):
+    """The base was compared by --model path too: the same checkpoint in another folder was refused as "another
+    configuration" although its digest, the check of the base, was the same."""
+    folder = _mlm_checkpoint(tmp_path / "mlm")
+    config = small(tmp_path / "run", model=str(folder), guides=("temperature",), epochs=0, seeds=(0, 1))
+    run_compare(config)  # two seeds on a checkpoint without a pooler: one base
+    moved = folder.rename(tmp_path / "moved")
+    rows = run_compare(replace(config, model=str(moved), guides=("temperature", "map")))
+    assert {r["guide"] for r in rows} >= {"temperature", "map"}
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert record["config"]["model"] == str(moved)
+
+
+def test_evaluate_on_another_base_model_says_so_and_on_the_same_one_moved_reproduces_the_row(tmp_path):
+    """evaluate rebuilt the run on whatever --model held now: another checkpoint gave another row noted as "the test
+    data or the software changed", and one whose metrics happened to agree said nothing."""
+    folder = _mlm_checkpoint(tmp_path / "mlm")
+    out = tmp_path / "fit"
+    row = S.fit_one(small(out, model=str(folder), guides=("map",)))
+    moved = folder.rename(tmp_path / "moved")
+    again = S.evaluate_saved(out, progress=False, model=str(moved))
+    assert {k: again[k] for k in METRICS} == {k: row[k] for k in METRICS} and "note" not in again
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(moved / "model.safetensors")
+    rows = state["bert.embeddings.word_embeddings.weight"]
+    rows[[1000, 1001]] = rows[[1001, 1000]]  # rows a guide's fingerprint (strided entries) does not read
+    save_file(state, moved / "model.safetensors", metadata={"format": "pt"})
+    other = S.evaluate_saved(out, progress=False, model=str(moved))
+    assert other["note"].endswith("scored with another base model than the run's (" + str(moved) + " gives other weights, "
+                                  "configuration or tokenizer than when the run was fitted): not the run's row")
 
 
 def test_a_fit_run_records_a_local_models_path_absolute(tmp_path, monkeypatch):

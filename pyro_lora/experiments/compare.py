@@ -187,7 +187,7 @@ def _run_seeds(config, overwrite, reference):
         if records_digest(setup.train, setup.val, setup.test, setup.shifted) != digest:  # reloaded for each seed
             raise ValueError(f"the {config.dataset} records under {config.data_dir} changed during the run (before seed "
                              f"{seed}): its rows would mix two sets of records; rerun once the data is settled")
-        base = base_digest(setup.net)  # the folder --model names may hold another checkpoint since the rows were scored
+        base = base_digest(setup.net, setup.tokenizer)  # the folder --model names may hold another checkpoint since the rows were scored
         for folder in [run] if earlier is run else [run, earlier]:
             folder.check_base(base)
         run.config = setup.config  # the resolved defaults (learning rate, multiple-choice format) go into results.json

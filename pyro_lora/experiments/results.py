@@ -25,7 +25,7 @@ from ..distributed import is_main
 from ..io import atomic_file, check_file_slot, read_safetensors, standard_json, write_json
 from ..locking import FolderLocked, locked_elsewhere
 from .plots import metric_scatter, reliability_diagram, reliability_grid
-from .setup import ADDED_SETTINGS, state_digest
+from .setup import ADDED_SETTINGS, BASE_DIGEST_VERSION, state_digest
 from .study_header import now
 from .table import base_guide, ts_name
 from .verdict import REFERENCE, verdict
@@ -38,6 +38,13 @@ _UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)  # w
 ARRAYS = ("probs", "labels", "entropy", "mutual_information")  # per evaluation set and seed in predictions_<guide>.npz
 # settings a resumed run may change: what is run (guides, seeds), where it is written, and the bars
 _RESUMABLE = ("guides", "seeds", "out", "progress")
+_REPLACE = "pass --overwrite (pyro-lora study: --force) to replace"  # compare's flag and the study's for one thing
+
+
+def recorded_base(saved) -> str | None:
+    """The base model digest the run record ``saved`` keeps, if in this version's form (:func:`~.setup.base_digest`):
+    one of an older form cannot be compared with a digest now, and is taken as none."""
+    return saved.get("base") if saved.get("base_version") == BASE_DIGEST_VERSION else None
 
 
 def map_name(seed) -> str:
@@ -116,11 +123,12 @@ class RunFolder:
         if saved is not None and not overwrite:
             self._check_same(saved)
             self.rows, self.failed, self.sizes = saved["per_seed"], saved.get("failed", []), saved.get("sizes")
-            self.maps, self.data, self.base = dict(saved.get("maps", {})), saved.get("data"), saved.get("base")
+            self.maps, self.data, self.base = dict(saved.get("maps", {})), saved.get("data"), recorded_base(saved)
             self.guides, self.seeds = list(saved["config"]["guides"] or ()), list(saved["config"]["seeds"])
 
     def _read(self):
-        return read_record(self.out, "choose another --out")
+        return read_record(self.out, "move it away or choose another --out (a run is replaced only where its record can be "
+                           "read: it names the files to delete)")
 
     def _check_writable(self, guides):
         """Refuse, before any work, a folder or link where one of the run's files goes."""
@@ -158,7 +166,7 @@ class RunFolder:
         if differ:
             raise ValueError(
                 f"{self.out} holds a run of another configuration ({'; '.join(differ)}): a rerun there resumes only the "
-                "same configuration; choose another --out, or pass --overwrite to replace that run"
+                f"same configuration; choose another --out, or {_REPLACE} that run"
             )
 
     def check_data(self, digest):
@@ -182,8 +190,7 @@ class RunFolder:
                           "checked now", stacklevel=3)
             return
         if getattr(self, key) not in (None, digest):
-            raise ValueError(f"{self.out / RESULTS} {refusal}, or run into another --out (or pass --overwrite to replace "
-                             "the run)")
+            raise ValueError(f"{self.out / RESULTS} {refusal}, or run into another --out (or {_REPLACE} the run)")
         setattr(self, key, digest)
 
     def complete(self, guide, seed, datasets):
@@ -226,13 +233,15 @@ class RunFolder:
         params = dict(setup.net.named_parameters())
         names = sorted(set(tensors) ^ set(setup.initial_state))
         names += [n for n in tensors if n in params and (tensors[n].shape, tensors[n].dtype) != (params[n].shape, params[n].dtype)]
-        # a MAP that records the digest of the records it was trained on may come from another data folder
-        trained_on = meta.get("data")
-        differ = config_differences(config, setup.config, _RESUMABLE + ("data_dir",) * (trained_on is not None))
+        # a MAP that records the digests of the records and base it was trained on may come from other folders
+        trained_on, trained_from = meta.get("data"), meta.get("base")
+        differ = config_differences(config, setup.config, _RESUMABLE + ("data_dir",) * (trained_on is not None)
+                                    + ("model",) * (trained_from is not None))
         digest = state_digest(tensors)
         problem = (f"it holds seed {seed}'s MAP" if seed != setup.seed else
                    f"its tensors {names[:3]} differ from this network's in name, shape or dtype" if names else
                    "it was trained on other records than this run's (its data digest)" if trained_on not in (None, self.data) else
+                   "it was trained on another base model than this run's (its base digest)" if trained_from not in (None, self.base) else
                    "it holds the MAP of another configuration (" + "; ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differ.items()) + ")" if differ else
                    f"its training time {seconds!r} is no number of seconds" if not (math.isfinite(seconds) and seconds >= 0) else
                    "its tensors changed since it was saved" if digest != meta.get("digest") else
@@ -255,7 +264,7 @@ class RunFolder:
         tensors = {n: t.detach().cpu().contiguous() for n, t in setup.trained_state.items()}
         config = json.dumps(standard_json(asdict(setup.config)))
         meta = {"seconds": repr(float(seconds)), "seed": str(setup.seed), "config": config, "digest": setup.map_digest,
-                **({"data": self.data} if self.data else {})}
+                **{key: value for key, value in (("data", self.data), ("base", self.base)) if value}}
         data = save_safetensors(tensors, metadata=meta)
         if self._replaced is not None:
             self._pending_maps[setup.seed] = data
@@ -345,7 +354,8 @@ class RunFolder:
         config = {**asdict(self.config), "guides": self.guides, "seeds": self.seeds}
         write_json(self.out / RESULTS, {"config": config, "request": self.request, "sizes": self.sizes, "summary": summary,
                                         "verdict": verdict(self.rows, self.config.dataset), "per_seed": self.rows,
-                                        "failed": self.failed, "maps": self.maps, "data": self.data, "base": self.base})
+                                        "failed": self.failed, "maps": self.maps, "data": self.data, "base": self.base,
+                                        "base_version": BASE_DIGEST_VERSION})
 
     def _summary_figures(self, summary):
         _draw_summary(self.out, summary, self.guides, self.config.dataset, self.seeds[0])
@@ -476,7 +486,9 @@ def config_differences(saved, config, ignore=(), data=None):
 
     Values are compared as JSON reads them back (tuples are lists), data folders as the absolute folders they
     name (``None``: the default one). A record that keeps the digest of its records is not compared by data folder:
-    the same records elsewhere are the same data, other records at the same path are not.
+    the same records elsewhere are the same data, other records at the same path are not; one that keeps the digest
+    of its base model is not compared by ``model`` path, for the same reason (the caller compares the digests:
+    :meth:`RunFolder.check_base`).
     """
     now = asdict(config) if is_dataclass(config) else dict(config)
     resolved = saved.get("config", saved)
@@ -485,7 +497,7 @@ def config_differences(saved, config, ignore=(), data=None):
     if data is not None and saved.get("data") not in (None, data):
         out["data"] = (f"records {saved['data'][:12]}", f"records {data[:12]}")
     for key, value in now.items():
-        if key in ignore or (key == "data_dir" and saved.get("data")):
+        if key in ignore or (key == "data_dir" and saved.get("data")) or (key == "model" and recorded_base(saved)):
             continue
         older = ADDED_SETTINGS.get(key)  # a record from before the setting existed ran with its old value
         there = requested.get(key, resolved.get(key, older))
@@ -530,9 +542,12 @@ def merge_results(out, update, record=None):
     replaces_all = set(base["config"]["guides"] or ()) <= set(new["config"]["guides"] or ())  # a retrained MAP's rerun
     # every row rerun: on the records there now, wherever they are
     ignore = MERGE_IGNORES + ("data_dir",) * replaces_all
-    differ = sorted(config_differences(base, new["config"], ignore=ignore, data=None if replaces_all else new.get("data")))
+    differ = sorted(config_differences(base, new["config"], ignore=ignore + ("model",) * replaces_all,
+                                       data=None if replaces_all else new.get("data")))
     if base.get("data") and not new.get("data") and not replaces_all:
         differ.append("data (the rerun records no digest of its records)")
+    if recorded_base(base) and recorded_base(base) != recorded_base(new) and not replaces_all:
+        differ.append("base (the rerun ran on other base model weights)")
     if differ:
         raise ValueError(f"cannot merge {update} into {out}: their configurations differ in {', '.join(differ)}")
     missing = sorted(set(base["config"]["seeds"]) - set(new["config"]["seeds"]), key=str)
@@ -558,9 +573,9 @@ def merge_results(out, update, record=None):
             (out / name).unlink(missing_ok=True)
     summary = summarize_run(rows, failed)
     config = {**base["config"], "guides": guides}
-    if replaces_all:  # every row rerun: the records are the rerun's, wherever they were read and however many it used
-        config["data_dir"] = new["config"].get("data_dir")
-        base = {**base, "data": new.get("data"), "sizes": new.get("sizes")}
+    if replaces_all:  # every row rerun: the records and base are the rerun's, wherever they were read, however many used
+        config.update(data_dir=new["config"].get("data_dir"), model=new["config"].get("model"))
+        base = {**base, **{k: new.get(k) for k in ("data", "sizes", "base", "base_version")}}
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
     write_json(out / RESULTS, {**base, "config": config, "summary": summary, "verdict": verdict(rows, config["dataset"]),
                                "per_seed": rows, "failed": failed, "maps": maps})

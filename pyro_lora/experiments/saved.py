@@ -17,7 +17,8 @@ from ..guides.tfb import TFB_ANCHORS, bayesianize_setup
 from ..guides.registry import METHODS, MODELS, Fitted, get_method, join_notes
 from .compare import evaluate, fit_method, predictor
 from .scoring import join_row, score
-from .setup import ADDED_SETTINGS, CompareConfig, check_config, check_numbers, prepare, seed_for, train_map
+from .setup import (ADDED_SETTINGS, BASE_DIGEST_VERSION, CompareConfig, base_digest, check_config, check_numbers, prepare, seed_for,
+                    train_map)
 
 
 def fit_one(config: CompareConfig, adapter: bool = False) -> dict:
@@ -57,11 +58,13 @@ def fit_one(config: CompareConfig, adapter: bool = False) -> dict:
 def run_record(setup, row: dict, method, **extra) -> dict:
     """``run.json``: what :func:`evaluate_saved` needs to rebuild the model and reproduce ``row`` (the datasets
     folder and a local model's path absolute, so that they are found from any working directory; the model class by
-    its registered name; ``extra`` e.g. the fit's ``fit_note``, which evaluate's rows repeat)."""
+    its registered name; the base model's digest, which evaluate compares; ``extra`` e.g. the fit's ``fit_note``,
+    which evaluate's rows repeat)."""
     model = local_model_path(setup.config.model) or setup.config.model
     config = {**asdict(setup.config), "data_dir": str(D.resolve_data_dir(setup.config.data_dir)), "model": str(model)}
     return {"config": config, "sizes": setup.sizes, "seed": setup.seed, "model_class": method.model.name,
-            "predictive": method.predictive.__name__, **extra, "result": row}
+            "predictive": method.predictive.__name__, "base": base_digest(setup.net, setup.tokenizer),
+            "base_version": BASE_DIGEST_VERSION, **extra, "result": row}
 
 
 def check_free(out, *names):
@@ -249,16 +252,21 @@ def evaluate_saved(run_dir, **overrides) -> dict:
                    costs, {"extra_parameters": guide.extra_parameters(), "test_examples": len(setup.test)})
     # the fit's own note (a tuning at the end of its grid, a search at the end of its range) holds for the guide
     available = len(D.load_records(config.dataset, "test", config.data_dir))
-    note = join_notes(run.get("fit_note"), row.get("note"), _rescored_note(row, run, overrides, available))
+    base = base_digest(setup.net, setup.tokenizer)
+    note = join_notes(run.get("fit_note"), row.get("note"), _rescored_note(row, run, overrides, available, base, config.model))
     if note:
         row["note"] = note
     return row
 
 
-def _rescored_note(row, run, overrides, available):
-    """Why ``row`` is not the row the run recorded, if it is not: other sizes or samples asked for, or (the same
-    settings) other test data or software. ``available``: the test records the data holds; a test size at or above
-    it scores them all, as the run did where its own size was too."""
+def _rescored_note(row, run, overrides, available, base, model=None):
+    """Why ``row`` is not the row the run recorded, if it is not: another base model (``base``: the digest of the one
+    ``model`` loads now, against the one the run recorded), other sizes or samples asked for, or (the same settings) other test data or software.
+    ``available``: the test records the data holds; a test size at or above it scores them all, as the run did where
+    its own size was too."""
+    if run.get("base_version") == BASE_DIGEST_VERSION and run.get("base") != base:
+        return (f"scored with another base model than the run's ({model} gives other weights, "
+                "configuration or tokenizer than when the run was fitted): not the run's row")
     def scored(key, value):
         return min(value, available) if key == "test_size" else value
 

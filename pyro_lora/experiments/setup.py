@@ -16,12 +16,13 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from .. import data as D
-from ..contract import frozen_base_parameters, strided_entries
+from ..contract import frozen_base_parameters
 from ..ownership import take_over
 from ..io import writable_folder
 from ..likelihoods import MultipleChoice, SequenceClassification
 from ..model import LoraModel
-from ..pretrained import DTYPES, add_lora, default_mc_format, expected_mc_format, load_adapter, load_pretrained, max_positions
+from ..pretrained import (DTYPES, add_lora, default_mc_format, drawn_at_load, expected_mc_format, load_adapter, load_pretrained,
+                          max_positions)
 from ..training import fit
 from ..guides import MAPGuide
 from ..guides.registry import METHODS, Fitted, get_method, methods_for_task
@@ -69,13 +70,29 @@ ADDED_SETTINGS = {"dtype": "fp32", "load_in_4bit": False, "ts": False}
 FULL = {"train_size": 2000, "test_size": 1000, "samples": 8, "epochs": 10}
 
 
-def base_digest(net) -> str:
-    """SHA-256 of the frozen base weights (their strided entries, as a guide's fingerprint reads them): a run's rows
-    are comparable only on one base model, whatever path ``--model`` gives it."""
+# results.json's "base_version": the form of base_digest it records (1: 4096 strided entries per weight, no config
+# or tokenizer); a record of another form is not compared
+BASE_DIGEST_VERSION = 2
+# config entries that do not change what the network computes: where it was read from, the dtype it was saved in
+# (the run's --dtype loads it), the classes and transformers version that wrote it
+_CONFIG_NOT_COMPUTED = {"_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype", "architectures"}
+_TOKENIZER_PROBE = "The QUICK brown fox -- isn't it? Jumped 1,234 times over the lazy dog's café ünïcode (sic)."
+
+
+def base_digest(net, tokenizer) -> str:
+    """SHA-256 of what a run's rows read of the base model, whatever path ``--model`` gives it: every frozen weight
+    the checkpoint gave, whole (not those drawn at load under the seed: :func:`~pyro_lora.pretrained.drawn_at_load`),
+    the model's configuration (its path, saved dtype and versions aside) and the tokenizer (vocabulary, special
+    tokens, padding side and the ids of a probe text, which a lower-casing normaliser changes)."""
     digest = hashlib.sha256()
-    for name, p in frozen_base_parameters(net):
-        digest.update(name.encode())
-        digest.update(strided_entries(p).cpu().numpy().tobytes())
+    for name, p in frozen_base_parameters(net, quantized=True):
+        if not drawn_at_load(p):
+            digest.update(name.encode())
+            digest.update(p.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    config = {k: v for k, v in net.config.to_dict().items() if k not in _CONFIG_NOT_COMPUTED}
+    vocab = sorted(tokenizer.get_vocab().items())
+    words = [config, vocab, tokenizer.all_special_tokens, tokenizer.padding_side, tokenizer(_TOKENIZER_PROBE)["input_ids"]]
+    digest.update(json.dumps(words, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 

@@ -394,19 +394,22 @@ def _resumable(cut, rerun, out):
                  or all(there.get("maps", {}).get(seed) == digest for seed, digest in here.get("maps", {}).items())))
 
 
-def run_study(configs, command, update=False, force=False):
+def run_study(configs, command, update=False, force=False, debug=False):
     """Run (or with ``update``, rerun the guides of) every dataset's config in turn; returns ``(seconds per dataset
     run, failed datasets)``.
 
-    A dataset that fails is reported with its traceback (one line if another process holds its run) and the study goes
-    on (its rerun resumes from the others).
+    A dataset that fails is reported and the study goes on (its rerun resumes from the others): a refusal
+    (``ValueError``, e.g. a run on another base model) or another process holding its run in one line, any other
+    error with its traceback; ``debug``: every error with its traceback.
     """
     seconds, failed = {}, []
     for i, config in enumerate(configs, 1):
         print(f"# [{i}/{len(configs)}] {config.dataset}", flush=True)
         try:
             took = update_dataset(config, command, force) if update else run_dataset(config, command, force=force)
-        except FolderLocked as error:  # a refusal before any work: the sentence says it all
+        except (FolderLocked, ValueError) as error:  # a refusal: the sentence says it all
+            if debug:
+                traceback.print_exc()
             print(f"## {config.dataset}: FAILED: {error}", file=sys.stderr, flush=True)
             failed.append(config.dataset)
             continue
@@ -445,7 +448,7 @@ def main(args, overrides, command):
         configs = study_configs(overrides, args.datasets, args.shift, args.runs, args.update, force=args.force)
         signal.signal(signal.SIGTERM, _terminated)  # `kill`, `timeout`: unwind, so the run's record keeps its time
         start = time.perf_counter()
-        seconds, failed = run_study(configs, command, update=bool(args.update), force=args.force)
+        seconds, failed = run_study(configs, command, update=bool(args.update), force=args.force, debug=args.debug)
         datasets = None  # the report covers every run, not only this invocation's
         print(f"# study: {len(seconds)} dataset run(s) in {duration(time.perf_counter() - start)}"
               + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
