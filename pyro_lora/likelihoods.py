@@ -202,6 +202,9 @@ class Likelihood:
         """The observed labels, ``[B]`` (or ``[B, T]`` for token-level LM)."""
         if batch.get("labels") is None:
             raise ValueError(f"the batch has no 'labels' (its keys are {sorted(batch)}; None counts as none)")
+        if not isinstance(batch["labels"], torch.Tensor):
+            raise ValueError(f"the batch's labels are a {type(batch['labels']).__name__}, not a tensor: give them as a torch "
+                             "tensor on the inputs' device, as the collators of pyro_lora.data do")
         return batch["labels"]
 
     def distribution(self, logits: torch.Tensor) -> FusedCategorical:
@@ -240,17 +243,24 @@ class SequenceClassification(Likelihood):
     def observed(self, batch):
         """The labels ``[B]``.
 
-        :raises ValueError: on labels that are not integer class indices of shape ``[B]``, or negative ones (-100,
-            transformers' ignore index: such a row would add nothing to the likelihood yet count as an example).
+        Integer labels of any width (``int32`` from numpy, ``uint8``) are returned as ``int64``, as the losses take them.
+
+        :raises ValueError: on labels that are not integer class indices of shape ``[B]``, not one per row of the batch,
+            or negative ones (-100, transformers' ignore index: such a row would add nothing to the likelihood yet
+            count as an example).
         """
         labels = super().observed(batch)
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.dim() != 1:
             raise ValueError(f"labels must be integer class indices of shape [B], got {labels.dtype} of shape {tuple(labels.shape)}")
+        inputs = batch.get("input_ids", batch.get("inputs_embeds"))
+        if inputs is not None and len(labels) != len(inputs):
+            raise ValueError(f"the batch has {len(inputs)} rows and {len(labels)} labels: one label per row (a label list "
+                             "shifted against its inputs scores every row against another's label)")
         if bool((labels < 0).any()):
             raise ValueError(f"labels hold negative values ({sorted(set(labels[labels < 0].tolist()))[:3]}; -100 is "
                              "transformers' ignore index): SequenceClassification scores every row, and an unlabelled one "
                              "would count as an example adding nothing to the likelihood; drop the unlabelled rows")
-        return labels
+        return labels.long()
 
     def logits(self, net, batch, num_samples=None):
         mask, pad = batch.get("attention_mask"), _pad_token_id(net)
@@ -367,7 +377,7 @@ class MultipleChoice(Likelihood):
         """
         labels = super().observed(batch)
         mask = _choice_mask(batch)
-        if labels.is_floating_point() or labels.is_complex() or labels.shape != mask.shape[:-1]:
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.shape != mask.shape[:-1]:
             raise ValueError(f"labels must be integer choice indices of shape {tuple(mask.shape[:-1])} (one per row), got "
                              f"{labels.dtype} of shape {tuple(labels.shape)}")
         inside = (labels >= 0) & (labels < mask.shape[-1])
@@ -376,7 +386,7 @@ class MultipleChoice(Likelihood):
             rows = (~on).nonzero().flatten().tolist()
             raise ValueError(f"row(s) {rows[:5]} of the batch have label(s) {labels[~on].tolist()[:5]}, not one of the row's "
                              f"choices (choice_mask, {mask.shape[-1]} columns): the data's labels and choices disagree")
-        return labels
+        return labels.long()
 
     def logits(self, net, batch, num_samples=None):
         decoder, head = _decoder_and_head(net)

@@ -384,3 +384,30 @@ def test_a_label_beyond_the_heads_classes_is_refused_by_name_everywhere():
     with pytest.raises(ValueError, match=beyond):
         predict(model, None, [batch])
     assert predict(model, None, [{**batch, "labels": torch.tensor([0, 2])}]).labels.tolist() == [0, 2]
+
+
+def test_labels_of_any_integer_width_are_taken_and_a_shifted_or_untensored_list_is_refused():
+    """int32 labels (numpy's default on some platforms) crashed fit and both Laplace fits with torch's "expected target
+    dtype Long" while predict took them; 9 labels for 8 rows were scored row against another row's label (accuracy 0.5
+    for a perfect model); a list of labels raised AttributeError 'is_floating_point'."""
+    from pyro_lora import fit, predict
+    from pyro_lora.guides import LaplaceGuide, LastLayerLaplaceGuide, MAPGuide
+
+    model = LoraModel(tiny_bert(num_labels=3), SequenceClassification(), num_data=3)
+    batch = {"input_ids": torch.tensor([[2, 5, 6], [2, 7, 9]]), "attention_mask": torch.ones(2, 3, dtype=torch.long),
+             "labels": torch.tensor([0, 2])}
+    reference = predict(model, None, [batch])
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        narrow = {**batch, "labels": batch["labels"].to(dtype)}
+        fit(model, MAPGuide(model), [narrow], epochs=1, lr=0.0, progress=False)
+        LaplaceGuide(model).fit([narrow], progress=False)
+        LastLayerLaplaceGuide(model).fit([narrow], progress=False)
+        got = predict(model, None, [narrow])
+        assert got.labels.dtype == torch.int64 and got.labels.tolist() == [0, 2]
+        torch.testing.assert_close(got.probs, reference.probs)
+    with pytest.raises(ValueError, match=r"the batch has 2 rows and 3 labels: one label per row"):
+        predict(model, None, [{**batch, "labels": torch.tensor([0, 2, 1])}])
+    with pytest.raises(ValueError, match=r"the batch has 2 rows and 1 labels"):
+        fit(model, MAPGuide(model), [{**batch, "labels": torch.tensor([0])}], progress=False)
+    with pytest.raises(ValueError, match=r"the batch's labels are a list, not a tensor"):
+        predict(model, None, [{**batch, "labels": [0, 2]}])
