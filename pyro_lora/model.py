@@ -67,7 +67,8 @@ class LoraModel:
     :param int num_data: training-set size for minibatch scaling; ``None`` means the batch is the data.
     :param str adapter: the peft adapter to put a posterior over (default: the active one).
     :raises ValueError: for a float ``prior`` that is not finite and positive, a ``num_data`` that is not a positive
-        integer, networks the weight hand-off does not implement (see
+        integer, a kind that keeps A and B frozen (``"R"``) over layers whose A or B is all zeros (a fresh peft LoRA:
+        use :class:`~pyro_lora.loraxs.LoraXSModel`), networks the weight hand-off does not implement (see
         :func:`~pyro_lora.sites.find_lora_layers`), several active adapters, or a network its likelihood refuses
         (``Likelihood.check_network``: e.g. a regression or multi-label head for ``SequenceClassification``).
     """
@@ -95,6 +96,7 @@ class LoraModel:
         # peft's trainable copies (the classification head): what they ran when built, checked before every forward
         self._heads = {name: (m, list(m.active_adapters)) for name, m in net.named_modules() if isinstance(m, ModulesToSaveWrapper)}
         self.sites = build_sites(self.layers, self.adapter, tuple(random), group)
+        self._check_frozen_lora_carries_signal()
         self.matrices = matrix_view(self.sites)
         self.prior = prior
         self.num_data = num_data
@@ -135,6 +137,22 @@ class LoraModel:
         for path, layer in self.layers.items():
             for p in self._lora_parameters(layer):
                 p.requires_grad_(id(p) not in random and path not in frozen)  # LoRA-XS: A, B fixed by the SVD
+
+    def _check_frozen_lora_carries_signal(self) -> None:
+        """Refuse a kind that keeps ``A`` and ``B`` frozen (LoRA-XS's ``R``) on layers where one of them is all zeros
+        (peft starts ``B`` at zero): ``B R A x`` would stay 0 whatever ``R`` is, and nothing but the head would train."""
+        frozen = sorted({path for site in self.sites.values() if site.kind.freezes_lora for path in site.layers})
+        random = {s.kind.letter for s in self.sites.values()}  # a random A or B comes from the samples, not the weight
+        zero = [self._weight_name(path, k) for path in frozen for k in KINDS.values()
+                if k.parameter is not None and k.letter not in random and not self._parameter(path, k).detach().any()]
+        if zero:
+            kinds = "".join(sorted({s.kind.letter for s in self.sites.values() if s.kind.freezes_lora}))
+            raise ValueError(
+                f"random={kinds!r} keeps the layers' A and B frozen (LoRA-XS), and {len(zero)} of them are all zeros "
+                f"({', '.join(zero[:2])}{', ...' if len(zero) > 2 else ''}) "
+                "(peft starts B at zero): the layers' delta B R A x would stay 0 whatever R is, and nothing would train; "
+                "use pyro_lora.loraxs.LoraXSModel, which sets A and B from the SVD of the base weight"
+            )
 
     def _lora_parameters(self, layer) -> list:
         """The layer's peft LoRA weights (``lora_A``, ``lora_B``): those of the kinds with a peft parameter."""

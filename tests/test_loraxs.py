@@ -90,3 +90,19 @@ def test_parameter_counts():
     assert all(c == {"lora_xs": 16, "lora": 4 * (32 + 32)} for c in counts["per_layer"].values())
     assert (counts["lora_xs"], counts["lora"]) == (64, 1024)
     assert counts["lora_xs"] == sum(s.numel for s in model.sites.values())
+
+
+def test_a_core_between_a_zero_b_is_refused_not_trained_to_nothing():
+    """LoraModel(random="R") on a fresh peft LoRA (B = 0) kept A and B frozen: B R A x stayed 0, every LoRA gradient
+    was zero, and 30 epochs trained the head alone without a word."""
+    from peft import LoraConfig, get_peft_model
+
+    def fresh():
+        return get_peft_model(tiny_bert_base(), LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
+
+    with pytest.raises(ValueError, match=r"random='R' keeps the layers' A and B frozen \(LoRA-XS\), and 4 of them are all "
+                                         r"zeros .*lora_B.*use pyro_lora.loraxs.LoraXSModel"):
+        LoraModel(fresh(), SequenceClassification(), random="R")
+    LoraModel(fresh(), SequenceClassification(), random="BR")  # a random B comes from the samples: nothing to refuse
+    model = LoraXSModel(fresh(), SequenceClassification())  # A and B from the SVD: the cores move the output
+    assert all(layer.lora_B["default"].weight.any() for layer in model.layers.values())
