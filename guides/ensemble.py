@@ -403,7 +403,7 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
 
     :param model: a :class:`~pyro_lora.LoraModel` whose sites are all its LoRA matrices (``random="AB"``).
     :param data: the training batches, as for :func:`pyro_lora.fit`.
-    :param seeds: ``k`` seeds (default ``0 .. k-1``).
+    :param seeds: ``k`` distinct seeds (default ``0 .. k-1``).
     :param dict fit_kwargs: keyword arguments of :func:`pyro_lora.fit` (``epochs``, ``lr``, ...).
     :param bool include_current: the network's current adapter and head (e.g. an already trained MAP) is
         member 0 and only ``k - 1`` members are trained (with ``seeds[1:]``).
@@ -412,6 +412,10 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     seeds = list(range(k)) if seeds is None else list(seeds)
     if len(seeds) != k:
         raise ValueError(f"need k >= 1 and k seeds, got k={k} and seeds={seeds}")
+    trained = seeds[1:] if include_current else seeds
+    if len(set(trained)) < len(trained):
+        raise ValueError(f"seeds {trained} repeat a seed: members trained under one seed are one network (the same "
+                         "initialisation and data order), and an ensemble of copies has no spread; give distinct seeds")
     if any(s.kind.role == "between" for s in model.sites.values()):
         raise ValueError("train_ensemble re-initialises plain LoRA (A and B); a model with matrices between them (LoRA-XS "
                          "R cores, ScalaBL S scales) is not supported")

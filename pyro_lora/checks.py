@@ -27,9 +27,11 @@ def check_positive(value, name: str) -> float:
 
     :raises ValueError: for a bool (``True`` is a slip, not 1), a string, nan, inf, 0 or less.
     """
-    try:  # numpy and 0-d torch scalars count as numbers; strings and booleans do not
-        number = math.nan if isinstance(value, (bool, str)) else float(value)
-    except (TypeError, ValueError):
+    # numpy and 0-d torch scalars count as numbers; strings and booleans (Python's, numpy's, a bool tensor) do not
+    boolean = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+    try:
+        number = math.nan if boolean or isinstance(value, str) else float(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float's range, e.g. 10**400
         number = math.nan
     if not 0 < number < math.inf:  # nan fails it too
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")

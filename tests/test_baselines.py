@@ -6,6 +6,7 @@ import warnings
 from types import SimpleNamespace
 
 import pyro.poutine as poutine
+import numpy as np
 import pytest
 import torch
 from conftest import random_batch, tiny_bert, tiny_bert_base
@@ -240,6 +241,12 @@ def test_temperature_row_carries_the_fallback_note_into_results_and_table():
 def test_temperature_bad_input():
     with pytest.raises(ValueError, match="positive"):
         apply_temperature(torch.tensor([[0.5, 0.5]]), 0.0)
+    # numpy's and torch's booleans were taken as T = 1 (Python's was refused); 10**400 raised a bare OverflowError
+    for bad in (True, np.bool_(True), torch.tensor(True), 10**400):
+        with pytest.raises(ValueError, match=r"temperature must be a finite positive number, got"):
+            apply_temperature(torch.tensor([[0.5, 0.5]]), bad)
+    assert apply_temperature(torch.tensor([[0.25, 0.75]]), np.float32(2.0)).tolist() == apply_temperature(
+        torch.tensor([[0.25, 0.75]]), torch.tensor(2.0)).tolist()
     with pytest.raises(ValueError, match=r"\[N, C\]"):
         fit_temperature(torch.tensor([0.5, 0.5]), torch.tensor([0]))
     with pytest.raises(ValueError, match="out of range"):
@@ -586,6 +593,15 @@ def sharp():
 def perturbed_members(model, k=3, scale=0.5):
     g = torch.Generator().manual_seed(7)
     return [{n: v + scale * torch.randn(v.shape, generator=g) for n, v in model.adapter_values().items()} for _ in range(k)]
+
+
+def test_an_ensemble_of_repeated_seeds_is_refused_before_any_training():
+    """seeds=[5, 5, 5] trained three copies of one network (mutual information 0) without a word."""
+    model = LoraModel(tiny_bert(), SequenceClassification(), num_data=16)
+    for seeds, current in (([5, 5, 5], False), ([0, 7, 7], True)):
+        with pytest.raises(ValueError, match=r"seeds \[(5, 5, 5|7, 7)\] repeat a seed: members trained under one seed"):
+            train_ensemble(model, toy_data(), k=3, seeds=seeds, include_current=current)
+    train_ensemble(model, toy_data(), k=2, seeds=[3, 4], fit_kwargs={"epochs": 1, "lr": 1e-2, "progress": False})
 
 
 @pytest.mark.parametrize("bad", [1, 2, 4, 5, 8])
