@@ -456,11 +456,16 @@ def prior_precision_grid(grid=None) -> torch.Tensor:
 def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide"):
     """The ``lambda`` of lowest validation NLL: ``nlls_of(values) -> [NLL per value]`` over ``grid``, then (``refine``)
     7 values log-spaced between the best one's neighbours (between it and its one neighbour at an end of the grid; one
-    more pass); returns ``(best, NLLs in the order scored)``. A best value still at an end of the grid warns, naming
-    the end (``who`` says whose): the optimum may lie beyond it.
+    more pass); returns ``(best, NLLs in the order scored)``. Of values tied at the lowest NLL the largest is taken
+    (the narrowest posterior: the validation data do not ask for more spread), whatever the grid's order. A best value
+    still at an end of the grid warns, naming the end (``who`` says whose): the optimum may lie beyond it.
     """
+    def lowest(values, nlls):
+        nlls = torch.tensor(nlls, dtype=torch.float64)
+        return float(values[nlls == nlls.min()].max())
+
     nlls = nlls_of(grid)
-    best = float(grid[int(torch.tensor(nlls).argmin())])
+    best = lowest(grid, nlls)
     ordered = torch.unique(grid)  # sorted, each value once: a repeated best value is not its own neighbour
     low, high = float(ordered[0]), float(ordered[-1])
     if refine and len(ordered) > 1:  # one value is no search
@@ -470,9 +475,12 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide"):
         fine = torch.logspace(math.log10(a), math.log10(b), 9, dtype=grid.dtype)[1:-1]
         fine_nlls = nlls_of(fine)
         if min(fine_nlls) < min(nlls):
-            best = float(fine[int(torch.tensor(fine_nlls).argmin())])
+            best = lowest(fine, fine_nlls)
         nlls = nlls + fine_nlls
-    if low < high and best in (low, high):
+    if low < high and min(nlls) == max(nlls):
+        warnings.warn(f"{who} val_nll: the validation NLL is {nlls[0]:.6g} at every lambda from {low:g} to {high:g}: the "
+                      f"posterior's spread does not change the validation predictions; lambda = {best:g} is set", stacklevel=3)
+    elif low < high and best in (low, high):
         side, beyond = ("smallest", f"below {low:g} (a wider posterior)") if best == low else \
             ("largest", f"above {high:g} (a narrower posterior, towards the MAP)")
         warnings.warn(

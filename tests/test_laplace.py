@@ -703,6 +703,25 @@ def test_a_repeated_best_grid_value_is_refined_on_both_sides():
     assert repeated == pytest.approx(best) and best > 1.0
 
 
+def test_tied_grid_values_give_the_largest_whatever_the_grid_order():
+    """With a flat validation NLL an ascending grid chose lambda = 1e-4 and a descending one 1e4, each warning to
+    extend the grid: the choice followed the grid's order, and the warning named no optimum beyond it."""
+    from pyro_lora.guides.laplace import search_grid
+
+    grid = torch.logspace(-4, 4, 9)
+    for order in (grid, grid.flip(0), grid[torch.randperm(9, generator=torch.Generator().manual_seed(0))]):
+        with pytest.warns(UserWarning, match=r"the validation NLL is 0.5 at every lambda from 0.0001 to 10000: the "
+                                             r"posterior's spread does not change the validation predictions; lambda = 10000"):
+            assert search_grid(order, lambda values: [0.5] * len(values))[0] == pytest.approx(1e4)
+
+    def plateau(values):  # lowest, and equal, for every lambda from 1 up
+        return [max(0.0, -math.log10(float(v))) for v in values]
+
+    for order in (grid, grid.flip(0)):
+        with pytest.warns(UserWarning, match="lowest at the largest grid value"):
+            assert search_grid(order, plateau)[0] == pytest.approx(1e4)
+
+
 def test_the_default_prior_precision_is_the_models_prior():
     """The MAP was trained under the model's prior N(0, s^2): the Laplace's default lambda is 1 / s^2 (it was 1 whatever
     the prior, so for s = 0.1 a posterior 100 times too wide where the data say little, and another evidence)."""
