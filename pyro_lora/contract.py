@@ -12,6 +12,8 @@ refused once they changed under it.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import math
 
 import torch
@@ -84,13 +86,41 @@ def _fingerprint(net):
     return {name: _fingerprint_of(p) for name, p in frozen_base_parameters(net)}
 
 
-def frozen_base_parameters(net, quantized: bool = False) -> list:
-    """``(name, parameter)`` of ``net``'s frozen base weights: not the adapter's (LoRA matrices, head copies, token
-    deltas), not trainable ones, and quantized ones (packed integers) only with ``quantized``."""
+def frozen_base_parameters(net) -> list:
+    """``(name, parameter)`` of ``net``'s frozen floating-point base weights: not the adapter's (LoRA matrices, head
+    copies, token deltas), not trainable ones, not quantized ones."""
     # peft's frozen copy of a replaced head (".original_module.") never runs: a fresh head differs by seed
     return [(name, p) for name, p in net.named_parameters()
-            if not (p.requires_grad or any(k in name for k in (*ADAPTER_NAMES, ".original_module."))
-                    or not (quantized or p.is_floating_point()))]
+            if not (p.requires_grad or any(k in name for k in (*ADAPTER_NAMES, ".original_module.")) or not p.is_floating_point())]
+
+
+DRAWN_AT_LOAD = "_pyro_lora_drawn_at_load"  # set on a parameter the checkpoint lacked (pretrained.load_pretrained)
+
+
+def drawn_at_load(parameter) -> bool:
+    """Whether :func:`~pyro_lora.pretrained.load_pretrained` drew ``parameter`` afresh because the checkpoint lacked it
+    (a fresh head, an MLM checkpoint's pooler): its values follow the torch seed, not the checkpoint."""
+    return getattr(parameter, DRAWN_AT_LOAD, False)
+
+
+def weights_digest(net) -> str:
+    """SHA-256 of every frozen weight ``net``'s checkpoint gave, whole and exact: the base weights, a trained head's
+    frozen original (``.original_module.``), quantized weights with their scales (bitsandbytes' ``quant_state``,
+    ``SCB``); not the adapter's, and not the weights drawn at load (:func:`drawn_at_load`), which differ by seed."""
+    digest = hashlib.sha256()
+    for name, p in net.named_parameters():
+        if p.requires_grad or any(k in name for k in ADAPTER_NAMES) or drawn_at_load(p):
+            continue
+        digest.update(name.encode())
+        parts = [p.detach()]
+        state = getattr(p, "quant_state", None)  # NF4: the codes are the parameter, the block scales live here
+        if state is not None:
+            parts += [v for _, v in sorted(state.as_dict(packed=True).items()) if isinstance(v, torch.Tensor)]
+        if isinstance(getattr(p, "SCB", None), torch.Tensor):  # LLM.int8(): the row scales
+            parts.append(p.SCB)
+        for t in parts:
+            digest.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _strided_entries(p) -> torch.Tensor:
@@ -121,11 +151,19 @@ _CONFIG_IGNORED = (  # names, dtypes, versions and run-time switches that leave 
 
 
 def _config(config):
-    """The model config's plain values (numbers, strings, booleans), without names, dtypes and versions."""
+    """The model config's JSON values (numbers, strings, booleans and dicts or lists of them: transformers 5 keeps
+    ``rope_theta`` in ``rope_parameters``), without names, dtypes and versions."""
     if config is None or not hasattr(config, "to_dict"):
         return {}
-    plain = (bool, int, float, str, type(None))
-    return {k: v for k, v in config.to_dict().items() if k not in _CONFIG_IGNORED and isinstance(v, plain)}
+
+    def plain(v):
+        if isinstance(v, dict):
+            return all(isinstance(k, str) and plain(x) for k, x in v.items())
+        if isinstance(v, (list, tuple)):
+            return all(plain(x) for x in v)
+        return isinstance(v, (bool, int, float, str, type(None)))
+
+    return {k: json.loads(json.dumps(v)) for k, v in config.to_dict().items() if k not in _CONFIG_IGNORED and plain(v)}
 
 
 def _tokens(net, adapter):

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .contract import check_guide, describe, differences
+from .contract import check_guide, describe, differences, weights_digest
 from .ownership import take_over, trainer
 from .distributed import is_main, on_main, refused_together
 
@@ -221,6 +221,8 @@ def _write_guide(guide, path, run, adapter):
         "sites": {n: list(s.shape) for n, s in model.sites.items()},
         "base_model": getattr(getattr(model.net, "config", None), "_name_or_path", None),
         "signature": guide.signature,
+        # every base weight, exactly (the signature's fingerprint reads 4096 entries per weight, tolerating a cast)
+        "base_weights": {"sha256": weights_digest(model.net), "dtype": str(model.compute_dtype)},
     })
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / "guide.safetensors"))
@@ -347,6 +349,17 @@ def _check_tensors(file, tensors, guide, adapter_params, net_params):
         raise ValueError(f"{file} lacks the {owner} tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}")
 
 
+def _check_base_weights(path, meta, model):
+    """Refuse base weights other than the saved guide's, read whole (where it recorded them, on a base of its dtype:
+    the signature's fingerprint, of 4096 entries per weight, tolerates a cast)."""
+    saved = meta.get("base_weights")  # older guides did not record it
+    if (isinstance(saved, dict) and saved.get("dtype") == str(model.compute_dtype)
+            and saved.get("sha256") != weights_digest(model.net)):
+        raise ValueError(f"cannot load the guide at {path} into this model: the base weights differ from the ones the "
+                         "guide was saved with (read whole: a change its fingerprint of 4096 entries per weight misses, "
+                         "e.g. two embedding rows swapped): load the checkpoint it was fitted on")
+
+
 def load_guide(path, model):
     """Rebuild a guide saved by :func:`save_guide` for ``model``, restoring the model's point parameters.
 
@@ -388,6 +401,7 @@ def load_guide(path, model):
         except ValueError as err:  # a value the class refuses, or this model (e.g. other answer letters): err says which
             raise ValueError(f"{path}/guide.json: its config does not build a {cls.__name__} for this model ({err})") from None
         _check_tensors(path / "guide.safetensors", tensors, guide, dict(model.named_adapter_parameters()), net_params)
+        _check_base_weights(path, meta, model)
     except ValueError:
         take_over(model, previous)  # refused: the network stays its previous trainer's
         raise

@@ -31,6 +31,7 @@ from .model_files import (
     EMBEDDED_MODELS, _cache_is_valid, _local_path, _require_gguf, _source_stamp, cache_dir, max_positions, minilm_dir,
     parameter_count, smollm2_gguf,
 )
+from .contract import DRAWN_AT_LOAD
 from .sites import base_network
 
 if TYPE_CHECKING:
@@ -45,7 +46,6 @@ __all__ = [
     "cache_dir",
     "load_tokenizer",
     "load_pretrained",
-    "drawn_at_load",
     "max_positions",
     "default_lora_targets",
     "add_lora",
@@ -90,24 +90,16 @@ def _quiet_load_report():
         log.removeFilter(drop)
 
 
-_DRAWN_AT_LOAD = "_pyro_lora_drawn_at_load"
-
-
 def _from_pretrained(model_class, where, **kwargs):
     """``model_class.from_pretrained(where, **kwargs)`` with the weights the checkpoint lacks marked (a fresh head, the
-    pooler an MLM checkpoint has none of): transformers draws them under the torch seed (:func:`drawn_at_load`)."""
+    pooler an MLM checkpoint has none of): transformers draws them under the torch seed
+    (:func:`~pyro_lora.contract.drawn_at_load`)."""
     model, info = model_class.from_pretrained(where, output_loading_info=True, **kwargs)
     params = dict(model.named_parameters())
     for name in info["missing_keys"]:
         if name in params:
-            setattr(params[name], _DRAWN_AT_LOAD, True)
+            setattr(params[name], DRAWN_AT_LOAD, True)
     return model
-
-
-def drawn_at_load(parameter) -> bool:
-    """Whether :func:`load_pretrained` drew ``parameter`` afresh because the checkpoint lacked it (its values follow
-    the torch seed, not the checkpoint)."""
-    return getattr(parameter, _DRAWN_AT_LOAD, False)
 
 
 @contextmanager

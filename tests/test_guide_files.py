@@ -247,3 +247,33 @@ def test_a_guide_is_restored_site_by_site_whatever_the_letter_order_of_random(tm
     expected = describe(ab)
     reordered = {**expected, "sites": dict(reversed(list(expected["sites"].items())))}
     assert any("the model has the guide's sites in another order" in d for d in differences(reordered, describe(ab)))
+
+
+def test_a_guide_is_refused_on_base_weights_its_fingerprint_does_not_read(tmp_path):
+    """The fingerprint reads 4096 strided entries per weight (cheap enough for every check): two embedding rows
+    swapped ([CLS] and [SEP]) loaded the guide and moved the probabilities by 4.4e-3 without a word."""
+    model = lora()
+    save_guide(MeanFieldGuide(model, b="normal"), tmp_path / "g")
+    other = lora()
+    embeddings = other.net.base_model.model.bert.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        embeddings[[2, 3]] = embeddings[[3, 2]].clone()  # rows the strided read skips (stride 2048 / 32 = 64 rows)
+    with pytest.raises(ValueError, match="the base weights differ from the ones the guide was saved with"):
+        load_guide(tmp_path / "g", other)
+    load_guide(tmp_path / "g", lora())  # the same base: loaded
+
+
+def test_a_guide_is_refused_on_a_base_whose_nested_config_differs():
+    """transformers 5 keeps rope_theta inside the dict rope_parameters, and the signature compared plain values only:
+    a guide loaded on rope_theta 500 for 10000 moved the probabilities by up to 3.6e-4 without a word."""
+    from conftest import tiny_llama
+
+    from pyro_lora import CausalLM
+    from pyro_lora.contract import describe, differences
+
+    guide_model, model = LoraModel(tiny_llama(), CausalLM()), LoraModel(tiny_llama(), CausalLM())
+    signature = describe(guide_model)
+    rope = model.net.config.rope_parameters
+    model.net.config.rope_parameters = {**rope, "rope_theta": rope["rope_theta"] / 20}
+    assert any("config differs in ['rope_parameters']" in d for d in differences(signature, describe(model)))
+    assert differences(signature, describe(guide_model)) == []

@@ -188,3 +188,24 @@ def test_lora_xs_takes_the_svd_of_the_dequantized_base(folder, quantization):
     swag = SWAGGuide(model, rank=2)
     fit(model, MAPGuide(model), [batch()] * 4, lr=1e-2, callbacks=[SWAGCollector(swag)], progress=False)
     assert torch.isfinite(predict(model, swag, [batch()], num_samples=2).probs).all()
+
+
+@pytest.mark.parametrize("quantization", ["nf4", "int8"])
+def test_the_weights_digest_reads_a_quantized_weights_scales(folder, tmp_path, quantization):
+    """The quantized codes are the parameter and the scales live beside it (NF4's quant_state, LLM.int8()'s SCB): a
+    checkpoint with every linear weight doubled quantized to the same codes, and a resume on it kept the run's base
+    digest while the logits moved by up to 1.04."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pyro_lora.contract import weights_digest
+
+    doubled = tmp_path / "doubled"
+    shutil.copytree(folder, doubled)
+    state = load_file(doubled / "model.safetensors")
+    save_file({k: v * 2 if k.endswith("proj.weight") else v for k, v in state.items()}, doubled / "model.safetensors",
+              metadata={"format": "pt"})
+    first = weights_digest(quantized(folder, quantization))
+    assert weights_digest(quantized(folder, quantization)) == first
+    assert weights_digest(quantized(doubled, quantization)) != first

@@ -887,12 +887,58 @@ def test_the_base_digest_reads_every_checkpoint_weight_its_config_and_tokenizer_
         (folder / name).write_text(json.dumps(spec))
     assert digest() != first  # the same vocabulary
     _mlm_checkpoint(folder)
+    side = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**side, "padding_side": "left"}))
+    assert digest() == first  # the collators pad on their own side: the batches are the same
+    (folder / "tokenizer_config.json").write_text(json.dumps({**side, "truncation_side": "left"}))
+    assert digest() != first  # a long text keeps its end: other inputs
+    _mlm_checkpoint(folder)
     settings = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**settings, "hidden_act": "relu"}))
     assert digest() != first
     moved = folder.rename(tmp_path / "elsewhere")
     (moved / "config.json").write_text(json.dumps(settings))
     assert digest(model=moved) == first  # the path is no part of the base
+
+
+def test_the_base_digest_reads_a_tokenizers_merges():
+    """Four BPE merges removed left vocabulary, special tokens and a probe text's ids as they were, while 34 of 200
+    training texts were split otherwise: the resume was accepted, a MAP of the old tokens scored on the new."""
+    from conftest import tiny_bert
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from pyro_lora.experiments.setup import base_digest
+
+    vocab = {"[UNK]": 0, "a": 1, "b": 2, "ab": 3}
+    net = tiny_bert()
+    merged, unmerged = (PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab, merges, unk_token="[UNK]")))
+                        for merges in ([("a", "b")], []))
+    assert merged("ab")["input_ids"] != unmerged("ab")["input_ids"]
+    assert base_digest(net, merged) != base_digest(net, unmerged)
+
+
+def test_the_base_digest_reads_a_checkpoints_trained_head(tmp_path):
+    """A classification checkpoint's trained head (peft's frozen "original_module", the copy's start) was left out: a
+    resume adding a seed on a checkpoint whose head changed started its MAP from another head without a word."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from pyro_lora.experiments.setup import base_digest
+    from pyro_lora.model_files import minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(0)
+    net = BertForSequenceClassification(BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                                   num_hidden_layers=2, num_attention_heads=4, num_labels=2))
+    for name, scale in (("first", 1.0), ("other", -5.0)):
+        with torch.no_grad():
+            net.classifier.weight.mul_(scale)
+        net.save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    config = small(tmp_path / "run")
+    digests = [base_digest(s.net, s.tokenizer) for s in (prepare(replace(config, model=str(tmp_path / name)), seed)
+                                                          for name, seed in (("first", 0), ("first", 1), ("other", 0)))]
+    assert digests[0] == digests[1] != digests[2]
 
 
 def test_a_run_resumes_from_its_base_model_moved_to_another_folder(tmp_path):
@@ -919,13 +965,36 @@ def test_evaluate_on_another_base_model_says_so_and_on_the_same_one_moved_reprod
     assert {k: again[k] for k in METRICS} == {k: row[k] for k in METRICS} and "note" not in again
     from safetensors.torch import load_file, save_file
 
+    side = json.loads((moved / "tokenizer_config.json").read_text())
+    (moved / "tokenizer_config.json").write_text(json.dumps({**side, "truncation_side": "left"}))  # beyond the guide's view
+    other = S.evaluate_saved(out, progress=False, model=str(moved))
+    assert other["note"].endswith("scored with another base model than the run's (" + str(moved) + " gives other weights, "
+                                  "configuration or tokenizer than when the run was fitted): not the run's row")
+    (moved / "tokenizer_config.json").write_text(json.dumps(side))
     state = load_file(moved / "model.safetensors")
     rows = state["bert.embeddings.word_embeddings.weight"]
     rows[[1000, 1001]] = rows[[1001, 1000]]  # rows a guide's fingerprint (strided entries) does not read
     save_file(state, moved / "model.safetensors", metadata={"format": "pt"})
-    other = S.evaluate_saved(out, progress=False, model=str(moved))
-    assert other["note"].endswith("scored with another base model than the run's (" + str(moved) + " gives other weights, "
-                                  "configuration or tokenizer than when the run was fitted): not the run's row")
+    with pytest.raises(ValueError, match="the base weights differ from the ones the guide was saved with"):
+        S.evaluate_saved(out, progress=False, model=str(moved))
+
+
+def test_bayesianize_refuses_an_adapter_whose_fit_recorded_another_base(tmp_path):
+    """bayesianize compared the adapter's base by folder path: a folder holding other weights since ran TFB on them
+    (AURC 0.693 against 0.616) without a word. The fit's run.json beside the adapter records the base's digest."""
+    from safetensors.torch import load_file, save_file
+
+    folder = _mlm_checkpoint(tmp_path / "mlm")
+    S.fit_one(small(tmp_path / "fit", model=str(folder), guides=("map",)), adapter=True)
+    adapter = tmp_path / "fit" / "guide" / "adapter"
+    moved = folder.rename(tmp_path / "moved")  # the same base elsewhere: taken
+    S.bayesianize_adapter(small(tmp_path / "tfb", model=str(moved)), adapter, anchors=8, iterations=1)
+    state = load_file(moved / "model.safetensors")
+    rows = state["bert.embeddings.word_embeddings.weight"]
+    rows[[1000, 1001]] = rows[[1001, 1000]]
+    save_file(state, moved / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"the adapter in .* was fitted on another base model than --model .*moved loads"):
+        S.bayesianize_adapter(small(tmp_path / "tfb2", model=str(moved)), adapter, anchors=8, iterations=1)
 
 
 def test_a_fit_run_records_a_local_models_path_absolute(tmp_path, monkeypatch):

@@ -181,8 +181,9 @@ class RunFolder:
         """As :meth:`check_data` for the base model (``digest``: the :func:`~pyro_lora.experiments.setup.base_digest`
         of the network ``--model`` loads now: a folder may hold another checkpoint since)."""
         self._check_digest("base", digest, "the base model its rows were scored with", (
-            f"holds rows scored with another base model than --model {self.config.model} loads now (its weights differ: "
-            "the folder holds another checkpoint since, or the path names another one): restore that model"))
+            f"holds rows scored with another base model than --model {self.config.model} loads now (its weights, "
+            "configuration or tokenizer differ: the folder holds another checkpoint since, or the path names another "
+            "one): restore that model"))
 
     def _check_digest(self, key, digest, what, refusal):
         if getattr(self, key) is None and self.rows:  # and stays without one: its old rows were never checked

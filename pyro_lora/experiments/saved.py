@@ -94,10 +94,16 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
     """
     task = check_config(config, guides=(), writes=False)
     check_adapter_dir(adapter_dir, task)
-    _warn_about_another_base(adapter_dir, config.model)
+    trained_on = _fit_base(adapter_dir)
+    if trained_on is None:  # an adapter from elsewhere: its config's base path is all there is to compare
+        _warn_about_another_base(adapter_dir, config.model)
     writable_folder(config.out)
     check_free(config.out, "guide")
     setup = prepare(config, config.seeds[0], adapter_dir=adapter_dir)
+    if trained_on is not None and base_digest(setup.net, setup.tokenizer) != trained_on:
+        raise ValueError(f"the adapter in {adapter_dir} was fitted on another base model than --model {config.model} loads "
+                         "(the digest of its weights, configuration and tokenizer in the fit's run.json differs): on another "
+                         "base a LoRA gives other predictions; give --model the checkpoint it was fitted on")
     config = setup.config
     setup.model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=config.prior_scale)
     seed_for(setup.seed, "tfb", "fit")
@@ -150,6 +156,16 @@ def check_adapter_dir(adapter_dir, task: str):
         raise ValueError(f"{weights} holds no classification head (only LoRA matrices; task_type "
                          f"{adapter.get('task_type')!r}): the head would be freshly random; save the adapter with "
                          "task_type SEQ_CLS (peft keeps the head)")
+
+
+def _fit_base(adapter_dir):
+    """The base digest the `fit` run that wrote ``adapter_dir`` (``fit --adapter``: beside its ``run.json``) recorded,
+    or ``None`` (an adapter from elsewhere, or a record of an older digest form)."""
+    try:
+        run = json.loads((Path(adapter_dir).parent / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return run.get("base") if isinstance(run, dict) and run.get("base_version") == BASE_DIGEST_VERSION else None
 
 
 def _warn_about_another_base(adapter_dir, model):

@@ -16,13 +16,12 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from .. import data as D
-from ..contract import frozen_base_parameters
+from ..contract import weights_digest
 from ..ownership import take_over
 from ..io import writable_folder
 from ..likelihoods import MultipleChoice, SequenceClassification
 from ..model import LoraModel
-from ..pretrained import (DTYPES, add_lora, default_mc_format, drawn_at_load, expected_mc_format, load_adapter, load_pretrained,
-                          max_positions)
+from ..pretrained import DTYPES, add_lora, default_mc_format, expected_mc_format, load_adapter, load_pretrained, max_positions
 from ..training import fit
 from ..guides import MAPGuide
 from ..guides.registry import METHODS, Fitted, get_method, methods_for_task
@@ -71,29 +70,33 @@ FULL = {"train_size": 2000, "test_size": 1000, "samples": 8, "epochs": 10}
 
 
 # results.json's "base_version": the form of base_digest it records (1: 4096 strided entries per weight, no config
-# or tokenizer); a record of another form is not compared
-BASE_DIGEST_VERSION = 2
+# or tokenizer; 2: no head, quantization scales or merges); a record of another form is not compared
+BASE_DIGEST_VERSION = 3
 # config entries that do not change what the network computes: where it was read from, the dtype it was saved in
 # (the run's --dtype loads it), the classes and transformers version that wrote it
 _CONFIG_NOT_COMPUTED = {"_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype", "architectures"}
-_TOKENIZER_PROBE = "The QUICK brown fox -- isn't it? Jumped 1,234 times over the lazy dog's café ünïcode (sic)."
+# the tokenizer's own padding and truncation state: the collators set both for each batch (padding side included)
+_TOKENIZER_STATE = ("padding", "truncation")
 
 
 def base_digest(net, tokenizer) -> str:
-    """SHA-256 of what a run's rows read of the base model, whatever path ``--model`` gives it: every frozen weight
-    the checkpoint gave, whole (not those drawn at load under the seed: :func:`~pyro_lora.pretrained.drawn_at_load`),
-    the model's configuration (its path, saved dtype and versions aside) and the tokenizer (vocabulary, special
-    tokens, padding side and the ids of a probe text, which a lower-casing normaliser changes)."""
-    digest = hashlib.sha256()
-    for name, p in frozen_base_parameters(net, quantized=True):
-        if not drawn_at_load(p):
-            digest.update(name.encode())
-            digest.update(p.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+    """SHA-256 of what a run's rows read of the base model, whatever path ``--model`` gives it: every weight the
+    checkpoint gave (:func:`~pyro_lora.contract.weights_digest`: whole, a trained head and quantization scales
+    included, not the weights loading draws under the seed), the model's configuration (its path, saved dtype and
+    versions aside) and the tokenizer (a fast tokenizer's whole definition: vocabulary, merges, normaliser,
+    pre-tokeniser, post-processor, added tokens; its truncation side)."""
     config = {k: v for k, v in net.config.to_dict().items() if k not in _CONFIG_NOT_COMPUTED}
-    vocab = sorted(tokenizer.get_vocab().items())
-    words = [config, vocab, tokenizer.all_special_tokens, tokenizer.padding_side, tokenizer(_TOKENIZER_PROBE)["input_ids"]]
-    digest.update(json.dumps(words, sort_keys=True, default=str).encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        words = {k: v for k, v in json.loads(backend.to_str()).items() if k not in _TOKENIZER_STATE}
+    else:  # a slow tokenizer: its vocabulary, special tokens and what it makes of a probe text
+        words = [sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens, tokenizer(_TOKENIZER_PROBE)["input_ids"]]
+    digest = hashlib.sha256(weights_digest(net).encode())
+    digest.update(json.dumps([config, words, tokenizer.truncation_side], sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+_TOKENIZER_PROBE = "The QUICK brown fox -- isn't it? Jumped 1,234 times over the lazy dog's café ünïcode (sic)."
 
 
 def derived_seed(seed: int, name: str, stage: str) -> int:
