@@ -142,11 +142,11 @@ class LoraModel:
         """Refuse a kind that keeps ``A`` and ``B`` frozen (LoRA-XS's ``R``) on layers where one of them is all zeros
         (peft starts ``B`` at zero): ``B R A x`` would stay 0 whatever ``R`` is, and nothing but the head would train."""
         frozen = sorted({path for site in self.sites.values() if site.kind.freezes_lora for path in site.layers})
-        random = {s.kind.letter for s in self.sites.values()}  # a random A or B comes from the samples, not the weight
+        # a random A or B starts at its weight too (the MAP's and the guides' initial location): a zero one is stuck alike
         zero = [self._weight_name(path, k) for path in frozen for k in KINDS.values()
-                if k.parameter is not None and k.letter not in random and not self._parameter(path, k).detach().any()]
+                if k.parameter is not None and not self._parameter(path, k).detach().any()]
         if zero:
-            kinds = "".join(sorted({s.kind.letter for s in self.sites.values() if s.kind.freezes_lora}))
+            kinds = "".join(k for k in KINDS if any(s.kind.letter == k for s in self.sites.values()))
             raise ValueError(
                 f"random={kinds!r} keeps the layers' A and B frozen (LoRA-XS), and {len(zero)} of them are all zeros "
                 f"({', '.join(zero[:2])}{', ...' if len(zero) > 2 else ''}) "

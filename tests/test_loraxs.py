@@ -103,6 +103,8 @@ def test_a_core_between_a_zero_b_is_refused_not_trained_to_nothing():
     with pytest.raises(ValueError, match=r"random='R' keeps the layers' A and B frozen \(LoRA-XS\), and 4 of them are all "
                                          r"zeros .*lora_B.*use pyro_lora.loraxs.LoraXSModel"):
         LoraModel(fresh(), SequenceClassification(), random="R")
-    LoraModel(fresh(), SequenceClassification(), random="BR")  # a random B comes from the samples: nothing to refuse
+    for random in ("BR", "ABR"):  # a random B starts at its zero weight too: B and R stay at their saddle
+        with pytest.raises(ValueError, match=rf"random='{random}' keeps the layers' A and B frozen"):
+            LoraModel(fresh(), SequenceClassification(), random=random)
     model = LoraXSModel(fresh(), SequenceClassification())  # A and B from the SVD: the cores move the output
     assert all(layer.lora_B["default"].weight.any() for layer in model.layers.values())
