@@ -412,6 +412,10 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     seeds = list(range(k)) if seeds is None else list(seeds)
     if len(seeds) != k:
         raise ValueError(f"need k >= 1 and k seeds, got k={k} and seeds={seeds}")
+    # torch.manual_seed takes 3.5 as 3, "3" as 3 and -1 as 2**64 - 1: such seeds are refused, not silently equal
+    seeds = [check_count(s, "each seed", minimum=0, alternative="below 2**64, as torch.manual_seed takes") for s in seeds]
+    if any(s >= 2**64 for s in seeds):
+        raise ValueError(f"each seed must be below 2**64 (torch.manual_seed's range), got {max(seeds)}")
     trained = seeds[1:] if include_current else seeds
     if len(set(trained)) < len(trained):
         raise ValueError(f"seeds {trained} repeat a seed: members trained under one seed are one network (the same "

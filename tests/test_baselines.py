@@ -601,7 +601,12 @@ def test_an_ensemble_of_repeated_seeds_is_refused_before_any_training():
     for seeds, current in (([5, 5, 5], False), ([0, 7, 7], True)):
         with pytest.raises(ValueError, match=r"seeds \[(5, 5, 5|7, 7)\] repeat a seed: members trained under one seed"):
             train_ensemble(model, toy_data(), k=3, seeds=seeds, include_current=current)
-    train_ensemble(model, toy_data(), k=2, seeds=[3, 4], fit_kwargs={"epochs": 1, "lr": 1e-2, "progress": False})
+    # torch.manual_seed reads 3.5 and "3" as 3 and -1 as 2**64 - 1: distinct in Python, one member twice in torch
+    for seeds, says in (([3, 3.5], "got 3.5"), ([3, "3"], "got '3'"), ([torch.tensor(3), torch.tensor(3)], "got tensor"),
+                        ([-1, 2**64 - 1], "got -1"), ([0, 2**64], "below 2\\*\\*64")):
+        with pytest.raises(ValueError, match=f"each seed must be .*{says}"):
+            train_ensemble(model, toy_data(), k=2, seeds=seeds)
+    train_ensemble(model, toy_data(), k=2, seeds=[3, np.int64(4)], fit_kwargs={"epochs": 1, "lr": 1e-2, "progress": False})
 
 
 @pytest.mark.parametrize("bad", [1, 2, 4, 5, 8])
