@@ -477,10 +477,7 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide"):
         if min(fine_nlls) < min(nlls):
             best = lowest(fine, fine_nlls)
         nlls = nlls + fine_nlls
-    if low < high and min(nlls) == max(nlls):
-        warnings.warn(f"{who} val_nll: the validation NLL is {nlls[0]:.6g} at every lambda from {low:g} to {high:g}: the "
-                      f"posterior's spread does not change the validation predictions; lambda = {best:g} is set", stacklevel=3)
-    elif low < high and best in (low, high):
+    if not said_flat(who, nlls, low, high, best) and low < high and best in (low, high):
         side, beyond = ("smallest", f"below {low:g} (a wider posterior)") if best == low else \
             ("largest", f"above {high:g} (a narrower posterior, towards the MAP)")
         warnings.warn(
@@ -490,6 +487,16 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide"):
             stacklevel=3,
         )
     return best, nlls
+
+
+def said_flat(who, nlls, low, high, best) -> bool:
+    """Warn, and return ``True``, where the validation NLL ``nlls`` is one value over a grid from ``low`` to ``high``:
+    no lambda is better than another (``best``, the largest, is set), and no optimum lies beyond the grid either."""
+    if not (low < high and min(nlls) == max(nlls)):
+        return False
+    warnings.warn(f"{who} val_nll: the validation NLL is {nlls[0]:.6g} at every lambda from {low:g} to {high:g}: the "
+                  f"posterior's spread does not change the validation predictions; lambda = {best:g} is set", stacklevel=4)
+    return True
 
 
 def kfac_likelihood(likelihood):

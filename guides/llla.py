@@ -35,7 +35,7 @@ from pyro_lora.metrics import nll
 from pyro_lora.checks import check_count
 
 from .base import LoraGuide
-from .laplace import _LOG_LAMBDA_RANGE, LAMBDA_GRID, glm_probit
+from .laplace import _LOG_LAMBDA_RANGE, LAMBDA_GRID, glm_probit, said_flat
 from .registry import Fitted, join_notes, method
 
 _FULL_LIMIT = 8192  # P up to which hessian="auto" keeps the dense GGN (its P x P eigenvectors: 256 MiB in float32)
@@ -373,14 +373,15 @@ class LastLayerLaplaceGuide(LoraGuide):
         bad = [g for g, v in zip(grid, nlls) if math.isnan(v)]
         if bad:
             raise ValueError(f"the validation NLL is nan at lambda = {', '.join(f'{g:g}' for g in bad)}: no lambda was set")
-        i = min(range(len(grid)), key=nlls.__getitem__)
+        i = max(j for j, v in enumerate(nlls) if v == min(nlls))  # of tied values the largest lambda, as search_grid
         best, value = math.log(grid[i]), nlls[i]
         lo, hi = max(i - 1, 0), min(i + 1, len(grid) - 1)
-        if lo < hi:
+        flat = said_flat("LastLayerLaplaceGuide", nlls, grid[0], grid[-1], grid[i])
+        if lo < hi and not flat:
             t, v = golden_section(val_nll, math.log(grid[lo]), math.log(grid[hi]), _VAL_TOL)
             if v < value:
                 best, value = t, v
-        if len(grid) > 1 and best in (math.log(grid[0]), math.log(grid[-1])):
+        if len(grid) > 1 and not flat and best in (math.log(grid[0]), math.log(grid[-1])):
             side = "smallest" if i == 0 else "largest"
             warnings.warn(
                 f"LastLayerLaplaceGuide val_nll: the validation NLL is lowest at the {side} grid value lambda = {grid[i]:g} "

@@ -529,3 +529,22 @@ def test_val_nll_scores_what_predict_glm_reports_where_the_common_logit_variance
         assert float(cov.diagonal(dim1=-2, dim2=-1).max()) > 1e5  # the regime where float32 cancels
         torch.testing.assert_close(reported.probs, pairwise_probit_reference(mean, cov).float(), rtol=0, atol=1e-5)
         assert abs(nll(reported.probs, reported.labels) - objective) < 1e-5
+
+
+def test_llla_val_nll_ties_take_the_largest_lambda_and_a_flat_nll_is_said():
+    """LLLA kept the first of tied validation NLLs (the smallest lambda, the widest posterior) where LaplaceGuide takes
+    the largest, and on an NLL flat over the grid warned "lowest at the smallest grid value ... extend the grid"."""
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), num_data=16)
+    batch = {**random_batch(16), "labels": torch.arange(16) % 2}
+    head = model.net.base_model.model.classifier.modules_to_save["default"]
+    with torch.no_grad():  # logits of 1e8 and more: every lambda's probit predictive is saturated alike
+        head.weight.mul_(1e9)
+    guide = LastLayerLaplaceGuide(model).fit([batch], progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        nlls = guide.optimize_prior_precision("val_nll", val_loader=[batch], grid=[1e-4, 1e-2, 1.0, 1e2, 1e4])
+    assert min(nlls) == max(nlls)
+    assert float(guide.prior_precision) == pytest.approx(1e4)
+    messages = [str(w.message) for w in caught]
+    assert any("at every lambda from 0.0001 to 10000" in m for m in messages), messages
+    assert not any("extend the grid" in m for m in messages)
