@@ -380,6 +380,11 @@ class MultipleChoice(Likelihood):
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.shape != mask.shape[:-1]:
             raise ValueError(f"labels must be integer choice indices of shape {tuple(mask.shape[:-1])} (one per row), got "
                              f"{labels.dtype} of shape {tuple(labels.shape)}")
+        inputs = batch.get("input_ids")
+        rows = mask.numel() if self.format == "cloze" else len(mask)  # cloze: one input row per (question, choice)
+        if inputs is not None and len(inputs) != rows:
+            raise ValueError(f"the batch has {len(inputs)} input rows and a choice_mask of shape {tuple(mask.shape)}, which "
+                             f"asks for {rows} in the {self.format} format: the labels and choices belong to other questions")
         inside = (labels >= 0) & (labels < mask.shape[-1])
         on = inside & mask.bool().gather(-1, labels.long().clamp(0, mask.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
         if not bool(on.all()):

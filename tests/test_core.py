@@ -263,6 +263,7 @@ def test_a_multiple_choice_label_on_a_missing_choice_is_refused_by_row():
 @pytest.mark.parametrize("labels, message", [
     (torch.tensor([1.7, 0.0, 2.0]), r"labels must be integer choice indices of shape \(3,\) \(one per row\), got torch.float32"),
     (torch.tensor([[1], [0], [2]]), r"labels must be integer choice indices of shape \(3,\) .* of shape \(3, 1\)"),
+    (torch.tensor([True, False, True]), r"labels must be integer choice indices of shape \(3,\) \(one per row\), got torch.bool"),
 ])
 def test_multiple_choice_labels_that_are_not_indices_are_refused(labels, message):
     from pyro_lora import predict
@@ -274,6 +275,18 @@ def test_multiple_choice_labels_that_are_not_indices_are_refused(labels, message
     del batch["choice_mask"]
     with pytest.raises(ValueError, match=r"a multiple-choice batch needs 'choice_mask' \[B, K\]"):
         model.logits(batch)
+
+
+def test_multiple_choice_labels_and_choices_of_other_rows_than_the_inputs_are_refused():
+    """labels and choice_mask both of B + 1 rows over B input rows gave torch's "shape '[5, 4]' is invalid for input
+    of size 16" (cloze) or scored the rows against other questions' labels."""
+    from pyro_lora import predict
+
+    model = LoraModel(tiny_llama(r=2), MultipleChoice(answer_token_ids=[5, 6, 7, 8]))
+    batch = _mc_batch([0, 1, 2, 3], [[1, 1, 1, 1]] * 4)  # 4 questions over the 3 input rows of random_batch
+    with pytest.raises(ValueError, match=r"the batch has 3 input rows and a choice_mask of shape \(4, 4\), which asks "
+                                         r"for 4 in the letter format"):
+        predict(model, MAPGuide(model), [batch])
 
 
 def test_more_choices_than_answer_tokens_is_refused_by_name():
