@@ -1005,7 +1005,8 @@ def test_a_fit_run_records_a_local_models_path_absolute(tmp_path, monkeypatch):
     (tmp_path / "tinybert").mkdir()
     monkeypatch.chdir(tmp_path)
     method = SimpleNamespace(model=SimpleNamespace(name="lora"), predictive=SimpleNamespace(__name__="weight_samples"))
-    setup = SimpleNamespace(config=CompareConfig(model="tinybert", out="unused"), sizes=None, seed=0)
+    monkeypatch.setattr(S, "base_digest", lambda net, tokenizer: "0" * 64)  # the stand-in setup holds no network
+    setup = SimpleNamespace(config=CompareConfig(model="tinybert", out="unused"), sizes=None, seed=0, net=None, tokenizer=None)
     assert S.run_record(setup, {}, method)["config"]["model"] == str(tmp_path / "tinybert")
     setup.config = CompareConfig(model="minilm", out="unused")
     (tmp_path / "minilm").mkdir()  # an embedded name stays the embedded model, whatever the working directory holds
