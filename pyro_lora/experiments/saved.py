@@ -17,6 +17,7 @@ from ..guides.tfb import TFB_ANCHORS, bayesianize_setup
 from ..guides.registry import METHODS, MODELS, Fitted, get_method, join_notes
 from .compare import evaluate, fit_method, predictor
 from .scoring import join_row, score
+from .results import recorded_base
 from .setup import (ADDED_SETTINGS, BASE_DIGEST_VERSION, CompareConfig, base_digest, check_config, check_numbers, prepare, seed_for,
                     train_map)
 
@@ -165,7 +166,7 @@ def _fit_base(adapter_dir):
         run = json.loads((Path(adapter_dir).parent / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return run.get("base") if isinstance(run, dict) and run.get("base_version") == BASE_DIGEST_VERSION else None
+    return recorded_base(run) if isinstance(run, dict) else None
 
 
 def _warn_about_another_base(adapter_dir, model):
@@ -280,7 +281,7 @@ def _rescored_note(row, run, overrides, available, base, model=None):
     ``model`` loads now, against the one the run recorded), other sizes or samples asked for, or (the same settings) other test data or software.
     ``available``: the test records the data holds; a test size at or above it scores them all, as the run did where
     its own size was too."""
-    if run.get("base_version") == BASE_DIGEST_VERSION and run.get("base") != base:
+    if recorded_base(run) not in (None, base):
         return (f"scored with another base model than the run's ({model} gives other weights, "
                 "configuration or tokenizer than when the run was fitted): not the run's row")
     def scored(key, value):
