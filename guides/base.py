@@ -12,6 +12,7 @@ import pyro.poutine as poutine
 import torch
 
 from pyro_lora import pyro_params
+from pyro_lora.checks import check_count
 from pyro_lora.contract import check_guide, describe
 from pyro_lora.ownership import follow_svi_step, point_snapshot, stop_following, take_over
 from pyro_lora.io import register_guide
@@ -72,6 +73,7 @@ class LoraGuide(torch.nn.Module):
 
     def sample(self, num_samples):
         """``num_samples`` draws of every site: name -> ``[S, *site.shape]`` (reparametrised where possible)."""
+        num_samples = check_count(num_samples, "num_samples")
         return {name: _draw(d, num_samples) for name, d in self.posterior().items()}
 
     def mean(self):

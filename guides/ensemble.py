@@ -150,6 +150,7 @@ class EnsembleGuide(LoraGuide):
 
     def sample(self, num_samples):
         """Draw ``s`` is member ``s mod K``: name -> ``[S, *site.shape]``; ``S`` must be a multiple of ``K``."""
+        num_samples = check_count(num_samples, "num_samples")
         self.check_num_samples(num_samples)
         self._check_heads(num_samples)
         index = torch.arange(num_samples, device=self.member_0.device) % self.num_members

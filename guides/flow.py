@@ -171,6 +171,7 @@ class FlowGuide(LoraGuide):
         return values
 
     def sample(self, num_samples):
+        num_samples = check_count(num_samples, "num_samples")
         out = {}
         with self._fp32():
             for (name, site), part in zip(self.sites.items(), self.parts):

@@ -146,6 +146,7 @@ class LastLayerLaplaceGuide(LoraGuide):
         return {name: dist.Delta(v, event_dim=v.dim()) for name, v in self._sites().items()}
 
     def sample(self, num_samples):
+        num_samples = check_count(num_samples, "num_samples")
         return {name: v.expand(num_samples, *v.shape) for name, v in self._sites().items()}
 
     def mean(self):

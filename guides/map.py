@@ -5,6 +5,7 @@ import pyro.distributions as dist
 import torch
 
 from pyro_lora.calibration import apply_temperature, fit_temperature
+from pyro_lora.checks import check_count
 from pyro_lora.likelihoods import SequenceClassification
 from pyro_lora.predictive import predict
 
@@ -31,6 +32,7 @@ class MAPGuide(LoraGuide):
         return {name: dist.Delta(loc, event_dim=loc.dim()) for name, loc in zip(self.sites, self.locs)}
 
     def sample(self, num_samples):
+        num_samples = check_count(num_samples, "num_samples")
         return {name: loc.expand(num_samples, *loc.shape) for name, loc in zip(self.sites, self.locs)}
 
     def mean(self):

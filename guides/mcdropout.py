@@ -14,6 +14,8 @@ import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
+from pyro_lora.checks import check_count
+
 from .base import LoraGuide
 from .ensemble import reinitialize
 from .registry import Fitted, method
@@ -63,6 +65,7 @@ class MCDropoutGuide(LoraGuide):
 
     def sample(self, num_samples):
         """Name -> ``[S, *site.shape]``: ``A`` sites with one column mask per sample and layer, others repeated."""
+        num_samples = check_count(num_samples, "num_samples")
         return {
             name: _drop(loc, self.p, (num_samples,)) if site.kind.role == "down" else loc.expand(num_samples, *loc.shape)
             for (name, site), loc in zip(self.sites.items(), self.locs)

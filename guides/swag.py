@@ -132,6 +132,7 @@ class SWAGGuide(LoraGuide):
 
         One ``z2_s`` per sample is shared by all sites (the joint SWAG Gaussian); no loop over samples or layers.
         """
+        num_samples = check_count(num_samples, "num_samples")
         k = self._check_collected()
         moments, deviations = self.moments(), self.deviations()
         device = self.num_collected.device

@@ -177,6 +177,7 @@ class TFBGuide(LoraGuide):
         :param float sigma_q: override the guide's ``sigma_q`` for this draw.
         :returns: site -> ``[S, *site.shape]``.
         """
+        num_samples = check_count(num_samples, "num_samples")
         sigma = self.sigma_q if sigma_q is None else torch.as_tensor(float(sigma_q), device=self.sigma_q.device)
         out = {}
         for i, (a, b) in enumerate(self.pairs):

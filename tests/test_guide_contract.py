@@ -118,6 +118,13 @@ def test_fast_path_shapes(built):
     assert {n: tuple(v.shape) for n, v in mean.items()} == {n: s.shape for n, s in model.sites.items()}
 
 
+@pytest.mark.parametrize("count", [True, 2.0, 0, -2, torch.tensor(2), "4"])
+def test_sample_refuses_a_count_that_is_no_positive_integer(built, count):
+    _, guide = built  # True drew one sample, 0 none, 2.0 and a tensor reached torch's own errors (or drew)
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        guide.sample(count)
+
+
 def test_config_survives_json(built):
     _, guide = built
     config = guide.config()
