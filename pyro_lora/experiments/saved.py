@@ -269,7 +269,7 @@ def evaluate_saved(run_dir, **overrides) -> dict:
                    costs, {"extra_parameters": guide.extra_parameters(), "test_examples": len(setup.test)})
     # the fit's own note (a tuning at the end of its grid, a search at the end of its range) holds for the guide
     available = len(D.load_records(config.dataset, "test", config.data_dir))
-    base = base_digest(setup.net, setup.tokenizer)
+    base = base_digest(setup.net, setup.tokenizer) if recorded_base(run) is not None else None  # a pass over the weights
     note = join_notes(run.get("fit_note"), row.get("note"), _rescored_note(row, run, overrides, available, base, config.model))
     if note:
         row["note"] = note
