@@ -15,6 +15,7 @@ results (an ECE x100 of 256, a meaningless NLL) without a word.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from typing import NamedTuple
 
 import torch
@@ -41,9 +42,10 @@ __all__ = [
 # Floor for p[label] in the NLL: a confidently wrong example costs -log(1e-12) ~ 27.6, not inf.
 _NLL_FLOOR = 1e-12
 # How far a row sum may be from 1: float32 softmax and averages are off by a few 1e-7, float16 by ~4e-4 and
-# bfloat16 by ~3e-3 (measured), so 4 eps of the input dtype, at least 1e-4 (an ECE x100 shift below 0.01).
+# bfloat16 by ~3e-3 (measured; each entry rounds by half an eps of its value), so 2 eps of the input dtype, at
+# least 1e-4 (an ECE x100 shift below 0.01)
 _SUM_TOL = 1e-4
-_SUM_EPS = 4
+_SUM_EPS = 2
 
 
 class ReliabilityBins(NamedTuple):
@@ -57,8 +59,20 @@ class ReliabilityBins(NamedTuple):
     counts: torch.Tensor  # number of examples in the bin (int64)
 
 
-def _as_float(x) -> torch.Tensor:
-    return torch.as_tensor(x).detach().to(torch.float64)
+def _tensor(x, name: str) -> torch.Tensor:
+    """``x`` as a tensor of its own dtype, a Python list or number as float64 (torch would make float32 of it, tying
+    values that differ beyond float32's precision).
+
+    :raises ValueError: for complex values (torch would drop the imaginary part with a warning).
+    """
+    t = torch.as_tensor(x) if isinstance(x, torch.Tensor) or hasattr(x, "dtype") else torch.as_tensor(x, dtype=torch.float64)
+    if t.is_complex():
+        raise ValueError(f"{name} must be real, got dtype {t.dtype}")
+    return t.detach()
+
+
+def _as_float(x, name: str) -> torch.Tensor:
+    return _tensor(x, name).to(torch.float64)
 
 
 def _sum_tolerance(dtype: torch.dtype) -> float:
@@ -105,8 +119,8 @@ def check_labels(labels, n: int, c: int) -> torch.Tensor:
 
 def _check_probs(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate and convert ``probs [N, C]`` and ``labels [N]``; raise ValueError naming the problem."""
-    dtype = torch.as_tensor(probs).dtype
-    probs = _as_float(probs)
+    dtype = _tensor(probs, "probs").dtype
+    probs = _as_float(probs, "probs")
     if probs.ndim != 2:
         raise ValueError(f"probs must have shape [N, C], got {tuple(probs.shape)}")
     n, c = probs.shape
@@ -121,8 +135,8 @@ def _check_probs(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _check_sample_probs(sample_probs) -> torch.Tensor:
     """Validate and convert ``sample_probs [S, N, C]``; raise ValueError naming the problem."""
-    dtype = torch.as_tensor(sample_probs).dtype
-    sample_probs = _as_float(sample_probs)
+    dtype = _tensor(sample_probs, "sample_probs").dtype
+    sample_probs = _as_float(sample_probs, "sample_probs")
     if sample_probs.ndim != 3:
         raise ValueError(f"sample_probs must have shape [S, N, C], got {tuple(sample_probs.shape)}")
     if sample_probs.numel() == 0:
@@ -159,7 +173,7 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 
     :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
     """
     num_bins = check_count(num_bins, "num_bins")
-    dtype = torch.as_tensor(probs).dtype
+    dtype = _tensor(probs, "probs").dtype
     probs, labels = _check_probs(probs, labels)
     conf, correct = _confidence_correct(probs, labels)
     # Right-closed bins as in Guo et al. 2017: confidence exactly k/B falls in bin k-1. The comparison is made in the
@@ -252,7 +266,7 @@ def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
 
     scores_in [N_in], scores_out [N_out]; Mann-Whitney U from midranks: (R_out - n_out(n_out+1)/2) / (n_in n_out).
     """
-    s_in, s_out = _as_float(scores_in), _as_float(scores_out)
+    s_in, s_out = _as_float(scores_in, "scores_in"), _as_float(scores_out, "scores_out")
     for name, s in (("scores_in", s_in), ("scores_out", s_out)):
         if s.ndim != 1:
             raise ValueError(f"{name} must have shape [N], got {tuple(s.shape)}")
@@ -305,7 +319,8 @@ def accuracy_at_coverage(probs: torch.Tensor, labels: torch.Tensor, coverage: fl
     if not 0.0 < coverage <= 1.0:
         raise ValueError(f"coverage must be in (0, 1], got {coverage}")
     _, accuracies = risk_coverage(probs, labels)
-    k = max(1, math.floor(coverage * len(accuracies) + 0.5))  # half up: Python's round() keeps 2 of 5 at 0.5
+    # half up (Python's round() keeps 2 of 5 at 0.5), in exact decimals: 0.7 * 45 is 31.499999999999996 in floats
+    k = max(1, math.floor(Fraction(repr(float(coverage))) * len(accuracies) + Fraction(1, 2)))
     return float(accuracies[k - 1])
 
 

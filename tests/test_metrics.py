@@ -341,3 +341,35 @@ def test_accuracy_at_coverage_rounds_half_up_whatever_n():
         probs = torch.tensor([[1.0 - i / (2 * n), i / (2 * n)] for i in range(n)])  # confidence falls with the row
         labels = torch.tensor([0] * (kept - 1) + [1] * (n - kept + 1))  # the `kept`-th most confident is wrong
         assert metrics.accuracy_at_coverage(probs, labels, 0.5) == pytest.approx((kept - 1) / kept)
+
+
+def test_accuracy_at_coverage_rounds_the_decimal_coverage_not_its_binary_float():
+    """0.7 * 45 is 31.499999999999996 in floats: half up of 31.5 keeps 32 examples, not 31."""
+    conf = torch.linspace(0.99, 0.55, 45, dtype=torch.float64)
+    probs = torch.stack([conf, 1 - conf], 1)
+    labels = torch.zeros(45, dtype=torch.long)
+    labels[31] = 1  # the 32nd most confident is wrong
+    assert metrics.accuracy_at_coverage(probs, labels, 0.7) == pytest.approx(31 / 32)
+    assert metrics.accuracy_at_coverage(probs, labels, 0.35) == pytest.approx(1.0)  # 15.75 -> 16, all right
+
+
+def test_python_lists_are_scored_in_float64_as_numpy_arrays_are():
+    """torch.as_tensor(list) makes float32, which tied 0.30000001 with 0.3 and 0.99999999 with 0.99999998."""
+    assert metrics.auroc([0.30000001, 0.5], [0.3]) == 0.0 == metrics.auroc(np.array([0.30000001, 0.5]), np.array([0.3]))
+    p, y = [[0.99999999, 1e-8], [0.99999998, 2e-8], [0.9, 0.1]], [0, 1, 0]
+    assert metrics.aurc(p, y) == pytest.approx(metrics.aurc(np.array(p), np.array(y))) == pytest.approx((0 + 1 / 2 + 1 / 3) / 3)  # risks of the 1, 2, 3 most confident
+    assert metrics.accuracy_at_coverage(p, y, 1 / 3) == 1.0
+
+
+def test_complex_values_are_refused():
+    with pytest.raises(ValueError, match="probs must be real"):
+        metrics.ece(torch.tensor([[1.0 + 0j, 0.0]]), torch.tensor([0]))
+    with pytest.raises(ValueError, match="scores_out must be real"):
+        metrics.auroc(torch.tensor([0.1, 0.2]), torch.tensor([0.3 + 1j]))
+
+
+def test_a_bfloat16_row_three_percent_short_of_one_is_refused():
+    """Rounding moves a bfloat16 row's sum by about 3e-3; a row summing to 0.96875 was accepted (ECE 3.1)."""
+    short = torch.tensor([[0.96875, 0.0], [0.0, 0.96875]], dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="probability vectors"):
+        metrics.ece(short, torch.tensor([0, 1]))
