@@ -115,7 +115,8 @@ def test_report_sections_numbers_and_figures(runs, tmp_path):
     # mean ± std over the two seeds, as compare's table formats them: map on ARC-E accuracy 0.605 ± 0.007, ECE 10.50 ± 0.71
     assert "| map | **0.605 ± 0.007** | 10.50 ± 0.71 | 1.005 ± 0.007 |" in md  # tied best accuracy with temperature
     assert "0.605 ± 0.007" in format_table([r for r in report.load_runs(runs)["arc_easy"]["summary"] if r["guide"] == "map"])
-    assert "| OBQA→ARC-C | meanfield |" in md and "**0.600**" in md  # meanfield's MI AUROC is the best of the shift
+    # meanfield's MI AUROC is the shift's only one: MAP's and temperature scaling's 0.5 are no detection, never the best
+    assert "| OBQA→ARC-C | meanfield |" in md and "0.600" in md and "**0.600**" not in md
     assert "`pyro-lora study --report-only`" in md and "`pyro-lora study --seeds 0,1`" in md
     assert "12m 34s" in md  # the recorded wall time
     assert "| 0.001 | fp32 | —" in md  # each run's base precision
@@ -1056,3 +1057,58 @@ def test_a_file_for_a_folder_or_a_folder_for_the_report_is_refused_before_any_wo
     (tmp_path / "docs" / "study.md").mkdir(parents=True)
     assert cli.main(["study", "--report-only", "--runs", str(runs), "--docs", str(tmp_path / "docs")]) == 2
     assert "study.md is a folder, where the study writes its report" in capsys.readouterr().err
+
+
+def _shift_run(rows_per_seed, seeds=(0, 1, 2)):
+    """A synthetic OpenBookQA run: ``rows_per_seed(seed)`` gives (guide, dataset, metrics) triples."""
+    from pyro_lora.experiments.results import summarize_run
+    per = []
+    for s in seeds:
+        for g, ds, m in rows_per_seed(s):
+            point = g in ("map", "temperature")
+            per.append({"guide": g, "dataset": ds, "seed": s, "setting": "validation-tuned" if g == "temperature" else "x",
+                        "accuracy": 0.6, "ece": 5.0, "nll": 1.0, "brier": 0.2, "aurc": 0.05,
+                        "mutual_information": 0.0 if point else 0.1, **m})
+    return {"openbookqa": {"config": {"dataset": "openbookqa", "seeds": list(seeds)}, "per_seed": per,
+                           "summary": summarize_run(per, [])}}
+
+
+def _tables(runs):
+    return {m: report.metric_table(runs, m, complete_only=True) for m in ("accuracy", "ece", "nll", "ood_auroc_entropy", "ood_auroc_mi")}
+
+
+def test_a_loss_of_exactly_one_accuracy_point_is_no_more_than_one():
+    """0.79 - 0.80 is -0.010000000000000009 in floats: the report said "more than 1 point (-1.0)"."""
+    runs = _shift_run(lambda s: [("map", "openbookqa", {"accuracy": 0.80}), ("laplace", "openbookqa", {"accuracy": 0.79}),
+                                 ("temperature", "openbookqa", {"accuracy": 0.80})])
+    lines = report.guide_sentences(_tables(runs), "laplace", report.set_labels(runs))
+    assert any("loses no more than 1 accuracy point" in line for line in lines), lines
+
+
+def test_ood_detection_is_judged_against_maps_entropy_auroc_not_its_mi_of_one_half():
+    """MAP's MI AUROC is 0.5 by construction; taken as its "better of the two" it hid an entropy AUROC below 0.5."""
+    def rows(s):
+        j = 0.001 * s
+        return [(g, "openbookqa", {}) for g in ("map", "temperature", "laplace")] + [
+            ("map", "arc_easy", {"ood_auroc_entropy": 0.45 + j, "ood_auroc_mi": 0.5}),
+            ("temperature", "arc_easy", {"ood_auroc_entropy": 0.45 + j, "ood_auroc_mi": 0.5}),
+            ("laplace", "arc_easy", {"ood_auroc_entropy": 0.48 + j, "ood_auroc_mi": 0.47 + j})]
+    runs = _shift_run(rows)
+    lines = report.guide_sentences(_tables(runs), "laplace", report.set_labels(runs))
+    assert any("detects the shift better than MAP" in line for line in lines), lines
+
+
+def test_the_shift_tables_bold_each_targets_best_and_never_a_point_estimates_mi():
+    def rows(s):
+        return [(g, "openbookqa", {}) for g in ("map", "laplace")] + [
+            ("map", "arc_challenge", {"ood_auroc_entropy": 0.55, "ood_auroc_mi": 0.5, "accuracy": 0.50}),
+            ("laplace", "arc_challenge", {"ood_auroc_entropy": 0.62, "ood_auroc_mi": 0.45, "accuracy": 0.52}),
+            ("map", "arc_easy", {"ood_auroc_entropy": 0.70, "ood_auroc_mi": 0.5, "accuracy": 0.70}),
+            ("laplace", "arc_easy", {"ood_auroc_entropy": 0.68, "ood_auroc_mi": 0.47, "accuracy": 0.69})]
+    text = report.shift_section(_shift_run(rows))
+    bold = {(cells[1].strip()[-1], cells[2].strip()): [c.strip().startswith("**") for c in cells[3:8]]
+            for line in text.splitlines() if line.startswith("| OBQA") and (cells := line.split("|"))}
+    # columns: accuracy, ECE, NLL, OOD AUROC by entropy, by MI; rows keyed by the target's last letter (C, E)
+    assert bold[("C", "laplace")][0] and bold[("C", "laplace")][3]  # ARC-C's best, though ARC-E's values are higher
+    assert bold[("E", "map")][0] and bold[("E", "map")][3]
+    assert not bold[("C", "map")][4] and not bold[("E", "map")][4]  # MAP's MI AUROC of 0.5 is no detection
