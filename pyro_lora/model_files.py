@@ -89,7 +89,7 @@ def _local_path(name_or_path) -> Path:
             f"{name_or_path!r} is neither an embedded model ({', '.join(EMBEDDED_MODELS)}) nor a local "
             "model folder or .gguf file (models are never downloaded)"
         )
-    return path
+    return path.resolve()  # absolute: an adapter saved from the model records its base folder from any directory
 
 # --------------------------------------------------------------------------- position limit
 

@@ -827,7 +827,8 @@ def test_a_resume_with_another_base_model_is_refused(tmp_path, monkeypatch):
         return setup
 
     monkeypatch.setattr(C, "prepare", other_checkpoint)
-    with pytest.raises(ValueError, match="holds rows scored with another base model than --model minilm loads now"):
+    # the study's --force replaces only a run of another configuration: its remedy is --update map
+    with pytest.raises(ValueError, match="another base model than --model minilm loads now.*study: --update map reruns every row"):
         run_compare(replace(config, guides=("temperature", "map")))
     monkeypatch.undo()  # the same checkpoint loaded again is the same base: the run goes on
     rows = run_compare(replace(config, guides=("temperature", "map")))
@@ -892,10 +893,15 @@ def test_the_base_digest_reads_every_checkpoint_weight_its_config_and_tokenizer_
     assert digest() == first  # the collators pad on their own side: the batches are the same
     (folder / "tokenizer_config.json").write_text(json.dumps({**side, "truncation_side": "left"}))
     assert digest() != first  # a long text keeps its end: other inputs
+    (folder / "tokenizer_config.json").write_text(json.dumps({**side, "split_special_tokens": True}))
+    assert digest() != first  # "[SEP]" in a text is read as characters: other ids, though tokenizer.json is the same
     _mlm_checkpoint(folder)
     settings = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**settings, "hidden_act": "relu"}))
     assert digest() != first
+    labels = {"id2label": {"0": "negative", "1": "positive"}, "label2id": {"negative": 0, "positive": 1}}
+    (folder / "config.json").write_text(json.dumps({**settings, **labels, "use_cache": False}))
+    assert digest() == first  # label names and run-time switches compute nothing (a saved guide's check agrees)
     moved = folder.rename(tmp_path / "elsewhere")
     (moved / "config.json").write_text(json.dumps(settings))
     assert digest(model=moved) == first  # the path is no part of the base
@@ -979,14 +985,18 @@ def test_evaluate_on_another_base_model_says_so_and_on_the_same_one_moved_reprod
         S.evaluate_saved(out, progress=False, model=str(moved))
 
 
-def test_bayesianize_refuses_an_adapter_whose_fit_recorded_another_base(tmp_path):
+def test_bayesianize_refuses_an_adapter_whose_fit_recorded_another_base(tmp_path, monkeypatch):
     """bayesianize compared the adapter's base by folder path: a folder holding other weights since ran TFB on them
-    (AURC 0.693 against 0.616) without a word. The fit's run.json beside the adapter records the base's digest."""
+    (AURC 0.693 against 0.616) without a word. The fit's run.json beside the adapter records the base's digest; it was
+    not found through a link to the adapter, and a relative --model was written into adapter_config.json as given."""
     from safetensors.torch import load_file, save_file
 
     folder = _mlm_checkpoint(tmp_path / "mlm")
-    S.fit_one(small(tmp_path / "fit", model=str(folder), guides=("map",)), adapter=True)
+    monkeypatch.chdir(tmp_path)
+    S.fit_one(small(tmp_path / "fit", model="mlm", guides=("map",)), adapter=True)
     adapter = tmp_path / "fit" / "guide" / "adapter"
+    written = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert written == str(folder.resolve())  # from any directory, the base the adapter was trained on
     moved = folder.rename(tmp_path / "moved")  # the same base elsewhere: taken
     S.bayesianize_adapter(small(tmp_path / "tfb", model=str(moved)), adapter, anchors=8, iterations=1)
     state = load_file(moved / "model.safetensors")
@@ -995,6 +1005,23 @@ def test_bayesianize_refuses_an_adapter_whose_fit_recorded_another_base(tmp_path
     save_file(state, moved / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"the adapter in .* was fitted on another base model than --model .*moved loads"):
         S.bayesianize_adapter(small(tmp_path / "tfb2", model=str(moved)), adapter, anchors=8, iterations=1)
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "adapter").symlink_to(adapter)
+    with pytest.raises(ValueError, match=r"was fitted on another base model than --model .*moved loads"):
+        S.bayesianize_adapter(small(tmp_path / "tfb3", model=str(moved)), tmp_path / "links" / "adapter", anchors=8, iterations=1)
+
+
+def test_bayesianize_under_another_seed_than_the_fit_is_refused_where_loading_draws_weights(tmp_path):
+    """An MLM checkpoint has no pooler: loading draws one under the seed, and the adapter does not carry it. Under
+    another --seed than the fit's, bayesianize ran the adapter with another pooler (the MAP's probability of one
+    sentence moved from 0.461 to 0.441) without a word; another --dtype was refused as "another base model"."""
+    folder = _mlm_checkpoint(tmp_path / "mlm")
+    S.fit_one(small(tmp_path / "fit", model=str(folder), guides=("map",)), adapter=True)
+    adapter = tmp_path / "fit" / "guide" / "adapter"
+    with pytest.raises(ValueError, match=r"draws \['bert.pooler.*the fit of .* drew them under seed 0: pass --seed 0"):
+        S.bayesianize_adapter(small(tmp_path / "tfb", model=str(folder), seeds=(1,)), adapter, anchors=8, iterations=1)
+    with pytest.raises(ValueError, match=r"the fit loaded it otherwise: --dtype 'fp32' there, 'bf16' now"):
+        S.bayesianize_adapter(small(tmp_path / "tfb2", model=str(folder), dtype="bf16"), adapter, anchors=8, iterations=1)
 
 
 def test_a_fit_run_records_a_local_models_path_absolute(tmp_path, monkeypatch):

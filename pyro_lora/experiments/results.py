@@ -183,15 +183,16 @@ class RunFolder:
         self._check_digest("base", digest, "the base model its rows were scored with", (
             f"holds rows scored with another base model than --model {self.config.model} loads now (its weights, "
             "configuration or tokenizer differ: the folder holds another checkpoint since, or the path names another "
-            "one): restore that model"))
+            "one): restore that model"), remedy=("pass --overwrite to replace the run; pyro-lora study: --update map "
+                                                 "reruns every row on the base --model loads now"))
 
-    def _check_digest(self, key, digest, what, refusal):
+    def _check_digest(self, key, digest, what, refusal, remedy=f"{_REPLACE} the run"):
         if getattr(self, key) is None and self.rows:  # and stays without one: its old rows were never checked
             warnings.warn(f"{self.out / RESULTS} keeps no digest of {what} (written by an older version): they are not "
                           "checked now", stacklevel=3)
             return
         if getattr(self, key) not in (None, digest):
-            raise ValueError(f"{self.out / RESULTS} {refusal}, or run into another --out (or {_REPLACE} the run)")
+            raise ValueError(f"{self.out / RESULTS} {refusal}, or run into another --out (or {remedy})")
         setattr(self, key, digest)
 
     def complete(self, guide, seed, datasets):
@@ -235,7 +236,10 @@ class RunFolder:
         names = sorted(set(tensors) ^ set(setup.initial_state))
         names += [n for n in tensors if n in params and (tensors[n].shape, tensors[n].dtype) != (params[n].shape, params[n].dtype)]
         # a MAP that records the digests of the records and base it was trained on may come from other folders
-        trained_on, trained_from = meta.get("data"), meta.get("base")
+        # a base digest of another form than this version's cannot be compared: that MAP is checked by the model's
+        # path, as one that records none
+        trained_on = meta.get("data")
+        trained_from = meta.get("base") if meta.get("base_version") == str(BASE_DIGEST_VERSION) else None
         differ = config_differences(config, setup.config, _RESUMABLE + ("data_dir",) * (trained_on is not None)
                                     + ("model",) * (trained_from is not None))
         digest = state_digest(tensors)
@@ -266,6 +270,8 @@ class RunFolder:
         config = json.dumps(standard_json(asdict(setup.config)))
         meta = {"seconds": repr(float(seconds)), "seed": str(setup.seed), "config": config, "digest": setup.map_digest,
                 **{key: value for key, value in (("data", self.data), ("base", self.base)) if value}}
+        if self.base:
+            meta["base_version"] = str(BASE_DIGEST_VERSION)
         data = save_safetensors(tensors, metadata=meta)
         if self._replaced is not None:
             self._pending_maps[setup.seed] = data

@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import data as D
+from ..contract import drawn_at_load
 from ..costs import PeakMemory
 from ..io import check_sealed, load_guide, read_safetensors, recover_directory, save_guide, writable_folder
 from ..model import LoraModel
@@ -95,7 +96,8 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
     """
     task = check_config(config, guides=(), writes=False)
     check_adapter_dir(adapter_dir, task)
-    trained_on = _fit_base(adapter_dir)
+    fit_run = _fit_run(adapter_dir)
+    trained_on = recorded_base(fit_run)
     if trained_on is None:  # an adapter from elsewhere: its config's base path is all there is to compare
         _warn_about_another_base(adapter_dir, config.model)
     writable_folder(config.out)
@@ -103,8 +105,10 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
     setup = prepare(config, config.seeds[0], adapter_dir=adapter_dir)
     if trained_on is not None and base_digest(setup.net, setup.tokenizer) != trained_on:
         raise ValueError(f"the adapter in {adapter_dir} was fitted on another base model than --model {config.model} loads "
-                         "(the digest of its weights, configuration and tokenizer in the fit's run.json differs): on another "
-                         "base a LoRA gives other predictions; give --model the checkpoint it was fitted on")
+                         "(the digest of its weights, configuration and tokenizer in the fit's run.json differs"
+                         f"{_dtype_hint(fit_run, config)}): on another base a LoRA gives other predictions; give --model "
+                         "the checkpoint it was fitted on")
+    _check_drawn_weights(setup, fit_run, adapter_dir)
     config = setup.config
     setup.model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=config.prior_scale)
     seed_for(setup.seed, "tfb", "fit")
@@ -159,14 +163,41 @@ def check_adapter_dir(adapter_dir, task: str):
                          "task_type SEQ_CLS (peft keeps the head)")
 
 
-def _fit_base(adapter_dir):
-    """The base digest the `fit` run that wrote ``adapter_dir`` (``fit --adapter``: beside its ``run.json``) recorded,
-    or ``None`` (an adapter from elsewhere, or a record of an older digest form)."""
+def _fit_run(adapter_dir) -> dict:
+    """The record of the `fit` run that wrote ``adapter_dir`` (``fit --adapter``: its ``run.json`` beside it, found
+    through links), or ``{}`` for an adapter from elsewhere."""
     try:
-        run = json.loads((Path(adapter_dir).parent / "run.json").read_text(encoding="utf-8"))
+        run = json.loads((Path(adapter_dir).resolve().parent / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    return recorded_base(run) if isinstance(run, dict) else None
+        return {}
+    return run if isinstance(run, dict) else {}
+
+
+def _dtype_hint(fit_run, config) -> str:
+    """Where the fit loaded the base in another ``--dtype`` / 4-bit than ``config``: the digest reads the weights as
+    loaded, so that alone makes it differ."""
+    fitted = fit_run.get("config") or {}
+    changed = [f"--{k.replace('_', '-')} {fitted[k]!r} there, {getattr(config, k)!r} now" for k in ("dtype", "load_in_4bit")
+               if k in fitted and fitted[k] != getattr(config, k)]
+    return f"; the fit loaded it otherwise: {', '.join(changed)}" if changed else ""
+
+
+def _check_drawn_weights(setup, fit_run, adapter_dir):
+    """Refuse a seed other than the fit's where the base draws weights at load (an MLM checkpoint's pooler: the
+    checkpoint lacks them, and the adapter does not carry them): they would differ from the ones the adapter was
+    trained with. An adapter from elsewhere, whose seed is unknown, is warned about."""
+    drawn = [n.removeprefix("base_model.model.") for n, p in setup.net.named_parameters()
+             if drawn_at_load(p) and ".original_module." not in n]
+    if not drawn:
+        return
+    seed = fit_run.get("seed")
+    if seed is None:
+        warnings.warn(f"--model draws {drawn[:3]} at load under the seed (the checkpoint lacks them; the adapter in "
+                      f"{adapter_dir} does not carry them): they equal the ones the adapter was trained with only under "
+                      "the seed of its fit", stacklevel=3)
+    elif seed != setup.seed:
+        raise ValueError(f"--model draws {drawn[:3]} at load under the seed (the checkpoint lacks them, the adapter does "
+                         f"not carry them), and the fit of {adapter_dir} drew them under seed {seed}: pass --seed {seed}")
 
 
 def _warn_about_another_base(adapter_dir, model):

@@ -16,7 +16,7 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from .. import data as D
-from ..contract import weights_digest
+from ..contract import CONFIG_IGNORED, weights_digest
 from ..ownership import take_over
 from ..io import writable_folder
 from ..likelihoods import MultipleChoice, SequenceClassification
@@ -70,11 +70,13 @@ FULL = {"train_size": 2000, "test_size": 1000, "samples": 8, "epochs": 10}
 
 
 # results.json's "base_version": the form of base_digest it records (1: 4096 strided entries per weight, no config
-# or tokenizer; 2: no head, quantization scales or merges); a record of another form is not compared
-BASE_DIGEST_VERSION = 3
-# config entries that do not change what the network computes: where it was read from, the dtype it was saved in
-# (the run's --dtype loads it), the classes and transformers version that wrote it
-_CONFIG_NOT_COMPUTED = {"_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype", "architectures"}
+# or tokenizer; 2: no head, quantization scales or merges; 3: no encoding settings outside the fast tokenizer's
+# definition, such as split_special_tokens, and label names or run-time switches in the config); a record of another
+# form is not compared
+BASE_DIGEST_VERSION = 4
+# config entries that do not change what the network computes (the ones a saved guide's check leaves out too): where
+# it was read from, the dtype it was saved in (the run's --dtype loads it), label names, run-time switches, versions
+_CONFIG_NOT_COMPUTED = {*CONFIG_IGNORED, "_commit_hash"}
 # the tokenizer's own padding and truncation state: the collators set both for each batch (padding side included)
 _TOKENIZER_STATE = ("padding", "truncation")
 
@@ -84,13 +86,15 @@ def base_digest(net, tokenizer) -> str:
     checkpoint gave (:func:`~pyro_lora.contract.weights_digest`: whole, a trained head and quantization scales
     included, not the weights loading draws under the seed), the model's configuration (its path, saved dtype and
     versions aside) and the tokenizer (a fast tokenizer's whole definition: vocabulary, merges, normaliser,
-    pre-tokeniser, post-processor, added tokens; its truncation side)."""
+    pre-tokeniser, post-processor, added tokens; its truncation side; what it makes of a probe text holding its
+    special tokens, which settings kept outside that definition change, such as ``split_special_tokens``)."""
     config = {k: v for k, v in net.config.to_dict().items() if k not in _CONFIG_NOT_COMPUTED}
+    probe = tokenizer(" ".join([_TOKENIZER_PROBE, *tokenizer.all_special_tokens]))["input_ids"]
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        words = {k: v for k, v in json.loads(backend.to_str()).items() if k not in _TOKENIZER_STATE}
-    else:  # a slow tokenizer: its vocabulary, special tokens and what it makes of a probe text
-        words = [sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens, tokenizer(_TOKENIZER_PROBE)["input_ids"]]
+        words = [{k: v for k, v in json.loads(backend.to_str()).items() if k not in _TOKENIZER_STATE}, probe]
+    else:  # a slow tokenizer: its vocabulary and special tokens
+        words = [sorted(tokenizer.get_vocab().items()), tokenizer.all_special_tokens, probe]
     digest = hashlib.sha256(weights_digest(net).encode())
     digest.update(json.dumps([config, words, tokenizer.truncation_side], sort_keys=True, default=str).encode())
     return digest.hexdigest()
