@@ -94,6 +94,12 @@ def frozen_base_parameters(net) -> list:
             if not (p.requires_grad or any(k in name for k in (*ADAPTER_NAMES, ".original_module.")) or not p.is_floating_point())]
 
 
+def quantized_weights(net) -> list:
+    """Names of ``net``'s quantized base weights (bitsandbytes' 4-bit and 8-bit: stored as integers), which
+    :func:`frozen_base_parameters` and so the fingerprint leave out."""
+    return [name for name, p in net.named_parameters() if not p.is_floating_point() and not any(k in name for k in ADAPTER_NAMES)]
+
+
 DRAWN_AT_LOAD = "_pyro_lora_drawn_at_load"  # set on a parameter the checkpoint lacked (pretrained.load_pretrained)
 
 
@@ -144,7 +150,7 @@ def _same_fingerprint(expected, actual) -> bool:
     return all(abs(e - a) <= scale for e, a in zip(expected, actual))
 
 
-_CONFIG_IGNORED = (  # names, dtypes, versions and run-time switches that leave the function unchanged
+CONFIG_IGNORED = (  # names, dtypes, versions and run-time switches that leave the function unchanged
     "_name_or_path", "torch_dtype", "dtype", "transformers_version", "architectures", "id2label", "label2id", "use_cache",
     "return_dict", "output_attentions", "output_hidden_states", "torchscript", "problem_type", "_attn_implementation",
 )
@@ -163,7 +169,7 @@ def _config(config):
             return all(plain(x) for x in v)
         return isinstance(v, (bool, int, float, str, type(None)))
 
-    return {k: json.loads(json.dumps(v)) for k, v in config.to_dict().items() if k not in _CONFIG_IGNORED and plain(v)}
+    return {k: json.loads(json.dumps(v)) for k, v in config.to_dict().items() if k not in CONFIG_IGNORED and plain(v)}
 
 
 def _tokens(net, adapter):

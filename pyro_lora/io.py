@@ -8,12 +8,13 @@ import math
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .contract import check_guide, describe, differences, weights_digest
+from .contract import check_guide, describe, differences, quantized_weights, weights_digest
 from .ownership import take_over, trainer
 from .distributed import is_main, on_main, refused_together
 
@@ -222,7 +223,8 @@ def _write_guide(guide, path, run, adapter):
         "base_model": getattr(getattr(model.net, "config", None), "_name_or_path", None),
         "signature": guide.signature,
         # every base weight, exactly (the signature's fingerprint reads 4096 entries per weight, tolerating a cast)
-        "base_weights": {"sha256": weights_digest(model.net), "dtype": str(model.compute_dtype)},
+        "base_weights": {"sha256": weights_digest(model.net), "dtype": str(model.compute_dtype),
+                         "quantized": bool(quantized_weights(model.net))},
     })
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / "guide.safetensors"))
@@ -350,14 +352,23 @@ def _check_tensors(file, tensors, guide, adapter_params, net_params):
 
 
 def _check_base_weights(path, meta, model):
-    """Refuse base weights other than the saved guide's, read whole (where it recorded them, on a base of its dtype:
-    the signature's fingerprint, of 4096 entries per weight, tolerates a cast)."""
+    """Refuse base weights other than the saved guide's, read whole (where it recorded them, on a base of its dtype
+    and quantization: the signature's fingerprint, of 4096 entries per weight, tolerates a cast). Quantized weights
+    of a base the guide was saved unquantized cannot be compared (the fingerprint reads float weights): warned."""
     saved = meta.get("base_weights")  # older guides did not record it
-    if (isinstance(saved, dict) and saved.get("dtype") == str(model.compute_dtype)
+    if not isinstance(saved, dict):
+        return
+    quantized = quantized_weights(model.net)
+    if (saved.get("dtype") == str(model.compute_dtype) and bool(saved.get("quantized", False)) == bool(quantized)
             and saved.get("sha256") != weights_digest(model.net)):
         raise ValueError(f"cannot load the guide at {path} into this model: the base weights differ from the ones the "
                          "guide was saved with (read whole: a change its fingerprint of 4096 entries per weight misses, "
                          "e.g. two embedding rows swapped): load the checkpoint it was fitted on")
+    if quantized and not saved.get("quantized", False):
+        warnings.warn(f"the guide at {path} was saved on an unquantized base and this model's base is quantized: its "
+                      f"{len(quantized)} quantized weights ({quantized[0]}, ...) could not be compared with the guide's "
+                      "base, only its other weights and configuration; load it on the base it was saved on to have "
+                      "every weight checked", stacklevel=3)
 
 
 def load_guide(path, model):

@@ -209,3 +209,32 @@ def test_the_weights_digest_reads_a_quantized_weights_scales(folder, tmp_path, q
     first = weights_digest(quantized(folder, quantization))
     assert weights_digest(quantized(folder, quantization)) == first
     assert weights_digest(quantized(doubled, quantization)) != first
+
+
+def test_a_guide_saved_unquantized_loads_on_the_quantized_checkpoint_with_a_warning_and_quantized_guides_compare_whole(
+        folder, tmp_path):
+    """A float32 guide on the 4-bit base of its own checkpoint was refused as "the base weights differ" (its whole-weight
+    digest was compared with the quantized codes, the dtype alone being alike); a 4-bit base whose every linear weight
+    came from another checkpoint loaded without a word (the fingerprint reads float weights only)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pyro_lora import load_guide, save_guide
+
+    dense = quantized(folder, None, dtype=torch.float32)
+    model = LoraModel(dense, SequenceClassification(), num_data=6)
+    save_guide(MAPGuide(model), tmp_path / "dense_guide")
+    on_nf4 = LoraModel(quantized(folder, "nf4", dtype=torch.float32), SequenceClassification(), num_data=6)
+    on_nf4.write_adapter({n: v.detach() for n, v in MAPGuide(model).mean().items()})
+    with pytest.warns(UserWarning, match=r"saved on an unquantized base .* quantized weights .* could not be compared"):
+        load_guide(tmp_path / "dense_guide", on_nf4)
+    save_guide(MAPGuide(on_nf4), tmp_path / "nf4_guide")
+    doubled = tmp_path / "doubled"
+    shutil.copytree(folder, doubled)
+    state = load_file(doubled / "model.safetensors")
+    save_file({k: v * 2 if k.endswith("proj.weight") else v for k, v in state.items()}, doubled / "model.safetensors",
+              metadata={"format": "pt"})
+    other = LoraModel(quantized(doubled, "nf4", dtype=torch.float32), SequenceClassification(), num_data=6)
+    with pytest.raises(ValueError, match="the base weights differ"):
+        load_guide(tmp_path / "nf4_guide", other)
