@@ -121,7 +121,9 @@ class EnsembleGuide(LoraGuide):
 
     def check_num_samples(self, num_samples):
         """Refuse ``num_samples`` that is not a multiple of ``K``: draw ``s`` is member ``s mod K``, so such ``S``
-        would weight the first ``S mod K`` members more than the others instead of ``1/K`` each."""
+        would weight the first ``S mod K`` members more than the others instead of ``1/K`` each; and any ``S`` that is
+        no positive integer."""
+        num_samples = check_count(num_samples, "num_samples")
         if num_samples % self.num_members:
             raise ValueError(_multiple_message(num_samples, self.num_members))
 

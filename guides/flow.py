@@ -207,6 +207,7 @@ class FlowGuide(LoraGuide):
     @torch.no_grad()
     def kl_terms(self, num_samples=16):
         """Per site, summed over layers: ``(KL(q(U) || p(U))`` from ``num_samples`` draws, the closed-form conditional KL)."""
+        num_samples = check_count(num_samples, "num_samples")
         out = {}
         for name, part in zip(self.sites, self.parts):
             f = part.factors()

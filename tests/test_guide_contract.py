@@ -125,6 +125,17 @@ def test_sample_refuses_a_count_that_is_no_positive_integer(built, count):
         guide.sample(count)
 
 
+@pytest.mark.parametrize("count", [True, 0, -2, 2.0, torch.tensor(2)])
+def test_an_ensembles_member_heads_and_a_flows_kl_draws_refuse_a_count_that_is_no_positive_integer(count):
+    _, ensemble = BUILDERS[EnsembleGuide]()  # 0 entered the context, a tensor was taken, -2 and 2.0 reached torch's errors
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        with ensemble.member_heads(count):
+            pass
+    _, flow = BUILDERS[FlowGuide]()
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        flow.kl_terms(count)
+
+
 def test_config_survives_json(built):
     _, guide = built
     config = guide.config()
