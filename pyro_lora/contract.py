@@ -153,6 +153,7 @@ def _same_fingerprint(expected, actual) -> bool:
 CONFIG_IGNORED = (  # names, dtypes, versions and run-time switches that leave the function unchanged
     "_name_or_path", "torch_dtype", "dtype", "transformers_version", "architectures", "id2label", "label2id", "use_cache",
     "return_dict", "output_attentions", "output_hidden_states", "torchscript", "problem_type", "_attn_implementation",
+    "quantization_config",  # bitsandbytes' settings, compute dtype included: the quantized weights' own check reads them
 )
 
 

@@ -358,17 +358,19 @@ def _check_base_weights(path, meta, model):
     saved = meta.get("base_weights")  # older guides did not record it
     if not isinstance(saved, dict):
         return
-    quantized = quantized_weights(model.net)
-    if (saved.get("dtype") == str(model.compute_dtype) and bool(saved.get("quantized", False)) == bool(quantized)
-            and saved.get("sha256") != weights_digest(model.net)):
-        raise ValueError(f"cannot load the guide at {path} into this model: the base weights differ from the ones the "
-                         "guide was saved with (read whole: a change its fingerprint of 4096 entries per weight misses, "
-                         "e.g. two embedding rows swapped): load the checkpoint it was fitted on")
-    if quantized and not saved.get("quantized", False):
-        warnings.warn(f"the guide at {path} was saved on an unquantized base and this model's base is quantized: its "
-                      f"{len(quantized)} quantized weights ({quantized[0]}, ...) could not be compared with the guide's "
-                      "base, only its other weights and configuration; load it on the base it was saved on to have "
-                      "every weight checked", stacklevel=3)
+    quantized, was_quantized = quantized_weights(model.net), bool(saved.get("quantized", False))
+    if saved.get("dtype") == str(model.compute_dtype) and was_quantized == bool(quantized):
+        if saved.get("sha256") != weights_digest(model.net):
+            raise ValueError(f"cannot load the guide at {path} into this model: the base weights differ from the ones the "
+                             "guide was saved with (read whole: a change its fingerprint of 4096 entries per weight "
+                             "misses, e.g. two embedding rows swapped): load the checkpoint it was fitted on")
+    elif quantized or was_quantized:  # the fingerprint reads float weights only: the quantized ones go unchecked
+        saved_as = f"{'a quantized' if was_quantized else 'an unquantized'} base in {saved.get('dtype')}"
+        now = f"{'a quantized' if quantized else 'an unquantized'} one in {model.compute_dtype}"
+        warnings.warn(f"the guide at {path} was saved on {saved_as} and this model has {now}: the weights quantized on "
+                      "either side could not be compared with the guide's base, only the others and the configuration; "
+                      "load it on a base of the dtype and quantization it was saved on to have every weight checked",
+                      stacklevel=3)
 
 
 def load_guide(path, model):

@@ -227,9 +227,18 @@ def test_a_guide_saved_unquantized_loads_on_the_quantized_checkpoint_with_a_warn
     save_guide(MAPGuide(model), tmp_path / "dense_guide")
     on_nf4 = LoraModel(quantized(folder, "nf4", dtype=torch.float32), SequenceClassification(), num_data=6)
     on_nf4.write_adapter({n: v.detach() for n, v in MAPGuide(model).mean().items()})
-    with pytest.warns(UserWarning, match=r"saved on an unquantized base .* quantized weights .* could not be compared"):
+    with pytest.warns(UserWarning, match=r"saved on an unquantized base .* has a quantized one .* could not be compared"):
         load_guide(tmp_path / "dense_guide", on_nf4)
     save_guide(MAPGuide(on_nf4), tmp_path / "nf4_guide")
+    changed = quantized(folder, None, dtype=torch.float32)  # the reverse: quantized guide, unquantized other weights
+    with torch.no_grad():
+        for n, p in changed.named_parameters():
+            if n.endswith("proj.weight") and "lora" not in n:
+                p.mul_(-3)
+    with pytest.warns(UserWarning, match=r"saved on a quantized base .* has an unquantized one"):
+        load_guide(tmp_path / "nf4_guide", LoraModel(changed, SequenceClassification(), num_data=6))
+    with pytest.warns(UserWarning, match=r"saved on a quantized base in torch.float32 .* quantized one in torch.bfloat16"):
+        load_guide(tmp_path / "nf4_guide", LoraModel(quantized(folder, "nf4"), SequenceClassification(), num_data=6))
     doubled = tmp_path / "doubled"
     shutil.copytree(folder, doubled)
     state = load_file(doubled / "model.safetensors")
