@@ -1024,6 +1024,19 @@ def test_bayesianize_under_another_seed_than_the_fit_is_refused_where_loading_dr
         S.bayesianize_adapter(small(tmp_path / "tfb2", model=str(folder), dtype="bf16"), adapter, anchors=8, iterations=1)
 
 
+def test_a_run_recorded_with_a_relative_model_path_is_the_same_model_given_absolute(tmp_path, monkeypatch):
+    """Runs recorded --model as given: with base digests of an older form compared by path, "tinybert" there and its
+    absolute path now were "another configuration" (the run refused, its MAP trained again)."""
+    from pyro_lora.experiments.results import config_differences
+
+    (tmp_path / "tinybert").mkdir()
+    monkeypatch.chdir(tmp_path)
+    saved = {"config": asdict(CompareConfig(model="tinybert"))}
+    assert config_differences(saved, CompareConfig(model=str(tmp_path / "tinybert"))) == {}
+    assert config_differences(saved, CompareConfig(model="./tinybert")) == {}
+    assert "model" in config_differences(saved, CompareConfig(model="minilm"))
+
+
 def test_a_fit_run_records_a_local_models_path_absolute(tmp_path, monkeypatch):
     """run.json kept --model as given: a run fitted with a relative path could not be evaluated from another working
     directory ("'tinybert' is neither an embedded model nor a local model folder")."""

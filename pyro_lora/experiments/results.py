@@ -24,6 +24,7 @@ from ..data import resolve_data_dir
 from ..distributed import is_main
 from ..io import atomic_file, check_file_slot, read_safetensors, standard_json, write_json
 from ..locking import FolderLocked, locked_elsewhere
+from ..model_files import local_model_path
 from .plots import metric_scatter, reliability_diagram, reliability_grid
 from .setup import ADDED_SETTINGS, BASE_DIGEST_VERSION, state_digest
 from .study_header import now
@@ -514,7 +515,10 @@ def config_differences(saved, config, ignore=(), data=None):
 
 
 def _comparable(key, value):
-    """``value`` as it reads back from JSON (tuples become lists); a data folder as its absolute path."""
+    """``value`` as it reads back from JSON (tuples become lists); a data folder and a local model as their absolute
+    paths (a run recorded ``--model tinybert`` before local models were recorded absolute)."""
+    if key == "model":
+        return str(local_model_path(value) or value)
     if key == "data_dir":
         try:
             return str(resolve_data_dir(value))
