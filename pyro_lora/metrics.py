@@ -18,9 +18,10 @@ import math
 from fractions import Fraction
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
-from .checks import check_count
+from .checks import check_count, check_positive
 
 __all__ = [
     "ReliabilityBins",
@@ -65,10 +66,14 @@ def _tensor(x, name: str) -> torch.Tensor:
 
     :raises ValueError: for complex values (torch would drop the imaginary part with a warning).
     """
-    t = torch.as_tensor(x) if isinstance(x, torch.Tensor) or hasattr(x, "dtype") else torch.as_tensor(x, dtype=torch.float64)
-    if t.is_complex():
-        raise ValueError(f"{name} must be real, got dtype {t.dtype}")
-    return t.detach()
+    if not isinstance(x, torch.Tensor):
+        array = np.asarray(x)  # a list of numpy or torch scalars too
+        if np.iscomplexobj(array):
+            raise ValueError(f"{name} must be real, got dtype {array.dtype}")
+        x = torch.as_tensor(array if hasattr(x, "dtype") else array.astype(np.float64))
+    if x.is_complex():
+        raise ValueError(f"{name} must be real, got dtype {x.dtype}")
+    return x.detach()
 
 
 def _as_float(x, name: str) -> torch.Tensor:
@@ -316,12 +321,22 @@ def accuracy_at_coverage(probs: torch.Tensor, labels: torch.Tensor, coverage: fl
 
     :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
     """
-    if not 0.0 < coverage <= 1.0:
+    if check_positive(coverage, "coverage") > 1.0:  # bools refused: True is a slip, not 100%
         raise ValueError(f"coverage must be in (0, 1], got {coverage}")
     _, accuracies = risk_coverage(probs, labels)
     # half up (Python's round() keeps 2 of 5 at 0.5), in exact decimals: 0.7 * 45 is 31.499999999999996 in floats
-    k = max(1, math.floor(Fraction(repr(float(coverage))) * len(accuracies) + Fraction(1, 2)))
+    k = max(1, math.floor(_decimal(coverage) * len(accuracies) + Fraction(1, 2)))
     return float(accuracies[k - 1])
+
+
+def _decimal(x) -> Fraction:
+    """``x`` as the decimal written for it: its shortest repr at its own precision (a float32 0.7 is 0.699999988 in
+    float64)."""
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    if hasattr(x, "dtype"):
+        return Fraction(np.format_float_positional(np.asarray(x)[()], unique=True))
+    return Fraction(repr(float(x)))
 
 
 def aurc(probs: torch.Tensor, labels: torch.Tensor) -> float:

@@ -373,3 +373,24 @@ def test_a_bfloat16_row_three_percent_short_of_one_is_refused():
     short = torch.tensor([[0.96875, 0.0], [0.0, 0.96875]], dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="probability vectors"):
         metrics.ece(short, torch.tensor([0, 1]))
+
+
+@pytest.mark.parametrize("coverage", [0.7, np.float32(0.7), torch.tensor(0.7), np.float64(0.7)])
+def test_accuracy_at_coverage_reads_the_coverage_at_its_own_precision(coverage):
+    """A float32 0.7 is 0.699999988 in float64: 45 rows kept 31 examples, not 32."""
+    conf = torch.linspace(0.99, 0.55, 45, dtype=torch.float64)
+    labels = torch.zeros(45, dtype=torch.long)
+    labels[31] = 1
+    assert metrics.accuracy_at_coverage(torch.stack([conf, 1 - conf], 1), labels, coverage) == pytest.approx(31 / 32)
+
+
+@pytest.mark.parametrize("coverage", [True, 0, 1.5, float("nan"), "0.5"])
+def test_accuracy_at_coverage_refuses_what_is_no_fraction(coverage):
+    with pytest.raises(ValueError, match="coverage must be"):
+        metrics.accuracy_at_coverage(PROBS, LABELS, coverage)
+
+
+@pytest.mark.parametrize("scores", [[np.complex128(1 + 1j), np.complex128(2)], [1 + 1j, 2.0], [torch.tensor(1 + 1j)]])
+def test_complex_scores_in_lists_are_refused_by_name(scores):
+    with pytest.raises(ValueError, match="scores_in must be real"):
+        metrics.auroc(scores, [3.0, 4.0])

@@ -1085,6 +1085,17 @@ def test_a_loss_of_exactly_one_accuracy_point_is_no_more_than_one():
     assert any("loses no more than 1 accuracy point" in line for line in lines), lines
 
 
+def test_a_loss_above_one_point_is_shown_with_the_digits_that_put_it_above():
+    """-1.04 points printed as -1.0 beside "more than 1 point" contradicted itself, in the report and the verdict."""
+    from pyro_lora.experiments.verdict import verdict
+
+    runs = _shift_run(lambda s: [("map", "openbookqa", {"accuracy": 0.3514}), ("tfb", "openbookqa", {"accuracy": 0.341}),
+                                 ("temperature", "openbookqa", {"accuracy": 0.3514})])
+    lines = report.guide_sentences(_tables(runs), "tfb", report.set_labels(runs))
+    assert any("loses more than 1 accuracy point to MAP on OBQA (-1.04) points" in line for line in lines), lines
+    assert "more than 1 point below it: tfb -1.04" in verdict(runs["openbookqa"]["per_seed"], "openbookqa")
+
+
 def test_ood_detection_is_judged_against_maps_entropy_auroc_not_its_mi_of_one_half():
     """MAP's MI AUROC is 0.5 by construction; taken as its "better of the two" it hid an entropy AUROC below 0.5."""
     def rows(s):

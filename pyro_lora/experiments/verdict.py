@@ -210,7 +210,7 @@ def verdict(rows, dataset) -> str:
         # rounded: 0.80 - 0.79 is 1.0000000000000009 points, which "more than 1 point: -1.0" would contradict
         lost = [g for g in values["accuracy"] if round(100 * (ref - _mean(values["accuracy"], g)), 9) > ACCURACY_POINTS]
         means = _by_guide(rows, dataset, "mean_accuracy")[0]
-        detail = [f"{g} {100 * (_mean(values['accuracy'], g) - ref):+.1f}" + _why(means, g, ref) for g in lost]
+        detail = [f"{g} {100 * (_mean(values['accuracy'], g) - ref):+.2f}" + _why(means, g, ref) for g in lost]  # -1.04: not -1.0
         lines.append(f"- Accuracy against MAP ({ref:.3f}): " + (f"more than {ACCURACY_POINTS:g} point below it: "
                      f"{', '.join(detail)}." if lost else f"none more than {ACCURACY_POINTS:g} point below it."))
     else:
@@ -236,7 +236,7 @@ def _why(means, guide, ref) -> str:
         return ""
     drop = 100 * (_mean(means, guide) - ref)
     cause = "the weight noise costs it" if round(-drop, 9) <= ACCURACY_POINTS else "its fit itself costs it"
-    return f" (its posterior mean {drop:+.1f}: {cause})"
+    return f" (its posterior mean {drop:+.2f}: {cause})"
 
 
 def _against_baseline(rows, values, left):
