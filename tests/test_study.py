@@ -233,7 +233,7 @@ def test_does_not_beat_map_names_exactly_the_right_sets(runs, tmp_path):
     ece = _sentence(md, "- **meanfield** does not beat MAP on ECE")
     assert _named_sets(ece) == ["OBQA"]
     accuracy = _sentence(md, "- **meanfield** loses more than 1 accuracy point")
-    assert _named_sets(accuracy) == ["ARC-E"] and "(-5.0)" in accuracy
+    assert _named_sets(accuracy) == ["ARC-E"] and "(-5.00)" in accuracy
     temperature = _sentence(md, "- **meanfield**'s mean is not below temperature scaling's")
     assert "NLL on ARC-E (+0.250)" in temperature and "ECE on OBQA (+7.00)" in temperature
     assert _named_sets(temperature) == ["ARC-E", "OBQA"]
@@ -1094,6 +1094,11 @@ def test_a_loss_above_one_point_is_shown_with_the_digits_that_put_it_above():
     lines = report.guide_sentences(_tables(runs), "tfb", report.set_labels(runs))
     assert any("loses more than 1 accuracy point to MAP on OBQA (-1.04) points" in line for line in lines), lines
     assert "more than 1 point below it: tfb -1.04" in verdict(runs["openbookqa"]["per_seed"], "openbookqa")
+    runs = _shift_run(lambda s: [("map", "openbookqa", {"accuracy": 0.8}), ("tfb", "openbookqa", {"accuracy": 0.78996}),
+                                 ("temperature", "openbookqa", {"accuracy": 0.8})])
+    lines = report.guide_sentences(_tables(runs), "tfb", report.set_labels(runs))
+    assert any("loses no more than 1 accuracy point" in line for line in lines), lines  # 1.004 points prints 1.00
+    assert "none more than 1 point below it" in verdict(runs["openbookqa"]["per_seed"], "openbookqa")
 
 
 def test_ood_detection_is_judged_against_maps_entropy_auroc_not_its_mi_of_one_half():

@@ -382,7 +382,7 @@ def test_verdict_counts_a_win_only_where_the_paired_interval_excludes_zero():
     assert "Validation-tuned: beat temperature scaling (ECE 3.00, NLL 0.430) on both ECE and NLL: laplace_val (Bayesian: laplace_val); on NLL only: none." in text
     assert "No validation data: beat temperature scaling (ECE 3.00, NLL 0.430) on both ECE and NLL: none" in text
     assert "ECE x100: laplace+ts (2.50)" in text  # the best mean, whatever the noise
-    assert "more than 1 point below it: laplace -2.0" in text
+    assert "more than 1 point below it: laplace -2.00" in text
     one = verdict([r for r in rows if r["seed"] == 1], "sst2")
     assert "1 seed: no interval" in one and "on both ECE and NLL: laplace_val" in one
     assert verdict(rows, "boolq") == ""
@@ -441,9 +441,9 @@ def test_the_verdict_says_whether_the_noise_or_the_fit_costs_accuracy():
     for r in rows:
         r.update({"meanfield": {"mean_accuracy": 0.795}, "blora_xs": {"mean_accuracy": 0.75}}.get(r["guide"], {}))
     text = verdict(rows, "sst2")
-    assert "meanfield -3.0 (its posterior mean -0.5: the weight noise costs it)" in text
-    assert "blora_xs -6.0 (its posterior mean -5.0: its fit itself costs it)" in text
-    assert "ivon -4.0," in text or "ivon -4.0.\n" in text + "\n"  # no mean accuracy: no reason given
+    assert "meanfield -3.00 (its posterior mean -0.50: the weight noise costs it)" in text
+    assert "blora_xs -6.00 (its posterior mean -5.00: its fit itself costs it)" in text
+    assert "ivon -4.00," in text or "ivon -4.00.\n" in text + "\n"  # no mean accuracy: no reason given
 
 
 def test_the_verdict_names_ties_and_leaves_out_a_method_with_a_missing_value():

@@ -140,18 +140,20 @@ def average_ranks(table, labels, lower_better=True):
     return {g: float(np.mean(r)) if r else float("nan") for g, r in ranks.items()}
 
 
-def not_beating(table, guide, reference, labels, lower_better=True, margin=0.0):
+def not_beating(table, guide, reference, labels, lower_better=True, margin=0.0, digits=9):
     """The set labels where ``guide`` does not beat ``reference``, with the difference ``guide - reference``.
 
     Lower-is-better metrics: sets where ``guide >= reference - margin`` (with ``margin=0`` a tie does not beat).
-    Higher-is-better metrics: sets where ``guide`` is more than ``margin`` below ``reference``.
+    Higher-is-better metrics: sets where ``guide`` is more than ``margin`` below ``reference``. The difference is
+    compared as rounded to ``digits`` (the digits a sentence prints: a loss of 1.004 points shows as 1.00, no loss of
+    more than 1).
     """
     out = []
     for label in labels:
         if label not in table.get(guide, {}) or label not in table.get(reference, {}):
             continue
         diff = table[guide][label] - table[reference][label]
-        shown = round(diff, 9)  # 0.79 - 0.80 is -0.010000000000000009: "more than 1 point (-1.0)" would contradict itself
+        shown = round(diff, digits)  # 0.79 - 0.80 is -0.010000000000000009: "more than 1 point (-1.00)" contradicted
         if (lower_better and shown >= -margin) or (not lower_better and shown < -margin):
             out.append((label, diff))
     return out
@@ -186,7 +188,7 @@ def guide_sentences(tables, guide, labels):
         else:
             lines.append(f"**{guide}** beats MAP on {_name(metric)} on every set ({n} of {n}).")
     if _compared(tables, "accuracy", guide, "map", labels):
-        drops = not_beating(tables["accuracy"], guide, "map", labels, lower_better=False, margin=ACCURACY_MARGIN)
+        drops = not_beating(tables["accuracy"], guide, "map", labels, lower_better=False, margin=ACCURACY_MARGIN, digits=4)
         if drops:
             lines.append(f"**{guide}** loses more than 1 accuracy point to MAP on {_listing(drops, 2, 100)} points.")  # -1.04, not -1.0
         else:
