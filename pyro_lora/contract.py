@@ -56,6 +56,7 @@ def describe(model) -> dict:
             "architecture": getattr(config, "model_type", None),
             "config": _config(config),
             "fingerprint": _fingerprint(net),
+            "quantized": quantized_weights(net),  # left out of the fingerprint
         },
         "head": _head(net, adapter),
         "tokens": _tokens(net, adapter),
@@ -98,6 +99,19 @@ def quantized_weights(net) -> list:
     """Names of ``net``'s quantized base weights (bitsandbytes' 4-bit and 8-bit: stored as integers), which
     :func:`frozen_base_parameters` and so the fingerprint leave out."""
     return [name for name, p in net.named_parameters() if not p.is_floating_point() and not any(k in name for k in ADAPTER_NAMES)]
+
+
+def quantization(net) -> str | None:
+    """SHA-256 of how ``net``'s base is quantized (which weights, and bitsandbytes' settings: quant type, double
+    quantization, block size, but not the compute dtype, a cast), ``None`` for an unquantized base: two bases of
+    one checkpoint quantized alike hold the same codes and scales."""
+    names = quantized_weights(net)
+    if not names:
+        return None
+    config = getattr(net, "config", None)
+    settings = (config.to_dict().get("quantization_config") if hasattr(config, "to_dict") else None) or {}
+    settings = {k: v for k, v in settings.items() if "compute_dtype" not in k}
+    return hashlib.sha256(json.dumps([names, settings], sort_keys=True, default=str).encode()).hexdigest()
 
 
 DRAWN_AT_LOAD = "_pyro_lora_drawn_at_load"  # set on a parameter the checkpoint lacked (pretrained.load_pretrained)
@@ -232,7 +246,10 @@ def _base_differences(expected, actual):
     ef, af = expected["fingerprint"], actual["fingerprint"]
     # the name is often a folder (a local checkpoint, the embedded models' install path): the same weights read from
     # another folder or machine are the same base
-    same_weights = isinstance(ef, dict) and ef.keys() == af.keys() and all(_same_fingerprint(ef[n], af[n]) for n in ef)
+    # weights quantized on one side are fingerprinted on the other only: the rest must be the same and agree
+    unfingerprinted = {*expected.get("quantized", ()), *actual.get("quantized", ())}
+    same_weights = (isinstance(ef, dict) and ef.keys() & af.keys() and set(ef) ^ set(af) <= unfingerprinted
+                    and all(_same_fingerprint(ef[n], af[n]) for n in ef.keys() & af.keys()))
     if expected["architecture"] != actual["architecture"] or (expected["name"] != actual["name"] and not same_weights):
         return [
             f"the guide's base model is {expected['name']!r} ({expected['architecture']}), the model's is "

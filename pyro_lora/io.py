@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .contract import check_guide, describe, differences, quantized_weights, weights_digest
+from .contract import check_guide, describe, differences, quantization, weights_digest
 from .ownership import take_over, trainer
 from .distributed import is_main, on_main, refused_together
 
@@ -224,7 +224,7 @@ def _write_guide(guide, path, run, adapter):
         "signature": guide.signature,
         # every base weight, exactly (the signature's fingerprint reads 4096 entries per weight, tolerating a cast)
         "base_weights": {"sha256": weights_digest(model.net), "dtype": str(model.compute_dtype),
-                         "quantized": bool(quantized_weights(model.net))},
+                         "quantization": quantization(model.net)},
     })
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / "guide.safetensors"))
@@ -353,24 +353,29 @@ def _check_tensors(file, tensors, guide, adapter_params, net_params):
 
 def _check_base_weights(path, meta, model):
     """Refuse base weights other than the saved guide's, read whole (where it recorded them, on a base of its dtype
-    and quantization: the signature's fingerprint, of 4096 entries per weight, tolerates a cast). Quantized weights
-    of a base the guide was saved unquantized cannot be compared (the fingerprint reads float weights): warned."""
+    and quantization: the signature's fingerprint, of 4096 entries per weight, tolerates a cast). Where either side
+    is quantized otherwise, the quantized weights cannot be compared (the fingerprint reads float weights): warned."""
     saved = meta.get("base_weights")  # older guides did not record it
     if not isinstance(saved, dict):
         return
-    quantized, was_quantized = quantized_weights(model.net), bool(saved.get("quantized", False))
-    if saved.get("dtype") == str(model.compute_dtype) and was_quantized == bool(quantized):
-        if saved.get("sha256") != weights_digest(model.net):
+    now = quantization(model.net)
+    known = "quantization" in saved  # guides of 2026-12-02 and before recorded the dtype alone
+    was = saved.get("quantization")
+    if saved.get("dtype") == str(model.compute_dtype) and (not known or was == now):
+        if saved.get("sha256") == weights_digest(model.net):
+            return
+        if known or now is None:
             raise ValueError(f"cannot load the guide at {path} into this model: the base weights differ from the ones the "
                              "guide was saved with (read whole: a change its fingerprint of 4096 entries per weight "
                              "misses, e.g. two embedding rows swapped): load the checkpoint it was fitted on")
-    elif quantized or was_quantized:  # the fingerprint reads float weights only: the quantized ones go unchecked
-        saved_as = f"{'a quantized' if was_quantized else 'an unquantized'} base in {saved.get('dtype')}"
-        now = f"{'a quantized' if quantized else 'an unquantized'} one in {model.compute_dtype}"
-        warnings.warn(f"the guide at {path} was saved on {saved_as} and this model has {now}: the weights quantized on "
-                      "either side could not be compared with the guide's base, only the others and the configuration; "
-                      "load it on a base of the dtype and quantization it was saved on to have every weight checked",
-                      stacklevel=3)
+    elif not (now or was):
+        return  # a cast of an unquantized base: the fingerprint compared every weight
+    then = "a base of unrecorded quantization" if not known else "a quantized base" if was else "an unquantized base"
+    other = " otherwise" if known and was and now and was != now else ""
+    warnings.warn(f"the guide at {path} was saved on {then} in {saved.get('dtype')}, and this model's base is "
+                  f"{'quantized' if now else 'unquantized'}{other} in {model.compute_dtype}: the weights quantized on "
+                  "either side could not be compared with the guide's base, only the others and the configuration; load "
+                  "it on a base of the dtype and quantization it was saved on to have every weight checked", stacklevel=3)
 
 
 def load_guide(path, model):

@@ -227,7 +227,7 @@ def test_a_guide_saved_unquantized_loads_on_the_quantized_checkpoint_with_a_warn
     save_guide(MAPGuide(model), tmp_path / "dense_guide")
     on_nf4 = LoraModel(quantized(folder, "nf4", dtype=torch.float32), SequenceClassification(), num_data=6)
     on_nf4.write_adapter({n: v.detach() for n, v in MAPGuide(model).mean().items()})
-    with pytest.warns(UserWarning, match=r"saved on an unquantized base .* has a quantized one .* could not be compared"):
+    with pytest.warns(UserWarning, match=r"saved on an unquantized base .* base is quantized in .* could not be compared"):
         load_guide(tmp_path / "dense_guide", on_nf4)
     save_guide(MAPGuide(on_nf4), tmp_path / "nf4_guide")
     changed = quantized(folder, None, dtype=torch.float32)  # the reverse: quantized guide, unquantized other weights
@@ -235,9 +235,9 @@ def test_a_guide_saved_unquantized_loads_on_the_quantized_checkpoint_with_a_warn
         for n, p in changed.named_parameters():
             if n.endswith("proj.weight") and "lora" not in n:
                 p.mul_(-3)
-    with pytest.warns(UserWarning, match=r"saved on a quantized base .* has an unquantized one"):
+    with pytest.warns(UserWarning, match=r"saved on a quantized base .* base is unquantized in"):
         load_guide(tmp_path / "nf4_guide", LoraModel(changed, SequenceClassification(), num_data=6))
-    with pytest.warns(UserWarning, match=r"saved on a quantized base in torch.float32 .* quantized one in torch.bfloat16"):
+    with pytest.warns(UserWarning, match=r"saved on a quantized base in torch.float32, and this model's base is quantized in torch.bfloat16"):
         load_guide(tmp_path / "nf4_guide", LoraModel(quantized(folder, "nf4"), SequenceClassification(), num_data=6))
     doubled = tmp_path / "doubled"
     shutil.copytree(folder, doubled)
@@ -247,3 +247,37 @@ def test_a_guide_saved_unquantized_loads_on_the_quantized_checkpoint_with_a_warn
     other = LoraModel(quantized(doubled, "nf4", dtype=torch.float32), SequenceClassification(), num_data=6)
     with pytest.raises(ValueError, match="the base weights differ"):
         load_guide(tmp_path / "nf4_guide", other)
+
+
+def test_a_guide_on_another_quantization_or_folder_of_its_checkpoint_loads_with_a_warning_and_an_older_record_loads(
+        folder, tmp_path):
+    """An nf4 guide on the int8 base of its checkpoint was refused as "the base weights differ" (the whole-weight
+    digest reads codes and scales of another quantization); the same checkpoint copied to another folder and
+    quantized was "another base model" (the fingerprint's names differed by the quantized weights); a guide saved
+    before the quantization was recorded was said to come from an unquantized base."""
+    import json
+    import shutil
+    import warnings
+
+    from pyro_lora import load_guide, save_guide
+
+    nf4 = LoraModel(quantized(folder, "nf4", dtype=torch.float32), SequenceClassification(), num_data=6)
+    save_guide(MAPGuide(nf4), tmp_path / "nf4_guide")
+    int8 = LoraModel(quantized(folder, "int8", dtype=torch.float32), SequenceClassification(), num_data=6)
+    with pytest.warns(UserWarning, match=r"saved on a quantized base in torch.float32, and this model's base is quantized "
+                                         r"otherwise in torch.float32"):
+        load_guide(tmp_path / "nf4_guide", int8)
+    copy = tmp_path / "copy"
+    shutil.copytree(folder, copy)
+    dense = LoraModel(quantized(copy, None, dtype=torch.float32), SequenceClassification(), num_data=6)
+    save_guide(MAPGuide(dense), tmp_path / "dense_guide")
+    with pytest.warns(UserWarning, match="could not be compared"):
+        load_guide(tmp_path / "dense_guide", LoraModel(quantized(folder, "nf4", dtype=torch.float32), SequenceClassification(),
+                                                       num_data=6))
+    record = json.loads((tmp_path / "nf4_guide" / "guide.json").read_text())
+    del record["base_weights"]["quantization"]  # as guides saved before it was recorded
+    (tmp_path / "nf4_guide" / "guide.json").write_text(json.dumps(record))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same base: its whole-weight digest agrees, nothing to say
+        load_guide(tmp_path / "nf4_guide", LoraModel(quantized(folder, "nf4", dtype=torch.float32), SequenceClassification(),
+                                                     num_data=6))
