@@ -514,6 +514,7 @@ def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int
     :raises ValueError: for ``"mc"`` with a covariance that is not finite."""
     if link == "probit":
         return probit(mean, cov.unsqueeze(0)).to(mean.dtype)
+    num_samples = check_count(num_samples, "num_samples")
     if not bool(torch.isfinite(cov).all()):
         raise ValueError(f"the logit covariance is not finite (largest variance {float(cov.diagonal(dim1=-2, dim2=-1).max()):.3g}"
                          f" in {cov.dtype}): a prior precision this small overflows the posterior covariance; use a "

@@ -67,9 +67,16 @@ def _tensor(x, name: str) -> torch.Tensor:
     :raises ValueError: for complex values (torch would drop the imaginary part with a warning).
     """
     if not isinstance(x, torch.Tensor):
-        array = np.asarray(x)  # a list of numpy or torch scalars too
+        try:
+            array = np.asarray(x)  # a list of numpy or torch scalars too
+            if array.dtype.kind == "O":  # Decimal, Fraction, mixed scalars
+                array = array.astype(np.float64)
+        except (TypeError, ValueError) as err:  # ragged rows, objects that are no numbers
+            raise ValueError(f"{name} must be an array of numbers: {err}") from None
         if np.iscomplexobj(array):
             raise ValueError(f"{name} must be real, got dtype {array.dtype}")
+        if array.dtype.kind not in "biuf":  # strings: "0.1" is no probability, as a coverage "0.5" is no fraction
+            raise ValueError(f"{name} must be numbers, got dtype {array.dtype}")
         x = torch.as_tensor(array if hasattr(x, "dtype") else array.astype(np.float64))
     if x.is_complex():
         raise ValueError(f"{name} must be real, got dtype {x.dtype}")
@@ -106,7 +113,12 @@ def check_labels(labels, n: int, c: int) -> torch.Tensor:
     :raises ValueError: for another shape than ``[n]``, a float, complex or bool dtype, or a value outside ``[0, c)``
         (e.g. an ignore index -100).
     """
-    labels = torch.as_tensor(labels).detach()
+    if not isinstance(labels, torch.Tensor):
+        array = np.asarray(labels)
+        if array.dtype.kind not in "biufc":
+            raise ValueError(f"labels must be integer class indices, got dtype {array.dtype}")
+        labels = torch.as_tensor(array)
+    labels = labels.detach()
     if labels.ndim != 1:
         raise ValueError(f"labels must have shape [N], got {tuple(labels.shape)}")
     if labels.shape[0] != n:
@@ -321,7 +333,7 @@ def accuracy_at_coverage(probs: torch.Tensor, labels: torch.Tensor, coverage: fl
 
     :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
     """
-    if check_positive(coverage, "coverage") > 1.0:  # bools refused: True is a slip, not 100%
+    if getattr(coverage, "ndim", 0) or check_positive(coverage, "coverage") > 1.0:  # True is a slip, not 100%
         raise ValueError(f"coverage must be in (0, 1], got {coverage}")
     _, accuracies = risk_coverage(probs, labels)
     # half up (Python's round() keeps 2 of 5 at 0.5), in exact decimals: 0.7 * 45 is 31.499999999999996 in floats

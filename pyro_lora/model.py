@@ -14,6 +14,7 @@ import torch
 from peft.utils import ModulesToSaveWrapper
 
 from . import handoff, pyro_params, quantized
+from .checks import check_count
 from .contract import parameter_adapter
 from .ownership import head_trainer, unwritten_fit
 from .distributions import isotropic_normal
@@ -347,6 +348,8 @@ class LoraModel:
             masked multiple-choice answer).
         """
         self.check_network()
+        if num_samples is not None:
+            num_samples = check_count(num_samples, "num_samples", alternative="or None for values without a sample dim")
         with _autocast(self.device, self.compute_dtype):
             logits = self._logits(batch, values, num_samples, flipout_locs).float()
         # -inf is a masked choice (multiple choice); NaN or +inf is an overflow

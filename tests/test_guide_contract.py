@@ -136,6 +136,17 @@ def test_an_ensembles_member_heads_and_a_flows_kl_draws_refuse_a_count_that_is_n
         flow.kl_terms(count)
 
 
+@pytest.mark.parametrize("count", [True, 0, -1, 2.0, torch.tensor(2)])
+def test_the_models_sampled_logits_and_the_glm_draws_refuse_a_count_that_is_no_positive_integer(count):
+    from pyro_lora.kfac import glm_probs
+
+    model, guide = BUILDERS[MAPGuide]()  # 0 returned an empty [0, N, C]; True and 2.0 reached torch's errors
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        model.logits(data()[0], guide.sample(2), num_samples=count)
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        glm_probs(torch.zeros(3, 2), torch.eye(2).expand(3, 2, 2), "mc", count)
+
+
 def test_config_survives_json(built):
     _, guide = built
     config = guide.config()

@@ -394,3 +394,23 @@ def test_accuracy_at_coverage_refuses_what_is_no_fraction(coverage):
 def test_complex_scores_in_lists_are_refused_by_name(scores):
     with pytest.raises(ValueError, match="scores_in must be real"):
         metrics.auroc(scores, [3.0, 4.0])
+
+
+@pytest.mark.parametrize("scores", [["0.1", "0.5"], [torch.tensor([0.1]), torch.tensor(0.5)], [object(), 0.5]])
+def test_scores_that_are_no_array_of_numbers_are_refused_by_name(scores):
+    with pytest.raises(ValueError, match="scores_in must be"):  # strings were parsed ("0.1" read as 0.1)
+        metrics.auroc(scores, [0.3, 0.9])
+
+
+def test_object_arrays_of_numbers_are_scored_as_their_lists_are():
+    from decimal import Decimal
+
+    values = [0.1, Decimal("0.5")]
+    assert metrics.auroc(np.array(values, dtype=object), [0.3, 0.9]) == metrics.auroc(values, [0.3, 0.9]) == 0.75
+
+
+def test_string_labels_and_a_coverage_of_several_values_are_refused_by_name():
+    with pytest.raises(ValueError, match="labels must be integer class indices"):
+        metrics.nll(PROBS, ["0", "1", "1", "1"][: len(LABELS)])
+    with pytest.raises(ValueError, match="coverage must be"):
+        metrics.accuracy_at_coverage(PROBS, LABELS, torch.tensor([0.7]))

@@ -1035,6 +1035,7 @@ def test_a_run_recorded_with_a_relative_model_path_is_the_same_model_given_absol
     assert config_differences(saved, CompareConfig(model=str(tmp_path / "tinybert"))) == {}
     assert config_differences(saved, CompareConfig(model="./tinybert")) == {}
     assert "model" in config_differences(saved, CompareConfig(model="minilm"))
+    assert "model" in config_differences({"config": {"model": None}}, {"model": "minilm"})  # a corrupt record: no TypeError
 
 
 def test_a_fit_run_records_a_local_models_path_absolute(tmp_path, monkeypatch):

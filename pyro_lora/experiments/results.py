@@ -517,7 +517,7 @@ def config_differences(saved, config, ignore=(), data=None):
 def _comparable(key, value):
     """``value`` as it reads back from JSON (tuples become lists); a data folder and a local model as their absolute
     paths (a run recorded ``--model tinybert`` before local models were recorded absolute)."""
-    if key == "model":
+    if key == "model" and isinstance(value, str) and value:  # a corrupt record's value is compared as written
         return str(local_model_path(value) or value)
     if key == "data_dir":
         try:
