@@ -123,16 +123,17 @@ def drawn_at_load(parameter) -> bool:
     return getattr(parameter, DRAWN_AT_LOAD, False)
 
 
-def weights_digest(net) -> str:
+def weights_digest(net, dtype=None) -> str:
     """SHA-256 of every frozen weight ``net``'s checkpoint gave, whole and exact: the base weights, a trained head's
     frozen original (``.original_module.``), quantized weights with their scales (bitsandbytes' ``quant_state``,
-    ``SCB``); not the adapter's, and not the weights drawn at load (:func:`drawn_at_load`), which differ by seed."""
+    ``SCB``); not the adapter's, and not the weights drawn at load (:func:`drawn_at_load`), which differ by seed.
+    With ``dtype``, the floating-point weights as cast to it: the digest of the same checkpoint loaded in that dtype."""
     digest = hashlib.sha256()
     for name, p in net.named_parameters():
         if p.requires_grad or any(k in name for k in ADAPTER_NAMES) or drawn_at_load(p):
             continue
         digest.update(name.encode())
-        parts = [p.detach()]
+        parts = [p.detach().to(dtype) if dtype is not None and p.is_floating_point() else p.detach()]
         state = getattr(p, "quant_state", None)  # NF4: the codes are the parameter, the block scales live here
         if state is not None:
             parts += [v for _, v in sorted(state.as_dict(packed=True).items()) if isinstance(v, torch.Tensor)]

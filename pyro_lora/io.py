@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .contract import check_guide, describe, differences, quantization, weights_digest
+from .contract import check_guide, describe, differences, frozen_base_parameters, quantization, quantized_weights, weights_digest
 from .ownership import take_over, trainer
 from .distributed import is_main, on_main, refused_together
 
@@ -223,8 +223,7 @@ def _write_guide(guide, path, run, adapter):
         "base_model": getattr(getattr(model.net, "config", None), "_name_or_path", None),
         "signature": guide.signature,
         # every base weight, exactly (the signature's fingerprint reads 4096 entries per weight, tolerating a cast)
-        "base_weights": {"sha256": weights_digest(model.net), "dtype": str(model.compute_dtype),
-                         "quantization": quantization(model.net)},
+        "base_weights": _base_weights(model),
     })
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / "guide.safetensors"))
@@ -351,6 +350,48 @@ def _check_tensors(file, tensors, guide, adapter_params, net_params):
         raise ValueError(f"{file} lacks the {owner} tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}")
 
 
+# the half dtypes a base is loaded in: a checkpoint's weights cast to one are the same whichever dtype they were cast
+# from (float32 or the half dtype itself), so a guide is checked whole across such a cast
+_CASTS = {str(d): d for d in (torch.bfloat16, torch.float16)}
+
+
+def _base_weights(model) -> dict:
+    """What :func:`_check_base_weights` compares: SHA-256s of every base weight as the model holds them and, for an
+    unquantized base, as cast to each half dtype it can be read in (both from float32, its own from a half dtype: a
+    module transformers keeps in float32 is cast too); the dtype; the quantization
+    (:func:`~pyro_lora.contract.quantization`)."""
+    record = {"sha256": weights_digest(model.net), "dtype": str(model.compute_dtype), "quantization": quantization(model.net)}
+    if record["quantization"] is None:
+        record["cast_sha256"] = {name: weights_digest(model.net, d) for name, d in _CASTS.items()
+                                 if model.compute_dtype in (torch.float32, d)}
+    return record
+
+
+def _saved_quantization(saved, meta, net) -> tuple[bool, bool]:
+    """(whether the guide's base was quantized, whether its quantization settings were recorded). Guides saved
+    earlier recorded a flag, or nothing: then a base weight of the model missing from the guide's fingerprint,
+    which reads float weights only, was quantized there."""
+    if "quantization" in saved:
+        return saved["quantization"] is not None, True
+    if "quantized" in saved:
+        return bool(saved["quantized"]), False
+    fingerprint = (meta.get("signature") or {}).get("base", {}).get("fingerprint")
+    weights = {n for n, _ in frozen_base_parameters(net)} | set(quantized_weights(net))
+    return isinstance(fingerprint, dict) and bool(weights - set(fingerprint)), False
+
+
+def _same_cast(saved, model) -> bool | None:
+    """Whether the model's base weights are the guide's, compared as cast to the half dtype one side is in (a float32
+    guide on a bfloat16 base of its checkpoint, or the reverse); ``None`` where no such digest was recorded (bfloat16
+    against float16, a guide saved before 2026-12-02's evening)."""
+    casts, now = saved.get("cast_sha256") or {}, str(model.compute_dtype)
+    if now in casts:
+        return casts[now] == weights_digest(model.net, model.compute_dtype)
+    if model.compute_dtype == torch.float32 and saved.get("dtype") in casts:
+        return casts[saved["dtype"]] == weights_digest(model.net, _CASTS[saved["dtype"]])
+    return None
+
+
 def _check_base_weights(path, meta, model):
     """Refuse base weights other than the saved guide's, read whole (where it recorded them, on a base of its dtype
     and quantization: the signature's fingerprint, of 4096 entries per weight, tolerates a cast). Where either side
@@ -358,19 +399,27 @@ def _check_base_weights(path, meta, model):
     saved = meta.get("base_weights")  # older guides did not record it
     if not isinstance(saved, dict):
         return
-    now = quantization(model.net)
-    known = "quantization" in saved  # guides of 2026-12-02 and before recorded the dtype alone
-    was = saved.get("quantization")
-    if saved.get("dtype") == str(model.compute_dtype) and (not known or was == now):
+    now, was = quantization(model.net), saved.get("quantization")
+    was_quantized, known = _saved_quantization(saved, meta, model.net)
+    refusal = (f"cannot load the guide at {path} into this model: the base weights differ from the ones the guide was "
+               "saved with (read whole: a change its fingerprint of 4096 entries per weight misses, e.g. two embedding "
+               "rows swapped): load the checkpoint it was fitted on")
+    if was_quantized == (now is not None) and saved.get("dtype") == str(model.compute_dtype):
         if saved.get("sha256") == weights_digest(model.net):
             return
-        if known or now is None:
-            raise ValueError(f"cannot load the guide at {path} into this model: the base weights differ from the ones the "
-                             "guide was saved with (read whole: a change its fingerprint of 4096 entries per weight "
-                             "misses, e.g. two embedding rows swapped): load the checkpoint it was fitted on")
-    elif not (now or was):
-        return  # a cast of an unquantized base: the fingerprint compared every weight
-    then = "a base of unrecorded quantization" if not known else "a quantized base" if was else "an unquantized base"
+        if now is None or (known and was == now):
+            raise ValueError(refusal)
+    elif not (was_quantized or now):  # another dtype of an unquantized base: its weights compared as cast
+        same = _same_cast(saved, model)
+        if same is False:
+            raise ValueError(refusal)
+        if same is None:
+            warnings.warn(f"the guide at {path} was saved on a base in {saved.get('dtype')} and this model's is in "
+                          f"{model.compute_dtype}: its base weights could be compared by their 4096-entry fingerprints "
+                          "only (a change between the strides goes unseen); load it on a base in "
+                          f"{saved.get('dtype')} to have every weight compared", stacklevel=3)
+        return
+    then = "a quantized base" if was_quantized else "an unquantized base"
     other = " otherwise" if known and was and now and was != now else ""
     warnings.warn(f"the guide at {path} was saved on {then} in {saved.get('dtype')}, and this model's base is "
                   f"{'quantized' if now else 'unquantized'}{other} in {model.compute_dtype}: the weights quantized on "

@@ -145,6 +145,8 @@ def test_the_models_sampled_logits_and_the_glm_draws_refuse_a_count_that_is_no_p
         model.logits(data()[0], guide.sample(2), num_samples=count)
     with pytest.raises(ValueError, match="num_samples must be a positive integer"):
         glm_probs(torch.zeros(3, 2), torch.eye(2).expand(3, 2, 2), "mc", count)
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        glm_probs(torch.zeros(3, 2), torch.eye(2).expand(3, 2, 2), "probit", count)  # unused there, refused all the same
 
 
 def test_config_survives_json(built):
@@ -734,3 +736,33 @@ def test_a_bool_count_is_refused():
     for name, call in refusals.items():
         with pytest.raises(ValueError, match=f"{name} must be"):
             call()
+
+
+def _one_entry_moved(model):
+    """The same network but one entry of a base weight moved by 0.01: within the fingerprint's tolerance (a cast's
+    change, summed), as a change between its strides on a large weight is unseen by it."""
+    weight = dict(model.net.named_parameters())["base_model.model.bert.encoder.layer.0.intermediate.dense.weight"]
+    with torch.no_grad():
+        weight.view(-1)[5] += 0.01
+    return model
+
+
+@pytest.mark.parametrize("saved, loaded", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                           (torch.float32, torch.float16)])
+def test_a_guide_is_checked_whole_across_a_cast_of_its_base(tmp_path, saved, loaded):
+    """A float32 guide on the bfloat16 base of another checkpoint (every other entry of a large weight changed, between
+    the fingerprint's strides) loaded without a word: across a cast only the fingerprint was compared."""
+    import warnings
+
+    save_guide(MAPGuide(lora(dtype=saved)), tmp_path / "guide")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the same checkpoint, cast: nothing to say
+        load_guide(tmp_path / "guide", lora(dtype=loaded))
+    with pytest.raises(ValueError, match="the base weights differ from the ones the guide was saved with"):
+        load_guide(tmp_path / "guide", _one_entry_moved(lora(dtype=loaded)))
+
+
+def test_a_guide_across_two_half_dtypes_is_said_to_be_checked_by_its_fingerprint_only(tmp_path):
+    save_guide(MAPGuide(lora(dtype=torch.bfloat16)), tmp_path / "guide")
+    with pytest.warns(UserWarning, match="compared by their 4096-entry fingerprints only"):
+        load_guide(tmp_path / "guide", lora(dtype=torch.float16))

@@ -281,3 +281,21 @@ def test_a_guide_on_another_quantization_or_folder_of_its_checkpoint_loads_with_
         warnings.simplefilter("error")  # the same base: its whole-weight digest agrees, nothing to say
         load_guide(tmp_path / "nf4_guide", LoraModel(quantized(folder, "nf4", dtype=torch.float32), SequenceClassification(),
                                                      num_data=6))
+
+
+@pytest.mark.parametrize("record", [{"quantized": True}, {}])
+def test_a_guide_saved_quantized_before_its_quantization_was_recorded_is_warned_not_refused_on_its_checkpoint(
+        folder, tmp_path, record):
+    """Guides saved with a quantized flag, or with no record of it, were refused on their own checkpoint unquantized
+    ("the base weights differ"): the digest of 4-bit codes was compared with float weights."""
+    import json
+
+    from pyro_lora import load_guide, save_guide
+
+    save_guide(MAPGuide(LoraModel(quantized(folder, "nf4"), SequenceClassification(), num_data=6)), tmp_path / "g")
+    meta = json.loads((tmp_path / "g" / "guide.json").read_text())
+    del meta["base_weights"]["quantization"]
+    meta["base_weights"].update(record)
+    (tmp_path / "g" / "guide.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match=r"saved on a quantized base in torch.bfloat16, and this model's base is unquantized"):
+        load_guide(tmp_path / "g", LoraModel(quantized(folder, None), SequenceClassification(), num_data=6))
