@@ -1128,3 +1128,18 @@ def test_the_shift_tables_bold_each_targets_best_and_never_a_point_estimates_mi(
     assert bold[("C", "laplace")][0] and bold[("C", "laplace")][3]  # ARC-C's best, though ARC-E's values are higher
     assert bold[("E", "map")][0] and bold[("E", "map")][3]
     assert not bold[("C", "map")][4] and not bold[("E", "map")][4]  # MAP's MI AUROC of 0.5 is no detection
+
+
+def test_the_report_says_no_guide_beats_on_a_value_it_prints_as_a_tie():
+    """NLL 0.5001 against MAP's 0.5004 (both shown 0.500) was "beats MAP on NLL"; an OOD AUROC equal to MAP's was
+    "detects the shift better than MAP"."""
+    def rows(s):
+        return [("map", "openbookqa", {"nll": 0.5004}), ("temperature", "openbookqa", {"nll": 0.6}),
+                ("laplace", "openbookqa", {"nll": 0.5001}),
+                ("map", "arc_easy", {"ood_auroc_entropy": 0.7, "ood_auroc_mi": 0.5}),
+                ("temperature", "arc_easy", {"ood_auroc_entropy": 0.7, "ood_auroc_mi": 0.5}),
+                ("laplace", "arc_easy", {"ood_auroc_entropy": 0.7001, "ood_auroc_mi": 0.4})]
+    runs = _shift_run(rows)
+    lines = report.guide_sentences(_tables(runs), "laplace", report.set_labels(runs))
+    assert any("does not beat MAP on NLL on 2 of 2 sets: OBQA (-0.000)" in line for line in lines), lines
+    assert any("does not beat MAP's OOD AUROC" in line for line in lines), lines

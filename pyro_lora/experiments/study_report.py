@@ -143,10 +143,10 @@ def average_ranks(table, labels, lower_better=True):
 def not_beating(table, guide, reference, labels, lower_better=True, margin=0.0, digits=9):
     """The set labels where ``guide`` does not beat ``reference``, with the difference ``guide - reference``.
 
-    Lower-is-better metrics: sets where ``guide >= reference - margin`` (with ``margin=0`` a tie does not beat).
-    Higher-is-better metrics: sets where ``guide`` is more than ``margin`` below ``reference``. The difference is
-    compared as rounded to ``digits`` (the digits a sentence prints: a loss of 1.004 points shows as 1.00, no loss of
-    more than 1).
+    Lower-is-better metrics: sets where ``guide >= reference - margin``. Higher-is-better metrics: sets where
+    ``guide`` is more than ``margin`` below ``reference`` (with ``margin=0``: not above it). With ``margin=0`` a tie
+    does not beat. The difference is compared as rounded to ``digits``, the digits the tables and sentences print:
+    two NLLs both shown as 0.500 are a tie, a loss of 1.004 points shown as 1.00 is no loss of more than 1.
     """
     out = []
     for label in labels:
@@ -154,7 +154,7 @@ def not_beating(table, guide, reference, labels, lower_better=True, margin=0.0, 
             continue
         diff = table[guide][label] - table[reference][label]
         shown = round(diff, digits)  # 0.79 - 0.80 is -0.010000000000000009: "more than 1 point (-1.00)" contradicted
-        if (lower_better and shown >= -margin) or (not lower_better and shown < -margin):
+        if (lower_better and shown >= -margin) or (not lower_better and (shown < -margin if margin else shown <= 0)):
             out.append((label, diff))
     return out
 
@@ -181,7 +181,7 @@ def guide_sentences(tables, guide, labels):
         n = len(_compared(tables, metric, guide, "map", labels))
         if not n:
             continue
-        losses = not_beating(tables[metric], guide, "map", labels)
+        losses = not_beating(tables[metric], guide, "map", labels, digits=COLUMNS[metric].digits)
         if losses:
             lines.append(f"**{guide}** does not beat MAP on {_name(metric)} on {len(losses)} of {n} sets: "
                          f"{_listing(losses, COLUMNS[metric].digits)}{unit}.")
@@ -199,7 +199,7 @@ def guide_sentences(tables, guide, labels):
         mi = tables.get("ood_auroc_mi", {}).get(guide, {})
         # against MAP's entropy AUROC: a point estimate's MI AUROC is 0.5 by construction, no detection of its own
         best = {guide: {label: max(v, mi.get(label, v)) for label, v in auroc[guide].items()}, "map": auroc["map"]}
-        worse = not_beating(best, guide, "map", shifts, lower_better=False)
+        worse = not_beating(best, guide, "map", shifts, lower_better=False, digits=COLUMNS["ood_auroc_entropy"].digits)
         if worse:
             lines.append(f"**{guide}** does not beat MAP's OOD AUROC (its better of entropy and MI, MAP's by entropy) on "
                          f"{_listing(worse, COLUMNS['ood_auroc_entropy'].digits)}.")
@@ -214,7 +214,7 @@ def temperature_sentences(tables, guide, labels):
     """Where ``guide``'s mean NLL and ECE are not below temperature scaling's (means only: the verdict under each
     run's table says which differences a paired per-seed interval supports)."""
     parts = [f"{_name(metric)} on {_listing(losses, COLUMNS[metric].digits)}" for metric in ("nll", "ece")
-             if (losses := not_beating(tables[metric], guide, "temperature", labels))]
+             if (losses := not_beating(tables[metric], guide, "temperature", labels, digits=COLUMNS[metric].digits))]
     if not any(_compared(tables, m, guide, "temperature", labels) for m in ("nll", "ece")):
         return []
     if parts:
@@ -369,12 +369,13 @@ def summary_section(runs, figure=None):
     if not bayesian or "map" not in guides:
         return "\n".join(lines + ["No Bayesian guide and MAP to compare in these runs.", ""])
     pairs = {m: sum(len(_compared(tables, m, g, "map", labels)) for g in bayesian) for m in ("nll", "ece")}
-    wins = {m: pairs[m] - sum(len(not_beating(tables[m], g, "map", labels)) for g in bayesian) for m in ("nll", "ece")}
+    wins = {m: pairs[m] - sum(len(not_beating(tables[m], g, "map", labels, digits=COLUMNS[m].digits)) for g in bayesian)
+            for m in ("nll", "ece")}
     lines += [f"A Bayesian guide beats MAP on NLL in {wins['nll']} of {pairs['nll']} (guide, set) pairs and on ECE in "
               f"{wins['ece']} of {pairs['ece']}.", ""]
     for metric in ("nll", "ece"):
         compared = {g: len(_compared(tables, metric, g, "map", labels)) for g in bayesian}
-        losses = {g: len(not_beating(tables[metric], g, "map", labels)) for g in bayesian}
+        losses = {g: len(not_beating(tables[metric], g, "map", labels, digits=COLUMNS[metric].digits)) for g in bayesian}
         everywhere = [g for g in bayesian if compared[g] and not losses[g]] or ["none"]
         nowhere = [g for g in bayesian if compared[g] and losses[g] == compared[g]] or ["none"]
         lines.append(f"On {_name(metric)}, beating MAP on every set: {', '.join(everywhere)}; on no set: {', '.join(nowhere)}.")
