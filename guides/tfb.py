@@ -236,6 +236,8 @@ class TFBGuide(LoraGuide):
         with entry_checks(self.model, self, "search sigma_q"):
             if criterion not in CRITERIA:
                 raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+            if isinstance(tolerance, bool):  # True is a slip, not a tolerance of 1
+                raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
             tolerance = DEFAULT_TOLERANCE[criterion] if tolerance is None else float(tolerance)
             if not tolerance >= 0:
                 raise ValueError(f"tolerance must be >= 0, got {tolerance}")

@@ -512,9 +512,9 @@ def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int
     ``[K, N, C]``, cov ``[K, N, C, C]``): ``[1, K, N, C]`` or ``[S, K, N, C]``. Probabilities in ``mean``'s dtype.
 
     :raises ValueError: for ``"mc"`` with a covariance that is not finite."""
+    num_samples = check_count(num_samples, "num_samples")  # unused by the probit, refused all the same
     if link == "probit":
         return probit(mean, cov.unsqueeze(0)).to(mean.dtype)
-    num_samples = check_count(num_samples, "num_samples")
     if not bool(torch.isfinite(cov).all()):
         raise ValueError(f"the logit covariance is not finite (largest variance {float(cov.diagonal(dim1=-2, dim2=-1).max()):.3g}"
                          f" in {cov.dtype}): a prior precision this small overflows the posterior covariance; use a "

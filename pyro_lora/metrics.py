@@ -69,9 +69,9 @@ def _tensor(x, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         try:
             array = np.asarray(x)  # a list of numpy or torch scalars too
-            if array.dtype.kind == "O":  # Decimal, Fraction, mixed scalars
+            if array.dtype.kind == "O" or array.dtype == np.longdouble:  # Decimal, Fraction; torch has no longdouble
                 array = array.astype(np.float64)
-        except (TypeError, ValueError) as err:  # ragged rows, objects that are no numbers
+        except (TypeError, ValueError, RuntimeError) as err:  # ragged rows, no numbers, tensors that require grad
             raise ValueError(f"{name} must be an array of numbers: {err}") from None
         if np.iscomplexobj(array):
             raise ValueError(f"{name} must be real, got dtype {array.dtype}")

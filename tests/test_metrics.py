@@ -414,3 +414,11 @@ def test_string_labels_and_a_coverage_of_several_values_are_refused_by_name():
         metrics.nll(PROBS, ["0", "1", "1", "1"][: len(LABELS)])
     with pytest.raises(ValueError, match="coverage must be"):
         metrics.accuracy_at_coverage(PROBS, LABELS, torch.tensor([0.7]))
+
+
+def test_longdouble_arrays_and_lists_of_tensors_that_require_grad_are_scored_or_refused_by_name():
+    probs = np.array([[0.9, 0.1], [0.2, 0.8]], dtype=np.longdouble)
+    assert metrics.nll(probs, [0, 1]) == pytest.approx(metrics.nll(probs.astype(np.float64), [0, 1]))
+    scores = [torch.tensor(0.1, requires_grad=True), torch.tensor(0.5, requires_grad=True)]
+    with pytest.raises(ValueError, match="scores_in must be an array of numbers"):
+        metrics.auroc(scores, [0.3, 0.9])

@@ -1022,6 +1022,8 @@ def test_bayesianize_under_another_seed_than_the_fit_is_refused_where_loading_dr
         S.bayesianize_adapter(small(tmp_path / "tfb", model=str(folder), seeds=(1,)), adapter, anchors=8, iterations=1)
     with pytest.raises(ValueError, match=r"the fit loaded it otherwise: --dtype 'fp32' there, 'bf16' now"):
         S.bayesianize_adapter(small(tmp_path / "tfb2", model=str(folder), dtype="bf16"), adapter, anchors=8, iterations=1)
+    with pytest.raises(ValueError, match="anchors must be a positive integer"):  # it was "n must be", after loading
+        S.bayesianize_adapter(small(tmp_path / "tfb3", model=str(folder)), adapter, anchors=True, iterations=1)
 
 
 def test_a_run_recorded_with_a_relative_model_path_is_the_same_model_given_absolute(tmp_path, monkeypatch):

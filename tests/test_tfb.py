@@ -389,6 +389,8 @@ def test_bad_inputs_have_clear_errors():
         guide.search(anchors, criterion="ece", progress=False)
     with pytest.raises(ValueError, match="0 < low < high"):
         guide.search(anchors, low=0.1, high=0.01, progress=False)
+    with pytest.raises(ValueError, match="tolerance must be a number"):
+        guide.search(anchors, tolerance=True, progress=False)  # read as a tolerance of 1: every sigma feasible
     with pytest.raises(ValueError, match="empty"):
         guide.search([], progress=False)
     lm = LoraModel(tiny_llama(), CausalLM(), random="AB")

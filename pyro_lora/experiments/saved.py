@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .. import data as D
+from ..checks import check_count
 from ..contract import drawn_at_load
 from ..costs import PeakMemory
 from ..io import check_sealed, load_guide, read_safetensors, recover_directory, save_guide, writable_folder
@@ -95,6 +96,7 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
         peft adapter.
     """
     task = check_config(config, guides=(), writes=False)
+    check_count(anchors, "anchors")
     check_adapter_dir(adapter_dir, task)
     fit_run = _fit_run(adapter_dir)
     trained_on = recorded_base(fit_run)
