@@ -123,15 +123,19 @@ def drawn_at_load(parameter) -> bool:
     return getattr(parameter, DRAWN_AT_LOAD, False)
 
 
+def digested_parameters(net) -> list:
+    """``(name, parameter)`` of every weight :func:`weights_digest` reads."""
+    return [(name, p) for name, p in net.named_parameters()
+            if not (p.requires_grad or any(k in name for k in ADAPTER_NAMES) or drawn_at_load(p))]
+
+
 def weights_digest(net, dtype=None) -> str:
     """SHA-256 of every frozen weight ``net``'s checkpoint gave, whole and exact: the base weights, a trained head's
     frozen original (``.original_module.``), quantized weights with their scales (bitsandbytes' ``quant_state``,
     ``SCB``); not the adapter's, and not the weights drawn at load (:func:`drawn_at_load`), which differ by seed.
     With ``dtype``, the floating-point weights as cast to it: the digest of the same checkpoint loaded in that dtype."""
     digest = hashlib.sha256()
-    for name, p in net.named_parameters():
-        if p.requires_grad or any(k in name for k in ADAPTER_NAMES) or drawn_at_load(p):
-            continue
+    for name, p in digested_parameters(net):
         digest.update(name.encode())
         parts = [p.detach().to(dtype) if dtype is not None and p.is_floating_point() else p.detach()]
         state = getattr(p, "quant_state", None)  # NF4: the codes are the parameter, the block scales live here

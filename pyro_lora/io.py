@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .contract import check_guide, describe, differences, frozen_base_parameters, quantization, quantized_weights, weights_digest
+from .contract import check_guide, describe, differences, digested_parameters, frozen_base_parameters, quantization, quantized_weights, weights_digest
 from .ownership import take_over, trainer
 from .distributed import is_main, on_main, refused_together
 
@@ -362,8 +362,10 @@ def _base_weights(model) -> dict:
     (:func:`~pyro_lora.contract.quantization`)."""
     record = {"sha256": weights_digest(model.net), "dtype": str(model.compute_dtype), "quantization": quantization(model.net)}
     if record["quantization"] is None:
-        record["cast_sha256"] = {name: weights_digest(model.net, d) for name, d in _CASTS.items()
-                                 if model.compute_dtype in (torch.float32, d)}
+        held = {p.dtype for _, p in digested_parameters(model.net) if p.is_floating_point()}
+        # a pass over every weight each: the base's own dtype, where every weight already has it, is the digest above
+        record["cast_sha256"] = {name: record["sha256"] if held == {d} else weights_digest(model.net, d)
+                                 for name, d in _CASTS.items() if model.compute_dtype in (torch.float32, d)}
     return record
 
 
