@@ -407,7 +407,9 @@ def _check_base_weights(path, meta, model):
                "saved with (read whole: a change its fingerprint of 4096 entries per weight misses, e.g. two embedding "
                "rows swapped): load the checkpoint it was fitted on")
     if was_quantized == (now is not None) and saved.get("dtype") == str(model.compute_dtype):
-        if saved.get("sha256") == weights_digest(model.net):
+        # a half-precision base holds a module transformers keeps in float32 when loaded with dtype=, not when cast
+        # with .to(): the same checkpoint, as its cast digest tells
+        if saved.get("sha256") == weights_digest(model.net) or _same_cast(saved, model):
             return
         if now is None or (known and was == now):
             raise ValueError(refusal)

@@ -766,3 +766,16 @@ def test_a_guide_across_two_half_dtypes_is_said_to_be_checked_by_its_fingerprint
     save_guide(MAPGuide(lora(dtype=torch.bfloat16)), tmp_path / "guide")
     with pytest.warns(UserWarning, match="compared by their 4096-entry fingerprints only"):
         load_guide(tmp_path / "guide", lora(dtype=torch.float16))
+
+
+def test_a_half_precision_guide_loads_on_its_checkpoint_whether_a_module_was_kept_in_float32_or_cast():
+    """transformers keeps some modules in float32 when it loads a half-precision base (T5's feed-forward output), not
+    when the model is cast with .to(): the same checkpoint in one dtype, refused by the raw whole-weight digest."""
+    import tempfile
+
+    kept = lora(dtype=torch.float16)
+    dense = kept.net.get_base_model().bert.encoder.layer[0].output.dense
+    dense.weight = torch.nn.Parameter(dense.weight.detach().float(), requires_grad=False)  # as _keep_in_fp32_modules
+    with tempfile.TemporaryDirectory() as folder:
+        save_guide(MAPGuide(kept), folder)
+        load_guide(folder, lora(dtype=torch.float16))  # the float32 checkpoint cast whole with .to()
