@@ -1141,5 +1141,8 @@ def test_the_report_says_no_guide_beats_on_a_value_it_prints_as_a_tie():
                 ("laplace", "arc_easy", {"ood_auroc_entropy": 0.7001, "ood_auroc_mi": 0.4})]
     runs = _shift_run(rows)
     lines = report.guide_sentences(_tables(runs), "laplace", report.set_labels(runs))
-    assert any("does not beat MAP on NLL on 2 of 2 sets: OBQA (-0.000)" in line for line in lines), lines
+    assert any("does not beat MAP on NLL on 2 of 2 sets: OBQA (+0.000)" in line for line in lines), lines
     assert any("does not beat MAP's OOD AUROC" in line for line in lines), lines
+    # the printed values decide, not their rounded difference: 0.500 against 0.501 beats, 0.501 against 0.501 does not
+    tables = {"nll": {"g": {"a": 0.5004, "b": 0.5006}, "map": {"a": 0.5006, "b": 0.5014}}, "ece": {}, "accuracy": {}}
+    assert report.guide_sentences(tables, "g", ["a", "b"])[0] == "**g** does not beat MAP on NLL on 1 of 2 sets: b (+0.000) nats."

@@ -141,21 +141,23 @@ def average_ranks(table, labels, lower_better=True):
 
 
 def not_beating(table, guide, reference, labels, lower_better=True, margin=0.0, digits=9):
-    """The set labels where ``guide`` does not beat ``reference``, with the difference ``guide - reference``.
+    """The set labels where ``guide`` does not beat ``reference``, with the difference ``guide - reference`` of the
+    values as printed.
 
     Lower-is-better metrics: sets where ``guide >= reference - margin``. Higher-is-better metrics: sets where
     ``guide`` is more than ``margin`` below ``reference`` (with ``margin=0``: not above it). With ``margin=0`` a tie
-    does not beat. The difference is compared as rounded to ``digits``, the digits the tables and sentences print:
-    two NLLs both shown as 0.500 are a tie, a loss of 1.004 points shown as 1.00 is no loss of more than 1.
+    does not beat. Both values are rounded to ``digits``, the digits the tables print, before they are compared:
+    two NLLs both shown as 0.500 are a tie, 0.500 against 0.501 a win, a loss of 1.004 points shown as 1.00 is no loss
+    of more than 1.
     """
     out = []
     for label in labels:
         if label not in table.get(guide, {}) or label not in table.get(reference, {}):
             continue
-        diff = table[guide][label] - table[reference][label]
-        shown = round(diff, digits)  # 0.79 - 0.80 is -0.010000000000000009: "more than 1 point (-1.00)" contradicted
+        # the difference of the printed values, itself rounded: 0.79 - 0.80 is -0.010000000000000009 in floats
+        shown = round(round(table[guide][label], digits) - round(table[reference][label], digits), digits)
         if (lower_better and shown >= -margin) or (not lower_better and (shown < -margin if margin else shown <= 0)):
-            out.append((label, diff))
+            out.append((label, shown))
     return out
 
 
