@@ -395,9 +395,10 @@ def _same_cast(saved, model) -> bool | None:
 
 
 def _check_base_weights(path, meta, model):
-    """Refuse base weights other than the saved guide's, read whole (where it recorded them, on a base of its dtype
-    and quantization: the signature's fingerprint, of 4096 entries per weight, tolerates a cast). Where either side
-    is quantized otherwise, the quantized weights cannot be compared (the fingerprint reads float weights): warned."""
+    """Refuse base weights other than the saved guide's, read whole where the guide recorded them: as held, on a base
+    of its dtype and quantization; as cast to a half dtype, between that dtype and float32. Between bfloat16 and
+    float16 only the signature's 4096-entry fingerprint compares them: warned. Where either side is quantized
+    otherwise, the quantized weights cannot be compared (the fingerprint reads float weights): warned."""
     saved = meta.get("base_weights")  # older guides did not record it
     if not isinstance(saved, dict):
         return
