@@ -119,13 +119,14 @@ class EnsembleGuide(LoraGuide):
         """Head parameter name -> ``[K, *shape]``."""
         return {name: getattr(self, f"head_{j}") for j, name in enumerate(self.head_parameters)}
 
-    def check_num_samples(self, num_samples):
-        """Refuse ``num_samples`` that is not a multiple of ``K``: draw ``s`` is member ``s mod K``, so such ``S``
-        would weight the first ``S mod K`` members more than the others instead of ``1/K`` each; and any ``S`` that is
-        no positive integer."""
+    def check_num_samples(self, num_samples) -> int:
+        """``num_samples`` as an ``int``; refused where it is no positive integer or not a multiple of ``K``: draw ``s``
+        is member ``s mod K``, so such ``S`` would weight the first ``S mod K`` members more than the others instead of
+        ``1/K`` each."""
         num_samples = check_count(num_samples, "num_samples")
         if num_samples % self.num_members:
             raise ValueError(_multiple_message(num_samples, self.num_members))
+        return num_samples
 
     def _check_heads(self, num_samples):
         if self.head_parameters and self._heads_for != num_samples:
@@ -152,8 +153,7 @@ class EnsembleGuide(LoraGuide):
 
     def sample(self, num_samples):
         """Draw ``s`` is member ``s mod K``: name -> ``[S, *site.shape]``; ``S`` must be a multiple of ``K``."""
-        num_samples = check_count(num_samples, "num_samples")
-        self.check_num_samples(num_samples)
+        num_samples = self.check_num_samples(num_samples)
         self._check_heads(num_samples)
         index = torch.arange(num_samples, device=self.member_0.device) % self.num_members
         return {name: v[index] for name, v in self.members().items()}
@@ -170,7 +170,7 @@ class EnsembleGuide(LoraGuide):
         exactly ``S`` samples may run inside (so no ``chunk_size`` in :func:`pyro_lora.predict`). ``S`` must
         be a multiple of ``K``.
         """
-        self.check_num_samples(num_samples)
+        num_samples = self.check_num_samples(num_samples)
         index = torch.arange(num_samples, device=self.member_0.device) % self.num_members
         with self.heads_of(index):
             self._heads_for = num_samples

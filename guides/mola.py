@@ -15,7 +15,6 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
-from pyro_lora.checks import check_count
 from pyro_lora.contract import check_guide
 from pyro_lora.ownership import point_snapshot
 from pyro_lora.distributions import UniformMixture
@@ -191,8 +190,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
 
     def sample(self, num_samples):
         """Draw ``s`` from component ``s mod K``: name -> ``[S, *site.shape]``; ``S`` must be a multiple of ``K``."""
-        num_samples = check_count(num_samples, "num_samples")
-        self.check_num_samples(num_samples)
+        num_samples = self.check_num_samples(num_samples)
         self._check_heads(num_samples)
         per = num_samples // self.num_members
         draws = [c.sample(per) for c in self.components]  # K x {name: [S / K, ...]}
