@@ -136,8 +136,8 @@ def check_labels(labels, n: int, c: int) -> torch.Tensor:
 
 def _check_probs(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Validate and convert ``probs [N, C]`` and ``labels [N]``; raise ValueError naming the problem."""
-    dtype = _tensor(probs, "probs").dtype
-    probs = _as_float(probs, "probs")
+    probs = _tensor(probs, "probs")  # once: a list is read into an array here
+    dtype, probs = probs.dtype, probs.to(torch.float64)
     if probs.ndim != 2:
         raise ValueError(f"probs must have shape [N, C], got {tuple(probs.shape)}")
     n, c = probs.shape
@@ -152,8 +152,8 @@ def _check_probs(probs, labels) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _check_sample_probs(sample_probs) -> torch.Tensor:
     """Validate and convert ``sample_probs [S, N, C]``; raise ValueError naming the problem."""
-    dtype = _tensor(sample_probs, "sample_probs").dtype
-    sample_probs = _as_float(sample_probs, "sample_probs")
+    sample_probs = _tensor(sample_probs, "sample_probs")
+    dtype, sample_probs = sample_probs.dtype, sample_probs.to(torch.float64)
     if sample_probs.ndim != 3:
         raise ValueError(f"sample_probs must have shape [S, N, C], got {tuple(sample_probs.shape)}")
     if sample_probs.numel() == 0:
@@ -190,7 +190,8 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 
     :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
     """
     num_bins = check_count(num_bins, "num_bins")
-    dtype = _tensor(probs, "probs").dtype
+    probs = _tensor(probs, "probs")  # its own dtype, read before _check_probs makes float64 of it
+    dtype = probs.dtype
     probs, labels = _check_probs(probs, labels)
     conf, correct = _confidence_correct(probs, labels)
     # Right-closed bins as in Guo et al. 2017: confidence exactly k/B falls in bin k-1. The comparison is made in the
