@@ -9,7 +9,7 @@ Run it through ``bash benchmarks/gpu_suite.sh`` (which first provides pyro from 
 
 It runs ``svi_step`` (a plain peft LoRA step, an SVI step of each guide, the S=8 predictive batched and
 looped, the peak memory of the steps and of the predictive by chunk size), ``kfac_fit`` (with the fit's memory
-over N and 2N streamed batches) and ``tfb_search``, and prints one markdown section in
+over N and 2N streamed batches), ``tfb_search`` and ``save_load``, and prints one markdown section in
 ``benchmarks/RESULTS.md``'s format: machine, date, versions, command, the goal table, then each benchmark's
 tables.
 """
@@ -29,6 +29,7 @@ from types import SimpleNamespace
 
 import _common as C  # noqa: I001  (first: puts the working tree's pyro_lora on the path)
 import kfac_fit
+import save_load
 import svi_step
 import tfb_search
 import torch
@@ -160,6 +161,10 @@ def main(argv=None):
     ])
     kfac = C.attempt(errors, "kfac_fit", kfac_fit.run, kargs, log=log)
     timings["kfac_fit"] = time.time() - t
+    C.free(device)
+    t = time.time()
+    saved = C.attempt(errors, "save_load", save_load.run, args.size, device, dtype, repeats=2, log=log)
+    timings["save_load"] = time.time() - t
     for result in (svi, kfac):
         errors += (result or {}).get("errors", [])
 
@@ -197,6 +202,10 @@ def main(argv=None):
         "library defaults otherwise)",
         "",
         tfb_search.tables(tfb) if tfb else "Failed (see the errors below).",
+        "",
+        "### Save and load (`save_load.py`; a MAP guide, the base's digests)",
+        "",
+        save_load.tables(saved) if saved else "Failed (see the errors below).",
         "",
         *(["### Errors", "", *[f"- {e}" for e in errors], ""] if errors else []),
     ])

@@ -762,6 +762,24 @@ def test_a_guide_is_checked_whole_across_a_cast_of_its_base(tmp_path, saved, loa
         load_guide(tmp_path / "guide", _one_entry_moved(lora(dtype=loaded)))
 
 
+@pytest.mark.parametrize("cast", [None, torch.bfloat16, torch.float16])
+def test_the_base_digest_is_the_sha256_of_each_weights_name_and_bytes(cast):
+    """What saved guides recorded: a change to the digest's layout would refuse every guide saved before."""
+    import hashlib
+
+    from pyro_lora.contract import digested_parameters, weights_digest
+
+    model = lora()
+    dense = model.net.get_base_model().bert.encoder.layer[0].output.dense
+    dense.weight = torch.nn.Parameter(dense.weight.detach().to(torch.bfloat16), requires_grad=False)  # mixed dtypes
+    digest = hashlib.sha256()
+    for name, p in digested_parameters(model.net):
+        digest.update(name.encode())
+        digest.update((p.detach().to(cast) if cast else p.detach()).contiguous().reshape(-1).view(torch.uint8).numpy())
+    assert weights_digest(model.net, cast) == digest.hexdigest()
+    assert "base_model.model.bert.encoder.layer.0.output.dense.weight" in dict(digested_parameters(model.net))
+
+
 def test_a_guide_across_two_half_dtypes_is_said_to_be_checked_by_its_fingerprint_only(tmp_path):
     save_guide(MAPGuide(lora(dtype=torch.bfloat16)), tmp_path / "guide")
     with pytest.warns(UserWarning, match="compared by their 4096-entry fingerprints only"):
