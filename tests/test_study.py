@@ -249,7 +249,39 @@ def test_average_ranks_and_not_beating():
     ranks = report.average_ranks(table, ["a", "b"])
     assert ranks == {"map": pytest.approx((1.5 + 2) / 2), "x": pytest.approx((3 + 1) / 2), "y": pytest.approx((1.5 + 3) / 2)}
     assert report.not_beating(table, "y", "map", ["a", "b"]) == [("a", 0.0), ("b", 1.0)]  # a tie does not beat
-    assert report.not_beating(table, "x", "map", ["a", "b"], lower_better=False, margin=0.5) == [("b", -1.0)]
+    assert report.not_beating(table, "x", "map", ["a", "b"], lower_better=False) == [("b", -1.0)]
+
+
+def test_ranks_and_bold_read_the_values_as_printed():
+    """0.5001 and 0.5004 both print 0.500, bold alike: they share a rank; -1.2e-7 prints 0.000, no sign."""
+    table = {"map": {"a": 0.5001, "b": -1.2e-7}, "x": {"a": 0.5004, "b": 0.0}, "y": {"a": 0.6, "b": 0.2}}
+    assert report.average_ranks(table, ["a", "b"], digits=3) == {"map": 1.5, "x": 1.5, "y": 3.0}
+    text = report.cross_table(table, ["a", "b"], ["map", "x", "y"], 3)
+    assert "| map | **0.500** | **0.000** | 1.50 |" in text and "-0.000" not in text
+    assert report.not_beating(table, "map", "x", ["a", "b"], digits=3) == [("a", 0.0), ("b", 0.0)]
+
+
+def test_the_verdict_and_the_study_decide_an_accuracy_loss_alike():
+    """MAP 0.80004 against 0.789951 is a loss of 1.01 points (shown -1.01), MAP 0.800051 against 0.790049 one of
+    1.00: the verdict rounded the difference, the study each value first, and they disagreed on both."""
+    from pyro_lora.experiments.verdict import verdict
+
+    tables = {"accuracy": {"map": {"ARC-E": 0.80004, "OBQA": 0.800051}, "meanfield": {"ARC-E": 0.789951, "OBQA": 0.790049}},
+              "nll": {}, "ece": {}}
+    assert "**meanfield** loses more than 1 accuracy point to MAP on ARC-E (-1.01) points." in report.guide_sentences(
+        tables, "meanfield", ["ARC-E", "OBQA"])
+    for dataset, label, lost in (("arc_easy", "ARC-E", "meanfield -1.01"), ("openbookqa", "OBQA", None)):
+        rows = [{"guide": g, "dataset": dataset, "seed": 0, "setting": "no validation data", "accuracy": tables["accuracy"][g][label],
+                 "ece": 5.0, "nll": 1.0, "aurc": 0.3} for g in ("map", "meanfield")]
+        line = next(x for x in verdict(rows, dataset).splitlines() if x.startswith("- Accuracy against MAP"))
+        assert (f"more than 1 point below it: {lost}." in line) if lost else ("none more than 1 point below it." in line)
+
+
+def test_a_difference_whose_printed_means_differ_is_clear_where_its_interval_excludes_zero():
+    t = [0.5006 + 0.01 * (s - 2) for s in range(5)]
+    pairs = {"ARC-E": [(v - 0.0002 + 0.00001 * s, v) for s, v in enumerate(t)],  # 0.500 against 0.501
+             "OBQA": [(v - 1e-8, v) for v in t]}  # 0.501 against 0.501: float round-off, a tie
+    assert report.clear_differences(pairs, digits=3) == (["ARC-E"], [])
 
 
 SIZES = ["--test-size", "64", "--epochs", "2", "--batch-size", "4", "--samples", "4", "--max-length", "192", "--no-ts"]
@@ -283,11 +315,12 @@ def test_clear_differences_are_paired_over_seeds():
     per_seed += [row("b", s, v) for s, v in enumerate([0.5, 1.9, 1.5])]  # below on average, not consistently
     per_seed += [row("map", s, 1.0, "arc_challenge") for s in range(3)] + [row("a", s, 1.2, "arc_challenge") for s in range(3)]
     runs = {"openbookqa": {"config": {"dataset": "openbookqa"}, "per_seed": per_seed}}
-    diffs = report.paired_differences(runs, "nll")
-    assert diffs["a"]["OBQA"] == pytest.approx([-0.1, -0.09, -0.11]) and diffs["a"]["OBQA→ARC-C"] == pytest.approx([0.2] * 3)
-    assert report.clear_differences(diffs["a"]) == (["OBQA"], ["OBQA→ARC-C"])  # zero spread: clearly worse too
-    assert report.clear_differences(diffs["b"]) == ([], [])
-    assert report.clear_differences({"x": [-0.1]}) == ([], [])  # one seed: no verdict
+    pairs = report.paired_differences(runs, "nll")
+    assert pairs["a"]["OBQA"] == pytest.approx([(0.9, 1.0), (1.41, 1.5), (1.89, 2.0)])
+    assert pairs["a"]["OBQA→ARC-C"] == pytest.approx([(1.2, 1.0)] * 3)
+    assert report.clear_differences(pairs["a"]) == (["OBQA"], ["OBQA→ARC-C"])  # zero spread: clearly worse too
+    assert report.clear_differences(pairs["b"]) == ([], [])
+    assert report.clear_differences({"x": [(0.9, 1.0)]}) == ([], [])  # one seed: no verdict
     sentences = report.noise_sentences(runs, ["a", "b"])
     assert sentences == ["a, NLL: clearly better than MAP on OBQA; clearly worse on OBQA→ARC-C."]
 

@@ -413,7 +413,54 @@ def test_a_difference_of_float_round_off_is_a_tie_not_a_win(seeds):
                   "llla_val+ts": [(a, e - 1e-6, n - 1e-8, r) for a, e, n, r in t]})
     text = verdict(rows, "sst2")
     assert "tied" in text and "on both ECE and NLL: none; on NLL only: none." in text
-    assert clear_difference([-1e-8] * 3, digits=3) is None and clear_difference([-1e-8] * 3) == "better"
+    assert clear_difference([-1e-8] * 3, means=(0.5 - 1e-8, 0.5), digits=3) is None and clear_difference([-1e-8] * 3) == "better"
+
+
+def test_a_value_that_prints_as_minus_zero_ties_zero():
+    """An NLL of -1.2e-7 (a hand-made or external record) printed -0.000, below temperature's 0.000: "beats"."""
+    from pyro_lora.experiments.table import shown
+
+    assert shown(-1.2e-7, 3) == "0.000" and shown(-0.0004, 3) == "0.000" and shown(-0.0006, 3) == "-0.001"
+    text = verdict(_rows({"map": [(0.6, 3.0, 0.0, 0.3)], "temperature": [(0.6, 2.0, 0.0, 0.3)],
+                          "laplace": [(0.6, 1.0, -1.2e-7, 0.3)]}), "sst2")
+    assert "NLL: map, temperature, laplace (0.000, tied)" in text
+    assert "on both ECE and NLL: none; on NLL only: none." in text
+    rows = _rows({"map": [(0.8, 3.0, 0.5, 0.3)], "temperature": [(0.8, 2.0, 0.5, 0.3)], "laplace": [(0.78, 1.0, 0.5, 0.3)]})
+    rows[-1]["mean_accuracy"] = 0.8
+    assert "laplace -2.00 (its posterior mean +0.00: the weight noise costs it)" in verdict(rows, "sst2")
+
+
+def test_printed_means_that_differ_beat_where_the_interval_excludes_zero():
+    """NLL 0.500 against temperature's 0.501 on 5 seeds, every paired difference about -0.0002: the mean difference
+    reads 0.000, but the means as printed differ and the interval is clear of 0: a win, as the table's bold says."""
+    d = [-0.00018, -0.00022, -0.00020, -0.00019, -0.00021]
+    t = [0.5006 + 0.01 * (s - 2) for s in range(5)]
+    rows = _rows({"map": [(0.6, 3.0 + s, 0.6, 0.3) for s in range(5)], "temperature": [(0.6, 2.0 + s, t[s], 0.3) for s in range(5)],
+                  "laplace_val": [(0.6, 1.0 + s, t[s] + d[s], 0.3) for s in range(5)]})
+    text = verdict(rows, "sst2")
+    assert "NLL: laplace_val (0.500)" in text and "(ECE 4.00, NLL 0.501) on both ECE and NLL: laplace_val" in text
+
+
+def test_a_posterior_without_mutual_information_on_one_seed_is_ranked_on_mi_by_its_mean():
+    """TFB's search at sigma_q = 0 on one seed gives MI 0 there: the verdict dropped the guide from the MI ranking
+    that the shift table bolds it in."""
+    rows = []
+    for s in (0, 1):
+        for g, mi, auroc_mi, auroc in (("map", 0.0, 0.5, 0.60), ("temperature", 0.0, 0.5, 0.61), ("meanfield", 0.02, 0.70, 0.62),
+                                       ("tfb", 0.0 if s == 0 else 0.03, 0.90 + 0.01 * s, 0.63 + 0.01 * s)):
+            base = {"guide": g, "seed": s, "setting": "no validation data", "accuracy": 0.6, "ece": 5.0, "nll": 1.0, "aurc": 0.3,
+                    "mutual_information": mi}
+            rows += [{**base, "dataset": "openbookqa"},
+                     {**base, "dataset": "arc_challenge", "ood_auroc_entropy": auroc, "ood_auroc_mi": auroc_mi}]
+    text = verdict(rows, "openbookqa")
+    assert "OOD AUROC (MI) on arc_challenge: tfb (0.905)" in text
+    assert "OOD AUROC (MI, theirs by entropy) on arc_challenge: better than both MAP and temperature scaling: meanfield, tfb." in text
+
+
+def test_the_best_line_names_the_seeds_its_means_are_over_where_some_were_left_out():
+    rows = _rows({"map": [(0.6, 5.0, 0.3, 0.3), (0.6, 5.0, 0.7, 0.3), (0.6, 5.0, 0.8, 0.3)],
+                  "temperature": [(0.6, 5.0, 0.55, 0.3)] * 3, "laplace": [(0.6, 5.0, 0.9, 0.3)] * 2})
+    assert "- Best (means over seeds 0, 1, which every method finished): " in verdict(rows, "sst2")
 
 
 def test_a_run_cut_short_is_compared_on_the_seeds_every_method_finished():

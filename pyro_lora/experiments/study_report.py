@@ -19,11 +19,10 @@ from ..io import atomic_file
 from .plots import difference_heatmaps
 from .results import SIDECAR, read_record, summarize_run
 from .study_header import answer_format, header_section, long_name, model_name, short, used_sizes
-from .table import COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, ts_name
-from .verdict import clear_difference, verdict
+from .table import COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, shown, ts_name
+from .verdict import ACCURACY_POINTS, accuracy_drop, clear_difference, verdict
 
 DATASETS = ("sst2", "arc_easy", "openbookqa")  # the study's sets, in report order
-ACCURACY_MARGIN = 0.01  # "loses more than 1 accuracy point"
 # the columns of the per-set tables (in distribution, under shift), from the one table spec
 IN_DISTRIBUTION = columns("accuracy", "ece", "nll", "brier", "aurc", "fit_seconds", "predict_seconds_per_1000", "extra_parameters")
 SHIFTED = columns("accuracy", "ece", "nll", "ood_auroc_entropy", "ood_auroc_mi")
@@ -129,40 +128,37 @@ def guide_order(runs):
 # --------------------------------------------------------------------------- comparisons
 
 
-def average_ranks(table, labels, lower_better=True):
-    """``{guide: mean rank over the sets it has}``: 1 is best, ties share their mean rank."""
+def average_ranks(table, labels, lower_better=True, digits=9):
+    """``{guide: mean rank over the sets it has}``: 1 is best, ties share their mean rank; values ranked as printed
+    with ``digits`` decimals (two means the table shows alike are a tie)."""
     ranks = {g: [] for g in table}
     for label in labels:
         guides = [g for g in table if label in table[g]]
-        values = np.array([table[g][label] for g in guides], dtype=float) * (1 if lower_better else -1)
+        values = np.array([float(shown(table[g][label], digits)) for g in guides]) * (1 if lower_better else -1)
         for g, v in zip(guides, values):
             ranks[g].append(1 + float((values < v).sum()) + 0.5 * float((values == v).sum() - 1))
     return {g: float(np.mean(r)) if r else float("nan") for g, r in ranks.items()}
 
 
-def not_beating(table, guide, reference, labels, lower_better=True, margin=0.0, digits=9):
+def not_beating(table, guide, reference, labels, lower_better=True, digits=9):
     """The set labels where ``guide`` does not beat ``reference``, with the difference ``guide - reference`` of the
-    values as printed.
-
-    Lower-is-better metrics: sets where ``guide >= reference - margin``. Higher-is-better metrics: sets where
-    ``guide`` is more than ``margin`` below ``reference`` (with ``margin=0``: not above it). With ``margin=0`` a tie
-    does not beat. Both values are rounded to ``digits``, the digits the tables print, before they are compared:
-    two NLLs both shown as 0.500 are a tie, 0.500 against 0.501 a win, a loss of 1.004 points shown as 1.00 is no loss
-    of more than 1.
+    values as printed: both are read as the tables print them, ``digits`` decimals, so two NLLs both shown as 0.500
+    are a tie (a tie does not beat) and 0.500 against 0.501 a win. Lower-is-better metrics: sets where ``guide`` is
+    not below ``reference``; higher-is-better ones: not above it.
     """
     out = []
     for label in labels:
         if label not in table.get(guide, {}) or label not in table.get(reference, {}):
             continue
         # the difference of the printed values, itself rounded: 0.79 - 0.80 is -0.010000000000000009 in floats
-        shown = round(round(table[guide][label], digits) - round(table[reference][label], digits), digits)
-        if (lower_better and shown >= -margin) or (not lower_better and (shown < -margin if margin else shown <= 0)):
-            out.append((label, shown))
+        diff = round(float(shown(table[guide][label], digits)) - float(shown(table[reference][label], digits)), digits) + 0.0
+        if (diff >= 0) if lower_better else (diff <= 0):
+            out.append((label, diff))
     return out
 
 
-def _listing(items, digits, scale=1.0):
-    return ", ".join(f"{label} ({scale * diff:+.{digits}f})" for label, diff in items)
+def _listing(items, digits):
+    return ", ".join(f"{label} ({diff:+.{digits}f})" for label, diff in items)
 
 
 def _name(metric):
@@ -190,9 +186,10 @@ def guide_sentences(tables, guide, labels):
         else:
             lines.append(f"**{guide}** beats MAP on {_name(metric)} on every set ({n} of {n}).")
     if _compared(tables, "accuracy", guide, "map", labels):
-        drops = not_beating(tables["accuracy"], guide, "map", labels, lower_better=False, margin=ACCURACY_MARGIN, digits=4)
+        drops = [(label, 0.0 - drop) for label in _compared(tables, "accuracy", guide, "map", labels)
+                 if (drop := accuracy_drop(tables["accuracy"]["map"][label], tables["accuracy"][guide][label])) > ACCURACY_POINTS]
         if drops:
-            lines.append(f"**{guide}** loses more than 1 accuracy point to MAP on {_listing(drops, 2, 100)} points.")  # -1.04, not -1.0
+            lines.append(f"**{guide}** loses more than 1 accuracy point to MAP on {_listing(drops, 2)} points.")  # -1.04, not -1.0
         else:
             lines.append(f"**{guide}** loses no more than 1 accuracy point to MAP on any set.")
     auroc = tables.get("ood_auroc_entropy", {})
@@ -244,9 +241,9 @@ def markdown_table(rows, spec, first=("guide",), unranked=frozenset()):
             cells[first.index("guide") if "guide" in first else 0] += f" ({partial})"
         for c in spec:
             text = format_cell(r, c.key, c.digits, missing="—")
-            shown = c.key in r and not not_available(r[c.key]) and f"{r[c.key]:.{c.digits}f}"
+            printed = c.key in r and not not_available(r[c.key]) and shown(r[c.key], c.digits)
             ranked = (r["guide"], c.key) not in unranked
-            cells.append(f"**{text}**" if shown and ranked and not partial and shown == best.get(c.key) else text)
+            cells.append(f"**{text}**" if printed and ranked and not partial and printed == best.get(c.key) else text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -254,11 +251,9 @@ def markdown_table(rows, spec, first=("guide",), unranked=frozenset()):
 def _best_shown(values, digits, lower_better):
     """The best of ``values`` as the table shows it (so equal-looking cells are bold alike); None where all look equal."""
     values = [v for v in values if not not_available(v)]  # n/a cells are never the best
-    shown = {f"{v:.{digits}f}" for v in values}
-    if len(shown) < 2:
+    if len({shown(v, digits) for v in values}) < 2:
         return None
-    best = min(values) if lower_better else max(values)
-    return f"{best:.{digits}f}"
+    return shown(min(values) if lower_better else max(values), digits)
 
 
 def cross_table(table, labels, guides, digits, lower_better=True, partial=frozenset()):
@@ -268,12 +263,12 @@ def cross_table(table, labels, guides, digits, lower_better=True, partial=frozen
     full = {g: {k: v for k, v in row.items() if (g, k) not in partial} for g, row in table.items()}
     best = {label: _best_shown([row[label] for row in full.values() if label in row], digits, lower_better) for label in labels}
     ranked = all(label in full.get(g, {}) for g in guides for label in labels)
-    ranks = average_ranks(full, labels, lower_better) if ranked else {}
+    ranks = average_ranks(full, labels, lower_better, digits) if ranked else {}
     lines = ["| guide | " + " | ".join(labels) + " |" + " avg rank |" * ranked, "|" + "---|" * (len(labels) + 1 + ranked)]
     for g in guides:
         cells = []
         for label in labels:
-            text = f"{table[g][label]:.{digits}f}" if label in table.get(g, {}) else "—"
+            text = shown(table[g][label], digits) if label in table.get(g, {}) else "—"
             cells.append(f"{text} †" if (g, label) in partial else f"**{text}**" if text == best[label] else text)
         lines.append(f"| {g} | " + " | ".join(cells) + " |" + f" {ranks.get(g, float('nan')):.2f} |" * ranked)
     return "\n".join(lines)
@@ -400,8 +395,8 @@ def summary_section(runs, figure=None):
 
 
 def paired_differences(runs, metric, reference="map"):
-    """``{guide: {set label: [guide - reference per seed]}}``: both scored on the same seed's test set, so the
-    spread of these differences is the noise a comparison with ``reference`` has to beat."""
+    """``{guide: {set label: [(guide, reference) per seed]}}``: both scored on the same seed's test set, so the
+    spread of their differences is the noise a comparison with ``reference`` has to beat."""
     out = {}
     for dataset, run in runs.items():
         values = {(r["guide"], r["dataset"], r["seed"]): r[metric] for r in run["per_seed"]
@@ -410,15 +405,15 @@ def paired_differences(runs, metric, reference="map"):
             ref = values.get((reference, evaluated, seed))
             if guide != reference and ref is not None:
                 label = set_label(dataset, None if evaluated == dataset else evaluated)
-                out.setdefault(guide, {}).setdefault(label, []).append(v - ref)
+                out.setdefault(guide, {}).setdefault(label, []).append((v, ref))
     return out
 
 
-def clear_differences(diffs, lower_better=True, digits=None):
-    """``(better, worse)`` set labels where the mean paired difference is outside its 95% Student-t interval
-    (over seeds; needs two seeds or more) and reads as nonzero at ``digits`` decimals
-    (:func:`~pyro_lora.experiments.verdict.clear_difference`)."""
-    outcome = {label: clear_difference(d, lower_better, digits) for label, d in diffs.items()}
+def clear_differences(pairs, lower_better=True, digits=9):
+    """``(better, worse)`` set labels where the mean paired difference (``pairs``: :func:`paired_differences`' per
+    set) is outside its 95% Student-t interval (over seeds; needs two seeds or more) and the two means differ as
+    printed with ``digits`` decimals (:func:`~pyro_lora.experiments.verdict.clear_difference`)."""
+    outcome = {label: clear_difference([a - b for a, b in p], lower_better, np.mean(p, axis=0), digits) for label, p in pairs.items()}
     return [k for k, v in outcome.items() if v == "better"], [k for k, v in outcome.items() if v == "worse"]
 
 

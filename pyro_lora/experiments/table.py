@@ -112,11 +112,19 @@ def format_cell(row, key, digits, missing=""):
     if key not in row:
         return missing
     std = row.get(key + "_std")
-    return _number(row[key], digits) + (f" ± {std:.{digits}f}" if std and not not_available(std) and not not_available(row[key]) else "")
+    return _number(row[key], digits) + (f" ± {shown(std, digits)}" if std and not not_available(std) and not not_available(row[key]) else "")
+
+
+def shown(value, digits) -> str:
+    """``value`` as the tables print it, with ``digits`` decimals; one that rounds to zero without a sign: ``-0.000``
+    would read as below ``0.000``, a difference the values do not have at that precision. Every comparison the
+    tables, the verdict and the study make is on these strings (a tie as printed never beats)."""
+    text = f"{value:.{digits}f}"
+    return text[1:] if text.startswith("-") and not float(text) else text
 
 
 def _number(value, digits):
-    return "n/a" if not_available(value) else f"{value:.{digits}f}"
+    return "n/a" if not_available(value) else shown(value, digits)
 
 
 def format_row(r, setting=True):

@@ -11,7 +11,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..guides.registry import METHODS
-from .table import COLUMNS, base_guide
+from .table import COLUMNS, base_guide, shown
 
 BASELINE, REFERENCE = "temperature", "map"
 ACCURACY_POINTS = 1.0  # the accuracy loss against MAP, in points, that the verdict names
@@ -45,20 +45,21 @@ def t_quantile_95(df: int) -> float:
     return (low + high) / 2
 
 
-def shows_difference(difference, digits) -> bool:
-    """Whether ``difference`` reads as nonzero at the table's ``digits`` decimals: a smaller one (e.g. float
-    round-off between a method at a grid edge and the MAP it equals) is a tie, whatever its interval."""
-    return float(f"{abs(difference):.{digits}f}") > 0
+def accuracy_drop(reference: float, accuracy: float) -> float:
+    """``reference - accuracy`` in accuracy points as printed, 2 decimals (0.80 - 0.79 is 1.0000000000000009 points,
+    1.004 prints 1.00): what "more than :data:`ACCURACY_POINTS` below MAP" is decided on, in the verdict and the study."""
+    return round(100 * (reference - accuracy), 2) + 0.0
 
 
-def clear_difference(diffs, lower_better=True, digits=None):
-    """``"better"``, ``"worse"`` or ``None`` (within the noise, fewer than 2 seeds, or a mean difference that reads
-    as 0 at ``digits`` decimals) for the per-seed differences ``diffs`` (method - other): the mean outside its 95%
-    Student-t interval."""
-    if len(diffs) < 2:
+def clear_difference(diffs, lower_better=True, means=None, digits=None):
+    """``"better"``, ``"worse"`` or ``None`` (within the noise, fewer than 2 seeds) for the per-seed differences
+    ``diffs`` (method - other): the mean outside its 95% Student-t interval. With ``means`` (the method's and the
+    other's mean over those seeds) and ``digits``: ``None`` where the two means read the same as the tables print
+    them (float round-off between a method at a grid edge and the MAP it equals), whatever the interval."""
+    if len(diffs) < 2 or (means is not None and shown(means[0], digits) == shown(means[1], digits)):
         return None
     mean, se = float(np.mean(diffs)), float(np.std(diffs, ddof=1)) / np.sqrt(len(diffs))
-    if mean == 0 or (digits is not None and not shows_difference(mean, digits)):
+    if mean == 0:
         return None
     if abs(mean) <= t_quantile_95(len(diffs) - 1) * se:
         return None
@@ -93,12 +94,12 @@ def _beats(values, guide, other, metric):
     if not seeds:
         return False
     diffs = [values[guide][s] - values[other][s] for s in seeds]
-    shown = {f"{np.mean([values[g][s] for s in seeds]):.{digits}f}" for g in (guide, other)}
-    if len(shown) == 1:
+    means = [float(np.mean([values[g][s] for s in seeds])) for g in (guide, other)]
+    if shown(means[0], digits) == shown(means[1], digits):
         return False
     if len(seeds) == 1:  # the values as the table shows them: 0.703 beats 0.704, as the Best line says
         return (diffs[0] < 0) == lower
-    return clear_difference(diffs, lower, digits) == "better"
+    return clear_difference(diffs, lower) == "better"  # the printed means differ: the interval decides
 
 
 def _mean(values, guide):
@@ -109,11 +110,10 @@ def _best(values, metric) -> str:
     """The best mean of ``metric``: ``"guide (value)"``, or every guide whose mean reads the same at the table's
     digits, ``"a, b (value, tied)"`` (with two classes a method and its +ts row share their AURC: a temperature keeps the ranking of binary
     confidences; with more choices it can reorder them)."""
-    digits = COLUMNS[metric].digits
-    shown = {g: f"{_mean(values, g):.{digits}f}" for g in values}
+    printed = {g: shown(_mean(values, g), COLUMNS[metric].digits) for g in values}
     top = (min if COLUMNS[metric].lower_better else max)(values, key=lambda g: _mean(values, g))
-    tied = [g for g in values if shown[g] == shown[top]]
-    return f"{', '.join(tied)} ({shown[top]}{', tied' if len(tied) > 1 else ''})"
+    tied = [g for g in values if printed[g] == printed[top]]
+    return f"{', '.join(tied)} ({printed[top]}{', tied' if len(tied) > 1 else ''})"
 
 
 def _names(guides):
@@ -187,8 +187,10 @@ def verdict(rows, dataset) -> str:
             best.append(f"{entropy}: {_best(ood, 'ood_auroc_entropy')}")
         against.append((entropy, ood, "ood_auroc_entropy", dropped[entropy], entropy))
         mi, na = _by_guide(rows, shifted, "ood_auroc_mi")
-        # a point estimate's MI is 0, its AUROC 0.5 by construction (MAP, temperature scaling, zero-shot): not ranked
-        point = {r["guide"] for r in rows if r["dataset"] == shifted and r.get("mutual_information") == 0}
+        # a point estimate's MI is 0, its AUROC 0.5 by construction (MAP, temperature scaling, zero-shot): not ranked;
+        # a posterior that collapsed on one seed only (TFB's search at sigma_q = 0) is ranked by its mean, as the table does
+        on_shifted = [r for r in rows if r["dataset"] == shifted]
+        point = {r["guide"] for r in on_shifted} - {r["guide"] for r in on_shifted if r.get("mutual_information") != 0}
         mi = {g: v for g, v in mi.items() if g not in (BASELINE, REFERENCE) and g not in point}
         # a +ts row keeps no samples, so its MI is n/a by design: only other n/a values are named
         dropped[f"OOD AUROC (MI) on {shifted}"] = {g: s for g, s in na.items() if base_guide(g) == g}
@@ -198,7 +200,8 @@ def verdict(rows, dataset) -> str:
             against.append((f"OOD AUROC (MI, theirs by entropy) on {shifted}",
                             {**mi, **{g: v for g, v in ood.items() if g in (BASELINE, REFERENCE)}}, "ood_auroc_mi",
                             dropped[entropy], entropy))
-    lines.append("- Best: " + ("; ".join(best) if best else "none: every score is n/a") + ".")
+    over = f" (means over seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}, which every method finished)" if left_out else ""
+    lines.append(f"- Best{over}: " + ("; ".join(best) if best else "none: every score is n/a") + ".")
     lines += _left_out(dropped, seeds)
     if BASELINE in values["nll"]:
         lines += _against_baseline(rows, values, left)
@@ -208,9 +211,10 @@ def verdict(rows, dataset) -> str:
     if REFERENCE in values["accuracy"]:
         ref = _mean(values["accuracy"], REFERENCE)
         # decided on the points as printed (2 decimals): 0.80 - 0.79 is 1.0000000000000009 points, 1.004 prints -1.00
-        lost = [g for g in values["accuracy"] if round(100 * (ref - _mean(values["accuracy"], g)), 2) > ACCURACY_POINTS]
+        drops = {g: accuracy_drop(ref, _mean(values["accuracy"], g)) for g in values["accuracy"]}
+        lost = [g for g in values["accuracy"] if drops[g] > ACCURACY_POINTS]
         means = _by_guide(rows, dataset, "mean_accuracy")[0]
-        detail = [f"{g} {100 * (_mean(values['accuracy'], g) - ref):+.2f}" + _why(means, g, ref) for g in lost]  # -1.04: not -1.0
+        detail = [f"{g} {0.0 - drops[g]:+.2f}" + _why(means, g, ref) for g in lost]  # -1.04: not -1.0
         lines.append(f"- Accuracy against MAP ({ref:.3f}): " + (f"more than {ACCURACY_POINTS:g} point below it: "
                      f"{', '.join(detail)}." if lost else f"none more than {ACCURACY_POINTS:g} point below it."))
     else:
@@ -234,16 +238,16 @@ def _why(means, guide, ref) -> str:
     (within :data:`ACCURACY_POINTS`), so the weight noise costs it; or the mean loses it too: the fit does."""
     if guide not in means:
         return ""
-    drop = 100 * (_mean(means, guide) - ref)
-    cause = "the weight noise costs it" if round(-drop, 2) <= ACCURACY_POINTS else "its fit itself costs it"
-    return f" (its posterior mean {drop:+.2f}: {cause})"
+    drop = accuracy_drop(ref, _mean(means, guide))
+    cause = "the weight noise costs it" if drop <= ACCURACY_POINTS else "its fit itself costs it"
+    return f" (its posterior mean {0.0 - drop:+.2f}: {cause})"
 
 
 def _against_baseline(rows, values, left):
     """The sentences on temperature scaling: per setting, who beats it on both ECE and NLL, on NLL only (none on
     both where its ECE is n/a on some seed), and who was not compared (n/a on some seed: ``left``)."""
     settings = {r["guide"]: r.get("setting") for r in rows}
-    shown = {m: f"{_mean(values[m], BASELINE):.{COLUMNS[m].digits}f}" for m in ("ece", "nll") if BASELINE in values[m]}
+    printed = {m: shown(_mean(values[m], BASELINE), COLUMNS[m].digits) for m in ("ece", "nll") if BASELINE in values[m]}
     lines = []
     for setting in sorted({s for g, s in settings.items() if s and g not in (BASELINE, REFERENCE)}):
         ours = [g for g in settings if settings[g] == setting and g not in (BASELINE, REFERENCE)]
@@ -251,7 +255,7 @@ def _against_baseline(rows, values, left):
         no_nll = [g for g in ours if g in left["nll"]]
         tail = f"; not compared (NLL n/a on some seed): {_names(no_nll)}." if no_nll else "."
         if BASELINE not in values["ece"]:
-            lines.append(f"- {setting.capitalize()}: beat temperature scaling (NLL {shown['nll']}) on NLL: {_names(on_nll)}; ECE "
+            lines.append(f"- {setting.capitalize()}: beat temperature scaling (NLL {printed['nll']}) on NLL: {_names(on_nll)}; ECE "
                          "not compared: temperature scaling's ECE is n/a on some seed" + tail)
             continue
         both = [g for g in on_nll if _beats(values["ece"], g, BASELINE, "ece")]
@@ -259,7 +263,7 @@ def _against_baseline(rows, values, left):
         no_ece = [g for g in on_nll if g in left["ece"]]
         nll_only = [g for g in on_nll if g not in both and g not in no_ece]
         bayesian = [g for g in both if base_guide(g) in METHODS and METHODS[base_guide(g)].bayesian]
-        lines.append(f"- {setting.capitalize()}: beat temperature scaling (ECE {shown['ece']}, NLL {shown['nll']}) on both ECE and NLL: "
+        lines.append(f"- {setting.capitalize()}: beat temperature scaling (ECE {printed['ece']}, NLL {printed['nll']}) on both ECE and NLL: "
                      f"{_names(both)}" + (f" (Bayesian: {_names(bayesian)})" if both else "") +
                      f"; on NLL only: {_names(nll_only)}" +
                      (f"; on NLL, its ECE not compared (n/a on some seed): {_names(no_ece)}" if no_ece else "") + tail)
