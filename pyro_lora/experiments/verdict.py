@@ -120,8 +120,12 @@ def _names(guides):
     return ", ".join(guides) if guides else "none"
 
 
+def _seed_list(seeds):
+    return f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+
+
 def _seeds(seeds, compared):
-    return "every seed" if seeds == compared else f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+    return "every seed" if seeds == compared else _seed_list(seeds)
 
 
 def _left_out(left, compared):
@@ -170,7 +174,7 @@ def verdict(rows, dataset) -> str:
     how = (f"{len(seeds)} seeds; a difference counts where the paired per-seed 95% interval excludes 0" if len(seeds) > 1
            else "1 seed: no interval, the values compared as they are; run several --seeds to tell noise apart")
     if left_out:
-        how += (f"; seed{'s' * (len(left_out) > 1)} {', '.join(map(str, left_out))} left out: not every method "
+        how += (f"; {_seed_list(left_out)} left out: not every method "
                 "finished it, and means over other seeds would not compare")
     lines = [f"Verdict on {dataset} ({how}):"]
     best = [f"{COLUMNS[m].title}: {_best(values[m], m)}" for m in ("ece", "nll", "aurc") if values[m]]
@@ -200,7 +204,7 @@ def verdict(rows, dataset) -> str:
             against.append((f"OOD AUROC (MI, theirs by entropy) on {shifted}",
                             {**mi, **{g: v for g, v in ood.items() if g in (BASELINE, REFERENCE)}}, "ood_auroc_mi",
                             dropped[entropy], entropy))
-    over = f" (means over seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}, which every method finished)" if left_out else ""
+    over = f" (means over {_seed_list(seeds)}, which every method finished)" if left_out else ""
     lines.append(f"- Best{over}: " + ("; ".join(best) if best else "none: every score is n/a") + ".")
     lines += _left_out(dropped, seeds)
     if BASELINE in values["nll"]:
