@@ -16,7 +16,7 @@ from pyro_lora.checks import check_count
 from pyro_lora.contract import check_guide, describe
 from pyro_lora.ownership import follow_svi_step, point_snapshot, stop_following, take_over
 from pyro_lora.io import register_guide
-from pyro_lora.pyro_stack import VECTORIZED, enclosing_plates
+from pyro_lora.pyro_stack import VECTORIZED, enclosing_plates, marking_sites
 
 
 class LoraGuide(torch.nn.Module):
@@ -64,6 +64,11 @@ class LoraGuide(torch.nn.Module):
     def config(self):
         """Constructor keyword arguments (JSON-serialisable) that :func:`pyro_lora.load_guide` passes back."""
         return {}
+
+    def __call__(self, *args, **kwargs):
+        # its sites carry the guide: a model replayed against them (an ELBO) checks that the guide fits it
+        with marking_sites(self):
+            return super().__call__(*args, **kwargs)
 
     def forward(self, *args, kl_weight=1.0, **kwargs):
         """Pyro guide: one sample site per model site. ``kl_weight`` matches the model's KL annealing."""

@@ -355,17 +355,25 @@ def _check_tensors(file, tensors, guide, adapter_params, net_params):
 _CASTS = {str(d): d for d in (torch.bfloat16, torch.float16)}
 
 
+def _held(net) -> list:
+    """The floating-point dtypes of the weights :func:`~pyro_lora.contract.weights_digest` reads, as names: a base may
+    hold two (a module transformers keeps in float32, a base cast in part)."""
+    return sorted({str(p.dtype) for _, p in digested_parameters(net) if p.is_floating_point()})
+
+
 def _base_weights(model) -> dict:
     """What :func:`_check_base_weights` compares: SHA-256s of every base weight as the model holds them and, for an
-    unquantized base, as cast to each half dtype it can be read in (both from float32, its own from a half dtype: a
-    module transformers keeps in float32 is cast too); the dtype; the quantization
+    unquantized base, as cast to each half dtype a base of its checkpoint can be compared through (both for a float32
+    base, the one it holds for a base holding a half dtype); the dtypes held; the compute dtype; the quantization
     (:func:`~pyro_lora.contract.quantization`)."""
     record = {"sha256": weights_digest(model.net), "dtype": str(model.compute_dtype), "quantization": quantization(model.net)}
     if record["quantization"] is None:
-        held = {p.dtype for _, p in digested_parameters(model.net) if p.is_floating_point()}
+        held = _held(model.net)
+        halves = set(held) & set(_CASTS)
+        record["held"] = held
         # a pass over every weight each: the base's own dtype, where every weight already has it, is the digest above
-        record["cast_sha256"] = {name: record["sha256"] if held == {d} else weights_digest(model.net, d)
-                                 for name, d in _CASTS.items() if model.compute_dtype in (torch.float32, d)}
+        record["cast_sha256"] = {name: record["sha256"] if held == [name] else weights_digest(model.net, d)
+                                 for name, d in _CASTS.items() if halves <= {name}}
     return record
 
 
@@ -383,47 +391,47 @@ def _saved_quantization(saved, meta, net) -> tuple[bool, bool]:
 
 
 def _same_cast(saved, model) -> bool | None:
-    """Whether the model's base weights are the guide's, compared as cast to the half dtype one side is in (a float32
-    guide on a bfloat16 base of its checkpoint, or the reverse); ``None`` where no such digest was recorded (bfloat16
-    against float16, a guide saved before 2026-12-02's evening)."""
-    casts, now = saved.get("cast_sha256") or {}, str(model.compute_dtype)
-    if now in casts:
-        return casts[now] == weights_digest(model.net, model.compute_dtype)
-    if model.compute_dtype == torch.float32 and saved.get("dtype") in casts:
-        return casts[saved["dtype"]] == weights_digest(model.net, _CASTS[saved["dtype"]])
-    return None
+    """Whether the model's unquantized base weights are the guide's, compared through the one half dtype either side
+    holds (a float32 guide on a bfloat16 base of its checkpoint, or the reverse; a module kept in float32 on one side),
+    or as held where neither holds one; ``None`` where they cannot be compared whole: bfloat16 against float16, or
+    a guide saved before the digests it needs were recorded."""
+    saved_held = set(saved.get("held") or [saved.get("dtype")])  # older guides recorded the compute dtype alone
+    halves = (saved_held | set(_held(model.net))) & set(_CASTS)
+    if not halves:  # float32 (or wider) on both sides: the weights as held decide
+        return False if saved_held == set(_held(model.net)) else None
+    if len(halves) > 1:  # no cast takes bfloat16 and float16 weights of one checkpoint to the same values
+        return None
+    (name,) = halves
+    digest = (saved.get("cast_sha256") or {}).get(name)
+    return None if digest is None else digest == weights_digest(model.net, _CASTS[name])
 
 
 def _check_base_weights(path, meta, model):
-    """Refuse base weights other than the saved guide's, read whole where the guide recorded them: as held, on a base
-    of its dtype and quantization; as cast to a half dtype, between that dtype and float32. Between bfloat16 and
-    float16 only the signature's 4096-entry fingerprint compares them: warned. Where either side is quantized
+    """Refuse base weights other than the saved guide's, read whole where the guide recorded them: as held; as cast to
+    the half dtype either side holds. Between bfloat16 and float16, and for guides saved before those digests were
+    recorded, only the signature's 4096-entry fingerprint compares them: warned. Where either side is quantized
     otherwise, the quantized weights cannot be compared (the fingerprint reads float weights): warned."""
     saved = meta.get("base_weights")  # older guides did not record it
-    if not isinstance(saved, dict):
+    if not isinstance(saved, dict) or saved.get("sha256") == weights_digest(model.net):
         return
     now, was = quantization(model.net), saved.get("quantization")
     was_quantized, known = _saved_quantization(saved, meta, model.net)
     refusal = (f"cannot load the guide at {path} into this model: the base weights differ from the ones the guide was "
                "saved with (read whole: a change its fingerprint of 4096 entries per weight misses, e.g. two embedding "
                "rows swapped): load the checkpoint it was fitted on")
-    if was_quantized == (now is not None) and saved.get("dtype") == str(model.compute_dtype):
-        # a half-precision base holds a module transformers keeps in float32 when loaded with dtype=, not when cast
-        # with .to(): the same checkpoint, as its cast digest tells
-        if saved.get("sha256") == weights_digest(model.net) or _same_cast(saved, model):
-            return
-        if now is None or (known and was == now):
-            raise ValueError(refusal)
-    elif not (was_quantized or now):  # another dtype of an unquantized base: its weights compared as cast
+    if not (was_quantized or now):
         same = _same_cast(saved, model)
         if same is False:
             raise ValueError(refusal)
         if same is None:
-            warnings.warn(f"the guide at {path} was saved on a base in {saved.get('dtype')} and this model's is in "
-                          f"{model.compute_dtype}: its base weights could be compared by their 4096-entry fingerprints "
-                          "only (a change between the strides goes unseen); load it on a base in "
-                          f"{saved.get('dtype')} to have every weight compared", stacklevel=3)
+            then = ", ".join(saved.get("held") or [str(saved.get("dtype"))])
+            warnings.warn(f"the guide at {path} was saved on a base holding {then} and this model's holds "
+                          f"{', '.join(_held(model.net))}: its base weights could be compared by their 4096-entry "
+                          "fingerprints only (a change between the strides goes unseen); load it on a base holding "
+                          f"{then} to have every weight compared", stacklevel=3)
         return
+    if was_quantized == (now is not None) and saved.get("dtype") == str(model.compute_dtype) and known and was == now:
+        raise ValueError(refusal)
     then = "a quantized base" if was_quantized else "an unquantized base"
     other = " otherwise" if known and was and now and was != now else ""
     warnings.warn(f"the guide at {path} was saved on {then} in {saved.get('dtype')}, and this model's base is "

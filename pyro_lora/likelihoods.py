@@ -22,6 +22,7 @@ from pyro.distributions import Categorical, TorchDistribution, constraints
 from .sites import base_network
 
 _NET_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+_DECODER_INPUTS = ("input_ids", "attention_mask")  # a decoder's positions are computed here, from the attention mask
 MC_FORMATS = ("letter", "cloze")  # the answer as a letter token, or scored as the choice text's continuation
 
 
@@ -188,9 +189,31 @@ def _last_positions(attention_mask):
 
 
 class Likelihood:
-    """Base: ``logits(net, batch, num_samples)`` and the observation distribution."""
+    """Base: ``logits(net, batch, num_samples)`` and the observation distribution.
+
+    :attr:`net_inputs` names the batch entries ``logits`` hands the network: a subclass handing it others lists them.
+    """
 
     event_dims = 0
+    net_inputs = _NET_INPUTS
+
+    def check_inputs(self, net, batch: dict) -> None:
+        """Refuse batch entries the network's forward takes but :meth:`logits` does not hand it (``position_ids`` of
+        packed rows, ``inputs_embeds``): the network would run without them, and nothing would say so.
+
+        :raises ValueError: naming those entries and the ones handed on.
+        """
+        try:
+            takes = inspect.signature(base_network(net).forward).parameters
+        except (TypeError, ValueError):  # a forward without a signature: nothing to compare
+            return
+        dropped = sorted(k for k in batch if k in takes and k not in self.net_inputs and k != "labels")
+        if dropped:
+            raise ValueError(
+                f"the batch holds {dropped}, which the network's forward takes but {type(self).__name__} does not hand it "
+                f"(it hands {list(self.net_inputs)}; positions count the attention mask's real tokens): the network "
+                "would run without them; drop those entries (packed rows: one sequence per row, padded)"
+            )
 
     def logits(self, net, batch: dict, num_samples: int | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -312,6 +335,8 @@ class MultipleChoice(Likelihood):
     runs each question once and scores the ``K`` continuations from its key/value cache.
     """
 
+    net_inputs = _DECODER_INPUTS
+
     def __init__(self, answer_token_ids=None, format="letter", normalize=None, share_prefix=True):
         if format not in MC_FORMATS:
             raise ValueError(f"format must be 'letter' or 'cloze', got {format!r}")
@@ -401,7 +426,7 @@ class MultipleChoice(Likelihood):
                              "tokens: give one answer token per choice (pyro_lora.data.letter_token_ids)")
         if self.format == "letter":
             _refuse_empty_rows(batch, "a letter-format")
-            inputs = repeat_inputs(batch, num_samples, ("input_ids", "attention_mask"))
+            inputs = repeat_inputs(batch, num_samples, self.net_inputs)
             hidden = decoder(**_with_positions(decoder, inputs), **_no_cache(decoder)).last_hidden_state
             rows = torch.arange(hidden.shape[0], device=hidden.device)
             last = _last_positions(inputs["attention_mask"]) if "attention_mask" in inputs else hidden.shape[1] - 1
@@ -423,7 +448,7 @@ class MultipleChoice(Likelihood):
 
     def _cloze(self, decoder, head, batch, num_samples):
         """Every (question, choice) row run in full: ``[B*K, T]`` -> scores ``[*S*B*K]``."""
-        inputs = repeat_inputs(batch, num_samples, ("input_ids", "attention_mask"))
+        inputs = repeat_inputs(batch, num_samples, self.net_inputs)
         hidden = decoder(**_with_positions(decoder, inputs), **_no_cache(decoder)).last_hidden_state
         target = batch["target_mask"].bool()
         if num_samples is not None:
@@ -533,9 +558,10 @@ class CausalLM(Likelihood):
     """
 
     event_dims = 1
+    net_inputs = _DECODER_INPUTS
 
     def logits(self, net, batch, num_samples=None):
-        inputs = _with_positions(base_network(net), repeat_inputs(batch, num_samples, ("input_ids", "attention_mask")))
+        inputs = _with_positions(base_network(net), repeat_inputs(batch, num_samples, self.net_inputs))
         out = net(**inputs).logits[:, :-1]
         return _unfold_samples(out, num_samples)
 

@@ -15,12 +15,12 @@ from peft.utils import ModulesToSaveWrapper
 
 from . import handoff, pyro_params, quantized
 from .checks import check_count
-from .contract import parameter_adapter
+from .contract import check_guide, parameter_adapter
 from .ownership import head_trainer, unwritten_fit
 from .distributions import isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
-from .pyro_stack import VECTORIZED, enclosing_plates, replayed_trace
+from .pyro_stack import VECTORIZED, conditioned_names, enclosing_plates, marked_guides, replayed_trace
 from .sites import Site, active_adapter, base_rewriting_inits, build_sites, check_values, describe_inits, find_lora_layers, matrix_view, per_layer
 
 
@@ -344,10 +344,13 @@ class LoraModel:
         :param flipout_locs: A site -> its posterior mean: those sites' noise ``values - loc`` is sign-flipped
             per example (flipout, :func:`~pyro_lora.handoff.lora_delta`).
         :returns: ``[B, C]`` or ``[S, B, C]``, float32 whatever the network's dtype.
+        :raises ValueError: for batch entries the network takes but the likelihood does not hand it
+            (:meth:`~pyro_lora.likelihoods.Likelihood.check_inputs`).
         :raises FloatingPointError: if a half-precision network's logits are NaN or ``+inf`` (an overflow; ``-inf`` is a
             masked multiple-choice answer).
         """
         self.check_network()
+        self.likelihood.check_inputs(self.net, batch)
         if num_samples is not None:
             num_samples = check_count(num_samples, "num_samples", alternative="or None for values without a sample dim")
         with _autocast(self.device, self.compute_dtype):
@@ -417,6 +420,7 @@ class LoraModel:
         guide_trace = replayed_trace()
         if guide_trace is not None:
             self._check_guide_trace(guide_trace, tr.trace)
+        self._check_conditioned(tr.trace)
         for name, v in values.items():
             shape = self.sites[name].shape
             if tuple(v.shape[v.dim() - len(shape) :]) != shape:
@@ -455,8 +459,12 @@ class LoraModel:
 
     def _check_guide_trace(self, guide_trace, own):
         """Under an ELBO (the model replayed against ``guide_trace``; ``own``: the trace of the model's weight sites):
-        refuse guide sites scaled otherwise than the model's (``kl_weight`` or a ``poutine.scale`` on one side only:
-        ``log q`` and ``log p`` would be weighted apart, which is no (beta-)ELBO)."""
+        refuse a pyro_lora guide built for another model (:func:`~pyro_lora.contract.check_guide`: another checkpoint,
+        other sites), and guide sites scaled otherwise than the model's (``kl_weight`` or a ``poutine.scale`` on one
+        side only: ``log q`` and ``log p`` would be weighted apart, which is no (beta-)ELBO)."""
+        for guide in marked_guides(guide_trace):
+            if guide.model is not self:
+                check_guide(self, guide, "run an ELBO (pyro.infer.SVI, a replayed trace)")
         scale = float(own.nodes[next(iter(self.sites))]["scale"])
         unscaled = {n: float(node["scale"]) for n, node in guide_trace.nodes.items() if node["type"] == "sample"
                     and not node["is_observed"] and (n in self.sites or node["infer"].get("is_auxiliary"))
@@ -470,6 +478,24 @@ class LoraModel:
                 "pyro_lora guide, and scale the model and the guide alike"
             )
 
+    def _check_conditioned(self, own):
+        """Refuse conditioned values (``poutine.condition``, ``pyro.infer.Predictive``'s posterior samples) for some of
+        the model's weight sites but not all, or for weight sites it does not have: the values were drawn for another
+        model (other target_modules or ``random``), and its other sites would be drawn from the prior. Conditioned
+        values carry no guide, so a guide for another checkpoint of the same sites passes: ``predict`` checks that."""
+        given = [n for n in self.sites if own.nodes[n]["is_observed"]]
+        foreign = sorted(n for n in conditioned_names() - set(self.sites) if _looks_like_site(n))
+        missing = [n for n in self.sites if n not in given]
+        if foreign or (given and missing):
+            what = (f"for {len(foreign)} weight sites this model does not have (e.g. {foreign[0]!r})" if foreign else
+                    f"for {len(given)} of the model's {len(self.sites)} weight sites, not for {len(missing)} (e.g. "
+                    f"{missing[0]!r})")
+            raise ValueError(
+                f"values were conditioned on (poutine.condition, pyro.infer.Predictive's guide or posterior samples) "
+                f"{what}: they were drawn for another model (other target_modules or random=), and the model's other "
+                "sites would be drawn from the prior; build the guide on this model, or give every weight site a value"
+            )
+
     def _observe(self, log_prob):
         self.last_nll = -log_prob.mean()  # per example, for fit's divergence check: the ELBO's prior term scales with 1/N
 
@@ -477,6 +503,12 @@ class LoraModel:
 FLIPOUT_CLOZE = ("flipout draws its weight noise per row, and cloze multiple choice runs each choice of a question as a "
                  "row of its own (and the shared question apart): the choices would be scored under different weights; "
                  "use flipout=False, or the letter format (MultipleChoice(format='letter'))")
+
+
+def _looks_like_site(name: str) -> bool:
+    """Whether ``name`` is named as a LoRA weight site is (``"<module>.lora_<letter>"``)."""
+    module, _, matrix = name.rpartition(".lora_")
+    return bool(module) and matrix in KINDS
 
 
 def _check_prior_and_size(prior, num_data) -> None:

@@ -1,10 +1,16 @@
-"""What Pyro's handler stack says about the call running now: the plates around it, the trace an ELBO replays."""
+"""What Pyro's handler stack says about the call running now: the plates around it, the trace an ELBO replays, the
+values ``poutine.condition`` hands in, and which guide drew a replayed site."""
 
 from __future__ import annotations
 
+import weakref
+
+import pyro.poutine as poutine
+from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.indep_messenger import IndepMessenger
 from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_struct import Trace
 
 VECTORIZED = ("vectorized particles (vectorize_particles=True, Predictive(parallel=True)) are not supported; use "
               "num_particles without vectorizing, or pyro_lora.predict for many samples in one forward")
@@ -22,3 +28,38 @@ def replayed_trace():
         if isinstance(m, ReplayMessenger) and m.trace is not None:
             return m.trace
     return None
+
+
+_GUIDE_MARK = "pyro_lora_guide"  # key in a sample site's infer dict: a weak reference to the guide that drew it
+
+
+def marking_sites(guide):
+    """A handler that marks every sample site drawn inside it with ``guide`` (the innermost guide keeps its mark), so
+    that a model replayed against the trace can tell which guide drew its values (:func:`marked_guides`)."""
+    ref = weakref.ref(guide)  # a trace must not keep a guide alive; deepcopy keeps weak references as they are
+
+    def mark(msg):
+        return {} if msg["type"] != "sample" or _GUIDE_MARK in msg["infer"] else {_GUIDE_MARK: ref}
+
+    return poutine.infer_config(config_fn=mark)
+
+
+def marked_guides(trace) -> list:
+    """The guides that marked sample sites of ``trace`` (:func:`marking_sites`), each once."""
+    guides = {}
+    for node in trace.nodes.values():
+        ref = node["infer"].get(_GUIDE_MARK) if node["type"] == "sample" else None
+        guide = ref() if ref is not None else None
+        if guide is not None:
+            guides[id(guide)] = guide
+    return list(guides.values())
+
+
+def conditioned_names() -> set:
+    """Names of the sites that the ``poutine.condition`` handlers around the call running now hand values to
+    (``pyro.infer.Predictive`` conditions the model on its posterior samples so)."""
+    names = set()
+    for m in _PYRO_STACK:
+        if isinstance(m, ConditionMessenger):
+            names.update(m.data.nodes if isinstance(m.data, Trace) else m.data)
+    return names

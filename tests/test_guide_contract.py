@@ -289,12 +289,77 @@ def test_an_ensemble_with_heads_predicts_only_on_its_own_model():
     predict_ensemble(model, guide, data())
 
 
-def test_pyro_svi_with_a_guide_for_another_model_is_refused():
-    guide = MAPGuide(lora(r=8))
-    model = lora(r=4)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
-    with pytest.raises(ValueError, match=r"site 'query.lora_A' got a value of shape \(2, 8, 32\) from the guide"):
+def _on(targets):
+    from conftest import _randomize_b, tiny_bert_base
+
+    net = get_peft_model(tiny_bert_base(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, task_type="SEQ_CLS"))
+    _randomize_b(net)
+    return LoraModel(net.eval(), SequenceClassification(), prior=0.5, num_data=6)
+
+
+OTHER_MODELS = {  # guide's model, the model run, what the refusal names
+    "rank": (lambda: lora(r=8), lora, r"site 'query.lora_A' has shape \(2, 8, 32\) in the guide and \(2, 4, 32\)"),
+    "checkpoint": (lora, lambda: LoraModel(tiny_bert(seed=1), SequenceClassification(), prior=0.5, num_data=6),
+                   "the base weights differ from the ones the guide was built on"),
+    "fewer_targets": (lambda: _on(["query"]), lora, r"the model has sites the guide lacks: \['value.lora_A'"),
+    "more_targets": (lora, lambda: _on(["query"]), r"the guide has sites the model lacks: \['value.lora_A'"),
+}
+
+
+@pytest.mark.parametrize("elbo", [Trace_ELBO, TraceMeanField_ELBO])
+@pytest.mark.parametrize("other", sorted(OTHER_MODELS))
+def test_pyro_svi_with_a_guide_for_another_model_is_refused(other, elbo):
+    """Pyro's SVI ran a guide of another checkpoint of the same shapes silently; with other target_modules it drew the
+    model's extra sites from the prior (Trace_ELBO) or raised a bare KeyError (TraceMeanField_ELBO)."""
+    guide_model, run_model, names = OTHER_MODELS[other]
+    guide = MeanFieldGuide(guide_model())
+    svi = SVI(run_model(), guide, pyro.optim.Adam({"lr": 1e-2}), elbo())
+    with pytest.raises(ValueError, match=r"cannot run an ELBO \(pyro.infer.SVI, a replayed trace\) with this "
+                                         rf"MeanFieldGuide on this model: {names}"):
         svi.step(data()[0])
+    with pytest.raises(ValueError, match=names):
+        svi.evaluate_loss(data()[0])
+
+
+@pytest.mark.parametrize("other,names", [("fewer_targets", r"for 2 of the model's 4 weight sites, not for 2 \(e.g. "
+                                                           r"'value.lora_A'\)"),
+                                         ("more_targets", r"for 2 weight sites this model does not have \(e.g. "
+                                                          r"'value.lora_A'\)")])
+def test_values_conditioned_on_for_another_models_sites_are_refused(other, names):
+    """Predictive(model, guide=a guide on other target_modules) drew the sites the guide lacks from the prior, or
+    dropped the guide's extra sites, without a word: it hands the model values only, so the model checks their names."""
+    guide_model, run_model, _ = OTHER_MODELS[other]
+    guide, model = MeanFieldGuide(guide_model()), run_model()
+    with pytest.raises(ValueError, match=rf"values were conditioned on .* {names}: they were drawn for another model"):
+        pyro.infer.Predictive(model, guide=guide, num_samples=2)(data()[0])
+    values = guide.mean()
+    with torch.no_grad(), pytest.raises(ValueError, match=names):
+        poutine.condition(model, data=values)(data()[0])
+    own = MeanFieldGuide(model)
+    with torch.no_grad():
+        logits = poutine.condition(model, data=own.mean())(data()[0])
+    torch.testing.assert_close(logits, model.logits(data()[0], own.mean()))
+
+
+def test_a_users_model_with_latents_of_its_own_around_the_lora_model_is_not_refused():
+    """The checks read the guide that drew the weight sites and the weight-site names only: a user's own latents (a
+    noise scale here) and the guide drawing them pass under SVI and Predictive."""
+    model = lora()
+    guide = MeanFieldGuide(model)
+
+    def user_model(batch):
+        pyro.sample("tau", pyro.distributions.Normal(0.0, 1.0))
+        return model(batch)
+
+    def user_guide(batch):
+        loc = pyro.param("tau_loc", torch.tensor(0.0))
+        pyro.sample("tau", pyro.distributions.Normal(loc, 1.0))
+        return guide(batch)
+
+    svi = SVI(user_model, user_guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    assert torch.isfinite(torch.tensor(svi.step(data()[0])))
+    out = pyro.infer.Predictive(user_model, guide=user_guide, num_samples=2, return_sites=["tau", "obs"])(data()[0])
+    assert out["obs"].shape == (2, 3) and out["tau"].numel() == 2
 
 
 def test_export_after_switching_adapter_is_refused(tmp_path):
@@ -797,3 +862,52 @@ def test_a_half_precision_guide_loads_on_its_checkpoint_whether_a_module_was_kep
     with tempfile.TemporaryDirectory() as folder:
         save_guide(MAPGuide(kept), folder)
         load_guide(folder, lora(dtype=torch.float16))  # the float32 checkpoint cast whole with .to()
+
+
+def _part_cast(dtype, part=torch.float32, module="output.dense"):
+    """A float32 tiny BERT whose base is held in ``dtype`` but for one module in ``part`` (transformers' kept-in-float32
+    modules, or a user's cast of the encoder alone)."""
+    model = lora(dtype=dtype)
+    dense = model.net.get_base_model().bert.encoder.layer[0].get_submodule(module)
+    original = lora().net.get_base_model().bert.encoder.layer[0].get_submodule(module).weight
+    dense.weight = torch.nn.Parameter(original.detach().to(part), requires_grad=False)
+    return model
+
+
+def test_an_older_half_precision_guide_on_its_checkpoint_with_a_module_kept_in_float32_is_warned_not_refused(tmp_path):
+    """A half-precision guide saved before the cast digests were recorded was refused on its own checkpoint ("the
+    base weights differ") where one side kept a module in float32: its raw digest was all there was to compare."""
+    save_guide(MAPGuide(_part_cast(torch.float16)), tmp_path / "guide")
+    meta = json.loads((tmp_path / "guide" / "guide.json").read_text())
+    for key in ("held", "cast_sha256"):  # as guides saved before they were recorded
+        del meta["base_weights"][key]
+    (tmp_path / "guide" / "guide.json").write_text(json.dumps(meta))
+    with pytest.warns(UserWarning, match="saved on a base holding torch.float16 and this model's holds torch.float16: "
+                                         "its base weights could be compared by their 4096-entry fingerprints only"):
+        load_guide(tmp_path / "guide", lora(dtype=torch.float16))
+
+
+@pytest.mark.parametrize("saved, loaded", [
+    (lambda: _part_cast(torch.float32, torch.bfloat16), lambda: lora(dtype=torch.bfloat16)),
+    (lambda: _part_cast(torch.float32, torch.bfloat16), lora),
+    (lora, lambda: _part_cast(torch.float32, torch.bfloat16)),
+    (lambda: lora(dtype=torch.float16), lambda: _part_cast(torch.float32, torch.float16)),
+], ids=["bf16_part_on_bf16", "bf16_part_on_fp32", "fp32_on_bf16_part", "fp16_on_fp16_part"])
+def test_a_guide_on_a_partly_cast_base_is_checked_whole_through_the_half_dtype_it_holds(tmp_path, saved, loaded):
+    """A base cast in part (one module in bfloat16, the rest, the embeddings too, in float32: the compute dtype reads
+    float32) was refused on its own checkpoint in bfloat16: the digests compared were of the compute dtype."""
+    save_guide(MAPGuide(saved()), tmp_path / "guide")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the same checkpoint, cast: nothing to say
+        load_guide(tmp_path / "guide", loaded())
+    with pytest.raises(ValueError, match="the base weights differ from the ones the guide was saved with"):
+        load_guide(tmp_path / "guide", _one_entry_moved(loaded()))
+
+
+def test_a_guide_on_a_base_holding_bfloat16_on_one_holding_float16_is_checked_by_its_fingerprint_only(tmp_path):
+    """No cast takes the two half dtypes of one checkpoint to the same weights: warned, not refused."""
+    save_guide(MAPGuide(_part_cast(torch.float32, torch.bfloat16)), tmp_path / "guide")
+    with pytest.warns(UserWarning, match=r"holding torch.bfloat16, torch.float32 and this model's holds torch.float16: "
+                                         "its base weights could be compared by their 4096-entry fingerprints only"):
+        load_guide(tmp_path / "guide", lora(dtype=torch.float16))
+

@@ -411,3 +411,38 @@ def test_labels_of_any_integer_width_are_taken_and_a_shifted_or_untensored_list_
         fit(model, MAPGuide(model), [{**batch, "labels": torch.tensor([0])}], progress=False)
     with pytest.raises(ValueError, match=r"the batch's labels are a list, not a tensor"):
         predict(model, None, [{**batch, "labels": [0, 2]}])
+
+
+def _causal_batch():
+    ids, mask = _pad([r for r, _ in LETTER_RECORDS], "right")
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
+def _classification_batch():
+    return {**_causal_batch(), "labels": torch.tensor([0, 2, 1])}
+
+
+SETUPS = {  # likelihood, network, batch, entries the network takes that the likelihood does not hand it
+    "classification": (SequenceClassification, tiny_bert, _classification_batch, ["inputs_embeds", "position_ids"]),
+    "causal_lm": (CausalLM, tiny_llama, _causal_batch, ["inputs_embeds", "position_ids"]),
+    "letter": (lambda: MultipleChoice(LETTERS), tiny_llama, lambda: letter_batch(LETTER_RECORDS),
+               ["inputs_embeds", "position_ids"]),
+}
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_batch_entries_the_network_takes_but_is_not_handed_are_refused_by_name(setup):
+    """position_ids of packed rows were dropped (classification) or replaced by the attention mask's count (CausalLM),
+    and inputs_embeds dropped, without a word; entries the network does not take (the collators' own) still pass."""
+    likelihood, make_net, make_batch, dropped = SETUPS[setup]
+    model = LoraModel(make_net(), likelihood(), random="AB")
+    batch = make_batch()
+    plain = model.logits(batch)
+    torch.testing.assert_close(model.logits({**batch, "record_id": torch.arange(3)}), plain)  # not the network's
+    extra = {"position_ids": torch.zeros_like(batch["input_ids"]), "inputs_embeds": torch.zeros(3, 1, 32)}
+    for key in dropped:
+        with pytest.raises(ValueError, match=rf"the batch holds \['{key}'\], which the network's forward takes but "
+                                             rf"{type(model.likelihood).__name__} does not hand it"):
+            model.logits({**batch, key: extra[key]})
+        with pytest.raises(ValueError, match=rf"\['{key}'\]"):
+            model({**batch, key: extra[key]})  # the Pyro model
