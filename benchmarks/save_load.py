@@ -1,7 +1,7 @@
 """Cost of ``save_guide`` / ``load_guide`` against peft's own ``save_pretrained`` of the adapter, in the same process.
 
-``save_guide`` records SHA-256 digests of the whole base (the weights as held, and cast to bfloat16 and float16
-where that is another value), so that ``load_guide`` can refuse a guide on another checkpoint; ``load_guide``
+``save_guide`` records SHA-256 digests of each base weight (as held, and for a float32 weight as cast to bfloat16
+and float16), so that ``load_guide`` can refuse a guide on another checkpoint; ``load_guide``
 reads the base once more to compare. Each digest pass reads every base weight (on a GPU, across to the host).
 This script times one digest pass, the save and the load of a MAP guide, and peft's adapter save, on a random
 Llama. CPU by default.

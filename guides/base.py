@@ -7,6 +7,8 @@ model's names and shapes, so ``Trace_ELBO``, ``TraceMeanField_ELBO``, ``Predicti
 Guides never touch the network.
 """
 
+import functools
+
 import pyro
 import pyro.poutine as poutine
 import torch
@@ -17,6 +19,37 @@ from pyro_lora.contract import check_guide, describe
 from pyro_lora.ownership import follow_svi_step, point_snapshot, stop_following, take_over
 from pyro_lora.io import register_guide
 from pyro_lora.pyro_stack import VECTORIZED, enclosing_plates, marking_sites
+
+
+def _as_pyro_guide(forward):
+    """``forward`` run as a Pyro guide: its parameters recorded and its sites marked once per call, however a
+    subclass's forward reaches its base's."""
+
+    @functools.wraps(forward)
+    def run(guide, *args, **kwargs):
+        if guide._running:
+            return forward(guide, *args, **kwargs)
+        _record_parameters(guide)
+        guide._running = True
+        try:
+            with marking_sites(guide):
+                return forward(guide, *args, **kwargs)
+        finally:
+            guide._running = False
+
+    return run
+
+
+def _record_parameters(guide):
+    plates = enclosing_plates()
+    if plates:
+        raise ValueError(f"the guide runs inside the plate(s) {plates}: its sites are global, and {VECTORIZED}")
+    if torch.is_grad_enabled() and pyro_params.recording():  # a step of Pyro's SVI (fit keeps its own books)
+        take_over(guide.model, guide)
+        follow_svi_step(guide)
+    elif not torch.is_grad_enabled():  # Predictive (under no_grad), SVI.evaluate_loss: the network must still be its own
+        check_guide(guide.model, guide, "run as a Pyro guide (pyro.infer.Predictive, a trace)")
+    pyro_params.record(guide._pyro_name, guide.named_parameters())
 
 
 class LoraGuide(torch.nn.Module):
@@ -41,6 +74,8 @@ class LoraGuide(torch.nn.Module):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        if "forward" in cls.__dict__:  # every way in (guide(...), guide.forward) runs as a Pyro guide
+            cls.forward = _as_pyro_guide(cls.__dict__["forward"])
         register_guide(cls)  # load_guide builds registered classes only
 
     def __init__(self, model):
@@ -50,8 +85,7 @@ class LoraGuide(torch.nn.Module):
         self.signature = describe(model)
         self._point_snapshot = point_snapshot(model)  # the head etc. its predictions rely on (ownership.take_over)
         self._pyro_name = pyro_params.unique_name(self)
-        # a pre-hook, so that every subclass's forward records its parameters for Pyro's optimizers
-        self.register_forward_pre_hook(_record_parameters)
+        self._running = False  # inside forward: a subclass's forward calling its base's is one guide call
 
     @property
     def model(self):
@@ -65,13 +99,12 @@ class LoraGuide(torch.nn.Module):
         """Constructor keyword arguments (JSON-serialisable) that :func:`pyro_lora.load_guide` passes back."""
         return {}
 
-    def __call__(self, *args, **kwargs):
-        # its sites carry the guide: a model replayed against them (an ELBO) checks that the guide fits it
-        with marking_sites(self):
-            return super().__call__(*args, **kwargs)
-
+    @_as_pyro_guide
     def forward(self, *args, kl_weight=1.0, **kwargs):
-        """Pyro guide: one sample site per model site. ``kl_weight`` matches the model's KL annealing."""
+        """Pyro guide: one sample site per model site. ``kl_weight`` matches the model's KL annealing.
+
+        Every call records the guide's parameters for Pyro's optimizers, and marks its sites with the guide, so that
+        a model replayed against them (an ELBO) checks that the guide fits it."""
         posterior = self.posterior()
         with poutine.scale(scale=kl_weight):
             return {name: pyro.sample(name, posterior[name]) for name in self.sites}
@@ -103,17 +136,6 @@ class LoraGuide(torch.nn.Module):
         return 0
 
 
-def _record_parameters(guide, args):
-    plates = enclosing_plates()
-    if plates:
-        raise ValueError(f"the guide runs inside the plate(s) {plates}: its sites are global, and {VECTORIZED}")
-    if torch.is_grad_enabled() and pyro_params.recording():  # a step of Pyro's SVI (fit keeps its own books)
-        take_over(guide.model, guide)
-        follow_svi_step(guide)
-    elif not torch.is_grad_enabled():  # Predictive (under no_grad), SVI.evaluate_loss: the network must still be its own
-        check_guide(guide.model, guide, "run as a Pyro guide (pyro.infer.Predictive, a trace)")
-    pyro_params.record(guide._pyro_name, guide.named_parameters())
-
-
 def _draw(d, num_samples):
     return d.rsample((num_samples,)) if d.has_rsample else d.sample((num_samples,))
+

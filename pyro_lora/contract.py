@@ -136,16 +136,27 @@ def weights_digest(net, dtype=None) -> str:
     With ``dtype``, the floating-point weights as cast to it: the digest of the same checkpoint loaded in that dtype."""
     digest = hashlib.sha256()
     for name, p in digested_parameters(net):
-        digest.update(name.encode())
-        parts = [p.detach().to(dtype) if dtype is not None and p.is_floating_point() else p.detach()]
-        state = getattr(p, "quant_state", None)  # NF4: the codes are the parameter, the block scales live here
-        if state is not None:
-            parts += [v for _, v in sorted(state.as_dict(packed=True).items()) if isinstance(v, torch.Tensor)]
-        if isinstance(getattr(p, "SCB", None), torch.Tensor):  # LLM.int8(): the row scales
-            parts.append(p.SCB)
-        for t in parts:
-            digest.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
+        _digest_weight(digest, name, p, dtype)
     return digest.hexdigest()
+
+
+def weight_digest(name: str, p, dtype=None) -> str:
+    """SHA-256 of the one weight ``p`` named ``name``, read as :func:`weights_digest` reads it (cast to ``dtype``)."""
+    digest = hashlib.sha256()
+    _digest_weight(digest, name, p, dtype)
+    return digest.hexdigest()
+
+
+def _digest_weight(digest, name, p, dtype):
+    digest.update(name.encode())
+    parts = [p.detach().to(dtype) if dtype is not None and p.is_floating_point() else p.detach()]
+    state = getattr(p, "quant_state", None)  # NF4: the codes are the parameter, the block scales live here
+    if state is not None:
+        parts += [v for _, v in sorted(state.as_dict(packed=True).items()) if isinstance(v, torch.Tensor)]
+    if isinstance(getattr(p, "SCB", None), torch.Tensor):  # LLM.int8(): the row scales
+        parts.append(p.SCB)
+    for t in parts:
+        digest.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
 
 
 def _strided_entries(p) -> torch.Tensor:

@@ -14,7 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .contract import check_guide, describe, differences, digested_parameters, frozen_base_parameters, quantization, quantized_weights, weights_digest
+from .contract import (check_guide, describe, differences, digested_parameters, frozen_base_parameters, quantization,
+                       quantized_weights, weight_digest, weights_digest)
 from .ownership import take_over, trainer
 from .distributed import is_main, on_main, refused_together
 
@@ -350,31 +351,87 @@ def _check_tensors(file, tensors, guide, adapter_params, net_params):
         raise ValueError(f"{file} lacks the {owner} tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}")
 
 
-# the half dtypes a base is loaded in: a checkpoint's weights cast to one are the same whichever dtype they were cast
-# from (float32 or the half dtype itself), so a guide is checked whole across such a cast
+# the half dtypes a base is loaded in: a checkpoint's weight cast to one is the same whichever dtype it was cast from
+# (float32 or the half dtype itself), so a weight is compared whole across such a cast
 _CASTS = {str(d): d for d in (torch.bfloat16, torch.float16)}
 
 
+def _base_weights(model) -> dict:
+    """What :func:`_check_base_weights` compares: the compute dtype, the quantization
+    (:func:`~pyro_lora.contract.quantization`) and, for an unquantized base, each weight's dtype and SHA-256s (as held
+    and, for a weight held in float32, as cast to each half dtype: :func:`_weight_records`); for a quantized base the
+    SHA-256 of every weight with its scales."""
+    record = {"dtype": str(model.compute_dtype), "quantization": quantization(model.net)}
+    if record["quantization"] is None:
+        record["weights"] = _weight_records(model.net)
+    else:
+        record["sha256"] = weights_digest(model.net)
+    return record
+
+
+def _weight_records(net) -> dict:
+    """Base weight name -> ``{"dtype", "sha256"}`` as held, plus, for a weight held wider than a half dtype, its
+    SHA-256 as cast to each half dtype: the same weight of a base of the checkpoint loaded in that dtype. A pass over
+    the weights each: one for a half-precision base, three for a float32 one."""
+    out = {}
+    for name, p in digested_parameters(net):
+        record = {"dtype": str(p.dtype), "sha256": weight_digest(name, p)}
+        if p.is_floating_point() and str(p.dtype) not in _CASTS:
+            record.update({n: weight_digest(name, p, d) for n, d in _CASTS.items()})
+        out[name] = record
+    return out
+
+
+def _compare_weights(saved: dict, net) -> tuple[list, list]:
+    """(names of the base weights that differ from the guide's records, names that cannot be compared whole). A weight
+    is compared as held where both sides hold one dtype, through the half dtype where one side holds a half and the
+    other float32; bfloat16 against float16 cannot be compared whole (no cast takes one checkpoint's two half
+    weights to the same values)."""
+    held = dict(digested_parameters(net))
+    differ, unknown = sorted(set(saved) ^ set(held)), []
+    for name, p in held.items():
+        record, now = saved.get(name), str(p.dtype)
+        if record is None:
+            continue
+        if record["dtype"] == now:
+            digest, cast = record["sha256"], None
+        elif now in record:  # a float32 weight there, a half one here: its cast
+            digest, cast = record[now], None
+        elif record["dtype"] in _CASTS and p.is_floating_point() and now not in _CASTS:  # the reverse
+            digest, cast = record["sha256"], _CASTS[record["dtype"]]
+        else:
+            unknown.append(name)
+            continue
+        if digest != weight_digest(name, p, cast):
+            differ.append(name)
+    return differ, unknown
+
+
 def _held(net) -> list:
-    """The floating-point dtypes of the weights :func:`~pyro_lora.contract.weights_digest` reads, as names: a base may
-    hold two (a module transformers keeps in float32, a base cast in part)."""
+    """The floating-point dtypes of the base weights, as names."""
     return sorted({str(p.dtype) for _, p in digested_parameters(net) if p.is_floating_point()})
 
 
-def _base_weights(model) -> dict:
-    """What :func:`_check_base_weights` compares: SHA-256s of every base weight as the model holds them and, for an
-    unquantized base, as cast to each half dtype a base of its checkpoint can be compared through (both for a float32
-    base, the one it holds for a base holding a half dtype); the dtypes held; the compute dtype; the quantization
-    (:func:`~pyro_lora.contract.quantization`)."""
-    record = {"sha256": weights_digest(model.net), "dtype": str(model.compute_dtype), "quantization": quantization(model.net)}
-    if record["quantization"] is None:
-        held = _held(model.net)
-        halves = set(held) & set(_CASTS)
-        record["held"] = held
-        # a pass over every weight each: the base's own dtype, where every weight already has it, is the digest above
-        record["cast_sha256"] = {name: record["sha256"] if held == [name] else weights_digest(model.net, d)
-                                 for name, d in _CASTS.items() if halves <= {name}}
-    return record
+def _compare_old_record(saved: dict, net) -> tuple[list, list]:
+    """:func:`_compare_weights` for a guide saved before each weight was recorded: the SHA-256 of the whole base as
+    held and, for guides saved from 2026-12-02, as cast to the half dtypes. A cast digest compares where the model
+    holds no other half dtype; where none does, nothing is compared whole."""
+    if saved.get("sha256") == weights_digest(net):
+        return [], []
+    casts = saved.get("cast_sha256") or {}
+    halves = set(_held(net)) & set(_CASTS)
+    comparable = [n for n in casts if halves <= {n}]
+    if not comparable:
+        return [], [_WHOLE]
+    same = any(casts[n] == weights_digest(net, _CASTS[n]) for n in comparable)
+    return ([] if same else [_WHOLE]), []
+
+
+_WHOLE = "the whole base"  # what an older record's digest reads
+
+
+def _which(names) -> str:
+    return _WHOLE if names == [_WHOLE] else f"{len(names)} base weights, e.g. {names[0]}"
 
 
 def _saved_quantization(saved, meta, net) -> tuple[bool, bool]:
@@ -390,48 +447,38 @@ def _saved_quantization(saved, meta, net) -> tuple[bool, bool]:
     return isinstance(fingerprint, dict) and bool(weights - set(fingerprint)), False
 
 
-def _same_cast(saved, model) -> bool | None:
-    """Whether the model's unquantized base weights are the guide's, compared through the one half dtype either side
-    holds (a float32 guide on a bfloat16 base of its checkpoint, or the reverse; a module kept in float32 on one side),
-    or as held where neither holds one; ``None`` where they cannot be compared whole: bfloat16 against float16, or
-    a guide saved before the digests it needs were recorded."""
-    saved_held = set(saved.get("held") or [saved.get("dtype")])  # older guides recorded the compute dtype alone
-    halves = (saved_held | set(_held(model.net))) & set(_CASTS)
-    if not halves:  # float32 (or wider) on both sides: the weights as held decide
-        return False if saved_held == set(_held(model.net)) else None
-    if len(halves) > 1:  # no cast takes bfloat16 and float16 weights of one checkpoint to the same values
-        return None
-    (name,) = halves
-    digest = (saved.get("cast_sha256") or {}).get(name)
-    return None if digest is None else digest == weights_digest(model.net, _CASTS[name])
-
-
 def _check_base_weights(path, meta, model):
-    """Refuse base weights other than the saved guide's, read whole where the guide recorded them: as held; as cast to
-    the half dtype either side holds. Between bfloat16 and float16, and for guides saved before those digests were
-    recorded, only the signature's 4096-entry fingerprint compares them: warned. Where either side is quantized
-    otherwise, the quantized weights cannot be compared (the fingerprint reads float weights): warned."""
+    """Refuse base weights other than the saved guide's, read whole where they can be compared
+    (:func:`_compare_weights`). Weights held in bfloat16 on one side and float16 on the other, and older guides'
+    records that cannot tell, are compared only by the signature's 4096-entry fingerprint: warned. Where either side is
+    quantized otherwise, the quantized weights cannot be compared (the fingerprint reads float weights): warned."""
     saved = meta.get("base_weights")  # older guides did not record it
-    if not isinstance(saved, dict) or saved.get("sha256") == weights_digest(model.net):
+    if not isinstance(saved, dict):
         return
     now, was = quantization(model.net), saved.get("quantization")
     was_quantized, known = _saved_quantization(saved, meta, model.net)
-    refusal = (f"cannot load the guide at {path} into this model: the base weights differ from the ones the guide was "
-               "saved with (read whole: a change its fingerprint of 4096 entries per weight misses, e.g. two embedding "
-               "rows swapped): load the checkpoint it was fitted on")
     if not (was_quantized or now):
-        same = _same_cast(saved, model)
-        if same is False:
-            raise ValueError(refusal)
-        if same is None:
-            then = ", ".join(saved.get("held") or [str(saved.get("dtype"))])
-            warnings.warn(f"the guide at {path} was saved on a base holding {then} and this model's holds "
-                          f"{', '.join(_held(model.net))}: its base weights could be compared by their 4096-entry "
-                          "fingerprints only (a change between the strides goes unseen); load it on a base holding "
-                          f"{then} to have every weight compared", stacklevel=3)
+        compare = _compare_weights if isinstance(saved.get("weights"), dict) else _compare_old_record
+        differ, unknown = compare(saved.get("weights", saved), model.net)
+        if differ:
+            raise ValueError(
+                f"cannot load the guide at {path} into this model: the base weights differ from the ones the guide was "
+                f"saved with ({_which(differ)}; read whole: a change its fingerprint of 4096 entries "
+                "per weight misses, e.g. two embedding rows swapped): load the checkpoint it was fitted on"
+            )
+        if unknown:
+            warnings.warn(f"the guide at {path}: {_which(unknown)}, could be compared by their 4096-entry "
+                          "fingerprints only (a change between the strides goes unseen): they are held "
+                          "in bfloat16 on one side and float16 on the other, or the guide was saved before each weight's "
+                          "digest was recorded; load it on a base in the dtype it was saved in to have every weight "
+                          "compared", stacklevel=3)
+        return
+    if saved.get("sha256") == weights_digest(model.net):
         return
     if was_quantized == (now is not None) and saved.get("dtype") == str(model.compute_dtype) and known and was == now:
-        raise ValueError(refusal)
+        raise ValueError(f"cannot load the guide at {path} into this model: the base weights differ from the ones the "
+                         "guide was saved with (read whole, with their quantization scales): load the checkpoint it was "
+                         "fitted on")
     then = "a quantized base" if was_quantized else "an unquantized base"
     other = " otherwise" if known and was and now and was != now else ""
     warnings.warn(f"the guide at {path} was saved on {then} in {saved.get('dtype')}, and this model's base is "

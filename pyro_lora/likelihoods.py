@@ -22,7 +22,9 @@ from pyro.distributions import Categorical, TorchDistribution, constraints
 from .sites import base_network
 
 _NET_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-_DECODER_INPUTS = ("input_ids", "attention_mask")  # a decoder's positions are computed here, from the attention mask
+_DECODER_INPUTS = ("input_ids", "attention_mask")
+# names transformers 5's forwards still take, renamed inside, which their signatures no longer show
+_RENAMED_INPUTS = {"past_key_values": "cache", "cache_params": "cache"}  # a decoder's positions are computed here, from the attention mask
 MC_FORMATS = ("letter", "cloze")  # the answer as a letter token, or scored as the choice text's continuation
 
 
@@ -204,9 +206,10 @@ class Likelihood:
         :raises ValueError: naming those entries and the ones handed on.
         """
         try:
-            takes = inspect.signature(base_network(net).forward).parameters
+            takes = set(inspect.signature(base_network(net).forward).parameters)
         except (TypeError, ValueError):  # a forward without a signature: nothing to compare
             return
+        takes |= {old for old, new in _RENAMED_INPUTS.items() if new in takes}
         dropped = sorted(k for k in batch if k in takes and k not in self.net_inputs and k != "labels")
         if dropped:
             raise ValueError(

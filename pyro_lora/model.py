@@ -21,7 +21,8 @@ from .distributions import isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
 from .pyro_stack import VECTORIZED, conditioned_names, enclosing_plates, marked_guides, replayed_trace
-from .sites import Site, active_adapter, base_rewriting_inits, build_sites, check_values, describe_inits, find_lora_layers, matrix_view, per_layer
+from .sites import (Site, active_adapter, base_rewriting_inits, build_sites, check_values, describe_inits, find_lora_layers,
+                    is_site_name, matrix_view, per_layer)
 
 
 class LoraModel:
@@ -417,6 +418,13 @@ class LoraModel:
             pyro_params.record(self._pyro_name, self.named_point_parameters())
         with poutine.scale(scale=kl_weight), poutine.trace() as tr:
             values = {name: pyro.sample(name, self.prior_distribution(site)) for name, site in self.sites.items()}
+        renamed = [n for n, node in tr.trace.nodes.items() if node["type"] == "sample" and n not in self.sites]
+        if renamed:
+            raise ValueError(
+                f"the model's sites were renamed ({renamed[0]!r} for {next(iter(self.sites))!r}: "
+                "pyro.contrib.autoname.scope, or another handler renaming sites): its checks of the guide and of "
+                "conditioned values read its own names; call the model outside such a handler"
+            )
         guide_trace = replayed_trace()
         if guide_trace is not None:
             self._check_guide_trace(guide_trace, tr.trace)
@@ -484,7 +492,7 @@ class LoraModel:
         model (other target_modules or ``random``), and its other sites would be drawn from the prior. Conditioned
         values carry no guide, so a guide for another checkpoint of the same sites passes: ``predict`` checks that."""
         given = [n for n in self.sites if own.nodes[n]["is_observed"]]
-        foreign = sorted(n for n in conditioned_names() - set(self.sites) if _looks_like_site(n))
+        foreign = sorted(n for n in conditioned_names() - set(self.sites) if is_site_name(n))
         missing = [n for n in self.sites if n not in given]
         if foreign or (given and missing):
             what = (f"for {len(foreign)} weight sites this model does not have (e.g. {foreign[0]!r})" if foreign else
@@ -503,12 +511,6 @@ class LoraModel:
 FLIPOUT_CLOZE = ("flipout draws its weight noise per row, and cloze multiple choice runs each choice of a question as a "
                  "row of its own (and the shared question apart): the choices would be scored under different weights; "
                  "use flipout=False, or the letter format (MultipleChoice(format='letter'))")
-
-
-def _looks_like_site(name: str) -> bool:
-    """Whether ``name`` is named as a LoRA weight site is (``"<module>.lora_<letter>"``)."""
-    module, _, matrix = name.rpartition(".lora_")
-    return bool(module) and matrix in KINDS
 
 
 def _check_prior_and_size(prior, num_data) -> None:

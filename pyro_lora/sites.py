@@ -8,13 +8,22 @@ keeps an SVI step close to a plain LoRA step.
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import torch
+from peft.tuners.tuners_utils import BaseTuner
 
 from .kinds import KINDS, MatrixKind
+
+
+def is_site_name(name: str) -> bool:
+    """Whether ``name`` is named as :func:`build_sites` names a site: ``"<key>.lora_<letter>"``, with a shape suffix
+    ``".r<r>_<in>x<out>"`` where one key covers layers of several shapes."""
+    match = re.fullmatch(r".+\.lora_([^.]+)(\.r\d+_\d+x\d+)?", name)
+    return match is not None and match.group(1) in KINDS
 
 
 @dataclass(frozen=True)
@@ -53,8 +62,10 @@ class Site:
 
 
 def base_network(net):
-    """The transformers model under a peft wrapper (or ``net`` itself)."""
-    return net.get_base_model() if hasattr(net, "get_base_model") else net
+    """The transformers model under a peft wrapper: a ``PeftModel``'s or a peft tuner's (``peft_model.base_model``), or
+    ``net`` itself."""
+    net = net.get_base_model() if hasattr(net, "get_base_model") else net
+    return net.model if isinstance(net, BaseTuner) else net
 
 
 def find_lora_layers(net, adapter: str | None = None) -> OrderedDict:

@@ -303,6 +303,8 @@ OTHER_MODELS = {  # guide's model, the model run, what the refusal names
                    "the base weights differ from the ones the guide was built on"),
     "fewer_targets": (lambda: _on(["query"]), lora, r"the model has sites the guide lacks: \['value.lora_A'"),
     "more_targets": (lora, lambda: _on(["query"]), r"the guide has sites the model lacks: \['value.lora_A'"),
+    # BERT's "dense" layers have two shapes: their sites are named with a shape suffix, "dense.lora_A.r4_32x64"
+    "suffixed_targets": (lambda: _on(["dense"]), lora, r"the guide has sites the model lacks: \['dense.lora_A.r4_32x32'"),
 }
 
 
@@ -324,7 +326,9 @@ def test_pyro_svi_with_a_guide_for_another_model_is_refused(other, elbo):
 @pytest.mark.parametrize("other,names", [("fewer_targets", r"for 2 of the model's 4 weight sites, not for 2 \(e.g. "
                                                            r"'value.lora_A'\)"),
                                          ("more_targets", r"for 2 weight sites this model does not have \(e.g. "
-                                                          r"'value.lora_A'\)")])
+                                                          r"'value.lora_A'\)"),
+                                         ("suffixed_targets", r"for 6 weight sites this model does not have \(e.g. "
+                                                              r"'dense.lora_A.r4_32x32'\)")])
 def test_values_conditioned_on_for_another_models_sites_are_refused(other, names):
     """Predictive(model, guide=a guide on other target_modules) drew the sites the guide lacks from the prior, or
     dropped the guide's extra sites, without a word: it hands the model values only, so the model checks their names."""
@@ -339,6 +343,29 @@ def test_values_conditioned_on_for_another_models_sites_are_refused(other, names
     with torch.no_grad():
         logits = poutine.condition(model, data=own.mean())(data()[0])
     torch.testing.assert_close(logits, model.logits(data()[0], own.mean()))
+
+
+def test_a_guide_run_through_its_forward_is_checked_and_recorded_as_through_its_call():
+    """SVI(model, guide.forward) skipped the module call's hooks: a guide of another checkpoint trained silently, and
+    the guide's parameters were never recorded for Pyro's optimiser."""
+    guide = MeanFieldGuide(lora())
+    other = LoraModel(tiny_bert(seed=1), SequenceClassification(), prior=0.5, num_data=6)
+    with pytest.raises(ValueError, match="cannot run an ELBO .* the base weights differ"):
+        SVI(other, guide.forward, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(data()[0])
+    before = {n: p.detach().clone() for n, p in guide.named_parameters()}
+    SVI(guide.model, guide.forward, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(data()[0])
+    assert all(not torch.equal(before[n], p) for n, p in guide.named_parameters())
+
+
+def test_a_model_whose_sites_a_handler_renamed_is_refused_by_name():
+    """Inside pyro.contrib.autoname.scope the sites are "net1/query.lora_A": the model's checks indexed its trace by its
+    own names (a bare KeyError)."""
+    from pyro.contrib.autoname import scope
+
+    model = lora()
+    with scope(prefix="net1"), pytest.raises(ValueError, match=r"the model's sites were renamed \('net1/query.lora_A' "
+                                                                r"for 'query.lora_A'"):
+        model(data()[0])
 
 
 def test_a_users_model_with_latents_of_its_own_around_the_lora_model_is_not_refused():
@@ -874,17 +901,56 @@ def _part_cast(dtype, part=torch.float32, module="output.dense"):
     return model
 
 
+def _as_older_record(folder, model, casts):
+    """Rewrite the guide saved in ``folder`` on ``model`` as guides recorded its base before each weight was: the
+    whole base's SHA-256 as held, and from 2026-12-02 as cast to the half dtypes ``casts``."""
+    from pyro_lora.contract import weights_digest
+
+    meta = json.loads((folder / "guide.json").read_text())
+    record = {"sha256": weights_digest(model.net), "dtype": str(model.compute_dtype), "quantization": None}
+    if casts:
+        record["cast_sha256"] = {str(d): weights_digest(model.net, d) for d in casts}
+    meta["base_weights"] = record
+    (folder / "guide.json").write_text(json.dumps(meta))
+
+
 def test_an_older_half_precision_guide_on_its_checkpoint_with_a_module_kept_in_float32_is_warned_not_refused(tmp_path):
     """A half-precision guide saved before the cast digests were recorded was refused on its own checkpoint ("the
     base weights differ") where one side kept a module in float32: its raw digest was all there was to compare."""
-    save_guide(MAPGuide(_part_cast(torch.float16)), tmp_path / "guide")
-    meta = json.loads((tmp_path / "guide" / "guide.json").read_text())
-    for key in ("held", "cast_sha256"):  # as guides saved before they were recorded
-        del meta["base_weights"][key]
-    (tmp_path / "guide" / "guide.json").write_text(json.dumps(meta))
-    with pytest.warns(UserWarning, match="saved on a base holding torch.float16 and this model's holds torch.float16: "
-                                         "its base weights could be compared by their 4096-entry fingerprints only"):
+    saved = _part_cast(torch.float16)
+    save_guide(MAPGuide(saved), tmp_path / "guide")
+    _as_older_record(tmp_path / "guide", saved, casts=())
+    with pytest.warns(UserWarning, match="the whole base, could be compared by their 4096-entry fingerprints only"):
         load_guide(tmp_path / "guide", lora(dtype=torch.float16))
+
+
+def test_an_older_record_of_a_partly_cast_base_compares_it_through_its_cast_digest(tmp_path):
+    """Saved with the whole base's digests on a base cast in part (its compute dtype read float32), it was refused on
+    the float32 base of its checkpoint: its held dtypes were taken to be float32 alone, and the raw digests compared."""
+    saved = _part_cast(torch.float32, torch.bfloat16)
+    save_guide(MAPGuide(saved), tmp_path / "guide")
+    _as_older_record(tmp_path / "guide", saved, casts=(torch.bfloat16, torch.float16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        load_guide(tmp_path / "guide", lora())
+    with pytest.raises(ValueError, match=r"the base weights differ from the ones the guide was saved with \(the whole base"):
+        load_guide(tmp_path / "guide", _one_entry_moved(lora()))
+
+
+def test_a_weight_held_in_float32_on_both_sides_is_compared_as_held(tmp_path):
+    """A bfloat16 base with one module kept in float32: a change to that module below bfloat16's resolution (the
+    network computes it in float32) was accepted, the whole base being compared as cast to bfloat16."""
+    save_guide(MAPGuide(_part_cast(torch.bfloat16)), tmp_path / "guide")
+    load_guide(tmp_path / "guide", _part_cast(torch.bfloat16))
+    changed = _part_cast(torch.bfloat16)
+    weight = changed.net.get_base_model().bert.encoder.layer[0].output.dense.weight
+    with torch.no_grad():
+        weight.view(-1)[5] += 1e-6 * weight.view(-1)[5].sign()  # gone in bfloat16 (8 bits of mantissa)
+    assert torch.equal(weight.to(torch.bfloat16), _part_cast(torch.bfloat16).net.get_base_model().bert.encoder
+                       .layer[0].output.dense.weight.to(torch.bfloat16))
+    name = "base_model.model.bert.encoder.layer.0.output.dense.weight"
+    with pytest.raises(ValueError, match=rf"differ from the ones the guide was saved with \(1 base weights, e.g. {name}"):
+        load_guide(tmp_path / "guide", changed)
 
 
 @pytest.mark.parametrize("saved, loaded", [
@@ -907,7 +973,7 @@ def test_a_guide_on_a_partly_cast_base_is_checked_whole_through_the_half_dtype_i
 def test_a_guide_on_a_base_holding_bfloat16_on_one_holding_float16_is_checked_by_its_fingerprint_only(tmp_path):
     """No cast takes the two half dtypes of one checkpoint to the same weights: warned, not refused."""
     save_guide(MAPGuide(_part_cast(torch.float32, torch.bfloat16)), tmp_path / "guide")
-    with pytest.warns(UserWarning, match=r"holding torch.bfloat16, torch.float32 and this model's holds torch.float16: "
-                                         "its base weights could be compared by their 4096-entry fingerprints only"):
+    with pytest.warns(UserWarning, match=r"\d+ base weights, e.g. .*, could be compared by their 4096-entry fingerprints "
+                                         "only .* held in bfloat16 on one side and float16 on the other"):
         load_guide(tmp_path / "guide", lora(dtype=torch.float16))
 

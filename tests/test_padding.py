@@ -446,3 +446,15 @@ def test_batch_entries_the_network_takes_but_is_not_handed_are_refused_by_name(s
             model.logits({**batch, key: extra[key]})
         with pytest.raises(ValueError, match=rf"\['{key}'\]"):
             model({**batch, key: extra[key]})  # the Pyro model
+
+
+def test_batch_entries_are_checked_against_the_transformers_model_under_a_peft_tuner_and_renamed_inputs():
+    """A LoraModel built on peft's tuner (``peft_model.base_model``, whose forward is ``(*args, **kwargs)``) dropped
+    position_ids silently; transformers 5 takes ``past_key_values`` as ``cache``, which its signature does not show."""
+    batch = _classification_batch()
+    model = LoraModel(tiny_bert().base_model, SequenceClassification(), random="AB")
+    with pytest.raises(ValueError, match=r"the batch holds \['position_ids'\]"):
+        model.logits({**batch, "position_ids": torch.zeros_like(batch["input_ids"])})
+    causal = LoraModel(tiny_llama(), CausalLM(), random="AB")
+    with pytest.raises(ValueError, match=r"the batch holds \['past_key_values'\]"):
+        causal.logits({**_causal_batch(), "past_key_values": None})
