@@ -418,8 +418,14 @@ def _compare_old_record(saved: dict, net) -> tuple[list, list]:
     holds no other half dtype; where none does, nothing is compared whole."""
     if saved.get("sha256") == weights_digest(net):
         return [], []
+    held = set(_held(net))
+    # the dtypes held there: recorded from 2026-12-02, else the compute dtype where float32 (a half-precision base may
+    # have kept a module in float32)
+    then = saved.get("held") or ([saved.get("dtype")] if saved.get("dtype") not in _CASTS else None)
+    if then is not None and set(then) == held:  # the same dtypes on both sides: the digest as held decides
+        return [_WHOLE], []
     casts = saved.get("cast_sha256") or {}
-    halves = set(_held(net)) & set(_CASTS)
+    halves = held & set(_CASTS)
     comparable = [n for n in casts if halves <= {n}]
     if not comparable:
         return [], [_WHOLE]

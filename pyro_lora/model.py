@@ -418,10 +418,11 @@ class LoraModel:
             pyro_params.record(self._pyro_name, self.named_point_parameters())
         with poutine.scale(scale=kl_weight), poutine.trace() as tr:
             values = {name: pyro.sample(name, self.prior_distribution(site)) for name, site in self.sites.items()}
-        renamed = [n for n, node in tr.trace.nodes.items() if node["type"] == "sample" and n not in self.sites]
+        renamed = [n for n in self.sites if n not in tr.trace.nodes]  # poutine.do adds "<site>__CF" beside each: not this
         if renamed:
+            found = [n for n, node in tr.trace.nodes.items() if node["type"] == "sample"]
             raise ValueError(
-                f"the model's sites were renamed ({renamed[0]!r} for {next(iter(self.sites))!r}: "
+                f"the model's sites were renamed ({found[0] if found else None!r} for {renamed[0]!r}: "
                 "pyro.contrib.autoname.scope, or another handler renaming sites): its checks of the guide and of "
                 "conditioned values read its own names; call the model outside such a handler"
             )

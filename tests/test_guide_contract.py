@@ -901,7 +901,7 @@ def _part_cast(dtype, part=torch.float32, module="output.dense"):
     return model
 
 
-def _as_older_record(folder, model, casts):
+def _as_older_record(folder, model, casts, held=False):
     """Rewrite the guide saved in ``folder`` on ``model`` as guides recorded its base before each weight was: the
     whole base's SHA-256 as held, and from 2026-12-02 as cast to the half dtypes ``casts``."""
     from pyro_lora.contract import weights_digest
@@ -910,6 +910,8 @@ def _as_older_record(folder, model, casts):
     record = {"sha256": weights_digest(model.net), "dtype": str(model.compute_dtype), "quantization": None}
     if casts:
         record["cast_sha256"] = {str(d): weights_digest(model.net, d) for d in casts}
+    if held:
+        record["held"] = sorted({str(p.dtype) for p in model.net.parameters() if not p.requires_grad})
     meta["base_weights"] = record
     (folder / "guide.json").write_text(json.dumps(meta))
 
@@ -929,7 +931,7 @@ def test_an_older_record_of_a_partly_cast_base_compares_it_through_its_cast_dige
     the float32 base of its checkpoint: its held dtypes were taken to be float32 alone, and the raw digests compared."""
     saved = _part_cast(torch.float32, torch.bfloat16)
     save_guide(MAPGuide(saved), tmp_path / "guide")
-    _as_older_record(tmp_path / "guide", saved, casts=(torch.bfloat16, torch.float16))
+    _as_older_record(tmp_path / "guide", saved, casts=(torch.bfloat16, torch.float16), held=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         load_guide(tmp_path / "guide", lora())
@@ -977,3 +979,26 @@ def test_a_guide_on_a_base_holding_bfloat16_on_one_holding_float16_is_checked_by
                                          "only .* held in bfloat16 on one side and float16 on the other"):
         load_guide(tmp_path / "guide", lora(dtype=torch.float16))
 
+
+
+def test_an_older_float32_record_on_a_float32_base_of_another_checkpoint_is_refused(tmp_path):
+    """Both sides in float32: a checkpoint whose embeddings differ below bfloat16's resolution loaded silently, an older
+    record's bfloat16 cast digest matching."""
+    saved = lora()
+    save_guide(MAPGuide(saved), tmp_path / "guide")
+    _as_older_record(tmp_path / "guide", saved, casts=(torch.bfloat16, torch.float16))
+    changed = lora()
+    weight = changed.net.get_base_model().bert.encoder.layer[0].output.dense.weight
+    with torch.no_grad():
+        weight.view(-1)[5] += 1e-6 * weight.view(-1)[5].sign()
+    with pytest.raises(ValueError, match=r"differ from the ones the guide was saved with \(the whole base"):
+        load_guide(tmp_path / "guide", changed)
+
+
+def test_a_do_intervention_on_a_weight_site_is_no_renamed_site():
+    """poutine.do records "<site>__CF" beside each site: it was refused as a renamed site."""
+    model = lora()
+    values = MAPGuide(model).mean()
+    with torch.no_grad():
+        logits = poutine.do(model, data=values)(data()[0])
+    torch.testing.assert_close(logits, model.logits(data()[0], values))
