@@ -138,4 +138,3 @@ class LoraGuide(torch.nn.Module):
 
 def _draw(d, num_samples):
     return d.rsample((num_samples,)) if d.has_rsample else d.sample((num_samples,))
-

@@ -22,9 +22,9 @@ from pyro.distributions import Categorical, TorchDistribution, constraints
 from .sites import base_network
 
 _NET_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
-_DECODER_INPUTS = ("input_ids", "attention_mask")
+_DECODER_INPUTS = ("input_ids", "attention_mask")  # a decoder's positions are computed here, from the attention mask
 # names transformers 5's forwards still take, renamed inside, which their signatures no longer show
-_RENAMED_INPUTS = {"past_key_values": "cache", "cache_params": "cache"}  # a decoder's positions are computed here, from the attention mask
+_RENAMED_INPUTS = {"past_key_values": "cache", "cache_params": "cache"}
 MC_FORMATS = ("letter", "cloze")  # the answer as a letter token, or scored as the choice text's continuation
 
 
