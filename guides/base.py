@@ -7,6 +7,7 @@ model's names and shapes, so ``Trace_ELBO``, ``TraceMeanField_ELBO``, ``Predicti
 Guides never touch the network.
 """
 
+import copy
 import functools
 
 import pyro
@@ -90,6 +91,23 @@ class LoraGuide(torch.nn.Module):
     @property
     def model(self):
         return self._model[0]
+
+    def __deepcopy__(self, memo):
+        """``copy.deepcopy(guide)``: a guide with copies of the parameters, its own name in Pyro's param store, over the
+        same model (a guide never owns the model: copying it would copy the network, which the copy would not fit)."""
+        memo.setdefault(id(self._model), self._model)
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        copied._pyro_name = pyro_params.unique_name(copied)  # the original's name holds the original's tensors
+        return copied
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            f"a {type(self).__name__} cannot be pickled (torch.save, pickle, copy.copy): it refers to its model and "
+            "network, which it does not own; save it with pyro_lora.save_guide(guide, path) and rebuild it with "
+            "load_guide(path, model), or copy it with copy.deepcopy(guide)"
+        )
 
     def posterior(self):
         """Site name -> ``q`` of that site, event shape ``site.shape``."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import types
 
 import torch
 
@@ -57,7 +56,7 @@ def install(layers: dict) -> None:
     for layer in layers.values():
         if not hasattr(layer, _HOLDER):
             setattr(layer, _HOLDER, None)
-            layer.forward = types.MethodType(_forward, layer)
+            layer.forward = functools.partial(_forward, layer)  # a bound method would not unpickle
 
 
 def checkpointing_modules(net) -> list:

@@ -269,6 +269,31 @@ def check_sealed(path) -> None:
 _JSON_TYPES = {dict: "object", str: "string", list: "array", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
+def _base_record_problem(saved) -> str | None:
+    """What is wrong with the ``base_weights`` record of ``guide.json`` (:func:`_base_weights`, or an older guide's
+    whole-base digest), or ``None``: a malformed one would skip a weight's check, or fail in the middle of it."""
+    def kind(value):
+        return f"a JSON {_JSON_TYPES.get(type(value), 'value')}"
+
+    if not isinstance(saved, dict):
+        return f"should hold a JSON object, it holds {kind(saved)}"
+    if not isinstance(saved.get("dtype"), str):
+        return f"'dtype' should hold a JSON string, it holds {kind(saved.get('dtype')) if 'dtype' in saved else 'nothing'}"
+    for key, types in (("quantization", (str, type(None))), ("quantized", (bool,)), ("sha256", (str,)), ("held", (list,)),
+                       ("cast_sha256", (dict,)), ("weights", (dict,))):
+        if key in saved and not isinstance(saved[key], types):
+            return f"{key!r} holds {kind(saved[key])}"
+    if "weights" not in saved and "sha256" not in saved:
+        return "records neither 'weights' nor 'sha256'"
+    lists = [*saved.get("held", []), *saved.get("cast_sha256", {}).values()]
+    if not all(isinstance(v, str) for v in lists):
+        return "'held' or 'cast_sha256' holds a value other than a string"
+    for name, record in saved.get("weights", {}).items():
+        if not (isinstance(record, dict) and {"dtype", "sha256"} <= record.keys() and all(isinstance(v, str) for v in record.values())):
+            return f"entry {name!r} of 'weights' should map 'dtype' and 'sha256' to strings, it holds {json.dumps(record)[:80]}"
+    return None
+
+
 def _read_meta(path):
     """``guide.json`` of the guide folder ``path``, checked for every key :func:`load_guide` reads.
 
@@ -291,6 +316,9 @@ def _read_meta(path):
         if not isinstance(meta.get(key), kind):
             found = f"a JSON {_JSON_TYPES.get(type(meta[key]), 'value')}" if key in meta else "nothing"
             raise ValueError(f"{file} is corrupt: key {key!r} should hold a JSON {_JSON_TYPES[kind]}, it holds {found}")
+    problem = _base_record_problem(meta["base_weights"]) if "base_weights" in meta else None  # older guides lack it
+    if problem:
+        raise ValueError(f"{file} is corrupt: its 'base_weights' {problem}")
     return meta
 
 
@@ -351,60 +379,78 @@ def _check_tensors(file, tensors, guide, adapter_params, net_params):
         raise ValueError(f"{file} lacks the {owner} tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}")
 
 
-# the half dtypes a base is loaded in: a checkpoint's weight cast to one is the same whichever dtype it was cast from
-# (float32 or the half dtype itself), so a weight is compared whole across such a cast
-_CASTS = {str(d): d for d in (torch.bfloat16, torch.float16)}
+# the float dtypes a base is held in, widest first: a checkpoint's weight cast to a narrower one is the same whichever
+# wider dtype it was cast from, so a weight is compared whole across such a cast
+_FLOATS = {str(d): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
+
+
+def _narrower(dtype: str) -> list:
+    """The float dtypes ``dtype`` (a name) casts down to: float32 and both halves for float64, both halves for float32."""
+    names = list(_FLOATS)
+    return [] if dtype not in _FLOATS or dtype in ("torch.bfloat16", "torch.float16") else names[names.index(dtype) + 1:]
 
 
 def _base_weights(model) -> dict:
     """What :func:`_check_base_weights` compares: the compute dtype, the quantization
-    (:func:`~pyro_lora.contract.quantization`) and, for an unquantized base, each weight's dtype and SHA-256s (as held
-    and, for a weight held in float32, as cast to each half dtype: :func:`_weight_records`); for a quantized base the
-    SHA-256 of every weight with its scales."""
-    record = {"dtype": str(model.compute_dtype), "quantization": quantization(model.net)}
-    if record["quantization"] is None:
-        record["weights"] = _weight_records(model.net)
-    else:
-        record["sha256"] = weights_digest(model.net)
-    return record
+    (:func:`~pyro_lora.contract.quantization`) and each base weight's dtype and SHA-256s (:func:`_weight_records`;
+    a quantized weight's with its scales)."""
+    return {"dtype": str(model.compute_dtype), "quantization": quantization(model.net), "weights": _weight_records(model.net)}
 
 
 def _weight_records(net) -> dict:
-    """Base weight name -> ``{"dtype", "sha256"}`` as held, plus, for a weight held wider than a half dtype, its
-    SHA-256 as cast to each half dtype: the same weight of a base of the checkpoint loaded in that dtype. A pass over
-    the weights each: one for a half-precision base, three for a float32 one."""
+    """Base weight name -> ``{"dtype", "sha256"}`` as held, plus its SHA-256 as cast to each narrower float dtype
+    (:func:`_narrower`): the same weight of a base of the checkpoint loaded in that dtype. A pass over the weights
+    each: one for a half-precision base, three for a float32 one."""
     out = {}
     for name, p in digested_parameters(net):
         record = {"dtype": str(p.dtype), "sha256": weight_digest(name, p)}
-        if p.is_floating_point() and str(p.dtype) not in _CASTS:
-            record.update({n: weight_digest(name, p, d) for n, d in _CASTS.items()})
+        record.update({n: weight_digest(name, p, _FLOATS[n]) for n in _narrower(str(p.dtype))})
         out[name] = record
     return out
 
 
-def _compare_weights(saved: dict, net) -> tuple[list, list]:
-    """(names of the base weights that differ from the guide's records, names that cannot be compared whole). A weight
-    is compared as held where both sides hold one dtype, through the half dtype where one side holds a half and the
-    other float32; bfloat16 against float16 cannot be compared whole (no cast takes one checkpoint's two half
-    weights to the same values)."""
-    held = dict(digested_parameters(net))
-    differ, unknown = sorted(set(saved) ^ set(held)), []
-    for name, p in held.items():
-        record, now = saved.get(name), str(p.dtype)
-        if record is None:
+def _unwrapped(name: str) -> str:
+    # peft wraps a layer that any adapter targets: a second adapter moves "k_proj.weight" to "k_proj.base_layer.weight"
+    return name.replace(".base_layer.", ".")
+
+
+def _compare_weights(saved: dict, net, codes_comparable: bool) -> tuple[list, dict, dict]:
+    """(names of the base weights that differ from the guide's records, name -> why it cannot be compared whole,
+    name -> why it is frozen on one side only). A weight is compared as held where both sides hold one dtype, else
+    through the narrower of the two float dtypes; bfloat16 against float16 cannot be compared whole (no cast takes
+    one checkpoint's two half weights to the same values), nor quantized codes of another quantization
+    (``codes_comparable`` false) or against float weights."""
+    held = {_unwrapped(n): (n, p) for n, p in digested_parameters(net)}
+    records = {_unwrapped(n): (n, r) for n, r in saved.items()}
+    everywhere = {_unwrapped(n) for n, _ in net.named_parameters()}
+    unmatched = {records[k][0]: "frozen in the guide's base, " + ("not frozen here (trainable, or drawn at load)"
+                                                                   if k in everywhere else "absent here")
+                 for k in records.keys() - held.keys()}
+    unmatched.update({held[k][0]: "frozen here, not among the guide's base weights (trainable there, or absent)"
+                      for k in held.keys() - records.keys()})
+    differ, unknown = [], {}
+    for key in held.keys() & records.keys():
+        (name, p), (saved_name, record) = held[key], records[key]
+        now, then = str(p.dtype), record["dtype"]
+        if (now in _FLOATS) != (then in _FLOATS):
+            unknown[name] = "quantized on one side only"
             continue
-        if record["dtype"] == now:
+        if now not in _FLOATS and (now != then or not codes_comparable):
+            unknown[name] = "quantized otherwise, or from weights in another dtype, on each side"
+            continue
+        if now == then:
             digest, cast = record["sha256"], None
-        elif now in record:  # a float32 weight there, a half one here: its cast
+        elif now in record:  # a wider weight there, this one's dtype here: its cast
             digest, cast = record[now], None
-        elif record["dtype"] in _CASTS and p.is_floating_point() and now not in _CASTS:  # the reverse
-            digest, cast = record["sha256"], _CASTS[record["dtype"]]
+        elif then in _narrower(now):  # the reverse
+            digest, cast = record["sha256"], _FLOATS[then]
         else:
-            unknown.append(name)
+            unknown[name] = "held in bfloat16 on one side and float16 on the other" if {now, then} <= set(_FLOATS) \
+                else f"held in {then} there and {now} here"
             continue
-        if digest != weight_digest(name, p, cast):
+        if digest != weight_digest(saved_name, p, cast):  # the digest reads the name as the guide's base held it
             differ.append(name)
-    return differ, unknown
+    return sorted(differ), unknown, unmatched
 
 
 def _held(net) -> list:
@@ -421,15 +467,15 @@ def _compare_old_record(saved: dict, net) -> tuple[list, list]:
     held = set(_held(net))
     # the dtypes held there: recorded from 2026-12-02, else the compute dtype where float32 (a half-precision base may
     # have kept a module in float32)
-    then = saved.get("held") or ([saved.get("dtype")] if saved.get("dtype") not in _CASTS else None)
+    halves = {"torch.bfloat16", "torch.float16"}
+    then = saved.get("held") or ([saved.get("dtype")] if saved.get("dtype") not in halves else None)
     if then is not None and set(then) == held:  # the same dtypes on both sides: the digest as held decides
         return [_WHOLE], []
     casts = saved.get("cast_sha256") or {}
-    halves = held & set(_CASTS)
-    comparable = [n for n in casts if halves <= {n}]
+    comparable = [n for n in casts if n in _FLOATS and held & halves <= {n}]
     if not comparable:
         return [], [_WHOLE]
-    same = any(casts[n] == weights_digest(net, _CASTS[n]) for n in comparable)
+    same = any(casts[n] == weights_digest(net, _FLOATS[n]) for n in comparable)
     return ([] if same else [_WHOLE]), []
 
 
@@ -437,7 +483,8 @@ _WHOLE = "the whole base"  # what an older record's digest reads
 
 
 def _which(names) -> str:
-    return _WHOLE if names == [_WHOLE] else f"{len(names)} base weights, e.g. {names[0]}"
+    names = sorted(names)
+    return _WHOLE if names == [_WHOLE] else f"{len(names)} base weight{'s' if len(names) > 1 else ''}, e.g. {names[0]}"
 
 
 def _saved_quantization(saved, meta, net) -> tuple[bool, bool]:
@@ -453,34 +500,56 @@ def _saved_quantization(saved, meta, net) -> tuple[bool, bool]:
     return isinstance(fingerprint, dict) and bool(weights - set(fingerprint)), False
 
 
+def _refuse_differing(path, differ):
+    raise ValueError(
+        f"cannot load the guide at {path} into this model: the base weights differ from the ones the guide was "
+        f"saved with ({_which(differ)}; read whole: a change its fingerprint of 4096 entries per weight misses, e.g. "
+        "two embedding rows swapped): load the checkpoint it was fitted on"
+    )
+
+
 def _check_base_weights(path, meta, model):
     """Refuse base weights other than the saved guide's, read whole where they can be compared
-    (:func:`_compare_weights`). Weights held in bfloat16 on one side and float16 on the other, and older guides'
-    records that cannot tell, are compared only by the signature's 4096-entry fingerprint: warned. Where either side is
-    quantized otherwise, the quantized weights cannot be compared (the fingerprint reads float weights): warned."""
-    saved = meta.get("base_weights")  # older guides did not record it
-    if not isinstance(saved, dict):
+    (:func:`_compare_weights`), and a base whose frozen weights are others than the guide's. Weights held in bfloat16
+    on one side and float16 on the other, and older guides' records that cannot tell, are compared only by the
+    signature's 4096-entry fingerprint; quantized weights of another quantization, or quantized on one side only, by
+    nothing but the configuration: warned, naming why."""
+    saved = meta.get("base_weights")  # older guides did not record it; _read_meta checked its structure
+    if saved is None:
         return
-    now, was = quantization(model.net), saved.get("quantization")
+    now = quantization(model.net)
+    if "weights" in saved:
+        same_codes = saved.get("quantization") == now and saved["dtype"] == str(model.compute_dtype)
+        differ, unknown, unmatched = _compare_weights(saved["weights"], model.net, same_codes)
+        if unmatched:
+            name = min(unmatched)
+            raise ValueError(f"cannot load the guide at {path} into this model: its frozen base weights are not the "
+                             f"guide's ({_which(unmatched)}: {unmatched[name]}): build the model as the guide's was, "
+                             "freezing what it froze")
+        if differ:
+            _refuse_differing(path, differ)
+        for reason in sorted(set(unknown.values())):
+            names = [n for n, r in unknown.items() if r == reason]
+            quantized = "quantized" in reason
+            warnings.warn(f"the guide at {path}: {_which(names)}, could be compared "
+                          f"{'by nothing but the configuration (the fingerprint reads float weights)' if quantized else 'by their 4096-entry fingerprints only (a change between the strides goes unseen)'}"
+                          f": {reason}; load it on a base of the dtype{' and quantization' if quantized else ''} it was "
+                          "saved on to have every weight compared", stacklevel=3)
+        return
     was_quantized, known = _saved_quantization(saved, meta, model.net)
     if not (was_quantized or now):
-        compare = _compare_weights if isinstance(saved.get("weights"), dict) else _compare_old_record
-        differ, unknown = compare(saved.get("weights", saved), model.net)
+        differ, unknown = _compare_old_record(saved, model.net)
         if differ:
-            raise ValueError(
-                f"cannot load the guide at {path} into this model: the base weights differ from the ones the guide was "
-                f"saved with ({_which(differ)}; read whole: a change its fingerprint of 4096 entries "
-                "per weight misses, e.g. two embedding rows swapped): load the checkpoint it was fitted on"
-            )
+            _refuse_differing(path, differ)
         if unknown:
             warnings.warn(f"the guide at {path}: {_which(unknown)}, could be compared by their 4096-entry "
-                          "fingerprints only (a change between the strides goes unseen): they are held "
-                          "in bfloat16 on one side and float16 on the other, or the guide was saved before each weight's "
-                          "digest was recorded; load it on a base in the dtype it was saved in to have every weight "
-                          "compared", stacklevel=3)
+                          "fingerprints only (a change between the strides goes unseen): the guide was saved before "
+                          "each weight's digest was recorded, on a base held in other dtypes; load it on a base in the "
+                          "dtype it was saved in to have every weight compared", stacklevel=3)
         return
     if saved.get("sha256") == weights_digest(model.net):
         return
+    was = saved.get("quantization")
     if was_quantized == (now is not None) and saved.get("dtype") == str(model.compute_dtype) and known and was == now:
         raise ValueError(f"cannot load the guide at {path} into this model: the base weights differ from the ones the "
                          "guide was saved with (read whole, with their quantization scales): load the checkpoint it was "
@@ -535,8 +604,8 @@ def load_guide(path, model):
             raise ValueError(f"{path}/guide.json: its config does not build a {cls.__name__} for this model ({err})") from None
         _check_tensors(path / "guide.safetensors", tensors, guide, dict(model.named_adapter_parameters()), net_params)
         _check_base_weights(path, meta, model)
-    except ValueError:
-        take_over(model, previous)  # refused: the network stays its previous trainer's
+    except BaseException:
+        take_over(model, previous)  # refused, or stopped: the network stays its previous trainer's
         raise
     take_over(model, guide)  # the guide that set the point parameters keeps its state; the restore below replaces them
     with torch.no_grad():

@@ -72,6 +72,16 @@ def changed_point_parameters(snapshot, model):
 
 
 _TRAINER = "_pyro_lora_trainer"  # on the network, which every LoraModel over it shares
+
+
+class _Trainers(dict):
+    """Adapter -> weakref of the guide setting its point parameters. Of this process only: a pickled network
+    (``torch.save(net)``) carries none, as a weakref cannot be pickled."""
+
+    def __reduce__(self):
+        return _Trainers, ()
+
+
 # id(parameter) -> (its weakref, the guide's, its name, traced): the next optimiser step on it is that guide's
 _STEPPING = {}
 _OWN = {}  # id(guide parameter) -> (its weakref, the guide's): a step on it is a step of that guide's loop
@@ -213,8 +223,8 @@ def take_over(model, guide) -> None:
     stop_following(model)  # another guide's SVI step must not be taken as the new trainer's
     if previous is not None:
         previous._point_snapshot = point_snapshot(previous.model)
-    if not isinstance(getattr(model.net, _TRAINER, None), dict):
-        setattr(model.net, _TRAINER, {})
+    if not isinstance(getattr(model.net, _TRAINER, None), _Trainers):
+        setattr(model.net, _TRAINER, _Trainers())
     trainers = getattr(model.net, _TRAINER)
     # another adapter's guide still live (fit) keeps what it leaves too: a base parameter the user unfroze
     # is shared by every adapter

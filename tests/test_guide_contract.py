@@ -194,6 +194,43 @@ def test_a_guide_deep_copies_right_after_a_training_step(built):
     torch.testing.assert_close(predictive(copied).probs, before.probs)
 
 
+def test_a_plain_deep_copy_is_a_guide_over_the_same_model_that_pyro_svi_trains(built):
+    """``copy.deepcopy(guide)`` copied the model and its network, and kept the original's name in Pyro's param store:
+    SVI on the copy was refused ("another tensor than the live parameter")."""
+    model, guide = built
+    SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO()).step(data()[0])
+    copied = copy.deepcopy(guide)
+    assert copied.model is model and copied._pyro_name != guide._pyro_name
+    for (name, a), b in zip(guide.named_parameters(), copied.parameters()):
+        assert a is not b and torch.equal(a, b), name
+    assert torch.isfinite(torch.tensor(SVI(model, copied, pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO()).step(data()[0])))
+
+
+def test_pickling_a_guide_is_refused_and_names_save_guide(built):
+    """torch.save(guide) failed on a weakref of the network, or wrote a file that torch.load could not read."""
+    import io
+
+    with pytest.raises(TypeError, match=r"cannot be pickled .* pyro_lora.save_guide\(guide, path\)"):
+        torch.save(built[1], io.BytesIO())
+
+
+def test_a_network_pyro_lora_has_run_pickles_and_unpickles_to_the_same_outputs():
+    """A network whose LoRA layers read handed weights held a bound method (not unpicklable) and a weakref of its
+    guide (not picklable): torch.save(net) failed."""
+    import io
+
+    model = lora()
+    guide = MAPGuide(model)
+    predict(model, guide, [data()[0]])
+    buffer = io.BytesIO()
+    torch.save(model.net, buffer)
+    buffer.seek(0)
+    net = torch.load(buffer, weights_only=False)
+    batch = random_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(net(**batch).logits, model.net(**batch).logits)
+
+
 def test_pyro_svi_with_a_pyro_optimizer_trains_the_guide_and_the_head(built):
     model, guide = built
     model.net.train()
@@ -840,10 +877,12 @@ def _one_entry_moved(model):
 
 
 @pytest.mark.parametrize("saved, loaded", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
-                                           (torch.float32, torch.float16)])
+                                           (torch.float32, torch.float16), (torch.float32, torch.float64),
+                                           (torch.float64, torch.float32), (torch.float64, torch.bfloat16)])
 def test_a_guide_is_checked_whole_across_a_cast_of_its_base(tmp_path, saved, loaded):
     """A float32 guide on the bfloat16 base of another checkpoint (every other entry of a large weight changed, between
-    the fingerprint's strides) loaded without a word: across a cast only the fingerprint was compared."""
+    the fingerprint's strides) loaded without a word: across a cast only the fingerprint was compared. Between float32
+    and float64 the warning named a bfloat16 / float16 mismatch, and compared the fingerprints only."""
     import warnings
 
     save_guide(MAPGuide(lora(dtype=saved)), tmp_path / "guide")
@@ -852,6 +891,37 @@ def test_a_guide_is_checked_whole_across_a_cast_of_its_base(tmp_path, saved, loa
         load_guide(tmp_path / "guide", lora(dtype=loaded))
     with pytest.raises(ValueError, match="the base weights differ from the ones the guide was saved with"):
         load_guide(tmp_path / "guide", _one_entry_moved(lora(dtype=loaded)))
+
+
+def test_a_guide_loads_where_a_second_adapter_wraps_another_base_layer(tmp_path):
+    """A second adapter on the key projections moves "key.weight" to "key.base_layer.weight" (peft wraps every layer
+    an adapter targets): the guide of the first adapter was refused as "the base weights differ"."""
+    from peft import LoraConfig
+
+    save_guide(MAPGuide(lora()), tmp_path / "guide")
+    model = lora()
+    model.net.add_adapter("other", LoraConfig(r=2, target_modules=["key"]))
+    assert any(n.endswith("key.base_layer.weight") for n, _ in model.net.named_parameters())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        load_guide(tmp_path / "guide", model)
+    moved = lora()
+    moved.net.add_adapter("other", LoraConfig(r=2, target_modules=["key"]))
+    key = moved.net.get_base_model().bert.encoder.layer[1].attention.self.key.base_layer.weight
+    with torch.no_grad():
+        key.view(-1)[3] += 0.01
+    with pytest.raises(ValueError, match=r"differ from the ones the guide was saved with \(1 base weight, e.g. .*layer.1"):
+        load_guide(tmp_path / "guide", moved)
+
+
+def test_a_base_weight_frozen_on_one_side_only_is_named_as_such(tmp_path):
+    """A base weight unfrozen on the loading side was called a differing weight."""
+    save_guide(MAPGuide(lora()), tmp_path / "guide")
+    model = lora()
+    model.net.get_base_model().bert.embeddings.LayerNorm.weight.requires_grad_(True)
+    with pytest.raises(ValueError, match=r"its frozen base weights are not the guide's \(1 base weight, e.g. "
+                                         r".*embeddings.LayerNorm.weight: frozen in the guide's base, not frozen here"):
+        load_guide(tmp_path / "guide", model)
 
 
 @pytest.mark.parametrize("cast", [None, torch.bfloat16, torch.float16])
@@ -951,7 +1021,7 @@ def test_a_weight_held_in_float32_on_both_sides_is_compared_as_held(tmp_path):
     assert torch.equal(weight.to(torch.bfloat16), _part_cast(torch.bfloat16).net.get_base_model().bert.encoder
                        .layer[0].output.dense.weight.to(torch.bfloat16))
     name = "base_model.model.bert.encoder.layer.0.output.dense.weight"
-    with pytest.raises(ValueError, match=rf"differ from the ones the guide was saved with \(1 base weights, e.g. {name}"):
+    with pytest.raises(ValueError, match=rf"differ from the ones the guide was saved with \(1 base weight, e.g. {name}"):
         load_guide(tmp_path / "guide", changed)
 
 
@@ -975,10 +1045,9 @@ def test_a_guide_on_a_partly_cast_base_is_checked_whole_through_the_half_dtype_i
 def test_a_guide_on_a_base_holding_bfloat16_on_one_holding_float16_is_checked_by_its_fingerprint_only(tmp_path):
     """No cast takes the two half dtypes of one checkpoint to the same weights: warned, not refused."""
     save_guide(MAPGuide(_part_cast(torch.float32, torch.bfloat16)), tmp_path / "guide")
-    with pytest.warns(UserWarning, match=r"\d+ base weights, e.g. .*, could be compared by their 4096-entry fingerprints "
+    with pytest.warns(UserWarning, match=r"\d+ base weights?, e.g. .*, could be compared by their 4096-entry fingerprints "
                                          "only .* held in bfloat16 on one side and float16 on the other"):
         load_guide(tmp_path / "guide", lora(dtype=torch.float16))
-
 
 
 def test_an_older_float32_record_on_a_float32_base_of_another_checkpoint_is_refused(tmp_path):
@@ -993,6 +1062,18 @@ def test_an_older_float32_record_on_a_float32_base_of_another_checkpoint_is_refu
         weight.view(-1)[5] += 1e-6 * weight.view(-1)[5].sign()
     with pytest.raises(ValueError, match=r"differ from the ones the guide was saved with \(the whole base"):
         load_guide(tmp_path / "guide", changed)
+
+
+def test_a_reparametrised_weight_site_is_no_conditioned_site():
+    """poutine.reparam observes the site it reparametrises (its value is loc + scale * the new site's): it was refused
+    as values conditioned on for 1 of the model's 4 weight sites, drawn for another model."""
+    from pyro.infer.reparam import LocScaleReparam
+
+    model = lora()
+    with torch.no_grad():
+        trace = poutine.trace(poutine.reparam(model, {next(iter(model.sites)): LocScaleReparam(0.0)})).get_trace(data()[0])
+        values = {n: trace.nodes[n]["value"] for n in model.sites}
+        torch.testing.assert_close(trace.nodes["_RETURN"]["value"], model.logits(data()[0], values))
 
 
 def test_a_do_intervention_on_a_weight_site_is_no_renamed_site():

@@ -113,6 +113,42 @@ def test_guide_json_with_missing_or_malformed_keys(saved, change, message):
     assert re.match(re.escape(str(saved / "guide.json")) + " is corrupt: " + message, refused(saved))
 
 
+def _first_weight(m, value):
+    weights = m["base_weights"]["weights"]
+    return m | {"base_weights": m["base_weights"] | {"weights": weights | {next(iter(weights)): value}}}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda m: m | {"base_weights": [1]}, "should hold a JSON object, it holds a JSON array"),
+        (lambda m: m | {"base_weights": None}, "should hold a JSON object, it holds a JSON null"),
+        (lambda m: m | {"base_weights": m["base_weights"] | {"weights": [1]}}, "'weights' holds a JSON array"),
+        (lambda m: m | {"base_weights": {"dtype": "torch.float32"}}, "records neither 'weights' nor 'sha256'"),
+        (lambda m: m | {"base_weights": {k: v for k, v in m["base_weights"].items() if k != "dtype"}},
+         "'dtype' should hold a JSON string, it holds nothing"),
+        (lambda m: _first_weight(m, None), r"entry '.*' of 'weights' should map 'dtype' and 'sha256' to strings, it holds null"),
+        (lambda m: _first_weight(m, {"dtype": "torch.float32"}), r"entry '.*' of 'weights' should map"),
+        (lambda m: _first_weight(m, {"dtype": "torch.float32", "sha256": 7}), r"entry '.*' of 'weights' should map"),
+    ],
+    ids=["array", "null", "weights-array", "no-digest", "no-dtype", "entry-null", "entry-no-sha256", "entry-number"],
+)
+def test_guide_json_with_a_malformed_base_weights_record(saved, change, message):
+    """A malformed record skipped a weight's check without a word (a null entry, a list), or failed with a bare KeyError
+    that left the network without its trainer."""
+    edit_json(saved, change)
+    assert re.match(re.escape(str(saved / "guide.json")) + " is corrupt: its 'base_weights' " + message, refused(saved))
+
+
+def test_a_load_stopped_while_checking_the_base_leaves_the_trainer(saved, monkeypatch):
+    """An exception other than a refusal (an interrupt while the base is hashed) left the network to no guide."""
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("pyro_lora.io._check_base_weights", interrupted)
+    refused(saved, KeyboardInterrupt)
+
+
 def test_guide_json_with_a_value_the_guide_refuses(saved):
     """A ValueError of the constructor may be a bad value or this model (another answer's letters): its reason is given."""
     edit_json(saved, lambda m: m | {"config": m["config"] | {"std": "cubic"}})

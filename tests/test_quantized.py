@@ -68,6 +68,14 @@ def dense_twin(net):
     return twin
 
 
+def older_record(model):
+    """``base_weights`` as guides recorded it before the quantization settings and each weight were: the whole base's
+    SHA-256 and the compute dtype."""
+    from pyro_lora.contract import weights_digest
+
+    return {"dtype": str(model.compute_dtype), "sha256": weights_digest(model.net)}
+
+
 def batch():
     return random_batch(batch=3, seq=7) | {"labels": torch.tensor([0, 2, 1])}
 
@@ -227,7 +235,8 @@ def test_a_guide_saved_unquantized_loads_on_the_quantized_checkpoint_with_a_warn
     save_guide(MAPGuide(model), tmp_path / "dense_guide")
     on_nf4 = LoraModel(quantized(folder, "nf4", dtype=torch.float32), SequenceClassification(), num_data=6)
     on_nf4.write_adapter({n: v.detach() for n, v in MAPGuide(model).mean().items()})
-    with pytest.warns(UserWarning, match=r"saved on an unquantized base .* base is quantized in .* could not be compared"):
+    one_side = r"\d+ base weights, e.g. .*proj.weight, could be compared by nothing but the configuration .*: quantized on one side only"
+    with pytest.warns(UserWarning, match=one_side):
         load_guide(tmp_path / "dense_guide", on_nf4)
     save_guide(MAPGuide(on_nf4), tmp_path / "nf4_guide")
     changed = quantized(folder, None, dtype=torch.float32)  # the reverse: quantized guide, unquantized other weights
@@ -235,9 +244,10 @@ def test_a_guide_saved_unquantized_loads_on_the_quantized_checkpoint_with_a_warn
         for n, p in changed.named_parameters():
             if n.endswith("proj.weight") and "lora" not in n:
                 p.mul_(-3)
-    with pytest.warns(UserWarning, match=r"saved on a quantized base .* base is unquantized in"):
+    with pytest.warns(UserWarning, match=one_side):
         load_guide(tmp_path / "nf4_guide", LoraModel(changed, SequenceClassification(), num_data=6))
-    with pytest.warns(UserWarning, match=r"saved on a quantized base in torch.float32, and this model's base is quantized in torch.bfloat16"):
+    with pytest.warns(UserWarning, match=r"could be compared by nothing but the configuration .*: quantized otherwise, or from weights in "
+                                         "another dtype, on each side"):
         load_guide(tmp_path / "nf4_guide", LoraModel(quantized(folder, "nf4"), SequenceClassification(), num_data=6))
     doubled = tmp_path / "doubled"
     shutil.copytree(folder, doubled)
@@ -247,6 +257,30 @@ def test_a_guide_saved_unquantized_loads_on_the_quantized_checkpoint_with_a_warn
     other = LoraModel(quantized(doubled, "nf4", dtype=torch.float32), SequenceClassification(), num_data=6)
     with pytest.raises(ValueError, match="the base weights differ"):
         load_guide(tmp_path / "nf4_guide", other)
+
+
+@pytest.mark.parametrize("saved, loaded", [(None, "nf4"), ("nf4", None), ("nf4", "int8")])
+def test_the_unquantized_weights_are_compared_whole_where_either_base_is_quantized(folder, tmp_path, saved, loaded):
+    """A float32 guide on the 4-bit base of a checkpoint whose embeddings differ (two rows swapped, between the
+    fingerprint's strides) loaded with a warning that the quantized weights could not be compared: the embeddings,
+    recorded whole, were not compared either."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from pyro_lora import load_guide, save_guide
+
+    save_guide(MAPGuide(LoraModel(quantized(folder, saved, dtype=torch.float32), SequenceClassification(), num_data=6)),
+               tmp_path / "guide")
+    swapped = tmp_path / "swapped"
+    shutil.copytree(folder, swapped)
+    state = load_file(swapped / "model.safetensors")
+    rows = state["model.embed_tokens.weight"]
+    state["model.embed_tokens.weight"] = rows[[0, 2, 1, *range(3, len(rows))]].contiguous()
+    save_file(state, swapped / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"the base weights differ .*\(1 base weight, e.g. .*embed_tokens.weight"):
+        load_guide(tmp_path / "guide", LoraModel(quantized(swapped, loaded, dtype=torch.float32), SequenceClassification(),
+                                                 num_data=6))
 
 
 def test_a_guide_on_another_quantization_or_folder_of_its_checkpoint_loads_with_a_warning_and_an_older_record_loads(
@@ -264,18 +298,17 @@ def test_a_guide_on_another_quantization_or_folder_of_its_checkpoint_loads_with_
     nf4 = LoraModel(quantized(folder, "nf4", dtype=torch.float32), SequenceClassification(), num_data=6)
     save_guide(MAPGuide(nf4), tmp_path / "nf4_guide")
     int8 = LoraModel(quantized(folder, "int8", dtype=torch.float32), SequenceClassification(), num_data=6)
-    with pytest.warns(UserWarning, match=r"saved on a quantized base in torch.float32, and this model's base is quantized "
-                                         r"otherwise in torch.float32"):
+    with pytest.warns(UserWarning, match=r"14 base weights, e.g. .*: quantized otherwise, or from weights in another dtype, on each side"):
         load_guide(tmp_path / "nf4_guide", int8)
     copy = tmp_path / "copy"
     shutil.copytree(folder, copy)
     dense = LoraModel(quantized(copy, None, dtype=torch.float32), SequenceClassification(), num_data=6)
     save_guide(MAPGuide(dense), tmp_path / "dense_guide")
-    with pytest.warns(UserWarning, match="could not be compared"):
+    with pytest.warns(UserWarning, match="could be compared by nothing but the configuration .*: quantized on one side only"):
         load_guide(tmp_path / "dense_guide", LoraModel(quantized(folder, "nf4", dtype=torch.float32), SequenceClassification(),
                                                        num_data=6))
     record = json.loads((tmp_path / "nf4_guide" / "guide.json").read_text())
-    del record["base_weights"]["quantization"]  # as guides saved before it was recorded
+    record["base_weights"] = older_record(nf4)  # as guides saved before the quantization and each weight were recorded
     (tmp_path / "nf4_guide" / "guide.json").write_text(json.dumps(record))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same base: its whole-weight digest agrees, nothing to say
@@ -292,10 +325,10 @@ def test_a_guide_saved_quantized_before_its_quantization_was_recorded_is_warned_
 
     from pyro_lora import load_guide, save_guide
 
-    save_guide(MAPGuide(LoraModel(quantized(folder, "nf4"), SequenceClassification(), num_data=6)), tmp_path / "g")
+    model = LoraModel(quantized(folder, "nf4"), SequenceClassification(), num_data=6)
+    save_guide(MAPGuide(model), tmp_path / "g")
     meta = json.loads((tmp_path / "g" / "guide.json").read_text())
-    del meta["base_weights"]["quantization"]
-    meta["base_weights"].update(record)
+    meta["base_weights"] = older_record(model) | record
     (tmp_path / "g" / "guide.json").write_text(json.dumps(meta))
     with pytest.warns(UserWarning, match=r"saved on a quantized base in torch.bfloat16, and this model's base is unquantized"):
         load_guide(tmp_path / "g", LoraModel(quantized(folder, None), SequenceClassification(), num_data=6))
