@@ -14,6 +14,7 @@ positions it has alone, which matters for absolute-position models (GPT-2). A ne
 from __future__ import annotations
 
 import inspect
+import typing
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,18 @@ _DECODER_INPUTS = ("input_ids", "attention_mask")  # a decoder's positions are c
 # names transformers 5's forwards still take, renamed inside, which their signatures no longer show
 _RENAMED_INPUTS = {"past_key_values": "cache", "cache_params": "cache"}
 MC_FORMATS = ("letter", "cloze")  # the answer as a letter token, or scored as the choice text's continuation
+
+
+def _forward_inputs(forward) -> set:
+    """The keyword arguments ``forward`` takes: its parameters, the names transformers renames inside, and the keys of
+    a ``**kwargs: Unpack[TransformersKwargs]`` (packed rows' ``cu_seq_lens_q``, ``seq_idx``, ...), which its signature
+    shows as one parameter."""
+    parameters = inspect.signature(forward).parameters
+    takes = set(parameters) | {old for old, new in _RENAMED_INPUTS.items() if new in parameters}
+    for p in parameters.values():
+        if p.kind is p.VAR_KEYWORD and typing.get_origin(p.annotation) is typing.Unpack:
+            takes |= set(getattr(typing.get_args(p.annotation)[0], "__annotations__", {}))
+    return takes
 
 
 class FusedCategorical(TorchDistribution):
@@ -206,10 +219,9 @@ class Likelihood:
         :raises ValueError: naming those entries and the ones handed on.
         """
         try:
-            takes = set(inspect.signature(base_network(net).forward).parameters)
+            takes = _forward_inputs(base_network(net).forward)
         except (TypeError, ValueError):  # a forward without a signature: nothing to compare
             return
-        takes |= {old for old, new in _RENAMED_INPUTS.items() if new in takes}
         dropped = sorted(k for k in batch if k in takes and k not in self.net_inputs and k != "labels")
         if dropped:
             raise ValueError(

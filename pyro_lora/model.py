@@ -492,8 +492,10 @@ class LoraModel:
         the model's weight sites but not all, or for weight sites it does not have: the values were drawn for another
         model (other target_modules or ``random``), and its other sites would be drawn from the prior. Conditioned
         values carry no guide, so a guide for another checkpoint of the same sites passes: ``predict`` checks that."""
-        given = [n for n in self.sites if own.nodes[n]["is_observed"]]
-        foreign = sorted(n for n in conditioned_names() - set(self.sites) if is_site_name(n))
+        conditioned = conditioned_names()
+        # observed without a condition handler: a reparametrised site (poutine.reparam), or poutine.do's intervention
+        given = [n for n in self.sites if own.nodes[n]["is_observed"] and n in conditioned]
+        foreign = sorted(n for n in conditioned - set(self.sites) if is_site_name(n))
         missing = [n for n in self.sites if n not in given]
         if foreign or (given and missing):
             what = (f"for {len(foreign)} weight sites this model does not have (e.g. {foreign[0]!r})" if foreign else

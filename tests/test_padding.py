@@ -458,3 +458,13 @@ def test_batch_entries_are_checked_against_the_transformers_model_under_a_peft_t
     causal = LoraModel(tiny_llama(), CausalLM(), random="AB")
     with pytest.raises(ValueError, match=r"the batch holds \['past_key_values'\]"):
         causal.logits({**_causal_batch(), "past_key_values": None})
+
+
+@pytest.mark.parametrize("key", ["cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "seq_idx"])
+def test_packed_rows_entries_of_transformers_kwargs_are_refused(key):
+    """transformers' ``**kwargs: Unpack[TransformersKwargs]`` takes packed rows' boundaries (DataCollatorWithFlattening
+    hands ``cu_seq_lens_q``, ``max_length_q``, ...), which the signature shows as one parameter: they were dropped, and
+    the packed row scored as one sequence, without a word."""
+    model = LoraModel(tiny_llama(), CausalLM(), random="AB")
+    with pytest.raises(ValueError, match=rf"the batch holds \['{key}'\], which the network's forward takes"):
+        model.logits({**_causal_batch(), key: torch.tensor([0, 4, 7])})
