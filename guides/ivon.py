@@ -25,6 +25,7 @@ from .base import LoraGuide
 from .registry import Fitted, method
 
 CLIP_RADIUS = 1e-3  # Cong et al.'s bound on each entry's preconditioned step: the step is at most lr * CLIP_RADIUS
+ESS, WEIGHT_DECAY = 1e7, 1e-4  # Cong et al.'s: IVON's prior is N(0, 1 / (ess * weight_decay)), a std of 0.0316
 
 
 class IVONGuide(LoraGuide):
@@ -92,6 +93,10 @@ class IVONGuide(LoraGuide):
             locs[name] = stack([p.detach() for p in mats])
             stds[name] = stack([std_of[id(p)] for p in mats])
         settings = {k: float(v) for k, v in optimizer.defaults.items()}
+        # the settings the stds came from, group by group (the step size is scheduled within a group: not one)
+        groups = [{k: float(g[k]) for k in ("ess", "weight_decay", "hess_init") if k in g} for g in optimizer.param_groups]
+        if any(g != {k: settings[k] for k in g} for g in groups):
+            settings["param_groups"] = groups
         settings |= {"rescale_lr": bool(optimizer.rescale_lr), "steps": optimizer.current_step}
         return cls(model, locs, stds, trained_with=settings)
 
@@ -118,7 +123,7 @@ class IVONGuide(LoraGuide):
         return {"trained_with": self.trained_with}
 
 
-def train_ivon(model, data, *, epochs=1, lr=0.03, ess=1e7, hess_init=3e-4, weight_decay=1e-4, beta2=0.99999,
+def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weight_decay=WEIGHT_DECAY, beta2=0.99999,
                mc_samples=1, clip_radius=CLIP_RADIUS, rescale_lr=False, lr_schedule="linear", autocast=None,
                progress=True) -> IVONGuide:
     """Train the adapter's LoRA matrices and the head with ``ivon.IVON`` from their current values; returns the
@@ -248,7 +253,8 @@ def _check_sites(model, who):
                          "with random='AB'")
 
 
-@method("ivon", bayesian=True, guide=IVONGuide, exportable=True, requires=(("ivon", "ivon-opt"),), trains=True)
+@method("ivon", bayesian=True, guide=IVONGuide, exportable=True, requires=(("ivon", "ivon-opt"),), trains=True,
+        float16=False)
 def ivon_method(setup):
     """IVON: LoRA and head trained by variational learning (a diagonal Gaussian, Newton-like updates) from the MAP's start.
 
@@ -260,8 +266,13 @@ def ivon_method(setup):
     c = setup.config
     take_over(setup.model, None)  # the MAP keeps its trained head as its own while the initial one goes back
     setup.restore(initial=True)
-    model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=c.prior_scale)
+    prior = 1 / math.sqrt(ESS * WEIGHT_DECAY)  # IVON's own, its weight decay: the model records it for the guide
+    model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=prior)
     # hess_init 3e-4 makes nearly every entry's step hit the clip, lr * CLIP_RADIUS: that is the run's Adam step size
     guide = train_ivon(model, setup.loader(setup.train, shuffle=True), epochs=c.epochs, lr=c.lr / CLIP_RADIUS,
                        progress=c.progress)
-    return Fitted(guide=guide, extra_parameters=guide.extra_parameters())
+    fitted = Fitted(guide=guide, extra_parameters=guide.extra_parameters())
+    if c.prior_scale != type(c).prior_scale:
+        fitted.note = (f"prior std {prior:.3g} = 1 / sqrt(ess * weight decay), IVON's own; --prior-scale "
+                       f"{c.prior_scale:g} applies to the MAP and the other methods")
+    return fitted

@@ -85,6 +85,7 @@ class Method:
     base: Optional[str] = None
     mc_formats: tuple = MC_FORMATS
     trains: bool = False
+    float16: bool = True
 
     @property
     def missing(self) -> list:
@@ -140,7 +141,7 @@ MODELS: dict = {}  # a model class's registered name (its ``name`` attribute) ->
 def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[type] = None, model: type = LoraModel,
            exportable: bool = False, predictive: Callable = weight_samples, likelihood: Optional[Callable] = None,
            validation: bool = False, ts: bool = True, requires: tuple = (), base: Optional[str] = None,
-           mc_formats: tuple = MC_FORMATS, trains: bool = False):
+           mc_formats: tuple = MC_FORMATS, trains: bool = False, float16: bool = True):
     """Register the decorated recipe ``recipe(setup) -> Fitted`` as method ``name``.
 
     :param bayesian: whether it is a posterior (or an ensemble), not a point estimate or a recalibration.
@@ -168,6 +169,8 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
         it, and leaves it out of its defaults, with ``epochs=0``; a method with a ``base`` that trains is refused too.
     :param mc_formats: the multiple-choice formats it applies to (``"letter"``, ``"cloze"``): ``compare`` leaves it
         out of its default methods for another format and refuses it by name, before loading anything.
+    :param float16: whether its recipe runs on a float16 base (``--dtype fp16``): ``compare`` refuses it, and leaves
+        it out of its defaults, there (IVON has no loss scaling).
     :raises ValueError: for a name already registered, or a model class whose ``name`` another class holds.
     """
     if not mc_formats or any(f not in MC_FORMATS for f in mc_formats):
@@ -176,8 +179,8 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
         raise ValueError(f"method name {name!r} must be a Python identifier (letters, digits, _): it names files and flags")
     if name in METHODS:
         raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
-    if not all(isinstance(flag, bool) for flag in (bayesian, exportable, validation, ts, trains)):
-        raise ValueError(f"method {name!r}: bayesian, exportable, validation, ts and trains are True or False")
+    if not all(isinstance(flag, bool) for flag in (bayesian, exportable, validation, ts, trains, float16)):
+        raise ValueError(f"method {name!r}: bayesian, exportable, validation, ts, trains and float16 are True or False")
     if base is not None and (not isinstance(base, str) or base == name):
         raise ValueError(f"method {name!r}: base={base!r} must name another method")
     if guide is not None and not (isinstance(guide, type) and issubclass(guide, LoraGuide)):
@@ -198,7 +201,7 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
             raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
         MODELS[model.name] = model
         METHODS[name] = Method(name, recipe, bayesian, tuple(tasks), guide, model, exportable, predictive, likelihood,
-                               validation, ts, tuple(requires), base, tuple(mc_formats), trains)
+                               validation, ts, tuple(requires), base, tuple(mc_formats), trains, float16)
         return recipe
 
     return register
@@ -226,13 +229,14 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-def methods_for_task(task: str, mc_format: Optional[str] = None, epochs: Optional[int] = None) -> list:
+def methods_for_task(task: str, mc_format: Optional[str] = None, epochs: Optional[int] = None,
+                     dtype: Optional[str] = None) -> list:
     """The names of the registered methods that apply to a dataset task (``meta.json``'s ``task``), to its
     multiple-choice format where it has one (``mc_format``; ``None``: any), to ``epochs=0`` where given (no method
-    that trains), and whose optional packages are installed (:attr:`Method.missing`); so must every method of its
-    :attr:`~Method.lineage`."""
+    that trains), to a float16 base where ``dtype`` is ``"fp16"`` (:attr:`Method.float16`), and whose optional
+    packages are installed (:attr:`Method.missing`); so must every method of its :attr:`~Method.lineage`."""
     def applies(m):
-        return (task in m.tasks and not m.missing and not (epochs == 0 and m.trains)
+        return (task in m.tasks and not m.missing and not (epochs == 0 and m.trains) and (dtype != "fp16" or m.float16)
                 and (task != "multiple_choice" or mc_format is None or mc_format in m.mc_formats))
 
     def chain(m):

@@ -3,6 +3,7 @@
 
 import json
 import math
+from dataclasses import replace
 
 import ivon
 import pyro
@@ -88,6 +89,9 @@ def test_stds_are_ivons_from_its_state_and_locs_the_networks_entry_by_entry():
         assert torch.equal(locs[name], lora_parameters(model)[name].detach())
         spread |= set(expected.flatten().tolist())
     assert len(stds) == 8 and len(spread) > 100  # every matrix, and stds that differ entry by entry
+    # the record names each group's own settings, which the defaults misstated for the query sites
+    groups = guide.trained_with["param_groups"]
+    assert [(g["ess"], g["weight_decay"]) for g in groups] == [(5e3, 1e-3), (2e4, 1e-4)]
 
 
 def test_the_stds_are_the_ones_ivon_draws_its_weights_with():
@@ -113,6 +117,7 @@ def test_train_ivon_leaves_the_network_at_the_guides_mean():
     locs = by_name(guide.locs(), model)
     assert all(torch.equal(locs[n], p.detach()) for n, p in lora_parameters(model).items())
     assert guide.trained_with["steps"] == 30 and guide.trained_with["ess"] == 1e7
+    assert "param_groups" not in guide.trained_with  # one group: the defaults are its settings
     assert guide.extra_parameters() == sum(p.numel() for p in lora_parameters(model).values())
 
 
@@ -310,6 +315,14 @@ def test_the_recipe_trains_from_the_maps_start_and_leaves_the_map_usable(monkeyp
     guide = fitted.guide
     assert type(guide) is IVONGuide and type(guide.model) is LoraModel and guide.trained_with["lr"] == 10.0
     assert guide.trained_with["steps"] == 6 and fitted.extra_parameters == guide.extra_parameters()
+    # IVON's prior is its weight decay, whatever --prior-scale says: its model records that prior, and a --prior-scale
+    # other than the default is noted in its rows (they were the same without a word)
+    assert guide.model.prior == pytest.approx(1 / math.sqrt(1e7 * 1e-4)) and fitted.note is None
     predict(guide.model, guide, data())
     setup.restore()  # what compare does after each method: the MAP's adapter and head are its own again
     torch.testing.assert_close(predict(setup.model, setup.map_guide, data()).probs, map_probs, rtol=0, atol=0)
+    setup.config = replace(setup.config, prior_scale=0.01)
+    fitted, _ = fit_method(setup, "ivon")
+    assert fitted.guide.model.prior == pytest.approx(0.0316, abs=1e-4)
+    assert fitted.note == ("prior std 0.0316 = 1 / sqrt(ess * weight decay), IVON's own; --prior-scale 0.01 applies to "
+                           "the MAP and the other methods")

@@ -151,8 +151,8 @@ def test_registration_refuses_unusable_metadata():
             method(name, bayesian=True)(lambda setup: None)
     for kwargs, message in [({"guide": 42}, "is no LoraGuide subclass"), ({"exportable": True}, "exportable needs the guide"),
                             ({"predictive": None}, "predictive .and likelihood, if given. must be functions"),
-                            ({"bayesian": "no"}, "bayesian, exportable, validation, ts and trains are True or False"),
-                            ({"validation": 1}, "bayesian, exportable, validation, ts and trains are True or False")]:
+                            ({"bayesian": "no"}, "bayesian, exportable, validation, ts, trains and float16 are True or False"),
+                            ({"validation": 1}, "bayesian, exportable, validation, ts, trains and float16 are True or False")]:
         with pytest.raises(ValueError, match=message):
             method("odd", **{"bayesian": True, **kwargs})(lambda setup: None)
     first, second = method("twice", bayesian=True), method("twice", bayesian=True)
@@ -281,6 +281,20 @@ def test_methods_that_train_are_refused_with_zero_epochs_before_loading(tmp_path
     assert {"map", "temperature", "laplace", "tfb"} <= set(defaults)
     assert not {"meanfield", "meanfield_val", "flow", "flow_val", "ensemble", "mola", "ivon", "blora_xs", "scalabl"} & set(defaults)
     assert {"meanfield", "ensemble", "mola", "ivon"} <= set(S.default_guides(replace(config, epochs=1)))
+
+
+def test_a_method_that_refuses_a_float16_base_is_refused_before_loading_and_left_out_of_fp16_defaults(tmp_path, monkeypatch):
+    """IVON (no loss scaling) refused --dtype fp16 only after the model was loaded and the MAP trained, once per seed,
+    and was among fp16's default methods: a plain `compare --dtype fp16` ended with a failure."""
+    from pyro_lora.experiments import setup as S
+
+    monkeypatch.setattr(S, "load_pretrained", lambda *a, **k: pytest.fail("loaded a model"))
+    config = S.CompareConfig(dtype="fp16", out=str(tmp_path))
+    with pytest.raises(ValueError, match=r"ivon does not train on a float16 base .*: give --dtype bf16 or fp32, or leave ivon out"):
+        S.check_config(replace(config, guides=("map", "ivon")))
+    assert "ivon" not in S.default_guides(config) and "map" in S.default_guides(config)
+    assert "ivon" in S.default_guides(replace(config, dtype="bf16"))
+    S.check_config(replace(config, guides=("map", "ivon"), dtype="bf16"))
 
 
 def test_a_variant_inherits_its_bases_constraints_along_the_chain(tmp_path, monkeypatch):

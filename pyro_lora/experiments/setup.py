@@ -421,6 +421,9 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
                          "is 0: give --epochs 1 or more, or leave them out")
     for m, a in lineage:
         who = m.name if a is m else f"{m.name} (through its base method {a.name})"
+        if config.dtype == "fp16" and not a.float16:
+            raise ValueError(f"{who} does not train on a float16 base ({a.summary}): give --dtype bf16 or fp32, or leave "
+                             f"{m.name} out")
         if mc_format is not None and mc_format not in a.mc_formats:
             raise ValueError(f"{who} does not apply to the {mc_format} multiple-choice format ({a.summary}): it applies "
                              f"to {' and '.join(a.mc_formats)}; give --mc-format {a.mc_formats[0]}, or leave {m.name} out")
@@ -463,10 +466,10 @@ def expected_format(config: CompareConfig, task: str):
 
 def default_guides(config: CompareConfig) -> list:
     """The methods ``compare`` runs when ``config.guides`` names none: every method that applies to the dataset's
-    task, its multiple-choice format and the epochs (none that trains with ``epochs=0``), and whose packages are
-    installed."""
+    task, its multiple-choice format, the epochs (none that trains with ``epochs=0``) and the base's dtype (none that
+    refuses a float16 base), and whose packages are installed."""
     task = D.load_meta(config.dataset, config.data_dir)["task"]
-    return methods_for_task(task, expected_format(config, task), config.epochs)
+    return methods_for_task(task, expected_format(config, task), config.epochs, config.dtype)
 
 
 # setting -> (its flag, smallest value, whether that value is allowed): the CLI's bounds, for configs from Python
