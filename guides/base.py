@@ -87,6 +87,7 @@ class LoraGuide(torch.nn.Module):
         self._point_snapshot = point_snapshot(model)  # the head etc. its predictions rely on (ownership.take_over)
         self._pyro_name = pyro_params.unique_name(self)
         self._running = False  # inside forward: a subclass's forward calling its base's is one guide call
+        self._base_records = None  # the base weights' records at its last save or load (pyro_lora.io)
 
     @property
     def model(self):

@@ -20,6 +20,7 @@ import torch
 
 from . import distributed
 from .ownership import changed_point_parameters, value_sums
+from .quantized import int8_scales, is_quantized
 
 ADAPTER_NAMES = ("lora_", ".modules_to_save.", "trainable_tokens_")  # in the names of the parameters peft adds
 
@@ -92,13 +93,13 @@ def frozen_base_parameters(net) -> list:
     copies, token deltas), not trainable ones, not quantized ones."""
     # peft's frozen copy of a replaced head (".original_module.") never runs: a fresh head differs by seed
     return [(name, p) for name, p in net.named_parameters()
-            if not (p.requires_grad or any(k in name for k in (*ADAPTER_NAMES, ".original_module.")) or not p.is_floating_point())]
+            if not (p.requires_grad or any(k in name for k in (*ADAPTER_NAMES, ".original_module.")) or is_quantized(p))]
 
 
 def quantized_weights(net) -> list:
-    """Names of ``net``'s quantized base weights (bitsandbytes' 4-bit and 8-bit: stored as integers), which
-    :func:`frozen_base_parameters` and so the fingerprint leave out."""
-    return [name for name, p in net.named_parameters() if not p.is_floating_point() and not any(k in name for k in ADAPTER_NAMES)]
+    """Names of ``net``'s quantized base weights (bitsandbytes' 4-bit and 8-bit codes:
+    :func:`~pyro_lora.quantized.is_quantized`), which :func:`frozen_base_parameters` and so the fingerprint leave out."""
+    return [name for name, p in net.named_parameters() if is_quantized(p) and not any(k in name for k in ADAPTER_NAMES)]
 
 
 def quantization(net) -> str | None:
@@ -136,25 +137,33 @@ def weights_digest(net, dtype=None) -> str:
     With ``dtype``, the floating-point weights as cast to it: the digest of the same checkpoint loaded in that dtype."""
     digest = hashlib.sha256()
     for name, p in digested_parameters(net):
-        _digest_weight(digest, name, p, dtype)
+        _digest_weight(digest, name, p, dtype, weight_scales(net, name))
     return digest.hexdigest()
 
 
-def weight_digest(name: str, p, dtype=None) -> str:
-    """SHA-256 of the one weight ``p`` named ``name``, read as :func:`weights_digest` reads it (cast to ``dtype``)."""
+def weight_scales(net, name: str):
+    """The LLM.int8() row scales of the weight ``name`` of ``net`` (:func:`~pyro_lora.quantized.int8_scales`), or
+    ``None``: a digest of the codes must read them wherever bitsandbytes keeps them."""
+    module, _, attribute = name.rpartition(".")
+    return int8_scales(net.get_submodule(module)) if attribute == "weight" else None
+
+
+def weight_digest(name: str, p, dtype=None, scales=None) -> str:
+    """SHA-256 of the one weight ``p`` named ``name``, read as :func:`weights_digest` reads it (cast to ``dtype``;
+    ``scales``: its LLM.int8() row scales, :func:`weight_scales`)."""
     digest = hashlib.sha256()
-    _digest_weight(digest, name, p, dtype)
+    _digest_weight(digest, name, p, dtype, scales)
     return digest.hexdigest()
 
 
-def _digest_weight(digest, name, p, dtype):
+def _digest_weight(digest, name, p, dtype, scales):
     digest.update(name.encode())
-    parts = [p.detach().to(dtype) if dtype is not None and p.is_floating_point() else p.detach()]
+    parts = [p.detach().to(dtype) if dtype is not None and not is_quantized(p) else p.detach()]
     state = getattr(p, "quant_state", None)  # NF4: the codes are the parameter, the block scales live here
     if state is not None:
         parts += [v for _, v in sorted(state.as_dict(packed=True).items()) if isinstance(v, torch.Tensor)]
-    if isinstance(getattr(p, "SCB", None), torch.Tensor):  # LLM.int8(): the row scales
-        parts.append(p.SCB)
+    if scales is not None:  # LLM.int8(): the row scales
+        parts.append(scales)
     for t in parts:
         digest.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy())
 

@@ -6,6 +6,7 @@ import importlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -15,8 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .contract import (check_guide, describe, differences, digested_parameters, frozen_base_parameters, quantization,
-                       quantized_weights, weight_digest, weights_digest)
-from .ownership import take_over, trainer
+                       quantized_weights, weight_digest, weight_scales, weights_digest)
+from .quantized import is_quantized
+from .ownership import forget_fit, take_over, trainer
 from .distributed import is_main, on_main, refused_together
 
 FORMAT = "pyro_lora.guide/2"
@@ -214,6 +216,13 @@ def save_guide(guide, path, run=None, adapter=False):
 
 def _write_guide(guide, path, run, adapter):
     model = guide.model
+    base = _base_weights(model)  # every base weight, exactly (the fingerprint reads 4096 entries per weight)
+    if guide._base_records is not None:
+        changed = _changed_since(guide._base_records, base["weights"])
+        if changed:
+            raise ValueError(f"cannot save the guide to {path}: the base weights changed since it was loaded or last "
+                             f"saved ({_which(changed)}), and it was fitted on the others; load the checkpoint it was "
+                             "fitted on back into the network first")
     tensors = {k: v.detach().contiguous().cpu() for k, v in guide.state_dict().items()}
     tensors.update({_NET + n: p.detach().contiguous().cpu() for n, p in model.named_adapter_parameters()})
     meta = standard_json({  # JSON has no inf or NaN (ivon-opt's default clip_radius is inf): written as null
@@ -223,8 +232,7 @@ def _write_guide(guide, path, run, adapter):
         "sites": {n: list(s.shape) for n, s in model.sites.items()},
         "base_model": getattr(getattr(model.net, "config", None), "_name_or_path", None),
         "signature": guide.signature,
-        # every base weight, exactly (the signature's fingerprint reads 4096 entries per weight, tolerating a cast)
-        "base_weights": _base_weights(model),
+        "base_weights": base,
     })
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / "guide.safetensors"))
@@ -237,6 +245,7 @@ def _write_guide(guide, path, run, adapter):
         (tmp / "guide.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
         if adapter:
             _write_adapter(guide, tmp / "adapter")
+    guide._base_records = base["weights"]
 
 
 def _sha256(data: bytes) -> str:
@@ -269,11 +278,17 @@ def check_sealed(path) -> None:
 _JSON_TYPES = {dict: "object", str: "string", list: "array", int: "number", float: "number", bool: "boolean", type(None): "null"}
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
 def _base_record_problem(saved) -> str | None:
     """What is wrong with the ``base_weights`` record of ``guide.json`` (:func:`_base_weights`, or an older guide's
     whole-base digest), or ``None``: a malformed one would skip a weight's check, or fail in the middle of it."""
     def kind(value):
         return f"a JSON {_JSON_TYPES.get(type(value), 'value')}"
+
+    def digests(values):
+        return all(isinstance(v, str) and _SHA256.fullmatch(v) for v in values)
 
     if not isinstance(saved, dict):
         return f"should hold a JSON object, it holds {kind(saved)}"
@@ -285,12 +300,19 @@ def _base_record_problem(saved) -> str | None:
             return f"{key!r} holds {kind(saved[key])}"
     if "weights" not in saved and "sha256" not in saved:
         return "records neither 'weights' nor 'sha256'"
-    lists = [*saved.get("held", []), *saved.get("cast_sha256", {}).values()]
-    if not all(isinstance(v, str) for v in lists):
-        return "'held' or 'cast_sha256' holds a value other than a string"
+    if not digests([saved["sha256"]] if "sha256" in saved else []) or not digests(saved.get("cast_sha256", {}).values()):
+        return "'sha256' or 'cast_sha256' holds a value other than a SHA-256 (64 hexadecimal digits)"
+    if not set(saved.get("held", [])) | set(saved.get("cast_sha256", {})) <= set(_FLOATS):
+        return f"'held' or 'cast_sha256' names a dtype other than {', '.join(_FLOATS)}"
+    if saved.get("weights") == {}:
+        return "'weights' records no weight"
     for name, record in saved.get("weights", {}).items():
-        if not (isinstance(record, dict) and {"dtype", "sha256"} <= record.keys() and all(isinstance(v, str) for v in record.values())):
-            return f"entry {name!r} of 'weights' should map 'dtype' and 'sha256' to strings, it holds {json.dumps(record)[:80]}"
+        fine = (isinstance(record, dict) and {"dtype", "sha256"} <= record.keys() <= {"dtype", "sha256", *_FLOATS}
+                and (record["dtype"] in _FLOATS or re.fullmatch(r"quantized:torch\.\w+", str(record["dtype"])))
+                and digests(v for k, v in record.items() if k != "dtype"))
+        if not fine:
+            return (f"entry {name!r} of 'weights' should map 'dtype' to a torch float dtype (or 'quantized:<dtype>') and "
+                    f"'sha256' to a SHA-256, it holds {json.dumps(record)[:120]}")
     return None
 
 
@@ -397,21 +419,53 @@ def _base_weights(model) -> dict:
     return {"dtype": str(model.compute_dtype), "quantization": quantization(model.net), "weights": _weight_records(model.net)}
 
 
+def _dtype_name(p) -> str:
+    """A base weight's dtype as its record names it; ``"quantized:<storage dtype>"`` for quantized codes
+    (:func:`~pyro_lora.quantized.is_quantized`), whatever dtype stores them."""
+    return f"quantized:{p.dtype}" if is_quantized(p) else str(p.dtype)
+
+
 def _weight_records(net) -> dict:
-    """Base weight name -> ``{"dtype", "sha256"}`` as held, plus its SHA-256 as cast to each narrower float dtype
-    (:func:`_narrower`): the same weight of a base of the checkpoint loaded in that dtype. A pass over the weights
-    each: one for a half-precision base, three for a float32 one."""
+    """Base weight name -> ``{"dtype", "sha256"}`` as held (quantized codes with their scales), plus its SHA-256 as
+    cast to each narrower float dtype (:func:`_narrower`): the same weight of a base of the checkpoint loaded in that
+    dtype. A pass over the weights each: one for a half-precision base, three for a float32 one."""
     out = {}
     for name, p in digested_parameters(net):
-        record = {"dtype": str(p.dtype), "sha256": weight_digest(name, p)}
-        record.update({n: weight_digest(name, p, _FLOATS[n]) for n in _narrower(str(p.dtype))})
+        held = _dtype_name(p)
+        record = {"dtype": held, "sha256": weight_digest(name, p, scales=weight_scales(net, name))}
+        record.update({n: weight_digest(name, p, _FLOATS[n]) for n in _narrower(held)})
         out[name] = record
     return out
 
 
+# the modules peft puts around a base module: a layer any adapter targets ("k_proj.base_layer"), a module another
+# adapter's modules_to_save replaces ("pooler.dense.original_module"), an embedding with trainable tokens
+_WRAPPERS = re.compile(r"\.(base_layer|original_module|token_adapter)(?=\.)")
+
+
 def _unwrapped(name: str) -> str:
-    # peft wraps a layer that any adapter targets: a second adapter moves "k_proj.weight" to "k_proj.base_layer.weight"
-    return name.replace(".base_layer.", ".")
+    """A base weight's name with peft's wrapping left out: the same weight, whichever adapters a network holds."""
+    return _WRAPPERS.sub("", name)
+
+
+def _changed_since(old: dict, new: dict) -> list:
+    """Names of the base weights whose records ``new`` (now) tell apart from ``old`` (the guide's last save or load),
+    compared in the records alone (no weight read again): as held, or through a cast either records; weights
+    renamed since (peft's wrapping, as a digest reads the name) or held in two half dtypes are not compared."""
+    changed = []
+    for name, now in new.items():
+        then = old.get(name)
+        if then is None:
+            continue
+        if then["dtype"] == now["dtype"]:
+            same = then["sha256"] == now["sha256"]
+        elif now["dtype"] in then or then["dtype"] in now:
+            same = then.get(now["dtype"], now["sha256"]) == now.get(then["dtype"], then["sha256"])
+        else:
+            continue
+        if not same:
+            changed.append(name)
+    return changed
 
 
 def _compare_weights(saved: dict, net, codes_comparable: bool) -> tuple[list, dict, dict]:
@@ -431,7 +485,7 @@ def _compare_weights(saved: dict, net, codes_comparable: bool) -> tuple[list, di
     differ, unknown = [], {}
     for key in held.keys() & records.keys():
         (name, p), (saved_name, record) = held[key], records[key]
-        now, then = str(p.dtype), record["dtype"]
+        now, then = _dtype_name(p), record["dtype"]
         if (now in _FLOATS) != (then in _FLOATS):
             unknown[name] = "quantized on one side only"
             continue
@@ -448,14 +502,15 @@ def _compare_weights(saved: dict, net, codes_comparable: bool) -> tuple[list, di
             unknown[name] = "held in bfloat16 on one side and float16 on the other" if {now, then} <= set(_FLOATS) \
                 else f"held in {then} there and {now} here"
             continue
-        if digest != weight_digest(saved_name, p, cast):  # the digest reads the name as the guide's base held it
+        # the digest reads the name as the guide's base held it
+        if digest != weight_digest(saved_name, p, cast, weight_scales(net, name)):
             differ.append(name)
     return sorted(differ), unknown, unmatched
 
 
 def _held(net) -> list:
     """The floating-point dtypes of the base weights, as names."""
-    return sorted({str(p.dtype) for _, p in digested_parameters(net) if p.is_floating_point()})
+    return sorted({str(p.dtype) for _, p in digested_parameters(net) if not is_quantized(p)})
 
 
 def _compare_old_record(saved: dict, net) -> tuple[list, list]:
@@ -514,8 +569,12 @@ def _check_base_weights(path, meta, model):
     on one side and float16 on the other, and older guides' records that cannot tell, are compared only by the
     signature's 4096-entry fingerprint; quantized weights of another quantization, or quantized on one side only, by
     nothing but the configuration: warned, naming why."""
-    saved = meta.get("base_weights")  # older guides did not record it; _read_meta checked its structure
+    saved = meta.get("base_weights")  # _read_meta checked its structure
     if saved is None:
+        warnings.warn(f"the guide at {path} records no digest of its base weights (saved before they were recorded, or "
+                      "its guide.json edited): the base was compared by its 4096-entry fingerprints only (a change between "
+                      "the strides goes unseen); save the guide again on the checkpoint it was fitted on to record them",
+                      stacklevel=3)
         return
     now = quantization(model.net)
     if "weights" in saved:
@@ -593,8 +652,11 @@ def load_guide(path, model):
         raise ValueError(f"cannot load the guide at {path} into this model: " + "; ".join(problems))
     cls = _guide_class(meta["guide"], path)
     previous = trainer(model)
-    take_over(model, None)  # the restore below replaces the point parameters: building may not refuse them
+    # the restore below replaces the point parameters: building may not refuse them
+    take_over(model, None, keep_fit=True)
     net_params = dict(model.net.named_parameters())
+    written = {k[len(_NET):]: v for k, v in tensors.items() if k.startswith(_NET)}
+    before = {}
     try:
         try:
             guide = cls(model, **meta["config"])  # guides never touch the network
@@ -604,15 +666,21 @@ def load_guide(path, model):
             raise ValueError(f"{path}/guide.json: its config does not build a {cls.__name__} for this model ({err})") from None
         _check_tensors(path / "guide.safetensors", tensors, guide, dict(model.named_adapter_parameters()), net_params)
         _check_base_weights(path, meta, model)
-    except BaseException:
-        take_over(model, previous)  # refused, or stopped: the network stays its previous trainer's
+        guide.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(_NET)})
+        with torch.no_grad():
+            for k, v in written.items():
+                before[k] = net_params[k].detach().clone()
+                net_params[k].copy_(v)
+    except BaseException:  # refused, or stopped: the network as it was, and its previous trainer's
+        with torch.no_grad():
+            for k, v in before.items():
+                net_params[k].copy_(v)
+        take_over(model, previous)
         raise
-    take_over(model, guide)  # the guide that set the point parameters keeps its state; the restore below replaces them
-    with torch.no_grad():
-        for k in [k for k in tensors if k.startswith(_NET)]:
-            net_params[k[len(_NET) :]].copy_(tensors.pop(k))
-    guide.load_state_dict(tensors)
+    forget_fit(model)
+    take_over(model, guide)
     guide.adopt_point_parameters()
+    guide._base_records = meta["base_weights"].get("weights") if "base_weights" in meta else None
     return guide
 
 

@@ -37,6 +37,24 @@ def dense_weight(module) -> torch.Tensor | None:
     w = module.weight
     if isinstance(module, bnb.nn.Linear4bit):
         return bnb.functional.dequantize_4bit(w.data, w.quant_state).float()
-    if isinstance(module, bnb.nn.Linear8bitLt) and getattr(w, "SCB", None) is not None:
-        return w.data.float() * w.SCB.float()[:, None] / 127  # LLM.int8(): row-wise absmax scaling
+    scales = int8_scales(module)
+    if isinstance(module, bnb.nn.Linear8bitLt) and scales is not None:
+        return w.data.float() * scales.float()[:, None] / 127  # LLM.int8(): row-wise absmax scaling
     return None
+
+
+def int8_scales(module) -> torch.Tensor | None:
+    """The row scales of a bitsandbytes LLM.int8() layer (``None`` for any other module): on its weight (``SCB``)
+    until its first forward, which moves them into the layer's ``state`` and sets the weight's to ``None``."""
+    weight = getattr(module, "weight", None)
+    scales = getattr(weight, "SCB", None)
+    if scales is None:
+        scales = getattr(getattr(module, "state", None), "SCB", None)
+    return scales if isinstance(scales, torch.Tensor) else None
+
+
+def is_quantized(p) -> bool:
+    """Whether the parameter ``p`` holds bitsandbytes' quantized codes: an integer tensor, or a 4-bit or 8-bit
+    parameter stored in a float dtype (``bnb_4bit_quant_storage=torch.bfloat16``, FSDP-QLoRA's setting), whose
+    values are packed codes, not weights."""
+    return not p.is_floating_point() or type(p).__name__ in ("Params4bit", "Int8Params")

@@ -127,11 +127,19 @@ def _first_weight(m, value):
         (lambda m: m | {"base_weights": {"dtype": "torch.float32"}}, "records neither 'weights' nor 'sha256'"),
         (lambda m: m | {"base_weights": {k: v for k, v in m["base_weights"].items() if k != "dtype"}},
          "'dtype' should hold a JSON string, it holds nothing"),
-        (lambda m: _first_weight(m, None), r"entry '.*' of 'weights' should map 'dtype' and 'sha256' to strings, it holds null"),
+        (lambda m: _first_weight(m, None), r"entry '.*' of 'weights' should map 'dtype' to a torch float dtype .*, it holds null"),
         (lambda m: _first_weight(m, {"dtype": "torch.float32"}), r"entry '.*' of 'weights' should map"),
         (lambda m: _first_weight(m, {"dtype": "torch.float32", "sha256": 7}), r"entry '.*' of 'weights' should map"),
+        (lambda m: _first_weight(m, {"dtype": "torch.float32", "sha256": "xyz"}), r"entry '.*' of 'weights' should map"),
+        (lambda m: _first_weight(m, {"dtype": "float32", "sha256": "0" * 64}), r"entry '.*' of 'weights' should map"),
+        (lambda m: _first_weight(m, {"dtype": "torch.float31", "sha256": "0" * 64}), r"entry '.*' of 'weights' should map"),
+        (lambda m: _first_weight(m, {"dtype": "torch.int8", "sha256": "0" * 64}), r"entry '.*' of 'weights' should map"),
+        (lambda m: m | {"base_weights": m["base_weights"] | {"weights": {}}}, "'weights' records no weight"),
+        (lambda m: m | {"base_weights": m["base_weights"] | {"sha256": "xyz"}}, "'sha256' or 'cast_sha256' holds a value other"),
     ],
-    ids=["array", "null", "weights-array", "no-digest", "no-dtype", "entry-null", "entry-no-sha256", "entry-number"],
+    ids=["array", "null", "weights-array", "no-digest", "no-dtype", "entry-null", "entry-no-sha256", "entry-number",
+         "entry-short-digest", "entry-dtype-unprefixed", "entry-dtype-unknown", "entry-dtype-integer", "weights-empty",
+         "sha256-short"],
 )
 def test_guide_json_with_a_malformed_base_weights_record(saved, change, message):
     """A malformed record skipped a weight's check without a word (a null entry, a list), or failed with a bare KeyError
@@ -140,13 +148,41 @@ def test_guide_json_with_a_malformed_base_weights_record(saved, change, message)
     assert re.match(re.escape(str(saved / "guide.json")) + " is corrupt: its 'base_weights' " + message, refused(saved))
 
 
-def test_a_load_stopped_while_checking_the_base_leaves_the_trainer(saved, monkeypatch):
-    """An exception other than a refusal (an interrupt while the base is hashed) left the network to no guide."""
-    def interrupted(*args):
+@pytest.mark.parametrize("where", ["pyro_lora.io._check_base_weights", "torch.nn.Module.load_state_dict",
+                                   "torch.Tensor.copy_"])
+def test_a_load_stopped_anywhere_leaves_the_network_and_its_trainer(saved, monkeypatch, where):
+    """An exception other than a refusal (an interrupt while the base is hashed) left the network to no guide; one
+    while the guide's state was restored left the new head in the network and the previous guide refused."""
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pyro_lora.io._check_base_weights", interrupted)
+    if where == "torch.Tensor.copy_":  # the second write into the network: the first must be undone
+        original, calls = torch.Tensor.copy_, []
+
+        def interrupted(self, *args, **kwargs):  # noqa: F811
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(where, interrupted)
     refused(saved, KeyboardInterrupt)
+
+
+def test_a_guide_json_without_base_weights_loads_with_a_warning(saved):
+    """Without the record (an older guide, or one edited) the base was compared by its fingerprints only, silently."""
+    edit_json(saved, lambda m: {k: v for k, v in m.items() if k != "base_weights"})
+    with pytest.warns(UserWarning, match=r"records no digest of its base weights .*: the base was compared by its "
+                                         "4096-entry fingerprints only"):
+        load_guide(saved, lora())
+
+
+@pytest.mark.parametrize("key, value", [("flipout", "false"), ("learn_loc", "no"), ("flipout", 0)])
+def test_guide_json_with_a_flag_that_is_no_boolean(saved, key, value):
+    """The string "false" is truthy: a hand-edited flipout "false" loaded as flipout=True."""
+    edit_json(saved, lambda m: m | {"config": m["config"] | {key: value}})
+    assert re.match(re.escape(str(saved / "guide.json")) + rf": its config does not build a MeanFieldGuide for this model "
+                    rf"\({key} must be True or False, got {re.escape(repr(value))}\)", refused(saved))
 
 
 def test_guide_json_with_a_value_the_guide_refuses(saved):

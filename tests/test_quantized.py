@@ -283,6 +283,84 @@ def test_the_unquantized_weights_are_compared_whole_where_either_base_is_quantiz
                                                  num_data=6))
 
 
+def _doubled_layers(folder, tmp_path, suffix="proj.weight"):
+    """A copy of the checkpoint in ``folder`` with every weight ending in ``suffix`` doubled: LLM.int8()'s row-absmax
+    codes are the same, its scales doubled."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    doubled = tmp_path / "doubled"
+    shutil.copytree(folder, doubled)
+    state = load_file(doubled / "model.safetensors")
+    save_file({k: v * 2 if k.endswith(suffix) else v for k, v in state.items()}, doubled / "model.safetensors",
+              metadata={"format": "pt"})
+    return doubled
+
+
+def test_int8_scales_are_compared_whether_or_not_a_forward_moved_them(folder, tmp_path):
+    """bitsandbytes moves LLM.int8()'s row scales from the weight (SCB) into the layer's state on its first forward:
+    the digest read them on the weight only, so an int8 guide was refused on a fresh base of its own checkpoint, and
+    loaded without a word on a base of another checkpoint (the same codes, doubled scales) that had run once."""
+    from pyro_lora import load_guide, save_guide
+
+    def model(path, run=False):
+        m = LoraModel(quantized(path, "int8", dtype=torch.float32), SequenceClassification(), num_data=6)
+        if run:
+            predict(m, MAPGuide(m), [batch()])
+        return m
+
+    save_guide(MAPGuide(model(folder, run=True)), tmp_path / "guide")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        load_guide(tmp_path / "guide", model(folder))
+        load_guide(tmp_path / "guide", model(folder, run=True))
+    doubled = _doubled_layers(folder, tmp_path)
+    for run in (False, True):
+        with pytest.raises(ValueError, match="the base weights differ"):
+            load_guide(tmp_path / "guide", model(doubled, run=run))
+
+
+def test_lora_xs_reads_int8_scales_after_a_forward(folder):
+    """After the first forward moved the scales, the dequantised weight was missing, and LoRA-XS refused the layer as
+    no floating-point weight."""
+    from pyro_lora.loraxs import base_weight
+
+    net = quantized(folder, "int8", dtype=torch.float32)
+    layer = net.base_model.model.model.layers[0].self_attn.q_proj
+    before = base_weight(layer).clone()
+    with torch.no_grad():
+        net(**batch() | {"labels": None})
+    torch.testing.assert_close(base_weight(layer), before)
+
+
+def test_a_4bit_base_stored_in_bfloat16_is_a_quantized_base(folder, tmp_path):
+    """With bnb_4bit_quant_storage=torch.bfloat16 (FSDP-QLoRA's setting) the packed 4-bit codes are a bfloat16
+    tensor: they were taken for float weights, fingerprinted as NaN, and a MAP guide built on the model itself was
+    refused by predict as "another checkpoint"."""
+    from transformers import BitsAndBytesConfig, LlamaForSequenceClassification
+
+    from pyro_lora import load_guide, save_guide
+    from pyro_lora.contract import quantization, quantized_weights
+
+    def model(path):
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                                    bnb_4bit_quant_storage=torch.bfloat16, llm_int8_skip_modules=["score"])
+        torch.manual_seed(1)
+        net = LlamaForSequenceClassification.from_pretrained(path, dtype=torch.bfloat16, quantization_config=config)
+        return LoraModel(add_lora(net, r=4, alpha=8), SequenceClassification(), num_data=6)
+
+    m = model(folder)
+    assert quantization(m.net) is not None and len(quantized_weights(m.net)) == 14
+    assert torch.isfinite(predict(m, MAPGuide(m), [batch()]).probs).all()
+    save_guide(MAPGuide(m), tmp_path / "guide")
+    load_guide(tmp_path / "guide", model(folder))
+    with pytest.raises(ValueError, match="differ"):
+        load_guide(tmp_path / "guide", model(_doubled_layers(folder, tmp_path)))
+
+
 def test_a_guide_on_another_quantization_or_folder_of_its_checkpoint_loads_with_a_warning_and_an_older_record_loads(
         folder, tmp_path):
     """An nf4 guide on the int8 base of its checkpoint was refused as "the base weights differ" (the whole-weight
