@@ -28,7 +28,7 @@ from pyro.distributions.torch_transform import TransformModule
 from pyro.distributions.transforms.utils import clamp_preserve_gradients
 from torch.distributions.kl import register_kl
 
-from pyro_lora.checks import check_count, check_positive
+from pyro_lora.checks import check_count, check_flag, check_positive
 from pyro_lora.distributions import MatrixNormalKronecker
 
 from .base import LoraGuide
@@ -120,7 +120,7 @@ class FlowGuide(LoraGuide):
             raise ValueError(f"init_scale and std_lr_scale must be positive, got {init_scale} and {std_lr_scale}")
         self.inducing, self.depth, self.hidden = inducing, int(depth), hidden
         self.init_scale, self.init_lambda, self.max_lambda = float(init_scale), float(init_lambda), float(max_lambda)
-        self.std_lr_scale, self.share_basis, self.learn_loc = float(std_lr_scale), bool(share_basis), bool(learn_loc)
+        self.std_lr_scale, self.share_basis, self.learn_loc = float(std_lr_scale), check_flag(share_basis, "share_basis"), check_flag(learn_loc, "learn_loc")
         self.prior_scale = float(model.prior)
         init = init if init is not None else model.adapter_values()
         self.parts = torch.nn.ModuleList([self._part(site, init[name].detach().float()) for name, site in self.sites.items()])

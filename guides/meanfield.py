@@ -14,7 +14,7 @@ import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
 
-from pyro_lora.checks import check_positive
+from pyro_lora.checks import check_flag, check_positive
 from pyro_lora.likelihoods import is_cloze
 from pyro_lora.model import FLIPOUT_CLOZE
 
@@ -88,10 +88,11 @@ class MeanFieldGuide(LoraGuide):
             raise ValueError(f"std must be one of {_STDS}, got {std!r}")
         if not init_scale > 0 or not std_lr_scale > 0:
             raise ValueError(f"init_scale and std_lr_scale must be positive, got {init_scale} and {std_lr_scale}")
+        flipout = check_flag(flipout, "flipout")
         if flipout and is_cloze(model.likelihood):
             raise ValueError(FLIPOUT_CLOZE)
-        self.b, self.std, self.init_scale, self.std_lr_scale, self.flipout = b, std, float(init_scale), float(std_lr_scale), bool(flipout)
-        self.learn_loc = bool(learn_loc)
+        self.b, self.std, self.init_scale, self.std_lr_scale = b, std, float(init_scale), float(std_lr_scale)
+        self.flipout, self.learn_loc = flipout, check_flag(learn_loc, "learn_loc")
         # Gaussian: A (and R) sites always, B sites when b="normal"
         self.gaussian = [n for n, s in self.sites.items() if s.matrix != "B" or b == "normal"]
         init = init if init is not None else model.adapter_values()

@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_lora import distributed
-from pyro_lora.checks import check_count
+from pyro_lora.checks import check_count, check_flag
 from pyro_lora.contract import check_guide, describe, differences, entry_checks
 from pyro_lora.data import subset
 from pyro_lora.sites import check_values
@@ -82,7 +82,7 @@ class TFBGuide(LoraGuide):
         self.register_buffer("sigma_q", torch.zeros((), device=model.device))
         self.set_sigma_q(sigma_q)
         device = model.device
-        if not decompose:
+        if not check_flag(decompose, "decompose"):
             for i, (a, b) in enumerate(self.pairs):
                 shape_a, shape_b = self.sites[a].shape, self.sites[b].shape
                 self.register_buffer(f"a_prime_{i}", torch.zeros(shape_a, device=device))

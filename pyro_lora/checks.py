@@ -36,3 +36,13 @@ def check_positive(value, name: str) -> float:
     if not 0 < number < math.inf:  # nan fails it too
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")
     return number
+
+
+def check_flag(value, name: str) -> bool:
+    """``value`` if it is a boolean (Python's or numpy's).
+
+    :raises ValueError: for anything else: the string ``"false"`` of a hand-edited ``guide.json`` is truthy.
+    """
+    if not (isinstance(value, bool) or type(value).__name__ == "bool_"):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)

@@ -14,6 +14,7 @@ positions it has alone, which matters for absolute-position models (GPT-2). A ne
 from __future__ import annotations
 
 import inspect
+import re
 import typing
 
 import torch
@@ -36,9 +37,21 @@ def _forward_inputs(forward) -> set:
     parameters = inspect.signature(forward).parameters
     takes = set(parameters) | {old for old, new in _RENAMED_INPUTS.items() if new in parameters}
     for p in parameters.values():
-        if p.kind is p.VAR_KEYWORD and typing.get_origin(p.annotation) is typing.Unpack:
-            takes |= set(getattr(typing.get_args(p.annotation)[0], "__annotations__", {}))
+        if p.kind is p.VAR_KEYWORD:
+            kwargs = _unpacked(forward, p.annotation)
+            takes |= set(getattr(kwargs, "__annotations__", {}))
     return takes
+
+
+def _unpacked(forward, annotation):
+    """The TypedDict of a ``**kwargs: Unpack[...]`` annotation, also where a module's ``from __future__ import
+    annotations`` left it a string (``'Unpack[TransformersKwargs]'``, as in transformers' generic classification
+    heads), resolved in the forward's module; else ``None``."""
+    if isinstance(annotation, str):
+        match = re.fullmatch(r"\s*(?:typing\.|typing_extensions\.)?Unpack\[\s*(\w+)\s*\]\s*", annotation)
+        scope = getattr(inspect.unwrap(getattr(forward, "__func__", forward)), "__globals__", {})
+        return scope.get(match.group(1)) if match else None
+    return typing.get_args(annotation)[0] if typing.get_origin(annotation) is typing.Unpack else None
 
 
 class FusedCategorical(TorchDistribution):

@@ -496,7 +496,9 @@ class LoraModel:
         # observed without a condition handler: a reparametrised site (poutine.reparam), or poutine.do's intervention
         given = [n for n in self.sites if own.nodes[n]["is_observed"] and n in conditioned]
         foreign = sorted(n for n in conditioned - set(self.sites) if is_site_name(n))
-        missing = [n for n in self.sites if n not in given]
+        # drawn from the prior: not observed, and no value set by poutine.do (which observes "<site>__CF" instead)
+        missing = [n for n in self.sites if not own.nodes[n]["is_observed"]
+                   and not own.nodes.get(f"{n}__CF", {}).get("is_observed")]
         if foreign or (given and missing):
             what = (f"for {len(foreign)} weight sites this model does not have (e.g. {foreign[0]!r})" if foreign else
                     f"for {len(given)} of the model's {len(self.sites)} weight sites, not for {len(missing)} (e.g. "

@@ -460,11 +460,27 @@ def test_batch_entries_are_checked_against_the_transformers_model_under_a_peft_t
         causal.logits({**_causal_batch(), "past_key_values": None})
 
 
+def _llama_classifier():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, pad_token_id=0, num_labels=3)
+    return get_peft_model(LlamaForSequenceClassification(config), LoraConfig(r=2, target_modules=["q_proj"],
+                                                                              task_type="SEQ_CLS")).eval()
+
+
 @pytest.mark.parametrize("key", ["cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "seq_idx"])
-def test_packed_rows_entries_of_transformers_kwargs_are_refused(key):
+@pytest.mark.parametrize("setup", ["causal_lm", "llama_classifier"])
+def test_packed_rows_entries_of_transformers_kwargs_are_refused(key, setup):
     """transformers' ``**kwargs: Unpack[TransformersKwargs]`` takes packed rows' boundaries (DataCollatorWithFlattening
     hands ``cu_seq_lens_q``, ``max_length_q``, ...), which the signature shows as one parameter: they were dropped, and
-    the packed row scored as one sequence, without a word."""
-    model = LoraModel(tiny_llama(), CausalLM(), random="AB")
+    the packed row scored as one sequence, without a word. transformers' generic classification heads annotate it as
+    a string (``from __future__ import annotations``), which was not read."""
+    if setup == "causal_lm":
+        model, batch = LoraModel(tiny_llama(), CausalLM(), random="AB"), _causal_batch()
+    else:
+        model, batch = LoraModel(_llama_classifier(), SequenceClassification(), random="AB"), _classification_batch()
     with pytest.raises(ValueError, match=rf"the batch holds \['{key}'\], which the network's forward takes"):
-        model.logits({**_causal_batch(), key: torch.tensor([0, 4, 7])})
+        model.logits({**batch, key: torch.tensor([0, 4, 7])})
