@@ -153,17 +153,13 @@ def test_guide_json_with_a_malformed_base_weights_record(saved, change, message)
 def test_a_load_stopped_anywhere_leaves_the_network_and_its_trainer(saved, monkeypatch, where):
     """An exception other than a refusal (an interrupt while the base is hashed) left the network to no guide; one
     while the guide's state was restored left the new head in the network and the previous guide refused."""
-    def interrupted(*args, **kwargs):
-        raise KeyboardInterrupt
+    original, calls = torch.Tensor.copy_, []
 
-    if where == "torch.Tensor.copy_":  # the second write into the network: the first must be undone
-        original, calls = torch.Tensor.copy_, []
-
-        def interrupted(self, *args, **kwargs):  # noqa: F811
-            calls.append(1)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            return original(self, *args, **kwargs)
+    def interrupted(*args, **kwargs):  # copy_: at the second write into the network, the first to be undone
+        calls.append(1)
+        if where != "torch.Tensor.copy_" or len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
 
     monkeypatch.setattr(where, interrupted)
     refused(saved, KeyboardInterrupt)
