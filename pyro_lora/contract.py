@@ -232,6 +232,13 @@ def _head(net, adapter):
     }
 
 
+def _same_module(a: str, b: str) -> bool:
+    """Whether module paths ``a`` and ``b`` name one module seen from a ``PeftModel``, its ``base_model`` (peft's
+    tuner) or the transformers model inside (``base_model.model.x``, ``model.x``, ``x``)."""
+    longer, shorter = (a, b) if len(a) >= len(b) else (b, a)
+    return longer == shorter or (longer.endswith(shorter) and longer[: -len(shorter)] in ("base_model.model.", "base_model.", "model."))
+
+
 def differences(expected: dict, actual: dict) -> list[str]:
     """Sentences naming each way ``actual`` (:func:`describe` of a model) differs from ``expected`` (the guide's)."""
     out = []
@@ -313,6 +320,10 @@ def _site_differences(expected, actual):
         (em, es, el), (am, as_, al) = expected[name], actual[name]
         if es != as_:
             out.append(f"site {name!r} has shape {tuple(es)} in the guide and {tuple(as_)} in the model (another LoRA rank or set of layers)")
+        elif (em, el) != (am, al) and em == am and len(el) == len(al) and all(map(_same_module, el, al)):
+            out.append(f"site {name!r} holds the same matrices, named from another module ({_short(el)} in the guide, "
+                       f"{_short(al)} in the model): one model was built on the peft model, the other on a module "
+                       "inside it (its base_model); build both on the same one")
         elif (em, el) != (am, al):
             out.append(f"site {name!r} holds other matrices in the guide ({em} of {_short(el)}) than in the model ({am} of {_short(al)})")
     return out

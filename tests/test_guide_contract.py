@@ -451,6 +451,10 @@ def test_a_model_built_on_the_peft_models_inner_module_predicts_but_refuses_to_w
         save_guide(guide, tmp_path / "g", adapter=True)
     assert not (tmp_path / "a").exists() and not (tmp_path / "g").exists()
     save_guide(guide, tmp_path / "g")  # the guide alone is fine
+    # moved between the two models over one network, it was refused for holding "other matrices": the same ones
+    with pytest.raises(ValueError, match=r"holds the same matrices, named from another module .* one model was built on "
+                                         r"the peft model, the other on a module inside it"):
+        load_guide(tmp_path / "g", LoraModel(net, SequenceClassification()))
 
 
 def _llama_guide():
