@@ -198,7 +198,8 @@ def save_guide(guide, path, run=None, adapter=False):
         (as :func:`export_adapter`): never a stale adapter beside a newer guide.
 
     :raises ValueError: if the network's point parameters are no longer the guide's (another guide trained
-        them since: :func:`~pyro_lora.contract.check_guide`), since they are saved with it.
+        them since: :func:`~pyro_lora.contract.check_guide`), since they are saved with it; or if a base weight
+        changed since the guide was loaded or last saved (read whole: the digests every save records).
 
     ``path`` becomes a directory with ``guide.safetensors`` and ``guide.json`` (standard JSON: a config value that
     is inf or NaN is written as ``null``, which the guide's constructor reads back). Under ``torch.distributed``
@@ -627,10 +628,12 @@ def load_guide(path, model):
     Everything is checked before the network's parameters are written: a refused guide leaves ``model`` as it was.
 
     :raises FileNotFoundError: if ``guide.json`` or ``guide.safetensors`` is missing.
-    :raises ValueError: if a file is corrupt (not JSON, missing keys, unreadable safetensors, NaN or inf values,
-        tensors missing, unexpected or of another shape) or not a saved guide, or ``model`` differs from the model
-        it was saved with (sites, LoRA scaling, adapter, base model, head: :func:`~pyro_lora.contract.differences`);
-        each message names the file.
+    :raises ValueError: if a file is corrupt (not JSON, missing keys, a malformed ``base_weights`` record,
+        unreadable safetensors, NaN or inf values, tensors missing, unexpected or of another shape) or not a saved
+        guide, or ``model`` differs from the model it was saved with (sites, LoRA scaling, adapter, base model, head:
+        :func:`~pyro_lora.contract.differences`; any base weight, read whole where its dtype and quantization allow,
+        else warned); each message names the file. Whatever it raises, and wherever it stops, ``model`` and the guide
+        that set its point parameters are left as they were.
     """
     path = Path(path)
     recover_directory(path)
