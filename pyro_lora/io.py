@@ -100,6 +100,23 @@ def check_file_slot(path, where):
         raise ValueError(f"{path} is {'a link' if path.is_symlink() else 'a folder'}, where {where}")
 
 
+def check_folder_slot(path, where):
+    """Refuse, before any long work, a file or link at ``path``, where a folder is to be swapped in whole (an atomic
+    save would move a file aside, or replace a link), and a folder above it that cannot be created or written (created
+    here otherwise); ``where`` ends the sentence, e.g. "fit saves the guide there as a folder: choose another checkpoint_dir".
+
+    :raises ValueError: naming what is there, or why the folder above cannot be written.
+    """
+    path = Path(path)
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise ValueError(f"{path} is {'a link' if path.is_symlink() else 'a file'}, where {where}")
+    try:  # a probe, as os.access says yes to root where the filesystem says no (/proc)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=path.parent))
+    except OSError as error:
+        raise ValueError(f"cannot write in {path.parent} ({error.strerror or error}), where {where}") from None
+
+
 @contextlib.contextmanager
 def atomic_directory(path):
     """Yield a temporary directory that replaces ``path`` only once the block succeeds.
@@ -109,8 +126,9 @@ def atomic_directory(path):
     :func:`load_guide`) puts it back; temporary folders of dead processes are removed.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     recover_directory(path)
+    check_folder_slot(path, "a folder is to be written: move it, or choose another path")
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp

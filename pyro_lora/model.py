@@ -549,6 +549,17 @@ def _float32_trainables(net, params) -> None:
     upcast = {id(p) for p in params if p.dtype in _HALF}
     if not upcast:
         return
+    for path, module in net.named_modules():  # checked before any cast: a refusal leaves the network as it was
+        own = [(n, p) for n, p in module._parameters.items() if p is not None]
+        trained = [n for n, p in own if id(p) in upcast]
+        frozen = [n for n, p in own if id(p) not in upcast and p.dtype in _HALF]
+        if trained and frozen:
+            raise ValueError(
+                f"{path} holds the trainable {trained[0]} beside the frozen {frozen[0]} of a {own[0][1].dtype} base "
+                "(peft's bias='all' or 'lora_only' trains base biases): trainable parameters are held in float32 for "
+                "their updates, and the module could not run on both dtypes; build the adapter with bias='none', "
+                "make the whole module trainable, or load the base in float32"
+            )
     with torch.no_grad():
         for module in net.modules():
             own = [p for p in module._parameters.values() if p is not None and id(p) in upcast]

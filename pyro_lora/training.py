@@ -94,8 +94,9 @@ def fit(
     :returns: list of per-step losses.
     :raises ValueError: if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
         on an ``epochs``, ``warmup_steps`` (longer than the run too), ``lr``, ``grad_accum_steps``,
-        ``max_grad_norm`` or ``checkpoint_every`` out of range, an ELBO it cannot step, on a one-shot iterator with ``epochs > 1``, before
-        any work, and on an epoch that yields no batch.
+        ``max_grad_norm`` or ``checkpoint_every`` out of range, an ELBO it cannot step, on a one-shot iterator with ``epochs > 1``,
+        a ``checkpoint_dir`` that is a file or a link or cannot be written, before any work, and on an epoch that
+        yields no batch.
     :raises DivergenceError: see ``stop_on_divergence``.
 
     Under ``torch.distributed`` (``W > 1`` ranks, see :mod:`pyro_lora.distributed`): every rank is given
@@ -107,7 +108,7 @@ def fit(
     ``1/W sum_w [KL + N/b sum_{i in w} l_i] = KL + N/(W b) sum_i l_i``, the estimate of one process on the
     global batch: the data term is scaled to ``N`` once and the KL counted once.
     """
-    from .io import save_guide
+    from .io import check_folder_slot, save_guide
 
     with distributed.refused_together("fit"):  # a refusal on one rank only would leave the others waiting
         grad_accum_steps = check_count(grad_accum_steps, "grad_accum_steps")
@@ -115,6 +116,8 @@ def fit(
         check_count(warmup_steps, "warmup_steps", minimum=0)
         if checkpoint_every is not None:
             check_count(checkpoint_every, "checkpoint_every", alternative="or None: a checkpoint at the end only")
+        if checkpoint_dir:
+            check_folder_slot(checkpoint_dir, "fit saves the guide there as a folder: choose another checkpoint_dir")
         if not (_finite(lr) and lr >= 0):
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if max_grad_norm is not None and not (_finite(max_grad_norm) and max_grad_norm > 0):

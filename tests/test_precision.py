@@ -143,6 +143,25 @@ def test_the_users_own_forward_still_runs_in_half_precision_after_the_model_keep
     assert net(**random_batch()).logits.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("bias, module", [("lora_only", r"query.base_layer holds the trainable bias beside the frozen weight"),
+                                          ("all", r"LayerNorm holds the trainable bias beside the frozen weight")])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_trainable_base_biases_beside_frozen_half_weights_are_refused_and_the_network_left_as_it_was(bias, module, dtype):
+    """peft's bias='lora_only' / 'all' on a half-precision base: the trainable bias was cast to float32 beside its
+    layer's frozen half weight, so the user's own net(...) failed on a dtype mismatch (lora_only) and the model's first
+    forward on a LayerNorm of mixed dtypes (all)."""
+    from peft import LoraConfig, get_peft_model
+    from conftest import tiny_bert_base
+
+    net = get_peft_model(tiny_bert_base().to(dtype), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS",
+                                                                bias=bias))
+    before = {n: p.dtype for n, p in net.named_parameters()}
+    with pytest.raises(ValueError, match=module + rf" of a {dtype} base \(peft's bias='all' or 'lora_only' .*bias='none'"):
+        LoraModel(net, SequenceClassification())
+    assert {n: p.dtype for n, p in net.named_parameters()} == before
+    net(**random_batch())  # still runs as before
+
+
 def test_fp16_overflow_is_an_error_not_nan_probabilities():
     model = lora(dtype=torch.float16)
     with torch.no_grad():

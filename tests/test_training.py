@@ -311,6 +311,34 @@ def test_half_precision_trainable_parameters_are_refused_before_training(dtype):
     assert all(torch.equal(p, q) for (_, p), q in zip(model.named_point_parameters(), head))
 
 
+@pytest.mark.parametrize("what", ["file", "link", "unwritable"])
+def test_fit_and_save_guide_refuse_a_folder_slot_they_cannot_fill_before_any_work(tmp_path, monkeypatch, what):
+    """fit(checkpoint_dir=<a file>) trained to the end, then moved the user's file aside under a hidden name, put the
+    guide folder in its place and raised NotADirectoryError naming that hidden name; its losses were lost. Under /proc
+    it failed after training too."""
+    import pyro_lora.training as training
+
+    model, guide = make()
+    slot = tmp_path / "results.csv"
+    if what == "file":
+        slot.write_text("precious,user,data")
+    elif what == "link":
+        (tmp_path / "elsewhere").mkdir()
+        slot.symlink_to(tmp_path / "elsewhere")
+    else:  # a folder that refuses new entries (chmod does not stop root, who runs CI): its probe fails
+        monkeypatch.setattr("tempfile.mkdtemp", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    message = {"file": "is a file, where", "link": "is a link, where", "unwritable": "cannot write in .*Permission denied.*, where"}[what]
+    monkeypatch.setattr(training, "_check_elbo", lambda elbo: pytest.fail("fit went on past its arguments"))
+    with pytest.raises(ValueError, match=message + " fit saves the guide there as a folder: choose another checkpoint_dir"):
+        fit(model, guide, toy_data(), checkpoint_dir=slot, progress=False)
+    with pytest.raises(ValueError, match=message):
+        save_guide(guide, slot)
+    if what == "file":
+        assert slot.read_text() == "precious,user,data" and sorted(p.name for p in tmp_path.iterdir()) == ["results.csv"]
+    if what == "link":
+        assert slot.is_symlink() and list((tmp_path / "elsewhere").iterdir()) == []
+
+
 def test_a_guide_folder_is_data_never_code(tmp_path):
     model, guide = make()
     save_guide(guide, tmp_path / "g")
