@@ -18,7 +18,7 @@ from pyro_lora import pyro_params
 from pyro_lora.checks import check_count
 from pyro_lora.contract import check_guide, describe
 from pyro_lora.ownership import follow_svi_step, point_snapshot, stop_following, take_over
-from pyro_lora.io import register_guide
+from pyro_lora.io import records_at_build, register_guide
 from pyro_lora.pyro_stack import VECTORIZED, enclosing_plates, marking_sites
 
 
@@ -87,7 +87,7 @@ class LoraGuide(torch.nn.Module):
         self._point_snapshot = point_snapshot(model)  # the head etc. its predictions rely on (ownership.take_over)
         self._pyro_name = pyro_params.unique_name(self)
         self._running = False  # inside forward: a subclass's forward calling its base's is one guide call
-        self._base_records = None  # the base weights' records at its last save or load (pyro_lora.io)
+        self._base_records = records_at_build(model)  # and at its last save or load: save_guide compares them
 
     @property
     def model(self):

@@ -15,6 +15,7 @@ import contextlib
 import hashlib
 import json
 import math
+import re
 
 import torch
 
@@ -274,12 +275,24 @@ def _head_difference(expected, actual):
     return f"the trained head differs: the guide's {_short(expected)}, the model's {_short(actual)}"
 
 
+# the modules peft puts around a base module: a layer any adapter targets ("k_proj.base_layer"), a module another
+# adapter's modules_to_save replaces ("pooler.dense.original_module"), an embedding with trainable tokens
+_WRAPPERS = re.compile(r"\.(base_layer|original_module|token_adapter)(?=\.)")
+
+
+def unwrapped_name(name: str) -> str:
+    """A base weight's name with peft's wrapping left out: the same weight, whichever adapters a network holds."""
+    return _WRAPPERS.sub("", name)
+
+
 def _base_differences(expected, actual):
     ef, af = expected["fingerprint"], actual["fingerprint"]
+    if isinstance(ef, dict) and isinstance(af, dict):  # a second adapter's wrapping renames what it wraps
+        ef, af = ({unwrapped_name(n): v for n, v in f.items()} for f in (ef, af))
     # the name is often a folder (a local checkpoint, the embedded models' install path): the same weights read from
     # another folder or machine are the same base
     # weights quantized on one side are fingerprinted on the other only: the rest must be the same and agree
-    unfingerprinted = {*expected.get("quantized", ()), *actual.get("quantized", ())}
+    unfingerprinted = {unwrapped_name(n) for n in (*expected.get("quantized", ()), *actual.get("quantized", ()))}
     same_weights = (isinstance(ef, dict) and ef.keys() & af.keys() and set(ef) ^ set(af) <= unfingerprinted
                     and all(_same_fingerprint(ef[n], af[n]) for n in ef.keys() & af.keys()))
     if expected["architecture"] != actual["architecture"] or (expected["name"] != actual["name"] and not same_weights):

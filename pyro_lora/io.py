@@ -16,9 +16,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .contract import (check_guide, describe, differences, digested_parameters, frozen_base_parameters, quantization,
-                       quantized_weights, weight_digest, weight_scales, weights_digest)
+                       quantized_weights, unwrapped_name, weight_digest, weight_scales, weights_digest)
 from .quantized import is_quantized
-from .ownership import forget_fit, take_over, trainer
+from .ownership import forget_fit, restore_fit, take_over, trainer
 from .distributed import is_main, on_main, refused_together
 
 FORMAT = "pyro_lora.guide/2"
@@ -100,16 +100,37 @@ def check_file_slot(path, where):
         raise ValueError(f"{path} is {'a link' if path.is_symlink() else 'a folder'}, where {where}")
 
 
-def check_folder_slot(path, where):
-    """Refuse, before any long work, a file or link at ``path``, where a folder is to be swapped in whole (an atomic
-    save would move a file aside, or replace a link), and a folder above it that cannot be created or written (created
-    here otherwise); ``where`` ends the sentence, e.g. "fit saves the guide there as a folder: choose another checkpoint_dir".
+GUIDE_FILES = ("guide.json", "guide.safetensors", "run.json", "adapter")  # what save_guide writes in its folder
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")  # peft's
+
+
+def _named(path) -> Path:
+    """``path`` as a ``Path`` with a name of its own (``"."``, ``"./"`` and ``"a/.."`` made absolute): the swap of
+    :func:`atomic_directory` renames it."""
+    path = Path(path)
+    return Path(os.path.abspath(path)) if path.name in ("", ".", "..") else path
+
+
+def check_folder_slot(path, where, own=GUIDE_FILES):
+    """Refuse, before any long work, what an atomic save of a folder at ``path`` would destroy or could not write: a
+    file or link there (it would be moved aside, or replaced), a folder holding entries other than ``own`` (the names
+    the writer writes: the folder is replaced whole, and they would be deleted), the working folder or one above it,
+    and a folder above it that cannot be created or written (created here otherwise); ``where`` ends the sentence, e.g. "fit saves the guide there as a
+    folder: choose another checkpoint_dir".
 
     :raises ValueError: naming what is there, or why the folder above cannot be written.
     """
-    path = Path(path)
+    path = _named(path)
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         raise ValueError(f"{path} is {'a link' if path.is_symlink() else 'a file'}, where {where}")
+    cwd = Path(os.getcwd()).resolve()
+    if path.is_dir() and (path.resolve() == cwd or path.resolve() in cwd.parents):
+        raise ValueError(f"{path} is the working folder or holds it, which replacing the folder whole would remove from "
+                         f"under this process, where {where}")
+    foreign = sorted(e for e in os.listdir(path) if e not in own and not e.startswith(".")) if path.is_dir() else []
+    if foreign:
+        raise ValueError(f"{path} holds {len(foreign)} entries the save does not write (e.g. {foreign[0]!r}), which "
+                         f"replacing the folder whole would delete, where {where}")
     try:  # a probe, as os.access says yes to root where the filesystem says no (/proc)
         path.parent.mkdir(parents=True, exist_ok=True)
         os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=path.parent))
@@ -118,16 +139,17 @@ def check_folder_slot(path, where):
 
 
 @contextlib.contextmanager
-def atomic_directory(path):
+def atomic_directory(path, own=GUIDE_FILES):
     """Yield a temporary directory that replaces ``path`` only once the block succeeds.
 
     A crash leaves the old ``path`` (or nothing) in place, never a half-written one. A kill between the two
     renames of the swap leaves the old folder under a hidden name: :func:`recover_directory` (run here and by
-    :func:`load_guide`) puts it back; temporary folders of dead processes are removed.
+    :func:`load_guide`) puts it back; temporary folders of dead processes are removed. What the swap would destroy
+    is refused first (:func:`check_folder_slot`; ``own``: the names the writer writes).
     """
-    path = Path(path)
+    path = _named(path)
     recover_directory(path)
-    check_folder_slot(path, "a folder is to be written: move it, or choose another path")
+    check_folder_slot(path, "a folder is to be written: move it, or choose another path", own)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
@@ -237,11 +259,11 @@ def _write_guide(guide, path, run, adapter):
     model = guide.model
     base = _base_weights(model)  # every base weight, exactly (the fingerprint reads 4096 entries per weight)
     if guide._base_records is not None:
-        changed = _changed_since(guide._base_records, base["weights"])
+        changed = _changed_since(guide._base_records, base["weights"], model)
         if changed:
-            raise ValueError(f"cannot save the guide to {path}: the base weights changed since it was loaded or last "
-                             f"saved ({_which(changed)}), and it was fitted on the others; load the checkpoint it was "
-                             "fitted on back into the network first")
+            raise ValueError(f"cannot save the guide to {path}: the base weights changed since it was built, loaded or "
+                             f"last saved ({_which(changed)}), and it was fitted on the others; load the checkpoint it "
+                             "was fitted on back into the network first")
     tensors = {k: v.detach().contiguous().cpu() for k, v in guide.state_dict().items()}
     tensors.update({_NET + n: p.detach().contiguous().cpu() for n, p in model.named_adapter_parameters()})
     meta = standard_json({  # JSON has no inf or NaN (ivon-opt's default clip_radius is inf): written as null
@@ -435,7 +457,7 @@ def _base_weights(model) -> dict:
     """What :func:`_check_base_weights` compares: the compute dtype, the quantization
     (:func:`~pyro_lora.contract.quantization`) and each base weight's dtype and SHA-256s (:func:`_weight_records`;
     a quantized weight's with its scales)."""
-    return {"dtype": str(model.compute_dtype), "quantization": quantization(model.net), "weights": _weight_records(model.net)}
+    return {"dtype": str(model.compute_dtype), "quantization": quantization(model.net), "weights": _weight_records(model)}
 
 
 def _dtype_name(p) -> str:
@@ -444,58 +466,101 @@ def _dtype_name(p) -> str:
     return f"quantized:{p.dtype}" if is_quantized(p) else str(p.dtype)
 
 
-def _weight_records(net) -> dict:
-    """Base weight name -> ``{"dtype", "sha256"}`` as held (quantized codes with their scales), plus its SHA-256 as
-    cast to each narrower float dtype (:func:`_narrower`): the same weight of a base of the checkpoint loaded in that
-    dtype. A pass over the weights each: one for a half-precision base, three for a float32 one."""
+def _base_parameters(model) -> tuple[list, set]:
+    """(``(name, parameter)`` of the base weights a guide's record reads, the unwrapped names of the ones it leaves
+    out): :func:`~pyro_lora.contract.digested_parameters` but for the frozen original of a module whose trained copy
+    the model's adapter holds (peft's ``modules_to_save``): it never runs under that adapter, and a head transformers
+    drew at load differs by seed."""
+    kept, left_out = [], set()
+    for name, p in digested_parameters(model.net):
+        wrapper, original, _ = name.partition(".original_module.")
+        if original and model.adapter in getattr(model.net.get_submodule(wrapper), "modules_to_save", {}):
+            left_out.add(unwrapped_name(name))
+        else:
+            kept.append((name, p))
+    return kept, left_out
+
+
+def _weight_records(model, casts=True) -> dict:
+    """Base weight name -> ``{"dtype", "sha256"}`` as held (quantized codes with their scales), plus, with ``casts``,
+    its SHA-256 as cast to each narrower float dtype (:func:`_narrower`): the same weight of a base of the checkpoint
+    loaded in that dtype. A pass over the weights each: one for a half-precision base, three for a float32 one."""
     out = {}
-    for name, p in digested_parameters(net):
+    for name, p in _base_parameters(model)[0]:
         held = _dtype_name(p)
-        record = {"dtype": held, "sha256": weight_digest(name, p, scales=weight_scales(net, name))}
-        record.update({n: weight_digest(name, p, _FLOATS[n]) for n in _narrower(held)})
+        record = {"dtype": held, "sha256": weight_digest(name, p, scales=weight_scales(model.net, name))}
+        record.update({n: weight_digest(name, p, _FLOATS[n]) for n in (_narrower(held) if casts else ())})
         out[name] = record
     return out
 
 
-# the modules peft puts around a base module: a layer any adapter targets ("k_proj.base_layer"), a module another
-# adapter's modules_to_save replaces ("pooler.dense.original_module"), an embedding with trainable tokens
-_WRAPPERS = re.compile(r"\.(base_layer|original_module|token_adapter)(?=\.)")
+_REBUILDING = []  # non-empty while load_guide rebuilds a guide, whose records come from its file
 
 
-def _unwrapped(name: str) -> str:
-    """A base weight's name with peft's wrapping left out: the same weight, whichever adapters a network holds."""
-    return _WRAPPERS.sub("", name)
+def records_at_build(model):
+    """The records of ``model``'s base weights as held (:func:`_weight_records`, one pass) that a new guide keeps, so
+    that :func:`save_guide` refuses a base changed since the guide was built; ``None`` while :func:`load_guide`
+    rebuilds a guide."""
+    return None if _REBUILDING else _weight_records(model, casts=False)
 
 
-def _changed_since(old: dict, new: dict) -> list:
-    """Names of the base weights whose records ``new`` (now) tell apart from ``old`` (the guide's last save or load),
-    compared in the records alone (no weight read again): as held, or through a cast either records; weights
-    renamed since (peft's wrapping, as a digest reads the name) or held in two half dtypes are not compared."""
+def _compare_one(record: dict, saved_name: str, name: str, p, net, codes_comparable: bool):
+    """``(same, why not comparable)`` of the weight ``p`` named ``name`` here against its ``record``, saved under
+    ``saved_name``: compared as held where both sides hold one dtype, else through the narrower of the two float
+    dtypes; bfloat16 against float16 cannot be compared whole (no cast takes one checkpoint's two half weights to
+    the same values), nor quantized codes of another quantization (``codes_comparable`` false) or against float
+    weights: then ``(None, why)``."""
+    now, then = _dtype_name(p), record["dtype"]
+    if (now in _FLOATS) != (then in _FLOATS):
+        return None, "quantized on one side only"
+    if now not in _FLOATS and (now != then or not codes_comparable):
+        return None, "quantized otherwise, or from weights in another dtype, on each side"
+    if now == then:
+        digest, cast = record["sha256"], None
+    elif now in record:  # a wider weight there, this one's dtype here: its cast
+        digest, cast = record[now], None
+    elif then in _narrower(now):  # the reverse
+        digest, cast = record["sha256"], _FLOATS[then]
+    else:
+        return None, ("held in bfloat16 on one side and float16 on the other" if {now, then} <= set(_FLOATS)
+                      else f"held in {then} there and {now} here")
+    # the digest reads the name as the record's base held it
+    return digest == weight_digest(saved_name, p, cast, weight_scales(net, name)), None
+
+
+def _changed_since(old: dict, new: dict, model) -> list:
+    """Names of the base weights whose records ``new`` (now) tell apart from ``old`` (the guide's last save, load or
+    build), in the records alone where a weight kept its name (as held, or through a cast either records), and by
+    reading it again where peft's wrapping renamed it since (a digest reads the name); weights held in two half
+    dtypes, or quantized otherwise, are not compared."""
+    by_key = {unwrapped_name(n): n for n in old}
+    params = dict(_base_parameters(model)[0])
     changed = []
     for name, now in new.items():
-        then = old.get(name)
-        if then is None:
+        old_name = name if name in old else by_key.get(unwrapped_name(name))
+        if old_name is None:
             continue
-        if then["dtype"] == now["dtype"]:
+        then = old[old_name]
+        if old_name != name:
+            same = _compare_one(then, old_name, name, params[name], model.net, True)[0]
+        elif then["dtype"] == now["dtype"]:
             same = then["sha256"] == now["sha256"]
         elif now["dtype"] in then or then["dtype"] in now:
             same = then.get(now["dtype"], now["sha256"]) == now.get(then["dtype"], then["sha256"])
         else:
-            continue
-        if not same:
+            same = None
+        if same is False:
             changed.append(name)
     return changed
 
 
-def _compare_weights(saved: dict, net, codes_comparable: bool) -> tuple[list, dict, dict]:
-    """(names of the base weights that differ from the guide's records, name -> why it cannot be compared whole,
-    name -> why it is frozen on one side only). A weight is compared as held where both sides hold one dtype, else
-    through the narrower of the two float dtypes; bfloat16 against float16 cannot be compared whole (no cast takes
-    one checkpoint's two half weights to the same values), nor quantized codes of another quantization
-    (``codes_comparable`` false) or against float weights."""
-    held = {_unwrapped(n): (n, p) for n, p in digested_parameters(net)}
-    records = {_unwrapped(n): (n, r) for n, r in saved.items()}
-    everywhere = {_unwrapped(n) for n, _ in net.named_parameters()}
+def _compare_weights(saved: dict, model, codes_comparable: bool) -> tuple[list, dict, dict]:
+    """(names of the base weights that differ from the guide's records, name -> why it cannot be compared whole
+    (:func:`_compare_one`), name -> why it is frozen on one side only)."""
+    kept, left_out = _base_parameters(model)
+    held = {unwrapped_name(n): (n, p) for n, p in kept}
+    records = {unwrapped_name(n): (n, r) for n, r in saved.items() if unwrapped_name(n) not in left_out}
+    everywhere = {unwrapped_name(n) for n, _ in model.net.named_parameters()}
     unmatched = {records[k][0]: "frozen in the guide's base, " + ("not frozen here (trainable, or drawn at load)"
                                                                    if k in everywhere else "absent here")
                  for k in records.keys() - held.keys()}
@@ -504,25 +569,10 @@ def _compare_weights(saved: dict, net, codes_comparable: bool) -> tuple[list, di
     differ, unknown = [], {}
     for key in held.keys() & records.keys():
         (name, p), (saved_name, record) = held[key], records[key]
-        now, then = _dtype_name(p), record["dtype"]
-        if (now in _FLOATS) != (then in _FLOATS):
-            unknown[name] = "quantized on one side only"
-            continue
-        if now not in _FLOATS and (now != then or not codes_comparable):
-            unknown[name] = "quantized otherwise, or from weights in another dtype, on each side"
-            continue
-        if now == then:
-            digest, cast = record["sha256"], None
-        elif now in record:  # a wider weight there, this one's dtype here: its cast
-            digest, cast = record[now], None
-        elif then in _narrower(now):  # the reverse
-            digest, cast = record["sha256"], _FLOATS[then]
-        else:
-            unknown[name] = "held in bfloat16 on one side and float16 on the other" if {now, then} <= set(_FLOATS) \
-                else f"held in {then} there and {now} here"
-            continue
-        # the digest reads the name as the guide's base held it
-        if digest != weight_digest(saved_name, p, cast, weight_scales(net, name)):
+        same, why = _compare_one(record, saved_name, name, p, model.net, codes_comparable)
+        if why is not None:
+            unknown[name] = why
+        elif not same:
             differ.append(name)
     return sorted(differ), unknown, unmatched
 
@@ -598,7 +648,7 @@ def _check_base_weights(path, meta, model):
     now = quantization(model.net)
     if "weights" in saved:
         same_codes = saved.get("quantization") == now and saved["dtype"] == str(model.compute_dtype)
-        differ, unknown, unmatched = _compare_weights(saved["weights"], model.net, same_codes)
+        differ, unknown, unmatched = _compare_weights(saved["weights"], model, same_codes)
         if unmatched:
             name = min(unmatched)
             raise ValueError(f"cannot load the guide at {path} into this model: its frozen base weights are not the "
@@ -672,19 +722,21 @@ def load_guide(path, model):
     if problems:
         raise ValueError(f"cannot load the guide at {path} into this model: " + "; ".join(problems))
     cls = _guide_class(meta["guide"], path)
-    previous = trainer(model)
-    # the restore below replaces the point parameters: building may not refuse them
-    take_over(model, None, keep_fit=True)
+    previous, fitted = trainer(model), forget_fit(model)  # both put back if the load stops
+    take_over(model, None)  # the restore below replaces the point parameters: building may not refuse them
     net_params = dict(model.net.named_parameters())
     written = {k[len(_NET):]: v for k, v in tensors.items() if k.startswith(_NET)}
     before = {}
     try:
         try:
+            _REBUILDING.append(path)
             guide = cls(model, **meta["config"])  # guides never touch the network
         except TypeError as err:  # keywords the class does not take
             raise ValueError(f"{path}/guide.json is corrupt: its config does not build a {cls.__name__} for this model ({err})") from None
         except ValueError as err:  # a value the class refuses, or this model (e.g. other answer letters): err says which
             raise ValueError(f"{path}/guide.json: its config does not build a {cls.__name__} for this model ({err})") from None
+        finally:
+            _REBUILDING.pop()
         _check_tensors(path / "guide.safetensors", tensors, guide, dict(model.named_adapter_parameters()), net_params)
         _check_base_weights(path, meta, model)
         guide.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(_NET)})
@@ -697,8 +749,8 @@ def load_guide(path, model):
             for k, v in before.items():
                 net_params[k].copy_(v)
         take_over(model, previous)
+        restore_fit(model, fitted)
         raise
-    forget_fit(model)
     take_over(model, guide)
     guide.adopt_point_parameters()
     guide._base_records = meta["base_weights"].get("weights") if "base_weights" in meta else None
@@ -717,7 +769,7 @@ def export_adapter(guide, path):
         _check_peft_model(guide.model)
 
     def write():
-        with atomic_directory(path) as tmp:
+        with atomic_directory(path, own=_ADAPTER_FILES) as tmp:
             _write_adapter(guide, tmp)
 
     _write_on_main(write, f"export the adapter to {path}", guide, adapter=True)

@@ -212,19 +212,24 @@ def unwritten_fit(model) -> str | None:
     return name if any(record[n][0] != record[n][1] for n, _ in held) else None
 
 
-def forget_fit(model) -> None:
-    """Drop the record of the last ``fit`` of ``model``'s adapter (:func:`record_fit`)."""
-    getattr(model.net, _FITTED, {}).pop(model.adapter, None)
+def forget_fit(model):
+    """Drop the record of the last ``fit`` of ``model``'s adapter (:func:`record_fit`); returns it, for
+    :func:`restore_fit`."""
+    return getattr(model.net, _FITTED, {}).pop(model.adapter, None)
 
 
-def take_over(model, guide, keep_fit=False) -> None:
+def restore_fit(model, entry) -> None:
+    """Put back a record :func:`forget_fit` dropped (a rebuild that was refused leaves the network as it was)."""
+    if entry is not None:
+        if not isinstance(getattr(model.net, _FITTED, None), dict):
+            setattr(model.net, _FITTED, {})
+        getattr(model.net, _FITTED)[model.adapter] = entry
+
+
+def take_over(model, guide) -> None:
     """``guide`` (or ``None``: nobody, e.g. while a saved guide is rebuilt) starts setting the point parameters of
-    ``model``'s network; the guide that set them before keeps, as the state its predictions need, what it leaves.
-
-    :param keep_fit: with ``guide=None``, keep the record of the last ``fit`` (:func:`unwritten_fit`), which is
-        otherwise dropped (what a guide is rebuilt from is no longer what fit left): for a rebuild that may be refused
-        and leave the network as it was (``load_guide``, which calls :func:`forget_fit` once it succeeds)."""
-    if guide is None and not keep_fit:
+    ``model``'s network; the guide that set them before keeps, as the state its predictions need, what it leaves."""
+    if guide is None:  # a guide rebuilt or re-initialised: what it is built from is no longer what fit left
         forget_fit(model)
     previous = trainer(model)
     if previous is guide:

@@ -14,7 +14,7 @@ import pyro.optim
 import pyro.poutine as poutine
 import pytest
 import torch
-from conftest import random_batch, tiny_bert, tiny_llama
+from conftest import random_batch, tiny_bert, tiny_bert_base, tiny_llama
 from peft import LoraConfig, get_peft_model
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 
@@ -945,6 +945,83 @@ def test_a_guide_loads_whichever_side_a_second_adapter_wraps_base_modules_on(tmp
     torch.testing.assert_close(predict(loading, loaded, [batch]).probs, predict(saving, guide, [batch]).probs)
 
 
+def test_a_head_drawn_afresh_by_another_seed_is_the_same_base_where_the_adapter_trains_its_copy(tmp_path):
+    """transformers draws a checkpoint's missing classifier at random; peft (task_type SEQ_CLS) trains a copy and keeps
+    the drawn original frozen, which never runs under the adapter: a guide was refused on the same checkpoint built
+    under another seed ("the base weights differ ... classifier.original_module.weight")."""
+    from peft import LoraConfig, get_peft_model
+
+    def build(seed):
+        torch.manual_seed(seed)
+        head = tiny_bert_base()
+        torch.manual_seed(100 + seed)
+        head.classifier.reset_parameters()  # drawn at load: differs by seed
+        return LoraModel(get_peft_model(head, LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")),
+                         SequenceClassification(), prior=0.5, num_data=6)
+
+    saved = build(1)
+    guide = MAPGuide(saved)
+    save_guide(guide, tmp_path / "guide")
+    other = build(2)
+    original = other.net.base_model.model.classifier.original_module.weight
+    assert not torch.equal(original, saved.net.base_model.model.classifier.original_module.weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        loaded = load_guide(tmp_path / "guide", other)
+    torch.testing.assert_close(predict(other, loaded, data()).probs, predict(saved, guide, data()).probs, rtol=0, atol=0)
+
+
+def test_a_weight_renamed_by_a_later_adapter_is_still_compared_by_predict_and_save(tmp_path):
+    """After a load, a second adapter on the embeddings renamed their weight (".base_layer."): overwritten, it passed
+    predict's fingerprints and save_guide's record check (both compared names present on both sides)."""
+    from peft import LoraConfig
+
+    model = lora()
+    save_guide(MAPGuide(model), tmp_path / "guide")
+    loaded = load_guide(tmp_path / "guide", model)
+    model.net.add_adapter("other", LoraConfig(r=2, target_modules=["word_embeddings"]))
+    predict(model, loaded, data())  # renamed, unchanged: the same base
+    save_guide(loaded, tmp_path / "again")
+    embeddings = model.net.get_base_model().bert.embeddings.word_embeddings.base_layer.weight
+    original = embeddings.detach().clone()
+    with torch.no_grad():
+        embeddings.copy_(torch.randn_like(embeddings))
+    with pytest.raises(ValueError, match="the base weights differ from the ones the guide was built on"):
+        predict(model, loaded, data())
+    with torch.no_grad():
+        embeddings.copy_(original[[1, 0, 3, 2, *range(4, len(original))]])  # two row pairs swapped: fingerprints agree
+    predict(model, loaded, data())
+    with pytest.raises(ValueError, match=r"the base weights changed since .*word_embeddings.base_layer.weight"):
+        save_guide(loaded, tmp_path / "changed")
+
+
+def test_a_guide_fitted_and_never_saved_refuses_a_base_changed_since_it_was_built(tmp_path):
+    """Its first save recorded whatever base it was on: two embedding rows swapped after fit (predict compares
+    fingerprints only) were saved as its base, and the guide then refused the checkpoint it was fitted on."""
+    model = lora()
+    guide = MeanFieldGuide(model, b="normal")
+    fit(model, guide, data(), lr=1e-2, progress=False)
+    embeddings = model.net.get_base_model().bert.embeddings.word_embeddings.weight
+    with torch.no_grad():
+        embeddings[[2, 3]] = embeddings[[3, 2]].clone()
+    with pytest.raises(ValueError, match=r"the base weights changed since it was built, loaded or last saved"):
+        save_guide(guide, tmp_path / "guide")
+    with torch.no_grad():
+        embeddings[[2, 3]] = embeddings[[3, 2]].clone()
+    save_guide(guide, tmp_path / "guide")
+
+
+def test_loading_a_guide_after_fit_says_nothing_of_the_fit(tmp_path):
+    """load_guide kept fit's record while it built the guide, whose constructor then warned that the adapter still held
+    the LoRA values of the fit ("call model.write_adapter(guide.mean()) first"): the loaded state comes from the file."""
+    model = lora()
+    save_guide(MeanFieldGuide(model, b="normal"), tmp_path / "guide")
+    fit(model, MAPGuide(model), data(), lr=1e-2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        load_guide(tmp_path / "guide", model)
+
+
 def test_save_guide_refuses_a_base_changed_since_the_guide_was_loaded_or_saved(tmp_path):
     """Two embedding rows swapped after a load (a change the fingerprint does not read): saving the guide again
     recorded the swapped base as its own, which then refused the checkpoint it was fitted on."""
@@ -955,8 +1032,8 @@ def test_save_guide_refuses_a_base_changed_since_the_guide_was_loaded_or_saved(t
     embeddings = model.net.get_base_model().bert.embeddings.word_embeddings.weight
     with torch.no_grad():
         embeddings[[2, 3]] = embeddings[[3, 2]].clone()
-    with pytest.raises(ValueError, match=r"cannot save the guide to .*: the base weights changed since it was loaded "
-                                         r"or last saved \(1 base weight, e.g. .*word_embeddings.weight"):
+    with pytest.raises(ValueError, match=r"cannot save the guide to .*: the base weights changed since it was built, "
+                                         r"loaded or last saved \(1 base weight, e.g. .*word_embeddings.weight"):
         save_guide(loaded, tmp_path / "changed")
     assert not (tmp_path / "changed").exists()
     fresh = MAPGuide(model)  # built on the changed base: its own

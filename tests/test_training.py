@@ -339,6 +339,31 @@ def test_fit_and_save_guide_refuse_a_folder_slot_they_cannot_fill_before_any_wor
         assert slot.is_symlink() and list((tmp_path / "elsewhere").iterdir()) == []
 
 
+def test_a_save_never_deletes_what_it_does_not_write(tmp_path, monkeypatch):
+    """An atomic save replaces the folder whole: save_guide into a folder of the user's files deleted them, and
+    save_guide(guide, ".") removed the working folder from under the process."""
+    model, guide = make()
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"runs holds 1 entries the save does not write \(e.g. 'notes.txt'\), which "
+                                         "replacing the folder whole would delete"):
+        save_guide(guide, tmp_path / "runs")
+    with pytest.raises(ValueError, match="holds 1 entries the save does not write"):
+        export_adapter(guide, tmp_path / "runs")
+    with pytest.raises(ValueError, match="holds 1 entries"):
+        fit(model, guide, toy_data(), checkpoint_dir=tmp_path / "runs", progress=False)
+    assert (tmp_path / "runs" / "notes.txt").read_text() == "mine"
+    save_guide(guide, tmp_path / "g", run={"seed": 0}, adapter=True)
+    save_guide(guide, tmp_path / "g")  # its own files (the run record, the adapter) are replaced
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["guide.json", "guide.safetensors"]
+    monkeypatch.chdir(tmp_path / "g")
+    for here in (".", "./", "sub/..", str(tmp_path)):
+        with pytest.raises(ValueError, match="is the working folder or holds it"):
+            save_guide(guide, here)
+    save_guide(guide, "sub/../../g2")  # a name of its own: saved where the operating system resolves it
+    assert (tmp_path / "g2" / "guide.json").exists() and (tmp_path / "g" / "guide.json").exists()
+
+
 def test_a_guide_folder_is_data_never_code(tmp_path):
     model, guide = make()
     save_guide(guide, tmp_path / "g")
