@@ -127,7 +127,7 @@ def check_folder_slot(path, where, own=GUIDE_FILES):
     if path.is_dir() and (path.resolve() == cwd or path.resolve() in cwd.parents):
         raise ValueError(f"{path} is the working folder or holds it, which replacing the folder whole would remove from "
                          f"under this process, where {where}")
-    foreign = sorted(e for e in os.listdir(path) if e not in own and not e.startswith(".")) if path.is_dir() else []
+    foreign = sorted(e for e in os.listdir(path) if e not in own) if path.is_dir() else []  # .git, .env too
     if foreign:
         raise ValueError(f"{path} holds {len(foreign)} entries the save does not write (e.g. {foreign[0]!r}), which "
                          f"replacing the folder whole would delete, where {where}")
@@ -481,15 +481,15 @@ def _base_parameters(model) -> tuple[list, set]:
     return kept, left_out
 
 
-def _weight_records(model, casts=True) -> dict:
-    """Base weight name -> ``{"dtype", "sha256"}`` as held (quantized codes with their scales), plus, with ``casts``,
-    its SHA-256 as cast to each narrower float dtype (:func:`_narrower`): the same weight of a base of the checkpoint
-    loaded in that dtype. A pass over the weights each: one for a half-precision base, three for a float32 one."""
+def _weight_records(model) -> dict:
+    """Base weight name -> ``{"dtype", "sha256"}`` as held (quantized codes with their scales), plus its SHA-256 as
+    cast to each narrower float dtype (:func:`_narrower`): the same weight of a base of the checkpoint loaded in that
+    dtype. A pass over the weights each: one for a half-precision base, three for a float32 one."""
     out = {}
     for name, p in _base_parameters(model)[0]:
         held = _dtype_name(p)
         record = {"dtype": held, "sha256": weight_digest(name, p, scales=weight_scales(model.net, name))}
-        record.update({n: weight_digest(name, p, _FLOATS[n]) for n in (_narrower(held) if casts else ())})
+        record.update({n: weight_digest(name, p, _FLOATS[n]) for n in _narrower(held)})
         out[name] = record
     return out
 
@@ -498,10 +498,10 @@ _REBUILDING = []  # non-empty while load_guide rebuilds a guide, whose records c
 
 
 def records_at_build(model):
-    """The records of ``model``'s base weights as held (:func:`_weight_records`, one pass) that a new guide keeps, so
-    that :func:`save_guide` refuses a base changed since the guide was built; ``None`` while :func:`load_guide`
-    rebuilds a guide."""
-    return None if _REBUILDING else _weight_records(model, casts=False)
+    """The records of ``model``'s base weights (:func:`_weight_records`, casts too: a base cast after the guide was
+    built is compared through them) that a new guide keeps, so that :func:`save_guide` refuses a base changed since
+    the guide was built; ``None`` while :func:`load_guide` rebuilds a guide."""
+    return None if _REBUILDING else _weight_records(model)
 
 
 def _compare_one(record: dict, saved_name: str, name: str, p, net, codes_comparable: bool):
@@ -545,8 +545,10 @@ def _changed_since(old: dict, new: dict, model) -> list:
             same = _compare_one(then, old_name, name, params[name], model.net, True)[0]
         elif then["dtype"] == now["dtype"]:
             same = then["sha256"] == now["sha256"]
-        elif now["dtype"] in then or then["dtype"] in now:
-            same = then.get(now["dtype"], now["sha256"]) == now.get(then["dtype"], then["sha256"])
+        elif now["dtype"] in then:  # wider then: its cast to this dtype
+            same = then[now["dtype"]] == now["sha256"]
+        elif then["dtype"] in now:  # wider now: its cast to that dtype
+            same = now[then["dtype"]] == then["sha256"]
         else:
             same = None
         if same is False:

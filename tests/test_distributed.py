@@ -155,7 +155,7 @@ def run_misuses(tmp):
 
     try:
         export_adapter(MAPGuide(model, init={n: v + 1.0 for n, v in model.adapter_values().items()}), f"{tmp_file}/adapter")
-    except (OSError, RuntimeError):
+    except (ValueError, RuntimeError):  # rank 0: its folder cannot be written there; the others: rank 0 failed
         pass
     out["adapter_kept"] = all(torch.equal(p, q) for (_, p), q in zip(model.named_lora_weights(), before))
     init = lambda worker: None  # noqa: E731

@@ -313,6 +313,7 @@ def test_extra_parameters_fit_the_7b_budget(random, expected, monkeypatch):
     # Llama-2-7B: 32 layers, d = 4096, r = 8 on q_proj and v_proj; 9 x 9 inducing, flow depth 1
     monkeypatch.setattr("pyro_lora.guides.base.describe", lambda model: {})  # no network behind these shapes
     monkeypatch.setattr("pyro_lora.guides.base.point_snapshot", lambda model: {})
+    monkeypatch.setattr("pyro_lora.guides.base.records_at_build", lambda model: None)
     guide = FlowGuide(_Shapes(32, 8, 4096, ("q_proj", "v_proj"), random))
     assert guide.extra_parameters() == expected <= 500_000
     # per matrix: U posterior 2*81, MADE 3*9*28 + 28 + 18, D 9+9, lambda 1, narrow basis 9*8; wide bases shared per site

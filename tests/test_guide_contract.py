@@ -1011,6 +1011,40 @@ def test_a_guide_fitted_and_never_saved_refuses_a_base_changed_since_it_was_buil
     save_guide(guide, tmp_path / "guide")
 
 
+@pytest.mark.parametrize("saved, loaded", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                           (torch.float32, torch.float64)])
+def test_a_guide_loaded_on_its_checkpoint_in_another_dtype_saves_again(tmp_path, saved, loaded):
+    """Its records were compared with the other dtype's through a cast taken from the wrong side: every such re-save
+    (and fit's checkpoint after the whole run) was refused as "the base weights changed"."""
+    save_guide(MAPGuide(lora(dtype=saved)), tmp_path / "guide")
+    model = lora(dtype=loaded)
+    loaded_guide = load_guide(tmp_path / "guide", model)
+    save_guide(loaded_guide, tmp_path / "again")
+    fit(model, loaded_guide, data(), lr=1e-3, checkpoint_dir=tmp_path / "checkpoint", progress=False)
+
+
+@pytest.mark.parametrize("cast", [torch.bfloat16, torch.float64])
+def test_a_base_cast_after_the_guide_was_built_is_compared_through_the_cast(tmp_path, cast):
+    """The records kept at build held no casts: a base cast to bfloat16 after the guide was built, then changed, was
+    saved as the guide's base without a word."""
+    from pyro_lora import CausalLM
+
+    model = LoraModel(tiny_llama(), CausalLM())
+    guide = MAPGuide(model)
+    model.net.to(cast)
+    save_guide(guide, tmp_path / "cast")  # the same weights, cast: saved
+    embeddings = model.net.get_base_model().model.embed_tokens.weight
+    with torch.no_grad():
+        embeddings[[2, 3]] = embeddings[[3, 2]].clone()
+    fresh = MAPGuide(LoraModel(tiny_llama(), CausalLM()))
+    fresh.model.net.to(cast)
+    fresh_embeddings = fresh.model.net.get_base_model().model.embed_tokens.weight
+    with torch.no_grad():
+        fresh_embeddings[[2, 3]] = fresh_embeddings[[3, 2]].clone()
+    with pytest.raises(ValueError, match="the base weights changed since it was built"):
+        save_guide(fresh, tmp_path / "changed")
+
+
 def test_loading_a_guide_after_fit_says_nothing_of_the_fit(tmp_path):
     """load_guide kept fit's record while it built the guide, whose constructor then warned that the adapter still held
     the LoRA values of the fit ("call model.write_adapter(guide.mean()) first"): the loaded state comes from the file."""

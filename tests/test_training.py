@@ -345,6 +345,11 @@ def test_a_save_never_deletes_what_it_does_not_write(tmp_path, monkeypatch):
     model, guide = make()
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "notes.txt").write_text("mine")
+    (tmp_path / "hidden").mkdir()
+    (tmp_path / "hidden" / ".git").mkdir()  # a cloned repository: dot-names were let through, and deleted
+    with pytest.raises(ValueError, match=r"hidden holds 1 entries the save does not write \(e.g. '.git'\)"):
+        export_adapter(guide, tmp_path / "hidden")
+    assert (tmp_path / "hidden" / ".git").is_dir()
     with pytest.raises(ValueError, match=r"runs holds 1 entries the save does not write \(e.g. 'notes.txt'\), which "
                                          "replacing the folder whole would delete"):
         save_guide(guide, tmp_path / "runs")
