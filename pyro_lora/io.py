@@ -149,8 +149,7 @@ def atomic_directory(path, own=GUIDE_FILES):
     """
     path = _named(path)
     recover_directory(path)
-    check_folder_slot(path, "a folder is to be written: move it, or choose another path", own)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_folder_slot(path, "a folder is to be written: move it, or choose another path", own)  # creates its parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
         yield tmp
@@ -445,12 +444,13 @@ def _check_tensors(file, tensors, guide, adapter_params, net_params):
 # the float dtypes a base is held in, widest first: a checkpoint's weight cast to a narrower one is the same whichever
 # wider dtype it was cast from, so a weight is compared whole across such a cast
 _FLOATS = {str(d): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
+_HALVES = ("torch.bfloat16", "torch.float16")
 
 
 def _narrower(dtype: str) -> list:
     """The float dtypes ``dtype`` (a name) casts down to: float32 and both halves for float64, both halves for float32."""
     names = list(_FLOATS)
-    return [] if dtype not in _FLOATS or dtype in ("torch.bfloat16", "torch.float16") else names[names.index(dtype) + 1:]
+    return [] if dtype not in _FLOATS or dtype in _HALVES else names[names.index(dtype) + 1:]
 
 
 def _base_weights(model) -> dict:
@@ -593,12 +593,11 @@ def _compare_old_record(saved: dict, net) -> tuple[list, list]:
     held = set(_held(net))
     # the dtypes held there: recorded from 2026-12-02, else the compute dtype where float32 (a half-precision base may
     # have kept a module in float32)
-    halves = {"torch.bfloat16", "torch.float16"}
-    then = saved.get("held") or ([saved.get("dtype")] if saved.get("dtype") not in halves else None)
+    then = saved.get("held") or ([saved.get("dtype")] if saved.get("dtype") not in _HALVES else None)
     if then is not None and set(then) == held:  # the same dtypes on both sides: the digest as held decides
         return [_WHOLE], []
     casts = saved.get("cast_sha256") or {}
-    comparable = [n for n in casts if n in _FLOATS and held & halves <= {n}]
+    comparable = [n for n in casts if n in _FLOATS and held & set(_HALVES) <= {n}]
     if not comparable:
         return [], [_WHOLE]
     same = any(casts[n] == weights_digest(net, _FLOATS[n]) for n in comparable)
@@ -661,10 +660,11 @@ def _check_base_weights(path, meta, model):
         for reason in sorted(set(unknown.values())):
             names = [n for n, r in unknown.items() if r == reason]
             quantized = "quantized" in reason
-            warnings.warn(f"the guide at {path}: {_which(names)}, could be compared "
-                          f"{'by nothing but the configuration (the fingerprint reads float weights)' if quantized else 'by their 4096-entry fingerprints only (a change between the strides goes unseen)'}"
-                          f": {reason}; load it on a base of the dtype{' and quantization' if quantized else ''} it was "
-                          "saved on to have every weight compared", stacklevel=3)
+            how = ("by nothing but the configuration (the fingerprint reads float weights)" if quantized else
+                   "by their 4096-entry fingerprints only (a change between the strides goes unseen)")
+            warnings.warn(f"the guide at {path}: {_which(names)}, could be compared {how}: {reason}; load it on a base "
+                          f"of the dtype{' and quantization' if quantized else ''} it was saved on to have every weight "
+                          "compared", stacklevel=3)
         return
     was_quantized, known = _saved_quantization(saved, meta, model.net)
     if not (was_quantized or now):

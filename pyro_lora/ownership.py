@@ -190,11 +190,7 @@ def record_fit(model, guide) -> None:
     mean = model.lora_weight_values({n: v.detach() for n, v in guide.mean().items()})
     sums = value_sums([*held.values(), *mean.values()])
     record = {n: (sums[id(held[n])], sums[id(v)]) for n, v in mean.items()}
-    fitted = getattr(model.net, _FITTED, None)
-    if not isinstance(fitted, dict):
-        fitted = {}
-        setattr(model.net, _FITTED, fitted)
-    fitted[model.adapter] = (type(guide).__name__, record)
+    restore_fit(model, (type(guide).__name__, record))
 
 
 def unwritten_fit(model) -> str | None:
@@ -219,7 +215,8 @@ def forget_fit(model):
 
 
 def restore_fit(model, entry) -> None:
-    """Put back a record :func:`forget_fit` dropped (a rebuild that was refused leaves the network as it was)."""
+    """Keep ``entry`` as the record of the last ``fit`` of ``model``'s adapter: :func:`record_fit`'s, or one
+    :func:`forget_fit` dropped (a rebuild that was refused leaves the network as it was); ``None``: nothing."""
     if entry is not None:
         if not isinstance(getattr(model.net, _FITTED, None), dict):
             setattr(model.net, _FITTED, {})
