@@ -381,7 +381,31 @@ def _read_meta(path):
     problem = _base_record_problem(meta["base_weights"]) if "base_weights" in meta else None  # older guides lack it
     if problem:
         raise ValueError(f"{file} is corrupt: its 'base_weights' {problem}")
+    problem = _signature_problem(meta["signature"]) if meta["format"] == FORMAT else None
+    if problem:
+        raise ValueError(f"{file} is corrupt: its 'signature' {problem}")
     return meta
+
+
+# the JSON kind of each entry :func:`~pyro_lora.contract.describe` writes; "prior" is a number or a class name
+_SIGNATURE_KINDS = {"model": str, "adapter": str, "sites": dict, "scaling": dict, "base": dict, "head": dict,
+                    "tokens": dict, "likelihood": dict}
+
+
+def _signature_problem(signature) -> str | None:
+    """What is malformed in a saved signature's entries (a hand edit), else ``None``: compared as they are, a prior
+    of ``"1.0"`` or tokens of ``[]`` would be refused as another model's, with advice that cannot be followed."""
+    for key, kind in _SIGNATURE_KINDS.items():
+        if key in signature and not isinstance(signature[key], kind):
+            return (f"entry {key!r} should hold a JSON {_JSON_TYPES[kind]}, it holds "
+                    f"{json.dumps(signature[key])[:80]}")
+    tokens = signature.get("tokens", {})
+    if not all(isinstance(ids, list) and all(type(t) is int for t in ids) for ids in tokens.values()):
+        return f"entry 'tokens' should map each module to a list of token ids, it holds {json.dumps(tokens)[:80]}"
+    prior = signature.get("prior", 0.0)
+    if not (type(prior) in (int, float) or isinstance(prior, str) and prior.isidentifier()):
+        return f"entry 'prior' should hold a number (the prior's std) or a class name, it holds {json.dumps(prior)[:80]}"
+    return None
 
 
 def _read_tensors(path, device):

@@ -102,11 +102,18 @@ def test_guide_json_that_is_not_utf8(saved):
         (lambda m: m | {"config": [1]}, "key 'config' should hold a JSON object, it holds a JSON array"),
         (lambda m: m | {"guide": None}, "key 'guide' should hold a JSON string, it holds a JSON null"),
         (lambda m: {k: v for k, v in m.items() if k != "signature"}, "key 'signature' should hold a JSON object, it holds nothing"),
-        (lambda m: m | {"signature": m["signature"] | {"sites": None}}, r"its 'signature' is malformed \(TypeError"),
+        (lambda m: m | {"signature": m["signature"] | {"sites": None}}, "its 'signature' entry 'sites' should hold a JSON object, it holds null"),
+        (lambda m: m | {"signature": m["signature"] | {"prior": "1.0"}}, "its 'signature' entry 'prior' should hold a number .* it holds \"1.0\""),
+        (lambda m: m | {"signature": m["signature"] | {"prior": True}}, "its 'signature' entry 'prior' should hold a number"),
+        (lambda m: m | {"signature": m["signature"] | {"tokens": []}}, "its 'signature' entry 'tokens' should hold a JSON object, it holds \\[\\]"),
+        (lambda m: m | {"signature": m["signature"] | {"tokens": {"emb": ["3"]}}}, "its 'signature' entry 'tokens' should map each module to a list of token ids"),
+        (lambda m: m | {"signature": m["signature"] | {"base": {}}}, r"its 'signature' is malformed \(KeyError"),
         (lambda m: m | {"signature": {"model": "LoraModel"}}, r"its 'signature' is malformed \(KeyError\('adapter'\)\)"),
         (lambda m: m | {"config": {"no_such_option": 1}}, r"its config does not build a MeanFieldGuide for this model \(.*no_such_option"),
     ],
-    ids=["no-config", "no-guide", "config-array", "guide-null", "no-signature", "signature-sites", "signature-keys", "config-key"],
+    ids=["no-config", "no-guide", "config-array", "guide-null", "no-signature", "signature-sites", "signature-prior-string",
+         "signature-prior-bool", "signature-tokens-list", "signature-token-strings", "signature-base-empty", "signature-keys",
+         "config-key"],
 )
 def test_guide_json_with_missing_or_malformed_keys(saved, change, message):
     edit_json(saved, change)
