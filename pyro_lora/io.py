@@ -521,6 +521,16 @@ def _weight_records(model) -> dict:
 _REBUILDING = []  # non-empty while load_guide rebuilds a guide, whose records come from its file
 
 
+@contextlib.contextmanager
+def _rebuilding(path):
+    """While :func:`load_guide` builds the guide saved at ``path``: :func:`records_at_build` records nothing."""
+    _REBUILDING.append(path)
+    try:
+        yield
+    finally:
+        _REBUILDING.pop()
+
+
 def records_at_build(model):
     """The records of ``model``'s base weights (:func:`_weight_records`, casts too: a base cast after the guide was
     built is compared through them) that a new guide keeps, so that :func:`save_guide` refuses a base changed since
@@ -755,14 +765,12 @@ def load_guide(path, model):
     before = {}
     try:
         try:
-            _REBUILDING.append(path)
-            guide = cls(model, **meta["config"])  # guides never touch the network
+            with _rebuilding(path):
+                guide = cls(model, **meta["config"])  # guides never touch the network
         except TypeError as err:  # keywords the class does not take
             raise ValueError(f"{path}/guide.json is corrupt: its config does not build a {cls.__name__} for this model ({err})") from None
         except ValueError as err:  # a value the class refuses, or this model (e.g. other answer letters): err says which
             raise ValueError(f"{path}/guide.json: its config does not build a {cls.__name__} for this model ({err})") from None
-        finally:
-            _REBUILDING.pop()
         _check_tensors(path / "guide.safetensors", tensors, guide, dict(model.named_adapter_parameters()), net_params)
         _check_base_weights(path, meta, model)
         guide.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(_NET)})
