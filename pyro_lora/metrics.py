@@ -37,6 +37,7 @@ __all__ = [
     "predictive_entropy",
     "reliability_bins",
     "risk_coverage",
+    "stratified_auroc",
     "summarize",
 ]
 
@@ -295,6 +296,41 @@ def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
     n_in, n_out = s_in.numel(), s_out.numel()
     rank_out = _midranks(torch.cat([s_in, s_out]))[n_in:].sum()
     return float((rank_out - n_out * (n_out + 1) / 2) / (n_in * n_out))
+
+
+def stratified_auroc(scores_in: torch.Tensor, scores_out: torch.Tensor, covariate_in: torch.Tensor,
+                     covariate_out: torch.Tensor, bins: int = 5) -> float:
+    """:func:`auroc` counted over pairs in the same covariate bin only: how well a score flags shifted examples
+    that a nuisance covariate (a multiple-choice answer's length) does not already tell apart.
+
+    P(score_out > score_in + 1/2 tie | both in the same bin), the bins the ``bins`` quantiles of the pooled
+    covariate: each bin's Mann-Whitney AUROC weighted by its n_in n_out pairs. scores_in, covariate_in [N_in];
+    scores_out, covariate_out [N_out]. A score that only repeats the covariate falls towards 0.5.
+
+    :raises ValueError: on bad shapes, empty or non-finite inputs, ``bins`` < 1, or when no bin holds examples of
+        both sets (the covariate alone separates them).
+    """
+    bins = check_count(bins, "bins")
+    s_in, s_out = _as_float(scores_in, "scores_in"), _as_float(scores_out, "scores_out")
+    c_in, c_out = _as_float(covariate_in, "covariate_in"), _as_float(covariate_out, "covariate_out")
+    for name, c, s in (("covariate_in", c_in, s_in), ("covariate_out", c_out, s_out)):
+        if c.shape != s.shape:
+            raise ValueError(f"{name} must have one value per score, shape {tuple(s.shape)}; got {tuple(c.shape)}")
+        if not torch.isfinite(c).all():
+            raise ValueError(f"{name} contains non-finite values (nan or inf)")
+    auroc(s_in, s_out)  # the scores' own checks
+    pooled = torch.cat([c_in, c_out])
+    edges = torch.quantile(pooled, torch.arange(1, bins, dtype=torch.float64) / bins)
+    b_in, b_out = torch.bucketize(c_in, edges, right=True), torch.bucketize(c_out, edges, right=True)
+    total = pairs = 0.0
+    for b in range(bins):
+        i, o = s_in[b_in == b], s_out[b_out == b]
+        if len(i) and len(o):
+            total += auroc(i, o) * len(i) * len(o)
+            pairs += len(i) * len(o)
+    if not pairs:
+        raise ValueError(f"no covariate bin of {bins} holds examples of both sets: the covariate alone separates them")
+    return total / pairs
 
 
 def risk_coverage(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -127,6 +127,38 @@ def test_auroc_matches_pairwise_count_with_ties():
     assert metrics.auroc(s_in, s_out) == pytest.approx(brute, rel=1e-12)
 
 
+def test_stratified_auroc_counts_pairs_within_bins():
+    """Against a brute-force count over the pairs whose covariates fall in the same pooled-quantile bin (numpy's
+    quantiles and digitize), with ties in both scores and covariates (answer lengths are integers)."""
+    gen = np.random.default_rng(0)
+    c_in, c_out = gen.integers(5, 25, 60).astype(float), gen.integers(10, 40, 45).astype(float)
+    s_in, s_out = c_in + gen.integers(0, 4, 60), c_out + gen.integers(0, 5, 45)  # scores that mostly repeat the length
+    for bins in (1, 3, 5):
+        edges = np.quantile(np.concatenate([c_in, c_out]), np.arange(1, bins) / bins)
+        same = np.digitize(c_in, edges)[:, None] == np.digitize(c_out, edges)[None, :]
+        diff = s_out[None, :] - s_in[:, None]
+        brute = (((diff > 0) + 0.5 * (diff == 0)) * same).sum() / same.sum()
+        assert metrics.stratified_auroc(s_in, s_out, c_in, c_out, bins=bins) == pytest.approx(brute, rel=1e-12)
+    assert metrics.stratified_auroc(s_in, s_out, c_in, c_out, bins=1) == pytest.approx(metrics.auroc(s_in, s_out), rel=1e-12)
+    # a score that is the covariate alone separates the sets, and tells nothing within bins of one covariate value
+    short, long = np.repeat([1.0, 2.0], [40, 10]), np.repeat([1.0, 2.0], [10, 40])
+    assert metrics.auroc(short, long) == pytest.approx(0.8)
+    assert metrics.stratified_auroc(short, long, short, long, bins=2) == 0.5
+
+
+def test_stratified_auroc_refuses_bad_input():
+    with pytest.raises(ValueError, match="covariate_out must have one value per score"):
+        metrics.stratified_auroc([1.0, 2.0], [1.0], [1.0, 2.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="covariate_in contains non-finite"):
+        metrics.stratified_auroc([1.0], [1.0], [float("nan")], [1.0])
+    with pytest.raises(ValueError, match="bins must be a positive integer"):
+        metrics.stratified_auroc([1.0], [1.0], [1.0], [1.0], bins=0)
+    with pytest.raises(ValueError, match="scores_in contains non-finite"):
+        metrics.stratified_auroc([float("inf")], [1.0], [1.0], [1.0])
+    with pytest.raises(ValueError, match="no covariate bin of 2 holds examples of both sets"):
+        metrics.stratified_auroc([1.0, 2.0], [1.0, 2.0], [1.0, 1.0], [9.0, 9.0], bins=2)
+
+
 def test_risk_coverage_hand_case():
     # Sorted by confidence: 0.95 R, 0.85 W, 0.65 R, 0.55 R.
     cov, acc = metrics.risk_coverage(PROBS, LABELS)
