@@ -21,7 +21,7 @@ from pyro_lora.evidence import curvature_peaks, evidence_terms, maximise_evidenc
 from pyro_lora.kfac import SiteFactors, accumulate, glm_batch, glm_predict, grid_nll_glm
 from pyro_lora.likelihoods import MultipleChoice, is_cloze
 from pyro_lora.metrics import nll
-from pyro_lora.checks import check_count
+from pyro_lora.checks import check_count, check_reiterable
 from pyro_lora.predictive import predict
 from pyro_lora.sites import check_values
 
@@ -58,8 +58,9 @@ class LaplaceGuide(LoraGuide):
     :param str fisher: ``"mc"`` (one label ``y ~ softmax(f)`` per example, one backward pass) or
         ``"exact"`` (all ``C`` classes weighted by ``p``, through ``C - 1`` backward passes).
     :param int rank: ``k``, rank kept of each ``D x D`` factor (``d_in`` for ``A``, ``d_out`` for ``B``).
-    :param prior_precision: ``lambda``: a float, or a dict site -> float or a list of one per layer; default
-        ``1 / prior**2`` of the model's float prior (the prior its MAP was trained under), else 1.0 (with a warning).
+    :param prior_precision: ``lambda``: a float, or a dict site -> float or a list of one per layer; default (and
+        for the sites a dict leaves out) ``1 / prior**2`` of the model's float prior (the prior its MAP was trained
+        under), else 1.0 (with a warning).
     :param str kfac: how token positions enter: ``"reduce"`` (per sequence: mean of the activations,
         sum of the gradients over its tokens; right for one label per sequence) or ``"expand"`` (every
         token a separate term, activations averaged over tokens).
@@ -70,6 +71,9 @@ class LaplaceGuide(LoraGuide):
         super().__init__(model)
         if prior_precision is None:
             prior_precision = _model_precision(model)
+        elif isinstance(prior_precision, dict) and set(self.sites) - set(prior_precision):  # the rest: the default
+            default = _model_precision(model)
+            prior_precision = {**{n: default for n in self.sites if n not in prior_precision}, **prior_precision}
         if fisher not in ("mc", "exact"):
             raise ValueError(f"fisher must be 'mc' or 'exact', got {fisher!r}")
         if kfac not in ("reduce", "expand"):
@@ -287,7 +291,7 @@ class LaplaceGuide(LoraGuide):
         :returns: the trace: evidence per Newton iteration, or NLL per grid value (the refining grid's after).
         :raises ValueError: before :meth:`fit`, on an unknown ``method`` or ``predictive``, ``"val_nll"`` on a network
             whose head or adapter changed since the fit (as ``predict`` refuses it) or without
-            ``val_loader`` or with ``per_layer=True``, a grid value that is not finite and positive (0, negative,
+            ``val_loader`` (or with a one-shot iterator: the search reads it more than once) or with ``per_layer=True``, a grid value that is not finite and positive (0, negative,
             inf, nan), a ``num_samples`` or ``max_iter`` that is not a positive integer, or a grid NLL that is nan.
         """
         self._check_fitted()
@@ -329,6 +333,7 @@ class LaplaceGuide(LoraGuide):
             raise ValueError(f"method must be 'marglik' or 'val_nll', got {method!r}")
         if val_loader is None:
             raise ValueError("method='val_nll' needs val_loader")
+        check_reiterable(val_loader, "val_loader", "the search reads it more than once")
         if per_layer:
             raise ValueError("method='val_nll' searches one lambda for all layers: use per_layer=False")
         if predictive not in ("glm", "samples"):

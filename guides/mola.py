@@ -15,6 +15,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
+from pyro_lora.checks import check_reiterable
 from pyro_lora.contract import check_guide
 from pyro_lora.ownership import point_snapshot
 from pyro_lora.distributions import UniformMixture
@@ -87,7 +88,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
         :raises ValueError: for ``data`` that is an iterator (the second member would see nothing), or a model the
             guide was not built for.
         """
-        _check_reiterable(data)
+        check_reiterable(data, "data", "a Laplace mixture reads it once per member")
         members = self.members()
         with self._all_or_nothing(adopt=True):
             check_guide(self.model, self, "fit")
@@ -120,7 +121,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
             raise ValueError("method='val_nll' needs val_loader")
         if kwargs:
             raise ValueError(f"method='val_nll' of a Laplace mixture takes val_loader, grid, refine and progress; got {sorted(kwargs)}")
-        _check_reiterable(val_loader)
+        check_reiterable(val_loader, "val_loader", "a Laplace mixture reads it once per member")
         grid = prior_precision_grid(grid)
         check_guide(self.model, self, "tune lambda on validation data")
         with self._all_or_nothing():
@@ -239,13 +240,6 @@ class LaplaceMixtureGuide(EnsembleGuide):
 
     def config(self):
         return {**super().config(), "fisher": self.fisher, "rank": self.rank, "kfac": self.kfac}
-
-
-def _check_reiterable(data):
-    """Refuse an iterator: the second member's pass would find it empty."""
-    if iter(data) is data:
-        raise ValueError(f"a Laplace mixture reads the data once per member: give a list or a DataLoader, not a "
-                         f"{type(data).__name__} (an iterator is empty after the first pass)")
 
 
 def mixture_glm_probit(guide, loader, num_samples):

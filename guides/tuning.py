@@ -15,6 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from pyro_lora.calibration import check_tol, golden_section
+from pyro_lora.checks import check_reiterable
 from pyro_lora.metrics import accuracy, nll
 from pyro_lora.predictive import predict
 
@@ -81,7 +82,8 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     :param loader: the validation data.
     :returns: a :class:`Tuning` (the value, the trace, the edge note, which is also warned); the knob is left at the
         best value.
-    :raises ValueError: for a grid of fewer than 3 values or values that are not positive and increasing, a
+    :raises ValueError: for a one-shot iterator as ``loader``, a grid of fewer than 3 values or values that are not
+        positive and increasing, a
         negative ``max_accuracy_drop``, a ``max_flip_rate`` outside ``[0, 1]``, a ``tol`` that is not positive and finite, or a grid none of whose values
         gives a finite validation NLL (a value whose predictive is not finite is refused, as one that costs
         accuracy).
@@ -94,6 +96,7 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     if max_flip_rate is not None and not 0 <= max_flip_rate <= 1:
         raise ValueError(f"max_flip_rate must be a fraction in [0, 1] or None, got {max_flip_rate!r}")
     check_tol(tol)
+    check_reiterable(loader, "the validation data", "the search reads it once per value")
     trace, refused, reference = [], set(), None
 
     def score(value):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import numbers
 
@@ -36,6 +37,18 @@ def check_positive(value, name: str) -> float:
     if not 0 < number < math.inf:  # nan fails it too
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")
     return number
+
+
+def check_reiterable(data, name: str, passes: str) -> None:
+    """Refuse a one-shot iterator (a generator, ``iter(list)``) where ``data`` is read more than once: its second pass
+    is empty, and came back as "the data is empty" or a search over the first value only.
+
+    :param passes: why it is read again, e.g. ``"each grid value reads it"``.
+    :raises ValueError: naming ``name`` and its type.
+    """
+    if isinstance(data, collections.abc.Iterator):
+        raise ValueError(f"{name} is a one-shot iterator ({type(data).__name__}): it yields its batches once, and "
+                         f"{passes}; pass a list of batches or a DataLoader")
 
 
 def check_flag(value, name: str) -> bool:

@@ -37,12 +37,12 @@ def precision_config(value, sites: dict):
 
 
 def site_precision(config, name: str, site: Site) -> torch.Tensor:
-    """``lambda`` of site ``name`` from a :func:`precision_config`: ``[L]`` (default 1).
+    """``lambda`` of site ``name`` from a :func:`precision_config` (a dict names every site): ``[L]``.
 
     :raises ValueError: if the site's entry has neither 1 nor ``L`` values.
     """
     layers = site.shape[0] if site.stacked else 1
-    v = torch.as_tensor(config.get(name, 1.0) if isinstance(config, dict) else config, dtype=torch.float).reshape(-1)
+    v = torch.as_tensor(config[name] if isinstance(config, dict) else config, dtype=torch.float).reshape(-1)
     if v.numel() not in (1, layers):
         raise ValueError(f"prior_precision of site {name!r} needs 1 or {layers} values, got {v.numel()}")
     return v.expand(layers)

@@ -446,7 +446,9 @@ def glm_batch(model, sites: dict, factors, batch: dict, lams: list) -> tuple[tor
         n, c = logits.shape
         eye = torch.eye(c, device=logits.device).unsqueeze(1).expand(c, n, c)
         grads = output_grads(logits, outputs, eye, rows_per_choice(model, batch, outputs))
-    cov = logits.new_zeros(lams[0].shape[0], n, c, c)
+    # float64 sums: where most of the variance shifts every logit alike, the probit's S_cc + S_kk - 2 S_ck cancels it,
+    # and float32 sums of that variance had already rounded the differences away (a variance of -0.008 for 0.014)
+    cov = logits.new_zeros(lams[0].shape[0], n, c, c, dtype=torch.double)
     with torch.no_grad():
         for idx, x, g, mask in stack_layers(sites, inputs, grads, batch):
             if x.shape[1] != n:  # cloze: K rows per example, whose Jacobian sums over all their tokens
@@ -462,20 +464,22 @@ def glm_batch(model, sites: dict, factors, batch: dict, lams: list) -> tuple[tor
 
 
 def glm_site_cov(f: SiteFactors, x: torch.Tensor, g: torch.Tensor, weights, lam: torch.Tensor) -> torch.Tensor:
-    """``J P^-1 J^T`` of one site's matrices: ``[G, N, C, C]``. x ``[L, N, T, d_in]``, g ``[C, L, N, T, d_out]``,
-    ``lam`` ``[G, L]``."""
+    """``J P^-1 J^T`` of one site's matrices: ``[G, N, C, C]`` float64 (the products of float32 terms are exact
+    there). x ``[L, N, T, d_in]``, g ``[C, L, N, T, d_out]``, ``lam`` ``[G, L]``."""
     other, scale = weights
     if not f.transposed:
         small, large = (g @ other.unsqueeze(1)) * scale.unsqueeze(1), x
     else:
         small, large = x @ other.mT.unsqueeze(1), g * scale.unsqueeze(1)
     small = small @ f.small_vecs.unsqueeze(1)  # V^T s per token
-    m = small.mT @ large  # V^T J_c: [C, L, N, r, D]
-    t = m @ f.large_vecs.unsqueeze(1)  # [C, L, N, r, k]
-    top = f.small_vals.unsqueeze(-1) * f.large_vals.unsqueeze(-2)  # [L, r, k]
-    rest = f.small_vals * f.large_rest.unsqueeze(-1)  # [L, r]
-    w_top = (top.unsqueeze(0) + lam[:, :, None, None]).reciprocal()  # [G, L, r, k]
-    w_rest = (rest.unsqueeze(0) + lam[:, :, None]).reciprocal()  # [G, L, r]
+    m = (small.mT @ large).double()  # V^T J_c: [C, L, N, r, D]
+    # the residual |m|^2 - |U^T m|^2 carries the largest weight 1 / (rest + lambda): float32's U, orthonormal to 1e-7,
+    # moved Var(f_c - f_k) by 13% at lambda 1e-4, so U is orthonormalised in float64 first
+    t = m @ torch.linalg.qr(f.large_vecs.double()).Q.unsqueeze(1)  # [C, L, N, r, k]
+    top = f.small_vals.double().unsqueeze(-1) * f.large_vals.double().unsqueeze(-2)  # [L, r, k]
+    rest = f.small_vals.double() * f.large_rest.double().unsqueeze(-1)  # [L, r]
+    w_top = (top.unsqueeze(0) + lam.double()[:, :, None, None]).reciprocal()  # [G, L, r, k]
+    w_rest = (rest.unsqueeze(0) + lam.double()[:, :, None]).reciprocal()  # [G, L, r]
     gram = torch.einsum("clnid,elnid->celni", m, m) - torch.einsum("clnij,elnij->celni", t, t)
     return torch.einsum("clnij,elnij,glij->gnce", t, t, w_top) + torch.einsum("celni,gli->gnce", gram, w_rest)
 

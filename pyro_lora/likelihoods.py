@@ -429,7 +429,7 @@ class MultipleChoice(Likelihood):
             its NLL infinite), or on a batch without ``choice_mask``.
         """
         labels = super().observed(batch)
-        mask = _choice_mask(batch)
+        mask = self._choice_mask(batch)
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.shape != mask.shape[:-1]:
             raise ValueError(f"labels must be integer choice indices of shape {tuple(mask.shape[:-1])} (one per row), got "
                              f"{labels.dtype} of shape {tuple(labels.shape)}")
@@ -446,9 +446,20 @@ class MultipleChoice(Likelihood):
                              f"choices (choice_mask, {mask.shape[-1]} columns): the data's labels and choices disagree")
         return labels.long()
 
+    def _choice_mask(self, batch):
+        """The batch's ``choice_mask``, from a collator of this likelihood's format (ClozeCollator writes a
+        ``target_mask``, LetterCollator none): the other's rows came back as "choices of other questions"."""
+        mask = _choice_mask(batch)
+        if ("target_mask" in batch) != (self.format == "cloze"):
+            made = ("cloze", "ClozeCollator") if "target_mask" in batch else ("letter", "LetterCollator, no target_mask")
+            wants = "ClozeCollator" if self.format == "cloze" else "LetterCollator"
+            raise ValueError(f"the batch is in the {made[0]} format ({made[1]}) and MultipleChoice scores the {self.format} "
+                             f"format: collate with {wants}, or build MultipleChoice(format={made[0]!r})")
+        return mask
+
     def logits(self, net, batch, num_samples=None):
         decoder, head = _decoder_and_head(net)
-        choice_mask = _choice_mask(batch)
+        choice_mask = self._choice_mask(batch)
         if self.format == "letter" and choice_mask.shape[-1] > self.answer_token_ids.numel():
             raise ValueError(f"the batch has {choice_mask.shape[-1]} choices and answer_token_ids {self.answer_token_ids.numel()} "
                              "tokens: give one answer token per choice (pyro_lora.data.letter_token_ids)")

@@ -263,7 +263,8 @@ def expected_entropy(sample_probs: torch.Tensor) -> torch.Tensor:
 def mutual_information(sample_probs: torch.Tensor) -> torch.Tensor:
     """Epistemic uncertainty per example: sample_probs [S, N, C] -> [N], max(H[mean_s p_s] - mean_s H[p_s], 0).
 
-    Exactly 0 for examples on which all samples agree (float rounding of the mean could leave ~1e-17).
+    Exactly 0 for examples on which all samples agree (float rounding of the mean could leave ~1e-17), so for S = 1:
+    right for a point estimate, and no measure of a sampling guide's epistemic uncertainty, which needs S >= 2.
 
     :raises ValueError: if a row of ``sample_probs`` is not a probability vector (e.g. logits), or on a bad shape.
     """

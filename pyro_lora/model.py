@@ -100,7 +100,8 @@ class LoraModel:
         self.sites = build_sites(self.layers, self.adapter, tuple(random), group)
         self._check_frozen_lora_carries_signal()
         self.matrices = matrix_view(self.sites)
-        self.prior = prior
+        self.prior = float(prior) if isinstance(prior, numbers.Real) else prior  # numpy's float32 is one std too
+        self._check_prior_sites()
         self.num_data = num_data
         handoff.install(self.layers)
         self._embeddings = _input_embeddings(net)
@@ -326,12 +327,26 @@ class LoraModel:
     def device(self) -> torch.device:
         return next(iter(self.layers.values())).lora_A[self.adapter].weight.device
 
+    def _check_prior_sites(self) -> None:
+        """A dict prior names every site and no other (a misspelt site's prior was ignored, a missing one a KeyError in
+        the first step), and every site's prior has its event shape: refused when the model is built."""
+        if isinstance(self.prior, dict):
+            missing, unknown = [n for n in self.sites if n not in self.prior], [k for k in self.prior if k not in self.sites]
+            if missing or unknown:
+                raise ValueError(f"the prior dict must name every site and no other: missing {missing}, unknown {unknown}; "
+                                 f"the sites are {list(self.sites)}")
+        if not isinstance(self.prior, float):
+            for site in self.sites.values():
+                self.prior_distribution(site)
+
     def prior_distribution(self, site: Site) -> torch.distributions.Distribution:
         """The prior of ``site`` with event shape ``site.shape``."""
         if isinstance(self.prior, (int, float)):
             # a fill, not torch.tensor(..., device=...): a host-to-device copy would synchronise the GPU per site and step
             return isotropic_normal(site.shape, torch.full((), float(self.prior), device=self.device))
         d = self.prior[site.name] if isinstance(self.prior, dict) else self.prior(site)
+        if not isinstance(d, torch.distributions.Distribution):
+            raise ValueError(f"prior of site {site.name!r} is a {type(d).__name__}, not a distribution")
         if tuple(d.event_shape) != site.shape:
             raise ValueError(f"prior of site {site.name!r} has event shape {tuple(d.event_shape)}, expected {site.shape}")
         return d
@@ -523,6 +538,9 @@ def _check_prior_and_size(prior, num_data) -> None:
     only as a diverging first step) and a ``num_data`` that is not a positive integer (0 read as "no size")."""
     if isinstance(prior, bool) or (isinstance(prior, numbers.Real) and not (math.isfinite(prior) and prior > 0)):
         raise ValueError(f"prior must be a finite positive std (or a dict / callable of distributions), got {prior!r}")
+    if not isinstance(prior, (numbers.Real, dict)) and not callable(prior):  # a tensor failed in the first step
+        raise ValueError(f"prior must be a float std, a dict site -> distribution or a callable site -> distribution, got "
+                         f"a {type(prior).__name__} ({prior!r:.60}); give a tensor std as float(prior)")
     if num_data is not None and (isinstance(num_data, bool) or not isinstance(num_data, numbers.Integral) or num_data < 1):
         raise ValueError(f"num_data must be the training set's size, a positive integer (None: each batch is the data), "
                          f"got {num_data!r}")

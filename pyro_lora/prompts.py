@@ -54,8 +54,10 @@ def letter_prompt(record: dict) -> str:
 def letter_token_ids(tokenizer, num_choices: int) -> torch.Tensor:
     """``LongTensor[num_choices]``: the single token id of ``" A"``, ``" B"``, ... .
 
-    Raises ``ValueError`` if a letter is not exactly one token for this tokenizer.
+    Raises ``ValueError`` for more choices than letters, or if a letter is not exactly one token for this tokenizer.
     """
+    if isinstance(num_choices, bool) or not isinstance(num_choices, int) or not 1 <= num_choices <= len(LETTERS):  # 30: 26 ids
+        raise ValueError(f"num_choices must be 1 to {len(LETTERS)} (one letter each), got {num_choices!r}")
     ids = []
     for letter in LETTERS[:num_choices]:
         tokens = tokenizer(f" {letter}", add_special_tokens=False)["input_ids"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import collections.abc
 import contextlib
 import math
 import numbers
@@ -17,7 +16,7 @@ from . import distributed, pyro_params
 from .contract import check_guide, check_ranks_agree
 from .ownership import point_snapshot, record_fit, take_over
 from .data import to_device
-from .checks import check_count
+from .checks import check_count, check_reiterable
 from .sites import base_network
 
 
@@ -122,9 +121,8 @@ def fit(
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if max_grad_norm is not None and not (_finite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a finite number > 0 (None: no clipping), got {max_grad_norm!r}")
-        if epochs > 1 and isinstance(data, collections.abc.Iterator):  # a generator: its second pass is empty
-            raise ValueError(f"data is a one-shot iterator ({type(data).__name__}): it yields its batches once, and epochs={epochs} "
-                             "needs them every epoch; pass a list of batches or a DataLoader")
+        if epochs > 1:
+            check_reiterable(data, "data", f"epochs={epochs} needs them every epoch")
         elbo = elbo or Trace_ELBO()
         _check_elbo(elbo)
         num_data = model.num_data or 1

@@ -179,3 +179,27 @@ def test_a_row_without_a_real_token_is_refused_in_every_format():
     for share in (True, False):
         with pytest.raises(ValueError, match=r"a cloze batch's row\(s\) \[4\] have no real token"):
             LoraModel(tiny_llama(), MultipleChoice(format="cloze", share_prefix=share)).logits(batch)
+
+
+def test_a_batch_of_the_other_format_is_refused_naming_the_collator():
+    """A cloze likelihood on letter-format rows (or the reverse) was refused as "choices of other questions", and a
+    cloze batch without target_mask failed with a bare KeyError."""
+    cloze = cloze_batch()
+    letter = {k: cloze[k] for k in ("choice_mask", "labels")} | {"input_ids": cloze["input_ids"][:2],
+                                                                  "attention_mask": cloze["attention_mask"][:2]}
+    with pytest.raises(ValueError, match=r"the batch is in the letter format \(LetterCollator.*MultipleChoice scores the "
+                                         r"cloze format: collate with ClozeCollator"):
+        LoraModel(tiny_llama(), MultipleChoice(format="cloze")).logits(letter)
+    letters = MultipleChoice(torch.tensor([5, 6, 7]), format="letter")
+    for call in (lambda m: m.logits(cloze), lambda m: m.likelihood.observed(cloze)):
+        with pytest.raises(ValueError, match=r"the batch is in the cloze format \(ClozeCollator\).*collate with LetterCollator, "
+                                             r"or build MultipleChoice\(format='cloze'\)"):
+            call(LoraModel(tiny_llama(), letters))
+
+
+def test_letter_token_ids_refuses_more_choices_than_letters():
+    from pyro_lora.data import letter_token_ids
+
+    for bad in (0, 27, 30, 2.5, True):  # 30 gave 26 ids without a word
+        with pytest.raises(ValueError, match="num_choices must be 1 to 26"):
+            letter_token_ids(None, bad)

@@ -1,12 +1,13 @@
 """Sites, weight hand-off, likelihoods and the Pyro model on tiny random networks."""
 
+import numpy as np
 import pyro
 import pytest
 import torch
 from conftest import random_batch, tiny_bert, tiny_llama
 from pyro.infer import Trace_ELBO
 
-from pyro_lora.guides import MAPGuide
+from pyro_lora.guides import LaplaceGuide, MAPGuide
 from pyro_lora.likelihoods import CausalLM, MultipleChoice, SequenceClassification
 from pyro_lora.model import LoraModel
 from pyro_lora.sites import per_layer
@@ -140,6 +141,8 @@ def test_sequence_classification_refuses_regression_and_multi_label_heads(num_la
     (dict(prior=float("inf")), "prior must be a finite positive std"),
     (dict(prior=float("nan")), "prior must be a finite positive std"),
     (dict(prior=True), "prior must be a finite positive std"),
+    (dict(prior=torch.tensor(0.5)), r"prior must be a float std.*got a Tensor.*float\(prior\)"),  # failed in fit's first step
+    (dict(prior="1.0"), "prior must be a float std.*got a str"),
     (dict(num_data=0), "num_data must be the training set's size, a positive integer"),  # read as "no size"
     (dict(num_data=-5), "num_data must be the training set's size"),
     (dict(num_data=2.5), "num_data must be the training set's size"),
@@ -147,6 +150,37 @@ def test_sequence_classification_refuses_regression_and_multi_label_heads(num_la
 def test_a_prior_std_or_data_size_that_cannot_be_is_refused_when_the_model_is_built(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LoraModel(tiny_bert(), SequenceClassification(), **kwargs)
+
+
+def test_a_prior_dict_or_callable_that_does_not_fit_the_sites_is_refused_when_the_model_is_built():
+    """A misspelt site's prior was ignored without a word, a missing one was a KeyError in the first step, a wrong
+    event shape an error there."""
+    import pyro.distributions as dist
+
+    sites = LoraModel(tiny_bert(), SequenceClassification()).sites
+    priors = {n: dist.Normal(torch.zeros(s.shape), 0.5).to_event(len(s.shape)) for n, s in sites.items()}
+    first, second = list(sites)[:2]
+    partial = {k: v for k, v in priors.items() if k != second}
+    with pytest.raises(ValueError, match=rf"the prior dict must name every site and no other: missing \['{second}'\], unknown \[\]"):
+        LoraModel(tiny_bert(), SequenceClassification(), prior=partial)
+    with pytest.raises(ValueError, match=r"missing \[\], unknown \['query.lora_a'\]"):
+        LoraModel(tiny_bert(), SequenceClassification(), prior=priors | {"query.lora_a": priors[first]})
+    with pytest.raises(ValueError, match=f"prior of site '{first}' has event shape"):
+        LoraModel(tiny_bert(), SequenceClassification(), prior=lambda site: dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    with pytest.raises(ValueError, match=f"prior of site '{first}' is a NoneType, not a distribution"):
+        LoraModel(tiny_bert(), SequenceClassification(), prior=lambda site: None)
+    model = LoraModel(tiny_bert(), SequenceClassification(), prior=priors)
+    assert model.prior_distribution(sites[first]) is priors[first]
+
+
+def test_a_numpy_prior_std_is_the_same_float_std():
+    """np.float32(0.5) passed the check, then failed in fit ("not callable") and started Laplace at lambda 1."""
+    model = LoraModel(tiny_bert(), SequenceClassification(), prior=np.float32(0.5))
+    assert type(model.prior) is float and model.prior == 0.5
+    assert all(torch.allclose(v, torch.tensor(4.0)) for v in LaplaceGuide(model).prior_precision.values())
+    site = next(iter(model.sites.values()))
+    x = torch.zeros(site.shape)
+    assert torch.allclose(model.prior_distribution(site).log_prob(x), torch.distributions.Normal(0.0, 0.5).log_prob(x).sum())
 
 
 def test_a_head_narrower_than_its_config_or_retyped_after_building_is_refused_at_the_forward():

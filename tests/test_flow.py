@@ -11,7 +11,7 @@ from test_training import toy_data
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from pyro_lora.guides.flow import BatchedAffineAutoregressive, FlowGuide, _softplus_inv
-from pyro_lora import LoraModel, SequenceClassification, fit, load_guide, save_guide
+from pyro_lora import LoraModel, SequenceClassification, fit, isotropic_normal, load_guide, save_guide
 from pyro_lora.sites import Site
 
 f64 = torch.float64
@@ -322,7 +322,7 @@ def test_extra_parameters_fit_the_7b_budget(random, expected, monkeypatch):
 
 
 def test_bad_inputs_have_clear_errors():
-    model = LoraModel(tiny_bert(), SequenceClassification(), prior=lambda site: None)
+    model = LoraModel(tiny_bert(), SequenceClassification(), prior=lambda site: isotropic_normal(site.shape, 1.0))
     with pytest.raises(ValueError, match="isotropic prior"):
         FlowGuide(model)
     model, guide = make()

@@ -58,6 +58,13 @@ def test_validation_scores_use_common_random_numbers():
     assert validation_scores(guide, data(), num_samples=4, seed=4).nll != first.nll
 
 
+def test_tuning_refuses_a_one_shot_iterator():
+    """Every grid value reads the validation data: a generator's second value found nothing ("the data is empty")."""
+    model, guide = meanfield()
+    with pytest.raises(ValueError, match=r"the validation data is a one-shot iterator \(list_iterator\)"):
+        tune_on_validation(guide, "posterior temperature", guide.set_temperature, [0.1, 1.0, 10.0], iter(data()), num_samples=4)
+
+
 def test_tuning_finds_the_minimum_of_a_fine_grid_and_leaves_the_knob_there():
     model, guide = meanfield()
     val = data((4, 5))
