@@ -187,6 +187,23 @@ class SWAGCollector:
             self.swag.adopt_point_parameters()
 
 
+def swag_schedule(epochs: int, steps_per_epoch: int, per_epoch: int) -> tuple[int, int]:
+    """``(start_epoch, every)`` of a :class:`SWAGCollector` collecting ``per_epoch`` times an epoch over the last half of
+    ``epochs`` (at least one epoch), widened to earlier epochs where that collects fewer than 2 iterates (a short run:
+    one batch an epoch failed after its whole fit).
+
+    :raises ValueError: where the whole run collects fewer than 2 iterates, naming the flags that give more steps.
+    """
+    every = max(1, steps_per_epoch // per_epoch)
+    for last in range(max(1, epochs // 2), epochs + 1):
+        first = (epochs - last) * steps_per_epoch + 1  # fit's steps count from 1 over the whole run
+        if sum(s % every == 0 for s in range(first, epochs * steps_per_epoch + 1)) >= 2:
+            return epochs - last, every
+    raise ValueError(f"SWAG needs at least 2 iterates, and the run takes {epochs * steps_per_epoch} optimizer step(s) "
+                     f"({epochs} epoch(s) of {steps_per_epoch} batch(es)): raise --epochs or --train-size, or lower "
+                     "--batch-size")
+
+
 # LoRA-XS cores start at zero and Adam moves them about one lr per step: they need ~10x LoRA's lr
 LORA_XS_LR_FACTOR = 10.0
 
@@ -199,10 +216,11 @@ def blora_xs(setup, rank=10, scale=0.5, per_epoch=10):
     for LoRA"; SWAG: Maddox et al., 2019.)
     """
     c = setup.config
+    loader = setup.loader(setup.train, shuffle=True)
+    start_epoch, every = swag_schedule(c.epochs, len(loader), per_epoch)  # before anything is built
     setup.restore()
     model = LoraXSModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=c.prior_scale)
     map_guide, swag = MAPGuide(model), SWAGGuide(model, rank=rank, scale=scale)
-    loader = setup.loader(setup.train, shuffle=True)
-    collector = SWAGCollector(swag, start_epoch=c.epochs - max(1, c.epochs // 2), every=max(1, len(loader) // per_epoch))
+    collector = SWAGCollector(swag, start_epoch=start_epoch, every=every)
     fit(model, map_guide, loader, epochs=c.epochs, lr=LORA_XS_LR_FACTOR * c.lr, progress=c.progress, callbacks=[collector])
     return Fitted(guide=swag, extra_parameters=swag.extra_parameters())

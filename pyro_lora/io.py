@@ -70,6 +70,12 @@ def atomic_file(path, mode="w"):
         raise
 
 
+def copy_file(source, target):
+    """Copy the file ``source`` to ``target`` through :func:`atomic_file`: a kill mid-copy leaves ``target`` as it was."""
+    with atomic_file(target, "wb") as f:
+        f.write(Path(source).read_bytes())
+
+
 def writable_folder(path, flag="--out"):
     """Create the folder ``path`` if needed and check that files can be written in it, before any long work.
 

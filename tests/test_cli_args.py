@@ -38,6 +38,8 @@ from pyro_lora.experiments import cli
         (["compare", "--val-fraction", "1"], "--val-fraction"),
         (["fit", "--val-fraction", "0"], "--val-fraction"),
         (["compare", "--guides", "map,nope"], "unknown guide(s) ['nope']"),
+        (["compare", "--eval-datasets", ","], "--eval-datasets"),  # meant no shifted set, without a word
+        (["compare", "--eval-datasets", "boolq,boolq"], "--eval-datasets"),
         (["compare", "--guides", "map,map"], "repeats a guide"),
         (["compare", "--guides", "map,,tfb"], "unknown guide(s) ['']"),
         (["bayesianize", "adapter", "--epochs", "3"], "unrecognized arguments: --epochs"),  # TFB trains nothing
@@ -65,6 +67,8 @@ def test_good_arguments_parse_to_the_config():
     args = cli.parser().parse_args(["compare", "--seeds", "0,1,2", "--lr", "1e-3", "--epochs", "0", "--eval-datasets", "boolq"])
     config = cli._config(args, guides=None)
     assert config.seeds == (0, 1, 2) and config.lr == 1e-3 and config.epochs == 0 and config.eval_datasets == ("boolq",)
+    args = cli.parser().parse_args(["compare", "--eval-datasets", "boolq, arc_easy"])  # spaces as --guides takes them
+    assert cli._config(args, guides=None).eval_datasets == ("boolq", "arc_easy")
     config = cli._config(cli.parser().parse_args(["fit", "--seed", "3"]), guides=("map",))
     assert config.seeds == (3,) and config.eval_datasets == () and config.val_fraction == 0.1
     # the validation split every +ts row and validation-tuned method fits on: documented as compare's flag, and it was not
@@ -283,3 +287,18 @@ def test_splits_that_repeat_training_records_or_miss_a_class_are_said(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(data_digest(config)) == 64
+
+
+@pytest.mark.parametrize("command, kept", [("compare", "the same command resumes the rest"),
+                                           ("fit", "no file was left half-written")])
+def test_ctrl_c_says_what_is_kept_in_one_line(command, kept, monkeypatch, tmp_path, capsys):
+    """Ctrl-C printed Python's traceback, with no word on what was saved or that a rerun resumes."""
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_run", interrupted)
+    assert cli.main([command, "--out", str(tmp_path / "out")]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("pyro-lora: interrupted: ") and kept in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(KeyboardInterrupt):
+        cli.main([command, "--out", str(tmp_path / "out"), "--debug"])

@@ -359,3 +359,58 @@ def test_a_row_without_fit_costs_shows_empty_cells_not_zeros():
     cells = [c.strip() for c in line.strip("|").split("|")]
     headers = [c.strip() for c in format_table([row]).splitlines()[0].strip("|").split("|")]
     assert cells[headers.index("fit s")] == "" and "0.0" not in cells[headers.index("fit s")]
+
+
+def test_every_evaluation_set_is_scored_with_the_same_weight_samples(tmp_path):
+    """Each set was predicted under a seed of its own, so with other weight samples: on a shifted set that repeats
+    the test set, TFB's OOD AUROC was 0.91 (S = 4), the draws told apart, not the inputs. Resuming a run scored that
+    way notes the rows it adds."""
+    import shutil
+
+    from pyro_lora.data import default_data_dir
+    from pyro_lora.experiments.compare import run_compare
+
+    data = tmp_path / "data"
+    shutil.copytree(default_data_dir() / "sst2", data / "sst2")
+    (data / "same").mkdir()
+    for name in ("meta.json", "test.jsonl"):
+        shutil.copy(data / "sst2" / name, data / "same" / name)
+    config = CompareConfig(guides=("tfb",), train_size=40, test_size=24, epochs=1, samples=4, seeds=(0,), ts=False,
+                           eval_datasets=("same",), data_dir=str(data), out=str(tmp_path / "out"), progress=False)
+    run_compare(config)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    (row,) = [r for r in results["per_seed"] if r["guide"] == "tfb" and r["dataset"] == "same"]
+    assert row["ood_auroc_entropy"] == 0.5 and row["ood_auroc_mi"] == 0.5 and results["predict_seeding"] == 2
+    arrays = np.load(tmp_path / "out" / "predictions_tfb.npz")
+    assert np.array_equal(arrays["sst2__seed0__probs"], arrays["same__seed0__probs"])
+    # a run recorded before: the rows a resume adds say that the earlier ones drew each set apart
+    (tmp_path / "out" / "results.json").write_text(json.dumps({k: v for k, v in results.items() if k != "predict_seeding"}))
+    with pytest.warns(UserWarning, match="the run's earlier rows drew each evaluation set's weight samples apart"):
+        run_compare(replace(config, seeds=(0, 1)))
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["predict_seeding"] == 1
+    notes = {r["seed"]: r.get("note") or "" for r in results["per_seed"] if r["guide"] == "tfb"}
+    assert "drew each evaluation set's weight samples apart" in notes[1] and "apart" not in notes[0]
+
+
+def test_a_resume_under_other_label_names_is_refused_before_loading(tmp_path, monkeypatch):
+    """A third name added to meta.json between seeds trained seed 1 a 3-class head, its NLL averaged with seed 0's
+    2-class one without a word: the records' label indices were the same, so the data digest was too."""
+    import shutil
+
+    from pyro_lora.data import default_data_dir
+    from pyro_lora.experiments import compare
+
+    data = tmp_path / "data"
+    shutil.copytree(default_data_dir() / "sst2", data / "sst2")
+    _fake_run(tmp_path / "run", ("map",), nll=0.5, data_dir=str(data))
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    names = json.loads((data / "sst2" / "meta.json").read_text())["label_names"]
+    (tmp_path / "run" / "results.json").write_text(json.dumps(record | {"labels": {"sst2": names}}))
+    meta = json.loads((data / "sst2" / "meta.json").read_text())
+    (data / "sst2" / "meta.json").write_text(json.dumps(meta | {"label_names": names + ["neutral"]}))
+    monkeypatch.setattr(compare, "prepare", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    config = CompareConfig(guides=("map",), test_size=32, seeds=(0, 1), out=str(tmp_path / "run"), data_dir=str(data))
+    with pytest.warns(UserWarning, match="keeps no digest of the data"), \
+            pytest.raises(ValueError, match=r"holds rows scored under other label names .*'neutral'"):
+        compare.run_compare(config)

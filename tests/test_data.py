@@ -453,3 +453,29 @@ def test_label_names_that_cannot_tell_classes_apart_are_refused(tmp_path, names)
     _write(tmp_path, "toycls", {**CLS_META, "label_names": names}, [json.dumps({"id": 1, "text": "fine", "label": 1})])
     with pytest.raises(ValueError, match=r"label_names must be distinct non-empty strings"):
         D.load_records("toycls", "train", tmp_path)
+
+
+@needs_smollm2
+def test_compare_refuses_a_cloze_choice_too_long_for_max_length_before_training(smol_tok, tmp_path, monkeypatch):
+    """One test question's choice longer than --max-length leaves: every method was fitted, then each failed at test
+    prediction (hours of Laplace on the study's sizes)."""
+    import shutil
+
+    from pyro_lora.experiments import setup
+    from pyro_lora.experiments.setup import CompareConfig
+
+    data = tmp_path / "data"
+    shutil.copytree(D.default_data_dir() / "arc_easy", data / "arc_easy")
+    test = (data / "arc_easy" / "test.jsonl")
+    records = [json.loads(line) for line in test.read_text().splitlines()][:7]
+    records.append({"id": "long-1", "question": "Which?", "choices": ["yes", "no", "a very long answer " * 20], "label": 0})
+    test.write_text("".join(json.dumps(r) + "\n" for r in records))
+    loaded = []
+    monkeypatch.setattr(setup, "load_pretrained", lambda *a, **k: loaded.append(1) or (object(), smol_tok))
+    monkeypatch.setattr(setup, "add_lora", lambda *a, **k: pytest.fail("went on to build the LoRA"))
+    config = CompareConfig(model="smollm2", dataset="arc_easy", data_dir=str(data), mc_format="cloze", max_length=80,
+                           train_size=12, test_size=8)
+    with pytest.raises(ValueError, match=r"the test records cannot be collated \(a choice of record 'long-1' is .* tokens"
+                                         r".*pass a larger --max-length"):
+        setup.prepare(config)
+    assert loaded  # the tokenizer comes with the model: refused right after loading, before any training

@@ -1179,3 +1179,31 @@ def test_the_report_says_no_guide_beats_on_a_value_it_prints_as_a_tie():
     # the printed values decide, not their rounded difference: 0.500 against 0.501 beats, 0.501 against 0.501 does not
     tables = {"nll": {"g": {"a": 0.5004, "b": 0.5006}, "map": {"a": 0.5006, "b": 0.5014}}, "ece": {}, "accuracy": {}}
     assert report.guide_sentences(tables, "g", ["a", "b"])[0] == "**g** does not beat MAP on NLL on 1 of 2 sets: b (+0.000) nats."
+
+
+def test_a_report_over_runs_without_recorded_time_says_so(tmp_path):
+    """Runs made by compare alone have no wall time: the header read "total wall time: 0.0s"."""
+    from test_compare import _fake_run
+
+    _fake_run(tmp_path / "sst2", ("map",), nll=0.5)
+    header = report.header_section(report.load_runs(tmp_path, ["sst2"]), "x", "now")
+    assert "- total wall time: not recorded for any of the 1 dataset runs" in header and "0.0s" not in header
+
+
+def test_a_report_withholds_the_ood_auroc_of_sampling_methods_scored_before_one_draw_for_all(tmp_path):
+    """Runs before predict_seeding 2 drew a sampling method's weight samples apart for the test and each shifted set:
+    the report published TFB's OOD AUROC (a "detects the shift better than MAP" line) from two draws."""
+    rows = [{"guide": g, "dataset": d, "seed": 0, "accuracy": 0.5, "ece": 5.0, "nll": 1.0, "ood_auroc_entropy": 0.7,
+             "ood_auroc_mi": 0.3 if g == "tfb" else 0.5} for g in ("map", "tfb", "laplace") for d in ("openbookqa", "arc_easy")]
+    config = asdict(CompareConfig(model="smollm2", dataset="openbookqa", eval_datasets=("arc_easy",), guides=("map", "tfb", "laplace")))
+    for seeding, withheld in ((None, True), (2, False)):
+        out = tmp_path / str(seeding) / "openbookqa"
+        out.mkdir(parents=True)
+        record = {"config": config, "summary": summarize_seeds(rows), "per_seed": rows}
+        (out / "results.json").write_text(json.dumps(record | ({"predict_seeding": seeding} if seeding else {})))
+        run = report.load_runs(out.parent, ["openbookqa"])["openbookqa"]
+        shifted = {r["guide"]: r for r in report.shift_rows(run)}
+        assert (shifted["tfb"]["ood_auroc_entropy"] != shifted["tfb"]["ood_auroc_entropy"]) is withheld  # NaN: n/a
+        assert shifted["laplace"]["ood_auroc_entropy"] == 0.7 and shifted["map"]["ood_auroc_entropy"] == 0.7
+        in_domain = {r["guide"]: r for r in report.in_distribution_rows(run)}
+        assert in_domain["tfb"]["ood_auroc_entropy"] == 0.7  # only the shifted sets' rows

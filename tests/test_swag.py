@@ -9,7 +9,7 @@ from test_training import toy_data
 
 from pyro_lora.guides import MAPGuide
 from pyro_lora.distributions import LowRankPlusDiagNormal
-from pyro_lora.guides.swag import SWAGCollector, SWAGGuide
+from pyro_lora.guides.swag import SWAGCollector, SWAGGuide, swag_schedule
 from pyro_lora import SequenceClassification, fit, load_guide, predict, save_guide
 from pyro_lora.loraxs import LoraXSModel
 
@@ -157,3 +157,18 @@ def test_bad_input():
         SWAGGuide(model, rank=1)
     with pytest.raises(ValueError, match="every"):
         SWAGCollector(guide, every=0)
+
+
+def test_the_schedule_collects_two_iterates_where_the_run_has_them_and_refuses_otherwise():
+    """One batch an epoch over 3 epochs collected 1 iterate (the last half: one epoch) and failed after the fit, with
+    advice for the Python API."""
+    def collected(epochs, steps, per_epoch):
+        start, every = swag_schedule(epochs, steps, per_epoch)
+        return sum(s % every == 0 for s in range(start * steps + 1, epochs * steps + 1)), start
+
+    assert collected(10, 100, 10) == (50, 5)  # the last half, 10 an epoch: the paper's schedule, unchanged
+    assert collected(3, 1, 10) == (2, 1)  # widened to the last two epochs
+    assert collected(1, 2, 10) == (2, 0)
+    for epochs, steps in ((1, 1), (2, 0)):
+        with pytest.raises(ValueError, match=r"SWAG needs at least 2 iterates, and the run takes . optimizer step.*raise --epochs"):
+            swag_schedule(epochs, steps, 10)

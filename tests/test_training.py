@@ -259,6 +259,31 @@ def test_atomic_file_replaces_only_on_success(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp file left behind
 
 
+def test_the_study_copies_figures_and_maps_atomically(tmp_path, monkeypatch):
+    """The report's figures and the MAPs study --update copies were written in place: a kill mid-copy left half a
+    file. A copy stopped before its swap leaves the old file and no temporary."""
+    import os
+
+    from pyro_lora.experiments.study_report import copy_figures
+
+    run, docs = tmp_path / "run", tmp_path / "docs"
+    run.mkdir(), docs.mkdir()
+    (run / "reliability_grid.png").write_bytes(b"new figure")
+    (docs / "sst2_reliability_grid.png").write_bytes(b"old figure")
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        copy_figures(run, "sst2", docs)
+    assert [p.name for p in docs.iterdir()] == ["sst2_reliability_grid.png"]
+    assert (docs / "sst2_reliability_grid.png").read_bytes() == b"old figure"
+    monkeypatch.undo()
+    assert copy_figures(run, "sst2", docs) == {"reliability_grid": "sst2_reliability_grid.png"}
+    assert (docs / "sst2_reliability_grid.png").read_bytes() == b"new figure"
+
+
 def test_save_is_atomic_and_load_refuses_other_models(tmp_path, monkeypatch):
     model, guide = make()
     save_guide(guide, tmp_path / "g")

@@ -219,7 +219,7 @@ def parser(full=False):
     _training_args(p, sizes)
     _guides_arg(p)
     p.add_argument("--seeds", type=_seeds, default=(0,), help="comma-separated training seeds, e.g. 0,1,2 (the table shows mean ± std; default 0)")
-    p.add_argument("--eval-datasets", default="", help="comma-separated shifted test sets with the same answer format, e.g. arc_challenge,arc_easy (default none)")
+    p.add_argument("--eval-datasets", type=_names, default=(), help="comma-separated shifted test sets with the same answer format, e.g. arc_challenge,arc_easy (default none)")
     _ts_arg(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run of another configuration in --out (default: refused; a run of the same configuration resumes)")
@@ -278,7 +278,7 @@ def _config(args, **extra):
     values["seeds"] = args.seeds if hasattr(args, "seeds") else (args.seed,)
     if "mc_normalize" in values:
         values["mc_normalize"] = None if values["mc_normalize"] == "none" else values["mc_normalize"]
-    values["eval_datasets"] = tuple(n for n in getattr(args, "eval_datasets", "").split(",") if n)
+    values["eval_datasets"] = getattr(args, "eval_datasets", ())
     return CompareConfig(**values, progress=not args.quiet and is_main(), **extra)
 
 
@@ -312,6 +312,13 @@ def main(argv=None):
         warnings.showwarning = _one_line_warning
     try:
         return _run(args, argv)
+    except KeyboardInterrupt:  # Ctrl-C: say what is kept, not a traceback
+        if debug:
+            raise
+        kept = ("the (method, seed) results that finished are kept, and the same command resumes the rest"
+                if args.command in ("compare", "study") else "every write is atomic: no file was left half-written")
+        print(f"pyro-lora: interrupted: {kept} (--debug shows where it stopped)", file=sys.stderr)
+        return 130
     except Exception as error:  # noqa: BLE001 -- every library error reaches the user as one line
         if debug:
             raise

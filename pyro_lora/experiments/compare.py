@@ -13,9 +13,10 @@ from ..locking import folder_lock
 from ..metrics import accuracy
 from ..predictive import Prediction, predict
 from ..guides.registry import VALIDATION_TUNED, Fitted, get_method, join_notes
-from .results import RESULTS, RunFolder
+from .results import PREDICT_SEEDING, RESULTS, RunFolder
 from .scoring import MI_NO_SAMPLES_NOTE, join_row, ood_auroc, prediction_arrays, score
-from .setup import CompareConfig, base_digest, check_config, data_digest, default_guides, prepare, records_digest, seed_for, train_map
+from .setup import (CompareConfig, base_digest, check_config, data_digest, default_guides, label_names, prepare, records_digest,
+                    seed_for, train_map)
 from .table import format_row, ts_name
 
 
@@ -78,10 +79,15 @@ def predictor(setup, method, guide):
     return run
 
 
-def evaluate(setup, fitted: Fitted, records, name: str, dataset: str):
-    """Predict ``records`` with ``fitted`` (the method ``name``) under a seed of its own; returns the prediction and
-    its costs."""
-    seed_for(setup.seed, name, f"predict {dataset}")
+def evaluate(setup, fitted: Fitted, records, name: str, dataset: str, seeding: int = PREDICT_SEEDING):
+    """Predict ``records`` with ``fitted`` (the method ``name``) under the seed of its predictive; returns the
+    prediction and its costs.
+
+    Every evaluation set (validation, test, shifted) is predicted under the same seed, so with the same ``S`` weight
+    samples (common random numbers): the OOD AUROC then compares the inputs, not two draws (on a shifted set that
+    repeated the test set, TFB's was 0.91 where it is 0.5), and a ``+ts`` temperature is fitted on the draws it is
+    applied to. ``seeding`` 1 re-scores a run saved before (a seed per set: ``dataset`` names it)."""
+    seed_for(setup.seed, name, "predict" if seeding >= 2 else f"predict {dataset}")
     with PeakMemory(setup.config.device) as memory:
         prediction = fitted.predict(records)
     costs = {"predict_seconds_per_1000": 1000 * prediction.seconds / len(records), "predict_memory_mb": memory.megabytes}
@@ -119,6 +125,18 @@ def map_drift(run, setup):
 
 
 RERUN_SEED = "to compare them, rerun the seed alone into a new --out: --seeds <seed>"
+
+
+def older_seeding_note(run):
+    """The note (also warned) for the rows this process adds to ``run`` where its earlier rows predicted each
+    evaluation set under a seed of its own (:data:`~.results.PREDICT_SEEDING` 1); else None."""
+    if run.seeding >= PREDICT_SEEDING:
+        return None
+    note = ("the run's earlier rows drew each evaluation set's weight samples apart (pyro_lora before 2026-12-03), these "
+            "rows one draw for all: a sampling method's OOD AUROC and +ts rows differ in kind across them; rerun into a "
+            "new --out to compare seeds")
+    warnings.warn(note, stacklevel=2)
+    return note
 
 # below it, one validation example weighs more than an accuracy point: the 1-point guard of the _val knobs, and a
 # temperature fitted on the split, rest on a handful of answers
@@ -168,14 +186,16 @@ def run_compare(config: CompareConfig, overwrite: bool = False, reference=None):
 def _run_seeds(config, overwrite, reference):
     run = RunFolder(config.out, config, overwrite=overwrite)
     earlier = run if reference is None else RunFolder(reference, config)  # the rows the new ones join
-    digest = data_digest(config)
+    digest, labels = data_digest(config), label_names(config)
     for folder in [run] if earlier is run else [run, earlier]:
         folder.check_data(digest)
+        folder.check_labels(labels)
     datasets = [config.dataset, *config.eval_datasets]
     say = print if is_main() else (lambda *a, **k: None)
     plan = {seed: [g for g in config.guides if not all(run.complete(r, seed, datasets) for r in row_names(config, g))]
             for seed in config.seeds}
     eta = _Estimate(sum(map(len, plan.values())))
+    older = older_seeding_note(earlier) if any(plan.values()) else None
     for seed in config.seeds:
         todo = plan[seed]
         if len(todo) < len(config.guides):
@@ -223,7 +243,7 @@ def _run_seeds(config, overwrite, reference):
                 setup.restore()
             for row_name, (rows, arrays, first) in results.items():
                 for row in rows:
-                    row["note"] = join_notes(row.get("note"), drift)
+                    row["note"] = join_notes(row.get("note"), drift, older)
                 run.add(row_name, seed, rows, arrays, first)
                 if config.progress:
                     for row in rows:

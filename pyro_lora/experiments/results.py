@@ -22,7 +22,7 @@ from safetensors.torch import save as save_safetensors
 from ..guides.registry import join_notes
 from ..data import resolve_data_dir
 from ..distributed import is_main
-from ..io import atomic_file, check_file_slot, read_safetensors, standard_json, write_json
+from ..io import atomic_file, check_file_slot, copy_file, read_safetensors, standard_json, write_json
 from ..locking import FolderLocked, locked_elsewhere
 from ..model_files import local_model_path
 from .plots import metric_scatter, reliability_diagram, reliability_grid
@@ -40,6 +40,12 @@ ARRAYS = ("probs", "labels", "entropy", "mutual_information")  # per evaluation 
 # settings a resumed run may change: what is run (guides, seeds), where it is written, and the bars
 _RESUMABLE = ("guides", "seeds", "out", "progress")
 _REPLACE = "pass --overwrite (pyro-lora study: --force) to replace"  # compare's flag and the study's for one thing
+
+
+# how compare seeds its predictives (results.json's and run.json's "predict_seeding"): 1, a seed per evaluation set
+# (weight samples drawn apart for the test and the shifted sets: OOD AUROC compared two draws); 2, one seed for every
+# set (common random numbers). A record without it is 1.
+PREDICT_SEEDING = 2
 
 
 def recorded_base(saved) -> str | None:
@@ -118,6 +124,8 @@ class RunFolder:
         self.maps = {}  # seed (a string, as JSON keys are) -> digest of the MAP its rows start from
         self.data = None  # digest of the records its rows were scored on (:func:`~.setup.data_digest`)
         self.base = None  # digest of the base model's weights they were scored with (:func:`~.setup.base_digest`)
+        self.seeding = PREDICT_SEEDING  # the oldest seeding of its rows (a resumed older run keeps its own)
+        self.labels = None  # evaluation set -> the label names its rows were scored under (:func:`~.setup.label_names`)
         self._check_writable(config.guides or ())
         saved = self._read()
         self._replaced = saved if overwrite else None  # its files go once this run writes its first result
@@ -125,6 +133,9 @@ class RunFolder:
             self._check_same(saved)
             self.rows, self.failed, self.sizes = saved["per_seed"], saved.get("failed", []), saved.get("sizes")
             self.maps, self.data, self.base = dict(saved.get("maps", {})), saved.get("data"), recorded_base(saved)
+            self.labels = saved.get("labels")
+            if self.rows or self.failed:
+                self.seeding = min(saved.get("predict_seeding", 1), PREDICT_SEEDING)
             self.guides, self.seeds = list(saved["config"]["guides"] or ()), list(saved["config"]["seeds"])
 
     def _read(self):
@@ -177,6 +188,13 @@ class RunFolder:
         self._check_digest("data", digest, "the data its rows were scored on", (
             f"holds rows scored on other {self.config.dataset} records than {self.config.data_dir} gives now (its train, "
             "validation or test files changed since): restore that data"))
+
+    def check_labels(self, names):
+        """As :meth:`check_data` for the label names of the run's sets (``names``: :func:`~.setup.label_names` of the
+        data folder now: the records' label indices may mean other classes, or the head be of another width)."""
+        self._check_digest("labels", names, "the label names its rows were scored under", (
+            f"holds rows scored under other label names than the meta.json files under {self.config.data_dir} give now "
+            f"({self.labels} there, {names} now): restore those files"))
 
     def check_base(self, digest):
         """As :meth:`check_data` for the base model (``digest``: the :func:`~pyro_lora.experiments.setup.base_digest`
@@ -363,7 +381,8 @@ class RunFolder:
         write_json(self.out / RESULTS, {"config": config, "request": self.request, "sizes": self.sizes, "summary": summary,
                                         "verdict": verdict(self.rows, self.config.dataset), "per_seed": self.rows,
                                         "failed": self.failed, "maps": self.maps, "data": self.data, "base": self.base,
-                                        "base_version": BASE_DIGEST_VERSION})
+                                        "base_version": BASE_DIGEST_VERSION, "predict_seeding": self.seeding,
+                                        "labels": self.labels})
 
     def _summary_figures(self, summary):
         _draw_summary(self.out, summary, self.guides, self.config.dataset, self.seeds[0])
@@ -559,6 +578,8 @@ def merge_results(out, update, record=None):
         differ.append("data (the rerun records no digest of its records)")
     if recorded_base(base) and recorded_base(base) != recorded_base(new) and not replaces_all:
         differ.append("base (the rerun ran on other base model weights)")
+    if base.get("labels") and new.get("labels") and base["labels"] != new["labels"] and not replaces_all:
+        differ.append(f"labels ({base['labels']} there, {new['labels']} in the rerun)")
     if differ:
         raise ValueError(f"cannot merge {update} into {out}: their configurations differ in {', '.join(differ)}")
     missing = sorted(set(base["config"]["seeds"]) - set(new["config"]["seeds"]), key=str)
@@ -578,18 +599,19 @@ def merge_results(out, update, record=None):
     files = [kind.format(g) for u in updated for g in (u, ts_name(u)) for kind in ("predictions_{}.npz", "reliability_{}.png")]
     for name in files + [map_name(seed) for seed in base["config"]["seeds"]]:
         if (update / name).is_file():
-            with atomic_file(out / name, "wb") as f:
-                f.write((update / name).read_bytes())
+            copy_file(update / name, out / name)
         elif name in files or retrained:  # failed under every seed: nothing of the old code is kept
             (out / name).unlink(missing_ok=True)
     summary = summarize_run(rows, failed)
     config = {**base["config"], "guides": guides}
     if replaces_all:  # every row rerun: the records and base are the rerun's, wherever they were read, however many used
         config.update(data_dir=new["config"].get("data_dir"), model=new["config"].get("model"))
-        base = {**base, **{k: new.get(k) for k in ("data", "sizes", "base", "base_version")}}
+        base = {**base, **{k: new.get(k) for k in ("data", "sizes", "base", "base_version", "labels")}}
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
+    # a method's rows come from one run (every seed rerun); the record keeps the oldest seeding it holds
+    seeding = new.get("predict_seeding", 1) if replaces_all else min(base.get("predict_seeding", 1), new.get("predict_seeding", 1))
     write_json(out / RESULTS, {**base, "config": config, "summary": summary, "verdict": verdict(rows, config["dataset"]),
-                               "per_seed": rows, "failed": failed, "maps": maps})
+                               "per_seed": rows, "failed": failed, "maps": maps, "predict_seeding": seeding})
     if record is not None:
         record()
     (out / MERGING).unlink()

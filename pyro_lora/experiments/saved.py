@@ -19,7 +19,7 @@ from ..guides.tfb import TFB_ANCHORS, bayesianize_setup
 from ..guides.registry import METHODS, MODELS, Fitted, get_method, join_notes
 from .compare import evaluate, fit_method, predictor
 from .scoring import join_row, score
-from .results import recorded_base
+from .results import PREDICT_SEEDING, recorded_base
 from .setup import (ADDED_SETTINGS, BASE_DIGEST_VERSION, CompareConfig, base_digest, check_config, check_numbers, prepare, seed_for,
                     train_map)
 
@@ -67,7 +67,7 @@ def run_record(setup, row: dict, method, **extra) -> dict:
     config = {**asdict(setup.config), "data_dir": str(D.resolve_data_dir(setup.config.data_dir)), "model": str(model)}
     return {"config": config, "sizes": setup.sizes, "seed": setup.seed, "model_class": method.model.name,
             "predictive": method.predictive.__name__, "base": base_digest(setup.net, setup.tokenizer),
-            "base_version": BASE_DIGEST_VERSION, **extra, "result": row}
+            "base_version": BASE_DIGEST_VERSION, "predict_seeding": PREDICT_SEEDING, **extra, "result": row}
 
 
 def check_free(out, *names):
@@ -248,6 +248,8 @@ def _read_record(path, overrides):
             raise ValueError(f"seed {seed!r} is no integer in [0, 2**32)")
         if not isinstance(random, str) or not random or any(k not in KINDS for k in random):
             raise ValueError(f"random {random!r} is none of the matrix kinds {', '.join(KINDS)}")
+        if run.get("predict_seeding", 1) not in range(1, PREDICT_SEEDING + 1) or isinstance(run.get("predict_seeding"), bool):
+            raise ValueError(f"predict_seeding {run['predict_seeding']!r} is none of 1 to {PREDICT_SEEDING}")
         (name,) = config.guides
         check_numbers(config)
         meta = json.loads((path.parent / "guide.json").read_text(encoding="utf-8"))
@@ -297,7 +299,8 @@ def evaluate_saved(run_dir, **overrides) -> dict:
     prior = run.get("prior", config.prior_scale)  # the prior of the guide's model (e.g. post hoc: 0.1)
     model = method.model.restore(setup.net, view.likelihood, run["random"], num_data=len(setup.train), prior=prior)
     guide = load_guide(path.parent, model)
-    prediction, costs = evaluate(setup, Fitted(predictor(view, method, guide)), setup.test, method.name, config.dataset)
+    prediction, costs = evaluate(setup, Fitted(predictor(view, method, guide)), setup.test, method.name, config.dataset,
+                                 seeding=run.get("predict_seeding", 1))
     row = join_row({"guide": method.name, "setting": method.setting, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
                    costs, {"extra_parameters": guide.extra_parameters(), "test_examples": len(setup.test)})
     # the fit's own note (a tuning at the end of its grid, a search at the end of its range) holds for the guide

@@ -275,6 +275,7 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
         if config.mc_format == "cloze":
             likelihood = MultipleChoice(format="cloze", normalize=config.mc_normalize)
             collator = D.ClozeCollator(tok, config.max_length)
+            _check_collates(collator, {"train": train, "validation": val, "test": test, **shifted})
         else:
             # one letter per choice of the widest set: ARC has 3-5 options, OBQA 4
             num_choices = max(len(r["choices"]) for records in [train, test, *shifted.values()] for r in records)
@@ -289,6 +290,21 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
         config = replace(config, rank=net.peft_config[net.active_adapter].r)
     net = net.to(config.device)
     return Setup(config, net, tok, likelihood, train, val, test, collator, seed, shifted)
+
+
+def _check_collates(collator, splits: dict, chunk: int = 256):
+    """Collate every record of every split once, before any training: a cloze choice longer than ``--max-length``
+    leaves was refused only when its split was predicted, after every method had been fitted.
+
+    :raises ValueError: naming the split, from the collator's own refusal.
+    """
+    for name, records in splits.items():
+        for i in range(0, len(records), chunk):
+            try:
+                collator(records[i : i + chunk])
+            except ValueError as error:
+                raise ValueError(f"the {name} records cannot be collated ({error}); checked before training: pass a "
+                                 "larger --max-length") from None
 
 
 def load_splits(config: CompareConfig, warn: bool = True):
@@ -330,6 +346,12 @@ def data_digest(config: CompareConfig) -> str:
     """SHA-256 of the records ``config`` runs on (:func:`load_splits`): a run's rows are comparable only while the
     files under its data folder give the same records (a regenerated set, another machine's copy)."""
     return records_digest(*load_splits(config, warn=False))  # prepare() warns, for the run's first seed
+
+
+def label_names(config: CompareConfig) -> dict:
+    """Evaluation set -> its ``meta.json`` label names (``None`` for multiple choice): the records hold label indices
+    only, and the head's width comes from these (a third name added between seeds trained a 3-class head)."""
+    return {name: D.load_meta(name, config.data_dir).get("label_names") for name in (config.dataset, *config.eval_datasets)}
 
 
 def records_digest(train, val, test, shifted) -> str:

@@ -42,7 +42,7 @@ from pathlib import Path
 
 from .. import data as D
 from ..guides.registry import METHODS
-from ..io import check_file_slot, standard_json, writable_folder, write_json
+from ..io import check_file_slot, copy_file, standard_json, writable_folder, write_json
 from ..locking import FolderLocked, folder_lock, locked_elsewhere
 from . import compare
 from .results import (MERGE_IGNORES, NEXT_SIDECAR, RESULTS, SIDECAR, GuideFailures, RunFolder, config_differences,
@@ -366,7 +366,7 @@ def update_dataset(config, command, force=False):
             here.mkdir(parents=True, exist_ok=True)
             for seed in config.seeds:
                 if (out / map_name(seed)).is_file():
-                    shutil.copyfile(out / map_name(seed), here / map_name(seed))
+                    copy_file(out / map_name(seed), here / map_name(seed))
         try:  # a retrained MAP's rows replace every row: nothing to match
             compare.run_compare(rerun, overwrite=not resume, reference=None if retrain else out)
         except GuideFailures as error:  # the finished rows are merged; the failed ones replace their stale rows

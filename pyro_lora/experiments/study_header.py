@@ -75,8 +75,11 @@ def header_section(runs, command, now, failed=()):
     missing = "" if all(w is not None for w in walls) else " (some runs have no recorded wall time)"
     cut = sum(len(s.get("interrupted", [])) + ("running" in s) + sum(u.get("wall_seconds") is None for u in s.get("updates", []))
               for s in sidecars.values())  # an update a later command finished has no time either
-    missing += f" (not counting {cut} invocation(s) cut short or still running, whose time is not recorded)" if cut else ""
-    lines.append(f"- total wall time: {duration(total)} over {len(runs)} dataset runs{missing}")
+    uncounted = f" (not counting {cut} invocation(s) cut short or still running, whose time is not recorded)" if cut else ""
+    if any(w is not None for w in walls):
+        lines.append(f"- total wall time: {duration(total)} over {len(runs)} dataset runs{missing}{uncounted}")
+    else:  # runs made by compare alone, or none finished: not "0.0s"
+        lines.append(f"- total wall time: not recorded for any of the {len(runs)} dataset runs{uncounted}")
     spans = [(run["sidecar"].get("started"), run["sidecar"].get("finished")) for run in runs.values()]
     if len(runs) > 1 and all(a and b for a, b in spans):
         first = min(datetime.datetime.fromisoformat(a) for a, _ in spans)
