@@ -291,7 +291,8 @@ class LaplaceGuide(LoraGuide):
         :returns: the trace: evidence per Newton iteration, or NLL per grid value (the refining grid's after).
         :raises ValueError: before :meth:`fit`, on an unknown ``method`` or ``predictive``, ``"val_nll"`` on a network
             whose head or adapter changed since the fit (as ``predict`` refuses it) or without
-            ``val_loader`` (or with a one-shot iterator: the search reads it more than once) or with ``per_layer=True``, a grid value that is not finite and positive (0, negative,
+            ``val_loader`` (or with a one-shot iterator where the search reads it more than once: ``refine`` or the
+            sampled predictive) or with ``per_layer=True``, a grid value that is not finite and positive (0, negative,
             inf, nan), a ``num_samples`` or ``max_iter`` that is not a positive integer, or a grid NLL that is nan.
         """
         self._check_fitted()
@@ -333,7 +334,8 @@ class LaplaceGuide(LoraGuide):
             raise ValueError(f"method must be 'marglik' or 'val_nll', got {method!r}")
         if val_loader is None:
             raise ValueError("method='val_nll' needs val_loader")
-        check_reiterable(val_loader, "val_loader", "the search reads it more than once")
+        if refine or predictive == "samples":  # the GLM scores the whole grid in one pass; samples, one per value
+            check_reiterable(val_loader, "val_loader", "the search reads it more than once")
         if per_layer:
             raise ValueError("method='val_nll' searches one lambda for all layers: use per_layer=False")
         if predictive not in ("glm", "samples"):

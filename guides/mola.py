@@ -108,7 +108,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
 
         :returns: the components' evidence traces (``"marglik"``), or the validation NLL per grid value (``"val_nll"``).
         :raises ValueError: before :meth:`fit`, on an unknown ``method``, ``"val_nll"`` without ``val_loader``, with an
-            iterator (read once per grid), with ``kwargs``, on a grid value that is not finite and positive, on a model
+            iterator and ``refine`` (read once per grid), with ``kwargs``, on a grid value that is not finite and positive, on a model
             the guide was not built for or a network whose head changed since, or where the NLL is nan.
         """
         self._check_fitted()
@@ -121,7 +121,8 @@ class LaplaceMixtureGuide(EnsembleGuide):
             raise ValueError("method='val_nll' needs val_loader")
         if kwargs:
             raise ValueError(f"method='val_nll' of a Laplace mixture takes val_loader, grid, refine and progress; got {sorted(kwargs)}")
-        check_reiterable(val_loader, "val_loader", "a Laplace mixture reads it once per member")
+        if refine:  # the grid in one pass, its refinement in another
+            check_reiterable(val_loader, "val_loader", "the search and its refinement read it twice")
         grid = prior_precision_grid(grid)
         check_guide(self.model, self, "tune lambda on validation data")
         with self._all_or_nothing():

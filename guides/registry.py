@@ -98,6 +98,12 @@ class Method:
         return self.guide is not None
 
     @property
+    def draws_weights(self) -> bool:
+        """Whether its rows average weight samples drawn under the run's seed (the default predictive of a posterior):
+        what compare's one draw for every evaluation set changed (:data:`~pyro_lora.experiments.results.PREDICT_SEEDING`)."""
+        return self.bayesian and self.predictive is weight_samples
+
+    @property
     def lineage(self) -> list:
         """This method and the methods its recipe runs first: its base, the base's base, ...
 

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from pyro_lora import distributed
 from pyro_lora.checks import check_count
 from pyro_lora.contract import check_guide
 from pyro_lora.distributions import LowRankPlusDiagNormal
@@ -217,7 +218,8 @@ def blora_xs(setup, rank=10, scale=0.5, per_epoch=10):
     """
     c = setup.config
     loader = setup.loader(setup.train, shuffle=True)
-    start_epoch, every = swag_schedule(c.epochs, len(loader), per_epoch)  # before anything is built
+    # fit steps through this rank's block of the batches under torch.distributed (len // W of them)
+    start_epoch, every = swag_schedule(c.epochs, len(loader) // distributed.world_size(), per_epoch)  # before the fit
     setup.restore()
     model = LoraXSModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=c.prior_scale)
     map_guide, swag = MAPGuide(model), SWAGGuide(model, rank=rank, scale=scale)

@@ -347,6 +347,9 @@ class LoraModel:
         d = self.prior[site.name] if isinstance(self.prior, dict) else self.prior(site)
         if not isinstance(d, torch.distributions.Distribution):
             raise ValueError(f"prior of site {site.name!r} is a {type(d).__name__}, not a distribution")
+        if tuple(d.batch_shape) != ():  # Pyro sums a batch of priors: each site's log-prior counted that many times
+            raise ValueError(f"prior of site {site.name!r} has batch shape {tuple(d.batch_shape)}, expected () (one "
+                             f"distribution over the site: .to_event() its dimensions)")
         if tuple(d.event_shape) != site.shape:
             raise ValueError(f"prior of site {site.name!r} has event shape {tuple(d.event_shape)}, expected {site.shape}")
         return d
@@ -540,7 +543,7 @@ def _check_prior_and_size(prior, num_data) -> None:
         raise ValueError(f"prior must be a finite positive std (or a dict / callable of distributions), got {prior!r}")
     if not isinstance(prior, (numbers.Real, dict)) and not callable(prior):  # a tensor failed in the first step
         raise ValueError(f"prior must be a float std, a dict site -> distribution or a callable site -> distribution, got "
-                         f"a {type(prior).__name__} ({prior!r:.60}); give a tensor std as float(prior)")
+                         f"a {type(prior).__name__} ({prior!r:.60}); give a single std as float(prior)")
     if num_data is not None and (isinstance(num_data, bool) or not isinstance(num_data, numbers.Integral) or num_data < 1):
         raise ValueError(f"num_data must be the training set's size, a positive integer (None: each batch is the data), "
                          f"got {num_data!r}")

@@ -69,6 +69,8 @@ def test_good_arguments_parse_to_the_config():
     assert config.seeds == (0, 1, 2) and config.lr == 1e-3 and config.epochs == 0 and config.eval_datasets == ("boolq",)
     args = cli.parser().parse_args(["compare", "--eval-datasets", "boolq, arc_easy"])  # spaces as --guides takes them
     assert cli._config(args, guides=None).eval_datasets == ("boolq", "arc_easy")
+    args = cli.parser().parse_args(["compare", "--eval-datasets", ""])  # an empty shell variable: none, the default
+    assert cli._config(args, guides=None).eval_datasets == ()
     config = cli._config(cli.parser().parse_args(["fit", "--seed", "3"]), guides=("map",))
     assert config.seeds == (3,) and config.eval_datasets == () and config.val_fraction == 0.1
     # the validation split every +ts row and validation-tuned method fits on: documented as compare's flag, and it was not

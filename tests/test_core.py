@@ -142,6 +142,7 @@ def test_sequence_classification_refuses_regression_and_multi_label_heads(num_la
     (dict(prior=float("nan")), "prior must be a finite positive std"),
     (dict(prior=True), "prior must be a finite positive std"),
     (dict(prior=torch.tensor(0.5)), r"prior must be a float std.*got a Tensor.*float\(prior\)"),  # failed in fit's first step
+    (dict(prior=np.array(0.5)), r"prior must be a float std.*got a ndarray.*give a single std as float\(prior\)"),
     (dict(prior="1.0"), "prior must be a float std.*got a str"),
     (dict(num_data=0), "num_data must be the training set's size, a positive integer"),  # read as "no size"
     (dict(num_data=-5), "num_data must be the training set's size"),
@@ -167,6 +168,9 @@ def test_a_prior_dict_or_callable_that_does_not_fit_the_sites_is_refused_when_th
         LoraModel(tiny_bert(), SequenceClassification(), prior=priors | {"query.lora_a": priors[first]})
     with pytest.raises(ValueError, match=f"prior of site '{first}' has event shape"):
         LoraModel(tiny_bert(), SequenceClassification(), prior=lambda site: dist.Normal(torch.zeros(3), 1.0).to_event(1))
+    batched = {n: dist.Normal(torch.zeros(2, *s.shape), 1.0).to_event(len(s.shape)) for n, s in sites.items()}
+    with pytest.raises(ValueError, match=rf"prior of site '{first}' has batch shape \(2,\), expected \(\)"):  # counted twice
+        LoraModel(tiny_bert(), SequenceClassification(), prior=batched)
     with pytest.raises(ValueError, match=f"prior of site '{first}' is a NoneType, not a distribution"):
         LoraModel(tiny_bert(), SequenceClassification(), prior=lambda site: None)
     model = LoraModel(tiny_bert(), SequenceClassification(), prior=priors)

@@ -78,7 +78,8 @@ def _write_run(runs_dir, dataset, shift=()):
             rows += [_row(guide, s, seed, s if s != "arc_easy" else "arc_easy@shift", True) for s in shift]
     out = runs_dir / dataset
     out.mkdir(parents=True)
-    (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows}))
+    (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows,
+                                                  "predict_seeding": 2}))  # one draw for every set: nothing withheld
     _complete_arrays(out, guides, seeds, [dataset, *shift])
     return out
 

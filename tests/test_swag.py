@@ -172,3 +172,25 @@ def test_the_schedule_collects_two_iterates_where_the_run_has_them_and_refuses_o
     for epochs, steps in ((1, 1), (2, 0)):
         with pytest.raises(ValueError, match=r"SWAG needs at least 2 iterates, and the run takes . optimizer step.*raise --epochs"):
             swag_schedule(epochs, steps, 10)
+
+
+def test_the_recipe_counts_the_steps_of_this_rank(monkeypatch):
+    """Under torchrun each rank steps through len(loader) // W batches: the whole loader's count accepted a schedule
+    that collected 1 iterate per rank, and the fit failed after training."""
+    from types import SimpleNamespace
+
+    from pyro_lora import distributed
+    from pyro_lora.guides import swag
+
+    seen = []
+
+    def schedule(epochs, steps, per_epoch):
+        seen.append(steps)
+        raise KeyboardInterrupt  # stop before anything is built
+
+    monkeypatch.setattr(swag, "swag_schedule", schedule)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    setup = SimpleNamespace(config=SimpleNamespace(epochs=3), train=[0] * 8, loader=lambda records, shuffle=False: [0] * 4)
+    with pytest.raises(KeyboardInterrupt):
+        swag.blora_xs(setup)
+    assert seen == [2]

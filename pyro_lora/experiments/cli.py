@@ -219,7 +219,7 @@ def parser(full=False):
     _training_args(p, sizes)
     _guides_arg(p)
     p.add_argument("--seeds", type=_seeds, default=(0,), help="comma-separated training seeds, e.g. 0,1,2 (the table shows mean ± std; default 0)")
-    p.add_argument("--eval-datasets", type=_names, default=(), help="comma-separated shifted test sets with the same answer format, e.g. arc_challenge,arc_easy (default none)")
+    p.add_argument("--eval-datasets", type=lambda text: _names(text) if text.strip() else (), default=(), help="comma-separated shifted test sets with the same answer format, e.g. arc_challenge,arc_easy (default none)")
     _ts_arg(p)
     p.add_argument("--overwrite", action="store_true",
                    help="replace a run of another configuration in --out (default: refused; a run of the same configuration resumes)")

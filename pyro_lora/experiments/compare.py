@@ -17,7 +17,7 @@ from .results import PREDICT_SEEDING, RESULTS, RunFolder
 from .scoring import MI_NO_SAMPLES_NOTE, join_row, ood_auroc, prediction_arrays, score
 from .setup import (CompareConfig, base_digest, check_config, data_digest, default_guides, label_names, prepare, records_digest,
                     seed_for, train_map)
-from .table import format_row, ts_name
+from .table import base_guide, format_row, ts_name
 
 
 def fit_method(setup, name: str, map_seconds: float = 0.0):
@@ -127,14 +127,17 @@ def map_drift(run, setup):
 RERUN_SEED = "to compare them, rerun the seed alone into a new --out: --seeds <seed>"
 
 
-def older_seeding_note(run):
-    """The note (also warned) for the rows this process adds to ``run`` where its earlier rows predicted each
-    evaluation set under a seed of its own (:data:`~.results.PREDICT_SEEDING` 1); else None."""
-    if run.seeding >= PREDICT_SEEDING:
+def older_seeding_note(run, row_name, seed):
+    """The note (also warned) for the rows of ``row_name`` and ``seed`` this process adds to ``run`` where its rows of
+    other seeds there drew each evaluation set's weight samples apart (:data:`~.results.PREDICT_SEEDING` 1); else
+    None. A method without weight samples scores the same either way."""
+    others = any(r["guide"] == row_name and r["seed"] != seed for r in run.rows)
+    if (not others or run.seeding.get(row_name, PREDICT_SEEDING) >= PREDICT_SEEDING
+            or not get_method(base_guide(row_name)).draws_weights):
         return None
-    note = ("the run's earlier rows drew each evaluation set's weight samples apart (pyro_lora before 2026-12-03), these "
-            "rows one draw for all: a sampling method's OOD AUROC and +ts rows differ in kind across them; rerun into a "
-            "new --out to compare seeds")
+    note = (f"{row_name}'s rows of other seeds drew each evaluation set's weight samples apart (pyro_lora before "
+            "2026-12-03), these rows one draw for all: their OOD AUROC and +ts rows differ in kind; rerun the method "
+            "(pyro-lora study --update) or the run into a new --out to compare seeds")
     warnings.warn(note, stacklevel=2)
     return note
 
@@ -195,7 +198,6 @@ def _run_seeds(config, overwrite, reference):
     plan = {seed: [g for g in config.guides if not all(run.complete(r, seed, datasets) for r in row_names(config, g))]
             for seed in config.seeds}
     eta = _Estimate(sum(map(len, plan.values())))
-    older = older_seeding_note(earlier) if any(plan.values()) else None
     for seed in config.seeds:
         todo = plan[seed]
         if len(todo) < len(config.guides):
@@ -242,6 +244,7 @@ def _run_seeds(config, overwrite, reference):
             finally:
                 setup.restore()
             for row_name, (rows, arrays, first) in results.items():
+                older = older_seeding_note(run, row_name, seed) if earlier is run else None  # an update reruns every seed
                 for row in rows:
                     row["note"] = join_notes(row.get("note"), drift, older)
                 run.add(row_name, seed, rows, arrays, first)

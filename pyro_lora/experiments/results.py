@@ -42,10 +42,18 @@ _RESUMABLE = ("guides", "seeds", "out", "progress")
 _REPLACE = "pass --overwrite (pyro-lora study: --force) to replace"  # compare's flag and the study's for one thing
 
 
-# how compare seeds its predictives (results.json's and run.json's "predict_seeding"): 1, a seed per evaluation set
-# (weight samples drawn apart for the test and the shifted sets: OOD AUROC compared two draws); 2, one seed for every
-# set (common random numbers). A record without it is 1.
+# how compare seeds its predictives (run.json's "predict_seeding", results.json's per row name): 1, a seed per
+# evaluation set (weight samples drawn apart for the test and the shifted sets: OOD AUROC compared two draws); 2, one
+# seed for every set (common random numbers). A record without it is 1.
 PREDICT_SEEDING = 2
+
+
+def recorded_seeding(saved) -> dict:
+    """Row name -> the :data:`PREDICT_SEEDING` its rows in the record ``saved`` were scored under (the oldest, where
+    a resume added rows of another), for every row name with rows; 1 where the record keeps none."""
+    value = saved.get("predict_seeding", 1)
+    names = dict.fromkeys(r["guide"] for r in saved.get("per_seed", []))
+    return {g: (value.get(g, 1) if isinstance(value, dict) else value) for g in names}
 
 
 def recorded_base(saved) -> str | None:
@@ -124,7 +132,7 @@ class RunFolder:
         self.maps = {}  # seed (a string, as JSON keys are) -> digest of the MAP its rows start from
         self.data = None  # digest of the records its rows were scored on (:func:`~.setup.data_digest`)
         self.base = None  # digest of the base model's weights they were scored with (:func:`~.setup.base_digest`)
-        self.seeding = PREDICT_SEEDING  # the oldest seeding of its rows (a resumed older run keeps its own)
+        self.seeding = {}  # row name -> the oldest seeding of its rows (:func:`recorded_seeding`)
         self.labels = None  # evaluation set -> the label names its rows were scored under (:func:`~.setup.label_names`)
         self._check_writable(config.guides or ())
         saved = self._read()
@@ -134,8 +142,7 @@ class RunFolder:
             self.rows, self.failed, self.sizes = saved["per_seed"], saved.get("failed", []), saved.get("sizes")
             self.maps, self.data, self.base = dict(saved.get("maps", {})), saved.get("data"), recorded_base(saved)
             self.labels = saved.get("labels")
-            if self.rows or self.failed:
-                self.seeding = min(saved.get("predict_seeding", 1), PREDICT_SEEDING)
+            self.seeding = recorded_seeding(saved)
             self.guides, self.seeds = list(saved["config"]["guides"] or ()), list(saved["config"]["seeds"])
 
     def _read(self):
@@ -333,6 +340,8 @@ class RunFolder:
         first seed, ``first_seed = (probs, labels)`` of the in-distribution test set for its reliability diagram."""
         self._track(guide, seed)
         self._added.add(guide)
+        others = any(r["guide"] == guide and r["seed"] != seed for r in self.rows)  # its rows of other seeds, if any
+        self.seeding[guide] = min(self.seeding.get(guide, PREDICT_SEEDING), PREDICT_SEEDING) if others else PREDICT_SEEDING
         self.rows = [r for r in self.rows if (r["guide"], r["seed"]) != (guide, seed)] + list(rows)
         self.failed = [f for f in self.failed if (f["guide"], f["seed"]) != (guide, seed)]
         if not is_main():
@@ -608,8 +617,8 @@ def merge_results(out, update, record=None):
         config.update(data_dir=new["config"].get("data_dir"), model=new["config"].get("model"))
         base = {**base, **{k: new.get(k) for k in ("data", "sizes", "base", "base_version", "labels")}}
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
-    # a method's rows come from one run (every seed rerun); the record keeps the oldest seeding it holds
-    seeding = new.get("predict_seeding", 1) if replaces_all else min(base.get("predict_seeding", 1), new.get("predict_seeding", 1))
+    # a rerun method's rows are the rerun's, every seed: so is their seeding
+    seeding = {g: s for g, s in recorded_seeding(base).items() if base_guide(g) not in updated} | recorded_seeding(new)
     write_json(out / RESULTS, {**base, "config": config, "summary": summary, "verdict": verdict(rows, config["dataset"]),
                                "per_seed": rows, "failed": failed, "maps": maps, "predict_seeding": seeding})
     if record is not None:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..guides.registry import METHODS, join_notes, weight_samples
+from ..guides.registry import METHODS, join_notes
 from ..io import atomic_file, copy_file
 from .plots import difference_heatmaps
-from .results import PREDICT_SEEDING, SIDECAR, read_record, summarize_run
+from .results import PREDICT_SEEDING, SIDECAR, read_record, recorded_seeding, summarize_run
 from .study_header import answer_format, header_section, long_name, model_name, short, used_sizes
 from .table import COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, shown, ts_name
 from .verdict import ACCURACY_POINTS, accuracy_drop, clear_difference, verdict
@@ -63,7 +63,8 @@ def load_runs(runs_dir, datasets=None):
         if run["config"]["dataset"] != dataset:
             warnings.warn(f"{path.parent} holds a run of {run['config']['dataset']}, not of {dataset}: left out of the report")
             continue
-        run["per_seed"] = [_without_apart_draws(run, r) for r in run["per_seed"]]
+        seeding = recorded_seeding(run)
+        run["per_seed"] = [_without_apart_draws(run, r, seeding) for r in run["per_seed"]]
         # the tables and the verdict from the same rows: a stored summary may be older than them (a hand-edited row)
         run["summary"] = summarize_run(run["per_seed"], run.get("failed", []))
         sidecar = path.with_name(SIDECAR)
@@ -76,12 +77,13 @@ APART = ("OOD AUROC withheld: scored before 2026-12-03 with weight samples drawn
          "draws apart as much as the inputs (rerun the method: `pyro-lora study --update <method>`)")
 
 
-def _without_apart_draws(run, row):
+def _without_apart_draws(run, row, seeding):
     """``row`` with its OOD AUROC withheld (n/a, with :data:`APART` as its note) where a sampling method scored its
-    shifted set with other weight samples than its test set (a run before :data:`~.results.PREDICT_SEEDING` 2)."""
+    shifted set with other weight samples than its test set (``seeding``, :func:`~.results.recorded_seeding`, below
+    :data:`~.results.PREDICT_SEEDING` 2: a run before it, or rows added to one)."""
     method = METHODS.get(base_guide(row["guide"]))
-    if (run.get("predict_seeding", 1) >= PREDICT_SEEDING or row["dataset"] == run["config"]["dataset"] or method is None
-            or not method.bayesian or method.predictive is not weight_samples):
+    if (seeding.get(row["guide"], 1) >= PREDICT_SEEDING or row["dataset"] == run["config"]["dataset"]
+            or method is None or not method.draws_weights):
         return row
     return {**row, "ood_auroc_entropy": None, "ood_auroc_mi": None, "note": join_notes(row.get("note"), APART)}
 
