@@ -672,6 +672,17 @@ def test_a_results_json_whose_maps_is_no_digest_per_seed_is_refused_by_name(tmp_
             RunFolder(tmp_path, small(tmp_path))
 
 
+def test_a_results_json_with_a_malformed_seeding_or_labels_record_is_refused_by_name(tmp_path):
+    RunFolder(tmp_path, small(tmp_path, guides=("map",))).add("map", 0, [ROW], arrays(0))
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert record["predict_seeding"] == {"map": 2}
+    for key, value in (("predict_seeding", "2"), ("predict_seeding", {"map": 3}), ("predict_seeding", True),
+                       ("labels", ["a", "b"]), ("labels", {"sst2": "a"})):
+        (tmp_path / "results.json").write_text(json.dumps({**record, key: value}))
+        with pytest.raises(ValueError, match=rf"results.json is not the results of a `pyro-lora compare` run .*its '{key}' is "):
+            RunFolder(tmp_path, small(tmp_path))
+
+
 def test_two_processes_never_write_one_run_folder(tmp_path):
     """A compare into a folder another running process writes (a second compare, or a study) is refused before any
     work: each wrote its own results.json over the other's, and a finished run lost its rows without a word."""

@@ -461,6 +461,13 @@ def read_record(out, advice, needs=()):
             value = saved.get(key)
             if not (value is None or (isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value))):
                 raise ValueError(f"its {key!r} is {value!r:.80}, not the SHA-256 digest of {what}")
+        seeding = saved.get("predict_seeding", 1)
+        schemes = seeding.values() if isinstance(seeding, dict) else [seeding]
+        if not all(type(s) is int and 1 <= s <= PREDICT_SEEDING for s in schemes):
+            raise ValueError(f"its 'predict_seeding' is {seeding!r:.80}, not 1 to {PREDICT_SEEDING} (per row name)")
+        labels = saved.get("labels")
+        if not (labels is None or isinstance(labels, dict) and all(v is None or isinstance(v, list) for v in labels.values())):
+            raise ValueError(f"its 'labels' is {labels!r:.80}, not evaluation set -> label names")
         _check_rows(saved["per_seed"], "per_seed", ("guide", "dataset"))
         _check_rows(saved.get("failed", []), "failed", ("guide",))
     except (ValueError, KeyError, TypeError) as error:
