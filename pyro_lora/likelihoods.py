@@ -210,6 +210,19 @@ _NO_PAD_TOKEN = ("the network's config has no pad_token_id, which a decoder's cl
                  "find each row's last token: set net.config.pad_token_id, e.g. to tokenizer.pad_token_id or eos_token_id")
 
 
+def _refuse_ending_in_pad(ids, mask, pad):
+    """Refuse rows whose last real token is the pad token id (transformers#35352): a decoder's classification head
+    finds each row's last token as the last one that is not ``pad_token_id``, so a text ending in eos, where the
+    tokenizer pads with eos, was read at the token before it, padded or not."""
+    last = ids.gather(1, (_last_positions(mask) if mask is not None else torch.full_like(ids[:, 0], ids.shape[1] - 1))[:, None])
+    if bool((last == pad).any()):  # one host sync, as the checks beside it
+        ending = (last[:, 0] == pad).nonzero().flatten().tolist()
+        raise ValueError(f"row(s) {ending[:5]} end in token {pad}, the config's pad_token_id (a tokenizer without a pad "
+                         "token pads with its eos): a decoder's classification head takes the last token that is not "
+                         "pad_token_id as the row's last, so it would read the token before; leave the final eos out of "
+                         "the texts, or give the tokenizer a pad token of its own and set net.config.pad_token_id to it")
+
+
 def _last_positions(attention_mask):
     """Index of the last real token per row, for left or right padding: ``[N, T] -> [N]``."""
     t = attention_mask.shape[1]
@@ -326,6 +339,8 @@ class SequenceClassification(Likelihood):
                 raise ValueError(_NO_PAD_TOKEN + "; this batch is padded, and a decoder's head would read a padding cell")
             if pad is not None and "input_ids" in batch:
                 batch = {**batch, "input_ids": batch["input_ids"].masked_fill(mask == 0, pad)}
+        if pad is not None and "input_ids" in batch:
+            _refuse_ending_in_pad(batch["input_ids"], mask, pad)
         self.check_network(net)  # a config attribute or two: problem_type may be set after the model was built
         try:
             out = net(**repeat_inputs(batch, num_samples)).logits

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -143,6 +144,10 @@ def fit(
             raise ValueError(f"under torch.distributed ({distributed.world_size()} ranks) the model needs num_data (the "
                              "training set's size): without it each rank scales its data term to its own batch, so the "
                              "averaged loss counts the data once per rank and the prior W times")
+        if model.num_data is None and (_length(data) or 0) > 1:  # pyro#1437: minibatches unscaled against the prior
+            warnings.warn(f"the model has no num_data, and fit steps through {_length(data)} batches: each is taken as the "
+                          "whole training set, so the data weigh B/N of what they should against the prior (a posterior "
+                          "too wide, a MAP pulled to 0); give LoraModel(..., num_data=len(training set))", stacklevel=2)
     if train_network:
         take_over(model, guide)
         guide._point_snapshot = None  # live while it trains them (callbacks, checkpoints); taken again at the end

@@ -286,6 +286,21 @@ def test_a_decoder_head_without_pad_token_id_is_refused_by_name_when_it_cannot_f
     assert model.logits(one, values, num_samples=S).shape == (S, 1, 3)
 
 
+def test_a_row_ending_in_the_pad_token_id_is_refused_padded_or_not():
+    """transformers#35352: a decoder's head reads a row at its last token that is not pad_token_id, so a text ending in
+    eos where the tokenizer pads with eos was read at the token before it, padded or not, without a word."""
+    net = tiny_llama_cls()
+    model = LoraModel(net, SequenceClassification(), random="AB")
+    ending = {"input_ids": torch.tensor([[5, 6, 7, PAD, 0], [5, 6, 7, 8, 9]]),
+              "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])}
+    for batch in (ending, {"input_ids": ending["input_ids"][:1, :4]}):  # padded, and one row without a mask
+        with pytest.raises(ValueError, match=rf"row\(s\) \[0\] end in token {PAD}, the config's pad_token_id .*leave the "
+                                             "final eos out"):
+            model.logits(batch)
+    inside = {"input_ids": torch.tensor([[5, PAD, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    assert model.logits(inside).shape == (1, 3)  # the pad id inside a row is no row's end
+
+
 # ------------------------------------------------------------------------------------------- refusals
 
 

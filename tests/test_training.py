@@ -446,3 +446,21 @@ def test_a_gradient_left_by_an_earlier_fit_does_not_join_the_next_one():
 
     for clean, after_stale in zip(trained(False), trained(True), strict=True):
         torch.testing.assert_close(after_stale, clean)
+
+
+def test_fit_over_several_batches_without_num_data_says_so():
+    """pyro#1437: without num_data each batch is taken as the whole data, its likelihood weighed B/N against the prior
+    (a posterior too wide), without a word; one batch is the whole data, and says nothing."""
+    import warnings
+
+    data = toy_data(n=24, batch=8)
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification())
+    with pytest.warns(UserWarning, match="the model has no num_data, and fit steps through 3 batches: each is taken as the "
+                                         "whole training set"):
+        fit(model, MAPGuide(model), data, epochs=1, lr=1e-3, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        one = LoraModel(tiny_bert(num_labels=2), SequenceClassification())
+        fit(one, MAPGuide(one), data[:1], epochs=1, lr=1e-3, progress=False)
+        sized = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), num_data=24)
+        fit(sized, MAPGuide(sized), data, epochs=1, lr=1e-3, progress=False)
