@@ -1,6 +1,7 @@
 """The ``pyro-lora`` command line: ``compare`` (the default), ``fit``, ``bayesianize``, ``evaluate``, ``study``."""
 
 import argparse
+import functools
 import math
 import os
 import sys
@@ -308,8 +309,8 @@ def main(argv=None):
     if args.command == "bayesianize" and args.low >= args.high:
         ap.error(f"bayesianize: --low {args.low} must be below --high {args.high}")
     debug, shown = getattr(args, "debug", False), warnings.showwarning
-    if not debug:
-        warnings.showwarning = _one_line_warning
+    if not debug:  # each text once per command: a note repeated per method and seed buried the table
+        warnings.showwarning = functools.partial(_one_line_warning, seen=set())
     try:
         return _run(args, argv)
     except KeyboardInterrupt:  # Ctrl-C: say what is kept, not a traceback
@@ -329,11 +330,15 @@ def main(argv=None):
         warnings.showwarning = shown
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+def _one_line_warning(message, category, filename, lineno, file=None, line=None, seen=None):
     """A warning as one line, like errors, its category named unless a plain UserWarning (``--debug`` shows Python's
-    form, with the source line)."""
+    form, with the source line); a text already in ``seen`` is not shown again."""
     kind = "" if category is UserWarning else f"{category.__name__}: "
-    print(f"pyro-lora: warning: {kind}{message}", file=sys.stderr)
+    text = f"pyro-lora: warning: {kind}{message}"
+    if seen is None or text not in seen:
+        print(text, file=sys.stderr)
+        if seen is not None:
+            seen.add(text)
 
 
 def _verdict(out):
