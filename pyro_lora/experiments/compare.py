@@ -131,8 +131,7 @@ def older_seeding_note(run, row_name, seed):
     """The note (also warned) for the rows of ``row_name`` and ``seed`` this process adds to ``run`` where its rows of
     other seeds there drew each evaluation set's weight samples apart (:data:`~.results.PREDICT_SEEDING` 1); else
     None. A method without weight samples scores the same either way."""
-    others = any(r["guide"] == row_name and r["seed"] != seed for r in run.rows)
-    if (not others or run.seeding.get(row_name, PREDICT_SEEDING) >= PREDICT_SEEDING
+    if (not run.has_other_seeds(row_name, seed) or run.seeding.get(row_name, PREDICT_SEEDING) >= PREDICT_SEEDING
             or not get_method(base_guide(row_name)).draws_weights):
         return None
     note = (f"{row_name}'s rows of other seeds drew each evaluation set's weight samples apart (pyro_lora before "

@@ -48,6 +48,11 @@ _REPLACE = "pass --overwrite (pyro-lora study: --force) to replace"  # compare's
 PREDICT_SEEDING = 2
 
 
+def is_seeding(value) -> bool:
+    """Whether ``value`` is a :data:`PREDICT_SEEDING` a record may hold (an integer from 1 to it)."""
+    return type(value) is int and 1 <= value <= PREDICT_SEEDING
+
+
 def recorded_seeding(saved) -> dict:
     """Row name -> the :data:`PREDICT_SEEDING` its rows in the record ``saved`` were scored under (the oldest, where
     a resume added rows of another), for every row name with rows; 1 where the record keeps none."""
@@ -316,6 +321,10 @@ class RunFolder:
         if changed and self.rows and self._replaced is None:  # a run being replaced keeps its record until a result
             self.write()
 
+    def has_other_seeds(self, guide, seed) -> bool:
+        """Whether finished rows of ``guide`` under seeds other than ``seed`` are saved (rows ``seed`` adds join them)."""
+        return any(r["guide"] == guide and r["seed"] != seed for r in self.rows)
+
     def has_rows(self, seed) -> bool:
         """Whether some finished row of ``seed`` is saved."""
         return any(r["seed"] == seed for r in self.rows)
@@ -340,8 +349,8 @@ class RunFolder:
         first seed, ``first_seed = (probs, labels)`` of the in-distribution test set for its reliability diagram."""
         self._track(guide, seed)
         self._added.add(guide)
-        others = any(r["guide"] == guide and r["seed"] != seed for r in self.rows)  # its rows of other seeds, if any
-        self.seeding[guide] = min(self.seeding.get(guide, PREDICT_SEEDING), PREDICT_SEEDING) if others else PREDICT_SEEDING
+        # joining its rows of other seeds, the guide keeps their (oldest) seeding; alone, this one's
+        self.seeding[guide] = self.seeding.get(guide, PREDICT_SEEDING) if self.has_other_seeds(guide, seed) else PREDICT_SEEDING
         self.rows = [r for r in self.rows if (r["guide"], r["seed"]) != (guide, seed)] + list(rows)
         self.failed = [f for f in self.failed if (f["guide"], f["seed"]) != (guide, seed)]
         if not is_main():
@@ -463,7 +472,7 @@ def read_record(out, advice, needs=()):
                 raise ValueError(f"its {key!r} is {value!r:.80}, not the SHA-256 digest of {what}")
         seeding = saved.get("predict_seeding", 1)
         schemes = seeding.values() if isinstance(seeding, dict) else [seeding]
-        if not all(type(s) is int and 1 <= s <= PREDICT_SEEDING for s in schemes):
+        if not all(map(is_seeding, schemes)):
             raise ValueError(f"its 'predict_seeding' is {seeding!r:.80}, not 1 to {PREDICT_SEEDING} (per row name)")
         labels = saved.get("labels")
         if not (labels is None or isinstance(labels, dict) and all(v is None or isinstance(v, list) for v in labels.values())):

@@ -19,7 +19,7 @@ from ..guides.tfb import TFB_ANCHORS, bayesianize_setup
 from ..guides.registry import METHODS, MODELS, Fitted, get_method, join_notes
 from .compare import evaluate, fit_method, predictor
 from .scoring import join_row, score
-from .results import PREDICT_SEEDING, recorded_base
+from .results import PREDICT_SEEDING, is_seeding, recorded_base
 from .setup import (ADDED_SETTINGS, BASE_DIGEST_VERSION, CompareConfig, base_digest, check_config, check_numbers, prepare, seed_for,
                     train_map)
 
@@ -248,7 +248,7 @@ def _read_record(path, overrides):
             raise ValueError(f"seed {seed!r} is no integer in [0, 2**32)")
         if not isinstance(random, str) or not random or any(k not in KINDS for k in random):
             raise ValueError(f"random {random!r} is none of the matrix kinds {', '.join(KINDS)}")
-        if run.get("predict_seeding", 1) not in range(1, PREDICT_SEEDING + 1) or isinstance(run.get("predict_seeding"), bool):
+        if not is_seeding(run.get("predict_seeding", 1)):
             raise ValueError(f"predict_seeding {run['predict_seeding']!r} is none of 1 to {PREDICT_SEEDING}")
         (name,) = config.guides
         check_numbers(config)
