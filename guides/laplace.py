@@ -15,13 +15,13 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_lora.contract import check_guide
-from pyro_lora.data import to_device
+from pyro_lora.data import fixed_batches, to_device
 from pyro_lora.distributions import KFACNormal
 from pyro_lora.evidence import curvature_peaks, evidence_terms, maximise_evidence, precision_config, site_precision
 from pyro_lora.kfac import SiteFactors, accumulate, glm_batch, glm_predict, grid_nll_glm
 from pyro_lora.likelihoods import MultipleChoice, is_cloze
 from pyro_lora.metrics import nll
-from pyro_lora.checks import check_count, check_reiterable
+from pyro_lora.checks import check_count
 from pyro_lora.predictive import predict
 from pyro_lora.sites import check_values
 
@@ -277,7 +277,9 @@ class LaplaceGuide(LoraGuide):
         numerator the informed matrices keep away from 0 however flat the others are.
         ``"val_nll"``: one ``lambda`` for all, the grid value with the lowest NLL on ``val_loader`` under the
         GLM probit predictive (one pass: the Jacobians do not depend on ``lambda``) or, with
-        ``predictive="samples"``, the sampled predictive with ``num_samples`` (common random numbers).
+        ``predictive="samples"``, the sampled predictive with ``num_samples`` (common random numbers). ``val_loader``
+        is read once into a list of batches, so every pass sees them in the same order (a shuffling ``DataLoader``,
+        a generator).
 
         With ``refine``, a second grid of 7 values, log-spaced between the best value's neighbours (between it and its
         one neighbour at an end of the grid), refines it (one more pass). When the lowest NLL is still at the grid's
@@ -291,8 +293,7 @@ class LaplaceGuide(LoraGuide):
         :returns: the trace: evidence per Newton iteration, or NLL per grid value (the refining grid's after).
         :raises ValueError: before :meth:`fit`, on an unknown ``method`` or ``predictive``, ``"val_nll"`` on a network
             whose head or adapter changed since the fit (as ``predict`` refuses it) or without
-            ``val_loader`` (or with a one-shot iterator where the search reads it more than once: ``refine`` or the
-            sampled predictive) or with ``per_layer=True``, a grid value that is not finite and positive (0, negative,
+            ``val_loader`` or with ``per_layer=True``, a grid value that is not finite and positive (0, negative,
             inf, nan), a ``num_samples`` or ``max_iter`` that is not a positive integer, or a grid NLL that is nan.
         """
         self._check_fitted()
@@ -334,8 +335,7 @@ class LaplaceGuide(LoraGuide):
             raise ValueError(f"method must be 'marglik' or 'val_nll', got {method!r}")
         if val_loader is None:
             raise ValueError("method='val_nll' needs val_loader")
-        if refine or predictive == "samples":  # the GLM scores the whole grid in one pass; samples, one per value
-            check_reiterable(val_loader, "val_loader", "the search reads it more than once")
+        val_loader = fixed_batches(val_loader)  # each pass the same batches in the same order: common random numbers
         if per_layer:
             raise ValueError("method='val_nll' searches one lambda for all layers: use per_layer=False")
         if predictive not in ("glm", "samples"):

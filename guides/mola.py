@@ -17,6 +17,7 @@ import torch
 
 from pyro_lora.checks import check_reiterable
 from pyro_lora.contract import check_guide
+from pyro_lora.data import fixed_batches
 from pyro_lora.ownership import point_snapshot
 from pyro_lora.distributions import UniformMixture
 from pyro_lora.kfac import glm_predict, grid_nll, probit
@@ -103,12 +104,12 @@ class LaplaceMixtureGuide(EnsembleGuide):
         whose keyword arguments ``kwargs`` takes: ``per_layer``, ``max_iter``, ...). ``"val_nll"``: one ``lambda`` for
         every component, the value of ``grid`` (default ``logspace(-4, 4, 17)``; then, with ``refine``, 7 values between
         its neighbours, or between it and its one neighbour at an end) of lowest NLL on ``val_loader`` of the predictive :meth:`predict_glm` reports, the mixture's GLM
-        probit (one pass per grid: the Jacobians do not depend on ``lambda``). Either leaves every ``lambda_k`` as it
-        was where it fails.
+        probit (one pass per grid: the Jacobians do not depend on ``lambda``; ``val_loader`` is read once into a list
+        of batches). Either leaves every ``lambda_k`` as it was where it fails.
 
         :returns: the components' evidence traces (``"marglik"``), or the validation NLL per grid value (``"val_nll"``).
-        :raises ValueError: before :meth:`fit`, on an unknown ``method``, ``"val_nll"`` without ``val_loader``, with an
-            iterator and ``refine`` (read once per grid), with ``kwargs``, on a grid value that is not finite and positive, on a model
+        :raises ValueError: before :meth:`fit`, on an unknown ``method``, ``"val_nll"`` without ``val_loader``, with
+            ``kwargs``, on a grid value that is not finite and positive, on a model
             the guide was not built for or a network whose head changed since, or where the NLL is nan.
         """
         self._check_fitted()
@@ -121,8 +122,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
             raise ValueError("method='val_nll' needs val_loader")
         if kwargs:
             raise ValueError(f"method='val_nll' of a Laplace mixture takes val_loader, grid, refine and progress; got {sorted(kwargs)}")
-        if refine:  # the grid in one pass, its refinement in another
-            check_reiterable(val_loader, "val_loader", "the search and its refinement read it twice")
+        val_loader = fixed_batches(val_loader)  # the grid in one pass, its refinement in another
         grid = prior_precision_grid(grid)
         check_guide(self.model, self, "tune lambda on validation data")
         with self._all_or_nothing():

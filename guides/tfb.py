@@ -401,7 +401,8 @@ def _pair_sites(sites):
 def _decompose(a, b, ratio):
     """Batched ``B = U diag(d) V^T``; returns ``A' = V^T A``, ``B' = U diag(d)``, the floored ``d`` and flag masks.
 
-    :param a: ``[*L, r, d_in]``; ``b``: ``[*L, d_out, r]``. The SVD runs in float64; results are float32.
+    :param a: ``[*L, r, d_in]``; ``b``: ``[*L, d_out, r]``. The SVD runs in float64; results are float32. Where
+        ``r > d_out``, ``A'`` and ``B'`` are padded to rank ``r`` (zero rows, zero columns), so they fit the sites.
     :returns: ``A'`` ``[*L, r, d_in]``, ``B'`` ``[*L, d_out, r]``, scale ``[*L, r]``, and per-layer masks
         ``[*L]`` of layers with floored singular values and of layers whose ``B`` is zero.
     """
@@ -413,6 +414,11 @@ def _decompose(a, b, ratio):
     zero = (top == 0).squeeze(-1)
     small = (d < floor).any(-1) & ~zero
     scale = torch.where(top > 0, d.clamp_min(floor), torch.ones_like(d)).float()  # B' = 0: no weight noise anyway
+    missing = a.shape[-2] - d.shape[-1]
+    if missing > 0:  # r > d_out: B has d_out singular values; rows of A' against zero columns of B' keep B'A' = BA
+        a_prime = torch.cat([a_prime, a_prime.new_zeros(*a_prime.shape[:-2], missing, a_prime.shape[-1])], -2)
+        b_prime = torch.cat([b_prime, b_prime.new_zeros(*b_prime.shape[:-1], missing)], -1)
+        scale = torch.cat([scale, scale.new_ones(*scale.shape[:-1], missing)], -1)
     return a_prime, b_prime, scale, small, zero
 
 

@@ -15,7 +15,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from pyro_lora.calibration import check_tol, golden_section
-from pyro_lora.checks import check_reiterable
+from pyro_lora.data import fixed_batches
 from pyro_lora.metrics import accuracy, nll
 from pyro_lora.predictive import predict
 
@@ -79,14 +79,14 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     :param str knob: the knob's name, for the warning and the trace.
     :param grid: at least 3 positive values, increasing.
     :param max_flip_rate: a fraction in ``[0, 1]``, or None for no flip guard.
-    :param loader: the validation data.
+    :param loader: the validation data (batches), read once: each value is scored on the same batches in the same
+        order, so a shuffling ``DataLoader`` or a generator is scored as the list of its batches.
     :returns: a :class:`Tuning` (the value, the trace, the edge note, which is also warned); the knob is left at the
         best value.
-    :raises ValueError: for a one-shot iterator as ``loader``, a grid of fewer than 3 values or values that are not
-        positive and increasing, a
-        negative ``max_accuracy_drop``, a ``max_flip_rate`` outside ``[0, 1]``, a ``tol`` that is not positive and finite, or a grid none of whose values
-        gives a finite validation NLL (a value whose predictive is not finite is refused, as one that costs
-        accuracy).
+    :raises ValueError: for a grid of fewer than 3 values or values that are not positive and increasing, a negative
+        ``max_accuracy_drop``, a ``max_flip_rate`` outside ``[0, 1]``, a ``tol`` that is not positive and finite, or a
+        grid none of whose values gives a finite validation NLL (a value whose predictive is not finite is refused, as
+        one that costs accuracy).
     """
     grid = [float(v) for v in grid]
     if len(grid) < 3 or not all(0 < a < b for a, b in zip(grid, grid[1:])) or not all(map(math.isfinite, grid)):
@@ -96,7 +96,7 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     if max_flip_rate is not None and not 0 <= max_flip_rate <= 1:
         raise ValueError(f"max_flip_rate must be a fraction in [0, 1] or None, got {max_flip_rate!r}")
     check_tol(tol)
-    check_reiterable(loader, "the validation data", "the search reads it once per value")
+    loader = fixed_batches(loader)  # every value scored on the same batches, in the same order
     trace, refused, reference = [], set(), None
 
     def score(value):

@@ -285,6 +285,13 @@ def make_loader(records: list, collator: Callable[[list[dict]], dict], batch_siz
     )
 
 
+def fixed_batches(data) -> list:
+    """The batches of ``data`` read once into a list, for a search that compares its passes over the same data: a
+    shuffling ``DataLoader`` with a generator of its own orders each pass anew (so predictions of two passes would be
+    compared across examples, and the weight noise fall on other examples), and a generator yields only once."""
+    return data if isinstance(data, list) else list(data)
+
+
 def to_device(batch: dict, device: torch.device | str) -> dict:
     """Move every tensor of a batch dict to ``device`` (other values are kept as they are)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

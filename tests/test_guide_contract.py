@@ -118,6 +118,27 @@ def test_fast_path_shapes(built):
     assert {n: tuple(v.shape) for n, v in mean.items()} == {n: s.shape for n, s in model.sites.items()}
 
 
+@pytest.mark.parametrize("cls", list(BUILDERS), ids=lambda c: c.__name__)
+def test_a_rank_above_the_layers_width_keeps_the_sites_shapes_or_is_refused(cls, monkeypatch, tmp_path):
+    """r = 40 > d_in = d_out = 32: TFB's SVD gave A' of 32 rows for sites of 40 (saved, then failed to load), ScalaBL's
+    rotation failed with a shape error; LoRA-XS cores are r x r of W0's top r singular directions: refused."""
+    monkeypatch.setitem(globals(), "tiny_bert", lambda r=4, bert=tiny_bert, **kw: bert(r=40, **kw))  # every builder
+    torch.manual_seed(0)
+    if cls is SWAGGuide:
+        with pytest.raises(ValueError, match=r"LoRA rank 40 of .* exceeds min\(d_out, d_in\) = 32"):
+            BUILDERS[cls]()
+        return
+    model, guide = BUILDERS[cls]()
+    shapes = {n: s.shape for n, s in model.sites.items()}
+    assert 40 in next(iter(shapes.values()))
+    trace = poutine.trace(guide).get_trace(data()[0])
+    assert {n: tuple(trace.nodes[n]["value"].shape) for n in shapes} == shapes
+    assert {n: tuple(v.shape[1:]) for n, v in guide.sample(4).items()} == shapes
+    save_guide(guide, tmp_path / "g")
+    for n, v in load_guide(tmp_path / "g", model).mean().items():
+        torch.testing.assert_close(v, guide.mean()[n])
+
+
 @pytest.mark.parametrize("count", [True, 2.0, 0, -2, torch.tensor(2), "4"])
 def test_sample_refuses_a_count_that_is_no_positive_integer(built, count):
     _, guide = built  # True drew one sample, 0 none, 2.0 and a tensor reached torch's own errors (or drew)

@@ -97,6 +97,9 @@ def test_an_iterator_is_refused_where_each_member_reads_the_data():
         guide.predict_glm(data())
     guide.fit(data(), progress=False)
     torch.testing.assert_close(guide.predict_glm(iter(data())).probs, guide.predict_glm(data()).probs)  # one pass
+    grid = [0.1, 1.0, 10.0]  # the search and its refinement: two passes over the batches read once
+    assert guide.optimize_prior_precision("val_nll", val_loader=iter(data()), grid=grid) == \
+        guide.optimize_prior_precision("val_nll", val_loader=data(), grid=grid)
 
 
 class Alternating:

@@ -45,9 +45,10 @@ class _TwoLinear(torch.nn.Module):
 
 
 def tiny_layer_model(b_values):
-    """A LoraModel over :class:`_TwoLinear` (r=3, s=2) whose B matrices are set to ``b_values`` ``[2, 5, 3]``."""
+    """A LoraModel over :class:`_TwoLinear` (s=2) whose B matrices are set to ``b_values`` ``[2, 5, r]``."""
     torch.manual_seed(0)
-    net = get_peft_model(_TwoLinear(), LoraConfig(r=3, lora_alpha=6, target_modules=["lin"]))
+    r = b_values.shape[-1]
+    net = get_peft_model(_TwoLinear(), LoraConfig(r=r, lora_alpha=2 * r, target_modules=["lin"]))
     model = LoraModel(net, SequenceClassification(), random="AB")
     values = model.adapter_values()
     values["lin.lora_B"] = b_values
@@ -93,6 +94,31 @@ def test_weight_noise_covariance_is_isotropic_in_column_space_of_b():
     expected = (s * sigma) ** 2 * (u @ u.transpose(-1, -2))
     assert (cov - expected.unsqueeze(1)).abs().max() < 0.03 * (s * sigma) ** 2
     assert dw.mean(0).abs().max() < 0.02 * s * sigma
+
+
+def test_a_rank_above_the_output_width_pads_the_transform_to_the_sites(tmp_path):
+    """r = 7 > d_out = 5: B has 5 singular values, and A' came out [2, 5, 6] for sites [2, 7, 6]; it saved, then
+    failed to load or export, and the Pyro guide path drew samples of the wrong shape."""
+    model = tiny_layer_model(torch.randn(2, 5, 7, generator=torch.Generator().manual_seed(3)))
+    before = products(model.adapter_values(), model)
+    guide = TFBGuide(model, sigma_q=0.05)
+    shapes = {n: tuple(s.shape) for n, s in model.sites.items()}
+    assert {n: tuple(v.shape) for n, v in guide.mean().items()} == shapes
+    torch.testing.assert_close(products(guide, model)["lin.lora_A"], before["lin.lora_A"], rtol=1e-5, atol=1e-6)
+    trace = poutine.trace(guide).get_trace(random_batch())
+    assert {n: tuple(trace.nodes[n]["value"].shape) for n in shapes} == shapes
+    s, sigma, n = 2.0, 0.05, 100_000  # B has full row rank 5: the weight noise is isotropic, (s sigma)^2 I
+    torch.manual_seed(0)
+    draws = guide.sample(n)
+    dw = s * (draws["lin.lora_B"] @ draws["lin.lora_A"] - before["lin.lora_A"])
+    cov = torch.einsum("slij,slkj->ljik", dw, dw) / n
+    assert (cov - (s * sigma) ** 2 * torch.eye(5)).abs().max() < 0.03 * (s * sigma) ** 2
+    save_guide(guide, tmp_path / "tfb")
+    loaded = load_guide(tmp_path / "tfb", model)
+    for k, v in guide.mean().items():
+        torch.testing.assert_close(loaded.mean()[k], v)
+    model.write_adapter(loaded.mean())
+    torch.testing.assert_close(products(model.adapter_values(), model)["lin.lora_A"], before["lin.lora_A"], rtol=1e-5, atol=1e-6)
 
 
 def test_sigma_zero_reproduces_map_and_pyro_guide_path():

@@ -58,11 +58,20 @@ def test_validation_scores_use_common_random_numbers():
     assert validation_scores(guide, data(), num_samples=4, seed=4).nll != first.nll
 
 
-def test_tuning_refuses_a_one_shot_iterator():
-    """Every grid value reads the validation data: a generator's second value found nothing ("the data is empty")."""
+def test_tuning_scores_every_value_on_the_same_batches_in_the_same_order():
+    """A DataLoader shuffling with its own generator ordered each pass anew: the flip guard compared other examples'
+    predictions (flip rates of 0.6 at values that change no prediction, and the smallest value chosen); a generator's
+    second pass found nothing."""
     model, guide = meanfield()
-    with pytest.raises(ValueError, match=r"the validation data is a one-shot iterator \(list_iterator\)"):
-        tune_on_validation(guide, "posterior temperature", guide.set_temperature, [0.1, 1.0, 10.0], iter(data()), num_samples=4)
+    rows = [{k: v[i] for k, v in b.items()} for b in data((1, 2, 3, 4)) for i in range(4)]
+    shuffled = torch.utils.data.DataLoader(rows, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(7))
+    grid = [1e-8, 2e-8, 4e-8]  # noise far too small to change a prediction
+    tuning = tune_on_validation(guide, "posterior temperature", guide.set_temperature, grid, shuffled, num_samples=4,
+                                max_flip_rate=0.0)
+    assert [t[3] for t in tuning.trace] == [0.0] * len(tuning.trace)
+    listed = tune_on_validation(guide, "posterior temperature", guide.set_temperature, [0.1, 1.0, 10.0], data(), num_samples=4)
+    once = tune_on_validation(guide, "posterior temperature", guide.set_temperature, [0.1, 1.0, 10.0], iter(data()), num_samples=4)
+    assert once.trace == listed.trace
 
 
 def test_tuning_finds_the_minimum_of_a_fine_grid_and_leaves_the_knob_there():
@@ -93,12 +102,12 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
     optimum = 3.7
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        trace = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4, tol=0.01).trace
+        trace = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], [], num_samples=4, tol=0.01).trace
     assert knob["v"] == pytest.approx(optimum, rel=0.01) and min(trace, key=lambda t: t[1])[0] == knob["v"]
     assert all(len(t) == 4 and t[2] == 0.8 and math.isnan(t[3]) for t in trace)  # no predictions: flips unknown
     optimum = 1e5  # beyond the grid's largest value
     with pytest.warns(UserWarning, match="lowest at the largest T of the grid .100; grid 0.1 to 100.: the optimum may lie beyond"):
-        tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4)
+        tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], [], num_samples=4)
     assert "lowest at the largest T of the grid" in tuning.note  # for the method's rows
     assert knob["v"] == pytest.approx(100.0)  # the refinement stays inside the grid
     for bad in ([1.0, 2.0], [1.0, 0.5, 2.0], [0.0, 1.0, 2.0], [1.0, 2.0, float("inf")]):
@@ -106,22 +115,22 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
             tune_on_validation(None, "T", set_value, bad, None, num_samples=4)
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *args, **kw: (math.inf, math.nan, None))
     with pytest.raises(ValueError, match="no T of the grid .0.1 to 10. gives a finite validation NLL"):
-        tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4)
+        tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4)
     # the demo's scalabl_val: the widest temperatures overflow the predictive; they are refused, not fatal
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores",
                         lambda *a, **k: (math.inf, math.nan, None) if knob["v"] > 5 else (1.0 / knob["v"], 0.8, None))
-    assert tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4).value <= 10.0
+    assert tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], [], num_samples=4).value <= 10.0
     assert knob["v"] < 10.0
     with pytest.raises(ValueError, match="max_accuracy_drop must be a fraction >= 0"):
-        tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4, max_accuracy_drop=-0.1)
+        tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, max_accuracy_drop=-0.1)
     # a knob without effect (an untrained posterior): not "the optimum may lie beyond" the grid
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *a, **k: (0.6547, 0.61, None))
     with pytest.warns(UserWarning, match="the same at every T of the grid .0.1 to 100.: the T does not change"):
-        tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], None, num_samples=4)
+        tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], [], num_samples=4)
     assert tuning.value == knob["v"] == 0.1 and len(tuning.trace) == 4 and "beyond" not in tuning.note
     for tol in (0.0, -0.1, float("nan"), float("inf")):  # 0 looped forever, NaN skipped the refinement
         with pytest.raises(ValueError, match=r"tol \(the search's stopping width in log space\) must be a finite positive number"):
-            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4, tol=tol)
+            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, tol=tol)
 
 
 def test_tuning_refuses_a_value_that_costs_validation_accuracy(monkeypatch):
@@ -134,12 +143,12 @@ def test_tuning_refuses_a_value_that_costs_validation_accuracy(monkeypatch):
         return 1.0 / (1.0 + math.log10(t) + 2), 0.80 if t <= 3.0 else 0.75, None
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", scores)
     set_value = lambda v: knob.update(v=v)  # noqa: E731
-    trace = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], None, num_samples=4, tol=0.01).trace
+    trace = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], [], num_samples=4, tol=0.01).trace
     assert 2.9 <= knob["v"] <= 3.0 and min(trace, key=lambda t: t[1])[0] == 100.0  # not the lowest NLL: it costs 5 points
-    tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], None, num_samples=4, max_accuracy_drop=0.1)
+    tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], [], num_samples=4, max_accuracy_drop=0.1)
     assert knob["v"] == 100.0  # allowed 10 points: the lowest NLL
     with pytest.warns(UserWarning, match="every T of the grid above its smallest .2. costs more than 1 validation accuracy"):
-        tune_on_validation(None, "T", set_value, [2.0, 10.0, 100.0], None, num_samples=4)
+        tune_on_validation(None, "T", set_value, [2.0, 10.0, 100.0], [], num_samples=4)
     assert 2.0 <= knob["v"] <= 3.0
 
 
@@ -156,20 +165,20 @@ def test_tuning_refuses_a_value_whose_flips_hide_in_the_validation_accuracy(monk
         return 1.0 / (1.0 + math.log10(t) + 2), 0.80, predicted
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", scores)
     set_value = lambda v: knob.update(v=v)  # noqa: E731
-    tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], None, num_samples=4)
+    tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], [], num_samples=4)
     assert knob["v"] == 100.0  # without the guard: the lowest NLL
-    tuning = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], None, num_samples=4, tol=0.01,
+    tuning = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], [], num_samples=4, tol=0.01,
                                 max_flip_rate=0.01)
     assert 2.9 <= knob["v"] <= 3.0 and knob["v"] == max(t[0] for t in tuning.trace if t[3] <= 0.01)
     assert {t[3] for t in tuning.trace} == {0.0, 0.04}  # flips against the first value's predictions
-    tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], None, num_samples=4, max_flip_rate=0.05)
+    tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], [], num_samples=4, max_flip_rate=0.05)
     assert knob["v"] == 100.0  # 4% allowed
     with pytest.warns(UserWarning, match="costs more than 1 validation accuracy points or flips more than 1% of the"):
-        tune_on_validation(None, "T", set_value, [2.0, 10.0, 100.0], None, num_samples=4, max_flip_rate=0.01)
+        tune_on_validation(None, "T", set_value, [2.0, 10.0, 100.0], [], num_samples=4, max_flip_rate=0.01)
     assert 2.0 <= knob["v"] <= 3.0
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="max_flip_rate must be a fraction in"):
-            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], None, num_samples=4, max_flip_rate=bad)
+            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, max_flip_rate=bad)
 
 
 def test_tfb_val_guards_flips_with_the_search_tolerance_and_keeps_them_in_its_trace(monkeypatch):
@@ -672,7 +681,7 @@ def test_the_accuracy_note_only_where_every_larger_value_costs_accuracy(monkeypa
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores",
                         lambda *a, **k: (1.0 + abs(math.log10(knob["v"]) + 2), 0.7 if knob["v"] == 0.1 else 0.8, None))
     with pytest.warns(UserWarning, match="lowest at the smallest T of the grid"):
-        tuning = tune_on_validation(None, "T", knob.update and (lambda v: knob.update(v=v)), [0.01, 0.1, 1.0, 10.0], None,
+        tuning = tune_on_validation(None, "T", knob.update and (lambda v: knob.update(v=v)), [0.01, 0.1, 1.0, 10.0], [],
                                     num_samples=4)
     assert "costs more than" not in tuning.note
 
