@@ -12,6 +12,7 @@ Collectives run on CUDA for the NCCL backend and on CPU otherwise; tensors are m
 from __future__ import annotations
 
 import contextlib
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -83,14 +84,72 @@ class _BlockSampler:
         return stop - start
 
 
+def _digest(value, crc: int = 0) -> int:
+    """A CRC-32 of a batch (or record): its keys, tensors' dtypes, shapes and bytes, other values' ``repr``; the same
+    on two ranks only where they hold the same batch (Python's ``hash`` of a string differs across processes)."""
+    if isinstance(value, dict):
+        for key in sorted(value, key=repr):
+            crc = _digest(value[key], zlib.crc32(repr(key).encode(), crc))
+        return crc
+    if isinstance(value, (list, tuple)) and any(torch.is_tensor(v) or isinstance(v, dict) for v in value):
+        for item in value:
+            crc = _digest(item, crc)
+        return crc
+    if torch.is_tensor(value):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        crc = zlib.crc32(f"{flat.dtype}{tuple(value.shape)}".encode(), crc)
+        return zlib.crc32(flat.view(torch.uint8).numpy(), crc)
+    return zlib.crc32(repr(value).encode(), crc)
+
+
+def check_same_data(items, what: str = "batch") -> None:
+    """Refuse ranks whose ``items`` (batches, or a loader's records) differ: each rank keeps its block of the data it
+    is given, so data sharded or shuffled per rank would score some examples twice and others never.
+
+    :raises ValueError: on every rank, naming the first item that differs.
+    """
+    fewest, most = (int(v) for v in spread(torch.tensor(len(items))))
+    if fewest != most:
+        raise ValueError(f"the ranks were given {fewest} to {most} {what}{'es' if what.endswith('ch') else 's'}: every rank must be given the same full data "
+                         "(each keeps its block of it)")
+    low, high = spread(torch.tensor([float(_digest(item)) for item in items], dtype=torch.float64))  # < 2^32: exact
+    differ = (low != high).nonzero()
+    if len(differ):
+        raise ValueError(f"{what} {int(differ[0])} (of {len(items)}) is not the same on every rank: every rank must be "
+                         "given the same full data, in the same order (each keeps its block of it); do not shard or "
+                         "shuffle it per rank (shuffle with one seed on every rank, or pass a DataLoader with "
+                         "shuffle=True, which is drawn as rank 0 draws it)")
+
+
+class _Blocks:
+    """This rank's block of a re-iterable's batches, read again on each pass: an iterable that orders its batches
+    anew per pass (per epoch of ``fit``) keeps doing so, as in one process."""
+
+    def __init__(self, data, even):
+        self.data, self.even = data, even
+
+    def __iter__(self):
+        batches = list(self.data)
+        check_same_data(batches)
+        if len(batches) != len(self.data):  # the same on every rank, checked above
+            raise ValueError(f"the data yielded {len(batches)} batches where its len() says {len(self.data)}")
+        return iter(shard(batches, self.even))
+
+    def __len__(self):
+        start, stop = _bounds(len(self.data), self.even)
+        return stop - start
+
+
 def split_batches(data, even: bool = False):
     """This rank's contiguous block of the batches of ``data`` (a ``DataLoader`` or a list of batches).
 
     A ``DataLoader`` is rebuilt over the same dataset, collate function and workers with a batch sampler
-    that keeps this rank's batches; other iterables must have a length. Without a process group,
-    ``data`` itself.
+    that keeps this rank's batches; other iterables must have a length, and are read again on each pass. Without a
+    process group, ``data`` itself.
 
     :param bool even: every rank gets ``len(data) // W`` batches (the last ``len(data) % W`` are dropped).
+    :raises ValueError: for data that differ across ranks (a list's batches, a loader's list of records; in number
+        for any data), a ``DataLoader`` that already shards, or one over an ``IterableDataset``.
     """
     if not is_distributed():
         return data
@@ -114,11 +173,16 @@ def split_batches(data, even: bool = False):
     if even and len(data) < world_size():
         raise ValueError(f"{len(data)} batches cannot give each of {world_size()} ranks one: use smaller batches")
     if isinstance(data, DataLoader):
+        if isinstance(data.dataset, (list, tuple)):  # records in memory: cheap to compare
+            check_same_data(data.dataset, "record")
         options = {k: getattr(data, k) for k in _LOADER_OPTIONS if hasattr(data, k)}  # workers' init, generator, ...
         if data.batch_sampler is None:  # batch_size=None: the dataset's items are the batches, drawn by the sampler
             return DataLoader(data.dataset, batch_size=None, sampler=_BlockSampler(data.sampler, even), **options)
         return DataLoader(data.dataset, batch_sampler=_BlockSampler(data.batch_sampler, even), **options)
-    return shard(data if isinstance(data, (list, tuple)) else list(data), even)
+    if isinstance(data, (list, tuple)):
+        check_same_data(data)
+        return shard(data, even)
+    return _Blocks(data, even)
 
 
 # what a DataLoader is built with besides its dataset and sampling: kept when it is rebuilt over this rank's block

@@ -1,5 +1,6 @@
 """torch.distributed on CPU (gloo, 2 spawned processes): SVI, KFAC, predict and TFB on 2 ranks equal 1 process."""
 
+import random
 from datetime import timedelta
 
 import pytest
@@ -117,6 +118,32 @@ def run_misuses(tmp):
 
     out["iterable"] = _refused(lambda: distributed.split_batches(DataLoader(Stream(), batch_size=2)))
     out["lengths"] = _refused(lambda: predict(make_model(48), None, toy_data(16 if r == 0 else 12, 4)))
+    # data of the same length that differ: shuffled per rank (8 of 32 examples scored twice, 8 never), or sharded
+    # by the user before the library shards it again (half the examples scored, Laplace's N halved)
+    mine = toy_data(16, 4)
+    random.Random(100 + r).shuffle(mine)
+    out["shuffled_per_rank"] = _refused(lambda: predict(make_model(48), None, mine))
+    out["sharded_by_hand"] = _refused(lambda: LaplaceGuide(make_model(48)).fit(distributed.shard(toy_data(16, 4)),
+                                                                               progress=False))
+    out["records_per_rank"] = _refused(lambda: distributed.split_batches(
+        DataLoader([{"text": f"rank {r} row {i}"} for i in range(8)], batch_size=2)))
+
+    class Reordering:
+        """Batches in another order on each pass, as a hand-written shuffling iterable: fit read it once and replayed
+        the first epoch's order every epoch."""
+
+        def __init__(self):
+            self.passes = 0
+
+        def __len__(self):
+            return 4
+
+        def __iter__(self):
+            self.passes += 1
+            return iter([{"x": torch.tensor([(i * self.passes) % 5])} for i in range(1, 5)])
+
+    blocks = distributed.split_batches(Reordering())
+    out["passes"] = [distributed.gather_cat(torch.cat([b["x"] for b in blocks])).tolist() for _ in range(2)]
     # after fit every rank draws from one stream again
     model = make_model(num_data=16)
     guide = MAPGuide(model)
@@ -214,6 +241,10 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         assert "already gives each rank a part of the data (DistributedSampler" in out["sharded"]
         assert "over an IterableDataset cannot be split" in out["iterable"]
         assert "the ranks were given 3 to 4 batches" in out["lengths"]
+        for key in ("shuffled_per_rank", "sharded_by_hand"):
+            assert "is not the same on every rank: every rank must be given the same full data" in out[key]
+        assert out["records_per_rank"].startswith("record 0 (of 8) is not the same on every rank")
+        assert out["passes"] == [[1, 2, 3, 4], [2, 4, 1, 3]]
         assert out["after_fit"][0] == out["after_fit"][1]
         assert out["adapter"][0] == out["adapter"][1]
         assert "cannot predict: the ranks hold different values of ['guide.locs.0']" in out["differs"]
