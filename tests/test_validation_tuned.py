@@ -404,6 +404,26 @@ def test_verdict_counts_a_win_only_where_the_paired_interval_excludes_zero():
     assert verdict(rows, "boolq") == ""
 
 
+def test_rows_without_a_recorded_setting_take_their_methods_and_an_unknown_one_is_named():
+    """Rows recorded before the setting column (or resumed beside newer ones) were left out of the lines on
+    temperature scaling without a word: a method that beat it went unnamed, or the whole comparison vanished."""
+    rows = _rows({
+        "map": [(0.81, 11.0, 0.57, 0.10), (0.80, 12.0, 0.58, 0.11), (0.82, 11.5, 0.56, 0.10)],
+        "temperature": [(0.81, 3.0, 0.43, 0.10), (0.80, 3.4, 0.44, 0.11), (0.82, 2.6, 0.42, 0.10)],
+        "laplace_val": [(0.81, 2.8, 0.42, 0.09), (0.80, 3.2, 0.43, 0.10), (0.82, 2.4, 0.41, 0.09)],
+        "laplace": [(0.81, 4.0, 0.40, 0.10), (0.80, 4.4, 0.41, 0.11), (0.82, 4.1, 0.39, 0.10)],
+        "laplace_val+ts": [(0.81, 2.8, 0.42, 0.09), (0.80, 3.2, 0.43, 0.10), (0.82, 2.4, 0.41, 0.09)],
+    })
+    expected = verdict(rows, "sst2")
+    assert "No validation data: beat temperature scaling (ECE 3.00, NLL 0.430) on both ECE and NLL: none; on NLL only: laplace." in expected
+    assert "on both ECE and NLL: laplace_val, laplace_val+ts" in expected
+    old = [{k: v for k, v in r.items() if k != "setting" or r["guide"] == "laplace_val"} for r in rows]
+    assert verdict(old, "sst2") == expected
+    assert "| laplace | no validation data |" in format_table(summarize_seeds(old))
+    unknown = [{**r, "guide": "mine"} if r["guide"] == "laplace" else r for r in old]
+    assert "- Not compared with temperature scaling (no setting recorded, and a method this version does not know): mine." in verdict(unknown, "sst2")
+
+
 @pytest.mark.parametrize("df, quantile", [(1, 12.706), (2, 4.303), (4, 2.776), (10, 2.228), (11, 2.201), (29, 2.045),
                                           (120, 1.980)])
 def test_the_interval_uses_students_t_quantile_for_any_number_of_seeds(df, quantile):

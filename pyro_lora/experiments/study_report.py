@@ -18,7 +18,7 @@ from ..io import atomic_file, copy_file
 from .plots import difference_heatmaps
 from .results import PREDICT_SEEDING, SIDECAR, read_record, recorded_seeding, summarize_run
 from .study_header import answer_format, header_section, long_name, model_name, short, used_sizes
-from .table import COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, shown, ts_name
+from .table import COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, row_setting, shown, ts_name
 from .verdict import ACCURACY_POINTS, accuracy_drop, clear_difference, verdict
 
 DATASETS = ("sst2", "arc_easy", "openbookqa")  # the study's sets, in report order
@@ -307,13 +307,13 @@ def in_distribution_table(run):
     """The run's table on its own test set, with the setting column (no validation data / validation-tuned) where its
     rows record it, and the rows' notes under it."""
     rows = in_distribution_rows(run)
-    first = ("guide", "setting") if any("setting" in r for r in rows) else ("guide",)
+    first = ("guide", "setting") if any(row_setting(r) for r in rows) else ("guide",)
     notes = {}
     for r in rows:
         if r.get("note"):
             notes.setdefault(r["note"], []).append(r["guide"])
     listed = [f"- {', '.join(guides)}: {note}" for note, guides in notes.items()]
-    table = markdown_table([{"setting": "", **r} for r in rows], IN_DISTRIBUTION, first)
+    table = markdown_table([{**r, "setting": row_setting(r) or ""} for r in rows], IN_DISTRIBUTION, first)
     return table + ("\n\nNotes:\n\n" + "\n".join(listed) if listed else "")
 
 

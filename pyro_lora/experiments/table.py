@@ -5,7 +5,7 @@ import numbers
 from collections import Counter
 from typing import NamedTuple, Optional
 
-from ..guides.registry import join_notes
+from ..guides.registry import METHODS, VALIDATION_TUNED, join_notes
 
 
 class Column(NamedTuple):
@@ -46,6 +46,18 @@ def base_guide(name: str) -> str:
     return name.removesuffix(TS_SUFFIX)
 
 
+def row_setting(row) -> Optional[str]:
+    """A row's setting ("no validation data" / "validation-tuned"): as recorded, else, for a record from before it was
+    recorded, its method's (:attr:`~pyro_lora.guides.registry.Method.setting`; a ``+ts`` row is validation-tuned);
+    None for a method this process does not know."""
+    if row.get("setting"):
+        return row["setting"]
+    name = row["guide"]
+    if name.endswith(TS_SUFFIX):
+        return VALIDATION_TUNED
+    return METHODS[name].setting if name in METHODS else None
+
+
 def columns(*keys):
     """The :class:`Column` of each metric in ``keys``, in that order (a sub-table, e.g. the study's)."""
     return [COLUMNS[k] for k in keys]
@@ -57,10 +69,9 @@ def format_table(rows):
     Rows with a ``note`` are marked ``(note)`` and their notes listed under the table, each note once with the
     rows it applies to. A value that is not available (NaN or None: e.g. the mutual information of a predictive
     without weight samples) reads ``n/a``. The ``setting`` column says whether a row's method fitted anything on the
-    validation split ("validation-tuned") or not ("no validation data"): :attr:`~pyro_lora.guides.registry.Method.setting`
-    (left out for rows of runs from before it was recorded).
+    validation split ("validation-tuned") or not ("no validation data"): :func:`row_setting`.
     """
-    setting = any("setting" in r for r in rows)
+    setting = any(row_setting(r) for r in rows)
     head = "| guide | " + "setting | " * setting + "dataset | " + " | ".join(c.title for c in TABLE) + " | OOD AUROC H / MI |"
     lines = [head, "|" + "---|" * (len(TABLE) + 3 + setting)]
     rows = _mark_partial_seeds(rows)
@@ -131,4 +142,4 @@ def format_row(r, setting=True):
     """One line of :func:`format_table` (``setting``: with the setting column)."""
     ood = " / ".join(_number(r[c.key], c.digits) for c in OOD) if "ood_auroc_entropy" in r else ""
     guide = r["guide"] + (" (note)" if r.get("note") else "")
-    return f"| {guide} | " + (f"{r.get('setting', '')} | " if setting else "") + f"{r['dataset']} | " + " | ".join(format_cell(r, c.key, c.digits) for c in TABLE) + f" | {ood} |"
+    return f"| {guide} | " + (f"{row_setting(r) or ''} | " if setting else "") + f"{r['dataset']} | " + " | ".join(format_cell(r, c.key, c.digits) for c in TABLE) + f" | {ood} |"

@@ -11,7 +11,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..guides.registry import METHODS
-from .table import COLUMNS, base_guide, shown
+from .table import COLUMNS, base_guide, row_setting, shown
 
 BASELINE, REFERENCE = "temperature", "map"
 ACCURACY_POINTS = 1.0  # the accuracy loss against MAP, in points, that the verdict names
@@ -250,7 +250,7 @@ def _why(means, guide, ref) -> str:
 def _against_baseline(rows, values, left):
     """The sentences on temperature scaling: per setting, who beats it on both ECE and NLL, on NLL only (none on
     both where its ECE is n/a on some seed), and who was not compared (n/a on some seed: ``left``)."""
-    settings = {r["guide"]: r.get("setting") for r in rows}
+    settings = {r["guide"]: row_setting(r) for r in rows}
     printed = {m: shown(_mean(values[m], BASELINE), COLUMNS[m].digits) for m in ("ece", "nll") if BASELINE in values[m]}
     lines = []
     for setting in sorted({s for g, s in settings.items() if s and g not in (BASELINE, REFERENCE)}):
@@ -271,4 +271,8 @@ def _against_baseline(rows, values, left):
                      f"{_names(both)}" + (f" (Bayesian: {_names(bayesian)})" if both else "") +
                      f"; on NLL only: {_names(nll_only)}" +
                      (f"; on NLL, its ECE not compared (n/a on some seed): {_names(no_ece)}" if no_ece else "") + tail)
+    unknown = sorted(g for g, s in settings.items() if not s and g not in (BASELINE, REFERENCE))
+    if unknown:
+        lines.append(f"- Not compared with temperature scaling (no setting recorded, and a method this version does not "
+                     f"know): {_names(unknown)}.")
     return lines
