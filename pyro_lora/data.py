@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from . import distributed
 from .checks import check_count
 from .collators import CausalLMCollator, ClassificationCollator, ClozeCollator, LetterCollator
 from .prompts import LETTERS, cloze_pairs, is_blank_item, letter_prompt, letter_token_ids, record_text
@@ -288,8 +289,13 @@ def make_loader(records: list, collator: Callable[[list[dict]], dict], batch_siz
 def fixed_batches(data) -> list:
     """The batches of ``data`` read once into a list, for a search that compares its passes over the same data: a
     shuffling ``DataLoader`` with a generator of its own orders each pass anew (so predictions of two passes would be
-    compared across examples, and the weight noise fall on other examples), and a generator yields only once."""
-    return data if isinstance(data, list) else list(data)
+    compared across examples, and the weight noise fall on other examples), and a generator yields only once. Under
+    ``torch.distributed`` a ``DataLoader``'s batches are rank 0's (as :func:`~pyro_lora.distributed.split_batches`
+    draws a loader): a generator of its own may differ across ranks."""
+    if isinstance(data, list):
+        return data
+    batches = list(data)
+    return distributed.broadcast_object(batches) if isinstance(data, DataLoader) else batches
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:

@@ -75,13 +75,20 @@ class _BlockSampler:
         self.batch_sampler, self.even = batch_sampler, even
 
     def __iter__(self):
-        batches = [list(self.batch_sampler)]
-        dist.broadcast_object_list(batches, src=0)
-        return iter(shard(batches[0], self.even))
+        return iter(shard(broadcast_object(list(self.batch_sampler)), self.even))
 
     def __len__(self):
         start, stop = _bounds(len(self.batch_sampler), self.even)
         return stop - start
+
+
+def broadcast_object(obj):
+    """Rank 0's ``obj`` (picklable) on every rank; ``obj`` itself without a process group."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _digest(value, crc: int = 0) -> int:

@@ -142,6 +142,13 @@ def run_misuses(tmp):
             self.passes += 1
             return iter([{"x": torch.tensor([(i * self.passes) % 5])} for i in range(1, 5)])
 
+    # a validation search reads a loader once: rank 0's draw, whatever each rank's generator (it was refused as
+    # "not the same on every rank" with the advice to pass a shuffling DataLoader, which this is)
+    from pyro_lora.data import fixed_batches
+
+    own = DataLoader(TensorDataset(torch.arange(16)), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(r))
+    fixed = torch.cat([b[0] for b in fixed_batches(own)])
+    out["fixed"] = distributed.gather_cat(fixed[None]).tolist()
     blocks = distributed.split_batches(Reordering())
     out["passes"] = [distributed.gather_cat(torch.cat([b["x"] for b in blocks])).tolist() for _ in range(2)]
     # after fit every rank draws from one stream again
@@ -245,6 +252,7 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
             assert "is not the same on every rank: every rank must be given the same full data" in out[key]
         assert out["records_per_rank"].startswith("record 0 (of 8) is not the same on every rank")
         assert out["passes"] == [[1, 2, 3, 4], [2, 4, 1, 3]]
+        assert out["fixed"][0] == out["fixed"][1] and sorted(out["fixed"][0]) == list(range(16))
         assert out["after_fit"][0] == out["after_fit"][1]
         assert out["adapter"][0] == out["adapter"][1]
         assert "cannot predict: the ranks hold different values of ['guide.locs.0']" in out["differs"]
