@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import zlib
+from collections.abc import Mapping
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Subset
@@ -92,52 +94,74 @@ def broadcast_object(obj):
 
 
 def _digest(value, crc: int = 0) -> int:
-    """A CRC-32 of a batch (or record): its keys, tensors' dtypes, shapes and bytes, other values' ``repr``; the same
-    on two ranks only where they hold the same batch (Python's ``hash`` of a string differs across processes)."""
-    if isinstance(value, dict):
+    """A CRC-32 of a batch (or record), the same on two ranks where they hold equal values: tensors' and arrays' dtypes,
+    shapes and bytes (-0.0 read as 0.0), mappings by key, sequences item by item, sets order-free, numbers and strings
+    by value; of another object only its type (a repr may hold its address: Python's ``hash`` also differs across
+    processes)."""
+    crc = zlib.crc32(type(value).__name__.encode(), crc)
+    if isinstance(value, Mapping):
         for key in sorted(value, key=repr):
-            crc = _digest(value[key], zlib.crc32(repr(key).encode(), crc))
+            crc = _digest(value[key], _digest(key, crc))
         return crc
-    if isinstance(value, (list, tuple)) and any(torch.is_tensor(v) or isinstance(v, dict) for v in value):
+    if isinstance(value, (list, tuple)):
         for item in value:
             crc = _digest(item, crc)
-        return crc
+        return zlib.crc32(str(len(value)).encode(), crc)
+    if isinstance(value, (set, frozenset)):
+        return zlib.crc32(repr(sorted(_digest(v) for v in value)).encode(), crc)
+    if isinstance(value, np.ndarray):
+        if value.dtype == object:
+            return _digest(value.tolist(), crc)
+        value = torch.from_numpy(np.ascontiguousarray(value))
     if torch.is_tensor(value):
         flat = value.detach().cpu().contiguous().reshape(-1)
+        flat = flat + 0 if flat.is_floating_point() or flat.is_complex() else flat  # -0.0 + 0 = 0.0
         crc = zlib.crc32(f"{flat.dtype}{tuple(value.shape)}".encode(), crc)
         return zlib.crc32(flat.view(torch.uint8).numpy(), crc)
-    return zlib.crc32(repr(value).encode(), crc)
+    if isinstance(value, (str, bytes, bool, int, float, complex, np.generic)) or value is None:
+        return zlib.crc32(repr(value + 0 if isinstance(value, float) else value).encode(), crc)
+    return crc
 
 
-def check_same_data(items, what: str = "batch") -> None:
-    """Refuse ranks whose ``items`` (batches, or a loader's records) differ: each rank keeps its block of the data it
-    is given, so data sharded or shuffled per rank would score some examples twice and others never.
+def same_data(items, what: str = "batch") -> list:
+    """``items`` (batches, or a loader's records) in rank 0's order, refusing ranks whose items differ: each rank keeps
+    its block of the data it is given, so data sharded by hand or drawn per rank would score some examples twice and
+    others never. The same items in another order (a list shuffled with each rank's own stream, e.g. inside ``fit``,
+    where each rank draws from a stream of its own) are put in rank 0's order, as a ``DataLoader`` is drawn.
 
-    :raises ValueError: on every rank, naming the first item that differs.
+    :raises ValueError: on every rank, where the ranks hold different items (not only in another order).
     """
+    items = list(items)
     fewest, most = (int(v) for v in spread(torch.tensor(len(items))))
     if fewest != most:
-        raise ValueError(f"the ranks were given {fewest} to {most} {what}{'es' if what.endswith('ch') else 's'}: every rank must be given the same full data "
-                         "(each keeps its block of it)")
-    low, high = spread(torch.tensor([float(_digest(item)) for item in items], dtype=torch.float64))  # < 2^32: exact
+        raise ValueError(f"the ranks were given {fewest} to {most} {what}{'es' if what.endswith('ch') else 's'}: every "
+                         "rank must be given the same full data (each keeps its block of it)")
+    digests = [_digest(item) for item in items]
+    low, high = spread(torch.tensor(digests, dtype=torch.float64))  # < 2^32: exact in float64
+    if torch.equal(low, high):
+        return items
+    low, high = spread(torch.tensor(sorted(digests), dtype=torch.float64))
     differ = (low != high).nonzero()
     if len(differ):
-        raise ValueError(f"{what} {int(differ[0])} (of {len(items)}) is not the same on every rank: every rank must be "
-                         "given the same full data, in the same order (each keeps its block of it); do not shard or "
-                         "shuffle it per rank (shuffle with one seed on every rank, or pass a DataLoader with "
-                         "shuffle=True, which is drawn as rank 0 draws it)")
+        raise ValueError(f"the ranks hold different {what}{'es' if what.endswith('ch') else 's'} ({len(differ)} of "
+                         f"{len(items)} differ, not only in order): every rank must be given the same full data (each "
+                         "keeps its block of it); do not shard it by hand, nor shuffle examples into batches with a "
+                         "stream of each rank's own (pass a DataLoader, drawn as rank 0 draws it, or a list)")
+    at = {}
+    for i, d in enumerate(digests):
+        at.setdefault(d, []).append(i)
+    return [items[at[d].pop()] for d in broadcast_object(digests)]
 
 
 class _Blocks:
     """This rank's block of a re-iterable's batches, read again on each pass: an iterable that orders its batches
-    anew per pass (per epoch of ``fit``) keeps doing so, as in one process."""
+    anew per pass (per epoch of ``fit``) keeps doing so, as in one process (in rank 0's order)."""
 
     def __init__(self, data, even):
         self.data, self.even = data, even
 
     def __iter__(self):
-        batches = list(self.data)
-        check_same_data(batches)
+        batches = same_data(self.data)
         if len(batches) != len(self.data):  # the same on every rank, checked above
             raise ValueError(f"the data yielded {len(batches)} batches where its len() says {len(self.data)}")
         return iter(shard(batches, self.even))
@@ -180,15 +204,14 @@ def split_batches(data, even: bool = False):
     if even and len(data) < world_size():
         raise ValueError(f"{len(data)} batches cannot give each of {world_size()} ranks one: use smaller batches")
     if isinstance(data, DataLoader):
-        if isinstance(data.dataset, (list, tuple)):  # records in memory: cheap to compare
-            check_same_data(data.dataset, "record")
+        # records in memory are cheap to compare (rank 0's indices must name the same records everywhere)
+        dataset = same_data(data.dataset, "record") if isinstance(data.dataset, (list, tuple)) else data.dataset
         options = {k: getattr(data, k) for k in _LOADER_OPTIONS if hasattr(data, k)}  # workers' init, generator, ...
         if data.batch_sampler is None:  # batch_size=None: the dataset's items are the batches, drawn by the sampler
-            return DataLoader(data.dataset, batch_size=None, sampler=_BlockSampler(data.sampler, even), **options)
-        return DataLoader(data.dataset, batch_sampler=_BlockSampler(data.batch_sampler, even), **options)
+            return DataLoader(dataset, batch_size=None, sampler=_BlockSampler(data.sampler, even), **options)
+        return DataLoader(dataset, batch_sampler=_BlockSampler(data.batch_sampler, even), **options)
     if isinstance(data, (list, tuple)):
-        check_same_data(data)
-        return shard(data, even)
+        return shard(same_data(data), even)
     return _Blocks(data, even)
 
 

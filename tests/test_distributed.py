@@ -3,6 +3,7 @@
 import random
 from datetime import timedelta
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -118,11 +119,14 @@ def run_misuses(tmp):
 
     out["iterable"] = _refused(lambda: distributed.split_batches(DataLoader(Stream(), batch_size=2)))
     out["lengths"] = _refused(lambda: predict(make_model(48), None, toy_data(16 if r == 0 else 12, 4)))
-    # data of the same length that differ: shuffled per rank (8 of 32 examples scored twice, 8 never), or sharded
-    # by the user before the library shards it again (half the examples scored, Laplace's N halved)
+    # data of the same length that differ: shuffled per rank (8 of 32 examples scored twice, 8 never) are put in rank
+    # 0's order; sharded by the user before the library shards it again (half the examples scored, Laplace's N
+    # halved) is refused
     mine = toy_data(16, 4)
     random.Random(100 + r).shuffle(mine)
-    out["shuffled_per_rank"] = _refused(lambda: predict(make_model(48), None, mine))
+    out["shuffled_per_rank"] = predict(make_model(48), None, mine).labels.tolist()
+    out["shuffled_records"] = [b["text"] for b in distributed.split_batches(DataLoader(
+        random.Random(r).sample([{"text": f"row {i}"} for i in range(8)], 8), batch_size=1, collate_fn=lambda b: b[0]))]
     out["sharded_by_hand"] = _refused(lambda: LaplaceGuide(make_model(48)).fit(distributed.shard(toy_data(16, 4)),
                                                                                progress=False))
     out["records_per_rank"] = _refused(lambda: distributed.split_batches(
@@ -149,6 +153,14 @@ def run_misuses(tmp):
     own = DataLoader(TensorDataset(torch.arange(16)), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(r))
     fixed = torch.cat([b[0] for b in fixed_batches(own)])
     out["fixed"] = distributed.gather_cat(fixed[None]).tolist()
+    class TorchShuffled(Reordering):
+        """Batches in torch.randperm's order: inside fit each rank draws from a stream of its own."""
+
+        def __iter__(self):
+            return iter([toy_data(16, 4)[i] for i in torch.randperm(4).tolist()])
+
+    model = make_model(num_data=16)
+    out["torch_shuffled_fit"] = _refused(lambda: fit(model, MAPGuide(model), TorchShuffled(), epochs=2, progress=False))
     blocks = distributed.split_batches(Reordering())
     out["passes"] = [distributed.gather_cat(torch.cat([b["x"] for b in blocks])).tolist() for _ in range(2)]
     # after fit every rank draws from one stream again
@@ -248,9 +260,10 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         assert "already gives each rank a part of the data (DistributedSampler" in out["sharded"]
         assert "over an IterableDataset cannot be split" in out["iterable"]
         assert "the ranks were given 3 to 4 batches" in out["lengths"]
-        for key in ("shuffled_per_rank", "sharded_by_hand"):
-            assert "is not the same on every rank: every rank must be given the same full data" in out[key]
-        assert out["records_per_rank"].startswith("record 0 (of 8) is not the same on every rank")
+        assert sorted(out["shuffled_per_rank"]) == sorted(torch.cat([b["labels"] for b in toy_data(16, 4)]).tolist())
+        assert "the ranks hold different batches (2 of 2 differ, not only in order)" in out["sharded_by_hand"]
+        assert out["records_per_rank"].startswith("the ranks hold different records (8 of 8 differ")
+        assert out["torch_shuffled_fit"] is None
         assert out["passes"] == [[1, 2, 3, 4], [2, 4, 1, 3]]
         assert out["fixed"][0] == out["fixed"][1] and sorted(out["fixed"][0]) == list(range(16))
         assert out["after_fit"][0] == out["after_fit"][1]
@@ -264,6 +277,28 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         assert "labels hold negative values" in out["batch_one_rank"]
         assert out["adapter_kept"] and out["kept_options"]
     assert "rank 1 refused" in ranks[0]["batch_one_rank"]
+    assert ranks[0]["shuffled_per_rank"] == ranks[1]["shuffled_per_rank"]  # rank 0's order on both
+    assert sorted(ranks[0]["shuffled_records"] + ranks[1]["shuffled_records"]) == [f"row {i}" for i in range(8)]
+
+
+def test_the_batch_digest_reads_values_not_reprs():
+    """The digest compared across ranks read other objects by repr: a tensor's and an array's are summarised (a
+    difference at entry 1000 unseen), a BatchEncoding (a UserDict) fell back to it, a PIL image's holds its address
+    and a frozenset's order follows each process's hash seed (the same data refused)."""
+    from transformers import BatchEncoding
+
+    from pyro_lora.distributed import _digest
+
+    big = torch.zeros(2000)
+    assert _digest({"x": big}) != _digest({"x": big.clone().index_fill_(0, torch.tensor([1000]), 1e-6)})
+    assert _digest(BatchEncoding({"x": big})) != _digest(BatchEncoding({"x": big + 1e-6}))
+    assert _digest(np.zeros(2000)) != _digest(np.eye(1, 2000, 1000).ravel())
+    assert _digest({"c": [[big]]}) != _digest({"c": [[big + 1e-6]]})
+    assert _digest(torch.tensor([0.0, -0.0])) == _digest(torch.tensor([0.0, 0.0])) and _digest(-0.0) == _digest(0.0)
+    assert _digest({"image": object()}) == _digest({"image": object()})  # by type: its repr holds its address
+    assert _digest(frozenset(f"tag{i}" for i in range(20))) == _digest(frozenset(f"tag{i}" for i in reversed(range(20))))
+    assert _digest({"a": 1, "b": "x"}) == _digest({"b": "x", "a": 1}) != _digest({"a": 2, "b": "x"})
+    assert _digest(torch.ones(2, 3)) != _digest(torch.ones(3, 2)) != _digest(torch.ones(2, 3, dtype=torch.float64))
 
 
 def test_a_crash_in_one_rank_is_raised_not_hung(tmp_path):
