@@ -107,12 +107,12 @@ def test_not_available_mi_through_summary_table_and_json(tmp_path):
     assert math.isnan(laplace["mutual_information"]) and math.isnan(laplace["mutual_information_std"])
     assert laplace["note"] == f"seeds 0, 1: {MI_NO_SAMPLES_NOTE}"
     table = format_table(summary)
-    line = [x for x in table.splitlines() if x.startswith("| laplace (note) | sst2 |")][0]
+    line = [x for x in table.splitlines() if x.startswith("| laplace (note) | no validation data | sst2 |")][0]
     assert "| n/a |" in line and "nan" not in line and "0.800 ± 0.000" not in line
-    assert [x for x in table.splitlines() if x.startswith("| map | sst2 |")][0].count("| 0.0000 |") == 1
-    shift = [x for x in table.splitlines() if x.startswith("| laplace | arc |")][0]
+    assert [x for x in table.splitlines() if x.startswith("| map | no validation data | sst2 |")][0].count("| 0.0000 |") == 1
+    shift = [x for x in table.splitlines() if x.startswith("| laplace | no validation data | arc |")][0]
     assert shift.endswith("| 0.600 / n/a |")
-    assert [x for x in table.splitlines() if x.startswith("| meanfield | arc |")][0].endswith("| 0.600 / 0.020 |")
+    assert [x for x in table.splitlines() if x.startswith("| meanfield | no validation data | arc |")][0].endswith("| 0.600 / 0.020 |")
     assert f"Note (laplace on sst2): seeds 0, 1: {MI_NO_SAMPLES_NOTE}" in table
     write_json(tmp_path / "results.json", {"summary": summary, "per_seed": rows})
     back = json.loads((tmp_path / "results.json").read_text())
@@ -174,7 +174,7 @@ def test_format_table_shows_mean_and_std():
            "mutual_information": 0.0, "aurc": 0.1, "fit_seconds": 3.0, "predict_seconds_per_1000": 1.0,
            "fit_memory_mb": 100.0, "extra_parameters": 0}
     table = format_table([row])
-    assert "0.800 ± 0.050" in table and "| map | sst2 |" in table
+    assert "0.800 ± 0.050" in table and "| map | no validation data | sst2 |" in table  # the method's setting
 
 
 @pytest.mark.real
