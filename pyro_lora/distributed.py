@@ -11,9 +11,12 @@ Collectives run on CUDA for the NCCL backend and on CPU otherwise; tensors are m
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import datetime
+import numbers
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence, Set
 
 import numpy as np
 import torch
@@ -93,60 +96,98 @@ def broadcast_object(obj):
     return box[0]
 
 
-def _digest(value, crc: int = 0) -> int:
-    """A CRC-32 of a batch (or record), the same on two ranks where they hold equal values: tensors' and arrays' dtypes,
-    shapes and bytes (-0.0 read as 0.0), mappings by key, sequences item by item, sets order-free, numbers and strings
-    by value; of another object only its type (a repr may hold its address: Python's ``hash`` also differs across
-    processes)."""
+# float dtypes whose -0.0 is read as 0.0 (float8 has no addition)
+_SIGNED_ZERO = {torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128}
+
+
+def _digest(value, crc: int = 0, depth: int = 0) -> int:
+    """A CRC-32 of a batch (or record), the same on two ranks where they hold equal values: tensors' and numeric
+    arrays' dtypes, shapes and bytes (-0.0 read as 0.0), mappings by key, sequences item by item, sets order-free,
+    numbers and strings by value, other objects by their attributes (a dataclass); of an object without any (or
+    nested deeper than 8) only its type: its repr may hold its address, and Python's ``hash`` differs across
+    processes."""
     crc = zlib.crc32(type(value).__name__.encode(), crc)
+    if depth > 8:
+        return crc
+    if isinstance(value, (str, bytes, bytearray, numbers.Number, np.generic, datetime.date, datetime.time,
+                          datetime.timedelta)) or value is None:
+        return zlib.crc32(repr(value + 0 if isinstance(value, float) else value).encode(), crc)
     if isinstance(value, Mapping):
         for key in sorted(value, key=repr):
-            crc = _digest(value[key], _digest(key, crc))
+            crc = _digest(value[key], _digest(key, crc, depth + 1), depth + 1)
         return crc
-    if isinstance(value, (list, tuple)):
-        for item in value:
-            crc = _digest(item, crc)
-        return zlib.crc32(str(len(value)).encode(), crc)
-    if isinstance(value, (set, frozenset)):
-        return zlib.crc32(repr(sorted(_digest(v) for v in value)).encode(), crc)
+    if isinstance(value, (Set, frozenset)):
+        return zlib.crc32(repr(sorted(_digest(v, 0, depth + 1) for v in value)).encode(), crc)
     if isinstance(value, np.ndarray):
-        if value.dtype == object:
-            return _digest(value.tolist(), crc)
-        value = torch.from_numpy(np.ascontiguousarray(value))
+        if value.dtype.kind not in "biufc" or value.dtype.itemsize > 8:  # strings, dates, records, long double
+            return _digest(value.tolist(), zlib.crc32(str(value.shape).encode(), crc), depth + 1)
+        value = torch.from_numpy(np.ascontiguousarray(value, dtype=value.dtype.newbyteorder("=")))
     if torch.is_tensor(value):
-        flat = value.detach().cpu().contiguous().reshape(-1)
-        flat = flat + 0 if flat.is_floating_point() or flat.is_complex() else flat  # -0.0 + 0 = 0.0
+        if value.is_nested:
+            return _digest(list(value.unbind()), crc, depth + 1)
+        flat = (value.to_dense() if value.layout != torch.strided else value).detach().cpu().contiguous().reshape(-1)
+        flat = flat + 0 if flat.dtype in _SIGNED_ZERO else flat  # -0.0 + 0 = 0.0
         crc = zlib.crc32(f"{flat.dtype}{tuple(value.shape)}".encode(), crc)
         return zlib.crc32(flat.view(torch.uint8).numpy(), crc)
-    if isinstance(value, (str, bytes, bool, int, float, complex, np.generic)) or value is None:
-        return zlib.crc32(repr(value + 0 if isinstance(value, float) else value).encode(), crc)
-    return crc
+    if isinstance(value, (Sequence, collections.deque)):
+        for item in value:
+            crc = _digest(item, crc, depth + 1)
+        return zlib.crc32(str(len(value)).encode(), crc)
+    attributes = getattr(value, "__dict__", None)
+    return _digest(attributes, crc, depth + 1) if isinstance(attributes, dict) and attributes else crc
 
 
-def same_data(items, what: str = "batch") -> list:
+def _fail_together(error, what: str):
+    """Raise on every rank once all know that one failed to ``what``: a ``ValueError`` on each (the failing rank's
+    chained from its own error), so that a ``refused_together`` block around the call sees every rank refuse."""
+    if error is None:
+        raise ValueError(f"another rank failed to {what} (its error is raised there)")
+    if isinstance(error, ValueError):
+        raise error
+    raise ValueError(f"this rank failed to {what}: {type(error).__name__}: {error}") from error
+
+
+def same_data(items, what: str = "batch", length=None) -> list:
     """``items`` (batches, or a loader's records) in rank 0's order, refusing ranks whose items differ: each rank keeps
     its block of the data it is given, so data sharded by hand or drawn per rank would score some examples twice and
     others never. The same items in another order (a list shuffled with each rank's own stream, e.g. inside ``fit``,
     where each rank draws from a stream of its own) are put in rank 0's order, as a ``DataLoader`` is drawn.
 
-    :raises ValueError: on every rank, where the ranks hold different items (not only in another order).
+    A rank that fails to read its items (or ``length()``, their stated number) fails every rank: the others would
+    wait for it in the next collective.
+
+    :raises ValueError: on every rank, where the ranks hold different items (not only in another order), or another
+        number of them than ``length()`` states; the failing rank's own error where reading the items failed there.
     """
-    items = list(items)
-    fewest, most = (int(v) for v in spread(torch.tensor(len(items))))
-    if fewest != most:
-        raise ValueError(f"the ranks were given {fewest} to {most} {what}{'es' if what.endswith('ch') else 's'}: every "
-                         "rank must be given the same full data (each keeps its block of it)")
-    digests = [_digest(item) for item in items]
+    plural = what + ("es" if what.endswith("ch") else "s")
+    error = None
+    try:
+        items = list(items)
+        stated = len(items) if length is None else length()
+        try:
+            digests = [_digest(item) for item in items]
+        except Exception as e:  # an odd value _digest cannot read: one sentence, raised on every rank alike
+            raise ValueError(f"cannot compare the {plural} across ranks: {type(e).__name__}: {e}") from e
+    except Exception as e:  # raised below, after the other ranks have heard of it
+        items, digests, stated, error = [], [], 0, e
+    low, high = spread(torch.tensor([float(error is not None), len(items), stated], dtype=torch.float64))
+    if high[0] > 0:
+        _fail_together(error, f"read its {plural}")
+    if low[1] != high[1]:
+        raise ValueError(f"the ranks were given {int(low[1])} to {int(high[1])} {plural}: every rank must be given the "
+                         "same full data (each keeps its block of it)")
+    if low[2] != high[2] or stated != len(items):
+        raise ValueError(f"the data yielded {len(items)} {plural} where its len() says {int(low[2])} to {int(high[2])}")
     low, high = spread(torch.tensor(digests, dtype=torch.float64))  # < 2^32: exact in float64
     if torch.equal(low, high):
         return items
     low, high = spread(torch.tensor(sorted(digests), dtype=torch.float64))
     differ = (low != high).nonzero()
     if len(differ):
-        raise ValueError(f"the ranks hold different {what}{'es' if what.endswith('ch') else 's'} ({len(differ)} of "
-                         f"{len(items)} differ, not only in order): every rank must be given the same full data (each "
-                         "keeps its block of it); do not shard it by hand, nor shuffle examples into batches with a "
-                         "stream of each rank's own (pass a DataLoader, drawn as rank 0 draws it, or a list)")
+        raise ValueError(f"the ranks hold different {plural} ({len(differ)} of {len(items)} differ, not only in order): "
+                         "every rank must be given the same full data (each keeps its block of it); do not shard it by "
+                         "hand, nor shuffle examples into batches with a stream of each rank's own (pass a DataLoader, "
+                         "drawn as rank 0 draws it, or a list)")
     at = {}
     for i, d in enumerate(digests):
         at.setdefault(d, []).append(i)
@@ -157,17 +198,14 @@ class _Blocks:
     """This rank's block of a re-iterable's batches, read again on each pass: an iterable that orders its batches
     anew per pass (per epoch of ``fit``) keeps doing so, as in one process (in rank 0's order)."""
 
-    def __init__(self, data, even):
-        self.data, self.even = data, even
+    def __init__(self, data, even, size):
+        self.data, self.even, self.size = data, even, size
 
     def __iter__(self):
-        batches = same_data(self.data)
-        if len(batches) != len(self.data):  # the same on every rank, checked above
-            raise ValueError(f"the data yielded {len(batches)} batches where its len() says {len(self.data)}")
-        return iter(shard(batches, self.even))
+        return iter(shard(same_data(self.data, length=lambda: len(self.data)), self.even))
 
     def __len__(self):
-        start, stop = _bounds(len(self.data), self.even)
+        start, stop = _bounds(self.size, self.even)
         return stop - start
 
 
@@ -197,12 +235,19 @@ def split_batches(data, even: bool = False):
                              "(shuffle=True is fine)")
     if not hasattr(data, "__len__"):
         raise ValueError(f"under torch.distributed the data must have a length to be split across ranks, got {type(data).__name__}")
-    fewest, most = (int(v) for v in spread(torch.tensor(len(data))))
+    try:  # a len() that fails on one rank must fail every rank, not leave the others waiting in spread()
+        size, error = len(data), None
+    except Exception as e:
+        size, error = 0, e
+    low, high = spread(torch.tensor([float(error is not None), size], dtype=torch.float64))
+    if high[0] > 0:
+        _fail_together(error, "give its data's length")
+    fewest, most = int(low[1]), int(high[1])
     if fewest != most:
         raise ValueError(f"the ranks were given {fewest} to {most} batches: every rank must be given the same "
                          "full data (each keeps its block of it)")
-    if even and len(data) < world_size():
-        raise ValueError(f"{len(data)} batches cannot give each of {world_size()} ranks one: use smaller batches")
+    if even and size < world_size():
+        raise ValueError(f"{size} batches cannot give each of {world_size()} ranks one: use smaller batches")
     if isinstance(data, DataLoader):
         # records in memory are cheap to compare (rank 0's indices must name the same records everywhere)
         dataset = same_data(data.dataset, "record") if isinstance(data.dataset, (list, tuple)) else data.dataset
@@ -212,7 +257,7 @@ def split_batches(data, even: bool = False):
         return DataLoader(dataset, batch_sampler=_BlockSampler(data.batch_sampler, even), **options)
     if isinstance(data, (list, tuple)):
         return shard(same_data(data), even)
-    return _Blocks(data, even)
+    return _Blocks(data, even, size)
 
 
 # what a DataLoader is built with besides its dataset and sampling: kept when it is rebuilt over this rank's block

@@ -1,6 +1,9 @@
 """torch.distributed on CPU (gloo, 2 spawned processes): SVI, KFAC, predict and TFB on 2 ranks equal 1 process."""
 
+import copy
 import random
+import types
+from collections import UserList
 from datetime import timedelta
 
 import numpy as np
@@ -161,6 +164,27 @@ def run_misuses(tmp):
 
     model = make_model(num_data=16)
     out["torch_shuffled_fit"] = _refused(lambda: fit(model, MAPGuide(model), TorchShuffled(), epochs=2, progress=False))
+    # records read by their attributes (a dataclass was read by type only: every record alike, rank 1's order kept)
+    rows = [types.SimpleNamespace(ids=torch.tensor([i])) for i in range(6)]
+    random.Random(r).shuffle(rows)
+    out["attribute_rows"] = [int(x.ids) for x in distributed.same_data(rows, "record")]
+
+    class FailsOnRank1(Reordering):
+        """Reading fails on rank 1 only: rank 0 waited for it in the next collective (30 min, gloo's timeout)."""
+
+        def __iter__(self):
+            if r == 1:
+                raise OSError("stream dropped on rank 1")
+            return iter(toy_data(16, 4))
+
+    class NoLengthOnRank1(Reordering):
+        def __len__(self):
+            if r == 1:
+                raise ValueError("no length on rank 1")
+            return 4
+
+    out["read_one_rank"] = _refused(lambda: predict(make_model(48), None, FailsOnRank1()))
+    out["len_one_rank"] = _refused(lambda: predict(make_model(48), None, NoLengthOnRank1()))
     blocks = distributed.split_batches(Reordering())
     out["passes"] = [distributed.gather_cat(torch.cat([b["x"] for b in blocks])).tolist() for _ in range(2)]
     # after fit every rank draws from one stream again
@@ -278,6 +302,13 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         assert out["adapter_kept"] and out["kept_options"]
     assert "rank 1 refused" in ranks[0]["batch_one_rank"]
     assert ranks[0]["shuffled_per_rank"] == ranks[1]["shuffled_per_rank"]  # rank 0's order on both
+    rank_0s = list(range(6))
+    random.Random(0).shuffle(rank_0s)
+    assert ranks[0]["attribute_rows"] == ranks[1]["attribute_rows"] == rank_0s
+    assert "this rank failed to read its batches: OSError: stream dropped on rank 1" in ranks[1]["read_one_rank"]
+    assert "another rank failed to read its batches" in ranks[0]["read_one_rank"]
+    assert ranks[1]["len_one_rank"] == "no length on rank 1"
+    assert "another rank failed to give its data's length" in ranks[0]["len_one_rank"]
     assert sorted(ranks[0]["shuffled_records"] + ranks[1]["shuffled_records"]) == [f"row {i}" for i in range(8)]
 
 
@@ -299,6 +330,13 @@ def test_the_batch_digest_reads_values_not_reprs():
     assert _digest(frozenset(f"tag{i}" for i in range(20))) == _digest(frozenset(f"tag{i}" for i in reversed(range(20))))
     assert _digest({"a": 1, "b": "x"}) == _digest({"b": "x", "a": 1}) != _digest({"a": 2, "b": "x"})
     assert _digest(torch.ones(2, 3)) != _digest(torch.ones(3, 2)) != _digest(torch.ones(2, 3, dtype=torch.float64))
+    # read by type only (every value alike: data that differ accepted) or not at all (the same data refused)
+    for one, other in [(types.SimpleNamespace(x=1), types.SimpleNamespace(x=2)), (UserList([1]), UserList([2])),
+                       (np.array(["yes", "no"]), np.array(["yes", "non"])), (torch.eye(3).to_sparse(), torch.zeros(3, 3).to_sparse()),
+                       (np.array(["2020-01-01"], dtype="datetime64[D]"), np.array(["2020-01-02"], dtype="datetime64[D]")),
+                       (torch.ones(3).to(torch.float8_e4m3fn), torch.zeros(3).to(torch.float8_e4m3fn))]:
+        assert _digest(one) == _digest(copy.deepcopy(one)) != _digest(other)
+    assert _digest(np.arange(3, dtype=">i4")) == _digest(np.arange(3, dtype="<i4"))
 
 
 def test_a_crash_in_one_rank_is_raised_not_hung(tmp_path):
