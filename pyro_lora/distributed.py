@@ -157,7 +157,8 @@ def same_data(items, what: str = "batch", length=None) -> list:
     wait for it in the next collective.
 
     :raises ValueError: on every rank, where the ranks hold different items (not only in another order), or another
-        number of them than ``length()`` states; the failing rank's own error where reading the items failed there.
+        number of them than ``length()`` states, or where reading them failed on some rank (there chained from its
+        own error).
     """
     plural = what + ("es" if what.endswith("ch") else "s")
     error = None
@@ -178,6 +179,8 @@ def same_data(items, what: str = "batch", length=None) -> list:
                          "same full data (each keeps its block of it)")
     if low[2] != high[2] or stated != len(items):
         raise ValueError(f"the data yielded {len(items)} {plural} where its len() says {int(low[2])} to {int(high[2])}")
+    if not items:  # empty on every rank: nothing to compare (and no empty collective)
+        return items
     low, high = spread(torch.tensor(digests, dtype=torch.float64))  # < 2^32: exact in float64
     if torch.equal(low, high):
         return items
