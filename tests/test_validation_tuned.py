@@ -383,12 +383,17 @@ def _rows(values, dataset="sst2"):
              "ece": e, "nll": n, "aurc": r} for g, seeds in values.items() for s, (a, e, n, r) in enumerate(seeds)]
 
 
+# per seed (accuracy, ECE x100, NLL, AURC): MAP, temperature, and a method always 0.2 / 0.010 below temperature
+MAP = [(0.81, 11.0, 0.57, 0.10), (0.80, 12.0, 0.58, 0.11), (0.82, 11.5, 0.56, 0.10)]
+TEMPERATURE = [(0.81, 3.0, 0.43, 0.10), (0.80, 3.4, 0.44, 0.11), (0.82, 2.6, 0.42, 0.10)]
+CLEAR_WIN = [(0.81, 2.8, 0.42, 0.09), (0.80, 3.2, 0.43, 0.10), (0.82, 2.4, 0.41, 0.09)]
+
+
 def test_verdict_counts_a_win_only_where_the_paired_interval_excludes_zero():
     rows = _rows({
-        "map": [(0.81, 11.0, 0.57, 0.10), (0.80, 12.0, 0.58, 0.11), (0.82, 11.5, 0.56, 0.10)],
-        "temperature": [(0.81, 3.0, 0.43, 0.10), (0.80, 3.4, 0.44, 0.11), (0.82, 2.6, 0.42, 0.10)],
-        # always 0.2 / 0.010 below temperature: a clear win on both, though its mean is close
-        "laplace_val": [(0.81, 2.8, 0.42, 0.09), (0.80, 3.2, 0.43, 0.10), (0.82, 2.4, 0.41, 0.09)],
+        "map": MAP,
+        "temperature": TEMPERATURE,
+        "laplace_val": CLEAR_WIN,  # a clear win on both, though its mean is close
         # lower on average, but by noise: no win
         "laplace+ts": [(0.81, 1.0, 0.40, 0.10), (0.80, 5.0, 0.47, 0.11), (0.82, 1.5, 0.38, 0.10)],
         "laplace": [(0.79, 4.0, 0.43, 0.10), (0.78, 4.4, 0.45, 0.11), (0.80, 4.1, 0.44, 0.10)],
@@ -408,11 +413,11 @@ def test_rows_without_a_recorded_setting_take_their_methods_and_an_unknown_one_i
     """Rows recorded before the setting column (or resumed beside newer ones) were left out of the lines on
     temperature scaling without a word: a method that beat it went unnamed, or the whole comparison vanished."""
     rows = _rows({
-        "map": [(0.81, 11.0, 0.57, 0.10), (0.80, 12.0, 0.58, 0.11), (0.82, 11.5, 0.56, 0.10)],
-        "temperature": [(0.81, 3.0, 0.43, 0.10), (0.80, 3.4, 0.44, 0.11), (0.82, 2.6, 0.42, 0.10)],
-        "laplace_val": [(0.81, 2.8, 0.42, 0.09), (0.80, 3.2, 0.43, 0.10), (0.82, 2.4, 0.41, 0.09)],
+        "map": MAP,
+        "temperature": TEMPERATURE,
+        "laplace_val": CLEAR_WIN,
         "laplace": [(0.81, 4.0, 0.40, 0.10), (0.80, 4.4, 0.41, 0.11), (0.82, 4.1, 0.39, 0.10)],
-        "laplace_val+ts": [(0.81, 2.8, 0.42, 0.09), (0.80, 3.2, 0.43, 0.10), (0.82, 2.4, 0.41, 0.09)],
+        "laplace_val+ts": CLEAR_WIN,
     })
     expected = verdict(rows, "sst2")
     assert "No validation data: beat temperature scaling (ECE 3.00, NLL 0.430) on both ECE and NLL: none; on NLL only: laplace." in expected
