@@ -19,6 +19,7 @@ from pyro_lora.checks import check_count
 from pyro_lora.contract import check_guide, describe
 from pyro_lora.ownership import follow_svi_step, point_snapshot, stop_following, take_over
 from pyro_lora.io import records_at_build, register_guide
+from pyro_lora.model import full_precision
 from pyro_lora.pyro_stack import VECTORIZED, enclosing_plates, marking_sites
 
 
@@ -33,12 +34,27 @@ def _as_pyro_guide(forward):
         _record_parameters(guide)
         guide._running = True
         try:
-            with marking_sites(guide):
+            with marking_sites(guide), full_precision(guide.model.device):
                 return forward(guide, *args, **kwargs)
         finally:
             guide._running = False
 
     return run
+
+
+def _in_float32(method):
+    """``method`` run without autocast: a guide's math (Choleskys, covariance products, log-densities) stays float32
+    under a user's ``torch.autocast`` or fit's, which are meant for the network's forward."""
+
+    @functools.wraps(method)
+    def run(guide, *args, **kwargs):
+        with full_precision(guide.model.device):
+            return method(guide, *args, **kwargs)
+
+    return run
+
+
+_FLOAT32_METHODS = ("posterior", "sample", "mean")
 
 
 def _record_parameters(guide):
@@ -77,6 +93,9 @@ class LoraGuide(torch.nn.Module):
         super().__init_subclass__(**kwargs)
         if "forward" in cls.__dict__:  # every way in (guide(...), guide.forward) runs as a Pyro guide
             cls.forward = _as_pyro_guide(cls.__dict__["forward"])
+        for name in _FLOAT32_METHODS:
+            if name in cls.__dict__:
+                setattr(cls, name, _in_float32(cls.__dict__[name]))
         register_guide(cls)  # load_guide builds registered classes only
 
     def __init__(self, model):
@@ -110,6 +129,7 @@ class LoraGuide(torch.nn.Module):
             "load_guide(path, model), or copy it with copy.deepcopy(guide)"
         )
 
+    @_in_float32
     def posterior(self):
         """Site name -> ``q`` of that site, event shape ``site.shape``."""
         raise NotImplementedError
@@ -128,11 +148,13 @@ class LoraGuide(torch.nn.Module):
         with poutine.scale(scale=kl_weight):
             return {name: pyro.sample(name, posterior[name]) for name in self.sites}
 
+    @_in_float32
     def sample(self, num_samples):
         """``num_samples`` draws of every site: name -> ``[S, *site.shape]`` (reparametrised where possible)."""
         num_samples = check_count(num_samples, "num_samples")
         return {name: _draw(d, num_samples) for name, d in self.posterior().items()}
 
+    @_in_float32
     def mean(self):
         """Posterior mean of every site: name -> ``site.shape``."""
         return {name: d.mean for name, d in self.posterior().items()}

@@ -156,7 +156,7 @@ class FlowGuide(LoraGuide):
                              "untempered posterior, whose ELBO the class docstring gives; set_temperature(1.0) to train, "
                              "and predict with pyro_lora.predict (sample(S) applies the temperature)")
         values = {}
-        with poutine.scale(scale=kl_weight), self._fp32():
+        with poutine.scale(scale=kl_weight):
             for (name, site), part in zip(self.sites.items(), self.parts):
                 f = part.factors()
                 u0 = part.flow_image(part.u_loc)  # before sampling U: the flow caches U for log q(U)
@@ -173,19 +173,14 @@ class FlowGuide(LoraGuide):
     def sample(self, num_samples):
         num_samples = check_count(num_samples, "num_samples")
         out = {}
-        with self._fp32():
-            for (name, site), part in zip(self.sites.items(), self.parts):
-                f = part.factors()
-                u = part.q_u().rsample((num_samples,))
-                w = part.draw(u, part.flow_image(part.u_loc), f)
-                if self.temperature != 1.0:
-                    w = part.loc + math.sqrt(self.temperature) * (w - part.loc)
-                out[name] = w.reshape(num_samples, *site.shape)
+        for (name, site), part in zip(self.sites.items(), self.parts):
+            f = part.factors()
+            u = part.q_u().rsample((num_samples,))
+            w = part.draw(u, part.flow_image(part.u_loc), f)
+            if self.temperature != 1.0:
+                w = part.loc + math.sqrt(self.temperature) * (w - part.loc)
+            out[name] = w.reshape(num_samples, *site.shape)
         return out
-
-    def _fp32(self):
-        # Choleskys and log-densities stay fp32 under fit's bf16 autocast; the hand-off casts the samples
-        return torch.autocast(self.model.device.type, enabled=False)
 
     def mean(self):
         """The zero-variance path ``W_map`` (the posterior mean when ``q(U)`` is Gaussian, ``depth=0``)."""

@@ -19,7 +19,7 @@ from pyro_lora.ownership import take_over
 from pyro_lora.data import to_device
 from pyro_lora.model import LoraModel
 from pyro_lora.sites import check_values
-from pyro_lora.training import _DivergenceWatch, _schedule, batch_nll
+from pyro_lora.training import _DivergenceWatch, _schedule, batch_nll, training_autocast
 
 from .base import LoraGuide
 from .registry import Fitted, method
@@ -155,13 +155,14 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     :param autocast: as for :func:`pyro_lora.fit` (default bf16 on CUDA, none on CPU).
     :raises ValueError: before any training, naming the argument, for a non-positive ``lr``, ``ess``, ``hess_init``
         or ``clip_radius``, a negative ``weight_decay``, ``beta2`` outside ``[0, 1)``, ``epochs`` or ``mc_samples``
-        below 1, an unknown ``lr_schedule``, an empty ``data``, a model with other sites than A and B, a float16 base
-        (IVON has no loss scaling) or a run under ``torch.distributed``.
+        below 1, an unknown ``lr_schedule``, an empty ``data``, a model with other sites than A and B, an ``autocast``
+        :func:`pyro_lora.fit` refuses, a run computing in float16 (IVON has no loss scaling) or one under
+        ``torch.distributed``.
     :raises ~pyro_lora.training.DivergenceError: when the loss becomes non-finite or rises far above its start (the network is then
         put back as it was).
     """
-    _check_arguments(model, data, epochs=epochs, lr=lr, ess=ess, hess_init=hess_init, weight_decay=weight_decay,
-                     beta2=beta2, mc_samples=mc_samples, clip_radius=clip_radius)
+    autocast = _check_arguments(model, data, autocast, epochs=epochs, lr=lr, ess=ess, hess_init=hess_init,
+                                weight_decay=weight_decay, beta2=beta2, mc_samples=mc_samples, clip_radius=clip_radius)
     schedule = _schedule(lr_schedule, 0, epochs * len(data))
     try:
         import ivon  # here, not at the top: a saved IVONGuide loads and predicts without the optimiser's package
@@ -171,8 +172,6 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     params = model.random_parameters() + model.point_parameters()
     take_over(model, None)  # whichever guide trained the head keeps the state it left as its own
     device, net = model.device, model.net
-    if autocast is None and device.type == "cuda":
-        autocast = torch.bfloat16
     was_training = net.training
     own = [p.data for p in params]  # IVON swaps in views of its flat buffers: each parameter gets its own tensor back
     start = [t.clone() for t in own]
@@ -221,7 +220,8 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     return guide
 
 
-def _check_arguments(model, data, **args):
+def _check_arguments(model, data, autocast, **args):
+    """Refuse bad arguments before any work; returns the autocast dtype (or False) the run uses."""
     positive = ("lr", "ess", "hess_init", "clip_radius")
     for name, value in args.items():
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -239,9 +239,11 @@ def _check_arguments(model, data, **args):
     _check_sites(model, "train_ivon")
     if distributed.is_distributed():
         raise ValueError("train_ivon runs in one process: under torch.distributed every rank would train its own posterior")
-    if model.compute_dtype == torch.float16:
-        raise ValueError("train_ivon on a float16 base: IVON has no loss scaling, so small gradients underflow; load the "
-                         "base in bfloat16 or float32")
+    autocast, forward_dtype = training_autocast(model, autocast)
+    if forward_dtype == torch.float16:
+        raise ValueError("train_ivon computing in float16 (a float16 base, or autocast=torch.float16): IVON has no loss "
+                         "scaling, so small gradients underflow; compute in bfloat16 or float32")
+    return autocast
 
 
 def _check_sites(model, who):

@@ -14,6 +14,7 @@ from peft.utils import ModulesToSaveWrapper
 from .data import to_device
 from .kfac import eval_mode
 from .likelihoods import MultipleChoice
+from .model import HALF_DTYPES
 from .sites import base_network
 
 __all__ = ["class_rows", "find_head", "head_features", "head_rows", "tied_parameters"]
@@ -112,7 +113,8 @@ def head_features(model, linear: torch.nn.Linear, rows: torch.Tensor, batch: dic
 
     :returns: logits ``[B, K]`` (float32) and the inputs ``phi`` ``[B, D]`` (float64).
     :raises ValueError: if the head does not run exactly once in the forward, its input is not per example, or no
-        position reproduces the logits to ``1e-4`` of the largest (float32; ``2e-2`` in half precision).
+        position reproduces the logits to ``1e-4`` of the largest (float32; ``2e-2`` in half precision: a half-precision
+        base, or under a user's ``torch.autocast``).
     """
     batch = to_device(batch, model.device)
     seen = []
@@ -137,7 +139,7 @@ def head_features(model, linear: torch.nn.Linear, rows: torch.Tensor, batch: dic
     pos = ((out - target.float()[:, None]).abs() * finite[:, None]).amax(-1).argmin(1)
     phi = x[torch.arange(b, device=x.device), pos].double()
     gap = ((phi @ w.T + bias - target).abs() * finite).amax(-1)
-    rtol, atol = _TOLERANCE[model.compute_dtype in (torch.bfloat16, torch.float16)]
+    rtol, atol = _TOLERANCE[model.forward_dtype in HALF_DTYPES]  # a half-precision base, or a user's autocast
     bad = gap > rtol * target.abs().amax(-1) + atol
     if bool(bad.any()):
         i = int(bad.nonzero()[0])

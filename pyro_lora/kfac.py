@@ -34,6 +34,7 @@ from .distributions import KFACNormal
 from .kinds import down_kind, up_kind
 from .likelihoods import is_cloze
 from .metrics import check_labels
+from .model import full_precision
 from .checks import check_count
 from .contract import entry_checks
 from .predictive import Prediction
@@ -405,7 +406,8 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
                 count += labels.shape[0]
                 cloze = rows_per_choice(model, batch, outputs)
                 grads = output_grads(logits, outputs, fisher_vectors(logits.detach(), fisher), cloze)
-                with torch.no_grad():  # the recorded inputs of later layers still require grad
+                # the recorded inputs of later layers still require grad; the sums stay float32 under a user's autocast
+                with torch.no_grad(), full_precision(model.device):
                     for idx, x, g, mask in stack_layers(sites, inputs, grads, batch):
                         if cloze:  # the filler row of a missing choice is no data: its activations stay out of the factors
                             keep = batch["choice_mask"].bool().flatten()
@@ -449,7 +451,7 @@ def glm_batch(model, sites: dict, factors, batch: dict, lams: list) -> tuple[tor
     # float64 sums: where most of the variance shifts every logit alike, the probit's S_cc + S_kk - 2 S_ck cancels it,
     # and float32 sums of that variance had already rounded the differences away (a variance of -0.008 for 0.014)
     cov = logits.new_zeros(lams[0].shape[0], n, c, c, dtype=torch.double)
-    with torch.no_grad():
+    with torch.no_grad(), full_precision(model.device):
         for idx, x, g, mask in stack_layers(sites, inputs, grads, batch):
             if x.shape[1] != n:  # cloze: K rows per example, whose Jacobian sums over all their tokens
                 k = x.shape[1] // n

@@ -324,6 +324,15 @@ class LoraModel:
         return self._embeddings.weight.dtype if self._embeddings is not None else torch.float32
 
     @property
+    def forward_dtype(self) -> torch.dtype:
+        """The dtype the network computes in here and now: a half-precision base's own, else that of an enclosing
+        ``torch.autocast`` (a user's), else ``float32``. The half-precision checks (overflow, loss scaling) key on it."""
+        if self.compute_dtype in HALF_DTYPES:
+            return self.compute_dtype
+        kind = self.device.type
+        return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else torch.float32
+
+    @property
     def device(self) -> torch.device:
         return next(iter(self.layers.values())).lora_A[self.adapter].weight.device
 
@@ -372,15 +381,19 @@ class LoraModel:
         self.likelihood.check_inputs(self.net, batch)
         if num_samples is not None:
             num_samples = check_count(num_samples, "num_samples", alternative="or None for values without a sample dim")
+        dtype = self.forward_dtype
         with _autocast(self.device, self.compute_dtype):
             logits = self._logits(batch, values, num_samples, flipout_locs).float()
         # -inf is a masked choice (multiple choice); NaN or +inf is an overflow
-        if self.compute_dtype in _HALF and (torch.isnan(logits) | torch.isposinf(logits)).any():  # one reduction, one sync
-            way_out = "bfloat16 (float32's range) or float32" if self.compute_dtype == torch.float16 else "float32"
-            raise FloatingPointError(
-                f"the logits of this {str(self.compute_dtype).removeprefix('torch.')} network are NaN or infinite: its "
-                f"activations overflowed; load the base in {way_out}"
-            )
+        if dtype in HALF_DTYPES and (torch.isnan(logits) | torch.isposinf(logits)).any():  # one reduction, one sync
+            name = str(dtype).removeprefix("torch.")
+            if self.compute_dtype in HALF_DTYPES:
+                way_out = "bfloat16 (float32's range) or float32" if dtype == torch.float16 else "float32"
+                raise FloatingPointError(f"the logits of this {name} network are NaN or infinite: its activations "
+                                         f"overflowed; load the base in {way_out}")
+            raise FloatingPointError(f"the logits under {name} autocast are NaN or infinite: the float32 network's "
+                                     "activations overflowed in half precision; run it without autocast"
+                                     f"{' or under bfloat16 autocast' if dtype == torch.float16 else ''}")
         return logits
 
     def _logits(self, batch, values, num_samples, flipout_locs):
@@ -427,10 +440,11 @@ class LoraModel:
         if plates:
             raise ValueError(f"the model runs inside the plate(s) {plates}: its weight sites are global, and {VECTORIZED}")
         if pyro_params.recording():  # Pyro's own optimizers: fit holds its own and has set the trainable set
-            if self.compute_dtype == torch.float16:
+            if self.forward_dtype == torch.float16:
                 raise ValueError(
-                    "training a float16 network with Pyro's SVI has no loss scaling, so small gradients underflow to zero "
-                    "unnoticed: train with pyro_lora.fit (which scales the loss), or load the base in bfloat16 or float32"
+                    "training a network that computes in float16 (a float16 base, or under float16 autocast) with Pyro's "
+                    "SVI has no loss scaling, so small gradients underflow to zero unnoticed: train with pyro_lora.fit "
+                    "(which scales the loss), or compute in bfloat16 or float32"
                 )
             self.set_trainable()  # another LoraModel over this network may have switched requires_grad since
             pyro_params.record(self._pyro_name, self.named_point_parameters())
@@ -558,7 +572,7 @@ def _input_embeddings(net):
     return embeddings if isinstance(getattr(embeddings, "weight", None), torch.Tensor) else None
 
 
-_HALF = (torch.float16, torch.bfloat16)
+HALF_DTYPES = (torch.float16, torch.bfloat16)
 _INPUT_DTYPE = "_pyro_lora_input_dtype"
 
 
@@ -567,13 +581,13 @@ def _float32_trainables(net, params) -> None:
     forward runs under autocast, so the network computes in its own dtype all the same). The modules holding them
     take their inputs in float32 and give their outputs back in the input's dtype, so the network also runs as
     before outside autocast (a user's own ``net(...)``)."""
-    upcast = {id(p) for p in params if p.dtype in _HALF}
+    upcast = {id(p) for p in params if p.dtype in HALF_DTYPES}
     if not upcast:
         return
     for path, module in net.named_modules():  # checked before any cast: a refusal leaves the network as it was
         own = [(n, p) for n, p in module._parameters.items() if p is not None]
         trained = [n for n, p in own if id(p) in upcast]
-        frozen = [n for n, p in own if id(p) not in upcast and p.dtype in _HALF]
+        frozen = [n for n, p in own if id(p) not in upcast and p.dtype in HALF_DTYPES]
         if trained and frozen:
             raise ValueError(
                 f"{path} holds the trainable {trained[0]} beside the frozen {frozen[0]} of a {own[0][1].dtype} base "
@@ -593,9 +607,9 @@ def _float32_trainables(net, params) -> None:
 
 
 def _inputs_to_float32(module, args):
-    half = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in _HALF]
+    half = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in HALF_DTYPES]
     setattr(module, _INPUT_DTYPE, half[0] if half else None)
-    return tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype in _HALF else a for a in args)
+    return tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype in HALF_DTYPES else a for a in args)
 
 
 def _output_to_input_dtype(module, args, output):
@@ -605,9 +619,15 @@ def _output_to_input_dtype(module, args, output):
     return output
 
 
+def full_precision(device: torch.device):
+    """No autocast on ``device``'s type: a guide's own float32 math (covariances, Choleskys, log-densities, KFAC
+    sums) stays float32 under a user's or fit's autocast, which is meant for the network's forward."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def _autocast(device: torch.device, dtype: torch.dtype):
     """Autocast in ``dtype`` for a half-precision network, else nothing (an enclosing autocast stays on)."""
-    if dtype in _HALF:
+    if dtype in HALF_DTYPES:
         return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
 

@@ -17,6 +17,7 @@ from . import distributed, pyro_params
 from .contract import check_guide, check_ranks_agree
 from .ownership import point_snapshot, record_fit, take_over
 from .data import to_device
+from .model import HALF_DTYPES
 from .checks import check_count, check_reiterable
 from .sites import base_network
 
@@ -76,9 +77,11 @@ def fit(
     :param max_grad_norm: clip the global gradient norm to it before each step (``None``: no clipping).
     :param train_network: ``False`` trains the guide's parameters only; the network's point estimates (a head,
         non-random LoRA matrices) stay as they are: post-hoc VI around a fitted network.
-    :param autocast: ``torch.dtype`` for autocast, ``False`` for none (default bf16 on CUDA, none on CPU; a half-precision network
-        always runs under autocast in its own dtype, see :class:`~pyro_lora.model.LoraModel`). A float16 network
-        trains with a loss scaler (``torch.amp.GradScaler``): steps whose gradients overflowed are skipped.
+    :param autocast: ``torch.bfloat16`` or ``torch.float16`` for autocast, ``False`` for none (default bf16 on CUDA, none on
+        CPU; a half-precision network always runs under autocast in its own dtype, see :class:`~pyro_lora.model.LoraModel`;
+        an enclosing ``torch.autocast`` is switched off for the run). A network computing in float16 (a float16 base, or
+        ``autocast=torch.float16``) trains with a loss scaler (``torch.amp.GradScaler``): steps whose gradients
+        overflowed are skipped.
     :param bool gradient_checkpointing: switch transformers' activation checkpointing on (non-reentrant) for
         the run; gradients equal those without it. A network whose checkpointing the user switched on
         (``gradient_checkpointing_enable()``, either mode) works too.
@@ -122,6 +125,7 @@ def fit(
             raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
         if max_grad_norm is not None and not (_finite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a finite number > 0 (None: no clipping), got {max_grad_norm!r}")
+        autocast, forward_dtype = training_autocast(model, autocast)
         if epochs > 1:
             check_reiterable(data, "data", f"epochs={epochs} needs them every epoch")
         elbo = elbo or Trace_ELBO()
@@ -165,7 +169,7 @@ def fit(
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
     # fp16's narrow range underflows small gradients: scale the loss up, unscale before the update, skip steps that
     # overflowed (bf16 has fp32's range and needs none)
-    scaler = torch.amp.GradScaler(device.type, enabled=model.compute_dtype == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=forward_dtype == torch.float16)
     length = _length(data)
     steps_per_epoch = math.ceil(length / grad_accum_steps) if length is not None else None
     total = steps_per_epoch * epochs if steps_per_epoch else None
@@ -173,8 +177,6 @@ def fit(
         raise ValueError(f"warmup_steps={warmup_steps} is longer than the run's {total} optimizer steps: the learning rate "
                          f"would never reach lr; use at most {total}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(lr_schedule, warmup_steps, total))
-    if autocast is None and device.type == "cuda":
-        autocast = torch.bfloat16
     beta = kl_weight if callable(kl_weight) else (lambda step: kl_weight)
     net = model.net
     was_training = net.training
@@ -393,6 +395,20 @@ def _activation_checkpointing(net, enable):
         yield
     finally:
         base.activation_checkpointing_disable() if new_api else base.gradient_checkpointing_disable()
+
+
+def training_autocast(model, autocast):
+    """``fit``'s / ``train_ivon``'s ``autocast`` checked: ``(dtype to autocast in, or False; the dtype the forward then
+    computes in)``. ``None`` is bfloat16 on CUDA, none on the CPU; a half-precision base computes in its own dtype.
+
+    :raises ValueError: for anything but ``None``, ``False``, ``torch.bfloat16`` or ``torch.float16``.
+    """
+    if autocast is None:
+        autocast = torch.bfloat16 if model.device.type == "cuda" else False
+    if autocast is not False and autocast not in HALF_DTYPES:
+        raise ValueError(f"autocast must be torch.bfloat16, torch.float16, False (none) or None (bfloat16 on CUDA, none "
+                         f"on the CPU), got {autocast!r}")
+    return autocast, model.compute_dtype if model.compute_dtype in HALF_DTYPES else (autocast or torch.float32)
 
 
 def _finite(value):

@@ -114,8 +114,120 @@ def test_pyro_svi_on_an_fp16_network_is_refused_with_the_way_out():
     model = lora(dtype=torch.float16)
     guide = MAPGuide(model)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
-    with pytest.raises(ValueError, match="float16 network with Pyro's SVI has no loss scaling.*pyro_lora.fit"):
+    with pytest.raises(ValueError, match="computes in float16 .*Pyro's SVI has no loss scaling.*pyro_lora.fit"):
         svi.step(data()[0])
+    model = lora()  # float32, under a user's float16 autocast: the same underflow
+    svi = SVI(model, MAPGuide(model), pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    with torch.autocast("cpu", dtype=torch.float16), pytest.raises(ValueError, match="under float16 autocast"):
+        svi.step(data()[0])
+
+
+# --------------------------------------------------------------------------- a float32 base under autocast
+# The half-precision safeguards keyed on the base's dtype only: a float32 base under a user's torch.autocast (or
+# fit's autocast=torch.float16) had none of them.
+
+
+def _overflowing(model):
+    with torch.no_grad():
+        for layer in model.net.base_model.model.bert.encoder.layer:
+            layer.output.dense.weight.mul_(1e7)  # activations far beyond float16's 65504
+    return model
+
+
+def test_an_overflow_under_a_users_fp16_autocast_is_an_error_not_nan_probabilities():
+    model = _overflowing(lora())
+    assert torch.isfinite(predict(model, None, data()).probs).all()  # float32: no overflow
+    with torch.autocast("cpu", dtype=torch.float16), \
+            pytest.raises(FloatingPointError, match="under float16 autocast are NaN or infinite.*without autocast"):
+        predict(model, None, data())
+
+
+def _first_update(dtype, autocast):
+    """The first AdamW step of a MAP fit whose data gradients are ~1e-4 of the usual (a small head, a flat prior)."""
+    torch.manual_seed(0)
+    net = tiny_bert(dtype=dtype)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "classifier" in name and name.endswith("weight"):
+                p.mul_(1e-4)
+    model = LoraModel(net, SequenceClassification(), prior=1e4, num_data=6)
+    guide = MAPGuide(model)
+    before = [p.detach().clone() for p in guide.parameters()]
+    fit(model, guide, data()[:1], lr=1e-3, autocast=autocast, progress=False, stop_on_divergence=False)
+    return torch.cat([(p.detach() - b).flatten() for p, b in zip(guide.parameters(), before)])
+
+
+def test_fit_with_fp16_autocast_on_a_float32_base_scales_the_loss_like_an_fp16_base():
+    """Without the loss scaler the data gradients underflowed to zero: an update of cosine 0.09 with float32's."""
+    reference = _first_update(torch.float32, False)
+    for dtype, autocast in [(torch.float16, None), (torch.float32, torch.float16)]:
+        update = _first_update(dtype, autocast)
+        assert torch.nn.functional.cosine_similarity(update, reference, dim=0) > 0.99
+        assert update.norm() == pytest.approx(reference.norm(), rel=0.02)
+
+
+@pytest.mark.parametrize("autocast", [True, "bf16", torch.float32, torch.float64])
+def test_fit_and_train_ivon_refuse_an_autocast_that_is_not_a_half_dtype_before_any_work(autocast):
+    from pyro_lora.guides import train_ivon
+
+    model = lora()
+    with pytest.raises(ValueError, match="autocast must be torch.bfloat16, torch.float16, False"):
+        fit(model, MAPGuide(model), data(), progress=False, autocast=autocast)
+    with pytest.raises(ValueError, match="autocast must be torch.bfloat16, torch.float16, False"):
+        train_ivon(model, data(), progress=False, autocast=autocast)
+
+
+def test_train_ivon_refuses_fp16_autocast_on_a_float32_base():
+    from pyro_lora.guides import train_ivon
+
+    with pytest.raises(ValueError, match=r"computing in float16 \(a float16 base, or autocast=torch.float16\)"):
+        train_ivon(lora(), data(), progress=False, autocast=torch.float16)
+
+
+def test_kfac_factors_under_a_users_fp16_autocast_match_float32():
+    """The factor products ran in float16 inside the user's autocast: the A sites' gradient factors underflowed to
+    exactly 0 (their posterior the prior) and log p(D) moved by 5 nats."""
+    batches = [random_batch(batch=16, seq=20, seed=s) | {"labels": torch.randint(0, 3, (16,), generator=torch.Generator().manual_seed(s))}
+               for s in range(3)]
+
+    def fitted(autocast):
+        torch.manual_seed(0)
+        guide = LaplaceGuide(LoraModel(tiny_bert(), SequenceClassification(), prior=0.5, num_data=48), fisher="exact", rank=3)
+        with torch.autocast("cpu", dtype=torch.float16, enabled=autocast):
+            guide.fit(batches, progress=False)
+        return guide
+
+    f32, f16 = fitted(False), fitted(True)
+    for a, b in zip(f32.factors, f16.factors):
+        assert (b.small_vals > 0).any()
+        torch.testing.assert_close(b.small_vals, a.small_vals, rtol=0.05, atol=1e-3 * float(a.small_vals.max()))
+    assert float(f16.log_marginal_likelihood()) == pytest.approx(float(f32.log_marginal_likelihood()), abs=0.05)
+
+
+def test_last_layer_laplace_under_a_users_bf16_autocast_fits_like_a_bf16_base():
+    """It was refused, the message blaming the model's head ('transforms its head's output'), where the head had run in
+    bfloat16 and was held to float32's tolerance."""
+    from pyro_lora.guides import LastLayerLaplaceGuide
+
+    model = lora()
+    reference = LastLayerLaplaceGuide(model).fit(data(), progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        guide = LastLayerLaplaceGuide(model).fit(data(), progress=False)
+    probs = [g.predict_glm(data()).probs for g in (reference, guide)]
+    torch.testing.assert_close(probs[1], probs[0], rtol=0, atol=PROB_TOL)
+
+
+@pytest.mark.parametrize("cls", list(BUILDERS), ids=lambda c: c.__name__)
+def test_a_guides_draws_under_a_users_autocast_are_its_float32_draws(cls):
+    """A guide's own math (Choleskys, covariance products) stays float32 under autocast, meant for the network."""
+    _, guide = BUILDERS[cls](torch.float32)
+    pyro.set_rng_seed(0)
+    plain = guide.sample(4)
+    pyro.set_rng_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = guide.sample(4)
+    for name in plain:
+        torch.testing.assert_close(under[name], plain[name], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.real
