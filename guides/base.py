@@ -66,6 +66,11 @@ def _record_parameters(guide):
         follow_svi_step(guide)
     elif not torch.is_grad_enabled():  # Predictive (under no_grad), SVI.evaluate_loss: the network must still be its own
         check_guide(guide.model, guide, "run as a Pyro guide (pyro.infer.Predictive, a trace)")
+        if not guide.samples_carry_posterior:  # pyro_lora.predict refuses it alike
+            raise ValueError(
+                f"pyro.infer.Predictive with this {type(guide).__name__} would draw its LoRA sites only, which carry "
+                f"none of its posterior: the predictions would be the MAP's; use its own predictive ({guide.own_predictive})"
+            )
     pyro_params.record(guide._pyro_name, guide.named_parameters())
 
 

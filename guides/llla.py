@@ -52,8 +52,8 @@ class LastLayerLaplaceGuide(LoraGuide):
         pred = guide.predict_glm(test_loader)                 # probs [N, C]: exact GLM logits, probit link
 
     ``pyro_lora.predict`` refuses this guide: its site samples are the MAP's LoRA, which carries none of the
-    posterior. Its sites are point masses at the adapter, so the Pyro guide path, ``sample(S)`` and ``mean()`` work
-    (and ``export_adapter`` writes the MAP LoRA).
+    posterior, and so does ``pyro.infer.Predictive``. Its sites are point masses at the adapter, so the Pyro guide
+    path under an ELBO, ``sample(S)`` and ``mean()`` work (and ``export_adapter`` writes the MAP LoRA).
 
     The head is the module ``classifier`` or ``score`` of a sequence classifier (its last ``nn.Linear``, e.g.
     RoBERTa's ``out_proj``; peft's trained copy of it) or the output embedding of a causal LM

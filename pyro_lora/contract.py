@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from . import distributed
+from . import distributed, pyro_params
 from .ownership import changed_point_parameters, value_sums
 from .quantized import int8_scales, is_quantized
 
@@ -408,14 +408,17 @@ def check_guide(model, guide, action: str, same_model: bool = False) -> None:
         guide's own terms, such as a flow's prior correction, read its model).
 
     :raises ValueError: naming every difference between the model the guide was built for and ``model``,
-        or what changed in the network since (:meth:`~pyro_lora.LoraModel.check_network`), or if ``guide``
-        is no :class:`~pyro_lora.guides.LoraGuide` (a Pyro autoguide).
+        or what changed in the network since (:meth:`~pyro_lora.LoraModel.check_network`), if ``guide``
+        is no :class:`~pyro_lora.guides.LoraGuide` (a Pyro autoguide), or if Pyro's param store holds values restored
+        over its or the network's parameters (:func:`~pyro_lora.pyro_params.check_store`).
     """
     if not hasattr(guide, "signature"):
         raise ValueError(
             f"cannot {action} with a {type(guide).__name__}: pyro_lora needs a guide of the guides package "
             "(pyro_lora.guides.LoraGuide); for a Pyro autoguide use pyro.infer.SVI and pyro.infer.Predictive directly"
         )
+    pyro_params.check_store([(guide._pyro_name, guide.named_parameters()),
+                             (model._pyro_name, model.named_point_parameters())], action)
     if same_model and guide.model is not model:
         raise ValueError(
             f"cannot {action} with this {type(guide).__name__} on another model object than the one it was built on "

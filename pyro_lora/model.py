@@ -432,9 +432,10 @@ class LoraModel:
 
         :raises ValueError: if a value replayed from a guide has another shape than its site (a guide built
             for another model); inside a plate (vectorized particles); under an ELBO, for a ``kl_weight`` the
-            guide's sites are not scaled by (a Pyro autoguide: its ``log q`` unscaled); for a ``num_data`` below a
-            labelled batch's rows; in ``fit``, for a batch without labels; or under Pyro's optimizers
-            (``pyro.infer.SVI``) for a float16 network.
+            guide's sites are not scaled by (a Pyro autoguide: its ``log q`` unscaled) or guide values blocked from
+            the model (``poutine.block``); under a per-row ``poutine.scale`` or a ``poutine.mask`` (the weight sites
+            are global); for a ``num_data`` below a labelled batch's rows; in ``fit``, for a batch without labels; or
+            under Pyro's optimizers (``pyro.infer.SVI``) for a network computing in float16.
         """
         plates = enclosing_plates()
         if plates:
@@ -459,6 +460,7 @@ class LoraModel:
                 "conditioned values read its own names; call the model outside such a handler"
             )
         guide_trace = replayed_trace()
+        self._check_global_sites(tr.trace, elbo=guide_trace is not None)
         if guide_trace is not None:
             self._check_guide_trace(guide_trace, tr.trace)
         self._check_conditioned(tr.trace)
@@ -498,14 +500,45 @@ class LoraModel:
                              "a batch without labels draws 'obs', as pyro.infer.Predictive's predictions")
         return None
 
+    def _check_global_sites(self, own, elbo):
+        """Refuse a per-row ``poutine.scale`` or ``poutine.mask`` around the model, and under an ELBO any mask but
+        ``True``: its weight sites are drawn once for all the data, so a mask of B rows counted their log-prior once per
+        kept row (with Pyro's validation off, as in ``fit``) and ``mask=False`` dropped it, leaving ``-log q``: no ELBO
+        either way (``pyro.infer.Predictive`` runs the model under ``mask=False``: no log-density is read there)."""
+        node = own.nodes[next(iter(self.sites))]
+        scale, mask = node["scale"], node["mask"]
+        if torch.is_tensor(scale) and scale.numel() != 1:
+            raise ValueError(
+                f"the model runs under poutine.scale with a tensor of shape {tuple(scale.shape)}: its weight sites are "
+                "global (one draw for all the data), so they take one scalar scale; weight the rows' likelihood by "
+                "weighting the data (repeat or leave out rows), and scale model and guide alike by a number"
+            )
+        per_row = torch.is_tensor(mask) and mask.numel() != 1
+        if per_row or (elbo and mask is not None and not bool(mask)):
+            raise ValueError(
+                "the model runs under poutine.mask: its weight sites are global (one draw for all the data), so a mask "
+                "per row would count their log-prior once per kept row and mask=False drops it, which is no ELBO; leave "
+                "the masked rows out of the batch instead"
+            )
+
     def _check_guide_trace(self, guide_trace, own):
         """Under an ELBO (the model replayed against ``guide_trace``; ``own``: the trace of the model's weight sites):
         refuse a pyro_lora guide built for another model (:func:`~pyro_lora.contract.check_guide`: another checkpoint,
-        other sites), and guide sites scaled otherwise than the model's (``kl_weight`` or a ``poutine.scale`` on one
+        other sites), guide values that did not reach the model (a ``poutine.block`` around it), and guide sites scaled
+        otherwise than the model's (``kl_weight`` or a ``poutine.scale`` on one
         side only: ``log q`` and ``log p`` would be weighted apart, which is no (beta-)ELBO)."""
         for guide in marked_guides(guide_trace):
             if guide.model is not self:
                 check_guide(self, guide, "run an ELBO (pyro.infer.SVI, a replayed trace)")
+        unreached = [n for n in self.sites if not own.nodes[n]["is_observed"]
+                     and (n not in guide_trace.nodes or own.nodes[n]["value"] is not guide_trace.nodes[n]["value"])]
+        if unreached:
+            raise ValueError(
+                f"no value of the guide's reached the model's site {unreached[0]!r} ({len(unreached)} sites so: a "
+                "poutine.block around the guide or the model, a guide over fewer sites): the model drew them from its "
+                "prior, and log q lacks them, which is no ELBO; block nothing, or build the model with the sites you "
+                "want random (random=, target_modules)"
+            )
         scale = float(own.nodes[next(iter(self.sites))]["scale"])
         unscaled = {n: float(node["scale"]) for n, node in guide_trace.nodes.items() if node["type"] == "sample"
                     and not node["is_observed"] and (n in self.sites or node["infer"].get("is_auxiliary"))

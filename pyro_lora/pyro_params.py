@@ -69,15 +69,35 @@ def record(prefix: str, named_parameters) -> None:
         pyro.param(key)
 
 
-def _check_no_orphans(store):
+def check_store(owners, action: str) -> None:
+    """Refuse to ``action`` (predict, fit, save, ...) where Pyro's param store holds values these objects would ignore:
+    the library's own functions read a guide's and a network's parameters, never the store, so a store restored with
+    ``get_param_store().load`` went unnoticed there (an untrained guide predicted and saved).
+
+    :param owners: ``(prefix, named_parameters)`` of each object, as :func:`record` takes them.
+    :raises ValueError: as :func:`record` does.
+    """
+    store = pyro.get_param_store()
+    if not any(k.startswith(_NAMESPACE) for k in store.keys()):
+        return
+    _check_no_orphans(store, action)
+    for prefix, named_parameters in owners:
+        for name, p in named_parameters:
+            key = f"{prefix}.{name}"
+            if key in store and store[key] is not p:
+                raise ValueError(_refusal(f"another tensor than the live parameter under {key!r}", action))
+
+
+def _check_no_orphans(store, action=None):
     orphans = [k for k in store.keys() if k.startswith(_NAMESPACE) and _recorded.get(id(store[k])) is not store[k]]
     if orphans:
-        raise ValueError(_refusal(f"pyro_lora params that no live guide or model recorded ({orphans[0]!r}, ...)"))
+        raise ValueError(_refusal(f"pyro_lora params that no live guide or model recorded ({orphans[0]!r}, ...)", action))
 
 
-def _refusal(what):
+def _refusal(what, action=None):
     return (
-        f"Pyro's param store holds {what} (restored with get_param_store().load?): those values would be ignored, "
+        f"{f'cannot {action}: ' if action else ''}Pyro's param store holds {what} (restored with get_param_store().load?): "
+        "those values would be ignored, "
         "since the guide's forward reads its own parameters; save and restore guides with pyro_lora.save_guide / "
         "load_guide, and call pyro.clear_param_store() to drop the stale entries"
     )

@@ -126,6 +126,8 @@ def fit(
         if max_grad_norm is not None and not (_finite(max_grad_norm) and max_grad_norm > 0):
             raise ValueError(f"max_grad_norm must be a finite number > 0 (None: no clipping), got {max_grad_norm!r}")
         autocast, forward_dtype = training_autocast(model, autocast)
+        if not callable(kl_weight):
+            kl_weight = _kl_weight(kl_weight, 0)
         if epochs > 1:
             check_reiterable(data, "data", f"epochs={epochs} needs them every epoch")
         elbo = elbo or Trace_ELBO()
@@ -234,14 +236,9 @@ def fit(
                 for batch in data:
                     seen += 1
                     batch = to_device(batch, device)
+                    weight = _kl_weight(beta(step), step)
                     if watch is not None and watch.first is None:
                         watch.first = (batch, _mean_nll(model, guide, batch))
-                    weight = beta(step)
-                    if not (isinstance(weight, (int, float)) and weight > 0 and math.isfinite(weight)):
-                        raise ValueError(
-                            f"kl_weight gave {weight!r} at step {step}: it must be a positive finite number (Pyro scales "
-                            "log-densities by it); start a KL warm-up from a small positive weight, e.g. max(1e-3, step / 100)"
-                        )
                     with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
                         loss = elbo.differentiable_loss(model, guide, batch, kl_weight=weight) / num_data
                     scaler.scale(loss / grad_accum_steps).backward()
@@ -395,6 +392,18 @@ def _activation_checkpointing(net, enable):
         yield
     finally:
         base.activation_checkpointing_disable() if new_api else base.gradient_checkpointing_disable()
+
+
+def _kl_weight(weight, step) -> float:
+    """A KL weight as a float (a numpy or one-element tensor number too); refused unless positive and finite."""
+    if isinstance(weight, torch.Tensor) and weight.numel() == 1:
+        weight = weight.item()
+    if isinstance(weight, bool) or not (isinstance(weight, numbers.Real) and weight > 0 and math.isfinite(weight)):
+        raise ValueError(
+            f"kl_weight gave {weight!r} at step {step}: it must be a positive finite number (Pyro scales "
+            "log-densities by it); start a KL warm-up from a small positive weight, e.g. max(1e-3, step / 100)"
+        )
+    return float(weight)
 
 
 def training_autocast(model, autocast):
