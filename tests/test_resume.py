@@ -153,11 +153,11 @@ def test_evaluate_reproduces_the_fit_row_exactly_with_the_recorded_predictive(tm
     (tmp_path / "data").symlink_to(default_data_dir().resolve())
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "fit"
-    config = small(out, guides=(guide,), train_size=400, samples=4, data_dir="data")  # a relative datasets folder
+    config = small(out, guides=(guide,), train_size=200, samples=4, data_dir="data")  # a relative datasets folder
     row = S.fit_one(config)
     run = json.loads((out / "guide" / "run.json").read_text())
     assert run["predictive"] == predictive and run["seed"] == 0
-    assert run["sizes"] == {"train": 360, "validation": 40, "test": 16}
+    assert run["sizes"] == {"train": 180, "validation": 20, "test": 16}
     assert run["config"]["data_dir"] == str((tmp_path / "data").resolve())  # absolute: found from any working directory
     monkeypatch.chdir("/")
     again = S.evaluate_saved(out, progress=False)
