@@ -16,6 +16,7 @@ importable from here too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable
@@ -198,32 +199,49 @@ def load_records(name: str, split: str, data_dir: str | os.PathLike | None = Non
     path = _dataset_dir(name, data_dir) / f"{split}.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
+    data = path.read_bytes()
+    key = (str(path), hashlib.sha256(data).hexdigest(), task, num_labels)  # the bytes, not a timestamp of coarse ticks
+    records = _PARSED.pop(key, None) or _parse_records(path, data, task, num_labels)
+    _PARSED[key] = records  # the most recently read last
+    while len(_PARSED) > 8:
+        _PARSED.pop(next(iter(_PARSED)))
+    # copies, their lists too: a caller editing its records leaves the next reader's as the file holds them
+    return [{k: list(v) if isinstance(v, list) else v for k, v in r.items()} for r in records]
+
+
+# (path, SHA-256 of its bytes, task, number of labels) -> its validated records: a run's readers (its splits, its data
+# digest, each seed) parse a 67k-line training file once
+_PARSED: dict = {}
+
+
+def _parse_records(path: Path, data: bytes, task: str, num_labels: int | None) -> tuple:
+    """The records of ``data`` (the bytes of ``path``), each validated; errors name the file and line."""
     records = []
-    with path.open("rb") as f:  # decoded line by line: a text-mode error names a byte position in the file only
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise ValueError(
-                    f"{path}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line); "
-                    "re-encode the file as UTF-8"
-                ) from None
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line, object_pairs_hook=_unique_keys)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
-            except KeyError as err:
-                raise ValueError(f"{path}:{lineno}: the key {err.args[0]!r} appears twice in one object (JSON keeps the "
-                                 "last silently): keep one") from None
-            problem = validate_record(record, task, num_labels)
-            if problem:
-                raise ValueError(f"{path}:{lineno}: invalid {task} record: {problem}")
-            records.append(record)
+    # decoded line by line: a text-mode error would name a byte position in the file only
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(
+                f"{path}:{lineno}: not UTF-8 (byte 0x{raw[err.start]:02x} at byte {err.start + 1} of the line); "
+                "re-encode the file as UTF-8"
+            ) from None
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line, object_pairs_hook=_unique_keys)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{lineno}: invalid JSON ({err.msg})") from None
+        except KeyError as err:
+            raise ValueError(f"{path}:{lineno}: the key {err.args[0]!r} appears twice in one object (JSON keeps the "
+                             "last silently): keep one") from None
+        problem = validate_record(record, task, num_labels)
+        if problem:
+            raise ValueError(f"{path}:{lineno}: invalid {task} record: {problem}")
+        records.append(record)
     if not records:
         raise ValueError(f"{path}: no records (empty file)")
-    return records
+    return tuple(records)
 
 
 def _unique_keys(pairs):

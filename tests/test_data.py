@@ -479,3 +479,24 @@ def test_compare_refuses_a_cloze_choice_too_long_for_max_length_before_training(
                                          r".*pass a larger --max-length"):
         setup.prepare(config)
     assert loaded  # the tokenizer comes with the model: refused right after loading, before any training
+
+
+def test_records_are_parsed_once_per_content_and_each_reader_gets_its_own_copies(tmp_path):
+    """A run reads its training file several times (its splits, its data digest): parsed once per content. The
+    content is the key, not the file's timestamp, whose coarse ticks can give a rewrite of the same size the same
+    modification time."""
+    meta = {"task": "classification", "label_names": ["neg", "pos"]}
+    _write(tmp_path, "toy", meta, [json.dumps({"id": "a", "text": "a", "label": 0}), json.dumps({"id": "b", "text": "b", "label": 1})])
+    first = D.load_records("toy", "train", tmp_path)
+    first[0]["text"] = "edited by the caller"
+    assert D.load_records("toy", "train", tmp_path) == [{"id": "a", "text": "a", "label": 0}, {"id": "b", "text": "b", "label": 1}]
+    path = tmp_path / "toy" / "train.jsonl"
+    stat = path.stat()
+    path.write_text(path.read_text().replace('"label": 0', '"label": 1'))  # the same size
+    import os
+
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same modification time
+    assert [r["label"] for r in D.load_records("toy", "train", tmp_path)] == [1, 1]
+    with pytest.raises(ValueError, match=r"train.jsonl:3: invalid classification record"):
+        path.write_text(path.read_text() + json.dumps({"id": "c", "text": "c", "label": 5}) + "\n")
+        D.load_records("toy", "train", tmp_path)
