@@ -503,10 +503,10 @@ def test_predictive_without_labels_draws_obs_from_the_predictive():
     guide = MAPGuide(model)
     unlabelled = {k: v for k, v in batch.items() if k != "labels"}
     pyro.set_rng_seed(0)
-    draws = pyro.infer.Predictive(model, guide=guide, num_samples=2000, return_sites=["obs"])(unlabelled)["obs"]
-    assert draws.shape == (2000, 8)
+    draws = pyro.infer.Predictive(model, guide=guide, num_samples=800, return_sites=["obs"])(unlabelled)["obs"]
+    assert draws.shape == (800, 8)
     probs = torch.softmax(model.logits(batch, guide.mean()), -1)[:, 1]
-    torch.testing.assert_close(draws.float().mean(0), probs, atol=0.05, rtol=0)  # 4.5 binomial std errors at most
+    torch.testing.assert_close(draws.float().mean(0), probs, atol=0.08, rtol=0)  # 4.5 binomial std errors at most
     labelled = pyro.infer.Predictive(model, guide=guide, num_samples=3, return_sites=["obs"])(batch)["obs"]
     assert torch.equal(labelled, batch["labels"].expand(3, -1))
 
