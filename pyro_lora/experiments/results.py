@@ -410,6 +410,8 @@ class RunFolder:
         run: a figure damaged since is made whole) and the summary figures."""
         if is_main() and self.seeds and self.rows and self._replaced is None:
             kept = [g for g in self.guides if g not in self._added]
+            if not kept:  # every guide's figure, and the summary figures of these rows, were drawn at their add
+                return
             _draw_summary(self.out, self.summary(), self.guides, self.config.dataset, self.seeds[0], each=kept)
 
     def raise_failures(self):
