@@ -20,7 +20,7 @@ from pyro_lora.contract import check_guide, describe
 from pyro_lora.ownership import follow_svi_step, point_snapshot, stop_following, take_over
 from pyro_lora.io import records_at_build, register_guide
 from pyro_lora.model import full_precision
-from pyro_lora.pyro_stack import VECTORIZED, enclosing_plates, marking_sites
+from pyro_lora.pyro_stack import VECTORIZED, enclosing_plates, in_predictive, marking_sites
 
 
 def _as_pyro_guide(forward):
@@ -66,7 +66,7 @@ def _record_parameters(guide):
         follow_svi_step(guide)
     elif not torch.is_grad_enabled():  # Predictive (under no_grad), SVI.evaluate_loss: the network must still be its own
         check_guide(guide.model, guide, "run as a Pyro guide (pyro.infer.Predictive, a trace)")
-        if not guide.samples_carry_posterior:  # pyro_lora.predict refuses it alike
+        if not guide.samples_carry_posterior and in_predictive():  # pyro_lora.predict refuses it alike
             raise ValueError(
                 f"pyro.infer.Predictive with this {type(guide).__name__} would draw its LoRA sites only, which carry "
                 f"none of its posterior: the predictions would be the MAP's; use its own predictive ({guide.own_predictive})"

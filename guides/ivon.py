@@ -17,7 +17,7 @@ from pyro_lora import distributed
 from pyro_lora.checks import check_count
 from pyro_lora.ownership import take_over
 from pyro_lora.data import to_device
-from pyro_lora.model import LoraModel
+from pyro_lora.model import LoraModel, full_precision
 from pyro_lora.sites import check_values
 from pyro_lora.training import _DivergenceWatch, _schedule, batch_nll, training_autocast
 
@@ -186,23 +186,24 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     net.train()
     trained = False
     try:
-        for epoch in range(epochs):
-            for batch in data:
-                batch = to_device(batch, device)
-                loss = 0.0
-                for _ in range(mc_samples):
-                    with optimizer.sampled_params(train=True):
-                        optimizer.zero_grad()
-                        with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
-                            nll = batch_nll(model, batch)
-                        nll.backward()
-                    loss += nll.item() / mc_samples
-                watch.observe(loss, 1)
-                watch.update(optimizer.current_step, epoch)  # raises on a non-finite or runaway loss
-                optimizer.step()
-                scheduler.step()
-                bar.update()
-                bar.set_postfix(nll=f"{loss:.4f}", epoch=epoch)
+        with full_precision(device):  # an enclosing autocast is off for the run: autocast= alone sets the forward's
+            for epoch in range(epochs):
+                for batch in data:
+                    batch = to_device(batch, device)
+                    loss = 0.0
+                    for _ in range(mc_samples):
+                        with optimizer.sampled_params(train=True):
+                            optimizer.zero_grad()
+                            with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
+                                nll = batch_nll(model, batch)
+                            nll.backward()
+                        loss += nll.item() / mc_samples
+                    watch.observe(loss, 1)
+                    watch.update(optimizer.current_step, epoch)  # raises on a non-finite or runaway loss
+                    optimizer.step()
+                    scheduler.step()
+                    bar.update()
+                    bar.set_postfix(nll=f"{loss:.4f}", epoch=epoch)
         trained = True
     finally:
         bar.close()

@@ -20,7 +20,7 @@ from .ownership import head_trainer, unwritten_fit
 from .distributions import isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
-from .pyro_stack import VECTORIZED, conditioned_names, enclosing_plates, marked_guides, replayed_trace
+from .pyro_stack import VECTORIZED, conditioned_names, enclosing_plates, in_svi_step, marked_guides, replayed_trace
 from .sites import (Site, active_adapter, base_rewriting_inits, build_sites, check_values, describe_inits, find_lora_layers,
                     is_site_name, matrix_view, per_layer)
 
@@ -382,6 +382,9 @@ class LoraModel:
         if num_samples is not None:
             num_samples = check_count(num_samples, "num_samples", alternative="or None for values without a sample dim")
         dtype = self.forward_dtype
+        # autocast keeps its cast copies of the parameters until the outermost autocast block exits (enabled or not): a
+        # block around a whole training loop (a user's, fit's own) would run every step on the first step's weights
+        torch.clear_autocast_cache()
         with _autocast(self.device, self.compute_dtype):
             logits = self._logits(batch, values, num_samples, flipout_locs).float()
         # -inf is a masked choice (multiple choice); NaN or +inf is an overflow
@@ -441,11 +444,11 @@ class LoraModel:
         if plates:
             raise ValueError(f"the model runs inside the plate(s) {plates}: its weight sites are global, and {VECTORIZED}")
         if pyro_params.recording():  # Pyro's own optimizers: fit holds its own and has set the trainable set
-            if self.forward_dtype == torch.float16:
+            if self.forward_dtype == torch.float16 and torch.is_grad_enabled() and in_svi_step():
                 raise ValueError(
                     "training a network that computes in float16 (a float16 base, or under float16 autocast) with Pyro's "
                     "SVI has no loss scaling, so small gradients underflow to zero unnoticed: train with pyro_lora.fit "
-                    "(which scales the loss), or compute in bfloat16 or float32"
+                    "(which scales the loss), your own loop with a torch.amp.GradScaler, or compute in bfloat16 or float32"
                 )
             self.set_trainable()  # another LoraModel over this network may have switched requires_grad since
             pyro_params.record(self._pyro_name, self.named_point_parameters())

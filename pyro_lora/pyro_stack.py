@@ -6,14 +6,29 @@ from __future__ import annotations
 import weakref
 
 import pyro.poutine as poutine
+import torch
 from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.indep_messenger import IndepMessenger
+from pyro.poutine.mask_messenger import MaskMessenger
 from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.runtime import _PYRO_STACK
+from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.trace_struct import Trace
 
 VECTORIZED = ("vectorized particles (vectorize_particles=True, Predictive(parallel=True)) are not supported; use "
               "num_particles without vectorizing, or pyro_lora.predict for many samples in one forward")
+
+
+def in_svi_step() -> bool:
+    """Whether the call runs inside ``pyro.infer.SVI.step``, which records the params it steps with a param-only trace
+    (a loss computed by the user's own code, e.g. with a ``GradScaler``, is not)."""
+    return any(isinstance(m, TraceMessenger) and m.param_only for m in _PYRO_STACK)
+
+
+def in_predictive() -> bool:
+    """Whether the call runs inside ``pyro.infer.Predictive``, which draws its samples without gradients and every
+    site masked out (``poutine.mask(mask=False)``; an ELBO's ``evaluate_loss`` masks nothing)."""
+    return not torch.is_grad_enabled() and any(isinstance(m, MaskMessenger) and m.mask is False for m in _PYRO_STACK)
 
 
 def enclosing_plates() -> list[str]:

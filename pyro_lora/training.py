@@ -17,7 +17,7 @@ from . import distributed, pyro_params
 from .contract import check_guide, check_ranks_agree
 from .ownership import point_snapshot, record_fit, take_over
 from .data import to_device
-from .model import HALF_DTYPES
+from .model import HALF_DTYPES, full_precision
 from .checks import check_count, check_reiterable
 from .sites import base_network
 
@@ -229,8 +229,9 @@ def fit(
 
     try:
         # validation syncs the GPU once per site; the fused optimizer above holds the parameters, not Pyro's store
+        # an enclosing autocast is switched off for the run (backward and checks too): autocast= alone sets the forward's
         with pyro.validation_enabled(False), pyro_params.own_optimizer(), _activation_checkpointing(net, gradient_checkpointing), \
-                distributed.rank_streams():
+                distributed.rank_streams(), full_precision(device):
             for epoch in range(epochs):
                 accumulated, pending, seen = 0.0, 0, 0
                 for batch in data:
@@ -395,9 +396,12 @@ def _activation_checkpointing(net, enable):
 
 
 def _kl_weight(weight, step) -> float:
-    """A KL weight as a float (a numpy or one-element tensor number too); refused unless positive and finite."""
-    if isinstance(weight, torch.Tensor) and weight.numel() == 1:
-        weight = weight.item()
+    """A KL weight as a float (a numpy or one-element tensor or array too); refused unless positive and finite."""
+    if not isinstance(weight, numbers.Real) and callable(getattr(weight, "item", None)):
+        try:
+            weight = weight.item()
+        except (ValueError, RuntimeError):  # more than one element: refused below
+            pass
     if isinstance(weight, bool) or not (isinstance(weight, numbers.Real) and weight > 0 and math.isfinite(weight)):
         raise ValueError(
             f"kl_weight gave {weight!r} at step {step}: it must be a positive finite number (Pyro scales "

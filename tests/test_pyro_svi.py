@@ -615,7 +615,7 @@ def test_kl_weight_takes_numpy_and_tensor_numbers_and_is_checked_before_any_forw
     data = toy_data(n=8, batch=8)
     pyro.set_rng_seed(0)
     reference = fit(model, guide, data, kl_weight=0.5, progress=False)
-    for weight in (np.float32(0.5), torch.tensor(0.5)):
+    for weight in (np.float32(0.5), torch.tensor(0.5), np.array([0.5])):
         model, guide = build("map")
         pyro.set_rng_seed(0)
         assert fit(model, guide, data, kl_weight=weight, progress=False) == reference
@@ -632,8 +632,11 @@ def test_predictive_with_a_last_layer_laplace_is_refused_as_predict_refuses_it()
 
     model, _ = build("map")
     guide = LastLayerLaplaceGuide(model).fit(toy_data(n=8, batch=8), progress=False)
+    batch = toy_data(n=8, batch=8)[0]
     with pytest.raises(ValueError, match=r"Predictive with this LastLayerLaplaceGuide would draw its LoRA sites only.*predict_glm"):
-        pyro.infer.Predictive(model, guide=guide, num_samples=2)(toy_data(n=8, batch=8)[0])
+        pyro.infer.Predictive(model, guide=guide, num_samples=2)(batch)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())  # an ELBO without gradients is no Predictive
+    assert svi.evaluate_loss(batch) == pytest.approx(Trace_ELBO().loss(model, guide, batch))
 
 
 @pytest.mark.parametrize("elbo, why", [
