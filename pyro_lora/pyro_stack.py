@@ -1,18 +1,18 @@
 """What Pyro's handler stack says about the call running now: the plates around it, the trace an ELBO replays, the
-values ``poutine.condition`` hands in, and which guide drew a replayed site."""
+values ``poutine.condition`` hands in, and which guide drew a replayed site; and, where no handler tells, what the
+Python call stack says: whether ``SVI.step`` or ``Predictive`` runs it."""
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 import pyro.poutine as poutine
-import torch
+from pyro.infer.svi import SVI
 from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.indep_messenger import IndepMessenger
-from pyro.poutine.mask_messenger import MaskMessenger
 from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.runtime import _PYRO_STACK
-from pyro.poutine.trace_messenger import TraceMessenger
 from pyro.poutine.trace_struct import Trace
 
 VECTORIZED = ("vectorized particles (vectorize_particles=True, Predictive(parallel=True)) are not supported; use "
@@ -20,15 +20,24 @@ VECTORIZED = ("vectorized particles (vectorize_particles=True, Predictive(parall
 
 
 def in_svi_step() -> bool:
-    """Whether the call runs inside ``pyro.infer.SVI.step``, which records the params it steps with a param-only trace
-    (a loss computed by the user's own code, e.g. with a ``GradScaler``, is not)."""
-    return any(isinstance(m, TraceMessenger) and m.param_only for m in _PYRO_STACK)
+    """Whether the call runs inside ``pyro.infer.SVI.step`` (not a loss the user's own loop computes and steps, e.g.
+    with a ``GradScaler``, whatever handlers it uses): read from the Python call stack, as no handler tells them apart."""
+    return _called_from(lambda frame: frame.f_code is SVI.step.__code__)
 
 
 def in_predictive() -> bool:
-    """Whether the call runs inside ``pyro.infer.Predictive``, which draws its samples without gradients and every
-    site masked out (``poutine.mask(mask=False)``; an ELBO's ``evaluate_loss`` masks nothing)."""
-    return not torch.is_grad_enabled() and any(isinstance(m, MaskMessenger) and m.mask is False for m in _PYRO_STACK)
+    """Whether the call runs inside ``pyro.infer.Predictive`` or a subclass (``WeighedPredictive``), all of whose
+    draws go through the functions of ``pyro.infer.predictive`` (an ELBO's ``evaluate_loss`` does not)."""
+    return _called_from(lambda frame: frame.f_globals.get("__name__") == "pyro.infer.predictive")
+
+
+def _called_from(test) -> bool:
+    frame = sys._getframe(2)
+    while frame is not None:
+        if test(frame):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def enclosing_plates() -> list[str]:

@@ -365,6 +365,7 @@ def test_inference_and_a_users_scaled_loop_under_fp16_autocast_are_not_refused_b
         assert pyro.infer.Predictive(model, guide=guide, num_samples=2)(unlabelled)["obs"].shape == (2, 3)
         assert torch.isfinite(torch.tensor(svi.evaluate_loss(batch)))
         scaler = torch.amp.GradScaler("cpu")
-        scaler.scale(Trace_ELBO().differentiable_loss(model, guide, batch)).backward()
+        with pyro.poutine.trace(param_only=True):  # as Pyro's custom-objective recipe collects the params to step
+            scaler.scale(Trace_ELBO().differentiable_loss(model, guide, batch)).backward()
         with pytest.raises(ValueError, match="under float16 autocast.*Pyro's SVI has no loss scaling"):
             svi.step(batch)

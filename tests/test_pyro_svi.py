@@ -635,6 +635,8 @@ def test_predictive_with_a_last_layer_laplace_is_refused_as_predict_refuses_it()
     batch = toy_data(n=8, batch=8)[0]
     with pytest.raises(ValueError, match=r"Predictive with this LastLayerLaplaceGuide would draw its LoRA sites only.*predict_glm"):
         pyro.infer.Predictive(model, guide=guide, num_samples=2)(batch)
+    with pytest.raises(ValueError, match=r"Predictive with this LastLayerLaplaceGuide"):  # a subclass, drawing unmasked
+        pyro.infer.predictive.WeighedPredictive(model, guide=guide, num_samples=2)(batch)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())  # an ELBO without gradients is no Predictive
     assert svi.evaluate_loss(batch) == pytest.approx(Trace_ELBO().loss(model, guide, batch))
 
