@@ -62,8 +62,9 @@ class ReliabilityBins(NamedTuple):
 
 
 def _tensor(x, name: str) -> torch.Tensor:
-    """``x`` as a tensor of its own dtype, a Python list or number as float64 (torch would make float32 of it, tying
-    values that differ beyond float32's precision).
+    """``x`` as a tensor of its own dtype; a list as its elements' (numpy's reading: Python floats are float64, where
+    torch would make float32 of them, tying values that differ beyond float32's precision; float32 rows stay float32,
+    binned as the same values in an array are).
 
     :raises ValueError: for complex values (torch would drop the imaginary part with a warning).
     """
@@ -78,7 +79,7 @@ def _tensor(x, name: str) -> torch.Tensor:
             raise ValueError(f"{name} must be real, got dtype {array.dtype}")
         if array.dtype.kind not in "biuf":  # strings: "0.1" is no probability, as a coverage "0.5" is no fraction
             raise ValueError(f"{name} must be numbers, got dtype {array.dtype}")
-        x = torch.as_tensor(array if hasattr(x, "dtype") else array.astype(np.float64))
+        x = torch.as_tensor(array)
     if x.is_complex():
         raise ValueError(f"{name} must be real, got dtype {x.dtype}")
     return x.detach()
@@ -96,8 +97,12 @@ def _sum_tolerance(dtype: torch.dtype) -> float:
 def _check_rows(x: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     """Raise ValueError unless every row (last dim) of the finite float64 ``x`` is a probability vector.
 
-    ``dtype`` is the caller's original dtype: half-precision rows are allowed their larger rounding.
+    ``dtype`` is the caller's original dtype: half-precision rows are allowed their larger rounding; 8-bit floats are
+    refused (their rounding, up to a quarter or half of a probability, would let rows summing to 0.5 pass).
     """
+    if dtype.is_floating_point and torch.finfo(dtype).bits < 16:
+        raise ValueError(f"{name} in {dtype}: an 8-bit float rounds a probability by up to {torch.finfo(dtype).eps:g}, "
+                         "too coarse to tell a probability vector; pass them in float16 or wider")
     tol = _sum_tolerance(dtype)
     sums = x.sum(-1)
     if bool((x < 0).any()) or bool(((sums - 1).abs() > tol).any()):

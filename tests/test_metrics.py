@@ -454,3 +454,26 @@ def test_longdouble_arrays_and_lists_of_tensors_that_require_grad_are_scored_or_
     scores = [torch.tensor(0.1, requires_grad=True), torch.tensor(0.5, requires_grad=True)]
     with pytest.raises(ValueError, match="scores_in must be an array of numbers"):
         metrics.auroc(scores, [0.3, 0.9])
+
+
+def test_float32_rows_in_a_list_are_binned_as_the_same_rows_in_an_array():
+    """A list of float32 rows was cast to float64 first: 0.6 in float32 (0.60000002) fell into the bin above the one
+    float32 edges give it, ECE 0.475 for the array's 0.075."""
+    probs = np.array([[0.6, 0.4], [0.6, 0.4], [0.55, 0.45], [0.55, 0.45]], dtype=np.float32)
+    labels = np.array([0, 0, 1, 1])
+    expected = metrics.ece(probs, labels)
+    assert expected == pytest.approx(0.075, abs=1e-6)
+    assert metrics.ece(list(probs), labels) == expected
+    assert metrics.ece(list(torch.from_numpy(probs)), labels) == expected
+    rows = [[0.6, 0.4], [0.6, 0.4], [0.55, 0.45], [0.55, 0.45]]  # Python floats: float64, as in a float64 array
+    assert metrics.ece(rows, labels) == metrics.ece(np.array(rows), labels)
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e5m2, torch.float8_e4m3fn])
+def test_8_bit_float_probabilities_are_refused(dtype):
+    """Their tolerance, 2 eps, let rows summing to 0.5 pass as probability vectors (NLL 1.04 of unnormalised rows)."""
+    probs = torch.tensor([[0.5, 0.0], [0.25, 0.25]]).to(dtype)
+    with pytest.raises(ValueError, match="8-bit float rounds a probability"):
+        metrics.nll(probs, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="8-bit float rounds a probability"):
+        metrics.mutual_information(torch.stack([probs, probs]))
