@@ -19,7 +19,7 @@ from pyro_lora.ownership import take_over
 from pyro_lora.data import to_device
 from pyro_lora.model import LoraModel, full_precision
 from pyro_lora.sites import check_values
-from pyro_lora.training import _DivergenceWatch, _schedule, batch_nll, training_autocast
+from pyro_lora.training import _DivergenceWatch, _schedule, batch_nll, step_autocast, training_autocast
 
 from .base import LoraGuide
 from .registry import Fitted, method
@@ -194,7 +194,7 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
                     for _ in range(mc_samples):
                         with optimizer.sampled_params(train=True):
                             optimizer.zero_grad()
-                            with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
+                            with step_autocast(device, autocast):
                                 nll = batch_nll(model, batch)
                             nll.backward()
                         loss += nll.item() / mc_samples

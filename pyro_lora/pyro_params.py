@@ -64,8 +64,8 @@ def record(prefix: str, named_parameters) -> None:
             _check_no_orphans(store)
             _recorded[id(p)] = p
             store[key] = p
-        elif store[key] is not p:
-            raise ValueError(_refusal(f"another tensor than the live parameter under {key!r}"))
+        else:
+            _check_same(store, key, p)
         pyro.param(key)
 
 
@@ -84,8 +84,13 @@ def check_store(owners, action: str) -> None:
     for prefix, named_parameters in owners:
         for name, p in named_parameters:
             key = f"{prefix}.{name}"
-            if key in store and store[key] is not p:
-                raise ValueError(_refusal(f"another tensor than the live parameter under {key!r}", action))
+            if key in store:
+                _check_same(store, key, p, action)
+
+
+def _check_same(store, key, p, action=None):
+    if store[key] is not p:
+        raise ValueError(_refusal(f"another tensor than the live parameter under {key!r}", action))
 
 
 def _check_no_orphans(store, action=None):

@@ -240,7 +240,7 @@ def fit(
                     weight = _kl_weight(beta(step), step)
                     if watch is not None and watch.first is None:
                         watch.first = (batch, _mean_nll(model, guide, batch))
-                    with torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=bool(autocast)):
+                    with step_autocast(device, autocast):
                         loss = elbo.differentiable_loss(model, guide, batch, kl_weight=weight) / num_data
                     scaler.scale(loss / grad_accum_steps).backward()
                     accumulated += loss.item() / grad_accum_steps
@@ -422,6 +422,11 @@ def training_autocast(model, autocast):
         raise ValueError(f"autocast must be torch.bfloat16, torch.float16, False (none) or None (bfloat16 on CUDA, none "
                          f"on the CPU), got {autocast!r}")
     return autocast, model.compute_dtype if model.compute_dtype in HALF_DTYPES else (autocast or torch.float32)
+
+
+def step_autocast(device, autocast):
+    """The autocast of one training forward: ``autocast`` as :func:`training_autocast` returned it (``False``: none)."""
+    return torch.autocast(device.type, dtype=autocast or torch.bfloat16, enabled=bool(autocast))
 
 
 def _finite(value):
