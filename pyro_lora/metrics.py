@@ -47,6 +47,7 @@ _NLL_FLOOR = 1e-12
 # bfloat16 by ~3e-3 (measured; each entry rounds by half an eps of its value), so 2 eps of the input dtype, at
 # least 1e-4 (an ECE x100 shift below 0.01)
 _SUM_TOL = 1e-4
+_FLOAT8 = tuple(getattr(torch, name) for name in dir(torch) if name.startswith("float8_"))
 _SUM_EPS = 2
 
 
@@ -131,6 +132,9 @@ def check_labels(labels, n: int, c: int) -> torch.Tensor:
         raise ValueError(f"shape mismatch: probs has {n} rows but labels has {labels.shape[0]}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if n and labels.dtype in (torch.uint32, torch.uint64) and int(labels.cpu().numpy().max()) >= c:
+        # torch compares neither dtype, and the cast to int64 below wraps values from 2**63 to negatives
+        raise ValueError(f"labels out of range: expected values in [0, {c}), got max {int(labels.cpu().numpy().max())}")
     labels = labels.to(torch.int64)
     if n and (labels.min() < 0 or labels.max() >= c):
         raise ValueError(
@@ -286,12 +290,21 @@ def _midranks(x: torch.Tensor) -> torch.Tensor:
     return (ends - (counts.to(torch.float64) - 1) / 2)[inverse]
 
 
+def _scores(scores_in, scores_out) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both score vectors in one dtype that ranks them exactly: float64, or int64 for integers (float64 would tie
+    integers beyond 2**53)."""
+    s_in, s_out = _tensor(scores_in, "scores_in"), _tensor(scores_out, "scores_out")
+    exact = not (s_in.is_floating_point() or s_out.is_floating_point())
+    dtype = torch.int64 if exact else torch.float64
+    return s_in.to(dtype), s_out.to(dtype)
+
+
 def auroc(scores_in: torch.Tensor, scores_out: torch.Tensor) -> float:
     """P(score_out > score_in) + 1/2 P(tie): how well a score (entropy, MI) flags shifted examples.
 
     scores_in [N_in], scores_out [N_out]; Mann-Whitney U from midranks: (R_out - n_out(n_out+1)/2) / (n_in n_out).
     """
-    s_in, s_out = _as_float(scores_in, "scores_in"), _as_float(scores_out, "scores_out")
+    s_in, s_out = _scores(scores_in, scores_out)
     for name, s in (("scores_in", s_in), ("scores_out", s_out)):
         if s.ndim != 1:
             raise ValueError(f"{name} must have shape [N], got {tuple(s.shape)}")
@@ -317,7 +330,7 @@ def stratified_auroc(scores_in: torch.Tensor, scores_out: torch.Tensor, covariat
         both sets (the covariate alone separates them).
     """
     bins = check_count(bins, "bins")
-    s_in, s_out = _as_float(scores_in, "scores_in"), _as_float(scores_out, "scores_out")
+    s_in, s_out = _scores(scores_in, scores_out)
     c_in, c_out = _as_float(covariate_in, "covariate_in"), _as_float(covariate_out, "covariate_out")
     for name, c, s in (("covariate_in", c_in, s_in), ("covariate_out", c_out, s_out)):
         if c.shape != s.shape:
@@ -387,6 +400,10 @@ def accuracy_at_coverage(probs: torch.Tensor, labels: torch.Tensor, coverage: fl
 def _decimal(x) -> Fraction:
     """``x`` as the decimal written for it: its shortest repr at its own precision (a float32 0.7 is 0.699999988 in
     float64)."""
+    if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, *_FLOAT8):  # dtypes numpy lacks: shortest round trip
+        value = x.detach().cpu()
+        return next(Fraction(s) for s in (f"{float(value):.{d}g}" for d in range(1, 18))
+                    if torch.tensor(float(s)).to(value.dtype) == value)
     if isinstance(x, torch.Tensor):
         x = x.detach().cpu().numpy()
     if hasattr(x, "dtype"):

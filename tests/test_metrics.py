@@ -477,3 +477,25 @@ def test_8_bit_float_probabilities_are_refused(dtype):
         metrics.nll(probs, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="8-bit float rounds a probability"):
         metrics.mutual_information(torch.stack([probs, probs]))
+
+
+def test_integer_scores_beyond_float64_precision_and_wide_unsigned_labels_are_read_exactly():
+    """Integer scores went through float64, tying 2**53 with 2**53 + 1 (AUROC 0.5 for 3.5 / 6); a uint64 label
+    2**64 - 1 wrapped to -1 in the refusal."""
+    s_in, s_out = torch.tensor([2**53, 2**53 + 1, 3]), torch.tensor([2**53 + 1, 5])
+    # pairs (out, in): (2**53+1: 1, 1/2, 1), (5: 0, 0, 1) -> 3.5 / 6
+    assert metrics.auroc(s_in, s_out) == pytest.approx(3.5 / 6, rel=1e-12)
+    assert metrics.stratified_auroc(s_in, s_out, [1, 1, 1], [1, 1]) == pytest.approx(3.5 / 6, rel=1e-12)
+    for labels in (torch.tensor([0, 2**64 - 1], dtype=torch.uint64), np.array([0, 2**64 - 1], dtype=np.uint64)):
+        with pytest.raises(ValueError, match=f"got max {2**64 - 1}"):
+            metrics.nll(torch.tensor([[0.7, 0.3], [0.2, 0.8]]), labels)
+    assert metrics.nll(torch.tensor([[0.7, 0.3], [0.2, 0.8]]), torch.tensor([0, 1], dtype=torch.uint64)) == \
+        pytest.approx(-(math.log(0.7) + math.log(0.8)) / 2)
+
+
+def test_a_bfloat16_coverage_is_read_as_the_decimal_written_for_it():
+    """numpy has no bfloat16: the coverage failed with "Got unsupported ScalarType BFloat16"."""
+    probs = torch.softmax(torch.randn(45, 2, generator=torch.Generator().manual_seed(0)), -1)
+    labels = torch.arange(45) % 2
+    assert metrics.accuracy_at_coverage(probs, labels, torch.tensor(0.7, dtype=torch.bfloat16)) == \
+        metrics.accuracy_at_coverage(probs, labels, 0.7)  # 0.7 * 45 = 31.5 -> 32; bfloat16's 0.69921875 would give 31
