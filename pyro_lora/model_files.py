@@ -181,11 +181,23 @@ def parameter_count(name_or_path: str) -> int | None:
 def _folder_parameter_count(folder: Path) -> int | None:
     if not (folder / "config.json").is_file():
         return None
+    from transformers import AutoConfig
+
+    return config_parameter_count(AutoConfig.from_pretrained(folder))
+
+
+def config_parameter_count(config) -> int:
+    """Parameters of the causal LM a transformers ``config`` describes, untied LM head included (the base model for a
+    config of no causal LM), built on the ``meta`` device: a loaded model counts the same before and after loading,
+    whatever its storage (a 4-bit weight holds two values per byte)."""
     import torch
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel, AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModel.from_config(AutoConfig.from_pretrained(folder))
+        try:
+            model = AutoModelForCausalLM.from_config(config)
+        except ValueError:  # no causal-LM class for this config (an encoder)
+            model = AutoModel.from_config(config)
     return sum(p.numel() for p in model.parameters())
 
 

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .model_files import (
-    EMBEDDED_MODELS, _cache_is_valid, _local_path, _require_gguf, _source_stamp, cache_dir, max_positions, minilm_dir,
-    parameter_count, smollm2_gguf,
+    EMBEDDED_MODELS, _cache_is_valid, _local_path, _require_gguf, _source_stamp, cache_dir, config_parameter_count,
+    max_positions, minilm_dir, parameter_count, smollm2_gguf,
 )
 from .contract import DRAWN_AT_LOAD
 from .sites import base_network
@@ -504,8 +504,15 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
 
 def default_mc_format(model: torch.nn.Module) -> str:
     """``"cloze"`` for models under ~1B parameters (the letter format leaves them at chance), else
-    ``"letter"``."""
-    return _mc_format_for(sum(p.numel() for p in base_network(model).parameters()))
+    ``"letter"``. A transformers model is counted from its config, as :func:`expected_mc_format` counts it before
+    loading (a 4-bit weight's ``numel`` is half its parameters)."""
+    from transformers import PretrainedConfig
+
+    base = base_network(model)
+    config = getattr(base, "config", None)
+    if isinstance(config, PretrainedConfig):
+        return _mc_format_for(config_parameter_count(config))
+    return _mc_format_for(sum(p.numel() for p in base.parameters()))
 
 
 def expected_mc_format(name_or_path: str) -> str | None:

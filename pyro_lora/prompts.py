@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import operator
 import re
 import string
 
@@ -18,6 +19,7 @@ import torch
 __all__ = ["LETTERS", "cloze_pairs", "is_blank_item", "letter_prompt", "letter_token_ids", "record_text"]
 
 LETTERS = string.ascii_uppercase
+_ANSWER = "\nAnswer:"  # the letter prompt's end: the next token is the answer letter
 
 # A WinoGrande blank is a lone "_" between spaces; ARC/OBQA use "___" blanks and "CO_{2}" formulas,
 # which must stay ordinary questions.
@@ -48,21 +50,32 @@ def letter_prompt(record: dict) -> str:
     else:
         head = f"Question: {record['question']}"
     options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
-    return f"{head}\n{options}\nAnswer:"
+    return f"{head}\n{options}{_ANSWER}"
 
 
 def letter_token_ids(tokenizer, num_choices: int) -> torch.Tensor:
-    """``LongTensor[num_choices]``: the single token id of ``" A"``, ``" B"``, ... .
+    """``LongTensor[num_choices]``: the token id of ``" A"``, ``" B"``, ... as it follows the prompt's ``Answer:``.
 
-    Raises ``ValueError`` for more choices than letters, or if a letter is not exactly one token for this tokenizer.
+    Tokenized after ``Answer:``, not alone: a SentencePiece tokenizer that prepends ``▁`` to every text (Llama-2,
+    Mistral-v0.1) makes ``" A"`` alone two tokens ``▁``, ``▁A``, where the prompt's answer is the one token ``▁A``.
+
+    Raises ``ValueError`` for more choices than letters, or if a letter after ``Answer:`` is not exactly one token.
     """
-    if isinstance(num_choices, bool) or not isinstance(num_choices, int) or not 1 <= num_choices <= len(LETTERS):  # 30: 26 ids
+    try:  # an int, a numpy integer, a 0-d integer tensor
+        count = None if isinstance(num_choices, bool) else operator.index(num_choices)
+    except TypeError:
+        count = None
+    if count is None or not 1 <= count <= len(LETTERS):  # 30 gave 26 ids
         raise ValueError(f"num_choices must be 1 to {len(LETTERS)} (one letter each), got {num_choices!r}")
+    context = tokenizer(_ANSWER, add_special_tokens=False)["input_ids"]
     ids = []
-    for letter in LETTERS[:num_choices]:
-        tokens = tokenizer(f" {letter}", add_special_tokens=False)["input_ids"]
-        if len(tokens) != 1:
-            raise ValueError(f"' {letter}' is {len(tokens)} tokens {tokens} for this tokenizer; the letter format needs one")
+    for letter in LETTERS[:count]:
+        whole = tokenizer(f"{_ANSWER} {letter}", add_special_tokens=False)["input_ids"]
+        tokens = whole[len(context):] if whole[: len(context)] == context else None
+        if tokens is None or len(tokens) != 1:
+            shown = tokenizer.convert_ids_to_tokens(whole) if hasattr(tokenizer, "convert_ids_to_tokens") else whole
+            raise ValueError(f"' {letter}' after {_ANSWER!r} is not one token of its own for this tokenizer ({shown}); the "
+                             "letter format needs one per letter: use the cloze format")
         ids.append(tokens[0])
     return torch.tensor(ids, dtype=torch.long)
 

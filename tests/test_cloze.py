@@ -203,3 +203,27 @@ def test_letter_token_ids_refuses_more_choices_than_letters():
     for bad in (0, 27, 30, 2.5, True):  # 30 gave 26 ids without a word
         with pytest.raises(ValueError, match="num_choices must be 1 to 26"):
             letter_token_ids(None, bad)
+
+
+def test_letter_ids_are_the_tokens_that_follow_answer_in_the_prompt():
+    """A tokenizer prepending '▁' to every text (Llama-2, Mistral-v0.1) makes ' A' alone '▁', '▁A': the letter format
+    was refused, though after 'Answer:' each letter is one token. A numpy count was refused as out of range."""
+    import numpy as np
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pyro_lora.data import letter_prompt, letter_token_ids
+
+    words = ["▁Question:", "▁What", "▁is", "▁it?", "▁Answer:", "▁A", "▁B", "▁C", "A.", "B.", "C.", "▁yes", "▁no", "▁maybe"]
+    vocab = [("<pad>", 0.0), ("<unk>", 0.0), ("▁", -3.0)] + [(w, -1.0) for w in words] + [(c, -5.0) for c in "aeinorstu\nABC."]
+    backend = Tokenizer(models.Unigram(vocab, unk_id=1))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+    assert len(tokenizer(" A", add_special_tokens=False)["input_ids"]) == 2
+    ids = letter_token_ids(tokenizer, np.int64(3))
+    prompt = letter_prompt({"id": "q", "question": "What is it?", "choices": ["yes", "no", "maybe"]})
+    for letter, token in zip("ABC", ids.tolist()):
+        context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answered = tokenizer(f"{prompt} {letter}", add_special_tokens=False)["input_ids"]
+        assert answered[: len(context)] == context and answered[len(context):] == [token]
+    assert letter_token_ids(tokenizer, torch.tensor(2)).tolist() == ids[:2].tolist()

@@ -95,6 +95,21 @@ def test_default_mc_format():
     assert P.default_mc_format(big) == "letter"
 
 
+def test_the_format_is_the_same_before_and_after_loading_with_an_untied_head(tmp_path, monkeypatch):
+    """Before loading the base model was counted without its untied LM head, after loading with it: near the threshold
+    (Pythia-1b: 0.91B / 1.01B) the guides were chosen for cloze and the run used letters."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=128, tie_word_embeddings=False)
+    config.save_pretrained(tmp_path)
+    with torch.device("meta"):
+        lm = GPTNeoXForCausalLM(config)
+    total = sum(p.numel() for p in lm.parameters())
+    monkeypatch.setattr(P, "_CLOZE_MAX_PARAMS", total - 1000 * 64 // 2)  # between the base's count and the LM's
+    assert P.expected_mc_format(str(tmp_path)) == P.default_mc_format(lm) == "letter"
+
+
 # --------------------------------------------------------------------------- real models
 
 

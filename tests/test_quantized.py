@@ -48,6 +48,19 @@ def quantized(folder, quantization, dtype=torch.bfloat16):
     return net
 
 
+def test_a_4bit_base_counts_its_parameters_not_its_packed_bytes(folder, monkeypatch):
+    """A 4-bit weight's numel is half its parameters: a 1-2B model under --load-in-4bit was given the cloze format."""
+    import pyro_lora.pretrained as P
+
+    dense = load_pretrained(str(folder), "classification", num_labels=3, progress=False)[0]
+    total = sum(p.numel() for p in dense.parameters())
+    packed = sum(p.numel() for p in quantized(folder, "nf4").base_model.model.parameters())
+    assert packed < total - 8192  # the 4-bit base stores fewer elements
+    monkeypatch.setattr(P, "_CLOZE_MAX_PARAMS", packed + 1)  # the packed count falls under the threshold
+    assert P.default_mc_format(quantized(folder, "nf4")) == P.default_mc_format(dense) == P.expected_mc_format(str(folder))
+    assert P.default_mc_format(dense) == "letter"
+
+
 def dense_twin(net):
     """The same peft network with every quantised base layer replaced by a float32 Linear of its dequantised weight."""
     import bitsandbytes as bnb
