@@ -106,7 +106,8 @@ class EnsembleGuide(LoraGuide):
 
     @property
     def deterministic(self):
-        return self.num_members == 1
+        # one member carrying a head still predicts through it (member_heads), not through the network's head
+        return self.num_members == 1 and not self.head_parameters
 
     def members(self):
         """Site name -> ``[K, *site.shape]``: every member's values."""
@@ -155,7 +156,11 @@ class EnsembleGuide(LoraGuide):
         """Draw ``s`` is member ``s mod K``: name -> ``[S, *site.shape]``; ``S`` must be a multiple of ``K``."""
         num_samples = self.check_num_samples(num_samples)
         self._check_heads(num_samples)
-        index = torch.arange(num_samples, device=self.member_0.device) % self.num_members
+        return self.sample_members(torch.arange(num_samples, device=self.member_0.device) % self.num_members)
+
+    def sample_members(self, index):
+        """Draw ``s`` from member ``index[s]`` (``index [n]``, ints in ``[0, K)``): name -> ``[n, *site.shape]``; a chunk
+        of :func:`~pyro_lora.predict`'s ``S`` draws is the members of its own sample indices."""
         return {name: v[index] for name, v in self.members().items()}
 
     def mean(self):
@@ -436,6 +441,9 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     _restarts(model, heads_names)  # refused before any training, not at the first member's start
     _member_init(model)
     fit_kwargs = {"progress": False, **(fit_kwargs or {})}
+    if heads_names and not fit_kwargs.get("train_network", True):
+        raise ValueError(f"fit_kwargs train_network=False with a head to train ({heads_names[0]}, ...): each member starts "
+                         "from a freshly drawn head, which would stay untrained; leave train_network on")
     params = dict(model.net.named_parameters())
     saved = {n: p.detach().clone() for n, p in params.items() if id(p) in lora or n in heads_names}
     members, heads = [], []

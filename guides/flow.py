@@ -122,7 +122,7 @@ class FlowGuide(LoraGuide):
         self.init_scale, self.init_lambda, self.max_lambda = float(init_scale), float(init_lambda), float(max_lambda)
         self.std_lr_scale, self.share_basis, self.learn_loc = float(std_lr_scale), check_flag(share_basis, "share_basis"), check_flag(learn_loc, "learn_loc")
         self.prior_scale = float(model.prior)
-        init = init if init is not None else model.adapter_values()
+        init = model.initial_values(init)
         self.parts = torch.nn.ModuleList([self._part(site, init[name].detach().float()) for name, site in self.sites.items()])
 
     def _part(self, site, loc):

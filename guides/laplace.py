@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from pyro_lora.contract import check_guide
 from pyro_lora.data import fixed_batches, to_device
 from pyro_lora.distributions import KFACNormal
-from pyro_lora.evidence import curvature_peaks, evidence_terms, maximise_evidence, precision_config, site_precision
+from pyro_lora.evidence import curvature_peaks, evidence_terms, maximise_evidence, precision_config, precision_tensor, site_precision
 from pyro_lora.kfac import SiteFactors, accumulate, glm_batch, glm_predict, grid_nll_glm
 from pyro_lora.likelihoods import MultipleChoice, is_cloze
 from pyro_lora.metrics import nll
@@ -119,9 +119,10 @@ class LaplaceGuide(LoraGuide):
         for name, f in zip(self.sites, self.factors):
             if isinstance(value, dict) and name not in value:
                 continue
-            v = torch.as_tensor(value[name] if isinstance(value, dict) else value, dtype=torch.float, device=f.loc.device)
-            if v.numel() not in (1, f.prior_precision.numel()) or not bool((v > 0).all()):
-                raise ValueError(f"prior precision of site {name!r} must be positive: 1 or {f.prior_precision.numel()} values")
+            v = precision_tensor(value[name] if isinstance(value, dict) else value).to(f.loc.device)
+            if v.numel() not in (1, f.prior_precision.numel()):
+                raise ValueError(f"prior precision of site {name!r} needs 1 or {f.prior_precision.numel()} values, got "
+                                 f"{v.numel()}")
             new[name] = v.reshape(-1).expand_as(f.prior_precision)
         for name, f in zip(self.sites, self.factors):  # all checked first: a bad value changes nothing
             if name in new:

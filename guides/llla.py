@@ -26,7 +26,7 @@ from pyro_lora import distributed
 from pyro_lora.calibration import golden_section
 from pyro_lora.contract import check_guide, entry_checks
 from pyro_lora.data import to_device
-from pyro_lora.evidence import maximise_evidence
+from pyro_lora.evidence import maximise_evidence, precision_tensor
 from pyro_lora.heads import class_rows, find_head, head_features, head_rows, tied_parameters
 from pyro_lora.kfac import glm_predict, probit
 from pyro_lora.likelihoods import is_cloze
@@ -132,10 +132,10 @@ class LastLayerLaplaceGuide(LoraGuide):
 
     def set_prior_precision(self, value):
         """Set ``lambda``, a positive finite number."""
-        value = float(value)
-        if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"prior precision must be a positive finite number, got {value!r}")
-        self.prior_precision.fill_(value)
+        value = precision_tensor(value, torch.float64)
+        if value.numel() != 1:
+            raise ValueError(f"last-layer Laplace has one prior precision: give one number, got {value.numel()}")
+        self.prior_precision.fill_(float(value))
 
     # ------------------------------------------------------------------ the sites: point masses at the MAP LoRA
 
@@ -314,9 +314,7 @@ class LastLayerLaplaceGuide(LoraGuide):
         """The Laplace evidence ``log p(D | theta*) - lambda/2 |theta*|^2 + P/2 log lambda - 1/2 log det(H + lambda I)``
         (nats) at ``prior_precision`` (default: the current ``lambda``)."""
         self._check_fitted()
-        lam = self.prior_precision if prior_precision is None else torch.as_tensor(float(prior_precision), dtype=torch.float64)
-        if not (math.isfinite(float(lam)) and float(lam) > 0):
-            raise ValueError(f"prior precision must be a positive finite number, got {float(lam)!r}")
+        lam = self.prior_precision if prior_precision is None else precision_tensor(prior_precision, torch.float64)
         value, _, _ = self._evidence_terms(lam.to(self.loc.device).log().reshape(1))
         return float(self.log_likelihood + value[0])
 

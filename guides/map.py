@@ -25,7 +25,7 @@ class MAPGuide(LoraGuide):
 
     def __init__(self, model, init=None):
         super().__init__(model)
-        init = init if init is not None else model.adapter_values()
+        init = model.initial_values(init)
         self.locs = torch.nn.ParameterList([torch.nn.Parameter(init[name].detach().clone().float()) for name in self.sites])
 
     def posterior(self):

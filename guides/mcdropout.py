@@ -54,7 +54,7 @@ class MCDropoutGuide(LoraGuide):
         if not any(s.kind.role == "down" for s in self.sites.values()):
             raise ValueError(f"MC dropout drops columns of the A sites; the model has none ({list(self.sites)}): use random='A' or 'AB'")
         self.p = float(p)
-        init = init if init is not None else model.adapter_values()
+        init = model.initial_values(init)
         self.locs = torch.nn.ParameterList([torch.nn.Parameter(init[name].detach().clone().float()) for name in self.sites])
 
     def posterior(self):

@@ -95,7 +95,7 @@ class MeanFieldGuide(LoraGuide):
         self.flipout, self.learn_loc = flipout, check_flag(learn_loc, "learn_loc")
         # Gaussian: A (and R) sites always, B sites when b="normal"
         self.gaussian = [n for n, s in self.sites.items() if s.matrix != "B" or b == "normal"]
-        init = init if init is not None else model.adapter_values()
+        init = model.initial_values(init)
         self.locs = torch.nn.ParameterList([torch.nn.Parameter(init[n].detach().clone().float(), requires_grad=self.learn_loc) for n in self.sites])
         with torch.no_grad():
             self.rhos = torch.nn.ParameterList(

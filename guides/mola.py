@@ -194,11 +194,18 @@ class LaplaceMixtureGuide(EnsembleGuide):
         """Draw ``s`` from component ``s mod K``: name -> ``[S, *site.shape]``; ``S`` must be a multiple of ``K``."""
         num_samples = self.check_num_samples(num_samples)
         self._check_heads(num_samples)
-        per = num_samples // self.num_members
-        draws = [c.sample(per) for c in self.components]  # K x {name: [S / K, ...]}
-        # [S / K, K, ...] flattened: draw s = j K + k is component k = s mod K
-        return {name: torch.stack([d[name] for d in draws], 1).reshape(num_samples, *site.shape)
-                for name, site in self.sites.items()}
+        return self.sample_members(torch.arange(num_samples, device=self.member_0.device) % self.num_members)
+
+    def sample_members(self, index):
+        """Draw ``s`` from component ``index[s]``: name -> ``[n, *site.shape]`` (component ``k``'s draws in one call)."""
+        index = torch.as_tensor(index, device=self.member_0.device)
+        out = {name: torch.empty(len(index), *site.shape, device=self.member_0.device) for name, site in self.sites.items()}
+        for k, component in enumerate(self.components):
+            rows = (index == k).nonzero().squeeze(-1)
+            if len(rows):
+                for name, v in component.sample(len(rows)).items():
+                    out[name][rows] = v
+        return out
 
     def predict_glm(self, data, link="probit", num_samples=100, keep_samples=False, progress=False):
         """``p(y | x) = 1/K sum_k p_k(y | x)``, ``p_k`` component ``k``'s GLM predictive (:meth:`LaplaceGuide.predict_glm`

@@ -387,6 +387,11 @@ def _point_problems(model, guide):
         ]
     if own is model:
         return []
+    if carried and model.net is not own.net:
+        return [
+            f"this guide carries its own {sorted(carried)[0]} (per member), which it applies to the network it was built "
+            "on; another network's head would run for every member instead: predict with guide.model"
+        ]
     theirs = dict(model.net.named_parameters())
     differ = [
         n for n, p in own.named_adapter_parameters() if n not in carried

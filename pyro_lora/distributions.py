@@ -43,15 +43,25 @@ def isotropic_normal(shape: tuple | torch.Size, scale: float | torch.Tensor) -> 
     :raises ValueError: for a scale that is not positive.
     """
     shape = torch.Size(shape)
-    if isinstance(scale, numbers.Real) and not (math.isfinite(scale) and scale > 0):
+    if isinstance(scale, bool) or isinstance(scale, numbers.Real) and not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"isotropic_normal: scale must be finite and positive, got {scale}")
     scale = torch.as_tensor(scale)
+    if not scale.is_floating_point():  # an int std made an int64 Normal that cannot sample
+        scale = scale.to(torch.get_default_dtype())
+    if not bool(torch.isfinite(scale).all() & (scale > 0).all()):  # one host read per prior built
+        raise ValueError(f"isotropic_normal: scale must be finite and positive, got {scale}")
     try:
         broadcasts = torch.broadcast_shapes(scale.shape, shape) == shape
     except RuntimeError:
         broadcasts = False
     if not broadcasts:
         raise ValueError(f"isotropic_normal: scale of shape {tuple(scale.shape)} does not broadcast to {tuple(shape)}")
+    return unchecked_isotropic_normal(shape, scale)
+
+
+def unchecked_isotropic_normal(shape: torch.Size, scale: torch.Tensor) -> dist.Independent:
+    """:func:`isotropic_normal` of a scale known to be right (the model's float prior, checked when the model was built):
+    no host read per step."""
     return dist.Normal(torch.zeros_like(scale), scale).expand(shape).to_event(len(shape))
 
 
@@ -155,7 +165,8 @@ class MatrixNormalKronecker(TorchDistribution):
 
     ``log_prob``, ``rsample``, ``entropy`` and the KL divergences cost ``O(mn (k_r + k_c) + (m + n) k^2)``
     through Woodbury and the determinant lemma (``log det(K_row (x) K_col) = n log det K_row +
-    m log det K_col``); no ``mn x mn`` (nor ``m x m``) matrix is formed. The factors are identified
+    m log det K_col``); no ``mn x mn`` matrix is formed. A factor of up to 1024 rows is factored densely
+    instead (``O(m^3)``, for float64 accuracy where Woodbury cancels digits). The factors are identified
     only up to a scalar: ``(c K_row) (x) (K_col / c)`` is the same distribution.
 
     Example, a prior over the stacked ``lora_A`` site ``[L, r, d_in]`` (batch ``L``, event ``(r, d_in)``)::

@@ -17,23 +17,38 @@ __all__ = ["curvature_peaks", "evidence_terms", "maximise_evidence", "precision_
 
 
 
+def precision_tensor(value, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A prior precision (a number, or one per layer) as a ``dtype`` tensor (the dtype the guide holds it in).
+
+    :raises ValueError: unless every entry is a positive finite number in ``dtype`` (``inf`` made the evidence nan;
+        ``True`` is a slip, not 1; 1e-300 is 0 in float32).
+    """
+    flat = value.reshape(-1).tolist() if hasattr(value, "reshape") else value
+    flat = flat if isinstance(flat, (list, tuple)) else [flat]
+    try:
+        v = torch.as_tensor(value, dtype=dtype)
+    except (TypeError, ValueError, RuntimeError):
+        v = None
+    if v is None or any(isinstance(x, bool) for x in flat) or not bool((torch.isfinite(v) & (v > 0)).all()):
+        raise ValueError(f"a prior precision must be a positive finite number (or one per layer) in {dtype}, got "
+                         f"{value!r}")
+    return v
+
+
 def precision_config(value, sites: dict):
     """Validate a ``prior_precision`` (a float, or a dict site -> float or one per layer) and return it JSON-able.
 
-    :raises ValueError: for unknown sites or values that are not positive.
+    :raises ValueError: for unknown sites or values that are not positive finite numbers.
     """
     if isinstance(value, dict):
         unknown = sorted(set(value) - set(sites))
         if unknown:
             raise ValueError(f"prior_precision names unknown site(s) {unknown}; the sites are {list(sites)}")
-        out = {k: torch.as_tensor(v, dtype=torch.float).tolist() for k, v in value.items()}
-        checks = [torch.as_tensor(v) for v in out.values()]
-    else:
-        out = float(value)
-        checks = [torch.as_tensor(out)]
-    if not all(bool((c > 0).all()) for c in checks):
-        raise ValueError(f"prior_precision must be positive, got {value!r}")
-    return out
+        return {k: precision_tensor(v).tolist() for k, v in value.items()}
+    v = precision_tensor(value)
+    if v.numel() != 1:
+        raise ValueError(f"prior_precision must be one number, or a dict site -> number or one per layer; got {value!r}")
+    return float(v)
 
 
 def site_precision(config, name: str, site: Site) -> torch.Tensor:

@@ -802,11 +802,19 @@ def export_adapter(guide, path):
 
     :raises ValueError: if the network changed since the guide was built (another active adapter, merged
         layers, other LoRA scaling: :func:`~pyro_lora.contract.check_guide`), or is no ``PeftModel`` (a model built
-        on ``net.base_model``).
+        on ``net.base_model``); for a guide that carries its own head parameters (an ensemble's per-member heads):
+        the adapter would hold the network's head instead.
     """
     with refused_together("export the adapter"):
         check_guide(guide.model, guide, "export the adapter")
         _check_peft_model(guide.model)
+        carried = sorted(guide.carried_point_parameters())
+        if carried:
+            raise ValueError(
+                f"cannot export this {type(guide).__name__}: it carries its own {carried[0]} (per member), which the "
+                "adapter would take from the network instead, a head none of its predictions use; write a member's "
+                "values (model.write_adapter) and head into the network, then export a MAPGuide(model)"
+            )
 
     def write():
         with atomic_directory(path, own=_ADAPTER_FILES) as tmp:

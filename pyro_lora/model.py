@@ -17,7 +17,7 @@ from . import handoff, pyro_params, quantized
 from .checks import check_count
 from .contract import check_guide, parameter_adapter
 from .ownership import head_trainer, unwritten_fit
-from .distributions import isotropic_normal
+from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
 from .pyro_stack import VECTORIZED, conditioned_names, enclosing_plates, in_svi_step, marked_guides, replayed_trace
@@ -297,6 +297,20 @@ class LoraModel:
                 )
         return {k: v.clone() for k, v in values.items()}
 
+    def initial_values(self, init: dict | None = None) -> dict:
+        """A guide's starting values: ``init`` (site -> ``site.shape``) checked, or the adapter's (:meth:`adapter_values`);
+        float32 on the model's device.
+
+        :raises ValueError: for a missing or unknown site, a wrong shape or a non-finite value in ``init``.
+        """
+        if init is None:
+            return self.adapter_values()
+        if not isinstance(init, dict):
+            raise ValueError(f"init must be a dict of site name -> value (site.shape), got {type(init).__name__}")
+        values = {k: torch.as_tensor(v).detach() for k, v in init.items()}
+        check_values(self.sites, values, allow_sample_dim=False)
+        return {k: v.to(self.device, torch.float32) for k, v in values.items()}
+
     def write_adapter(self, values: dict) -> None:
         """Copy site values (e.g. a posterior mean) into the peft LoRA parameters.
 
@@ -352,7 +366,7 @@ class LoraModel:
         """The prior of ``site`` with event shape ``site.shape``."""
         if isinstance(self.prior, (int, float)):
             # a fill, not torch.tensor(..., device=...): a host-to-device copy would synchronise the GPU per site and step
-            return isotropic_normal(site.shape, torch.full((), float(self.prior), device=self.device))
+            return unchecked_isotropic_normal(site.shape, torch.full((), float(self.prior), device=self.device))
         d = self.prior[site.name] if isinstance(self.prior, dict) else self.prior(site)
         if not isinstance(d, torch.distributions.Distribution):
             raise ValueError(f"prior of site {site.name!r} is a {type(d).__name__}, not a distribution")
@@ -361,6 +375,9 @@ class LoraModel:
                              f"distribution over the site: .to_event() its dimensions)")
         if tuple(d.event_shape) != site.shape:
             raise ValueError(f"prior of site {site.name!r} has event shape {tuple(d.event_shape)}, expected {site.shape}")
+        if not _real_support(d):  # a Gamma prior rewarded negative entries, whose log-density is -inf, with a number
+            raise ValueError(f"prior of site {site.name!r} has support {d.support}, but LoRA matrices take any real values: "
+                             "give a distribution over the reals (Normal, MatrixNormalKronecker, ...)")
         return d
 
     def logits(self, batch: dict, values: dict | None = None, num_samples: int | None = None,
@@ -461,6 +478,13 @@ class LoraModel:
                 f"the model's sites were renamed ({found[0] if found else None!r} for {renamed[0]!r}: "
                 "pyro.contrib.autoname.scope, or another handler renaming sites): its checks of the guide and of "
                 "conditioned values read its own names; call the model outside such a handler"
+            )
+        read = [n for n, node in tr.trace.nodes.items() if node["type"] == "param"]
+        if read and not pyro_params.recording():
+            raise ValueError(
+                f"the prior reads the Pyro param {read[0]!r}: fit trains the guide's and the network's parameters, never "
+                "the param store, so it would stay at its value; train with pyro.infer.SVI (Pyro's optimizers train it), "
+                "or give the prior fixed values"
             )
         guide_trace = replayed_trace()
         self._check_global_sites(tr.trace, elbo=guide_trace is not None)
@@ -586,11 +610,23 @@ FLIPOUT_CLOZE = ("flipout draws its weight noise per row, and cloze multiple cho
                  "use flipout=False, or the letter format (MultipleChoice(format='letter'))")
 
 
+def _real_support(d) -> bool:
+    """Whether ``d``'s support is every real tensor of its event shape."""
+    support = d.support
+    while isinstance(support, torch.distributions.constraints.independent):
+        support = support.base_constraint
+    return support is torch.distributions.constraints.real
+
+
 def _check_prior_and_size(prior, num_data) -> None:
     """Refuse, before anything is built, a float prior std that is not finite and positive (a std of 0 or nan showed up
     only as a diverging first step) and a ``num_data`` that is not a positive integer (0 read as "no size")."""
     if isinstance(prior, bool) or (isinstance(prior, numbers.Real) and not (math.isfinite(prior) and prior > 0)):
         raise ValueError(f"prior must be a finite positive std (or a dict / callable of distributions), got {prior!r}")
+    if isinstance(prior, torch.distributions.Distribution):  # a Pyro one is callable (its sample): called with a site
+        raise ValueError(f"prior must be a float std, a dict or a callable site -> distribution, got the distribution "
+                         f"{prior!r:.60}: give a callable, e.g. lambda site: dist.Normal(0., 1.).expand(site.shape)"
+                         ".to_event(len(site.shape))")
     if not isinstance(prior, (numbers.Real, dict)) and not callable(prior):  # a tensor failed in the first step
         raise ValueError(f"prior must be a float std, a dict site -> distribution or a callable site -> distribution, got "
                          f"a {type(prior).__name__} ({prior!r:.60}); give a single std as float(prior)")

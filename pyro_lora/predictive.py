@@ -191,13 +191,10 @@ class _ChunkedDraws:
         if self.cached is not None:
             return self.cached
         start, stop = self.bounds[i]
-        if self.members is not None and len(self.bounds) > 1:
-            # draw s is member s mod K: chunk i needs the members of ITS sample indices, not 0, 1, ...
-            members = self.members()
-            some = next(iter(members.values()))
-            index = torch.arange(start, stop, device=some.device) % some.shape[0]
-            return {name: v[index] for name, v in members.items()}
         with _seeded(self.device, self.base + i):
+            if self.members is not None and len(self.bounds) > 1:
+                # draw s is member s mod K: chunk i needs the members of ITS sample indices, not 0, 1, ...
+                return self.members(torch.arange(start, stop, device=self.device) % self.guide.num_members)
             return self.guide.sample(stop - start)
 
     def probs(self, model, batch, i):
@@ -207,8 +204,9 @@ class _ChunkedDraws:
 
 
 def _cyclic_members(guide):
-    """``guide.members`` for a guide whose draw ``s`` is member ``s mod K`` (an ``EnsembleGuide``), else ``None``."""
-    members = getattr(guide, "members", None)
+    """``guide.sample_members`` for a guide whose draw ``s`` is from member ``s mod K`` (an ``EnsembleGuide``, a
+    Laplace mixture), else ``None``."""
+    members = getattr(guide, "sample_members", None)
     k = getattr(guide, "num_members", None)
     return members if callable(members) and isinstance(k, numbers.Integral) else None
 

@@ -740,3 +740,37 @@ def test_a_sharpening_temperature_keeps_the_confidence_order_and_says_when_float
     wide = torch.tensor([[0.5, 0.5], [0.99, 0.01], [0.995, 0.005]])
     with pytest.warns(UserWarning, match=r"T = 0.05 sharpens 2 of 3 confidences to exactly 1 even in float64: they tie"):
         apply_temperature(wide, 0.05)
+
+
+def _ensemble_with_heads(k):
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="AB", num_data=48)
+    return model, train_ensemble(model, toy_data(), k=k, seeds=list(range(k)), fit_kwargs={"epochs": 2, "lr": 3e-2})
+
+
+def test_members_heads_never_give_way_to_a_networks_own_head(tmp_path):
+    """Three paths ran the network's (untrained) head instead of the members': predict inside member_heads on a model over
+    another network (0.225 off in probability), plain predict of a one-member ensemble (taken as deterministic, its
+    mean()), and export_adapter (the network's head beside the members' LoRA)."""
+    from pyro_lora import export_adapter
+
+    model, ensemble = _ensemble_with_heads(2)
+    other = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="AB", num_data=48)
+    with ensemble.member_heads(2), pytest.raises(ValueError, match="carries its own .*predict with guide.model"):
+        predict(other, ensemble, toy_data(), num_samples=2)
+    with pytest.raises(ValueError, match="carries its own .*export a MAPGuide"):
+        export_adapter(ensemble, tmp_path / "a")
+    model, single = _ensemble_with_heads(1)
+    with pytest.raises(ValueError, match=r"draw its samples inside guide.member_heads\(8\)"):
+        predict(model, single, toy_data())
+    with single.member_heads(1):
+        inside = predict(model, single, toy_data(), num_samples=1).probs
+    torch.testing.assert_close(inside, predict_ensemble(model, single, toy_data()).probs)
+    net_head = predict(model, MAPGuide(model, init=single.mean()), toy_data()).probs
+    assert (inside - net_head).abs().max() > 0.05  # the member's head, not the network's
+
+
+def test_an_ensemble_refuses_to_leave_its_fresh_heads_untrained():
+    """fit_kwargs train_network=False trained each member's LoRA beside a freshly drawn head that stayed random."""
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="AB", num_data=48)
+    with pytest.raises(ValueError, match="train_network=False with a head to train"):
+        train_ensemble(model, toy_data(), k=2, fit_kwargs={"train_network": False})

@@ -304,7 +304,7 @@ class _Shapes:
         }
         self.prior = prior
 
-    def adapter_values(self):
+    def initial_values(self, init=None):
         return {n: torch.randn(s.shape) / s.shape[-1] ** 0.5 for n, s in self.sites.items()}
 
 

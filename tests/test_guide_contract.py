@@ -1293,3 +1293,16 @@ def test_a_do_intervention_on_a_weight_site_is_no_renamed_site():
     with torch.no_grad():
         logits = poutine.do(model, data=values)(data()[0])
     torch.testing.assert_close(logits, model.logits(data()[0], values))
+
+
+@pytest.mark.parametrize("guide_class", [MAPGuide, MeanFieldGuide, FlowGuide, MCDropoutGuide])
+def test_every_guide_taking_an_initial_value_checks_it(guide_class):
+    """MAP, mean-field, flow and MC dropout took init unchecked: NaN predicted NaN, a transposed A failed in a forward."""
+    model = lora()
+    values = model.adapter_values()
+    with pytest.raises(ValueError, match="'query.lora_A' has non-finite values"):
+        guide_class(model, init={**values, "query.lora_A": torch.full_like(values["query.lora_A"], float("nan"))})
+    with pytest.raises(ValueError, match="'query.lora_A' expects shape"):
+        guide_class(model, init={**values, "query.lora_A": values["query.lora_A"].transpose(-1, -2)})
+    with pytest.raises(ValueError, match="no value for site"):
+        guide_class(model, init={"query.lora_A": values["query.lora_A"]})

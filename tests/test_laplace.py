@@ -772,3 +772,20 @@ def test_the_default_prior_precision_is_the_models_prior():
     with pytest.warns(UserWarning, match="the model's prior is a dict, not one std: the Laplace's prior precision starts at 1.0"):
         guide = LaplaceGuide(shaped)
     assert all(torch.allclose(v, torch.tensor(1.0)) for v in guide.prior_precision.values())
+
+
+def test_a_prior_precision_that_is_no_positive_finite_number_is_refused_everywhere():
+    """inf was accepted (the evidence came back nan), True taken as 1.0; last-layer Laplace refused inf but took True."""
+    from pyro_lora.guides import LastLayerLaplaceGuide
+
+    model = LoraModel(tiny_bert(), SequenceClassification(), prior=0.5)
+    first = next(iter(model.sites))
+    guide = LaplaceGuide(model)
+    for bad in (math.inf, math.nan, True, 0.0, -1.0, [1.0, math.inf], "1"):
+        for call in (lambda: LaplaceGuide(model, prior_precision=bad), lambda: LaplaceGuide(model, prior_precision={first: bad}),
+                     lambda: guide.set_prior_precision(bad), lambda: guide.set_prior_precision({first: bad}),
+                     lambda: LastLayerLaplaceGuide(model).set_prior_precision(bad)):
+            with pytest.raises(ValueError, match="positive finite number"):
+                call()
+    guide.set_prior_precision({first: [2.0, 3.0]})  # one per layer
+    assert guide.prior_precision[first].tolist() == [2.0, 3.0]

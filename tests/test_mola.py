@@ -80,6 +80,29 @@ def test_draw_s_comes_from_component_s_mod_k():
         torch.testing.assert_close(draws[name], v[torch.arange(6) % 3], atol=1e-4, rtol=0)
 
 
+def test_chunked_draws_keep_each_components_spread():
+    """With chunk_size, predict drew the members' point values (the plain ensemble's predictions, draws of one component
+    identical) for a mixture without per-member heads (a head peft does not train)."""
+    from conftest import tiny_bert_base
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    net = get_peft_model(tiny_bert_base(3), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    model = LoraModel(net, SequenceClassification(), random="AB", prior=0.5, num_data=6)
+    ensemble = train_ensemble(model, data(), k=2, fit_kwargs={"epochs": 3, "lr": 5e-2})
+    assert not ensemble.head_parameters
+    guide = LaplaceMixtureGuide.from_ensemble(ensemble, fisher="exact", rank=3).fit(data(), progress=False)
+    for component in guide.components:
+        component.set_prior_precision(1e-3)  # a wide posterior: draws of one component differ visibly
+    chunked = predict(model, guide, data(), num_samples=4, chunk_size=2, keep_samples=True).sample_probs
+    assert (chunked[0] - chunked[2]).abs().max() > 1e-3  # both from component 0: were equal, its point value
+    for component in guide.components:
+        component.set_prior_precision(1e12)  # every draw at its component's mean
+    chunked = predict(model, guide, data(), num_samples=6, chunk_size=4, keep_samples=True).sample_probs
+    members = predict(model, ensemble, data(), num_samples=2, keep_samples=True).sample_probs
+    torch.testing.assert_close(chunked, members[torch.arange(6) % 2], atol=1e-4, rtol=0)  # draw s: component s mod K
+
+
 def test_weight_samples_need_the_members_heads():
     model, _, guide = fitted_mixture()
     with pytest.raises(ValueError, match=r"draw its samples inside guide.member_heads\(4\)"):

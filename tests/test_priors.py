@@ -414,3 +414,50 @@ def test_woodbury_refuses_a_diagonal_it_cannot_evaluate(monkeypatch):
     dense = MultivariateNormal(loc, w @ w.T + torch.diag(d))
     torch.testing.assert_close(kl_divergence(normal, LowRankPlusDiagNormal(loc, w, d, event_dim=1)),
                                kl_divergence(MultivariateNormal(loc, torch.eye(300, **f64)), dense), rtol=1e-6, atol=1e-6)
+
+
+def test_isotropic_normal_checks_tensor_scales_and_makes_a_float_prior_of_an_int():
+    """A tensor scale of 0, -1 or inf was accepted (log_prob nan), an int scale made an int64 Normal that cannot sample."""
+    for bad in (torch.tensor(0.0), torch.tensor(-1.0), torch.tensor(math.inf), torch.tensor([[0.5], [0.0]]), True):
+        with pytest.raises(ValueError, match="scale must be finite and positive"):
+            isotropic_normal((2, 3), bad)
+    prior = isotropic_normal((2, 3), 1)
+    assert prior.sample().dtype == torch.get_default_dtype()
+    assert prior.log_prob(torch.zeros(2, 3)).item() == pytest.approx(-3 * math.log(2 * math.pi))
+
+
+def _prior_model(prior):
+    from conftest import tiny_bert
+
+    from pyro_lora import LoraModel, SequenceClassification
+
+    return LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=prior, num_data=6)
+
+
+def test_a_prior_off_the_real_line_or_a_bare_distribution_is_refused_by_name():
+    """A Gamma prior gave +1.1 for A matrices half negative (log-density -inf) and fit trained on; a Pyro distribution
+    object, being callable, failed with "'Site' object is not iterable"."""
+    for family in (lambda s: dist.Gamma(torch.ones(s.shape), 1.0).to_event(len(s.shape)),
+                   lambda s: dist.Uniform(-torch.ones(s.shape), torch.ones(s.shape)).to_event(len(s.shape))):
+        with pytest.raises(ValueError, match="LoRA matrices take any real values"):
+            _prior_model(family)
+    for bare in (dist.Normal(0.0, 1.0), torch.distributions.Normal(0.0, 1.0)):
+        with pytest.raises(ValueError, match=r"give a callable, e.g. lambda site"):
+            _prior_model(bare)
+    model = _prior_model(lambda s: dist.StudentT(3.0, torch.zeros(s.shape), 1.0).to_event(len(s.shape)))
+    assert all(model.prior_distribution(s).event_shape == s.shape for s in model.sites.values())
+
+
+def test_fit_refuses_a_prior_reading_a_pyro_param_it_would_never_train():
+    """fit's optimizer holds the guide's and network's parameters: a learned prior scale stayed at 1.0 without a word."""
+    from test_training import toy_data
+
+    from pyro_lora import fit
+    from pyro_lora.guides import MAPGuide
+
+    pyro.clear_param_store()
+    model = _prior_model(lambda s: isotropic_normal(s.shape, pyro.param("tau", torch.tensor(1.0),
+                                                                         constraint=dist.constraints.positive)))
+    with pytest.raises(ValueError, match="the prior reads the Pyro param 'tau'"):
+        fit(model, MAPGuide(model), toy_data(), progress=False)
+    pyro.clear_param_store()

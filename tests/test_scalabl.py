@@ -120,3 +120,21 @@ def test_save_load_round_trip(tmp_path):
     assert type(loaded) is ScalaBLGuide and loaded.config() == guide.config()
     batch = batch3()
     torch.testing.assert_close(fresh.logits(batch, loaded.mean()), model.logits(batch, guide.mean()))
+
+
+def test_the_starting_std_is_the_priors_whatever_the_initial_mean():
+    """A warm start's std was init_scale times the RMS of its mean (mean-field's rule): 0.001 for init 0.01, not the
+    documented init_scale x prior std = 0.05."""
+    model = ScalaBLModel(tiny_llama(r=4), CausalLM(), prior=0.5)
+    for init in (None, {n: torch.full(s.shape, 0.01) for n, s in model.sites.items()}):
+        for std in ScalaBLGuide(model, init_scale=0.1, init=init).stds().values():
+            torch.testing.assert_close(std, torch.full_like(std, 0.05))
+
+
+def test_a_bad_initial_mean_is_refused_by_name():
+    """init was not checked: NaN predicted NaN, a transposed [2, 4, 1] mean failed later in a forward."""
+    model = ScalaBLModel(tiny_llama(r=4), CausalLM(), prior=0.5)
+    with pytest.raises(ValueError, match="'q_proj.lora_S' has non-finite values"):
+        ScalaBLGuide(model, init={n: torch.full(s.shape, float("nan")) for n, s in model.sites.items()})
+    with pytest.raises(ValueError, match=r"'q_proj.lora_S' expects shape \(2, 1, 4\), got \(2, 4, 1\)"):
+        ScalaBLGuide(model, init={n: torch.zeros(2, 4, 1) for n in model.sites})
