@@ -159,7 +159,7 @@ class FlowGuide(LoraGuide):
         with poutine.scale(scale=kl_weight):
             for (name, site), part in zip(self.sites.items(), self.parts):
                 f = part.factors()
-                u0 = part.flow_image(part.u_loc)  # before sampling U: the flow caches U for log q(U)
+                u0 = part.flow_image(part.u_loc)
                 u = pyro.sample(f"{name}.U", part.q_u().to_event(1), infer={"is_auxiliary": True})
                 w = part.draw(u, u0, f).reshape(site.shape)
                 log_density = (
@@ -281,8 +281,11 @@ class _Inducing(torch.nn.Module):
         return dist.TransformedDistribution(base, list(self.flows)) if len(self.flows) else base
 
     def flow_image(self, x):
+        """``x`` through the flows, bypassing their caches: through ``__call__`` a second call with the same ``x`` (the
+        ``u_loc`` parameter) returned the first call's output, detached if that ran under no_grad, stale if the
+        parameters changed since; and q(U)'s log-density reads the cache of the last draw."""
         for t in self.flows:
-            x = t(x)
+            x = t.image(x)[0]
         return x
 
     def p_u(self, f):
@@ -382,12 +385,16 @@ class BatchedAffineAutoregressive(TransformModule):
         mu, log_scale = out.split(self.dim, -1)
         return mu, clamp_preserve_gradients(log_scale, self.log_scale_min_clip, self.log_scale_max_clip)
 
-    def _call(self, x):
+    def image(self, x):
+        """``y = mu(x) + exp(log_sigma(x)) x`` and ``log_sigma``, touching no cache."""
         x = x.mT if self.transpose else x
         mu, log_scale = self.made(x)
-        self._cached_log_scale = log_scale
         y = mu + log_scale.exp() * x
-        return y.mT if self.transpose else y
+        return (y.mT if self.transpose else y), log_scale
+
+    def _call(self, x):
+        y, self._cached_log_scale = self.image(x)
+        return y
 
     def _inverse(self, y):
         y = y.mT if self.transpose else y

@@ -148,7 +148,7 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     :param float weight_decay: IVON's ``delta``, the prior precision per unit of ``ess``.
     :param float beta2: the Hessian estimate's decay.
     :param int mc_samples: weight draws per step, their gradients averaged.
-    :param float clip_radius: bound on each entry's preconditioned step.
+    :param float clip_radius: bound on each entry's preconditioned step (``math.inf``: none, ivon-opt's default).
     :param bool rescale_lr: ``ivon.IVON``'s option to multiply ``lr`` by ``hess_init + weight_decay``.
     :param str lr_schedule: ``"linear"`` (decay to 0, Cong et al.'s), ``"constant"`` or ``"cosine"``, as for
         :func:`pyro_lora.fit`.
@@ -181,7 +181,7 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     optimizer = ivon.IVON(params, lr=lr, ess=ess, hess_init=hess_init, weight_decay=weight_decay, beta2=beta2,
                           mc_samples=mc_samples, clip_radius=clip_radius, rescale_lr=rescale_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    watch = _DivergenceWatch(lr)
+    watch = _DivergenceWatch(lr, remedy="lower it, or clip_radius (each entry's step is at most lr * clip_radius)")
     bar = tqdm(total=epochs * len(data), desc="train IVON", disable=not progress, dynamic_ncols=True)
     net.train()
     trained = False
@@ -225,8 +225,10 @@ def _check_arguments(model, data, autocast, **args):
     """Refuse bad arguments before any work; returns the autocast dtype (or False) the run uses."""
     positive = ("lr", "ess", "hess_init", "clip_radius")
     for name, value in args.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        unbounded = name == "clip_radius" and value == math.inf  # ivon-opt's own default: no clip
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) or unbounded):
+            raise ValueError(f"{name} must be a finite number{' (or inf: no clip)' if name == 'clip_radius' else ''}, "
+                             f"got {value!r}")
         if name in positive and not value > 0:
             raise ValueError(f"{name} must be positive, got {value!r}")
         if name in ("epochs", "mc_samples"):
@@ -238,6 +240,7 @@ def _check_arguments(model, data, autocast, **args):
     if not hasattr(data, "__len__") or len(data) == 0:
         raise ValueError("data must be a non-empty sequence of batches (a DataLoader or a list), re-iterated each epoch")
     _check_sites(model, "train_ivon")
+    model.adapter_values()  # refuses an adapter whose head a MAP trained beside LoRA values not written into it
     if distributed.is_distributed():
         raise ValueError("train_ivon runs in one process: under torch.distributed every rank would train its own posterior")
     autocast, forward_dtype = training_autocast(model, autocast)

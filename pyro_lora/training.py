@@ -309,8 +309,8 @@ class _DivergenceWatch:
     """The data NLL per example (the likelihood term alone: the ELBO's prior term scales with 1/N), smoothed
     over steps against the first step's, and the first batch's at the posterior mean before and after each epoch."""
 
-    def __init__(self, lr, decay=0.9):
-        self.lr, self.decay = lr, decay
+    def __init__(self, lr, decay=0.9, remedy="lower it or set max_grad_norm (stop_on_divergence=False turns this check off)"):
+        self.lr, self.decay, self.remedy = lr, decay, remedy  # remedy: what the trainer's caller can change
         self.start = self.ema = None
         self.first = None  # (the first batch, its NLL per example at the posterior mean before any update)
         self.step_nll, self.seen = 0.0, False
@@ -336,8 +336,7 @@ class _DivergenceWatch:
         if self.ema > 4 * self.start + 4.0:
             raise DivergenceError(
                 f"training diverged: the smoothed data NLL rose from {self.start:.4g} to {self.ema:.4g} per example by "
-                f"step {step} (epoch {epoch}); the learning rate ({self.lr:g}) is likely too high: lower it or set "
-                "max_grad_norm (stop_on_divergence=False turns this check off)"
+                f"step {step} (epoch {epoch}); the learning rate ({self.lr:g}) is likely too high: {self.remedy}"
             )
 
     def check_first_batch(self, nll, epoch):
@@ -352,7 +351,7 @@ class _DivergenceWatch:
         if not after <= before + max(0.5 * before, 0.5):  # training on data should not make it worse
             raise DivergenceError(
                 f"training diverged: the data NLL per example {what}; the learning rate ({self.lr:g}) is likely too "
-                "high: lower it or set max_grad_norm (stop_on_divergence=False turns this check off)"
+                f"high: {self.remedy}"
             )
 
 

@@ -326,3 +326,31 @@ def test_the_recipe_trains_from_the_maps_start_and_leaves_the_map_usable(monkeyp
     assert fitted.guide.model.prior == pytest.approx(0.0316, abs=1e-4)
     assert fitted.note == ("prior std 0.0316 = 1 / sqrt(ess * weight decay), IVON's own; --prior-scale 0.01 applies to "
                            "the MAP and the other methods")
+
+
+def test_a_maps_unwritten_lora_is_refused_and_a_divergence_names_what_train_ivon_takes():
+    """After fit(MAPGuide) without write_adapter, train_ivon trained the untrained LoRA beside the MAP's head; its
+    divergence message offered max_grad_norm and stop_on_divergence, arguments it does not take."""
+    import pyro_lora.guides.ivon as module
+
+    model = lora()
+    fit(model, map_guide := MAPGuide(model), data(), epochs=2, lr=1e-2, progress=False)
+    with pytest.raises(ValueError, match=r"write_adapter\(guide.mean\(\)\) first"):
+        train_ivon(model, data(), **FAST)
+    model = lora()
+    calls = []
+
+    def rising(model, batch):
+        calls.append(1)
+        return batch_nll(model, batch) * (100.0 if len(calls) > 1 else 1.0)
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setattr(module, "batch_nll", rising)
+    try:
+        with pytest.raises(DivergenceError, match=r"lower it, or clip_radius") as info:
+            train_ivon(model, data() * 3, **FAST)
+    finally:
+        monkeypatch.undo()
+    assert "max_grad_norm" not in str(info.value) and "stop_on_divergence" not in str(info.value)
+    guide = train_ivon(lora(), data(), **{**FAST, "lr": 1e-3, "epochs": 1, "clip_radius": math.inf})  # ivon-opt's default
+    assert guide.trained_with["clip_radius"] == math.inf and map_guide.mean()
