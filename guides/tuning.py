@@ -71,9 +71,11 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     The ``grid`` values (positive, increasing: more noise) are scored first; then a golden-section search in
     ``log value`` between the best grid value's neighbours, until the bracket is ``tol`` wide (0.1: values within
     10%). A value whose validation accuracy is more than ``max_accuracy_drop`` (a fraction: 0.01 is one point) below
-    the first grid value's counts as infinitely bad: on SST-2, TFB's sigma_q of lowest validation NLL cost 3 test
-    accuracy points. With ``max_flip_rate``, so does a value whose predicted classes differ from the first value's on
-    more than that share of the validation examples (for knobs that add noise to one set of weights, as TFB's). A best value at an end of the grid may lie beyond it: a warning names that end. A validation NLL
+    the first grid value's (the first with a finite predictive) counts as infinitely bad: on SST-2, TFB's sigma_q of
+    lowest validation NLL cost 3 test accuracy points. With ``max_flip_rate``, so does a value whose predicted classes
+    differ from that value's on more than that share of the validation examples (for knobs that add noise to one set
+    of weights, as TFB's). A best value still at an end of the grid after the refinement may lie beyond it: a
+    warning names that end. A validation NLL
     the same at every grid value (a knob without effect on the predictions) leaves the smallest, with its own note.
 
     :param str knob: the knob's name, for the warning and the trace.
@@ -103,12 +105,15 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
         nonlocal reference
         set_value(value)
         loss, acc, predicted = validation_scores(guide, loader, num_samples, seed)
-        if not trace:
-            reference = predicted  # the least noisy value's predictions: what a flip is counted against
-        flips = _flip_rate(predicted, reference)
+        finite = math.isfinite(loss) and math.isfinite(acc)
+        if reference is None and finite:
+            # the least noisy value with a finite predictive: what accuracy and flips are judged against (a NaN
+            # reference accuracy refused nothing)
+            reference = (acc, predicted)
+        flips = _flip_rate(predicted, reference[1] if reference else None)
         trace.append((value, loss, acc, flips))
         flipped = max_flip_rate is not None and not flips <= max_flip_rate + 1e-9  # NaN: unknown, refused
-        if not (math.isfinite(loss) and math.isfinite(acc)) or acc < trace[0][2] - max_accuracy_drop - 1e-9 or flipped:
+        if not finite or acc < reference[0] - max_accuracy_drop - 1e-9 or flipped:
             refused.add(value)  # a predictive that is not finite, or one that costs accuracy or flips predictions
             return math.inf
         return loss
@@ -130,14 +135,14 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
         flips = "" if max_flip_rate is None else f" or flips more than {100 * max_flip_rate:g}% of the validation predictions"
         note = (f"every {knob} of the grid above its smallest ({grid[0]:g}) costs more than {100 * max_accuracy_drop:g} "
                 f"validation accuracy points{flips}: the search stays below the next one")
-    elif i in (0, len(grid) - 1):
-        side = "smallest" if i == 0 else "largest"
-        note = (f"the validation NLL is lowest at the {side} {knob} of the grid ({grid[i]:g}; grid {grid[0]:g} to "
+    golden_section(lambda t: score(math.exp(t)), math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)]), tol)
+    best = min(trace, key=lambda t: (math.inf if t[0] in refused else t[1], t[0]))[0]
+    if note is None and best in (grid[0], grid[-1]):  # judged after the refinement: an optimum inside is no edge
+        side = "smallest" if best == grid[0] else "largest"
+        note = (f"the validation NLL is lowest at the {side} {knob} of the grid ({best:g}; grid {grid[0]:g} to "
                 f"{grid[-1]:g}): the optimum may lie beyond it")
     if note:
         warnings.warn(note, stacklevel=2)
-    golden_section(lambda t: score(math.exp(t)), math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)]), tol)
-    best = min(trace, key=lambda t: (math.inf if t[0] in refused else t[1], t[0]))[0]
     set_value(best)
     return Tuning(best, trace, note)
 

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .checks import check_positive
-from .metrics import _NLL_FLOOR, _check_probs, _check_rows, _sum_tolerance
+from .metrics import _NLL_FLOOR, _check_probs, _check_rows, _sum_tolerance, _tensor
 
 __all__ = ["TemperatureFit", "apply_temperature", "fit_temperature", "temperature_nll"]
 
@@ -35,7 +35,7 @@ class TemperatureFit(NamedTuple):
 def _log_probs(probs_or_logits, kind="auto"):
     """``[N, C]`` float64 log-probabilities from probabilities (rows summing to 1, zeros allowed) or logits, and
     whether the input was read as probabilities."""
-    raw = torch.as_tensor(probs_or_logits).detach()
+    raw = _tensor(probs_or_logits, "probs_or_logits")  # a list of Python floats as float64, as the metrics read it
     x = raw.to(torch.float64)
     if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"expected [N, C] probabilities or logits, got shape {tuple(x.shape)}")
@@ -69,6 +69,7 @@ def temperature_nll(log_probs: torch.Tensor, labels: torch.Tensor, temperature: 
     The metric, not what :func:`fit_temperature` minimises: the floor makes it flat in ``T`` wherever an example
     is wrong by more than 27.6 nats (over-confident predictions at small ``T``), where a search would stall.
     """
+    temperature = check_positive(temperature, "temperature")  # T = -1 gave the NLL of inverted predictions
     scaled = (log_probs / temperature).log_softmax(-1)
     picked = scaled.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return float(-picked.clamp(min=math.log(_NLL_FLOOR)).mean())  # the floor of pyro_lora.metrics.nll
@@ -156,7 +157,8 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
         raise ValueError(f"bounds must be finite with 0 < low < 1 < high, got {bounds}")
     log_probs, from_probs = _log_probs(probs_or_logits, kind)
     # the labels as every metric checks them: integer dtype (float labels were truncated), shape, range
-    _, labels = _check_probs(torch.as_tensor(probs_or_logits).detach() if from_probs else log_probs.exp(), labels)
+    raw = _tensor(probs_or_logits, "probs_or_logits")
+    _, labels = _check_probs(raw if from_probs else log_probs.exp(), labels)
     notes = []
 
     def done(temperature, note=None):
@@ -177,13 +179,13 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
         # log 0 = -inf whatever T (an infinite NLL): the fit takes such a label's probability as pyro_lora.metrics.nll's
         # floor 1e-12, or as the smallest positive number of the input's dtype where that is lower, so that an
         # exact 0 never counts as more likely than a probability the dtype did hold (float32 holds 1e-44)
-        dtype = torch.as_tensor(probs_or_logits).dtype
+        dtype = raw.dtype if raw.dtype.is_floating_point else torch.float64  # integer (one-hot) rows: float64's floor
         floor = min(_NLL_FLOOR, torch.finfo(dtype).tiny * torch.finfo(dtype).eps)
         picked = picked.masked_fill(zero, math.log(floor))
         log_probs = log_probs.scatter(-1, labels[:, None], picked[:, None])
         notes.append(f"{saturated} of {len(labels)} validation examples give probability 0 to their label (saturated "
                      f"probabilities): no temperature changes that, so the fit takes their label's probability as "
-                     f"{floor:.3g} (below every positive {dtype} number, at most the 1e-12 floor of "
+                     f"{floor:.3g} (the smallest positive {dtype} number, at most the 1e-12 floor of "
                      "pyro_lora.metrics.nll) and its T is approximate; pass logits for an exact fit (and scale logits "
                      "with it: apply_temperature keeps a 0 at 0)")
     others = log_probs.scatter(-1, labels[:, None], -math.inf).amax(-1)
@@ -244,7 +246,7 @@ def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
         probability vectors (logits, nan, inf).
     """
     temperature = check_positive(temperature, "temperature")
-    raw = torch.as_tensor(probs).detach()
+    raw = _tensor(probs, "probs")  # a list of Python floats as float64: 1e-50 stays above 0
     x = raw.to(torch.float64, copy=True)
     if x.dim() == 0 or x.numel() == 0:
         raise ValueError(f"probs must be [..., C] probability vectors, got shape {tuple(x.shape)}")

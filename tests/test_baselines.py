@@ -774,3 +774,23 @@ def test_an_ensemble_refuses_to_leave_its_fresh_heads_untrained():
     model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="AB", num_data=48)
     with pytest.raises(ValueError, match="train_network=False with a head to train"):
         train_ensemble(model, toy_data(), k=2, fit_kwargs={"train_network": False})
+
+
+def test_temperature_scaling_reads_lists_as_float64_integer_rows_and_refuses_a_bad_temperature():
+    """A list of Python floats was read as float32 (1e-50 became 0: T 9.09 where 9.92 is right); one-hot integer rows
+    failed in torch.finfo; temperature_nll took T = -1 (the NLL of inverted predictions)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = 8 * torch.randn(40, 3, generator=gen, dtype=torch.float64)
+    logits[0] = torch.tensor([120.0, 0.0, 0.0], dtype=torch.float64)  # a probability of about 1e-52
+    labels = torch.randint(0, 3, (40,), generator=gen)
+    labels[0] = 1
+    probs = logits.softmax(-1)
+    exact = fit_temperature(logits, labels)
+    assert fit_temperature(probs.tolist(), labels) == pytest.approx(exact, rel=1e-3)
+    assert apply_temperature([[1 - 1e-50, 1e-50]], 10.0)[0, 1].item() == pytest.approx(1e-5, rel=0.02)
+    with pytest.warns(UserWarning, match="saturated"):
+        assert fit_temperature(torch.tensor([[1, 0], [0, 1], [1, 0]]), torch.tensor([0, 1, 1])) == \
+            fit_temperature(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]], dtype=torch.float64), torch.tensor([0, 1, 1]))
+    for bad in (-1.0, 0.0, math.nan, True):
+        with pytest.raises(ValueError, match="temperature must be a finite positive number"):
+            temperature_nll(probs.log(), labels, bad)

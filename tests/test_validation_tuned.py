@@ -747,3 +747,43 @@ def test_a_variant_draws_the_same_random_numbers_alone_as_after_its_kept_base():
     finally:
         METHODS.pop("fake_rng_base")
         METHODS.pop("fake_rng_variant")
+
+
+def test_an_optimum_inside_the_grid_is_no_edge_and_a_non_finite_first_value_keeps_the_accuracy_guard(monkeypatch):
+    """The edge note came from the coarse grid before the refinement (0.0129 chosen, "lowest at the smallest ... 0.01");
+    a first grid value with a non-finite predictive made the reference accuracy NaN, which refused nothing (T = 49.5 at
+    accuracy 0.50 chosen where values <= 5 keep 0.90)."""
+    knob = {}
+    set_value = lambda v: knob.update(v=v)  # noqa: E731
+    for optimum in (0.013, 9000.0):
+        monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores",
+                            lambda *a, **k: ((math.log(knob["v"]) - math.log(optimum)) ** 2, 0.9, None))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            tuning = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0], [],
+                                        num_samples=4)
+        assert tuning.note is None and tuning.value == pytest.approx(optimum, rel=0.1)
+
+    def scores(*args, **kw):
+        v = knob["v"]
+        if v < 0.02:
+            return math.inf, math.nan, None  # the least noisy value overflows
+        return (math.log(v) - math.log(50.0)) ** 2, 0.9 if v <= 5.0 else 0.5, None
+
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", scores)
+    tuning = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], [], num_samples=4, tol=0.01)
+    assert 4.9 <= tuning.value <= 5.0  # the lowest NLL among the values keeping the first finite value's accuracy
+
+
+def test_the_verdict_reads_numpy_scalars_as_numbers():
+    """np.float32 values were "n/a on every seed": the verdict named temperature scaling best on NLL (0.430) where the
+    table showed laplace at 0.400."""
+    def row(guide, seed, ece, nll, setting):
+        return {"guide": guide, "dataset": "sst2", "seed": seed, "setting": setting, "accuracy": 0.8, "ece": ece,
+                "nll": nll, "aurc": 0.1}
+
+    rows = [row("map", s, 10.0, 0.6, "no validation data") for s in (0, 1)] + \
+        [row("temperature", s, 3.0, 0.43, "validation-tuned") for s in (0, 1)] + \
+        [row("laplace", s, np.float32(2.0 + s / 10), np.float32(0.40), "no validation data") for s in (0, 1)]
+    text = verdict(rows, "sst2")
+    assert "NLL: laplace (0.400)" in text and "Left out" not in text

@@ -6,6 +6,7 @@ no interval, and the verdict compares the values and says so.
 """
 
 import math
+import numbers
 from functools import lru_cache
 
 import numpy as np
@@ -79,7 +80,7 @@ def _by_guide(rows, dataset, metric):
             continue
         value = r.get(metric)
         guides[r["guide"]], held = True, held or metric in r
-        if isinstance(value, (int, float)) and np.isfinite(value):
+        if isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value):  # numpy scalars too
             out.setdefault(r["guide"], {})[r["seed"]] = float(value)
     na = {g: sorted(seeds - set(out.get(g, {}))) for g in guides} if held else {}
     return {g: v for g, v in out.items() if not na[g]}, {g: s for g, s in na.items() if s}
