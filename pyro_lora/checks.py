@@ -39,6 +39,16 @@ def check_positive(value, name: str) -> float:
     return number
 
 
+def check_batches(data, name: str = "data") -> None:
+    """Refuse one batch (a dict of tensors) where an iterable of batches is expected: iterated, it yields its keys.
+
+    :raises ValueError: naming ``name``.
+    """
+    if isinstance(data, collections.abc.Mapping):
+        raise ValueError(f"{name} is one batch (a dict with keys {list(data)[:4]}), not an iterable of batches: pass "
+                         "[batch], or a DataLoader")
+
+
 def check_reiterable(data, name: str, passes: str) -> None:
     """Refuse a one-shot iterator (a generator, ``iter(list)``) where ``data`` is read more than once: its second pass
     is empty, and came back as "the data is empty" or a search over the first value only.

@@ -11,7 +11,9 @@ from collections.abc import Callable
 
 import torch
 
+from .checks import check_count
 from .prompts import cloze_pairs, letter_prompt, record_text
+from .records import validate_record
 
 __all__ = ["CausalLMCollator", "ClassificationCollator", "ClozeCollator", "LetterCollator"]
 
@@ -49,6 +51,30 @@ def _labels(records) -> torch.Tensor:
     return torch.tensor([r["label"] for r in records], dtype=torch.long)
 
 
+def _check_records(records, task: str) -> None:
+    """Refuse a record the JSONL reader would refuse (records built in memory come here unchecked): a label 0.5 cast
+    to long was class 0, a passage under "context" was dropped without a word."""
+    for r in records:
+        problem = validate_record(r, task)
+        if problem:
+            owner = r.get("id") if isinstance(r, dict) else None
+            raise ValueError(f"record {owner!r}: {problem}")
+
+
+def _check_max_length(tokenizer, max_length, minimum: int) -> int:
+    """``max_length`` as an int in ``[minimum, the tokenizer's model_max_length]`` (transformers' large sentinel where
+    it knows none: no upper bound)."""
+    max_length = check_count(max_length, "max_length")
+    if max_length < minimum:
+        raise ValueError(f"max_length={max_length} leaves no room for a text token beside the {minimum - 1} special "
+                         "tokens this tokenizer adds")
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and limit < 10**9 and max_length > limit:
+        raise ValueError(f"max_length={max_length} is above this tokenizer's model_max_length={limit} (the model's "
+                         "positions): longer inputs would fail in the model's position embeddings")
+    return max_length
+
+
 def _choice_mask(records, num_choices: int) -> torch.Tensor:
     counts = torch.tensor([len(r["choices"]) for r in records])
     return torch.arange(num_choices)[None, :] < counts[:, None]
@@ -65,9 +91,11 @@ class ClassificationCollator:
 
     def __init__(self, tokenizer, max_length: int = 128):
         self.tokenizer = tokenizer
-        self.max_length = max_length
+        # a max_length below the special tokens truncated nothing; one of exactly them made every text [CLS] [SEP]
+        self.max_length = _check_max_length(tokenizer, max_length, tokenizer.num_special_tokens_to_add() + 1)
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        _check_records(records, "classification")
         batch = self.tokenizer(
             [r["text"] for r in records],
             padding="longest",
@@ -104,6 +132,7 @@ class LetterCollator:
             raise ValueError(f"max_length={max_length} leaves no room after the special prefix")
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        _check_records(records, "multiple_choice")
         prompts = [letter_prompt(r) for r in records]
         encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
         budget = self.max_length - len(self.prefix)
@@ -149,6 +178,7 @@ class ClozeCollator:
             raise ValueError(f"max_length={max_length} leaves no room for a context and a continuation")
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        _check_records(records, "multiple_choice")
         num_choices = max(len(r["choices"]) for r in records)
         pairs, owners = [], []
         for record in records:

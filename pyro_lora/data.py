@@ -17,6 +17,7 @@ importable from here too.
 from __future__ import annotations
 
 import hashlib
+import copy
 import json
 import os
 from collections.abc import Callable
@@ -27,9 +28,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .checks import check_count
+from .checks import check_batches, check_count
 from .collators import CausalLMCollator, ClassificationCollator, ClozeCollator, LetterCollator
 from .prompts import LETTERS, cloze_pairs, is_blank_item, letter_prompt, letter_token_ids, record_text
+from .records import validate_record
 
 __all__ = [
     "TASKS",
@@ -146,45 +148,6 @@ def load_meta(name: str, data_dir: str | os.PathLike | None = None) -> dict:
     return meta
 
 
-def validate_record(record: object, task: str, num_labels: int | None = None) -> str | None:
-    """What is wrong with ``record`` for ``task`` (``None`` if it is valid).
-
-    ``num_labels`` bounds the label of classification records (``len(meta["label_names"])``).
-    """
-    if not isinstance(record, dict):
-        return f"expected a JSON object, got {type(record).__name__}"
-    required = ("id", "question", "choices", "label") if task == "multiple_choice" else ("id", "text", "label")
-    missing = [k for k in required if k not in record]
-    if missing:
-        return f"missing field(s) {', '.join(missing)}"
-    if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
-        return "id must be a string or an integer"
-    label = record["label"]
-    if not isinstance(label, int) or isinstance(label, bool):
-        return f"label must be an integer, got {label!r}"
-    if task == "classification":
-        if not isinstance(record["text"], str):
-            return "text must be a string"
-        if not record["text"].strip():
-            return "text is empty (or only whitespace): every such example would be the same input"
-        if num_labels is not None and not 0 <= label < num_labels:
-            return f"label {label} out of range [0, {num_labels})"
-        return None
-    if not isinstance(record["question"], str):
-        return "question must be a string"
-    choices = record["choices"]
-    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
-        return "choices must be a list of at least 2 strings"
-    blank = [i for i, c in enumerate(choices) if not c.strip()]
-    if blank:
-        return f"choice(s) {blank} are empty (or only whitespace): a blank continuation scores as one likely token"
-    if not 0 <= label < len(choices):
-        return f"label {label} out of range [0, {len(choices)})"
-    if "context" in record and not isinstance(record["context"], str):
-        return "context must be a string"
-    return None
-
-
 def load_records(name: str, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
     """Every record of ``<data_dir>/<name>/<split>.jsonl``, validated against the dataset's task.
 
@@ -205,8 +168,8 @@ def load_records(name: str, split: str, data_dir: str | os.PathLike | None = Non
     _PARSED[key] = records  # the most recently read last
     while len(_PARSED) > 8:
         _PARSED.pop(next(iter(_PARSED)))
-    # copies, their lists too: a caller editing its records leaves the next reader's as the file holds them
-    return [{k: list(v) if isinstance(v, list) else v for k, v in r.items()} for r in records]
+    # copies, nested lists and objects too: a caller editing its records leaves the next reader's as the file holds them
+    return [{k: copy.deepcopy(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in records]
 
 
 # (path, SHA-256 of its bytes, task, number of labels) -> its validated records: a run's readers (its splits, its data
@@ -284,6 +247,7 @@ def subset(records: list, n: int, seed: int = 0) -> list:
     """``n`` records drawn without replacement by a seeded permutation (all of them if ``n`` is
     larger), in their original order."""
     n = check_count(n, "n", minimum=0)
+    seed = check_count(seed, "seed", minimum=0, alternative="None drew another subset on every call")
     if n >= len(records):
         return list(records)
     keep = np.sort(np.random.default_rng(seed).permutation(len(records))[:n])
@@ -293,7 +257,8 @@ def subset(records: list, n: int, seed: int = 0) -> list:
 def make_loader(records: list, collator: Callable[[list[dict]], dict], batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> DataLoader:
     """A ``DataLoader`` over ``records`` batched by ``collator``; the shuffle order is seeded, so it is
     the same on every run."""
-    generator = torch.Generator().manual_seed(seed)
+    batch_size = check_count(batch_size, "batch_size")
+    generator = torch.Generator().manual_seed(check_count(seed, "seed", minimum=0))
     return DataLoader(
         records,
         batch_size=batch_size,
@@ -310,6 +275,7 @@ def fixed_batches(data) -> list:
     compared across examples, and the weight noise fall on other examples), and a generator yields only once. Under
     ``torch.distributed`` a ``DataLoader``'s batches are rank 0's (as :func:`~pyro_lora.distributed.split_batches`
     draws a loader): a generator of its own may differ across ranks."""
+    check_batches(data)
     if isinstance(data, list):
         return data
     batches = list(data)

@@ -62,15 +62,20 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     :param int chunk_size: samples per forward (a positive integer), or ``None`` for all ``S`` at once.
     :param keep_samples: also return the per-sample probabilities ``[S, N, C]`` (``[1, N, C]`` without samples).
     :raises ValueError: for a bad ``num_samples`` / ``chunk_size`` (an ensemble's ``S`` not a multiple of
-        ``K``), ``mean=True`` with a guide whose mean is no predictor, a guide whose posterior its site samples do
+        ``K``), a ``DataLoader`` with ``drop_last=True``, ``mean=True`` with a guide whose mean is no predictor, a guide whose posterior its site samples do
         not carry (``guide.samples_carry_posterior`` false: last-layer Laplace), or a guide built for another model
         (:func:`~pyro_lora.contract.check_guide`).
 
     Under ``torch.distributed`` every rank is given the same ``data``, predicts its contiguous block of
     batches with rank 0's weight samples (rank 0's base seed is broadcast; the first chunk is checked to
     be equal on all ranks), and returns the gathered predictions of all ``N`` examples in order.
+
+    The predictions follow ``data``'s order: a shuffling ``DataLoader`` gives another order on every call.
     """
     with entry_checks(model, guide, "predict"):
+        if getattr(data, "drop_last", False):  # torch's DataLoader(drop_last=True): the last examples unscored
+            raise ValueError("predict scores every example of data, but this DataLoader drops its last incomplete batch "
+                             "(drop_last=True): build it with drop_last=False")
         num_samples = check_count(num_samples, "num_samples")
         if chunk_size is not None:
             chunk_size = check_count(chunk_size, "chunk_size", alternative="or None for all samples in one forward")

@@ -2,6 +2,7 @@ import importlib.util
 import json
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,7 +128,7 @@ def _write(root, name, meta, lines, split="train"):
         (json.dumps({**GOOD_MC, "label": 2}), "label 2 out of range"),
         (json.dumps({**GOOD_MC, "label": "1"}), "label must be an integer"),
         (json.dumps({**GOOD_MC, "choices": ["only"]}), "at least 2 strings"),
-        (json.dumps({**GOOD_MC, "choices": ["x", " "]}), r"choice\(s\) \[1\] are empty \(or only whitespace\)"),
+        (json.dumps({**GOOD_MC, "choices": ["x", " "]}), r"choice\(s\) \[1\] are empty \(or only whitespace or invisible characters\)"),
         (json.dumps({**GOOD_MC, "choices": ["", "y"]}), r"choice\(s\) \[0\] are empty"),
         (json.dumps({**GOOD_MC, "context": 3}), "context must be a string"),
         ("[1, 2]", "expected a JSON object"),
@@ -151,7 +152,7 @@ def test_bad_classification_label_names_file_and_line(tmp_path):
     with pytest.raises(ValueError, match="missing field.*text"):
         D.load_records("toycls", "train", tmp_path)
     _write(tmp_path, "toycls", CLS_META, [good, json.dumps({"id": 4, "text": " \n", "label": 0})])
-    with pytest.raises(ValueError, match="text is empty \\(or only whitespace\\)"):
+    with pytest.raises(ValueError, match="text is empty \\(or only whitespace or invisible characters\\)"):
         D.load_records("toycls", "train", tmp_path)
 
 
@@ -500,3 +501,53 @@ def test_records_are_parsed_once_per_content_and_each_reader_gets_its_own_copies
     with pytest.raises(ValueError, match=r"train.jsonl:3: invalid classification record"):
         path.write_text(path.read_text() + json.dumps({"id": "c", "text": "c", "label": 5}) + "\n")
         D.load_records("toy", "train", tmp_path)
+
+
+def test_in_memory_records_are_checked_as_the_reader_checks_a_file(minilm_tok):
+    """The collator cast a label 0.5 to class 0, dropped a 'context' passage, tokenized an invisible-only text as an
+    empty one; a max_length below the special tokens truncated nothing, one of exactly them made every text [CLS] [SEP]."""
+    collate = D.ClassificationCollator(minilm_tok)
+    good = {"id": 0, "text": "a fine film", "label": 1}
+    assert collate([good, {**good, "label": np.int64(0)}])["labels"].tolist() == [1, 0]  # a pandas label is an integer
+    for bad, message in [({**good, "label": 0.5}, "label must be an integer, got 0.5"),
+                         ({**good, "label": True}, "label must be an integer"),
+                         ({"id": 0, "text": "a fine film"}, "missing field.s. label"),
+                         ({**good, "text": "\u200b\ufeff \u00ad"}, "only whitespace or invisible characters"),
+                         ({**good, "context": "the passage"}, "'context' .a passage. would not be read")]:
+        with pytest.raises(ValueError, match=message):
+            collate([good, bad])
+    with pytest.raises(ValueError, match="choice.s. .1. are empty .or only whitespace or invisible"):
+        D.ClozeCollator(minilm_tok)([{**GOOD_MC, "choices": ["x", "\u200b"]}])
+    for bad, message in [(1, "leaves no room for a text token beside the 2 special tokens"), (2, "leaves no room"),
+                         (600, "above this tokenizer's model_max_length=512"), (None, "max_length must be a positive")]:
+        with pytest.raises(ValueError, match=message):
+            D.ClassificationCollator(minilm_tok, max_length=bad)
+    assert D.ClassificationCollator(minilm_tok, max_length=3)([good])["input_ids"].shape == (1, 3)
+
+
+def test_records_come_back_as_the_file_holds_them_and_seeds_are_integers(tmp_path):
+    """load_records shared nested values with its cache (an edit to r["meta"] reached the next reader); subset(seed=None)
+    drew another subset each call; make_loader(batch_size=None) failed inside torch."""
+    line = {"id": 0, "text": "good", "label": 1, "meta": {"source": "web"}, "spans": [[0, 4]]}
+    _write(tmp_path, "toycls", CLS_META, [json.dumps(line)])
+    first = D.load_records("toycls", "train", data_dir=tmp_path)
+    first[0]["meta"]["source"], first[0]["spans"][0][1] = "EDITED", 999
+    assert D.load_records("toycls", "train", data_dir=tmp_path) == [line]
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        D.subset(first * 5, 2, seed=None)
+    for kwargs, message in [({"batch_size": None}, "batch_size must be a positive integer"),
+                            ({"batch_size": 2, "seed": None}, "seed must be an integer >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            D.make_loader(first, lambda rows: rows, **kwargs)
+
+
+def test_predict_refuses_a_loader_that_drops_examples():
+    from conftest import tiny_bert
+    from test_training import toy_data
+
+    from pyro_lora import LoraModel, SequenceClassification, predict
+
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), num_data=48)
+    loader = torch.utils.data.DataLoader(toy_data(20, batch=1), batch_size=8, drop_last=True, collate_fn=lambda b: b[0])
+    with pytest.raises(ValueError, match="drops its last incomplete batch"):
+        predict(model, None, loader)

@@ -1,0 +1,62 @@
+"""The canonical record layout (one JSON object per example) and its validation, shared by the JSONL reader and the
+collators (which see in-memory records too).
+
+* classification: ``{"id", "text", "label"}``;
+* multiple choice: ``{"id", "question", "choices", "label"}``, optionally ``"context"`` (a passage).
+"""
+
+from __future__ import annotations
+
+import numbers
+import unicodedata
+
+__all__ = ["validate_record", "visible"]
+
+
+def visible(text: str) -> bool:
+    """Whether ``text`` holds a character a tokenizer keeps: not only whitespace, control or format characters
+    (a zero-width space, a soft hyphen, a byte-order mark), which tokenizers drop."""
+    return any(unicodedata.category(c)[0] not in "CZ" for c in text)
+
+
+def validate_record(record: object, task: str, num_labels: int | None = None) -> str | None:
+    """What is wrong with ``record`` for ``task`` (``None`` if it is valid).
+
+    ``num_labels`` bounds the label of classification records (``len(meta["label_names"])``).
+    """
+    if not isinstance(record, dict):
+        return f"expected a JSON object, got {type(record).__name__}"
+    required = ("id", "question", "choices", "label") if task == "multiple_choice" else ("id", "text", "label")
+    missing = [k for k in required if k not in record]
+    if missing:
+        return f"missing field(s) {', '.join(missing)}"
+    if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
+        return "id must be a string or an integer"
+    label = record["label"]
+    if not isinstance(label, numbers.Integral) or isinstance(label, bool):  # numpy integers of in-memory records too
+        return f"label must be an integer, got {label!r}"
+    if task == "classification":
+        if not isinstance(record["text"], str):
+            return "text must be a string"
+        if not visible(record["text"]):
+            return "text is empty (or only whitespace or invisible characters): every such example would be the same input"
+        if "context" in record:  # a passage: only multiple choice reads it
+            return ("a classification record's 'context' (a passage) would not be read: the classifier reads 'text' "
+                    "alone; put the passage into 'text'")
+        if num_labels is not None and not 0 <= label < num_labels:
+            return f"label {label} out of range [0, {num_labels})"
+        return None
+    if not isinstance(record["question"], str):
+        return "question must be a string"
+    choices = record["choices"]
+    if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        return "choices must be a list of at least 2 strings"
+    blank = [i for i, c in enumerate(choices) if not visible(c)]
+    if blank:
+        return (f"choice(s) {blank} are empty (or only whitespace or invisible characters): a blank continuation "
+                "scores as one likely token")
+    if not 0 <= label < len(choices):
+        return f"label {label} out of range [0, {len(choices)})"
+    if "context" in record and not isinstance(record["context"], str):
+        return "context must be a string"
+    return None
