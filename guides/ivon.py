@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_lora import distributed
-from pyro_lora.checks import check_count
+from pyro_lora.checks import check_batches, check_count
 from pyro_lora.ownership import take_over
 from pyro_lora.data import to_device
 from pyro_lora.model import LoraModel, full_precision
@@ -237,6 +237,7 @@ def _check_arguments(model, data, autocast, **args):
         raise ValueError(f"weight_decay must be >= 0, got {args['weight_decay']!r}")
     if not 0 <= args["beta2"] < 1:
         raise ValueError(f"beta2 must be in [0, 1), got {args['beta2']!r}")
+    check_batches(data)
     if not hasattr(data, "__len__") or len(data) == 0:
         raise ValueError("data must be a non-empty sequence of batches (a DataLoader or a list), re-iterated each epoch")
     _check_sites(model, "train_ivon")

@@ -239,10 +239,13 @@ class TFBGuide(LoraGuide):
             if isinstance(tolerance, bool):  # True is a slip, not a tolerance of 1
                 raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
             tolerance = DEFAULT_TOLERANCE[criterion] if tolerance is None else float(tolerance)
-            if not tolerance >= 0:
-                raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-            if not 0 < low < high:
-                raise ValueError(f"need 0 < low < high, got low={low}, high={high}")
+            if not (math.isfinite(tolerance) and tolerance >= 0):
+                raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
+            if criterion != "nll" and tolerance >= 1:  # a rate never exceeds 1: every sigma_q would pass
+                raise ValueError(f"tolerance {tolerance:g} for the {criterion} criterion (a fraction of the anchors) "
+                                 "lets every sigma_q pass: give a fraction below 1, e.g. 0.01")
+            if not (0 < low < high and math.isfinite(high)):  # high = inf made every midpoint inf: low returned silently
+                raise ValueError(f"need 0 < low < high, both finite, got low={low}, high={high}")
             if spacing not in SPACINGS:
                 raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
             check_count(iterations, "iterations", minimum=0)

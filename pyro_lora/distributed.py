@@ -23,6 +23,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
+from .checks import check_batches
+
 
 def is_distributed() -> bool:
     """``True`` inside an initialised process group with more than one rank."""
@@ -220,9 +222,10 @@ def split_batches(data, even: bool = False):
     process group, ``data`` itself.
 
     :param bool even: every rank gets ``len(data) // W`` batches (the last ``len(data) % W`` are dropped).
-    :raises ValueError: for data that differ across ranks (a list's batches, a loader's list of records; in number
+    :raises ValueError: for one batch (a dict) instead of batches, data that differ across ranks (a list's batches, a loader's list of records; in number
         for any data), a ``DataLoader`` that already shards, or one over an ``IterableDataset``.
     """
+    check_batches(data)
     if not is_distributed():
         return data
     if isinstance(data, DataLoader):

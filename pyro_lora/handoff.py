@@ -159,6 +159,12 @@ def _forward(layer, x, *args, **kwargs):
             raise ValueError(
                 "a LoRA layer ran twice in one forward with flipout (a module shared across depths, as ALBERT's layers "
                 "are): each application would draw its own sign flips, two weights for one example; use flipout=False")
+    if h.num_samples is not None and h.num_samples > 1 and x.shape[0] % h.num_samples:
+        raise ValueError(
+            f"a LoRA layer ({type(layer.base_layer).__name__} {tuple(layer.base_layer.weight.shape)}) got an input of "
+            f"{x.shape[0]} rows along its first dim, no multiple of the S={h.num_samples} samples: it runs on something "
+            "other than the batch's rows (DeBERTa's relative-position embeddings), so S samples cannot share one "
+            "forward; predict with chunk_size=1, or leave that layer out of the LoRA targets")
     result = layer.base_layer(x, *args, **kwargs)
     a, b = (_own_or_handed(layer, h, kind) for kind in (down_kind(), up_kind()))
     x = layer.lora_dropout[h.adapter](x).to(a.dtype)

@@ -21,8 +21,11 @@ from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
 from .pyro_stack import VECTORIZED, conditioned_names, enclosing_plates, in_svi_step, marked_guides, replayed_trace
-from .sites import (Site, active_adapter, base_rewriting_inits, build_sites, check_values, describe_inits, find_lora_layers,
-                    is_site_name, matrix_view, per_layer)
+from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_values, describe_inits,
+                    find_lora_layers, is_site_name, matrix_view, per_layer)
+
+# families whose attention projections run sequence-first ([T, batch, H]): their rows are positions, not the S samples'
+_SEQUENCE_FIRST = ("longformer", "led")
 
 
 class LoraModel:
@@ -390,7 +393,8 @@ class LoraModel:
             per example (flipout, :func:`~pyro_lora.handoff.lora_delta`).
         :returns: ``[B, C]`` or ``[S, B, C]``, float32 whatever the network's dtype.
         :raises ValueError: for batch entries the network takes but the likelihood does not hand it
-            (:meth:`~pyro_lora.likelihoods.Likelihood.check_inputs`).
+            (:meth:`~pyro_lora.likelihoods.Likelihood.check_inputs`), values missing a site or naming an unknown one,
+            or of another shape (a sample dim without ``num_samples``, or of another size).
         :raises FloatingPointError: if a half-precision network's logits are NaN or ``+inf`` (an overflow; ``-inf`` is a
             masked multiple-choice answer).
         """
@@ -398,6 +402,9 @@ class LoraModel:
         self.likelihood.check_inputs(self.net, batch)
         if num_samples is not None:
             num_samples = check_count(num_samples, "num_samples", alternative="or None for values without a sample dim")
+        if values is not None:  # shapes only (no host read): a missing layer ran the adapter's own matrices
+            check_values(self.sites, values, allow_sample_dim=num_samples is not None, num_samples=num_samples,
+                         finite=False)
         dtype = self.forward_dtype
         # autocast keeps its cast copies of the parameters until the outermost autocast block exits (enabled or not): a
         # block around a whole training loop (a user's, fit's own) would run every step on the first step's weights
@@ -432,6 +439,10 @@ class LoraModel:
                 f"the adapters are disabled ({disabled[0]}, e.g. inside net.disable_adapter()): handed LoRA weights "
                 "would be applied anyway; leave that context, or predict with guide=None for the base model"
             )
+        family = getattr(getattr(base_network(self.net), "config", None), "model_type", None)
+        if num_samples is not None and num_samples > 1 and family in _SEQUENCE_FIRST:
+            raise ValueError(f"a {family} network runs its attention projections sequence-first, so S={num_samples} "
+                             "weight samples cannot share one forward: predict with chunk_size=1")
         weights = per_layer(self.sites, values)
         if flipout_locs:
             bad = [n for n in flipout_locs if self.sites[n].kind.role != "down"]

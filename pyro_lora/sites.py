@@ -247,9 +247,12 @@ def matrix_view(sites: dict) -> dict:
     }
 
 
-def check_values(sites: dict, values: dict, allow_sample_dim: bool = True) -> None:
+def check_values(sites: dict, values: dict, allow_sample_dim: bool = True, num_samples: int | None = None,
+                 finite: bool = True) -> None:
     """Validate site values: every site present, shapes ``[*S, *site.shape]``, all finite.
 
+    :param num_samples: the ``S`` a leading sample dim must have (1 broadcasts), where one is allowed.
+    :param finite: check the values are finite (one host read per site: off in the forward's hot path).
     :raises ValueError: naming the first missing/unknown site, wrong shape or non-finite value.
     """
     unknown = sorted(set(values) - set(sites))
@@ -265,7 +268,9 @@ def check_values(sites: dict, values: dict, allow_sample_dim: bool = True) -> No
                 f"site {name!r} expects shape {site.shape}"
                 f"{' with an optional leading sample dim' if allow_sample_dim else ''}, got {tuple(v.shape)}"
             )
-        if not torch.isfinite(v).all():
+        if lead and num_samples is not None and v.shape[0] not in (1, num_samples):
+            raise ValueError(f"site {name!r} has {v.shape[0]} samples along its leading dim, not num_samples={num_samples}")
+        if finite and not torch.isfinite(v).all():
             raise ValueError(f"site {name!r} has non-finite values (nan or inf)")
 
 

@@ -397,3 +397,68 @@ def test_a_lora_layer_shared_across_depths_is_refused_where_one_application_per_
     single = tiny_albert(num_hidden_layers=1)  # each layer once: both run
     LaplaceGuide(single).fit([batch], progress=False)
     Trace_ELBO().differentiable_loss(single, MeanFieldGuide(single, flipout=True), batch)
+
+
+def _per_sample_logits(model, batch, values, num_samples):
+    out = []
+    for s in range(num_samples):
+        model.write_adapter({k: v[s] for k, v in values.items()})
+        out.append(model.logits(batch))
+    return torch.stack(out)
+
+
+def test_layers_whose_rows_are_not_the_batch_refuse_a_shared_forward_and_predict_one_sample_at_a_time():
+    """DeBERTa-v2's relative attention runs query_proj on [1, 2k, H] position embeddings and Longformer its projections
+    sequence-first: S samples in one forward split positions among the samples (0.64 off in logits), silently."""
+    from transformers import DebertaV2Config, LongformerConfig
+
+    from pyro_lora import predict
+
+    configs = [
+        DebertaV2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=64, num_labels=3, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                        share_att_key=True, position_buckets=8, norm_rel_ebd="layer_norm", position_biased_input=False,
+                        pad_token_id=0),
+        LongformerConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         max_position_embeddings=80, attention_window=[4, 4], pad_token_id=1, num_labels=3),
+    ]
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(1))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
+    for config in configs:
+        torch.manual_seed(0)
+        net = add_lora(AutoModelForSequenceClassification.from_config(config), r=4, alpha=8).eval()
+        model = LoraModel(net, SequenceClassification(), num_data=2)
+        start = model.adapter_values()
+        values = {k: v + 0.3 * torch.randn(2, *v.shape) for k, v in start.items()}
+        with torch.no_grad(), pytest.raises(ValueError, match="cannot share one forward.*chunk_size=1"):
+            model.logits(batch, values, num_samples=2)
+        with torch.no_grad():
+            one_by_one = torch.cat([model.logits(batch, {k: v[s:s + 1] for k, v in values.items()}, num_samples=1)
+                                    for s in range(2)])
+            torch.testing.assert_close(one_by_one, _per_sample_logits(model, batch, values, 2), atol=1e-5, rtol=1e-5)
+        model.write_adapter(start)
+        guide = MAPGuide(model)
+        assert predict(model, guide, [batch], num_samples=1).probs.shape == (2, 3)
+
+
+def test_handed_values_are_checked_for_every_site_and_its_shape():
+    """logits took values missing a layer (the adapter's own matrices ran there: 0.37 off), an extra layer, an unknown
+    site, or a sample dim without num_samples, without a word or with a torch error."""
+    from conftest import tiny_llama
+
+    from pyro_lora.likelihoods import CausalLM
+
+    model = LoraModel(tiny_llama(), CausalLM())
+    values = model.adapter_values()
+    batch = {"input_ids": torch.randint(1, 64, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long)}
+    first = next(iter(values))
+    for bad, num_samples, message in [
+        ({**values, first: values[first][None, :1]}, 1, "expects shape"),
+        ({**values, first: torch.cat([values[first], values[first][:1]])[None]}, 1, "expects shape"),
+        ({**values, "q_proj.lora_AA": values[first]}, None, "unknown site"),
+        ({k: v for k, v in values.items() if k != first}, None, "no value for site"),
+        ({k: v[None] for k, v in values.items()}, None, "expects shape"),
+        ({k: v.expand(3, *v.shape) for k, v in values.items()}, 2, "3 samples along its leading dim, not num_samples=2"),
+    ]:
+        with torch.no_grad(), pytest.raises(ValueError, match=message):
+            model.logits(batch, bad, num_samples=num_samples)

@@ -49,6 +49,8 @@ from pyro_lora.experiments import cli
         (["bayesianize", "adapter", "--anchors", "0"], "--anchors"),
         (["bayesianize", "adapter", "--iterations", "0"], "--iterations"),
         (["bayesianize", "adapter", "--low", "-1"], "--low"),
+        (["bayesianize", "adapter", "--high", "inf"], "inf is not a finite number"),  # was "inf must be > 0.0"
+        (["bayesianize", "adapter", "--tolerance", "nan"], "nan is not a finite number"),
         (["evaluate", "run", "--guides", "map"], "unrecognized arguments: --guides"),
         # no abbreviations: `study --dataset X` silently ran `--datasets X` (a whole study), `compare --guide` is no flag
         (["study", "--dataset", "arc_easy"], "unrecognized arguments: --dataset"),

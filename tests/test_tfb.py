@@ -422,3 +422,21 @@ def test_bad_inputs_have_clear_errors():
     lm = LoraModel(tiny_llama(), CausalLM(), random="AB")
     with pytest.raises(ValueError, match="per-example class logits"):
         TFBGuide(lm).search([random_batch()], progress=False)
+
+
+def test_search_bounds_and_tolerances_that_decide_nothing_are_refused_and_one_batch_is_named():
+    """high=inf made every midpoint inf: the search returned low (0.001 for 0.65) without a word; a flip tolerance of 5
+    let every sigma_q pass; one batch for the anchors (or predict's data) was iterated as its keys."""
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), num_data=48)
+    guide = TFBGuide(model)
+    anchors = toy_data(16)
+    for kwargs, message in [({"high": math.inf}, "both finite"), ({"tolerance": 5.0}, "lets every sigma_q pass"),
+                            ({"tolerance": math.inf}, "finite number >= 0"), ({"criterion": "accuracy", "tolerance": 1.0},
+                                                                            "lets every sigma_q pass")]:
+        with pytest.raises(ValueError, match=message):
+            guide.search(anchors, **kwargs)
+    guide.search(anchors, criterion="nll", tolerance=2.0, iterations=1)  # a relative NLL change may exceed 1
+    for call in (lambda: guide.search(anchors[0]), lambda: predict(model, guide, anchors[0]),
+                 lambda: bayesianize(model, anchors[0])):
+        with pytest.raises(ValueError, match="data is one batch .a dict with keys"):
+            call()

@@ -37,7 +37,9 @@ def _number(kind, low, strict=True):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
-        if not math.isfinite(value) or (value <= low if strict else value < low):
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+        if value <= low if strict else value < low:
             raise argparse.ArgumentTypeError(f"{text} must be {'>' if strict else '>='} {low}")
         return value
 
