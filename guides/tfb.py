@@ -63,13 +63,15 @@ class TFBGuide(LoraGuide):
         out are read from the adapter (``model.adapter_values()``). Default: the adapter itself.
     :param float sigma_q: initial noise scale (0: the guide is the point estimate).
     :param float min_singular_ratio: relative floor (in ``(0, 1)``) on the singular values used in ``Omega``.
-    :param str criterion: the last search's criterion; with ``tolerance`` and ``trace`` (a list of
-        dicts) it is what :meth:`config` saves and :func:`pyro_lora.load_guide` restores.
+    :param str criterion: the last search's criterion; with ``tolerance``, ``trace`` (a list of dicts) and
+        ``search_edge`` (what it warned of, where it ended at an end of its range) it is what :meth:`config` saves and
+        :func:`pyro_lora.load_guide` restores.
     :param bool decompose: ``False`` builds zero buffers of the final shapes without an SVD, for
         ``load_state_dict`` (what :func:`pyro_lora.load_guide` uses).
     """
 
-    def __init__(self, model, init=None, sigma_q=0.0, min_singular_ratio=1e-3, criterion=None, tolerance=None, trace=None, decompose=True):
+    def __init__(self, model, init=None, sigma_q=0.0, min_singular_ratio=1e-3, criterion=None, tolerance=None, trace=None,
+                 decompose=True, search_edge=None):
         super().__init__(model)
         if not 0 < min_singular_ratio < 1:
             raise ValueError(f"min_singular_ratio must be in (0, 1), got {min_singular_ratio}")
@@ -78,7 +80,7 @@ class TFBGuide(LoraGuide):
         self.criterion = criterion
         self.tolerance = tolerance
         self.trace = list(trace or [])
-        self.search_edge = None  # what the last search warned of, if it ended at an end of its range
+        self.search_edge = search_edge  # what the last search warned of, if it ended at an end of its range
         self.register_buffer("sigma_q", torch.zeros((), device=model.device))
         self.set_sigma_q(sigma_q)
         device = model.device
@@ -147,6 +149,7 @@ class TFBGuide(LoraGuide):
             "criterion": self.criterion,
             "tolerance": self.tolerance,
             "trace": self.trace,
+            "search_edge": self.search_edge,
             "decompose": False,
         }
 

@@ -376,6 +376,12 @@ def test_save_load_round_trip(tmp_path):
     draw = lambda g: g.sample(3, generator=torch.Generator().manual_seed(5))  # noqa: E731
     for k, v in draw(guide).items():
         torch.testing.assert_close(draw(loaded)[k], v)
+    # a search that ended at an end of its range keeps saying so after a reload (its note was None there)
+    with pytest.warns(UserWarning, match="already feasible"):
+        guide.search(anchors, criterion="flip", tolerance=0.5, low=1e-5, high=2e-5, iterations=1, num_samples=2,
+                     progress=False)
+    save_guide(guide, tmp_path / "edge")
+    assert load_guide(tmp_path / "edge", mc_model()).search_note == guide.search_note is not None
 
 
 def test_near_zero_singular_values_warn_and_stay_finite():
