@@ -52,11 +52,10 @@ class IVONGuide(LoraGuide):
     def __init__(self, model, locs=None, stds=None, trained_with=None):
         _check_sites(model, "IVONGuide")
         super().__init__(model)
-        locs = model.adapter_values() if locs is None else locs
+        locs = model.initial_values(locs)
         if stds is None:
             stds = {n: model.prior_distribution(s).variance.sqrt().expand(s.shape) for n, s in self.sites.items()}
-        for values in (locs, stds):
-            check_values(self.sites, values, allow_sample_dim=False)
+        check_values(self.sites, stds, allow_sample_dim=False)
         if not all(bool((stds[n] > 0).all()) for n in self.sites):
             raise ValueError("IVONGuide: every std must be positive")
         for i, name in enumerate(self.sites):

@@ -61,12 +61,12 @@ def _check_records(records, task: str) -> None:
             raise ValueError(f"record {owner!r}: {problem}")
 
 
-def _check_max_length(tokenizer, max_length, minimum: int) -> int:
-    """``max_length`` as an int in ``[minimum, the tokenizer's model_max_length]`` (transformers' large sentinel where
-    it knows none: no upper bound)."""
+def _check_max_length(tokenizer, max_length, special: int, room: str = "a text token", tokens: int = 1) -> int:
+    """``max_length`` as an int in ``[special + tokens, the tokenizer's model_max_length]`` (transformers' large
+    sentinel where it knows none: no upper bound); ``room`` names the ``tokens`` a row needs beside ``special``."""
     max_length = check_count(max_length, "max_length")
-    if max_length < minimum:
-        raise ValueError(f"max_length={max_length} leaves no room for a text token beside the {minimum - 1} special "
+    if max_length < special + tokens:
+        raise ValueError(f"max_length={max_length} leaves no room for {room} beside the {special} special "
                          "tokens this tokenizer adds")
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and limit < 10**9 and max_length > limit:
@@ -92,7 +92,7 @@ class ClassificationCollator:
     def __init__(self, tokenizer, max_length: int = 128):
         self.tokenizer = tokenizer
         # a max_length below the special tokens truncated nothing; one of exactly them made every text [CLS] [SEP]
-        self.max_length = _check_max_length(tokenizer, max_length, tokenizer.num_special_tokens_to_add() + 1)
+        self.max_length = _check_max_length(tokenizer, max_length, tokenizer.num_special_tokens_to_add())
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
         _check_records(records, "classification")
@@ -124,12 +124,10 @@ class LetterCollator:
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         self.tokenizer = tokenizer
-        self.max_length = max_length
         self.padding_side = padding_side
         self.pad_id = _pad_id(tokenizer)
         self.prefix = _special_prefix(tokenizer)
-        if max_length <= len(self.prefix):
-            raise ValueError(f"max_length={max_length} leaves no room after the special prefix")
+        self.max_length = _check_max_length(tokenizer, max_length, len(self.prefix))
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
         _check_records(records, "multiple_choice")
@@ -171,11 +169,9 @@ class ClozeCollator:
 
     def __init__(self, tokenizer, max_length: int = 512):
         self.tokenizer = tokenizer
-        self.max_length = max_length
         self.pad_id = _pad_id(tokenizer)
         self.prefix = _special_prefix(tokenizer)
-        if max_length < len(self.prefix) + 2:
-            raise ValueError(f"max_length={max_length} leaves no room for a context and a continuation")
+        self.max_length = _check_max_length(tokenizer, max_length, len(self.prefix), "a context and a continuation", 2)
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
         _check_records(records, "multiple_choice")
@@ -244,10 +240,10 @@ class CausalLMCollator:
 
     def __init__(self, tokenizer, max_length: int = 512, text_fn: Callable[[dict], str] = record_text):
         self.tokenizer = tokenizer
-        self.max_length = max_length
         self.text_fn = text_fn
         self.pad_id = _pad_id(tokenizer)
         self.prefix = _special_prefix(tokenizer)
+        self.max_length = _check_max_length(tokenizer, max_length, len(self.prefix))
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
         encoded = self.tokenizer([self.text_fn(r) for r in records], add_special_tokens=False)["input_ids"]

@@ -389,7 +389,7 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
     with entry_checks(model, None, "fit a Laplace"):
         check_one_forward(model)
         check_autograd("fit a Laplace")
-    loc = {name: v.detach().float() for name, v in (model.adapter_values() if loc is None else loc).items()}
+    loc = model.initial_values(loc)
     gen = torch.Generator(device=model.device).manual_seed(0)
     acc = [Accumulator(f, sketch, gen) for f in factors]
     loglik = torch.zeros((), device=model.device, dtype=torch.double)

@@ -523,6 +523,12 @@ def test_in_memory_records_are_checked_as_the_reader_checks_a_file(minilm_tok):
         with pytest.raises(ValueError, match=message):
             D.ClassificationCollator(minilm_tok, max_length=bad)
     assert D.ClassificationCollator(minilm_tok, max_length=3)([good])["input_ids"].shape == (1, 3)
+    # the multiple-choice and LM collators took a float, a string or a length past the model's positions unchecked
+    for make in (D.LetterCollator, D.ClozeCollator, D.CausalLMCollator):
+        for bad, message in [(64.5, "max_length must be a positive"), ("64", "max_length must be a positive"),
+                             (600, "above this tokenizer's model_max_length=512"), (1, "leaves no room for")]:
+            with pytest.raises(ValueError, match=message):
+                make(minilm_tok, max_length=bad)
 
 
 def test_records_come_back_as_the_file_holds_them_and_seeds_are_integers(tmp_path):
