@@ -86,10 +86,6 @@ def _tensor(x, name: str) -> torch.Tensor:
     return x.detach()
 
 
-def _as_float(x, name: str) -> torch.Tensor:
-    return _tensor(x, name).to(torch.float64)
-
-
 def _sum_tolerance(dtype: torch.dtype) -> float:
     """How far from 1 a probability row of ``dtype`` may sum (``_SUM_EPS`` eps of the dtype, at least ``_SUM_TOL``)."""
     return max(_SUM_TOL, _SUM_EPS * torch.finfo(dtype).eps) if dtype.is_floating_point else _SUM_TOL
@@ -331,7 +327,8 @@ def stratified_auroc(scores_in: torch.Tensor, scores_out: torch.Tensor, covariat
     """
     bins = check_count(bins, "bins")
     s_in, s_out = _scores(scores_in, scores_out)
-    c_in, c_out = _as_float(covariate_in, "covariate_in"), _as_float(covariate_out, "covariate_out")
+    c_in = _tensor(covariate_in, "covariate_in").to(torch.float64)
+    c_out = _tensor(covariate_out, "covariate_out").to(torch.float64)
     for name, c, s in (("covariate_in", c_in, s_in), ("covariate_out", c_out, s_out)):
         if c.shape != s.shape:
             raise ValueError(f"{name} must have one value per score, shape {tuple(s.shape)}; got {tuple(c.shape)}")
