@@ -237,21 +237,7 @@ class TFBGuide(LoraGuide):
             and saved by :func:`pyro_lora.save_guide`.
         """
         with entry_checks(self.model, self, "search sigma_q"):
-            if criterion not in CRITERIA:
-                raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-            if isinstance(tolerance, bool):  # True is a slip, not a tolerance of 1
-                raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
-            tolerance = DEFAULT_TOLERANCE[criterion] if tolerance is None else float(tolerance)
-            if not (math.isfinite(tolerance) and tolerance >= 0):
-                raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
-            if criterion != "nll" and tolerance >= 1:  # a rate never exceeds 1: every sigma_q would pass
-                raise ValueError(f"tolerance {tolerance:g} for the {criterion} criterion (a fraction of the anchors) "
-                                 "lets every sigma_q pass: give a fraction below 1, e.g. 0.01")
-            if not (0 < low < high and math.isfinite(high)):  # high = inf made every midpoint inf: low returned silently
-                raise ValueError(f"need 0 < low < high, both finite, got low={low}, high={high}")
-            if spacing not in SPACINGS:
-                raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
-            check_count(iterations, "iterations", minimum=0)
+            tolerance = check_search(criterion, tolerance, low, high, iterations, spacing)
             check_count(num_samples, "num_samples")
             check_guide(self.model, self, "search sigma_q")  # a head changed since: the search would score another network
             if hasattr(anchors, "__len__") and len(anchors) == 0:
@@ -362,6 +348,31 @@ class TFBGuide(LoraGuide):
         elif criterion == "accuracy":
             value = reference["value"] - value
         return value, int(scored)
+
+
+def check_search(criterion, tolerance, low, high, iterations, spacing) -> float:
+    """Check :meth:`TFBGuide.search`'s settings (before any model is loaded, for the CLI); return the tolerance
+    (``None``: the criterion's default).
+
+    :raises ValueError: for an unknown criterion or spacing, a tolerance not finite and >= 0 (below 1 for a rate),
+        not ``0 < low < high`` finite, or ``iterations`` not an integer >= 0.
+    """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
+    if isinstance(tolerance, bool):  # True is a slip, not a tolerance of 1
+        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
+    tolerance = DEFAULT_TOLERANCE[criterion] if tolerance is None else float(tolerance)
+    if not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
+    if criterion != "nll" and tolerance >= 1:  # a rate never exceeds 1: every sigma_q would pass
+        raise ValueError(f"tolerance {tolerance:g} for the {criterion} criterion (a fraction of the anchors) "
+                         "lets every sigma_q pass: give a fraction below 1, e.g. 0.01")
+    if not (0 < low < high and math.isfinite(high)):  # high = inf made every midpoint inf: low returned silently
+        raise ValueError(f"need 0 < low < high, both finite, got low={low}, high={high}")
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    check_count(iterations, "iterations", minimum=0)
+    return tolerance
 
 
 def bayesianize(model, anchor_loader, init=None, min_singular_ratio=1e-3, **search_kwargs):

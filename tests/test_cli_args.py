@@ -32,7 +32,7 @@ from pyro_lora.experiments import cli
         (["fit", "--seeds", "0,1,2"], "unrecognized arguments: --seeds"),
         (["fit", "--eval-datasets", "boolq"], "unrecognized arguments: --eval-datasets"),
         (["bayesianize", "adapter", "--seeds", "0,1"], "unrecognized arguments: --seeds"),
-        (["bayesianize", "adapter", "--tolerance", "0"], "--tolerance"),
+        (["bayesianize", "adapter", "--tolerance", "-0.1"], "--tolerance"),
         (["evaluate", "run", "--samples", "0"], "--samples"),
         (["compare", "--train-size", "1"], "--train-size"),  # nothing left to carve a validation split from
         (["compare", "--val-fraction", "1"], "--val-fraction"),
@@ -47,7 +47,7 @@ from pyro_lora.experiments import cli
         (["bayesianize", "adapter", "--rank", "4"], "unrecognized arguments: --rank"),  # the adapter has its rank
         (["bayesianize", "adapter", "--prior-scale", "2"], "unrecognized arguments: --prior-scale"),
         (["bayesianize", "adapter", "--anchors", "0"], "--anchors"),
-        (["bayesianize", "adapter", "--iterations", "0"], "--iterations"),
+        (["bayesianize", "adapter", "--iterations", "-1"], "--iterations"),
         (["bayesianize", "adapter", "--low", "-1"], "--low"),
         (["bayesianize", "adapter", "--high", "inf"], "inf is not a finite number"),  # was "inf must be > 0.0"
         (["bayesianize", "adapter", "--tolerance", "nan"], "nan is not a finite number"),
@@ -98,6 +98,15 @@ def test_a_library_error_is_one_line_with_exit_status_2(tmp_path, capsys):
                    "(guide/run.json missing) (--debug shows where)"]
     with pytest.raises(FileNotFoundError, match="run.json missing"):
         cli.main(["evaluate", str(tmp_path / "nowhere"), "--debug"])
+
+
+def test_search_settings_the_api_takes_parse_and_a_rate_tolerance_of_one_is_refused_before_loading(tmp_path, capsys):
+    """The CLI refused --tolerance 0 (no flip allowed) and --iterations 0 (the range's ends only) that search takes; a
+    flip tolerance of 1.5 was refused only after the model and anchors were loaded."""
+    args = cli.parser().parse_args(["bayesianize", "adapter", "--tolerance", "0", "--iterations", "0"])
+    assert (args.tolerance, args.iterations) == (0.0, 0)
+    assert cli.main(["bayesianize", str(tmp_path / "nowhere"), "--tolerance", "1.5", "--quiet"]) == 2
+    assert "tolerance 1.5 for the flip criterion" in capsys.readouterr().err
 
 
 def test_low_at_or_above_high_is_refused_at_parse_time(capsys):

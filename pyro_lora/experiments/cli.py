@@ -246,13 +246,13 @@ def parser(full=False):
     t = TFB_SEARCH
     p.add_argument("--criterion", choices=["nll", "flip", "accuracy"], default=t["criterion"],
                    help=f"what the anchors may lose (default {t['criterion']})")
-    p.add_argument("--tolerance", type=_number(float, 0.0), default=t["tolerance"],
+    p.add_argument("--tolerance", type=_number(float, 0.0, strict=False), default=t["tolerance"],
                    help=f"how much the criterion may lose (default {t['tolerance']:g})")
     p.add_argument("--anchors", type=_number(int, 0), default=TFB_ANCHORS,
                    help=f"training examples the search runs on (default {TFB_ANCHORS})")
     p.add_argument("--low", type=_number(float, 0.0), default=t["low"], help=f"smallest sigma_q searched (default {t['low']:g})")
     p.add_argument("--high", type=_number(float, 0.0), default=t["high"], help=f"largest sigma_q searched (default {t['high']:g})")
-    p.add_argument("--iterations", type=_number(int, 0), default=t["iterations"],
+    p.add_argument("--iterations", type=_number(int, 0, strict=False), default=t["iterations"],
                    help=f"bisection steps (default {t['iterations']})")
     p.add_argument("--spacing", choices=SPACINGS, default=t["spacing"],
                    help=f"bisect sigma_q in log space or linearly, as TFB's own search (default {t['spacing']})")

@@ -15,7 +15,7 @@ from ..io import check_sealed, load_guide, read_safetensors, recover_directory, 
 from ..model import LoraModel
 from ..model_files import local_model_path, minilm_dir
 from ..kinds import KINDS
-from ..guides.tfb import TFB_ANCHORS, bayesianize_setup
+from ..guides.tfb import TFB_ANCHORS, TFB_SEARCH, bayesianize_setup, check_search
 from ..guides.registry import METHODS, MODELS, Fitted, get_method, join_notes
 from .compare import evaluate, fit_method, predictor
 from .scoring import join_row, score
@@ -97,6 +97,8 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
     """
     task = check_config(config, guides=(), writes=False)
     check_count(anchors, "anchors")
+    checked = {**TFB_SEARCH, **search}
+    check_search(*(checked[k] for k in ("criterion", "tolerance", "low", "high", "iterations", "spacing")))
     check_adapter_dir(adapter_dir, task)
     fit_run = _fit_run(adapter_dir)
     trained_on = recorded_base(fit_run)
