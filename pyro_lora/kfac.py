@@ -34,7 +34,7 @@ from .distributions import KFACNormal
 from .kinds import down_kind, up_kind
 from .likelihoods import is_cloze
 from .metrics import check_labels
-from .model import full_precision
+from .model import full_precision, sequence_first_family
 from .checks import check_count
 from .contract import entry_checks
 from .predictive import Prediction
@@ -210,7 +210,28 @@ def record_layers(model, batch: dict, loc: dict) -> tuple[torch.Tensor, dict, di
     finally:
         for h in handles:
             h.remove()
+    _check_recorded(model, batch, inputs)
     return logits.float(), inputs, outputs
+
+
+def _check_recorded(model, batch: dict, inputs: dict) -> None:
+    """Every LoRA layer ran once, on inputs whose first dim is the batch's rows (the cloze LM head, on the scored
+    tokens only, is :func:`rows_per_choice`'s to refuse)."""
+    missing = [p for p in model.layers if p not in inputs]
+    if missing:
+        raise ValueError(
+            f"the LoRA layer {missing[0]} did not run in this batch's forward ({len(missing)} such layer(s); e.g. a "
+            "vision tower's layers under target_modules='all-linear' given text-only batches): a Laplace has no "
+            "curvature for it and would leave its posterior at the prior; leave it out of target_modules")
+    ids = batch.get("input_ids", batch.get("inputs_embeds"))
+    if ids is None or is_cloze(model.likelihood):
+        return
+    for path, x in inputs.items():
+        if x.dim() < 2 or x.shape[0] != ids.shape[0]:
+            raise ValueError(
+                f"the LoRA layer {path} reads inputs of shape {tuple(x.shape)}, whose first dim is not the batch's "
+                f"{ids.shape[0]} rows (a network that runs it sequence-first, or on rows of its own): KFAC and the GLM "
+                "group a layer's inputs by example and would mix the examples; leave it out of target_modules")
 
 
 def output_grads(logits: torch.Tensor, outputs: dict, vectors: torch.Tensor, rows_per_choice: bool = False) -> dict:
@@ -326,13 +347,19 @@ class eval_mode:
 
 
 def check_one_forward(model) -> None:
-    """The hooks see one forward per batch: the cloze shared-prefix path runs two (question, then choices).
+    """The hooks see one forward per batch, whose LoRA layers read ``[N, T, d]``: the cloze shared-prefix path runs
+    two (question, then choices), and a sequence-first family (:func:`~pyro_lora.model.sequence_first_family`)
+    reads ``[T, N, d]``, which passes every shape check where ``T = N``.
 
-    :raises ValueError: for ``MultipleChoice(format="cloze", share_prefix=True)``.
+    :raises ValueError: for ``MultipleChoice(format="cloze", share_prefix=True)`` or a sequence-first network.
     """
     lik = model.likelihood
     if is_cloze(lik) and lik.share_prefix:
         raise ValueError("LaplaceGuide needs MultipleChoice(format='cloze', share_prefix=False): its hooks read one forward per batch")
+    family = sequence_first_family(model.net)
+    if family:
+        raise ValueError(f"a {family} network runs LoRA layers sequence-first ([tokens, batch, d]): KFAC and the GLM "
+                         "group a layer's inputs by example and would mix the examples; a Laplace over it is not supported")
 
 
 def rows_per_choice(model, batch: dict, outputs: dict) -> bool:

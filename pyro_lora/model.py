@@ -25,7 +25,9 @@ from .sites import (Site, active_adapter, base_network, base_rewriting_inits, bu
                     find_lora_layers, is_site_name, matrix_view, per_layer)
 
 # families whose attention projections run sequence-first ([T, batch, H]): their rows are positions, not the S samples'
-_SEQUENCE_FIRST = ("longformer", "led")
+# families whose LoRA layers run on [T, N, d] (their batch is not the first dim): S samples cannot share a forward,
+# and KFAC / GLM, which group a layer's inputs by example, cannot read them
+_SEQUENCE_FIRST = ("longformer", "led", "xlnet", "fsmt")
 
 
 class LoraModel:
@@ -439,9 +441,9 @@ class LoraModel:
                 f"the adapters are disabled ({disabled[0]}, e.g. inside net.disable_adapter()): handed LoRA weights "
                 "would be applied anyway; leave that context, or predict with guide=None for the base model"
             )
-        family = getattr(getattr(base_network(self.net), "config", None), "model_type", None)
-        if num_samples is not None and num_samples > 1 and family in _SEQUENCE_FIRST:
-            raise ValueError(f"a {family} network runs its attention projections sequence-first, so S={num_samples} "
+        family = sequence_first_family(self.net)
+        if num_samples is not None and num_samples > 1 and family:
+            raise ValueError(f"a {family} network runs LoRA layers sequence-first, so S={num_samples} "
                              "weight samples cannot share one forward: predict with chunk_size=1")
         weights = per_layer(self.sites, values)
         if flipout_locs:
@@ -619,6 +621,13 @@ class LoraModel:
 FLIPOUT_CLOZE = ("flipout draws its weight noise per row, and cloze multiple choice runs each choice of a question as a "
                  "row of its own (and the shared question apart): the choices would be scored under different weights; "
                  "use flipout=False, or the letter format (MultipleChoice(format='letter'))")
+
+
+def sequence_first_family(net) -> str | None:
+    """The model family of ``net`` when it runs LoRA layers sequence-first (``[T, N, d]``: XLNet, Longformer, LED,
+    FSMT), else ``None``."""
+    family = getattr(getattr(base_network(net), "config", None), "model_type", None)
+    return family if family in _SEQUENCE_FIRST else None
 
 
 def _real_support(d) -> bool:

@@ -494,6 +494,35 @@ def test_clear_errors():
     assert guide.prior_precision["query.lora_A"].tolist() == [1.0, 1.0]
 
 
+def test_a_lora_layer_that_did_not_run_or_reads_other_rows_is_refused_by_name():
+    """A LoRA layer the forward skips failed with a bare KeyError; one run on [T, N, d] (sequence-first) gave KFAC
+    factors averaged over the batch and a GLM mixing examples, silently."""
+
+    class Net(torch.nn.Module):
+        def __init__(self, transpose=False):
+            super().__init__()
+            self.fc1, self.fc2, self.vision = torch.nn.Linear(6, 5), torch.nn.Linear(5, 3), torch.nn.Linear(6, 6)
+            self.transpose = transpose
+
+        def forward(self, input_ids, attention_mask=None, pixel_values=None):
+            x = input_ids.transpose(0, 1) if self.transpose else input_ids  # [T, N, d]: the rows are tokens
+            h = self.fc1(x)
+            h = h.transpose(0, 1) if self.transpose else h
+            if pixel_values is not None:  # only image inputs run the vision layer
+                h = h + self.vision(pixel_values).sum(-1, keepdim=True)
+            return SimpleNamespace(logits=self.fc2(torch.tanh(h)).mean(1))
+
+    batch = {"input_ids": torch.randn(3, 4, 6), "labels": torch.tensor([0, 1, 2])}
+    torch.manual_seed(0)
+    net = get_peft_model(Net(), LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2", "vision"]))
+    with pytest.raises(ValueError, match="LoRA layer base_model.model.vision did not run in this batch's forward"):
+        LaplaceGuide(LoraModel(net, SequenceClassification())).fit([batch], progress=False)
+    net = get_peft_model(Net(transpose=True), LoraConfig(r=2, lora_alpha=4, target_modules=["fc1", "fc2"]))
+    model = LoraModel(net, SequenceClassification())
+    with pytest.raises(ValueError, match=r"fc1 reads inputs of shape \(4, 3, 6\), whose first dim is not the batch's 3"):
+        LaplaceGuide(model).fit([batch], progress=False)
+
+
 def test_glm_on_cloze_rows_groups_each_questions_choices():
     from test_cloze import SHARED, cloze_batch
 
