@@ -60,8 +60,8 @@ class SWAGGuide(LoraGuide):
         check_count(rank, "rank", minimum=2, alternative="the low-rank part divides by K - 1")
         if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"scale must be a positive finite number, got {scale}")
-        if not var_clamp > 0:
-            raise ValueError(f"var_clamp must be positive, got {var_clamp}")
+        if not (var_clamp > 0 and math.isfinite(var_clamp)):  # an infinite floor made every sample inf, predict nan
+            raise ValueError(f"var_clamp must be a positive finite number, got {var_clamp}")
         self.rank, self.scale, self.var_clamp = rank, float(scale), float(var_clamp)
         device = model.device
         self.register_buffer("num_collected", torch.zeros((), dtype=torch.long, device=device))
@@ -113,7 +113,8 @@ class SWAGGuide(LoraGuide):
         return out
 
     def deviations(self):
-        """Site -> ``[K', *site.shape]``: the stored deviations (the columns of ``D``), oldest slot first."""
+        """Site -> ``[K', *site.shape]``: the stored deviations (the columns of ``D``) in slot order; iterate ``n``
+        (from 1) sits in slot ``(n - 1) mod K``, so once more than ``K`` were collected the oldest is not first."""
         k = self._check_collected(1)
         return {name: self._stats(i)[2][:k] for i, name in enumerate(self.sites)}
 
@@ -180,12 +181,29 @@ class SWAGCollector:
         self.swag, self.start_step, self.start_epoch, self.every, self.source = swag, start_step, start_epoch, every, source
 
     def __call__(self, state):
+        if state.step == 1:
+            self._check_schedule(state)
         if state.step >= self.start_step and state.epoch >= self.start_epoch and state.step % self.every == 0:
             source = self.source or state.guide
             check_guide(self.swag.model, source, "collect SWAG iterates")
             self.swag.collect(source.mean())
         elif int(self.swag.num_collected):
             self.swag.adopt_point_parameters()
+
+
+    def _check_schedule(self, state):
+        """At a fit's first step: refuse a schedule that collects fewer than the 2 iterates SWAG needs by its end
+        (a start past the run's last epoch was found out at predict time, after the whole fit)."""
+        if state.steps_per_epoch is None:
+            return
+        total = state.steps_per_epoch * state.epochs
+        first = max(self.start_step, self.start_epoch * state.steps_per_epoch + 1, 1)
+        count = max(0, total // self.every - (first - 1) // self.every)
+        if count + int(self.swag.num_collected) < 2:
+            raise ValueError(
+                f"SWAGCollector(start_step={self.start_step}, start_epoch={self.start_epoch}, every={self.every}) "
+                f"collects {count} iterate(s) in this fit of {state.epochs} epoch(s) x {state.steps_per_epoch} steps, "
+                "and SWAG needs at least 2: start earlier or collect more often (swag_schedule gives both)")
 
 
 def swag_schedule(epochs: int, steps_per_epoch: int, per_epoch: int) -> tuple[int, int]:

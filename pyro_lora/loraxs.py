@@ -15,7 +15,7 @@ import torch
 
 from . import quantized
 from .model import LoraModel
-from .sites import active_adapter, find_lora_layers, layer_dims
+from .sites import active_adapter, base_rewriting_inits, describe_inits, find_lora_layers, layer_dims
 
 __all__ = ["LoraXSModel", "base_weight", "init_lora_xs", "lora_xs_parameter_counts"]
 
@@ -52,10 +52,17 @@ def init_lora_xs(net, adapter: str | None = None) -> list[str]:
     :param net: a peft model with (unmerged) LoRA layers.
     :param str adapter: adapter name; default the active one.
     :returns: the module paths of the initialised layers.
-    :raises ValueError: if a rank exceeds ``min(d_out, d_in)``, a layer uses DoRA, or a base weight is not dense.
+    :raises ValueError: (before any weight is written) if a rank exceeds ``min(d_out, d_in)`` or the base weight's
+        rank, a layer uses DoRA or ``lora_bias``, a base weight is not dense, or an adapter's initialisation (PiSSA,
+        OLoRA, ...) rewrote the base weights.
     """
     adapter = adapter or active_adapter(net)
     layers = find_lora_layers(net, adapter)
+    rewritten = base_rewriting_inits(net)
+    if rewritten:  # the base then holds W0 minus the initial B A: its SVD is not the pretrained weight's
+        raise ValueError(f"{describe_inits(rewritten)} moved part of each base weight into its A and B: LoRA-XS would "
+                         "take the SVD of the residual, not of the pretrained weight; build the adapter with the "
+                         "default init_lora_weights")
     groups = OrderedDict()
     for path, layer in layers.items():
         w0 = base_weight(layer)
@@ -64,20 +71,31 @@ def init_lora_xs(net, adapter: str | None = None) -> list[str]:
             raise ValueError(f"LoRA rank {r} of {path} exceeds min(d_out, d_in) = {min(w0.shape)} of its base weight")
         if getattr(layer, "use_dora", {}).get(adapter, False):
             raise ValueError(f"{path} uses DoRA: LoRA-XS needs plain LoRA layers")
+        if getattr(layer.lora_B[adapter], "bias", None) is not None:
+            raise ValueError(f"{path} has a bias on lora_B (peft's lora_bias=True): LoRA-XS trains the r x r cores "
+                             "only, and that bias would train d_out numbers per layer beside them; build the adapter "
+                             "with lora_bias=False")
         groups.setdefault((tuple(w0.shape), r, w0.device), []).append(path)
+    written = {}
     for (_, r, _), paths in groups.items():
         w0 = torch.stack([base_weight(layers[p]).float() for p in paths])  # [G, d_out, d_in]
         u, s, vh = torch.linalg.svd(w0, full_matrices=False)
         u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
+        # a direction of singular value 0 is no direction of W0: A's row would be 0 and that core row and column inert
+        deficient = (s[:, -1] <= torch.finfo(torch.float32).eps * s[:, 0]).nonzero().flatten().tolist()
+        if deficient:
+            raise ValueError(f"the base weight of {paths[deficient[0]]} has rank below the LoRA rank {r} (its singular "
+                             f"values {s[deficient[0]].tolist()[-2:]} end at zero; an all-zero weight has none): LoRA-XS "
+                             "adapts W0's top-r directions; lower the rank or leave that layer out of target_modules")
         # svd_flip-style sign convention: U's largest-magnitude entry per column is positive
         sign = torch.sign(u.gather(-2, u.abs().argmax(-2, keepdim=True)))  # [G, 1, r]
         sign = torch.where(sign == 0, torch.ones_like(sign), sign)
         b = u * sign
         a = s.unsqueeze(-1) * vh * sign.transpose(-1, -2)
-        for i, path in enumerate(paths):
-            layer = layers[path]
-            layer.lora_A[adapter].weight.copy_(a[i])
-            layer.lora_B[adapter].weight.copy_(b[i])
+        written.update({path: (a[i], b[i]) for i, path in enumerate(paths)})
+    for path, (a, b) in written.items():
+        layers[path].lora_A[adapter].weight.copy_(a)
+        layers[path].lora_B[adapter].weight.copy_(b)
     return list(layers)
 
 
@@ -105,9 +123,20 @@ class LoraXSModel(LoraModel):
     def __init__(self, net, likelihood, svd_init: bool = True, **kwargs):
         if "random" in kwargs:
             raise ValueError("LoraXSModel's random sites are always the R cores; do not pass random=")
-        if svd_init:
-            init_lora_xs(net, kwargs.get("adapter"))
-        super().__init__(net, likelihood, random="R", **kwargs)
+        if not svd_init:
+            super().__init__(net, likelihood, random="R", **kwargs)
+            return
+        adapter = kwargs.get("adapter") or active_adapter(net)
+        weights = [m[adapter].weight for layer in find_lora_layers(net, adapter).values() for m in (layer.lora_A, layer.lora_B)]
+        before = [w.detach().clone() for w in weights]
+        init_lora_xs(net, adapter)
+        try:
+            super().__init__(net, likelihood, random="R", **kwargs)
+        except Exception:  # a refused model leaves the network's A and B as they were given
+            with torch.no_grad():
+                for w, old in zip(weights, before):
+                    w.copy_(old)
+            raise
 
     @classmethod
     def restore(cls, net, likelihood, random, **kwargs) -> LoraXSModel:

@@ -28,7 +28,8 @@ class DivergenceError(FloatingPointError):
 
 @dataclass
 class FitState:
-    """What a callback sees after each optimizer step."""
+    """What a callback sees after each optimizer step (``step`` counts from 1, ``epoch`` from 0, in this fit);
+    ``epochs`` and ``steps_per_epoch`` are the run's (``steps_per_epoch`` is ``None`` for data without a length)."""
 
     step: int
     epoch: int
@@ -36,6 +37,8 @@ class FitState:
     kl_weight: float
     model: object
     guide: object
+    epochs: int = 1
+    steps_per_epoch: int | None = None
 
 
 def fit(
@@ -221,7 +224,7 @@ def fit(
         step += 1
         bar.update()
         bar.set_postfix(shown.postfix(accumulated), epoch=epoch)
-        state = FitState(step, epoch, accumulated, weight, model, guide)
+        state = FitState(step, epoch, accumulated, weight, model, guide, epochs, steps_per_epoch)
         for cb in callbacks:
             cb(state)
         if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:

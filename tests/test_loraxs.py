@@ -92,6 +92,33 @@ def test_parameter_counts():
     assert counts["lora_xs"] == sum(s.numel for s in model.sites.values())
 
 
+def test_loraxs_refuses_what_would_train_or_decompose_something_else_and_a_refusal_writes_nothing():
+    """lora_bias=True trained d_out bias numbers per layer beside the cores; a PiSSA adapter's SVD was the residual's
+    (R = 0 was 0.59 off the pretrained layer); an all-zero base weight was blamed on peft's B; a LoraXSModel refused for
+    its prior had already overwritten every A and B."""
+    from peft import LoraConfig, get_peft_model
+
+    def adapted(**options):
+        config = LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS", **options)
+        return get_peft_model(tiny_bert_base(), config)
+
+    with pytest.raises(ValueError, match=r"lora_B \(peft's lora_bias=True\): LoRA-XS trains the r x r cores only"):
+        LoraXSModel(adapted(lora_bias=True), SequenceClassification())
+    with pytest.raises(ValueError, match="init_lora_weights='pissa'.*SVD of the residual"):
+        LoraXSModel(adapted(init_lora_weights="pissa"), SequenceClassification())
+    net = adapted()
+    with torch.no_grad():
+        net.base_model.model.bert.encoder.layer[1].attention.self.value.base_layer.weight.zero_()
+    with pytest.raises(ValueError, match=r"base weight of .*layer.1.attention.self.value has rank below the LoRA rank 2"):
+        LoraXSModel(net, SequenceClassification())
+    for net in (adapted(), tiny_bert(r=2)):
+        before = {n: p.detach().clone() for n, p in net.named_parameters() if "lora_" in n}
+        for bad in ({"prior": -1.0}, {"num_data": 0}, {"group": "nonsense"}):
+            with pytest.raises(ValueError):
+                LoraXSModel(net, SequenceClassification(), **bad)
+            assert all(torch.equal(p, before[n]) for n, p in net.named_parameters() if "lora_" in n)
+
+
 def test_a_core_between_a_zero_b_is_refused_not_trained_to_nothing():
     """LoraModel(random="R") on a fresh peft LoRA (B = 0) kept A and B frozen: B R A x stayed 0, every LoRA gradient
     was zero, and 30 epochs trained the head alone without a word."""

@@ -157,6 +157,25 @@ def test_bad_input():
         SWAGGuide(model, rank=1)
     with pytest.raises(ValueError, match="every"):
         SWAGCollector(guide, every=0)
+    for bad in (float("inf"), float("nan"), 0.0):  # an infinite floor made every sample inf and predict nan
+        with pytest.raises(ValueError, match="var_clamp must be a positive finite number"):
+            SWAGGuide(model, var_clamp=bad)
+
+
+def test_a_collector_that_would_collect_fewer_than_two_iterates_is_refused_at_the_first_step():
+    """start_epoch at or past the run's epochs collected nothing: predict refused it, after the whole fit."""
+    model = xs_model()
+    steps = []
+    for kwargs, count in (({"start_epoch": 2}, 0), ({"every": 7}, 1), ({"start_step": 12}, 1)):
+        swag = SWAGGuide(model, rank=2)
+        with pytest.raises(ValueError, match=rf"collects {count} iterate\(s\) in this fit of 2 epoch\(s\) x 6 steps"):
+            fit(model, MAPGuide(model), toy_data(), epochs=2, lr=3e-2, progress=False,
+                callbacks=[steps.append, SWAGCollector(swag, **kwargs)])
+        assert steps[-1].step == 1 and (steps[-1].epochs, steps[-1].steps_per_epoch) == (2, 6)
+    swag = SWAGGuide(model, rank=2)
+    fit(model, MAPGuide(model), toy_data(), epochs=2, lr=3e-2, progress=False,
+        callbacks=[SWAGCollector(swag, start_step=11)])  # steps 11 and 12: exactly two
+    assert int(swag.num_collected) == 2
 
 
 def test_the_schedule_collects_two_iterates_where_the_run_has_them_and_refuses_otherwise():
