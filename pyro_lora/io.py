@@ -1,6 +1,8 @@
 """Saving and loading guides (safetensors + a JSON of config and site shapes), atomically."""
 
 import contextlib
+import errno
+import glob
 import hashlib
 import importlib
 import json
@@ -166,7 +168,13 @@ def atomic_directory(path, own=GUIDE_FILES):
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError as err:  # another writer's folder took the place between the two renames
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise FileExistsError(f"another process wrote {path} while this one was saving there: this save was not "
+                                  "written; give each writer its own folder") from None
         if old is not None:
             shutil.rmtree(old)
     finally:
@@ -178,7 +186,7 @@ def recover_directory(path):
     """Finish what a killed :func:`atomic_directory` left at ``path``: put back the previous folder if ``path`` is
     missing, and remove the temporary and previous folders of processes that are no longer running."""
     path = Path(path)
-    for leftover in sorted(path.parent.glob(f".{path.name}.old-*"), key=lambda p: p.stat().st_mtime, reverse=True):
+    for leftover in sorted(_leftovers(path, "old"), key=lambda p: p.stat().st_mtime, reverse=True):
         if process_alive(leftover.name.rsplit("-", 1)[-1]):
             continue
         if not path.exists():
@@ -190,12 +198,18 @@ def recover_directory(path):
 
 def _remove_dead_temporaries(path):
     """Remove the temporary files or folders that killed writers of ``path`` left (``.<name>.tmp-<pid>-*``)."""
-    for leftover in path.parent.glob(f".{path.name}.tmp-*"):
+    for leftover in _leftovers(path, "tmp"):
         if not process_alive(leftover.name[len(f".{path.name}.tmp-") :].split("-", 1)[0]):
             if leftover.is_dir():
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
+
+
+def _leftovers(path, kind):
+    """The ``.<name>.<kind>-*`` entries a writer of ``path`` leaves beside it (the name taken literally: a ``[`` or
+    ``*`` in it is no pattern)."""
+    return path.parent.glob(f".{glob.escape(path.name)}.{kind}-*")
 
 
 def process_alive(pid):
@@ -372,7 +386,11 @@ def _read_meta(path):
     try:
         meta = json.loads(file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path} holds no saved guide (guide.json missing)") from None
+        moved = sorted(_leftovers(path, "old")) if not path.exists() else []
+        hint = (f"; a save by process {moved[0].name.rsplit('-', 1)[-1]} moved the previous guide to {moved[0]} and "
+                "has not put a new one in its place: if that process is no longer saving (a process id reused after a "
+                f"kill), rename {moved[0].name} back to {path.name}") if moved else ""
+        raise FileNotFoundError(f"{path} holds no saved guide (guide.json missing){hint}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:  # both name a position only, never the file
         raise ValueError(f"{file} is corrupt: it is not valid JSON ({err})") from None
     if not isinstance(meta, dict):
@@ -680,6 +698,8 @@ def _check_base_weights(path, meta, model):
     signature's 4096-entry fingerprint; quantized weights of another quantization, or quantized on one side only, by
     nothing but the configuration: warned, naming why."""
     saved = meta.get("base_weights")  # _read_meta checked its structure
+    if saved is None and meta["format"] != FORMAT:  # no fingerprint either: load_guide warned that nothing was compared
+        return
     if saved is None:
         warnings.warn(f"the guide at {path} records no digest of its base weights (saved before they were recorded, or "
                       "its guide.json edited): the base was compared by its 4096-entry fingerprints only (a change between "
@@ -758,6 +778,11 @@ def load_guide(path, model):
             saved = {n: tuple(s) for n, s in meta["sites"].items()}
             now = {n: s.shape for n, s in model.sites.items()}
             problems = [f"differing (site, shape): {sorted(set(saved.items()) ^ set(now.items()))[:6]}"] if saved != now else []
+            if not problems:
+                warnings.warn(f"the guide at {path} is of the old format {meta['format']}, which records its sites' shapes "
+                              "only: the LoRA scaling, base weights, head, prior and likelihood it was fitted with could not "
+                              "be checked against this model (on another network its predictions would be wrong); load it "
+                              "on the network it was fitted on and save it again to have them recorded", stacklevel=2)
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # a hand-edited signature
         key = "signature" if meta["format"] == FORMAT else "sites"
         raise ValueError(f"{path}/guide.json is corrupt: its {key!r} is malformed ({err!r})") from None

@@ -207,6 +207,9 @@ def test_a_broken_adapter_folder_is_refused_naming_the_file_before_loading(nothi
     assert f"{adapter}/adapter_config.json has r 0 and lora_alpha 8: a LoRA needs r >= 1" in refused()
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "task_type": null, "r": 4}')
     assert f"{weights} is missing: the adapter folder holds no weights" in refused()  # peft would go online
+    (adapter / "adapter_model.bin").write_bytes(b"pickle")  # older peft's weights: there, but not read
+    assert f"{adapter} holds adapter_model.bin (older peft's pickle format) but no adapter_model.safetensors" in refused()
+    (adapter / "adapter_model.bin").unlink()
     lora = {"base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight": torch.zeros(4, 384)}
     save_file(lora, str(weights))
     assert f"{weights} holds no classification head (only LoRA matrices; task_type None)" in refused()

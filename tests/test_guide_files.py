@@ -3,6 +3,7 @@ before anything of it reaches the model: the network's parameters are left exact
 
 import json
 import re
+import warnings
 
 import pytest
 import torch
@@ -178,6 +179,20 @@ def test_a_guide_json_without_base_weights_loads_with_a_warning(saved):
     with pytest.warns(UserWarning, match=r"records no digest of its base weights .*: the base was compared by its "
                                          "4096-entry fingerprints only"):
         load_guide(saved, lora())
+
+
+def test_a_guide_of_the_old_format_says_that_nothing_but_its_shapes_was_checked(saved):
+    """A pyro_lora.guide/1 file loaded onto a model of another lora_alpha (0.12 off in probability) with one warning,
+    which said the base had been compared by fingerprints that file does not hold."""
+    shapes = {n: list(s.shape) for n, s in lora().sites.items()}
+    edit_json(saved, lambda m: {**{k: v for k, v in m.items() if k not in ("signature", "base_weights")},
+                                "format": "pyro_lora.guide/1", "sites": shapes})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_guide(saved, lora())
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    assert len(messages) == 1 and "old format pyro_lora.guide/1, which records its sites' shapes only: the LoRA " \
+        "scaling, base weights, head, prior and likelihood it was fitted with could not be checked" in messages[0]
 
 
 @pytest.mark.parametrize("key, value", [("flipout", "false"), ("learn_loc", "no"), ("flipout", 0)])

@@ -694,6 +694,18 @@ def test_two_processes_never_write_one_run_folder(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]
     rows = run_compare(small(tmp_path, guides=("temperature",), epochs=0))
     assert [r["guide"] for r in rows] == ["temperature"]
+    # fit and bayesianize took no lock: two saving one out/guide collided with an OSError, and one result was lost
+    with held_by_another_process(tmp_path / "fit") as pid:
+        with pytest.raises(ValueError, match=f"process {pid} is writing this run folder"):
+            S.fit_one(small(tmp_path / "fit", guides=("map",)))
+        from safetensors.torch import save_file
+
+        (tmp_path / "adapter").mkdir()
+        (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4}))
+        save_file({"classifier.weight": torch.zeros(2, 4)}, str(tmp_path / "adapter" / "adapter_model.safetensors"))
+        with pytest.raises(ValueError, match=f"process {pid} is writing this run folder"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an adapter from elsewhere: its base is unknown
+            S.bayesianize_adapter(small(tmp_path / "fit", guides=()), tmp_path / "adapter")
 
 
 def _old_run(out):

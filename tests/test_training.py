@@ -430,6 +430,39 @@ def test_a_kill_inside_the_directory_swap_is_recovered(tmp_path):
     assert mine.exists()
 
 
+def test_a_swap_is_recovered_whatever_the_folder_name_and_a_live_writers_leftover_is_named(tmp_path, monkeypatch):
+    """A folder named guide[seed0] was never recovered (its name was read as a glob pattern); a leftover of a running
+    (or reused) process id gave a bare 'guide.json missing'; a second writer between the swap's renames an OSError."""
+    import os
+
+    from pyro_lora import io
+
+    model, guide = make()
+    dead = 2**22 + 12345
+    for name in ("g[seed0]", "g*", "g?x"):
+        save_guide(guide, tmp_path / name)
+        os.replace(tmp_path / name, tmp_path / f".{name}.old-{dead}")
+        load_guide(tmp_path / name, model)
+        assert (tmp_path / name / "guide.json").is_file() and not (tmp_path / f".{name}.old-{dead}").exists()
+    save_guide(guide, tmp_path / "h")
+    os.replace(tmp_path / "h", tmp_path / f".h.old-{os.getpid()}")  # a live process's (or a reused id's) swap
+    with pytest.raises(FileNotFoundError, match=rf"moved the previous guide to .*\.h\.old-{os.getpid()}.*rename "
+                                                rf"\.h\.old-{os.getpid()} back to h"):
+        load_guide(tmp_path / "h", model)
+    os.replace(tmp_path / f".h.old-{os.getpid()}", tmp_path / "h")
+    replace = os.replace
+
+    def other_writer_between(src, dst):
+        replace(src, dst)
+        if ".old-" in str(dst):  # the first rename done: another writer's folder takes the place
+            (tmp_path / "h").mkdir()
+            (tmp_path / "h" / "guide.json").write_text("{}")
+
+    monkeypatch.setattr(io.os, "replace", other_writer_between)
+    with pytest.raises(FileExistsError, match=r"another process wrote .*h while this one was saving there"):
+        save_guide(guide, tmp_path / "h")
+
+
 def test_a_gradient_left_by_an_earlier_fit_does_not_join_the_next_one():
     """fit(train_network=False) leaves gradients on the head it does not train; the next fit that trains the head
     used to add them to its first step (the rows of compare then depended on the methods run before)."""

@@ -1,5 +1,6 @@
 """``pyro-lora fit``, ``bayesianize`` and ``evaluate``: one method saved with its run record, and that record re-scored."""
 
+import contextlib
 import json
 import math
 import time
@@ -15,6 +16,8 @@ from ..io import check_sealed, load_guide, read_safetensors, recover_directory, 
 from ..model import LoraModel
 from ..model_files import local_model_path, minilm_dir
 from ..kinds import KINDS
+from ..distributed import is_main
+from ..locking import folder_lock
 from ..guides.tfb import TFB_ANCHORS, TFB_SEARCH, bayesianize_setup, check_search
 from ..guides.registry import METHODS, MODELS, Fitted, get_method, join_notes
 from .compare import evaluate, fit_method, predictor
@@ -45,17 +48,24 @@ def fit_one(config: CompareConfig, adapter: bool = False) -> dict:
                          f"LoRA-XS cores or ScalaBL scales are no plain LoRA); methods that have one: {exportable}")
     check_config(config)
     check_free(config.out, "guide")
-    setup = prepare(config, config.seeds[0])
-    fitted, costs = fit_method(setup, name, train_map(setup))
-    guide = fitted.guide
-    view = setup.for_method(name)
-    prediction, predict_costs = evaluate(setup, Fitted(predictor(view, method, guide)), setup.test, name, config.dataset)
-    row = join_row({"guide": name, "setting": method.setting, "dataset": config.dataset}, score(prediction, point_estimate=fitted.point_estimate),
-                   costs, predict_costs)
-    random = "".join(sorted({s.matrix for s in guide.sites.values()}))
-    save_guide(guide, Path(config.out) / "guide", adapter=adapter,
-               run=run_record(setup, row, method, random=random, prior=float(guide.model.prior), fit_note=costs.get("note")))
-    return row
+    with _writing(config.out):
+        setup = prepare(config, config.seeds[0])
+        fitted, costs = fit_method(setup, name, train_map(setup))
+        guide = fitted.guide
+        view = setup.for_method(name)
+        prediction, predict_costs = evaluate(setup, Fitted(predictor(view, method, guide)), setup.test, name, config.dataset)
+        row = join_row({"guide": name, "setting": method.setting, "dataset": config.dataset}, score(prediction, point_estimate=fitted.point_estimate),
+                       costs, predict_costs)
+        random = "".join(sorted({s.matrix for s in guide.sites.values()}))
+        save_guide(guide, Path(config.out) / "guide", adapter=adapter,
+                   run=run_record(setup, row, method, random=random, prior=float(guide.model.prior), fit_note=costs.get("note")))
+        return row
+
+
+def _writing(out):
+    """One process at a time writes an ``--out`` folder (compare's lock): two saving one guide there would collide, and
+    one fit's result be lost."""
+    return folder_lock(out, "this run folder") if is_main() else contextlib.nullcontext()
 
 
 def run_record(setup, row: dict, method, **extra) -> dict:
@@ -106,32 +116,33 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
         _warn_about_another_base(adapter_dir, config.model)
     writable_folder(config.out)
     check_free(config.out, "guide")
-    setup = prepare(config, config.seeds[0], adapter_dir=adapter_dir)
-    if trained_on is not None and base_digest(setup.net, setup.tokenizer) != trained_on:
-        raise ValueError(f"the adapter in {adapter_dir} was fitted on another base model than --model {config.model} loads "
-                         "(the digest of its weights, configuration and tokenizer in the fit's run.json differs"
-                         f"{_dtype_hint(fit_run, config)}): on another base a LoRA gives other predictions; give --model "
-                         "the checkpoint it was fitted on")
-    _check_drawn_weights(setup, fit_run, adapter_dir)
-    config = setup.config
-    setup.model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=config.prior_scale)
-    seed_for(setup.seed, "tfb", "fit")
-    with PeakMemory(config.device) as memory:
-        t = time.perf_counter()
-        guide = bayesianize_setup(setup, setup.model, anchors, **search)
-    costs = {"fit_seconds": time.perf_counter() - t, "fit_memory_mb": memory.megabytes, "extra_parameters": guide.extra_parameters()}
-    if guide.search_note:
-        costs["note"] = guide.search_note
-    method = get_method("tfb")
-    prediction, predict_costs = evaluate(setup, Fitted(predictor(setup, method, guide)), setup.test, "tfb", config.dataset)
-    row = join_row({"guide": "tfb", "setting": get_method("tfb").setting, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic), costs,
-                   predict_costs, {"sigma_q": float(guide.sigma_q)})
-    # the adapter travels inside the unit (as the guide's mean, which TFB keeps at the adapter's values): the folder
-    # can be shared and evaluated without the original adapter
-    save_guide(guide, Path(config.out) / "guide", adapter=True,
-               run=run_record(setup, row, method, random="AB", prior=config.prior_scale, adapter="adapter",
-                              fit_note=guide.search_note))
-    return row
+    with _writing(config.out):
+        setup = prepare(config, config.seeds[0], adapter_dir=adapter_dir)
+        if trained_on is not None and base_digest(setup.net, setup.tokenizer) != trained_on:
+            raise ValueError(f"the adapter in {adapter_dir} was fitted on another base model than --model {config.model} loads "
+                             "(the digest of its weights, configuration and tokenizer in the fit's run.json differs"
+                             f"{_dtype_hint(fit_run, config)}): on another base a LoRA gives other predictions; give --model "
+                             "the checkpoint it was fitted on")
+        _check_drawn_weights(setup, fit_run, adapter_dir)
+        config = setup.config
+        setup.model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=config.prior_scale)
+        seed_for(setup.seed, "tfb", "fit")
+        with PeakMemory(config.device) as memory:
+            t = time.perf_counter()
+            guide = bayesianize_setup(setup, setup.model, anchors, **search)
+        costs = {"fit_seconds": time.perf_counter() - t, "fit_memory_mb": memory.megabytes, "extra_parameters": guide.extra_parameters()}
+        if guide.search_note:
+            costs["note"] = guide.search_note
+        method = get_method("tfb")
+        prediction, predict_costs = evaluate(setup, Fitted(predictor(setup, method, guide)), setup.test, "tfb", config.dataset)
+        row = join_row({"guide": "tfb", "setting": get_method("tfb").setting, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic), costs,
+                       predict_costs, {"sigma_q": float(guide.sigma_q)})
+        # the adapter travels inside the unit (as the guide's mean, which TFB keeps at the adapter's values): the folder
+        # can be shared and evaluated without the original adapter
+        save_guide(guide, Path(config.out) / "guide", adapter=True,
+                   run=run_record(setup, row, method, random="AB", prior=config.prior_scale, adapter="adapter",
+                                  fit_note=guide.search_note))
+        return row
 
 
 def check_adapter_dir(adapter_dir, task: str):
@@ -158,6 +169,10 @@ def check_adapter_dir(adapter_dir, task: str):
     if not (isinstance(rank, int) and rank >= 1 and isinstance(alpha, (int, float)) and alpha > 0):
         raise ValueError(f"{path}/adapter_config.json has r {rank!r} and lora_alpha {alpha!r}: a LoRA needs r >= 1 and lora_alpha > 0")
     weights = path / "adapter_model.safetensors"
+    if not weights.is_file() and (path / "adapter_model.bin").is_file():
+        raise ValueError(f"{path} holds adapter_model.bin (older peft's pickle format) but no {weights.name}: pyro-lora "
+                         "reads safetensors only (unpickling can run code); load it with PeftModel.from_pretrained and "
+                         "save_pretrained it again, which writes safetensors")
     if not weights.is_file():
         raise ValueError(f"{weights} is missing: the adapter folder holds no weights (peft would look for them online)")
     tensors = read_safetensors(weights)
