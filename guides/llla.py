@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from pyro_lora import distributed
 from pyro_lora.calibration import golden_section
 from pyro_lora.contract import check_guide, entry_checks
-from pyro_lora.data import to_device
+from pyro_lora.data import fixed_batches, to_device
 from pyro_lora.evidence import maximise_evidence, precision_tensor
 from pyro_lora.heads import class_rows, find_head, head_features, head_rows, tied_parameters
 from pyro_lora.kfac import glm_predict, probit
@@ -353,6 +353,7 @@ class LastLayerLaplaceGuide(LoraGuide):
 
     def _optimize_val_nll(self, val_loader, grid, progress):
         self._check_head()
+        val_loader = fixed_batches(val_loader)  # every rank scores the same whole validation set
         cache, labels = [], []
         for batch in progress_bar(val_loader, desc="LLLA val features", disable=not progress, dynamic_ncols=True):
             logits, phi = self._features(batch)

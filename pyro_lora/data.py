@@ -274,12 +274,23 @@ def fixed_batches(data) -> list:
     shuffling ``DataLoader`` with a generator of its own orders each pass anew (so predictions of two passes would be
     compared across examples, and the weight noise fall on other examples), and a generator yields only once. Under
     ``torch.distributed`` a ``DataLoader``'s batches are rank 0's (as :func:`~pyro_lora.distributed.split_batches`
-    draws a loader): a generator of its own may differ across ranks."""
+    draws a loader): a generator of its own may differ across ranks. Every rank scores the whole data, so a loader
+    that gives each rank a part (a ``DistributedSampler``) is refused, and a list or a loader's list of records must be
+    the same on every rank (:func:`~pyro_lora.distributed.same_data`: a search on each rank's own part set another
+    value on each).
+
+    :raises ValueError: for one batch (a dict), a sharding loader, or data that differ across ranks.
+    """
     check_batches(data)
-    if isinstance(data, list):
-        return data
+    if not distributed.is_distributed():
+        return data if isinstance(data, list) else list(data)
+    distributed.check_unsharded(data, "scores the whole data on every rank here (each rank would score its part)")
+    if isinstance(data, (list, tuple)):
+        return distributed.same_data(data)
+    if isinstance(data, DataLoader) and isinstance(data.dataset, (list, tuple)):
+        distributed.same_data(data.dataset, "record")
     batches = list(data)
-    return distributed.broadcast_object(batches) if isinstance(data, DataLoader) else batches
+    return distributed.broadcast_object(batches) if isinstance(data, DataLoader) else distributed.same_data(batches)
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:

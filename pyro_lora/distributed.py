@@ -228,17 +228,10 @@ def split_batches(data, even: bool = False):
     check_batches(data)
     if not is_distributed():
         return data
-    if isinstance(data, DataLoader):
-        sampler = getattr(data.batch_sampler, "sampler", data.sampler)
-        if isinstance(data.dataset, IterableDataset):
-            raise ValueError("under torch.distributed a DataLoader over an IterableDataset cannot be split into blocks of "
-                             "batches: pass a map-style Dataset, or a list of batches (the same on every rank)")
-        sharding = [type(x).__name__ for x in (data, data.batch_sampler, sampler, data.sampler) if _shards(x)]
-        if sharding:
-            raise ValueError(f"the DataLoader already gives each rank a part of the data ({sharding[0]}: a DistributedSampler, "
-                             "or accelerate's prepare), and pyro_lora splits the batches across ranks itself (each rank would "
-                             "see 1/W of its part): pass a plain loader over the whole data, the same on every rank "
-                             "(shuffle=True is fine)")
+    check_unsharded(data, "splits the batches across ranks itself (each rank would see 1/W of its part)")
+    if isinstance(data, DataLoader) and isinstance(data.dataset, IterableDataset):
+        raise ValueError("under torch.distributed a DataLoader over an IterableDataset cannot be split into blocks of "
+                         "batches: pass a map-style Dataset, or a list of batches (the same on every rank)")
     if not hasattr(data, "__len__"):
         raise ValueError(f"under torch.distributed the data must have a length to be split across ranks, got {type(data).__name__}")
     try:  # a len() that fails on one rank must fail every rank, not leave the others waiting in spread()
@@ -276,6 +269,30 @@ _SHARDING = {"DistributedSampler", "BatchSamplerShard", "DataLoaderShard", "Data
 
 def _shards(x) -> bool:
     return any(c.__name__ in _SHARDING for c in type(x).__mro__)
+
+
+def check_unsharded(data, why: str) -> None:
+    """Refuse a ``DataLoader`` that gives each rank a part of the data (a ``DistributedSampler``, accelerate's
+    ``prepare``): the library ``why`` (it splits the batches itself, or needs the whole data on every rank)."""
+    if not isinstance(data, DataLoader):
+        return
+    sampler = getattr(data.batch_sampler, "sampler", data.sampler)
+    sharding = [type(x).__name__ for x in (data, data.batch_sampler, sampler, data.sampler) if _shards(x)]
+    if sharding:
+        raise ValueError(f"the DataLoader already gives each rank a part of the data ({sharding[0]}: a DistributedSampler, "
+                         f"or accelerate's prepare), and pyro_lora {why}: pass a plain loader over the whole data, the "
+                         "same on every rank (shuffle=True is fine)")
+
+
+def check_same(value, what: str) -> None:
+    """Refuse (on every rank: a collective) a ``value`` (a path, a setting) that is not rank 0's."""
+    if not is_distributed():
+        return
+    first = broadcast_object(value)
+    differs = all_reduce_(torch.tensor([float(first != value)]), op="max").item()
+    if differs:
+        raise ValueError(f"the ranks were given different {what} ({value!r} on rank {rank()}, {first!r} on rank 0): give "
+                         "every rank the same")
 
 
 def _flat(tensors, device):
@@ -322,25 +339,28 @@ def spread(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return -both[n:].view_as(values), both[:n].view_as(values)
 
 
-def all_reduce_gradients(params: list[torch.Tensor], loss: float | None = None) -> float | None:
-    r"""Average ``.grad`` over ranks in one flattened ``all_reduce`` (DDP's rule), and the ``loss`` with it.
+def all_reduce_gradients(params: list[torch.Tensor], loss: float | None = None, weight: float = 1.0) -> float | None:
+    r"""Average ``.grad`` over ranks in one flattened ``all_reduce``, and the ``loss`` with it, rank ``r`` weighted
+    by ``weight_r / sum weight`` (``weight``: the examples of its step; equal weights are DDP's plain mean).
 
     A parameter keeps ``grad=None`` only where no rank produced a gradient (so AdamW skips it exactly as
     one process would); elsewhere missing gradients count as zero.
 
     :param params: list of tensors, in the same order on every rank.
     :param float loss: this rank's loss, averaged along (free: it rides in the same buffer).
+    :param float weight: this rank's weight (> 0).
     :returns: the rank-averaged loss (or ``None``).
     """
     if not is_distributed():
         return loss
     params = list(params)
     device = _comm_device()
-    parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).float() for p in params]
-    flags = torch.tensor([float(p.grad is not None) for p in params] + [0.0 if loss is None else float(loss)], device=device)
+    parts = [(p.grad * weight if p.grad is not None else torch.zeros_like(p)).float() for p in params]
+    flags = torch.tensor([float(p.grad is not None) for p in params] + [0.0 if loss is None else float(loss) * weight, weight],
+                         device=device)
     flat = torch.cat([_flat(parts, device), flags]) if parts else flags
     dist.all_reduce(flat)
-    flat /= world_size()
+    flat[:-1] /= flat[-1]
     start = 0
     for p in params:
         n = p.numel()
@@ -349,7 +369,7 @@ def all_reduce_gradients(params: list[torch.Tensor], loss: float | None = None) 
     for p, present in zip(params, flat[start : start + len(params)].tolist()):
         if present == 0:
             p.grad = None
-    return None if loss is None else flat[-1].item()
+    return None if loss is None else flat[-2].item()
 
 
 def broadcast_parameters(tensors: list[torch.Tensor], src: int = 0) -> list[torch.Tensor]:

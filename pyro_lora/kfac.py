@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import to_device
+from .data import fixed_batches, to_device
 from .distributions import KFACNormal
 from .kinds import down_kind, up_kind
 from .likelihoods import is_cloze
@@ -598,6 +598,8 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     num_samples = check_count(num_samples, "num_samples")
     if ready is not None:
         ready()
+    if distributed.is_distributed():  # every rank predicts the whole data: a rank's part, or its own data, is refused
+        data = fixed_batches(data)
     start = time.perf_counter()
     probs, draws, labels = [], [], []
     # the probit's draws (for the MI) come from a CPU generator of their own: deterministic on every device, and

@@ -192,9 +192,10 @@ def fit(
     watch = _DivergenceWatch(lr) if stop_on_divergence else None
     bar = tqdm(total=total, desc=f"fit {type(guide).__name__}", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
 
-    def take_step(accumulated, batches, epoch, weight):
+    def take_step(accumulated, batches, epoch, weight, rows):
         """The optimizer step on the gradients of the last ``batches`` micro-batches (each loss divided by
-        ``grad_accum_steps``)."""
+        ``grad_accum_steps``) of ``rows`` examples: under ``torch.distributed`` each rank's weight (a short last batch
+        on one rank is one process's global batch only when the ranks count by their examples)."""
         nonlocal step
         if batches < grad_accum_steps:  # an epoch's last, partial group: the mean of its batches, as a full one
             scale = grad_accum_steps / batches
@@ -205,7 +206,7 @@ def fit(
             for meter in (shown, watch):
                 if meter is not None:
                     meter.step_nll *= scale
-        accumulated = distributed.all_reduce_gradients(params, accumulated)
+        accumulated = distributed.all_reduce_gradients(params, accumulated, weight=rows)
         if not math.isfinite(accumulated):
             raise DivergenceError(
                 f"the loss became {accumulated} at step {step} (epoch {epoch}): the learning rate ({lr:g}) is "
@@ -236,9 +237,10 @@ def fit(
         with pyro.validation_enabled(False), pyro_params.own_optimizer(), _activation_checkpointing(net, gradient_checkpointing), \
                 distributed.rank_streams(), full_precision(device):
             for epoch in range(epochs):
-                accumulated, pending, seen = 0.0, 0, 0
+                accumulated, pending, seen, rows = 0.0, 0, 0, 0
                 for batch in data:
                     seen += 1
+                    rows += _examples(batch)
                     batch = to_device(batch, device)
                     weight = _kl_weight(beta(step), step)
                     if watch is not None and watch.first is None:
@@ -252,13 +254,13 @@ def fit(
                     if watch is not None:
                         watch.observe(model.last_nll, grad_accum_steps)
                     if pending == grad_accum_steps:
-                        take_step(accumulated, pending, epoch, weight)
-                        accumulated, pending = 0.0, 0
+                        take_step(accumulated, pending, epoch, weight, rows)
+                        accumulated, pending, rows = 0.0, 0, 0
                 if not seen:
                     raise ValueError(f"data yielded no batch in epoch {epoch}: it is empty, or an iterator that a "
                                      "previous epoch used up")
                 if pending:  # never carried into the next epoch's first step, nor dropped
-                    take_step(accumulated, pending, epoch, weight)
+                    take_step(accumulated, pending, epoch, weight, rows)
                 if watch is not None and watch.first is not None:
                     # each step's NLL is sampled, before its update and on another batch: the epoch is judged on
                     # the first batch at the posterior mean, as before the run
@@ -441,6 +443,12 @@ def _length(data):
         return len(data)
     except TypeError:
         return None
+
+
+def _examples(batch: dict) -> int:
+    """The examples of a batch: its labels' rows (a cloze batch's ``input_ids`` hold one row per choice)."""
+    labels = batch.get("labels")
+    return int(labels.shape[0]) if torch.is_tensor(labels) and labels.dim() > 0 else 1
 
 
 def _schedule(kind, warmup, total):

@@ -81,6 +81,14 @@ def run_all():
     laplace.set_prior_precision(1.0)
     torch.manual_seed(7 + distributed.rank())
     out["laplace_pred"] = predict(model, laplace, toy_data(10, 4, seed=2), num_samples=3, keep_samples=True).sample_probs
+    # a short last batch on one rank (8 and 1 examples in step 2) counts by its examples, as in one process's global
+    # batch of 9 (an equal mean weighted the lone example's data term by N/1 for N/9: parameters 0.037 off)
+    parts = toy_data(25, 8)  # 8, 8, 8, 1 examples
+    data = parts if world > 1 else [{k: torch.cat([a[k], b[k]]) for k in a} for a, b in ((parts[0], parts[2]), (parts[1], parts[3]))]
+    model = make_model(num_data=48)
+    guide = MAPGuide(model)
+    fit(model, guide, data, lr=3e-2, progress=False)
+    out["uneven_fit"] = [p.detach().clone() for p in model.point_parameters() + list(guide.parameters())]
     return out
 
 
@@ -228,6 +236,17 @@ def run_misuses(tmp):
     except (ValueError, RuntimeError):  # rank 0: its folder cannot be written there; the others: rank 0 failed
         pass
     out["adapter_kept"] = all(torch.equal(p, q) for (_, p), q in zip(model.named_lora_weights(), before))
+    # every rank scores the whole validation (or test) set: a DistributedSampler's part, or a part sharded by hand, set
+    # another prior precision on each rank (0.01 and 1000) or scored a padded half
+    model = make_model(num_data=16)
+    laplace = LaplaceGuide(model).fit(toy_data(16, 4), progress=False)
+    examples = [{k: v[i] for k, v in b.items()} for b in toy_data(16, 4) for i in range(4)]
+    part = DataLoader(examples, batch_size=4, sampler=DistributedSampler(examples, WORLD, r, shuffle=False))
+    out["val_sampler"] = _refused(lambda: laplace.optimize_prior_precision("val_nll", val_loader=part, grid=[0.1, 10.0]))
+    out["val_by_hand"] = _refused(lambda: laplace.optimize_prior_precision(
+        "val_nll", val_loader=distributed.shard(toy_data(16, 4)), grid=[0.1, 10.0]))
+    out["glm_sampler"] = _refused(lambda: laplace.predict_glm(part))
+    out["save_paths"] = _refused(lambda: save_guide(laplace, f"{tmp}/laplace_rank{r}"))  # rank 1's was never written
     init = lambda worker: None  # noqa: E731
     out["kept_options"] = distributed.split_batches(DataLoader(TensorDataset(torch.arange(8)), batch_size=2, num_workers=1,
                                                                worker_init_fn=init)).worker_init_fn is init
@@ -266,7 +285,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert single["pred"][2].shape == (3, 10, 2) and single["kfac"]["n"] == 10
     assert any(s["feasible"] for s in single["tfb"]) and not all(s["feasible"] for s in single["tfb"])
-    for key in ("loss", "grads", "fit_loss", "params", "kfac", "pred", "tfb", "laplace_pred"):
+    for key in ("loss", "grads", "fit_loss", "params", "kfac", "pred", "tfb", "laplace_pred", "uneven_fit"):
         for r, out in enumerate(ranks):
             assert close(out[key], single[key]), f"rank {r}: {key} differs from one process"
 
@@ -300,6 +319,10 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         assert "cannot fit: the ranks hold different values of" in out["frozen_fit"]
         assert "labels hold negative values" in out["batch_one_rank"]
         assert out["adapter_kept"] and out["kept_options"]
+        for key in ("val_sampler", "glm_sampler"):
+            assert "already gives each rank a part of the data (DistributedSampler" in out[key]
+        assert "the ranks hold different batches (2 of 2 differ" in out["val_by_hand"]
+        assert "the ranks were given different paths to save the guide to" in out["save_paths"]
     assert "rank 1 refused" in ranks[0]["batch_one_rank"]
     assert ranks[0]["shuffled_per_rank"] == ranks[1]["shuffled_per_rank"]  # rank 0's order on both
     rank_0s = list(range(6))
