@@ -468,8 +468,13 @@ class LoraModel:
             guide's sites are not scaled by (a Pyro autoguide: its ``log q`` unscaled) or guide values blocked from
             the model (``poutine.block``); under a per-row ``poutine.scale`` or a ``poutine.mask`` (the weight sites
             are global); for a ``num_data`` below a labelled batch's rows; in ``fit``, for a batch without labels; or
-            under Pyro's optimizers (``pyro.infer.SVI``) for a network computing in float16.
+            under Pyro's optimizers (``pyro.infer.SVI``) for a network computing in float16; under a JIT ELBO.
         """
+        if torch.jit.is_tracing():  # Pyro's JIT ELBOs run this Python once, on the first batch
+            raise ValueError("the model is being JIT-traced (JitTrace_ELBO and its kin): the compiled loss would skip its "
+                             "checks of every later batch (a label of -100 scored, a num_data below the batch's rows "
+                             "taken) and keep the network's train/eval mode of the first call (dropout after "
+                             "net.eval()); use Trace_ELBO or TraceMeanField_ELBO")
         plates = enclosing_plates()
         if plates:
             raise ValueError(f"the model runs inside the plate(s) {plates}: its weight sites are global, and {VECTORIZED}")
@@ -519,7 +524,7 @@ class LoraModel:
         y = self._labels(batch)  # its checks read the labels on the host: before the forward is queued
         logits = self.logits(batch, values, flipout_locs=flipout)
         rows = logits.shape[0]
-        if y is not None and self.num_data is not None and not torch.jit.is_tracing() and self.num_data < rows:
+        if y is not None and self.num_data is not None and self.num_data < rows:
             raise ValueError(f"num_data={self.num_data} is below this batch's {rows} rows: num_data is the number of "
                              "training examples the data term is scaled to; build the model with num_data=len(training set)")
         size = self.num_data if self.num_data is not None and self.num_data >= rows else rows

@@ -82,7 +82,7 @@ class _Trainers(dict):
         return _Trainers, ()
 
 
-# id(parameter) -> (its weakref, the guide's, its name, traced): the next optimiser step on it is that guide's
+# id(parameter) -> (its weakref, the guide's, its name): the next optimiser step on it is that guide's
 _STEPPING = {}
 _OWN = {}  # id(guide parameter) -> (its weakref, the guide's): a step on it is a step of that guide's loop
 _backward = weakref.WeakSet()  # guides whose parameters got a gradient since their last call: a step may follow
@@ -98,13 +98,12 @@ def follow_svi_step(guide) -> None:
     the values it leaves are the guide's own. Pyro does not signal a loop's end: any other change to them afterwards
     (a re-initialisation, a value written, a plain torch loop) is a change under the guide, and so is a step after a
     call with no backward pass into the guide (a validation ELBO, a trace), or after a loop that stepped the guide but
-    not that parameter. A guide call traced by ``JitTrace_ELBO`` is not called again (its compiled steps are): every
-    later step is taken as its own."""
+    not that parameter."""
     if not _hooks:
         _hooks.extend((register_optimizer_step_pre_hook(_before_optimizer_step),
                        register_optimizer_step_post_hook(_after_optimizer_step)))
     _in_step.clear()  # no optimiser step is under way while the guide runs (one that raised never ended)
-    me, traced = weakref.ref(guide), torch.jit.is_tracing()
+    me = weakref.ref(guide)
     trained = [p for p in guide.parameters() if p.requires_grad]
     if trained and guide not in _hooked:
         _hooked.add(guide)
@@ -121,11 +120,11 @@ def follow_svi_step(guide) -> None:
     for n, p in guide.model.named_adapter_parameters():
         if not p.requires_grad:  # a frozen one is never stepped: it would stay listed
             continue
-        ref, owner, _, _ = _STEPPING.get(id(p), (None, None, None, False))
+        ref, owner, _ = _STEPPING.get(id(p), (None, None, None))
         if idle and ref is not None and ref() is p and owner() is guide:
             del _STEPPING[id(p)]  # the round stepped the guide but not this one: a later step of it is not the loop's
         else:
-            _STEPPING[id(p)] = (weakref.ref(p), me, n, traced)
+            _STEPPING[id(p)] = (weakref.ref(p), me, n)
 
 
 def stop_following(model) -> None:
@@ -150,13 +149,12 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
             own = _OWN.get(id(p))
             if own is not None and own[0]() is p and own[1]() is not None:
                 _own_stepped.add(own[1]())
-            ref, guide, name, traced = _STEPPING.get(id(p), (None, None, None, False))
+            ref, guide, name = _STEPPING.get(id(p), (None, None, None))
             if ref is None:
                 continue
-            if not traced or ref() is not p:
-                del _STEPPING[id(p)]
+            del _STEPPING[id(p)]
             guide = guide() if ref() is p else None
-            if guide is not None and guide._point_snapshot is not None and (traced or guide in _backward):
+            if guide is not None and guide._point_snapshot is not None and guide in _backward:
                 guide._point_snapshot[name] = value_sums([p], lazy=True)[id(p)]
 
 

@@ -72,7 +72,8 @@ def fit(
 
     :param data: iterable of batches (dicts of tensors), e.g. a ``DataLoader``; re-iterated each epoch.
     :param elbo: a Pyro ELBO with ``differentiable_loss`` (default ``Trace_ELBO()``); ``TraceMeanField_ELBO()`` uses
-        closed-form KLs. ``TraceGraph_ELBO``, ``RenyiELBO`` and the JIT ones train through ``pyro.infer.SVI``.
+        closed-form KLs. ``TraceGraph_ELBO`` and ``RenyiELBO`` train through ``pyro.infer.SVI``; the JIT ELBOs are
+        refused (the model refuses to be traced).
     :param lr_schedule: ``"constant"``, ``"linear"`` (decay to 0) or ``"cosine"``, after ``warmup_steps``.
     :param kl_weight: a float or a callable ``step -> float`` (KL annealing; must be > 0).
     :param int grad_accum_steps: micro-batches per optimizer step, which takes their mean gradient; an epoch's
@@ -281,12 +282,16 @@ def fit(
 
 def _check_elbo(elbo) -> None:
     """Refuse an ELBO fit cannot step: one without ``differentiable_loss`` (TraceGraph_ELBO, RenyiELBO), or a JIT one
-    (it traces the network's weights as constants: fit holds them outside Pyro's param store)."""
+    (it compiles the model's Python, checks included, on the first batch only)."""
     name = type(elbo).__name__
-    if name.startswith("Jit") or not callable(getattr(elbo, "differentiable_loss", None)):
-        why = "JIT-compiles the loss with the weights fit trains as constants" if name.startswith("Jit") else "has no differentiable_loss"
-        raise ValueError(f"fit cannot train with {name}: it {why}; fit takes Trace_ELBO, TraceMeanField_ELBO or "
-                         f"TraceEnum_ELBO, and pyro.infer.SVI(model, guide, optim, {name}()) trains with it")
+    if name.startswith("Jit"):
+        raise ValueError(f"fit cannot train with {name}: it JIT-compiles the loss, and the model's checks of each batch "
+                         "with it (they would run on the first batch only); fit takes Trace_ELBO, TraceMeanField_ELBO or "
+                         "TraceEnum_ELBO")
+    if not callable(getattr(elbo, "differentiable_loss", None)):
+        raise ValueError(f"fit cannot train with {name}: it has no differentiable_loss; fit takes Trace_ELBO, "
+                         f"TraceMeanField_ELBO or TraceEnum_ELBO, and pyro.infer.SVI(model, guide, optim, {name}()) "
+                         "trains with it")
 
 
 class _Smoothed:
