@@ -18,6 +18,7 @@ mean-field guides.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -405,6 +406,18 @@ class LowRankPlusDiagNormal(TorchDistribution):
     entropy = _gaussian_entropy
 
 
+def _without_autocast(method):
+    """Run ``method`` with autocast off on the distribution's device: Pyro scores a guide's ``log q`` after the guide
+    has returned, under the caller's autocast, which would run the method's matmuls in half precision."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        with torch.autocast(self.loc.device.type, enabled=False):
+            return method(self, *args, **kwargs)
+
+    return run
+
+
 class KFACNormal(TorchDistribution):
     r"""
     Gaussian over a (stacked) LoRA site with Kronecker-factored precision, per layer ``l``:
@@ -456,6 +469,7 @@ class KFACNormal(TorchDistribution):
         return self.loc
 
     @property
+    @_without_autocast
     def variance(self):
         top, rest = self._eigenvalues()
         u2 = self.large_vecs.pow(2)  # [L, D, k]
@@ -463,6 +477,7 @@ class KFACNormal(TorchDistribution):
         per_i = (u2 @ top.reciprocal().mT).mT + (1 - u2.sum(-1)).unsqueeze(-2) / rest.unsqueeze(-1)  # [L, r, D]
         return self._site(self.small_vecs.pow(2) @ per_i)
 
+    @_without_autocast
     def rsample(self, sample_shape=torch.Size()):
         top, rest = self._eigenvalues()
         L, r, D = self.large_vecs.shape[0], self.small_vecs.shape[-1], self.large_vecs.shape[-2]
@@ -477,6 +492,7 @@ class KFACNormal(TorchDistribution):
         inner = (t * top.rsqrt()) @ u.mT + rest.rsqrt().unsqueeze(-1) * (m - t @ u.mT)
         return self.loc + self._site(v @ inner)
 
+    @_without_autocast
     def log_prob(self, value):
         top, rest = self._eigenvalues()
         D, k = self.large_vecs.shape[-2:]
