@@ -340,7 +340,10 @@ class LoraModel:
     def compute_dtype(self) -> torch.dtype:
         """The dtype the base network runs in (that of its input embeddings; ``float32`` for a base without one).
         ``bfloat16`` or ``float16`` turn autocast on in every forward."""
-        return self._embeddings.weight.dtype if self._embeddings is not None else torch.float32
+        if self._embeddings is None:
+            return torch.float32
+        # trainable embeddings (peft's modules_to_save) are held in float32: the base's dtype is the one they had
+        return getattr(self._embeddings, _BASE_DTYPE, self._embeddings.weight.dtype)
 
     @property
     def forward_dtype(self) -> torch.dtype:
@@ -671,6 +674,7 @@ def _input_embeddings(net):
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 _INPUT_DTYPE = "_pyro_lora_input_dtype"
+_BASE_DTYPE = "_pyro_lora_base_dtype"  # the dtype of a module's parameters before _float32_trainables upcast them
 
 
 def _float32_trainables(net, params) -> None:
@@ -695,6 +699,8 @@ def _float32_trainables(net, params) -> None:
     with torch.no_grad():
         for module in net.modules():
             own = [p for p in module._parameters.values() if p is not None and id(p) in upcast]
+            if own and not hasattr(module, _BASE_DTYPE):
+                setattr(module, _BASE_DTYPE, own[0].dtype)
             for p in own:
                 p.data = p.data.float()
             if own and not hasattr(module, _INPUT_DTYPE):
@@ -704,8 +710,11 @@ def _float32_trainables(net, params) -> None:
 
 
 def _inputs_to_float32(module, args):
-    half = [a.dtype for a in args if isinstance(a, torch.Tensor) and a.dtype in HALF_DTYPES]
-    setattr(module, _INPUT_DTYPE, half[0] if half else None)
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    half = [a.dtype for a in tensors if a.dtype in HALF_DTYPES]
+    # integer inputs (an embedding's token ids): the output goes on in the dtype the module had in the base
+    ids = bool(tensors) and not any(a.is_floating_point() for a in tensors)
+    setattr(module, _INPUT_DTYPE, half[0] if half else getattr(module, _BASE_DTYPE, None) if ids else None)
     return tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype in HALF_DTYPES else a for a in args)
 
 

@@ -267,6 +267,26 @@ def test_the_users_own_forward_still_runs_in_half_precision_after_the_model_keep
     assert net(**random_batch()).logits.dtype == torch.bfloat16
 
 
+def test_trainable_input_embeddings_of_a_half_base_keep_the_model_in_the_bases_dtype():
+    """peft's modules_to_save=["word_embeddings"] on a bf16 base: the embedding held in float32 flipped compute_dtype
+    to float32 (no autocast), and every forward, the user's own net(...) too, failed with a dtype error."""
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import tiny_bert_base
+
+    net = get_peft_model(tiny_bert_base(num_labels=2).to(torch.bfloat16),
+                         LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS",
+                                    modules_to_save=["word_embeddings"])).eval()
+    batch = random_batch()
+    before = net(**batch).logits
+    model = LoraModel(net, SequenceClassification(), num_data=8)
+    assert model.compute_dtype == torch.bfloat16
+    assert net(**batch).logits.dtype == torch.bfloat16
+    torch.testing.assert_close(net(**batch).logits, before, rtol=0.02, atol=0.02)
+    probs = predict(model, MAPGuide(model), [{**batch, "labels": torch.tensor([0, 1, 0])}]).probs
+    torch.testing.assert_close(probs, torch.softmax(before.float(), -1), rtol=0, atol=0.02)
+
+
 @pytest.mark.parametrize("bias, module", [("lora_only", r"query.base_layer holds the trainable bias beside the frozen weight"),
                                           ("all", r"LayerNorm holds the trainable bias beside the frozen weight")])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
