@@ -106,4 +106,5 @@ def test_fit_killed_while_saving_keeps_a_whole_guide_with_its_own_run_record(zyg
     assert json.loads((out / "guide" / "run.json").read_text())["seed"] == 1
     row, saved = evaluate_saved(out, progress=False), json.loads((out / "guide" / "run.json").read_text())["result"]
     assert {k: row[k] for k in ("accuracy", "ece", "nll")} == {k: saved[k] for k in ("accuracy", "ece", "nll")}
-    assert sorted(p.name for p in Path(out).iterdir()) == ["guide"]  # the killed saves' temporary folders removed
+    # the killed saves' temporary folders removed; the lock file stays, held by nobody
+    assert sorted(p.name for p in Path(out).iterdir()) == [".lock", "guide"]
