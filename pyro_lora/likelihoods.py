@@ -620,7 +620,19 @@ class CausalLM(Likelihood):
         return _unfold_samples(out, num_samples)
 
     def observed(self, batch):
-        labels = super().observed(batch)[:, 1:]
+        """The labels of the predicted tokens, ``[B, T-1]`` (``-100`` where unobserved): ``batch["labels"]`` ``[B, T]``
+        as ``input_ids`` (not yet shifted; ``CausalLMCollator`` makes them), shifted by one here.
+
+        :raises ValueError: on labels that are not integer token ids of ``input_ids``' shape ``[B, T]``.
+        """
+        labels = super().observed(batch)
+        inputs = batch.get("input_ids")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.dim() != 2 or (
+                inputs is not None and labels.shape != inputs.shape):
+            shape = f"input_ids' shape {tuple(inputs.shape)}" if inputs is not None else "shape [B, T]"
+            raise ValueError(f"CausalLM labels must be integer token ids of {shape} (unshifted: the likelihood shifts "
+                             f"them), got {labels.dtype} of shape {tuple(labels.shape)}")
+        labels = labels.long()[:, 1:]
         mask = batch.get("attention_mask")
         if mask is not None:
             real = mask.bool()

@@ -81,6 +81,11 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
             chunk_size = check_count(chunk_size, "chunk_size", alternative="or None for all samples in one forward")
         if guide is not None:
             check_guide(model, guide, "predict")
+        if model.likelihood.event_dims != 0:  # CausalLM: a distribution per token, no [N, C] row per example
+            raise ValueError(f"predict gives one class distribution per example ([N, C]), and {type(model.likelihood).__name__} "
+                             "is token-level (one per token): score a language model with model.logits(batch, values) "
+                             "and the likelihood's distribution(...).log_prob")
+        if guide is not None:
             if not guide.samples_carry_posterior:
                 raise ValueError(
                     f"predict refused for this {type(guide).__name__}: its posterior is not over the model's LoRA sites (they are "

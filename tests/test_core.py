@@ -331,3 +331,21 @@ def test_more_choices_than_answer_tokens_is_refused_by_name():
     model = LoraModel(tiny_llama(r=2), MultipleChoice(answer_token_ids=[5, 6, 7, 8]))
     with pytest.raises(ValueError, match="the batch has 5 choices and answer_token_ids 4 tokens: give one answer token per choice"):
         model.logits(_mc_batch([0, 1, 2], [[1, 1, 1, 1, 1]] * 3))
+
+
+def test_token_level_data_is_refused_by_predict_and_its_labels_are_checked():
+    """predict ran every forward of a CausalLM model, then failed in torch.cat (or returned [N, T-1, V] 'probs'); int32
+    labels, shifted ones, too few rows or class labels gave raw torch errors from inside the loss."""
+    from pyro_lora import predict
+
+    model = LoraModel(tiny_llama(), CausalLM(), prior=0.5, num_data=4)
+    ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with pytest.raises(ValueError, match=r"predict gives one class distribution per example .* CausalLM is token-level"):
+        predict(model, MAPGuide(model), [batch])
+    lik = model.likelihood
+    assert torch.equal(lik.observed({**batch, "labels": ids.int()}), lik.observed(batch))  # numpy's int32: accepted
+    assert lik.observed(batch).dtype == torch.int64 and lik.observed(batch).shape == (2, 4)
+    for bad in (ids[:, 1:], ids[:1], ids[:, 0], ids.float(), ids.bool()):
+        with pytest.raises(ValueError, match=r"CausalLM labels must be integer token ids of input_ids' shape \(2, 5\)"):
+            lik.observed({**batch, "labels": bad})

@@ -512,7 +512,9 @@ def test_a_changed_config_is_named_and_run_time_switches_are_not():
     _, guide = _llama_guide()
     other, _ = _llama_guide()
     other.net.config.use_cache = False  # a run-time switch: accepted
-    predict(other, guide, [_llama_batch()])
+    from pyro_lora.contract import check_guide
+
+    check_guide(other, guide, "predict")
     other.net.config.rms_norm_eps = 1e-3
     with pytest.raises(ValueError, match=r"the base model's config differs in \['rms_norm_eps'\]"):
         predict(other, guide, [_llama_batch()])
