@@ -126,8 +126,10 @@ class ColumnDropout(TorchDistribution):
         kept = (value == self.loc / (1 - self.p)).all(-2)
         dropped = (value == 0).all(-2)
         log_p = math.log(self.p) if self.p > 0 else -math.inf
+        # a zero column of loc is zero kept or dropped (probability 1), and a value nonzero there no draw of it
         per_column = torch.where(
-            zero, 0.0, torch.where(kept, math.log1p(-self.p), torch.where(dropped, log_p, -math.inf))
+            zero, torch.where(dropped, 0.0, -math.inf),
+            torch.where(kept, math.log1p(-self.p), torch.where(dropped, log_p, -math.inf)),
         )
         return per_column.flatten(-(len(self.event_shape) - 1)).sum(-1)
 

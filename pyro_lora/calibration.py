@@ -196,12 +196,13 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
     log_t, best = golden_section(nll, math.log(low), math.log(high), tol)
     if best >= nll(0.0):
         return done(1.0)
-    # the search never evaluates an end: a minimum there leaves log T within tol of it
-    if log_t - math.log(low) <= 2 * tol:
+    # the search never evaluates an end: a minimum there leaves log T within tol of it, and the end scores lower than
+    # what the search found (a tol wide against the bounds leaves an interior optimum that near an end too)
+    if log_t - math.log(low) <= 2 * tol and nll(math.log(low)) <= best:
         return done(1.0, f"the validation NLL is lowest at the lower search bound T = {low:g} (the predictions want "
                          f"sharpening more than {1 / low:g}-fold: nearly uniform yet better than chance, or nearly "
                          "separable): no optimum inside the bounds; falling back to T = 1")
-    if math.log(high) - log_t <= 2 * tol:
+    if math.log(high) - log_t <= 2 * tol and nll(math.log(high)) <= best:
         # d NLL / d(1/T) at 1/T = 0: the mean, over examples, of the row's mean log-probability (over its finite
         # entries, the classes softmax(log p / T) tends to share as T -> inf) minus the label's
         finite = torch.isfinite(log_probs)

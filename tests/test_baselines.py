@@ -121,6 +121,26 @@ def test_temperature_overconfident_fit_has_no_note():
     assert 2.0 < fitted.temperature < 4.5 and fitted.note is None
 
 
+@pytest.mark.parametrize("tol", [1e-4, 0.05, 0.2, 0.3])
+def test_a_wide_tol_does_not_take_an_interior_optimum_for_a_bound(tol):
+    """With tol=0.2 in bounds (0.5, 2) an optimum at T = 1.49 was declared 'at the upper bound' and T = 2 returned
+    (NLL 0.8968 for 0.8860), its note contradicting itself."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (400,), generator=g)
+    logits = torch.randn(400, 3, generator=g)
+    logits[torch.arange(400), labels] += 1.0
+    logits *= 1.19
+
+    def nll(t):
+        return float(-(logits.double() / t).log_softmax(-1).gather(-1, labels[:, None]).mean())
+
+    grid = torch.exp(torch.linspace(math.log(0.5), math.log(2.0), 4001, dtype=torch.float64)).tolist()
+    best = min(grid, key=nll)
+    assert 0.6 < best < 1.9  # inside the bounds
+    fitted = fit_temperature(logits, labels, kind="logits", bounds=(0.5, 2.0), tol=tol, return_info=True)
+    assert fitted.note is None and nll(fitted.temperature) <= nll(best) + 0.005 * tol + 1e-7
+
+
 def test_temperature_optimum_on_a_search_bound_is_reported():
     # anti-informative predictions (every label the least likely class): the NLL falls all the way to T = inf;
     # the upper bound is kept (nearly uniform predictions: validation NLL 4.64 at T = 1, log 4 at T = 100), and said
@@ -333,6 +353,9 @@ def test_column_dropout_log_prob_counts_columns():
     value = torch.tensor([[0.0, 2.0 / 0.75, 0.0], [0.0, 4.0 / 0.75, 0.0]])  # column 0 dropped, 1 kept, 2 all-zero
     assert q.log_prob(value).item() == pytest.approx(math.log(0.25) + math.log(0.75))
     assert q.log_prob(torch.ones(2, 3)).item() == -math.inf
+    nonzero_where_loc_is_zero = value.clone()
+    nonzero_where_loc_is_zero[1, 2] = 1.0  # no draw has it: it scored as column 2 kept (-1.39)
+    assert q.log_prob(nonzero_where_loc_is_zero).item() == -math.inf
     torch.testing.assert_close(q.variance, loc.pow(2) / 3)
 
 
