@@ -241,8 +241,11 @@ class LastLayerLaplaceGuide(LoraGuide):
         """Refuse predictions once the head's rows are no longer the ``theta*`` the posterior is centred on."""
         check_guide(self.model, self, "predict")
         if not torch.equal(self.head_rows().float(), self.loc):
+            trained = {id(p) for p in self.model.point_parameters()}
+            restore = ("load_guide the saved guide, which restores a trained head" if id(self._head[0].weight) in trained
+                       else "reload the base model: an LM head is a base weight, which a saved guide does not restore")
             raise ValueError("the head's rows changed since LastLayerLaplaceGuide.fit: its posterior is centred on other "
-                             "values; fit it again (or load_guide the saved guide, which restores the head)")
+                             f"values; fit it again (or {restore})")
 
     # ------------------------------------------------------------------ the posterior in its eigenbasis
 

@@ -387,11 +387,18 @@ class MultipleChoice(Likelihood):
             raise ValueError("format='letter' needs answer_token_ids (see pyro_lora.data.letter_token_ids)")
         if normalize not in (None, "tokens", "chars"):
             raise ValueError(f"normalize must be None, 'tokens' or 'chars', got {normalize!r}")
+        if normalize is not None and format == "letter":  # one answer token per choice: nothing to normalise
+            raise ValueError(f"normalize={normalize!r} divides a cloze choice's log-likelihood by its length; the letter "
+                             "format scores one answer token per choice: use format='cloze', or leave normalize None")
         self.answer_token_ids = None if answer_token_ids is None else torch.as_tensor(answer_token_ids)
         if self.answer_token_ids is not None:
             ids = self.answer_token_ids
-            if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.is_complex():
-                raise ValueError(f"answer_token_ids must be a non-empty 1-d sequence of token ids, got {ids.tolist()!r}")
+            # uint8 and bool tensors index as masks, not ids
+            if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.is_complex() or ids.dtype in (
+                    torch.bool, torch.uint8):
+                raise ValueError(f"answer_token_ids must be a non-empty 1-d sequence of token ids (int64), got "
+                                 f"{ids.dtype} {ids.tolist()!r}")
+            self.answer_token_ids = ids = ids.long()
             if bool((ids < 0).any()):
                 raise ValueError(f"answer_token_ids {ids.tolist()} hold a negative id: indexing would read a token from the "
                                  "end of the vocabulary; give each choice's token id")

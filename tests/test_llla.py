@@ -355,6 +355,13 @@ def test_repeated_answer_tokens_are_refused():
         MultipleChoice([10, 10, 12, 13], format="letter")
     with pytest.raises(ValueError, match="non-empty 1-d"):
         MultipleChoice([[10, 11]], format="letter")
+    # uint8 and bool index as masks: a raw IndexError in the forward (or a mask read as ids, silently)
+    for ids in (torch.tensor([10, 11], dtype=torch.uint8), torch.tensor([True, False])):
+        with pytest.raises(ValueError, match=r"token ids \(int64\), got torch.(uint8|bool)"):
+            MultipleChoice(ids, format="letter")
+    assert MultipleChoice(torch.tensor([10, 11], dtype=torch.int32)).answer_token_ids.dtype == torch.int64
+    with pytest.raises(ValueError, match="the letter format scores one answer token per choice"):
+        MultipleChoice([10, 11], format="letter", normalize="chars")  # was ignored
 
 
 def test_predict_refuses_the_guide_and_names_its_predictive():
@@ -386,7 +393,8 @@ def test_a_changed_head_row_is_refused_until_fitted_again():
     guide = LastLayerLaplaceGuide(model).fit(letter_data(), progress=False)
     with torch.no_grad():
         model.net.get_base_model().lm_head.weight[LETTERS[1], 3] += 1e-3  # below the base fingerprint's tolerance
-    with pytest.raises(ValueError, match="head's rows changed since LastLayerLaplaceGuide.fit"):
+    # an LM head is a base weight: a saved guide cannot restore it (the advice to load one was refused there)
+    with pytest.raises(ValueError, match="head's rows changed since LastLayerLaplaceGuide.fit.*reload the base model"):
         guide.predict_glm(letter_data())
     guide.fit(letter_data(), progress=False)
     guide.predict_glm(letter_data())
