@@ -875,6 +875,34 @@ def _check_peft_model(model):
             "returns) saves one, and this network's save_pretrained writes a whole checkpoint instead; build the "
             "LoraModel on the PeftModel rather than on its base_model"
         )
+    _check_adapter_reloads(model)
+
+
+def _check_adapter_reloads(model):
+    """Refuse what peft's saved adapter would not give back on reload: a trained point parameter peft does not save
+    (a head made trainable by hand, not in ``modules_to_save``), a LoRA scaling other than its config's (peft's
+    ``set_scale``), or an initialisation peft redoes at random on load (PiSSA by randomised SVD)."""
+    from peft import get_peft_model_state_dict
+
+    saved = {t.data_ptr() for t in get_peft_model_state_dict(model.net, adapter_name=model.adapter).values()}
+    unsaved = [n for n, p in model.named_point_parameters() if p.data_ptr() not in saved]
+    if unsaved:
+        raise ValueError(f"the trained {unsaved[0]} is no part of the peft adapter (made trainable by hand, not through "
+                         "modules_to_save): the adapter would load with the base's value; build the adapter with that "
+                         "module in modules_to_save")
+    config = model.net.peft_config[model.adapter]
+    for path, layer in model.layers.items():
+        r, alpha = layer.r[model.adapter], layer.lora_alpha[model.adapter]
+        expected = alpha / (math.sqrt(r) if getattr(config, "use_rslora", False) else r)
+        if not math.isclose(layer.scaling[model.adapter], expected, rel_tol=1e-6):
+            raise ValueError(f"the LoRA scaling of {path} is {layer.scaling[model.adapter]:g}, not the {expected:g} its "
+                             "config gives (peft's set_scale or scale_layer): the adapter would load with the config's; "
+                             "restore the scaling first")
+    init = getattr(config, "init_lora_weights", None)
+    if isinstance(init, str) and "_niter_" in init:
+        raise ValueError(f"init_lora_weights={init!r} rewrites the base with a randomised SVD, which peft redoes (at "
+                         "random) when loading the adapter: the base it loads on differs; convert it to a plain LoRA "
+                         "with peft's path_initial_model_for_weight_conversion, or use an exact init")
 
 
 def _write_adapter(guide, folder):

@@ -495,7 +495,7 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
                 f"{f' (and {len(sizes) - 2} more)' if len(sizes) > 2 else ''}: a head of another number of classes, "
                 "another LoRA rank, or an adapter of another base model"
             ) from None
-        except UserWarning as warning:
+        except (UserWarning, KeyError) as warning:  # peft indexes a missing head weight (modules_to_save) directly
             raise ValueError(
                 f"the adapter in {adapter_dir} lacks weights of some of its own layers (peft: {warning}): they would stay "
                 "at their initial values (B = 0: no LoRA there; a random head); save the adapter again from the trained model"

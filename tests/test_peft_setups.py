@@ -340,3 +340,38 @@ def test_laplace_refuses_a_site_whose_layers_see_different_input_shapes():
         LaplaceGuide(model, fisher="exact", rank=3).fit([batch()], progress=False)
     per_matrix = LoraModel(net, SequenceClassification(), group="matrix")
     LaplaceGuide(per_matrix, fisher="exact", rank=3).fit([batch()], progress=False)
+
+
+def test_an_adapter_peft_would_not_give_back_is_refused_before_it_is_written(tmp_path):
+    """export_adapter wrote adapters that reloaded other predictions without a word: a head made trainable by hand
+    (not modules_to_save: 0.29 off), a scaling set by peft's set_scale (0.12 off); a refused export had already
+    written some of the guide's values into the network."""
+    from pyro_lora.pretrained import load_adapter
+
+    net = get_peft_model(tiny_bert_base(num_labels=2), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]))
+    net.base_model.model.classifier.requires_grad_(True)  # a head trained beside LoRA, which peft does not save
+    model = LoraModel(net, SequenceClassification())
+    with pytest.raises(ValueError, match=r"classifier.weight is no part of the peft adapter .*modules_to_save"):
+        export_adapter(MAPGuide(model), tmp_path / "head")
+    assert not (tmp_path / "head").exists()
+    net = tiny_bert(r=4)
+    for layer in LoraModel(net, SequenceClassification()).layers.values():
+        layer.set_scale("default", 0.25)
+    model = LoraModel(net, SequenceClassification())
+    with pytest.raises(ValueError, match=r"the LoRA scaling of .* is 0.5, not the 2 its config gives"):
+        export_adapter(MAPGuide(model), tmp_path / "scaled")
+    model = LoraModel(tiny_bert(r=4), SequenceClassification(), random="AS")
+    before = [p.detach().clone() for _, p in model.named_lora_weights()]
+    guide = MAPGuide(model, init={n: v + 1.0 for n, v in model.adapter_values().items()})
+    with pytest.raises(ValueError, match="has no peft parameter to write into"):
+        export_adapter(guide, tmp_path / "scales")
+    assert all(torch.equal(p, q) for (_, p), q in zip(model.named_lora_weights(), before))  # nothing half-written
+    # a head weight missing from an adapter's file: peft's bare KeyError
+    from safetensors.torch import load_file, save_file
+
+    model = LoraModel(tiny_bert(r=4), SequenceClassification())
+    export_adapter(MAPGuide(model), tmp_path / "whole")
+    weights = tmp_path / "whole" / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if "classifier.bias" not in k}, str(weights))
+    with pytest.raises(ValueError, match="lacks weights of some of its own layers"):
+        load_adapter(tiny_bert_base(num_labels=3), tmp_path / "whole")
