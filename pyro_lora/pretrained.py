@@ -446,7 +446,8 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
     :param targets: module names to adapt (default ``default_lora_targets(model)``), or one string peft reads:
         ``"all-linear"`` (every linear layer but the output head) or a regular expression.
     :param task: ``"classification"`` (peft ``SEQ_CLS``: the classifier head stays trainable through
-        ``modules_to_save``) or ``"causal_lm"``; default from the model class.
+        ``modules_to_save``; a head of another name than ``classifier`` / ``score``, BART's ``classification_head``,
+        is put there too) or ``"causal_lm"``; default from the model class.
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -454,12 +455,18 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
         task = "classification" if type(model).__name__.endswith("ForSequenceClassification") else "causal_lm"
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    heads = None
+    if task == "classification":  # peft's SEQ_CLS keeps only a 'classifier' or 'score' trainable (and saved)
+        children = [n for n, m in model.named_children()
+                    if n != getattr(model, "base_model_prefix", None) and any(True for _ in m.parameters())]
+        heads = children if children and not {"classifier", "score"} & set(children) else None  # BART's head
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=_targets(targets, model),
+        modules_to_save=heads,
     )
     with _quiet_peft_wrapping():
         return get_peft_model(model, config)

@@ -375,3 +375,22 @@ def test_an_adapter_peft_would_not_give_back_is_refused_before_it_is_written(tmp
     save_file({k: v for k, v in load_file(str(weights)).items() if "classifier.bias" not in k}, str(weights))
     with pytest.raises(ValueError, match="lacks weights of some of its own layers"):
         load_adapter(tiny_bert_base(num_labels=3), tmp_path / "whole")
+
+
+def test_add_lora_keeps_a_classification_head_of_another_name_trainable():
+    """peft's SEQ_CLS keeps only a 'classifier' or 'score' trainable: BART's classification_head stayed frozen at its
+    random draw, trained by no fit and saved in no adapter (0.04 off on reload)."""
+    from transformers import AutoModelForSequenceClassification, BartConfig
+
+    from pyro_lora.pretrained import add_lora
+
+    torch.manual_seed(0)
+    bart = AutoModelForSequenceClassification.from_config(BartConfig(
+        vocab_size=64, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+        encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=32, num_labels=2))
+    net = add_lora(bart, r=2, alpha=4, targets=["q_proj", "v_proj"])
+    trained = {n for n, p in net.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trained and all("classification_head.modules_to_save" in n for n in trained)
+    bert = add_lora(tiny_bert_base(), r=2, alpha=4, targets=["query"])  # peft's own default, unchanged
+    assert {n for n, p in bert.named_parameters() if p.requires_grad and "lora_" not in n} == {
+        "base_model.model.classifier.modules_to_save.default.weight", "base_model.model.classifier.modules_to_save.default.bias"}
