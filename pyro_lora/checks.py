@@ -6,6 +6,8 @@ import collections.abc
 import math
 import numbers
 
+import torch
+
 
 def check_count(value, name: str, *, minimum: int = 1, alternative: str = "") -> int:
     """``value`` as an ``int`` if it is an integer ``>= minimum``.
@@ -69,3 +71,9 @@ def check_flag(value, name: str) -> bool:
     if not (isinstance(value, bool) or type(value).__name__ == "bool_"):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def is_integer_tensor(t) -> bool:
+    """Whether the tensor ``t`` holds integers (not floats, complex numbers or booleans): what class labels and token
+    ids must be."""
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)

@@ -21,8 +21,7 @@ from .contract import (check_guide, describe, differences, digested_parameters, 
                        quantized_weights, unwrapped_name, weight_digest, weight_scales, weights_digest)
 from .quantized import is_quantized
 from .ownership import forget_fit, restore_fit, take_over, trainer
-from . import distributed
-from .distributed import is_main, on_main, refused_together
+from .distributed import check_same, is_main, on_main, refused_together
 
 FORMAT = "pyro_lora.guide/2"
 _OLD_FORMATS = ("pyro_lora.guide/1",)  # sites only, no signature
@@ -268,7 +267,7 @@ def save_guide(guide, path, run=None, adapter=False):
     """
     model = guide.model
     with refused_together("save the guide"):  # a refusal on one rank only would leave the others waiting
-        distributed.check_same(os.path.abspath(path), "paths to save the guide to")  # rank 0 writes its own
+        check_same(os.path.abspath(path), "paths to save the guide to")  # rank 0 writes its own
         check_guide(model, guide, "save")  # the network's point parameters it saves must still be its own
         if adapter:
             _check_peft_model(model)
@@ -833,7 +832,7 @@ def export_adapter(guide, path):
         the adapter would hold the network's head instead.
     """
     with refused_together("export the adapter"):
-        distributed.check_same(os.path.abspath(path), "paths to export the adapter to")  # rank 0 writes its own
+        check_same(os.path.abspath(path), "paths to export the adapter to")  # rank 0 writes its own
         check_guide(guide.model, guide, "export the adapter")
         _check_peft_model(guide.model)
         carried = sorted(guide.carried_point_parameters())

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from pyro.distributions import Categorical, TorchDistribution, constraints
 
+from .checks import is_integer_tensor
 from .sites import base_network
 
 _NET_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -314,7 +315,7 @@ class SequenceClassification(Likelihood):
             count as an example).
         """
         labels = super().observed(batch)
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.dim() != 1:
+        if not is_integer_tensor(labels) or labels.dim() != 1:
             raise ValueError(f"labels must be integer class indices of shape [B], got {labels.dtype} of shape {tuple(labels.shape)}")
         inputs = batch.get("input_ids", batch.get("inputs_embeds"))
         if inputs is not None and len(labels) != len(inputs):
@@ -394,8 +395,7 @@ class MultipleChoice(Likelihood):
         if self.answer_token_ids is not None:
             ids = self.answer_token_ids
             # uint8 and bool tensors index as masks, not ids
-            if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point() or ids.is_complex() or ids.dtype in (
-                    torch.bool, torch.uint8):
+            if ids.dim() != 1 or ids.numel() == 0 or not is_integer_tensor(ids) or ids.dtype == torch.uint8:
                 raise ValueError(f"answer_token_ids must be a non-empty 1-d sequence of token ids (int64), got "
                                  f"{ids.dtype} {ids.tolist()!r}")
             self.answer_token_ids = ids = ids.long()
@@ -452,7 +452,7 @@ class MultipleChoice(Likelihood):
         """
         labels = super().observed(batch)
         mask = self._choice_mask(batch)
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.shape != mask.shape[:-1]:
+        if not is_integer_tensor(labels) or labels.shape != mask.shape[:-1]:
             raise ValueError(f"labels must be integer choice indices of shape {tuple(mask.shape[:-1])} (one per row), got "
                              f"{labels.dtype} of shape {tuple(labels.shape)}")
         inputs = batch.get("input_ids")
@@ -634,8 +634,7 @@ class CausalLM(Likelihood):
         """
         labels = super().observed(batch)
         inputs = batch.get("input_ids")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool or labels.dim() != 2 or (
-                inputs is not None and labels.shape != inputs.shape):
+        if not is_integer_tensor(labels) or labels.dim() != 2 or (inputs is not None and labels.shape != inputs.shape):
             shape = f"input_ids' shape {tuple(inputs.shape)}" if inputs is not None else "shape [B, T]"
             raise ValueError(f"CausalLM labels must be integer token ids of {shape} (unshifted: the likelihood shifts "
                              f"them), got {labels.dtype} of shape {tuple(labels.shape)}")

@@ -21,7 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .checks import check_count, check_positive
+from .checks import check_count, check_positive, is_integer_tensor
 
 __all__ = [
     "ReliabilityBins",
@@ -126,7 +126,7 @@ def check_labels(labels, n: int, c: int) -> torch.Tensor:
         raise ValueError(f"labels must have shape [N], got {tuple(labels.shape)}")
     if labels.shape[0] != n:
         raise ValueError(f"shape mismatch: probs has {n} rows but labels has {labels.shape[0]}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    if not is_integer_tensor(labels):
         raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
     if n and labels.dtype in (torch.uint32, torch.uint64) and int(labels.cpu().numpy().max()) >= c:
         # torch compares neither dtype, and the cast to int64 below wraps values from 2**63 to negatives
