@@ -71,26 +71,42 @@ class IVONGuide(LoraGuide):
         are the network's current weights (IVON's mean, outside ``sampled_params``), stds
         ``1 / sqrt(ess * (hess + weight_decay))`` of each parameter's group, entry by entry.
 
-        :raises ValueError: for a model with other sites than A and B (as the constructor), or if a LoRA matrix of a
-            site is not among the optimiser's parameters.
+        :raises ValueError: for a model with other sites than A and B (as the constructor), if a LoRA matrix of a
+            site is not among the optimiser's parameters, if the optimiser has taken no step, or if a LoRA layer's
+            matrices never had a gradient (their momentum is still 0: frozen while it trained).
         """
         _check_sites(model, "IVONGuide.from_optimizer")
-        std_of = {}
+        if optimizer.current_step == 0:
+            raise ValueError("IVONGuide.from_optimizer: the optimiser has taken no step, so its Gaussian is its start, "
+                             "not a posterior: train it first (or use train_ivon)")
+        std_of, momentum_of = {}, {}
         for group in optimizer.param_groups:
             std = (group["ess"] * (group["hess"] + group["weight_decay"])).rsqrt()
             offset = 0
             for p in (p for p in group["params"] if p is not None):  # IVON's flat order: its groups' params in turn
                 std_of[id(p)] = std[offset : offset + p.numel()].view_as(p)
+                momentum_of[id(p)] = group["momentum"][offset : offset + p.numel()]
                 offset += p.numel()
         params = iter(model.random_parameters())  # site by site, each site's layers in stacking order
-        locs, stds = {}, {}
+        locs, stds, moved = {}, {}, {}
         for name, site in model.sites.items():
             mats = [next(params) for _ in site.layers]
             if any(id(p) not in std_of for p in mats):
                 raise ValueError(f"the optimiser does not hold the LoRA matrices of site {name!r}: train them with it")
+            for layer, p in zip(site.layers, mats):
+                moved[layer] = moved.get(layer, False) or bool(momentum_of[id(p)].any())
             stack = torch.stack if site.stacked else (lambda ts: ts[0])
             locs[name] = stack([p.detach() for p in mats])
             stds[name] = stack([std_of[id(p)] for p in mats])
+        # ivon-opt reads a parameter with requires_grad False as a zero gradient: a LoraModel's frozen matrices then
+        # only shrink by weight decay and their stds stay near the start's. (One matrix alone may legitimately have
+        # none after one step: A's gradient is 0 while B is still 0.)
+        frozen = [layer for layer, m in moved.items() if not m]
+        if frozen:
+            raise ValueError(f"IVONGuide.from_optimizer: the LoRA matrices of {frozen[:3]}{' ...' if len(frozen) > 3 else ''} "
+                             f"never had a gradient in the optimiser's {optimizer.current_step} steps (their momentum is 0): "
+                             "a LoraModel freezes them and ivon-opt takes a frozen parameter's gradient as 0; call "
+                             "requires_grad_(True) on model.random_parameters() before training, as train_ivon does")
         settings = {k: float(v) for k, v in optimizer.defaults.items()}
         # the settings the stds came from, group by group (the step size is scheduled within a group: not one)
         groups = [{k: float(g[k]) for k in ("ess", "weight_decay", "hess_init") if k in g} for g in optimizer.param_groups]

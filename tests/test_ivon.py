@@ -224,6 +224,10 @@ def test_ivon_opts_default_infinite_clip_radius_is_saved_as_standard_json_and_lo
     for p in params:
         p.requires_grad_(True)
     optimizer = ivon.IVON(params, lr=0.1, ess=1e4)  # ivon-opt's default clip_radius: inf
+    with optimizer.sampled_params(train=True):
+        optimizer.zero_grad()
+        batch_nll(model, data()[0]).backward()
+    optimizer.step()
     model.set_trainable()
     guide = IVONGuide.from_optimizer(model, optimizer)
     assert guide.trained_with["clip_radius"] == math.inf
@@ -270,6 +274,32 @@ def test_models_it_cannot_train_are_refused():
     optimizer = ivon.IVON(params, lr=0.1, ess=1e4)
     with pytest.raises(ValueError, match=r"^IVONGuide.from_optimizer needs every LoRA matrix \(A and B\) as a site"):
         IVONGuide.from_optimizer(a_only, optimizer)
+
+
+def test_from_optimizer_refuses_an_optimiser_that_never_trained_the_lora_matrices():
+    # ivon-opt's README loop over a LoraModel's matrices as they come (frozen): their gradient is read as 0, so they only
+    # shrink by weight decay and the "posterior" is the start's; one step of the same loop unfrozen is accepted (A's
+    # momentum alone is 0 then, B being 0 at peft's init)
+    def optimiser(model, steps):
+        optimizer = ivon.IVON(model.random_parameters() + model.point_parameters(), lr=0.1, ess=1e4, hess_init=0.5)
+        for batch in data()[:steps]:
+            with optimizer.sampled_params(train=True):
+                optimizer.zero_grad()
+                batch_nll(model, batch).backward()
+            optimizer.step()
+        return optimizer
+
+    model = lora()
+    with pytest.raises(ValueError, match=r"^IVONGuide.from_optimizer: the optimiser has taken no step"):
+        IVONGuide.from_optimizer(model, optimiser(model, 0))
+    assert not any(p.requires_grad for p in model.random_parameters())
+    with pytest.raises(ValueError, match=r"never had a gradient in the optimiser's 2 steps .*requires_grad_\(True\)"):
+        IVONGuide.from_optimizer(model, optimiser(model, 2))
+    model = lora()
+    for p in model.random_parameters():
+        p.requires_grad_(True)
+    guide = IVONGuide.from_optimizer(model, optimiser(model, 1))
+    assert guide.trained_with["steps"] == 1
     with pytest.raises(ValueError, match=r"computing in float16 \(a float16 base.*IVON has no loss scaling"):
         train_ivon(lora(dtype=torch.float16), data(), **FAST)
 
