@@ -327,6 +327,26 @@ def test_clear_differences_are_paired_over_seeds():
     assert sentences == ["a, NLL: clearly better than MAP on OBQA; clearly worse on OBQA→ARC-C."]
 
 
+def test_clear_differences_leave_out_a_mean_over_fewer_seeds_as_the_summary_says():
+    # "a" lost seed 2 on OBQA: the summary marks its mean † and "left out of the comparisons below"; two seeds of
+    # ~0.1 below MAP would otherwise be "clearly better" on a t(1) interval. MAP missing a seed takes out every guide.
+    def row(guide, seed, nll, dataset="openbookqa"):
+        return {"guide": guide, "dataset": dataset, "seed": seed, "nll": nll}
+
+    def summary(seeds):
+        return [{"guide": g, "dataset": "openbookqa", "seeds": s, "nll": 1.0} for g, s in seeds.items()]
+
+    per_seed = [row("map", s, v) for s, v in enumerate([1.0, 1.5, 2.0])] + [row("b", s, 1.0) for s in range(3)]
+    per_seed += [row("a", s, v) for s, v in enumerate([0.9, 1.4])]
+    runs = {"openbookqa": {"config": {"dataset": "openbookqa"}, "per_seed": per_seed,
+                           "summary": summary({"map": [0, 1, 2], "a": [0, 1], "b": [0, 1, 2]})}}
+    assert report.partial_cells(runs) == {("a", "OBQA")}
+    assert "a" not in report.paired_differences(runs, "nll") and report.noise_sentences(runs, ["a"]) == []
+    assert len(report.paired_differences(runs, "nll")["b"]["OBQA"]) == 3
+    runs["openbookqa"]["summary"] = summary({"map": [0, 1], "a": [0, 1, 2], "b": [0, 1, 2]})
+    assert report.paired_differences(runs, "nll") == {}
+
+
 def _fake_predictions(out, guides, dataset):
     import numpy as np
 

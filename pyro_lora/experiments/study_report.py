@@ -121,7 +121,7 @@ def partial_cells(runs):
     """``{(guide, set label)}`` whose mean is over fewer seeds than another row of that set."""
     out = set()
     for dataset, run in runs.items():
-        for row in run["summary"]:
+        for row in run.get("summary", ()):
             if partial_seeds_note(row, run["summary"]):
                 out.add((row["guide"], set_label(dataset, None if row["dataset"] == dataset else row["dataset"])))
     return out
@@ -412,8 +412,10 @@ def summary_section(runs, figure=None):
 
 def paired_differences(runs, metric, reference="map"):
     """``{guide: {set label: [(guide, reference) per seed]}}``: both scored on the same seed's test set, so the
-    spread of their differences is the noise a comparison with ``reference`` has to beat."""
-    out = {}
+    spread of their differences is the noise a comparison with ``reference`` has to beat. A cell over fewer seeds
+    than its set's others (:func:`partial_cells`), the guide's or the reference's, is left out, as from every
+    comparison."""
+    out, partial = {}, partial_cells(runs)
     for dataset, run in runs.items():
         values = {(r["guide"], r["dataset"], r["seed"]): r[metric] for r in run["per_seed"]
                   if metric in r and not not_available(r[metric])}
@@ -421,7 +423,8 @@ def paired_differences(runs, metric, reference="map"):
             ref = values.get((reference, evaluated, seed))
             if guide != reference and ref is not None:
                 label = set_label(dataset, None if evaluated == dataset else evaluated)
-                out.setdefault(guide, {}).setdefault(label, []).append((v, ref))
+                if (guide, label) not in partial and (reference, label) not in partial:
+                    out.setdefault(guide, {}).setdefault(label, []).append((v, ref))
     return out
 
 
