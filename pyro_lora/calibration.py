@@ -232,8 +232,9 @@ def _beyond(nll, log_high, tol, limit=1e12):
 
 def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """``softmax(log probs / T)``: ``[..., C]`` probabilities recalibrated by ``T``, in float64; zero entries stay zero.
-    ``T = 1`` returns them unchanged (a renormalisation would move them by float rounding, enough to reorder tied
-    confidences and change an AURC).
+    ``T = 1`` returns them unchanged, in their own dtype (a renormalisation would move them by float rounding, enough
+    to reorder tied confidences and change an AURC; a float64 copy of float32 confidences on a bin edge ``k / 15``
+    would move them to the next ECE bin, as :func:`~pyro_lora.metrics.reliability_bins` bins in the input's dtype).
 
     Float64 whatever the input: sharpening (``T < 1``) pushes confidences towards 1, and float32 rounds one within
     6e-8 of 1 to exactly 1, tying examples that AURC, accuracy at coverage and OOD AUROC must order. Where even
@@ -242,7 +243,7 @@ def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     :param probs: ``[..., C]`` probability vectors (rows summing to 1; zeros for missing choices), e.g.
         ``Prediction.probs``. Logits are refused: scale those as ``logits / T``.
     :param float temperature: ``T``, a finite positive number (from :func:`fit_temperature`).
-    :returns: ``[..., C]`` float64 probabilities.
+    :returns: ``[..., C]`` float64 probabilities (at ``T = 1`` a copy of ``probs``, of its dtype).
     :raises ValueError: for a ``T`` that is no finite positive number (a bool included), or rows that are not
         probability vectors (logits, nan, inf).
     """
@@ -255,7 +256,7 @@ def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
         raise ValueError("probs contains non-finite values (nan or inf)")
     _check_rows(x, raw.dtype, "probs")
     if temperature == 1.0:
-        return x
+        return raw.clone()
     scaled = (x.log() / temperature).softmax(-1)
     tied = int(((scaled.amax(-1) == 1) & (x.amax(-1) < 1)).sum())
     if tied:

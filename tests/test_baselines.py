@@ -18,7 +18,7 @@ from pyro_lora.guides.map import MAPGuide
 from pyro_lora.guides.mcdropout import ColumnDropout, MCDropoutGuide
 from pyro_lora import LoraModel, SequenceClassification, fit, load_guide, predict, save_guide
 from pyro_lora.calibration import apply_temperature, fit_temperature, golden_section, temperature_nll
-from pyro_lora.metrics import nll
+from pyro_lora.metrics import ece, nll
 from pyro_lora.predictive import SEED_RANGE
 
 
@@ -312,8 +312,14 @@ def test_a_temperature_of_one_leaves_the_probabilities_exactly_as_they_are():
     and the temperature row's AURC differed from MAP's (0.5610 against 0.5596)."""
     probs = torch.softmax(torch.randn(500, 3, generator=torch.Generator().manual_seed(0)), -1)
     out = apply_temperature(probs, 1.0)
-    assert torch.equal(out, probs) and out is not probs
+    assert torch.equal(out, probs) and out is not probs and out.dtype == probs.dtype
     assert not torch.equal(apply_temperature(probs, 1.0 + 1e-6), probs)
+    # float32 confidences on a bin edge: a float64 copy (0.60000002) left bin 9 for bin 10, and a +ts row that fell back
+    # to T = 1 showed another ECE than its method's row with the same probabilities (43.3 against 16.7)
+    edge = torch.tensor([[0.6, 0.4]] * 10 + [[0.55, 0.45]] * 10 + [[0.65, 0.35]] * 10)  # right, wrong, right
+    labels = torch.tensor([0] * 10 + [1] * 10 + [0] * 10)
+    assert ece(edge, labels) == pytest.approx((20 * 0.075 + 10 * 0.35) / 30)  # 0.6 with 0.55 in (8/15, 9/15]
+    assert ece(apply_temperature(edge, 1.0), labels) == ece(edge, labels)
 
 
 def test_temperature_refuses_clipped_probabilities_it_would_read_as_logits():
