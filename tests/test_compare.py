@@ -264,6 +264,8 @@ def test_merge_results_replaces_the_rerun_guides_only(tmp_path):
     from pyro_lora.experiments.results import merge_results
 
     _fake_run(tmp_path / "run", ("map", "meanfield", "temperature"), nll=0.5)  # a run before predict_seeding
+    run = json.loads((tmp_path / "run" / "results.json").read_text())  # whose meanfield+ts step failed: the rerun replaces it
+    (tmp_path / "run" / "results.json").write_text(json.dumps(run | {"failed": [{"guide": "meanfield+ts", "seed": 0}]}))
     _fake_run(tmp_path / "update", ("meanfield", "flow"), nll=0.4)
     update = json.loads((tmp_path / "update" / "results.json").read_text())
     (tmp_path / "update" / "results.json").write_text(json.dumps(update | {"predict_seeding": {"meanfield": 2, "flow": 2}}))
@@ -273,7 +275,7 @@ def test_merge_results_replaces_the_rerun_guides_only(tmp_path):
     assert merged["predict_seeding"] == {"map": 1, "temperature": 1, "meanfield": 2, "flow": 2}
     assert merged["config"]["guides"] == ["map", "meanfield", "temperature", "flow"]
     assert [(r["guide"], r["nll"]) for r in merged["per_seed"]] == [("map", 0.5), ("meanfield", 0.4), ("temperature", 0.5), ("flow", 0.4)]
-    assert [r["guide"] for r in summary] == ["map", "meanfield", "temperature", "flow"]
+    assert [r["guide"] for r in summary] == ["map", "meanfield", "temperature", "flow"] and merged["failed"] == []
     assert (tmp_path / "run" / "reliability_meanfield.png").read_bytes() == b"meanfield 0.4"
     assert (tmp_path / "run" / "reliability_map.png").read_bytes() == b"map 0.5"
     assert (tmp_path / "run" / "reliability_grid.png").read_bytes()[:4] == b"\x89PNG"

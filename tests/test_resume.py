@@ -1077,3 +1077,39 @@ def test_a_fit_run_records_a_local_models_path_absolute(tmp_path, monkeypatch):
     setup.config = CompareConfig(model="minilm", out="unused")
     (tmp_path / "minilm").mkdir()  # an embedded name stays the embedded model, whatever the working directory holds
     assert S.run_record(setup, {}, method)["config"]["model"] == "minilm"
+
+
+@pytest.mark.real
+def test_a_failing_ts_step_keeps_its_methods_rows_and_a_rerun_adds_the_ts_row(tmp_path, monkeypatch):
+    """The +ts step ran in one unit with its method: a failing validation predictive or temperature fit dropped the
+    method's test and shift rows scored before it, and the whole method was recorded as failed for the seed."""
+    config = small(tmp_path, guides=("mcdropout",))
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("out of memory on the validation split")
+
+    monkeypatch.setattr(C, "fit_temperature", boom)
+    with pytest.raises(GuideFailures, match=r"^1 guide run\(s\) failed: mcdropout\+ts \(seed 0\): RuntimeError: out of memory"):
+        run_compare(config)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["guide"], r["seed"]) for r in saved["per_seed"]] == [("mcdropout", 0)]
+    assert [(f["guide"], f["seed"]) for f in saved["failed"]] == [("mcdropout+ts", 0)]
+    assert [r["guide"] for r in saved["summary"]] == ["mcdropout"] and "failed" not in (saved["summary"][0].get("note") or "")
+    monkeypatch.undo()
+    summary = run_compare(config)  # resumed: the method reruns for its +ts row
+    assert [r["guide"] for r in summary] == ["mcdropout", "mcdropout+ts"]
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert resumed["failed"] == [] and {k: resumed["per_seed"][0][k] for k in METRICS} == {k: saved["per_seed"][0][k] for k in METRICS}
+
+
+def test_a_ts_rows_failure_marks_its_ts_rows_alone():
+    from pyro_lora.experiments.results import summarize_run
+    from pyro_lora.experiments.study_header import run_state
+
+    rows = [{**ROW, "guide": g, "seed": s} for g in ("llla", "llla+ts") for s in (0, 1)]
+    rows = [r for r in rows if (r["guide"], r["seed"]) != ("llla+ts", 1)]
+    failed = [{"guide": "llla+ts", "seed": 1}]
+    notes = {r["guide"]: r.get("note") for r in summarize_run(rows, failed)}
+    assert notes["llla"] is None and notes["llla+ts"].startswith("failed under seed 1")
+    run = {"config": {"guides": ["llla"], "seeds": [0, 1]}, "per_seed": rows, "failed": failed}
+    assert run_state(run) == ["**failed**: llla+ts (seed 1) (tracebacks in its results.json, under 'failed')"]

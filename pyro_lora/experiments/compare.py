@@ -242,7 +242,12 @@ def _run_seeds(config, overwrite, reference):
                 continue
             finally:
                 setup.restore()
-            for row_name, (rows, arrays, first) in results.items():
+            for row_name, result in results.items():
+                if isinstance(result, Exception):  # its +ts step failed: the plain rows before it are kept
+                    run.fail(row_name, seed, result)
+                    say(f"# {row_name} (seed {seed}) failed: {type(result).__name__}: {result}", flush=True)
+                    continue
+                rows, arrays, first = result
                 older = older_seeding_note(run, row_name, seed) if earlier is run else None  # an update reruns every seed
                 for row in rows:
                     row["note"] = join_notes(row.get("note"), drift, older)
@@ -285,7 +290,8 @@ def run_method(setup, name: str, map_seconds: float) -> dict:
     """Fit method ``name`` on ``setup`` and score it on every evaluation set, and, where :func:`row_names` has
     them, its ``+ts`` rows: the temperature fitted on the validation split on the method's own averaged predictive
     (Guo et al., 2017), applied to its test predictions. Returns row name -> (its rows, npz arrays, the
-    in-distribution ``(probs, labels)`` for its reliability diagram)."""
+    in-distribution ``(probs, labels)`` for its reliability diagram), or for a ``+ts`` row whose validation
+    predictive or temperature failed the exception (the method's own rows are scored by then, and kept)."""
     config = setup.config
     method = get_method(name)
     fitted, fit_costs = fit_method(setup, name, map_seconds)
@@ -297,24 +303,33 @@ def run_method(setup, name: str, map_seconds: float) -> dict:
         costs[config.dataset]["mean_accuracy"] = mean_accuracy(setup, fitted.guide)
     out = {name: _score_rows(setup, name, method.setting, fitted.point_estimate, predictions, fit_costs, costs, MI_NO_SAMPLES_NOTE)}
     if len(row_names(config, name)) > 1:
-        t = time.perf_counter()
-        val, _ = evaluate(setup, fitted, setup.val, name, "validation")
-        temperature, note = fit_temperature(val.probs, val.labels, return_info=True)
-        scaled, sharpened = {}, []
-        for d, p in predictions.items():
-            with warnings.catch_warnings(record=True) as caught:  # ties a sharpening T makes go into the row's note
-                warnings.simplefilter("always")
-                scaled[d] = replace(p, probs=apply_temperature(p.probs, temperature), sample_probs=None)
-            sharpened += [f"{d}: {w.message}" for w in caught]
-        ts_costs = {**fit_costs, "fit_seconds": fit_costs["fit_seconds"] + time.perf_counter() - t,
-                    "extra_parameters": fit_costs["extra_parameters"] + 1, "temperature": temperature,
-                    "note": join_notes(fit_costs.get("note"), note, None if method.validation else small_validation_note(setup),
-                                       *sharpened)}
-        # a predictive that keeps no per-sample probabilities (GLM probit) has no MI before the temperature either
-        mi_note = TS_MI_NOTE if predictions[config.dataset].sample_probs is not None else MI_NO_SAMPLES_NOTE
-        out[ts_name(name)] = _score_rows(setup, ts_name(name), VALIDATION_TUNED, fitted.point_estimate, scaled, ts_costs,
-                                         costs, mi_note)
+        try:
+            out[ts_name(name)] = _ts_rows(setup, name, method, fitted, predictions, fit_costs, costs)
+        except Exception as error:  # noqa: BLE001 -- recorded by the caller for the +ts row alone
+            out[ts_name(name)] = error
     return out
+
+
+def _ts_rows(setup, name, method, fitted, predictions, fit_costs, costs):
+    """:func:`_score_rows` of method ``name``'s ``+ts`` row: its temperature fitted on the validation split's
+    averaged predictive and applied to its ``predictions``."""
+    config = setup.config
+    t = time.perf_counter()
+    val, _ = evaluate(setup, fitted, setup.val, name, "validation")
+    temperature, note = fit_temperature(val.probs, val.labels, return_info=True)
+    scaled, sharpened = {}, []
+    for d, p in predictions.items():
+        with warnings.catch_warnings(record=True) as caught:  # ties a sharpening T makes go into the row's note
+            warnings.simplefilter("always")
+            scaled[d] = replace(p, probs=apply_temperature(p.probs, temperature), sample_probs=None)
+        sharpened += [f"{d}: {w.message}" for w in caught]
+    ts_costs = {**fit_costs, "fit_seconds": fit_costs["fit_seconds"] + time.perf_counter() - t,
+                "extra_parameters": fit_costs["extra_parameters"] + 1, "temperature": temperature,
+                "note": join_notes(fit_costs.get("note"), note, None if method.validation else small_validation_note(setup),
+                                   *sharpened)}
+    # a predictive that keeps no per-sample probabilities (GLM probit) has no MI before the temperature either
+    mi_note = TS_MI_NOTE if predictions[config.dataset].sample_probs is not None else MI_NO_SAMPLES_NOTE
+    return _score_rows(setup, ts_name(name), VALIDATION_TUNED, fitted.point_estimate, scaled, ts_costs, costs, mi_note)
 
 
 def _has_mean_predictor(method, fitted) -> bool:

@@ -512,10 +512,11 @@ def _row_order(guides, seeds):
 
 def summarize_run(rows, failed):
     """Mean ± std over seeds per (guide, evaluation set) of a run's per-seed ``rows``; a guide that ``failed`` (the
-    run's ``failed`` records) under some seed says so in its note (its mean is over the other seeds)."""
+    run's ``failed`` records) under some seed says so in its note (its mean is over the other seeds): a method's
+    failure marks its rows and its ``+ts`` rows, a ``+ts`` step's failure its ``+ts`` rows alone."""
     summary = summarize_seeds(rows)
     for row in summary:
-        missing = [str(f["seed"]) for f in failed if f["guide"] == base_guide(row["guide"])]
+        missing = [str(f["seed"]) for f in failed if f["guide"] in (row["guide"], base_guide(row["guide"]))]
         if missing:
             note = f"failed under seed{'s' * (len(missing) > 1)} {', '.join(missing)} (results.json 'failed'): mean over the others"
             row["note"] = join_notes(row.get("note"), note)
@@ -617,7 +618,7 @@ def merge_results(out, update, record=None):
     guides = list(base["config"]["guides"]) + [g for g in updated if g not in base["config"]["guides"]]
     rows = sorted([r for r in base["per_seed"] if base_guide(r["guide"]) not in updated] + new["per_seed"],
                   key=_row_order(guides, base["config"]["seeds"]))
-    failed = [f for f in base.get("failed", []) if f["guide"] not in updated] + new.get("failed", [])
+    failed = [f for f in base.get("failed", []) if base_guide(f["guide"]) not in updated] + new.get("failed", [])
     retrained = REFERENCE in updated  # then every row is the rerun's, and so is the MAP each seed starts from
     maps = {**base.get("maps", {}), **new.get("maps", {})} if retrained else {**new.get("maps", {}), **base.get("maps", {})}
     # copied file by file: a kill part-way leaves the marker, and the next reader finishes the merge (finish_merge)

@@ -126,10 +126,10 @@ def run_state(run):
     request, config = run.get("request") or {}, run["config"]
     guides, seeds = request.get("guides") or config["guides"], request.get("seeds") or config["seeds"]
     done = {(base_guide(r["guide"]), r["seed"]) for r in run["per_seed"]}
-    failed = {(f["guide"], f["seed"]) for f in run.get("failed", [])}
-    expected = {(g, s) for g in guides for s in seeds} | done | failed
+    failed = {(f["guide"], f["seed"]) for f in run.get("failed", [])}  # a method's, or its +ts step's alone
+    expected = {(g, s) for g in guides for s in seeds} | done | {(base_guide(g), s) for g, s in failed}
     out = []
-    missing = expected - done - failed
+    missing = expected - done - {(base_guide(g), s) for g, s in failed}
     if missing:
         out.append(f"**unfinished**: {len(missing)} of {len(expected)} (method, seed) neither finished nor failed (a run cut "
                    "short, or still running; the same command resumes it)")
