@@ -43,6 +43,9 @@ class MatrixKind:
         sample-major, as in :func:`linear`).
     :param stage: order among the between kinds: smaller is applied to ``A x`` first.
     :param description: a few words for error messages.
+    :param model: the name of the :class:`~pyro_lora.LoraModel` subclass whose constructor prepares the layers
+        this kind's ``apply`` assumes (ScalaBL's rotation of ``A`` to its singular basis); other models refuse the
+        kind. ``None``: any model.
     """
 
     letter: str
@@ -53,6 +56,7 @@ class MatrixKind:
     apply: Callable[..., torch.Tensor] | None = None
     stage: int = 0
     description: str = ""
+    model: str | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -108,6 +112,7 @@ register_kind(MatrixKind(
 ))
 register_kind(MatrixKind(
     "S", lambda r, d_in, d_out: (1, r), "between", apply=_exp_scale, stage=1, description="ScalaBL log-scales",
+    model="ScalaBLModel",
 ))
 
 

@@ -103,6 +103,7 @@ class LoraModel:
         # peft's trainable copies (the classification head): what they ran when built, checked before every forward
         self._heads = {name: (m, list(m.active_adapters)) for name, m in net.named_modules() if isinstance(m, ModulesToSaveWrapper)}
         self.sites = build_sites(self.layers, self.adapter, tuple(random), group)
+        self._check_kinds_model()
         self._check_frozen_lora_carries_signal()
         self.matrices = matrix_view(self.sites)
         self.prior = float(prior) if isinstance(prior, numbers.Real) else prior  # numpy's float32 is one std too
@@ -118,6 +119,15 @@ class LoraModel:
         self.last_nll = None  # mean NLL per example of the last batch the Pyro model scored (a detached tensor)
         self.set_trainable()
         _float32_trainables(net, self.point_parameters() + [p for layer in self.layers.values() for p in self._lora_parameters(layer)])
+
+    def _check_kinds_model(self) -> None:
+        """Refuse a kind whose layers another model class prepares (``MatrixKind.model``): ScalaBL's log-scales over
+        an ``A`` not rotated to its singular basis would scale rows that are no singular directions."""
+        classes = {c.__name__ for c in type(self).__mro__}
+        for kind in {s.kind for s in self.sites.values()}:
+            if kind.model is not None and kind.model not in classes:
+                raise ValueError(f"random={kind.letter!r} ({kind.description}) needs the layers a {kind.model} prepares, "
+                                 f"and this is a {type(self).__name__}: build a {kind.model} over the network instead")
 
     @classmethod
     def restore(cls, net, likelihood, random, **kwargs) -> LoraModel:

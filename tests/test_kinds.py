@@ -22,7 +22,10 @@ def test_each_kind_is_one_table_entry(letter):
     shape, parameter, freezes, role = EXPECTED[letter]
     kind = KINDS[letter]
     assert (kind.matrix_shape(R, D_IN, D_OUT), kind.parameter, kind.freezes_lora, kind.role) == (shape, parameter, freezes, role)
-    model = LoraModel(tiny_bert(), SequenceClassification(), random=letter)
+    if kind.model:  # the model class that prepares its layers (ScalaBL's rotation)
+        model = {"ScalaBLModel": ScalaBLModel}[kind.model](tiny_bert(), SequenceClassification())
+    else:
+        model = LoraModel(tiny_bert(), SequenceClassification(), random=letter)
     assert [s.kind for s in model.sites.values()] == [kind, kind]
     assert all(s.shape == (2,) + shape for s in model.sites.values())
     values = model.adapter_values()

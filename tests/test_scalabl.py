@@ -47,6 +47,12 @@ def test_sites_trainable_matrices_and_errors():
         ScalaBLModel(tiny_llama(), CausalLM(), random="A")
     with pytest.raises(ValueError, match="needs a ScalaBLModel"):
         ScalaBLGuide(LoraModel(tiny_llama(), CausalLM(), random="A"))
+    # a plain LoraModel over S sites skipped the rotation: its log-scales scaled rows of A that are no singular directions
+    net = tiny_llama(r=4)
+    with pytest.raises(ValueError, match=r"^random='S' \(ScalaBL log-scales\) needs the layers a ScalaBLModel prepares, "
+                                         r"and this is a LoraModel: build a ScalaBLModel"):
+        LoraModel(net, CausalLM(), random="S")
+    assert not any(hasattr(m, handoff._HOLDER) for m in net.modules())  # refused before it touched the network
     with pytest.raises(ValueError, match="no peft parameter"):
         model.write_adapter(model.adapter_values())
 
