@@ -424,15 +424,15 @@ def check_guide(model, guide, action: str, same_model: bool = False) -> None:
         )
     pyro_params.check_store([(guide._pyro_name, guide.named_parameters()),
                              (model._pyro_name, model.named_point_parameters())], action)
+    model.check_network()
+    problems = differences(guide.signature, describe(model)) or _point_problems(model, guide)
+    if problems:
+        raise ValueError(f"cannot {action} with this {type(guide).__name__} on this model: " + "; ".join(problems))
     if same_model and guide.model is not model:
         raise ValueError(
             f"cannot {action} with this {type(guide).__name__} on another model object than the one it was built on "
             "(its own terms read that model): pass guide.model, or build the guide on this model"
         )
-    model.check_network()
-    problems = differences(guide.signature, describe(model)) or _point_problems(model, guide)
-    if problems:
-        raise ValueError(f"cannot {action} with this {type(guide).__name__} on this model: " + "; ".join(problems))
 
 
 @contextlib.contextmanager

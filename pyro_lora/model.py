@@ -583,12 +583,13 @@ class LoraModel:
     def _check_guide_trace(self, guide_trace, own):
         """Under an ELBO (the model replayed against ``guide_trace``; ``own``: the trace of the model's weight sites):
         refuse a pyro_lora guide built for another model (:func:`~pyro_lora.contract.check_guide`: another checkpoint,
-        other sites), guide values that did not reach the model (a ``poutine.block`` around it), and guide sites scaled
+        other sites; with gradients on, another model object: a step would train one model's guide against another's
+        network), guide values that did not reach the model (a ``poutine.block`` around it), and guide sites scaled
         otherwise than the model's (``kl_weight`` or a ``poutine.scale`` on one
         side only: ``log q`` and ``log p`` would be weighted apart, which is no (beta-)ELBO)."""
         for guide in marked_guides(guide_trace):
-            if guide.model is not self:
-                check_guide(self, guide, "run an ELBO (pyro.infer.SVI, a replayed trace)")
+            if guide.model is not self:  # training (gradients on): the very model, as fit requires
+                check_guide(self, guide, "run an ELBO (pyro.infer.SVI, a replayed trace)", same_model=torch.is_grad_enabled())
         unreached = [n for n in self.sites if not own.nodes[n]["is_observed"]
                      and (n not in guide_trace.nodes or own.nodes[n]["value"] is not guide_trace.nodes[n]["value"])]
         if unreached:

@@ -7,6 +7,7 @@ A guide class exported by ``guides`` without a builder here fails ``test_every_g
 import copy
 import inspect
 import json
+import math
 import warnings
 
 import pyro
@@ -401,6 +402,18 @@ def test_values_conditioned_on_for_another_models_sites_are_refused(other, names
     with torch.no_grad():
         logits = poutine.condition(model, data=own.mean())(data()[0])
     torch.testing.assert_close(logits, model.logits(data()[0], own.mean()))
+
+
+def test_pyro_svi_with_a_guide_built_on_another_model_object_is_refused_before_its_first_step():
+    """fit refused a guide built on another model object of the same network and weights; Pyro's SVI took a whole step
+    (moving the guide and the other network's head) and refused only the next. Evaluating the loss stays allowed."""
+    guide, other = MeanFieldGuide(lora()), lora()
+    before = [p.detach().clone() for p in list(guide.parameters()) + list(other.net.parameters())]
+    svi = SVI(other, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    with pytest.raises(ValueError, match=r"cannot run an ELBO .* with this MeanFieldGuide on another model object"):
+        svi.step(data()[0])
+    assert all(torch.equal(a, p) for a, p in zip(before, list(guide.parameters()) + list(other.net.parameters())))
+    assert math.isfinite(svi.evaluate_loss(data()[0]))
 
 
 def test_a_guide_run_through_its_forward_is_checked_and_recorded_as_through_its_call():
