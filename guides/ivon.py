@@ -18,6 +18,7 @@ from pyro_lora.checks import check_batches, check_count
 from pyro_lora.ownership import take_over
 from pyro_lora.data import to_device
 from pyro_lora.model import LoraModel, full_precision
+from pyro_lora.modes import network_mode
 from pyro_lora.sites import check_values
 from pyro_lora.training import _DivergenceWatch, _schedule, batch_nll, step_autocast, training_autocast
 
@@ -186,8 +187,7 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
 
     params = model.random_parameters() + model.point_parameters()
     take_over(model, None)  # whichever guide trained the head keeps the state it left as its own
-    device, net = model.device, model.net
-    was_training = net.training
+    device = model.device
     own = [p.data for p in params]  # IVON swaps in views of its flat buffers: each parameter gets its own tensor back
     start = [t.clone() for t in own]
     for p in params:
@@ -198,10 +198,9 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     watch = _DivergenceWatch(lr, remedy="lower it, or clip_radius (each entry's step is at most lr * clip_radius)")
     bar = tqdm(total=epochs * len(data), desc="train IVON", disable=not progress, dynamic_ncols=True)
-    net.train()
     trained = False
     try:
-        with full_precision(device):  # an enclosing autocast is off for the run: autocast= alone sets the forward's
+        with full_precision(device), network_mode(model.net, True):  # an enclosing autocast is off for the run: autocast= alone sets the forward's
             for epoch in range(epochs):
                 for batch in data:
                     batch = to_device(batch, device)
@@ -223,7 +222,6 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     finally:
         bar.close()
         optimizer.zero_grad(set_to_none=True)
-        net.train(was_training)
         model.set_trainable()
         with torch.no_grad():  # IVON's mean, or the start after a failure (an exception leaves a weight draw in place)
             for p, tensor, value in zip(params, own, start):

@@ -20,6 +20,7 @@ from pyro_lora.contract import check_guide, describe, differences, entry_checks
 from pyro_lora.data import subset
 from pyro_lora.sites import check_values
 from pyro_lora.data import to_device
+from pyro_lora.modes import eval_mode
 
 from .base import LoraGuide
 from .registry import Fitted, method
@@ -248,9 +249,6 @@ class TFBGuide(LoraGuide):
         if not batches and not distributed.is_distributed():  # an iterable without a length
             raise ValueError("search got no anchor batches: the anchor set is empty")
         progress = progress and distributed.is_main()
-        net = self.model.net
-        was_training = net.training
-        net.eval()  # no dropout: the only randomness is the weight noise
         trace = []
         bar = tqdm(total=iterations + 2, desc="TFB sigma_q search", disable=not progress, dynamic_ncols=True)
 
@@ -267,7 +265,7 @@ class TFBGuide(LoraGuide):
             return step["feasible"]
 
         try:
-            with torch.no_grad():
+            with torch.no_grad(), eval_mode(self.model.net):  # no dropout: the only randomness is the weight noise
                 reference = self._reference(batches, criterion)
                 if evaluate(high):
                     best, edge = high, f"high={high:g} is already feasible: sigma_q = high; raise `high` to search further"
@@ -281,7 +279,6 @@ class TFBGuide(LoraGuide):
                     best = lo
         finally:
             bar.close()
-            net.train(was_training)
         if edge:
             warnings.warn(f"TFB search: {edge}", stacklevel=2)
         self.set_sigma_q(best)

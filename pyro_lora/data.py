@@ -293,6 +293,16 @@ def fixed_batches(data) -> list:
     return distributed.broadcast_object(batches) if isinstance(data, DataLoader) else distributed.same_data(batches)
 
 
+def check_every_example(data, action: str) -> None:
+    """Refuse a ``DataLoader`` that leaves out its last incomplete batch where ``action`` scores every example:
+    ``drop_last=True``, or a ``batch_sampler`` that drops it (the loader's own ``drop_last`` then stays False)."""
+    sampler = getattr(data, "batch_sampler", None)
+    if getattr(data, "drop_last", False) or getattr(sampler, "drop_last", False):
+        where = "" if getattr(data, "drop_last", False) else " on its batch_sampler"
+        raise ValueError(f"{action} scores every example of data, but this DataLoader drops its last incomplete batch "
+                         f"(drop_last=True{where}): build it with drop_last=False")
+
+
 def to_device(batch: dict, device: torch.device | str) -> dict:
     """Move every tensor of a batch dict to ``device`` (other values are kept as they are)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}

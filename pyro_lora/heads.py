@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 
 from .data import to_device
-from .kfac import eval_mode
+from .modes import eval_mode
 from .likelihoods import MultipleChoice
 from .model import HALF_DTYPES
 from .sites import base_network

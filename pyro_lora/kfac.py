@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import fixed_batches, to_device
+from .data import check_every_example, fixed_batches, to_device
 from .distributions import KFACNormal
 from .kinds import down_kind, up_kind
 from .likelihoods import is_cloze
@@ -37,6 +37,7 @@ from .metrics import check_labels
 from .model import full_precision, sequence_first_family
 from .checks import check_count
 from .contract import entry_checks
+from .modes import eval_mode
 from .predictive import Prediction
 from .progress import progress_bar
 from .sites import Site, per_layer
@@ -46,7 +47,6 @@ __all__ = [
     "SiteFactors",
     "accumulate",
     "check_one_forward",
-    "eval_mode",
     "fisher_vectors",
     "glm_batch",
     "glm_probs",
@@ -332,20 +332,6 @@ def kfac_vectors(factors: SiteFactors, x: torch.Tensor, g: torch.Tensor, weights
     return x @ other.mT, (g * scale).transpose(0, 1).flatten(1, 2)
 
 
-class eval_mode:
-    """Run the network in eval mode (no dropout), restoring its mode afterwards."""
-
-    def __init__(self, net):
-        self.net = net
-
-    def __enter__(self):
-        self.was_training = self.net.training
-        self.net.eval()
-
-    def __exit__(self, *exc):
-        self.net.train(self.was_training)
-
-
 def check_one_forward(model) -> None:
     """The hooks see one forward per batch, whose LoRA layers read ``[N, T, d]``: the cloze shared-prefix path runs
     two (question, then choices), and a sequence-first family (:func:`~pyro_lora.model.sequence_first_family`)
@@ -590,12 +576,14 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     their own, seeded 0 per call) while ``probs`` stay the probit's; where a covariance is not finite it keeps
     none (``sample_probs`` None) and warns.
 
-    :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, empty ``data``, logits that
+    :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, empty ``data`` (or a
+        ``DataLoader`` dropping its last incomplete batch), logits that
         are nan or ``+inf``, a covariance with a nan, or a predictive that is not finite (an overflowing covariance).
     """
     if link not in ("probit", "mc"):
         raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
     num_samples = check_count(num_samples, "num_samples")
+    check_every_example(data, desc)
     if ready is not None:
         ready()
     if distributed.is_distributed():  # every rank predicts the whole data: a rank's part, or its own data, is refused

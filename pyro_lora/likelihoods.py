@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pyro.distributions import Categorical, TorchDistribution, constraints
 
 from .checks import is_integer_tensor
+from .modes import eval_mode
 from .sites import base_network
 
 _NET_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -241,10 +242,15 @@ class Likelihood:
 
     def check_inputs(self, net, batch: dict) -> None:
         """Refuse batch entries the network's forward takes but :meth:`logits` does not hand it (``position_ids`` of
-        packed rows, ``inputs_embeds``): the network would run without them, and nothing would say so.
+        packed rows, ``inputs_embeds``): the network would run without them, and nothing would say so; and a batch
+        of no rows (a transformers forward fails on it deep inside attention).
 
-        :raises ValueError: naming those entries and the ones handed on.
+        :raises ValueError: naming those entries and the ones handed on, or the empty entry.
         """
+        empty = [k for k in self.net_inputs if isinstance(batch.get(k), torch.Tensor) and batch[k].dim() and not len(batch[k])]
+        if empty:
+            raise ValueError(f"the batch has no rows ({empty[0]} of shape {tuple(batch[empty[0]].shape)}): an empty batch "
+                             "scores nothing; leave it out of the data")
         try:
             takes = _forward_inputs(base_network(net).forward)
         except (TypeError, ValueError):  # a forward without a signature: nothing to compare
@@ -425,14 +431,9 @@ class MultipleChoice(Likelihood):
             raise ValueError(f"answer_token_ids {self.answer_token_ids.tolist()} name a token beyond the LM head's {vocab} rows: "
                              "give token ids of this model's tokenizer")
         ids = (torch.arange(1, 5) % vocab).unsqueeze(0).to(next(net.parameters()).device)
-        was_training = net.training
-        net.eval()  # no dropout: both ways must be the same function
-        try:
-            with torch.no_grad():
-                theirs = net(input_ids=ids).logits[0, -1]
-                ours = head(decoder(input_ids=ids).last_hidden_state[:, -1])[0].float()
-        finally:
-            net.train(was_training)
+        with eval_mode(net), torch.no_grad():  # no dropout: both ways must be the same function
+            theirs = net(input_ids=ids).logits[0, -1]
+            ours = head(decoder(input_ids=ids).last_hidden_state[:, -1])[0].float()
         tolerance = 2e-2 if theirs.dtype in (torch.float16, torch.bfloat16) else 1e-3
         theirs = theirs.float()
         gap = (ours - theirs).abs().max()

@@ -12,8 +12,9 @@ import torch
 from . import distributed
 from .checks import check_count
 from .contract import check_guide, entry_checks
-from .data import to_device
+from .data import check_every_example, to_device
 from .likelihoods import check_label_range
+from .modes import eval_mode
 from .progress import progress_bar
 
 SEED_RANGE = 2**62  # base seeds are drawn from [0, SEED_RANGE); chunk i uses base + i
@@ -73,9 +74,7 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     The predictions follow ``data``'s order: a shuffling ``DataLoader`` gives another order on every call.
     """
     with entry_checks(model, guide, "predict"):
-        if getattr(data, "drop_last", False):  # torch's DataLoader(drop_last=True): the last examples unscored
-            raise ValueError("predict scores every example of data, but this DataLoader drops its last incomplete batch "
-                             "(drop_last=True): build it with drop_last=False")
+        check_every_example(data, "predict")
         num_samples = check_count(num_samples, "num_samples")
         if chunk_size is not None:
             chunk_size = check_count(chunk_size, "chunk_size", alternative="or None for all samples in one forward")
@@ -98,13 +97,10 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
                     "(an ensemble's mean averages the weights of separately trained members); predict with samples "
                     "instead (an ensemble: guides.predict_ensemble, S = K, the exact mixture)"
                 )
-    net = model.net
-    was_training = net.training
-    net.eval()
     start = time.perf_counter()
     draws, values = None, None
     sums, kept, labels = [], [], []
-    try:
+    with eval_mode(model.net):
         if guide is not None and (mean or guide.deterministic):
             values = guide.mean()
         elif guide is not None:
@@ -130,8 +126,6 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
                     kept.append(torch.cat(parts))
                 check_label_range(observed, total.shape[-1])  # a label the head has no class for is nothing to score
                 labels.append(observed)
-    finally:
-        net.train(was_training)
     # a rank may hold no batch when there are fewer batches than ranks
     width = distributed.all_reduce_(torch.tensor(max((p.shape[-1] for p in sums), default=0)), op="max").item()
     if width == 0:

@@ -17,6 +17,7 @@ from . import distributed, pyro_params
 from .contract import check_guide, check_ranks_agree
 from .ownership import point_snapshot, record_fit, take_over
 from .data import to_device
+from .modes import eval_mode, network_mode
 from .model import HALF_DTYPES, full_precision
 from .checks import check_count, check_reiterable
 from .sites import base_network
@@ -185,8 +186,6 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(lr_schedule, warmup_steps, total))
     beta = kl_weight if callable(kl_weight) else (lambda step: kl_weight)
     net = model.net
-    was_training = net.training
-    net.train()
     guide.train()
     losses, step = [], 0
     shown = _Smoothed()  # the bar's number: the data NLL per example, which moves as the model learns
@@ -236,7 +235,7 @@ def fit(
         # validation syncs the GPU once per site; the fused optimizer above holds the parameters, not Pyro's store
         # an enclosing autocast is switched off for the run (backward and checks too): autocast= alone sets the forward's
         with pyro.validation_enabled(False), pyro_params.own_optimizer(), _activation_checkpointing(net, gradient_checkpointing), \
-                distributed.rank_streams(), full_precision(device):
+                distributed.rank_streams(), full_precision(device), network_mode(net, True):
             for epoch in range(epochs):
                 accumulated, pending, seen, rows = 0.0, 0, 0, 0
                 for batch in data:
@@ -271,7 +270,6 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
         for p, grad in untrained.items():
             p.grad = grad
-        net.train(was_training)
         guide._point_snapshot = point_snapshot(model)
     if train_network:
         record_fit(model, guide)
@@ -369,13 +367,8 @@ def _mean_nll(model, guide, batch):
     """NLL per example of ``batch`` at the posterior mean, in eval mode (no dropout: no random draw at all)."""
     if not guide.mean_is_predictor:
         return None
-    was_training = model.net.training
-    model.net.eval()
-    try:
-        with torch.no_grad():
-            return float(batch_nll(model, batch, guide.mean()))
-    finally:
-        model.net.train(was_training)
+    with eval_mode(model.net), torch.no_grad():
+        return float(batch_nll(model, batch, guide.mean()))
 
 
 def batch_nll(model, batch, values=None):

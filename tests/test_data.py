@@ -557,3 +557,30 @@ def test_predict_refuses_a_loader_that_drops_examples():
     loader = torch.utils.data.DataLoader(toy_data(20, batch=1), batch_size=8, drop_last=True, collate_fn=lambda b: b[0])
     with pytest.raises(ValueError, match="drops its last incomplete batch"):
         predict(model, None, loader)
+    # a batch_sampler that drops it leaves the loader's own flag False: 8 of 10 examples were scored without a word
+    sampler = torch.utils.data.BatchSampler(range(10), batch_size=4, drop_last=True)
+    loader = torch.utils.data.DataLoader(toy_data(10, batch=1), batch_sampler=sampler, collate_fn=lambda b: b[0])
+    assert not loader.drop_last
+    with pytest.raises(ValueError, match=r"drops its last incomplete batch \(drop_last=True on its batch_sampler\)"):
+        predict(model, None, loader)
+    from pyro_lora.kfac import glm_predict
+
+    with pytest.raises(ValueError, match="GLM predict scores every example of data, but this DataLoader drops"):
+        glm_predict(loader, None, None)  # Laplace's and LLLA's predict_glm
+    whole = torch.utils.data.BatchSampler(range(10), batch_size=4, drop_last=False)
+    loader = torch.utils.data.DataLoader(toy_data(10, batch=1), batch_sampler=whole,
+                                         collate_fn=lambda rows: {k: torch.cat([r[k] for r in rows]) for k in rows[0]})
+    assert predict(model, None, loader, progress=False).probs.shape == (10, 2)
+
+
+def test_an_empty_batch_is_refused_by_name():
+    from conftest import tiny_bert
+    from test_training import toy_data
+
+    from pyro_lora import LoraModel, SequenceClassification, predict
+
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), num_data=48)
+    batch = toy_data(4, batch=4)[0]
+    empty = {k: v[:0] for k, v in batch.items()}
+    with pytest.raises(ValueError, match=r"^the batch has no rows \(input_ids of shape \(0, \d+\)\): an empty batch"):
+        predict(model, None, [batch, empty], progress=False)
