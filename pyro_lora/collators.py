@@ -13,7 +13,7 @@ import torch
 
 from .checks import check_count
 from .prompts import cloze_pairs, letter_prompt, record_text
-from .records import validate_record
+from .records import record_task, validate_record
 
 __all__ = ["CausalLMCollator", "ClassificationCollator", "ClozeCollator", "LetterCollator"]
 
@@ -235,7 +235,8 @@ class CausalLMCollator:
 
     Returns ``input_ids``, ``attention_mask`` and ``labels``, all ``[B, T]``, right-padded; ``labels``
     equal ``input_ids`` with -100 on padding (the model shifts them). The text of each record comes
-    from ``text_fn`` (default ``record_text``).
+    from ``text_fn`` (default ``record_text``). Records of either layout are checked as the reader checks them
+    (:func:`~pyro_lora.records.validate_record`, the task told by :func:`~pyro_lora.records.record_task`).
     """
 
     def __init__(self, tokenizer, max_length: int = 512, text_fn: Callable[[dict], str] = record_text):
@@ -246,6 +247,8 @@ class CausalLMCollator:
         self.max_length = _check_max_length(tokenizer, max_length, len(self.prefix))
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
+        for r in records:  # either layout; unchecked, a label -1 trained the last choice, True choice 1
+            _check_records([r], record_task(r) if isinstance(r, dict) else "classification")
         encoded = self.tokenizer([self.text_fn(r) for r in records], add_special_tokens=False)["input_ids"]
         rows = [(self.prefix + ids)[: self.max_length] for ids in encoded]
         input_ids, attention_mask = _pad(rows, self.pad_id, "right")

@@ -16,6 +16,8 @@ import string
 
 import torch
 
+from .records import record_task
+
 __all__ = ["LETTERS", "cloze_pairs", "is_blank_item", "letter_prompt", "letter_token_ids", "record_text"]
 
 LETTERS = string.ascii_uppercase
@@ -106,9 +108,11 @@ def cloze_pairs(record: dict) -> list[tuple[str, str]]:
 
 
 def record_text(record: dict) -> str:
-    """Plain text of a record for language modelling: ``text`` for classification records, the
-    cloze context followed by the correct continuation for multiple-choice ones."""
-    if "text" in record:
+    """Plain text of a record for language modelling: the cloze context followed by the correct continuation for
+    multiple-choice records (those with ``choices``, whatever extra fields they carry, ``text`` included), ``text``
+    for classification ones. The record is taken as valid (:func:`~pyro_lora.records.validate_record`): a label of
+    -1 would pick the last choice."""
+    if record_task(record) == "classification":
         return record["text"]
     context, continuation = cloze_pairs(record)[record["label"]]
     return context + continuation

@@ -10,13 +10,20 @@ from __future__ import annotations
 import numbers
 import unicodedata
 
-__all__ = ["validate_record", "visible"]
+__all__ = ["record_task", "validate_record", "visible"]
 
 
 def visible(text: str) -> bool:
     """Whether ``text`` holds a character a tokenizer keeps: not only whitespace, control or format characters
-    (a zero-width space, a soft hyphen, a byte-order mark), which tokenizers drop."""
-    return any(unicodedata.category(c)[0] not in "CZ" for c in text)
+    (a zero-width space, a soft hyphen, a byte-order mark), which tokenizers drop, nor marks alone (a combining
+    accent, a variation selector), which an uncased tokenizer strips to nothing."""
+    return any(unicodedata.category(c)[0] not in "CZM" for c in text)
+
+
+def record_task(record: dict) -> str:
+    """The task a record of either layout belongs to: ``"multiple_choice"`` if it has ``choices``, else
+    ``"classification"`` (a multiple-choice record may carry an extra ``text`` field, as the reader allows)."""
+    return "multiple_choice" if "choices" in record else "classification"
 
 
 def validate_record(record: object, task: str, num_labels: int | None = None) -> str | None:
@@ -57,6 +64,10 @@ def validate_record(record: object, task: str, num_labels: int | None = None) ->
                 "scores as one likely token")
     if not 0 <= label < len(choices):
         return f"label {label} out of range [0, {len(choices)})"
+    copies = [i for i, c in enumerate(choices) if c == choices[label] and i != label]
+    if copies:  # duplicates of unlabelled choices are harmless (OpenBookQA's train split has some)
+        return (f"the labelled choice {label} ({choices[label]!r}) is also choice(s) {copies}: the copies always score "
+                "the same, so the label can never win; remove the duplicate or fix the label")
     if "context" in record and not isinstance(record["context"], str):
         return "context must be a string"
     return None

@@ -584,3 +584,42 @@ def test_an_empty_batch_is_refused_by_name():
     empty = {k: v[:0] for k, v in batch.items()}
     with pytest.raises(ValueError, match=r"^the batch has no rows \(input_ids of shape \(0, \d+\)\): an empty batch"):
         predict(model, None, [batch, empty], progress=False)
+
+
+def test_marks_alone_are_invisible():
+    """A text of combining marks or variation selectors passed the blank-text check and became [CLS] [SEP]."""
+    from pyro_lora.records import visible
+
+    for text in ["\u0301", "\u0301\u0302 \u0303", "\ufe0f", "\u20dd"]:
+        assert not visible(text)
+        assert "invisible characters" in D.validate_record({"id": 1, "text": text, "label": 0}, "classification")
+    assert visible("\u0300a") and visible("कि")
+
+
+def test_a_label_on_a_duplicated_choice_is_refused():
+    """Both copies of a choice always score the same: the label could never win."""
+    record = {"id": 1, "question": "q?", "choices": ["sky", "water", "sky", "water"], "label": 3}
+    assert "labelled choice 3 ('water') is also choice(s) [1]" in D.validate_record(record, "multiple_choice")
+    assert D.validate_record({**record, "choices": ["sky", "water", "sky", "soil"]}, "multiple_choice") is None
+
+
+def test_record_text_tells_the_task_by_choices_not_by_a_text_field():
+    """A multiple-choice record with an extra "text" field was language-modelled as that text."""
+    record = {"id": 7, "question": "What is the capital?", "choices": ["Paris", "Rome"], "label": 0, "text": "metadata"}
+    assert D.record_text(record) == "Question: What is the capital?\nAnswer: Paris"
+    assert D.record_text({"id": 1, "text": "a fine film", "label": 1}) == "a fine film"
+
+
+@needs_smollm2
+def test_causal_lm_collator_checks_records_as_the_other_collators_do(smol_tok):
+    """Unchecked, a label -1 trained the last choice, True choice 1; a blank text and a 'context' passed silently."""
+    collate = D.CausalLMCollator(smol_tok)
+    mc = {"id": "q", "question": "What is 2+2?", "choices": ["4", "5", "22"], "label": 0}
+    cls = {"id": "t", "text": "a fine film", "label": 0}
+    assert smol_tok.decode(collate([mc, cls])["input_ids"][0]) == "Question: What is 2+2?\nAnswer: 4"
+    for bad, message in [({**mc, "label": -1}, r"record 'q': label -1 out of range \[0, 3\)"),
+                         ({**mc, "label": True}, "label must be an integer"),
+                         ({**cls, "text": "   "}, "only whitespace or invisible characters"),
+                         ({**cls, "context": "a passage"}, "'context' .a passage. would not be read")]:
+        with pytest.raises(ValueError, match=message):
+            collate([cls, bad])
