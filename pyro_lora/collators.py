@@ -154,7 +154,8 @@ class ClozeCollator:
     * ``input_ids``, ``attention_mask`` ``[B*K, T]``, right-padded;
     * ``target_mask [B*K, T]`` bool: the positions of the continuation tokens in ``input_ids`` (the
       logits that predict them sit one position earlier);
-    * ``target_lengths [B*K]`` (tokens) and ``target_chars [B*K]`` (characters), for length
+    * ``target_lengths [B*K]`` (tokens) and ``target_chars [B*K]`` (characters of the continuation without the
+      space the cloze puts before a choice: ``len(choice)``, as lm-eval's ``acc_norm`` counts), for length
       normalisation;
     * ``choice_mask [B, K]`` bool and ``labels [B]``.
 
@@ -211,7 +212,7 @@ class ClozeCollator:
             row = self.prefix + ctx + cont
             rows.append(row)
             spans.append((len(row) - len(cont), len(row)))
-            chars.append(len(pair[1]))
+            chars.append(len(pair[1].removeprefix(" ")))  # the choice's own: lm-eval's acc_norm leaves out the delimiter
 
         input_ids, attention_mask = _pad(rows, self.pad_id, "right")
         target_mask = torch.zeros_like(input_ids, dtype=torch.bool)

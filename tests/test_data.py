@@ -362,7 +362,7 @@ def test_cloze_collator_targets_and_choice_mask(smol_tok, records):
             ctx, cont = pairs[k]
             assert smol_tok.decode(ids[tmask]) == cont
             assert smol_tok.decode(ids[amask.bool()]) == ctx + cont
-            assert batch["target_lengths"][row] == tmask.sum() and batch["target_chars"][row] == len(cont)
+            assert batch["target_lengths"][row] == tmask.sum() and batch["target_chars"][row] == len(cont.removeprefix(" "))
             assert (tmask <= amask.bool()).all()  # targets only on real tokens
 
 
@@ -623,3 +623,11 @@ def test_causal_lm_collator_checks_records_as_the_other_collators_do(smol_tok):
                          ({**cls, "context": "a passage"}, "'context' .a passage. would not be read")]:
         with pytest.raises(ValueError, match=message):
             collate([cls, bad])
+
+
+@needs_smollm2
+def test_cloze_target_chars_count_the_choice_without_the_delimiter(smol_tok):
+    """normalize="chars" is lm-eval's acc_norm, which divides by len(choice): the space the cloze puts before a
+    choice was counted ([2, 3] for "x", "yy"), ranking short answers differently."""
+    batch = D.ClozeCollator(smol_tok)([{"id": 0, "question": "q", "choices": ["x", "yy"], "label": 0}])
+    assert batch["target_chars"].tolist() == [1, 2]
