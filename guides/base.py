@@ -7,6 +7,7 @@ model's names and shapes, so ``Trace_ELBO``, ``TraceMeanField_ELBO``, ``Predicti
 Guides never touch the network.
 """
 
+import contextlib
 import copy
 import functools
 
@@ -171,6 +172,26 @@ class LoraGuide(torch.nn.Module):
         ``JitTrace_ELBO`` it cannot tell them from later ones: call this after the loop)."""
         stop_following(self.model)
         self._point_snapshot = point_snapshot(self.model)
+
+    @contextlib.contextmanager
+    def _all_or_nothing(self, adopt=False):
+        """Put the guide's state (its parameters and buffers, its components', and the point parameters each was fitted
+        at) back as it was where the block fails: a failed refit must not leave a guide half new, half old, that still
+        predicts. ``adopt``: :meth:`adopt_point_parameters` first (a fit defines the posterior at the network as it is
+        now)."""
+        guides = [m for m in self.modules() if isinstance(m, LoraGuide)]  # self first, then a mixture's components
+        saved = {n: t.clone() for n, t in self.state_dict().items()}
+        snapshots = [getattr(g, "_point_snapshot", None) for g in guides]
+        if adopt:
+            self.adopt_point_parameters()
+        try:
+            yield
+        except BaseException:
+            with torch.no_grad():
+                self.load_state_dict(saved)
+            for g, snapshot in zip(guides, snapshots):
+                g._point_snapshot = snapshot
+            raise
 
     def carried_point_parameters(self) -> set:
         """Names of the network's point parameters whose values the guide carries itself (an ensemble's per-member

@@ -185,9 +185,13 @@ class LastLayerLaplaceGuide(LoraGuide):
         :raises ValueError: on empty ``data``, a model this guide does not fit (:func:`~pyro_lora.contract.check_guide`),
             or features that do not reproduce the logits (:meth:`features`).
         """
-        self.adopt_point_parameters()  # the head as it is now is what the posterior is over
-        with entry_checks(self.model, None, "fit a last-layer Laplace"):
-            check_guide(self.model, self, "fit")
+        with self._all_or_nothing(adopt=True):  # the head as it is now is what the posterior is over
+            with entry_checks(self.model, None, "fit a last-layer Laplace"):
+                check_guide(self.model, self, "fit")
+            self._fit(data, progress)
+        return self
+
+    def _fit(self, data, progress):
         with torch.no_grad():
             for site, value in zip(self._sites().values(), self.model.adapter_values().values()):
                 site.copy_(value)
@@ -226,7 +230,6 @@ class LastLayerLaplaceGuide(LoraGuide):
             self.log_likelihood.fill_(totals[0])
             self.num_data.fill_(totals[1])
             self.fitted.fill_(True)
-        return self
 
     def _set_eigen(self, vals, vecs, matrix):
         e, q = torch.linalg.eigh((matrix + matrix.T) / 2)

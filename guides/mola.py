@@ -7,7 +7,6 @@ predictives. The members bring the accuracy of the ensemble, each Laplace the sp
 ensemble plus ``K`` Laplace fits, and ``K`` GLM passes per prediction.
 """
 
-import contextlib
 import math
 
 import pyro
@@ -144,23 +143,6 @@ class LaplaceMixtureGuide(EnsembleGuide):
         if bad:
             raise ValueError(f"the validation NLL is nan at lambda = {', '.join(f'{g:g}' for g in bad)}: no lambda was set")
         return nlls
-
-    @contextlib.contextmanager
-    def _all_or_nothing(self, adopt=False):
-        """Put every component (and, with ``adopt``, the head this guide was fitted at) back as it was where the block
-        fails: a failure in member ``k``'s pass must not leave a mixture of new and old components."""
-        saved = [{n: t.clone() for n, t in c.state_dict().items()} for c in self.components]
-        snapshots = [g._point_snapshot for g in (self, *self.components)]
-        if adopt:
-            self.adopt_point_parameters()  # the fit defines the posterior at the network as it is now
-        try:
-            yield
-        except BaseException:
-            for component, state in zip(self.components, saved):
-                component.load_state_dict(state)
-            for g, snapshot in zip((self, *self.components), snapshots):
-                g._point_snapshot = snapshot
-            raise
 
     def adopt_point_parameters(self):
         """Take the network's point parameters as they are now for the mixture; component ``k`` takes them with member

@@ -476,7 +476,7 @@ def tfb_val(setup):
     low, high = TFB_SEARCH["low"], TFB_SEARCH["high"]
     grid = [low * (high / low) ** (k / 6) for k in range(7)]
     tuning = tune_on_validation(guide, "sigma_q", guide.set_sigma_q, grid, setup.loader(setup.val), setup.config.samples,
-                                seed=setup.seed, max_flip_rate=TFB_SEARCH["tolerance"])
+                                seed=setup.seed, max_flip_rate=TFB_SEARCH["tolerance"], start=float(guide.sigma_q))
     guide.criterion, guide.tolerance = "val_nll", None
     guide.trace = [{"sigma_q": value, "val_nll": loss, "val_accuracy": acc, "val_flip_rate": flips}
                    for value, loss, acc, flips in tuning.trace]

@@ -64,7 +64,8 @@ def _flip_rate(predicted, reference) -> float:
 
 
 def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: int, tol: float = 0.1, seed: int = 0,
-                       max_accuracy_drop: float = MAX_ACCURACY_DROP, max_flip_rate: Optional[float] = None):
+                       max_accuracy_drop: float = MAX_ACCURACY_DROP, max_flip_rate: Optional[float] = None,
+                       start: Optional[float] = None):
     """Set the ``knob`` of ``guide`` (through ``set_value(value)``) to the value of lowest validation NLL among those
     that keep validation accuracy.
 
@@ -81,6 +82,8 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     :param str knob: the knob's name, for the warning and the trace.
     :param grid: at least 3 positive values, increasing.
     :param max_flip_rate: a fraction in ``[0, 1]``, or None for no flip guard.
+    :param start: the knob's value before the tuning, set back where it fails (a validation batch refused, no value
+        with a finite NLL); None: left at the value the failure found.
     :param loader: the validation data (batches), read once: each value is scored on the same batches in the same
         order, so a shuffling ``DataLoader`` or a generator is scored as the list of its batches.
     :returns: a :class:`Tuning` (the value, the trace, the edge note, which is also warned); the knob is left at the
@@ -99,12 +102,24 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
         raise ValueError(f"max_flip_rate must be a fraction in [0, 1] or None, got {max_flip_rate!r}")
     check_tol(tol)
     loader = fixed_batches(loader)  # every value scored on the same batches, in the same order
+    try:
+        return _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate,
+                     lambda: validation_scores(guide, loader, num_samples, seed))
+    except BaseException:
+        if start is not None:
+            set_value(start)
+        raise
+
+
+def _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate, scores):
+    """:func:`tune_on_validation` past its argument checks: ``scores()`` gives the validation ``(NLL, accuracy,
+    predicted classes)`` at the knob's current value."""
     trace, refused, reference = [], set(), None
 
     def score(value):
         nonlocal reference
         set_value(value)
-        loss, acc, predicted = validation_scores(guide, loader, num_samples, seed)
+        loss, acc, predicted = scores()
         finite = math.isfinite(loss) and math.isfinite(acc)
         if reference is None and finite:
             # the least noisy value with a finite predictive: what accuracy and flips are judged against (a NaN
@@ -121,7 +136,7 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     losses = [score(v) for v in grid]
     if all(v in refused for v in grid):
         raise ValueError(f"no {knob} of the grid ({grid[0]:g} to {grid[-1]:g}) gives a finite validation NLL: the tuning "
-                         f"stopped, with the {knob} left at {grid[-1]:g}")
+                         f"stopped, with the {knob} left as it was")
     i = min(range(len(grid)), key=losses.__getitem__)
     finite = [loss for loss in losses if math.isfinite(loss)]
     note = None
@@ -157,4 +172,4 @@ def tune_temperature(setup, guide):
     ``setup``'s samples and seed (:func:`tune_on_validation` over :data:`TEMPERATURE_GRID`); returns its
     :class:`Tuning`."""
     return tune_on_validation(guide, "posterior temperature", guide.set_temperature, TEMPERATURE_GRID,
-                              setup.loader(setup.val), setup.config.samples, seed=setup.seed)
+                              setup.loader(setup.val), setup.config.samples, seed=setup.seed, start=guide.temperature)

@@ -556,3 +556,21 @@ def test_llla_val_nll_ties_take_the_largest_lambda_and_a_flat_nll_is_said():
     messages = [str(w.message) for w in caught]
     assert any("at every lambda from 0.0001 to 10000" in m for m in messages), messages
     assert not any("extend the grid" in m for m in messages)
+
+
+def test_a_failed_refit_leaves_the_guide_as_it_was():
+    """A refit failing on a late batch (label -100) or on empty data had already taken the adapter's new LoRA as the
+    guide's sites, beside the old fit's head posterior: predict_glm kept predicting with that mixture, without a word."""
+    model = bert()
+    guide = LastLayerLaplaceGuide(model).fit(bert_data(), progress=False)
+    test = bert_data(seeds=(4,))
+    state = {n: t.clone() for n, t in guide.state_dict().items()}
+    before = guide.predict_glm(test).probs
+    model.write_adapter({k: v + 1.0 for k, v in model.adapter_values().items()})  # the LoRA moves on, the head not
+    bad = bert_data()
+    bad[-1]["labels"] = torch.tensor([0, 1, -100, 2])
+    for data in (bad, []):
+        with pytest.raises(ValueError):
+            guide.fit(data, progress=False)
+        assert all(torch.equal(state[n], t) for n, t in guide.state_dict().items())
+    torch.testing.assert_close(guide.predict_glm(test).probs, before)  # its own LoRA sites, as fitted (0.19 became 0.24)

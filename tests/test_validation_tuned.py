@@ -114,8 +114,9 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
         with pytest.raises(ValueError, match="at least 3 finite positive values, increasing"):
             tune_on_validation(None, "T", set_value, bad, None, num_samples=4)
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *args, **kw: (math.inf, math.nan, None))
-    with pytest.raises(ValueError, match="no T of the grid .0.1 to 10. gives a finite validation NLL"):
-        tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4)
+    with pytest.raises(ValueError, match="no T of the grid .0.1 to 10. gives a finite validation NLL.*left as it was"):
+        tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, start=1.5)
+    assert knob["v"] == 1.5  # it was left at 10, the grid's last value
     # the demo's scalabl_val: the widest temperatures overflow the predictive; they are refused, not fatal
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores",
                         lambda *a, **k: (math.inf, math.nan, None) if knob["v"] > 5 else (1.0 / knob["v"], 0.8, None))
@@ -787,3 +788,15 @@ def test_the_verdict_reads_numpy_scalars_as_numbers():
         [row("laplace", s, np.float32(2.0 + s / 10), np.float32(0.40), "no validation data") for s in (0, 1)]
     text = verdict(rows, "sst2")
     assert "NLL: laplace (0.400)" in text and "Left out" not in text
+
+
+def test_a_tuning_that_fails_part_way_leaves_the_guides_knob_as_it_was():
+    """A validation batch whose label the head has no class for failed the first predict: the mean-field guide's
+    temperature stayed at the grid's first value, 0.01, instead of its 1.0."""
+    _, guide = meanfield()
+    bad = data()
+    bad[-1] = bad[-1] | {"labels": torch.tensor([0, 1, 5, 1])}
+    with pytest.raises(ValueError, match="label"):
+        tune_on_validation(guide, "posterior temperature", guide.set_temperature, [0.01, 1.0, 10.0], bad, num_samples=2,
+                           start=guide.temperature)
+    assert guide.temperature == 1.0
