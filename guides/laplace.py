@@ -14,6 +14,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from pyro_lora.checks import check_nonnegative
 from pyro_lora.contract import check_guide
 from pyro_lora.data import fixed_batches, to_device
 from pyro_lora.distributions import KFACNormal
@@ -292,14 +293,26 @@ class LaplaceGuide(LoraGuide):
         :param int max_iter: at most this many Newton iterations for ``"marglik"`` (a positive integer).
         :param float min_effective_parameters: ``gamma_min`` of the per-layer bound (0: none).
         :returns: the trace: evidence per Newton iteration, or NLL per grid value (the refining grid's after).
-        :raises ValueError: before :meth:`fit`, on an unknown ``method`` or ``predictive``, ``"val_nll"`` on a network
+        :raises ValueError: before :meth:`fit`, on an unknown ``method`` or ``predictive``, ``"marglik"`` given a
+            ``val_loader``, a ``grid`` or ``predictive="samples"`` (it reads none of them), ``"val_nll"`` on a network
             whose head or adapter changed since the fit (as ``predict`` refuses it) or without
             ``val_loader`` or with ``per_layer=True``, a grid value that is not finite and positive (0, negative,
-            inf, nan), a ``num_samples`` or ``max_iter`` that is not a positive integer, or a grid NLL that is nan.
+            inf, nan), a ``num_samples`` or ``max_iter`` that is not a positive integer, a ``min_effective_parameters``
+            that is not a finite number ``>= 0``, or a grid NLL that is nan; all but the last before ``val_loader`` is
+            read.
         """
         self._check_fitted()
+        check_prior_search(method, val_loader, grid)
         num_samples = check_count(num_samples, "num_samples")
         max_iter = check_count(max_iter, "max_iter")
+        min_effective_parameters = check_nonnegative(min_effective_parameters, "min_effective_parameters")
+        if predictive not in ("glm", "samples"):
+            raise ValueError(f"predictive must be 'glm' or 'samples', got {predictive!r}")
+        if method == "marglik" and predictive != "glm":
+            raise ValueError(f"method='marglik' scores no predictive (predictive={predictive!r}): the evidence is of the "
+                             "training data; pass method='val_nll' to choose lambda by a predictive's validation NLL")
+        if method == "val_nll" and per_layer:
+            raise ValueError("method='val_nll' searches one lambda for all layers: use per_layer=False")
         if method == "marglik":
             flat = self.flat_matrices()
             if bool(flat.all()):
@@ -332,17 +345,9 @@ class LaplaceGuide(LoraGuide):
                         stacklevel=2,
                     )
             return self._optimize_marglik(per_layer, max_iter, floor)
-        if method != "val_nll":
-            raise ValueError(f"method must be 'marglik' or 'val_nll', got {method!r}")
-        if val_loader is None:
-            raise ValueError("method='val_nll' needs val_loader")
-        val_loader = fixed_batches(val_loader)  # each pass the same batches in the same order: common random numbers
-        if per_layer:
-            raise ValueError("method='val_nll' searches one lambda for all layers: use per_layer=False")
-        if predictive not in ("glm", "samples"):
-            raise ValueError(f"predictive must be 'glm' or 'samples', got {predictive!r}")
         grid = prior_precision_grid(grid)
         self._check_network("tune lambda on validation data")
+        val_loader = fixed_batches(val_loader)  # each pass the same batches in the same order: common random numbers
         best, nlls = search_grid(grid, lambda g: self._grid_nll(val_loader, g, predictive, num_samples, progress), refine,
                                  type(self).__name__)
         self.set_prior_precision(best)
@@ -448,6 +453,20 @@ def _model_precision(model) -> float:
     warnings.warn(f"the model's prior is a {type(model.prior).__name__}, not one std: the Laplace's prior precision starts "
                   "at 1.0; pass prior_precision= to match the prior (optimize_prior_precision re-chooses it)", stacklevel=3)
     return 1.0
+
+
+def check_prior_search(method, val_loader, grid) -> None:
+    """Refuse what an ``optimize_prior_precision(method, val_loader, grid)`` would not read, before any data is read:
+    an unknown ``method``, ``"marglik"`` (the evidence of the training data) given a ``val_loader`` or a ``grid``,
+    ``"val_nll"`` without a ``val_loader``."""
+    if method not in ("marglik", "val_nll"):
+        raise ValueError(f"method must be 'marglik' or 'val_nll', got {method!r}")
+    given = [name for name, v in (("val_loader", val_loader), ("grid", grid)) if v is not None]
+    if method == "marglik" and given:
+        raise ValueError(f"method='marglik' maximises the evidence of the training data and reads no {' or '.join(given)}: "
+                         "pass method='val_nll' to choose lambda on validation data, or leave it out")
+    if method == "val_nll" and val_loader is None:
+        raise ValueError("method='val_nll' needs val_loader")
 
 
 def prior_precision_grid(grid=None) -> torch.Tensor:

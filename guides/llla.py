@@ -35,7 +35,7 @@ from pyro_lora.metrics import nll
 from pyro_lora.checks import check_count
 
 from .base import LoraGuide
-from .laplace import _LOG_LAMBDA_RANGE, LAMBDA_GRID, glm_probit, said_flat
+from .laplace import _LOG_LAMBDA_RANGE, LAMBDA_GRID, check_prior_search, glm_probit, said_flat
 from .registry import Fitted, join_notes, method
 
 _FULL_LIMIT = 8192  # P up to which hessian="auto" keeps the dense GGN (its P x P eigenvectors: 256 MiB in float32)
@@ -337,10 +337,11 @@ class LastLayerLaplaceGuide(LoraGuide):
 
         :param int max_iter: at most this many Newton iterations (a positive integer).
         :returns: the evidence per Newton iteration, or the validation NLL per grid value (in ascending ``lambda``).
-        :raises ValueError: before :meth:`fit`, on an unknown ``method``, ``"val_nll"`` without ``val_loader`` or on an
-            empty one, a grid value that is not finite and positive, or a grid NLL that is nan.
+        :raises ValueError: before :meth:`fit`, on an unknown ``method``, ``"marglik"`` given a ``val_loader`` or a
+            ``grid``, ``"val_nll"`` without ``val_loader`` or on an empty one, a grid value that is not finite and positive, or a grid NLL that is nan.
         """
         self._check_fitted()
+        check_prior_search(method, val_loader, grid)
         max_iter = check_count(max_iter, "max_iter")
         if method == "marglik":
             low, high = (torch.full((1,), v, dtype=torch.float64, device=self.loc.device) for v in _LOG_LAMBDA_RANGE)
@@ -348,10 +349,6 @@ class LastLayerLaplaceGuide(LoraGuide):
             t, history = maximise_evidence(self._evidence_terms, start, low, high, max_iter, self.log_likelihood)
             self.set_prior_precision(float(t.exp()))
             return history
-        if method != "val_nll":
-            raise ValueError(f"method must be 'marglik' or 'val_nll', got {method!r}")
-        if val_loader is None:
-            raise ValueError("method='val_nll' needs val_loader")
         grid = torch.logspace(-4, 4, 17) if grid is None else torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
         if grid.numel() == 0 or not bool((torch.isfinite(grid) & (grid > 0)).all()):
             raise ValueError(f"grid must hold finite positive prior precisions, got {grid.tolist()}")

@@ -22,7 +22,7 @@ from pyro_lora.distributions import UniformMixture
 from pyro_lora.kfac import glm_predict, grid_nll, probit
 
 from .ensemble import MEMBER_SITE, EnsembleGuide
-from .laplace import LaplaceGuide, kfac_likelihood, prior_precision_grid, search_grid, tuned_prior_precision
+from .laplace import LaplaceGuide, check_prior_search, kfac_likelihood, prior_precision_grid, search_grid, tuned_prior_precision
 from .registry import Fitted, method
 
 
@@ -107,23 +107,20 @@ class LaplaceMixtureGuide(EnsembleGuide):
         of batches). Either leaves every ``lambda_k`` as it was where it fails.
 
         :returns: the components' evidence traces (``"marglik"``), or the validation NLL per grid value (``"val_nll"``).
-        :raises ValueError: before :meth:`fit`, on an unknown ``method``, ``"val_nll"`` without ``val_loader``, with
-            ``kwargs``, on a grid value that is not finite and positive, on a model
+        :raises ValueError: before :meth:`fit`, on an unknown ``method``, ``"marglik"`` given a ``val_loader`` or a
+            ``grid``, ``"val_nll"`` without ``val_loader``, with ``kwargs``, on a grid value that is not finite and positive, on a model
             the guide was not built for or a network whose head changed since, or where the NLL is nan.
         """
         self._check_fitted()
+        check_prior_search(method, val_loader, grid)
         if method == "marglik":
             with self._all_or_nothing():
                 return [c.optimize_prior_precision("marglik", **kwargs) for c in self.components]
-        if method != "val_nll":
-            raise ValueError(f"method must be 'marglik' or 'val_nll', got {method!r}")
-        if val_loader is None:
-            raise ValueError("method='val_nll' needs val_loader")
         if kwargs:
             raise ValueError(f"method='val_nll' of a Laplace mixture takes val_loader, grid, refine and progress; got {sorted(kwargs)}")
-        val_loader = fixed_batches(val_loader)  # the grid in one pass, its refinement in another
         grid = prior_precision_grid(grid)
         check_guide(self.model, self, "tune lambda on validation data")
+        val_loader = fixed_batches(val_loader)  # the grid in one pass, its refinement in another
         with self._all_or_nothing():
             best, nlls = search_grid(grid, lambda g: self._grid_nll(val_loader, g, progress), refine, type(self).__name__)
             for component in self.components:

@@ -30,15 +30,31 @@ def check_positive(value, name: str) -> float:
 
     :raises ValueError: for a bool (``True`` is a slip, not 1), a string, nan, inf, 0 or less.
     """
-    # numpy and 0-d torch scalars count as numbers; strings and booleans (Python's, numpy's, a bool tensor) do not
-    boolean = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
-    try:
-        number = math.nan if boolean or isinstance(value, str) else float(value)
-    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float's range, e.g. 10**400
-        number = math.nan
+    number = _real(value)
     if not 0 < number < math.inf:  # nan fails it too
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")
     return number
+
+
+def check_nonnegative(value, name: str) -> float:
+    """``value`` as a ``float`` if it is a finite real number ``>= 0`` (0 switching something off).
+
+    :raises ValueError: for a bool, a string, nan, inf or a negative number.
+    """
+    number = _real(value)
+    if not 0 <= number < math.inf:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return number
+
+
+def _real(value) -> float:
+    """``float(value)``, or nan for what is no real number: numpy and 0-d torch scalars count as numbers; strings and
+    booleans (Python's, numpy's, a bool tensor) do not."""
+    boolean = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
+    try:
+        return math.nan if boolean or isinstance(value, str) else float(value)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float's range, e.g. 10**400
+        return math.nan
 
 
 def check_batches(data, name: str = "data") -> None:

@@ -298,3 +298,31 @@ def test_val_nll_refines_a_best_value_at_an_end_of_the_grid_towards_its_neighbou
     assert optimum / 2 < lam < optimum * 5
     # the refining step is a decade / 8, the brute grid's 0.05 decade
     assert abs(math.log10(lam) - math.log10(optimum)) <= 0.0625 + 0.025 + 1e-6
+
+
+def test_arguments_a_method_would_not_read_are_refused_before_the_validation_data_is():
+    """"marglik" took a val_loader, a grid and predictive="bogus" and ignored them; min_effective_parameters=inf pinned
+    every lambda at e^25 (True was read as 1, nan and -5 as 0); a refused "val_nll" call had used up a generator, so the
+    corrected retry said "val_loader is empty"."""
+    from pyro_lora.guides import LastLayerLaplaceGuide
+
+    guide = LaplaceGuide(bert_model()).fit(bert_data(), progress=False)
+    val = bert_data(lengths=(6, 6, 3, 5), seed=5)
+    lam = {n: p.clone() for n, p in guide.prior_precision.items()}
+    for kwargs, message in [({"val_loader": val}, "reads no val_loader"), ({"grid": [1.0]}, "reads no grid"),
+                            ({"predictive": "samples"}, "scores no predictive"), ({"predictive": "bogus"}, "predictive must be"),
+                            ({"method": "val_nll"}, "needs val_loader"), ({"method": "typo"}, "method must be")]:
+        with pytest.raises(ValueError, match=message):
+            guide.optimize_prior_precision(**{"method": "marglik", **kwargs})
+    for bad in (math.inf, math.nan, -5.0, True):
+        with pytest.raises(ValueError, match=r"min_effective_parameters must be a finite number >= 0, got"):
+            guide.optimize_prior_precision(per_layer=True, min_effective_parameters=bad)
+    batches = iter(val)
+    for kwargs in ({"per_layer": True}, {"predictive": "bogus"}, {"grid": [0.0]}):
+        with pytest.raises(ValueError):
+            guide.optimize_prior_precision("val_nll", val_loader=batches, **kwargs)
+    assert all(torch.equal(lam[n], p) for n, p in guide.prior_precision.items())
+    assert len(guide.optimize_prior_precision("val_nll", val_loader=batches, grid=[1.0, 2.0], refine=False)) == 2
+    llla = LastLayerLaplaceGuide(bert_model()).fit(bert_data(), progress=False)
+    with pytest.raises(ValueError, match=r"method='marglik' maximises the evidence .* reads no val_loader or grid"):
+        llla.optimize_prior_precision("marglik", val_loader=val, grid=[1.0])
