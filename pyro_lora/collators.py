@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from .checks import check_count
-from .prompts import cloze_pairs, letter_prompt, record_text
+from .prompts import _cloze_parts, _letter_parts, record_text
 from .records import record_task, validate_record
 
 __all__ = ["CausalLMCollator", "ClassificationCollator", "ClozeCollator", "LetterCollator"]
@@ -75,6 +75,14 @@ def _check_max_length(tokenizer, max_length, special: int, room: str = "a text t
     return max_length
 
 
+def _shared_start(a: list[int], b: list[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share: the tokens of a text's head alone may merge across its end."""
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def _choice_mask(records, num_choices: int) -> torch.Tensor:
     counts = torch.tensor([len(r["choices"]) for r in records])
     return torch.arange(num_choices)[None, :] < counts[:, None]
@@ -114,7 +122,9 @@ class LetterCollator:
 
     Returns ``input_ids [B, T]``, ``attention_mask [B, T]``, ``labels [B]`` and ``choice_mask [B, K]``
     (bool, ``K`` = most choices in the batch, ``False`` for options a record lacks). Prompts longer
-    than ``max_length`` lose tokens at the start, so ``Answer:`` stays last. With left padding (the
+    than ``max_length`` lose tokens at the start of the question (or passage), so ``Answer:`` stays last; a cut
+    that would reach the answer options is refused (``ValueError`` naming the ``max_length`` needed): the model
+    would be asked for a letter whose option it never saw. With left padding (the
     default) the last real token sits at position ``-1``, where the answer-letter logits are read;
     with right padding it sits at ``attention_mask.sum(-1) - 1``. Either way the positions count real
     tokens only (:class:`~pyro_lora.MultipleChoice`), so the logits do not depend on the padding.
@@ -131,9 +141,18 @@ class LetterCollator:
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
         _check_records(records, "multiple_choice")
-        prompts = [letter_prompt(r) for r in records]
-        encoded = self.tokenizer(prompts, add_special_tokens=False)["input_ids"]
+        heads, tails = zip(*(_letter_parts(r) for r in records))
+        encoded = self.tokenizer([h + t for h, t in zip(heads, tails)], add_special_tokens=False)["input_ids"]
+        head_ids = self.tokenizer(list(heads), add_special_tokens=False)["input_ids"]
         budget = self.max_length - len(self.prefix)
+        for record, ids, head in zip(records, encoded, head_ids):
+            keep = _shared_start(head, ids)  # the question's tokens; the rest (the options) must stay whole
+            if len(ids) - budget > keep:
+                raise ValueError(
+                    f"record {record.get('id')!r}: its letter prompt is {len(ids)} tokens and max_length="
+                    f"{self.max_length} would cut into its answer options (a letter asked for an option never seen); "
+                    f"it needs max_length >= {len(self.prefix) + len(ids) - keep}: raise max_length"
+                )
         rows = [self.prefix + ids[-budget:] for ids in encoded]
         input_ids, attention_mask = _pad(rows, self.pad_id, self.padding_side)
         num_choices = max(len(r["choices"]) for r in records)
@@ -162,9 +181,12 @@ class ClozeCollator:
     The continuation's tokens are those of context and continuation tokenized together, after the context's
     own (as lm-evaluation-harness splits them), so they are the text's own: a SentencePiece tokenizer that
     prepends ``"▁"`` to each text it encodes would give a continuation tokenized alone an extra token. Where
-    the joint tokens merge across the boundary, the continuation is tokenized alone. Too long a context loses
-    tokens at its start; a choice longer than ``max_length`` leaves for it is refused (``ValueError``), since
-    cutting its end would score the choices on their beginnings. Missing choices become a 1-token dummy row with an
+    the joint tokens merge across the boundary, the continuation is tokenized alone. Too long a question loses
+    tokens at its start, the same tokens for each of its choices (as many as its longest row needs), so the
+    choices are compared under one context. Refused (``ValueError``): a choice longer than ``max_length`` leaves
+    for it (cutting its end would score the choices on their beginnings), a cut that would reach the choice
+    itself where it sits in the context (WinoGrande's partial scoring), and an empty context (a WinoGrande
+    sentence that is only its blank: the continuation's first token would have nothing to condition on). Missing choices become a 1-token dummy row with an
     empty target, lengths 1 (so normalising never divides by zero) and ``choice_mask`` False.
     """
 
@@ -177,42 +199,55 @@ class ClozeCollator:
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
         _check_records(records, "multiple_choice")
         num_choices = max(len(r["choices"]) for r in records)
-        pairs, owners = [], []
-        for record in records:
-            own = cloze_pairs(record)
-            pairs.extend(own + [None] * (num_choices - len(own)))
-            owners.extend([record.get("id")] * num_choices)
-        real = [p for p in pairs if p is not None]
+        parts = [_cloze_parts(r) for r in records]
+        real = [(head + own, cont) for head, own_parts in parts for own, cont in own_parts]
         tok = self.tokenizer
+        heads = tok([head for head, _ in parts], add_special_tokens=False)["input_ids"]
         contexts = tok([c for c, _ in real], add_special_tokens=False)["input_ids"]
         wholes = tok([c + t for c, t in real], add_special_tokens=False)["input_ids"]
         alone = tok([t for _, t in real], add_special_tokens=False)["input_ids"]
         # the continuation's tokens are the text's own: a SentencePiece tokenizer that prepends "▁" to each text gives
         # " Paris" alone an extra "▁"; where the joint tokens merge across the boundary, the continuation alone
-        split = [(w[: len(c)], w[len(c) :]) if w[: len(c)] == c and len(w) > len(c) else (c, a)
-                 for c, w, a in zip(contexts, wholes, alone)]
-        contexts, continuations = iter([c for c, _ in split]), iter([t for _, t in split])
+        split = iter([(w[: len(c)], w[len(c) :]) if w[: len(c)] == c and len(w) > len(c) else (c, a)
+                      for c, w, a in zip(contexts, wholes, alone)])
 
         rows, spans, chars = [], [], []
         budget = self.max_length - len(self.prefix)
-        for pair, owner in zip(pairs, owners):
-            if pair is None:
+        for record, (_, own_parts), head in zip(records, parts, heads):
+            owner = record.get("id")
+            own = [next(split) for _ in own_parts]
+            for ctx, cont in own:
+                if len(cont) > budget - 1:  # at least one context token to condition on
+                    raise ValueError(
+                        f"a choice of record {owner!r} is {len(cont)} tokens, more than max_length={self.max_length} "
+                        f"leaves for it ({budget - 1}): its end would be cut and the choices scored on their beginnings "
+                        "only; raise max_length"
+                    )
+                if not ctx:
+                    raise ValueError(
+                        f"record {owner!r} has an empty cloze context (a WinoGrande sentence that is only its blank?): "
+                        "the continuation's first token would have nothing to condition on; give the sentence text "
+                        "around the blank"
+                    )
+            # one cut for every choice, within the head they share: the choices are compared under one context
+            longest = max(len(c) + len(t) for c, t in own)
+            cut = max(0, longest - budget)
+            shared = min(_shared_start(head, c) for c, _ in own)
+            if cut > shared:
+                raise ValueError(
+                    f"record {owner!r}: max_length={self.max_length} would cut into a choice where it sits in the "
+                    "context (WinoGrande partial scoring), scoring the choices on fragments; it needs max_length >= "
+                    f"{len(self.prefix) + longest - shared}: raise max_length"
+                )
+            for (ctx, cont), (_, text) in zip(own, own_parts):
+                row = self.prefix + ctx[cut:] + cont
+                rows.append(row)
+                spans.append((len(row) - len(cont), len(row)))
+                chars.append(len(text.removeprefix(" ")))  # the choice's own: lm-eval's acc_norm leaves out the delimiter
+            for _ in range(num_choices - len(own)):
                 rows.append([self.pad_id])
                 spans.append((1, 1))
                 chars.append(1)
-                continue
-            ctx, cont = next(contexts), next(continuations)
-            if len(cont) > budget - 1:  # at least one context token to condition on
-                raise ValueError(
-                    f"a choice of record {owner!r} is {len(cont)} tokens, more than max_length={self.max_length} leaves "
-                    f"for it ({budget - 1}): its end would be cut and the choices scored on their beginnings only; "
-                    "raise max_length"
-                )
-            ctx = ctx[len(ctx) - (budget - len(cont)) :] if len(ctx) + len(cont) > budget else ctx
-            row = self.prefix + ctx + cont
-            rows.append(row)
-            spans.append((len(row) - len(cont), len(row)))
-            chars.append(len(pair[1].removeprefix(" ")))  # the choice's own: lm-eval's acc_norm leaves out the delimiter
 
         input_ids, attention_mask = _pad(rows, self.pad_id, "right")
         target_mask = torch.zeros_like(input_ids, dtype=torch.bool)

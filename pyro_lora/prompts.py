@@ -42,6 +42,11 @@ def is_blank_item(record: dict) -> bool:
 def letter_prompt(record: dict) -> str:
     """The letter-format prompt: question (with passage or blank sentence), options ``A. ...``,
     ending with ``Answer:`` so the next token is the answer letter."""
+    return "".join(_letter_parts(record))
+
+
+def _letter_parts(record: dict) -> tuple[str, str]:
+    """The letter prompt as (question part, options block and ``Answer:``): truncation may cut the first only."""
     choices = record["choices"]
     if len(choices) > len(LETTERS):
         raise ValueError(f"record {record['id']!r} has {len(choices)} choices, more than {len(LETTERS)} letters")
@@ -52,7 +57,7 @@ def letter_prompt(record: dict) -> str:
     else:
         head = f"Question: {record['question']}"
     options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(choices))
-    return f"{head}\n{options}{_ANSWER}"
+    return head, f"\n{options}{_ANSWER}"
 
 
 def letter_token_ids(tokenizer, num_choices: int) -> torch.Tensor:
@@ -90,21 +95,30 @@ def cloze_pairs(record: dict) -> list[tuple[str, str]]:
     * passage (BoolQ): context ``"{passage}\\nQuestion: {q}?\\nAnswer:"`` (one ``?``), continuation ``" {choice}"``;
     * blank sentence (WinoGrande), partial scoring: context = the sentence up to the blank with the
       choice filled in, continuation = the rest of the sentence, the same text for every choice.
+
+    Continuations other than WinoGrande's rest of the sentence start with a space before the choice.
     """
+    head, parts = _cloze_parts(record)
+    return [(head + own, continuation) for own, continuation in parts]
+
+
+def _cloze_parts(record: dict) -> tuple[str, list[tuple[str, str]]]:
+    """``(head, [(own, continuation), ...])``: each choice's context is ``head + own``, ``head`` the text every
+    choice shares (which truncation may cut), ``own`` the choice itself in WinoGrande's partial scoring, else ``""``."""
     choices = record["choices"]
     question = record["question"]
     if is_blank_item(record):
         start = question.index("_")
         prefix, rest = question[:start], question[start + 1 :]
         if rest.strip():
-            return [(prefix + c, rest) for c in choices]
+            return prefix, [(c, rest) for c in choices]
         # Blank at the very end: nothing shared to score, so score the filled-in ending instead.
-        return [(prefix.rstrip(), f" {c}{rest}") for c in choices]
+        return prefix.rstrip(), [("", f" {c}{rest}") for c in choices]
     if "context" in record:
         context = f"{record['context']}\nQuestion: {_as_question(question)}\nAnswer:"
     else:
         context = f"Question: {question}\nAnswer:"
-    return [(context, f" {c}") for c in choices]
+    return context, [("", f" {c}") for c in choices]
 
 
 def record_text(record: dict) -> str:

@@ -631,3 +631,53 @@ def test_cloze_target_chars_count_the_choice_without_the_delimiter(smol_tok):
     choice was counted ([2, 3] for "x", "yy"), ranking short answers differently."""
     batch = D.ClozeCollator(smol_tok)([{"id": 0, "question": "q", "choices": ["x", "yy"], "label": 0}])
     assert batch["target_chars"].tolist() == [1, 2]
+
+
+@needs_smollm2
+def test_cloze_choices_of_a_question_are_truncated_to_one_context(smol_tok):
+    """Each choice kept a different amount of the question: a short choice all of it, a long one lost its start."""
+    record = {"id": "q1", "question": "Which of these planets in our solar system is the largest by its diameter and "
+              "by its mass?", "choices": ["Jupiter", "the small red planet that is fourth from the sun and has two moons"],
+              "label": 0}
+    batch = D.ClozeCollator(smol_tok, max_length=24)([record])
+    contexts = [smol_tok.decode(batch["input_ids"][k][batch["attention_mask"][k].bool() & ~batch["target_mask"][k]])
+                for k in range(2)]
+    assert contexts[0] == contexts[1] and contexts[0].endswith("?\nAnswer:")
+    assert batch["attention_mask"][1].sum() == 24  # the longest row sets the cut
+
+
+@needs_smollm2
+def test_a_cloze_cut_into_a_winogrande_choice_is_refused(smol_tok):
+    """In partial scoring the choice ends the context: a left cut scored ' trophy' against 'case'."""
+    record = {"id": "w", "question": "The trophy doesn't fit into the brown suitcase because the _ is too large.",
+              "choices": ["gold trophy", "old brown suitcase"], "label": 0}
+    with pytest.raises(ValueError, match=r"record 'w': max_length=7 would cut into a choice .* needs max_length >= 8"):
+        D.ClozeCollator(smol_tok, max_length=7)([record])
+    batch = D.ClozeCollator(smol_tok, max_length=8)([record])
+    for k, choice in enumerate(record["choices"]):
+        row = batch["input_ids"][k][batch["attention_mask"][k].bool() & ~batch["target_mask"][k]]
+        assert smol_tok.decode(row).endswith(" " + choice)
+    assert not smol_tok.decode(batch["input_ids"][0]).startswith("The")  # the shared question did lose its start
+
+
+@needs_smollm2
+def test_an_empty_cloze_context_is_refused(smol_tok):
+    """A sentence that is only the blank left the first continuation token unconditioned: logits 0 or a reshape error."""
+    with pytest.raises(ValueError, match="record 1 has an empty cloze context"):
+        D.ClozeCollator(smol_tok)([{"id": 1, "question": "_", "choices": ["Paris", "Rome"], "label": 0}])
+
+
+@needs_smollm2
+def test_a_letter_cut_into_the_options_is_refused(smol_tok):
+    """The model was asked for a letter whose option (and question) it never saw."""
+    record = {"id": "q", "question": "Which of these is a planet?",
+              "choices": ["Jupiter, the largest planet of the solar system", "the Moon, a natural satellite of the Earth",
+                          "Sirius, the brightest star of the night sky", "Halley, a periodic comet"], "label": 0}
+    prompt = smol_tok(D.letter_prompt(record), add_special_tokens=False)["input_ids"]
+    question = len(smol_tok("Question: Which of these is a planet?", add_special_tokens=False)["input_ids"])
+    needed = len(prompt) - question
+    with pytest.raises(ValueError, match=f"record 'q': its letter prompt is {len(prompt)} tokens and max_length=24 would "
+                                         f"cut into its answer options .* needs max_length >= {needed}"):
+        D.LetterCollator(smol_tok, max_length=24)([record])
+    batch = D.LetterCollator(smol_tok, max_length=needed)([record])
+    assert smol_tok.decode(batch["input_ids"][0]) == D.letter_prompt(record)[len("Question: Which of these is a planet?"):]
