@@ -153,6 +153,7 @@ class LaplaceGuide(LoraGuide):
         loglik, count = accumulate(
             self.model, self.sites, self.factors, data, self.fisher, self.kfac, self.sketch or 2 * self.rank + 10, progress, loc
         )
+        warn_fitted_rows(self.model, count, "LaplaceGuide")
         self.log_likelihood.fill_(loglik)
         self.num_data.fill_(count)
         self.fitted.fill_(True)
@@ -453,6 +454,18 @@ def _model_precision(model) -> float:
     warnings.warn(f"the model's prior is a {type(model.prior).__name__}, not one std: the Laplace's prior precision starts "
                   "at 1.0; pass prior_precision= to match the prior (optimize_prior_precision re-chooses it)", stacklevel=3)
     return 1.0
+
+
+def warn_fitted_rows(model, count: int, who: str) -> None:
+    """Warn where a Laplace's curvature summed another number of examples than the model's ``num_data`` (the training
+    set its MAP was fitted to): its posterior and evidence are those of ``count`` examples (fitted on part of the
+    training set, or on a loader that repeats it), as laplace-torch's would be, which is rarely what is meant."""
+    if model.num_data is not None and count != model.num_data:
+        part = "part of" if count < model.num_data else "more than"
+        warnings.warn(f"{who}.fit summed the curvature of {count} examples, but the model was built with num_data="
+                      f"{model.num_data} (its training set): the posterior and the evidence are those of {count} examples "
+                      f"({part} the training set); fit on the whole training set once, or build the model with "
+                      f"num_data={count} if these are its data", stacklevel=3)
 
 
 def check_prior_search(method, val_loader, grid) -> None:

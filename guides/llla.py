@@ -35,7 +35,7 @@ from pyro_lora.metrics import nll
 from pyro_lora.checks import check_count
 
 from .base import LoraGuide
-from .laplace import _LOG_LAMBDA_RANGE, LAMBDA_GRID, check_prior_search, glm_probit, said_flat
+from .laplace import _LOG_LAMBDA_RANGE, LAMBDA_GRID, check_prior_search, glm_probit, said_flat, warn_fitted_rows
 from .registry import Fitted, join_notes, method
 
 _FULL_LIMIT = 8192  # P up to which hessian="auto" keeps the dense GGN (its P x P eigenvectors: 256 MiB in float32)
@@ -220,6 +220,7 @@ class LastLayerLaplaceGuide(LoraGuide):
         distributed.all_reduce_(sums + [totals])
         if totals[1] == 0:
             raise ValueError("LastLayerLaplaceGuide.fit got no batches: the data is empty")
+        warn_fitted_rows(self.model, int(totals[1]), "LastLayerLaplaceGuide")
         with torch.no_grad():
             if self.hessian == "full":
                 self._set_eigen("eigvals", "eigvecs", sums[0].view(c * d1, c * d1))

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import tiny_bert_base
+from conftest import tiny_bert, tiny_bert_base
 from peft import LoraConfig, get_peft_model
 from test_laplace import bert_data, bert_model, dense_precision, mlp_data, mlp_model
 
@@ -326,3 +326,22 @@ def test_arguments_a_method_would_not_read_are_refused_before_the_validation_dat
     llla = LastLayerLaplaceGuide(bert_model()).fit(bert_data(), progress=False)
     with pytest.raises(ValueError, match=r"method='marglik' maximises the evidence .* reads no val_loader or grid"):
         llla.optimize_prior_precision("marglik", val_loader=val, grid=[1.0])
+
+
+def test_a_fit_on_another_number_of_examples_than_num_data_is_warned():
+    """A model of num_data=48 fitted on its first 8 rows (or its 48 twice) gave the posterior and evidence of 8 (or 96)
+    examples without a word: the evidence lambda 0.0027 (0.0091) for 0.0064, the GLM variance 2.5x (0.7x)."""
+    from pyro_lora.guides import LastLayerLaplaceGuide
+
+    data = bert_data()  # 3 examples
+    for guide_class in (LaplaceGuide, LastLayerLaplaceGuide):
+        for num_data, said in ((6, "part of"), (2, "more than")):
+            model = LoraModel(tiny_bert(r=2), SequenceClassification(), num_data=num_data)
+            with pytest.warns(UserWarning, match=rf"{guide_class.__name__}.fit summed the curvature of 3 examples, but the "
+                                                 rf"model was built with num_data={num_data} .*\({said} the training set\)"):
+                guide_class(model).fit(data, progress=False)
+        for model in (LoraModel(tiny_bert(r=2), SequenceClassification(), num_data=3),
+                      LoraModel(tiny_bert(r=2), SequenceClassification())):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)
+                guide_class(model).fit(data, progress=False)
