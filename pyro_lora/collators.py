@@ -51,11 +51,11 @@ def _labels(records) -> torch.Tensor:
     return torch.tensor([r["label"] for r in records], dtype=torch.long)
 
 
-def _check_records(records, task: str) -> None:
+def _check_records(records, task: str | None) -> None:
     """Refuse a record the JSONL reader would refuse (records built in memory come here unchecked): a label 0.5 cast
-    to long was class 0, a passage under "context" was dropped without a word."""
+    to long was class 0, a passage under "context" was dropped without a word. ``task`` None: each record's own."""
     for r in records:
-        problem = validate_record(r, task)
+        problem = validate_record(r, task or record_task(r))
         if problem:
             owner = r.get("id") if isinstance(r, dict) else None
             raise ValueError(f"record {owner!r}: {problem}")
@@ -283,8 +283,7 @@ class CausalLMCollator:
         self.max_length = _check_max_length(tokenizer, max_length, len(self.prefix))
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
-        for r in records:  # either layout; unchecked, a label -1 trained the last choice, True choice 1
-            _check_records([r], record_task(r) if isinstance(r, dict) else "classification")
+        _check_records(records, None)  # either layout; unchecked, a label -1 trained the last choice, True choice 1
         encoded = self.tokenizer([self.text_fn(r) for r in records], add_special_tokens=False)["input_ids"]
         rows = [(self.prefix + ids)[: self.max_length] for ids in encoded]
         input_ids, attention_mask = _pad(rows, self.pad_id, "right")

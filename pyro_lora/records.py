@@ -20,10 +20,10 @@ def visible(text: str) -> bool:
     return any(unicodedata.category(c)[0] not in "CZM" for c in text)
 
 
-def record_task(record: dict) -> str:
+def record_task(record: object) -> str:
     """The task a record of either layout belongs to: ``"multiple_choice"`` if it has ``choices``, else
     ``"classification"`` (a multiple-choice record may carry an extra ``text`` field, as the reader allows)."""
-    return "multiple_choice" if "choices" in record else "classification"
+    return "multiple_choice" if isinstance(record, dict) and "choices" in record else "classification"
 
 
 def validate_record(record: object, task: str, num_labels: int | None = None) -> str | None:
