@@ -146,12 +146,12 @@ class LetterCollator:
         head_ids = self.tokenizer(list(heads), add_special_tokens=False)["input_ids"]
         budget = self.max_length - len(self.prefix)
         for record, ids, head in zip(records, encoded, head_ids):
-            keep = _shared_start(head, ids)  # the question's tokens; the rest (the options) must stay whole
-            if len(ids) - budget > keep:
+            cuttable = _shared_start(head, ids)  # the question's tokens; the rest (the options) must stay whole
+            if len(ids) - budget > cuttable:
                 raise ValueError(
                     f"record {record.get('id')!r}: its letter prompt is {len(ids)} tokens and max_length="
                     f"{self.max_length} would cut into its answer options (a letter asked for an option never seen); "
-                    f"it needs max_length >= {len(self.prefix) + len(ids) - keep}: raise max_length"
+                    f"it needs max_length >= {len(self.prefix) + len(ids) - cuttable}: raise max_length"
                 )
         rows = [self.prefix + ids[-budget:] for ids in encoded]
         input_ids, attention_mask = _pad(rows, self.pad_id, self.padding_side)
