@@ -1113,3 +1113,45 @@ def test_a_ts_rows_failure_marks_its_ts_rows_alone():
     assert notes["llla"] is None and notes["llla+ts"].startswith("failed under seed 1")
     run = {"config": {"guides": ["llla"], "seeds": [0, 1]}, "per_seed": rows, "failed": failed}
     assert run_state(run) == ["**failed**: llla+ts (seed 1) (tracebacks in its results.json, under 'failed')"]
+
+
+
+def test_rows_of_another_cloze_scoring_are_not_joined(tmp_path):
+    """Per-character cloze scores divided by len(choice) + 1 before 2026-12-03: a resume or an --update of such a run
+    averaged rows of both scorings into one mean, without a word."""
+    config = small(tmp_path / "run", dataset="openbookqa", mc_format="cloze", mc_normalize="chars")
+    row = {**ROW, "dataset": "openbookqa"}
+    folder = RunFolder(tmp_path / "run", config)
+    folder.check_scoring(config)
+    folder.add("map", 0, [row], {k.replace("sst2", "openbookqa"): v for k, v in arrays(0).items()})
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["scoring"] == 2
+    RunFolder(tmp_path / "run", config).check_scoring(config)  # the same form: resumed
+    (tmp_path / "run" / "results.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "scoring"}))
+    with pytest.raises(ValueError, match=r"holds rows of another multiple-choice scoring \(cloze form 1 there, 2 now"):
+        RunFolder(tmp_path / "run", config).check_scoring(config)
+    letter = small(tmp_path / "letter", dataset="openbookqa", mc_format="letter")
+    RunFolder(tmp_path / "letter", letter).check_scoring(letter)  # no cloze: nothing changed
+    from pyro_lora.experiments.results import merge_results, recorded_scoring
+
+    assert recorded_scoring({k: v for k, v in saved.items() if k != "scoring"}) == 1 and recorded_scoring(saved) == 2
+    old = {k: v for k, v in saved.items() if k != "scoring"}  # a run of two methods, one of them rerun now
+    (tmp_path / "run" / "results.json").write_text(json.dumps(old | {"config": {**old["config"], "guides": ["map", "temperature"]}}))
+    update = tmp_path / "update"
+    update.mkdir()
+    (update / "results.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"differ in scoring \(cloze form 1 there, 2 in the rerun\)"):
+        merge_results(tmp_path / "run", update)
+
+
+@pytest.mark.real
+def test_a_letter_prompt_cut_into_its_options_is_refused_before_training(monkeypatch):
+    """The cloze format's records were collated before training; a letter prompt whose options --max-length cut was
+    refused only when its split was collated, part-way through the run."""
+    from pyro_lora.experiments import setup as S
+
+    monkeypatch.setattr(S, "train_map", lambda *a, **k: pytest.fail("trained before refusing"), raising=False)
+    config = CompareConfig(model="smollm2", dataset="arc_easy", mc_format="letter", max_length=24, train_size=8,
+                           test_size=4, out="unused", progress=False)
+    with pytest.raises(ValueError, match=r"^the \w+ records cannot be collated \(.*options.*\); checked before training"):
+        prepare(config, 0)

@@ -211,6 +211,7 @@ def _run_seeds(config, overwrite, reference):
         base = base_digest(setup.net, setup.tokenizer)  # the folder --model names may hold another checkpoint since the rows were scored
         for folder in [run] if earlier is run else [run, earlier]:
             folder.check_base(base)
+            folder.check_scoring(setup.config)
         run.config = setup.config  # the resolved defaults (learning rate, multiple-choice format) go into results.json
         if config.progress:
             c = setup.config

@@ -26,7 +26,7 @@ from ..io import atomic_file, check_file_slot, copy_file, read_safetensors, stan
 from ..locking import FolderLocked, locked_elsewhere
 from ..model_files import local_model_path
 from .plots import metric_scatter, reliability_diagram, reliability_grid
-from .setup import ADDED_SETTINGS, BASE_DIGEST_VERSION, state_digest
+from .setup import ADDED_SETTINGS, BASE_DIGEST_VERSION, CLOZE_SCORING, state_digest
 from .study_header import now
 from .table import base_guide, ts_name
 from .verdict import REFERENCE, verdict
@@ -65,6 +65,19 @@ def recorded_base(saved) -> str | None:
     """The base model digest the run record ``saved`` keeps, if in this version's form (:func:`~.setup.base_digest`):
     one of an older form cannot be compared with a digest now, and is taken as none."""
     return saved.get("base") if saved.get("base_version") == BASE_DIGEST_VERSION else None
+
+
+def recorded_scoring(saved) -> int | None:
+    """The cloze scoring form the run record ``saved``'s rows were computed with (:data:`~.setup.CLOZE_SCORING`; 1 for
+    a cloze record from before it was kept), None for a run that scores no cloze."""
+    if "scoring" in saved:
+        return saved["scoring"]
+    return 1 if saved.get("config", {}).get("mc_format") == "cloze" and saved.get("per_seed") else None
+
+
+def scoring_of(config) -> int | None:
+    """The cloze scoring form a run of ``config`` (its ``mc_format`` resolved) computes its rows with."""
+    return CLOZE_SCORING if config.mc_format == "cloze" else None
 
 
 def map_name(seed) -> str:
@@ -139,6 +152,7 @@ class RunFolder:
         self.base = None  # digest of the base model's weights they were scored with (:func:`~.setup.base_digest`)
         self.seeding = {}  # row name -> the oldest seeding of its rows (:func:`recorded_seeding`)
         self.labels = None  # evaluation set -> the label names its rows were scored under (:func:`~.setup.label_names`)
+        self.scoring = None  # the cloze scoring form of its rows (:func:`recorded_scoring`)
         self._check_writable(config.guides or ())
         saved = self._read()
         self._replaced = saved if overwrite else None  # its files go once this run writes its first result
@@ -146,7 +160,7 @@ class RunFolder:
             self._check_same(saved)
             self.rows, self.failed, self.sizes = saved["per_seed"], saved.get("failed", []), saved.get("sizes")
             self.maps, self.data, self.base = dict(saved.get("maps", {})), saved.get("data"), recorded_base(saved)
-            self.labels = saved.get("labels")
+            self.labels, self.scoring = saved.get("labels"), recorded_scoring(saved)
             self.seeding = recorded_seeding(saved)
             self.guides, self.seeds = list(saved["config"]["guides"] or ()), list(saved["config"]["seeds"])
 
@@ -216,6 +230,17 @@ class RunFolder:
             "configuration or tokenizer differ: the folder holds another checkpoint since, or the path names another "
             "one): restore that model"), remedy=("pass --overwrite to replace the run; pyro-lora study: --update map "
                                                  "reruns every row on the base --model loads now"))
+
+    def check_scoring(self, config):
+        """Refuse to add rows to a run whose rows were scored by another cloze scoring form than ``config``'s (the
+        library's changed since: rows of both forms would be averaged into one mean)."""
+        now = scoring_of(config)
+        if self.rows and self.scoring != now:
+            raise ValueError(f"{self.out / RESULTS} holds rows of another multiple-choice scoring (cloze form {self.scoring} "
+                             f"there, {now} now: since form 2 a per-character score divides by len(choice), as lm-eval's "
+                             "acc_norm, and every choice of a question keeps one truncated context), which new rows would be "
+                             f"averaged with; run into another --out (or {_REPLACE} the run)")
+        self.scoring = now
 
     def _check_digest(self, key, digest, what, refusal, remedy=f"{_REPLACE} the run"):
         if getattr(self, key) is None and self.rows:  # and stays without one: its old rows were never checked
@@ -400,7 +425,7 @@ class RunFolder:
                                         "verdict": verdict(self.rows, self.config.dataset), "per_seed": self.rows,
                                         "failed": self.failed, "maps": self.maps, "data": self.data, "base": self.base,
                                         "base_version": BASE_DIGEST_VERSION, "predict_seeding": self.seeding,
-                                        "labels": self.labels})
+                                        "labels": self.labels, "scoring": self.scoring})
 
     def _summary_figures(self, summary):
         _draw_summary(self.out, summary, self.guides, self.config.dataset, self.seeds[0])
@@ -606,6 +631,8 @@ def merge_results(out, update, record=None):
         differ.append("data (the rerun records no digest of its records)")
     if recorded_base(base) and recorded_base(base) != recorded_base(new) and not replaces_all:
         differ.append("base (the rerun ran on other base model weights)")
+    if recorded_scoring(base) != recorded_scoring(new) and not replaces_all:
+        differ.append(f"scoring (cloze form {recorded_scoring(base)} there, {recorded_scoring(new)} in the rerun)")
     if base.get("labels") and new.get("labels") and base["labels"] != new["labels"] and not replaces_all:
         differ.append(f"labels ({base['labels']} there, {new['labels']} in the rerun)")
     if differ:
@@ -634,7 +661,7 @@ def merge_results(out, update, record=None):
     config = {**base["config"], "guides": guides}
     if replaces_all:  # every row rerun: the records and base are the rerun's, wherever they were read, however many used
         config.update(data_dir=new["config"].get("data_dir"), model=new["config"].get("model"))
-        base = {**base, **{k: new.get(k) for k in ("data", "sizes", "base", "base_version", "labels")}}
+        base = {**base, **{k: new.get(k) for k in ("data", "sizes", "base", "base_version", "labels", "scoring")}}
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
     # a rerun method's rows are the rerun's, every seed: so is their seeding
     seeding = {g: s for g, s in recorded_seeding(base).items() if base_guide(g) not in updated} | recorded_seeding(new)

@@ -74,6 +74,10 @@ FULL = {"train_size": 2000, "test_size": 1000, "samples": 8, "epochs": 10}
 # definition, such as split_special_tokens, and label names or run-time switches in the config); a record of another
 # form is not compared
 BASE_DIGEST_VERSION = 4
+# results.json's "scoring": the form of cloze scoring its rows were computed with. 2 since 2026-12-03: a per-character
+# score divides by len(choice), as lm-eval's acc_norm, and every choice of a question keeps the same truncated context;
+# a cloze record without it was scored by form 1 (len(choice) + 1, each choice truncated on its own)
+CLOZE_SCORING = 2
 # config entries that do not change what the network computes (the ones a saved guide's check leaves out too): where
 # it was read from, the dtype it was saved in (the run's --dtype loads it), label names, run-time switches, versions
 _CONFIG_NOT_COMPUTED = {*CONFIG_IGNORED, "_commit_hash"}
@@ -275,12 +279,12 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
         if config.mc_format == "cloze":
             likelihood = MultipleChoice(format="cloze", normalize=config.mc_normalize)
             collator = D.ClozeCollator(tok, config.max_length)
-            _check_collates(collator, {"train": train, "validation": val, "test": test, **shifted})
         else:
             # one letter per choice of the widest set: ARC has 3-5 options, OBQA 4
             num_choices = max(len(r["choices"]) for records in [train, test, *shifted.values()] for r in records)
             likelihood = MultipleChoice(D.letter_token_ids(tok, num_choices), format="letter")
             collator = D.LetterCollator(tok, config.max_length)
+        _check_collates(collator, {"train": train, "validation": val, "test": test, **shifted})
     config = replace(config, lr=config.lr or default_lr(meta["task"]))
     torch.manual_seed(seed)  # the LoRA's initialisation, whatever loading drew
     if adapter_dir is None:
@@ -294,7 +298,8 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
 
 def _check_collates(collator, splits: dict, chunk: int = 256):
     """Collate every record of every split once, before any training: a cloze choice longer than ``--max-length``
-    leaves was refused only when its split was predicted, after every method had been fitted.
+    leaves (or a letter prompt whose options it would cut) was refused only when its split was predicted, after every
+    method had been fitted.
 
     :raises ValueError: naming the split, from the collator's own refusal.
     """
