@@ -1,9 +1,11 @@
 """Cost of the TFB sigma_q search against one plain forward pass over the anchors, in the same process.
 
 A small random Llama (LoRA r=8 on all 7 projections, B random so the adapter is not at zero), letter
-multiple choice over 4 answers. The search makes ``1 + candidates`` passes over the anchors (the sigma=0
-reference, then ``num_samples`` rows per anchor for each candidate); the ratio to a plain forward shows
-what the batched S-sample forward costs against that row count. CPU by default.
+multiple choice over 4 answers, the library's search settings (``TFB_SEARCH``) unless given. The search makes the
+sigma=0 reference pass and, per candidate, ``num_samples`` rows for each anchor it scores (under ``"flip"`` an
+infeasible candidate stops once its flips pass the tolerance): the passes counted are the anchors scored over the
+anchor count. The ratio to a plain forward shows what the batched S-sample forward costs against those rows. CPU by
+default.
 
     python benchmarks/tfb_search.py                    # CPU, small
     python benchmarks/tfb_search.py --device cuda --size 1b --anchors 500
@@ -29,8 +31,8 @@ def timed_once(fn, device):
     return time.perf_counter() - t, out
 
 
-def run(size="small", device="cpu", dtype=None, anchors=128, batch=16, seq=64, samples=10, iterations=TFB_SEARCH["iterations"], criterion="nll", tolerance=0.01,
-        repeats=3, net=None, log=print):
+def run(size="small", device="cpu", dtype=None, anchors=128, batch=16, seq=64, samples=10, iterations=TFB_SEARCH["iterations"],
+        criterion=TFB_SEARCH["criterion"], tolerance=TFB_SEARCH["tolerance"], repeats=3, net=None, log=print):
     """Measure; returns a dict of figures that :func:`tables` prints. ``net``: a LoRA Llama to reuse (else one is built)."""
     device = torch.device(device)
     dtype = dtype or C.default_dtype(device)
@@ -55,15 +57,16 @@ def run(size="small", device="cpu", dtype=None, anchors=128, batch=16, seq=64, s
         lambda: guide.search(batches, criterion=criterion, tolerance=tolerance, iterations=iterations, num_samples=samples, progress=False),
         device,
     )
+    scored = sum(t["anchors"] for t in trace) / anchors  # candidate passes: a stopped candidate scored part of one
     out = {
         "device": str(device), "dtype": dtype, "size": size, "anchors": anchors, "batch": batch, "seq": seq, "samples": samples,
         "criterion": criterion, "tolerance": tolerance, "iterations": iterations, "candidates": len(trace),
-        "passes": 1 + len(trace),  # the sigma = 0 reference, then one pass per candidate
-        "rows": 1 + samples * len(trace),  # forward rows per anchor, in plain-forward units
+        "passes": 1 + scored,  # the sigma = 0 reference, then what the candidates scored
+        "rows": 1 + samples * scored,  # forward rows per anchor, in plain-forward units
         "build": build_s, "forward": forward, "search": search_s, "sigma_q": float(guide.sigma_q),
         "trace": ", ".join(f"{t['sigma']:.4g}:{'ok' if t['feasible'] else 'x'}" for t in trace),
     }
-    log(f"# tfb_search: {size} Llama, {anchors} anchors x {seq} tokens, S={samples}: {out['passes']} anchor passes, search {search_s:.2f} s, "
+    log(f"# tfb_search: {size} Llama, {anchors} anchors x {seq} tokens, S={samples}: {out['passes']:.3g} anchor passes, search {search_s:.2f} s, "
         f"plain forward {forward:.3f} s")
     return out
 
@@ -74,7 +77,7 @@ def tables(out) -> str:
         "",
         "| device | anchors | S | candidates | anchor passes | forward rows / anchor | SVD build s | plain forward s | search s | search / forward |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        f"| {torch.device(out['device']).type} | {out['anchors']} | {out['samples']} | {out['candidates']} | {out['passes']} | {out['rows']} | "
+        f"| {torch.device(out['device']).type} | {out['anchors']} | {out['samples']} | {out['candidates']} | {out['passes']:.3g} | {out['rows']:.3g} | "
         f"{out['build']:.3f} | {out['forward']:.3f} | {out['search']:.2f} | {out['search'] / out['forward']:.1f} |",
     ])
 
@@ -89,8 +92,8 @@ def main():
     ap.add_argument("--seq", type=int, default=64)
     ap.add_argument("--samples", type=int, default=10)
     ap.add_argument("--iterations", type=int, default=TFB_SEARCH["iterations"])
-    ap.add_argument("--criterion", default="nll")
-    ap.add_argument("--tolerance", type=float, default=0.01)
+    ap.add_argument("--criterion", default=TFB_SEARCH["criterion"])
+    ap.add_argument("--tolerance", type=float, default=TFB_SEARCH["tolerance"])
     ap.add_argument("--repeats", type=int, default=3, help="plain-forward timings (median)")
     args = ap.parse_args()
     out = run(args.size, args.device, args.dtype, args.anchors, args.batch, args.seq, args.samples, args.iterations, args.criterion,
