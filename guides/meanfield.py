@@ -95,6 +95,10 @@ class MeanFieldGuide(LoraGuide):
         self.flipout, self.learn_loc = flipout, check_flag(learn_loc, "learn_loc")
         # Gaussian: A (and R) sites always, B sites when b="normal"
         self.gaussian = [n for n, s in self.sites.items() if s.matrix != "B" or b == "normal"]
+        if flipout and not any(self.sites[n].kind.role == "down" for n in self.gaussian):
+            raise ValueError(f"flipout=True applies to Gaussian A sites, and this model's random sites are "
+                             f"{sorted({s.matrix for s in self.sites.values()})}: build the model with random='AB' (or 'A'), "
+                             "or leave flipout off")
         init = model.initial_values(init)
         self.locs = torch.nn.ParameterList([torch.nn.Parameter(init[n].detach().clone().float(), requires_grad=self.learn_loc) for n in self.sites])
         with torch.no_grad():

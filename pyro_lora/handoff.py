@@ -158,7 +158,8 @@ def _forward(layer, x, *args, **kwargs):
         if h.flipout_calls[0] > 1:
             raise ValueError(
                 "a LoRA layer ran twice in one forward with flipout (a module shared across depths, as ALBERT's layers "
-                "are): each application would draw its own sign flips, two weights for one example; use flipout=False")
+                "are, or one run on other inputs too, as DeBERTa's query_proj on its relative-position embeddings): each "
+                "application would draw its own sign flips, two weights for one example; use flipout=False")
     if h.num_samples is not None and h.num_samples > 1 and x.shape[0] % h.num_samples:
         raise ValueError(
             f"a LoRA layer ({type(layer.base_layer).__name__} {tuple(layer.base_layer.weight.shape)}) got an input of "

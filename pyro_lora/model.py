@@ -461,11 +461,16 @@ class LoraModel:
                              "weight samples cannot share one forward: predict with chunk_size=1")
         weights = per_layer(self.sites, values)
         if flipout_locs:
+            check_values({n: self.sites[n] for n in flipout_locs if n in self.sites}, flipout_locs,
+                         allow_sample_dim=False, finite=False)  # one mean per site: a short stack would skip layers
             bad = [n for n in flipout_locs if self.sites[n].kind.role != "down"]
             if bad:
                 raise ValueError(f"flipout applies to A sites only, got {bad}")
             if is_cloze(self.likelihood):
                 raise ValueError(FLIPOUT_CLOZE)
+            if family:  # the sign flips are drawn per row of a layer's input: per position there, shared by the examples
+                raise ValueError(f"a {family} network runs LoRA layers sequence-first ([tokens, batch, d]): flipout's sign "
+                                 "flips would be drawn per position and shared by every example; use flipout=False")
             for path, mats in per_layer({n: self.sites[n] for n in flipout_locs}, flipout_locs).items():
                 weights[path][handoff.FLIPOUT_LOC] = mats[down_kind().letter]
         with handoff.handed(self.layers, self.adapter, weights, num_samples, self._checkpointing):

@@ -445,6 +445,13 @@ def test_layers_whose_rows_are_not_the_batch_refuse_a_shared_forward_and_predict
         if config.model_type == "xlnet":  # KFAC's 'reduce' averaged over the batch, not the tokens (factor 0.78 off)
             with pytest.raises(ValueError, match="xlnet network runs LoRA layers sequence-first.*Laplace"):
                 LaplaceGuide(model).fit([batch], progress=False)
+        # flipout draws its signs per row of a layer's input: per position here, the same noise for every example
+        # (correlation 1.0 between examples); DeBERTa's query_proj runs twice, on the positions too
+        a_sites = {n: v for n, v in start.items() if model.sites[n].matrix == "A"}
+        message = ("sequence-first .*flipout's sign flips would be drawn per position" if config.model_type != "deberta-v2"
+                   else "ran twice in one forward with flipout .*DeBERTa's query_proj")
+        with torch.no_grad(), pytest.raises(ValueError, match=message):
+            model.logits(batch, start, flipout_locs=a_sites)
 
 
 def test_handed_values_are_checked_for_every_site_and_its_shape():
@@ -468,3 +475,9 @@ def test_handed_values_are_checked_for_every_site_and_its_shape():
     ]:
         with torch.no_grad(), pytest.raises(ValueError, match=message):
             model.logits(batch, bad, num_samples=num_samples)
+    # flipout means too: a [1, r, d] mean of a two-layer stack left layer 1 without flipout; an unknown site a KeyError
+    a = next(n for n, s in model.sites.items() if s.matrix == "A")
+    for locs, message in [({a: values[a][:1]}, "expects shape"), ({"nope": values[a]}, "unknown site"),
+                          ({a: values[a][0]}, "expects shape")]:
+        with torch.no_grad(), pytest.raises(ValueError, match=message):
+            model.logits(batch, values, flipout_locs=locs)

@@ -108,3 +108,16 @@ def test_fit_killed_while_saving_keeps_a_whole_guide_with_its_own_run_record(zyg
     assert {k: row[k] for k in ("accuracy", "ece", "nll")} == {k: saved[k] for k in ("accuracy", "ece", "nll")}
     # the killed saves' temporary folders removed; the lock file stays, held by nobody
     assert sorted(p.name for p in Path(out).iterdir()) == [".lock", "guide"]
+
+
+def test_bayesianize_recovers_an_adapter_whose_guide_save_was_killed_between_its_renames(tmp_path):
+    """A `fit --adapter` killed after moving its old guide folder aside left run/.guide.old-PID: `evaluate` recovered
+    it, but `bayesianize run/guide/adapter` said the folder held no adapter."""
+    from conftest import tiny_bert
+
+    from pyro_lora.experiments.saved import check_adapter_dir
+
+    aside = tmp_path / "run" / ".guide.old-999999999"  # no such process: a dead writer's
+    tiny_bert(num_labels=2).save_pretrained(aside / "adapter")
+    check_adapter_dir(tmp_path / "run" / "guide" / "adapter", "classification")
+    assert (tmp_path / "run" / "guide" / "adapter" / "adapter_config.json").is_file() and not aside.exists()

@@ -206,6 +206,13 @@ def test_flipout_is_a_per_example_sign_flip(monkeypatch):
     torch.testing.assert_close(handoff.lora_delta(x, (a_loc + noise)[None], b[None], num_samples=1, a_loc=a_loc), out)
 
 
+def test_flipout_without_a_gaussian_a_site_is_refused():
+    """random='B' with flipout=True was accepted and saved as a flipout guide, though no site carried the flip."""
+    with pytest.raises(ValueError, match=r"flipout=True applies to Gaussian A sites, and this model's random sites are \['B'\]"):
+        make(random="B", flipout=True, b="normal")
+    assert make(random="AB", flipout=True)[1].flipout
+
+
 def test_flipout_on_cloze_multiple_choice_is_refused_by_name():
     """Cloze runs each choice of a question as a row of its own: flipout's per-row noise scored a question's choices
     under different weights (two identical choices no longer tied), a silently other training objective."""

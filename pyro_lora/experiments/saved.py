@@ -152,6 +152,8 @@ def check_adapter_dir(adapter_dir, task: str):
     :raises ValueError: naming the file and what is wrong with it.
     """
     path = Path(adapter_dir)
+    for unit in (path.resolve(), path.resolve().parent):  # an adapter, or the guide folder holding it, whose save was killed
+        recover_directory(unit)
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} is a file: give the adapter folder that holds adapter_config.json")
     try:
