@@ -44,7 +44,9 @@ def describe(model) -> dict:
 
     :returns: dict with ``model`` (class name), ``adapter``, ``sites`` (name -> ``[matrix, shape, layers]``),
         ``scaling`` (module path -> ``alpha / r``), ``base`` (name, architecture, weight fingerprint) and
-        ``head`` (trained head parameter -> shape) and ``prior`` (its std if a float, else its class name).
+        ``head`` (trained head parameter -> shape), ``adapter_parameters`` (the adapter's other LoRA parameters -> shape:
+        biases, embedding LoRA), ``adapter_scaling`` (its LoRA modules outside ``scaling``, e.g. an embedding's -> their
+        scaling) and ``prior`` (its std if a float, else its class name).
     """
     net, adapter = model.net, model.adapter
     config = getattr(net, "config", None)
@@ -62,6 +64,10 @@ def describe(model) -> dict:
         },
         "head": _head(net, adapter),
         "tokens": _tokens(net, adapter),
+        # every parameter and scaling of the adapter, not only the sites' layers: a LoRA bias, an embedding LoRA the
+        # guide's network lacked would run unrestored on load, at whatever value it holds
+        "adapter_parameters": _adapter_parameters(net, adapter, model.layers),
+        "adapter_scaling": _adapter_scaling(net, adapter, model.layers),
         # a float prior std, else the prior's class: a guide may read it (Bayesian-LoRA's inducing prior)
         "prior": float(model.prior) if isinstance(model.prior, (int, float)) else type(model.prior).__name__,
         "likelihood": _likelihood(model.likelihood),
@@ -221,6 +227,21 @@ def _tokens(net, adapter):
             if isinstance(m, TrainableTokensLayer) and adapter in m.token_indices}
 
 
+def _adapter_parameters(net, adapter, layers) -> dict:
+    """The LoRA parameters of ``adapter`` in ``net`` besides the site layers' A and B (which ``sites`` describes) and
+    the head and token copies (``head``, ``tokens``): a LoRA bias, an embedding LoRA. Name (without peft's wrappers)
+    -> shape."""
+    described = {f"{path}.lora_{m}.{adapter}.weight" for path in layers for m in "AB"}
+    return {unwrapped_name(name): list(p.shape) for name, p in net.named_parameters()
+            if parameter_adapter(name) == adapter and ".lora_" in name and name not in described}
+
+
+def _adapter_scaling(net, adapter, layers) -> dict:
+    """Module path -> scaling of ``adapter``'s LoRA modules besides the site layers (``scaling``): an embedding's."""
+    return {unwrapped_name(path): float(m.scaling[adapter]) for path, m in net.named_modules()
+            if path not in layers and isinstance(getattr(m, "scaling", None), dict) and adapter in m.scaling}
+
+
 def _head(net, adapter):
     """Shapes of the adapter's trained copies of whole modules (peft's ``modules_to_save``: a classification head)."""
     from peft.utils import ModulesToSaveWrapper
@@ -256,6 +277,19 @@ def differences(expected: dict, actual: dict) -> list[str]:
         out.append(f"the adapter trains the embedding rows of tokens {_short(expected['tokens'])} for the guide and "
                    f"{_short(actual['tokens'])} in the model: each trained row would land on another token (build the "
                    "adapter with the guide's trainable_token_indices, in its order)")
+    if "adapter_parameters" in expected and expected["adapter_parameters"] != actual["adapter_parameters"]:  # nor these
+        e, a = expected["adapter_parameters"], actual["adapter_parameters"]
+        extra, missing = sorted(set(a) - set(e)), sorted(set(e) - set(a))
+        shaped = sorted(n for n in set(e) & set(a) if e[n] != a[n])
+        parts = [f"{what} {_short(names)}" for what, names in (("the model's adapter also has", extra),
+                 ("the guide's had", missing), ("shapes differ for", shaped)) if names]
+        out.append(f"the adapter's parameters differ ({'; '.join(parts)}): another peft configuration (target_modules, "
+                   "lora_bias, modules_to_save); build the adapter as the guide's")
+    if "adapter_scaling" in expected and expected["adapter_scaling"] != actual["adapter_scaling"]:
+        e, a = expected["adapter_scaling"], actual["adapter_scaling"]
+        diff = {n: (e.get(n), a.get(n)) for n in sorted(set(e) | set(a)) if e.get(n) != a.get(n)}
+        out.append(f"the LoRA scaling (alpha / r) differs for {_short(diff)} (guide's, model's): build the adapter with the "
+                   "guide's lora_alpha / alpha_pattern")
     if "prior" in expected and expected["prior"] != actual["prior"]:  # older guides did not record it
         out.append(f"the guide was built under the prior {expected['prior']!r}, the model has {actual['prior']!r} "
                    f"(build the model with prior={expected['prior']!r})")

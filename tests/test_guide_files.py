@@ -367,3 +367,27 @@ def test_a_guide_is_refused_on_a_base_whose_nested_config_differs():
     model.net.config.rope_parameters = {**rope, "rope_theta": rope["rope_theta"] / 20}
     assert any("config differs in ['rope_parameters']" in d for d in differences(signature, describe(model)))
     assert differences(signature, describe(guide_model)) == []
+
+
+def test_a_guide_is_refused_on_an_adapter_with_other_lora_parameters_or_scalings(tmp_path):
+    """Only the site layers' A and B and their scaling were compared: a guide loaded onto an adapter with peft's
+    lora_bias (0.003 off), an extra embedding LoRA target (0.024 off) or another embedding alpha (3e-4 off), silently."""
+    from conftest import tiny_bert_base
+    from peft import LoraConfig, get_peft_model
+
+    def model(targets=("query", "value"), **kwargs):
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=list(targets), task_type="SEQ_CLS", **kwargs)
+        return LoraModel(get_peft_model(tiny_bert_base(num_labels=2), config), SequenceClassification())
+
+    save_guide(MAPGuide(model()), tmp_path / "plain")
+    for other, message in [(model(lora_bias=True), r"the model's adapter also has \[.*query\.lora_B\.default\.bias"),
+                           (model(targets=("query", "value", "word_embeddings")),
+                            r"the model's adapter also has \[.*word_embeddings\.lora_embedding_A\.default")]:
+        with pytest.raises(ValueError, match=message):
+            load_guide(tmp_path / "plain", other)
+    embedded = ("query", "value", "word_embeddings")
+    save_guide(MAPGuide(model(embedded)), tmp_path / "embedded")
+    with pytest.raises(ValueError, match=r"the LoRA scaling \(alpha / r\) differs for \[\('base_model\.model\.bert\.embeddings"
+                                         r"\.word_embeddings', \(2\.0, 4\.0\)\)\]"):
+        load_guide(tmp_path / "embedded", model(embedded, alpha_pattern={"word_embeddings": 16}))
+    load_guide(tmp_path / "embedded", model(embedded))  # the same configuration loads

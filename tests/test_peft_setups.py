@@ -360,12 +360,20 @@ def test_an_adapter_peft_would_not_give_back_is_refused_before_it_is_written(tmp
     model = LoraModel(net, SequenceClassification())
     with pytest.raises(ValueError, match=r"the LoRA scaling of .* is 0.5, not the 2 its config gives"):
         export_adapter(MAPGuide(model), tmp_path / "scaled")
-    model = LoraModel(tiny_bert(r=4), SequenceClassification(), random="AS")
-    before = [p.detach().clone() for _, p in model.named_lora_weights()]
-    guide = MAPGuide(model, init={n: v + 1.0 for n, v in model.adapter_values().items()})
-    with pytest.raises(ValueError, match="has no peft parameter to write into"):
-        export_adapter(guide, tmp_path / "scales")
-    assert all(torch.equal(p, q) for (_, p), q in zip(model.named_lora_weights(), before))  # nothing half-written
+    from pyro_lora.kinds import KINDS, MatrixKind, register_kind, scale
+
+    # a kind without a peft parameter beside A (a gate between A and B, registered for the test)
+    register_kind(MatrixKind("G", lambda r, d_in, d_out: (1, r), "between", apply=lambda h, v, s: scale(h, 1 + v, s),
+                             stage=3, description="gate"))
+    try:
+        model = LoraModel(tiny_bert(r=4), SequenceClassification(), random="AG")
+        before = [p.detach().clone() for _, p in model.named_lora_weights()]
+        guide = MAPGuide(model, init={n: v + 1.0 for n, v in model.adapter_values().items()})
+        with pytest.raises(ValueError, match="has no peft parameter to write into"):
+            export_adapter(guide, tmp_path / "scales")
+        assert all(torch.equal(p, q) for (_, p), q in zip(model.named_lora_weights(), before))  # nothing half-written
+    finally:
+        del KINDS["G"]
     # a head weight missing from an adapter's file: peft's bare KeyError
     from safetensors.torch import load_file, save_file
 
