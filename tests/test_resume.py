@@ -68,6 +68,15 @@ def test_a_failed_seed_is_named_in_the_summary_and_the_error(tmp_path):
         folder.raise_failures()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["failed"][0]["error"] == "ValueError: loss became nan" and "second line" in saved["failed"][0]["traceback"]
+    # a later invocation asking for seed 0 only did all it was asked: the kept failure is warned about, not raised (every
+    # run into the folder exited 2, telling the user to rerun "the same configuration", which never cleared it)
+    later = RunFolder(tmp_path, small(tmp_path, guides=("map",), seeds=(0,)))
+    with pytest.warns(UserWarning, match=r"keeps failed runs this invocation did not ask for: map \(seed 1\); add their "
+                                         r"methods to --guides and their seeds to --seeds"):
+        later.raise_failures()
+    other = RunFolder(tmp_path, small(tmp_path, guides=("map", "tfb"), seeds=(0, 1)))
+    with pytest.raises(GuideFailures, match=r"^1 guide run\(s\) failed: map \(seed 1\)"):
+        other.raise_failures()
 
 
 def test_a_temporary_file_of_a_killed_writer_is_removed_by_the_next_write(tmp_path):

@@ -440,17 +440,25 @@ class RunFolder:
             _draw_summary(self.out, self.summary(), self.guides, self.config.dataset, self.seeds[0], each=kept)
 
     def raise_failures(self):
-        """Raise :class:`GuideFailures` naming every failed (guide, seed) of the run, if any."""
-        if self.failed:
-            done = len({(r["guide"], r["seed"]) for r in self.rows})
+        """Raise :class:`GuideFailures` naming every failed (guide, seed) this invocation asked for (its ``--guides``
+        and ``--seeds``), if any; a failure the folder keeps from a run of other methods or seeds is warned about,
+        naming the flags that resume it (this invocation did all it was asked)."""
+        asked = set(self.config.guides or ()), set(self.config.seeds or ())
+        failed = [f for f in self.failed if base_guide(f["guide"]) in asked[0] and f["seed"] in asked[1]]
+        kept = [f"{f['guide']} (seed {f['seed']})" for f in self.failed if f not in failed]
+        if kept:
+            warnings.warn(f"{self.out / RESULTS} keeps failed runs this invocation did not ask for: {', '.join(kept)}; "
+                          "add their methods to --guides and their seeds to --seeds to run them again", stacklevel=2)
+        if failed:
+            done = len({(base_guide(r["guide"]), r["seed"]) for r in self.rows})
             by_error = {}  # one error shared by several runs (e.g. a failed MAP) is said once
-            for f in self.failed:
+            for f in failed:
                 by_error.setdefault(f["error"], []).append(f"{f['guide']} (seed {f['seed']})")
             listed = "; ".join(f"{', '.join(runs)}: {error}" for error, runs in by_error.items())
             where = (f"The run --overwrite was to replace is kept in {self.out}" if self._replaced is not None else
-                     f"The {done} finished are in {self.out / RESULTS} (tracebacks under 'failed'); a rerun with the same "
-                     "configuration resumes with the failed ones")
-            raise GuideFailures(f"{len(self.failed)} guide run(s) failed: {listed}. {where}", self.summary(),
+                     f"The {done} finished are in {self.out / RESULTS} (tracebacks under 'failed'); "
+                     "a rerun with the same configuration resumes with the failed ones")
+            raise GuideFailures(f"{len(failed)} guide run(s) failed: {listed}. {where}", self.summary(),
                                 verdict(self.rows, self.config.dataset))
 
 
