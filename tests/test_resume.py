@@ -348,7 +348,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_result(tmp_path):
     (tmp_path / "map_seed0.safetensors").write_bytes(b"the old run's MAP")
     (tmp_path / "study_run.json").write_text('{"command": "the old run\'s study"}')
     before = sorted(p.name for p in tmp_path.iterdir())
-    new = RunFolder(tmp_path, small(tmp_path, guides=("map",), test_size=32), overwrite=True)
+    new = RunFolder(tmp_path, small(tmp_path, guides=("map",), seeds=(0, 1), test_size=32), overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # a kill or a failure here keeps the old run
     new.fail("map", 1, RuntimeError("training the MAP every guide starts from failed: loss became nan"))
     new.redraw()  # nothing of the new run to draw: the old figures stay

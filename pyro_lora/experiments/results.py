@@ -70,8 +70,9 @@ def recorded_base(saved) -> str | None:
 def recorded_scoring(saved) -> int | None:
     """The cloze scoring form the run record ``saved``'s rows were computed with (:data:`~.setup.CLOZE_SCORING`; 1 for
     a cloze record from before it was kept), None for a run that scores no cloze."""
-    if "scoring" in saved:
+    if saved.get("scoring") is not None:
         return saved["scoring"]
+    # rows of a cloze run written without a form (before it was kept): form 1
     return 1 if saved.get("config", {}).get("mc_format") == "cloze" and saved.get("per_seed") else None
 
 
@@ -443,8 +444,9 @@ class RunFolder:
         """Raise :class:`GuideFailures` naming every failed (guide, seed) this invocation asked for (its ``--guides``
         and ``--seeds``), if any; a failure the folder keeps from a run of other methods or seeds is warned about,
         naming the flags that resume it (this invocation did all it was asked)."""
-        asked = set(self.config.guides or ()), set(self.config.seeds or ())
-        failed = [f for f in self.failed if base_guide(f["guide"]) in asked[0] and f["seed"] in asked[1]]
+        guides, seeds = self.config.guides, self.config.seeds  # None: every one the run holds
+        failed = [f for f in self.failed if (guides is None or base_guide(f["guide"]) in guides)
+                  and (seeds is None or f["seed"] in seeds)]
         kept = [f"{f['guide']} (seed {f['seed']})" for f in self.failed if f not in failed]
         if kept:
             warnings.warn(f"{self.out / RESULTS} keeps failed runs this invocation did not ask for: {', '.join(kept)}; "
@@ -639,7 +641,8 @@ def merge_results(out, update, record=None):
         differ.append("data (the rerun records no digest of its records)")
     if recorded_base(base) and recorded_base(base) != recorded_base(new) and not replaces_all:
         differ.append("base (the rerun ran on other base model weights)")
-    if recorded_scoring(base) != recorded_scoring(new) and not replaces_all:
+    forms = recorded_scoring(base), recorded_scoring(new)  # None: no cloze rows there to mix with
+    if None not in forms and forms[0] != forms[1] and not replaces_all:
         differ.append(f"scoring (cloze form {recorded_scoring(base)} there, {recorded_scoring(new)} in the rerun)")
     if base.get("labels") and new.get("labels") and base["labels"] != new["labels"] and not replaces_all:
         differ.append(f"labels ({base['labels']} there, {new['labels']} in the rerun)")
