@@ -285,6 +285,10 @@ class CausalLMCollator:
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
         _check_records(records, None)  # either layout; unchecked, a label -1 trained the last choice, True choice 1
         encoded = self.tokenizer([self.text_fn(r) for r in records], add_special_tokens=False)["input_ids"]
+        empty = [i for i, ids in enumerate(encoded) if not ids]
+        if empty:  # a row of no text scores nothing and failed deep inside the network
+            raise ValueError(f"record(s) {empty[:5]} of the batch give no tokens (text_fn gave text the tokenizer "
+                             "encodes as nothing, e.g. an empty string): leave them out, or give them text")
         rows = [(self.prefix + ids)[: self.max_length] for ids in encoded]
         input_ids, attention_mask = _pad(rows, self.pad_id, "right")
         return {

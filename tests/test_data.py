@@ -623,6 +623,9 @@ def test_causal_lm_collator_checks_records_as_the_other_collators_do(smol_tok):
                          ({**cls, "context": "a passage"}, "'context' .a passage. would not be read")]:
         with pytest.raises(ValueError, match=message):
             collate([cls, bad])
+    # a text_fn giving no text: a row of no tokens failed deep inside the network (a reshape of 0 elements)
+    with pytest.raises(ValueError, match=r"record\(s\) \[1\] of the batch give no tokens"):
+        D.CausalLMCollator(smol_tok, text_fn=lambda r: "" if r["id"] == "t" else "some text")([mc, cls])
 
 
 @needs_smollm2
