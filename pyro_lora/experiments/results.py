@@ -643,7 +643,7 @@ def merge_results(out, update, record=None):
         differ.append("base (the rerun ran on other base model weights)")
     forms = recorded_scoring(base), recorded_scoring(new)  # None: no cloze rows there to mix with
     if None not in forms and forms[0] != forms[1] and not replaces_all:
-        differ.append(f"scoring (cloze form {recorded_scoring(base)} there, {recorded_scoring(new)} in the rerun)")
+        differ.append(f"scoring (cloze form {forms[0]} there, {forms[1]} in the rerun)")
     if base.get("labels") and new.get("labels") and base["labels"] != new["labels"] and not replaces_all:
         differ.append(f"labels ({base['labels']} there, {new['labels']} in the rerun)")
     if differ:
