@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from .checks import check_count
-from .prompts import _cloze_parts, _letter_parts, record_text
+from .prompts import cloze_parts, letter_parts, record_text
 from .records import record_task, validate_record
 
 __all__ = ["CausalLMCollator", "ClassificationCollator", "ClozeCollator", "LetterCollator"]
@@ -141,7 +141,7 @@ class LetterCollator:
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
         _check_records(records, "multiple_choice")
-        heads, tails = zip(*(_letter_parts(r) for r in records))
+        heads, tails = zip(*(letter_parts(r) for r in records))
         encoded = self.tokenizer([h + t for h, t in zip(heads, tails)], add_special_tokens=False)["input_ids"]
         head_ids = self.tokenizer(list(heads), add_special_tokens=False)["input_ids"]
         budget = self.max_length - len(self.prefix)
@@ -174,8 +174,8 @@ class ClozeCollator:
     * ``target_mask [B*K, T]`` bool: the positions of the continuation tokens in ``input_ids`` (the
       logits that predict them sit one position earlier);
     * ``target_lengths [B*K]`` (tokens) and ``target_chars [B*K]`` (characters of the continuation without the
-      space the cloze puts before a choice: ``len(choice)``, as lm-eval's ``acc_norm`` counts), for length
-      normalisation;
+      space the cloze puts before a choice: ``len(choice)``, as lm-eval's ``acc_norm`` counts; WinoGrande's rest of
+      the sentence whole), for length normalisation;
     * ``choice_mask [B, K]`` bool and ``labels [B]``.
 
     The continuation's tokens are those of context and continuation tokenized together, after the context's
@@ -199,7 +199,7 @@ class ClozeCollator:
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
         _check_records(records, "multiple_choice")
         num_choices = max(len(r["choices"]) for r in records)
-        parts = [_cloze_parts(r) for r in records]
+        parts = [cloze_parts(r) for r in records]
         real = [(head + own, cont) for head, own_parts in parts for own, cont in own_parts]
         tok = self.tokenizer
         heads = tok([head for head, _ in parts], add_special_tokens=False)["input_ids"]
@@ -239,11 +239,13 @@ class ClozeCollator:
                     "context (WinoGrande partial scoring), scoring the choices on fragments; it needs max_length >= "
                     f"{len(self.prefix) + longest - shared}: raise max_length"
                 )
-            for (ctx, cont), (_, text) in zip(own, own_parts):
+            for (ctx, cont), (in_context, text) in zip(own, own_parts):
                 row = self.prefix + ctx[cut:] + cont
                 rows.append(row)
                 spans.append((len(row) - len(cont), len(row)))
-                chars.append(len(text.removeprefix(" ")))  # the choice's own: lm-eval's acc_norm leaves out the delimiter
+                # the continuation's own characters: lm-eval's acc_norm leaves out the space the cloze puts before a
+                # choice (WinoGrande's rest of the sentence is counted whole: no space was put before it)
+                chars.append(len(text) if in_context else len(text.removeprefix(" ")))
             for _ in range(num_choices - len(own)):
                 rows.append([self.pad_id])
                 spans.append((1, 1))

@@ -18,7 +18,8 @@ import torch
 
 from .records import record_task
 
-__all__ = ["LETTERS", "cloze_pairs", "is_blank_item", "letter_prompt", "letter_token_ids", "record_text"]
+__all__ = ["LETTERS", "cloze_pairs", "cloze_parts", "is_blank_item", "letter_parts", "letter_prompt", "letter_token_ids",
+           "record_text"]
 
 LETTERS = string.ascii_uppercase
 _ANSWER = "\nAnswer:"  # the letter prompt's end: the next token is the answer letter
@@ -42,11 +43,12 @@ def is_blank_item(record: dict) -> bool:
 def letter_prompt(record: dict) -> str:
     """The letter-format prompt: question (with passage or blank sentence), options ``A. ...``,
     ending with ``Answer:`` so the next token is the answer letter."""
-    return "".join(_letter_parts(record))
+    return "".join(letter_parts(record))
 
 
-def _letter_parts(record: dict) -> tuple[str, str]:
-    """The letter prompt as (question part, options block and ``Answer:``): truncation may cut the first only."""
+def letter_parts(record: dict) -> tuple[str, str]:
+    """The letter prompt as ``(head, tail)``: the question (with passage or blank sentence), which truncation may cut,
+    and the options block ending with ``Answer:``, which must stay whole. ``head + tail`` is :func:`letter_prompt`."""
     choices = record["choices"]
     if len(choices) > len(LETTERS):
         raise ValueError(f"record {record['id']!r} has {len(choices)} choices, more than {len(LETTERS)} letters")
@@ -98,13 +100,15 @@ def cloze_pairs(record: dict) -> list[tuple[str, str]]:
 
     Continuations other than WinoGrande's rest of the sentence start with a space before the choice.
     """
-    head, parts = _cloze_parts(record)
+    head, parts = cloze_parts(record)
     return [(head + own, continuation) for own, continuation in parts]
 
 
-def _cloze_parts(record: dict) -> tuple[str, list[tuple[str, str]]]:
-    """``(head, [(own, continuation), ...])``: each choice's context is ``head + own``, ``head`` the text every
-    choice shares (which truncation may cut), ``own`` the choice itself in WinoGrande's partial scoring, else ``""``."""
+def cloze_parts(record: dict) -> tuple[str, list[tuple[str, str]]]:
+    """:func:`cloze_pairs` split for truncation: ``(head, [(own, continuation), ...])``, each choice's context is
+    ``head + own``; ``head`` is the text every choice shares (which truncation may cut), ``own`` the choice itself in
+    WinoGrande's partial scoring (the continuation is then the rest of the sentence), else ``""`` (the continuation is
+    then ``" {choice}"``, the choice after one space)."""
     choices = record["choices"]
     question = record["question"]
     if is_blank_item(record):

@@ -362,7 +362,9 @@ def test_cloze_collator_targets_and_choice_mask(smol_tok, records):
             ctx, cont = pairs[k]
             assert smol_tok.decode(ids[tmask]) == cont
             assert smol_tok.decode(ids[amask.bool()]) == ctx + cont
-            assert batch["target_lengths"][row] == tmask.sum() and batch["target_chars"][row] == len(cont.removeprefix(" "))
+            # the choice's characters; WinoGrande's continuation is the rest of its sentence after the blank, whole
+            own = record["question"].split("_")[1] if D.is_blank_item(record) else record["choices"][k]
+            assert batch["target_lengths"][row] == tmask.sum() and batch["target_chars"][row] == len(own)
             assert (tmask <= amask.bool()).all()  # targets only on real tokens
 
 

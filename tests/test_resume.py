@@ -1134,22 +1134,22 @@ def test_rows_of_another_cloze_scoring_are_not_joined(tmp_path):
     folder.check_scoring(config)
     folder.add("map", 0, [row], {k.replace("sst2", "openbookqa"): v for k, v in arrays(0).items()})
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert saved["scoring"] == 2
+    assert saved["scoring"] == 3
     RunFolder(tmp_path / "run", config).check_scoring(config)  # the same form: resumed
     (tmp_path / "run" / "results.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "scoring"}))
-    with pytest.raises(ValueError, match=r"holds rows of another multiple-choice scoring \(cloze form 1 there, 2 now"):
+    with pytest.raises(ValueError, match=r"holds rows of another multiple-choice scoring \(cloze form 1 there, 3 now"):
         RunFolder(tmp_path / "run", config).check_scoring(config)
     letter = small(tmp_path / "letter", dataset="openbookqa", mc_format="letter")
     RunFolder(tmp_path / "letter", letter).check_scoring(letter)  # no cloze: nothing changed
     from pyro_lora.experiments.results import merge_results, recorded_scoring
 
-    assert recorded_scoring({k: v for k, v in saved.items() if k != "scoring"}) == 1 and recorded_scoring(saved) == 2
+    assert recorded_scoring({k: v for k, v in saved.items() if k != "scoring"}) == 1 and recorded_scoring(saved) == 3
     old = {k: v for k, v in saved.items() if k != "scoring"}  # a run of two methods, one of them rerun now
     (tmp_path / "run" / "results.json").write_text(json.dumps(old | {"config": {**old["config"], "guides": ["map", "temperature"]}}))
     update = tmp_path / "update"
     update.mkdir()
     (update / "results.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match=r"differ in scoring \(cloze form 1 there, 2 in the rerun\)"):
+    with pytest.raises(ValueError, match=r"differ in scoring \(cloze form 1 there, 3 in the rerun\)"):
         merge_results(tmp_path / "run", update)
 
 

@@ -238,9 +238,10 @@ class RunFolder:
         now = scoring_of(config)
         if self.rows and self.scoring != now:
             raise ValueError(f"{self.out / RESULTS} holds rows of another multiple-choice scoring (cloze form {self.scoring} "
-                             f"there, {now} now: since form 2 a per-character score divides by len(choice), as lm-eval's "
-                             "acc_norm, and every choice of a question keeps one truncated context), which new rows would be "
-                             f"averaged with; run into another --out (or {_REPLACE} the run)")
+                             f"there, {now} now: form 2 divides a per-character score by len(choice), as lm-eval's acc_norm, and "
+                             "keeps one truncated context for every choice of a question; form 3 counts WinoGrande's "
+                             "continuation whole), which new rows would be averaged with; run into another --out (or "
+                             f"{_REPLACE} the run)")
         self.scoring = now
 
     def _check_digest(self, key, digest, what, refusal, remedy=f"{_REPLACE} the run"):

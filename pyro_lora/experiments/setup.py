@@ -76,8 +76,10 @@ FULL = {"train_size": 2000, "test_size": 1000, "samples": 8, "epochs": 10}
 BASE_DIGEST_VERSION = 4
 # results.json's "scoring": the form of cloze scoring its rows were computed with. 2 since 2026-12-03: a per-character
 # score divides by len(choice), as lm-eval's acc_norm, and every choice of a question keeps the same truncated context;
-# a cloze record without it was scored by form 1 (len(choice) + 1, each choice truncated on its own)
-CLOZE_SCORING = 2
+# a cloze record without it was scored by form 1 (len(choice) + 1, each choice truncated on its own). 3 since
+# 2026-12-04: WinoGrande's per-character score counts its continuation (the rest of the sentence) whole, its leading
+# space included, as every other continuation's characters are its own
+CLOZE_SCORING = 3
 # config entries that do not change what the network computes (the ones a saved guide's check leaves out too): where
 # it was read from, the dtype it was saved in (the run's --dtype loads it), label names, run-time switches, versions
 _CONFIG_NOT_COMPUTED = {*CONFIG_IGNORED, "_commit_hash"}
