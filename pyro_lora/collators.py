@@ -275,6 +275,9 @@ class CausalLMCollator:
     equal ``input_ids`` with -100 on padding (the model shifts them). The text of each record comes
     from ``text_fn`` (default ``record_text``). Records of either layout are checked as the reader checks them
     (:func:`~pyro_lora.records.validate_record`, the task told by :func:`~pyro_lora.records.record_task`).
+    A text longer than ``max_length`` tokens loses its end, except a multiple-choice record's default text (question
+    and correct answer), which loses the start of its question: cutting its end trained on the question without the
+    answer.
     """
 
     def __init__(self, tokenizer, max_length: int = 512, text_fn: Callable[[dict], str] = record_text):
@@ -291,7 +294,10 @@ class CausalLMCollator:
         if empty:  # a row of no text scores nothing and failed deep inside the network
             raise ValueError(f"record(s) {empty[:5]} of the batch give no tokens (text_fn gave text the tokenizer "
                              "encodes as nothing, e.g. an empty string): leave them out, or give them text")
-        rows = [(self.prefix + ids)[: self.max_length] for ids in encoded]
+        budget = self.max_length - len(self.prefix)
+        keep_end = [self.text_fn is record_text and record_task(r) == "multiple_choice" for r in records]
+        rows = [self.prefix + (ids[len(ids) - budget:] if end and len(ids) > budget else ids[:budget])
+                for ids, end in zip(encoded, keep_end)]
         input_ids, attention_mask = _pad(rows, self.pad_id, "right")
         return {
             "input_ids": input_ids,

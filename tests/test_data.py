@@ -686,3 +686,17 @@ def test_a_letter_cut_into_the_options_is_refused(smol_tok):
         D.LetterCollator(smol_tok, max_length=24)([record])
     batch = D.LetterCollator(smol_tok, max_length=needed)([record])
     assert smol_tok.decode(batch["input_ids"][0]) == D.letter_prompt(record)[len("Question: Which of these is a planet?"):]
+
+
+@needs_smollm2
+def test_causal_lm_collator_keeps_a_multiple_choice_answer(smol_tok, records):
+    """A multiple-choice record's text is its question and correct answer: cut at its end, it trained on the question
+    without the answer. It loses the start of the question instead; other text keeps its start."""
+    mc = {"id": "q", "question": "word " * 60 + "What is it?", "choices": ["a red apple", "a pear"], "label": 0}
+    cls = {"id": "c", "text": "first words " + "filler " * 60, "label": 0}
+    batch = D.CausalLMCollator(smol_tok, max_length=16)([mc, cls])
+    kept = [smol_tok.decode(row[mask.bool()]) for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
+    assert kept[0].endswith("Answer: a red apple") and len(batch["input_ids"][0]) == 16
+    assert kept[1].startswith("first words")
+    custom = D.CausalLMCollator(smol_tok, max_length=16, text_fn=lambda r: "own text " * 20)([mc])
+    assert smol_tok.decode(custom["input_ids"][0]).startswith("own text")
