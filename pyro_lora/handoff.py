@@ -37,15 +37,21 @@ _FOREIGN_CHECKPOINT = (
 class _Handed:
     """The weights handed to one layer: matrix letter (or :data:`FLIPOUT_LOC`) -> tensor."""
 
-    __slots__ = ("adapter", "weights", "num_samples", "grad_enabled", "flipout_calls")
+    __slots__ = ("adapter", "weights", "num_samples", "grad_enabled", "flipout_calls", "flipout_seed")
 
-    def __init__(self, adapter, weights, num_samples, flipout_calls=None):
+    def __init__(self, adapter, weights, num_samples, flipout_calls=None, flipout_seed=None):
         self.adapter = adapter
         self.weights = {k: v for k, v in weights.items() if v is not None and (k in KINDS or k == FLIPOUT_LOC)}
         self.num_samples = num_samples
         self.grad_enabled = torch.is_grad_enabled()  # autograd switched off between handing and the forward: see _forward
         # forwards of the layer with flipout under this hand-off, shared with a checkpoint's re-handed copy
         self.flipout_calls = [0] if flipout_calls is None else flipout_calls
+        # flipout's sign flips are drawn from this seed, taken here, outside any activation checkpoint: the recomputation
+        # in backward (handed the same seed) redraws the very signs even where the checkpoint does not restore the RNG
+        # state (preserve_rng_state=False); drawn in the forward, they were other signs, and the gradients wrong
+        if flipout_seed is None and FLIPOUT_LOC in self.weights:
+            flipout_seed = int(torch.randint(2**62, ()))
+        self.flipout_seed = flipout_seed
 
     def tensors(self):
         return dict(self.weights)
@@ -125,7 +131,7 @@ def _wrap_checkpoint(module):
             for (i, k), t in zip(keys, inputs[len(args):]):
                 given[i][k] = t
             for m, h, w in zip(inner, holders, given):
-                setattr(m, _HOLDER, None if h is None else _Handed(h.adapter, w, h.num_samples, h.flipout_calls))
+                setattr(m, _HOLDER, None if h is None else _Handed(h.adapter, w, h.num_samples, h.flipout_calls, h.flipout_seed))
             try:
                 return forward(*inputs[: len(args)])
             finally:
@@ -170,7 +176,9 @@ def _forward(layer, x, *args, **kwargs):
     a, b = (_own_or_handed(layer, h, kind) for kind in (down_kind(), up_kind()))
     x = layer.lora_dropout[h.adapter](x).to(a.dtype)
     between = {k: v for k, v in h.weights.items() if k in KINDS and KINDS[k].role == "between"}
-    delta = _delta(x, a, b, between, h.num_samples, h.weights.get(FLIPOUT_LOC))
+    a_loc = h.weights.get(FLIPOUT_LOC)
+    generator = None if a_loc is None else torch.Generator(x.device).manual_seed(h.flipout_seed)
+    delta = _delta(x, a, b, between, h.num_samples, a_loc, generator)
     bias = layer.lora_B[h.adapter].bias  # peft's lora_bias=True: B's bias is a point estimate
     if bias is not None:
         delta = delta + bias.to(delta.dtype)
@@ -200,20 +208,22 @@ def lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, r: torch.Tenso
     return _delta(x, a, b, between, num_samples, a_loc)
 
 
-def _delta(x, a, b, between, num_samples=None, a_loc=None):
+def _delta(x, a, b, between, num_samples=None, a_loc=None, generator=None):
     """``B M_k ... M_1 A x`` with the between matrices ``between`` (letter -> value) applied in their kinds' stage
-    order (:func:`~pyro_lora.kinds.between_kinds`); flipout on ``A`` with ``a_loc`` as in :func:`lora_delta`."""
+    order (:func:`~pyro_lora.kinds.between_kinds`); flipout on ``A`` with ``a_loc`` as in :func:`lora_delta`, its signs
+    from ``generator`` (``None``: torch's default one)."""
     if a_loc is None:
         h = linear(x, a, num_samples)
     else:
-        h = linear(x, a_loc, num_samples) + linear(x * _signs(x, x.shape[-1]), a - a_loc, num_samples) * _signs(x, a.shape[-2])
+        t = _signs(x, x.shape[-1], generator)
+        h = linear(x, a_loc, num_samples) + linear(x * t, a - a_loc, num_samples) * _signs(x, a.shape[-2], generator)
     for kind in between_kinds():
         if kind.letter in between:
             h = kind.apply(h, between[kind.letter], num_samples)
     return linear(h, b, num_samples)
 
 
-def _signs(x, size):
+def _signs(x, size, generator=None):
     """Random ``+-1`` of shape ``[N, 1, ..., 1, size]``: one draw per example (row of ``x``), shared over positions."""
     shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (size,)
-    return torch.randint(0, 2, shape, device=x.device).to(x.dtype).mul_(2).sub_(1)
+    return torch.randint(0, 2, shape, device=x.device, generator=generator).to(x.dtype).mul_(2).sub_(1)

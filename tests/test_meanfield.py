@@ -197,7 +197,7 @@ def test_flipout_mean_path_equals_plain_forward():
 def test_flipout_is_a_per_example_sign_flip(monkeypatch):
     x, a_loc, noise, b = torch.randn(4, 3, 6), torch.randn(2, 6), torch.randn(2, 6), torch.randn(5, 2)
     signs = {6: torch.randint(0, 2, (4, 1, 6)) * 2.0 - 1, 2: torch.randint(0, 2, (4, 1, 2)) * 2.0 - 1}
-    monkeypatch.setattr(handoff, "_signs", lambda x, size: signs[size])
+    monkeypatch.setattr(handoff, "_signs", lambda x, size, generator=None: signs[size])
     out = handoff.lora_delta(x, a_loc + noise, b, a_loc=a_loc)
     for n in range(4):
         a_n = a_loc + signs[2][n, 0, :, None] * noise * signs[6][n, 0]  # diag(s_n) E diag(t_n)
