@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from .checks import check_count
-from .prompts import cloze_parts, letter_parts, record_text
+from .prompts import cloze_parts, letter_parts, passage_part, record_text
 from .records import record_task, validate_record
 
 __all__ = ["CausalLMCollator", "ClassificationCollator", "ClozeCollator", "LetterCollator"]
@@ -83,6 +83,14 @@ def _shared_start(a: list[int], b: list[int]) -> int:
     return n
 
 
+def _cuttable(tokenizer, records, format: str, rows: list[list[int]]) -> list[int]:
+    """Per row (of the record at the same place), how many of its leading tokens truncation may cut: those of the
+    record's passage (:func:`~pyro_lora.prompts.passage_part`), none of its question (a cut of all of the question
+    scored every question with the same options alike)."""
+    passages = tokenizer([passage_part(r, format) for r in records], add_special_tokens=False)["input_ids"]
+    return [_shared_start(p, row) for p, row in zip(passages, rows)]
+
+
 def _choice_mask(records, num_choices: int) -> torch.Tensor:
     counts = torch.tensor([len(r["choices"]) for r in records])
     return torch.arange(num_choices)[None, :] < counts[:, None]
@@ -122,9 +130,9 @@ class LetterCollator:
 
     Returns ``input_ids [B, T]``, ``attention_mask [B, T]``, ``labels [B]`` and ``choice_mask [B, K]``
     (bool, ``K`` = most choices in the batch, ``False`` for options a record lacks). Prompts longer
-    than ``max_length`` lose tokens at the start of the question (or passage), so ``Answer:`` stays last; a cut
-    that would reach the answer options is refused (``ValueError`` naming the ``max_length`` needed): the model
-    would be asked for a letter whose option it never saw. With left padding (the
+    than ``max_length`` lose tokens at the start of their passage, so ``Answer:`` stays last; a cut that would
+    reach the question or the answer options is refused (``ValueError`` naming the ``max_length`` needed): the
+    model would be asked for a letter of a question or an option it never saw. With left padding (the
     default) the last real token sits at position ``-1``, where the answer-letter logits are read;
     with right padding it sits at ``attention_mask.sum(-1) - 1``. Either way the positions count real
     tokens only (:class:`~pyro_lora.MultipleChoice`), so the logits do not depend on the padding.
@@ -143,15 +151,14 @@ class LetterCollator:
         _check_records(records, "multiple_choice")
         heads, tails = zip(*(letter_parts(r) for r in records))
         encoded = self.tokenizer([h + t for h, t in zip(heads, tails)], add_special_tokens=False)["input_ids"]
-        head_ids = self.tokenizer(list(heads), add_special_tokens=False)["input_ids"]
         budget = self.max_length - len(self.prefix)
-        for record, ids, head in zip(records, encoded, head_ids):
-            cuttable = _shared_start(head, ids)  # the question's tokens; the rest (the options) must stay whole
-            if len(ids) - budget > cuttable:
+        for record, ids, cuttable in zip(records, encoded, _cuttable(self.tokenizer, records, "letter", encoded)):
+            if len(ids) - budget > cuttable:  # only a passage is cut: the question and the options stay whole
                 raise ValueError(
                     f"record {record.get('id')!r}: its letter prompt is {len(ids)} tokens and max_length="
-                    f"{self.max_length} would cut into its answer options (a letter asked for an option never seen); "
-                    f"it needs max_length >= {len(self.prefix) + len(ids) - cuttable}: raise max_length"
+                    f"{self.max_length} would cut into its question or answer options (a letter asked "
+                    f"for a question or an option never seen); it needs max_length >= "
+                    f"{len(self.prefix) + len(ids) - cuttable}: raise max_length"
                 )
         rows = [self.prefix + ids[-budget:] for ids in encoded]
         input_ids, attention_mask = _pad(rows, self.pad_id, self.padding_side)
@@ -182,10 +189,11 @@ class ClozeCollator:
     own (as lm-evaluation-harness splits them), so they are the text's own: a SentencePiece tokenizer that
     prepends ``"▁"`` to each text it encodes would give a continuation tokenized alone an extra token. Where
     the joint tokens merge across the boundary, the continuation is tokenized alone. Too long a question loses
-    tokens at its start, the same tokens for each of its choices (as many as its longest row needs), so the
-    choices are compared under one context. Refused (``ValueError``): a choice longer than ``max_length`` leaves
-    for it (cutting its end would score the choices on their beginnings), a cut that would reach the choice
-    itself where it sits in the context (WinoGrande's partial scoring), and an empty context (a WinoGrande
+    tokens at the start of its passage, the same tokens for each of its choices (as many as its longest row needs),
+    so the choices are compared under one context. Refused (``ValueError``): a choice longer than ``max_length``
+    leaves for it (cutting its end would score the choices on their beginnings), a cut that would reach the question
+    (a WinoGrande sentence, or the choice where it sits in the context in partial scoring: every record without a
+    passage is never cut), and an empty context (a WinoGrande
     sentence that is only its blank: the continuation's first token would have nothing to condition on). Missing choices become a 1-token dummy row with an
     empty target, lengths 1 (so normalising never divides by zero) and ``choice_mask`` False.
     """
@@ -202,7 +210,6 @@ class ClozeCollator:
         parts = [cloze_parts(r) for r in records]
         real = [(head + own, cont) for head, own_parts in parts for own, cont in own_parts]
         tok = self.tokenizer
-        heads = tok([head for head, _ in parts], add_special_tokens=False)["input_ids"]
         contexts = tok([c for c, _ in real], add_special_tokens=False)["input_ids"]
         wholes = tok([c + t for c, t in real], add_special_tokens=False)["input_ids"]
         alone = tok([t for _, t in real], add_special_tokens=False)["input_ids"]
@@ -213,9 +220,12 @@ class ClozeCollator:
 
         rows, spans, chars = [], [], []
         budget = self.max_length - len(self.prefix)
-        for record, (_, own_parts), head in zip(records, parts, heads):
+        own_rows = [[next(split) for _ in own_parts] for _, own_parts in parts]
+        # what a cut may take of each choice's context: its passage, never the question
+        cuttable = iter(_cuttable(tok, [r for r, (_, own_parts) in zip(records, parts) for _ in own_parts], "cloze",
+                                  [ctx for own in own_rows for ctx, _ in own]))
+        for record, (_, own_parts), own in zip(records, parts, own_rows):
             owner = record.get("id")
-            own = [next(split) for _ in own_parts]
             for ctx, cont in own:
                 if len(cont) > budget - 1:  # at least one context token to condition on
                     raise ValueError(
@@ -232,12 +242,12 @@ class ClozeCollator:
             # one cut for every choice, within the head they share: the choices are compared under one context
             longest = max(len(c) + len(t) for c, t in own)
             cut = max(0, longest - budget)
-            shared = min(_shared_start(head, c) for c, _ in own)
+            shared = min(next(cuttable) for _ in own)
             if cut > shared:
                 raise ValueError(
-                    f"record {owner!r}: max_length={self.max_length} would cut into a choice where it sits in the "
-                    "context (WinoGrande partial scoring), scoring the choices on fragments; it needs max_length >= "
-                    f"{len(self.prefix) + longest - shared}: raise max_length"
+                    f"record {owner!r}: max_length={self.max_length} would cut into its question (only a passage is "
+                    "cut; in WinoGrande's partial scoring the choice sits in the context), scoring the choices on "
+                    f"fragments; it needs max_length >= {len(self.prefix) + longest - shared}: raise max_length"
                 )
             for (ctx, cont), (in_context, text) in zip(own, own_parts):
                 row = self.prefix + ctx[cut:] + cont
@@ -277,7 +287,8 @@ class CausalLMCollator:
     (:func:`~pyro_lora.records.validate_record`, the task told by :func:`~pyro_lora.records.record_task`).
     A text longer than ``max_length`` tokens loses its end, except a multiple-choice record's default text (question
     and correct answer), which loses the start of its question: cutting its end trained on the question without the
-    answer.
+    answer. A cut that would reach its question or answer (only a passage is cut) is refused (``ValueError`` naming
+    the ``max_length`` needed): the label would not change what is trained.
     """
 
     def __init__(self, tokenizer, max_length: int = 512, text_fn: Callable[[dict], str] = record_text):
@@ -295,9 +306,20 @@ class CausalLMCollator:
             raise ValueError(f"record(s) {empty[:5]} of the batch give no tokens (text_fn gave text the tokenizer "
                              "encodes as nothing, e.g. an empty string): leave them out, or give them text")
         budget = self.max_length - len(self.prefix)
-        keep_end = [self.text_fn is record_text and record_task(r) == "multiple_choice" for r in records]
-        rows = [self.prefix + (ids[len(ids) - budget:] if end and len(ids) > budget else ids[:budget])
-                for ids, end in zip(encoded, keep_end)]
+        rows = [self.prefix + ids[:budget] for ids in encoded]
+        if self.text_fn is record_text:  # a multiple-choice record keeps its answer: it loses its question's start
+            chosen = [(i, r) for i, r in enumerate(records) if record_task(r) == "multiple_choice"]
+            cuts = _cuttable(self.tokenizer, [r for _, r in chosen], "cloze", [encoded[i] for i, _ in chosen])
+            for (i, record), cuttable in zip(chosen, cuts):
+                cut = len(encoded[i]) - budget
+                if cut > cuttable:
+                    raise ValueError(
+                        f"record {record.get('id')!r}: its question and answer are {len(encoded[i])} tokens and "
+                        f"max_length={self.max_length} would cut into its question or answer (the "
+                        f"label would not change what is trained); it needs max_length >= "
+                        f"{len(self.prefix) + len(encoded[i]) - cuttable}: raise max_length"
+                    )
+                rows[i] = self.prefix + encoded[i][max(cut, 0):]
         input_ids, attention_mask = _pad(rows, self.pad_id, "right")
         return {
             "input_ids": input_ids,

@@ -478,6 +478,10 @@ class MultipleChoice(Likelihood):
             wants = "ClozeCollator" if self.format == "cloze" else "LetterCollator"
             raise ValueError(f"the batch is in the {made[0]} format ({made[1]}) and MultipleChoice scores the {self.format} "
                              f"format: collate with {wants}, or build MultipleChoice(format={made[0]!r})")
+        length = {"tokens": "target_lengths", "chars": "target_chars"}.get(self.normalize)
+        if self.format == "cloze" and length and length not in batch:  # checked before the network runs
+            raise ValueError(f"MultipleChoice(normalize={self.normalize!r}) divides each choice's score by the batch's "
+                             f"{length!r} [B*K] (ClozeCollator writes it); its keys are {sorted(batch)}")
         return mask
 
     def logits(self, net, batch, num_samples=None):

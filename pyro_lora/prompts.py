@@ -19,7 +19,7 @@ import torch
 from .records import record_task
 
 __all__ = ["LETTERS", "cloze_pairs", "cloze_parts", "is_blank_item", "letter_parts", "letter_prompt", "letter_token_ids",
-           "record_text"]
+           "passage_part", "record_text"]
 
 LETTERS = string.ascii_uppercase
 _ANSWER = "\nAnswer:"  # the letter prompt's end: the next token is the answer letter
@@ -47,13 +47,13 @@ def letter_prompt(record: dict) -> str:
 
 
 def letter_parts(record: dict) -> tuple[str, str]:
-    """The letter prompt as ``(head, tail)``: the question (with passage or blank sentence), which truncation may cut,
-    and the options block ending with ``Answer:``, which must stay whole. ``head + tail`` is :func:`letter_prompt`."""
+    """The letter prompt as ``(head, tail)``: the question (with passage or blank sentence) and the options block
+    ending with ``Answer:``. ``head + tail`` is :func:`letter_prompt`."""
     choices = record["choices"]
     if len(choices) > len(LETTERS):
         raise ValueError(f"record {record['id']!r} has {len(choices)} choices, more than {len(LETTERS)} letters")
     if "context" in record:
-        head = f"Passage: {record['context']}\nQuestion: {_as_question(record['question'])}"
+        head = f"{passage_part(record, 'letter')}\nQuestion: {_as_question(record['question'])}"
     elif is_blank_item(record):
         head = f"Sentence: {record['question']}\nWhich option fills the blank?"
     else:
@@ -106,7 +106,7 @@ def cloze_pairs(record: dict) -> list[tuple[str, str]]:
 
 def cloze_parts(record: dict) -> tuple[str, list[tuple[str, str]]]:
     """:func:`cloze_pairs` split for truncation: ``(head, [(own, continuation), ...])``, each choice's context is
-    ``head + own``; ``head`` is the text every choice shares (which truncation may cut), ``own`` the choice itself in
+    ``head + own``; ``head`` is the text every choice shares, ``own`` the choice itself in
     WinoGrande's partial scoring (the continuation is then the rest of the sentence), else ``""`` (the continuation is
     then ``" {choice}"``, the choice after one space)."""
     choices = record["choices"]
@@ -119,10 +119,19 @@ def cloze_parts(record: dict) -> tuple[str, list[tuple[str, str]]]:
         # Blank at the very end: nothing shared to score, so score the filled-in ending instead.
         return prefix.rstrip(), [("", f" {c}{rest}") for c in choices]
     if "context" in record:
-        context = f"{record['context']}\nQuestion: {_as_question(question)}\nAnswer:"
+        context = f"{passage_part(record, 'cloze')}\nQuestion: {_as_question(question)}\nAnswer:"
     else:
         context = f"Question: {question}\nAnswer:"
     return context, [("", f" {c}") for c in choices]
+
+
+def passage_part(record: dict, format: str) -> str:
+    """The start of a record's ``format`` (``"letter"`` or ``"cloze"``) prompt that truncation may cut: its passage
+    (BoolQ's ``context``), ``""`` for a record without one. The question, a WinoGrande sentence and the options are
+    never cut: a question cut away scored every question with the same options alike."""
+    if "context" not in record:
+        return ""
+    return f"Passage: {record['context']}" if format == "letter" else record["context"]
 
 
 def record_text(record: dict) -> str:

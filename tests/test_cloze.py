@@ -69,6 +69,11 @@ def test_cloze_padding_and_normalisation():
     per_char = LoraModel(net, MultipleChoice(format="cloze", normalize="chars")).logits(cloze_batch())
     torch.testing.assert_close(per_char[0], plain[0] / torch.tensor([6.0, 3.0, 9.0]), rtol=1e-4, atol=1e-4)
 
+    for normalize, key in (("tokens", "target_lengths"), ("chars", "target_chars")):  # a bare KeyError after the forward
+        batch = {k: v for k, v in cloze_batch().items() if k != key}
+        with pytest.raises(ValueError, match=f"normalize='{normalize}'.* the batch's '{key}' .*ClozeCollator writes it"):
+            LoraModel(net, MultipleChoice(format="cloze", normalize=normalize)).logits(batch)
+
 
 def test_cloze_s_sample_path_equals_single_forwards():
     model = LoraModel(tiny_llama(), MultipleChoice(format="cloze", normalize="tokens"))

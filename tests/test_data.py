@@ -430,9 +430,9 @@ def test_collators_add_the_tokenizers_leading_special_token(minilm_tok, records)
 @needs_smollm2
 def test_causal_lm_collator(smol_tok, records):
     recs = records["sst2"][:3] + records["arc"][:1]
-    batch = D.CausalLMCollator(smol_tok, max_length=16)(recs)
+    batch = D.CausalLMCollator(smol_tok, max_length=64)(recs)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    assert ids.shape == mask.shape == labels.shape and ids.shape[1] <= 16
+    assert ids.shape == mask.shape == labels.shape and ids.shape[1] <= 64
     assert (labels[mask == 0] == -100).all() and torch.equal(labels[mask == 1], ids[mask == 1])
     assert (mask[:, 0] == 1).all()  # right padding
     assert smol_tok.decode(ids[0, mask[0].bool()]) == recs[0]["text"][: len(smol_tok.decode(ids[0, mask[0].bool()]))]
@@ -641,14 +641,15 @@ def test_cloze_target_chars_count_the_choice_without_the_delimiter(smol_tok):
 @needs_smollm2
 def test_cloze_choices_of_a_question_are_truncated_to_one_context(smol_tok):
     """Each choice kept a different amount of the question: a short choice all of it, a long one lost its start."""
-    record = {"id": "q1", "question": "Which of these planets in our solar system is the largest by its diameter and "
-              "by its mass?", "choices": ["Jupiter", "the small red planet that is fourth from the sun and has two moons"],
-              "label": 0}
-    batch = D.ClozeCollator(smol_tok, max_length=24)([record])
+    record = {"id": "q1", "context": "Our solar system has eight planets; the largest by its diameter and by its mass "
+              "is the fifth from the sun.", "question": "Which planet is the largest",
+              "choices": ["Jupiter", "the small red planet that is fourth from the sun and has two moons"], "label": 0}
+    batch = D.ClozeCollator(smol_tok, max_length=36)([record])
     contexts = [smol_tok.decode(batch["input_ids"][k][batch["attention_mask"][k].bool() & ~batch["target_mask"][k]])
                 for k in range(2)]
-    assert contexts[0] == contexts[1] and contexts[0].endswith("?\nAnswer:")
-    assert batch["attention_mask"][1].sum() == 24  # the longest row sets the cut
+    assert contexts[0] == contexts[1] and contexts[0].endswith("\nQuestion: Which planet is the largest?\nAnswer:")
+    assert not contexts[0].startswith("Our")  # the passage lost its start
+    assert batch["attention_mask"][1].sum() == 36  # the longest row sets the cut
 
 
 @needs_smollm2
@@ -656,13 +657,15 @@ def test_a_cloze_cut_into_a_winogrande_choice_is_refused(smol_tok):
     """In partial scoring the choice ends the context: a left cut scored ' trophy' against 'case'."""
     record = {"id": "w", "question": "The trophy doesn't fit into the brown suitcase because the _ is too large.",
               "choices": ["gold trophy", "old brown suitcase"], "label": 0}
-    with pytest.raises(ValueError, match=r"record 'w': max_length=7 would cut into a choice .* needs max_length >= 8"):
-        D.ClozeCollator(smol_tok, max_length=7)([record])
-    batch = D.ClozeCollator(smol_tok, max_length=8)([record])
-    for k, choice in enumerate(record["choices"]):
+    whole = max(len(smol_tok(c + t, add_special_tokens=False)["input_ids"]) for c, t in D.cloze_pairs(record))
+    for short in (7, whole - 1):  # 7 cut into ' gold trophy'; whole - 1 the sentence's start, scored without it
+        with pytest.raises(ValueError, match=rf"record 'w': max_length={short} would cut into its question \(only a "
+                                             rf"passage is cut; .* needs max_length >= {whole}"):
+            D.ClozeCollator(smol_tok, max_length=short)([record])
+    batch = D.ClozeCollator(smol_tok, max_length=whole)([record])
+    for k, (context, _) in enumerate(D.cloze_pairs(record)):
         row = batch["input_ids"][k][batch["attention_mask"][k].bool() & ~batch["target_mask"][k]]
-        assert smol_tok.decode(row).endswith(" " + choice)
-    assert not smol_tok.decode(batch["input_ids"][0]).startswith("The")  # the shared question did lose its start
+        assert smol_tok.decode(row) == context
 
 
 @needs_smollm2
@@ -679,20 +682,40 @@ def test_a_letter_cut_into_the_options_is_refused(smol_tok):
               "choices": ["Jupiter, the largest planet of the solar system", "the Moon, a natural satellite of the Earth",
                           "Sirius, the brightest star of the night sky", "Halley, a periodic comet"], "label": 0}
     prompt = smol_tok(D.letter_prompt(record), add_special_tokens=False)["input_ids"]
-    question = len(smol_tok("Question: Which of these is a planet?", add_special_tokens=False)["input_ids"])
-    needed = len(prompt) - question
-    with pytest.raises(ValueError, match=f"record 'q': its letter prompt is {len(prompt)} tokens and max_length=24 would "
-                                         f"cut into its answer options .* needs max_length >= {needed}"):
-        D.LetterCollator(smol_tok, max_length=24)([record])
-    batch = D.LetterCollator(smol_tok, max_length=needed)([record])
-    assert smol_tok.decode(batch["input_ids"][0]) == D.letter_prompt(record)[len("Question: Which of these is a planet?"):]
+    needed = len(prompt)  # no passage: nothing may be cut (all of the question cut scored every question alike)
+    for short in (24, needed - 1):
+        with pytest.raises(ValueError, match=f"record 'q': its letter prompt is {len(prompt)} tokens and max_length={short} "
+                                             f"would cut into its question or answer options .* needs max_length >= {needed}"):
+            D.LetterCollator(smol_tok, max_length=short)([record])
+    assert smol_tok.decode(D.LetterCollator(smol_tok, max_length=needed)([record])["input_ids"][0]) == D.letter_prompt(record)
+    passage = {**record, "context": "The solar system has planets, moons, stars seen from it and comets. " * 3}
+    full = len(smol_tok(D.letter_prompt(passage), add_special_tokens=False)["input_ids"])
+    kept = smol_tok.decode(D.LetterCollator(smol_tok, max_length=needed + 8)([passage])["input_ids"][0])
+    assert full > needed + 8 and kept.endswith(D.letter_prompt(record)[len("Question:"):])  # the passage lost its start
+
+
+@needs_smollm2
+def test_a_cut_of_the_whole_question_is_refused(smol_tok):
+    """A cut that took all of the question left '\nAnswer: Paris' for 'capital of France?' and of Italy alike: both
+    questions got the same scores. Some of the question stays, or the collator refuses."""
+    france = {"id": "f", "question": "What is the capital of France?", "choices": ["Paris", "Rome"], "label": 0}
+    italy = {**france, "id": "i", "question": "What is the capital of Italy?", "label": 1}
+    answer = len(smol_tok("\nAnswer: Paris", add_special_tokens=False)["input_ids"])
+    whole = len(smol_tok(D.record_text(france), add_special_tokens=False)["input_ids"])
+    for short in (answer, whole - 1):
+        with pytest.raises(ValueError, match=f"record 'f': max_length={short} would cut into its question"):
+            D.ClozeCollator(smol_tok, max_length=short)([france, italy])
+    batch = D.ClozeCollator(smol_tok, max_length=whole)([france, italy])
+    contexts = [smol_tok.decode(batch["input_ids"][k][batch["attention_mask"][k].bool() & ~batch["target_mask"][k]])
+                for k in (0, 2)]
+    assert contexts == [D.cloze_pairs(france)[0][0], D.cloze_pairs(italy)[0][0]]
 
 
 @needs_smollm2
 def test_causal_lm_collator_keeps_a_multiple_choice_answer(smol_tok, records):
     """A multiple-choice record's text is its question and correct answer: cut at its end, it trained on the question
     without the answer. It loses the start of the question instead; other text keeps its start."""
-    mc = {"id": "q", "question": "word " * 60 + "What is it?", "choices": ["a red apple", "a pear"], "label": 0}
+    mc = {"id": "q", "context": "word " * 60, "question": "What is it?", "choices": ["a red apple", "a pear"], "label": 0}
     cls = {"id": "c", "text": "first words " + "filler " * 60, "label": 0}
     batch = D.CausalLMCollator(smol_tok, max_length=16)([mc, cls])
     kept = [smol_tok.decode(row[mask.bool()]) for row, mask in zip(batch["input_ids"], batch["attention_mask"])]
@@ -700,3 +723,15 @@ def test_causal_lm_collator_keeps_a_multiple_choice_answer(smol_tok, records):
     assert kept[1].startswith("first words")
     custom = D.CausalLMCollator(smol_tok, max_length=16, text_fn=lambda r: "own text " * 20)([mc])
     assert smol_tok.decode(custom["input_ids"][0]).startswith("own text")
+    # a cut into the answer, or into a WinoGrande choice before the rest of its sentence, made label 0 and 1 train the
+    # same row: refused, naming the max_length needed
+    long_answer = {"id": "l", "question": "Why?", "choices": ["because " * 12 + "so", "no"], "label": 0}
+    with pytest.raises(ValueError, match="record 'l': its question and answer are .* would cut into its question or "
+                                         "answer .* needs max_length >= "):
+        D.CausalLMCollator(smol_tok, max_length=8)([long_answer])
+    wg = {"id": "w", "question": "Sarah lent Maria a book because _ had finished reading it and loves novels.",
+          "choices": ["Sarah", "Maria"], "label": 0}
+    with pytest.raises(ValueError, match="record 'w': its question and answer"):
+        D.CausalLMCollator(smol_tok, max_length=12)([wg])
+    rows = [D.CausalLMCollator(smol_tok, max_length=20)([{**wg, "label": k}])["input_ids"][0] for k in (0, 1)]
+    assert not torch.equal(rows[0], rows[1])
