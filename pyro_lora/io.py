@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from .contract import (check_guide, describe, differences, digested_parameters, frozen_base_parameters, quantization,
                        quantized_weights, unwrapped_name, weight_digest, weight_scales, weights_digest)
 from .quantized import is_quantized
+from .sites import base_network
 from .ownership import forget_fit, restore_fit, take_over, trainer
 from .distributed import check_same, is_main, on_main, refused_together
 
@@ -879,8 +880,9 @@ def _check_peft_model(model):
 
 def _check_adapter_reloads(model):
     """Refuse what peft's saved adapter would not give back on reload: a trained point parameter peft does not save
-    (a head made trainable by hand, not in ``modules_to_save``), a LoRA scaling other than its config's (peft's
-    ``set_scale``), or an initialisation peft redoes at random on load (PiSSA by randomised SVD)."""
+    (a head made trainable by hand, not in ``modules_to_save``), a LoRA scaling of any of the adapter's LoRA layers (embeddings too) other than the
+    one its saved config gives (:func:`_check_saved_scalings`), or an initialisation peft redoes at random on load
+    (PiSSA by randomised SVD)."""
     from peft import get_peft_model_state_dict
 
     saved = {t.data_ptr() for t in get_peft_model_state_dict(model.net, adapter_name=model.adapter).values()}
@@ -889,19 +891,46 @@ def _check_adapter_reloads(model):
         raise ValueError(f"the trained {unsaved[0]} is no part of the peft adapter (made trainable by hand, not through "
                          "modules_to_save): the adapter would load with the base's value; build the adapter with that "
                          "module in modules_to_save")
+    _check_saved_scalings(model)
     config = model.net.peft_config[model.adapter]
-    for path, layer in model.layers.items():
-        r, alpha = layer.r[model.adapter], layer.lora_alpha[model.adapter]
-        expected = alpha / (math.sqrt(r) if getattr(config, "use_rslora", False) else r)
-        if not math.isclose(layer.scaling[model.adapter], expected, rel_tol=1e-6):
-            raise ValueError(f"the LoRA scaling of {path} is {layer.scaling[model.adapter]:g}, not the {expected:g} its "
-                             "config gives (peft's set_scale or scale_layer): the adapter would load with the config's; "
-                             "restore the scaling first")
     init = getattr(config, "init_lora_weights", None)
     if isinstance(init, str) and "_niter_" in init:
         raise ValueError(f"init_lora_weights={init!r} rewrites the base with a randomised SVD, which peft redoes (at "
                          "random) when loading the adapter: the base it loads on differs; convert it to a plain LoRA "
                          "with peft's path_initial_model_for_weight_conversion, or use an exact init")
+
+
+def _check_saved_scalings(model):
+    """Refuse a LoRA layer of the exported adapter (every peft ``LoraLayer`` holding it: embeddings and convolutions
+    too, not only the sites' layers) whose scaling is not the one peft gives it on reload: ``lora_alpha / r`` (``/
+    sqrt(r)`` with ``use_rslora``) of the config ``save_pretrained`` writes, ``rank_pattern`` and ``alpha_pattern``
+    matched to its module name as peft matches them. Differs after peft's ``set_scale``/``scale_layer``, or when the
+    config was edited after the layer was built (one ``LoraConfig`` object reused, changed, for ``add_adapter``)."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import get_pattern_key
+
+    adapter, config = model.adapter, model.net.peft_config[model.adapter]
+    ranks, alphas = config.rank_pattern or {}, config.alpha_pattern or {}
+    # peft matches patterns to the module's name in the network under its tuner
+    for key, layer in base_network(model.net).named_modules():
+        if not (isinstance(layer, LoraLayer) and adapter in layer.scaling):
+            continue
+        r = ranks.get(get_pattern_key(ranks.keys(), key), config.r)
+        alpha = alphas.get(get_pattern_key(alphas.keys(), key), config.lora_alpha)
+        expected = alpha / (math.sqrt(r) if config.use_rslora else r)
+        actual = layer.scaling[adapter]
+        if math.isclose(actual, expected, rel_tol=1e-6):
+            continue
+        built = layer.lora_alpha[adapter] / (math.sqrt(layer.r[adapter]) if config.use_rslora else layer.r[adapter])
+        if math.isclose(actual, built, rel_tol=1e-6):  # the layer is as built: its config changed since
+            raise ValueError(f"the LoRA layer {key} of adapter {adapter!r} scales by {actual:g} (lora_alpha="
+                             f"{layer.lora_alpha[adapter]:g}, r={layer.r[adapter]}, as it was built), but the config "
+                             f"peft saves with it gives {expected:g} (lora_alpha={alpha:g}, r={r}): it was edited after the "
+                             "adapter was built (one LoraConfig object reused and changed for add_adapter?); the adapter "
+                             f"would load with {expected:g}; set net.peft_config[{adapter!r}] to a copy of it holding the "
+                             "values its layers were built with (the object may be another adapter's config too)")
+        raise ValueError(f"the LoRA scaling of {key} is {actual:g}, not the {expected:g} its config gives (peft's "
+                         "set_scale or scale_layer): the adapter would load with the config's; restore the scaling first")
 
 
 def _write_adapter(guide, folder):

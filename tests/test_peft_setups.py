@@ -402,3 +402,44 @@ def test_add_lora_keeps_a_classification_head_of_another_name_trainable():
     bert = add_lora(tiny_bert_base(), r=2, alpha=4, targets=["query"])  # peft's own default, unchanged
     assert {n for n, p in bert.named_parameters() if p.requires_grad and "lora_" not in n} == {
         "base_model.model.classifier.modules_to_save.default.weight", "base_model.model.classifier.modules_to_save.default.bias"}
+
+
+def test_export_refuses_an_embedding_lora_scaled_apart_from_its_config(tmp_path):
+    """Only the sites' Linear layers were checked: an embedding LoRA of the adapter scaled by peft's set_scale was
+    exported, and saved by save_guide(adapter=True), with its config's scaling (0.012 off on reload)."""
+    from pyro_lora.io import save_guide
+
+    net = get_peft_model(tiny_bert_base(), LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS",
+                                                      target_modules=["query", "value", "word_embeddings"]))
+    net.base_model.model.bert.embeddings.word_embeddings.set_scale("default", 3.0)
+    with pytest.warns(UserWarning, match="not made random"):
+        model = LoraModel(net, SequenceClassification())
+    guide = MAPGuide(model)
+    with pytest.raises(ValueError, match=r"the LoRA scaling of bert.embeddings.word_embeddings is 6, not the 2 its config"):
+        export_adapter(guide, tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"the LoRA scaling of bert.embeddings.word_embeddings is 6"):
+        save_guide(guide, tmp_path / "guide", adapter=True)
+    assert not (tmp_path / "adapter").exists() and not (tmp_path / "guide").exists()
+
+
+def test_export_checks_scalings_against_the_config_peft_saves(tmp_path):
+    """One LoraConfig object reused, changed, for a second adapter: the first's saved config said lora_alpha=32 while
+    its layers scaled by 8 / 4, and the export was let through (each layer was checked against its own alpha);
+    rank_pattern and alpha_pattern are matched to module names as peft matches them."""
+    from pyro_lora.pretrained import load_adapter
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    net = get_peft_model(tiny_bert_base(), config)
+    config.lora_alpha = 32
+    net.add_adapter("wide", config)
+    model = LoraModel(net, SequenceClassification())
+    with pytest.raises(ValueError, match=r"LoRA layer bert.encoder.layer.0.attention.self.query of adapter 'default' "
+                                         r"scales by 2 \(lora_alpha=8, r=4, .*gives 8 \(lora_alpha=32, r=4\).*peft_config"):
+        export_adapter(MAPGuide(model), tmp_path / "edited")
+    assert not (tmp_path / "edited").exists()
+    net = bert_with(rank_pattern={"value": 2}, alpha_pattern={"layer.1.attention.self.query": 3, "value": 6})
+    export_adapter(MAPGuide(LoraModel(net, SequenceClassification())), tmp_path / "patterns")  # as peft reloads it
+    reloaded = load_adapter(tiny_bert_base(), tmp_path / "patterns")
+    assert {n: m.scaling for n, m in reloaded.named_modules() if hasattr(m, "scaling")} == {
+        n: m.scaling for n, m in net.named_modules() if hasattr(m, "scaling")}
+
