@@ -258,7 +258,8 @@ def save_guide(guide, path, run=None, adapter=False):
         (as :func:`export_adapter`): never a stale adapter beside a newer guide.
 
     :raises ValueError: if the network's point parameters are no longer the guide's (another guide trained
-        them since: :func:`~pyro_lora.contract.check_guide`), since they are saved with it; or if a base weight
+        them since: :func:`~pyro_lora.contract.check_guide`), since they are saved with it; with ``adapter``, as
+        :func:`export_adapter` refuses; or if a base weight
         changed since the guide was loaded or last saved (read whole: the digests every save records).
 
     ``path`` becomes a directory with ``guide.safetensors`` and ``guide.json`` (standard JSON: a config value that
@@ -829,7 +830,8 @@ def export_adapter(guide, path):
 
     :raises ValueError: if the network changed since the guide was built (another active adapter, merged
         layers, other LoRA scaling: :func:`~pyro_lora.contract.check_guide`), or is no ``PeftModel`` (a model built
-        on ``net.base_model``); for a guide that carries its own head parameters (an ensemble's per-member heads):
+        on ``net.base_model``); if the adapter would not reload as it runs (:func:`_check_adapter_reloads`: any
+        adapter merged into the base, a LoRA layer's scaling other than its saved config gives, ...); for a guide that carries its own head parameters (an ensemble's per-member heads):
         the adapter would hold the network's head instead.
     """
     with refused_together("export the adapter"):
@@ -880,7 +882,8 @@ def _check_peft_model(model):
 
 def _check_adapter_reloads(model):
     """Refuse what peft's saved adapter would not give back on reload: a trained point parameter peft does not save
-    (a head made trainable by hand, not in ``modules_to_save``), a LoRA scaling of any of the adapter's LoRA layers (embeddings too) other than the
+    (a head made trainable by hand, not in ``modules_to_save``), another adapter merged into the base weights
+    (:func:`_check_nothing_merged`), a LoRA scaling of any of the adapter's LoRA layers (embeddings too) other than the
     one its saved config gives (:func:`_check_saved_scalings`), or an initialisation peft redoes at random on load
     (PiSSA by randomised SVD)."""
     from peft import get_peft_model_state_dict
@@ -891,6 +894,7 @@ def _check_adapter_reloads(model):
         raise ValueError(f"the trained {unsaved[0]} is no part of the peft adapter (made trainable by hand, not through "
                          "modules_to_save): the adapter would load with the base's value; build the adapter with that "
                          "module in modules_to_save")
+    _check_nothing_merged(model)
     _check_saved_scalings(model)
     config = model.net.peft_config[model.adapter]
     init = getattr(config, "init_lora_weights", None)
@@ -898,6 +902,22 @@ def _check_adapter_reloads(model):
         raise ValueError(f"init_lora_weights={init!r} rewrites the base with a randomised SVD, which peft redoes (at "
                          "random) when loading the adapter: the base it loads on differs; convert it to a plain LoRA "
                          "with peft's path_initial_model_for_weight_conversion, or use an exact init")
+
+
+def _check_nothing_merged(model):
+    """Refuse a network any of whose LoRA layers holds merged adapters (peft's ``merge_adapter``), the exported one's
+    or another's: the guide was fitted on a base holding their deltas, which the checkpoint the adapter reloads on
+    lacks."""
+    from peft.tuners.lora import LoraLayer
+
+    merged = {p: list(m.merged_adapters) for p, m in model.net.named_modules() if isinstance(m, LoraLayer) and m.merged}
+    if merged:
+        names = sorted({a for adapters in merged.values() for a in adapters})
+        raise ValueError(f"adapter(s) {names} are merged into the base weights of {len(merged)} LoRA layer(s) (e.g. "
+                         f"{next(iter(merged))}): the exported adapter {model.adapter!r} would reload on the checkpoint "
+                         "without their deltas, which its guide was fitted with; call net.unmerge_adapter() first (and "
+                         "fit again without them), or merge them for good (merge_and_unload), save that base and build "
+                         "the adapter on it")
 
 
 def _check_saved_scalings(model):
