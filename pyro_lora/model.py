@@ -486,7 +486,9 @@ class LoraModel:
             for another model); inside a plate (vectorized particles); under an ELBO, for a ``kl_weight`` the
             guide's sites are not scaled by (a Pyro autoguide: its ``log q`` unscaled) or guide values blocked from
             the model (``poutine.block``); under a per-row ``poutine.scale`` or a ``poutine.mask`` (the weight sites
-            are global); for a ``num_data`` below a labelled batch's rows; in ``fit``, for a batch without labels; or
+            are global); for a ``num_data`` below a labelled batch's rows; for labels the likelihood refuses, in
+            ``batch["labels"]`` or handed to ``"obs"`` (``poutine.condition``; a token-level likelihood, which derives
+            its observed tokens from ``batch["labels"]``, refuses any so handed); in ``fit``, for a batch without labels; or
             under Pyro's optimizers (``pyro.infer.SVI``) for a network computing in float16; under a JIT ELBO.
         """
         if torch.jit.is_tracing():  # Pyro's JIT ELBOs run this Python once, on the first batch
@@ -543,16 +545,32 @@ class LoraModel:
         y = self._labels(batch)  # its checks read the labels on the host: before the forward is queued
         logits = self.logits(batch, values, flipout_locs=flipout)
         rows = logits.shape[0]
-        if y is not None and self.num_data is not None and self.num_data < rows:
-            raise ValueError(f"num_data={self.num_data} is below this batch's {rows} rows: num_data is the number of "
-                             "training examples the data term is scaled to; build the model with num_data=len(training set)")
         size = self.num_data if self.num_data is not None and self.num_data >= rows else rows
         observed = self.likelihood.distribution(logits)
         if hasattr(observed, "observer"):
             observed.observer = self._observe
-        with pyro.plate("data", size, subsample_size=rows, device=logits.device):
+        with pyro.plate("data", size, subsample_size=rows, device=logits.device), poutine.trace() as obs:
             pyro.sample("obs", observed, obs=y)
+        self._check_observed(batch, obs.trace.nodes["obs"], y, rows)
         return logits
+
+    def _check_observed(self, batch, node, y, rows):
+        """The label checks, on the value the ``"obs"`` site received however it came (``batch["labels"]``, or a handler:
+        ``poutine.condition(model, data={"obs": y})``, which skipped them: ``-100`` rows scored as examples, a ``num_data``
+        below the rows taken as scale 1); read after the site, as only the site tells what a handler handed it."""
+        if not node["is_observed"]:
+            return
+        if node["value"] is not y:
+            if self.likelihood.event_dims != 0:  # its observed tokens are labels shifted, padding masked: not re-checkable
+                raise ValueError(
+                    f"the 'obs' site got its value from a handler (poutine.condition), but {type(self.likelihood).__name__} "
+                    "derives the observed tokens from batch['labels'] (shifted by one, padding masked), which a value "
+                    "handed to 'obs' skips; give the labels as batch['labels'] instead"
+                )
+            self.likelihood.observed({**batch, "labels": node["value"]})  # the checks batch["labels"] gets
+        if self.num_data is not None and self.num_data < rows:
+            raise ValueError(f"num_data={self.num_data} is below this batch's {rows} rows: num_data is the number of "
+                             "training examples the data term is scaled to; build the model with num_data=len(training set)")
 
     def _labels(self, batch):
         """The batch's observed labels, or ``None`` for a batch without them (``"obs"`` is then drawn); inside ``fit``

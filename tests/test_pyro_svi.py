@@ -653,6 +653,31 @@ def test_num_data_below_the_batch_is_named():
         fit(model, MAPGuide(model), toy_data(n=8, batch=8), progress=False)
 
 
+def test_labels_conditioned_on_obs_get_the_checks_of_batch_labels():
+    """poutine.condition(model, data={"obs": y}) skipped the label checks: -100 rows scored as examples (the N/B scale
+    counting them), a num_data of 4 under an 8-row batch taken as scale 1; a token-level likelihood, which derives its
+    observed tokens from batch["labels"], refuses a value handed to "obs"."""
+    model, guide = build("map")
+    batch = toy_data(n=8, batch=8)[0]
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    y = batch["labels"].clone()
+    y[:3] = -100
+    with pytest.raises(ValueError, match="labels hold negative values"):
+        Trace_ELBO().loss(pyro.poutine.condition(model, data={"obs": y}), guide, unlabelled)
+    small = LoraModel(model.net, SequenceClassification(), prior=0.5, num_data=4)
+    with pytest.raises(ValueError, match="num_data=4 is below this batch's 8 rows"):
+        Trace_ELBO().loss(pyro.poutine.condition(small, data={"obs": batch["labels"]}), MAPGuide(small), unlabelled)
+    pyro.set_rng_seed(0)  # labels that pass the checks: the same loss either way
+    conditioned = Trace_ELBO().loss(pyro.poutine.condition(model, data={"obs": batch["labels"].clone()}), guide, unlabelled)
+    pyro.set_rng_seed(0)
+    assert conditioned == pytest.approx(Trace_ELBO().loss(model, guide, batch), rel=1e-6)
+    lm = LoraModel(tiny_llama(), CausalLM(), prior=0.5)
+    ids = torch.randint(1, 64, (2, 5), generator=torch.Generator().manual_seed(0))
+    tokens = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    with pytest.raises(ValueError, match="derives the observed tokens from batch\\['labels'\\]"):
+        Trace_ELBO().loss(pyro.poutine.condition(lm, data={"obs": ids[:, 1:]}), MAPGuide(lm), tokens)
+
+
 def test_a_pyro_autoguide_trains_with_svi_and_is_refused_by_fit_with_a_pointer():
     model, _ = build("map")
     model.net.train()
