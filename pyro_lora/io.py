@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .contract import (check_guide, describe, differences, digested_parameters, frozen_base_parameters, quantization,
-                       quantized_weights, unwrapped_name, weight_digest, weight_scales, weights_digest)
+from .contract import (_fingerprint_of, check_guide, describe, differences, digested_parameters, frozen_base_parameters,
+                       quantization, quantized_weights, unwrapped_name, weight_digest, weight_scales, weights_digest)
 from .quantized import is_quantized
 from .sites import base_network
 from .ownership import forget_fit, restore_fit, take_over, trainer
@@ -282,6 +282,14 @@ def _write_guide(guide, path, run, adapter):
     base = _base_weights(model)  # every base weight, exactly (the fingerprint reads 4096 entries per weight)
     if guide._base_records is not None:
         changed = _changed_since(guide._base_records, base["weights"], model)
+        if changed and _rounded_only(guide, changed):
+            raise ValueError(f"cannot save the guide to {path}: the base weights changed since it was built, loaded or "
+                             f"last saved ({_which(changed)}), by rounding only as far as the 4096 entries per weight "
+                             "its fingerprint reads tell, as a peft merge_adapter()/unmerge_adapter() round trip (or "
+                             "another in-place float operation) rounds them; predictions barely change, but the saved "
+                             "record of the base is exact, and a change of a few entries would look the same: copy the "
+                             "checkpoint's values back into these weights (docs/saving.md shows how), and for fast "
+                             "inference merge_and_unload() a copy of the network instead")
         if changed:
             raise ValueError(f"cannot save the guide to {path}: the base weights changed since it was built, loaded or "
                              f"last saved ({_which(changed)}), and it was fitted on the others; load the checkpoint it "
@@ -309,6 +317,31 @@ def _write_guide(guide, path, run, adapter):
         if adapter:
             _write_adapter(guide, tmp / "adapter")
     guide._base_records = base["weights"]
+
+
+_ROUNDING_ULPS = 4  # entries moved by at most this many units in the last place move each fingerprint sum so little
+
+
+def _rounded_only(guide, changed) -> bool:
+    """Whether each weight named in ``changed`` (whose digest differs from the guide's record) still has the
+    fingerprint the guide's signature recorded, to within what moving every entry it reads by
+    ``_ROUNDING_ULPS`` units in the last place of the weight's dtype gives: a rounding-level change, such as a peft
+    merge/unmerge round trip leaves. Only a diagnosis for the refusal: the fingerprint misses entries between its
+    strides, so such a change is never let through."""
+    recorded = guide.signature.get("base", {}).get("fingerprint")
+    if not isinstance(recorded, dict):  # an older guide's single number
+        return False
+    by_key = {unwrapped_name(n): v for n, v in recorded.items()}
+    params = dict(guide.model.net.named_parameters())
+    for name in changed:
+        then, p = by_key.get(unwrapped_name(name)), params.get(name)
+        if not (isinstance(then, list) and len(then) == 3 and p is not None and p.is_floating_point()):
+            return False
+        now = _fingerprint_of(p)
+        bound = _ROUNDING_ULPS * torch.finfo(p.dtype).eps * max(abs(then[0]), abs(now[0]))
+        if any(abs(a - b) > bound for a, b in zip(then, now)):
+            return False
+    return True
 
 
 def _sha256(data: bytes) -> str:
