@@ -609,22 +609,27 @@ class LoraModel:
         other sites; with gradients on, another model object: a step would train one model's guide against another's
         network), guide values that did not reach the model (a ``poutine.block`` around it), and guide sites scaled
         otherwise than the model's (``kl_weight`` or a ``poutine.scale`` on one
-        side only: ``log q`` and ``log p`` would be weighted apart, which is no (beta-)ELBO)."""
+        side only: ``log q`` and ``log p`` would be weighted apart, which is no (beta-)ELBO). A weight site
+        reparametrised by ``poutine.reparam`` is observed, its randomness in the latent sites the reparam drew in its place
+        (``LocScaleReparam``'s ``<site>_decentered``): those are checked as the weight sites are."""
         for guide in marked_guides(guide_trace):
             if guide.model is not self:  # training (gradients on): the very model, as fit requires
                 check_guide(self, guide, "run an ELBO (pyro.infer.SVI, a replayed trace)", same_model=torch.is_grad_enabled())
-        unreached = [n for n in self.sites if not own.nodes[n]["is_observed"]
-                     and (n not in guide_trace.nodes or own.nodes[n]["value"] is not guide_trace.nodes[n]["value"])]
+        # own holds the weight sites and what a handler drew while they were sampled: a reparam's latent replacements
+        latent = [n for n, node in own.nodes.items() if node["type"] == "sample" and not node["is_observed"]]
+        unreached = [n for n in latent
+                     if n not in guide_trace.nodes or own.nodes[n]["value"] is not guide_trace.nodes[n]["value"]]
         if unreached:
             raise ValueError(
                 f"no value of the guide's reached the model's site {unreached[0]!r} ({len(unreached)} sites so: a "
-                "poutine.block around the guide or the model, a guide over fewer sites): the model drew them from its "
+                "poutine.block around the guide or the model, a guide over fewer sites, or missing sites a poutine.reparam "
+                "of the weight sites samples): the model drew them from its "
                 "prior, and log q lacks them, which is no ELBO; block nothing, or build the model with the sites you "
                 "want random (random=, target_modules)"
             )
         scale = float(own.nodes[next(iter(self.sites))]["scale"])
         unscaled = {n: float(node["scale"]) for n, node in guide_trace.nodes.items() if node["type"] == "sample"
-                    and not node["is_observed"] and (n in self.sites or node["infer"].get("is_auxiliary"))
+                    and not node["is_observed"] and (n in latent or node["infer"].get("is_auxiliary"))
                     and not math.isclose(float(node["scale"]), scale, rel_tol=1e-6)}
         if unscaled:
             name, value = next(iter(unscaled.items()))

@@ -602,6 +602,40 @@ def test_a_weight_site_blocked_from_the_elbos_replay_is_refused(where):
         Trace_ELBO().loss(*blocked[where], batch)
 
 
+def test_weight_sites_reparametrised_are_checked_through_their_latent_replacements():
+    """poutine.reparam(LocScaleReparam) makes the weight sites observed, their randomness in "<site>_decentered": a guide
+    over those ignoring kl_weight gave nll + log q - beta log p, and one missing a site drew it from its prior, both
+    accepted; the checks now follow the weight sites to the sites the reparam drew in their place."""
+    from pyro.infer.reparam import LocScaleReparam
+
+    model, _ = build("map")
+    batch = toy_data(n=8, batch=8)[0]
+    names = list(model.sites)
+    reparametrised = pyro.poutine.reparam(model, config={n: LocScaleReparam(centered=0.0) for n in names})
+
+    def guide(batch, kl_weight=1.0, skip=None):  # a user's guide, unscaled: as a Pyro autoguide, it ignores kl_weight
+        for n in names:
+            if n != skip:
+                pyro.sample(f"{n}_decentered", pyro.distributions.Normal(torch.zeros(model.sites[n].shape), 0.05).to_event(3))
+
+    with pytest.raises(ValueError, match=rf"scaled by 0.1 .* but the guide's site '{names[0]}_decentered' by 1 "):
+        Trace_ELBO().loss(reparametrised, guide, batch, kl_weight=0.1)
+    with pytest.raises(ValueError, match=rf"no value of the guide's reached the model's site '{names[0]}_decentered'"):
+        Trace_ELBO().loss(reparametrised, lambda batch: guide(batch, skip=names[0]), batch)
+    pyro.set_rng_seed(0)  # the guide scaled alike: the beta-ELBO
+    loss = Trace_ELBO().loss(reparametrised, pyro.poutine.scale(guide, 0.1), batch, kl_weight=0.1)
+    pyro.set_rng_seed(0)
+    trace = pyro.poutine.trace(guide).get_trace(batch)
+    trace.compute_log_prob()
+    z = {n: trace.nodes[f"{n}_decentered"]["value"] for n in names}
+    log_q = sum(trace.nodes[f"{n}_decentered"]["log_prob_sum"] for n in names)
+    log_p = sum(torch.distributions.Normal(0.0, 1.0).log_prob(v).sum() for v in z.values())
+    with torch.no_grad():
+        logits = model.logits(batch, {n: 0.5 * v for n, v in z.items()})  # prior std 0.5: the site is 0.5 z
+        nll = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum") * model.num_data / 8
+    assert loss == pytest.approx(float(nll + 0.1 * (log_q - log_p)), rel=1e-5)
+
+
 def test_kl_weight_takes_numpy_and_tensor_numbers_and_is_checked_before_any_forward():
     import numpy as np
 
