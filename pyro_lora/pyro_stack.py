@@ -8,8 +8,10 @@ import sys
 import weakref
 
 import pyro.poutine as poutine
+from pyro.infer.autoguide import AutoGuide
 from pyro.infer.svi import SVI
 from pyro.poutine.condition_messenger import ConditionMessenger
+from pyro.poutine.escape_messenger import EscapeMessenger
 from pyro.poutine.indep_messenger import IndepMessenger
 from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.runtime import _PYRO_STACK
@@ -47,10 +49,17 @@ def enclosing_plates() -> list[str]:
 
 def replayed_trace():
     """The trace the innermost ``poutine.replay`` replays, or ``None``: under an ELBO (``Trace_ELBO`` and the others,
-    ``Importance``) the model runs replayed against the guide's trace, which this returns."""
-    for m in reversed(_PYRO_STACK):  # innermost last on the stack
-        if isinstance(m, ReplayMessenger) and m.trace is not None:
-            return m.trace
+    ``Importance``) the model runs replayed against the guide's trace, which this returns.
+
+    Some replays around a model are no guide replayed to it: ``poutine.queue``'s, passed over (``TraceEnum_ELBO`` runs
+    the guide under a replay of its own partial trace, empty at first: a model run inside the guide saw an empty guide
+    trace), and any around an ``AutoGuide``'s prototype run of the model (in the guide's first call; it blocks the
+    model's sites from every handler outside), which replays nothing to the model."""
+    for i in reversed(range(len(_PYRO_STACK))):  # innermost last on the stack
+        m = _PYRO_STACK[i]
+        # poutine.queue (and pyro.contrib.funsor's) wraps its replay in an escape handler; no other replay has one there
+        if isinstance(m, ReplayMessenger) and m.trace is not None and not (i and isinstance(_PYRO_STACK[i - 1], EscapeMessenger)):
+            return None if _called_from(lambda frame: frame.f_code is AutoGuide._setup_prototype.__code__) else m.trace
     return None
 
 

@@ -636,6 +636,38 @@ def test_weight_sites_reparametrised_are_checked_through_their_latent_replacemen
     assert loss == pytest.approx(float(nll + 0.1 * (log_q - log_p)), rel=1e-5)
 
 
+def test_trace_enum_elbo_with_a_fresh_autoguide_is_no_blocked_replay():
+    """TraceEnum_ELBO runs the guide under poutine.queue's replay of an empty trace, and a fresh AutoNormal runs the model
+    inside it (its prototype): the model read that as the ELBO's replay and refused a 'poutine.block'. Nothing
+    enumerated, its loss is Trace_ELBO's; so for a fresh AutoNormal replayed against a trace, and a guide of one's own
+    running the model inside it (blocked); a guide really blocked is still refused."""
+    model, guide = build("map")
+    batch = toy_data(n=8, batch=8)[0]
+    losses = []
+    for elbo in (pyro.infer.TraceEnum_ELBO(max_plate_nesting=1), Trace_ELBO()):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        auto = pyro.infer.autoguide.AutoNormal(model, init_scale=1e-2)
+        losses.append(elbo.loss(model, auto, batch))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    SVI(model, auto, pyro.optim.Adam({"lr": 1e-3}), pyro.infer.TraceEnum_ELBO(max_plate_nesting=1)).step(batch)
+    trace = pyro.poutine.trace(auto).get_trace(batch)
+    pyro.poutine.replay(pyro.infer.autoguide.AutoNormal(model), trace=trace)(batch)  # its prototype run is no replay
+
+    def running_the_model(batch):
+        pyro.poutine.block(model)(batch)  # e.g. to read the prior's draws
+        return guide(batch)
+
+    pyro.set_rng_seed(0)
+    own = pyro.infer.TraceEnum_ELBO(max_plate_nesting=1).loss(model, running_the_model, batch)
+    pyro.set_rng_seed(0)
+    assert own == pytest.approx(Trace_ELBO().loss(model, running_the_model, batch), rel=1e-6)
+    site = next(iter(model.sites))
+    with pytest.raises(ValueError, match=rf"no value of the guide's reached the model's site '{site}'"):
+        pyro.infer.TraceEnum_ELBO(max_plate_nesting=1).loss(model, pyro.poutine.block(auto, hide=[site]), batch)
+    pyro.clear_param_store()
+
+
 def test_kl_weight_takes_numpy_and_tensor_numbers_and_is_checked_before_any_forward():
     import numpy as np
 
