@@ -830,6 +830,16 @@ def test_a_record_from_before_digests_stays_unchecked(tmp_path):
     (lambda s: s.update(failed=[{"seed": 1, "error": "x"}]), r"its failed\[0\] is not a row with a string guide and an integer seed"),
     (lambda s: s.update(data=123), r"its 'data' is 123, not the SHA-256 digest of the run's records"),
     (lambda s: s.update(data={"train": "x"}), r"its 'data' is \{'train': 'x'\}, not the SHA-256 digest"),
+    # a score of the wrong type: "0.50" was averaged by the table and n/a to the verdict, true counted as 1.0, and
+    # "n/a" let a resume train a method, then fail its first write and lose it
+    (lambda s: s["per_seed"][0].update(nll="0.50"), r"its per_seed\[0\] \(guide map, sst2, seed 0\) holds 'nll': '0.50', not a number"),
+    (lambda s: s["per_seed"][0].update(ece=True), r"its per_seed\[0\] \(guide map, sst2, seed 0\) holds 'ece': True, not a number"),
+    (lambda s: s["per_seed"][0].update(note=3), r"holds 'note': 3, not a text or null"),
+    # a config a resume, a merge or the report reads keys of: a bare KeyError 'seeds' named neither file nor key
+    (lambda s: s["config"].pop("seeds"), r"its config lacks 'seeds'"),
+    (lambda s: s["config"].pop("epochs"), r"its config lacks 'epochs'"),
+    (lambda s: s.update(config=[]), r"its 'config' is a list, not an object of settings"),
+    (lambda s: s["config"].update(seeds=[0, "1"]), r"its config's 'seeds' is \[0, '1'\], not a list of integer seeds"),
 ])
 def test_a_hand_edited_record_with_bad_rows_is_refused_by_name(tmp_path, edit, message):
     """A row without a guide raised KeyError 'guide'; a string seed failed after a MAP was retrained, leaving rows of
@@ -840,6 +850,20 @@ def test_a_hand_edited_record_with_bad_rows_is_refused_by_name(tmp_path, edit, m
     (tmp_path / "results.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="results.json is not the results of a `pyro-lora compare` run .*" + message):
         RunFolder(tmp_path, small(tmp_path, guides=("map",)))
+
+
+def test_a_resume_on_a_record_with_a_score_of_the_wrong_type_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A hand-edited "n/a" score was accepted at the start: the resume trained the next method, then died at its
+    first write, its result lost and the remaining methods never run."""
+    from pyro_lora.experiments import compare
+
+    RunFolder(tmp_path, small(tmp_path, guides=("map",))).add("map", 0, [ROW], arrays(0))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    saved["per_seed"][0]["brier"] = "n/a"
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(compare, "prepare", lambda *a, **k: pytest.fail("started work on a record it cannot keep"))
+    with pytest.raises(ValueError, match=r"per_seed\[0\] \(guide map, sst2, seed 0\) holds 'brier': 'n/a', not a number or null"):
+        compare.run_compare(small(tmp_path, guides=("map", "temperature")))
 
 
 def test_a_resume_with_another_base_model_is_refused(tmp_path, monkeypatch):

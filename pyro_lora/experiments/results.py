@@ -47,6 +47,12 @@ _REPLACE = "pass --overwrite (pyro-lora study: --force) to replace"  # compare's
 # seed for every set (common random numbers). A record without it is 1.
 PREDICT_SEEDING = 2
 
+# the entries of a per-seed row that are not scores: every other entry is a number, or null where it is n/a
+ROW_NAMES = ("guide", "dataset", "seed", "note", "setting")
+# the config entries the readers of a record take as given (a resume, a merge, the study's report and header)
+CONFIG_KEYS = ("dataset", "model", "guides", "seeds", "train_size", "test_size", "val_fraction", "epochs", "batch_size",
+               "samples", "max_length", "lr", "eval_datasets")
+
 
 def is_seeding(value) -> bool:
     """Whether ``value`` is a :data:`PREDICT_SEEDING` a record may hold (an integer from 1 to it)."""
@@ -110,7 +116,7 @@ def summarize_seeds(rows):
             row["note"] = "; ".join(f"seed{'s' * (len(s) > 1)} {', '.join(s)}: {n}" for n, s in notes.items())
         keys = dict.fromkeys(k for r in group for k in r)  # every seed's columns: a resumed older run may lack some
         for key in keys:
-            if key in ("guide", "dataset", "seed", "note", "setting"):
+            if key in ROW_NAMES:
                 continue
             values = np.array([r.get(key) for r in group], dtype=float)  # None (JSON null) or missing -> NaN
             row[key] = float(values.mean())
@@ -491,8 +497,9 @@ def read_record(out, advice, needs=()):
 
     :param advice: what the error tells the user to do about a file that is no run record.
     :param needs: the keys the caller reads besides ``config`` and ``per_seed`` (e.g. ``"summary"``).
-    :raises ValueError: naming a ``results.json`` that is not UTF-8 JSON with those keys, or from
-        :func:`finish_merge`, which completes a merge a kill cut short first.
+    :raises ValueError: naming a ``results.json`` that is not UTF-8 JSON with those keys, whose config is not an
+        object with the :data:`CONFIG_KEYS`, or whose per-seed row holds a score that is not a number or null (naming
+        the row and the entry); or from :func:`finish_merge`, which completes a merge a kill cut short first.
     """
     path = Path(out) / RESULTS
     finish_merge(out)
@@ -501,6 +508,7 @@ def read_record(out, advice, needs=()):
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
         [saved[k] for k in ("config", "per_seed", *needs)]  # noqa: B018 -- a KeyError names the missing key
+        _check_config(saved["config"])
         maps = saved.get("maps", {})
         if not (isinstance(maps, dict) and all(isinstance(v, str) for v in maps.values())):
             raise ValueError(f"its 'maps' is {maps!r}, not seed -> MAP digest")
@@ -523,9 +531,29 @@ def read_record(out, advice, needs=()):
     return saved
 
 
+def _check_config(config):
+    """Refuse a record's ``config`` that is no object with the :data:`CONFIG_KEYS` (a hand edit): a resume, a merge or
+    the report read them, and failed on the first one missing with a bare KeyError naming neither file nor key."""
+    if not isinstance(config, dict):
+        raise ValueError(f"its 'config' is a {type(config).__name__}, not an object of settings")
+    missing = [k for k in CONFIG_KEYS if k not in config]
+    if missing:
+        raise ValueError(f"its config lacks {', '.join(map(repr, missing))}")
+    seeds, guides = config["seeds"], config["guides"]
+    if not (isinstance(seeds, list) and all(type(s) is int for s in seeds)):
+        raise ValueError(f"its config's 'seeds' is {seeds!r:.80}, not a list of integer seeds")
+    for key, value in (("guides", guides), ("eval_datasets", config["eval_datasets"])):
+        if not (value is None and key == "guides" or isinstance(value, list) and all(isinstance(g, str) for g in value)):
+            raise ValueError(f"its config's {key!r} is {value!r:.80}, not a list of names")
+    if not isinstance(config["dataset"], str):
+        raise ValueError(f"its config's 'dataset' is {config['dataset']!r:.80}, not a name")
+
+
 def _check_rows(rows, key, names):
     """Refuse a record's ``key`` list whose entries lack a string ``names`` or an integer seed, or repeat a (guide,
-    dataset, seed): a repeated row was averaged as one more seed by the table and dropped by the verdict."""
+    dataset, seed): a repeated row was averaged as one more seed by the table and dropped by the verdict. A per-seed
+    row's scores must be numbers or null (n/a): a hand-edited ``"0.50"`` was averaged by the table but n/a to the
+    verdict, ``true`` counted as 1.0, and ``"oops"`` failed the report or a resume's first write, naming no row."""
     if not isinstance(rows, list):
         raise ValueError(f"its {key!r} is a {type(rows).__name__}, not a list")
     seen = set()
@@ -536,6 +564,15 @@ def _check_rows(rows, key, names):
         if key == "per_seed" and one in seen:
             raise ValueError(f"its per_seed holds the row of {one} twice")
         seen.add(one)
+        if key != "per_seed":
+            continue
+        for name, value in r.items():
+            text = name in ("note", "setting")
+            if value is None or name in ("guide", "dataset", "seed"):
+                continue
+            if not (isinstance(value, str) if text else isinstance(value, (int, float)) and not isinstance(value, bool)):
+                raise ValueError(f"its per_seed[{i}] (guide {r['guide']}, {r['dataset']}, seed {r['seed']}) holds {name!r}: "
+                                 f"{value!r:.40}, not {'a text' if text else 'a number'} or null (n/a); fix or remove that entry")
 
 
 def _row_order(guides, seeds):
