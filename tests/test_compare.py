@@ -325,6 +325,18 @@ def test_a_merge_keeps_the_digest_of_the_base_its_rows_were_scored_with(tmp_path
         merge_results(tmp_path / "run", tmp_path / "again")
 
 
+def test_a_rerun_of_every_method_without_the_map_is_checked_as_a_rerun_of_some(tmp_path):
+    """A run made without a map row, rerun on every one of its methods: taken as a retrained MAP's rerun, it was
+    merged from other records and another base model beside the old run's MAPs, which the rerun started from."""
+    from pyro_lora.experiments.results import merge_results
+
+    _fake_run(tmp_path / "run", ("temperature", "tfb"), nll=0.5, data="a" * 64, base="c" * 64)
+    _fake_run(tmp_path / "other", ("temperature", "tfb"), nll=0.4, data="b" * 64, base="d" * 64)
+    with pytest.raises(ValueError, match=r"differ in data, base \(the rerun ran on other base model weights\)"):
+        merge_results(tmp_path / "run", tmp_path / "other")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["data"] == "a" * 64
+
+
 def test_a_saved_guide_is_scored_with_the_predictive_compare_reports():
     from types import SimpleNamespace
 

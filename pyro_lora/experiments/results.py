@@ -670,7 +670,9 @@ def merge_results(out, update, record=None):
     """
     out, update = Path(out), Path(update)
     base, new = (json.loads((d / RESULTS).read_text()) for d in (out, update))
-    replaces_all = set(base["config"]["guides"] or ()) <= set(new["config"]["guides"] or ())  # a retrained MAP's rerun
+    # a retrained MAP's rerun of every method: covering every method without the MAP (a run made without a map row)
+    # still starts from the old MAPs, and must be on their records and base model as a rerun of some methods is
+    replaces_all = REFERENCE in (new["config"]["guides"] or ()) and set(base["config"]["guides"] or ()) <= set(new["config"]["guides"])
     # every row rerun: on the records there now, wherever they are
     ignore = MERGE_IGNORES + ("data_dir",) * replaces_all
     differ = sorted(config_differences(base, new["config"], ignore=ignore + ("model",) * replaces_all,
