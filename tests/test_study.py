@@ -317,7 +317,8 @@ def test_clear_differences_are_paired_over_seeds():
     per_seed += [row("b", s, v) for s, v in enumerate([0.5, 1.9, 1.5])]  # below on average, not consistently
     per_seed += [row("map", s, 1.0, "arc_challenge") for s in range(3)] + [row("a", s, 1.2, "arc_challenge") for s in range(3)]
     runs = {"openbookqa": {"config": {"dataset": "openbookqa"}, "per_seed": per_seed}}
-    pairs = report.paired_differences(runs, "nll")
+    pairs, left = report.paired_differences(runs, "nll")
+    assert left == {}
     assert pairs["a"]["OBQA"] == pytest.approx([(0.9, 1.0), (1.41, 1.5), (1.89, 2.0)])
     assert pairs["a"]["OBQA→ARC-C"] == pytest.approx([(1.2, 1.0)] * 3)
     assert report.clear_differences(pairs["a"]) == (["OBQA"], ["OBQA→ARC-C"])  # zero spread: clearly worse too
@@ -327,24 +328,58 @@ def test_clear_differences_are_paired_over_seeds():
     assert sentences == ["a, NLL: clearly better than MAP on OBQA; clearly worse on OBQA→ARC-C."]
 
 
-def test_clear_differences_leave_out_a_mean_over_fewer_seeds_as_the_summary_says():
-    # "a" lost seed 2 on OBQA: the summary marks its mean † and "left out of the comparisons below"; two seeds of
-    # ~0.1 below MAP would otherwise be "clearly better" on a t(1) interval. MAP missing a seed takes out every guide.
+def test_clear_differences_pair_the_seeds_every_method_finished_as_the_verdict():
+    # "a" lost seed 2 on OBQA: every guide is paired with MAP on seeds 0 and 1, the seeds every method finished, as
+    # the verdict is. MAP holding a seed the others lack (a run killed mid-seed, after MAP finished it) took out every
+    # comparison with MAP, and the report then said every difference was within the seed noise.
     def row(guide, seed, nll, dataset="openbookqa"):
         return {"guide": guide, "dataset": dataset, "seed": seed, "nll": nll}
 
-    def summary(seeds):
-        return [{"guide": g, "dataset": "openbookqa", "seeds": s, "nll": 1.0} for g, s in seeds.items()]
-
     per_seed = [row("map", s, v) for s, v in enumerate([1.0, 1.5, 2.0])] + [row("b", s, 1.0) for s in range(3)]
-    per_seed += [row("a", s, v) for s, v in enumerate([0.9, 1.4])]
-    runs = {"openbookqa": {"config": {"dataset": "openbookqa"}, "per_seed": per_seed,
-                           "summary": summary({"map": [0, 1, 2], "a": [0, 1], "b": [0, 1, 2]})}}
-    assert report.partial_cells(runs) == {("a", "OBQA")}
-    assert "a" not in report.paired_differences(runs, "nll") and report.noise_sentences(runs, ["a"]) == []
-    assert len(report.paired_differences(runs, "nll")["b"]["OBQA"]) == 3
-    runs["openbookqa"]["summary"] = summary({"map": [0, 1], "a": [0, 1, 2], "b": [0, 1, 2]})
-    assert report.paired_differences(runs, "nll") == {}
+    per_seed += [row("a", s, v) for s, v in enumerate([0.8, 1.3])]
+    runs = {"openbookqa": {"config": {"dataset": "openbookqa"}, "per_seed": per_seed}}
+    pairs, left = report.paired_differences(runs, "nll")
+    assert pairs == {"a": {"OBQA": [(0.8, 1.0), (1.3, 1.5)]}, "b": {"OBQA": [(1.0, 1.0), (1.0, 1.5)]}} and left == {}
+    assert report.noise_sentences(runs, ["a", "b"]) == ["a, NLL: clearly better than MAP on OBQA; clearly worse on no set."]
+
+
+def _noise_part(md):
+    return md[md.index("### Which differences"):]
+
+
+def test_a_run_killed_mid_seed_after_map_is_compared_on_the_seeds_every_method_finished(runs, tmp_path):
+    # the killed seed 2 holds MAP and temperature scaling only: MAP's mean is the odd one (†), and the study dropped
+    # every comparison with it, then claimed "none: every difference from MAP is within the seed noise"
+    saved = json.loads((runs / "arc_easy" / "results.json").read_text())
+    saved["per_seed"] += [_row(g, "arc_easy", 2, "arc_easy", False) for g in ("map", "temperature")]
+    saved["config"]["seeds"] = [0, 1, 2]
+    (runs / "arc_easy" / "results.json").write_text(json.dumps(saved))
+    md = report.build_report(runs, tmp_path / "docs", datasets=["arc_easy"]).read_text()
+    noise = _noise_part(md)
+    assert "within the seed noise" not in noise
+    assert "- meanfield, ECE: clearly better than MAP on ARC-E" in noise  # 4 ECE points below MAP on seeds 0, 1
+    assert "in 0 of 0" not in md and "No Bayesian guide has a mean over the same seeds as MAP's" in md
+
+
+def test_the_noise_part_leaves_out_a_cell_with_an_na_seed_and_says_one_seed_gives_no_interval(runs, tmp_path):
+    # meanfield's NLL null on seed 1: the table's mean is n/a and the verdict leaves it out; the study paired the one
+    # seed left and called it "clearly better/worse" on fewer seeds than the table
+    path = runs / "arc_easy" / "results.json"
+    saved = json.loads(path.read_text())
+    for r in saved["per_seed"]:
+        if r["guide"] == "meanfield":
+            r["nll"] = r["nll"] - 0.3 - 0.001 * r["seed"] if r["seed"] == 0 else None
+    path.write_text(json.dumps(saved))
+    noise = _noise_part(report.build_report(runs, tmp_path / "docs", datasets=["arc_easy"]).read_text())
+    assert "meanfield, NLL" not in noise
+    assert "NLL of meanfield on ARC-E (n/a on seed 1)" in noise
+    # one seed: no interval, never "within the seed noise"
+    saved["per_seed"] = [r for r in saved["per_seed"] if r["seed"] == 0]
+    saved["config"]["seeds"] = [0]
+    path.write_text(json.dumps(saved))
+    noise = _noise_part(report.build_report(runs, tmp_path / "docs", datasets=["arc_easy"]).read_text())
+    assert "within the seed noise" not in noise.split("\n\n", 2)[2]
+    assert "not compared on ARC-E: one seed finished by every method gives no interval" in noise
 
 
 def _fake_predictions(out, guides, dataset):

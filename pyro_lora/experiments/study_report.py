@@ -367,7 +367,8 @@ def summary_section(runs, figure=None):
     lines = ["## Summary", "",
              "Means over seeds; in-distribution sets first, then the shifts (source→target). The average rank (1 = best) "
              "is shown where every method has every set. † marks a mean over fewer seeds than the set's other methods "
-             "(a method failed, or the run was cut short): it is left out of the comparisons below.", ""]
+             "(a method failed, or the run was cut short): it is left out of the comparisons of means below (the paired "
+             "comparison of the last part is on the seeds every method finished).", ""]
     for c in columns("nll", "ece", "accuracy"):
         lines += [f"### {c.title}", "", cross_table(shown[c.key], labels, guides, c.digits, c.lower_better, partial), ""]
     if figure:
@@ -381,9 +382,14 @@ def summary_section(runs, figure=None):
     pairs = {m: sum(len(_compared(tables, m, g, "map", labels)) for g in bayesian) for m in ("nll", "ece")}
     wins = {m: pairs[m] - sum(len(not_beating(tables[m], g, "map", labels, digits=COLUMNS[m].digits)) for g in bayesian)
             for m in ("nll", "ece")}
-    lines += [f"A Bayesian guide beats MAP on NLL in {wins['nll']} of {pairs['nll']} (guide, set) pairs and on ECE in "
-              f"{wins['ece']} of {pairs['ece']}.", ""]
-    for metric in ("nll", "ece"):
+    if not any(pairs.values()):  # not "0 of 0": say why nothing was compared
+        lines += ["No Bayesian guide has a mean over the same seeds as MAP's on any set (a † mean, MAP's or the "
+                  "guide's, or n/a): the means are not compared here; the paired comparison at the end is on the seeds "
+                  "every method finished.", ""]
+    else:
+        lines += [f"A Bayesian guide beats MAP on NLL in {wins['nll']} of {pairs['nll']} (guide, set) pairs and on ECE in "
+                  f"{wins['ece']} of {pairs['ece']}.", ""]
+    for metric in ("nll", "ece") if any(pairs.values()) else ():
         compared = {g: len(_compared(tables, metric, g, "map", labels)) for g in bayesian}
         losses = {g: len(not_beating(tables[metric], g, "map", labels, digits=COLUMNS[metric].digits)) for g in bayesian}
         everywhere = [g for g in bayesian if compared[g] and not losses[g]] or ["none"]
@@ -400,29 +406,42 @@ def summary_section(runs, figure=None):
     clear = noise_sentences(runs, [g for g in guides if g != "map"])
     lines += ["", "### Which differences from MAP stand out of the seed noise", "",
               "Per seed, each guide and MAP are scored on the same test questions; a difference counts as clear when "
-              "the 95% Student-t interval of the mean per-seed difference excludes zero. That covers the training "
+              "the 95% Student-t interval of the mean per-seed difference excludes zero, paired on the seeds every method of "
+              "the set finished (as the verdict under each run's table). That covers the training "
               "noise (initialisation, order) only: with the same few test questions for every seed, the sampling "
               "noise of the test subset is on top. Guides not listed differ from MAP on no set by that test.", ""]
-    lines += [f"- {s}" for s in clear] or ["- none: every difference from MAP is within the seed noise."]
+    lines += [f"- {s}" for s in clear]
     return "\n".join(lines + [""])
 
 
 def paired_differences(runs, metric, reference="map"):
-    """``{guide: {set label: [(guide, reference) per seed]}}``: both scored on the same seed's test set, so the
-    spread of their differences is the noise a comparison with ``reference`` has to beat. A cell over fewer seeds
-    than its set's others (:func:`partial_cells`), the guide's or the reference's, is left out, as from every
-    comparison."""
-    out, partial = {}, partial_cells(runs)
+    """``(pairs, left)``: ``pairs``, ``{guide: {set label: [(guide, reference) per seed]}}``, both scored on the same
+    seed's test set, so the spread of their differences is the noise a comparison with ``reference`` has to beat;
+    ``left``, ``{(guide, set label): [seeds]}``, the cells left out and the seeds their value is n/a on.
+
+    Paired on the seeds every method of the set finished, as the verdict is (a run cut short mid-seed is compared on
+    the seeds before it, not dropped whole). A cell whose value is n/a (null, NaN, infinite, or missing where other
+    rows hold it) on one of those seeds is left out whole, as the table's mean and the verdict take it, never compared
+    on fewer seeds than they name; the reference's leaves out every guide of that set. A set no row scores
+    ``metric`` on (OOD AUROC in distribution) has no cell."""
+    out, left = {}, {}
     for dataset, run in runs.items():
-        values = {(r["guide"], r["dataset"], r["seed"]): r[metric] for r in run["per_seed"]
-                  if metric in r and not not_available(r[metric])}
-        for (guide, evaluated, seed), v in values.items():
-            ref = values.get((reference, evaluated, seed))
-            if guide != reference and ref is not None:
-                label = set_label(dataset, None if evaluated == dataset else evaluated)
-                if (guide, label) not in partial and (reference, label) not in partial:
-                    out.setdefault(guide, {}).setdefault(label, []).append((v, ref))
-    return out
+        cells = {}  # evaluation set -> guide -> seed -> value
+        for r in run["per_seed"]:
+            cells.setdefault(r["dataset"], {}).setdefault(r["guide"], {})[r["seed"]] = r.get(metric)
+        for evaluated, values in cells.items():
+            if not any(metric in r for r in run["per_seed"] if r["dataset"] == evaluated):
+                continue
+            label = set_label(dataset, None if evaluated == dataset else evaluated)
+            seeds = sorted(set.intersection(*(set(v) for v in values.values())))
+            na = {g: [s for s in seeds if not_available(v[s])] for g, v in values.items()}
+            left.update({(g, label): s for g, s in na.items() if s})
+            if reference not in values or na[reference]:
+                continue
+            for g, v in values.items():
+                if g != reference and not na[g]:
+                    out.setdefault(g, {})[label] = [(v[s], values[reference][s]) for s in seeds]
+    return out, left
 
 
 def clear_differences(pairs, lower_better=True, digits=9):
@@ -433,16 +452,41 @@ def clear_differences(pairs, lower_better=True, digits=9):
     return [k for k, v in outcome.items() if v == "better"], [k for k, v in outcome.items() if v == "worse"]
 
 
+def _seeds_text(seeds):
+    return f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+
+
 def noise_sentences(runs, guides):
-    """Per guide: on which sets it is *clearly* better or worse than MAP (paired over seeds, 95% t interval)."""
-    lines = []
+    """Per guide: on which sets it is *clearly* better or worse than MAP (paired over seeds, 95% t interval); then the
+    cells left out (n/a on a seed) and what was not compared. "Within the seed noise" is said only of differences an
+    interval was computed for: a set with one seed finished by every method has none, and one where nothing was
+    compared says so."""
+    lines, left, one_seed, intervals, found = [], [], set(), 0, False
     for metric in ("nll", "ece", "accuracy"):
-        diffs = paired_differences(runs, metric)
+        diffs, na = paired_differences(runs, metric)
         for g in guides:
-            better, worse = clear_differences(diffs.get(g, {}), COLUMNS[metric].lower_better, COLUMNS[metric].digits)
+            cells = diffs.get(g, {})
+            intervals += sum(len(p) > 1 for p in cells.values())
+            one_seed |= {label for label, p in cells.items() if len(p) == 1}
+            better, worse = clear_differences(cells, COLUMNS[metric].lower_better, COLUMNS[metric].digits)
             if better or worse:
+                found = True
                 lines.append(f"{g}, {_name(metric)}: clearly better than MAP on {', '.join(better) or 'no set'}; "
                              f"clearly worse on {', '.join(worse) or 'no set'}.")
+        left += [f"{_name(metric)} of {g} on {label} (n/a on {_seeds_text(s)}"
+                 + ("; every guide of that set left out)" if g == "map" else ")")
+                 for (g, label), s in na.items() if g in guides or g == "map"]
+    if left:
+        lines.append("left out (a value n/a on a seed: not compared on fewer seeds than the tables' means): "
+                     + ", ".join(left) + ".")
+    if one_seed:
+        lines.append(f"not compared on {', '.join(sorted(one_seed))}: one seed finished by every method gives no "
+                     "interval (run several --seeds to tell noise apart).")
+    if not found and intervals:
+        lines.append("none: every difference from MAP compared is within the seed noise.")
+    elif not found and not one_seed:
+        lines.append("none: no difference from MAP could be tested (no guide and MAP with values on two seeds or more "
+                     "of a set).")
     return lines
 
 
