@@ -337,6 +337,17 @@ def test_a_rerun_of_every_method_without_the_map_is_checked_as_a_rerun_of_some(t
     assert json.loads((tmp_path / "run" / "results.json").read_text())["data"] == "a" * 64
 
 
+def test_an_infinite_score_is_na_in_the_table_as_nan_is():
+    """json.loads takes a hand-edited -Infinity: the table printed it in bold as the best NLL, the verdict took it
+    as n/a."""
+    from pyro_lora.experiments.table import not_available
+
+    assert not_available(float("-inf")) and not_available(float("inf")) and not_available(float("nan"))
+    assert not not_available(0.0) and not not_available(3)
+    rows = summarize_seeds([{"guide": "a", "dataset": "sst2", "seed": s, "nll": v} for s, v in ((0, 0.5), (1, float("-inf")))])
+    assert "n/a" in format_table(rows) and "inf" not in format_table(rows)  # the mean over an infinity is n/a
+
+
 def test_a_saved_guide_is_scored_with_the_predictive_compare_reports():
     from types import SimpleNamespace
 

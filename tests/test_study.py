@@ -1278,3 +1278,16 @@ def test_a_run_whose_config_lacks_a_key_the_report_reads_is_left_out_with_a_warn
     with pytest.warns(UserWarning, match=f"openbookqa/results.json is not the results .*its config lacks '{key}'.*left out of the report"):
         md = report.build_report(runs, tmp_path / "docs", command="x").read_text()
     assert "## ARC-Easy" in md and "## OpenBookQA" not in md
+
+
+def test_an_infinite_score_is_na_in_the_report_never_the_best(runs, tmp_path):
+    """A hand-edited -Infinity (JSON readers take it) was printed in bold as the best NLL; the verdict took it as n/a."""
+    path = runs / "arc_easy" / "results.json"
+    saved = json.loads(path.read_text())
+    saved["per_seed"][2]["nll"] = float("-inf")  # meanfield, seed 0
+    path.write_text(json.dumps(saved))
+    md = report.build_report(runs, tmp_path / "docs", command="x").read_text()
+    assert "inf" not in md.replace("info", "")
+    line = next(line for line in md.splitlines() if line.startswith("| meanfield | no validation data | 0.555"))
+    assert line.split(" | ")[4] == "n/a"  # its NLL cell
+    assert "NLL of meanfield on ARC-E (n/a on seed 0)" in md

@@ -113,8 +113,10 @@ def _mark_partial_seeds(rows):
 
 
 def not_available(value):
-    """None (JSON null) or NaN: a value the run could not compute (see :func:`~pyro_lora.experiments.scoring.score`)."""
-    return value is None or (isinstance(value, numbers.Real) and math.isnan(value))
+    """None (JSON null), NaN or an infinity: a value the run could not compute (see
+    :func:`~pyro_lora.experiments.scoring.score`). An infinity is n/a as NaN is: the run's writer records either as
+    null, so one in a ``results.json`` is a hand edit (JSON readers take ``-Infinity``), never the best mean."""
+    return value is None or (isinstance(value, numbers.Real) and not math.isfinite(value))
 
 
 def format_cell(row, key, digits, missing=""):
