@@ -1291,3 +1291,18 @@ def test_an_infinite_score_is_na_in_the_report_never_the_best(runs, tmp_path):
     line = next(line for line in md.splitlines() if line.startswith("| meanfield | no validation data | 0.555"))
     assert line.split(" | ")[4] == "n/a"  # its NLL cell
     assert "NLL of meanfield on ARC-E (n/a on seed 0)" in md
+
+
+def test_the_total_wall_time_counts_the_recorded_updates(runs, tmp_path):
+    """A 754 s run and a recorded 2 h `--update` read "total wall time: 12m 34s", the update left out while the line
+    said it left out only invocations whose time is not recorded."""
+    sidecar = runs / "arc_easy" / "study_run.json"
+    side = json.loads(sidecar.read_text())
+    side["updates"] = [{"guides": ["meanfield"], "command": "pyro-lora study --update meanfield", "started": "a",
+                        "finished": "b", "wall_seconds": 7200.0},
+                       {"guides": ["map"], "command": "pyro-lora study --update map", "started": "a", "finished": "b",
+                        "wall_seconds": None}]
+    sidecar.write_text(json.dumps(side))
+    header = report.header_section(report.load_runs(runs), "x", "now")
+    assert ("- total wall time: 2h 12m 34s over 2 dataset runs and 1 --update invocation(s) (some runs have no recorded "
+            "wall time) (not counting 1 invocation(s) cut short or still running") in header

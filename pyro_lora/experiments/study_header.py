@@ -58,7 +58,10 @@ def header_section(runs, command, now, failed=()):
     commands = list(dict.fromkeys(c for s in sidecars.values() for c in (s.get("commands") or ([s["command"]] if s.get("command") else []))))
     machines = sorted({_machine_line(s["machine"]) for s in sidecars.values() if s.get("machine")})
     walls = [s.get("wall_seconds") for s in sidecars.values()]
-    total = sum(w for w in walls if w is not None)
+    # an --update's rerun is part of the study's time too: its recorded duration counts (one without is listed below)
+    updated = [u["wall_seconds"] for s in sidecars.values() for u in s.get("updates", []) if u.get("wall_seconds") is not None]
+    run_total = sum(w for w in walls if w is not None)
+    total = run_total + sum(updated)
     lines = [
         f"# Study: Bayesian LoRA guides on {' and '.join(dict.fromkeys(model_name(r['config']) for r in runs.values()))}",
         "",
@@ -76,15 +79,16 @@ def header_section(runs, command, now, failed=()):
     cut = sum(len(s.get("interrupted", [])) + ("running" in s) + sum(u.get("wall_seconds") is None for u in s.get("updates", []))
               for s in sidecars.values())  # an update a later command finished has no time either
     uncounted = f" (not counting {cut} invocation(s) cut short or still running, whose time is not recorded)" if cut else ""
-    if any(w is not None for w in walls):
-        lines.append(f"- total wall time: {duration(total)} over {len(runs)} dataset runs{missing}{uncounted}")
+    with_updates = f" and {len(updated)} --update invocation(s)" if updated else ""
+    if any(w is not None for w in walls) or updated:
+        lines.append(f"- total wall time: {duration(total)} over {len(runs)} dataset runs{with_updates}{missing}{uncounted}")
     else:  # runs made by compare alone, or none finished: not "0.0s"
         lines.append(f"- total wall time: not recorded for any of the {len(runs)} dataset runs{uncounted}")
     spans = [(run["sidecar"].get("started"), run["sidecar"].get("finished")) for run in runs.values()]
     if len(runs) > 1 and all(a and b for a, b in spans):
         first = min(datetime.datetime.fromisoformat(a) for a, _ in spans)
         last = max(datetime.datetime.fromisoformat(b) for _, b in spans)
-        if (last - first).total_seconds() < total - 1:  # the runs overlapped: several processes
+        if (last - first).total_seconds() < run_total - 1:  # the runs overlapped: several processes
             lines.append(f"- elapsed from the first start to the last finish: {duration((last - first).total_seconds())} "
                          "(the runs overlapped in parallel processes)")
     for d, run in runs.items():
