@@ -1306,3 +1306,17 @@ def test_the_total_wall_time_counts_the_recorded_updates(runs, tmp_path):
     header = report.header_section(report.load_runs(runs), "x", "now")
     assert ("- total wall time: 2h 12m 34s over 2 dataset runs and 1 --update invocation(s) (some runs have no recorded "
             "wall time) (not counting 1 invocation(s) cut short or still running") in header
+
+
+def test_the_verdict_names_a_score_no_row_records_not_a_missing_method():
+    """Rows without an 'aurc' key: the verdict said MAP and temperature scaling had no finished seed, which both had."""
+    from pyro_lora.experiments.verdict import verdict
+
+    rows = [{k: v for k, v in _row(g, "arc_easy", s, "arc_easy", False).items() if k != "aurc"}
+            for s in (0, 1) for g in ("map", "temperature", "meanfield")]
+    line = next(line for line in verdict(rows, "arc_easy").splitlines() if line.startswith("- AURC"))
+    assert line == ("- AURC: not compared against MAP and temperature scaling: MAP's AURC is not recorded in the rows (a "
+                    "record from before it was scored, or edited); temperature scaling's AURC is not recorded in the rows "
+                    "(a record from before it was scored, or edited).")
+    assert "no finished seed" in verdict([r for r in rows if r["guide"] != "map"], "arc_easy")
+

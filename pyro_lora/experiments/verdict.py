@@ -137,11 +137,14 @@ def _left_out(left, compared):
     return ["- Left out " + "; ".join(parts) + "."] if parts else []
 
 
-def _missing(name, guide, left, compared, what):
-    """Why ``guide`` (temperature scaling, MAP) cannot be compared against: its ``what`` is n/a on some seed, or it
-    has no row: no finished seed (failed on every one, or not run)."""
+def _missing(name, guide, left, compared, what, finished):
+    """Why ``guide`` (temperature scaling, MAP) cannot be compared against: its ``what`` is n/a on some seed; or it
+    has rows (``finished``: the guides that have) but no row records the score (a record from before it was scored,
+    or edited); or it has no row: no finished seed (failed on every one, or not run)."""
     if guide in left:
         return f"{name}'s {what} is n/a on {_seeds(left[guide], compared)}"
+    if guide in finished:
+        return f"{name}'s {what} is not recorded in the rows (a record from before it was scored, or edited)"
     return f"{name} has no finished seed (it failed on every one, or was not run)"
 
 
@@ -183,14 +186,14 @@ def verdict(rows, dataset) -> str:
     titles = {m: COLUMNS[m].title.removesuffix(" x100") for m in ("accuracy", "ece", "nll", "aurc")}
     dropped = {titles[m]: left[m] for m in ("ece", "nll", "aurc", "accuracy")}
     # what a temperature can hardly change, against both baselines:
-    # (title, scores, metric, the baselines' n/a seeds, the baselines' score named where it is n/a)
-    against = [("AURC", values["aurc"], "aurc", left["aurc"], "AURC")]
+    # (title, scores, metric, the baselines' n/a seeds, the baselines' score named where it is n/a, the set scored on)
+    against = [("AURC", values["aurc"], "aurc", left["aurc"], "AURC", dataset)]
     for shifted in sorted({r["dataset"] for r in rows} - {dataset}):
         entropy = f"OOD AUROC (entropy) on {shifted}"
         ood, dropped[entropy] = _by_guide(rows, shifted, "ood_auroc_entropy")
         if ood:
             best.append(f"{entropy}: {_best(ood, 'ood_auroc_entropy')}")
-        against.append((entropy, ood, "ood_auroc_entropy", dropped[entropy], entropy))
+        against.append((entropy, ood, "ood_auroc_entropy", dropped[entropy], entropy, shifted))
         mi, na = _by_guide(rows, shifted, "ood_auroc_mi")
         # a point estimate's MI is 0, its AUROC 0.5 by construction (MAP, temperature scaling, zero-shot): not ranked;
         # a posterior that collapsed on one seed only (TFB's search at sigma_q = 0) is ranked by its mean, as the table does
@@ -204,7 +207,7 @@ def verdict(rows, dataset) -> str:
             # the baselines' MI is 0 by construction: a method's MI is set against their entropy, their best score
             against.append((f"OOD AUROC (MI, theirs by entropy) on {shifted}",
                             {**mi, **{g: v for g, v in ood.items() if g in (BASELINE, REFERENCE)}}, "ood_auroc_mi",
-                            dropped[entropy], entropy))
+                            dropped[entropy], entropy, shifted))
     over = f" (means over {_seed_list(seeds)}, which every method finished)" if left_out else ""
     lines.append(f"- Best{over}: " + ("; ".join(best) if best else "none: every score is n/a") + ".")
     lines += _left_out(dropped, seeds)
@@ -212,7 +215,7 @@ def verdict(rows, dataset) -> str:
         lines += _against_baseline(rows, values, left)
     else:
         lines.append("- Against temperature scaling: not compared: "
-                     + _missing("temperature scaling", BASELINE, left["nll"], seeds, "NLL") + ".")
+                     + _missing("temperature scaling", BASELINE, left["nll"], seeds, "NLL", by_guide) + ".")
     if REFERENCE in values["accuracy"]:
         ref = _mean(values["accuracy"], REFERENCE)
         # decided on the points as printed (2 decimals): 0.80 - 0.79 is 1.0000000000000009 points, 1.004 prints -1.00
@@ -224,15 +227,16 @@ def verdict(rows, dataset) -> str:
                      f"{', '.join(detail)}." if lost else f"none more than {ACCURACY_POINTS:g} point below it."))
     else:
         lines.append("- Accuracy against MAP: not compared: "
-                     + _missing("MAP", REFERENCE, left["accuracy"], seeds, "accuracy") + ".")
+                     + _missing("MAP", REFERENCE, left["accuracy"], seeds, "accuracy", by_guide) + ".")
     # what a temperature can hardly change: selective prediction and telling shifted inputs apart
-    for title, scores, metric, na, what in against:
+    for title, scores, metric, na, what, evaluated in against:
         if BASELINE in scores and REFERENCE in scores:
             better = [g for g in scores if g not in (BASELINE, REFERENCE)
                       and all(_beats(scores, g, other, metric) for other in (REFERENCE, BASELINE))]
             lines.append(f"- {title}: better than both MAP and temperature scaling: {_names(better)}.")
         else:
-            missing = [_missing(name, g, na, seeds, what) for name, g in (("MAP", REFERENCE), ("temperature scaling", BASELINE))
+            scored = {r["guide"] for r in rows if r["dataset"] == evaluated}
+            missing = [_missing(name, g, na, seeds, what, scored) for name, g in (("MAP", REFERENCE), ("temperature scaling", BASELINE))
                        if g not in scores]
             lines.append(f"- {title}: not compared against MAP and temperature scaling: {'; '.join(missing)}.")
     return "\n".join(lines)
