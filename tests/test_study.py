@@ -957,6 +957,30 @@ def test_a_merge_cut_short_by_a_kill_is_finished_by_the_next_reader(study, runs,
             R.read_record(easy, "x")
 
 
+def test_a_merge_cut_short_is_finished_holding_the_runs_lock(runs, monkeypatch):
+    """finish_merge checked that no other process held the run, then merged without taking the lock: two readers (two
+    --report-only) finished one merge at once, each copying files and writing results.json."""
+    import threading
+
+    from pyro_lora import locking
+    from pyro_lora.experiments import results as R
+
+    easy = runs / "arc_easy"
+    (easy / "update").mkdir()
+    (easy / "update" / "results.json").write_text("{}")
+    (easy / R.MERGING).write_text("update")
+    held = []
+
+    def merge(out, update, record=None):
+        held.append((Path(out).resolve(), os.getpid(), threading.get_ident()) in locking._HELD)
+        (Path(out) / R.MERGING).unlink()
+
+    monkeypatch.setattr(R, "merge_results", merge)
+    with pytest.warns(UserWarning, match="finishing the merge"):
+        R.finish_merge(easy)
+    assert held == [True] and not (easy / R.MERGING).exists()
+
+
 def test_an_update_cut_short_resumes_with_what_it_finished_and_nothing_else_does(study, runs, monkeypatch, capsys):
     """A kill or an error in an --update's third hour lost every (method, seed) it had finished: the next invocation
     emptied its folder and started again. Resumed now, by the same update only, from the same MAPs; --force restarts."""

@@ -23,7 +23,7 @@ from ..guides.registry import join_notes
 from ..data import resolve_data_dir
 from ..distributed import is_main
 from ..io import atomic_file, check_file_slot, copy_file, read_safetensors, standard_json, write_json
-from ..locking import FolderLocked, locked_elsewhere
+from ..locking import FolderLocked, folder_lock, locked_elsewhere
 from ..model_files import local_model_path
 from .plots import metric_scatter, reliability_diagram, reliability_grid
 from .setup import ADDED_SETTINGS, BASE_DIGEST_VERSION, CLOZE_SCORING, state_digest
@@ -733,18 +733,24 @@ def finish_merge(out):
     until then its rows, prediction files and MAPs may come from two runs. Nothing to do without a marker.
 
     :raises ValueError: if a running process holds the folder (it may be merging now), or the rerun folder is gone.
+        The merge is finished holding the folder's lock (:func:`~pyro_lora.locking.folder_lock`).
     """
     marker = Path(out) / MERGING
     if not marker.is_file():
         return
     if locked_elsewhere(out):
         raise FolderLocked(f"another process holds {out} (its .lock) and may be merging an --update into it: wait for it")
-    update = Path(out) / marker.read_text().strip()  # an absolute path stays as it is
-    if not (update / RESULTS).is_file():
-        raise ValueError(f"{out} holds an --update whose merge was cut short, and its rerun folder {update} is gone: its "
-                         f"rows and prediction files may disagree; delete {marker} and rerun that --update")
-    warnings.warn(f"{out}: finishing the merge of {update}, which a kill cut short", stacklevel=2)
-    merge_results(out, update, record=lambda: _record_finished_update(Path(out) / SIDECAR))
+    # merged under the run's lock (re-entrant: a resume or the study holds it already): two readers without it (two
+    # --report-only) finished one merge at once, each copying files and writing results.json
+    with folder_lock(out, f"{out} (finishing the merge of an --update a kill cut short)"):
+        if not marker.is_file():  # another process finished it in between
+            return
+        update = Path(out) / marker.read_text().strip()  # an absolute path stays as it is
+        if not (update / RESULTS).is_file():
+            raise ValueError(f"{out} holds an --update whose merge was cut short, and its rerun folder {update} is gone: "
+                             f"its rows and prediction files may disagree; delete {marker} and rerun that --update")
+        warnings.warn(f"{out}: finishing the merge of {update}, which a kill cut short", stacklevel=2)
+        merge_results(out, update, record=lambda: _record_finished_update(Path(out) / SIDECAR))
 
 
 def read_sidecar(path) -> dict:
