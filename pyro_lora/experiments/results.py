@@ -119,8 +119,9 @@ def summarize_seeds(rows):
             if key in ROW_NAMES:
                 continue
             values = np.array([r.get(key) for r in group], dtype=float)  # None (JSON null) or missing -> NaN
-            row[key] = float(values.mean())
-            row[key + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            with np.errstate(invalid="ignore"):  # an infinity's std is NaN, n/a as the mean is: no RuntimeWarning
+                row[key] = float(values.mean())
+                row[key + "_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
         summary.append(row)
     return summary
 
