@@ -114,8 +114,9 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
 
     The exact NLL (float64, not floored per example) is convex in ``1 / T`` (log-sum-exp of a linear function
     minus a linear one), so a golden-section search over ``log T`` in ``bounds`` finds the minimum; if it does
-    not beat ``T = 1`` (e.g. the optimum is ``1`` to within ``tol``), ``1.0`` is returned: the validation NLL
-    never rises. Logits give the exact NLL for any margin. Probabilities that give an example's label exactly 0
+    not beat ``T = 1`` (e.g. the optimum is ``1`` to within ``tol``), or if it raises the NLL as
+    :func:`pyro_lora.metrics.nll` reports it (floored at ``1e-12`` per example: examples wrong by more than 27.6
+    nats gain nothing from a T that costs the others; warned), ``1.0`` is returned: neither validation NLL rises. Logits give the exact NLL for any margin. Probabilities that give an example's label exactly 0
     (saturated: float32 below ``e^-103``, float16 below ``e^-17``) have lost the margin, and no temperature
     changes a 0: the fit takes their label's probability as ``1e-12`` (the floor of
     :func:`pyro_lora.metrics.nll`), or as the smallest positive number of the input's dtype where that is lower
@@ -192,6 +193,19 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
     if bool((picked > others).all()):
         return done(1.0, "the validation predictions are all correct (separable): the NLL falls as T -> 0 and has "
                          "no finite optimum; falling back to T = 1")
+    def kept(temperature, note=None):
+        # the search minimises the exact NLL; metrics.nll reports it floored at 1e-12 per example: a few examples
+        # wrong by more than those 27.6 nats can make the fitted T raise the reported NLL on the split it fits
+        at_t, at_one = temperature_nll(log_probs, labels, temperature), temperature_nll(log_probs, labels, 1.0)
+        if at_t <= at_one:
+            return done(temperature, note)
+        beyond = int((log_probs.log_softmax(-1).gather(-1, labels[:, None]) < math.log(_NLL_FLOOR)).sum())
+        return done(1.0, f"T = {temperature:.4g} lowers the exact validation NLL but raises the one "
+                         f"pyro_lora.metrics.nll reports ({at_t:.4f} against {at_one:.4f} at T = 1), which floors each "
+                         f"example's label probability at 1e-12 (27.6 nats): {beyond} of {len(labels)} validation "
+                         "examples are wrong by more than that, and softening for them costs the others more than the "
+                         "floor lets them gain; falling back to T = 1")
+
     nll = lambda log_t: _exact_nll(log_probs, labels, log_t)  # noqa: E731
     log_t, best = golden_section(nll, math.log(low), math.log(high), tol)
     if best >= nll(0.0):
@@ -208,15 +222,15 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
         finite = torch.isfinite(log_probs)
         row_mean = log_probs.where(finite, 0.0).sum(-1) / finite.sum(-1)
         if float((row_mean - picked).mean()) >= 0:
-            return done(float(high), f"the validation NLL is lowest at the upper search bound T = {high:g}: the "
+            return kept(float(high), f"the validation NLL is lowest at the upper search bound T = {high:g}: the "
                                      "predictions are no better than uniform on the validation split, and "
                                      f"T = {high:g} makes them nearly uniform")
         beyond = _beyond(nll, math.log(high), tol)
-        return done(float(high), f"the validation NLL is lowest at the upper search bound T = {high:g}: its "
+        return kept(float(high), f"the validation NLL is lowest at the upper search bound T = {high:g}: its "
                                  f"minimum lies beyond it, at T = {beyond:.3g} (log-probabilities that many times too "
                                  f"sharp: very over-confident predictions); keeping T = {high:g}, pass "
                                  f"bounds=({low:g}, {10 ** math.ceil(math.log10(beyond)):g}) to reach it")
-    return done(math.exp(log_t))
+    return kept(math.exp(log_t))
 
 
 def _beyond(nll, log_high, tol, limit=1e12):

@@ -17,7 +17,7 @@ from pyro_lora.guides.ensemble import EnsembleGuide, head_parameters, predict_en
 from pyro_lora.guides.map import MAPGuide
 from pyro_lora.guides.mcdropout import ColumnDropout, MCDropoutGuide
 from pyro_lora import LoraModel, SequenceClassification, fit, load_guide, predict, save_guide
-from pyro_lora.calibration import apply_temperature, fit_temperature, golden_section, temperature_nll
+from pyro_lora.calibration import _exact_nll, apply_temperature, fit_temperature, golden_section, temperature_nll
 from pyro_lora.metrics import ece, nll
 from pyro_lora.predictive import SEED_RANGE
 
@@ -181,6 +181,24 @@ def grid_optimum(log_probs, labels):
     scaled = (log_probs.double()[None] / grid[:, None, None]).log_softmax(-1)
     nlls = -scaled.gather(-1, labels.expand(len(grid), -1).unsqueeze(-1)).mean((1, 2))
     return float(grid[nlls.argmin()])
+
+
+@pytest.mark.parametrize("kind", ["probs", "logits"])
+@pytest.mark.parametrize("wrong_by, exact_t", [(100.0, 4.574), (300.0, 12.006)])
+def test_temperature_never_raises_the_reported_validation_nll_for_a_few_far_wrong_examples(kind, wrong_by, exact_t):
+    # 99 examples right by 10 nats, one wrong by 100 (300): the exact NLL's optimum T = 4.574 (12.006) softened the
+    # 99 to rescue one already capped at the reported NLL's 27.6 nats: 0.2764 rose to 0.3240 (0.6073) on this split
+    logits = torch.tensor([[10.0, 0.0]] * 99 + [[wrong_by, 0.0]], dtype=torch.float64)
+    labels = torch.tensor([0] * 99 + [1])
+    x = logits if kind == "logits" else logits.softmax(-1)
+    assert _exact_nll(logits.log_softmax(-1), labels, math.log(exact_t)) < _exact_nll(logits.log_softmax(-1), labels, 0.0)
+    with pytest.warns(UserWarning, match=rf"T = {exact_t:.4g} lowers the exact validation NLL but raises the one "
+                                         r"pyro_lora.metrics.nll reports \(0\.\d+ against 0\.2764 at T = 1\).*1 of 100 "
+                                         "validation examples are wrong by more than that.*falling back to T = 1"):
+        fitted = fit_temperature(x, labels, kind=kind, return_info=True)
+    assert fitted.temperature == 1.0
+    probs = logits.softmax(-1)
+    assert nll(apply_temperature(probs, fitted.temperature), labels) == pytest.approx(nll(probs, labels)) == pytest.approx(0.2764, abs=1e-4)
 
 
 @pytest.mark.parametrize("margin", [15.0, 20.0, 40.0, 80.0, 90.0, 100.0, 120.0])
