@@ -340,7 +340,8 @@ class SequenceClassification(Likelihood):
             if not _right_padded(mask):
                 raise ValueError(
                     "SequenceClassification needs right-padded batches (tokenizer.padding_side = 'right'): left "
-                    "padding moves [CLS] off column 0 and shifts the positions of absolute-position models"
+                    "padding moves an encoder's [CLS] off column 0 and shifts the real tokens' positions (position "
+                    "ids count from the first column, padding included)"
                 )
             if pad is None and not bool(mask.bool().all()):
                 raise ValueError(_NO_PAD_TOKEN + "; this batch is padded, and a decoder's head would read a padding cell")
@@ -353,7 +354,9 @@ class SequenceClassification(Likelihood):
             out = net(**repeat_inputs(batch, num_samples)).logits
         except ValueError as e:  # transformers' decoder heads refuse more than one row without a pad token
             if pad is None and "padding token" in str(e):
-                raise ValueError(_NO_PAD_TOKEN + " (S weight samples run as S copies of the batch: a batch of one is S rows)") from e
+                rows, copies = len(next(iter(repeat_inputs(batch, None).values()))), num_samples or 1
+                raise ValueError(f"{_NO_PAD_TOKEN} (this forward has {rows * copies} rows, more than one: {rows} "
+                                 f"example(s) x {copies} weight sample(s), the samples run as copies of the batch)") from e
             raise
         if out.shape[-1] < 2:  # a config may claim 2 labels over a 1-output head: every probability would be 1
             raise ValueError(f"the network's head gives {out.shape[-1]} logit per example: SequenceClassification needs a "

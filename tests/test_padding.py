@@ -263,7 +263,7 @@ def test_sequence_classification_right_padding_invariant_left_padding_refused(fa
         # a decoder's head must still read the last real token
         other = model.logits(make(texts, pad=5), v, num_samples=num_samples)
         torch.testing.assert_close(other, inside, rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="right-padded"):
+    with pytest.raises(ValueError, match="right-padded.*shifts the real tokens' positions"):
         model.logits(make(texts, "left"))
 
 
@@ -276,8 +276,12 @@ def test_a_decoder_head_without_pad_token_id_is_refused_by_name_when_it_cannot_f
     one = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     full = model.logits(one)  # one unpadded row: its last token is its last column
     values = sample_values(model)
-    with pytest.raises(ValueError, match="no pad_token_id, which a decoder's classification head .*S weight samples run as S copies"):
+    with pytest.raises(ValueError, match=rf"no pad_token_id, which a decoder's classification head .*this forward has "
+                                         rf"{S} rows, more than one: 1 example\(s\) x {S} weight sample\(s\)"):
         model.logits(one, values, num_samples=S)
+    two = {k: v.repeat(2, 1) for k, v in one.items()}
+    with pytest.raises(ValueError, match=r"this forward has 2 rows, more than one: 2 example\(s\) x 1 weight sample\(s\)"):
+        model.logits(two)
     padded = {"input_ids": torch.tensor([[5, 6, 7, 8, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1, 0]])}
     with pytest.raises(ValueError, match="no pad_token_id.*this batch is padded"):
         model.logits(padded)
