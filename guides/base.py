@@ -21,7 +21,7 @@ from pyro_lora.contract import check_guide, describe
 from pyro_lora.ownership import follow_svi_step, point_snapshot, stop_following, take_over
 from pyro_lora.io import records_at_build, register_guide
 from pyro_lora.model import full_precision
-from pyro_lora.pyro_stack import VECTORIZED, enclosing_plates, in_predictive, marking_sites
+from pyro_lora.pyro_stack import check_no_plate, in_predictive, marking_sites
 
 
 def _as_pyro_guide(forward):
@@ -59,9 +59,7 @@ _FLOAT32_METHODS = ("posterior", "sample", "mean")
 
 
 def _record_parameters(guide):
-    plates = enclosing_plates()
-    if plates:
-        raise ValueError(f"the guide runs inside the plate(s) {plates}: its sites are global, and {VECTORIZED}")
+    check_no_plate("guide")
     if torch.is_grad_enabled() and pyro_params.recording():  # a step of Pyro's SVI (fit keeps its own books)
         take_over(guide.model, guide)
         follow_svi_step(guide)

@@ -20,7 +20,7 @@ from .ownership import head_trainer, unwritten_fit
 from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
-from .pyro_stack import VECTORIZED, conditioned_names, enclosing_plates, in_svi_step, marked_guides, replayed_trace
+from .pyro_stack import VECTORIZED, check_no_plate, conditioned_names, in_svi_step, marked_guides, replayed_trace
 from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_values, describe_inits,
                     find_lora_layers, is_site_name, matrix_view, per_layer)
 
@@ -483,7 +483,8 @@ class LoraModel:
         A guide that marks a site with ``infer={"flipout_loc": loc}`` (its mean) gets flipout in the likelihood.
 
         :raises ValueError: if a value replayed from a guide has another shape than its site (a guide built
-            for another model); inside a plate (vectorized particles); under an ELBO, for a ``kl_weight`` the
+            for another model); inside a plate (Pyro's vectorized particles, or
+            a minibatch plate of the user's: the model scales its data term itself); under an ELBO, for a ``kl_weight`` the
             guide's sites are not scaled by (a Pyro autoguide: its ``log q`` unscaled) or guide values blocked from
             the model (``poutine.block``); under a per-row ``poutine.scale`` or a ``poutine.mask`` (the weight sites
             are global); for a ``num_data`` below a labelled batch's rows; for labels the likelihood refuses, in
@@ -496,9 +497,7 @@ class LoraModel:
                              "checks of every later batch (a label of -100 scored, a num_data below the batch's rows "
                              "taken) and keep the network's train/eval mode of the first call (dropout after "
                              "net.eval()); use Trace_ELBO or TraceMeanField_ELBO")
-        plates = enclosing_plates()
-        if plates:
-            raise ValueError(f"the model runs inside the plate(s) {plates}: its weight sites are global, and {VECTORIZED}")
+        check_no_plate("model")
         if pyro_params.recording():  # Pyro's own optimizers: fit holds its own and has set the trainable set
             if self.forward_dtype == torch.float16 and torch.is_grad_enabled() and in_svi_step():
                 raise ValueError(

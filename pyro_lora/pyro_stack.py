@@ -19,6 +19,9 @@ from pyro.poutine.trace_struct import Trace
 
 VECTORIZED = ("vectorized particles (vectorize_particles=True, Predictive(parallel=True)) are not supported; use "
               "num_particles without vectorizing, or pyro_lora.predict for many samples in one forward")
+# the plates Pyro's inference puts around a model or guide to vectorize particles or samples (ELBOs, Importance,
+# RWS, SVGD, Predictive, MCMC's predictive, resamplers): any other plate around them is the user's own
+_PARTICLE_PLATES = {"num_particles_vectorized", "num_sleep_particles_vectorized", "_num_predictive_samples", "particles"}
 
 
 def in_svi_step() -> bool:
@@ -42,9 +45,25 @@ def _called_from(test) -> bool:
     return False
 
 
-def enclosing_plates() -> list[str]:
-    """Names of the plates around the call running now (``pyro.plate``, Pyro's vectorized particles), outermost first."""
-    return [m.name for m in _PYRO_STACK if isinstance(m, IndepMessenger)]
+def check_no_plate(who: str) -> None:
+    """Refuse a call of ``who`` (``"model"``, ``"guide"``) inside any plate: the weight sites are global (one draw for
+    all the data). A plate of the user's own (a minibatch plate with ``subsample_size``, the usual Pyro idiom) is named
+    apart from Pyro's vectorized particles, since its remedy differs: the model already has its data plate, scaled by
+    ``num_data / rows``.
+
+    :raises ValueError: naming the plates, outermost first, and what to do.
+    """
+    plates = [m.name for m in _PYRO_STACK if isinstance(m, IndepMessenger)]
+    own = [name for name in plates if name not in _PARTICLE_PLATES]
+    if own:
+        raise ValueError(
+            f"the {who} runs inside the plate(s) {own}, which you put around it: the weight sites are global (one draw "
+            "for all the data), and the model observes each batch in its own 'data' plate, scaled by num_data / rows "
+            "(the batch's) to the whole training set; drop the plate (around the model and the guide) and build the "
+            "model with LoraModel(..., num_data=len(training set))"
+        )
+    if plates:
+        raise ValueError(f"the {who} runs inside the plate(s) {plates}: its weight sites are global, and {VECTORIZED}")
 
 
 def replayed_trace():

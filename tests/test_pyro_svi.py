@@ -485,6 +485,27 @@ def test_vectorized_particles_are_refused_by_name(name):
                               parallel=True)(batch)
 
 
+def test_a_minibatch_plate_of_the_users_own_is_refused_naming_num_data():
+    """Pyro's minibatch idiom (a subsample plate around the model) was refused as vectorized particles
+    (vectorize_particles, Predictive(parallel=True)), which the user had not asked for."""
+    model, guide = build("map")
+    batch = toy_data(n=8, batch=8)[0]
+
+    def plated(fn):
+        def run(b):
+            with pyro.plate("data_user", 48, subsample_size=8):
+                return fn(b)
+        return run
+
+    for m, g, who in [(plated(model), guide, "model"), (plated(model), plated(guide), "guide")]:
+        with pytest.raises(ValueError, match=rf"the {who} runs inside the plate\(s\) \['data_user'\], which you put around "
+                                             r"it: .*scaled by num_data / rows .*LoraModel\(\.\.\., num_data=len"):
+            SVI(m, g, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(batch)
+    with pytest.raises(ValueError, match=r"the model runs inside the plate\(s\) \['data_user'\], which"):  # not the particles'
+        with pyro.plate("num_particles_vectorized", 2, dim=-2):
+            plated(model)(batch)
+
+
 def test_predictive_without_labels_draws_obs_from_the_predictive():
     """With labels, "obs" is the labels (Pyro conditions on them): a batch without labels was refused, so Predictive
     gave no predictions; it draws them now, at the guide's predictive frequencies."""
