@@ -20,7 +20,8 @@ from .ownership import head_trainer, unwritten_fit
 from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
-from .pyro_stack import VECTORIZED, check_no_plate, conditioned_names, in_svi_step, marked_guides, replayed_trace
+from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, hidden_from_elbo, in_svi_step, marked_guides,
+                         replayed_trace)
 from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_values, describe_inits,
                     find_lora_layers, is_site_name, matrix_view, per_layer)
 
@@ -483,11 +484,11 @@ class LoraModel:
         A guide that marks a site with ``infer={"flipout_loc": loc}`` (its mean) gets flipout in the likelihood.
 
         :raises ValueError: if a value replayed from a guide has another shape than its site (a guide built
-            for another model); inside a plate (Pyro's vectorized particles, or
-            a minibatch plate of the user's: the model scales its data term itself); under an ELBO, for a ``kl_weight`` the
-            guide's sites are not scaled by (a Pyro autoguide: its ``log q`` unscaled) or guide values blocked from
-            the model (``poutine.block``); under a per-row ``poutine.scale`` or a ``poutine.mask`` (the weight sites
-            are global); for a ``num_data`` below a labelled batch's rows; for labels the likelihood refuses, in
+            for another model); inside a plate (Pyro's vectorized particles, or a minibatch plate of the user's: the
+            model scales its data term itself); under an ELBO, for a ``kl_weight`` the guide's sites are not scaled by
+            (a Pyro autoguide: its ``log q`` unscaled), guide values blocked from the model (``poutine.block``) or the
+            observed site ``"obs"`` hidden from the ELBO; under a per-row ``poutine.scale`` or a ``poutine.mask`` (the
+            weight sites are global); for a ``num_data`` below a labelled batch's rows; for labels the likelihood refuses, in
             ``batch["labels"]`` or handed to ``"obs"`` (``poutine.condition``; a token-level likelihood, which derives
             its observed tokens from ``batch["labels"]``, refuses any so handed); in ``fit``, for a batch without labels; or
             under Pyro's optimizers (``pyro.infer.SVI``) for a network computing in float16; under a JIT ELBO.
@@ -550,6 +551,13 @@ class LoraModel:
             observed.observer = self._observe
         with pyro.plate("data", size, subsample_size=rows, device=logits.device), poutine.trace() as obs:
             pyro.sample("obs", observed, obs=y)
+        if guide_trace is not None and hidden_from_elbo(obs.trace.nodes["obs"]):
+            raise ValueError(
+                "the model's observed site 'obs' is hidden from the ELBO (a poutine.block around the model: hide=['obs'], "
+                "hide_types=['observe'], or expose= without it): its loss would lack the data term, -(log p(w) - log "
+                "q(w)) alone, and training would pull the guide to the prior; block nothing of the model under an ELBO "
+                "(the data weigh by num_data, the prior against them by kl_weight)"
+            )
         self._check_observed(batch, obs.trace.nodes["obs"], y, rows)
         return logits
 

@@ -10,6 +10,7 @@ import weakref
 import pyro.poutine as poutine
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.svi import SVI
+from pyro.poutine.block_messenger import BlockMessenger
 from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.escape_messenger import EscapeMessenger
 from pyro.poutine.indep_messenger import IndepMessenger
@@ -74,11 +75,25 @@ def replayed_trace():
     the guide under a replay of its own partial trace, empty at first: a model run inside the guide saw an empty guide
     trace), and any around an ``AutoGuide``'s prototype run of the model (in the guide's first call; it blocks the
     model's sites from every handler outside), which replays nothing to the model."""
+    i = _elbo_replay()
+    return None if i is None else _PYRO_STACK[i].trace
+
+
+def hidden_from_elbo(node) -> bool:
+    """Whether a ``poutine.block`` between the ELBO's replay (:func:`replayed_trace`) and the model hides the site
+    ``node`` (a trace node of it) from the ELBO's trace, which is outside that replay. A block outside the ELBO's own
+    trace hides nothing from it."""
+    i = _elbo_replay()
+    return i is not None and any(isinstance(m, BlockMessenger) and m.hide_fn(node) for m in _PYRO_STACK[i + 1 :])
+
+
+def _elbo_replay() -> int | None:
+    """The index on the stack of the replay :func:`replayed_trace` reads, or ``None``."""
     for i in reversed(range(len(_PYRO_STACK))):  # innermost last on the stack
         m = _PYRO_STACK[i]
         # poutine.queue (and pyro.contrib.funsor's) wraps its replay in an escape handler; no other replay has one there
         if isinstance(m, ReplayMessenger) and m.trace is not None and not (i and isinstance(_PYRO_STACK[i - 1], EscapeMessenger)):
-            return None if _called_from(lambda frame: frame.f_code is AutoGuide._setup_prototype.__code__) else m.trace
+            return None if _called_from(lambda frame: frame.f_code is AutoGuide._setup_prototype.__code__) else i
     return None
 
 

@@ -623,6 +623,29 @@ def test_a_weight_site_blocked_from_the_elbos_replay_is_refused(where):
         Trace_ELBO().loss(*blocked[where], batch)
 
 
+def test_the_observed_site_hidden_from_the_elbo_is_refused_by_name():
+    """poutine.block(model, hide=["obs"]) under Trace_ELBO dropped the data term without a word: the loss was
+    -(log p(w) - log q(w)) exactly, and training pulled the guide to the prior. A block outside the ELBO's own trace
+    hides nothing from it, and Predictive may block the observation."""
+    model, guide = build("meanfield")
+    batch = toy_data(n=8, batch=8)[0]
+    block = pyro.poutine.block
+    for blocked in (block(model, hide=["obs"]), block(model, hide_types=["observe"]), block(model, expose=list(model.sites))):
+        with pytest.raises(ValueError, match="the model's observed site 'obs' is hidden from the ELBO"):
+            Trace_ELBO().loss(blocked, guide, batch)
+    with pytest.raises(ValueError, match="observed site 'obs' is hidden"):
+        SVI(block(model, hide=["obs"]), guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO()).step(batch)
+    pyro.set_rng_seed(0)
+    with torch.no_grad(), block():  # the whole computation hidden from handlers outside: the ELBO sees its data term
+        outside = Trace_ELBO().loss(model, guide, batch)
+    pyro.set_rng_seed(0)
+    with torch.no_grad():
+        assert outside == Trace_ELBO().loss(model, guide, batch)
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    out = pyro.infer.Predictive(block(model, hide=["obs"]), guide=guide, num_samples=2, return_sites=["_RETURN"])(unlabelled)
+    assert out["_RETURN"].shape == (2, 8, 2)
+
+
 def test_weight_sites_reparametrised_are_checked_through_their_latent_replacements():
     """poutine.reparam(LocScaleReparam) makes the weight sites observed, their randomness in "<site>_decentered": a guide
     over those ignoring kl_weight gave nll + log q - beta log p, and one missing a site drew it from its prior, both
