@@ -132,7 +132,8 @@ class LaplaceGuide(LoraGuide):
     # ------------------------------------------------------------------ fitting
 
     def fit(self, data, progress=True, loc=None):
-        """Accumulate the KFAC factors over ``data`` at ``theta*``: the model's current adapter, or ``loc``.
+        """Accumulate the KFAC factors over ``data`` at ``theta*``: the model's current adapter, or ``loc``. A second
+        ``fit`` replaces the first (laplace-torch's ``override=True``): give every example in one ``data``.
 
         Per batch: one forward at ``theta*`` with hooks on every LoRA layer, then one backward to the LoRA
         layers' outputs (``C - 1`` for ``fisher="exact"``); the factor sums are batched over layers. Also
@@ -153,7 +154,7 @@ class LaplaceGuide(LoraGuide):
         loglik, count = accumulate(
             self.model, self.sites, self.factors, data, self.fisher, self.kfac, self.sketch or 2 * self.rank + 10, progress, loc
         )
-        warn_fitted_rows(self.model, count, "LaplaceGuide")
+        warn_fitted_rows(self.model, count, "LaplaceGuide", int(self.num_data) if bool(self.fitted) else None)
         self.log_likelihood.fill_(loglik)
         self.num_data.fill_(count)
         self.fitted.fill_(True)
@@ -456,10 +457,16 @@ def _model_precision(model) -> float:
     return 1.0
 
 
-def warn_fitted_rows(model, count: int, who: str) -> None:
+def warn_fitted_rows(model, count: int, who: str, previous: int | None = None) -> None:
     """Warn where a Laplace's curvature summed another number of examples than the model's ``num_data`` (the training
     set its MAP was fitted to): its posterior and evidence are those of ``count`` examples (fitted on part of the
-    training set, or on a loader that repeats it), as laplace-torch's would be, which is rarely what is meant."""
+    training set, or on a loader that repeats it), as laplace-torch's would be, which is rarely what is meant.
+    Without ``num_data``, warn where a refit (``previous``: the earlier fit's count) replaces a fit of another count:
+    laplace-torch users may expect a second ``fit`` to add its data to the first."""
+    if model.num_data is None and previous is not None and previous != count:
+        warnings.warn(f"{who}.fit replaced the earlier fit over {previous} examples by one over {count}: a fit "
+                      "replaces, it does not add to the curvature; to fit on both, give every example in one loader",
+                      stacklevel=3)
     if model.num_data is not None and count != model.num_data:
         part = "part of" if count < model.num_data else "more than"
         warnings.warn(f"{who}.fit summed the curvature of {count} examples, but the model was built with num_data="

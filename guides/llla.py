@@ -176,6 +176,7 @@ class LastLayerLaplaceGuide(LoraGuide):
 
     def fit(self, data, progress=True):
         """The GGN of ``data`` at the model's current adapter and head (``theta*``), in one pass (one forward per batch).
+        A second ``fit`` replaces the first: give every example in one ``data``.
 
         Records ``log p(D | theta*)`` and ``N`` (labelled examples) for the evidence, and takes the adapter's LoRA as
         the guide's sites. Under ``torch.distributed`` every rank is given the same ``data`` and runs its block of
@@ -220,7 +221,7 @@ class LastLayerLaplaceGuide(LoraGuide):
         distributed.all_reduce_(sums + [totals])
         if totals[1] == 0:
             raise ValueError("LastLayerLaplaceGuide.fit got no batches: the data is empty")
-        warn_fitted_rows(self.model, int(totals[1]), "LastLayerLaplaceGuide")
+        warn_fitted_rows(self.model, int(totals[1]), "LastLayerLaplaceGuide", int(self.num_data) if bool(self.fitted) else None)
         with torch.no_grad():
             if self.hessian == "full":
                 self._set_eigen("eigvals", "eigvecs", sums[0].view(c * d1, c * d1))

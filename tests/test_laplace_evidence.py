@@ -345,3 +345,19 @@ def test_a_fit_on_another_number_of_examples_than_num_data_is_warned():
             with warnings.catch_warnings():
                 warnings.simplefilter("error", UserWarning)
                 guide_class(model).fit(data, progress=False)
+
+
+def test_a_refit_on_another_number_of_examples_says_it_replaced_the_first_fit():
+    """laplace-torch users may expect a second fit to add its data (its override=False): fit(first 3).fit(other 2)
+    kept the 2 examples' curvature alone, without a word where the model has no num_data."""
+    from pyro_lora.guides import LastLayerLaplaceGuide
+
+    for guide_class in (LaplaceGuide, LastLayerLaplaceGuide):
+        guide = guide_class(LoraModel(tiny_bert(r=2), SequenceClassification())).fit(bert_data(), progress=False)
+        with pytest.warns(UserWarning, match=rf"{guide_class.__name__}.fit replaced the earlier fit over 3 examples by one "
+                                             "over 2: a fit replaces, it does not add to the curvature"):
+            guide.fit(bert_data(lengths=(6, 3), seed=5), progress=False)
+        assert int(guide.num_data) == 2
+        with warnings.catch_warnings():  # a refit on as many examples (the same data again) is no surprise
+            warnings.simplefilter("error", UserWarning)
+            guide.fit(bert_data(lengths=(5, 4), seed=6), progress=False)
