@@ -72,7 +72,9 @@ class LoraModel:
     :param str group: ``"kind"`` (stacked sites, the fast default) or ``"matrix"`` (one site per matrix).
     :param prior: a float (isotropic ``N(0, prior^2)`` per entry), a dict site name -> distribution, or a
         callable ``Site -> distribution`` whose event shape is the site's shape.
-    :param int num_data: training-set size for minibatch scaling; ``None`` means the batch is the data.
+    :param int num_data: training-set size for minibatch scaling (the data term scaled by ``num_data / rows``:
+        scale neither the model nor the guide for it); ``None`` means the batch is the data (``fit`` and Pyro's SVI
+        warn when they step through several batches without it).
     :param str adapter: the peft adapter to put a posterior over (default: the active one).
     :raises ValueError: for a float ``prior`` that is not finite and positive, a ``num_data`` that is not a positive
         integer, a kind that keeps A and B frozen (``"R"``) over layers whose A or B is all zeros (a fresh peft LoRA:
@@ -118,6 +120,7 @@ class LoraModel:
         self._checkpointing = handoff.checkpointing_modules(net)
         self._pyro_name = pyro_params.unique_name(self)
         self.last_nll = None  # mean NLL per example of the last batch the Pyro model scored (a detached tensor)
+        self._svi_batch = None  # the rows of the first batch Pyro's SVI stepped on without num_data; False once warned
         self.set_trainable()
         _float32_trainables(net, self.point_parameters() + [p for layer in self.layers.values() for p in self._lora_parameters(layer)])
 
@@ -543,6 +546,8 @@ class LoraModel:
                 raise ValueError(f"site {name!r} got a batch of values {tuple(v.shape)}: {VECTORIZED}")
         flipout = {n: tr.trace.nodes[n]["infer"]["flipout_loc"] for n in values if "flipout_loc" in tr.trace.nodes[n]["infer"]}
         y = self._labels(batch)  # its checks read the labels on the host: before the forward is queued
+        if self.num_data is None and y is not None and self._svi_batch is not False and in_svi_step():
+            self._count_svi_batches(batch, y)
         logits = self.logits(batch, values, flipout_locs=flipout)
         rows = logits.shape[0]
         size = self.num_data if self.num_data is not None and self.num_data >= rows else rows
@@ -560,6 +565,19 @@ class LoraModel:
             )
         self._check_observed(batch, obs.trace.nodes["obs"], y, rows)
         return logits
+
+    def _count_svi_batches(self, batch, y):
+        """Warn, as ``fit`` does (:func:`warn_unscaled`), once Pyro's SVI steps on a second batch of a model without
+        ``num_data``: batches told apart by their rows as a set (one batch of the whole data, shuffled, is one)."""
+        rows = batch.get("input_ids")
+        rows = (rows if torch.is_tensor(rows) else y).reshape(y.shape[0], -1).long()
+        weights = torch.randint(1, 2**62, (rows.shape[1],), generator=torch.Generator().manual_seed(0)).to(rows.device)
+        fingerprint = (rows * weights).sum(-1).sort().values  # a hash per row (int64 wraps), in no order
+        if self._svi_batch is None:
+            self._svi_batch = fingerprint
+        elif self._svi_batch.shape != fingerprint.shape or not torch.equal(self._svi_batch, fingerprint):
+            self._svi_batch = False
+            warn_unscaled(self, 2, "pyro.infer.SVI", stacklevel=3)
 
     def _check_observed(self, batch, node, y, rows):
         """The label checks, on the value the ``"obs"`` site received however it came (``batch["labels"]``, or a handler:
@@ -643,8 +661,11 @@ class LoraModel:
             raise ValueError(
                 f"the model's weight sites are scaled by {scale:g} (kl_weight, poutine.scale), but the guide's site {name!r} "
                 f"by {value:g} ({len(unscaled)} sites so): the objective would weigh log q and log p apart, which is no "
-                "ELBO; a Pyro autoguide takes no kl_weight: run it under poutine.scale(scale=kl_weight), or use a "
-                "pyro_lora guide, and scale the model and the guide alike"
+                "ELBO. To scale a minibatch to the training set, scale neither: the model scales its data term itself, by "
+                f"num_data / rows (the batch's), so build it with LoraModel(..., num_data=len(training set)) (it has "
+                f"num_data={self.num_data}). Scaling the model and the guide alike is right only to weigh the whole ELBO "
+                "(fit's 1 / num_data) or the KL (kl_weight, tempering): it scales the KL with the data. A Pyro autoguide "
+                "takes no kl_weight: run it under poutine.scale(scale=kl_weight), or use a pyro_lora guide"
             )
 
     def _check_conditioned(self, own):
@@ -671,6 +692,17 @@ class LoraModel:
 
     def _observe(self, log_prob):
         self.last_nll = -log_prob.mean()  # per example, for fit's divergence check: the ELBO's prior term scales with 1/N
+
+
+def warn_unscaled(model, batches: int, runner: str, stacklevel: int = 2) -> None:
+    """Warn where ``runner`` (``fit``, Pyro's SVI) steps through several batches of a model without ``num_data``:
+    each batch is taken as the whole training set, its likelihood weighed ``B / N`` against the prior (pyro#1437)."""
+    if model.num_data is None and batches > 1:
+        warnings.warn(f"the model has no num_data, and {runner} steps through {batches if runner == 'fit' else 'several'} "
+                      "batches: each is taken as the whole training set, so the data weigh B/N of what they should "
+                      "against the prior (a posterior too wide, a MAP pulled to 0); give LoraModel(..., "
+                      "num_data=len(training set)), and scale neither the model nor the guide for the minibatch: the "
+                      "model scales its data term by num_data / rows itself", stacklevel=stacklevel + 1)
 
 
 FLIPOUT_CLOZE = ("flipout draws its weight noise per row, and cloze multiple choice runs each choice of a question as a "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
-import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -18,7 +17,7 @@ from .contract import check_guide, check_ranks_agree
 from .ownership import point_snapshot, record_fit, take_over
 from .data import to_device
 from .modes import eval_mode, network_mode
-from .model import HALF_DTYPES, full_precision
+from .model import HALF_DTYPES, full_precision, warn_unscaled
 from .checks import check_count, check_reiterable
 from .sites import base_network
 
@@ -155,10 +154,7 @@ def fit(
             raise ValueError(f"under torch.distributed ({distributed.world_size()} ranks) the model needs num_data (the "
                              "training set's size): without it each rank scales its data term to its own batch, so the "
                              "averaged loss counts the data once per rank and the prior W times")
-        if model.num_data is None and (_length(data) or 0) > 1:  # pyro#1437: minibatches unscaled against the prior
-            warnings.warn(f"the model has no num_data, and fit steps through {_length(data)} batches: each is taken as the "
-                          "whole training set, so the data weigh B/N of what they should against the prior (a posterior "
-                          "too wide, a MAP pulled to 0); give LoraModel(..., num_data=len(training set))", stacklevel=2)
+        warn_unscaled(model, _length(data) or 0, "fit", stacklevel=2)
     if train_network:
         take_over(model, guide)
         guide._point_snapshot = None  # live while it trains them (callbacks, checkpoints); taken again at the end

@@ -592,6 +592,39 @@ def test_a_guide_scaled_otherwise_than_the_model_is_refused():
     Trace_ELBO().loss(model, guide, batch, kl_weight=0.1)  # a pyro_lora guide scales its sites itself
 
 
+def test_pyros_minibatch_scaling_is_refused_pointing_at_num_data_and_svi_without_it_warns_as_fit():
+    """Pyro's habit SVI(poutine.scale(model, N / B), guide) was refused ending "scale the model and the guide alike",
+    which, followed, multiplied the KL by N / B too (12679.45 where the minibatch ELBO is 2553.51); and SVI over
+    several batches of a model without num_data said nothing, where fit warns."""
+    import warnings
+
+    data = toy_data(n=20, batch=8)
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5)
+    guide = MeanFieldGuide(model, b="normal")
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # one batch, again and shuffled, is the whole data
+        svi.step(data[0])
+        svi.step(data[0])
+        svi.step({k: v.flip(0) for k, v in data[0].items()})
+    with pytest.warns(UserWarning, match="the model has no num_data, and pyro.infer.SVI steps through several batches: "
+                                         "each is taken as the whole training set") as caught:
+        for batch in data[1:]:
+            svi.step(batch)
+    assert sum("has no num_data" in str(w.message) for w in caught) == 1  # once per model
+    with pytest.raises(ValueError, match=r"scaled by 5 \(kl_weight, poutine.scale\), but the guide's site .* by 1 .*the model "
+                                         r"scales its data term itself, by num_data / rows .*LoraModel\(\.\.\., "
+                                         r"num_data=len\(training set\)\) \(it has num_data=None\)\. Scaling the model "
+                                         "and the guide alike is right only to weigh the whole ELBO"):
+        SVI(pyro.poutine.scale(model, 20 / 4), guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO()).step(data[-1])
+    sized = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5, num_data=20)
+    svi = SVI(sized, MeanFieldGuide(sized, b="normal"), pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for batch in data:
+            svi.step(batch)
+
+
 def test_a_mask_or_a_per_row_scale_around_the_model_is_refused():
     """The weight sites are global: poutine.mask(model, mask=rows) counted their log-prior once per kept row (767.6
     where the ELBO counts it once, 264.2) with Pyro's validation off, and mask=False left -log q; a per-row scale
