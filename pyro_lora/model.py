@@ -20,8 +20,8 @@ from .ownership import head_trainer, unwritten_fit
 from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
-from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, hidden_from_elbo, in_svi_step, marked_guides,
-                         replayed_trace)
+from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, hidden_from_elbo, in_predictive, in_svi_step,
+                         marked_guides, replayed_trace)
 from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_values, describe_inits,
                     find_lora_layers, is_site_name, matrix_view, per_layer)
 
@@ -485,6 +485,8 @@ class LoraModel:
 
         A batch without ``"labels"`` samples ``"obs"`` (``[B]``, class indices): ``pyro.infer.Predictive``'s predictions.
         A guide that marks a site with ``infer={"flipout_loc": loc}`` (its mean) gets flipout in the likelihood.
+        Under ``pyro.infer.Predictive`` it warns where a dropout module of the network is in training mode (``predict``
+        runs in eval mode: call ``model.net.eval()`` before Predictive).
 
         :raises ValueError: if a value replayed from a guide has another shape than its site (a guide built
             for another model); inside a plate (Pyro's vectorized particles, or a minibatch plate of the user's: the
@@ -502,6 +504,15 @@ class LoraModel:
                              "taken) and keep the network's train/eval mode of the first call (dropout after "
                              "net.eval()); use Trace_ELBO or TraceMeanField_ELBO")
         check_no_plate("model")
+        if not torch.is_grad_enabled() and in_predictive():  # predict runs in eval mode; Predictive in the one it finds
+            dropping = [n for n, m in self.net.named_modules()
+                        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
+            if dropping:
+                warnings.warn(
+                    f"pyro.infer.Predictive runs the network with dropout on ({len(dropping)} modules in training mode, "
+                    f"e.g. {dropping[0]}): its predictions carry dropout noise besides the posterior's, where "
+                    "pyro_lora.predict runs in eval mode; call model.net.eval() before Predictive (for MC dropout, "
+                    "use MCDropoutGuide)", stacklevel=2)
         if pyro_params.recording():  # Pyro's own optimizers: fit holds its own and has set the trainable set
             if self.forward_dtype == torch.float16 and torch.is_grad_enabled() and in_svi_step():
                 raise ValueError(

@@ -506,6 +506,25 @@ def test_a_minibatch_plate_of_the_users_own_is_refused_naming_num_data():
             plated(model)(batch)
 
 
+def test_predictive_over_a_network_with_dropout_on_warns():
+    """After the SVI recipe's model.net.train(), Predictive ran with dropout on where predict runs in eval mode
+    (probabilities 0.021 apart), without a word."""
+    import warnings
+
+    model, guide = build("meanfield")
+    batch = {k: v for k, v in toy_data(n=8, batch=8)[0].items() if k != "labels"}
+    model.net.train()
+    with pytest.warns(UserWarning, match=r"Predictive runs the network with dropout on \(\d+ modules in training mode, "
+                                         r"e\.g\. .*\): .*call model\.net\.eval\(\) before Predictive"):
+        pyro.infer.Predictive(model, guide=guide, num_samples=2)(batch)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        predict(model, guide, [toy_data(n=8, batch=8)[0]], num_samples=2)  # eval mode for its call
+        SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO()).step(toy_data(n=8, batch=8)[0])
+        model.net.eval()
+        pyro.infer.Predictive(model, guide=guide, num_samples=2)(batch)
+
+
 def test_predictive_without_labels_draws_obs_from_the_predictive():
     """With labels, "obs" is the labels (Pyro conditions on them): a batch without labels was refused, so Predictive
     gave no predictions; it draws them now, at the guide's predictive frequencies."""
