@@ -454,7 +454,8 @@ def check_guide(model, guide, action: str, same_model: bool = False) -> None:
     if not hasattr(guide, "signature"):
         raise ValueError(
             f"cannot {action} with a {type(guide).__name__}: pyro_lora needs a guide of the guides package "
-            "(pyro_lora.guides.LoraGuide); for a Pyro autoguide use pyro.infer.SVI and pyro.infer.Predictive directly"
+            "(pyro_lora.guides.LoraGuide); for a Pyro autoguide use pyro.infer.SVI and pyro.infer.Predictive directly, "
+            f"and keep its result with {pyro_params.AUTOGUIDE_SAVE}"
         )
     pyro_params.check_store([(guide._pyro_name, guide.named_parameters()),
                              (model._pyro_name, model.named_point_parameters())], action)

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from .contract import (_fingerprint_of, check_guide, describe, differences, digested_parameters, frozen_base_parameters,
                        quantization, quantized_weights, unwrapped_name, weight_digest, weight_scales, weights_digest)
+from . import pyro_params
 from .quantized import is_quantized
 from .sites import base_network
 from .ownership import forget_fit, restore_fit, take_over, trainer
@@ -861,12 +862,21 @@ def load_guide(path, model):
 def export_adapter(guide, path):
     """Write the posterior mean as a regular peft adapter directory (``PeftModel.from_pretrained`` loads it).
 
-    :raises ValueError: if the network changed since the guide was built (another active adapter, merged
+    :param guide: a guide of the guides package (its posterior mean is written into the network's LoRA, then saved
+        with the trained head), or a :class:`~pyro_lora.LoraModel`: its network's adapter and trained head as they are.
+        The latter keeps the network's part of a Pyro autoguide's result (its sites are in ``autoguide.state_dict()``;
+        ``model.write_adapter(autoguide.median())`` first makes the adapter its posterior median).
+    :raises ValueError: if the network changed since the guide (or model) was built (another active adapter, merged
         layers, other LoRA scaling: :func:`~pyro_lora.contract.check_guide`), or is no ``PeftModel`` (a model built
         on ``net.base_model``); if the adapter would not reload as it runs (:func:`_check_adapter_reloads`: any
-        adapter merged into the base, a LoRA layer's scaling other than its saved config gives, ...); for a guide that carries its own head parameters (an ensemble's per-member heads):
-        the adapter would hold the network's head instead.
+        adapter merged into the base, a LoRA layer's scaling other than its saved config gives, ...); if Pyro's param
+        store holds values restored over the parameters it writes; for a guide that carries its own head parameters (an
+        ensemble's per-member heads): the adapter would hold the network's head instead.
     """
+    from .model import LoraModel
+
+    if isinstance(guide, LoraModel):
+        return _export_network_adapter(guide, path)
     with refused_together("export the adapter"):
         check_same(os.path.abspath(path), "paths to export the adapter to")  # rank 0 writes its own
         check_guide(guide.model, guide, "export the adapter")
@@ -884,6 +894,23 @@ def export_adapter(guide, path):
             _write_adapter(guide, tmp)
 
     _write_on_main(write, f"export the adapter to {path}", guide, adapter=True)
+    return Path(path)
+
+
+def _export_network_adapter(model, path):
+    """:func:`export_adapter` of a model: its network's adapter and trained head as they are."""
+    with refused_together("export the adapter"):
+        check_same(os.path.abspath(path), "paths to export the adapter to")  # rank 0 writes its own
+        pyro_params.check_store([(model._pyro_name, model.named_point_parameters())], "export the adapter")
+        model.check_network()
+        model._check_peft_sites()
+        _check_peft_model(model)
+
+    def write():
+        with atomic_directory(path, own=_ADAPTER_FILES) as tmp:
+            _save_adapter(model, tmp)
+
+    on_main(write, f"export the adapter to {path}")
     return Path(path)
 
 
@@ -987,10 +1014,13 @@ def _check_saved_scalings(model):
 
 
 def _write_adapter(guide, folder):
-    """Write ``guide``'s posterior mean into the network's LoRA and save that adapter alone as a peft adapter in
-    ``folder`` (the other adapters of the network are not the guide's)."""
-    model = guide.model
+    """Write ``guide``'s posterior mean into the network's LoRA and save that adapter (:func:`_save_adapter`)."""
     _adopt_mean(guide)
+    _save_adapter(guide.model, folder)
+
+
+def _save_adapter(model, folder):
+    """Save the model's adapter alone as a peft adapter in ``folder`` (the other adapters of the network are not its)."""
     model.net.save_pretrained(str(folder), selected_adapters=[model.adapter])
     if model.adapter != "default":  # peft saves another name in a subfolder: from_pretrained(folder) reads the top
         sub = Path(folder) / model.adapter

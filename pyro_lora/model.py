@@ -338,18 +338,22 @@ class LoraModel:
         """
         self.check_network()
         check_values(self.sites, values, allow_sample_dim=False)
+        self._check_peft_sites()  # before any write: a refusal leaves the adapter as it was
+        with torch.no_grad():
+            for path, mats in per_layer(self.sites, values).items():
+                for matrix, v in mats.items():
+                    self._parameter(path, KINDS[matrix]).copy_(v)
+
+    def _check_peft_sites(self) -> None:
+        """Refuse sites that no peft parameter holds (a LoRA-XS core, ScalaBL's scales): a peft adapter cannot carry them."""
         kinds = {site.kind for site in self.sites.values()}
         missing = sorted((k for k in kinds if k.parameter is None), key=lambda k: k.letter)
-        if missing:  # before any write: a refusal leaves the adapter as it was
+        if missing:
             raise ValueError(
                 f"an {missing[0].letter} site ({missing[0].description}) has no peft parameter to write into, so "
                 "write_adapter and export_adapter support A and B sites only: a LoRA-XS or ScalaBL guide is "
                 "kept with save_guide / load_guide"
             )
-        with torch.no_grad():
-            for path, mats in per_layer(self.sites, values).items():
-                for matrix, v in mats.items():
-                    self._parameter(path, KINDS[matrix]).copy_(v)
 
     @property
     def compute_dtype(self) -> torch.dtype:

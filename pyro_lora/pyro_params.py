@@ -20,6 +20,10 @@ _NAMESPACE = "pyro_lora:"
 _ids = itertools.count()
 _recorded = weakref.WeakValueDictionary()  # id -> a parameter record() put in the store (alive while stored)
 _own_optimizer = 0
+# how to keep a Pyro autoguide's result, which save_guide does not take and a restored param store would not reach
+AUTOGUIDE_SAVE = ("pyro_lora.export_adapter(model, folder) (the network's adapter and trained head) and "
+                  "torch.save(autoguide.state_dict(), file) (its sites), restored into PeftModel.from_pretrained(base, "
+                  "folder) and a fresh autoguide called once on a labelled batch (docs/saving.md)")
 
 
 def unique_name(obj: object) -> str:
@@ -104,5 +108,6 @@ def _refusal(what, action=None):
         f"{f'cannot {action}: ' if action else ''}Pyro's param store holds {what} (restored with get_param_store().load?): "
         "those values would be ignored, "
         "since the guide's forward reads its own parameters; save and restore guides with pyro_lora.save_guide / "
-        "load_guide, and call pyro.clear_param_store() to drop the stale entries"
+        f"load_guide (a Pyro autoguide's result with {AUTOGUIDE_SAVE}), and call pyro.clear_param_store() to drop the "
+        "stale entries"
     )

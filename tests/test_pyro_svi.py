@@ -5,7 +5,7 @@ import pyro
 import pyro.optim
 import pytest
 import torch
-from conftest import tiny_bert, tiny_llama
+from conftest import tiny_bert, tiny_bert_base, tiny_llama
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from test_training import toy_data
 
@@ -852,3 +852,57 @@ def test_a_pyro_autoguide_trains_with_svi_and_is_refused_by_fit_with_a_pointer()
     assert head and all(not torch.equal(p, q) for p, q in zip(head, before))
     with pytest.raises(ValueError, match="cannot fit with a AutoNormal: .* for a Pyro autoguide use pyro.infer.SVI"):
         fit(model, auto, toy_data(n=8, batch=8), progress=False)
+
+
+def test_a_pyro_autoguides_result_is_kept_by_export_adapter_and_its_state_dict(tmp_path):
+    """save_guide refused an autoguide pointing at Pyro's SVI, and a restored param store was refused pointing at
+    save_guide: a circle with no working path. The network's adapter and trained head (export_adapter of the model)
+    and the autoguide's state_dict restore it into fresh objects, predicting the same."""
+    from peft import PeftModel
+    from pyro.infer import Predictive
+    from pyro.infer.autoguide import AutoNormal
+
+    from pyro_lora import export_adapter
+
+    data = toy_data(n=16, batch=8)
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5, num_data=16)
+    auto = AutoNormal(model, init_scale=1e-2)
+    svi = SVI(model, auto, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    head = {n: p.detach().clone() for n, p in model.named_point_parameters()}
+    for batch in data * 3:
+        svi.step(batch)
+    assert head and all(not torch.equal(p, head[n]) for n, p in model.named_point_parameters())  # SVI trained the head
+    with pytest.raises(ValueError, match=r"for a Pyro autoguide use .* keep its result with pyro_lora.export_adapter\(model, "
+                                         r"folder\) .* torch.save\(autoguide.state_dict\(\), file\)"):
+        save_guide(auto, tmp_path / "guide")
+    store = pyro.get_param_store()
+    store.save(tmp_path / "params.pt")
+    store.load(tmp_path / "params.pt")
+    with pytest.raises(ValueError, match=r"a Pyro autoguide's result with pyro_lora.export_adapter\(model, folder\)"):
+        svi.step(data[0])
+    pyro.clear_param_store()
+    svi.step(data[0])
+
+    unlabelled = {k: v for k, v in data[0].items() if k != "labels"}
+    pyro.set_rng_seed(0)
+    before = Predictive(model, guide=auto, num_samples=4, return_sites=["_RETURN"])(unlabelled)["_RETURN"]
+    median = model.logits(data[0], auto.median())
+    model.write_adapter(auto.median())  # the adapter holds the posterior median: a point estimate peft loads alone
+    export_adapter(model, tmp_path / "adapter")
+    torch.save(auto.state_dict(), tmp_path / "autoguide.pt")
+
+    pyro.clear_param_store()  # another process
+    net = PeftModel.from_pretrained(tiny_bert_base(num_labels=2), tmp_path / "adapter").eval()
+    torch.testing.assert_close(net(input_ids=unlabelled["input_ids"], attention_mask=unlabelled["attention_mask"]).logits,
+                               median)
+    again = LoraModel(net, SequenceClassification(), prior=0.5, num_data=16)
+    restored = AutoNormal(again)
+    restored(data[0])  # builds its parameters (a labelled batch: "obs" observed)
+    restored.load_state_dict(torch.load(tmp_path / "autoguide.pt"))
+    pyro.set_rng_seed(0)
+    after = Predictive(again, guide=restored, num_samples=4, return_sites=["_RETURN"])(unlabelled)["_RETURN"]
+    torch.testing.assert_close(after, before)
+    with pytest.raises(ValueError, match="has no peft parameter to write into"):  # ScalaBL's scales: no peft adapter holds them
+        export_adapter(ScalaBLModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5), tmp_path / "scalabl")
+    assert not (tmp_path / "scalabl").exists()
+
