@@ -73,8 +73,8 @@ class LoraModel:
     :param prior: a float (isotropic ``N(0, prior^2)`` per entry), a dict site name -> distribution, or a
         callable ``Site -> distribution`` whose event shape is the site's shape.
     :param int num_data: training-set size for minibatch scaling (the data term scaled by ``num_data / rows``:
-        scale neither the model nor the guide for it); ``None`` means the batch is the data (``fit`` and Pyro's SVI
-        warn when they step through several batches without it).
+        scale neither the model nor the guide for it); ``None`` means the batch is the data (``fit``, and an ELBO
+        trained outside it such as Pyro's SVI, warn when they step through several batches without it).
     :param str adapter: the peft adapter to put a posterior over (default: the active one).
     :raises ValueError: for a float ``prior`` that is not finite and positive, a ``num_data`` that is not a positive
         integer, a kind that keeps A and B frozen (``"R"``) over layers whose A or B is all zeros (a fresh peft LoRA:
@@ -120,7 +120,7 @@ class LoraModel:
         self._checkpointing = handoff.checkpointing_modules(net)
         self._pyro_name = pyro_params.unique_name(self)
         self.last_nll = None  # mean NLL per example of the last batch the Pyro model scored (a detached tensor)
-        self._svi_batch = None  # the rows of the first batch Pyro's SVI stepped on without num_data; False once warned
+        self._svi_batch = None  # the rows of the first batch an ELBO trained on without num_data; False once warned
         self.set_trainable()
         _float32_trainables(net, self.point_parameters() + [p for layer in self.layers.values() for p in self._lora_parameters(layer)])
 
@@ -561,7 +561,9 @@ class LoraModel:
                 raise ValueError(f"site {name!r} got a batch of values {tuple(v.shape)}: {VECTORIZED}")
         flipout = {n: tr.trace.nodes[n]["infer"]["flipout_loc"] for n in values if "flipout_loc" in tr.trace.nodes[n]["infer"]}
         y = self._labels(batch)  # its checks read the labels on the host: before the forward is queued
-        if self.num_data is None and y is not None and self._svi_batch is not False and in_svi_step():
+        # training under an ELBO outside fit (which keeps its own books): Pyro's SVI, or a loop of the user's own
+        training = guide_trace is not None and torch.is_grad_enabled() and pyro_params.recording()
+        if self.num_data is None and y is not None and self._svi_batch is not False and training:
             self._count_svi_batches(batch, y)
         logits = self.logits(batch, values, flipout_locs=flipout)
         rows = logits.shape[0]
@@ -582,7 +584,7 @@ class LoraModel:
         return logits
 
     def _count_svi_batches(self, batch, y):
-        """Warn, as ``fit`` does (:func:`warn_unscaled`), once Pyro's SVI steps on a second batch of a model without
+        """Warn, as ``fit`` does (:func:`warn_unscaled`), once an ELBO trains on a second batch of a model without
         ``num_data``: batches told apart by their rows as a set (one batch of the whole data, shuffled, is one)."""
         rows = batch.get("input_ids")
         rows = (rows if torch.is_tensor(rows) else y).reshape(y.shape[0], -1).long()
@@ -592,7 +594,7 @@ class LoraModel:
             self._svi_batch = fingerprint
         elif self._svi_batch.shape != fingerprint.shape or not torch.equal(self._svi_batch, fingerprint):
             self._svi_batch = False
-            warn_unscaled(self, 2, "pyro.infer.SVI", stacklevel=3)
+            warn_unscaled(self, 2, "an ELBO trained outside fit (pyro.infer.SVI, a loop of your own)", stacklevel=3)
 
     def _check_observed(self, batch, node, y, rows):
         """The label checks, on the value the ``"obs"`` site received however it came (``batch["labels"]``, or a handler:
@@ -710,14 +712,15 @@ class LoraModel:
 
 
 def warn_unscaled(model, batches: int, runner: str, stacklevel: int = 2) -> None:
-    """Warn where ``runner`` (``fit``, Pyro's SVI) steps through several batches of a model without ``num_data``:
-    each batch is taken as the whole training set, its likelihood weighed ``B / N`` against the prior (pyro#1437)."""
+    """Warn where ``runner`` (``"fit"``, an ELBO trained outside it) steps through ``batches`` batches, several, of a
+    model without ``num_data``: each is taken as the whole training set, its likelihood weighed ``B / N`` against the
+    prior (pyro#1437)."""
     if model.num_data is None and batches > 1:
-        warnings.warn(f"the model has no num_data, and {runner} steps through {batches if runner == 'fit' else 'several'} "
-                      "batches: each is taken as the whole training set, so the data weigh B/N of what they should "
-                      "against the prior (a posterior too wide, a MAP pulled to 0); give LoraModel(..., "
-                      "num_data=len(training set)), and scale neither the model nor the guide for the minibatch: the "
-                      "model scales its data term by num_data / rows itself", stacklevel=stacklevel + 1)
+        warnings.warn(f"the model has no num_data, and {runner} steps through {batches} batches: each is taken as the "
+                      "whole training set, so the data weigh B/N of what they should against the prior (a posterior too "
+                      "wide, a MAP pulled to 0); give LoraModel(..., num_data=len(training set)), and scale neither the "
+                      "model nor the guide for the minibatch: the model scales its data term by num_data / rows itself",
+                      stacklevel=stacklevel + 1)
 
 
 FLIPOUT_CLOZE = ("flipout draws its weight noise per row, and cloze multiple choice runs each choice of a question as a "

@@ -626,11 +626,20 @@ def test_pyros_minibatch_scaling_is_refused_pointing_at_num_data_and_svi_without
         svi.step(data[0])
         svi.step(data[0])
         svi.step({k: v.flip(0) for k, v in data[0].items()})
-    with pytest.warns(UserWarning, match="the model has no num_data, and pyro.infer.SVI steps through several batches: "
-                                         "each is taken as the whole training set") as caught:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        svi.evaluate_loss(data[1])  # no training step
+    with pytest.warns(UserWarning, match=r"the model has no num_data, and an ELBO trained outside fit \(pyro.infer.SVI, a "
+                                         r"loop of your own\) steps through 2 batches: each is taken as the whole training "
+                                         "set") as caught:
         for batch in data[1:]:
             svi.step(batch)
     assert sum("has no num_data" in str(w.message) for w in caught) == 1  # once per model
+    own = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5)
+    own_guide = MeanFieldGuide(own, b="normal")
+    with pytest.warns(UserWarning, match="the model has no num_data, and an ELBO trained outside fit"):
+        for batch in data[:2]:  # a loop of one's own
+            TraceMeanField_ELBO().differentiable_loss(own, own_guide, batch).backward()
     with pytest.raises(ValueError, match=r"scaled by 5 \(kl_weight, poutine.scale\), but the guide's site .* by 1 .*the model "
                                          r"scales its data term itself, by num_data / rows .*LoraModel\(\.\.\., "
                                          r"num_data=len\(training set\)\) \(it has num_data=None\)\. Scaling the model "
