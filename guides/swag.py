@@ -183,6 +183,8 @@ class SWAGCollector:
     def __call__(self, state):
         if state.step == 1:
             self._check_schedule(state)
+        if state.skipped:  # float16's loss scaler left the weights as they were: no new iterate
+            return
         if state.step >= self.start_step and state.epoch >= self.start_epoch and state.step % self.every == 0:
             source = self.source or state.guide
             check_guide(self.swag.model, source, "collect SWAG iterates")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 
 import pyro
@@ -29,7 +30,8 @@ class DivergenceError(FloatingPointError):
 @dataclass
 class FitState:
     """What a callback sees after each optimizer step (``step`` counts from 1, ``epoch`` from 0, in this fit);
-    ``epochs`` and ``steps_per_epoch`` are the run's (``steps_per_epoch`` is ``None`` for data without a length)."""
+    ``epochs`` and ``steps_per_epoch`` are the run's (``steps_per_epoch`` is ``None`` for data without a length);
+    ``skipped``: float16's loss scaler skipped this step (its gradients overflowed), so the weights did not move."""
 
     step: int
     epoch: int
@@ -39,6 +41,7 @@ class FitState:
     guide: object
     epochs: int = 1
     steps_per_epoch: int | None = None
+    skipped: bool = False
 
 
 def fit(
@@ -85,7 +88,7 @@ def fit(
         CPU; a half-precision network always runs under autocast in its own dtype, see :class:`~pyro_lora.model.LoraModel`;
         an enclosing ``torch.autocast`` is switched off for the run). A network computing in float16 (a float16 base, or
         ``autocast=torch.float16``) trains with a loss scaler (``torch.amp.GradScaler``): steps whose gradients
-        overflowed are skipped.
+        overflowed are skipped (their loss is still in the returned list; a warning counts them).
     :param bool gradient_checkpointing: switch transformers' activation checkpointing on (non-reentrant) for
         the run; gradients equal those without it. A network whose checkpointing the user switched on
         (``gradient_checkpointing_enable()``, either mode) works too.
@@ -183,7 +186,7 @@ def fit(
     beta = kl_weight if callable(kl_weight) else (lambda step: kl_weight)
     net = model.net
     guide.train()
-    losses, step = [], 0
+    losses, step, skipped_steps = [], 0, 0
     shown = _Smoothed()  # the bar's number: the data NLL per example, which moves as the model learns
     watch = _DivergenceWatch(lr) if stop_on_divergence else None
     bar = tqdm(total=total, desc=f"fit {type(guide).__name__}", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
@@ -192,7 +195,7 @@ def fit(
         """The optimizer step on the gradients of the last ``batches`` micro-batches (each loss divided by
         ``grad_accum_steps``) of ``rows`` examples: under ``torch.distributed`` each rank's weight (a short last batch
         on one rank is one process's global batch only when the ranks count by their examples)."""
-        nonlocal step
+        nonlocal step, skipped_steps
         if batches < grad_accum_steps:  # an epoch's last, partial group: the mean of its batches, as a full one
             scale = grad_accum_steps / batches
             for p in params:
@@ -213,15 +216,18 @@ def fit(
         if max_grad_norm:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        scale = scaler.get_scale() if scaler.is_enabled() else None
         scaler.step(optimizer)
         scaler.update()
+        skipped = scale is not None and scaler.get_scale() < scale  # the scaler backs off exactly where it skipped
+        skipped_steps += skipped
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(accumulated)
         step += 1
         bar.update()
         bar.set_postfix(shown.postfix(accumulated), epoch=epoch)
-        state = FitState(step, epoch, accumulated, weight, model, guide, epochs, steps_per_epoch)
+        state = FitState(step, epoch, accumulated, weight, model, guide, epochs, steps_per_epoch, skipped)
         for cb in callbacks:
             cb(state)
         if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:
@@ -267,6 +273,10 @@ def fit(
         for p, grad in untrained.items():
             p.grad = grad
         guide._point_snapshot = point_snapshot(model)
+    if skipped_steps:
+        warnings.warn(f"fit: float16's loss scaler skipped {skipped_steps} of {step} optimizer steps (their gradients "
+                      f"overflowed): the weights moved on {step - skipped_steps}; where that is many, lower lr, set "
+                      "max_grad_norm, or train in bfloat16 or float32", stacklevel=2)
     if train_network:
         record_fit(model, guide)
     if checkpoint_dir:

@@ -401,3 +401,43 @@ def test_inference_and_a_users_scaled_loop_under_fp16_autocast_are_not_refused_b
             scaler.scale(Trace_ELBO().differentiable_loss(model, guide, batch)).backward()
         with pytest.raises(ValueError, match="under float16 autocast.*Pyro's SVI has no loss scaling"):
             svi.step(batch)
+
+
+def test_the_steps_float16s_loss_scaler_skips_are_counted_warned_and_collect_no_swag_iterate(monkeypatch):
+    """A float16 fit with a confident head skipped 2 of its 4 steps (gradients overflowed) without a word, its
+    losses listing 4, and a SWAG collector took the unchanged weights of a skipped step as a new iterate."""
+    import conftest
+
+    from pyro_lora.guides.swag import SWAGCollector, SWAGGuide
+    from pyro_lora.training import FitState
+
+    confident = conftest.tiny_bert_base  # the fixture's 30x head
+
+    def sharper(num_labels=3, seed=0):
+        net = confident(num_labels, seed)
+        with torch.no_grad():
+            net.classifier.weight.mul_(100 / 30)
+        return net
+
+    monkeypatch.setattr(conftest, "tiny_bert_base", sharper)
+    torch.manual_seed(0)
+    pyro.set_rng_seed(0)
+    model = lora(dtype=torch.float16)
+    guide = MAPGuide(model)
+    last, moved, said = {k: v.detach().clone() for k, v in guide.mean().items()}, [], []
+
+    def watch(state):
+        now = {k: v.detach().clone() for k, v in guide.mean().items()}
+        moved.append(any(not torch.equal(now[k], last[k]) for k in now))
+        last.update(now)
+        said.append(state.skipped)
+
+    with pytest.warns(UserWarning, match=r"fit: float16's loss scaler skipped 2 of 4 optimizer steps \(their gradients "
+                                         r"overflowed\): the weights moved on 2"):
+        losses = fit(model, guide, data() * 2, lr=1e-2, progress=False, callbacks=[watch])
+    assert len(losses) == 4 and said == [not m for m in moved] and sum(said) == 2
+    swag = SWAGGuide(model, rank=2)
+    collector = SWAGCollector(swag, start_step=2)
+    for step, skipped in ((2, False), (3, True), (4, False)):
+        collector(FitState(step, 0, 0.0, 1.0, model, guide, skipped=skipped))
+    assert int(swag.num_collected) == 2
