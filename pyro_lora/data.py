@@ -122,6 +122,15 @@ def _dataset_dir(name: str, data_dir) -> Path:
     return folder
 
 
+def dataset_folder(name: str, data_dir: str | os.PathLike | None = None) -> Path:
+    """The folder the dataset ``name`` reads, absolute with links resolved: ``sst2``, ``sst2/``, ``./sst2`` and a link
+    to that folder name one set (compare sets by it, never by the names given).
+
+    :raises ValueError: as :func:`load_meta`, for a name that gives no dataset folder.
+    """
+    return _dataset_dir(name, data_dir).resolve()
+
+
 def load_meta(name: str, data_dir: str | os.PathLike | None = None) -> dict:
     """``meta.json`` of a dataset (task, counts, sources, ``label_names`` for classification).
 

@@ -1,6 +1,7 @@
 """The comparison's bookkeeping: seeds summary, scores, OOD AUROC, npz outputs, letter mapping across sets."""
 
 import json
+import re
 from dataclasses import replace
 import math
 
@@ -383,6 +384,33 @@ def test_eval_datasets_naming_the_training_set_or_repeating_are_refused():
     for sets in (("sst2",), ("boolq", "boolq")):
         with pytest.raises(ValueError, match="repeats a set or names the training set"):
             check_config(CompareConfig(dataset="sst2", eval_datasets=sets, train_size=40, test_size=10))
+
+
+def test_eval_datasets_are_compared_by_the_folder_they_read(tmp_path, monkeypatch):
+    """`--eval-datasets sst2/` (a shell completion's slash) passed the check: the test set was scored against itself
+    as a "shift" (OOD AUROC 0.500), and `sst2_shift,sst2_shift/` gave two identical shift rows. A link to the
+    training set's folder is that set too; the names a run records are normalised."""
+    import shutil
+
+    from pyro_lora.data import default_data_dir
+    from pyro_lora.experiments import compare
+    from pyro_lora.experiments.setup import CompareConfig, check_config
+
+    data = tmp_path / "data"
+    shutil.copytree(default_data_dir() / "sst2", data / "sst2")
+    (data / "shift").mkdir()
+    for name in ("meta.json", "test.jsonl"):
+        shutil.copy(data / "sst2" / name, data / "shift" / name)
+    (data / "alias").symlink_to(data / "sst2")
+    config = CompareConfig(dataset="sst2", train_size=40, test_size=10, data_dir=str(data), out=str(tmp_path / "out"))
+    for sets, named in ((("sst2/",), "the training set 'sst2'"), (("./sst2",), "the training set 'sst2'"),
+                        (("alias",), "the training set 'sst2'"), (("shift", "shift/"), "'shift'")):
+        with pytest.raises(ValueError, match=f"{re.escape(repr(sets[-1]))} reads the folder .* as {re.escape(named)} does"):
+            check_config(replace(config, eval_datasets=sets))
+    ran = []
+    monkeypatch.setattr(compare, "_run_seeds", lambda config, overwrite, reference: ran.append(config))
+    compare.run_compare(replace(config, dataset="./sst2", eval_datasets=("shift/",), guides=("map",)))
+    assert (ran[0].dataset, ran[0].eval_datasets) == ("sst2", ("shift",))
 
 
 def test_a_row_without_fit_costs_shows_empty_cells_not_zeros():

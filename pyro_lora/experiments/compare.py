@@ -1,6 +1,7 @@
 """``pyro-lora compare``: train a MAP LoRA once, fit several registered methods from it, score all on one test set."""
 
 import contextlib
+import os
 import time
 import warnings
 from dataclasses import replace
@@ -179,8 +180,10 @@ def run_compare(config: CompareConfig, overwrite: bool = False, reference=None):
     :raises GuideFailures: at the end, if some guide failed; every other one is written.
     """
     check_config(config)
+    # a set's name as recorded and compared on resume (rows, arrays, verdict): "sst2_shift/" is sst2_shift
     config = replace(config, guides=tuple(config.guides or default_guides(config)),
-                     data_dir=str(D.resolve_data_dir(config.data_dir)))
+                     data_dir=str(D.resolve_data_dir(config.data_dir)), dataset=os.path.normpath(config.dataset),
+                     eval_datasets=tuple(map(os.path.normpath, config.eval_datasets)))
     with folder_lock(config.out, "this run folder") if is_main() else contextlib.nullcontext():
         return _run_seeds(config, overwrite, reference)
 

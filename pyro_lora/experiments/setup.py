@@ -415,7 +415,8 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
     """Refuse, before any model is loaded, a ``config`` that cannot run; returns the dataset's task.
 
     Checks the methods (``guides``, default ``config.guides``) exist and apply to the task, the datasets and
-    shifted sets exist with one task the model can take, the multiple-choice settings apply, the training set
+    shifted sets exist with one task the model can take (each shifted set another folder than the training set's and
+    the others': names are compared by the folder they read, ``sst2/`` is ``sst2``), the multiple-choice settings apply, the training set
     can be split, ``max_length`` fits the model's positions, the device exists and (with ``writes``)
     ``config.out`` can be written.
 
@@ -462,11 +463,17 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
         if task not in a.tasks:
             raise ValueError(f"{who} does not apply to {task} sets like {config.dataset!r} ({a.summary}): it applies to "
                              f"{' and '.join(a.tasks)} sets; leave {m.name} out")
-    if config.dataset in config.eval_datasets or len(set(config.eval_datasets)) != len(config.eval_datasets):
-        raise ValueError(
-            f"--eval-datasets {','.join(config.eval_datasets)} repeats a set or names the training set {config.dataset!r}: "
-            "its rows would merge with the in-distribution ones; list each shifted set once, not the training set"
-        )
+    # by the folders they read: "sst2/" or a link is the training set (scored against itself as a shift), and
+    # "a,a/" one set twice
+    seen = {D.dataset_folder(config.dataset, config.data_dir): f"the training set {config.dataset!r}"}
+    for name in config.eval_datasets:
+        folder = D.dataset_folder(name, config.data_dir)
+        if folder in seen:
+            raise ValueError(
+                f"--eval-datasets {','.join(config.eval_datasets)}: {name!r} reads the folder {folder}, as {seen[folder]} "
+                "does (it repeats a set or names the training set): its rows would merge with those of that set; list "
+                "each shifted set once, not the training set")
+        seen[folder] = repr(name)
     names = dataset_meta.get("label_names")
     for name in config.eval_datasets:
         meta = D.load_meta(name, config.data_dir)
