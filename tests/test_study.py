@@ -482,6 +482,26 @@ def test_a_run_on_other_records_is_another_configuration_and_only_a_full_update_
     assert len(study.study_configs(parse(*update, "--update", "map")[1], ["arc_easy"], False, str(runs), ("map",))) == 1
 
 
+def test_an_update_without_the_runs_sizes_names_the_flags_not_changed_records(study, runs, tmp_path):
+    """An --update of a run made with --train-size 64 that left the flag out said the records under the data folder
+    changed since the run (data records ... there, records ... now; restore them): the plan's size selected other
+    records from unchanged files. The settings are compared first, naming the flags to repeat."""
+    easy = runs / "arc_easy" / "results.json"
+    saved = json.loads(easy.read_text())
+    argv = ["--datasets", "arc_easy", "--no-shift", "--seeds", "0,1", "--train-size", "64", *SIZES, "--runs", str(runs)]
+    digest = study.data_digest(study.make_config(parse(*argv)[1], "arc_easy", shift=False, runs=runs))
+    easy.write_text(json.dumps({**saved, "data": digest}))
+    update = ["--datasets", "arc_easy", "--no-shift", *SIZES, "--runs", str(runs), "--update", "meanfield"]
+    with pytest.raises(ValueError, match=r"these flags differ from it \(train_size 64 there, 1250 now\): give the run's "
+                                         r"settings \(--train-size 64\)") as error:
+        study.study_configs(parse(*update)[1], ["arc_easy"], False, str(runs), ("meanfield",))
+    assert "records" not in str(error.value)
+    with_size = parse(*update, "--train-size", "64")[1]
+    assert [c.guides for c in study.study_configs(with_size, ["arc_easy"], False, str(runs), ("meanfield",))] == [("meanfield",)]
+    assert study._flag("ts", False) == "--no-ts" and study._flag("seeds", [0, 1]) == "--seeds 0,1"
+    assert study._flag("eval_datasets", []) == "--no-shift" and study._flag("mc_normalize", "chars") == ""
+
+
 def test_update_of_the_map_keeps_the_retrained_maps_and_drops_a_failed_seeds(study, runs, tmp_path, monkeypatch):
     """--update map retrains every seed's MAP: the run's folder then keeps the new ones (a resume starts from the MAP
     the merged rows did), and none for a seed whose MAP failed (a resume trains it with the new code)."""

@@ -176,21 +176,37 @@ def _update_config(config, update, overrides):
                          "--seeds out (a rerun of some seeds would leave the others' rows from the old code)")
     config = replace(config, seeds=seeds)
     retrain = REFERENCE in update  # every row is rerun: on the records there now
-    differ = config_differences(saved, config, ignore=MERGE_IGNORES + ("data_dir",) * retrain,
-                                data=None if retrain or not saved.get("data") else data_digest(config))
-    if "data" in differ:
-        raise ValueError(f"the {config.dataset} records under {D.resolve_data_dir(config.data_dir)} changed since its run "
-                         f"(data {differ['data'][0]} there, {differ['data'][1]} now): --update {','.join(update)} would mix "
-                         f"rows of both; restore them, or --update {REFERENCE} to rerun every method on the records now")
+    # the settings first: other sizes (flags left to the plan's defaults) select other records, which the data
+    # digest would blame on the files
+    differ = config_differences(saved, config, ignore=MERGE_IGNORES + ("data_dir",) * retrain)
     if differ:  # the merge would refuse it after the training: refuse it now
         changed = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differ.items())
+        flags = " ".join(filter(None, (_flag(k, a) for k, (a, _) in differ.items())))
         raise ValueError(f"--update reruns {config.dataset} with its run's configuration, and these flags differ from "
-                         f"it ({changed}): give the run's settings, or rerun the whole dataset without --update")
+                         f"it ({changed}): give the run's settings{f' ({flags})' if flags else ''}, or rerun the whole "
+                         "dataset without --update")
+    if not retrain and saved.get("data") and saved["data"] != (now := data_digest(config)):
+        raise ValueError(f"the {config.dataset} records under {D.resolve_data_dir(config.data_dir)} changed since its run "
+                         f"(data records {saved['data'][:12]} there, records {now[:12]} now): --update {','.join(update)} would mix "
+                         f"rows of both; restore them, or --update {REFERENCE} to rerun every method on the records now")
     guides = stale_guides(list(update), list(saved["config"]["guides"] or ()))
     if not guides:
         print(f"## {config.dataset}: its run has none of {', '.join(update)}: left as it is", flush=True)
         return None
     return replace(config, guides=tuple(guides))
+
+
+def _flag(key, value):
+    """The study flag that gives the setting ``key`` its ``value`` (``--train-size 20``, ``--no-ts``); "" for a
+    setting the study sets itself per dataset (its shifted sets follow ``--shift``)."""
+    if key == "eval_datasets":
+        return "--shift" if value else "--no-shift"
+    if key in ("dataset", "mc_normalize") or value is None:
+        return ""
+    flag = "--" + key.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}" if key == "ts" else f"no {flag}"
+    return f"{flag} {','.join(map(str, value)) if isinstance(value, (list, tuple)) else value}"
 
 
 def expected_guides(config):
