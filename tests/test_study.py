@@ -239,7 +239,9 @@ def test_does_not_beat_map_names_exactly_the_right_sets(runs, tmp_path):
     temperature = _sentence(md, "- **meanfield**'s mean is not below temperature scaling's")
     assert "NLL on ARC-E (+0.250)" in temperature and "ECE on OBQA (+7.00)" in temperature
     assert _named_sets(temperature) == ["ARC-E", "OBQA"]
-    assert "- **meanfield** detects the shift better than MAP" in md
+    # each OOD AUROC on its own against MAP's by entropy: its entropy's ties MAP's, its MI's beats it
+    assert "- **meanfield**'s OOD AUROC by entropy does not beat MAP's by entropy on 2 of 2 shifts: OBQA→ARC-C (+0.000)" in md
+    assert "- **meanfield**'s OOD AUROC by MI beats MAP's by entropy on every shift (2 of 2)." in md
     # temperature scaling and MAP are not Bayesian guides: no sentences about them
     assert "- **temperature**" not in md and "- **map**" not in md
     assert "A Bayesian guide beats MAP on NLL in 3 of 4 (guide, set) pairs and on ECE in 3 of 4." in md
@@ -1245,7 +1247,23 @@ def test_ood_detection_is_judged_against_maps_entropy_auroc_not_its_mi_of_one_ha
             ("laplace", "arc_easy", {"ood_auroc_entropy": 0.48 + j, "ood_auroc_mi": 0.47 + j})]
     runs = _shift_run(rows)
     lines = report.guide_sentences(_tables(runs), "laplace", report.set_labels(runs))
-    assert any("detects the shift better than MAP" in line for line in lines), lines
+    assert "**laplace**'s OOD AUROC by entropy beats MAP's by entropy on every shift (1 of 1)." in lines, lines
+    assert "**laplace**'s OOD AUROC by MI beats MAP's by entropy on every shift (1 of 1)." in lines, lines
+
+
+def test_ood_detection_judges_entropy_and_mi_each_on_its_own_never_the_better_of_the_two():
+    """The sentence took each method's better of its entropy and MI OOD AUROC, chosen after seeing the shifted test
+    sets: laplace's entropy AUROC 0.40 below MAP's 0.45 was "detects the shift better than MAP" by its MI's 0.60."""
+    def rows(s):
+        return [(g, "openbookqa", {}) for g in ("map", "temperature", "laplace")] + [
+            ("map", "arc_easy", {"ood_auroc_entropy": 0.45, "ood_auroc_mi": 0.5}),
+            ("temperature", "arc_easy", {"ood_auroc_entropy": 0.45, "ood_auroc_mi": 0.5}),
+            ("laplace", "arc_easy", {"ood_auroc_entropy": 0.40, "ood_auroc_mi": 0.60})]
+    runs = _shift_run(rows)
+    lines = [line for line in report.guide_sentences(_tables(runs), "laplace", report.set_labels(runs)) if "AUROC" in line]
+    label = report.set_labels(runs)[-1]
+    assert lines == [f"**laplace**'s OOD AUROC by entropy does not beat MAP's by entropy on 1 of 1 shifts: {label} (-0.050).",
+                     "**laplace**'s OOD AUROC by MI beats MAP's by entropy on every shift (1 of 1)."], lines
 
 
 def test_the_shift_tables_bold_each_targets_best_and_never_a_point_estimates_mi():
@@ -1276,7 +1294,7 @@ def test_the_report_says_no_guide_beats_on_a_value_it_prints_as_a_tie():
     runs = _shift_run(rows)
     lines = report.guide_sentences(_tables(runs), "laplace", report.set_labels(runs))
     assert any("does not beat MAP on NLL on 2 of 2 sets: OBQA (+0.000)" in line for line in lines), lines
-    assert any("does not beat MAP's OOD AUROC" in line for line in lines), lines
+    assert any("OOD AUROC by entropy does not beat MAP's by entropy on 1 of 1 shifts" in line for line in lines), lines
     # the printed values decide, not their rounded difference: 0.500 against 0.501 beats, 0.501 against 0.501 does not
     tables = {"nll": {"g": {"a": 0.5004, "b": 0.5006}, "map": {"a": 0.5006, "b": 0.5014}}, "ece": {}, "accuracy": {}}
     assert report.guide_sentences(tables, "g", ["a", "b"])[0] == "**g** does not beat MAP on NLL on 1 of 2 sets: b (+0.000) nats."
