@@ -772,7 +772,7 @@ def test_a_resume_on_changed_data_is_refused_before_any_work(tmp_path, monkeypat
     flipped = [{**r, "label": 1 - r["label"]} for r in map(json.loads, lines["train.jsonl"])]
     (data / "train.jsonl").write_text("\n".join(map(json.dumps, flipped)))
     monkeypatch.setattr(C, "prepare", lambda *a, **k: pytest.fail("the data check comes before loading the model"))
-    with pytest.raises(ValueError, match=r"holds rows scored on other sst2 records than .*data gives now .*changed since"):
+    with pytest.raises(ValueError, match=r"holds rows scored on other records than .*data gives now \(the sst2 train, validation or test records changed since\)"):
         run_compare(replace(config, guides=("temperature", "map")))
     # the same records in another folder are the same data: the digest is the check, not the path
     copy = tmp_path / "copy" / "sst2"
@@ -821,6 +821,29 @@ def test_a_record_from_before_digests_stays_unchecked(tmp_path):
     fresh.check_data("c" * 64)
     fresh.add("map", 0, [ROW], arrays(0))
     assert json.loads((tmp_path / "new" / "results.json").read_text())["data"] == "c" * 64
+
+
+def test_a_resume_after_a_shifted_sets_records_changed_names_that_set(tmp_path):
+    """Only sst2_shift/test.jsonl changed, and the refusal blamed "other sst2 records ... (its train, validation or
+    test files changed since)": a digest per set names the one that changed; a record from before it names every set
+    it may be."""
+    config = small(tmp_path, guides=("map",), eval_datasets=("sst2_shift",))
+    folder = RunFolder(tmp_path, config)
+    folder.check_data("a" * 64, {"sst2": "s" * 64, "sst2_shift": "t" * 64})
+    folder.add("map", 0, [ROW], arrays(0))
+    assert json.loads((tmp_path / "results.json").read_text())["data_sets"] == {"sst2": "s" * 64, "sst2_shift": "t" * 64}
+    with pytest.raises(ValueError, match=r"\(the sst2_shift test records changed since\): restore that data") as error:
+        RunFolder(tmp_path, config).check_data("b" * 64, {"sst2": "s" * 64, "sst2_shift": "u" * 64})
+    assert "sst2 train" not in str(error.value)
+    with pytest.raises(ValueError, match=r"\(the sst2 train, validation or test records changed since\)"):
+        RunFolder(tmp_path, config).check_data("b" * 64, {"sst2": "r" * 64, "sst2_shift": "t" * 64})
+    saved = json.loads((tmp_path / "results.json").read_text())
+    del saved["data_sets"]
+    (tmp_path / "results.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"\(the sst2 train, validation or test records or the sst2_shift test records changed "
+                                         r"since; its record, written by an older version, keeps one digest for all its sets\)"):
+        RunFolder(tmp_path, config).check_data("b" * 64, {"sst2": "s" * 64, "sst2_shift": "u" * 64})
+    RunFolder(tmp_path, config).check_data("a" * 64, {"sst2": "s" * 64, "sst2_shift": "t" * 64})  # the same records
 
 
 @pytest.mark.parametrize("edit, message", [

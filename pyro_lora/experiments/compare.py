@@ -16,8 +16,8 @@ from ..predictive import Prediction, predict
 from ..guides.registry import VALIDATION_TUNED, Fitted, get_method, join_notes
 from .results import PREDICT_SEEDING, RESULTS, RunFolder
 from .scoring import MI_NO_SAMPLES_NOTE, join_row, ood_auroc, prediction_arrays, score
-from .setup import (CompareConfig, base_digest, check_config, data_digest, default_guides, label_names, prepare, records_digest,
-                    seed_for, train_map)
+from .setup import (CompareConfig, base_digest, check_config, default_guides, label_names, load_splits, prepare, records_digest,
+                    seed_for, set_digests, train_map)
 from .table import base_guide, format_row, ts_name
 
 
@@ -191,9 +191,10 @@ def run_compare(config: CompareConfig, overwrite: bool = False, reference=None):
 def _run_seeds(config, overwrite, reference):
     run = RunFolder(config.out, config, overwrite=overwrite)
     earlier = run if reference is None else RunFolder(reference, config)  # the rows the new ones join
-    digest, labels = data_digest(config), label_names(config)
+    splits = load_splits(config, warn=False)  # prepare() warns, for the run's first seed
+    digest, sets, labels = records_digest(*splits), set_digests(config, *splits), label_names(config)
     for folder in [run] if earlier is run else [run, earlier]:
-        folder.check_data(digest)
+        folder.check_data(digest, sets)
         folder.check_labels(labels)
     datasets = [config.dataset, *config.eval_datasets]
     say = print if is_main() else (lambda *a, **k: None)
@@ -209,7 +210,9 @@ def _run_seeds(config, overwrite, reference):
             continue
         setup = prepare(config, seed)
         if records_digest(setup.train, setup.val, setup.test, setup.shifted) != digest:  # reloaded for each seed
-            raise ValueError(f"the {config.dataset} records under {config.data_dir} changed during the run (before seed "
+            now = set_digests(config, setup.train, setup.val, setup.test, setup.shifted)
+            changed = ", ".join(name for name in sets if now[name] != sets[name])
+            raise ValueError(f"the {changed} records under {config.data_dir} changed during the run (before seed "
                              f"{seed}): its rows would mix two sets of records; rerun once the data is settled")
         base = base_digest(setup.net, setup.tokenizer)  # the folder --model names may hold another checkpoint since the rows were scored
         for folder in [run] if earlier is run else [run, earlier]:

@@ -157,6 +157,7 @@ class RunFolder:
         self._pending_maps = {}  # seed -> MAP file bytes, kept while a replaced run's files stand (:meth:`save_map`)
         self.maps = {}  # seed (a string, as JSON keys are) -> digest of the MAP its rows start from
         self.data = None  # digest of the records its rows were scored on (:func:`~.setup.data_digest`)
+        self.data_sets = None  # evaluation set -> digest of its records (:func:`~.setup.set_digests`)
         self.base = None  # digest of the base model's weights they were scored with (:func:`~.setup.base_digest`)
         self.seeding = {}  # row name -> the oldest seeding of its rows (:func:`recorded_seeding`)
         self.labels = None  # evaluation set -> the label names its rows were scored under (:func:`~.setup.label_names`)
@@ -168,6 +169,7 @@ class RunFolder:
             self._check_same(saved)
             self.rows, self.failed, self.sizes = saved["per_seed"], saved.get("failed", []), saved.get("sizes")
             self.maps, self.data, self.base = dict(saved.get("maps", {})), saved.get("data"), recorded_base(saved)
+            self.data_sets = saved.get("data_sets")
             self.labels, self.scoring = saved.get("labels"), recorded_scoring(saved)
             self.seeding = recorded_seeding(saved)
             self.guides, self.seeds = list(saved["config"]["guides"] or ()), list(saved["config"]["seeds"])
@@ -215,13 +217,28 @@ class RunFolder:
                 f"same configuration; choose another --out, or {_REPLACE} that run"
             )
 
-    def check_data(self, digest):
+    def check_data(self, digest, sets=None):
         """Refuse to add rows scored on other records than those of the rows here (``digest``: the
-        :func:`~pyro_lora.experiments.setup.data_digest` of the data folder now), and keep ``digest`` as the run's; a
-        record from before digests were kept is taken as it is, with a warning, and keeps none."""
-        self._check_digest("data", digest, "the data its rows were scored on", (
-            f"holds rows scored on other {self.config.dataset} records than {self.config.data_dir} gives now (its train, "
-            "validation or test files changed since): restore that data"))
+        :func:`~pyro_lora.experiments.setup.data_digest` of the data folder now; ``sets``: its
+        :func:`~pyro_lora.experiments.setup.set_digests`, which name the sets whose records changed), and keep both as
+        the run's; a record from before digests were kept is taken as it is, with a warning, and keeps none; one from
+        before per-set digests is refused naming every set it could be."""
+        refusal = (f"holds rows scored on other records than {self.config.data_dir} gives now ({self._changed_sets(sets)}): "
+                   "restore that data") if self.data not in (None, digest) else ""
+        self._check_digest("data", digest, "the data its rows were scored on", refusal)
+        if self.data == digest:
+            self.data_sets = sets
+
+    def _changed_sets(self, sets):
+        """Which sets' records changed since the run's rows were scored, in words."""
+        c = self.config
+        def words(name):
+            return f"the {name} train, validation or test records" if name == c.dataset else f"the {name} test records"
+        if self.data_sets and sets and set(self.data_sets) == set(sets):
+            return " and ".join(words(n) for n in sets if sets[n] != self.data_sets[n]) + " changed since"
+        names = [c.dataset, *c.eval_datasets]  # a record from before per-set digests: one digest for every set
+        return (f"{' or '.join(map(words, names))} changed since; its record, written by an older version, keeps one "
+                f"digest for {'all its sets' if len(names) > 1 else 'them'}")
 
     def check_labels(self, names):
         """As :meth:`check_data` for the label names of the run's sets (``names``: :func:`~.setup.label_names` of the
@@ -432,7 +449,8 @@ class RunFolder:
         config = {**asdict(self.config), "guides": self.guides, "seeds": self.seeds}
         write_json(self.out / RESULTS, {"config": config, "request": self.request, "sizes": self.sizes, "summary": summary,
                                         "verdict": verdict(self.rows, self.config.dataset), "per_seed": self.rows,
-                                        "failed": self.failed, "maps": self.maps, "data": self.data, "base": self.base,
+                                        "failed": self.failed, "maps": self.maps, "data": self.data,
+                                        "data_sets": self.data_sets, "base": self.base,
                                         "base_version": BASE_DIGEST_VERSION, "predict_seeding": self.seeding,
                                         "labels": self.labels, "scoring": self.scoring})
 
@@ -713,7 +731,7 @@ def merge_results(out, update, record=None):
     config = {**base["config"], "guides": guides}
     if replaces_all:  # every row rerun: the records and base are the rerun's, wherever they were read, however many used
         config.update(data_dir=new["config"].get("data_dir"), model=new["config"].get("model"))
-        base = {**base, **{k: new.get(k) for k in ("data", "sizes", "base", "base_version", "labels", "scoring")}}
+        base = {**base, **{k: new.get(k) for k in ("data", "data_sets", "sizes", "base", "base_version", "labels", "scoring")}}
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
     # a rerun method's rows are the rerun's, every seed: so is their seeding
     seeding = {g: s for g, s in recorded_seeding(base).items() if base_guide(g) not in updated} | recorded_seeding(new)

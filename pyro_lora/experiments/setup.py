@@ -355,6 +355,14 @@ def data_digest(config: CompareConfig) -> str:
     return records_digest(*load_splits(config, warn=False))  # prepare() warns, for the run's first seed
 
 
+def set_digests(config: CompareConfig, train, val, test, shifted) -> dict:
+    """Evaluation set -> SHA-256 of the records a run of ``config`` reads of it (:func:`load_splits`' ``train, val,
+    test, shifted``): the training set's train, validation and test records, each shifted set's test records; where
+    :func:`data_digest` changed, they name the set whose records did."""
+    return {config.dataset: records_digest(train, val, test, {}),
+            **{name: records_digest([], [], records, {}) for name, records in shifted.items()}}
+
+
 def label_names(config: CompareConfig) -> dict:
     """Evaluation set -> its ``meta.json`` label names (``None`` for multiple choice): the records hold label indices
     only, and the head's width comes from these (a third name added between seeds trained a 3-class head)."""
