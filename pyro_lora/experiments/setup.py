@@ -479,8 +479,8 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
         if folder in seen:
             raise ValueError(
                 f"--eval-datasets {','.join(config.eval_datasets)}: {name!r} reads the folder {folder}, as {seen[folder]} "
-                "does (it repeats a set or names the training set): its rows would merge with those of that set; list "
-                "each shifted set once, not the training set")
+                f"does: it repeats a set or names the training set {config.dataset!r}, and its rows would merge with "
+                "those of that set; list each shifted set once, not the training set")
         seen[folder] = repr(name)
     names = dataset_meta.get("label_names")
     for name in config.eval_datasets:
