@@ -114,14 +114,16 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
 
     The exact NLL (float64, not floored per example) is convex in ``1 / T`` (log-sum-exp of a linear function
     minus a linear one), so a golden-section search over ``log T`` in ``bounds`` finds the minimum; if it does
-    not beat ``T = 1`` (e.g. the optimum is ``1`` to within ``tol``), or if it raises the NLL as
-    :func:`pyro_lora.metrics.nll` reports it (floored at ``1e-12`` per example: examples wrong by more than 27.6
-    nats gain nothing from a T that costs the others; warned), ``1.0`` is returned: neither validation NLL rises. Logits give the exact NLL for any margin. Probabilities that give an example's label exactly 0
-    (saturated: float32 below ``e^-103``, float16 below ``e^-17``) have lost the margin, and no temperature
-    changes a 0: the fit takes their label's probability as ``1e-12`` (the floor of
-    :func:`pyro_lora.metrics.nll`), or as the smallest positive number of the input's dtype where that is lower
-    (float32: ``1.4e-45``; a 0 must not count as likelier than a ``1e-20`` the dtype did hold), and a warning and
-    the note count them. Zeros elsewhere (missing choices) stay zero: never a class.
+    not beat ``T = 1`` (e.g. the optimum is ``1`` to within ``tol``), ``1.0`` is returned. Where that optimum
+    ``T*`` raises the NLL as :func:`pyro_lora.metrics.nll` reports it after :func:`apply_temperature` (floored at
+    ``1e-12`` per example, with a saturated 0 kept at 0: examples wrong by more than 27.6 nats gain nothing from
+    a T that costs the others), it keeps the ``T`` between 1 and ``T*`` of least reported NLL (``1.0`` when none
+    beats it) and warns: neither validation NLL rises. Logits give the exact NLL for any margin. Probabilities
+    that give an example's label exactly 0 (saturated: float32 below ``e^-103``, float16 below ``e^-17``) have
+    lost the margin, and no temperature changes a 0: the search takes their label's probability as ``1e-12``
+    (the floor of :func:`pyro_lora.metrics.nll`), or as the smallest positive number of the input's dtype where
+    that is lower (float32: ``1.4e-45``; a 0 must not count as likelier than a ``1e-20`` the dtype did hold),
+    and a warning and the note count them. Zeros elsewhere (missing choices) stay zero: never a class.
 
     When the minimum is not inside the bounds it warns, and the note of ``return_info=True`` says why:
 
@@ -168,6 +170,7 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
             warnings.warn(f"temperature scaling: {note}", stacklevel=3)
         return TemperatureFit(temperature, note) if return_info else temperature
 
+    reported = log_probs  # what apply_temperature and metrics.nll see: a saturated label's 0 stays 0
     picked = log_probs.gather(-1, labels[:, None]).squeeze(-1)
     zero = picked == -math.inf
     saturated = int(zero.sum())
@@ -186,25 +189,30 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
         log_probs = log_probs.scatter(-1, labels[:, None], picked[:, None])
         notes.append(f"{saturated} of {len(labels)} validation examples give probability 0 to their label (saturated "
                      f"probabilities): no temperature changes that, so the fit takes their label's probability as "
-                     f"{floor:.3g} (the smallest positive {dtype} number, at most the 1e-12 floor of "
-                     "pyro_lora.metrics.nll) and its T is approximate; pass logits for an exact fit (and scale logits "
+                     f"{floor:.3g} (the 1e-12 floor of pyro_lora.metrics.nll, or the smallest positive {dtype} number "
+                     "where lower) and its T is approximate; pass logits for an exact fit (and scale logits "
                      "with it: apply_temperature keeps a 0 at 0)")
     others = log_probs.scatter(-1, labels[:, None], -math.inf).amax(-1)
     if bool((picked > others).all()):
         return done(1.0, "the validation predictions are all correct (separable): the NLL falls as T -> 0 and has "
                          "no finite optimum; falling back to T = 1")
     def kept(temperature, note=None):
-        # the search minimises the exact NLL; metrics.nll reports it floored at 1e-12 per example: a few examples
-        # wrong by more than those 27.6 nats can make the fitted T raise the reported NLL on the split it fits
-        at_t, at_one = temperature_nll(log_probs, labels, temperature), temperature_nll(log_probs, labels, 1.0)
+        # the search minimises the exact NLL; metrics.nll reports it floored at 1e-12 per example (a saturated 0
+        # stays 0 under apply_temperature): a few examples wrong by more than those 27.6 nats can make the fitted T
+        # raise the reported NLL on the split it fits, while a T short of it may still lower it
+        at_t, at_one = temperature_nll(reported, labels, temperature), temperature_nll(reported, labels, 1.0)
         if at_t <= at_one:
             return done(temperature, note)
-        beyond = int((log_probs.log_softmax(-1).gather(-1, labels[:, None]) < math.log(_NLL_FLOOR)).sum())
-        return done(1.0, f"T = {temperature:.4g} lowers the exact validation NLL but raises the one "
-                         f"pyro_lora.metrics.nll reports ({at_t:.4f} against {at_one:.4f} at T = 1), which floors each "
-                         f"example's label probability at 1e-12 (27.6 nats): {beyond} of {len(labels)} validation "
-                         "examples are wrong by more than that, and softening for them costs the others more than the "
-                         "floor lets them gain; falling back to T = 1")
+        best_t, at_best = _least_reported(reported, labels, temperature)
+        capped = int((reported.log_softmax(-1).gather(-1, labels[:, None]) < math.log(_NLL_FLOOR)).sum())
+        why = (f"T = {temperature:.4g} lowers the exact validation NLL but raises the one pyro_lora.metrics.nll "
+               f"reports ({at_t:.4f} against {at_one:.4f} at T = 1), which floors each example's label probability "
+               f"at 1e-12 (27.6 nats): {capped} of {len(labels)} validation examples are wrong by more than that, and "
+               "softening for them costs the others more than the floor lets them gain")
+        if at_best < at_one:
+            return done(best_t, f"{why}; keeping T = {best_t:.4g}, the least reported NLL between 1 and "
+                                f"{temperature:.4g} ({at_best:.4f})")
+        return done(1.0, f"{why}; no T between 1 and {temperature:.4g} lowers it: falling back to T = 1")
 
     nll = lambda log_t: _exact_nll(log_probs, labels, log_t)  # noqa: E731
     log_t, best = golden_section(nll, math.log(low), math.log(high), tol)
@@ -231,6 +239,19 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
                                  f"sharp: very over-confident predictions); keeping T = {high:g}, pass "
                                  f"bounds=({low:g}, {10 ** math.ceil(math.log10(beyond)):g}) to reach it")
     return kept(math.exp(log_t))
+
+
+def _least_reported(log_probs, labels, temperature, points=64):
+    """The ``T`` between 1 and ``temperature`` of least reported (floored) NLL, and that NLL: a log-spaced grid,
+    then a golden-section refinement between the best point's neighbours (the floor makes the NLL piecewise, not
+    unimodal, over the whole segment)."""
+    f = lambda log_t: temperature_nll(log_probs, labels, math.exp(log_t))  # noqa: E731
+    grid = torch.linspace(0.0, math.log(temperature), points, dtype=torch.float64).tolist()
+    values = [f(log_t) for log_t in grid]
+    i = min(range(points), key=values.__getitem__)
+    lo, hi = sorted((grid[max(i - 1, 0)], grid[min(i + 1, points - 1)]))
+    log_t, value = golden_section(f, lo, hi, 1e-4)
+    return (math.exp(log_t), value) if value < values[i] else (math.exp(grid[i]), values[i])
 
 
 def _beyond(nll, log_high, tol, limit=1e12):

@@ -71,10 +71,11 @@ def test_temperature_from_logits_equals_from_probs_and_keeps_missing_choices_at_
     torch.testing.assert_close(scaled.sum(-1), torch.ones(2, dtype=torch.float64))
     root = probs[0, :2].double().sqrt()
     torch.testing.assert_close(scaled[0, :2], root / root.sum())
-    # a label on a zero-probability choice does not make the fit fail: its probability is floored at 1e-12 (as
-    # metrics.nll floors it), which no T in the bounds beats, and said
-    with pytest.warns(UserWarning, match=r"1 of 2 validation examples give probability 0 to their label \(saturated"):
-        assert fit_temperature(probs, torch.tensor([2, 1])) == 100.0
+    # a label on a zero-probability choice does not make the fit fail: its probability is floored for the search,
+    # whose T = 100 only softens the other example in what metrics.nll reports (the 0 stays 0): T = 1, and said
+    with pytest.warns(UserWarning, match=r"1 of 2 validation examples give probability 0 to their label \(saturated"
+                                         r".*no T between 1 and 100 lowers it: falling back to T = 1"):
+        assert fit_temperature(probs, torch.tensor([2, 1])) == 1.0
     # zeros elsewhere are missing choices, not classes: padding a third, empty choice changes nothing
     two = classification(c=2, sharpness=3.0)
     padded = torch.cat([two[0].softmax(-1), torch.zeros(400, 1, dtype=torch.float64)], -1)
@@ -194,11 +195,45 @@ def test_temperature_never_raises_the_reported_validation_nll_for_a_few_far_wron
     assert _exact_nll(logits.log_softmax(-1), labels, math.log(exact_t)) < _exact_nll(logits.log_softmax(-1), labels, 0.0)
     with pytest.warns(UserWarning, match=rf"T = {exact_t:.4g} lowers the exact validation NLL but raises the one "
                                          r"pyro_lora.metrics.nll reports \(0\.\d+ against 0\.2764 at T = 1\).*1 of 100 "
-                                         "validation examples are wrong by more than that.*falling back to T = 1"):
+                                         "validation examples are wrong by more than that.*no T between 1 and "
+                                         rf"{exact_t:.4g} lowers it: falling back to T = 1"):
         fitted = fit_temperature(x, labels, kind=kind, return_info=True)
     assert fitted.temperature == 1.0
     probs = logits.softmax(-1)
     assert nll(apply_temperature(probs, fitted.temperature), labels) == pytest.approx(nll(probs, labels)) == pytest.approx(0.2764, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["probs", "logits"])
+def test_temperature_keeps_the_gain_short_of_an_optimum_that_raises_the_reported_nll(kind):
+    # 94 right by 10 nats, 5 wrong by 8, 1 wrong by 400: the exact optimum T = 48.3 raises the reported NLL (0.6811
+    # against 0.6764 at T = 1) for the one example capped at 27.6 nats, but T = 3.14 lowers it to 0.4456: the fit
+    # fell back to T = 1, throwing the gain away, with a warning that no T helps
+    logits = torch.tensor([[10.0, 0.0]] * 94 + [[8.0, 0.0]] * 5 + [[400.0, 0.0]], dtype=torch.float64)
+    labels = torch.tensor([0] * 94 + [1] * 5 + [1])
+    probs = logits.softmax(-1)
+    with pytest.warns(UserWarning, match=r"T = 48\.3\d lowers the exact validation NLL but raises the one .*"
+                                         r"\(0\.6811 against 0\.6764 at T = 1\).*keeping T = 3\.1\d*, the least "
+                                         r"reported NLL between 1 and 48\.3\d \(0\.4456\)"):
+        t = fit_temperature(logits if kind == "logits" else probs, labels)
+    grid = torch.exp(torch.linspace(0.0, math.log(48.3), 4001, dtype=torch.float64))
+    reported = torch.tensor([nll(apply_temperature(probs, float(g)), labels) for g in grid])
+    assert nll(apply_temperature(probs, t), labels) == pytest.approx(float(reported.min()), abs=1e-6)
+    assert t == pytest.approx(float(grid[reported.argmin()]), rel=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_temperature_of_saturated_probabilities_never_raises_the_nll_apply_temperature_reports(dtype):
+    # 90 right by 5 nats, 10 wrong by 120 (their label's probability an exact 0 in float32 and float16): the search
+    # takes the 0 as a tiny probability and softens (T = 100 / 26.7), but apply_temperature keeps a 0 at 0, so the
+    # reported NLL rose from 2.769 to 3.365 / 3.307; the check scored the floored stand-in, not the 0
+    logits = torch.tensor([[5.0, 0.0]] * 90 + [[120.0, 0.0]] * 10, dtype=torch.float64)
+    labels = torch.tensor([0] * 90 + [1] * 10)
+    probs = logits.softmax(-1).to(dtype)
+    with pytest.warns(UserWarning, match=r"10 of 100 validation examples give probability 0 .*raises the one "
+                                         r"pyro_lora.metrics.nll reports \(3\.3\d+ against 2\.769\d at T = 1\).*"
+                                         "falling back to T = 1"):
+        t = fit_temperature(probs, labels)
+    assert t == 1.0 and nll(apply_temperature(probs, t), labels) == pytest.approx(2.769, abs=1e-3)
 
 
 @pytest.mark.parametrize("margin", [15.0, 20.0, 40.0, 80.0, 90.0, 100.0, 120.0])
