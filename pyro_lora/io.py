@@ -865,53 +865,61 @@ def export_adapter(guide, path):
     :param guide: a guide of the guides package (its posterior mean is written into the network's LoRA, then saved
         with the trained head), or a :class:`~pyro_lora.LoraModel`: its network's adapter and trained head as they are.
         The latter keeps the network's part of a Pyro autoguide's result (its sites are in ``autoguide.state_dict()``;
-        ``model.write_adapter(autoguide.median())`` first makes the adapter its posterior median).
+        ``model.write_adapter(autoguide.median())`` first makes the adapter its posterior median). Of a ScalaBL or
+        LoRA-XS model, whose sites (log-scales, ``r x r`` cores) live in the autoguide alone, that is its ``A`` and
+        ``B`` (ScalaBL's trained, LoRA-XS's from the SVD) and head, the model again only when rebuilt over it with
+        ``rotate=False`` / ``svd_init=False`` (peft alone runs it as a plain LoRA: ScalaBL's at ``z = 0``, LoRA-XS's
+        at ``R = I``, the base plus its own rank-``r`` approximation).
     :raises ValueError: if the network changed since the guide (or model) was built (another active adapter, merged
         layers, other LoRA scaling: :func:`~pyro_lora.contract.check_guide`), or is no ``PeftModel`` (a model built
         on ``net.base_model``); if the adapter would not reload as it runs (:func:`_check_adapter_reloads`: any
         adapter merged into the base, a LoRA layer's scaling other than its saved config gives, ...); if Pyro's param
         store holds values restored over the parameters it writes; for a guide that carries its own head parameters (an
-        ensemble's per-member heads): the adapter would hold the network's head instead.
+        ensemble's per-member heads): the adapter would hold the network's head instead; for a guide of a ScalaBL or
+        LoRA-XS model (no plain LoRA mean: :func:`save_guide` keeps it).
     """
     from .model import LoraModel
 
     if isinstance(guide, LoraModel):
-        return _export_network_adapter(guide, path)
+        return _export(path, lambda: _check_network_export(guide), lambda folder: _save_adapter(guide, folder))
+    return _export(path, lambda: _check_guide_export(guide), lambda folder: _write_adapter(guide, folder), guide)
+
+
+def _export(path, check, save, guide=None):
+    """The one writer of :func:`export_adapter`: ``check()`` on every rank (a refusal on one refuses all, before
+    anything is written), then ``save(folder)`` on rank 0 into a folder that replaces ``path`` whole once it
+    succeeded; with ``guide``, the other ranks then put its mean into their LoRA as ``save`` did on rank 0."""
     with refused_together("export the adapter"):
         check_same(os.path.abspath(path), "paths to export the adapter to")  # rank 0 writes its own
-        check_guide(guide.model, guide, "export the adapter")
-        _check_peft_model(guide.model)
-        carried = sorted(guide.carried_point_parameters())
-        if carried:
-            raise ValueError(
-                f"cannot export this {type(guide).__name__}: it carries its own {carried[0]} (per member), which the "
-                "adapter would take from the network instead, a head none of its predictions use; write a member's "
-                "values (model.write_adapter) and head into the network, then export a MAPGuide(model)"
-            )
+        check()
 
     def write():
         with atomic_directory(path, own=_ADAPTER_FILES) as tmp:
-            _write_adapter(guide, tmp)
+            save(tmp)
 
-    _write_on_main(write, f"export the adapter to {path}", guide, adapter=True)
+    _write_on_main(write, f"export the adapter to {path}", guide, adapter=guide is not None)
     return Path(path)
 
 
-def _export_network_adapter(model, path):
-    """:func:`export_adapter` of a model: its network's adapter and trained head as they are."""
-    with refused_together("export the adapter"):
-        check_same(os.path.abspath(path), "paths to export the adapter to")  # rank 0 writes its own
-        pyro_params.check_store([(model._pyro_name, model.named_point_parameters())], "export the adapter")
-        model.check_network()
-        model._check_peft_sites()
-        _check_peft_model(model)
+def _check_guide_export(guide):
+    """What :func:`export_adapter` of a guide checks."""
+    check_guide(guide.model, guide, "export the adapter")
+    _check_peft_model(guide.model)
+    carried = sorted(guide.carried_point_parameters())
+    if carried:
+        raise ValueError(
+            f"cannot export this {type(guide).__name__}: it carries its own {carried[0]} (per member), which the "
+            "adapter would take from the network instead, a head none of its predictions use; write a member's "
+            "values (model.write_adapter) and head into the network, then export a MAPGuide(model)"
+        )
 
-    def write():
-        with atomic_directory(path, own=_ADAPTER_FILES) as tmp:
-            _save_adapter(model, tmp)
 
-    on_main(write, f"export the adapter to {path}")
-    return Path(path)
+def _check_network_export(model):
+    """What :func:`export_adapter` of a model checks. Sites without a peft parameter (ScalaBL's, LoRA-XS's) are no
+    refusal here: the network holds none of their values, so its adapter is all the model holds beside them."""
+    pyro_params.check_store([(model._pyro_name, model.named_point_parameters())], "export the adapter")
+    model.check_network()
+    _check_peft_model(model)
 
 
 def _write_on_main(write, what, guide, adapter):

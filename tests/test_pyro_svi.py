@@ -525,6 +525,71 @@ def test_predictive_over_a_network_with_dropout_on_warns():
         pyro.infer.Predictive(model, guide=guide, num_samples=2)(batch)
 
 
+def test_predictive_warns_of_functional_dropout_and_not_of_an_inactive_adapters():
+    """The Predictive warning counted dropout modules in training mode only: Llama's attention applies
+    attention_dropout functionally (no module; predictive probabilities 0.166 off on SmolLM2 after net.train()), and
+    BERT's reads its dropout module's p under its own training flag, both unwarned; and a second adapter's lora_dropout,
+    which the active adapter's forward never runs, was warned of."""
+    import warnings
+
+    from peft import LoraConfig, get_peft_model
+    from pyro.infer import Predictive
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pyro_lora.modes import dropout_in_training
+
+    def llama(attention_dropout):
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+                             attention_dropout=attention_dropout)
+        return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+
+    def predictive(model, batch=batch):
+        return Predictive(model, guide=MAPGuide(model), num_samples=2, return_sites=["_RETURN"])(batch)["_RETURN"]
+
+    model = LoraModel(llama(0.5), CausalLM(), prior=0.5)
+    model.net.train()
+    assert not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.net.modules())
+    with torch.no_grad():
+        assert not torch.equal(model.logits(batch, MAPGuide(model).mean()), model.logits(batch, MAPGuide(model).mean()))
+    with pytest.warns(UserWarning, match=r"Predictive runs the network with dropout on \(\d+ modules in training mode, "
+                                         r"e\.g\. .*attention_dropout=0\.5.*\): .*call model\.net\.eval\(\) before"):
+        predictive(model)
+    model.net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        predictive(model)
+
+    bert = tiny_bert(num_labels=2).train()
+    for m in bert.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()  # BERT's attention reads self.dropout.p under the attention's own training flag
+    model = LoraModel(bert, SequenceClassification(), prior=0.5)
+    sentences = toy_data(n=8, batch=8)[0]
+    with torch.no_grad():
+        assert not torch.equal(model.logits(sentences, MAPGuide(model).mean()), model.logits(sentences, MAPGuide(model).mean()))
+    with pytest.warns(UserWarning, match=r"e\.g\. .*attention_probs_dropout_prob=0\.1"):
+        predictive(model, sentences)
+
+    two = llama(0.0)
+    two.add_adapter("other", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.5))
+    model = LoraModel(two, CausalLM(), prior=0.5)  # over the active adapter, "default", whose lora_dropout is 0
+    two.train()
+    assert any(isinstance(m, torch.nn.Dropout) and m.training and m.p == 0.5 for m in two.modules())
+    with torch.no_grad():
+        assert torch.equal(model.logits(batch, MAPGuide(model).mean()), model.logits(batch, MAPGuide(model).mean()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        predictive(model)
+    two.set_adapter("other")
+    assert dropout_in_training(two) == [f"base_model.model.model.layers.{i}.self_attn.{m}.lora_dropout.other (p=0.5)"
+                                        for i in range(2) for m in ("q_proj", "v_proj")]
+
+
 def test_predictive_without_labels_draws_obs_from_the_predictive():
     """With labels, "obs" is the labels (Pyro conditions on them): a batch without labels was refused, so Predictive
     gave no predictions; it draws them now, at the guide's predictive frequencies."""
@@ -609,6 +674,35 @@ def test_a_guide_scaled_otherwise_than_the_model_is_refused():
         log_p = sum(model.prior_distribution(s).log_prob(values[n]) for n, s in model.sites.items())
     assert scaled == pytest.approx(float(nll + 0.1 * (log_q - log_p)), rel=1e-5)
     Trace_ELBO().loss(model, guide, batch, kl_weight=0.1)  # a pyro_lora guide scales its sites itself
+
+
+def test_a_validation_loss_beside_full_batch_svi_is_no_second_training_batch():
+    """Full-batch SVI on a model without num_data, beside elbo.loss(model, guide, val_batch) each epoch (gradients on),
+    warned that SVI stepped through several batches: the validation batch counted as a second training batch. An ELBO's
+    loss (a float) only evaluates, as a trace of a replay of one's own does; a step on another batch, by SVI or by a
+    differentiable_loss of one's own, still warns."""
+    import warnings
+
+    train, val = toy_data(n=16, batch=8)
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5)
+    guide = MeanFieldGuide(model, b="normal")
+    elbo = TraceMeanField_ELBO()
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), elbo)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for _ in range(2):  # epochs
+            svi.step(train)
+            assert torch.is_grad_enabled() and elbo.loss(model, guide, val) > 0
+            assert Trace_ELBO().loss(model, guide, val) > 0
+            guide_trace = pyro.poutine.trace(guide).get_trace(val)
+            pyro.poutine.trace(pyro.poutine.replay(model, trace=guide_trace)).get_trace(val)
+    with pytest.warns(UserWarning, match="the model has no num_data, and an ELBO trained outside fit"):
+        svi.step(val)
+    own = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5)
+    own_guide = MeanFieldGuide(own, b="normal")
+    TraceMeanField_ELBO().differentiable_loss(own, own_guide, train).backward()
+    with pytest.warns(UserWarning, match="the model has no num_data, and an ELBO trained outside fit"):
+        TraceMeanField_ELBO().differentiable_loss(own, own_guide, val).backward()
 
 
 def test_pyros_minibatch_scaling_is_refused_pointing_at_num_data_and_svi_without_it_warns_as_fit():
@@ -705,6 +799,34 @@ def test_the_observed_site_hidden_from_the_elbo_is_refused_by_name():
     unlabelled = {k: v for k, v in batch.items() if k != "labels"}
     out = pyro.infer.Predictive(block(model, hide=["obs"]), guide=guide, num_samples=2, return_sites=["_RETURN"])(unlabelled)
     assert out["_RETURN"].shape == (2, 8, 2)
+
+
+def test_a_replay_of_ones_own_outside_an_elbo_may_hide_obs_leave_sites_to_the_prior_or_mask():
+    """poutine.trace(poutine.replay(poutine.block(model, hide=["obs"]), trace=guide_trace)), run without an ELBO (the
+    prior's log density at the guide's draw), was refused as an ELBO's loss lacking its data term; so were a replay of a
+    guide's partial trace (the rest drawn from the prior) and one under mask=False, checks of an ELBO's loss too. Under
+    an ELBO all three are still refused."""
+    model, guide = build("meanfield")
+    batch = toy_data(n=8, batch=8)[0]
+    block, replay, trace = pyro.poutine.block, pyro.poutine.replay, pyro.poutine.trace
+    guide_trace = trace(guide).get_trace(batch)
+    prior = trace(replay(block(model, hide=["obs"]), trace=guide_trace)).get_trace(batch)
+    assert "obs" not in prior.nodes
+    log_prior = sum(prior.nodes[n]["fn"].log_prob(prior.nodes[n]["value"]).sum() for n in model.sites)
+    expected = sum(model.prior_distribution(s).log_prob(guide_trace.nodes[n]["value"]).sum() for n, s in model.sites.items())
+    torch.testing.assert_close(log_prior, expected)
+    site = next(iter(model.sites))
+    partial = trace(block(guide, hide=[site])).get_trace(batch)
+    drawn = trace(replay(model, trace=partial)).get_trace(batch)
+    assert site not in partial.nodes and drawn.nodes[site]["value"].shape == model.sites[site].shape
+    masked = trace(pyro.poutine.mask(replay(model, trace=guide_trace), mask=False)).get_trace(batch)
+    assert masked.nodes["obs"]["mask"] is False
+    with pytest.raises(ValueError, match="the model's observed site 'obs' is hidden from the ELBO"):
+        Trace_ELBO().loss(block(model, hide=["obs"]), guide, batch)
+    with pytest.raises(ValueError, match=rf"no value of the guide's reached the model's site '{site}'"):
+        Trace_ELBO().loss(model, block(guide, hide=[site]), batch)
+    with pytest.raises(ValueError, match="runs under poutine.mask"), pyro.validation_enabled(False):
+        Trace_ELBO().loss(pyro.poutine.mask(model, mask=False), guide, batch)
 
 
 def test_weight_sites_reparametrised_are_checked_through_their_latent_replacements():
@@ -911,7 +1033,52 @@ def test_a_pyro_autoguides_result_is_kept_by_export_adapter_and_its_state_dict(t
     pyro.set_rng_seed(0)
     after = Predictive(again, guide=restored, num_samples=4, return_sites=["_RETURN"])(unlabelled)["_RETURN"]
     torch.testing.assert_close(after, before)
-    with pytest.raises(ValueError, match="has no peft parameter to write into"):  # ScalaBL's scales: no peft adapter holds them
-        export_adapter(ScalaBLModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5), tmp_path / "scalabl")
-    assert not (tmp_path / "scalabl").exists()
+
+
+@pytest.mark.parametrize("kind", ["scalabl", "lora_xs"])
+def test_a_pyro_autoguides_result_on_scalabl_or_lora_xs_is_kept_by_export_adapter(tmp_path, kind):
+    """export_adapter(model) refused a ScalaBL or LoRA-XS model (its sites have no peft parameter), and save_guide
+    refused the autoguide pointing back at export_adapter: two refusals naming each other. Those sites live in the
+    autoguide alone; the network holds A, B (ScalaBL's trained, LoRA-XS's from the SVD) and the head, which the
+    exported adapter restores exactly: the model rebuilt over it without rotating or re-running the SVD, and a fresh
+    autoguide, predict the same samples and the same median."""
+    from peft import PeftModel
+    from pyro.infer import Predictive
+    from pyro.infer.autoguide import AutoNormal
+
+    from pyro_lora import export_adapter
+    from pyro_lora.loraxs import LoraXSModel
+
+    def build(net, prepare):  # prepare=False over the restored adapter: its A and B as they are
+        if kind == "scalabl":
+            return ScalaBLModel(net, SequenceClassification(), prior=0.5, num_data=16, rotate=prepare)
+        return LoraXSModel(net, SequenceClassification(), prior=0.5, num_data=16, svd_init=prepare)
+
+    data = toy_data(n=16, batch=8)
+    model = build(tiny_bert(num_labels=2), prepare=True)
+    auto = AutoNormal(model, init_scale=1e-2)
+    svi = SVI(model, auto, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    trained = {n: p.detach().clone() for n, p in model.named_point_parameters()}
+    for batch in data * 3:
+        svi.step(batch)
+    assert all(not torch.equal(p, trained[n]) for n, p in model.named_point_parameters())  # the head (and ScalaBL's A, B)
+    with pytest.raises(ValueError, match=r"keep its result with pyro_lora.export_adapter\(model, folder\)"):
+        save_guide(auto, tmp_path / "guide")
+
+    unlabelled = {k: v for k, v in data[0].items() if k != "labels"}
+    pyro.set_rng_seed(0)
+    before = Predictive(model, guide=auto, num_samples=4, return_sites=["_RETURN"])(unlabelled)["_RETURN"]
+    median = model.logits(data[0], auto.median())
+    export_adapter(model, tmp_path / "adapter")
+    torch.save(auto.state_dict(), tmp_path / "autoguide.pt")
+
+    pyro.clear_param_store()  # another process
+    again = build(PeftModel.from_pretrained(tiny_bert_base(num_labels=2), tmp_path / "adapter").eval(), prepare=False)
+    restored = AutoNormal(again)
+    restored(data[0])  # builds its parameters
+    restored.load_state_dict(torch.load(tmp_path / "autoguide.pt"))
+    pyro.set_rng_seed(0)
+    after = Predictive(again, guide=restored, num_samples=4, return_sites=["_RETURN"])(unlabelled)["_RETURN"]
+    assert torch.equal(after, before) and not torch.equal(after[0], after[1])  # the same samples, and random ones
+    assert torch.equal(again.logits(data[0], restored.median()), median)
 
