@@ -20,6 +20,7 @@ from .ownership import head_trainer, unwritten_fit
 from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
+from .modes import dropout_in_training
 from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, hidden_from_elbo, in_predictive, in_svi_step,
                          marked_guides, replayed_trace)
 from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_values, describe_inits,
@@ -489,8 +490,9 @@ class LoraModel:
 
         A batch without ``"labels"`` samples ``"obs"`` (``[B]``, class indices): ``pyro.infer.Predictive``'s predictions.
         A guide that marks a site with ``infer={"flipout_loc": loc}`` (its mean) gets flipout in the likelihood.
-        Under ``pyro.infer.Predictive`` it warns where a dropout module of the network is in training mode (``predict``
-        runs in eval mode: call ``model.net.eval()`` before Predictive).
+        Under ``pyro.infer.Predictive`` it warns where the network's modes leave a dropout probability above 0 in its
+        forward (:func:`~pyro_lora.modes.dropout_in_training`: dropout modules, functional and attention dropout;
+        ``predict`` runs in eval mode: call ``model.net.eval()`` before Predictive).
 
         :raises ValueError: if a value replayed from a guide has another shape than its site (a guide built
             for another model); inside a plate (Pyro's vectorized particles, or a minibatch plate of the user's: the
@@ -509,8 +511,7 @@ class LoraModel:
                              "net.eval()); use Trace_ELBO or TraceMeanField_ELBO")
         check_no_plate("model")
         if not torch.is_grad_enabled() and in_predictive():  # predict runs in eval mode; Predictive in the one it finds
-            dropping = [n for n, m in self.net.named_modules()
-                        if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0]
+            dropping = dropout_in_training(self.net)
             if dropping:
                 warnings.warn(
                     f"pyro.infer.Predictive runs the network with dropout on ({len(dropping)} modules in training mode, "
