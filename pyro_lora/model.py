@@ -21,8 +21,8 @@ from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
 from .modes import dropout_in_training
-from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, hidden_from_elbo, in_predictive, in_svi_step,
-                         marked_guides, replayed_trace)
+from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, elbo_run, hidden_from_elbo, in_predictive,
+                         in_svi_step, marked_guides, replayed_trace)
 from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_values, describe_inits,
                     find_lora_layers, is_site_name, matrix_view, per_layer)
 
@@ -496,10 +496,11 @@ class LoraModel:
 
         :raises ValueError: if a value replayed from a guide has another shape than its site (a guide built
             for another model); inside a plate (Pyro's vectorized particles, or a minibatch plate of the user's: the
-            model scales its data term itself); under an ELBO, for a ``kl_weight`` the guide's sites are not scaled by
-            (a Pyro autoguide: its ``log q`` unscaled), guide values blocked from the model (``poutine.block``) or the
-            observed site ``"obs"`` hidden from the ELBO; under a per-row ``poutine.scale`` or a ``poutine.mask`` (the
-            weight sites are global); for a ``num_data`` below a labelled batch's rows; for labels the likelihood refuses, in
+            model scales its data term itself); under an ELBO (not a replay of one's own, as
+            ``poutine.trace(poutine.replay(model, trace=guide_trace))``), for a ``kl_weight`` the guide's sites are not
+            scaled by (a Pyro autoguide: its ``log q`` unscaled), guide values blocked from the model
+            (``poutine.block``) or the observed site ``"obs"`` hidden from the ELBO; under a per-row ``poutine.scale``
+            or a ``poutine.mask`` (the weight sites are global); for a ``num_data`` below a labelled batch's rows; for labels the likelihood refuses, in
             ``batch["labels"]`` or handed to ``"obs"`` (``poutine.condition``; a token-level likelihood, which derives
             its observed tokens from ``batch["labels"]``, refuses any so handed); in ``fit``, for a batch without labels; or
             under Pyro's optimizers (``pyro.infer.SVI``) for a network computing in float16; under a JIT ELBO.
@@ -545,9 +546,12 @@ class LoraModel:
                 "or give the prior fixed values"
             )
         guide_trace = replayed_trace()
-        self._check_global_sites(tr.trace, elbo=guide_trace is not None)
+        # an ELBO's replay, or one of the user's own (reading a trace, the prior's density): the checks of a loss are
+        # the ELBO's; a step trains, where a loss (a validation one) only evaluates
+        run = elbo_run() if guide_trace is not None else None
+        self._check_global_sites(tr.trace, elbo=run is not None)
         if guide_trace is not None:
-            self._check_guide_trace(guide_trace, tr.trace)
+            self._check_guide_trace(guide_trace, tr.trace, run)
         self._check_conditioned(tr.trace)
         for name, v in values.items():
             shape = self.sites[name].shape
@@ -562,8 +566,8 @@ class LoraModel:
                 raise ValueError(f"site {name!r} got a batch of values {tuple(v.shape)}: {VECTORIZED}")
         flipout = {n: tr.trace.nodes[n]["infer"]["flipout_loc"] for n in values if "flipout_loc" in tr.trace.nodes[n]["infer"]}
         y = self._labels(batch)  # its checks read the labels on the host: before the forward is queued
-        # training under an ELBO outside fit (which keeps its own books): Pyro's SVI, or a loop of the user's own
-        training = guide_trace is not None and torch.is_grad_enabled() and pyro_params.recording()
+        # a training step of an ELBO outside fit (which keeps its own books): Pyro's SVI, or a loop of the user's own
+        training = run == "training" and torch.is_grad_enabled() and pyro_params.recording()
         if self.num_data is None and y is not None and self._svi_batch is not False and training:
             self._count_svi_batches(batch, y)
         logits = self.logits(batch, values, flipout_locs=flipout)
@@ -574,7 +578,7 @@ class LoraModel:
             observed.observer = self._observe
         with pyro.plate("data", size, subsample_size=rows, device=logits.device), poutine.trace() as obs:
             pyro.sample("obs", observed, obs=y)
-        if guide_trace is not None and hidden_from_elbo(obs.trace.nodes["obs"]):
+        if run is not None and hidden_from_elbo(obs.trace.nodes["obs"]):
             raise ValueError(
                 "the model's observed site 'obs' is hidden from the ELBO (a poutine.block around the model: hide=['obs'], "
                 "hide_types=['observe'], or expose= without it): its loss would lack the data term, -(log p(w) - log "
@@ -629,7 +633,8 @@ class LoraModel:
         """Refuse a per-row ``poutine.scale`` or ``poutine.mask`` around the model, and under an ELBO any mask but
         ``True``: its weight sites are drawn once for all the data, so a mask of B rows counted their log-prior once per
         kept row (with Pyro's validation off, as in ``fit``) and ``mask=False`` dropped it, leaving ``-log q``: no ELBO
-        either way (``pyro.infer.Predictive`` runs the model under ``mask=False``: no log-density is read there)."""
+        either way (``pyro.infer.Predictive`` runs the model under ``mask=False``, as may a replay of one's own: no ELBO
+        reads a log-density there)."""
         node = own.nodes[next(iter(self.sites))]
         scale, mask = node["scale"], node["mask"]
         if torch.is_tensor(scale) and scale.numel() != 1:
@@ -646,18 +651,23 @@ class LoraModel:
                 "the masked rows out of the batch instead"
             )
 
-    def _check_guide_trace(self, guide_trace, own):
-        """Under an ELBO (the model replayed against ``guide_trace``; ``own``: the trace of the model's weight sites):
-        refuse a pyro_lora guide built for another model (:func:`~pyro_lora.contract.check_guide`: another checkpoint,
-        other sites; with gradients on, another model object: a step would train one model's guide against another's
-        network), guide values that did not reach the model (a ``poutine.block`` around it), and guide sites scaled
-        otherwise than the model's (``kl_weight`` or a ``poutine.scale`` on one
-        side only: ``log q`` and ``log p`` would be weighted apart, which is no (beta-)ELBO). A weight site
+    def _check_guide_trace(self, guide_trace, own, run):
+        """The model replayed against ``guide_trace`` (``own``: the trace of the model's weight sites; ``run``: how an
+        ELBO runs it, :func:`~pyro_lora.pyro_stack.elbo_run`, ``None`` for a replay of the user's own): refuse a
+        pyro_lora guide built for another model (:func:`~pyro_lora.contract.check_guide`: another checkpoint, other
+        sites; in an ELBO's training step with gradients on, another model object: the step would train one model's
+        guide against another's network). Under an ELBO, also refuse guide values that did not reach the model (a
+        ``poutine.block`` around it), and guide sites scaled otherwise than the model's (``kl_weight`` or a
+        ``poutine.scale`` on one side only: ``log q`` and ``log p`` would be weighted apart, which is no (beta-)ELBO);
+        a replay of one's own computes no ELBO, and may leave sites to the prior. A weight site
         reparametrised by ``poutine.reparam`` is observed, its randomness in the latent sites the reparam drew in its place
         (``LocScaleReparam``'s ``<site>_decentered``): those are checked as the weight sites are."""
         for guide in marked_guides(guide_trace):
-            if guide.model is not self:  # training (gradients on): the very model, as fit requires
-                check_guide(self, guide, "run an ELBO (pyro.infer.SVI, a replayed trace)", same_model=torch.is_grad_enabled())
+            if guide.model is not self:  # a training step: the very model, as fit requires
+                check_guide(self, guide, "run an ELBO (pyro.infer.SVI, a replayed trace)",
+                            same_model=run == "training" and torch.is_grad_enabled())
+        if run is None:
+            return
         # own holds the weight sites and what a handler drew while they were sampled: a reparam's latent replacements
         latent = [n for n, node in own.nodes.items() if node["type"] == "sample" and not node["is_observed"]]
         unreached = [n for n in latent

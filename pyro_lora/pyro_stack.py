@@ -1,6 +1,6 @@
 """What Pyro's handler stack says about the call running now: the plates around it, the trace an ELBO replays, the
 values ``poutine.condition`` hands in, and which guide drew a replayed site; and, where no handler tells, what the
-Python call stack says: whether ``SVI.step`` or ``Predictive`` runs it."""
+Python call stack says: whether ``SVI.step``, an ELBO (training or evaluating) or ``Predictive`` runs it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import weakref
 
 import pyro.poutine as poutine
 from pyro.infer.autoguide import AutoGuide
+from pyro.infer.elbo import ELBO
+from pyro.infer.importance import Importance
 from pyro.infer.svi import SVI
 from pyro.poutine.block_messenger import BlockMessenger
 from pyro.poutine.condition_messenger import ConditionMessenger
@@ -29,6 +31,32 @@ def in_svi_step() -> bool:
     """Whether the call runs inside ``pyro.infer.SVI.step`` (not a loss the user's own loop computes and steps, e.g.
     with a ``GradScaler``, whatever handlers it uses): read from the Python call stack, as no handler tells them apart."""
     return _called_from(lambda frame: frame.f_code is SVI.step.__code__)
+
+
+# the methods through which an ELBO (Pyro's, or a subclass of one's own) or Importance runs the model against a guide,
+# and what each does: a loss to step on, or a number (ELBO.loss returns a float; Importance weighs samples)
+_ELBO_METHODS = {"differentiable_loss": "training", "loss_and_grads": "training", "loss": "evaluation",
+                 "_traces": "evaluation"}
+
+
+def elbo_run() -> str | None:
+    """How an ELBO runs the call now, read from the Python call stack (a replay of one's own and an ELBO's look alike to
+    the handlers): ``"evaluation"`` inside an ELBO's ``loss`` (a validation loss, ``svi.evaluate_loss``, whatever it
+    calls inside) or ``Importance``; else ``"training"`` inside ``pyro.infer.SVI.step`` or an ELBO's
+    ``differentiable_loss`` or ``loss_and_grads`` (a loop of one's own); ``None`` outside any (``poutine.trace`` of a
+    replay of one's own, ``Predictive``)."""
+    run = None
+    frame = sys._getframe(1)
+    while frame is not None:
+        kind = _ELBO_METHODS.get(frame.f_code.co_name)
+        if kind is not None and isinstance(frame.f_locals.get("self"), (ELBO, Importance)):
+            if kind == "evaluation":
+                return kind
+            run = kind
+        elif frame.f_code is SVI.step.__code__:
+            run = "training"
+        frame = frame.f_back
+    return run
 
 
 def in_predictive() -> bool:
@@ -69,7 +97,8 @@ def check_no_plate(who: str) -> None:
 
 def replayed_trace():
     """The trace the innermost ``poutine.replay`` replays, or ``None``: under an ELBO (``Trace_ELBO`` and the others,
-    ``Importance``) the model runs replayed against the guide's trace, which this returns.
+    ``Importance``) the model runs replayed against the guide's trace, which this returns; so it does under a replay of
+    one's own (``poutine.trace(poutine.replay(model, trace=guide_trace))``), which :func:`elbo_run` tells apart.
 
     Some replays around a model are no guide replayed to it: ``poutine.queue``'s, passed over (``TraceEnum_ELBO`` runs
     the guide under a replay of its own partial trace, empty at first: a model run inside the guide saw an empty guide

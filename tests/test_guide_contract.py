@@ -406,7 +406,8 @@ def test_values_conditioned_on_for_another_models_sites_are_refused(other, names
 
 def test_pyro_svi_with_a_guide_built_on_another_model_object_is_refused_before_its_first_step():
     """fit refused a guide built on another model object of the same network and weights; Pyro's SVI took a whole step
-    (moving the guide and the other network's head) and refused only the next. Evaluating the loss stays allowed."""
+    (moving the guide and the other network's head) and refused only the next. Evaluating the loss stays allowed, also
+    by the ELBO's loss with gradients on (a validation loss beside the steps), which was refused as a step."""
     guide, other = MeanFieldGuide(lora()), lora()
     before = [p.detach().clone() for p in list(guide.parameters()) + list(other.net.parameters())]
     svi = SVI(other, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
@@ -414,6 +415,7 @@ def test_pyro_svi_with_a_guide_built_on_another_model_object_is_refused_before_i
         svi.step(data()[0])
     assert all(torch.equal(a, p) for a, p in zip(before, list(guide.parameters()) + list(other.net.parameters())))
     assert math.isfinite(svi.evaluate_loss(data()[0]))
+    assert torch.is_grad_enabled() and math.isfinite(Trace_ELBO().loss(other, guide, data()[0]))
 
 
 def test_a_guide_run_through_its_forward_is_checked_and_recorded_as_through_its_call():
