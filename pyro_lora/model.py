@@ -352,8 +352,9 @@ class LoraModel:
         if missing:
             raise ValueError(
                 f"an {missing[0].letter} site ({missing[0].description}) has no peft parameter to write into, so "
-                "write_adapter and export_adapter support A and B sites only: a LoRA-XS or ScalaBL guide is "
-                "kept with save_guide / load_guide"
+                "a guide's mean can be written as an adapter for A and B sites only: a LoRA-XS or ScalaBL guide is "
+                "kept with save_guide / load_guide (a Pyro autoguide over this model: export_adapter(model, folder) "
+                "and the autoguide's state_dict, as the docs' saving page shows)"
             )
 
     @property
