@@ -98,6 +98,7 @@ class LaplaceGuide(LoraGuide):
         self.register_buffer("log_likelihood", torch.zeros((), device=device))
         self.register_buffer("num_data", torch.zeros((), device=device))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool, device=device))
+        self._rows = None  # the fit's RowDigest key, to tell a refit over other examples (None: unfitted, or loaded)
 
     def config(self):
         return {
@@ -133,7 +134,9 @@ class LaplaceGuide(LoraGuide):
 
     def fit(self, data, progress=True, loc=None):
         """Accumulate the KFAC factors over ``data`` at ``theta*``: the model's current adapter, or ``loc``. A second
-        ``fit`` replaces the first (laplace-torch's ``override=True``): give every example in one ``data``.
+        ``fit`` replaces the first (laplace-torch's ``override=True``): give every example in one ``data``. A refit
+        over other examples than the earlier fit's is warned (:func:`warn_fitted_rows`); one over the same examples, in
+        any order or batching (e.g. at a MAP trained further), is not.
 
         Per batch: one forward at ``theta*`` with hooks on every LoRA layer, then one backward to the LoRA
         layers' outputs (``C - 1`` for ``fisher="exact"``); the factor sums are batched over layers. Also
@@ -149,17 +152,24 @@ class LaplaceGuide(LoraGuide):
         log-likelihood) are linear in the data, so one ``all_reduce`` makes every rank's factors those of
         one process (with ``fisher="mc"`` the sampled labels differ, as with any other seed).
         """
+        previous = earlier_fit(self)
+        count, self._rows = self._fit(data, progress, loc)
+        warn_fitted_rows(self.model, count, "LaplaceGuide", self._rows, previous)
+        return self
+
+    def _fit(self, data, progress, loc):
+        """:meth:`fit` without its warnings, which a mixture of Laplaces says once for its components: returns ``N`` and
+        the :meth:`~pyro_lora.data.RowDigest.key` of the examples."""
         if loc is not None:
             check_values(self.sites, loc, allow_sample_dim=False)
-        loglik, count = accumulate(
+        loglik, count, rows = accumulate(
             self.model, self.sites, self.factors, data, self.fisher, self.kfac, self.sketch or 2 * self.rank + 10, progress, loc
         )
-        warn_fitted_rows(self.model, count, "LaplaceGuide", int(self.num_data) if bool(self.fitted) else None)
         self.log_likelihood.fill_(loglik)
         self.num_data.fill_(count)
         self.fitted.fill_(True)
         self.adopt_point_parameters()  # the posterior is of the network as it is now (its head too)
-        return self
+        return count, rows.key()
 
     # ------------------------------------------------------------------ posterior
 
@@ -457,16 +467,31 @@ def _model_precision(model) -> float:
     return 1.0
 
 
-def warn_fitted_rows(model, count: int, who: str, previous: int | None = None) -> None:
+def earlier_fit(guide) -> tuple | None:
+    """``(N, rows)`` of ``guide``'s fit (a Laplace's or a last-layer Laplace's), for :func:`warn_fitted_rows` to tell a
+    refit over other examples: ``rows`` the :meth:`~pyro_lora.data.RowDigest.key` of its examples, ``None`` for a
+    loaded fit (they are not saved); ``None`` before the first fit."""
+    return (int(guide.num_data), guide._rows) if bool(guide.fitted) else None
+
+
+def warn_fitted_rows(model, count: int, who: str, rows: tuple, previous: tuple | None = None) -> None:
     """Warn where a Laplace's curvature summed another number of examples than the model's ``num_data`` (the training
     set its MAP was fitted to): its posterior and evidence are those of ``count`` examples (fitted on part of the
     training set, or on a loader that repeats it), as laplace-torch's would be, which is rarely what is meant.
-    Without ``num_data``, warn where a refit (``previous``: the earlier fit's count) replaces a fit of another count:
-    laplace-torch users may expect a second ``fit`` to add its data to the first."""
-    if model.num_data is None and previous is not None and previous != count:
-        warnings.warn(f"{who}.fit replaced the earlier fit over {previous} examples by one over {count}: a fit "
-                      "replaces, it does not add to the curvature; to fit on both, give every example in one loader",
-                      stacklevel=3)
+
+    Warn where a refit replaced an earlier fit over other examples: ``previous`` is the earlier fit's ``(N, rows)``
+    (``None``: no earlier fit; its ``rows`` ``None``: a loaded fit, whose examples are not known), ``rows`` this
+    fit's :meth:`~pyro_lora.data.RowDigest.key`. laplace-torch users may expect a second ``fit`` to add its data to
+    the first (its ``override=False``), e.g. one half of the training set after the other, of the same size. The same
+    examples again, in any order or batching (a refit at a MAP trained further, a re-run cell), say nothing."""
+    if previous is not None and previous[1] != rows:
+        earlier, known = previous
+        which = f"a different set of {count} examples" if known is not None else \
+            f"{count} examples (the loaded fit's examples are not saved, so they cannot be compared)"
+        warnings.warn(f"{who}.fit replaced the earlier fit over {earlier} examples by one over {which}: a fit replaces, it "
+                      f"does not add to the curvature, so the posterior and the evidence are those of these {count} examples "
+                      "alone; to fit on all of them, give every example in one loader (e.g. over a "
+                      "torch.utils.data.ConcatDataset)", stacklevel=3)
     if model.num_data is not None and count != model.num_data:
         part = "part of" if count < model.num_data else "more than"
         warnings.warn(f"{who}.fit summed the curvature of {count} examples, but the model was built with num_data="

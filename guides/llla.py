@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from pyro_lora import distributed
 from pyro_lora.calibration import golden_section
 from pyro_lora.contract import check_guide, entry_checks
-from pyro_lora.data import fixed_batches, to_device
+from pyro_lora.data import RowDigest, fixed_batches, to_device
 from pyro_lora.evidence import maximise_evidence, precision_tensor
 from pyro_lora.heads import class_rows, find_head, head_features, head_rows, tied_parameters
 from pyro_lora.kfac import glm_predict, probit
@@ -35,7 +35,7 @@ from pyro_lora.metrics import nll
 from pyro_lora.checks import check_count
 
 from .base import LoraGuide
-from .laplace import _LOG_LAMBDA_RANGE, LAMBDA_GRID, check_prior_search, glm_probit, said_flat, warn_fitted_rows
+from .laplace import _LOG_LAMBDA_RANGE, LAMBDA_GRID, check_prior_search, earlier_fit, glm_probit, said_flat, warn_fitted_rows
 from .registry import Fitted, join_notes, method
 
 _FULL_LIMIT = 8192  # P up to which hessian="auto" keeps the dense GGN (its P x P eigenvectors: 256 MiB in float32)
@@ -114,6 +114,7 @@ class LastLayerLaplaceGuide(LoraGuide):
         self.register_buffer("log_likelihood", torch.zeros((), dtype=torch.float64, device=device))
         self.register_buffer("num_data", torch.zeros((), dtype=torch.float64, device=device))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool, device=device))
+        self._rows = None  # the fit's RowDigest key, to tell a refit over other examples (None: unfitted, or loaded)
         # the posterior as eigendecompositions, so that every lambda is cheap: eigenvalues in float64 (log-dets),
         # eigenvectors in float32 (they hold nearly all the numbers)
         shapes = {"eigvals": [c * d1], "eigvecs": [c * d1, c * d1]} if self.hessian == "full" else \
@@ -176,7 +177,9 @@ class LastLayerLaplaceGuide(LoraGuide):
 
     def fit(self, data, progress=True):
         """The GGN of ``data`` at the model's current adapter and head (``theta*``), in one pass (one forward per batch).
-        A second ``fit`` replaces the first: give every example in one ``data``.
+        A second ``fit`` replaces the first: give every example in one ``data``. A refit over other examples than the
+        earlier fit's is warned (:func:`~pyro_lora.guides.laplace.warn_fitted_rows`); one over the same examples, in any
+        order or batching, is not.
 
         Records ``log p(D | theta*)`` and ``N`` (labelled examples) for the evidence, and takes the adapter's LoRA as
         the guide's sites. Under ``torch.distributed`` every rank is given the same ``data`` and runs its block of
@@ -186,13 +189,17 @@ class LastLayerLaplaceGuide(LoraGuide):
         :raises ValueError: on empty ``data``, a model this guide does not fit (:func:`~pyro_lora.contract.check_guide`),
             or features that do not reproduce the logits (:meth:`features`).
         """
+        previous = earlier_fit(self)
         with self._all_or_nothing(adopt=True):  # the head as it is now is what the posterior is over
             with entry_checks(self.model, None, "fit a last-layer Laplace"):
                 check_guide(self.model, self, "fit")
-            self._fit(data, progress)
+            count, rows = self._fit(data, progress)
+        self._rows = rows  # once the fit stands: a failed one leaves the guide, its examples too, as it was
+        warn_fitted_rows(self.model, count, "LastLayerLaplaceGuide", rows, previous)
         return self
 
     def _fit(self, data, progress):
+        """The fit, unsaid: returns ``N`` and the :meth:`~pyro_lora.data.RowDigest.key` of the examples."""
         with torch.no_grad():
             for site, value in zip(self._sites().values(), self.model.adapter_values().values()):
                 site.copy_(value)
@@ -202,15 +209,17 @@ class LastLayerLaplaceGuide(LoraGuide):
         sums = [torch.zeros(c, d1, c, d1, **opts)] if self.hessian == "full" else \
             [torch.zeros(c, c, **opts), torch.zeros(d1, d1, **opts)]
         totals = torch.zeros(2, **opts)  # log p(D | theta*), N
+        rows = RowDigest()
         likelihood = self.model.likelihood
         bar = tqdm(distributed.split_batches(data), desc="LLLA", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
         with distributed.refused_together("fit a last-layer Laplace"):  # a batch of one rank's block may be refused there alone
-            for batch in bar:
-                batch = to_device(batch, self.model.device)
+            for raw in bar:
+                batch = to_device(raw, self.model.device)
                 logits, phi = self._features(batch)
                 labels = likelihood.observed(batch)
                 totals[0] += likelihood.distribution(logits).log_prob(labels).double().sum()
                 totals[1] += labels.shape[0]
+                rows.add(raw, labels.shape[0])  # the batch as read: no copy back from the device
                 p = torch.nn.functional.pad(logits.double(), (0, c - logits.shape[1]), value=-math.inf).softmax(-1)
                 lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # [B, C, C]; 0 for missing choices
                 if self.hessian == "full":
@@ -218,10 +227,9 @@ class LastLayerLaplaceGuide(LoraGuide):
                 else:
                     sums[0] += lam.sum(0)
                     sums[1] += phi.T @ phi
-        distributed.all_reduce_(sums + [totals])
+        distributed.all_reduce_(sums + [totals, rows.sums])
         if totals[1] == 0:
             raise ValueError("LastLayerLaplaceGuide.fit got no batches: the data is empty")
-        warn_fitted_rows(self.model, int(totals[1]), "LastLayerLaplaceGuide", int(self.num_data) if bool(self.fitted) else None)
         with torch.no_grad():
             if self.hessian == "full":
                 self._set_eigen("eigvals", "eigvecs", sums[0].view(c * d1, c * d1))
@@ -232,6 +240,7 @@ class LastLayerLaplaceGuide(LoraGuide):
             self.log_likelihood.fill_(totals[0])
             self.num_data.fill_(totals[1])
             self.fitted.fill_(True)
+        return int(totals[1]), rows.key()
 
     def _set_eigen(self, vals, vecs, matrix):
         e, q = torch.linalg.eigh((matrix + matrix.T) / 2)

@@ -22,7 +22,8 @@ from pyro_lora.distributions import UniformMixture
 from pyro_lora.kfac import glm_predict, grid_nll, probit
 
 from .ensemble import MEMBER_SITE, EnsembleGuide
-from .laplace import LaplaceGuide, check_prior_search, kfac_likelihood, prior_precision_grid, search_grid, tuned_prior_precision
+from .laplace import (LaplaceGuide, check_prior_search, earlier_fit, kfac_likelihood, prior_precision_grid, search_grid,
+                      tuned_prior_precision, warn_fitted_rows)
 from .registry import Fitted, method
 
 
@@ -82,7 +83,8 @@ class LaplaceMixtureGuide(EnsembleGuide):
     def fit(self, data, progress=True):
         """Fit component ``k`` (:meth:`LaplaceGuide.fit`) at member ``k``'s values with member ``k``'s head, for each
         ``k``: ``K`` passes over ``data`` (which must be iterable again: a list or a ``DataLoader``). The posterior is of
-        the network as it is now (as :meth:`LaplaceGuide.fit`); a fit that fails leaves every component as it was.
+        the network as it is now (as :meth:`LaplaceGuide.fit`); a fit that fails leaves every component as it was. A
+        refit replaces the earlier fit, and one over other examples is warned, as :meth:`LaplaceGuide.fit` warns it.
 
         :returns: ``self``.
         :raises ValueError: for ``data`` that is an iterator (the second member would see nothing), or a model the
@@ -90,10 +92,15 @@ class LaplaceMixtureGuide(EnsembleGuide):
         """
         check_reiterable(data, "data", "a Laplace mixture reads it once per member")
         members = self.members()
+        previous = earlier_fit(self.components[0]) if self.fitted else None  # every component is fitted on the same data
         with self._all_or_nothing(adopt=True):
             check_guide(self.model, self, "fit")
-            self._each_component(lambda k, c: c.fit(data, progress=progress, loc={n: v[k] for n, v in members.items()}))
+            fits = self._each_component(lambda k, c: c._fit(data, progress, {n: v[k] for n, v in members.items()}))
             self.adopt_point_parameters()  # each component's head is its member's, not the network's its fit took
+        count, rows = fits[0]
+        for component in self.components:  # once the fit stands: a failed one leaves them, their examples too, as they were
+            component._rows = rows
+        warn_fitted_rows(self.model, count, type(self).__name__, rows, previous)  # once, for all components
         return self
 
     def optimize_prior_precision(self, method="marglik", val_loader=None, grid=None, refine=True, progress=False, **kwargs):

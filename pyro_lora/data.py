@@ -315,3 +315,51 @@ def check_every_example(data, action: str) -> None:
 def to_device(batch: dict, device: torch.device | str) -> dict:
     """Move every tensor of a batch dict to ``device`` (other values are kept as they are)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+class RowDigest:
+    """An order-free fingerprint of the labelled examples a pass over batches reads, to tell a refit over other
+    examples from one over the same: one 128-bit blake2b digest per example, summed limb by limb (8 limbs of 16 bits;
+    exact in float64 up to 2^37 examples, and additive, so ranks' sums all-reduce). The same examples in another
+    order, batching or padding give the same fingerprint; another example, token or label gives another.
+
+    An example's digest covers every tensor of its batch, by key: of a tensor whose first dimension is the batch's
+    ``B`` examples or a multiple ``R B`` of it (``R`` rows per example, e.g. a cloze batch's row per choice), that
+    example's part; of any other, the whole. Tensors of the ``attention_mask``'s shape keep the positions it marks
+    real; those of the ``choice_mask``'s shape ``[B, K]``, and the rows of a ``[B K, ...]`` tensor, the choices it
+    marks present: padding to another length or to more choices changes nothing.
+    """
+
+    def __init__(self):
+        self.sums = torch.zeros(8, dtype=torch.float64)
+
+    def add(self, batch: dict, count: int) -> None:
+        """Add the ``count`` labelled examples of ``batch`` (a dict of tensors; other values are left out)."""
+        if not count:
+            return
+        tensors = {k: v.detach().cpu() for k, v in sorted(batch.items()) if torch.is_tensor(v)}
+        mask, choices = tensors.get("attention_mask"), tensors.get("choice_mask")
+        hashes = [hashlib.blake2b(digest_size=16) for _ in range(count)]
+        for key, t in tensors.items():
+            keep = torch.ones(t.shape, dtype=torch.bool)
+            if mask is not None and t.shape == mask.shape:
+                keep &= mask.bool()
+            elif choices is not None and t.shape == choices.shape:
+                keep &= choices.bool()
+            if choices is not None and t.dim() > 0 and t.shape[0] == choices.numel() > count:  # a row per choice
+                keep &= choices.bool().reshape(-1, *[1] * (t.dim() - 1))
+            values = t.double() if t.is_floating_point() else t.long()
+            own = t.dim() > 0 and t.shape[0] > 0 and t.shape[0] % count == 0
+            width = t.numel() // count  # not -1: a tensor of no numbers has a part of none
+            rows, keeps = (values.reshape(count, width), keep.reshape(count, width)) if own else (None, None)
+            whole = None if own else values[keep].numpy().tobytes()
+            for i, h in enumerate(hashes):
+                part = rows[i][keeps[i]].numpy().tobytes() if own else whole
+                h.update(f"{key}:{len(part)}:".encode())
+                h.update(part)
+        limbs = np.frombuffer(b"".join(h.digest() for h in hashes), dtype="<u2").reshape(count, 8)
+        self.sums += torch.from_numpy(limbs.sum(0, dtype=np.int64)).double()
+
+    def key(self) -> tuple[int, ...]:
+        """The fingerprint, comparable across passes (read it after the ranks' sums are all-reduced)."""
+        return tuple(int(s) for s in self.sums.tolist())

@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed
-from .data import check_every_example, fixed_batches, to_device
+from .data import RowDigest, check_every_example, fixed_batches, to_device
 from .distributions import KFACNormal
 from .kinds import down_kind, up_kind
 from .likelihoods import is_cloze
@@ -396,7 +396,8 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
 
     :param fisher: ``"mc"`` or ``"exact"`` (:func:`fisher_vectors`); ``kfac``: ``"reduce"`` or ``"expand"``
         (:func:`reduce_tokens`); ``sketch``: Nystrom sketch width.
-    :returns: ``(log p(D | theta*), N)``, ``N`` the number of labelled examples.
+    :returns: ``(log p(D | theta*), N, rows)``, ``N`` the number of labelled examples and ``rows`` their
+        :class:`~pyro_lora.data.RowDigest` (every rank's).
     :raises ValueError: on empty ``data``, or a likelihood that runs two forwards per batch.
     """
     with entry_checks(model, None, "fit a Laplace"):
@@ -406,17 +407,18 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
     gen = torch.Generator(device=model.device).manual_seed(0)
     acc = [Accumulator(f, sketch, gen) for f in factors]
     loglik = torch.zeros((), device=model.device, dtype=torch.double)
-    count = 0
+    count, rows = 0, RowDigest()
     bar = tqdm(distributed.split_batches(data), desc="KFAC", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
     with eval_mode(model.net):
         weights = layer_weights(model, sites, loc)
         with distributed.refused_together("fit a Laplace"):  # a batch of one rank's block may be refused there alone
-            for batch in bar:
-                batch = to_device(batch, model.device)
+            for raw in bar:
+                batch = to_device(raw, model.device)
                 labels = model.likelihood.observed(batch)
                 logits, inputs, outputs = record_layers(model, batch, loc)
                 loglik += model.likelihood.distribution(logits.detach()).log_prob(labels).double().sum()
                 count += labels.shape[0]
+                rows.add(raw, labels.shape[0])  # the batch as read: no copy back from the device
                 cloze = rows_per_choice(model, batch, outputs)
                 grads = output_grads(logits, outputs, fisher_vectors(logits.detach(), fisher), cloze)
                 # the recorded inputs of later layers still require grad; the sums stay float32 under a user's autocast
@@ -429,14 +431,14 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
                         for i in idx:
                             acc[i].update(*kfac_vectors(factors[i], x, g, weights[i]), n)
     counts = torch.tensor([a.count for a in acc] + [count], dtype=torch.double, device=model.device)
-    distributed.all_reduce_([t for a in acc for t in (a.small, a.sketch, a.trace)] + [loglik, counts])
+    distributed.all_reduce_([t for a in acc for t in (a.small, a.sketch, a.trace)] + [loglik, counts, rows.sums])
     for a, c in zip(acc, counts.tolist()):
         a.count = int(c)
     with torch.no_grad():
         for f, a, name in zip(factors, acc, sites):
             f.loc.copy_(loc[name])
             a.finish(f)
-    return loglik.item(), int(counts[-1])
+    return loglik.item(), int(counts[-1]), rows
 
 
 # --------------------------------------------------------------------------- linearised (GLM) predictive

@@ -68,6 +68,7 @@ def run_all():
         ],
         "n": laplace.num_data.clone(),
         "loglik": laplace.log_likelihood.clone(),
+        "rows": laplace._rows,  # the examples' fingerprint a refit is compared by: every rank's, summed
     }
     # TFB: the metric is summed over ranks, so the bisection takes one process's steps
     tfb = TFBGuide(model)

@@ -347,17 +347,81 @@ def test_a_fit_on_another_number_of_examples_than_num_data_is_warned():
                 guide_class(model).fit(data, progress=False)
 
 
-def test_a_refit_on_another_number_of_examples_says_it_replaced_the_first_fit():
-    """laplace-torch users may expect a second fit to add its data (its override=False): fit(first 3).fit(other 2)
-    kept the 2 examples' curvature alone, without a word where the model has no num_data."""
+def split_rows(batch, groups):
+    """``batch``'s rows in the batches ``groups`` (lists of row indices), each padded on the right to its longest."""
+    out = []
+    for rows in groups:
+        width = int(batch["attention_mask"][rows].sum(-1).max())
+        out.append({k: v[rows][:, :width] if v.dim() == 2 else v[rows] for k, v in batch.items()})
+    return out
+
+
+@pytest.mark.parametrize("num_data", [None, 2])
+def test_a_refit_over_other_examples_says_it_replaced_the_first_fit(num_data):
+    """laplace-torch users may expect a second fit to add its data (its override=False): fit(first 2 rows) then
+    fit(the other 2) kept the second half's curvature alone, without a word where both halves were as many examples
+    (num_data=None, and num_data=2 where neither is part of the training set by count). The same examples again, in
+    another order and batching, say nothing; one label changed is other examples."""
     from pyro_lora.guides import LastLayerLaplaceGuide
 
+    (whole,) = bert_data(lengths=(7, 5, 4, 6), seed=3)
+    first, second = split_rows(whole, [[0, 1], [2, 3]])
+    relabelled = {**second, "labels": (second["labels"] + 1) % 3}
     for guide_class in (LaplaceGuide, LastLayerLaplaceGuide):
-        guide = guide_class(LoraModel(tiny_bert(r=2), SequenceClassification())).fit(bert_data(), progress=False)
-        with pytest.warns(UserWarning, match=rf"{guide_class.__name__}.fit replaced the earlier fit over 3 examples by one "
-                                             "over 2: a fit replaces, it does not add to the curvature"):
-            guide.fit(bert_data(lengths=(6, 3), seed=5), progress=False)
+        model = LoraModel(tiny_bert(r=2), SequenceClassification(), num_data=num_data)
+        guide = guide_class(model).fit([first], progress=False)
+        with pytest.warns(UserWarning, match=rf"{guide_class.__name__}.fit replaced the earlier fit over 2 examples by one "
+                                             "over a different set of 2 examples: a fit replaces, it does not add to the "
+                                             "curvature, so the posterior and the evidence are those of these 2 examples "
+                                             "alone; to fit on all of them, give every example in one loader"):
+            guide.fit([second], progress=False)
+        other = LoraModel(model.net, SequenceClassification())
+        alone, both = (float(guide_class(other).fit(d, progress=False).log_marginal_likelihood()) for d in ([second], [whole]))
         assert int(guide.num_data) == 2
-        with warnings.catch_warnings():  # a refit on as many examples (the same data again) is no surprise
+        assert float(guide.log_marginal_likelihood()) == pytest.approx(alone, rel=1e-5) != both  # the second half's alone
+        with warnings.catch_warnings():  # the same examples again, reordered, rebatched and padded to other widths
             warnings.simplefilter("error", UserWarning)
-            guide.fit(bert_data(lengths=(5, 4), seed=6), progress=False)
+            guide.fit(split_rows(second, [[1], [0]]), progress=False)
+        with pytest.warns(UserWarning, match="by one over a different set of 2 examples"):
+            guide.fit([relabelled], progress=False)
+
+
+def test_a_refit_of_a_loaded_fit_says_it_cannot_compare_the_examples(tmp_path):
+    """A loaded fit's examples are not saved: its refit is said, as one that may be over other examples."""
+    from pyro_lora import load_guide, save_guide
+
+    guide = LaplaceGuide(LoraModel(tiny_bert(r=2), SequenceClassification())).fit(bert_data(), progress=False)
+    save_guide(guide, tmp_path / "g")
+    loaded = load_guide(tmp_path / "g", LoraModel(tiny_bert(r=2), SequenceClassification()))
+    with pytest.warns(UserWarning, match=r"LaplaceGuide.fit replaced the earlier fit over 3 examples by one over 3 "
+                                         r"examples \(the loaded fit's examples are not saved, so they cannot be compared\)"):
+        loaded.fit(bert_data(), progress=False)
+    with warnings.catch_warnings():  # now its examples are known
+        warnings.simplefilter("error", UserWarning)
+        loaded.fit(bert_data(), progress=False)
+
+
+@pytest.mark.parametrize("layout", ["letter", "cloze"])
+def test_the_row_digest_is_of_the_examples_not_their_order_batching_or_padding(layout):
+    """The fingerprint a refit is compared by: the same multiple-choice examples in one batch or one per batch (another
+    padding width, side and number of choice columns, a cloze record's dummy rows left out) give one key; a token or a
+    label changed, or an example twice, another."""
+    from test_padding import CLOZE_RECORDS, LETTER_RECORDS, cloze_batch, letter_batch
+
+    from pyro_lora.data import RowDigest
+
+    records, collate = (LETTER_RECORDS, letter_batch) if layout == "letter" else (CLOZE_RECORDS, cloze_batch)
+
+    def key(batches):
+        rows = RowDigest()
+        for b in batches:
+            rows.add(b, b["labels"].shape[0])
+        return rows.key()
+
+    together = key([collate(records)])
+    assert key([collate([r], side) for r, side in zip(reversed(records), ("left", "right", "left"))]) == together
+    labelled = collate(records)
+    labelled["labels"][1] = 1
+    changed = collate(records)
+    changed["input_ids"][tuple(changed["attention_mask"].bool().nonzero()[0].tolist())] += 1
+    assert len({together, key([labelled]), key([changed]), key([collate(records), collate(records[:1])])}) == 4

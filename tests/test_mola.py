@@ -174,6 +174,31 @@ def test_a_failure_in_a_later_members_pass_leaves_every_component_as_it_was():
     assert [float(c.num_data) for c in guide.components] == [6.0, 6.0]
 
 
+def test_a_mixture_refit_over_other_examples_is_said_once_and_only_where_it_stands():
+    """A refit replaces the fit: over other examples (as many as before, num_data's 6) it is said once, as the
+    mixture's; a refit that fails leaves the components, and the examples they were fitted on, as they were."""
+    import warnings
+
+    _, _, guide = fitted_mixture()
+    other = [random_batch(seed=s) | {"labels": torch.tensor([1, 1, 0])} for s in (7, 8)]
+
+    class FailsOnSecondPass(Alternating):
+        def __iter__(self):
+            if self.passes == 1:
+                raise OSError("stream dropped")
+            yield from super().__iter__()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        with pytest.raises(OSError):  # component 0 refitted on other before component 1's pass failed: no refit stands
+            guide.fit(FailsOnSecondPass(other), progress=False)
+        guide.fit(data(), progress=False)  # the examples of its fit again
+    with pytest.warns(UserWarning) as said:
+        guide.fit(other, progress=False)
+    assert len(said) == 1 and str(said[0].message).startswith(
+        "LaplaceMixtureGuide.fit replaced the earlier fit over 6 examples by one over a different set of 6 examples: ")
+
+
 def test_a_saved_mixture_predicts_the_same_in_a_fresh_network_with_another_head(tmp_path):
     model, _, guide = fitted_mixture()
     before = guide.predict_glm(data()).probs
