@@ -192,6 +192,21 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
                      f"{floor:.3g} (the 1e-12 floor of pyro_lora.metrics.nll, or the smallest positive {dtype} number "
                      "where lower) and its T is approximate; pass logits for an exact fit (and scale logits "
                      "with it: apply_temperature keeps a 0 at 0)")
+    finite = torch.isfinite(log_probs)
+    lone = (finite.sum(-1) == 1) & (log_probs.shape[-1] > 1)
+    if from_probs and bool(lone.any()):
+        # a row of one nonzero probability is saturated (its other classes below the dtype's smallest number: float16
+        # from 17 nats) or a question of one choice; read as missing choices, its zeros would make softening free
+        # (float16 rows right by 20 nats drove T to 100 where logits give 4.8), so the fit gives it one competitor at
+        # the dtype's smallest positive number: the row was at least that sure
+        dtype = raw.dtype if raw.dtype.is_floating_point else torch.float64
+        tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+        competitor = (~finite).int().argmax(-1, keepdim=True)  # the row's first zero
+        log_probs = log_probs.scatter(-1, competitor, torch.where(lone[:, None], math.log(tiny), log_probs.gather(-1, competitor)))
+        notes.append(f"{int(lone.sum())} of {len(labels)} validation rows give all their probability to one class "
+                     f"(saturated probabilities, their other classes below the smallest positive {dtype} number, or "
+                     "questions of one choice): read as missing choices they would cost nothing to soften, so the fit "
+                     f"gives each one competitor at {tiny:.3g} and its T is approximate; pass logits for an exact fit")
     others = log_probs.scatter(-1, labels[:, None], -math.inf).amax(-1)
     if bool((picked > others).all()):
         return done(1.0, "the validation predictions are all correct (separable): the NLL falls as T -> 0 and has "
@@ -200,16 +215,24 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
         # the search minimises the exact NLL; metrics.nll reports it floored at 1e-12 per example (a saturated 0
         # stays 0 under apply_temperature): a few examples wrong by more than those 27.6 nats can make the fitted T
         # raise the reported NLL on the split it fits, while a T short of it may still lower it
-        at_t, at_one = temperature_nll(reported, labels, temperature), temperature_nll(reported, labels, 1.0)
+        at_t = temperature_nll(reported, labels, temperature)
+        # at T = 1 apply_temperature returns probabilities as given, not renormalised (half-precision rows are 1e-3 off)
+        at_one = float(-reported.gather(-1, labels[:, None]).clamp(min=math.log(_NLL_FLOOR)).mean())
         if at_t <= at_one:
             return done(temperature, note)
         best_t, at_best = _least_reported(reported, labels, temperature)
         capped = int((reported.log_softmax(-1).gather(-1, labels[:, None]) < math.log(_NLL_FLOOR)).sum())
         why = (f"T = {temperature:.4g} lowers the exact validation NLL but raises the one pyro_lora.metrics.nll "
-               f"reports ({at_t:.4f} against {at_one:.4f} at T = 1), which floors each example's label probability "
-               f"at 1e-12 (27.6 nats): {capped} of {len(labels)} validation examples are wrong by more than that, and "
-               "softening for them costs the others more than the floor lets them gain")
-        if at_best < at_one:
+               f"reports ({at_t:.4f} against {at_one:.4f} at T = 1), ")
+        if capped:
+            why += (f"which floors each example's label probability at 1e-12 (27.6 nats): {capped} of {len(labels)} "
+                    "validation examples are wrong by more than that, and softening for them costs the others more "
+                    "than the floor lets them gain")
+        else:
+            off = float((reported.exp().sum(-1) - 1).abs().max())
+            why += (f"which at T = 1 scores the probabilities as given, rows summing to 1 only within {off:.3g} "
+                    "(half-precision rounding), where any other T renormalises them")
+        if at_best < at_one and best_t != 1.0:  # exactly 1 would be the rows as given, not the renormalised score
             return done(best_t, f"{why}; keeping T = {best_t:.4g}, the least reported NLL between 1 and "
                                 f"{temperature:.4g} ({at_best:.4f})")
         return done(1.0, f"{why}; no T between 1 and {temperature:.4g} lowers it: falling back to T = 1")

@@ -93,8 +93,16 @@ def test_temperature_reads_half_precision_probabilities_as_probabilities(dtype):
     # their rows sum to 1 only within ~3e-4 / 3e-3: taken for logits, they gave T = 0.41 instead of 2.96
     logits, labels = classification(sharpness=3.0)
     probs = logits.softmax(-1).to(dtype)
-    t = fit_temperature(probs, labels)
-    assert t == pytest.approx(fit_temperature(probs.double().log(), labels, kind="logits"), rel=1e-9)
+    with warnings.catch_warnings(record=True):  # float16 saturates some rows to one class: said, tested elsewhere
+        warnings.simplefilter("always")
+        t = fit_temperature(probs, labels)
+    # the same log-probabilities as logits, a row of one nonzero probability given its competitor at the dtype's
+    # smallest positive number (read as logits, a -inf is a missing choice)
+    ref = probs.double().log()
+    lone = torch.isfinite(ref).sum(-1) == 1
+    first_zero = torch.isinf(ref).int().argmax(-1)
+    ref[lone, first_zero[lone]] = math.log(torch.finfo(dtype).tiny * torch.finfo(dtype).eps)
+    assert t == pytest.approx(fit_temperature(ref, labels, kind="logits"), rel=1e-9)
     assert 2.0 < t < 4.5
 
 
@@ -236,6 +244,43 @@ def test_temperature_of_saturated_probabilities_never_raises_the_nll_apply_tempe
     assert t == 1.0 and nll(apply_temperature(probs, t), labels) == pytest.approx(2.769, abs=1e-3)
 
 
+def test_temperature_gives_a_saturated_one_class_row_a_competitor_not_a_missing_choice():
+    # 160 examples right by 18-22 nats (float16 rounds their other class to 0) and 40 wrong by 1-3: read as
+    # missing choices, the zeros made softening free for the 160 and T went to 100 with a note calling an 80%-accurate
+    # classifier no better than uniform; logits give T = 4.80 (held-out float16 NLL 0.500 at T = 100, 0.251 at 4.8)
+    g = torch.Generator().manual_seed(0)
+    margin = torch.cat([18 + 4 * torch.rand(160, generator=g, dtype=torch.float64),
+                        -(1 + 2 * torch.rand(40, generator=g, dtype=torch.float64))])
+    logits, labels = torch.stack([margin, torch.zeros(200, dtype=torch.float64)], -1), torch.zeros(200, dtype=torch.long)
+    probs = logits.softmax(-1).to(torch.float16)
+    assert int((probs[:, 1] == 0).sum()) == 160
+    exact = fit_temperature(logits, labels)
+    with pytest.warns(UserWarning, match=r"160 of 200 validation rows give all their probability to one class "
+                                         r"\(saturated probabilities.*one competitor at 5\.96e-08"):
+        fitted = fit_temperature(probs, labels, return_info=True)
+    assert exact == pytest.approx(4.804, abs=1e-3) and 4.0 < fitted.temperature < exact  # the competitor is a bound
+    assert "no better than uniform" not in fitted.note
+    # a one-class row of logits is a question of one choice, not saturation: nothing is said
+    one_choice = torch.tensor([[2.0, 0.0, -math.inf], [0.0, 1.0, -math.inf], [0.0, -math.inf, -math.inf]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fit_temperature(one_choice, torch.tensor([0, 0, 0]))
+
+
+@pytest.mark.parametrize("accuracy", [0.512, 0.522])
+def test_temperature_compares_with_half_precision_rows_as_given_at_t_one(accuracy):
+    # bf16 rows [0.5039, 0.4980] sum to 1.00195: at T = 1 apply_temperature returns them as given, any other T
+    # renormalises them; the check compared the fitted T = 0.24 against the renormalised T = 1, and the reported NLL
+    # rose from 0.69107 to 0.69286
+    n = round(accuracy * 1000)
+    labels = torch.tensor([0] * n + [1] * (1000 - n))
+    probs = torch.tensor([[0.50390625, 0.498046875]] * 1000, dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"which at T = 1 scores the probabilities as given, rows summing to 1 only "
+                                         r"within 0\.00195 \(half-precision rounding\).*falling back to T = 1"):
+        t = fit_temperature(probs, labels)
+    assert t == 1.0 and nll(apply_temperature(probs, t), labels) == pytest.approx(nll(probs, labels))
+
+
 @pytest.mark.parametrize("margin", [15.0, 20.0, 40.0, 80.0, 90.0, 100.0, 120.0])
 @pytest.mark.parametrize("kind, dtype", [("logits", torch.float32), ("logits", torch.float64),
                                          ("probs", torch.float32), ("probs", torch.float16)])
@@ -249,12 +294,16 @@ def test_temperature_of_very_overconfident_predictions_is_the_exact_nll_optimum(
         log_probs = x.double().log_softmax(-1)
         saturated = 0
     else:  # a label probability of exactly 0 is taken as metrics.nll's floor 1e-12, or as the dtype's smallest
-        # positive number where lower (float32: 1.4e-45, below the 4e-44 it holds at m = 100); other zeros stay
+        # positive number where lower (float32: 1.4e-45, below the 4e-44 it holds at m = 100); the other class of a
+        # row left with one nonzero probability is taken as the dtype's smallest positive number
         log_probs = x.double().log()
         picked = log_probs.gather(-1, labels[:, None])
         saturated = int((picked == -math.inf).sum())
         floor = {torch.float32: 1.4012984643e-45, torch.float16: 1e-12}[dtype]
         log_probs = log_probs.scatter(-1, labels[:, None], picked.clamp(min=math.log(floor)))
+        tiny = {torch.float32: 1.4012984643e-45, torch.float16: 5.9604644775e-08}[dtype]
+        lone = int((log_probs == -math.inf).sum())
+        log_probs = log_probs.masked_fill(log_probs == -math.inf, math.log(tiny))
     best = grid_optimum(log_probs, labels)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -266,15 +315,15 @@ def test_temperature_of_very_overconfident_predictions_is_the_exact_nll_optimum(
         assert 1.2 * margin < fitted.temperature < 1.45 * margin or saturated
     else:  # the optimum is past the upper bound: kept there, and said
         assert fitted.temperature == 100.0 and "lowest at the upper search bound T = 100" in fitted.note
-        if saturated:  # within the floored fit the saturated errors want T -> inf
-            assert "no better than uniform" in fitted.note
-        else:
-            beyond = float(re.search(r"its minimum lies beyond it, at T = ([0-9.e+]+)", fitted.note).group(1))
-            assert beyond == pytest.approx(best, rel=5e-3) and "pass bounds=(0.01, 1000) to reach it" in fitted.note
+        # saturated rows too: their zeros, floored, are over-confidence, not predictions no better than uniform
+        beyond = float(re.search(r"its minimum lies beyond it, at T = ([0-9.e+]+)", fitted.note).group(1))
+        assert beyond == pytest.approx(best, rel=5e-3) and "pass bounds=(0.01, 1000) to reach it" in fitted.note
     if saturated:
         assert fitted.note.startswith(f"{saturated} of 200 validation examples give probability 0 to their label "
                                       "(saturated probabilities)") and "pass logits for an exact fit" in fitted.note
-    elif best < 100:
+    if kind == "probs" and lone:
+        assert f"{lone} of 200 validation rows give all their probability to one class" in fitted.note
+    elif not saturated and best < 100:
         assert fitted.note is None
     if margin == 40.0 and kind == "logits":
         assert fitted.temperature == pytest.approx(53.07, abs=0.01)  # the repro's numbers
