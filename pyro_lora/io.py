@@ -876,7 +876,9 @@ def export_adapter(guide, path):
         adapter merged into the base, a LoRA layer's scaling other than its saved config gives, ...); if Pyro's param
         store holds values restored over the parameters it writes; for a guide that carries its own head parameters (an
         ensemble's per-member heads): the adapter would hold the network's head instead; for a guide of a ScalaBL or
-        LoRA-XS model (no plain LoRA mean: :func:`save_guide` keeps it).
+        LoRA-XS model (no plain LoRA mean: :func:`save_guide` keeps it); for a model whose head a guide trained with
+        LoRA values the adapter does not hold (``fit`` with a ``MAPGuide``, its mean never written:
+        :meth:`~pyro_lora.LoraModel.check_adapter_trained`, which warns where that ``fit`` trained no head).
     """
     from .model import LoraModel
 
@@ -916,10 +918,14 @@ def _check_guide_export(guide):
 
 def _check_network_export(model):
     """What :func:`export_adapter` of a model checks. Sites without a peft parameter (ScalaBL's, LoRA-XS's) are no
-    refusal here: the network holds none of their values, so its adapter is all the model holds beside them."""
+    refusal here: the network holds none of their values, so its adapter is all the model holds beside them. A head
+    trained by a guide whose LoRA values the adapter lacks (``fit`` with a MAP guide) is refused as
+    :meth:`~pyro_lora.LoraModel.adapter_values` refuses it."""
     pyro_params.check_store([(model._pyro_name, model.named_point_parameters())], "export the adapter")
     model.check_network()
     _check_peft_model(model)
+    model.check_adapter_trained("the exported adapter", "export_adapter(guide, folder) writes the guide's mean with the "
+                                "head, or call model.write_adapter(guide.mean()) first", stacklevel=5)
 
 
 def _write_on_main(write, what, guide, adapter):

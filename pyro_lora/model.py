@@ -283,9 +283,8 @@ class LoraModel:
         """Current peft LoRA weights as site values (kinds without a peft parameter, ``R`` and ``S``, start at zero):
         site -> ``site.shape``.
 
-        :raises ValueError: if a guide trained the network's head (``fit``, SVI) with other LoRA values than the
-            adapter holds (a MAP guide keeps its LoRA in the guide): a guide built from this adapter would pair
-            untrained LoRA matrices with the trained head.
+        :raises ValueError: as :meth:`check_adapter_trained` (a guide built from this adapter would pair untrained
+            LoRA matrices with the trained head).
         """
         values = {}
         for name, site in self.sites.items():
@@ -294,28 +293,36 @@ class LoraModel:
                 continue
             mats = [self._parameter(p, site.kind).detach().float() for p in site.layers]
             values[name] = torch.stack(mats) if site.stacked else mats[0]
+        self.check_adapter_trained("what is built from the adapter", "call model.write_adapter(guide.mean()) first, "
+                                   "or pass init=guide.mean()")
+        return {k: v.clone() for k, v in values.items()}
+
+    def check_adapter_trained(self, use: str, advice: str, stacklevel: int = 2) -> None:
+        """Refuse an adapter whose LoRA weights are not those of the guide that trained the network's head (``fit``,
+        SVI; a MAP guide keeps its LoRA in the guide): ``use`` (e.g. an exported adapter) would pair untrained LoRA
+        matrices with the trained head. Warn where ``fit`` trained no head and its guide's mean was never written into
+        the adapter. ``advice`` ends both sentences; ``stacklevel`` is the warning's, counted from the caller.
+
+        :raises ValueError: naming the guide and a LoRA weight it holds otherwise than the adapter.
+        """
         owner = head_trainer(self)
         if owner is not None:
-            theirs = owner.mean()
-            stale = [
-                n for n, v in values.items()
-                if self.sites[n].kind.parameter is not None and n in theirs and theirs[n].shape == v.shape and not torch.equal(theirs[n].detach().float(), v)
-            ]
+            theirs = owner.model.lora_weight_values({k: v.detach() for k, v in owner.mean().items()})
+            held = dict(self.named_lora_weights())
+            stale = [n for n, v in theirs.items() if n in held and not torch.equal(v.float(), held[n].detach().float())]
             if stale:
                 raise ValueError(
                     f"the network's head was trained by a {type(owner).__name__} whose LoRA values the adapter does not hold "
-                    f"({stale[0]}, ...): call model.write_adapter(guide.mean()) first, or pass init=guide.mean()"
+                    f"({stale[0]}, ...): {use} would pair them with the trained head; {advice}"
                 )
-        else:
-            fitted = unwritten_fit(self)
-            if fitted is not None:  # no head to pair: a guide built from the adapter would silently miss the training
-                warnings.warn(
-                    f"the adapter still holds the LoRA values it held when fit last trained this network with a "
-                    f"{fitted}, not that guide's mean: what is built from the adapter starts from those "
-                    "values, not from the training; call model.write_adapter(guide.mean()) first (or pass init=guide.mean())",
-                    stacklevel=2,
-                )
-        return {k: v.clone() for k, v in values.items()}
+            return
+        fitted = unwritten_fit(self)
+        if fitted is not None:  # no head to pair: what is built from the adapter would silently miss the training
+            warnings.warn(
+                f"the adapter still holds the LoRA values it held when fit last trained this network with a "
+                f"{fitted}, not that guide's mean: {use} would miss the training; {advice}",
+                stacklevel=stacklevel + 1,
+            )
 
     def initial_values(self, init: dict | None = None) -> dict:
         """A guide's starting values: ``init`` (site -> ``site.shape``) checked, or the adapter's (:meth:`adapter_values`);
