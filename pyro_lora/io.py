@@ -526,6 +526,23 @@ def _check_tensors(file, tensors, guide, adapter_params, net_params):
         raise ValueError(f"{file} lacks the {owner} tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''}")
 
 
+def _check_unrounded(path, written, net_params, net):
+    """Refuse a saved network parameter that this network holds in a narrower dtype whose rounding its module's forward
+    would show (:func:`_rounding`): a trained LayerNorm copy (peft's ``modules_to_save``) of a half-precision base
+    that is frozen here, where the guide's model held it trainable, in float32."""
+    for name, value in written.items():
+        target = net_params[name]
+        module = net.get_submodule(name.rpartition(".")[0])
+        change = _rounding(module, value, target.dtype)
+        if change:
+            raise ValueError(f"cannot load the guide at {path} into this model: its trained {name} would be written into "
+                             f"this network's {str(target.dtype).removeprefix('torch.')} parameter, rounded by up to "
+                             f"{change:.2g}, which the {type(module).__name__}'s forward runs at full precision (other "
+                             "predictions than the guide's); build the model over a network holding that module "
+                             "trainable, as the guide's did (get_peft_model as it was, or PeftModel.from_pretrained(..., "
+                             "is_trainable=True)): the model holds trainable parameters in float32")
+
+
 # the float dtypes a base is held in, widest first: a checkpoint's weight cast to a narrower one is the same whichever
 # wider dtype it was cast from, so a weight is compared whole across such a cast
 _FLOATS = {str(d): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16)}
@@ -799,8 +816,9 @@ def load_guide(path, model):
         unreadable safetensors, NaN or inf values, tensors missing, unexpected or of another shape) or not a saved
         guide, or ``model`` differs from the model it was saved with (sites, LoRA scaling, adapter, base model, head:
         :func:`~pyro_lora.contract.differences`; any base weight, read whole where its dtype and quantization allow,
-        else warned); each message names the file. Whatever it raises, and wherever it stops, ``model`` and the guide
-        that set its point parameters are left as they were.
+        else warned), or holds a saved network parameter in a narrower dtype whose rounding its forward would show
+        (:func:`_check_unrounded`); each message names the file. Whatever it raises, and wherever it stops, ``model``
+        and the guide that set its point parameters are left as they were.
     """
     path = Path(path)
     recover_directory(path)
@@ -840,6 +858,7 @@ def load_guide(path, model):
         except ValueError as err:  # a value the class refuses, or this model (e.g. other answer letters): err says which
             raise ValueError(f"{path}/guide.json: its config does not build a {cls.__name__} for this model ({err})") from None
         _check_tensors(path / "guide.safetensors", tensors, guide, dict(model.named_adapter_parameters()), net_params)
+        _check_unrounded(path, written, net_params, model.net)
         _check_base_weights(path, meta, model)
         guide.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(_NET)})
         with torch.no_grad():
@@ -879,6 +898,8 @@ def export_adapter(guide, path):
         LoRA-XS model (no plain LoRA mean: :func:`save_guide` keeps it); for a model whose head a guide trained with
         LoRA values the adapter does not hold (``fit`` with a ``MAPGuide``, its mean never written:
         :meth:`~pyro_lora.LoraModel.check_adapter_trained`, which warns where that ``fit`` trained no head).
+        Warns of a trained parameter that ``PeftModel.from_pretrained`` gives back rounded to a half-precision base's
+        dtype where the forward would show it (:func:`_rounded_on_reload`: a LayerNorm in ``modules_to_save``).
     """
     from .model import LoraModel
 
@@ -914,6 +935,7 @@ def _check_guide_export(guide):
             "adapter would take from the network instead, a head none of its predictions use; write a member's "
             "values (model.write_adapter) and head into the network, then export a MAPGuide(model)"
         )
+    _warn_reload_rounding(guide.model)
 
 
 def _check_network_export(model):
@@ -926,6 +948,7 @@ def _check_network_export(model):
     _check_peft_model(model)
     model.check_adapter_trained("the exported adapter", "export_adapter(guide, folder) writes the guide's mean with the "
                                 "head, or call model.write_adapter(guide.mean()) first", stacklevel=5)
+    _warn_reload_rounding(model)
 
 
 def _write_on_main(write, what, guide, adapter):
@@ -976,6 +999,57 @@ def _check_adapter_reloads(model):
         raise ValueError(f"init_lora_weights={init!r} rewrites the base with a randomised SVD, which peft redoes (at "
                          "random) when loading the adapter: the base it loads on differs; convert it to a plain LoRA "
                          "with peft's path_initial_model_for_weight_conversion, or use an exact init")
+
+
+# modules whose forward under the model's autocast (or, for an embedding, the cast of its output back to the base's
+# dtype) runs their weights rounded to the base's half dtype anyway: those weights held in that dtype run the same
+_ROUNDED_IN_FORWARD = (torch.nn.Linear, torch.nn.Embedding, torch.nn.modules.conv._ConvNd)
+
+
+def _rounding(module, value, dtype) -> float:
+    """How far ``value`` (a parameter of ``module``) moves when held in ``dtype``, where ``module``'s forward runs it at
+    full precision (a LayerNorm's weight: autocast computes layer_norm in float32); 0.0 where nothing moves, or where
+    the forward rounds it to ``dtype`` anyway (:data:`_ROUNDED_IN_FORWARD`)."""
+    from transformers.pytorch_utils import Conv1D  # GPT-2's linear layers
+
+    if value.dtype == dtype or isinstance(module, (*_ROUNDED_IN_FORWARD, Conv1D)) or not value.is_floating_point():
+        return 0.0
+    return float((value.detach() - value.detach().to(dtype).to(value.dtype)).abs().max())
+
+
+def _rounded_on_reload(model) -> list:
+    """``(name, dtype, largest change)`` of each trained parameter of the adapter's ``modules_to_save`` copies that
+    ``PeftModel.from_pretrained`` gives back rounded (:func:`_rounding`): peft builds each copy from the base's module,
+    in the base's dtype (its ``autocast_adapter_dtype`` upcasts the LoRA weights, ``lora_bias`` and trainable-token
+    deltas to float32, not these copies), while the model holds them in float32 (bfloat16 / float16 base)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    out = []
+    for path, wrapper in model.net.named_modules():
+        if not (isinstance(wrapper, ModulesToSaveWrapper) and model.adapter in wrapper.modules_to_save):
+            continue
+        original = dict(wrapper.original_module.named_parameters())
+        for sub, module in wrapper.modules_to_save[model.adapter].named_modules():
+            for name, p in module.named_parameters(recurse=False):
+                key = f"{sub}.{name}" if sub else name
+                change = _rounding(module, p, original[key].dtype) if key in original else 0.0
+                if change:
+                    out.append((f"{path}.modules_to_save.{model.adapter}.{key}", original[key].dtype, change))
+    return out
+
+
+def _warn_reload_rounding(model):
+    """Warn of trained values the exported adapter reloads rounded (:func:`_rounded_on_reload`): its predictions then
+    differ from the model's. A warning, not a refusal: such an adapter is the nearest peft holds."""
+    rounded = _rounded_on_reload(model)
+    if rounded and is_main():
+        name, dtype, change = max(rounded, key=lambda r: r[2])
+        more = f" (and {len(rounded) - 1} more)" if len(rounded) > 1 else ""
+        warnings.warn(f"the trained {name}{more} is held in float32, but PeftModel.from_pretrained reloads it into the "
+                      f"base's {str(dtype).removeprefix('torch.')} copy of its module (peft's modules_to_save), rounded by "
+                      f"up to {change:.2g}, which its forward runs at full precision: the reloaded adapter predicts "
+                      "otherwise than the model; save_guide (of a guide, or of a Pyro autoguide) keeps it exactly for "
+                      "load_guide; or train on a float32 base, or without that module in modules_to_save", stacklevel=6)
 
 
 def _check_nothing_merged(model):
