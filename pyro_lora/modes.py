@@ -7,11 +7,15 @@ off in the embeddings, one layer in train mode) would come back in the network's
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
+import inspect
+import textwrap
 
 import torch
 from torch.nn.modules.dropout import _DropoutNd
-from transformers import PretrainedConfig
+from transformers import PretrainedConfig, PreTrainedModel
 
 __all__ = ["dropout_in_training", "eval_mode", "network_mode"]
 
@@ -35,31 +39,88 @@ def eval_mode(net: torch.nn.Module):
 
 
 def dropout_in_training(net: torch.nn.Module) -> list[str]:
-    """Where the forward of ``net`` drops at random as its modules' train / eval modes stand: one entry per module,
-    ``"<name> (<what>=<p>, ...)"``; empty where every dropout probability that would apply is 0.
+    """Where the forward of ``net`` draws at random as its modules' train / eval modes stand: one entry per module,
+    ``"<name> (<what>=<p>, ...)"``; empty where every such probability that would apply is 0.
 
-    Counted, for each module in training mode that the forward runs: a dropout module's ``p``; a float attribute
-    named ``*drop*``, dropout applied functionally (Llama's ``attention_dropout``, BART's ``dropout``, a drop path's
-    ``drop_prob``); and the ``*drop*`` probabilities of the transformers config it holds, which some attention reads at
-    forward time under its own ``training`` flag (GPT-Neo's ``attention_dropout``; BERT's
-    ``attention_probs_dropout_prob``, even with its dropout module in eval mode). A peft layer runs the per-adapter
-    modules of its active adapters only: another adapter's ``lora_dropout`` (or ``modules_to_save`` copy) is passed
-    over.
+    Counted, for each module in training mode that the forward runs (:func:`_running_modules`): a dropout module's
+    ``p`` (it drops where it is called); and what the module's own methods (not ``__init__``: :func:`_reads`) read
+    under its ``training`` flag, whatever its children's modes: a dropout module's ``self.<child>.p`` (BERT's and
+    GPT-2's attention, with that child in eval mode), a float attribute named ``*drop*`` or ``*jitter*`` (dropout
+    applied functionally, as Llama's ``attention_dropout`` and DBRX's ``resid_pdrop``; a mixture of experts' input
+    jitter, as Mixtral's ``jitter_noise`` and DBRX's ``moe_jitter_eps``), and such a key of the transformers config it
+    holds (``self.config.<key>``, as Persimmon's ``attention_dropout``). A value only ``__init__`` reads (the config's
+    ``classifier_dropout`` of another head class, a probability a dropout module took at build and since set to 0) is
+    not counted; nor is randomness under other names (PhiMoE's router samples its experts in training). A peft
+    layer runs the per-adapter modules of its active adapters only: another adapter's ``lora_dropout`` (or
+    ``modules_to_save`` copy) is passed over.
     """
-    found, configs = [], set()
+    found = []
     for name, module in _running_modules(net):
         if not module.training:
             continue
-        probs = {"p": module.p} if isinstance(module, _DropoutNd) else {}
-        probs.update((k, v) for k, v in vars(module).items() if "drop" in k and isinstance(v, float))
+        probs = {"p": module.p} if isinstance(module, _DropoutNd) and module.p > 0 else {}
+        # a child in training mode is an entry of its own; one in eval mode drops only where this module reads its p
+        held = {f"{key}.p": child.p for key, child in module.named_children()
+                if isinstance(child, _DropoutNd) and not child.training and child.p > 0}
+        held.update((key, v) for key, v in vars(module).items() if _random(key, v))
         config = vars(module).get("config")
-        if isinstance(config, PretrainedConfig) and id(config) not in configs:  # many modules hold it: named once
-            configs.add(id(config))
-            probs.update((f"config.{k}", v) for k, v in vars(config).items() if "drop" in k and isinstance(v, float))
-        on = [f"{k}={v:g}" for k, v in probs.items() if v > 0]
-        if on:
-            found.append(f"{name or type(module).__name__} ({', '.join(on)})")
+        if isinstance(config, PretrainedConfig):
+            held.update((f"config.{key}", v) for key, v in vars(config).items() if _random(key, v))
+        reads = _reads(type(module)) if held else frozenset()
+        probs.update((what, v) for what, v in held.items()
+                     if reads is None or (what if what.startswith("config.") else f"self.{what}") in reads)
+        if probs:
+            found.append(f"{name or type(module).__name__} ({', '.join(f'{k}={v:g}' for k, v in probs.items())})")
     return found
+
+
+def _random(name: str, value) -> bool:
+    """Whether ``name`` and ``value`` are a probability of train-mode randomness above 0 (``*drop*``, ``*jitter*``)."""
+    return isinstance(value, float) and value > 0 and ("drop" in name or "jitter" in name)
+
+
+@functools.cache
+def _reads(cls: type) -> frozenset[str] | None:
+    """What the methods of ``cls`` other than ``__init__`` read (its own and its bases', less torch's and those every
+    transformers model shares: loading, saving, attention set-up): ``"self.<name>"``, ``"self.<child>.p"`` and
+    ``"config.<key>"`` (``self.config.<key>`` or a local ``config``), as attributes or ``getattr`` with a literal
+    name. ``None`` where a class's source cannot be read (built at run time): then everything counts."""
+    read = set()
+    for base in cls.__mro__:
+        if base.__module__.startswith("torch.") or issubclass(PreTrainedModel, base):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(base)))
+        except (OSError, TypeError, SyntaxError):
+            return None
+        for method in tree.body[0].body:
+            if isinstance(method, (ast.FunctionDef, ast.AsyncFunctionDef)) and method.name != "__init__":
+                read.update(filter(None, map(_attribute_read, ast.walk(method))))
+    return frozenset(read)
+
+
+def _attribute_read(node) -> str | None:
+    """The :func:`_reads` entry of an AST node: ``self.x``, ``self.x.p``, ``self.config.x`` / ``config.x``, or their
+    ``getattr(owner, "x", ...)``; else ``None``."""
+    if isinstance(node, ast.Attribute):
+        owner, attr = _owner(node.value), node.attr
+    elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr"
+          and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str)):
+        owner, attr = _owner(node.args[0]), node.args[1].value
+    else:
+        return None
+    if owner in ("self", "config") or (owner is not None and attr == "p"):
+        return f"{owner}.{attr}"
+    return None
+
+
+def _owner(node) -> str | None:
+    """``"self"``, ``"config"`` (``self.config``, a local ``config``) or ``"self.<name>"`` for such an expression."""
+    if isinstance(node, ast.Name):
+        return node.id if node.id in ("self", "config") else None
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+        return "config" if node.attr == "config" else f"self.{node.attr}"
+    return None
 
 
 def _running_modules(net: torch.nn.Module):

@@ -571,7 +571,7 @@ def test_predictive_warns_of_functional_dropout_and_not_of_an_inactive_adapters(
     with torch.no_grad():
         mean = MAPGuide(model).mean()
         assert not torch.equal(model.logits(sentences, mean), model.logits(sentences, mean))
-    with pytest.warns(UserWarning, match=r"e\.g\. .*attention_probs_dropout_prob=0\.1"):
+    with pytest.warns(UserWarning, match=r"e\.g\. .*attention\.self \(dropout\.p=0\.1\)"):
         predictive(model, sentences)
 
     two = llama(0.0)
