@@ -179,7 +179,9 @@ class LoraGuide(torch.nn.Module):
         now)."""
         guides = [m for m in self.modules() if isinstance(m, LoraGuide)]  # self first, then a mixture's components
         saved = {n: t.clone() for n, t in self.state_dict().items()}
-        snapshots = [getattr(g, "_point_snapshot", None) for g in guides]
+        # what the state dict does not hold: the point snapshot, and a Laplace's fingerprint of its examples (which
+        # load_state_dict forgets, as of a fit loaded from elsewhere)
+        snapshots = [(getattr(g, "_point_snapshot", None), getattr(g, "_rows", None)) for g in guides]
         if adopt:
             self.adopt_point_parameters()
         try:
@@ -187,8 +189,8 @@ class LoraGuide(torch.nn.Module):
         except BaseException:
             with torch.no_grad():
                 self.load_state_dict(saved)
-            for g, snapshot in zip(guides, snapshots):
-                g._point_snapshot = snapshot
+            for g, (snapshot, rows) in zip(guides, snapshots):
+                g._point_snapshot, g._rows = snapshot, rows
             raise
 
     def carried_point_parameters(self) -> set:

@@ -99,6 +99,7 @@ class LaplaceGuide(LoraGuide):
         self.register_buffer("num_data", torch.zeros((), device=device))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool, device=device))
         self._rows = None  # the fit's RowDigest key, to tell a refit over other examples (None: unfitted, or loaded)
+        self.register_load_state_dict_post_hook(forget_rows)
 
     def config(self):
         return {
@@ -465,6 +466,11 @@ def _model_precision(model) -> float:
     warnings.warn(f"the model's prior is a {type(model.prior).__name__}, not one std: the Laplace's prior precision starts "
                   "at 1.0; pass prior_precision= to match the prior (optimize_prior_precision re-chooses it)", stacklevel=3)
     return 1.0
+
+
+def forget_rows(guide, incompatible_keys=None) -> None:
+    """After ``load_state_dict``: the fit loaded is of examples not saved, never those of the fit it replaced."""
+    guide._rows = None
 
 
 def earlier_fit(guide) -> tuple | None:

@@ -35,7 +35,8 @@ from pyro_lora.metrics import nll
 from pyro_lora.checks import check_count
 
 from .base import LoraGuide
-from .laplace import _LOG_LAMBDA_RANGE, LAMBDA_GRID, check_prior_search, earlier_fit, glm_probit, said_flat, warn_fitted_rows
+from .laplace import (_LOG_LAMBDA_RANGE, LAMBDA_GRID, check_prior_search, earlier_fit, forget_rows, glm_probit, said_flat,
+                      warn_fitted_rows)
 from .registry import Fitted, join_notes, method
 
 _FULL_LIMIT = 8192  # P up to which hessian="auto" keeps the dense GGN (its P x P eigenvectors: 256 MiB in float32)
@@ -115,6 +116,7 @@ class LastLayerLaplaceGuide(LoraGuide):
         self.register_buffer("num_data", torch.zeros((), dtype=torch.float64, device=device))
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool, device=device))
         self._rows = None  # the fit's RowDigest key, to tell a refit over other examples (None: unfitted, or loaded)
+        self.register_load_state_dict_post_hook(forget_rows)
         # the posterior as eigendecompositions, so that every lambda is cheap: eigenvalues in float64 (log-dets),
         # eigenvectors in float32 (they hold nearly all the numbers)
         shapes = {"eigvals": [c * d1], "eigvecs": [c * d1, c * d1]} if self.hessian == "full" else \
@@ -209,8 +211,8 @@ class LastLayerLaplaceGuide(LoraGuide):
         sums = [torch.zeros(c, d1, c, d1, **opts)] if self.hessian == "full" else \
             [torch.zeros(c, c, **opts), torch.zeros(d1, d1, **opts)]
         totals = torch.zeros(2, **opts)  # log p(D | theta*), N
-        rows = RowDigest()
         likelihood = self.model.likelihood
+        rows = RowDigest(likelihood.net_inputs)
         bar = tqdm(distributed.split_batches(data), desc="LLLA", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
         with distributed.refused_together("fit a last-layer Laplace"):  # a batch of one rank's block may be refused there alone
             for raw in bar:

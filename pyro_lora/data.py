@@ -323,38 +323,47 @@ class RowDigest:
     exact in float64 up to 2^37 examples, and additive, so ranks' sums all-reduce). The same examples in another
     order, batching or padding give the same fingerprint; another example, token or label gives another.
 
-    An example's digest covers every tensor of its batch, by key: of a tensor whose first dimension is the batch's
-    ``B`` examples or a multiple ``R B`` of it (``R`` rows per example, e.g. a cloze batch's row per choice), that
-    example's part; of any other, the whole. Tensors of the ``attention_mask``'s shape keep the positions it marks
-    real; those of the ``choice_mask``'s shape ``[B, K]``, and the rows of a ``[B K, ...]`` tensor, the choices it
-    marks present: padding to another length or to more choices changes nothing.
+    An example's digest covers the entries the likelihood reads: the ``net_inputs`` it hands the network, the labels
+    and a multiple-choice batch's choice and target entries (an ``idx`` column or a batch counter is no part of an
+    example), by key: of a tensor whose first dimension is the batch's ``B`` examples
+    or a multiple ``R B`` of it (``R`` rows per example, e.g. a cloze batch's row per choice), that example's part; of
+    any other, the whole. Entries over tokens keep the positions the ``attention_mask`` marks real; those over
+    choices, and the rows of a ``[B K, ...]`` tensor, the choices the ``choice_mask`` marks present: padding to
+    another length or to more choices changes nothing. Masks count by their truth values (a float mask is the integer
+    one), and an all-zero ``token_type_ids`` as none (what a BERT reads where it is missing).
     """
 
-    def __init__(self):
+    _TOKENS = ("input_ids", "token_type_ids", "attention_mask", "target_mask")  # [rows, T]: masked by attention_mask
+    _CHOICES = ("choice_mask", "target_lengths", "target_chars")  # [B, K]: masked by choice_mask
+
+    def __init__(self, net_inputs):
+        self.keys = tuple(sorted({*net_inputs, "labels", "target_mask", *self._CHOICES}))
         self.sums = torch.zeros(8, dtype=torch.float64)
 
     def add(self, batch: dict, count: int) -> None:
         """Add the ``count`` labelled examples of ``batch`` (a dict of tensors; other values are left out)."""
         if not count:
             return
-        tensors = {k: v.detach().cpu() for k, v in sorted(batch.items()) if torch.is_tensor(v)}
+        tensors = {k: batch[k].detach().cpu() for k in self.keys if torch.is_tensor(batch.get(k))}
         mask, choices = tensors.get("attention_mask"), tensors.get("choice_mask")
         hashes = [hashlib.blake2b(digest_size=16) for _ in range(count)]
         for key, t in tensors.items():
             keep = torch.ones(t.shape, dtype=torch.bool)
-            if mask is not None and t.shape == mask.shape:
+            if key in self._TOKENS and mask is not None and t.shape == mask.shape:
                 keep &= mask.bool()
-            elif choices is not None and t.shape == choices.shape:
+            elif key in self._CHOICES and choices is not None and t.shape == choices.shape:
                 keep &= choices.bool()
             if choices is not None and t.dim() > 0 and t.shape[0] == choices.numel() > count:  # a row per choice
                 keep &= choices.bool().reshape(-1, *[1] * (t.dim() - 1))
-            values = t.double() if t.is_floating_point() else t.long()
+            values = t.bool().long() if key.endswith("_mask") else t.double() if t.is_floating_point() else t.long()
             own = t.dim() > 0 and t.shape[0] > 0 and t.shape[0] % count == 0
             width = t.numel() // count  # not -1: a tensor of no numbers has a part of none
             rows, keeps = (values.reshape(count, width), keep.reshape(count, width)) if own else (None, None)
-            whole = None if own else values[keep].numpy().tobytes()
             for i, h in enumerate(hashes):
-                part = rows[i][keeps[i]].numpy().tobytes() if own else whole
+                part = rows[i][keeps[i]] if own else values[keep]
+                if key == "token_type_ids" and not bool(part.any()):
+                    continue  # all zeros: what a BERT reads where the collator writes none
+                part = part.numpy().tobytes()
                 h.update(f"{key}:{len(part)}:".encode())
                 h.update(part)
         limbs = np.frombuffer(b"".join(h.digest() for h in hashes), dtype="<u2").reshape(count, 8)

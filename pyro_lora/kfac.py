@@ -407,7 +407,7 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
     gen = torch.Generator(device=model.device).manual_seed(0)
     acc = [Accumulator(f, sketch, gen) for f in factors]
     loglik = torch.zeros((), device=model.device, dtype=torch.double)
-    count, rows = 0, RowDigest()
+    count, rows = 0, RowDigest(model.likelihood.net_inputs)
     bar = tqdm(distributed.split_batches(data), desc="KFAC", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
     with eval_mode(model.net):
         weights = layer_weights(model, sites, loc)

@@ -401,6 +401,67 @@ def test_a_refit_of_a_loaded_fit_says_it_cannot_compare_the_examples(tmp_path):
         loaded.fit(bert_data(), progress=False)
 
 
+@pytest.mark.parametrize("guide_class", ["laplace", "llla"])
+def test_a_refit_over_the_same_examples_with_entries_the_network_never_reads_says_nothing(guide_class):
+    """The fingerprint hashed every tensor of a batch: a refit over the same examples with an ``idx`` column (as HF
+    GLUE datasets carry), a batch counter, a float attention mask or BERT's all-zero token_type_ids left out (what BERT
+    reads where it is missing) warned of 'a different set of examples', the evidence equal to the last digit."""
+    from pyro_lora.guides import LastLayerLaplaceGuide
+
+    make = LaplaceGuide if guide_class == "laplace" else LastLayerLaplaceGuide
+    (batch,) = bert_data()
+    batch = {**batch, "token_type_ids": torch.zeros_like(batch["input_ids"])}
+    guide = make(LoraModel(tiny_bert(r=2), SequenceClassification())).fit([batch], progress=False)
+    evidence = float(guide.log_marginal_likelihood())
+    same = [{k: v for k, v in batch.items() if k != "token_type_ids"},
+            {**batch, "attention_mask": batch["attention_mask"].float()},
+            {**batch, "idx": torch.tensor([17, 3, 9])},
+            {**batch, "step": torch.tensor(4)}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for b in same:
+            guide.fit([b], progress=False)
+            assert float(guide.log_marginal_likelihood()) == pytest.approx(evidence, rel=1e-6)
+    other = {**batch, "token_type_ids": batch["attention_mask"].clone()}  # a token type the network reads
+    with pytest.warns(UserWarning, match="by one over a different set of 3 examples"):
+        guide.fit([other], progress=False)
+
+
+def test_the_row_digest_masks_entries_by_their_name_not_their_shape():
+    """A letter batch whose padded width T equals its number of choices K: the choice mask [B, K] was masked by the
+    attention mask [B, T] (one shape): the same questions batched together or apart differed (a false alarm), and a
+    question offered 3 choices then 4 did not (a miss: the evidence moved from -5.87 to -6.23)."""
+    from conftest import tiny_llama
+    from test_padding import _tokens, letter_batch
+
+    from pyro_lora import MultipleChoice
+
+    records, labels = [(_tokens(3, 1), 3), (_tokens(4, 2), 4)], torch.tensor([2, 3])
+    together = [letter_batch(records, "left") | {"labels": labels}]
+    assert together[0]["input_ids"].shape == together[0]["choice_mask"].shape  # T = K = 4
+    apart = [letter_batch([r], "left") | {"labels": labels[i:i + 1]} for i, r in enumerate(records)]
+    model = LoraModel(tiny_llama(r=2), MultipleChoice([10, 11, 12, 13], format="letter"))
+    guide = LaplaceGuide(model, fisher="exact").fit(together, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        guide.fit(apart, progress=False)
+    three = letter_batch(records, "right") | {"labels": labels}
+    guide.fit([three], progress=False)
+    with pytest.warns(UserWarning, match="by one over a different set of 2 examples"):
+        guide.fit([{**three, "choice_mask": torch.ones_like(three["choice_mask"])}], progress=False)
+
+
+def test_load_state_dict_into_a_fitted_guide_forgets_the_examples_of_the_fit_it_replaces():
+    """laplace-torch's save / restore habit: a guide fitted on D1 given the state_dict of one fitted on D2 kept D1's
+    fingerprint: its refit on D1 (replacing the D2 fit) was silent, and on D2 was said to be over other examples."""
+    d1, d2 = bert_data(), bert_data(seed=5)
+    g1 = LaplaceGuide(LoraModel(tiny_bert(r=2), SequenceClassification())).fit(d1, progress=False)
+    g2 = LaplaceGuide(LoraModel(tiny_bert(r=2), SequenceClassification())).fit(d2, progress=False)
+    g1.load_state_dict(g2.state_dict())
+    with pytest.warns(UserWarning, match=r"examples \(the loaded fit's examples are not saved, so they cannot be compared\)"):
+        g1.fit(d1, progress=False)
+
+
 @pytest.mark.parametrize("layout", ["letter", "cloze"])
 def test_the_row_digest_is_of_the_examples_not_their_order_batching_or_padding(layout):
     """The fingerprint a refit is compared by: the same multiple-choice examples in one batch or one per batch (another
@@ -413,7 +474,7 @@ def test_the_row_digest_is_of_the_examples_not_their_order_batching_or_padding(l
     records, collate = (LETTER_RECORDS, letter_batch) if layout == "letter" else (CLOZE_RECORDS, cloze_batch)
 
     def key(batches):
-        rows = RowDigest()
+        rows = RowDigest(("input_ids", "attention_mask"))
         for b in batches:
             rows.add(b, b["labels"].shape[0])
         return rows.key()
