@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import numbers
 import warnings
@@ -22,7 +23,7 @@ from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
 from .modes import dropout_in_training
 from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, elbo_run, hidden_from_elbo, in_predictive,
-                         in_svi_step, marked_guides, replayed_trace)
+                         in_svi_step, marked_guides, on_training_step, replayed_trace)
 from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_values, describe_inits,
                     find_lora_layers, is_site_name, matrix_view, per_layer)
 
@@ -286,39 +287,30 @@ class LoraModel:
         :raises ValueError: as :meth:`check_adapter_trained` (a guide built from this adapter would pair untrained
             LoRA matrices with the trained head).
         """
-        values = self._held_values()
-        self.check_adapter_trained("what is built from the adapter", "call model.write_adapter(guide.mean()) first, "
-                                   "or pass init=guide.mean()")
-        return values
-
-    def _held_values(self) -> dict:
-        """The adapter's LoRA weights as site values (zeros for kinds without a peft parameter)."""
         values = {}
         for name, site in self.sites.items():
             if site.kind.parameter is None:
                 values[name] = torch.zeros(site.shape, device=self.device)
                 continue
             mats = [self._parameter(p, site.kind).detach().float() for p in site.layers]
-            values[name] = torch.stack(mats) if site.stacked else mats[0].clone()
-        return values
+            values[name] = torch.stack(mats) if site.stacked else mats[0]
+        self.check_adapter_trained("what is built from the adapter", "call model.write_adapter(guide.mean()) first, "
+                                   "or pass init=guide.mean()")
+        return {k: v.clone() for k, v in values.items()}
 
     def check_adapter_trained(self, use: str, advice: str, stacklevel: int = 2) -> None:
-        """Refuse an adapter whose LoRA weights at this model's sites are not those of the guide that trained the
-        network's head (``fit``, SVI; a MAP guide keeps its LoRA in the guide): ``use`` (e.g. an exported adapter)
-        would pair untrained LoRA matrices with the trained head. Point-estimate ``A`` and ``B`` are not compared (a
-        ScalaBL model rotates them, the product kept). Warn where ``fit`` trained no head and its guide's mean was never
-        written into the adapter. ``advice`` ends both sentences; ``stacklevel`` is the warning's, counted from the
-        caller.
+        """Refuse an adapter whose LoRA weights are not those of the guide that trained the network's head (``fit``,
+        SVI; a MAP guide keeps its LoRA in the guide): ``use`` (e.g. an exported adapter) would pair untrained LoRA
+        matrices with the trained head. Warn where ``fit`` trained no head and its guide's mean was never written into
+        the adapter. ``advice`` ends both sentences; ``stacklevel`` is the warning's, counted from the caller.
 
-        :raises ValueError: naming the guide and a site whose values it holds otherwise than the adapter.
+        :raises ValueError: naming the guide and a LoRA weight it holds otherwise than the adapter.
         """
         owner = head_trainer(self)
         if owner is not None:
-            theirs, values = owner.mean(), self._held_values()
-            stale = [
-                n for n, v in values.items()
-                if self.sites[n].kind.parameter is not None and n in theirs and theirs[n].shape == v.shape and not torch.equal(theirs[n].detach().float(), v)
-            ]
+            theirs = owner.model.lora_weight_values({k: v.detach() for k, v in owner.mean().items()})
+            held = dict(self.named_lora_weights())
+            stale = [n for n, v in theirs.items() if n in held and not torch.equal(v.float(), held[n].detach().float())]
             if stale:
                 raise ValueError(
                     f"the network's head was trained by a {type(owner).__name__} whose LoRA values the adapter does not hold "
@@ -508,16 +500,20 @@ class LoraModel:
         A batch without ``"labels"`` samples ``"obs"`` (``[B]``, class indices): ``pyro.infer.Predictive``'s predictions.
         A guide that marks a site with ``infer={"flipout_loc": loc}`` (its mean) gets flipout in the likelihood.
         Under ``pyro.infer.Predictive`` it warns where the network's modes leave a dropout probability above 0 in its
-        forward (:func:`~pyro_lora.modes.dropout_in_training`: dropout modules, functional and attention dropout;
-        ``predict`` runs in eval mode: call ``model.net.eval()`` before Predictive).
+        forward (:func:`~pyro_lora.modes.dropout_in_training`: dropout modules, functional and attention dropout, a
+        mixture of experts' jitter; ``predict`` runs in eval mode: call ``model.net.eval()`` before Predictive).
+        Under a replay of one's own with gradients on (``poutine.trace(poutine.replay(model, trace=guide_trace))``),
+        the optimizer step that follows a backward pass through it is a training step (a loss of one's own, as Pyro's
+        custom objectives): there a guide built on another model object is refused, the ELBO's problems refused below
+        are warned of (the loss may add terms of its own), and the batch counts towards the ``num_data`` warning.
 
         :raises ValueError: if a value replayed from a guide has another shape than its site (a guide built
             for another model); inside a plate (Pyro's vectorized particles, or a minibatch plate of the user's: the
-            model scales its data term itself); under an ELBO (not a replay of one's own, as
-            ``poutine.trace(poutine.replay(model, trace=guide_trace))``), for a ``kl_weight`` the guide's sites are not
+            model scales its data term itself; ``TraceTailAdaptive_ELBO``, which Pyro runs over vectorized particles
+            only); under an ELBO (not a replay of one's own, as above), for a ``kl_weight`` the guide's sites are not
             scaled by (a Pyro autoguide: its ``log q`` unscaled), guide values blocked from the model
-            (``poutine.block``) or the observed site ``"obs"`` hidden from the ELBO; under a per-row ``poutine.scale``
-            or a ``poutine.mask`` (the weight sites are global); for a ``num_data`` below a labelled batch's rows; for labels the likelihood refuses, in
+            (``poutine.block``), the observed site ``"obs"`` hidden from the ELBO or a ``poutine.mask`` of ``False``;
+            under a per-row ``poutine.scale`` or ``poutine.mask`` (the weight sites are global); for a ``num_data`` below a labelled batch's rows; for labels the likelihood refuses, in
             ``batch["labels"]`` or handed to ``"obs"`` (``poutine.condition``; a token-level likelihood, which derives
             its observed tokens from ``batch["labels"]``, refuses any so handed); in ``fit``, for a batch without labels; or
             under Pyro's optimizers (``pyro.infer.SVI``) for a network computing in float16; under a JIT ELBO.
@@ -563,12 +559,18 @@ class LoraModel:
                 "or give the prior fixed values"
             )
         guide_trace = replayed_trace()
-        # an ELBO's replay, or one of the user's own (reading a trace, the prior's density): the checks of a loss are
-        # the ELBO's; a step trains, where a loss (a validation one) only evaluates
+        # an ELBO's replay, or one of the user's own: the checks of a loss are the ELBO's; a step trains, where a loss (a
+        # validation one) only evaluates. A replay of one's own with gradients on trains where a loss of one's own through
+        # it is stepped (Pyro's custom objectives), where read for the prior's density it does not: its checks wait for
+        # that step (pyro_stack.on_training_step)
         run = elbo_run() if guide_trace is not None else None
-        self._check_global_sites(tr.trace, elbo=run is not None)
+        own = guide_trace is not None and run is None and torch.is_grad_enabled() and pyro_params.recording()
+        loss = run is not None or own  # an ELBO's loss, or maybe one of the user's own
+        elbo_problems = self._check_global_sites(tr.trace, loss)
         if guide_trace is not None:
-            self._check_guide_trace(guide_trace, tr.trace, run)
+            elbo_problems += self._check_guide_trace(guide_trace, tr.trace, run, loss)
+        if run is not None and elbo_problems:
+            raise ValueError(elbo_problems[0])
         self._check_conditioned(tr.trace)
         for name, v in values.items():
             shape = self.sites[name].shape
@@ -585,7 +587,8 @@ class LoraModel:
         y = self._labels(batch)  # its checks read the labels on the host: before the forward is queued
         # a training step of an ELBO outside fit (which keeps its own books): Pyro's SVI, or a loop of the user's own
         training = run == "training" and torch.is_grad_enabled() and pyro_params.recording()
-        if self.num_data is None and y is not None and self._svi_batch is not False and training:
+        count = self.num_data is None and y is not None and self._svi_batch is not False
+        if count and training:
             self._count_svi_batches(batch, y)
         logits = self.logits(batch, values, flipout_locs=flipout)
         rows = logits.shape[0]
@@ -595,19 +598,30 @@ class LoraModel:
             observed.observer = self._observe
         with pyro.plate("data", size, subsample_size=rows, device=logits.device), poutine.trace() as obs:
             pyro.sample("obs", observed, obs=y)
-        if run is not None and hidden_from_elbo(obs.trace.nodes["obs"]):
-            raise ValueError(
+        if loss and hidden_from_elbo(obs.trace.nodes["obs"]):
+            elbo_problems.append(
                 "the model's observed site 'obs' is hidden from the ELBO (a poutine.block around the model: hide=['obs'], "
                 "hide_types=['observe'], or expose= without it): its loss would lack the data term, -(log p(w) - log "
                 "q(w)) alone, and training would pull the guide to the prior; block nothing of the model under an ELBO "
                 "(the data weigh by num_data, the prior against them by kl_weight)"
             )
+            if run is not None:
+                raise ValueError(elbo_problems[-1])
         self._check_observed(batch, obs.trace.nodes["obs"], y, rows)
+        if own:
+            drawn = [node["value"] for node in tr.trace.nodes.values() if node["type"] == "sample"]
+            others = [g for g in marked_guides(guide_trace) if g.model is not self]
+            on_training_step(self, functools.partial(LoraModel._replay_trained, problems=elbo_problems, others=others,
+                                                     batch=batch if count else None, y=y),
+                             through=[logits, *drawn])
+        elif torch.is_grad_enabled():  # SVI, an ELBO, fit: their steps are their own runs'
+            on_training_step(self)
         return logits
 
-    def _count_svi_batches(self, batch, y):
+    def _count_svi_batches(self, batch, y, stacklevel=3):
         """Warn, as ``fit`` does (:func:`warn_unscaled`), once an ELBO trains on a second batch of a model without
-        ``num_data``: batches told apart by their rows as a set (one batch of the whole data, shuffled, is one)."""
+        ``num_data``: batches told apart by their rows as a set (one batch of the whole data, shuffled, is one).
+        ``stacklevel``: the warning's, counted from the caller."""
         rows = batch.get("input_ids")
         rows = (rows if torch.is_tensor(rows) else y).reshape(y.shape[0], -1).long()
         weights = torch.randint(1, 2**62, (rows.shape[1],), generator=torch.Generator().manual_seed(0)).to(rows.device)
@@ -616,7 +630,8 @@ class LoraModel:
             self._svi_batch = fingerprint
         elif self._svi_batch.shape != fingerprint.shape or not torch.equal(self._svi_batch, fingerprint):
             self._svi_batch = False
-            warn_unscaled(self, 2, "an ELBO trained outside fit (pyro.infer.SVI, a loop of your own)", stacklevel=3)
+            warn_unscaled(self, 2, "an ELBO trained outside fit (pyro.infer.SVI, a loop of your own)",
+                          stacklevel=stacklevel)
 
     def _check_observed(self, batch, node, y, rows):
         """The label checks, on the value the ``"obs"`` site received however it came (``batch["labels"]``, or a handler:
@@ -646,12 +661,12 @@ class LoraModel:
                              "a batch without labels draws 'obs', as pyro.infer.Predictive's predictions")
         return None
 
-    def _check_global_sites(self, own, elbo):
-        """Refuse a per-row ``poutine.scale`` or ``poutine.mask`` around the model, and under an ELBO any mask but
-        ``True``: its weight sites are drawn once for all the data, so a mask of B rows counted their log-prior once per
-        kept row (with Pyro's validation off, as in ``fit``) and ``mask=False`` dropped it, leaving ``-log q``: no ELBO
-        either way (``pyro.infer.Predictive`` runs the model under ``mask=False``, as may a replay of one's own: no ELBO
-        reads a log-density there)."""
+    def _check_global_sites(self, own, loss: bool) -> list[str]:
+        """Refuse a per-row ``poutine.scale`` or ``poutine.mask`` around the model, and where the run is an ELBO's loss
+        or may be one (``loss``) return as its problem any other mask but ``True``: its weight sites are drawn once for all the data, so a mask of B rows counted
+        their log-prior once per kept row (with Pyro's validation off, as in ``fit``) and ``mask=False`` dropped it,
+        leaving ``-log q``: no ELBO either way (``pyro.infer.Predictive`` runs the model under ``mask=False``, as may a
+        replay of one's own: no ELBO reads a log-density there)."""
         node = own.nodes[next(iter(self.sites))]
         scale, mask = node["scale"], node["mask"]
         if torch.is_tensor(scale) and scale.numel() != 1:
@@ -660,37 +675,38 @@ class LoraModel:
                 "global (one draw for all the data), so they take one scalar scale; weight the rows' likelihood by "
                 "weighting the data (repeat or leave out rows), and scale model and guide alike by a number"
             )
-        per_row = torch.is_tensor(mask) and mask.numel() != 1
-        if per_row or (elbo and mask is not None and not bool(mask)):
-            raise ValueError(
-                "the model runs under poutine.mask: its weight sites are global (one draw for all the data), so a mask "
-                "per row would count their log-prior once per kept row and mask=False drops it, which is no ELBO; leave "
-                "the masked rows out of the batch instead"
-            )
+        masked = ("the model runs under poutine.mask: its weight sites are global (one draw for all the data), so a mask "
+                  "per row would count their log-prior once per kept row and mask=False drops it, which is no ELBO; leave "
+                  "the masked rows out of the batch instead")
+        if torch.is_tensor(mask) and mask.numel() != 1:
+            raise ValueError(masked)
+        return [masked] if loss and mask is not None and not bool(mask) else []
 
-    def _check_guide_trace(self, guide_trace, own, run):
+    def _check_guide_trace(self, guide_trace, own, run, loss: bool) -> list[str]:
         """The model replayed against ``guide_trace`` (``own``: the trace of the model's weight sites; ``run``: how an
         ELBO runs it, :func:`~pyro_lora.pyro_stack.elbo_run`, ``None`` for a replay of the user's own): refuse a
         pyro_lora guide built for another model (:func:`~pyro_lora.contract.check_guide`: another checkpoint, other
         sites; in an ELBO's training step with gradients on, another model object: the step would train one model's
-        guide against another's network). Under an ELBO, also refuse guide values that did not reach the model (a
-        ``poutine.block`` around it), and guide sites scaled otherwise than the model's (``kl_weight`` or a
-        ``poutine.scale`` on one side only: ``log q`` and ``log p`` would be weighted apart, which is no (beta-)ELBO);
-        a replay of one's own computes no ELBO, and may leave sites to the prior. A weight site
-        reparametrised by ``poutine.reparam`` is observed, its randomness in the latent sites the reparam drew in its place
-        (``LocScaleReparam``'s ``<site>_decentered``): those are checked as the weight sites are."""
+        guide against another's network). Where the replay is an ELBO's loss, or may be one (``loss``), return as its
+        problems guide values that did not reach the model (a ``poutine.block`` around it) and guide sites scaled
+        otherwise than the model's (``kl_weight`` or a ``poutine.scale`` on one side only: ``log q`` and ``log p`` would
+        be weighted apart, which is no (beta-)ELBO); a replay of one's own read for the prior's density may leave sites
+        to the prior. A weight site reparametrised by ``poutine.reparam`` is observed, its randomness in the latent sites
+        the reparam drew in its place (``LocScaleReparam``'s ``<site>_decentered``): those are checked as the weight
+        sites are."""
         for guide in marked_guides(guide_trace):
             if guide.model is not self:  # a training step: the very model, as fit requires
                 check_guide(self, guide, "run an ELBO (pyro.infer.SVI, a replayed trace)",
                             same_model=run == "training" and torch.is_grad_enabled())
-        if run is None:
-            return
+        if not loss:
+            return []
+        problems = []
         # own holds the weight sites and what a handler drew while they were sampled: a reparam's latent replacements
         latent = [n for n, node in own.nodes.items() if node["type"] == "sample" and not node["is_observed"]]
         unreached = [n for n in latent
                      if n not in guide_trace.nodes or own.nodes[n]["value"] is not guide_trace.nodes[n]["value"]]
         if unreached:
-            raise ValueError(
+            problems.append(
                 f"no value of the guide's reached the model's site {unreached[0]!r} ({len(unreached)} sites so: a "
                 "poutine.block around the guide or the model, a guide over fewer sites, or missing sites a poutine.reparam "
                 "of the weight sites samples): the model drew them from its "
@@ -703,7 +719,7 @@ class LoraModel:
                     and not math.isclose(float(node["scale"]), scale, rel_tol=1e-6)}
         if unscaled:
             name, value = next(iter(unscaled.items()))
-            raise ValueError(
+            problems.append(
                 f"the model's weight sites are scaled by {scale:g} (kl_weight, poutine.scale), but the guide's site {name!r} "
                 f"by {value:g} ({len(unscaled)} sites so): the objective would weigh log q and log p apart, which is no "
                 "ELBO. To scale a minibatch to the training set, scale neither: the model scales its data term itself, by "
@@ -712,6 +728,24 @@ class LoraModel:
                 "(fit's 1 / num_data) or the KL (kl_weight, tempering): it scales the KL with the data. A Pyro autoguide "
                 "takes no kl_weight: run it under poutine.scale(scale=kl_weight), or use a pyro_lora guide"
             )
+        return problems
+
+    def _replay_trained(self, problems, others, batch, y):
+        """An optimizer step follows a backward pass through a replay of the user's own with gradients on
+        (:func:`~pyro_lora.pyro_stack.on_training_step`): a loss of their own steps on it, as Pyro's 'custom objectives'
+        ELBO. Refuse a guide of ``others`` (built on another model object) as an ELBO's training step does; warn of the
+        first of ``problems`` (those an ELBO's loss refuses: pyro_lora sees the replay, not the loss, which may add
+        terms of its own); and count ``batch`` (``None``: not counted) towards the num_data warning."""
+        for guide in others:
+            check_guide(self, guide, "train through a replay of your own (an optimizer step on a loss of "
+                        "poutine.trace(poutine.replay(model, trace=guide_trace)))", same_model=True)
+        if problems:  # the frames above: on_training_step's hook, the optimizer's step wrapper, the step's caller
+            warnings.warn("an optimizer step trains through a replay of your own (a backward pass through "
+                          "poutine.trace(poutine.replay(model, trace=guide_trace)), as Pyro's custom objectives) in "
+                          f"which {problems[0]}; a replay only read, as for the prior's log density, is no such step",
+                          stacklevel=4)
+        if batch is not None:
+            self._count_svi_batches(batch, y, stacklevel=5)
 
     def _check_conditioned(self, own):
         """Refuse conditioned values (``poutine.condition``, ``pyro.infer.Predictive``'s posterior samples) for some of

@@ -1,6 +1,7 @@
 """What Pyro's handler stack says about the call running now: the plates around it, the trace an ELBO replays, the
-values ``poutine.condition`` hands in, and which guide drew a replayed site; and, where no handler tells, what the
-Python call stack says: whether ``SVI.step``, an ELBO (training or evaluating) or ``Predictive`` runs it."""
+values ``poutine.condition`` hands in, and which guide drew a replayed site; where no handler tells, what the
+Python call stack says: whether ``SVI.step``, an ELBO (training or evaluating) or ``Predictive`` runs it; and, for a
+replay of the user's own, whether an optimizer step trains through it (:func:`on_training_step`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.infer.elbo import ELBO
 from pyro.infer.importance import Importance
 from pyro.infer.svi import SVI
+from pyro.infer.trace_tail_adaptive_elbo import TraceTailAdaptive_ELBO
 from pyro.poutine.block_messenger import BlockMessenger
 from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.escape_messenger import EscapeMessenger
@@ -19,6 +21,7 @@ from pyro.poutine.indep_messenger import IndepMessenger
 from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_struct import Trace
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 VECTORIZED = ("vectorized particles (vectorize_particles=True, Predictive(parallel=True)) are not supported; use "
               "num_particles without vectorizing, or pyro_lora.predict for many samples in one forward")
@@ -44,7 +47,7 @@ def elbo_run() -> str | None:
     the handlers): ``"evaluation"`` inside an ELBO's ``loss`` (a validation loss, ``svi.evaluate_loss``, whatever it
     calls inside) or ``Importance``; else ``"training"`` inside ``pyro.infer.SVI.step`` or an ELBO's
     ``differentiable_loss`` or ``loss_and_grads`` (a loop of one's own); ``None`` outside any (``poutine.trace`` of a
-    replay of one's own, ``Predictive``)."""
+    replay of one's own, which trains only where an optimizer step follows: :func:`on_training_step`; ``Predictive``)."""
     run = None
     frame = sys._getframe(1)
     while frame is not None:
@@ -57,6 +60,57 @@ def elbo_run() -> str | None:
             run = "training"
         frame = frame.f_back
     return run
+
+
+class _Replay:
+    """The checks of one run of a model under a replay of the user's own, due if an optimizer step trains through it."""
+
+    def __init__(self, check):
+        self.check = check
+
+
+_last_replay = weakref.WeakKeyDictionary()  # model -> weakref to the _Replay of its last run, alive while its graph is
+_trained_replay = weakref.WeakKeyDictionary()  # model -> the _Replay a backward pass went through: the next step's
+_step_hook = []
+
+
+def on_training_step(owner, check=None, through=()) -> None:
+    """``owner`` (a model) ran under a replay of the user's own with gradients on
+    (``poutine.trace(poutine.replay(model, trace=guide_trace))``; :func:`elbo_run` ``None``). Such a run trains only in
+    a loss of the user's own that an optimizer steps, as in Pyro's 'custom objectives' (``loss = -(model_trace.
+    log_prob_sum() - guide_trace.log_prob_sum())``, ``loss.backward()``, ``optimizer.step()``); one read for the prior's
+    log density does not. ``check(owner)`` runs at the first optimizer step (torch's, and so Pyro's, before it moves
+    anything) after a backward pass through any of the tensors ``through`` (the guide's draws the run read, its output).
+    Each run of ``owner`` replaces the last one's; ``check=None`` (a run of another kind with gradients on: ``SVI``, an
+    ELBO, ``fit``, which step on their own runs) forgets it. Two replays of one guide trace look alike here: one read
+    after the loss's replay and before its backward pass is taken for the loss's."""
+    _trained_replay.pop(owner, None)
+    if check is None:
+        _last_replay.pop(owner, None)
+        return
+    if not _step_hook:
+        _step_hook.append(register_optimizer_step_pre_hook(_before_step))
+    replay = _Replay(check)
+    _last_replay[owner] = weakref.ref(replay)
+    ref = weakref.ref(owner)
+
+    def reached(_):
+        model = ref()
+        last = None if model is None else _last_replay.get(model)
+        if last is not None and last() is replay:
+            _trained_replay[model] = replay
+
+    for t in through:
+        if t.requires_grad and t.grad_fn is not None:  # a leaf's hook (a parameter's) would outlive this graph
+            t.register_hook(reached)
+
+
+def _before_step(optimizer, args, kwargs) -> None:
+    """torch's global pre-step hook: the checks of the replays a backward pass went through, the step not yet taken."""
+    for model, replay in list(_trained_replay.items()):
+        del _trained_replay[model]
+        _last_replay.pop(model, None)
+        replay.check(model)
 
 
 def in_predictive() -> bool:
@@ -90,6 +144,13 @@ def check_no_plate(who: str) -> None:
             "for all the data), and the model observes each batch in its own 'data' plate, scaled by num_data / rows "
             "(the batch's) to the whole training set; drop the plate (around the model and the guide) and build the "
             "model with LoraModel(..., num_data=len(training set))"
+        )
+    if plates and _called_from(lambda frame: isinstance(frame.f_locals.get("self"), TraceTailAdaptive_ELBO)):
+        raise ValueError(
+            "TraceTailAdaptive_ELBO cannot be used with pyro_lora: Pyro computes it over vectorized particles only "
+            "(without vectorize_particles=True it raises NotImplementedError), and the model takes one draw of its "
+            "global weight sites per network forward, so vectorized particles are not supported; for a mass-covering "
+            "objective use RenyiELBO(alpha=0.5, num_particles=K) (any alpha < 1)"
         )
     if plates:
         raise ValueError(f"the {who} runs inside the plate(s) {plates}: its weight sites are global, and {VECTORIZED}")

@@ -830,6 +830,99 @@ def test_a_replay_of_ones_own_outside_an_elbo_may_hide_obs_leave_sites_to_the_pr
         Trace_ELBO().loss(pyro.poutine.mask(model, mask=False), guide, batch)
 
 
+def _custom_elbo(model, guide, batch):
+    """The ELBO of Pyro's 'Customizing SVI objectives' tutorial: the guide traced, the model replayed against it."""
+    guide_trace = pyro.poutine.trace(guide).get_trace(batch)
+    model_trace = pyro.poutine.trace(pyro.poutine.replay(model, trace=guide_trace)).get_trace(batch)
+    return -(model_trace.log_prob_sum() - guide_trace.log_prob_sum())
+
+
+def _custom_step(model, guide, batch, params):
+    """One step of a training loop of one's own on :func:`_custom_elbo`, with a torch optimizer."""
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    optimizer.zero_grad()
+    loss = _custom_elbo(model, guide, batch)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def test_a_training_loop_of_ones_own_through_a_replay_is_checked_at_its_optimizer_step():
+    """Since 9b2ce90 a replay of one's own got none of an ELBO's checks, also where a loss of one's own trained through
+    it (Pyro's custom objectives: trace the guide, replay the model, -(log p - log q), a torch optimizer's step): over 3
+    batches of a model without num_data nothing warned, poutine.block(model, hide=['obs']) dropped the data term (5844.32
+    for 5861.02), poutine.scale(model, N / B) gave 1543.51 where the minibatch ELBO with num_data=48, B=8 is 285.00, and
+    a guide of another model object was trained against this model's network. An optimizer step after a backward pass
+    through such a replay is now a training step: the guide of another model object is refused before the step moves
+    anything, the others are warned naming the problem as an ELBO's step does. A replay only read (the prior's log
+    density, even differentiated) says nothing, and neither does SVI's step after it."""
+    import warnings
+
+    data = toy_data(n=24, batch=8)
+
+    def point_params(model, guide):
+        return [p for p in guide.parameters() if p.requires_grad] + [p for _, p in model.named_point_parameters()]
+
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5)  # no num_data
+    guide = MeanFieldGuide(model, b="normal")
+    with pytest.warns(UserWarning, match=r"the model has no num_data, and an ELBO trained outside fit \(pyro.infer.SVI, a "
+                                         r"loop of your own\) steps through 2 batches") as caught:
+        for batch in data:
+            _custom_step(model, guide, batch, point_params(model, guide))
+    assert sum("has no num_data" in str(w.message) for w in caught) == 1
+
+    def sized(make_guide=lambda m: MeanFieldGuide(m, b="normal")):
+        model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5, num_data=48)
+        return model, make_guide(model)
+
+    block, replay, trace = pyro.poutine.block, pyro.poutine.replay, pyro.poutine.trace
+    model, guide = sized()
+    with pytest.warns(UserWarning, match=r"an optimizer step trains through a replay of your own .* in which the model's "
+                                         r"observed site 'obs' is hidden from the ELBO"):
+        _custom_step(block(model, hide=["obs"]), guide, data[0], point_params(model, guide))
+    model, guide = sized(MAPGuide)
+    with pytest.warns(UserWarning, match=r"in which the model's weight sites are scaled by 6 \(kl_weight, poutine.scale\), "
+                                         r"but the guide's site .* by 1 .*LoraModel\(\.\.\., num_data=len\(training set\)\)"):
+        _custom_step(pyro.poutine.scale(model, 48 / 8), guide, data[1], point_params(model, guide))
+    model, guide = sized()
+    with pytest.warns(UserWarning, match=r"in which no value of the guide's reached the model's site"):
+        _custom_step(model, block(guide, hide=[next(iter(model.sites))]), data[0], point_params(model, guide))
+
+    model, guide = sized()
+    foreign = MeanFieldGuide(LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5, num_data=48),
+                             b="normal")
+    params = point_params(model, foreign)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match=r"cannot train through a replay of your own .* on another model object than the "
+                                         "one it was built on"):
+        _custom_step(model, foreign, data[0], params)
+    assert all(torch.equal(a, p) for a, p in zip(before, params))  # refused before the step moved anything
+
+    model, guide = sized()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        for batch in data:  # the same loop, right: nothing to say
+            _custom_step(model, guide, batch, point_params(model, guide))
+        guide_trace = trace(guide).get_trace(data[0])  # the prior's log density at the guide's draw, and its gradient
+        trace(replay(block(model, hide=["obs"]), trace=guide_trace)).get_trace(data[0]).log_prob_sum().backward()
+        SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO()).step(data[0])
+        torch.optim.Adam(point_params(model, guide), lr=1e-3).step()
+
+
+def test_trace_tail_adaptive_elbo_is_refused_as_unusable():
+    """TraceTailAdaptive_ELBO(vectorize_particles=True) was refused saying 'use num_particles without vectorizing', a
+    path on which Pyro itself raises NotImplementedError (it runs over vectorized particles only)."""
+    model, guide = build("meanfield")
+    batch = toy_data(n=8, batch=8)[0]
+    with pytest.raises(NotImplementedError):
+        pyro.infer.TraceTailAdaptive_ELBO(num_particles=2).differentiable_loss(model, guide, batch)
+    elbo = pyro.infer.TraceTailAdaptive_ELBO(num_particles=2, vectorize_particles=True)
+    with pytest.raises(ValueError, match=r"TraceTailAdaptive_ELBO cannot be used with pyro_lora: Pyro computes it over "
+                                         r"vectorized particles only .*RenyiELBO") as refused:
+        elbo.differentiable_loss(model, guide, batch)
+    assert "without vectorizing" not in str(refused.value)
+
+
 def test_weight_sites_reparametrised_are_checked_through_their_latent_replacements():
     """poutine.reparam(LocScaleReparam) makes the weight sites observed, their randomness in "<site>_decentered": a guide
     over those ignoring kl_weight gave nll + log q - beta log p, and one missing a site drew it from its prior, both
