@@ -287,30 +287,39 @@ class LoraModel:
         :raises ValueError: as :meth:`check_adapter_trained` (a guide built from this adapter would pair untrained
             LoRA matrices with the trained head).
         """
+        values = self._held_values()
+        self.check_adapter_trained("what is built from the adapter", "call model.write_adapter(guide.mean()) first, "
+                                   "or pass init=guide.mean()")
+        return values
+
+    def _held_values(self) -> dict:
+        """The adapter's LoRA weights as site values (zeros for kinds without a peft parameter)."""
         values = {}
         for name, site in self.sites.items():
             if site.kind.parameter is None:
                 values[name] = torch.zeros(site.shape, device=self.device)
                 continue
             mats = [self._parameter(p, site.kind).detach().float() for p in site.layers]
-            values[name] = torch.stack(mats) if site.stacked else mats[0]
-        self.check_adapter_trained("what is built from the adapter", "call model.write_adapter(guide.mean()) first, "
-                                   "or pass init=guide.mean()")
-        return {k: v.clone() for k, v in values.items()}
+            values[name] = torch.stack(mats) if site.stacked else mats[0].clone()
+        return values
 
     def check_adapter_trained(self, use: str, advice: str, stacklevel: int = 2) -> None:
-        """Refuse an adapter whose LoRA weights are not those of the guide that trained the network's head (``fit``,
-        SVI; a MAP guide keeps its LoRA in the guide): ``use`` (e.g. an exported adapter) would pair untrained LoRA
-        matrices with the trained head. Warn where ``fit`` trained no head and its guide's mean was never written into
-        the adapter. ``advice`` ends both sentences; ``stacklevel`` is the warning's, counted from the caller.
+        """Refuse an adapter whose LoRA weights at this model's sites are not those of the guide that trained the
+        network's head (``fit``, SVI; a MAP guide keeps its LoRA in the guide): ``use`` (e.g. an exported adapter)
+        would pair untrained LoRA matrices with the trained head. Point-estimate ``A`` and ``B`` are not compared (a
+        ScalaBL model rotates them, the product kept). Warn where ``fit`` trained no head and its guide's mean was never
+        written into the adapter. ``advice`` ends both sentences; ``stacklevel`` is the warning's, counted from the
+        caller.
 
-        :raises ValueError: naming the guide and a LoRA weight it holds otherwise than the adapter.
+        :raises ValueError: naming the guide and a site whose values it holds otherwise than the adapter.
         """
         owner = head_trainer(self)
         if owner is not None:
-            theirs = owner.model.lora_weight_values({k: v.detach() for k, v in owner.mean().items()})
-            held = dict(self.named_lora_weights())
-            stale = [n for n, v in theirs.items() if n in held and not torch.equal(v.float(), held[n].detach().float())]
+            theirs, values = owner.mean(), self._held_values()
+            stale = [
+                n for n, v in values.items()
+                if self.sites[n].kind.parameter is not None and n in theirs and theirs[n].shape == v.shape and not torch.equal(theirs[n].detach().float(), v)
+            ]
             if stale:
                 raise ValueError(
                     f"the network's head was trained by a {type(owner).__name__} whose LoRA values the adapter does not hold "

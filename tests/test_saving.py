@@ -47,6 +47,25 @@ def test_exporting_a_model_whose_head_a_guide_trained_without_its_lora_is_refuse
         torch.testing.assert_close(peft_probs(tmp_path / folder, batch), trained, atol=1e-5, rtol=0)
 
 
+def test_a_scalabl_model_over_a_written_map_is_not_taken_for_a_stale_adapter(tmp_path):
+    """ScalaBL rotates A and B to A's singular basis (B A kept): the adapter then holds the MAP's LoRA otherwise
+    written, which a weight-by-weight comparison took for the untrained adapter; ScalaBL's sites (the log-scales)
+    are what is compared, and the rotated adapter builds and exports."""
+    from pyro_lora import ScalaBLModel
+    from pyro_lora.guides import ScalaBLGuide
+
+    batch = labelled()
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=1.0, num_data=16)
+    guide = MAPGuide(model)
+    fit(model, guide, [batch], epochs=5, lr=3e-2, progress=False)
+    model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
+    scalabl = ScalaBLModel(model.net, SequenceClassification(), prior=1.0, num_data=16)
+    assert not torch.equal(dict(scalabl.named_lora_weights())[next(iter(dict(model.named_lora_weights())))],
+                           guide.mean()["query.lora_A"][0])  # rotated
+    ScalaBLGuide(scalabl)
+    export_adapter(scalabl, tmp_path / "adapter")
+
+
 def test_exporting_an_adapter_whose_fit_trained_no_head_warns(tmp_path):
     """With no head to pair, fit's unwritten mean is said (as a guide built from the adapter says it): the exported
     adapter would be the LoRA from before training."""
