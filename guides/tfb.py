@@ -92,12 +92,13 @@ class TFBGuide(LoraGuide):
                 self.register_buffer(f"b_prime_{i}", torch.zeros(shape_b, device=device))
                 self.register_buffer(f"scale_{i}", torch.ones(shape_a[:-1], device=device))
             return
-        values = model.adapter_values()
-        if init is not None:
-            unknown = sorted(set(init) - set(self.sites))
-            if unknown:
-                raise ValueError(f"init has unknown site(s) {unknown}; the model's sites are {list(self.sites)}")
-            values.update({k: v.detach().to(device, torch.float32) for k, v in init.items()})
+        init = dict(init or {})
+        unknown = sorted(set(init) - set(self.sites))
+        if unknown:
+            raise ValueError(f"init has unknown site(s) {unknown}; the model's sites are {list(self.sites)}")
+        # the adapter only for the sites init leaves out: a trained guide's full mean is no stale adapter's
+        values = model.adapter_values() if set(init) != set(self.sites) else {}
+        values.update({k: torch.as_tensor(v).detach().to(device, torch.float32) for k, v in init.items()})
         check_values(self.sites, values, allow_sample_dim=False)
         flagged = {"small": [], "zero": []}
         for i, (a, b) in enumerate(self.pairs):

@@ -279,6 +279,21 @@ def test_from_map_export_and_from_a_only_guide():
         torch.testing.assert_close(ba, products(map_guide, model)[name], rtol=1e-5, atol=1e-6)
 
 
+def test_from_guide_bayesianizes_a_guide_fit_trained_without_writing_it_into_the_adapter():
+    # the constructor read the adapter first whatever init held: after fit(model, MAPGuide(model), ...) both
+    # from_guide and init=guide.mean() (the fix its own refusal named) were refused as a stale adapter
+    from pyro_lora import fit
+
+    data = toy_data(n=16)
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="AB", num_data=16)
+    map_guide = MAPGuide(model)
+    fit(model, map_guide, data, epochs=2, lr=5e-2, progress=False)
+    for tfb in (TFBGuide.from_guide(model, map_guide), TFBGuide(model, init=map_guide.mean())):
+        torch.testing.assert_close(predict(model, tfb, data).probs, predict(model, map_guide, data).probs, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"write_adapter\(guide.mean\(\)\) first"):  # the adapter itself is stale
+        TFBGuide(model)
+
+
 def _alpha_net(alpha, base_seed=0, targets=("query", "value")):
     """tiny_bert's base (``base_seed``) with an r=4 LoRA of ``lora_alpha=alpha`` whose ``B`` is randomised (seed 5)."""
     net = get_peft_model(
