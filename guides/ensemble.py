@@ -297,11 +297,16 @@ def predict_ensemble(model, guide, data, num_samples=None, **kwargs):
         return predict(model, guide, data, num_samples=num_samples, **kwargs)
 
 
-def head_parameters(model):
-    """Names of the model's point parameters outside its LoRA layers (the heads), checked to be ``nn.Linear`` ones."""
+def _head_names(model):
+    """Names of the model's point parameters outside its LoRA layers (the heads, or base weights unfrozen)."""
     lora = _lora_ids(model)
     names = {id(p): n for n, p in model.net.named_parameters()}
-    heads = [names[id(p)] for p in model.point_parameters() if id(p) not in lora]
+    return [names[id(p)] for p in model.point_parameters() if id(p) not in lora]
+
+
+def head_parameters(model):
+    """Names of the model's point parameters outside its LoRA layers (the heads), checked to be ``nn.Linear`` ones."""
+    heads = _head_names(model)
     _linear_owners(model.net, heads)
     return heads
 
@@ -322,8 +327,8 @@ def reinitialize(model, seed):
         adapter whose init rewrote the base weights or needs data (PiSSA, OLoRA, EVA, ...).
     :returns: the head parameter names.
     """
-    heads = head_parameters(model)
-    fresh, copied = _restarts(model, heads)
+    heads = _head_names(model)
+    fresh, copied = _restarts(model, heads)  # base weights refused first, then any head that is no nn.Linear
     base = base_network(model.net)
     init = _member_init(model)
     take_over(model, None)  # whichever guide trained the head keeps its state: restoring it later is no change
@@ -381,17 +386,16 @@ def _restarts(model, heads):
     base = base_network(net)
     fresh_ids = {id(p) for n in ("classifier", "score") if isinstance(getattr(base, n, None), torch.nn.Module)
                  for p in getattr(base, n).parameters()}
-    owners, params = _linear_owners(net, heads), dict(net.named_parameters())
+    params = dict(net.named_parameters())
     wrappers = {f"{path}.modules_to_save.{model.adapter}.": m for path, m in net.named_modules() if isinstance(m, ModulesToSaveWrapper)}
-    fresh, copied, stuck = {}, [], []
+    fresh, copied, stuck = [], [], []
     for name in heads:
-        path = name.rsplit(".", 1)[0]
         prefix = next((w for w in wrappers if name.startswith(w)), None)
         if id(params[name]) in fresh_ids:
-            fresh[path] = owners[path]
+            fresh.append(name)
         elif prefix is not None:
             copied.append((params[name], wrappers[prefix].original_module.get_parameter(name[len(prefix):])))
-        else:
+        elif parameter_adapter(name) is None:  # an adapter's own (embedding LoRA, trainable tokens): named below
             stuck.append(name)
     if stuck:
         raise ValueError(
@@ -399,7 +403,8 @@ def _restarts(model, heads):
             "hand): a new member cannot restart them from the values they started from, which nothing keeps; build the "
             "adapter with bias='none' (modules_to_save for a module to train whole)"
         )
-    return list(fresh.values()), copied
+    owners = _linear_owners(net, heads)  # after that refusal: an unfrozen LayerNorm is no head to batch, but stuck
+    return [owners[path] for path in dict.fromkeys(name.rsplit(".", 1)[0] for name in fresh)], copied
 
 
 def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_current=False):
@@ -437,7 +442,7 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
         raise ValueError(f"every trainable LoRA parameter must be a site, and {point_lora[:4]} are not (a LoRA matrix "
                          "left out of the sites: build the model with random='AB'; or peft's lora_bias=True: B's bias): "
                          "they cannot vary per member")
-    heads_names = head_parameters(model)
+    heads_names = _head_names(model)
     _restarts(model, heads_names)  # refused before any training, not at the first member's start
     _member_init(model)
     fit_kwargs = {"progress": False, **(fit_kwargs or {})}

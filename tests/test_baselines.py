@@ -626,14 +626,19 @@ def peft_bert(**config):
 
 @pytest.mark.parametrize("bias, message", [
     ("lora_only", r"the trainable parameters \[.*query.base_layer.bias.*\] are base weights \(peft's bias='all' or 'lora_only'"),
-    ("all", r"per-member point parameter '.*LayerNorm.bias' is not an nn.Linear weight or bias"),
+    # 'all' and a weight unfrozen by hand were refused as heads that are no nn.Linear, naming neither cause nor fix
+    ("all", r"the trainable parameters \[.*LayerNorm.bias.*\] are base weights .*build the adapter with bias='none'"),
+    ("by hand", r"the trainable parameters \[.*output.LayerNorm.weight'\] are base weights \(peft's bias='all' or "
+                r"'lora_only', or unfrozen by hand\)"),
 ])
 def test_a_new_member_never_redraws_pretrained_base_weights(bias, message):
     """peft's bias='lora_only' / 'all' trains base biases, whose owners are the pretrained base layers: re-initialising
     them re-drew the frozen pretrained weights (0.24 off, never restored). Refused before any training."""
     from pyro_lora.guides.ensemble import reinitialize
 
-    model = peft_bert(bias=bias)
+    model = peft_bert(bias="none" if bias == "by hand" else bias)
+    if bias == "by hand":
+        model.net.base_model.model.bert.encoder.layer[1].output.LayerNorm.weight.requires_grad_(True)
     before = {n: p.detach().clone() for n, p in model.net.named_parameters()}
     with pytest.raises(ValueError, match=message):
         reinitialize(model, seed=1)
