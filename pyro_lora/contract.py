@@ -356,10 +356,10 @@ def _site_differences(expected, actual):
     missing, extra = sorted(set(actual) - set(expected)), sorted(set(expected) - set(actual))
     if extra:
         out.append(f"the guide has sites the model lacks: {_short(extra)} (was the model built with another random= or "
-                   "on other target_modules?)")
+                   "group=, or on other target_modules?)")
     if missing:
         out.append(f"the model has sites the guide lacks: {_short(missing)} (was the guide built with another random= or "
-                   "on other target_modules?)")
+                   "group=, or on other target_modules?)")
     if not (missing or extra) and list(expected) != list(actual):
         out.append(f"the model has the guide's sites in another order ({_short(list(actual))} against {_short(list(expected))}): a "
                    "guide's tensors are restored site by site in its own order, so matrices would be swapped")

@@ -253,35 +253,80 @@ def _guide_class(name, path):
 def save_guide(guide, path, run=None, adapter=False):
     """Write ``guide`` (its state, config, the model's site shapes and its trained point parameters) to ``path``.
 
+    :param guide: a guide of the guides package, or a Pyro autoguide (``AutoNormal``, ``AutoDiagonalNormal``, ...)
+        built over a :class:`~pyro_lora.LoraModel` and called at least once: its ``state_dict()``, the network's
+        trained parameters and the model's signature, with the order and shapes of the sites its parameters stand for
+        (a flat autoguide's vector has no names), which :func:`load_guide` ``(path, model, guide=autoguide)`` checks.
     :param dict run: a record of the run that produced the guide (JSON-able), written as ``run.json`` in the same
         atomic unit: a kill never leaves a guide beside another run's record.
     :param bool adapter: also write the posterior mean as a peft adapter folder ``path/adapter`` in the same unit
-        (as :func:`export_adapter`): never a stale adapter beside a newer guide.
+        (as :func:`export_adapter`): never a stale adapter beside a newer guide. Of an autoguide, the network's adapter
+        as it is (as ``export_adapter(model, ...)``).
 
     :raises ValueError: if the network's point parameters are no longer the guide's (another guide trained
         them since: :func:`~pyro_lora.contract.check_guide`), since they are saved with it; with ``adapter``, as
         :func:`export_adapter` refuses; or if a base weight
-        changed since the guide was loaded or last saved (read whole: the digests every save records).
+        changed since the guide was loaded or last saved (read whole: the digests every save records); an autoguide
+        over no ``LoraModel``, or not called yet (:func:`_autoguide_model`).
 
     ``path`` becomes a directory with ``guide.safetensors`` and ``guide.json`` (standard JSON: a config value that
     is inf or NaN is written as ``null``, which the guide's constructor reads back). Under ``torch.distributed``
     only rank 0 writes (the ranks hold the same guide), every rank updates its adapter (``adapter=True``), and every
     rank returns once the file is written.
     """
-    model = guide.model
+    auto = _is_autoguide(guide)
     with refused_together("save the guide"):  # a refusal on one rank only would leave the others waiting
         check_same(os.path.abspath(path), "paths to save the guide to")  # rank 0 writes its own
-        check_guide(model, guide, "save")  # the network's point parameters it saves must still be its own
+        model = _autoguide_model(guide, "save") if auto else guide.model
+        if auto:  # the autoguide's own parameters are its state_dict; the network's are saved as they are
+            pyro_params.check_store([(model._pyro_name, model.named_point_parameters())], "save the guide")
+            model.check_network()
+        else:
+            check_guide(model, guide, "save")  # the network's point parameters it saves must still be its own
         if adapter:
             _check_peft_model(model)
-    _write_on_main(lambda: _write_guide(guide, path, run, adapter), f"save the guide to {path}", guide, adapter)
+    _write_on_main(lambda: _write_guide(guide, model, path, run, adapter), f"save the guide to {path}", guide,
+                   adapter and not auto)
     return Path(path)
 
 
-def _write_guide(guide, path, run, adapter):
-    model = guide.model
+def _is_autoguide(guide) -> bool:
+    from pyro.infer.autoguide import AutoGuide
+
+    return isinstance(guide, AutoGuide)
+
+
+def _autoguide_model(autoguide, action):
+    """The :class:`~pyro_lora.LoraModel` a Pyro autoguide is built over (through Pyro's handlers).
+
+    :raises ValueError: if it is over no ``LoraModel``, or was never called (it builds its parameters, and the
+        layout of its sites, on its first call).
+    """
+    from pyro.poutine.messenger import unwrap
+
+    from .model import LoraModel
+
+    name = type(autoguide).__name__
+    model = unwrap(autoguide.model)
+    if not isinstance(model, LoraModel):
+        raise ValueError(f"cannot {action} this {name}: it is built over a {type(model).__name__}, not a pyro_lora "
+                         f"LoraModel; build it over the model ({name}(model))")
+    if autoguide.prototype_trace is None:
+        raise ValueError(f"cannot {action} this {name}: it was never called, so it has no parameters yet; call it once "
+                         "on a labelled batch (autoguide(batch)) first, as SVI's first step does")
+    return model
+
+
+def _autoguide_sites(autoguide) -> list:
+    """``[name, shape]`` of each latent site of the autoguide's first trace of the model, in its order: what its
+    parameters stand for (a flat vector's entries, for ``AutoDiagonalNormal`` and the like, site after site)."""
+    return [[name, list(site["value"].shape)] for name, site in autoguide.prototype_trace.iter_stochastic_nodes()]
+
+
+def _write_guide(guide, model, path, run, adapter):
+    auto = _is_autoguide(guide)
     base = _base_weights(model)  # every base weight, exactly (the fingerprint reads 4096 entries per weight)
-    if guide._base_records is not None:
+    if not auto and guide._base_records is not None:  # an autoguide keeps no records of the base it was built on
         changed = _changed_since(guide._base_records, base["weights"], model)
         if changed and _rounded_only(guide, changed):
             raise ValueError(f"cannot save the guide to {path}: the base weights changed since it was built, loaded or "
@@ -300,10 +345,11 @@ def _write_guide(guide, path, run, adapter):
     meta = standard_json({  # JSON has no inf or NaN (ivon-opt's default clip_radius is inf): written as null
         "format": FORMAT,
         "guide": f"{type(guide).__module__}:{type(guide).__qualname__}",
-        "config": guide.config(),
+        # an autoguide is built by its user (load_guide checks it): the sites its parameters stand for, in order
+        **({"autoguide": {"sites": _autoguide_sites(guide)}} if auto else {"config": guide.config()}),
         "sites": {n: list(s.shape) for n, s in model.sites.items()},
         "base_model": getattr(getattr(model.net, "config", None), "_name_or_path", None),
-        "signature": guide.signature,
+        "signature": describe(model) if auto else guide.signature,
         "base_weights": base,
     })
     with atomic_directory(path) as tmp:
@@ -316,8 +362,12 @@ def _write_guide(guide, path, run, adapter):
             (tmp / "run.json").write_bytes(record)
         (tmp / "guide.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
         if adapter:
-            _write_adapter(guide, tmp / "adapter")
-    guide._base_records = base["weights"]
+            if auto:
+                _save_adapter(model, tmp / "adapter")
+            else:
+                _write_adapter(guide, tmp / "adapter")
+    if not auto:
+        guide._base_records = base["weights"]
 
 
 _ROUNDING_ULPS = 4  # entries moved by at most this many units in the last place move each fingerprint sum so little
@@ -434,11 +484,17 @@ def _read_meta(path):
         raise ValueError(f"{file} is corrupt: it holds a JSON {_JSON_TYPES.get(type(meta), 'value')}, not an object")
     if meta.get("format") not in (FORMAT, *_OLD_FORMATS):
         raise ValueError(f"{file} is not a pyro_lora guide (format {meta.get('format')!r})")
-    # an old format holds the site shapes only; the current one the whole signature
-    for key, kind in (("guide", str), ("config", dict), ("signature" if meta["format"] == FORMAT else "sites", dict)):
+    # an old format holds the site shapes only; the current one the whole signature; an autoguide's, no config
+    config = ("autoguide", dict) if "autoguide" in meta else ("config", dict)
+    for key, kind in (("guide", str), config, ("signature" if meta["format"] == FORMAT else "sites", dict)):
         if not isinstance(meta.get(key), kind):
             found = f"a JSON {_JSON_TYPES.get(type(meta[key]), 'value')}" if key in meta else "nothing"
             raise ValueError(f"{file} is corrupt: key {key!r} should hold a JSON {_JSON_TYPES[kind]}, it holds {found}")
+    sites = meta["autoguide"].get("sites") if "autoguide" in meta else []
+    if not (isinstance(sites, list) and all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) and
+                                            isinstance(x[1], list) and all(type(d) is int for d in x[1]) for x in sites)):
+        raise ValueError(f"{file} is corrupt: its 'autoguide' should map 'sites' to a list of [site name, shape], it "
+                         f"holds {json.dumps(meta['autoguide'])[:80]}")
     problem = _base_record_problem(meta["base_weights"]) if "base_weights" in meta else None  # older guides lack it
     if problem:
         raise ValueError(f"{file} is corrupt: its 'base_weights' {problem}")
@@ -806,23 +862,38 @@ def _check_base_weights(path, meta, model):
                   "it on a base of the dtype and quantization it was saved on to have every weight checked", stacklevel=3)
 
 
-def load_guide(path, model):
+def load_guide(path, model, guide=None):
     """Rebuild a guide saved by :func:`save_guide` for ``model``, restoring the model's point parameters.
 
     Everything is checked before the network's parameters are written: a refused guide leaves ``model`` as it was.
 
+    :param guide: for a Pyro autoguide's save, an autoguide of the saved class built over ``model`` as the saved one
+        was, and called once on a labelled batch (its options and first call are the user's): its ``state_dict`` is
+        loaded in place, once the sites its parameters stand for, in order and shape, are the saved ones. ``None`` for
+        a guide of the guides package, which is built here.
+    :returns: the guide (``guide`` itself for an autoguide).
     :raises FileNotFoundError: if ``guide.json`` or ``guide.safetensors`` is missing.
     :raises ValueError: if a file is corrupt (not JSON, missing keys, a malformed ``base_weights`` record,
         unreadable safetensors, NaN or inf values, tensors missing, unexpected or of another shape) or not a saved
         guide, or ``model`` differs from the model it was saved with (sites, LoRA scaling, adapter, base model, head:
         :func:`~pyro_lora.contract.differences`; any base weight, read whole where its dtype and quantization allow,
         else warned), or holds a saved network parameter in a narrower dtype whose rounding its forward would show
-        (:func:`_check_unrounded`); each message names the file. Whatever it raises, and wherever it stops, ``model``
-        and the guide that set its point parameters are left as they were.
+        (:func:`_check_unrounded`); for an autoguide's save, if ``guide`` is missing, of another class, over another
+        model, never called or over other sites (:func:`_check_autoguide`), and for a guide's, if ``guide`` is given;
+        each message names the file. Whatever it raises, and wherever it stops, ``model``, the guide that set its point
+        parameters and ``guide`` are left as they were.
     """
     path = Path(path)
     recover_directory(path)
     meta = _read_meta(path)
+    auto, saved_class = "autoguide" in meta, meta["guide"].rpartition(":")[2]
+    if auto and guide is None:
+        raise ValueError(f"the guide at {path} is a Pyro {saved_class}'s state, which load_guide does not build (its "
+                         f"options and first call are yours): build a {saved_class} over the model as the saved one was, "
+                         "call it once on a labelled batch, then load_guide(path, model, guide=autoguide)")
+    if not auto and guide is not None:
+        raise ValueError(f"the guide at {path} is a {saved_class}, which load_guide builds itself: call "
+                         "load_guide(path, model) without guide= (guide= takes a Pyro autoguide, for its save)")
     tensors = _read_tensors(path, str(model.device))
     model.check_network()
     current = describe(model)
@@ -843,20 +914,19 @@ def load_guide(path, model):
         raise ValueError(f"{path}/guide.json is corrupt: its {key!r} is malformed ({err!r})") from None
     if problems:
         raise ValueError(f"cannot load the guide at {path} into this model: " + "; ".join(problems))
-    cls = _guide_class(meta["guide"], path)
+    if auto:
+        _check_autoguide(path, meta, guide, model)
+        state = {k: v.detach().clone() for k, v in guide.state_dict().items()}  # put back if the load stops
+    else:
+        cls = _guide_class(meta["guide"], path)
     previous, fitted = trainer(model), forget_fit(model)  # both put back if the load stops
     take_over(model, None)  # the restore below replaces the point parameters: building may not refuse them
     net_params = dict(model.net.named_parameters())
     written = {k[len(_NET):]: v for k, v in tensors.items() if k.startswith(_NET)}
     before = {}
     try:
-        try:
-            with _rebuilding(path):
-                guide = cls(model, **meta["config"])  # guides never touch the network
-        except TypeError as err:  # keywords the class does not take
-            raise ValueError(f"{path}/guide.json is corrupt: its config does not build a {cls.__name__} for this model ({err})") from None
-        except ValueError as err:  # a value the class refuses, or this model (e.g. other answer letters): err says which
-            raise ValueError(f"{path}/guide.json: its config does not build a {cls.__name__} for this model ({err})") from None
+        if not auto:
+            guide = _build_guide(path, cls, model, meta["config"])
         _check_tensors(path / "guide.safetensors", tensors, guide, dict(model.named_adapter_parameters()), net_params)
         _check_unrounded(path, written, net_params, model.net)
         _check_base_weights(path, meta, model)
@@ -869,13 +939,53 @@ def load_guide(path, model):
         with torch.no_grad():
             for k, v in before.items():
                 net_params[k].copy_(v)
+        if auto:
+            guide.load_state_dict(state)
         take_over(model, previous)
         restore_fit(model, fitted)
         raise
+    if auto:  # Pyro trains it, and no guide of this package sets the point parameters: no trainer is followed
+        return guide
     take_over(model, guide)
     guide.adopt_point_parameters()
     guide._base_records = meta["base_weights"].get("weights") if "base_weights" in meta else None
     return guide
+
+
+def _build_guide(path, cls, model, config):
+    """``cls(model, **config)``, the guide saved at ``path`` (it never touches the network).
+
+    :raises ValueError: naming the file, if the config does not build one for this model."""
+    try:
+        with _rebuilding(path):
+            return cls(model, **config)
+    except TypeError as err:  # keywords the class does not take
+        raise ValueError(f"{path}/guide.json is corrupt: its config does not build a {cls.__name__} for this model ({err})") from None
+    except ValueError as err:  # a value the class refuses, or this model (e.g. other answer letters): err says which
+        raise ValueError(f"{path}/guide.json: its config does not build a {cls.__name__} for this model ({err})") from None
+
+
+def _check_autoguide(path, meta, autoguide, model):
+    """Refuse to load the autoguide's state saved at ``path`` into ``autoguide`` unless it is of the saved class,
+    built over ``model`` and called, and its parameters stand for the saved sites, in the saved order and shapes: a
+    flat autoguide (``AutoDiagonalNormal``, ``AutoLowRankMultivariateNormal``) loads another model's vector of the same
+    length without an error, each entry then another matrix's."""
+    name, saved_class = type(autoguide).__name__, meta["guide"].rpartition(":")[2]
+    if f"{type(autoguide).__module__}:{type(autoguide).__qualname__}" != meta["guide"]:
+        raise ValueError(f"cannot load the guide at {path} into this {name}: it holds the state of a Pyro "
+                         f"{saved_class}; build one over the model")
+    if _autoguide_model(autoguide, "load the guide into") is not model:
+        raise ValueError(f"cannot load the guide at {path} into this {name}: it is built over another LoraModel than "
+                         "the one given; build it over that model")
+    saved, now = meta["autoguide"]["sites"], _autoguide_sites(autoguide)
+    if saved != now:
+        i = next(i for i in range(max(len(saved), len(now))) if i >= len(saved) or i >= len(now) or saved[i] != now[i])
+        there = f"{saved[i][0]!r} of shape {tuple(saved[i][1])}" if i < len(saved) else "nothing"
+        here = f"{now[i][0]!r} of shape {tuple(now[i][1])}" if i < len(now) else "nothing"
+        raise ValueError(f"cannot load the guide at {path} into this {name}: its site {i + 1} was {there}, and this "
+                         f"{name}'s is {here} ({len(saved)} sites saved, {len(now)} here): its parameters would stand "
+                         "for other matrices; build the model, and the autoguide over it (handlers such as "
+                         "poutine.block), as the saved one was, and call it on a labelled batch")
 
 
 def export_adapter(guide, path):
@@ -883,8 +993,9 @@ def export_adapter(guide, path):
 
     :param guide: a guide of the guides package (its posterior mean is written into the network's LoRA, then saved
         with the trained head), or a :class:`~pyro_lora.LoraModel`: its network's adapter and trained head as they are.
-        The latter keeps the network's part of a Pyro autoguide's result (its sites are in ``autoguide.state_dict()``;
-        ``model.write_adapter(autoguide.median())`` first makes the adapter its posterior median). Of a ScalaBL or
+        The latter is the network's part of a Pyro autoguide's result, for peft (its sites are in the autoguide;
+        ``model.write_adapter(autoguide.median())`` first makes the adapter its posterior median; :func:`save_guide`
+        keeps the whole result, which :func:`load_guide` checks against the model it restores into). Of a ScalaBL or
         LoRA-XS model, whose sites (log-scales, ``r x r`` cores) live in the autoguide alone, that is its ``A`` and
         ``B`` (ScalaBL's trained, LoRA-XS's from the SVD) and head, the model again only when rebuilt over it with
         ``rotate=False`` / ``svd_init=False`` (peft alone runs it as a plain LoRA: ScalaBL's at ``z = 0``, LoRA-XS's

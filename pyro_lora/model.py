@@ -370,8 +370,8 @@ class LoraModel:
             raise ValueError(
                 f"an {missing[0].letter} site ({missing[0].description}) has no peft parameter to write into, so "
                 "a guide's mean can be written as an adapter for A and B sites only: a LoRA-XS or ScalaBL guide is "
-                "kept with save_guide / load_guide (a Pyro autoguide over this model: export_adapter(model, folder) "
-                "and the autoguide's state_dict, as the docs' saving page shows)"
+                "kept with save_guide / load_guide, and so is a Pyro autoguide over this model (save_guide(autoguide, "
+                "folder), load_guide(folder, model, guide=autoguide))"
             )
 
     @property

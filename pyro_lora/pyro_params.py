@@ -20,10 +20,10 @@ _NAMESPACE = "pyro_lora:"
 _ids = itertools.count()
 _recorded = weakref.WeakValueDictionary()  # id -> a parameter record() put in the store (alive while stored)
 _own_optimizer = 0
-# how to keep a Pyro autoguide's result, which save_guide does not take and a restored param store would not reach
-AUTOGUIDE_SAVE = ("pyro_lora.export_adapter(model, folder) (the network's adapter and trained head) and "
-                  "torch.save(autoguide.state_dict(), file) (its sites), restored into PeftModel.from_pretrained(base, "
-                  "folder) and a fresh autoguide called once on a labelled batch (docs/saving.md)")
+# how to keep a Pyro autoguide's result, which a restored param store would not reach
+AUTOGUIDE_SAVE = ("pyro_lora.save_guide(autoguide, folder) (its state_dict, the network's trained parameters and the "
+                  "model's signature), restored by pyro_lora.load_guide(folder, model, guide=autoguide) into a model "
+                  "built as it was and a fresh autoguide called once on a labelled batch (docs/saving.md)")
 
 
 def unique_name(obj: object) -> str:

@@ -157,3 +157,125 @@ def test_a_bf16_bases_heads_embeddings_tokens_and_lora_bias_reload_exactly_and_u
     again = bf16_model(PeftModel.from_pretrained(tiny_bert_base(num_labels=2).to(torch.bfloat16), tmp_path / "adapter").eval())
     with torch.no_grad():
         assert torch.equal(again.logits(batch), model.logits(batch))
+
+
+def autoguide_model(kind="AB", seed=0, **options):
+    from pyro_lora import ScalaBLModel
+    from pyro_lora.loraxs import LoraXSModel
+
+    net = tiny_bert(num_labels=2, seed=seed)
+    if kind == "scalabl":
+        return ScalaBLModel(net, SequenceClassification(), prior=0.5, num_data=16, **options)
+    if kind == "lora_xs":
+        return LoraXSModel(net, SequenceClassification(), prior=0.5, num_data=16, **options)
+    return LoraModel(net, SequenceClassification(), random=kind, prior=0.5, num_data=16, **options)
+
+
+def trained_autoguide(model, cls, batch, **options):
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    autoguide = cls(model, **options)
+    svi = SVI(model, autoguide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(10):
+        svi.step(batch)
+    return autoguide
+
+
+def fresh_autoguide(model, cls, batch, **options):
+    import pyro
+
+    pyro.clear_param_store()
+    autoguide = cls(model, **options)
+    autoguide(batch)  # builds its parameters
+    return autoguide
+
+
+def samples(model, autoguide, batch):
+    import pyro
+    from pyro.infer import Predictive
+
+    pyro.set_rng_seed(0)
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    return Predictive(model, guide=autoguide, num_samples=4, return_sites=["_RETURN"])(unlabelled)["_RETURN"]
+
+
+@pytest.mark.parametrize("kind, cls", [("AB", "AutoDiagonalNormal"), ("A", "AutoLowRankMultivariateNormal"),
+                                       ("scalabl", "AutoNormal"), ("lora_xs", "AutoDelta")])
+def test_a_pyro_autoguide_is_kept_by_save_guide_and_load_guide(tmp_path, kind, cls):
+    """save_guide refused a Pyro autoguide, pointing at export_adapter(model) plus its state_dict, a path with no
+    check. It saves the autoguide's state, the network's trained parameters (the head; ScalaBL's A and B, LoRA-XS's
+    from the SVD) and the model's signature, and load_guide(path, model, guide=autoguide) restores them into the model
+    built as it was trained (ScalaBL rotating again, LoRA-XS running its SVD again): the same samples, bit for bit."""
+    import pyro.infer.autoguide as autoguides
+
+    from pyro_lora import load_guide, save_guide
+
+    cls = getattr(autoguides, cls)
+    batch = labelled()
+    model = autoguide_model(kind)
+    autoguide = trained_autoguide(model, cls, batch)
+    model.net.eval()
+    before = samples(model, autoguide, batch)
+    save_guide(autoguide, tmp_path / "auto")
+    again = autoguide_model(kind)
+    restored = fresh_autoguide(again, cls, batch)
+    assert not torch.equal(samples(again, restored, batch), before)
+    assert load_guide(tmp_path / "auto", again, guide=restored) is restored
+    again.net.eval()
+    after = samples(again, restored, batch)
+    assert torch.equal(after, before)
+    assert torch.equal(after[0], after[1]) == (cls is autoguides.AutoDelta)  # random draws, but AutoDelta's
+
+
+def test_an_autoguide_is_refused_into_a_model_or_autoguide_other_than_the_saved(tmp_path):
+    """A flat autoguide's state_dict (one vector) loaded without a word into the autoguide of a model built with
+    random="B" for "A" (logits 0.068 off) or group="matrix" for "kind" (0.014), and any autoguide's on another base of
+    the same shapes (0.32): load_guide refuses each, naming the difference, and an autoguide of another class, over
+    other sites (poutine.block), never called, or missing; a refusal leaves the network and the autoguide as they were."""
+    import pyro
+    from pyro.infer.autoguide import AutoDiagonalNormal, AutoLowRankMultivariateNormal, AutoNormal
+
+    from pyro_lora import load_guide, save_guide
+
+    batch = labelled()
+    model = autoguide_model("A")
+    save_guide(trained_autoguide(model, AutoLowRankMultivariateNormal, batch, rank=2), tmp_path / "auto")
+
+    def refused(match, model, autoguide):
+        network = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+        state = {k: v.detach().clone() for k, v in autoguide.state_dict().items()} if autoguide is not None else {}
+        with pytest.raises(ValueError, match=match):
+            load_guide(tmp_path / "auto", model, guide=autoguide)
+        assert all(torch.equal(p, network[n]) for n, p in model.net.named_parameters())
+        assert all(torch.equal(v, state[k]) for k, v in (autoguide.state_dict() if autoguide is not None else {}).items())
+
+    low_rank = lambda model: fresh_autoguide(model, AutoLowRankMultivariateNormal, batch, rank=2)  # noqa: E731
+    other = autoguide_model("B")
+    refused(r"the guide has sites the model lacks: \['query\.lora_A', 'value\.lora_A'\] \(was the model built with "
+            r"another random= or group=", other, low_rank(other))
+    other = autoguide_model("A", group="matrix")
+    refused(r"the guide has sites the model lacks: .* another random= or group=", other, low_rank(other))
+    other = autoguide_model("A", seed=1)
+    refused(r"the base weights differ from the ones the guide was built on", other, low_rank(other))
+    same = autoguide_model("A")
+    refused(r"it holds the state of a Pyro AutoLowRankMultivariateNormal; build one over the model", same,
+            fresh_autoguide(same, AutoDiagonalNormal, batch))
+    refused(r"is a Pyro AutoLowRankMultivariateNormal's state, .* load_guide\(path, model, guide=autoguide\)", same, None)
+    pyro.clear_param_store()
+    refused(r"this AutoLowRankMultivariateNormal: it was never called", same, AutoLowRankMultivariateNormal(same, rank=2))
+    refused(r"this AutoLowRankMultivariateNormal: it is built over another LoraModel", same, low_rank(autoguide_model("A")))
+    blocked = fresh_autoguide(pyro.poutine.block(same, hide=["value.lora_A"]), AutoLowRankMultivariateNormal, batch, rank=2)
+    refused(r"its site 2 was 'value\.lora_A' of shape \(2, 4, 32\), and this AutoLowRankMultivariateNormal's is nothing "
+            r"\(2 sites saved, 1 here\)", same, blocked)
+    refused(r"holds AutoLowRankMultivariateNormal tensor 'cov_factor' of shape \(512, 2\), where this "
+            r"AutoLowRankMultivariateNormal has \(512, 3\)", same, fresh_autoguide(same, AutoLowRankMultivariateNormal, batch, rank=3))
+    loaded = load_guide(tmp_path / "auto", same, guide=low_rank(same))
+    assert isinstance(loaded, AutoLowRankMultivariateNormal)
+
+    save_guide(MAPGuide(model), tmp_path / "map")
+    with pytest.raises(ValueError, match=r"is a MAPGuide, which load_guide builds itself: call load_guide\(path, model\) "
+                                         "without guide="):
+        load_guide(tmp_path / "map", model, guide=AutoNormal(model))
