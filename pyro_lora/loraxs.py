@@ -120,6 +120,8 @@ class LoraXSModel(LoraModel):
 
     name = "lora_xs"
 
+    builds_on_adapter = False  # its A and B are the base weights' SVD, never a LoRA trained beside the head
+
     def __init__(self, net, likelihood, svd_init: bool = True, **kwargs):
         if "random" in kwargs:
             raise ValueError("LoraXSModel's random sites are always the R cores; do not pass random=")

@@ -86,6 +86,7 @@ class LoraModel:
     """
 
     name = "lora"  # how run records refer to this class (subclasses set their own)
+    builds_on_adapter = True  # its A and B (or their product) are the LoRA trained beside the network's head
 
     def __init__(self, net, likelihood, random="AB", group: str = "kind", prior=1.0, num_data: int | None = None,
                  adapter: str | None = None):
@@ -319,7 +320,7 @@ class LoraModel:
             stale = [
                 n for n, v in values.items()
                 if self.sites[n].kind.parameter is not None and n in theirs and theirs[n].shape == v.shape and not torch.equal(theirs[n].detach().float(), v)
-            ]
+            ] or self._stale_products(owner, theirs)
             if stale:
                 raise ValueError(
                     f"the network's head was trained by a {type(owner).__name__} whose LoRA values the adapter does not hold "
@@ -333,6 +334,25 @@ class LoraModel:
                 f"{fitted}, not that guide's mean: {use} would miss the training; {advice}",
                 stacklevel=stacklevel + 1,
             )
+
+    def _stale_products(self, owner, theirs: dict) -> list:
+        """Layers whose LoRA delta ``B A`` the adapter holds otherwise than ``owner``'s mean ``theirs``: a model over
+        other sites (ScalaBL's S, LoRA-XS's R) has no A or B site of its own to compare, and would pair the trained head
+        with an untrained adapter. Products, to float rounding: a ScalaBL model rotates A and B, ``B A`` kept. None
+        for a model whose A and B are not the adapter's trained LoRA (LoRA-XS: the base weights' SVD)."""
+        if not self.builds_on_adapter:
+            return []
+        mean = owner.model.lora_weight_values({n: v.detach() for n, v in theirs.items()})
+        held = {n: p.detach() for n, p in self.named_lora_weights()}
+        stale = []
+        for path in self.layers:
+            a, b = self._weight_name(path, KINDS["A"]), self._weight_name(path, KINDS["B"])
+            if (a in mean or b in mean) and a in held and b in held:
+                ours = held[b].float() @ held[a].float()
+                trained = mean.get(b, held[b]).float() @ mean.get(a, held[a]).float()
+                if not torch.allclose(ours, trained, rtol=1e-4, atol=1e-5 * float(trained.abs().max())):
+                    stale.append(path)
+        return stale
 
     def initial_values(self, init: dict | None = None) -> dict:
         """A guide's starting values: ``init`` (site -> ``site.shape``) checked, or the adapter's (:meth:`adapter_values`);

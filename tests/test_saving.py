@@ -66,6 +66,27 @@ def test_a_scalabl_model_over_a_written_map_is_not_taken_for_a_stale_adapter(tmp
     export_adapter(scalabl, tmp_path / "adapter")
 
 
+def test_a_scalabl_model_over_an_unwritten_map_is_refused_as_a_stale_adapter():
+    """After fit with a MAPGuide, its LoRA never written: ScalaBL's sites (the log-scales) have no A or B to compare,
+    so ScalaBLModel and ScalaBLGuide were accepted and z = 0 was peft's untrained LoRA beside the trained head
+    (probabilities 0.159 off the MAP's, one prediction of 12 changed). The layers' B A are compared, to rounding."""
+    from pyro_lora import ScalaBLModel
+    from pyro_lora.guides import ScalaBLGuide
+
+    batch = labelled()
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=1.0, num_data=16)
+    guide = MAPGuide(model)
+    fit(model, guide, [batch], epochs=5, lr=3e-2, progress=False)
+    scalabl = ScalaBLModel(model.net, SequenceClassification(), prior=1.0, num_data=16)
+    with pytest.raises(ValueError, match=r"trained by a MAPGuide whose LoRA values the adapter does not hold "
+                                         r"\(.*attention.self.query, ...\).*write_adapter\(guide.mean\(\)\) first"):
+        ScalaBLGuide(scalabl)
+    model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
+    scalabl = ScalaBLModel(model.net, SequenceClassification(), prior=1.0, num_data=16)
+    at_zero = predict(scalabl, ScalaBLGuide(scalabl), [batch], mean=True).probs
+    torch.testing.assert_close(at_zero, predict(model, guide, [batch]).probs, rtol=0, atol=1e-5)
+
+
 def test_exporting_an_adapter_whose_fit_trained_no_head_warns(tmp_path):
     """With no head to pair, fit's unwritten mean is said (as a guide built from the adapter says it): the exported
     adapter would be the LoRA from before training."""
