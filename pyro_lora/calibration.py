@@ -171,6 +171,8 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
         return TemperatureFit(temperature, note) if return_info else temperature
 
     reported = log_probs  # what apply_temperature and metrics.nll see: a saturated label's 0 stays 0
+    dtype = raw.dtype if raw.dtype.is_floating_point else torch.float64  # integer (one-hot) rows: float64's numbers
+    smallest = torch.finfo(dtype).tiny * torch.finfo(dtype).eps  # the dtype's smallest positive (subnormal) number
     picked = log_probs.gather(-1, labels[:, None]).squeeze(-1)
     zero = picked == -math.inf
     saturated = int(zero.sum())
@@ -183,8 +185,7 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
         # log 0 = -inf whatever T (an infinite NLL): the fit takes such a label's probability as pyro_lora.metrics.nll's
         # floor 1e-12, or as the smallest positive number of the input's dtype where that is lower, so that an
         # exact 0 never counts as more likely than a probability the dtype did hold (float32 holds 1e-44)
-        dtype = raw.dtype if raw.dtype.is_floating_point else torch.float64  # integer (one-hot) rows: float64's floor
-        floor = min(_NLL_FLOOR, torch.finfo(dtype).tiny * torch.finfo(dtype).eps)
+        floor = min(_NLL_FLOOR, smallest)
         picked = picked.masked_fill(zero, math.log(floor))
         log_probs = log_probs.scatter(-1, labels[:, None], picked[:, None])
         notes.append(f"{saturated} of {len(labels)} validation examples give probability 0 to their label (saturated "
@@ -199,14 +200,12 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
         # from 17 nats) or a question of one choice; read as missing choices, its zeros would make softening free
         # (float16 rows right by 20 nats drove T to 100 where logits give 4.8), so the fit gives it one competitor at
         # the dtype's smallest positive number: the row was at least that sure
-        dtype = raw.dtype if raw.dtype.is_floating_point else torch.float64
-        tiny = torch.finfo(dtype).tiny * torch.finfo(dtype).eps
         competitor = (~finite).int().argmax(-1, keepdim=True)  # the row's first zero
-        log_probs = log_probs.scatter(-1, competitor, torch.where(lone[:, None], math.log(tiny), log_probs.gather(-1, competitor)))
+        log_probs = log_probs.scatter(-1, competitor, torch.where(lone[:, None], math.log(smallest), log_probs.gather(-1, competitor)))
         notes.append(f"{int(lone.sum())} of {len(labels)} validation rows give all their probability to one class "
                      f"(saturated probabilities, their other classes below the smallest positive {dtype} number, or "
                      "questions of one choice): read as missing choices they would cost nothing to soften, so the fit "
-                     f"gives each one competitor at {tiny:.3g} and its T is approximate; pass logits for an exact fit")
+                     f"gives each one competitor at {smallest:.3g} and its T is approximate; pass logits for an exact fit")
     others = log_probs.scatter(-1, labels[:, None], -math.inf).amax(-1)
     if bool((picked > others).all()):
         return done(1.0, "the validation predictions are all correct (separable): the NLL falls as T -> 0 and has "
