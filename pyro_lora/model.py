@@ -154,14 +154,17 @@ class LoraModel:
 
         Random matrices come from samples, so their parameters are unused; layers holding a kind with
         ``freezes_lora`` (LoRA-XS's ``R``) keep A and B frozen; other kinds without a peft parameter (ScalaBL's
-        ``S``) leave A and B trainable point estimates. Called by :func:`fit`, since peft's
-        ``set_adapter``/``load_adapter`` switch ``requires_grad`` back on.
+        ``S``) leave A and B trainable point estimates. An adapter loaded for inference
+        (``PeftModel.from_pretrained(..., is_trainable=False)``, peft's ``inference_mode``) keeps its non-random
+        matrices frozen, as it keeps its head. Called by :func:`fit`, since peft's ``set_adapter``/``load_adapter``
+        switch ``requires_grad`` back on.
         """
         random = {id(p) for p in self.random_parameters()}
         frozen = {path for site in self.sites.values() if site.kind.freezes_lora for path in site.layers}
+        loaded_frozen = bool(getattr(getattr(self.net, "peft_config", {}).get(self.adapter), "inference_mode", False))
         for path, layer in self.layers.items():
-            for p in self._lora_parameters(layer):
-                p.requires_grad_(id(p) not in random and path not in frozen)  # LoRA-XS: A, B fixed by the SVD
+            for p in self._lora_parameters(layer):  # LoRA-XS: A, B fixed by the SVD
+                p.requires_grad_(id(p) not in random and path not in frozen and not loaded_frozen)
 
     def _check_frozen_lora_carries_signal(self) -> None:
         """Refuse a kind that keeps ``A`` and ``B`` frozen (LoRA-XS's ``R``) on layers where one of them is all zeros
