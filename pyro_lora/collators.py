@@ -53,7 +53,10 @@ def _labels(records) -> torch.Tensor:
 
 def _check_records(records, task: str | None) -> None:
     """Refuse a record the JSONL reader would refuse (records built in memory come here unchecked): a label 0.5 cast
-    to long was class 0, a passage under "context" was dropped without a word. ``task`` None: each record's own."""
+    to long was class 0, a passage under "context" was dropped without a word. ``task`` None: each record's own.
+    A batch of no records is refused too (the tokenizer fails on an empty list deep inside transformers)."""
+    if not records:
+        raise ValueError("a batch of no records: give the collator at least one (a DataLoader never makes an empty batch)")
     for r in records:
         problem = validate_record(r, task or record_task(r))
         if problem:
@@ -86,7 +89,10 @@ def _shared_start(a: list[int], b: list[int]) -> int:
 def _cuttable(tokenizer, records, format: str, rows: list[list[int]]) -> list[int]:
     """Per row (of the record at the same place), how many of its leading tokens truncation may cut: those of the
     record's passage (:func:`~pyro_lora.prompts.passage_part`), none of its question (a cut of all of the question
-    scored every question with the same options alike)."""
+    scored every question with the same options alike). ``[]`` for no records (a batch with no multiple-choice record in
+    it: the tokenizer fails on an empty list)."""
+    if not records:
+        return []
     passages = tokenizer([passage_part(r, format) for r in records], add_special_tokens=False)["input_ids"]
     return [_shared_start(p, row) for p, row in zip(passages, rows)]
 

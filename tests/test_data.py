@@ -735,3 +735,32 @@ def test_causal_lm_collator_keeps_a_multiple_choice_answer(smol_tok, records):
         D.CausalLMCollator(smol_tok, max_length=12)([wg])
     rows = [D.CausalLMCollator(smol_tok, max_length=20)([{**wg, "label": k}])["input_ids"][0] for k in (0, 1)]
     assert not torch.equal(rows[0], rows[1])
+
+
+@needs_smollm2
+def test_causal_lm_collator_batches_of_either_layout_alone_or_mixed(smol_tok):
+    """A batch with no multiple-choice record in it (plain text records, the default text_fn) passed an empty list to
+    the tokenizer (IndexError deep in transformers). Each layout alone and mixed gives the rows tokenized one by one:
+    a text loses its end, a question and answer the start of its passage; right-padded, -100 labels on padding."""
+    cls = [{"id": "a", "text": "the cat sat on the mat " * 4, "label": 0}, {"id": "b", "text": "a dog", "label": 1}]
+    mc = [{"id": "q", "question": "What is 2+2?", "choices": ["4", "5"], "label": 0},
+          {"id": "p", "context": "word " * 30, "question": "Is it?", "choices": ["yes", "no"], "label": 1}]
+    texts = {"a": cls[0]["text"], "b": "a dog", "q": "Question: What is 2+2?\nAnswer: 4",
+             "p": "word " * 30 + "\nQuestion: Is it?\nAnswer: no"}
+    width = 16
+
+    def row(r):
+        ids = smol_tok(texts[r["id"]], add_special_tokens=False)["input_ids"]
+        return ids[:width] if "text" in r else ids[-width:]
+
+    for batch in (cls, cls[1:], mc, mc[:1], [cls[0], mc[1], cls[1], mc[0]]):
+        rows = [row(r) for r in batch]
+        longest = max(map(len, rows))
+        ids = torch.tensor([r + [smol_tok.pad_token_id] * (longest - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (longest - len(r)) for r in rows])
+        out = D.CausalLMCollator(smol_tok, max_length=width)(batch)
+        assert torch.equal(out["input_ids"], ids) and torch.equal(out["attention_mask"], mask)
+        assert torch.equal(out["labels"], torch.where(mask.bool(), ids, -100))
+    for make in (D.ClassificationCollator, D.LetterCollator, D.ClozeCollator, D.CausalLMCollator):
+        with pytest.raises(ValueError, match="a batch of no records"):
+            make(smol_tok)([])
