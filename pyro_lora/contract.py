@@ -470,6 +470,19 @@ def check_guide(model, guide, action: str, same_model: bool = False) -> None:
         )
 
 
+def tempered_training(guide, action: str) -> str | None:
+    """Why ``guide`` cannot be trained (``action``, e.g. ``"fit"``) at its posterior temperature, or ``None`` at
+    ``T = 1`` (or a guide without one): its ``q`` is the trained stds times ``sqrt(T)``, so an ELBO would move them
+    back to the untempered optimum and the temperature would be gone while the guide still reports it."""
+    temperature = getattr(guide, "temperature", 1.0)
+    if temperature == 1.0:
+        return None
+    return (f"cannot {action} a {type(guide).__name__} at posterior temperature {temperature:g}: its q is the trained "
+            "posterior with every deviation times sqrt(T), so training would undo the temperature while the guide "
+            "still reports it; set_temperature(1.0) to train, and set (or tune on validation data) the temperature "
+            "after training")
+
+
 @contextlib.contextmanager
 def entry_checks(model, guide, action: str):
     """The checks at the entry of a collective ``action``, run in the ``with`` block: a ``ValueError`` on any rank is

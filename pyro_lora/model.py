@@ -16,7 +16,7 @@ from peft.utils import ModulesToSaveWrapper
 
 from . import handoff, pyro_params, quantized
 from .checks import check_count
-from .contract import check_guide, parameter_adapter
+from .contract import check_guide, parameter_adapter, tempered_training
 from .ownership import head_trainer, unwritten_fit
 from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
@@ -726,13 +726,16 @@ class LoraModel:
         to the prior. A weight site reparametrised by ``poutine.reparam`` is observed, its randomness in the latent sites
         the reparam drew in its place (``LocScaleReparam``'s ``<site>_decentered``): those are checked as the weight
         sites are."""
+        problems = []
         for guide in marked_guides(guide_trace):
             if guide.model is not self:  # a training step: the very model, as fit requires
                 check_guide(self, guide, "run an ELBO (pyro.infer.SVI, a replayed trace)",
                             same_model=run == "training" and torch.is_grad_enabled())
+            tempered = tempered_training(guide, "train")
+            if tempered and run != "evaluation":  # the ELBO of a tempered q is a number; stepping on it undoes T
+                problems.append(tempered)
         if not loss:
             return []
-        problems = []
         # own holds the weight sites and what a handler drew while they were sampled: a reparam's latent replacements
         latent = [n for n, node in own.nodes.items() if node["type"] == "sample" and not node["is_observed"]]
         unreached = [n for n in latent

@@ -14,7 +14,7 @@ from pyro.infer import Trace_ELBO
 from tqdm.auto import tqdm
 
 from . import distributed, pyro_params
-from .contract import check_guide, check_ranks_agree
+from .contract import check_guide, check_ranks_agree, tempered_training
 from .ownership import point_snapshot, record_fit, take_over
 from .data import to_device
 from .modes import eval_mode, network_mode
@@ -105,7 +105,8 @@ def fit(
     :raises ValueError: if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
         on an ``epochs``, ``warmup_steps`` (longer than the run too), ``lr``, ``grad_accum_steps``,
         ``max_grad_norm`` or ``checkpoint_every`` out of range, an ELBO it cannot step, on a one-shot iterator with ``epochs > 1``,
-        a ``checkpoint_dir`` that is a file or a link or cannot be written, before any work, and on an epoch that
+        a ``checkpoint_dir`` that is a file or a link or cannot be written, a guide at a posterior temperature other
+        than 1 (training would undo it), before any work, and on an epoch that
         yields no batch.
     :raises DivergenceError: see ``stop_on_divergence``.
 
@@ -153,6 +154,8 @@ def fit(
                 "trainable parameters (LoRA, head) in float32 and run the half-precision base under autocast"
             )
         check_guide(model, guide, "fit", same_model=True)
+        if tempered_training(guide, "fit"):
+            raise ValueError(tempered_training(guide, "fit"))
         if distributed.is_distributed() and model.num_data is None:  # each rank's batch would count as the data
             raise ValueError(f"under torch.distributed ({distributed.world_size()} ranks) the model needs num_data (the "
                              "training set's size): without it each rank scales its data term to its own batch, so the "

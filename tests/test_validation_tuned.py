@@ -31,6 +31,34 @@ def meanfield():
     return model, MeanFieldGuide(model, b="normal", init_scale=0.5)
 
 
+@pytest.mark.parametrize("kind", ["meanfield", "scalabl"])
+def test_a_tempered_guide_is_refused_for_training_but_evaluated_and_predicted(kind):
+    import pyro
+    from pyro.infer import SVI, Predictive, TraceMeanField_ELBO
+
+    from pyro_lora import fit
+
+    if kind == "meanfield":
+        model, guide = meanfield()
+    else:
+        model = ScalaBLModel(tiny_bert(), SequenceClassification(), prior=0.5, num_data=12)
+        guide = ScalaBLGuide(model)
+    guide.set_temperature(0.01)
+    stds = {n: s.clone() for n, s in guide.stds().items()}
+    # training would move the stds back to the untempered optimum (x10 here) while the guide reports T = 0.01
+    with pytest.raises(ValueError, match="posterior temperature 0.01.*set_temperature"):
+        fit(model, guide, data(), epochs=1, progress=False)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), TraceMeanField_ELBO())
+    with pytest.raises(ValueError, match="cannot train a .* at posterior temperature 0.01"):
+        svi.step(data()[0])
+    assert all(torch.equal(s, stds[n]) for n, s in guide.stds().items())
+    assert math.isfinite(svi.evaluate_loss(data()[0]))  # the tempered q's ELBO is a number: evaluating is allowed
+    samples = Predictive(model, guide=guide, num_samples=2, return_sites=list(model.sites))(data()[0])
+    assert set(samples) == set(model.sites)
+    guide.set_temperature(1.0)
+    fit(model, guide, data(), epochs=1, progress=False)
+
+
 def test_posterior_temperature_scales_every_std_and_is_saved(tmp_path):
     model, guide = meanfield()
     before = {n: s.clone() for n, s in guide.stds().items()}
