@@ -61,6 +61,10 @@ class FusedCategorical(TorchDistribution):
 
     :param logits: ``[*batch, *event, C]``; ``event_dims`` trailing dims before ``C`` are summed
         (token-level LM: ``event_dims=1`` over positions). Labels equal to ``ignore_index`` add 0.
+
+    ``log_prob`` broadcasts labels against ``logits.shape[:-1]`` over leading dims, as ``torch.distributions.Categorical``
+    does: labels ``[B]`` (``[B, T-1]``) score logits ``[S, B, C]`` (``[S, B, T-1, V]``) of ``S`` weight samples, giving
+    ``[S, B]``. The dims both have must be equal (a label of shape ``[1]`` is refused for ``B`` rows, not repeated).
     """
 
     arg_constraints = {}
@@ -74,9 +78,19 @@ class FusedCategorical(TorchDistribution):
         super().__init__(shape[: len(shape) - event_dims], shape[len(shape) - event_dims :], validate_args=False)
 
     def log_prob(self, value):
-        check_label_range(value, self.logits.shape[-1], self.ignore_index)
+        logits = self.logits
+        check_label_range(value, logits.shape[-1], self.ignore_index)
+        shape = logits.shape[:-1]
+        if value.shape != shape:  # e.g. labels [B] against [S, B, C]; equal shapes (the model's) as they are
+            n = min(value.dim(), len(shape))  # the dims both have must be equal: a label of one row never scores them all
+            if value.shape[value.dim() - n :] != shape[len(shape) - n :]:
+                raise ValueError(f"labels of shape {tuple(value.shape)} do not match the logits' {tuple(shape)} (their "
+                                 f"shape {tuple(logits.shape)} less the classes) in their last {n} dim(s): labels are "
+                                 "broadcast over leading (sample) dims only, one label per row")
+            shape = max(value.shape, shape, key=len)
+            value, logits = value.expand(shape), logits.expand(*shape, logits.shape[-1])
         ce = F.cross_entropy(
-            self.logits.reshape(-1, self.logits.shape[-1]).float(),
+            logits.reshape(-1, logits.shape[-1]).float(),
             value.reshape(-1),
             reduction="none",
             ignore_index=self.ignore_index,

@@ -239,6 +239,46 @@ def test_causal_lm_token_likelihood():
     torch.testing.assert_close(lp, -ce, rtol=1e-5, atol=1e-4)
 
 
+def test_distribution_log_prob_broadcasts_labels_over_sample_dims():
+    """The likelihood's distribution(logits).log_prob(labels), the scoring predict names for CausalLM, raised torch's
+    "Expected input batch_size (12) to match target batch_size (4)" for logits of S weight samples [S, B, ...] against
+    labels [B, ...]: it broadcasts as torch's Categorical does, -100 labels still add nothing."""
+    from torch.distributions import Categorical
+
+    def sampled(model):
+        return {k: v + 0.1 * torch.randn(4, *v.shape) for k, v in model.adapter_values().items()}
+
+    torch.manual_seed(0)
+    cls = LoraModel(tiny_bert(), SequenceClassification())
+    letter = LoraModel(tiny_llama(), MultipleChoice(answer_token_ids=[5, 6, 7, 8]))
+    lm = LoraModel(tiny_llama(), CausalLM())
+    text = random_batch(left_pad=2)
+    text["labels"] = text["input_ids"].masked_fill(text["attention_mask"] == 0, -100)
+    text["labels"][1, 3] = -100
+    for model, batch in [(cls, random_batch() | {"labels": torch.tensor([0, 2, 1])}), (letter, mc_batch(left_pad=2)),
+                         (lm, text)]:
+        lik = model.likelihood
+        logits, labels = model.logits(batch, sampled(model), num_samples=4), lik.observed(batch)
+        got = lik.distribution(logits).log_prob(labels)
+        loop = torch.stack([lik.distribution(logits[s]).log_prob(labels) for s in range(4)])
+        torch.testing.assert_close(got, loop)
+        if lik.event_dims:  # token level: each sample's observed tokens summed, -100 left out
+            logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).expand(4, -1, -1)[..., None])[..., 0]
+            expected = logp.masked_fill(labels == -100, 0).sum(-1)
+        else:
+            expected = Categorical(logits=logits, validate_args=False).log_prob(labels)
+        assert got.shape == (4, 3) and bool((labels == -100).any()) == bool(lik.event_dims)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        # more leading dims, and labels with a sample dim of their own, as Categorical broadcasts them
+        torch.testing.assert_close(lik.distribution(logits.reshape(2, 2, *logits.shape[1:])).log_prob(labels),
+                                   got.reshape(2, 2, 3))
+        torch.testing.assert_close(lik.distribution(logits[0]).log_prob(labels.expand(4, *labels.shape)),
+                                   got[:1].expand(4, 3))
+        for other in (labels[:2], labels[:1]):  # one label for every row: refused, not repeated
+            with pytest.raises(ValueError, match=r"labels of shape \([12],.*do not match the logits' \(4, 3"):
+                lik.distribution(logits).log_prob(other)
+
+
 def test_per_layer_is_a_view():
     model = LoraModel(tiny_llama(), CausalLM())
     values = model.adapter_values()
