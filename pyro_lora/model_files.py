@@ -11,9 +11,12 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["EMBEDDED_MODELS", "cache_dir", "local_model_path", "max_positions", "minilm_dir", "smollm2_gguf"]
+__all__ = ["EMBEDDED_MODELS", "cache_dir", "check_head_classes", "local_model_path", "max_positions", "minilm_dir",
+           "smollm2_gguf"]
 
 EMBEDDED_MODELS = ("minilm", "smollm2")
 
@@ -90,6 +93,53 @@ def _local_path(name_or_path) -> Path:
             "model folder or .gguf file (models are never downloaded)"
         )
     return path.resolve()  # absolute: an adapter saved from the model records its base folder from any directory
+
+# --------------------------------------------------------------------------- classification head
+
+
+def check_head_classes(name_or_path, num_labels: int, label_names: Sequence[str] | None = None) -> None:
+    """Refuse, from its ``config.json`` alone, a local classification checkpoint whose trained head
+    (``architectures`` ``*ForSequenceClassification``) does not fit the data's classes: another number of them
+    (transformers refuses it naming a flag, ``ignore_mismatched_sizes``, that would silently draw a fresh head), or,
+    where its ``id2label`` names them (not transformers' defaults ``LABEL_0``, ``LABEL_1``, ...), other names than
+    ``label_names`` or the same in another order (compared ignoring case): labels are indices, so every example would
+    be trained and scored as another class. Embedded models, ``.gguf`` files and checkpoints without a trained head
+    (a fresh one is drawn) pass.
+
+    :raises ValueError: naming both counts, or both orders, and what to do.
+    """
+    folder = local_model_path(name_or_path)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8")) if folder and folder.is_dir() else {}
+    except (OSError, ValueError):
+        return  # transformers says what is wrong with the folder
+    if not any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or ()):
+        return
+    id2label = config.get("id2label") or {}
+    classes = len(id2label) or config.get("num_labels") or 2  # transformers leaves out its default 2
+    if classes != num_labels:
+        raise ValueError(f"{folder} holds a classification head of {classes} classes and the task has {num_labels}: "
+                         f"give the checkpoint it was fine-tuned from (a model without a classification head gets a fresh "
+                         f"one), or data with its {classes} labels")
+    try:
+        names = [str(id2label[k]) for k in sorted(id2label, key=int)]
+    except (TypeError, ValueError):
+        return  # no index order to compare
+    if label_names is None or all(re.fullmatch(r"LABEL_\d+", n) for n in names):  # transformers' defaults name nothing
+        return
+    ours = [str(n) for n in label_names]
+    if [n.casefold() for n in names] == [n.casefold() for n in ours]:
+        return
+    if sorted(n.casefold() for n in names) == sorted(n.casefold() for n in ours):
+        raise ValueError(f"{folder}'s head names its classes {names} (config.json's id2label, in index order) and the data's "
+                         f"label_names are {ours}: the same classes in another order, so every example would be trained "
+                         f"and scored as another class; give the data label_names {names} in this order (and its records' "
+                         f"labels to match), or a checkpoint whose id2label follows {ours}")
+    raise ValueError(f"{folder}'s head names its classes {names} (config.json's id2label, in index order) and the data's "
+                     f"label_names are {ours}: the head was fine-tuned for other classes; give the checkpoint it was "
+                     f"fine-tuned from (a model without a classification head gets a fresh one), or, where these are the "
+                     f"same classes under other names, rename the data's label_names to {names}, in this order")
+
 
 # --------------------------------------------------------------------------- position limit
 

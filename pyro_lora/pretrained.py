@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,8 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from .model_files import (
-    EMBEDDED_MODELS, _cache_is_valid, _local_path, _require_gguf, _source_stamp, cache_dir, config_parameter_count,
-    max_positions, minilm_dir, parameter_count, smollm2_gguf,
+    EMBEDDED_MODELS, _cache_is_valid, _local_path, _require_gguf, _source_stamp, cache_dir, check_head_classes,
+    config_parameter_count, max_positions, minilm_dir, parameter_count, smollm2_gguf,
 )
 from .contract import DRAWN_AT_LOAD
 from .sites import base_network
@@ -47,6 +48,7 @@ __all__ = [
     "load_tokenizer",
     "load_pretrained",
     "max_positions",
+    "check_head_classes",
     "default_lora_targets",
     "add_lora",
     "load_adapter",
@@ -288,8 +290,9 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 def load_pretrained(
-    name_or_path: str, task: str, num_labels: int = 2, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-    progress: bool = True, quantization: str | None = None,
+    name_or_path: str, task: str, num_labels: int | None = None, dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu", progress: bool = True, quantization: str | None = None,
+    label_names: Sequence[str] | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a backbone and its tokenizer, offline. Returns ``(model, tokenizer)``.
 
@@ -297,6 +300,11 @@ def load_pretrained(
         file.
     :param task: ``"classification"`` (``AutoModelForSequenceClassification`` with a freshly
         initialised head of ``num_labels`` outputs) or ``"causal_lm"``.
+    :param num_labels: the classes of a classification head: default ``len(label_names)``, else 2.
+    :param label_names: the data's class names in label-index order (a dataset's ``meta.json`` ``label_names``): a
+        local checkpoint whose trained head names its classes otherwise in its ``id2label`` (other names, or the same
+        in another order) is refused before loading (:func:`~pyro_lora.model_files.check_head_classes`); ``None``
+        compares the number of classes only.
     :param dtype: weight dtype: ``torch.float32``, ``torch.bfloat16`` or ``torch.float16`` (SmolLM2 is dequantised
         and cached in float32, then cast). A :class:`~pyro_lora.model.LoraModel` over a half-precision base runs it
         under autocast and keeps LoRA and head parameters in float32.
@@ -312,15 +320,21 @@ def load_pretrained(
 
     :raises ImportError: an embedded model's package (or ``gguf`` for a GGUF file) is missing; the
         message has the ``pip install`` command that fixes it.
-    :raises ValueError: unknown ``task``, ``minilm`` with ``task="causal_lm"``, or a name that is
-        neither embedded nor an existing local path.
+    :raises ValueError: unknown ``task``, ``minilm`` with ``task="causal_lm"``, a name that is
+        neither embedded nor an existing local path, ``num_labels`` other than ``len(label_names)``, or a local
+        checkpoint's trained head of other classes than the data's.
     """
     model_class = _auto_class(task)
+    if label_names is not None:
+        label_names = list(label_names)
+        if num_labels is not None and num_labels != len(label_names):
+            raise ValueError(f"num_labels={num_labels} and {len(label_names)} label_names {label_names}: give one of them")
+    num_labels = num_labels if num_labels is not None else len(label_names) if label_names is not None else 2
     if dtype not in DTYPES.values():
         raise ValueError(f"dtype must be one of torch.float32, torch.bfloat16, torch.float16, got {dtype!r}")
     extra = _quantization_kwargs(quantization, dtype, device, name_or_path)
     with _progress_bars(progress):
-        model, tokenizer = _load(name_or_path, task, model_class, num_labels, dtype, progress, extra)
+        model, tokenizer = _load(name_or_path, task, model_class, num_labels, label_names, dtype, progress, extra)
     _ensure_pad_token(tokenizer, model)
     return (model if quantization else model.to(device)).eval(), tokenizer
 
@@ -354,7 +368,7 @@ def _quantization_kwargs(quantization, dtype, device, name_or_path) -> dict:
     return {"quantization_config": config, "device_map": {"": str(device)}}
 
 
-def _load(name_or_path: str, task: str, model_class, num_labels: int, dtype, progress: bool, extra: dict):
+def _load(name_or_path: str, task: str, model_class, num_labels: int, label_names, dtype, progress: bool, extra: dict):
     """``load_pretrained``'s model and tokenizer, before the pad token and the device; ``extra``: more
     ``from_pretrained`` arguments (quantisation)."""
     from transformers import AutoTokenizer
@@ -375,25 +389,10 @@ def _load(name_or_path: str, task: str, model_class, num_labels: int, dtype, pro
             model, tokenizer = _load_gguf(path, task, num_labels, dtype, progress)
         else:
             if task == "classification":
-                _check_head_classes(path, num_labels)
+                check_head_classes(path, num_labels, label_names)
             model = _from_pretrained(model_class, path, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
-
-
-def _check_head_classes(folder: Path, num_labels: int):
-    """Refuse a classification checkpoint whose trained head has another number of classes than the task (transformers
-    refuses it naming a flag, ``ignore_mismatched_sizes``, that would silently draw a fresh head)."""
-    try:
-        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return  # transformers says what is wrong with the folder
-    trained = any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or ())
-    classes = len(config.get("id2label") or {}) or config.get("num_labels") or 2  # transformers leaves out its default 2
-    if trained and classes != num_labels:
-        raise ValueError(f"{folder} holds a classification head of {classes} classes and the task has {num_labels}: "
-                         f"give the checkpoint it was fine-tuned from (a model without a classification head gets a fresh "
-                         f"one), or data with its {classes} labels")
 
 
 # --------------------------------------------------------------------------- LoRA

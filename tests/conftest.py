@@ -53,6 +53,19 @@ def tiny_bert(r=4, num_labels=3, seed=0, dtype=torch.float32):
     return net.eval()
 
 
+def bert_checkpoint(folder, id2label=None, head=True):
+    """A tiny BERT saved to ``folder`` with a tokenizer of its own; ``id2label`` names its head's classes."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
+
+    names = {"id2label": id2label, "label2id": {v: k for k, v in id2label.items()}} if id2label else {}
+    config = BertConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        max_position_embeddings=32, **names)
+    (BertForSequenceClassification if head else BertModel)(config).save_pretrained(folder)
+    (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
+    BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
+    return str(folder)
+
+
 def _randomize_b(net):
     # peft starts B at zero, which would hide any error in how B is applied
     with torch.no_grad():

@@ -153,6 +153,20 @@ def test_a_configuration_that_cannot_run_is_refused_before_loading(argv, message
     assert err.startswith("pyro-lora: error: ") and message in err and len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("command", [["compare"], ["fit"], ["bayesianize", "/nowhere/adapter"]])
+def test_a_checkpoint_head_naming_the_classes_in_another_order_is_refused_before_loading(command, nothing_loads,
+                                                                                          tmp_path, capsys):
+    """A --model checkpoint with id2label {0: "positive", 1: "negative"} trained and scored SST-2 (label_names
+    ["negative", "positive"]) with each class read as the other, without a word."""
+    from conftest import bert_checkpoint
+
+    model = bert_checkpoint(tmp_path / "ckpt", {0: "positive", 1: "negative"})
+    assert cli.main(command + ["--model", model, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert (f"{model}'s head names its classes ['positive', 'negative'] (config.json's id2label, in index order) and "
+            "the data's label_names are ['negative', 'positive']: the same classes in another order") in err
+
+
 @pytest.mark.parametrize("command", [["compare"], ["fit"], ["bayesianize", "ADAPTER"]])
 def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(command, nothing_loads, tmp_path, capsys):
     import torch

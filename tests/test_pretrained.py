@@ -1,11 +1,12 @@
 import importlib.util
+import re
 from types import SimpleNamespace
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import skip_without
+from conftest import bert_checkpoint, skip_without
 from pyro_lora import pretrained as P
 
 _real_find_spec = importlib.util.find_spec
@@ -108,6 +109,56 @@ def test_the_format_is_the_same_before_and_after_loading_with_an_untied_head(tmp
     total = sum(p.numel() for p in lm.parameters())
     monkeypatch.setattr(P, "_CLOZE_MAX_PARAMS", total - 1000 * 64 // 2)  # between the base's count and the LM's
     assert P.expected_mc_format(str(tmp_path)) == P.default_mc_format(lm) == "letter"
+
+
+def test_a_checkpoint_head_naming_its_classes_otherwise_than_the_data_is_refused_before_loading(tmp_path, monkeypatch):
+    """A checkpoint with id2label {0: "positive", 1: "negative"} loaded for data whose label_names are ["negative",
+    "positive"] without a word (only the number of classes was compared): every example trained and scored as the
+    other class. Refused before any weight is read, naming both orders; transformers' default names stay silent."""
+    data = ["negative", "positive"]
+    swapped = bert_checkpoint(tmp_path / "swapped", {0: "positive", 1: "negative"})
+    other = bert_checkpoint(tmp_path / "other", {0: "neg", 1: "pos"})
+    real_load = P._from_pretrained
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the head's classes were checked")
+
+    monkeypatch.setattr(P, "_from_pretrained", refuse)
+    with pytest.raises(ValueError, match=r"swapped's head names its classes \['positive', 'negative'\] .* label_names are "
+                                         r"\['negative', 'positive'\]: the same classes in another order.* give the data "
+                                         r"label_names \['positive', 'negative'\] in this order"):
+        P.load_pretrained(swapped, "classification", label_names=data)
+    with pytest.raises(ValueError, match=r"other's head names its classes \['neg', 'pos'\] .* fine-tuned for other "
+                                         r"classes.* rename the data's label_names to \['neg', 'pos'\]"):
+        P.load_pretrained(other, "classification", label_names=data)
+    with pytest.raises(ValueError, match=r"holds a classification head of 2 classes and the task has 3"):
+        P.load_pretrained(swapped, "classification", label_names=[*data, "neutral"])
+    with pytest.raises(ValueError, match=r"num_labels=3 and 2 label_names"):
+        P.load_pretrained(swapped, "classification", num_labels=3, label_names=data)
+    monkeypatch.setattr(P, "_from_pretrained", real_load)
+    fits = [bert_checkpoint(tmp_path / "default"),  # LABEL_0, LABEL_1: no names to compare
+            bert_checkpoint(tmp_path / "upper", {0: "NEGATIVE", 1: "POSITIVE"}),  # the data's, in its order
+            bert_checkpoint(tmp_path / "fresh", {0: "positive", 1: "negative"}, head=False)]  # no trained head
+    for folder in fits:
+        net, _ = P.load_pretrained(folder, "classification", label_names=data)
+        assert net.config.num_labels == 2
+    assert P.load_pretrained(swapped, "classification", num_labels=2)[0].config.num_labels == 2  # no names: the count only
+
+
+def test_every_path_from_a_checkpoint_head_to_a_dataset_compares_their_class_names(tmp_path, monkeypatch):
+    """compare, fit, bayesianize and evaluate check the configuration (check_config) before loading anything, and
+    prepare (the experiments' setup) hands the dataset's label_names to load_pretrained."""
+    from pyro_lora.experiments import setup as S
+
+    swapped = bert_checkpoint(tmp_path / "swapped", {0: "positive", 1: "negative"})
+    names = S.D.load_meta("sst2")["label_names"]
+    config = S.CompareConfig(model=swapped, dataset="sst2", out=str(tmp_path / "out"), train_size=20, test_size=4)
+    message = rf"head names its classes \['positive', 'negative'\] .* label_names are {re.escape(str(names))}"
+    with pytest.raises(ValueError, match=message):
+        S.check_config(config)
+    monkeypatch.setattr(P, "_from_pretrained", lambda *a, **k: pytest.fail("the weights were loaded"))
+    with pytest.raises(ValueError, match=message):
+        S.prepare(config)
 
 
 # --------------------------------------------------------------------------- real models

@@ -21,7 +21,8 @@ from ..ownership import take_over
 from ..io import writable_folder
 from ..likelihoods import MultipleChoice, SequenceClassification
 from ..model import LoraModel
-from ..pretrained import DTYPES, add_lora, default_mc_format, expected_mc_format, load_adapter, load_pretrained, max_positions
+from ..pretrained import (DTYPES, add_lora, check_head_classes, default_mc_format, expected_mc_format, load_adapter,
+                          load_pretrained, max_positions)
 from ..training import fit
 from ..guides import MAPGuide
 from ..guides.registry import METHODS, Fitted, get_method, methods_for_task
@@ -273,7 +274,7 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
     load = dict(device=config.device, progress=config.progress, dtype=DTYPES[config.dtype],
                 quantization="nf4" if config.load_in_4bit else None)
     if meta["task"] == "classification":
-        net, tok = load_pretrained(config.model, "classification", num_labels=len(meta["label_names"]), **load)
+        net, tok = load_pretrained(config.model, "classification", label_names=meta["label_names"], **load)
         likelihood, collator = SequenceClassification(), D.ClassificationCollator(tok, config.max_length)
     else:
         net, tok = load_pretrained(config.model, "causal_lm", **load)
@@ -425,7 +426,9 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
     Checks the methods (``guides``, default ``config.guides``) exist and apply to the task, the datasets and
     shifted sets exist with one task the model can take (each shifted set another folder than the training set's and
     the others': names are compared by the folder they read, ``sst2/`` is ``sst2``), the multiple-choice settings apply, the training set
-    can be split, ``max_length`` fits the model's positions, the device exists and (with ``writes``)
+    can be split, a local checkpoint's trained classification head has the dataset's classes (their number, and their
+    names and order where its ``id2label`` names them: :func:`~pyro_lora.model_files.check_head_classes`),
+    ``max_length`` fits the model's positions, the device exists and (with ``writes``)
     ``config.out`` can be written.
 
     :raises ValueError: naming what is wrong (with its command-line flag) and what to do.
@@ -491,6 +494,8 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
             raise ValueError(f"evaluation set {name!r} names its labels {meta['label_names']}, {config.dataset!r} "
                              f"{names}: labels are compared by index, so each would be scored as another class; give "
                              "both sets the same label_names in the same order")
+    if task == "classification":  # a local checkpoint's trained head: its classes, by number and by name
+        check_head_classes(config.model, len(names), names)
     limit = max_positions(config.model)
     if limit is not None and config.max_length > limit:
         raise ValueError(f"--max-length {config.max_length} is beyond {config.model}'s {limit} positions: use at most {limit}")
