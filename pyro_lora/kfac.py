@@ -567,6 +567,15 @@ def _check_gaussians(mean, cov, desc):
                          "posterior or the Jacobians are broken (a nan prior precision or curvature?); refit the guide")
 
 
+def _probit_draws(mean, cov, num_samples, generator):
+    """``glm_probs(mean, cov, "mc", ...)`` flattened to ``[S K, N, C]``, or ``None`` where the covariance overflows the
+    float32 draws (not finite, or a root beyond float32: a nan probability otherwise)."""
+    if not bool(torch.isfinite(cov).all()):
+        return None
+    p = glm_probs(mean, cov, "mc", num_samples, generator).reshape(-1, *mean.shape[-2:])
+    return p if bool(torch.isfinite(p).all()) else None
+
+
 def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_samples=False, progress=False,
                 desc="GLM predict", ready=None) -> Prediction:
     """The GLM predictive ``p(y | x) = E_{f ~ N(mean, cov)} softmax(f)`` over ``data``, what Laplace's and last-layer
@@ -575,8 +584,8 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     mixture of ``K`` Gaussians per example (mean ``[K, N, C]``, cov ``[K, N, C, C]``) averages the ``K``
     predictives; its draws with ``keep_samples`` are ``[S K, N, C]``. With the probit link, ``keep_samples`` keeps
     ``num_samples`` logit draws of the same Gaussians (what the mutual information needs; from a CPU generator of
-    their own, seeded 0 per call) while ``probs`` stay the probit's; where a covariance is not finite it keeps
-    none (``sample_probs`` None) and warns.
+    their own, seeded 0 per call) while ``probs`` stay the probit's; where a covariance overflows them (not finite,
+    or a variance beyond float32's range squared) it keeps none (``sample_probs`` None) and warns.
 
     :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, empty ``data`` (or a
         ``DataLoader`` dropping its last incomplete batch), logits that
@@ -607,17 +616,19 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
                 f" in {cov.dtype}): a prior precision this small overflows the posterior covariance; use a larger one"
             )
         probs.append(p.mean(0))
-        if generator is not None and overflow is None and not bool(torch.isfinite(cov).all()):
-            overflow = float(cov.diagonal(dim1=-2, dim2=-1).max())  # the probit copes (uniform); draws cannot
         if keep_samples and overflow is None:
-            draws.append(p if generator is None else glm_probs(mean, cov, "mc", num_samples, generator).reshape(-1, *mean.shape[-2:]))
+            drawn = p if generator is None else _probit_draws(mean, cov, num_samples, generator)
+            if drawn is None:
+                overflow = float(cov.diagonal(dim1=-2, dim2=-1).max())  # the probit copes (uniform); draws cannot
+            else:
+                draws.append(drawn)
         labels.append(check_labels(observed(batch), p.shape[-2], p.shape[-1]))
     if not probs:
         raise ValueError("predict_glm got no batches: the data is empty")
     if overflow is not None:
-        warnings.warn(f"{desc}: the logit covariance is not finite (largest variance {overflow:.3g}): the probit predictive "
-                      "is kept, but no logit draws, so its mutual information is n/a; a larger prior precision avoids "
-                      "this", stacklevel=2)
+        warnings.warn(f"{desc}: the logit covariance (largest variance {overflow:.3g}) overflows float32 logit draws: the "
+                      "probit predictive is kept, but no logit draws, so its mutual information is n/a; a larger prior "
+                      "precision avoids this", stacklevel=2)
     width = max(p.shape[-1] for p in probs)
 
     def pad(parts):  # batches of fewer choices get zero columns

@@ -65,7 +65,8 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     :raises ValueError: for a bad ``num_samples`` / ``chunk_size`` (an ensemble's ``S`` not a multiple of
         ``K``), a ``DataLoader`` with ``drop_last=True``, ``mean=True`` with a guide whose mean is no predictor, a guide whose posterior its site samples do
         not carry (``guide.samples_carry_posterior`` false: last-layer Laplace), or a guide built for another model
-        (:func:`~pyro_lora.contract.check_guide`).
+        (:func:`~pyro_lora.contract.check_guide`); at a batch whose probabilities are not finite (the logits overflowed
+        float32 under weight samples of a far too wide posterior), rather than return nan.
 
     Under ``torch.distributed`` every rank is given the same ``data``, predicts its contiguous block of
     batches with rank 0's weight samples (rank 0's base seed is broadcast; the first chunk is checked to
@@ -121,6 +122,8 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
                         if keep_samples:
                             parts.append(p)
                     total = total / num_samples
+                if not bool(torch.isfinite(total).all()):  # one reduction per batch: a nan of any sample reaches the sum
+                    raise ValueError(_not_finite(total, guide, draws is not None))
                 sums.append(total)
                 if keep_samples:
                     kept.append(torch.cat(parts))
@@ -143,6 +146,19 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
         sample_probs=sample_probs,
         seconds=time.perf_counter() - start,
     )
+
+
+def _not_finite(probs, guide, sampled):
+    """Why :func:`predict`'s probabilities ``probs`` (a batch's) hold a nan or inf: the float32 logits overflowed."""
+    bad = f"{int((~torch.isfinite(probs)).sum())} of {probs.numel()}"
+    if sampled:
+        return (f"predict: {bad} predictive probabilities of a batch are not finite: the network's logits overflowed (nan "
+                f"or inf) under this {type(guide).__name__}'s weight samples, so the posterior is likely far too wide (a "
+                "prior precision too small, a sigma_q, std or temperature too large; check guide.sample(1)'s magnitude), or "
+                "a half-precision base's activations overflowed; narrow the posterior (or load the base in float32)")
+    weights = "the network's own weights" if guide is None else f"this {type(guide).__name__}'s mean"
+    return (f"predict: {bad} predicted probabilities of a batch are not finite: the network's logits overflowed (nan or "
+            f"inf) at {weights}: weights this large (or a half-precision base) overflow float32; check the weights")
 
 
 def _pad(p, width):

@@ -326,13 +326,15 @@ def test_glm_draws_ignore_the_logit_shift_softmax_ignores():
     torch.testing.assert_close(a.mean(0).double(), torch.softmax(mean.double() + noise, -1).mean(0), rtol=0, atol=0.02)
 
 
-def test_probit_keeps_its_predictive_where_the_draws_overflow():
-    """An infinite variance: the probit predictive copes (uniform in the limit), logit draws cannot; the MI is then
-    n/a, said by a warning, instead of failing the probit predictive."""
+@pytest.mark.parametrize("variance", [float("inf"), 1e100])
+def test_probit_keeps_its_predictive_where_the_draws_overflow(variance):
+    """An infinite variance, or a finite float64 one whose root is beyond float32 (last-layer Laplace's at lambda
+    1e-200: its kept draws were nan, silently): the probit predictive copes (uniform in the limit), logit draws
+    cannot; the MI is then n/a, said by a warning, instead of failing the probit predictive or keeping nan."""
     from pyro_lora.kfac import glm_predict
 
     mean = torch.tensor([[1.0, -1.0], [0.5, 0.0]])
-    cov = torch.tensor([[[float("inf"), 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]])
+    cov = torch.tensor([[[variance, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]]], dtype=torch.double)
     batch = {"labels": torch.tensor([0, 1])}
     with pytest.warns(UserWarning, match="mutual information is n/a"):
         kept = glm_predict([batch], lambda b: (mean, cov), lambda b: b["labels"], keep_samples=True)

@@ -330,6 +330,42 @@ def test_ensemble_with_heads_refuses_chunks():
         predict(model, guide, loader(4), num_samples=3, chunk_size=2)
 
 
+def far_too_wide(kind, model):
+    """A guide whose weight draws overflow the float32 logits (nan probabilities, before, with no word)."""
+    if kind == "laplace":  # the adversarial repro's setting: lambda 1e-25, accepted as a positive float32
+        model.num_data = 4
+        guide = LaplaceGuide(model, fisher="exact", rank=16).fit(loader(4, n=4), progress=False)
+        guide.set_prior_precision(1e-25)
+        return guide
+    if kind == "tfb":
+        return TFBGuide(model, sigma_q=1e30)
+    if kind == "meanfield":
+        return MeanFieldGuide(model, b="normal", init_scale=1e25)
+    if kind == "ensemble":  # every member's weights beyond float32's logits
+        return EnsembleGuide(model, [{k: v * 1e30 * (i + 1) for k, v in model.adapter_values().items()} for i in range(2)])
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("chunk", [None, 2])
+@pytest.mark.parametrize("kind", ["laplace", "tfb", "meanfield", "ensemble"])
+def test_a_posterior_whose_draws_overflow_the_logits_is_refused_not_nan(kind, chunk):
+    """Laplace at lambda = 1e-25 gave nan in 12 of 12 probabilities without a word (draws of std ~1e12): predict now
+    refuses, naming the overflow and a posterior too wide, for every chunking, keep_samples or not."""
+    model = make_model()
+    guide = far_too_wide(kind, model)
+    for keep in (False, True):
+        with pytest.raises(ValueError, match=r"predict: 15 of 15 predictive probabilities .* not finite.*far too wide"):
+            predict(model, guide, loader(5), num_samples=4, chunk_size=chunk, keep_samples=keep)
+
+
+def test_a_point_estimate_whose_logits_overflow_is_refused_not_nan():
+    model = make_model()
+    model.write_adapter({k: v * 1e30 for k, v in model.adapter_values().items()})
+    for guide in (None, MeanFieldGuide(model, b="normal")):  # the network's own weights, a guide's mean
+        with pytest.raises(ValueError, match=r"predict: 15 of 15 predicted probabilities .* not finite.*overflowed"):
+            predict(model, guide, loader(5), num_samples=4, mean=True)
+
+
 # --- torch.distributed: rank 0's samples, chunk by chunk --------------------------------------------
 
 
