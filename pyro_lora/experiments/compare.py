@@ -191,7 +191,7 @@ def run_compare(config: CompareConfig, overwrite: bool = False, reference=None):
 def _run_seeds(config, overwrite, reference):
     run = RunFolder(config.out, config, overwrite=overwrite)
     earlier = run if reference is None else RunFolder(reference, config)  # the rows the new ones join
-    splits = load_splits(config, warn=False)  # prepare() warns, for the run's first seed
+    splits = load_splits(config)  # prepare() warns about them, once it has the tokenizer
     digest, sets, labels = records_digest(*splits), set_digests(config, *splits), label_names(config)
     for folder in [run] if earlier is run else [run, earlier]:
         folder.check_data(digest, sets)

@@ -23,6 +23,7 @@ from ..likelihoods import MultipleChoice, SequenceClassification
 from ..model import LoraModel
 from ..pretrained import (DTYPES, add_lora, check_head_classes, default_mc_format, expected_mc_format, load_adapter,
                           load_pretrained, max_positions)
+from ..records import record_task
 from ..training import fit
 from ..guides import MAPGuide
 from ..guides.registry import METHODS, Fitted, get_method, methods_for_task
@@ -288,6 +289,7 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
             likelihood = MultipleChoice(D.letter_token_ids(tok, num_choices), format="letter")
             collator = D.LetterCollator(tok, config.max_length)
         _check_collates(collator, {"train": train, "validation": val, "test": test, **shifted})
+    _warn_about_splits(config, tok, train, val, test, shifted)
     config = replace(config, lr=config.lr or default_lr(meta["task"]))
     torch.manual_seed(seed)  # the LoRA's initialisation, whatever loading drew
     if adapter_dir is None:
@@ -315,9 +317,9 @@ def _check_collates(collator, splits: dict, chunk: int = 256):
                                  "larger --max-length") from None
 
 
-def load_splits(config: CompareConfig, warn: bool = True):
-    """The records ``config`` runs on, the same for every seed: ``(train, validation, test, {shifted set: test})``;
-    ``warn``: say what makes the splits' scores mean less (:func:`_warn_about_splits`), once per run, not per reader."""
+def load_splits(config: CompareConfig):
+    """The records ``config`` runs on, the same for every seed: ``(train, validation, test, {shifted set: test})``.
+    :func:`prepare` says what makes their scores mean less (:func:`_warn_about_splits`), once it has the tokenizer."""
     train_all = D.load_records(config.dataset, "train", config.data_dir)
     train_all = D.subset(train_all, min(len(train_all), config.train_size), seed=0)
     if len(train_all) < 2:
@@ -325,35 +327,51 @@ def load_splits(config: CompareConfig, warn: bool = True):
                          "a validation split from them")
     train, val = D.split_train_val(train_all, val_fraction=config.val_fraction, seed=0)
     test = _test_records(config.dataset, config)
-    if warn:
-        _warn_about_splits(config.dataset, train, val, test)
     return train, val, test, {name: _test_records(name, config) for name in config.eval_datasets}
 
 
-def _warn_about_splits(dataset, train, val, test):
-    """Say what makes a run's numbers mean less than they seem: test or validation records that repeat training
-    ones (memory, not generalisation), and test labels no training record has."""
-    def key(r):
-        return r["text"] if "text" in r else (r.get("context"), r["question"], tuple(r["choices"]))
-
-    trained = {key(r) for r in train}
-    for name, records, seen in (("test", test, trained | {key(r) for r in val}), ("validation", val, trained)):
-        repeated = sum(key(r) in seen for r in records)
+def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shifted):
+    """Say what makes a run's numbers mean less than they seem: test, validation or shifted records that repeat
+    training ones as the model reads them (:func:`_model_inputs`: memory, not generalisation), and test labels no
+    training record has."""
+    trained = set(_model_inputs(train, tokenizer, config.max_length))
+    held = trained | set(_model_inputs(val, tokenizer, config.max_length))
+    sets = [(f"validation records of {config.dataset!r}", val, trained, "training record"),
+            (f"test records of {config.dataset!r}", test, held, "training or validation record"),
+            *((f"records of the shifted set {name!r}", records, held, f"training or validation record of "
+               f"{config.dataset!r}") for name, records in shifted.items())]
+    for what, records, seen, whose in sets:
+        repeated = sum(key in seen for key in _model_inputs(records, tokenizer, config.max_length))
         if repeated:
-            warnings.warn(f"{repeated} of the {len(records)} {name} records of {dataset!r} repeat a training or "
-                          "validation record (the same text): their scores measure memory there, not generalisation; "
-                          "deduplicate the splits", stacklevel=3)
-    if "text" in (train[0] if train else {}):
+            warnings.warn(f"{repeated} of the {len(records)} {what} repeat a {whose} as the model reads it (the same "
+                          "tokens: texts differing only in case or spacing are one input to an uncased tokenizer): "
+                          "their scores measure memory there, not generalisation; deduplicate the splits", stacklevel=3)
+    if train and record_task(train[0]) == "classification":
         unseen = sorted({r["label"] for r in test} - {r["label"] for r in train})
         if unseen:
-            warnings.warn(f"the test records of {dataset!r} hold label(s) {unseen} that no training record has: the "
-                          "model never learns those classes", stacklevel=3)
+            warnings.warn(f"the test records of {config.dataset!r} hold label(s) {unseen} that no training record has: "
+                          "the model never learns those classes", stacklevel=3)
+
+
+def _model_inputs(records, tokenizer, max_length: int) -> list:
+    """Per record, what the model reads of it (hashable), from the tokenizer alone (no forward): a text's token ids as
+    :class:`~pyro_lora.data.ClassificationCollator` truncates them, a multiple-choice record's passage, question and
+    choices each tokenized whole (a passage a long prompt cuts is compared whole). Records of one split share a task."""
+    if not records:
+        return []
+    if record_task(records[0]) == "classification":
+        ids = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)["input_ids"]
+        return [tuple(row) for row in ids]
+    # "" for a record without a passage
+    fields = [[r.get("context", ""), r["question"], *r["choices"]] for r in records]
+    flat = iter(tokenizer([f for row in fields for f in row], add_special_tokens=False)["input_ids"])
+    return [tuple(tuple(next(flat)) for _ in row) for row in fields]
 
 
 def data_digest(config: CompareConfig) -> str:
     """SHA-256 of the records ``config`` runs on (:func:`load_splits`): a run's rows are comparable only while the
     files under its data folder give the same records (a regenerated set, another machine's copy)."""
-    return records_digest(*load_splits(config, warn=False))  # prepare() warns, for the run's first seed
+    return records_digest(*load_splits(config))
 
 
 def set_digests(config: CompareConfig, train, val, test, shifted) -> dict:
