@@ -161,7 +161,8 @@ def load_records(name: str, split: str, data_dir: str | os.PathLike | None = Non
     """Every record of ``<data_dir>/<name>/<split>.jsonl``, validated against the dataset's task.
 
     Raises ``ValueError`` naming the file and line for a line that is not UTF-8, malformed JSON or an
-    invalid record, and for an empty file; ``FileNotFoundError`` if the split's file is missing.
+    invalid record, both lines for an ``id`` given twice, and the file for an empty one; ``FileNotFoundError`` if the
+    split's file is missing.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -188,7 +189,7 @@ _PARSED: dict = {}
 
 def _parse_records(path: Path, data: bytes, task: str, num_labels: int | None) -> tuple:
     """The records of ``data`` (the bytes of ``path``), each validated; errors name the file and line."""
-    records = []
+    records, lines = [], {}  # lines: id -> the line that first gave it
     # decoded line by line: a text-mode error would name a byte position in the file only
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         try:
@@ -210,6 +211,10 @@ def _parse_records(path: Path, data: bytes, task: str, num_labels: int | None) -
         problem = validate_record(record, task, num_labels)
         if problem:
             raise ValueError(f"{path}:{lineno}: invalid {task} record: {problem}")
+        first = lines.setdefault(record["id"], lineno)
+        if first != lineno:  # a file concatenated twice, or two sets merged
+            raise ValueError(f"{path}:{lineno}: id {record['id']!r} is also the id of line {first}: ids must be unique "
+                             "within a file; remove the repeated records or give each its own id")
         records.append(record)
     if not records:
         raise ValueError(f"{path}: no records (empty file)")

@@ -3,6 +3,9 @@ collators (which see in-memory records too).
 
 * classification: ``{"id", "text", "label"}``;
 * multiple choice: ``{"id", "question", "choices", "label"}``, optionally ``"context"`` (a passage).
+
+Every text the model reads (a text, question, passage or choice) holds a visible character, and ``id`` is unique
+within a file (:func:`~pyro_lora.data.load_records` checks it).
 """
 
 from __future__ import annotations
@@ -50,11 +53,19 @@ def validate_record(record: object, task: str, num_labels: int | None = None) ->
         if "context" in record:  # a passage: only multiple choice reads it
             return ("a classification record's 'context' (a passage) would not be read: the classifier reads 'text' "
                     "alone; put the passage into 'text'")
+        foreign = [k for k in ("question", "choices") if k in record]
+        if foreign:  # record_task calls a record with "choices" multiple choice: the layouts must not mix
+            return (f"a classification record holds the multiple-choice key(s) {', '.join(foreign)}, which the classifier "
+                    "would not read (it reads 'text' alone; a record with 'choices' counts as multiple choice "
+                    "elsewhere): remove them, or make the dataset a multiple-choice one")
         if num_labels is not None and not 0 <= label < num_labels:
             return f"label {label} out of range [0, {num_labels})"
         return None
     if not isinstance(record["question"], str):
         return "question must be a string"
+    if not visible(record["question"]):
+        return ("question is empty (or only whitespace or invisible characters): the choices would be scored with "
+                "nothing asked")
     choices = record["choices"]
     if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
         return "choices must be a list of at least 2 strings"
@@ -70,4 +81,7 @@ def validate_record(record: object, task: str, num_labels: int | None = None) ->
                 "the same, so the label can never win; remove the duplicate or fix the label")
     if "context" in record and not isinstance(record["context"], str):
         return "context must be a string"
+    if "context" in record and not visible(record["context"]):  # a WinoGrande sentence with one is asked as a question
+        return ("context is empty (or only whitespace or invisible characters): the prompt would hold an empty passage; "
+                "leave the key out for a record without one")
     return None

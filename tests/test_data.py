@@ -131,12 +131,15 @@ def _write(root, name, meta, lines, split="train"):
         (json.dumps({**GOOD_MC, "choices": ["x", " "]}), r"choice\(s\) \[1\] are empty \(or only whitespace or invisible characters\)"),
         (json.dumps({**GOOD_MC, "choices": ["", "y"]}), r"choice\(s\) \[0\] are empty"),
         (json.dumps({**GOOD_MC, "context": 3}), "context must be a string"),
+        (json.dumps({**GOOD_MC, "question": " \u200b"}), r"question is empty \(or only whitespace or invisible"),
+        (json.dumps({**GOOD_MC, "question": ""}), r"question is empty"),
+        (json.dumps({**GOOD_MC, "context": "  "}), r"context is empty .*leave the key out for a record without one"),
         ("[1, 2]", "expected a JSON object"),
         ('{"id": "b", "question": "q", "choices": ["x", "y"], "label": 0, "label": 1}', "the key 'label' appears twice"),
     ],
 )
 def test_bad_multiple_choice_line_names_file_and_line(tmp_path, bad_line, message):
-    path = _write(tmp_path, "toy", MC_META, [json.dumps(GOOD_MC), json.dumps(GOOD_MC), bad_line])
+    path = _write(tmp_path, "toy", MC_META, [json.dumps({**GOOD_MC, "id": i}) for i in (1, 2)] + [bad_line])
     with pytest.raises(ValueError, match=message) as err:
         D.load_records("toy", "train", tmp_path)
     assert f"{path}:3" in str(err.value)
@@ -156,6 +159,28 @@ def test_bad_classification_label_names_file_and_line(tmp_path):
         D.load_records("toycls", "train", tmp_path)
 
 
+def test_repeated_ids_and_mixed_layouts_are_refused(tmp_path):
+    """A file concatenated twice (every id given twice) and a classification record with 'choices' (read as text
+    alone here, as multiple choice by record_task) loaded without a word."""
+    lines = [json.dumps({"id": i, "text": f"w{i}", "label": i % 2}) for i in range(3)]
+    path = _write(tmp_path, "toycls", CLS_META, lines + lines)
+    with pytest.raises(ValueError) as err:
+        D.load_records("toycls", "train", tmp_path)
+    assert str(err.value).startswith(f"{path}:4: id 0 is also the id of line 1: ids must be unique within a file")
+    _write(tmp_path, "toycls", CLS_META, lines + [json.dumps({"id": "a", "text": "w", "label": 0})], split="test")
+    assert len(D.load_records("toycls", "test", tmp_path)) == 4  # an id 0 and an id "a": ids of either type
+    for extra, keys in [({"choices": ["x", "y"]}, "choices"), ({"question": "q?"}, "question"),
+                        ({"question": "q?", "choices": ["x", "y"]}, "question, choices")]:
+        path = _write(tmp_path, "toycls", CLS_META, lines[:1] + [json.dumps({"id": 9, "text": "hi", "label": 0, **extra})])
+        with pytest.raises(ValueError) as err:
+            D.load_records("toycls", "train", tmp_path)
+        assert str(err.value).startswith(f"{path}:2: invalid classification record: a classification record holds the "
+                                         f"multiple-choice key(s) {keys}, which the classifier would not read")
+    # a multiple-choice record may carry an extra "text" (documented: CausalLMCollator reads it as multiple choice)
+    _write(tmp_path, "toy", MC_META, [json.dumps({**GOOD_MC, "text": "also here"})])
+    assert D.load_records("toy", "train", tmp_path)[0]["text"] == "also here"
+
+
 def test_empty_file_and_unknown_names(tmp_path):
     path = _write(tmp_path, "toy", MC_META, [])
     with pytest.raises(ValueError, match="empty") as err:
@@ -171,7 +196,7 @@ def test_empty_file_and_unknown_names(tmp_path):
 
 
 def test_a_non_utf8_line_names_file_line_and_byte(tmp_path):
-    path = _write(tmp_path, "toy", MC_META, [json.dumps(GOOD_MC), json.dumps(GOOD_MC)])
+    path = _write(tmp_path, "toy", MC_META, [json.dumps({**GOOD_MC, "id": i}) for i in (1, 2)])
     path.write_bytes(path.read_bytes() + b'{"id": "c", "question": "caf\xe9?", "choices": ["x", "y"], "label": 0}\n')
     with pytest.raises(ValueError, match=r"not UTF-8 \(byte 0xe9 at byte 29 of the line\)") as err:
         D.load_records("toy", "train", tmp_path)
@@ -515,7 +540,8 @@ def test_in_memory_records_are_checked_as_the_reader_checks_a_file(minilm_tok):
                          ({**good, "label": True}, "label must be an integer"),
                          ({"id": 0, "text": "a fine film"}, "missing field.s. label"),
                          ({**good, "text": "\u200b\ufeff \u00ad"}, "only whitespace or invisible characters"),
-                         ({**good, "context": "the passage"}, "'context' .a passage. would not be read")]:
+                         ({**good, "context": "the passage"}, "'context' .a passage. would not be read"),
+                         ({**good, "question": "q?"}, "holds the multiple-choice key.s. question")]:
         with pytest.raises(ValueError, match=message):
             collate([good, bad])
     with pytest.raises(ValueError, match="choice.s. .1. are empty .or only whitespace or invisible"):
@@ -622,7 +648,8 @@ def test_causal_lm_collator_checks_records_as_the_other_collators_do(smol_tok):
     for bad, message in [({**mc, "label": -1}, r"record 'q': label -1 out of range \[0, 3\)"),
                          ({**mc, "label": True}, "label must be an integer"),
                          ({**cls, "text": "   "}, "only whitespace or invisible characters"),
-                         ({**cls, "context": "a passage"}, "'context' .a passage. would not be read")]:
+                         ({**cls, "context": "a passage"}, "'context' .a passage. would not be read"),
+                         ({**mc, "question": "\t"}, "question is empty")]:
         with pytest.raises(ValueError, match=message):
             collate([cls, bad])
     # a text_fn giving no text: a row of no tokens failed deep inside the network (a reshape of 0 elements)
