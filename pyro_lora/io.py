@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .contract import (_fingerprint_of, check_guide, describe, differences, digested_parameters, frozen_base_parameters,
@@ -52,11 +53,35 @@ def standard_json(obj):
     return obj
 
 
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how safetensors (Rust) reports an OS error: no errno, no file
+
+
+@contextlib.contextmanager
+def _naming_errors(path):
+    """Give an OS error of the block that names no file ``path``, the file or folder being written: a write through a
+    file object failed with "[Errno 28] No space left on device" alone, safetensors' with "... (os error 28)".
+
+    :raises OSError: of the same errno (and subclass), naming ``path``.
+    """
+    try:
+        yield
+    except OSError as error:
+        if error.errno is None or error.filename is not None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from error
+    except SafetensorError as error:
+        code = _OS_ERROR.search(str(error))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from error
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode="w"):
     """Yield a temporary file beside ``path`` that replaces it, readable by all (0644), once the block succeeds.
 
-    A kill leaves the previous ``path`` and a hidden temporary, removed by the next write to ``path``.
+    A kill leaves the previous ``path`` and a hidden temporary, removed by the next write to ``path``; a failed write
+    (a full disk) leaves the previous ``path`` too, and its ``OSError`` names ``path`` (:func:`_naming_errors`).
 
     :param str mode: ``"w"`` (text, UTF-8) or ``"wb"``.
     """
@@ -65,7 +90,7 @@ def atomic_file(path, mode="w"):
     _remove_dead_temporaries(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-{os.getpid()}-")
     try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+        with _naming_errors(path), os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
         os.replace(tmp, path)
@@ -155,14 +180,16 @@ def atomic_directory(path, own=GUIDE_FILES):
     A crash leaves the old ``path`` (or nothing) in place, never a half-written one. A kill between the two
     renames of the swap leaves the old folder under a hidden name: :func:`recover_directory` (run here and by
     :func:`load_guide`) puts it back; temporary folders of dead processes are removed. What the swap would destroy
-    is refused first (:func:`check_folder_slot`; ``own``: the names the writer writes).
+    is refused first (:func:`check_folder_slot`; ``own``: the names the writer writes). A failed write (a full disk)
+    raises an ``OSError`` naming ``path`` (:func:`_naming_errors`).
     """
     path = _named(path)
     recover_directory(path)
     check_folder_slot(path, "a folder is to be written: move it, or choose another path", own)  # creates its parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
     try:
-        yield tmp
+        with _naming_errors(path):
+            yield tmp
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a saved guide is shared
         for f in tmp.rglob("*"):
             os.chmod(f, 0o755 if f.is_dir() else 0o644)

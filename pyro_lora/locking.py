@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+from .io import _naming_errors
+
 try:
     import fcntl
 except ImportError:  # not POSIX: folder_lock refuses to run
@@ -95,8 +97,13 @@ def _acquire(lock, what):
         except FileNotFoundError:
             same = False
         if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode())
+            try:
+                with _naming_errors(lock):  # a full disk
+                    os.ftruncate(fd, 0)
+                    os.write(fd, str(os.getpid()).encode())
+            except OSError:
+                os.close(fd)
+                raise
             return fd
         os.close(fd)
 

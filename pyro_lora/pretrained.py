@@ -33,6 +33,7 @@ from .model_files import (
     config_parameter_count, max_positions, minilm_dir, parameter_count, smollm2_gguf,
 )
 from .contract import DRAWN_AT_LOAD
+from .io import _naming_errors
 from .sites import base_network
 
 if TYPE_CHECKING:
@@ -218,9 +219,10 @@ def _write_cache(folder: Path, model, tokenizer, stamp: dict) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "source.json").write_text(json.dumps(stamp))  # written last: marks the folder complete
+        with _naming_errors(folder):  # a full disk: the writes name no file
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "source.json").write_text(json.dumps(stamp))  # written last: marks the folder complete
         if folder.exists():
             stale = Path(tempfile.mkdtemp(prefix=f".{folder.name}-stale-", dir=folder.parent))
             os.replace(folder, stale / folder.name)

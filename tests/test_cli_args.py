@@ -371,6 +371,36 @@ def test_ctrl_c_says_what_is_kept_in_one_line(command, kept, monkeypatch, tmp_pa
         cli.main([command, "--out", str(tmp_path / "out"), "--debug"])
 
 
+@pytest.mark.parametrize("command, kept", [("compare", "the (method, seed) results that finished are kept, and the same "
+                                                       "command resumes the rest"),
+                                           ("fit", "every write is atomic: no file was left half-written")])
+def test_a_full_disk_names_the_file_and_what_is_kept(command, kept, monkeypatch, tmp_path, capsys):
+    """A full disk printed "pyro-lora: error: [Errno 28] No space left on device" naming no file, and not that the
+    finished results were kept."""
+    import errno
+    import os
+
+    from pyro_lora.io import atomic_file
+
+    target = tmp_path / "out" / "results.json"
+
+    def full(*args, **kwargs):
+        with atomic_file(target) as f:
+            f.write("{")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what its next write raises on a full disk
+
+    monkeypatch.setattr(cli, "_run", full)
+    assert cli.main([command, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"pyro-lora: error: [Errno 28] No space left on device: '{target}'; {kept} (--debug shows where)\n"
+    def refused(*args, **kwargs):  # a refusal of the library's own (no errno) says nothing of a run stopped midway
+        raise FileNotFoundError("x.jsonl does not exist")
+
+    monkeypatch.setattr(cli, "_run", refused)
+    assert cli.main([command, "--out", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err == "pyro-lora: error: x.jsonl does not exist (--debug shows where)\n"
+
+
 def test_a_warning_repeated_by_each_method_is_shown_once(monkeypatch, tmp_path, capsys):
     """The demo printed "fitted on a validation split of 30 examples" 14 times (once per method and seed: the library's
     own warning filters reset Python's once-per-place record), burying the table."""

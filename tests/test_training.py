@@ -259,6 +259,57 @@ def test_atomic_file_replaces_only_on_success(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp file left behind
 
 
+def test_a_full_disk_names_what_was_being_written(tmp_path, monkeypatch):
+    """A full disk gave "[Errno 28] No space left on device" naming no file: a write through a file object names none,
+    and safetensors' "(os error 28)" is no OSError at all. Each writer's error now names its path, as the OS error it
+    is, and leaves the previous file or folder."""
+    import errno
+    import os
+    import types
+
+    import pyro_lora.io as io
+    from pyro_lora import locking
+    from safetensors import SafetensorError
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # what f.write raises on a full disk
+    path = tmp_path / "out" / "results.json"
+    with atomic_file(path) as f:
+        f.write("old")
+    with pytest.raises(OSError) as err:
+        with atomic_file(path) as f:
+            raise full
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(path))
+    assert str(err.value) == f"[Errno 28] No space left on device: '{path}'"
+    assert path.read_text() == "old" and [p.name for p in path.parent.iterdir()] == ["results.json"]
+
+    model, guide = make()
+    save_guide(guide, tmp_path / "g")
+
+    def no_room(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(io, "save_file", no_room)
+    with pytest.raises(OSError) as err:
+        save_guide(guide, tmp_path / "g")
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(tmp_path / "g"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g", "out"]  # the previous guide, no temporary
+
+    def write(fd, data):
+        raise full
+
+    monkeypatch.setattr(locking, "os", types.SimpleNamespace(**{**vars(os), "write": write}))
+    with pytest.raises(OSError) as err:
+        with locking.folder_lock(tmp_path / "run"):
+            pass
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(tmp_path / "run" / ".lock"))
+    # a refusal of the library's own, an OSError with no errno, and a file already named are left as they are
+    for other in (FileNotFoundError("data.jsonl does not exist"), OSError(errno.EACCES, "Permission denied", "x")):
+        with pytest.raises(OSError) as err:
+            with atomic_file(path):
+                raise other
+        assert err.value is other
+
+
 def test_the_study_copies_figures_and_maps_atomically(tmp_path, monkeypatch):
     """The report's figures and the MAPs study --update copies were written in place: a kill mid-copy left half a
     file. A copy stopped before its swap leaves the old file and no temporary."""

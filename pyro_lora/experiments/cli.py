@@ -318,18 +318,25 @@ def main(argv=None):
     except KeyboardInterrupt:  # Ctrl-C: say what is kept, not a traceback
         if debug:
             raise
-        kept = ("the (method, seed) results that finished are kept, and the same command resumes the rest"
-                if args.command in ("compare", "study") else "every write is atomic: no file was left half-written")
-        print(f"pyro-lora: interrupted: {kept} (--debug shows where it stopped)", file=sys.stderr)
+        print(f"pyro-lora: interrupted: {_kept(args.command)} (--debug shows where it stopped)", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 -- every library error reaches the user as one line
         if debug:
             raise
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        if isinstance(error, OSError) and error.errno is not None:  # the system's: a full disk mid-run, not a refusal
+            first += f"; {_kept(args.command)}"
         print(f"pyro-lora: error: {first} (--debug shows where)", file=sys.stderr)
         return 2
     finally:
         warnings.showwarning = shown
+
+
+def _kept(command) -> str:
+    """What a run of ``command`` stopped midway (Ctrl-C, a full disk) leaves."""
+    if command in ("compare", "study"):
+        return "the (method, seed) results that finished are kept, and the same command resumes the rest"
+    return "every write is atomic: no file was left half-written"
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None, seen=None):
