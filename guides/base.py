@@ -16,7 +16,7 @@ import pyro.poutine as poutine
 import torch
 
 from pyro_lora import pyro_params
-from pyro_lora.checks import check_count
+from pyro_lora.checks import check_count, pickling_refused
 from pyro_lora.contract import check_guide, describe
 from pyro_lora.ownership import follow_svi_step, point_snapshot, stop_following, take_over
 from pyro_lora.io import records_at_build, register_guide
@@ -118,8 +118,12 @@ class LoraGuide(torch.nn.Module):
 
     def __deepcopy__(self, memo):
         """``copy.deepcopy(guide)``: a guide with copies of the parameters, its own name in Pyro's param store, over the
-        same model (a guide never owns the model: copying it would copy the network, which the copy would not fit)."""
-        memo.setdefault(id(self._model), self._model)
+        same model (a guide never owns the model: copying it would copy the network, which the copy would not fit).
+        Every part of the network stays itself: an attribute referring to one of its modules (an ensemble's head layers,
+        last-layer Laplace's head) must go on referring to the module the network runs, not to a copy it never calls."""
+        net = self.model.net
+        for x in (self._model, *net.modules(), *net.parameters(), *net.buffers()):
+            memo.setdefault(id(x), x)
         copied = type(self).__new__(type(self))
         memo[id(self)] = copied
         copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
@@ -127,11 +131,9 @@ class LoraGuide(torch.nn.Module):
         return copied
 
     def __reduce_ex__(self, protocol):
-        raise TypeError(
-            f"a {type(self).__name__} cannot be pickled (torch.save, pickle, copy.copy): it refers to its model and "
-            "network, which it does not own; save it with pyro_lora.save_guide(guide, path) and rebuild it with "
-            "load_guide(path, model), or copy it with copy.deepcopy(guide)"
-        )
+        raise pickling_refused(self, "it refers to its model and network, which it does not own",
+                               "save it with pyro_lora.save_guide(guide, path) and rebuild it with load_guide(path, model), "
+                               "or copy it with copy.deepcopy(guide)")
 
     @_in_float32
     def posterior(self):

@@ -93,3 +93,9 @@ def is_integer_tensor(t) -> bool:
     """Whether the tensor ``t`` holds integers (not floats, complex numbers or booleans): what class labels and token
     ids must be."""
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def pickling_refused(obj, why: str, instead: str) -> TypeError:
+    """The error refusing to pickle ``obj`` (``torch.save``, ``pickle``, ``copy.copy``): ``why`` it is not pickled, and
+    what to do ``instead``."""
+    return TypeError(f"a {type(obj).__name__} cannot be pickled (torch.save, pickle, copy.copy): {why}; {instead}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import numbers
@@ -15,7 +16,7 @@ import torch
 from peft.utils import ModulesToSaveWrapper
 
 from . import handoff, pyro_params, quantized
-from .checks import check_count
+from .checks import check_count, pickling_refused
 from .contract import check_guide, parameter_adapter, tempered_training
 from .ownership import head_trainer, unwritten_fit
 from .distributions import unchecked_isotropic_normal
@@ -148,6 +149,23 @@ class LoraModel:
     @property
     def net(self):
         return self._net[0]
+
+    def __deepcopy__(self, memo):
+        """``copy.deepcopy(model)``: a model over a copy of the network, with its own name in Pyro's param store (the
+        original's name holds the original's parameters, so Pyro's ``SVI`` on the copy would meet them there)."""
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        copied._pyro_name = pyro_params.unique_name(copied)
+        return copied
+
+    def __reduce_ex__(self, protocol):
+        raise pickling_refused(
+            self, "Pyro's SVI tags its network's parameters with weak references, and a model read back in this process "
+            "would share the original's name in Pyro's param store",
+            "save the network's weights (model.net.state_dict(), or the adapter with pyro_lora.export_adapter) and a "
+            "guide with pyro_lora.save_guide, and build the LoraModel again over the loaded network; or copy it with "
+            "copy.deepcopy(model)")
 
     def set_trainable(self) -> None:
         """Freeze the peft LoRA parameters that the sites replace; make the other LoRA matrices trainable.

@@ -233,9 +233,7 @@ class Setup:
                     params[k].copy_(v)
         guide = fitted.guide
         if guide is not None:  # the guide's own tensors copied, never the model, the network or any part of it
-            net = guide.model.net
-            shared = (guide.model, *net.modules(), *net.parameters(), *net.buffers())
-            guide = copy.deepcopy(guide, {id(x): x for x in shared})
+            guide = copy.deepcopy(guide)
         # fitted now, inside the caller's recipe, whose timing already holds it: nothing more to inherit
         return replace(fitted, guide=guide, inherited_seconds=0.0 if fresh else seconds)
 
