@@ -563,6 +563,28 @@ def test_the_verdict_says_whether_the_noise_or_the_fit_costs_accuracy():
     assert "ivon -4.00," in text or "ivon -4.00.\n" in text + "\n"  # no mean accuracy: no reason given
 
 
+def test_the_verdict_says_who_loses_accuracy_to_map_on_a_shifted_set():
+    """TFB lost 16 points to MAP on a shifted set (0.708 against 0.867) and the verdict said nothing: its accuracy
+    line read the training set's test set only, where TFB kept MAP's accuracy."""
+    runs = {"map": [(0.80, 14.0, 0.66, 0.09)] * 2, "temperature": [(0.80, 6.0, 0.45, 0.09)] * 2,
+            "tfb": [(0.80, 3.0, 0.40, 0.09)] * 2, "laplace": [(0.795, 3.0, 0.40, 0.09)] * 2}
+    shift = {"map": [0.867, 0.867], "temperature": [0.867, 0.867], "tfb": [0.70, 0.716], "laplace": [0.86, 0.856]}
+    shifted = [{**r, "dataset": "sst2_shift", "accuracy": shift[r["guide"]][r["seed"]]} for r in _rows(runs)]
+    for r in shifted:
+        r.update({"tfb": {"mean_accuracy": 0.862}}.get(r["guide"], {}))
+    text = verdict(_rows(runs) + shifted, "sst2")
+    # tfb: 0.867 - 0.708 = 15.90 points; laplace: 0.867 - 0.858 = 0.90 points, within 1
+    assert "- Accuracy against MAP (0.800): none more than 1 point below it." in text
+    assert ("- Accuracy against MAP on sst2_shift (0.867): more than 1 point below it: tfb -15.90 (its posterior mean "
+            "-0.50: the weight noise costs it).") in text
+    shifted[0]["accuracy"] = None  # MAP's accuracy n/a on the shift's seed 0: said, not dropped
+    text = verdict(_rows(runs) + shifted, "sst2")
+    assert "- Accuracy against MAP on sst2_shift: not compared: MAP's accuracy on sst2_shift is n/a on seed 0." in text
+    assert "of the accuracy on sst2_shift comparison: map (n/a on seed 0)" in text
+    text = verdict(_rows(runs) + [r for r in shifted if r["guide"] != "map"], "sst2")
+    assert "- Accuracy against MAP on sst2_shift: not compared: MAP has no finished seed" in text
+
+
 def test_the_verdict_names_ties_and_leaves_out_a_method_with_a_missing_value():
     rows = _rows({"map": [(0.80, 14.0, 0.66, 0.09), (0.81, 13.0, 0.65, 0.08)],
                   "temperature": [(0.80, 6.0, 0.45, 0.09), (0.81, 5.0, 0.44, 0.08)],
