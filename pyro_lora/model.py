@@ -541,6 +541,7 @@ class LoraModel:
                                  "flips would be drawn per position and shared by every example; use flipout=False")
             for path, mats in per_layer({n: self.sites[n] for n in flipout_locs}, flipout_locs).items():
                 weights[path][handoff.FLIPOUT_LOC] = mats[down_kind().letter]
+        _check_skipped_hooks(self.layers, self.adapter)
         with handoff.handed(self.layers, self.adapter, weights, num_samples, self._checkpointing):
             return self.likelihood.logits(self.net, batch, num_samples)
 
@@ -948,6 +949,34 @@ def _autocast(device: torch.device, dtype: torch.dtype):
     if dtype in HALF_DTYPES:
         return torch.autocast(device.type, dtype=dtype)
     return contextlib.nullcontext()
+
+
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_hooks", "_backward_pre_hooks", "_backward_hooks")
+
+
+def _check_skipped_hooks(layers: dict, adapter: str) -> None:
+    """Refuse hooks the weight hand-off would skip: with handed weights a LoRA layer computes ``B A x`` from the
+    matrices without calling peft's ``lora_A`` / ``lora_B`` modules (the layer itself and its ``lora_dropout`` are
+    called, their hooks run). pyro_lora's own float32 casts (:func:`_float32_trainables`) are the hand-off's to do.
+    Runs before every forward with handed weights: a few dict lookups per layer."""
+    for name in _HOOK_DICTS:
+        if getattr(torch.nn.modules.module, "_global" + name):
+            raise ValueError(
+                f"a global module hook is registered (torch.nn.modules.module{'._global' + name}, e.g. by "
+                "register_module_forward_hook or a profiler's module tracker): peft calls it on every LoRA layer's "
+                "lora_A and lora_B, which the weight hand-off does not call, so a guide's forward would skip it there; "
+                "remove it, or register hooks on the modules you need (a LoRA layer's own hooks are honoured)")
+    for path, layer in layers.items():
+        for parameter in ("lora_A", "lora_B"):
+            module = getattr(layer, parameter)[adapter]
+            for name in _HOOK_DICTS:
+                hooks = getattr(module, name)
+                if hooks and any(h is not _inputs_to_float32 and h is not _output_to_input_dtype for h in hooks.values()):
+                    raise ValueError(
+                        f"LoRA layer {path}'s {parameter}[{adapter!r}] holds a hook ({name.strip('_')[:-1]}) that the "
+                        "weight hand-off would skip: with a guide's LoRA weights the layer computes B A x from the "
+                        f"handed matrices without calling {parameter}; register the hook on the LoRA layer {path} "
+                        "itself (honoured), or remove it")
 
 
 def _lora_shapes(layer, adapter):

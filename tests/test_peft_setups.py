@@ -188,6 +188,57 @@ def test_peft_mixed_batch_forward_with_handed_weights_is_refused():
         layer(torch.randn(2, 32), adapter_names=["default", "default"])
 
 
+@pytest.mark.parametrize("where", ["lora_B forward hook", "lora_A forward pre-hook", "lora_B backward hook"])
+def test_a_hook_on_lora_a_or_b_that_the_handoff_would_skip_is_refused_naming_the_layer(where):
+    # the hand-off computes B A x from the matrices without calling lora_A / lora_B: a hook there ran in peft's forward
+    # (zeroed LoRA output: logits 0.006 off) but silently not under a guide's weights, even the adapter's own
+    net = bert_with()
+    model = LoraModel(net, SequenceClassification())
+    path, layer = next(iter(model.layers.items()))
+    submodule, kind = where.split(" ", 1)
+    module = getattr(layer, submodule)["default"]
+    register = {"forward hook": lambda: module.register_forward_hook(lambda m, a, o: o * 0),
+                "forward pre-hook": lambda: module.register_forward_pre_hook(lambda m, a: (a[0] * 0,)),
+                "backward hook": lambda: module.register_full_backward_hook(lambda m, gi, go: None)}[kind]
+    handle = register()
+    with torch.no_grad():
+        hooked = net(**random_batch()).logits
+        torch.testing.assert_close(model.logits(batch()), hooked)  # guide-free: peft's own forward, hook and all
+        with pytest.raises(ValueError, match=rf"LoRA layer {path}'s {submodule}\['default'\] holds a hook.*on the LoRA layer"):
+            model.logits(batch(), model.adapter_values())
+    handle.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(batch(), model.adapter_values()), net(**random_batch()).logits)
+
+
+def test_a_global_module_hook_is_refused_under_handed_weights():
+    model = LoraModel(bert_with(), SequenceClassification())
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: None)
+    try:
+        with torch.no_grad(), pytest.raises(ValueError, match="global module hook.*lora_A and lora_B"):
+            model.logits(batch(), model.adapter_values())
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("where", ["layer", "lora_dropout"])
+def test_hooks_on_the_lora_layer_and_its_dropout_are_honoured_under_handed_weights(where):
+    net = bert_with()
+    model = LoraModel(net, SequenceClassification())
+    with torch.no_grad():
+        plain = net(**random_batch()).logits
+    for layer in model.layers.values():
+        module = layer if where == "layer" else layer.lora_dropout["default"]
+        module.register_forward_hook(lambda m, a, o: o * 0.5)
+    values = model.adapter_values()
+    with torch.no_grad():
+        hooked = net(**random_batch()).logits
+        assert not torch.allclose(hooked, plain)
+        torch.testing.assert_close(model.logits(batch(), values), hooked, rtol=1e-5, atol=1e-6)
+        sampled = model.logits(batch(), {n: v.expand(2, *v.shape) for n, v in values.items()}, num_samples=2)
+    torch.testing.assert_close(sampled, hooked.expand(2, -1, -1), rtol=1e-5, atol=1e-6)
+
+
 def test_supported_setups_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
