@@ -36,9 +36,10 @@ from .likelihoods import is_cloze
 from .metrics import check_labels
 from .model import full_precision, sequence_first_family
 from .checks import check_count
+from .hooks import SKIPPED
 from .contract import entry_checks
 from .modes import eval_mode
-from .predictive import Prediction
+from .predictive import Prediction, batch_labels
 from .progress import progress_bar
 from .sites import Site, per_layer
 
@@ -220,9 +221,10 @@ def _check_recorded(model, batch: dict, inputs: dict) -> None:
     missing = [p for p in model.layers if p not in inputs]
     if missing:
         raise ValueError(
-            f"the LoRA layer {missing[0]} did not run in this batch's forward ({len(missing)} such layer(s); e.g. a "
-            "vision tower's layers under target_modules='all-linear' given text-only batches): a Laplace has no "
-            "curvature for it and would leave its posterior at the prior; leave it out of target_modules")
+            f"the LoRA layer {missing[0]} did not run in this batch's forward ({len(missing)} such layer(s)): a Laplace "
+            "has no curvature for it and would leave its posterior at the prior. Where the layer does not run (a vision "
+            "tower's layers under target_modules='all-linear' given text-only batches), leave it out of target_modules; "
+            f"where it does, the forward hook recording it was skipped: {SKIPPED}")
     ids = batch.get("input_ids", batch.get("inputs_embeds"))
     if ids is None or is_cloze(model.likelihood):
         return
@@ -580,16 +582,17 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
                 desc="GLM predict", ready=None) -> Prediction:
     """The GLM predictive ``p(y | x) = E_{f ~ N(mean, cov)} softmax(f)`` over ``data``, what Laplace's and last-layer
     Laplace's ``predict_glm`` share: ``logits_of(batch) -> (mean [N, C], cov [N, C, C])``, ``observed(batch)`` the
-    labels; ``ready()`` (the guide's own checks) runs after the arguments are checked, before any batch. A uniform
-    mixture of ``K`` Gaussians per example (mean ``[K, N, C]``, cov ``[K, N, C, C]``) averages the ``K``
-    predictives; its draws with ``keep_samples`` are ``[S K, N, C]``. With the probit link, ``keep_samples`` keeps
+    labels (not asked of a batch without: unlabelled data gives ``labels`` ``None``, as :func:`~pyro_lora.predict`);
+    ``ready()`` (the guide's own checks) runs after the arguments are checked, before any batch. A uniform mixture of
+    ``K`` Gaussians per example (mean ``[K, N, C]``, cov ``[K, N, C, C]``) averages the ``K`` predictives; its draws with ``keep_samples`` are ``[S K, N, C]``. With the probit link, ``keep_samples`` keeps
     ``num_samples`` logit draws of the same Gaussians (what the mutual information needs; from a CPU generator of
     their own, seeded 0 per call) while ``probs`` stay the probit's; where a covariance overflows them (not finite,
     or a variance beyond float32's range squared) it keeps none (``sample_probs`` None) and warns.
 
     :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, empty ``data`` (or a
         ``DataLoader`` dropping its last incomplete batch), logits that
-        are nan or ``+inf``, a covariance with a nan, or a predictive that is not finite (an overflowing covariance).
+        are nan or ``+inf``, a covariance with a nan, a predictive that is not finite (an overflowing covariance), or
+        labelled batches mixed with unlabelled ones.
     """
     if link not in ("probit", "mc"):
         raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
@@ -606,6 +609,7 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     generator = torch.Generator().manual_seed(0) if keep_samples and link != "mc" else None
     overflow = None
     for batch in progress_bar(data, desc=desc, disable=not progress, dynamic_ncols=True):
+        y = batch_labels(observed, batch, labels, desc)  # None for an unlabelled batch: the predictive needs none
         mean, cov = logits_of(batch)
         mean = mean.float()
         _check_gaussians(mean, cov, desc)
@@ -622,7 +626,7 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
                 overflow = float(cov.diagonal(dim1=-2, dim2=-1).max())  # the probit copes (uniform); draws cannot
             else:
                 draws.append(drawn)
-        labels.append(check_labels(observed(batch), p.shape[-2], p.shape[-1]))
+        labels.append(None if y is None else check_labels(y, p.shape[-2], p.shape[-1]))
     if not probs:
         raise ValueError("predict_glm got no batches: the data is empty")
     if overflow is not None:
@@ -635,7 +639,8 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
         return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in parts], -2).cpu()
 
     kept = keep_samples and overflow is None
-    return Prediction(probs=pad(probs), labels=torch.cat(labels).cpu(), sample_probs=pad(draws) if kept else None,
+    labels = None if labels[0] is None else torch.cat(labels).cpu()  # unlabelled data: none, as predict's
+    return Prediction(probs=pad(probs), labels=labels, sample_probs=pad(draws) if kept else None,
                       seconds=time.perf_counter() - start)
 
 

@@ -113,9 +113,12 @@ def _check_rows(x: torch.Tensor, dtype: torch.dtype, name: str) -> None:
 def check_labels(labels, n: int, c: int) -> torch.Tensor:
     """``labels`` as ``int64 [N]`` class indices in ``[0, C)``.
 
-    :raises ValueError: for another shape than ``[n]``, a float, complex or bool dtype, or a value outside ``[0, c)``
-        (e.g. an ignore index -100).
+    :raises ValueError: for ``None`` (a prediction of unlabelled data), another shape than ``[n]``, a float, complex
+        or bool dtype, or a value outside ``[0, c)`` (e.g. an ignore index -100).
     """
+    if labels is None:
+        raise ValueError("labels is None: a prediction of unlabelled data has nothing to score against; predict "
+                         "labelled batches to score them")
     if not isinstance(labels, torch.Tensor):
         array = np.asarray(labels)
         if array.dtype.kind not in "biufc":

@@ -25,13 +25,13 @@ class Prediction:
     """Predictions over a dataset.
 
     :ivar probs: ``[N, C]`` mean over samples of the softmax (zeros for missing choices).
-    :ivar labels: ``[N]``.
+    :ivar labels: ``[N]``, or ``None`` for unlabelled data (batches without ``"labels"``).
     :ivar sample_probs: ``[S, N, C]`` per-sample probabilities when kept, else ``None``.
     :ivar seconds: wall time of the prediction.
     """
 
     probs: torch.Tensor
-    labels: torch.Tensor
+    labels: torch.Tensor | None
     sample_probs: torch.Tensor = None
     seconds: float = 0.0
 
@@ -66,13 +66,15 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
         ``K``), a ``DataLoader`` with ``drop_last=True``, ``mean=True`` with a guide whose mean is no predictor, a guide whose posterior its site samples do
         not carry (``guide.samples_carry_posterior`` false: last-layer Laplace), or a guide built for another model
         (:func:`~pyro_lora.contract.check_guide`); at a batch whose probabilities are not finite (the logits overflowed
-        float32 under weight samples of a far too wide posterior), rather than return nan.
+        float32 under weight samples of a far too wide posterior), rather than return nan; for labelled batches
+        mixed with unlabelled ones.
 
     Under ``torch.distributed`` every rank is given the same ``data``, predicts its contiguous block of
     batches with rank 0's weight samples (rank 0's base seed is broadcast; the first chunk is checked to
     be equal on all ranks), and returns the gathered predictions of all ``N`` examples in order.
 
     The predictions follow ``data``'s order: a shuffling ``DataLoader`` gives another order on every call.
+    Unlabelled data (batches without ``"labels"``) is predicted all the same, with ``labels`` ``None``.
     """
     with entry_checks(model, guide, "predict"):
         check_every_example(data, "predict")
@@ -110,7 +112,7 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
         with distributed.refused_together("predict"):  # a batch of one rank's block may be refused there alone
             for batch in progress_bar(data, desc="predict", disable=not (progress and distributed.is_main()), dynamic_ncols=True):
                 batch = to_device(batch, model.device)
-                observed = model.likelihood.observed(batch)  # before the forward: unlabelled data costs none
+                observed = batch_labels(model.likelihood.observed, batch, labels, "predict")  # before the forward
                 if draws is None:
                     p = torch.softmax(model.logits(batch, values).float(), -1).unsqueeze(0)  # [1, B, C]
                     total, parts = p[0], [p]
@@ -127,25 +129,47 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
                 sums.append(total)
                 if keep_samples:
                     kept.append(torch.cat(parts))
-                check_label_range(observed, total.shape[-1])  # a label the head has no class for is nothing to score
+                if observed is not None:  # a label the head has no class for is nothing to score
+                    check_label_range(observed, total.shape[-1])
                 labels.append(observed)
-    # a rank may hold no batch when there are fewer batches than ranks
-    width = distributed.all_reduce_(torch.tensor(max((p.shape[-1] for p in sums), default=0)), op="max").item()
+    # a rank may hold no batch when there are fewer batches than ranks; the ranks' labels are told apart together
+    kinds = {y is None for y in labels}
+    width, labelled, unlabelled = distributed.all_reduce_(
+        torch.tensor([max((p.shape[-1] for p in sums), default=0), False in kinds, True in kinds]), op="max").tolist()
     if width == 0:
         raise ValueError("predict got no batches: the data is empty")
+    if labelled and unlabelled:  # on one rank the loop refused it already
+        raise ValueError(_MIXED_LABELS.format("predict"))
     probs = torch.cat([_pad(p, width) for p in sums]) if sums else torch.zeros(0, width, device=model.device)
     sample_probs = None
     if keep_samples:
         rows = [_pad(p, width) for p in kept]
         sample_probs = torch.cat(rows, 1) if rows else torch.zeros(1 if draws is None else num_samples, 0, width, device=model.device)
         sample_probs = distributed.gather_cat(sample_probs.transpose(0, 1)).transpose(0, 1).cpu()
-    labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=model.device)
+    if not unlabelled:
+        labels = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=model.device)
     return Prediction(
         probs=distributed.gather_cat(probs).cpu(),
-        labels=distributed.gather_cat(labels).cpu(),
+        labels=None if unlabelled else distributed.gather_cat(labels).cpu(),
         sample_probs=sample_probs,
         seconds=time.perf_counter() - start,
     )
+
+
+_MIXED_LABELS = "{}: some batches have labels and others none: label every batch, or none (then labels is None)"
+
+
+def batch_labels(observed, batch, earlier: list, desc: str):
+    """``observed(batch)``, the batch's labels, or ``None`` for a batch without (no ``"labels"``, or ``None``): a
+    predictive needs none. ``earlier``: what the batches before gave.
+
+    :raises ValueError: for a labelled batch among unlabelled ones or the other way round (their labels would not
+        line up with the predictions).
+    """
+    labels = None if batch.get("labels") is None else observed(batch)
+    if earlier and (earlier[0] is None) != (labels is None):
+        raise ValueError(_MIXED_LABELS.format(desc))
+    return labels
 
 
 def _not_finite(probs, guide, sampled):

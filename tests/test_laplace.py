@@ -625,6 +625,38 @@ def test_the_probit_forms_the_pairwise_variances_in_float64():
         torch.testing.assert_close(probs.double(), exact, rtol=0, atol=1e-6)
 
 
+def unlabelled_twins(data):
+    """``data`` without labels, both ways a batch can lack them: no key, and ``None``."""
+    return [{k: v for k, v in b.items() if k != "labels"} for b in data], [b | {"labels": None} for b in data]
+
+
+@pytest.mark.parametrize("kind", ["laplace", "llla"])
+def test_the_glm_predictive_predicts_unlabelled_batches(kind):
+    """laplace-torch's la(x) predicts inputs without labels, and glm_logits took them, but predict_glm refused them
+    ("the batch has no 'labels'"): their probabilities are now the labelled batches', with labels None as predict's;
+    a labelled batch among unlabelled ones is refused (the labels would not line up)."""
+    from pyro_lora.guides import LastLayerLaplaceGuide
+    from pyro_lora.kfac import probit
+
+    model = LoraModel(tiny_bert(r=2), SequenceClassification(), random="AB", num_data=6)
+    data = bert_data(seed=2) + bert_data(seed=3)
+    guide = (LaplaceGuide(model) if kind == "laplace" else LastLayerLaplaceGuide(model)).fit(data, progress=False)
+    expected = torch.cat([probit(mean, cov.unsqueeze(0))[0] for mean, cov in map(guide.glm_logits, data)]).float()
+    for unlabelled in unlabelled_twins(data):
+        for link in ("probit", "mc"):
+            torch.manual_seed(0)
+            labelled = guide.predict_glm(data, link=link, num_samples=50, keep_samples=True)
+            torch.manual_seed(0)
+            bare = guide.predict_glm(unlabelled, link=link, num_samples=50, keep_samples=True)
+            assert bare.labels is None and torch.equal(labelled.labels, torch.cat([b["labels"] for b in data]))
+            torch.testing.assert_close(bare.probs, labelled.probs, rtol=0, atol=0)
+            torch.testing.assert_close(bare.sample_probs, labelled.sample_probs, rtol=0, atol=0)
+        torch.testing.assert_close(guide.predict_glm(unlabelled).probs, expected, rtol=1e-5, atol=1e-6)
+        for mixed in ([data[0], unlabelled[1]], [unlabelled[0], data[1]]):
+            with pytest.raises(ValueError, match="some batches have labels and others none"):
+                guide.predict_glm(mixed)
+
+
 def test_glm_predict_names_nan_or_infinite_logits_and_a_nan_covariance():
     """A nan is no overflow: the probit took a nan covariance entry for an infinite variance (a silent tie: 0.50
     where 0.98 is right), and a +inf logit was blamed on the prior precision."""
@@ -634,19 +666,19 @@ def test_glm_predict_names_nan_or_infinite_logits_and_a_nan_covariance():
     broken = cov.clone()
     broken[0, 0, 1] = broken[0, 1, 0] = math.nan
     assert bool(torch.isnan(probit(mean, broken.unsqueeze(0))).all())
-    label = lambda batch: torch.zeros(1, dtype=torch.long)  # noqa: E731
+    data, label = [{"labels": torch.zeros(1, dtype=torch.long)}], lambda batch: batch["labels"]  # noqa: E731
     for link in ("probit", "mc"):
         with pytest.raises(ValueError, match="covariance holds nan"):
-            glm_predict([0], lambda batch: (mean, broken), label, link=link, num_samples=4)
+            glm_predict(data, lambda batch: (mean, broken), label, link=link, num_samples=4)
     for bad in (math.inf, math.nan):
         logits = mean.clone()
         logits[0, 1] = bad
         with pytest.raises(ValueError, match=r"logits are not finite \(1 of 3 are nan or \+inf"):
-            glm_predict([0], lambda batch: (logits, cov), label)
+            glm_predict(data, lambda batch: (logits, cov), label)
     missing = torch.tensor([[5.0, 0.0, -math.inf]])
     nan_on_missing = cov.clone()
     nan_on_missing[0, 2, 2] = math.nan  # a missing choice's entries are never used
-    probs = glm_predict([0], lambda batch: (missing, nan_on_missing), label).probs
+    probs = glm_predict(data, lambda batch: (missing, nan_on_missing), label).probs
     torch.testing.assert_close(probs, pairwise_probit_reference(missing, cov).float())
 
 

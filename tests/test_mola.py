@@ -54,6 +54,20 @@ def test_the_predictive_is_the_average_of_each_members_own_laplace():
         torch.testing.assert_close(component.prior_precision, member_laplace(model, ensemble, k).prior_precision)
 
 
+def test_the_mixtures_glm_predictive_predicts_unlabelled_batches():
+    """As Laplace's: the probabilities (and draws) of the labelled batches, labels None; refused before."""
+    _, _, guide = fitted_mixture()
+    unlabelled = [{k: v for k, v in b.items() if k != "labels"} for b in data()]
+    for link in ("probit", "mc"):
+        torch.manual_seed(0)
+        labelled = guide.predict_glm(data(), link=link, num_samples=20, keep_samples=True)
+        torch.manual_seed(0)
+        bare = guide.predict_glm(unlabelled, link=link, num_samples=20, keep_samples=True)
+        assert bare.labels is None and labelled.labels.shape == (6,)
+        torch.testing.assert_close(bare.probs, labelled.probs, rtol=0, atol=0)
+        torch.testing.assert_close(bare.sample_probs, labelled.sample_probs, rtol=0, atol=0)
+
+
 def test_the_network_is_left_as_it_was():
     model, ensemble, guide = fitted_mixture()
     before = {n: p.detach().clone() for n, p in model.net.named_parameters()}

@@ -366,6 +366,31 @@ def test_a_point_estimate_whose_logits_overflow_is_refused_not_nan():
             predict(model, guide, loader(5), num_samples=4, mean=True)
 
 
+@pytest.mark.parametrize("kind", ["meanfield", "ensemble", None])
+def test_unlabelled_batches_are_predicted_with_labels_none(kind):
+    """predict refused batches without labels ("the batch has no 'labels'"), though a predictive needs none: their
+    probabilities are now the labelled batches', under the same seed, with labels None; scoring None is refused by
+    name, and so are labelled batches mixed with unlabelled ones."""
+    from pyro_lora.metrics import nll
+
+    model = make_model()
+    guide = None if kind is None else build(kind, model)
+    data = loader(5)
+    for unlabelled in ([{k: v for k, v in b.items() if k != "labels"} for b in data], [b | {"labels": None} for b in data]):
+        torch.manual_seed(3)
+        labelled = predict(model, guide, data, num_samples=6, chunk_size=4, keep_samples=True)
+        torch.manual_seed(3)
+        bare = predict(model, guide, unlabelled, num_samples=6, chunk_size=4, keep_samples=True)
+        assert bare.labels is None and torch.equal(labelled.labels, torch.arange(N) % C)
+        torch.testing.assert_close(bare.probs, labelled.probs, rtol=0, atol=0)
+        torch.testing.assert_close(bare.sample_probs, labelled.sample_probs, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="labels is None: a prediction of unlabelled data"):
+            nll(bare.probs, bare.labels)
+        for mixed in ([data[0], *unlabelled[1:]], [*unlabelled[:2], data[2]]):
+            with pytest.raises(ValueError, match="predict: some batches have labels and others none"):
+                predict(model, guide, mixed, num_samples=6)
+
+
 # --- torch.distributed: rank 0's samples, chunk by chunk --------------------------------------------
 
 
