@@ -36,6 +36,22 @@ def parameter_adapter(name: str) -> str | None:
         if part.startswith(("lora_", "trainable_tokens_")) or part == "modules_to_save":
             return parts[i + 1]
     return None
+def check_not_meta(named_tensors) -> None:
+    """Refuse a parameter or buffer on the ``meta`` device: offloaded, its values live elsewhere.
+
+    :param named_tensors: ``(name, tensor)`` pairs (``net.named_parameters()``).
+    """
+    for name, tensor in named_tensors:
+        if tensor.is_meta:
+            raise ValueError(
+                f"{name} is on the meta device: the network is offloaded (accelerate's cpu_offload or disk_offload, a "
+                "device_map offloading to 'cpu' or 'disk') or was never loaded (init_empty_weights); pyro_lora reads "
+                "the LoRA matrices, the head and the base weights' fingerprint itself, not through accelerate's hooks "
+                "that bring offloaded weights in for each forward. Put the network on real devices without offloading "
+                "(accelerate's dispatch_model(net, device_map={'': 'cpu'}) or onto GPUs works) and build the "
+                "LoraModel over it")
+
+
 _FINGERPRINT_RTOL = 1e-3  # a bf16 cast moves a 16-entry sum by ~3e-4, a 4096-entry one by ~2e-5
 
 
@@ -49,6 +65,7 @@ def describe(model) -> dict:
         scaling) and ``prior`` (its std if a float, else its class name).
     """
     net, adapter = model.net, model.adapter
+    check_not_meta(net.named_parameters())  # offloaded since the model was built: no weights to describe
     config = getattr(net, "config", None)
     return {
         "model": type(model).__name__,

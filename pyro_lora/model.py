@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import itertools
 import math
 import numbers
 import warnings
@@ -17,7 +18,7 @@ from peft.utils import ModulesToSaveWrapper
 
 from . import handoff, pyro_params, quantized
 from .checks import check_count, pickling_refused
-from .contract import check_guide, parameter_adapter, tempered_training
+from .contract import check_guide, check_not_meta, parameter_adapter, tempered_training
 from .ownership import head_trainer, unwritten_fit
 from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
@@ -97,6 +98,7 @@ class LoraModel:
         if self.adapter != active_adapter(net):
             raise ValueError(f"adapter {self.adapter!r} is not the network's active adapter: call net.set_adapter({self.adapter!r}) first")
         _check_prior_and_size(prior, num_data)
+        check_not_meta(itertools.chain(net.named_parameters(), net.named_buffers()))
         self.layers = find_lora_layers(net, self.adapter)
         rewritten = base_rewriting_inits(net)
         if rewritten:
@@ -271,6 +273,8 @@ class LoraModel:
                 )
             if layer.merged:
                 raise ValueError(f"LoRA layer {path} is merged into its base weight: call net.unmerge_adapter() first")
+            # offloaded since built (accelerate's cpu_offload over the model's network)
+            check_not_meta((f"{path}.{p}.{self.adapter}.weight", getattr(layer, p)[self.adapter].weight) for p in ("lora_A", "lora_B"))
             if list(layer.active_adapters) != [self.adapter]:
                 raise ValueError(
                     f"LoRA layer {path} runs adapter(s) {layer.active_adapters}, but this LoraModel hands it adapter "

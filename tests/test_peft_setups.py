@@ -239,6 +239,38 @@ def test_hooks_on_the_lora_layer_and_its_dropout_are_honoured_under_handed_weigh
     torch.testing.assert_close(sampled, hooked.expand(2, -1, -1), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_an_accelerate_offloaded_network_is_refused_naming_the_meta_device(when):
+    # its weights sit on the meta device (accelerate brings them in per forward through hooks pyro_lora does not take):
+    # raw 'unknown device type for autocast' at the first forward, whether offloaded before or after the build
+    accelerate = pytest.importorskip("accelerate")
+    net = bert_with()
+    offload = lambda: accelerate.cpu_offload(net, execution_device=torch.device("cpu"))
+    if when == "before":
+        offload()
+        with pytest.raises(ValueError, match=r"\.weight is on the meta device: the network is offloaded.*dispatch_model"):
+            LoraModel(net, SequenceClassification())
+        return
+    model = LoraModel(net, SequenceClassification())
+    offload()
+    for run in (lambda: model.logits(batch()), lambda: predict(model, MAPGuide(model), [batch()])):
+        with pytest.raises(ValueError, match=r"\.weight is on the meta device: the network is offloaded.*dispatch_model"):
+            run()
+
+
+def test_a_meta_parameter_is_refused_at_build_and_at_every_forward():
+    net = bert_with()
+    classifier = net.base_model.model.classifier.original_module
+    classifier.weight = torch.nn.Parameter(classifier.weight.to("meta"), requires_grad=False)
+    with pytest.raises(ValueError, match=r"classifier\.original_module\.weight is on the meta device"):
+        LoraModel(net, SequenceClassification())
+    model = LoraModel(bert_with(), SequenceClassification())
+    path, layer = next(iter(model.layers.items()))
+    layer.lora_B["default"].weight = torch.nn.Parameter(layer.lora_B["default"].weight.to("meta"))
+    with pytest.raises(ValueError, match=rf"{path}\.lora_B\.default\.weight is on the meta device"):
+        model.logits(batch())
+
+
 def test_supported_setups_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
