@@ -120,6 +120,7 @@ class LoraModel:
         self.num_data = num_data
         handoff.install(self.layers)
         self._embeddings = _input_embeddings(net)
+        self._ids_checked = False  # token ids checked against the embedding's rows on an accelerator (once)
         quantized.keep_differentiable(net)
         with _autocast(self.device, self.compute_dtype):
             likelihood.check_network(net)
@@ -302,6 +303,22 @@ class LoraModel:
                     f"{active} when this LoraModel was built: its head and the LoRA matrices would not match; call "
                     f"net.set_adapter({self.adapter!r}) (or enable its adapters)"
                 )
+
+    def _check_token_ids(self, ids) -> None:
+        """Refuse token ids past the input embedding's rows (a tokenizer with a larger vocabulary than the network's):
+        transformers' raw ``IndexError: index out of range in self`` otherwise. Ids on the CPU are checked in every
+        forward; on an accelerator in the first only (a host read each forward would stall it)."""
+        if self._embeddings is None or not isinstance(ids, torch.Tensor) or (ids.device.type != "cpu" and self._ids_checked):
+            return
+        rows = self._embeddings.weight.shape[0]
+        outside = (ids < 0) | (ids >= rows)
+        if outside.any():
+            raise ValueError(
+                f"token id {int(ids[outside][0])} in the batch's input_ids is outside the network's input embedding of "
+                f"{rows} rows (ids 0 to {rows - 1}): the tokenizer has a larger vocabulary than the network; use the "
+                "tokenizer the checkpoint was saved with, or call net.resize_token_embeddings(len(tokenizer)) before "
+                "building the LoraModel")
+        self._ids_checked = True
 
     def _parameter(self, path: str, kind: MatrixKind) -> torch.nn.Parameter:
         return getattr(self.layers[path], kind.parameter)[self.adapter].weight
@@ -488,6 +505,7 @@ class LoraModel:
         """
         self.check_network()
         self.likelihood.check_inputs(self.net, batch)
+        self._check_token_ids(batch.get("input_ids"))
         if num_samples is not None:
             num_samples = check_count(num_samples, "num_samples", alternative="or None for values without a sample dim")
         if values is not None:  # shapes only (no host read): a missing layer ran the adapter's own matrices

@@ -338,7 +338,23 @@ def load_pretrained(
     with _progress_bars(progress):
         model, tokenizer = _load(name_or_path, task, model_class, num_labels, label_names, dtype, progress, extra)
     _ensure_pad_token(tokenizer, model)
+    check_vocabulary(model, tokenizer)
     return (model if quantization else model.to(device)).eval(), tokenizer
+
+
+def check_vocabulary(net, tokenizer) -> None:
+    """Refuse a tokenizer with more tokens than ``net``'s input embedding has rows: its ids from the rows on would
+    index past the embedding (transformers' raw ``IndexError: index out of range in self`` in the first forward).
+
+    :raises ValueError: naming both sizes and what to do.
+    """
+    embeddings = net.get_input_embeddings()
+    rows = embeddings.weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ValueError(
+            f"the tokenizer has {len(tokenizer)} tokens but the network's input embedding has {rows} rows: ids from "
+            f"{rows} on would index past it; use the tokenizer the checkpoint was saved with, or call "
+            "net.resize_token_embeddings(len(tokenizer)) before building the LoraModel")
 
 
 

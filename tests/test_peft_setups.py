@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import pyro_lora.handoff as handoff
 from pyro_lora.guides import MAPGuide
-from pyro_lora import LoraModel, SequenceClassification, export_adapter, predict
+from pyro_lora import LoraModel, SequenceClassification, export_adapter, fit, predict
 from pyro_lora.likelihoods import CausalLM, MultipleChoice
 
 
@@ -269,6 +269,20 @@ def test_a_meta_parameter_is_refused_at_build_and_at_every_forward():
     layer.lora_B["default"].weight = torch.nn.Parameter(layer.lora_B["default"].weight.to("meta"))
     with pytest.raises(ValueError, match=rf"{path}\.lora_B\.default\.weight is on the meta device"):
         model.logits(batch())
+
+
+@pytest.mark.parametrize("shift", [60, -70], ids=["past_the_rows", "negative"])
+def test_token_ids_outside_the_input_embedding_are_refused_naming_its_rows(shift):
+    # a tokenizer with a larger vocabulary than the network's (64 rows): transformers' raw 'index out of range in self'
+    model = LoraModel(bert_with(), SequenceClassification(), num_data=3)
+    bad = batch() | {"input_ids": batch()["input_ids"] + shift}
+    message = r"token id -?\d+ in the batch's input_ids is outside the network's input embedding of 64 rows.*resize_token_embeddings"
+    for run in (lambda: model.logits(bad, model.adapter_values()), lambda: predict(model, MAPGuide(model), [bad]),
+                lambda: fit(model, MAPGuide(model), [bad], progress=False)):
+        with pytest.raises(ValueError, match=message):
+            run()
+    with torch.no_grad():  # ids within the rows run as before
+        torch.testing.assert_close(model.logits(batch()), model.net(**random_batch()).logits)
 
 
 def test_supported_setups_do_not_warn():

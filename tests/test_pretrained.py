@@ -193,3 +193,18 @@ def test_add_lora_passes_peft_string_targets_whole():
     adapted = {n.rsplit(".", 1)[-1] for n, m in net.named_modules() if hasattr(m, "lora_A")}
     assert {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} <= adapted
     assert "lm_head" not in adapted
+
+
+def test_a_tokenizer_larger_than_the_networks_embedding_is_refused_naming_both_sizes(tmp_path):
+    # its ids from the embedding's rows on gave transformers' raw 'IndexError: index out of range in self' in fit/predict
+    from transformers import BertTokenizer
+
+    folder = bert_checkpoint(tmp_path / "bert")  # an embedding of 16 rows
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"abcdefghijklmno"]))
+    BertTokenizer(str(tmp_path / "bert" / "vocab.txt")).save_pretrained(folder)  # 20 tokens
+    with pytest.raises(ValueError, match=r"the tokenizer has 20 tokens but the network's input embedding has 16 rows.*"
+                                         r"the tokenizer the checkpoint was saved with.*resize_token_embeddings"):
+        P.load_pretrained(folder, "classification")
+    net, tokenizer = P.load_pretrained(bert_checkpoint(tmp_path / "fits"), "classification")
+    net.resize_token_embeddings(20)
+    P.check_vocabulary(net, BertTokenizer.from_pretrained(folder))  # resized: every id has a row
