@@ -982,12 +982,13 @@ def _check_skipped_hooks(layers: dict, adapter: str) -> None:
     called, their hooks run). pyro_lora's own float32 casts (:func:`_float32_trainables`) are the hand-off's to do.
     Runs before every forward with handed weights: a few dict lookups per layer."""
     for name in _HOOK_DICTS:
-        if getattr(torch.nn.modules.module, "_global" + name):
-            raise ValueError(
+        if getattr(torch.nn.modules.module, "_global" + name):  # mostly observers (profilers, module trackers): said
+            warnings.warn(
                 f"a global module hook is registered (torch.nn.modules.module{'._global' + name}, e.g. by "
                 "register_module_forward_hook or a profiler's module tracker): peft calls it on every LoRA layer's "
-                "lora_A and lora_B, which the weight hand-off does not call, so a guide's forward would skip it there; "
-                "remove it, or register hooks on the modules you need (a LoRA layer's own hooks are honoured)")
+                "lora_A and lora_B, which the weight hand-off does not call, so a guide's forward skips it there; if "
+                "it changes outputs, register it on the modules you need instead (a LoRA layer's own hooks are "
+                "honoured)", stacklevel=4)
     for path, layer in layers.items():
         for parameter in ("lora_A", "lora_B"):
             module = getattr(layer, parameter)[adapter]
