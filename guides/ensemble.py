@@ -18,6 +18,7 @@ from peft.utils import ModulesToSaveWrapper
 
 from pyro_lora.checks import check_count
 from pyro_lora.contract import parameter_adapter
+from pyro_lora.hooks import forward_hooks
 from pyro_lora.ownership import take_over
 from pyro_lora.predictive import predict
 from pyro_lora.sites import base_network, check_values, lora_inits
@@ -190,7 +191,7 @@ class EnsembleGuide(LoraGuide):
         ``index[s]``'s head to sample ``s``; ``heads_of([k])``: every row runs member ``k``'s head. Heads the
         members do not carry (none: the network's own) run as they are."""
         index = torch.as_tensor(index, device=self.member_0.device).reshape(-1)
-        heads, handles = self.heads(), []
+        heads, hooks = self.heads(), []
         for path, module in self._head_modules.items():
             weight = heads.get(f"{path}.weight")
             bias = heads.get(f"{path}.bias")
@@ -199,12 +200,9 @@ class EnsembleGuide(LoraGuide):
                 bias = module.bias.expand(len(index), *module.bias.shape)
             elif bias is not None:
                 bias = bias[index]
-            handles.append(module.register_forward_hook(_batched_linear(len(index), weight, bias)))
-        try:
+            hooks.append((module, _batched_linear(len(index), weight, bias)))
+        with forward_hooks(self.model, hooks, "the ensemble's per-member heads"):  # each forward checks they ran
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def extra_parameters(self):
         """``K - 1`` further copies of the sites and heads beyond the one adapter a MAP holds."""

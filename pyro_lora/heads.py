@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 
 from .data import to_device
+from .hooks import forward_hooks
 from .modes import eval_mode
 from .likelihoods import MultipleChoice
 from .model import HALF_DTYPES
@@ -112,18 +113,16 @@ def head_features(model, linear: torch.nn.Linear, rows: torch.Tensor, batch: dic
     whose output, restricted to ``rows``, equals the logits (their finite entries: ``-inf`` is a missing choice).
 
     :returns: logits ``[B, K]`` (float32) and the inputs ``phi`` ``[B, D]`` (float64).
-    :raises ValueError: if the head does not run exactly once in the forward, its input is not per example, or no
-        position reproduces the logits to ``1e-4`` of the largest (float32; ``2e-2`` in half precision: a half-precision
-        base, or under a user's ``torch.autocast``).
+    :raises ValueError: if the head does not run exactly once in the forward (its hook skipped: a compiled network or
+        a copy, :func:`~pyro_lora.hooks.hooks_ran`), its input is not per example, or no position reproduces the logits
+        to ``1e-4`` of the largest (float32; ``2e-2`` in half precision: a half-precision base, or under a user's
+        ``torch.autocast``).
     """
     batch = to_device(batch, model.device)
     seen = []
-    handle = linear.register_forward_hook(lambda module, args, output: seen.append(args[0].detach()))
-    try:
-        with eval_mode(model.net):
-            logits = model.logits(batch, values)
-    finally:
-        handle.remove()
+    with forward_hooks(model, [(linear, lambda module, args, output: seen.append(args[0].detach()))],
+                       "the capture of the head's input"), eval_mode(model.net):
+        logits = model.logits(batch, values)
     if len(seen) != 1:
         raise ValueError(f"the head ran {len(seen)} times in one forward, where a last-layer posterior needs it once")
     hidden, (b, k) = seen[0], logits.shape

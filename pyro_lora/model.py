@@ -18,6 +18,7 @@ from peft.utils import ModulesToSaveWrapper
 
 from . import handoff, pyro_params, quantized
 from .checks import check_count, pickling_refused
+from .hooks import hooks_ran
 from .contract import check_guide, check_not_meta, parameter_adapter, tempered_training
 from .ownership import head_trainer, unwritten_fit
 from .distributions import unchecked_isotropic_normal
@@ -515,7 +516,7 @@ class LoraModel:
         # autocast keeps its cast copies of the parameters until the outermost autocast block exits (enabled or not): a
         # block around a whole training loop (a user's, fit's own) would run every step on the first step's weights
         torch.clear_autocast_cache()
-        with _autocast(self.device, self.compute_dtype):
+        with _autocast(self.device, self.compute_dtype), hooks_ran(self):  # a call's hooks ran (heads)
             logits = self._logits(batch, values, num_samples, flipout_locs).float()
         # -inf is a masked choice (multiple choice); NaN or +inf is an overflow
         if dtype in HALF_DTYPES and (torch.isnan(logits) | torch.isposinf(logits)).any():  # one reduction, one sync

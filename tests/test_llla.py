@@ -14,7 +14,7 @@ from test_laplace import mlp_data, mlp_model
 from test_padding import _pad, _tokens, letter_batch, tiny_llama_cls
 from transformers import BertForSequenceClassification
 
-from pyro_lora import LoraModel, MultipleChoice, SequenceClassification, load_guide, predict, save_guide
+from pyro_lora import LoraModel, MultipleChoice, SequenceClassification, fit, load_guide, predict, save_guide
 from pyro_lora.calibration import golden_section
 from pyro_lora.experiments.compare import fit_method
 from pyro_lora.experiments.setup import CompareConfig, Setup
@@ -574,3 +574,22 @@ def test_a_failed_refit_leaves_the_guide_as_it_was():
             guide.fit(data, progress=False)
         assert all(torch.equal(state[n], t) for n, t in guide.state_dict().items())
     torch.testing.assert_close(guide.predict_glm(test).probs, before)  # its own LoRA sites, as fitted (0.19 became 0.24)
+
+
+def test_a_last_layer_fit_on_a_compiled_network_whose_graph_skips_its_hook_is_refused_naming_torch_compile():
+    """dynamo skips module hook guards: a fit after a predict had compiled the network ran the graph without the hook
+    capturing the head's input, refused as "the head ran 0 times in one forward", which named no cause."""
+    import torch._dynamo
+
+    model = bert()
+    torch._dynamo.reset()
+    model.net.compile(backend="eager")
+    try:
+        fit(model, map_guide := MAPGuide(model), bert_data(), epochs=1, progress=False)
+        model.write_adapter(map_guide.mean())
+        predict(model, None, bert_data())  # the graph the fit's forwards reuse, compiled without its hooks
+        with pytest.raises(ValueError, match=r"head's input did not run in this forward.* torch.compile'd network .*"
+                                             r"torch._dynamo.reset\(\)"):
+            LastLayerLaplaceGuide(model).fit(bert_data(), progress=False)
+    finally:
+        torch._dynamo.reset()
