@@ -584,10 +584,11 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     Laplace's ``predict_glm`` share: ``logits_of(batch) -> (mean [N, C], cov [N, C, C])``, ``observed(batch)`` the
     labels (not asked of a batch without: unlabelled data gives ``labels`` ``None``, as :func:`~pyro_lora.predict`);
     ``ready()`` (the guide's own checks) runs after the arguments are checked, before any batch. A uniform mixture of
-    ``K`` Gaussians per example (mean ``[K, N, C]``, cov ``[K, N, C, C]``) averages the ``K`` predictives; its draws with ``keep_samples`` are ``[S K, N, C]``. With the probit link, ``keep_samples`` keeps
-    ``num_samples`` logit draws of the same Gaussians (what the mutual information needs; from a CPU generator of
-    their own, seeded 0 per call) while ``probs`` stay the probit's; where a covariance overflows them (not finite,
-    or a variance beyond float32's range squared) it keeps none (``sample_probs`` None) and warns.
+    ``K`` Gaussians per example (mean ``[K, N, C]``, cov ``[K, N, C, C]``) averages the ``K`` predictives; its draws
+    with ``keep_samples`` are ``[S K, N, C]``. With the probit link, ``keep_samples`` keeps ``num_samples`` logit
+    draws of the same Gaussians (what the mutual information needs; from a CPU generator of their own, seeded 0 per
+    call) while ``probs`` stay the probit's; where a covariance overflows them (not finite, or a variance beyond
+    float32's range squared) it keeps none (``sample_probs`` None) and warns.
 
     :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, empty ``data`` (or a
         ``DataLoader`` dropping its last incomplete batch), logits that
