@@ -23,8 +23,8 @@ _active = weakref.WeakKeyDictionary()  # model -> [(counts, what)] of the hooks 
 
 @contextlib.contextmanager
 def forward_hooks(model, hooks, what: str):
-    """Within the block, each ``(module, hook)`` of ``hooks`` is a forward hook of ``module`` (one of ``model.net``'s),
-    and every forward of the model (:meth:`~pyro_lora.LoraModel.logits`, :func:`hooks_ran`) refuses unless each ran in it.
+    """Within the block, each ``(module, hook)`` of ``hooks`` is the first forward hook of ``module`` (one of
+    ``model.net``'s; the module's own hooks then run on its result), and every forward of the model (:meth:`~pyro_lora.LoraModel.logits`, :func:`hooks_ran`) refuses unless each ran in it.
 
     :param str what: what the hooks do, for the refusal (``"the ensemble's per-member heads"``).
     """
@@ -38,7 +38,9 @@ def forward_hooks(model, hooks, what: str):
         return run
 
     entry = (counts, what)
-    handles = [module.register_forward_hook(counted(i, hook)) for i, (module, hook) in enumerate(hooks)]
+    # first among the module's forward hooks: a user's own (a temperature on the head's output) then runs on what ours
+    # returns, as it runs on the module's output without ours, instead of being overwritten by it
+    handles = [module.register_forward_hook(counted(i, hook), prepend=True) for i, (module, hook) in enumerate(hooks)]
     _active.setdefault(model, []).append(entry)
     try:
         yield
