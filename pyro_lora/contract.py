@@ -285,6 +285,13 @@ def differences(expected: dict, actual: dict) -> list[str]:
         out.append(f"the guide was built for a {expected['model']}, the model is a {actual['model']}")
     if expected["adapter"] != actual["adapter"]:
         out.append(f"the guide is for adapter {expected['adapter']!r}, the model runs adapter {actual['adapter']!r}")
+    built, runs = _compiled(expected), _compiled(actual)
+    if built != runs:  # every path differs then: this is the one difference worth saying
+        return out + [f"the guide was built on {'a' if built else 'no'} torch.compile wrapper of the network and the "
+                      f"model runs {'one' if runs else 'none'}: torch.compile(net) wraps the network, so every module "
+                      "path gains '_orig_mod.' and none matches the guide's; build the model as the guide's was, over "
+                      "torch.compile(net) or over the network itself (a wrapper's net._orig_mod), or compile in place "
+                      "with net.compile(), which keeps the paths"]
     out += _site_differences(expected["sites"], actual["sites"])
     out += _scaling_differences(expected["scaling"], actual["scaling"])
     out += _base_differences(expected["base"], actual["base"])
@@ -314,6 +321,12 @@ def differences(expected: dict, actual: dict) -> list[str]:
         out.append(f"the guide was fitted under the likelihood {expected['likelihood']}, the model has "
                    f"{actual['likelihood']}: its class logits would be other answers (build the model's likelihood as the guide's)")
     return out
+
+
+def _compiled(description) -> bool:
+    """Whether the model :func:`describe` d runs a ``torch.compile`` wrapper (an ``OptimizedModule``), whose module
+    paths all start ``_orig_mod.``."""
+    return any(path.startswith("_orig_mod.") for _, _, layers in description["sites"].values() for path in layers)
 
 
 def _head_difference(expected, actual):

@@ -1106,6 +1106,13 @@ def _check_peft_model(model):
     ``save_pretrained`` is transformers', which writes a whole checkpoint where peft writes an adapter folder."""
     from peft import PeftModel
 
+    if isinstance(getattr(model.net, "_orig_mod", None), PeftModel):  # torch.compile(peft_model): an OptimizedModule
+        raise ValueError(
+            "cannot write a peft adapter from a torch.compile wrapper (OptimizedModule) of a PeftModel: its module paths "
+            "carry '_orig_mod.', which peft's saved adapter would not give back; export from a LoraModel built on the "
+            "PeftModel itself (the wrapper's net._orig_mod), or compile in place with net.compile(), which keeps it a "
+            "PeftModel"
+        )
     if not isinstance(model.net, PeftModel):
         raise ValueError(
             f"cannot write a peft adapter from a {type(model.net).__name__}: only a PeftModel (what get_peft_model "

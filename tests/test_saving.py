@@ -300,3 +300,22 @@ def test_an_autoguide_is_refused_into_a_model_or_autoguide_other_than_the_saved(
     with pytest.raises(ValueError, match=r"is a MAPGuide, which load_guide builds itself: call load_guide\(path, model\) "
                                          "without guide="):
         load_guide(tmp_path / "map", model, guide=AutoNormal(model))
+
+
+def test_a_guide_across_a_torch_compile_wrapper_and_the_network_itself_is_refused_naming_torch_compile(tmp_path):
+    """torch.compile(net) puts '_orig_mod.' before every module path: a guide saved on one side was refused on the other
+    as holding 'other matrices', naming no torch.compile, and export_adapter from the wrapper said to build the
+    LoraModel on the PeftModel rather than on its base_model."""
+    from pyro_lora import load_guide, save_guide
+
+    def model(compiled):
+        net = tiny_bert()
+        return LoraModel(torch.compile(net, backend="eager") if compiled else net, SequenceClassification(), num_data=6)
+
+    for saved in (False, True):
+        on = model(saved)
+        save_guide(MeanFieldGuide(on, b="normal"), tmp_path / str(saved))
+        with pytest.raises(ValueError, match=f"built on {'a' if saved else 'no'} torch.compile wrapper .* net._orig_mod"):
+            load_guide(tmp_path / str(saved), model(not saved))
+    with pytest.raises(ValueError, match=r"torch.compile wrapper \(OptimizedModule\) of a PeftModel.* net._orig_mod"):
+        export_adapter(MeanFieldGuide(on, b="normal"), tmp_path / "adapter")
