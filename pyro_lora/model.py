@@ -177,16 +177,19 @@ class LoraModel:
         Random matrices come from samples, so their parameters are unused; layers holding a kind with
         ``freezes_lora`` (LoRA-XS's ``R``) keep A and B frozen; other kinds without a peft parameter (ScalaBL's
         ``S``) leave A and B trainable point estimates. An adapter loaded for inference
-        (``PeftModel.from_pretrained(..., is_trainable=False)``, peft's ``inference_mode``) keeps its non-random
-        matrices frozen, as it keeps its head. Called by :func:`fit`, since peft's ``set_adapter``/``load_adapter``
-        switch ``requires_grad`` back on.
+        (``PeftModel.from_pretrained(..., is_trainable=False)``, peft's ``inference_mode``) leaves its non-random
+        matrices' ``requires_grad`` as loaded or as the user set it since, as for its head. Called by :func:`fit`,
+        since peft's ``set_adapter``/``load_adapter`` switch ``requires_grad`` back on.
         """
         random = {id(p) for p in self.random_parameters()}
         frozen = {path for site in self.sites.values() if site.kind.freezes_lora for path in site.layers}
         loaded_frozen = bool(getattr(getattr(self.net, "peft_config", {}).get(self.adapter), "inference_mode", False))
         for path, layer in self.layers.items():
-            for p in self._lora_parameters(layer):  # LoRA-XS: A, B fixed by the SVD
-                p.requires_grad_(id(p) not in random and path not in frozen and not loaded_frozen)
+            for p in self._lora_parameters(layer):
+                if id(p) in random or path in frozen:  # drawn from samples; LoRA-XS: A, B fixed by the SVD
+                    p.requires_grad_(False)
+                elif not loaded_frozen:
+                    p.requires_grad_(True)
 
     def _check_frozen_lora_carries_signal(self) -> None:
         """Refuse a kind that keeps ``A`` and ``B`` frozen (LoRA-XS's ``R``) on layers where one of them is all zeros
@@ -774,7 +777,7 @@ class LoraModel:
                 check_guide(self, guide, "run an ELBO (pyro.infer.SVI, a replayed trace)",
                             same_model=run == "training" and torch.is_grad_enabled())
             tempered = tempered_training(guide, "train")
-            if tempered and run != "evaluation":  # the ELBO of a tempered q is a number; stepping on it undoes T
+            if tempered and run != "evaluation" and torch.is_grad_enabled():  # a number is fine; a step undoes T
                 problems.append(tempered)
         if not loss:
             return []

@@ -101,8 +101,9 @@ def check_head_classes(name_or_path, num_labels: int, label_names: Sequence[str]
     """Refuse, from its ``config.json`` alone, a local classification checkpoint whose trained head
     (``architectures`` ``*ForSequenceClassification``) does not fit the data's classes: another number of them
     (transformers refuses it naming a flag, ``ignore_mismatched_sizes``, that would silently draw a fresh head), or,
-    where its ``id2label`` names them (not transformers' defaults ``LABEL_0``, ``LABEL_1``, ...), other names than
-    ``label_names`` or the same in another order (compared ignoring case): labels are indices, so every example would
+    where its ``id2label`` names them (not transformers' defaults ``LABEL_0``, ``LABEL_1``, ..., nor each class's index),
+    other names than ``label_names`` or the same in another order (compared ignoring case and surrounding spaces):
+    labels are indices, so every example would
     be trained and scored as another class. Embedded models, ``.gguf`` files and checkpoints without a trained head
     (a fresh one is drawn) pass.
 
@@ -125,12 +126,17 @@ def check_head_classes(name_or_path, num_labels: int, label_names: Sequence[str]
         names = [str(id2label[k]) for k in sorted(id2label, key=int)]
     except (TypeError, ValueError):
         return  # no index order to compare
-    if label_names is None or all(re.fullmatch(r"LABEL_\d+", n) for n in names):  # transformers' defaults name nothing
+    # transformers' defaults (LABEL_0, ...) and names that are their index (0, "1", ...) name no class
+    if label_names is None or all(re.fullmatch(r"LABEL_\d+", n) or n.strip() == str(i) for i, n in enumerate(names)):
         return
     ours = [str(n) for n in label_names]
-    if [n.casefold() for n in names] == [n.casefold() for n in ours]:
+
+    def key(n):
+        return n.strip().casefold()
+
+    if [key(n) for n in names] == [key(n) for n in ours]:
         return
-    if sorted(n.casefold() for n in names) == sorted(n.casefold() for n in ours):
+    if sorted(map(key, names)) == sorted(map(key, ours)):
         raise ValueError(f"{folder}'s head names its classes {names} (config.json's id2label, in index order) and the data's "
                          f"label_names are {ours}: the same classes in another order, so every example would be trained "
                          f"and scored as another class; give the data label_names {names} in this order (and its records' "

@@ -137,7 +137,8 @@ def test_a_checkpoint_head_naming_its_classes_otherwise_than_the_data_is_refused
         P.load_pretrained(swapped, "classification", num_labels=3, label_names=data)
     monkeypatch.setattr(P, "_from_pretrained", real_load)
     fits = [bert_checkpoint(tmp_path / "default"),  # LABEL_0, LABEL_1: no names to compare
-            bert_checkpoint(tmp_path / "upper", {0: "NEGATIVE", 1: "POSITIVE"}),  # the data's, in its order
+            bert_checkpoint(tmp_path / "numbers", {0: "0", 1: "1"}),  # trained on integer labels: no names either
+            bert_checkpoint(tmp_path / "upper", {0: "NEGATIVE", 1: "POSITIVE "}),  # the data's, in its order
             bert_checkpoint(tmp_path / "fresh", {0: "positive", 1: "negative"}, head=False)]  # no trained head
     for folder in fits:
         net, _ = P.load_pretrained(folder, "classification", label_names=data)

@@ -34,7 +34,7 @@ def meanfield():
 @pytest.mark.parametrize("kind", ["meanfield", "scalabl"])
 def test_a_tempered_guide_is_refused_for_training_but_evaluated_and_predicted(kind):
     import pyro
-    from pyro.infer import SVI, Predictive, TraceMeanField_ELBO
+    from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 
     from pyro_lora import fit
 
@@ -53,6 +53,8 @@ def test_a_tempered_guide_is_refused_for_training_but_evaluated_and_predicted(ki
         svi.step(data()[0])
     assert all(torch.equal(s, stds[n]) for n, s in guide.stds().items())
     assert math.isfinite(svi.evaluate_loss(data()[0]))  # the tempered q's ELBO is a number: evaluating is allowed
+    with torch.no_grad():  # a validation loss through the training method, no graph to step on
+        assert math.isfinite(float(Trace_ELBO().differentiable_loss(model, guide, data()[0])))
     samples = Predictive(model, guide=guide, num_samples=2, return_sites=list(model.sites))(data()[0])
     assert set(samples) == set(model.sites)
     guide.set_temperature(1.0)
