@@ -21,21 +21,23 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A tiny random Llama classifier saved as a Hugging Face folder, with a tokenizer."""
-    from transformers import AutoTokenizer
-
-    from pyro_lora.pretrained import minilm_dir
-
+    """A tiny random Llama classifier saved as a Hugging Face folder, with a tokenizer of its own (within its 64-row
+    embedding: a larger one is refused at load)."""
     path = tmp_path_factory.mktemp("llama")
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, pad_token_id=0, num_labels=3)
     LlamaForSequenceClassification(config).save_pretrained(path)
-    try:
-        AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True).save_pretrained(path)
-    except (ImportError, OSError):
-        pytest.skip("no tokenizer to save beside the tiny model (the embedded MiniLM is not installed)")
+    small_tokenizer(path)
     return path
+
+
+def small_tokenizer(path):
+    """Save a 7-token WordPiece tokenizer into ``path`` (within any tiny test embedding)."""
+    from transformers import BertTokenizer
+
+    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
+    BertTokenizer(str(path / "vocab.txt")).save_pretrained(path)
 
 
 def quantized(folder, quantization, dtype=torch.bfloat16, device="cpu"):
@@ -183,11 +185,7 @@ def test_a_bert_classifier_loads_in_nf4_with_its_fresh_head_unquantized_and_trai
     from conftest import tiny_bert_base
 
     tiny_bert_base().save_pretrained(tmp_path)
-    from transformers import AutoTokenizer
-
-    from pyro_lora.pretrained import minilm_dir
-
-    AutoTokenizer.from_pretrained(minilm_dir(), local_files_only=True).save_pretrained(tmp_path)
+    small_tokenizer(tmp_path)
     net, _ = load_pretrained(str(tmp_path), "classification", num_labels=3, quantization="nf4", progress=False)
     assert type(net.classifier) is torch.nn.Linear
     assert "4bit" in type(net.bert.encoder.layer[0].attention.self.query).__name__
