@@ -154,8 +154,9 @@ def fit(
                 "trainable parameters (LoRA, head) in float32 and run the half-precision base under autocast"
             )
         check_guide(model, guide, "fit", same_model=True)
-        if tempered_training(guide, "fit"):
-            raise ValueError(tempered_training(guide, "fit"))
+        tempered = tempered_training(guide, "fit")
+        if tempered:
+            raise ValueError(tempered)
         if distributed.is_distributed() and model.num_data is None:  # each rank's batch would count as the data
             raise ValueError(f"under torch.distributed ({distributed.world_size()} ranks) the model needs num_data (the "
                              "training set's size): without it each rank scales its data term to its own batch, so the "

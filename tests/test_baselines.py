@@ -608,17 +608,22 @@ def test_ensemble_save_load_round_trip_with_heads(tmp_path):
     torch.testing.assert_close(predict_ensemble(fresh, loaded, toy_data()).probs, predict_ensemble(model, guide, toy_data()).probs)
 
 
+def two_members_with_heads(model):
+    """An ensemble of two members, each with LoRA values and a head of its own far from the network's."""
+    g = torch.Generator().manual_seed(3)
+    members = [{n: 0.3 * torch.randn(s.shape, generator=g) for n, s in model.sites.items()} for _ in range(2)]
+    heads = [{n: p.detach() + 2.0 * torch.randn(p.shape, generator=g) for n, p in model.named_point_parameters()}
+             for _ in range(2)]
+    return EnsembleGuide(model, members, heads)
+
+
 def test_an_ensembles_heads_on_a_compiled_network_predict_as_eager_or_are_refused():
     """dynamo skips module hook guards: once a predict had compiled the network without hooks, predict_ensemble reused
     that graph and ran the network's head for every member (0.39 off in probability) without a word."""
     import torch._dynamo
 
     model = make()
-    g = torch.Generator().manual_seed(3)
-    members = [{n: 0.3 * torch.randn(s.shape, generator=g) for n, s in model.sites.items()} for _ in range(2)]
-    heads = [{n: p.detach() + 2.0 * torch.randn(p.shape, generator=g) for n, p in model.named_point_parameters()}
-             for _ in range(2)]
-    guide, data = EnsembleGuide(model, members, heads), toy_data()
+    guide, data = two_members_with_heads(model), toy_data()
     slow = torch.stack([member_prediction(model, guide, data, k) for k in range(2)]).mean(0)  # eager, written in
     torch._dynamo.reset()
     model.net.compile(backend="eager")  # dynamo alone: its guards are what skip the hooks
@@ -636,11 +641,7 @@ def test_an_ensembles_heads_run_the_users_own_hooks_on_the_head():
     """The members' head hook replaced the head's output after a user's forward hook had run on it: a temperature
     dividing the head's output by 4, honoured by MAP and guide=None, was dropped by predict_ensemble (0.21 off)."""
     model = make()
-    g = torch.Generator().manual_seed(3)
-    members = [{n: 0.3 * torch.randn(s.shape, generator=g) for n, s in model.sites.items()} for _ in range(2)]
-    heads = [{n: p.detach() + 2.0 * torch.randn(p.shape, generator=g) for n, p in model.named_point_parameters()}
-             for _ in range(2)]
-    guide, data = EnsembleGuide(model, members, heads), toy_data()
+    guide, data = two_members_with_heads(model), toy_data()
     head = dict(model.net.named_modules())["base_model.model.classifier.modules_to_save.default"]
     head.register_forward_hook(lambda module, args, output: output / 4.0)
     slow = torch.stack([member_prediction(model, guide, data, k) for k in range(2)])  # plain forwards: the hook runs
