@@ -76,12 +76,26 @@ def _naming_errors(path):
         raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from error
 
 
+def synced(*paths) -> None:
+    """Flush each of ``paths`` (files, or folders: their entries, i.e. the renames in them) to the disk, so that a
+    power loss after a rename never leaves the new name pointing at unwritten data."""
+    for p in paths:
+        if os.path.isdir(p) and os.name != "posix":  # folders cannot be opened for fsync outside POSIX
+            continue
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_file(path, mode="w"):
     """Yield a temporary file beside ``path`` that replaces it, readable by all (0644), once the block succeeds.
 
     A kill leaves the previous ``path`` and a hidden temporary, removed by the next write to ``path``; a failed write
     (a full disk) leaves the previous ``path`` too, and its ``OSError`` names ``path`` (:func:`_naming_errors`).
+    The data reaches the disk before the rename, and the rename before the function returns (:func:`synced`).
 
     :param str mode: ``"w"`` (text, UTF-8) or ``"wb"``.
     """
@@ -92,11 +106,14 @@ def atomic_file(path, mode="w"):
     try:
         with _naming_errors(path), os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
+    synced(path.parent)
 
 
 def copy_file(source, target):
@@ -181,7 +198,8 @@ def atomic_directory(path, own=GUIDE_FILES):
     renames of the swap leaves the old folder under a hidden name: :func:`recover_directory` (run here and by
     :func:`load_guide`) puts it back; temporary folders of dead processes are removed. What the swap would destroy
     is refused first (:func:`check_folder_slot`; ``own``: the names the writer writes). A failed write (a full disk)
-    raises an ``OSError`` naming ``path`` (:func:`_naming_errors`).
+    raises an ``OSError`` naming ``path`` (:func:`_naming_errors`). Every file reaches the disk before the swap,
+    and the swap before the function returns (:func:`synced`).
     """
     path = _named(path)
     recover_directory(path)
@@ -193,6 +211,8 @@ def atomic_directory(path, own=GUIDE_FILES):
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a saved guide is shared
         for f in tmp.rglob("*"):
             os.chmod(f, 0o755 if f.is_dir() else 0o644)
+        with _naming_errors(path):
+            synced(*tmp.rglob("*"), tmp)
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -204,6 +224,7 @@ def atomic_directory(path, own=GUIDE_FILES):
                 raise
             raise FileExistsError(f"another process wrote {path} while this one was saving there: this save was not "
                                   "written; give each writer its own folder") from None
+        synced(path.parent)
         if old is not None:
             shutil.rmtree(old)
     finally:

@@ -33,7 +33,7 @@ from .model_files import (
     config_parameter_count, max_positions, minilm_dir, parameter_count, smollm2_gguf,
 )
 from .contract import DRAWN_AT_LOAD
-from .io import _naming_errors
+from .io import _naming_errors, synced
 from .sites import base_network
 
 if TYPE_CHECKING:
@@ -223,12 +223,14 @@ def _write_cache(folder: Path, model, tokenizer, stamp: dict) -> None:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / "source.json").write_text(json.dumps(stamp))  # written last: marks the folder complete
+            synced(*tmp.rglob("*"), tmp)
         if folder.exists():
             stale = Path(tempfile.mkdtemp(prefix=f".{folder.name}-stale-", dir=folder.parent))
             os.replace(folder, stale / folder.name)
             shutil.rmtree(stale, ignore_errors=True)
         try:
             os.replace(tmp, folder)
+            synced(folder.parent)
         except OSError:
             if not _cache_is_valid(folder, stamp):  # another process finished first: keep theirs
                 raise

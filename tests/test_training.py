@@ -259,6 +259,39 @@ def test_atomic_file_replaces_only_on_success(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp file left behind
 
 
+def test_writes_reach_the_disk_before_their_rename(tmp_path, monkeypatch):
+    """Files were renamed into place unsynced: after a power loss the new name could point at empty data, the old
+    file already gone. Each written file is fsynced before its rename, and its folder after (the rename itself)."""
+    import os
+
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    with atomic_file(tmp_path / "results.json") as f:
+        f.write("new")
+    (_, tmp, dst), = [e for e in events if e[0] == "replace"]
+    assert events == [("fsync", tmp), ("replace", tmp, dst), ("fsync", str(tmp_path))]
+
+    events.clear()
+    model, guide = make()
+    save_guide(guide, tmp_path / "g")
+    (_, folder, dst), = [e for e in events if e[0] == "replace"]
+    synced_before = {e[1] for e in events[:events.index(("replace", folder, dst))] if e[0] == "fsync"}
+    written = {os.path.join(folder, p.name) for p in (tmp_path / "g").iterdir()}
+    assert written and written | {folder} <= synced_before
+    assert events[-1] == ("fsync", str(tmp_path))
+
+
 def test_a_full_disk_names_what_was_being_written(tmp_path, monkeypatch):
     """A full disk gave "[Errno 28] No space left on device" naming no file: a write through a file object names none,
     and safetensors' "(os error 28)" is no OSError at all. Each writer's error now names its path, as the OS error it
