@@ -240,7 +240,7 @@ def blora_xs(setup, rank=10, scale=0.5, per_epoch=10):
     loader = setup.loader(setup.train, shuffle=True)
     # fit steps through this rank's block of the batches under torch.distributed (len // W of them)
     start_epoch, every = swag_schedule(c.epochs, len(loader) // distributed.world_size(), per_epoch)  # before the fit
-    setup.restore()
+    setup.restore()  # the head warm-starts from the MAP's trained one (IVON's from the initial one); the cores from zero
     model = LoraXSModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=c.prior_scale)
     map_guide, swag = MAPGuide(model), SWAGGuide(model, rank=rank, scale=scale)
     collector = SWAGCollector(swag, start_epoch=start_epoch, every=every)

@@ -14,8 +14,9 @@ from collections import OrderedDict
 import torch
 
 from . import quantized
+from .contract import parameter_adapter
 from .model import LoraModel
-from .sites import active_adapter, base_rewriting_inits, describe_inits, find_lora_layers, layer_dims
+from .sites import active_adapter, base_network, base_rewriting_inits, describe_inits, find_lora_layers, layer_dims
 
 __all__ = ["LoraXSModel", "base_weight", "init_lora_xs", "lora_xs_parameter_counts"]
 
@@ -39,6 +40,53 @@ def base_weight(layer) -> torch.Tensor:
     return w.T if getattr(layer, "fan_in_fan_out", False) else w
 
 
+def _check_cores_only(net, adapter: str) -> None:
+    """Refuse the peft options that would train numbers beside the ``r x r`` cores and the classification head, which
+    LoRA-XS neither puts a posterior over nor counts (:func:`lora_xs_parameter_counts`): ``bias='all'`` /
+    ``'lora_only'`` (base biases; base parameters unfrozen by hand alike), ``lora_bias=True`` (a bias on ``lora_B``),
+    LoRA on an embedding (``r (V + d)`` numbers), ``trainable_token_indices`` (embedding rows) and a
+    ``modules_to_save`` entry other than the head (a child of the model beside its backbone, holding no output embedding).
+
+    :raises ValueError: naming the option and how to build the adapter without it.
+    """
+    from peft.utils import ModulesToSaveWrapper
+
+    base = base_network(net)
+    output = base.get_output_embeddings() if callable(getattr(base, "get_output_embeddings", None)) else None
+    heads = {id(m) for name, m in base.named_children() if name != getattr(base, "base_model_prefix", None)
+             and isinstance(m, ModulesToSaveWrapper) and not any(output is x for x in m.modules())}
+    bias = getattr(getattr(net, "peft_config", {}).get(adapter), "bias", "none")
+    found = {}  # (what trains beside the cores, what to do) -> (its first parameter, its numbers)
+    for name, p in net.named_parameters():
+        owner = parameter_adapter(name)
+        if owner is None and p.requires_grad and bias != "none":
+            option = (f"peft's bias={bias!r} trains base biases", "build the adapter with bias='none'")
+        elif owner is None and p.requires_grad:
+            option = ("base parameters are trainable (unfrozen by hand)", "freeze them with requires_grad_(False)")
+        elif owner != adapter:
+            continue
+        elif ".lora_embedding_" in name:
+            option = ("LoRA on an embedding layer (target_modules names it) trains its A and B",
+                      "leave the embedding out of target_modules")
+        elif ".lora_B." in name and name.endswith(".bias"):
+            option = ("a bias on lora_B (peft's lora_bias=True) trains d_out numbers per layer",
+                      "build the adapter with lora_bias=False")
+        elif "trainable_tokens_" in name:
+            option = ("peft's trainable_token_indices trains embedding rows", "build the adapter without them")
+        elif ".modules_to_save." in name and id(net.get_submodule(name.split(".modules_to_save.")[0])) not in heads:
+            option = ("peft's modules_to_save trains a copy of a module other than the classification head",
+                      "leave it out of modules_to_save")
+        else:
+            continue
+        first, numbers = found.get(option, (name, 0))
+        found[option] = (first, numbers + p.numel())
+    if found:
+        (what, fix), (first, numbers) = next(iter(found.items()))
+        raise ValueError(f"{what} ({numbers} numbers, {first} the first): LoRA-XS trains the r x r cores only (beside a "
+                         "classification head), and these would train beside them, outside its posterior and "
+                         f"lora_xs_parameter_counts; {fix}")
+
+
 @torch.no_grad()
 def init_lora_xs(net, adapter: str | None = None) -> list[str]:
     """Write the truncated SVD of every LoRA layer's base weight into its ``lora_A`` / ``lora_B``.
@@ -53,10 +101,12 @@ def init_lora_xs(net, adapter: str | None = None) -> list[str]:
     :param str adapter: adapter name; default the active one.
     :returns: the module paths of the initialised layers.
     :raises ValueError: (before any weight is written) if a rank exceeds ``min(d_out, d_in)`` or the base weight's
-        rank, a layer uses DoRA or ``lora_bias``, a base weight is not dense, or an adapter's initialisation (PiSSA,
-        OLoRA, ...) rewrote the base weights.
+        rank, a layer uses DoRA, the adapter would train numbers beside the cores (peft's ``bias``, ``lora_bias``, an
+        embedding LoRA, ``trainable_token_indices``, ``modules_to_save`` beyond the head), a base
+        weight is not dense, or an adapter's initialisation (PiSSA, OLoRA, ...) rewrote the base weights.
     """
     adapter = adapter or active_adapter(net)
+    _check_cores_only(net, adapter)
     layers = find_lora_layers(net, adapter)
     rewritten = base_rewriting_inits(net)
     if rewritten:  # the base then holds W0 minus the initial B A: its SVD is not the pretrained weight's
@@ -71,10 +121,6 @@ def init_lora_xs(net, adapter: str | None = None) -> list[str]:
             raise ValueError(f"LoRA rank {r} of {path} exceeds min(d_out, d_in) = {min(w0.shape)} of its base weight")
         if getattr(layer, "use_dora", {}).get(adapter, False):
             raise ValueError(f"{path} uses DoRA: LoRA-XS needs plain LoRA layers")
-        if getattr(layer.lora_B[adapter], "bias", None) is not None:
-            raise ValueError(f"{path} has a bias on lora_B (peft's lora_bias=True): LoRA-XS trains the r x r cores "
-                             "only, and that bias would train d_out numbers per layer beside them; build the adapter "
-                             "with lora_bias=False")
         groups.setdefault((tuple(w0.shape), r, w0.device), []).append(path)
     written = {}
     for (_, r, _), paths in groups.items():
@@ -125,10 +171,11 @@ class LoraXSModel(LoraModel):
     def __init__(self, net, likelihood, svd_init: bool = True, **kwargs):
         if "random" in kwargs:
             raise ValueError("LoraXSModel's random sites are always the R cores; do not pass random=")
+        adapter = kwargs.get("adapter") or active_adapter(net)
+        _check_cores_only(net, adapter)  # also when rebuilding (svd_init=False); before find_lora_layers' warnings
         if not svd_init:
             super().__init__(net, likelihood, random="R", **kwargs)
             return
-        adapter = kwargs.get("adapter") or active_adapter(net)
         weights = [m[adapter].weight for layer in find_lora_layers(net, adapter).values() for m in (layer.lora_A, layer.lora_B)]
         before = [w.detach().clone() for w in weights]
         init_lora_xs(net, adapter)
@@ -149,6 +196,8 @@ class LoraXSModel(LoraModel):
 
 def lora_xs_parameter_counts(model: LoraModel) -> dict:
     """Trainable LoRA numbers per layer: LoRA-XS ``r^2`` against plain LoRA's ``r (d_in + d_out)``.
+
+    The head is not counted; a :class:`LoraXSModel` refuses an adapter that would train anything else beside the cores.
 
     :param model: a :class:`~pyro_lora.LoraModel` (any ``random``): only its LoRA layers' shapes are read.
     :returns: ``{"per_layer": {path: {"lora_xs": r^2, "lora": r (d_in + d_out)}}, "lora_xs": total, "lora": total}``.

@@ -1,5 +1,7 @@
 """LoRA-XS: the SVD initialisation, R = 0 / R = I against the base network, frozen A/B, parameter counts."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import random_batch, tiny_bert, tiny_bert_base, tiny_llama
@@ -102,7 +104,7 @@ def test_loraxs_refuses_what_would_train_or_decompose_something_else_and_a_refus
         config = LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS", **options)
         return get_peft_model(tiny_bert_base(), config)
 
-    with pytest.raises(ValueError, match=r"lora_B \(peft's lora_bias=True\): LoRA-XS trains the r x r cores only"):
+    with pytest.raises(ValueError, match=r"lora_B \(peft's lora_bias=True\) trains .*LoRA-XS trains the r x r cores only"):
         LoraXSModel(adapted(lora_bias=True), SequenceClassification())
     with pytest.raises(ValueError, match="init_lora_weights='pissa'.*SVD of the residual"):
         LoraXSModel(adapted(init_lora_weights="pissa"), SequenceClassification())
@@ -117,6 +119,64 @@ def test_loraxs_refuses_what_would_train_or_decompose_something_else_and_a_refus
             with pytest.raises(ValueError):
                 LoraXSModel(net, SequenceClassification(), **bad)
             assert all(torch.equal(p, before[n]) for n, p in net.named_parameters() if "lora_" in n)
+
+
+@pytest.mark.parametrize("options, says", [
+    ({"bias": "lora_only"}, r"peft's bias='lora_only' trains base biases \(128 numbers, .*query.base_layer.bias the first\)"
+                            r".*build the adapter with bias='none'"),
+    ({"bias": "all"}, r"peft's bias='all' trains base biases \(\d+ numbers.*build the adapter with bias='none'"),
+    ({"target_modules": ["query", "word_embeddings"]}, r"LoRA on an embedding layer \(target_modules names it\) trains its "
+                                                       r"A and B \(192 numbers.*leave the embedding out of target_modules"),
+    ({"trainable_token_indices": [7, 40]}, r"peft's trainable_token_indices trains embedding rows"),
+    ({"modules_to_save": ["pooler"]}, r"peft's modules_to_save trains a copy of a module other than the classification "
+                                      r"head \(1056 numbers, base_model.model.bert.pooler.*leave it out of modules_to_save"),
+    ({"unfrozen": "bert.encoder.layer.0.output.LayerNorm.weight"}, r"base parameters are trainable \(unfrozen by hand\) "
+                                                                    r"\(32 numbers.*requires_grad_\(False\)"),
+    ({"lora_bias": True}, r"a bias on lora_B \(peft's lora_bias=True\) trains d_out numbers per layer \(128 numbers"),
+], ids=["lora_only", "all", "embedding", "tokens", "pooler", "by_hand", "lora_bias"])
+@pytest.mark.parametrize("svd_init", [True, False])
+def test_options_training_numbers_beside_the_cores_are_refused_before_any_work(options, says, svd_init):
+    """peft's bias='lora_only' moved the base biases by up to 0.44 in fit while lora_xs_parameter_counts reported the 16
+    core numbers (128 bias numbers trained beside them, outside SWAG's posterior); an embedding LoRA, trainable tokens,
+    a pooler in modules_to_save or a base parameter unfrozen by hand trained alike, with at most a generic warning;
+    lora_bias=True was refused only when the SVD ran (not rebuilding with svd_init=False)."""
+    from peft import LoraConfig, get_peft_model
+
+    options = dict(options)
+    unfrozen = options.pop("unfrozen", None)
+    config = dict(r=2, lora_alpha=4, target_modules=["query", "value"], task_type="SEQ_CLS") | options
+    net = get_peft_model(tiny_bert_base(num_labels=2), LoraConfig(**config))
+    if unfrozen:
+        net.base_model.model.get_parameter(unfrozen).requires_grad_(True)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # refused before find_lora_layers' embedding warning
+        with pytest.raises(ValueError, match=says) as refused:
+            LoraXSModel(net, SequenceClassification(), num_data=48, svd_init=svd_init)
+    assert "LoRA-XS trains the r x r cores only" in str(refused.value)
+    assert all(torch.equal(p, before[n]) for n, p in net.named_parameters())
+    if svd_init:
+        with pytest.raises(ValueError, match=says):
+            init_lora_xs(net)
+
+
+def test_the_classification_head_trains_beside_the_cores_but_an_output_embedding_is_refused():
+    """The head (peft's SEQ_CLS classifier, named in modules_to_save or not) is the one point estimate beside the cores;
+    a causal LM's lm_head in modules_to_save (V x d numbers) is no classification head."""
+    from peft import LoraConfig, get_peft_model
+
+    for head in (None, ["classifier"]):  # peft's SEQ_CLS default, and naming it
+        net = get_peft_model(tiny_bert_base(num_labels=2), LoraConfig(r=2, target_modules=["query"], task_type="SEQ_CLS",
+                                                                      modules_to_save=head))
+        model = LoraXSModel(net, SequenceClassification())
+        assert [n for n, _ in model.named_point_parameters()] == [
+            "base_model.model.classifier.modules_to_save.default.weight", "base_model.model.classifier.modules_to_save.default.bias"]
+    net = tiny_llama(r=2)
+    net.add_adapter("lm", LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    net.set_adapter("lm")
+    with pytest.raises(ValueError, match=r"modules_to_save trains a copy of a module other than the classification head "
+                                         r"\(2048 numbers, base_model.model.lm_head.modules_to_save.lm.weight the first\)"):
+        LoraXSModel(net, CausalLM())
 
 
 def test_a_core_between_a_zero_b_is_refused_not_trained_to_nothing():
