@@ -1,7 +1,8 @@
 """ScalaBL: a diagonal Gaussian over the log singular values of each LoRA ``A``, trained with SVI.
 
 ``q(z) = N(m, diag(sigma^2))`` over the ``[L, 1, r]`` log-scale sites of a :class:`~pyro_lora.ScalaBLModel`
-(``A``'s singular values are ``s * exp(z)``); ``A`` and ``B`` are point estimates trained alongside. The KL
+(``exp(z)`` scales ``A``'s rows, its singular directions at the rotation); ``A`` and ``B`` are point estimates trained
+alongside, so the rows drift from orthogonal. The KL
 to the model's ``N(0, prior^2)`` is closed form under :class:`~pyro.infer.TraceMeanField_ELBO`.
 """
 

@@ -6,8 +6,9 @@ rotation a point-estimate ``B`` absorbs without loss), so the layer computes
 
     ``y = W0 x + scaling * B diag(exp(z)) A x``,  ``A = diag(s) V^T``,  ``z ~ N(0, prior^2)`` per entry,
 
-and ``log s + z`` are ``A``'s log singular values: ``z = 0`` is the LoRA as trained. ``A`` and ``B`` stay
-trainable point estimates. The random sites are ``"<kind>.lora_S"`` of shape ``[L, 1, r]`` (a row of ``r``
+where ``exp(z_i)`` scales row ``i`` of ``A`` and ``z = 0`` is the LoRA as trained. ``A`` and ``B`` stay trainable point
+estimates: ``A``'s rows are its singular directions (``log s + z`` its log singular values) only at the rotation, and
+drift from orthogonal as ``A`` trains. The random sites are ``"<kind>.lora_S"`` of shape ``[L, 1, r]`` (a row of ``r``
 log-scales per layer): ``r`` random numbers per layer.
 """
 
