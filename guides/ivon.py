@@ -20,7 +20,8 @@ from pyro_lora.data import to_device
 from pyro_lora.model import LoraModel, full_precision
 from pyro_lora.modes import network_mode
 from pyro_lora.sites import check_values
-from pyro_lora.training import _DivergenceWatch, _schedule, batch_nll, step_autocast, training_autocast
+from pyro_lora.training import (_DivergenceWatch, _schedule, batch_nll, check_full_precision, step_autocast,
+                                 training_autocast)
 
 from .base import LoraGuide
 from .registry import Fitted, method
@@ -72,14 +73,22 @@ class IVONGuide(LoraGuide):
         are the network's current weights (IVON's mean, outside ``sampled_params``), stds
         ``1 / sqrt(ess * (hess + weight_decay))`` of each parameter's group, entry by entry.
 
+        ``trained_with["steps"]`` is ivon-opt's ``current_step``, which its ``state_dict`` leaves out: an optimiser
+        resumed from one counts from the resume unless ``current_step`` was set back, and one that has taken no step
+        since holding a trained state records ``None`` (unknown).
+
         :raises ValueError: for a model with other sites than A and B (as the constructor), if a LoRA matrix of a
-            site is not among the optimiser's parameters, if the optimiser has taken no step, or if a LoRA layer's
-            matrices never had a gradient (their momentum is still 0: frozen while it trained).
+            site is not among the optimiser's parameters, if the optimiser is at its start (no step taken, none
+            loaded: its Hessian estimate is ``hess_init`` and its momentum 0), or if a LoRA layer's matrices never
+            had a gradient (their momentum is still 0: frozen while it trained).
         """
         _check_sites(model, "IVONGuide.from_optimizer")
-        if optimizer.current_step == 0:
-            raise ValueError("IVONGuide.from_optimizer: the optimiser has taken no step, so its Gaussian is its start, "
-                             "not a posterior: train it first (or use train_ivon)")
+        steps = optimizer.current_step
+        if steps == 0:  # or a trained state loaded (load_state_dict), which counts no step
+            if not any(g["momentum"].any() or (g["hess"] != g["hess_init"]).any() for g in optimizer.param_groups):
+                raise ValueError("IVONGuide.from_optimizer: the optimiser has taken no step, so its Gaussian is its "
+                                 "start, not a posterior: train it first (or use train_ivon)")
+            steps = None
         std_of, momentum_of = {}, {}
         for group in optimizer.param_groups:
             std = (group["ess"] * (group["hess"] + group["weight_decay"])).rsqrt()
@@ -105,15 +114,16 @@ class IVONGuide(LoraGuide):
         frozen = [layer for layer, m in moved.items() if not m]
         if frozen:
             raise ValueError(f"IVONGuide.from_optimizer: the LoRA matrices of {frozen[:3]}{' ...' if len(frozen) > 3 else ''} "
-                             f"never had a gradient in the optimiser's {optimizer.current_step} steps (their momentum is 0): "
+                             f"never had a gradient in the optimiser's {f'{steps} steps' if steps else 'training'} (their momentum is 0): "
                              "a LoraModel freezes them and ivon-opt takes a frozen parameter's gradient as 0; call "
                              "requires_grad_(True) on model.random_parameters() before training, as train_ivon does")
-        settings = {k: float(v) for k, v in optimizer.defaults.items()}
+        # its numbers only: torch's load_state_dict adds a flag of its own (differentiable=False)
+        settings = {k: float(v) for k, v in optimizer.defaults.items() if not isinstance(v, bool)}
         # the settings the stds came from, group by group (the step size is scheduled within a group: not one)
         groups = [{k: float(g[k]) for k in ("ess", "weight_decay", "hess_init") if k in g} for g in optimizer.param_groups]
         if any(g != {k: settings[k] for k in g} for g in groups):
             settings["param_groups"] = groups
-        settings |= {"rescale_lr": bool(optimizer.rescale_lr), "steps": optimizer.current_step}
+        settings |= {"rescale_lr": bool(optimizer.rescale_lr), "steps": steps}
         return cls(model, locs, stds, trained_with=settings)
 
     def locs(self):
@@ -169,15 +179,22 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     :param str lr_schedule: ``"linear"`` (decay to 0, Cong et al.'s), ``"constant"`` or ``"cosine"``, as for
         :func:`pyro_lora.fit`.
     :param autocast: as for :func:`pyro_lora.fit` (default bf16 on CUDA, none on CPU).
-    :raises ValueError: before any training, naming the argument, for a non-positive ``lr``, ``ess``, ``hess_init``
-        or ``clip_radius``, a negative ``weight_decay``, ``beta2`` outside ``[0, 1)``, ``epochs`` or ``mc_samples``
-        below 1, an unknown ``lr_schedule``, an empty ``data``, a model with other sites than A and B, an ``autocast``
-        :func:`pyro_lora.fit` refuses, a run computing in float16 (IVON has no loss scaling) or one under
-        ``torch.distributed``.
+    Each call builds a new optimiser: its Hessian estimate starts at ``hess_init``, its momentum at 0 and ``lr``'s
+    schedule from the start, whatever an earlier call learnt (only the network's weights carry over). To resume, keep
+    your own ``ivon.IVON`` and loop, and read the guide off it with :meth:`IVONGuide.from_optimizer`.
+
+    :raises ValueError: before anything changes (the network, which guide owns the head, what is frozen), naming the
+        argument, for a non-positive ``lr``, ``ess``, ``hess_init`` or ``clip_radius``, a negative ``weight_decay``,
+        ``beta2`` outside ``[0, 1)``, ``epochs`` or ``mc_samples`` below 1, an unknown ``lr_schedule``, an empty
+        ``data``, a model with other sites than A and B, an ``autocast`` :func:`pyro_lora.fit` refuses, a run computing
+        in float16 (IVON has no loss scaling) or one under ``torch.distributed``; and, as :func:`pyro_lora.fit` does,
+        trainable parameters held in float16 or bfloat16 (ivon-opt keeps its state in their dtype, where its updates
+        round away), or ones of several dtypes or devices (ivon-opt holds them in one buffer), naming them.
     :raises ~pyro_lora.training.DivergenceError: when the loss becomes non-finite or rises far above its start (the network is then
         put back as it was).
     """
-    autocast = _check_arguments(model, data, autocast, epochs=epochs, lr=lr, ess=ess, hess_init=hess_init,
+    params = model.random_parameters() + model.point_parameters()
+    autocast = _check_arguments(model, params, data, autocast, epochs=epochs, lr=lr, ess=ess, hess_init=hess_init,
                                 weight_decay=weight_decay, beta2=beta2, mc_samples=mc_samples, clip_radius=clip_radius)
     schedule = _schedule(lr_schedule, 0, epochs * len(data))
     try:
@@ -185,7 +202,12 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     except ModuleNotFoundError:
         raise ModuleNotFoundError("train_ivon needs the IVON optimiser: pip install ivon-opt") from None
 
-    params = model.random_parameters() + model.point_parameters()
+    # built before anything changes (it reads the parameters, changes none): whatever ivon-opt refuses leaves the
+    # model as it was, its owner and its frozen matrices too
+    optimizer = ivon.IVON(params, lr=lr, ess=ess, hess_init=hess_init, weight_decay=weight_decay, beta2=beta2,
+                          mc_samples=mc_samples, clip_radius=clip_radius, rescale_lr=rescale_lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    watch = _DivergenceWatch(lr, remedy="lower it, or clip_radius (each entry's step is at most lr * clip_radius)")
     take_over(model, None)  # whichever guide trained the head keeps the state it left as its own
     device = model.device
     own = [p.data for p in params]  # IVON swaps in views of its flat buffers: each parameter gets its own tensor back
@@ -193,10 +215,6 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     for p in params:
         p.requires_grad_(True)  # the sites' peft matrices are frozen in a LoraModel: IVON trains them in place
         p.grad = None
-    optimizer = ivon.IVON(params, lr=lr, ess=ess, hess_init=hess_init, weight_decay=weight_decay, beta2=beta2,
-                          mc_samples=mc_samples, clip_radius=clip_radius, rescale_lr=rescale_lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    watch = _DivergenceWatch(lr, remedy="lower it, or clip_radius (each entry's step is at most lr * clip_radius)")
     bar = tqdm(total=epochs * len(data), desc="train IVON", disable=not progress, dynamic_ncols=True)
     trained = False
     try:
@@ -234,8 +252,9 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     return guide
 
 
-def _check_arguments(model, data, autocast, **args):
-    """Refuse bad arguments before any work; returns the autocast dtype (or False) the run uses."""
+def _check_arguments(model, params, data, autocast, **args):
+    """Refuse bad arguments, and ``params`` (what IVON is to train) ivon-opt cannot hold, before any work; returns the
+    autocast dtype (or False) the run uses."""
     positive = ("lr", "ess", "hess_init", "clip_radius")
     for name, value in args.items():
         unbounded = name == "clip_radius" and value == math.inf  # ivon-opt's own default: no clip
@@ -257,6 +276,18 @@ def _check_arguments(model, data, autocast, **args):
     model.adapter_values()  # refuses an adapter whose head a MAP trained beside LoRA values not written into it
     if distributed.is_distributed():
         raise ValueError("train_ivon runs in one process: under torch.distributed every rank would train its own posterior")
+    check_full_precision(params, "train_ivon", "IVON's Hessian estimate and momentum are held in that dtype, where "
+                         "their updates (1 - beta2 of the distance per step) round away")
+    names = {id(p): n for n, p in model.net.named_parameters()}
+    for what in ("dtype", "device"):  # ivon-opt's flat buffers are of one of each, and its refusal names no parameter
+        held = {}
+        for p in params:
+            held.setdefault(str(getattr(p, what)), []).append(names[id(p)])
+        if len(held) > 1:
+            listed = "; ".join(f"{k}: {', '.join(v[:3])}{' ...' if len(v) > 3 else ''}" for k, v in sorted(held.items()))
+            raise ValueError(f"train_ivon trains parameters of several {what}s ({listed}): ivon-opt holds them all in "
+                             f"one flat buffer, so they need one {what}; put the LoRA matrices and the trainable "
+                             f"point parameters (head, any base parameter unfrozen) on one {what}, or freeze the others")
     autocast, forward_dtype = training_autocast(model, autocast)
     if forward_dtype == torch.float16:
         raise ValueError("train_ivon computing in float16 (a float16 base, or autocast=torch.float16): IVON has no loss "

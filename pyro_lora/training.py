@@ -147,12 +147,7 @@ def fit(
         if not params:
             raise ValueError("nothing to train: the model has no point parameters and the guide no parameters")
         # first: a cast network (net.to(bfloat16)) also changed the head the guide was built beside, the lesser news
-        low = sorted({str(p.dtype) for p in params if p.dtype in (torch.float16, torch.bfloat16)})
-        if low:
-            raise ValueError(
-                f"fit trains parameters held in {low}: AdamW's updates underflow there (the head becomes nan); keep the "
-                "trainable parameters (LoRA, head) in float32 and run the half-precision base under autocast"
-            )
+        check_full_precision(params, "fit", "AdamW's updates underflow there (the head becomes nan)")
         check_guide(model, guide, "fit", same_model=True)
         tempered = tempered_training(guide, "fit")
         if tempered:
@@ -420,6 +415,18 @@ def _kl_weight(weight, step) -> float:
             "log-densities by it); start a KL warm-up from a small positive weight, e.g. max(1e-3, step / 100)"
         )
     return float(weight)
+
+
+def check_full_precision(params, who, underflow) -> None:
+    """Refuse trainable ``params`` held in float16 or bfloat16 (a network cast after its ``LoraModel`` was built, which
+    holds them in float32): ``who``'s optimiser updates them in their own dtype, where ``underflow`` says what is lost.
+
+    :raises ValueError: naming the half dtypes held, and the way out (float32 parameters, the base under autocast).
+    """
+    low = sorted({str(p.dtype) for p in params if p.dtype in HALF_DTYPES})
+    if low:
+        raise ValueError(f"{who} trains parameters held in {low}: {underflow}; keep the trainable parameters (LoRA, "
+                         "head) in float32 and run the half-precision base under autocast")
 
 
 def training_autocast(model, autocast):

@@ -1,6 +1,7 @@
 """IVON (guides/ivon.py): the guide read off ``ivon.IVON``'s state entry by entry, its samples and batched predictive,
 ``train_ivon``'s training and refusals, the saved guide, a bf16 base and the compare recipe."""
 
+import io
 import json
 import math
 from dataclasses import replace
@@ -16,6 +17,7 @@ from pyro_lora import LoraModel, SequenceClassification, fit, load_guide, predic
 from pyro_lora.experiments.compare import fit_method
 from pyro_lora.experiments.setup import CompareConfig, Setup, train_map
 from pyro_lora.guides import IVONGuide, MAPGuide, train_ivon
+from pyro_lora.ownership import trainer
 from pyro_lora.training import DivergenceError, batch_nll
 
 FAST = {"epochs": 15, "lr": 10.0, "progress": False}  # steps of lr * clip_radius <= 0.01: the tiny net learns in 30
@@ -302,6 +304,90 @@ def test_from_optimizer_refuses_an_optimiser_that_never_trained_the_lora_matrice
     assert guide.trained_with["steps"] == 1
     with pytest.raises(ValueError, match=r"computing in float16 \(a float16 base.*IVON has no loss scaling"):
         train_ivon(lora(dtype=torch.float16), data(), **FAST)
+
+
+def _map_owned(dtype=torch.float32):
+    """A model whose head a MAP trained (its LoRA written into the adapter): a state train_ivon would take over."""
+    model = lora(dtype=dtype)
+    fit(model, map_guide := MAPGuide(model), data(), lr=5e-2, progress=False)
+    model.write_adapter({k: v.detach() for k, v in map_guide.mean().items()})
+    return model, map_guide
+
+
+def _unfreeze_layer_norm(model):
+    dict(model.net.named_parameters())["base_model.model.bert.embeddings.LayerNorm.weight"].requires_grad_(True)
+
+
+def _float64_head(model):
+    for _, p in model.named_point_parameters():
+        p.data = p.data.double()
+
+
+@pytest.mark.parametrize("dtype, change, match", [
+    # fit refuses these; ivon-opt trained them silently (stds up to 12.6% and probabilities 0.02 off fp32's)
+    (torch.float32, lambda m: m.net.to(torch.bfloat16), r"^train_ivon trains parameters held in \['torch.bfloat16'\]: "
+     r"IVON's Hessian estimate .* keep the trainable parameters \(LoRA, head\) in float32"),
+    (torch.float32, lambda m: m.net.to(torch.float16), r"held in \['torch.float16'\]"),
+    # a bf16 base's LayerNorm unfrozen beside the float32 LoRA: ivon-opt refused it after the LoRA was unfrozen
+    (torch.bfloat16, _unfreeze_layer_norm, r"held in \['torch.bfloat16'\]"),
+    (torch.float32, _float64_head, r"several dtypes \(torch.float32: .*lora_A.*; torch.float64: .*classifier.*\): "
+     r"ivon-opt holds them all in one flat buffer"),
+])
+def test_parameters_ivon_cannot_hold_are_refused_naming_them_before_anything_changes(dtype, change, match):
+    model, map_guide = _map_owned(dtype)
+    change(model)
+    before = {n: (p.requires_grad, p.dtype, p.detach().clone()) for n, p in model.net.named_parameters()}
+    snapshot = dict(map_guide._point_snapshot)  # what the MAP left, as its own
+    with pytest.raises(ValueError, match=match):
+        train_ivon(model, data(), **FAST)
+    after = {n: (p.requires_grad, p.dtype, p.detach()) for n, p in model.net.named_parameters()}
+    assert after.keys() == before.keys()
+    for n, (grad, dt, value) in after.items():  # the LoRA matrices still frozen, nothing moved
+        assert (grad, dt) == before[n][:2] and torch.equal(value, before[n][2]), n
+    assert trainer(model) is map_guide and map_guide._point_snapshot == snapshot  # the head still the MAP's
+
+
+def _resumed(optimizer, params, current_step=None):
+    """A fresh ivon.IVON over ``params`` given ``optimizer``'s saved state_dict, as a checkpoint resumes it."""
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    buffer.seek(0)
+    resumed = ivon.IVON(params, lr=0.05, ess=2e4, hess_init=0.5, beta2=0.5)
+    resumed.load_state_dict(torch.load(buffer))
+    if current_step is not None:
+        resumed.current_step = current_step
+    return resumed
+
+
+def test_an_optimiser_resumed_from_its_state_dict_gives_its_trained_gaussian_and_an_honest_step_count():
+    """ivon-opt's state_dict leaves current_step out: a resumed optimiser was refused as having taken no step (its
+    Hessian the trained one), and its record said 3 steps after 6 + 3."""
+    model = lora()
+    params = model.random_parameters() + model.point_parameters()
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = ivon.IVON(params, lr=0.05, ess=2e4, hess_init=0.5, beta2=0.5)
+
+    def train(optimizer, steps):
+        model.net.train()
+        for batch in (data() * 5)[:steps]:
+            with optimizer.sampled_params(train=True):
+                optimizer.zero_grad()
+                batch_nll(model, batch).backward()
+            optimizer.step()
+        model.net.eval()
+
+    train(optimizer, 6)
+    trained = IVONGuide.from_optimizer(model, optimizer)
+    resumed = IVONGuide.from_optimizer(model, _resumed(optimizer, params))
+    assert all(torch.equal(resumed.stds()[n], s) for n, s in trained.stds().items())  # the trained Gaussian
+    assert resumed.trained_with == {**trained.trained_with, "steps": None}  # unknown, and no torch flag recorded
+    counted = _resumed(optimizer, params, current_step=6)  # the count set back, as docs/methods/ivon.md shows
+    train(counted, 3)
+    assert IVONGuide.from_optimizer(model, counted).trained_with["steps"] == 9
+    fresh = ivon.IVON(params, lr=0.05, ess=2e4, hess_init=0.5, beta2=0.5)  # an untrained state loaded: still its start
+    with pytest.raises(ValueError, match="the optimiser has taken no step"):
+        IVONGuide.from_optimizer(model, _resumed(fresh, params))
 
 
 # ------------------------------------------------------------------ (6) half precision; the compare recipe
