@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .checks import check_positive
-from .metrics import _NLL_FLOOR, _check_probs, _check_rows, _sum_tolerance, _tensor
+from .metrics import _NLL_FLOOR, _check_probs, _check_rows, _sum_tolerance, _tensor, _uncertainty
 
 __all__ = ["TemperatureFit", "apply_temperature", "fit_temperature", "temperature_nll"]
 
@@ -289,13 +289,14 @@ def _beyond(nll, log_high, tol, limit=1e12):
 
 def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     """``softmax(log probs / T)``: ``[..., C]`` probabilities recalibrated by ``T``, in float64; zero entries stay zero.
-    ``T = 1`` returns them unchanged, in their own dtype (a renormalisation would move them by float rounding, enough
-    to reorder tied confidences and change an AURC; a float64 copy of float32 confidences on a bin edge ``k / 15``
-    would move them to the next ECE bin, as :func:`~pyro_lora.metrics.reliability_bins` bins in the input's dtype).
+    ``T = 1`` returns them unchanged, in their own dtype (a renormalisation would move them by float rounding: a
+    float64 copy of float32 confidences on a bin edge ``k / 15`` would move them to the next ECE bin, as
+    :func:`~pyro_lora.metrics.reliability_bins` bins float32 in float32).
 
-    Float64 whatever the input: sharpening (``T < 1``) pushes confidences towards 1, and float32 rounds one within
-    6e-8 of 1 to exactly 1, tying examples that AURC, accuracy at coverage and OOD AUROC must order. Where even
-    float64 rounds a confidence to 1 (a margin beyond about 37 nats after scaling), a warning counts them.
+    Float64 whatever the input: sharpening (``T < 1``) shrinks a confident row's small entries, which hold its margin
+    (the selective-prediction metrics rank by them, and the entropy holds them), and float32 flushes them to 0 from
+    about 103 nats. Where even float64 does (a margin beyond about 745 nats after scaling), the row becomes one-hot and
+    ties with every other such row; a warning counts them.
 
     :param probs: ``[..., C]`` probability vectors (rows summing to 1; zeros for missing choices), e.g.
         ``Prediction.probs``. Logits are refused: scale those as ``logits / T``.
@@ -315,9 +316,9 @@ def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     if temperature == 1.0:
         return raw.clone()
     scaled = (x.log() / temperature).softmax(-1)
-    tied = int(((scaled.amax(-1) == 1) & (x.amax(-1) < 1)).sum())
+    tied = int(((_uncertainty(scaled) == 0) & (_uncertainty(x) > 0)).sum())
     if tied:
-        warnings.warn(f"temperature T = {temperature:.3g} sharpens {tied} of {scaled[..., 0].numel()} confidences to "
-                      "exactly 1 even in float64: they tie, so AURC, accuracy at coverage and OOD AUROC cannot order "
-                      "them", stacklevel=2)
+        warnings.warn(f"temperature T = {temperature:.3g} sharpens {tied} of {scaled[..., 0].numel()} rows to one-hot "
+                      "even in float64 (their other probabilities below 5e-324): they tie, so AURC, accuracy at "
+                      "coverage and OOD AUROC cannot order them", stacklevel=2)
     return scaled

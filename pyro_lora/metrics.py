@@ -3,8 +3,10 @@
 Conventions: ``probs`` is ``[N, C]`` predictive probabilities (rows sum to 1; classes beyond an
 example's choice count carry probability 0), ``labels`` is ``[N]`` integer class indices,
 ``sample_probs`` is ``[S, N, C]`` per-sample probabilities. Numpy arrays are accepted and
-converted. Everything is computed in float64 so that sums do not drift; confidences are binned in the input's
-dtype, against edges rounded to it, so that a float32 0.6 lands in the bin a float64 0.6 does.
+converted. Everything is computed in float64 so that sums do not drift; float32 confidences (and half-precision
+ones, as float32 values) are binned in float32, against edges rounded to it, so that a float32 0.6 lands in the bin a
+float64 0.6 does. Selective prediction ranks examples by ``1 - max p`` computed from a row's other entries, which keep
+their precision where a float32 confidence saturates at 1.0.
 Scalar metrics return Python floats; per-example quantities return ``[N]`` float64 tensors.
 
 Every metric checks that its rows are probability vectors (non-negative, summing to 1 up to the input
@@ -43,12 +45,13 @@ __all__ = [
 
 # Floor for p[label] in the NLL: a confidently wrong example costs -log(1e-12) ~ 27.6, not inf.
 _NLL_FLOOR = 1e-12
-# How far a row sum may be from 1: float32 softmax and averages are off by a few 1e-7, float16 by ~4e-4 and
-# bfloat16 by ~3e-3 (measured; each entry rounds by half an eps of its value), so 2 eps of the input dtype, at
-# least 1e-4 (an ECE x100 shift below 0.01)
+# How far a row sum may be from 1: one eps of the input dtype, at least 1e-4 (float32 softmax and averages are off
+# by a few 1e-7; 1e-4 is an ECE x100 shift below 0.01). Rounding to the dtype moves each entry by at most half an eps
+# of its value, so a row's sum by at most eps / 2; an average of such rows, rounded again, by eps (measured: 0.43 eps
+# for float16 / bfloat16 softmaxes and their averages, 2 to 1000 classes). More is no rounding: a bfloat16 row 1.4%
+# short of 1 was scored as given
 _SUM_TOL = 1e-4
 _FLOAT8 = tuple(getattr(torch, name) for name in dir(torch) if name.startswith("float8_"))
-_SUM_EPS = 2
 
 
 class ReliabilityBins(NamedTuple):
@@ -87,8 +90,8 @@ def _tensor(x, name: str) -> torch.Tensor:
 
 
 def _sum_tolerance(dtype: torch.dtype) -> float:
-    """How far from 1 a probability row of ``dtype`` may sum (``_SUM_EPS`` eps of the dtype, at least ``_SUM_TOL``)."""
-    return max(_SUM_TOL, _SUM_EPS * torch.finfo(dtype).eps) if dtype.is_floating_point else _SUM_TOL
+    """How far from 1 a probability row of ``dtype`` may sum (one eps of the dtype, at least ``_SUM_TOL``)."""
+    return max(_SUM_TOL, torch.finfo(dtype).eps) if dtype.is_floating_point else _SUM_TOL
 
 
 def _check_rows(x: torch.Tensor, dtype: torch.dtype, name: str) -> None:
@@ -203,9 +206,11 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 
     dtype = probs.dtype
     probs, labels = _check_probs(probs, labels)
     conf, correct = _confidence_correct(probs, labels)
-    # Right-closed bins as in Guo et al. 2017: confidence exactly k/B falls in bin k-1. The comparison is made in the
-    # input's dtype, edges rounded like the probabilities: float32's 0.6 is 0.60000002, and would leave its bin in float64
-    where = dtype if dtype.is_floating_point else torch.float64
+    # Right-closed bins as in Guo et al. 2017: confidence exactly k/B falls in bin k-1. The comparison is made in
+    # float32 for float32 input, edges rounded like the probabilities: float32's 0.6 is 0.60000002, and would leave its
+    # bin in float64. Half precision is binned as float32 values: edges rounded to bfloat16 would move (14/15 is
+    # 0.93359375 there), and a confidence above 14/15 would fall in the bin below
+    where = torch.float32 if dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float64
     edges = (torch.arange(num_bins + 1, dtype=torch.float64) / num_bins).to(where)
     idx = (torch.searchsorted(edges, conf.to(where).contiguous()) - 1).clamp(0, num_bins - 1)
     counts = torch.bincount(idx, minlength=num_bins)
@@ -352,26 +357,42 @@ def stratified_auroc(scores_in: torch.Tensor, scores_out: torch.Tensor, covariat
     return total / pairs
 
 
+def _uncertainty(probs: torch.Tensor) -> torch.Tensor:
+    """``1 - max p`` of each row of the float64 ``probs [..., C]`` as the sum of its entries but one top one, over the
+    row's sum: ``[...]`` float64, what selective prediction ranks by (least uncertain = most confident first).
+
+    Not ``1 - max p``: float32 rounds a confidence within 6e-8 of 1 to 1.0, tying examples whose small entries
+    (1e-9, 3e-12) still hold their margins at float32's relative precision, entries that
+    :func:`~pyro_lora.calibration.apply_temperature` rebuilds a row from; and over the row's sum, so that a row summing
+    to 0.9999999 ranks as its renormalised twin. A temperature thus keeps the ranking of two-class rows exactly.
+    """
+    ascending = probs.sort(-1).values  # one order of summation for every permutation of a row: permuted rows tie
+    rest = ascending[..., :-1].sum(-1)
+    return rest / (rest + ascending[..., -1])
+
+
 def risk_coverage(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Accuracy when only the k most confident examples are kept, for k = 1..N.
 
     probs [N, C], labels [N] -> (coverages [N] = k/N, accuracies [N]).
 
-    Confidence ties are averaged, not broken by input order: when the k-th example falls inside a group of
-    m examples of equal confidence with c correct, of which j are kept, the kept ones count j c / m correct
-    (the expectation over the orders of the tie group), so the result does not depend on the order of the
-    examples. Ties are common: saturated confidences of 1.0, repeated inputs, ensembles. At a group's end,
-    and everywhere without ties, this is the plain cumulative accuracy.
+    Examples are ranked by their uncertainty ``1 - max p``, computed as the sum of the row's other entries (over the
+    row's sum), not by ``max p``: float32 confidences saturated at 1.0 are no tie while their small entries differ,
+    and a temperature keeps the ranking of two-class rows. True ties are averaged, not broken by input order: when
+    the k-th example falls inside a group of m equally confident examples with c correct, of which j are kept, the
+    kept ones count j c / m correct (the expectation over the orders of the tie group), so the result does not depend
+    on the order of the examples. Ties remain where rows are equal: repeated inputs, an ensemble's agreeing members, rows saturated to
+    a one-hot (float32 margins beyond 103 nats). At a group's end, and everywhere without ties, this is the plain
+    cumulative accuracy.
 
     :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
     """
     probs, labels = _check_probs(probs, labels)
-    conf, correct = _confidence_correct(probs, labels)
-    n = len(conf)
-    # tie groups, most confident first: their sizes m_g and correct counts c_g
-    _, inverse, counts = torch.unique(conf, sorted=True, return_inverse=True, return_counts=True)
-    hits = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, inverse, correct).flip(0)
-    counts = counts.flip(0)
+    _, correct = _confidence_correct(probs, labels)
+    n = len(correct)
+    # tie groups, most confident (least uncertain) first: their sizes m_g and correct counts c_g
+    _, inverse, counts = torch.unique(_uncertainty(probs), sorted=True, return_inverse=True, return_counts=True)
+    hits = torch.zeros(len(counts), dtype=torch.float64).index_add_(0, inverse, correct)
     start = counts.cumsum(0) - counts  # examples more confident than the group
     before = hits.cumsum(0) - hits  # correct ones among them
     group = torch.repeat_interleave(torch.arange(len(counts)), counts)  # group of the k-th most confident, [N]

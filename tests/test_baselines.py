@@ -119,7 +119,7 @@ def test_temperature_separable_validation_falls_back_to_one_with_a_warning():
     with pytest.warns(UserWarning, match="separable"):
         assert fit_temperature(val_probs, val_labels) == 1.0  # the plain call returns the float
     # what the bound T = 0.01 would have done: test NLL 1.23 -> 8.05
-    with pytest.warns(UserWarning, match="sharpens 935 of 1000 confidences to exactly 1"):
+    with pytest.warns(UserWarning, match="sharpens 192 of 1000 rows to one-hot even in float64"):
         assert nll(apply_temperature(test_probs, 0.01), test_labels) > 6 * nll(test_probs, test_labels)
 
 
@@ -914,10 +914,14 @@ def test_a_sharpening_temperature_keeps_the_confidence_order_and_says_when_float
     assert aurc(sharp, labels) == pytest.approx(aurc(probs, labels), abs=1e-12)
     assert accuracy_at_coverage(sharp, labels, 0.5) == pytest.approx(accuracy_at_coverage(probs, labels, 0.5), abs=1e-12)
     assert float(sharp.max()) < 1
-    # margins of 5 at T = 0.05 are 100 nats: float64 cannot hold 1 - p there either, and says so
+    # log-odds of 4.6 and 5.3 at T = 0.005 are over 900 nats: float64 flushes the small entries, which hold the
+    # ranking, to 0 (at T = 0.05 their 1e-40 still ranked them), and says so
     wide = torch.tensor([[0.5, 0.5], [0.99, 0.01], [0.995, 0.005]])
-    with pytest.warns(UserWarning, match=r"T = 0.05 sharpens 2 of 3 confidences to exactly 1 even in float64: they tie"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         apply_temperature(wide, 0.05)
+    with pytest.warns(UserWarning, match=r"T = 0.005 sharpens 2 of 3 rows to one-hot even in float64 .*: they tie"):
+        apply_temperature(wide, 0.005)
 
 
 def _ensemble_with_heads(k):

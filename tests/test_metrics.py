@@ -499,3 +499,117 @@ def test_a_bfloat16_coverage_is_read_as_the_decimal_written_for_it():
     labels = torch.arange(45) % 2
     assert metrics.accuracy_at_coverage(probs, labels, torch.tensor(0.7, dtype=torch.bfloat16)) == \
         metrics.accuracy_at_coverage(probs, labels, 0.7)  # 0.7 * 45 = 31.5 -> 32; bfloat16's 0.69921875 would give 31
+
+
+def _saturated(seed, n=872, scale=12.0):
+    """Binary float32 probabilities, as predict returns them, of an over-confident model: |logit difference| drawn
+    Exp(mean ``scale``), right more often the larger it is; about a quarter of the confidences round to exactly 1.0.
+    Returns probs [n, 2], labels [n], the exact margins [n] (float64) and whether each prediction is right [n]."""
+    g = torch.Generator().manual_seed(seed)
+    margin = torch.empty(n, dtype=torch.float64).exponential_(1 / scale, generator=g)
+    labels = torch.randint(0, 2, (n,), generator=g)
+    right = torch.rand(n, generator=g, dtype=torch.float64) < torch.sigmoid(margin / (scale / 3))
+    logits = torch.zeros(n, 2, dtype=torch.float64)
+    logits[torch.arange(n), torch.where(right, labels, 1 - labels)] = margin
+    return logits.softmax(-1).float(), labels, margin, right
+
+
+def test_saturated_float32_confidences_are_ranked_by_their_margin_not_tied_at_one():
+    """202 of 872 float32 confidences are exactly 1.0: they were tied (AURC 0.0568) where the small entries still
+    hold their margins (1e-9, 3e-12, ...); the reference ranks the examples by their exact margins (0.0563)."""
+    probs, labels, margin, right = _saturated(0)
+    assert int((probs.max(-1).values == 1).sum()) == 202 and float(margin.max()) < 87  # no entry below float32's normals
+    by_margin = right.double()[torch.argsort(margin, descending=True)]
+    accuracies = by_margin.cumsum(0) / torch.arange(1, 873)
+    assert metrics.aurc(probs, labels) == pytest.approx(float((1 - accuracies).mean()), abs=1e-12)  # 0.0563
+    assert metrics.accuracy_at_coverage(probs, labels, 0.5) == pytest.approx(float(accuracies[435]), abs=1e-12)
+    torch.testing.assert_close(metrics.risk_coverage(probs, labels)[1], accuracies, rtol=0, atol=1e-12)
+
+
+def test_a_temperature_keeps_the_selective_prediction_scores_of_two_classes():
+    """apply_temperature (the temperature and +ts rows) rebuilds rows in float64 from both entries, so the saturated
+    float32 ties of the plain row were ordered there: AURC 0.0568 plain against 0.0563 at T = 1.3."""
+    from pyro_lora.calibration import apply_temperature
+
+    for seed, scale in ((0, 12.0), (1, 25.0)):  # 25: margins beyond 103 nats, one-hot in float32, tie in both
+        probs, labels, _, _ = _saturated(seed, scale=scale)
+        plain = [metrics.aurc(probs, labels), *(metrics.accuracy_at_coverage(probs, labels, c) for c in (0.5, 0.8))]
+        for t in (0.5, 1.0001, 1.3, 3.0, 20.0):
+            scaled = apply_temperature(probs, t)
+            assert [metrics.aurc(scaled, labels), *(metrics.accuracy_at_coverage(scaled, labels, c) for c in (0.5, 0.8))] == plain
+        # rows that sum to 1 only within float32's rounding rank as their renormalised twins: a float64 copy ranks alike
+        renormalised = probs.double() / probs.double().sum(-1, keepdim=True)
+        assert metrics.aurc(renormalised, labels) == plain[0]
+
+
+def test_the_verdict_finds_a_temperature_no_better_on_aurc_than_the_map_it_scales():
+    """Three seeds of an over-confident binary MAP saturated at 1.0: temperature scaling was named best on AURC
+    (0.050 against the MAP's 0.061) though a temperature cannot reorder two-class confidences."""
+    import io
+
+    from pyro_lora.calibration import apply_temperature
+    from pyro_lora.experiments.scoring import prediction_arrays, score
+    from pyro_lora.experiments.verdict import verdict
+    from pyro_lora.predictive import Prediction
+
+    rows = []
+    for seed in range(3):
+        probs, labels, _, _ = _saturated(seed, scale=25.0)
+        for guide, setting, p in (("map", "no validation data", probs),
+                                  ("temperature", "validation-tuned", apply_temperature(probs, 1.3))):
+            # as compare saves them: through the npz
+            saved = io.BytesIO()
+            np.savez(saved, **prediction_arrays(Prediction(probs=p, labels=labels), "sst2", seed, point_estimate=True))
+            saved.seek(0)
+            with np.load(saved) as arrays:
+                p, y = (torch.from_numpy(arrays[f"sst2__seed{seed}__{k}"]) for k in ("probs", "labels"))
+            rows.append({"guide": guide, "setting": setting, "dataset": "sst2", "seed": seed,
+                         **score(Prediction(probs=p, labels=y), point_estimate=True)})
+        map_row, ts_row = rows[-2:]
+        assert [ts_row[k] for k in ("aurc", "accuracy_at_50", "accuracy_at_80")] == \
+            [map_row[k] for k in ("aurc", "accuracy_at_50", "accuracy_at_80")]
+    assert "AURC: map, temperature (" in verdict(rows, "sst2")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_confidences_are_binned_as_the_values_they_are(dtype):
+    """Bin edges rounded to bfloat16 moved (14/15 is 0.93359375 there): a confidence above 14/15 fell into the bin
+    below, ECE 15.82 for the 22.46 of the same values in float32."""
+    from fractions import Fraction
+
+    # each value is the dtype's own rounding of an edge k/15 above 1/2 that rounds up: just above k/15, in the bin above
+    up = [v for k in range(8, 15) if Fraction(float(v := torch.tensor(k / 15, dtype=dtype))) > Fraction(k, 15)]
+    assert len(up) >= 2  # bfloat16: 14/15 among them
+    conf = torch.stack(up)
+    probs = torch.stack([conf, 1 - conf], -1)
+    labels = torch.zeros(len(up), dtype=torch.long)
+    expected = [0] * 15
+    for v in up:  # right-closed bins ((k-1)/15, k/15] of the exact value
+        expected[math.ceil(Fraction(float(v)) * 15) - 1] += 1
+    assert metrics.reliability_bins(probs, labels).counts.tolist() == expected
+    assert metrics.ece(probs, labels) == metrics.ece(probs.float(), labels) == metrics.ece(probs.double(), labels)
+    if dtype == torch.bfloat16:  # the adversary's case: ten right at 0.93359375, ten at 0.8828125 half right
+        conf = torch.tensor([0.93359375] * 10 + [0.8828125] * 10, dtype=dtype)
+        labels = torch.tensor([0] * 15 + [1] * 5)
+        assert metrics.ece(torch.stack([conf, 1 - conf], -1), labels) == pytest.approx(
+            0.5 * (1 - 0.93359375) + 0.5 * (0.8828125 - 0.5), abs=1e-12)  # 0.2246
+
+
+def test_half_precision_rows_are_allowed_their_rounding_and_no_more():
+    """The tolerance was 2 eps (bfloat16: 0.0156), 8 times a rounded softmax's error: a bfloat16 row summing to 0.986
+    was scored as given (NLL 1.2344 for the renormalised row's 1.2206). Rounding moves a sum by eps / 2, an average
+    of rounded rows rounded again by eps: that is the tolerance now."""
+    short = {torch.bfloat16: [[0.6953125, 0.291015625]], torch.float16: [[0.5, 0.4985]]}  # 1.4% and 0.15% short
+    for dtype, row in short.items():
+        with pytest.raises(ValueError, match="probability vectors"):
+            metrics.nll(torch.tensor(row, dtype=dtype), torch.tensor([1]))
+    # what the library's predictives give (float32 softmaxes and their averages) in half precision passes
+    gen = torch.Generator().manual_seed(0)
+    for c in (2, 5, 50):
+        samples = torch.softmax(6 * torch.randn(8, 400, c, generator=gen), -1)  # [S, N, C] as keep_samples keeps them
+        labels = torch.randint(0, c, (400,), generator=gen)
+        for dtype in (torch.float16, torch.bfloat16):
+            for probs in (samples.mean(0).to(dtype), samples.to(dtype).mean(0)):
+                metrics.summarize(probs, labels)
+                metrics.aurc(probs, labels)
+            metrics.mutual_information(samples.to(dtype))

@@ -290,11 +290,12 @@ def test_ts_rows_hold_the_temperature_fitted_on_the_methods_own_validation_predi
 
 
 def test_a_ts_row_whose_temperature_ties_confidences_at_one_says_so_in_its_note():
-    """Under-confident validation predictions (0.52 on the label 95% of the time) want T ~ 0.03; test rows of 0.99
-    then sharpen past float64's 1 - 1e-16 and tie: the row's AURC cannot order them, which its note says."""
+    """Under-confident validation predictions (0.52 on the label 95% of the time) want T ~ 0.03; test rows of
+    1 - 1e-15 (34.5 nats) then sharpen past float64's smallest number, 5e-324 (745 nats), to one-hot rows that tie: the
+    row's AURC cannot order them, which its note says."""
     def under_confident(records):
         def row(r):
-            p = 0.99 if r["id"] >= 2000 and r["id"] % 3 == 0 else (0.52 if r["id"] % 20 else 0.48)
+            p = 1 - 1e-15 if r["id"] >= 2000 and r["id"] % 3 == 0 else (0.52 if r["id"] % 20 else 0.48)
             return [p, 1 - p] if r["label"] == 0 else [1 - p, p]
         return Prediction(probs=torch.tensor([row(r) for r in records]), labels=torch.tensor([r["label"] for r in records]))
 
@@ -305,7 +306,7 @@ def test_a_ts_row_whose_temperature_ties_confidences_at_one_says_so_in_its_note(
         METHODS.pop("fake_under")
     ts = out["fake_under+ts"][0]
     assert ts[0]["temperature"] < 0.05
-    assert "sst2: temperature T = " in ts[0]["note"] and "sharpens 20 of 60 confidences to exactly 1 even in float64" in ts[0]["note"]
+    assert "sst2: temperature T = " in ts[0]["note"] and "sharpens 20 of 60 rows to one-hot even in float64" in ts[0]["note"]
     assert "other: temperature T = " in ts[0]["note"] and "sharpens 10 of 30" in ts[0]["note"]
     assert "sharpens" not in (out["fake_under"][0][0]["note"] or "")
 
