@@ -84,6 +84,11 @@ class LoraGuide(torch.nn.Module):
 
     The guide keeps :attr:`signature`, what it assumes of the model (:func:`pyro_lora.contract.describe`):
     ``fit``, ``predict``, ``save_guide``/``load_guide`` and ``export_adapter`` refuse a model it does not fit.
+
+    :attr:`fit_progress` is how far the last :func:`~pyro_lora.fit` on it got (``None`` for a guide no ``fit`` trained):
+    ``{"step", "steps", "epoch", "epochs", "finished"}``, ``step`` of ``steps`` optimizer steps (``steps`` ``None`` for
+    data without a length until it finishes), ``epoch`` from 0 as in ``FitState``; saved with the guide and read back
+    by ``load_guide``, which warns of an unfinished one (a checkpoint of a run that stopped).
     """
 
     deterministic = False  # True for point estimates: the predictive then runs one forward, not S
@@ -111,6 +116,7 @@ class LoraGuide(torch.nn.Module):
         self._pyro_name = pyro_params.unique_name(self)
         self._running = False  # inside forward: a subclass's forward calling its base's is one guide call
         self._base_records = records_at_build(model)  # and at its last save or load: save_guide compares them
+        self.fit_progress = None
 
     @property
     def model(self):

@@ -399,6 +399,8 @@ def _write_guide(guide, model, path, run, adapter):
         "base_model": getattr(getattr(model.net, "config", None), "_name_or_path", None),
         "signature": describe(model) if auto else guide.signature,
         "base_weights": base,
+        # how far the fit that trained it got: a checkpoint of a stopped run must not pass for its result
+        **({} if auto or guide.fit_progress is None else {"fit": guide.fit_progress}),
     })
     with atomic_directory(path) as tmp:
         save_file(tensors, str(tmp / "guide.safetensors"))
@@ -549,7 +551,21 @@ def _read_meta(path):
     problem = _signature_problem(meta["signature"]) if meta["format"] == FORMAT else None
     if problem:
         raise ValueError(f"{file} is corrupt: its 'signature' {problem}")
+    if "fit" in meta and not _is_progress(meta["fit"]):
+        raise ValueError(f"{file} is corrupt: its 'fit' should map 'step', 'steps', 'epoch' and 'epochs' to counts "
+                         f"('steps' null for data without a length) and 'finished' to true or false, it holds "
+                         f"{json.dumps(meta['fit'])[:120]}")
     return meta
+
+
+def _is_progress(fit) -> bool:
+    """Whether ``fit`` is a :attr:`~pyro_lora.guides.LoraGuide.fit_progress` as ``fit`` records it."""
+    def count(v):
+        return type(v) is int and v >= 0
+
+    return (isinstance(fit, dict) and fit.keys() == {"step", "steps", "epoch", "epochs", "finished"}
+            and all(count(fit[k]) for k in ("step", "epoch", "epochs")) and (fit["steps"] is None or count(fit["steps"]))
+            and type(fit["finished"]) is bool)
 
 
 # the JSON kind of each entry :func:`~pyro_lora.contract.describe` writes; "prior" is a number or a class name
@@ -919,7 +935,9 @@ def load_guide(path, model, guide=None):
         was, and called once on a labelled batch (its options and first call are the user's): its ``state_dict`` is
         loaded in place, once the sites its parameters stand for, in order and shape, are the saved ones. ``None`` for
         a guide of the guides package, which is built here.
-    :returns: the guide (``guide`` itself for an autoguide).
+    :returns: the guide (``guide`` itself for an autoguide), with the ``fit_progress`` it was saved with (``None``
+        where no ``fit`` trained it); a checkpoint of a fit that stopped before its end (``finished`` false) is loaded
+        with a warning naming the step it reached.
     :raises FileNotFoundError: if ``guide.json`` or ``guide.safetensors`` is missing.
     :raises ValueError: if a file is corrupt (not JSON, missing keys, a malformed ``base_weights`` record,
         unreadable safetensors, NaN or inf values, tensors missing, unexpected or of another shape) or not a saved
@@ -997,6 +1015,14 @@ def load_guide(path, model, guide=None):
     take_over(model, guide)
     guide.adopt_point_parameters()
     guide._base_records = meta["base_weights"].get("weights") if "base_weights" in meta else None
+    guide.fit_progress = meta.get("fit")
+    if guide.fit_progress and not guide.fit_progress["finished"]:  # evaluating a checkpoint is fine; mistaking it is not
+        p = guide.fit_progress
+        warnings.warn(f"the guide at {path} is a checkpoint of a fit that did not finish: it stopped after step {p['step']} "
+                      f"of {p['steps'] if p['steps'] is not None else 'a run of unknown length'} (in epoch {p['epoch'] + 1} "
+                      f"of {p['epochs']}), an intermediate state and not the run's result; a new fit on it does not "
+                      "resume the run (AdamW's moments, the learning-rate and kl_weight schedules and the data order "
+                      "start again): rerun the fit to finish it", stacklevel=2)
     return guide
 
 

@@ -100,7 +100,10 @@ def fit(
         loss always raises it.
     :param callbacks: callables ``f(FitState)`` run after each optimizer step.
     :param checkpoint_dir: if given, the guide is saved there (atomically) every ``checkpoint_every``
-        steps and at the end.
+        steps and at the end, with its ``fit_progress`` (the step reached, of how many, and whether the run finished:
+        :func:`~pyro_lora.io.load_guide` warns of an unfinished one). It holds the guide only: a new ``fit`` on a
+        loaded checkpoint does not resume the run (AdamW's moments, the learning-rate and ``kl_weight`` schedules and
+        the data order start again).
     :returns: list of per-step losses.
     :raises ValueError: if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
         on an ``epochs``, ``warmup_steps`` (longer than the run too), ``lr``, ``grad_accum_steps``,
@@ -186,6 +189,8 @@ def fit(
     net = model.net
     guide.train()
     losses, step, skipped_steps = [], 0, 0
+    # a checkpoint (or a save) of a run that stops says so: load_guide warns of it
+    guide.fit_progress = {"step": 0, "steps": total, "epoch": 0, "epochs": epochs, "finished": False}
     shown = _Smoothed()  # the bar's number: the data NLL per example, which moves as the model learns
     watch = _DivergenceWatch(lr) if stop_on_divergence else None
     bar = tqdm(total=total, desc=f"fit {type(guide).__name__}", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
@@ -224,6 +229,7 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
         losses.append(accumulated)
         step += 1
+        guide.fit_progress = {"step": step, "steps": total, "epoch": epoch, "epochs": epochs, "finished": False}
         bar.update()
         bar.set_postfix(shown.postfix(accumulated), epoch=epoch)
         state = FitState(step, epoch, accumulated, weight, model, guide, epochs, steps_per_epoch, skipped)
@@ -278,6 +284,7 @@ def fit(
                       "max_grad_norm, or train in bfloat16 or float32", stacklevel=2)
     if train_network:
         record_fit(model, guide)
+    guide.fit_progress.update(steps=step, finished=True)
     if checkpoint_dir:
         save_guide(guide, checkpoint_dir)
     return losses

@@ -448,6 +448,40 @@ def test_fit_and_save_guide_refuse_a_folder_slot_they_cannot_fill_before_any_wor
         assert slot.is_symlink() and list((tmp_path / "elsewhere").iterdir()) == []
 
 
+def test_a_checkpoint_of_a_stopped_fit_says_how_far_it_got_and_load_guide_warns(tmp_path):
+    """fit's checkpoint_dir held guide.json and guide.safetensors alone, with the keys of a finished run's: a run killed
+    at step 10 of 16 left a folder that loaded as the result. The guide's fit_progress is saved with it now."""
+    import warnings
+
+    class Kill(Exception):
+        pass
+
+    def stop_at_5(state):
+        if state.step == 5:
+            raise Kill
+
+    model, guide = make()
+    with pytest.raises(Kill):  # 6 steps per epoch, 12 in all; a checkpoint every 2: the last one is step 4's
+        fit(model, guide, toy_data(), epochs=2, lr=1e-2, callbacks=[stop_at_5], checkpoint_dir=tmp_path / "ck",
+            checkpoint_every=2, progress=False)
+    assert guide.fit_progress == {"step": 5, "steps": 12, "epoch": 0, "epochs": 2, "finished": False}
+    with pytest.warns(UserWarning, match=r"ck is a checkpoint of a fit that did not finish: it stopped after step 4 of "
+                                         r"12 \(in epoch 1 of 2\).* does not resume the run"):
+        loaded = load_guide(tmp_path / "ck", model)
+    assert loaded.fit_progress == {"step": 4, "steps": 12, "epoch": 0, "epochs": 2, "finished": False}
+    model, guide = make()
+    assert guide.fit_progress is None
+    fit(model, guide, toy_data(), epochs=2, lr=1e-2, checkpoint_dir=tmp_path / "done", checkpoint_every=5, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loaded = load_guide(tmp_path / "done", model)
+    assert loaded.fit_progress == {"step": 12, "steps": 12, "epoch": 1, "epochs": 2, "finished": True}
+    meta = json.loads((tmp_path / "done" / "guide.json").read_text())
+    (tmp_path / "done" / "guide.json").write_text(json.dumps(meta | {"fit": {"step": 12, "finished": "yes"}}))
+    with pytest.raises(ValueError, match="guide.json is corrupt: its 'fit' should map 'step'"):
+        load_guide(tmp_path / "done", model)
+
+
 def test_a_save_never_deletes_what_it_does_not_write(tmp_path, monkeypatch):
     """An atomic save replaces the folder whole: save_guide into a folder of the user's files deleted them, and
     save_guide(guide, ".") removed the working folder from under the process."""
