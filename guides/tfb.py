@@ -36,8 +36,10 @@ _METRIC_NAMES = {"nll": "pseudo-label NLL rel. change", "flip": "flip rate", "ac
 # on an over-confident MAP the pseudo-label NLL is near zero, so its relative change blocks any noise. 512 anchors:
 # on 128 a few borderline training examples flip at the smallest noise and stop the search near 0. The range spans
 # 200x, so the bisection runs in log sigma_q: linear steps resolve only 0.0124, and on ARC-Easy (SmolLM2) every
-# linear midpoint flipped more than 1%, leaving sigma_q at the low end; 5 log steps resolve it to 18%.
-TFB_SEARCH = dict(criterion="flip", tolerance=0.01, low=1e-3, high=0.2, iterations=5, spacing="log")
+# linear midpoint flipped more than 1%, leaving sigma_q at the low end; 5 log steps resolve it to 18%. num_samples and
+# seed are compare's and bayesianize's defaults (--samples 4, --seed 0), which they search with: the search keeps the
+# predictive they score within the tolerance, so the run's --samples and --seed replace them there.
+TFB_SEARCH = dict(criterion="flip", tolerance=0.01, low=1e-3, high=0.2, iterations=5, spacing="log", num_samples=4, seed=0)
 SPACINGS = ("log", "linear")
 TFB_ANCHORS = 512
 
@@ -199,8 +201,8 @@ class TFBGuide(LoraGuide):
         return out
 
     def search(self, anchors, criterion=TFB_SEARCH["criterion"], tolerance=TFB_SEARCH["tolerance"], low=TFB_SEARCH["low"],
-               high=TFB_SEARCH["high"], iterations=TFB_SEARCH["iterations"], num_samples=10, seed=0, progress=True,
-               spacing=TFB_SEARCH["spacing"]):
+               high=TFB_SEARCH["high"], iterations=TFB_SEARCH["iterations"], num_samples=TFB_SEARCH["num_samples"],
+               seed=TFB_SEARCH["seed"], progress=True, spacing=TFB_SEARCH["spacing"]):
         """Set ``sigma_q`` to the largest feasible value found by bisection on ``[low, high]``; return the trace.
 
         A candidate ``sigma`` is feasible when ``metric(sigma) <= tolerance``, measured on the anchors
@@ -229,8 +231,9 @@ class TFBGuide(LoraGuide):
             e.g. a loader over a few hundred training examples; it is read once and kept, so a shuffling
             loader is fine. Likelihoods must give class logits ``[B, C]`` (not token-level ``CausalLM``).
         The defaults, :data:`TFB_SEARCH`, are those of ``pyro-lora compare`` and ``pyro-lora bayesianize``
-        (the flip rate at 1% on ``[1e-3, 0.2]``, 5 bisection steps in log space); TFB's reference settings for 8B
-        models are ``criterion="nll", low=1e-3, high=1.5e-2, spacing="linear"``.
+        (the flip rate at 1% on ``[1e-3, 0.2]``, 5 bisection steps in log space, 4 samples, seed 0; those two search
+        with their run's ``--samples`` and seed, drawing 512 anchors from the training split under that seed); TFB's
+        reference settings for 8B models are ``criterion="nll", low=1e-3, high=1.5e-2, spacing="linear"``.
 
         :param tolerance: ``None``: 0.01, the default of every criterion.
         :returns: the trace, a list of ``{"sigma", "metric", "feasible", "anchors"}`` in evaluation order
@@ -377,7 +380,8 @@ def bayesianize(model, anchor_loader, init=None, min_singular_ratio=1e-3, **sear
     """Build a :class:`TFBGuide` from the trained adapter of ``model`` and search ``sigma_q`` on the anchors.
 
     What ``pyro-lora bayesianize`` calls. ``search_kwargs`` go to :meth:`TFBGuide.search`, whose defaults
-    (:data:`TFB_SEARCH`) are ``compare``'s.
+    (:data:`TFB_SEARCH`) are ``compare``'s at its default ``--samples`` and seed: on the anchors :func:`bayesianize_setup`
+    draws, the same ``sigma_q`` as its ``tfb`` row.
     """
     guide = TFBGuide(model, init=init, min_singular_ratio=min_singular_ratio)
     guide.search(anchor_loader, **search_kwargs)

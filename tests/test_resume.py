@@ -15,7 +15,7 @@ from pyro_lora.experiments import saved as S
 from pyro_lora.experiments.compare import run_compare
 from pyro_lora.experiments.setup import CompareConfig, prepare
 from pyro_lora.guides.registry import METHODS
-from pyro_lora.io import FORMAT, _canonical, _sha256, atomic_file
+from pyro_lora.io import FORMAT, _canonical, _sha256, atomic_file, read_safetensors
 from pyro_lora.experiments.results import GuideFailures, RunFolder, config_differences
 
 ROW = {"guide": "map", "dataset": "sst2", "seed": 0, "accuracy": 0.5, "ece": 5.0, "nll": 0.7}
@@ -914,16 +914,19 @@ def test_a_resume_with_another_base_model_is_refused(tmp_path, monkeypatch):
     assert {r["guide"] for r in rows} >= {"temperature", "map"}
 
 
-def _mlm_checkpoint(folder):
-    """A tiny BERT saved from a masked LM (no pooler: loading draws one under the torch seed), MiniLM's tokenizer."""
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+def _mlm_checkpoint(folder, classifier=False):
+    """A tiny BERT saved from a masked LM (no pooler: loading draws one under the torch seed), MiniLM's tokenizer;
+    ``classifier``: from a 2-class sequence classifier instead (loading draws nothing), its weights drawn wide enough
+    that a TFB search on SST-2 ends inside its range."""
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForSequenceClassification
 
     from pyro_lora.model_files import minilm_dir
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
     torch.manual_seed(0)
-    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                               num_attention_heads=4)).save_pretrained(folder)
+    (BertForSequenceClassification if classifier else BertForMaskedLM)(BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_labels=2, initializer_range=0.3 if classifier else 0.02)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -1103,6 +1106,34 @@ def test_bayesianize_under_another_seed_than_the_fit_is_refused_where_loading_dr
         S.bayesianize_adapter(small(tmp_path / "tfb2", model=str(folder), dtype="bf16"), adapter, anchors=8, iterations=1)
     with pytest.raises(ValueError, match="anchors must be a positive integer"):  # it was "n must be", after loading
         S.bayesianize_adapter(small(tmp_path / "tfb3", model=str(folder)), adapter, anchors=True, iterations=1)
+
+
+def test_bayesianize_takes_the_seed_samples_and_sizes_of_the_fit_beside_the_adapter(tmp_path, capfd):
+    """`bayesianize` on the MAP adapter of `fit --seed 1 --adapter` searched under seed 0 (other anchors, other noise),
+    4 samples and compare's default model and sizes whatever the fit's run.json beside it recorded (sigma_q 0.032 where
+    compare's tfb row of seed 1 has 0.010). A flag left out now takes the fit's value; one given otherwise is warned of,
+    naming both values."""
+    folder = _mlm_checkpoint(tmp_path / "bert", classifier=True)
+    capfd.readouterr()  # saving's bar
+    flags = ["--model", str(folder), "--train-size", "40", "--test-size", "16", "--samples", "2", "--max-length", "24",
+             "--batch-size", "8", "--epochs", "2", "--lr", "1e-2", "--seed", "1", "--quiet"]
+    assert cli.main(["fit", "--guide", "map", "--adapter", *flags, "--out", str(tmp_path / "map")]) == 0
+    assert cli.main(["fit", "--guide", "tfb", *flags, "--out", str(tmp_path / "tfb")]) == 0  # compare's tfb row of seed 1
+    adapter = str(tmp_path / "map" / "guide" / "adapter")
+    assert cli.main(["bayesianize", adapter, "--quiet", "--out", str(tmp_path / "bayes")]) == 0
+    assert capfd.readouterr().err == ""
+    assert cli.main(["bayesianize", adapter, "--seed", "0", "--samples", "2", "--quiet", "--out", str(tmp_path / "seed0")]) == 0
+    warned = capfd.readouterr().err.splitlines()
+    sigma = {d: float(read_safetensors(tmp_path / d / "guide" / "guide.safetensors")["sigma_q"])
+             for d in ("tfb", "bayes", "seed0")}
+    fitted, bayesianized = (json.loads((tmp_path / d / "guide" / "run.json").read_text()) for d in ("tfb", "bayes"))
+    assert sigma["bayes"] == sigma["tfb"] > 0 and bayesianized["seed"] == 1 and bayesianized["sizes"] == fitted["sizes"]
+    assert sigma["seed0"] != sigma["tfb"]  # the seed moves the search
+    for key in ("accuracy", "ece", "nll", "brier", "mutual_information"):
+        assert bayesianized["result"][key] == pytest.approx(fitted["result"][key], rel=1e-6, abs=1e-9), key
+    assert warned == [f"pyro-lora: warning: bayesianize runs with other settings than the fit of {adapter} recorded: "
+                      "--seed 0 (the fit: 1); its sigma_q or row is not compare's tfb row for that fit (pyro-lora "
+                      "bayesianize takes the fit's value of each flag left out)"]
 
 
 def test_a_run_recorded_with_a_relative_model_path_is_the_same_model_given_absolute(tmp_path, monkeypatch):

@@ -186,14 +186,27 @@ def test_search_returns_largest_feasible_and_next_grid_point_is_infeasible(spaci
 
 def test_the_python_search_defaults_are_compares():
     """bayesianize() searched with TFB's 8B-model range (nll, high 0.015, 5 steps) where compare and the CLI use
-    TFB_SEARCH (flip at 1% on [0.001, 0.2]): a Python user got another posterior from the same adapter."""
-    model, anchors = mc_model(), mc_anchors(n_batches=2)
+    TFB_SEARCH (flip at 1% on [0.001, 0.2]), and with 10 samples per anchor where they search with --samples (default 4;
+    a tiny BERT's adapter got sigma_q 0.0532 against compare's 0.0232): a Python user got another posterior from the
+    same adapter and anchors. Compare's search (bayesianize_setup) at its defaults is the Python default now."""
+    from types import SimpleNamespace
+
+    from pyro_lora.experiments.setup import CompareConfig
+    from pyro_lora.guides.tfb import bayesianize_setup
+
+    model, anchors = mc_model(), mc_anchors(n_batches=4)
+    config = CompareConfig(progress=False)  # compare's and the CLI's defaults: --samples 4, seed 0
+    assert (TFB_SEARCH["num_samples"], TFB_SEARCH["seed"]) == (config.samples, config.seeds[0])
+    setup = SimpleNamespace(config=config, seed=config.seeds[0], train=anchors, loader=list)  # one batch per "record"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a search edge, if any, is the same in both
-        default = bayesianize(model, anchors, num_samples=4, progress=False)
-        shared = TFBGuide(model).search(anchors, **TFB_SEARCH, num_samples=4, progress=False)
-    assert default.trace == shared and (default.criterion, default.tolerance) == ("flip", 0.01)
-    assert max(t["sigma"] for t in shared) == TFB_SEARCH["high"] and len(shared) <= TFB_SEARCH["iterations"] + 2
+        compared = bayesianize_setup(setup, model)
+        default = bayesianize(model, anchors, progress=False)
+        ten = TFBGuide(model).search(anchors, num_samples=10, progress=False)
+    assert float(default.sigma_q) == float(compared.sigma_q) > 0 and default.trace == compared.trace
+    assert (default.criterion, default.tolerance) == ("flip", 0.01)
+    assert max(t["sigma"] for t in default.trace) == TFB_SEARCH["high"] and len(default.trace) <= TFB_SEARCH["iterations"] + 2
+    assert ten != default.trace  # the sample count moves the search: it is one of the shared settings
 
 
 def test_search_edges_flip_and_accuracy(capsys):

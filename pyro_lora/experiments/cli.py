@@ -20,7 +20,7 @@ from ..pretrained import DTYPES
 from . import study
 from .compare import run_compare
 from .results import GuideFailures, read_record
-from .saved import bayesianize_adapter, evaluate_saved, fit_one
+from .saved import FIT_SETTINGS, bayesianize_adapter, evaluate_saved, fit_one, fit_settings
 from .setup import FULL, CompareConfig
 from .table import format_table
 from .verdict import verdict
@@ -85,12 +85,14 @@ def _model_args(p, d=None, one_dataset=True):
     p.add_argument("--model", default=d.model, help=f"minilm, smollm2, or a local HF model folder / .gguf file (default {d.model})")
     if one_dataset:
         p.add_argument("--dataset", default=d.dataset, help=f"a dataset folder name under --data-dir (sst2, arc_easy, ...; default {d.dataset})")
-    p.add_argument("--data-dir", default=None, help="canonical JSONL datasets (default: $PYRO_LORA_DATA or ../shared/data)")
+    p.add_argument("--data-dir", default=None,
+                   help=f"canonical JSONL datasets (default {d.data_dir or '$PYRO_LORA_DATA or ../shared/data'})")
     p.add_argument("--mc-format", choices=["letter", "cloze"], default=d.mc_format,
                    help=f"multiple-choice format (default {d.mc_format})" if d.mc_format else "multiple-choice format (default: cloze below ~1B parameters)")
     if one_dataset:
         p.add_argument("--mc-normalize", choices=["none", "tokens", "chars"], default="none",
-                       help="cloze: divide each answer's log-probability by its length (lm-eval's acc_norm is 'chars'; default none)")
+                       help="cloze: divide each answer's log-probability by its length (lm-eval's acc_norm is 'chars'; "
+                            f"default {d.mc_normalize or 'none'})")
     p.add_argument("--max-length", type=_number(int, _MIN_MAX_LENGTH, strict=False), default=d.max_length,
                    help=f"tokens per input, at least {_MIN_MAX_LENGTH} and at most the model's positions (default {d.max_length})")
     p.add_argument("--batch-size", type=_number(int, 0), default=d.batch_size, help=f"examples per batch (default {d.batch_size})")
@@ -98,7 +100,8 @@ def _model_args(p, d=None, one_dataset=True):
     p.add_argument("--dtype", default=d.dtype, choices=list(DTYPES),
                    help=f"the base model's weights; LoRA, head and posteriors stay fp32 (default {d.dtype})")
     p.add_argument("--load-in-4bit", action="store_true",
-                   help="load the base's linear layers in 4-bit NF4 through bitsandbytes (QLoRA; default off)")
+                   help="load the base's linear layers in 4-bit NF4 through bitsandbytes (QLoRA; default "
+                        f"{'off' if d.load_in_4bit is False else d.load_in_4bit})")
 
 
 def _size_args(p, train_help="training examples, validation carved from them", d=None):
@@ -151,11 +154,15 @@ def _fraction(text):
     return value
 
 
-class _PerTask:
-    """The study's flags show this as their defaults: each task's plan sets them (``study.PLANS``)."""
+class _Shown:
+    """Flags whose defaults are set elsewhere show ``text`` as their default (the study's: "per task", each task's plan
+    sets them, ``study.PLANS``; bayesianize's: "the fit's", its run.json records them); the others compare's."""
+
+    def __init__(self, text, names):
+        self.text, self.names = text, names
 
     def __getattr__(self, name):
-        return "per task" if name in _PLANNED else getattr(CompareConfig(), name)
+        return self.text if name in self.names else getattr(CompareConfig(), name)
 
 
 # the CompareConfig fields each task's plan sets: a study flag left out takes the plan's value
@@ -165,7 +172,7 @@ _PLANNED = ("model", "mc_format", "max_length", "batch_size", "train_size", "tes
 
 def _study_args(p):
     """The study's flags: compare's, defaulting to each task's plan (:data:`~pyro_lora.experiments.study.PLANS`), and its own."""
-    d = _PerTask()
+    d = _Shown("per task", _PLANNED)
     p.add_argument("--datasets", type=_names, default=None,
                    help=f"comma-separated (default {','.join(study.DATASETS)}; with --report-only: every run found)")
     p.add_argument("--shift", action=argparse.BooleanOptionalAction, default=True,
@@ -204,8 +211,8 @@ def _seed(text):
     return seeds[0]
 
 
-def _seed_arg(p, help):
-    p.add_argument("--seed", type=_seed, default=0, help=f"{help}, in [0, 2**32) (default 0)")
+def _seed_arg(p, help, shown=0):
+    p.add_argument("--seed", type=_seed, default=0, help=f"{help}, in [0, 2**32) (default {shown})")
 
 
 def parser(full=False):
@@ -237,11 +244,17 @@ def parser(full=False):
     p.add_argument("--adapter", action="store_true",
                    help=f"also write the posterior mean as a peft adapter folder OUT/guide/adapter ({', '.join(n for n, m in METHODS.items() if m.exportable)}; default off)")
     _output_args(p, "runs/fit")
-    p = sub.add_parser("bayesianize", allow_abbrev=False, help="TFB: turn a saved peft adapter into a posterior without training")
+    p = sub.add_parser("bayesianize", allow_abbrev=False, help="TFB: turn a saved peft adapter into a posterior without training",
+                       description="TFB: turn a saved peft adapter into a posterior without training. A model, data, size "
+                                   "or seed flag left out takes the value that the run.json of the fit beside the adapter "
+                                   "records (pyro-lora fit --adapter; compare's default for an adapter from elsewhere), "
+                                   "so that a fit's MAP adapter gets the posterior of compare's tfb row.")
     p.add_argument("adapter_dir", help="a peft adapter directory (adapter_config.json + weights)")
-    _model_args(p)
-    _size_args(p, train_help="training examples the anchors are drawn from")
-    _seed_arg(p, "seed of the posterior samples")
+    recorded = _Shown("the fit's", FIT_SETTINGS)
+    _model_args(p, recorded)
+    _size_args(p, train_help="training examples the anchors are drawn from", d=recorded)
+    _seed_arg(p, "seed of the anchors drawn and the posterior samples", shown="the fit's")
+    p.set_defaults(**dict.fromkeys(FIT_SETTINGS), seed=None)  # None: not given, the fit's (_bayesianize_config)
     # the search compare's tfb rows run: a bayesianized MAP adapter gets the posterior of compare's tfb row
     t = TFB_SEARCH
     p.add_argument("--criterion", choices=["nll", "flip", "accuracy"], default=t["criterion"],
@@ -283,6 +296,15 @@ def _config(args, **extra):
         values["mc_normalize"] = None if values["mc_normalize"] == "none" else values["mc_normalize"]
     values["eval_datasets"] = getattr(args, "eval_datasets", ())
     return CompareConfig(**values, progress=not args.quiet and is_main(), **extra)
+
+
+def _bayesianize_config(args) -> CompareConfig:
+    """``bayesianize``'s configuration: a flag of :data:`~.saved.FIT_SETTINGS` or ``--seed`` left out takes the value
+    the fit's run.json beside the adapter records (:func:`~.saved.fit_settings`), else compare's default."""
+    d = CompareConfig()
+    recorded = {**{k: getattr(d, k) for k in FIT_SETTINGS}, "seed": d.seeds[0], **fit_settings(args.adapter_dir)}
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    return _config(argparse.Namespace(**{**recorded, **given}), guides=("tfb",), ts=False)
 
 
 def _init_distributed():
@@ -376,7 +398,7 @@ def _run(args, argv=()):
         say(f"saved: {Path(args.out) / 'guide'}" + (f", adapter: {Path(args.out) / 'guide' / 'adapter'}" if args.adapter else ""))
     elif args.command == "bayesianize":
         search = {k: getattr(args, k) for k in ("criterion", "tolerance", "low", "high", "iterations", "spacing")}
-        row = bayesianize_adapter(_config(args, guides=("tfb",), ts=False), args.adapter_dir, anchors=args.anchors, **search)
+        row = bayesianize_adapter(_bayesianize_config(args), args.adapter_dir, anchors=args.anchors, **search)
         say(format_table([row]))
         say(f"sigma_q = {row['sigma_q']:.5g}; saved: {Path(args.out) / 'guide'}")
     elif args.command == "study":

@@ -95,12 +95,36 @@ def check_free(out, *names):
                              "replace it): move it or choose another --out")
 
 
+# the settings of a fit's run.json that `pyro-lora bayesianize` takes where its command line leaves them out (with the
+# record's "seed"): every one the search reads (the base and how it is loaded, the data, which anchors are drawn and how
+# they are cut and batched, the device's rounding, the samples) and the test set the row scores
+FIT_SETTINGS = ("model", "dataset", "data_dir", "mc_format", "mc_normalize", "max_length", "batch_size", "device", "dtype",
+                "load_in_4bit", "train_size", "val_fraction", "test_size", "samples")
+# of those, the ones whose other value bayesianize_adapter warns of: another base, dtype or 4-bit loading is refused by
+# the base's digest after loading, and the model and data folders are locations
+_WARNED = ("dataset", "mc_format", "mc_normalize", "max_length", "batch_size", "device", "train_size", "val_fraction",
+           "test_size", "samples", "seed")
+
+
+def fit_settings(adapter_dir) -> dict:
+    """The :data:`FIT_SETTINGS` and ``"seed"`` that the ``run.json`` of the fit beside ``adapter_dir`` records; ``{}``
+    for an adapter from elsewhere. A record from before a setting existed ran with its value of then
+    (:data:`ADDED_SETTINGS`)."""
+    run = _fit_run(adapter_dir)
+    if not isinstance(run.get("config"), dict):
+        return {}
+    recorded = {**ADDED_SETTINGS, **run["config"], **({"seed": run["seed"]} if "seed" in run else {})}
+    return {k: recorded[k] for k in (*FIT_SETTINGS, "seed") if k in recorded}
+
+
 def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_ANCHORS, **search) -> dict:
     """TFB on a saved peft adapter: search sigma_q on ``anchors`` training examples, score the test set,
     save the guide with the run's record to ``out/guide`` (``pyro-lora evaluate out`` reloads it).
 
     The search is compare's tfb search (:func:`~pyro_lora.guides.tfb.bayesianize_setup`) with ``search`` changing
-    any of its settings.
+    any of its settings. On the MAP adapter of :func:`fit_one` under the fit's settings (:func:`fit_settings`, which
+    ``pyro-lora bayesianize`` takes where its flags are left out) it is the fit's ``tfb`` row of ``compare``; a
+    ``config`` that differs from them in a setting the search or the row reads is warned of, naming both values.
 
     :raises ValueError: before loading the model, for a configuration that cannot run or a folder that holds no
         peft adapter.
@@ -111,6 +135,7 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
     check_search(*(checked[k] for k in ("criterion", "tolerance", "low", "high", "iterations", "spacing")))
     check_adapter_dir(adapter_dir, task)
     fit_run = _fit_run(adapter_dir)
+    _warn_about_other_settings(config, fit_settings(adapter_dir), adapter_dir)
     trained_on = recorded_base(fit_run)
     if trained_on is None:  # an adapter from elsewhere: its config's base path is all there is to compare
         _warn_about_another_base(adapter_dir, config.model)
@@ -219,6 +244,20 @@ def _check_drawn_weights(setup, fit_run, adapter_dir):
     elif seed != setup.seed:
         raise ValueError(f"--model draws {drawn[:3]} at load under the seed (the checkpoint lacks them, the adapter does "
                          f"not carry them), and the fit of {adapter_dir} drew them under seed {seed}: pass --seed {seed}")
+
+
+def _warn_about_other_settings(config, recorded, adapter_dir):
+    """Warn where ``config`` runs with another value than the fit recorded (``recorded``: :func:`fit_settings`) of a
+    setting that changes the search or the row unnoticed (:data:`_WARNED`; an ``mc_format`` of ``None``, the model's
+    default resolved on loading, is not compared)."""
+    given = {**asdict(config), "seed": config.seeds[0]}
+    changed = [f"--{k.replace('_', '-')} {given[k]} (the fit: {recorded[k]})" for k in _WARNED
+               if k in recorded and given[k] != recorded[k] and not (k == "mc_format" and given[k] is None)]
+    if changed:
+        warnings.warn(f"bayesianize runs with other settings than the fit of {adapter_dir} recorded: {', '.join(changed)}; "
+                      "its sigma_q or row is not compare's tfb row for that fit (pyro-lora bayesianize takes the fit's value of each "
+                      "flag left out)",
+                      stacklevel=3)
 
 
 def _warn_about_another_base(adapter_dir, model):
