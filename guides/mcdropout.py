@@ -31,7 +31,8 @@ class MCDropoutGuide(LoraGuide):
     - *dropout training*: ``fit(model, MCDropoutGuide(model), ...)``. Each step draws one mask and the ELBO is
       ``log p(D | A_m) + log p(A_m)`` plus a constant: the mask's log-probability (counted per column) does not
       depend on ``A``. That is dropout training with the prior as weight decay, with one mask per step
-      instead of per token.
+      instead of per token. ``fit`` runs the network in training mode, so its own dropout (BERT's, peft's
+      ``lora_dropout``) draws too unless its probabilities are 0; ``predict`` draws the column masks alone.
 
     ``mean()`` is ``A`` itself (``E[m / (1 - p)] = 1``: the usual weight-scaling rule), so
     ``predict(..., mean=True)`` is the network without dropout.
