@@ -152,7 +152,8 @@ def check_file_slot(path, where):
         raise ValueError(f"{path} is {'a link' if path.is_symlink() else 'a folder'}, where {where}")
 
 
-GUIDE_FILES = ("guide.json", "guide.safetensors", "run.json", "adapter")  # what save_guide writes in its folder
+FIT_STATE = "fit_state.pt"  # beside a checkpoint's guide: what fit(resume=True) continues from
+GUIDE_FILES = ("guide.json", "guide.safetensors", "run.json", "adapter", FIT_STATE)  # what a guide's save writes
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "README.md")  # peft's
 
 
@@ -322,6 +323,47 @@ def save_guide(guide, path, run=None, adapter=False):
     only rank 0 writes (the ranks hold the same guide), every rank updates its adapter (``adapter=True``), and every
     rank returns once the file is written.
     """
+    return _save_guide(guide, path, run, adapter)
+
+
+def save_checkpoint(guide, path, fit_state) -> None:
+    """:func:`save_guide` with ``fit_state`` (``fit``'s optimizer, schedule, RNG and position: a dict of tensors and
+    plain values) written beside the guide as ``fit_state.pt``, in the same atomic unit: never a state beside
+    another step's guide."""
+    _save_guide(guide, path, None, False, fit_state)
+
+
+def read_fit_state(path) -> dict:
+    """The ``fit_state.pt`` of the checkpoint at ``path`` (:func:`save_checkpoint`), its tensors on the CPU (where
+    torch keeps RNG states; the optimizer's move to its parameters' device as it loads them).
+
+    :raises ValueError: if there is no guide there, the run finished, or the state is missing, unreadable, or not the
+        one saved with the guide there (another step's).
+    """
+    path = Path(path)
+    recover_directory(path)
+    try:
+        meta = _read_meta(path)
+    except FileNotFoundError as err:
+        raise ValueError(f"{err}: there is no run to resume; fit without resume=True starts one") from None
+    if (meta.get("fit") or {}).get("finished"):
+        raise ValueError(f"the run whose checkpoint is at {path} finished (step {meta['fit']['step']} of "
+                         f"{meta['fit']['steps']}): there is nothing to resume; load it with load_guide")
+    try:
+        state = torch.load(path / FIT_STATE, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path} holds no {FIT_STATE}: the checkpoint was saved without fit's training state (by "
+                         "save_guide, or a fit on data without a length, under torch.distributed or of an older "
+                         "version), which resuming needs; rerun the fit from the start") from None
+    except Exception as err:  # pickle's and torch's many errors on a damaged file
+        raise ValueError(f"{path / FIT_STATE} is corrupt: {err}") from None
+    if not isinstance(state, dict) or state.get("progress") != meta.get("fit"):
+        raise ValueError(f"{path / FIT_STATE} is not the state saved with {path / 'guide.json'} (their steps differ): "
+                         "it was replaced since; rerun the fit from the start")
+    return state
+
+
+def _save_guide(guide, path, run, adapter, fit_state=None):
     auto = _is_autoguide(guide)
     with refused_together("save the guide"):  # a refusal on one rank only would leave the others waiting
         check_same(os.path.abspath(path), "paths to save the guide to")  # rank 0 writes its own
@@ -333,8 +375,8 @@ def save_guide(guide, path, run=None, adapter=False):
             check_guide(model, guide, "save")  # the network's point parameters it saves must still be its own
         if adapter:
             _check_peft_model(model)
-    _write_on_main(lambda: _write_guide(guide, model, path, run, adapter), f"save the guide to {path}", guide,
-                   adapter and not auto)
+    _write_on_main(lambda: _write_guide(guide, model, path, run, adapter, fit_state), f"save the guide to {path}",
+                   guide, adapter and not auto)
     return Path(path)
 
 
@@ -371,7 +413,7 @@ def _autoguide_sites(autoguide) -> list:
     return [[name, list(site["value"].shape)] for name, site in autoguide.prototype_trace.iter_stochastic_nodes()]
 
 
-def _write_guide(guide, model, path, run, adapter):
+def _write_guide(guide, model, path, run, adapter, fit_state=None):
     auto = _is_autoguide(guide)
     base = _base_weights(model)  # every base weight, exactly (the fingerprint reads 4096 entries per weight)
     if not auto and guide._base_records is not None:  # an autoguide keeps no records of the base it was built on
@@ -411,6 +453,8 @@ def _write_guide(guide, model, path, run, adapter):
             meta["run_sha256"] = _sha256(record)
             (tmp / "run.json").write_bytes(record)
         (tmp / "guide.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
+        if fit_state is not None:
+            torch.save(fit_state, tmp / FIT_STATE)
         if adapter:
             if auto:
                 _save_adapter(model, tmp / "adapter")
@@ -950,6 +994,19 @@ def load_guide(path, model, guide=None):
         parameters and ``guide`` are left as they were.
     """
     path = Path(path)
+    guide = _load_guide(path, model, guide)
+    p = getattr(guide, "fit_progress", None)  # an autoguide has none
+    if p and not p["finished"]:  # evaluating a checkpoint is fine; mistaking it for the result is not
+        warnings.warn(f"the guide at {path} is a checkpoint of a fit that did not finish: it stopped after step {p['step']} "
+                      f"of {p['steps'] if p['steps'] is not None else 'a run of unknown length'} (in epoch {p['epoch'] + 1} "
+                      f"of {p['epochs']}), an intermediate state and not the run's result; a new fit on it does not "
+                      "resume the run (AdamW's moments, the learning-rate and kl_weight schedules and the data order "
+                      f"start again): fit(..., checkpoint_dir={str(path)!r}, resume=True) with the run's settings "
+                      "continues it", stacklevel=2)
+    return guide
+
+
+def _load_guide(path, model, guide):
     recover_directory(path)
     meta = _read_meta(path)
     auto, saved_class = "autoguide" in meta, meta["guide"].rpartition(":")[2]
@@ -1016,13 +1073,6 @@ def load_guide(path, model, guide=None):
     guide.adopt_point_parameters()
     guide._base_records = meta["base_weights"].get("weights") if "base_weights" in meta else None
     guide.fit_progress = meta.get("fit")
-    if guide.fit_progress and not guide.fit_progress["finished"]:  # evaluating a checkpoint is fine; mistaking it is not
-        p = guide.fit_progress
-        warnings.warn(f"the guide at {path} is a checkpoint of a fit that did not finish: it stopped after step {p['step']} "
-                      f"of {p['steps'] if p['steps'] is not None else 'a run of unknown length'} (in epoch {p['epoch'] + 1} "
-                      f"of {p['epochs']}), an intermediate state and not the run's result; a new fit on it does not "
-                      "resume the run (AdamW's moments, the learning-rate and kl_weight schedules and the data order "
-                      "start again): rerun the fit to finish it", stacklevel=2)
     return guide
 
 

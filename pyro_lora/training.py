@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import numbers
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import pyro
 import torch
@@ -63,6 +65,7 @@ def fit(
     callbacks=(),
     checkpoint_dir=None,
     checkpoint_every=None,
+    resume=False,
     gradient_checkpointing=False,
     stop_on_divergence=True,
     progress=True,
@@ -101,13 +104,23 @@ def fit(
     :param callbacks: callables ``f(FitState)`` run after each optimizer step.
     :param checkpoint_dir: if given, the guide is saved there (atomically) every ``checkpoint_every``
         steps and at the end, with its ``fit_progress`` (the step reached, of how many, and whether the run finished:
-        :func:`~pyro_lora.io.load_guide` warns of an unfinished one). It holds the guide only: a new ``fit`` on a
-        loaded checkpoint does not resume the run (AdamW's moments, the learning-rate and ``kl_weight`` schedules and
-        the data order start again).
+        :func:`~pyro_lora.io.load_guide` warns of an unfinished one). A checkpoint before the end also holds
+        ``fit_state.pt``, what ``resume`` continues from: AdamW's moments, the schedule, the loss scaler, the step and
+        the position in the epoch, the losses so far, torch's RNG (the CPU's, the device's) and the generators of a
+        ``DataLoader`` (its own, its sampler's) at the epoch's start and at the step. The final save holds the guide
+        only.
+    :param bool resume: continue the unfinished run whose checkpoint is in ``checkpoint_dir``: its guide and point
+        parameters are loaded into ``guide`` and the model, and the run goes on as if never stopped (the same
+        parameters as an uninterrupted run's, where the data's order comes from torch's RNG or the ``DataLoader``'s
+        generators: the epoch's order is replayed and its consumed batches skipped). ``model``, ``guide``, ``data``
+        and every setting must be the run's.
     :returns: list of per-step losses.
     :raises ValueError: if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
         on an ``epochs``, ``warmup_steps`` (longer than the run too), ``lr``, ``grad_accum_steps``,
         ``max_grad_norm`` or ``checkpoint_every`` out of range, an ELBO it cannot step, on a one-shot iterator with ``epochs > 1``,
+        with ``resume``, a checkpoint that cannot be resumed (none, finished, saved without its state, of a model or
+        guide this one's differs from) or settings other than the run's (each named), data without a length, or
+        ``torch.distributed``,
         a ``checkpoint_dir`` that is a file or a link or cannot be written, a guide at a posterior temperature other
         than 1 (training would undo it), before any work, and on an epoch that
         yields no batch.
@@ -122,7 +135,7 @@ def fit(
     ``1/W sum_w [KL + N/b sum_{i in w} l_i] = KL + N/(W b) sum_i l_i``, the estimate of one process on the
     global batch: the data term is scaled to ``N`` once and the KL counted once.
     """
-    from .io import check_folder_slot, save_guide
+    from .io import check_folder_slot, save_checkpoint, save_guide
 
     with distributed.refused_together("fit"):  # a refusal on one rank only would leave the others waiting
         grad_accum_steps = check_count(grad_accum_steps, "grad_accum_steps")
@@ -160,6 +173,22 @@ def fit(
                              "training set's size): without it each rank scales its data term to its own batch, so the "
                              "averaged loss counts the data once per rank and the prior W times")
         warn_unscaled(model, _length(data) or 0, "fit", stacklevel=2)
+        beta = kl_weight if callable(kl_weight) else (lambda step: kl_weight)
+        length = _length(data)
+        # what a resume must repeat; none for data without a length (no position to count) or under torch.distributed
+        # (each rank draws from its own streams)
+        resumable = checkpoint_dir and length is not None and not distributed.is_distributed()
+        if resume and not resumable:
+            raise ValueError("resume=True continues the run whose checkpoint is in checkpoint_dir: " + (
+                "give checkpoint_dir" if not checkpoint_dir else "it needs data with a length (its position in an "
+                "epoch is counted in batches)" if length is None else "under torch.distributed it is not supported "
+                "(each rank draws from its own random streams); rerun the fit from the start"))
+        generators = _generators(data)
+        settings = resumable and _settings(
+            guide, beta, length, generators, epochs=epochs, lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule,
+            warmup_steps=warmup_steps, grad_accum_steps=grad_accum_steps, max_grad_norm=max_grad_norm,
+            train_network=train_network, elbo=type(elbo).__name__, autocast=str(autocast), num_data=model.num_data)
+        resumed = _resume_from(checkpoint_dir, model, guide, settings) if resume else None
     if train_network:
         take_over(model, guide)
         guide._point_snapshot = None  # live while it trains them (callbacks, checkpoints); taken again at the end
@@ -178,14 +207,13 @@ def fit(
     # fp16's narrow range underflows small gradients: scale the loss up, unscale before the update, skip steps that
     # overflowed (bf16 has fp32's range and needs none)
     scaler = torch.amp.GradScaler(device.type, enabled=forward_dtype == torch.float16)
-    length = _length(data)
+    length = _length(data)  # under torch.distributed, this rank's
     steps_per_epoch = math.ceil(length / grad_accum_steps) if length is not None else None
     total = steps_per_epoch * epochs if steps_per_epoch else None
     if total is not None and warmup_steps > total:
         raise ValueError(f"warmup_steps={warmup_steps} is longer than the run's {total} optimizer steps: the learning rate "
                          f"would never reach lr; use at most {total}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(lr_schedule, warmup_steps, total))
-    beta = kl_weight if callable(kl_weight) else (lambda step: kl_weight)
     net = model.net
     guide.train()
     losses, step, skipped_steps = [], 0, 0
@@ -193,7 +221,19 @@ def fit(
     guide.fit_progress = {"step": 0, "steps": total, "epoch": 0, "epochs": epochs, "finished": False}
     shown = _Smoothed()  # the bar's number: the data NLL per example, which moves as the model learns
     watch = _DivergenceWatch(lr) if stop_on_divergence else None
-    bar = tqdm(total=total, desc=f"fit {type(guide).__name__}", disable=not (progress and distributed.is_main()), dynamic_ncols=True)
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        if scaler.is_enabled():
+            scaler.load_state_dict(resumed["scaler"])
+        if watch is not None:
+            watch.start, watch.ema, first = resumed["watch"]
+            watch.first = first and (to_device(first[0], device), first[1])
+        losses, skipped_steps = list(resumed["losses"]), resumed["skipped_steps"]
+        guide.fit_progress = dict(resumed["progress"])
+        step = guide.fit_progress["step"]
+    bar = tqdm(total=total, initial=step, desc=f"fit {type(guide).__name__}",
+               disable=not (progress and distributed.is_main()), dynamic_ncols=True)
 
     def take_step(accumulated, batches, epoch, weight, rows):
         """The optimizer step on the gradients of the last ``batches`` micro-batches (each loss divided by
@@ -236,16 +276,32 @@ def fit(
         for cb in callbacks:
             cb(state)
         if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:
-            save_guide(guide, checkpoint_dir)
+            if settings:  # with what resume=True continues from: the run's state after this step
+                save_checkpoint(guide, checkpoint_dir, {
+                    "progress": guide.fit_progress, "settings": settings, "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "losses": losses,
+                    "skipped_steps": skipped_steps, "seen": seen, "epoch_rng": epoch_rng,
+                    "rng": _rng_state(device, generators), "watch": watch and (watch.start, watch.ema, watch.first)})
+            else:
+                save_guide(guide, checkpoint_dir)
 
     try:
         # validation syncs the GPU once per site; the fused optimizer above holds the parameters, not Pyro's store
         # an enclosing autocast is switched off for the run (backward and checks too): autocast= alone sets the forward's
         with pyro.validation_enabled(False), pyro_params.own_optimizer(), _activation_checkpointing(net, gradient_checkpointing), \
                 distributed.rank_streams(), full_precision(device), network_mode(net, True):
-            for epoch in range(epochs):
-                accumulated, pending, seen, rows = 0.0, 0, 0, 0
-                for batch in data:
+            for epoch in range(resumed["progress"]["epoch"] if resumed else 0, epochs):
+                skip = resumed["seen"] if resumed and epoch == resumed["progress"]["epoch"] else 0
+                if skip:  # the epoch's order replayed from its start, past the batches the run consumed
+                    _set_rng_state(resumed["epoch_rng"], device, generators)
+                epoch_rng = settings and _rng_state(device, generators)
+                batches = iter(data)
+                for _ in range(skip):
+                    next(batches)
+                if skip:
+                    _set_rng_state(resumed["rng"], device, generators)
+                accumulated, pending, seen, rows = 0.0, 0, skip, 0
+                for batch in batches:
                     seen += 1
                     rows += _examples(batch)
                     batch = to_device(batch, device)
@@ -288,6 +344,71 @@ def fit(
     if checkpoint_dir:
         save_guide(guide, checkpoint_dir)
     return losses
+
+
+def _generators(data) -> list:
+    """The ``torch.Generator`` s that order ``data``: a ``DataLoader``'s own and its sampler's (a shuffling one's)."""
+    found = (getattr(data, "generator", None), getattr(getattr(data, "sampler", None), "generator", None))
+    return list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
+
+
+def _rng_state(device, generators) -> dict:
+    """torch's global RNG state (the CPU's, and the device's on CUDA) and that of each of ``generators``."""
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+            "generators": [g.get_state() for g in generators]}
+
+
+def _set_rng_state(state, device, generators) -> None:
+    """Put back what :func:`_rng_state` took."""
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    for g, saved in zip(generators, state["generators"]):
+        g.set_state(saved)
+
+
+def _settings(guide, beta, length, generators, **arguments) -> dict:
+    """What a resumed run must share with the one it continues, as JSON values: ``fit``'s ``arguments``, the guide's
+    class and config, the data's length and generators, and the KL weight of every step of the run."""
+    from .io import standard_json
+
+    total = math.ceil(length / arguments["grad_accum_steps"]) * arguments["epochs"]
+    return json.loads(json.dumps(standard_json({
+        **arguments, "guide": f"{type(guide).__module__}:{type(guide).__qualname__}", "config": guide.config(),
+        "batches": length, "generators": len(generators), "kl_weight": [_kl_weight(beta(s), s) for s in range(total)],
+    }), default=str))
+
+
+def _resume_from(path, model, guide, settings) -> dict:
+    """The training state of the unfinished run whose checkpoint is at ``path``, once its guide and the network's point
+    parameters are loaded into ``guide`` and ``model`` (:func:`~pyro_lora.io.load_guide`'s checks).
+
+    :raises ValueError: if there is none to resume, or ``settings`` (:func:`_settings`) differ from the run's, naming
+        each, before anything changes.
+    """
+    from .io import _load_guide, read_fit_state
+
+    state = read_fit_state(path)
+    then = state["settings"]
+    differ = [_difference(k, then.get(k), settings.get(k)) for k in sorted(then.keys() | settings.keys())
+              if then.get(k) != settings.get(k)]
+    if differ:
+        raise ValueError(f"cannot resume the run at {path} with settings other than its own ({'; '.join(differ)}): the "
+                         "run would not go on as it was; give the run's, or start a new run in another checkpoint_dir")
+    loaded = _load_guide(Path(path), model, None)
+    with torch.no_grad():
+        guide.load_state_dict(loaded.state_dict())
+    take_over(model, guide)
+    guide.adopt_point_parameters()
+    return state
+
+
+def _difference(key, then, now) -> str:
+    if key == "kl_weight" and isinstance(then, list) and isinstance(now, list):
+        step = next((i for i, (a, b) in enumerate(zip(then, now)) if a != b), min(len(then), len(now)))
+        at = (f"{then[step] if step < len(then) else 'none'} there, {now[step] if step < len(now) else 'none'} here")
+        return f"kl_weight at step {step}: {at}"
+    return f"{key}: {then!r} there, {now!r} here"
 
 
 def _check_elbo(elbo) -> None:

@@ -482,6 +482,60 @@ def test_a_checkpoint_of_a_stopped_fit_says_how_far_it_got_and_load_guide_warns(
         load_guide(tmp_path / "done", model)
 
 
+@pytest.mark.parametrize("kind", ["map", "meanfield"])
+def test_a_fit_killed_and_resumed_ends_bit_for_bit_as_the_uninterrupted_run(tmp_path, kind):
+    """Resuming by hand (load_guide on the checkpoint, then fit for the remaining epochs) restarted AdamW's moments,
+    the warmup/cosine schedule, kl_weight(step) and the data order: a MeanField guide ended up to 0.114 from the
+    uninterrupted run's. fit(resume=True) continues the run from its checkpoint: the same parameters and losses, a
+    shuffling DataLoader's order replayed (killed mid-epoch), in a process whose RNG is elsewhere."""
+    from torch.utils.data import DataLoader
+
+    class Kill(Exception):
+        pass
+
+    whole = toy_data(n=24, batch=24)[0]
+    rows = [{k: v[i] for k, v in whole.items()} for i in range(24)]
+
+    def run(folder, kill_at=None, resume=False, **changed):
+        pyro.set_rng_seed(0)
+        model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="AB", num_data=24)
+        guide = MAPGuide(model) if kind == "map" else MeanFieldGuide(model, b="normal")
+        loader = DataLoader(rows, batch_size=6, shuffle=True, generator=torch.Generator().manual_seed(1))
+        pyro.set_rng_seed(7 if resume else 0)  # a new process's RNG: resume sets its own
+        seen = []
+
+        def stop(state):
+            seen.append((state.step, state.kl_weight))
+            if state.step == kill_at:
+                raise Kill
+
+        settings = dict(epochs=3, lr=3e-2, lr_schedule="cosine", warmup_steps=3, kl_weight=lambda s: min(1.0, (s + 1) / 8))
+        try:
+            losses = fit(model, guide, loader, **(settings | changed), callbacks=[stop], checkpoint_dir=tmp_path / folder,
+                         checkpoint_every=2, resume=resume, progress=False)
+        except Kill:
+            losses = None
+        state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+        state.update({n: p.detach().clone() for n, p in model.named_point_parameters()})
+        return state, losses, seen
+
+    full, full_losses, full_seen = run("full")
+    run("killed", kill_at=7)  # 4 steps per epoch: the last checkpoint is step 6's, in the middle of epoch 1
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == ["fit_state.pt", "guide.json", "guide.safetensors"]
+    with pytest.raises(ValueError, match=r"settings other than its own \(kl_weight at step 0: 0.125 there, 1.0 here; "
+                                         r"lr: 0.03 there, 0.01 here\)"):
+        run("killed", resume=True, lr=1e-2, kl_weight=1.0)
+    resumed, losses, seen = run("killed", resume=True)
+    assert seen == full_seen[6:] and losses == full_losses
+    for name in full:
+        assert torch.equal(resumed[name], full[name]), name
+    assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == ["guide.json", "guide.safetensors"]  # finished
+    with pytest.raises(ValueError, match="finished .step 12 of 12.: there is nothing to resume"):
+        run("killed", resume=True)
+    with pytest.raises(ValueError, match="holds no saved guide .guide.json missing.: there is no run to resume"):
+        run("nothing", resume=True)
+
+
 def test_a_save_never_deletes_what_it_does_not_write(tmp_path, monkeypatch):
     """An atomic save replaces the folder whole: save_guide into a folder of the user's files deleted them, and
     save_guide(guide, ".") removed the working folder from under the process."""
