@@ -289,9 +289,9 @@ def fixed_batches(data) -> list:
     compared across examples, and the weight noise fall on other examples), and a generator yields only once. Under
     ``torch.distributed`` a ``DataLoader``'s batches are rank 0's (as :func:`~pyro_lora.distributed.split_batches`
     draws a loader): a generator of its own may differ across ranks. Every rank scores the whole data, so a loader
-    that gives each rank a part (a ``DistributedSampler``) is refused, and a list or a loader's list of records must be
-    the same on every rank (:func:`~pyro_lora.distributed.same_data`: a search on each rank's own part set another
-    value on each).
+    that gives each rank a part (a ``DistributedSampler``, a dataset sharded by hand) is refused, and a list or a
+    loader's list of records must be the same on every rank (:func:`~pyro_lora.distributed.same_data`: a search on
+    each rank's own part set another value on each).
 
     :raises ValueError: for one batch (a dict), a sharding loader, or data that differ across ranks.
     """

@@ -223,7 +223,8 @@ def split_batches(data, even: bool = False):
 
     :param bool even: every rank gets ``len(data) // W`` batches (the last ``len(data) % W`` are dropped).
     :raises ValueError: for one batch (a dict) instead of batches, data that differ across ranks (a list's batches, a loader's list of records; in number
-        for any data), a ``DataLoader`` that already shards, or one over an ``IterableDataset``.
+        for any data), a ``DataLoader`` that already shards or whose dataset differs across ranks (sharded by hand:
+        :func:`check_unsharded`), or one over an ``IterableDataset``.
     """
     check_batches(data)
     if not is_distributed():
@@ -272,8 +273,13 @@ def _shards(x) -> bool:
 
 
 def check_unsharded(data, why: str) -> None:
-    """Refuse a ``DataLoader`` that gives each rank a part of the data (a ``DistributedSampler``, accelerate's
-    ``prepare``): the library ``why`` (it splits the batches itself, or needs the whole data on every rank)."""
+    """Refuse data that gives each rank a part of it, where the library ``why`` (it splits the batches itself, or needs
+    the whole data on every rank): a ``DataLoader`` with a ``DistributedSampler`` or prepared by accelerate, and ranks
+    given other data (:func:`_identity`: a map-style dataset sharded by hand, ``Subset(ds, range(rank, N, W))`` or a
+    Hugging Face ``.shard()``, would be split again, each rank seeing ``1/W`` of its part). A collective: every rank
+    calls it."""
+    check_same(_identity(data), "data", f"pyro_lora {why}: pass the whole dataset, the same on every rank (do not shard "
+               "it by hand)")
     if not isinstance(data, DataLoader):
         return
     sampler = getattr(data.batch_sampler, "sampler", data.sampler)
@@ -284,15 +290,58 @@ def check_unsharded(data, why: str) -> None:
                          "same on every rank (shuffle=True is fine)")
 
 
-def check_same(value, what: str) -> None:
-    """Refuse (on every rank: a collective) a ``value`` (a path, a setting) that is not rank 0's."""
+def _identity(data) -> dict:
+    """What tells ``data`` from a part of it without reading an item (a random augmentation would differ across ranks),
+    by name: its type and, for a ``DataLoader``, its dataset's type and ``len()``, a torch ``Subset``'s indices (a CRC-32)
+    and what it subsets, a Hugging Face dataset's ``_fingerprint``. Lists of batches or records are compared by value
+    later (:func:`same_data`)."""
+    identity = {"type(data)": type(data).__name__}
+    dataset, path = getattr(data, "dataset", None) if isinstance(data, DataLoader) else None, "dataset"
+    while dataset is not None and not isinstance(dataset, (list, tuple)):
+        identity[f"type({path})"] = type(dataset).__name__
+        try:
+            identity[f"len({path})"] = len(dataset)
+        except Exception as e:  # compared like a length: failing on one rank only is a difference
+            identity[f"len({path})"] = f"raises {type(e).__name__}"
+        fingerprint = getattr(dataset, "_fingerprint", None)
+        if isinstance(fingerprint, str):
+            identity[f"{path}._fingerprint"] = fingerprint
+        if not isinstance(dataset, Subset):
+            break
+        indices = dataset.indices.cpu() if torch.is_tensor(dataset.indices) else dataset.indices
+        identity[f"{path}.indices"] = f"CRC-32 {_digest(np.asarray(indices, dtype=np.int64)):08x}"
+        dataset, path = dataset.dataset, f"{path}.dataset"
+    return identity
+
+
+def check_same(value, what: str, advice: str = "give every rank the same") -> None:
+    """Refuse, on every rank alike, a ``value`` (a path, a setting; a mapping's entries one by one) that differs across
+    ranks. Values are compared by :func:`_digest` (by value, whatever their type) and named by their ``repr``: rank 0's
+    and each other rank's that differs. A collective: every rank calls it.
+
+    :raises ValueError: ``the ranks were given different {what} (...): {advice}``.
+    """
     if not is_distributed():
         return
-    first = broadcast_object(value)
-    differs = all_reduce_(torch.tensor([float(first != value)]), op="max").item()
-    if differs:
-        raise ValueError(f"the ranks were given different {what} ({value!r} on rank {rank()}, {first!r} on rank 0): give "
-                         "every rank the same")
+    named = value if isinstance(value, Mapping) else {None: value}
+    said = [None] * world_size()
+    dist.all_gather_object(said, {key: (_digest(v), _shown(v)) for key, v in named.items()})
+    absent = (None, "nothing")
+    differ = []
+    for key in dict.fromkeys(k for held in said for k in held):  # a key some ranks lack differs too
+        first = said[0].get(key, absent)
+        others = [(r, held.get(key, absent)[1]) for r, held in enumerate(said) if held.get(key, absent)[0] != first[0]]
+        if others:
+            listed = ", ".join(f"{shown} on rank {r}" for r, shown in [(0, first[1]), *others[:3]])
+            listed += f" and {len(others) - 3} more ranks" if len(others) > 3 else ""
+            differ.append(listed if key is None else f"{key}: {listed}")
+    if differ:
+        raise ValueError(f"the ranks were given different {what} ({'; '.join(differ)}): {advice}")
+
+
+def _shown(value, width: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def _flat(tensors, device):

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import numbers
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,8 +83,9 @@ def fit(
         refused (the model refuses to be traced).
     :param lr_schedule: ``"constant"``, ``"linear"`` (decay to 0) or ``"cosine"``, after ``warmup_steps``.
     :param kl_weight: a float or a callable ``step -> float`` (KL annealing; must be > 0).
-    :param int grad_accum_steps: micro-batches per optimizer step, which takes their mean gradient; an epoch's
-        last group may hold fewer (its step takes their mean too), never carried into the next epoch.
+    :param int grad_accum_steps: micro-batches per optimizer step, each weighted by its examples: the step is one
+        batch holding them all (``KL + N / sum_k b_k sum_i l_i``); an epoch's last group may hold fewer (weighted so
+        too), never carried into the next epoch.
     :param max_grad_norm: clip the global gradient norm to it before each step (``None``: no clipping).
     :param train_network: ``False`` trains the guide's parameters only; the network's point estimates (a head,
         non-random LoRA matrices) stay as they are: post-hoc VI around a fitted network.
@@ -122,22 +124,33 @@ def fit(
         guide this one's differs from) or settings other than the run's (each named), data without a length, or
         ``torch.distributed``,
         a ``checkpoint_dir`` that is a file or a link or cannot be written, a guide at a posterior temperature other
-        than 1 (training would undo it), before any work, and on an epoch that
-        yields no batch.
+        than 1 (training would undo it), settings (``checkpoint_dir`` too) that differ across ranks, before any work,
+        and on an epoch that yields no batch.
     :raises DivergenceError: see ``stop_on_divergence``.
 
     Under ``torch.distributed`` (``W > 1`` ranks, see :mod:`pyro_lora.distributed`): every rank is given
     the same ``data`` and trains on its block of ``len(data) // W`` batches per epoch; rank 0's parameters
     are broadcast first and each rank then draws its own noise (one shared stream again after fit:
-    :func:`~pyro_lora.distributed.rank_streams`). ``num_data`` is required. Each rank's loss is
-    already a full-data estimate (its data plate scales its local batch ``b`` to ``num_data``, and the
-    weight sites are counted once), so gradients (and the reported loss) are *averaged* over ranks:
-    ``1/W sum_w [KL + N/b sum_{i in w} l_i] = KL + N/(W b) sum_i l_i``, the estimate of one process on the
-    global batch: the data term is scaled to ``N`` once and the KL counted once.
+    :func:`~pyro_lora.distributed.rank_streams`). ``num_data`` is required, and the settings must be the same on
+    every rank. Each rank's loss is already a full-data estimate (its data plate scales its local batch ``b`` to
+    ``num_data``, and the weight sites are counted once), so gradients (and the reported loss) are *averaged* over
+    ranks, each weighted by its examples: ``sum_w b_w/B [KL + N/b_w sum_{i in w} l_i] = KL + N/B sum_i l_i``, the
+    estimate of one process on the global batch of ``B`` examples: the data term is scaled to ``N`` once and the KL
+    counted once (with ``grad_accum_steps``, every micro-batch of every rank is weighted so).
     """
     from .io import check_folder_slot, save_checkpoint, save_guide
 
     with distributed.refused_together("fit"):  # a refusal on one rank only would leave the others waiting
+        # first (a collective, which a rank refused earlier would skip): a rank's own checkpoint_dir was refused by
+        # the first save, after the run; other steps or schedules would leave ranks waiting or apart
+        distributed.check_same({
+            "epochs": epochs, "lr": lr, "elbo": type(elbo).__name__, "weight_decay": weight_decay,
+            "lr_schedule": lr_schedule, "warmup_steps": warmup_steps,
+            "kl_weight": "a callable" if callable(kl_weight) else kl_weight, "train_network": train_network,
+            "grad_accum_steps": grad_accum_steps, "max_grad_norm": max_grad_norm, "autocast": str(autocast),
+            "checkpoint_dir": os.path.abspath(checkpoint_dir) if checkpoint_dir else None,
+            "checkpoint_every": checkpoint_every, "stop_on_divergence": stop_on_divergence,
+        }, "settings of fit")
         grad_accum_steps = check_count(grad_accum_steps, "grad_accum_steps")
         check_count(epochs, "epochs", minimum=0)
         check_count(warmup_steps, "warmup_steps", minimum=0)
@@ -189,14 +202,14 @@ def fit(
             warmup_steps=warmup_steps, grad_accum_steps=grad_accum_steps, max_grad_norm=max_grad_norm,
             train_network=train_network, elbo=type(elbo).__name__, autocast=str(autocast), num_data=model.num_data)
         resumed = _resume_from(checkpoint_dir, model, guide, settings) if resume else None
+    if distributed.is_distributed():  # its refusals (data that differ across ranks) before the guide takes anything over
+        data = distributed.split_batches(data, even=True)  # the same number of steps on every rank
     if train_network:
         take_over(model, guide)
         guide._point_snapshot = None  # live while it trains them (callbacks, checkpoints); taken again at the end
     else:  # the network is not broadcast below: it must be the same on every rank
         check_ranks_agree(model, None, "fit")
-    if distributed.is_distributed():
-        data = distributed.split_batches(data, even=True)  # the same number of steps on every rank
-        distributed.broadcast_parameters(params + [b for b in guide.buffers() if b.is_floating_point()])
+    distributed.broadcast_parameters(params + [b for b in guide.buffers() if b.is_floating_point()])
     # what fit does not train still gets gradients from its backward passes: set aside and put back as found, or an
     # optimiser that zeroes after its step (Pyro's SVI) would add the whole run's sum to its first step
     trained = {id(p) for p in params}
@@ -235,13 +248,13 @@ def fit(
     bar = tqdm(total=total, initial=step, desc=f"fit {type(guide).__name__}",
                disable=not (progress and distributed.is_main()), dynamic_ncols=True)
 
-    def take_step(accumulated, batches, epoch, weight, rows):
-        """The optimizer step on the gradients of the last ``batches`` micro-batches (each loss divided by
-        ``grad_accum_steps``) of ``rows`` examples: under ``torch.distributed`` each rank's weight (a short last batch
-        on one rank is one process's global batch only when the ranks count by their examples)."""
+    def take_step(accumulated, epoch, weight, rows, reference):
+        """The optimizer step on the gradients of the last micro-batches, of ``rows`` examples, each loss weighted by
+        its examples over ``reference``: scaled here to their weighted mean, one batch of them all (an equal mean
+        would weigh a short batch's examples up), which under ``torch.distributed`` is each rank's weight too."""
         nonlocal step, skipped_steps
-        if batches < grad_accum_steps:  # an epoch's last, partial group: the mean of its batches, as a full one
-            scale = grad_accum_steps / batches
+        if rows != reference:  # micro-batches of other sizes than the group's first, or an epoch's last partial group
+            scale = reference / rows
             for p in params:
                 if p.grad is not None:
                     p.grad.mul_(scale)
@@ -256,7 +269,7 @@ def fit(
                 "likely too high (or half precision overflowed); lower it or set max_grad_norm"
             )
         if watch is not None:
-            watch.update(step, epoch)
+            watch.update(step, epoch, rows)
         if max_grad_norm:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
@@ -303,27 +316,31 @@ def fit(
                 accumulated, pending, seen, rows = 0.0, 0, skip, 0
                 for batch in batches:
                     seen += 1
-                    rows += _examples(batch)
+                    examples = _examples(batch)
+                    if not pending:  # the group's first batch: a full group of equal batches needs no rescaling
+                        reference = examples * grad_accum_steps
+                    rows += examples
+                    share = examples / reference
                     batch = to_device(batch, device)
                     weight = _kl_weight(beta(step), step)
                     if watch is not None and watch.first is None:
                         watch.first = (batch, _mean_nll(model, guide, batch))
                     with step_autocast(device, autocast):
                         loss = elbo.differentiable_loss(model, guide, batch, kl_weight=weight) / num_data
-                    scaler.scale(loss / grad_accum_steps).backward()
-                    accumulated += loss.item() / grad_accum_steps
+                    scaler.scale(loss * share).backward()
+                    accumulated += loss.item() * share
                     pending += 1
-                    shown.observe(model.last_nll, grad_accum_steps)
+                    shown.observe(model.last_nll, share)
                     if watch is not None:
-                        watch.observe(model.last_nll, grad_accum_steps)
+                        watch.observe(model.last_nll, share)
                     if pending == grad_accum_steps:
-                        take_step(accumulated, pending, epoch, weight, rows)
+                        take_step(accumulated, epoch, weight, rows, reference)
                         accumulated, pending, rows = 0.0, 0, 0
                 if not seen:
                     raise ValueError(f"data yielded no batch in epoch {epoch}: it is empty, or an iterator that a "
                                      "previous epoch used up")
                 if pending:  # never carried into the next epoch's first step, nor dropped
-                    take_step(accumulated, pending, epoch, weight, rows)
+                    take_step(accumulated, epoch, weight, rows, reference)
                 if watch is not None and watch.first is not None:
                     # each step's NLL is sampled, before its update and on another batch: the epoch is judged on
                     # the first batch at the posterior mean, as before the run
@@ -432,9 +449,9 @@ class _Smoothed:
     def __init__(self, decay=0.9):
         self.decay, self.value, self.step_nll, self.seen = decay, None, 0.0, False
 
-    def observe(self, nll, grad_accum_steps):
+    def observe(self, nll, share):
         if nll is not None:
-            self.step_nll += float(nll) / grad_accum_steps
+            self.step_nll += float(nll) * share
             self.seen = True
 
     def postfix(self, loss):
@@ -456,18 +473,19 @@ class _DivergenceWatch:
         self.first = None  # (the first batch, its NLL per example at the posterior mean before any update)
         self.step_nll, self.seen = 0.0, False
 
-    def observe(self, nll, grad_accum_steps):
-        """After each batch's loss: ``nll`` is the model's ``last_nll`` (``None`` for a likelihood that keeps none)."""
+    def observe(self, nll, share):
+        """After each batch's loss: ``nll`` is the model's ``last_nll`` (``None`` for a likelihood that keeps none),
+        ``share`` the batch's weight in its step (as its loss's)."""
         if nll is None:
             return
-        self.step_nll += float(nll) / grad_accum_steps
+        self.step_nll += float(nll) * share
         self.seen = True
 
-    def update(self, step, epoch):
-        """After the batches of one optimizer step."""
+    def update(self, step, epoch, rows=1):
+        """After the batches of one optimizer step, of ``rows`` examples on this rank (its weight across ranks)."""
         if not self.seen:
             return
-        nll = distributed.all_reduce_gradients([], self.step_nll)
+        nll = distributed.all_reduce_gradients([], self.step_nll, weight=rows)
         self.step_nll, self.seen = 0.0, False
         if not math.isfinite(nll):
             raise DivergenceError(f"the data NLL became {nll} at step {step} (epoch {epoch}): the learning rate ({self.lr:g}) is likely too high")

@@ -90,6 +90,14 @@ def run_all():
     guide = MAPGuide(model)
     fit(model, guide, data, lr=3e-2, progress=False)
     out["uneven_fit"] = [p.detach().clone() for p in model.point_parameters() + list(guide.parameters())]
+    # accumulated micro-batches weigh every example alike, as one batch of them all: rank 0 accumulates 4 + 4 examples,
+    # rank 1 4 + 2 (each rank's equal mean of its micro-batches, ranks weighted by examples: parameters 2e-3 off)
+    parts = toy_data(14, 4)
+    data, accum = (parts, 2) if world > 1 else ([{k: torch.cat([b[k] for b in parts]) for k in parts[0]}], 1)
+    model = make_model(num_data=48)
+    guide = MAPGuide(model)
+    out["accumulated_fit"] = (fit(model, guide, data, lr=3e-2, grad_accum_steps=accum, progress=False),
+                              [p.detach().clone() for p in model.point_parameters() + list(guide.parameters())])
     return out
 
 
@@ -251,6 +259,34 @@ def run_misuses(tmp):
     init = lambda worker: None  # noqa: E731
     out["kept_options"] = distributed.split_batches(DataLoader(TensorDataset(torch.arange(8)), batch_size=2, num_workers=1,
                                                                worker_init_fn=init)).worker_init_fn is init
+    # a rank's own checkpoint_dir was refused by the first save, after the whole run (rank 0 named its own path twice)
+    model = make_model(num_data=16)
+    steps = []
+    out["checkpoint_per_rank"] = _refused(lambda: fit(model, MAPGuide(model), toy_data(16, 4), checkpoint_dir=f"{tmp}/ckpt_rank{r}",
+                                                      callbacks=[steps.append], progress=False)), len(steps)
+    out["epochs_per_rank"] = _refused(lambda: fit(model, MAPGuide(model), toy_data(16, 4), epochs=1 + r, progress=False))
+
+    # a map-style dataset sharded by hand was split again: fit trained on 8 of 16 examples, predict returned 8
+    class Rows(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(examples)
+
+        def __getitem__(self, i):
+            return examples[i]
+
+    class Fingerprinted(Rows):  # a Hugging Face dataset's .shard(): its fingerprint tells it from the whole
+        _fingerprint = f"shard {r}"
+
+    def loader(dataset):
+        return DataLoader(dataset, batch_size=2)
+
+    hand = loader(torch.utils.data.Subset(Rows(), range(r, 16, WORLD)))
+    model = make_model(num_data=16)
+    out["hand_fit"] = _refused(lambda: fit(model, MAPGuide(model), hand, callbacks=[steps.append], progress=False)), len(steps)
+    out["hand_predict"] = _refused(lambda: predict(make_model(48), None, hand))
+    out["hand_val"] = _refused(lambda: laplace.optimize_prior_precision("val_nll", val_loader=hand, grid=[0.1, 10.0]))
+    out["fingerprint"] = _refused(lambda: predict(make_model(48), None, loader(Fingerprinted())))
+    out["whole_dataset"] = len(predict(make_model(48), None, loader(torch.utils.data.Subset(Rows(), range(16)))).labels)
     return out
 
 
@@ -286,7 +322,7 @@ def test_two_ranks_equal_one_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert single["pred"][2].shape == (3, 10, 2) and single["kfac"]["n"] == 10
     assert any(s["feasible"] for s in single["tfb"]) and not all(s["feasible"] for s in single["tfb"])
-    for key in ("loss", "grads", "fit_loss", "params", "kfac", "pred", "tfb", "laplace_pred", "uneven_fit"):
+    for key in ("loss", "grads", "fit_loss", "params", "kfac", "pred", "tfb", "laplace_pred", "uneven_fit", "accumulated_fit"):
         for r, out in enumerate(ranks):
             assert close(out[key], single[key]), f"rank {r}: {key} differs from one process"
 
@@ -324,6 +360,19 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
             assert "already gives each rank a part of the data (DistributedSampler" in out[key]
         assert "the ranks hold different batches (2 of 2 differ" in out["val_by_hand"]
         assert "the ranks were given different paths to save the guide to" in out["save_paths"]
+        message, steps = out["checkpoint_per_rank"]
+        assert steps == 0 and message == (f"the ranks were given different settings of fit (checkpoint_dir: "
+                                          f"'{tmp_path}/ckpt_rank0' on rank 0, '{tmp_path}/ckpt_rank1' on rank 1): give "
+                                          "every rank the same")
+        assert "different settings of fit (epochs: 1 on rank 0, 2 on rank 1)" in out["epochs_per_rank"]
+        message, steps = out["hand_fit"]
+        assert steps == 0 and message.startswith("the ranks were given different data (dataset.indices: 'CRC-32 ")
+        assert "pyro_lora splits the batches across ranks itself" in message and "do not shard it by hand" in message
+        assert out["hand_predict"].startswith("the ranks were given different data (dataset.indices: ")
+        assert "the ranks were given different data (dataset.indices: " in out["hand_val"]
+        assert "scores the whole data on every rank here" in out["hand_val"]
+        assert "(dataset._fingerprint: 'shard 0' on rank 0, 'shard 1' on rank 1)" in out["fingerprint"]
+        assert out["whole_dataset"] == 16
     assert "rank 1 refused" in ranks[0]["batch_one_rank"]
     assert ranks[0]["shuffled_per_rank"] == ranks[1]["shuffled_per_rank"]  # rank 0's order on both
     rank_0s = list(range(6))

@@ -80,6 +80,27 @@ def test_an_epochs_last_partial_group_of_micro_batches_steps_on_its_own_mean(mon
         torch.testing.assert_close(a, b)
 
 
+def test_accumulated_micro_batches_weigh_every_example_as_one_batch_of_them_all():
+    """grad_accum_steps took the equal mean of its micro-batches' estimates: with batches of 8, 8 and 2 examples each
+    of the 2 weighed 4 times an example of the others, where one batch of the 18 weighs all alike (a step's loss 7e-5
+    off it, parameters 1e-3 off at lr 3e-2); an epoch's last, partial group likewise."""
+    batches = toy_data(n=18, batch=8)  # 8, 8, 2 examples
+    merged = [{k: torch.cat([b[k] for b in batches]) for k in batches[0]}]
+    runs = []
+    for data, accum in ((merged, 1), (batches, 3), (batches, 4)):  # 4: one partial group
+        model, guide = make()
+        for m in model.net.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0  # no draw: the runs differ by their weighting alone
+        losses = fit(model, guide, data, lr=3e-2, grad_accum_steps=accum, stop_on_divergence=False, progress=False)
+        runs.append((losses, [p.detach().clone() for p in model.point_parameters() + list(guide.parameters())]))
+    (one_loss, one_params), *accumulated = runs
+    for losses, params in accumulated:
+        assert len(losses) == 1 and losses[0] == pytest.approx(one_loss[0], rel=1e-6)
+        for a, b in zip(params, one_params):
+            torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(grad_accum_steps=0), "grad_accum_steps must be a positive integer, got 0"),
     (dict(grad_accum_steps=1.5), "grad_accum_steps must be a positive integer, got 1.5"),
