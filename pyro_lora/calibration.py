@@ -47,7 +47,7 @@ def _log_probs(probs_or_logits, kind="auto"):
         raise ValueError("a row of logits is all -inf: it gives no class a probability")
     # the tolerance of pyro_lora.metrics: half-precision probabilities must not be taken for logits
     in_unit = bool(((x >= 0) & (x <= 1)).all())
-    looks_like_probs = in_unit and bool(((x.sum(-1) - 1).abs() <= _sum_tolerance(raw.dtype)).all())
+    looks_like_probs = in_unit and bool(((x.sum(-1) - 1).abs() <= _sum_tolerance(raw.dtype, x.shape[-1])).all())
     if kind == "auto" and in_unit and not looks_like_probs:
         # clipped or rounded probabilities read as logits would get a T of another scale, without a word
         worst = float((x.sum(-1) - 1).abs().max())

@@ -48,8 +48,9 @@ _NLL_FLOOR = 1e-12
 # How far a row sum may be from 1: one eps of the input dtype, at least 1e-4 (float32 softmax and averages are off
 # by a few 1e-7; 1e-4 is an ECE x100 shift below 0.01). Rounding to the dtype moves each entry by at most half an eps
 # of its value, so a row's sum by at most eps / 2; an average of such rows, rounded again, by eps (measured: 0.43 eps
-# for float16 / bfloat16 softmaxes and their averages, 2 to 1000 classes). More is no rounding: a bfloat16 row 1.4%
-# short of 1 was scored as given
+# for float16 / bfloat16 softmaxes and their averages, 2 to 1000 classes). Entries below the dtype's smallest normal
+# round by an absolute amount instead, up to one subnormal step each (float16: 6e-8; a uniform 128256-class softmax
+# sums to 1.0015): a row may add that per class. More is no rounding: a bfloat16 row 1.4% short of 1 was scored as given
 _SUM_TOL = 1e-4
 _FLOAT8 = tuple(getattr(torch, name) for name in dir(torch) if name.startswith("float8_"))
 
@@ -89,9 +90,13 @@ def _tensor(x, name: str) -> torch.Tensor:
     return x.detach()
 
 
-def _sum_tolerance(dtype: torch.dtype) -> float:
-    """How far from 1 a probability row of ``dtype`` may sum (one eps of the dtype, at least ``_SUM_TOL``)."""
-    return max(_SUM_TOL, torch.finfo(dtype).eps) if dtype.is_floating_point else _SUM_TOL
+def _sum_tolerance(dtype: torch.dtype, num_classes: int) -> float:
+    """How far from 1 a probability row of ``num_classes`` entries in ``dtype`` may sum: one eps of the dtype plus one
+    subnormal step per entry, at least ``_SUM_TOL``."""
+    if not dtype.is_floating_point:
+        return _SUM_TOL
+    info = torch.finfo(dtype)
+    return max(_SUM_TOL, info.eps + num_classes * info.smallest_normal * info.eps)
 
 
 def _check_rows(x: torch.Tensor, dtype: torch.dtype, name: str) -> None:
@@ -103,7 +108,7 @@ def _check_rows(x: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     if dtype.is_floating_point and torch.finfo(dtype).bits < 16:
         raise ValueError(f"{name} in {dtype}: an 8-bit float rounds a probability by up to {torch.finfo(dtype).eps:g}, "
                          "too coarse to tell a probability vector; pass them in float16 or wider")
-    tol = _sum_tolerance(dtype)
+    tol = _sum_tolerance(dtype, x.shape[-1])
     sums = x.sum(-1)
     if bool((x < 0).any()) or bool(((sums - 1).abs() > tol).any()):
         raise ValueError(

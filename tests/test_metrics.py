@@ -613,3 +613,14 @@ def test_half_precision_rows_are_allowed_their_rounding_and_no_more():
                 metrics.summarize(probs, labels)
                 metrics.aurc(probs, labels)
             metrics.mutual_information(samples.to(dtype))
+
+
+def test_a_float16_softmax_over_a_large_vocabulary_is_a_probability_vector():
+    """Entries below float16's smallest normal round by an absolute step (6e-8), not by half an eps of their value: a
+    uniform softmax over Llama 3's 128256 tokens rounded to float16 sums to 1.0015, and was refused as logits."""
+    from pyro_lora.calibration import apply_temperature
+
+    probs = torch.zeros(2, 128256).softmax(-1).half()
+    assert float(probs.double().sum(-1).max()) - 1 > torch.finfo(torch.float16).eps  # the case: beyond one eps
+    assert metrics.nll(probs, torch.tensor([0, 5])) == pytest.approx(math.log(128256), rel=2e-3)
+    apply_temperature(probs, 2.0)  # read as probabilities (a softmax of any temperature is uniform again)
