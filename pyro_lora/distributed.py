@@ -275,11 +275,20 @@ def _shards(x) -> bool:
 def check_unsharded(data, why: str) -> None:
     """Refuse data that gives each rank a part of it, where the library ``why`` (it splits the batches itself, or needs
     the whole data on every rank): a ``DataLoader`` with a ``DistributedSampler`` or prepared by accelerate, and ranks
-    given other data (:func:`_identity`: a map-style dataset sharded by hand, ``Subset(ds, range(rank, N, W))`` or a
-    Hugging Face ``.shard()``, would be split again, each rank seeing ``1/W`` of its part). A collective: every rank
-    calls it."""
-    check_same(_identity(data), "data", f"pyro_lora {why}: pass the whole dataset, the same on every rank (do not shard "
-               "it by hand)")
+    given other data (:func:`_identity`: a map-style dataset sharded by hand, ``Subset(ds, range(rank, N, W))``, a
+    Hugging Face ``.shard()`` or a ``SubsetRandomSampler`` over part of it, would be split again, each rank seeing
+    ``1/W`` of its part). A collective: every rank calls it."""
+    try:
+        check_same(_identity(data), "data", f"pyro_lora {why}: pass the whole dataset, the same on every rank (do not "
+                   "shard it by hand)")
+    except ValueError as error:
+        if "._fingerprint: " not in str(error):
+            raise
+        # datasets gives a transform it cannot hash (pickle) a random fingerprint, another in each process
+        raise ValueError(f"{error}; if the ranks did load the same data, a .map or .filter whose function cannot be "
+                         "hashed gave each rank a random fingerprint (datasets warns 'couldn't be hashed properly'): pass "
+                         "new_fingerprint='...' to that call, or save_to_disk the dataset once and load_from_disk it on "
+                         "every rank") from None
     if not isinstance(data, DataLoader):
         return
     sampler = getattr(data.batch_sampler, "sampler", data.sampler)
@@ -293,25 +302,55 @@ def check_unsharded(data, why: str) -> None:
 def _identity(data) -> dict:
     """What tells ``data`` from a part of it without reading an item (a random augmentation would differ across ranks),
     by name: its type and, for a ``DataLoader``, its dataset's type and ``len()``, a torch ``Subset``'s indices (a CRC-32)
-    and what it subsets, a Hugging Face dataset's ``_fingerprint``. Lists of batches or records are compared by value
-    later (:func:`same_data`)."""
+    and what it subsets, a Hugging Face dataset's ``_fingerprint``, and what its sampler and batch sampler select (their
+    type, ``len()``, ``indices`` and ``weights``: a ``SubsetRandomSampler(range(rank, N, W))`` shards the whole dataset).
+    Lists of batches or records are compared by value later (:func:`same_data`)."""
     identity = {"type(data)": type(data).__name__}
-    dataset, path = getattr(data, "dataset", None) if isinstance(data, DataLoader) else None, "dataset"
+    if not isinstance(data, DataLoader):
+        return identity
+    dataset, path = data.dataset, "dataset"
     while dataset is not None and not isinstance(dataset, (list, tuple)):
         identity[f"type({path})"] = type(dataset).__name__
-        try:
-            identity[f"len({path})"] = len(dataset)
-        except Exception as e:  # compared like a length: failing on one rank only is a difference
-            identity[f"len({path})"] = f"raises {type(e).__name__}"
+        identity[f"len({path})"] = _length(dataset)
         fingerprint = getattr(dataset, "_fingerprint", None)
         if isinstance(fingerprint, str):
             identity[f"{path}._fingerprint"] = fingerprint
         if not isinstance(dataset, Subset):
             break
-        indices = dataset.indices.cpu() if torch.is_tensor(dataset.indices) else dataset.indices
-        identity[f"{path}.indices"] = f"CRC-32 {_digest(np.asarray(indices, dtype=np.int64)):08x}"
+        identity[f"{path}.indices"] = _crc(dataset.indices, np.int64)
         dataset, path = dataset.dataset, f"{path}.dataset"
+    seen = set()
+    samplers = {"sampler": data.sampler, "batch_sampler": data.batch_sampler,
+                "batch_sampler.sampler": getattr(data.batch_sampler, "sampler", None)}
+    for path, sampler in samplers.items():
+        if sampler is None or id(sampler) in seen:  # the batch sampler's sampler is most often the loader's
+            continue
+        seen.add(id(sampler))
+        identity[f"type({path})"] = type(sampler).__name__
+        if _shards(sampler):  # its part differs by rank by design: refused by name in check_unsharded
+            continue
+        identity[f"len({path})"] = _length(sampler)
+        for name, dtype in (("indices", np.int64), ("weights", np.float64)):  # WeightedRandomSampler's weights
+            if getattr(sampler, name, None) is not None:
+                identity[f"{path}.{name}"] = _crc(getattr(sampler, name), dtype)
     return identity
+
+
+def _length(x):
+    try:
+        return len(x)
+    except Exception as e:  # compared like a length: failing on one rank only is a difference
+        return f"raises {type(e).__name__}"
+
+
+def _crc(values, dtype) -> str:
+    """A CRC-32 of a sequence of numbers (a list, range, array or tensor alike) or, where it is not one, of its value."""
+    values = values.cpu() if torch.is_tensor(values) else values
+    try:
+        values = np.asarray(values, dtype=dtype)
+    except (TypeError, ValueError):
+        pass
+    return f"CRC-32 {_digest(values):08x}"
 
 
 def check_same(value, what: str, advice: str = "give every rank the same") -> None:

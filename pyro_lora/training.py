@@ -150,6 +150,7 @@ def fit(
             "grad_accum_steps": grad_accum_steps, "max_grad_norm": max_grad_norm, "autocast": str(autocast),
             "checkpoint_dir": os.path.abspath(checkpoint_dir) if checkpoint_dir else None,
             "checkpoint_every": checkpoint_every, "stop_on_divergence": stop_on_divergence,
+            "num_data": model.num_data,  # each rank would scale its data term to its own N
         }, "settings of fit")
         grad_accum_steps = check_count(grad_accum_steps, "grad_accum_steps")
         check_count(epochs, "epochs", minimum=0)

@@ -287,6 +287,24 @@ def run_misuses(tmp):
     out["hand_val"] = _refused(lambda: laplace.optimize_prior_precision("val_nll", val_loader=hand, grid=[0.1, 10.0]))
     out["fingerprint"] = _refused(lambda: predict(make_model(48), None, loader(Fingerprinted())))
     out["whole_dataset"] = len(predict(make_model(48), None, loader(torch.utils.data.Subset(Rows(), range(16)))).labels)
+    # a sampler sharding the whole dataset by hand was not seen: fit trained on 8 of 16 examples, predict returned 8
+    from torch.utils.data import BatchSampler, SubsetRandomSampler, WeightedRandomSampler
+
+    mine = SubsetRandomSampler(list(range(r, 16, WORLD)), generator=torch.Generator().manual_seed(0))
+    steps.clear()
+    model = make_model(num_data=16)
+    out["sampler_fit"] = _refused(lambda: fit(model, MAPGuide(model), DataLoader(Rows(), batch_size=2, sampler=mine),
+                                              callbacks=[steps.append], progress=False)), len(steps)
+    out["batch_sampler"] = _refused(lambda: predict(make_model(48), None, DataLoader(
+        Rows(), batch_sampler=BatchSampler(mine, 2, drop_last=False))))
+    weights = torch.ones(16).index_fill_(0, torch.tensor([r]), 2.0)
+    out["weighted"] = _refused(lambda: predict(make_model(48), None, DataLoader(
+        Rows(), batch_size=2, sampler=WeightedRandomSampler(weights, 16, generator=torch.Generator().manual_seed(0)))))
+    whole = SubsetRandomSampler(list(range(16)) if r == 0 else range(16))  # the same selection, held otherwise
+    out["whole_sampler"] = len(predict(make_model(48), None, DataLoader(Rows(), batch_size=2, sampler=whole)).labels)
+    # a model whose num_data differs by rank trained without a word, each rank scaling its data term to its own N
+    model = make_model(num_data=16 * (1 + r))
+    out["num_data_per_rank"] = _refused(lambda: fit(model, MAPGuide(model), toy_data(16, 4), progress=False))
     return out
 
 
@@ -373,6 +391,15 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         assert "scores the whole data on every rank here" in out["hand_val"]
         assert "(dataset._fingerprint: 'shard 0' on rank 0, 'shard 1' on rank 1)" in out["fingerprint"]
         assert out["whole_dataset"] == 16
+        assert "cannot be hashed gave each rank a random fingerprint" in out["fingerprint"]  # the same data refused
+        assert "pass new_fingerprint=" in out["fingerprint"]
+        message, steps = out["sampler_fit"]
+        assert steps == 0 and message.startswith("the ranks were given different data (sampler.indices: 'CRC-32 ")
+        assert "pyro_lora splits the batches across ranks itself" in message
+        assert out["batch_sampler"].startswith("the ranks were given different data (batch_sampler.sampler.indices: ")
+        assert out["weighted"].startswith("the ranks were given different data (sampler.weights: ")
+        assert out["whole_sampler"] == 16
+        assert "different settings of fit (num_data: 16 on rank 0, 32 on rank 1)" in out["num_data_per_rank"]
     assert "rank 1 refused" in ranks[0]["batch_one_rank"]
     assert ranks[0]["shuffled_per_rank"] == ranks[1]["shuffled_per_rank"]  # rank 0's order on both
     rank_0s = list(range(6))
