@@ -1001,8 +1001,9 @@ def load_guide(path, model, guide=None):
                       f"of {p['steps'] if p['steps'] is not None else 'a run of unknown length'} (in epoch {p['epoch'] + 1} "
                       f"of {p['epochs']}), an intermediate state and not the run's result; a new fit on it does not "
                       "resume the run (AdamW's moments, the learning-rate and kl_weight schedules and the data order "
-                      f"start again): fit(..., checkpoint_dir={str(path)!r}, resume=True) with the run's settings "
-                      "continues it", stacklevel=2)
+                      "start again)" + (f": fit(..., checkpoint_dir={str(path)!r}, resume=True) with the run's settings "
+                      "continues it" if p["steps"] is not None else "; a run over data without a length cannot be "
+                      "resumed (no position in its epoch to count): rerun it from the start"), stacklevel=2)
     return guide
 
 

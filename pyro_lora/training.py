@@ -108,21 +108,23 @@ def fit(
         steps and at the end, with its ``fit_progress`` (the step reached, of how many, and whether the run finished:
         :func:`~pyro_lora.io.load_guide` warns of an unfinished one). A checkpoint before the end also holds
         ``fit_state.pt``, what ``resume`` continues from: AdamW's moments, the schedule, the loss scaler, the step and
-        the position in the epoch, the losses so far, torch's RNG (the CPU's, the device's) and the generators of a
-        ``DataLoader`` (its own, its sampler's) at the epoch's start and at the step. The final save holds the guide
-        only.
+        the position in the epoch, the losses so far, torch's RNG (the CPU's, the device's) and every generator of a
+        ``DataLoader`` (its own, its sampler's and batch sampler's, nested) at the epoch's start and at the step. The
+        final save holds the guide only. A new run on an unfinished run's checkpoint warns before its first step.
     :param bool resume: continue the unfinished run whose checkpoint is in ``checkpoint_dir``: its guide and point
         parameters are loaded into ``guide`` and the model, and the run goes on as if never stopped (the same
         parameters as an uninterrupted run's, where the data's order comes from torch's RNG or the ``DataLoader``'s
         generators: the epoch's order is replayed and its consumed batches skipped). ``model``, ``guide``, ``data``
-        and every setting must be the run's.
+        and every setting must be the run's: the data's length, batch size, drop_last and samplers are compared, not
+        its contents; a callable ``kl_weight`` is not called to check it (a function of the step is assumed).
     :returns: list of per-step losses.
     :raises ValueError: if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
         on an ``epochs``, ``warmup_steps`` (longer than the run too), ``lr``, ``grad_accum_steps``,
-        ``max_grad_norm`` or ``checkpoint_every`` out of range, an ELBO it cannot step, on a one-shot iterator with ``epochs > 1``,
+        ``max_grad_norm`` or ``checkpoint_every`` out of range (or without ``checkpoint_dir``), an ELBO it cannot
+        step, on a one-shot iterator with ``epochs > 1``,
         with ``resume``, a checkpoint that cannot be resumed (none, finished, saved without its state, of a model or
-        guide this one's differs from) or settings other than the run's (each named), data without a length, or
-        ``torch.distributed``,
+        guide this one's differs from) or settings or data other than the run's (each named), data without a length,
+        ``torch.distributed``, a ``DataLoader`` with persistent workers or a ``SWAGCollector`` callback,
         a ``checkpoint_dir`` that is a file or a link or cannot be written, a guide at a posterior temperature other
         than 1 (training would undo it), settings (``checkpoint_dir`` too) that differ across ranks, before any work,
         and on an epoch that yields no batch.
@@ -157,6 +159,9 @@ def fit(
         check_count(warmup_steps, "warmup_steps", minimum=0)
         if checkpoint_every is not None:
             check_count(checkpoint_every, "checkpoint_every", alternative="or None: a checkpoint at the end only")
+            if not checkpoint_dir:  # else no checkpoint would be written, without a word
+                raise ValueError(f"checkpoint_every={checkpoint_every} without checkpoint_dir saves nothing: give "
+                                 "checkpoint_dir (where the checkpoints go), or leave checkpoint_every out")
         if checkpoint_dir:
             check_folder_slot(checkpoint_dir, "fit saves the guide there as a folder: choose another checkpoint_dir")
         if not (_finite(lr) and lr >= 0):
@@ -197,12 +202,22 @@ def fit(
                 "give checkpoint_dir" if not checkpoint_dir else "it needs data with a length (its position in an "
                 "epoch is counted in batches)" if length is None else "under torch.distributed it is not supported "
                 "(each rank draws from its own random streams); rerun the fit from the start"))
+        if resume:
+            _check_resumable(data, callbacks)
         generators = _generators(data)
         settings = resumable and _settings(
-            guide, beta, length, generators, epochs=epochs, lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule,
-            warmup_steps=warmup_steps, grad_accum_steps=grad_accum_steps, max_grad_norm=max_grad_norm,
-            train_network=train_network, elbo=type(elbo).__name__, autocast=str(autocast), num_data=model.num_data)
+            guide, length, generators, _describe_data(data), epochs=epochs, lr=lr, weight_decay=weight_decay,
+            lr_schedule=lr_schedule, warmup_steps=warmup_steps, grad_accum_steps=grad_accum_steps,
+            max_grad_norm=max_grad_norm, train_network=train_network, elbo=type(elbo).__name__, autocast=str(autocast),
+            num_data=model.num_data, stop_on_divergence=stop_on_divergence,
+            kl_weight="a callable" if callable(kl_weight) else kl_weight)
         resumed = _resume_from(checkpoint_dir, model, guide, settings) if resume else None
+        if resumed is not None and callbacks:
+            warnings.warn(f"fit(resume=True): the callbacks' own state ({', '.join(type(cb).__name__ for cb in callbacks)})"
+                          " is not in the checkpoint and is not restored; they see the steps from the resumed one on",
+                          stacklevel=2)
+        if checkpoint_dir and not resume:
+            _warn_unfinished(checkpoint_dir)
     if distributed.is_distributed():  # its refusals (data that differ across ranks) before the guide takes anything over
         data = distributed.split_batches(data, even=True)  # the same number of steps on every rank
     if train_network:
@@ -231,6 +246,7 @@ def fit(
     net = model.net
     guide.train()
     losses, step, skipped_steps = [], 0, 0
+    kl_weights = []  # each step's, as used: a callable is called as often as without checkpoints (one may count calls)
     # a checkpoint (or a save) of a run that stops says so: load_guide warns of it
     guide.fit_progress = {"step": 0, "steps": total, "epoch": 0, "epochs": epochs, "finished": False}
     shown = _Smoothed()  # the bar's number: the data NLL per example, which moves as the model learns
@@ -244,6 +260,7 @@ def fit(
             watch.start, watch.ema, first = resumed["watch"]
             watch.first = first and (to_device(first[0], device), first[1])
         losses, skipped_steps = list(resumed["losses"]), resumed["skipped_steps"]
+        kl_weights = list(resumed["kl_weights"])
         guide.fit_progress = dict(resumed["progress"])
         step = guide.fit_progress["step"]
     bar = tqdm(total=total, initial=step, desc=f"fit {type(guide).__name__}",
@@ -282,6 +299,7 @@ def fit(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(accumulated)
+        kl_weights.append(weight)
         step += 1
         guide.fit_progress = {"step": step, "steps": total, "epoch": epoch, "epochs": epochs, "finished": False}
         bar.update()
@@ -294,7 +312,7 @@ def fit(
                 save_checkpoint(guide, checkpoint_dir, {
                     "progress": guide.fit_progress, "settings": settings, "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "losses": losses,
-                    "skipped_steps": skipped_steps, "seen": seen, "epoch_rng": epoch_rng,
+                    "kl_weights": kl_weights, "skipped_steps": skipped_steps, "seen": seen, "epoch_rng": epoch_rng,
                     "rng": _rng_state(device, generators), "watch": watch and (watch.start, watch.ema, watch.first)})
             else:
                 save_guide(guide, checkpoint_dir)
@@ -365,9 +383,65 @@ def fit(
 
 
 def _generators(data) -> list:
-    """The ``torch.Generator`` s that order ``data``: a ``DataLoader``'s own and its sampler's (a shuffling one's)."""
-    found = (getattr(data, "generator", None), getattr(getattr(data, "sampler", None), "generator", None))
-    return list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
+    """Every ``torch.Generator`` that orders ``data``: a ``DataLoader``'s own and those its sampler and batch sampler
+    hold, however nested (``batch_sampler=BatchSampler(RandomSampler(ds, generator=g))``), each once, in a fixed order."""
+    found, todo, visited = {}, [data], set()
+    while todo:
+        obj = todo.pop()
+        if isinstance(obj, torch.Generator):
+            found.setdefault(id(obj), obj)
+        elif obj is not None and id(obj) not in visited:
+            visited.add(id(obj))
+            todo.extend(getattr(obj, name, None) for name in ("batch_sampler", "sampler", "generator"))
+    return list(found.values())
+
+
+def _describe_data(data) -> dict:
+    """What identifies ``data``'s batches without reading an item: the dataset's length, the batch size, drop_last and
+    the samplers (their types, nested, and sizes: whether and how it shuffles). Contents are not compared (that would
+    read the data)."""
+    def sampler(s):
+        inner = getattr(s, "sampler", None)
+        fields = [sampler(inner)] if inner is not None else []
+        fields += [f"{k}={getattr(s, k)!r}" for k in ("batch_size", "drop_last", "replacement", "num_samples")
+                   if hasattr(s, k)]
+        return f"{type(s).__name__}({', '.join(fields)})"
+
+    dataset = getattr(data, "dataset", None)
+    return {"examples": len(dataset) if hasattr(dataset, "__len__") else None,
+            "batch_size": getattr(data, "batch_size", None), "drop_last": getattr(data, "drop_last", None),
+            **{name: sampler(getattr(data, name)) for name in ("sampler", "batch_sampler")
+               if getattr(data, name, None) is not None}}
+
+
+def _check_resumable(data, callbacks) -> None:
+    """Refuse a resume that would not continue the run as it was: persistent DataLoader workers (the run's iterator
+    drew their seed in its first epoch, a new one draws again, and the order moves) or a callback whose state the
+    library knows is not saved (a :class:`~pyro_lora.guides.SWAGCollector` restarts empty)."""
+    from .guides import SWAGCollector
+
+    if getattr(data, "persistent_workers", False) and getattr(data, "num_workers", 0) > 0:
+        raise ValueError("resume=True cannot replay a DataLoader with persistent_workers=True (num_workers="
+                         f"{data.num_workers}): its workers' seed was drawn once in the run's first epoch and a new "
+                         "iterator draws another, so the data order would differ; build the loader with "
+                         "persistent_workers=False (for the run and the resume), or rerun the fit from the start")
+    kept = [type(cb).__name__ for cb in callbacks if isinstance(cb, SWAGCollector)]
+    if kept:
+        raise ValueError(f"resume=True cannot continue the callbacks {', '.join(kept)}: their state (a SWAGCollector's "
+                         "iterates so far) is not in the checkpoint and would start empty; rerun the fit from the start")
+
+
+def _warn_unfinished(path) -> None:
+    """Warn that a new run is about to overwrite the unfinished run's checkpoint at ``path`` (``resume`` forgotten)."""
+    from .io import _read_meta
+
+    if not (Path(path) / "guide.json").exists():
+        return
+    p = _read_meta(Path(path)).get("fit") or {}
+    if p and not p.get("finished"):
+        warnings.warn(f"fit: {path} holds the checkpoint of an unfinished run (step {p['step']} of {p['steps']}); this "
+                      "new run overwrites it from its first checkpoint on: fit(..., resume=True) continues that run "
+                      "instead", stacklevel=3)
 
 
 def _rng_state(device, generators) -> dict:
@@ -385,15 +459,15 @@ def _set_rng_state(state, device, generators) -> None:
         g.set_state(saved)
 
 
-def _settings(guide, beta, length, generators, **arguments) -> dict:
+def _settings(guide, length, generators, data, **arguments) -> dict:
     """What a resumed run must share with the one it continues, as JSON values: ``fit``'s ``arguments``, the guide's
-    class and config, the data's length and generators, and the KL weight of every step of the run."""
+    class and config, the data's length, description (:func:`_describe_data`) and generators. A callable kl_weight is
+    not called for them (one that counts its calls would be moved on): only that it is one is compared."""
     from .io import standard_json
 
-    total = math.ceil(length / arguments["grad_accum_steps"]) * arguments["epochs"]
     return json.loads(json.dumps(standard_json({
-        **arguments, "guide": f"{type(guide).__module__}:{type(guide).__qualname__}", "config": guide.config(),
-        "batches": length, "generators": len(generators), "kl_weight": [_kl_weight(beta(s), s) for s in range(total)],
+        **arguments, **data, "guide": f"{type(guide).__module__}:{type(guide).__qualname__}", "config": guide.config(),
+        "batches": length, "generators": len(generators),
     }), default=str))
 
 
@@ -408,7 +482,7 @@ def _resume_from(path, model, guide, settings) -> dict:
 
     state = read_fit_state(path)
     then = state["settings"]
-    differ = [_difference(k, then.get(k), settings.get(k)) for k in sorted(then.keys() | settings.keys())
+    differ = [f"{k}: {then.get(k)!r} there, {settings.get(k)!r} here" for k in sorted(then.keys() | settings.keys())
               if then.get(k) != settings.get(k)]
     if differ:
         raise ValueError(f"cannot resume the run at {path} with settings other than its own ({'; '.join(differ)}): the "
@@ -419,14 +493,6 @@ def _resume_from(path, model, guide, settings) -> dict:
     take_over(model, guide)
     guide.adopt_point_parameters()
     return state
-
-
-def _difference(key, then, now) -> str:
-    if key == "kl_weight" and isinstance(then, list) and isinstance(now, list):
-        step = next((i for i, (a, b) in enumerate(zip(then, now)) if a != b), min(len(then), len(now)))
-        at = (f"{then[step] if step < len(then) else 'none'} there, {now[step] if step < len(now) else 'none'} here")
-        return f"kl_weight at step {step}: {at}"
-    return f"{key}: {then!r} there, {now!r} here"
 
 
 def _check_elbo(elbo) -> None:
