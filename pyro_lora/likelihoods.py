@@ -16,6 +16,7 @@ from __future__ import annotations
 import inspect
 import re
 import typing
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,7 @@ from pyro.distributions import Categorical, TorchDistribution, constraints
 
 from .checks import is_integer_tensor
 from .modes import eval_mode
-from .sites import base_network
+from .sites import base_network, embedding
 
 _NET_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _DECODER_INPUTS = ("input_ids", "attention_mask")  # a decoder's positions are computed here, from the attention mask
@@ -163,23 +164,39 @@ def _real_positions(attention_mask):
 
 def _with_positions(module, inputs):
     """``inputs`` plus ``position_ids`` counting real tokens when ``module.forward`` takes them. A module
-    that takes none numbers the columns ``0..T-1`` itself, which is right for right-padded rows only: any
-    other layout raises ``ValueError`` rather than shift the positions of the real tokens."""
+    that takes none (or numbers some tokens by their column all the same, :func:`_column_positions`) numbers the
+    columns ``0..T-1`` itself, which is right for right-padded rows only: any other layout raises ``ValueError``
+    rather than shift the positions of the real tokens."""
     mask = inputs.get("attention_mask")
     if mask is None:
         return inputs
-    if _takes(module.forward, "position_ids"):
-        return {**inputs, "position_ids": _real_positions(mask)}
-    if not _right_padded(mask):
+    takes = _takes(module.forward, "position_ids")
+    columns = "takes no position_ids" if not takes else _column_positions(module)
+    if columns and not _right_padded(mask):
         raise ValueError(
-            f"{type(module).__name__} takes no position_ids, so padding before a row's tokens would shift their "
+            f"{type(module).__name__} {columns}, so padding before a row's tokens would shift their "
             "positions: pad on the right (e.g. LetterCollator(tokenizer, padding_side='right'))"
         )
-    return inputs
+    return {**inputs, "position_ids": _real_positions(mask)} if takes else inputs
+
+
+def _column_positions(module) -> str | None:
+    """Why ``module`` numbers some tokens by their column although it takes ``position_ids`` (``None`` where it does
+    not): Llama 4's attention temperature tuning scales the queries of its NoPE layers by the column index, so a
+    left-padded row, or continuations after a cached question, would get other scales than the row alone."""
+    config = getattr(module, "config", None)
+    config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    if getattr(config, "attn_temperature_tuning", False) and not all(getattr(config, "no_rope_layers", None) or [1]):
+        return "scales the queries of its NoPE layers by their column (attn_temperature_tuning)"
+    return None
 
 
 def _decoder_and_head(net):
-    """The decoder stack (hidden states, no LM head) and the output embedding of a causal LM."""
+    """The decoder stack (hidden states, no LM head) and the LM head as the model's forward applies it: the output
+    embedding, followed by what the forward does to its output (:func:`_head_steps`).
+
+    The decoder is ``get_decoder()``, else ``base_model``, else the one child module that holds the input embedding
+    (Llama4ForCausalLM names a ``base_model_prefix`` it has no module of, so both fall back to the whole model)."""
     base = base_network(net)
     decoder = None
     if callable(getattr(base, "get_decoder", None)):
@@ -190,29 +207,59 @@ def _decoder_and_head(net):
     if decoder is None or decoder is base:  # no get_decoder, or it fell back to the whole model
         inner = getattr(base, "base_model", None)
         decoder = inner if isinstance(inner, torch.nn.Module) and inner is not base else None
+    embeddings = embedding(base, "input")
+    if decoder is None and embeddings is not None:
+        holders = [m for m in base.children() if any(x is embeddings for x in m.modules())]
+        decoder = holders[0] if len(holders) == 1 and holders[0] is not embeddings else None
     head = base.get_output_embeddings() if callable(getattr(base, "get_output_embeddings", None)) else None
     if decoder is None or head is None:
         raise ValueError(
-            f"MultipleChoice needs a causal LM whose decoder (get_decoder() or base_model) and output embedding "
-            f"(get_output_embeddings()) can be found; {type(base).__name__} has "
-            f"{'no decoder' if decoder is None else 'no output embedding'}"
+            f"MultipleChoice needs a causal LM whose decoder (get_decoder(), base_model, or the child module holding the "
+            f"input embedding) and output embedding (get_output_embeddings()) can be found; {type(base).__name__} has "
+            f"{'no decoder' if decoder is None else 'no output embedding'}: wrap it so that get_decoder() returns the "
+            "module giving last_hidden_state"
         )
-    config = getattr(base, "config", None)
-    config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
-    # what a model's forward does to the LM head's output, which this bypass of the forward must repeat
-    cap = getattr(config, "final_logit_softcapping", None)  # Gemma 2/3
-    scale = getattr(config, "logit_scale", None) if getattr(config, "model_type", "").startswith("cohere") else None
-    divide = getattr(config, "logits_scaling", None) if getattr(config, "model_type", "").startswith("granite") else None
-    if not (cap or scale or divide):
+    steps = _head_steps(base)[0]
+    if not steps:
         return decoder, head
 
     def scaled_head(hidden):
         logits = head(hidden)
-        logits = logits * scale if scale else logits
-        logits = logits / divide if divide else logits
-        return cap * torch.tanh(logits / cap) if cap else logits
+        for name, value in steps.items():
+            logits = _HEAD_STEPS[name][0](logits, value)
+        return logits
 
     return decoder, scaled_head
+
+
+def _softcap(logits, cap):
+    return cap * torch.tanh(logits / cap)
+
+
+# what a causal LM's forward may do to its LM head's output, in this order, by the config attribute holding its number
+_HEAD_STEPS = {
+    "logit_scale": (torch.mul, "a logit scaling"),  # Cohere, Aya Vision
+    "lm_head_multiplier": (torch.mul, "a logit scaling"),  # Falcon-H1
+    "logits_scaling": (torch.div, "a logit division"),  # Granite
+    "final_logit_softcapping": (_softcap, "a final logit softcapping"),  # Gemma 2, 3 (text), 3n, 4, PaliGemma
+    "logits_soft_cap": (_softcap, "a final logit softcapping"),  # RecurrentGemma
+}
+
+
+def _head_steps(base) -> tuple[dict, bool]:
+    """The steps of :data:`_HEAD_STEPS` that ``base``'s forward applies after its LM head, ``{attribute: value}``, and
+    whether its code told: a step counts where its forward's code names the attribute (the same config may serve
+    classes that apply it and classes that do not: Gemma3ForConditionalGeneration does not softcap, Gemma3ForCausalLM
+    does), valued from the text config; where the code cannot be read, every step the config gives a value."""
+    config = getattr(base, "config", None)
+    config = config.get_text_config() if callable(getattr(config, "get_text_config", None)) else config
+    given = {name: getattr(config, name, None) for name in _HEAD_STEPS}
+    given = {name: value for name, value in given.items() if isinstance(value, (int, float)) and value}
+    try:
+        code = inspect.getsource(type(base).forward)
+    except (OSError, TypeError):
+        return given, False
+    return {name: value for name, value in given.items() if re.search(rf"\b{name}\b", code)}, True
 
 
 def _pad_token_id(net):
@@ -399,12 +446,15 @@ class MultipleChoice(Likelihood):
     text as a continuation (batch rows are ``B * K`` sequences with a ``target_mask``), summed over its
     tokens, divided by its length in tokens or characters when ``normalize`` is ``"tokens"``/``"chars"``.
     With ``share_prefix`` (default), a batch whose choices share their question (all but WinoGrande)
-    runs each question once and scores the ``K`` continuations from its key/value cache.
+    runs each question once and scores the ``K`` continuations from its key/value cache. A decoder whose cache cannot
+    serve them (a recurrent or convolution state beside the keys and values: Mamba, Jamba, LFM2, Qwen3-Next, or no
+    cache at all: RecurrentGemma) has every row run in full, the same scores; ``share_prefix=True`` given explicitly
+    warns of it when the :class:`~pyro_lora.LoraModel` is built, ``None`` (the default) does not.
     """
 
     net_inputs = _DECODER_INPUTS
 
-    def __init__(self, answer_token_ids=None, format="letter", normalize=None, share_prefix=True):
+    def __init__(self, answer_token_ids=None, format="letter", normalize=None, share_prefix=None):
         if format not in MC_FORMATS:
             raise ValueError(f"format must be 'letter' or 'cloze', got {format!r}")
         if format == "letter" and answer_token_ids is None:
@@ -432,16 +482,22 @@ class MultipleChoice(Likelihood):
                 )
         self.format = format
         self.normalize = normalize
-        self.share_prefix = share_prefix
+        self.share_prefix = share_prefix is not False
+        self._share_asked = share_prefix is True  # warn where the decoder cannot share it
 
     def check_network(self, net) -> None:
         """Refuse a causal LM whose forward does something to its LM head's logits that this likelihood, which calls
-        the decoder and the head itself, does not repeat (it repeats Gemma's softcapping, Cohere's and Granite's
-        scalings): its letter and cloze scores would not be the model's own. One forward of 4 tokens each way.
+        the decoder and the head itself, does not repeat (it repeats the softcappings and scalings of
+        :data:`_HEAD_STEPS` that the forward applies): its letter and cloze scores would not be the model's own. One
+        forward of 4 tokens each way. Warns where ``share_prefix=True`` was given and the decoder cannot share it.
 
         :raises ValueError: naming the model class and the largest difference, or answer tokens beyond its vocabulary.
         """
         decoder, head = _decoder_and_head(net)
+        reason = _unshareable(decoder)
+        if self.format == "cloze" and self._share_asked and reason:
+            warnings.warn(f"MultipleChoice(share_prefix=True): {type(decoder).__name__} {reason}, so every cloze row runs "
+                          "in full (the same scores, each question run once per choice)", stacklevel=3)
         weight = getattr(base_network(net).get_output_embeddings(), "weight", None)
         vocab = weight.shape[0] if weight is not None else 5
         if weight is not None and self.answer_token_ids is not None and int(self.answer_token_ids.max()) >= vocab:
@@ -455,10 +511,15 @@ class MultipleChoice(Likelihood):
         theirs = theirs.float()
         gap = (ours - theirs).abs().max()
         if not gap <= tolerance * theirs.abs().max() + 1e-5:
+            base = base_network(net)
+            steps, read = _head_steps(base)
+            applied = (f"MultipleChoice applies {', '.join(f'{_HEAD_STEPS[n][1]} ({n}={v})' for n, v in steps.items())} "
+                       f"itself, {'as its forward names it' if read else 'as the config gives it (the forward could not be read)'}: "
+                       "that may be what differs; " if steps else "")
             raise ValueError(
-                f"{type(base_network(net)).__name__}'s forward changes its LM head's logits in a way MultipleChoice does not "
+                f"{type(base).__name__}'s forward changes its LM head's logits in a way MultipleChoice does not "
                 f"repeat (they differ by up to {gap:.3g} on a 4-token probe): its letter and cloze scores would not be the "
-                "model's own; this model family is not supported for multiple choice"
+                f"model's own; {applied}this model family is not supported for multiple choice"
             )
 
     def observed(self, batch):
@@ -549,8 +610,9 @@ class MultipleChoice(Likelihood):
         out = decoder(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=(ctx_mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
         # transformers renamed past_key_values to cache; accept both
         name = "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
-        cache = getattr(out, name)
-        if cache is None:  # the decoder kept no cache (e.g. transformers' own checkpointing drops it): every row in full
+        cache = getattr(out, name, None)
+        # no cache (transformers' checkpointing drops it; RecurrentGemma returns none), or recurrent states: every row in full
+        if cache is None or not _key_value_layers(getattr(cache, "layers", [cache])):
             return None
         cache.batch_repeat_interleave(k)
         ctx_mask = ctx_mask.repeat_interleave(k, 0)
@@ -565,20 +627,47 @@ class MultipleChoice(Likelihood):
 
 
 def _can_share_prefix(decoder) -> bool:
-    """Whether a question's key/value cache gives its continuations what a full forward gives them: the decoder takes
-    ``position_ids`` (continuations after a left-padded context), keeps a cache (not under transformers' checkpointing
-    while training) and its rotary frequencies do not depend on the length run (dynamic NTK and LongRoPE rescale
-    them once a forward passes a length, so the question alone would get other ones)."""
-    if not _takes(decoder.forward, "position_ids"):
-        return False
+    """Whether a question's key/value cache gives its continuations what a full forward gives them: not under
+    transformers' checkpointing while training (it drops the cache), and nothing :func:`_unshareable` names."""
     if decoder.training and getattr(decoder, "gradient_checkpointing", False):
         return False
+    return _unshareable(decoder) is None
+
+
+def _unshareable(decoder) -> str | None:
+    """Why ``decoder``'s cache cannot serve a question's continuations (``None`` where it can): it takes no
+    ``position_ids`` (continuations after a left-padded context), its rotary frequencies depend on the length run
+    (dynamic NTK and LongRoPE rescale them once a forward passes a length, so the question alone would get other ones),
+    or its cache holds more than keys and values (:func:`_key_value_layers`), as transformers builds it from the config."""
+    if not _takes(decoder.forward, "position_ids"):
+        return "takes no position_ids"
+    if columns := _column_positions(decoder):
+        return columns
     for m in decoder.modules():
         kind = getattr(m, "rope_type", None)
         for t in (kind.values() if isinstance(kind, dict) else (kind,)):
             if isinstance(t, str) and ("dynamic" in t or t == "longrope"):
-                return False
-    return True
+                return f"uses {t} rotary embeddings, whose frequencies depend on the length run"
+    from transformers import DynamicCache, PretrainedConfig
+
+    config = getattr(decoder, "config", None)
+    if isinstance(config, PretrainedConfig):
+        try:
+            layers = DynamicCache(config=config).layers
+        except (KeyError, TypeError, ValueError, AttributeError):  # a layout this transformers cannot build: the forward tells
+            return None
+        if not _key_value_layers(layers):
+            return ("keeps recurrent or convolution states in its cache (linear attention, SSM), which a left-padded "
+                    "question would carry into its continuations and which cannot be repeated per choice")
+    return None
+
+
+def _key_value_layers(layers) -> bool:
+    """Whether every layer of a transformers cache holds keys and values only, which prefix sharing repeats per choice
+    (``batch_repeat_interleave``) and masks: no recurrent or convolution state (transformers'
+    ``LinearAttentionCacheLayerMixin``, hybrids included), which padding enters and nothing repeats."""
+    return all(callable(getattr(layer, "batch_repeat_interleave", None))
+               and not hasattr(layer, "recurrent_states") and not hasattr(layer, "conv_states") for layer in layers)
 
 
 def _refuse_empty_rows(batch, what):

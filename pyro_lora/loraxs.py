@@ -16,7 +16,7 @@ import torch
 from . import quantized
 from .contract import parameter_adapter
 from .model import LoraModel
-from .sites import active_adapter, base_network, base_rewriting_inits, describe_inits, find_lora_layers, layer_dims
+from .sites import active_adapter, base_rewriting_inits, describe_inits, find_lora_layers, head_modules, layer_dims
 
 __all__ = ["LoraXSModel", "base_weight", "init_lora_xs", "lora_xs_parameter_counts"]
 
@@ -45,16 +45,11 @@ def _check_cores_only(net, adapter: str) -> None:
     LoRA-XS neither puts a posterior over nor counts (:func:`lora_xs_parameter_counts`): ``bias='all'`` /
     ``'lora_only'`` (base biases; base parameters unfrozen by hand alike), ``lora_bias=True`` (a bias on ``lora_B``),
     LoRA on an embedding (``r (V + d)`` numbers), ``trainable_token_indices`` (embedding rows) and a
-    ``modules_to_save`` entry other than the head (a child of the model beside its backbone, holding no output embedding).
+    ``modules_to_save`` entry other than the head (:func:`~pyro_lora.sites.head_modules`).
 
     :raises ValueError: naming the option and how to build the adapter without it.
     """
-    from peft.utils import ModulesToSaveWrapper
-
-    base = base_network(net)
-    output = base.get_output_embeddings() if callable(getattr(base, "get_output_embeddings", None)) else None
-    heads = {id(m) for name, m in base.named_children() if name != getattr(base, "base_model_prefix", None)
-             and isinstance(m, ModulesToSaveWrapper) and not any(output is x for x in m.modules())}
+    heads = {id(m) for m in head_modules(net).values()}
     bias = getattr(getattr(net, "peft_config", {}).get(adapter), "bias", "none")
     found = {}  # (what trains beside the cores, what to do) -> (its first parameter, its numbers)
     for name, p in net.named_parameters():

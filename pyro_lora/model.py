@@ -28,7 +28,7 @@ from .modes import dropout_in_training
 from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, elbo_run, hidden_from_elbo, in_predictive,
                          in_svi_step, marked_guides, on_training_step, replayed_trace)
 from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_values, describe_inits,
-                    find_lora_layers, is_site_name, matrix_view, per_layer)
+                    embedding, find_lora_layers, head_modules, is_site_name, matrix_view, per_layer)
 
 # families whose attention projections run sequence-first ([T, batch, H]): their rows are positions, not the S samples'
 # families whose LoRA layers run on [T, N, d] (their batch is not the first dim): S samples cannot share a forward,
@@ -130,6 +130,7 @@ class LoraModel:
         self.last_nll = None  # mean NLL per example of the last batch the Pyro model scored (a detached tensor)
         self._svi_batch = None  # the rows of the first batch an ELBO trained on without num_data; False once warned
         self.set_trainable()
+        _warn_head_partly_frozen(net)
         _float32_trainables(net, self.point_parameters() + [p for layer in self.layers.values() for p in self._lora_parameters(layer)])
 
     def _check_kinds_model(self) -> None:
@@ -902,12 +903,23 @@ def _check_prior_and_size(prior, num_data) -> None:
                          f"got {num_data!r}")
 
 
+def _warn_head_partly_frozen(net) -> None:
+    """Warn where part of the task head (:func:`~pyro_lora.sites.head_modules`) trains and part stays frozen: a peft
+    adapter built with ``modules_to_save=["classifier"]`` on DeBERTa leaves its ``pooler``, which DeBERTa checkpoints
+    lack and transformers draws afresh, at its random values through every fit."""
+    heads = head_modules(net)
+    trains = {name: any(p.requires_grad for p in m.parameters()) for name, m in heads.items()}
+    frozen = [name for name, t in trains.items() if not t]
+    if frozen and any(trains.values()):
+        warnings.warn(
+            f"{type(base_network(net)).__name__}'s head {frozen} is frozen while {[n for n, t in trains.items() if t]} "
+            "trains: fit leaves it at its values, random where the checkpoint lacked it (DeBERTa's pooler); build the "
+            f"adapter with it in modules_to_save (LoraConfig(modules_to_save={list(heads)}), as pyro_lora.add_lora does)",
+            stacklevel=3)
+
+
 def _input_embeddings(net):
-    get = getattr(net, "get_input_embeddings", None)
-    try:
-        embeddings = get() if get is not None else None
-    except NotImplementedError:
-        return None
+    embeddings = embedding(net, "input")
     return embeddings if isinstance(getattr(embeddings, "weight", None), torch.Tensor) else None
 
 

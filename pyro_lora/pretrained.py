@@ -34,7 +34,7 @@ from .model_files import (
 )
 from .contract import DRAWN_AT_LOAD
 from .io import _naming_errors, synced
-from .sites import base_network
+from .sites import base_network, head_modules
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -378,7 +378,8 @@ def _quantization_kwargs(quantization, dtype, device, name_or_path) -> dict:
         raise ImportError(f"quantization={quantization!r} needs bitsandbytes: pip install bitsandbytes")
     from transformers import BitsAndBytesConfig
 
-    # heads stay unquantised: a fresh classification head trains (peft copies it), the LM head scores answers
+    # heads stay unquantised: a fresh classification head trains (peft copies it), the LM head scores answers; a local
+    # classifier's other head modules are added once its folder is known (_keep_head_unquantized)
     keep = ["classifier", "score", "lm_head"]
     if quantization == "nf4":
         config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -386,6 +387,21 @@ def _quantization_kwargs(quantization, dtype, device, name_or_path) -> dict:
     else:
         config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     return {"quantization_config": config, "device_map": {"": str(device)}}
+
+
+def _keep_head_unquantized(kwargs: dict, model_class, path, num_labels: int) -> None:
+    """Add the head modules of the classifier at ``path`` (:func:`~pyro_lora.sites.head_modules`, read off a skeleton on
+    the meta device) to the quantised load's unquantised ones in ``kwargs``, beyond ``classifier`` / ``score``: a head
+    trains (:func:`add_lora` puts all of it in ``modules_to_save``), and a DeBERTa pooler drawn afresh in 4 bits could
+    neither train nor run (bitsandbytes' quantisation state is never set up for weights the checkpoint lacks)."""
+    config = kwargs.get("quantization_config")
+    if config is None:
+        return
+    from transformers import AutoConfig
+
+    with torch.device("meta"):
+        skeleton = model_class.from_config(AutoConfig.from_pretrained(path, local_files_only=True, num_labels=num_labels))
+    config.llm_int8_skip_modules += [name for name in head_modules(skeleton) if name not in config.llm_int8_skip_modules]
 
 
 def _load(name_or_path: str, task: str, model_class, num_labels: int, label_names, dtype, progress: bool, extra: dict):
@@ -410,6 +426,7 @@ def _load(name_or_path: str, task: str, model_class, num_labels: int, label_name
         else:
             if task == "classification":
                 check_head_classes(path, num_labels, label_names)
+                _keep_head_unquantized(kwargs, model_class, path, num_labels)
             model = _from_pretrained(model_class, path, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
@@ -464,9 +481,10 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
 
     :param targets: module names to adapt (default ``default_lora_targets(model)``), or one string peft reads:
         ``"all-linear"`` (every linear layer but the output head) or a regular expression.
-    :param task: ``"classification"`` (peft ``SEQ_CLS``: the classifier head stays trainable through
-        ``modules_to_save``; a head of another name than ``classifier`` / ``score``, BART's ``classification_head``,
-        is put there too) or ``"causal_lm"``; default from the model class.
+    :param task: ``"classification"`` (peft ``SEQ_CLS``: the whole head trains through ``modules_to_save``, every
+        module :func:`~pyro_lora.sites.head_modules` names: ``classifier`` / ``score`` and what sits beside them
+        outside the backbone, DeBERTa's ``pooler``, BART's ``classification_head``) or ``"causal_lm"``; default from
+        the model class.
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -474,11 +492,9 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
         task = "classification" if type(model).__name__.endswith("ForSequenceClassification") else "causal_lm"
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    heads = None
-    if task == "classification":  # peft's SEQ_CLS keeps only a 'classifier' or 'score' trainable (and saved)
-        children = [n for n, m in model.named_children()
-                    if n != getattr(model, "base_model_prefix", None) and any(True for _ in m.parameters())]
-        heads = children if children and not {"classifier", "score"} & set(children) else None  # BART's head
+    # peft's SEQ_CLS keeps only a 'classifier' or 'score' trainable (and saved): a pooler beside it (DeBERTa's, which
+    # its checkpoints lack and transformers draws afresh) would stay frozen at random, BART's classification_head too
+    heads = (list(head_modules(model)) or None) if task == "classification" else None
     config = LoraConfig(
         task_type=TaskType.SEQ_CLS if task == "classification" else TaskType.CAUSAL_LM,
         r=r,

@@ -68,6 +68,35 @@ def base_network(net):
     return net.model if isinstance(net, BaseTuner) else net
 
 
+def head_modules(model) -> dict:
+    """The head of a task model, ``{name: module}``: every direct child of the transformers model (under peft's wrappers
+    too) outside its backbone that holds parameters and no output embedding: DeBERTa's ``pooler`` and ``classifier``,
+    BART's ``classification_head``, Llama's ``score`` (a BERT pooler lives inside the backbone: no head). The backbone is
+    the child named ``base_model_prefix`` and the one holding the input embedding (Llama4ForCausalLM names a prefix it
+    has no child of)."""
+    base = base_network(model)
+    prefix = getattr(base, "base_model_prefix", None)
+    if not prefix:  # no transformers task model: nothing tells its backbone
+        return {}
+    output, inputs = embedding(base, "output"), embedding(base, "input")
+
+    def holds(module, part):
+        return part is not None and any(part is m for m in module.modules())
+
+    return {name: m for name, m in base.named_children()
+            if name != prefix and any(True for _ in m.parameters()) and not holds(m, output) and not holds(m, inputs)}
+
+
+def embedding(model, which: str):
+    """``model.get_input_embeddings()`` (``which="input"``) or ``get_output_embeddings()`` (``"output"``); ``None``
+    where the model has no such method or it raises ``NotImplementedError`` (transformers' default for a model without)."""
+    get = getattr(model, f"get_{which}_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except NotImplementedError:
+        return None
+
+
 def find_lora_layers(net, adapter: str | None = None) -> OrderedDict:
     """Module path -> peft LoRA ``Linear`` layer for every layer holding ``adapter``.
 

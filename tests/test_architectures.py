@@ -481,3 +481,54 @@ def test_handed_values_are_checked_for_every_site_and_its_shape():
                           ({a: values[a][0]}, "expects shape")]:
         with torch.no_grad(), pytest.raises(ValueError, match=message):
             model.logits(batch, values, flipout_locs=locs)
+
+
+def _gemma3_multimodal(cap):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    text = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                final_logit_softcapping=cap, sliding_window=4, initializer_range=0.2)
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4, image_token_index=63,
+                          boi_token_index=61, eoi_token_index=62)
+    return add_lora(Gemma3ForConditionalGeneration(config), r=2, targets=r"model\.language_model.*\.(q_proj|v_proj)").eval()
+
+
+def test_the_logit_steps_repeated_are_those_the_running_forward_applies():
+    """Gemma3ForConditionalGeneration does not softcap its logits, but MultipleChoice applied its text config's
+    final_logit_softcapping: refused as a forward that 'changes its LM head's logits' (cap 3), or its scores capped where
+    the model's are not (cap 30). RecurrentGemma softcaps by logits_soft_cap, which MultipleChoice did not apply."""
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
+    torch.manual_seed(0)
+    recurrent = RecurrentGemmaForCausalLM(RecurrentGemmaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, head_dim=8,
+        lru_width=32, attention_window_size=4, num_key_value_heads=1, block_types=["recurrent", "attention"], pad_token_id=0,
+        logits_soft_cap=1.5))
+    prompt = torch.tensor([[5, 9, 17, 23, 31]])
+    batch = {"input_ids": prompt, "attention_mask": torch.ones_like(prompt), "choice_mask": torch.ones(1, 3, dtype=torch.bool)}
+    for net in (_gemma3_multimodal(3.0), _gemma3_multimodal(30.0), add_lora(recurrent, r=2, targets=["q_proj"]).eval()):
+        with torch.no_grad():
+            ours = LoraModel(net, MultipleChoice([10, 11, 12], format="letter")).logits(batch)[0]
+            theirs = net(input_ids=prompt).logits[0, -1, [10, 11, 12]]
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
+def test_a_refused_forward_names_the_logit_step_multiple_choice_applies():
+    """Where the forward names a step it does not take, the probe's refusal says that MultipleChoice re-applied it."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    class Uncapped(Gemma2ForCausalLM):
+        def forward(self, input_ids=None, **kwargs):  # leaves final_logit_softcapping out
+            hidden = self.model(input_ids=input_ids, **kwargs).last_hidden_state
+            return CausalLMOutputWithPast(logits=self.lm_head(hidden))
+
+    torch.manual_seed(0)
+    net = Uncapped(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=8, pad_token_id=0, final_logit_softcapping=0.5))
+    with pytest.raises(ValueError, match=r"Uncapped's forward changes its LM head's logits.*MultipleChoice applies a final "
+                                         r"logit softcapping \(final_logit_softcapping=0.5\) itself, as its forward names it"):
+        LoraModel(add_lora(net, r=2), MultipleChoice([10, 11, 12], format="letter"))

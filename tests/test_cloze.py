@@ -232,3 +232,73 @@ def test_letter_ids_are_the_tokens_that_follow_answer_in_the_prompt():
         answered = tokenizer(f"{prompt} {letter}", add_special_tokens=False)["input_ids"]
         assert answered[: len(context)] == context and answered[len(context):] == [token]
     assert letter_token_ids(tokenizer, torch.tensor(2)).tolist() == ids[:2].tolist()
+
+
+def _hybrid(model_type):
+    """A tiny LFM2 (a convolution layer beside attention) or RecurrentGemma (a recurrent block; its forward returns no
+    cache), with LoRA on the attention's q and v."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    common = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                  max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    extra = {"lfm2": dict(num_key_value_heads=2, layer_types=["conv", "full_attention"], conv_L_cache=3),
+             "recurrent_gemma": dict(head_dim=8, lru_width=32, attention_window_size=4, num_key_value_heads=1,
+                                     block_types=["recurrent", "attention"])}[model_type]
+    torch.manual_seed(0)
+    net = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **common, **extra))
+    return get_peft_model(net, LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).eval()
+
+
+@pytest.mark.parametrize("model_type", ["lfm2", "recurrent_gemma"])
+def test_a_decoder_whose_cache_is_no_key_value_cache_scores_every_row_in_full(model_type):
+    """A convolution or recurrent state cannot be repeated per choice (LFM2: AttributeError 'LinearAttentionLayer' object
+    has no attribute 'batch_repeat_interleave' from inside transformers), and RecurrentGemma returns no cache
+    ('BaseModelOutput' object has no attribute 'cache'): the rows run in full, as share_prefix=False runs them."""
+    import warnings
+
+    net = _hybrid(model_type)
+    batch = cloze_batch(SHARED, extra_pad=1)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default says nothing
+        shared = LoraModel(net, MultipleChoice(format="cloze")).logits(batch)
+        full = LoraModel(net, MultipleChoice(format="cloze", share_prefix=False)).logits(batch)
+        expected = direct_scores(net, SHARED)
+    torch.testing.assert_close(shared, full, rtol=0, atol=0)
+    for row, own in zip(shared, expected):
+        torch.testing.assert_close(row[:len(own)], own, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match=r"MultipleChoice\(share_prefix=True\): \w+Model (keeps recurrent or convolution "
+                                         r"states|takes no position_ids).*every cloze row runs in full"):
+        LoraModel(net, MultipleChoice(format="cloze", share_prefix=True))
+
+
+def test_llama4s_decoder_is_found_and_its_column_numbered_queries_get_right_padded_rows():
+    """Llama4ForCausalLM names base_model_prefix 'language_model' for a module it calls 'model': MultipleChoice found no
+    decoder and refused it with no way out. Its NoPE layers scale their queries by the column (attn_temperature_tuning),
+    so a left-padded row, or continuations after a cached question, would get other scales than the row alone: a
+    left-padded letter batch is refused naming it, and cloze rows run in full."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama4_text", vocab_size=64, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                  num_local_experts=2, num_experts_per_tok=1, no_rope_layers=[1, 0], floor_scale=2,
+                                  attn_scale=0.5, pad_token_id=0, use_qk_norm=False)
+    net = get_peft_model(AutoModelForCausalLM.from_config(config), LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).eval()
+    with torch.no_grad():
+        scores = LoraModel(net, MultipleChoice(format="cloze")).logits(cloze_batch(SHARED))
+        for row, own in zip(scores, direct_scores(net, SHARED)):
+            torch.testing.assert_close(row[:len(own)], own, rtol=1e-5, atol=1e-5)
+        letters = LoraModel(net, MultipleChoice([10, 11], format="letter"))
+        rows = [[5, 9, 17], [4, 8, 16, 23, 31]]
+        own = torch.stack([net(input_ids=torch.tensor([r])).logits[0, -1, [10, 11]] for r in rows])
+        for side, take in (("right", lambda r: r + [0] * (5 - len(r))), ("left", lambda r: [0] * (5 - len(r)) + r)):
+            ids = torch.tensor([take(r) for r in rows])
+            batch = {"input_ids": ids, "attention_mask": (ids != 0).long(), "choice_mask": torch.ones(2, 2, dtype=torch.bool)}
+            if side == "right":
+                torch.testing.assert_close(letters.logits(batch), own, rtol=1e-5, atol=1e-5)
+            else:
+                with pytest.raises(ValueError, match=r"Llama4TextModel scales the queries of its NoPE layers by their column "
+                                                     r"\(attn_temperature_tuning\).*pad on the right"):
+                    letters.logits(batch)

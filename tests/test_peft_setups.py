@@ -502,6 +502,50 @@ def test_add_lora_keeps_a_classification_head_of_another_name_trainable():
         "base_model.model.classifier.modules_to_save.default.weight", "base_model.model.classifier.modules_to_save.default.bias"}
 
 
+def _tiny_deberta():
+    """A DeBERTa-v2 classifier: its pooler sits beside the classifier, outside the backbone (DeBERTa checkpoints lack it,
+    so transformers draws it afresh)."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    torch.manual_seed(0)
+    return DebertaV2ForSequenceClassification(DebertaV2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, pad_token_id=0, num_labels=2, relative_attention=True, pos_att_type=["p2c", "c2p"],
+        max_relative_positions=16, position_buckets=8))
+
+
+def test_add_lora_trains_the_whole_head_beside_the_backbone():
+    """add_lora put only DeBERTa's classifier in modules_to_save: its random 32 x 32 pooler stayed frozen through fit
+    (moved 0.0 while the classifier moved 0.12), and nothing said so."""
+    from pyro_lora.pretrained import add_lora
+
+    net = add_lora(_tiny_deberta(), r=2, alpha=4)
+    pooler = net.base_model.model.pooler.modules_to_save["default"].dense.weight
+    before = pooler.detach().clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = LoraModel(net, SequenceClassification(), num_data=8)
+    batch = random_batch(8, vocab=64) | {"labels": torch.arange(8) % 2}
+    fit(model, MAPGuide(model), [batch], epochs=3, lr=1e-2, progress=False)
+    assert pooler.requires_grad and (pooler - before).abs().max() > 1e-3
+
+
+def test_a_head_left_partly_frozen_by_a_users_adapter_is_warned_naming_it():
+    """A user's LoraConfig(modules_to_save=['classifier']) on DeBERTa trained the classifier over a frozen random pooler
+    without a word; the whole head in modules_to_save, or none of it trained (an adapter loaded for inference), is quiet."""
+    config = dict(r=2, target_modules=["query_proj", "value_proj"], task_type="SEQ_CLS")
+    net = get_peft_model(_tiny_deberta(), LoraConfig(**config, modules_to_save=["classifier"]))
+    with pytest.warns(UserWarning, match=r"DebertaV2ForSequenceClassification's head \['pooler'\] is frozen while "
+                                         r"\['classifier'\] trains.*modules_to_save=\['pooler', 'classifier'\]"):
+        LoraModel(net, SequenceClassification())
+    quiet = [get_peft_model(_tiny_deberta(), LoraConfig(**config, modules_to_save=["pooler", "classifier"])),
+             get_peft_model(_tiny_deberta(), LoraConfig(**config, inference_mode=True))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for net in quiet:
+            LoraModel(net, SequenceClassification())
+
+
 def test_export_refuses_an_embedding_lora_scaled_apart_from_its_config(tmp_path):
     """Only the sites' Linear layers were checked: an embedding LoRA of the adapter scaled by peft's set_scale was
     exported, and saved by save_guide(adapter=True), with its config's scaling (0.012 off on reload)."""

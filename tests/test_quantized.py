@@ -196,6 +196,28 @@ def test_a_bert_classifier_loads_in_nf4_with_its_fresh_head_unquantized_and_trai
     assert losses[-1] < losses[0]
 
 
+def test_a_deberta_classifier_loads_in_nf4_with_its_whole_fresh_head_unquantized_and_trains(tmp_path):
+    """Only classifier / score / lm_head stayed unquantised: DeBERTa's pooler, which its checkpoints lack, was drawn in 4
+    bits, and its first forward failed inside bitsandbytes (quantisation state never set up), nor could it train."""
+    from transformers import AutoModel, DebertaV2Config
+
+    torch.manual_seed(0)
+    AutoModel.from_config(DebertaV2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=64, pad_token_id=0, relative_attention=True, pos_att_type=["p2c", "c2p"],
+        max_relative_positions=16, position_buckets=8)).save_pretrained(tmp_path)  # a body: no pooler, no classifier
+    small_tokenizer(tmp_path)
+    net, _ = load_pretrained(str(tmp_path), "classification", num_labels=3, quantization="nf4", progress=False)
+    assert type(net.pooler.dense) is type(net.classifier) is torch.nn.Linear
+    assert "4bit" in type(net.deberta.encoder.layer[0].attention.self.query_proj).__name__
+    net = add_lora(net, r=4)
+    pooler = net.base_model.model.pooler.modules_to_save["default"].dense.weight
+    before = pooler.detach().clone()
+    model = LoraModel(net, SequenceClassification(), num_data=6)
+    fit(model, MAPGuide(model), [batch()] * 3, lr=1e-2, progress=False)
+    assert (pooler - before).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("quantization", ["nf4", "int8"])
 def test_lora_xs_takes_the_svd_of_the_dequantized_base(folder, quantization):
     from pyro_lora.guides import SWAGCollector, SWAGGuide
