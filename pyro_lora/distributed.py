@@ -379,8 +379,9 @@ def check_same(value, what: str, advice: str = "give every rank the same") -> No
 
 
 def _shown(value, width: int = 80) -> str:
+    """``repr(value)``, its middle elided past ``width`` characters: paths differing by rank differ at their end."""
     text = repr(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
+    return text if len(text) <= width else text[: width // 2 - 2] + "..." + text[-(width - width // 2 - 1):]
 
 
 def _flat(tensors, device):
