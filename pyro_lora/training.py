@@ -145,15 +145,17 @@ def fit(
     with distributed.refused_together("fit"):  # a refusal on one rank only would leave the others waiting
         # first (a collective, which a rank refused earlier would skip): a rank's own checkpoint_dir was refused by
         # the first save, after the run; other steps or schedules would leave ranks waiting or apart
-        distributed.check_same({
+        arguments = {  # what every rank, and a resumed run, must share
             "epochs": epochs, "lr": lr, "elbo": type(elbo).__name__, "weight_decay": weight_decay,
             "lr_schedule": lr_schedule, "warmup_steps": warmup_steps,
             "kl_weight": "a callable" if callable(kl_weight) else kl_weight, "train_network": train_network,
             "grad_accum_steps": grad_accum_steps, "max_grad_norm": max_grad_norm, "autocast": str(autocast),
-            "checkpoint_dir": os.path.abspath(checkpoint_dir) if checkpoint_dir else None,
-            "checkpoint_every": checkpoint_every, "stop_on_divergence": stop_on_divergence,
+            "stop_on_divergence": stop_on_divergence,
             "num_data": model.num_data,  # each rank would scale its data term to its own N
-        }, "settings of fit")
+        }
+        distributed.check_same({**arguments, "checkpoint_every": checkpoint_every,
+                                "checkpoint_dir": os.path.abspath(checkpoint_dir) if checkpoint_dir else None},
+                               "settings of fit")
         grad_accum_steps = check_count(grad_accum_steps, "grad_accum_steps")
         check_count(epochs, "epochs", minimum=0)
         check_count(warmup_steps, "warmup_steps", minimum=0)
@@ -205,12 +207,8 @@ def fit(
         if resume:
             _check_resumable(data, callbacks)
         generators = _generators(data)
-        settings = resumable and _settings(
-            guide, length, generators, _describe_data(data), epochs=epochs, lr=lr, weight_decay=weight_decay,
-            lr_schedule=lr_schedule, warmup_steps=warmup_steps, grad_accum_steps=grad_accum_steps,
-            max_grad_norm=max_grad_norm, train_network=train_network, elbo=type(elbo).__name__, autocast=str(autocast),
-            num_data=model.num_data, stop_on_divergence=stop_on_divergence,
-            kl_weight="a callable" if callable(kl_weight) else kl_weight)
+        settings = resumable and _settings(guide, length, generators, _describe_data(data), **{
+            **arguments, "elbo": type(elbo).__name__, "autocast": str(autocast)})  # as defaulted since
         resumed = _resume_from(checkpoint_dir, model, guide, settings) if resume else None
         if resumed is not None and callbacks:
             warnings.warn(f"fit(resume=True): the callbacks' own state ({', '.join(type(cb).__name__ for cb in callbacks)})"
