@@ -14,6 +14,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from pyro_lora.calibration import golden_section
 from pyro_lora.checks import check_nonnegative
 from pyro_lora.contract import check_guide
 from pyro_lora.data import fixed_batches, to_device
@@ -146,7 +147,8 @@ class LaplaceGuide(LoraGuide):
         :param data: iterable of labelled batches (dicts of tensors).
         :param dict loc: site -> value (``site.shape``) to fit at instead of the adapter (a member of an ensemble).
         :returns: ``self``.
-        :raises ValueError: for ``loc`` values that are not the sites' (names, shapes, finite).
+        :raises ValueError: for ``loc`` values that are not the sites' (names, shapes, finite), or a ``DataLoader``
+            dropping its last incomplete batch (the curvature is a sum over every example).
 
         Under ``torch.distributed`` every rank is given the same ``data`` and runs its block of batches;
         the sums (``r x r`` sides, the ``D``-side sketches over the same ``Omega``, traces, ``N``, the
@@ -294,12 +296,12 @@ class LaplaceGuide(LoraGuide):
         GLM probit predictive (one pass: the Jacobians do not depend on ``lambda``) or, with
         ``predictive="samples"``, the sampled predictive with ``num_samples`` (common random numbers). ``val_loader``
         is read once into a list of batches, so every pass sees them in the same order (a shuffling ``DataLoader``,
-        a generator).
+        a generator); a ``DataLoader`` dropping its last incomplete batch is refused, as ``predict`` refuses it.
 
         With ``refine``, a second grid of 7 values, log-spaced between the best value's neighbours (between it and its
-        one neighbour at an end of the grid), refines it (one more pass). When the lowest NLL is still at the grid's
-        smallest or largest value, the optimum may lie beyond the grid: a warning names that edge and asks for a
-        wider grid (the edge value is set).
+        one neighbour at an end of the grid; :func:`search_grid`), refines it (one more pass). When the lowest NLL is
+        still at the grid's smallest or largest value, the optimum may lie beyond the grid: a warning names that edge
+        and asks for a wider grid (the edge value is set).
 
         :param grid: ``lambda`` values for ``"val_nll"`` (default ``logspace(-4, 4, 17)``), finite and positive.
         :param int num_samples: weight samples per ``lambda`` for ``predictive="samples"`` (a positive integer).
@@ -311,8 +313,8 @@ class LaplaceGuide(LoraGuide):
             whose head or adapter changed since the fit (as ``predict`` refuses it) or without
             ``val_loader`` or with ``per_layer=True``, a grid value that is not finite and positive (0, negative,
             inf, nan), a ``num_samples`` or ``max_iter`` that is not a positive integer, a ``min_effective_parameters``
-            that is not a finite number ``>= 0``, or a grid NLL that is nan; all but the last before ``val_loader`` is
-            read.
+            that is not a finite number ``>= 0``, a ``val_loader`` that drops its last incomplete batch, or a grid NLL
+            that is nan; all but the last before ``val_loader`` is read.
         """
         self._check_fitted()
         check_prior_search(method, val_loader, grid)
@@ -360,7 +362,7 @@ class LaplaceGuide(LoraGuide):
             return self._optimize_marglik(per_layer, max_iter, floor)
         grid = prior_precision_grid(grid)
         self._check_network("tune lambda on validation data")
-        val_loader = fixed_batches(val_loader)  # each pass the same batches in the same order: common random numbers
+        val_loader = fixed_batches(val_loader, f"{type(self).__name__} val_nll")  # each pass the same batches in the same order: common random numbers
         best, nlls = search_grid(grid, lambda g: self._grid_nll(val_loader, g, predictive, num_samples, progress), refine,
                                  type(self).__name__)
         self.set_prior_precision(best)
@@ -386,18 +388,10 @@ class LaplaceGuide(LoraGuide):
         return history
 
     def _grid_nll(self, data, grid, predictive, num_samples, progress):
-        """Validation NLL per ``lambda`` of ``grid`` under ``predictive``.
-
-        :raises ValueError: naming the ``lambda`` values where it is NaN.
-        """
+        """Validation NLL per ``lambda`` of ``grid`` under ``predictive``."""
         if predictive == "glm":
-            nlls = self._grid_nll_glm(data, grid.to(self.num_data.device), progress)
-        else:
-            nlls = self._grid_nll_samples(data, grid, num_samples, progress)
-        bad = [g for g, v in zip(grid.tolist(), nlls) if math.isnan(v)]
-        if bad:
-            raise ValueError(f"the validation NLL is nan at lambda = {', '.join(f'{g:g}' for g in bad)}: no lambda was set")
-        return list(nlls)
+            return self._grid_nll_glm(data, grid.to(self.num_data.device), progress)
+        return self._grid_nll_samples(data, grid, num_samples, progress)
 
     def _grid_nll_glm(self, data, grid, progress):
         return grid_nll_glm(self.model, self.sites, self.factors, data, grid, progress)
@@ -520,42 +514,63 @@ def check_prior_search(method, val_loader, grid) -> None:
         raise ValueError("method='val_nll' needs val_loader")
 
 
-def prior_precision_grid(grid=None) -> torch.Tensor:
-    """``grid`` as a flat float tensor (default ``logspace(-4, 4, 17)``).
+def prior_precision_grid(grid=None, dtype=torch.float) -> torch.Tensor:
+    """``grid`` as a flat tensor of ``dtype`` (default ``logspace(-4, 4, 17)``).
 
-    :raises ValueError: for an empty grid or a value that is not finite and positive.
+    :raises ValueError: for an empty grid or a value that is not finite and positive in ``dtype``.
     """
-    grid = torch.logspace(-4, 4, 17) if grid is None else torch.as_tensor(grid, dtype=torch.float).reshape(-1)
+    grid = torch.logspace(-4, 4, 17, dtype=dtype) if grid is None else torch.as_tensor(grid, dtype=dtype).reshape(-1)
     if grid.numel() == 0 or not bool((torch.isfinite(grid) & (grid > 0)).all()):
-        raise ValueError(f"grid must hold finite positive prior precisions (float32), got {grid.tolist()}")
+        raise ValueError(f"grid must hold finite positive prior precisions ({str(dtype).removeprefix('torch.')}), got "
+                         f"{grid.tolist()}")
     return grid
 
 
-def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide"):
-    """The ``lambda`` of lowest validation NLL: ``nlls_of(values) -> [NLL per value]`` over ``grid``, then (``refine``)
-    7 values log-spaced between the best one's neighbours (between it and its one neighbour at an end of the grid; one
-    more pass); returns ``(best, NLLs in the order scored)``. Of values tied at the lowest NLL the largest is taken
-    (the narrowest posterior: the validation data do not ask for more spread), whatever the grid's order. A best value
-    still at an end of the grid warns, naming the end (``who`` says whose): the optimum may lie beyond it.
+def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide", tol=None):
+    """The ``lambda`` of lowest validation NLL, the search every guide's ``"val_nll"`` shares: ``nlls_of(values) -> [NLL
+    per value]`` over ``grid``, then (``refine``) between the best value's neighbours in the grid sorted, each value
+    once (a repeated best value is not its own neighbour; at an end of the grid, between it and its one neighbour):
+    7 log-spaced values (one more call of ``nlls_of``) or, with ``tol``, a golden-section search in ``log lambda`` until
+    the bracket is ``tol`` wide (one value per call: for an NLL that is cheap at any ``lambda``). Returns ``(best, NLLs
+    of the grid and then of the 7 refining values, in the order scored)``. Of values tied at the lowest NLL the
+    largest is taken (the narrowest posterior: the validation data do not ask for more spread), whatever the grid's
+    order or repeats. An NLL equal at every grid value is said (:func:`said_flat`) and not refined; a best value still
+    at an end of the grid warns, naming the end (``who`` says whose): the optimum may lie beyond it.
+
+    :raises ValueError: naming the ``lambda`` values where the NLL is nan (no lambda is set).
     """
+    def scored(values):
+        nlls = list(nlls_of(values))
+        bad = [g for g, v in zip(values.tolist(), nlls) if math.isnan(v)]
+        if bad:
+            raise ValueError(f"the validation NLL is nan at lambda = {', '.join(f'{g:g}' for g in bad)}: no lambda was set")
+        return nlls
+
     def lowest(values, nlls):
         nlls = torch.tensor(nlls, dtype=torch.float64)
         return float(values[nlls == nlls.min()].max())
 
-    nlls = nlls_of(grid)
+    nlls = scored(grid)
     best = lowest(grid, nlls)
-    ordered = torch.unique(grid)  # sorted, each value once: a repeated best value is not its own neighbour
+    ordered = torch.unique(grid)  # sorted, each value once
     low, high = float(ordered[0]), float(ordered[-1])
+    if said_flat(who, nlls, low, high, best):
+        return best, nlls
     if refine and len(ordered) > 1:  # one value is no search
-        # a finer log-spaced grid around the best value: the grid's step is a factor 10^0.5 by default
         i = int((ordered == best).nonzero()[0, 0])
         a, b = float(ordered[max(i - 1, 0)]), float(ordered[min(i + 1, len(ordered) - 1)])
-        fine = torch.logspace(math.log10(a), math.log10(b), 9, dtype=grid.dtype)[1:-1]
-        fine_nlls = nlls_of(fine)
-        if min(fine_nlls) < min(nlls):
-            best = lowest(fine, fine_nlls)
-        nlls = nlls + fine_nlls
-    if not said_flat(who, nlls, low, high, best) and low < high and best in (low, high):
+        if tol is None:  # a finer log-spaced grid around the best value: the grid's step is a factor 10^0.5 by default
+            fine = torch.logspace(math.log10(a), math.log10(b), 9, dtype=grid.dtype)[1:-1]
+            fine_nlls = scored(fine)
+            if min(fine_nlls) < min(nlls):
+                best = lowest(fine, fine_nlls)
+            nlls = nlls + fine_nlls
+        else:
+            t, value = golden_section(lambda t: scored(torch.tensor([math.exp(t)], dtype=grid.dtype))[0],
+                                      math.log(a), math.log(b), tol)
+            if value < min(nlls):
+                best = math.exp(t)
+    if low < high and best in (low, high):
         side, beyond = ("smallest", f"below {low:g} (a wider posterior)") if best == low else \
             ("largest", f"above {high:g} (a narrower posterior, towards the MAP)")
         warnings.warn(

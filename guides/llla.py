@@ -23,9 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_lora import distributed
-from pyro_lora.calibration import golden_section
 from pyro_lora.contract import check_guide, entry_checks
-from pyro_lora.data import RowDigest, fixed_batches, to_device
+from pyro_lora.data import RowDigest, check_every_example, fixed_batches, to_device
 from pyro_lora.evidence import maximise_evidence, precision_tensor
 from pyro_lora.heads import class_rows, find_head, head_features, head_rows, tied_parameters
 from pyro_lora.kfac import glm_predict, probit
@@ -35,8 +34,8 @@ from pyro_lora.metrics import nll
 from pyro_lora.checks import check_count
 
 from .base import LoraGuide
-from .laplace import (_LOG_LAMBDA_RANGE, LAMBDA_GRID, check_prior_search, earlier_fit, forget_rows, glm_probit, said_flat,
-                      warn_fitted_rows)
+from .laplace import (_LOG_LAMBDA_RANGE, LAMBDA_GRID, check_prior_search, earlier_fit, forget_rows, glm_probit,
+                      prior_precision_grid, search_grid, warn_fitted_rows)
 from .registry import Fitted, join_notes, method
 
 _FULL_LIMIT = 8192  # P up to which hessian="auto" keeps the dense GGN (its P x P eigenvectors: 256 MiB in float32)
@@ -188,12 +187,14 @@ class LastLayerLaplaceGuide(LoraGuide):
         batches; the sums are all-reduced.
 
         :returns: ``self``.
-        :raises ValueError: on empty ``data``, a model this guide does not fit (:func:`~pyro_lora.contract.check_guide`),
-            or features that do not reproduce the logits (:meth:`features`).
+        :raises ValueError: on empty ``data``, a ``DataLoader`` dropping its last incomplete batch (the GGN is a sum over
+            every example), a model this guide does not fit (:func:`~pyro_lora.contract.check_guide`), or features that
+            do not reproduce the logits (:meth:`features`).
         """
         previous = earlier_fit(self)
         with self._all_or_nothing(adopt=True):  # the head as it is now is what the posterior is over
             with entry_checks(self.model, None, "fit a last-layer Laplace"):
+                check_every_example(data, "a last-layer Laplace fit")
                 check_guide(self.model, self, "fit")
             count, rows = self._fit(data, progress)
         self._rows = rows  # once the fit stands: a failed one leaves the guide, its examples too, as it was
@@ -344,14 +345,17 @@ class LastLayerLaplaceGuide(LoraGuide):
         safeguarded Newton steps; it is concave there, so the optimum is unique. ``"val_nll"``: the validation NLL of
         the GLM probit predictive on ``val_loader`` (its features computed once) over ``grid`` (default
         ``logspace(-4, 4, 17)``), then a golden-section search in ``log lambda`` between the neighbours of the best
-        grid value; a warning says when the optimum is at the grid's smallest or largest value (it may lie beyond).
+        grid value, the search :class:`LaplaceGuide`'s shares (:func:`~pyro_lora.guides.laplace.search_grid`: a repeated
+        value is not its own neighbour, ties take the largest ``lambda``); a warning says when the optimum is at the
+        grid's smallest or largest value (it may lie beyond).
 
         Holds the validation set's projections: ``N C P`` numbers (full) or ``N D1`` (KFAC).
 
         :param int max_iter: at most this many Newton iterations (a positive integer).
         :returns: the evidence per Newton iteration, or the validation NLL per grid value (in ascending ``lambda``).
         :raises ValueError: before :meth:`fit`, on an unknown ``method``, ``"marglik"`` given a ``val_loader`` or a
-            ``grid``, ``"val_nll"`` without ``val_loader`` or on an empty one, a grid value that is not finite and positive, or a grid NLL that is nan.
+            ``grid``, ``"val_nll"`` without ``val_loader``, on an empty one or a ``DataLoader`` dropping its last
+            incomplete batch, a grid value that is not finite and positive, or a grid NLL that is nan.
         """
         self._check_fitted()
         check_prior_search(method, val_loader, grid)
@@ -362,14 +366,18 @@ class LastLayerLaplaceGuide(LoraGuide):
             t, history = maximise_evidence(self._evidence_terms, start, low, high, max_iter, self.log_likelihood)
             self.set_prior_precision(float(t.exp()))
             return history
-        grid = torch.logspace(-4, 4, 17) if grid is None else torch.as_tensor(grid, dtype=torch.float64).reshape(-1)
-        if grid.numel() == 0 or not bool((torch.isfinite(grid) & (grid > 0)).all()):
-            raise ValueError(f"grid must hold finite positive prior precisions, got {grid.tolist()}")
-        return self._optimize_val_nll(val_loader, sorted(grid.tolist()), progress)
+        grid = prior_precision_grid(grid, torch.float64).sort().values
+        nll_at = self._val_nll(val_loader, progress)
+        best, nlls = search_grid(grid, lambda values: [nll_at(lam) for lam in values.tolist()], True,
+                                 "LastLayerLaplaceGuide", tol=_VAL_TOL)
+        self.set_prior_precision(best)
+        return nlls
 
-    def _optimize_val_nll(self, val_loader, grid, progress):
+    def _val_nll(self, val_loader, progress):
+        """``lambda -> `` the validation NLL of the GLM probit predictive on ``val_loader``, whose features and
+        projections are computed here, once."""
         self._check_head()
-        val_loader = fixed_batches(val_loader)  # every rank scores the same whole validation set
+        val_loader = fixed_batches(val_loader, "LastLayerLaplaceGuide val_nll")  # every rank scores the same whole validation set
         cache, labels = [], []
         for batch in progress_bar(val_loader, desc="LLLA val features", disable=not progress, dynamic_ncols=True):
             logits, phi = self._features(batch)
@@ -379,34 +387,12 @@ class LastLayerLaplaceGuide(LoraGuide):
             raise ValueError("val_loader is empty")
         labels, width = torch.cat(labels), max(logits.shape[1] for logits, _ in cache)
 
-        def val_nll(t):
-            lam = math.exp(t)
+        def val_nll(lam):
             probs = [probit(mean, self._logit_cov(m, lam)[:, : mean.shape[1], : mean.shape[1]])
                      for mean, m in cache]
             return nll(torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in probs]), labels)
 
-        nlls = [val_nll(math.log(g)) for g in grid]
-        bad = [g for g, v in zip(grid, nlls) if math.isnan(v)]
-        if bad:
-            raise ValueError(f"the validation NLL is nan at lambda = {', '.join(f'{g:g}' for g in bad)}: no lambda was set")
-        i = max(j for j, v in enumerate(nlls) if v == min(nlls))  # of tied values the largest lambda, as search_grid
-        best, value = math.log(grid[i]), nlls[i]
-        lo, hi = max(i - 1, 0), min(i + 1, len(grid) - 1)
-        flat = said_flat("LastLayerLaplaceGuide", nlls, grid[0], grid[-1], grid[i])
-        if lo < hi and not flat:
-            t, v = golden_section(val_nll, math.log(grid[lo]), math.log(grid[hi]), _VAL_TOL)
-            if v < value:
-                best, value = t, v
-        if len(grid) > 1 and not flat and best in (math.log(grid[0]), math.log(grid[-1])):
-            side = "smallest" if i == 0 else "largest"
-            warnings.warn(
-                f"LastLayerLaplaceGuide val_nll: the validation NLL is lowest at the {side} grid value lambda = {grid[i]:g} "
-                f"(grid {grid[0]:g} to {grid[-1]:g}): the optimum may lie beyond the grid; lambda = {grid[i]:g} is set, but "
-                "extend the grid to find it",
-                stacklevel=3,
-            )
-        self.set_prior_precision(math.exp(best))
-        return nlls
+        return val_nll
 
     # ------------------------------------------------------------------ the GLM predictive (exact for a linear head)
 

@@ -7,8 +7,6 @@ predictives. The members bring the accuracy of the ensemble, each Laplace the sp
 ensemble plus ``K`` Laplace fits, and ``K`` GLM passes per prediction.
 """
 
-import math
-
 import pyro
 import pyro.distributions as dist
 import pyro.poutine as poutine
@@ -87,8 +85,8 @@ class LaplaceMixtureGuide(EnsembleGuide):
         refit replaces the earlier fit, and one over other examples is warned, as :meth:`LaplaceGuide.fit` warns it.
 
         :returns: ``self``.
-        :raises ValueError: for ``data`` that is an iterator (the second member would see nothing), or a model the
-            guide was not built for.
+        :raises ValueError: for ``data`` that is an iterator (the second member would see nothing), a ``DataLoader``
+            dropping its last incomplete batch (as :meth:`LaplaceGuide.fit`), or a model the guide was not built for.
         """
         check_reiterable(data, "data", "a Laplace mixture reads it once per member")
         members = self.members()
@@ -111,7 +109,8 @@ class LaplaceMixtureGuide(EnsembleGuide):
         every component, the value of ``grid`` (default ``logspace(-4, 4, 17)``; then, with ``refine``, 7 values between
         its neighbours, or between it and its one neighbour at an end) of lowest NLL on ``val_loader`` of the predictive :meth:`predict_glm` reports, the mixture's GLM
         probit (one pass per grid: the Jacobians do not depend on ``lambda``; ``val_loader`` is read once into a list
-        of batches). Either leaves every ``lambda_k`` as it was where it fails.
+        of batches, :meth:`LaplaceGuide.optimize_prior_precision`'s search). Either leaves every ``lambda_k`` as it was
+        where it fails.
 
         :returns: the components' evidence traces (``"marglik"``), or the validation NLL per grid value (``"val_nll"``).
         :raises ValueError: before :meth:`fit`, on an unknown ``method``, ``"marglik"`` given a ``val_loader`` or a
@@ -127,7 +126,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
             raise ValueError(f"method='val_nll' of a Laplace mixture takes val_loader, grid, refine and progress; got {sorted(kwargs)}")
         grid = prior_precision_grid(grid)
         check_guide(self.model, self, "tune lambda on validation data")
-        val_loader = fixed_batches(val_loader)  # the grid in one pass, its refinement in another
+        val_loader = fixed_batches(val_loader, f"{type(self).__name__} val_nll")  # the grid in one pass, its refinement in another
         with self._all_or_nothing():
             best, nlls = search_grid(grid, lambda g: self._grid_nll(val_loader, g, progress), refine, type(self).__name__)
             for component in self.components:
@@ -142,11 +141,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
         def probs_of(batch):  # [G, N, C]
             return torch.stack(self._each_component(lambda k, c: probit(*c._glm_batch(batch, lams[k])))).mean(0)
 
-        nlls = grid_nll(self.model, data, grid.numel(), probs_of, progress)
-        bad = [g for g, v in zip(grid.tolist(), nlls) if math.isnan(v)]
-        if bad:
-            raise ValueError(f"the validation NLL is nan at lambda = {', '.join(f'{g:g}' for g in bad)}: no lambda was set")
-        return nlls
+        return grid_nll(self.model, data, grid.numel(), probs_of, progress)
 
     def adopt_point_parameters(self):
         """Take the network's point parameters as they are now for the mixture; component ``k`` takes them with member

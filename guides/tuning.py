@@ -85,7 +85,8 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     :param start: the knob's value before the tuning, set back where it fails (a validation batch refused, no value
         with a finite NLL); None: left at the value the failure found.
     :param loader: the validation data (batches), read once: each value is scored on the same batches in the same
-        order, so a shuffling ``DataLoader`` or a generator is scored as the list of its batches.
+        order, so a shuffling ``DataLoader`` or a generator is scored as the list of its batches (one dropping its last
+        incomplete batch is refused, as ``predict`` refuses it).
     :returns: a :class:`Tuning` (the value, the trace, the edge note, which is also warned); the knob is left at the
         best value.
     :raises ValueError: for a grid of fewer than 3 values or values that are not positive and increasing, a negative
@@ -101,7 +102,7 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     if max_flip_rate is not None and not 0 <= max_flip_rate <= 1:
         raise ValueError(f"max_flip_rate must be a fraction in [0, 1] or None, got {max_flip_rate!r}")
     check_tol(tol)
-    loader = fixed_batches(loader)  # every value scored on the same batches, in the same order
+    loader = fixed_batches(loader, f"the {knob} tuning")  # every value scored on the same batches, in the same order
     try:
         return _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate,
                      lambda: validation_scores(guide, loader, num_samples, seed))

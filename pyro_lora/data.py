@@ -283,19 +283,23 @@ def make_loader(records: list, collator: Callable[[list[dict]], dict], batch_siz
     )
 
 
-def fixed_batches(data) -> list:
+def fixed_batches(data, action: str) -> list:
     """The batches of ``data`` read once into a list, for a search that compares its passes over the same data: a
     shuffling ``DataLoader`` with a generator of its own orders each pass anew (so predictions of two passes would be
-    compared across examples, and the weight noise fall on other examples), and a generator yields only once. Under
+    compared across examples, and the weight noise fall on other examples), and a generator yields only once. The
+    search scores every example, so a ``DataLoader`` dropping its last incomplete batch is refused first
+    (:func:`check_every_example`, ``action`` naming the search): the list holds no loader left to check. Under
     ``torch.distributed`` a ``DataLoader``'s batches are rank 0's (as :func:`~pyro_lora.distributed.split_batches`
     draws a loader): a generator of its own may differ across ranks. Every rank scores the whole data, so a loader
     that gives each rank a part (a ``DistributedSampler``, a dataset sharded by hand) is refused, and a list or a
     loader's list of records must be the same on every rank (:func:`~pyro_lora.distributed.same_data`: a search on
     each rank's own part set another value on each).
 
-    :raises ValueError: for one batch (a dict), a sharding loader, or data that differ across ranks.
+    :raises ValueError: for one batch (a dict), a ``DataLoader`` dropping its last incomplete batch, a sharding loader,
+        or data that differ across ranks.
     """
     check_batches(data)
+    check_every_example(data, action)
     if not distributed.is_distributed():
         return data if isinstance(data, list) else list(data)
     distributed.check_unsharded(data, "scores the whole data on every rank here (each rank would score its part)")
@@ -308,13 +312,14 @@ def fixed_batches(data) -> list:
 
 
 def check_every_example(data, action: str) -> None:
-    """Refuse a ``DataLoader`` that leaves out its last incomplete batch where ``action`` scores every example:
-    ``drop_last=True``, or a ``batch_sampler`` that drops it (the loader's own ``drop_last`` then stays False)."""
+    """Refuse a ``DataLoader`` that leaves out its last incomplete batch where ``action`` scores or sums every example
+    (a prediction, a validation search, a curvature fit; SVI's minibatch steps are not such a pass): ``drop_last=True``,
+    or a ``batch_sampler`` that drops it (the loader's own ``drop_last`` then stays False)."""
     sampler = getattr(data, "batch_sampler", None)
     if getattr(data, "drop_last", False) or getattr(sampler, "drop_last", False):
         where = "" if getattr(data, "drop_last", False) else " on its batch_sampler"
-        raise ValueError(f"{action} scores every example of data, but this DataLoader drops its last incomplete batch "
-                         f"(drop_last=True{where}): build it with drop_last=False")
+        raise ValueError(f"{action} reads every example of its data, but this DataLoader drops its last incomplete batch "
+                         f"(drop_last=True{where}), whose examples would be left out: build it with drop_last=False")
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:

@@ -247,7 +247,7 @@ def output_grads(logits: torch.Tensor, outputs: dict, vectors: torch.Tensor, row
     paths, ys = list(outputs), list(outputs.values())
     k = vectors.shape[0]
     if rows_per_choice:
-        rows = vectors.shape[1:].numel()  # K may be 0: the exact Fisher of one choice column
+        rows = vectors.shape[1:].numel()
         grads = torch.autograd.grad(logits, ys, torch.ones_like(logits), allow_unused=True, materialize_grads=True)
         weights = vectors.reshape(k, rows)
         return {p: weights.view(k, rows, *[1] * (g.dim() - 1)) * g for p, g in zip(paths, grads)}
@@ -400,9 +400,11 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
         (:func:`reduce_tokens`); ``sketch``: Nystrom sketch width.
     :returns: ``(log p(D | theta*), N, rows)``, ``N`` the number of labelled examples and ``rows`` their
         :class:`~pyro_lora.data.RowDigest` (every rank's).
-    :raises ValueError: on empty ``data``, or a likelihood that runs two forwards per batch.
+    :raises ValueError: on empty ``data``, a ``DataLoader`` dropping its last incomplete batch (the curvature is a sum
+        over every example), or a likelihood that runs two forwards per batch.
     """
     with entry_checks(model, None, "fit a Laplace"):
+        check_every_example(data, "a Laplace fit")
         check_one_forward(model)
         check_autograd("fit a Laplace")
     loc = model.initial_values(loc)
@@ -602,7 +604,7 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     if ready is not None:
         ready()
     if distributed.is_distributed():  # every rank predicts the whole data: a rank's part, or its own data, is refused
-        data = fixed_batches(data)
+        data = fixed_batches(data, desc)
     start = time.perf_counter()
     probs, draws, labels = [], [], []
     # the probit's draws (for the MI) come from a CPU generator of their own: deterministic on every device, and

@@ -471,6 +471,9 @@ class MultipleChoice(Likelihood):
             if ids.dim() != 1 or ids.numel() == 0 or not is_integer_tensor(ids) or ids.dtype == torch.uint8:
                 raise ValueError(f"answer_token_ids must be a non-empty 1-d sequence of token ids (int64), got "
                                  f"{ids.dtype} {ids.tolist()!r}")
+            if ids.numel() < 2:  # as SequenceClassification refuses num_labels=1
+                raise ValueError(f"answer_token_ids {ids.tolist()} name one choice: a softmax over one logit gives every "
+                                 "probability 1 (accuracy 1, NLL 0, whatever the model); give one token per choice, >= 2")
             self.answer_token_ids = ids = ids.long()
             if bool((ids < 0).any()):
                 raise ValueError(f"answer_token_ids {ids.tolist()} hold a negative id: indexing would read a token from the "
@@ -549,8 +552,16 @@ class MultipleChoice(Likelihood):
 
     def _choice_mask(self, batch):
         """The batch's ``choice_mask``, from a collator of this likelihood's format (ClozeCollator writes a
-        ``target_mask``, LetterCollator none): the other's rows came back as "choices of other questions"."""
+        ``target_mask``, LetterCollator none): the other's rows came back as "choices of other questions". A question
+        with fewer than 2 choices is refused: its one choice has probability 1, whatever the model (as a head of one
+        logit; the collators refuse such records)."""
         mask = _choice_mask(batch)
+        few = mask.bool().sum(-1) < 2
+        if bool(few.any()):
+            rows = few.nonzero().flatten().tolist()
+            raise ValueError(f"row(s) {rows[:5]} of the batch have fewer than 2 choices in their choice_mask: a softmax "
+                             "over one choice gives it probability 1 (accuracy 1, NLL 0, whatever the model); every "
+                             "question needs >= 2 choices")
         if ("target_mask" in batch) != (self.format == "cloze"):
             made = ("cloze", "ClozeCollator") if "target_mask" in batch else ("letter", "LetterCollator, no target_mask")
             wants = "ClozeCollator" if self.format == "cloze" else "LetterCollator"

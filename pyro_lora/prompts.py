@@ -74,8 +74,9 @@ def letter_token_ids(tokenizer, num_choices: int) -> torch.Tensor:
         count = None if isinstance(num_choices, bool) else operator.index(num_choices)
     except TypeError:
         count = None
-    if count is None or not 1 <= count <= len(LETTERS):  # 30 gave 26 ids
-        raise ValueError(f"num_choices must be 1 to {len(LETTERS)} (one letter each), got {num_choices!r}")
+    if count is None or not 2 <= count <= len(LETTERS):  # 30 gave 26 ids; 1 a choice of probability 1
+        raise ValueError(f"num_choices must be 2 to {len(LETTERS)} (one letter each; one choice would have probability 1), "
+                         f"got {num_choices!r}")
     context = tokenizer(_ANSWER, add_special_tokens=False)["input_ids"]
     ids = []
     for letter in LETTERS[:count]:

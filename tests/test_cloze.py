@@ -202,11 +202,34 @@ def test_a_batch_of_the_other_format_is_refused_naming_the_collator():
             call(LoraModel(tiny_llama(), letters))
 
 
+def test_a_question_of_one_choice_is_refused_in_every_format():
+    """One answer token, or a question whose choice_mask holds one choice, was scored: a softmax over one logit gives
+    every probability 1 (accuracy 1, ECE 0, NLL 0 whatever the model), where SequenceClassification refuses
+    num_labels=1 by name."""
+    from pyro_lora import predict
+
+    with pytest.raises(ValueError, match=r"answer_token_ids \[5\] name one choice: a softmax over one logit gives every "
+                                         "probability 1"):
+        MultipleChoice(answer_token_ids=[5])
+    ids = torch.randint(1, 64, (3, 6), generator=torch.Generator().manual_seed(0))
+    letter = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros(3, dtype=torch.long),
+              "choice_mask": torch.tensor([[True, True], [True, False], [True, True]])}
+    one = "of the batch have fewer than 2 choices in their choice_mask: a softmax over one choice gives it probability 1"
+    model = LoraModel(tiny_llama(), MultipleChoice(answer_token_ids=[5, 6]))
+    for call in (lambda: model.logits(letter), lambda: model.likelihood.observed(letter), lambda: predict(model, None, [letter])):
+        with pytest.raises(ValueError, match=rf"row\(s\) \[1\] {one}"):
+            call()
+    cloze = cloze_batch([[([3, 9, 4], [11, 12]), ([3, 9, 4], [13])], [([5, 6], [20])]], (0, 0))
+    for share in (True, False):
+        with pytest.raises(ValueError, match=rf"row\(s\) \[1\] {one}"):
+            LoraModel(tiny_llama(), MultipleChoice(format="cloze", share_prefix=share)).logits(cloze)
+
+
 def test_letter_token_ids_refuses_more_choices_than_letters():
     from pyro_lora.data import letter_token_ids
 
-    for bad in (0, 27, 30, 2.5, True):  # 30 gave 26 ids without a word
-        with pytest.raises(ValueError, match="num_choices must be 1 to 26"):
+    for bad in (0, 1, 27, 30, 2.5, True):  # 30 gave 26 ids without a word; 1 a choice of probability 1
+        with pytest.raises(ValueError, match="num_choices must be 2 to 26"):
             letter_token_ids(None, bad)
 
 

@@ -593,7 +593,7 @@ def test_predict_refuses_a_loader_that_drops_examples():
         predict(model, None, loader)
     from pyro_lora.kfac import glm_predict
 
-    with pytest.raises(ValueError, match="GLM predict scores every example of data, but this DataLoader drops"):
+    with pytest.raises(ValueError, match="GLM predict reads every example of its data, but this DataLoader drops"):
         glm_predict(loader, None, None)  # Laplace's and LLLA's predict_glm
     whole = torch.utils.data.BatchSampler(range(10), batch_size=4, drop_last=False)
     loader = torch.utils.data.DataLoader(toy_data(10, batch=1), batch_sampler=whole,

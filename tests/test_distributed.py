@@ -171,7 +171,7 @@ def run_misuses(tmp):
     from pyro_lora.data import fixed_batches
 
     own = DataLoader(TensorDataset(torch.arange(16)), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(r))
-    fixed = torch.cat([b[0] for b in fixed_batches(own)])
+    fixed = torch.cat([b[0] for b in fixed_batches(own, "a search")])
     out["fixed"] = distributed.gather_cat(fixed[None]).tolist()
     class TorchShuffled(Reordering):
         """Batches in torch.randperm's order: inside fit each rank draws from a stream of its own."""

@@ -736,8 +736,9 @@ def test_cloze_fit_leaves_the_filler_rows_of_missing_choices_out():
             torch.testing.assert_close(fa.large_rest, fb.large_rest, rtol=1e-4, atol=1e-7)
 
 
-def test_cloze_exact_fisher_of_one_choice_column_is_zero():
-    """One choice per question: a one-class softmax has no Fisher (C - 1 = 0 vectors), as the MC Fisher says."""
+def test_cloze_questions_of_one_choice_are_refused():
+    """One choice per question: a one-class softmax gives it probability 1 whatever the model (zero Fisher, and a GLM
+    predictive of 1.0 each: accuracy 1, NLL 0), which was fitted and scored as data; refused, as num_labels=1 is."""
     from test_cloze import cloze_batch
 
     from pyro_lora import MultipleChoice
@@ -745,11 +746,8 @@ def test_cloze_exact_fisher_of_one_choice_column_is_zero():
     batch = cloze_batch([[([3, 9, 4], [11, 12])], [([5, 6], [20])]], (0, 0))
     model = LoraModel(tiny_llama(), MultipleChoice(format="cloze", share_prefix=False), num_data=2)
     for fisher in ("exact", "mc"):
-        guide = LaplaceGuide(model, fisher=fisher).fit([batch], progress=False)
-        for f in guide.factors:  # the Kronecker factors' eigenvalue products: the curvature
-            assert float((f.small_vals.unsqueeze(-1) * f.large_vals.unsqueeze(-2)).abs().max()) == 0
-            assert float((f.small_vals * f.large_rest.unsqueeze(-1)).abs().max()) == 0
-        assert guide.predict_glm([batch]).probs.tolist() == [[1.0], [1.0]]
+        with pytest.raises(ValueError, match=r"row\(s\) \[0, 1\] of the batch have fewer than 2 choices"):
+            LaplaceGuide(model, fisher=fisher).fit([batch], progress=False)
 
 
 def test_the_glm_predictive_refuses_a_head_retrained_after_the_fit():
@@ -782,6 +780,37 @@ def test_the_tfb_search_refuses_a_head_retrained_after_the_guide_was_built():
     fit(model, MAPGuide(model), data, epochs=2, lr=5e-2, progress=False)
     with pytest.raises(ValueError, match=r"cannot search sigma_q with this TFBGuide on this model: the network's point"):
         guide.search(data, progress=False)
+
+
+def test_every_laplace_pass_over_all_examples_refuses_a_loader_that_drops_its_last_batch():
+    """optimize_prior_precision("val_nll") read its loader into a list before predict_glm's check could see it drop
+    its last incomplete batch: lambda was tuned on 8 of 10 validation examples without a word (the GLM and the sampled
+    predictive, last-layer Laplace too); a fit summed the curvature of 8 of 10, warned only where the model has
+    num_data (here it has none)."""
+    from torch.utils.data import BatchSampler, DataLoader
+
+    from pyro_lora.guides import LastLayerLaplaceGuide
+
+    model = LoraModel(tiny_bert(r=2, num_labels=3), SequenceClassification())
+    rows = [{k: v[i] for k, v in bert_data(lengths=(7, 5, 4, 6, 3, 7, 2, 5, 4, 6))[0].items()} for i in range(10)]
+    loaders = [DataLoader(rows, batch_size=4, drop_last=True), DataLoader(rows, batch_sampler=BatchSampler(range(10), 4, True))]
+    guides = [LaplaceGuide(model, fisher="exact", rank=2).fit(bert_data(), progress=False),
+              LastLayerLaplaceGuide(model).fit(bert_data(), progress=False)]
+    for guide in guides:
+        name, before = type(guide).__name__, copy.deepcopy(guide.state_dict())
+        searches = [{}, {"predictive": "samples"}] if isinstance(guide, LaplaceGuide) else [{}]
+        for loader in loaders:
+            for kwargs in searches:
+                with pytest.raises(ValueError, match=rf"{name} val_nll reads every example of its data, but this "
+                                                     r"DataLoader drops its last incomplete batch \(drop_last=True"):
+                    guide.optimize_prior_precision("val_nll", val_loader=loader, grid=[1e-2, 1.0], **kwargs)
+            what = "a Laplace fit" if isinstance(guide, LaplaceGuide) else "a last-layer Laplace fit"
+            with pytest.raises(ValueError, match=f"{what} reads every example of its data, but this DataLoader drops"):
+                guide.fit(loader, progress=False)
+        for key, value in guide.state_dict().items():  # every refusal before any work: the guide as it was
+            assert torch.equal(value, before[key]), key
+    whole = DataLoader(rows, batch_size=4)  # the same loader keeping its last batch: all 10 examples
+    assert [len(g.predict_glm(whole).labels) for g in guides] == [10, 10]
 
 
 def test_a_repeated_best_grid_value_is_refined_on_both_sides():

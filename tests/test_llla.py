@@ -223,6 +223,37 @@ def test_val_nll_finds_the_brute_force_minimum_of_the_probit_predictives_nll():
     assert math.exp(brute) < 0.1  # interior, far from either end of the grid
 
 
+def test_val_nll_searches_a_grid_that_repeats_a_value_as_the_grid_without():
+    """LLLA's search took the neighbours of its best value in the sorted grid, repeats kept: a repeated best value was
+    its own lower neighbour, so the refinement searched above it alone (lambda stayed at the repeated grid value, above
+    the optimum), and a repeat at the grid's smallest value warned of the optimum above the *largest* one."""
+    model = bert(scale=100.0)
+    data = contrarian_data(model)
+    train, val = data[:3], data[3:]
+    guide = LastLayerLaplaceGuide(model).fit(train, progress=False)
+    h = dense_ggn(guide, train)
+    feats = [guide.features(b) for b in val]
+    phi, mean = torch.cat([f[1] for f in feats]), torch.cat([f[0] for f in feats]).double()
+    labels = torch.cat([b["labels"] for b in val])
+    jac = torch.kron(torch.eye(3, dtype=torch.float64), phi[:, None, :])
+
+    def nll(log_lam):  # by hand, as test_val_nll_finds_the_brute_force_minimum_of_the_probit_predictives_nll
+        sigma = torch.linalg.inv(h + math.exp(log_lam) * torch.eye(h.shape[0], dtype=torch.float64))
+        p = pairwise_probit_reference(mean, jac @ sigma @ jac.mT)
+        return float(-p.gather(1, labels[:, None]).log().mean())
+
+    brute = min(torch.linspace(math.log(1e-4), math.log(1e4), 161).tolist(), key=nll)
+    brute = golden_section(nll, brute - 0.12, brute + 0.12, 1e-6)[0]
+    above = math.exp(brute + 0.7)  # the best grid value, repeated, with the optimum below it
+    grid = [math.exp(brute - 3.0), above, above, math.exp(brute + 4.0)]
+    assert min(grid, key=lambda g: nll(math.log(g))) == above
+    nlls = guide.optimize_prior_precision("val_nll", val_loader=val, grid=grid)
+    assert len(nlls) == 4 and abs(math.log(float(guide.prior_precision)) - brute) < 0.01
+    with pytest.warns(UserWarning, match=r"lowest at the smallest grid value lambda = .* extend the grid below"):
+        guide.optimize_prior_precision("val_nll", val_loader=val, grid=[above, above, 10 * above, 100 * above])
+    assert float(guide.prior_precision) == pytest.approx(above)
+
+
 def test_val_nll_warns_at_the_edge_of_the_grid_and_refuses_bad_grids():
     model, data = bert(), bert_data()
     guide = LastLayerLaplaceGuide(model).fit(data, progress=False)

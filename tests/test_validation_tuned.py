@@ -853,3 +853,17 @@ def test_a_tuning_that_fails_part_way_leaves_the_guides_knob_as_it_was():
         tune_on_validation(guide, "posterior temperature", guide.set_temperature, [0.01, 1.0, 10.0], bad, num_samples=2,
                            start=guide.temperature)
     assert guide.temperature == 1.0
+
+
+def test_tuning_refuses_a_loader_that_drops_its_last_batch():
+    """The validation loader was read into a list before predict could see it drop its last incomplete batch: the
+    temperature was tuned on 8 of the 10 validation examples without a word (predict refuses that loader)."""
+    model, guide = meanfield()
+    rows = [{k: v[i] for k, v in b.items()} for b in data((1, 2, 3)) for i in range(4)][:10]
+    for loader in (torch.utils.data.DataLoader(rows, batch_size=4, drop_last=True),
+                   torch.utils.data.DataLoader(rows, batch_sampler=torch.utils.data.BatchSampler(range(10), 4, True))):
+        with pytest.raises(ValueError, match=r"the posterior temperature tuning reads every example of its data, but this "
+                                             r"DataLoader drops its last incomplete batch \(drop_last=True"):
+            tune_on_validation(guide, "posterior temperature", guide.set_temperature, [0.1, 1.0, 10.0], loader,
+                               num_samples=4, start=1.0)
+        assert guide.temperature == 1.0
