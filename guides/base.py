@@ -113,6 +113,7 @@ class LoraGuide(torch.nn.Module):
         self.sites = model.sites
         self.signature = describe(model)
         self._point_snapshot = point_snapshot(model)  # the head etc. its predictions rely on (ownership.take_over)
+        self._loaded_head = None  # the point parameters load_guide restored with it (ownership.head_loaded)
         self._pyro_name = pyro_params.unique_name(self)
         self._running = False  # inside forward: a subclass's forward calling its base's is one guide call
         self._base_records = records_at_build(model)  # and at its last save or load: save_guide compares them

@@ -314,7 +314,8 @@ def save_guide(guide, path, run=None, adapter=False):
 
     :raises ValueError: if the network's point parameters are no longer the guide's (another guide trained
         them since: :func:`~pyro_lora.contract.check_guide`), since they are saved with it; with ``adapter``, as
-        :func:`export_adapter` refuses; or if a base weight
+        :func:`export_adapter` refuses, before anything is written (and warns as it warns: one set of checks,
+        :func:`_check_adapter_write`); or if a base weight
         changed since the guide was loaded or last saved (read whole: the digests every save records); an autoguide
         over no ``LoraModel``, or not called yet (:func:`_autoguide_model`).
 
@@ -368,13 +369,13 @@ def _save_guide(guide, path, run, adapter, fit_state=None):
     with refused_together("save the guide"):  # a refusal on one rank only would leave the others waiting
         check_same(os.path.abspath(path), "paths to save the guide to")  # rank 0 writes its own
         model = _autoguide_model(guide, "save") if auto else guide.model
-        if auto:  # the autoguide's own parameters are its state_dict; the network's are saved as they are
+        if adapter:  # what export_adapter checks (of an autoguide: the network's adapter as it is), these below too
+            _check_adapter_write(model if auto else guide, "save", stacklevel=4)
+        elif auto:  # the autoguide's own parameters are its state_dict; the network's are saved as they are
             pyro_params.check_store([(model._pyro_name, model.named_point_parameters())], "save the guide")
             model.check_network()
         else:
             check_guide(model, guide, "save")  # the network's point parameters it saves must still be its own
-        if adapter:
-            _check_peft_model(model)
     _write_on_main(lambda: _write_guide(guide, model, path, run, adapter, fit_state), f"save the guide to {path}",
                    guide, adapter and not auto)
     return Path(path)
@@ -1072,6 +1073,7 @@ def _load_guide(path, model, guide):
         return guide
     take_over(model, guide)
     guide.adopt_point_parameters()
+    guide._loaded_head = dict(guide._point_snapshot)  # restored, not trained: a refusal must not name it the trainer
     guide._base_records = meta["base_weights"].get("weights") if "base_weights" in meta else None
     guide.fit_progress = meta.get("fit")
     return guide
@@ -1133,58 +1135,62 @@ def export_adapter(guide, path):
         ensemble's per-member heads): the adapter would hold the network's head instead; for a guide of a ScalaBL or
         LoRA-XS model (no plain LoRA mean: :func:`save_guide` keeps it); for a model whose head a guide trained with
         LoRA values the adapter does not hold (``fit`` with a ``MAPGuide``, its mean never written:
-        :meth:`~pyro_lora.LoraModel.check_adapter_trained`, which warns where that ``fit`` trained no head).
+        :meth:`~pyro_lora.LoraModel.check_adapter_trained`, which warns where that ``fit`` trained no head, and takes
+        values ``model.write_adapter`` wrote beside the head as it is, a posterior sample, as written).
         Warns of a trained parameter that ``PeftModel.from_pretrained`` gives back rounded to a half-precision base's
         dtype where the forward would show it (:func:`_rounded_on_reload`: a LayerNorm in ``modules_to_save``).
     """
-    from .model import LoraModel
-
-    if isinstance(guide, LoraModel):
-        return _export(path, lambda: _check_network_export(guide), lambda folder: _save_adapter(guide, folder))
-    return _export(path, lambda: _check_guide_export(guide), lambda folder: _write_adapter(guide, folder), guide)
-
-
-def _export(path, check, save, guide=None):
-    """The one writer of :func:`export_adapter`: ``check()`` on every rank (a refusal on one refuses all, before
-    anything is written), then ``save(folder)`` on rank 0 into a folder that replaces ``path`` whole once it
-    succeeded; with ``guide``, the other ranks then put its mean into their LoRA as ``save`` did on rank 0."""
-    with refused_together("export the adapter"):
+    with refused_together("export the adapter"):  # a refusal on one rank only would leave the others waiting
         check_same(os.path.abspath(path), "paths to export the adapter to")  # rank 0 writes its own
-        check()
+        model = _check_adapter_write(guide, "export the adapter", stacklevel=3)
+    mean = model is not guide  # a guide's mean is written into the network's LoRA first
 
     def write():
         with atomic_directory(path, own=_ADAPTER_FILES) as tmp:
-            save(tmp)
+            if mean:
+                _write_adapter(guide, tmp)
+            else:
+                _save_adapter(model, tmp)
 
-    _write_on_main(write, f"export the adapter to {path}", guide, adapter=guide is not None)
+    _write_on_main(write, f"export the adapter to {path}", guide, adapter=mean)
     return Path(path)
 
 
-def _check_guide_export(guide):
-    """What :func:`export_adapter` of a guide checks."""
-    check_guide(guide.model, guide, "export the adapter")
-    _check_peft_model(guide.model)
-    carried = sorted(guide.carried_point_parameters())
-    if carried:
-        raise ValueError(
-            f"cannot export this {type(guide).__name__}: it carries its own {carried[0]} (per member), which the "
-            "adapter would take from the network instead, a head none of its predictions use; write a member's "
-            "values (model.write_adapter) and head into the network, then export a MAPGuide(model)"
-        )
-    _warn_reload_rounding(guide.model)
+def _check_adapter_write(subject, action, stacklevel):
+    """Every check before a peft adapter is written (:func:`export_adapter`, ``save_guide(..., adapter=True)``, and so
+    ``pyro-lora fit --adapter`` and ``bayesianize``), on every rank, before anything is written; returns the model.
 
+    ``subject`` is a guide (its mean is written into the network's LoRA and saved with the network's head: refused for
+    a guide carrying head parameters of its own, an ensemble's or a Laplace mixture's per-member heads, and for sites no
+    peft parameter holds, ScalaBL's or LoRA-XS's) or a :class:`~pyro_lora.LoraModel` (its adapter and head as they are:
+    refused where the head's guide holds other LoRA values, :meth:`~pyro_lora.LoraModel.check_adapter_trained`). Both:
+    refused for a network whose adapter peft would not give back (:func:`_check_peft_model`); warned of trained values
+    its reload rounds (:func:`_warn_reload_rounding`). Warnings name the frame ``stacklevel`` levels up from here (the
+    user's call)."""
+    from .model import LoraModel
 
-def _check_network_export(model):
-    """What :func:`export_adapter` of a model checks. Sites without a peft parameter (ScalaBL's, LoRA-XS's) are no
-    refusal here: the network holds none of their values, so its adapter is all the model holds beside them. A head
-    trained by a guide whose LoRA values the adapter lacks (``fit`` with a MAP guide) is refused as
-    :meth:`~pyro_lora.LoraModel.adapter_values` refuses it."""
-    pyro_params.check_store([(model._pyro_name, model.named_point_parameters())], "export the adapter")
-    model.check_network()
+    if isinstance(subject, LoraModel):
+        model = subject
+        pyro_params.check_store([(model._pyro_name, model.named_point_parameters())], action)
+        model.check_network()
+    else:
+        model = subject.model
+        check_guide(model, subject, action)  # the network's point parameters it saves must still be its own
+        carried = sorted(subject.carried_point_parameters())
+        if carried:
+            raise ValueError(
+                f"cannot write a peft adapter of this {type(subject).__name__}: it carries its own {carried[0]} (per "
+                "member), which the adapter would take from the network instead, a head none of its predictions use; "
+                "save_guide(guide, path) without adapter=True keeps the whole guide; for an adapter, write a member's "
+                "values (model.write_adapter) and head into the network, then export a MAPGuide(model)"
+            )
+        model._check_peft_sites()  # a LoRA-XS or ScalaBL guide's mean is no plain LoRA
     _check_peft_model(model)
-    model.check_adapter_trained("the exported adapter", "export_adapter(guide, folder) writes the guide's mean with the "
-                                "head, or call model.write_adapter(guide.mean()) first", stacklevel=5)
-    _warn_reload_rounding(model)
+    if model is subject:  # sites without a peft parameter are no refusal here: the network holds none of their values
+        model.check_adapter_trained("the exported adapter", "export_adapter(guide, folder) writes the guide's mean "
+                                    "with the head, or call model.write_adapter(guide.mean()) first", stacklevel)
+    _warn_reload_rounding(model, stacklevel + 1)
+    return model
 
 
 def _write_on_main(write, what, guide, adapter):
@@ -1281,7 +1287,7 @@ def _rounded_on_reload(model) -> list:
     return out
 
 
-def _warn_reload_rounding(model):
+def _warn_reload_rounding(model, stacklevel):
     """Warn of trained values the exported adapter reloads rounded (:func:`_rounded_on_reload`): its predictions then
     differ from the model's. A warning, not a refusal: such an adapter is the nearest peft holds."""
     rounded = _rounded_on_reload(model)
@@ -1292,7 +1298,7 @@ def _warn_reload_rounding(model):
                       f"base's {str(dtype).removeprefix('torch.')} copy of its module (peft's modules_to_save), rounded by "
                       f"up to {change:.2g}, which its forward runs at full precision: the reloaded adapter predicts "
                       "otherwise than the model; save_guide (of a guide, or of a Pyro autoguide) keeps it exactly for "
-                      "load_guide; or train on a float32 base, or without that module in modules_to_save", stacklevel=6)
+                      "load_guide; or train on a float32 base, or without that module in modules_to_save", stacklevel=stacklevel)
 
 
 def _check_nothing_merged(model):

@@ -20,7 +20,7 @@ from . import handoff, pyro_params, quantized
 from .checks import check_count, pickling_refused
 from .hooks import hooks_ran
 from .contract import check_guide, check_not_meta, parameter_adapter, tempered_training
-from .ownership import head_trainer, unwritten_fit
+from .ownership import head_loaded, head_trainer, record_write, unwritten_fit, written_beside_head
 from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
@@ -353,11 +353,12 @@ class LoraModel:
 
     def check_adapter_trained(self, use: str, advice: str, stacklevel: int = 2) -> None:
         """Refuse an adapter whose LoRA weights at this model's sites are not those of the guide that trained the
-        network's head (``fit``, SVI; a MAP guide keeps its LoRA in the guide): ``use`` (e.g. an exported adapter)
-        would pair untrained LoRA matrices with the trained head. Point-estimate ``A`` and ``B`` are not compared (a
-        ScalaBL model rotates them, the product kept). Warn where ``fit`` trained no head and its guide's mean was never
-        written into the adapter. ``advice`` ends both sentences; ``stacklevel`` is the warning's, counted from the
-        caller.
+        network's head (``fit``, SVI; a MAP guide keeps its LoRA in the guide) or that ``load_guide`` restored it with:
+        ``use`` (e.g. an exported adapter) would pair untrained LoRA matrices with the trained head. Values
+        :meth:`write_adapter` wrote after the head became what it is are no such pairing (a posterior sample, which the
+        guide's predictive pairs with that head too). Point-estimate ``A`` and ``B`` are not compared (a ScalaBL model
+        rotates them, the product kept). Warn where ``fit`` trained no head and its guide's mean was never written into
+        the adapter. ``advice`` ends both sentences; ``stacklevel`` is the warning's, counted from the caller.
 
         :raises ValueError: naming the guide and a site whose values it holds otherwise than the adapter.
         """
@@ -368,9 +369,10 @@ class LoraModel:
                 n for n, v in values.items()
                 if self.sites[n].kind.parameter is not None and n in theirs and theirs[n].shape == v.shape and not torch.equal(theirs[n].detach().float(), v)
             ] or self._stale_products(owner, theirs)
-            if stale:
+            if stale and not written_beside_head(self):  # values written beside this head (a sample) are paired on purpose
+                how = "is the one load_guide restored with" if head_loaded(owner) else "was trained by"
                 raise ValueError(
-                    f"the network's head was trained by a {type(owner).__name__} whose LoRA values the adapter does not hold "
+                    f"the network's head {how} a {type(owner).__name__} whose LoRA values the adapter does not hold "
                     f"({stale[0]}, ...): {use} would pair them with the trained head; {advice}"
                 )
             return
@@ -428,6 +430,7 @@ class LoraModel:
             for path, mats in per_layer(self.sites, values).items():
                 for matrix, v in mats.items():
                     self._parameter(path, KINDS[matrix]).copy_(v)
+        record_write(self)
 
     def _check_peft_sites(self) -> None:
         """Refuse sites that no peft parameter holds (a LoRA-XS core, ScalaBL's scales): a peft adapter cannot carry them."""

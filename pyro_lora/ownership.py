@@ -177,6 +177,40 @@ def head_trainer(model):
     return owner
 
 
+def head_loaded(guide) -> bool:
+    """Whether the point parameters (the head) are still those ``load_guide`` restored with ``guide`` (its
+    ``_loaded_head``): no guide of this process trained them, and none can be named as their trainer."""
+    return guide._loaded_head is not None and not changed_point_parameters(dict(guide._loaded_head), guide.model)
+
+
+_WRITTEN = "_pyro_lora_written"  # on the network: adapter -> (point snapshot, LoRA weight name -> sums), at the last write
+
+
+def record_write(model) -> None:
+    """``model.write_adapter`` put values into the adapter: keep the sums of its LoRA weights and the point parameters
+    (the head) they were written beside (:func:`written_beside_head`)."""
+    held = model.named_lora_weights()
+    sums = value_sums(p for _, p in held)
+    if not isinstance(getattr(model.net, _WRITTEN, None), dict):
+        setattr(model.net, _WRITTEN, {})
+    getattr(model.net, _WRITTEN)[model.adapter] = (point_snapshot(model), {n: sums[id(p)] for n, p in held})
+
+
+def written_beside_head(model) -> bool:
+    """Whether the adapter's LoRA weights hold what ``write_adapter`` last wrote, beside the point parameters (the
+    head) as they are now: values paired with this head on purpose (its trainer's mean, a posterior sample), not the
+    LoRA from before a training that left the head as it is (the write came after it)."""
+    entry = getattr(model.net, _WRITTEN, {}).get(model.adapter)
+    if entry is None:
+        return False
+    head, written = entry
+    held = model.named_lora_weights()
+    sums = value_sums(p for _, p in held)
+    return ({n for n, _ in held} == written.keys() and all(sums[id(p)] == written[n] for n, p in held)
+            and {n for n, _ in model.named_adapter_parameters()} == head.keys()
+            and not changed_point_parameters(dict(head), model))
+
+
 _FITTED = "_pyro_lora_fitted"  # on the network: adapter -> (guide class, LoRA weight name -> (sums then, its mean's))
 
 

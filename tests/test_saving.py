@@ -104,6 +104,71 @@ def test_exporting_an_adapter_whose_fit_trained_no_head_warns(tmp_path):
         export_adapter(model, tmp_path / "adapter")
 
 
+@pytest.mark.parametrize("mixture", [False, True], ids=["ensemble", "mola"])
+def test_save_guide_writes_no_adapter_of_a_guide_with_per_member_heads(tmp_path, mixture):
+    """save_guide(guide, path, adapter=True) ran none of export_adapter's guide checks: of an ensemble or a Laplace
+    mixture (per-member heads) it wrote the members' mean LoRA beside the network's untrained head (peft's p(y=1) 0.498
+    everywhere where the ensemble's were 0.551 and 0.655). Refused as export_adapter refuses, before anything is
+    written; the guide alone is saved."""
+    from pyro_lora import save_guide
+    from pyro_lora.guides import LaplaceMixtureGuide, train_ensemble
+
+    batch = labelled()
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=1.0, num_data=16)
+    guide = train_ensemble(model, [batch], k=2, seeds=[0, 1], fit_kwargs={"epochs": 2, "lr": 3e-2, "progress": False})
+    if mixture:
+        guide = LaplaceMixtureGuide.from_ensemble(guide, fisher="exact", rank=2).fit([batch], progress=False)
+    for write in (lambda: save_guide(guide, tmp_path / "guide", adapter=True), lambda: export_adapter(guide, tmp_path / "guide")):
+        with pytest.raises(ValueError, match=rf"cannot write a peft adapter of this {type(guide).__name__}: it carries its "
+                                             r"own .*classifier.* \(per member\).*save_guide\(guide, path\) without "
+                                             r"adapter=True keeps the whole guide"):
+            write()
+        assert not (tmp_path / "guide").exists()
+    save_guide(guide, tmp_path / "guide")
+
+
+def test_a_posterior_sample_written_beside_the_head_exports_and_a_stale_adapter_names_the_heads_guide(tmp_path):
+    """A MAP trains the head, a mean-field guide around it (train_network=False) is saved and loaded (which makes it
+    the head's guide), and one of its samples is written with write_adapter: export_adapter(model) refused it, saying
+    the head "was trained by a MeanFieldGuide", which never trained it. The sample is what the mean-field predictive
+    pairs with that head, so it is exported (peft's logits are the model's at the sample, exactly); an adapter never
+    written is refused naming load_guide, and a written one whose head was trained since is refused again."""
+    import pyro
+    from pyro.infer import TraceMeanField_ELBO
+
+    from pyro_lora import load_guide, save_guide
+
+    batch = labelled()
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=1.0, num_data=16)
+    pyro.set_rng_seed(0)
+    map_guide = MAPGuide(model)
+    fit(model, map_guide, [batch], epochs=3, lr=3e-2, progress=False)
+    model.write_adapter({k: v.detach() for k, v in map_guide.mean().items()})
+    guide = MeanFieldGuide(model, b="normal", learn_loc=False, std_lr_scale=100.0)
+    fit(model, guide, [batch], epochs=2, lr=1e-2, elbo=TraceMeanField_ELBO(), train_network=False, progress=False)
+    save_guide(guide, tmp_path / "meanfield")
+
+    again = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=1.0, num_data=16)
+    loaded = load_guide(tmp_path / "meanfield", again)
+    with pytest.raises(ValueError, match=r"the network's head is the one load_guide restored with a MeanFieldGuide whose "
+                                         r"LoRA values the adapter does not hold"):
+        export_adapter(again, tmp_path / "sample")
+    sample = {k: v[0] for k, v in loaded.sample(1).items()}
+    again.write_adapter(sample)
+    export_adapter(again, tmp_path / "sample")
+    peft = LoraModel(PeftModel.from_pretrained(tiny_bert_base(num_labels=2), tmp_path / "sample").eval(),
+                     SequenceClassification(), prior=1.0, num_data=16)
+    again.net.eval()
+    with torch.no_grad():
+        assert torch.equal(peft.logits(batch), again.logits(batch, sample))
+
+    retrained = MAPGuide(again)  # from the written sample, then the head trained beside its own LoRA
+    fit(again, retrained, [batch], epochs=2, lr=3e-2, progress=False)
+    with pytest.raises(ValueError, match=r"the network's head was trained by a MAPGuide whose LoRA values the adapter "
+                                         r"does not hold"):
+        export_adapter(again, tmp_path / "sample")
+
+
 def bf16_bert(**peft):
     """The tiny BERT in bfloat16 under a LoRA whose B is random, with the peft options ``peft``."""
     from peft import LoraConfig, get_peft_model
@@ -125,7 +190,8 @@ def test_a_trained_layernorm_of_a_bf16_base_that_peft_reloads_rounded_is_said_an
     """On a bfloat16 base, a LayerNorm in modules_to_save is trained and run in float32 (autocast computes layer_norm in
     float32), but PeftModel.from_pretrained loads the exported float32 values into a bfloat16 copy of the base's module:
     rounded by up to 3.6e-3, the restored logits 0.0039 off, without a word. The export says so, naming the module, the
-    dtype and the rounding; save_guide / load_guide restore it exactly, and load_guide refuses to round it into a
+    dtype and the rounding, and so does save_guide(..., adapter=True), whose adapter/ is the same (it was silent: 8e-4
+    off in probability); save_guide / load_guide restore it exactly, and load_guide refuses to round it into a
     network holding that copy frozen in bfloat16."""
     from pyro_lora import load_guide, save_guide
 
@@ -140,6 +206,10 @@ def test_a_trained_layernorm_of_a_bf16_base_that_peft_reloads_rounded_is_said_an
                                          r"from_pretrained reloads it into the base's bfloat16 copy .* rounded by up to "
                                          r"0\.00\d+, .*save_guide") as caught:
         export_adapter(guide, tmp_path / "adapter")
+    assert caught[0].filename == __file__
+    with pytest.warns(UserWarning, match=r"LayerNorm\.modules_to_save\.default\.(weight|bias) \(and 1 more\) is held in "
+                                         r"float32, but PeftModel\.from_pretrained reloads it") as caught:
+        save_guide(guide, tmp_path / "saved", adapter=True)  # its adapter/ is export_adapter's, and so is the warning
     assert caught[0].filename == __file__
     base = lambda: tiny_bert_base(num_labels=2).to(torch.bfloat16)  # noqa: E731
     peft = bf16_model(PeftModel.from_pretrained(base(), tmp_path / "adapter").eval())
