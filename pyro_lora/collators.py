@@ -64,6 +64,29 @@ def _check_records(records, task: str | None) -> None:
             raise ValueError(f"record {owner!r}: {problem}")
 
 
+def _positions(tokenizer) -> int | None:
+    """The tokenizer's ``model_max_length`` (the model's positions), ``None`` for transformers' "no limit" sentinel."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 10**9 else None
+
+
+class _TooLong(ValueError):
+    """A record no row of ``max_length`` tokens holds as its format needs it: ``problem`` says what would be cut,
+    ``needed`` is the ``max_length`` it needs; the message adds :meth:`remedy` for the tokenizer's positions."""
+
+    def __init__(self, problem: str, needed: int, tokenizer):
+        self.problem, self.needed = problem, needed
+        super().__init__(f"{problem}; {self.remedy(_positions(tokenizer))}")
+
+    def remedy(self, positions: int | None, flag: str = "max_length") -> str:
+        """What to do: raise ``flag``, or, where the record needs more than the model's ``positions``, that the model
+        cannot take it (a larger ``flag`` is refused there)."""
+        if positions is not None and self.needed > positions:
+            return (f"it needs {self.needed} tokens, more than the model's {positions} positions: this model cannot take "
+                    "it; shorten the record's question or choices, or use a model with more positions")
+        return f"it needs {flag} >= {self.needed}: raise {flag}"
+
+
 def _check_max_length(tokenizer, max_length, special: int, room: str = "a text token", tokens: int = 1) -> int:
     """``max_length`` as an int in ``[special + tokens, the tokenizer's model_max_length]`` (transformers' large
     sentinel where it knows none: no upper bound); ``room`` names the ``tokens`` a row needs beside ``special``."""
@@ -71,8 +94,8 @@ def _check_max_length(tokenizer, max_length, special: int, room: str = "a text t
     if max_length < special + tokens:
         raise ValueError(f"max_length={max_length} leaves no room for {room} beside the {special} special "
                          "tokens this tokenizer adds")
-    limit = getattr(tokenizer, "model_max_length", None)
-    if isinstance(limit, int) and limit < 10**9 and max_length > limit:
+    limit = _positions(tokenizer)
+    if limit is not None and max_length > limit:
         raise ValueError(f"max_length={max_length} is above this tokenizer's model_max_length={limit} (the model's "
                          "positions): longer inputs would fail in the model's position embeddings")
     return max_length
@@ -160,11 +183,10 @@ class LetterCollator:
         budget = self.max_length - len(self.prefix)
         for record, ids, cuttable in zip(records, encoded, _cuttable(self.tokenizer, records, "letter", encoded)):
             if len(ids) - budget > cuttable:  # only a passage is cut: the question and the options stay whole
-                raise ValueError(
+                raise _TooLong(
                     f"record {record.get('id')!r}: its letter prompt is {len(ids)} tokens and max_length="
                     f"{self.max_length} would cut into its question or answer options (a letter asked "
-                    f"for a question or an option never seen); it needs max_length >= "
-                    f"{len(self.prefix) + len(ids) - cuttable}: raise max_length"
+                    f"for a question or an option never seen)", len(self.prefix) + len(ids) - cuttable, self.tokenizer
                 )
         rows = [self.prefix + ids[-budget:] for ids in encoded]
         input_ids, attention_mask = _pad(rows, self.pad_id, self.padding_side)
@@ -234,10 +256,10 @@ class ClozeCollator:
             owner = record.get("id")
             for ctx, cont in own:
                 if len(cont) > budget - 1:  # at least one context token to condition on
-                    raise ValueError(
+                    raise _TooLong(
                         f"a choice of record {owner!r} is {len(cont)} tokens, more than max_length={self.max_length} "
                         f"leaves for it ({budget - 1}): its end would be cut and the choices scored on their beginnings "
-                        "only; raise max_length"
+                        "only", len(self.prefix) + 1 + len(cont), tok
                     )
                 if not ctx:
                     raise ValueError(
@@ -250,10 +272,10 @@ class ClozeCollator:
             cut = max(0, longest - budget)
             shared = min(next(cuttable) for _ in own)
             if cut > shared:
-                raise ValueError(
+                raise _TooLong(
                     f"record {owner!r}: max_length={self.max_length} would cut into its question (only a passage is "
                     "cut; in WinoGrande's partial scoring the choice sits in the context), scoring the choices on "
-                    f"fragments; it needs max_length >= {len(self.prefix) + longest - shared}: raise max_length"
+                    "fragments", len(self.prefix) + longest - shared, tok
                 )
             for (ctx, cont), (in_context, text) in zip(own, own_parts):
                 row = self.prefix + ctx[cut:] + cont
@@ -319,11 +341,11 @@ class CausalLMCollator:
             for (i, record), cuttable in zip(chosen, cuts):
                 cut = len(encoded[i]) - budget
                 if cut > cuttable:
-                    raise ValueError(
+                    raise _TooLong(
                         f"record {record.get('id')!r}: its question and answer are {len(encoded[i])} tokens and "
                         f"max_length={self.max_length} would cut into its question or answer (the "
-                        f"label would not change what is trained); it needs max_length >= "
-                        f"{len(self.prefix) + len(encoded[i]) - cuttable}: raise max_length"
+                        "label would not change what is trained)", len(self.prefix) + len(encoded[i]) - cuttable,
+                        self.tokenizer
                     )
                 rows[i] = self.prefix + encoded[i][max(cut, 0):]
         input_ids, attention_mask = _pad(rows, self.pad_id, "right")

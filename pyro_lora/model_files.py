@@ -130,13 +130,9 @@ def check_head_classes(name_or_path, num_labels: int, label_names: Sequence[str]
     if label_names is None or all(re.fullmatch(r"LABEL_\d+", n) or n.strip() == str(i) for i, n in enumerate(names)):
         return
     ours = [str(n) for n in label_names]
-
-    def key(n):
-        return n.strip().casefold()
-
-    if [key(n) for n in names] == [key(n) for n in ours]:
+    if [label_key(n) for n in names] == [label_key(n) for n in ours]:
         return
-    if sorted(map(key, names)) == sorted(map(key, ours)):
+    if sorted(map(label_key, names)) == sorted(map(label_key, ours)):
         raise ValueError(f"{folder}'s head names its classes {names} (config.json's id2label, in index order) and the data's "
                          f"label_names are {ours}: the same classes in another order, so every example would be trained "
                          f"and scored as another class; give the data label_names {names} in this order (and its records' "
@@ -145,6 +141,42 @@ def check_head_classes(name_or_path, num_labels: int, label_names: Sequence[str]
                      f"label_names are {ours}: the head was fine-tuned for other classes; give the checkpoint it was "
                      f"fine-tuned from (a model without a classification head gets a fresh one), or, where these are the "
                      f"same classes under other names, rename the data's label_names to {names}, in this order")
+
+
+def label_key(name) -> str:
+    """A class name as two label lists are compared: ignoring case and surrounding spaces (``" Positive"`` is
+    ``positive``)."""
+    return str(name).strip().casefold()
+
+
+# --------------------------------------------------------------------------- causal LM or encoder
+
+
+def encoder_only(name_or_path) -> str | None:
+    """What makes the model an encoder without a causal LM head (multiple choice scores the next token), read from its
+    configuration alone (transformers' ``AutoConfig``, no weight loaded), or ``None`` for a causal LM or a model the
+    configuration does not tell: MiniLM; a folder of a masked-LM family (BERT, RoBERTa, ...) neither configured as a
+    decoder (``is_decoder``), nor an encoder-decoder, nor saved as its family's causal LM (``BertLMHeadModel``): loaded
+    as a causal LM, such a folder gets a freshly drawn LM head over a bidirectional encoder. A ``.gguf`` file and a
+    folder whose configuration cannot be read pass (loading says what is wrong with them)."""
+    if name_or_path in EMBEDDED_MODELS:
+        return "MiniLM, a sentence encoder" if name_or_path == "minilm" else None
+    path = local_model_path(name_or_path)
+    if path is None or not (path / "config.json").is_file():
+        return None
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        return None
+    kind, saved_as = config.model_type, list(config.architectures or ())
+    if (kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_decoder", False)
+            or getattr(config, "is_encoder_decoder", False)
+            or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(kind) in saved_as or any(a.endswith("ForCausalLM") for a in saved_as)):
+        return None
+    return f"its config.json: model_type {kind!r}{', saved as ' + ', '.join(saved_as) if saved_as else ''}, not a decoder"
 
 
 # --------------------------------------------------------------------------- position limit

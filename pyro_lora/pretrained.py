@@ -30,7 +30,7 @@ import torch
 
 from .model_files import (
     EMBEDDED_MODELS, _cache_is_valid, _local_path, _require_gguf, _source_stamp, cache_dir, check_head_classes,
-    config_parameter_count, max_positions, minilm_dir, parameter_count, smollm2_gguf,
+    config_parameter_count, encoder_only, max_positions, minilm_dir, parameter_count, smollm2_gguf,
 )
 from .contract import DRAWN_AT_LOAD
 from .io import _naming_errors, synced
@@ -427,6 +427,8 @@ def _load(name_or_path: str, task: str, model_class, num_labels: int, label_name
             if task == "classification":
                 check_head_classes(path, num_labels, label_names)
                 _keep_head_unquantized(kwargs, model_class, path, num_labels)
+            elif encoder := encoder_only(path):  # transformers would draw it a fresh LM head over a bidirectional encoder
+                raise ValueError(f"{path} is an encoder ({encoder}), no causal LM: load it with task='classification'")
             model = _from_pretrained(model_class, path, **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer

@@ -169,6 +169,49 @@ def test_a_checkpoint_head_naming_the_classes_in_another_order_is_refused_before
             "the data's label_names are ['negative', 'positive']: the same classes in another order") in err
 
 
+@pytest.mark.parametrize("command", [["compare"], ["fit"], ["study", "--datasets", "arc_easy"]])
+def test_a_local_encoder_folder_is_refused_for_multiple_choice_before_loading(command, nothing_loads, tmp_path, capsys,
+                                                                              monkeypatch):
+    """Only the name minilm was checked: a BERT folder (BertModel, not a decoder) given for ARC-Easy was loaded as
+    BertLMHeadModel, a freshly drawn LM head over a bidirectional encoder, and every seed's MAP failed alike after
+    loading, the closing line advising a rerun of the same configuration."""
+    from conftest import bert_checkpoint
+
+    monkeypatch.setattr("pyro_lora.experiments.study.run_dataset", lambda *a, **k: pytest.fail("the study ran a dataset"))
+    model = bert_checkpoint(tmp_path / "encoder", head=False)
+    capsys.readouterr()  # saving's bar
+    where = ["--runs", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs")] if command[0] == "study" else [
+        "--dataset", "arc_easy", "--out", str(tmp_path / "out")]
+    assert cli.main(command + ["--model", model, "--max-length", "16", *where]) == 2  # within its 32 positions
+    err = capsys.readouterr().err
+    assert (f"--model {model} is an encoder for classification sets, and --dataset arc_easy is a multiple_choice set, "
+            "whose choices a causal LM scores (its config.json: model_type 'bert', saved as BertModel, not a decoder): use "
+            "--model smollm2 (or a causal LM folder)") in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_decoder_folder_is_taken_for_multiple_choice_and_an_encoder_is_refused_by_load_pretrained(tmp_path):
+    """What makes a folder an encoder is read from its config: a BERT configured as a decoder and a Llama are causal LMs."""
+    import json
+
+    from conftest import bert_checkpoint
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pyro_lora.model_files import encoder_only
+    from pyro_lora.pretrained import load_pretrained
+
+    encoder = bert_checkpoint(tmp_path / "encoder", head=False)
+    with pytest.raises(ValueError, match=r"encoder \(its config.json: model_type 'bert', saved as BertModel, not a "
+                                         r"decoder\), no causal LM: load it with task='classification'"):
+        load_pretrained(encoder, "causal_lm")
+    decoder = bert_checkpoint(tmp_path / "decoder", head=False)
+    config = json.loads((tmp_path / "decoder" / "config.json").read_text())
+    (tmp_path / "decoder" / "config.json").write_text(json.dumps({**config, "is_decoder": True}))
+    LlamaForCausalLM(LlamaConfig(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2)).save_pretrained(tmp_path / "llama")
+    assert encoder_only("minilm") and encoder_only(encoder)
+    assert encoder_only(decoder) is encoder_only(str(tmp_path / "llama")) is encoder_only("smollm2") is None
+
+
 @pytest.mark.parametrize("command", [["compare"], ["fit"], ["bayesianize", "ADAPTER"]])
 def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(command, nothing_loads, tmp_path, capsys):
     import torch

@@ -504,9 +504,57 @@ def test_compare_refuses_a_cloze_choice_too_long_for_max_length_before_training(
     config = CompareConfig(model="smollm2", dataset="arc_easy", data_dir=str(data), mc_format="cloze", max_length=80,
                            train_size=12, test_size=8)
     with pytest.raises(ValueError, match=r"the test records cannot be collated \(a choice of record 'long-1' is .* tokens"
-                                         r".*pass a larger --max-length"):
+                                         r".*checked before training: it needs --max-length >= \d+: raise --max-length$"):
         setup.prepare(config)
     assert loaded  # the tokenizer comes with the model: refused right after loading, before any training
+
+
+@needs_smollm2
+def test_a_record_longer_than_the_models_positions_is_one_the_model_cannot_take(smol_tok, tmp_path, monkeypatch):
+    """A question of 587 tokens for a model of 128 positions was refused with "it needs max_length >= 587: raise
+    max_length" ("pass a larger --max-length" on the command line), which the position limit then refused in turn."""
+    import copy
+    import shutil
+
+    from pyro_lora.experiments import setup
+    from pyro_lora.experiments.setup import CompareConfig
+
+    tok = copy.deepcopy(smol_tok)
+    tok.model_max_length = 128  # the model's positions, as the tokenizer knows them
+    question = {"id": "q", "question": "Which " + "very " * 150 + "long one?", "choices": ["yes", "no"], "label": 0}
+    choice = {"id": "c", "question": "Which?", "choices": ["yes", "no " * 150], "label": 0}
+    cannot = ("it needs {} tokens, more than the model's 128 positions: this model cannot take it; shorten the record's "
+              "question or choices, or use a model with more positions")
+    prefix = len(tok("a")["input_ids"]) - len(tok("a", add_special_tokens=False)["input_ids"])
+    whole = len(tok(D.cloze_pairs(question)[0][0] + " yes", add_special_tokens=False)["input_ids"])  # the longest row
+    letter = len(tok(D.letter_prompt(question), add_special_tokens=False)["input_ids"])
+    answer = len(tok(D.record_text(question), add_special_tokens=False)["input_ids"])
+    own = len(tok(D.cloze_pairs(choice)[1][0] + D.cloze_pairs(choice)[1][1], add_special_tokens=False)["input_ids"]) - len(
+        tok(D.cloze_pairs(choice)[1][0], add_special_tokens=False)["input_ids"])
+    for collator, record, needed in ((D.ClozeCollator(tok, 64), question, prefix + whole),
+                                     (D.ClozeCollator(tok, 64), choice, prefix + 1 + own),
+                                     (D.LetterCollator(tok, 64), question, prefix + letter),
+                                     (D.CausalLMCollator(tok, 64), question, prefix + answer)):
+        assert needed > 128
+        with pytest.raises(ValueError) as refused:
+            collator([record])
+        assert str(refused.value).endswith(cannot.format(needed)), (type(collator).__name__, str(refused.value))
+    with pytest.raises(ValueError, match=r"it needs max_length >= \d+: raise max_length$"):  # within the positions
+        D.ClozeCollator(tok, 8)([{**question, "question": "Which very long one?"}])
+    # the command line's check before training: the model's positions from its metadata, the flag by its name
+    data = tmp_path / "data"
+    shutil.copytree(D.default_data_dir() / "arc_easy", data / "arc_easy")
+    test = data / "arc_easy" / "test.jsonl"
+    test.write_text(test.read_text().splitlines()[0] + "\n" + json.dumps({**choice, "id": "long-1"}) + "\n")
+    monkeypatch.setattr(setup, "load_pretrained", lambda *a, **k: (object(), smol_tok))  # no limit of its own: 8192
+    monkeypatch.setattr(setup, "add_lora", lambda *a, **k: pytest.fail("went on to build the LoRA"))
+    monkeypatch.setattr(setup, "max_positions", lambda model: 128)
+    config = CompareConfig(model="smollm2", dataset="arc_easy", data_dir=str(data), mc_format="cloze", max_length=80,
+                           train_size=12, test_size=8)
+    with pytest.raises(ValueError, match=r"the test records cannot be collated \(a choice of record 'long-1' is .*\); "
+                                         r"checked before training: it needs \d+ tokens, more than the model's 128 positions: "
+                                         r"this model cannot take it; .*more positions$"):
+        setup.prepare(config)
 
 
 def test_records_are_parsed_once_per_content_and_each_reader_gets_its_own_copies(tmp_path):

@@ -107,8 +107,9 @@ def test_a_failing_guide_keeps_the_others_and_a_rerun_resumes_with_it(tmp_path, 
         "pyro-lora: warning: fitted on a validation split of 5 examples (fewer than 100: each weighs 20 accuracy points, "
         "more than the 1-point guard of the validation-tuned knobs; a larger --train-size or --val-fraction gives more)",
         f"pyro-lora: error: 1 guide run(s) failed: meanfield (seed 0): ValueError: the guide's loss became nan. The 2 finished "
-        f"are in {out / 'results.json'} (tracebacks under 'failed'); a rerun with the same configuration resumes with the "
-        "failed ones (--debug shows where)"
+        f"are in {out / 'results.json'} (tracebacks under 'failed'); the runs are seeded, so the same command fails them "
+        "again unless their cause is fixed outside its flags (code, packages, memory), and then resumes with them (--debug "
+        "shows where)"
     ]
     saved = json.loads((out / "results.json").read_text())
     assert [(f["guide"], f["seed"]) for f in saved["failed"]] == [("meanfield", 0)]
@@ -251,7 +252,8 @@ def test_every_saveable_method_fits_and_evaluate_reproduces_its_row(tmp_path, gu
         (tmp_path / "data" / "sst2" / "test.jsonl").write_text("\n".join(map(json.dumps, flipped)))
         other = S.evaluate_saved(out, progress=False, data_dir=str(tmp_path / "data"))
         assert other["accuracy"] != row["accuracy"]
-        assert "differs from the row the run recorded (accuracy" in other["note"] and "data or the software changed" in other["note"]
+        assert other["note"] == ("scored on other test records than the run's (the data folder gives others than the ones "
+                                 "its run.json recorded): not the run's row")
 
 
 def test_a_test_size_at_or_above_the_data_scores_the_runs_rows_and_says_nothing():
@@ -264,6 +266,11 @@ def test_a_test_size_at_or_above_the_data_scores_the_runs_rows_and_says_nothing(
     assert S._rescored_note(row, run, {"test_size": 500}, available=100, base=None).startswith("re-scored with test_size 500 (the run: 60)")
     # the same records, other numbers: still said
     assert "differs from the row the run recorded" in S._rescored_note({**row, "nll": 0.9}, run, {"test_size": 500}, available=60, base=None)
+    # the test records the run recorded, other numbers: the software; the records unrecorded: either
+    assert S._rescored_note({**row, "nll": 0.9}, run, {}, available=60, base=None, other_test=False).endswith(
+        "(nll 0.7 there, 0.9 here): the software changed since")
+    assert S._rescored_note({**row, "nll": 0.9}, run, {}, available=60, base=None).endswith(
+        "(nll 0.7 there, 0.9 here): the test data or the software changed since")
 
 
 @pytest.mark.real
@@ -1136,6 +1143,106 @@ def test_bayesianize_takes_the_seed_samples_and_sizes_of_the_fit_beside_the_adap
                       "bayesianize takes the fit's value of each flag left out)"]
 
 
+def _three_classes(data, names=("neg", "neu", "pos"), edited=()):
+    """A 3-class set ``data/tri`` of 40 training and 16 test sentences (every one used at those sizes), each class's
+    words among filler words; ``names``: its label_names, the same classes in any order (the records relabelled to
+    match); ``edited``: the splits whose first sentence gets one more word."""
+    import random
+
+    words, fill = {"neg": "bad awful", "neu": "okay plain", "pos": "good great"}, "the movie plot actor scene".split()
+    rng = random.Random(0)
+    (data / "tri").mkdir(parents=True)
+    (data / "tri" / "meta.json").write_text(json.dumps({"task": "classification", "label_names": list(names)}))
+    for split, n in (("train", 40), ("test", 16)):
+        classes = [rng.choice(("neg", "neu", "pos")) for _ in range(n)]
+        texts = [" ".join(rng.sample(fill, 3) + [rng.choice(words[c].split()), split, str(i)]) for i, c in enumerate(classes)]
+        if split in edited:
+            texts[0] += " again"
+        records = [{"id": f"{split}{i}", "text": t, "label": names.index(c)} for i, (t, c) in enumerate(zip(texts, classes))]
+        (data / "tri" / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(data)
+
+
+def test_bayesianize_and_evaluate_compare_the_data_with_the_fits_label_names_and_records(tmp_path, capfd, monkeypatch):
+    """bayesianize of a `fit --adapter` adapter on a datasets folder whose meta.json names the same 3 classes in
+    another order (the records relabelled to match) scored the fit's head on it without a word: accuracy 0.245 / NLL
+    2.118 against 0.775 / 0.600 on the fit's own folder, the row saved. evaluate --data-dir did the same. The fit's
+    run.json now records the label names and a digest of its training and test records; other names or order are
+    refused before loading, other records said, and a record from before them is warned of."""
+    folder = _mlm_checkpoint(tmp_path / "bert")
+    data = _three_classes(tmp_path / "data")
+    swapped = _three_classes(tmp_path / "swapped", names=("pos", "neu", "neg"))
+    edited = _three_classes(tmp_path / "edited", edited=("train", "test"))
+    capfd.readouterr()  # saving's bar
+    flags = ["--model", str(folder), "--dataset", "tri", "--train-size", "40", "--test-size", "16", "--max-length", "16",
+             "--batch-size", "8", "--quiet"]
+    search = ["--anchors", "8", "--iterations", "1", "--quiet"]
+
+    def said():  # what the commands printed to stderr but the search's note on its range (this tiny model's sigma_q)
+        return [line for line in capfd.readouterr().err.splitlines() if "TFB search: high=0.2 is already feasible" not in line]
+
+    assert cli.main(["fit", "--guide", "map", "--adapter", *flags, "--data-dir", data, "--epochs", "1", "--out",
+                     str(tmp_path / "fit")]) == 0
+    adapter = str(tmp_path / "fit" / "guide" / "adapter")
+    said()
+    monkeypatch.setattr(S, "prepare", lambda *a, **k: pytest.fail("loaded the model"))
+    for argv, whose in ((["bayesianize", adapter, *search, "--out", str(tmp_path / "swapped_tfb")], f"the adapter in {adapter}"),
+                        (["evaluate", str(tmp_path / "fit"), "--quiet"], f"the guide in {tmp_path / 'fit' / 'guide'}")):
+        assert cli.main([*argv, "--data-dir", swapped]) == 2
+        assert capfd.readouterr().err == (
+            f"pyro-lora: error: {whose} was fitted on data labelled ['neg', 'neu', 'pos'] (its run.json) and 'tri' under "
+            f"{swapped} is labelled ['pos', 'neu', 'neg'] (its meta.json; the same classes in another order): labels are "
+            f"indices, so every example would be scored as another class; give --data-dir the datasets folder of the fit "
+            f"({data}), or data labelled ['neg', 'neu', 'pos'] in this order (--debug shows where)\n")
+    monkeypatch.undo()
+    assert cli.main(["bayesianize", adapter, *search, "--out", str(tmp_path / "same")]) == 0
+    assert said() == []  # the fit's own data: nothing to say
+    assert cli.main(["bayesianize", adapter, *search, "--data-dir", edited, "--out", str(tmp_path / "edited_tfb")]) == 0
+    assert said() == [
+        f"pyro-lora: warning: bayesianize runs on other records than the fit of {adapter} recorded: the training and test "
+        f"records of 'tri' under {edited} differ from the fit's (its run.json's digests); its sigma_q or row is not "
+        "compare's tfb row for that fit"]
+    row = S.evaluate_saved(tmp_path / "fit", data_dir=edited, progress=False)
+    assert row["note"] == ("scored on other test records than the run's (the data folder gives others than the ones its "
+                           "run.json recorded): not the run's row")
+    # a fit recorded before runs kept their data's label names and records: said, and run as before
+    monkeypatch.setattr(S, "_data_record", lambda *a: {})
+    assert cli.main(["fit", "--guide", "map", "--adapter", *flags, "--data-dir", data, "--epochs", "1", "--out",
+                     str(tmp_path / "old")]) == 0
+    monkeypatch.undo()
+    old = str(tmp_path / "old" / "guide" / "adapter")
+    assert cli.main(["bayesianize", old, *search, "--data-dir", swapped, "--out", str(tmp_path / "old_tfb")]) == 0
+    assert said() == [
+        f"pyro-lora: warning: the run.json of the adapter in {old} was written before runs recorded their data's label "
+        f"names and records: whether 'tri' under {swapped} is the data it was fitted on could not be checked"]
+
+
+def test_quiet_silences_transformers_logging_and_gives_its_verbosity_back(tmp_path):
+    """--quiet hid the progress bars only: transformers' load report (the fresh head and pooler a masked-LM checkpoint
+    loaded as a classifier lacks, some 20 lines) was printed all the same."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    folder = _mlm_checkpoint(tmp_path / "bert")
+    data = _three_classes(tmp_path / "data")
+    logged = logging.Handler()  # what transformers logs, wherever its own handler prints it
+    logged.emit = lambda record: said.append(record.getMessage())
+    argv = ["fit", "--model", str(folder), "--dataset", "tri", "--data-dir", data, "--train-size", "40", "--test-size",
+            "16", "--max-length", "16", "--epochs", "1", "--out"]
+    verbosity = hf_logging.get_verbosity()
+    logging.getLogger("transformers").addHandler(logged)
+    try:
+        said = []
+        assert cli.main([*argv, str(tmp_path / "loud")]) == 0
+        assert any("LOAD REPORT" in text for text in said)  # what there is to silence
+        said = []
+        assert cli.main([*argv, str(tmp_path / "quiet"), "--quiet"]) == 0
+        assert said == [] and hf_logging.get_verbosity() == verbosity
+    finally:
+        logging.getLogger("transformers").removeHandler(logged)
+
+
 def test_a_run_recorded_with_a_relative_model_path_is_the_same_model_given_absolute(tmp_path, monkeypatch):
     """Runs recorded --model as given: with base digests of an older form compared by path, "tinybert" there and its
     absolute path now were "another configuration" (the run refused, its MAP trained again)."""
@@ -1159,7 +1266,8 @@ def test_a_fit_run_records_a_local_models_path_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     method = SimpleNamespace(model=SimpleNamespace(name="lora"), predictive=SimpleNamespace(__name__="weight_samples"))
     monkeypatch.setattr(S, "base_digest", lambda net, tokenizer: "0" * 64)  # the stand-in setup holds no network
-    setup = SimpleNamespace(config=CompareConfig(model="tinybert", out="unused"), sizes=None, seed=0, net=None, tokenizer=None)
+    setup = SimpleNamespace(config=CompareConfig(model="tinybert", out="unused"), sizes=None, seed=0, net=None, tokenizer=None,
+                            train=[], val=[], test=[])
     assert S.run_record(setup, {}, method)["config"]["model"] == str(tmp_path / "tinybert")
     setup.config = CompareConfig(model="minilm", out="unused")
     (tmp_path / "minilm").mkdir()  # an embedded name stays the embedded model, whatever the working directory holds

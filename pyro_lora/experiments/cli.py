@@ -1,6 +1,7 @@
 """The ``pyro-lora`` command line: ``compare`` (the default), ``fit``, ``bayesianize``, ``evaluate``, ``study``."""
 
 import argparse
+import contextlib
 import functools
 import math
 import os
@@ -136,7 +137,7 @@ def _output_args(p, out_default):
 
 
 def _progress_args(p):
-    p.add_argument("--quiet", action="store_true", help="no progress bars, also none while loading the model (default: bars shown)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, also none while loading the model, and no transformers log lines (default: shown)")
     _debug(p)
 
 
@@ -276,7 +277,7 @@ def parser(full=False):
     p.add_argument("--samples", type=_number(int, 0), default=None, help="posterior samples per prediction (default: the run's)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="device (default: the run's)")
     p.add_argument("--data-dir", default=None, help="the datasets folder, where the run's moved (default: the run's)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars, also none while loading the model (default: bars shown)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, also none while loading the model, and no transformers log lines (default: shown)")
     _debug(p)
     p = sub.add_parser("study", allow_abbrev=False, help="every method on the reference task (MiniLM, SST-2) and on SmolLM2 (ARC-Easy, OBQA -> ARC); report in DOCS/study.md",
                        description=study.__doc__.splitlines()[0].replace("``", ""))
@@ -336,7 +337,8 @@ def main(argv=None):
     if not debug:  # each text once per command: a note repeated per method and seed buried the table
         warnings.showwarning = functools.partial(_one_line_warning, seen=set())
     try:
-        return _run(args, argv)
+        with _transformers_logging(quiet=getattr(args, "quiet", False)):
+            return _run(args, argv)
     except KeyboardInterrupt:  # Ctrl-C: say what is kept, not a traceback
         if debug:
             raise
@@ -352,6 +354,23 @@ def main(argv=None):
         return 2
     finally:
         warnings.showwarning = shown
+
+
+@contextlib.contextmanager
+def _transformers_logging(quiet: bool):
+    """With ``quiet`` (``--quiet``), transformers logs errors only within the block (no load reports, no "Token indices
+    sequence length" notes), its verbosity restored after."""
+    if not quiet:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _kept(command) -> str:

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import asdict
@@ -14,7 +15,7 @@ from ..contract import drawn_at_load
 from ..costs import PeakMemory
 from ..io import check_sealed, load_guide, read_safetensors, recover_directory, save_guide, writable_folder
 from ..model import LoraModel
-from ..model_files import local_model_path, minilm_dir
+from ..model_files import label_key, local_model_path, minilm_dir
 from ..kinds import KINDS
 from ..distributed import is_main
 from ..locking import folder_lock
@@ -23,8 +24,8 @@ from ..guides.registry import METHODS, MODELS, Fitted, get_method, join_notes
 from .compare import evaluate, fit_method, predictor
 from .scoring import join_row, score
 from .results import PREDICT_SEEDING, is_seeding, recorded_base
-from .setup import (ADDED_SETTINGS, BASE_DIGEST_VERSION, CompareConfig, base_digest, check_config, check_numbers, prepare, seed_for,
-                    train_map)
+from .setup import (ADDED_SETTINGS, BASE_DIGEST_VERSION, CompareConfig, base_digest, check_config, check_numbers, load_splits,
+                    prepare, records_digest, seed_for, train_map)
 
 
 def fit_one(config: CompareConfig, adapter: bool = False) -> dict:
@@ -71,13 +72,58 @@ def _writing(out):
 def run_record(setup, row: dict, method, **extra) -> dict:
     """``run.json``: what :func:`evaluate_saved` needs to rebuild the model and reproduce ``row`` (the datasets
     folder and a local model's path absolute, so that they are found from any working directory; the model class by
-    its registered name; the base model's digest, which evaluate compares; ``extra`` e.g. the fit's ``fit_note``,
-    which evaluate's rows repeat)."""
+    its registered name; the base model's digest and the data's label names and records digests
+    (:func:`_data_record`), which evaluate and bayesianize compare; ``extra`` e.g. the fit's ``fit_note``, which
+    evaluate's rows repeat)."""
     model = local_model_path(setup.config.model) or setup.config.model
     config = {**asdict(setup.config), "data_dir": str(D.resolve_data_dir(setup.config.data_dir)), "model": str(model)}
     return {"config": config, "sizes": setup.sizes, "seed": setup.seed, "model_class": method.model.name,
             "predictive": method.predictive.__name__, "base": base_digest(setup.net, setup.tokenizer),
-            "base_version": BASE_DIGEST_VERSION, "predict_seeding": PREDICT_SEEDING, **extra, "result": row}
+            "base_version": BASE_DIGEST_VERSION, "predict_seeding": PREDICT_SEEDING,
+            **_data_record(setup.config, setup.train, setup.val, setup.test), **extra, "result": row}
+
+
+def _data_record(config, train, val, test) -> dict:
+    """What a run records of its data: the dataset's ``label_names`` (``None`` for multiple choice; records hold label
+    indices only, so a trained head's classes are these, in this order) and ``records``, the SHA-256 of its training
+    (train and validation) and of its test records (:func:`~.setup.records_digest`)."""
+    return {"label_names": D.load_meta(config.dataset, config.data_dir).get("label_names"),
+            "records": {"training": records_digest(train, val, [], {}), "test": records_digest([], [], test, {})}}
+
+
+def _check_data(run, config, whose) -> list | None:
+    """Compare the data ``config`` reads with what the fit's ``run`` recorded (:func:`_data_record`): refuse other
+    label names or another order; return which records differ, ``"training"`` and/or ``"test"``, each compared where
+    ``config`` reads them as the fit did (the same dataset and sizes: a size or dataset of its own is another setting,
+    said as such). A record from before these were kept is warned of, and gives ``None``: the check cannot be made.
+    ``whose`` names the fit's output in messages, e.g. ``"the adapter in runs/fit/guide/adapter"``.
+
+    :raises ValueError: for label names other than the recorded ones, naming both.
+    """
+    fitted = run.get("config") or {}
+    if not isinstance(run.get("records"), dict) or "label_names" not in run:
+        warnings.warn(f"the run.json of {whose} was written before runs recorded their data's label names and records: "
+                      f"whether {config.dataset!r} under {D.resolve_data_dir(config.data_dir)} is the data it was fitted on "
+                      "could not be checked", stacklevel=3)
+        return None
+    then, now = run["label_names"], D.load_meta(config.dataset, config.data_dir).get("label_names")
+    if [label_key(n) for n in then or ()] != [label_key(n) for n in now or ()]:  # None: multiple choice
+        order = "; the same classes in another order" if sorted(map(label_key, then or ())) == sorted(map(label_key, now or ())) else ""
+        raise ValueError(f"{whose} was fitted on data labelled {then} (its run.json) and {config.dataset!r} under "
+                         f"{D.resolve_data_dir(config.data_dir)} is labelled {now} (its meta.json{order}): labels are indices, "
+                         "so every example would be scored as another class; give --data-dir the datasets folder of the "
+                         f"fit ({fitted.get('data_dir')}), or data labelled {then} in this order")
+
+    def same(*keys):  # a dataset by its normalised name, as compare records it ("sst2/" is sst2)
+        def value(settings, k):
+            return os.path.normpath(str(settings[k])) if k == "dataset" else settings[k]
+        return all(k in fitted and value(fitted, k) == value(asdict(config), k) for k in keys)
+
+    compared = {"training": same("dataset", "train_size", "val_fraction"), "test": same("dataset", "test_size")}
+    if not any(compared.values()):
+        return []
+    now = _data_record(config, *load_splits(config)[:3])["records"]
+    return [part for part, digest in now.items() if compared[part] and run["records"].get(part) != digest]
 
 
 def check_free(out, *names):
@@ -101,7 +147,8 @@ def check_free(out, *names):
 FIT_SETTINGS = ("model", "dataset", "data_dir", "mc_format", "mc_normalize", "max_length", "batch_size", "device", "dtype",
                 "load_in_4bit", "train_size", "val_fraction", "test_size", "samples")
 # of those, the ones whose other value bayesianize_adapter warns of: another base, dtype or 4-bit loading is refused by
-# the base's digest after loading, and the model and data folders are locations
+# the base's digest after loading, and the model and data folders are locations (what the data folder gives, label
+# names and records, is compared with the fit's record by _check_data)
 _WARNED = ("dataset", "mc_format", "mc_normalize", "max_length", "batch_size", "device", "train_size", "val_fraction",
            "test_size", "samples", "seed")
 
@@ -136,6 +183,8 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
     check_adapter_dir(adapter_dir, task)
     fit_run = _fit_run(adapter_dir)
     _warn_about_other_settings(config, fit_settings(adapter_dir), adapter_dir)
+    if fit_run.get("config"):  # an adapter from elsewhere records no data
+        _warn_about_other_records(config, _check_data(fit_run, config, f"the adapter in {adapter_dir}") or [], adapter_dir)
     trained_on = recorded_base(fit_run)
     if trained_on is None:  # an adapter from elsewhere: its config's base path is all there is to compare
         _warn_about_another_base(adapter_dir, config.model)
@@ -260,6 +309,15 @@ def _warn_about_other_settings(config, recorded, adapter_dir):
                       stacklevel=3)
 
 
+def _warn_about_other_records(config, differ, adapter_dir):
+    """Warn where ``config``'s data gives other records than the fit of ``adapter_dir`` recorded (``differ``: which,
+    :func:`_check_data`): the anchors, or the test set the row scores, are not the fit's."""
+    if differ:
+        warnings.warn(f"bayesianize runs on other records than the fit of {adapter_dir} recorded: the {' and '.join(differ)} "
+                      f"records of {config.dataset!r} under {D.resolve_data_dir(config.data_dir)} differ from the fit's (its "
+                      "run.json's digests); its sigma_q or row is not compare's tfb row for that fit", stacklevel=3)
+
+
 def _warn_about_another_base(adapter_dir, model):
     """Warn when the adapter records a local base folder other than the one ``model`` (``--model``) loads: a LoRA on
     another base than its own gives other predictions (peft loads it there all the same, if the shapes agree)."""
@@ -348,6 +406,8 @@ def evaluate_saved(run_dir, **overrides) -> dict:
         raise ValueError(f"{path} was scored with the {predictive} predictive, and method {method.name!r} gives "
                          f"{method.predictive.__name__}: the row would differ")
     task = check_config(config, guides=(), writes=False)
+    differ = _check_data(run, config, f"the guide in {path.parent}")
+    other_test = None if differ is None else "test" in differ
     adapter = run.get("adapter") and path.parent / run["adapter"]  # saved in the unit, beside run.json
     if adapter is not None:
         check_adapter_dir(adapter, task)
@@ -364,20 +424,26 @@ def evaluate_saved(run_dir, **overrides) -> dict:
     # the fit's own note (a tuning at the end of its grid, a search at the end of its range) holds for the guide
     available = len(D.load_records(config.dataset, "test", config.data_dir))
     base = base_digest(setup.net, setup.tokenizer) if recorded_base(run) is not None else None  # a pass over the weights
-    note = join_notes(run.get("fit_note"), row.get("note"), _rescored_note(row, run, overrides, available, base, config.model))
+    note = join_notes(run.get("fit_note"), row.get("note"),
+                      _rescored_note(row, run, overrides, available, base, config.model, other_test))
     if note:
         row["note"] = note
     return row
 
 
-def _rescored_note(row, run, overrides, available, base, model=None):
+def _rescored_note(row, run, overrides, available, base, model=None, other_test=None):
     """Why ``row`` is not the row the run recorded, if it is not: another base model (``base``: the digest of the one
-    ``model`` loads now, against the one the run recorded), other sizes or samples asked for, or (the same settings) other test data or software.
+    ``model`` loads now, against the one the run recorded), other sizes or samples asked for, other test records
+    (``other_test``: their digest differs from the run's; ``None`` for a run that recorded none), or (the same settings)
+    other software, or other test data where the run recorded no digest of it.
     ``available``: the test records the data holds; a test size at or above it scores them all, as the run did where
     its own size was too."""
     if recorded_base(run) not in (None, base):
         return (f"scored with another base model than the run's ({model} gives other weights, "
                 "configuration or tokenizer than when the run was fitted): not the run's row")
+    if other_test:
+        return ("scored on other test records than the run's (the data folder gives others than the ones its run.json "
+                "recorded): not the run's row")
     def scored(key, value):
         return min(value, available) if key == "test_size" else value
 
@@ -389,7 +455,8 @@ def _rescored_note(row, run, overrides, available, base, model=None):
     changed = [k for k in ("accuracy", "ece", "nll") if isinstance(recorded.get(k), (int, float))
                and not math.isclose(row[k], recorded[k], rel_tol=1e-6, abs_tol=1e-9)]
     if changed:
+        cause = "the software" if other_test is False else "the test data or the software"
         return (f"differs from the row the run recorded ({changed[0]} {recorded[changed[0]]:.4g} there, {row[changed[0]]:.4g} "
-                "here): the test data or the software changed since")
+                f"here): {cause} changed since")
     return None
 

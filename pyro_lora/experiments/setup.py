@@ -16,12 +16,13 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from .. import data as D
+from ..collators import _TooLong
 from ..contract import CONFIG_IGNORED, weights_digest
 from ..ownership import take_over
 from ..io import writable_folder
 from ..likelihoods import MultipleChoice, SequenceClassification
 from ..model import LoraModel
-from ..pretrained import (DTYPES, add_lora, check_head_classes, default_mc_format, expected_mc_format, load_adapter,
+from ..pretrained import (DTYPES, add_lora, check_head_classes, default_mc_format, encoder_only, expected_mc_format, load_adapter,
                           load_pretrained, max_positions)
 from ..records import record_task
 from ..training import fit
@@ -286,7 +287,7 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
             num_choices = max(len(r["choices"]) for records in [train, test, *shifted.values()] for r in records)
             likelihood = MultipleChoice(D.letter_token_ids(tok, num_choices), format="letter")
             collator = D.LetterCollator(tok, config.max_length)
-        _check_collates(collator, {"train": train, "validation": val, "test": test, **shifted})
+        _check_collates(collator, {"train": train, "validation": val, "test": test, **shifted}, max_positions(config.model))
     _warn_about_splits(config, tok, train, val, test, shifted)
     config = replace(config, lr=config.lr or default_lr(meta["task"]))
     torch.manual_seed(seed)  # the LoRA's initialisation, whatever loading drew
@@ -299,20 +300,24 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
     return Setup(config, net, tok, likelihood, train, val, test, collator, seed, shifted)
 
 
-def _check_collates(collator, splits: dict, chunk: int = 256):
+def _check_collates(collator, splits: dict, positions=None, chunk: int = 256):
     """Collate every record of every split once, before any training: a cloze choice longer than ``--max-length``
     leaves (or a letter prompt whose options it would cut) was refused only when its split was predicted, after every
     method had been fitted.
 
+    :param positions: the model's position limit (:func:`~pyro_lora.model_files.max_positions`): a record that needs
+        more is said to be one the model cannot take, not one a larger ``--max-length`` takes.
     :raises ValueError: naming the split, from the collator's own refusal.
     """
     for name, records in splits.items():
         for i in range(0, len(records), chunk):
             try:
                 collator(records[i : i + chunk])
+            except _TooLong as error:
+                raise ValueError(f"the {name} records cannot be collated ({error.problem}); checked before training: "
+                                 f"{error.remedy(positions, '--max-length')}") from None
             except ValueError as error:
-                raise ValueError(f"the {name} records cannot be collated ({error}); checked before training: pass a "
-                                 "larger --max-length") from None
+                raise ValueError(f"the {name} records cannot be collated ({error}); checked before training") from None
 
 
 def load_splits(config: CompareConfig):
@@ -440,7 +445,8 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
     """Refuse, before any model is loaded, a ``config`` that cannot run; returns the dataset's task.
 
     Checks the methods (``guides``, default ``config.guides``) exist and apply to the task, the datasets and
-    shifted sets exist with one task the model can take (each shifted set another folder than the training set's and
+    shifted sets exist with one task the model can take (multiple choice a causal LM, not an encoder:
+    :func:`~pyro_lora.model_files.encoder_only`; each shifted set another folder than the training set's and
     the others': names are compared by the folder they read, ``sst2/`` is ``sst2``), the multiple-choice settings apply, the training set
     can be split, a local checkpoint's trained classification head has the dataset's classes (their number, and their
     names and order where its ``id2label`` names them: :func:`~pyro_lora.model_files.check_head_classes`),
@@ -454,9 +460,11 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
     check_numbers(config)
     dataset_meta = D.load_meta(config.dataset, config.data_dir)
     task = dataset_meta["task"]
-    if config.model == "minilm" and task != "classification":
-        raise ValueError(f"--model minilm is an encoder for classification sets, and --dataset {config.dataset} is a {task} "
-                         "set: use --model smollm2 (or a causal LM folder)")
+    encoder = encoder_only(config.model) if task != "classification" else None
+    if encoder:  # loaded as a causal LM, it would score the choices with a freshly drawn LM head
+        raise ValueError(f"--model {config.model} is an encoder for classification sets, and --dataset {config.dataset} is "
+                         f"a {task} set, whose choices a causal LM scores ({encoder}): use --model smollm2 (or a causal LM "
+                         "folder)")
     if task == "classification" and (config.mc_format or config.mc_normalize):
         raise ValueError(f"--mc-format / --mc-normalize apply to multiple-choice sets, and --dataset {config.dataset} is a "
                          "classification set: leave them out")
