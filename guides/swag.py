@@ -7,6 +7,7 @@ running mean, the running second moment and the last ``K`` deviations ``theta_i 
 """
 
 import math
+import warnings
 
 import torch
 
@@ -195,17 +196,29 @@ class SWAGCollector:
 
     def _check_schedule(self, state):
         """At a fit's first step: refuse a schedule that collects fewer than the 2 iterates SWAG needs by its end
-        (a start past the run's last epoch was found out at predict time, after the whole fit)."""
-        if state.steps_per_epoch is None:
+        (a start past the run's last epoch was found out at predict time, after the whole fit). Over data without a
+        length the run's steps are unknown: a start past its last epoch is refused, and a schedule that may collect
+        fewer is warned of (each epoch gives one step or more, so every=1 from the start epoch on collects one an
+        epoch or more)."""
+        me = f"SWAGCollector(start_step={self.start_step}, start_epoch={self.start_epoch}, every={self.every})"
+        collected = int(self.swag.num_collected)
+        if state.steps_per_epoch is None and self.start_epoch < state.epochs:
+            least = state.epochs - self.start_epoch if self.every == 1 and self.start_step <= self.start_epoch + 1 else 0
+            if least + collected < 2:
+                warnings.warn(f"{me}: over data without a length fit cannot tell how many iterates this schedule collects "
+                              "by the run's end, and SWAG needs at least 2 (SWAGGuide refuses to sample from fewer); "
+                              "check swag.num_collected after fit, or give data with a length", stacklevel=2)
             return
-        total = state.steps_per_epoch * state.epochs
-        first = max(self.start_step, self.start_epoch * state.steps_per_epoch + 1, 1)
-        count = max(0, total // self.every - (first - 1) // self.every)
-        if count + int(self.swag.num_collected) < 2:
-            raise ValueError(
-                f"SWAGCollector(start_step={self.start_step}, start_epoch={self.start_epoch}, every={self.every}) "
-                f"collects {count} iterate(s) in this fit of {state.epochs} epoch(s) x {state.steps_per_epoch} steps, "
-                "and SWAG needs at least 2: start earlier or collect more often (swag_schedule gives both)")
+        if state.steps_per_epoch is None:  # starts past the last epoch
+            count, run = 0, f"{state.epochs} epoch(s)"
+        else:
+            total = state.steps_per_epoch * state.epochs
+            first = max(self.start_step, self.start_epoch * state.steps_per_epoch + 1, 1)
+            count = max(0, total // self.every - (first - 1) // self.every)
+            run = f"{state.epochs} epoch(s) x {state.steps_per_epoch} steps"
+        if count + collected < 2:
+            raise ValueError(f"{me} collects {count} iterate(s) in this fit of {run}, and SWAG needs at least 2: start "
+                             "earlier or collect more often (swag_schedule gives both)")
 
 
 def swag_schedule(epochs: int, steps_per_epoch: int, per_epoch: int) -> tuple[int, int]:

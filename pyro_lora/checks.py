@@ -67,6 +67,38 @@ def check_batches(data, name: str = "data") -> None:
                          "[batch], or a DataLoader")
 
 
+_BATCH = ("a batch must be a dict of batched tensors (input_ids [B, L], attention_mask [B, L], labels [B]; a causal LM's "
+          "labels [B, L])")
+_COLLATE = ("batch the examples with a collator: DataLoader(records, batch_size=16, collate_fn=collator), where collator is "
+            "one of pyro_lora.data's (ClassificationCollator, LetterCollator, ClozeCollator, CausalLMCollator) or "
+            "transformers.DataCollatorWithPadding(tokenizer)")
+
+
+def check_batch(batch) -> None:
+    """Refuse what is no batch as every reader of batches (``fit``, ``predict``, the Laplace fits, ...) takes it: a
+    dict of tensors whose token entries are ``[B, L]`` and whose labels have a batch dim. A ``DataLoader`` over a
+    ``TensorDataset`` yields lists, a list of single examples holds ``[L]`` ids and 0-d labels: each failed deep
+    inside (``'list' object has no attribute 'get'``, ``Dimension out of range``).
+
+    :raises ValueError: naming what the batch is, and the collators that make batches.
+    """
+    if not isinstance(batch, collections.abc.Mapping):
+        held = f" of {len(batch)} {'tensors' if all(map(torch.is_tensor, batch)) else 'items'}" \
+            if isinstance(batch, (list, tuple)) else ""
+        raise ValueError(f"{_BATCH}, got a {type(batch).__name__}{held} (a DataLoader over a TensorDataset yields "
+                         f"such): {_COLLATE}")
+    for key in ("input_ids", "attention_mask", "token_type_ids", "labels"):
+        value = batch.get(key)
+        if value is None or (key == "labels" and not torch.is_tensor(value)):  # the likelihood's observed() names it
+            continue
+        if not torch.is_tensor(value):
+            raise ValueError(f"{_BATCH}, but its {key} is a {type(value).__name__}, not a tensor (examples tokenized but "
+                             f"not collated): {_COLLATE}")
+        if value.dim() < (1 if key == "labels" else 2):
+            raise ValueError(f"{_BATCH}, but its {key} has shape {tuple(value.shape)}: one example, not a batch of them "
+                             f"(a list of single examples?): {_COLLATE}")
+
+
 def check_reiterable(data, name: str, passes: str) -> None:
     """Refuse a one-shot iterator (a generator, ``iter(list)``) where ``data`` is read more than once: its second pass
     is empty, and came back as "the data is empty" or a search over the first value only.

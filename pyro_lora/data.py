@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .checks import check_batches, check_count
+from .checks import check_batch, check_batches, check_count
 from .collators import CausalLMCollator, ClassificationCollator, ClozeCollator, LetterCollator
 from .prompts import LETTERS, cloze_pairs, is_blank_item, letter_prompt, letter_token_ids, record_text
 from .records import validate_record
@@ -323,7 +323,12 @@ def check_every_example(data, action: str) -> None:
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:
-    """Move every tensor of a batch dict to ``device`` (other values are kept as they are)."""
+    """Move every tensor of a batch dict to ``device`` (other values are kept as they are): every reader of batches
+    reads them through it, so what is no batch (:func:`~pyro_lora.checks.check_batch`) is refused here.
+
+    :raises ValueError: for a list of tensors (a ``TensorDataset``'s), a single example, untensored entries.
+    """
+    check_batch(batch)
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
-from .checks import check_count
+from .checks import check_batch, check_count
 from .contract import check_guide, entry_checks
 from .data import check_every_example, to_device
 from .likelihoods import check_label_range
@@ -164,8 +164,10 @@ def batch_labels(observed, batch, earlier: list, desc: str):
     predictive needs none. ``earlier``: what the batches before gave.
 
     :raises ValueError: for a labelled batch among unlabelled ones or the other way round (their labels would not
-        line up with the predictions).
+        line up with the predictions), or for what is no batch (:func:`~pyro_lora.checks.check_batch`: the GLM
+        predictives read the labels before the batch reaches the device).
     """
+    check_batch(batch)
     labels = None if batch.get("labels") is None else observed(batch)
     if earlier and (earlier[0] is None) != (labels is None):
         raise ValueError(_MIXED_LABELS.format(desc))

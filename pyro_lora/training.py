@@ -22,7 +22,7 @@ from .ownership import point_snapshot, record_fit, take_over
 from .data import to_device
 from .modes import eval_mode, network_mode
 from .model import HALF_DTYPES, full_precision, warn_unscaled
-from .checks import check_count, check_reiterable
+from .checks import check_batch, check_count, check_reiterable
 from .sites import base_network
 
 
@@ -77,11 +77,15 @@ def fit(
     ELBO per training example, with minibatches scaled to the full data by the model's data plate.
     One ``torch.optim.AdamW`` (fused on CUDA) holds every parameter; Pyro's param store is not used.
 
-    :param data: iterable of batches (dicts of tensors), e.g. a ``DataLoader``; re-iterated each epoch.
+    :param data: iterable of batches, dicts of batched tensors (``input_ids`` ``[B, L]``, ``attention_mask`` ``[B, L]``,
+        ``labels`` ``[B]``), e.g. a ``DataLoader`` with a collator; re-iterated each epoch. Without a length (a
+        ``DataLoader`` over an ``IterableDataset``), what a length checks before the run is checked as it goes: a model
+        without ``num_data`` is warned of once a second batch is read, a warmup the run ends inside after an epoch.
     :param elbo: a Pyro ELBO with ``differentiable_loss`` (default ``Trace_ELBO()``); ``TraceMeanField_ELBO()`` uses
         closed-form KLs. ``TraceGraph_ELBO`` and ``RenyiELBO`` train through ``pyro.infer.SVI``; the JIT ELBOs are
         refused (the model refuses to be traced).
-    :param lr_schedule: ``"constant"``, ``"linear"`` (decay to 0) or ``"cosine"``, after ``warmup_steps``.
+    :param lr_schedule: ``"constant"``, ``"linear"`` (decay to 0) or ``"cosine"``, after ``warmup_steps`` (the decays
+        need data with a length).
     :param kl_weight: a float or a callable ``step -> float`` (KL annealing; must be > 0).
     :param int grad_accum_steps: micro-batches per optimizer step, each weighted by its examples: the step is one
         batch holding them all (``KL + N / sum_k b_k sum_i l_i``); an epoch's last group may hold fewer (weighted so
@@ -121,7 +125,8 @@ def fit(
     :raises ValueError: if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
         on an ``epochs``, ``warmup_steps`` (longer than the run too), ``lr``, ``grad_accum_steps``,
         ``max_grad_norm`` or ``checkpoint_every`` out of range (or without ``checkpoint_dir``), an ELBO it cannot
-        step, on a one-shot iterator with ``epochs > 1``,
+        step, on a one-shot iterator with ``epochs > 1``, a decaying ``lr_schedule`` over data without a length, a
+        batch that is no dict of batched tensors (a list's first before any work, a loader's as read),
         with ``resume``, a checkpoint that cannot be resumed (none, finished, saved without its state, of a model or
         guide this one's differs from) or settings or data other than the run's (each named), data without a length,
         ``torch.distributed``, a ``DataLoader`` with persistent workers or a ``SWAGCollector`` callback,
@@ -175,6 +180,10 @@ def fit(
             kl_weight = _kl_weight(kl_weight, 0)
         if epochs > 1:
             check_reiterable(data, "data", f"epochs={epochs} needs them every epoch")
+        if isinstance(data, (list, tuple)) and data:  # a loader's batches are checked as read (to_device)
+            check_batch(data[0])
+        length = _length(data)
+        _schedule(lr_schedule, warmup_steps, length)  # a decay to 0 over a run of unknown length is refused
         elbo = elbo or Trace_ELBO()
         _check_elbo(elbo)
         num_data = model.num_data or 1
@@ -193,9 +202,8 @@ def fit(
             raise ValueError(f"under torch.distributed ({distributed.world_size()} ranks) the model needs num_data (the "
                              "training set's size): without it each rank scales its data term to its own batch, so the "
                              "averaged loss counts the data once per rank and the prior W times")
-        warn_unscaled(model, _length(data) or 0, "fit", stacklevel=2)
+        warn_unscaled(model, length or 0, "fit", stacklevel=2)  # data without a length: once a second batch is read
         beta = kl_weight if callable(kl_weight) else (lambda step: kl_weight)
-        length = _length(data)
         # what a resume must repeat; none for data without a length (no position to count) or under torch.distributed
         # (each rank draws from its own streams)
         resumable = checkpoint_dir and length is not None and not distributed.is_distributed()
@@ -218,6 +226,13 @@ def fit(
             _warn_unfinished(checkpoint_dir)
     if distributed.is_distributed():  # its refusals (data that differ across ranks) before the guide takes anything over
         data = distributed.split_batches(data, even=True)  # the same number of steps on every rank
+    # under torch.distributed, this rank's (every rank's alike); for data without a length, warmup_steps is checked
+    # after each epoch (_warn_short_warmup)
+    steps_per_epoch = math.ceil(_length(data) / grad_accum_steps) if length is not None else None
+    total = steps_per_epoch * epochs if steps_per_epoch else None
+    if total is not None and warmup_steps > total:
+        raise ValueError(f"warmup_steps={warmup_steps} is longer than the run's {total} optimizer steps: the learning rate "
+                         f"would never reach lr; use at most {total}")
     if train_network:
         take_over(model, guide)
         guide._point_snapshot = None  # live while it trains them (callbacks, checkpoints); taken again at the end
@@ -234,16 +249,10 @@ def fit(
     # fp16's narrow range underflows small gradients: scale the loss up, unscale before the update, skip steps that
     # overflowed (bf16 has fp32's range and needs none)
     scaler = torch.amp.GradScaler(device.type, enabled=forward_dtype == torch.float16)
-    length = _length(data)  # under torch.distributed, this rank's
-    steps_per_epoch = math.ceil(length / grad_accum_steps) if length is not None else None
-    total = steps_per_epoch * epochs if steps_per_epoch else None
-    if total is not None and warmup_steps > total:
-        raise ValueError(f"warmup_steps={warmup_steps} is longer than the run's {total} optimizer steps: the learning rate "
-                         f"would never reach lr; use at most {total}")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(lr_schedule, warmup_steps, total))
     net = model.net
     guide.train()
-    losses, step, skipped_steps = [], 0, 0
+    losses, step, skipped_steps, short_warmup = [], 0, 0, False
     kl_weights = []  # each step's, as used: a callable is called as often as without checkpoints (one may count calls)
     # a checkpoint (or a save) of a run that stops says so: load_guide warns of it
     guide.fit_progress = {"step": 0, "steps": total, "epoch": 0, "epochs": epochs, "finished": False}
@@ -330,15 +339,18 @@ def fit(
                     next(batches)
                 if skip:
                     _set_rng_state(resumed["rng"], device, generators)
-                accumulated, pending, seen, rows = 0.0, 0, skip, 0
+                accumulated, pending, seen, rows, first_step = 0.0, 0, skip, 0, step
                 for batch in batches:
                     seen += 1
+                    batch = to_device(batch, device)  # refuses what is no batch (a TensorDataset's lists)
+                    if length is None and epoch == 0 and seen == 2:  # the warning a length gave before the run
+                        warn_unscaled(model, seen, "fit (over data without a length, its batches counted as read)",
+                                      stacklevel=2)
                     examples = _examples(batch)
                     if not pending:  # the group's first batch: a full group of equal batches needs no rescaling
                         reference = examples * grad_accum_steps
                     rows += examples
                     share = examples / reference
-                    batch = to_device(batch, device)
                     weight = _kl_weight(beta(step), step)
                     if watch is not None and watch.first is None:
                         watch.first = (batch, _mean_nll(model, guide, batch))
@@ -358,6 +370,8 @@ def fit(
                                      "previous epoch used up")
                 if pending:  # never carried into the next epoch's first step, nor dropped
                     take_step(accumulated, epoch, weight, rows, reference)
+                if total is None and not short_warmup:
+                    short_warmup = _warn_short_warmup(warmup_steps, step, step - first_step, epoch, epochs)
                 if watch is not None and watch.first is not None:
                     # each step's NLL is sampled, before its update and on another batch: the epoch is judged on
                     # the first batch at the posterior mean, as before the run
@@ -671,6 +685,22 @@ def _length(data):
         return None
 
 
+def _warn_short_warmup(warmup, step, epoch_steps, epoch, epochs) -> bool:
+    """After ``epoch`` of a run over data without a length (whose warmup could not be checked before it), at ``step``
+    optimizer steps, ``epoch_steps`` of them in this epoch: warn where the run ends inside its warmup (the learning rate
+    never reaches lr), supposing each epoch left gives as many steps. Returns whether it warned."""
+    ahead = step + (epochs - epoch - 1) * epoch_steps
+    if ahead >= warmup:
+        return False
+    when = (f"ended inside its warmup: {step} optimizer steps" if ahead == step else
+            f"will end inside its warmup: epoch {epoch} gave {epoch_steps} optimizer steps, and {epochs} epochs of as "
+            f"many make {ahead}")
+    warnings.warn(f"fit: the run {when} of warmup_steps={warmup}: the learning rate reaches only {ahead / warmup:.2g} of "
+                  "lr (its data has no length, so this could not be refused before the run, as it is for data with one); "
+                  f"use warmup_steps <= {ahead}, or more epochs", stacklevel=3)
+    return True
+
+
 def _examples(batch: dict) -> int:
     """The examples of a batch: its labels' rows (a cloze batch's ``input_ids`` hold one row per choice)."""
     labels = batch.get("labels")
@@ -678,10 +708,17 @@ def _examples(batch: dict) -> int:
 
 
 def _schedule(kind, warmup, total):
+    """The learning rate's factor at each step: a linear warmup over ``warmup`` steps, then ``kind`` (decaying to 0 at
+    step ``total``, ``None`` for data without a length).
+
+    :raises ValueError: for an unknown ``kind``, or a decay over a run of unknown length.
+    """
     if kind not in ("constant", "linear", "cosine"):
         raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {kind!r}")
     if kind != "constant" and total is None:
-        raise ValueError(f"lr_schedule={kind!r} needs data with a length")
+        raise ValueError(f"lr_schedule={kind!r} decays the learning rate to 0 over the run's optimizer steps, and data "
+                         "without a length (a generator, a DataLoader over an IterableDataset) does not tell how many "
+                         "there are: use lr_schedule='constant' (warmup_steps still applies), or data with a length")
 
     def factor(step):
         if step < warmup:

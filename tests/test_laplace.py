@@ -881,3 +881,24 @@ def test_a_prior_precision_that_is_no_positive_finite_number_is_refused_everywhe
                 call()
     guide.set_prior_precision({first: [2.0, 3.0]})  # one per layer
     assert guide.prior_precision[first].tolist() == [2.0, 3.0]
+
+
+def test_every_reader_of_batches_refuses_what_is_no_dict_of_batched_tensors():
+    """The Laplace fits and the GLM predictive read a TensorDataset's batches (lists) and single examples as fit did:
+    "'list' object has no attribute 'get'" or an IndexError deep inside; they share fit's refusal naming the collators."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pyro_lora.guides import LastLayerLaplaceGuide
+
+    model = LoraModel(tiny_bert(r=2), SequenceClassification(), random="AB", num_data=6)
+    data = bert_data(seed=2) + bert_data(seed=3)
+    batch = data[0]
+    bad = {"a list of 3 tensors": DataLoader(TensorDataset(*batch.values()), batch_size=2),
+           r"input_ids has shape \(7,\): one example": [{k: v[0] for k, v in batch.items()}]}
+    for kind in (LaplaceGuide, LastLayerLaplaceGuide):
+        guide = kind(model).fit(data, progress=False)
+        for what, wrong in bad.items():
+            for run in (lambda: kind(model).fit(wrong, progress=False), lambda: guide.predict_glm(wrong),
+                        lambda: guide.glm_logits(wrong[0] if isinstance(wrong, list) else next(iter(wrong)))):
+                with pytest.raises(ValueError, match=rf"a batch must be a dict of batched tensors.*{what}.*collator"):
+                    run()

@@ -213,3 +213,31 @@ def test_the_recipe_counts_the_steps_of_this_rank(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         swag.blora_xs(setup)
     assert seen == [2]
+
+
+def test_a_collector_over_data_without_a_length_refuses_what_it_can_tell_and_warns_of_the_rest():
+    """Over data without a length the schedule was not checked at all: start_epoch=2 of 2 epochs collected nothing and
+    predict refused it after the whole fit; every=7 (1 iterate of 12 steps) likewise, without a word."""
+    import warnings
+
+    from test_training import unsized
+
+    model = xs_model()
+    swag = SWAGGuide(model, rank=2)
+    steps = []
+    with pytest.raises(ValueError, match=r"start_epoch=2, every=1\) collects 0 iterate\(s\) in this fit of 2 epoch\(s\), "
+                                         "and SWAG needs at least 2"):
+        fit(model, MAPGuide(model), unsized(toy_data()), epochs=2, lr=3e-2, progress=False,
+            callbacks=[steps.append, SWAGCollector(swag, start_epoch=2)])
+    assert steps[-1].step == 1
+    with pytest.warns(UserWarning, match=r"every=7\): over data without a length fit cannot tell how many iterates this "
+                                         r"schedule collects by the run's end, and SWAG needs at least 2"):
+        fit(model, MAPGuide(model), unsized(toy_data()), epochs=2, lr=3e-2, progress=False,
+            callbacks=[SWAGCollector(swag, every=7)])
+    assert int(swag.num_collected) == 1
+    with warnings.catch_warnings():  # one step an epoch or more, each collected: two epochs give two iterates
+        warnings.simplefilter("error", UserWarning)
+        swag = SWAGGuide(model, rank=2)
+        fit(model, MAPGuide(model), unsized(toy_data()[:1]), epochs=2, lr=3e-2, progress=False,
+            callbacks=[SWAGCollector(swag)])
+    assert int(swag.num_collected) == 2

@@ -127,12 +127,8 @@ def test_fit_refuses_settings_out_of_range_before_any_work(kwargs, message):
 
 def test_a_dataloader_without_a_length_trains_every_epoch():
     """A DataLoader over an IterableDataset has __len__ but len() raises: fit crashed with 'has no len()'."""
-    class Batches(torch.utils.data.IterableDataset):
-        def __iter__(self):
-            return iter(toy_data())
-
     model, guide = make()
-    losses = fit(model, guide, torch.utils.data.DataLoader(Batches(), batch_size=None), epochs=2, progress=False)
+    losses = fit(model, guide, unsized(toy_data()), epochs=2, progress=False)
     assert len(losses) == 12
 
 
@@ -818,3 +814,85 @@ def test_fit_over_several_batches_without_num_data_says_so():
         fit(one, MAPGuide(one), data[:1], epochs=1, lr=1e-3, progress=False)
         sized = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), num_data=24)
         fit(sized, MAPGuide(sized), data, epochs=1, lr=1e-3, progress=False)
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """``batches`` as a stream: a DataLoader over it has no length (its ``__len__`` raises)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def unsized(batches):
+    return torch.utils.data.DataLoader(_Stream(batches), batch_size=None)
+
+
+def test_fit_over_data_without_a_length_without_num_data_says_so_once_a_second_batch_is_read():
+    """The num_data check counted a DataLoader over an IterableDataset as 0 batches: its 3 batches were each taken as the
+    whole training set (the data weighed B/N against the prior) without a word, where the same 3 as a list warn."""
+    import warnings
+
+    data = toy_data(n=24, batch=8)
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification())
+    with pytest.warns(UserWarning, match=r"the model has no num_data, and fit \(over data without a length, its batches "
+                                         r"counted as read\) steps through 2 batches: each is taken as the whole") as got:
+        fit(model, MAPGuide(model), unsized(data), epochs=2, lr=1e-3, progress=False)
+    assert sum("no num_data" in str(w.message) for w in got) == 1  # once, not per epoch
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        one = LoraModel(tiny_bert(num_labels=2), SequenceClassification())
+        fit(one, MAPGuide(one), unsized(data[:1]), epochs=2, lr=1e-3, progress=False)  # one batch: the whole data
+
+
+def test_a_warmup_the_run_ends_inside_is_warned_of_over_data_without_a_length():
+    """warmup_steps longer than the run is refused for data with a length, but over a DataLoader without one every step
+    ran at a fraction of lr (6 of 100: 1% to 6%) without a word; a decaying schedule was refused only after the guide
+    took the network over, with 'needs data with a length' and no way out."""
+    import warnings
+
+    model, guide = make()
+    with pytest.warns(UserWarning, match=r"fit: the run will end inside its warmup: epoch 0 gave 6 optimizer steps, and "
+                                         r"2 epochs of as many make 12 of warmup_steps=100: the learning rate reaches only "
+                                         r"0\.12 of lr") as got:
+        fit(model, guide, unsized(toy_data()), epochs=2, lr=1e-3, warmup_steps=100, progress=False)
+    assert sum("warmup" in str(w.message) for w in got) == 1
+    with pytest.warns(UserWarning, match=r"fit: the run ended inside its warmup: 3 optimizer steps of warmup_steps=4: the "
+                                         r"learning rate reaches only 0\.75 of lr"):
+        fit(model, guide, unsized(toy_data()), lr=1e-3, warmup_steps=4, grad_accum_steps=2, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        fit(model, guide, unsized(toy_data()), epochs=2, lr=1e-3, warmup_steps=12, progress=False)  # reaches lr
+    with pytest.raises(ValueError, match=r"lr_schedule='cosine' decays the learning rate to 0 over the run's optimizer "
+                                         r"steps.*use lr_schedule='constant'"):
+        fit(model, guide, unsized(toy_data()), lr_schedule="cosine", progress=False)
+
+
+def _single_examples():
+    return [{k: v[i] for k, v in toy_data()[0].items()} for i in range(4)]
+
+
+@pytest.mark.parametrize("data, message", [
+    (lambda: torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*toy_data()[0].values()), batch_size=4),
+     r"got a list of 3 tensors \(a DataLoader over a TensorDataset"),
+    (_single_examples, r"but its input_ids has shape \(6,\): one example, not a batch of them"),
+    (lambda: [{**toy_data()[0], "attention_mask": [[1] * 6] * 8}], r"but its attention_mask is a list, not a tensor"),
+])
+def test_batches_that_are_no_dicts_of_batched_tensors_are_refused_before_their_forward(data, message):
+    """A TensorDataset's batches (lists) failed in fit with "'list' object has no attribute 'get'", a list of single
+    examples with an IndexError inside the likelihood (predict alike): each is now named, with the collators to use."""
+    model, guide = make()
+    before = [p.detach().clone() for p in guide.parameters()]
+    steps = []
+    for run in (lambda: fit(model, guide, data(), progress=False, callbacks=[steps.append]),
+                lambda: predict(model, guide, data())):
+        with pytest.raises(ValueError, match=r"a batch must be a dict of batched tensors \(input_ids \[B, L\], "
+                                             rf"attention_mask \[B, L\], labels \[B\].*{message}.*collate_fn=collator"):
+            run()
+    assert not steps and all(torch.equal(a, b) for a, b in zip(before, guide.parameters()))
+    mixed = toy_data()[:2] + _single_examples()  # a list is checked at its first batch, before any work; the rest as read
+    with pytest.raises(ValueError, match=r"its input_ids has shape \(6,\)"):
+        fit(model, guide, mixed, progress=False, callbacks=[steps.append])
+    assert len(steps) == 2
