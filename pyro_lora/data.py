@@ -313,13 +313,20 @@ def fixed_batches(data, action: str) -> list:
 
 def check_every_example(data, action: str) -> None:
     """Refuse a ``DataLoader`` that leaves out its last incomplete batch where ``action`` scores or sums every example
-    (a prediction, a validation search, a curvature fit; SVI's minibatch steps are not such a pass): ``drop_last=True``,
-    or a ``batch_sampler`` that drops it (the loader's own ``drop_last`` then stays False)."""
-    sampler = getattr(data, "batch_sampler", None)
-    if getattr(data, "drop_last", False) or getattr(sampler, "drop_last", False):
-        where = "" if getattr(data, "drop_last", False) else " on its batch_sampler"
-        raise ValueError(f"{action} reads every example of its data, but this DataLoader drops its last incomplete batch "
-                         f"(drop_last=True{where}), whose examples would be left out: build it with drop_last=False")
+    (a prediction, a validation search, a curvature fit; SVI's minibatch steps are not such a pass): ``drop_last=True``
+    on the loader or on any sampler it reads through (a ``batch_sampler``, a ``BatchSampler`` given as ``sampler`` with
+    ``batch_size=None``, a sampler wrapped in another; the loader's own ``drop_last`` then stays False)."""
+    stack, seen = [(data, "")], set()
+    while stack:
+        obj, where = stack.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if getattr(obj, "drop_last", False) is True:
+            raise ValueError(f"{action} reads every example of its data, but this DataLoader drops its last incomplete "
+                             f"batch (drop_last=True{where and ' on its ' + where}), whose examples would be left out: "
+                             f"build it with drop_last=False")
+        stack += [(getattr(obj, name, None), f"{where}'s {name}" if where else name) for name in ("batch_sampler", "sampler")]
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:

@@ -643,6 +643,28 @@ def test_predict_refuses_a_loader_that_drops_examples():
 
     with pytest.raises(ValueError, match="GLM predict reads every example of its data, but this DataLoader drops"):
         glm_predict(loader, None, None)  # Laplace's and LLLA's predict_glm
+    # a BatchSampler given as sampler with batch_size=None (pre-batched fetches): the loader has no batch_sampler
+    # and its own flag is False: 8 of 10 examples were scored without a word
+    class Rows(torch.utils.data.Dataset):
+        def __init__(self, rows):
+            self.rows = rows
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, indices):
+            return {k: torch.cat([self.rows[i][k] for i in indices]) for k in self.rows[0]}
+
+    rows = Rows(toy_data(10, batch=1))
+    for sampler, where in [(torch.utils.data.BatchSampler(range(10), 4, True), "sampler"),
+                           (torch.utils.data.BatchSampler(torch.utils.data.BatchSampler(range(10), 4, True), 1, False),
+                            "sampler's sampler")]:
+        loader = torch.utils.data.DataLoader(rows, sampler=sampler, batch_size=None)
+        assert not loader.drop_last and loader.batch_sampler is None
+        with pytest.raises(ValueError, match=rf"drops its last incomplete batch \(drop_last=True on its {where}\)"):
+            predict(model, None, loader)
+    loader = torch.utils.data.DataLoader(rows, sampler=torch.utils.data.BatchSampler(range(10), 4, False), batch_size=None)
+    assert predict(model, None, loader, progress=False).probs.shape == (10, 2)
     whole = torch.utils.data.BatchSampler(range(10), batch_size=4, drop_last=False)
     loader = torch.utils.data.DataLoader(toy_data(10, batch=1), batch_sampler=whole,
                                          collate_fn=lambda rows: {k: torch.cat([r[k] for r in rows]) for k in rows[0]})
