@@ -12,8 +12,10 @@ import copy
 import functools
 
 import pyro
+import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
+from torch.distributions.kl import register_kl
 
 from pyro_lora import pyro_params
 from pyro_lora.checks import check_count, pickling_refused
@@ -214,3 +216,26 @@ class LoraGuide(torch.nn.Module):
 
 def _draw(d, num_samples):
     return d.rsample((num_samples,)) if d.has_rsample else d.sample((num_samples,))
+
+
+class DensityDelta(dist.Delta):
+    """A Delta site at a guide's draw whose ``log_density`` completes the guide's exact log-density of the draw, where
+    the site's own family has none (the flow's ``W`` given its inducing ``U``, a mixture's draw given its component):
+    the log-weights of ``Importance`` and ``RenyiELBO``. ``mean_field_log_density`` (default the same) is what
+    ``TraceMeanField_ELBO``'s KL reads, which may hold a part in closed form: its mean over the draw."""
+
+    def __init__(self, v, log_density, event_dim, mean_field_log_density=None):
+        super().__init__(v, log_density, event_dim=event_dim)
+        self.mean_field_log_density = self.log_density if mean_field_log_density is None else mean_field_log_density
+
+    def expand(self, batch_shape, _instance=None):
+        new = super().expand(batch_shape, self._get_checked_instance(DensityDelta, _instance))
+        new.mean_field_log_density = self.mean_field_log_density.expand(batch_shape)
+        return new
+
+
+@register_kl(DensityDelta, dist.Distribution)
+def _kl_density_delta(p, q):
+    # TraceMeanField_ELBO, whose estimate averages over draws: the guide's log-density, a part of it maybe in closed
+    # form, less the prior's (Pyro's Delta KL drops the Delta's own)
+    return p.mean_field_log_density - q.log_prob(p.v)

@@ -26,12 +26,11 @@ import torch.nn.functional as F
 from pyro.distributions import constraints
 from pyro.distributions.torch_transform import TransformModule
 from pyro.distributions.transforms.utils import clamp_preserve_gradients
-from torch.distributions.kl import register_kl
 
 from pyro_lora.checks import check_count, check_flag, check_positive
 from pyro_lora.distributions import MatrixNormalKronecker
 
-from .base import LoraGuide
+from .base import DensityDelta, LoraGuide
 from .meanfield import POST_HOC_PRIOR, post_hoc_note
 from .registry import join_notes, method
 from .tuning import tune_temperature
@@ -48,14 +47,17 @@ class FlowGuide(LoraGuide):
     model ``p(U | W)`` of the augmented prior. The guide samples ``U`` as an auxiliary site
     (``infer={"is_auxiliary": True}``, log-density ``log q(U)`` through the flow) and each weight site as a
     :class:`~pyro.distributions.Delta` at the drawn ``W`` with
-    ``log_density = log p(W) - log p(U) + KL(q(W | U) || p(W | U))`` (the conditional KL in closed form). The
-    model's ``log p(W)`` cancels it, and both :class:`~pyro.infer.Trace_ELBO` and
-    :class:`~pyro.infer.TraceMeanField_ELBO` compute
+    ``log_density = log p(W) - log p(U) + log q(W | U) - log p(W | U)`` at the draw, so that the model's ``log p(W)``
+    leaves each draw's exact log-weight ``log p(y, W) + log p(U | W) - log q(U) - log q(W | U)``: an unbiased weight of
+    ``p(y)``, which :class:`~pyro.infer.Importance` and :class:`~pyro.infer.RenyiELBO` weigh draws by.
+    :class:`~pyro.infer.Trace_ELBO` averages it; :class:`~pyro.infer.TraceMeanField_ELBO` takes the conditional part
+    in closed form, its mean over ``q(W | U)`` (as it takes a Gaussian's KL):
 
     ``loss = -E[log p(y | W)] + [log q(U) - log p(U)] + 1/2 [mn (lambda^2 - 1 - log lambda^2) + maha_Sigma(W_map - T_r U_0 T_c)]``,
 
-    i.e. expected NLL + one-sample ``KL(q(U) || p(U))`` + closed-form conditional KL. ``Z, D`` change only the
-    auxiliary construction, never the model's prior on ``W``, so learning them keeps the bound valid.
+    i.e. expected NLL + one-sample ``KL(q(U) || p(U))`` + closed-form conditional KL; ``Trace_ELBO``'s estimate has
+    the same mean and the conditional KL's one-draw estimate's noise. ``Z, D`` change only the auxiliary construction,
+    never the model's prior on ``W``, so learning them keeps the bound valid.
 
     The model needs a float prior (``LoraModel(prior=sigma_p)``): that is the ``sigma_p`` of the augmentation.
 
@@ -63,7 +65,7 @@ class FlowGuide(LoraGuide):
 
         model = LoraModel(net, SequenceClassification(), random="A", prior=0.1, num_data=len(train))
         guide = FlowGuide(model)                      # inducing (9, 9), flow depth 1
-        fit(model, guide, loader, epochs=3, lr=1e-3)
+        fit(model, guide, loader, epochs=3, lr=1e-3, elbo=TraceMeanField_ELBO())  # the conditional KL in closed form
         predict(model, guide, test_loader, num_samples=8)
 
     :param model: the :class:`~pyro_lora.LoraModel`, with a float prior.
@@ -161,13 +163,12 @@ class FlowGuide(LoraGuide):
                 f = part.factors()
                 u0 = part.flow_image(part.u_loc)
                 u = pyro.sample(f"{name}.U", part.q_u().to_event(1), infer={"is_auxiliary": True})
-                w = part.draw(u, u0, f).reshape(site.shape)
-                log_density = (
-                    self.model.prior_distribution(site).log_prob(w)
-                    - part.log_p_u(u, f).sum()
-                    + part.kl_conditional(u0, f).sum()
-                )
-                values[name] = pyro.sample(name, _AuxiliaryDelta(w, log_density, event_dim=w.dim()))
+                noise = part.prior_noise(())
+                w = part.draw(u, u0, f, noise).reshape(site.shape)
+                relative = self.model.prior_distribution(site).log_prob(w) - part.log_p_u(u, f).sum()
+                values[name] = pyro.sample(name, DensityDelta(
+                    w, relative + part.log_ratio_conditional(u0, f, noise).sum(), event_dim=w.dim(),
+                    mean_field_log_density=relative + part.kl_conditional(u0, f).sum()))
         return values
 
     def sample(self, num_samples):
@@ -306,43 +307,81 @@ class _Inducing(torch.nn.Module):
         log_p = -0.5 * b.pow(2).sum((-2, -1)) / self.sigma**2 - half_logdet - 0.5 * mr * mc * math.log(2 * math.pi)
         return log_p.to(u.dtype)
 
-    def draw(self, u, u0, f):
-        """Matheron: ``W = W_map + lambda W~ + T_r (U - U_0 - lambda U~) T_c`` with ``(U~, W~ = sigma E)`` a joint prior draw.
+    def prior_noise(self, lead):
+        """The standard normal blocks ``Xi = [[E, E12], [E21, E22]]`` (``[*lead, L, m, n]``, ``[.., m, M_c]``,
+        ``[.., M_r, n]``, ``[.., M_r, M_c]``) of a joint prior draw: ``sigma F_r Xi F_c^T``, ``F = [[I, 0], [Z, D]]``, is
+        the augmented matrix ``[[W~, .], [., U~]]``."""
+        L, m, n = self.loc.shape
+        mr, mc = self.u_loc.shape[-2:]
+        like = dict(dtype=self.loc.dtype, device=self.loc.device)
+        return tuple(torch.randn(*lead, L, rows, cols, **like) for rows, cols in ((m, n), (m, mc), (mr, n), (mr, mc)))
+
+    def draw(self, u, u0, f, noise=None):
+        """Matheron: ``W = W_map + lambda W~ + T_r (U - U_0 - lambda U~) T_c`` with ``(U~, W~ = sigma E)`` the joint prior
+        draw of ``noise`` (:meth:`prior_noise`; a fresh one by default).
 
         :param u: ``[*S, L, M_r, M_c]``. :returns: ``[*S, L, m, n]``.
         """
-        lead = u.shape[:-3]
-        L, m, n = self.loc.shape
-        mr, mc = u.shape[-2:]
-        zr, zc, dr, dc = f["z_row"], f["z_col"], f["d_row"], f["d_col"]
-        like = dict(dtype=u.dtype, device=u.device)
-        eps = torch.randn(*lead, L, m, n, **like)
-        e12 = torch.randn(*lead, L, m, mc, **like)
-        e21 = torch.randn(*lead, L, mr, n, **like)
-        e22 = torch.randn(*lead, L, mr, mc, **like)
-        # U~ / sigma = Z_r E Z_c^T + Z_r E12 D_c + D_r E21 Z_c^T + D_r E22 D_c: the U block of the augmented draw
-        u_prior = (zr @ eps + dr[..., None] * e21) @ zc.mT + (zr @ e12 + dr[..., None] * e22) * dc[..., None, :]
+        noise = self.prior_noise(u.shape[:-3]) if noise is None else noise
         lam = f["lam"][:, None, None]
-        return self.loc + lam * self.sigma * eps + f["t_row"] @ (u - u0 - lam * self.sigma * u_prior) @ f["t_col"]
+        u_prior = _u_block(noise, f["z_row"], f["z_col"], f["d_row"], f["d_col"])
+        return self.loc + lam * self.sigma * noise[0] + f["t_row"] @ (u - u0 - lam * self.sigma * u_prior) @ f["t_col"]
 
-    def kl_conditional(self, u0, f):
-        """``KL(q(W|U) || p(W|U)) = 1/2 [mn (lambda^2 - 1 - log lambda^2) + maha_Sigma(W_map - T_r U_0 T_c)]`` per layer ``[L]``.
+    def _precision(self, f):
+        """``x -> sigma^2 Sigma^-1 x`` for float64 ``x: [*S, L, m, n]``, and ``G_r``, ``G_c``.
 
         ``Sigma^-1 = sigma^-2 (I + Phi^T (I - C_r (x) C_c)^-1 Phi)`` with ``Phi = G_r (x) G_c``, ``G = chol(K)^-1 Z``,
-        ``C = G G^T`` (Woodbury): one ``M_r M_c``-square solve per layer, no ``mn``-square matrix.
+        ``C = G G^T`` (Woodbury): one ``M_r M_c``-square Cholesky per layer, no ``mn``-square matrix. Float64 as the
+        factors: ``I - C`` is near-singular where ``K`` is (``D`` small against ``Z Z^T``).
         """
-        L, m, n = self.loc.shape
-        # float64 as the factors: I - C is near-singular where K is (D small against Z Z^T)
-        delta = (self.loc - f["t_row"] @ u0 @ f["t_col"]).double()
         g_row = torch.linalg.solve_triangular(f["chol_row"], f["z_row"].double(), upper=False)
         g_col = torch.linalg.solve_triangular(f["chol_col"], f["z_col"].double(), upper=False)
-        y = (g_row @ delta @ g_col.mT).flatten(-2)
+        mr, mc = g_row.shape[-2], g_col.shape[-2]
         c = torch.einsum("lij,lkm->likjm", g_row @ g_row.mT, g_col @ g_col.mT).flatten(-4, -3).flatten(-2)
-        eye = torch.eye(c.shape[-1], dtype=c.dtype, device=c.device)
-        quad = (y * torch.cholesky_solve(y[..., None], torch.linalg.cholesky(eye - c))[..., 0]).sum(-1)
-        maha = (delta.pow(2).sum((-2, -1)) + quad) / self.sigma**2
+        chol = torch.linalg.cholesky(torch.eye(c.shape[-1], dtype=c.dtype, device=c.device) - c)
+
+        def apply(x):
+            y = (g_row @ x @ g_col.mT).flatten(-2)[..., None]
+            v = torch.cholesky_solve(y, chol.expand(*y.shape[:-2], *chol.shape[-2:]))
+            return x + g_row.mT @ v.reshape(*y.shape[:-2], mr, mc) @ g_col
+
+        return apply, g_row, g_col
+
+    def _offset(self, u0, f):
+        """``delta = W_map - T_r U_0 T_c``, the mean of ``q(W | U)`` less that of ``p(W | U)`` (whatever ``U``), float64."""
+        return (self.loc - f["t_row"] @ u0 @ f["t_col"]).double()
+
+    def kl_conditional(self, u0, f):
+        """``KL(q(W|U) || p(W|U)) = 1/2 [mn (lambda^2 - 1 - log lambda^2) + maha_Sigma(delta)]`` per layer ``[L]``, with
+        ``delta`` :meth:`_offset`: the mean of :meth:`log_ratio_conditional` over ``q(W | U)``."""
+        m, n = self.loc.shape[-2:]
+        delta = self._offset(u0, f)
+        maha = (delta * self._precision(f)[0](delta)).sum((-2, -1)) / self.sigma**2
         lam, log_lam = f["lam"], f["log_lam"]
         return 0.5 * (m * n * (lam.pow(2) - 1 - 2 * log_lam) + maha.to(lam.dtype))
+
+    def log_ratio_conditional(self, u0, f, noise):
+        """``log q(W | U) - log p(W | U)`` at the draw ``W`` of ``noise`` (:meth:`draw`, any ``U``), per layer ``[*S, L]``:
+        ``-mn log lambda - 1/2 (1 - lambda^2) maha_Sigma(eps) + lambda delta' Sigma^-1 eps + 1/2 maha_Sigma(delta)``, with
+        ``eps = W~ - T_r U~ T_c ~ N(0, Sigma)`` the draw's residual (``W = E_q[W | U] + lambda eps``) and ``delta``
+        :meth:`_offset`. The exact per-draw log-ratio an importance weight needs; :meth:`kl_conditional` is its mean.
+        ``eps`` is rebuilt in float64 from the noise, ``sigma (E - G_r^T chol_r^-1 (U~ / sigma) chol_c^-T G_c)``, not
+        from the float32 draw: ``Sigma^-1`` magnifies its rounding where ``K`` is near-singular."""
+        m, n = self.loc.shape[-2:]
+        noise = tuple(x.double() for x in noise)
+        zr, zc, dr, dc = (f[k].double() for k in ("z_row", "z_col", "d_row", "d_col"))
+        a = torch.linalg.solve_triangular(f["chol_row"], _u_block(noise, zr, zc, dr, dc), upper=False)
+        a = torch.linalg.solve_triangular(f["chol_col"], a.mT, upper=False).mT  # chol_r^-1 (U~ / sigma) chol_c^-T
+        precision, g_row, g_col = self._precision(f)
+        eps = noise[0] - g_row.mT @ a @ g_col  # eps / sigma
+        scaled = precision(eps)  # sigma Sigma^-1 eps
+        delta = self._offset(u0, f)
+        maha_eps = (eps * scaled).sum((-2, -1))
+        cross = (delta * scaled).sum((-2, -1)) / self.sigma
+        maha_delta = (delta * precision(delta)).sum((-2, -1)) / self.sigma**2
+        lam, log_lam = f["lam"].double(), f["log_lam"].double()
+        out = -m * n * log_lam - 0.5 * (1 - lam.pow(2)) * maha_eps + lam * cross + 0.5 * maha_delta
+        return out.to(f["lam"].dtype)
 
 
 class BatchedAffineAutoregressive(TransformModule):
@@ -420,14 +459,11 @@ class BatchedAffineAutoregressive(TransformModule):
         return self._cached_log_scale.sum((-2, -1))
 
 
-class _AuxiliaryDelta(dist.Delta):
-    """A Delta weight site whose ``log_density`` is the guide's density relative to the model's prior."""
-
-
-@register_kl(_AuxiliaryDelta, dist.Distribution)
-def _kl_auxiliary_delta(p, q):
-    # one-sample KL for TraceMeanField_ELBO: the Delta's own log-density minus the prior's (Pyro's Delta KL drops it)
-    return p.log_density - q.log_prob(p.v)
+def _u_block(noise, zr, zc, dr, dc):
+    """``U~ / sigma = Z_r E Z_c^T + Z_r E12 D_c + D_r E21 Z_c^T + D_r E22 D_c``: the U block of the augmented draw of
+    ``noise`` (:meth:`_Inducing.prior_noise`)."""
+    eps, e12, e21, e22 = noise
+    return (zr @ eps + dr[..., None] * e21) @ zc.mT + (zr @ e12 + dr[..., None] * e22) * dc[..., None, :]
 
 
 def _basis(x, size, shared=False):

@@ -15,6 +15,7 @@ from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
 from pyro_lora.checks import check_count
+from pyro_lora.distributions import check_event_shape
 
 from .base import LoraGuide
 from .ensemble import reinitialize
@@ -123,6 +124,7 @@ class ColumnDropout(TorchDistribution):
         return _drop(self.loc, self.p, tuple(sample_shape))
 
     def log_prob(self, value):
+        check_event_shape(self, value)
         zero = (self.loc == 0).all(-2)  # [..., d_in]
         kept = (value == self.loc / (1 - self.p)).all(-2)
         dropped = (value == 0).all(-2)

@@ -53,8 +53,10 @@ class MeanFieldGuide(LoraGuide):
     unbiased, while the examples' weight noise decorrelates: the weight-noise part of the minibatch
     gradient variance then falls like ``1/batch`` instead of staying flat, for one extra ``r x d_in``
     matmul per LoRA layer. It needs the core hand-off to apply the sign flips (``lora_delta(..., a_loc=)``);
-    the guide marks its A sites with ``infer={"flipout_loc": mu}``. Used in training only: ``sample`` /
-    the predictive draw whole-batch samples as usual. Refused (``ValueError``) for cloze multiple choice, whose
+    the guide marks its A sites with ``infer={"flipout_loc": mu}``. Applied only inside an ELBO that averages over its
+    particles (``Trace_ELBO`` and its kin: ``fit``, ``SVI``): an importance weight (``Importance``, ``RenyiELBO``) is
+    one draw's, so there every example sees the one draw, with a warning. ``sample`` / the predictive draw
+    whole-batch samples as usual. Refused (``ValueError``) for cloze multiple choice, whose
     choices run as rows of their own: flipout would score them under different weights.
 
     Example::

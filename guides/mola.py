@@ -19,6 +19,7 @@ from pyro_lora.ownership import point_snapshot
 from pyro_lora.distributions import UniformMixture
 from pyro_lora.kfac import glm_predict, grid_nll, probit
 
+from .base import DensityDelta
 from .ensemble import MEMBER_SITE, EnsembleGuide
 from .laplace import (LaplaceGuide, check_prior_search, earlier_fit, kfac_likelihood, prior_precision_grid, search_grid,
                       tuned_prior_precision, warn_fitted_rows)
@@ -157,19 +158,30 @@ class LaplaceMixtureGuide(EnsembleGuide):
         return {name: UniformMixture(p[name] for p in parts) for name in self.sites}
 
     def forward(self, *args, kl_weight=1.0, **kwargs):
-        """Pyro guide: component ``k ~ Uniform{0..K-1}`` (auxiliary site ``"ensemble_member"``), then its Gaussian."""
+        """Pyro guide: component ``k ~ Uniform{0..K-1}`` (auxiliary site ``"ensemble_member"``), a draw ``theta`` of its
+        Gaussian, and each site a :class:`~pyro_lora.guides.base.DensityDelta` at it, of log-density
+        ``log sum_j q_j(theta_{<=s}) - log sum_j q_j(theta_{<s})`` (the first site's less nothing), the mixture's chain
+        rule over the sites. They sum to ``log sum_j q_j(theta)``: with the component site's ``-log K``, the mixture's
+        exact ``log q(theta)``, what ``Importance`` and ``RenyiELBO`` weigh a draw by (the component's
+        ``log q_k(theta) - log K`` fell short of it by ``-log q(k | theta)``)."""
         if self.head_parameters:
             raise ValueError("a Laplace mixture with per-member heads has no Pyro guide path (heads are not sites): "
                              "use predict_glm")
         logits = torch.zeros(self.num_members, device=self.member_0.device)
+        posteriors = [c.posterior() for c in self.components]
         with poutine.scale(scale=kl_weight):
             k = pyro.sample(MEMBER_SITE, dist.Categorical(logits=logits), infer={"is_auxiliary": True})
             if k.numel() != 1:
                 raise ValueError(f"the component site {MEMBER_SITE!r} got a batch of values {tuple(k.shape)}: vectorized "
                                  "particles (vectorize_particles=True, Predictive(parallel=True)) are not supported; use "
                                  "num_particles without vectorizing, or Predictive(parallel=False)")
-            posterior = self.components[int(k)].posterior()
-            return {name: pyro.sample(name, posterior[name]) for name in self.sites}
+            theta = {name: posteriors[int(k)][name].rsample() for name in self.sites}
+            # [K, sites]: log q_j(theta_{<=s}); its log sum over j, less that of the sites before (none before the first)
+            prefix = torch.stack([torch.stack([p[n].log_prob(theta[n]) for n in self.sites]) for p in posteriors]).cumsum(-1)
+            total = torch.logsumexp(prefix, 0)
+            factors = total - torch.cat([total.new_zeros(1), total[:-1]])
+            return {name: pyro.sample(name, DensityDelta(v, factor, event_dim=v.dim()))
+                    for (name, v), factor in zip(theta.items(), factors)}
 
     def sample(self, num_samples):
         """Draw ``s`` from component ``s mod K``: name -> ``[S, *site.shape]``; ``S`` must be a multiple of ``K``."""

@@ -144,9 +144,24 @@ def _check_dtypes(name, **tensors):
         raise ValueError(f"{name}: the parameters must share a dtype, got {', '.join(f'{n} {d}' for d, n in dtypes.items())}")
 
 
+def check_event_shape(distribution, value) -> None:
+    """Refuse a ``value`` whose trailing dims are not ``distribution``'s event shape, whatever torch's argument
+    validation says (``fit`` switches it off, as ``pyro.validation_enabled(False)`` does): a ``[3, 1]`` value broadcast
+    against a ``3 x 4`` mean gave a finite log-density of a matrix the distribution is not over. A shape comparison, no
+    host read.
+
+    :raises ValueError: naming the shapes.
+    """
+    event = distribution.event_shape
+    if value.shape[value.dim() - len(event) :] != event:  # a negative start (too few dims) gives too short a tail
+        raise ValueError(f"{type(distribution).__name__}.log_prob: the value's shape {tuple(value.shape)} does not end in "
+                         f"the event shape {tuple(event)}")
+
+
 def _gaussian_log_prob(self, value):
     """``-1/2 [d log 2 pi + log det S + maha(value - loc)]``, summed in float64 and returned in ``loc``'s dtype (float16's
     range holds the result where it may not hold the log-determinant's parts)."""
+    check_event_shape(self, value)
     if self._validate_args:
         self._validate_sample(value)
     d = self.event_shape.numel()
@@ -494,6 +509,7 @@ class KFACNormal(TorchDistribution):
 
     @_without_autocast
     def log_prob(self, value):
+        check_event_shape(self, value)
         top, rest = self._eigenvalues()
         D, k = self.large_vecs.shape[-2:]
         m = self.small_vecs.mT @ self._canonical(value - self.loc)  # V^T dW: [*S, L, r, D]

@@ -25,8 +25,8 @@ from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, down_kind
 from .likelihoods import is_cloze
 from .modes import dropout_in_training
-from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, elbo_run, hidden_from_elbo, in_predictive,
-                         in_svi_step, marked_guides, on_training_step, replayed_trace)
+from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, elbo_run, hidden_from_elbo, in_averaging_elbo,
+                         in_predictive, in_svi_step, marked_guides, on_training_step, replayed_trace)
 from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_values, describe_inits,
                     embedding, find_lora_layers, head_modules, is_site_name, matrix_view, per_layer)
 
@@ -579,7 +579,11 @@ class LoraModel:
         """The Pyro model. ``kl_weight`` scales the weight sites (KL annealing); guides scale theirs alike.
 
         A batch without ``"labels"`` samples ``"obs"`` (``[B]``, class indices): ``pyro.infer.Predictive``'s predictions.
-        A guide that marks a site with ``infer={"flipout_loc": loc}`` (its mean) gets flipout in the likelihood.
+        A guide that marks a site with ``infer={"flipout_loc": loc}`` (its mean) gets flipout in the likelihood inside an
+        ELBO that averages over its particles (:func:`~pyro_lora.pyro_stack.in_averaging_elbo`: ``fit``, ``SVI`` with
+        ``Trace_ELBO`` and its kin); elsewhere (``Importance``, ``RenyiELBO``, a replay of one's own), where draws may be
+        weighed by ``exp(log p - log q)`` and per-example weights would bias them, every example sees the one draw, with
+        a warning.
         Under ``pyro.infer.Predictive`` it warns where the network's modes leave a dropout probability above 0 in its
         forward (:func:`~pyro_lora.modes.dropout_in_training`: dropout modules, functional and attention dropout, a
         mixture of experts' jitter; ``predict`` runs in eval mode: call ``model.net.eval()`` before Predictive).
@@ -665,6 +669,9 @@ class LoraModel:
             if v.dim() > len(shape):
                 raise ValueError(f"site {name!r} got a batch of values {tuple(v.shape)}: {VECTORIZED}")
         flipout = {n: tr.trace.nodes[n]["infer"]["flipout_loc"] for n in values if "flipout_loc" in tr.trace.nodes[n]["infer"]}
+        if flipout and not in_averaging_elbo():
+            warnings.warn(FLIPOUT_WEIGHED, stacklevel=2)
+            flipout = {}
         y = self._labels(batch)  # its checks read the labels on the host: before the forward is queued
         # a training step of an ELBO outside fit (which keeps its own books): Pyro's SVI, or a loop of the user's own
         training = run == "training" and torch.is_grad_enabled() and pyro_params.recording()
@@ -869,6 +876,11 @@ def warn_unscaled(model, batches: int, runner: str, stacklevel: int = 2) -> None
                       stacklevel=stacklevel + 1)
 
 
+FLIPOUT_WEIGHED = ("the guide marks its A sites for flipout, which applies only inside an ELBO that averages over its "
+                   "particles (Trace_ELBO, TraceMeanField_ELBO, TraceGraph_ELBO, TraceEnum_ELBO: fit, pyro.infer.SVI); "
+                   "here (Importance, RenyiELBO, ReweightedWakeSleep, a replay of your own) draws may be weighed by "
+                   "exp(log p - log q), which per-example weights would bias (log p(y) 0.3 nats off in a test), so every "
+                   "example sees the guide's one draw")
 FLIPOUT_CLOZE = ("flipout draws its weight noise per row, and cloze multiple choice runs each choice of a question as a "
                  "row of its own (and the shared question apart): the choices would be scored under different weights; "
                  "use flipout=False, or the letter format (MultipleChoice(format='letter'))")

@@ -13,6 +13,9 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.infer.elbo import ELBO
 from pyro.infer.importance import Importance
 from pyro.infer.svi import SVI
+from pyro.infer.trace_elbo import Trace_ELBO
+from pyro.infer.traceenum_elbo import TraceEnum_ELBO
+from pyro.infer.tracegraph_elbo import TraceGraph_ELBO
 from pyro.infer.trace_tail_adaptive_elbo import TraceTailAdaptive_ELBO
 from pyro.poutine.block_messenger import BlockMessenger
 from pyro.poutine.condition_messenger import ConditionMessenger
@@ -60,6 +63,26 @@ def elbo_run() -> str | None:
             run = "training"
         frame = frame.f_back
     return run
+
+
+# ELBOs whose estimate averages each particle's log p - log q (TraceMeanField_ELBO is a Trace_ELBO): an unbiased estimate
+# of each example's log-likelihood within a particle leaves theirs unbiased. TraceTailAdaptive_ELBO, a Trace_ELBO too,
+# weighs its particles
+_AVERAGING_ELBOS = (Trace_ELBO, TraceGraph_ELBO, TraceEnum_ELBO)
+
+
+def in_averaging_elbo() -> bool:
+    """Whether the innermost ELBO running the call now averages each particle's ``log p - log q`` (``Trace_ELBO``,
+    ``TraceMeanField_ELBO``, ``TraceGraph_ELBO``, ``TraceEnum_ELBO``: ``fit``'s, ``SVI``'s), read from the Python call
+    stack as :func:`elbo_run`. Not one that weighs particles by its exponential (``RenyiELBO``, ``ReweightedWakeSleep``,
+    ``Importance``), nor a replay of one's own, whose objective is unknown."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if frame.f_code.co_name in _ELBO_METHODS and isinstance(owner, (ELBO, Importance)):
+            return isinstance(owner, _AVERAGING_ELBOS) and not isinstance(owner, TraceTailAdaptive_ELBO)
+        frame = frame.f_back
+    return False
 
 
 class _Replay:

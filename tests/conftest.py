@@ -19,6 +19,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import pyro_lora.locking
+from pyro_lora import LoraModel, SequenceClassification
 
 if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
@@ -51,6 +52,34 @@ def tiny_bert(r=4, num_labels=3, seed=0, dtype=torch.float32):
     )
     _randomize_b(net)
     return net.eval()
+
+
+def evidence_model(prior, head_gain=300.0, num_data=4):
+    """A one-layer BERT of width 8, LoRA of rank 1 on ``value``, random A only (one site ``[1, 1, 8]``), with a head
+    scaled up so that the labels of :func:`random_batch` depend on A: for ``log p(y)`` by sampling
+    (:func:`log_evidence`)."""
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        max_position_embeddings=16, num_labels=2)
+    net = get_peft_model(BertForSequenceClassification(config),
+                         LoraConfig(r=1, lora_alpha=2, target_modules=["value"], task_type="SEQ_CLS"))
+    with torch.no_grad():
+        net.base_model.model.classifier.weight.mul_(head_gain)
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 1.0)
+    return LoraModel(net.eval(), SequenceClassification(), random="A", prior=prior, num_data=num_data)
+
+
+def log_evidence(model, batch, num_samples=20000):
+    """``log p(y) = log mean_k p(y | A_k)`` over ``A_k`` from the prior of :func:`evidence_model`'s one site, in one
+    batched forward: the reference for ``Importance`` and ``RenyiELBO``."""
+    (name, site), = model.sites.items()
+    with torch.no_grad():
+        draws = model.prior_distribution(site).sample((num_samples,))
+        logits = model.logits(batch, {name: draws}, num_samples=num_samples)
+        log_lik = model.likelihood.distribution(logits).log_prob(batch["labels"]).sum(-1).double()
+    return float(torch.logsumexp(log_lik, 0) - math.log(num_samples))
 
 
 def bert_checkpoint(folder, id2label=None, head=True):

@@ -1,5 +1,8 @@
 """Sites, weight hand-off, likelihoods and the Pyro model on tiny random networks."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pyro
 import pytest
@@ -389,3 +392,13 @@ def test_token_level_data_is_refused_by_predict_and_its_labels_are_checked():
     for bad in (ids[:, 1:], ids[:1], ids[:, 0], ids.float(), ids.bool()):
         with pytest.raises(ValueError, match=r"CausalLM labels must be integer token ids of input_ids' shape \(2, 5\)"):
             lik.observed({**batch, "labels": bad})
+
+
+def test_importing_pyro_lora_leaves_torch_argument_validation_as_it_found_it():
+    """`import pyro_lora` imports peft, which imports bitsandbytes, whose torch.compile at import runs torch._dynamo's
+    patch: torch.distributions' argument validation was off for the whole process (Normal(0, -1).log_prob(0) gave nan)
+    while Pyro's is_validation_enabled() still said True. A fresh interpreter, as the import runs once."""
+    code = ("import torch; before = torch.distributions.Distribution._validate_args; import pyro_lora, pyro_lora.guides; "
+            "print(before, torch.distributions.Distribution._validate_args)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[-2:] == ["True", "True"]

@@ -179,6 +179,26 @@ def test_mnk_errors():
         MatrixNormalKronecker(torch.zeros(M, **f64), *list(p.values())[1:])
 
 
+def test_a_value_of_another_event_shape_is_refused_with_validation_off():
+    """With torch's argument validation off (fit's, or process-wide after `import pyro_lora` until it restored it), a
+    [3, 1] value broadcast against a 3 x 4 matrix normal's mean into a finite log-density (-5.95 in a report)."""
+    from pyro_lora.distributions import KFACNormal
+    from pyro_lora.guides.mcdropout import ColumnDropout
+
+    loc, factor, diag = lowrank_params()
+    eye = torch.eye(M, **f64)[None]
+    with pyro.validation_enabled(False):
+        kfac = KFACNormal(loc[:1], eye, torch.ones(1, M, **f64), torch.eye(N, **f64)[None, :, :1], torch.ones(1, 1, **f64),
+                          torch.ones(1, **f64), torch.ones(1, **f64), transposed=False)
+        for d in (MatrixNormalKronecker(**mnk_params(batch=())), LowRankPlusDiagNormal(loc[0], factor[0], diag[0]), kfac,
+                  ColumnDropout(loc[0], 0.1)):
+            value = d.sample()
+            assert d.log_prob(torch.stack([value, value])).shape == (2,)  # sample dims broadcast as ever
+            for wrong in (value[..., :1], value[..., 0, :], value.mT):
+                with pytest.raises(ValueError, match=rf"{type(d).__name__}.log_prob: the value's shape .* does not end in the event shape"):
+                    d.log_prob(wrong)
+
+
 def test_isotropic_normal():
     shape = (B, M, N)
     d = isotropic_normal(shape, 0.2)
