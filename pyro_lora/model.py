@@ -17,7 +17,7 @@ import torch
 from peft.utils import ModulesToSaveWrapper
 
 from . import handoff, pyro_params, quantized
-from .checks import check_count, pickling_refused
+from .checks import check_batch, check_count, pickling_refused
 from .hooks import hooks_ran
 from .contract import check_guide, check_not_meta, parameter_adapter, tempered_training
 from .ownership import head_loaded, head_trainer, record_write, unwritten_fit, written_beside_head
@@ -608,6 +608,7 @@ class LoraModel:
                              "checks of every later batch (a label of -100 scored, a num_data below the batch's rows "
                              "taken) and keep the network's train/eval mode of the first call (dropout after "
                              "net.eval()); use Trace_ELBO or TraceMeanField_ELBO")
+        check_batch(batch)  # Pyro's own SVI hands batches here without fit's or predict's reading of them
         check_no_plate("model")
         if not torch.is_grad_enabled() and in_predictive():  # predict runs in eval mode; Predictive in the one it finds
             dropping = dropout_in_training(self.net)

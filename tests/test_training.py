@@ -886,8 +886,9 @@ def test_batches_that_are_no_dicts_of_batched_tensors_are_refused_before_their_f
     model, guide = make()
     before = [p.detach().clone() for p in guide.parameters()]
     steps = []
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO())  # the model's own check
     for run in (lambda: fit(model, guide, data(), progress=False, callbacks=[steps.append]),
-                lambda: predict(model, guide, data())):
+                lambda: predict(model, guide, data()), lambda: svi.step(next(iter(data())))):
         with pytest.raises(ValueError, match=r"a batch must be a dict of batched tensors \(input_ids \[B, L\], "
                                              rf"attention_mask \[B, L\], labels \[B\].*{message}.*collate_fn=collator"):
             run()
