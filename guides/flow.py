@@ -32,8 +32,8 @@ from pyro_lora.distributions import MatrixNormalKronecker
 
 from .base import DensityDelta, LoraGuide
 from .meanfield import POST_HOC_PRIOR, post_hoc_note
-from .registry import join_notes, method
-from .tuning import tune_temperature
+from .registry import method
+from .tuning import tempered_fit
 
 
 class FlowGuide(LoraGuide):
@@ -508,7 +508,4 @@ def flow(setup):
 def flow_val(setup):
     """Bayesian-LoRA with a posterior temperature chosen by validation NLL (every draw's deviation from the MAP
     times sqrt(T)), as ``meanfield_val`` tempers mean-field."""
-    fitted = setup.base_fit()
-    tuning = tune_temperature(setup, fitted.guide)
-    fitted.note, fitted.chosen = join_notes(fitted.note, tuning.note), {**fitted.chosen, "posterior_temperature": tuning.value}
-    return fitted
+    return tempered_fit(setup)

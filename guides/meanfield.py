@@ -19,8 +19,8 @@ from pyro_lora.likelihoods import is_cloze
 from pyro_lora.model import FLIPOUT_CLOZE
 
 from .base import LoraGuide
-from .registry import join_notes, method
-from .tuning import tune_temperature
+from .registry import method
+from .tuning import tempered_fit
 
 _STDS = ("softplus", "square")
 
@@ -208,7 +208,4 @@ def meanfield_val(setup):
     The ``meanfield`` posterior, tempered: ``T`` from a log grid (every std times 0.1 to 100) refined by golden
     section, on the validation split temperature scaling uses (Wenzel et al., 2020).
     """
-    fitted = setup.base_fit()
-    tuning = tune_temperature(setup, fitted.guide)
-    fitted.note, fitted.chosen = join_notes(fitted.note, tuning.note), {**fitted.chosen, "posterior_temperature": tuning.value}
-    return fitted
+    return tempered_fit(setup)

@@ -9,8 +9,8 @@ to the model's ``N(0, prior^2)`` is closed form under :class:`~pyro.infer.TraceM
 from pyro_lora.scalabl import ScalaBLModel
 
 from .meanfield import MeanFieldGuide
-from .registry import join_notes, method
-from .tuning import tune_temperature
+from .registry import method
+from .tuning import tempered_fit
 
 
 class ScalaBLGuide(MeanFieldGuide):
@@ -71,7 +71,4 @@ def scalabl(setup):
 @method("scalabl_val", bayesian=True, guide=ScalaBLGuide, model=ScalaBLModel, validation=True, base="scalabl")
 def scalabl_val(setup):
     """ScalaBL with a posterior temperature chosen by validation NLL (every std times sqrt(T))."""
-    fitted = setup.base_fit()
-    tuning = tune_temperature(setup, fitted.guide)
-    fitted.note, fitted.chosen = join_notes(fitted.note, tuning.note), {**fitted.chosen, "posterior_temperature": tuning.value}
-    return fitted
+    return tempered_fit(setup)

@@ -19,6 +19,8 @@ from pyro_lora.data import fixed_batches
 from pyro_lora.metrics import accuracy, nll
 from pyro_lora.predictive import predict
 
+from .registry import join_notes
+
 # the validation accuracy a tuned value may cost against the grid's first (least noisy) value: the issue's 1 point
 MAX_ACCURACY_DROP = 0.01
 
@@ -168,9 +170,15 @@ def _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate, scores):
 TEMPERATURE_GRID = [10.0 ** (k / 2) for k in range(-4, 9)]
 
 
-def tune_temperature(setup, guide):
-    """Set ``guide``'s posterior temperature (``guide.set_temperature``) by the validation NLL of its predictive with
-    ``setup``'s samples and seed (:func:`tune_on_validation` over :data:`TEMPERATURE_GRID`); returns its
-    :class:`Tuning`."""
-    return tune_on_validation(guide, "posterior temperature", guide.set_temperature, TEMPERATURE_GRID,
-                              setup.loader(setup.val), setup.config.samples, seed=setup.seed, start=guide.temperature)
+def tempered_fit(setup):
+    """The method's base fit (``setup.base_fit()``) with its guide's posterior temperature (``guide.set_temperature``)
+    set by the validation NLL of its predictive with ``setup``'s samples and seed (:func:`tune_on_validation` over
+    :data:`TEMPERATURE_GRID`): the :class:`~pyro_lora.guides.registry.Fitted`, its note joined with the tuning's, the
+    temperature in its ``chosen`` and counted as one more parameter (as a ``+ts`` row counts its temperature)."""
+    fitted = setup.base_fit()
+    guide = fitted.guide
+    tuning = tune_on_validation(guide, "posterior temperature", guide.set_temperature, TEMPERATURE_GRID,
+                                setup.loader(setup.val), setup.config.samples, seed=setup.seed, start=guide.temperature)
+    fitted.note, fitted.chosen = join_notes(fitted.note, tuning.note), {**fitted.chosen, "posterior_temperature": tuning.value}
+    fitted.extra_parameters += 1
+    return fitted

@@ -716,11 +716,14 @@ def test_a_tuned_variant_carries_the_tunings_edge_into_its_note(monkeypatch):
     setup = Setup(CompareConfig(out="unused", guides=("meanfield", "meanfield_val"), progress=False), model.net, None,
                   SequenceClassification(), [], [], [], None)
     setup.kept["meanfield"] = (Fitted(guide=guide, note="prior std 0.1"), 1.0, None)
-    monkeypatch.setattr("pyro_lora.guides.meanfield.tune_temperature", lambda view, g: Tuning(1e4, [], "lowest at the largest"))
+    monkeypatch.setattr("pyro_lora.guides.tuning.tune_on_validation",
+                        lambda *args, **kwargs: Tuning(1e4, [], "lowest at the largest"))
     fitted = METHODS["meanfield_val"].recipe(setup.for_method("meanfield_val"))
     assert fitted.note == "prior std 0.1; lowest at the largest"
-    # the chosen knob goes into the rows (results.json), the base's record untouched
+    # the chosen knob goes into the rows (results.json), the base's record untouched; the posterior temperature is
+    # one parameter more than the base method's (+params counted it as none, a +ts row's temperature as one)
     assert fitted.chosen == {"posterior_temperature": 1e4} and setup.kept["meanfield"][0].chosen == {}
+    assert fitted.extra_parameters == 1 and setup.kept["meanfield"][0].extra_parameters == 0
     _, costs = fit_method(setup, "meanfield_val", 0.0)
     assert costs["posterior_temperature"] == 1e4
 

@@ -110,7 +110,13 @@ def header_section(runs, command, now, failed=()):
             f"| {c.get('dtype', 'fp32')}{', 4-bit' if c.get('load_in_4bit') else ''} | {', '.join(map(long_name, c['eval_datasets'])) or '—'} |")
     lines += ["", "Train, validation and test are the examples used (a set smaller than the size asked for gives all it has); "
                   "temperature scaling, the `+ts` rows and the validation-tuned methods are fitted on the validation split. "
-                  "Every seed sees the same examples, only initialisation and order change."]
+                  "Every seed sees the same examples, only initialisation and order change.",
+              "", "Costs: `fit s` is the time of a row's own fit, beyond the seed's MAP where the method starts from it "
+                  "(the post-hoc posteriors, temperature scaling, the ensemble's further members: add the `map` row's "
+                  "time for their whole cost; a method that trains its own adapter, such as MC dropout, counts that "
+                  "whole training); a `_val` row includes its base method's fit, a `+ts` row its method's fit and the "
+                  "temperature's. `+params` counts the numbers a method stores beyond plain LoRA, a fitted temperature "
+                  "as one."]
     return "\n".join(lines)
 
 
