@@ -196,8 +196,9 @@ def contrarian_data(model):
             for b, x in zip(batches, logits)]
 
 
-def test_val_nll_finds_the_brute_force_minimum_of_the_probit_predictives_nll():
-    """By hand: dense posterior, the pairwise probit with the full logit covariance (the reported predictive's)."""
+def contrarian_fit():
+    """A last-layer Laplace fit on three contrarian batches, its validation batches, and by hand the validation NLL of
+    log lambda: dense posterior, the pairwise probit with the full logit covariance (the reported predictive's)."""
     model = bert(scale=100.0)
     data = contrarian_data(model)
     train, val = data[:3], data[3:]
@@ -213,6 +214,11 @@ def test_val_nll_finds_the_brute_force_minimum_of_the_probit_predictives_nll():
         p = pairwise_probit_reference(mean, jac @ sigma @ jac.mT)
         return float(-p.gather(1, labels[:, None]).log().mean())
 
+    return guide, val, nll
+
+
+def test_val_nll_finds_the_brute_force_minimum_of_the_probit_predictives_nll():
+    guide, val, nll = contrarian_fit()
     grid = torch.linspace(math.log(1e-4), math.log(1e4), 801)
     brute = min(grid.tolist(), key=nll)
     brute = golden_section(nll, brute - 0.02, brute + 0.02, 1e-6)[0]
@@ -227,21 +233,7 @@ def test_val_nll_searches_a_grid_that_repeats_a_value_as_the_grid_without():
     """LLLA's search took the neighbours of its best value in the sorted grid, repeats kept: a repeated best value was
     its own lower neighbour, so the refinement searched above it alone (lambda stayed at the repeated grid value, above
     the optimum), and a repeat at the grid's smallest value warned of the optimum above the *largest* one."""
-    model = bert(scale=100.0)
-    data = contrarian_data(model)
-    train, val = data[:3], data[3:]
-    guide = LastLayerLaplaceGuide(model).fit(train, progress=False)
-    h = dense_ggn(guide, train)
-    feats = [guide.features(b) for b in val]
-    phi, mean = torch.cat([f[1] for f in feats]), torch.cat([f[0] for f in feats]).double()
-    labels = torch.cat([b["labels"] for b in val])
-    jac = torch.kron(torch.eye(3, dtype=torch.float64), phi[:, None, :])
-
-    def nll(log_lam):  # by hand, as test_val_nll_finds_the_brute_force_minimum_of_the_probit_predictives_nll
-        sigma = torch.linalg.inv(h + math.exp(log_lam) * torch.eye(h.shape[0], dtype=torch.float64))
-        p = pairwise_probit_reference(mean, jac @ sigma @ jac.mT)
-        return float(-p.gather(1, labels[:, None]).log().mean())
-
+    guide, val, nll = contrarian_fit()
     brute = min(torch.linspace(math.log(1e-4), math.log(1e4), 161).tolist(), key=nll)
     brute = golden_section(nll, brute - 0.12, brute + 0.12, 1e-6)[0]
     above = math.exp(brute + 0.7)  # the best grid value, repeated, with the optimum below it
