@@ -54,8 +54,8 @@ def elbo_run() -> str | None:
     run = None
     frame = sys._getframe(1)
     while frame is not None:
-        kind = _ELBO_METHODS.get(frame.f_code.co_name)
-        if kind is not None and isinstance(frame.f_locals.get("self"), (ELBO, Importance)):
+        if _elbo_of(frame) is not None:
+            kind = _ELBO_METHODS[frame.f_code.co_name]
             if kind == "evaluation":
                 return kind
             run = kind
@@ -63,6 +63,12 @@ def elbo_run() -> str | None:
             run = "training"
         frame = frame.f_back
     return run
+
+
+def _elbo_of(frame):
+    """The ELBO (or ``Importance``) running ``frame`` through one of :data:`_ELBO_METHODS`, else None."""
+    owner = frame.f_locals.get("self") if frame.f_code.co_name in _ELBO_METHODS else None
+    return owner if isinstance(owner, (ELBO, Importance)) else None
 
 
 # ELBOs whose estimate averages each particle's log p - log q (TraceMeanField_ELBO is a Trace_ELBO): an unbiased estimate
@@ -78,8 +84,8 @@ def in_averaging_elbo() -> bool:
     ``Importance``), nor a replay of one's own, whose objective is unknown."""
     frame = sys._getframe(1)
     while frame is not None:
-        owner = frame.f_locals.get("self")
-        if frame.f_code.co_name in _ELBO_METHODS and isinstance(owner, (ELBO, Importance)):
+        owner = _elbo_of(frame)
+        if owner is not None:
             return isinstance(owner, _AVERAGING_ELBOS) and not isinstance(owner, TraceTailAdaptive_ELBO)
         frame = frame.f_back
     return False
