@@ -17,9 +17,8 @@ from tqdm.auto import tqdm
 from pyro_lora import distributed
 from pyro_lora.checks import check_count, check_flag
 from pyro_lora.contract import check_guide, describe, differences, entry_checks
-from pyro_lora.data import subset
+from pyro_lora.data import check_every_example, subset, to_device
 from pyro_lora.sites import check_values
-from pyro_lora.data import to_device
 from pyro_lora.modes import eval_mode
 
 from .base import LoraGuide
@@ -245,6 +244,7 @@ class TFBGuide(LoraGuide):
             tolerance = check_search(criterion, tolerance, low, high, iterations, spacing)
             check_count(num_samples, "num_samples")
             check_guide(self.model, self, "search sigma_q")  # a head changed since: the search would score another network
+            check_every_example(anchors, "TFBGuide.search")  # the flip rate's denominator is the whole anchor set
             if hasattr(anchors, "__len__") and len(anchors) == 0:
                 raise ValueError("search got no anchor batches: the anchor set is empty")
         # under torch.distributed each rank scores its block of anchors (a shuffling loader's as rank 0 draws it);

@@ -474,3 +474,15 @@ def test_search_bounds_and_tolerances_that_decide_nothing_are_refused_and_one_ba
                  lambda: bayesianize(model, anchors[0])):
         with pytest.raises(ValueError, match="data is one batch .a dict with keys"):
             call()
+
+
+def test_search_refuses_anchors_from_a_loader_that_drops_its_last_batch():
+    """A drop_last loader scored 8 of 10 anchors without a word (its sigma_q searched on fewer anchors than given)."""
+    from torch.utils.data import DataLoader
+
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), num_data=48)
+    rows = [{k: v[i] for k, v in toy_data(10, batch=10)[0].items()} for i in range(10)]
+    with pytest.raises(ValueError, match=r"TFBGuide.search reads every example of its data, but this DataLoader drops"):
+        TFBGuide(model).search(DataLoader(rows, batch_size=4, drop_last=True), progress=False)
+    trace = TFBGuide(model).search(DataLoader(rows, batch_size=4), high=5.0, iterations=1, progress=False)
+    assert trace[0]["anchors"] == 10
