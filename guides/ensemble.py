@@ -418,6 +418,9 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     :param dict fit_kwargs: keyword arguments of :func:`pyro_lora.fit` (``epochs``, ``lr``, ...).
     :param bool include_current: the network's current adapter and head (e.g. an already trained MAP) is
         member 0 and only ``k - 1`` members are trained (with ``seeds[1:]``).
+    :raises ValueError: before any training, for repeated seeds, sites between A and B, LoRA parameters that are no
+        sites, ``train_network=False`` with a head, or checkpointing ``fit_kwargs`` (``checkpoint_dir``,
+        ``checkpoint_every``, ``resume``: the members would share one checkpoint).
     """
     k = check_count(k, "k")
     seeds = list(range(k)) if seeds is None else list(seeds)
@@ -447,6 +450,11 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     if heads_names and not fit_kwargs.get("train_network", True):
         raise ValueError(f"fit_kwargs train_network=False with a head to train ({heads_names[0]}, ...): each member starts "
                          "from a freshly drawn head, which would stay untrained; leave train_network on")
+    checkpointing = [key for key in ("checkpoint_dir", "checkpoint_every", "resume") if fit_kwargs.get(key)]
+    if checkpointing:  # every member's fit would write the one folder: the last member's run would be all it holds
+        raise ValueError(f"fit_kwargs {', '.join(checkpointing)}: train_ensemble does not checkpoint its members (each "
+                         "member's fit would overwrite the one checkpoint, and resume would continue another member's "
+                         "run); leave them out and save the returned ensemble with save_guide")
     params = dict(model.net.named_parameters())
     saved = {n: p.detach().clone() for n, p in params.items() if id(p) in lora or n in heads_names}
     members, heads = [], []

@@ -1,5 +1,6 @@
 """Baselines: temperature scaling, MC dropout on the LoRA input, deep ensembles (with per-member heads)."""
 
+import copy
 import math
 import re
 import warnings
@@ -956,6 +957,20 @@ def test_an_ensemble_refuses_to_leave_its_fresh_heads_untrained():
     model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="AB", num_data=48)
     with pytest.raises(ValueError, match="train_network=False with a head to train"):
         train_ensemble(model, toy_data(), k=2, fit_kwargs={"train_network": False})
+
+
+@pytest.mark.parametrize("kwargs", [{"checkpoint_dir": "ckpt"}, {"checkpoint_dir": "ckpt", "checkpoint_every": 2},
+                                    {"checkpoint_dir": "ckpt", "resume": True}])
+def test_an_ensemble_refuses_checkpointing_fit_kwargs_before_any_training(tmp_path, kwargs):
+    """Every member's fit wrote the one checkpoint_dir: a 3-member run left only the last member's checkpoint, and a
+    resume after a failure in member 1 finished member 1's run as member 0."""
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="AB", num_data=48)
+    before = copy.deepcopy(model.net.state_dict())
+    kwargs = {**kwargs, "checkpoint_dir": str(tmp_path / kwargs["checkpoint_dir"])}
+    with pytest.raises(ValueError, match="train_ensemble does not checkpoint its members"):
+        train_ensemble(model, toy_data(), k=2, fit_kwargs=kwargs)
+    assert not (tmp_path / "ckpt").exists()
+    assert all(torch.equal(v, before[k]) for k, v in model.net.state_dict().items())
 
 
 def test_temperature_scaling_reads_lists_as_float64_integer_rows_and_refuses_a_bad_temperature():
