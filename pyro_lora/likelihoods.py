@@ -232,6 +232,56 @@ def _decoder_and_head(net):
     return decoder, scaled_head
 
 
+def not_causal_lm(model) -> str | None:
+    """What ``model`` is, where its class or config says it is no causal LM (``None`` otherwise): an encoder-decoder
+    (T5, BART), whose decoder reads an encoder's output of the whole input, or a masked LM (``BertForMaskedLM``), which
+    predicts each token from both sides. Read from the class and config alone; a decoder whose attention is
+    bidirectional all the same shows in :func:`_causality_probe`."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    base = base_network(model)
+    name, config = type(base).__name__, getattr(base, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        return f"{name} is an encoder-decoder (its decoder reads an encoder's output of the whole input)"
+    # XLMWithLMHeadModel serves both mappings: the probe tells its attention
+    masked = set(MODEL_FOR_MASKED_LM_MAPPING_NAMES.values()) - set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    if name.endswith("ForMaskedLM") or name in masked:
+        return f"{name} is a masked LM (it predicts each token from both sides, not the next token from those before it)"
+    return None
+
+
+def _causality_probe(net, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Refuse a network that is no causal LM for the causal-LM likelihood ``what``: by :func:`not_causal_lm`, then by
+    a probe of two 5-token rows that differ in their last token, run as one batch (so that a batch-wide computation,
+    LLM.int8()'s outlier columns, is the same for both): a causal LM gives both the same logits at the 4 positions
+    before it. A decoder with bidirectional attention (``use_bidirectional_attention``, an embedding model's; an
+    encoder's LM head without ``is_decoder``) would let a cloze token's score see the token itself.
+
+    :returns: the probe ``input_ids`` ``[2, 5]`` and the network's logits on them ``[2, 5, V]``.
+    :raises ValueError: naming the model class, what it is, and the causal LM ``what`` needs.
+    """
+    needs = (f"{what} reads position t's logits as the next token's prediction from the tokens up to t, which needs a "
+             "decoder-only causal LM; to classify with this model, load it with task='classification' and use "
+             "SequenceClassification")
+    if kind := not_causal_lm(net):
+        raise ValueError(f"{kind}: {needs}")
+    rows = getattr(embedding(base_network(net), "input"), "num_embeddings", 6)
+    ids = (torch.arange(1, 6) % rows).repeat(2, 1).to(next(net.parameters()).device)
+    ids[1, -1] = (ids[1, -1] + 1) % rows
+    with eval_mode(net), torch.no_grad():  # no dropout: both rows must run the same function
+        logits = net(input_ids=ids).logits
+    before = logits[:, :-1].float()
+    tolerance = 2e-2 if logits.dtype in (torch.float16, torch.bfloat16) else 1e-3
+    gap = (before[0] - before[1]).abs().max()
+    if not gap <= tolerance * before.abs().max() + 1e-5:
+        raise ValueError(
+            f"{type(base_network(net)).__name__} attends to later tokens: changing the last of 5 tokens moves the logits "
+            f"at the positions before it by up to {gap:.3g} (bidirectional attention: an embedding model's "
+            f"use_bidirectional_attention, an encoder's LM head); a score would see the token it scores. {needs}"
+        )
+    return ids, logits
+
+
 def _softcap(logits, cap):
     return cap * torch.tanh(logits / cap)
 
@@ -355,11 +405,36 @@ class SequenceClassification(Likelihood):
     """
 
     def check_network(self, net) -> None:
-        """Refuse a head this softmax likelihood would misread: a regression head (one logit, every probability 1) or
-        a multi-label one (independent sigmoids), as its ``config.problem_type`` or ``config.num_labels`` say.
+        """Refuse a head this softmax likelihood would misread: a regression head or a multi-label one
+        (:meth:`_check_config`), or a head giving a row of logits per token (a causal or masked LM's, a token
+        classifier's), seen on a forward of one 4-token row where the network has an input embedding (else at its
+        first forward, :meth:`logits`).
 
-        :raises ValueError: naming ``problem_type`` or ``num_labels``.
+        :raises ValueError: naming ``problem_type``, ``num_labels`` or the logits' shape.
         """
+        self._check_config(net)
+        rows = getattr(embedding(base_network(net), "input"), "num_embeddings", None)
+        if rows is not None:
+            pad = _pad_token_id(net)
+            ids = [t % rows for t in range(1, 6) if t % rows != pad][:4]  # no pad: a decoder's head reads the last token
+            with eval_mode(net), torch.no_grad():
+                self._check_rows(net, net(input_ids=torch.tensor([ids], device=next(net.parameters()).device)).logits, 1)
+
+    def _check_rows(self, net, logits, rows):
+        """Refuse ``logits`` of a forward over ``rows`` examples that are not one row of class logits per example."""
+        if logits.dim() != 2 or len(logits) != rows:
+            base = base_network(net)
+            lm = " (an LM head)" if embedding(base, "output") is not None else ""
+            raise ValueError(
+                f"{type(base).__name__} gives logits of shape {tuple(logits.shape)} for {rows} example(s){lm}, not one row "
+                "of class logits per example [B, C]: SequenceClassification needs a sequence-classification head; load "
+                "the model with task='classification' (AutoModelForSequenceClassification), or score a causal LM with "
+                "CausalLM or MultipleChoice"
+            )
+
+    def _check_config(self, net) -> None:
+        """Refuse a regression head (one logit, every probability 1) or a multi-label one (independent sigmoids), as its
+        ``config.problem_type`` or ``config.num_labels`` say."""
         config = getattr(base_network(net), "config", None)
         problem = getattr(config, "problem_type", None)
         if problem not in (None, "single_label_classification"):
@@ -410,15 +485,17 @@ class SequenceClassification(Likelihood):
                 batch = {**batch, "input_ids": batch["input_ids"].masked_fill(mask == 0, pad)}
         if pad is not None and "input_ids" in batch:
             _refuse_ending_in_pad(batch["input_ids"], mask, pad)
-        self.check_network(net)  # a config attribute or two: problem_type may be set after the model was built
+        self._check_config(net)  # a config attribute or two: problem_type may be set after the model was built
+        inputs = repeat_inputs(batch, num_samples)
         try:
-            out = net(**repeat_inputs(batch, num_samples)).logits
+            out = net(**inputs).logits
         except ValueError as e:  # transformers' decoder heads refuse more than one row without a pad token
             if pad is None and "padding token" in str(e):
                 rows, copies = len(next(iter(repeat_inputs(batch, None).values()))), num_samples or 1
                 raise ValueError(f"{_NO_PAD_TOKEN} (this forward has {rows * copies} rows, more than one: {rows} "
                                  f"example(s) x {copies} weight sample(s), the samples run as copies of the batch)") from e
             raise
+        self._check_rows(net, out, len(next(iter(inputs.values()), out)))
         if out.shape[-1] < 2:  # a config may claim 2 labels over a 1-output head: every probability would be 1
             raise ValueError(f"the network's head gives {out.shape[-1]} logit per example: SequenceClassification needs a "
                              "single-label classification head with >= 2 classes")
@@ -491,25 +568,26 @@ class MultipleChoice(Likelihood):
     def check_network(self, net) -> None:
         """Refuse a causal LM whose forward does something to its LM head's logits that this likelihood, which calls
         the decoder and the head itself, does not repeat (it repeats the softcappings and scalings of
-        :data:`_HEAD_STEPS` that the forward applies): its letter and cloze scores would not be the model's own. One
-        forward of 4 tokens each way. Warns where ``share_prefix=True`` was given and the decoder cannot share it.
+        :data:`_HEAD_STEPS` that the forward applies): its letter and cloze scores would not be the model's own; and a
+        network that is no causal LM (:func:`_causality_probe`). One forward of two 5-token rows each way, through the
+        model and through the decoder and head. Warns where ``share_prefix=True`` was given and the decoder cannot share it.
 
-        :raises ValueError: naming the model class and the largest difference, or answer tokens beyond its vocabulary.
+        :raises ValueError: naming the model class and the largest difference, what it is where it is no causal LM, or
+            answer tokens beyond its vocabulary.
         """
+        ids, theirs = _causality_probe(net, f"MultipleChoice(format={self.format!r})")
         decoder, head = _decoder_and_head(net)
         reason = _unshareable(decoder)
         if self.format == "cloze" and self._share_asked and reason:
             warnings.warn(f"MultipleChoice(share_prefix=True): {type(decoder).__name__} {reason}, so every cloze row runs "
                           "in full (the same scores, each question run once per choice)", stacklevel=3)
         weight = getattr(base_network(net).get_output_embeddings(), "weight", None)
-        vocab = weight.shape[0] if weight is not None else 5
-        if weight is not None and self.answer_token_ids is not None and int(self.answer_token_ids.max()) >= vocab:
-            raise ValueError(f"answer_token_ids {self.answer_token_ids.tolist()} name a token beyond the LM head's {vocab} rows: "
+        if weight is not None and self.answer_token_ids is not None and int(self.answer_token_ids.max()) >= len(weight):
+            raise ValueError(f"answer_token_ids {self.answer_token_ids.tolist()} name a token beyond the LM head's {len(weight)} rows: "
                              "give token ids of this model's tokenizer")
-        ids = (torch.arange(1, 5) % vocab).unsqueeze(0).to(next(net.parameters()).device)
-        with eval_mode(net), torch.no_grad():  # no dropout: both ways must be the same function
-            theirs = net(input_ids=ids).logits[0, -1]
-            ours = head(decoder(input_ids=ids).last_hidden_state[:, -1])[0].float()
+        with eval_mode(net), torch.no_grad():  # no dropout; both rows as in the probe: LLM.int8() depends on the batch
+            ours = head(decoder(input_ids=ids).last_hidden_state[:, -1]).float()
+        theirs = theirs[:, -1]
         tolerance = 2e-2 if theirs.dtype in (torch.float16, torch.bfloat16) else 1e-3
         theirs = theirs.float()
         gap = (ours - theirs).abs().max()
@@ -521,7 +599,7 @@ class MultipleChoice(Likelihood):
                        "that may be what differs; " if steps else "")
             raise ValueError(
                 f"{type(base).__name__}'s forward changes its LM head's logits in a way MultipleChoice does not "
-                f"repeat (they differ by up to {gap:.3g} on a 4-token probe): its letter and cloze scores would not be the "
+                f"repeat (they differ by up to {gap:.3g} on a 5-token probe): its letter and cloze scores would not be the "
                 f"model's own; {applied}this model family is not supported for multiple choice"
             )
 
@@ -742,6 +820,13 @@ class CausalLM(Likelihood):
 
     event_dims = 1
     net_inputs = _DECODER_INPUTS
+
+    def check_network(self, net) -> None:
+        """Refuse a network that is no causal LM (:func:`_causality_probe`: one forward of two 5-token rows).
+
+        :raises ValueError: for an encoder-decoder, a masked LM or a decoder attending to later tokens.
+        """
+        _causality_probe(net, "CausalLM")
 
     def logits(self, net, batch, num_samples=None):
         inputs = _with_positions(base_network(net), repeat_inputs(batch, num_samples, self.net_inputs))

@@ -157,7 +157,8 @@ def encoder_only(name_or_path) -> str | None:
     configuration alone (transformers' ``AutoConfig``, no weight loaded), or ``None`` for a causal LM or a model the
     configuration does not tell: MiniLM; a folder of a masked-LM family (BERT, RoBERTa, ...) neither configured as a
     decoder (``is_decoder``), nor an encoder-decoder, nor saved as its family's causal LM (``BertLMHeadModel``): loaded
-    as a causal LM, such a folder gets a freshly drawn LM head over a bidirectional encoder. A ``.gguf`` file and a
+    as a causal LM, such a folder gets a freshly drawn LM head over a bidirectional encoder; a decoder family configured
+    with ``use_bidirectional_attention`` (EmbeddingGemma), whose every position sees the later tokens. A ``.gguf`` file and a
     folder whose configuration cannot be read pass (loading says what is wrong with them)."""
     if name_or_path in EMBEDDED_MODELS:
         return "MiniLM, a sentence encoder" if name_or_path == "minilm" else None
@@ -172,6 +173,8 @@ def encoder_only(name_or_path) -> str | None:
     except (OSError, ValueError, KeyError):
         return None
     kind, saved_as = config.model_type, list(config.architectures or ())
+    if getattr(config.get_text_config(), "use_bidirectional_attention", False):
+        return f"its config.json: model_type {kind!r} with use_bidirectional_attention, an embedding model's attention"
     if (kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES or getattr(config, "is_decoder", False)
             or getattr(config, "is_encoder_decoder", False)
             or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(kind) in saved_as or any(a.endswith("ForCausalLM") for a in saved_as)):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import time
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ from .data import check_every_example, to_device
 from .likelihoods import check_label_range
 from .modes import eval_mode
 from .progress import progress_bar
+from .quantized import has_int8_layers
 
 SEED_RANGE = 2**62  # base seeds are drawn from [0, SEED_RANGE); chunk i uses base + i
 
@@ -75,6 +77,9 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
 
     The predictions follow ``data``'s order: a shuffling ``DataLoader`` gives another order on every call.
     Unlabelled data (batches without ``"labels"``) is predicted all the same, with ``labels`` ``None``.
+
+    Over an LLM.int8() base an example's probabilities also depend on the other rows of its forward (its batch, and the
+    weight samples of its chunk: :func:`~pyro_lora.quantized.has_int8_layers`), by a little: warned of once.
     """
     with entry_checks(model, guide, "predict"):
         check_every_example(data, "predict")
@@ -83,6 +88,11 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
             chunk_size = check_count(chunk_size, "chunk_size", alternative="or None for all samples in one forward")
         if guide is not None:
             check_guide(model, guide, "predict")
+        if has_int8_layers(model.net):
+            warnings.warn("predict over an LLM.int8() base: its outlier decomposition runs in 16 bits the input columns "
+                          "that exceed its threshold in any row of a forward, so an example's probabilities depend a little "
+                          "on its batch and on the weight samples run beside it (an NF4 or unquantised base's do not)",
+                          stacklevel=3)
         if model.likelihood.event_dims != 0:  # CausalLM: a distribution per token, no [N, C] row per example
             raise ValueError(f"predict gives one class distribution per example ([N, C]), and {type(model.likelihood).__name__} "
                              "is token-level (one per token): score a language model with model.logits(batch, values) "

@@ -34,6 +34,7 @@ from .model_files import (
 )
 from .contract import DRAWN_AT_LOAD
 from .io import _naming_errors, synced
+from .likelihoods import not_causal_lm
 from .sites import base_network, head_modules
 
 if TYPE_CHECKING:
@@ -487,6 +488,9 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
         module :func:`~pyro_lora.sites.head_modules` names: ``classifier`` / ``score`` and what sits beside them
         outside the backbone, DeBERTa's ``pooler``, BART's ``classification_head``) or ``"causal_lm"``; default from
         the model class.
+    :raises ValueError: for a masked LM or an encoder-decoder LM as ``"causal_lm"`` (the default for them,
+        :func:`~pyro_lora.likelihoods.not_causal_lm`): no likelihood scores them; their ``...ForSequenceClassification``
+        class is a classifier.
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -494,6 +498,9 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
         task = "classification" if type(model).__name__.endswith("ForSequenceClassification") else "causal_lm"
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task == "causal_lm" and (kind := not_causal_lm(model)):  # peft's CAUSAL_LM wrapper fails on a masked LM deep inside
+        raise ValueError(f"{kind}: CausalLM and MultipleChoice need a decoder-only causal LM, and SequenceClassification "
+                         f"a classification head; load it with task='classification' (AutoModelForSequenceClassification)")
     # peft's SEQ_CLS keeps only a 'classifier' or 'score' trainable (and saved): a pooler beside it (DeBERTa's, which
     # its checkpoints lack and transformers draws afresh) would stay frozen at random, BART's classification_head too
     heads = (list(head_modules(model)) or None) if task == "classification" else None

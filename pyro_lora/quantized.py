@@ -27,6 +27,17 @@ def keep_differentiable(net) -> None:
                 module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
 
 
+def has_int8_layers(net) -> bool:
+    """Whether ``net`` holds a bitsandbytes LLM.int8() layer, whose output for one row depends on the other rows run
+    with it: its outlier decomposition runs in 16 bits every input column that holds a value beyond its threshold
+    (``llm_int8_threshold``, 6) in any row of the forward, on every device."""
+    try:
+        from bitsandbytes.nn import Linear8bitLt
+    except ImportError:
+        return False
+    return any(isinstance(module, Linear8bitLt) for module in net.modules())
+
+
 def dense_weight(module) -> torch.Tensor | None:
     """The float32 ``[d_out, d_in]`` weight a bitsandbytes 4-bit or 8-bit layer computes with (dequantised), or
     ``None`` for a layer that is not one of them."""

@@ -532,3 +532,122 @@ def test_a_refused_forward_names_the_logit_step_multiple_choice_applies():
     with pytest.raises(ValueError, match=r"Uncapped's forward changes its LM head's logits.*MultipleChoice applies a final "
                                          r"logit softcapping \(final_logit_softcapping=0.5\) itself, as its forward names it"):
         LoraModel(add_lora(net, r=2), MultipleChoice([10, 11, 12], format="letter"))
+
+
+# ------------------------------------------------------------------------------------------- what no likelihood scores
+
+
+def _non_causal(kind):
+    """A network that is no causal LM, LoRA on its attention: a Gemma 3 decoder with bidirectional attention
+    (EmbeddingGemma's setting), BERT's LM head without ``is_decoder``, T5 (an encoder-decoder), BERT's masked LM (plain
+    peft: add_lora refuses it)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+
+    torch.manual_seed(0)
+    if kind == "bidirectional":
+        base = AutoModelForCausalLM.from_config(config("gemma3_text", num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                                       use_bidirectional_attention=True))
+    elif kind == "bert_lm_head":
+        base = AutoModelForCausalLM.from_config(config("bert"))
+    elif kind == "t5":
+        base = AutoModelForSeq2SeqLM.from_config(config("t5", d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+                                                        decoder_start_token_id=0))
+    else:
+        base = AutoModelForMaskedLM.from_config(config("bert"))
+    targets = {"bidirectional": ["q_proj", "v_proj"], "t5": ["q", "v"]}.get(kind, ["query", "value"])
+    return get_peft_model(base.eval(), LoraConfig(r=2, target_modules=targets)).eval()
+
+
+NON_CAUSAL = {"bidirectional": "Gemma3ForCausalLM attends to later tokens", "bert_lm_head": "BertLMHeadModel attends to later tokens",
+              "t5": "T5ForConditionalGeneration is an encoder-decoder", "masked": "BertForMaskedLM is a masked LM"}
+
+
+@pytest.mark.parametrize("likelihood", ["causal_lm", "letter", "cloze"])
+@pytest.mark.parametrize("kind", NON_CAUSAL)
+def test_a_network_that_is_no_causal_lm_is_refused_by_every_causal_likelihood(kind, likelihood):
+    """A bidirectional Gemma 3 was scored as a causal LM (cloze scores 0.68 off its own forward, or each token's score
+    seeing the token itself); T5 failed inside its decoder, BERT's masked LM was refused for "changing its LM head's
+    logits", not for what it is."""
+    from pyro_lora import CausalLM
+
+    net = _non_causal(kind)
+    if kind in ("bidirectional", "bert_lm_head"):  # the network's own forward: position 3 sees token 5
+        ids = torch.tensor([[BOS, 5, 6, 7, 8, 9]])
+        with torch.no_grad():
+            moved = net(input_ids=ids).logits[0, 3] - net(input_ids=ids.where(torch.arange(6) < 5, 40)).logits[0, 3]
+        assert moved.abs().max() > 0.1
+    make = {"causal_lm": CausalLM, **{k: LIKELIHOODS[k][0] for k in ("letter", "cloze")}}[likelihood]
+    with pytest.raises(ValueError, match=NON_CAUSAL[kind] + ".*needs a decoder-only causal LM"):
+        LoraModel(net, make())
+
+
+def test_the_causal_twin_of_a_bidirectional_decoder_is_taken():
+    from pyro_lora import CausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config("gemma3_text", num_key_value_heads=2, head_dim=8, sliding_window=4))
+    net = add_lora(base.eval(), r=2)
+    for likelihood in (CausalLM(), MultipleChoice(LETTERS, format="letter"), MultipleChoice(format="cloze")):
+        LoraModel(net, likelihood)
+
+
+def test_add_lora_refuses_a_masked_or_encoder_decoder_lm_by_name():
+    """peft's causal-LM wrapper failed on BertForMaskedLM with "no attribute 'prepare_inputs_for_generation'"."""
+    from transformers import AutoModelForMaskedLM, AutoModelForSeq2SeqLM
+
+    with pytest.raises(ValueError, match="BertForMaskedLM is a masked LM.*task='classification'"):
+        add_lora(AutoModelForMaskedLM.from_config(config("bert")), r=2)
+    t5 = AutoModelForSeq2SeqLM.from_config(config("t5", d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4))
+    with pytest.raises(ValueError, match="T5ForConditionalGeneration is an encoder-decoder"):
+        add_lora(t5, r=2)
+
+
+def test_load_pretrained_refuses_a_bidirectional_decoder_as_a_causal_lm_before_loading(tmp_path, tokenizer):
+    from pyro_lora.model_files import encoder_only
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config("gemma3_text", num_key_value_heads=2, head_dim=8, sliding_window=4,
+                                            use_bidirectional_attention=True)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    assert "use_bidirectional_attention" in encoder_only(str(tmp_path))
+    with pytest.raises(ValueError, match="use_bidirectional_attention.*no causal LM"):
+        load_pretrained(str(tmp_path), "causal_lm")
+
+
+@pytest.mark.parametrize("head", ["causal_lm", "masked_lm", "tokens"])
+def test_sequence_classification_refuses_logits_that_are_not_one_row_per_example(head):
+    """LlamaForCausalLM under SequenceClassification was built and predict returned probs [3, 13, 64], a vocabulary
+    softmax per token beside labels [3]; fit failed at its first step with a label-shape message."""
+    from transformers import AutoModelForMaskedLM, AutoModelForTokenClassification
+
+    torch.manual_seed(0)
+    base = {"causal_lm": lambda: AutoModelForCausalLM.from_config(FAMILIES["llama"].config()),
+            "masked_lm": lambda: AutoModelForMaskedLM.from_config(config("bert")),
+            "tokens": lambda: AutoModelForTokenClassification.from_config(config("bert"))}[head]()
+    net = add_lora(base.eval(), r=2, task="classification")
+    name = type(base).__name__
+    batch = cls_batch(CLS_RECORDS)
+    with torch.no_grad():  # the network's own logits: a row per token
+        assert net(input_ids=batch["input_ids"]).logits.dim() == 3
+    with pytest.raises(ValueError, match=rf"{name} gives logits of shape \(1, 4, \d+\) for 1 example.*SequenceClassification "
+                                         "needs a sequence-classification head"):
+        LoraModel(net, SequenceClassification())
+
+
+def test_sequence_classification_refuses_per_token_logits_at_the_first_forward_without_an_embedding():
+    from types import SimpleNamespace
+
+    from peft import LoraConfig, get_peft_model
+
+    class PerToken(torch.nn.Module):  # float inputs, no embedding to probe with: [B, T, 6] -> [B, T, 3]
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(6, 3)
+
+        def forward(self, input_ids, attention_mask=None):
+            return SimpleNamespace(logits=self.fc(input_ids))
+
+    model = LoraModel(get_peft_model(PerToken(), LoraConfig(r=2, target_modules=["fc"])), SequenceClassification())
+    with pytest.raises(ValueError, match=r"PerToken gives logits of shape \(2, 5, 3\) for 2 example"):
+        model.logits({"input_ids": torch.randn(2, 5, 6), "labels": torch.tensor([0, 1])})
