@@ -89,7 +89,8 @@ class LaplaceGuide(LoraGuide):
             )
         bad = [n for n, s in self.sites.items() if s.kind.role == "between"]
         if bad:
-            raise ValueError(f"LaplaceGuide covers LoRA A and B matrices; site(s) {bad} are LoRA-XS cores")
+            kinds = sorted({self.sites[n].kind.description for n in bad})
+            raise ValueError(f"LaplaceGuide covers LoRA A and B matrices; site(s) {bad} are {' and '.join(kinds)}")
         self.fisher, self.rank, self.kfac, self.sketch = fisher, rank, kfac, sketch
         self._prior_config = precision_config(prior_precision, self.sites)
         device = model.device

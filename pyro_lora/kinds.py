@@ -44,8 +44,9 @@ class MatrixKind:
     :param stage: order among the between kinds: smaller is applied to ``A x`` first.
     :param description: a few words for error messages.
     :param model: the name of the :class:`~pyro_lora.LoraModel` subclass whose constructor prepares the layers
-        this kind's ``apply`` assumes (ScalaBL's rotation of ``A`` to its singular basis); other models refuse the
-        kind. ``None``: any model.
+        this kind's ``apply`` assumes (ScalaBL's rotation of ``A`` to its singular basis; LoRA-XS's SVD of the base
+        weights, beside which a core starting at 0 drops no trained ``B A``); other models refuse the kind. ``None``:
+        any model.
     """
 
     letter: str
@@ -109,6 +110,7 @@ register_kind(MatrixKind("A", lambda r, d_in, d_out: (r, d_in), "down", paramete
 register_kind(MatrixKind("B", lambda r, d_in, d_out: (d_out, r), "up", parameter="lora_B", description="LoRA B"))
 register_kind(MatrixKind(
     "R", lambda r, d_in, d_out: (r, r), "between", freezes_lora=True, apply=linear, stage=2, description="LoRA-XS core",
+    model="LoraXSModel",
 ))
 register_kind(MatrixKind(
     "S", lambda r, d_in, d_out: (1, r), "between", apply=_exp_scale, stage=1, description="ScalaBL log-scales",

@@ -82,6 +82,16 @@ def _check_cores_only(net, adapter: str) -> None:
                          f"lora_xs_parameter_counts; {fix}")
 
 
+def _check_base_kept(net) -> None:
+    """Refuse an adapter whose initialisation (PiSSA, OLoRA, ...) rewrote the base weights: the base then holds ``W0``
+    minus the initial ``B A``, whose SVD is not the pretrained weight's."""
+    rewritten = base_rewriting_inits(net)
+    if rewritten:
+        raise ValueError(f"{describe_inits(rewritten)} moved part of each base weight into its A and B: LoRA-XS would "
+                         "take the SVD of the residual, not of the pretrained weight; build the adapter with the "
+                         "default init_lora_weights")
+
+
 @torch.no_grad()
 def init_lora_xs(net, adapter: str | None = None) -> list[str]:
     """Write the truncated SVD of every LoRA layer's base weight into its ``lora_A`` / ``lora_B``.
@@ -102,12 +112,8 @@ def init_lora_xs(net, adapter: str | None = None) -> list[str]:
     """
     adapter = adapter or active_adapter(net)
     _check_cores_only(net, adapter)
+    _check_base_kept(net)
     layers = find_lora_layers(net, adapter)
-    rewritten = base_rewriting_inits(net)
-    if rewritten:  # the base then holds W0 minus the initial B A: its SVD is not the pretrained weight's
-        raise ValueError(f"{describe_inits(rewritten)} moved part of each base weight into its A and B: LoRA-XS would "
-                         "take the SVD of the residual, not of the pretrained weight; build the adapter with the "
-                         "default init_lora_weights")
     groups = OrderedDict()
     for path, layer in layers.items():
         w0 = base_weight(layer)
@@ -144,8 +150,8 @@ class LoraXSModel(LoraModel):
     """A :class:`~pyro_lora.LoraModel` over the LoRA-XS cores: the sites are the ``R`` matrices (``[L, r, r]``).
 
     ``y = W0 x + s B R A x`` with ``A``, ``B`` from :func:`init_lora_xs` (run by the constructor unless
-    ``svd_init=False``) and frozen; ``R`` sites start at zero (``model.adapter_values()``), so the
-    untrained model is the base network. Other trainable parameters (a classification head) are point
+    ``svd_init=False``) and frozen; ``R`` sites start at zero (``model.adapter_values()``, and ``model.logits(batch)``
+    / ``predict(model, None, ...)``), so the untrained model is the base network. Other trainable parameters (a classification head) are point
     estimates, as in :class:`~pyro_lora.LoraModel`.
 
     Example::
@@ -166,21 +172,19 @@ class LoraXSModel(LoraModel):
     def __init__(self, net, likelihood, svd_init: bool = True, **kwargs):
         if "random" in kwargs:
             raise ValueError("LoraXSModel's random sites are always the R cores; do not pass random=")
-        adapter = kwargs.get("adapter") or active_adapter(net)
-        _check_cores_only(net, adapter)  # also when rebuilding (svd_init=False); before find_lora_layers' warnings
-        if not svd_init:
-            super().__init__(net, likelihood, random="R", **kwargs)
-            return
-        weights = [m[adapter].weight for layer in find_lora_layers(net, adapter).values() for m in (layer.lora_A, layer.lora_B)]
-        before = [w.detach().clone() for w in weights]
-        init_lora_xs(net, adapter)
-        try:
-            super().__init__(net, likelihood, random="R", **kwargs)
-        except Exception:  # a refused model leaves the network's A and B as they were given
-            with torch.no_grad():
-                for w, old in zip(weights, before):
-                    w.copy_(old)
-            raise
+        _check_cores_only(net, kwargs.get("adapter") or active_adapter(net))  # before find_lora_layers' warnings
+        if svd_init:
+            _check_base_kept(net)  # before LoraModel's warning of such a base
+        self._svd_init = svd_init
+        super().__init__(net, likelihood, random="R", **kwargs)
+
+    def _check_frozen_lora_carries_signal(self) -> None:
+        if not self._svd_init:  # the SVD's A and B carry W0's top-r directions (init_lora_xs refuses a lower rank)
+            super()._check_frozen_lora_carries_signal()
+
+    def _prepare_layers(self) -> None:
+        if self._svd_init:  # its own refusals come before its first write
+            init_lora_xs(self.net, self.adapter)
 
     @classmethod
     def restore(cls, net, likelihood, random, **kwargs) -> LoraXSModel:

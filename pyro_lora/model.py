@@ -22,7 +22,7 @@ from .hooks import hooks_ran
 from .contract import check_guide, check_not_meta, parameter_adapter, tempered_training
 from .ownership import head_loaded, head_trainer, record_write, unwritten_fit, written_beside_head
 from .distributions import unchecked_isotropic_normal
-from .kinds import KINDS, MatrixKind, down_kind
+from .kinds import KINDS, MatrixKind, between_kinds, down_kind, up_kind
 from .likelihoods import is_cloze
 from .modes import dropout_in_training
 from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, elbo_run, hidden_from_elbo, in_averaging_elbo,
@@ -73,7 +73,8 @@ class LoraModel:
     :param likelihood: a :class:`~pyro_lora.likelihoods.Likelihood`.
     :param random: which LoRA matrices are random, letters of :data:`~pyro_lora.kinds.KINDS`: ``"A"``, ``"B"``,
         ``"AB"`` (``"R"`` for a LoRA-XS core, ``"S"`` for ScalaBL's log singular-value scales: the subclasses
-        :class:`~pyro_lora.loraxs.LoraXSModel` and :class:`~pyro_lora.scalabl.ScalaBLModel` set these up).
+        :class:`~pyro_lora.loraxs.LoraXSModel` and :class:`~pyro_lora.scalabl.ScalaBLModel` set these up, and
+        other models refuse them: :attr:`~pyro_lora.kinds.MatrixKind.model`).
     :param str group: ``"kind"`` (stacked sites, the fast default) or ``"matrix"`` (one site per matrix).
     :param prior: a float (isotropic ``N(0, prior^2)`` per entry), a dict site name -> distribution, or a
         callable ``Site -> distribution`` whose event shape is the site's shape.
@@ -82,10 +83,12 @@ class LoraModel:
         trained outside it such as Pyro's SVI, warn when they step through several batches without it).
     :param str adapter: the peft adapter to put a posterior over (default: the active one).
     :raises ValueError: for a float ``prior`` that is not finite and positive, a ``num_data`` that is not a positive
-        integer, a kind that keeps A and B frozen (``"R"``) over layers whose A or B is all zeros (a fresh peft LoRA:
-        use :class:`~pyro_lora.loraxs.LoraXSModel`), networks the weight hand-off does not implement (see
-        :func:`~pyro_lora.sites.find_lora_layers`), several active adapters, or a network its likelihood refuses
-        (``Likelihood.check_network``: e.g. a regression or multi-label head for ``SequenceClassification``).
+        integer, a kind another model class prepares (``"R"``, ``"S"``), networks the weight hand-off does not
+        implement (see :func:`~pyro_lora.sites.find_lora_layers`), several active adapters, LoRA layers or a head
+        running another adapter than ``net.active_adapter`` (peft's ``net.base_model.set_adapter``), or a network its
+        likelihood refuses (``Likelihood.check_network``: e.g. a regression or multi-label head for
+        ``SequenceClassification``). Every refusal comes before the constructor's first write to the network
+        (:meth:`_prepare_layers`, the hand-off, ``requires_grad``, float32 casts).
     """
 
     name = "lora"  # how run records refer to this class (subclasses set their own)
@@ -112,6 +115,7 @@ class LoraModel:
         self._lora_shapes = {path: _lora_shapes(layer, self.adapter) for path, layer in self.layers.items()}
         # peft's trainable copies (the classification head): what they ran when built, checked before every forward
         self._heads = {name: (m, list(m.active_adapters)) for name, m in net.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+        self._check_runs_adapter()
         self.sites = build_sites(self.layers, self.adapter, tuple(random), group)
         self._check_kinds_model()
         self._check_frozen_lora_carries_signal()
@@ -119,19 +123,40 @@ class LoraModel:
         self.prior = float(prior) if isinstance(prior, numbers.Real) else prior  # numpy's float32 is one std too
         self._check_prior_sites()
         self.num_data = num_data
-        handoff.install(self.layers)
         self._embeddings = _input_embeddings(net)
         self._ids_checked = False  # token ids checked against the embedding's rows on an accelerator (once)
-        quantized.keep_differentiable(net)
+        quantized.keep_differentiable(net)  # before the likelihood's check runs the network: a 4-bit layer repacks in it
         with _autocast(self.device, self.compute_dtype):
             likelihood.check_network(net)
+        # the same set before set_trainable as after: it switches only LoRA weights, all of which are in it
+        trainables = self.point_parameters() + [p for layer in self.layers.values() for p in self._lora_parameters(layer)]
+        _check_float32_trainables(net, trainables)
+        self._prepare_layers()  # every refusal is above: a refused model leaves the network as it was given
+        handoff.install(self.layers)
         self._checkpointing = handoff.checkpointing_modules(net)
         self._pyro_name = pyro_params.unique_name(self)
         self.last_nll = None  # mean NLL per example of the last batch the Pyro model scored (a detached tensor)
         self._svi_batch = None  # the rows of the first batch an ELBO trained on without num_data; False once warned
         self.set_trainable()
         _warn_head_partly_frozen(net)
-        _float32_trainables(net, self.point_parameters() + [p for layer in self.layers.values() for p in self._lora_parameters(layer)])
+        _float32_trainables(net, trainables)
+
+    def _prepare_layers(self) -> None:
+        """A subclass's writes to the layers before they are used (LoRA-XS's SVD, ScalaBL's rotation), run after every
+        refusal of the constructor; none here."""
+
+    def _check_runs_adapter(self) -> None:
+        """Refuse LoRA layers, or heads holding this adapter, that run another: peft's tuner-level
+        ``net.base_model.set_adapter(name)`` switches them and leaves ``net.active_adapter`` as it was."""
+        for path, layer in self.layers.items():
+            _check_layer_runs(path, layer, self.adapter)
+        for name, (head, active) in self._heads.items():
+            if self.adapter in getattr(head, "modules_to_save", {}) and active != [self.adapter]:
+                raise ValueError(
+                    f"{name} (a module peft trains beside the LoRA, e.g. the classification head) runs adapter(s) "
+                    f"{active}, but net.active_adapter is {self.adapter!r} (net.base_model.set_adapter switches the "
+                    f"layers alone): call net.set_adapter({self.adapter!r}), or net.set_adapter({active[0]!r}) to put a "
+                    "posterior over that one")
 
     def _check_kinds_model(self) -> None:
         """Refuse a kind whose layers another model class prepares (``MatrixKind.model``): ScalaBL's log-scales over
@@ -205,7 +230,7 @@ class LoraModel:
                 f"random={kinds!r} keeps the layers' A and B frozen (LoRA-XS), and {len(zero)} of them are all zeros "
                 f"({', '.join(zero[:2])}{', ...' if len(zero) > 2 else ''}) "
                 "(peft starts B at zero): the layers' delta B R A x would stay 0 whatever R is, and nothing would train; "
-                "use pyro_lora.loraxs.LoraXSModel, which sets A and B from the SVD of the base weight"
+                "build the LoraXSModel with svd_init=True, which sets A and B from the SVD of the base weight"
             )
 
     def _lora_parameters(self, layer) -> list:
@@ -281,11 +306,7 @@ class LoraModel:
                 raise ValueError(f"LoRA layer {path} is merged into its base weight: call net.unmerge_adapter() first")
             # offloaded since built (accelerate's cpu_offload over the model's network)
             check_not_meta((f"{path}.{p}.{self.adapter}.weight", getattr(layer, p)[self.adapter].weight) for p in ("lora_A", "lora_B"))
-            if list(layer.active_adapters) != [self.adapter]:
-                raise ValueError(
-                    f"LoRA layer {path} runs adapter(s) {layer.active_adapters}, but this LoraModel hands it adapter "
-                    f"{self.adapter!r}'s matrices: call net.set_adapter({self.adapter!r})"
-                )
+            _check_layer_runs(path, layer, self.adapter)
             if self.adapter in getattr(layer, "lora_variant", {}):
                 raise ValueError(
                     f"LoRA layer {path} now uses the peft variant {type(layer.lora_variant[self.adapter]).__name__} (e.g. "
@@ -333,11 +354,11 @@ class LoraModel:
         site -> ``site.shape``.
 
         :raises ValueError: as :meth:`check_adapter_trained` (a guide built from this adapter would pair untrained
-            LoRA matrices with the trained head).
+            LoRA values with the trained head).
         """
         values = self._held_values()
-        self.check_adapter_trained("what is built from the adapter", "call model.write_adapter(guide.mean()) first, "
-                                   "or pass init=guide.mean()")
+        self.check_adapter_trained("what is built from the adapter", "call model.write_adapter(guide.mean()) first "
+                                   "(A and B sites), or pass init=guide.mean()", values=values)
         return values
 
     def _held_values(self) -> dict:
@@ -351,30 +372,21 @@ class LoraModel:
             values[name] = torch.stack(mats) if site.stacked else mats[0].clone()
         return values
 
-    def check_adapter_trained(self, use: str, advice: str, stacklevel: int = 2) -> None:
-        """Refuse an adapter whose LoRA weights at this model's sites are not those of the guide that trained the
-        network's head (``fit``, SVI; a MAP guide keeps its LoRA in the guide) or that ``load_guide`` restored it with:
-        ``use`` (e.g. an exported adapter) would pair untrained LoRA matrices with the trained head. Values
-        :meth:`write_adapter` wrote after the head became what it is are no such pairing (a posterior sample, which the
-        guide's predictive pairs with that head too). Point-estimate ``A`` and ``B`` are not compared (a ScalaBL model
-        rotates them, the product kept). Warn where ``fit`` trained no head and its guide's mean was never written into
-        the adapter. ``advice`` ends both sentences; ``stacklevel`` is the warning's, counted from the caller.
+    def check_adapter_trained(self, use: str, advice: str, stacklevel: int = 2, values: dict | None = None) -> None:
+        """Refuse an adapter whose LoRA values are not those of the guide that trained the network's head (``fit``,
+        SVI; a MAP guide keeps its LoRA in the guide) or that ``load_guide`` restored it with: ``use`` (e.g. an exported
+        adapter) would pair untrained LoRA values with the trained head. Each layer's delta ``B M A`` is compared
+        (:meth:`_stale_layers`), so sites no peft parameter holds count too: a LoRA-XS core, ScalaBL's log-scales.
+        Values :meth:`write_adapter` wrote after the head became what it is are no such pairing (a posterior sample,
+        which the guide's predictive pairs with that head too). Warn where ``fit`` trained no head and its guide's mean
+        was never written into the adapter. ``advice`` ends both sentences; ``stacklevel`` is the warning's, counted
+        from the caller.
 
-        :raises ValueError: naming the guide and a site whose values it holds otherwise than the adapter.
+        :param values: the site values ``use`` runs this model at (a guide's start: :meth:`_held_values`, a LoRA-XS
+            core at 0); ``None``: the adapter as peft runs it (an exported adapter: no core, ``R = I``; ``z = 0``).
+        :raises ValueError: naming the guide and a site or layer whose values it holds otherwise than the adapter.
         """
-        owner = head_trainer(self)
-        if owner is not None:
-            theirs, values = owner.mean(), self._held_values()
-            stale = [
-                n for n, v in values.items()
-                if self.sites[n].kind.parameter is not None and n in theirs and theirs[n].shape == v.shape and not torch.equal(theirs[n].detach().float(), v)
-            ] or self._stale_products(owner, theirs)
-            if stale and not written_beside_head(self):  # values written beside this head (a sample) are paired on purpose
-                how = "is the one load_guide restored with" if head_loaded(owner) else "was trained by"
-                raise ValueError(
-                    f"the network's head {how} a {type(owner).__name__} whose LoRA values the adapter does not hold "
-                    f"({stale[0]}, ...): {use} would pair them with the trained head; {advice}"
-                )
+        if self._check_paired_with_head(use, advice, values) is not None:
             return
         fitted = unwritten_fit(self)
         if fitted is not None:  # no head to pair: what is built from the adapter would silently miss the training
@@ -384,24 +396,57 @@ class LoraModel:
                 stacklevel=stacklevel + 1,
             )
 
-    def _stale_products(self, owner, theirs: dict) -> list:
-        """Layers whose LoRA delta ``B A`` the adapter holds otherwise than ``owner``'s mean ``theirs``: a model over
-        other sites (ScalaBL's S, LoRA-XS's R) has no A or B site of its own to compare, and would pair the trained head
-        with an untrained adapter. Products, to float rounding: a ScalaBL model rotates A and B, ``B A`` kept. None
-        for a model whose A and B are not the adapter's trained LoRA (LoRA-XS: the base weights' SVD)."""
-        if not self.builds_on_adapter:
+    def _check_paired_with_head(self, use: str, advice: str, values: dict | None):
+        """:meth:`check_adapter_trained`'s refusal; returns the guide that trained the head (``None``: none)."""
+        owner = head_trainer(self)
+        if owner is None:
+            return None
+        theirs = {n: v.detach() for n, v in owner.mean().items()}
+        held = self._held_values()
+        stale = [
+            n for n, v in held.items()
+            if self.sites[n].kind.parameter is not None and n in theirs and theirs[n].shape == v.shape and not torch.equal(theirs[n].float(), v)
+        ] or self._stale_layers(owner, theirs, values)
+        if stale and not written_beside_head(self):  # values written beside this head (a sample) are paired on purpose
+            how = "is the one load_guide restored with" if head_loaded(owner) else "was trained by"
+            kept = sorted({s.kind.description for s in owner.model.sites.values() if s.kind.parameter is None})
+            also = (f" (its {' and '.join(kept)} sites have no peft parameter: no adapter holds them; save_guide keeps "
+                    "the guide)" if kept else "")
+            raise ValueError(
+                f"the network's head {how} a {type(owner).__name__} whose LoRA values the adapter does not hold "
+                f"({stale[0]}, ...){also}: {use} would pair them with the trained head; {advice}"
+            )
+        return owner
+
+    def _stale_layers(self, owner, theirs: dict, values: dict | None) -> list:
+        """Layers whose LoRA delta ``B M A`` (:meth:`_layer_delta`) at ``values`` (``None``: the adapter as peft runs it)
+        differs from the one at ``owner``'s mean ``theirs``, to float rounding (a ScalaBL model rotates A and B, ``B A``
+        kept): a model over other sites (ScalaBL's S, LoRA-XS's R) has no A or B site of its own to compare. A guide's
+        start on a model whose A and B are not the adapter's trained LoRA (LoRA-XS: the base weights' SVD) is compared
+        only with a trainer on the same A and B (another LoRA-XS model): beside another's head it starts afresh."""
+        if values is not None and not self.builds_on_adapter and owner.model.builds_on_adapter:
             return []
-        mean = owner.model.lora_weight_values({n: v.detach() for n, v in theirs.items()})
-        held = {n: p.detach() for n, p in self.named_lora_weights()}
+        ours = {} if values is None else per_layer(self.sites, values)
+        trained = per_layer(owner.model.sites, theirs)
         stale = []
         for path in self.layers:
-            a, b = self._weight_name(path, KINDS["A"]), self._weight_name(path, KINDS["B"])
-            if (a in mean or b in mean) and a in held and b in held:
-                ours = held[b].float() @ held[a].float()
-                trained = mean.get(b, held[b]).float() @ mean.get(a, held[a]).float()
-                if not torch.allclose(ours, trained, rtol=1e-4, atol=1e-5 * float(trained.abs().max())):
-                    stale.append(path)
+            if owner.model._lora_shapes.get(path) != self._lora_shapes[path]:
+                continue  # another rank since: check_network refuses that guide
+            mine, its = self._layer_delta(path, ours.get(path, {})), owner.model._layer_delta(path, trained.get(path, {}))
+            if not torch.allclose(mine, its, rtol=1e-4, atol=1e-5 * float(its.abs().max())):
+                stale.append(path)
         return stale
+
+    def _layer_delta(self, path: str, given: dict) -> torch.Tensor:
+        """``B M A`` (``[d_out, d_in]``, float32, peft's scaling left out) of layer ``path`` at ``given`` (matrix letter
+        -> value): ``A`` and ``B`` the adapter's where not given, the between kinds applied in stage order where given."""
+        a, b = ((given[k.letter] if k.letter in given else self._parameter(path, k)).detach().float()
+                for k in (down_kind(), up_kind()))
+        rows = a.T  # [d_in, r]: A's columns as inputs, so each between kind applies as in the forward
+        for kind in between_kinds():
+            if kind.letter in given:
+                rows = kind.apply(rows, given[kind.letter].detach().float(), None)
+        return b @ rows.T
 
     def initial_values(self, init: dict | None = None) -> dict:
         """A guide's starting values: ``init`` (site -> ``site.shape``) checked, or the adapter's (:meth:`adapter_values`);
@@ -500,8 +545,9 @@ class LoraModel:
                flipout_locs: dict | None = None) -> torch.Tensor:
         """Class logits with the LoRA matrices set to ``values``.
 
-        :param values: site -> ``site.shape`` or, with ``num_samples=S``, ``[S, *site.shape]``;
-            ``None`` runs the peft model as it is.
+        :param values: site -> ``site.shape`` or, with ``num_samples=S``, ``[S, *site.shape]``; ``None``: the model at
+            its start, the adapter's own weights with sites no peft parameter holds at 0 (a LoRA-XS core: the base
+            network; ScalaBL's ``z = 0`` is the peft model as it is).
         :param flipout_locs: A site -> its posterior mean: those sites' noise ``values - loc`` is sign-flipped
             per example (flipout, :func:`~pyro_lora.handoff.lora_delta`).
         :returns: ``[B, C]`` or ``[S, B, C]``, float32 whatever the network's dtype.
@@ -547,7 +593,10 @@ class LoraModel:
                 "model; for zero-shot predictions load the base model without the adapter"
             )
         if values is None:
-            return self.likelihood.logits(self.net, batch, num_samples)
+            if disabled or all(site.kind.parameter is not None for site in self.sites.values()):
+                return self.likelihood.logits(self.net, batch, num_samples)
+            # the model at its start: peft's own forward runs no core, i.e. a LoRA-XS model at R = I, not at R = 0
+            values = self._held_values()
         if disabled:
             raise ValueError(
                 f"the adapters are disabled ({disabled[0]}, e.g. inside net.disable_adapter()): handed LoRA weights "
@@ -944,15 +993,11 @@ _INPUT_DTYPE = "_pyro_lora_input_dtype"
 _BASE_DTYPE = "_pyro_lora_base_dtype"  # the dtype of a module's parameters before _float32_trainables upcast them
 
 
-def _float32_trainables(net, params) -> None:
-    """Hold half-precision trainable parameters in float32: AdamW's small updates vanish in bf16 / fp16 (the
-    forward runs under autocast, so the network computes in its own dtype all the same). The modules holding them
-    take their inputs in float32 and give their outputs back in the input's dtype, so the network also runs as
-    before outside autocast (a user's own ``net(...)``)."""
+def _check_float32_trainables(net, params) -> None:
+    """Refuse a module holding some of ``params`` (trainable, half precision) beside frozen half-precision parameters:
+    :func:`_float32_trainables` could not run it on both dtypes."""
     upcast = {id(p) for p in params if p.dtype in HALF_DTYPES}
-    if not upcast:
-        return
-    for path, module in net.named_modules():  # checked before any cast: a refusal leaves the network as it was
+    for path, module in net.named_modules() if upcast else ():
         own = [(n, p) for n, p in module._parameters.items() if p is not None]
         trained = [n for n, p in own if id(p) in upcast]
         frozen = [n for n, p in own if id(p) not in upcast and p.dtype in HALF_DTYPES]
@@ -963,6 +1008,14 @@ def _float32_trainables(net, params) -> None:
                 "their updates, and the module could not run on both dtypes; build the adapter with bias='none', "
                 "make the whole module trainable, or load the base in float32"
             )
+
+
+def _float32_trainables(net, params) -> None:
+    """Hold half-precision trainable parameters in float32: AdamW's small updates vanish in bf16 / fp16 (the
+    forward runs under autocast, so the network computes in its own dtype all the same). The modules holding them
+    take their inputs in float32 and give their outputs back in the input's dtype, so the network also runs as
+    before outside autocast (a user's own ``net(...)``). :func:`_check_float32_trainables` first."""
+    upcast = {id(p) for p in params if p.dtype in HALF_DTYPES}
     with torch.no_grad():
         for module in net.modules():
             own = [p for p in module._parameters.values() if p is not None and id(p) in upcast]
@@ -1032,6 +1085,16 @@ def _check_skipped_hooks(layers: dict, adapter: str) -> None:
                         "weight hand-off would skip: with a guide's LoRA weights the layer computes B A x from the "
                         f"handed matrices without calling {parameter}; register the hook on the LoRA layer {path} "
                         "itself (honoured), or remove it")
+
+
+def _check_layer_runs(path, layer, adapter) -> None:
+    """Refuse a LoRA layer that runs other adapters than ``adapter`` alone: the hand-off gives it ``adapter``'s matrices."""
+    if list(layer.active_adapters) != [adapter]:
+        raise ValueError(
+            f"LoRA layer {path} runs adapter(s) {layer.active_adapters}, but this LoraModel hands it adapter {adapter!r}'s "
+            f"matrices (net.base_model.set_adapter switches the layers and leaves net.active_adapter): call "
+            f"net.set_adapter({adapter!r})"
+        )
 
 
 def _lora_shapes(layer, adapter):

@@ -217,11 +217,15 @@ _FITTED = "_pyro_lora_fitted"  # on the network: adapter -> (guide class, LoRA w
 def record_fit(model, guide) -> None:
     """``fit`` trained the network with ``guide``: keep, per LoRA weight its sites hold, the sums of the adapter's
     weight as it is now and of the guide's mean (:func:`unwritten_fit`); sums, not the guide, so that a guide
-    dropped after training or a model over the network with other sites still sees them."""
+    dropped after training or a model over the network with other sites still sees them. A site no peft parameter
+    holds (a LoRA-XS core, ScalaBL's z) away from its start is a mean no weight holds: every weight's is ``None``."""
     held = dict(model.named_lora_weights())
-    mean = model.lora_weight_values({n: v.detach() for n, v in guide.mean().items()})
+    values = {n: v.detach() for n, v in guide.mean().items()}
+    mean = model.lora_weight_values(values)
     sums = value_sums([*held.values(), *mean.values()])
     record = {n: (sums[id(held[n])], sums[id(v)]) for n, v in mean.items()}
+    if any(model.sites[n].kind.parameter is None and v.any() for n, v in values.items() if n in model.sites):
+        record.update({n: (sums[id(p)], None) for n, p in held.items()})
     restore_fit(model, (type(guide).__name__, record))
 
 

@@ -76,9 +76,17 @@ class ScalaBLModel(LoraModel):
     def __init__(self, net, likelihood, rotate: bool = True, **kwargs):
         if "random" in kwargs:
             raise ValueError("ScalaBLModel's random sites are always the S log-scales; do not pass random=")
-        if rotate:
-            rotate_to_singular_basis(net, kwargs.get("adapter"))
+        self._rotate = rotate
         super().__init__(net, likelihood, random="S", **kwargs)
+
+    def _prepare_layers(self) -> None:
+        if self._rotate:
+            # a guide that trained the head beside other values (ScalaBL's z, a MAP's unwritten LoRA) would no longer be
+            # told after the rotation, which changes the A and B its snapshot holds
+            self._check_paired_with_head("a ScalaBLModel rotating its A and B", "call model.write_adapter(guide.mean()) "
+                                         "first (a MAP's A and B), or build it with rotate=False and start its guide "
+                                         "at init=guide.mean() (a ScalaBL guide's z)", self._held_values())
+            rotate_to_singular_basis(self.net, self.adapter)
 
     @classmethod
     def restore(cls, net, likelihood, random, **kwargs) -> ScalaBLModel:

@@ -602,7 +602,8 @@ def _mean_nll(model, guide, batch):
 
 
 def batch_nll(model, batch, values=None):
-    """Mean NLL per example of ``batch`` with the LoRA sites at ``values`` (``None``: the network's own peft weights)."""
+    """Mean NLL per example of ``batch`` with the LoRA sites at ``values`` (``None``: the model at its start, as
+    :meth:`~pyro_lora.LoraModel.logits`)."""
     logits = model.logits(batch, values)
     return -model.likelihood.distribution(logits).log_prob(model.likelihood.observed(batch)).float().mean()
 

@@ -12,6 +12,7 @@ from pyro.infer import Trace_ELBO
 
 from pyro_lora.guides import LaplaceGuide, MAPGuide
 from pyro_lora.likelihoods import CausalLM, MultipleChoice, SequenceClassification
+from pyro_lora.loraxs import LoraXSModel
 from pyro_lora.model import LoraModel
 from pyro_lora.sites import per_layer
 
@@ -87,16 +88,18 @@ def test_s_sample_forward_equals_single_forwards(random):
 
 
 def test_core_matrix_r_is_applied():
-    model = LoraModel(tiny_llama(), CausalLM(), random="R")
+    model = LoraXSModel(tiny_llama(), CausalLM(), svd_init=False)  # the cores between the random LoRA's A and B
     batch = random_batch()
     r = model.sites["q_proj.lora_R"].shape
     eye = {k: torch.eye(s.shape[-1]).expand(s.shape).clone() for k, s in model.sites.items()}
-    # R = I reproduces plain LoRA; R = 0 removes the LoRA delta entirely
-    torch.testing.assert_close(model.logits(batch, eye), model.logits(batch), rtol=1e-5, atol=1e-5)
+    # R = I reproduces plain LoRA; R = 0 (values=None too: the model's start) removes the LoRA delta entirely
+    plain = LoraModel(model.net, CausalLM()).logits(batch)
+    torch.testing.assert_close(model.logits(batch, eye), plain, rtol=1e-5, atol=1e-5)
     zero = {k: torch.zeros(s.shape) for k, s in model.sites.items()}
     with model.net.disable_adapter():
         base = model.logits(batch)
     torch.testing.assert_close(model.logits(batch, zero), base, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model.logits(batch), base, rtol=1e-5, atol=1e-5)
     assert r == (2, 4, 4)
 
 

@@ -22,8 +22,8 @@ def test_each_kind_is_one_table_entry(letter):
     shape, parameter, freezes, role = EXPECTED[letter]
     kind = KINDS[letter]
     assert (kind.matrix_shape(R, D_IN, D_OUT), kind.parameter, kind.freezes_lora, kind.role) == (shape, parameter, freezes, role)
-    if kind.model:  # the model class that prepares its layers (ScalaBL's rotation)
-        model = {"ScalaBLModel": ScalaBLModel}[kind.model](tiny_bert(), SequenceClassification())
+    if kind.model:  # the model class that prepares its layers (ScalaBL's rotation, LoRA-XS's SVD)
+        model = {"ScalaBLModel": ScalaBLModel, "LoraXSModel": LoraXSModel}[kind.model](tiny_bert(), SequenceClassification())
     else:
         model = LoraModel(tiny_bert(), SequenceClassification(), random=letter)
     assert [s.kind for s in model.sites.values()] == [kind, kind]

@@ -15,6 +15,7 @@ from pyro.infer import Trace_ELBO
 from pyro_lora.guides.laplace import LaplaceGuide
 from pyro_lora import load_guide, predict, save_guide
 from pyro_lora.likelihoods import CausalLM, MultipleChoice, SequenceClassification
+from pyro_lora.loraxs import LoraXSModel
 from pyro_lora.model import LoraModel
 
 # ---------------------------------------------------------------- tiny networks and data
@@ -475,7 +476,7 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="class-level logits"):
         LaplaceGuide(LoraModel(tiny_llama(), CausalLM()))
     with pytest.raises(ValueError, match="LoRA-XS"):
-        LaplaceGuide(LoraModel(tiny_bert(), SequenceClassification(), random="R"))
+        LaplaceGuide(LoraXSModel(tiny_bert(), SequenceClassification()))
     with pytest.raises(ValueError, match="empty"):
         guide.fit([], progress=False)
     guide.fit(data, progress=False)

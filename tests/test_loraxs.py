@@ -1,5 +1,6 @@
 """LoRA-XS: the SVD initialisation, R = 0 / R = I against the base network, frozen A/B, parameter counts."""
 
+import copy
 import warnings
 
 import pytest
@@ -20,7 +21,7 @@ def truncated(w, r):
 
 def test_svd_init_is_the_truncated_svd_with_orthonormal_b():
     net = tiny_llama(r=4, targets=("q_proj", "v_proj"))  # q_proj 32 x 32, v_proj 16 x 32
-    model = LoraModel(net, CausalLM(), random="R")
+    model = LoraXSModel(net, CausalLM(), svd_init=False)
     init_lora_xs(net)
     for path, layer in model.layers.items():
         a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
@@ -180,18 +181,53 @@ def test_the_classification_head_trains_beside_the_cores_but_an_output_embedding
 
 
 def test_a_core_between_a_zero_b_is_refused_not_trained_to_nothing():
-    """LoraModel(random="R") on a fresh peft LoRA (B = 0) kept A and B frozen: B R A x stayed 0, every LoRA gradient
-    was zero, and 30 epochs trained the head alone without a word."""
+    """A core over a fresh peft LoRA (B = 0) kept A and B frozen: B R A x stayed 0, every LoRA gradient was zero, and
+    30 epochs trained the head alone without a word."""
     from peft import LoraConfig, get_peft_model
 
     def fresh():
         return get_peft_model(tiny_bert_base(), LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
 
     with pytest.raises(ValueError, match=r"random='R' keeps the layers' A and B frozen \(LoRA-XS\), and 4 of them are all "
-                                         r"zeros .*lora_B.*use pyro_lora.loraxs.LoraXSModel"):
-        LoraModel(fresh(), SequenceClassification(), random="R")
-    for random in ("BR", "ABR"):  # a random B starts at its zero weight too: B and R stay at their saddle
-        with pytest.raises(ValueError, match=rf"random='{random}' keeps the layers' A and B frozen"):
-            LoraModel(fresh(), SequenceClassification(), random=random)
+                                         r"zeros .*lora_B.*build the LoraXSModel with svd_init=True"):
+        LoraXSModel(fresh(), SequenceClassification(), svd_init=False)
     model = LoraXSModel(fresh(), SequenceClassification())  # A and B from the SVD: the cores move the output
     assert all(layer.lora_B["default"].weight.any() for layer in model.layers.values())
+
+
+def test_the_model_at_its_start_is_the_base_network_and_a_core_needs_a_loraxs_model():
+    """model.logits(batch) and predict(model, None) ran peft's own forward, i.e. R = I (logits 0.87 off the base network
+    the untrained LoRA-XS model is); they run R = 0. LoraModel(random="R") over a trained LoRA started its cores at 0,
+    dropping the adapter's B A (logits 2.29 off): "R" is refused outside LoraXSModel, as "S" outside ScalaBLModel."""
+    from peft import LoraConfig, get_peft_model
+
+    from pyro_lora import predict
+
+    base = tiny_bert_base().eval()
+    batch = random_batch()
+    with torch.no_grad():
+        want = base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    net = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    model = LoraXSModel(net, SequenceClassification())
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(batch), want, atol=1e-5, rtol=0)
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    torch.testing.assert_close(predict(model, None, [unlabelled]).probs, want.softmax(-1), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"random='R' \(LoRA-XS core\) needs the layers a LoraXSModel prepares.*"
+                                         r"build a LoraXSModel"):
+        LoraModel(tiny_bert(), SequenceClassification(), random="R")
+
+
+def test_layers_running_another_adapter_are_refused_before_the_svd_is_written():
+    """net.base_model.set_adapter("y") switches the layers and leaves net.active_adapter at "x": LoraXSModel overwrote
+    x's trained A and B (8 matrices) with the SVD, and only the first forward refused."""
+    from peft import LoraConfig
+
+    net = tiny_bert()
+    net.add_adapter("y", LoraConfig(r=2, target_modules=["query", "value"]))
+    net.base_model.set_adapter("y")
+    before = {n: p.detach().clone() for n, p in net.named_parameters() if "lora_" in n}
+    with pytest.raises(ValueError, match=r"runs adapter\(s\) \['y'\], but this LoraModel hands it adapter 'default'.*"
+                                         r"net.set_adapter\('default'\)"):
+        LoraXSModel(net, SequenceClassification())
+    assert all(torch.equal(p, before[n]) for n, p in net.named_parameters() if "lora_" in n)

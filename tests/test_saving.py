@@ -77,10 +77,9 @@ def test_a_scalabl_model_over_an_unwritten_map_is_refused_as_a_stale_adapter():
     model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=1.0, num_data=16)
     guide = MAPGuide(model)
     fit(model, guide, [batch], epochs=5, lr=3e-2, progress=False)
-    scalabl = ScalaBLModel(model.net, SequenceClassification(), prior=1.0, num_data=16)
     with pytest.raises(ValueError, match=r"trained by a MAPGuide whose LoRA values the adapter does not hold "
                                          r"\(.*attention.self.query, ...\).*write_adapter\(guide.mean\(\)\) first"):
-        ScalaBLGuide(scalabl)
+        ScalaBLModel(model.net, SequenceClassification(), prior=1.0, num_data=16)  # before it rotates A and B
     model.write_adapter({k: v.detach() for k, v in guide.mean().items()})
     scalabl = ScalaBLModel(model.net, SequenceClassification(), prior=1.0, num_data=16)
     at_zero = predict(scalabl, ScalaBLGuide(scalabl), [batch], mean=True).probs
@@ -389,3 +388,64 @@ def test_a_guide_across_a_torch_compile_wrapper_and_the_network_itself_is_refuse
             load_guide(tmp_path / str(saved), model(not saved))
     with pytest.raises(ValueError, match=r"torch.compile wrapper \(OptimizedModule\) of a PeftModel.* net._orig_mod"):
         export_adapter(MeanFieldGuide(on, b="normal"), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("kind", ["lora_xs", "scalabl"])
+def test_exporting_a_model_whose_head_was_trained_beside_cores_or_scales_is_refused(tmp_path, kind):
+    """After fit of a LoRA-XS (or ScalaBL) model, export_adapter(model) wrote its head beside A and B, which peft runs at
+    R = I (z = 0), not at the trained mean (reloaded logits 2.75 off; 1.26 for ScalaBL), without a word: the check
+    compared sites with a peft parameter only. Each layer's B M A is compared; a new LoraModel over the network (its
+    guide's start: the adapter's B A) and a second ScalaBLModel (before it rotates A and B) are refused alike."""
+    from pyro.infer import TraceMeanField_ELBO
+
+    from pyro_lora import ScalaBLModel
+    from pyro_lora.guides import ScalaBLGuide
+    from pyro_lora.loraxs import LoraXSModel
+
+    batch = labelled()
+    net = tiny_bert(num_labels=2)
+    if kind == "lora_xs":
+        model = LoraXSModel(net, SequenceClassification(), num_data=16)
+        guide = MAPGuide(model)
+        fit(model, guide, [batch], epochs=10, lr=0.2, progress=False)
+        plain = {n: torch.eye(s.shape[-1]).expand(s.shape) for n, s in model.sites.items()}  # peft's B A: R = I
+    else:
+        model = ScalaBLModel(net, SequenceClassification(), num_data=16)
+        guide = ScalaBLGuide(model)
+        fit(model, guide, [batch], epochs=10, lr=0.2, progress=False, elbo=TraceMeanField_ELBO())
+        plain = {n: torch.zeros(s.shape) for n, s in model.sites.items()}  # peft's B A: z = 0
+    mean = {k: v.detach() for k, v in guide.mean().items()}
+    trained = predict(model, guide, [batch], mean=True).probs
+    with torch.no_grad():  # what the adapter would carry is another model than the trained one
+        assert (model.logits(batch, plain).softmax(-1) - trained).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=rf"head was trained by a {type(guide).__name__} whose LoRA values the adapter "
+                                         r"does not hold \(.*attention.self.query, ...\) \(its .* sites have no peft "
+                                         r"parameter.*the exported adapter would pair them"):
+        export_adapter(model, tmp_path / "model")
+    assert not (tmp_path / "model").exists()
+    with pytest.raises(ValueError, match="whose LoRA values the adapter does not hold"):
+        MAPGuide(LoraModel(net, SequenceClassification(), num_data=16))
+    if kind == "lora_xs":  # a second model's guide started at R = 0 beside the trained head; init=guide.mean() is right
+        again = LoraXSModel(net, SequenceClassification(), num_data=16)
+        with pytest.raises(ValueError, match="whose LoRA values the adapter does not hold"):
+            MAPGuide(again)
+        torch.testing.assert_close(predict(again, MAPGuide(again, init=mean), [batch]).probs, trained, atol=1e-6, rtol=0)
+    else:
+        with pytest.raises(ValueError, match=r"a ScalaBLModel rotating its A and B would pair them"):
+            ScalaBLModel(net, SequenceClassification(), num_data=16)
+        torch.testing.assert_close(predict(model, guide, [batch], mean=True).probs, trained, atol=0, rtol=0)
+
+
+def test_exporting_a_loraxs_model_whose_fit_trained_no_head_warns(tmp_path):
+    """A LoRA-XS fit with no head to pair left A and B as they were (the SVD) and its cores in the guide alone: the
+    export (peft's R = I) missed the training without a word, where a plain LoRA's unwritten fit warns."""
+    from pyro_lora.loraxs import LoraXSModel
+
+    model = LoraXSModel(tiny_llama(), CausalLM(), num_data=4)
+    guide = MAPGuide(model)
+    batch = {"input_ids": torch.randint(1, 64, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
+    fit(model, guide, [batch | {"labels": batch["input_ids"]}], epochs=2, lr=0.1, progress=False)
+    assert not model.named_point_parameters() and any(v.any() for v in guide.mean().values())
+    with pytest.warns(UserWarning, match=r"still holds the LoRA values it held when fit last trained this network with "
+                                         r"a MAPGuide, not that guide's mean: the exported adapter would miss the training"):
+        export_adapter(model, tmp_path / "adapter")

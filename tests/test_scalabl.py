@@ -144,3 +144,28 @@ def test_a_bad_initial_mean_is_refused_by_name():
         ScalaBLGuide(model, init={n: torch.full(s.shape, float("nan")) for n, s in model.sites.items()})
     with pytest.raises(ValueError, match=r"'q_proj.lora_S' expects shape \(2, 1, 4\), got \(2, 4, 1\)"):
         ScalaBLGuide(model, init={n: torch.zeros(2, 4, 1) for n in model.sites})
+
+
+def test_a_refused_scalabl_model_leaves_the_network_as_it_was():
+    """ScalaBLModel rotated A and B (8 matrices) before LoraModel's refusals (a prior of -1, a regression head, an
+    adapter that is not the active one), so a MAP's written adapter no longer held its values; every refusal comes
+    before the rotation. LaplaceGuide's refusal of the S sites called them LoRA-XS cores."""
+    from peft import LoraConfig
+
+    from pyro_lora.guides import LaplaceGuide
+
+    net = tiny_bert()
+    net.add_adapter("other", LoraConfig(r=2, target_modules=["query"]))
+    regression = tiny_bert(num_labels=2)
+    regression.base_model.model.config.num_labels = 1
+    before = {id(n): {k: p.detach().clone() for k, p in n.named_parameters()} for n in (net, regression)}
+    for make, why in [(lambda: ScalaBLModel(net, SequenceClassification(), prior=-1.0), "prior must be"),
+                      (lambda: ScalaBLModel(regression, SequenceClassification()), "regression head"),
+                      (lambda: ScalaBLModel(net, SequenceClassification(), adapter="other"), "not the network's active")]:
+        with pytest.raises(ValueError, match=why):
+            make()
+    for n in (net, regression):
+        assert all(torch.equal(p, before[id(n)][k]) for k, p in n.named_parameters())
+        assert not any(hasattr(m, handoff._HOLDER) for m in n.modules())
+    with pytest.raises(ValueError, match=r"site\(s\) \['query.lora_S', 'value.lora_S'\] are ScalaBL log-scales$"):
+        LaplaceGuide(ScalaBLModel(net, SequenceClassification()))

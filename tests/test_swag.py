@@ -165,15 +165,16 @@ def test_bad_input():
 def test_a_collector_that_would_collect_fewer_than_two_iterates_is_refused_at_the_first_step():
     """start_epoch at or past the run's epochs collected nothing: predict refused it, after the whole fit."""
     model = xs_model()
+    guide = MAPGuide(model)  # one MAP throughout: a new one's R = 0 beside the head a step trained is refused
     steps = []
     for kwargs, count in (({"start_epoch": 2}, 0), ({"every": 7}, 1), ({"start_step": 12}, 1)):
         swag = SWAGGuide(model, rank=2)
         with pytest.raises(ValueError, match=rf"collects {count} iterate\(s\) in this fit of 2 epoch\(s\) x 6 steps"):
-            fit(model, MAPGuide(model), toy_data(), epochs=2, lr=3e-2, progress=False,
+            fit(model, guide, toy_data(), epochs=2, lr=3e-2, progress=False,
                 callbacks=[steps.append, SWAGCollector(swag, **kwargs)])
         assert steps[-1].step == 1 and (steps[-1].epochs, steps[-1].steps_per_epoch) == (2, 6)
     swag = SWAGGuide(model, rank=2)
-    fit(model, MAPGuide(model), toy_data(), epochs=2, lr=3e-2, progress=False,
+    fit(model, guide, toy_data(), epochs=2, lr=3e-2, progress=False,
         callbacks=[SWAGCollector(swag, start_step=11)])  # steps 11 and 12: exactly two
     assert int(swag.num_collected) == 2
 
@@ -223,21 +224,22 @@ def test_a_collector_over_data_without_a_length_refuses_what_it_can_tell_and_war
     from test_training import unsized
 
     model = xs_model()
+    guide = MAPGuide(model)  # one MAP throughout: a new one's R = 0 beside the head a step trained is refused
     swag = SWAGGuide(model, rank=2)
     steps = []
     with pytest.raises(ValueError, match=r"start_epoch=2, every=1\) collects 0 iterate\(s\) in this fit of 2 epoch\(s\), "
                                          "and SWAG needs at least 2"):
-        fit(model, MAPGuide(model), unsized(toy_data()), epochs=2, lr=3e-2, progress=False,
+        fit(model, guide, unsized(toy_data()), epochs=2, lr=3e-2, progress=False,
             callbacks=[steps.append, SWAGCollector(swag, start_epoch=2)])
     assert steps[-1].step == 1
     with pytest.warns(UserWarning, match=r"every=7\): over data without a length fit cannot tell how many iterates this "
                                          r"schedule collects by the run's end, and SWAG needs at least 2"):
-        fit(model, MAPGuide(model), unsized(toy_data()), epochs=2, lr=3e-2, progress=False,
+        fit(model, guide, unsized(toy_data()), epochs=2, lr=3e-2, progress=False,
             callbacks=[SWAGCollector(swag, every=7)])
     assert int(swag.num_collected) == 1
     with warnings.catch_warnings():  # one step an epoch or more, each collected: two epochs give two iterates
         warnings.simplefilter("error", UserWarning)
         swag = SWAGGuide(model, rank=2)
-        fit(model, MAPGuide(model), unsized(toy_data()[:1]), epochs=2, lr=3e-2, progress=False,
+        fit(model, guide, unsized(toy_data()[:1]), epochs=2, lr=3e-2, progress=False,
             callbacks=[SWAGCollector(swag)])
     assert int(swag.num_collected) == 2

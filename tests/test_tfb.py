@@ -14,6 +14,7 @@ from test_training import toy_data
 from pyro_lora.guides import MAPGuide
 from pyro_lora.guides.tfb import TFB_SEARCH, TFBGuide, bayesianize
 from pyro_lora import CausalLM, LoraModel, MultipleChoice, SequenceClassification, load_guide, predict, save_guide
+from pyro_lora.loraxs import LoraXSModel
 
 
 def products(guide_or_values, model):
@@ -431,9 +432,10 @@ def test_near_zero_singular_values_warn_and_stay_finite():
 
 
 def test_bad_inputs_have_clear_errors():
-    for random in ("A", "B", "R"):
+    for model in [LoraModel(tiny_bert(), SequenceClassification(), random=r) for r in "AB"] + [
+            LoraXSModel(tiny_bert(), SequenceClassification())]:
         with pytest.raises(ValueError, match="both A and B"):
-            TFBGuide(LoraModel(tiny_bert(), SequenceClassification(), random=random))
+            TFBGuide(model)
     model = LoraModel(tiny_bert(), SequenceClassification(), random="AB")
     with pytest.raises(ValueError, match="unknown site"):
         TFBGuide(model, init={"nope": torch.zeros(1)})
