@@ -57,7 +57,8 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     member ``s mod K``) get the same ``S`` draws whatever the chunk size; a guide may refuse an ``S`` its
     draws would weight unevenly (``guide.check_num_samples(S)``: an ensemble needs a multiple of ``K``).
 
-    :param guide: a guide, or ``None`` for the network's own (peft) weights.
+    :param guide: a guide, or ``None`` for the model's start: the network's own (peft) weights (for a LoRA-XS model its
+        cores at 0: the base network).
     :param int num_samples: ``S >= 1`` (a multiple of ``K`` for an ensemble of ``K`` members).
     :param mean: use the posterior mean (one forward) instead of samples; point-estimate guides always do.
         Refused for a guide whose mean is no predictor (``guide.mean_is_predictor`` false: an ensemble's
