@@ -216,7 +216,8 @@ def fit(
             _check_resumable(data, callbacks)
         generators = _generators(data)
         settings = resumable and _settings(guide, length, generators, _describe_data(data), **{
-            **arguments, "elbo": type(elbo).__name__, "autocast": str(autocast)})  # as defaulted since
+            **arguments, "elbo": _describe_elbo(elbo), "autocast": str(autocast),  # as defaulted since
+            "lora_dropout": _lora_dropout(model)})
         resumed = _resume_from(checkpoint_dir, model, guide, settings) if resume else None
         if resumed is not None and callbacks:
             warnings.warn(f"fit(resume=True): the callbacks' own state ({', '.join(type(cb).__name__ for cb in callbacks)})"
@@ -408,10 +409,26 @@ def _generators(data) -> list:
     return list(found.values())
 
 
+def _describe_elbo(elbo) -> str:
+    """The ELBO's class, and its particles where they are not one unvectorised draw: each changes every gradient."""
+    particles, vectorized = getattr(elbo, "num_particles", 1), getattr(elbo, "vectorize_particles", False)
+    name = type(elbo).__name__
+    return name if (particles, vectorized) == (1, False) else f"{name}(num_particles={particles}, vectorize_particles={vectorized})"
+
+
+def _lora_dropout(model) -> dict:
+    """Module path -> the adapter's ``lora_dropout`` probability there: a training setting of peft's config."""
+    dropouts = ((path, getattr(layer, "lora_dropout", {})) for path, layer in model.layers.items())
+    return {path: float(getattr(d[model.adapter], "p", 0.0)) if model.adapter in d else 0.0 for path, d in dropouts}
+
+
 def _describe_data(data) -> dict:
     """What identifies ``data``'s batches without reading an item: the dataset's length, the batch size, drop_last and
-    the samplers (their types, nested, and sizes: whether and how it shuffles). Contents are not compared (that would
-    read the data)."""
+    the samplers (their types, nested, and sizes: whether and how it shuffles); for a list of batches, each batch's
+    rows. Contents are not compared (that would read the data)."""
+    if isinstance(data, (list, tuple)):
+        return {"batch_rows": [_examples(batch) if isinstance(batch, dict) else None for batch in data]}
+
     def sampler(s):
         inner = getattr(s, "sampler", None)
         fields = [sampler(inner)] if inner is not None else []
@@ -483,6 +500,9 @@ def _settings(guide, length, generators, data, **arguments) -> dict:
     }), default=str))
 
 
+_RECORDED_SINCE = {"batch_rows", "lora_dropout"}  # settings a checkpoint of an earlier version lacks: not compared
+
+
 def _resume_from(path, model, guide, settings) -> dict:
     """The training state of the unfinished run whose checkpoint is at ``path``, once its guide and the network's point
     parameters are loaded into ``guide`` and ``model`` (:func:`~pyro_lora.io.load_guide`'s checks).
@@ -494,8 +514,8 @@ def _resume_from(path, model, guide, settings) -> dict:
 
     state = read_fit_state(path)
     then = state["settings"]
-    differ = [f"{k}: {then.get(k)!r} there, {settings.get(k)!r} here" for k in sorted(then.keys() | settings.keys())
-              if then.get(k) != settings.get(k)]
+    keys = (then.keys() | settings.keys()) - (_RECORDED_SINCE - then.keys())
+    differ = [f"{k}: {then.get(k)!r} there, {settings.get(k)!r} here" for k in sorted(keys) if then.get(k) != settings.get(k)]
     if differ:
         raise ValueError(f"cannot resume the run at {path} with settings other than its own ({'; '.join(differ)}): the "
                          "run would not go on as it was; give the run's, or start a new run in another checkpoint_dir")

@@ -897,3 +897,36 @@ def test_batches_that_are_no_dicts_of_batched_tensors_are_refused_before_their_f
     with pytest.raises(ValueError, match=r"its input_ids has shape \(6,\)"):
         fit(model, guide, mixed, progress=False, callbacks=[steps.append])
     assert len(steps) == 2
+
+
+def test_resume_refuses_other_particles_lora_dropout_or_batch_rows(tmp_path):
+    """A resume took Trace_ELBO(num_particles=4) for a run of one particle, an adapter rebuilt with lora_dropout 0.3
+    for one of 0, and a list of 5-row batches for one of 6-row batches (as many batches), each without a word: the
+    resumed parameters were neither run's (0.08 from one, 0.17 from the other)."""
+    from peft import LoraConfig, get_peft_model
+    from pyro.infer import Trace_ELBO
+
+    def run(folder, data, dropout=0.0, elbo=None, kill_at=None, resume=False):
+        pyro.set_rng_seed(0)
+        net = get_peft_model(tiny_bert_base(num_labels=2), LoraConfig(r=2, target_modules=["query", "value"],
+                                                                       lora_dropout=dropout))
+        model = LoraModel(net, SequenceClassification(), random="AB", num_data=24)
+        guide = MeanFieldGuide(model, b="normal")
+
+        def stop(state):
+            if state.step == kill_at:
+                raise _Kill
+        try:
+            fit(model, guide, data, epochs=2, lr=3e-2, elbo=elbo, callbacks=[stop] if kill_at else [], checkpoint_dir=folder,
+                checkpoint_every=1, resume=resume, progress=False)
+        except _Kill:
+            pass
+
+    batches = toy_data(n=24, batch=6)
+    run(tmp_path, batches, kill_at=2)
+    for kwargs, message in [({"elbo": Trace_ELBO(num_particles=4)}, r"elbo: 'Trace_ELBO' there, 'Trace_ELBO\(num_particles=4"),
+                            ({"dropout": 0.3}, r"lora_dropout: .*0\.0.* there, .*0\.3.* here"),
+                            ({"data": toy_data(n=20, batch=5)}, r"batch_rows: \[6, 6, 6, 6\] there, \[5, 5, 5, 5\] here")]:
+        with pytest.raises(ValueError, match=message):
+            run(tmp_path, **{"data": batches, **kwargs}, resume=True)
+    run(tmp_path, batches, elbo=Trace_ELBO(), resume=True)  # the same settings still resume
