@@ -19,7 +19,7 @@ class FolderLocked(ValueError):
     """Another process holds the folder :func:`folder_lock` was asked for."""
 
 
-_HELD = {}  # (resolved folder, process, thread) -> the lock file descriptor held there (folder_lock is re-entrant)
+_HELD = {}  # (resolved lock file, process, thread) -> its descriptor held there (the locks are re-entrant)
 _PATIENCE = 1.0  # seconds a lock held elsewhere is tried again: a locked_elsewhere probe holds it for microseconds
 
 
@@ -37,14 +37,36 @@ def folder_lock(path, what="this folder"):
         a pipe, a file of another user), naming it.
     :raises RuntimeError: on a platform without POSIX file locks.
     """
-    key = (Path(path).resolve(), os.getpid(), threading.get_ident())
+    folder = Path(path).resolve()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{path} is a file, where a folder is to be written: move it")
+    folder.mkdir(parents=True, exist_ok=True)
+    with _held(folder / ".lock", what):
+        yield
+
+
+@contextlib.contextmanager
+def slot_lock(path, what):
+    """Hold an exclusive lock on ``.<name>.lock`` beside ``path`` for the block: for a folder each write replaces whole
+    (a checkpoint, :func:`~pyro_lora.io.atomic_directory`), whose own ``.lock`` would go with the folder it replaces.
+    As :func:`folder_lock` otherwise.
+
+    :raises FolderLocked: if another process holds it (naming its id).
+    """
+    target = Path(path).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _held(target.parent / f".{target.name}.lock", what):
+        yield
+
+
+@contextlib.contextmanager
+def _held(lock, what):
+    """``flock`` the file ``lock`` for the block, re-entrant in one thread."""
+    key = (lock, os.getpid(), threading.get_ident())
     if key in _HELD:
         yield
         return
-    if key[0].exists() and not key[0].is_dir():
-        raise ValueError(f"{path} is a file, where a folder is to be written: move it")
-    key[0].mkdir(parents=True, exist_ok=True)
-    _HELD[key] = _acquire(key[0] / ".lock", what)
+    _HELD[key] = _acquire(lock, what)
     try:
         yield
     finally:
@@ -118,11 +140,11 @@ def locked_elsewhere(path):
     """Whether another process (or thread) holds :func:`folder_lock` on ``path`` now (it may be writing there);
     ``False`` where there is no lock file this can open. Its probe holds the lock for an instant, which a
     :func:`folder_lock` starting then waits out."""
-    folder = Path(path).resolve()
-    if (folder, os.getpid(), threading.get_ident()) in _HELD or fcntl is None:
+    lock = Path(path).resolve() / ".lock"
+    if (lock, os.getpid(), threading.get_ident()) in _HELD or fcntl is None:
         return False
     try:
-        fd = os.open(folder / ".lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:  # none, gone, a link, another user's
         return False
     try:

@@ -23,6 +23,7 @@ from .data import to_device
 from .modes import eval_mode, network_mode
 from .model import HALF_DTYPES, full_precision, warn_unscaled
 from .checks import check_batch, check_count, check_reiterable
+from .locking import slot_lock
 from .sites import base_network
 
 
@@ -130,7 +131,8 @@ def fit(
         with ``resume``, a checkpoint that cannot be resumed (none, finished, saved without its state, of a model or
         guide this one's differs from) or settings or data other than the run's (each named), data without a length,
         ``torch.distributed``, a ``DataLoader`` with persistent workers or a ``SWAGCollector`` callback,
-        a ``checkpoint_dir`` that is a file or a link or cannot be written, a guide at a posterior temperature other
+        a ``checkpoint_dir`` that is a file or a link or cannot be written or that another fit checkpoints to (a
+        :class:`~pyro_lora.locking.FolderLocked`: each run holds a lock beside it), a guide at a posterior temperature other
         than 1 (training would undo it), settings (``checkpoint_dir`` too) that differ across ranks, before any work,
         and on an epoch that yields no batch.
     :raises DivergenceError: see ``stop_on_divergence``.
@@ -147,252 +149,255 @@ def fit(
     """
     from .io import check_folder_slot, save_checkpoint, save_guide
 
-    with distributed.refused_together("fit"):  # a refusal on one rank only would leave the others waiting
-        # first (a collective, which a rank refused earlier would skip): a rank's own checkpoint_dir was refused by
-        # the first save, after the run; other steps or schedules would leave ranks waiting or apart
-        arguments = {  # what every rank, and a resumed run, must share
-            "epochs": epochs, "lr": lr, "elbo": type(elbo).__name__, "weight_decay": weight_decay,
-            "lr_schedule": lr_schedule, "warmup_steps": warmup_steps,
-            "kl_weight": "a callable" if callable(kl_weight) else kl_weight, "train_network": train_network,
-            "grad_accum_steps": grad_accum_steps, "max_grad_norm": max_grad_norm, "autocast": str(autocast),
-            "stop_on_divergence": stop_on_divergence,
-            "num_data": model.num_data,  # each rank would scale its data term to its own N
-        }
-        distributed.check_same({**arguments, "checkpoint_every": checkpoint_every,
-                                "checkpoint_dir": os.path.abspath(checkpoint_dir) if checkpoint_dir else None},
-                               "settings of fit")
-        grad_accum_steps = check_count(grad_accum_steps, "grad_accum_steps")
-        check_count(epochs, "epochs", minimum=0)
-        check_count(warmup_steps, "warmup_steps", minimum=0)
-        if checkpoint_every is not None:
-            check_count(checkpoint_every, "checkpoint_every", alternative="or None: a checkpoint at the end only")
-            if not checkpoint_dir:  # else no checkpoint would be written, without a word
-                raise ValueError(f"checkpoint_every={checkpoint_every} without checkpoint_dir saves nothing: give "
-                                 "checkpoint_dir (where the checkpoints go), or leave checkpoint_every out")
-        if checkpoint_dir:
-            check_folder_slot(checkpoint_dir, "fit saves the guide there as a folder: choose another checkpoint_dir")
-        if not (_finite(lr) and lr >= 0):
-            raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-        if max_grad_norm is not None and not (_finite(max_grad_norm) and max_grad_norm > 0):
-            raise ValueError(f"max_grad_norm must be a finite number > 0 (None: no clipping), got {max_grad_norm!r}")
-        autocast, forward_dtype = training_autocast(model, autocast)
-        if not callable(kl_weight):
-            kl_weight = _kl_weight(kl_weight, 0)
-        if epochs > 1:
-            check_reiterable(data, "data", f"epochs={epochs} needs them every epoch")
-        if isinstance(data, (list, tuple)) and data:  # a loader's batches are checked as read (to_device)
-            check_batch(data[0])
-        length = _length(data)
-        _schedule(lr_schedule, warmup_steps, length)  # a decay to 0 over a run of unknown length is refused
-        elbo = elbo or Trace_ELBO()
-        _check_elbo(elbo)
-        num_data = model.num_data or 1
-        model.set_trainable()
-        device = model.device
-        params = (model.point_parameters() if train_network else []) + [p for p in guide.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("nothing to train: the model has no point parameters and the guide no parameters")
-        # first: a cast network (net.to(bfloat16)) also changed the head the guide was built beside, the lesser news
-        check_full_precision(params, "fit", "AdamW's updates underflow there (the head becomes nan)")
-        check_guide(model, guide, "fit", same_model=True)
-        tempered = tempered_training(guide, "fit")
-        if tempered:
-            raise ValueError(tempered)
-        if distributed.is_distributed() and model.num_data is None:  # each rank's batch would count as the data
-            raise ValueError(f"under torch.distributed ({distributed.world_size()} ranks) the model needs num_data (the "
-                             "training set's size): without it each rank scales its data term to its own batch, so the "
-                             "averaged loss counts the data once per rank and the prior W times")
-        warn_unscaled(model, length or 0, "fit", stacklevel=2)  # data without a length: once a second batch is read
-        beta = kl_weight if callable(kl_weight) else (lambda step: kl_weight)
-        # what a resume must repeat; none for data without a length (no position to count) or under torch.distributed
-        # (each rank draws from its own streams)
-        resumable = checkpoint_dir and length is not None and not distributed.is_distributed()
-        if resume and not resumable:
-            raise ValueError("resume=True continues the run whose checkpoint is in checkpoint_dir: " + (
-                "give checkpoint_dir" if not checkpoint_dir else "it needs data with a length (its position in an "
-                "epoch is counted in batches)" if length is None else "under torch.distributed it is not supported "
-                "(each rank draws from its own random streams); rerun the fit from the start"))
-        if resume:
-            _check_resumable(data, callbacks)
-        generators = _generators(data)
-        settings = resumable and _settings(guide, length, generators, _describe_data(data), **{
-            **arguments, "elbo": _describe_elbo(elbo), "autocast": str(autocast),  # as defaulted since
-            "lora_dropout": _lora_dropout(model)})
-        resumed = _resume_from(checkpoint_dir, model, guide, settings) if resume else None
-        if resumed is not None and callbacks:
-            warnings.warn(f"fit(resume=True): the callbacks' own state ({', '.join(type(cb).__name__ for cb in callbacks)})"
-                          " is not in the checkpoint and is not restored; they see the steps from the resumed one on",
-                          stacklevel=2)
-        if checkpoint_dir and not resume:
-            _warn_unfinished(checkpoint_dir)
-    if distributed.is_distributed():  # its refusals (data that differ across ranks) before the guide takes anything over
-        data = distributed.split_batches(data, even=True)  # the same number of steps on every rank
-    # under torch.distributed, this rank's (every rank's alike); for data without a length, warmup_steps is checked
-    # after each epoch (_warn_short_warmup)
-    steps_per_epoch = math.ceil(_length(data) / grad_accum_steps) if length is not None else None
-    total = steps_per_epoch * epochs if steps_per_epoch else None
-    if total is not None and warmup_steps > total:
-        raise ValueError(f"warmup_steps={warmup_steps} is longer than the run's {total} optimizer steps: the learning rate "
-                         f"would never reach lr; use at most {total}")
-    if train_network:
-        take_over(model, guide)
-        guide._point_snapshot = None  # live while it trains them (callbacks, checkpoints); taken again at the end
-    else:  # the network is not broadcast below: it must be the same on every rank
-        check_ranks_agree(model, None, "fit")
-    distributed.broadcast_parameters(params + [b for b in guide.buffers() if b.is_floating_point()])
-    # what fit does not train still gets gradients from its backward passes: set aside and put back as found, or an
-    # optimiser that zeroes after its step (Pyro's SVI) would add the whole run's sum to its first step
-    trained = {id(p) for p in params}
-    untrained = {p: p.grad for p in (*model.net.parameters(), *guide.parameters()) if p.requires_grad and id(p) not in trained}
-    for p in (*params, *untrained):  # a gradient left by earlier work would join the first step (backward adds in place)
-        p.grad = None
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
-    # fp16's narrow range underflows small gradients: scale the loss up, unscale before the update, skip steps that
-    # overflowed (bf16 has fp32's range and needs none)
-    scaler = torch.amp.GradScaler(device.type, enabled=forward_dtype == torch.float16)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(lr_schedule, warmup_steps, total))
-    net = model.net
-    guide.train()
-    losses, step, skipped_steps, short_warmup = [], 0, 0, False
-    kl_weights = []  # each step's, as used: a callable is called as often as without checkpoints (one may count calls)
-    # a checkpoint (or a save) of a run that stops says so: load_guide warns of it
-    guide.fit_progress = {"step": 0, "steps": total, "epoch": 0, "epochs": epochs, "finished": False}
-    shown = _Smoothed()  # the bar's number: the data NLL per example, which moves as the model learns
-    watch = _DivergenceWatch(lr) if stop_on_divergence else None
-    if resumed is not None:
-        optimizer.load_state_dict(resumed["optimizer"])
-        scheduler.load_state_dict(resumed["scheduler"])
-        if scaler.is_enabled():
-            scaler.load_state_dict(resumed["scaler"])
-        if watch is not None:
-            watch.start, watch.ema, first = resumed["watch"]
-            watch.first = first and (to_device(first[0], device), first[1])
-        losses, skipped_steps = list(resumed["losses"]), resumed["skipped_steps"]
-        kl_weights = list(resumed["kl_weights"])
-        guide.fit_progress = dict(resumed["progress"])
-        step = guide.fit_progress["step"]
-    bar = tqdm(total=total, initial=step, desc=f"fit {type(guide).__name__}",
-               disable=not (progress and distributed.is_main()), dynamic_ncols=True)
+    with contextlib.ExitStack() as held:  # the checkpoint_dir's lock, for the whole run
+        with distributed.refused_together("fit"):  # a refusal on one rank only would leave the others waiting
+            # first (a collective, which a rank refused earlier would skip): a rank's own checkpoint_dir was refused by
+            # the first save, after the run; other steps or schedules would leave ranks waiting or apart
+            arguments = {  # what every rank, and a resumed run, must share
+                "epochs": epochs, "lr": lr, "elbo": type(elbo).__name__, "weight_decay": weight_decay,
+                "lr_schedule": lr_schedule, "warmup_steps": warmup_steps,
+                "kl_weight": "a callable" if callable(kl_weight) else kl_weight, "train_network": train_network,
+                "grad_accum_steps": grad_accum_steps, "max_grad_norm": max_grad_norm, "autocast": str(autocast),
+                "stop_on_divergence": stop_on_divergence,
+                "num_data": model.num_data,  # each rank would scale its data term to its own N
+            }
+            distributed.check_same({**arguments, "checkpoint_every": checkpoint_every,
+                                    "checkpoint_dir": os.path.abspath(checkpoint_dir) if checkpoint_dir else None},
+                                   "settings of fit")
+            grad_accum_steps = check_count(grad_accum_steps, "grad_accum_steps")
+            check_count(epochs, "epochs", minimum=0)
+            check_count(warmup_steps, "warmup_steps", minimum=0)
+            if checkpoint_every is not None:
+                check_count(checkpoint_every, "checkpoint_every", alternative="or None: a checkpoint at the end only")
+                if not checkpoint_dir:  # else no checkpoint would be written, without a word
+                    raise ValueError(f"checkpoint_every={checkpoint_every} without checkpoint_dir saves nothing: give "
+                                     "checkpoint_dir (where the checkpoints go), or leave checkpoint_every out")
+            if checkpoint_dir:
+                check_folder_slot(checkpoint_dir, "fit saves the guide there as a folder: choose another checkpoint_dir")
+                if distributed.is_main():  # the rank that writes it; a second fit there would replace its checkpoints
+                    held.enter_context(slot_lock(checkpoint_dir, f"checkpoint_dir {checkpoint_dir} (a fit checkpoints there)"))
+            if not (_finite(lr) and lr >= 0):
+                raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+            if max_grad_norm is not None and not (_finite(max_grad_norm) and max_grad_norm > 0):
+                raise ValueError(f"max_grad_norm must be a finite number > 0 (None: no clipping), got {max_grad_norm!r}")
+            autocast, forward_dtype = training_autocast(model, autocast)
+            if not callable(kl_weight):
+                kl_weight = _kl_weight(kl_weight, 0)
+            if epochs > 1:
+                check_reiterable(data, "data", f"epochs={epochs} needs them every epoch")
+            if isinstance(data, (list, tuple)) and data:  # a loader's batches are checked as read (to_device)
+                check_batch(data[0])
+            length = _length(data)
+            _schedule(lr_schedule, warmup_steps, length)  # a decay to 0 over a run of unknown length is refused
+            elbo = elbo or Trace_ELBO()
+            _check_elbo(elbo)
+            num_data = model.num_data or 1
+            model.set_trainable()
+            device = model.device
+            params = (model.point_parameters() if train_network else []) + [p for p in guide.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError("nothing to train: the model has no point parameters and the guide no parameters")
+            # first: a cast network (net.to(bfloat16)) also changed the head the guide was built beside, the lesser news
+            check_full_precision(params, "fit", "AdamW's updates underflow there (the head becomes nan)")
+            check_guide(model, guide, "fit", same_model=True)
+            tempered = tempered_training(guide, "fit")
+            if tempered:
+                raise ValueError(tempered)
+            if distributed.is_distributed() and model.num_data is None:  # each rank's batch would count as the data
+                raise ValueError(f"under torch.distributed ({distributed.world_size()} ranks) the model needs num_data (the "
+                                 "training set's size): without it each rank scales its data term to its own batch, so the "
+                                 "averaged loss counts the data once per rank and the prior W times")
+            warn_unscaled(model, length or 0, "fit", stacklevel=2)  # data without a length: once a second batch is read
+            beta = kl_weight if callable(kl_weight) else (lambda step: kl_weight)
+            # what a resume must repeat; none for data without a length (no position to count) or under torch.distributed
+            # (each rank draws from its own streams)
+            resumable = checkpoint_dir and length is not None and not distributed.is_distributed()
+            if resume and not resumable:
+                raise ValueError("resume=True continues the run whose checkpoint is in checkpoint_dir: " + (
+                    "give checkpoint_dir" if not checkpoint_dir else "it needs data with a length (its position in an "
+                    "epoch is counted in batches)" if length is None else "under torch.distributed it is not supported "
+                    "(each rank draws from its own random streams); rerun the fit from the start"))
+            if resume:
+                _check_resumable(data, callbacks)
+            generators = _generators(data)
+            settings = resumable and _settings(guide, length, generators, _describe_data(data), **{
+                **arguments, "elbo": _describe_elbo(elbo), "autocast": str(autocast),  # as defaulted since
+                "lora_dropout": _lora_dropout(model)})
+            resumed = _resume_from(checkpoint_dir, model, guide, settings) if resume else None
+            if resumed is not None and callbacks:
+                warnings.warn(f"fit(resume=True): the callbacks' own state ({', '.join(type(cb).__name__ for cb in callbacks)})"
+                              " is not in the checkpoint and is not restored; they see the steps from the resumed one on",
+                              stacklevel=2)
+            if checkpoint_dir and not resume:
+                _warn_unfinished(checkpoint_dir)
+        if distributed.is_distributed():  # its refusals (data that differ across ranks) before the guide takes anything over
+            data = distributed.split_batches(data, even=True)  # the same number of steps on every rank
+        # under torch.distributed, this rank's (every rank's alike); for data without a length, warmup_steps is checked
+        # after each epoch (_warn_short_warmup)
+        steps_per_epoch = math.ceil(_length(data) / grad_accum_steps) if length is not None else None
+        total = steps_per_epoch * epochs if steps_per_epoch else None
+        if total is not None and warmup_steps > total:
+            raise ValueError(f"warmup_steps={warmup_steps} is longer than the run's {total} optimizer steps: the learning rate "
+                             f"would never reach lr; use at most {total}")
+        if train_network:
+            take_over(model, guide)
+            guide._point_snapshot = None  # live while it trains them (callbacks, checkpoints); taken again at the end
+        else:  # the network is not broadcast below: it must be the same on every rank
+            check_ranks_agree(model, None, "fit")
+        distributed.broadcast_parameters(params + [b for b in guide.buffers() if b.is_floating_point()])
+        # what fit does not train still gets gradients from its backward passes: set aside and put back as found, or an
+        # optimiser that zeroes after its step (Pyro's SVI) would add the whole run's sum to its first step
+        trained = {id(p) for p in params}
+        untrained = {p: p.grad for p in (*model.net.parameters(), *guide.parameters()) if p.requires_grad and id(p) not in trained}
+        for p in (*params, *untrained):  # a gradient left by earlier work would join the first step (backward adds in place)
+            p.grad = None
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+        # fp16's narrow range underflows small gradients: scale the loss up, unscale before the update, skip steps that
+        # overflowed (bf16 has fp32's range and needs none)
+        scaler = torch.amp.GradScaler(device.type, enabled=forward_dtype == torch.float16)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(lr_schedule, warmup_steps, total))
+        net = model.net
+        guide.train()
+        losses, step, skipped_steps, short_warmup = [], 0, 0, False
+        kl_weights = []  # each step's, as used: a callable is called as often as without checkpoints (one may count calls)
+        # a checkpoint (or a save) of a run that stops says so: load_guide warns of it
+        guide.fit_progress = {"step": 0, "steps": total, "epoch": 0, "epochs": epochs, "finished": False}
+        shown = _Smoothed()  # the bar's number: the data NLL per example, which moves as the model learns
+        watch = _DivergenceWatch(lr) if stop_on_divergence else None
+        if resumed is not None:
+            optimizer.load_state_dict(resumed["optimizer"])
+            scheduler.load_state_dict(resumed["scheduler"])
+            if scaler.is_enabled():
+                scaler.load_state_dict(resumed["scaler"])
+            if watch is not None:
+                watch.start, watch.ema, first = resumed["watch"]
+                watch.first = first and (to_device(first[0], device), first[1])
+            losses, skipped_steps = list(resumed["losses"]), resumed["skipped_steps"]
+            kl_weights = list(resumed["kl_weights"])
+            guide.fit_progress = dict(resumed["progress"])
+            step = guide.fit_progress["step"]
+        bar = tqdm(total=total, initial=step, desc=f"fit {type(guide).__name__}",
+                   disable=not (progress and distributed.is_main()), dynamic_ncols=True)
 
-    def take_step(accumulated, epoch, weight, rows, reference):
-        """The optimizer step on the gradients of the last micro-batches, of ``rows`` examples, each loss weighted by
-        its examples over ``reference``: scaled here to their weighted mean, one batch of them all (an equal mean
-        would weigh a short batch's examples up), which under ``torch.distributed`` is each rank's weight too."""
-        nonlocal step, skipped_steps
-        if rows != reference:  # micro-batches of other sizes than the group's first, or an epoch's last partial group
-            scale = reference / rows
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-            accumulated *= scale
-            for meter in (shown, watch):
-                if meter is not None:
-                    meter.step_nll *= scale
-        accumulated = distributed.all_reduce_gradients(params, accumulated, weight=rows)
-        if not math.isfinite(accumulated):
-            raise DivergenceError(
-                f"the loss became {accumulated} at step {step} (epoch {epoch}): the learning rate ({lr:g}) is "
-                "likely too high (or half precision overflowed); lower it or set max_grad_norm"
-            )
-        if watch is not None:
-            watch.update(step, epoch, rows)
-        if max_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-        scale = scaler.get_scale() if scaler.is_enabled() else None
-        scaler.step(optimizer)
-        scaler.update()
-        skipped = scale is not None and scaler.get_scale() < scale  # the scaler backs off exactly where it skipped
-        skipped_steps += skipped
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(accumulated)
-        kl_weights.append(weight)
-        step += 1
-        guide.fit_progress = {"step": step, "steps": total, "epoch": epoch, "epochs": epochs, "finished": False}
-        bar.update()
-        bar.set_postfix(shown.postfix(accumulated), epoch=epoch)
-        state = FitState(step, epoch, accumulated, weight, model, guide, epochs, steps_per_epoch, skipped)
-        for cb in callbacks:
-            cb(state)
-        if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:
-            if settings:  # with what resume=True continues from: the run's state after this step
-                save_checkpoint(guide, checkpoint_dir, {
-                    "progress": guide.fit_progress, "settings": settings, "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "losses": losses,
-                    "kl_weights": kl_weights, "skipped_steps": skipped_steps, "seen": seen, "epoch_rng": epoch_rng,
-                    "rng": _rng_state(device, generators), "watch": watch and (watch.start, watch.ema, watch.first)})
-            else:
-                save_guide(guide, checkpoint_dir)
+        def take_step(accumulated, epoch, weight, rows, reference):
+            """The optimizer step on the gradients of the last micro-batches, of ``rows`` examples, each loss weighted by
+            its examples over ``reference``: scaled here to their weighted mean, one batch of them all (an equal mean
+            would weigh a short batch's examples up), which under ``torch.distributed`` is each rank's weight too."""
+            nonlocal step, skipped_steps
+            if rows != reference:  # micro-batches of other sizes than the group's first, or an epoch's last partial group
+                scale = reference / rows
+                for p in params:
+                    if p.grad is not None:
+                        p.grad.mul_(scale)
+                accumulated *= scale
+                for meter in (shown, watch):
+                    if meter is not None:
+                        meter.step_nll *= scale
+            accumulated = distributed.all_reduce_gradients(params, accumulated, weight=rows)
+            if not math.isfinite(accumulated):
+                raise DivergenceError(
+                    f"the loss became {accumulated} at step {step} (epoch {epoch}): the learning rate ({lr:g}) is "
+                    "likely too high (or half precision overflowed); lower it or set max_grad_norm"
+                )
+            if watch is not None:
+                watch.update(step, epoch, rows)
+            if max_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            scale = scaler.get_scale() if scaler.is_enabled() else None
+            scaler.step(optimizer)
+            scaler.update()
+            skipped = scale is not None and scaler.get_scale() < scale  # the scaler backs off exactly where it skipped
+            skipped_steps += skipped
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(accumulated)
+            kl_weights.append(weight)
+            step += 1
+            guide.fit_progress = {"step": step, "steps": total, "epoch": epoch, "epochs": epochs, "finished": False}
+            bar.update()
+            bar.set_postfix(shown.postfix(accumulated), epoch=epoch)
+            state = FitState(step, epoch, accumulated, weight, model, guide, epochs, steps_per_epoch, skipped)
+            for cb in callbacks:
+                cb(state)
+            if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:
+                if settings:  # with what resume=True continues from: the run's state after this step
+                    save_checkpoint(guide, checkpoint_dir, {
+                        "progress": guide.fit_progress, "settings": settings, "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "losses": losses,
+                        "kl_weights": kl_weights, "skipped_steps": skipped_steps, "seen": seen, "epoch_rng": epoch_rng,
+                        "rng": _rng_state(device, generators), "watch": watch and (watch.start, watch.ema, watch.first)})
+                else:
+                    save_guide(guide, checkpoint_dir)
 
-    try:
-        # validation syncs the GPU once per site; the fused optimizer above holds the parameters, not Pyro's store
-        # an enclosing autocast is switched off for the run (backward and checks too): autocast= alone sets the forward's
-        with pyro.validation_enabled(False), pyro_params.own_optimizer(), _activation_checkpointing(net, gradient_checkpointing), \
-                distributed.rank_streams(), full_precision(device), network_mode(net, True):
-            for epoch in range(resumed["progress"]["epoch"] if resumed else 0, epochs):
-                skip = resumed["seen"] if resumed and epoch == resumed["progress"]["epoch"] else 0
-                if skip:  # the epoch's order replayed from its start, past the batches the run consumed
-                    _set_rng_state(resumed["epoch_rng"], device, generators)
-                epoch_rng = settings and _rng_state(device, generators)
-                batches = iter(data)
-                for _ in range(skip):
-                    next(batches)
-                if skip:
-                    _set_rng_state(resumed["rng"], device, generators)
-                accumulated, pending, seen, rows, first_step = 0.0, 0, skip, 0, step
-                for batch in batches:
-                    seen += 1
-                    batch = to_device(batch, device)  # refuses what is no batch (a TensorDataset's lists)
-                    if length is None and epoch == 0 and seen == 2:  # the warning a length gave before the run
-                        warn_unscaled(model, seen, "fit (over data without a length, its batches counted as read)",
-                                      stacklevel=2)
-                    examples = _examples(batch)
-                    if not pending:  # the group's first batch: a full group of equal batches needs no rescaling
-                        reference = examples * grad_accum_steps
-                    rows += examples
-                    share = examples / reference
-                    weight = _kl_weight(beta(step), step)
-                    if watch is not None and watch.first is None:
-                        watch.first = (batch, _mean_nll(model, guide, batch))
-                    with step_autocast(device, autocast):
-                        loss = elbo.differentiable_loss(model, guide, batch, kl_weight=weight) / num_data
-                    scaler.scale(loss * share).backward()
-                    accumulated += loss.item() * share
-                    pending += 1
-                    shown.observe(model.last_nll, share)
-                    if watch is not None:
-                        watch.observe(model.last_nll, share)
-                    if pending == grad_accum_steps:
+        try:
+            # validation syncs the GPU once per site; the fused optimizer above holds the parameters, not Pyro's store
+            # an enclosing autocast is switched off for the run (backward and checks too): autocast= alone sets the forward's
+            with pyro.validation_enabled(False), pyro_params.own_optimizer(), _activation_checkpointing(net, gradient_checkpointing), \
+                    distributed.rank_streams(), full_precision(device), network_mode(net, True):
+                for epoch in range(resumed["progress"]["epoch"] if resumed else 0, epochs):
+                    skip = resumed["seen"] if resumed and epoch == resumed["progress"]["epoch"] else 0
+                    if skip:  # the epoch's order replayed from its start, past the batches the run consumed
+                        _set_rng_state(resumed["epoch_rng"], device, generators)
+                    epoch_rng = settings and _rng_state(device, generators)
+                    batches = iter(data)
+                    for _ in range(skip):
+                        next(batches)
+                    if skip:
+                        _set_rng_state(resumed["rng"], device, generators)
+                    accumulated, pending, seen, rows, first_step = 0.0, 0, skip, 0, step
+                    for batch in batches:
+                        seen += 1
+                        batch = to_device(batch, device)  # refuses what is no batch (a TensorDataset's lists)
+                        if length is None and epoch == 0 and seen == 2:  # the warning a length gave before the run
+                            warn_unscaled(model, seen, "fit (over data without a length, its batches counted as read)",
+                                          stacklevel=2)
+                        examples = _examples(batch)
+                        if not pending:  # the group's first batch: a full group of equal batches needs no rescaling
+                            reference = examples * grad_accum_steps
+                        rows += examples
+                        share = examples / reference
+                        weight = _kl_weight(beta(step), step)
+                        if watch is not None and watch.first is None:
+                            watch.first = (batch, _mean_nll(model, guide, batch))
+                        with step_autocast(device, autocast):
+                            loss = elbo.differentiable_loss(model, guide, batch, kl_weight=weight) / num_data
+                        scaler.scale(loss * share).backward()
+                        accumulated += loss.item() * share
+                        pending += 1
+                        shown.observe(model.last_nll, share)
+                        if watch is not None:
+                            watch.observe(model.last_nll, share)
+                        if pending == grad_accum_steps:
+                            take_step(accumulated, epoch, weight, rows, reference)
+                            accumulated, pending, rows = 0.0, 0, 0
+                    if not seen:
+                        raise ValueError(f"data yielded no batch in epoch {epoch}: it is empty, or an iterator that a "
+                                         "previous epoch used up")
+                    if pending:  # never carried into the next epoch's first step, nor dropped
                         take_step(accumulated, epoch, weight, rows, reference)
-                        accumulated, pending, rows = 0.0, 0, 0
-                if not seen:
-                    raise ValueError(f"data yielded no batch in epoch {epoch}: it is empty, or an iterator that a "
-                                     "previous epoch used up")
-                if pending:  # never carried into the next epoch's first step, nor dropped
-                    take_step(accumulated, epoch, weight, rows, reference)
-                if total is None and not short_warmup:
-                    short_warmup = _warn_short_warmup(warmup_steps, step, step - first_step, epoch, epochs)
-                if watch is not None and watch.first is not None:
-                    # each step's NLL is sampled, before its update and on another batch: the epoch is judged on
-                    # the first batch at the posterior mean, as before the run
-                    watch.check_first_batch(_mean_nll(model, guide, watch.first[0]), epoch)
-    finally:
-        bar.close()
-        optimizer.zero_grad(set_to_none=True)
-        for p, grad in untrained.items():
-            p.grad = grad
-        guide._point_snapshot = point_snapshot(model)
-    if skipped_steps:
-        warnings.warn(f"fit: float16's loss scaler skipped {skipped_steps} of {step} optimizer steps (their gradients "
-                      f"overflowed): the weights moved on {step - skipped_steps}; where that is many, lower lr, set "
-                      "max_grad_norm, or train in bfloat16 or float32", stacklevel=2)
-    if train_network:
-        record_fit(model, guide)
-    guide.fit_progress.update(steps=step, finished=True)
-    if checkpoint_dir:
-        save_guide(guide, checkpoint_dir)
-    return losses
+                    if total is None and not short_warmup:
+                        short_warmup = _warn_short_warmup(warmup_steps, step, step - first_step, epoch, epochs)
+                    if watch is not None and watch.first is not None:
+                        # each step's NLL is sampled, before its update and on another batch: the epoch is judged on
+                        # the first batch at the posterior mean, as before the run
+                        watch.check_first_batch(_mean_nll(model, guide, watch.first[0]), epoch)
+        finally:
+            bar.close()
+            optimizer.zero_grad(set_to_none=True)
+            for p, grad in untrained.items():
+                p.grad = grad
+            guide._point_snapshot = point_snapshot(model)
+        if skipped_steps:
+            warnings.warn(f"fit: float16's loss scaler skipped {skipped_steps} of {step} optimizer steps (their gradients "
+                          f"overflowed): the weights moved on {step - skipped_steps}; where that is many, lower lr, set "
+                          "max_grad_norm, or train in bfloat16 or float32", stacklevel=2)
+        if train_network:
+            record_fit(model, guide)
+        guide.fit_progress.update(steps=step, finished=True)
+        if checkpoint_dir:
+            save_guide(guide, checkpoint_dir)
+        return losses
 
 
 def _generators(data) -> list:

@@ -930,3 +930,67 @@ def test_resume_refuses_other_particles_lora_dropout_or_batch_rows(tmp_path):
         with pytest.raises(ValueError, match=message):
             run(tmp_path, **{"data": batches, **kwargs}, resume=True)
     run(tmp_path, batches, elbo=Trace_ELBO(), resume=True)  # the same settings still resume
+
+
+def test_a_second_fit_on_a_checkpoint_dir_another_fit_holds_is_refused_before_any_work(tmp_path):
+    """Two fits checkpointing to one folder both finished without a word, the folder holding whichever saved last: each
+    run now holds a lock beside its checkpoint_dir, and a fit while another holds it is refused, naming the holder."""
+    import threading
+
+    from pyro_lora.locking import FolderLocked, slot_lock
+
+    folder = tmp_path / "ck"
+    taken, release = threading.Event(), threading.Event()
+
+    def other_fit():  # another writer of the folder (a thread's lock is refused as another process's)
+        with slot_lock(folder, "checkpoint_dir"):
+            taken.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=other_fit)
+    holder.start()
+    try:
+        taken.wait(30)
+        with pytest.raises(FolderLocked, match=r"process \d+ is writing checkpoint_dir"):
+            _run(folder, toy_data(n=24, batch=6))
+        assert not folder.exists()  # refused before its first checkpoint
+    finally:
+        release.set()
+        holder.join()
+    _run(folder, toy_data(n=24, batch=6))  # once the other run ends, the folder is free
+    assert (folder / "guide.json").exists()
+
+
+def test_fit_warns_where_num_data_is_not_the_examples_its_dataloader_draws():
+    """fit on a DataLoader over 96 examples with LoraModel(num_data=24) ran without a word: the data term is scaled to
+    24, so the KL weighed 4x what it should. It warns, naming both; not where the loader draws num_data examples in an
+    epoch (drop_last leaving a partial batch out, a SubsetRandomSampler's indices), nor where that is unknown (an
+    IterableDataset, a sampler drawing with replacement)."""
+    import warnings
+
+    from torch.utils.data import DataLoader, IterableDataset, RandomSampler, SubsetRandomSampler
+
+    batch = toy_data(n=100, batch=100)[0]
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(100)]
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(rows[:96])
+
+    def warned(num_data, **loader):
+        model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="AB", num_data=num_data)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(model, MeanFieldGuide(model, b="normal"), DataLoader(**{"batch_size": 16, **loader}), epochs=0,
+                progress=False)
+        return [str(w.message) for w in caught if "num_data=" in str(w.message)]
+
+    said = warned(24, dataset=rows[:96], shuffle=True)
+    assert len(said) == 1 and "draws 96 examples an epoch" in said[0] and "weighs 4x" in said[0]
+    assert warned(96, dataset=rows[:96], shuffle=True) == []
+    assert warned(100, dataset=rows, drop_last=True) == warned(96, dataset=rows, drop_last=True) == []  # 6 batches of 16
+    assert len(warned(90, dataset=rows, drop_last=True)) == 1
+    assert warned(24, dataset=rows, sampler=SubsetRandomSampler(range(24))) == []
+    assert len(warned(96, dataset=rows, sampler=SubsetRandomSampler(range(24)))) == 1
+    assert warned(24, dataset=Stream()) == []
+    assert warned(24, dataset=rows, sampler=RandomSampler(rows, replacement=True)) == []
