@@ -230,6 +230,22 @@ def test_letter_format_covers_the_widest_shifted_set():
     assert [t.strip("Ġ ") for t in letters] == list("ABCDE")
 
 
+@pytest.mark.real
+def test_letter_format_covers_a_validation_question_wider_than_the_others(monkeypatch):
+    """The letters counted the training, test and shifted records only: a 5-choice question drawn into the validation
+    split alone failed every validation-fitted row (temperature, +ts, _val) after the MAP was trained, on every rerun."""
+    from pyro_lora.experiments import setup as setup_module
+
+    config = CompareConfig(model="smollm2", dataset="openbookqa", mc_format="letter", train_size=16, test_size=8,
+                           progress=False)
+    train, val, test, shifted = setup_module.load_splits(config)
+    wide = {**val[0], "choices": [*val[0]["choices"], "none of these"][:5]}
+    assert len(wide["choices"]) == 5 and max(len(r["choices"]) for r in [*train, *test]) == 4
+    monkeypatch.setattr(setup_module, "load_splits", lambda config: (train, [wide, *val[1:]], test, shifted))
+    setup = setup_module.prepare(config)
+    assert len(setup.likelihood.answer_token_ids) == 5
+
+
 def test_std_step_is_sized_to_the_run_length():
     class Batches(Setup):  # records are batches already
         def loader(self, records, shuffle=False):

@@ -283,8 +283,8 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
             likelihood = MultipleChoice(format="cloze", normalize=config.mc_normalize)
             collator = D.ClozeCollator(tok, config.max_length)
         else:
-            # one letter per choice of the widest set: ARC has 3-5 options, OBQA 4
-            num_choices = max(len(r["choices"]) for records in [train, test, *shifted.values()] for r in records)
+            # one letter per choice of the widest question of any split scored: ARC has 3-5 options, OBQA 4
+            num_choices = max(len(r["choices"]) for records in [train, val, test, *shifted.values()] for r in records)
             likelihood = MultipleChoice(D.letter_token_ids(tok, num_choices), format="letter")
             collator = D.LetterCollator(tok, config.max_length)
         _check_collates(collator, {"train": train, "validation": val, "test": test, **shifted}, max_positions(config.model))
