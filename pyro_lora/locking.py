@@ -49,21 +49,24 @@ def folder_lock(path, what="this folder"):
 def slot_lock(path, what):
     """Hold an exclusive lock on ``.<name>.lock`` beside ``path`` for the block: for a folder each write replaces whole
     (a checkpoint, :func:`~pyro_lora.io.atomic_directory`), whose own ``.lock`` would go with the folder it replaces.
-    As :func:`folder_lock` otherwise.
+    Not re-entrant: a second writer in this thread (a fit a callback of another starts) would replace the first's.
 
-    :raises FolderLocked: if another process holds it (naming its id).
+    :raises FolderLocked: if another process or thread holds it (naming its id), or this thread already does.
     """
     target = Path(path).resolve()
     target.parent.mkdir(parents=True, exist_ok=True)
-    with _held(target.parent / f".{target.name}.lock", what):
+    with _held(target.parent / f".{target.name}.lock", what, reentrant=False):
         yield
 
 
 @contextlib.contextmanager
-def _held(lock, what):
-    """``flock`` the file ``lock`` for the block, re-entrant in one thread."""
+def _held(lock, what, reentrant=True):
+    """``flock`` the file ``lock`` for the block; again in the thread holding it, ``reentrant`` or refused."""
     key = (lock, os.getpid(), threading.get_ident())
     if key in _HELD:
+        if not reentrant:
+            raise FolderLocked(f"this thread (process {os.getpid()}) is already writing {what} ({lock}): one writer at "
+                               "a time; give the second its own")
         yield
         return
     _HELD[key] = _acquire(lock, what)

@@ -959,6 +959,16 @@ def test_a_second_fit_on_a_checkpoint_dir_another_fit_holds_is_refused_before_an
         holder.join()
     _run(folder, toy_data(n=24, batch=6))  # once the other run ends, the folder is free
     assert (folder / "guide.json").exists()
+    nested = []
+
+    def fit_again(state):  # a fit started by a callback of one running on the same folder (this thread holds it)
+        if state.step == 1:
+            with pytest.raises(FolderLocked, match="this thread .* is already writing checkpoint_dir"):
+                _run(folder, toy_data(n=24, batch=6))
+            nested.append(True)
+
+    _run(folder, toy_data(n=24, batch=6), callbacks=[fit_again])
+    assert nested == [True]
 
 
 def test_fit_warns_where_num_data_is_not_the_examples_its_dataloader_draws():
