@@ -20,7 +20,7 @@ from torch.distributions.kl import register_kl
 from pyro_lora import pyro_params
 from pyro_lora.checks import check_count, pickling_refused
 from pyro_lora.contract import check_guide, describe
-from pyro_lora.ownership import follow_svi_step, point_snapshot, stop_following, take_over
+from pyro_lora.ownership import follow_svi_step, point_snapshot, record_fit, stop_following, take_over
 from pyro_lora.io import records_at_build, register_guide
 from pyro_lora.model import full_precision
 from pyro_lora.pyro_stack import check_no_plate, in_predictive, marking_sites
@@ -65,6 +65,7 @@ def _record_parameters(guide):
     if torch.is_grad_enabled() and pyro_params.recording():  # a step of Pyro's SVI (fit keeps its own books)
         take_over(guide.model, guide)
         follow_svi_step(guide)
+        record_fit(guide.model, guide, svi=True)  # what it trains, kept should the guide be dropped
     elif not torch.is_grad_enabled():  # Predictive (under no_grad), SVI.evaluate_loss: the network must still be its own
         check_guide(guide.model, guide, "run as a Pyro guide (pyro.infer.Predictive, a trace)")
         if not guide.samples_carry_posterior and in_predictive():  # pyro_lora.predict refuses it alike

@@ -20,7 +20,7 @@ import re
 import torch
 
 from . import distributed, pyro_params
-from .ownership import changed_point_parameters, value_sums
+from .ownership import changed_point_parameters, followed, value_sums
 from .quantized import int8_scales, is_quantized
 
 ADAPTER_NAMES = ("lora_", ".modules_to_save.", "trainable_tokens_")  # in the names of the parameters peft adds
@@ -498,6 +498,27 @@ def check_guide(model, guide, action: str, same_model: bool = False) -> None:
             f"cannot {action} with this {type(guide).__name__} on another model object than the one it was built on "
             "(its own terms read that model): pass guide.model, or build the guide on this model"
         )
+
+
+def check_autoguide(model, autoguide, action: str) -> None:
+    """Refuse to ``action`` with a Pyro autoguide over ``model`` where Pyro's param store holds values restored over the
+    network's parameters (:func:`~pyro_lora.pyro_params.check_store`), the network changed
+    (:meth:`~pyro_lora.LoraModel.check_network`), or its point parameters (the head) changed since ``SVI`` trained the
+    autoguide, or ``load_guide`` restored it (followed as a guide of the guides package:
+    :func:`~pyro_lora.ownership.follow_autoguide`): its sites' posterior was fitted beside the head as it was.
+
+    :raises ValueError: naming the changed parameters, and how to keep an autoguide's result.
+    """
+    pyro_params.check_store([(model._pyro_name, model.named_point_parameters())], action)
+    model.check_network()
+    owner = followed(autoguide)
+    changed = [] if owner is None or owner.model is not model else changed_point_parameters(owner._point_snapshot, model)
+    if changed:
+        raise ValueError(
+            f"cannot {action} with this {type(autoguide).__name__}: the network's point parameters {_short(changed)} "
+            "changed since pyro.infer.SVI trained it or load_guide restored it (another guide trained them, e.g. fit with "
+            "train_network=True, or they were re-initialised, written or cast to a lower precision): its sites would run "
+            f"with another head; keep an autoguide's result before the network is trained again, with {pyro_params.AUTOGUIDE_SAVE}")
 
 
 def tempered_training(guide, action: str) -> str | None:

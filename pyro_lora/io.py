@@ -18,12 +18,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .contract import (_fingerprint_of, check_guide, describe, differences, digested_parameters, frozen_base_parameters,
-                       quantization, quantized_weights, unwrapped_name, weight_digest, weight_scales, weights_digest)
+from .contract import (_fingerprint_of, check_autoguide, check_guide, describe, differences, digested_parameters,
+                       frozen_base_parameters, quantization, quantized_weights, unwrapped_name, weight_digest,
+                       weight_scales, weights_digest)
 from . import pyro_params
 from .quantized import is_quantized
 from .sites import base_network
-from .ownership import forget_fit, restore_fit, take_over, trainer
+from .ownership import follow_autoguide, forget_fit, restore_fit, take_over, trainer
 from .distributed import check_same, is_main, on_main, refused_together
 
 FORMAT = "pyro_lora.guide/2"
@@ -369,12 +370,11 @@ def _save_guide(guide, path, run, adapter, fit_state=None):
     with refused_together("save the guide"):  # a refusal on one rank only would leave the others waiting
         check_same(os.path.abspath(path), "paths to save the guide to")  # rank 0 writes its own
         model = _autoguide_model(guide, "save") if auto else guide.model
+        if auto:  # its own parameters are its state_dict; the network's are saved as they are, which must be its own
+            check_autoguide(model, guide, "save the guide")
         if adapter:  # what export_adapter checks (of an autoguide: the network's adapter as it is), these below too
             _check_adapter_write(model if auto else guide, "save", stacklevel=4)
-        elif auto:  # the autoguide's own parameters are its state_dict; the network's are saved as they are
-            pyro_params.check_store([(model._pyro_name, model.named_point_parameters())], "save the guide")
-            model.check_network()
-        else:
+        elif not auto:
             check_guide(model, guide, "save")  # the network's point parameters it saves must still be its own
     _write_on_main(lambda: _write_guide(guide, model, path, run, adapter, fit_state), f"save the guide to {path}",
                    guide, adapter and not auto)
@@ -1069,7 +1069,8 @@ def _load_guide(path, model, guide):
         take_over(model, previous)
         restore_fit(model, fitted)
         raise
-    if auto:  # Pyro trains it, and no guide of this package sets the point parameters: no trainer is followed
+    if auto:  # the point parameters restored are its own, and its sites' values are not the adapter's
+        follow_autoguide(model, guide, loaded=True)
         return guide
     take_over(model, guide)
     guide.adopt_point_parameters()

@@ -19,14 +19,16 @@ from peft.utils import ModulesToSaveWrapper
 from . import handoff, pyro_params, quantized
 from .checks import check_batch, check_count, pickling_refused
 from .hooks import hooks_ran
-from .contract import check_guide, check_not_meta, parameter_adapter, tempered_training
-from .ownership import head_loaded, head_trainer, record_write, unwritten_fit, written_beside_head
+from .contract import check_autoguide, check_guide, check_not_meta, parameter_adapter, tempered_training
+from .ownership import (follow_autoguide, head_left_by, head_loaded, head_trainer, record_write, unwritten_fit,
+                        written_beside_head)
 from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, between_kinds, down_kind, up_kind
 from .likelihoods import is_cloze
 from .modes import dropout_in_training
 from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, elbo_run, hidden_from_elbo, in_averaging_elbo,
-                         in_predictive, in_svi_step, marked_guides, on_training_step, replayed_trace)
+                         in_predictive, in_svi_step, marked_guides, on_training_step, prototyping_autoguide,
+                         replayed_trace, running_autoguide)
 from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_values, describe_inits,
                     embedding, find_lora_layers, head_modules, is_site_name, matrix_view, per_layer)
 
@@ -378,9 +380,11 @@ class LoraModel:
         adapter) would pair untrained LoRA values with the trained head. Each layer's delta ``B M A`` is compared
         (:meth:`_stale_layers`), so sites no peft parameter holds count too: a LoRA-XS core, ScalaBL's log-scales.
         Values :meth:`write_adapter` wrote after the head became what it is are no such pairing (a posterior sample,
-        which the guide's predictive pairs with that head too). Warn where ``fit`` trained no head and its guide's mean
-        was never written into the adapter. ``advice`` ends both sentences; ``stacklevel`` is the warning's, counted
-        from the caller.
+        which the guide's predictive pairs with that head too). Once that guide is gone, or where a Pyro autoguide
+        trained the head with ``SVI`` (its median never written), the record of the training refuses alike while the
+        adapter and the head are as it left them (:func:`~pyro_lora.ownership.unwritten_fit`). Warn where the training
+        left no head and its guide's mean was never written into the adapter. ``advice`` ends both sentences;
+        ``stacklevel`` is the warning's, counted from the caller.
 
         :param values: the site values ``use`` runs this model at (a guide's start: :meth:`_held_values`, a LoRA-XS
             core at 0); ``None``: the adapter as peft runs it (an exported adapter: no core, ``R = I``; ``z = 0``).
@@ -388,13 +392,30 @@ class LoraModel:
         """
         if self._check_paired_with_head(use, advice, values) is not None:
             return
-        fitted = unwritten_fit(self)
+        fitted = self._check_recorded_training(use, advice, values)
         if fitted is not None:  # no head to pair: what is built from the adapter would silently miss the training
             warnings.warn(
-                f"the adapter still holds the LoRA values it held when fit last trained this network with a "
-                f"{fitted}, not that guide's mean: {use} would miss the training; {advice}",
+                f"the adapter still holds the LoRA values it held when {fitted.by} last trained this network with a "
+                f"{fitted.name}, not that guide's mean: {use} would miss the training; {advice}{_median(fitted)}",
                 stacklevel=stacklevel + 1,
             )
+
+    def _check_recorded_training(self, use: str, advice: str, values: dict | None):
+        """:meth:`_check_paired_with_head`'s refusal where no live guide of the guides package trained the head (one
+        garbage-collected since, a Pyro autoguide), read from the record of the network's last training
+        (:func:`~pyro_lora.ownership.unwritten_fit`): the adapter still holds the LoRA from before it, beside the head
+        it left. Returns that record where it left no head (``None``: no unwritten training)."""
+        fitted = unwritten_fit(self)
+        if fitted is None:
+            return None
+        paired = head_left_by(fitted, self)
+        # a LoRA-XS start beside another's head starts afresh (_stale_layers)
+        if paired and not (values is not None and not self.builds_on_adapter and fitted.builds_on_adapter):
+            raise ValueError(
+                f"the network's head was trained by a {fitted.name} whose LoRA values the adapter does not hold (it "
+                f"still holds those from before {fitted.by} trained it, the guide alive or not): {use} would pair "
+                f"them with the trained head; {advice}{_median(fitted)}")
+        return None if paired else fitted
 
     def _check_paired_with_head(self, use: str, advice: str, values: dict | None):
         """:meth:`check_adapter_trained`'s refusal; returns the guide that trained the head (``None``: none)."""
@@ -675,6 +696,9 @@ class LoraModel:
                     "(which scales the loss), your own loop with a torch.amp.GradScaler, or compute in bfloat16 or float32"
                 )
             self.set_trainable()  # another LoraModel over this network may have switched requires_grad since
+            prototyping = prototyping_autoguide()
+            if prototyping is not None:  # an autoguide's first call: what Pyro's param store hands it as its start
+                pyro_params.check_autoguide_start(prototyping, self)
             pyro_params.record(self._pyro_name, self.named_point_parameters())
         with poutine.scale(scale=kl_weight), poutine.trace() as tr:
             values = {name: pyro.sample(name, self.prior_distribution(site)) for name, site in self.sites.items()}
@@ -725,6 +749,8 @@ class LoraModel:
         y = self._labels(batch)  # its checks read the labels on the host: before the forward is queued
         # a training step of an ELBO outside fit (which keeps its own books): Pyro's SVI, or a loop of the user's own
         training = run == "training" and torch.is_grad_enabled() and pyro_params.recording()
+        if pyro_params.recording():
+            self._follow_autoguide(guide_trace, training)
         count = self.num_data is None and y is not None and self._svi_batch is not False
         if count and training:
             self._count_svi_batches(batch, y)
@@ -755,6 +781,23 @@ class LoraModel:
         elif torch.is_grad_enabled():  # SVI, an ELBO, fit: their steps are their own runs'
             on_training_step(self)
         return logits
+
+    def _follow_autoguide(self, guide_trace, training: bool) -> None:
+        """Follow a Pyro autoguide running the model (read from the call stack:
+        :func:`~pyro_lora.pyro_stack.running_autoguide`) as a guide of the guides package: an ELBO's training step
+        (``training``) makes it the trainer of the network's point parameters and of its sites
+        (:func:`~pyro_lora.ownership.follow_autoguide`); a run without gradients (``Predictive``, a validation loss) is
+        refused once they changed under it (:func:`~pyro_lora.contract.check_autoguide`)."""
+        if (not training and torch.is_grad_enabled()) or (guide_trace is not None and marked_guides(guide_trace)):
+            return
+        autoguide = running_autoguide(self)
+        if autoguide is None:
+            return
+        if training:
+            follow_autoguide(self, autoguide)
+            pyro_params.note_autoguide(autoguide, self)
+        else:
+            check_autoguide(self, autoguide, "run pyro.infer.Predictive or an ELBO's loss")
 
     def _count_svi_batches(self, batch, y, stacklevel=3):
         """Warn, as ``fit`` does (:func:`warn_unscaled`), once an ELBO trains on a second batch of a model without
@@ -912,6 +955,13 @@ class LoraModel:
 
     def _observe(self, log_prob):
         self.last_nll = -log_prob.mean()  # per example, for fit's divergence check: the ELBO's prior term scales with 1/N
+
+
+def _median(fitted) -> str:
+    """How to write a Pyro autoguide's values into the adapter, where ``fitted`` (:func:`~pyro_lora.ownership.unwritten_fit`)
+    is an autoguide's training."""
+    return (" (of a Pyro autoguide, model.write_adapter(autoguide.median()) writes its values)"
+            if fitted.name.startswith("Pyro ") else "")
 
 
 def warn_unscaled(model, batches: int, runner: str, stacklevel: int = 2) -> None:

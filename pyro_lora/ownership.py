@@ -10,6 +10,7 @@ other change through torch's global optimiser step hooks (:func:`follow_svi_step
 from __future__ import annotations
 
 import weakref
+from typing import NamedTuple
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -105,11 +106,13 @@ def follow_svi_step(guide) -> None:
     _in_step.clear()  # no optimiser step is under way while the guide runs (one that raised never ended)
     me = weakref.ref(guide)
     trained = [p for p in guide.parameters() if p.requires_grad]
-    if trained and guide not in _hooked:
+    # each parameter once: an autoguide's are the param store's, which get_param_store().load replaces
+    fresh = [p for p in trained if (own := _OWN.get(id(p))) is None or own[0]() is not p or own[1]() is not guide]
+    if fresh:
         _hooked.add(guide)
         for key in [k for k, (ref, owner) in _OWN.items() if ref() is None or owner() is None]:
             del _OWN[key]  # parameters of guides gone
-        for p in trained:
+        for p in fresh:
             p.register_post_accumulate_grad_hook(lambda _, me=me: _backward.add(me()) if me() is not None else None)
             _OWN[id(p)] = (weakref.ref(p), me)
     _backward.discard(guide)
@@ -166,10 +169,12 @@ def trainer(model):
 
 
 def head_trainer(model):
-    """The guide whose training left the network's point parameters as they are now, if it is alive (``None``
-    once anything else changed them, e.g. a re-initialisation)."""
+    """The guide of the guides package whose training left the network's point parameters as they are now, if it is
+    alive (``None`` once anything else changed them, e.g. a re-initialisation). A Pyro autoguide's (:class:`Followed`)
+    has no mean to compare: :func:`unwritten_fit` reads what its training left."""
     owner = trainer(model)
-    if owner is None or not owner.model.named_point_parameters():  # it trained no point parameter of the network
+    # it trained no point parameter of the network
+    if owner is None or isinstance(owner, Followed) or not owner.model.named_point_parameters():
         return None
     snapshot = owner._point_snapshot  # None while fit trains it: the head as it is now is its own
     if snapshot is not None and changed_point_parameters(snapshot, owner.model):
@@ -211,37 +216,74 @@ def written_beside_head(model) -> bool:
             and not changed_point_parameters(dict(head), model))
 
 
-_FITTED = "_pyro_lora_fitted"  # on the network: adapter -> (guide class, LoRA weight name -> (sums then, its mean's))
+_FITTED = "_pyro_lora_fitted"  # on the network: adapter -> _Fitted, the last training's record (record_fit)
 
 
-def record_fit(model, guide) -> None:
-    """``fit`` trained the network with ``guide``: keep, per LoRA weight its sites hold, the sums of the adapter's
-    weight as it is now and of the guide's mean (:func:`unwritten_fit`); sums, not the guide, so that a guide
-    dropped after training or a model over the network with other sites still sees them. A site no peft parameter
-    holds (a LoRA-XS core, ScalaBL's z) away from its start is a mean no weight holds: every weight's is ``None``."""
+class _Fitted(NamedTuple):
+    name: str  # the guide's class ("Pyro AutoDelta" for an autoguide)
+    by: str  # what trained it: "fit", "pyro.infer.SVI"
+    weights: dict  # LoRA weight name -> (its sums then, its trained value's; None: unknown, another)
+    head: dict | None  # the point snapshot the training left (None: it trained no point parameter)
+    builds_on_adapter: bool  # the trainer model's (LoraModel.builds_on_adapter)
+
+
+def record_fit(model, guide, svi: bool = False) -> None:
+    """``fit`` (``svi``: a step of Pyro's SVI) trained the network with ``guide``: keep, per LoRA weight its sites
+    hold, the sums of the adapter's weight as it is now and of the guide's mean, and the point parameters (the head)
+    its training left (:func:`unwritten_fit`); sums, not the guide, so that a guide dropped after training or a model
+    over the network with other sites still sees them. A site no peft parameter holds (a LoRA-XS core, ScalaBL's z)
+    away from its start is a mean no weight holds: every weight's is ``None``. In an SVI step (before it moves the
+    guide: its mean then differs from the adapter's as the stepped one does) the sums stay on their device (no host
+    read in the step) and the head is the guide's snapshot, which each followed step updates."""
     held = dict(model.named_lora_weights())
-    values = {n: v.detach() for n, v in guide.mean().items()}
+    with torch.no_grad():
+        values = {n: v.detach() for n, v in guide.mean().items()}
     mean = model.lora_weight_values(values)
-    sums = value_sums([*held.values(), *mean.values()])
+    sums = value_sums([*held.values(), *mean.values()], lazy=svi)
     record = {n: (sums[id(held[n])], sums[id(v)]) for n, v in mean.items()}
     if any(model.sites[n].kind.parameter is None and v.any() for n, v in values.items() if n in model.sites):
         record.update({n: (sums[id(p)], None) for n, p in held.items()})
-    restore_fit(model, (type(guide).__name__, record))
+    head = guide._point_snapshot if model.named_point_parameters() else None
+    restore_fit(model, _Fitted(type(guide).__name__, "pyro.infer.SVI" if svi else "fit", record,
+                               head if svi or head is None else dict(head), model.builds_on_adapter))
 
 
-def unwritten_fit(model) -> str | None:
-    """The class of the guide ``fit`` last trained ``model``'s network with, if every LoRA weight still holds what it
-    held when that training ended and some differ from the guide's mean: its mean was never written into the adapter
-    (``model.write_adapter``). ``None`` otherwise."""
+def record_autoguide(model, owner) -> None:
+    """``owner`` (:class:`Followed`) trained or restored ``model``'s sites, as :func:`record_fit` keeps a guide's
+    training: the adapter's LoRA weights its sites stand for as they are now (on their device), each with its value
+    unknown (``None``: a step moved it; the autoguide's median is its own), and the head its snapshot. A site no peft
+    parameter holds is left out: a LoRA-XS or ScalaBL model's adapter (its ``A``, ``B`` and head) is the network's
+    part of an autoguide's result (docs/saving.md)."""
+    random = {id(p) for p in model.random_parameters()}
+    held = [(n, p) for n, p in model.named_lora_weights() if id(p) in random]
+    sums = value_sums((p for _, p in held), lazy=True)
+    head = owner._point_snapshot if model.named_point_parameters() else None
+    restore_fit(model, _Fitted(owner.name, "pyro.infer.SVI", {n: (sums[id(p)], None) for n, p in held}, head,
+                               model.builds_on_adapter))
+
+
+def unwritten_fit(model) -> _Fitted | None:
+    """The record of the last training of ``model``'s network (:func:`record_fit`, :func:`record_autoguide`), if every
+    LoRA weight still holds what it held when that training ended and some differ from the guide's mean: its mean
+    was never written into the adapter (``model.write_adapter``). ``None`` otherwise."""
     entry = getattr(model.net, _FITTED, {}).get(model.adapter)
     if entry is None:
         return None
-    name, record = entry
+    record = entry.weights
     held = [(n, p) for n, p in model.named_lora_weights() if n in record]
+    lazy = {(n, i): v for n, _ in held for i, v in enumerate(record[n]) if torch.is_tensor(v)}  # an SVI step's
+    _settle(lazy)
+    record.update((n, tuple(lazy.get((n, i), v) for i, v in enumerate(record[n]))) for n, _ in held)
     sums = value_sums(p for _, p in held)
     if not held or any(sums[id(p)] != record[n][0] for n, p in held):  # written or loaded since: it holds what was put there
         return None
-    return name if any(record[n][0] != record[n][1] for n, _ in held) else None
+    return entry if any(record[n][0] != record[n][1] for n, _ in held) else None
+
+
+def head_left_by(entry, model) -> bool:
+    """Whether the network's point parameters are still those the training :func:`unwritten_fit` returned left (a
+    head trained beside LoRA values the adapter lacks), whether or not its guide is alive."""
+    return entry.head is not None and not changed_point_parameters(entry.head, model)
 
 
 def forget_fit(model):
@@ -279,3 +321,46 @@ def take_over(model, guide) -> None:
         if other is not None and other is not guide and other._point_snapshot is None:
             other._point_snapshot = point_snapshot(other.model)
     trainers[model.adapter] = None if guide is None else weakref.ref(guide)
+
+
+class Followed:
+    """A Pyro autoguide over ``model`` as this module follows a guide of the guides package (:func:`take_over`,
+    :func:`follow_svi_step`): its parameters, and the point parameters (the head) its sites were trained or restored
+    beside (``_point_snapshot``). Kept beside the autoguide (:func:`followed`), never keeping it alive."""
+
+    def __init__(self, autoguide, model):
+        self._autoguide = weakref.ref(autoguide)
+        self.model = model
+        self.name = f"Pyro {type(autoguide).__name__}"
+        self._point_snapshot = point_snapshot(model)
+
+    def parameters(self):
+        autoguide = self._autoguide()
+        return iter(()) if autoguide is None else autoguide.parameters()
+
+
+_FOLLOWED = weakref.WeakKeyDictionary()  # autoguide -> its Followed
+
+
+def followed(autoguide, model=None) -> Followed | None:
+    """The :class:`Followed` of ``autoguide`` (``None`` where no SVI step or ``load_guide`` was seen); with ``model``
+    (the LoraModel it is over), made where there is none over that model."""
+    owner = _FOLLOWED.get(autoguide)
+    if model is not None and (owner is None or owner.model is not model):
+        owner = _FOLLOWED[autoguide] = Followed(autoguide, model)
+    return owner
+
+
+def follow_autoguide(model, autoguide, loaded: bool = False) -> None:
+    """A training step of Pyro's ``SVI`` (an ELBO's) runs ``autoguide`` over ``model`` (``loaded``: ``load_guide``
+    restored it, with the head): it sets the network's point parameters as a guide of the guides package does
+    (:func:`take_over`, its steps followed), and its sites' values are its own, not the adapter's
+    (:func:`record_autoguide`)."""
+    owner = followed(autoguide, model)
+    take_over(model, owner)
+    if loaded:  # restored, not trained: the point parameters as they are now are its own
+        stop_following(model)
+        owner._point_snapshot = point_snapshot(model)
+    else:
+        follow_svi_step(owner)
+    record_autoguide(model, owner)

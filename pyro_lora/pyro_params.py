@@ -92,6 +92,42 @@ def check_store(owners, action: str) -> None:
                 _check_same(store, key, p, action)
 
 
+_autoguides = weakref.WeakKeyDictionary()  # Pyro autoguide -> weakref of the LoraModel it was first called over
+_trained_over = {}  # id(param store tensor) -> (its weakref, weakref of the LoraModel an autoguide trained it over)
+
+
+def note_autoguide(autoguide, model) -> None:
+    """``autoguide``'s parameters in Pyro's param store (those an SVI step trains) are its values over ``model``: kept
+    beyond its life, as :func:`check_autoguide_start` reads them."""
+    for p in autoguide.parameters():
+        _trained_over[id(p)] = (weakref.ref(p), weakref.ref(model))
+
+
+def check_autoguide_start(autoguide, model) -> None:
+    """Refuse the first call of ``autoguide`` (a Pyro autoguide over ``model``, building its parameters) where Pyro's
+    param store holds, under its names, values of an autoguide over another model (another network, or one of another
+    rank: :func:`note_autoguide`, or one still alive): Pyro hands them to it as its start, and the two share them from
+    then on (training one moves the other's posterior, which ``save_guide`` then saves beside the other's head).
+
+    :raises ValueError: naming the first such parameter, and ``pyro.clear_param_store()``.
+    """
+    for other, over in list(_autoguides.items()):  # those still alive (and so their models), trained or not
+        if other is not autoguide and over() is not None:
+            note_autoguide(other, over())
+    for key in [k for k, (ref, _) in _trained_over.items() if ref() is None]:
+        del _trained_over[key]  # tensors no longer stored
+    name = type(autoguide).__name__
+    for key, p in pyro.get_param_store().named_parameters():
+        ref, over = _trained_over.get(id(p), (None, None))
+        if key.startswith(f"{autoguide._pyro_name}.") and ref is not None and ref() is p and over() is not model:
+            raise ValueError(
+                f"cannot start this {name}: Pyro's param store holds {key!r}, a parameter of an autoguide over "
+                "another LoraModel, which Pyro would hand to this one as its start, the two then sharing it (training one "
+                "moves the other's posterior); keep the other's result with pyro_lora.save_guide(autoguide, folder) if "
+                "you need it, and call pyro.clear_param_store() before building this one")
+    _autoguides[autoguide] = weakref.ref(model)
+
+
 def _check_same(store, key, p, action=None):
     if store[key] is not p:
         raise ValueError(_refusal(f"another tensor than the live parameter under {key!r}", action))

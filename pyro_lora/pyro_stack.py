@@ -12,6 +12,7 @@ import pyro.poutine as poutine
 from pyro.infer.autoguide import AutoGuide
 from pyro.infer.elbo import ELBO
 from pyro.infer.importance import Importance
+from pyro.infer.predictive import Predictive
 from pyro.infer.svi import SVI
 from pyro.infer.trace_elbo import Trace_ELBO
 from pyro.infer.traceenum_elbo import TraceEnum_ELBO
@@ -21,6 +22,7 @@ from pyro.poutine.block_messenger import BlockMessenger
 from pyro.poutine.condition_messenger import ConditionMessenger
 from pyro.poutine.escape_messenger import EscapeMessenger
 from pyro.poutine.indep_messenger import IndepMessenger
+from pyro.poutine.messenger import unwrap
 from pyro.poutine.replay_messenger import ReplayMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_struct import Trace
@@ -140,6 +142,32 @@ def _before_step(optimizer, args, kwargs) -> None:
         del _trained_replay[model]
         _last_replay.pop(model, None)
         replay.check(model)
+
+
+def running_autoguide(model):
+    """The Pyro ``AutoGuide`` over ``model`` that the innermost ``SVI``, ELBO, ``Importance`` or ``Predictive`` around
+    the call runs (handlers around it unwrapped), read from the Python call stack; ``None`` where that runs another
+    guide (pyro_lora's, a function), or where none runs (a replay of one's own)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        owner = frame.f_locals.get("self")
+        if _elbo_of(frame) is not None or isinstance(owner, (SVI, Importance, Predictive)):
+            guide = frame.f_locals.get("guide") if "guide" in frame.f_code.co_varnames else getattr(owner, "guide", None)
+            guide = unwrap(guide) if guide is not None else None
+            return guide if isinstance(guide, AutoGuide) and unwrap(guide.model) is model else None
+        frame = frame.f_back
+    return None
+
+
+def prototyping_autoguide():
+    """The Pyro ``AutoGuide`` whose first call runs the model now (its prototype trace, before it has parameters), or
+    ``None``."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is AutoGuide._setup_prototype.__code__:
+            return frame.f_locals.get("self")
+        frame = frame.f_back
+    return None
 
 
 def in_predictive() -> bool:

@@ -83,9 +83,11 @@ class ScalaBLModel(LoraModel):
         if self._rotate:
             # a guide that trained the head beside other values (ScalaBL's z, a MAP's unwritten LoRA) would no longer be
             # told after the rotation, which changes the A and B its snapshot holds
-            self._check_paired_with_head("a ScalaBLModel rotating its A and B", "call model.write_adapter(guide.mean()) "
-                                         "first (a MAP's A and B), or build it with rotate=False and start its guide "
-                                         "at init=guide.mean() (a ScalaBL guide's z)", self._held_values())
+            use, advice = ("a ScalaBLModel rotating its A and B", "call model.write_adapter(guide.mean()) first (a MAP's A "
+                           "and B), or build it with rotate=False and start its guide at init=guide.mean() (a ScalaBL "
+                           "guide's z)")
+            if self._check_paired_with_head(use, advice, self._held_values()) is None:  # its guide gone: its record
+                self._check_recorded_training(use, advice, self._held_values())
             rotate_to_singular_basis(self.net, self.adapter)
 
     @classmethod

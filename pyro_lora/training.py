@@ -14,6 +14,7 @@ from pathlib import Path
 import pyro
 import torch
 from pyro.infer import Trace_ELBO
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler, SubsetRandomSampler
 from tqdm.auto import tqdm
 
 from . import distributed, pyro_params
@@ -208,6 +209,7 @@ def fit(
                                  "training set's size): without it each rank scales its data term to its own batch, so the "
                                  "averaged loss counts the data once per rank and the prior W times")
             warn_unscaled(model, length or 0, "fit", stacklevel=2)  # data without a length: once a second batch is read
+            _warn_num_data(model, data)
             beta = kl_weight if callable(kl_weight) else (lambda step: kl_weight)
             # what a resume must repeat; none for data without a length (no position to count) or under torch.distributed
             # (each rank draws from its own streams)
@@ -701,6 +703,37 @@ def step_autocast(device, autocast):
 
 def _finite(value):
     return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+
+
+def _examples_drawn(data):
+    """``(fewest, most)`` examples a ``DataLoader`` draws from its map-style dataset in an epoch, read from its sampler
+    (its length: the dataset's, a ``SubsetRandomSampler``'s indices), the fewest less what ``drop_last`` leaves out;
+    ``None`` where that is not known without reading the data: other data, an ``IterableDataset``, no automatic
+    batching, a sampler of one's own, one drawing with replacement or another number than its source's, a
+    ``DistributedSampler`` (one rank's part)."""
+    if not isinstance(data, DataLoader) or not isinstance(data.batch_sampler, BatchSampler):  # IterableDataset: None
+        return None
+    sampler, batch = data.batch_sampler.sampler, data.batch_sampler.batch_size
+    known = (type(sampler) in (SequentialSampler, SubsetRandomSampler)
+             or type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples == len(sampler.data_source))
+    if not known:
+        return None
+    size = len(sampler)
+    return (size - size % batch if data.batch_sampler.drop_last else size), size
+
+
+def _warn_num_data(model, data) -> None:
+    """Warn where the model's ``num_data`` is not the number of examples a ``DataLoader`` trains on
+    (:func:`_examples_drawn`): the data term is scaled to ``num_data``, so the prior weighs ``examples / num_data`` of
+    what it should against the data (a posterior too wide or too narrow)."""
+    drawn = _examples_drawn(data) if model.num_data is not None else None
+    if drawn is None or drawn[0] <= model.num_data <= drawn[1]:
+        return
+    size = drawn[1]
+    warnings.warn(f"the model has num_data={model.num_data}, but fit's DataLoader draws {size} examples an epoch "
+                  f"(len(loader.dataset) is {len(data.dataset)}): the data term is scaled to num_data, so the prior "
+                  f"weighs {size / model.num_data:.3g}x what it should against the data; build the model with "
+                  f"num_data={size} (the training set's size)", stacklevel=3)
 
 
 def _length(data):

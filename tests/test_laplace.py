@@ -760,11 +760,13 @@ def test_the_glm_predictive_refuses_a_head_retrained_after_the_fit():
     model, data = bert_model(), bert_data()
     guide = LaplaceGuide(model, fisher="exact").fit(data, progress=False)
     before = guide.predict_glm(data).probs
-    fit(model, MAPGuide(model), data, epochs=2, lr=5e-2, progress=False)  # train_network=True: moves the head
+    retrained = MAPGuide(model)
+    fit(model, retrained, data, epochs=2, lr=5e-2, progress=False)  # train_network=True: moves the head
     for call in (lambda: guide.predict_glm(data), lambda: guide.glm_logits(data[0]),
                  lambda: guide.optimize_prior_precision("val_nll", val_loader=data, grid=[1.0, 2.0])):
         with pytest.raises(ValueError, match=r"LaplaceGuide on this model: the network's point parameters .* changed since"):
             call()
+    model.write_adapter(retrained.mean())  # the MAP's LoRA beside its head (else refused as an unwritten MAP)
     refit = guide.fit(data, progress=False)  # a fit at the network as it is now: its head is the posterior's
     assert not torch.allclose(refit.predict_glm(data).probs, before)
     predict(model, refit, data)
@@ -776,7 +778,9 @@ def test_the_tfb_search_refuses_a_head_retrained_after_the_guide_was_built():
 
     model = LoraModel(tiny_bert(r=2), SequenceClassification(), random="AB")
     data = bert_data()
-    fit(model, MAPGuide(model), data, epochs=2, lr=5e-2, progress=False)
+    map_guide = MAPGuide(model)
+    fit(model, map_guide, data, epochs=2, lr=5e-2, progress=False)
+    model.write_adapter(map_guide.mean())  # TFB centres on the adapter
     guide = TFBGuide(model)
     fit(model, MAPGuide(model), data, epochs=2, lr=5e-2, progress=False)
     with pytest.raises(ValueError, match=r"cannot search sigma_q with this TFBGuide on this model: the network's point"):

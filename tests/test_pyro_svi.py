@@ -1173,3 +1173,129 @@ def test_a_pyro_autoguides_result_on_scalabl_or_lora_xs_is_kept_by_export_adapte
     assert torch.equal(after, before) and not torch.equal(after[0], after[1])  # the same samples, and random ones
     assert torch.equal(again.logits(data[0], restored.median()), median)
 
+
+
+def test_an_autodeltas_unwritten_lora_is_refused_like_a_maps_alive_or_collected(tmp_path):
+    """A MAP trained as Pyro's AutoDelta with SVI, its median never written into the adapter: export_adapter(model)
+    wrote the untrained LoRA beside the trained head (reloaded probabilities 0.069 off the AutoDelta's) and a guide built
+    from the adapter started there, without a word. SVI's training is recorded as fit's is: both are refused, the
+    autoguide alive or collected, until model.write_adapter(autoguide.median()), after which peft reloads its logits."""
+    import gc
+
+    from peft import PeftModel
+    from pyro.infer.autoguide import AutoDelta
+
+    from pyro_lora import export_adapter
+
+    data = toy_data(n=16, batch=8)
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5, num_data=16)
+    auto = AutoDelta(model)
+    svi = SVI(model, auto, pyro.optim.Adam({"lr": 2e-2}), Trace_ELBO())
+    for batch in data * 3:
+        svi.step(batch)
+    median = {k: v.detach().clone() for k, v in auto.median().items()}
+    match = (r"head was trained by a Pyro AutoDelta whose LoRA values the adapter does not hold .* "
+             r"model.write_adapter\(autoguide.median\(\)\)")
+
+    def refused():
+        with pytest.raises(ValueError, match=match):
+            export_adapter(model, tmp_path / "adapter")
+        with pytest.raises(ValueError, match=match):
+            MAPGuide(model)
+
+    refused()
+    del auto, svi
+    gc.collect()
+    refused()
+    model.write_adapter(median)
+    export_adapter(model, tmp_path / "adapter")
+    net = PeftModel.from_pretrained(tiny_bert_base(num_labels=2), tmp_path / "adapter").eval()
+    model.net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(input_ids=data[0]["input_ids"], attention_mask=data[0]["attention_mask"]).logits,
+                                   model.logits(data[0], median))
+
+
+def test_an_autoguide_trained_by_svi_owns_the_head_and_is_refused_once_another_guide_retrains_it(tmp_path):
+    """An autoguide's head was not followed: after fit(model, MAPGuide(model)) retrained the shared head,
+    Predictive(model, guide=autoguide) ran its sites beside the MAP's head (logits 0.18 off its own result) and
+    save_guide(autoguide) saved that head. Its SVI steps are followed as a guide of the guides package's: Predictive, a
+    validation loss and save_guide refuse it, and its save from before restores its own result."""
+    from pyro.infer import Predictive
+    from pyro.infer.autoguide import AutoNormal
+
+    from pyro_lora import load_guide
+
+    data = toy_data(n=16, batch=8)
+    unlabelled = {k: v for k, v in data[0].items() if k != "labels"}
+
+    def draws(model, auto):
+        pyro.set_rng_seed(1)
+        return Predictive(model, guide=auto, num_samples=4, return_sites=["_RETURN"])(unlabelled)["_RETURN"]
+
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5, num_data=16)
+    auto = AutoNormal(model, init_scale=0.05)
+    svi = SVI(model, auto, pyro.optim.Adam({"lr": 3e-2}), Trace_ELBO())
+    for batch in data * 3:
+        svi.step(batch)
+    model.net.eval()
+    before = draws(model, auto)
+    save_guide(auto, tmp_path / "auto")
+    model.write_adapter(auto.median())  # the MAP starts from its median: no unwritten LoRA beside the head
+    fit(model, MAPGuide(model), data, epochs=2, lr=5e-2, progress=False)
+    match = r"with this AutoNormal: the network's point parameters .*classifier.* changed since pyro.infer.SVI trained it"
+    with pytest.raises(ValueError, match=match):
+        draws(model, auto)
+    with pytest.raises(ValueError, match=match):
+        svi.evaluate_loss(data[0])
+    with pytest.raises(ValueError, match=match):
+        save_guide(auto, tmp_path / "after")
+    assert not (tmp_path / "after").exists()
+
+    pyro.clear_param_store()
+    again = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5, num_data=16)
+    restored = AutoNormal(again, init_scale=0.05)
+    restored(data[0])
+    load_guide(tmp_path / "auto", again, guide=restored)
+    again.net.eval()
+    torch.testing.assert_close(draws(again, restored), before)
+    with torch.no_grad():  # a head changed under a loaded autoguide is refused alike
+        next(p for n, p in again.named_point_parameters() if "classifier" in n).add_(0.1)
+    with pytest.raises(ValueError, match=r"changed since pyro.infer.SVI trained it or load_guide restored it"):
+        draws(again, restored)
+
+
+def test_an_autoguide_over_another_model_is_refused_the_values_pyros_param_store_holds_for_its_names():
+    """Without pyro.clear_param_store(), a fresh AutoNormal over a second model (another network, the same site names
+    and shapes) started at the first autoguide's trained locations and shared them: training it moved the first's by
+    0.27, and an r=8 autoguide built after a (called) r=4 one took its r=4 parameters. Its first call is refused, naming
+    the parameter; after clearing the store it starts afresh and the first is left as it was."""
+    from pyro.infer.autoguide import AutoNormal
+
+    data = toy_data(n=16, batch=8)
+    first = LoraModel(tiny_bert(num_labels=2, seed=0), SequenceClassification(), prior=0.5, num_data=16)
+    g1 = AutoNormal(first)
+    svi = SVI(first, g1, pyro.optim.Adam({"lr": 3e-2}), Trace_ELBO())
+    for batch in data * 2:
+        svi.step(batch)
+    trained = {k: v.detach().clone() for k, v in g1.state_dict().items()}
+    del svi
+    second = LoraModel(tiny_bert(num_labels=2, seed=5), SequenceClassification(), prior=0.5, num_data=16)
+    g2 = AutoNormal(second)
+    with pytest.raises(ValueError, match=r"cannot start this AutoNormal: Pyro's param store holds 'AutoNormal\.locs\..*"
+                                         r"another LoraModel.*pyro.clear_param_store\(\)"):
+        g2(data[0])
+    g1_alone = AutoNormal(first)
+    g1_alone(data[0])  # another autoguide over the same model takes them up, as Pyro means
+    pyro.clear_param_store()
+    g2 = AutoNormal(second)
+    g2(data[0])
+    assert not torch.equal(g2.locs.query.lora_A, trained["locs.query.lora_A_unconstrained"])
+    assert all(torch.equal(v, trained[k]) for k, v in g1.state_dict().items())
+
+    pyro.clear_param_store()
+    small = AutoNormal(LoraModel(tiny_bert(num_labels=2, r=4), SequenceClassification(), prior=0.5, num_data=16))
+    small(data[0])  # called, never trained
+    large = AutoNormal(LoraModel(tiny_bert(num_labels=2, r=8), SequenceClassification(), prior=0.5, num_data=16))
+    with pytest.raises(ValueError, match=r"cannot start this AutoNormal"):
+        large(data[0])

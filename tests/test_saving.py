@@ -47,6 +47,41 @@ def test_exporting_a_model_whose_head_a_guide_trained_without_its_lora_is_refuse
         torch.testing.assert_close(peft_probs(tmp_path / folder, batch), trained, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("trainer", ["fit", "svi"])
+def test_an_unwritten_lora_is_refused_after_the_guide_that_trained_the_head_is_collected(tmp_path, trainer):
+    """The refusal above followed the live guide: once the MAPGuide was garbage-collected, export_adapter(model) wrote
+    the untrained LoRA beside the trained head (reloaded probabilities 0.17 off the MAP's), and a guide built from the
+    adapter started there, without a word. The record of the training (fit's, or an SVI step's) refuses alike."""
+    import gc
+
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+
+    batch = labelled()
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=1.0, num_data=16)
+    guide = MAPGuide(model)
+    if trainer == "fit":
+        fit(model, guide, [batch], epochs=10, lr=3e-2, progress=False)
+    else:
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 3e-2}), Trace_ELBO())
+        for _ in range(10):
+            svi.step(batch)
+        del svi
+    trained = predict(model, guide, [batch], mean=True).probs
+    mean = {k: v.detach().clone() for k, v in guide.mean().items()}
+    del guide
+    gc.collect()
+    match = rf"head was trained by a MAPGuide whose LoRA values the adapter does not hold .*before {trainer if trainer == 'fit' else 'pyro.infer.SVI'}"
+    with pytest.raises(ValueError, match=match):
+        export_adapter(model, tmp_path / "model")
+    with pytest.raises(ValueError, match=match):
+        MeanFieldGuide(model, learn_loc=False)
+    assert not (tmp_path / "model").exists()
+    model.write_adapter(mean)
+    export_adapter(model, tmp_path / "model")
+    torch.testing.assert_close(peft_probs(tmp_path / "model", batch), trained, atol=1e-5, rtol=0)
+
+
 def test_a_scalabl_model_over_a_written_map_is_not_taken_for_a_stale_adapter(tmp_path):
     """ScalaBL rotates A and B to A's singular basis (B A kept): the adapter then holds the MAP's LoRA otherwise
     written, which a weight-by-weight comparison took for the untrained adapter; ScalaBL's sites (the log-scales)
@@ -365,7 +400,7 @@ def test_an_autoguide_is_refused_into_a_model_or_autoguide_other_than_the_saved(
     loaded = load_guide(tmp_path / "auto", same, guide=low_rank(same))
     assert isinstance(loaded, AutoLowRankMultivariateNormal)
 
-    save_guide(MAPGuide(model), tmp_path / "map")
+    save_guide(MAPGuide(autoguide_model("A")), tmp_path / "map")  # model's adapter lacks its autoguide's trained A
     with pytest.raises(ValueError, match=r"is a MAPGuide, which load_guide builds itself: call load_guide\(path, model\) "
                                          "without guide="):
         load_guide(tmp_path / "map", model, guide=AutoNormal(model))
