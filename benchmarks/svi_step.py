@@ -59,6 +59,20 @@ def plain_steps(net, batch, steps, device, autocast):
     return run
 
 
+def lora_state(net):
+    """The network's LoRA weights as they are now, for :func:`restore`."""
+    return {n: p.detach().clone() for n, p in net.named_parameters() if "lora_" in n}
+
+
+def restore(net, saved):
+    """Put the LoRA weights of :func:`lora_state` back: a guide's fit trained the network's point LoRA matrices beside
+    its own values, which a model built next over the adapter would refuse to pair; each guide starts afresh."""
+    params = dict(net.named_parameters())
+    with torch.no_grad():
+        for n, v in saved.items():
+            params[n].copy_(v)
+
+
 def make_model(net, name):
     random, make_guide = GUIDES[name]
     if random == "S":
@@ -104,6 +118,7 @@ def run(size="small", device="cpu", dtype=None, batch=4, seq=None, steps=5, repe
     errors = out["errors"]
     log(f"# svi_step: {size} Llama, LoRA r=8 on 7 projections ({out['lora_params'] / 1e6:.2f}M LoRA params), batch {batch}x{seq}, {device}, {dtype}")
 
+    start = lora_state(net)
     step = C.timed(plain_steps(net, data, steps, device, autocast), device, repeats) / steps
     out["steps"]["plain"] = {"seconds": step}
     log(f"  plain peft LoRA step {step:.4f} s")
@@ -120,6 +135,7 @@ def run(size="small", device="cpu", dtype=None, batch=4, seq=None, steps=5, repe
             return {"seconds": step, "fixed": call - (steps + 1) * step, "sites": len(model.sites)}
 
         timing = C.attempt(errors, f"SVI step, {name}", time_guide)
+        restore(net, start)
         C.free(device)
         if timing is not None:
             out["steps"][name] = timing
@@ -149,6 +165,7 @@ def run(size="small", device="cpu", dtype=None, batch=4, seq=None, steps=5, repe
         log(f"  predictive S={samples}: batched {p['batched']:.4f} s, looped {p['looped']:.4f} s ({p['batched'] / p['looped']:.2f}x)")
     if memory:
         out["memory"] = measure_memory(net, data, choices, model, device, autocast, memory_guides, samples, chunks, errors, log)
+    restore(net, start)  # the network as given, for the next benchmark of the suite
     return out
 
 
@@ -169,7 +186,9 @@ def measure_memory(net, data, choices, mc_model, device, autocast, memory_guides
             svi_steps(model, guide, data, 1)()  # warm-up outside the block (lazily built state)
             return C.peak_memory(svi_steps(model, guide, data, 2), device)
 
+        start = lora_state(net)
         mem[f"svi_{name}"] = C.attempt(errors, f"memory, SVI step {name}", svi_block) or nan
+        restore(net, start)
         C.free(device)
     guide = MeanFieldGuide(mc_model, b="normal").to(device)  # every LoRA matrix sampled: the largest draw
     mem["sample_mib"] = sum(4 * math.prod(site.shape) for site in mc_model.sites.values()) / 2**20  # one float32 draw of every site

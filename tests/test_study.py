@@ -994,7 +994,7 @@ def test_a_merge_cut_short_is_finished_holding_the_runs_lock(runs, monkeypatch):
     held = []
 
     def merge(out, update, record=None):
-        held.append((Path(out).resolve(), os.getpid(), threading.get_ident()) in locking._HELD)
+        held.append((Path(out).resolve() / ".lock", os.getpid(), threading.get_ident()) in locking._HELD)
         (Path(out) / R.MERGING).unlink()
 
     monkeypatch.setattr(R, "merge_results", merge)
