@@ -182,8 +182,13 @@ def test_format_table_shows_mean_and_std():
 def test_npz_reproduces_the_table_and_is_written_atomically(tmp_path, monkeypatch):
     from pyro_lora.experiments.compare import run_compare
 
+    from pyro_lora.experiments import results as R
+
     config = CompareConfig(guides=("map",), train_size=64, test_size=32, epochs=1, seeds=(0, 1), out=str(tmp_path), progress=False)
+    grids, draw = [], R.reliability_grid
+    monkeypatch.setattr(R, "reliability_grid", lambda *a, **k: grids.append(a) or draw(*a, **k))
     run_compare(config)
+    assert len(grids) == 1  # the summary figures once per run, not at each (guide, seed): O(methods^2) panels
     results = json.loads((tmp_path / "results.json").read_text())
     arrays = np.load(tmp_path / "predictions_map.npz")
     for row in results["per_seed"]:

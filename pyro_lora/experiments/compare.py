@@ -190,6 +190,16 @@ def run_compare(config: CompareConfig, overwrite: bool = False, reference=None):
 
 def _run_seeds(config, overwrite, reference):
     run = RunFolder(config.out, config, overwrite=overwrite)
+    try:
+        _fill(run, config, reference)
+    finally:  # the summary figures once, of every row written, however the run ended
+        run.redraw()
+    run.raise_failures()
+    return run.summary()
+
+
+def _fill(run, config, reference):
+    """Run and record in ``run`` every (guide, seed) of ``config`` it does not hold yet."""
     earlier = run if reference is None else RunFolder(reference, config)  # the rows the new ones join
     splits = load_splits(config)  # prepare() warns about them, once it has the tokenizer
     digest, sets, labels = records_digest(*splits), set_digests(config, *splits), label_names(config)
@@ -262,9 +272,6 @@ def _run_seeds(config, overwrite, reference):
                 if config.progress:
                     for row in rows:
                         print(format_row(row), flush=True)
-    run.redraw()
-    run.raise_failures()
-    return run.summary()
 
 
 class _Estimate:

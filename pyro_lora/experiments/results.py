@@ -1,8 +1,9 @@
 """The output folder of a comparison run, written as each (guide, seed) finishes, so that nothing finished is lost.
 
 ``results.json`` (config, per-seed rows, summary, failed guides), ``predictions_<guide>.npz``,
-``reliability_<guide>.png`` and the two summary figures. Every file goes through the atomic writer: a kill
-leaves the previous complete file, and ``results.json``, written last, is the record of what is complete.
+``reliability_<guide>.png``, and at the run's end the two summary figures (:meth:`RunFolder.redraw`). Every file
+goes through the atomic writer: a kill leaves the previous complete file, and ``results.json``, written after a
+(guide, seed)'s arrays and diagram, is the record of what is complete.
 """
 
 import json
@@ -414,7 +415,7 @@ class RunFolder:
         if first_seed is not None and seed == self.seeds[0]:
             probs, labels = first_seed
             reliability_diagram(probs, labels, self.out / f"reliability_{guide}.png", title=f"{guide} on {self.config.dataset}")
-        self.write(figures=True)
+        self.write()  # the summary figures are drawn once, at the run's end (redraw): per add they cost O(methods^2)
 
     def fail(self, guide, seed, error):
         """Record that ``guide`` failed under ``seed`` with ``error`` (its message and traceback go to results.json)."""
@@ -439,13 +440,11 @@ class RunFolder:
         self.rows.sort(key=_row_order(self.guides, self.seeds))
         return summarize_run(self.rows, self.failed)
 
-    def write(self, figures=False):
-        """Write ``results.json`` (and with ``figures`` the reliability grid and calibration-vs-accuracy plot)."""
+    def write(self):
+        """Write ``results.json``."""
         if not is_main():
             return
         summary = self.summary()
-        if figures:
-            self._summary_figures(summary)
         config = {**asdict(self.config), "guides": self.guides, "seeds": self.seeds}
         write_json(self.out / RESULTS, {"config": config, "request": self.request, "sizes": self.sizes, "summary": summary,
                                         "verdict": verdict(self.rows, self.config.dataset), "per_seed": self.rows,
@@ -454,16 +453,12 @@ class RunFolder:
                                         "base_version": BASE_DIGEST_VERSION, "predict_seeding": self.seeding,
                                         "labels": self.labels, "scoring": self.scoring})
 
-    def _summary_figures(self, summary):
-        _draw_summary(self.out, summary, self.guides, self.config.dataset, self.seeds[0])
-
     def redraw(self):
-        """Draw again, from the npz files, the figures of the guides this process did not add (kept from an earlier
-        run: a figure damaged since is made whole) and the summary figures."""
+        """Draw, from the npz files, the summary figures (reliability grid, calibration vs accuracy) and the
+        reliability diagrams of the guides this process did not add (kept from an earlier run: a figure damaged since
+        is made whole). The end of every run calls it, however the run ended."""
         if is_main() and self.seeds and self.rows and self._replaced is None:
             kept = [g for g in self.guides if g not in self._added]
-            if not kept:  # every guide's figure, and the summary figures of these rows, were drawn at their add
-                return
             _draw_summary(self.out, self.summary(), self.guides, self.config.dataset, self.seeds[0], each=kept)
 
     def raise_failures(self):
