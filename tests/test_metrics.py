@@ -191,6 +191,17 @@ def test_risk_coverage_averages_confidence_ties_hand_case():
         assert metrics.accuracy_at_coverage(p, y, 0.5) == 1.0
 
 
+def test_rounded_probabilities_of_one_top_value_tie_whatever_their_other_entries_sum_to_in_floats():
+    """0.1 + 0.2 rounds to 0.30000000000000004 and 0.15 + 0.15 to 0.3: the two 0.7 rows were ordered by that rounding
+    (accuracy at 1/3 coverage 0.0, AURC 0.611) where they tie (0.5; the mean over both orders, 0.444)."""
+    labels = torch.tensor([0, 1, 0])
+    probs = torch.tensor([[0.7, 0.1, 0.2], [0.7, 0.15, 0.15], [0.6, 0.4, 0.0]], dtype=torch.float64)
+    by_order = [1 - (torch.tensor(h, dtype=torch.float64).cumsum(0) / torch.arange(1, 4)) for h in ([1, 0, 1], [0, 1, 1])]
+    for order in ([0, 1, 2], [1, 0, 2]):
+        assert metrics.accuracy_at_coverage(probs[order], labels[order], 1 / 3) == 0.5
+        assert metrics.aurc(probs[order], labels[order]) == pytest.approx(float(torch.stack(by_order).mean()), abs=1e-12)
+
+
 def test_risk_coverage_is_the_expectation_over_orders_and_order_invariant():
     import itertools
 
