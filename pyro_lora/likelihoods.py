@@ -323,6 +323,26 @@ _NO_PAD_TOKEN = ("the network's config has no pad_token_id, which a decoder's cl
                  "find each row's last token: set net.config.pad_token_id, e.g. to tokenizer.pad_token_id or eos_token_id")
 
 
+def _refuse_unmasked_padding(net, batch) -> None:
+    """Refuse a batch without ``attention_mask`` whose rows begin or end with the config's
+    ``pad_token_id``: padding the network would attend to as text and, at a row's end, read a score at (a letter
+    answer, a decoder head's last token) or observe (a causal LM's labels). A leading pad that is also the BOS token is
+    text. A causal LM's trailing pads whose labels are -100 (transformers' collators) are neither attended
+    before a real token nor observed."""
+    ids, pad = batch.get("input_ids"), _pad_token_id(net)
+    if "attention_mask" in batch or pad is None or not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[1] == 0:
+        return
+    bos = getattr(getattr(base_network(net), "config", None), "bos_token_id", None)
+    labels = batch.get("labels")
+    observed = labels[:, -1] != -100 if torch.is_tensor(labels) and labels.shape == ids.shape else True
+    padded = ((ids[:, 0] == pad) & (pad != bos)) | ((ids[:, -1] == pad) & observed)
+    if bool(padded.any()):
+        rows = padded.nonzero().flatten().tolist()
+        raise ValueError(f"the batch has no attention_mask and row(s) {rows[:5]} begin or end with token {pad}, the "
+                         "config's pad_token_id: without a mask the network attends to padding as text (and reads or "
+                         "scores a padding cell); pass the attention_mask the tokenizer returns with the batch")
+
+
 def _refuse_ending_in_pad(ids, mask, pad):
     """Refuse rows whose last real token is the pad token id (transformers#35352): a decoder's classification head
     finds each row's last token as the last one that is not ``pad_token_id``, so a text ending in eos, where the
@@ -485,6 +505,7 @@ class SequenceClassification(Likelihood):
                 batch = {**batch, "input_ids": batch["input_ids"].masked_fill(mask == 0, pad)}
         if pad is not None and "input_ids" in batch:
             _refuse_ending_in_pad(batch["input_ids"], mask, pad)
+        _refuse_unmasked_padding(net, batch)  # after the row-end check: a last pad without a mask is named there
         self._check_config(net)  # a config attribute or two: problem_type may be set after the model was built
         inputs = repeat_inputs(batch, num_samples)
         try:
@@ -654,6 +675,8 @@ class MultipleChoice(Likelihood):
     def logits(self, net, batch, num_samples=None):
         decoder, head = _decoder_and_head(net)
         choice_mask = self._choice_mask(batch)
+        if self.format == "letter":  # cloze rows pad on the right, after the scored tokens under causal attention
+            _refuse_unmasked_padding(net, batch)
         if self.format == "letter" and choice_mask.shape[-1] > self.answer_token_ids.numel():
             raise ValueError(f"the batch has {choice_mask.shape[-1]} choices and answer_token_ids {self.answer_token_ids.numel()} "
                              "tokens: give one answer token per choice (pyro_lora.data.letter_token_ids)")
@@ -829,6 +852,7 @@ class CausalLM(Likelihood):
         _causality_probe(net, "CausalLM")
 
     def logits(self, net, batch, num_samples=None):
+        _refuse_unmasked_padding(net, batch)
         inputs = _with_positions(base_network(net), repeat_inputs(batch, num_samples, self.net_inputs))
         out = net(**inputs).logits[:, :-1]
         return _unfold_samples(out, num_samples)

@@ -305,6 +305,40 @@ def test_a_row_ending_in_the_pad_token_id_is_refused_padded_or_not():
     assert model.logits(inside).shape == (1, 3)  # the pad id inside a row is no row's end
 
 
+def test_padding_without_an_attention_mask_is_refused_and_unpadded_rows_are_taken_without_one():
+    """A letter batch without its attention_mask was read at a padding cell (right padding) or attended to its
+    padding (left): probabilities 0.036 off each prompt's alone, an argmax flipped, without a word."""
+    letter = LoraModel(tiny_llama(), MultipleChoice(LETTERS, format="letter"), random="AB")
+    causal = LoraModel(tiny_llama(), CausalLM(), random="AB")
+    texts = [r for r, _ in LETTER_RECORDS]
+    for side in ("left", "right"):
+        batch = letter_batch(LETTER_RECORDS, side)
+        del batch["attention_mask"]
+        with pytest.raises(ValueError, match=r"no attention_mask and row\(s\) \[0, 2\] begin or end with token 0, the "
+                                             "config's pad_token_id: .*pass the attention_mask"):
+            letter.logits(batch)
+        ids, mask = _pad(texts, side)
+        with pytest.raises(ValueError, match=r"no attention_mask and row\(s\) \[0, 2\] begin or end with token 0"):
+            causal.logits({"input_ids": ids, "labels": ids})
+    cls = LoraModel(tiny_llama_cls(), SequenceClassification(), random="AB")
+    ids, _ = _pad(texts, "left")
+    with pytest.raises(ValueError, match=r"no attention_mask and row\(s\) \[0, 2\] begin or end with token 0"):
+        cls.logits({"input_ids": ids})
+    # no padding: no mask needed, and the numbers are the masked batch's
+    one = letter_batch(LETTER_RECORDS[1:2])
+    torch.testing.assert_close(letter.logits({k: v for k, v in one.items() if k != "attention_mask"}), letter.logits(one))
+    # a causal LM's trailing pads labelled -100 (transformers' collators) are neither attended by a real token nor observed
+    ids, mask = _pad(texts, "right")
+    labels = ids.masked_fill(mask == 0, -100)
+    unmasked = causal.logits({"input_ids": ids, "labels": labels})
+    torch.testing.assert_close(unmasked[mask[:, :-1].bool()], causal.logits({"input_ids": ids, "attention_mask": mask,
+                                                                            "labels": labels})[mask[:, :-1].bool()])
+    # a cloze batch pads on the right, after the scored tokens under causal attention: taken without its mask
+    cloze = LoraModel(tiny_llama(), MultipleChoice(LETTERS, format="cloze"), random="AB")
+    batch = cloze_batch(CLOZE_RECORDS)
+    torch.testing.assert_close(cloze.logits({k: v for k, v in batch.items() if k != "attention_mask"}), cloze.logits(batch))
+
+
 # ------------------------------------------------------------------------------------------- refusals
 
 
