@@ -16,8 +16,11 @@ import weakref
 
 import pyro
 
+from .pyro_stack import running_svi
+
 _NAMESPACE = "pyro_lora:"
 _ids = itertools.count()
+_named = weakref.WeakValueDictionary()  # unique_name's prefix -> its object, while alive
 _recorded = weakref.WeakValueDictionary()  # id -> a parameter record() put in the store (alive while stored)
 _own_optimizer = 0
 # how to keep a Pyro autoguide's result, which a restored param store would not reach
@@ -28,7 +31,9 @@ AUTOGUIDE_SAVE = ("pyro_lora.save_guide(autoguide, folder) (its state_dict, the 
 
 def unique_name(obj: object) -> str:
     """A param-store prefix for ``obj``, unique in this process: ``"pyro_lora:MeanFieldGuide.3"``."""
-    return f"{_NAMESPACE}{type(obj).__name__}.{next(_ids)}"
+    name = f"{_NAMESPACE}{type(obj).__name__}.{next(_ids)}"
+    _named[name] = obj
+    return name
 
 
 @contextlib.contextmanager
@@ -57,6 +62,7 @@ def record(prefix: str, named_parameters) -> None:
     """
     if _own_optimizer:
         return
+    _check_optimizer_state(running_svi(), prefix)
     store = pyro.get_param_store()
     for name, p in named_parameters:
         if not p.requires_grad:
@@ -71,6 +77,23 @@ def record(prefix: str, named_parameters) -> None:
         else:
             _check_same(store, key, p)
         pyro.param(key)
+
+
+def _check_optimizer_state(svi, prefix: str) -> None:
+    """Refuse an ``SVI`` step whose Pyro optimizer holds state loaded (``optim.load``, ``set_state``) for pyro_lora
+    params of no live object: Pyro keeps it waiting for those names, which this process never gives again (their
+    counter is per process), and the optimizer starts afresh without a word.
+
+    :raises ValueError: naming a stale parameter and the name of the object this step records (``prefix``).
+    """
+    waiting = getattr(getattr(svi, "optim", None), "_state_waiting_to_be_consumed", None)
+    stale = [k for k in waiting or () if k.startswith(_NAMESPACE) and ".".join(k.split(".")[:2]) not in _named]
+    if stale:
+        raise ValueError(
+            f"the Pyro optimizer of this SVI holds state loaded for {len(stale)} pyro_lora param(s) of no object in this "
+            f"process ({stale[0]!r}, ...; this step trains {prefix!r}): pyro_lora's param names hold a counter "
+            "of the objects built in a process, so the state would wait unused and the optimizer start afresh; resume a "
+            "run with pyro_lora.fit(..., checkpoint_dir=..., resume=True), or drop the loaded state (a new optimizer)")
 
 
 def check_store(owners, action: str) -> None:

@@ -67,6 +67,16 @@ def elbo_run() -> str | None:
     return run
 
 
+def running_svi() -> SVI | None:
+    """The ``pyro.infer.SVI`` whose ``step`` runs the call now (the innermost), or ``None``."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is SVI.step.__code__:
+            return frame.f_locals.get("self")
+        frame = frame.f_back
+    return None
+
+
 def _elbo_of(frame):
     """The ELBO (or ``Importance``) running ``frame`` through one of :data:`_ELBO_METHODS`, else None."""
     owner = frame.f_locals.get("self") if frame.f_code.co_name in _ELBO_METHODS else None

@@ -1299,3 +1299,37 @@ def test_an_autoguide_over_another_model_is_refused_the_values_pyros_param_store
     large = AutoNormal(LoraModel(tiny_bert(num_labels=2, r=8), SequenceClassification(), prior=0.5, num_data=16))
     with pytest.raises(ValueError, match=r"cannot start this AutoNormal"):
         large(data[0])
+
+
+def test_pyro_optimizer_state_of_objects_of_another_process_is_refused_and_of_live_ones_resumes():
+    """Adam's moments saved with optim.get_state/save and loaded after a restart waited for names no object of the new
+    process has (pyro_lora's names hold a per-process counter): the optimizer started afresh without a word (the head
+    0.024 off the resumed run)."""
+    import gc
+
+    from conftest import random_batch
+
+    batch = {**random_batch(), "labels": torch.tensor([0, 1, 2])}
+
+    def svi(model, guide, optim):
+        return SVI(model, guide, optim, Trace_ELBO())
+
+    pyro.clear_param_store()
+    model = LoraModel(tiny_bert(), SequenceClassification(), random="A", num_data=3)
+    guide, optim = MAPGuide(model), pyro.optim.Adam({"lr": 1e-2})
+    svi(model, guide, optim).step(batch)
+    state = optim.get_state()
+    resumed = pyro.optim.Adam({"lr": 1e-2})  # the same live objects: their moments are taken up
+    resumed.set_state(state)
+    svi(model, guide, resumed).step(batch)
+    assert not resumed._state_waiting_to_be_consumed
+    del model, guide
+    gc.collect()
+    pyro.clear_param_store()
+    model = LoraModel(tiny_bert(), SequenceClassification(), random="A", num_data=3)  # "after a restart"
+    loaded = pyro.optim.Adam({"lr": 1e-2})
+    loaded.set_state(state)
+    with pytest.raises(ValueError, match=r"optimizer of this SVI holds state loaded for \d+ pyro_lora param\(s\) of no "
+                                         r"object in this process \('pyro_lora:.*this step trains 'pyro_lora:MAPGuide\..*"
+                                         r"fit\(\.\.\., checkpoint_dir=\.\.\., resume=True\)"):
+        svi(model, MAPGuide(model), loaded).step(batch)
