@@ -408,10 +408,14 @@ def _autoguide_model(autoguide, action):
     return model
 
 
-def _autoguide_sites(autoguide) -> list:
-    """``[name, shape]`` of each latent site of the autoguide's first trace of the model, in its order: what its
-    parameters stand for (a flat vector's entries, for ``AutoDiagonalNormal`` and the like, site after site)."""
-    return [[name, list(site["value"].shape)] for name, site in autoguide.prototype_trace.iter_stochastic_nodes()]
+def _autoguide_sites(autoguide, model) -> list:
+    """``[name, shape]`` of each latent site of the autoguide's first trace of ``model``, in its order: what its
+    parameters stand for (a flat vector's entries, for ``AutoDiagonalNormal`` and the like, site after site).
+    ``AutoStructured`` and ``AutoGaussian`` empty that trace's nodes once set up (their parameters are named by site):
+    an emptied node of a weight site stands for it at the model's shape."""
+    return [[name, list(node["value"].shape if node else model.sites[name].shape)]
+            for name, node in autoguide.prototype_trace.nodes.items()
+            if (node.get("type") == "sample" and not node["is_observed"]) or (not node and name in model.sites)]
 
 
 def _write_guide(guide, model, path, run, adapter, fit_state=None):
@@ -433,11 +437,18 @@ def _write_guide(guide, model, path, run, adapter, fit_state=None):
                              "was fitted on back into the network first")
     tensors = {k: v.detach().contiguous().cpu() for k, v in guide.state_dict().items()}
     tensors.update({_NET + n: p.detach().contiguous().cpu() for n, p in model.named_adapter_parameters()})
+    # safetensors refuses tensors sharing memory: AutoNormalizingFlow's (AutoIAFNormal's) _prototype_tensor is its
+    # transform's first weight. Each is saved as a copy; loading copies each value in place, into the one tensor twice
+    seen = set()
+    for k, v in tensors.items():
+        if v.untyped_storage().data_ptr() in seen:
+            tensors[k] = v.clone()
+        seen.add(v.untyped_storage().data_ptr())
     meta = standard_json({  # JSON has no inf or NaN (ivon-opt's default clip_radius is inf): written as null
         "format": FORMAT,
         "guide": f"{type(guide).__module__}:{type(guide).__qualname__}",
         # an autoguide is built by its user (load_guide checks it): the sites its parameters stand for, in order
-        **({"autoguide": {"sites": _autoguide_sites(guide)}} if auto else {"config": guide.config()}),
+        **({"autoguide": {"sites": _autoguide_sites(guide, model)}} if auto else {"config": guide.config()}),
         "sites": {n: list(s.shape) for n, s in model.sites.items()},
         "base_model": getattr(getattr(model.net, "config", None), "_name_or_path", None),
         "signature": describe(model) if auto else guide.signature,
@@ -1105,7 +1116,7 @@ def _check_autoguide(path, meta, autoguide, model):
     if _autoguide_model(autoguide, "load the guide into") is not model:
         raise ValueError(f"cannot load the guide at {path} into this {name}: it is built over another LoraModel than "
                          "the one given; build it over that model")
-    saved, now = meta["autoguide"]["sites"], _autoguide_sites(autoguide)
+    saved, now = meta["autoguide"]["sites"], _autoguide_sites(autoguide, model)
     if saved != now:
         i = next(i for i in range(max(len(saved), len(now))) if i >= len(saved) or i >= len(now) or saved[i] != now[i])
         there = f"{saved[i][0]!r} of shape {tuple(saved[i][1])}" if i < len(saved) else "nothing"

@@ -13,6 +13,7 @@ import warnings
 import pyro
 import pyro.poutine as poutine
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from peft.utils import ModulesToSaveWrapper
 
@@ -27,8 +28,8 @@ from .kinds import KINDS, MatrixKind, between_kinds, down_kind, up_kind
 from .likelihoods import is_cloze
 from .modes import dropout_in_training
 from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, elbo_run, hidden_from_elbo, in_averaging_elbo,
-                         in_predictive, in_svi_step, marked_guides, on_training_step, prototyping_autoguide,
-                         replayed_trace, running_autoguide)
+                         in_importance, in_laplace_approximation, in_mcmc, in_predictive, in_svi_step, marked_guides,
+                         on_training_step, prototyping_autoguide, replayed_trace, running_autoguide)
 from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_values, describe_inits,
                     embedding, find_lora_layers, head_modules, is_site_name, matrix_view, per_layer)
 
@@ -654,9 +655,11 @@ class LoraModel:
         ``Trace_ELBO`` and its kin); elsewhere (``Importance``, ``RenyiELBO``, a replay of one's own), where draws may be
         weighed by ``exp(log p - log q)`` and per-example weights would bias them, every example sees the one draw, with
         a warning.
-        Under ``pyro.infer.Predictive`` it warns where the network's modes leave a dropout probability above 0 in its
-        forward (:func:`~pyro_lora.modes.dropout_in_training`: dropout modules, functional and attention dropout, a
-        mixture of experts' jitter; ``predict`` runs in eval mode: call ``model.net.eval()`` before Predictive).
+        Under ``pyro.infer.Predictive`` and ``Importance`` it warns where the network's modes leave a dropout probability
+        above 0 in its forward (:func:`~pyro_lora.modes.dropout_in_training`: dropout modules, functional and attention
+        dropout, a mixture of experts' jitter; ``predict`` runs in eval mode: call ``model.net.eval()`` before them),
+        and refuses Pyro's MCMC there (:meth:`_check_dropout`). Under ``AutoLaplaceApproximation.laplace_approximation``
+        (a Hessian) the network runs sdpa's math kernel, which, unlike the fused ones, has a second derivative.
         Under a replay of one's own with gradients on (``poutine.trace(poutine.replay(model, trace=guide_trace))``),
         the optimizer step that follows a backward pass through it is a training step (a loss of one's own, as Pyro's
         custom objectives): there a guide built on another model object is refused, the ELBO's problems refused below
@@ -671,23 +674,24 @@ class LoraModel:
             under a per-row ``poutine.scale`` or ``poutine.mask`` (the weight sites are global); for a ``num_data`` below a labelled batch's rows; for labels the likelihood refuses, in
             ``batch["labels"]`` or handed to ``"obs"`` (``poutine.condition``; a token-level likelihood, which derives
             its observed tokens from ``batch["labels"]``, refuses any so handed); in ``fit``, for a batch without labels; or
-            under Pyro's optimizers (``pyro.infer.SVI``) for a network computing in float16; under a JIT ELBO.
+            under Pyro's optimizers (``pyro.infer.SVI``) for a network computing in float16; under a JIT ELBO or an
+            MCMC kernel's ``jit_compile``; under MCMC, for dropout on or a ``num_data`` other than the batch's rows (a
+            subsampling data plate).
         """
-        if torch.jit.is_tracing():  # Pyro's JIT ELBOs run this Python once, on the first batch
+        if torch.jit.is_tracing():  # Pyro's JIT ELBOs and MCMC kernels run this Python once, on the first call
+            if in_mcmc():
+                raise ValueError("the model is being JIT-traced (an MCMC kernel's jit_compile=True: HMC, NUTS): the "
+                                 "compiled potential energy would skip the model's checks of every later call and keep "
+                                 "the network's train/eval mode of the first (dropout after net.eval()); build the "
+                                 "kernel with jit_compile=False (the default)")
             raise ValueError("the model is being JIT-traced (JitTrace_ELBO and its kin): the compiled loss would skip its "
                              "checks of every later batch (a label of -100 scored, a num_data below the batch's rows "
                              "taken) and keep the network's train/eval mode of the first call (dropout after "
                              "net.eval()); use Trace_ELBO or TraceMeanField_ELBO")
         check_batch(batch)  # Pyro's own SVI hands batches here without fit's or predict's reading of them
         check_no_plate("model")
-        if not torch.is_grad_enabled() and in_predictive():  # predict runs in eval mode; Predictive in the one it finds
-            dropping = dropout_in_training(self.net)
-            if dropping:
-                warnings.warn(
-                    f"pyro.infer.Predictive runs the network with dropout on ({len(dropping)} modules in training mode, "
-                    f"e.g. {dropping[0]}): its predictions carry dropout noise besides the posterior's, where "
-                    "pyro_lora.predict runs in eval mode; call model.net.eval() before Predictive (for MC dropout, "
-                    "use MCDropoutGuide)", stacklevel=2)
+        mcmc = in_mcmc()
+        self._check_dropout(mcmc)
         if pyro_params.recording():  # Pyro's own optimizers: fit holds its own and has set the trainable set
             if self.forward_dtype == torch.float16 and torch.is_grad_enabled() and in_svi_step():
                 raise ValueError(
@@ -754,9 +758,19 @@ class LoraModel:
         count = self.num_data is None and y is not None and self._svi_batch is not False
         if count and training:
             self._count_svi_batches(batch, y)
-        logits = self.logits(batch, values, flipout_locs=flipout)
+        # the Hessian's second derivative has no formula through torch's fused attention kernels (sdpa's flash and
+        # memory-efficient ones): its math kernel, the same attention in plain ops, has
+        with sdpa_kernel(SDPBackend.MATH) if in_laplace_approximation() else contextlib.nullcontext():
+            logits = self.logits(batch, values, flipout_locs=flipout)
         rows = logits.shape[0]
         size = self.num_data if self.num_data is not None and self.num_data >= rows else rows
+        if mcmc and size != rows:  # Pyro's own refusal names no plate nor num_data
+            raise ValueError(
+                f"HMC/NUTS cannot sample this model: its 'data' plate subsamples, since num_data={self.num_data} differs "
+                f"from the batch's {rows} rows (a minibatch of the training set, its log-likelihood scaled by "
+                f"{self.num_data}/{rows}), and MCMC needs the exact potential of the whole data; build the model with "
+                "num_data=None, or run MCMC on the whole training set in one batch"
+            )
         observed = self.likelihood.distribution(logits)
         if hasattr(observed, "observer"):
             observed.observer = self._observe
@@ -781,6 +795,34 @@ class LoraModel:
         elif torch.is_grad_enabled():  # SVI, an ELBO, fit: their steps are their own runs'
             on_training_step(self)
         return logits
+
+    def _check_dropout(self, mcmc: bool) -> None:
+        """Refuse Pyro's MCMC (``mcmc``), and warn under ``Predictive`` and ``Importance``, where the network's modes
+        leave dropout on (:func:`~pyro_lora.modes.dropout_in_training`): they read the model as one density, where an
+        ELBO (a training step, MC-dropout style, or its loss, the objective that step trains) takes dropout as noise of
+        its own draws.
+
+        :raises ValueError: under MCMC: the potential energy is random, and an acceptance test of a random potential
+            is no valid MCMC.
+        """
+        # predict runs in eval mode; Predictive (under no_grad) and Importance in the one they find
+        who = ("MCMC" if mcmc else "pyro.infer.Predictive" if not torch.is_grad_enabled() and in_predictive()
+               else "pyro.infer.Importance" if in_importance() else None)
+        dropping = dropout_in_training(self.net) if who else []
+        if not dropping:
+            return
+        found = f"{who} runs the network with dropout on ({len(dropping)} modules in training mode, e.g. {dropping[0]})"
+        if mcmc:
+            raise ValueError(f"{found}: the potential energy would be random (another, and another gradient, at the "
+                             "same LoRA weights on each call), and HMC's or NUTS's acceptance test of a random potential "
+                             "is no valid MCMC (its samples are not the posterior's); call model.net.eval() before MCMC")
+        if who == "pyro.infer.Importance":
+            warnings.warn(f"{found}: each draw's weight, and so the log evidence, carry dropout noise besides the "
+                          "posterior's; call model.net.eval() before Importance", stacklevel=3)
+            return
+        warnings.warn(f"{found}: its predictions carry dropout noise besides the posterior's, where pyro_lora.predict "
+                      "runs in eval mode; call model.net.eval() before Predictive (for MC dropout, use MCDropoutGuide)",
+                      stacklevel=3)
 
     def _follow_autoguide(self, guide_trace, training: bool) -> None:
         """Follow a Pyro autoguide running the model (read from the call stack:

@@ -9,7 +9,7 @@ import sys
 import weakref
 
 import pyro.poutine as poutine
-from pyro.infer.autoguide import AutoGuide
+from pyro.infer.autoguide import AutoGuide, AutoLaplaceApproximation
 from pyro.infer.elbo import ELBO
 from pyro.infer.importance import Importance
 from pyro.infer.predictive import Predictive
@@ -184,6 +184,24 @@ def in_predictive() -> bool:
     """Whether the call runs inside ``pyro.infer.Predictive`` or a subclass (``WeighedPredictive``), all of whose
     draws go through the functions of ``pyro.infer.predictive`` (an ELBO's ``evaluate_loss`` does not)."""
     return _called_from(lambda frame: frame.f_globals.get("__name__") == "pyro.infer.predictive")
+
+
+def in_importance() -> bool:
+    """Whether the call runs inside ``pyro.infer.Importance``'s draws (``run``, whatever it is called through)."""
+    return _called_from(lambda frame: frame.f_code is Importance._traces.__code__)
+
+
+def in_laplace_approximation() -> bool:
+    """Whether the call runs inside ``AutoLaplaceApproximation.laplace_approximation``, which differentiates the loss
+    twice (its Hessian)."""
+    return _called_from(lambda frame: frame.f_code is AutoLaplaceApproximation.laplace_approximation.__code__)
+
+
+def in_mcmc() -> bool:
+    """Whether the call runs inside Pyro's MCMC (the functions of ``pyro.infer.mcmc``: ``MCMC``, a kernel's setup and
+    potential energy, ``initialize_model``), not its deprecated ``predictive``, which runs the model as ``Predictive``."""
+    return _called_from(lambda frame: frame.f_globals.get("__name__", "").startswith("pyro.infer.mcmc")
+                        and frame.f_code.co_name not in ("predictive", "_predictive_sequential"))
 
 
 def _called_from(test) -> bool:

@@ -1301,6 +1301,84 @@ def test_an_autoguide_over_another_model_is_refused_the_values_pyros_param_store
         large(data[0])
 
 
+def test_mcmc_over_a_network_with_dropout_on_is_refused_and_importance_warns():
+    """After the SVI recipe's model.net.train(), NUTS ran without a word on a random potential energy (5 calls at the
+    same LoRA values: 1123.885 to 1123.929), an acceptance test of which is no valid MCMC; Importance weighed draws by a
+    likelihood with dropout noise (its log evidence 0.032 off eval mode's), silent too. MCMC is refused before any
+    step, Importance warns as Predictive does; an SVI step with dropout on (MC-dropout style) stays silent."""
+    import warnings
+
+    from pyro.infer import MCMC, NUTS, Importance
+    from pyro.infer.autoguide import AutoNormal
+    from pyro.infer.mcmc.util import initialize_model
+
+    batch = toy_data(n=8, batch=8)[0]
+    model = LoraModel(tiny_bert(num_labels=2, r=1), SequenceClassification(), random="A", prior=0.5, num_data=None)
+    model.net.train()
+    refused = r"MCMC runs the network with dropout on \(\d+ modules in training mode, e\.g\. .*\): the potential energy"
+    with pytest.raises(ValueError, match=refused + r".*call model\.net\.eval\(\) before MCMC"):
+        MCMC(NUTS(model), num_samples=1, warmup_steps=1, disable_progbar=True).run(batch)
+    with pytest.raises(ValueError, match=refused):
+        initialize_model(model, model_args=(batch,))
+    pyro.clear_param_store()
+    guide = AutoNormal(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(batch)
+    with pytest.warns(UserWarning, match=r"pyro.infer.Importance runs the network with dropout on .*call model\.net\."
+                                         r"eval\(\) before Importance"):
+        Importance(model, guide=guide, num_samples=2).run(batch)
+    model.net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        Importance(model, guide=guide, num_samples=2).run(batch)
+        pyro.set_rng_seed(0)
+        mcmc = MCMC(NUTS(model), num_samples=2, warmup_steps=1, disable_progbar=True)
+        mcmc.run(batch)
+    assert mcmc.get_samples()["query.lora_A"].shape == (2, *model.sites["query.lora_A"].shape)
+
+
+def test_nuts_on_a_minibatch_or_jit_compiled_is_refused_naming_num_data_or_jit_compile():
+    """NUTS on a batch of 8 of a model built with num_data=16 raised Pyro's "HMC/NUTS does not support model with
+    subsample sites" (no word of num_data); NUTS(jit_compile=True) was refused naming "JitTrace_ELBO and its kin"."""
+    from pyro.infer import MCMC, NUTS
+
+    batch = toy_data(n=8, batch=8)[0]
+    model = LoraModel(tiny_bert(num_labels=2, r=1), SequenceClassification(), random="A", prior=0.5, num_data=16)
+    with pytest.raises(ValueError, match=r"HMC/NUTS cannot sample this model: its 'data' plate subsamples, since "
+                                         r"num_data=16 differs from the batch's 8 rows.*num_data=None"):
+        MCMC(NUTS(model), num_samples=1, warmup_steps=1, disable_progbar=True).run(batch)
+    model = LoraModel(tiny_bert(num_labels=2, r=1), SequenceClassification(), random="A", prior=0.5, num_data=8)
+    with pytest.raises(ValueError, match=r"JIT-traced \(an MCMC kernel's jit_compile=True.*jit_compile=False"):
+        MCMC(NUTS(model, jit_compile=True), num_samples=1, warmup_steps=1, disable_progbar=True).run(batch)
+
+
+def test_laplace_approximation_runs_through_sdpa_attention_as_through_eager():
+    """AutoLaplaceApproximation.laplace_approximation on BERT's default sdpa attention raised torch's "derivative for
+    aten::_scaled_dot_product_flash_attention_for_cpu_backward is not implemented" (its Hessian differentiates twice):
+    the model runs sdpa's math kernel there, and the covariance is eager attention's."""
+    from pyro.infer.autoguide import AutoLaplaceApproximation
+
+    batch = toy_data(n=8, batch=8)[0]
+    batch["attention_mask"][:4, -2:] = 0  # padding: a masked attention too
+
+    def laplace(attention):
+        net = tiny_bert(num_labels=2, r=1)
+        net.base_model.model.config._attn_implementation = attention
+        model = LoraModel(net, SequenceClassification(), random="A", prior=0.5, num_data=8)
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoLaplaceApproximation(model)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        for _ in range(3):
+            svi.step(batch)
+        return guide.laplace_approximation(batch)
+
+    sdpa, eager = laplace("sdpa"), laplace("eager")
+    assert torch.allclose(sdpa.loc, eager.loc, atol=1e-5)
+    assert torch.allclose(sdpa.scale_tril, eager.scale_tril, atol=1e-4)
+
+
 def test_pyro_optimizer_state_of_objects_of_another_process_is_refused_and_of_live_ones_resumes():
     """Adam's moments saved with optim.get_state/save and loaded after a restart waited for names no object of the new
     process has (pyro_lora's names hold a per-process counter): the optimizer started afresh without a word (the head

@@ -327,13 +327,24 @@ def samples(model, autoguide, batch):
     return Predictive(model, guide=autoguide, num_samples=4, return_sites=["_RETURN"])(unlabelled)["_RETURN"]
 
 
-@pytest.mark.parametrize("kind, cls", [("AB", "AutoDiagonalNormal"), ("A", "AutoLowRankMultivariateNormal"),
-                                       ("scalabl", "AutoNormal"), ("lora_xs", "AutoDelta")])
-def test_a_pyro_autoguide_is_kept_by_save_guide_and_load_guide(tmp_path, kind, cls):
+def _one_flow(dim):
+    from pyro.distributions.transforms import planar
+
+    return planar(dim)
+
+
+@pytest.mark.parametrize("kind, cls, options", [
+    ("AB", "AutoDiagonalNormal", {}), ("A", "AutoLowRankMultivariateNormal", {}), ("scalabl", "AutoNormal", {}),
+    ("lora_xs", "AutoDelta", {}), ("A", "AutoIAFNormal", {"hidden_dim": [520]}),
+    ("A", "AutoNormalizingFlow", {"init_transform_fn": _one_flow}), ("AB", "AutoStructured", {}),
+    ("A", "AutoGaussian", {})], ids=lambda x: x if isinstance(x, str) else "")
+def test_a_pyro_autoguide_is_kept_by_save_guide_and_load_guide(tmp_path, kind, cls, options):
     """save_guide refused a Pyro autoguide, pointing at export_adapter(model) plus its state_dict, a path with no
     check. It saves the autoguide's state, the network's trained parameters (the head; ScalaBL's A and B, LoRA-XS's
     from the SVD) and the model's signature, and load_guide(path, model, guide=autoguide) restores them into the model
-    built as it was trained (ScalaBL rotating again, LoRA-XS running its SVD again): the same samples, bit for bit."""
+    built as it was trained (ScalaBL rotating again, LoRA-XS running its SVD again): the same samples, bit for bit.
+    AutoIAFNormal's and AutoNormalizingFlow's state holds one tensor twice (safetensors refused it: "Some tensors share
+    memory"); AutoStructured and AutoGaussian empty their first trace's nodes (KeyError: 'type')."""
     import pyro.infer.autoguide as autoguides
 
     from pyro_lora import load_guide, save_guide
@@ -341,12 +352,12 @@ def test_a_pyro_autoguide_is_kept_by_save_guide_and_load_guide(tmp_path, kind, c
     cls = getattr(autoguides, cls)
     batch = labelled()
     model = autoguide_model(kind)
-    autoguide = trained_autoguide(model, cls, batch)
+    autoguide = trained_autoguide(model, cls, batch, **options)
     model.net.eval()
     before = samples(model, autoguide, batch)
     save_guide(autoguide, tmp_path / "auto")
     again = autoguide_model(kind)
-    restored = fresh_autoguide(again, cls, batch)
+    restored = fresh_autoguide(again, cls, batch, **options)
     assert not torch.equal(samples(again, restored, batch), before)
     assert load_guide(tmp_path / "auto", again, guide=restored) is restored
     again.net.eval()
