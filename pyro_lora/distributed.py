@@ -15,6 +15,7 @@ import collections
 import contextlib
 import datetime
 import numbers
+import warnings
 import zlib
 from collections.abc import Mapping, Sequence, Set
 
@@ -42,6 +43,25 @@ def world_size() -> int:
 def is_main() -> bool:
     """Rank 0 (or no process group): the one that prints and writes files."""
     return rank() == 0
+
+
+def check_not_wrapped(net) -> None:
+    """Refuse a network (or a part of it) wrapped for data parallelism: ``DistributedDataParallel``, ``DataParallel``,
+    FSDP. This library averages the gradients across ranks itself, each rank weighted by its step's examples; DDP's
+    hooks would average them first, equally (a rank's short last batch weighed as a full one: a head 0.07 off one
+    process), and FSDP shards the parameters the sites hand weights to.
+
+    :raises ValueError: naming the wrapper and what to pass instead.
+    """
+    from torch.distributed import fsdp
+
+    wrappers = (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel, fsdp.FullyShardedDataParallel,
+                *((fsdp.FSDPModule,) if hasattr(fsdp, "FSDPModule") else ()))
+    wrapped = [f"{name or 'the network'} ({type(m).__name__})" for name, m in net.named_modules() if isinstance(m, wrappers)]
+    if wrapped:
+        raise ValueError(f"{wrapped[0]} is wrapped for data parallelism: pyro_lora averages the gradients across ranks itself "
+                         "(each rank weighted by its step's examples), so pass the unwrapped network (ddp.module) and the "
+                         "same full data on every rank (docs/distributed.md)")
 
 
 def _comm_device():
@@ -248,6 +268,11 @@ def split_batches(data, even: bool = False):
                          "full data (each keeps its block of it)")
     if even and size < world_size():
         raise ValueError(f"{size} batches cannot give each of {world_size()} ranks one: use smaller batches")
+    if even and size % world_size() and is_main():  # every rank must take as many optimizer steps
+        warnings.warn(f"{size} batches over {world_size()} ranks: each rank trains on {size // world_size()} per epoch, "
+                      f"and the last {size % world_size()} of each epoch's order are never trained on (a list's, or an "
+                      f"unshuffled DataLoader's, always the same examples); give a number of batches divisible by "
+                      f"{world_size()} (the batch size, or drop_last)", stacklevel=3)
     if isinstance(data, DataLoader):
         # records in memory are cheap to compare (rank 0's indices must name the same records everywhere)
         dataset = same_data(data.dataset, "record") if isinstance(data.dataset, (list, tuple)) else data.dataset

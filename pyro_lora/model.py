@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from peft.utils import ModulesToSaveWrapper
 
-from . import handoff, pyro_params, quantized
+from . import distributed, handoff, pyro_params, quantized
 from .checks import check_batch, check_count, pickling_refused
 from .hooks import hooks_ran
 from .contract import check_autoguide, check_guide, check_not_meta, parameter_adapter, tempered_training
@@ -99,6 +99,7 @@ class LoraModel:
 
     def __init__(self, net, likelihood, random="AB", group: str = "kind", prior=1.0, num_data: int | None = None,
                  adapter: str | None = None):
+        distributed.check_not_wrapped(net)
         self._net = (net,)
         self.likelihood = likelihood
         self.adapter = adapter or active_adapter(net)

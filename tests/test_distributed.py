@@ -1,6 +1,7 @@
 """torch.distributed on CPU (gloo, 2 spawned processes): SVI, KFAC, predict and TFB on 2 ranks equal 1 process."""
 
 import copy
+import warnings
 import random
 import types
 from collections import UserList
@@ -118,6 +119,14 @@ def run_misuses(tmp):
     out, r = {}, distributed.rank()
     model = make_model(num_data=None)
     out["num_data"] = _refused(lambda: fit(model, MAPGuide(model), toy_data(16, 4), progress=False))
+    # DDP's hooks averaged the head's gradients equally before fit weighted each rank by its examples (0.07 off)
+    out["ddp"] = _refused(lambda: LoraModel(torch.nn.parallel.DistributedDataParallel(tiny_bert(num_labels=2)),
+                                            SequenceClassification()))
+    odd = make_model(num_data=20)
+    with warnings.catch_warnings(record=True) as caught:  # 5 batches over 2 ranks: the fifth was never trained on
+        warnings.simplefilter("always")
+        fit(odd, MAPGuide(odd), toy_data(20, 4), progress=False)
+    out["odd_batches"] = [str(w.message) for w in caught if "never trained on" in str(w.message)]
     # a shuffling loader without a generator: after the ranks' own streams (fit's) each drew another permutation
     torch.manual_seed(100 + r)
     loader = DataLoader(TensorDataset(torch.arange(16)), batch_size=4, shuffle=True)
@@ -354,6 +363,8 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     for out in ranks:
         assert "the model needs num_data" in out["num_data"]
+        assert out["ddp"].startswith("the network (DistributedDataParallel) is wrapped for data parallelism: pyro_lora "
+                                     "averages the gradients across ranks itself")
         assert out["covered"] == list(range(16))  # each example once, whatever the ranks' own streams drew
         assert "already gives each rank a part of the data (DistributedSampler" in out["sharded"]
         assert "over an IterableDataset cannot be split" in out["iterable"]
@@ -401,6 +412,10 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         assert out["whole_sampler"] == 16
         assert "different settings of fit (num_data: 16 on rank 0, 32 on rank 1)" in out["num_data_per_rank"]
     assert "rank 1 refused" in ranks[0]["batch_one_rank"]
+    assert ranks[0]["odd_batches"] == ["5 batches over 2 ranks: each rank trains on 2 per epoch, and the last 1 of each "
+                                       "epoch's order are never trained on (a list's, or an unshuffled DataLoader's, always "
+                                       "the same examples); give a number of batches divisible by 2 (the batch size, or "
+                                       "drop_last)"] and ranks[1]["odd_batches"] == []  # rank 0 speaks
     assert ranks[0]["shuffled_per_rank"] == ranks[1]["shuffled_per_rank"]  # rank 0's order on both
     rank_0s = list(range(6))
     random.Random(0).shuffle(rank_0s)
