@@ -112,6 +112,7 @@ class LoraGuide(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
+        model.check_network()  # a network that no longer runs the model's adapter (set_adapter, delete_adapter) is said
         self._model = (model,)  # not a submodule: the network's weights are not the guide's
         self.sites = model.sites
         self.signature = describe(model)

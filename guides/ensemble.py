@@ -21,7 +21,7 @@ from pyro_lora.contract import parameter_adapter
 from pyro_lora.hooks import forward_hooks
 from pyro_lora.ownership import take_over
 from pyro_lora.predictive import predict
-from pyro_lora.sites import base_network, check_values, lora_inits
+from pyro_lora.sites import base_network, base_rewriting_inits, check_values, lora_inits
 from pyro_lora.training import fit
 
 from .base import LoraGuide
@@ -368,6 +368,8 @@ def _member_init(model):
         member cannot start as that init started the adapter.
     """
     init = lora_inits(model.net).get(model.adapter, True)
+    if init == "lora_ga" and model.adapter not in base_rewriting_inits(model.net):
+        init = True  # peft's LoRA-GA fell back to its default init without preprocess_loraga's gradients
     if init not in (True, False, "gaussian"):
         raise ValueError(
             f"adapter {model.adapter!r} was initialised with init_lora_weights={init!r}: a new member cannot start as it "

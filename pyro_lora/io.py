@@ -23,7 +23,7 @@ from .contract import (_fingerprint_of, check_autoguide, check_guide, describe, 
                        weight_scales, weights_digest)
 from . import pyro_params
 from .quantized import is_quantized
-from .sites import base_network
+from .sites import base_network, base_rewriting_inits, describe_inits
 from .ownership import follow_autoguide, forget_fit, restore_fit, take_over, trainer
 from .distributed import check_same, is_main, on_main, refused_together
 
@@ -1242,8 +1242,8 @@ def _check_adapter_reloads(model):
     """Refuse what peft's saved adapter would not give back on reload: a trained point parameter peft does not save
     (a head made trainable by hand, not in ``modules_to_save``), another adapter merged into the base weights
     (:func:`_check_nothing_merged`), a LoRA scaling of any of the adapter's LoRA layers (embeddings too) other than the
-    one its saved config gives (:func:`_check_saved_scalings`), or an initialisation peft redoes at random on load
-    (PiSSA by randomised SVD)."""
+    one its saved config gives (:func:`_check_saved_scalings`), or base weights rewritten by an initialisation peft does
+    not redo on load (:func:`_check_base_redone`)."""
     from peft import get_peft_model_state_dict
 
     saved = {t.data_ptr() for t in get_peft_model_state_dict(model.net, adapter_name=model.adapter).values()}
@@ -1254,12 +1254,44 @@ def _check_adapter_reloads(model):
                          "module in modules_to_save")
     _check_nothing_merged(model)
     _check_saved_scalings(model)
-    config = model.net.peft_config[model.adapter]
-    init = getattr(config, "init_lora_weights", None)
-    if isinstance(init, str) and "_niter_" in init:
-        raise ValueError(f"init_lora_weights={init!r} rewrites the base with a randomised SVD, which peft redoes (at "
-                         "random) when loading the adapter: the base it loads on differs; convert it to a plain LoRA "
-                         "with peft's path_initial_model_for_weight_conversion, or use an exact init")
+    _check_base_redone(model)
+
+
+# base-rewriting inits (sites.base_rewriting_inits) that PeftModel.from_pretrained redoes exactly on the pretrained
+# base, from its weights alone (a full SVD, a QR); why each other cannot be, by prefix
+_REDONE_ON_LOAD = ("pissa", "olora")
+_NOT_REDONE = {
+    "pissa_niter_": "it redoes the randomised SVD at random",
+    "corda": "it needs preprocess_corda's covariances, and refuses to load without them",
+    "lora_ga": "it needs preprocess_loraga's gradients, and without them falls back to a plain init, the base left as it is",
+    "loftq": "it quantises the base again on load, on a GPU with bitsandbytes, not necessarily as it was trained",
+}
+
+
+def _check_base_redone(model):
+    """Refuse an adapter trained on base weights that ``PeftModel.from_pretrained`` on the pretrained base does not give
+    back: rewritten (``W - s B0 A0``) by another adapter's init, or by its own init where peft cannot redo that init on
+    load (:data:`_NOT_REDONE`; PiSSA by full SVD and OLoRA it redoes exactly)."""
+    rewritten = base_rewriting_inits(model.net)
+    own = rewritten.pop(model.adapter, None)
+    save = ("save with peft instead (after model.write_adapter(guide.mean()) for a guide's mean): the rewritten base "
+            "weights too (copy.deepcopy(net).unload().save_pretrained(...)), the adapter then loaded on them with "
+            "init_lora_weights=True in its adapter_config.json")
+    if rewritten:
+        raise ValueError(f"{describe_inits(rewritten)} rewrote the base weights adapter {model.adapter!r} was trained "
+                         "on (W - s B0 A0): PeftModel.from_pretrained loads the exported adapter on the pretrained base, "
+                         f"without that rewrite, and it would predict otherwise; {save}, or train the adapter on a "
+                         "network without that adapter")
+    if own is None or own.lower() in _REDONE_ON_LOAD:
+        return
+    why = next((w for prefix, w in _NOT_REDONE.items() if own.lower().startswith(prefix)), "it cannot redo it")
+    convert = ("" if own.lower() == "loftq" else ", or net.save_pretrained(folder, path_initial_model_for_weight_"
+               "conversion=...) from the adapter saved as initialised, before training, which converts it to a plain "
+               "LoRA (the LoRA alone: peft leaves out modules_to_save, such as a trained head)")
+    raise ValueError(f"adapter {model.adapter!r} (init_lora_weights={own!r}) rewrote the base weights it adapts (W - s "
+                     "B0 A0), which PeftModel.from_pretrained cannot redo on the pretrained base when it loads the "
+                     f"exported adapter ({why}): it would reload on other base weights than it was trained on and "
+                     f"predict otherwise; {save}{convert}")
 
 
 # modules whose forward under the model's autocast (or, for an embedding, the cast of its output back to the base's

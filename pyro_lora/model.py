@@ -239,7 +239,7 @@ class LoraModel:
 
     def _lora_parameters(self, layer) -> list:
         """The layer's peft LoRA weights (``lora_A``, ``lora_B``): those of the kinds with a peft parameter."""
-        return [getattr(layer, k.parameter)[self.adapter].weight for k in KINDS.values() if k.parameter is not None]
+        return [self._lora(layer, k.parameter).weight for k in KINDS.values() if k.parameter is not None]
 
     def named_lora_weights(self) -> list:
         """``(name, parameter)`` of every peft LoRA weight of the model's layers (``lora_A`` / ``lora_B``), names as in
@@ -288,17 +288,12 @@ class LoraModel:
         """Check that the network still runs what this model was built on; called before every forward.
 
         :raises ValueError: if the network's active adapter changed (``set_adapter``, on the network, one layer or
-            the head), several adapters are active, a LoRA layer was merged into its base weight, replaced or unloaded
+            the head) or was deleted (``delete_adapter``), several adapters are active, a LoRA layer was merged into its base weight, replaced or unloaded
             from the network, its LoRA matrices changed shape or variant (``update_layer`` with another rank or
             ``use_dora``), or the head's adapter was disabled without the LoRA layers'.
         """
-        active = active_adapter(self.net)
-        if active != self.adapter:
-            raise ValueError(
-                f"the network now runs adapter {active!r}, but this LoraModel was built for adapter {self.adapter!r} "
-                f"(its LoRA layers and head would be mixed): call net.set_adapter({self.adapter!r}), or build a "
-                f"LoraModel for {active!r}"
-            )
+        if active_adapter(self.net) != self.adapter:
+            raise self._not_running()
         for path, layer in self.layers.items():
             if _submodule(self.net, path) is not layer:
                 raise ValueError(
@@ -309,7 +304,7 @@ class LoraModel:
             if layer.merged:
                 raise ValueError(f"LoRA layer {path} is merged into its base weight: call net.unmerge_adapter() first")
             # offloaded since built (accelerate's cpu_offload over the model's network)
-            check_not_meta((f"{path}.{p}.{self.adapter}.weight", getattr(layer, p)[self.adapter].weight) for p in ("lora_A", "lora_B"))
+            check_not_meta((f"{path}.{p}.{self.adapter}.weight", self._lora(layer, p).weight) for p in ("lora_A", "lora_B"))
             _check_layer_runs(path, layer, self.adapter)
             if self.adapter in getattr(layer, "lora_variant", {}):
                 raise ValueError(
@@ -351,7 +346,31 @@ class LoraModel:
         self._ids_checked = True
 
     def _parameter(self, path: str, kind: MatrixKind) -> torch.nn.Parameter:
-        return getattr(self.layers[path], kind.parameter)[self.adapter].weight
+        return self._lora(self.layers[path], kind.parameter).weight
+
+    def _lora(self, layer, name: str) -> torch.nn.Module:
+        """The layer's ``lora_A`` or ``lora_B`` (``name``) module of this model's adapter: every entry point reaches the
+        adapter through here first (the sites' parameters, :attr:`device`).
+
+        :raises ValueError: if the network no longer holds the adapter (peft's ``delete_adapter``): a bare
+            ``KeyError`` from torch's ``ModuleDict`` otherwise.
+        """
+        modules = getattr(layer, name)
+        if self.adapter not in modules:
+            raise self._not_running()
+        return modules[self.adapter]
+
+    def _not_running(self) -> ValueError:
+        """The refusal of a network that no longer runs this model's adapter (``set_adapter``, ``delete_adapter``)."""
+        active = active_adapter(self.net)
+        deleted = not all(self.adapter in layer.lora_A for layer in self.layers.values())
+        return ValueError(
+            f"the network now runs adapter {active!r}, but this LoraModel was built for adapter {self.adapter!r}"
+            + (", which it no longer holds (net.delete_adapter): build a LoraModel (and guide) over the network as it is "
+               f"now, for {active!r}" if deleted else
+               f" (its LoRA layers and head would be mixed): call net.set_adapter({self.adapter!r}), or build a LoraModel "
+               f"for {active!r}")
+        )
 
     def adapter_values(self) -> dict:
         """Current peft LoRA weights as site values (kinds without a peft parameter, ``R`` and ``S``, start at zero):
@@ -532,7 +551,7 @@ class LoraModel:
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.layers.values())).lora_A[self.adapter].weight.device
+        return self._lora(next(iter(self.layers.values())), "lora_A").weight.device
 
     def _check_prior_sites(self) -> None:
         """A dict prior names every site and no other (a misspelt site's prior was ignored, a missing one a KeyError in

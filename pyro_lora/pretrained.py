@@ -533,10 +533,14 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
     """
     from peft import PeftModel
 
+    # peft's LoRA-GA init runs on the gradients preprocess_loraga attached to the base layers, and without them falls
+    # back to the default init, leaving the base weights as they are: loaded without them, the adapter's config says so
+    # (no lora_ga_config, which LoRA-GA cannot run without: what sites.base_rewriting_inits reads)
+    lora_ga_can_run = any(hasattr(m, "_peft_loraga_grad") for m in model.modules())
     with _quiet_peft_wrapping(), warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*Found missing adapter keys", category=UserWarning)
         try:
-            return PeftModel.from_pretrained(model, adapter_dir, **kwargs)
+            net = PeftModel.from_pretrained(model, adapter_dir, **kwargs)
         except RuntimeError as error:  # torch's "Error(s) in loading state_dict" puts the reason on later lines
             sizes = [line.strip() for line in str(error).splitlines() if "size mismatch" in line]
             if not sizes:
@@ -551,6 +555,10 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
                 f"the adapter in {adapter_dir} lacks weights of some of its own layers (peft: {warning}): they would stay "
                 "at their initial values (B = 0: no LoRA there; a random head); save the adapter again from the trained model"
             ) from None
+    for config in net.peft_config.values() if not lora_ga_can_run else ():
+        if getattr(config, "init_lora_weights", None) == "lora_ga":
+            config.lora_ga_config = None
+    return net
 
 
 def default_mc_format(model: torch.nn.Module) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields, is_dataclass
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -143,15 +143,38 @@ def find_lora_layers(net, adapter: str | None = None) -> OrderedDict:
     variants = {p: type(m.lora_variant[adapter]).__name__ for p, m in layers.items() if adapter in getattr(m, "lora_variant", {})}
     if variants:
         path, name = next(iter(variants.items()))
+        options = _variant_options(net, adapter)
+        set_by = f" (set by {', '.join(o for o, _ in options)} in its LoraConfig)" if options else ""
+        unset = f" ({', '.join(d for _, d in options)})" if options else ""
         raise ValueError(
-            f"LoRA layer {path} uses the peft variant {name} (e.g. use_dora=True for DoRA), which the weight hand-off "
-            "does not implement (its extra parameters, such as DoRA's magnitude vector, would be ignored): "
-            "build the adapter with a plain LoraConfig (use_dora=False)"
+            f"LoRA layer {path} uses the peft variant {name}{set_by}, which the weight hand-off does not implement (its "
+            f"extra parameters or computation, such as DoRA's magnitude vector, would be ignored): build the adapter "
+            f"with a plain LoraConfig{unset}"
         )
     merged = [p for p, m in layers.items() if m.merged]
     if merged:
         raise ValueError(f"LoRA layers are merged into the base weights ({merged[0]}, ...): call unmerge_adapter() first")
     return layers
+
+
+def _variant_options(net, adapter) -> list:
+    """``[(set, default)]`` of the adapter's peft config options that make peft build a LoRA variant, as peft's
+    ``resolve_lora_variant`` reads them (a field tagged ``is_lora_variant`` that is set, an ``init_lora_weights`` listed
+    as a variant): ``("use_dora=True", "use_dora=False")``, ``("init_lora_weights='mica'", "init_lora_weights=True")``,
+    ``("kasa_config=KasaConfig(...)", "kasa_config=None")``; none for a network without that config."""
+    configs = getattr(net, "peft_config", None)
+    config = configs.get(adapter) if isinstance(configs, dict) else None
+    if not is_dataclass(config):
+        return []
+    out = []
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if (f.name == "init_lora_weights" and value in f.metadata.get("lora_variants", ())) or (f.metadata.get("is_lora_variant") and value):
+            default = f.default if f.default is not MISSING else f.default_factory()
+            # a config object by its class: its repr runs to every field
+            shown = repr(value) if isinstance(value, (bool, str, list, tuple)) else f"{type(value).__name__}(...)"
+            out.append((f"{f.name}={shown}", f"{f.name}={default!r}"))
+    return out
 
 
 def _tied_lora(net, layers, adapter) -> tuple[str, str] | None:
@@ -183,8 +206,23 @@ def lora_inits(net) -> dict:
 
 def base_rewriting_inits(net) -> dict:
     """:func:`lora_inits` of the network's adapters initialised by one that rewrote the base weights they adapt
-    (PiSSA, CorDA, OLoRA, LoftQ, LoRA-GA): any adapter, since they share the base weights."""
-    return {a: i for a, i in lora_inits(net).items() if isinstance(i, str) and i.lower().startswith(_BASE_REWRITING_INITS)}
+    (PiSSA, CorDA, OLoRA, LoftQ, LoRA-GA): any adapter, since they share the base weights. LoRA-GA counts only where it
+    ran (:func:`_lora_ga_ran`)."""
+    return {a: i for a, i in lora_inits(net).items() if isinstance(i, str) and i.lower().startswith(_BASE_REWRITING_INITS)
+            and (i.lower() != "lora_ga" or _lora_ga_ran(net, a))}
+
+
+def _lora_ga_ran(net, adapter) -> bool:
+    """Whether peft's LoRA-GA init ran for ``adapter``: without the gradients ``preprocess_loraga`` attaches to the base
+    layers it falls back to the default init (``B = 0``, the base weights untouched), and it refuses to run without
+    ``lora_ga_config``. Where it ran it subtracted ``s B0 A0`` with the rows of ``A0`` orthonormal, so a layer it left
+    at ``B = 0`` was left as it was: every ``B`` of the adapter at zero tells the fallback (nothing records it once
+    trained: a trained fallback with ``lora_ga_config`` counts as ran)."""
+    from peft.tuners.lora import LoraLayer
+
+    if getattr(net.peft_config[adapter], "lora_ga_config", None) is None:
+        return False
+    return any(bool(m.lora_B[adapter].weight.any()) for m in net.modules() if isinstance(m, LoraLayer) and adapter in m.lora_B)
 
 
 def describe_inits(inits: dict) -> str:

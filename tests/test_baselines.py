@@ -869,6 +869,17 @@ def test_members_of_an_adapter_whose_init_rewrote_the_base_are_refused(init):
     assert all(torch.equal(p, before[n]) for n, p in model.net.named_parameters())
 
 
+def test_members_of_a_lora_ga_adapter_that_fell_back_start_from_peft_s_default_init():
+    """Without preprocess_loraga peft's LoRA-GA is its default init (Kaiming A, B = 0, the base untouched): a new
+    member was refused as if LoRA-GA had rewritten the base."""
+    from pyro_lora.guides.ensemble import reinitialize
+
+    model = peft_bert(init_lora_weights="lora_ga")
+    reinitialize(model, seed=1)
+    layer = next(iter(model.layers.values()))
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0 and torch.count_nonzero(layer.lora_A["default"].weight) > 0
+
+
 @pytest.mark.parametrize("init", [False, "gaussian"])
 def test_a_new_member_starts_from_its_adapters_own_init(init):
     from pyro_lora.guides.ensemble import reinitialize

@@ -47,7 +47,7 @@ def test_handed_adapter_values_reproduce_peft_logits(config):
 
 
 def test_dora_is_refused():
-    with pytest.raises(ValueError, match=r"uses the peft variant DoraLinearVariant \(e.g. use_dora=True for DoRA\).*use_dora=False"):
+    with pytest.raises(ValueError, match=r"uses the peft variant DoraLinearVariant \(set by use_dora=True in its LoraConfig\).*\(use_dora=False\)"):
         LoraModel(bert_with(use_dora=True), SequenceClassification())
 
 
@@ -622,3 +622,134 @@ def test_an_adapter_loaded_for_inference_keeps_its_non_random_matrices_frozen(tm
     moved = {n for n, p in net.named_parameters() if n in before and not torch.equal(p, before[n])}
     # loaded frozen: B and the head stay as peft loaded them; loaded or unfrozen to train: both train as point estimates
     assert moved == (set() if load == "is_trainable=False" else set(before))
+
+
+def _rewritten_by(init, base):
+    """``base`` under an adapter built with ``init`` after its preprocessing (LoRA-GA's gradients, CorDA's covariances)."""
+    from peft import LoraGAConfig
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    extra = {"lora_ga": {"lora_ga_config": LoraGAConfig(scale="weight_svd")}, "corda": {"corda_config": CordaConfig()}}.get(init, {})
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=init, **extra)
+    if init == "lora_ga":
+        preprocess_loraga(base, config, lambda: base(**batch()).loss.backward())
+    elif init == "corda":
+        rows = random_batch()  # CorDA's hooks take one example at a time
+        preprocess_corda(base, config, lambda: [base(**{k: v[i : i + 1] for k, v in rows.items()}) for i in range(3)])
+    return get_peft_model(base, config).eval()
+
+
+@pytest.mark.parametrize("init", ["lora_ga", "corda", "pissa_niter_4"])
+def test_an_adapter_whose_init_peft_cannot_redo_on_load_is_refused_by_export_naming_the_init(tmp_path, init):
+    """LoRA-GA rewrote each base weight to W - s B0 A0 (by 2.6 in the tester's run) and export_adapter wrote it without a
+    word: PeftModel.from_pretrained on the pretrained base has no gradients, falls back to a plain init and leaves the
+    base as it is (probabilities 0.646 off, 20 of 24 classes). CorDA's reload is refused by peft (no covariances)."""
+    torch.manual_seed(0)
+    net = _rewritten_by(init, tiny_bert_base().eval())
+    query = net.base_model.model.bert.encoder.layer[0].attention.self.query.base_layer.weight
+    assert (query - tiny_bert_base().bert.encoder.layer[0].attention.self.query.weight).abs().max() > 1e-2
+    with pytest.warns(UserWarning, match="moved part of each base weight"):
+        model = LoraModel(net, SequenceClassification())
+    with pytest.raises(ValueError, match=f"adapter 'default' \\(init_lora_weights='{init}'\\) rewrote the base weights it "
+                       "adapts .*cannot redo .*unload\\(\\).save_pretrained.*init_lora_weights=True"):
+        export_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    if init == "lora_ga":  # the reason, independently: peft's reload runs the pretrained base, not the residual
+        from peft import PeftModel
+
+        net.save_pretrained(tmp_path / "peft")
+        reloaded = PeftModel.from_pretrained(tiny_bert_base().eval(), tmp_path / "peft")
+        assert torch.equal(reloaded.base_model.model.bert.encoder.layer[0].attention.self.query.base_layer.weight,
+                           tiny_bert_base().bert.encoder.layer[0].attention.self.query.weight)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_adapter_whose_init_peft_redoes_exactly_on_load_exports_and_reloads_its_predictions(tmp_path, init):
+    from peft import PeftModel
+
+    net = _rewritten_by(init, tiny_bert_base().eval())
+    _randomize_b(net)
+    with pytest.warns(UserWarning, match="moved part of each base weight"):
+        model = LoraModel(net, SequenceClassification())
+    with torch.no_grad():
+        probs = predict(model, None, [batch()]).probs
+    export_adapter(model, tmp_path / "a")
+    reloaded = PeftModel.from_pretrained(tiny_bert_base().eval(), tmp_path / "a").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(torch.softmax(reloaded(**random_batch()).logits, -1), probs)
+
+
+def test_an_adapter_trained_on_a_base_another_adapter_rewrote_is_refused_by_export(tmp_path):
+    """PiSSA in adapter 'p' rewrote the base weights 'default' was trained on: its export carried a plain config, which
+    peft reloads on the pretrained base (another function), without a word."""
+    net = get_peft_model(tiny_bert_base(), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS")).eval()
+    net.add_adapter("p", LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights="pissa"))
+    net.set_adapter("default")
+    with pytest.warns(UserWarning, match="moved part"):
+        model = LoraModel(net, SequenceClassification())
+    with pytest.raises(ValueError, match=r"adapter 'p' \(init_lora_weights='pissa'\) rewrote the base weights adapter "
+                       r"'default' was trained on .*pretrained base"):
+        export_adapter(model, tmp_path / "a")
+
+
+@pytest.mark.parametrize("ga_config", [False, True])
+def test_lora_ga_without_its_gradients_leaves_the_base_and_is_no_rewrite(tmp_path, ga_config):
+    """Without preprocess_loraga peft's LoRA-GA falls back to the default init (B = 0, the base untouched), yet the model
+    warned that it moved part of each base weight and refused zero-shot under disable_adapter; a folder of a LoRA-GA
+    adapter, which peft loads without gradients (a fallback), likewise."""
+    from peft import LoraGAConfig
+
+    from pyro_lora.pretrained import load_adapter
+
+    extra = {"lora_ga_config": LoraGAConfig()} if ga_config else {}
+    net = get_peft_model(tiny_bert_base().eval(), LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS",
+                                                             init_lora_weights="lora_ga", **extra)).eval()
+    with torch.no_grad():
+        pretrained = torch.softmax(tiny_bert_base().eval()(**random_batch()).logits, -1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = LoraModel(net, SequenceClassification())
+    with torch.no_grad(), net.disable_adapter():
+        torch.testing.assert_close(predict(model, None, [batch()]).probs, pretrained)
+    _randomize_b(net)  # trained, as far as the folder tells
+    net.save_pretrained(tmp_path / "a")
+    loaded = load_adapter(tiny_bert_base().eval(), tmp_path / "a").eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        model = LoraModel(loaded, SequenceClassification())
+    export_adapter(model, tmp_path / "b")
+
+
+@pytest.mark.parametrize("option, plain", [({"alora_invocation_tokens": [5, 6]}, "alora_invocation_tokens=None"),
+                                           ({"init_lora_weights": "mica"}, "init_lora_weights=True")])
+def test_a_lora_variant_is_refused_naming_the_option_that_set_it(option, plain):
+    """aLoRA, MiCA (and VeLoRA, KaSA, MonteCLoRA) were refused with DoRA's advice: 'build the adapter with use_dora=False'."""
+    (name, value), = option.items()
+    with pytest.raises(ValueError, match=f"uses the peft variant \\w+ \\(set by {name}={value!r} in its LoraConfig\\).*"
+                       f"plain LoraConfig \\({plain}\\)".replace("[", "\\[").replace("]", "\\]")) as refused:
+        LoraModel(get_peft_model(tiny_bert_base(),
+                                 LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS", **option)), SequenceClassification())
+    assert "use_dora" not in str(refused.value)
+
+
+def test_every_entry_point_refuses_a_model_whose_adapter_was_deleted(tmp_path):
+    """After net.delete_adapter('default') (peft switches to the remaining 'tmp'), predict, export_adapter and the rest
+    raised a bare KeyError: 'default' from torch's ModuleDict; model.logits alone named the problem."""
+    from pyro_lora import save_guide
+
+    net = bert_with()
+    model = LoraModel(net, SequenceClassification())
+    guide = MAPGuide(model)
+    net.add_adapter("tmp", LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's: the active adapter was deleted
+        net.delete_adapter("default")
+    calls = {"logits": lambda: model.logits(batch()), "predict": lambda: predict(model, guide, [batch()]),
+             "export_adapter": lambda: export_adapter(guide, tmp_path / "a"), "save_guide": lambda: save_guide(guide, tmp_path / "g"),
+             "fit": lambda: fit(model, guide, [batch()], epochs=1, progress=False), "mean": guide.mean,
+             "sample": lambda: guide.sample(1), "a new guide": lambda: MAPGuide(model)}
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"built for adapter 'default', which it no longer holds \(net.delete_adapter\)"):
+            call()
