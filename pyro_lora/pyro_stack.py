@@ -69,12 +69,7 @@ def elbo_run() -> str | None:
 
 def running_svi() -> SVI | None:
     """The ``pyro.infer.SVI`` whose ``step`` runs the call now (the innermost), or ``None``."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code is SVI.step.__code__:
-            return frame.f_locals.get("self")
-        frame = frame.f_back
-    return None
+    return _running(SVI.step.__code__)
 
 
 def _elbo_of(frame):
@@ -172,9 +167,14 @@ def running_autoguide(model):
 def prototyping_autoguide():
     """The Pyro ``AutoGuide`` whose first call runs the model now (its prototype trace, before it has parameters), or
     ``None``."""
-    frame = sys._getframe(1)
+    return _running(AutoGuide._setup_prototype.__code__)
+
+
+def _running(code):
+    """The ``self`` of the innermost frame on the call stack running ``code`` (a method's), or ``None``."""
+    frame = sys._getframe(2)
     while frame is not None:
-        if frame.f_code is AutoGuide._setup_prototype.__code__:
+        if frame.f_code is code:
             return frame.f_locals.get("self")
         frame = frame.f_back
     return None
