@@ -817,21 +817,26 @@ class LoraModel:
         return logits
 
     def _check_dropout(self, mcmc: bool) -> None:
-        """Refuse Pyro's MCMC (``mcmc``), and warn under ``Predictive`` and ``Importance``, where the network's modes
+        """Refuse Pyro's MCMC (``mcmc``) and ``AutoLaplaceApproximation.laplace_approximation`` (a Hessian of the
+        loss), and warn under ``Predictive`` and ``Importance``, where the network's modes
         leave dropout on (:func:`~pyro_lora.modes.dropout_in_training`): they read the model as one density, where an
         ELBO (a training step, MC-dropout style, or its loss, the objective that step trains) takes dropout as noise of
         its own draws.
 
         :raises ValueError: under MCMC: the potential energy is random, and an acceptance test of a random potential
-            is no valid MCMC.
+            is no valid MCMC; under the Laplace approximation: its Hessian would be one of a random loss.
         """
         # predict runs in eval mode; Predictive (under no_grad) and Importance in the one they find
-        who = ("MCMC" if mcmc else "pyro.infer.Predictive" if not torch.is_grad_enabled() and in_predictive()
+        hessian = in_laplace_approximation()
+        who = ("MCMC" if mcmc else "AutoLaplaceApproximation.laplace_approximation" if hessian else "pyro.infer.Predictive" if not torch.is_grad_enabled() and in_predictive()
                else "pyro.infer.Importance" if in_importance() else None)
         dropping = dropout_in_training(self.net) if who else []
         if not dropping:
             return
         found = f"{who} runs the network with dropout on ({len(dropping)} modules in training mode, e.g. {dropping[0]})"
+        if hessian:
+            raise ValueError(f"{found}: its Hessian would be one of a random loss (another covariance on each call at "
+                             "the same loc); call model.net.eval() before laplace_approximation")
         if mcmc:
             raise ValueError(f"{found}: the potential energy would be random (another, and another gradient, at the "
                              "same LoRA weights on each call), and HMC's or NUTS's acceptance test of a random potential "

@@ -1377,6 +1377,15 @@ def test_laplace_approximation_runs_through_sdpa_attention_as_through_eager():
     sdpa, eager = laplace("sdpa"), laplace("eager")
     assert torch.allclose(sdpa.loc, eager.loc, atol=1e-5)
     assert torch.allclose(sdpa.scale_tril, eager.scale_tril, atol=1e-4)
+    # with dropout on, two calls at one loc gave covariances 2.8e-4 apart, without a word: the Hessian of a random loss
+    model = LoraModel(tiny_bert(num_labels=2, r=1), SequenceClassification(), random="A", prior=0.5, num_data=8)
+    pyro.clear_param_store()
+    guide = AutoLaplaceApproximation(model)
+    SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(batch)
+    model.net.train()
+    with pytest.raises(ValueError, match=r"AutoLaplaceApproximation.laplace_approximation runs the network with dropout "
+                                         r"on .*its Hessian would be one of a random loss.*call model\.net\.eval\(\)"):
+        guide.laplace_approximation(batch)
 
 
 def test_pyro_optimizer_state_of_objects_of_another_process_is_refused_and_of_live_ones_resumes():
