@@ -20,6 +20,7 @@ import re
 import torch
 
 from . import distributed, pyro_params
+from .checks import is_integer_tensor
 from .ownership import changed_point_parameters, followed, value_sums
 from .quantized import int8_scales, is_quantized
 
@@ -77,6 +78,7 @@ def describe(model) -> dict:
             "architecture": getattr(config, "model_type", None),
             "config": _config(config),
             "fingerprint": _fingerprint(net),
+            "buffers": _buffer_fingerprint(net),
             "quantized": quantized_weights(net),  # left out of the fingerprint
         },
         "head": _head(net, adapter),
@@ -110,6 +112,20 @@ def _fingerprint(net):
     between the strides can go unseen.
     """
     return {name: _fingerprint_of(p) for name, p in frozen_base_parameters(net)}
+
+
+# rotary embeddings that recompute their frequencies from the run's length (transformers' dynamic_rope_update)
+_RUNTIME_ROPE = ("dynamic", "longrope")
+
+
+def _buffer_fingerprint(net):
+    """Buffer name -> :func:`_fingerprint_of` it, for the buffers that shape the forward (rotary frequencies, position
+    and token-type ids): an in-place edit (a position-interpolation patch of ``inv_freq``) changes the network's
+    function as a weight's does. Frequencies a dynamic rotary embedding recomputes per run are left out."""
+    runtime = {name for name, m in net.named_modules() if getattr(m, "rope_type", None) in _RUNTIME_ROPE}
+    return {name: _fingerprint_of(b) for name, b in net.named_buffers()
+            if (b.is_floating_point() or is_integer_tensor(b)) and b.numel()
+            and name.rpartition(".")[0] not in runtime and not any(k in name for k in ADAPTER_NAMES)}
 
 
 def frozen_base_parameters(net) -> list:
@@ -378,6 +394,13 @@ def _base_differences(expected, actual):
         out.append(
             f"the base weights differ from the ones the guide was built on (another checkpoint of this architecture): {_short(differ)}"
         )
+    eb, ab = expected.get("buffers"), actual.get("buffers")  # an older guide's signature has none
+    if isinstance(eb, dict) and isinstance(ab, dict):
+        eb, ab = ({unwrapped_name(n): v for n, v in b.items()} for b in (eb, ab))
+        moved = [n for n in eb if n in ab and not _same_fingerprint(eb[n], ab[n])]
+        if moved:
+            out.append(f"the base model's buffers differ from the ones the guide was built on (rotary frequencies or "
+                       f"position ids edited in place?): {_short(moved)}")
     return out
 
 
