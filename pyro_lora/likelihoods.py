@@ -126,7 +126,7 @@ def repeat_inputs(batch: dict, num_samples: int | None, keys=_NET_INPUTS) -> dic
     """The network inputs of ``batch``, each repeated ``num_samples`` times along dim 0 (sample-major)."""
     out = {}
     for k in keys:
-        if k in batch:
+        if batch.get(k) is not None:  # None: absent, as transformers reads it
             t = batch[k]
             out[k] = t if num_samples is None else t.repeat(num_samples, *[1] * (t.dim() - 1))
     return out
@@ -323,24 +323,41 @@ _NO_PAD_TOKEN = ("the network's config has no pad_token_id, which a decoder's cl
                  "find each row's last token: set net.config.pad_token_id, e.g. to tokenizer.pad_token_id or eos_token_id")
 
 
-def _refuse_unmasked_padding(net, batch) -> None:
-    """Refuse a batch without ``attention_mask`` whose rows begin or end with the config's
-    ``pad_token_id``: padding the network would attend to as text and, at a row's end, read a score at (a letter
-    answer, a decoder head's last token) or observe (a causal LM's labels). A leading pad that is also the BOS token is
-    text. A causal LM's trailing pads whose labels are -100 (transformers' collators) are neither attended
-    before a real token nor observed."""
+def _refuse_unmasked_padding(net, batch, trailing: bool = True, rows=None) -> None:
+    """Refuse a batch without an ``attention_mask`` (absent or ``None``) whose rows are padded with the config's
+    ``pad_token_id``: padding the network would attend to as text and, at a row's end (``trailing``), read a score at
+    (a letter answer) or observe (a causal LM's labels; trailing pads labelled -100, as transformers' collators
+    label them, are neither). A pad id that is also the eos or bos token (``tokenizer.pad_token = eos_token``) is
+    text too, so there only rows whose leading or trailing runs of it differ tell padding apart (an unpadded SFT row
+    ending in eos, a packed row opening with one, are taken). ``rows``: the rows to read (cloze's present choices).
+    """
     ids, pad = batch.get("input_ids"), _pad_token_id(net)
-    if "attention_mask" in batch or pad is None or not torch.is_tensor(ids) or ids.dim() != 2 or ids.shape[1] == 0:
+    if batch.get("attention_mask") is not None or pad is None or not torch.is_tensor(ids) or ids.dim() != 2 \
+            or ids.shape[1] == 0:
         return
-    bos = getattr(getattr(base_network(net), "config", None), "bos_token_id", None)
     labels = batch.get("labels")
-    observed = labels[:, -1] != -100 if torch.is_tensor(labels) and labels.shape == ids.shape else True
-    padded = ((ids[:, 0] == pad) & (pad != bos)) | ((ids[:, -1] == pad) & observed)
+    labels = labels if torch.is_tensor(labels) and labels.shape == ids.shape else None
+    if rows is not None and rows.numel() == ids.shape[0]:
+        rows = rows.bool().to(ids.device)
+        ids, labels = ids[rows], None if labels is None else labels[rows]
+    is_pad = ids == pad
+    lead = is_pad.long().cumprod(1).sum(1)
+    tail = is_pad.flip(1).long().cumprod(1)  # 1 over each row's trailing run, read from its end
+    trail = tail.sum(1) if trailing else torch.zeros_like(lead)
+    scored = trail > 0 if labels is None else (tail.bool() & (labels.flip(1) != -100)).any(1) & (trail > 0)
+    config = getattr(base_network(net), "config", None)
+    text = {t for k in ("eos_token_id", "bos_token_id") for t in _as_list(getattr(config, k, None))}
+    padded = ((lead > 0) | scored) & ((lead != lead[0]).any() | (trail != trail[0]).any() if pad in text else True)
     if bool(padded.any()):
-        rows = padded.nonzero().flatten().tolist()
-        raise ValueError(f"the batch has no attention_mask and row(s) {rows[:5]} begin or end with token {pad}, the "
+        found = padded.nonzero().flatten().tolist()
+        raise ValueError(f"the batch has no attention_mask and row(s) {found[:5]} are padded with token {pad}, the "
                          "config's pad_token_id: without a mask the network attends to padding as text (and reads or "
                          "scores a padding cell); pass the attention_mask the tokenizer returns with the batch")
+
+
+def _as_list(value) -> list:
+    """A config's token id or list of them (``eos_token_id`` may be either) as a list."""
+    return [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _refuse_ending_in_pad(ids, mask, pad):
@@ -505,7 +522,7 @@ class SequenceClassification(Likelihood):
                 batch = {**batch, "input_ids": batch["input_ids"].masked_fill(mask == 0, pad)}
         if pad is not None and "input_ids" in batch:
             _refuse_ending_in_pad(batch["input_ids"], mask, pad)
-        _refuse_unmasked_padding(net, batch)  # after the row-end check: a last pad without a mask is named there
+        _refuse_unmasked_padding(net, batch, trailing=False)  # the row-end check above names a last pad
         self._check_config(net)  # a config attribute or two: problem_type may be set after the model was built
         inputs = repeat_inputs(batch, num_samples)
         try:
@@ -675,8 +692,10 @@ class MultipleChoice(Likelihood):
     def logits(self, net, batch, num_samples=None):
         decoder, head = _decoder_and_head(net)
         choice_mask = self._choice_mask(batch)
-        if self.format == "letter":  # cloze rows pad on the right, after the scored tokens under causal attention
-            _refuse_unmasked_padding(net, batch)
+        # cloze rows padded on the right come after the scored tokens under causal attention; its absent choices'
+        # dummy rows are no text
+        _refuse_unmasked_padding(net, batch, trailing=self.format == "letter",
+                                 rows=None if self.format == "letter" else choice_mask.reshape(-1))
         if self.format == "letter" and choice_mask.shape[-1] > self.answer_token_ids.numel():
             raise ValueError(f"the batch has {choice_mask.shape[-1]} choices and answer_token_ids {self.answer_token_ids.numel()} "
                              "tokens: give one answer token per choice (pyro_lora.data.letter_token_ids)")
@@ -809,7 +828,7 @@ def _shared_context(batch):
     """
     choice_mask = batch["choice_mask"].bool()
     b, k = choice_mask.shape
-    if k < 2 or ("attention_mask" in batch and not _right_padded(batch["attention_mask"])):
+    if k < 2 or (batch.get("attention_mask") is not None and not _right_padded(batch["attention_mask"])):
         return None
     ids, target = batch["input_ids"], batch["target_mask"].bool()
     n, t = ids.shape

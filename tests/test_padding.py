@@ -314,15 +314,16 @@ def test_padding_without_an_attention_mask_is_refused_and_unpadded_rows_are_take
     for side in ("left", "right"):
         batch = letter_batch(LETTER_RECORDS, side)
         del batch["attention_mask"]
-        with pytest.raises(ValueError, match=r"no attention_mask and row\(s\) \[0, 2\] begin or end with token 0, the "
-                                             "config's pad_token_id: .*pass the attention_mask"):
-            letter.logits(batch)
+        for absent in ({}, {"attention_mask": None}):  # None is absent, as transformers reads it
+            with pytest.raises(ValueError, match=r"no attention_mask and row\(s\) \[0, 2\] are padded with token 0, "
+                                                 "the config's pad_token_id: .*pass the attention_mask"):
+                letter.logits({**batch, **absent})
         ids, mask = _pad(texts, side)
-        with pytest.raises(ValueError, match=r"no attention_mask and row\(s\) \[0, 2\] begin or end with token 0"):
-            causal.logits({"input_ids": ids, "labels": ids})
+        with pytest.raises(ValueError, match=r"no attention_mask and row\(s\) \[0, 2\] are padded with token 0"):
+            causal.logits({"input_ids": ids, "attention_mask": None, "labels": ids})  # 12 pads were observed
     cls = LoraModel(tiny_llama_cls(), SequenceClassification(), random="AB")
     ids, _ = _pad(texts, "left")
-    with pytest.raises(ValueError, match=r"no attention_mask and row\(s\) \[0, 2\] begin or end with token 0"):
+    with pytest.raises(ValueError, match=r"no attention_mask and row\(s\) \[0, 2\] are padded with token 0"):
         cls.logits({"input_ids": ids})
     # no padding: no mask needed, and the numbers are the masked batch's
     one = letter_batch(LETTER_RECORDS[1:2])
@@ -333,10 +334,29 @@ def test_padding_without_an_attention_mask_is_refused_and_unpadded_rows_are_take
     unmasked = causal.logits({"input_ids": ids, "labels": labels})
     torch.testing.assert_close(unmasked[mask[:, :-1].bool()], causal.logits({"input_ids": ids, "attention_mask": mask,
                                                                             "labels": labels})[mask[:, :-1].bool()])
-    # a cloze batch pads on the right, after the scored tokens under causal attention: taken without its mask
+    # a cloze batch pads on the right, after the scored tokens under causal attention: taken without its mask;
+    # padded on the left, its logits were 0.16 off the masked batch's
     cloze = LoraModel(tiny_llama(), MultipleChoice(LETTERS, format="cloze"), random="AB")
     batch = cloze_batch(CLOZE_RECORDS)
     torch.testing.assert_close(cloze.logits({k: v for k, v in batch.items() if k != "attention_mask"}), cloze.logits(batch))
+    left = {k: v for k, v in cloze_batch(CLOZE_RECORDS, "left").items() if k != "attention_mask"}
+    with pytest.raises(ValueError, match=r"no attention_mask and row\(s\) \[.*\] are padded with token 0"):
+        cloze.logits(left)
+
+
+def test_a_pad_token_that_is_the_eos_token_is_text_unless_rows_differ_in_it():
+    """tokenizer.pad_token = eos_token: an unpadded SFT row ending in eos, a packed row opening with one, were refused
+    as padded without a mask; rows whose runs of it differ are padded."""
+    net = tiny_llama()
+    net.config.pad_token_id = net.config.eos_token_id = 2
+    causal = LoraModel(net, CausalLM(), random="AB")
+    for ids in (torch.tensor([[1, 5, 6, 7, 2]]), torch.tensor([[2, 5, 6, 7, 8], [2, 9, 10, 11, 12]])):
+        ones = torch.ones_like(ids)
+        torch.testing.assert_close(causal.logits({"input_ids": ids, "labels": ids}),
+                                   causal.logits({"input_ids": ids, "attention_mask": ones, "labels": ids}))
+    padded = torch.tensor([[1, 5, 6, 7, 2], [1, 5, 2, 2, 2]])
+    with pytest.raises(ValueError, match=r"no attention_mask and row\(s\) \[0, 1\] are padded with token 2"):
+        causal.logits({"input_ids": padded, "labels": padded})
 
 
 # ------------------------------------------------------------------------------------------- refusals
