@@ -293,8 +293,13 @@ def mutual_information(sample_probs: torch.Tensor) -> torch.Tensor:
 
 
 def _midranks(x: torch.Tensor) -> torch.Tensor:
-    """1-based ranks of ``x [M]`` with tied values sharing the average of their ranks."""
-    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
+    """1-based ranks of ``x [M]`` with tied values sharing the average of their ranks: floats within a relative
+    1e-12 (:func:`_tie_groups`: the entropies of rows equal but for the order of their entries differ in rounding),
+    integers when equal."""
+    if x.is_floating_point():
+        inverse, counts = _tie_groups(x)
+    else:
+        _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
     ends = counts.cumsum(0).to(torch.float64)
     return (ends - (counts.to(torch.float64) - 1) / 2)[inverse]
 
@@ -384,7 +389,7 @@ def _tie_groups(u: torch.Tensor, rtol: float = 1e-12) -> tuple[torch.Tensor, tor
     order = torch.argsort(u, stable=True)
     ranked = u[order]
     starts = torch.ones_like(ranked, dtype=torch.bool)
-    starts[1:] = ranked[1:] - ranked[:-1] > rtol * ranked[1:]
+    starts[1:] = ranked[1:] - ranked[:-1] > rtol * ranked[1:].abs()
     groups = starts.cumsum(0) - 1
     inverse = torch.empty_like(groups)
     inverse[order] = groups

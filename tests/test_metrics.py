@@ -127,6 +127,16 @@ def test_auroc_matches_pairwise_count_with_ties():
     assert metrics.auroc(s_in, s_out) == pytest.approx(brute, rel=1e-12)
 
 
+def test_auroc_ties_entropies_of_rows_equal_but_for_their_order_and_negative_scores():
+    """In-set rows [0.7, 0.1, 0.2] and shifted rows [0.7, 0.2, 0.1] have one entropy, computed 0.8018185525433373
+    and ...372: the OOD AUROC was 0.0 where every pair ties (0.5). Negative scores tie alike."""
+    in_rows = torch.tensor([[0.7, 0.1, 0.2]] * 4, dtype=torch.float64)
+    out_rows = torch.tensor([[0.7, 0.2, 0.1]] * 3, dtype=torch.float64)
+    h_in, h_out = metrics.predictive_entropy(in_rows[None]), metrics.predictive_entropy(out_rows[None])
+    assert metrics.auroc(h_in, h_out) == 0.5 and metrics.auroc(-h_in, -h_out) == 0.5
+    assert metrics.auroc(torch.tensor([-2.0, -1.0]), torch.tensor([-1.0, 0.0])) == pytest.approx(0.875)
+
+
 def test_stratified_auroc_counts_pairs_within_bins():
     """Against a brute-force count over the pairs whose covariates fall in the same pooled-quantile bin (numpy's
     quantiles and digitize), with ties in both scores and covariates (answer lengths are integers)."""
