@@ -298,7 +298,12 @@ def test_resume_matches_the_saved_config(study, runs):
     assert config.out == str(runs / "arc_easy") and config.eval_datasets == () and config.mc_normalize is None
     saved = json.loads((runs / "arc_easy" / "results.json").read_text())
     assert study.saved_differences(saved, config) == {}
+    figures = ["calibration_vs_accuracy.png", "reliability_grid.png", "reliability_map.png", "reliability_meanfield.png",
+               "reliability_temperature.png"]
+    for png in (runs / "arc_easy").glob("*.png"):  # as a kill after the run's last row leaves them: none drawn
+        png.unlink()
     assert study.run_dataset(config, "x") is None  # skipped: nothing is loaded
+    assert sorted(p.name for p in (runs / "arc_easy").glob("*.png")) == figures  # the study drew them, as compare does
     _, bigger = parse("--guides", "map,temperature,meanfield", "--seeds", "0,1", "--train-size", "128", *SIZES)
     assert study.saved_differences(saved, study.make_config(bigger, "arc_easy", runs=runs)) == {"train_size": (64, 128)}
     assert study.study_datasets(["arc_easy"]) == ["arc_easy"]  # the shift scores the OpenBookQA run; it adds none

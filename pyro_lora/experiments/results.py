@@ -486,6 +486,14 @@ class RunFolder:
                                 verdict(self.rows, self.config.dataset))
 
 
+def redraw_figures(out, record) -> None:
+    """Draw again, from the npz files in ``out``, the figures of its run record ``record`` (``results.json``): the
+    summary figures and every method's reliability diagram, which a kill after the run's last row left behind it."""
+    config = record["config"]
+    _draw_summary(Path(out), record["summary"], config["guides"], config["dataset"], config["seeds"][0],
+                  each=config["guides"])
+
+
 def _draw_summary(out, summary, guides, dataset, seed, each=()):
     """The reliability grid and calibration-vs-accuracy plot of the ``guides`` whose arrays for ``seed`` (the run's
     first) on ``dataset`` are in ``out``; and the reliability diagram of each guide in ``each``."""

@@ -46,7 +46,7 @@ from ..io import check_file_slot, copy_file, standard_json, writable_folder, wri
 from ..locking import FolderLocked, folder_lock, locked_elsewhere
 from . import compare
 from .results import (MERGE_IGNORES, NEXT_SIDECAR, RESULTS, SIDECAR, GuideFailures, RunFolder, config_differences,
-                      finish_merge, map_name, merge_results, read_record, read_sidecar)
+                      finish_merge, map_name, merge_results, read_record, read_sidecar, redraw_figures)
 from .setup import FULL, CompareConfig, check_config, data_digest, default_guides
 from .study_header import duration, machine_info, now
 from .study_report import DATASETS, build_report
@@ -265,6 +265,7 @@ def run_dataset(config, command, force=False):
             todo = unfinished(config)
             if not todo:
                 print(f"## {config.dataset}: {out / RESULTS} holds every method and seed of this configuration, skipped", flush=True)
+                redraw_figures(out, saved)  # a kill after its last row left its figures behind it
                 return None
             print(f"## {config.dataset}: resuming {len(todo)} unfinished (method, seed)", flush=True)
         shift = f", shift to {', '.join(config.eval_datasets)}" if config.eval_datasets else ""
