@@ -312,11 +312,14 @@ def _head_steps(base) -> tuple[dict, bool]:
     return {name: value for name, value in given.items() if re.search(rf"\b{name}\b", code)}, True
 
 
-def _pad_token_id(net):
+def _text_config(net):
+    """The network's transformers config, its text part for a multimodal one (where the token ids are), or ``None``."""
     config = getattr(base_network(net), "config", None)
-    if config is not None and callable(getattr(config, "get_text_config", None)):
-        config = config.get_text_config()
-    return getattr(config, "pad_token_id", None)
+    return config.get_text_config() if config is not None and callable(getattr(config, "get_text_config", None)) else config
+
+
+def _pad_token_id(net):
+    return getattr(_text_config(net), "pad_token_id", None)
 
 
 _NO_PAD_TOKEN = ("the network's config has no pad_token_id, which a decoder's classification head (Llama, GPT-2) needs to "
@@ -345,7 +348,7 @@ def _refuse_unmasked_padding(net, batch, trailing: bool = True, rows=None) -> No
     tail = is_pad.flip(1).long().cumprod(1)  # 1 over each row's trailing run, read from its end
     trail = tail.sum(1) if trailing else torch.zeros_like(lead)
     scored = trail > 0 if labels is None else (tail.bool() & (labels.flip(1) != -100)).any(1) & (trail > 0)
-    config = getattr(base_network(net), "config", None)
+    config = _text_config(net)  # where pad_token_id is read
     text = {t for k in ("eos_token_id", "bos_token_id") for t in _as_list(getattr(config, k, None))}
     padded = ((lead > 0) | scored) & ((lead != lead[0]).any() | (trail != trail[0]).any() if pad in text else True)
     if bool(padded.any()):

@@ -38,7 +38,7 @@ _PARTICLE_PLATES = {"num_particles_vectorized", "num_sleep_particles_vectorized"
 def in_svi_step() -> bool:
     """Whether the call runs inside ``pyro.infer.SVI.step`` (not a loss the user's own loop computes and steps, e.g.
     with a ``GradScaler``, whatever handlers it uses): read from the Python call stack, as no handler tells them apart."""
-    return _called_from(lambda frame: frame.f_code is SVI.step.__code__)
+    return running_svi() is not None
 
 
 # the methods through which an ELBO (Pyro's, or a subclass of one's own) or Importance runs the model against a guide,
@@ -172,12 +172,8 @@ def prototyping_autoguide():
 
 def _running(code):
     """The ``self`` of the innermost frame on the call stack running ``code`` (a method's), or ``None``."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code is code:
-            return frame.f_locals.get("self")
-        frame = frame.f_back
-    return None
+    frame = _calling_frame(lambda frame: frame.f_code is code)
+    return None if frame is None else frame.f_locals.get("self")
 
 
 def in_predictive() -> bool:
@@ -205,12 +201,18 @@ def in_mcmc() -> bool:
 
 
 def _called_from(test) -> bool:
+    return _calling_frame(test) is not None
+
+
+def _calling_frame(test):
+    """The innermost frame on the call stack, from the caller's caller out, for which ``test(frame)`` holds, or
+    ``None``."""
     frame = sys._getframe(2)
     while frame is not None:
         if test(frame):
-            return True
+            return frame
         frame = frame.f_back
-    return False
+    return None
 
 
 def check_no_plate(who: str) -> None:
@@ -268,7 +270,7 @@ def _elbo_replay() -> int | None:
         m = _PYRO_STACK[i]
         # poutine.queue (and pyro.contrib.funsor's) wraps its replay in an escape handler; no other replay has one there
         if isinstance(m, ReplayMessenger) and m.trace is not None and not (i and isinstance(_PYRO_STACK[i - 1], EscapeMessenger)):
-            return None if _called_from(lambda frame: frame.f_code is AutoGuide._setup_prototype.__code__) else i
+            return None if prototyping_autoguide() is not None else i
     return None
 
 
