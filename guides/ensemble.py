@@ -9,6 +9,7 @@ used by :func:`predict_ensemble`).
 """
 
 import contextlib
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -19,7 +20,7 @@ from peft.utils import ModulesToSaveWrapper
 from pyro_lora.checks import check_count
 from pyro_lora.contract import parameter_adapter
 from pyro_lora.hooks import forward_hooks
-from pyro_lora.ownership import take_over
+from pyro_lora.ownership import take_over, trained_beside_head
 from pyro_lora.predictive import predict
 from pyro_lora.sites import base_network, base_rewriting_inits, check_values, lora_inits
 from pyro_lora.training import fit
@@ -103,6 +104,8 @@ class EnsembleGuide(LoraGuide):
             for k, head in enumerate(heads or []):
                 for j, name in enumerate(self.head_parameters):
                     getattr(self, f"head_{j}")[k] = head[name].detach()
+        if members is not None and heads is None:
+            _warn_shared_head(model, members, 3 if type(self) is EnsembleGuide else 4)
         self._heads_for = None  # S while member_heads(S) is active
 
     @property
@@ -475,6 +478,19 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
             for n, v in saved.items():
                 params[n].copy_(v)
     return EnsembleGuide(model, members, heads if heads_names else None)
+
+
+def _warn_shared_head(model, members, stacklevel):
+    """Warn where the network's head was trained beside LoRA values other than some members': without ``heads``,
+    every member predicts through that one head, not the head each was trained with (MAP guides' ``mean()`` of
+    separate fits, each with its own head, the last one's left in the network)."""
+    found = trained_beside_head(model, members) if model.named_point_parameters() else None
+    if found and found[1]:
+        warnings.warn(
+            f"the network's head was trained by a {found[0]} beside LoRA values other than member(s) "
+            f"{', '.join(map(str, found[1]))}: without heads=, every member predicts through that one head, not the head "
+            "it was trained with; pass each member's head as heads= (train_ensemble keeps them), or ignore this where "
+            "those members were trained beside this very head (fit(..., train_network=False))", stacklevel=stacklevel)
 
 
 def _lora_ids(model):

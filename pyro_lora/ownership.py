@@ -280,6 +280,33 @@ def unwritten_fit(model) -> _Fitted | None:
     return entry if any(record[n][0] != record[n][1] for n, _ in held) else None
 
 
+def trained_beside_head(model, members: list):
+    """Where the network's point parameters (the head) are as a training left them (a live guide of the guides
+    package, or the record :func:`record_fit` keeps once it is gone): its name and the indices of ``members`` (site
+    value dicts) it did not train beside that head, which a predictor pairing them with this head would misread;
+    ``None`` where no known training left the head as it is (untrained, re-initialised, loaded, a Pyro autoguide's)."""
+    owner = head_trainer(model)
+    if owner is not None:
+        theirs = {n: v.detach().float() for n, v in owner.mean().items()}
+        return type(owner).__name__, [k for k, values in enumerate(members) if any(
+            n in theirs and not torch.equal(theirs[n], v.detach().float()) for n, v in values.items())]
+    entry = getattr(model.net, _FITTED, {}).get(model.adapter)
+    if entry is None or not head_left_by(entry, model):
+        return None
+    record = entry.weights
+    trained = {n: record[n][1] for n in record}
+    _settle(trained)
+    if any(v is None for v in trained.values()):  # a site no peft weight holds left its start: no sums to compare
+        return None
+    others = []
+    for k, values in enumerate(members):
+        weights = {n: v.detach() for n, v in model.lora_weight_values(values).items() if n in trained}
+        sums = value_sums(weights.values())
+        if any(sums[id(v)] != trained[n] for n, v in weights.items()):
+            others.append(k)
+    return entry.name, others
+
+
 def head_left_by(entry, model) -> bool:
     """Whether the network's point parameters are still those the training :func:`unwritten_fit` returned left (a
     head trained beside LoRA values the adapter lacks), whether or not its guide is alive."""

@@ -1,6 +1,7 @@
 """Baselines: temperature scaling, MC dropout on the LoRA input, deep ensembles (with per-member heads)."""
 
 import copy
+import gc
 import math
 import re
 import warnings
@@ -14,7 +15,7 @@ from conftest import random_batch, tiny_bert, tiny_bert_base
 from peft import LoraConfig, get_peft_model
 from test_training import toy_data
 
-from pyro_lora.guides.ensemble import EnsembleGuide, head_parameters, predict_ensemble, train_ensemble
+from pyro_lora.guides.ensemble import EnsembleGuide, head_parameters, predict_ensemble, reinitialize, train_ensemble
 from pyro_lora.guides.map import MAPGuide
 from pyro_lora.guides.mcdropout import ColumnDropout, MCDropoutGuide
 from pyro_lora.guides.meanfield import MeanFieldGuide
@@ -567,6 +568,34 @@ def test_train_ensemble_members_differ_heads_are_batched_and_network_is_restored
         guide(data[0])
     with pytest.raises(ValueError, match="chunk_size"):
         predict_ensemble(model, guide, data, chunk_size=1)
+
+
+def test_members_of_separate_fits_without_their_heads_are_warned_of_sharing_the_last_ones_head():
+    """Each fit trains its own head; EnsembleGuide(model, [g.mean() for g in guides]) paired every member with the
+    last fit's head, the one the network holds (probabilities up to 0.12 off the mixture of each with its own head)
+    without a word."""
+    model, data = make(), toy_data()
+    guides, heads = [], []
+    for seed in range(3):
+        reinitialize(model, seed)
+        guides.append(MAPGuide(model))
+        fit(model, guides[-1], data, epochs=2, lr=1e-1, progress=False)
+        heads.append({n: p.detach().clone() for n, p in model.named_point_parameters()})
+    members = [{n: v.detach().clone() for n, v in g.mean().items()} for g in guides]
+    with pytest.warns(UserWarning, match=r"trained by a MAPGuide beside LoRA values other than member\(s\) 0, 1: "):
+        EnsembleGuide(model, members)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EnsembleGuide(model, members, heads)  # each member's own head
+        EnsembleGuide(model, [members[2]] * 2)  # the head's own training
+    del guides[:]
+    gc.collect()  # the guides gone: the record of the last fit still tells
+    with pytest.warns(UserWarning, match=r"trained by a MAPGuide beside LoRA values other than member\(s\) 0, 1: "):
+        EnsembleGuide(model, members)
+    reinitialize(model, 7)  # a fresh head no training left: nothing to tell
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        EnsembleGuide(model, members)
 
 
 def test_the_ensembles_of_different_run_seeds_share_no_member(monkeypatch):
