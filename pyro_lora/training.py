@@ -114,15 +114,17 @@ def fit(
         steps and at the end, with its ``fit_progress`` (the step reached, of how many, and whether the run finished:
         :func:`~pyro_lora.io.load_guide` warns of an unfinished one). A checkpoint before the end also holds
         ``fit_state.pt``, what ``resume`` continues from: AdamW's moments, the schedule, the loss scaler, the step and
-        the position in the epoch, the losses so far, torch's RNG (the CPU's, the device's) and every generator of a
-        ``DataLoader`` (its own, its sampler's and batch sampler's, nested) at the epoch's start and at the step. The
-        final save holds the guide only. A new run on an unfinished run's checkpoint warns before its first step.
+        the position in the epoch (the batches read; whether the data had run out, as before an epoch's last, partial
+        group's step), the losses so far, torch's RNG (the CPU's, the device's), every generator of a ``DataLoader``
+        (its own, its sampler's, batch sampler's and dataset's, nested) and the ``epoch`` of those with ``set_epoch``,
+        at the epoch's start and at the step. The final save holds the guide only. A new run on an unfinished run's
+        checkpoint warns before its first step.
     :param bool resume: continue the unfinished run whose checkpoint is in ``checkpoint_dir``: its guide and point
         parameters are loaded into ``guide`` and the model, and the run goes on as if never stopped (the same
-        parameters as an uninterrupted run's, where the data's order comes from torch's RNG or the ``DataLoader``'s
-        generators: the epoch's order is replayed and its consumed batches skipped). ``model``, ``guide``, ``data``
-        and every setting must be the run's: the data's length, batch size, drop_last and samplers are compared, not
-        its contents; a callable ``kl_weight`` is not called to check it (a function of the step is assumed).
+        parameters as an uninterrupted run's, where the data's order comes from torch's RNG, the ``DataLoader``'s
+        generators or ``set_epoch``: the epoch's order is replayed to where the checkpoint was taken). ``model``,
+        ``guide``, ``data`` and every setting must be the run's: the data's length, batch size, drop_last and samplers
+        are compared, not its contents; a callable ``kl_weight`` is not called to check it (a function of the step is assumed).
     :returns: list of per-step losses.
     :raises ValueError: if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
         on an ``epochs``, ``warmup_steps`` (longer than the run too), ``lr``, ``grad_accum_steps``,
@@ -130,7 +132,8 @@ def fit(
         step, on a one-shot iterator with ``epochs > 1``, a decaying ``lr_schedule`` over data without a length, a
         batch that is no dict of batched tensors (a list's first before any work, a loader's as read),
         with ``resume``, a checkpoint that cannot be resumed (none, finished, saved without its state, of a model or
-        guide this one's differs from) or settings or data other than the run's (each named), data without a length,
+        guide this one's differs from) or settings or data other than the run's (each named; data whose replayed epoch
+        ends elsewhere than the run's, before their first step), data without a length,
         ``torch.distributed``, a ``DataLoader`` with persistent workers or a ``SWAGCollector`` callback,
         a ``checkpoint_dir`` that is a file or a link or cannot be written or that another fit checkpoints to (a
         :class:`~pyro_lora.locking.FolderLocked`: each run holds a lock beside it), a guide at a posterior temperature other
@@ -221,8 +224,8 @@ def fit(
                     "(each rank draws from its own random streams); rerun the fit from the start"))
             if resume:
                 _check_resumable(data, callbacks)
-            generators = _generators(data)
-            settings = resumable and _settings(guide, length, generators, _describe_data(data), **{
+            keepers = _order_keepers(data)
+            settings = resumable and _settings(guide, length, keepers, _describe_data(data), **{
                 **arguments, "elbo": _describe_elbo(elbo), "autocast": str(autocast),  # as defaulted since
                 "lora_dropout": _lora_dropout(model)})
             resumed = _resume_from(checkpoint_dir, model, guide, settings) if resume else None
@@ -327,8 +330,9 @@ def fit(
                     save_checkpoint(guide, checkpoint_dir, {
                         "progress": guide.fit_progress, "settings": settings, "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "losses": losses,
-                        "kl_weights": kl_weights, "skipped_steps": skipped_steps, "seen": seen, "epoch_rng": epoch_rng,
-                        "rng": _rng_state(device, generators), "watch": watch and (watch.start, watch.ema, watch.first)})
+                        "kl_weights": kl_weights, "skipped_steps": skipped_steps, "seen": seen, "ran_out": ran_out,
+                        "epoch_rng": epoch_rng, "rng": _rng_state(device, keepers),
+                        "watch": watch and (watch.start, watch.ema, watch.first)})
                 else:
                     save_guide(guide, checkpoint_dir)
 
@@ -339,15 +343,14 @@ def fit(
                     distributed.rank_streams(), full_precision(device), network_mode(net, True):
                 for epoch in range(resumed["progress"]["epoch"] if resumed else 0, epochs):
                     skip = resumed["seen"] if resumed and epoch == resumed["progress"]["epoch"] else 0
-                    if skip:  # the epoch's order replayed from its start, past the batches the run consumed
-                        _set_rng_state(resumed["epoch_rng"], device, generators)
-                    epoch_rng = settings and _rng_state(device, generators)
+                    if skip:  # the epoch's order replayed from its start, to where the run's checkpoint was taken
+                        _set_rng_state(resumed["epoch_rng"], device, keepers)
+                    epoch_rng = settings and _rng_state(device, keepers)
                     batches = iter(data)
-                    for _ in range(skip):
-                        next(batches)
-                    if skip:
-                        _set_rng_state(resumed["rng"], device, generators)
-                    accumulated, pending, seen, rows, first_step = 0.0, 0, skip, 0, step
+                    if skip:  # a checkpoint of an earlier version holds no ran_out: replayed as it was
+                        _replay(batches, skip, resumed.get("ran_out", False))
+                        _set_rng_state(resumed["rng"], device, keepers)
+                    accumulated, pending, seen, rows, first_step, ran_out = 0.0, 0, skip, 0, step, False
                     for batch in batches:
                         seen += 1
                         batch = to_device(batch, device)  # refuses what is no batch (a TensorDataset's lists)
@@ -373,6 +376,7 @@ def fit(
                         if pending == grad_accum_steps:
                             take_step(accumulated, epoch, weight, rows, reference)
                             accumulated, pending, rows = 0.0, 0, 0
+                    ran_out = True  # the epoch's last, partial group steps (and checkpoints) after its data ran out
                     if not seen:
                         raise ValueError(f"data yielded no batch in epoch {epoch}: it is empty, or an iterator that a "
                                          "previous epoch used up")
@@ -402,18 +406,43 @@ def fit(
         return losses
 
 
-def _generators(data) -> list:
-    """Every ``torch.Generator`` that orders ``data``: a ``DataLoader``'s own and those its sampler and batch sampler
-    hold, however nested (``batch_sampler=BatchSampler(RandomSampler(ds, generator=g))``), each once, in a fixed order."""
-    found, todo, visited = {}, [data], set()
+def _order_keepers(data) -> tuple[list, list]:
+    """What orders ``data`` beside torch's global RNG, each once, in a fixed order: every ``torch.Generator`` that a
+    ``DataLoader``, its sampler, batch sampler and dataset hold (under any attribute name, however nested:
+    ``batch_sampler=BatchSampler(RandomSampler(ds, generator=g))``, an ``IterableDataset`` shuffling with its own), and
+    those of them with ``set_epoch`` (a ``DistributedSampler`` orders by its ``epoch``, a count no generator holds)."""
+    generators, epoched, todo, visited = {}, [], [data], set()
     while todo:
         obj = todo.pop()
-        if isinstance(obj, torch.Generator):
-            found.setdefault(id(obj), obj)
-        elif obj is not None and id(obj) not in visited:
-            visited.add(id(obj))
-            todo.extend(getattr(obj, name, None) for name in ("batch_sampler", "sampler", "generator"))
-    return list(found.values())
+        if obj is None or id(obj) in visited:
+            continue
+        visited.add(id(obj))
+        if callable(getattr(obj, "set_epoch", None)) and isinstance(getattr(obj, "epoch", None), int):
+            epoched.append(obj)
+        for value in getattr(obj, "__dict__", {}).values():
+            if isinstance(value, torch.Generator):
+                generators.setdefault(id(value), value)
+        todo.extend(getattr(obj, name, None) for name in ("dataset", "data_source", "batch_sampler", "sampler"))
+    return list(generators.values()), epoched
+
+
+def _replay(batches, seen, ran_out) -> None:
+    """Move ``batches``, a new iterator over the resumed epoch, to where the run's checkpoint was taken: past the
+    ``seen`` batches it read and, where the checkpoint came after the epoch's data ran out (its last, partial group's
+    step), past their end too, for running out draws (a ``RandomSampler`` draws one more permutation, of which it yields
+    none) and the saved state holds that draw.
+
+    :raises ValueError: where the data end elsewhere than the run's did (an ``IterableDataset`` yielding another number
+        of batches than its length says), before anything is trained on them.
+    """
+    end, read = object(), 0
+    while read < seen and next(batches, end) is not end:
+        read += 1
+    if read < seen or (ran_out and next(batches, end) is not end):
+        what = (f"ran out after {read} of the {seen} batches the run read" if read < seen else
+                f"went on past its {seen} batches, where the run's ran out")
+        raise ValueError(f"fit(resume=True): the epoch's data {what}: they are not the run's data; resume on the run's "
+                         "data, or rerun the fit from the start")
 
 
 def _describe_elbo(elbo) -> str:
@@ -480,34 +509,40 @@ def _warn_unfinished(path) -> None:
                       "instead", stacklevel=3)
 
 
-def _rng_state(device, generators) -> dict:
-    """torch's global RNG state (the CPU's, and the device's on CUDA) and that of each of ``generators``."""
+def _rng_state(device, keepers) -> dict:
+    """torch's global RNG state (the CPU's, and the device's on CUDA), and that of the data's ``keepers``
+    (:func:`_order_keepers`): each generator's state, each ``set_epoch`` holder's epoch."""
+    generators, epoched = keepers
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "generators": [g.get_state() for g in generators]}
+            "generators": [g.get_state() for g in generators], "epochs": [obj.epoch for obj in epoched]}
 
 
-def _set_rng_state(state, device, generators) -> None:
-    """Put back what :func:`_rng_state` took."""
+def _set_rng_state(state, device, keepers) -> None:
+    """Put back what :func:`_rng_state` took (a checkpoint of an earlier version holds no epochs)."""
+    generators, epoched = keepers
     torch.set_rng_state(state["cpu"])
     if state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
     for g, saved in zip(generators, state["generators"]):
         g.set_state(saved)
+    for obj, epoch in zip(epoched, state.get("epochs", ())):
+        obj.set_epoch(epoch)
 
 
-def _settings(guide, length, generators, data, **arguments) -> dict:
+def _settings(guide, length, keepers, data, **arguments) -> dict:
     """What a resumed run must share with the one it continues, as JSON values: ``fit``'s ``arguments``, the guide's
-    class and config, the data's length, description (:func:`_describe_data`) and generators. A callable kl_weight is
-    not called for them (one that counts its calls would be moved on): only that it is one is compared."""
+    class and config, the data's length, description (:func:`_describe_data`) and order keepers (how many generators
+    and ``set_epoch`` holders: :func:`_order_keepers`). A callable kl_weight is not called for them (one that counts
+    its calls would be moved on): only that it is one is compared."""
     from .io import standard_json
 
     return json.loads(json.dumps(standard_json({
         **arguments, **data, "guide": f"{type(guide).__module__}:{type(guide).__qualname__}", "config": guide.config(),
-        "batches": length, "generators": len(generators),
+        "batches": length, "generators": len(keepers[0]), "set_epoch": len(keepers[1]),
     }), default=str))
 
 
-_RECORDED_SINCE = {"batch_rows", "lora_dropout"}  # settings a checkpoint of an earlier version lacks: not compared
+_RECORDED_SINCE = {"batch_rows", "lora_dropout", "set_epoch"}  # settings a checkpoint of an earlier version lacks: not compared
 
 
 def _resume_from(path, model, guide, settings) -> dict:

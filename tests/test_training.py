@@ -565,7 +565,7 @@ def _rows(n=24):
 
 def _run(folder, data, kill_at=None, resume=False, callbacks=(), **settings):
     """A MeanField fit on ``data`` (3 epochs, a checkpoint every 2 steps in ``folder`` if given), killed after step
-    ``kill_at``: the guide's parameters and the losses (None if killed)."""
+    ``kill_at``: the guide's and the network's point parameters, and the losses (None if killed)."""
     pyro.set_rng_seed(0)
     model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="AB", num_data=24)
     guide = MeanFieldGuide(model, b="normal")
@@ -580,7 +580,8 @@ def _run(folder, data, kill_at=None, resume=False, callbacks=(), **settings):
                      checkpoint_dir=folder, checkpoint_every=2 if folder else None, resume=resume, progress=False)
     except _Kill:
         losses = None
-    return {k: v.detach().clone() for k, v in guide.state_dict().items()}, losses
+    state = {k: v.detach().clone() for k, v in guide.state_dict().items()}
+    return state | {n: p.detach().clone() for n, p in model.named_point_parameters()}, losses
 
 
 def test_resume_replays_a_generator_the_batch_sampler_holds(tmp_path):
@@ -601,6 +602,67 @@ def test_resume_replays_a_generator_the_batch_sampler_holds(tmp_path):
     assert losses == full_losses
     for name in full:
         assert torch.equal(resumed[name], full[name]), name
+
+
+class _Shuffled(torch.utils.data.IterableDataset):
+    """Rows in an order its own generator draws each pass (not the DataLoader's, nor torch's global RNG)."""
+
+    def __init__(self, rows, length=None):
+        self.rows, self.length, self.order = rows, length or len(rows), torch.Generator().manual_seed(1)
+
+    def __len__(self):
+        return self.length
+
+    def __iter__(self):
+        return (self.rows[i] for i in torch.randperm(len(self.rows), generator=self.order).tolist())
+
+
+@pytest.mark.parametrize("kind", ["partial last group", "set_epoch", "an IterableDataset's generator"])
+def test_resume_after_an_epochs_last_partial_group_or_with_order_outside_the_loaders_generators_is_exact(tmp_path, kind):
+    """4 batches an epoch, grad_accum_steps=3, killed in epoch 2 after the checkpoint of step 4 (epoch 1's last, partial
+    group, taken after its data ran out): with a DataLoader's own generator, running out drew the next permutation
+    (RandomSampler draws one more, of which it yields none), the resume replayed the epoch, restored the state holding
+    that draw and ran out again, a second draw (losses apart from step 5 on, parameters up to 0.02). A
+    DistributedSampler given set_epoch by a callback, or an IterableDataset shuffling with its own generator, replayed
+    the epoch in its first pass's order. The replay reaches where the checkpoint was taken, and those are restored."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    rows, settings, callbacks = _rows(), {"grad_accum_steps": 3}, ()
+    if kind == "partial last group":
+        def loader():
+            return DataLoader(rows, batch_size=6, shuffle=True, generator=torch.Generator().manual_seed(123))
+    elif kind == "set_epoch":
+        sampler = DistributedSampler(rows, num_replicas=1, rank=0, seed=1)
+        callbacks = [lambda state: state.step % 2 == 0 and sampler.set_epoch(state.epoch + 1)]  # at each epoch's end
+
+        def loader():
+            sampler.set_epoch(0)  # a new process's sampler
+            return DataLoader(rows, batch_size=6, sampler=sampler)
+    else:
+        settings = {}  # 4 steps an epoch: the checkpoint of step 6 is in epoch 1's middle
+
+        def loader():
+            return DataLoader(_Shuffled(rows), batch_size=6)
+    full, full_losses = _run(None, loader(), callbacks=callbacks, **settings)
+    _run(tmp_path, loader(), kill_at=5 if settings else 7, callbacks=callbacks, **settings)
+    with pytest.warns(UserWarning, match="callbacks' own state"):
+        resumed, losses = _run(tmp_path, loader(), resume=True, callbacks=callbacks, **settings)
+    assert losses == full_losses
+    for name in full:
+        assert torch.equal(resumed[name], full[name]), name
+
+
+def test_resume_on_data_that_end_elsewhere_than_the_runs_is_refused(tmp_path):
+    """Resumed on an IterableDataset saying the run's length but yielding fewer batches, the replay raised a bare
+    StopIteration out of fit (and one yielding more after the run's data ran out trained past the epoch's end). Both
+    are refused now, naming where the data ran out."""
+    from torch.utils.data import DataLoader
+
+    rows = _rows()
+    _run(tmp_path, DataLoader(_Shuffled(rows), batch_size=6), kill_at=7)  # the checkpoint: 2 batches into epoch 1
+    with pytest.raises(ValueError, match=r"the epoch's data ran out after 1 of the 2 batches the run read: they are not"), \
+            pytest.warns(UserWarning, match="callbacks' own state"):
+        _run(tmp_path, DataLoader(_Shuffled(rows[:6], length=24), batch_size=6), resume=True)
 
 
 @pytest.mark.parametrize("changed, message", [
