@@ -30,8 +30,8 @@ from .modes import dropout_in_training
 from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, elbo_run, hidden_from_elbo, in_averaging_elbo,
                          in_importance, in_laplace_approximation, in_mcmc, in_predictive, in_svi_step, marked_guides,
                          on_training_step, prototyping_autoguide, replayed_trace, running_autoguide)
-from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_values, describe_inits,
-                    embedding, find_lora_layers, head_modules, is_site_name, matrix_view, per_layer)
+from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_inits, check_values,
+                    describe_inits, embedding, find_lora_layers, head_modules, is_site_name, matrix_view, per_layer)
 
 # families whose attention projections run sequence-first ([T, batch, H]): their rows are positions, not the S samples'
 # families whose LoRA layers run on [T, N, d] (their batch is not the first dim): S samples cannot share a forward,
@@ -88,7 +88,8 @@ class LoraModel:
     :raises ValueError: for a float ``prior`` that is not finite and positive, a ``num_data`` that is not a positive
         integer, a kind another model class prepares (``"R"``, ``"S"``), networks the weight hand-off does not
         implement (see :func:`~pyro_lora.sites.find_lora_layers`), several active adapters, LoRA layers or a head
-        running another adapter than ``net.active_adapter`` (peft's ``net.base_model.set_adapter``), or a network its
+        running another adapter than ``net.active_adapter`` (peft's ``net.base_model.set_adapter``), an adapter peft's
+        OLoRA or LoftQ init set up on layers storing their weight transposed (:func:`~pyro_lora.sites.check_inits`), or a network its
         likelihood refuses (``Likelihood.check_network``: e.g. a regression or multi-label head for
         ``SequenceClassification``). Every refusal comes before the constructor's first write to the network
         (:meth:`_prepare_layers`, the hand-off, ``requires_grad``, float32 casts).
@@ -108,6 +109,7 @@ class LoraModel:
         _check_prior_and_size(prior, num_data)
         check_not_meta(itertools.chain(net.named_parameters(), net.named_buffers()))
         self.layers = find_lora_layers(net, self.adapter)
+        check_inits(net)
         rewritten = base_rewriting_inits(net)
         if rewritten:
             warnings.warn(

@@ -212,6 +212,33 @@ def base_rewriting_inits(net) -> dict:
             and (i.lower() != "lora_ga" or _lora_ga_ran(net, a))}
 
 
+# base-rewriting inits peft runs on a stored weight as if it were ``[out, in]``, whatever the layer's fan_in_fan_out
+_TRANSPOSE_BLIND_INITS = ("olora", "loftq")
+
+
+def check_inits(net) -> None:
+    """Refuse an adapter that peft's OLoRA or LoftQ init set up on a layer storing its weight transposed
+    (``fan_in_fan_out``, GPT-2's ``Conv1D``: ``[in, out]``): those inits factor the stored weight as if it were
+    ``[out, in]``, so ``W - s B0 A0`` plus the adapter's ``s B0 A0`` is no longer the pretrained weight (logits 0.04 off
+    at the start on a square layer; a raw shape error on another).
+
+    :raises ValueError: naming the adapter, its init and a layer.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    for adapter, init in lora_inits(net).items():
+        if not (isinstance(init, str) and init.lower().startswith(_TRANSPOSE_BLIND_INITS)):
+            continue
+        transposed = [name for name, m in net.named_modules()
+                      if isinstance(m, LoraLayer) and adapter in m.lora_A and getattr(m, "fan_in_fan_out", False)]
+        if transposed:
+            raise ValueError(
+                f"{describe_inits({adapter: init})} ran on {transposed[0]}, a layer storing its weight transposed "
+                "(fan_in_fan_out=True, a Conv1D): peft's init factors that weight as if it were [out, in], so the adapter "
+                "does not start at the pretrained model; use init_lora_weights='pissa' (which handles fan_in_fan_out), "
+                "or the default init, on these layers")
+
+
 def _lora_ga_ran(net, adapter) -> bool:
     """Whether peft's LoRA-GA init ran for ``adapter``: without the gradients ``preprocess_loraga`` attaches to the base
     layers it falls back to the default init (``B = 0``, the base weights untouched), and it refuses to run without

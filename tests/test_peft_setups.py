@@ -753,3 +753,37 @@ def test_every_entry_point_refuses_a_model_whose_adapter_was_deleted(tmp_path):
     for name, call in calls.items():
         with pytest.raises(ValueError, match=r"built for adapter 'default', which it no longer holds \(net.delete_adapter\)"):
             call()
+
+
+@pytest.mark.parametrize("targets", [["attn.c_proj"], ["c_attn"]])
+def test_olora_on_a_transposed_conv1d_layer_is_refused_before_it_runs(targets):
+    """peft's OLoRA factors GPT-2's Conv1D weight ([in, out]) as if it were [out, in]: on the square attention c_proj
+    the adapter started 0.04 in logits away from the pretrained model without a word, on c_attn a raw shape error."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    base = GPT2ForSequenceClassification(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32,
+                                                    num_labels=2, pad_token_id=0)).eval()
+    batch = {"input_ids": torch.randint(1, 64, (2, 5))}
+    pretrained = base(**batch).logits.detach()
+    net = get_peft_model(base, LoraConfig(r=4, target_modules=targets, fan_in_fan_out=True, init_lora_weights="olora",
+                                          task_type="SEQ_CLS")).eval()
+    if targets == ["attn.c_proj"]:  # what the refusal is for: the start is not the pretrained model
+        assert (net(**batch).logits - pretrained).abs().max() > 1e-3
+    with pytest.raises(ValueError, match=r"adapter 'default' \(init_lora_weights='olora'\) ran on .*c_proj|c_attn.*fan_in_fan_out=True"):
+        LoraModel(net, SequenceClassification())
+
+
+def test_pissa_on_a_transposed_conv1d_layer_starts_at_the_pretrained_model():
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    base = GPT2ForSequenceClassification(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=32,
+                                                    num_labels=2, pad_token_id=0)).eval()
+    batch = {"input_ids": torch.randint(1, 64, (2, 5))}
+    pretrained = torch.softmax(base(**batch).logits.detach(), -1)
+    net = get_peft_model(base, LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights="pissa",
+                                          task_type="SEQ_CLS")).eval()
+    with pytest.warns(UserWarning, match="residual base weights"):
+        model = LoraModel(net, SequenceClassification())
+    torch.testing.assert_close(predict(model, None, [batch]).probs, pretrained, rtol=1e-4, atol=1e-5)
