@@ -86,6 +86,10 @@ def fit(
     :param elbo: a Pyro ELBO with ``differentiable_loss`` (default ``Trace_ELBO()``); ``TraceMeanField_ELBO()`` uses
         closed-form KLs. ``TraceGraph_ELBO`` and ``RenyiELBO`` train through ``pyro.infer.SVI``; the JIT ELBOs are
         refused (the model refuses to be traced).
+    :param float weight_decay: AdamW's decoupled weight decay, on every parameter the run trains alike: the guide's
+        (means, and the unconstrained scale parameters too, which it pulls toward ``softplus(0)`` or 0) and the
+        network's point parameters (head weights and biases). The prior already regularises the sites: leave it 0 for a
+        variational guide.
     :param lr_schedule: ``"constant"``, ``"linear"`` (decay to 0) or ``"cosine"``, after ``warmup_steps`` (the decays
         need data with a length).
     :param kl_weight: a float or a callable ``step -> float`` (KL annealing; must be > 0).
