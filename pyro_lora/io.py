@@ -181,7 +181,10 @@ def check_folder_slot(path, where, own=GUIDE_FILES):
     if path.is_dir() and (path.resolve() == cwd or path.resolve() in cwd.parents):
         raise ValueError(f"{path} is the working folder or holds it, which replacing the folder whole would remove from "
                          f"under this process, where {where}")
-    foreign = sorted(e for e in os.listdir(path) if e not in own) if path.is_dir() else []  # .git, .env too
+    try:
+        foreign = sorted(e for e in os.listdir(path) if e not in own) if path.is_dir() else []  # .git, .env too
+    except FileNotFoundError:  # another writer's swap moved it aside since: nothing there to destroy
+        foreign = []
     if foreign:
         raise ValueError(f"{path} holds {len(foreign)} entries the save does not write (e.g. {foreign[0]!r}), which "
                          f"replacing the folder whole would delete, where {where}")
@@ -216,14 +219,17 @@ def atomic_directory(path, own=GUIDE_FILES):
         with _naming_errors(path):
             synced(*tmp.rglob("*"), tmp)
         old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
         try:
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
             os.replace(tmp, path)
-        except OSError as err:  # another writer's folder took the place between the two renames
-            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+        except OSError as err:  # another writer moved the folder aside after the check (ENOENT), or its folder took
+            # the place between the two renames
+            if err.errno not in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
                 raise
+            if old is not None:  # the previous folder, which the other writer's replaces (never moved, on ENOENT)
+                shutil.rmtree(old, ignore_errors=True)
             raise FileExistsError(f"another process wrote {path} while this one was saving there: this save was not "
                                   "written; give each writer its own folder") from None
         synced(path.parent)
@@ -238,14 +244,23 @@ def recover_directory(path):
     """Finish what a killed :func:`atomic_directory` left at ``path``: put back the previous folder if ``path`` is
     missing, and remove the temporary and previous folders of processes that are no longer running."""
     path = Path(path)
-    for leftover in sorted(_leftovers(path, "old"), key=lambda p: p.stat().st_mtime, reverse=True):
-        if process_alive(leftover.name.rsplit("-", 1)[-1]):
-            continue
+    # a running writer's previous folder is its own to remove, maybe while this runs: not even its time is read
+    dead = [p for p in _leftovers(path, "old") if not process_alive(p.name.rsplit("-", 1)[-1])]
+    for leftover in sorted(dead, key=_modified, reverse=True):
         if not path.exists():
-            os.replace(leftover, path)
+            with contextlib.suppress(FileNotFoundError):  # another process put it back first
+                os.replace(leftover, path)
         else:
             shutil.rmtree(leftover, ignore_errors=True)
     _remove_dead_temporaries(path)
+
+
+def _modified(path) -> float:
+    """When ``path`` was last modified; ``-inf`` once another process recovering it has taken it."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return -math.inf
 
 
 def _remove_dead_temporaries(path):
@@ -340,7 +355,8 @@ def read_fit_state(path) -> dict:
     torch keeps RNG states; the optimizer's move to its parameters' device as it loads them).
 
     :raises ValueError: if there is no guide there, the run finished, or the state is missing, unreadable, or not the
-        one saved with the guide there (another step's).
+        one saved with the guide there (its SHA-256 not the one ``guide.json`` records: another run's or step's, or
+        damaged; of a checkpoint saved before that was recorded, another step's).
     """
     path = Path(path)
     recover_directory(path)
@@ -359,6 +375,12 @@ def read_fit_state(path) -> dict:
                          "version), which resuming needs; rerun the fit from the start") from None
     except Exception as err:  # pickle's and torch's many errors on a damaged file
         raise ValueError(f"{path / FIT_STATE} is corrupt: {err}") from None
+    recorded = meta.get("fit_state_sha256")  # a checkpoint saved before it was recorded: its steps alone are compared
+    if recorded is not None and recorded != _file_sha256(path / FIT_STATE):
+        raise ValueError(f"{path / FIT_STATE} is not the state saved with {path / 'guide.json'} (its SHA-256 differs "
+                         "from the one recorded there): another run's or step's was put in its place, or it was "
+                         "damaged, since; resuming would continue this run from another optimizer state, schedule and "
+                         "data order; put the checkpoint's own back, or rerun the fit from the start")
     if not isinstance(state, dict) or state.get("progress") != meta.get("fit"):
         raise ValueError(f"{path / FIT_STATE} is not the state saved with {path / 'guide.json'} (their steps differ): "
                          "it was replaced since; rerun the fit from the start")
@@ -457,16 +479,19 @@ def _write_guide(guide, model, path, run, adapter, fit_state=None):
         **({} if auto or guide.fit_progress is None else {"fit": guide.fit_progress}),
     })
     with atomic_directory(path) as tmp:
+        # guide.json records the SHA-256 of the files beside it, which load_guide and read_fit_state compare: a damaged
+        # copy, or another save's file put in its place, is refused
         save_file(tensors, str(tmp / "guide.safetensors"))
+        meta["tensors_sha256"] = _file_sha256(tmp / "guide.safetensors")
+        if fit_state is not None:
+            torch.save(fit_state, tmp / FIT_STATE)
+            meta["fit_state_sha256"] = _file_sha256(tmp / FIT_STATE)
         if run is not None:  # sealed together: check_sealed refuses any of the three files edited or swapped since
-            meta["tensors_sha256"] = _sha256((tmp / "guide.safetensors").read_bytes())
             record = json.dumps(standard_json({**run, "guide_sha256": _sha256(_canonical(meta))}), indent=2,
                                 allow_nan=False, default=str).encode()
             meta["run_sha256"] = _sha256(record)
             (tmp / "run.json").write_bytes(record)
         (tmp / "guide.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
-        if fit_state is not None:
-            torch.save(fit_state, tmp / FIT_STATE)
         if adapter:
             if auto:
                 _save_adapter(model, tmp / "adapter")
@@ -505,6 +530,12 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _file_sha256(file) -> str:
+    """The SHA-256 of ``file``, read in chunks (never held whole in memory beside its tensors)."""
+    with open(file, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
 def _canonical(meta: dict) -> bytes:
     return json.dumps({k: v for k, v in meta.items() if k != "run_sha256"}, sort_keys=True).encode()
 
@@ -523,7 +554,7 @@ def check_sealed(path) -> None:
                          "guide.json holds, or guide.json is of another format): it was edited or replaced since")
     if json.loads(record).get("guide_sha256") != _sha256(_canonical(meta)):
         raise ValueError(f"{path / 'guide.json'} is not the one saved with {path / 'run.json'}: it was edited or replaced since")
-    if meta.get("tensors_sha256") != _sha256((path / "guide.safetensors").read_bytes()):
+    if meta.get("tensors_sha256") != _file_sha256(path / "guide.safetensors"):
         raise ValueError(f"{path / 'guide.safetensors'} is not the one saved with {path / 'guide.json'}: it was "
                          "edited or replaced since")
 
@@ -601,6 +632,10 @@ def _read_meta(path):
                                             isinstance(x[1], list) and all(type(d) is int for d in x[1]) for x in sites)):
         raise ValueError(f"{file} is corrupt: its 'autoguide' should map 'sites' to a list of [site name, shape], it "
                          f"holds {json.dumps(meta['autoguide'])[:80]}")
+    for key in ("tensors_sha256", "fit_state_sha256"):  # older saves lack them
+        if key in meta and not (isinstance(meta[key], str) and _SHA256.fullmatch(meta[key])):
+            raise ValueError(f"{file} is corrupt: its {key!r} should hold a SHA-256 (64 hexadecimal digits), it holds "
+                             f"{json.dumps(meta[key])[:80]}")
     problem = _base_record_problem(meta["base_weights"]) if "base_weights" in meta else None  # older guides lack it
     if problem:
         raise ValueError(f"{file} is corrupt: its 'base_weights' {problem}")
@@ -645,16 +680,24 @@ def _signature_problem(signature) -> str | None:
     return None
 
 
-def _read_tensors(path, device):
-    """The tensors of ``guide.safetensors`` in the guide folder ``path``, each checked to be finite.
+def _read_tensors(path, device, sha256=None):
+    """The tensors of ``guide.safetensors`` in the guide folder ``path``, each checked to be finite, and the file to be
+    the one saved with ``guide.json``: its SHA-256 the ``sha256`` recorded there (``None``, as saves before it was
+    recorded: not compared).
 
     :raises FileNotFoundError: if it is missing.
-    :raises ValueError: as :func:`read_safetensors`.
+    :raises ValueError: as :func:`read_safetensors`, or if its SHA-256 is not ``sha256`` (a bit flipped, or another
+        save's file copied in: both read as valid tensors).
     """
     file = path / "guide.safetensors"
     if not file.is_file():
         raise FileNotFoundError(f"{file} is missing: the guide at {path} is incomplete")
-    return read_safetensors(file, device)
+    tensors = read_safetensors(file, device)
+    if sha256 is not None and _file_sha256(file) != sha256:
+        raise ValueError(f"{file} is not the one saved with {path / 'guide.json'} (its SHA-256 differs from the one "
+                         "recorded there): damaged, or another save's put in its place, since; copy the folder again "
+                         "from where it was saved, or save the guide again")
+    return tensors
 
 
 def read_safetensors(file, device="cpu"):
@@ -996,14 +1039,16 @@ def load_guide(path, model, guide=None):
         with a warning naming the step it reached.
     :raises FileNotFoundError: if ``guide.json`` or ``guide.safetensors`` is missing.
     :raises ValueError: if a file is corrupt (not JSON, missing keys, a malformed ``base_weights`` record,
-        unreadable safetensors, NaN or inf values, tensors missing, unexpected or of another shape) or not a saved
-        guide, or ``model`` differs from the model it was saved with (sites, LoRA scaling, adapter, base model, head:
-        :func:`~pyro_lora.contract.differences`; any base weight, read whole where its dtype and quantization allow,
-        else warned), or holds a saved network parameter in a narrower dtype whose rounding its forward would show
-        (:func:`_check_unrounded`); for an autoguide's save, if ``guide`` is missing, of another class, over another
-        model, never called or over other sites (:func:`_check_autoguide`), and for a guide's, if ``guide`` is given;
-        each message names the file. Whatever it raises, and wherever it stops, ``model``, the guide that set its point
-        parameters and ``guide`` are left as they were.
+        unreadable safetensors, NaN or inf values, tensors missing, unexpected or of another shape), a
+        ``guide.safetensors`` whose SHA-256 is not the one ``guide.json`` records (damaged, or another save's; saves
+        that record none are not compared), or not a saved guide, or ``model`` differs from the model it was saved
+        with (sites, LoRA scaling, adapter, base model, head: :func:`~pyro_lora.contract.differences`; any base
+        weight, read whole where its dtype and quantization allow, else warned), or holds a saved network parameter
+        in a narrower dtype whose rounding its forward would show (:func:`_check_unrounded`); for an autoguide's save,
+        if ``guide`` is missing, of another class, over another model, never called or over other sites
+        (:func:`_check_autoguide`), and for a guide's, if ``guide`` is given; each message names the file. Whatever it
+        raises, and wherever it stops, ``model``, the guide that set its point parameters and ``guide`` are left as
+        they were.
     """
     path = Path(path)
     guide = _load_guide(path, model, guide)
@@ -1030,7 +1075,7 @@ def _load_guide(path, model, guide):
     if not auto and guide is not None:
         raise ValueError(f"the guide at {path} is a {saved_class}, which load_guide builds itself: call "
                          "load_guide(path, model) without guide= (guide= takes a Pyro autoguide, for its save)")
-    tensors = _read_tensors(path, str(model.device))
+    tensors = _read_tensors(path, str(model.device), meta.get("tensors_sha256"))
     model.check_network()
     current = describe(model)
     try:

@@ -1,17 +1,21 @@
 """A corrupt saved guide is refused by ``load_guide`` with one sentence naming the file and what is wrong, and
 before anything of it reaches the model: the network's parameters are left exactly as they were."""
 
+import hashlib
 import json
+import os
 import re
+import shutil
 import warnings
 
+import pyro
 import pytest
 import torch
 from conftest import random_batch, tiny_bert
 from safetensors.torch import load_file, save_file
 
 from pyro_lora.guides import MAPGuide, MeanFieldGuide
-from pyro_lora import LoraModel, predict
+from pyro_lora import LoraModel, fit, predict
 from pyro_lora.ownership import point_snapshot, take_over, trainer
 from pyro_lora.io import load_guide, save_guide
 from pyro_lora.likelihoods import SequenceClassification
@@ -55,10 +59,16 @@ def edit_json(folder, change):
     (folder / "guide.json").write_text(json.dumps(change(meta)))
 
 
+def sha256(file):
+    return hashlib.sha256(file.read_bytes()).hexdigest()
+
+
 def edit_tensors(folder, change):
+    """Change the saved tensors, and the SHA-256 of them that guide.json records (else that refuses them first)."""
     tensors = load_file(str(folder / "guide.safetensors"))
     change(tensors)
     save_file(tensors, str(folder / "guide.safetensors"))
+    edit_json(folder, lambda m: m | {"tensors_sha256": sha256(folder / "guide.safetensors")})
 
 
 def test_the_saved_guide_loads_and_restores_the_head(saved):
@@ -275,6 +285,137 @@ def test_tensors_that_do_not_fit_the_guide_or_the_network(saved, change, message
 def test_a_tensor_of_another_guide_class_is_named(saved):
     edit_json(saved, lambda m: m | {"guide": f"{MAPGuide.__module__}:{MAPGuide.__qualname__}", "config": {}})
     assert refused(saved) == f"{saved / 'guide.safetensors'} holds MAPGuide tensor 'rhos.0', which this MAPGuide lacks"
+
+
+def test_a_tensor_file_other_than_the_saved_one_is_refused_by_its_sha256(saved, tmp_path):
+    """guide.json recorded the SHA-256 of guide.safetensors only with run=, and load_guide never compared it: one bit
+    flipped in the head's weight (-0.345 -> -1.380, probabilities 0.0119 off) or another seed's file copied in (its
+    predictions exactly that seed's) loaded without a word. Every save records it now, and load_guide compares it."""
+    file = saved / "guide.safetensors"
+    good = file.read_bytes()
+    assert json.loads((saved / "guide.json").read_text())["tensors_sha256"] == hashlib.sha256(good).hexdigest()
+    message = (f"{file} is not the one saved with {saved / 'guide.json'} (its SHA-256 differs from the one recorded "
+               "there): damaged, or another save's put in its place, since; copy the folder again from where it was "
+               "saved, or save the guide again")
+    before = load_file(str(file))["net/" + HEAD].flatten()[0].item()
+    raw = bytearray(good)
+    size = int.from_bytes(raw[:8], "little")  # safetensors: the header's length, the header (JSON), then the data
+    start = 8 + size + json.loads(raw[8 : 8 + size])["net/" + HEAD]["data_offsets"][0]
+    raw[start + 3] ^= 0x01  # an exponent bit of the head's first float: x4 or /4, still finite and readable
+    file.write_bytes(bytes(raw))
+    assert load_file(str(file))["net/" + HEAD].flatten()[0].item() in (4 * before, before / 4)
+    assert refused(saved) == message
+    save_guide(MeanFieldGuide(lora(), b="normal"), tmp_path / "other")  # another guide over the same network
+    shutil.copy(tmp_path / "other" / "guide.safetensors", file)
+    assert refused(saved) == message
+    file.write_bytes(good)
+    edit_json(saved, lambda m: m | {"tensors_sha256": "abc"})
+    assert refused(saved) == (f"{saved / 'guide.json'} is corrupt: its 'tensors_sha256' should hold a SHA-256 (64 "
+                              'hexadecimal digits), it holds "abc"')
+    edit_json(saved, lambda m: {k: v for k, v in m.items() if k != "tensors_sha256"})  # saved before it was recorded
+    load_guide(saved, lora())
+
+
+# --------------------------------------------------------------------------- fit_state.pt
+
+
+def test_another_runs_fit_state_at_the_same_step_is_refused_by_resume(tmp_path):
+    """read_fit_state compared fit_state.pt's step with guide.json's only: the state of another run (another seed) at
+    the same step resumed run A with run B's losses and AdamW moments without a word. guide.json records the state's
+    SHA-256 in the same atomic unit now, and resume compares it before any work."""
+    data = [random_batch(seed=s) | {"labels": torch.tensor([0, 1, 1])} for s in range(3)]
+
+    def stop(state):
+        if state.step == 2:
+            raise KeyboardInterrupt  # a kill: the last checkpoint is step 1's
+
+    def run(seed, folder, resume=False):
+        model = lora()
+        guide = MeanFieldGuide(model, b="normal")
+        pyro.set_rng_seed(seed)  # the weights each step samples
+        return fit(model, guide, data, epochs=2, lr=1e-2, checkpoint_dir=folder,
+                   checkpoint_every=1, resume=resume, callbacks=[] if resume else [stop], progress=False)
+
+    for seed, name in ((0, "a"), (1, "b")):
+        with pytest.raises(KeyboardInterrupt):
+            run(seed, tmp_path / name)
+    state = tmp_path / "a" / "fit_state.pt"
+    own, another = state.read_bytes(), (tmp_path / "b" / "fit_state.pt").read_bytes()
+    assert own != another
+    state.write_bytes(another)
+    with pytest.raises(ValueError) as err:
+        run(0, tmp_path / "a", resume=True)
+    assert str(err.value) == (f"{state} is not the state saved with {tmp_path / 'a' / 'guide.json'} (its SHA-256 "
+                              "differs from the one recorded there): another run's or step's was put in its place, or "
+                              "it was damaged, since; resuming would continue this run from another optimizer state, "
+                              "schedule and data order; put the checkpoint's own back, or rerun the fit from the start")
+    recorded = json.loads((tmp_path / "a" / "guide.json").read_text())["fit_state_sha256"]
+    assert recorded == hashlib.sha256(own).hexdigest()
+    state.write_bytes(own)
+    assert len(run(0, tmp_path / "a", resume=True)) == 6
+
+
+# --------------------------------------------------------------------------- two writers of one folder
+
+
+@pytest.mark.parametrize("where", ["the first rename", "the second rename", "the leftovers' times", "the slot check"])
+def test_a_save_overtaken_by_another_writer_raises_file_exists_or_is_written_losing_nothing(saved, monkeypatch, where):
+    """Two processes saving one folder: the other moving it aside between this save's check and its first rename gave a
+    raw FileNotFoundError ('h' -> '.h.old-PID'), not the FileExistsError docs/saving.md promises; a running writer
+    removing its previous folder while a save (or load_guide) read the leftovers' times, or moving the folder aside
+    while the slot check listed it, one too. A save whose second rename lost left the previous folder it had moved
+    aside under a hidden name until a later save. The other writer's folders are never touched."""
+    from pyro_lora import io
+
+    other = saved.with_name(f".g.old-{os.getppid()}")  # a running process's: the other writer, amid its swap
+    previous = (saved / "guide.safetensors").read_bytes()
+    guide = MeanFieldGuide(lora(), b="normal")
+    replace, listdir, leftovers = os.replace, os.listdir, io._leftovers
+    if where == "the first rename":
+        def overtaken(src, dst):
+            if dst == saved.with_name(f".g.old-{os.getpid()}"):  # after this save's check that the folder exists
+                replace(saved, other)
+            replace(src, dst)
+
+        monkeypatch.setattr(io.os, "replace", overtaken)
+        with pytest.raises(FileExistsError, match=f"another process wrote {saved} while this one was saving there"):
+            save_guide(guide, saved)
+        assert sorted(p.name for p in saved.parent.iterdir()) == [other.name]  # nothing of this save left
+        assert (other / "guide.safetensors").read_bytes() == previous
+    elif where == "the second rename":
+        def overtaken(src, dst):
+            replace(src, dst)
+            if dst == saved.with_name(f".g.old-{os.getpid()}"):  # this save moved the previous folder aside
+                shutil.copytree(dst, other)
+                replace(other, saved)  # the other writer's folder takes the place
+
+        monkeypatch.setattr(io.os, "replace", overtaken)
+        with pytest.raises(FileExistsError, match=f"another process wrote {saved} while this one was saving there"):
+            save_guide(guide, saved)
+        # the previous folder this save moved aside is gone with its temporary; the other writer's stands
+        assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]
+        assert (saved / "guide.safetensors").read_bytes() == previous
+    elif where == "the leftovers' times":
+        def removed_meanwhile(path, kind):
+            found = list(leftovers(path, kind))
+            shutil.rmtree(other, ignore_errors=True)  # the other writer's last step, once its new folder is in place
+            return found
+
+        monkeypatch.setattr(io, "_leftovers", removed_meanwhile)
+        for act in (lambda: save_guide(guide, saved), lambda: load_guide(saved, lora())):
+            shutil.copytree(saved, other)
+            act()
+        assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]
+    else:
+        def moved_meanwhile(path):
+            if path == saved and saved.exists():  # after the slot check's is_dir
+                replace(saved, other)
+            return listdir(path)
+
+        monkeypatch.setattr(io.os, "listdir", moved_meanwhile)
+        save_guide(guide, saved)  # nothing left there to destroy: written; the other writer's second rename loses
+        assert sorted(p.name for p in saved.parent.iterdir()) == [other.name, saved.name]
+        assert (other / "guide.safetensors").read_bytes() == previous
 
 
 # --------------------------------------------------------------------------- another model
