@@ -282,13 +282,23 @@ def unwritten_fit(model) -> _Fitted | None:
 
 def trained_beside_head(model, members: list):
     """Where the network's point parameters (the head) are as a training left them (a live guide of the guides
-    package, or the record :func:`record_fit` keeps once it is gone): its name and the indices of ``members`` (site
-    value dicts) it did not train beside that head, which a predictor pairing them with this head would misread;
-    ``None`` where no known training left the head as it is (untrained, re-initialised, loaded, a Pyro autoguide's)."""
-    owner = head_trainer(model)
+    package or a Pyro autoguide's SVI, or the record :func:`record_fit` keeps once a guide is gone): its name and the
+    indices of ``members`` (site value dicts) other than its mean (an autoguide's median), which a predictor pairing
+    them with this head would misread; ``None`` where no known training left the head as it is (untrained,
+    re-initialised, loaded, an autoguide gone: its record holds no values)."""
+    owner, theirs = head_trainer(model), None
     if owner is not None:
-        theirs = {n: v.detach().float() for n, v in owner.mean().items()}
-        return type(owner).__name__, [k for k, values in enumerate(members) if any(
+        theirs = owner.mean()
+    elif isinstance(trainer(model), Followed):
+        owner = trainer(model)
+        autoguide = owner._autoguide()
+        if autoguide is None or changed_point_parameters(owner._point_snapshot, owner.model):
+            return None
+        with torch.no_grad():
+            theirs = autoguide.median()
+    if theirs is not None:
+        theirs = {n: v.detach().float() for n, v in theirs.items()}
+        return owner.name if isinstance(owner, Followed) else type(owner).__name__, [k for k, values in enumerate(members) if any(
             n in theirs and not torch.equal(theirs[n], v.detach().float()) for n, v in values.items())]
     entry = getattr(model.net, _FITTED, {}).get(model.adapter)
     if entry is None or not head_left_by(entry, model):
