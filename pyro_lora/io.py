@@ -356,7 +356,8 @@ def read_fit_state(path) -> dict:
 
     :raises ValueError: if there is no guide there, the run finished, or the state is missing, unreadable, or not the
         one saved with the guide there (its SHA-256 not the one ``guide.json`` records: another run's or step's, or
-        damaged; of a checkpoint saved before that was recorded, another step's).
+        damaged; beside a ``guide.json`` of this version that records none, put there since; of a checkpoint saved
+        before that was recorded, another step's).
     """
     path = Path(path)
     recover_directory(path)
@@ -376,6 +377,11 @@ def read_fit_state(path) -> dict:
     except Exception as err:  # pickle's and torch's many errors on a damaged file
         raise ValueError(f"{path / FIT_STATE} is corrupt: {err}") from None
     recorded = meta.get("fit_state_sha256")  # a checkpoint saved before it was recorded: its steps alone are compared
+    if recorded is None and "tensors_sha256" in meta:  # a version that records it whenever it writes the state
+        raise ValueError(f"{path / FIT_STATE} is not the state saved with {path / 'guide.json'}, which records none "
+                         "(saved by save_guide, not a fit's checkpoint): it was put there since, or guide.json and "
+                         "guide.safetensors taken from another save; put the checkpoint's own files back, or rerun "
+                         "the fit from the start")
     if recorded is not None and recorded != _file_sha256(path / FIT_STATE):
         raise ValueError(f"{path / FIT_STATE} is not the state saved with {path / 'guide.json'} (its SHA-256 differs "
                          "from the one recorded there): another run's or step's was put in its place, or it was "
@@ -479,24 +485,25 @@ def _write_guide(guide, model, path, run, adapter, fit_state=None):
         **({} if auto or guide.fit_progress is None else {"fit": guide.fit_progress}),
     })
     with atomic_directory(path) as tmp:
-        # guide.json records the SHA-256 of the files beside it, which load_guide and read_fit_state compare: a damaged
-        # copy, or another save's file put in its place, is refused
+        # guide.json records the SHA-256 of every file beside it, which load_guide, check_sealed and read_fit_state
+        # compare: a damaged copy, or another save's file put in its place, is refused
         save_file(tensors, str(tmp / "guide.safetensors"))
         meta["tensors_sha256"] = _file_sha256(tmp / "guide.safetensors")
         if fit_state is not None:
             torch.save(fit_state, tmp / FIT_STATE)
             meta["fit_state_sha256"] = _file_sha256(tmp / FIT_STATE)
-        if run is not None:  # sealed together: check_sealed refuses any of the three files edited or swapped since
-            record = json.dumps(standard_json({**run, "guide_sha256": _sha256(_canonical(meta))}), indent=2,
-                                allow_nan=False, default=str).encode()
-            meta["run_sha256"] = _sha256(record)
-            (tmp / "run.json").write_bytes(record)
-        (tmp / "guide.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
         if adapter:
             if auto:
                 _save_adapter(model, tmp / "adapter")
             else:
                 _write_adapter(guide, tmp / "adapter")
+        meta["adapter_sha256"] = _adapter_sha256(tmp / "adapter")  # {} without one: an adapter/ put there is refused
+        if run is not None:  # sealed together: check_sealed refuses any of the files edited or swapped since
+            record = json.dumps(standard_json({**run, "guide_sha256": _sha256(_canonical(meta))}), indent=2,
+                                allow_nan=False, default=str).encode()
+            meta["run_sha256"] = _sha256(record)
+            (tmp / "run.json").write_bytes(record)
+        (tmp / "guide.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
     if not auto:
         guide._base_records = base["weights"]
 
@@ -536,27 +543,77 @@ def _file_sha256(file) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _adapter_sha256(folder) -> dict:
+    """File (relative to ``folder``, ``/``-separated) -> SHA-256, of every file in the adapter folder ``folder``; ``{}``
+    where there is none."""
+    return {p.relative_to(folder).as_posix(): _file_sha256(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
 def _canonical(meta: dict) -> bytes:
     return json.dumps({k: v for k, v in meta.items() if k != "run_sha256"}, sort_keys=True).encode()
 
 
+_AGAIN = "copy the folder again from where it was saved, or save the guide again"
+
+
+def _check_beside(path, meta) -> None:
+    """Refuse a file beside ``guide.json`` (``meta``) in the guide folder ``path`` other than the one saved with it,
+    missing, or not written by the save: ``run.json`` (its SHA-256 ``run_sha256``; the record holds ``guide.json``'s in
+    turn) and each file of ``adapter/`` (``adapter_sha256``). What saves of earlier versions recorded nothing of is not
+    compared: ``run.json`` is from the version recording ``tensors_sha256`` on (which records ``run_sha256`` whenever
+    it writes the record), ``adapter/`` from the one recording ``adapter_sha256`` (``{}`` where it wrote none).
+
+    :raises ValueError: naming the file, and what to do.
+    """
+    run, own, folder = path / "run.json", path / "guide.json", path / "adapter"
+    if "run_sha256" in meta:
+        if not run.is_file():
+            raise ValueError(f"{run} is missing: {own} records the run record saved with it (save_guide's run=); {_AGAIN}")
+        record = run.read_bytes()
+        if _sha256(record) != meta["run_sha256"]:
+            raise ValueError(f"{run} is not the record saved with its guide (its SHA-256 differs from the one {own} "
+                             f"holds): it was edited since, or it (or guide.json with guide.safetensors) taken from another "
+                             f"save; {_AGAIN}")
+        if json.loads(record).get("guide_sha256") != _sha256(_canonical(meta)):
+            raise ValueError(f"{own} is not the one saved with {run}: it was edited or replaced since; {_AGAIN}")
+    elif "tensors_sha256" in meta and run.exists():
+        raise ValueError(f"{run} is not the record saved with its guide: {own} records none (saved without run=), so it "
+                         f"was put there since, or guide.json and guide.safetensors taken from another save; {_AGAIN}")
+    recorded = meta.get("adapter_sha256")
+    if recorded is None:
+        return
+    found = _adapter_sha256(folder)
+    if found == recorded:
+        return
+    if not folder.exists():
+        raise ValueError(f"{folder} is missing: {own} records the adapter saved with it (save_guide's adapter=True); "
+                         f"{_AGAIN}")
+    if not recorded:
+        raise ValueError(f"{folder} was not saved with {own}, which records no adapter (saved without adapter=True): it "
+                         "was put there since; remove it, or save the guide with adapter=True, which writes it in the "
+                         "same unit")
+    how = [f"{n} {'changed' if n in found and n in recorded else 'missing' if n in recorded else 'added'}"
+           for n in sorted(found.keys() | recorded.keys()) if found.get(n) != recorded.get(n)]
+    raise ValueError(f"{folder} is not the adapter saved with {own} ({', '.join(how)}, against the SHA-256 of each "
+                     f"file recorded there): it was edited, or another save's put in its place, since; {_AGAIN}")
+
+
 def check_sealed(path) -> None:
     """Refuse a guide folder saved with a run record (:func:`save_guide` with ``run``) whose ``run.json``,
-    ``guide.json`` or ``guide.safetensors`` changed since, or was taken from another save.
+    ``guide.json``, ``guide.safetensors`` or ``adapter/`` changed since, or was taken from another save
+    (:func:`_check_beside`).
 
     :raises ValueError: naming the file that is not the one saved with the others.
     """
     path = Path(path)
     meta = json.loads((path / "guide.json").read_text(encoding="utf-8"))
-    record = (path / "run.json").read_bytes()
-    if meta.get("format") != FORMAT or meta.get("run_sha256") != _sha256(record):
-        raise ValueError(f"{path / 'run.json'} is not the record saved with its guide (its SHA-256 differs from the one "
-                         "guide.json holds, or guide.json is of another format): it was edited or replaced since")
-    if json.loads(record).get("guide_sha256") != _sha256(_canonical(meta)):
-        raise ValueError(f"{path / 'guide.json'} is not the one saved with {path / 'run.json'}: it was edited or replaced since")
+    if meta.get("format") != FORMAT or "run_sha256" not in meta:
+        raise ValueError(f"{path / 'run.json'} is not the record saved with its guide ({path / 'guide.json'} records "
+                         "none, or is of another format): it was edited or replaced since")
+    _check_beside(path, meta)
     if meta.get("tensors_sha256") != _file_sha256(path / "guide.safetensors"):
         raise ValueError(f"{path / 'guide.safetensors'} is not the one saved with {path / 'guide.json'}: it was "
-                         "edited or replaced since")
+                         f"edited or replaced since; {_AGAIN}")
 
 
 _JSON_TYPES = {dict: "object", str: "string", list: "array", int: "number", float: "number", bool: "boolean", type(None): "null"}
@@ -632,10 +689,14 @@ def _read_meta(path):
                                             isinstance(x[1], list) and all(type(d) is int for d in x[1]) for x in sites)):
         raise ValueError(f"{file} is corrupt: its 'autoguide' should map 'sites' to a list of [site name, shape], it "
                          f"holds {json.dumps(meta['autoguide'])[:80]}")
-    for key in ("tensors_sha256", "fit_state_sha256"):  # older saves lack them
+    for key in ("tensors_sha256", "fit_state_sha256", "run_sha256"):  # older saves lack them
         if key in meta and not (isinstance(meta[key], str) and _SHA256.fullmatch(meta[key])):
             raise ValueError(f"{file} is corrupt: its {key!r} should hold a SHA-256 (64 hexadecimal digits), it holds "
                              f"{json.dumps(meta[key])[:80]}")
+    adapter = meta.get("adapter_sha256", {})  # older saves lack it
+    if not (isinstance(adapter, dict) and all(isinstance(v, str) and _SHA256.fullmatch(v) for v in adapter.values())):
+        raise ValueError(f"{file} is corrupt: its 'adapter_sha256' should map each file of adapter/ to a SHA-256 (64 "
+                         f"hexadecimal digits), it holds {json.dumps(adapter)[:80]}")
     problem = _base_record_problem(meta["base_weights"]) if "base_weights" in meta else None  # older guides lack it
     if problem:
         raise ValueError(f"{file} is corrupt: its 'base_weights' {problem}")
@@ -1041,14 +1102,15 @@ def load_guide(path, model, guide=None):
     :raises ValueError: if a file is corrupt (not JSON, missing keys, a malformed ``base_weights`` record,
         unreadable safetensors, NaN or inf values, tensors missing, unexpected or of another shape), a
         ``guide.safetensors`` whose SHA-256 is not the one ``guide.json`` records (damaged, or another save's; saves
-        that record none are not compared), or not a saved guide, or ``model`` differs from the model it was saved
-        with (sites, LoRA scaling, adapter, base model, head: :func:`~pyro_lora.contract.differences`; any base
-        weight, read whole where its dtype and quantization allow, else warned), or holds a saved network parameter
-        in a narrower dtype whose rounding its forward would show (:func:`_check_unrounded`); for an autoguide's save,
-        if ``guide`` is missing, of another class, over another model, never called or over other sites
-        (:func:`_check_autoguide`), and for a guide's, if ``guide`` is given; each message names the file. Whatever it
-        raises, and wherever it stops, ``model``, the guide that set its point parameters and ``guide`` are left as
-        they were.
+        that record none are not compared), a ``run.json`` or ``adapter/`` other than the one saved with it, missing
+        or not written by the save (:func:`_check_beside`), or not a saved guide, or ``model`` differs from the model
+        it was saved with (sites, LoRA scaling, adapter, base model, head: :func:`~pyro_lora.contract.differences`; any
+        base weight, read whole where its dtype and quantization allow, else warned), or holds a saved network
+        parameter in a narrower dtype whose rounding its forward would show (:func:`_check_unrounded`); for an
+        autoguide's save, if ``guide`` is missing, of another class, over another model, never called or over other
+        sites (:func:`_check_autoguide`), and for a guide's, if ``guide`` is given; each message names the file.
+        Whatever it raises, and wherever it stops, ``model``, the guide that set its point parameters and ``guide``
+        are left as they were.
     """
     path = Path(path)
     guide = _load_guide(path, model, guide)
@@ -1075,6 +1137,7 @@ def _load_guide(path, model, guide):
     if not auto and guide is not None:
         raise ValueError(f"the guide at {path} is a {saved_class}, which load_guide builds itself: call "
                          "load_guide(path, model) without guide= (guide= takes a Pyro autoguide, for its save)")
+    _check_beside(path, meta)
     tensors = _read_tensors(path, str(model.device), meta.get("tensors_sha256"))
     model.check_network()
     current = describe(model)

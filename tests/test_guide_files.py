@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from pyro_lora.guides import MAPGuide, MeanFieldGuide
 from pyro_lora import LoraModel, fit, predict
 from pyro_lora.ownership import point_snapshot, take_over, trainer
-from pyro_lora.io import load_guide, save_guide
+from pyro_lora.io import check_sealed, load_guide, read_fit_state, save_checkpoint, save_guide
 from pyro_lora.likelihoods import SequenceClassification
 
 HEAD = "base_model.model.classifier.modules_to_save.default.weight"
@@ -27,14 +27,20 @@ def lora(num_labels=2):
     return LoraModel(tiny_bert(num_labels=num_labels), SequenceClassification(), prior=0.5, num_data=6)
 
 
-@pytest.fixture
-def saved(tmp_path):
-    """A mean-field guide saved over a trained head (unlike a fresh model's), and the folder it is in."""
+def guide_over_head(shift=1.0):
+    """A mean-field guide over a head moved by ``shift`` from a fresh model's (as training moves it): guides of two
+    shifts differ in every file of their saves."""
     model = lora()
     with torch.no_grad():
         for _, p in model.named_point_parameters():
-            p.add_(1.0)
-    save_guide(MeanFieldGuide(model, b="normal"), tmp_path / "g")
+            p.add_(shift)
+    return MeanFieldGuide(model, b="normal")
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A mean-field guide saved over a trained head (unlike a fresh model's), and the folder it is in."""
+    save_guide(guide_over_head(), tmp_path / "g")
     return tmp_path / "g"
 
 
@@ -316,7 +322,118 @@ def test_a_tensor_file_other_than_the_saved_one_is_refused_by_its_sha256(saved, 
     load_guide(saved, lora())
 
 
+# --------------------------------------------------------------------------- run.json and adapter/
+
+AGAIN = "copy the folder again from where it was saved, or save the guide again"
+
+
+def refused_sealed(folder):
+    with pytest.raises(ValueError) as err:
+        check_sealed(folder)
+    return str(err.value)
+
+
+def test_a_run_record_other_than_the_one_guide_json_records_is_refused_by_load_guide(tmp_path):
+    """load_guide never compared run.json with the SHA-256 guide.json records (check_sealed did, which `pyro-lora
+    evaluate` alone calls): another run's guide.json and guide.safetensors copied beside this run.json (seed 0) loaded
+    without a word, predicting as that run (seed 1). Refused now, as are the same beside no run.json and a run.json
+    beside a guide saved without one; a save from before the SHA-256s were recorded loads unchecked."""
+    a, b, plain, copy = (tmp_path / n for n in ("a", "b", "plain", "copy"))
+    save_guide(guide_over_head(1.0), a, run={"seed": 0})
+    save_guide(guide_over_head(2.0), b, run={"seed": 1})
+    save_guide(guide_over_head(2.0), plain)
+    shutil.copytree(a, copy)  # a copy of the whole folder is the save
+    load_guide(copy, lora())
+    check_sealed(copy)
+    run = a / "run.json"
+    for name in ("guide.json", "guide.safetensors"):
+        shutil.copy(b / name, a / name)
+    message = (f"{run} is not the record saved with its guide (its SHA-256 differs from the one {a / 'guide.json'} "
+               "holds): it was edited since, or it (or guide.json with guide.safetensors) taken from another save; "
+               f"{AGAIN}")
+    assert refused(a) == message
+    assert refused_sealed(a) == message
+    run.unlink()
+    message = f"{run} is missing: {a / 'guide.json'} records the run record saved with it (save_guide's run=); {AGAIN}"
+    assert refused(a) == message
+    assert refused_sealed(a) == message  # it was a bare FileNotFoundError
+    shutil.copy(b / "run.json", run)
+    load_guide(a, lora())  # b's unit whole
+    for name in ("guide.json", "guide.safetensors"):
+        shutil.copy(plain / name, a / name)
+    assert refused(a) == (f"{run} is not the record saved with its guide: {a / 'guide.json'} records none (saved "
+                          "without run=), so it was put there since, or guide.json and guide.safetensors taken from "
+                          f"another save; {AGAIN}")
+    edit_json(b, lambda m: m | {"base_model": "elsewhere"})  # its run_sha256 kept
+    assert refused(b) == f"{b / 'guide.json'} is not the one saved with {b / 'run.json'}: it was edited or replaced since; {AGAIN}"
+    edit_json(a, lambda m: {k: v for k, v in m.items() if k not in ("tensors_sha256", "adapter_sha256")})  # older
+    load_guide(a, lora())
+    edit_json(b, lambda m: m | {"run_sha256": "abc"})
+    assert refused(b) == (f"{b / 'guide.json'} is corrupt: its 'run_sha256' should hold a SHA-256 (64 hexadecimal "
+                          'digits), it holds "abc"')
+
+
+def test_an_adapter_folder_other_than_the_saved_one_is_refused(tmp_path):
+    """adapter/ (save_guide(adapter=True)) was outside every SHA-256: another save's adapter/ put in its place (its
+    head 1.0 off) was accepted by check_sealed and load_guide, and `pyro-lora evaluate` rebuilt the network from it.
+    guide.json records each of its files' SHA-256 now ({} without one); a save from before that loads unchecked."""
+    a, b, plain = (tmp_path / n for n in ("a", "b", "plain"))
+    save_guide(guide_over_head(1.0), a, run={"seed": 0}, adapter=True)
+    save_guide(guide_over_head(2.0), b, run={"seed": 1}, adapter=True)
+    save_guide(guide_over_head(1.0), plain)
+    folder, own = a / "adapter", a / "guide.json"
+    recorded = json.loads(own.read_text())["adapter_sha256"]
+    assert recorded == {p.name: sha256(p) for p in folder.iterdir()} and "adapter_model.safetensors" in recorded
+    assert json.loads((plain / "guide.json").read_text())["adapter_sha256"] == {}
+    shutil.copytree(folder, tmp_path / "own")
+    shutil.rmtree(folder)
+    shutil.copytree(b / "adapter", folder)
+    tail = (f"against the SHA-256 of each file recorded there): it was edited, or another save's put in its place, "
+            f"since; {AGAIN}")
+    message = f"{folder} is not the adapter saved with {own} (adapter_model.safetensors changed, {tail}"
+    assert refused(a) == message
+    assert refused_sealed(a) == message
+    shutil.rmtree(folder)
+    shutil.copytree(tmp_path / "own", folder)
+    load_guide(a, lora())
+    check_sealed(a)
+    (folder / "README.md").unlink()
+    (folder / "notes.txt").write_text("mine")
+    assert refused(a) == f"{folder} is not the adapter saved with {own} (README.md missing, notes.txt added, {tail}"
+    shutil.rmtree(folder)
+    message = f"{folder} is missing: {own} records the adapter saved with it (save_guide's adapter=True); {AGAIN}"
+    assert refused(a) == message
+    assert refused_sealed(a) == message
+    shutil.copytree(b / "adapter", plain / "adapter")
+    assert refused(plain) == (f"{plain / 'adapter'} was not saved with {plain / 'guide.json'}, which records no adapter "
+                              "(saved without adapter=True): it was put there since; remove it, or save the guide with "
+                              "adapter=True, which writes it in the same unit")
+    edit_json(plain, lambda m: m | {"adapter_sha256": {"README.md": "abc"}})
+    assert refused(plain) == (f"{plain / 'guide.json'} is corrupt: its 'adapter_sha256' should map each file of "
+                              'adapter/ to a SHA-256 (64 hexadecimal digits), it holds {"README.md": "abc"}')
+    edit_json(plain, lambda m: {k: v for k, v in m.items() if k != "adapter_sha256"})  # saved before it was recorded
+    load_guide(plain, lora())
+
+
 # --------------------------------------------------------------------------- fit_state.pt
+
+
+def test_a_fit_state_beside_a_guide_saved_without_one_is_refused(tmp_path):
+    """read_fit_state took a fit_state.pt copied beside a guide that save_guide wrote (guide.json records no state)
+    wherever their steps agreed: another run's optimizer state at the same step resumed this one without a word."""
+    guide = guide_over_head()
+    guide.fit_progress = {"step": 1, "steps": 6, "epoch": 0, "epochs": 2, "finished": False}
+    save_checkpoint(guide, tmp_path / "checkpoint", {"progress": guide.fit_progress})
+    save_guide(guide, tmp_path / "plain")
+    state = tmp_path / "plain" / "fit_state.pt"
+    shutil.copy(tmp_path / "checkpoint" / "fit_state.pt", state)
+    with pytest.raises(ValueError) as err:
+        read_fit_state(tmp_path / "plain")
+    assert str(err.value) == (f"{state} is not the state saved with {tmp_path / 'plain' / 'guide.json'}, which records "
+                              "none (saved by save_guide, not a fit's checkpoint): it was put there since, or guide.json "
+                              "and guide.safetensors taken from another save; put the checkpoint's own files back, or "
+                              "rerun the fit from the start")
+    assert read_fit_state(tmp_path / "checkpoint") == {"progress": guide.fit_progress}
 
 
 def test_another_runs_fit_state_at_the_same_step_is_refused_by_resume(tmp_path):
