@@ -1008,7 +1008,8 @@ class LoraModel:
         conditioned = conditioned_names()
         # observed without a condition handler: a reparametrised site (poutine.reparam), or poutine.do's intervention
         given = [n for n in self.sites if own.nodes[n]["is_observed"] and n in conditioned]
-        foreign = sorted(n for n in conditioned - set(self.sites) if is_site_name(n))
+        # a latent site of the model's own (a hierarchical prior's scale) may be named like a weight site
+        foreign = sorted(n for n in conditioned - set(self.sites) if is_site_name(n) and n not in own.nodes)
         # drawn from the prior: not observed, and no value set by poutine.do (which observes "<site>__CF" instead)
         missing = [n for n in self.sites if not own.nodes[n]["is_observed"]
                    and not own.nodes.get(f"{n}__CF", {}).get("is_observed")]

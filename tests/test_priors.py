@@ -481,3 +481,27 @@ def test_fit_refuses_a_prior_reading_a_pyro_param_it_would_never_train():
     with pytest.raises(ValueError, match="the prior reads the Pyro param 'tau'"):
         fit(model, MAPGuide(model), toy_data(), progress=False)
     pyro.clear_param_store()
+
+
+def test_a_hierarchical_priors_latent_named_after_its_weight_site_can_be_conditioned_on():
+    """A prior drawing its own scale as "tau.<site>" (a name ending like a weight site's) was refused once conditioned
+    on, as values "for weight sites this model does not have ... drawn for another model"."""
+    from conftest import random_batch
+
+    def prior(site):
+        tau = pyro.sample(f"tau.{site.name}", dist.LogNormal(0.0, 1.0))
+        return dist.Normal(torch.zeros(site.shape), tau).to_event(len(site.shape))
+
+    model = _prior_model(prior)
+    values = {n: torch.full(s.shape, 0.1) for n, s in model.sites.items()}
+    values.update({f"tau.{n}": torch.tensor(0.5) for n in model.sites})
+    trace = pyro.poutine.trace(pyro.poutine.condition(model, data=values)).get_trace(random_batch())
+    trace.compute_log_prob()
+    for name, site in model.sites.items():
+        assert trace.nodes[name]["log_prob_sum"].item() == pytest.approx(
+            site.numel * (-0.5 * math.log(2 * math.pi) - math.log(0.5) - 0.5 * (0.1 / 0.5) ** 2), rel=1e-5)
+        assert trace.nodes[f"tau.{name}"]["log_prob_sum"].item() == pytest.approx(
+            -math.log(0.5) - 0.5 * math.log(2 * math.pi) - 0.5 * math.log(0.5) ** 2, rel=1e-6)
+    foreign = {**values, "query.other.lora_A": torch.zeros(1)}  # a weight site no part of the model samples
+    with pytest.raises(ValueError, match="weight sites this model does not have"):
+        pyro.poutine.trace(pyro.poutine.condition(model, data=foreign)).get_trace(random_batch())
