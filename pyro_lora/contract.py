@@ -493,6 +493,20 @@ def _point_problems(model, guide):
     return []
 
 
+def require_lora_guide(guide, action: str) -> None:
+    """Refuse to ``action`` with what is no guide of the guides package: a Pyro autoguide, or a guide function of your
+    own, has no model, record or ``sample(S)`` for pyro_lora to read.
+
+    :raises ValueError: naming what it got and what to use instead.
+    """
+    if not hasattr(guide, "signature"):
+        raise ValueError(
+            f"cannot {action} with a {type(guide).__name__}: pyro_lora needs a guide of the guides package "
+            "(pyro_lora.guides.LoraGuide); for a Pyro autoguide, or a guide function of your own, use pyro.infer.SVI "
+            f"and pyro.infer.Predictive directly, and keep an autoguide's result with {pyro_params.AUTOGUIDE_SAVE}"
+        )
+
+
 def check_guide(model, guide, action: str, same_model: bool = False) -> None:
     """Refuse to ``action`` (e.g. ``"predict"``) with ``guide`` on ``model`` unless the guide fits the model.
 
@@ -504,12 +518,7 @@ def check_guide(model, guide, action: str, same_model: bool = False) -> None:
         is no :class:`~pyro_lora.guides.LoraGuide` (a Pyro autoguide), or if Pyro's param store holds values restored
         over its or the network's parameters (:func:`~pyro_lora.pyro_params.check_store`).
     """
-    if not hasattr(guide, "signature"):
-        raise ValueError(
-            f"cannot {action} with a {type(guide).__name__}: pyro_lora needs a guide of the guides package "
-            "(pyro_lora.guides.LoraGuide); for a Pyro autoguide use pyro.infer.SVI and pyro.infer.Predictive directly, "
-            f"and keep its result with {pyro_params.AUTOGUIDE_SAVE}"
-        )
+    require_lora_guide(guide, action)
     pyro_params.check_store([(guide._pyro_name, guide.named_parameters()),
                              (model._pyro_name, model.named_point_parameters())], action)
     model.check_network()

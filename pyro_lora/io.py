@@ -19,8 +19,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .contract import (_fingerprint_of, check_autoguide, check_guide, describe, differences, digested_parameters,
-                       frozen_base_parameters, quantization, quantized_weights, unwrapped_name, weight_digest,
-                       weight_scales, weights_digest)
+                       frozen_base_parameters, quantization, quantized_weights, require_lora_guide, unwrapped_name,
+                       weight_digest, weight_scales, weights_digest)
 from . import pyro_params
 from .quantized import is_quantized
 from .sites import base_network, base_rewriting_inits, describe_inits
@@ -397,6 +397,8 @@ def _save_guide(guide, path, run, adapter, fit_state=None):
     auto = _is_autoguide(guide)
     with refused_together("save the guide"):  # a refusal on one rank only would leave the others waiting
         check_same(os.path.abspath(path), "paths to save the guide to")  # rank 0 writes its own
+        if not auto:
+            require_lora_guide(guide, "save the guide")
         model = _autoguide_model(guide, "save") if auto else guide.model
         if auto:  # its own parameters are its state_dict; the network's are saved as they are, which must be its own
             check_autoguide(model, guide, "save the guide")
@@ -1294,6 +1296,7 @@ def _check_adapter_write(subject, action, stacklevel):
         pyro_params.check_store([(model._pyro_name, model.named_point_parameters())], action)
         model.check_network()
     else:
+        require_lora_guide(subject, action)
         model = subject.model
         check_guide(model, subject, action)  # the network's point parameters it saves must still be its own
         carried = sorted(subject.carried_point_parameters())

@@ -495,3 +495,25 @@ def test_exporting_a_loraxs_model_whose_fit_trained_no_head_warns(tmp_path):
     with pytest.warns(UserWarning, match=r"still holds the LoRA values it held when fit last trained this network with "
                                          r"a MAPGuide, not that guide's mean: the exported adapter would miss the training"):
         export_adapter(model, tmp_path / "adapter")
+
+
+def test_a_guide_function_of_ones_own_is_refused_by_name_by_every_entry_point(tmp_path):
+    """A hand-written Pyro guide (a plain function) passed to save_guide or export_adapter crashed with
+    "'function' object has no attribute 'model'" where predict named what it needs."""
+    import pyro
+    import pyro.distributions as dist
+
+    from pyro_lora import save_guide
+
+    model = LoraModel(tiny_bert(), SequenceClassification(), num_data=16)
+
+    def guide(batch, kl_weight=1.0):
+        for name, site in model.sites.items():
+            pyro.sample(name, dist.Normal(torch.zeros(site.shape), 0.1).to_event(len(site.shape)))
+
+    for action, call in [("save the guide", lambda: save_guide(guide, tmp_path / "g")),
+                         ("export the adapter", lambda: export_adapter(guide, tmp_path / "a")),
+                         ("predict", lambda: predict(model, guide, [labelled()]))]:
+        with pytest.raises(ValueError, match=f"cannot {action} with a function: .*or a guide function of your own, use pyro.infer.SVI"):
+            call()
+    assert not (tmp_path / "g").exists() and not (tmp_path / "a").exists()
