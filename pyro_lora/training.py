@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import numbers
 import os
+import random
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pyro
 import torch
 from pyro.infer import Trace_ELBO
@@ -119,16 +123,18 @@ def fit(
         :func:`~pyro_lora.io.load_guide` warns of an unfinished one). A checkpoint before the end also holds
         ``fit_state.pt``, what ``resume`` continues from: AdamW's moments, the schedule, the loss scaler, the step and
         the position in the epoch (the batches read; whether the data had run out, as before an epoch's last, partial
-        group's step), the losses so far, torch's RNG (the CPU's, the device's), every generator of a ``DataLoader``
-        (its own, its sampler's, batch sampler's and dataset's, nested) and the ``epoch`` of those with ``set_epoch``,
-        at the epoch's start and at the step. The final save holds the guide only. A new run on an unfinished run's
-        checkpoint warns before its first step.
+        group's step), the losses so far, the global RNGs (torch's, the CPU's and the device's; Python's ``random``'s
+        and numpy's), every random generator the data hold (a ``DataLoader``'s own, and those of its samplers,
+        dataset and ``collate_fn``, under any attribute, however nested) and the ``epoch`` of those with
+        ``set_epoch``, at the epoch's start and at the step. The final save holds the guide only. A new run on an
+        unfinished run's checkpoint warns before its first step.
     :param bool resume: continue the unfinished run whose checkpoint is in ``checkpoint_dir``: its guide and point
         parameters are loaded into ``guide`` and the model, and the run goes on as if never stopped (the same
-        parameters as an uninterrupted run's, where the data's order comes from torch's RNG, the ``DataLoader``'s
-        generators or ``set_epoch``: the epoch's order is replayed to where the checkpoint was taken). ``model``,
-        ``guide``, ``data`` and every setting must be the run's: the data's length, batch size, drop_last and samplers
-        are compared, not its contents; a callable ``kl_weight`` is not called to check it (a function of the step is assumed).
+        parameters as an uninterrupted run's, where the data's order and augmentation come from the global RNGs, the
+        data's generators or ``set_epoch``: the epoch's order is replayed to where the checkpoint was taken).
+        ``model``, ``guide``, ``data`` and every setting must be the run's: the data's length, batch size, drop_last
+        and samplers are compared, not its contents; a callable ``kl_weight`` is not called to check it (a function of
+        the step is assumed).
     :returns: list of per-step losses.
     :raises ValueError: if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
         on an ``epochs``, ``warmup_steps`` (longer than the run too), ``lr``, ``grad_accum_steps``,
@@ -140,9 +146,10 @@ def fit(
         ends elsewhere than the run's, before their first step), data without a length,
         ``torch.distributed``, a ``DataLoader`` with persistent workers or a ``SWAGCollector`` callback,
         a ``checkpoint_dir`` that is a file or a link or cannot be written or that another fit checkpoints to (a
-        :class:`~pyro_lora.locking.FolderLocked`: each run holds a lock beside it), a guide at a posterior temperature other
-        than 1 (training would undo it), settings (``checkpoint_dir`` too) that differ across ranks, before any work,
-        and on an epoch that yields no batch.
+        :class:`~pyro_lora.locking.FolderLocked`: each run holds a lock beside it), data too tangled to search for
+        their generators (with ``checkpoint_dir``: over 100,000 objects besides tensors, arrays and long containers),
+        a guide at a posterior temperature other than 1 (training would undo it), settings (``checkpoint_dir`` too)
+        that differ across ranks, before any work, and on an epoch that yields no batch.
     :raises DivergenceError: see ``stop_on_divergence``.
 
     Under ``torch.distributed`` (``W > 1`` ranks, see :mod:`pyro_lora.distributed`): every rank is given
@@ -228,7 +235,7 @@ def fit(
                     "(each rank draws from its own random streams); rerun the fit from the start"))
             if resume:
                 _check_resumable(data, callbacks)
-            keepers = _order_keepers(data)
+            keepers = _order_keepers(data) if resumable else ([], [])  # saved and restored for a resume alone
             settings = resumable and _settings(guide, length, keepers, _describe_data(data), **{
                 **arguments, "elbo": _describe_elbo(elbo), "autocast": str(autocast),  # as defaulted since
                 "lora_dropout": _lora_dropout(model)})
@@ -351,8 +358,8 @@ def fit(
                         _set_rng_state(resumed["epoch_rng"], device, keepers)
                     epoch_rng = settings and _rng_state(device, keepers)
                     batches = iter(data)
-                    if skip:  # a checkpoint of an earlier version holds no ran_out: replayed as it was
-                        _replay(batches, skip, resumed.get("ran_out", False))
+                    if skip:
+                        _replay(batches, skip, resumed["ran_out"])
                         _set_rng_state(resumed["rng"], device, keepers)
                     accumulated, pending, seen, rows, first_step, ran_out = 0.0, 0, skip, 0, step, False
                     for batch in batches:
@@ -410,24 +417,80 @@ def fit(
         return losses
 
 
+# what orders a loader's data beside the global RNGs; numpy's RandomState is a Generator's legacy twin
+_RNGS = (torch.Generator, random.Random, np.random.Generator, np.random.RandomState)
+# not searched: data, objects of their own (a model), and modules (shared by all, not the loader's)
+_UNSEARCHED = (torch.Tensor, np.ndarray, torch.nn.Module, types.ModuleType, str, bytes, numbers.Number)
+_SEARCHED_ITEMS = 1000  # a longer list, tuple or dict holds data (a dataset's rows, a vocabulary), not their order
+_SEARCHED_OBJECTS = 100_000  # the search's bound: beyond, the graph is data
+
+
 def _order_keepers(data) -> tuple[list, list]:
-    """What orders ``data`` beside torch's global RNG, each once, in a fixed order: every ``torch.Generator`` that a
-    ``DataLoader``, its sampler, batch sampler and dataset hold (under any attribute name, however nested:
-    ``batch_sampler=BatchSampler(RandomSampler(ds, generator=g))``, an ``IterableDataset`` shuffling with its own), and
-    those of them with ``set_epoch`` (a ``DistributedSampler`` orders by its ``epoch``, a count no generator holds)."""
-    generators, epoched, todo, visited = {}, [], [data], set()
+    """What orders ``data`` beside the global RNGs, each once, in a fixed order: every random generator (a
+    ``torch.Generator``, ``random.Random``, numpy ``Generator`` or ``RandomState``) that the loader holds anywhere
+    (:func:`_held`: its sampler, batch sampler, dataset, ``collate_fn`` and ``worker_init_fn``, under any attribute,
+    in lists, tuples and dicts, class attributes, closures, however nested: ``Wrap(RandomSampler(ds, generator=g))``
+    keeping it as ``self.inner``, a ``ConcatDataset``'s datasets), and the objects there with ``set_epoch`` (a
+    ``DistributedSampler`` orders by its ``epoch``, a count no generator holds). Tensors, arrays, ``nn.Module``s and
+    modules are not searched, nor containers of more than ``_SEARCHED_ITEMS`` items.
+
+    :raises ValueError: where the search passes ``_SEARCHED_OBJECTS`` objects (a generator beyond would be missed).
+    """
+    rngs, epoched, todo, visited = [], [], [data], set()
     while todo:
         obj = todo.pop()
-        if obj is None or id(obj) in visited:
+        if obj is None or isinstance(obj, _UNSEARCHED) or id(obj) in visited:
             continue
         visited.add(id(obj))
-        if callable(getattr(obj, "set_epoch", None)) and isinstance(getattr(obj, "epoch", None), int):
+        if len(visited) > _SEARCHED_OBJECTS:
+            raise ValueError(f"fit: the data hold over {_SEARCHED_OBJECTS} objects (besides tensors, arrays and "
+                             f"containers of over {_SEARCHED_ITEMS} items, taken for rows and not searched): too many "
+                             "to search for the random generators that order them, whose states a checkpoint saves for "
+                             "resume=True; keep the rows in tensors, arrays or one list, or fit without checkpoint_dir")
+        if isinstance(obj, _RNGS):
+            rngs.append(obj)
+            continue
+        if callable(getattr(type(obj), "set_epoch", None)) and isinstance(getattr(obj, "epoch", None), int):
             epoched.append(obj)
-        for value in getattr(obj, "__dict__", {}).values():
-            if isinstance(value, torch.Generator):
-                generators.setdefault(id(value), value)
-        todo.extend(getattr(obj, name, None) for name in ("dataset", "data_source", "batch_sampler", "sampler"))
-    return list(generators.values()), epoched
+        todo.extend(reversed(_held(obj)))  # popped in the order held
+    return rngs, epoched
+
+
+def _held(obj) -> list:
+    """What ``obj`` holds, for :func:`_order_keepers`: a container's items (a dict's values; none past
+    ``_SEARCHED_ITEMS``), a class's attributes and bases; else (a container's subclass too) its attributes
+    (``__dict__``'s and slots') and class, a method's object and function, a property's functions, a partial's function
+    and arguments, a function's closure cells and the generators among the globals its code names (a script's
+    ``rng = np.random.default_rng(0)``; its other globals are not searched: that would search whole modules)."""
+    held = []
+    if isinstance(obj, (dict, list, tuple)):
+        held = [] if len(obj) > _SEARCHED_ITEMS else list(obj.values() if isinstance(obj, dict) else obj)
+        if type(obj) in (dict, list, tuple):  # a subclass's attributes too (a dataset subclassing list)
+            return held
+    if isinstance(obj, type):
+        return [*vars(obj).values(), *obj.__bases__]
+    attributes = getattr(obj, "__dict__", None)
+    held += [type(obj), *(attributes.values() if isinstance(attributes, dict) else ())]
+    for cls in type(obj).__mro__:
+        slots = vars(cls).get("__slots__", ())
+        held += [getattr(obj, name, None) for name in ([slots] if isinstance(slots, str) else slots)
+                 if name not in ("__dict__", "__weakref__")]
+    if isinstance(obj, (types.MethodType, types.BuiltinMethodType, staticmethod, classmethod, property)):
+        held += [getattr(obj, name, None) for name in ("__self__", "__func__", "fget", "fset", "fdel")]
+    if isinstance(obj, functools.partial):
+        held += [obj.func, *obj.args, *obj.keywords.values()]
+    if isinstance(obj, types.FunctionType):
+        for cell in obj.__closure__ or ():
+            with contextlib.suppress(ValueError):  # a cell not yet filled holds nothing
+                held.append(cell.cell_contents)
+        held += [value for name in _names(obj.__code__) if isinstance(value := obj.__globals__.get(name), _RNGS)]
+    return held
+
+
+def _names(code) -> list:
+    """The names ``code`` looks up (globals and attributes), and those of the code defined in it (a lambda's)."""
+    nested = (const for const in code.co_consts if isinstance(const, types.CodeType))
+    return [*code.co_names, *(name for inner in nested for name in _names(inner))]
 
 
 def _replay(batches, seen, ran_out) -> None:
@@ -514,30 +577,65 @@ def _warn_unfinished(path) -> None:
 
 
 def _rng_state(device, keepers) -> dict:
-    """torch's global RNG state (the CPU's, and the device's on CUDA), and that of the data's ``keepers``
-    (:func:`_order_keepers`): each generator's state, each ``set_epoch`` holder's epoch."""
-    generators, epoched = keepers
+    """The global RNGs' states (torch's, the CPU's and the device's on CUDA; Python's ``random``'s and numpy's, which
+    ``pyro.set_rng_seed`` seeds alike and a dataset may shuffle with), and those of the data's ``keepers``
+    (:func:`_order_keepers`): each generator's state, each ``set_epoch`` holder's epoch. numpy's arrays are kept as
+    lists: a checkpoint loads them with ``weights_only``."""
+    rngs, epoched = keepers
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-            "generators": [g.get_state() for g in generators], "epochs": [obj.epoch for obj in epoched]}
+            "random": random.getstate(), "numpy": _listed(np.random.get_state(legacy=False)),
+            "generators": [_listed(_get_rng(rng)) for rng in rngs], "epochs": [obj.epoch for obj in epoched]}
 
 
 def _set_rng_state(state, device, keepers) -> None:
-    """Put back what :func:`_rng_state` took (a checkpoint of an earlier version holds no epochs)."""
-    generators, epoched = keepers
+    """Put back what :func:`_rng_state` took (a checkpoint of an earlier version holds no epochs, nor Python's or
+    numpy's state)."""
+    rngs, epoched = keepers
     torch.set_rng_state(state["cpu"])
     if state["cuda"] is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
-    for g, saved in zip(generators, state["generators"]):
-        g.set_state(saved)
+    if "random" in state:
+        random.setstate(state["random"])
+        np.random.set_state(state["numpy"])
+    for rng, saved in zip(rngs, state["generators"]):
+        _set_rng(rng, saved)
     for obj, epoch in zip(epoched, state.get("epochs", ())):
         obj.set_epoch(epoch)
 
 
+def _get_rng(rng):
+    """The state of ``rng``, one of ``_RNGS``."""
+    if isinstance(rng, torch.Generator):
+        return rng.get_state()
+    if isinstance(rng, random.Random):
+        return rng.getstate()
+    return rng.bit_generator.state if isinstance(rng, np.random.Generator) else rng.get_state(legacy=False)
+
+
+def _set_rng(rng, state) -> None:
+    """Put back the state :func:`_get_rng` took (numpy's takes its arrays as lists)."""
+    if isinstance(rng, torch.Generator):
+        rng.set_state(state)
+    elif isinstance(rng, random.Random):
+        rng.setstate(state)
+    elif isinstance(rng, np.random.Generator):
+        rng.bit_generator.state = state
+    else:
+        rng.set_state(state)
+
+
+def _listed(state):
+    """``state`` with its numpy arrays (of a numpy RNG's state) as lists."""
+    if isinstance(state, dict):
+        return {key: _listed(value) for key, value in state.items()}
+    return state.tolist() if isinstance(state, np.ndarray) else state
+
+
 def _settings(guide, length, keepers, data, **arguments) -> dict:
     """What a resumed run must share with the one it continues, as JSON values: ``fit``'s ``arguments``, the guide's
-    class and config, the data's length, description (:func:`_describe_data`) and order keepers (how many generators
-    and ``set_epoch`` holders: :func:`_order_keepers`). A callable kl_weight is not called for them (one that counts
-    its calls would be moved on): only that it is one is compared."""
+    class and config, the data's length, description (:func:`_describe_data`) and order keepers (how many random
+    generators and ``set_epoch`` holders: :func:`_order_keepers`). A callable kl_weight is not called for them (one
+    that counts its calls would be moved on): only that it is one is compared."""
     from .io import standard_json
 
     return json.loads(json.dumps(standard_json({
@@ -570,6 +668,10 @@ def _resume_from(path, model, guide, settings) -> dict:
         guide.load_state_dict(loaded.state_dict())
     take_over(model, guide)
     guide.adopt_point_parameters()
+    # a checkpoint of an earlier version holds no ran_out: the data had run out where the run read all the epoch's
+    # batches and they end in a partial group (a full one steps as its last batch is read, before they run out)
+    batches, group = settings["batches"], settings["grad_accum_steps"]
+    state.setdefault("ran_out", state["seen"] == batches and batches % group != 0)
     return state
 
 

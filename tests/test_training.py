@@ -1,7 +1,9 @@
 """fit, predict, save/load and adapter export on tiny random networks."""
 
 import json
+import random
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -663,6 +665,179 @@ def test_resume_on_data_that_end_elsewhere_than_the_runs_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"the epoch's data ran out after 1 of the 2 batches the run read: they are not"), \
             pytest.warns(UserWarning, match="callbacks' own state"):
         _run(tmp_path, DataLoader(_Shuffled(rows[:6], length=24), batch_size=6), resume=True)
+
+
+class _Masked(torch.utils.data.Dataset):
+    """Rows read with one of their first 6 tokens set to 7, where ``self.pick()`` draws: data augmented at random (a
+    subclass's ``pick`` says with which generator)."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        ids = self.rows[i]["input_ids"].clone()
+        ids[int(self.pick())] = 7
+        return self.rows[i] | {"input_ids": ids}
+
+
+class _InADict(_Masked):
+    def __init__(self, rows, seed):
+        super().__init__(rows)
+        self.generators = {"mask": torch.Generator().manual_seed(seed)}
+
+    def pick(self):
+        return torch.randint(6, (), generator=self.generators["mask"])
+
+
+class _ClassAttribute(_Masked):
+    rng = None  # set as a new process would (the test sets it before each run)
+
+    def pick(self):
+        return self.rng.integers(6)
+
+
+_RNG = None  # a script's numpy generator, which _ScriptGlobal's code names (set alike)
+
+
+class _ScriptGlobal(_Masked):
+    def pick(self):
+        return _RNG.integers(6)
+
+
+class _NumpyGlobal(_Masked):
+    def pick(self):
+        return np.random.randint(6)
+
+
+class _Wrapped(torch.utils.data.Sampler):
+    """A sampler wrapping another, kept under a name of its own."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __iter__(self):
+        return iter(self.inner)
+
+    def __len__(self):
+        return len(self.inner)
+
+
+def _mask(items, generator):
+    """Rows collated into a batch, a fifth of its tokens set to 1 where ``generator`` draws."""
+    from torch.utils.data import default_collate
+
+    batch = default_collate(items)
+    ids = batch["input_ids"]
+    return batch | {"input_ids": ids.masked_fill(torch.rand(ids.shape, generator=generator) < 0.2, 1)}
+
+
+class _MaskingCollator:
+    def __init__(self, generator):
+        self.generator = generator
+
+    def __call__(self, items):
+        return _mask(items, self.generator)
+
+
+class _PythonShuffled(torch.utils.data.IterableDataset):
+    """Rows in an order Python's ``random.shuffle`` draws each pass."""
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __iter__(self):
+        order = list(range(len(self.rows)))
+        random.shuffle(order)
+        return (self.rows[i] for i in order)
+
+
+@pytest.mark.parametrize("kind", ["a wrapper's inner sampler", "a ConcatDataset's datasets' dicts",
+                                  "a collate_fn object", "a collate_fn's closure", "a class attribute",
+                                  "a script's global", "numpy's global", "Python's random"])
+def test_resume_replays_every_random_generator_the_data_hold(tmp_path, kind):
+    """Only generators a DataLoader, its samplers and dataset held as attributes were saved: one under a sampler wrapper
+    (self.inner: parameters 0.095 off an uninterrupted run's), in a list or dict (ConcatDataset's datasets, 0.055), in
+    a collate_fn object or closure (0.034), a numpy generator (a class attribute, a script's global one), and the
+    global RNGs of numpy and Python's random (0.033) that pyro.set_rng_seed seeds alike were not. The loader's whole
+    object graph is searched, and the global RNGs saved: the resumed run (killed after the checkpoint of step 6) ends
+    as the uninterrupted one, bit for bit."""
+    from torch.utils.data import ConcatDataset, DataLoader, RandomSampler
+
+    rows = _rows()
+
+    def loader():
+        global _RNG
+        _RNG, _ClassAttribute.rng = np.random.default_rng(2), np.random.default_rng(3)  # as a new process sets them
+        generator = torch.Generator().manual_seed(1)
+        return {
+            "a wrapper's inner sampler": lambda: DataLoader(rows, batch_size=6, sampler=_Wrapped(RandomSampler(
+                rows, generator=generator))),
+            "a ConcatDataset's datasets' dicts": lambda: DataLoader(ConcatDataset(
+                [_InADict(rows[:12], 1), _InADict(rows[12:], 2)]), batch_size=6),
+            "a collate_fn object": lambda: DataLoader(rows, batch_size=6, collate_fn=_MaskingCollator(generator)),
+            "a collate_fn's closure": lambda: DataLoader(rows, batch_size=6,
+                                                         collate_fn=lambda items: _mask(items, generator)),
+            "a class attribute": lambda: DataLoader(_ClassAttribute(rows), batch_size=6),
+            "a script's global": lambda: DataLoader(_ScriptGlobal(rows), batch_size=6),
+            "numpy's global": lambda: DataLoader(_NumpyGlobal(rows), batch_size=6),
+            "Python's random": lambda: DataLoader(_PythonShuffled(rows), batch_size=6),
+        }[kind]()
+
+    full, full_losses = _run(None, loader())
+    _run(tmp_path, loader(), kill_at=7)
+    with pytest.warns(UserWarning, match="callbacks' own state"):
+        resumed, losses = _run(tmp_path, loader(), resume=True)  # pyro.set_rng_seed(7) first: another process's RNGs
+    assert losses == full_losses
+    for name in full:
+        assert torch.equal(resumed[name], full[name]), name
+
+
+def test_resume_from_a_checkpoint_without_ran_out_after_an_epochs_last_partial_group_is_exact(tmp_path):
+    """A checkpoint of a version before ran_out was recorded (nor the SHA-256s, Python's and numpy's RNG states or
+    set_epoch's epochs) was resumed as if taken before the epoch's data ran out: one taken after an epoch's last,
+    partial group (4 batches, grad_accum_steps=3: step 4's) replayed one draw of the loader's generator too few
+    (parameters 0.022 off an uninterrupted run's), without a word. Where all the epoch's batches were read and they end
+    in a partial group, the data had run out: it is inferred so."""
+    from torch.utils.data import DataLoader
+
+    rows = _rows()
+
+    def loader():
+        return DataLoader(rows, batch_size=6, shuffle=True, generator=torch.Generator().manual_seed(123))
+
+    full, full_losses = _run(None, loader(), grad_accum_steps=3)
+    _run(tmp_path, loader(), kill_at=5, grad_accum_steps=3)
+    state = torch.load(tmp_path / "fit_state.pt", weights_only=True)
+    assert state.pop("ran_out") is True and state["seen"] == 4
+    for rng in (state["rng"], state["epoch_rng"]):
+        for key in ("epochs", "random", "numpy"):
+            rng.pop(key, None)
+    torch.save(state, tmp_path / "fit_state.pt")
+    meta = json.loads((tmp_path / "guide.json").read_text())
+    (tmp_path / "guide.json").write_text(json.dumps({k: v for k, v in meta.items() if not k.endswith("_sha256")}))
+    with pytest.warns(UserWarning, match="callbacks' own state"):
+        resumed, losses = _run(tmp_path, loader(), resume=True, grad_accum_steps=3)
+    assert losses == full_losses
+    for name in full:
+        assert torch.equal(resumed[name], full[name]), name
+
+
+def test_checkpointing_data_too_tangled_to_search_for_their_generators_is_refused(tmp_path):
+    """The search for the data's generators is bounded: data holding over 100,000 objects outside tensors, arrays and
+    long containers are refused before any work, rather than searched for long or in part."""
+    from torch.utils.data import DataLoader
+
+    data = _NumpyGlobal(_rows())
+    data.parts = [[object() for _ in range(1000)] for _ in range(101)]
+    with pytest.raises(ValueError, match="too many to search for the random generators that order them"):
+        _run(tmp_path, DataLoader(data, batch_size=6))
+    assert not (tmp_path / "guide.json").exists()
 
 
 @pytest.mark.parametrize("changed, message", [
