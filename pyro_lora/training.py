@@ -22,7 +22,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 from tqdm.auto import tqdm
 
 from . import distributed, pyro_params
-from .contract import check_guide, check_ranks_agree, tempered_training
+from .contract import check_guide, check_ranks_agree, require_lora_guide, tempered_training
 from .ownership import point_snapshot, record_fit, take_over
 from .data import to_device
 from .modes import eval_mode, network_mode
@@ -168,6 +168,7 @@ def fit(
         with distributed.refused_together("fit"):  # a refusal on one rank only would leave the others waiting
             # first (a collective, which a rank refused earlier would skip): a rank's own checkpoint_dir was refused by
             # the first save, after the run; other steps or schedules would leave ranks waiting or apart
+            require_lora_guide(guide, "fit")
             arguments = {  # what every rank, and a resumed run, must share
                 "epochs": epochs, "lr": lr, "elbo": type(elbo).__name__, "weight_decay": weight_decay,
                 "lr_schedule": lr_schedule, "warmup_steps": warmup_steps,

@@ -498,8 +498,8 @@ def test_exporting_a_loraxs_model_whose_fit_trained_no_head_warns(tmp_path):
 
 
 def test_a_guide_function_of_ones_own_is_refused_by_name_by_every_entry_point(tmp_path):
-    """A hand-written Pyro guide (a plain function) passed to save_guide or export_adapter crashed with
-    "'function' object has no attribute 'model'" where predict named what it needs."""
+    """A hand-written Pyro guide (a plain function) passed to fit, save_guide or export_adapter crashed with
+    "'function' object has no attribute 'parameters'" ('model') where predict named what it needs."""
     import pyro
     import pyro.distributions as dist
 
@@ -511,9 +511,10 @@ def test_a_guide_function_of_ones_own_is_refused_by_name_by_every_entry_point(tm
         for name, site in model.sites.items():
             pyro.sample(name, dist.Normal(torch.zeros(site.shape), 0.1).to_event(len(site.shape)))
 
-    for action, call in [("save the guide", lambda: save_guide(guide, tmp_path / "g")),
+    for action, call in [("fit", lambda: fit(model, guide, [labelled()], checkpoint_dir=tmp_path / "c")),
+                         ("save the guide", lambda: save_guide(guide, tmp_path / "g")),
                          ("export the adapter", lambda: export_adapter(guide, tmp_path / "a")),
                          ("predict", lambda: predict(model, guide, [labelled()]))]:
         with pytest.raises(ValueError, match=f"cannot {action} with a function: .*or a guide function of your own, use pyro.infer.SVI"):
             call()
-    assert not (tmp_path / "g").exists() and not (tmp_path / "a").exists()
+    assert not any(tmp_path.iterdir())
