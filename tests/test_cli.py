@@ -58,17 +58,80 @@ def test_bayesianize_a_peft_adapter_then_evaluate(tmp_path):
     from pyro_lora.pretrained import add_lora, load_pretrained
 
     base, _ = load_pretrained("minilm", "classification", num_labels=2)
-    net = add_lora(base, r=4)
+    net = add_lora(base, r=4, alpha=8)
     net.save_pretrained(tmp_path / "adapter")  # an adapter saved by peft itself
     out = tmp_path / "tfb"
     run("bayesianize", str(tmp_path / "adapter"), "--train-size", "64", "--test-size", "32", "--anchors", "32",
         "--samples", "4", "--iterations", "2", "--out", str(out), "--quiet")
     saved = json.loads((out / "guide" / "run.json").read_text())
-    assert saved["config"]["rank"] == 4 and saved["random"] == "AB"
+    assert saved["config"]["rank"] == 4 and saved["config"]["alpha"] == 8 and saved["random"] == "AB"
+    # its training is unknown: no epochs or learning rate (the record named compare's 6 and 2e-3, never run)
+    assert saved["config"]["epochs"] is None and saved["config"]["lr"] is None
     from pyro_lora.experiments.saved import evaluate_saved
 
     again = evaluate_saved(out)
     assert again["accuracy"] == pytest.approx(saved["result"]["accuracy"])
+
+
+SMALL = ["--train-size", "16", "--test-size", "8", "--max-length", "16", "--samples", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A finished `fit --guide map --adapter --epochs 1 --lr 5e-3` in FOLDER/fit; returns FOLDER."""
+    folder = tmp_path_factory.mktemp("fitted")
+    run("fit", "--guide", "map", "--adapter", "--epochs", "1", "--lr", "5e-3", *SMALL, "--out", str(folder / "fit"))
+    return folder
+
+
+def nothing_loads(monkeypatch):
+    """Loading a model in fit or bayesianize fails the test (cli.main does not catch it)."""
+    monkeypatch.setattr("pyro_lora.experiments.saved.prepare", lambda *a, **k: pytest.fail("a model was loaded"))
+
+
+def test_fit_and_bayesianize_refuse_to_replace_another_run_and_keep_a_finished_one_before_loading(fitted, monkeypatch,
+                                                                                                  capsys):
+    """`bayesianize FIT/guide/adapter --out FIT` replaced the MAP run it read (run.json, guide and its own source
+    adapter gone), and a `fit` of another method replaced that, exit 0 and no word; compare refuses such an --out."""
+    out = fitted / "fit"
+    nothing_loads(monkeypatch)
+    record = (out / "guide" / "run.json").read_bytes()
+    adapter = str(out / "guide" / "adapter")
+    capsys.readouterr()
+    for overwrite in ([], ["--overwrite"]):  # replacing its own source: never
+        assert cli.main(["bayesianize", adapter, "--anchors", "8", *overwrite, "--out", str(out)]) == 2
+        assert f"--out {out} and the adapter it reads ({adapter}) overlap" in capsys.readouterr().err
+    assert cli.main(["fit", "--guide", "meanfield", "--epochs", "1", *SMALL, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds a finished `pyro-lora fit` run of map (seed 0) in {out / 'guide'}, of another configuration (" in err
+    assert "guides ['map'] there, ['meanfield'] now" in err and "lr 0.005 there, None now" in err
+    assert "pass --overwrite to replace it" in err
+    assert cli.main(["fit", "--guide", "map", "--epochs", "1", "--lr", "5e-3", *SMALL, "--out", str(out / "guide")]) == 2
+    assert f"{out / 'guide'} is the guide folder of a saved run" in capsys.readouterr().err
+    # the same configuration again: finished, its row shown as compare shows a finished run's
+    run("fit", "--guide", "map", "--adapter", "--epochs", "1", "--lr", "5e-3", *SMALL, "--out", str(out))
+    shown = capsys.readouterr().out
+    accuracy = json.loads(record)["result"]["accuracy"]
+    assert f"# {out / 'guide'} holds this run already" in shown and f"| map | no validation data | sst2 | {accuracy:.3f} |" in shown
+    assert (out / "guide" / "run.json").read_bytes() == record
+
+
+def test_bayesianize_records_the_adapters_training_and_a_rerun_of_its_configuration_keeps_it(fitted, monkeypatch,
+                                                                                              tmp_path, capsys):
+    """bayesianize's run.json named compare's epochs 6 and lr 0.002 for an adapter the fit trained 1 epoch at 5e-3."""
+    adapter, out = str(fitted / "fit" / "guide" / "adapter"), tmp_path / "tfb"
+    search = ["--anchors", "8", "--iterations", "1", "--quiet"]
+    run("bayesianize", adapter, *search, "--out", str(out))
+    config = json.loads((out / "guide" / "run.json").read_text())["config"]
+    assert (config["epochs"], config["lr"], config["rank"], config["alpha"]) == (1, 5e-3, 8, 16.0)  # the fit's flags
+    record = (out / "guide" / "run.json").read_bytes()
+    nothing_loads(monkeypatch)
+    capsys.readouterr()
+    run("bayesianize", adapter, *search, "--out", str(out))
+    assert f"# {out / 'guide'} holds this run already" in capsys.readouterr().out
+    assert cli.main(["bayesianize", adapter, *search, "--tolerance", "0.05", "--out", str(out)]) == 2
+    assert "of another configuration (tolerance 0.01 there, 0.05 now)" in capsys.readouterr().err
+    assert (out / "guide" / "run.json").read_bytes() == record
 
 
 def test_a_seed_fixes_the_fresh_classification_head():

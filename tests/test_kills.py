@@ -96,7 +96,7 @@ def test_fit_killed_while_saving_keeps_a_whole_guide_with_its_own_run_record(zyg
     out = tmp_path / "fit"
     assert cli.main(["fit", "--guide", "map", *SMALL, "--out", str(out)]) == 0
     previous = (out / "guide" / "run.json").read_text()
-    again = ["fit", "--guide", "map", "--seed", "1", *SMALL, "--out", str(out)]
+    again = ["fit", "--guide", "map", "--seed", "1", "--overwrite", *SMALL, "--out", str(out)]
     for pattern, when in [("guide", "before"), (".guide.old-*", "after")]:  # temp folder complete; between the renames
         killed(zygote, tmp_path / "jobs", pattern, when, again)
         row = evaluate_saved(out, progress=False)  # finds (and restores) the previous complete guide

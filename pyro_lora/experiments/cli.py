@@ -244,6 +244,7 @@ def parser(full=False):
     _seed_arg(p, "training seed")
     p.add_argument("--adapter", action="store_true",
                    help=f"also write the posterior mean as a peft adapter folder OUT/guide/adapter ({', '.join(n for n, m in METHODS.items() if m.exportable)}; default off)")
+    _overwrite_arg(p, "fits it again")
     _output_args(p, "runs/fit")
     p = sub.add_parser("bayesianize", allow_abbrev=False, help="TFB: turn a saved peft adapter into a posterior without training",
                        description="TFB: turn a saved peft adapter into a posterior without training. A model, data, size "
@@ -270,6 +271,7 @@ def parser(full=False):
                    help=f"bisection steps (default {t['iterations']})")
     p.add_argument("--spacing", choices=SPACINGS, default=t["spacing"],
                    help=f"bisect sigma_q in log space or linearly, as TFB's own search (default {t['spacing']})")
+    _overwrite_arg(p, "runs it again; an OUT/guide that holds ADAPTER_DIR is refused all the same")
     _output_args(p, "runs/bayesianize")
     p = sub.add_parser("evaluate", allow_abbrev=False, help="score a guide saved by `pyro-lora fit` or `bayesianize` on the test set")
     p.add_argument("run_dir", help="the --out folder of `pyro-lora fit` or `bayesianize`")
@@ -283,6 +285,12 @@ def parser(full=False):
                        description=study.__doc__.splitlines()[0].replace("``", ""))
     _study_args(p)
     return ap
+
+
+def _overwrite_arg(p, again):
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run OUT/guide holds (default: one of another configuration is refused, one of the "
+                        f"same configuration is kept and its row shown; --overwrite {again})")
 
 
 def _debug(p):
@@ -412,12 +420,13 @@ def _run(args, argv=()):
         say(f"results: {Path(args.out) / 'results.json'}")
     elif args.command == "fit":
         config = _config(args, guides=(args.guide,), ts=False)
-        row = fit_one(config, adapter=args.adapter)
+        row = fit_one(config, adapter=args.adapter, overwrite=args.overwrite)
         say(format_table([row]))
         say(f"saved: {Path(args.out) / 'guide'}" + (f", adapter: {Path(args.out) / 'guide' / 'adapter'}" if args.adapter else ""))
     elif args.command == "bayesianize":
         search = {k: getattr(args, k) for k in ("criterion", "tolerance", "low", "high", "iterations", "spacing")}
-        row = bayesianize_adapter(_bayesianize_config(args), args.adapter_dir, anchors=args.anchors, **search)
+        row = bayesianize_adapter(_bayesianize_config(args), args.adapter_dir, anchors=args.anchors, overwrite=args.overwrite,
+                                  **search)
         say(format_table([row]))
         say(f"sigma_q = {row['sigma_q']:.5g}; saved: {Path(args.out) / 'guide'}")
     elif args.command == "study":

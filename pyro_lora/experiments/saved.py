@@ -1,12 +1,13 @@
 """``pyro-lora fit``, ``bayesianize`` and ``evaluate``: one method saved with its run record, and that record re-scored."""
 
 import contextlib
+import hashlib
 import json
 import math
 import os
 import time
 import warnings
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from .. import data as D
@@ -23,19 +24,22 @@ from ..guides.tfb import TFB_ANCHORS, TFB_SEARCH, bayesianize_setup, check_searc
 from ..guides.registry import METHODS, MODELS, Fitted, get_method, join_notes
 from .compare import evaluate, fit_method, predictor
 from .scoring import join_row, score
-from .results import PREDICT_SEEDING, is_seeding, recorded_base
+from .results import PREDICT_SEEDING, config_differences, is_seeding, recorded_base
 from .setup import (ADDED_SETTINGS, BASE_DIGEST_VERSION, CompareConfig, base_digest, check_config, check_numbers, load_splits,
                     prepare, records_digest, seed_for, train_map)
 
 
-def fit_one(config: CompareConfig, adapter: bool = False) -> dict:
+def fit_one(config: CompareConfig, adapter: bool = False, overwrite: bool = False) -> dict:
     """Train MAP, fit the one method of ``config`` and save its guide, with the run's record, to ``out/guide`` as one
     unit (``guide.json``, ``guide.safetensors``, ``run.json``: ``pyro-lora evaluate out`` reproduces the row).
+    Where ``out`` holds this run already, its recorded row is returned without fitting (:func:`_finished_row`).
 
     :param adapter: also write the posterior mean as a peft adapter folder ``out/guide/adapter``, in the same unit
         (``PeftModel.from_pretrained`` and ``pyro-lora bayesianize`` take it).
+    :param overwrite: replace the run ``out`` holds, of another configuration or this one (otherwise refused, or kept).
     :raises ValueError: before loading anything, for a configuration that cannot run, a method with no guide to
-        save, or ``adapter`` with a method whose mean is no LoRA adapter.
+        save, ``adapter`` with a method whose mean is no LoRA adapter, or an ``out`` that holds another run
+        (:func:`_finished_row`).
     """
     if not config.guides or len(config.guides) != 1:
         raise ValueError(f"fit takes exactly one method, got {config.guides!r}")
@@ -49,7 +53,11 @@ def fit_one(config: CompareConfig, adapter: bool = False) -> dict:
                          f"LoRA-XS cores or ScalaBL scales are no plain LoRA); methods that have one: {exportable}")
     check_config(config)
     check_free(config.out, "guide")
+    made = {"command": "fit"}
     with _writing(config.out):
+        done = _finished_row(config, made, overwrite, adapter)
+        if done is not None:
+            return done
         setup = prepare(config, config.seeds[0])
         fitted, costs = fit_method(setup, name, train_map(setup))
         guide = fitted.guide
@@ -59,7 +67,8 @@ def fit_one(config: CompareConfig, adapter: bool = False) -> dict:
                        costs, predict_costs)
         random = "".join(sorted({s.matrix for s in guide.sites.values()}))
         save_guide(guide, Path(config.out) / "guide", adapter=adapter,
-                   run=run_record(setup, row, method, random=random, prior=float(guide.model.prior), fit_note=costs.get("note")))
+                   run=run_record(setup, row, method, request=asdict(config), made=made, random=random,
+                                  prior=float(guide.model.prior), fit_note=costs.get("note")))
         return row
 
 
@@ -74,7 +83,7 @@ def run_record(setup, row: dict, method, **extra) -> dict:
     folder and a local model's path absolute, so that they are found from any working directory; the model class by
     its registered name; the base model's digest and the data's label names and records digests
     (:func:`_data_record`), which evaluate and bayesianize compare; ``extra`` e.g. the fit's ``fit_note``, which
-    evaluate's rows repeat)."""
+    evaluate's rows repeat, and the ``request`` and ``made`` that :func:`_finished_row` compares a rerun with)."""
     model = local_model_path(setup.config.model) or setup.config.model
     config = {**asdict(setup.config), "data_dir": str(D.resolve_data_dir(setup.config.data_dir)), "model": str(model)}
     return {"config": config, "sizes": setup.sizes, "seed": setup.seed, "model_class": method.model.name,
@@ -126,6 +135,57 @@ def _check_data(run, config, whose) -> list | None:
     return [part for part, digest in now.items() if compared[part] and run["records"].get(part) != digest]
 
 
+def _finished_row(config: CompareConfig, made: dict, overwrite: bool, adapter: bool = False) -> dict | None:
+    """The row the ``run.json`` in ``config.out/guide`` records, where that run is this one: a rerun skips it, as
+    ``compare`` skips what finished. This one: the same configuration (:func:`~.results.config_differences` with the
+    ``request`` the record keeps; the model and data folder by path), the same ``made`` (the command, and for
+    bayesianize the adapter's digest, anchors and search), its adapter written if ``adapter``, and the records of
+    its data, compared with the record's digests (:func:`_check_data`). ``None``: there is no run, or ``overwrite``
+    replaces it. Reads no model: call it before loading one.
+
+    :raises ValueError: naming what ``out`` holds, for another run there (what differs) or a guide without a readable
+        run record, with ``--overwrite`` as the way to replace it; for ``out`` itself a guide folder; for this run
+        where its data gives other records now.
+    """
+    out = Path(config.out)
+    if (out / "guide.json").is_file() or (out / "run.json").is_file():
+        raise ValueError(f"{out} is the guide folder of a saved run (guide.json or run.json there): fit and bayesianize "
+                         "write OUT/guide, a run inside that run; give its parent folder (--overwrite replaces the run "
+                         "there) or another --out")
+    guide = out / "guide"
+    recover_directory(guide)  # a save killed between its renames left the run aside
+    if overwrite or not (guide / "guide.json").is_file():  # check_free refused a folder of anything else
+        return None
+    replace_it = "choose another --out, or pass --overwrite to replace it"
+    try:
+        run = json.loads((guide / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        run = None
+    if not (isinstance(run, dict) and isinstance(run.get("config"), dict) and isinstance(run.get("result"), dict)):
+        raise ValueError(f"{guide} holds a saved guide without a readable run record (its run.json): {replace_it}")
+    there = {"command": "bayesianize" if run.get("adapter") else "fit", **(run.get("made") or {})}  # older: by its adapter
+    recorded = {k: run[k] for k in ("config", "request") if k in run}  # no digests: the model and data folder by path
+    differ = [f"{k} {a!r} there, {list(b) if isinstance(b, tuple) else b!r} now"  # as JSON reads back
+              for k, (a, b) in config_differences(recorded, config, ("out", "progress")).items()]
+    differ += [f"another adapter (the digest of its files: {str(there.get(k))[:12]} there, {v[:12]} now)" if k == "adapter"
+               else f"{k} {there.get(k)!r} there, {v!r} now" for k, v in made.items() if there.get(k) != v]
+    if adapter and not (guide / "adapter").is_dir():
+        differ.append("no adapter there, --adapter now")
+    if differ:
+        method = ", ".join(map(str, run["config"].get("guides") or ()))
+        raise ValueError(f"{out} holds a finished `pyro-lora {there['command']}` run of {method} (seed {run.get('seed')}) "
+                         f"in {guide}, of another configuration ({'; '.join(differ)}): {replace_it}")
+    other = _check_data(run, config, f"the run in {guide}")
+    if other:
+        raise ValueError(f"{guide} holds this run, fitted and scored on other {' and '.join(other)} records than "
+                         f"{config.dataset!r} under {D.resolve_data_dir(config.data_dir)} gives now (its run.json's digests): "
+                         "restore that data, or pass --overwrite to run it again on these records")
+    if is_main():
+        print(f"# {guide} holds this run already (the same configuration, its run.json): skipped; --overwrite runs it again",
+              flush=True)
+    return run["result"]
+
+
 def check_free(out, *names):
     """Refuse a file or a link where a folder ``out/<name>`` will be written (it would be moved aside, out of sight).
 
@@ -164,7 +224,8 @@ def fit_settings(adapter_dir) -> dict:
     return {k: recorded[k] for k in (*FIT_SETTINGS, "seed") if k in recorded}
 
 
-def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_ANCHORS, **search) -> dict:
+def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_ANCHORS, overwrite: bool = False,
+                        **search) -> dict:
     """TFB on a saved peft adapter: search sigma_q on ``anchors`` training examples, score the test set,
     save the guide with the run's record to ``out/guide`` (``pyro-lora evaluate out`` reloads it).
 
@@ -172,16 +233,31 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
     any of its settings. On the MAP adapter of :func:`fit_one` under the fit's settings (:func:`fit_settings`, which
     ``pyro-lora bayesianize`` takes where its flags are left out) it is the fit's ``tfb`` row of ``compare``; a
     ``config`` that differs from them in a setting the search or the row reads is warned of, naming both values.
+    TFB trains nothing: ``config``'s ``epochs`` and ``lr`` are not used, and the record names the adapter's own (its
+    fit's run.json beside it), ``None`` for an adapter from elsewhere. Where ``out`` holds this run already, its
+    recorded row is returned (:func:`_finished_row`); ``overwrite`` replaces the run there, whichever it is.
 
-    :raises ValueError: before loading the model, for a configuration that cannot run or a folder that holds no
-        peft adapter.
+    :raises ValueError: before loading the model, for a configuration that cannot run, a folder that holds no
+        peft adapter, an ``out`` whose ``guide`` folder (which saving replaces) holds the adapter or lies in it
+        (``overwrite`` or not), or an ``out`` that holds another run (:func:`_finished_row`).
     """
-    task = check_config(config, guides=(), writes=False)
+    task = check_config(config, guides=(), writes=False, trains=False)
     check_count(anchors, "anchors")
+    names = ("criterion", "tolerance", "low", "high", "iterations", "spacing")
     checked = {**TFB_SEARCH, **search}
-    check_search(*(checked[k] for k in ("criterion", "tolerance", "low", "high", "iterations", "spacing")))
+    check_search(*(checked[k] for k in names))
     check_adapter_dir(adapter_dir, task)
+    guide_dir, source = (Path(config.out) / "guide").resolve(), Path(adapter_dir).resolve()
+    if guide_dir == source or guide_dir in source.parents or source in guide_dir.parents:
+        raise ValueError(f"--out {config.out} and the adapter it reads ({adapter_dir}) overlap: saving replaces "
+                         f"{Path(config.out) / 'guide'} whole, which would delete or write into its own source, --overwrite "
+                         "or not; choose an --out outside it")
     fit_run = _fit_run(adapter_dir)
+    fitted = fit_run.get("config") or {}
+    trained = {"epochs": fitted.get("epochs"), "lr": fitted.get("lr")}  # the adapter's training, not compare's defaults
+    config = replace(config, **trained)
+    made = {"command": "bayesianize", "adapter": _adapter_digest(adapter_dir), "anchors": anchors,
+            **{k: checked[k] for k in names}, **search}
     _warn_about_other_settings(config, fit_settings(adapter_dir), adapter_dir)
     if fit_run.get("config"):  # an adapter from elsewhere records no data
         _warn_about_other_records(config, _check_data(fit_run, config, f"the adapter in {adapter_dir}") or [], adapter_dir)
@@ -190,7 +266,11 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
         _warn_about_another_base(adapter_dir, config.model)
     writable_folder(config.out)
     check_free(config.out, "guide")
+    request = config
     with _writing(config.out):
+        done = _finished_row(config, made, overwrite)
+        if done is not None:
+            return done
         setup = prepare(config, config.seeds[0], adapter_dir=adapter_dir)
         if trained_on is not None and base_digest(setup.net, setup.tokenizer) != trained_on:
             raise ValueError(f"the adapter in {adapter_dir} was fitted on another base model than --model {config.model} loads "
@@ -211,11 +291,12 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
         prediction, predict_costs = evaluate(setup, Fitted(predictor(setup, method, guide)), setup.test, "tfb", config.dataset)
         row = join_row({"guide": "tfb", "setting": get_method("tfb").setting, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic), costs,
                        predict_costs, {"sigma_q": float(guide.sigma_q)})
+        setup.config = replace(config, **trained)  # not the learning rate prepare resolved: TFB trained nothing
         # the adapter travels inside the unit (as the guide's mean, which TFB keeps at the adapter's values): the folder
         # can be shared and evaluated without the original adapter
         save_guide(guide, Path(config.out) / "guide", adapter=True,
-                   run=run_record(setup, row, method, random="AB", prior=config.prior_scale, adapter="adapter",
-                                  fit_note=guide.search_note))
+                   run=run_record(setup, row, method, request=asdict(request), made=made, random="AB",
+                                  prior=config.prior_scale, adapter="adapter", fit_note=guide.search_note))
         return row
 
 
@@ -256,6 +337,15 @@ def check_adapter_dir(adapter_dir, task: str):
         raise ValueError(f"{weights} holds no classification head (only LoRA matrices; task_type "
                          f"{adapter.get('task_type')!r}): the head would be freshly random; save the adapter with "
                          "task_type SEQ_CLS (peft keeps the head)")
+
+
+def _adapter_digest(adapter_dir) -> str:
+    """SHA-256 over the SHA-256 of each file of the adapter in ``adapter_dir`` that TFB reads (config, weights)."""
+    digest = hashlib.sha256()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        with open(Path(adapter_dir) / name, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
 
 
 def _fit_run(adapter_dir) -> dict:
@@ -367,7 +457,7 @@ def _read_record(path, overrides):
         if not is_seeding(run.get("predict_seeding", 1)):
             raise ValueError(f"predict_seeding {run['predict_seeding']!r} is none of 1 to {PREDICT_SEEDING}")
         (name,) = config.guides
-        check_numbers(config)
+        check_numbers(config, trains=not run.get("adapter"))  # a bayesianize record: epochs None where unknown
         meta = json.loads((path.parent / "guide.json").read_text(encoding="utf-8"))
         saved_class, method = meta.get("guide", ""), METHODS.get(name)
         if method is None and isinstance(name, str) and name.isidentifier():
@@ -405,7 +495,7 @@ def evaluate_saved(run_dir, **overrides) -> dict:
     if predictive != method.predictive.__name__:
         raise ValueError(f"{path} was scored with the {predictive} predictive, and method {method.name!r} gives "
                          f"{method.predictive.__name__}: the row would differ")
-    task = check_config(config, guides=(), writes=False)
+    task = check_config(config, guides=(), writes=False, trains=False)
     differ = _check_data(run, config, f"the guide in {path.parent}")
     other_test = None if differ is None else "test" in differ
     adapter = run.get("adapter") and path.parent / run["adapter"]  # saved in the unit, beside run.json

@@ -261,7 +261,7 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
     """Load the model (LoRA initialised under ``seed``) and the data of ``config``; the MAP is not yet trained.
 
     ``Setup.config`` is ``config`` with the defaults it left resolved (``lr``, ``mc_format``, the adapter's
-    ``rank``); ``Setup.sizes`` are the sizes actually used (at most those requested). :func:`check_config`
+    ``rank`` and ``alpha``); ``Setup.sizes`` are the sizes actually used (at most those requested). :func:`check_config`
     refuses first a configuration that cannot run.
 
     The data subsets and the train/validation split do not depend on ``seed``: every seed sees the same
@@ -295,7 +295,8 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
         net = add_lora(net, r=config.rank, alpha=config.alpha)
     else:
         net = load_adapter(net, adapter_dir)
-        config = replace(config, rank=net.peft_config[net.active_adapter].r)
+        adapter = net.peft_config[net.active_adapter]
+        config = replace(config, rank=adapter.r, alpha=float(adapter.lora_alpha))
     net = net.to(config.device)
     return Setup(config, net, tok, likelihood, train, val, test, collator, seed, shifted)
 
@@ -441,7 +442,7 @@ def state_digest(state: dict) -> str:
     return h.hexdigest()
 
 
-def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str:
+def check_config(config: CompareConfig, guides=None, writes: bool = True, trains: bool = True) -> str:
     """Refuse, before any model is loaded, a ``config`` that cannot run; returns the dataset's task.
 
     Checks the methods (``guides``, default ``config.guides``) exist and apply to the task, the datasets and
@@ -451,13 +452,14 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True) -> str
     can be split, a local checkpoint's trained classification head has the dataset's classes (their number, and their
     names and order where its ``id2label`` names them: :func:`~pyro_lora.model_files.check_head_classes`),
     ``max_length`` fits the model's positions, the device exists and (with ``writes``)
-    ``config.out`` can be written.
+    ``config.out`` can be written. ``trains=False``: a run that trains nothing (``evaluate``, ``bayesianize``), whose
+    ``epochs`` may be None (:func:`check_numbers`).
 
     :raises ValueError: naming what is wrong (with its command-line flag) and what to do.
     """
     guides = config.guides if guides is None else guides
     methods = [get_method(name) for name in guides or ()]
-    check_numbers(config)
+    check_numbers(config, trains)
     dataset_meta = D.load_meta(config.dataset, config.data_dir)
     task = dataset_meta["task"]
     encoder = encoder_only(config.model) if task != "classification" else None
@@ -553,14 +555,16 @@ _BOUNDS = {"train_size": ("--train-size", 2, True), "test_size": ("--test-size",
            "alpha": ("alpha", 0, False)}
 
 
-def check_numbers(config: CompareConfig):
+def check_numbers(config: CompareConfig, trains: bool = True):
     """Refuse a size, count or scale out of range, or a device that is none of cpu, cuda, naming the setting.
+    ``trains=False`` (a run that trains nothing) takes ``epochs`` None: a ``bayesianize`` record of an adapter from
+    elsewhere holds it, its training unknown.
 
     :raises ValueError: naming the setting's flag and its range.
     """
     for key, (flag, low, inclusive) in _BOUNDS.items():
         value = getattr(config, key)
-        if value is None and key == "lr":  # resolved by the task
+        if value is None and (key == "lr" or (key == "epochs" and not trains)):  # lr: resolved by the task
             continue
         integer = key not in ("lr", "prior_scale", "alpha")
         number = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
