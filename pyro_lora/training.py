@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections.abc
 import contextlib
 import functools
+import hashlib
 import json
 import math
 import numbers
@@ -133,8 +135,8 @@ def fit(
         parameters as an uninterrupted run's, where the data's order and augmentation come from the global RNGs, the
         data's generators or ``set_epoch``: the epoch's order is replayed to where the checkpoint was taken).
         ``model``, ``guide``, ``data`` and every setting must be the run's: the data's length, batch size, drop_last
-        and samplers are compared, not its contents; a callable ``kl_weight`` is not called to check it (a function of
-        the step is assumed).
+        and samplers are compared, and of its contents the resumed epoch's batches read before the checkpoint (a
+        digest); a callable ``kl_weight`` is not called to check it (a function of the step is assumed).
     :returns: list of per-step losses.
     :raises ValueError: if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
         on an ``epochs``, ``warmup_steps`` (longer than the run too), ``lr``, ``grad_accum_steps``,
@@ -143,12 +145,11 @@ def fit(
         batch that is no dict of batched tensors (a list's first before any work, a loader's as read),
         with ``resume``, a checkpoint that cannot be resumed (none, finished, saved without its state, of a model or
         guide this one's differs from) or settings or data other than the run's (each named; data whose replayed epoch
-        ends elsewhere than the run's, before their first step), data without a length,
+        ends elsewhere than the run's, or whose replayed batches are not the run's, before their first step), data
+        without a length,
         ``torch.distributed``, a ``DataLoader`` with persistent workers or a ``SWAGCollector`` callback,
         a ``checkpoint_dir`` that is a file or a link or cannot be written or that another fit checkpoints to (a
-        :class:`~pyro_lora.locking.FolderLocked`: each run holds a lock beside it), data too tangled to search for
-        their generators (with ``checkpoint_dir``: over 100,000 objects besides tensors, arrays and long containers),
-        a guide at a posterior temperature other than 1 (training would undo it), settings (``checkpoint_dir`` too)
+        :class:`~pyro_lora.locking.FolderLocked`: each run holds a lock beside it), a guide at a posterior temperature other than 1 (training would undo it), settings (``checkpoint_dir`` too)
         that differ across ranks, before any work, and on an epoch that yields no batch.
     :raises DivergenceError: see ``stop_on_divergence``.
 
@@ -343,6 +344,7 @@ def fit(
                         "progress": guide.fit_progress, "settings": settings, "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "losses": losses,
                         "kl_weights": kl_weights, "skipped_steps": skipped_steps, "seen": seen, "ran_out": ran_out,
+                        "digest": digest.hexdigest(),
                         "epoch_rng": epoch_rng, "rng": _rng_state(device, keepers),
                         "watch": watch and (watch.start, watch.ema, watch.first)})
                 else:
@@ -358,13 +360,15 @@ def fit(
                     if skip:  # the epoch's order replayed from its start, to where the run's checkpoint was taken
                         _set_rng_state(resumed["epoch_rng"], device, keepers)
                     epoch_rng = settings and _rng_state(device, keepers)
-                    batches = iter(data)
+                    batches, digest = iter(data), settings and hashlib.blake2b(digest_size=16)
                     if skip:
-                        _replay(batches, skip, resumed["ran_out"])
+                        _replay(batches, skip, resumed["ran_out"], digest, resumed.get("digest"))
                         _set_rng_state(resumed["rng"], device, keepers)
                     accumulated, pending, seen, rows, first_step, ran_out = 0.0, 0, skip, 0, step, False
                     for batch in batches:
                         seen += 1
+                        if digest:
+                            _digest_batch(digest, batch)
                         batch = to_device(batch, device)  # refuses what is no batch (a TensorDataset's lists)
                         if length is None and epoch == 0 and seen == 2:  # the warning a length gave before the run
                             warn_unscaled(model, seen, "fit (over data without a length, its batches counted as read)",
@@ -424,6 +428,7 @@ _RNGS = (torch.Generator, random.Random, np.random.Generator, np.random.RandomSt
 _UNSEARCHED = (torch.Tensor, np.ndarray, torch.nn.Module, types.ModuleType, str, bytes, numbers.Number)
 _SEARCHED_ITEMS = 1000  # a longer list, tuple or dict holds data (a dataset's rows, a vocabulary), not their order
 _SEARCHED_OBJECTS = 100_000  # the search's bound: beyond, the graph is data
+_CONTAINERS = (dict, list, tuple, collections.deque)  # not sets: no fixed order to give their generators states back in
 
 
 def _order_keepers(data) -> tuple[list, list]:
@@ -433,23 +438,19 @@ def _order_keepers(data) -> tuple[list, list]:
     in lists, tuples and dicts, class attributes, closures, however nested: ``Wrap(RandomSampler(ds, generator=g))``
     keeping it as ``self.inner``, a ``ConcatDataset``'s datasets), and the objects there with ``set_epoch`` (a
     ``DistributedSampler`` orders by its ``epoch``, a count no generator holds). Tensors, arrays, ``nn.Module``s and
-    modules are not searched, nor containers of more than ``_SEARCHED_ITEMS`` items.
-
-    :raises ValueError: where the search passes ``_SEARCHED_OBJECTS`` objects (a generator beyond would be missed).
+    modules are not searched, nor containers of more than ``_SEARCHED_ITEMS`` items, nor past ``_SEARCHED_OBJECTS``
+    objects; ``random.SystemRandom`` has no state to keep. What the search misses (a generator made on first use, one in
+    a Module) a resume finds by the replayed batches' digest (:func:`_replay`).
     """
     rngs, epoched, todo, visited = [], [], [data], set()
-    while todo:
+    while todo and len(visited) < _SEARCHED_OBJECTS:
         obj = todo.pop()
         if obj is None or isinstance(obj, _UNSEARCHED) or id(obj) in visited:
             continue
         visited.add(id(obj))
-        if len(visited) > _SEARCHED_OBJECTS:
-            raise ValueError(f"fit: the data hold over {_SEARCHED_OBJECTS} objects (besides tensors, arrays and "
-                             f"containers of over {_SEARCHED_ITEMS} items, taken for rows and not searched): too many "
-                             "to search for the random generators that order them, whose states a checkpoint saves for "
-                             "resume=True; keep the rows in tensors, arrays or one list, or fit without checkpoint_dir")
         if isinstance(obj, _RNGS):
-            rngs.append(obj)
+            if not isinstance(obj, random.SystemRandom):
+                rngs.append(obj)
             continue
         if callable(getattr(type(obj), "set_epoch", None)) and isinstance(getattr(obj, "epoch", None), int):
             epoched.append(obj)
@@ -464,9 +465,9 @@ def _held(obj) -> list:
     and arguments, a function's closure cells and the generators among the globals its code names (a script's
     ``rng = np.random.default_rng(0)``; its other globals are not searched: that would search whole modules)."""
     held = []
-    if isinstance(obj, (dict, list, tuple)):
+    if isinstance(obj, _CONTAINERS):
         held = [] if len(obj) > _SEARCHED_ITEMS else list(obj.values() if isinstance(obj, dict) else obj)
-        if type(obj) in (dict, list, tuple):  # a subclass's attributes too (a dataset subclassing list)
+        if type(obj) in _CONTAINERS:  # a subclass's attributes too (a dataset subclassing list)
             return held
     if isinstance(obj, type):
         return [*vars(obj).values(), *obj.__bases__]
@@ -481,6 +482,7 @@ def _held(obj) -> list:
     if isinstance(obj, functools.partial):
         held += [obj.func, *obj.args, *obj.keywords.values()]
     if isinstance(obj, types.FunctionType):
+        held += [*(obj.__defaults__ or ()), *(obj.__kwdefaults__ or {}).values()]
         for cell in obj.__closure__ or ():
             with contextlib.suppress(ValueError):  # a cell not yet filled holds nothing
                 held.append(cell.cell_contents)
@@ -494,23 +496,44 @@ def _names(code) -> list:
     return [*code.co_names, *(name for inner in nested for name in _names(inner))]
 
 
-def _replay(batches, seen, ran_out) -> None:
+def _replay(batches, seen, ran_out, digest, recorded) -> None:
     """Move ``batches``, a new iterator over the resumed epoch, to where the run's checkpoint was taken: past the
     ``seen`` batches it read and, where the checkpoint came after the epoch's data ran out (its last, partial group's
     step), past their end too, for running out draws (a ``RandomSampler`` draws one more permutation, of which it yields
-    none) and the saved state holds that draw.
+    none) and the saved state holds that draw. The batches go into ``digest`` (:func:`_digest_batch`), which must come
+    to the run's ``recorded`` one (``None``: a checkpoint of an earlier version, not compared).
 
     :raises ValueError: where the data end elsewhere than the run's did (an ``IterableDataset`` yielding another number
-        of batches than its length says), before anything is trained on them.
+        of batches than its length says), or the replayed batches differ from those the run read (other data, or
+        randomness the checkpoint does not hold), before anything is trained on them.
     """
     end, read = object(), 0
-    while read < seen and next(batches, end) is not end:
+    while read < seen and (batch := next(batches, end)) is not end:
+        _digest_batch(digest, batch)
         read += 1
     if read < seen or (ran_out and next(batches, end) is not end):
         what = (f"ran out after {read} of the {seen} batches the run read" if read < seen else
                 f"went on past its {seen} batches, where the run's ran out")
         raise ValueError(f"fit(resume=True): the epoch's data {what}: they are not the run's data; resume on the run's "
                          "data, or rerun the fit from the start")
+    if recorded is not None and digest.hexdigest() != recorded:
+        raise ValueError(
+            f"fit(resume=True): the epoch's first {seen} batches, replayed, are not those the run read (their contents "
+            "differ): the data changed, or something random that orders or transforms them is not in the checkpoint (a "
+            "generator made on first use, as transformers' DataCollatorForLanguageModeling(seed=...) does, one held by a "
+            "torch Module, random.SystemRandom), so the run cannot go on as it would have; rerun the fit from the start")
+
+
+def _digest_batch(digest, batch) -> None:
+    """Add the tensors of ``batch`` (a dict; anything else is refused later by ``to_device``) to ``digest``: each key,
+    dtype, shape and bytes, read on the CPU."""
+    if not isinstance(batch, collections.abc.Mapping):
+        return
+    for key in sorted(batch, key=str):
+        value = batch[key]
+        if torch.is_tensor(value):
+            digest.update(f"{key}:{value.dtype}:{tuple(value.shape)};".encode())
+            digest.update(value.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _describe_elbo(elbo) -> str:
