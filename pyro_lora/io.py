@@ -546,9 +546,18 @@ def _file_sha256(file) -> str:
 
 
 def _adapter_sha256(folder) -> dict:
-    """File (relative to ``folder``, ``/``-separated) -> SHA-256, of every file in the adapter folder ``folder``; ``{}``
-    where there is none."""
-    return {p.relative_to(folder).as_posix(): _file_sha256(p) for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+    """File (relative to ``folder``, ``/``-separated) -> SHA-256, of the files peft reads in the adapter folder
+    ``folder`` (:func:`_read_by_peft`); ``{}`` where there is none."""
+    return {name: _file_sha256(p) for p in sorted(Path(folder).rglob("*"))
+            if p.is_file() and _read_by_peft(name := p.relative_to(folder).as_posix())}
+
+
+def _read_by_peft(name: str) -> bool:
+    """Whether peft reads the adapter folder's file ``name`` (its ``adapter_config.json`` and ``adapter_model.*``, of
+    any adapter's subfolder): not its model card (``README.md``, which its template invites editing), nor what an OS or
+    editor leaves there (``.DS_Store``, ``.ipynb_checkpoints/``)."""
+    parts = name.split("/")
+    return parts[-1].startswith("adapter_") and not any(part.startswith(".") for part in parts)
 
 
 def _canonical(meta: dict) -> bytes:
@@ -582,14 +591,12 @@ def _check_beside(path, meta) -> None:
         raise ValueError(f"{run} is not the record saved with its guide: {own} records none (saved without run=), so it "
                          f"was put there since, or guide.json and guide.safetensors taken from another save; {_AGAIN}")
     recorded = meta.get("adapter_sha256")
-    if recorded is None:
+    if recorded is None or not folder.exists():  # an adapter removed leaves nothing stale beside the guide
         return
+    recorded = {n: v for n, v in recorded.items() if _read_by_peft(n)}  # a save's before README.md was left out
     found = _adapter_sha256(folder)
     if found == recorded:
         return
-    if not folder.exists():
-        raise ValueError(f"{folder} is missing: {own} records the adapter saved with it (save_guide's adapter=True); "
-                         f"{_AGAIN}")
     if not recorded:
         raise ValueError(f"{folder} was not saved with {own}, which records no adapter (saved without adapter=True): it "
                          "was put there since; remove it, or save the guide with adapter=True, which writes it in the "
