@@ -504,7 +504,7 @@ def flow(setup):
     return post_hoc_note(setup, setup.svi(model, guide, train_network=False))
 
 
-@method("flow_val", bayesian=True, guide=FlowGuide, exportable=True, validation=True, base="flow")
+@method("flow_val", bayesian=True, guide=FlowGuide, exportable=True, validation=True, base="flow", tempered=True)
 def flow_val(setup):
     """Bayesian-LoRA with a posterior temperature chosen by validation NLL (every draw's deviation from the MAP
     times sqrt(T)), as ``meanfield_val`` tempers mean-field."""

@@ -129,8 +129,9 @@ class LastLayerLaplaceGuide(LoraGuide):
         return {"hessian": self.hessian, "prior_precision": float(self.prior_precision), "head": self.head}
 
     def extra_parameters(self):
-        """The numbers the posterior stores: ``P^2 + P`` (full) or ``C^2 + C + D1^2 + D1`` (KFAC)."""
-        return sum(getattr(self, name).numel() for name in self._eigen)
+        """The numbers the posterior stores: ``P^2 + P`` (full) or ``C^2 + C + D1^2 + D1`` (KFAC), and its one prior
+        precision ``lambda`` (fitted, as KFAC Laplace and MoLA count theirs)."""
+        return sum(getattr(self, name).numel() for name in self._eigen) + self.prior_precision.numel()
 
     def set_prior_precision(self, value):
         """Set ``lambda``, a positive finite number."""

@@ -201,7 +201,7 @@ def meanfield(setup):
     return post_hoc_note(setup, setup.svi(model, guide, train_network=False))
 
 
-@method("meanfield_val", bayesian=True, guide=MeanFieldGuide, exportable=True, validation=True, base="meanfield")
+@method("meanfield_val", bayesian=True, guide=MeanFieldGuide, exportable=True, validation=True, base="meanfield", tempered=True)
 def meanfield_val(setup):
     """Mean-field post hoc with a posterior temperature chosen by validation NLL (every std times sqrt(T)).
 

@@ -86,6 +86,7 @@ class Method:
     mc_formats: tuple = MC_FORMATS
     trains: bool = False
     float16: bool = True
+    tempered: bool = False
 
     @property
     def missing(self) -> list:
@@ -135,6 +136,11 @@ class Method:
         """The first line of the recipe's docstring."""
         return (self.recipe.__doc__ or self.name).strip().splitlines()[0]
 
+    def extra_parameters(self, guide) -> int:
+        """What its rows count as ``+params`` for its fitted ``guide``: the guide's own numbers, and the posterior
+        temperature its recipe fitted (:attr:`tempered`); ``fit`` and ``evaluate`` count alike."""
+        return guide.extra_parameters() + int(self.tempered)
+
     def task_likelihood(self, likelihood):
         """The task's likelihood as this method's model needs it."""
         return likelihood if self.likelihood is None else self.likelihood(likelihood)
@@ -147,7 +153,7 @@ MODELS: dict = {}  # a model class's registered name (its ``name`` attribute) ->
 def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[type] = None, model: type = LoraModel,
            exportable: bool = False, predictive: Callable = weight_samples, likelihood: Optional[Callable] = None,
            validation: bool = False, ts: bool = True, requires: tuple = (), base: Optional[str] = None,
-           mc_formats: tuple = MC_FORMATS, trains: bool = False, float16: bool = True):
+           mc_formats: tuple = MC_FORMATS, trains: bool = False, float16: bool = True, tempered: bool = False):
     """Register the decorated recipe ``recipe(setup) -> Fitted`` as method ``name``.
 
     :param bayesian: whether it is a posterior (or an ensemble), not a point estimate or a recalibration.
@@ -177,6 +183,8 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
         out of its default methods for another format and refuses it by name, before loading anything.
     :param float16: whether its recipe runs on a float16 base (``--dtype fp16``): ``compare`` refuses it, and leaves
         it out of its defaults, there (IVON has no loss scaling).
+    :param tempered: its recipe fits its guide's posterior temperature (:func:`~pyro_lora.guides.tuning.tempered_fit`),
+        a number the guide's ``extra_parameters`` leaves out: its rows count it (:meth:`Method.extra_parameters`).
     :raises ValueError: for a name already registered, or a model class whose ``name`` another class holds.
     """
     if not mc_formats or any(f not in MC_FORMATS for f in mc_formats):
@@ -185,8 +193,8 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
         raise ValueError(f"method name {name!r} must be a Python identifier (letters, digits, _): it names files and flags")
     if name in METHODS:
         raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
-    if not all(isinstance(flag, bool) for flag in (bayesian, exportable, validation, ts, trains, float16)):
-        raise ValueError(f"method {name!r}: bayesian, exportable, validation, ts, trains and float16 are True or False")
+    if not all(isinstance(flag, bool) for flag in (bayesian, exportable, validation, ts, trains, float16, tempered)):
+        raise ValueError(f"method {name!r}: bayesian, exportable, validation, ts, trains, float16 and tempered are True or False")
     if base is not None and (not isinstance(base, str) or base == name):
         raise ValueError(f"method {name!r}: base={base!r} must name another method")
     if guide is not None and not (isinstance(guide, type) and issubclass(guide, LoraGuide)):
@@ -207,7 +215,8 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
             raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
         MODELS[model.name] = model
         METHODS[name] = Method(name, recipe, bayesian, tuple(tasks), guide, model, exportable, predictive, likelihood,
-                               validation, ts, tuple(requires), base, tuple(mc_formats), trains, float16)
+                               validation, ts, tuple(requires), base, tuple(mc_formats), trains, float16,
+                               tempered)
         return recipe
 
     return register

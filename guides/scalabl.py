@@ -68,7 +68,7 @@ def scalabl(setup):
     return setup.svi(model, ScalaBLGuide(model))
 
 
-@method("scalabl_val", bayesian=True, guide=ScalaBLGuide, model=ScalaBLModel, validation=True, base="scalabl")
+@method("scalabl_val", bayesian=True, guide=ScalaBLGuide, model=ScalaBLModel, validation=True, base="scalabl", tempered=True)
 def scalabl_val(setup):
     """ScalaBL with a posterior temperature chosen by validation NLL (every std times sqrt(T))."""
     return tempered_fit(setup)

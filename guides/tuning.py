@@ -19,7 +19,7 @@ from pyro_lora.data import fixed_batches
 from pyro_lora.metrics import accuracy, nll
 from pyro_lora.predictive import predict
 
-from .registry import join_notes
+from .registry import get_method, join_notes
 
 # the validation accuracy a tuned value may cost against the grid's first (least noisy) value: the issue's 1 point
 MAX_ACCURACY_DROP = 0.01
@@ -174,11 +174,19 @@ def tempered_fit(setup):
     """The method's base fit (``setup.base_fit()``) with its guide's posterior temperature (``guide.set_temperature``)
     set by the validation NLL of its predictive with ``setup``'s samples and seed (:func:`tune_on_validation` over
     :data:`TEMPERATURE_GRID`): the :class:`~pyro_lora.guides.registry.Fitted`, its note joined with the tuning's, the
-    temperature in its ``chosen`` and counted as one more parameter (as a ``+ts`` row counts its temperature)."""
+    temperature in its ``chosen`` and counted as one more parameter (as a ``+ts`` row counts its temperature; the
+    method is registered ``tempered``, so that ``evaluate`` counts it too).
+
+    :raises ValueError: for a method not registered ``tempered``.
+    """
+    method = get_method(setup.method)
+    if not method.tempered:
+        raise ValueError(f"method {method.name!r} fits a posterior temperature: register it with @method(..., tempered=True), "
+                         "which counts it in its rows' +params, as evaluate does")
     fitted = setup.base_fit()
     guide = fitted.guide
     tuning = tune_on_validation(guide, "posterior temperature", guide.set_temperature, TEMPERATURE_GRID,
                                 setup.loader(setup.val), setup.config.samples, seed=setup.seed, start=guide.temperature)
     fitted.note, fitted.chosen = join_notes(fitted.note, tuning.note), {**fitted.chosen, "posterior_temperature": tuning.value}
-    fitted.extra_parameters += 1
+    fitted.extra_parameters = method.extra_parameters(guide)
     return fitted

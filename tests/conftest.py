@@ -2,6 +2,7 @@
 
 import contextlib
 import importlib.util
+import json
 import math
 import os
 import subprocess
@@ -20,6 +21,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 import pyro_lora.locking
 from pyro_lora import LoraModel, SequenceClassification
+from pyro_lora.experiments.setup import CompareConfig
 
 if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
@@ -93,6 +95,21 @@ def bert_checkpoint(folder, id2label=None, head=True):
     (folder / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "b"]))
     BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
     return str(folder)
+
+
+def toy_run(root, **kwargs):
+    """A tiny BERT and a two-class toy set under ``root``: the config of a run on them (seconds, not MiniLM's minutes)."""
+    data = root / "data" / "toy"
+    data.mkdir(parents=True)
+    (data / "meta.json").write_text(json.dumps({"task": "classification", "label_names": ["a", "b"]}))
+    words = ["a", "b", "a a", "b b", "a b", "b a", "a a b", "b b a"]
+    train = [{"id": i, "text": f"{' '.join([words[i % 8]] * (1 + i % 3))} {'ab'[i % 2]}", "label": i % 2} for i in range(40)]
+    test = [{"id": 100 + i, "text": words[i * 3 % 8] + " b a" * (i % 2 + 1), "label": i // 2 % 2} for i in range(12)]
+    for name, records in (("train", train), ("test", test)):
+        (data / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return CompareConfig(**{"model": bert_checkpoint(root / "bert"), "dataset": "toy", "data_dir": str(root / "data"),
+                            "train_size": 40, "test_size": 12, "epochs": 1, "samples": 4, "max_length": 16, "batch_size": 8,
+                            "out": str(root / "out"), "progress": False, **kwargs})
 
 
 def _randomize_b(net):

@@ -496,3 +496,21 @@ def test_a_resume_under_other_label_names_is_refused_before_loading(tmp_path, mo
     with pytest.warns(UserWarning, match="keeps no digest of the data"), \
             pytest.raises(ValueError, match=r"holds rows scored under other label names .*'neutral'"):
         compare.run_compare(config)
+
+
+def test_a_finished_run_is_not_shown_as_the_run_of_another_model(tmp_path):
+    """A finished run's rows were shown, nothing loaded, for --model naming another checkpoint (its record keeps the
+    base's digest, so the paths were not compared, and the digest was checked only once a seed had work to do)."""
+    import shutil
+
+    from conftest import bert_checkpoint, toy_run
+    from pyro_lora.experiments.compare import run_compare
+
+    config = toy_run(tmp_path, guides=("map",), ts=False)
+    rows = run_compare(config)
+    torch.manual_seed(1)  # other weights
+    other = bert_checkpoint(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"another base model than --model .*other loads now"):
+        run_compare(replace(config, model=other))
+    moved = shutil.copytree(config.model, tmp_path / "moved")  # the same checkpoint elsewhere: the same run
+    assert run_compare(replace(config, model=str(moved))) == rows

@@ -435,7 +435,7 @@ def test_save_and_load_give_identical_predictions(hessian, tmp_path):
     assert type(loaded) is LastLayerLaplaceGuide and loaded.hessian == hessian
     assert float(loaded.prior_precision) == float(guide.prior_precision) != 1.0
     torch.testing.assert_close(loaded.predict_glm(letter_data()).probs, before.probs, rtol=0, atol=0)
-    assert loaded.extra_parameters() == guide.extra_parameters() == (128**2 + 128 if hessian == "full" else 4**2 + 4 + 32**2 + 32)
+    assert loaded.extra_parameters() == guide.extra_parameters() == (128**2 + 128 if hessian == "full" else 4**2 + 4 + 32**2 + 32) + 1  # lambda
 
 
 @pytest.mark.parametrize("letters", [[20, 21, 22, 23], [10, 11, 12], [11, 10, 12, 13]])

@@ -30,6 +30,9 @@ class JitterGuide(LoraGuide):
     def posterior(self):
         return {name: dist.Normal(loc, self.std).to_event(loc.dim()) for name, loc in zip(self.sites, self.locs)}
 
+    def extra_parameters(self):
+        return 1  # its one std, as evaluate counts it too
+
     def config(self):
         return {"std": self.std}
 
@@ -37,7 +40,8 @@ class JitterGuide(LoraGuide):
 def jitter(setup):
     """A Gaussian of fixed std around the MAP (a test method)."""
     model = setup.lora_model(random="AB")
-    return Fitted(guide=JitterGuide(model, std=0.05), extra_parameters=1, note="std fixed at 0.05")
+    guide = JitterGuide(model, std=0.05)
+    return Fitted(guide=guide, extra_parameters=guide.extra_parameters(), note="std fixed at 0.05")
 
 
 @pytest.fixture
@@ -74,6 +78,7 @@ def test_a_method_registered_outside_runs_through_compare_fit_and_evaluate(tmp_p
     assert (out / "guide" / "adapter" / "adapter_config.json").is_file()
     again = evaluate_saved(out, progress=False)
     assert {k: again[k] for k in ("accuracy", "ece", "nll")} == {k: record["result"][k] for k in ("accuracy", "ece", "nll")}
+    assert again["extra_parameters"] == record["result"]["extra_parameters"] == 1
     assert record["fit_note"] == "std fixed at 0.05" and again["note"] == "std fixed at 0.05"  # evaluate keeps the fit's note
 
 
@@ -151,8 +156,8 @@ def test_registration_refuses_unusable_metadata():
             method(name, bayesian=True)(lambda setup: None)
     for kwargs, message in [({"guide": 42}, "is no LoraGuide subclass"), ({"exportable": True}, "exportable needs the guide"),
                             ({"predictive": None}, "predictive .and likelihood, if given. must be functions"),
-                            ({"bayesian": "no"}, "bayesian, exportable, validation, ts, trains and float16 are True or False"),
-                            ({"validation": 1}, "bayesian, exportable, validation, ts, trains and float16 are True or False")]:
+                            ({"bayesian": "no"}, "bayesian, exportable, validation, ts, trains, float16 and tempered are True or False"),
+                            ({"validation": 1}, "bayesian, exportable, validation, ts, trains, float16 and tempered are True or False")]:
         with pytest.raises(ValueError, match=message):
             method("odd", **{"bayesian": True, **kwargs})(lambda setup: None)
     first, second = method("twice", bayesian=True), method("twice", bayesian=True)

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import toy_run
+
 from pyro_lora.experiments import cli
 from pyro_lora.experiments import compare as C
 from pyro_lora.experiments import saved as S
@@ -1350,3 +1352,35 @@ def test_a_letter_prompt_cut_into_its_options_is_refused_before_training(monkeyp
                            test_size=4, out="unused", progress=False)
     with pytest.raises(ValueError, match=r"^the \w+ records cannot be collated \(.*options.*\); checked before training"):
         prepare(config, 0)
+
+
+@pytest.mark.parametrize("guide", ["meanfield_val", "flow_val", "scalabl_val"])
+def test_evaluate_counts_a_fitted_posterior_temperature_as_the_fit_does(tmp_path, guide):
+    """fit's row counted meanfield_val's posterior temperature in +params (257), evaluate's left it out (256)."""
+    row = S.fit_one(toy_run(tmp_path, guides=(guide,)))
+    again = S.evaluate_saved(tmp_path / "out", progress=False)
+    saved = json.loads((tmp_path / "out" / "guide" / "guide.json").read_text())
+    assert saved["config"]["temperature"] == row["posterior_temperature"]  # the fitted number, saved with the guide
+    base = S.fit_one(toy_run(tmp_path / "base", guides=(guide.removesuffix("_val"),)))["extra_parameters"]
+    assert again["extra_parameters"] == row["extra_parameters"] == base + 1
+
+
+def test_bayesianize_refuses_an_adapter_swapped_in_from_another_save(tmp_path):
+    """bayesianize read guide/adapter and the run.json beside it unchecked: another save's adapter/ (another seed's
+    head) put there ran under this record's settings and seed."""
+    import shutil
+
+    for seed in (0, 1):
+        S.fit_one(toy_run(tmp_path / f"s{seed}", guides=("map",), seeds=(seed,)), adapter=True)
+    heads = [read_safetensors(tmp_path / f"s{seed}" / "out" / "guide" / "adapter" / "adapter_model.safetensors")
+             for seed in (0, 1)]
+    assert any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0] if "classifier" in k)  # two other adapters
+    assert S.fit_settings(tmp_path / "s1" / "out" / "guide" / "adapter")["seed"] == 1  # its own: read
+    adapter = tmp_path / "s0" / "out" / "guide" / "adapter"
+    shutil.rmtree(adapter)
+    shutil.copytree(tmp_path / "s1" / "out" / "guide" / "adapter", adapter)
+    config = toy_run(tmp_path / "tfb", guides=("tfb",))
+    with pytest.raises(ValueError, match=r"adapter.*(not the one saved|SHA-256)"):
+        S.bayesianize_adapter(config, adapter)
+    with pytest.raises(ValueError, match=r"adapter.*(not the one saved|SHA-256)"):
+        S.fit_settings(adapter)  # what the command line reads first

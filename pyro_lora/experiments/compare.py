@@ -33,8 +33,9 @@ def fit_method(setup, name: str, map_seconds: float = 0.0):
         fitted = method.recipe(view)
         fit_seconds = time.perf_counter() - t
     _check_fitted(method, fitted)
-    setup.keep_fit(name, fitted, fit_seconds)
-    fit_seconds += (map_seconds if fitted.is_map else 0.0) + fitted.inherited_seconds
+    fit_seconds += fitted.inherited_seconds
+    setup.keep_fit(name, fitted, fit_seconds)  # its whole fit, bases included: what a method starting from it inherits
+    fit_seconds += map_seconds if fitted.is_map else 0.0
     if fitted.predict is None:
         fitted = replace(fitted, predict=predictor(view, method, fitted.guide))
     costs = {"fit_seconds": fit_seconds, "fit_memory_mb": memory.megabytes, "extra_parameters": fitted.extra_parameters}
@@ -62,6 +63,10 @@ def _check_fitted(method, fitted):
     if method.guide is not None and type(fitted.guide.model) is not method.model:
         raise TypeError(f"method {method.name!r} is registered with model={method.model.__name__}, and its guide's model is a "
                         f"{type(fitted.guide.model).__name__}: register the model class its recipe builds")
+    if method.guide is not None and fitted.extra_parameters != method.extra_parameters(fitted.guide):
+        raise ValueError(f"method {method.name!r}: its recipe counts {fitted.extra_parameters} extra parameters, and its saved "
+                         f"guide {method.extra_parameters(fitted.guide)} (Method.extra_parameters), which evaluate counts: "
+                         "count what the guide holds in its extra_parameters, or register the method tempered")
 
 
 def predictor(setup, method, guide):
@@ -210,6 +215,11 @@ def _fill(run, config, reference):
     say = print if is_main() else (lambda *a, **k: None)
     plan = {seed: [g for g in config.guides if not all(run.complete(r, seed, datasets) for r in row_names(config, g))]
             for seed in config.seeds}
+    if not any(plan.values()) and run.base is not None and run.model_moved:
+        # nothing to run, so no seed loads the base its digest is checked on: a --model path other than the rows' may
+        # name another checkpoint (refused) or the same one moved (its rows shown)
+        setup = prepare(config, config.seeds[0])
+        run.check_base(base_digest(setup.net, setup.tokenizer))
     eta = _Estimate(sum(map(len, plan.values())))
     for seed in config.seeds:
         todo = plan[seed]

@@ -160,6 +160,7 @@ class RunFolder:
         self.data = None  # digest of the records its rows were scored on (:func:`~.setup.data_digest`)
         self.data_sets = None  # evaluation set -> digest of its records (:func:`~.setup.set_digests`)
         self.base = None  # digest of the base model's weights they were scored with (:func:`~.setup.base_digest`)
+        self.model_moved = False  # whether --model names another path than the one its rows were scored with
         self.seeding = {}  # row name -> the oldest seeding of its rows (:func:`recorded_seeding`)
         self.labels = None  # evaluation set -> the label names its rows were scored under (:func:`~.setup.label_names`)
         self.scoring = None  # the cloze scoring form of its rows (:func:`recorded_scoring`)
@@ -170,6 +171,9 @@ class RunFolder:
             self._check_same(saved)
             self.rows, self.failed, self.sizes = saved["per_seed"], saved.get("failed", []), saved.get("sizes")
             self.maps, self.data, self.base = dict(saved.get("maps", {})), saved.get("data"), recorded_base(saved)
+            # compared by path here, as a record without the base's digest is (where it has one, the digest decides)
+            self.model_moved = "model" in config_differences({k: saved[k] for k in ("config", "request") if k in saved},
+                                                             {"model": config.model})
             self.data_sets = saved.get("data_sets")
             self.labels, self.scoring = saved.get("labels"), recorded_scoring(saved)
             self.seeding = recorded_seeding(saved)

@@ -14,7 +14,8 @@ from .. import data as D
 from ..checks import check_count
 from ..contract import drawn_at_load
 from ..costs import PeakMemory
-from ..io import check_sealed, load_guide, read_safetensors, recover_directory, save_guide, writable_folder
+from ..io import (_check_beside, _read_meta, check_sealed, load_guide, read_safetensors, recover_directory, save_guide,
+                  writable_folder)
 from ..model import LoraModel
 from ..model_files import label_key, local_model_path, minilm_dir
 from ..kinds import KINDS
@@ -238,8 +239,9 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
     recorded row is returned (:func:`_finished_row`); ``overwrite`` replaces the run there, whichever it is.
 
     :raises ValueError: before loading the model, for a configuration that cannot run, a folder that holds no
-        peft adapter, an ``out`` whose ``guide`` folder (which saving replaces) holds the adapter or lies in it
-        (``overwrite`` or not), or an ``out`` that holds another run (:func:`_finished_row`).
+        peft adapter, a saved guide folder's adapter that is not the one saved with its ``run.json`` (:func:`_fit_run`),
+        an ``out`` whose ``guide`` folder (which saving replaces) holds the adapter or lies in it (``overwrite`` or
+        not), or an ``out`` that holds another run (:func:`_finished_row`).
     """
     task = check_config(config, guides=(), writes=False, trains=False)
     check_count(anchors, "anchors")
@@ -350,9 +352,17 @@ def _adapter_digest(adapter_dir) -> str:
 
 def _fit_run(adapter_dir) -> dict:
     """The record of the `fit` run that wrote ``adapter_dir`` (``fit --adapter``: its ``run.json`` beside it, found
-    through links), or ``{}`` for an adapter from elsewhere."""
+    through links), or ``{}`` for an adapter from elsewhere.
+
+    :raises ValueError: for a saved guide folder's ``adapter/`` or ``run.json`` other than the ones saved together
+        (:func:`~pyro_lora.io._check_beside`): another save's adapter would run under this record's settings and seed.
+    """
+    adapter = Path(adapter_dir).resolve()
+    unit = adapter.parent
+    if adapter.name == "adapter" and (unit / "guide.json").is_file():
+        _check_beside(unit, _read_meta(unit))
     try:
-        run = json.loads((Path(adapter_dir).resolve().parent / "run.json").read_text(encoding="utf-8"))
+        run = json.loads((unit / "run.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return run if isinstance(run, dict) else {}
@@ -510,7 +520,7 @@ def evaluate_saved(run_dir, **overrides) -> dict:
     prediction, costs = evaluate(setup, Fitted(predictor(view, method, guide)), setup.test, method.name, config.dataset,
                                  seeding=run.get("predict_seeding", 1))
     row = join_row({"guide": method.name, "setting": method.setting, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
-                   costs, {"extra_parameters": guide.extra_parameters(), "test_examples": len(setup.test)})
+                   costs, {"extra_parameters": method.extra_parameters(guide), "test_examples": len(setup.test)})
     # the fit's own note (a tuning at the end of its grid, a search at the end of its range) holds for the guide
     available = len(D.load_records(config.dataset, "test", config.data_dir))
     base = base_digest(setup.net, setup.tokenizer) if recorded_base(run) is not None else None  # a pass over the weights

@@ -201,7 +201,8 @@ class Setup:
 
     def keep_fit(self, name: str, fitted: Fitted, seconds: float):
         """Keep method ``name``'s fit, with the adapter and head as it left them, where a requested method starts
-        from it (its registered ``base``); other fits are not held through the seed."""
+        from it (its registered ``base``); other fits are not held through the seed. ``seconds``: its whole fit time,
+        the fits it started from included (its row's), which a method starting from it inherits."""
         requested = self.config.guides or METHODS  # None: every method that applies
         if any(get_method(g).base == name for g in requested):
             params = dict(self.net.named_parameters())
@@ -211,7 +212,8 @@ class Setup:
         """The fit of this view's method's registered ``base`` under this seed: the one ``compare`` kept, with the
         network put back as that fit left it (a guide that trained the adapter predicts with it), else fitted now
         under the base's own seed (the same result). Its ``inherited_seconds`` are the kept fit's time (a fit made
-        now is inside the caller's timing). Its guide is a copy (sharing the model): the caller may tune it, and
+        now is inside the caller's timing, less what that fit inherited itself: a chain of bases counts each fit
+        once). Its guide is a copy (sharing the model): the caller may tune it, and
         another variant of the same base still gets the base's guide as the base left it.
 
         :raises ValueError: outside a method's view (:meth:`for_method`), or for a method registered without a base.
@@ -224,7 +226,8 @@ class Setup:
             seed_for(self.seed, base, "fit")
             start = time.perf_counter()
             fitted = get_method(base).recipe(self.for_method(base))
-            self.kept[base] = (fitted, time.perf_counter() - start, None)  # the network is as the fit left it
+            # the network is as the fit left it; its time, as its own row's, holds the kept fits it started from
+            self.kept[base] = (fitted, time.perf_counter() - start + fitted.inherited_seconds, None)
             seed_for(self.seed, self.method, "fit")  # the caller goes on as after a kept fit (compare seeded it so)
         fitted, seconds, state = self.kept[base]
         if state is not None:
@@ -235,8 +238,8 @@ class Setup:
         guide = fitted.guide
         if guide is not None:  # the guide's own tensors copied, never the model, the network or any part of it
             guide = copy.deepcopy(guide)
-        # fitted now, inside the caller's recipe, whose timing already holds it: nothing more to inherit
-        return replace(fitted, guide=guide, inherited_seconds=0.0 if fresh else seconds)
+        # fitted now, inside the caller's recipe, whose timing holds it: only the kept fits it started from to inherit
+        return replace(fitted, guide=guide, inherited_seconds=fitted.inherited_seconds if fresh else seconds)
 
     def std_lr_scale(self, travel=100.0) -> float:
         """The guides' ``std_lr_scale`` for this run: Adam moves ``log sigma`` by about ``std_lr_scale * lr`` per

@@ -114,9 +114,11 @@ def header_section(runs, command, now, failed=()):
               "", "Costs: `fit s` is the time of a row's own fit, beyond the seed's MAP where the method starts from it "
                   "(the post-hoc posteriors, temperature scaling, the ensemble's further members: add the `map` row's "
                   "time for their whole cost; a method that trains its own adapter, such as MC dropout, counts that "
-                  "whole training); a `_val` row includes its base method's fit, a `+ts` row its method's fit and the "
-                  "temperature's. `+params` counts the numbers a method stores beyond plain LoRA, a fitted temperature "
-                  "as one."]
+                  "whole training); a `_val` row includes its base method's whole fit (`mola_val`'s holds `mola`'s and "
+                  "the ensemble's), a `+ts` row its method's fit and the temperature's. `+params` counts the numbers a "
+                  "method stores beyond plain LoRA, a fitted temperature as one. `peak MB` is the whole process's peak "
+                  "resident memory on the CPU (the imports and the base model dominate it; the order methods run in "
+                  "moves it by tens of MB)."]
     return "\n".join(lines)
 
 
