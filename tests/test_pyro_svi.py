@@ -1075,7 +1075,7 @@ def test_a_pyro_autoguide_trains_with_svi_and_is_refused_by_fit_with_a_pointer()
     for b in toy_data(n=16, batch=8):
         svi.step(b)
     assert head and all(not torch.equal(p, q) for p, q in zip(head, before))
-    with pytest.raises(ValueError, match="cannot fit with a AutoNormal: .* for a Pyro autoguide use pyro.infer.SVI"):
+    with pytest.raises(ValueError, match="cannot fit with a AutoNormal: .* for a Pyro autoguide, or a guide function of your own, use pyro.infer.SVI"):
         fit(model, auto, toy_data(n=8, batch=8), progress=False)
 
 
