@@ -9,6 +9,7 @@ used by :func:`predict_ensemble`).
 """
 
 import contextlib
+import sys
 import warnings
 
 import pyro
@@ -105,7 +106,7 @@ class EnsembleGuide(LoraGuide):
                 for j, name in enumerate(self.head_parameters):
                     getattr(self, f"head_{j}")[k] = head[name].detach()
         if members is not None and heads is None:
-            _warn_shared_head(model, members, 3 if type(self) is EnsembleGuide else 4)
+            _warn_shared_head(self, members)
         self._heads_for = None  # S while member_heads(S) is active
 
     @property
@@ -480,12 +481,17 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     return EnsembleGuide(model, members, heads if heads_names else None)
 
 
-def _warn_shared_head(model, members, stacklevel):
+def _warn_shared_head(guide, members):
     """Warn where the network's head was trained beside LoRA values other than some members': without ``heads``,
     every member predicts through that one head, not the head each was trained with (MAP guides' ``mean()`` of
-    separate fits, each with its own head, the last one's left in the network)."""
+    separate fits, each with its own head, the last one's left in the network). Called from ``guide.__init__``."""
+    model = guide.model
     found = trained_beside_head(model, members) if model.named_point_parameters() else None
     if found and found[1]:
+        # the warning points at the line that built the guide: past every __init__ of its class chain on the stack
+        frame, stacklevel = sys._getframe(1), 2
+        while frame is not None and frame.f_code.co_name == "__init__" and frame.f_locals.get("self") is guide:
+            frame, stacklevel = frame.f_back, stacklevel + 1
         warnings.warn(
             f"the network's head was trained by a {found[0]} beside LoRA values other than member(s) "
             f"{', '.join(map(str, found[1]))}: without heads=, every member predicts through that one head, not the head "

@@ -269,15 +269,21 @@ def unwritten_fit(model) -> _Fitted | None:
     entry = getattr(model.net, _FITTED, {}).get(model.adapter)
     if entry is None:
         return None
-    record = entry.weights
+    record = _settled(entry)
     held = [(n, p) for n, p in model.named_lora_weights() if n in record]
-    lazy = {(n, i): v for n, _ in held for i, v in enumerate(record[n]) if torch.is_tensor(v)}  # an SVI step's
-    _settle(lazy)
-    record.update((n, tuple(lazy.get((n, i), v) for i, v in enumerate(record[n]))) for n, _ in held)
     sums = value_sums(p for _, p in held)
     if not held or any(sums[id(p)] != record[n][0] for n, p in held):  # written or loaded since: it holds what was put there
         return None
     return entry if any(record[n][0] != record[n][1] for n, _ in held) else None
+
+
+def _settled(entry) -> dict:
+    """``entry.weights`` (:func:`record_fit`) with an SVI step's lazy sums read to the host, in place."""
+    record = entry.weights
+    lazy = {(n, i): v for n, pair in record.items() for i, v in enumerate(pair) if torch.is_tensor(v)}
+    _settle(lazy)
+    record.update([(n, tuple(lazy.get((n, i), v) for i, v in enumerate(pair))) for n, pair in record.items()])
+    return record
 
 
 def trained_beside_head(model, members: list):
@@ -303,9 +309,7 @@ def trained_beside_head(model, members: list):
     entry = getattr(model.net, _FITTED, {}).get(model.adapter)
     if entry is None or not head_left_by(entry, model):
         return None
-    record = entry.weights
-    trained = {n: record[n][1] for n in record}
-    _settle(trained)
+    trained = {n: pair[1] for n, pair in _settled(entry).items()}
     if any(v is None for v in trained.values()):  # a site no peft weight holds left its start: no sums to compare
         return None
     others = []

@@ -582,8 +582,21 @@ def test_members_of_separate_fits_without_their_heads_are_warned_of_sharing_the_
         fit(model, guides[-1], data, epochs=2, lr=1e-1, progress=False)
         heads.append({n: p.detach().clone() for n, p in model.named_point_parameters()})
     members = [{n: v.detach().clone() for n, v in g.mean().items()} for g in guides]
-    with pytest.warns(UserWarning, match=r"trained by a MAPGuide beside LoRA values other than member\(s\) 0, 1: "):
+    with pytest.warns(UserWarning, match=r"trained by a MAPGuide beside LoRA values other than member\(s\) 0, 1: ") as caught:
         EnsembleGuide(model, members)
+
+    class Mine(EnsembleGuide):
+        def __init__(self, model, members):
+            super().__init__(model, members)
+
+    class Deeper(Mine):
+        def __init__(self, model, members):
+            super().__init__(model, members)
+
+    with pytest.warns(UserWarning, match="trained by a MAPGuide") as deeper:
+        Deeper(model, members)
+    # said where the guide was built, however deep its class
+    assert [w.filename for w in (*caught, *deeper)] == [__file__] * 2 and deeper[0].lineno == caught[0].lineno + 11
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         EnsembleGuide(model, members, heads)  # each member's own head

@@ -479,7 +479,7 @@ def _read_record(path, overrides):
             raise ValueError(f"model class {run['model_class']!r} is not the model of method {name!r} ({method.model.name!r})")
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{path} is not a complete run record ({type(error).__name__}: {error})") from None
-    try:
+    try:  # before the base model loads; load_guide checks the files again as it reads them (a few MB hashed twice)
         check_sealed(path.parent)
     except (ValueError, OSError) as error:
         raise ValueError(f"{error}; evaluate re-scores a run as saved (--test-size, --samples, --device and --data-dir may "
