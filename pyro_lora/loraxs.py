@@ -128,11 +128,13 @@ def init_lora_xs(net, adapter: str | None = None) -> list[str]:
         w0 = torch.stack([base_weight(layers[p]).float() for p in paths])  # [G, d_out, d_in]
         u, s, vh = torch.linalg.svd(w0, full_matrices=False)
         u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
-        # a direction of singular value 0 is no direction of W0: A's row would be 0 and that core row and column inert
-        deficient = (s[:, -1] <= torch.finfo(torch.float32).eps * s[:, 0]).nonzero().flatten().tolist()
+        # a direction of singular value 0 is no direction of W0: A's row would be 0 and that core row and column inert.
+        # An fp32 SVD's zeros come out at rounding noise that grows with the width (numpy's matrix_rank tolerance)
+        deficient = (s[:, -1] <= max(w0.shape[1:]) * torch.finfo(torch.float32).eps * s[:, 0]).nonzero().flatten().tolist()
         if deficient:
             raise ValueError(f"the base weight of {paths[deficient[0]]} has rank below the LoRA rank {r} (its singular "
-                             f"values {s[deficient[0]].tolist()[-2:]} end at zero; an all-zero weight has none): LoRA-XS "
+                             f"values {s[deficient[0]].tolist()[-2:]} end at zero, within the SVD's rounding; an all-zero "
+                             "weight has none): LoRA-XS "
                              "adapts W0's top-r directions; lower the rank or leave that layer out of target_modules")
         # svd_flip-style sign convention: U's largest-magnitude entry per column is positive
         sign = torch.sign(u.gather(-2, u.abs().argmax(-2, keepdim=True)))  # [G, 1, r]

@@ -122,6 +122,32 @@ def test_loraxs_refuses_what_would_train_or_decompose_something_else_and_a_refus
             assert all(torch.equal(p, before[n]) for n, p in net.named_parameters() if "lora_" in n)
 
 
+@pytest.mark.parametrize("width", [384, 768])
+def test_a_rank_deficient_base_weight_of_a_realistic_width_is_refused(width):
+    """A rank-4 base weight under LoRA rank 8 was refused at width 32 only: at 384 its fp32 SVD's zeros come out
+    at 7e-7 of the largest singular value (the old bound 1.2e-7), so half of every core multiplied rounding noise.
+    Exactly rank 8, and a full-rank weight, pass."""
+    from peft import LoraConfig, get_peft_model
+
+    def adapted(rank):
+        generator = torch.Generator().manual_seed(width + rank)
+        net = get_peft_model(torch.nn.Sequential(torch.nn.Linear(width, width)), LoraConfig(r=8, target_modules=["0"]))
+        weight = torch.randn(width, width, generator=generator) * 0.02
+        if rank:
+            weight = torch.randn(width, rank, generator=generator) @ torch.randn(rank, width, generator=generator) * 0.02
+        with torch.no_grad():
+            net.base_model.model[0].base_layer.weight.copy_(weight)
+        return net
+
+    with pytest.raises(ValueError, match=r"base weight of .*0 has rank below the LoRA rank 8 .*within the SVD's rounding"):
+        init_lora_xs(adapted(4))
+    for rank in (8, 0):
+        net = adapted(rank)
+        init_lora_xs(net)
+        a = net.base_model.model[0].lora_A["default"].weight
+        assert a.norm(dim=1).min() > 1e-3 * a.norm(dim=1).max()
+
+
 @pytest.mark.parametrize("options, says", [
     ({"bias": "lora_only"}, r"peft's bias='lora_only' trains base biases \(128 numbers, .*query.base_layer.bias the first\)"
                             r".*build the adapter with bias='none'"),
