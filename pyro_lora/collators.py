@@ -7,6 +7,7 @@ for token-level language modelling. :func:`pyro_lora.data.make_loader` wraps one
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -120,6 +121,22 @@ def _cuttable(tokenizer, records, format: str, rows: list[list[int]]) -> list[in
     return [_shared_start(p, row) for p, row in zip(passages, rows)]
 
 
+def _warn_cut(collator, records, lengths: dict) -> None:
+    """Warn, once per collator, that texts of a batch lose their end to its ``max_length`` (a legitimate cut, but one
+    that can remove what tells texts apart): ``lengths`` maps a record's place in ``records`` to its whole length in
+    tokens (special ones included); those longer than ``max_length`` were cut. Later batches are not counted: a run's
+    per-split counts are :func:`~pyro_lora.experiments.setup.prepare`'s, which marks its collator said."""
+    cut = [(i, n) for i, n in lengths.items() if n > collator.max_length]
+    if collator._cut_said or not cut:
+        return
+    collator._cut_said = True
+    first, tokens = cut[0]
+    warnings.warn(f"{len(cut)} of the {len(records)} texts of a batch are longer than max_length={collator.max_length} "
+                  f"tokens and are cut to it (the first, record {records[first].get('id')!r}, is {tokens} tokens): the "
+                  f"model reads none of what follows; raise max_length to keep them whole ({type(collator).__name__} "
+                  "says this once: later batches may cut more)", stacklevel=3)
+
+
 def _choice_mask(records, num_choices: int) -> torch.Tensor:
     counts = torch.tensor([len(r["choices"]) for r in records])
     return torch.arange(num_choices)[None, :] < counts[:, None]
@@ -131,8 +148,11 @@ class ClassificationCollator:
     Returns ``input_ids [B, T]``, ``attention_mask [B, T]``, ``token_type_ids [B, T]`` (when the
     tokenizer makes them) and ``labels [B]``; padded on the right (whatever the tokenizer's
     ``padding_side``: :class:`~pyro_lora.SequenceClassification` reads right-padded batches) to the longest
-    text in the batch, truncated to ``max_length`` tokens.
+    text in the batch, truncated to ``max_length`` tokens: the first batch that cuts a text says so in a warning
+    (how many of its texts, the first by id).
     """
+
+    _cut_said = False  # whether a cut was said: once per collator
 
     def __init__(self, tokenizer, max_length: int = 128):
         self.tokenizer = tokenizer
@@ -151,6 +171,11 @@ class ClassificationCollator:
         )
         out = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         out["labels"] = _labels(records)
+        if not self._cut_said:  # only a row of max_length tokens may have been cut: those are tokenized whole
+            full = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).sum(-1) == self.max_length
+            at = full.nonzero().flatten().tolist()
+            whole = self.tokenizer([records[i]["text"] for i in at], verbose=False)["input_ids"] if at else []
+            _warn_cut(self, records, {i: len(ids) for i, ids in zip(at, whole)})
         return out
 
 
@@ -313,11 +338,13 @@ class CausalLMCollator:
     equal ``input_ids`` with -100 on padding (the model shifts them). The text of each record comes
     from ``text_fn`` (default ``record_text``). Records of either layout are checked as the reader checks them
     (:func:`~pyro_lora.records.validate_record`, the task told by :func:`~pyro_lora.records.record_task`).
-    A text longer than ``max_length`` tokens loses its end, except a multiple-choice record's default text (question
-    and correct answer), which loses the start of its question: cutting its end trained on the question without the
+    A text longer than ``max_length`` tokens loses its end (the first batch that cuts one says so in a warning), except
+    a multiple-choice record's default text (question and correct answer), which loses the start of its question: cutting its end trained on the question without the
     answer. A cut that would reach its question or answer (only a passage is cut) is refused (``ValueError`` naming
     the ``max_length`` needed): the label would not change what is trained.
     """
+
+    _cut_said = False  # whether a cut of a text's end was said: once per collator
 
     def __init__(self, tokenizer, max_length: int = 512, text_fn: Callable[[dict], str] = record_text):
         self.tokenizer = tokenizer
@@ -335,8 +362,10 @@ class CausalLMCollator:
                              "encodes as nothing, e.g. an empty string): leave them out, or give them text")
         budget = self.max_length - len(self.prefix)
         rows = [self.prefix + ids[:budget] for ids in encoded]
-        if self.text_fn is record_text:  # a multiple-choice record keeps its answer: it loses its question's start
-            chosen = [(i, r) for i, r in enumerate(records) if record_task(r) == "multiple_choice"]
+        chosen = [(i, r) for i, r in enumerate(records) if self.text_fn is record_text and record_task(r) == "multiple_choice"]
+        kept = {i for i, _ in chosen}  # their end stays: what they lose is checked below
+        _warn_cut(self, records, {i: len(self.prefix) + len(ids) for i, ids in enumerate(encoded) if i not in kept})
+        if chosen:  # a multiple-choice record keeps its answer: it loses its question's start
             cuts = _cuttable(self.tokenizer, [r for _, r in chosen], "cloze", [encoded[i] for i, _ in chosen])
             for (i, record), cuttable in zip(chosen, cuts):
                 cut = len(encoded[i]) - budget

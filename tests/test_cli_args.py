@@ -399,6 +399,54 @@ def test_multiple_choice_repeats_are_found_in_every_field_the_model_reads():
     assert len(messages) == 3
 
 
+def test_texts_cut_to_max_length_are_counted_per_split(tmp_path):
+    """Classification texts longer than --max-length were cut without a word: 80 of 80 test texts, all left as one
+    input, scored at chance. Each split says how many of its texts are cut (the first by id), a scored split how many
+    different texts the cut leaves as one input; texts within the limit say nothing."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    from conftest import bert_checkpoint, toy_run
+    from pyro_lora.experiments.setup import CompareConfig, _warn_about_splits, prepare
+
+    tok = AutoTokenizer.from_pretrained(bert_checkpoint(tmp_path / "bert"))
+    words = lambda n, first="b": " ".join((first + "ab".replace(first, ""))[i % 2] for i in range(n))  # noqa: E731
+    # [CLS] + words + [SEP]: a text of n words is n + 2 tokens, cut above 6 (more than 4 words)
+    train = [{"id": f"t{i}", "text": words(n), "label": i % 2} for i, n in enumerate((2, 5, 3, 6, 4, 7))]
+    val = [{"id": "v0", "text": words(3), "label": 0}, {"id": "v1", "text": words(4), "label": 1}]
+    test = [{"id": "s0", "text": "a b a b a", "label": 0}, {"id": "s1", "text": "a b a b b", "label": 1},
+            {"id": "s2", "text": "a b a b a a", "label": 0}, {"id": "s3", "text": "b b", "label": 1},
+            {"id": "s4", "text": "b b b b b", "label": 0}, {"id": "s5", "text": "b b b b b", "label": 1}]  # one text
+    shift = [{"id": "h0", "text": "a a", "label": 0}]
+
+    def said(config):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            _warn_about_splits(config, tok, train, val, test, {"shift": shift})
+        return [str(w.message) for w in record if "max-length" in str(w.message)]
+
+    assert said(CompareConfig(dataset="toy", max_length=9)) == []  # the longest, 9 tokens, fits
+    assert said(CompareConfig(dataset="toy", max_length=6)) == [
+        "3 of the 6 training records of 'toy' are longer than --max-length 6 tokens and are cut to it (the first, record "
+        "'t1', is 7 tokens): the model reads none of what follows; raise --max-length to keep them whole (the longest "
+        "needs --max-length 9)",
+        "5 of the 6 test records of 'toy' are longer than --max-length 6 tokens and are cut to it (the first, record "
+        "'s0', is 7 tokens): the model reads none of what follows; raise --max-length to keep them whole (the longest "
+        "needs --max-length 8)",
+        "the cut to --max-length 6 leaves 3 of the 6 test records of 'toy', different texts, as 1 input(s) (the first: "
+        "records 's0' and 's1'): the model cannot tell them apart, so each input's records get one prediction; raise "
+        "--max-length"]
+    assert said(CompareConfig(dataset="toy", max_length=7))[1].startswith("1 of the 6 test records of 'toy' are longer")
+    # a run says it once, before training: its batches do not say it again
+    config = toy_run(tmp_path, max_length=4)
+    with pytest.warns(UserWarning, match=r"of the 36 training records of 'toy' are longer than --max-length 4 tokens"):
+        setup = prepare(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        setup.collator(list(setup.train))
+
+
 @pytest.mark.parametrize("command, kept", [("compare", "the same command resumes the rest"),
                                            ("fit", "no file was left half-written")])
 def test_ctrl_c_says_what_is_kept_in_one_line(command, kept, monkeypatch, tmp_path, capsys):

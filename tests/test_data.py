@@ -861,3 +861,35 @@ def test_causal_lm_collator_batches_of_either_layout_alone_or_mixed(smol_tok):
     for make in (D.ClassificationCollator, D.LetterCollator, D.ClozeCollator, D.CausalLMCollator):
         with pytest.raises(ValueError, match="a batch of no records"):
             make(smol_tok)([])
+
+
+def test_classification_texts_cut_to_max_length_are_said_once(tmp_path):
+    """ClassificationCollator cut a text to max_length without a word (80 of 80 test texts left as one input, scored at
+    chance); CausalLMCollator cut a text's end the same way. The first batch that cuts says how many of its texts and
+    the first by id, once per collator; texts within the limit say nothing."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    from conftest import bert_checkpoint
+
+    tok = AutoTokenizer.from_pretrained(bert_checkpoint(tmp_path / "bert"))
+    # [CLS] + words + [SEP]: 3, 8 and 10 tokens
+    recs = [{"id": f"r{n}", "text": " ".join("ab"[i % 2] for i in range(n)), "label": 0} for n in (1, 6, 8)]
+    collate = D.ClassificationCollator(tok, max_length=7)
+    with pytest.warns(UserWarning) as record:
+        batch = collate(recs)
+    assert batch["attention_mask"].sum(-1).tolist() == [3, 7, 7]
+    assert [str(w.message) for w in record] == [
+        "2 of the 3 texts of a batch are longer than max_length=7 tokens and are cut to it (the first, record 'r6', is 8 "
+        "tokens): the model reads none of what follows; raise max_length to keep them whole (ClassificationCollator "
+        "says this once: later batches may cut more)"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        collate(recs)  # said once
+        D.ClassificationCollator(tok, max_length=10)(recs)  # the longest fits exactly
+        D.ClassificationCollator(tok, max_length=7)(recs[:1])
+        D.CausalLMCollator(tok, max_length=9)(recs)  # [CLS] + words: 2, 7 and 9 tokens
+    with pytest.warns(UserWarning, match=r"^1 of the 3 texts of a batch are longer than max_length=8 tokens and are cut "
+                                         r"to it \(the first, record 'r8', is 9 tokens\).*\(CausalLMCollator says"):
+        D.CausalLMCollator(tok, max_length=8)(recs)

@@ -16,7 +16,7 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from .. import data as D
-from ..collators import _TooLong
+from ..collators import _TooLong, _positions
 from ..contract import CONFIG_IGNORED, weights_digest
 from ..ownership import take_over
 from ..io import writable_folder
@@ -292,6 +292,7 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
             collator = D.LetterCollator(tok, config.max_length)
         _check_collates(collator, {"train": train, "validation": val, "test": test, **shifted}, max_positions(config.model))
     _warn_about_splits(config, tok, train, val, test, shifted)
+    collator._cut_said = True  # each split's cuts are said above: the batches need not say them again
     config = replace(config, lr=config.lr or default_lr(meta["task"]))
     torch.manual_seed(seed)  # the LoRA's initialisation, whatever loading drew
     if adapter_dir is None:
@@ -339,8 +340,8 @@ def load_splits(config: CompareConfig):
 
 def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shifted):
     """Say what makes a run's numbers mean less than they seem: test, validation or shifted records that repeat
-    training ones as the model reads them (:func:`_model_inputs`: memory, not generalisation), and test labels no
-    training record has."""
+    training ones as the model reads them (:func:`_model_inputs`: memory, not generalisation), test labels no
+    training record has, and texts that ``--max-length`` cuts (:func:`_warn_about_cuts`)."""
     trained = set(_model_inputs(train, tokenizer, config.max_length))
     held = trained | set(_model_inputs(val, tokenizer, config.max_length))
     sets = [(f"validation records of {config.dataset!r}", val, trained, "training record"),
@@ -354,10 +355,40 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
                           "tokens: texts differing only in case or spacing are one input to an uncased tokenizer): "
                           "their scores measure memory there, not generalisation; deduplicate the splits", stacklevel=3)
     if train and record_task(train[0]) == "classification":
+        _warn_about_cuts(config, tokenizer, {f"training records of {config.dataset!r}": train, sets[0][0]: val},
+                         {what: records for what, records, _, _ in sets[1:]})
         unseen = sorted({r["label"] for r in test} - {r["label"] for r in train})
         if unseen:
             warnings.warn(f"the test records of {config.dataset!r} hold label(s) {unseen} that no training record has: "
                           "the model never learns those classes", stacklevel=3)
+
+
+def _warn_about_cuts(config: CompareConfig, tokenizer, fitted: dict, scored: dict):
+    """Say, once per split (``{what: records}``, a classification set's), how many texts ``--max-length`` cuts (their
+    end is never read: a legitimate cut, but it can take what tells a text's class), the first by id; and, of a scored
+    split, how many different texts the cut leaves as one input (their rows cannot be told apart)."""
+    positions = _positions(tokenizer)
+    for what, records in {**fitted, **scored}.items():
+        whole = tokenizer([r["text"] for r in records], verbose=False)["input_ids"]  # special tokens included
+        cut = [(r, len(ids)) for r, ids in zip(records, whole) if len(ids) > config.max_length]
+        if not cut:
+            continue
+        longest = max(n for _, n in cut)
+        room = (f"the longest is {longest} tokens, more than the model's {positions} positions" if positions and
+                longest > positions else f"the longest needs --max-length {longest}")
+        warnings.warn(f"{len(cut)} of the {len(records)} {what} are longer than --max-length {config.max_length} tokens "
+                      f"and are cut to it (the first, record {cut[0][0]['id']!r}, is {cut[0][1]} tokens): the model reads "
+                      f"none of what follows; raise --max-length to keep them whole ({room})", stacklevel=4)
+        if what in scored:
+            texts = {}  # the input after the cut -> the ids of the records read as it, by their whole tokens
+            for r, key, ids in zip(records, _model_inputs(records, tokenizer, config.max_length), whole):
+                texts.setdefault(key, {}).setdefault(tuple(ids), []).append(r["id"])
+            merged = [[i for ids in group.values() for i in ids] for group in texts.values() if len(group) > 1]
+            if merged:
+                warnings.warn(f"the cut to --max-length {config.max_length} leaves {sum(map(len, merged))} of the "
+                              f"{len(records)} {what}, different texts, as {len(merged)} input(s) (the first: records "
+                              f"{merged[0][0]!r} and {merged[0][1]!r}): the model cannot tell them apart, so each "
+                              "input's records get one prediction; raise --max-length", stacklevel=4)
 
 
 def _model_inputs(records, tokenizer, max_length: int) -> list:
