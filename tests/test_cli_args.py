@@ -447,6 +447,35 @@ def test_texts_cut_to_max_length_are_counted_per_split(tmp_path):
         setup.collator(list(setup.train))
 
 
+def test_validation_labels_no_training_record_has_or_lacks_are_said(tmp_path):
+    """A validation class no training record has (or a training class no validation record has) passed without a word,
+    though temperature scaling and every +ts and *_val row are fitted on the validation records; the test side warned."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    from conftest import bert_checkpoint
+    from pyro_lora.experiments.setup import CompareConfig, _warn_about_splits
+
+    tok = AutoTokenizer.from_pretrained(bert_checkpoint(tmp_path / "bert"))
+    rec = lambda i, label: {"id": i, "text": "ab"[i % 2] + " a" * i, "label": label}  # noqa: E731 -- distinct texts
+    train = [rec(i, i % 2) for i in range(4)]
+    test = [rec(10 + i, i % 2) for i in range(4)]
+
+    def said(val):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            _warn_about_splits(CompareConfig(dataset="toy", max_length=32), tok, train, val, test, {})
+        return [str(w.message) for w in record]
+
+    assert said([rec(20, 0), rec(21, 1)]) == []
+    assert said([rec(20, 0), rec(21, 2), rec(22, 2)]) == [
+        "the validation records of 'toy' hold label(s) [2] that no training record has: the model never learns those "
+        "classes",
+        "the validation records of 'toy' hold no record of label(s) [1] that training records have: temperature scaling "
+        "and every +ts and *_val row are fitted without those classes; raise --val-fraction or --train-size"]
+
+
 @pytest.mark.parametrize("command, kept", [("compare", "the same command resumes the rest"),
                                            ("fit", "no file was left half-written")])
 def test_ctrl_c_says_what_is_kept_in_one_line(command, kept, monkeypatch, tmp_path, capsys):

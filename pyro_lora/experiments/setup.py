@@ -340,8 +340,8 @@ def load_splits(config: CompareConfig):
 
 def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shifted):
     """Say what makes a run's numbers mean less than they seem: test, validation or shifted records that repeat
-    training ones as the model reads them (:func:`_model_inputs`: memory, not generalisation), test labels no
-    training record has, and texts that ``--max-length`` cuts (:func:`_warn_about_cuts`)."""
+    training ones as the model reads them (:func:`_model_inputs`: memory, not generalisation), validation and test
+    labels no training record has, training labels no validation record has, and texts that ``--max-length`` cuts (:func:`_warn_about_cuts`)."""
     trained = set(_model_inputs(train, tokenizer, config.max_length))
     held = trained | set(_model_inputs(val, tokenizer, config.max_length))
     sets = [(f"validation records of {config.dataset!r}", val, trained, "training record"),
@@ -357,10 +357,17 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
     if train and record_task(train[0]) == "classification":
         _warn_about_cuts(config, tokenizer, {f"training records of {config.dataset!r}": train, sets[0][0]: val},
                          {what: records for what, records, _, _ in sets[1:]})
-        unseen = sorted({r["label"] for r in test} - {r["label"] for r in train})
-        if unseen:
-            warnings.warn(f"the test records of {config.dataset!r} hold label(s) {unseen} that no training record has: "
-                          "the model never learns those classes", stacklevel=3)
+        trained = {r["label"] for r in train}
+        for split, records in (("validation", val), ("test", test)):
+            unseen = sorted({r["label"] for r in records} - trained)
+            if unseen:
+                warnings.warn(f"the {split} records of {config.dataset!r} hold label(s) {unseen} that no training record "
+                              "has: the model never learns those classes", stacklevel=3)
+        absent = sorted(trained - {r["label"] for r in val})
+        if absent:  # temperature scaling and every +ts and *_val row are fitted on the validation records
+            warnings.warn(f"the validation records of {config.dataset!r} hold no record of label(s) {absent} that "
+                          "training records have: temperature scaling and every +ts and *_val row are fitted without "
+                          "those classes; raise --val-fraction or --train-size", stacklevel=3)
 
 
 def _warn_about_cuts(config: CompareConfig, tokenizer, fitted: dict, scored: dict):
