@@ -130,6 +130,7 @@ class LoraModel:
         self._check_prior_sites()
         self.num_data = num_data
         self._embeddings = _input_embeddings(net)
+        self._positions = _learned_positions(net)
         self._ids_checked = False  # token ids checked against the embedding's rows on an accelerator (once)
         quantized.keep_differentiable(net)  # before the likelihood's check runs the network: a 4-bit layer repacks in it
         with _autocast(self.device, self.compute_dtype):
@@ -332,9 +333,17 @@ class LoraModel:
                 )
 
     def _check_token_ids(self, ids) -> None:
-        """Refuse token ids past the input embedding's rows (a tokenizer with a larger vocabulary than the network's):
+        """Refuse token ids past the input embedding's rows (a tokenizer with a larger vocabulary than the network's),
+        and rows longer than a learned position embedding holds (GPT-2's ``n_positions``, BERT's
+        ``max_position_embeddings``: a tokenizer naming no ``model_max_length`` lets a collator build them):
         transformers' raw ``IndexError: index out of range in self`` otherwise. Ids on the CPU are checked in every
-        forward; on an accelerator in the first only (a host read each forward would stall it)."""
+        forward; on an accelerator in the first only (a host read each forward would stall it); lengths always."""
+        if self._positions is not None and isinstance(ids, torch.Tensor) and ids.dim() and ids.shape[-1] > self._positions[1]:
+            path, limit = self._positions
+            raise ValueError(
+                f"the batch's rows are {ids.shape[-1]} tokens long, past the {limit} positions the network's learned "
+                f"position embedding ({path}) holds: build the batches with max_length={limit} or less (the collator's "
+                "max_length; a tokenizer whose model_max_length names no limit does not lower it)")
         if self._embeddings is None or not isinstance(ids, torch.Tensor) or (ids.device.type != "cpu" and self._ids_checked):
             return
         rows = self._embeddings.weight.shape[0]
@@ -1106,6 +1115,19 @@ def _warn_head_partly_frozen(net) -> None:
 def _input_embeddings(net):
     embeddings = embedding(net, "input")
     return embeddings if isinstance(getattr(embeddings, "weight", None), torch.Tensor) else None
+
+
+_POSITION_EMBEDDINGS = ("wpe", "position_embeddings", "embed_positions")  # GPT-2 and kin, BERT and kin, OPT and kin
+
+
+def _learned_positions(net) -> tuple[str, int] | None:
+    """(path, positions) of the network's learned absolute position embedding, whose lookup fails past its rows
+    (OPT's rows start at an ``offset``); ``None`` for rotary, ALiBi, relative or sinusoidal positions, which run on."""
+    if getattr(getattr(net, "config", None), "position_embedding_type", "absolute") != "absolute":
+        return None  # BERT-like relative keys: the table is not looked up by absolute position
+    found = [(path, module.num_embeddings - getattr(module, "offset", 0)) for path, module in net.named_modules()
+             if isinstance(module, torch.nn.Embedding) and path.rsplit(".", 1)[-1] in _POSITION_EMBEDDINGS]
+    return min(found, key=lambda item: item[1]) if found else None
 
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)

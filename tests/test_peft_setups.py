@@ -1,5 +1,6 @@
 """peft set-ups: what the weight hand-off implements gives peft's own logits; what it does not is refused by name."""
 
+import re
 import warnings
 
 import pytest
@@ -787,3 +788,43 @@ def test_pissa_on_a_transposed_conv1d_layer_starts_at_the_pretrained_model():
     with pytest.warns(UserWarning, match="residual base weights"):
         model = LoraModel(net, SequenceClassification())
     torch.testing.assert_close(predict(model, None, [batch]).probs, pretrained, rtol=1e-4, atol=1e-5)
+
+
+def _short_positions(family):
+    """A tiny classifier of ``family`` whose position table holds 16 positions (Llama: rotary, no table)."""
+    import transformers as T
+
+    small = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64, num_labels=2,
+                 max_position_embeddings=16, pad_token_id=0)
+    config, net, targets = {
+        "gpt2": (T.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=16, num_labels=2, pad_token_id=0),
+                 T.GPT2ForSequenceClassification, ["c_attn"]),
+        "bert": (T.BertConfig(**small), T.BertForSequenceClassification, ["query"]),
+        "opt": (T.OPTConfig(**{k: v for k, v in small.items() if k != "intermediate_size"}, ffn_dim=32, word_embed_proj_dim=16),
+                T.OPTForSequenceClassification, ["q_proj"]),
+        "llama": (T.LlamaConfig(**small), T.LlamaForSequenceClassification, ["q_proj"]),
+    }[family]
+    torch.manual_seed(0)
+    return get_peft_model(net(config).eval(), LoraConfig(r=2, target_modules=targets, task_type="SEQ_CLS",
+                                                          fan_in_fan_out=family == "gpt2"))
+
+
+@pytest.mark.parametrize("family, table", [("gpt2", "transformer.wpe"), ("bert", "bert.embeddings.position_embeddings"),
+                                           ("opt", "model.decoder.embed_positions"), ("llama", None)])
+def test_rows_longer_than_a_learned_position_embedding_are_refused_naming_its_positions(family, table):
+    """A tokenizer naming no model_max_length (SmolLM2's) let a collator build rows past GPT-2's n_positions: torch's
+    raw 'IndexError: index out of range in self' from the position lookup. Refused naming the table and its 16
+    positions (OPT's rows start at its offset 2); rows within run as plain transformers; rotary positions run on."""
+    model = LoraModel(_short_positions(family), SequenceClassification(), num_data=3)
+    rows = lambda n: {"input_ids": torch.arange(1, n + 1).remainder(60).add(1).expand(2, n),  # noqa: E731
+                      "attention_mask": torch.ones(2, n, dtype=torch.long), "labels": torch.tensor([0, 1])}
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(rows(16)),
+                                   model.net(**{k: v for k, v in rows(16).items() if k != "labels"}).logits)
+        if table is None:
+            model.logits(rows(40))
+            return
+        for run in (lambda: model.logits(rows(17)), lambda: predict(model, MAPGuide(model), [rows(17)])):
+            with pytest.raises(ValueError, match=rf"rows are 17 tokens long, past the 16 positions the network's learned "
+                                                 rf"position embedding \({re.escape('base_model.model.' + table)}\) holds"):
+                run()
