@@ -509,6 +509,30 @@ def test_an_update_without_the_runs_sizes_names_the_flags_not_changed_records(st
     assert study._flag("eval_datasets", []) == "--no-shift" and study._flag("mc_normalize", "chars") == ""
 
 
+def test_an_update_refused_for_its_settings_names_every_flag_to_give_back(study, runs, tmp_path):
+    """An --update refused for other settings listed the flags to give back without --model (a run recording its
+    base's digest is not compared by model path) and without a setting the run left to its default (lr None there):
+    given back as listed, the update was refused again. Every differing setting is named, as the run resolved it."""
+    from pyro_lora.experiments.setup import BASE_DIGEST_VERSION
+
+    easy = runs / "arc_easy" / "results.json"
+    saved = json.loads(easy.read_text())
+    (tmp_path / "llama").mkdir()
+    config = {**saved["config"], "model": str(tmp_path / "llama")}
+    easy.write_text(json.dumps({**saved, "config": config, "request": {**config, "lr": None}, "base": "0" * 64,
+                                "base_version": BASE_DIGEST_VERSION}))
+    update = ["--datasets", "arc_easy", "--no-shift", "--seeds", "0,1", *SIZES, "--runs", str(runs), "--update", "meanfield"]
+    with pytest.raises(ValueError, match=re.escape(f"give the run's settings (--model {tmp_path / 'llama'} --train-size 64 "
+                                                   "--lr 0.001), or rerun")):
+        study.study_configs(parse(*update, "--lr", "0.005")[1], ["arc_easy"], False, str(runs), ("meanfield",))
+    given = parse(*update, "--model", str(tmp_path / "llama"), "--train-size", "64", "--lr", "0.001")[1]
+    assert [c.guides for c in study.study_configs(given, ["arc_easy"], False, str(runs), ("meanfield",))] == [("meanfield",)]
+    # a copy of the base elsewhere, every other setting the run's, is no refusal here: its digest is compared later
+    (tmp_path / "copy").mkdir()
+    moved = parse(*update, "--model", str(tmp_path / "copy"), "--train-size", "64", "--lr", "0.001")[1]
+    assert len(study.study_configs(moved, ["arc_easy"], False, str(runs), ("meanfield",))) == 1
+
+
 def test_update_of_the_map_keeps_the_retrained_maps_and_drops_a_failed_seeds(study, runs, tmp_path, monkeypatch):
     """--update map retrains every seed's MAP: the run's folder then keeps the new ones (a resume starts from the MAP
     the merged rows did), and none for a seed whose MAP failed (a resume trains it with the new code)."""

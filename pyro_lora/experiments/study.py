@@ -178,10 +178,13 @@ def _update_config(config, update, overrides):
     retrain = REFERENCE in update  # every row is rerun: on the records there now
     # the settings first: other sizes (flags left to the plan's defaults) select other records, which the data
     # digest would blame on the files
-    differ = config_differences(saved, config, ignore=MERGE_IGNORES + ("data_dir",) * retrain)
-    if differ:  # the merge would refuse it after the training: refuse it now
+    ignore = MERGE_IGNORES + ("data_dir",) * retrain
+    if config_differences(saved, config, ignore=ignore):  # the merge would refuse it after the training: refuse it now
+        # every setting named, the paths the run's digests stand for too (--model, --data-dir: a copy elsewhere passes
+        # alone), so that the flags given back are the run's; a default the run left (None) given as it resolved it
+        differ = config_differences({k: v for k, v in saved.items() if k not in ("base", "data")}, config, ignore=ignore)
         changed = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differ.items())
-        flags = " ".join(filter(None, (_flag(k, a) for k, (a, _) in differ.items())))
+        flags = " ".join(filter(None, (_flag(k, saved["config"].get(k) if a is None else a) for k, (a, _) in differ.items())))
         raise ValueError(f"--update reruns {config.dataset} with its run's configuration, and these flags differ from "
                          f"it ({changed}): give the run's settings{f' ({flags})' if flags else ''}, or rerun the whole "
                          "dataset without --update")
