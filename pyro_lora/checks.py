@@ -121,6 +121,15 @@ def check_flag(value, name: str) -> bool:
     return bool(value)
 
 
+def not_a_file(path, missing: str = "does not exist") -> str:
+    """Why ``path`` (a :class:`~pathlib.Path`) is no file to read, to follow its name in an error: "is a folder, not a
+    file", "is not a regular file" (a pipe, a device), else ``missing`` (a link to nothing too): a folder where a
+    file was named was said not to exist."""
+    if path.is_dir():
+        return "is a folder, not a file"
+    return "is not a regular file" if path.exists() else missing
+
+
 def is_integer_tensor(t) -> bool:
     """Whether the tensor ``t`` holds integers (not floats, complex numbers or booleans): what class labels and token
     ids must be."""

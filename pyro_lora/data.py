@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .checks import check_batch, check_batches, check_count
+from .checks import check_batch, check_batches, check_count, not_a_file
 from .collators import CausalLMCollator, ClassificationCollator, ClozeCollator, LetterCollator
 from .prompts import LETTERS, cloze_pairs, is_blank_item, letter_prompt, letter_token_ids, record_text
 from .records import validate_record
@@ -114,7 +114,9 @@ def _dataset_dir(name: str, data_dir) -> Path:
     root = resolve_data_dir(data_dir)
     folder = root / name
     if folder.is_dir() and not (folder / "meta.json").is_file():  # a half-prepared dataset is no typo of a name
-        raise ValueError(f"dataset folder {folder} exists but has no meta.json; it must hold a JSON object with {_META_NEEDS}")
+        said = f"{folder / 'meta.json'} {not_a_file(folder / 'meta.json')}" if (folder / "meta.json").exists() else \
+            f"dataset folder {folder} exists but has no meta.json"
+        raise ValueError(f"{said}; it must hold a JSON object with {_META_NEEDS}")
     if not (folder / "meta.json").is_file():
         raise ValueError(
             f"unknown dataset {name!r} in {root}; available: {', '.join(available_datasets(root)) or 'none'}"
@@ -161,8 +163,8 @@ def load_records(name: str, split: str, data_dir: str | os.PathLike | None = Non
     """Every record of ``<data_dir>/<name>/<split>.jsonl``, validated against the dataset's task.
 
     Raises ``ValueError`` naming the file and line for a line that is not UTF-8, malformed JSON or an
-    invalid record, both lines for an ``id`` given twice, and the file for an empty one; ``FileNotFoundError`` if the
-    split's file is missing.
+    invalid record, both lines for an ``id`` given twice, the file for an empty one, and the path for a folder (or
+    another non-file) in its place; ``FileNotFoundError`` if the split's file is missing.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -171,7 +173,7 @@ def load_records(name: str, split: str, data_dir: str | os.PathLike | None = Non
     num_labels = len(meta["label_names"]) if task == "classification" else None
     path = _dataset_dir(name, data_dir) / f"{split}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist")
+        raise (ValueError if path.exists() else FileNotFoundError)(f"{path} {not_a_file(path)}")
     data = path.read_bytes()
     key = (str(path), hashlib.sha256(data).hexdigest(), task, num_labels)  # the bytes, not a timestamp of coarse ticks
     records = _PARSED.pop(key, None) or _parse_records(path, data, task, num_labels)

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .checks import not_a_file
 from .contract import (_fingerprint_of, check_autoguide, check_guide, describe, differences, digested_parameters,
                        frozen_base_parameters, quantization, quantized_weights, require_lora_guide, unwrapped_name,
                        weight_digest, weight_scales, weights_digest)
@@ -579,7 +580,7 @@ def _check_beside(path, meta) -> None:
     run, own, folder = path / "run.json", path / "guide.json", path / "adapter"
     if "run_sha256" in meta:
         if not run.is_file():
-            raise ValueError(f"{run} is missing: {own} records the run record saved with it (save_guide's run=); {_AGAIN}")
+            raise ValueError(f"{run} {not_a_file(run, 'is missing')}: {own} records the run record saved with it (save_guide's run=); {_AGAIN}")
         record = run.read_bytes()
         if _sha256(record) != meta["run_sha256"]:
             raise ValueError(f"{run} is not the record saved with its guide (its SHA-256 differs from the one {own} "
@@ -681,6 +682,8 @@ def _read_meta(path):
                 "has not put a new one in its place: if that process is no longer saving (a process id reused after a "
                 f"kill), rename {moved[0].name} back to {path.name}") if moved else ""
         raise FileNotFoundError(f"{path} holds no saved guide (guide.json missing){hint}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{file} {not_a_file(file)}: {path} holds no saved guide") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:  # both name a position only, never the file
         raise ValueError(f"{file} is corrupt: it is not valid JSON ({err})") from None
     if not isinstance(meta, dict):
@@ -761,7 +764,8 @@ def _read_tensors(path, device, sha256=None):
     """
     file = path / "guide.safetensors"
     if not file.is_file():
-        raise FileNotFoundError(f"{file} is missing: the guide at {path} is incomplete")
+        raise (ValueError if file.exists() else FileNotFoundError)(f"{file} {not_a_file(file, 'is missing')}: the guide "
+                                                                    f"at {path} is incomplete")
     tensors = read_safetensors(file, device)
     if sha256 is not None and _file_sha256(file) != sha256:
         raise ValueError(f"{file} is not the one saved with {path / 'guide.json'} (its SHA-256 differs from the one "

@@ -893,3 +893,18 @@ def test_classification_texts_cut_to_max_length_are_said_once(tmp_path):
     with pytest.warns(UserWarning, match=r"^1 of the 3 texts of a batch are longer than max_length=8 tokens and are cut "
                                          r"to it \(the first, record 'r8', is 9 tokens\).*\(CausalLMCollator says"):
         D.CausalLMCollator(tok, max_length=8)(recs)
+
+
+def test_a_folder_named_as_a_data_file_is_said_to_be_one(tmp_path):
+    """A train.jsonl that is a folder was said not to exist; a meta.json that is one, that the dataset has none."""
+    folder = tmp_path / "toy"
+    (folder / "meta.json").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"^\S+meta.json is a folder, not a file; it must hold a JSON object"):
+        D.load_meta("toy", tmp_path)
+    (folder / "meta.json").rmdir()
+    (folder / "meta.json").write_text(json.dumps({"task": "classification", "label_names": ["a", "b"]}))
+    (folder / "train.jsonl").mkdir()
+    with pytest.raises(ValueError, match=r"^\S+train.jsonl is a folder, not a file$"):
+        D.load_records("toy", "train", tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"^\S+test.jsonl does not exist$"):
+        D.load_records("toy", "test", tmp_path)

@@ -242,6 +242,19 @@ def test_guide_safetensors_missing(saved):
     assert refused(saved, FileNotFoundError) == f"{file} is missing: the guide at {saved} is incomplete"
 
 
+def test_a_folder_in_place_of_a_guide_file_is_said_to_be_one(saved):
+    """A folder where guide.safetensors belongs was said to be missing, one in guide.json's place failed with Python's
+    bare "[Errno 21] Is a directory"."""
+    file = saved / "guide.safetensors"
+    file.unlink()
+    file.mkdir()
+    assert refused(saved) == f"{file} is a folder, not a file: the guide at {saved} is incomplete"
+    meta = saved / "guide.json"
+    meta.unlink()
+    meta.mkdir()
+    assert refused(saved) == f"{meta} is a folder, not a file: {saved} holds no saved guide"
+
+
 @pytest.mark.parametrize(
     "content, reason",
     [
@@ -357,6 +370,10 @@ def test_a_run_record_other_than_the_one_guide_json_records_is_refused_by_load_g
     message = f"{run} is missing: {a / 'guide.json'} records the run record saved with it (save_guide's run=); {AGAIN}"
     assert refused(a) == message
     assert refused_sealed(a) == message  # it was a bare FileNotFoundError
+    run.mkdir()  # said to be missing too
+    assert refused(a) == f"{run} is a folder, not a file: {a / 'guide.json'} records the run record saved with it " \
+        f"(save_guide's run=); {AGAIN}"
+    run.rmdir()
     shutil.copy(b / "run.json", run)
     load_guide(a, lora())  # b's unit whole
     for name in ("guide.json", "guide.safetensors"):

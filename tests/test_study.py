@@ -533,6 +533,20 @@ def test_an_update_refused_for_its_settings_names_every_flag_to_give_back(study,
     assert len(study.study_configs(moved, ["arc_easy"], False, str(runs), ("meanfield",))) == 1
 
 
+def test_a_folder_in_place_of_a_run_record_is_said_to_be_one(tmp_path):
+    """A results.json or study_run.json that is a folder read as no record: the run was started afresh beside it."""
+    from pyro_lora.experiments.results import read_record, read_sidecar
+
+    (tmp_path / "results.json").mkdir()
+    (tmp_path / "study_run.json").mkdir()
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'results.json'} is a folder, not a file, where a run "
+                                                   "keeps its record: move it")):
+        read_record(tmp_path, "move it")
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'study_run.json'}, the study's record of this run, is "
+                                                   "a folder, not a file: move it away")):
+        read_sidecar(tmp_path / "study_run.json")
+
+
 def test_update_of_the_map_keeps_the_retrained_maps_and_drops_a_failed_seeds(study, runs, tmp_path, monkeypatch):
     """--update map retrains every seed's MAP: the run's folder then keeps the new ones (a resume starts from the MAP
     the merged rows did), and none for a seed whose MAP failed (a resume trains it with the new code)."""

@@ -23,6 +23,7 @@ from safetensors.torch import save as save_safetensors
 from ..guides.registry import join_notes
 from ..data import resolve_data_dir
 from ..distributed import is_main
+from ..checks import not_a_file
 from ..io import atomic_file, check_file_slot, copy_file, read_safetensors, standard_json, write_json
 from ..locking import FolderLocked, folder_lock, locked_elsewhere
 from ..model_files import local_model_path
@@ -531,6 +532,8 @@ def read_record(out, advice, needs=()):
     path = Path(out) / RESULTS
     finish_merge(out)
     if not path.is_file():
+        if path.exists():  # read as no run, the run would be started afresh beside it
+            raise ValueError(f"{path} {not_a_file(path)}, where a run keeps its record: {advice}")
         return None
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
@@ -788,6 +791,8 @@ def read_sidecar(path) -> dict:
     """
     path = Path(path)
     if not path.is_file():
+        if path.exists():  # read as none, the study's record of the run would be lost
+            raise ValueError(f"{path}, the study's record of this run, {not_a_file(path)}: move it away")
         return {}
     try:
         sidecar = json.loads(path.read_text(encoding="utf-8"))

@@ -11,7 +11,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from .. import data as D
-from ..checks import check_count
+from ..checks import check_count, not_a_file
 from ..contract import drawn_at_load
 from ..costs import PeakMemory
 from ..io import (_check_beside, _read_meta, check_sealed, load_guide, read_safetensors, recover_directory, save_guide,
@@ -318,6 +318,9 @@ def check_adapter_dir(adapter_dir, task: str):
     except FileNotFoundError:
         raise ValueError(f"{path} holds no peft adapter (adapter_config.json missing): give the folder that "
                          "`save_pretrained` of a peft model (or `pyro-lora fit --adapter`) wrote") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path / 'adapter_config.json'} {not_a_file(path / 'adapter_config.json')}: {path} holds no "
+                         "peft adapter") from None
     except ValueError as error:
         raise ValueError(f"{path}/adapter_config.json is not valid JSON ({error})") from None
     if adapter.get("peft_type") != "LORA" or adapter.get("use_dora"):
@@ -333,7 +336,7 @@ def check_adapter_dir(adapter_dir, task: str):
                          "reads safetensors only (unpickling can run code); load it with PeftModel.from_pretrained and "
                          "save_pretrained it again, which writes safetensors")
     if not weights.is_file():
-        raise ValueError(f"{weights} is missing: the adapter folder holds no weights (peft would look for them online)")
+        raise ValueError(f"{weights} {not_a_file(weights, 'is missing')}: the adapter folder holds no weights (peft would look for them online)")
     tensors = read_safetensors(weights)
     if task == "classification" and all("lora_" in k for k in tensors):
         raise ValueError(f"{weights} holds no classification head (only LoRA matrices; task_type "
