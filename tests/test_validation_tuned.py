@@ -461,13 +461,22 @@ def test_verdict_counts_a_win_only_where_the_paired_interval_excludes_zero():
     })
     text = verdict(rows, "sst2")
     assert "3 seeds" in text
-    assert "Validation-tuned: beat temperature scaling (ECE 3.00, NLL 0.430) on both ECE and NLL: laplace_val (Bayesian: laplace_val); on NLL only: none." in text
+    assert "Validation-tuned: beat temperature scaling (ECE 3.00, NLL 0.430) on both ECE and NLL: laplace_val (Bayesian alone: laplace_val; Bayesian + temperature: none); on NLL only: none." in text
     assert "No validation data: beat temperature scaling (ECE 3.00, NLL 0.430) on both ECE and NLL: none" in text
     assert "ECE x100: laplace+ts (2.50)" in text  # the best mean, whatever the noise
     assert "more than 1 point below it: laplace -2.00" in text
     one = verdict([r for r in rows if r["seed"] == 1], "sst2")
     assert "1 seed: no interval" in one and "on both ECE and NLL: laplace_val" in one
     assert verdict(rows, "boolq") == ""
+
+
+def test_verdict_does_not_count_a_ts_row_as_a_bayesian_method_alone():
+    """laplace+ts beating temperature scaling was listed as '(Bayesian: laplace+ts)', readable as a Bayesian method
+    alone beating it; a +ts row is Bayes and temperature together."""
+    text = verdict(_rows({"map": MAP, "temperature": TEMPERATURE, "laplace+ts": CLEAR_WIN, "map+ts": CLEAR_WIN}),
+                   "sst2")
+    assert ("on both ECE and NLL: laplace+ts, map+ts (Bayesian alone: none; Bayesian + temperature: laplace+ts)"
+            in text)
 
 
 def test_rows_without_a_recorded_setting_take_their_methods_and_an_unknown_one_is_named():

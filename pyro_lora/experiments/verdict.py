@@ -285,8 +285,11 @@ def _against_baseline(rows, values, left):
         no_ece = [g for g in on_nll if g in left["ece"]]
         nll_only = [g for g in on_nll if g not in both and g not in no_ece]
         bayesian = [g for g in both if base_guide(g) in METHODS and METHODS[base_guide(g)].bayesian]
+        # a +ts row is Bayes and temperature together: not a Bayesian method beating temperature scaling alone
+        alone, tempered = [g for g in bayesian if g == base_guide(g)], [g for g in bayesian if g != base_guide(g)]
         lines.append(f"- {setting.capitalize()}: beat temperature scaling (ECE {printed['ece']}, NLL {printed['nll']}) on both ECE and NLL: "
-                     f"{_names(both)}" + (f" (Bayesian: {_names(bayesian)})" if both else "") +
+                     f"{_names(both)}" + (f" (Bayesian alone: {_names(alone)}; Bayesian + temperature: {_names(tempered)})"
+                                          if both else "") +
                      f"; on NLL only: {_names(nll_only)}" +
                      (f"; on NLL, its ECE not compared (n/a on some seed): {_names(no_ece)}" if no_ece else "") + tail)
     unknown = sorted(g for g, s in settings.items() if not s and g not in (BASELINE, REFERENCE))
