@@ -13,6 +13,12 @@ over ``P = C D1`` numbers (``hessian="full"``), or its KFAC approximation ``N E[
 (``hessian="kfac"``) for large heads. The logits' distribution is then exact: ``N(theta* phi, J Sigma J^T)``.
 (Daxberger et al., 2021, "Laplace Redux: Effortless Bayesian Deep Learning"; the last-layer variant of Yang et al.,
 2024, "Bayesian Low-rank Adaptation for Large Language Models".)
+
+Where :class:`~pyro_lora.MultipleChoice` passes the head's output ``z`` through known steps ``f = g(z)``, one logit
+at a time (Gemma 2's ``final_logit_softcapping``, ``c tanh(z / c)``; a logit scaling:
+:func:`~pyro_lora.heads.head_steps`), ``J = diag(g'(z)) (I (x) phi^T)``: ``Lambda_n`` becomes ``G_n Lambda_n G_n``
+(``G_n = diag(g'(z_n))``), ``H`` the GGN rather than the exact Hessian, and the logits' distribution the linearised
+``N(g(theta* phi), J Sigma J^T)``.
 """
 
 import math
@@ -26,7 +32,7 @@ from pyro_lora import distributed
 from pyro_lora.contract import check_guide, entry_checks
 from pyro_lora.data import RowDigest, check_every_example, fixed_batches, to_device
 from pyro_lora.evidence import maximise_evidence, precision_tensor
-from pyro_lora.heads import class_rows, find_head, head_features, head_rows, tied_parameters
+from pyro_lora.heads import class_rows, find_head, head_features, head_rows, head_steps, tied_parameters
 from pyro_lora.kfac import glm_predict, probit
 from pyro_lora.likelihoods import is_cloze
 from pyro_lora.progress import progress_bar
@@ -58,7 +64,9 @@ class LastLayerLaplaceGuide(LoraGuide):
     The head is the module ``classifier`` or ``score`` of a sequence classifier (its last ``nn.Linear``, e.g.
     RoBERTa's ``out_proj``; peft's trained copy of it) or the output embedding of a causal LM
     (:func:`~pyro_lora.heads.find_head`); its input ``phi`` is captured during the model's own forward and checked to
-    reproduce the logits (:func:`~pyro_lora.heads.head_features`).
+    reproduce the logits (:func:`~pyro_lora.heads.head_features`). ``guide.steps`` holds what ``MultipleChoice`` does
+    to the head's output (Gemma 2's ``{"final_logit_softcapping": 30.0}``, :func:`~pyro_lora.heads.head_steps`;
+    ``{}`` for none): its derivative is carried into the GGN and the logit covariance.
 
     :param model: the :class:`~pyro_lora.LoraModel`, with :class:`~pyro_lora.SequenceClassification` or letter-format
         :class:`~pyro_lora.MultipleChoice`.
@@ -103,6 +111,9 @@ class LastLayerLaplaceGuide(LoraGuide):
                 "for the tied one (where a sampled row would also move those tokens wherever the prompt holds them)",
                 UserWarning, stacklevel=2)
         self._head = (linear, rows)  # not a submodule: the network's weights are not the guide's
+        # what the likelihood does to the head's output (a softcap, a scaling), known by the model's class: its
+        # derivative goes into the GGN and the predictive in every dtype, rather than a float32 fit refusing it
+        self.steps = head_steps(model, linear)
         c, d1 = rows.numel(), linear.in_features + (linear.bias is not None)
         self.hessian = ("full" if c * d1 <= _FULL_LIMIT else "kfac") if hessian == "auto" else hessian
         device = model.device
@@ -163,17 +174,19 @@ class LastLayerLaplaceGuide(LoraGuide):
 
     def features(self, batch):
         """The model's logits ``[B, K]`` (float32, ``-inf`` for a missing choice) at the guide's LoRA, and the head's
-        input ``phi`` with a 1 appended for a bias, ``[B, D1]`` float64: ``theta* phi`` equals the finite logits.
+        input ``phi`` with a 1 appended for a bias, ``[B, D1]`` float64: ``theta* phi``, through ``steps`` (the
+        likelihood's softcap or scaling of the head's output, ``{}`` for none), gives the finite logits.
 
         :raises ValueError: as :func:`~pyro_lora.heads.head_features` (a model that transforms its head's output), or
             where the network changed since the guide was built or fitted (:func:`~pyro_lora.contract.check_guide`).
         """
         check_guide(self.model, self, "compute features")
-        return self._features(batch)
+        return self._features(batch)[:2]
 
     def _features(self, batch):
-        logits, phi = head_features(self.model, *self._head, batch, self.mean())
-        return logits, torch.cat([phi, torch.ones_like(phi[:, :1])], 1) if self._head[0].bias is not None else phi
+        """:meth:`features`, and the logits' slope in the head's output ``g'(z)`` ``[B, K]`` (ones without steps)."""
+        logits, phi, slope = head_features(self.model, *self._head, batch, self.mean(), self.steps)
+        return logits, torch.cat([phi, torch.ones_like(phi[:, :1])], 1) if self._head[0].bias is not None else phi, slope
 
     # ------------------------------------------------------------------ fitting
 
@@ -219,13 +232,15 @@ class LastLayerLaplaceGuide(LoraGuide):
         with distributed.refused_together("fit a last-layer Laplace"):  # a batch of one rank's block may be refused there alone
             for raw in bar:
                 batch = to_device(raw, self.model.device)
-                logits, phi = self._features(batch)
+                logits, phi, slope = self._features(batch)
                 labels = likelihood.observed(batch)
                 totals[0] += likelihood.distribution(logits).log_prob(labels).double().sum()
                 totals[1] += labels.shape[0]
                 rows.add(raw, labels.shape[0])  # the batch as read: no copy back from the device
                 p = torch.nn.functional.pad(logits.double(), (0, c - logits.shape[1]), value=-math.inf).softmax(-1)
+                g = torch.nn.functional.pad(slope, (0, c - slope.shape[1]))
                 lam = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]  # [B, C, C]; 0 for missing choices
+                lam = lam * g[:, :, None] * g[:, None, :]  # G Lambda G: the GGN's in the head's output z
                 if self.hessian == "full":
                     sums[0] += torch.einsum("bij,bk,bl->ikjl", lam, phi, phi)  # Lambda (x) phi phi^T, theta row-major
                 else:
@@ -285,13 +300,16 @@ class LastLayerLaplaceGuide(LoraGuide):
             return torch.einsum("nd,cdi->nci", phi.float(), self.eigvecs.view(*self.loc.shape, -1)).double()
         return (phi.float() @ self.feature_eigvecs).double()
 
-    def _logit_cov(self, m, lam):
-        """``J Sigma J^T`` ``[N, C, C]`` from ``m = _project(phi)``."""
-        w = self._inverse(lam)
+    def _logit_cov(self, m, slope, lam):
+        """``J Sigma J^T`` ``[N, K, K]`` from ``m = _project(phi)`` and ``g'(z)`` ``[N, K]``: the head's output
+        covariance over the first ``K`` classes, scaled by the slopes."""
+        w, k = self._inverse(lam), slope.shape[1]
         if self.hessian == "full":
-            return torch.einsum("nci,nki,i->nck", m, m, w)
-        u = self.class_eigvecs.double()
-        return torch.einsum("ci,ni,ki->nck", u, m.pow(2) @ w.T, u)
+            cov = torch.einsum("nci,nki,i->nck", m[:, :k], m[:, :k], w)
+        else:
+            u = self.class_eigvecs.double()[:k]
+            cov = torch.einsum("ci,ni,ki->nck", u, m.pow(2) @ w.T, u)
+        return cov * slope[:, :, None] * slope[:, None, :]
 
     def ggn(self):
         """The GGN ``H`` (KFAC: its approximation) as a dense ``[P, P]`` float64 matrix, ``theta`` flattened row-major
@@ -381,16 +399,15 @@ class LastLayerLaplaceGuide(LoraGuide):
         val_loader = fixed_batches(val_loader, "LastLayerLaplaceGuide val_nll")  # every rank scores the same whole validation set
         cache, labels = [], []
         for batch in progress_bar(val_loader, desc="LLLA val features", disable=not progress, dynamic_ncols=True):
-            logits, phi = self._features(batch)
-            cache.append((logits, self._project(phi)))
+            logits, phi, slope = self._features(batch)
+            cache.append((logits, self._project(phi), slope))
             labels.append(self.model.likelihood.observed(to_device(batch, self.model.device)))
         if not cache:
             raise ValueError("val_loader is empty")
-        labels, width = torch.cat(labels), max(logits.shape[1] for logits, _ in cache)
+        labels, width = torch.cat(labels), max(logits.shape[1] for logits, _, _ in cache)
 
         def val_nll(lam):
-            probs = [probit(mean, self._logit_cov(m, lam)[:, : mean.shape[1], : mean.shape[1]])
-                     for mean, m in cache]
+            probs = [probit(mean, self._logit_cov(m, slope, lam)) for mean, m, slope in cache]
             return nll(torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[1])) for p in probs]), labels)
 
         return val_nll
@@ -404,9 +421,8 @@ class LastLayerLaplaceGuide(LoraGuide):
         return self._glm(batch)
 
     def _glm(self, batch):
-        logits, phi = self._features(batch)
-        k = logits.shape[1]
-        return logits.double(), self._logit_cov(self._project(phi), self.prior_precision)[:, :k, :k]
+        logits, phi, slope = self._features(batch)
+        return logits.double(), self._logit_cov(self._project(phi), slope, self.prior_precision)
 
     def predict_glm(self, data, link="probit", num_samples=100, keep_samples=False, progress=False):
         """The predictive ``p(y | x) = E_{f ~ N(mean, cov)} softmax(f)`` over ``data`` from :meth:`glm_logits`.

@@ -1,8 +1,11 @@
 """The linear head that gives a model's class logits, and its input for each example (the last-layer features).
 
 For last-layer methods (:class:`~pyro_lora.guides.LastLayerLaplaceGuide`): the head is found in the network, its
-input captured by a forward hook during the model's own forward and checked to reproduce the model's logits, so a
-family that transforms the logits after its head is refused rather than described by the wrong function.
+input captured by a forward hook during the model's own forward and checked to reproduce the model's logits. The
+steps :class:`~pyro_lora.MultipleChoice` applies after the LM head itself (Gemma 2's final logit softcapping, Cohere's
+logit scaling: :func:`head_steps`) are known by the model's class, in every dtype, and carried into the features with
+their derivative; a family that transforms the logits after its head otherwise is refused rather than described by
+the wrong function.
 """
 
 from __future__ import annotations
@@ -14,11 +17,11 @@ from peft.utils import ModulesToSaveWrapper
 from .data import to_device
 from .hooks import forward_hooks
 from .modes import eval_mode
-from .likelihoods import MultipleChoice
+from .likelihoods import MultipleChoice, _head_steps, apply_head_steps
 from .model import HALF_DTYPES
 from .sites import base_network
 
-__all__ = ["class_rows", "find_head", "head_features", "head_rows", "tied_parameters"]
+__all__ = ["class_rows", "find_head", "head_features", "head_rows", "head_steps", "tied_parameters"]
 
 # how closely the head's output must reproduce the model's logits, (relative to the largest, absolute): float32
 # rounding, or half precision's (bf16 keeps 8 significant bits)
@@ -89,6 +92,21 @@ def class_rows(likelihood, linear: torch.nn.Linear) -> torch.Tensor:
     return ids
 
 
+def head_steps(model, linear: torch.nn.Linear) -> dict:
+    """The steps that make ``linear``'s output the logits, ``{config attribute: value}``: those
+    :class:`~pyro_lora.MultipleChoice` applies after the LM head (a softcapping, a scaling: those the model class's
+    forward names), known before any forward: empty unless ``linear`` is that head under ``MultipleChoice`` (a
+    classifier's ``score`` runs in the model's own forward, which applies none of them)."""
+    if not isinstance(model.likelihood, MultipleChoice):
+        return {}
+    base = base_network(model.net)
+    get = getattr(base, "get_output_embeddings", None)
+    embedding = get() if callable(get) else None
+    if embedding is None or not any(m is linear for m in _linears(embedding, model.adapter)):
+        return {}
+    return _head_steps(base)[0]
+
+
 def tied_parameters(net, linear: torch.nn.Linear) -> list[str]:
     """The names of ``net``'s parameters that share the head's weight, the head's own name among them: empty
     unless the weight is tied (a causal LM's ``tie_word_embeddings``: the output rows are also the input embeddings)."""
@@ -106,18 +124,24 @@ def head_rows(linear: torch.nn.Linear, rows: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def head_features(model, linear: torch.nn.Linear, rows: torch.Tensor, batch: dict, values: dict | None = None):
-    """The model's logits on ``batch`` (at the site ``values``) and the head's input for each example.
+def head_features(model, linear: torch.nn.Linear, rows: torch.Tensor, batch: dict, values: dict | None = None,
+                  steps: dict | None = None):
+    """The model's logits on ``batch`` (at the site ``values``), the head's input for each example, and the slope of
+    the logits in the head's output.
 
-    Where the head runs on every position (``[B, T, D]``: Llama's ``score``), the example's input is the position
-    whose output, restricted to ``rows``, equals the logits (their finite entries: ``-inf`` is a missing choice).
+    The logits are the head's output ``z`` through ``steps`` (default :func:`head_steps`): ``f = g(z)``, one
+    logit at a time, so ``df/dz = diag(g'(z))`` (a softcap ``c tanh(z / c)``: ``sech^2(z / c)``). Where the head runs
+    on every position (``[B, T, D]``: Llama's ``score``), the example's input is the position whose output, restricted
+    to ``rows``, gives the logits (their finite entries: ``-inf`` is a missing choice).
 
-    :returns: logits ``[B, K]`` (float32) and the inputs ``phi`` ``[B, D]`` (float64).
+    :returns: logits ``[B, K]`` (float32), the inputs ``phi`` ``[B, D]`` (float64) and ``g'(z)`` ``[B, K]`` (float64;
+        ones without steps).
     :raises ValueError: if the head does not run exactly once in the forward (its hook skipped: a compiled network or
-        a copy, :func:`~pyro_lora.hooks.hooks_ran`), its input is not per example, or no position reproduces the logits
+        a copy, :func:`~pyro_lora.hooks.hooks_ran`), its input is not per example, or no position gives the logits
         to ``1e-4`` of the largest (float32; ``2e-2`` in half precision: a half-precision base, or under a user's
         ``torch.autocast``).
     """
+    steps = head_steps(model, linear) if steps is None else steps
     batch = to_device(batch, model.device)
     seen = []
     with forward_hooks(model, [(linear, lambda module, args, output: seen.append(args[0].detach()))],
@@ -133,19 +157,24 @@ def head_features(model, linear: torch.nn.Linear, rows: torch.Tensor, batch: dic
     w, bias = (theta[:, :-1], theta[:, -1]) if linear.bias is not None else (theta, theta.new_zeros(k))
     finite = torch.isfinite(logits)
     target = logits.double().where(finite, 0.0)
-    # the position whose output is the logits: searched in the input's dtype over all T, checked in float64
-    out = (x @ w.to(x.dtype).T).float() + bias.float()
+    # the position whose output gives the logits: searched in the input's dtype over all T, checked in float64
+    out = apply_head_steps((x @ w.to(x.dtype).T).float() + bias.float(), steps)
     pos = ((out - target.float()[:, None]).abs() * finite[:, None]).amax(-1).argmin(1)
     phi = x[torch.arange(b, device=x.device), pos].double()
-    gap = ((phi @ w.T + bias - target).abs() * finite).amax(-1)
+    with torch.enable_grad():  # g'(z) by autograd: each step is elementwise, so the gradient of the sum is the diagonal
+        z = (phi @ w.T + bias).requires_grad_()
+        mine = apply_head_steps(z, steps)
+        slope = torch.autograd.grad(mine.sum(), z)[0]
+    gap = ((mine.detach() - target).abs() * finite).amax(-1)
     rtol, atol = _TOLERANCE[model.forward_dtype in HALF_DTYPES]  # a half-precision base, or a user's autocast
     bad = gap > rtol * target.abs().amax(-1) + atol
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
+        known = f" after the {', '.join(f'{n}={v}' for n, v in steps.items())} MultipleChoice applies" if steps else ""
         raise ValueError(
-            f"the head's output reproduces the model's logits at no position for example {i} (they differ by "
+            f"the head's output{known} reproduces the model's logits at no position for example {i} (they differ by "
             f"{float(gap[i]):.3g}, the logits reach {float(target[i].abs().max()):.3g}): the model transforms its head's "
             "output (a scaling, a softcapping, a wrapper), so a posterior over the head's rows would not be one over "
             "these logits; a last-layer posterior needs a head whose output is the logits"
         )
-    return logits, phi
+    return logits, phi, slope

@@ -220,16 +220,7 @@ def _decoder_and_head(net):
             "module giving last_hidden_state"
         )
     steps = _head_steps(base)[0]
-    if not steps:
-        return decoder, head
-
-    def scaled_head(hidden):
-        logits = head(hidden)
-        for name, value in steps.items():
-            logits = _HEAD_STEPS[name][0](logits, value)
-        return logits
-
-    return decoder, scaled_head
+    return decoder, (head if not steps else lambda hidden: apply_head_steps(head(hidden), steps))
 
 
 def not_causal_lm(model) -> str | None:
@@ -294,6 +285,14 @@ _HEAD_STEPS = {
     "final_logit_softcapping": (_softcap, "a final logit softcapping"),  # Gemma 2, 3 (text), 3n, 4, PaliGemma
     "logits_soft_cap": (_softcap, "a final logit softcapping"),  # RecurrentGemma
 }
+
+
+def apply_head_steps(logits, steps: dict):
+    """``logits`` through ``steps`` (``{attribute: value}`` of :data:`_HEAD_STEPS`, from :func:`_head_steps`) in
+    order: each acts on every logit alone, so its Jacobian is diagonal."""
+    for name, value in steps.items():
+        logits = _HEAD_STEPS[name][0](logits, value)
+    return logits
 
 
 def _head_steps(base) -> tuple[dict, bool]:

@@ -467,6 +467,92 @@ def test_a_bf16_base_predicts_within_001_of_fp32():
     assert (probs[torch.bfloat16] - probs[torch.float32]).abs().max() < 0.01
 
 
+def gemma2(dtype, cap=3.0, task="causal_lm", scale=20.0):
+    """Tiny Gemma 2 (hidden 32, 2 layers) capping its final logits at ``cap`` (30 in the real models), untied; the
+    letters' lm_head rows ``scale`` times their init."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, num_labels=3,
+                          final_logit_softcapping=cap, tie_word_embeddings=False)
+    if task == "classification":
+        net = get_peft_model(Gemma2ForSequenceClassification(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
+                                                                                 task_type="SEQ_CLS"))
+        return LoraModel(net.to(dtype).eval(), SequenceClassification(), prior=0.5)
+    base = Gemma2ForCausalLM(config)
+    with torch.no_grad():
+        base.lm_head.weight[LETTERS] *= scale
+    net = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    return LoraModel(net.to(dtype).eval(), MultipleChoice(LETTERS, format="letter"), prior=0.5)
+
+
+@pytest.mark.parametrize("dtype, cap, scale", [(torch.float32, 3.0, 20.0), (torch.bfloat16, 3.0, 20.0),
+                                               (torch.bfloat16, 30.0, 18.0)], ids=["fp32", "bf16", "bf16-cap30"])
+def test_a_softcapped_gemma2_head_carries_the_caps_derivative_into_the_ggn_and_the_logit_covariance(dtype, cap, scale):
+    """Gemma 2's forward caps the logits, f = c tanh(theta phi / c): a float32 fit was refused, a bf16 one whose
+    logits stayed under c/4 (its looser reproduction check let them through) described the head alone (logit
+    covariance 10.8% off at c = 30). Now both fold sech^2(z / c) in: the GGN, the logits' mean and covariance are a
+    dense float64 Laplace's through the true cap, its Jacobian by autograd on the head's rows and its input captured
+    in the network's own forward."""
+    model, data, lam = gemma2(dtype, cap, scale=scale), letter_data(), 2.0
+    net, c = model.net, len(LETTERS)
+    guide = LastLayerLaplaceGuide(model, hessian="full", prior_precision=lam)
+    assert guide.steps == {"final_logit_softcapping": cap}  # known by the class, before any forward
+    guide.fit(data, progress=False)
+    kfac = LastLayerLaplaceGuide(model, hessian="kfac").fit(data, progress=False)
+    lm_head = net.get_base_model().lm_head
+    theta = lm_head.weight.detach()[LETTERS].double()  # [C, D], no bias
+    ggn, factors, outer, cases = 0, 0, 0, []
+    cat = torch.cat([batch["labels"] for batch in data])
+    for batch in data:
+        seen = []
+        handle = lm_head.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+        with torch.no_grad():
+            theirs = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -1, LETTERS]
+        handle.remove()
+        phi = seen[0][:, -1].double()  # left padded: the last position, [B, D]
+        capped = lambda t: cap * torch.tanh(phi @ t.T / cap)  # noqa: E731  [B, C]
+        f = capped(theta)
+        torch.testing.assert_close(f, theirs.double(), rtol=0, atol=1e-2 * float(f.abs().max()))  # the network caps
+        jac = torch.autograd.functional.jacobian(capped, theta).reshape(len(phi), c, -1)  # [B, C, P]
+        mask = F.pad(batch["choice_mask"], (0, c - batch["choice_mask"].shape[1]))
+        p = f.masked_fill(~mask, -math.inf).softmax(-1)
+        lam_n = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
+        ggn = ggn + (jac.mT @ lam_n @ jac).sum(0)
+        slope = 1 - torch.tanh(phi @ theta.T / cap) ** 2  # [B, C]
+        assert float(slope.min()) < 0.98  # the cap matters here
+        factors = factors + (slope[:, :, None] * lam_n * slope[:, None, :]).sum(0)
+        outer = outer + phi.T @ phi
+        cases.append((batch, f, jac))
+    rel = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the model's logits, whose softmax the fit takes, rounded
+    close = {"rtol": 0, "atol": rel * float(ggn.abs().max())}
+    torch.testing.assert_close(guide.ggn(), ggn, **close)
+    torch.testing.assert_close(kfac.ggn(), torch.kron(factors, outer / 5), **close)  # N E[G Lambda G] (x) E[phi phi^T]
+    sigma = torch.linalg.inv(ggn + lam * torch.eye(len(ggn), dtype=torch.float64))
+    for batch, f, jac in cases:
+        k = batch["choice_mask"].shape[1]
+        mean, cov = guide.glm_logits(batch)
+        expected = (jac @ sigma @ jac.mT)[:, :k, :k]
+        torch.testing.assert_close(mean[batch["choice_mask"]], f[:, :k][batch["choice_mask"]], rtol=0,
+                                   atol=rel * float(f.abs().max()))
+        torch.testing.assert_close(cov, expected, rtol=0, atol=rel * float(expected.abs().max()))
+    probs = guide.predict_glm(data).probs  # val_nll scores the same covariance
+    assert guide.optimize_prior_precision("val_nll", val_loader=data, grid=[lam]) == pytest.approx([nll(probs, cat)], rel=1e-6)
+
+
+def test_softcaps_are_folded_only_where_the_likelihood_applies_them_and_a_plain_bf16_llama_fits():
+    """A Gemma 2 sequence classifier's forward runs no cap after its ``score``: nothing folded, and it fits;
+    nor is anything folded for a Llama's letter head, which fits in bf16."""
+    model = gemma2(torch.float32, task="classification")
+    guide = LastLayerLaplaceGuide(model).fit(bert_data(), progress=False)
+    assert guide.steps == {}
+    logits, phi = guide.features(bert_data()[0])
+    torch.testing.assert_close(phi @ guide.head_rows().T, logits.double(), rtol=1e-5, atol=1e-5)
+    guide = LastLayerLaplaceGuide(llama(torch.bfloat16)).fit(letter_data(), progress=False)
+    assert guide.steps == {} and bool(guide.fitted)
+
+
 def _setup(likelihood, net, records, collate):
     config = CompareConfig(batch_size=3, progress=False)
     return Setup(config, net, None, likelihood, records[:6], records[6:], [], collate)
