@@ -570,36 +570,56 @@ def tempered_training(guide, action: str) -> str | None:
 def entry_checks(model, guide, action: str):
     """The checks at the entry of a collective ``action``, run in the ``with`` block: a ``ValueError`` on any rank is
     raised on every rank (:func:`~pyro_lora.distributed.refused_together`; one rank refusing alone would leave the
-    others waiting), then :func:`check_ranks_agree` on ``model`` and ``guide`` (``None``: the adapter alone)."""
+    others waiting), then :func:`check_ranks_agree` on ``model`` and ``guide`` (``None``: the network alone)."""
     with distributed.refused_together(action):
         yield
     check_ranks_agree(model, guide, action)
 
 
-def check_ranks_agree(model, guide, action: str) -> None:
-    """Under ``torch.distributed``, refuse to ``action`` unless every rank holds the same adapter (its LoRA weights and
-    trained head) and ``guide`` state: each rank computes its block of the data, so a rank that loaded a guide before
-    rank 0 had written it, or an adapter written on one rank only, would give a mix of two networks' results. A
-    collective: every rank calls it.
+def check_ranks_agree(model, guide, action: str, broadcast=()) -> None:
+    """Under ``torch.distributed``, refuse to ``action`` unless every rank holds the same network and ``guide`` state
+    where ``action`` reads them: each rank computes its block of the data, so ranks holding other values would mix
+    two networks' results. Compared: every parameter and buffer of the network, its frozen base too (a weight the
+    checkpoint lacked is drawn at load from each rank's seed), less
+    another adapter's and a trained head's frozen original (neither runs with the adapter on) and ``broadcast`` (what ``action`` sets to rank 0's first: ``fit``'s trained
+    parameters); and the guide's floating-point state.
 
-    :raises ValueError: naming the tensors that differ.
+    Cost: one pass over the weights (three float64 sums of each tensor, :func:`~pyro_lora.ownership.value_sums`) and
+    two all-reduces, of 6 numbers per tensor at most; no weight crosses the ranks. A collective: every rank calls it.
+
+    :raises ValueError: naming the tensors that differ, and what to do for the first of them.
     """
     if not distributed.is_distributed():
         return
-    named = [*model.named_lora_weights(), *model.named_adapter_parameters()]
+    skipped = {id(t) for t in broadcast}
+    enabled = not any(layer.disable_adapters for layer in model.layers.values())  # else a head's original runs
+    named = [(n, t) for n, t in (*model.net.named_parameters(), *model.net.named_buffers())
+             if id(t) not in skipped and parameter_adapter(n) in (None, model.adapter)
+             and not (enabled and ".original_module." in n)]
     if guide is not None:
         named += [(f"guide.{n}", t) for n, t in guide.state_dict().items() if t.is_floating_point()]
     fewest, most = (int(v) for v in distributed.spread(torch.tensor(len(named))))
     if fewest != most:
-        raise ValueError(f"cannot {action}: the ranks hold {fewest} to {most} adapter and guide tensors; every rank "
+        raise ValueError(f"cannot {action}: the ranks hold {fewest} to {most} network and guide tensors; every rank "
                          "must build the same model and guide")
     sums = value_sums(t for _, t in named)
     low, high = distributed.spread(torch.tensor([sums[id(t)] for _, t in named], dtype=torch.float64).reshape(-1, 3))
-    differ = [n for (n, _), lo, hi in zip(named, low, high)
+    differ = [(n, t) for (n, t), lo, hi in zip(named, low, high)
               if not torch.equal(lo.nan_to_num(), hi.nan_to_num())]  # a nan on every rank is no difference
-    if differ:
-        raise ValueError(
-            f"cannot {action}: the ranks hold different values of {_short(differ)}: every rank must hold the same adapter "
-            "and guide (after rank 0 writes a file the others load, wait for it: save_guide and export_adapter return on "
-            "every rank once it is written; write an adapter on every rank, as save_guide(adapter=True) does)"
-        )
+    if not differ:
+        return
+    name, tensor = differ[0]
+    if name.startswith("guide."):
+        advice = ("every rank must hold the same guide (after rank 0 writes a file the others load, wait for it: "
+                  "save_guide returns on every rank once it is written)")
+    elif parameter_adapter(name) is None and not tensor.requires_grad:
+        drawn = " (drawn at load: the checkpoint lacks it, so each rank drew it from its own seed)" if drawn_at_load(tensor) else ""
+        advice = (f"{name} is a frozen tensor of the base network{drawn}, so each rank would run another network; seed "
+                  "every rank alike before loading (torch.manual_seed(seed) or set_seed(seed), not seed + rank), or load "
+                  "from a checkpoint that holds the weight")
+    else:
+        advice = ("every rank must hold the same adapter: seed every rank alike before add_lora or get_peft_model (peft "
+                  "draws lora_A from it), and write an adapter on every rank, as save_guide(adapter=True) and "
+                  "export_adapter do (after rank 0 writes a file the others load, wait for it: they return on every "
+                  "rank once it is written)")
+    raise ValueError(f"cannot {action}: the ranks hold different values of {_short([n for n, _ in differ])}: {advice}")

@@ -257,11 +257,11 @@ def fit(
         if total is not None and warmup_steps > total:
             raise ValueError(f"warmup_steps={warmup_steps} is longer than the run's {total} optimizer steps: the learning rate "
                              f"would never reach lr; use at most {total}")
+        # what is not broadcast below (the network less what fit trains) must be the same on every rank
+        check_ranks_agree(model, None, "fit", broadcast=params)
         if train_network:
             take_over(model, guide)
             guide._point_snapshot = None  # live while it trains them (callbacks, checkpoints); taken again at the end
-        else:  # the network is not broadcast below: it must be the same on every rank
-            check_ranks_agree(model, None, "fit")
         distributed.broadcast_parameters(params + [b for b in guide.buffers() if b.is_floating_point()])
         # what fit does not train still gets gradients from its backward passes: set aside and put back as found, or an
         # optimiser that zeroes after its step (Pyro's SVI) would add the whole run's sum to its first step

@@ -3,12 +3,14 @@
 import copy
 import warnings
 import random
+import tempfile
 import types
 from collections import UserList
 from datetime import timedelta
 
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -34,6 +36,34 @@ def make_model(num_data):
         if isinstance(m, torch.nn.Dropout):
             m.p = 0.0  # training must be deterministic to compare ranks with one process
     return LoraModel(net, SequenceClassification(), random="AB", num_data=num_data)
+
+
+def pooled_model(seed):
+    """A classifier loaded from a tiny BERT MLM checkpoint, which lacks the pooler: transformers draws it (and the
+    head) under ``seed``, as with the DDP habit ``set_seed(seed + rank)`` when ``seed`` differs by rank."""
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    from pyro_lora.pretrained import add_lora, load_pretrained
+
+    folder = tempfile.mkdtemp()
+    with open(f"{folder}/vocab.txt", "w") as f:
+        f.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]) + "\n")
+    BertTokenizerFast(f"{folder}/vocab.txt").save_pretrained(folder)
+    torch.manual_seed(0)
+    mlm = BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=4, max_position_embeddings=64))
+    mlm.config.to_json_file(f"{folder}/config.json")  # save_pretrained writes on rank 0 only
+    safetensors.torch.save_model(mlm, f"{folder}/model.safetensors", metadata={"format": "pt"})
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the pooler and head drawn at load
+        net, _ = load_pretrained(folder, "classification", num_labels=2, progress=False)
+    torch.manual_seed(0)  # every rank alike from here on (peft's lora_A too)
+    net = add_lora(net, r=4)
+    for m in net.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0  # as make_model
+    return LoraModel(net, SequenceClassification(), random="AB", num_data=16)
 
 
 def run_all():
@@ -99,6 +129,11 @@ def run_all():
     guide = MAPGuide(model)
     out["accumulated_fit"] = (fit(model, guide, data, lr=3e-2, grad_accum_steps=accum, progress=False),
                               [p.detach().clone() for p in model.point_parameters() + list(guide.parameters())])
+    # a pooler drawn at load under the same seed on every rank passes the ranks' check of the whole network
+    model = pooled_model(seed=1000)
+    guide = MAPGuide(model)
+    fit(model, guide, toy_data(16, 16 // world), epochs=2, lr=3e-2, progress=False)  # one step of 16 per epoch
+    out["pooled"] = ([p.detach().clone() for p in guide.parameters()], predict(model, guide, toy_data(8, 4, seed=2)).probs)
     return out
 
 
@@ -314,6 +349,13 @@ def run_misuses(tmp):
     # a model whose num_data differs by rank trained without a word, each rank scaling its data term to its own N
     model = make_model(num_data=16 * (1 + r))
     out["num_data_per_rank"] = _refused(lambda: fit(model, MAPGuide(model), toy_data(16, 4), progress=False))
+    # a frozen pooler drawn at load from each rank's seed ran another network on each rank, unchecked (only the adapter
+    # and guide were compared): fit's parameters 0.25 off one process, predict's probabilities 0.07
+    model = pooled_model(seed=1000 + r)
+    guide = MAPGuide(model)
+    out["pooler_fit"] = _refused(lambda: fit(model, guide, toy_data(16, 4), train_network=True, progress=False))
+    out["pooler_predict"] = _refused(lambda: predict(model, guide, toy_data(8, 4)))
+    out["pooler_laplace"] = _refused(lambda: LaplaceGuide(model).fit(toy_data(8, 4), progress=False))
     return out
 
 
@@ -349,7 +391,8 @@ def test_two_ranks_equal_one_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert single["pred"][2].shape == (3, 10, 2) and single["kfac"]["n"] == 10
     assert any(s["feasible"] for s in single["tfb"]) and not all(s["feasible"] for s in single["tfb"])
-    for key in ("loss", "grads", "fit_loss", "params", "kfac", "pred", "tfb", "laplace_pred", "uneven_fit", "accumulated_fit"):
+    for key in ("loss", "grads", "fit_loss", "params", "kfac", "pred", "tfb", "laplace_pred", "uneven_fit", "accumulated_fit",
+                "pooled"):
         for r, out in enumerate(ranks):
             assert close(out[key], single[key]), f"rank {r}: {key} differs from one process"
 
@@ -411,6 +454,11 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         assert out["weighted"].startswith("the ranks were given different data (sampler.weights: ")
         assert out["whole_sampler"] == 16
         assert "different settings of fit (num_data: 16 on rank 0, 32 on rank 1)" in out["num_data_per_rank"]
+        for key in ("pooler_fit", "pooler_predict", "pooler_laplace"):
+            assert "the ranks hold different values of ['base_model.model.bert.pooler.dense.weight'" in out[key]
+            assert ("bert.pooler.dense.weight is a frozen tensor of the base network (drawn at load: the checkpoint lacks "
+                    "it, so each rank drew it from its own seed)") in out[key]
+            assert "seed every rank alike before loading" in out[key] and "original_module" not in out[key]
     assert "rank 1 refused" in ranks[0]["batch_one_rank"]
     assert ranks[0]["odd_batches"] == ["5 batches over 2 ranks: each rank trains on 2 per epoch, and the last 1 of each "
                                        "epoch's order are never trained on (a list's, or an unshuffled DataLoader's, always "
