@@ -567,20 +567,21 @@ def tempered_training(guide, action: str) -> str | None:
 
 
 @contextlib.contextmanager
-def entry_checks(model, guide, action: str):
+def entry_checks(model, guide, action: str, handed: bool | None = None):
     """The checks at the entry of a collective ``action``, run in the ``with`` block: a ``ValueError`` on any rank is
     raised on every rank (:func:`~pyro_lora.distributed.refused_together`; one rank refusing alone would leave the
-    others waiting), then :func:`check_ranks_agree` on ``model`` and ``guide`` (``None``: the network alone)."""
+    others waiting), then :func:`check_ranks_agree` on ``model``, ``guide`` (``None``: the network alone) and ``handed``."""
     with distributed.refused_together(action):
         yield
-    check_ranks_agree(model, guide, action)
+    check_ranks_agree(model, guide, action, handed)
 
 
-def check_ranks_agree(model, guide, action: str, broadcast=()) -> None:
+def check_ranks_agree(model, guide, action: str, handed: bool | None = None, broadcast=()) -> None:
     """Under ``torch.distributed``, refuse to ``action`` unless every rank holds the same network and ``guide`` state
     where ``action`` reads them: each rank computes its block of the data, so ranks holding other values would mix
     two networks' results. Compared: every parameter and buffer of the network, its frozen base too (a weight the
-    checkpoint lacked is drawn at load from each rank's seed), less
+    checkpoint lacked is drawn at load from each rank's seed), less the peft LoRA weights the sites replace where
+    their values are ``handed`` to the layers (by a guide, or a Laplace fit's ``loc``; default: with a ``guide``), less
     another adapter's and a trained head's frozen original (neither runs with the adapter on) and ``broadcast`` (what ``action`` sets to rank 0's first: ``fit``'s trained
     parameters); and the guide's floating-point state.
 
@@ -592,6 +593,8 @@ def check_ranks_agree(model, guide, action: str, broadcast=()) -> None:
     if not distributed.is_distributed():
         return
     skipped = {id(t) for t in broadcast}
+    if guide is not None if handed is None else handed:
+        skipped |= {id(p) for p in model.random_parameters()}
     enabled = not any(layer.disable_adapters for layer in model.layers.values())  # else a head's original runs
     named = [(n, t) for n, t in (*model.net.named_parameters(), *model.net.named_buffers())
              if id(t) not in skipped and parameter_adapter(n) in (None, model.adapter)

@@ -403,7 +403,7 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
     :raises ValueError: on empty ``data``, a ``DataLoader`` dropping its last incomplete batch (the curvature is a sum
         over every example), or a likelihood that runs two forwards per batch.
     """
-    with entry_checks(model, None, "fit a Laplace"):
+    with entry_checks(model, None, "fit a Laplace", handed=loc is not None):  # else the adapter's LoRA weights are read
         check_every_example(data, "a Laplace fit")
         check_one_forward(model)
         check_autograd("fit a Laplace")

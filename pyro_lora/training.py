@@ -258,7 +258,7 @@ def fit(
             raise ValueError(f"warmup_steps={warmup_steps} is longer than the run's {total} optimizer steps: the learning rate "
                              f"would never reach lr; use at most {total}")
         # what is not broadcast below (the network less what fit trains) must be the same on every rank
-        check_ranks_agree(model, None, "fit", broadcast=params)
+        check_ranks_agree(model, None, "fit", handed=True, broadcast=params)
         if train_network:
             take_over(model, guide)
             guide._point_snapshot = None  # live while it trains them (callbacks, checkpoints); taken again at the end

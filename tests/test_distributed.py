@@ -356,6 +356,17 @@ def run_misuses(tmp):
     out["pooler_fit"] = _refused(lambda: fit(model, guide, toy_data(16, 4), train_network=True, progress=False))
     out["pooler_predict"] = _refused(lambda: predict(model, guide, toy_data(8, 4)))
     out["pooler_laplace"] = _refused(lambda: LaplaceGuide(model).fit(toy_data(8, 4), progress=False))
+    # peft drew lora_A from each rank's seed: predict after fit was refused over these weights, which no guide reads
+    # (it hands every site); predict without a guide, and a Laplace fit at the adapter, do read them
+    model = make_model(num_data=16)
+    with torch.no_grad():
+        model.named_lora_weights()[0][1].add_(r)
+    guide = MAPGuide(model)
+    fit(model, guide, toy_data(16, 4), lr=3e-2, progress=False)
+    out["unread_lora"] = (predict(model, guide, toy_data(8, 4, seed=2)).probs,
+                          LaplaceGuide(model).fit(toy_data(8, 4), progress=False, loc=guide.mean()).log_likelihood.item())
+    out["read_lora"] = [_refused(lambda: predict(model, None, toy_data(8, 4))),
+                        _refused(lambda: LaplaceGuide(model).fit(toy_data(8, 4), progress=False))]
     return out
 
 
@@ -459,6 +470,10 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
             assert ("bert.pooler.dense.weight is a frozen tensor of the base network (drawn at load: the checkpoint lacks "
                     "it, so each rank drew it from its own seed)") in out[key]
             assert "seed every rank alike before loading" in out[key] and "original_module" not in out[key]
+        name = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight"
+        for message in out["read_lora"]:
+            assert f"the ranks hold different values of ['{name}']: every rank must hold the same adapter: seed" in message
+    assert close(ranks[0]["unread_lora"], ranks[1]["unread_lora"])  # rank 0's guide on both, whatever lora_A holds
     assert "rank 1 refused" in ranks[0]["batch_one_rank"]
     assert ranks[0]["odd_batches"] == ["5 batches over 2 ranks: each rank trains on 2 per epoch, and the last 1 of each "
                                        "epoch's order are never trained on (a list's, or an unshuffled DataLoader's, always "
