@@ -122,10 +122,15 @@ def _buffer_fingerprint(net):
     """Buffer name -> :func:`_fingerprint_of` it, for the buffers that shape the forward (rotary frequencies, position
     and token-type ids): an in-place edit (a position-interpolation patch of ``inv_freq``) changes the network's
     function as a weight's does. Frequencies a dynamic rotary embedding recomputes per run are left out."""
+    return {name: _fingerprint_of(b) for name, b in _static_buffers(net)
+            if (b.is_floating_point() or is_integer_tensor(b)) and b.numel() and not any(k in name for k in ADAPTER_NAMES)}
+
+
+def _static_buffers(net) -> list:
+    """``(name, buffer)`` of ``net``, less the frequencies a dynamic or longrope rotary embedding recomputes in each
+    forward from its sequence length: what they hold is the last forward's, not part of the network's function."""
     runtime = {name for name, m in net.named_modules() if getattr(m, "rope_type", None) in _RUNTIME_ROPE}
-    return {name: _fingerprint_of(b) for name, b in net.named_buffers()
-            if (b.is_floating_point() or is_integer_tensor(b)) and b.numel()
-            and name.rpartition(".")[0] not in runtime and not any(k in name for k in ADAPTER_NAMES)}
+    return [(name, b) for name, b in net.named_buffers() if name.rpartition(".")[0] not in runtime]
 
 
 def frozen_base_parameters(net) -> list:
@@ -580,7 +585,8 @@ def check_ranks_agree(model, guide, action: str, handed: bool | None = None, bro
     """Under ``torch.distributed``, refuse to ``action`` unless every rank holds the same network and ``guide`` state
     where ``action`` reads them: each rank computes its block of the data, so ranks holding other values would mix
     two networks' results. Compared: every parameter and buffer of the network, its frozen base too (a weight the
-    checkpoint lacked is drawn at load from each rank's seed), less the peft LoRA weights the sites replace where
+    checkpoint lacked is drawn at load from each rank's seed), less the frequencies a dynamic rotary embedding
+    recomputes in each forward (each rank's hold its last batch's length), the peft LoRA weights the sites replace where
     their values are ``handed`` to the layers (by a guide, or a Laplace fit's ``loc``; default: with a ``guide``), less
     another adapter's and a trained head's frozen original (neither runs with the adapter on) and ``broadcast`` (what ``action`` sets to rank 0's first: ``fit``'s trained
     parameters); and the guide's floating-point state.
@@ -596,7 +602,7 @@ def check_ranks_agree(model, guide, action: str, handed: bool | None = None, bro
     if guide is not None if handed is None else handed:
         skipped |= {id(p) for p in model.random_parameters()}
     enabled = not any(layer.disable_adapters for layer in model.layers.values())  # else a head's original runs
-    named = [(n, t) for n, t in (*model.net.named_parameters(), *model.net.named_buffers())
+    named = [(n, t) for n, t in (*model.net.named_parameters(), *_static_buffers(model.net))
              if id(t) not in skipped and parameter_adapter(n) in (None, model.adapter)
              and not (enabled and ".original_module." in n)]
     if guide is not None:

@@ -367,7 +367,32 @@ def run_misuses(tmp):
                           LaplaceGuide(model).fit(toy_data(8, 4), progress=False, loc=guide.mean()).log_likelihood.item())
     out["read_lora"] = [_refused(lambda: predict(model, None, toy_data(8, 4))),
                         _refused(lambda: LaplaceGuide(model).fit(toy_data(8, 4), progress=False))]
+    # a dynamic RoPE recomputes inv_freq from each forward's length: after fit, rank 0's last batch of 12 tokens and
+    # rank 1's of 4 left it different, and predict was refused as a frozen weight drawn from each rank's seed
+    model = _dynamic_rope_model()
+    guide = MAPGuide(model)
+    fit(model, guide, [_rows(12), _rows(4)], lr=1e-2, progress=False)
+    frequencies = next(b for n, b in model.net.named_buffers() if n.endswith("rotary_emb.inv_freq"))
+    out["dynamic_rope"] = (frequencies.clone(), predict(model, guide, [_rows(12), _rows(4)]).probs)
     return out
+
+
+def _dynamic_rope_model():
+    import transformers as T
+
+    from pyro_lora.pretrained import add_lora
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           max_position_embeddings=8, pad_token_id=0, num_labels=2,
+                           rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    net = add_lora(T.LlamaForSequenceClassification(config), r=2, targets=["q_proj", "v_proj"])
+    return LoraModel(net, SequenceClassification(), random="AB", num_data=8)
+
+
+def _rows(length):
+    ids = torch.randint(1, 64, (4, length), generator=torch.Generator().manual_seed(length))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(4) % 2}
 
 
 def _worker(rank, tmp, crash, misuses=False):
@@ -474,6 +499,8 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         for message in out["read_lora"]:
             assert f"the ranks hold different values of ['{name}']: every rank must hold the same adapter: seed" in message
     assert close(ranks[0]["unread_lora"], ranks[1]["unread_lora"])  # rank 0's guide on both, whatever lora_A holds
+    assert not torch.equal(ranks[0]["dynamic_rope"][0], ranks[1]["dynamic_rope"][0])  # each its last batch's
+    assert close(ranks[0]["dynamic_rope"][1], ranks[1]["dynamic_rope"][1])
     assert "rank 1 refused" in ranks[0]["batch_one_rank"]
     assert ranks[0]["odd_batches"] == ["5 batches over 2 ranks: each rank trains on 2 per epoch, and the last 1 of each "
                                        "epoch's order are never trained on (a list's, or an unshuffled DataLoader's, always "
