@@ -1122,10 +1122,15 @@ _POSITION_EMBEDDINGS = ("wpe", "position_embeddings", "embed_positions")  # GPT-
 
 def _learned_positions(net) -> tuple[str, int] | None:
     """(path, positions) of the network's learned absolute position embedding, whose lookup fails past its rows
-    (OPT's rows start at an ``offset``); ``None`` for rotary, ALiBi, relative or sinusoidal positions, which run on."""
+    (OPT's rows start at an ``offset``, RoBERTa's, XLM-R's and MPNet's after their ``padding_idx``: 514 rows hold 512
+    tokens); ``None`` for rotary, ALiBi, relative or sinusoidal positions, which run on."""
     if getattr(getattr(net, "config", None), "position_embedding_type", "absolute") != "absolute":
         return None  # BERT-like relative keys: the table is not looked up by absolute position
-    found = [(path, module.num_embeddings - getattr(module, "offset", 0)) for path, module in net.named_modules()
+
+    def first_row(module):
+        return getattr(module, "offset", 0) + (0 if module.padding_idx is None else module.padding_idx + 1)
+
+    found = [(path, module.num_embeddings - first_row(module)) for path, module in net.named_modules()
              if isinstance(module, torch.nn.Embedding) and path.rsplit(".", 1)[-1] in _POSITION_EMBEDDINGS]
     return min(found, key=lambda item: item[1]) if found else None
 

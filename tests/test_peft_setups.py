@@ -796,6 +796,7 @@ def _short_positions(family):
 
     small = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, vocab_size=64, num_labels=2,
                  max_position_embeddings=16, pad_token_id=0)
+    padded = small | {"max_position_embeddings": 18, "pad_token_id": 1}  # positions after padding_idx 1: 16 of 18 rows
     config, net, targets = {
         "gpt2": (T.GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64, n_positions=16, num_labels=2, pad_token_id=0),
                  T.GPT2ForSequenceClassification, ["c_attn"]),
@@ -803,6 +804,9 @@ def _short_positions(family):
         "opt": (T.OPTConfig(**{k: v for k, v in small.items() if k != "intermediate_size"}, ffn_dim=32, word_embed_proj_dim=16),
                 T.OPTForSequenceClassification, ["q_proj"]),
         "llama": (T.LlamaConfig(**small), T.LlamaForSequenceClassification, ["q_proj"]),
+        "roberta": (T.RobertaConfig(**padded), T.RobertaForSequenceClassification, ["query"]),
+        "xlm-roberta": (T.XLMRobertaConfig(**padded), T.XLMRobertaForSequenceClassification, ["query"]),
+        "mpnet": (T.MPNetConfig(**padded), T.MPNetForSequenceClassification, ["q"]),
     }[family]
     torch.manual_seed(0)
     return get_peft_model(net(config).eval(), LoraConfig(r=2, target_modules=targets, task_type="SEQ_CLS",
@@ -810,11 +814,15 @@ def _short_positions(family):
 
 
 @pytest.mark.parametrize("family, table", [("gpt2", "transformer.wpe"), ("bert", "bert.embeddings.position_embeddings"),
-                                           ("opt", "model.decoder.embed_positions"), ("llama", None)])
+                                           ("opt", "model.decoder.embed_positions"), ("llama", None),
+                                           ("roberta", "roberta.embeddings.position_embeddings"),
+                                           ("xlm-roberta", "roberta.embeddings.position_embeddings"),
+                                           ("mpnet", "mpnet.embeddings.position_embeddings")])
 def test_rows_longer_than_a_learned_position_embedding_are_refused_naming_its_positions(family, table):
     """A tokenizer naming no model_max_length (SmolLM2's) let a collator build rows past GPT-2's n_positions: torch's
     raw 'IndexError: index out of range in self' from the position lookup. Refused naming the table and its 16
-    positions (OPT's rows start at its offset 2); rows within run as plain transformers; rotary positions run on."""
+    positions (OPT's rows start at its offset 2; RoBERTa's, XLM-R's and MPNet's at padding_idx + 1, so 18 rows hold
+    16 tokens: 17 crashed raw under the first version of this check); rows within run as plain transformers; rotary positions run on."""
     model = LoraModel(_short_positions(family), SequenceClassification(), num_data=3)
     rows = lambda n: {"input_ids": torch.arange(1, n + 1).remainder(60).add(1).expand(2, n),  # noqa: E731
                       "attention_mask": torch.ones(2, n, dtype=torch.long), "labels": torch.tensor([0, 1])}
