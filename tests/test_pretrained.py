@@ -1,5 +1,13 @@
+import hashlib
 import importlib.util
+import json
+import os
 import re
+import socket
+import subprocess
+import sys
+import time
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -209,3 +217,97 @@ def test_a_tokenizer_larger_than_the_networks_embedding_is_refused_naming_both_s
     net, tokenizer = P.load_pretrained(bert_checkpoint(tmp_path / "fits"), "classification")
     net.resize_token_embeddings(20)
     P.check_vocabulary(net, BertTokenizer.from_pretrained(folder))  # resized: every id has a row
+
+
+# --------------------------------------------------------------------------- the SmolLM2 cache
+
+
+@pytest.fixture
+def fake_smollm2(tmp_path, monkeypatch):
+    """``"smollm2"`` converted from a stand-in GGUF by a fake conversion (a tiny Llama, a BERT tokenizer) into a cache
+    under ``tmp_path``: seconds instead of ~55 s. Yields the list of the conversions' models."""
+    from transformers import AutoTokenizer
+
+    gguf = tmp_path / "fake.gguf"
+    gguf.write_bytes(b"GGUF")
+    tokenizer = AutoTokenizer.from_pretrained(bert_checkpoint(tmp_path / "tok"))
+    conversions = []
+
+    def convert(path, task, num_labels, dtype, progress=True):
+        torch.manual_seed(len(conversions))
+        conversions.append(_tiny_llama())
+        return conversions[-1], tokenizer
+
+    monkeypatch.setenv("PYRO_LORA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(P, "smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(P, "_load_gguf", convert)
+    return conversions
+
+
+def _load_cached(conversions, reconverts: bool, match=None):
+    """Load ``"smollm2"`` and check it holds the last conversion's weights, reconverted (with a warning matching
+    ``match``) or read from the cache silently."""
+    before = len(conversions)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        net, _ = P.load_pretrained("smollm2", "classification", num_labels=2, progress=False)  # always read from the cache folder
+    assert len(conversions) == before + reconverts
+    messages = [str(w.message) for w in record if "SmolLM2 cache" in str(w.message)]
+    if reconverts and match:
+        assert len(messages) == 1 and re.search(match, messages[0]), messages
+    else:
+        assert messages == []
+    torch.testing.assert_close(net.model.embed_tokens.weight, conversions[-1].model.embed_tokens.weight, rtol=0, atol=0)
+
+
+def test_a_damaged_or_old_smollm2_cache_is_converted_again_with_a_warning(fake_smollm2, tmp_path):
+    """The cache was trusted on its GGUF's name, size and mtime alone: a truncated model.safetensors failed every later
+    load with safetensors' bare 'incomplete metadata', and 4000 overwritten bytes loaded without a word (inf/nan
+    logits, or quietly wrong weights). source.json now records each written file's size and SHA-256 and the format."""
+    folder = tmp_path / "cache" / "smollm2"
+    weights = folder / "model.safetensors"
+    _load_cached(fake_smollm2, reconverts=True)  # the first conversion says nothing
+    _load_cached(fake_smollm2, reconverts=False)  # a valid cache is reused
+    os.truncate(weights, weights.stat().st_size // 2)
+    _load_cached(fake_smollm2, reconverts=True, match=rf"{re.escape(str(folder))}.*model.safetensors has \d+ bytes")
+    _load_cached(fake_smollm2, reconverts=False)
+    data = bytearray(weights.read_bytes())
+    data[-4000:] = bytes(b ^ 0xFF for b in data[-4000:])  # same size, other weights
+    weights.write_bytes(data)
+    _load_cached(fake_smollm2, reconverts=True, match=r"model.safetensors's SHA-256 differs")
+    stamp = json.loads((folder / "source.json").read_text())
+    old = {key: stamp[key] for key in ("gguf", "size", "mtime_ns")}  # what an older pyro_lora wrote
+    (folder / "source.json").write_text(json.dumps(old))
+    _load_cached(fake_smollm2, reconverts=True, match="older pyro_lora")
+    _load_cached(fake_smollm2, reconverts=False)
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["smollm2"]
+
+
+def test_a_killed_conversions_leftover_folders_are_swept_and_live_ones_kept(fake_smollm2, tmp_path):
+    """A conversion killed while writing (SIGKILL, OOM) left its hidden temporary folder (250-540 MB) in the cache for
+    good: nothing removed it. Loads now remove those of ended processes on this machine, and those of other machines
+    or an older pyro_lora once untouched for an hour; a live conversion's stay."""
+    cache = tmp_path / "cache"
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tag = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # the owner's machine, as names record it
+        names = {"dead": f".smollm2-tmp-{ended.pid}-{tag}-abc", "dead_stale": f".smollm2-stale-{ended.pid}-{tag}-abc",
+                 "live": f".smollm2-tmp-{alive.pid}-{tag}-abc", "own": f".smollm2-tmp-{os.getpid()}-{tag}-abc",
+                 "old_format": ".smollm2-k2j4_x9q", "foreign_old": f".smollm2-tmp-{alive.pid}-00000000-abc",
+                 "foreign_new": f".smollm2-tmp-{ended.pid}-00000000-abc"}
+        for key, name in names.items():
+            (cache / name).mkdir(parents=True)
+            (cache / name / "model.safetensors").write_bytes(b"half")
+            if key in ("old_format", "foreign_old"):
+                hours_ago = time.time() - 2 * 3600
+                for path in (cache / name / "model.safetensors", cache / name):
+                    os.utime(path, (hours_ago, hours_ago))
+        _load_cached(fake_smollm2, reconverts=True)
+        kept = {key for key, name in names.items() if (cache / name).exists()}
+        assert kept == {"live", "own", "foreign_new"}
+        assert sorted(p.name for p in cache.iterdir()) == sorted(["smollm2", *(names[k] for k in kept)])
+    finally:
+        alive.kill()
+        alive.wait()
