@@ -462,13 +462,17 @@ def test_validation_labels_no_training_record_has_or_lacks_are_said(tmp_path):
     train = [rec(i, i % 2) for i in range(4)]
     test = [rec(10 + i, i % 2) for i in range(4)]
 
-    def said(val):
+    def said(val, shifted=None):
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            _warn_about_splits(CompareConfig(dataset="toy", max_length=32), tok, train, val, test, {})
+            _warn_about_splits(CompareConfig(dataset="toy", max_length=32), tok, train, val, test, shifted or {})
         return [str(w.message) for w in record]
 
     assert said([rec(20, 0), rec(21, 1)]) == []
+    # a shifted set (--eval-datasets), scored in the same tables, was not looked at
+    assert said([rec(20, 0), rec(21, 1)], {"shift": [rec(5, 0), rec(7, 3)]}) == [
+        "the records of the shifted set 'shift' hold label(s) [3] that no training record has: the model never learns "
+        "those classes"]
     assert said([rec(20, 0), rec(21, 2), rec(22, 2)]) == [
         "the validation records of 'toy' hold label(s) [2] that no training record has: the model never learns those "
         "classes",

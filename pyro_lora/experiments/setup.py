@@ -341,7 +341,7 @@ def load_splits(config: CompareConfig):
 def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shifted):
     """Say what makes a run's numbers mean less than they seem: test, validation or shifted records that repeat
     training ones as the model reads them (:func:`_model_inputs`: memory, not generalisation), validation and test
-    labels no training record has, training labels no validation record has, and texts that ``--max-length`` cuts (:func:`_warn_about_cuts`)."""
+    and shifted labels no training record has, training labels no validation record has, and texts that ``--max-length`` cuts (:func:`_warn_about_cuts`)."""
     trained = set(_model_inputs(train, tokenizer, config.max_length))
     held = trained | set(_model_inputs(val, tokenizer, config.max_length))
     sets = [(f"validation records of {config.dataset!r}", val, trained, "training record"),
@@ -358,11 +358,11 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
         _warn_about_cuts(config, tokenizer, {f"training records of {config.dataset!r}": train, sets[0][0]: val},
                          {what: records for what, records, _, _ in sets[1:]})
         trained = {r["label"] for r in train}
-        for split, records in (("validation", val), ("test", test)):
+        for what, records, _, _ in sets:  # validation, test and every shifted set
             unseen = sorted({r["label"] for r in records} - trained)
             if unseen:
-                warnings.warn(f"the {split} records of {config.dataset!r} hold label(s) {unseen} that no training record "
-                              "has: the model never learns those classes", stacklevel=3)
+                warnings.warn(f"the {what} hold label(s) {unseen} that no training record has: the model never learns "
+                              "those classes", stacklevel=3)
         absent = sorted(trained - {r["label"] for r in val})
         if absent:  # temperature scaling and every +ts and *_val row are fitted on the validation records
             warnings.warn(f"the validation records of {config.dataset!r} hold no record of label(s) {absent} that "
