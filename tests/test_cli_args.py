@@ -462,10 +462,10 @@ def test_validation_labels_no_training_record_has_or_lacks_are_said(tmp_path):
     train = [rec(i, i % 2) for i in range(4)]
     test = [rec(10 + i, i % 2) for i in range(4)]
 
-    def said(val, shifted=None):
+    def said(val, shifted=None, **config):
         with warnings.catch_warnings(record=True) as record:
             warnings.simplefilter("always")
-            _warn_about_splits(CompareConfig(dataset="toy", max_length=32), tok, train, val, test, shifted or {})
+            _warn_about_splits(CompareConfig(dataset="toy", max_length=32, **config), tok, train, val, test, shifted or {})
         return [str(w.message) for w in record]
 
     assert said([rec(20, 0), rec(21, 1)]) == []
@@ -478,6 +478,9 @@ def test_validation_labels_no_training_record_has_or_lacks_are_said(tmp_path):
         "classes",
         "the validation records of 'toy' hold no record of label(s) [1] that training records have: temperature scaling "
         "and every +ts and *_val row are fitted without those classes; raise --val-fraction or --train-size"]
+    # fit and bayesianize of a method fitting nothing on the validation records (ts off): nothing to say of them
+    assert said([rec(20, 0), rec(21, 2), rec(22, 2)], guides=("map",), ts=False) == []
+    assert len(said([rec(20, 0), rec(21, 2), rec(22, 2)], guides=("laplace_val",), ts=False)) == 2
 
 
 @pytest.mark.parametrize("command, kept", [("compare", "the same command resumes the rest"),

@@ -358,13 +358,16 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
         _warn_about_cuts(config, tokenizer, {f"training records of {config.dataset!r}": train, sets[0][0]: val},
                          {what: records for what, records, _, _ in sets[1:]})
         trained = {r["label"] for r in train}
-        for what, records, _, _ in sets:  # validation, test and every shifted set
+        # the validation records matter where a row is fitted on them (temperature, +ts, *_val): not to fit or bayesianize a MAP
+        fitted_on_val = config.guides is None or any(  # None: every method of the task, temperature scaling among them
+            g in METHODS and (METHODS[g].validation or config.ts and METHODS[g].ts) for g in config.guides)
+        for what, records, _, _ in sets[0 if fitted_on_val else 1:]:  # validation, test and every shifted set
             unseen = sorted({r["label"] for r in records} - trained)
             if unseen:
                 warnings.warn(f"the {what} hold label(s) {unseen} that no training record has: the model never learns "
                               "those classes", stacklevel=3)
-        absent = sorted(trained - {r["label"] for r in val})
-        if absent:  # temperature scaling and every +ts and *_val row are fitted on the validation records
+        absent = sorted(trained - {r["label"] for r in val}) if fitted_on_val else []
+        if absent:
             warnings.warn(f"the validation records of {config.dataset!r} hold no record of label(s) {absent} that "
                           "training records have: temperature scaling and every +ts and *_val row are fitted without "
                           "those classes; raise --val-fraction or --train-size", stacklevel=3)
