@@ -115,7 +115,14 @@ def _fingerprint(net):
 
 
 # rotary embeddings that recompute their frequencies from the run's length (transformers' dynamic_rope_update)
-_RUNTIME_ROPE = ("dynamic", "longrope")
+_RUNTIME_ROPE = frozenset(("dynamic", "longrope"))
+
+
+def _rope_types(module) -> set:
+    """A rotary embedding's rope types: one name, or one per layer type (ModernBERT's and Gemma 3's
+    ``{"full_attention": "dynamic", ...}``, whose buffers are ``full_attention_inv_freq`` and kin)."""
+    kind = getattr(module, "rope_type", None)
+    return set(kind.values()) if isinstance(kind, dict) else {kind}
 
 
 def _buffer_fingerprint(net):
@@ -129,7 +136,7 @@ def _buffer_fingerprint(net):
 def _static_buffers(net) -> list:
     """``(name, buffer)`` of ``net``, less the frequencies a dynamic or longrope rotary embedding recomputes in each
     forward from its sequence length: what they hold is the last forward's, not part of the network's function."""
-    runtime = {name for name, m in net.named_modules() if getattr(m, "rope_type", None) in _RUNTIME_ROPE}
+    runtime = {name for name, m in net.named_modules() if not _RUNTIME_ROPE.isdisjoint(_rope_types(m))}
     return [(name, b) for name, b in net.named_buffers() if name.rpartition(".")[0] not in runtime]
 
 

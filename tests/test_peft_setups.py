@@ -836,3 +836,34 @@ def test_rows_longer_than_a_learned_position_embedding_are_refused_naming_its_po
             with pytest.raises(ValueError, match=rf"rows are 17 tokens long, past the 16 positions the network's learned "
                                                  rf"position embedding \({re.escape('base_model.model.' + table)}\) holds"):
                 run()
+
+
+@pytest.mark.parametrize("family", ["llama", "modernbert"])
+def test_a_dynamic_rope_per_layer_type_is_no_edit_of_the_base(family):
+    """ModernBERT (and Gemma 3) keep one rope type per layer type ({"full_attention": "dynamic", ...}): their
+    full_attention_inv_freq, recomputed from each forward's length, was compared with the guide's build as if edited in
+    place, so predict after fit on rows past max_position_embeddings was refused (Llama's single type was left out)."""
+    import transformers as T
+
+    from pyro_lora.pretrained import add_lora
+
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    small = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 max_position_embeddings=8, pad_token_id=0, num_labels=2)
+    torch.manual_seed(0)
+    if family == "llama":
+        net, targets = T.LlamaForSequenceClassification(T.LlamaConfig(**small, rope_parameters=dynamic)), ["q_proj"]
+    else:
+        config = T.ModernBertConfig(**small, bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+                                    global_attn_every_n_layers=1, local_attention=4, rope_parameters={
+                                        "full_attention": dynamic, "sliding_attention": {"rope_type": "default",
+                                                                                         "rope_theta": 10000.0}})
+        net, targets = T.ModernBertForSequenceClassification(config), ["Wqkv"]
+    model = LoraModel(add_lora(net, r=2, targets=targets), SequenceClassification(), random="AB", num_data=8)
+    guide = MAPGuide(model)
+    ids = torch.randint(1, 64, (4, 12), generator=torch.Generator().manual_seed(12))
+    rows = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(4) % 2}
+    fit(model, guide, [rows], lr=1e-2, progress=False)
+    with torch.no_grad():
+        expected = model.logits(rows, guide.mean()).softmax(-1)
+    torch.testing.assert_close(predict(model, guide, [rows]).probs, expected)
