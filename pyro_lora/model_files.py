@@ -104,6 +104,9 @@ def _cache_problem(folder: Path, stamp: dict, weights: bool = True) -> str | Non
         return "it was written by an older pyro_lora, which recorded nothing of the files it wrote"
     if recorded != stamp:
         return f"it was converted from another GGUF file ({recorded}, now {stamp})"
+    if "config.json" not in files or not any(name.endswith(".safetensors") for name in files):
+        # a folder emptied while written (swept by a process that took its owner for dead) is stamped with what was left
+        return f"it records no config.json or weights, only {sorted(files)}"
     for name, record in files.items():
         path = folder / name
         try:
@@ -115,6 +118,7 @@ def _cache_problem(folder: Path, stamp: dict, weights: bool = True) -> str | Non
         except OSError as err:
             return f"{name} cannot be read ({err})"
     return None
+
 
 def local_model_path(name_or_path) -> Path | None:
     """The absolute path of the local model folder or ``.gguf`` file ``name_or_path`` names, or ``None`` for an

@@ -238,9 +238,12 @@ def _sweep_leftovers(folder: Path) -> None:
     :func:`_write_cache`'s cleanup never ran; ~250-540 MB each). Conversions are not serialised, so only dead owners'
     go: on this machine, those whose process (the pid in the name) has ended; otherwise those untouched for
     :data:`_LEFTOVER_AGE_S`."""
-    owned = re.compile(rf"\.{re.escape(folder.name)}-(?:tmp|stale)-(\d+)-([0-9a-f]{{8}})-")
+    owned = re.compile(rf"\.{re.escape(folder.name)}-(?:tmp|stale)-(\d+)-([0-9a-f]{{8}})-[a-z0-9_]{{8}}")
+    older = re.compile(rf"\.{re.escape(folder.name)}-(?:stale-)?[a-z0-9_]{{8}}")  # an older pyro_lora's mkdtemp names
     for path in folder.parent.glob(f".{folder.name}-*"):
-        match = owned.match(path.name)
+        match = owned.fullmatch(path.name)
+        if match is None and older.fullmatch(path.name) is None:
+            continue  # not a conversion's folder (a user's own .smollm2-backup)
         try:
             if match and match[2] == _host_tag():
                 dead = int(match[1]) != os.getpid() and not _process_alive(int(match[1]))

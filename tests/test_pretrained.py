@@ -280,6 +280,14 @@ def test_a_damaged_or_old_smollm2_cache_is_converted_again_with_a_warning(fake_s
     (folder / "source.json").write_text(json.dumps(old))
     _load_cached(fake_smollm2, reconverts=True, match="older pyro_lora")
     _load_cached(fake_smollm2, reconverts=False)
+    # a folder swept while written (by a process that took its owner for dead) was stamped with the tokenizer alone
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).unlink()
+    stamp = json.loads((folder / "source.json").read_text())
+    stamp["files"] = {name: record for name, record in stamp["files"].items() if name.startswith("tokenizer")}
+    (folder / "source.json").write_text(json.dumps(stamp))
+    _load_cached(fake_smollm2, reconverts=True, match="records no config.json or weights")
+    _load_cached(fake_smollm2, reconverts=False)
     assert sorted(p.name for p in folder.parent.iterdir()) == ["smollm2"]
 
 
@@ -293,20 +301,20 @@ def test_a_killed_conversions_leftover_folders_are_swept_and_live_ones_kept(fake
     alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         tag = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]  # the owner's machine, as names record it
-        names = {"dead": f".smollm2-tmp-{ended.pid}-{tag}-abc", "dead_stale": f".smollm2-stale-{ended.pid}-{tag}-abc",
-                 "live": f".smollm2-tmp-{alive.pid}-{tag}-abc", "own": f".smollm2-tmp-{os.getpid()}-{tag}-abc",
-                 "old_format": ".smollm2-k2j4_x9q", "foreign_old": f".smollm2-tmp-{alive.pid}-00000000-abc",
-                 "foreign_new": f".smollm2-tmp-{ended.pid}-00000000-abc"}
+        names = {"dead": f".smollm2-tmp-{ended.pid}-{tag}-abcd1234", "dead_stale": f".smollm2-stale-{ended.pid}-{tag}-abcd1234",
+                 "live": f".smollm2-tmp-{alive.pid}-{tag}-abcd1234", "own": f".smollm2-tmp-{os.getpid()}-{tag}-abcd1234",
+                 "old_format": ".smollm2-k2j4_x9q", "foreign_old": f".smollm2-tmp-{alive.pid}-00000000-abcd1234",
+                 "foreign_new": f".smollm2-tmp-{ended.pid}-00000000-abcd1234", "users_own": ".smollm2-backup"}
         for key, name in names.items():
             (cache / name).mkdir(parents=True)
             (cache / name / "model.safetensors").write_bytes(b"half")
-            if key in ("old_format", "foreign_old"):
+            if key in ("old_format", "foreign_old", "users_own"):
                 hours_ago = time.time() - 2 * 3600
                 for path in (cache / name / "model.safetensors", cache / name):
                     os.utime(path, (hours_ago, hours_ago))
         _load_cached(fake_smollm2, reconverts=True)
         kept = {key for key, name in names.items() if (cache / name).exists()}
-        assert kept == {"live", "own", "foreign_new"}
+        assert kept == {"live", "own", "foreign_new", "users_own"}  # a user's .smollm2-backup is no conversion's
         assert sorted(p.name for p in cache.iterdir()) == sorted(["smollm2", *(names[k] for k in kept)])
     finally:
         alive.kill()
