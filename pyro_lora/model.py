@@ -339,11 +339,7 @@ class LoraModel:
         transformers' raw ``IndexError: index out of range in self`` otherwise. Ids on the CPU are checked in every
         forward; on an accelerator in the first only (a host read each forward would stall it); lengths always."""
         if self._positions is not None and isinstance(ids, torch.Tensor) and ids.dim() and ids.shape[-1] > self._positions[1]:
-            path, limit = self._positions
-            raise ValueError(
-                f"the batch's rows are {ids.shape[-1]} tokens long, past the {limit} positions the network's learned "
-                f"position embedding ({path}) holds: build the batches with max_length={limit} or less (the collator's "
-                "max_length; a tokenizer whose model_max_length names no limit does not lower it)")
+            self._check_positions(ids)
         if self._embeddings is None or not isinstance(ids, torch.Tensor) or (ids.device.type != "cpu" and self._ids_checked):
             return
         rows = self._embeddings.weight.shape[0]
@@ -355,6 +351,18 @@ class LoraModel:
                 "tokenizer the checkpoint was saved with, or call net.resize_token_embeddings(len(tokenizer)) before "
                 "building the LoraModel")
         self._ids_checked = True
+
+    def _check_positions(self, ids) -> None:
+        """Refuse rows of ``ids`` (wider than the position table) that hold more tokens than it has positions: every
+        column, or, where the table numbers real tokens only (RoBERTa-like: padding sits at ``padding_idx``), the
+        row's non-padding tokens (one host read, only for batches wider than the table)."""
+        path, limit, pad = self._positions
+        longest = ids.shape[-1] if pad is None else int((ids != pad).sum(-1).max())
+        if longest > limit:
+            raise ValueError(
+                f"the batch's rows are {longest} tokens long, past the {limit} positions the network's learned "
+                f"position embedding ({path}) holds: build the batches with max_length={limit} or less (the collator's "
+                "max_length; a tokenizer whose model_max_length names no limit does not lower it)")
 
     def _parameter(self, path: str, kind: MatrixKind) -> torch.nn.Parameter:
         return self._lora(self.layers[path], kind.parameter).weight
@@ -1120,17 +1128,18 @@ def _input_embeddings(net):
 _POSITION_EMBEDDINGS = ("wpe", "position_embeddings", "embed_positions")  # GPT-2 and kin, BERT and kin, OPT and kin
 
 
-def _learned_positions(net) -> tuple[str, int] | None:
-    """(path, positions) of the network's learned absolute position embedding, whose lookup fails past its rows
-    (OPT's rows start at an ``offset``, RoBERTa's, XLM-R's and MPNet's after their ``padding_idx``: 514 rows hold 512
-    tokens); ``None`` for rotary, ALiBi, relative or sinusoidal positions, which run on."""
+def _learned_positions(net) -> tuple[str, int, int | None] | None:
+    """(path, positions, padding index) of the network's learned absolute position embedding, whose lookup fails past
+    its rows (OPT's rows start at an ``offset``, RoBERTa's, XLM-R's and MPNet's after their ``padding_idx``: 514 rows
+    hold 512 tokens, padding numbered ``padding_idx`` whatever the row's length); ``None`` for rotary, ALiBi, relative
+    or sinusoidal positions, which run on."""
     if getattr(getattr(net, "config", None), "position_embedding_type", "absolute") != "absolute":
         return None  # BERT-like relative keys: the table is not looked up by absolute position
 
     def first_row(module):
         return getattr(module, "offset", 0) + (0 if module.padding_idx is None else module.padding_idx + 1)
 
-    found = [(path, module.num_embeddings - first_row(module)) for path, module in net.named_modules()
+    found = [(path, module.num_embeddings - first_row(module), module.padding_idx) for path, module in net.named_modules()
              if isinstance(module, torch.nn.Embedding) and path.rsplit(".", 1)[-1] in _POSITION_EMBEDDINGS]
     return min(found, key=lambda item: item[1]) if found else None
 

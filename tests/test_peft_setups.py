@@ -836,6 +836,11 @@ def test_rows_longer_than_a_learned_position_embedding_are_refused_naming_its_po
             with pytest.raises(ValueError, match=rf"rows are 17 tokens long, past the 16 positions the network's learned "
                                                  rf"position embedding \({re.escape('base_model.model.' + table)}\) holds"):
                 run()
+        if family in ("roberta", "xlm-roberta", "mpnet"):  # padding takes position padding_idx: 16 tokens padded to 18 run
+            padded = {k: v.clone() for k, v in rows(18).items()}
+            padded["input_ids"][:, 16:], padded["attention_mask"][:, 16:] = 1, 0
+            torch.testing.assert_close(model.logits(padded),
+                                       model.net(**{k: v for k, v in padded.items() if k != "labels"}).logits)
 
 
 @pytest.mark.parametrize("family", ["llama", "modernbert"])
