@@ -342,21 +342,22 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
     """Say what makes a run's numbers mean less than they seem: test, validation or shifted records that repeat
     training ones as the model reads them (:func:`_model_inputs`: memory, not generalisation), validation and test
     and shifted labels no training record has, training labels no validation record has, and texts that ``--max-length`` cuts (:func:`_warn_about_cuts`)."""
-    trained = set(_model_inputs(train, tokenizer, config.max_length))
-    held = trained | set(_model_inputs(val, tokenizer, config.max_length))
+    read = [_model_inputs(records, tokenizer, config.max_length) for records in (train, val, test, *shifted.values())]
+    trained = set(read[0])
+    held = trained | set(read[1])
     sets = [(f"validation records of {config.dataset!r}", val, trained, "training record"),
             (f"test records of {config.dataset!r}", test, held, "training or validation record"),
             *((f"records of the shifted set {name!r}", records, held, f"training or validation record of "
                f"{config.dataset!r}") for name, records in shifted.items())]
-    for what, records, seen, whose in sets:
-        repeated = sum(key in seen for key in _model_inputs(records, tokenizer, config.max_length))
+    for (what, records, seen, whose), keys in zip(sets, read[1:]):
+        repeated = sum(key in seen for key in keys)
         if repeated:
             warnings.warn(f"{repeated} of the {len(records)} {what} repeat a {whose} as the model reads it (the same "
                           "tokens: texts differing only in case or spacing are one input to an uncased tokenizer): "
                           "their scores measure memory there, not generalisation; deduplicate the splits", stacklevel=3)
     if train and record_task(train[0]) == "classification":
         _warn_about_cuts(config, tokenizer, {f"training records of {config.dataset!r}": train, sets[0][0]: val},
-                         {what: records for what, records, _, _ in sets[1:]})
+                         {what: (records, keys) for (what, records, _, _), keys in zip(sets[1:], read[2:])})
         trained = {r["label"] for r in train}
         # the validation records matter where a row is fitted on them (temperature, +ts, *_val): not to fit or bayesianize a MAP
         fitted_on_val = config.guides is None or any(  # None: every method of the task, temperature scaling among them
@@ -374,11 +375,12 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
 
 
 def _warn_about_cuts(config: CompareConfig, tokenizer, fitted: dict, scored: dict):
-    """Say, once per split (``{what: records}``, a classification set's), how many texts ``--max-length`` cuts (their
-    end is never read: a legitimate cut, but it can take what tells a text's class), the first by id; and, of a scored
-    split, how many different texts the cut leaves as one input (their rows cannot be told apart)."""
+    """Say, once per split (``fitted``: ``{what: records}``, a classification set's), how many texts ``--max-length``
+    cuts (their end is never read: a legitimate cut, but it can take what tells a text's class), the first by id; and,
+    of a scored split (``scored``: ``{what: (records, their _model_inputs)}``), how many different texts the cut leaves
+    as one input (their rows cannot be told apart)."""
     positions = _positions(tokenizer)
-    for what, records in {**fitted, **scored}.items():
+    for what, records in {**fitted, **{what: records for what, (records, _) in scored.items()}}.items():
         whole = tokenizer([r["text"] for r in records], verbose=False)["input_ids"]  # special tokens included
         cut = [(r, len(ids)) for r, ids in zip(records, whole) if len(ids) > config.max_length]
         if not cut:
@@ -391,7 +393,7 @@ def _warn_about_cuts(config: CompareConfig, tokenizer, fitted: dict, scored: dic
                       f"none of what follows; raise --max-length to keep them whole ({room})", stacklevel=4)
         if what in scored:
             texts = {}  # the input after the cut -> the ids of the records read as it, by their whole tokens
-            for r, key, ids in zip(records, _model_inputs(records, tokenizer, config.max_length), whole):
+            for r, key, ids in zip(records, scored[what][1], whole):
                 texts.setdefault(key, {}).setdefault(tuple(ids), []).append(r["id"])
             merged = [[i for ids in group.values() for i in ids] for group in texts.values() if len(group) > 1]
             if merged:
