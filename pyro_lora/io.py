@@ -3,7 +3,6 @@
 import contextlib
 import errno
 import glob
-import hashlib
 import importlib
 import json
 import math
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .checks import not_a_file
+from .digests import bytes_sha256, file_sha256
 from .contract import (_fingerprint_of, check_autoguide, check_guide, describe, differences, digested_parameters,
                        frozen_base_parameters, quantization, quantized_weights, require_lora_guide, unwrapped_name,
                        weight_digest, weight_scales, weights_digest)
@@ -383,7 +383,7 @@ def read_fit_state(path) -> dict:
                          "(saved by save_guide, not a fit's checkpoint): it was put there since, or guide.json and "
                          "guide.safetensors taken from another save; put the checkpoint's own files back, or rerun "
                          "the fit from the start")
-    if recorded is not None and recorded != _file_sha256(path / FIT_STATE):
+    if recorded is not None and recorded != file_sha256(path / FIT_STATE):
         raise ValueError(f"{path / FIT_STATE} is not the state saved with {path / 'guide.json'} (its SHA-256 differs "
                          "from the one recorded there): another run's or step's was put in its place, or it was "
                          "damaged, since; resuming would continue this run from another optimizer state, schedule and "
@@ -491,10 +491,10 @@ def _write_guide(guide, model, path, run, adapter, fit_state=None):
         # guide.json records the SHA-256 of every file beside it, which load_guide, check_sealed and read_fit_state
         # compare: a damaged copy, or another save's file put in its place, is refused
         save_file(tensors, str(tmp / "guide.safetensors"))
-        meta["tensors_sha256"] = _file_sha256(tmp / "guide.safetensors")
+        meta["tensors_sha256"] = file_sha256(tmp / "guide.safetensors")
         if fit_state is not None:
             torch.save(fit_state, tmp / FIT_STATE)
-            meta["fit_state_sha256"] = _file_sha256(tmp / FIT_STATE)
+            meta["fit_state_sha256"] = file_sha256(tmp / FIT_STATE)
         if adapter:
             if auto:
                 _save_adapter(model, tmp / "adapter")
@@ -502,9 +502,9 @@ def _write_guide(guide, model, path, run, adapter, fit_state=None):
                 _write_adapter(guide, tmp / "adapter")
         meta["adapter_sha256"] = _adapter_sha256(tmp / "adapter")  # {} without one: an adapter/ put there is refused
         if run is not None:  # sealed together: check_sealed refuses any of the files edited or swapped since
-            record = json.dumps(standard_json({**run, "guide_sha256": _sha256(_canonical(meta))}), indent=2,
+            record = json.dumps(standard_json({**run, "guide_sha256": bytes_sha256(_canonical(meta))}), indent=2,
                                 allow_nan=False, default=str).encode()
-            meta["run_sha256"] = _sha256(record)
+            meta["run_sha256"] = bytes_sha256(record)
             (tmp / "run.json").write_bytes(record)
         (tmp / "guide.json").write_text(json.dumps(meta, indent=2, allow_nan=False))
     if not auto:
@@ -536,20 +536,10 @@ def _rounded_only(guide, changed) -> bool:
     return True
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _file_sha256(file) -> str:
-    """The SHA-256 of ``file``, read in chunks (never held whole in memory beside its tensors)."""
-    with open(file, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _adapter_sha256(folder) -> dict:
     """File (relative to ``folder``, ``/``-separated) -> SHA-256, of the files peft reads in the adapter folder
     ``folder`` (:func:`_read_by_peft`); ``{}`` where there is none."""
-    return {name: _file_sha256(p) for p in sorted(Path(folder).rglob("*"))
+    return {name: file_sha256(p) for p in sorted(Path(folder).rglob("*"))
             if p.is_file() and _read_by_peft(name := p.relative_to(folder).as_posix())}
 
 
@@ -582,11 +572,11 @@ def _check_beside(path, meta) -> None:
         if not run.is_file():
             raise ValueError(f"{run} {not_a_file(run, 'is missing')}: {own} records the run record saved with it (save_guide's run=); {_AGAIN}")
         record = run.read_bytes()
-        if _sha256(record) != meta["run_sha256"]:
+        if bytes_sha256(record) != meta["run_sha256"]:
             raise ValueError(f"{run} is not the record saved with its guide (its SHA-256 differs from the one {own} "
                              f"holds): it was edited since, or it (or guide.json with guide.safetensors) taken from another "
                              f"save; {_AGAIN}")
-        if json.loads(record).get("guide_sha256") != _sha256(_canonical(meta)):
+        if json.loads(record).get("guide_sha256") != bytes_sha256(_canonical(meta)):
             raise ValueError(f"{own} is not the one saved with {run}: it was edited or replaced since; {_AGAIN}")
     elif "tensors_sha256" in meta and run.exists():
         raise ValueError(f"{run} is not the record saved with its guide: {own} records none (saved without run=), so it "
@@ -621,7 +611,7 @@ def check_sealed(path) -> None:
         raise ValueError(f"{path / 'run.json'} is not the record saved with its guide ({path / 'guide.json'} records "
                          "none, or is of another format): it was edited or replaced since")
     _check_beside(path, meta)
-    if meta.get("tensors_sha256") != _file_sha256(path / "guide.safetensors"):
+    if meta.get("tensors_sha256") != file_sha256(path / "guide.safetensors"):
         raise ValueError(f"{path / 'guide.safetensors'} is not the one saved with {path / 'guide.json'}: it was "
                          f"edited or replaced since; {_AGAIN}")
 
@@ -767,7 +757,7 @@ def _read_tensors(path, device, sha256=None):
         raise (ValueError if file.exists() else FileNotFoundError)(f"{file} {not_a_file(file, 'is missing')}: the guide "
                                                                     f"at {path} is incomplete")
     tensors = read_safetensors(file, device)
-    if sha256 is not None and _file_sha256(file) != sha256:
+    if sha256 is not None and file_sha256(file) != sha256:
         raise ValueError(f"{file} is not the one saved with {path / 'guide.json'} (its SHA-256 differs from the one "
                          "recorded there): damaged, or another save's put in its place, since; copy the folder again "
                          "from where it was saved, or save the guide again")

@@ -8,13 +8,14 @@ config or GGUF header.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
+
+from .digests import file_sha256
 
 __all__ = ["EMBEDDED_MODELS", "cache_dir", "check_head_classes", "local_model_path", "max_positions", "minilm_dir",
            "smollm2_gguf"]
@@ -79,11 +80,7 @@ def _source_stamp(gguf: Path) -> dict:
 
 def _file_record(path: Path) -> dict:
     """``{"size", "sha256"}`` of the file at ``path``, as the cache's ``source.json`` records each file written."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return {"size": path.stat().st_size, "sha256": file_sha256(path)}
 
 
 def _cache_problem(folder: Path, stamp: dict, weights: bool = True) -> str | None:

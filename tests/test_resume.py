@@ -17,7 +17,8 @@ from pyro_lora.experiments import saved as S
 from pyro_lora.experiments.compare import run_compare
 from pyro_lora.experiments.setup import CompareConfig, prepare
 from pyro_lora.guides.registry import METHODS
-from pyro_lora.io import FORMAT, _canonical, _sha256, atomic_file, read_safetensors
+from pyro_lora.digests import bytes_sha256
+from pyro_lora.io import FORMAT, _canonical, atomic_file, read_safetensors
 from pyro_lora.experiments.results import GuideFailures, RunFolder, config_differences
 
 ROW = {"guide": "map", "dataset": "sst2", "seed": 0, "accuracy": 0.5, "ece": 5.0, "nll": 0.7}
@@ -300,10 +301,10 @@ def _run_folder(tmp_path, saved="map", **changes):
             target[key] = value
     guide = METHODS[saved].guide
     (tmp_path / "guide" / "guide.safetensors").write_bytes(b"")
-    meta = {"format": FORMAT, "guide": f"{guide.__module__}:{guide.__qualname__}", "tensors_sha256": _sha256(b"")}
-    record = json.dumps({**run, "guide_sha256": _sha256(_canonical(meta))}).encode()
+    meta = {"format": FORMAT, "guide": f"{guide.__module__}:{guide.__qualname__}", "tensors_sha256": bytes_sha256(b"")}
+    record = json.dumps({**run, "guide_sha256": bytes_sha256(_canonical(meta))}).encode()
     (tmp_path / "guide" / "run.json").write_bytes(record)
-    (tmp_path / "guide" / "guide.json").write_text(json.dumps({**meta, "run_sha256": _sha256(record)}))
+    (tmp_path / "guide" / "guide.json").write_text(json.dumps({**meta, "run_sha256": bytes_sha256(record)}))
     return tmp_path
 
 
