@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from pyro_lora.calibration import golden_section
 from pyro_lora.checks import check_nonnegative
-from pyro_lora.contract import check_guide
+from pyro_lora.contract import check_guide, entry_checks
 from pyro_lora.data import fixed_batches, to_device
 from pyro_lora.distributions import KFACNormal
 from pyro_lora.evidence import curvature_peaks, evidence_terms, maximise_evidence, precision_config, precision_tensor, site_precision
@@ -362,7 +362,8 @@ class LaplaceGuide(LoraGuide):
                     )
             return self._optimize_marglik(per_layer, max_iter, floor)
         grid = prior_precision_grid(grid)
-        self._check_network("tune lambda on validation data")
+        with entry_checks(self.model, self, "tune lambda on validation data"):  # every rank scores the whole data
+            self._check_network("tune lambda on validation data")
         val_loader = fixed_batches(val_loader, f"{type(self).__name__} val_nll")  # each pass the same batches in the same order: common random numbers
         best, nlls = search_grid(grid, lambda g: self._grid_nll(val_loader, g, predictive, num_samples, progress), refine,
                                  type(self).__name__)
@@ -451,7 +452,7 @@ class LaplaceGuide(LoraGuide):
             network whose head or adapter changed since (as ``predict``), or on empty ``data``.
         """
         return glm_predict(data, self._glm_logits, self.model.likelihood.observed, link, num_samples, keep_samples, progress,
-                           ready=lambda: self._check_network("predict"))
+                           ready=lambda: self._check_network("predict"), guide=self)
 
 
 def _model_precision(model) -> float:

@@ -395,7 +395,8 @@ class LastLayerLaplaceGuide(LoraGuide):
     def _val_nll(self, val_loader, progress):
         """``lambda -> `` the validation NLL of the GLM probit predictive on ``val_loader``, whose features and
         projections are computed here, once."""
-        self._check_head()
+        with entry_checks(self.model, self, "tune lambda on validation data"):  # every rank scores the whole data
+            self._check_head()
         val_loader = fixed_batches(val_loader, "LastLayerLaplaceGuide val_nll")  # every rank scores the same whole validation set
         cache, labels = [], []
         for batch in progress_bar(val_loader, desc="LLLA val features", disable=not progress, dynamic_ncols=True):
@@ -438,7 +439,7 @@ class LastLayerLaplaceGuide(LoraGuide):
             head changed since, or empty ``data``.
         """
         return glm_predict(data, self._glm, self.model.likelihood.observed, link, num_samples, keep_samples, progress,
-                           desc="LLLA predict", ready=self._ready)
+                           desc="LLLA predict", ready=self._ready, guide=self)
 
     def _ready(self):
         """Refuse to predict before fit, or with a head changed since."""

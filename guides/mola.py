@@ -13,7 +13,7 @@ import pyro.poutine as poutine
 import torch
 
 from pyro_lora.checks import check_reiterable
-from pyro_lora.contract import check_guide
+from pyro_lora.contract import check_guide, entry_checks
 from pyro_lora.data import fixed_batches
 from pyro_lora.ownership import point_snapshot
 from pyro_lora.distributions import UniformMixture
@@ -126,7 +126,8 @@ class LaplaceMixtureGuide(EnsembleGuide):
         if kwargs:
             raise ValueError(f"method='val_nll' of a Laplace mixture takes val_loader, grid, refine and progress; got {sorted(kwargs)}")
         grid = prior_precision_grid(grid)
-        check_guide(self.model, self, "tune lambda on validation data")
+        with entry_checks(self.model, self, "tune lambda on validation data"):  # every rank scores the whole data
+            check_guide(self.model, self, "tune lambda on validation data")
         val_loader = fixed_batches(val_loader, f"{type(self).__name__} val_nll")  # the grid in one pass, its refinement in another
         with self._all_or_nothing():
             best, nlls = search_grid(grid, lambda g: self._grid_nll(val_loader, g, progress), refine, type(self).__name__)
@@ -212,7 +213,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
             since, or as :meth:`LaplaceGuide.predict_glm` does.
         """
         return glm_predict(data, self._glm_logits, self.model.likelihood.observed, link, num_samples, keep_samples, progress,
-                           ready=self._check_ready)
+                           ready=self._check_ready, guide=self)
 
     def _check_fitted(self):
         if not self.fitted:

@@ -20,6 +20,7 @@ the posterior's eigenbasis.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 import warnings
@@ -581,11 +582,14 @@ def _probit_draws(mean, cov, num_samples, generator):
 
 
 def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_samples=False, progress=False,
-                desc="GLM predict", ready=None) -> Prediction:
+                desc="GLM predict", ready=None, guide=None) -> Prediction:
     """The GLM predictive ``p(y | x) = E_{f ~ N(mean, cov)} softmax(f)`` over ``data``, what Laplace's and last-layer
     Laplace's ``predict_glm`` share: ``logits_of(batch) -> (mean [N, C], cov [N, C, C])``, ``observed(batch)`` the
     labels (not asked of a batch without: unlabelled data gives ``labels`` ``None``, as :func:`~pyro_lora.predict`);
-    ``ready()`` (the guide's own checks) runs after the arguments are checked, before any batch. A uniform mixture of
+    ``ready()`` (the guide's own checks) runs after the arguments are checked, before any batch, in
+    :func:`~pyro_lora.contract.entry_checks` of ``guide`` (the guide whose posterior ``logits_of`` reads) where one is
+    given: under ``torch.distributed`` every rank scores the whole data, so a rank holding another network or guide
+    would return its own predictive, and the ranks are compared first. A uniform mixture of
     ``K`` Gaussians per example (mean ``[K, N, C]``, cov ``[K, N, C, C]``) averages the ``K`` predictives; its draws
     with ``keep_samples`` are ``[S K, N, C]``. With the probit link, ``keep_samples`` keeps ``num_samples`` logit
     draws of the same Gaussians (what the mutual information needs; from a CPU generator of their own, seeded 0 per
@@ -601,8 +605,9 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
         raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
     num_samples = check_count(num_samples, "num_samples")
     check_every_example(data, desc)
-    if ready is not None:
-        ready()
+    with entry_checks(guide.model, guide, "predict") if guide is not None else contextlib.nullcontext():
+        if ready is not None:
+            ready()
     if distributed.is_distributed():  # every rank predicts the whole data: a rank's part, or its own data, is refused
         data = fixed_batches(data, desc)
     start = time.perf_counter()

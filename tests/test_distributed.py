@@ -19,6 +19,7 @@ from pyro.infer import Trace_ELBO
 
 from pyro_lora.guides import MAPGuide, MeanFieldGuide
 from pyro_lora.guides.laplace import LaplaceGuide
+from pyro_lora.guides.llla import LastLayerLaplaceGuide
 from pyro_lora.guides.tfb import TFBGuide
 from pyro_lora import distributed
 from pyro_lora.likelihoods import SequenceClassification
@@ -356,6 +357,25 @@ def run_misuses(tmp):
     out["pooler_fit"] = _refused(lambda: fit(model, guide, toy_data(16, 4), train_network=True, progress=False))
     out["pooler_predict"] = _refused(lambda: predict(model, guide, toy_data(8, 4)))
     out["pooler_laplace"] = _refused(lambda: LaplaceGuide(model).fit(toy_data(8, 4), progress=False))
+    # fitted on ranks that agree, then rank 1's pooler changed: the GLM predictive and the validation searches refused on
+    # rank 1 alone, and rank 0 went on into the next collective (the ranks fell out of step)
+    model = pooled_model(seed=1000)
+    laplace = LaplaceGuide(model).fit(toy_data(8, 4), progress=False)
+    last = LastLayerLaplaceGuide(model).fit(toy_data(8, 4), progress=False)
+    pooler = model.net.base_model.model.bert.pooler.dense.weight
+    drawn = pooler.detach().clone()
+    with torch.no_grad():
+        pooler.add_(r)
+    out["pooler_glm"] = [_refused(lambda: laplace.predict_glm(toy_data(8, 4))),
+                         _refused(lambda: laplace.optimize_prior_precision("val_nll", val_loader=toy_data(8, 4))),
+                         _refused(lambda: last.predict_glm(toy_data(8, 4))),
+                         _refused(lambda: last.optimize_prior_precision("val_nll", val_loader=toy_data(8, 4)))]
+    # each rank's own prior precision: predict_glm returned each rank's own predictive without a word
+    with torch.no_grad():
+        pooler.copy_(drawn)
+    laplace.set_prior_precision(1e-4 * 1e8 ** r)
+    last.set_prior_precision(1e-4 * 1e8 ** r)
+    out["precision_glm"] = [_refused(lambda: laplace.predict_glm(toy_data(8, 4))), _refused(lambda: last.predict_glm(toy_data(8, 4)))]
     # peft drew lora_A from each rank's seed: predict after fit was refused over these weights, which no guide reads
     # (it hands every site); predict without a guide, and a Laplace fit at the adapter, do read them
     model = make_model(num_data=16)
@@ -495,6 +515,11 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
             assert ("bert.pooler.dense.weight is a frozen tensor of the base network (drawn at load: the checkpoint lacks "
                     "it, so each rank drew it from its own seed)") in out[key]
             assert "seed every rank alike before loading" in out[key] and "original_module" not in out[key]
+        for message in out["precision_glm"]:
+            assert message.startswith("cannot predict: the ranks hold different values of ['guide.") and "prior_precision" in message
+        for message in out["pooler_glm"]:
+            assert "the base weights differ from the ones the guide was built on" in message
+            assert "['base_model.model.bert.pooler.dense.weight']" in message
         name = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight"
         for message in out["read_lora"]:
             assert f"the ranks hold different values of ['{name}']: every rank must hold the same adapter: seed" in message
@@ -502,6 +527,8 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
     assert not torch.equal(ranks[0]["dynamic_rope"][0], ranks[1]["dynamic_rope"][0])  # each its last batch's
     assert close(ranks[0]["dynamic_rope"][1], ranks[1]["dynamic_rope"][1])
     assert "rank 1 refused" in ranks[0]["batch_one_rank"]
+    for message, action in zip(ranks[0]["pooler_glm"], ["predict", "tune lambda on validation data"] * 2):
+        assert message.startswith(f"cannot {action}: rank 1 refused: ")
     assert ranks[0]["odd_batches"] == ["5 batches over 2 ranks: each rank trains on 2 per epoch, and the last 1 of each "
                                        "epoch's order are never trained on (a list's, or an unshuffled DataLoader's, always "
                                        "the same examples); give a number of batches divisible by 2 (the batch size, or "
