@@ -11,6 +11,8 @@ the wrong function.
 from __future__ import annotations
 
 import torch
+from peft.tuners.lora import LoraLayer
+from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 
@@ -35,32 +37,43 @@ def find_head(model, path: str | None = None) -> torch.nn.Linear:
     sequence classifier) or its output embedding (:class:`~pyro_lora.MultipleChoice`); peft's trained copy of a
     saved module; within a module, its last linear layer (RoBERTa's ``classifier.out_proj``).
 
-    :raises ValueError: if there is no such module, it carries a peft adapter layer (LoRA on the head), or holds no
-        linear layer with floating-point weights.
+    :raises ValueError: if there is no such module, it carries a peft adapter layer (LoRA on the head, trainable tokens
+        tied to it: the message names which), or holds no linear layer with floating-point weights.
     """
     net = model.net
     base = base_network(net)
     if path is not None:
         try:
-            module, where = net.get_submodule(path), repr(path)
+            module = net.get_submodule(path)
         except AttributeError:
             raise ValueError(f"head={path!r} names no module of the network (see model.net.named_modules())") from None
     elif isinstance(model.likelihood, MultipleChoice):
         get = getattr(base, "get_output_embeddings", None)
-        module, where = (get() if callable(get) else None), "the output embedding"
+        module = get() if callable(get) else None
     else:
-        module, where = next(((getattr(base, n), n) for n in ("classifier", "score")
-                              if isinstance(getattr(base, n, None), torch.nn.Module)), (None, None))
+        module = next((getattr(base, n) for n in ("classifier", "score")
+                       if isinstance(getattr(base, n, None), torch.nn.Module)), None)
     if module is None:
         raise ValueError(f"found no head in {type(base).__name__} (no 'classifier' or 'score' module, or output embedding "
                          "for multiple choice): pass head='its.module.path' of model.net.named_modules()")
+    where = next((repr(n) for n, m in net.named_modules() if m is module), type(module).__name__)
     linears = list(_linears(module, model.adapter))
     if not linears:
         raise ValueError(f"the head {where} ({type(module).__name__}) holds no linear layer with floating-point weights")
     if isinstance(linears[-1], BaseTunerLayer):
-        raise ValueError(f"the head {where} carries a peft adapter layer (LoRA on the head?): a last-layer posterior needs "
-                         "its plain weights; leave the head out of target_modules")
+        raise ValueError(f"the head {where} carries a peft adapter layer, {type(linears[-1]).__name__} ({_tuner_advice(linears[-1])}):"
+                         " a last-layer posterior needs its plain weights, which the layer's own weights would change")
     return linears[-1]
+
+
+def _tuner_advice(layer) -> str:
+    """What put the peft layer ``layer`` on the head, and how to leave it off."""
+    if isinstance(layer, TrainableTokensLayer):
+        return ("peft's trainable_token_indices, given for the head or for an input embedding tied to it; leave the "
+                "head's rows out of trainable_token_indices, or untie the embeddings")
+    if isinstance(layer, LoraLayer):
+        return "LoRA on the head; leave the head out of target_modules"
+    return "an adapter on the head; leave the head out of the adapter's target modules"
 
 
 def _linears(module, adapter):

@@ -327,10 +327,28 @@ def test_sites_without_a_peft_parameter_are_refused():
         LastLayerLaplaceGuide(LoraXSModel(tiny_bert(), SequenceClassification(), num_data=6))
 
 
+def test_trainable_tokens_on_a_tied_head_are_refused_naming_them_not_target_modules():
+    """peft wraps the LM head tied to an embedding given trainable_token_indices: the refusal blamed LoRA on the head
+    and said to leave it out of target_modules, which did not hold it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=True)
+    net = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                              trainable_token_indices={"embed_tokens": [10, 11]}))
+    model = LoraModel(net, MultipleChoice([10, 11], format="letter"), num_data=8)
+    with pytest.raises(ValueError, match=r"the head 'base_model.model.lm_head' carries a peft adapter layer, TrainableTokensLayer "
+                                         r"\(peft's trainable_token_indices, given for the head or for an input embedding "
+                                         "tied to it; leave the head's rows out of trainable_token_indices"):
+        LastLayerLaplaceGuide(model)
+
+
 def test_a_head_it_cannot_find_or_use_is_refused_by_name_and_one_named_is_used():
     with pytest.raises(ValueError, match="found no head in _MLP .* pass head="):
         LastLayerLaplaceGuide(mlp_model())  # LoRA on fc1 and fc2, no classifier
-    with pytest.raises(ValueError, match="carries a peft adapter layer"):
+    with pytest.raises(ValueError, match=r"the head 'base_model.model.fc2' carries a peft adapter layer, Linear \(LoRA on the head; "
+                                         "leave the head out of target_modules\)"):
         LastLayerLaplaceGuide(mlp_model(), head="base_model.model.fc2")
     with pytest.raises(ValueError, match="names no module"):
         LastLayerLaplaceGuide(mlp_model(), head="nowhere")
