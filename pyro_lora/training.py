@@ -139,7 +139,8 @@ def fit(
         digest); a callable ``kl_weight`` is not called to check it (a function of the step is assumed).
     :returns: list of per-step losses.
     :raises ValueError: if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
-        on an ``epochs``, ``warmup_steps`` (longer than the run too), ``lr``, ``grad_accum_steps``,
+        on an ``epochs``, ``warmup_steps`` (longer than the run too), ``lr``, ``weight_decay`` (``lr * weight_decay``
+        at least 1 too), ``grad_accum_steps``,
         ``max_grad_norm`` or ``checkpoint_every`` out of range (or without ``checkpoint_dir``), an ELBO it cannot
         step, on a one-shot iterator with ``epochs > 1``, a decaying ``lr_schedule`` over data without a length, a
         batch that is no dict of batched tensors (a list's first before any work, a loader's as read),
@@ -195,6 +196,12 @@ def fit(
                     held.enter_context(slot_lock(checkpoint_dir, f"checkpoint_dir {checkpoint_dir} (a fit checkpoints there)"))
             if not (_finite(lr) and lr >= 0):
                 raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+            if not (_finite(weight_decay) and weight_decay >= 0):
+                raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+            if lr * weight_decay >= 1:  # else a divergence an epoch later, blamed on the learning rate alone
+                raise ValueError(f"lr * weight_decay = {lr * weight_decay:g} >= 1: AdamW multiplies every trained weight by "
+                                 "1 - lr * weight_decay each step, which zeroes or flips them; weight_decay is a rate per "
+                                 "unit learning rate (typically 0.01-0.1)")
             if max_grad_norm is not None and not (_finite(max_grad_norm) and max_grad_norm > 0):
                 raise ValueError(f"max_grad_norm must be a finite number > 0 (None: no clipping), got {max_grad_norm!r}")
             autocast, forward_dtype = training_autocast(model, autocast)

@@ -111,6 +111,9 @@ def test_accumulated_micro_batches_weigh_every_example_as_one_batch_of_them_all(
     (dict(epochs=2.5), "epochs must be an integer >= 0, got 2.5"),
     (dict(lr=float("nan")), "lr must be a finite number >= 0, got nan"),
     (dict(lr="1e-3"), "lr must be a finite number >= 0, got '1e-3'"),
+    (dict(weight_decay=-0.1), "weight_decay must be a finite number >= 0, got -0.1"),
+    # a nan loss one step later, blamed on the learning rate
+    (dict(lr=1e-2, weight_decay=1e6), r"lr \* weight_decay = 10000 >= 1: AdamW multiplies every trained weight by"),
     (dict(max_grad_norm=-1.0), r"max_grad_norm must be a finite number > 0 \(None: no clipping\), got -1.0"),
     (dict(max_grad_norm=0), r"max_grad_norm must be a finite number > 0 \(None: no clipping\), got 0"),
     (dict(warmup_steps=2.5), "warmup_steps must be an integer >= 0, got 2.5"),
