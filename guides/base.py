@@ -23,7 +23,7 @@ from pyro_lora.contract import check_guide, describe
 from pyro_lora.ownership import follow_svi_step, point_snapshot, record_fit, stop_following, take_over
 from pyro_lora.io import records_at_build, register_guide
 from pyro_lora.model import full_precision
-from pyro_lora.pyro_stack import check_no_plate, in_predictive, marking_sites
+from pyro_lora.pyro_stack import check_no_plate, in_predictive, marking_sites, remember_draws
 
 
 def _as_pyro_guide(forward):
@@ -36,11 +36,17 @@ def _as_pyro_guide(forward):
             return forward(guide, *args, **kwargs)
         _record_parameters(guide)
         guide._running = True
+        # without gradients (Predictive's draws) the draws are recorded: a model conditioned on them checks this guide
+        drawn = poutine.trace() if not torch.is_grad_enabled() else None
         try:
-            with marking_sites(guide), full_precision(guide.model.device):
-                return forward(guide, *args, **kwargs)
+            with marking_sites(guide), full_precision(guide.model.device), drawn or contextlib.nullcontext():
+                out = forward(guide, *args, **kwargs)
         finally:
             guide._running = False
+        if drawn is not None:
+            remember_draws(guide, {n: node["value"] for n, node in drawn.trace.nodes.items()
+                                   if node["type"] == "sample" and n in guide.model.sites})
+        return out
 
     return run
 

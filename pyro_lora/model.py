@@ -27,7 +27,7 @@ from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, between_kinds, down_kind, up_kind
 from .likelihoods import is_cloze
 from .modes import dropout_in_training
-from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, elbo_run, hidden_from_elbo, in_averaging_elbo,
+from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, drawn_by, elbo_run, hidden_from_elbo, in_averaging_elbo,
                          in_importance, in_laplace_approximation, in_mcmc, in_predictive, in_svi_step, marked_guides,
                          on_training_step, prototyping_autoguide, replayed_trace, running_autoguide)
 from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_inits, check_values,
@@ -774,6 +774,8 @@ class LoraModel:
         if run is not None and elbo_problems:
             raise ValueError(elbo_problems[0])
         self._check_conditioned(tr.trace)
+        if guide_trace is None and not torch.is_grad_enabled():
+            self._check_drawer(tr.trace)
         for name, v in values.items():
             shape = self.sites[name].shape
             if tuple(v.shape[v.dim() - len(shape) :]) != shape:
@@ -1020,8 +1022,8 @@ class LoraModel:
     def _check_conditioned(self, own):
         """Refuse conditioned values (``poutine.condition``, ``pyro.infer.Predictive``'s posterior samples) for some of
         the model's weight sites but not all, or for weight sites it does not have: the values were drawn for another
-        model (other target_modules or ``random``), and its other sites would be drawn from the prior. Conditioned
-        values carry no guide, so a guide for another checkpoint of the same sites passes: ``predict`` checks that."""
+        model (other target_modules or ``random``), and its other sites would be drawn from the prior. Which guide drew
+        the values is :meth:`_check_drawer`'s."""
         conditioned = conditioned_names()
         # observed without a condition handler: a reparametrised site (poutine.reparam), or poutine.do's intervention
         given = [n for n in self.sites if own.nodes[n]["is_observed"] and n in conditioned]
@@ -1039,6 +1041,16 @@ class LoraModel:
                 f"{what}: they were drawn for another model (other target_modules or random=), and the model's other "
                 "sites would be drawn from the prior; build the guide on this model, or give every weight site a value"
             )
+
+    def _check_drawer(self, own) -> None:
+        """Where every weight site is conditioned on a draw a guide of the guides package recorded without gradients
+        (:func:`~pyro_lora.pyro_stack.drawn_by`: ``pyro.infer.Predictive``'s), refuse that guide as ``predict`` would
+        (:func:`~pyro_lora.contract.check_guide`): a guide for another checkpoint, LoRA scaling or prior of the same
+        sites gives values the model cannot tell apart by their shapes."""
+        given = {n: own.nodes[n]["value"] for n in self.sites if own.nodes[n]["is_observed"]}
+        drawer = drawn_by(given) if len(given) == len(self.sites) else None
+        if drawer is not None:
+            check_guide(self, drawer, "predict with pyro.infer.Predictive")
 
     def _observe(self, log_prob):
         self.last_nll = -log_prob.mean()  # per example, for fit's divergence check: the ELBO's prior term scales with 1/N

@@ -5,6 +5,7 @@ replay of the user's own, whether an optimizer step trains through it (:func:`on
 
 from __future__ import annotations
 
+import collections
 import sys
 import weakref
 
@@ -297,6 +298,34 @@ def marked_guides(trace) -> list:
         if guide is not None:
             guides[id(guide)] = guide
     return list(guides.values())
+
+
+# Draws of guides run without gradients (pyro.infer.Predictive's, a trace of one's own): their digest -> the guide that
+# drew them, for a model later conditioned on those values to tell which guide they came from (Predictive stacks the
+# draws, so no mark or tensor identity survives). Bounded: Predictive runs the model on its S draws in their order, so
+# with S beyond the bound the model's later calls still find theirs.
+_DRAWS: collections.OrderedDict = collections.OrderedDict()
+_DRAWS_KEPT = 1 << 14
+
+
+def _draws_digest(values: dict) -> tuple:
+    """Each site's name, size and float64 sum: exact for the same values in any leading shape ([S, 1, ...] or not)."""
+    return tuple(sorted((name, v.numel(), float(v.detach().double().sum())) for name, v in values.items()))
+
+
+def remember_draws(guide, values: dict) -> None:
+    """Record that ``guide`` drew ``values`` (site name -> tensor), for :func:`drawn_by`."""
+    key = _draws_digest(values)
+    _DRAWS[key] = weakref.ref(guide)  # a draw must not keep a guide alive
+    _DRAWS.move_to_end(key)
+    while len(_DRAWS) > _DRAWS_KEPT:
+        _DRAWS.popitem(last=False)
+
+
+def drawn_by(values: dict):
+    """The live guide whose recorded draw (:func:`remember_draws`) is ``values``, else ``None``."""
+    ref = _DRAWS.get(_draws_digest(values)) if values else None
+    return ref() if ref is not None else None
 
 
 def conditioned_names() -> set:

@@ -641,6 +641,34 @@ def test_predictives_own_samples_feed_back_into_predictive():
         torch.testing.assert_close(logits[i], model.logits(batch, values))
 
 
+def test_predictive_refuses_a_guide_for_another_checkpoint_or_scaling_of_the_same_sites():
+    """Predictive hands the model its guide's draws as values only (stacked, no mark survives): a guide built on another
+    checkpoint of the same shapes (seed 1), or at another lora_alpha, ran without a word where predict refused it, its
+    deltas twice the trained ones. Its draws, fed back as posterior samples, are refused alike; a guide built on another
+    model object of the same network, and samples of one's own, pass."""
+    from peft import LoraConfig, get_peft_model
+    from conftest import tiny_bert_base
+
+    model, guide = build("meanfield")
+    batch = toy_data(n=8, batch=8)[0]
+    unlabelled = {k: v for k, v in batch.items() if k != "labels"}
+    other = LoraModel(tiny_bert(num_labels=2, seed=1), SequenceClassification(), random="AB", prior=0.5, num_data=48)
+    net = get_peft_model(tiny_bert_base(2, 0), LoraConfig(r=4, lora_alpha=16, target_modules=["query", "value"],
+                                                          task_type="SEQ_CLS"))
+    scaled = LoraModel(net.eval(), SequenceClassification(), random="AB", prior=0.5, num_data=48)
+    for stranger, what in [(other, "the base weights differ"), (scaled, "the LoRA scaling")]:
+        with pytest.raises(ValueError, match=f"cannot predict with pyro.infer.Predictive with this MeanFieldGuide on this "
+                                             f"model: {what}"):
+            pyro.infer.Predictive(stranger, guide=guide, num_samples=2, return_sites=["_RETURN"])(unlabelled)
+    samples = pyro.infer.Predictive(model, guide=guide, num_samples=3, return_sites=list(model.sites))(batch)
+    with pytest.raises(ValueError, match="the LoRA scaling"):
+        pyro.infer.Predictive(scaled, posterior_samples=samples, return_sites=["_RETURN"])(unlabelled)
+    twin = LoraModel(model.net, SequenceClassification(), random="AB", prior=0.5, num_data=48)
+    assert pyro.infer.Predictive(twin, guide=guide, num_samples=2, return_sites=["_RETURN"])(unlabelled)["_RETURN"].shape == (2, 8, 2)
+    own = {n: torch.randn(2, *s.shape) * 0.1 for n, s in model.sites.items()}
+    assert pyro.infer.Predictive(scaled, posterior_samples=own, return_sites=["_RETURN"])(unlabelled)["_RETURN"].shape == (2, 8, 2)
+
+
 def test_predictive_refuses_a_guide_whose_head_changed_since():
     """predict refused it, Predictive ran it with the other guide's head (0.95 against its own 0.61)."""
     model, first = build("map")
