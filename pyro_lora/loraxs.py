@@ -130,12 +130,16 @@ def init_lora_xs(net, adapter: str | None = None) -> list[str]:
         u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
         # a direction of singular value 0 is no direction of W0: A's row would be 0 and that core row and column inert.
         # An fp32 SVD's zeros come out at rounding noise that grows with the width (numpy's matrix_rank tolerance)
-        deficient = (s[:, -1] <= max(w0.shape[1:]) * torch.finfo(torch.float32).eps * s[:, 0]).nonzero().flatten().tolist()
+        tolerance = max(w0.shape[1:]) * torch.finfo(torch.float32).eps
+        deficient = (s[:, -1] <= tolerance * s[:, 0]).nonzero().flatten().tolist()
         if deficient:
-            raise ValueError(f"the base weight of {paths[deficient[0]]} has rank below the LoRA rank {r} (its singular "
-                             f"values {s[deficient[0]].tolist()[-2:]} end at zero, within the SVD's rounding; an all-zero "
-                             "weight has none): LoRA-XS "
-                             "adapts W0's top-r directions; lower the rank or leave that layer out of target_modules")
+            i = deficient[0]
+            why = ("it is all zero" if s[i, 0] == 0 else
+                   f"its singular value {r} is {float(s[i, -1] / s[i, 0]):.3g} of its largest, within width x float32 eps "
+                   f"= {tolerance:.3g} of it, where a float32 SVD cannot tell it from zero (a rank-deficient weight, or a "
+                   "spectrum this steep: that direction would be rounding noise)")
+            raise ValueError(f"the base weight of {paths[i]} has numerical rank below the LoRA rank {r}: {why}; LoRA-XS "
+                             "adapts W0's top-r directions: lower the rank or leave that layer out of target_modules")
         # svd_flip-style sign convention: U's largest-magnitude entry per column is positive
         sign = torch.sign(u.gather(-2, u.abs().argmax(-2, keepdim=True)))  # [G, 1, r]
         sign = torch.where(sign == 0, torch.ones_like(sign), sign)
