@@ -14,7 +14,7 @@ import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
-from pyro_lora.checks import check_count
+from pyro_lora.checks import check_count, check_nonnegative
 from pyro_lora.distributions import check_event_shape
 
 from .base import LoraGuide
@@ -47,12 +47,13 @@ class MCDropoutGuide(LoraGuide):
     :param model: a :class:`~pyro_lora.LoraModel` with at least one ``A`` site.
     :param float p: dropout probability, in ``[0, 1)``.
     :param dict init: site -> initial value (``site.shape``); default the adapter's current weights.
+    :raises ValueError: for a ``p`` that is no number in ``[0, 1)``, or a model without ``A`` sites.
     """
 
     def __init__(self, model, p=0.1, init=None):
         super().__init__(model)
-        if not 0 <= p < 1:
-            raise ValueError(f"dropout probability p must be in [0, 1), got {p}")
+        if not check_nonnegative(p, "dropout probability p") < 1:  # a string or None refused as such, not compared
+            raise ValueError(f"dropout probability p must be in [0, 1), got {p!r}")
         if not any(s.kind.role == "down" for s in self.sites.values()):
             raise ValueError(f"MC dropout drops columns of the A sites; the model has none ({list(self.sites)}): use random='A' or 'AB'")
         self.p = float(p)

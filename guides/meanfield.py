@@ -78,6 +78,9 @@ class MeanFieldGuide(LoraGuide):
     :param float temperature: the posterior temperature ``T > 0``: every std times ``sqrt(T)``, the tempered
         ``q^(1/T)`` of a Gaussian (Wenzel et al., 2020, "How Good is the Bayes Posterior in Deep Neural Networks
         Really?"); 1 is ``q`` as trained. The ``meanfield_val`` method chooses it by validation NLL.
+    :raises ValueError: for an unknown ``b`` or ``std``, an ``init_scale``, ``std_lr_scale`` or ``temperature`` that is
+        no finite positive number, initial stds or their parameters float32 cannot hold (an extreme ``init_scale`` or
+        ``std_lr_scale``), or ``flipout`` where it cannot apply (no Gaussian A site, cloze multiple choice).
     """
 
     def __init__(self, model, b="delta", std="softplus", init_scale=1e-2, std_lr_scale=10.0, flipout=False, init=None, learn_loc=True,
@@ -88,12 +91,11 @@ class MeanFieldGuide(LoraGuide):
             raise ValueError(f"b must be 'delta' or 'normal', got {b!r}")
         if std not in _STDS:
             raise ValueError(f"std must be one of {_STDS}, got {std!r}")
-        if not init_scale > 0 or not std_lr_scale > 0:
-            raise ValueError(f"init_scale and std_lr_scale must be positive, got {init_scale} and {std_lr_scale}")
+        init_scale, std_lr_scale = check_positive(init_scale, "init_scale"), check_positive(std_lr_scale, "std_lr_scale")
         flipout = check_flag(flipout, "flipout")
         if flipout and is_cloze(model.likelihood):
             raise ValueError(FLIPOUT_CLOZE)
-        self.b, self.std, self.init_scale, self.std_lr_scale = b, std, float(init_scale), float(std_lr_scale)
+        self.b, self.std, self.init_scale, self.std_lr_scale = b, std, init_scale, std_lr_scale
         self.flipout, self.learn_loc = flipout, check_flag(learn_loc, "learn_loc")
         # Gaussian: A (and R) sites always, B sites when b="normal"
         self.gaussian = [n for n, s in self.sites.items() if s.matrix != "B" or b == "normal"]
@@ -104,9 +106,16 @@ class MeanFieldGuide(LoraGuide):
         init = model.initial_values(init)
         self.locs = torch.nn.ParameterList([torch.nn.Parameter(init[n].detach().clone().float(), requires_grad=self.learn_loc) for n in self.sites])
         with torch.no_grad():
-            self.rhos = torch.nn.ParameterList(
-                [torch.nn.Parameter(self._rho(self._initial_std(model, n, init[n].float()))) for n in self.gaussian]
-            )
+            stds = [self._initial_std(model, n, init[n].float()) for n in self.gaussian]
+            self.rhos = torch.nn.ParameterList([torch.nn.Parameter(self._rho(s)) for s in stds])
+            for name, std, rho in zip(self.gaussian, stds, self.rhos):
+                # float32 must hold sigma and rho = std^-1(sigma) / c, and give sigma back: an extreme c (1e300) or
+                # init_scale (1e39) does not
+                if not (torch.isfinite(std).all() and torch.allclose(self._std(rho), std, rtol=1e-3, atol=0)):
+                    raise ValueError(f"init_scale={init_scale:g} with std_lr_scale={std_lr_scale:g} gives {name} initial "
+                                     f"stds up to {float(std.max()):.3g}, which its parameter rho = std^-1(sigma) / "
+                                     "std_lr_scale cannot hold in float32 (they would start at "
+                                     f"{float(self._std(rho).max()):.3g}): choose values nearer 1")
 
     def _initial_std(self, model, name, loc):
         """``init_scale *`` per-layer RMS of ``loc`` (``[L, 1, 1]`` or ``[1, 1]``), the prior's RMS std where ``loc`` is 0."""

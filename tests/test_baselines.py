@@ -502,6 +502,9 @@ def test_mc_dropout_training_and_save_load(tmp_path):
 def test_mc_dropout_bad_input():
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         MCDropoutGuide(make(), p=1.0)
+    for p in ("0.1", None, float("nan")):  # a string or None died in a raw TypeError of the comparison
+        with pytest.raises(ValueError, match=f"dropout probability p must be a finite number >= 0, got {p!r}"):
+            MCDropoutGuide(make(), p=p)
     with pytest.raises(ValueError, match="no"):
         MCDropoutGuide(make(random="B"))
 

@@ -46,6 +46,14 @@ def test_families_init_and_options():
     for bad in (dict(b="gauss"), dict(std="exp"), dict(init_scale=0.0)):
         with pytest.raises(ValueError):
             make(**bad)
+    # inf passed 'not x > 0': inf (or nan from softplus(inf * 0)) stds, and fit then blamed the learning rate
+    for name in ("init_scale", "std_lr_scale"):
+        with pytest.raises(ValueError, match=f"{name} must be a finite positive number, got inf"):
+            make(**{name: float("inf")})
+    for std, bad in (("softplus", dict(std_lr_scale=1e300)), ("square", dict(std_lr_scale=1e40)), ("softplus", dict(init_scale=1e39))):
+        with pytest.raises(ValueError, match=r"gives .* initial stds up to .*, which its parameter rho = std\^-1\(sigma\) / "
+                                             "std_lr_scale cannot hold in float32"):
+            make(std=std, **bad)
     per_matrix = LoraModel(tiny_bert(), SequenceClassification(), random="A", group="matrix")
     stds = MeanFieldGuide(per_matrix).stds()
     assert len(stds) == 4 and all(s.shape == (4, 32) for s in stds.values())
