@@ -118,10 +118,9 @@ class FlowGuide(LoraGuide):
             hidden = check_count(hidden, "hidden")
         if not 0 < init_lambda < max_lambda <= 1:
             raise ValueError(f"need 0 < init_lambda < max_lambda <= 1, got {init_lambda} and {max_lambda}")
-        if not init_scale > 0 or not std_lr_scale > 0:
-            raise ValueError(f"init_scale and std_lr_scale must be positive, got {init_scale} and {std_lr_scale}")
+        init_scale, std_lr_scale = check_positive(init_scale, "init_scale"), check_positive(std_lr_scale, "std_lr_scale")
         self.inducing, self.depth, self.hidden = inducing, int(depth), hidden
-        self.init_scale, self.init_lambda, self.max_lambda = float(init_scale), float(init_lambda), float(max_lambda)
+        self.init_scale, self.init_lambda, self.max_lambda = init_scale, float(init_lambda), float(max_lambda)
         self.std_lr_scale, self.share_basis, self.learn_loc = float(std_lr_scale), check_flag(share_basis, "share_basis"), check_flag(learn_loc, "learn_loc")
         self.prior_scale = float(model.prior)
         init = model.initial_values(init)

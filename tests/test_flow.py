@@ -358,6 +358,9 @@ def test_bad_inputs_have_clear_errors():
     for bad in (dict(inducing=(0, 3)), dict(depth=-1), dict(init_lambda=0.5, max_lambda=0.1)):
         with pytest.raises(ValueError):
             FlowGuide(model, **bad)
+    for name in ("init_scale", "std_lr_scale"):  # inf passed 'not x > 0'
+        with pytest.raises(ValueError, match=f"{name} must be a finite positive number, got inf"):
+            FlowGuide(model, **{name: float("inf")})
 
 
 def test_posterior_temperature_scales_each_draws_deviation_and_is_saved(tmp_path):
