@@ -6,7 +6,11 @@ The datasets live outside the repository in one canonical JSONL layout (see
     <data_dir>/<name>/{train,test}.jsonl, meta.json
 
 with records ``{"id", "question", "choices", "label", "context"?}`` for ``multiple_choice`` and
-``{"id", "text", "label"}`` for ``classification``.
+``{"id", "text", "label"}`` for ``classification``. A multiple-choice dataset whose records are all WinoGrande
+sentences with one ``_`` blank (every split) is asked in the blank-sentence format, any other as questions: the loader
+decides it for the whole dataset and marks each record of a blank one ``"blank": True``, a question that only
+looks like one ``"blank": False`` (:func:`~pyro_lora.prompts.mark_blank_sentences`, which does the same for records
+built in memory).
 
 Multiple choice reaches a causal LM in one of two prompt formats (letter or cloze,
 :mod:`pyro_lora.prompts`). Collators (:mod:`pyro_lora.collators`) turn a list of records into a dict of
@@ -30,8 +34,9 @@ from torch.utils.data import DataLoader
 from . import distributed
 from .checks import check_batch, check_batches, check_count, not_a_file
 from .collators import CausalLMCollator, ClassificationCollator, ClozeCollator, LetterCollator
-from .prompts import LETTERS, cloze_pairs, is_blank_item, letter_prompt, letter_token_ids, record_text
-from .records import validate_record
+from .prompts import (LETTERS, blank_format, cloze_pairs, is_blank_item, letter_prompt, letter_token_ids,
+                      mark_blank_sentences, record_text)
+from .records import BLANK, looks_blank, validate_record
 
 __all__ = [
     "TASKS",
@@ -45,6 +50,7 @@ __all__ = [
     "split_train_val",
     "subset",
     "is_blank_item",
+    "mark_blank_sentences",
     "letter_prompt",
     "letter_token_ids",
     "cloze_pairs",
@@ -162,26 +168,50 @@ def load_meta(name: str, data_dir: str | os.PathLike | None = None) -> dict:
 def load_records(name: str, split: str, data_dir: str | os.PathLike | None = None) -> list[dict]:
     """Every record of ``<data_dir>/<name>/<split>.jsonl``, validated against the dataset's task.
 
+    A multiple-choice dataset is read in the blank-sentence format where every record of every split's file is a
+    sentence with one ``_`` between spaces and no passage (WinoGrande): each record returned then holds ``"blank":
+    True`` (:func:`~pyro_lora.prompts.is_blank_item`); any other dataset is read as questions, with a warning naming
+    how many records and the first that look like blank sentences where some but not all do (those hold ``"blank":
+    False``).
+
     Raises ``ValueError`` naming the file and line for a line that is not UTF-8, malformed JSON or an
-    invalid record, both lines for an ``id`` given twice, the file for an empty one, and the path for a folder (or
-    another non-file) in its place; ``FileNotFoundError`` if the split's file is missing.
+    invalid record (one holding the loader's ``"blank"`` mark among them), in the split's file or, for multiple
+    choice, the other split's (read for its format), both lines for an ``id`` given twice, the file for an empty one,
+    and the path for a folder (or another non-file) in its place; ``FileNotFoundError`` if the split's file is missing.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     meta = load_meta(name, data_dir)
     task = meta["task"]
     num_labels = len(meta["label_names"]) if task == "classification" else None
-    path = _dataset_dir(name, data_dir) / f"{split}.jsonl"
+    folder = _dataset_dir(name, data_dir)
+    path = folder / f"{split}.jsonl"
     if not path.is_file():
         raise (ValueError if path.exists() else FileNotFoundError)(f"{path} {not_a_file(path)}")
+    records = _file_records(path, task, num_labels)
+    # copies, nested lists and objects too: a caller editing its records leaves the next reader's as the file holds them
+    records = [{k: copy.deepcopy(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in records]
+    if task == "multiple_choice":
+        # The blank-sentence format is the dataset's, read from every record of every split (a question holding a
+        # lone "_" was asked as a blank sentence by itself): both splits' files say whether each split is one.
+        others = [_file_records(folder / f"{s}.jsonl", task, num_labels) for s in SPLITS
+                  if s != split and (folder / f"{s}.jsonl").is_file()]
+        blank = blank_format(records, *others, name=f"the dataset {name!r}")
+        for record in records:
+            if looks_blank(record):  # every record of a blank dataset; a question of that shape is marked one
+                record[BLANK] = blank
+    return records
+
+
+def _file_records(path: Path, task: str, num_labels: int | None) -> tuple:
+    """The validated records of the file ``path``, parsed once per content (:data:`_PARSED`); not to be edited."""
     data = path.read_bytes()
     key = (str(path), hashlib.sha256(data).hexdigest(), task, num_labels)  # the bytes, not a timestamp of coarse ticks
     records = _PARSED.pop(key, None) or _parse_records(path, data, task, num_labels)
     _PARSED[key] = records  # the most recently read last
     while len(_PARSED) > 8:
         _PARSED.pop(next(iter(_PARSED)))
-    # copies, nested lists and objects too: a caller editing its records leaves the next reader's as the file holds them
-    return [{k: copy.deepcopy(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in records]
+    return records
 
 
 # (path, SHA-256 of its bytes, task, number of labels) -> its validated records: a run's readers (its splits, its data
@@ -211,6 +241,9 @@ def _parse_records(path: Path, data: bytes, task: str, num_labels: int | None) -
             raise ValueError(f"{path}:{lineno}: the key {err.args[0]!r} appears twice in one object (JSON keeps the "
                              "last silently): keep one") from None
         problem = validate_record(record, task, num_labels)
+        if problem is None and isinstance(record, dict) and BLANK in record:
+            problem = (f"the key {BLANK!r} is the loader's mark of a dataset whose records are all blank sentences, "
+                       "decided from every record of the dataset: remove it from the file")
         if problem:
             raise ValueError(f"{path}:{lineno}: invalid {task} record: {problem}")
         first = lines.setdefault(record["id"], lineno)

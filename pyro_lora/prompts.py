@@ -6,27 +6,28 @@
 * **cloze**: one (context, continuation) pair per option (:func:`cloze_pairs`); the class score is the
   log-likelihood of the continuation. Small models (SmolLM2-135M) are at chance in the letter format and
   need this one.
+
+A question is asked as a WinoGrande sentence with one ``_`` blank (in both formats) where its record carries the
+mark ``"blank": True``, which :func:`mark_blank_sentences` sets on every record of a dataset whose records are all
+such sentences (:func:`~pyro_lora.data.load_records` does for a JSONL dataset): the format is the dataset's, never
+guessed from one record's text.
 """
 
 from __future__ import annotations
 
 import operator
-import re
 import string
+import warnings
 
 import torch
 
-from .records import record_task
+from .records import BLANK, looks_blank, record_task
 
 __all__ = ["LETTERS", "cloze_pairs", "cloze_parts", "is_blank_item", "letter_parts", "letter_prompt", "letter_token_ids",
-           "passage_part", "record_text"]
+           "mark_blank_sentences", "passage_part", "record_text"]
 
 LETTERS = string.ascii_uppercase
 _ANSWER = "\nAnswer:"  # the letter prompt's end: the next token is the answer letter
-
-# A WinoGrande blank is a lone "_" between spaces; ARC/OBQA use "___" blanks and "CO_{2}" formulas,
-# which must stay ordinary questions.
-_BLANK = re.compile(r"(?<!\S)_(?![\w{])")
 
 
 def _as_question(text: str) -> str:
@@ -35,9 +36,68 @@ def _as_question(text: str) -> str:
 
 
 def is_blank_item(record: dict) -> bool:
-    """Whether a multiple-choice record is a WinoGrande-style sentence with one ``_`` blank."""
-    question = record["question"]
-    return "context" not in record and question.count("_") == 1 and _BLANK.search(question) is not None
+    """Whether a multiple-choice record is asked as a WinoGrande-style sentence with one ``_`` blank: whether it
+    carries the mark ``"blank": True`` (:func:`mark_blank_sentences`). A record without it is a question, whatever its
+    text holds.
+
+    :warns UserWarning: for an unmarked record that has a blank sentence's shape (built in memory, its dataset's
+        format never decided), once per process under Python's default warning filter.
+    """
+    mark = record.get(BLANK)
+    if mark is None and looks_blank(record):
+        warnings.warn("a multiple-choice record holding one '_' between spaces, as a WinoGrande sentence does, carries "
+                      f"no {BLANK!r} mark: it is asked as a question (the blank format is a dataset's, never guessed from "
+                      "one record); decide it for records built in memory with "
+                      "pyro_lora.data.mark_blank_sentences(train, test)", stacklevel=2)
+    return mark is True
+
+
+def blank_format(*splits, name: str = "the records") -> bool:
+    """Whether a multiple-choice dataset, every record of every one of its ``splits`` (iterables of records), is in
+    the blank-sentence format: every record a sentence with one ``_`` between spaces and no passage
+    (:func:`~pyro_lora.records.looks_blank`). Records are not changed.
+
+    :param name: the dataset, as the warning names it.
+    :raises ValueError: for a record without ``choices`` (a classification one).
+    :warns UserWarning: where some records but not all look like blank sentences (they are asked as questions),
+        naming how many and the first by id.
+    """
+    records = [r for split in splits for r in split]
+    foreign = next((r for r in records if record_task(r) != "multiple_choice"), None)
+    if foreign is not None:
+        raise ValueError(f"record {foreign.get('id')!r} of {name} has no 'choices': the blank-sentence format is one of "
+                         "multiple-choice records only")
+    looking = [r for r in records if looks_blank(r)]
+    if looking and len(looking) < len(records):
+        warnings.warn(f"{len(looking)} of the {len(records)} records of {name} hold one '_' between spaces, as a "
+                      f"WinoGrande blank sentence does (the first: record {looking[0]['id']!r}), but the others do "
+                      "not: every record is asked as a question (the blank format is a whole dataset's); if they are "
+                      "blank sentences, make every record one", stacklevel=3)
+    return bool(records) and len(looking) == len(records)
+
+
+def mark_blank_sentences(*splits, name: str = "the records") -> bool:
+    """Decide the prompt format of a multiple-choice dataset built in memory, once for all its records, as
+    :func:`~pyro_lora.data.load_records` does for a JSONL dataset: where every record of every split is a sentence
+    with one ``_`` between spaces and no passage (WinoGrande), each gets ``"blank": True`` and is asked as a blank
+    sentence; otherwise each is asked as a question (:func:`blank_format`): those with a blank's shape get
+    ``"blank": False``, the others hold no mark. Pass every split of the dataset (its train and test records): a
+    question that happens to hold a lone ``_`` (a Python name) is then never asked as a blank sentence.
+
+    :param splits: lists of the dataset's records, changed in place.
+    :param name: the dataset, as the warning names it.
+    :returns: whether the records are blank sentences.
+    :raises ValueError: for a record without ``choices``.
+    :warns UserWarning: where some records but not all look like blank sentences.
+    """
+    blank = blank_format(*splits, name=name)
+    for split in splits:
+        for record in split:
+            if looks_blank(record):  # every record of a blank dataset
+                record[BLANK] = blank
+            else:
+                record.pop(BLANK, None)
+    return blank
 
 
 def letter_prompt(record: dict) -> str:

@@ -2,7 +2,9 @@
 collators (which see in-memory records too).
 
 * classification: ``{"id", "text", "label"}``;
-* multiple choice: ``{"id", "question", "choices", "label"}``, optionally ``"context"`` (a passage).
+* multiple choice: ``{"id", "question", "choices", "label"}``, optionally ``"context"`` (a passage) and ``"blank"``,
+  true for a WinoGrande sentence with one ``_`` blank in a dataset of such sentences, false for a question that only
+  looks like one (:func:`~pyro_lora.prompts.mark_blank_sentences` sets it; a JSONL file does not hold it).
 
 Every text the model reads (a text, question, passage or choice) holds a visible character, and ``id`` is unique
 within a file (:func:`~pyro_lora.data.load_records` checks it).
@@ -11,9 +13,16 @@ within a file (:func:`~pyro_lora.data.load_records` checks it).
 from __future__ import annotations
 
 import numbers
+import re
 import unicodedata
 
-__all__ = ["record_task", "validate_record", "visible"]
+__all__ = ["BLANK", "looks_blank", "record_task", "validate_record", "visible"]
+
+BLANK = "blank"  # the key marking a record of a dataset of WinoGrande blank sentences
+
+# A WinoGrande blank is a lone "_" between spaces; ARC/OBQA use "___" blanks and "CO_{2}" formulas,
+# which must stay ordinary questions.
+_BLANK = re.compile(r"(?<!\S)_(?![\w{])")
 
 
 def visible(text: str) -> bool:
@@ -21,6 +30,14 @@ def visible(text: str) -> bool:
     (a zero-width space, a soft hyphen, a byte-order mark), which tokenizers drop, nor marks alone (a combining
     accent, a variation selector), which an uncased tokenizer strips to nothing."""
     return any(unicodedata.category(c)[0] not in "CZM" for c in text)
+
+
+def looks_blank(record: dict) -> bool:
+    """Whether a multiple-choice record has the shape of a WinoGrande sentence: no passage, one ``_``, between spaces.
+    The shape alone does not make a record a blank sentence (a Python question may ask about the name ``_``): its
+    dataset does (:func:`~pyro_lora.prompts.mark_blank_sentences`)."""
+    question = record["question"]
+    return "context" not in record and question.count("_") == 1 and _BLANK.search(question) is not None
 
 
 def record_task(record: object) -> str:
@@ -84,4 +101,8 @@ def validate_record(record: object, task: str, num_labels: int | None = None) ->
     if "context" in record and not visible(record["context"]):  # a WinoGrande sentence with one is asked as a question
         return ("context is empty (or only whitespace or invisible characters): the prompt would hold an empty passage; "
                 "leave the key out for a record without one")
+    if BLANK in record and not (record[BLANK] is False or record[BLANK] is True and looks_blank(record)):
+        return (f"{BLANK!r} is {record[BLANK]!r}: the mark is true (asked as a blank sentence) on a sentence with one "
+                "'_' between spaces and no passage only, or false (asked as a question); "
+                "pyro_lora.data.mark_blank_sentences sets it for a whole dataset")
     return None

@@ -399,6 +399,35 @@ def test_multiple_choice_repeats_are_found_in_every_field_the_model_reads():
     assert len(messages) == 3
 
 
+@needs_minilm
+def test_a_multiple_choice_repeat_with_its_choices_reordered_is_said():
+    """A training question copied into the test split with its choices reversed (its label moved with its choice)
+    passed without a word, though the cloze format reads the same rows (the same metrics as the exact copy): a question
+    repeats another where its passage and question are the same and its choices the same set with the same answer."""
+    from pyro_lora.experiments.setup import CompareConfig, _warn_about_splits
+    from pyro_lora.pretrained import load_tokenizer
+
+    r = [{"id": i, "question": f"Which fruit is number {i}?", "choices": ["a red apple", "a pear", f"a plum {i}"],
+          "label": i % 3} for i in range(4)]
+    train, val = r[:3], [r[3]]
+
+    def reordered(record, order, **changes):
+        return {**record, "choices": [record["choices"][j] for j in order], "label": order.index(record["label"]),
+                **changes}
+
+    test = [reordered(r[0], [2, 1, 0]), reordered(r[1], [1, 2, 0]), reordered(r[3], [0, 2, 1]),  # repeats
+            reordered(r[2], [2, 0, 1], label=1),  # the same choices, another answer: another question
+            reordered(r[0], [2, 1, 0], choices=["a plum 0", "a pear", "a red apple", "a fig"]),  # another choice set
+            {**r[1], "choices": ["a red apple", "a pear"]}]
+    with pytest.warns(UserWarning) as record:
+        _warn_about_splits(CompareConfig(dataset="toy"), load_tokenizer("minilm"), train, val, test,
+                           {"shift": [reordered(r[2], [1, 0, 2]), reordered(r[2], [1, 0, 2], label=0)]})
+    messages = [str(w.message) for w in record]
+    assert messages[0].startswith("3 of the 6 test records of 'toy' repeat a training or validation record"), messages
+    assert messages[1].startswith("1 of the 2 records of the shifted set 'shift' repeat"), messages
+    assert len(messages) == 2
+
+
 def test_texts_cut_to_max_length_are_counted_per_split(tmp_path):
     """Classification texts longer than --max-length were cut without a word: 80 of 80 test texts, all left as one
     input, scored at chance. Each split says how many of its texts are cut (the first by id), a scored split how many

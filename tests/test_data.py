@@ -286,6 +286,82 @@ def test_blank_detection_only_for_winogrande(data_dir):
         assert blanks == (len(recs) if name.startswith("winogrande") else 0), name
 
 
+def _write_mc(folder, train, test):
+    folder.mkdir(parents=True)
+    (folder / "meta.json").write_text(json.dumps({"task": "multiple_choice"}))
+    for split, recs in (("train", train), ("test", test)):
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+
+
+def test_the_blank_format_is_the_datasets_not_guessed_per_record(tmp_path):
+    """A Python question holding the name _ in a QA set was asked as a WinoGrande blank sentence (the choice pasted into
+    it, only the rest after the blank scored: its probabilities off by up to 0.93), silently. The format is decided once
+    for a dataset from every record of every split; a set of blank sentences is asked as before."""
+    import warnings
+
+    python = {"id": "py", "question": "In Python, what does the name _ usually hold in the interactive shell?",
+              "choices": ["the last result", "nothing"], "label": 0}
+    qa = [{"id": f"q{i}", "question": f"What is {i} + 1?", "choices": [str(i + 1), str(i + 2)], "label": 0} for i in range(3)]
+    wg = [{"id": f"w{i}", "question": f"Ann gave Bo {i} apples because _ had too many.", "choices": ["Ann", "Bo"],
+           "label": 0} for i in range(3)]
+    _write_mc(tmp_path / "qa", qa, [qa[0] | {"id": "t0"}, python])  # the lone blank-shaped record is in the test split
+    _write_mc(tmp_path / "wg", wg[:2], wg[2:])
+    for split in ("train", "test"):  # the training split alone holds no such record: the dataset decides, both say it
+        with pytest.warns(UserWarning, match=r"^1 of the 5 records of the dataset 'qa' hold one '_' between spaces, as a "
+                                             r"WinoGrande blank sentence does \(the first: record 'py'\), but the others "
+                                             r"do not: every record is asked as a question"):
+            records = D.load_records("qa", split, tmp_path)
+    assert D.cloze_pairs(records[1]) == [
+        ("Question: In Python, what does the name _ usually hold in the interactive shell?\nAnswer:", " the last result"),
+        ("Question: In Python, what does the name _ usually hold in the interactive shell?\nAnswer:", " nothing")]
+    assert D.letter_prompt(records[1]).startswith("Question: In Python") and records[1]["blank"] is False
+    assert "blank" not in records[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a dataset of blank sentences, marked by the loader, says nothing
+        marked = D.load_records("wg", "test", tmp_path)
+    assert D.cloze_pairs(marked[0]) == [("Ann gave Bo 2 apples because Ann", " had too many."),
+                                        ("Ann gave Bo 2 apples because Bo", " had too many.")]
+    assert D.letter_prompt(marked[0]).startswith("Sentence: Ann gave") and marked[0]["blank"] is True
+    from pyro_lora.experiments.setup import records_digest
+
+    # a run's data digest: a blank set's is the one its records gave before the mark (asked the same way), a set with
+    # a question once asked as a blank sentence gets another (its old rows are not resumed)
+    assert records_digest([], [], marked, {}) == records_digest([], [], wg[2:], {})
+    assert records_digest([], [], records, {}) != records_digest([], [], [qa[0] | {"id": "t0"}, python], {})
+    # the mark is the loader's: a file holding it is refused, naming the line
+    _write_mc(tmp_path / "marked", [wg[0] | {"blank": True}, wg[1]], wg[2:])
+    with pytest.raises(ValueError, match=r"train.jsonl:1: invalid multiple_choice record: the key 'blank' is the "
+                                         r"loader's mark"):
+        D.load_records("marked", "test", tmp_path)
+
+
+def test_records_built_in_memory_take_the_format_of_their_dataset():
+    """Records built in code reach the prompts without the loader: mark_blank_sentences decides their format as the
+    loader does; an unmarked record of a blank sentence's shape is asked as a question, with a warning."""
+    python = {"id": "py", "question": "What does the name _ hold?", "choices": ["the last result", "nothing"], "label": 0}
+    qa = {"id": "q", "question": "Why?", "choices": ["a", "b"], "label": 1}
+    wg = [{"id": f"w{i}", "question": f"Ann gave Bo {i} pears as _ had many.", "choices": ["Ann", "Bo"], "label": 0}
+          for i in range(2)]
+    with pytest.warns(UserWarning, match=r"carries no 'blank' mark: it is asked as a question"):
+        assert D.cloze_pairs(dict(python)) == [("Question: What does the name _ hold?\nAnswer:", " the last result"),
+                                               ("Question: What does the name _ hold?\nAnswer:", " nothing")]
+    train, test = [dict(qa), dict(python)], [dict(wg[0])]
+    with pytest.warns(UserWarning, match=r"^2 of the 3 records of my set hold one '_' .*record 'py'"):
+        assert D.mark_blank_sentences(train, test, name="my set") is False
+    assert [r.get("blank") for r in train + test] == [None, False, False]
+    assert D.letter_prompt(test[0]).startswith("Question: Ann gave")
+    train, test = [dict(wg[0])], [dict(wg[1], blank=False)]
+    assert D.mark_blank_sentences(train, test) is True and test[0]["blank"] is True
+    assert D.cloze_pairs(test[0])[1] == ("Ann gave Bo 1 pears as Bo", " had many.")
+    # a mark the record's text cannot take is refused where the collators check records
+    assert "the mark is true (asked as a blank sentence) on a sentence with one '_'" in D.validate_record(
+        dict(qa, blank=True), "multiple_choice")
+    assert "'blank' is 1" in D.validate_record(dict(wg[0], blank=1), "multiple_choice")
+    assert D.validate_record(dict(qa, blank=False), "multiple_choice") is None
+    with pytest.raises(ValueError, match="record 'c' of the records has no 'choices'"):
+        D.mark_blank_sentences([{"id": "c", "text": "a", "label": 0}])
+
+
 def test_cloze_pairs(records):
     wg = records["wg"][0]
     pairs = D.cloze_pairs(wg)
@@ -753,7 +829,7 @@ def test_cloze_choices_of_a_question_are_truncated_to_one_context(smol_tok):
 def test_a_cloze_cut_into_a_winogrande_choice_is_refused(smol_tok):
     """In partial scoring the choice ends the context: a left cut scored ' trophy' against 'case'."""
     record = {"id": "w", "question": "The trophy doesn't fit into the brown suitcase because the _ is too large.",
-              "choices": ["gold trophy", "old brown suitcase"], "label": 0}
+              "choices": ["gold trophy", "old brown suitcase"], "label": 0, "blank": True}
     whole = max(len(smol_tok(c + t, add_special_tokens=False)["input_ids"]) for c, t in D.cloze_pairs(record))
     for short in (7, whole - 1):  # 7 cut into ' gold trophy'; whole - 1 the sentence's start, scored without it
         with pytest.raises(ValueError, match=rf"record 'w': max_length={short} would cut into its question \(only a "
@@ -769,7 +845,7 @@ def test_a_cloze_cut_into_a_winogrande_choice_is_refused(smol_tok):
 def test_an_empty_cloze_context_is_refused(smol_tok):
     """A sentence that is only the blank left the first continuation token unconditioned: logits 0 or a reshape error."""
     with pytest.raises(ValueError, match="record 1 has an empty cloze context"):
-        D.ClozeCollator(smol_tok)([{"id": 1, "question": "_", "choices": ["Paris", "Rome"], "label": 0}])
+        D.ClozeCollator(smol_tok)([{"id": 1, "question": "_", "choices": ["Paris", "Rome"], "label": 0, "blank": True}])
 
 
 @needs_smollm2
@@ -827,7 +903,7 @@ def test_causal_lm_collator_keeps_a_multiple_choice_answer(smol_tok, records):
                                          "answer .* needs max_length >= "):
         D.CausalLMCollator(smol_tok, max_length=8)([long_answer])
     wg = {"id": "w", "question": "Sarah lent Maria a book because _ had finished reading it and loves novels.",
-          "choices": ["Sarah", "Maria"], "label": 0}
+          "choices": ["Sarah", "Maria"], "label": 0, "blank": True}
     with pytest.raises(ValueError, match="record 'w': its question and answer"):
         D.CausalLMCollator(smol_tok, max_length=12)([wg])
     rows = [D.CausalLMCollator(smol_tok, max_length=20)([{**wg, "label": k}])["input_ids"][0] for k in (0, 1)]

@@ -24,7 +24,7 @@ from ..likelihoods import MultipleChoice, SequenceClassification
 from ..model import LoraModel
 from ..pretrained import (DTYPES, add_lora, check_head_classes, default_mc_format, encoder_only, expected_mc_format, load_adapter,
                           load_pretrained, max_positions)
-from ..records import record_task
+from ..records import BLANK, record_task
 from ..training import fit
 from ..guides import MAPGuide
 from ..guides.registry import METHODS, Fitted, get_method, methods_for_task
@@ -353,7 +353,8 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
         repeated = sum(key in seen for key in keys)
         if repeated:
             warnings.warn(f"{repeated} of the {len(records)} {what} repeat a {whose} as the model reads it (the same "
-                          "tokens: texts differing only in case or spacing are one input to an uncased tokenizer): "
+                          "tokens: texts differing only in case or spacing are one input to an uncased tokenizer, a "
+                          "question's choices in any order with the same answer one question): "
                           "their scores measure memory there, not generalisation; deduplicate the splits", stacklevel=3)
     if train and record_task(train[0]) == "classification":
         _warn_about_cuts(config, tokenizer, {f"training records of {config.dataset!r}": train, sets[0][0]: val},
@@ -405,8 +406,11 @@ def _warn_about_cuts(config: CompareConfig, tokenizer, fitted: dict, scored: dic
 
 def _model_inputs(records, tokenizer, max_length: int) -> list:
     """Per record, what the model reads of it (hashable), from the tokenizer alone (no forward): a text's token ids as
-    :class:`~pyro_lora.data.ClassificationCollator` truncates them, a multiple-choice record's passage, question and
-    choices each tokenized whole (a passage a long prompt cuts is compared whole). Records of one split share a task."""
+    :class:`~pyro_lora.data.ClassificationCollator` truncates them; a multiple-choice record's passage, question,
+    choices and correct choice, each tokenized whole (a passage a long prompt cuts is compared whole), the choices as
+    a sorted multiset: a question repeated with its choices in another order and its label moved with its choice is
+    the same one (the cloze format reads the same rows; the letter format another prompt, but the question and its
+    answer are learned alike). Records of one split share a task."""
     if not records:
         return []
     if record_task(records[0]) == "classification":
@@ -415,7 +419,9 @@ def _model_inputs(records, tokenizer, max_length: int) -> list:
     # "" for a record without a passage
     fields = [[r.get("context", ""), r["question"], *r["choices"]] for r in records]
     flat = iter(tokenizer([f for row in fields for f in row], add_special_tokens=False)["input_ids"])
-    return [tuple(tuple(next(flat)) for _ in row) for row in fields]
+    read = [[tuple(next(flat)) for _ in row] for row in fields]
+    return [(passage, question, tuple(sorted(choices)), choices[r["label"]])
+            for r, (passage, question, *choices) in zip(records, read)]
 
 
 def data_digest(config: CompareConfig) -> str:
@@ -439,8 +445,17 @@ def label_names(config: CompareConfig) -> dict:
 
 
 def records_digest(train, val, test, shifted) -> str:
-    """SHA-256 of the records of a run's splits (``shifted``: evaluation-set name -> test records)."""
-    text = json.dumps({"train": train, "validation": val, "test": test, "shifted": shifted}, sort_keys=True, default=str)
+    """SHA-256 of the records of a run's splits (``shifted``: evaluation-set name -> test records). A record's
+    ``"blank": True`` (its dataset's blank-sentence format, :func:`~pyro_lora.data.load_records`) is left out: every
+    record of that shape was asked so before the loader marked it, so a WinoGrande run keeps its digest; ``"blank":
+    False`` (a question of that shape in another dataset, once asked as a blank sentence) stays in, so a run scored the
+    old way is not resumed."""
+    def as_read(records):
+        return [{k: v for k, v in r.items() if not (k == BLANK and v is True)} if isinstance(r, dict) else r
+                for r in records]
+    text = json.dumps({"train": as_read(train), "validation": as_read(val), "test": as_read(test),
+                       "shifted": {name: as_read(records) for name, records in shifted.items()}},
+                      sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
