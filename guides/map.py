@@ -4,7 +4,7 @@ baselines without a posterior that every table holds beside it: zero-shot and te
 import pyro.distributions as dist
 import torch
 
-from pyro_lora.calibration import apply_temperature, fit_temperature
+from pyro_lora.calibration import fit_temperature, scale_prediction
 from pyro_lora.checks import check_count
 from pyro_lora.likelihoods import SequenceClassification
 from pyro_lora.predictive import predict
@@ -60,17 +60,18 @@ def map_estimate(setup):
 
 @method("temperature", bayesian=False, validation=True, ts=False)
 def temperature(setup):
-    """Temperature scaling of the MAP, fitted on the validation split: the cheap non-Bayesian baseline.
+    """Temperature scaling of the MAP, fitted on the validation split: the cheap non-Bayesian baseline. ``T`` is fitted
+    on, and applied to, the predictive's float64 log-probabilities (``Prediction.log_probs``), not its float32
+    probabilities, whose zeros no temperature moves.
 
     When the fit has no optimum inside its bounds (e.g. a validation split the MAP gets all right), the note
     of :func:`~pyro_lora.calibration.fit_temperature` goes into the method's rows (Guo et al., 2017).
     """
     val = predict(setup.model, setup.map_guide, setup.loader(setup.val))
-    t, note = fit_temperature(val.probs, val.labels, return_info=True)
+    # from the exact float64 log-probabilities: float32 probabilities hold a 0 for a choice 103 nats behind, which no T moves
+    t, note = fit_temperature(val.log_probs, val.labels, kind="logits", return_info=True)
 
     def run(records):
-        out = predict(setup.model, setup.map_guide, setup.loader(records))
-        out.probs = apply_temperature(out.probs, t)
-        return out
+        return scale_prediction(predict(setup.model, setup.map_guide, setup.loader(records)), t)
 
     return Fitted(run, None, 1, note, point_estimate=True, chosen={"temperature": t})

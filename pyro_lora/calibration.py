@@ -1,9 +1,11 @@
 """Temperature scaling (Guo et al. 2017): the cheap non-Bayesian calibration every method is compared against.
 
 ``p_T(y | x) = softmax(log p(y | x) / T)``, with one ``T > 0`` fitted by minimising the NLL on a validation
-split. Working from log-probabilities (``predict`` returns probabilities) is the same as scaling the logits:
-they differ by a per-example constant, which the softmax removes. Zero probabilities (missing choices)
-stay zero.
+split. Working from log-probabilities is the same as scaling the logits: they differ by a per-example constant,
+which the softmax removes. Zero probabilities (missing choices) stay zero. A :class:`~pyro_lora.Prediction` holds
+both its float32 ``probs`` and their float64 log ``log_probs``, computed from the logits: fit ``T`` on the latter
+(``kind="logits"``) and scale with :func:`scale_prediction`, since float32 flushes a choice more than about 103 nats
+behind to 0 (multiple-choice cloze scores are sums of token log-probabilities, that far apart), and no ``T`` moves a 0.
 
 The fit minimises the exact NLL in float64 (finite for logits); only a probability of exactly 0 at an example's
 label (saturated probabilities: no temperature can move it) is floored, and said.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import replace
 from typing import NamedTuple, Optional
 
 import torch
@@ -20,7 +23,7 @@ import torch
 from .checks import check_positive
 from .metrics import _NLL_FLOOR, _check_probs, _check_rows, _sum_tolerance, _tensor, _uncertainty
 
-__all__ = ["TemperatureFit", "apply_temperature", "fit_temperature", "temperature_nll"]
+__all__ = ["TemperatureFit", "apply_temperature", "fit_temperature", "scale_prediction", "temperature_nll"]
 
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
@@ -287,11 +290,13 @@ def _beyond(nll, log_high, tol, limit=1e12):
     return math.exp(golden_section(nll, a - step, min(b, math.log(limit)), tol)[0])
 
 
-def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+def apply_temperature(probs: torch.Tensor, temperature: float, kind: str = "probs") -> torch.Tensor:
     """``softmax(log probs / T)``: ``[..., C]`` probabilities recalibrated by ``T``, in float64; zero entries stay zero.
     ``T = 1`` returns them unchanged, in their own dtype (a renormalisation would move them by float rounding: a
     float64 copy of float32 confidences on a bin edge ``k / 15`` would move them to the next ECE bin, as
-    :func:`~pyro_lora.metrics.reliability_bins` bins float32 in float32).
+    :func:`~pyro_lora.metrics.reliability_bins` bins float32 in float32). With ``kind="logits"``: ``softmax(logits / T)``
+    in float64 (``T = 1`` included), ``-inf`` entries (missing choices) at 0. Log-probabilities are logits: scaling
+    ``Prediction.log_probs`` so keeps the margins its float32 ``probs`` flushed to 0 (a 0 stays 0 whatever ``T``).
 
     Float64 whatever the input: sharpening (``T < 1``) shrinks a confident row's small entries, which hold its margin
     (the selective-prediction metrics rank by them, and the entropy holds them), and float32 flushes them to 0 from
@@ -299,26 +304,61 @@ def apply_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
     ties with every other such row; a warning counts them.
 
     :param probs: ``[..., C]`` probability vectors (rows summing to 1; zeros for missing choices), e.g.
-        ``Prediction.probs``. Logits are refused: scale those as ``logits / T``.
+        ``Prediction.probs``; with ``kind="logits"`` logits or log-probabilities (``-inf`` for missing choices), e.g.
+        ``Prediction.log_probs``.
     :param float temperature: ``T``, a finite positive number (from :func:`fit_temperature`).
-    :returns: ``[..., C]`` float64 probabilities (at ``T = 1`` a copy of ``probs``, of its dtype).
-    :raises ValueError: for a ``T`` that is no finite positive number (a bool included), or rows that are not
-        probability vectors (logits, nan, inf).
+    :param str kind: ``"probs"`` (logits refused: they are no probability vectors) or ``"logits"``.
+    :returns: ``[..., C]`` float64 probabilities (for ``kind="probs"`` at ``T = 1`` a copy of ``probs``, of its dtype).
+    :raises ValueError: for a ``T`` that is no finite positive number (a bool included), an unknown ``kind``, rows
+        that are not probability vectors (logits, nan, inf) for ``"probs"``, or logits with a nan or ``+inf`` or a row
+        all ``-inf`` for ``"logits"``.
     """
     temperature = check_positive(temperature, "temperature")
+    if kind not in ("probs", "logits"):
+        raise ValueError(f"kind must be 'probs' or 'logits', got {kind!r}")
     raw = _tensor(probs, "probs")  # a list of Python floats as float64: 1e-50 stays above 0
     x = raw.to(torch.float64, copy=True)
     if x.dim() == 0 or x.numel() == 0:
-        raise ValueError(f"probs must be [..., C] probability vectors, got shape {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError("probs contains non-finite values (nan or inf)")
-    _check_rows(x, raw.dtype, "probs")
-    if temperature == 1.0:
-        return raw.clone()
-    scaled = (x.log() / temperature).softmax(-1)
+        raise ValueError(f"probs must be [..., C] {'logits' if kind == 'logits' else 'probability vectors'}, got shape "
+                         f"{tuple(x.shape)}")
+    if kind == "logits":
+        if torch.isnan(x).any() or (x == math.inf).any():
+            raise ValueError("logits contain nan or +inf")
+        if bool((x == -math.inf).all(-1).any()):
+            raise ValueError("a row of logits is all -inf: it gives no class a probability")
+        x = x.softmax(-1)  # the unscaled row, which the one-hot count below compares with
+        scaled = (raw.to(torch.float64) / temperature).softmax(-1)
+    else:
+        if not torch.isfinite(x).all():
+            raise ValueError("probs contains non-finite values (nan or inf)")
+        _check_rows(x, raw.dtype, "probs")
+        if temperature == 1.0:
+            return raw.clone()
+        scaled = (x.log() / temperature).softmax(-1)
     tied = int(((_uncertainty(scaled) == 0) & (_uncertainty(x) > 0)).sum())
     if tied:
         warnings.warn(f"temperature T = {temperature:.3g} sharpens {tied} of {scaled[..., 0].numel()} rows to one-hot "
                       "even in float64 (their other probabilities below 5e-324): they tie, so AURC, accuracy at "
                       "coverage and OOD AUROC cannot order them", stacklevel=2)
     return scaled
+
+
+def scale_prediction(prediction, temperature: float):
+    """A copy of the :class:`~pyro_lora.Prediction` ``prediction`` recalibrated by ``T``: its ``probs``
+    ``softmax(log_probs / T)`` in float64 from its exact ``log_probs`` where it has them (float32 ``probs`` flush a
+    choice more than about 103 nats behind to 0, and a 0 stays 0 whatever ``T``), else
+    :func:`apply_temperature` of its ``probs``; its ``log_probs`` scaled alike (``log_softmax(log_probs / T)``); no
+    ``sample_probs`` (the temperature applies to the averaged predictive, which they no longer average to). At
+    ``T = 1`` ``probs`` stay as given, as :func:`apply_temperature` keeps them.
+
+    :param float temperature: ``T``, a finite positive number (from :func:`fit_temperature` on ``log_probs``).
+    :raises ValueError: as :func:`apply_temperature`.
+    """
+    temperature = check_positive(temperature, "temperature")
+    exact = prediction.log_probs
+    if exact is None or temperature == 1.0:
+        probs = apply_temperature(prediction.probs, temperature)
+    else:
+        probs = apply_temperature(exact, temperature, kind="logits")
+    log_probs = None if exact is None else (exact.double() / temperature).log_softmax(-1)
+    return replace(prediction, probs=probs, log_probs=log_probs, sample_probs=None)

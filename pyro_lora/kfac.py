@@ -514,7 +514,12 @@ def probit(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     ``[K, N, C]``), cov ``[G, N, C, C]`` (or ``[G, K, N, C, C]``) -> ``[G, N, C]`` (or ``[G, K, N, C]``) in the
     inputs' promoted dtype; ``-inf`` marks a missing choice (probability 0), a difference whose variance overflowed
     (an infinite entry) counts as infinitely uncertain (a tie), and a nan stays nan."""
-    dtype = torch.promote_types(mean.dtype, cov.dtype)
+    return torch.softmax(_probit_scores(mean, cov), -1).to(torch.promote_types(mean.dtype, cov.dtype))
+
+
+def _probit_scores(mean, cov):
+    """The float64 unnormalised log-probabilities of :func:`probit` (``-inf`` at missing choices): its
+    ``log_softmax`` is the predictive's log, exact where its float32 probabilities underflow."""
     # float64: where most of the variance shifts every logit alike, S_cc + S_kk - 2 S_ck cancels it, and in float32
     # the rounding of a variance of 1e7 alone moved probabilities by 0.1
     missing = torch.isneginf(mean)
@@ -528,7 +533,7 @@ def probit(mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
     # a missing k never beats a real c (its term is 0); a missing c gets probability 0 below
     z = z.masked_fill(missing.unsqueeze(-2), math.inf)
     score = -torch.logsumexp(-z, -1)  # log 1 / sum_k exp(-z_ck); the k = c term is exp(0) = 1
-    return torch.softmax(score.masked_fill(missing, -math.inf), -1).to(dtype)
+    return score.masked_fill(missing, -math.inf)
 
 
 def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -538,9 +543,16 @@ def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int
     ``[K, N, C]``, cov ``[K, N, C, C]``): ``[1, K, N, C]`` or ``[S, K, N, C]``. Probabilities in ``mean``'s dtype.
 
     :raises ValueError: for ``"mc"`` with a covariance that is not finite."""
+    return _glm_probs(mean, cov, link, num_samples, generator)[0]
+
+
+def _glm_probs(mean, cov, link, num_samples, generator=None):
+    """:func:`glm_probs` and, of the same draws, their float64 log (``-inf`` at missing choices): the probit's
+    ``log_softmax`` of its float64 scores, or each logit draw's float64 ``log_softmax``."""
     num_samples = check_count(num_samples, "num_samples")  # unused by the probit, refused all the same
     if link == "probit":
-        return probit(mean, cov.unsqueeze(0)).to(mean.dtype)
+        score = _probit_scores(mean, cov.unsqueeze(0))
+        return torch.softmax(score, -1).to(mean.dtype), torch.log_softmax(score, -1)
     if not bool(torch.isfinite(cov).all()):
         raise ValueError(f"the logit covariance is not finite (largest variance {float(cov.diagonal(dim1=-2, dim2=-1).max()):.3g}"
                          f" in {cov.dtype}): a prior precision this small overflows the posterior covariance; use a "
@@ -554,7 +566,8 @@ def glm_probs(mean: torch.Tensor, cov: torch.Tensor, link: str, num_samples: int
     root = ((q * w.clamp(min=0).sqrt().unsqueeze(-2)) @ q.mT).to(mean.dtype)
     z = torch.randn(num_samples, *mean.shape, 1, dtype=mean.dtype, generator=generator,
                     device=mean.device if generator is None else generator.device).to(mean.device)
-    return torch.softmax(mean + (root @ z).squeeze(-1), -1)
+    f = mean + (root @ z).squeeze(-1)
+    return torch.softmax(f, -1), torch.log_softmax(f.double(), -1)
 
 
 def _check_gaussians(mean, cov, desc):
@@ -594,7 +607,9 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     with ``keep_samples`` are ``[S K, N, C]``. With the probit link, ``keep_samples`` keeps ``num_samples`` logit
     draws of the same Gaussians (what the mutual information needs; from a CPU generator of their own, seeded 0 per
     call) while ``probs`` stay the probit's; where a covariance overflows them (not finite, or a variance beyond
-    float32's range squared) it keeps none (``sample_probs`` None) and warns.
+    float32's range squared) it keeps none (``sample_probs`` None) and warns. ``log_probs`` is the float64 log of the
+    same predictive, computed before any float32 rounding: the probit's float64 ``log_softmax``, or the logsumexp of the
+    draws' float64 ``log_softmax`` minus ``log(S K)``.
 
     :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, empty ``data`` (or a
         ``DataLoader`` dropping its last incomplete batch), logits that
@@ -611,7 +626,7 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     if distributed.is_distributed():  # every rank predicts the whole data: a rank's part, or its own data, is refused
         data = fixed_batches(data, desc)
     start = time.perf_counter()
-    probs, draws, labels = [], [], []
+    probs, logs, draws, labels = [], [], [], []
     # the probit's draws (for the MI) come from a CPU generator of their own: deterministic on every device, and
     # the global RNG is left alone
     generator = torch.Generator().manual_seed(0) if keep_samples and link != "mc" else None
@@ -621,13 +636,15 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
         mean, cov = logits_of(batch)
         mean = mean.float()
         _check_gaussians(mean, cov, desc)
-        p = glm_probs(mean, cov, link, num_samples).reshape(-1, *mean.shape[-2:])  # a mixture's components: equal weights
+        # a mixture's components: equal weights
+        p, log_p = (x.reshape(-1, *mean.shape[-2:]) for x in _glm_probs(mean, cov, link, num_samples))
         if not bool(torch.isfinite(p).all()):
             raise ValueError(
                 f"{desc}: the predictive is not finite (largest logit variance {float(cov.diagonal(dim1=-2, dim2=-1).max()):.3g}"
                 f" in {cov.dtype}): a prior precision this small overflows the posterior covariance; use a larger one"
             )
         probs.append(p.mean(0))
+        logs.append(torch.logsumexp(log_p, 0) - math.log(log_p.shape[0]))
         if keep_samples and overflow is None:
             drawn = p if generator is None else _probit_draws(mean, cov, num_samples, generator)
             if drawn is None:
@@ -643,13 +660,13 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
                       "precision avoids this", stacklevel=2)
     width = max(p.shape[-1] for p in probs)
 
-    def pad(parts):  # batches of fewer choices get zero columns
-        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1])) for p in parts], -2).cpu()
+    def pad(parts, value=0.0):  # batches of fewer choices get columns of probability 0 (log-probability -inf)
+        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=value) for p in parts], -2).cpu()
 
     kept = keep_samples and overflow is None
     labels = None if labels[0] is None else torch.cat(labels).cpu()  # unlabelled data: none, as predict's
     return Prediction(probs=pad(probs), labels=labels, sample_probs=pad(draws) if kept else None,
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, log_probs=pad(logs, -math.inf))
 
 
 def grid_nll_glm(model, sites: dict, factors, data, grid: torch.Tensor, progress: bool = False) -> list[float]:

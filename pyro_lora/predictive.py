@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import time
 import warnings
@@ -26,16 +27,23 @@ SEED_RANGE = 2**62  # base seeds are drawn from [0, SEED_RANGE); chunk i uses ba
 class Prediction:
     """Predictions over a dataset.
 
-    :ivar probs: ``[N, C]`` mean over samples of the softmax (zeros for missing choices).
+    :ivar probs: ``[N, C]`` mean over samples of the softmax (zeros for missing choices): float32 from
+        :func:`predict` and the GLM predictives (float64 once scaled by a temperature). Entries below about ``e^-103``
+        are 0 in float32: a multiple-choice cloze score is a sum of token log-probabilities, so margins that wide are
+        common, and a 0 stays 0 whatever a temperature does to it.
     :ivar labels: ``[N]``, or ``None`` for unlabelled data (batches without ``"labels"``).
     :ivar sample_probs: ``[S, N, C]`` per-sample probabilities when kept, else ``None``.
     :ivar seconds: wall time of the prediction.
+    :ivar log_probs: ``[N, C]`` float64 log of the same predictive, computed without float32's underflow (from the
+        logits: ``logsumexp_s log_softmax(f_s) - log S``), ``-inf`` for missing choices: what temperature scaling reads
+        (:func:`~pyro_lora.calibration.scale_prediction`). ``None`` for a ``Prediction`` built without it.
     """
 
     probs: torch.Tensor
     labels: torch.Tensor | None
     sample_probs: torch.Tensor = None
     seconds: float = 0.0
+    log_probs: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -65,6 +73,8 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
         averaged member weights).
     :param int chunk_size: samples per forward (a positive integer), or ``None`` for all ``S`` at once.
     :param keep_samples: also return the per-sample probabilities ``[S, N, C]`` (``[1, N, C]`` without samples).
+    :returns: a :class:`Prediction` with ``probs`` (float32) and ``log_probs`` (float64, the log of the same
+        average computed from the float64 log-softmax of each sample's logits, summed over chunks in log space).
     :raises ValueError: for a bad ``num_samples`` / ``chunk_size`` (an ensemble's ``S`` not a multiple of
         ``K``), a ``DataLoader`` with ``drop_last=True``, ``mean=True`` with a guide whose mean is no predictor, a guide whose posterior its site samples do
         not carry (``guide.samples_carry_posterior`` false: last-layer Laplace), or a guide built for another model
@@ -113,7 +123,7 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
                 )
     start = time.perf_counter()
     draws, values = None, None
-    sums, kept, labels = [], [], []
+    sums, logs, kept, labels = [], [], [], []
     with eval_mode(model.net):
         if guide is not None and (mean or guide.deterministic):
             values = guide.mean()
@@ -124,20 +134,28 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
             for batch in progress_bar(data, desc="predict", disable=not (progress and distributed.is_main()), dynamic_ncols=True):
                 batch = to_device(batch, model.device)
                 observed = batch_labels(model.likelihood.observed, batch, labels, "predict")  # before the forward
+                # the log of the average from float64 log-softmaxes: float32 probabilities flush a choice more than
+                # 103 nats behind to 0, which no temperature can scale back (cloze scores are that far apart)
                 if draws is None:
-                    p = torch.softmax(model.logits(batch, values).float(), -1).unsqueeze(0)  # [1, B, C]
-                    total, parts = p[0], [p]
+                    f = model.logits(batch, values)
+                    p = torch.softmax(f.float(), -1).unsqueeze(0)  # [1, B, C]
+                    total, parts, log_total = p[0], [p], torch.log_softmax(f.double(), -1)
                 else:
-                    total, parts = 0, []
+                    total, parts, log_total = 0, [], None
                     for i in range(len(draws)):
-                        p = draws.probs(model, batch, i)  # [chunk, B, C]; the chunk's samples are freed already
+                        f = draws.logits(model, batch, i)  # [chunk, B, C]; the chunk's samples are freed already
+                        p = torch.softmax(f.float(), -1)
                         total = total + p.sum(0)
+                        chunk = torch.logsumexp(torch.log_softmax(f.double(), -1), 0)
+                        log_total = chunk if log_total is None else torch.logaddexp(log_total, chunk)
                         if keep_samples:
                             parts.append(p)
                     total = total / num_samples
+                    log_total = log_total - math.log(num_samples)
                 if not bool(torch.isfinite(total).all()):  # one reduction per batch: a nan of any sample reaches the sum
                     raise ValueError(_not_finite(total, guide, draws is not None))
                 sums.append(total)
+                logs.append(log_total)
                 if keep_samples:
                     kept.append(torch.cat(parts))
                 if observed is not None:  # a label the head has no class for is nothing to score
@@ -152,6 +170,8 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     if labelled and unlabelled:  # on one rank the loop refused it already
         raise ValueError(_MIXED_LABELS.format("predict"))
     probs = torch.cat([_pad(p, width) for p in sums]) if sums else torch.zeros(0, width, device=model.device)
+    log_probs = (torch.cat([_pad(p, width, -math.inf) for p in logs]) if logs
+                 else torch.zeros(0, width, dtype=torch.float64, device=model.device))
     sample_probs = None
     if keep_samples:
         rows = [_pad(p, width) for p in kept]
@@ -164,6 +184,7 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
         labels=None if unlabelled else distributed.gather_cat(labels).cpu(),
         sample_probs=sample_probs,
         seconds=time.perf_counter() - start,
+        log_probs=distributed.gather_cat(log_probs).cpu(),
     )
 
 
@@ -198,8 +219,9 @@ def _not_finite(probs, guide, sampled):
             f"inf) at {weights}: weights this large (or a half-precision base) overflow float32; check the weights")
 
 
-def _pad(p, width):
-    return torch.nn.functional.pad(p, (0, width - p.shape[-1]))
+def _pad(p, width, value=0.0):
+    """``p`` widened to ``width`` choices with ``value`` (a probability's 0, a log-probability's ``-inf``)."""
+    return torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=value)
 
 
 class _ChunkedDraws:
@@ -254,10 +276,9 @@ class _ChunkedDraws:
                 return self.members(torch.arange(start, stop, device=self.device) % self.guide.num_members)
             return self.guide.sample(stop - start)
 
-    def probs(self, model, batch, i):
-        """``[n_i, B, C]`` softmax of chunk ``i`` on ``batch`` (its samples are released on return)."""
-        n = self.size(i)
-        return torch.softmax(model.logits(batch, self.draw(i), n).float(), -1)
+    def logits(self, model, batch, i):
+        """``[n_i, B, C]`` logits of chunk ``i`` on ``batch`` (its samples are released on return)."""
+        return model.logits(batch, self.draw(i), self.size(i))
 
 
 def _cyclic_members(guide):

@@ -364,6 +364,77 @@ def test_temperature_row_carries_the_fallback_note_into_results_and_table():
     assert table.endswith(f"Note (temperature on sst2): seeds 0, 1: {costs['note']}")
 
 
+def sharp_head(gain=200.0):
+    """``make(3)`` with its classifier ``gain`` times a standard normal: margins of 150 to 400 nats, where float32
+    probabilities are 0 (below ``e^-103``)."""
+    model = make(num_labels=3)
+    head = model.net.base_model.model.classifier.modules_to_save["default"]
+    with torch.no_grad():
+        head.weight.copy_(gain * torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(0)))
+    return model
+
+
+def labelled_batches(model, seed, n=64, batch=16, temperature=40.0):
+    """``n`` random sequences in batches of ``batch``, labelled by draws from ``softmax(logits / temperature)``: the
+    model is ``temperature`` times over-confident; and their float64 logits (one forward per batch, as predict's)."""
+    g = torch.Generator().manual_seed(seed)
+    full = random_batch(batch=n, seq=7, seed=seed)
+    batches = [{k: v[i : i + batch] for k, v in full.items()} for i in range(0, n, batch)]
+    with torch.no_grad():
+        logits = torch.cat([model.logits(b).double() for b in batches])
+    labels = torch.multinomial((logits / temperature).softmax(-1), 1, generator=g).squeeze(-1)
+    for i, b in enumerate(batches):
+        b["labels"] = labels[i * batch : (i + 1) * batch]
+    return batches, logits, labels
+
+
+def reference_temperature(logits, labels, low=1e-2, high=1e2):
+    """The ``T`` minimising the exact float64 NLL of ``softmax(logits / T)``: golden section over ``log T`` to 1e-9."""
+    def nll(log_t):
+        return float(-(logits / math.exp(log_t)).log_softmax(-1).gather(-1, labels[:, None]).mean())
+
+    a, b, r = math.log(low), math.log(high), (math.sqrt(5) - 1) / 2
+    while b - a > 1e-9:
+        c, d = b - r * (b - a), a + r * (b - a)
+        a, b = (a, d) if nll(c) <= nll(d) else (c, b)
+    return math.exp((a + b) / 2)
+
+
+def test_the_temperature_and_ts_rows_scale_the_exact_log_probabilities_not_float32_zeros():
+    """Cloze margins beyond 103 nats: predict's float32 probabilities held 0, apply_temperature kept it 0 whatever T,
+    and the fit floored it. With T = 100, 12 of 60 rows gave their label 0 where softmax(scores / 100) gives >= 0.07
+    (NLL 6.59 against 1.47). Both rows now fit T on, and scale, the float64 log-probabilities."""
+    from pyro_lora.experiments.compare import _ts_rows, fit_method
+    from pyro_lora.guides.registry import Fitted
+
+    model = sharp_head()
+    val, val_logits, val_labels = labelled_batches(model, 3)
+    test, test_logits, test_labels = labelled_batches(model, 4)
+    setup = SimpleNamespace(config=SimpleNamespace(device="cpu", dataset="sst2"), seed=0, model=model, map_guide=None,
+                            val=val, loader=lambda r: r)
+    setup.for_method = lambda name: setup
+    setup.keep_fit = lambda *args: None
+    expected_t = reference_temperature(val_logits, val_labels)
+    assert 20 < expected_t < 60
+    plain = predict(model, None, test).probs
+    lost = plain == 0  # float32 flushed these probabilities
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the small validation split's note
+        fitted, costs = fit_method(setup, "temperature", 0.0)
+        rows, arrays, _ = _ts_rows(setup, "zeroshot", SimpleNamespace(validation=True),
+                                   Fitted(lambda r: predict(model, None, r), point_estimate=True),
+                                   {"sst2": predict(model, None, test)}, {"fit_seconds": 0.0, "extra_parameters": 0},
+                                   {"sst2": {}})
+    for t, probs, nll_row in [(costs["temperature"], fitted.predict(test).probs, None),
+                              (rows[0]["temperature"], torch.from_numpy(arrays["sst2__seed0__probs"]), rows[0]["nll"])]:
+        assert t == pytest.approx(expected_t, rel=1e-3)
+        expected = (test_logits / t).softmax(-1)
+        assert int((expected[lost] > 1e-3).sum()) >= 10  # which the temperature scales back up
+        torch.testing.assert_close(probs, expected, rtol=1e-9, atol=1e-300)
+        if nll_row is not None:
+            assert nll_row == pytest.approx(nll(expected, test_labels), rel=1e-9)
+
+
 def test_temperature_bad_input():
     with pytest.raises(ValueError, match="positive"):
         apply_temperature(torch.tensor([[0.5, 0.5]]), 0.0)

@@ -2,6 +2,7 @@
 S samples for every batch, reproducible under the global seed, chunk-size-independent in distribution,
 exact for the ensemble's member sequence, and rank 0's samples under torch.distributed."""
 
+import math
 import weakref
 from datetime import timedelta
 
@@ -453,3 +454,134 @@ def test_every_pass_over_the_data_reads_it_once(progress):
         data = CountedPasses(batches)
         run(data)
         assert data.iters == 1
+
+
+# --- log_probs: the exact float64 log of the predictive ----------------------------------------------------------
+
+
+def sharp_model(gain=60.0):
+    """:func:`make_model` with its head ``gain`` times sharper: margins of hundreds of nats, where float32
+    probabilities are 0 (below ``e^-103``) and float64 ones still hold them."""
+    model = make_model()
+    with torch.no_grad():
+        for name, p in model.net.named_parameters():
+            if "classifier" in name and name.endswith("weight"):
+                p.mul_(gain)
+    return model
+
+
+def log_mean_softmax(logits):
+    """``log mean_s softmax(f_s)`` of ``[S, N, C]`` logits through float64 probabilities (no log-sum-exp)."""
+    return torch.softmax(logits.double(), -1).mean(0).log()
+
+
+def batched_logits(model, values=None, n=None, batch_size=5):
+    """``model.logits`` over ``loader(batch_size)``'s batches, as predict runs them (float32 logits of hundreds
+    differ by 1e-5 between batchings): ``[N, C]``, or ``[n, N, C]`` for ``n`` samples."""
+    return torch.cat([model.logits(b, values, n) if n else model.logits(b, values) for b in loader(batch_size)], -2)
+
+
+def test_log_probs_of_a_point_estimate_are_the_float64_log_softmax_where_probs_underflow():
+    model = sharp_model()
+    pred = predict(model, None, loader(5))
+    expected = log_mean_softmax(batched_logits(model).unsqueeze(0))
+    assert pred.log_probs.dtype == torch.float64 and pred.log_probs.shape == (N, C)
+    assert bool((pred.probs == 0).any()) and bool((expected[pred.probs == 0] > -700).all())  # float32 lost them
+    torch.testing.assert_close(pred.log_probs, expected, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(pred.log_probs.exp().float(), pred.probs, rtol=1e-5, atol=1e-30)  # float32's softmax
+
+
+@pytest.mark.parametrize("chunk", [None, 1, 2, 4, 6])
+def test_log_probs_of_a_deterministic_sequence_guide_are_independent_of_the_chunk_size(chunk):
+    model = sharp_model()
+    guide = build("ensemble", model)
+    members = guide.members()
+    S = 6  # draw s is member s mod 3: the mixture of the 3 members, whatever the chunks
+    logits = torch.stack([batched_logits(model, {n: v[s % 3] for n, v in members.items()}) for s in range(S)])
+    pred = predict(model, guide, loader(5), num_samples=S, chunk_size=chunk)
+    assert bool((pred.probs == 0).any())
+    # a chunk runs as one forward of chunk * B rows: float32 logits of hundreds move by 1e-5 with those rows
+    torch.testing.assert_close(pred.log_probs, log_mean_softmax(logits), rtol=1e-7, atol=1e-4)
+
+
+def test_log_probs_of_a_sampled_guide_are_the_log_of_the_average_over_the_same_draws():
+    """Chunk ``i`` is ``guide.sample(n_i)`` under ``base + i`` (the documented draws): the reference averages
+    their float64 softmax."""
+    S, c = 8, 3
+    model = sharp_model()
+    guide = build("meanfield", model)
+    torch.manual_seed(4)
+    pred = predict(model, guide, loader(5), num_samples=S, chunk_size=c)
+    torch.manual_seed(4)
+    base = int(torch.randint(SEED_RANGE, ()))
+    logits = []
+    for i, start in enumerate(range(0, S, c)):
+        n = min(c, S - start)
+        with torch.random.fork_rng():
+            torch.manual_seed(base + i)
+            values = guide.sample(n)
+        logits.append(batched_logits(model, values, n))
+    expected = log_mean_softmax(torch.cat(logits))
+    assert bool((pred.probs == 0).any()) and bool(torch.isfinite(expected).all())
+    torch.testing.assert_close(pred.log_probs, expected, rtol=1e-12, atol=1e-9)
+
+
+def test_log_probs_are_minus_inf_for_missing_choices_across_batches_of_other_widths():
+    from conftest import tiny_llama
+    from test_cloze import ITEMS, cloze_batch
+
+    from pyro_lora import MultipleChoice
+
+    model = LoraModel(tiny_llama(), MultipleChoice(format="cloze"))
+    data = [cloze_batch(), cloze_batch([ITEMS[1]], labels=(0,))]  # 3 choices (the second question 2), then 2
+    pred = predict(model, None, data)
+    assert pred.log_probs.shape == (3, 3)
+    missing = pred.probs == 0
+    assert missing.tolist() == [[False] * 3, [False, False, True], [False, False, True]]
+    assert bool(torch.isneginf(pred.log_probs[missing]).all()) and bool(torch.isfinite(pred.log_probs[~missing]).all())
+    first = model.logits(data[0]).double().log_softmax(-1)
+    torch.testing.assert_close(pred.log_probs[:2], first, rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("mixture", [False, True])
+def test_glm_log_probs_are_the_float64_log_of_the_probit_where_its_float32_probs_underflow(mixture):
+    from conftest import pairwise_probit_reference
+
+    from pyro_lora.kfac import glm_predict
+
+    g = torch.Generator().manual_seed(0)
+    k, n, c = (2 if mixture else 1), 6, 3
+    # float32 values (glm_predict reads the logits in float32) up to 500 nats apart: past float32's 103, short of
+    # the 709 where the reference's exp overflows
+    mean = (500 * torch.rand(k, n, c, generator=g, dtype=torch.float64)).float().double()
+    mean[..., 1, 2] = -math.inf  # a missing choice
+    root = 0.3 * torch.randn(k, n, c, c, generator=g, dtype=torch.float64)
+    cov = root @ root.mT
+    data = [{"i": torch.arange(n), "labels": torch.zeros(n, dtype=torch.long)}]
+    of = (lambda b: (mean, cov)) if mixture else (lambda b: (mean[0], cov[0]))
+    pred = glm_predict(data, of, lambda b: b["labels"])
+    expected = torch.stack([pairwise_probit_reference(mean[j], cov[j]) for j in range(k)]).mean(0).log()
+    lost = (pred.probs == 0) & torch.isfinite(expected)
+    assert int(lost.sum()) >= 3 and bool((expected[lost] > -700).all())  # float32 flushed them, float64 holds them
+    assert pred.log_probs.dtype == torch.float64 and torch.isneginf(pred.log_probs[1, 2])
+    torch.testing.assert_close(pred.log_probs, expected, rtol=1e-10, atol=1e-8)
+
+
+def test_glm_mc_log_probs_are_the_log_of_its_probs_and_hold_what_float32_flushes():
+    from pyro_lora.kfac import glm_predict
+
+    g = torch.Generator().manual_seed(1)
+    n, c = 6, 3
+    mean = (500 * torch.rand(n, c, generator=g)).float()
+    mean[1, 2] = -math.inf
+    cov = 0.01 * torch.eye(c).expand(n, c, c)
+    data = [{"labels": torch.zeros(n, dtype=torch.long)}]
+    torch.manual_seed(0)
+    pred = glm_predict(data, lambda b: (mean, cov), lambda b: b["labels"], link="mc", num_samples=20)
+    real = torch.isfinite(mean)
+    assert bool(torch.isneginf(pred.log_probs[~real]).all()) and bool(torch.isfinite(pred.log_probs[real]).all())
+    assert bool((pred.probs[real] == 0).any())
+    kept = pred.probs > 1e-30
+    torch.testing.assert_close(pred.log_probs[kept].exp().float(), pred.probs[kept], rtol=1e-5, atol=0)
+    # the draws move the logits by about 0.1: the log-probabilities are near the noiseless log_softmax
+    torch.testing.assert_close(pred.log_probs[real], mean.double().log_softmax(-1)[real], rtol=1e-3, atol=1.0)

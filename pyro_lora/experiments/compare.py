@@ -7,7 +7,7 @@ import warnings
 from dataclasses import replace
 
 from .. import data as D
-from ..calibration import apply_temperature, fit_temperature
+from ..calibration import fit_temperature, scale_prediction
 from ..costs import PeakMemory
 from ..distributed import is_main
 from ..locking import folder_lock
@@ -336,16 +336,21 @@ def run_method(setup, name: str, map_seconds: float) -> dict:
 
 def _ts_rows(setup, name, method, fitted, predictions, fit_costs, costs):
     """:func:`_score_rows` of method ``name``'s ``+ts`` row: its temperature fitted on the validation split's
-    averaged predictive and applied to its ``predictions``."""
+    averaged predictive and applied to its ``predictions`` (:func:`~pyro_lora.calibration.scale_prediction`), both from
+    their float64 ``log_probs`` (their ``probs`` for a predictive that gives none)."""
     config = setup.config
     t = time.perf_counter()
     val, _ = evaluate(setup, fitted, setup.val, name, "validation")
-    temperature, note = fit_temperature(val.probs, val.labels, return_info=True)
+    # the exact float64 log-probabilities where the predictive gives them: its float32 probabilities flush a choice
+    # 103 nats behind to 0 (cloze scores are sums of token log-probabilities), and no temperature moves a 0
+    exact = val.log_probs is not None
+    temperature, note = fit_temperature(val.log_probs if exact else val.probs, val.labels,
+                                        kind="logits" if exact else "auto", return_info=True)
     scaled, sharpened = {}, []
     for d, p in predictions.items():
         with warnings.catch_warnings(record=True) as caught:  # ties a sharpening T makes go into the row's note
             warnings.simplefilter("always")
-            scaled[d] = replace(p, probs=apply_temperature(p.probs, temperature), sample_probs=None)
+            scaled[d] = scale_prediction(p, temperature)
         sharpened += [f"{d}: {w.message}" for w in caught]
     ts_costs = {**fit_costs, "fit_seconds": fit_costs["fit_seconds"] + time.perf_counter() - t,
                 "extra_parameters": fit_costs["extra_parameters"] + 1, "temperature": temperature,
