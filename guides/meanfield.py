@@ -119,7 +119,7 @@ class MeanFieldGuide(LoraGuide):
 
     def _initial_std(self, model, name, loc):
         """``init_scale *`` per-layer RMS of ``loc`` (``[L, 1, 1]`` or ``[1, 1]``), the prior's RMS std where ``loc`` is 0."""
-        rms = loc.pow(2).mean((-2, -1), keepdim=True).sqrt()
+        rms = loc.double().pow(2).mean((-2, -1), keepdim=True).sqrt().float()  # float32 squares overflow from 1.8e19
         prior = model.prior_distribution(self.sites[name]).variance.mean((-2, -1), keepdim=True).sqrt().to(rms)
         return (self.init_scale * torch.where(rms > 0, rms, prior)).expand_as(loc)
 
