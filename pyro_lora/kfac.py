@@ -373,6 +373,25 @@ def rows_per_choice(model, batch: dict, outputs: dict) -> bool:
     return True
 
 
+def _cloze_terms(x, g, mask, choice_mask, kfac: str):
+    """A cloze batch's rows (``x [L, N C, T, d_in]``, ``g [K, L, N C, T, d_out]``, ``mask [N C, T]`` or None; choice
+    ``c`` of question ``b`` in row ``b C + c``) as :func:`reduce_tokens`'s sequences. ``"reduce"``: one per question,
+    its ``C`` rows' tokens together, as one sequence's tokens are: a question's Fisher is ``J^T H J`` over all its
+    choices' scores, whose cross-choice terms cancel the direction moving every score alike (choices alike carry no
+    curvature); per row they were dropped, and two identical choices, whose likelihood is constant, gave curvature.
+    ``"expand"``: every token its own term, as for a sequence. The filler row of a missing choice (``choice_mask``
+    ``[N, C]`` False) is no data: its tokens stay out of the factors."""
+    n, c = choice_mask.shape
+    keep = choice_mask.to(x.dtype)[:, :, None].expand(n, c, x.shape[-2])  # [N, C, T]
+    if mask is not None:
+        keep = keep * mask.view(n, c, -1)
+    if kfac == "reduce":
+        return (x.reshape(x.shape[0], n, -1, x.shape[-1]), g.reshape(*g.shape[:2], n, -1, g.shape[-1]),
+                keep.reshape(n, -1))
+    rows = choice_mask.bool().flatten()
+    return x[:, rows], g[:, :, rows], keep.reshape(n * c, -1)[rows]
+
+
 def check_autograd(action: str) -> None:
     """The curvature and the GLM Jacobians are gradients: refuse to ``action`` under ``torch.inference_mode()``, whose
     tensors can never require grad (``torch.no_grad()`` is fine: the gradients are taken with it switched off).
@@ -429,9 +448,8 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
                 # the recorded inputs of later layers still require grad; the sums stay float32 under a user's autocast
                 with torch.no_grad(), full_precision(model.device):
                     for idx, x, g, mask in stack_layers(sites, inputs, grads, batch):
-                        if cloze:  # the filler row of a missing choice is no data: its activations stay out of the factors
-                            keep = batch["choice_mask"].bool().flatten()
-                            x, g, mask = x[:, keep], g[:, :, keep], None if mask is None else mask[keep]
+                        if cloze:
+                            x, g, mask = _cloze_terms(x, g, mask, batch["choice_mask"], kfac)
                         x, g, n = reduce_tokens(x, g, mask, kfac)
                         for i in idx:
                             acc[i].update(*kfac_vectors(factors[i], x, g, weights[i]), n)

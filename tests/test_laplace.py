@@ -546,6 +546,33 @@ def test_glm_on_cloze_rows_groups_each_questions_choices():
 
 
 @pytest.mark.parametrize("fisher", ["exact", "mc"])
+def test_a_cloze_question_whose_choices_are_alike_has_no_curvature(fisher):
+    """Two identical choices score alike at every theta: the likelihood is constant and the GGN J^T H J is exactly 0
+    (H's rows sum to 0). KFAC took each (question, choice) row as its own example and dropped the cross-choice terms:
+    curvature of norm 0.22, posterior variances 71 where the prior's are 100. A question's rows now make one KFAC-reduce
+    term; padding a question with a missing choice's filler row, or with padding tokens, changes nothing."""
+    from test_cloze import cloze_batch
+
+    from pyro_lora import MultipleChoice
+
+    model = LoraModel(tiny_llama(targets=("v_proj",)), MultipleChoice(format="cloze", share_prefix=False), num_data=1)
+    same = [([3, 9, 4], [11, 12]), ([3, 9, 4], [11, 12])]
+    guide = LaplaceGuide(model, fisher=fisher, prior_precision=1e-2).fit([cloze_batch([same], labels=[0])], progress=False)
+    for name, posterior in guide.posterior().items():
+        torch.testing.assert_close(posterior.variance, torch.full_like(posterior.variance, 100.0), rtol=1e-5, atol=0)
+    other = [([3, 9, 4], [11, 12]), ([3, 9, 4], [13])]
+    padded = [([3, 9, 4], [11, 12]), ([3, 9, 4], [13]), ([5], [6])]  # a third question's choices set a third column
+    plain = LaplaceGuide(model, fisher="exact").fit([cloze_batch([other], labels=[0])], progress=False)
+    wider = cloze_batch([other, padded], labels=[0, 0], extra_pad=2)
+    first = {k: v[:3] if k in ("input_ids", "attention_mask", "target_mask", "target_lengths", "target_chars") else v[:1]
+             for k, v in wider.items()}  # question 1 with a filler row for its missing third choice, and padding
+    filled = LaplaceGuide(model, fisher="exact").fit([first], progress=False)
+    for a, b in zip(plain.factors, filled.factors):
+        torch.testing.assert_close(a.small_vals, b.small_vals, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(a.large_vals, b.large_vals, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("fisher", ["exact", "mc"])
 @pytest.mark.parametrize("items", ["shared", "a missing choice"])
 def test_cloze_one_backward_pass_equals_one_per_choice(monkeypatch, fisher, items):
     """A cloze row holds one (question, choice) pair, so one backward pass gives every choice's gradient on its own
