@@ -159,6 +159,19 @@ def run(guide_kind, seed, data=None, **kw):
     return model, guide, predict(model, guide, data, keep_samples=True, **kw)
 
 
+def chunk_draws(guide, seed, num_samples, chunk_size):
+    """``(values, n)`` of each chunk, drawn as ``predict``'s docstring says after ``torch.manual_seed(seed)``: chunk ``i``
+    by ``guide.sample(n)`` under the seed ``base + i``, ``base`` drawn once from the global RNG."""
+    torch.manual_seed(seed)
+    base = int(torch.randint(SEED_RANGE, ()))
+    for i, start in enumerate(range(0, num_samples, chunk_size)):
+        n = min(chunk_size, num_samples - start)
+        with torch.random.fork_rng():
+            torch.manual_seed(base + i)
+            values = guide.sample(n)
+        yield values, n
+
+
 @pytest.mark.parametrize("kind", ["meanfield", "mcdropout", "swag"])
 @pytest.mark.parametrize("chunk", [1, 3, None])
 def test_same_seed_same_prediction_and_batches_do_not_matter(kind, chunk):
@@ -181,16 +194,8 @@ def test_the_samples_are_the_documented_per_chunk_seeded_draws():
     """Chunk ``i`` of ``S`` is ``guide.sample(n_i)`` under ``base + i``, ``base`` drawn from the global RNG."""
     S, c = 8, 3
     model, guide, pred = run("meanfield", 4, num_samples=S, chunk_size=c, data=loader(N))
-    torch.manual_seed(4)
-    base = int(torch.randint(SEED_RANGE, ()))
     batch = loader(N)[0]
-    expected = []
-    for i, start in enumerate(range(0, S, c)):
-        n = min(c, S - start)
-        with torch.random.fork_rng():
-            torch.manual_seed(base + i)
-            values = guide.sample(n)
-        expected.append(torch.softmax(model.logits(batch, values, n), -1))
+    expected = [torch.softmax(model.logits(batch, values, n), -1) for values, n in chunk_draws(guide, 4, S, c)]
     torch.testing.assert_close(pred.sample_probs, torch.cat(expected), rtol=1e-5, atol=1e-6)
 
 
@@ -512,15 +517,7 @@ def test_log_probs_of_a_sampled_guide_are_the_log_of_the_average_over_the_same_d
     guide = build("meanfield", model)
     torch.manual_seed(4)
     pred = predict(model, guide, loader(5), num_samples=S, chunk_size=c)
-    torch.manual_seed(4)
-    base = int(torch.randint(SEED_RANGE, ()))
-    logits = []
-    for i, start in enumerate(range(0, S, c)):
-        n = min(c, S - start)
-        with torch.random.fork_rng():
-            torch.manual_seed(base + i)
-            values = guide.sample(n)
-        logits.append(batched_logits(model, values, n))
+    logits = [batched_logits(model, values, n) for values, n in chunk_draws(guide, 4, S, c)]
     expected = log_mean_softmax(torch.cat(logits))
     assert bool((pred.probs == 0).any()) and bool(torch.isfinite(expected).all())
     torch.testing.assert_close(pred.log_probs, expected, rtol=1e-12, atol=1e-9)
