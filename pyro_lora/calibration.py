@@ -326,8 +326,11 @@ def apply_temperature(probs: torch.Tensor, temperature: float, kind: str = "prob
             raise ValueError("logits contain nan or +inf")
         if bool((x == -math.inf).all(-1).any()):
             raise ValueError("a row of logits is all -inf: it gives no class a probability")
-        x = x.softmax(-1)  # the unscaled row, which the one-hot count below compares with
-        scaled = (raw.to(torch.float64) / temperature).softmax(-1)
+        # normalised first, as fit_temperature does: a finite logit beyond float64's range over T (1e300 at T = 1e-10)
+        # would give inf - inf = nan in the softmax, where the row's largest entry is 0 after log_softmax
+        x = x.log_softmax(-1)
+        scaled = (x / temperature).softmax(-1)
+        x = x.exp()  # the unscaled row, which the one-hot count below compares with
     else:
         if not torch.isfinite(x).all():
             raise ValueError("probs contains non-finite values (nan or inf)")

@@ -74,6 +74,13 @@ def test_temperature_from_logits_equals_from_probs_and_keeps_missing_choices_at_
     torch.testing.assert_close(scaled.sum(-1), torch.ones(2, dtype=torch.float64))
     root = probs[0, :2].double().sqrt()
     torch.testing.assert_close(scaled[0, :2], root / root.sum())
+    # logits beyond float64's range once over T: (x / T).softmax gave a row of nan; softmax ignores a shift of the row
+    extreme = torch.tensor([[1e300, 0.0], [-1e308, -1.7e308], [5e307, 0.0], [3.0, -math.inf]], dtype=torch.float64)
+    for t, expected in ((1e-10, [[1.0, 0.0]] * 3 + [[1.0, 0.0]]), (2.0, [[1.0, 0.0]] * 3 + [[1.0, 0.0]])):
+        torch.testing.assert_close(apply_temperature(extreme, t, kind="logits"), torch.tensor(expected, dtype=torch.float64))
+    e = math.exp(1.0)  # softmax([2, 0, -inf] / 2): a missing choice stays 0
+    torch.testing.assert_close(apply_temperature(torch.tensor([[2.0, 0.0, -math.inf]]), 2.0, kind="logits"),
+                               torch.tensor([[e / (e + 1), 1 / (e + 1), 0.0]], dtype=torch.float64))
     # a label on a zero-probability choice does not make the fit fail: its probability is floored for the search,
     # whose T = 100 only softens the other example in what metrics.nll reports (the 0 stays 0): T = 1, and said
     with pytest.warns(UserWarning, match=r"1 of 2 validation examples give probability 0 to their label \(saturated"
