@@ -111,11 +111,13 @@ class MeanFieldGuide(LoraGuide):
             for name, std, rho in zip(self.gaussian, stds, self.rhos):
                 # float32 must hold sigma and rho = std^-1(sigma) / c, and give sigma back: an extreme c (1e300) or
                 # init_scale (1e39) does not
-                if not (torch.isfinite(std).all() and torch.allclose(self._std(rho), std, rtol=1e-3, atol=0)):
+                if not (torch.isfinite(std).all() and torch.isfinite(rho).all()  # a std of 0 (underflowed): rho = -inf
+                        and torch.allclose(self._std(rho), std, rtol=1e-3, atol=0)):
                     raise ValueError(f"init_scale={init_scale:g} with std_lr_scale={std_lr_scale:g} gives {name} initial "
                                      f"stds up to {float(std.max()):.3g}, which its parameter rho = std^-1(sigma) / "
                                      "std_lr_scale cannot hold in float32 (they would start at "
-                                     f"{float(self._std(rho).max()):.3g}): choose values nearer 1")
+                                     f"{float(self._std(rho).max()):.3g}; the stds are init_scale times each layer's "
+                                     "RMS weight): choose values nearer 1")
 
     def _initial_std(self, model, name, loc):
         """``init_scale *`` per-layer RMS of ``loc`` (``[L, 1, 1]`` or ``[1, 1]``), the prior's RMS std where ``loc`` is 0."""

@@ -54,6 +54,10 @@ def test_families_init_and_options():
         with pytest.raises(ValueError, match=r"gives .* initial stds up to .*, which its parameter rho = std\^-1\(sigma\) / "
                                              "std_lr_scale cannot hold in float32"):
             make(std=std, **bad)
+    model, _ = make()
+    model.write_adapter({k: torch.full_like(v, 1e-40) for k, v in model.adapter_values().items()})
+    with pytest.raises(ValueError, match="initial stds up to 0, which its parameter rho"):  # underflowed: rho = -inf
+        MeanFieldGuide(model, init_scale=1e-6)
     per_matrix = LoraModel(tiny_bert(), SequenceClassification(), random="A", group="matrix")
     stds = MeanFieldGuide(per_matrix).stds()
     assert len(stds) == 4 and all(s.shape == (4, 32) for s in stds.values())
