@@ -403,7 +403,8 @@ def test_multiple_choice_repeats_are_found_in_every_field_the_model_reads():
 def test_a_multiple_choice_repeat_with_its_choices_reordered_is_said():
     """A training question copied into the test split with its choices reversed (its label moved with its choice)
     passed without a word, though the cloze format reads the same rows (the same metrics as the exact copy): a question
-    repeats another where its passage and question are the same and its choices the same set with the same answer."""
+    repeats another where its passage and question are the same and its choices the same set, whatever its label (the
+    first fix keyed the correct answer too, and let a copy with a contradicting label pass)."""
     from pyro_lora.experiments.setup import CompareConfig, _warn_about_splits
     from pyro_lora.pretrained import load_tokenizer
 
@@ -416,15 +417,15 @@ def test_a_multiple_choice_repeat_with_its_choices_reordered_is_said():
                 **changes}
 
     test = [reordered(r[0], [2, 1, 0]), reordered(r[1], [1, 2, 0]), reordered(r[3], [0, 2, 1]),  # repeats
-            reordered(r[2], [2, 0, 1], label=1),  # the same choices, another answer: another question
+            reordered(r[2], [2, 0, 1], label=1),  # the same choices, another (contradicting) answer: a repeat too
             reordered(r[0], [2, 1, 0], choices=["a plum 0", "a pear", "a red apple", "a fig"]),  # another choice set
             {**r[1], "choices": ["a red apple", "a pear"]}]
     with pytest.warns(UserWarning) as record:
         _warn_about_splits(CompareConfig(dataset="toy"), load_tokenizer("minilm"), train, val, test,
                            {"shift": [reordered(r[2], [1, 0, 2]), reordered(r[2], [1, 0, 2], label=0)]})
     messages = [str(w.message) for w in record]
-    assert messages[0].startswith("3 of the 6 test records of 'toy' repeat a training or validation record"), messages
-    assert messages[1].startswith("1 of the 2 records of the shifted set 'shift' repeat"), messages
+    assert messages[0].startswith("4 of the 6 test records of 'toy' repeat a training or validation record"), messages
+    assert messages[1].startswith("2 of the 2 records of the shifted set 'shift' repeat"), messages
     assert len(messages) == 2
 
 

@@ -406,11 +406,11 @@ def _warn_about_cuts(config: CompareConfig, tokenizer, fitted: dict, scored: dic
 
 def _model_inputs(records, tokenizer, max_length: int) -> list:
     """Per record, what the model reads of it (hashable), from the tokenizer alone (no forward): a text's token ids as
-    :class:`~pyro_lora.data.ClassificationCollator` truncates them; a multiple-choice record's passage, question,
-    choices and correct choice, each tokenized whole (a passage a long prompt cuts is compared whole), the choices as
-    a sorted multiset: a question repeated with its choices in another order and its label moved with its choice is
-    the same one (the cloze format reads the same rows; the letter format another prompt, but the question and its
-    answer are learned alike). Records of one split share a task."""
+    :class:`~pyro_lora.data.ClassificationCollator` truncates them; a multiple-choice record's passage, question and
+    choices, each tokenized whole (a passage a long prompt cuts is compared whole), the choices as a sorted multiset: a
+    question repeated with its choices in another order is the same one (the cloze format reads the same rows; the
+    letter format another prompt, but the question is learned alike). The label is not read, as for a text: a repeat
+    with another label is a repeat all the same. Records of one split share a task."""
     if not records:
         return []
     if record_task(records[0]) == "classification":
@@ -420,8 +420,7 @@ def _model_inputs(records, tokenizer, max_length: int) -> list:
     fields = [[r.get("context", ""), r["question"], *r["choices"]] for r in records]
     flat = iter(tokenizer([f for row in fields for f in row], add_special_tokens=False)["input_ids"])
     read = [[tuple(next(flat)) for _ in row] for row in fields]
-    return [(passage, question, tuple(sorted(choices)), choices[r["label"]])
-            for r, (passage, question, *choices) in zip(records, read)]
+    return [(passage, question, tuple(sorted(choices))) for passage, question, *choices in read]
 
 
 def data_digest(config: CompareConfig) -> str:
