@@ -354,7 +354,7 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
         if repeated:
             warnings.warn(f"{repeated} of the {len(records)} {what} repeat a {whose} as the model reads it (the same "
                           "tokens: texts differing only in case or spacing are one input to an uncased tokenizer, a "
-                          "question's choices in any order with the same answer one question): "
+                          "question's choices in any order, whatever its label, one question): "
                           "their scores measure memory there, not generalisation; deduplicate the splits", stacklevel=3)
     if train and record_task(train[0]) == "classification":
         _warn_about_cuts(config, tokenizer, {f"training records of {config.dataset!r}": train, sets[0][0]: val},
