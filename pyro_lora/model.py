@@ -1046,11 +1046,19 @@ class LoraModel:
         """Where every weight site is conditioned on a draw a guide of the guides package recorded without gradients
         (:func:`~pyro_lora.pyro_stack.drawn_by`: ``pyro.infer.Predictive``'s), refuse that guide as ``predict`` would
         (:func:`~pyro_lora.contract.check_guide`): a guide for another checkpoint, LoRA scaling or prior of the same
-        sites gives values the model cannot tell apart by their shapes."""
+        sites gives values the model cannot tell apart by their shapes. Values several guides drew (point guides of two
+        models over one network) pass where one of them fits; a guide built on this model checked itself as it drew."""
         given = {n: own.nodes[n]["value"] for n in self.sites if own.nodes[n]["is_observed"]}
-        drawer = drawn_by(given) if len(given) == len(self.sites) else None
-        if drawer is not None:
-            check_guide(self, drawer, "predict with pyro.infer.Predictive")
+        drawers = drawn_by(given) if len(given) == len(self.sites) else []
+        if not drawers or any(guide.model is self for guide in drawers):  # its own guide checked itself as it drew
+            return
+        refusals = []
+        for guide in reversed(drawers):  # values several guides drew (point guides alike) are any fitting one's
+            try:
+                return check_guide(self, guide, "predict with pyro.infer.Predictive")
+            except ValueError as refused:
+                refusals.append(refused)
+        raise refusals[0]
 
     def _observe(self, log_prob):
         self.last_nll = -log_prob.mean()  # per example, for fit's divergence check: the ELBO's prior term scales with 1/N

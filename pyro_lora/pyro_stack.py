@@ -300,10 +300,11 @@ def marked_guides(trace) -> list:
     return list(guides.values())
 
 
-# Draws of guides run without gradients (pyro.infer.Predictive's, a trace of one's own): their digest -> the guide that
-# drew them, for a model later conditioned on those values to tell which guide they came from (Predictive stacks the
-# draws, so no mark or tensor identity survives). Bounded: Predictive runs the model on its S draws in their order, so
-# with S beyond the bound the model's later calls still find theirs.
+# Draws of guides run without gradients (pyro.infer.Predictive's, a trace of one's own): their digest -> weak references
+# to the guides that drew them (point guides of two models may draw the same values), for a model later conditioned
+# on those values to tell which guides they came from (Predictive stacks the draws, so no mark or tensor identity
+# survives). Bounded: Predictive runs the model on its S draws in their order, so with S beyond the bound the model's
+# later calls still find theirs.
 _DRAWS: collections.OrderedDict = collections.OrderedDict()
 _DRAWS_KEPT = 1 << 14
 
@@ -316,16 +317,16 @@ def _draws_digest(values: dict) -> tuple:
 def remember_draws(guide, values: dict) -> None:
     """Record that ``guide`` drew ``values`` (site name -> tensor), for :func:`drawn_by`."""
     key = _draws_digest(values)
-    _DRAWS[key] = weakref.ref(guide)  # a draw must not keep a guide alive
-    _DRAWS.move_to_end(key)
+    others = [ref for ref in _DRAWS.pop(key, []) if ref() is not None and ref() is not guide]
+    _DRAWS[key] = [*others, weakref.ref(guide)]  # a draw must not keep a guide alive
     while len(_DRAWS) > _DRAWS_KEPT:
         _DRAWS.popitem(last=False)
 
 
-def drawn_by(values: dict):
-    """The live guide whose recorded draw (:func:`remember_draws`) is ``values``, else ``None``."""
-    ref = _DRAWS.get(_draws_digest(values)) if values else None
-    return ref() if ref is not None else None
+def drawn_by(values: dict) -> list:
+    """The live guides that drew ``values`` (:func:`remember_draws`), the latest last; ``[]`` for values of other origin."""
+    refs = _DRAWS.get(_draws_digest(values), []) if values else []
+    return [guide for guide in (ref() for ref in refs) if guide is not None]
 
 
 def conditioned_names() -> set:

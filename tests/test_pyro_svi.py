@@ -667,6 +667,14 @@ def test_predictive_refuses_a_guide_for_another_checkpoint_or_scaling_of_the_sam
     assert pyro.infer.Predictive(twin, guide=guide, num_samples=2, return_sites=["_RETURN"])(unlabelled)["_RETURN"].shape == (2, 8, 2)
     own = {n: torch.randn(2, *s.shape) * 0.1 for n, s in model.sites.items()}
     assert pyro.infer.Predictive(scaled, posterior_samples=own, return_sites=["_RETURN"])(unlabelled)["_RETURN"].shape == (2, 8, 2)
+    # point guides of two models over one network draw the same values: the later one's draws made the earlier's refused
+    first = build("map")[0]
+    second = LoraModel(first.net, SequenceClassification(), random="AB", prior=1.0, num_data=48)
+    guides = MAPGuide(first), MAPGuide(second)  # both alive
+    mine = pyro.infer.Predictive(first, guide=guides[0], num_samples=2, return_sites=list(first.sites))(batch)
+    theirs = pyro.infer.Predictive(second, guide=guides[1], num_samples=2, return_sites=list(first.sites))(batch)
+    assert all(torch.equal(mine[n], theirs[n]) for n in first.sites)
+    assert pyro.infer.Predictive(first, posterior_samples=mine, return_sites=["_RETURN"])(unlabelled)["_RETURN"].shape == (2, 8, 2)
 
 
 def test_predictive_refuses_a_guide_whose_head_changed_since():
