@@ -159,6 +159,25 @@ def test_a_failed_map_training_is_recorded_for_every_guide_of_the_seed(tmp_path,
 
 
 @pytest.mark.real
+def test_a_map_that_trained_but_could_not_be_saved_is_recorded_as_such(tmp_path, monkeypatch):
+    """A full disk while the MAP's file was written was recorded as 'training the MAP ... failed', which it had not."""
+    import errno
+
+    from pyro_lora.experiments.results import RunFolder
+
+    def full(self, setup, seconds):
+        raise OSError(errno.ENOSPC, "No space left on device", "map_seed0.safetensors")
+
+    monkeypatch.setattr(RunFolder, "save_map", full)
+    with pytest.raises(GuideFailures):
+        run_compare(small(tmp_path, guides=("map",)))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [f["error"] for f in saved["failed"]] == [
+        "RuntimeError: saving the MAP every guide starts from failed: OSError: [Errno 28] No space left on device: "
+        "'map_seed0.safetensors'"]
+
+
+@pytest.mark.real
 @pytest.mark.parametrize("guide, predictive", [("meanfield", "weight_samples"), ("laplace", "glm_probit")])
 def test_evaluate_reproduces_the_fit_row_exactly_with_the_recorded_predictive(tmp_path, monkeypatch, guide, predictive):
     from pyro_lora.data import default_data_dir

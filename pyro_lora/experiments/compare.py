@@ -246,15 +246,17 @@ def _fill(run, config, reference):
             print(f"# seed {seed}: {c.model} on {c.dataset}: {len(setup.train)} train / {len(setup.val)} validation / "
                   f"{len(setup.test)} test{fmt}; guides {', '.join(todo)}", flush=True)
         run.sizes = setup.sizes
+        step = "training"
         try:
             expected = earlier.maps.get(str(seed))
             map_seconds = train_map(setup, load=lambda s: run.load_map(s, expected))  # not loading the model and data
             if not setup.map_loaded:
+                step = "saving"  # a full disk: the MAP trained, its file could not be written
                 run.save_map(setup, map_seconds)
         except Exception as error:  # noqa: BLE001 -- recorded for every guide of this seed; the next seed goes on
             for name in todo:
-                run.fail(name, seed, RuntimeError(f"training the MAP every guide starts from failed: {type(error).__name__}: {error}"))
-            say(f"# seed {seed}: training the MAP failed ({error}); its guides are recorded as failed", flush=True)
+                run.fail(name, seed, RuntimeError(f"{step} the MAP every guide starts from failed: {type(error).__name__}: {error}"))
+            say(f"# seed {seed}: {step} the MAP failed ({error}); its guides are recorded as failed", flush=True)
             continue
         drift, confirmed = map_drift(earlier, setup)
         run.record_map(seed, setup.map_digest, confirmed)
