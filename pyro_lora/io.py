@@ -501,6 +501,7 @@ def _write_guide(guide, model, path, run, adapter, fit_state=None):
             else:
                 _write_adapter(guide, tmp / "adapter")
         meta["adapter_sha256"] = _adapter_sha256(tmp / "adapter")  # {} without one: an adapter/ put there is refused
+        meta["meta_sha256"] = meta_sha256(meta)  # its own settings (a temperature, a dropout p) read the tensors
         if run is not None:  # sealed together: check_sealed refuses any of the files edited or swapped since
             record = json.dumps(standard_json({**run, "guide_sha256": bytes_sha256(_canonical(meta))}), indent=2,
                                 allow_nan=False, default=str).encode()
@@ -549,6 +550,13 @@ def _read_by_peft(name: str) -> bool:
     editor leaves there (``.DS_Store``, ``.ipynb_checkpoints/``)."""
     parts = name.split("/")
     return parts[-1].startswith("adapter_") and not any(part.startswith(".") for part in parts)
+
+
+def meta_sha256(meta: dict) -> str:
+    """The SHA-256 of ``guide.json``'s contents ``meta`` as :func:`save_guide` records it in ``meta_sha256``: of every
+    key but that one and ``run_sha256`` (written after it), canonically ordered."""
+    return bytes_sha256(json.dumps({k: v for k, v in meta.items() if k not in ("meta_sha256", "run_sha256")},
+                                   sort_keys=True).encode())
 
 
 def _canonical(meta: dict) -> bytes:
@@ -691,7 +699,7 @@ def _read_meta(path):
                                             isinstance(x[1], list) and all(type(d) is int for d in x[1]) for x in sites)):
         raise ValueError(f"{file} is corrupt: its 'autoguide' should map 'sites' to a list of [site name, shape], it "
                          f"holds {json.dumps(meta['autoguide'])[:80]}")
-    for key in ("tensors_sha256", "fit_state_sha256", "run_sha256"):  # older saves lack them
+    for key in ("tensors_sha256", "fit_state_sha256", "run_sha256", "meta_sha256"):  # older saves lack them
         if key in meta and not (isinstance(meta[key], str) and _SHA256.fullmatch(meta[key])):
             raise ValueError(f"{file} is corrupt: its {key!r} should hold a SHA-256 (64 hexadecimal digits), it holds "
                              f"{json.dumps(meta[key])[:80]}")
@@ -709,6 +717,11 @@ def _read_meta(path):
         raise ValueError(f"{file} is corrupt: its 'fit' should map 'step', 'steps', 'epoch' and 'epochs' to counts "
                          f"('steps' null for data without a length) and 'finished' to true or false, it holds "
                          f"{json.dumps(meta['fit'])[:120]}")
+    if "meta_sha256" in meta and meta["meta_sha256"] != meta_sha256(meta):  # older saves lack it
+        raise ValueError(f"{file} was edited since it was saved (its contents no longer match the SHA-256 it records): "
+                         "its settings (a posterior temperature, a dropout probability) say how its tensors are read, so "
+                         "an edited one would load another posterior without a word; load the guide as saved and change "
+                         "a setting through its methods (set_temperature(...)), then save it again")
     return meta
 
 

@@ -1266,6 +1266,7 @@ def _as_older_record(folder, model, casts, held=False):
     if held:
         record["held"] = sorted({str(p.dtype) for p in model.net.parameters() if not p.requires_grad})
     meta["base_weights"] = record
+    meta.pop("meta_sha256")  # recorded from 2026-12-05 on
     (folder / "guide.json").write_text(json.dumps(meta))
 
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from pyro_lora.guides import MAPGuide, MeanFieldGuide
 from pyro_lora import LoraModel, fit, predict
 from pyro_lora.ownership import point_snapshot, take_over, trainer
-from pyro_lora.io import check_sealed, load_guide, read_fit_state, save_checkpoint, save_guide
+from pyro_lora.io import check_sealed, load_guide, meta_sha256, read_fit_state, save_checkpoint, save_guide
 from pyro_lora.likelihoods import SequenceClassification
 
 HEAD = "base_model.model.classifier.modules_to_save.default.weight"
@@ -61,8 +61,12 @@ def refused(folder, error=ValueError, num_labels=2):
 
 
 def edit_json(folder, change):
-    meta = json.loads((folder / "guide.json").read_text())
-    (folder / "guide.json").write_text(json.dumps(change(meta)))
+    """Write ``change(meta)`` as the folder's guide.json, its SHA-256 stamped as a save would (a file corrupt in a way
+    of its own, not only edited: the edit check of an unstamped edit is its own test)."""
+    meta = change(json.loads((folder / "guide.json").read_text()))
+    if isinstance(meta, dict) and "meta_sha256" in meta:
+        meta["meta_sha256"] = meta_sha256(meta)
+    (folder / "guide.json").write_text(json.dumps(meta))
 
 
 def sha256(file):
@@ -706,3 +710,24 @@ def test_a_merge_unmerge_round_trip_is_named_and_undone_by_copying_the_checkpoin
     with pytest.raises(ValueError, match=r"last saved \(1 base weight, e.g. .*query.base_layer.weight\), and it was fitted "
                                          "on the others; load the checkpoint"):
         save_guide(guide, tmp_path / "g")
+
+
+def test_a_guide_json_edited_by_hand_is_refused_and_an_older_one_without_its_digest_loads(saved, tmp_path):
+    """guide.json's settings say how its tensors are read: saved without run=, an edited temperature (1 -> 25) or
+    MC-dropout p (0.1 -> 0.7) loaded without a word, another posterior than the one saved (only the tensors were
+    hashed). Its contents now carry their own SHA-256; a guide saved before it was recorded loads as before."""
+    from pyro_lora.guides import MCDropoutGuide
+
+    model = lora()
+    save_guide(MCDropoutGuide(model, p=0.1), tmp_path / "mcd")
+    for folder, change in ((saved, lambda m: m["config"] | {"temperature": 25.0}), (tmp_path / "mcd", lambda m: m["config"] | {"p": 0.7})):
+        pristine = (folder / "guide.json").read_text()
+        meta = json.loads(pristine)
+        (folder / "guide.json").write_text(json.dumps(meta | {"config": change(meta)}))
+        with pytest.raises(ValueError, match=r"guide.json was edited since it was saved \(its contents no longer match "
+                                             r"the SHA-256 it records\).*set_temperature"):
+            load_guide(folder, lora())
+        older = {k: v for k, v in meta.items() if k != "meta_sha256"}
+        (folder / "guide.json").write_text(json.dumps(older))
+        assert load_guide(folder, lora()).config() == meta["config"]
+    assert json.loads(pristine)["meta_sha256"] == meta_sha256(json.loads(pristine))

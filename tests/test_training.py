@@ -8,12 +8,13 @@ import numpy as np
 import pyro
 import pytest
 import torch
-from conftest import tiny_bert, tiny_bert_base
+from conftest import tiny_bert, tiny_bert_base, tiny_llama
+from pyro import poutine
 from pyro.infer import TraceMeanField_ELBO
 
 from pyro_lora.guides import MAPGuide, MeanFieldGuide
-from pyro_lora.io import atomic_file, export_adapter, load_guide, save_guide
-from pyro_lora.likelihoods import SequenceClassification
+from pyro_lora.io import atomic_file, export_adapter, load_guide, meta_sha256, save_guide
+from pyro_lora.likelihoods import CausalLM, SequenceClassification
 from pyro_lora.metrics import nll
 from pyro_lora.model import LoraModel
 from pyro_lora.predictive import SEED_RANGE, predict
@@ -197,6 +198,35 @@ def test_divergence_is_judged_on_the_data_term_whatever_the_data_size(num_data):
     model = LoraModel(tiny_bert(num_labels=3), SequenceClassification(), num_data=num_data)
     with pytest.raises(DivergenceError, match="data NLL"):
         fit(model, MAPGuide(model), _three_class_data(), epochs=5, lr=3.0, progress=False)
+
+
+def _lm_rows(n, length, seed):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 64, (n, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+def test_causal_lm_divergence_is_judged_per_scored_token():
+    """CausalLM's NLL per example sums a row's tokens: a first batch of 3-token rows, then 40-token ones, raised
+    DivergenceError at lr=1e-7, where nothing moves (its smoothed NLL per example rose 4x + 4 with the rows' lengths).
+    The check follows the NLL per scored token (the model's last_nll: cross-entropy averaged over the tokens whose label
+    is not -100, padding excluded), which still catches a real divergence."""
+    batch = _lm_rows(3, 9, 1)
+    batch["attention_mask"][0, 6:] = 0
+    batch["labels"][1, :4] = -100
+    model = LoraModel(tiny_llama(), CausalLM(), random="AB", prior=1.0, num_data=24)
+    trace = poutine.trace(model).get_trace(batch)
+    trace.compute_log_prob()
+    logits = model.logits(batch, {n: trace.nodes[n]["value"] for n in model.sites})
+    shifted = batch["labels"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)
+    torch.testing.assert_close(model.last_nll, torch.nn.functional.cross_entropy(logits.reshape(-1, 64), shifted.reshape(-1)))
+    data = [_lm_rows(4, 3, 0)] + [_lm_rows(4, 40, s) for s in range(1, 6)]
+    model = LoraModel(tiny_llama(), CausalLM(), random="AB", prior=1.0, num_data=24)
+    losses = fit(model, MAPGuide(model), data, lr=1e-7, progress=False)
+    assert losses[1] > 4 * losses[0] + 4  # per example the long rows' NLL is past the check's bound
+    model = LoraModel(tiny_llama(targets=("q_proj", "v_proj", "lm_head")), CausalLM(), random="AB", prior=1.0, num_data=24)
+    with pytest.raises(DivergenceError, match=r"smoothed data NLL rose from 4.* per scored token by step 1"):
+        fit(model, MAPGuide(model), [_lm_rows(4, 12, s) for s in range(6)], lr=10.0, progress=False)
 
 
 def test_a_hard_last_batch_is_no_divergence_and_the_check_leaves_the_random_stream_alone():
@@ -1023,7 +1053,9 @@ def test_a_guide_folder_is_data_never_code(tmp_path):
     save_guide(guide, tmp_path / "g")
     meta = json.loads((tmp_path / "g" / "guide.json").read_text())
     for crafted in ("os:system", "subprocess:run", "builtins:eval", "pyro_lora.guides.base:pyro_params"):
-        (tmp_path / "g" / "guide.json").write_text(json.dumps(meta | {"guide": crafted}))
+        forged = meta | {"guide": crafted}
+        forged["meta_sha256"] = meta_sha256(forged)  # a digest is no signature: a crafted file can carry its own
+        (tmp_path / "g" / "guide.json").write_text(json.dumps(forged))
         with pytest.raises(ValueError, match=f"names {crafted!r}, which is no registered guide class"):
             load_guide(tmp_path / "g", model)
 
