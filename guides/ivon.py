@@ -20,8 +20,8 @@ from pyro_lora.data import to_device
 from pyro_lora.model import LoraModel, full_precision
 from pyro_lora.modes import network_mode
 from pyro_lora.sites import check_values
-from pyro_lora.training import (_DivergenceWatch, _schedule, batch_nll, check_full_precision, step_autocast,
-                                 training_autocast)
+from pyro_lora.training import (_DivergenceWatch, _schedule, batch_nll, check_full_precision, nll_unit, per_unit,
+                                 step_autocast, training_autocast)
 
 from .base import LoraGuide
 from .registry import Fitted, method
@@ -190,8 +190,9 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
         in float16 (IVON has no loss scaling) or one under ``torch.distributed``; and, as :func:`pyro_lora.fit` does,
         trainable parameters held in float16 or bfloat16 (ivon-opt keeps its state in their dtype, where its updates
         round away), or ones of several dtypes or devices (ivon-opt holds them in one buffer), naming them.
-    :raises ~pyro_lora.training.DivergenceError: when the loss becomes non-finite or rises far above its start (the network is then
-        put back as it was).
+    :raises ~pyro_lora.training.DivergenceError: when the loss becomes non-finite or rises far above its start, judged
+        per example, or per scored token for ``CausalLM`` (as :func:`pyro_lora.fit` judges it; the network is then put
+        back as it was).
     """
     params = model.random_parameters() + model.point_parameters()
     autocast = _check_arguments(model, params, data, autocast, epochs=epochs, lr=lr, ess=ess, hess_init=hess_init,
@@ -207,7 +208,8 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     optimizer = ivon.IVON(params, lr=lr, ess=ess, hess_init=hess_init, weight_decay=weight_decay, beta2=beta2,
                           mc_samples=mc_samples, clip_radius=clip_radius, rescale_lr=rescale_lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    watch = _DivergenceWatch(lr, remedy="lower it, or clip_radius (each entry's step is at most lr * clip_radius)")
+    watch = _DivergenceWatch(lr, remedy="lower it, or clip_radius (each entry's step is at most lr * clip_radius)",
+                             unit=nll_unit(model))
     take_over(model, None)  # whichever guide trained the head keeps the state it left as its own
     device = model.device
     own = [p.data for p in params]  # IVON swaps in views of its flat buffers: each parameter gets its own tensor back
@@ -222,6 +224,7 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
             for epoch in range(epochs):
                 for batch in data:
                     batch = to_device(batch, device)
+                    unit = per_unit(model, batch)  # the check's NLL per scored token for CausalLM, per example else
                     loss = 0.0
                     for _ in range(mc_samples):
                         with optimizer.sampled_params(train=True):
@@ -229,7 +232,7 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
                             with step_autocast(device, autocast):
                                 nll = batch_nll(model, batch)
                             nll.backward()
-                        loss += nll.item() / mc_samples
+                        loss += nll.item() * unit / mc_samples
                     watch.observe(loss, 1)
                     watch.update(optimizer.current_step, epoch)  # raises on a non-finite or runaway loss
                     optimizer.step()

@@ -74,7 +74,8 @@ class FusedCategorical(TorchDistribution):
     def __init__(self, logits, event_dims=0, ignore_index=-100, observer=None):
         self.logits = logits
         self.ignore_index = ignore_index
-        self.observer = observer  # called with each log_prob computed, detached (the model's data-fit record)
+        # called with each log_prob computed, detached, and its examples' scored labels (the model's data-fit record)
+        self.observer = observer
         shape = logits.shape[:-1]
         super().__init__(shape[: len(shape) - event_dims], shape[len(shape) - event_dims :], validate_args=False)
 
@@ -98,7 +99,7 @@ class FusedCategorical(TorchDistribution):
         ).view(value.shape)
         log_prob = -ce.sum(tuple(range(-len(self.event_shape), 0))) if self.event_shape else -ce
         if self.observer is not None:
-            self.observer(log_prob.detach())
+            self.observer(log_prob.detach(), scored_labels(value, len(self.event_shape), self.ignore_index))
         return log_prob
 
     def sample(self, sample_shape=torch.Size()):
@@ -107,6 +108,25 @@ class FusedCategorical(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         event = self.logits.shape[len(self.batch_shape) : -1]
         return FusedCategorical(self.logits.expand(*batch_shape, *event, self.logits.shape[-1]), len(event), self.ignore_index, self.observer)
+
+
+def scored_labels(labels: torch.Tensor, event_dims: int, ignore_index: int = -100) -> torch.Tensor | None:
+    """The number of labels each example's log-probability sums, ``labels.shape[:-event_dims]`` (a causal LM's
+    row: its tokens not ``ignore_index``); ``None`` where ``event_dims`` is 0 (one label per example)."""
+    if not event_dims:
+        return None
+    return (labels != ignore_index).sum(tuple(range(-event_dims, 0)))
+
+
+def data_nll(log_prob: torch.Tensor, scored: torch.Tensor | None = None) -> torch.Tensor:
+    """The data NLL that ``fit``'s and ``train_ivon``'s divergence checks and progress bars follow, a 0-d tensor: per
+    example (``-log_prob.mean()``) where each example is one label (``scored`` ``None``); per scored label where an
+    example's ``log_prob`` sums a sequence's tokens (``scored``: :func:`scored_labels`, of ``log_prob``'s shape), the
+    batch's NLL over its scored tokens, since a per-sequence sum grows with the rows' lengths, which change from batch to
+    batch while the model stays as it was. A batch scoring no token gives 0."""
+    if scored is None:
+        return -log_prob.mean()
+    return -log_prob.sum() / scored.sum().clamp(min=1)
 
 
 def check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int = -100) -> None:
@@ -120,6 +140,28 @@ def check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int 
         raise ValueError(f"label(s) {sorted(set(labels[outside].tolist()))[:5]} outside the {num_classes} classes of the "
                          f"logits (0 to {num_classes - 1}): the data's labels and the network's head disagree (its "
                          "num_labels too small?)")
+
+
+def check_attention_mask(mask) -> None:
+    """Refuse an ``attention_mask`` tensor holding values other than 0 and 1 (``bool``, or integers or floats equal to
+    0 or 1 pass; ``bool`` with no host read, any other dtype with one): packed-document segment ids (``1, 1, 2, 2``, as
+    multipack collators write them) or an additive mask (``0`` / ``-inf``). Positions count the mask's real tokens
+    (``cumsum - 1``: ``1, 1, 2, 2`` would number them ``0, 1, 3, 5``) and transformers attends to every nonzero cell, so
+    such a mask gives a score of no reading of the batch, neither one text nor its documents apart.
+
+    :raises ValueError: naming the values found besides 0 and 1, and what to give instead.
+    """
+    if not isinstance(mask, torch.Tensor) or mask.dtype == torch.bool:
+        return
+    other = (mask != 0) & (mask != 1)
+    if bool(other.any()):
+        found = mask[other].unique().tolist()[:5]
+        raise ValueError(
+            f"the batch's attention_mask holds {found} besides 0 and 1 (packed-document segment ids, as multipack "
+            "collators write, or an additive mask?): positions are counted from it as 0/1 (real token or padding), so "
+            "the rows would be scored as no reading of the batch; unpack the rows (one sequence per row, padded, its "
+            "mask 1 over the tokens and 0 over the padding) or give a 0/1 mask"
+        )
 
 
 def repeat_inputs(batch: dict, num_samples: int | None, keys=_NET_INPUTS) -> dict:
@@ -392,15 +434,18 @@ class Likelihood:
 
     def check_inputs(self, net, batch: dict) -> None:
         """Refuse batch entries the network's forward takes but :meth:`logits` does not hand it (``position_ids`` of
-        packed rows, ``inputs_embeds``): the network would run without them, and nothing would say so; and a batch
-        of no rows (a transformers forward fails on it deep inside attention).
+        packed rows, ``inputs_embeds``): the network would run without them, and nothing would say so; a batch
+        of no rows (a transformers forward fails on it deep inside attention); and an ``attention_mask`` handed on that
+        is not 0/1 (:func:`check_attention_mask`, one host read unless it is ``bool``).
 
-        :raises ValueError: naming those entries and the ones handed on, or the empty entry.
+        :raises ValueError: naming those entries and the ones handed on, the empty entry, or the mask's other values.
         """
         empty = [k for k in self.net_inputs if isinstance(batch.get(k), torch.Tensor) and batch[k].dim() and not len(batch[k])]
         if empty:
             raise ValueError(f"the batch has no rows ({empty[0]} of shape {tuple(batch[empty[0]].shape)}): an empty batch "
                              "scores nothing; leave it out of the data")
+        if "attention_mask" in self.net_inputs:
+            check_attention_mask(batch.get("attention_mask"))
         try:
             takes = _forward_inputs(base_network(net).forward)
         except (TypeError, ValueError):  # a forward without a signature: nothing to compare
@@ -882,8 +927,19 @@ class CausalLM(Likelihood):
         """The labels of the predicted tokens, ``[B, T-1]`` (``-100`` where unobserved): ``batch["labels"]`` ``[B, T]``
         as ``input_ids`` (not yet shifted; ``CausalLMCollator`` makes them), shifted by one here.
 
-        :raises ValueError: on labels that are not integer token ids of ``input_ids``' shape ``[B, T]``.
+        :raises ValueError: on a batch without ``labels`` (absent or ``None``): its observed tokens are derived from them,
+            so a batch without them can neither be scored nor have ``"obs"`` drawn by ``pyro.infer.Predictive`` (which
+            a classification likelihood's batch without labels has); and on labels that are not integer token ids of
+            ``input_ids``' shape ``[B, T]``.
         """
+        if batch.get("labels") is None:
+            raise ValueError(
+                f"the batch has no 'labels' (its keys are {sorted(batch)}; None counts as none): CausalLM derives its "
+                "observed tokens from batch['labels'] (shifted by one, padding masked), so unlike a classification "
+                "likelihood it draws no 'obs' for a batch without them (pyro.infer.Predictive included); give labels "
+                "(the input_ids, -100 where a token is not scored, as CausalLMCollator writes them) to score the text, "
+                "and sample continuations with the network's generate() after model.write_adapter(values)"
+            )
         labels = super().observed(batch)
         inputs = batch.get("input_ids")
         if not is_integer_tensor(labels) or labels.dim() != 2 or (inputs is not None and labels.shape != inputs.shape):

@@ -25,7 +25,7 @@ from .ownership import (follow_autoguide, head_left_by, head_loaded, head_traine
                         written_beside_head)
 from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, between_kinds, down_kind, up_kind
-from .likelihoods import is_cloze
+from .likelihoods import data_nll, is_cloze
 from .modes import dropout_in_training
 from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, drawn_by, elbo_run, hidden_from_elbo, in_averaging_elbo,
                          in_importance, in_laplace_approximation, in_mcmc, in_predictive, in_svi_step, marked_guides,
@@ -142,7 +142,9 @@ class LoraModel:
         handoff.install(self.layers)
         self._checkpointing = handoff.checkpointing_modules(net)
         self._pyro_name = pyro_params.unique_name(self)
-        self.last_nll = None  # mean NLL per example of the last batch the Pyro model scored (a detached tensor)
+        # the data NLL of the last batch the Pyro model scored (a detached tensor): per example, or per scored token for
+        # a token-level likelihood (CausalLM), :func:`~pyro_lora.likelihoods.data_nll`
+        self.last_nll = None
         self._svi_batch = None  # the rows of the first batch an ELBO trained on without num_data; False once warned
         self.set_trainable()
         _warn_head_partly_frozen(net)
@@ -1060,8 +1062,10 @@ class LoraModel:
                 refusals.append(refused)
         raise refusals[0]
 
-    def _observe(self, log_prob):
-        self.last_nll = -log_prob.mean()  # per example, for fit's divergence check: the ELBO's prior term scales with 1/N
+    def _observe(self, log_prob, scored=None):
+        # for fit's divergence check and bar, the data term alone (the ELBO's prior term scales with 1/N): per example,
+        # or per scored token for a token-level likelihood (``scored``), whose per-row sums follow the rows' lengths
+        self.last_nll = data_nll(log_prob, scored)
 
 
 def _median(fitted) -> str:

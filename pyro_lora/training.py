@@ -30,6 +30,7 @@ from .data import to_device
 from .modes import eval_mode, network_mode
 from .model import HALF_DTYPES, full_precision, warn_unscaled
 from .checks import check_batch, check_count, check_reiterable
+from .likelihoods import scored_labels
 from .locking import slot_lock
 from .sites import base_network
 
@@ -114,7 +115,8 @@ def fit(
         the run; gradients equal those without it. A network whose checkpointing the user switched on
         (``gradient_checkpointing_enable()``, either mode) works too.
     :param bool stop_on_divergence: raise :class:`DivergenceError` (a learning rate far too high) when the data
-        NLL per example (the likelihood term alone, whatever ``num_data`` and the KL weight), smoothed over steps,
+        NLL per example (the likelihood term alone, whatever ``num_data`` and the KL weight; per scored token for a
+        token-level likelihood, ``CausalLM``, whose example's NLL sums its tokens), smoothed over steps,
         rises above four times the first step's plus four nats; or when, after an epoch, the first batch's NLL
         at the posterior mean (one more forward, in eval mode) exceeds its NLL before the run by more than half
         of it or half a nat, whichever is more (training on a batch should not make it worse); a non-finite
@@ -287,8 +289,8 @@ def fit(
         kl_weights = []  # each step's, as used: a callable is called as often as without checkpoints (one may count calls)
         # a checkpoint (or a save) of a run that stops says so: load_guide warns of it
         guide.fit_progress = {"step": 0, "steps": total, "epoch": 0, "epochs": epochs, "finished": False}
-        shown = _Smoothed()  # the bar's number: the data NLL per example, which moves as the model learns
-        watch = _DivergenceWatch(lr) if stop_on_divergence else None
+        shown = _Smoothed()  # the bar's number: the data NLL (per example or scored token), which moves as the model learns
+        watch = _DivergenceWatch(lr, unit=nll_unit(model)) if stop_on_divergence else None
         if resumed is not None:
             optimizer.load_state_dict(resumed["optimizer"])
             scheduler.load_state_dict(resumed["scheduler"])
@@ -721,8 +723,9 @@ def _check_elbo(elbo) -> None:
 
 
 class _Smoothed:
-    """The progress bar's figure: the data NLL per example, smoothed over steps. The loss per example adds the
-    prior's term divided by the data size, nearly constant for a point estimate (it hid the learning)."""
+    """The progress bar's figure: the data NLL per example (per scored token for a token-level likelihood,
+    :func:`~pyro_lora.likelihoods.data_nll`), smoothed over steps. The loss per example adds the prior's term divided
+    by the data size, nearly constant for a point estimate (it hid the learning)."""
 
     def __init__(self, decay=0.9):
         self.decay, self.value, self.step_nll, self.seen = decay, None, 0.0, False
@@ -742,18 +745,22 @@ class _Smoothed:
 
 
 class _DivergenceWatch:
-    """The data NLL per example (the likelihood term alone: the ELBO's prior term scales with 1/N), smoothed
-    over steps against the first step's, and the first batch's at the posterior mean before and after each epoch."""
+    """The data NLL (the likelihood term alone: the ELBO's prior term scales with 1/N), smoothed over steps against
+    the first step's, and the first batch's at the posterior mean before and after each epoch. ``unit`` names what it is
+    taken over (:func:`nll_unit`): per example, or per scored token for a token-level likelihood, whose per-example NLL
+    sums a sequence's tokens and so follows the rows' lengths from batch to batch."""
 
-    def __init__(self, lr, decay=0.9, remedy="lower it or set max_grad_norm (stop_on_divergence=False turns this check off)"):
+    def __init__(self, lr, decay=0.9, remedy="lower it or set max_grad_norm (stop_on_divergence=False turns this check off)",
+                 unit="per example"):
         self.lr, self.decay, self.remedy = lr, decay, remedy  # remedy: what the trainer's caller can change
+        self.unit = unit
         self.start = self.ema = None
         self.first = None  # (the first batch, its NLL per example at the posterior mean before any update)
         self.step_nll, self.seen = 0.0, False
 
     def observe(self, nll, share):
-        """After each batch's loss: ``nll`` is the model's ``last_nll`` (``None`` for a likelihood that keeps none),
-        ``share`` the batch's weight in its step (as its loss's)."""
+        """After each batch's loss: ``nll`` is the model's ``last_nll`` (``None`` for a likelihood that keeps none), in
+        the watch's ``unit``, ``share`` the batch's weight in its step (as its loss's)."""
         if nll is None:
             return
         self.step_nll += float(nll) * share
@@ -772,13 +779,13 @@ class _DivergenceWatch:
         self.ema = self.decay * self.ema + (1 - self.decay) * nll
         if self.ema > 4 * self.start + 4.0:
             raise DivergenceError(
-                f"training diverged: the smoothed data NLL rose from {self.start:.4g} to {self.ema:.4g} per example by "
+                f"training diverged: the smoothed data NLL rose from {self.start:.4g} to {self.ema:.4g} {self.unit} by "
                 f"step {step} (epoch {epoch}); the learning rate ({self.lr:g}) is likely too high: {self.remedy}"
             )
 
     def check_first_batch(self, nll, epoch):
-        """After each epoch: ``nll`` is the first batch's NLL per example at the posterior mean now, judged against
-        the one before the run (``None``: a guide whose mean predicts nothing)."""
+        """After each epoch: ``nll`` is the first batch's NLL at the posterior mean now (:func:`_mean_nll`, in the
+        watch's ``unit``), judged against the one before the run (``None``: a guide whose mean predicts nothing)."""
         if nll is None or self.first[1] is None:
             return
         before, after = (distributed.all_reduce_gradients([], v) for v in (self.first[1], nll))
@@ -787,17 +794,37 @@ class _DivergenceWatch:
     def _judge(self, before, after, what):
         if not after <= before + max(0.5 * before, 0.5):  # training on data should not make it worse
             raise DivergenceError(
-                f"training diverged: the data NLL per example {what}; the learning rate ({self.lr:g}) is likely too "
+                f"training diverged: the data NLL {self.unit} {what}; the learning rate ({self.lr:g}) is likely too "
                 f"high: {self.remedy}"
             )
 
 
 def _mean_nll(model, guide, batch):
-    """NLL per example of ``batch`` at the posterior mean, in eval mode (no dropout: no random draw at all)."""
+    """The data NLL of ``batch`` at the posterior mean (per example, or per scored token for a token-level likelihood:
+    :func:`~pyro_lora.likelihoods.data_nll`), in eval mode (no dropout: no random draw at all)."""
     if not guide.mean_is_predictor:
         return None
     with eval_mode(model.net), torch.no_grad():
-        return float(batch_nll(model, batch, guide.mean()))
+        return float(batch_nll(model, batch, guide.mean()) * per_unit(model, batch))
+
+
+def nll_unit(model) -> str:
+    """What the divergence check's NLL is taken over for ``model``'s likelihood (:func:`per_unit`), for its messages."""
+    return "per scored token" if model.likelihood.event_dims else "per example"
+
+
+def per_unit(model, batch) -> float:
+    """The factor turning ``batch``'s mean NLL per example (:func:`batch_nll`) into the data NLL the divergence check
+    judges (:func:`~pyro_lora.likelihoods.data_nll`): 1 where each example is one label; for a token-level likelihood
+    (``CausalLM``), whose example sums a sequence's scored tokens, its rows over its scored tokens (one host read).
+
+    :raises ValueError: as the likelihood's ``observed`` does, for a batch without valid labels.
+    """
+    event_dims = model.likelihood.event_dims
+    if not event_dims:
+        return 1.0
+    scored = scored_labels(model.likelihood.observed(batch), event_dims)
+    return scored.numel() / max(int(scored.sum()), 1)
 
 
 def batch_nll(model, batch, values=None):

@@ -10,10 +10,10 @@ import ivon
 import pyro
 import pytest
 import torch
-from conftest import random_batch, tiny_bert
+from conftest import random_batch, tiny_bert, tiny_llama
 from test_guide_contract import data, lora
 
-from pyro_lora import LoraModel, SequenceClassification, fit, load_guide, predict, save_guide
+from pyro_lora import CausalLM, LoraModel, SequenceClassification, fit, load_guide, predict, save_guide
 from pyro_lora.experiments.compare import fit_method
 from pyro_lora.experiments.setup import CompareConfig, Setup, train_map
 from pyro_lora.guides import IVONGuide, MAPGuide, train_ivon
@@ -470,3 +470,27 @@ def test_a_maps_unwritten_lora_is_refused_and_a_divergence_names_what_train_ivon
     assert "max_grad_norm" not in str(info.value) and "stop_on_divergence" not in str(info.value)
     guide = train_ivon(lora(), data(), **{**FAST, "lr": 1e-3, "epochs": 1, "clip_radius": math.inf})  # ivon-opt's default
     assert guide.trained_with["clip_radius"] == math.inf and map_guide.mean()
+
+
+def test_train_ivon_judges_a_causal_lm_per_scored_token(monkeypatch):
+    """train_ivon's check followed CausalLM's NLL per example, a sum over a row's tokens: a first batch of 3-token rows,
+    then 40-token ones, raised DivergenceError at lr=1e-9, where nothing moves. It follows the NLL per scored token now
+    (the batch's mean NLL per example times its rows over its scored tokens), which still catches a rising one."""
+    import pyro_lora.guides.ivon as module
+
+    def rows(n, length, seed):
+        ids = torch.randint(1, 64, (n, length), generator=torch.Generator().manual_seed(seed))
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+    data = [rows(4, 3, 0)] + [rows(4, 40, s) for s in range(1, 6)]
+    train_ivon(LoraModel(tiny_llama(), CausalLM(), random="AB", num_data=24), data, lr=1e-9, progress=False)
+    calls = []
+
+    def rising(model, batch):
+        calls.append(1)
+        return batch_nll(model, batch) * (100.0 if len(calls) > 1 else 1.0)
+
+    monkeypatch.setattr(module, "batch_nll", rising)
+    with pytest.raises(DivergenceError, match=r"smoothed data NLL rose from 4.* per scored token"):
+        train_ivon(LoraModel(tiny_llama(), CausalLM(), random="AB", num_data=24), [rows(4, 12, s) for s in range(6)],
+                   lr=1e-9, progress=False)

@@ -557,3 +557,25 @@ def test_packed_rows_entries_of_transformers_kwargs_are_refused(key, setup):
         model, batch = LoraModel(_llama_classifier(), SequenceClassification(), random="AB"), _classification_batch()
     with pytest.raises(ValueError, match=rf"the batch holds \['{key}'\], which the network's forward takes"):
         model.logits({**batch, key: torch.tensor([0, 4, 7])})
+
+
+@pytest.mark.parametrize("setup", sorted(SETUPS))
+def test_an_attention_mask_of_other_values_than_0_and_1_is_refused_by_name(setup):
+    """A mask of packed-document segment ids (1, 1, 2, 2, as multipack collators write) was taken silently: positions
+    counted as cumsum - 1 numbered the tokens 0, 1, 3, 5 and the score matched no reading of the batch. A bool mask, or
+    integers or floats equal to 0 or 1, give the int mask's logits."""
+    likelihood, make_net, make_batch, _ = SETUPS[setup]
+    model = LoraModel(make_net(), likelihood(), random="AB")
+    batch = make_batch()
+    mask = batch["attention_mask"]
+    plain = model.logits(batch)
+    for same in (mask.bool(), mask.float(), mask.to(torch.int32)):
+        torch.testing.assert_close(model.logits({**batch, "attention_mask": same}), plain)
+    segments = mask + mask * (mask.cumsum(1) > 2)  # a row's third real token on: segment 2
+    additive = (1.0 - mask.float()) * torch.finfo(torch.float32).min
+    for other, found in ((segments, r"\[2\]"), (mask * 0.5, r"\[0\.5\]"), (additive, r"\[-3\.4\d*e\+38\]")):
+        with pytest.raises(ValueError, match=rf"the batch's attention_mask holds {found} besides 0 and 1 .* unpack the "
+                                             r"rows .* or give a 0/1 mask"):
+            model.logits({**batch, "attention_mask": other})
+        with pytest.raises(ValueError, match=r"attention_mask holds .* besides 0 and 1"):
+            model({**batch, "attention_mask": other})  # the Pyro model

@@ -611,6 +611,21 @@ def test_predictive_without_labels_draws_obs_from_the_predictive():
     assert torch.equal(labelled, batch["labels"].expand(3, -1))
 
 
+def test_predictive_over_a_causal_lm_without_labels_is_refused_naming_causal_lm():
+    """CausalLM derives its observed tokens from batch["labels"]: a batch without them was refused as "the batch has no
+    'labels'", where docs/model.md said such a batch draws "obs"; the message now says it is CausalLM's and what to do."""
+    model = LoraModel(tiny_llama(), CausalLM(), random="AB", prior=0.5, num_data=10)
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    guide = MAPGuide(model)
+    assert pyro.infer.Predictive(model, guide=guide, num_samples=2, return_sites=["obs"])(batch)["obs"].shape == (2, 2, 5)
+    for unlabelled in ({k: v for k, v in batch.items() if k != "labels"}, {**batch, "labels": None}):
+        with pytest.raises(ValueError, match=r"the batch has no 'labels' .*: CausalLM derives its observed tokens from "
+                                             r"batch\['labels'\] .* draws no 'obs' for a batch without them "
+                                             r"\(pyro.infer.Predictive included\); give labels"):
+            pyro.infer.Predictive(model, guide=guide, num_samples=2, return_sites=["obs"])(unlabelled)
+
+
 def test_training_on_a_batch_without_labels_is_refused_or_warned():
     """fit refuses it (its labels None too: an AttributeError before); Pyro's SVI warns of the unguided "obs" itself,
     and a replay of a guide's trace on it (the posterior predictive) draws "obs"."""
