@@ -25,6 +25,26 @@ from .tuning import tempered_fit
 _STDS = ("softplus", "square")
 
 
+def prior_variance(model, site, who: str, alternative: str = "") -> torch.Tensor:
+    """The variance of ``model``'s prior over ``site`` (``site.shape``), which ``who``'s initial stds are relative to;
+    ``alternative``: another way out, said in the error.
+
+    :raises ValueError: for a prior without a finite variance (a Cauchy), or one torch does not compute (a
+        ``TransformedDistribution``).
+    """
+    prior = model.prior_distribution(site)
+    try:
+        variance = prior.variance
+    except NotImplementedError:
+        variance = None
+    if variance is None or not bool(torch.isfinite(variance).all()):
+        name = type(prior.base_dist if isinstance(prior, torch.distributions.Independent) else prior).__name__
+        raise ValueError(f"{who} starts the stds of site {site.name!r} relative to the prior's, and its prior ({name}) "
+                         f"has {'no finite variance' if variance is not None else 'no variance torch computes'}: use a "
+                         f"prior with a finite variance{alternative}")
+    return variance
+
+
 class MeanFieldGuide(LoraGuide):
     r"""
     Diagonal Gaussian ``q(theta_s) = N(mu_s, diag(sigma_s^2))`` on the A sites (and, with ``b="normal"``, the
@@ -122,7 +142,10 @@ class MeanFieldGuide(LoraGuide):
     def _initial_std(self, model, name, loc):
         """``init_scale *`` per-layer RMS of ``loc`` (``[L, 1, 1]`` or ``[1, 1]``), the prior's RMS std where ``loc`` is 0."""
         rms = loc.double().pow(2).mean((-2, -1), keepdim=True).sqrt().float()  # float32 squares overflow from 1.8e19
-        prior = model.prior_distribution(self.sites[name]).variance.mean((-2, -1), keepdim=True).sqrt().to(rms)
+        if bool((rms > 0).all()):
+            return (self.init_scale * rms).expand_as(loc)
+        prior = prior_variance(model, self.sites[name], type(self).__name__, ", or give the site nonzero initial values "
+                               "(init=...), which the stds are then relative to").mean((-2, -1), keepdim=True).sqrt().to(rms)
         return (self.init_scale * torch.where(rms > 0, rms, prior)).expand_as(loc)
 
     def _rho(self, std):

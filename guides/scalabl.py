@@ -8,7 +8,7 @@ to the model's ``N(0, prior^2)`` is closed form under :class:`~pyro.infer.TraceM
 
 from pyro_lora.scalabl import ScalaBLModel
 
-from .meanfield import MeanFieldGuide
+from .meanfield import MeanFieldGuide, prior_variance
 from .registry import method
 from .tuning import tempered_fit
 
@@ -49,7 +49,7 @@ class ScalaBLGuide(MeanFieldGuide):
     def _initial_std(self, model, name, loc):
         """``init_scale *`` the prior's std, whatever ``init``: a log scale's size says nothing about its spread (the
         mean-field rule, relative to the mean's RMS, gave a warm start a hundredfold narrower posterior)."""
-        prior = model.prior_distribution(self.sites[name]).variance.sqrt().to(loc)
+        prior = prior_variance(model, self.sites[name], type(self).__name__).sqrt().to(loc)
         return (self.init_scale * prior).expand_as(loc)
 
     def extra_parameters(self):

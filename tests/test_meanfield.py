@@ -58,6 +58,27 @@ def test_families_init_and_options():
     model.write_adapter({k: torch.full_like(v, 1e-40) for k, v in model.adapter_values().items()})
     with pytest.raises(ValueError, match="initial stds up to 0, which its parameter rho"):  # underflowed: rho = -inf
         MeanFieldGuide(model, init_scale=1e-6)
+    # a peft B at 0 starts relative to the prior's std: a Cauchy's is infinite (the error blamed init_scale), a
+    # transformed distribution's not computed (a bare NotImplementedError); a finite one is used (StudentT df=3: sqrt 3)
+    import pyro.distributions as dist
+
+    from conftest import tiny_bert_base
+    from peft import LoraConfig, get_peft_model
+
+    def fresh(prior):
+        net = get_peft_model(tiny_bert_base(), LoraConfig(r=2, lora_alpha=4, target_modules=["query"], task_type="SEQ_CLS"))
+        return LoraModel(net.eval(), SequenceClassification(), random="AB", prior=prior, num_data=10)
+
+    cauchy = lambda s: dist.StudentT(1.0, torch.zeros(s.shape), 1.0).to_event(len(s.shape))  # noqa: E731
+    scaled = lambda s: dist.TransformedDistribution(dist.Normal(torch.zeros(s.shape), 1.0).to_event(len(s.shape)),  # noqa: E731
+                                                    [dist.transforms.AffineTransform(0.0, 2.0, event_dim=len(s.shape))])
+    for prior, what in ((cauchy, r"prior \(StudentT\) has no finite variance"), (scaled, r"prior \(TransformedDistribution\) has no variance torch computes")):
+        with pytest.raises(ValueError, match=f"MeanFieldGuide starts the stds of site 'query.lora_B' relative to the "
+                                             f"prior's, and its {what}: use a prior with a finite variance, or give"):
+            MeanFieldGuide(fresh(prior), b="normal")
+    student = MeanFieldGuide(fresh(lambda s: dist.StudentT(3.0, torch.zeros(s.shape), 1.0).to_event(len(s.shape))), b="normal")
+    stds = student.stds()["query.lora_B"].detach()
+    torch.testing.assert_close(stds, torch.full_like(stds, 1e-2 * 3 ** 0.5), rtol=1e-5, atol=0)
     per_matrix = LoraModel(tiny_bert(), SequenceClassification(), random="A", group="matrix")
     stds = MeanFieldGuide(per_matrix).stds()
     assert len(stds) == 4 and all(s.shape == (4, 32) for s in stds.values())
