@@ -1321,6 +1321,14 @@ def _check_adapter_write(subject, action, stacklevel):
                 "save_guide(guide, path) without adapter=True keeps the whole guide; for an adapter, write a member's "
                 "values (model.write_adapter) and head into the network, then export a MAPGuide(model)"
             )
+        if not subject.deterministic and not subject.mean_is_predictor:  # as predict(mean=True) and the CLI refuse it
+            raise ValueError(
+                f"cannot write a peft adapter of this {type(subject).__name__}: its mean() averages separately trained "
+                "members' weights, which is none of them and no predictor of the ensemble (a causal LM's averaged "
+                "adapter scored worse than every member); save_guide(guide, path) without adapter=True keeps the whole "
+                "guide; for an adapter of one member, write its values (model.write_adapter({name: v[k] for name, v in "
+                "guide.members().items()})), then export a MAPGuide(model)"
+            )
         model._check_peft_sites()  # a LoRA-XS or ScalaBL guide's mean is no plain LoRA
     _check_peft_model(model)
     if model is subject:  # sites without a peft parameter are no refusal here: the network holds none of their values

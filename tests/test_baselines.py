@@ -969,10 +969,12 @@ def test_ensemble_default_predict_is_refused_and_multiples_of_k_give_the_exact_m
         torch.testing.assert_close(pred.probs, exact, rtol=1e-5, atol=1e-6)
 
 
-def test_ensemble_mean_is_no_predictor_but_is_what_export_adapter_writes(tmp_path):
-    """predict(mean=True) would run the members' averaged weights, not the ensemble: refused. export_adapter
-    writes exactly that average as one adapter (documented as such)."""
+def test_ensemble_mean_is_no_predictor_and_export_adapter_refuses_it_as_predict_does(tmp_path):
+    """predict(mean=True) would run the members' averaged weights, not the ensemble: refused. export_adapter wrote
+    exactly that average as one adapter without a word (a causal LM's scored worse than every member), where the CLI
+    refused it: refused too; the member its message says how to export is that member, as peft reloads it."""
     from pyro_lora import export_adapter
+    from pyro_lora.guides import MAPGuide
 
     model = sharp()
     members = perturbed_members(model)
@@ -983,11 +985,14 @@ def test_ensemble_mean_is_no_predictor_but_is_what_export_adapter_writes(tmp_pat
     torch.testing.assert_close(
         predict(model, single, toy_data(), mean=True).probs, member_prediction(model, single, toy_data(), 0), rtol=1e-5, atol=1e-6
     )
-    export_adapter(guide, tmp_path / "adapter")
-    assert (tmp_path / "adapter" / "adapter_config.json").exists()
-    average = {n: torch.stack([m[n] for m in members]).mean(0) for n in members[0]}
+    with pytest.raises(ValueError, match=r"cannot write a peft adapter of this EnsembleGuide: its mean\(\) averages "
+                                         r"separately trained members' weights.*export a MAPGuide\(model\)"):
+        export_adapter(guide, tmp_path / "adapter")
+    assert not (tmp_path / "adapter").exists()
+    model.write_adapter({name: v[1] for name, v in guide.members().items()})
+    export_adapter(MAPGuide(model), tmp_path / "adapter")
     for n, v in model.adapter_values().items():
-        torch.testing.assert_close(v, average[n], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(v, members[1][n])
 
 
 def test_an_ensemble_carrying_its_heads_is_no_longer_refused_after_the_network_head_is_retrained():
