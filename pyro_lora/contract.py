@@ -448,8 +448,9 @@ def _scaling_differences(expected, actual):
     path, e, a = bad[0]
     more = f" (and {len(bad) - 1} more layers)" if len(bad) > 1 else ""
     return [
-        f"the LoRA scaling (lora_alpha / r) of {path} is {e:g} for the guide and {a:g} in the model{more}: every delta "
-        f"would be {a / e:g}x the trained one; build the adapter with the guide's lora_alpha"
+        f"the LoRA scaling (lora_alpha / r, or / sqrt(r) with use_rslora) of {path} is {e:g} for the guide and {a:g} in "
+        f"the model{more}: every delta would be {a / e:g}x the trained one; build the adapter with the guide's lora_alpha "
+        "and use_rslora"
     ]
 
 
