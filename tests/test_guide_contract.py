@@ -355,7 +355,7 @@ def _alpha_model(alpha):
 
 def test_load_into_another_lora_alpha_is_refused(tmp_path):
     save_guide(MAPGuide(_alpha_model(16)), tmp_path / "g")
-    with pytest.raises(ValueError, match=r"LoRA scaling \(lora_alpha / r\) of .* is 4 for the guide and 16 in the model .*4x the trained one"):
+    with pytest.raises(ValueError, match=r"LoRA scaling \(lora_alpha / r, or / sqrt\(r\) with use_rslora\) of .* is 4 for the guide and 16 in the model .*4x the trained one"):
         load_guide(tmp_path / "g", _alpha_model(64))
     load_guide(tmp_path / "g", _alpha_model(16))  # the same alpha loads
 
