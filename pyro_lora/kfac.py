@@ -427,6 +427,9 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
         check_every_example(data, "a Laplace fit")
         check_one_forward(model)
         check_autograd("fit a Laplace")
+    if loc is not None:  # handed, so the ranks' check above skipped the LoRA weights: each rank's block at its own loc
+        distributed.check_same(dict(loc), "values to fit the Laplace at (loc)", "give every rank the same loc (the same "
+                               "guide's mean(), after it is loaded or trained alike on every rank)")
     loc = model.initial_values(loc)
     gen = torch.Generator(device=model.device).manual_seed(0)
     acc = [Accumulator(f, sketch, gen) for f in factors]

@@ -385,6 +385,9 @@ def run_misuses(tmp):
     fit(model, guide, toy_data(16, 4), lr=3e-2, progress=False)
     out["unread_lora"] = (predict(model, guide, toy_data(8, 4, seed=2)).probs,
                           LaplaceGuide(model).fit(toy_data(8, 4), progress=False, loc=guide.mean()).log_likelihood.item())
+    # a loc handed to the fit is what its curvature is taken at: each rank's own was summed unchecked
+    out["own_loc"] = _refused(lambda: LaplaceGuide(model).fit(toy_data(8, 4), progress=False,
+                                                              loc={n: v + r for n, v in guide.mean().items()}))
     out["read_lora"] = [_refused(lambda: predict(model, None, toy_data(8, 4))),
                         _refused(lambda: LaplaceGuide(model).fit(toy_data(8, 4), progress=False))]
     # a dynamic RoPE recomputes inv_freq from each forward's length: after fit, rank 0's last batch of 12 tokens and
@@ -520,6 +523,9 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         for message in out["pooler_glm"]:
             assert "the base weights differ from the ones the guide was built on" in message
             assert "['base_model.model.bert.pooler.dense.weight']" in message
+        assert "the ranks were given different values to fit the Laplace at (loc) (query.lora_A: " in out["own_loc"]
+        assert out["own_loc"].endswith("give every rank the same loc (the same guide's mean(), after it is loaded or "
+                                       "trained alike on every rank)")
         name = "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight"
         for message in out["read_lora"]:
             assert f"the ranks hold different values of ['{name}']: every rank must hold the same adapter: seed" in message
