@@ -142,16 +142,28 @@ def check_label_range(labels: torch.Tensor, num_classes: int, ignore_index: int 
                          "num_labels too small?)")
 
 
-def check_attention_mask(mask) -> None:
-    """Refuse an ``attention_mask`` tensor holding values other than 0 and 1 (``bool``, or integers or floats equal to
-    0 or 1 pass; ``bool`` with no host read, any other dtype with one): packed-document segment ids (``1, 1, 2, 2``, as
-    multipack collators write them) or an additive mask (``0`` / ``-inf``). Positions count the mask's real tokens
-    (``cumsum - 1``: ``1, 1, 2, 2`` would number them ``0, 1, 3, 5``) and transformers attends to every nonzero cell, so
-    such a mask gives a score of no reading of the batch, neither one text nor its documents apart.
+def check_attention_mask(mask, input_ids=None) -> None:
+    """Refuse an ``attention_mask`` (``None``: none) that is no ``[rows, tokens]`` tensor shaped as ``input_ids``, or
+    holds values other than 0 and 1 (``bool``, or integers or floats equal to 0 or 1 pass; ``bool`` with no host read,
+    any other dtype with one): packed-document segment ids (``1, 1, 2, 2``, as multipack collators write them) or an
+    additive mask (``0`` / ``-inf``). Positions count the mask's real tokens (``cumsum - 1``: ``1, 1, 2, 2`` would
+    number them ``0, 1, 3, 5``) and transformers attends to every nonzero cell, so such a mask gives a score of no
+    reading of the batch, neither one text nor its documents apart; a 4-D mask ``[rows, 1, tokens, tokens]`` would
+    give 4-D positions, which the network's rotary embedding fails on deep inside.
 
-    :raises ValueError: naming the values found besides 0 and 1, and what to give instead.
+    :raises ValueError: naming the mask's type or shape, or the values found besides 0 and 1, and what to give instead.
     """
-    if not isinstance(mask, torch.Tensor) or mask.dtype == torch.bool:
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor):
+        raise ValueError(f"the batch's attention_mask is a {type(mask).__name__}, not a tensor: collate the batches "
+                         "into tensors (a tokenizer's return_tensors='pt', or torch.as_tensor)")
+    if mask.dim() != 2 or (isinstance(input_ids, torch.Tensor) and mask.shape != input_ids.shape):
+        ids = f" where input_ids is {tuple(input_ids.shape)}" if isinstance(input_ids, torch.Tensor) else ""
+        raise ValueError(f"the batch's attention_mask has shape {tuple(mask.shape)}{ids}: positions are counted from a "
+                         "[rows, tokens] padding mask (1 over a row's tokens, 0 over its padding), and the network builds "
+                         "its causal or block mask from it; give that 2-D mask, not a 4-D attention mask")
+    if mask.dtype == torch.bool:
         return
     other = (mask != 0) & (mask != 1)
     if bool(other.any()):
@@ -445,7 +457,7 @@ class Likelihood:
             raise ValueError(f"the batch has no rows ({empty[0]} of shape {tuple(batch[empty[0]].shape)}): an empty batch "
                              "scores nothing; leave it out of the data")
         if "attention_mask" in self.net_inputs:
-            check_attention_mask(batch.get("attention_mask"))
+            check_attention_mask(batch.get("attention_mask"), batch.get("input_ids"))
         try:
             takes = _forward_inputs(base_network(net).forward)
         except (TypeError, ValueError):  # a forward without a signature: nothing to compare

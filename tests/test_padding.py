@@ -579,3 +579,12 @@ def test_an_attention_mask_of_other_values_than_0_and_1_is_refused_by_name(setup
             model.logits({**batch, "attention_mask": other})
         with pytest.raises(ValueError, match=r"attention_mask holds .* besides 0 and 1"):
             model({**batch, "attention_mask": other})  # the Pyro model
+    # a 4-D mask gave 4-D positions (a raw size error in the rotary embedding); numpy or a list a raw AttributeError
+    t = mask.shape[1]
+    square = torch.tril(torch.ones(t, t, dtype=torch.bool)) & mask.bool()[:, None, None, :]
+    with pytest.raises(ValueError, match=rf"attention_mask has shape \({mask.shape[0]}, 1, {t}, {t}\) where input_ids is "
+                                         rf"\({mask.shape[0]}, {t}\): .*give that 2-D mask, not a 4-D attention mask"):
+        model.logits({**batch, "attention_mask": square})
+    for other in (mask.numpy(), mask.tolist()):
+        with pytest.raises(ValueError, match=f"attention_mask is a {type(other).__name__}, not a tensor"):
+            model.logits({**batch, "attention_mask": other})
