@@ -145,6 +145,10 @@ def nothing_loads(monkeypatch):
         (["compare", "--dataset", "arc_easy"], "--model minilm is an encoder for classification sets, and --dataset arc_easy"),
         (["fit", "--mc-format", "letter"], "--mc-format / --mc-normalize apply to multiple-choice sets"),
         (["compare", "--mc-normalize", "chars"], "--mc-format / --mc-normalize apply to multiple-choice sets"),
+        # dropped without a word (the scores unnormalised) while results.json recorded it
+        (["compare", "--model", "smollm2", "--dataset", "arc_easy", "--mc-format", "letter", "--mc-normalize", "chars"],
+         "--mc-normalize chars divides a cloze choice's log-likelihood by its length, and this run scores the letter "
+         "format, one answer token per choice: use --mc-format cloze, or leave --mc-normalize out"),
         (["compare", "--data-dir", "/nowhere/data"], "data folder /nowhere/data (--data-dir) does not exist"),
         (["compare", "--device", "cuda"], "--device cuda: this torch"),
     ],

@@ -282,6 +282,7 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
     else:
         net, tok = load_pretrained(config.model, "causal_lm", **load)
         config = replace(config, mc_format=config.mc_format or default_mc_format(net))
+        _check_normalize(config, config.mc_format)  # where the metadata did not tell the format before loading
         if config.mc_format == "cloze":
             likelihood = MultipleChoice(format="cloze", normalize=config.mc_normalize)
             collator = D.ClozeCollator(tok, config.max_length)
@@ -530,6 +531,7 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True, trains
     if task == "classification" and (config.mc_format or config.mc_normalize):
         raise ValueError(f"--mc-format / --mc-normalize apply to multiple-choice sets, and --dataset {config.dataset} is a "
                          "classification set: leave them out")
+    _check_normalize(config, expected_format(config, task))
     if config.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:
         raise ValueError("--load-in-4bit loads the base through bitsandbytes, which is not installed: pip install bitsandbytes")
     if config.load_in_4bit and str(config.model).endswith(".gguf"):
@@ -588,6 +590,16 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True, trains
     if writes:
         writable_folder(config.out)
     return task
+
+
+def _check_normalize(config: CompareConfig, fmt) -> None:
+    """Refuse ``--mc-normalize`` for a run scoring the letter format ``fmt``: it was dropped without a word (the scores
+    those of no normalisation) while ``results.json`` recorded it, as ``MultipleChoice`` refuses it."""
+    if config.mc_normalize and fmt == "letter":
+        chosen = "" if config.mc_format else f" (the default for --model {config.model}, of about 1B parameters or more)"
+        raise ValueError(f"--mc-normalize {config.mc_normalize} divides a cloze choice's log-likelihood by its length, and "
+                         f"this run scores the letter format{chosen}, one answer token per choice: use --mc-format cloze, "
+                         "or leave --mc-normalize out")
 
 
 def expected_format(config: CompareConfig, task: str):
