@@ -27,6 +27,7 @@ import warnings
 from collections.abc import Iterator
 
 import torch
+from torch.utils.checkpoint import CheckpointError
 from tqdm.auto import tqdm
 
 from . import distributed
@@ -187,12 +188,25 @@ def fisher_vectors(logits: torch.Tensor, fisher: str) -> torch.Tensor:
     return (q[..., 1:] * w[..., 1:].clamp(min=0).sqrt().unsqueeze(-2)).permute(2, 0, 1).float()
 
 
+_FOREIGN_CHECKPOINT = (
+    "{what}: torch's activation checkpointing applied outside transformers "
+    "(torch.utils.checkpoint, checkpoint_wrapper, apply_activation_checkpointing) hides a layer's output from the "
+    "Jacobians a Laplace takes (its curvature came out 0, its predictive the MAP's); remove it (transformers' own, "
+    "net.gradient_checkpointing_enable(), is switched off for the fit)")
+
+
 def record_layers(model, batch: dict, loc: dict) -> tuple[torch.Tensor, dict, dict]:
-    """Logits ``[B, C]`` at ``loc`` and, per LoRA layer (module path), its input and (grad-requiring) output."""
+    """Logits ``[B, C]`` at ``loc`` and, per LoRA layer (module path), its input and (grad-requiring) output.
+
+    :raises ValueError: for a layer run without autograd inside the forward (a reentrant activation checkpoint applied
+        outside transformers: its output would be a leaf the logits do not depend on, every Jacobian 0)."""
     inputs, outputs = {}, {}
 
     def hook(path):
         def record(module, args, out):
+            if not torch.is_grad_enabled():  # the forward runs under enable_grad: something switched it off around the layer
+                raise ValueError(_FOREIGN_CHECKPOINT.format(what=f"the LoRA layer {path} ran with autograd off inside "
+                                                                 "the network's forward"))
             if path in inputs:
                 raise ValueError(
                     f"the LoRA layer {path} runs more than once in one forward (a module shared across depths, as "
@@ -238,7 +252,8 @@ def _check_recorded(model, batch: dict, inputs: dict) -> None:
 
 
 def output_grads(logits: torch.Tensor, outputs: dict, vectors: torch.Tensor, rows_per_choice: bool = False) -> dict:
-    """``vectors^T d logits / d y`` for every recorded layer output ``y``: path -> ``[K, *y.shape]``.
+    """``vectors^T d logits / d y`` for every recorded layer output ``y``: path -> ``[K, *y.shape]``; a non-reentrant
+    activation checkpoint applied outside transformers, whose recomputation in backward fails, is refused by name.
 
     One backward pass per vector (``K`` of them; the graph is kept between them). With ``rows_per_choice``
     (cloze: row ``b * C + c`` of every ``y`` is choice ``c`` of example ``b`` run alone), one backward pass of
@@ -247,15 +262,20 @@ def output_grads(logits: torch.Tensor, outputs: dict, vectors: torch.Tensor, row
     """
     paths, ys = list(outputs), list(outputs.values())
     k = vectors.shape[0]
+
+    def grad(v, retain):
+        try:
+            return torch.autograd.grad(logits, ys, v, retain_graph=retain, allow_unused=True, materialize_grads=True)
+        except CheckpointError as error:  # its recomputation ran outside the forward's hooks and hand-off
+            raise ValueError(_FOREIGN_CHECKPOINT.format(what=f"recomputing an activation checkpoint in backward failed "
+                                                             f"({str(error).splitlines()[0]})")) from None
+
     if rows_per_choice:
         rows = vectors.shape[1:].numel()
-        grads = torch.autograd.grad(logits, ys, torch.ones_like(logits), allow_unused=True, materialize_grads=True)
+        grads = grad(torch.ones_like(logits), False)
         weights = vectors.reshape(k, rows)
         return {p: weights.view(k, rows, *[1] * (g.dim() - 1)) * g for p, g in zip(paths, grads)}
-    grads = [
-        torch.autograd.grad(logits, ys, vectors[j], retain_graph=j < k - 1, allow_unused=True, materialize_grads=True)
-        for j in range(k)
-    ]
+    grads = [grad(vectors[j], j < k - 1) for j in range(k)]
     return {p: torch.stack([gs[i] for gs in grads]) for i, p in enumerate(paths)}
 
 

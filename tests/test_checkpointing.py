@@ -111,3 +111,40 @@ def test_checkpointing_applied_outside_transformers_is_refused(reentrant):
         Trace_ELBO().differentiable_loss(model, guide, batch).backward()
     with torch.no_grad():  # prediction runs no backward: nothing to refuse
         model.logits(batch, guide.mean())
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_a_laplace_over_checkpointing_applied_outside_transformers_is_refused(reentrant):
+    """A Laplace hands its mean, which needs no gradient, so the hand-off's check never fired: under a reentrant
+    checkpoint_wrapper each layer ran under no_grad, its recorded output became a leaf the logits do not depend on, and
+    every A site's curvature came out 0 (log evidence -8.3 where it is -28.9, the GLM predictive the MAP's) without a
+    word; a non-reentrant one died in torch's raw CheckpointError. Transformers' own checkpointing fits as without."""
+    from functools import partial
+
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+        CheckpointImpl,
+        apply_activation_checkpointing,
+        checkpoint_wrapper,
+    )
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    from pyro_lora.guides import LaplaceGuide
+
+    def fitted(mode):
+        model, _, batch = build("bert", "map")
+        if mode == "foreign":
+            impl = CheckpointImpl.REENTRANT if reentrant else CheckpointImpl.NO_REENTRANT
+            apply_activation_checkpointing(model.net, checkpoint_wrapper_fn=partial(checkpoint_wrapper, checkpoint_impl=impl),
+                                           check_fn=lambda m: isinstance(m, BertLayer))
+        elif mode == "transformers":
+            model.net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        return LaplaceGuide(model, fisher="exact", rank=4).fit([batch], progress=False)
+
+    plain, own = fitted(None), fitted("transformers")
+    for a, b in zip(plain.factors, own.factors):
+        torch.testing.assert_close(a.small_vals, b.small_vals)
+    assert all(float(f.small_vals.sum()) > 0 for f in plain.factors)
+    with pytest.raises(ValueError, match=r"(ran with autograd off inside the network's forward|recomputing an activation "
+                                         r"checkpoint in backward failed).*: torch's activation checkpointing applied "
+                                         r"outside transformers .* hides a layer's output from the Jacobians"):
+        fitted("foreign")
