@@ -16,6 +16,7 @@ import contextlib
 import functools
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .kinds import KINDS, between_kinds, down_kind, linear, up_kind
 
@@ -119,6 +120,7 @@ def _wrap_checkpoint(module):
 
     @functools.wraps(func)
     def checkpoint(forward, *args, **kwargs):
+        forward = _under_kernels(forward)  # the recomputation in backward runs outside the forward's sdpa_kernel context
         holders = [getattr(m, _HOLDER) for m in inner]
         keys = [(i, k) for i, h in enumerate(holders) if h is not None for k in h.tensors()]
         if not keys:
@@ -142,6 +144,28 @@ def _wrap_checkpoint(module):
 
     setattr(checkpoint, _WRAPPED, True)
     module._gradient_checkpointing_func = checkpoint
+
+
+_SDPA_BACKENDS = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
+                  SDPBackend.EFFICIENT_ATTENTION: torch.backends.cuda.mem_efficient_sdp_enabled,
+                  SDPBackend.MATH: torch.backends.cuda.math_sdp_enabled,
+                  SDPBackend.CUDNN_ATTENTION: torch.backends.cuda.cudnn_sdp_enabled}
+
+
+def _under_kernels(forward):
+    """``forward`` run, in the checkpoint's forward and in its recomputation in backward alike, with the attention
+    kernels enabled now: the model runs ``AutoLaplaceApproximation``'s Hessian under sdpa's math kernel, and a
+    recomputation under another (fused) kernel saves other tensors, which torch's non-reentrant checkpoint refuses."""
+    kernels = [backend for backend, enabled in _SDPA_BACKENDS.items() if enabled()]
+    if len(kernels) == len(_SDPA_BACKENDS):  # torch's default: nothing to restore
+        return forward
+
+    @functools.wraps(forward)
+    def run(*inputs, **kwargs):
+        with sdpa_kernel(kernels):
+            return forward(*inputs, **kwargs)
+
+    return run
 
 
 def _forward(layer, x, *args, **kwargs):

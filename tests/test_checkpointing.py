@@ -148,3 +148,33 @@ def test_a_laplace_over_checkpointing_applied_outside_transformers_is_refused(re
                                          r"checkpoint in backward failed).*: torch's activation checkpointing applied "
                                          r"outside transformers .* hides a layer's output from the Jacobians"):
         fitted("foreign")
+
+
+def test_autolaplace_hessian_under_non_reentrant_checkpointing_recomputes_with_the_same_attention_kernel():
+    """laplace_approximation runs the forward under sdpa's math kernel (its second derivative); the checkpoint's
+    recomputation in backward ran outside that context, under a fused kernel saving other tensors, and died in torch's
+    raw CheckpointError. The recomputation now runs under the kernels of its forward: the covariance is the one without
+    checkpointing."""
+    from pyro.infer import SVI
+    from pyro.infer.autoguide import AutoLaplaceApproximation
+    from test_padding import tiny_llama_cls
+
+    def covariance(checkpointing):
+        pyro.clear_param_store()
+        net = tiny_llama_cls()
+        with torch.no_grad():
+            net.get_base_model().score.weight.mul_(30.0)
+        model = LoraModel(net, SequenceClassification(), random="A", prior=0.1)
+        if checkpointing:
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        net.train()  # checkpointing runs in training mode; this Llama has no dropout
+        ids = torch.randint(1, 64, (4, 6), generator=torch.Generator().manual_seed(1))
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 2, 0])}
+        pyro.set_rng_seed(0)
+        guide = AutoLaplaceApproximation(model)
+        svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        for _ in range(5):
+            svi.step(batch)
+        return guide.laplace_approximation(batch).get_posterior().covariance_matrix.detach()
+
+    torch.testing.assert_close(covariance(True), covariance(False))
