@@ -111,10 +111,15 @@ def _check_rows(x: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     tol = _sum_tolerance(dtype, x.shape[-1])
     sums = x.sum(-1)
     if bool((x < 0).any()) or bool(((sums - 1).abs() > tol).any()):
+        # entries in [0, 1] summing near 1: probabilities rounded in a narrower dtype (a bfloat16 softmax cast up)
+        rounded = bool((x <= 1).all()) and bool(((sums - 1).abs() < 0.05).all()) and bool((x >= 0).all())
+        advice = ("they look like probabilities rounded in a narrower dtype (a bfloat16 or float16 softmax cast to "
+                  f"{dtype}): pass them in that dtype, or renormalise (p / p.sum(-1, keepdim=True))" if rounded
+                  else "pass softmax(logits), not logits")
         raise ValueError(
             f"{name} rows must be probability vectors (non-negative, summing to 1 within {tol:.1g}); got values from "
             f"{float(x.min()):.4g} to {float(x.max()):.4g} and row sums from {float(sums.min()):.4g} to "
-            f"{float(sums.max()):.4g}: pass softmax(logits), not logits"
+            f"{float(sums.max()):.4g}: {advice}"
         )
 
 

@@ -290,6 +290,12 @@ def test_logits_and_unnormalised_rows_are_refused():
                 fn(bad, y)
     with pytest.raises(ValueError, match=r"row sums from 0.9 to 1: "):
         metrics.nll(off, torch.tensor([0, 1]))
+    # a bfloat16 softmax cast to float32 was told to pass softmax(logits), not logits: it is one, rounded
+    rounded = torch.randn(45, 2, generator=gen).softmax(-1).bfloat16()
+    metrics.ece(rounded, labels[:45] % 2)  # in its own dtype: its rounding allowed
+    with pytest.raises(ValueError, match=r"they look like probabilities rounded in a narrower dtype \(a bfloat16 or "
+                                         r"float16 softmax cast to torch.float32\): pass them in that dtype, or renormalise"):
+        metrics.ece(rounded.float(), labels[:45] % 2)
     for fn in (metrics.predictive_entropy, metrics.expected_entropy, metrics.mutual_information):
         with pytest.raises(ValueError, match="sample_probs rows must be probability vectors"):
             fn(logits.reshape(5, 10, 4))
@@ -303,7 +309,7 @@ def test_probability_rows_pass_with_missing_choices_and_half_precision():
     assert metrics.accuracy(probs, labels) == pytest.approx(2 / 3)
     # float32 rounding (a row 5e-5 off) passes; 1e-3 off does not
     assert metrics.accuracy(torch.tensor([[0.50005, 0.5]]), torch.tensor([0])) == 1.0
-    with pytest.raises(ValueError, match=NOT_PROBS):
+    with pytest.raises(ValueError, match=r"row sums from 1.001 to 1.001: they look like probabilities rounded"):
         metrics.accuracy(torch.tensor([[0.501, 0.5]]), torch.tensor([0]))
     # half precision: softmax rows off by up to ~3e-4 (float16) / ~3e-3 (bfloat16), scored as given
     gen = torch.Generator().manual_seed(1)
