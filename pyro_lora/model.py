@@ -1117,12 +1117,15 @@ def _check_prior_and_size(prior, num_data) -> None:
     only as a diverging first step) and a ``num_data`` that is not a positive integer (0 read as "no size")."""
     if isinstance(prior, bool) or (isinstance(prior, numbers.Real) and not (math.isfinite(prior) and prior > 0)):
         raise ValueError(f"prior must be a finite positive std (or a dict / callable of distributions), got {prior!r}")
-    # the prior computes in float32, its log-density with 1 / std^2: 1e-50 was held as 0 (log-prior nan), 1e39 failed
-    # every call in torch's raw overflow error, each blamed on the learning rate by fit
-    low, high = (math.sqrt(v) for v in (torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).max))
+    # the prior computes in float32, its log-density as -x^2 / (2 std^2): 1e-50 was held as 0 (log-prior nan), 1e39
+    # failed every call in torch's raw overflow error, each blamed on the learning rate by fit; from 1e19 on the
+    # log-prior of a draw came out -inf or nan (2 std^2, or a draw's square, beyond float32)
+    f32 = torch.finfo(torch.float32)
+    low, high = math.sqrt(f32.tiny), math.sqrt(f32.max / 2) / 8  # a draw 8 stds out still squares within float32
     if isinstance(prior, numbers.Real) and not low <= prior <= high:
-        raise ValueError(f"prior std {prior!r} is beyond float32's reach: the prior's log-density divides by std^2, which "
-                         f"float32 holds from std {low:.3g} to {high:.3g}; rescale the problem, or give a prior of your own")
+        raise ValueError(f"prior std {prior!r} is beyond float32's reach: the prior's log-density is -x^2 / (2 std^2), "
+                         f"which float32 computes for std from {low:.3g} to {high:.3g} (draws up to 8 stds out); rescale "
+                         "the problem, or give a prior of your own")
     if isinstance(prior, torch.distributions.Distribution):  # a Pyro one is callable (its sample): called with a site
         raise ValueError(f"prior must be a float std, a dict or a callable site -> distribution, got the distribution "
                          f"{prior!r:.60}: give a callable, e.g. lambda site: dist.Normal(0., 1.).expand(site.shape)"
