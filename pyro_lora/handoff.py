@@ -71,6 +71,19 @@ def checkpointing_modules(net) -> list:
     return [m for m in net.modules() if hasattr(m, "gradient_checkpointing")]
 
 
+def reentrant_checkpointing(net) -> bool:
+    """Whether transformers' activation checkpointing runs reentrant in ``net`` now (a module switched on, in training
+    mode, whose checkpoint function is ``use_reentrant=True``): its recomputation cannot take ``torch.autograd.grad``."""
+    for module in checkpointing_modules(net):
+        if getattr(module, "gradient_checkpointing", False) and module.training:
+            func = getattr(module, "_gradient_checkpointing_func", None)
+            while hasattr(func, "__wrapped__"):  # pyro_lora's own wrapper of it
+                func = func.__wrapped__
+            if isinstance(func, functools.partial) and func.keywords.get("use_reentrant") is True:
+                return True
+    return False
+
+
 @contextlib.contextmanager
 def handed(layers: dict, adapter: str, weights: dict, num_samples: int | None = None, checkpointing=()):
     """Within the context, ``layers[path]`` computes its LoRA delta from ``weights[path]``.

@@ -266,9 +266,12 @@ def output_grads(logits: torch.Tensor, outputs: dict, vectors: torch.Tensor, row
     def grad(v, retain):
         try:
             return torch.autograd.grad(logits, ys, v, retain_graph=retain, allow_unused=True, materialize_grads=True)
-        except CheckpointError as error:  # its recomputation ran outside the forward's hooks and hand-off
-            raise ValueError(_FOREIGN_CHECKPOINT.format(what=f"recomputing an activation checkpoint in backward failed "
-                                                             f"({str(error).splitlines()[0]})")) from None
+        except RuntimeError as error:  # CheckpointError is one: a recomputation outside the forward's hooks and hand-off
+            reentrant = "use_reentrant=True" in str(error)  # a reentrant checkpoint (around layers without LoRA) refuses .grad
+            if not (isinstance(error, CheckpointError) or reentrant):
+                raise
+            raise ValueError(_FOREIGN_CHECKPOINT.format(what=f"an activation checkpoint failed under the Laplace's "
+                                                             f"Jacobians ({str(error).splitlines()[0]})")) from None
 
     if rows_per_choice:
         rows = vectors.shape[1:].numel()

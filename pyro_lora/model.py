@@ -803,7 +803,13 @@ class LoraModel:
             self._count_svi_batches(batch, y)
         # the Hessian's second derivative has no formula through torch's fused attention kernels (sdpa's flash and
         # memory-efficient ones): its math kernel, the same attention in plain ops, has
-        with sdpa_kernel(SDPBackend.MATH) if in_laplace_approximation() else contextlib.nullcontext():
+        hessian = in_laplace_approximation()
+        if hessian and handoff.reentrant_checkpointing(self.net):  # torch's raw error came from inside Pyro's Hessian
+            raise ValueError("AutoLaplaceApproximation.laplace_approximation differentiates the loss twice with "
+                             "torch.autograd.grad, which transformers' reentrant activation checkpointing (use_reentrant="
+                             "True) cannot take: switch it off (model.net.gradient_checkpointing_disable()) or enable it "
+                             "with use_reentrant=False for the Hessian")
+        with sdpa_kernel(SDPBackend.MATH) if hessian else contextlib.nullcontext():
             logits = self.logits(batch, values, flipout_locs=flipout)
         rows = logits.shape[0]
         size = self.num_data if self.num_data is not None and self.num_data >= rows else rows
