@@ -311,6 +311,10 @@ def test_probability_rows_pass_with_missing_choices_and_half_precision():
     assert metrics.accuracy(torch.tensor([[0.50005, 0.5]]), torch.tensor([0])) == 1.0
     with pytest.raises(ValueError, match=r"row sums from 1.001 to 1.001: they look like probabilities rounded"):
         metrics.accuracy(torch.tensor([[0.501, 0.5]]), torch.tensor([0]))
+    # rows 2% off are no rounding, and rows already in a 16-bit dtype cannot be passed "in that dtype"
+    for bad in (torch.tensor([[0.49, 0.49], [0.3, 0.67]]), torch.tensor([[0.49, 0.49]]).bfloat16()):
+        with pytest.raises(ValueError, match=r"pass softmax\(logits\), not logits"):
+            metrics.nll(bad, torch.tensor([0] * len(bad)))
     # half precision: softmax rows off by up to ~3e-4 (float16) / ~3e-3 (bfloat16), scored as given
     gen = torch.Generator().manual_seed(1)
     logits, y = 4 * torch.randn(500, 5, generator=gen), torch.randint(0, 5, (500,), generator=gen)
