@@ -73,13 +73,14 @@ def checkpointing_modules(net) -> list:
 
 def reentrant_checkpointing(net) -> bool:
     """Whether transformers' activation checkpointing runs reentrant in ``net`` now (a module switched on, in training
-    mode, whose checkpoint function is ``use_reentrant=True``): its recomputation cannot take ``torch.autograd.grad``."""
+    mode, whose checkpoint function is ``use_reentrant=True``, or leaves it unnamed: kwargs given without it, where
+    torch's ``checkpoint`` takes its own default, reentrant): its recomputation cannot take ``torch.autograd.grad``."""
     for module in checkpointing_modules(net):
         if getattr(module, "gradient_checkpointing", False) and module.training:
             func = getattr(module, "_gradient_checkpointing_func", None)
             while hasattr(func, "__wrapped__"):  # pyro_lora's own wrapper of it
                 func = func.__wrapped__
-            if isinstance(func, functools.partial) and func.keywords.get("use_reentrant") is True:
+            if isinstance(func, functools.partial) and func.keywords.get("use_reentrant") in (True, None):
                 return True
     return False
 
