@@ -1130,7 +1130,7 @@ def _check_prior_and_size(prior, num_data) -> None:
     low, high = math.sqrt(f32.tiny), math.sqrt(f32.max / 2) / 8  # a draw 8 stds out still squares within float32
     if isinstance(prior, numbers.Real) and not low <= prior <= high:
         raise ValueError(f"prior std {prior!r} is beyond float32's reach: the prior's log-density is -x^2 / (2 std^2), "
-                         f"which float32 computes for std from {low:.3g} to {high:.3g} (draws up to 8 stds out); rescale "
+                         f"which float32 computes for std from {low:.4g} to {high:.4g} (draws up to 8 stds out); rescale "
                          "the problem, or give a prior of your own")
     if isinstance(prior, torch.distributions.Distribution):  # a Pyro one is callable (its sample): called with a site
         raise ValueError(f"prior must be a float std, a dict or a callable site -> distribution, got the distribution "

@@ -148,7 +148,7 @@ def test_sequence_classification_refuses_regression_and_multi_label_heads(num_la
     (dict(prior=float("nan")), "prior must be a finite positive std"),
     (dict(prior=True), "prior must be a finite positive std"),
     # held as 0 in float32 (log-prior nan) or overflowing every call, each blamed on the learning rate by fit
-    (dict(prior=1e-50), r"prior std 1e-50 is beyond float32's reach: .* for std from 1.08e-19 to 1.63e\+18"),
+    (dict(prior=1e-50), r"prior std 1e-50 is beyond float32's reach: .* for std from 1.084e-19 to 1.63e\+18"),
     (dict(prior=1e39), r"prior std 1e\+39 is beyond float32's reach"),
     (dict(prior=1e19), r"prior std 1e\+19 is beyond float32's reach"),  # its draws' log-prior came out -inf or nan
     (dict(prior=torch.tensor(0.5)), r"prior must be a float std.*got a Tensor.*float\(prior\)"),  # failed in fit's first step
