@@ -341,8 +341,9 @@ def load_splits(config: CompareConfig):
 
 def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shifted):
     """Say what makes a run's numbers mean less than they seem: test, validation or shifted records that repeat
-    training ones as the model reads them (:func:`_model_inputs`: memory, not generalisation), validation and test
-    and shifted labels no training record has, training labels no validation record has, and texts that ``--max-length`` cuts (:func:`_warn_about_cuts`)."""
+    training ones as the model reads them (:func:`_model_inputs`: memory, not generalisation), shifted records that
+    repeat test ones (no shift: the OOD AUROC cannot tell them apart), validation and test and shifted labels no
+    training record has, training labels no validation record has, and texts that ``--max-length`` cuts (:func:`_warn_about_cuts`)."""
     read = [_model_inputs(records, tokenizer, config.max_length) for records in (train, val, test, *shifted.values())]
     trained = set(read[0])
     held = trained | set(read[1])
@@ -357,6 +358,14 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
                           "tokens: texts differing only in case or spacing are one input to an uncased tokenizer, a "
                           "question's choices in any order, whatever its label, one question): "
                           "their scores measure memory there, not generalisation; deduplicate the splits", stacklevel=3)
+    tested = set(read[2])
+    for name, keys in zip(shifted, read[3:]):
+        repeated = sum(key in tested for key in keys)
+        if repeated:  # a copy of the test set scored as a shift: AUROC 0.5 reported as a result
+            warnings.warn(f"{repeated} of the {len(shifted[name])} records of the shifted set {name!r} repeat a test "
+                          f"record of {config.dataset!r} as the model reads it: they are no shift (their scores are the "
+                          "test set's, and the OOD AUROC against the test set cannot tell them apart); deduplicate the "
+                          "sets", stacklevel=3)
     if train and record_task(train[0]) == "classification":
         _warn_about_cuts(config, tokenizer, {f"training records of {config.dataset!r}": train, sets[0][0]: val},
                          {what: (records, keys) for (what, records, _, _), keys in zip(sets[1:], read[2:])})
