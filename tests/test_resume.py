@@ -159,6 +159,46 @@ def test_a_failed_map_training_is_recorded_for_every_guide_of_the_seed(tmp_path,
 
 
 @pytest.mark.real
+def test_a_failure_scoring_one_shifted_set_keeps_the_methods_other_rows_and_a_rerun_completes_it(tmp_path, monkeypatch):
+    """An exception scoring one shifted set (an out-of-memory there) lost the method's every row, the test set's and
+    the other shifted set's, scored already or not. Those rows are kept, the failure recorded for that set alone (the
+    summary notes its rows only), and the same command scores the method again."""
+    import shutil
+
+    from pyro_lora.data import default_data_dir
+
+    data = tmp_path / "data"
+    shutil.copytree(default_data_dir() / "sst2", data / "sst2")
+    for name, rows in (("shift_a", slice(0, 16)), ("shift_b", slice(16, 32))):
+        (data / name).mkdir()
+        shutil.copy(data / "sst2" / "meta.json", data / name / "meta.json")
+        lines = (data / "sst2" / "train.jsonl").read_text().splitlines()[-40:][rows]  # records no split of sst2 holds
+        (data / name / "test.jsonl").write_text("\n".join(lines) + "\n")
+    config = small(tmp_path / "out", guides=("map",), train_size=48, eval_datasets=("shift_a", "shift_b"),
+                   data_dir=str(data), ts=False)
+    scored = C.evaluate
+
+    def out_of_memory_on_a(setup, fitted, records, name, dataset):
+        if dataset == "shift_a":
+            raise RuntimeError("out of memory scoring shift_a")
+        return scored(setup, fitted, records, name, dataset)
+
+    monkeypatch.setattr(C, "evaluate", out_of_memory_on_a)
+    with pytest.raises(GuideFailures):
+        run_compare(config)
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert sorted(r["dataset"] for r in saved["per_seed"]) == ["shift_b", "sst2"]
+    assert [(f["guide"], f["dataset"], f["error"]) for f in saved["failed"]] == [
+        ("map", "shift_a", "RuntimeError: out of memory scoring shift_a")]
+    notes = {r["dataset"]: r.get("note") or "" for r in saved["summary"]}
+    assert "failed under seed 0" not in notes["sst2"] + notes["shift_b"]
+    monkeypatch.setattr(C, "evaluate", scored)
+    run_compare(config)  # the same command: the method is scored again, its failure cleared
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert sorted(r["dataset"] for r in saved["per_seed"]) == ["shift_a", "shift_b", "sst2"] and saved["failed"] == []
+
+
+@pytest.mark.real
 def test_a_map_that_trained_but_could_not_be_saved_is_recorded_as_such(tmp_path, monkeypatch):
     """A full disk while the MAP's file was written was recorded as 'training the MAP ... failed', which it had not."""
     import errno

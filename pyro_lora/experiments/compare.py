@@ -263,8 +263,9 @@ def _fill(run, config, reference):
         for name in todo:
             if config.progress:
                 print(f"# {eta.next()} {name} (seed {seed}): {get_method(name).summary}", flush=True)
+            failed_sets = []
             try:
-                results = run_method(setup, name, map_seconds)
+                results = run_method(setup, name, map_seconds, failed_sets)
             except Exception as error:  # noqa: BLE001 -- recorded; the other guides go on
                 run.fail(name, seed, error)
                 say(f"# {name} (seed {seed}) failed: {type(error).__name__}: {error}", flush=True)
@@ -284,6 +285,9 @@ def _fill(run, config, reference):
                 if config.progress:
                     for row in rows:
                         print(format_row(row), flush=True)
+            for dataset, error in failed_sets:  # after its rows: add() clears the seed's failures
+                run.fail(name, seed, error, dataset=dataset)
+                say(f"# {name} (seed {seed}) failed on {dataset}: {type(error).__name__}: {error}", flush=True)
 
 
 class _Estimate:
@@ -312,19 +316,28 @@ def row_names(config, name: str) -> list:
     return [name, ts_name(name)] if config.ts and get_method(name).ts else [name]
 
 
-def run_method(setup, name: str, map_seconds: float) -> dict:
+def run_method(setup, name: str, map_seconds: float, failed_sets: list | None = None) -> dict:
     """Fit method ``name`` on ``setup`` and score it on every evaluation set, and, where :func:`row_names` has
     them, its ``+ts`` rows: the temperature fitted on the validation split on the method's own averaged predictive
     (Guo et al., 2017), applied to its test predictions. Returns row name -> (its rows, npz arrays, the
     in-distribution ``(probs, labels)`` for its reliability diagram), or for a ``+ts`` row whose validation
-    predictive or temperature failed the exception (the method's own rows are scored by then, and kept)."""
+    predictive or temperature failed the exception (the method's own rows are scored by then, and kept).
+
+    :param failed_sets: where given, a shifted set whose scoring fails is appended to it as ``(set, exception)`` and
+        left out of the rows, the others kept (an out-of-memory on one set lost every set's rows); else it raises.
+    """
     config = setup.config
     method = get_method(name)
     fitted, fit_costs = fit_method(setup, name, map_seconds)
     datasets = [(config.dataset, setup.test), *setup.shifted.items()]
     predictions, costs = {}, {}
     for dataset, records in datasets:
-        predictions[dataset], costs[dataset] = evaluate(setup, fitted, records, name, dataset)
+        try:
+            predictions[dataset], costs[dataset] = evaluate(setup, fitted, records, name, dataset)
+        except Exception as error:  # noqa: BLE001 -- one shifted set's; the test set's fails the method
+            if failed_sets is None or dataset == config.dataset:
+                raise
+            failed_sets.append((dataset, error))
     if _has_mean_predictor(method, fitted):
         costs[config.dataset]["mean_accuracy"] = mean_accuracy(setup, fitted.guide)
     out = {name: _score_rows(setup, name, method.setting, fitted.point_estimate, predictions, fit_costs, costs, MI_NO_SAMPLES_NOTE)}

@@ -422,12 +422,15 @@ class RunFolder:
             reliability_diagram(probs, labels, self.out / f"reliability_{guide}.png", title=f"{guide} on {self.config.dataset}")
         self.write()  # the summary figures are drawn once, at the run's end (redraw): per add they cost O(methods^2)
 
-    def fail(self, guide, seed, error):
-        """Record that ``guide`` failed under ``seed`` with ``error`` (its message and traceback go to results.json)."""
+    def fail(self, guide, seed, error, dataset=None):
+        """Record that ``guide`` failed under ``seed`` with ``error`` (its message and traceback go to results.json):
+        on every evaluation set, or on ``dataset`` alone (a shifted set whose scoring failed; the others' rows kept)."""
         self._track(guide, seed)
-        self.failed = [f for f in self.failed if (f["guide"], f["seed"]) != (guide, seed)]
+        self.failed = [f for f in self.failed if (f["guide"], f["seed"]) != (guide, seed)
+                       or (dataset is not None and f.get("dataset") not in (None, dataset))]
         self.failed.append({
-            "guide": guide, "seed": seed, "error": f"{type(error).__name__}: {_first_line(error)}",
+            "guide": guide, "seed": seed, **({} if dataset is None else {"dataset": dataset}),
+            "error": f"{type(error).__name__}: {_first_line(error)}",
             "traceback": "".join(traceback.format_exception(error)),
         })
         if self._replaced is None:  # a run being replaced stays until a result of the new one exists
@@ -616,10 +619,12 @@ def _row_order(guides, seeds):
 def summarize_run(rows, failed):
     """Mean ± std over seeds per (guide, evaluation set) of a run's per-seed ``rows``; a guide that ``failed`` (the
     run's ``failed`` records) under some seed says so in its note (its mean is over the other seeds): a method's
-    failure marks its rows and its ``+ts`` rows, a ``+ts`` step's failure its ``+ts`` rows alone."""
+    failure marks its rows and its ``+ts`` rows, a ``+ts`` step's failure its ``+ts`` rows alone, a failure on one
+    shifted set (its ``dataset``) those rows alone."""
     summary = summarize_seeds(rows)
     for row in summary:
-        missing = [str(f["seed"]) for f in failed if f["guide"] in (row["guide"], base_guide(row["guide"]))]
+        missing = [str(f["seed"]) for f in failed if f["guide"] in (row["guide"], base_guide(row["guide"]))
+                   and f.get("dataset") in (None, row["dataset"])]
         if missing:
             note = f"failed under seed{'s' * (len(missing) > 1)} {', '.join(missing)} (results.json 'failed'): mean over the others"
             row["note"] = join_notes(row.get("note"), note)
