@@ -73,14 +73,18 @@ def checkpointing_modules(net) -> list:
 
 def reentrant_checkpointing(net) -> bool:
     """Whether transformers' activation checkpointing runs reentrant in ``net`` now (a module switched on, in training
-    mode, whose checkpoint function is ``use_reentrant=True``, or leaves it unnamed: kwargs given without it, where
-    torch's ``checkpoint`` takes its own default, reentrant): its recomputation cannot take ``torch.autograd.grad``."""
+    mode, whose checkpoint function is given ``use_reentrant=True``, or is torch's ``checkpoint`` leaving it unnamed,
+    where torch takes its own default, reentrant): its recomputation cannot take ``torch.autograd.grad``. A function of
+    the user's own is taken at its word: reentrant only where given ``use_reentrant=True``."""
     for module in checkpointing_modules(net):
         if getattr(module, "gradient_checkpointing", False) and module.training:
             func = getattr(module, "_gradient_checkpointing_func", None)
-            while hasattr(func, "__wrapped__"):  # pyro_lora's own wrapper of it
+            while getattr(func, _WRAPPED, False):  # pyro_lora's own wrapper of it (torch's checkpoint wraps one too)
                 func = func.__wrapped__
-            if isinstance(func, functools.partial) and func.keywords.get("use_reentrant") in (True, None):
+            keywords = func.keywords if isinstance(func, functools.partial) else {}
+            base = func.func if isinstance(func, functools.partial) else func
+            unnamed = base is torch.utils.checkpoint.checkpoint and keywords.get("use_reentrant") is None
+            if keywords.get("use_reentrant") is True or unnamed:
                 return True
     return False
 

@@ -180,7 +180,18 @@ def test_autolaplace_hessian_under_non_reentrant_checkpointing_recomputes_with_t
         with torch.no_grad():
             net.get_base_model().score.weight.mul_(30.0)
         model = LoraModel(net, SequenceClassification(), random="A", prior=0.1)
-        if checkpointing:
+        if checkpointing == "torch's own":  # torch's checkpoint itself, use_reentrant unnamed: torch's default, reentrant
+            net.get_base_model()._set_gradient_checkpointing(enable=True)
+        elif checkpointing == "user's own":  # a function of the user's, non-reentrant, taken at its word
+            from functools import partial
+
+            from torch.utils.checkpoint import checkpoint
+
+            def own(function, *args, **kwargs):
+                return checkpoint(function, *args, use_reentrant=False, **kwargs)
+
+            net.get_base_model()._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=partial(own))
+        elif checkpointing:
             net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={} if checkpointing == "unnamed" else
                                               {"use_reentrant": checkpointing == "reentrant"})
         net.train()  # checkpointing runs in training mode; this Llama has no dropout
@@ -193,8 +204,10 @@ def test_autolaplace_hessian_under_non_reentrant_checkpointing_recomputes_with_t
             svi.step(batch)
         return guide.laplace_approximation(batch).get_posterior().covariance_matrix.detach()
 
-    torch.testing.assert_close(covariance(True), covariance(False))
-    for reentrant in ("reentrant", "unnamed"):  # kwargs without use_reentrant: torch's checkpoint takes its default, True
+    plain = covariance(False)
+    for checkpointing in (True, "user's own"):
+        torch.testing.assert_close(covariance(checkpointing), plain)
+    for reentrant in ("reentrant", "unnamed", "torch's own"):  # kwargs without use_reentrant: torch's checkpoint takes its default, True
         with pytest.raises(ValueError, match=r"transformers' reentrant activation checkpointing \(use_reentrant=True\) "
                                              r"cannot take: switch it off"):  # torch's raw '.grad()' error, in Pyro's Hessian
             covariance(reentrant)
