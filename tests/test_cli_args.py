@@ -440,6 +440,17 @@ def test_a_multiple_choice_repeat_with_its_choices_reordered_is_said():
     messages = [str(w.message) for w in record]
     assert "2 of the 3 records of the shifted set 'copy' repeat a test record of 'toy' as the model reads it: they are " \
            "no shift" in messages[-1], messages
+    # the letter format scores a question with its choices reordered as another input (its probabilities moved with
+    # the prompt): a shift there, which was said to be none; cloze reads the same rows
+    import warnings
+
+    reversed_test = [reordered(t, [2, 1, 0], id=f"rev {t['id']}") for t in test[:2]]
+    for fmt, said in (("letter", False), ("cloze", True)):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            _warn_about_splits(CompareConfig(dataset="toy", mc_format=fmt), load_tokenizer("minilm"), train, val,
+                               test[:2], {"rev": reversed_test})
+        assert any("shifted set 'rev' repeat a test record" in str(w.message) for w in record) is said, fmt
 
 
 def test_texts_cut_to_max_length_are_counted_per_split(tmp_path):

@@ -358,14 +358,19 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
                           "tokens: texts differing only in case or spacing are one input to an uncased tokenizer, a "
                           "question's choices in any order, whatever its label, one question): "
                           "their scores measure memory there, not generalisation; deduplicate the splits", stacklevel=3)
-    tested = set(read[2])
-    for name, keys in zip(shifted, read[3:]):
+    # a copy of the test set scored as a shift: AUROC 0.5 reported as a result. The letter format scores a question
+    # with its choices in another order as another input: a shift there
+    ordered = config.mc_format == "letter" and bool(test) and record_task(test[0]) == "multiple_choice"
+    shifts = ([_model_inputs(records, tokenizer, config.max_length, ordered=True) for records in (test, *shifted.values())]
+              if ordered else read[2:])
+    tested = set(shifts[0])
+    for name, keys in zip(shifted, shifts[1:]):
         repeated = sum(key in tested for key in keys)
-        if repeated:  # a copy of the test set scored as a shift: AUROC 0.5 reported as a result
+        if repeated:
             warnings.warn(f"{repeated} of the {len(shifted[name])} records of the shifted set {name!r} repeat a test "
-                          f"record of {config.dataset!r} as the model reads it: they are no shift (their scores are the "
-                          "test set's, and the OOD AUROC against the test set cannot tell them apart); deduplicate the "
-                          "sets", stacklevel=3)
+                          f"record of {config.dataset!r} as the model reads it: they are no shift (the model reads the "
+                          "test set's inputs, and the OOD AUROC against the test set cannot tell them apart); "
+                          "deduplicate the sets", stacklevel=3)
     if train and record_task(train[0]) == "classification":
         _warn_about_cuts(config, tokenizer, {f"training records of {config.dataset!r}": train, sets[0][0]: val},
                          {what: (records, keys) for (what, records, _, _), keys in zip(sets[1:], read[2:])})
@@ -414,13 +419,14 @@ def _warn_about_cuts(config: CompareConfig, tokenizer, fitted: dict, scored: dic
                               "input's records get one prediction; raise --max-length", stacklevel=4)
 
 
-def _model_inputs(records, tokenizer, max_length: int) -> list:
+def _model_inputs(records, tokenizer, max_length: int, ordered: bool = False) -> list:
     """Per record, what the model reads of it (hashable), from the tokenizer alone (no forward): a text's token ids as
     :class:`~pyro_lora.data.ClassificationCollator` truncates them; a multiple-choice record's passage, question and
     choices, each tokenized whole (a passage a long prompt cuts is compared whole), the choices as a sorted multiset: a
     question repeated with its choices in another order is the same one (the cloze format reads the same rows; the
     letter format another prompt, but the question is learned alike). The label is not read, as for a text: a repeat
-    with another label is a repeat all the same. Records of one split share a task."""
+    with another label is a repeat all the same. ``ordered``: the choices in their order (what the letter format
+    scores: another order is another input there). Records of one split share a task."""
     if not records:
         return []
     if record_task(records[0]) == "classification":
@@ -430,7 +436,7 @@ def _model_inputs(records, tokenizer, max_length: int) -> list:
     fields = [[r.get("context", ""), r["question"], *r["choices"]] for r in records]
     flat = iter(tokenizer([f for row in fields for f in row], add_special_tokens=False)["input_ids"])
     read = [[tuple(next(flat)) for _ in row] for row in fields]
-    return [(passage, question, tuple(sorted(choices))) for passage, question, *choices in read]
+    return [(passage, question, tuple(choices if ordered else sorted(choices))) for passage, question, *choices in read]
 
 
 def data_digest(config: CompareConfig) -> str:
