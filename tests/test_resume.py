@@ -184,12 +184,13 @@ def test_a_failure_scoring_one_shifted_set_keeps_the_methods_other_rows_and_a_re
         return scored(setup, fitted, records, name, dataset)
 
     monkeypatch.setattr(C, "evaluate", out_of_memory_on_a)
-    with pytest.raises(GuideFailures):
+    with pytest.raises(GuideFailures) as failures:
         run_compare(config)
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
     assert sorted(r["dataset"] for r in saved["per_seed"]) == ["shift_b", "sst2"]
     assert [(f["guide"], f["dataset"], f["error"]) for f in saved["failed"]] == [
         ("map", "shift_a", "RuntimeError: out of memory scoring shift_a")]
+    assert "1 guide run(s) failed: map (seed 0, on shift_a): RuntimeError: out of memory" in str(failures.value)
     notes = {r["dataset"]: r.get("note") or "" for r in saved["summary"]}
     assert "failed under seed 0" not in notes["sst2"] + notes["shift_b"]
     monkeypatch.setattr(C, "evaluate", scored)
@@ -1372,6 +1373,22 @@ def test_a_ts_rows_failure_marks_its_ts_rows_alone():
     assert notes["llla"] is None and notes["llla+ts"].startswith("failed under seed 1")
     run = {"config": {"guides": ["llla"], "seeds": [0, 1]}, "per_seed": rows, "failed": failed}
     assert run_state(run) == ["**failed**: llla+ts (seed 1) (tracebacks in its results.json, under 'failed')"]
+
+
+def test_a_failure_notes_only_the_rows_its_seed_lacks_and_names_its_set():
+    """A method that failed on one shifted set, then outright on a rerun, kept the first run's rows of that seed,
+    and every summary row said "failed under seed 0: mean over the others" though its mean held seed 0. A failure is
+    noted where the seed's row is missing; the study header names the set a scoring failed on."""
+    from pyro_lora.experiments.results import summarize_run
+    from pyro_lora.experiments.study_header import run_state
+
+    rows = [{**ROW, "guide": "laplace", "dataset": d, "seed": s} for d in ("sst2", "shift_b") for s in (0, 1)]
+    rows.append({**ROW, "guide": "laplace", "dataset": "shift_a", "seed": 1})
+    notes = {r["dataset"]: r.get("note") or "" for r in summarize_run(rows, [{"guide": "laplace", "seed": 0}])}
+    assert "failed" not in notes["sst2"] + notes["shift_b"] and notes["shift_a"].startswith("failed under seed 0")
+    run = {"config": {"guides": ["laplace"], "seeds": [0, 1]}, "per_seed": rows,
+           "failed": [{"guide": "laplace", "seed": 0, "dataset": "shift_a"}]}
+    assert run_state(run) == ["**failed**: laplace (seed 0 on shift_a) (tracebacks in its results.json, under 'failed')"]
 
 
 

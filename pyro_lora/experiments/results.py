@@ -128,6 +128,13 @@ def summarize_seeds(rows):
     return summary
 
 
+def failed_run(record) -> str:
+    """A ``failed`` record of ``results.json`` as the messages name it: ``laplace (seed 0)``, ``laplace (seed 0, on
+    shift_a)`` for a failure scoring one shifted set (the method's other rows kept)."""
+    where = f", on {record['dataset']}" if record.get("dataset") else ""
+    return f"{record['guide']} (seed {record['seed']}{where})"
+
+
 class GuideFailures(RuntimeError):
     """Some (guide, seed) runs of a comparison failed; the others are written. ``summary`` holds their rows and
     ``verdict`` the paragraph on them ("" where the run has none: an ``--overwrite`` that failed before its first
@@ -476,15 +483,16 @@ class RunFolder:
         guides, seeds = self.config.guides, self.config.seeds  # None: every one the run holds
         failed = [f for f in self.failed if (guides is None or base_guide(f["guide"]) in guides)
                   and (seeds is None or f["seed"] in seeds)]
-        kept = [f"{f['guide']} (seed {f['seed']})" for f in self.failed if f not in failed]
+        kept = [failed_run(f) for f in self.failed if f not in failed]
         if kept:
             warnings.warn(f"{self.out / RESULTS} keeps failed runs this invocation did not ask for: {', '.join(kept)}; "
                           "add their methods to --guides and their seeds to --seeds to run them again", stacklevel=2)
         if failed:
-            done = len({(base_guide(r["guide"]), r["seed"]) for r in self.rows})
+            done = len({(base_guide(r["guide"]), r["seed"]) for r in self.rows}
+                       - {(base_guide(f["guide"]), f["seed"]) for f in self.failed})
             by_error = {}  # one error shared by several runs (e.g. a failed MAP) is said once
             for f in failed:
-                by_error.setdefault(f["error"], []).append(f"{f['guide']} (seed {f['seed']})")
+                by_error.setdefault(f["error"], []).append(failed_run(f))
             listed = "; ".join(f"{', '.join(runs)}: {error}" for error, runs in by_error.items())
             where = (f"The run --overwrite was to replace is kept in {self.out}" if self._replaced is not None else
                      f"The {done} finished are in {self.out / RESULTS} (tracebacks under 'failed'); the runs are "
@@ -620,11 +628,14 @@ def summarize_run(rows, failed):
     """Mean ± std over seeds per (guide, evaluation set) of a run's per-seed ``rows``; a guide that ``failed`` (the
     run's ``failed`` records) under some seed says so in its note (its mean is over the other seeds): a method's
     failure marks its rows and its ``+ts`` rows, a ``+ts`` step's failure its ``+ts`` rows alone, a failure on one
-    shifted set (its ``dataset``) those rows alone."""
+    shifted set (its ``dataset``) those rows alone; where the seed's row is there all the same (kept from an earlier
+    run of the folder that scored it), nothing is said: the mean holds it."""
     summary = summarize_seeds(rows)
+    present = {(r["guide"], r["dataset"], r["seed"]) for r in rows}
     for row in summary:
         missing = [str(f["seed"]) for f in failed if f["guide"] in (row["guide"], base_guide(row["guide"]))
-                   and f.get("dataset") in (None, row["dataset"])]
+                   and f.get("dataset") in (None, row["dataset"])
+                   and (row["guide"], row["dataset"], f["seed"]) not in present]
         if missing:
             note = f"failed under seed{'s' * (len(missing) > 1)} {', '.join(missing)} (results.json 'failed'): mean over the others"
             row["note"] = join_notes(row.get("note"), note)

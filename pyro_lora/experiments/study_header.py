@@ -146,10 +146,12 @@ def run_state(run):
         out.append(f"**unfinished**: {len(missing)} of {len(expected)} (method, seed) neither finished nor failed (a run cut "
                    "short, or still running; the same command resumes it)")
     by_guide = {}
-    for g, seed in sorted(failed, key=str):
-        by_guide.setdefault(g, []).append(str(seed))
+    for f in sorted(run.get("failed", []), key=lambda f: (f["guide"], str(f.get("dataset")), str(f["seed"]))):
+        on = f" on {f['dataset']}" if f.get("dataset") else ""  # one shifted set's scoring: the other rows kept
+        by_guide.setdefault((f["guide"], on), []).append(str(f["seed"]))
     if by_guide:
-        out.append("**failed**: " + "; ".join(f"{g} (seed{'s' * (len(v) > 1)} {', '.join(v)})" for g, v in by_guide.items())
+        out.append("**failed**: " + "; ".join(f"{g} (seed{'s' * (len(v) > 1)} {', '.join(v)}{on})"
+                                              for (g, on), v in by_guide.items())
                    + " (tracebacks in its results.json, under 'failed')")
     return out
 
