@@ -73,9 +73,10 @@ def checkpointing_modules(net) -> list:
 
 def reentrant_checkpointing(net) -> bool:
     """Whether transformers' activation checkpointing runs reentrant in ``net`` now (a module switched on, in training
-    mode, whose checkpoint function is given ``use_reentrant=True``, or is torch's ``checkpoint`` leaving it unnamed,
-    where torch takes its own default, reentrant): its recomputation cannot take ``torch.autograd.grad``. A function of
-    the user's own is taken at its word: reentrant only where given ``use_reentrant=True``."""
+    mode, whose checkpoint function is given a true ``use_reentrant``, or is torch's ``checkpoint`` or transformers'
+    wrapper of it (``offload=True``) leaving it unnamed, where torch takes its own default, reentrant): its
+    recomputation cannot take ``torch.autograd.grad``. A function of the user's own is taken at its word: reentrant
+    only where given a true ``use_reentrant``."""
     for module in checkpointing_modules(net):
         if getattr(module, "gradient_checkpointing", False) and module.training:
             func = getattr(module, "_gradient_checkpointing_func", None)
@@ -83,8 +84,11 @@ def reentrant_checkpointing(net) -> bool:
                 func = func.__wrapped__
             keywords = func.keywords if isinstance(func, functools.partial) else {}
             base = func.func if isinstance(func, functools.partial) else func
-            unnamed = base is torch.utils.checkpoint.checkpoint and keywords.get("use_reentrant") is None
-            if keywords.get("use_reentrant") is True or unnamed:
+            # torch's checkpoint, or transformers' own wrapper of it (offload=True), take torch's default, reentrant
+            torch_default = (base is torch.utils.checkpoint.checkpoint
+                             or getattr(base, "__module__", "").startswith("transformers."))
+            value = keywords.get("use_reentrant")
+            if (value is None and torch_default) or (value is not None and bool(value)):  # torch reads it as a bool
                 return True
     return False
 

@@ -191,6 +191,8 @@ def test_autolaplace_hessian_under_non_reentrant_checkpointing_recomputes_with_t
                 return checkpoint(function, *args, use_reentrant=False, **kwargs)
 
             net.get_base_model()._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=partial(own))
+        elif checkpointing == "1":  # torch reads use_reentrant as a bool
+            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": 1})
         elif checkpointing:
             net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={} if checkpointing == "unnamed" else
                                               {"use_reentrant": checkpointing == "reentrant"})
@@ -207,7 +209,20 @@ def test_autolaplace_hessian_under_non_reentrant_checkpointing_recomputes_with_t
     plain = covariance(False)
     for checkpointing in (True, "user's own"):
         torch.testing.assert_close(covariance(checkpointing), plain)
-    for reentrant in ("reentrant", "unnamed", "torch's own"):  # kwargs without use_reentrant: torch's checkpoint takes its default, True
+    for reentrant in ("reentrant", "unnamed", "torch's own", "1"):  # kwargs without use_reentrant: torch's checkpoint takes its default, True
         with pytest.raises(ValueError, match=r"transformers' reentrant activation checkpointing \(use_reentrant=True\) "
                                              r"cannot take: switch it off"):  # torch's raw '.grad()' error, in Pyro's Hessian
             covariance(reentrant)
+
+
+def test_reentrant_checkpointing_reads_transformers_offload_wrapper_as_torchs_checkpoint():
+    """transformers' offload=True wraps torch's checkpoint in a function of its own: kwargs without use_reentrant left
+    torch's default, reentrant, and were taken as a user's function saying nothing (the raw '.grad()' error again)."""
+    from pyro_lora.handoff import reentrant_checkpointing
+    from test_padding import tiny_llama_cls
+
+    for kwargs, reentrant in (({}, True), ({"preserve_rng_state": False}, True), ({"use_reentrant": False}, False)):
+        net = tiny_llama_cls()
+        net.get_base_model().activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs, offload=True)
+        assert reentrant_checkpointing(net.train()) is reentrant, kwargs
+        assert not reentrant_checkpointing(net.eval())  # transformers checkpoints in training mode only

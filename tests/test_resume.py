@@ -1388,7 +1388,7 @@ def test_a_failure_notes_only_the_rows_its_seed_lacks_and_names_its_set():
     assert "failed" not in notes["sst2"] + notes["shift_b"] and notes["shift_a"].startswith("failed under seed 0")
     run = {"config": {"guides": ["laplace"], "seeds": [0, 1]}, "per_seed": rows,
            "failed": [{"guide": "laplace", "seed": 0, "dataset": "shift_a"}]}
-    assert run_state(run) == ["**failed**: laplace (seed 0 on shift_a) (tracebacks in its results.json, under 'failed')"]
+    assert run_state(run) == ["**failed**: laplace (seed 0, on shift_a) (tracebacks in its results.json, under 'failed')"]
 
 
 

@@ -147,7 +147,7 @@ def run_state(run):
                    "short, or still running; the same command resumes it)")
     by_guide = {}
     for f in sorted(run.get("failed", []), key=lambda f: (f["guide"], str(f.get("dataset")), str(f["seed"]))):
-        on = f" on {f['dataset']}" if f.get("dataset") else ""  # one shifted set's scoring: the other rows kept
+        on = f", on {f['dataset']}" if f.get("dataset") else ""  # one shifted set's scoring: the other rows kept
         by_guide.setdefault((f["guide"], on), []).append(str(f["seed"]))
     if by_guide:
         out.append("**failed**: " + "; ".join(f"{g} (seed{'s' * (len(v) > 1)} {', '.join(v)}{on})"
