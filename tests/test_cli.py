@@ -189,3 +189,20 @@ def test_a_head_or_base_the_task_does_not_fit_is_named(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_about_another_base(tmp_path / "adapter", str(tmp_path / "two"))
+
+
+@pytest.mark.parametrize("options", [{"bias": "all"}, {"modules_to_save": ["pooler"]}], ids=["bias_all", "pooler"])
+def test_an_adapter_from_elsewhere_without_its_head_is_refused_not_scored_with_a_random_one(tmp_path, capsys, options):
+    """Saved by plain peft without the classifier (no task_type) but with another non-LoRA tensor (bias='all', or
+    the pooler in modules_to_save), an adapter passed the 'LoRA matrices only' check: bayesianize scored a freshly
+    random head (accuracy 0.000 where the adapter's own is 1.000), exit 0, with a warning about seeds."""
+    from peft import LoraConfig, get_peft_model
+
+    from pyro_lora.pretrained import load_pretrained
+
+    net, _ = load_pretrained("minilm", "classification", num_labels=2, progress=False)
+    get_peft_model(net, LoraConfig(r=2, target_modules=["query", "value"], **options)).save_pretrained(tmp_path / "adapter")
+    assert cli.main(["bayesianize", str(tmp_path / "adapter"), *SMALL, "--anchors", "8", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert (f"the adapter in {tmp_path / 'adapter'} does not carry the trained task head (['classifier.weight', "
+            "'classifier.bias']): --model draws it at load, so a random head would be scored") in err
