@@ -191,6 +191,7 @@ def test_a_failure_scoring_one_shifted_set_keeps_the_methods_other_rows_and_a_re
     assert [(f["guide"], f["dataset"], f["error"]) for f in saved["failed"]] == [
         ("map", "shift_a", "RuntimeError: out of memory scoring shift_a")]
     assert "1 guide run(s) failed: map (seed 0, on shift_a): RuntimeError: out of memory" in str(failures.value)
+    assert "The 0 finished, and the rows of those that failed on one set only, are in" in str(failures.value)
     notes = {r["dataset"]: r.get("note") or "" for r in saved["summary"]}
     assert "failed under seed 0" not in notes["sst2"] + notes["shift_b"]
     monkeypatch.setattr(C, "evaluate", scored)

@@ -490,13 +490,13 @@ class RunFolder:
         if failed:
             done = len({(base_guide(r["guide"]), r["seed"]) for r in self.rows}
                        - {(base_guide(f["guide"]), f["seed"]) for f in self.failed})
+            partly = ", and the rows of those that failed on one set only," if any(f.get("dataset") for f in failed) else ""
             by_error = {}  # one error shared by several runs (e.g. a failed MAP) is said once
             for f in failed:
                 by_error.setdefault(f["error"], []).append(failed_run(f))
             listed = "; ".join(f"{', '.join(runs)}: {error}" for error, runs in by_error.items())
             where = (f"The run --overwrite was to replace is kept in {self.out}" if self._replaced is not None else
-                     f"The {done} finished, and the rows of those that failed on one set only, are in {self.out / RESULTS} "
-                     "(tracebacks under 'failed'); the runs are "
+                     f"The {done} finished{partly} are in {self.out / RESULTS} (tracebacks under 'failed'); the runs are "
                      "seeded, so the same command fails them again unless their cause is fixed outside its flags (code, "
                      "packages, memory), and then resumes with them")
             raise GuideFailures(f"{len(failed)} guide run(s) failed: {listed}. {where}", self.summary(),
