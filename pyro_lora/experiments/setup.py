@@ -344,7 +344,8 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
     training ones as the model reads them (:func:`_model_inputs`: memory, not generalisation), shifted records that
     repeat test ones (no shift: the OOD AUROC cannot tell them apart), validation and test and shifted labels no
     training record has, training labels no validation record has, and texts that ``--max-length`` cuts (:func:`_warn_about_cuts`)."""
-    read = [_model_inputs(records, tokenizer, config.max_length) for records in (train, val, test, *shifted.values())]
+    inputs = [_model_inputs(records, tokenizer, config.max_length) for records in (train, val, test, *shifted.values())]
+    read = [[_any_order(key) for key in keys] for keys in inputs]  # a question with its choices reordered: learned alike
     trained = set(read[0])
     held = trained | set(read[1])
     sets = [(f"validation records of {config.dataset!r}", val, trained, "training record"),
@@ -360,9 +361,7 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
                           "their scores measure memory there, not generalisation; deduplicate the splits", stacklevel=3)
     # a copy of the test set scored as a shift: AUROC 0.5 reported as a result. The letter format scores a question
     # with its choices in another order as another input: a shift there
-    ordered = config.mc_format == "letter" and bool(test) and record_task(test[0]) == "multiple_choice"
-    shifts = ([_model_inputs(records, tokenizer, config.max_length, ordered=True) for records in (test, *shifted.values())]
-              if ordered else read[2:])
+    shifts = inputs[2:] if config.mc_format == "letter" else read[2:]
     tested = set(shifts[0])
     for name, keys in zip(shifted, shifts[1:]):
         repeated = sum(key in tested for key in keys)
@@ -419,14 +418,12 @@ def _warn_about_cuts(config: CompareConfig, tokenizer, fitted: dict, scored: dic
                               "input's records get one prediction; raise --max-length", stacklevel=4)
 
 
-def _model_inputs(records, tokenizer, max_length: int, ordered: bool = False) -> list:
+def _model_inputs(records, tokenizer, max_length: int) -> list:
     """Per record, what the model reads of it (hashable), from the tokenizer alone (no forward): a text's token ids as
     :class:`~pyro_lora.data.ClassificationCollator` truncates them; a multiple-choice record's passage, question and
-    choices, each tokenized whole (a passage a long prompt cuts is compared whole), the choices as a sorted multiset: a
-    question repeated with its choices in another order is the same one (the cloze format reads the same rows; the
-    letter format another prompt, but the question is learned alike). The label is not read, as for a text: a repeat
-    with another label is a repeat all the same. ``ordered``: the choices in their order (what the letter format
-    scores: another order is another input there). Records of one split share a task."""
+    choices in their order (what the letter format scores), each tokenized whole (a passage a long prompt cuts is
+    compared whole). The label is not read: a repeat with another label is a repeat all the same. Records of one split
+    share a task."""
     if not records:
         return []
     if record_task(records[0]) == "classification":
@@ -436,7 +433,17 @@ def _model_inputs(records, tokenizer, max_length: int, ordered: bool = False) ->
     fields = [[r.get("context", ""), r["question"], *r["choices"]] for r in records]
     flat = iter(tokenizer([f for row in fields for f in row], add_special_tokens=False)["input_ids"])
     read = [[tuple(next(flat)) for _ in row] for row in fields]
-    return [(passage, question, tuple(choices if ordered else sorted(choices))) for passage, question, *choices in read]
+    return [(passage, question, tuple(choices)) for passage, question, *choices in read]
+
+
+def _any_order(key):
+    """A :func:`_model_inputs` key with a multiple-choice record's choices as a sorted multiset: a question repeated with
+    its choices in another order is the same one (the cloze format reads the same rows; the letter format another
+    prompt, but the question is learned alike). A text's token ids, as they are."""
+    if len(key) == 3 and isinstance(key[2], tuple) and all(isinstance(c, tuple) for c in key[2]):
+        passage, question, choices = key
+        return passage, question, tuple(sorted(choices))
+    return key
 
 
 def data_digest(config: CompareConfig) -> str:
