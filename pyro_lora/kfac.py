@@ -41,7 +41,7 @@ from .checks import check_count
 from .hooks import SKIPPED
 from .contract import entry_checks
 from .modes import eval_mode
-from .predictive import Prediction, batch_labels
+from .predictive import Prediction, batch_labels, pad_choices
 from .progress import progress_bar
 from .sites import Site, per_layer
 
@@ -705,7 +705,7 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     width = max(p.shape[-1] for p in probs)
 
     def pad(parts, value=0.0):  # batches of fewer choices get columns of probability 0 (log-probability -inf)
-        return torch.cat([torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=value) for p in parts], -2).cpu()
+        return torch.cat([pad_choices(p, width, value) for p in parts], -2).cpu()
 
     kept = keep_samples and overflow is None
     labels = None if labels[0] is None else torch.cat(labels).cpu()  # unlabelled data: none, as predict's

@@ -169,12 +169,12 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
         raise ValueError("predict got no batches: the data is empty")
     if labelled and unlabelled:  # on one rank the loop refused it already
         raise ValueError(_MIXED_LABELS.format("predict"))
-    probs = torch.cat([_pad(p, width) for p in sums]) if sums else torch.zeros(0, width, device=model.device)
-    log_probs = (torch.cat([_pad(p, width, -math.inf) for p in logs]) if logs
+    probs = torch.cat([pad_choices(p, width) for p in sums]) if sums else torch.zeros(0, width, device=model.device)
+    log_probs = (torch.cat([pad_choices(p, width, -math.inf) for p in logs]) if logs
                  else torch.zeros(0, width, dtype=torch.float64, device=model.device))
     sample_probs = None
     if keep_samples:
-        rows = [_pad(p, width) for p in kept]
+        rows = [pad_choices(p, width) for p in kept]
         sample_probs = torch.cat(rows, 1) if rows else torch.zeros(1 if draws is None else num_samples, 0, width, device=model.device)
         sample_probs = distributed.gather_cat(sample_probs.transpose(0, 1)).transpose(0, 1).cpu()
     if not unlabelled:
@@ -219,7 +219,7 @@ def _not_finite(probs, guide, sampled):
             f"inf) at {weights}: weights this large (or a half-precision base) overflow float32; check the weights")
 
 
-def _pad(p, width, value=0.0):
+def pad_choices(p, width, value=0.0):
     """``p`` widened to ``width`` choices with ``value`` (a probability's 0, a log-probability's ``-inf``)."""
     return torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=value)
 
