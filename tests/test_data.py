@@ -481,6 +481,19 @@ def test_cloze_winogrande_rows_share_continuation(smol_tok, records):
 
 
 @needs_smollm2
+def test_a_run_knows_whether_its_cloze_rows_reach_max_length(smol_tok, records):
+    """Whether a form change of the cut touches a run's rows (:func:`~pyro_lora.experiments.setup.scoring_since`)
+    is read from its collation: a row as long as ``max_length`` counts as cut."""
+    from pyro_lora.experiments.setup import _check_collates
+
+    record = records["boolq"][0]
+    whole = int(D.ClozeCollator(smol_tok, max_length=1024)([record])["attention_mask"].sum(-1).max())  # its longest row
+    assert _check_collates(D.ClozeCollator(smol_tok, max_length=32), {"test": [record]}) is True
+    assert _check_collates(D.ClozeCollator(smol_tok, max_length=whole), {"test": [record]}) is True  # as long: taken as cut
+    assert _check_collates(D.ClozeCollator(smol_tok, max_length=whole + 1), {"test": [record]}) is False
+
+
+@needs_smollm2
 def test_cloze_collator_truncates_context_from_the_left(smol_tok, records):
     record = records["boolq"][0]
     batch = D.ClozeCollator(smol_tok, max_length=32)([record])

@@ -814,7 +814,7 @@ def test_the_cli_prints_the_verdict_of_this_runs_rows(tmp_path, monkeypatch, cap
     from pyro_lora.experiments.setup import load_splits
 
     monkeypatch.setattr(C, "prepare", lambda config, seed: __import__("types").SimpleNamespace(
-        config=config, sizes=None, net=torch.nn.Module(), tokenizer=None,
+        config=config, sizes=None, net=torch.nn.Module(), tokenizer=None, scoring_since=None,
         **dict(zip(("train", "val", "test", "shifted"), load_splits(config)))))
     monkeypatch.setattr(C, "train_map", no_map)
     monkeypatch.setattr(C, "base_digest", lambda net, tokenizer: "0" * 64)  # the stand-in network has no weights to read
@@ -1419,6 +1419,47 @@ def test_rows_of_another_cloze_scoring_are_not_joined(tmp_path):
     (update / "results.json").write_text(json.dumps(saved))
     with pytest.raises(ValueError, match=r"differ in scoring \(cloze form 1 there, 3 in the rerun\)"):
         merge_results(tmp_path / "run", update)
+
+
+def test_rows_of_an_older_cloze_scoring_that_scores_the_run_alike_are_joined(tmp_path):
+    """Every cloze run written before a form change was refused a resume or an --update, though the change (the
+    per-character divisor, the truncated context, WinoGrande's continuation) may not touch its rows at all: ARC-Easy
+    unnormalized, no row cut, took a rerun of every method for rows equal to the old ones."""
+    from pyro_lora.experiments.results import merge_results
+    from pyro_lora.experiments.setup import scoring_since
+
+    plain = small(tmp_path / "run", dataset="arc_easy", mc_format="cloze")
+    chars = small(tmp_path / "run", dataset="arc_easy", mc_format="cloze", mc_normalize="chars")
+    assert scoring_since(plain, cut=False, blank=False) == 1  # no change since form 1 touches it
+    assert scoring_since(plain, cut=True, blank=True) == 2  # the cut changed in form 2; WinoGrande's count only per character
+    assert scoring_since(chars, cut=False, blank=False) == 2  # the per-character divisor changed in form 2
+    assert scoring_since(chars, cut=False, blank=True) == 3  # WinoGrande's per-character count changed in form 3
+    row = {**ROW, "dataset": "arc_easy"}
+    folder = RunFolder(tmp_path / "run", plain)
+    folder.check_scoring(plain, 1)
+    folder.add("map", 0, [row], {k.replace("sst2", "arc_easy"): v for k, v in arrays(0).items()})
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    form1 = {k: v for k, v in saved.items() if k not in ("scoring", "scoring_since")}  # written before forms were kept
+    (tmp_path / "run" / "results.json").write_text(json.dumps(form1))
+    for since in (2, None):  # a change touches the run, or its records were not looked at: refused
+        with pytest.raises(ValueError, match=r"cloze form 1 there, 3 now"):
+            RunFolder(tmp_path / "run", plain).check_scoring(plain, since)
+    resumed = RunFolder(tmp_path / "run", plain)
+    resumed.check_scoring(plain, 1)
+    resumed.add("map", 1, [{**row, "seed": 1}], {k.replace("sst2", "arc_easy"): v for k, v in arrays(1).items()})
+    joined = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (joined["scoring"], joined["scoring_since"]) == (3, 1)  # the old rows are the form's now
+    # an --update: the rerun's record says which forms score its rows alike
+    (tmp_path / "run" / "results.json").write_text(json.dumps(form1 | {"config": {**form1["config"], "guides": ["map", "temperature"]}}))
+    update = tmp_path / "update"
+    update.mkdir()
+    (update / "results.json").write_text(json.dumps(saved | {"scoring_since": 2}))
+    with pytest.raises(ValueError, match=r"differ in scoring \(cloze form 1 there, 3 in the rerun\)"):
+        merge_results(tmp_path / "run", update)
+    (update / "results.json").write_text(json.dumps(saved))
+    merge_results(tmp_path / "run", update)
+    merged = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert (merged["scoring"], merged["scoring_since"]) == (3, 1)
 
 
 @pytest.mark.real

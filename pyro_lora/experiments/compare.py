@@ -237,7 +237,7 @@ def _fill(run, config, reference):
         base = base_digest(setup.net, setup.tokenizer)  # the folder --model names may hold another checkpoint since the rows were scored
         for folder in [run] if earlier is run else [run, earlier]:
             folder.check_base(base)
-            folder.check_scoring(setup.config)
+            folder.check_scoring(setup.config, setup.scoring_since)
         run.config = setup.config  # the resolved defaults (learning rate, multiple-choice format) go into results.json
         if config.progress:
             c = setup.config

@@ -84,6 +84,12 @@ def recorded_scoring(saved) -> int | None:
     return 1 if saved.get("config", {}).get("mc_format") == "cloze" and saved.get("per_seed") else None
 
 
+def _scorings_agree(old, new, since) -> bool:
+    """Whether rows of cloze scoring forms ``old`` and ``new`` are the same rows for a run none of whose changes since
+    form ``since`` touch (:func:`~.setup.scoring_since`; ``None``: unknown)."""
+    return None not in (old, new, since) and since <= min(old, new)
+
+
 def scoring_of(config) -> int | None:
     """The cloze scoring form a run of ``config`` (its ``mc_format`` resolved) computes its rows with."""
     return CLOZE_SCORING if config.mc_format == "cloze" else None
@@ -172,6 +178,7 @@ class RunFolder:
         self.seeding = {}  # row name -> the oldest seeding of its rows (:func:`recorded_seeding`)
         self.labels = None  # evaluation set -> the label names its rows were scored under (:func:`~.setup.label_names`)
         self.scoring = None  # the cloze scoring form of its rows (:func:`recorded_scoring`)
+        self.scoring_since = None  # the oldest form whose rows equal them (:func:`~.setup.scoring_since`)
         self._check_writable(config.guides or ())
         saved = self._read()
         self._replaced = saved if overwrite else None  # its files go once this run writes its first result
@@ -184,6 +191,7 @@ class RunFolder:
                                                              {"model": config.model})
             self.data_sets = saved.get("data_sets")
             self.labels, self.scoring = saved.get("labels"), recorded_scoring(saved)
+            self.scoring_since = saved.get("scoring_since")
             self.seeding = recorded_seeding(saved)
             self.guides, self.seeds = list(saved["config"]["guides"] or ()), list(saved["config"]["seeds"])
 
@@ -269,17 +277,19 @@ class RunFolder:
             "one): restore that model"), remedy=("pass --overwrite to replace the run; pyro-lora study: --update map "
                                                  "reruns every row on the base --model loads now"))
 
-    def check_scoring(self, config):
+    def check_scoring(self, config, since=None):
         """Refuse to add rows to a run whose rows were scored by another cloze scoring form than ``config``'s (the
-        library's changed since: rows of both forms would be averaged into one mean)."""
+        library's changed since: rows of both forms would be averaged into one mean), unless no change since that form
+        touches this run (``since``: :func:`~.setup.scoring_since` of its records; ``None``: unknown, every change
+        counts): its old rows are then this form's rows, and are recorded as such."""
         now = scoring_of(config)
-        if self.rows and self.scoring != now:
+        if self.rows and self.scoring != now and not _scorings_agree(self.scoring, now, since):
             raise ValueError(f"{self.out / RESULTS} holds rows of another multiple-choice scoring (cloze form {self.scoring} "
                              f"there, {now} now: form 2 divides a per-character score by len(choice), as lm-eval's acc_norm, and "
                              "keeps one truncated context for every choice of a question; form 3 counts WinoGrande's "
-                             "continuation whole), which new rows would be averaged with; run into another --out (or "
-                             f"{_REPLACE} the run)")
-        self.scoring = now
+                             "continuation whole; the run's options or records are touched by a change since), which new "
+                             f"rows would be averaged with; run into another --out (or {_REPLACE} the run)")
+        self.scoring, self.scoring_since = now, since
 
     def _check_digest(self, key, digest, what, refusal, remedy=f"{_REPLACE} the run"):
         if getattr(self, key) is None and self.rows:  # and stays without one: its old rows were never checked
@@ -466,7 +476,8 @@ class RunFolder:
                                         "failed": self.failed, "maps": self.maps, "data": self.data,
                                         "data_sets": self.data_sets, "base": self.base,
                                         "base_version": BASE_DIGEST_VERSION, "predict_seeding": self.seeding,
-                                        "labels": self.labels, "scoring": self.scoring})
+                                        "labels": self.labels, "scoring": self.scoring,
+                                        "scoring_since": self.scoring_since})
 
     def redraw(self):
         """Draw, from the npz files, the summary figures (reliability grid, calibration vs accuracy) and the
@@ -730,7 +741,10 @@ def merge_results(out, update, record=None):
         differ.append("base (the rerun ran on other base model weights)")
     forms = recorded_scoring(base), recorded_scoring(new)  # None: no cloze rows there to mix with
     if None not in forms and forms[0] != forms[1] and not replaces_all:
-        differ.append(f"scoring (cloze form {forms[0]} there, {forms[1]} in the rerun)")
+        if _scorings_agree(forms[0], forms[1], new.get("scoring_since")):  # the old rows are the new form's
+            base = {**base, "scoring": forms[1], "scoring_since": new["scoring_since"]}
+        else:
+            differ.append(f"scoring (cloze form {forms[0]} there, {forms[1]} in the rerun)")
     if base.get("labels") and new.get("labels") and base["labels"] != new["labels"] and not replaces_all:
         differ.append(f"labels ({base['labels']} there, {new['labels']} in the rerun)")
     if differ:
@@ -759,7 +773,8 @@ def merge_results(out, update, record=None):
     config = {**base["config"], "guides": guides}
     if replaces_all:  # every row rerun: the records and base are the rerun's, wherever they were read, however many used
         config.update(data_dir=new["config"].get("data_dir"), model=new["config"].get("model"))
-        base = {**base, **{k: new.get(k) for k in ("data", "data_sets", "sizes", "base", "base_version", "labels", "scoring")}}
+        base = {**base, **{k: new.get(k) for k in ("data", "data_sets", "sizes", "base", "base_version", "labels", "scoring",
+                                                   "scoring_since")}}
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
     # a rerun method's rows are the rerun's, every seed: so is their seeding
     seeding = {g: s for g, s in recorded_seeding(base).items() if base_guide(g) not in updated} | recorded_seeding(new)

@@ -83,6 +83,10 @@ BASE_DIGEST_VERSION = 4
 # 2026-12-04: WinoGrande's per-character score counts its continuation (the rest of the sentence) whole, its leading
 # space included, as every other continuation's characters are its own
 CLOZE_SCORING = 3
+# what each form changed, by the runs it changes: "chars" a run normalized per character, "cut" one whose cloze rows
+# reach --max-length (cut, or as long as it: taken as cut), "blank_chars" a WinoGrande run normalized per character. A
+# run none of whose changes since form f touch it scores the same rows under f as now (:func:`scoring_since`)
+SCORING_CHANGES = {2: ("chars", "cut"), 3: ("blank_chars",)}
 # config entries that do not change what the network computes (the ones a saved guide's check leaves out too): where
 # it was read from, the dtype it was saved in (the run's --dtype loads it), label names, run-time switches, versions
 _CONFIG_NOT_COMPUTED = {*CONFIG_IGNORED, "_commit_hash"}
@@ -153,6 +157,7 @@ class Setup:
     method: Optional[str] = None  # the method this view is for (:meth:`for_method`)
     map_digest: Optional[str] = None  # :func:`state_digest` of the trained MAP (:func:`train_map`)
     map_loaded: bool = False  # whether the MAP was loaded from a run's folder rather than trained
+    scoring_since: Optional[int] = None  # the oldest cloze scoring form whose rows equal this run's (:func:`scoring_since`)
 
     def derived_seeds(self, what: str, k: int) -> list:
         """``k`` seeds for ``what`` (e.g. ``"ensemble member"``) of this run seed, shared with no other run seed
@@ -291,7 +296,7 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
             num_choices = max(len(r["choices"]) for records in [train, val, test, *shifted.values()] for r in records)
             likelihood = MultipleChoice(D.letter_token_ids(tok, num_choices), format="letter")
             collator = D.LetterCollator(tok, config.max_length)
-        _check_collates(collator, {"train": train, "validation": val, "test": test, **shifted}, max_positions(config.model))
+        cut = _check_collates(collator, {"train": train, "validation": val, "test": test, **shifted}, max_positions(config.model))
     _warn_about_splits(config, tok, train, val, test, shifted)
     collator._cut_said = True  # each split's cuts are said above: the batches need not say them again
     config = replace(config, lr=config.lr or default_lr(meta["task"]))
@@ -303,7 +308,23 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
         adapter = net.peft_config[net.active_adapter]
         config = replace(config, rank=adapter.r, alpha=float(adapter.lora_alpha))
     net = net.to(config.device)
-    return Setup(config, net, tok, likelihood, train, val, test, collator, seed, shifted)
+    setup = Setup(config, net, tok, likelihood, train, val, test, collator, seed, shifted)
+    if config.mc_format == "cloze":
+        blank = any(r.get(BLANK) is True for records in [train, val, test, *shifted.values()] for r in records)
+        setup.scoring_since = scoring_since(config, cut=cut, blank=blank)
+    return setup
+
+
+def scoring_since(config: CompareConfig, cut: bool, blank: bool) -> int:
+    """The oldest cloze scoring form (:data:`CLOZE_SCORING`) under which a run of ``config`` scores the same rows as
+    now: none of the changes (:data:`SCORING_CHANGES`) of a later form touches it. ``cut``: whether any of its cloze rows
+    reaches ``--max-length``; ``blank``: whether its records are WinoGrande blank sentences. Rows of that form or later
+    may be joined with the run's; an older form's would mix two scorings."""
+    touched = {"chars": config.mc_normalize == "chars", "cut": cut, "blank_chars": blank and config.mc_normalize == "chars"}
+    since = CLOZE_SCORING
+    while since > 1 and not any(touched[change] for change in SCORING_CHANGES[since]):
+        since -= 1
+    return since
 
 
 def _check_collates(collator, splits: dict, positions=None, chunk: int = 256):
@@ -313,17 +334,22 @@ def _check_collates(collator, splits: dict, positions=None, chunk: int = 256):
 
     :param positions: the model's position limit (:func:`~pyro_lora.model_files.max_positions`): a record that needs
         more is said to be one the model cannot take, not one a larger ``--max-length`` takes.
+    :returns: whether a cloze row of any split reaches ``max_length`` (is cut, or as long as it).
     :raises ValueError: naming the split, from the collator's own refusal.
     """
+    cut = False
     for name, records in splits.items():
         for i in range(0, len(records), chunk):
             try:
-                collator(records[i : i + chunk])
+                batch = collator(records[i : i + chunk])
             except _TooLong as error:
                 raise ValueError(f"the {name} records cannot be collated ({error.problem}); checked before training: "
                                  f"{error.remedy(positions, '--max-length')}") from None
             except ValueError as error:
                 raise ValueError(f"the {name} records cannot be collated ({error}); checked before training") from None
+            if isinstance(collator, D.ClozeCollator):
+                cut = cut or bool(batch["attention_mask"].sum(-1).max() >= collator.max_length)
+    return cut
 
 
 def load_splits(config: CompareConfig):
