@@ -623,7 +623,21 @@ def test_the_verdict_says_who_loses_accuracy_to_map_on_a_shifted_set():
     assert "- Accuracy against MAP on sst2_shift: not compared: MAP's accuracy on sst2_shift is n/a on seed 0." in text
     assert "of the accuracy on sst2_shift comparison: map (n/a on seed 0)" in text
     text = verdict(_rows(runs) + [r for r in shifted if r["guide"] != "map"], "sst2")
-    assert "- Accuracy against MAP on sst2_shift: not compared: MAP has no finished seed" in text
+    assert "- Accuracy against MAP on sst2_shift: not compared: MAP's accuracy on sst2_shift is n/a on every seed." in text
+
+
+def test_the_verdict_names_a_method_whose_scoring_of_a_shifted_set_failed():
+    """A method whose scoring of one shifted set failed keeps its other rows; the verdict compared the others on that
+    set and said nothing of it (results.json and the error named it, the paragraph under the table did not)."""
+    runs = {"map": [(0.80, 14.0, 0.66, 0.09)] * 2, "temperature": [(0.80, 6.0, 0.45, 0.09)] * 2,
+            "laplace": [(0.80, 3.0, 0.40, 0.09)] * 2}
+    shifted = [{**r, "dataset": "shift_a", "ood_auroc_entropy": 0.7, "ood_auroc_mi": 0.6} for r in _rows(runs)
+               if not (r["guide"] == "laplace" and r["seed"] == 1)]  # laplace failed on shift_a under seed 1
+    text = verdict(_rows(runs) + shifted, "sst2")
+    assert ("- Left out of the accuracy on shift_a comparison: laplace (n/a on seed 1); of the OOD AUROC (entropy) on "
+            "shift_a comparison: laplace (n/a on seed 1); of the OOD AUROC (MI) on shift_a comparison: laplace (n/a on "
+            "seed 1).") in text
+    assert "OOD AUROC (entropy) on shift_a: map, temperature (0.700, tied)" in text  # compared without it
 
 
 def test_the_verdict_names_ties_and_leaves_out_a_method_with_a_missing_value():
@@ -695,7 +709,7 @@ def test_the_verdict_sets_a_methods_mi_against_the_baselines_entropy_on_a_shift(
     shifted[2]["ood_auroc_entropy"] = None  # map, seed 2
     text = verdict(_rows(runs) + [r for r in shifted if r["guide"] != "temperature"], "sst2")
     assert ("- OOD AUROC (entropy) on arc_easy: not compared against MAP and temperature scaling: MAP's OOD AUROC (entropy) "
-            "on arc_easy is n/a on seed 2; temperature scaling has no finished seed") in text
+            "on arc_easy is n/a on seed 2; temperature scaling's OOD AUROC (entropy) on arc_easy is n/a on every seed") in text
     assert "- OOD AUROC (MI, theirs by entropy) on arc_easy: not compared against MAP and temperature scaling" in text
 
 

@@ -67,14 +67,15 @@ def clear_difference(diffs, lower_better=True, means=None, digits=None):
     return "better" if (mean < 0) == lower_better else "worse"
 
 
-def _by_guide(rows, dataset, metric):
+def _by_guide(rows, dataset, metric, expected=()):
     """``{guide: {seed: value}}`` of ``metric`` on ``dataset``, for the guides whose value is available on every seed
     of ``rows``: one n/a seed leaves the guide out of that metric (the table shows its mean as n/a), rather than
     comparing it on fewer seeds than the verdict names; and ``{guide: [seeds]}``: the guides left out so, with their
     n/a seeds. Where any row on ``dataset`` holds ``metric``, a row without the key (an old or hand-made record) is
-    n/a on its seed: left out and named, never dropped without a word."""
+    n/a on its seed, and so is a guide of ``expected`` without a row there (a shifted set whose scoring failed while
+    the test set's was kept): left out and named, never dropped without a word."""
     seeds = {r["seed"] for r in rows}
-    out, guides, held = {}, {}, False  # guides: ordered as the rows are
+    out, guides, held = {}, dict.fromkeys(expected, True), False  # guides: ordered as the rows are
     for r in rows:
         if r["dataset"] != dataset:
             continue
@@ -190,14 +191,15 @@ def verdict(rows, dataset) -> str:
     against = [("AURC", values["aurc"], "aurc", left["aurc"], "AURC", dataset)]
     accuracy = {dataset: (values["accuracy"], left["accuracy"])}  # evaluation set -> its scores and n/a seeds
     for shifted in sorted({r["dataset"] for r in rows} - {dataset}):
-        accuracy[shifted] = _by_guide(rows, shifted, "accuracy")
+        # a method scored on the test set is scored on every shifted set: one without rows there failed on it
+        accuracy[shifted] = _by_guide(rows, shifted, "accuracy", by_guide)
         dropped[f"{titles['accuracy']} on {shifted}"] = accuracy[shifted][1]
         entropy = f"OOD AUROC (entropy) on {shifted}"
-        ood, dropped[entropy] = _by_guide(rows, shifted, "ood_auroc_entropy")
+        ood, dropped[entropy] = _by_guide(rows, shifted, "ood_auroc_entropy", by_guide)
         if ood:
             best.append(f"{entropy}: {_best(ood, 'ood_auroc_entropy')}")
         against.append((entropy, ood, "ood_auroc_entropy", dropped[entropy], entropy, shifted))
-        mi, na = _by_guide(rows, shifted, "ood_auroc_mi")
+        mi, na = _by_guide(rows, shifted, "ood_auroc_mi", by_guide)
         # a point estimate's MI is 0, its AUROC 0.5 by construction (MAP, temperature scaling, zero-shot): not ranked;
         # a posterior that collapsed on one seed only (TFB's search at sigma_q = 0) is ranked by its mean, as the table does
         on_shifted = [r for r in rows if r["dataset"] == shifted]
