@@ -36,7 +36,7 @@ from .model_files import (
     EMBEDDED_MODELS, _cache_problem, _file_record, _local_path, _require_gguf, _source_stamp, cache_dir, check_head_classes,
     config_parameter_count, encoder_only, max_positions, minilm_dir, parameter_count, smollm2_gguf,
 )
-from .contract import DRAWN_AT_LOAD
+from .contract import DRAWN_AT_LOAD, drawn_at_load
 from .io import _naming_errors, synced
 from .likelihoods import not_causal_lm
 from .sites import base_network, head_modules
@@ -588,7 +588,11 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
     ``_quiet_peft_wrapping``). peft's errors (e.g. no ``adapter_config.json`` there) pass through.
 
     :raises ValueError: if the weights file lacks some of the adapter's parameters, which peft only warns about
-        (those would stay at their initial values: ``B = 0``, a random head).
+        (those would stay at their initial values: ``B = 0``, a random head); or if a parameter of the task head
+        (:func:`~pyro_lora.sites.head_modules`) is one ``model`` drew at load (its checkpoint lacks it:
+        :func:`~pyro_lora.contract.drawn_at_load`, marked by :func:`load_pretrained`) and the adapter does not load it,
+        e.g. one saved by plain peft without ``task_type='SEQ_CLS'`` or ``modules_to_save=[head name]``: it would
+        predict with a freshly random head.
     """
     from peft import PeftModel
 
@@ -596,6 +600,9 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
     # back to the default init, leaving the base weights as they are: loaded without them, the adapter's config says so
     # (no lora_ga_config, which LoRA-GA cannot run without: what sites.base_rewriting_inits reads)
     lora_ga_can_run = any(hasattr(m, "_peft_loraga_grad") for m in model.modules())
+    loaded = set()  # the names, within ``model``, that peft's load_state_dict gives values (whatever peft's key mapping)
+    hook = model.register_load_state_dict_pre_hook(
+        lambda module, state_dict, prefix, *_: loaded.update(k.removeprefix(prefix) for k in state_dict))
     with _quiet_peft_wrapping(), warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*Found missing adapter keys", category=UserWarning)
         try:
@@ -614,10 +621,27 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
                 f"the adapter in {adapter_dir} lacks weights of some of its own layers (peft: {warning}): they would stay "
                 "at their initial values (B = 0: no LoRA there; a random head); save the adapter again from the trained model"
             ) from None
+        finally:
+            hook.remove()
+    _check_head_loaded(model, loaded, adapter_dir)
     for config in net.peft_config.values() if not lora_ga_can_run else ():
         if getattr(config, "init_lora_weights", None) == "lora_ga":
             config.lora_ga_config = None
     return net
+
+
+def _check_head_loaded(model, loaded: set, adapter_dir) -> None:
+    """Refuse a task head ``model`` drew at load that the adapter did not load (``loaded``: the names, within ``model``,
+    it gave values): whatever the seed, the head the adapter was trained with is not there. A frozen original beside a
+    loaded ``modules_to_save`` copy (``.original_module.``) does not run, and a causal LM's ``lm_head`` is no head."""
+    heads = tuple(f"{name}." for name in head_modules(model))
+    drawn = [name for name, p in model.named_parameters()
+             if name.startswith(heads) and drawn_at_load(p) and ".original_module." not in name and name not in loaded]
+    if drawn:
+        names = list(dict.fromkeys(name.split(".", 1)[0] for name in drawn))
+        raise ValueError(f"the adapter in {adapter_dir} does not carry the trained task head ({drawn[:2]}): the base "
+                         "model drew it at load (its checkpoint lacks it), so a random head would be scored; save the "
+                         f"adapter with its head (peft's task_type='SEQ_CLS', or modules_to_save={names})")
 
 
 def default_mc_format(model: torch.nn.Module) -> str:

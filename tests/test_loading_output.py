@@ -2,6 +2,7 @@
 position limit read before loading (``max_positions``)."""
 
 import json
+import re
 import warnings
 
 import pytest
@@ -194,6 +195,48 @@ def test_an_adapter_whose_weights_file_lacks_some_of_its_layers_is_refused_not_l
     save_file({k: v for k, v in load_file(weights).items() if "layers.1.self_attn.v_proj" not in k}, weights)
     with pytest.raises(ValueError, match=r"the adapter in .*adapter lacks weights of some of its own layers .*layers.1.self_attn.v_proj.lora_A"):
         P.load_adapter(lm(), tmp_path / "adapter")
+
+
+@pytest.mark.parametrize("options", [{"bias": "all"}, {"modules_to_save": ["pooler"]}, {"task_type": "SEQ_CLS"},
+                                     {"modules_to_save": ["classifier"]}, {"task_type": "SEQ_CLS", "bias": "all"}],
+                         ids=["bias_all", "pooler", "seq_cls", "classifier_saved", "seq_cls_bias_all"])
+def test_an_adapter_without_the_head_the_base_drew_at_load_is_refused_and_one_with_it_gives_peft_logits(tmp_path, options):
+    """Saved by plain peft without the classifier but with another non-LoRA tensor, an adapter on a base whose
+    checkpoint lacks the head loaded with a freshly random head (accuracy 0.000 where the adapter's own is 1.000);
+    only the CLI refused it. One saved with its head loads that head (``.modules_to_save.``, its drawn
+    ``.original_module.`` aside) and gives the logits of the network it was saved from."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        max_position_embeddings=96, num_labels=2)
+    whole = BertForSequenceClassification(config)
+    whole.save_pretrained(tmp_path / "headless", state_dict={k: v for k, v in whole.state_dict().items()
+                                                              if not k.startswith("classifier.")})
+    _word_tokenizer(tmp_path / "headless")
+
+    def base(seed):
+        torch.manual_seed(seed)  # the head is drawn under it
+        return P.load_pretrained(str(tmp_path / "headless"), "classification", num_labels=2, progress=False)[0]
+
+    trained = get_peft_model(base(0), LoraConfig(r=2, target_modules=["query", "value"], **options))
+    with torch.no_grad():  # a trained adapter: B and every saved non-LoRA tensor moved off their initial values
+        for name, p in trained.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    trained.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(2, 64, (3, 7))
+    if options.get("task_type") is None and "classifier" not in options.get("modules_to_save", []):
+        missing = "'classifier.weight'" if options.get("bias") == "all" else "'classifier.weight', 'classifier.bias'"
+        with pytest.raises(ValueError, match=re.escape(
+                f"the adapter in {tmp_path / 'adapter'} does not carry the trained task head ([{missing}]): the base "
+                "model drew it at load (its checkpoint lacks it), so a random head would be scored; save the adapter "
+                "with its head (peft's task_type='SEQ_CLS', or modules_to_save=['classifier'])")):
+            P.load_adapter(base(1), tmp_path / "adapter")
+        return
+    loaded = P.load_adapter(base(1), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, trained.eval()(input_ids=ids).logits, atol=1e-6)
 
 
 def test_only_the_peft_warning_is_hidden():
