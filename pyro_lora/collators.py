@@ -137,6 +137,28 @@ def _warn_cut(collator, records, lengths: dict) -> None:
                   "says this once: later batches may cut more)", stacklevel=3)
 
 
+def _cloze_split(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[tuple[list[int], list[int]]], list[list[int]]]:
+    """Per (context, continuation) text pair: its context's and continuation's token ids as the cloze format scores
+    them (:class:`ClozeCollator`), and the continuation's ids tokenized alone."""
+    contexts = tokenizer([c for c, _ in pairs], add_special_tokens=False)["input_ids"]
+    wholes = tokenizer([c + t for c, t in pairs], add_special_tokens=False)["input_ids"]
+    alone = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
+    # the continuation's tokens are the text's own: a SentencePiece tokenizer that prepends "▁" to each text gives
+    # " Paris" alone an extra "▁"; where the joint tokens merge across the boundary, the continuation alone
+    split = [(w[: len(c)], w[len(c) :]) if w[: len(c)] == c and len(w) > len(c) else (c, a)
+             for c, w, a in zip(contexts, wholes, alone)]
+    return split, alone
+
+
+def scored_apart_from_alone(tokenizer, records) -> bool:
+    """Whether a choice of the multiple-choice ``records`` is scored on other tokens than its continuation tokenized
+    alone (what cloze scoring did before 2026-12-02: form 0 of
+    :data:`~pyro_lora.experiments.setup.CLOZE_SCORING`)."""
+    parts = [cloze_parts(r) for r in records]
+    split, alone = _cloze_split(tokenizer, [(head + own, cont) for head, own_parts in parts for own, cont in own_parts])
+    return any(cont != a for (_, cont), a in zip(split, alone))
+
+
 def _choice_mask(records, num_choices: int) -> torch.Tensor:
     counts = torch.tensor([len(r["choices"]) for r in records])
     return torch.arange(num_choices)[None, :] < counts[:, None]
@@ -263,13 +285,7 @@ class ClozeCollator:
         parts = [cloze_parts(r) for r in records]
         real = [(head + own, cont) for head, own_parts in parts for own, cont in own_parts]
         tok = self.tokenizer
-        contexts = tok([c for c, _ in real], add_special_tokens=False)["input_ids"]
-        wholes = tok([c + t for c, t in real], add_special_tokens=False)["input_ids"]
-        alone = tok([t for _, t in real], add_special_tokens=False)["input_ids"]
-        # the continuation's tokens are the text's own: a SentencePiece tokenizer that prepends "▁" to each text gives
-        # " Paris" alone an extra "▁"; where the joint tokens merge across the boundary, the continuation alone
-        split = iter([(w[: len(c)], w[len(c) :]) if w[: len(c)] == c and len(w) > len(c) else (c, a)
-                      for c, w, a in zip(contexts, wholes, alone)])
+        split = iter(_cloze_split(tok, real)[0])
 
         rows, spans, chars = [], [], []
         budget = self.max_length - len(self.prefix)

@@ -484,13 +484,37 @@ def test_cloze_winogrande_rows_share_continuation(smol_tok, records):
 def test_a_run_knows_whether_its_cloze_rows_reach_max_length(smol_tok, records):
     """Whether a form change of the cut touches a run's rows (:func:`~pyro_lora.experiments.setup.scoring_since`)
     is read from its collation: a row as long as ``max_length`` counts as cut."""
+    from pyro_lora.collators import scored_apart_from_alone
     from pyro_lora.experiments.setup import _check_collates
 
     record = records["boolq"][0]
     whole = int(D.ClozeCollator(smol_tok, max_length=1024)([record])["attention_mask"].sum(-1).max())  # its longest row
-    assert _check_collates(D.ClozeCollator(smol_tok, max_length=32), {"test": [record]}) is True
-    assert _check_collates(D.ClozeCollator(smol_tok, max_length=whole), {"test": [record]}) is True  # as long: taken as cut
-    assert _check_collates(D.ClozeCollator(smol_tok, max_length=whole + 1), {"test": [record]}) is False
+    assert _check_collates(D.ClozeCollator(smol_tok, max_length=32), {"test": [record]}) == {"cut"}
+    assert _check_collates(D.ClozeCollator(smol_tok, max_length=whole), {"test": [record]}) == {"cut"}  # as long: taken as cut
+    assert _check_collates(D.ClozeCollator(smol_tok, max_length=whole + 1), {"test": [record]}) == set()
+    assert not scored_apart_from_alone(smol_tok, [record])  # byte-level BPE: a choice's tokens alone are its own
+
+
+def test_a_run_knows_whether_its_choices_tokenized_alone_differ():
+    """Before 2026-12-02 (cloze form 0) each choice was tokenized alone: under a tokenizer that prepends '▁' to each
+    text it encodes (Llama-2's), ' Paris' alone is ['▁', '▁Paris'], within its context ['▁Paris']. A run scored under
+    such a tokenizer differs from form 0's; one under SmolLM2's byte-level BPE does not."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from pyro_lora.collators import scored_apart_from_alone
+    from pyro_lora.experiments.setup import _check_collates
+
+    record = {"id": "q", "question": "What is the capital of France?", "choices": ["Paris", "Rome"], "label": 0}
+    norm = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])  # Llama-2's tokenizer.json
+    pre = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    texts = [t for c, cont in D.cloze_pairs(record) for t in (c, cont, c + cont)]
+    words = sorted({w for text in texts for w, _ in pre.pre_tokenize_str(norm.normalize_str(text))})
+    backend = Tokenizer(models.WordLevel({"<unk>": 0, "<pad>": 1, **{w: i + 2 for i, w in enumerate(words)}}, unk_token="<unk>"))
+    backend.normalizer, backend.pre_tokenizer = norm, pre
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
+    assert tok.convert_ids_to_tokens(tok(" Paris", add_special_tokens=False)["input_ids"]) == ["▁", "▁Paris"]
+    assert scored_apart_from_alone(tok, [record])
+    assert _check_collates(D.ClozeCollator(tok, max_length=64), {"test": [record]}) == {"split"}
 
 
 @needs_smollm2

@@ -1402,64 +1402,71 @@ def test_rows_of_another_cloze_scoring_are_not_joined(tmp_path):
     folder.check_scoring(config)
     folder.add("map", 0, [row], {k.replace("sst2", "openbookqa"): v for k, v in arrays(0).items()})
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert saved["scoring"] == 3
+    assert saved["scoring"] == 4
     RunFolder(tmp_path / "run", config).check_scoring(config)  # the same form: resumed
     (tmp_path / "run" / "results.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "scoring"}))
-    with pytest.raises(ValueError, match=r"holds rows of another multiple-choice scoring \(cloze form 1 there, 3 now"):
+    with pytest.raises(ValueError, match=r"holds rows of another multiple-choice scoring \(cloze form 0 there, 4 now"):
         RunFolder(tmp_path / "run", config).check_scoring(config)
     letter = small(tmp_path / "letter", dataset="openbookqa", mc_format="letter")
     RunFolder(tmp_path / "letter", letter).check_scoring(letter)  # no cloze: nothing changed
     from pyro_lora.experiments.results import merge_results, recorded_scoring
 
-    assert recorded_scoring({k: v for k, v in saved.items() if k != "scoring"}) == 1 and recorded_scoring(saved) == 3
+    assert recorded_scoring({k: v for k, v in saved.items() if k != "scoring"}) == 0 and recorded_scoring(saved) == 4
     old = {k: v for k, v in saved.items() if k != "scoring"}  # a run of two methods, one of them rerun now
     (tmp_path / "run" / "results.json").write_text(json.dumps(old | {"config": {**old["config"], "guides": ["map", "temperature"]}}))
     update = tmp_path / "update"
     update.mkdir()
     (update / "results.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match=r"differ in scoring \(cloze form 1 there, 3 in the rerun\)"):
+    with pytest.raises(ValueError, match=r"differ in scoring \(cloze form 0 there, 4 in the rerun\)"):
         merge_results(tmp_path / "run", update)
 
 
 def test_rows_of_an_older_cloze_scoring_that_scores_the_run_alike_are_joined(tmp_path):
     """Every cloze run written before a form change was refused a resume or an --update, though the change (the
     per-character divisor, the truncated context, WinoGrande's continuation) may not touch its rows at all: ARC-Easy
-    unnormalized, no row cut, took a rerun of every method for rows equal to the old ones."""
+    unnormalized, no row cut, took a rerun of every method for rows equal to the old ones. A record without a form may
+    be older than form 1 (each choice tokenized alone): taken as form 0."""
     from pyro_lora.experiments.results import merge_results
     from pyro_lora.experiments.setup import scoring_since
 
     plain = small(tmp_path / "run", dataset="arc_easy", mc_format="cloze")
     chars = small(tmp_path / "run", dataset="arc_easy", mc_format="cloze", mc_normalize="chars")
-    assert scoring_since(plain, cut=False, blank=False) == 1  # no change since form 1 touches it
-    assert scoring_since(plain, cut=True, blank=True) == 2  # the cut changed in form 2; WinoGrande's count only per character
-    assert scoring_since(chars, cut=False, blank=False) == 2  # the per-character divisor changed in form 2
-    assert scoring_since(chars, cut=False, blank=True) == 3  # WinoGrande's per-character count changed in form 3
+    question = {"id": "q", "question": "What is the capital of France?", "choices": ["Paris", "Rome"], "label": 0}
+    blank = {"id": "w", "question": "Ann lent Bo a pen because _ had two.", "choices": ["Ann", "Bo"], "label": 0}
+    python = {"id": "p", "question": "In Python, what does _ hold?", "choices": ["the last value", "nothing"], "label": 0}
+    assert scoring_since(plain, set(), [question]) == 0  # no change since form 0 touches it
+    assert scoring_since(plain, set(), [{**blank, "blank": True}]) == 0  # WinoGrande unnormalized, uncut
+    assert scoring_since(plain, {"split"}, [question]) == 1  # form 1 scores a choice's tokens within its context
+    assert scoring_since(chars, set(), [question]) == 2  # the per-character divisor changed in form 2
+    assert scoring_since(chars, set(), [{**blank, "blank": True}]) == 3  # WinoGrande's per-character count in form 3
+    assert scoring_since(plain, {"cut"}, [question]) == 4  # the cut changed in forms 1, 2 and 4
+    assert scoring_since(plain, set(), [question, python]) == 4  # a lone '_' outside WinoGrande: a question since form 4
     row = {**ROW, "dataset": "arc_easy"}
     folder = RunFolder(tmp_path / "run", plain)
-    folder.check_scoring(plain, 1)
+    folder.check_scoring(plain, 0)
     folder.add("map", 0, [row], {k.replace("sst2", "arc_easy"): v for k, v in arrays(0).items()})
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    form1 = {k: v for k, v in saved.items() if k not in ("scoring", "scoring_since")}  # written before forms were kept
-    (tmp_path / "run" / "results.json").write_text(json.dumps(form1))
-    for since in (2, None):  # a change touches the run, or its records were not looked at: refused
-        with pytest.raises(ValueError, match=r"cloze form 1 there, 3 now"):
+    keyless = {k: v for k, v in saved.items() if k not in ("scoring", "scoring_since")}  # written before forms were kept
+    (tmp_path / "run" / "results.json").write_text(json.dumps(keyless))
+    for since in (1, None):  # a change touches the run, or its records were not looked at: refused
+        with pytest.raises(ValueError, match=r"cloze form 0 there, 4 now"):
             RunFolder(tmp_path / "run", plain).check_scoring(plain, since)
     resumed = RunFolder(tmp_path / "run", plain)
-    resumed.check_scoring(plain, 1)
+    resumed.check_scoring(plain, 0)
     resumed.add("map", 1, [{**row, "seed": 1}], {k.replace("sst2", "arc_easy"): v for k, v in arrays(1).items()})
     joined = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert (joined["scoring"], joined["scoring_since"]) == (3, 1)  # the old rows are the form's now
+    assert (joined["scoring"], joined["scoring_since"]) == (4, 0)  # the old rows are the form's now
     # an --update: the rerun's record says which forms score its rows alike
-    (tmp_path / "run" / "results.json").write_text(json.dumps(form1 | {"config": {**form1["config"], "guides": ["map", "temperature"]}}))
+    (tmp_path / "run" / "results.json").write_text(json.dumps(keyless | {"config": {**keyless["config"], "guides": ["map", "temperature"]}}))
     update = tmp_path / "update"
     update.mkdir()
-    (update / "results.json").write_text(json.dumps(saved | {"scoring_since": 2}))
-    with pytest.raises(ValueError, match=r"differ in scoring \(cloze form 1 there, 3 in the rerun\)"):
+    (update / "results.json").write_text(json.dumps(saved | {"scoring_since": 1}))
+    with pytest.raises(ValueError, match=r"differ in scoring \(cloze form 0 there, 4 in the rerun\)"):
         merge_results(tmp_path / "run", update)
     (update / "results.json").write_text(json.dumps(saved))
     merge_results(tmp_path / "run", update)
     merged = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert (merged["scoring"], merged["scoring_since"]) == (3, 1)
+    assert (merged["scoring"], merged["scoring_since"]) == (4, 0)
 
 
 @pytest.mark.real

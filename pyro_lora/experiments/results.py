@@ -76,12 +76,12 @@ def recorded_base(saved) -> str | None:
 
 
 def recorded_scoring(saved) -> int | None:
-    """The cloze scoring form the run record ``saved``'s rows were computed with (:data:`~.setup.CLOZE_SCORING`; 1 for
+    """The cloze scoring form the run record ``saved``'s rows were computed with (:data:`~.setup.CLOZE_SCORING`; 0 for
     a cloze record from before it was kept), None for a run that scores no cloze."""
     if saved.get("scoring") is not None:
         return saved["scoring"]
-    # rows of a cloze run written without a form (before it was kept): form 1
-    return 1 if saved.get("config", {}).get("mc_format") == "cloze" and saved.get("per_seed") else None
+    # rows of a cloze run written without a form (before it was kept): form 1, or form 0 before 2026-12-02; the older
+    return 0 if saved.get("config", {}).get("mc_format") == "cloze" and saved.get("per_seed") else None
 
 
 def _scorings_agree(old, new, since) -> bool:
@@ -285,9 +285,12 @@ class RunFolder:
         now = scoring_of(config)
         if self.rows and self.scoring != now and not _scorings_agree(self.scoring, now, since):
             raise ValueError(f"{self.out / RESULTS} holds rows of another multiple-choice scoring (cloze form {self.scoring} "
-                             f"there, {now} now: form 2 divides a per-character score by len(choice), as lm-eval's acc_norm, and "
-                             "keeps one truncated context for every choice of a question; form 3 counts WinoGrande's "
-                             "continuation whole; the run's options or records are touched by a change since), which new "
+                             f"there, {now} now: form 1 scores a choice's tokens within its context, not tokenized alone; form 2 "
+                             "divides a per-character score by len(choice), as lm-eval's acc_norm, and keeps one "
+                             "truncated context for every choice of a question; form 3 counts WinoGrande's continuation "
+                             "whole; form 4 cuts a passage only and asks a lone '_' outside WinoGrande as a question; "
+                             "form 0: a record without a form; the run's options or records are touched by a change "
+                             "since), which new "
                              f"rows would be averaged with; run into another --out (or {_REPLACE} the run)")
         self.scoring, self.scoring_since = now, since
 

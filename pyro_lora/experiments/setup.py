@@ -16,7 +16,7 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from .. import data as D
-from ..collators import _TooLong, _positions
+from ..collators import _TooLong, _positions, scored_apart_from_alone
 from ..contract import CONFIG_IGNORED, weights_digest
 from ..ownership import take_over
 from ..io import writable_folder
@@ -24,7 +24,7 @@ from ..likelihoods import MultipleChoice, SequenceClassification
 from ..model import LoraModel
 from ..pretrained import (DTYPES, add_lora, check_head_classes, default_mc_format, encoder_only, expected_mc_format, load_adapter,
                           load_pretrained, max_positions)
-from ..records import BLANK, record_task
+from ..records import BLANK, looks_blank, record_task
 from ..training import fit
 from ..guides import MAPGuide
 from ..guides.registry import METHODS, Fitted, get_method, methods_for_task
@@ -81,12 +81,18 @@ BASE_DIGEST_VERSION = 4
 # score divides by len(choice), as lm-eval's acc_norm, and every choice of a question keeps the same truncated context;
 # a cloze record without it was scored by form 1 (len(choice) + 1, each choice truncated on its own). 3 since
 # 2026-12-04: WinoGrande's per-character score counts its continuation (the rest of the sentence) whole, its leading
-# space included, as every other continuation's characters are its own
-CLOZE_SCORING = 3
-# what each form changed, by the runs it changes: "chars" a run normalized per character, "cut" one whose cloze rows
-# reach --max-length (cut, or as long as it: taken as cut), "blank_chars" a WinoGrande run normalized per character. A
-# run none of whose changes since form f touch it scores the same rows under f as now (:func:`scoring_since`)
-SCORING_CHANGES = {2: ("chars", "cut"), 3: ("blank_chars",)}
+# space included, as every other continuation's characters are its own. 4 since 2026-12-05: a cut takes a passage only
+# (since 2026-12-04 05:23, the question never), and a question holding one lone "_" in a dataset not all of WinoGrande
+# blank sentences is asked as a question. A cloze record without "scoring" was scored by form 1, or before 2026-12-02
+# by form 0 (each continuation tokenized alone): taken as form 0
+CLOZE_SCORING = 4
+# what each form changed, by the runs it changes: "split" a run whose choices tokenized alone give other tokens than
+# within their context (:func:`~pyro_lora.collators.scored_apart_from_alone`), "cut" one whose cloze rows reach
+# --max-length (cut, or as long as it: taken as cut), "chars" one normalized per character, "blank_chars" a WinoGrande
+# run normalized per character, "lone_blank" one holding questions shaped as blank sentences in a dataset that is not
+# all of them. A run none of whose changes since form f touch it scores the same rows under f as now
+# (:func:`scoring_since`)
+SCORING_CHANGES = {1: ("split", "cut"), 2: ("chars", "cut"), 3: ("blank_chars",), 4: ("cut", "lone_blank")}
 # config entries that do not change what the network computes (the ones a saved guide's check leaves out too): where
 # it was read from, the dtype it was saved in (the run's --dtype loads it), label names, run-time switches, versions
 _CONFIG_NOT_COMPUTED = {*CONFIG_IGNORED, "_commit_hash"}
@@ -296,7 +302,8 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
             num_choices = max(len(r["choices"]) for records in [train, val, test, *shifted.values()] for r in records)
             likelihood = MultipleChoice(D.letter_token_ids(tok, num_choices), format="letter")
             collator = D.LetterCollator(tok, config.max_length)
-        cut = _check_collates(collator, {"train": train, "validation": val, "test": test, **shifted}, max_positions(config.model))
+        collated = _check_collates(collator, {"train": train, "validation": val, "test": test, **shifted},
+                                   max_positions(config.model))
     _warn_about_splits(config, tok, train, val, test, shifted)
     collator._cut_said = True  # each split's cuts are said above: the batches need not say them again
     config = replace(config, lr=config.lr or default_lr(meta["task"]))
@@ -310,19 +317,22 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
     net = net.to(config.device)
     setup = Setup(config, net, tok, likelihood, train, val, test, collator, seed, shifted)
     if config.mc_format == "cloze":
-        blank = any(r.get(BLANK) is True for records in [train, val, test, *shifted.values()] for r in records)
-        setup.scoring_since = scoring_since(config, cut=cut, blank=blank)
+        records = [r for split in [train, val, test, *shifted.values()] for r in split]
+        setup.scoring_since = scoring_since(config, collated, records)
     return setup
 
 
-def scoring_since(config: CompareConfig, cut: bool, blank: bool) -> int:
+def scoring_since(config: CompareConfig, collated: set, records) -> int:
     """The oldest cloze scoring form (:data:`CLOZE_SCORING`) under which a run of ``config`` scores the same rows as
-    now: none of the changes (:data:`SCORING_CHANGES`) of a later form touches it. ``cut``: whether any of its cloze rows
-    reaches ``--max-length``; ``blank``: whether its records are WinoGrande blank sentences. Rows of that form or later
-    may be joined with the run's; an older form's would mix two scorings."""
-    touched = {"chars": config.mc_normalize == "chars", "cut": cut, "blank_chars": blank and config.mc_normalize == "chars"}
+    now: none of the changes (:data:`SCORING_CHANGES`) of a later form touches it. ``collated``: what
+    :func:`_check_collates` found of its rows (``"cut"``, ``"split"``); ``records``: every record it scores or trains on.
+    Rows of that form or later may be joined with the run's; an older form's would mix two scorings."""
+    blank = any(r.get(BLANK) is True for r in records)
+    chars = config.mc_normalize == "chars"
+    touched = {"split": "split" in collated, "cut": "cut" in collated, "chars": chars, "blank_chars": blank and chars,
+               "lone_blank": any(looks_blank(r) and r.get(BLANK) is not True for r in records)}
     since = CLOZE_SCORING
-    while since > 1 and not any(touched[change] for change in SCORING_CHANGES[since]):
+    while since > 0 and not any(touched[change] for change in SCORING_CHANGES[since]):
         since -= 1
     return since
 
@@ -334,10 +344,12 @@ def _check_collates(collator, splits: dict, positions=None, chunk: int = 256):
 
     :param positions: the model's position limit (:func:`~pyro_lora.model_files.max_positions`): a record that needs
         more is said to be one the model cannot take, not one a larger ``--max-length`` takes.
-    :returns: whether a cloze row of any split reaches ``max_length`` (is cut, or as long as it).
+    :returns: for a cloze collator, what its rows show of the scoring forms' changes (:data:`SCORING_CHANGES`):
+        ``"cut"`` where a row of any split reaches ``max_length`` (is cut, or as long as it), ``"split"`` where a
+        choice tokenized alone gives other tokens than within its context.
     :raises ValueError: naming the split, from the collator's own refusal.
     """
-    cut = False
+    collated = set()
     for name, records in splits.items():
         for i in range(0, len(records), chunk):
             try:
@@ -348,8 +360,11 @@ def _check_collates(collator, splits: dict, positions=None, chunk: int = 256):
             except ValueError as error:
                 raise ValueError(f"the {name} records cannot be collated ({error}); checked before training") from None
             if isinstance(collator, D.ClozeCollator):
-                cut = cut or bool(batch["attention_mask"].sum(-1).max() >= collator.max_length)
-    return cut
+                if batch["attention_mask"].sum(-1).max() >= collator.max_length:
+                    collated.add("cut")
+                if scored_apart_from_alone(collator.tokenizer, records[i : i + chunk]):
+                    collated.add("split")
+    return collated
 
 
 def load_splits(config: CompareConfig):
