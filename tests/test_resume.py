@@ -978,7 +978,7 @@ def test_a_resume_with_another_base_model_is_refused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(C, "prepare", other_checkpoint)
     # the study's --force replaces only a run of another configuration: its remedy is --update map
-    with pytest.raises(ValueError, match="another base model than --model minilm loads now.*study: --update map reruns every row"):
+    with pytest.raises(ValueError, match="another base model than --model minilm loads now.*another --out \(or pass --overwrite to replace the run\)"):
         run_compare(replace(config, guides=("temperature", "map")))
     monkeypatch.undo()  # the same checkpoint loaded again is the same base: the run goes on
     rows = run_compare(replace(config, guides=("temperature", "map")))
@@ -1372,7 +1372,7 @@ def test_a_ts_rows_failure_marks_its_ts_rows_alone():
     failed = [{"guide": "llla+ts", "seed": 1}]
     notes = {r["guide"]: r.get("note") for r in summarize_run(rows, failed)}
     assert notes["llla"] is None and notes["llla+ts"].startswith("failed under seed 1")
-    run = {"config": {"guides": ["llla"], "seeds": [0, 1]}, "per_seed": rows, "failed": failed}
+    run = {"config": {"dataset": "sst2", "eval_datasets": [], "guides": ["llla"], "seeds": [0, 1]}, "per_seed": rows, "failed": failed}
     assert run_state(run) == ["**failed**: llla+ts (seed 1) (tracebacks in its results.json, under 'failed')"]
 
 
@@ -1387,7 +1387,7 @@ def test_a_failure_notes_only_the_rows_its_seed_lacks_and_names_its_set():
     rows.append({**ROW, "guide": "laplace", "dataset": "shift_a", "seed": 1})
     notes = {r["dataset"]: r.get("note") or "" for r in summarize_run(rows, [{"guide": "laplace", "seed": 0}])}
     assert "failed" not in notes["sst2"] + notes["shift_b"] and notes["shift_a"].startswith("failed under seed 0")
-    run = {"config": {"guides": ["laplace"], "seeds": [0, 1]}, "per_seed": rows,
+    run = {"config": {"dataset": "sst2", "eval_datasets": ["shift_a", "shift_b"], "guides": ["laplace"], "seeds": [0, 1]}, "per_seed": rows,
            "failed": [{"guide": "laplace", "seed": 0, "dataset": "shift_a"}]}
     assert run_state(run) == ["**failed**: laplace (seed 0, on shift_a) (tracebacks in its results.json, under 'failed')"]
 

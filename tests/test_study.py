@@ -405,7 +405,7 @@ def test_update_reruns_some_guides_and_keeps_the_rest(study, runs, tmp_path, mon
     for seed in (0, 1):  # the MAPs the run's rows started from: the rerun starts from them, not from a retrained one
         (runs / "arc_easy" / f"map_seed{seed}.safetensors").write_bytes(b"seed %d's MAP" % seed)
 
-    def fake_run_compare(config, overwrite=False, reference=None):  # the rerun guides' rows, NLL lowered by 0.1
+    def fake_run_compare(config, overwrite=False, reference=None, flags=None):  # the rerun guides' rows, NLL lowered by 0.1
         assert reference == runs / "arc_easy"  # its MAPs must be those the run's rows started from
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -473,7 +473,7 @@ def test_a_run_on_other_records_is_another_configuration_and_only_a_full_update_
     assert cli.main(["study", *argv]) == 2
     assert "arc_easy (data 'records 000000000000' there, 'records " in capsys.readouterr().err
     calls = []
-    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, reference=None: calls.append(overwrite))
+    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, reference=None, flags=None: calls.append(overwrite))
     assert cli.main(["study", *argv, "--force"]) == 0 and calls == [True]  # replaced, as another configuration
     update = ["--datasets", "arc_easy", "--no-shift", "--train-size", "64", *SIZES, "--runs", str(runs), "--docs", str(tmp_path / "docs")]
     with pytest.raises(ValueError, match=r"the arc_easy records under .* changed since its run \(data records 000000000000 there, "
@@ -556,7 +556,7 @@ def test_update_of_the_map_keeps_the_retrained_maps_and_drops_a_failed_seeds(stu
     for seed in (0, 1):
         (easy / f"map_seed{seed}.safetensors").write_bytes(b"old MAP")
 
-    def fake_run_compare(config, overwrite=False, reference=None):  # seed 1's MAP fails: every guide of it fails
+    def fake_run_compare(config, overwrite=False, reference=None, flags=None):  # seed 1's MAP fails: every guide of it fails
         assert reference is None  # every row is replaced: none to match
         out = Path(config.out)
         assert not out.exists()  # nothing copied: the MAP is retrained
@@ -590,7 +590,7 @@ def test_update_reruns_the_variants_of_an_updated_base_and_merges_a_partial_reru
     (easy / "results.json").write_text(json.dumps(saved))
     ran = []
 
-    def fake_run_compare(config, overwrite=False, reference=None):  # laplace seed 1 fails; the finished rows have NLL 0.5
+    def fake_run_compare(config, overwrite=False, reference=None, flags=None):  # laplace seed 1 fails; the finished rows have NLL 0.5
         ran.append(list(config.guides))
         out = Path(config.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -614,7 +614,7 @@ def test_update_reruns_the_variants_of_an_updated_base_and_merges_a_partial_reru
     (laplace_row,) = [r for r in merged["summary"] if r["guide"] == "laplace"]  # the summary says what failed
     assert "failed under seed 1" in laplace_row["note"]
 
-    def every_seed_fails(config, overwrite=False, reference=None):  # the MAP fails: nothing finishes, and run_compare records that
+    def every_seed_fails(config, overwrite=False, reference=None, flags=None):  # the MAP fails: nothing finishes, and run_compare records that
         from pyro_lora.experiments.results import RunFolder
 
         run = RunFolder(config.out, config, overwrite=overwrite)
@@ -709,7 +709,7 @@ def test_run_dataset_resumes_what_is_unfinished_and_refuses_another_configuratio
     from pyro_lora.experiments.results import GuideFailures
 
     calls = []
-    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False: calls.append((config, overwrite)))
+    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, flags=None: calls.append((config, overwrite)))
     common = ("--guides", "map,temperature,meanfield", "--train-size", "64", *SIZES)
     same = study.make_config(parse(*common, "--seeds", "0,1")[1], "arc_easy", shift=False, runs=runs)
     assert study.unfinished(same) == [] and study.run_dataset(same, "x") is None and not calls  # complete: skipped
@@ -732,7 +732,7 @@ def test_run_dataset_resumes_what_is_unfinished_and_refuses_another_configuratio
     assert sidecar["wall_seconds"] >= 754.0 and sidecar["commands"] == ["pyro-lora study --seeds 0,1", "pyro-lora study --seeds 0,1,2", "y"]
     assert sidecar["finished"] != "2025-01-01T00:00:00+00:00" and sidecar["machine"]["device"] == "cpu"
 
-    def fails(config, overwrite=False):
+    def fails(config, overwrite=False, flags=None):
         calls.append((config, overwrite))
         raise GuideFailures("1 guide run(s) failed", [])
 
@@ -744,7 +744,7 @@ def test_run_dataset_resumes_what_is_unfinished_and_refuses_another_configuratio
     sidecar = json.loads((runs / "arc_easy" / "study_run.json").read_text())
     assert sidecar["commands"] == ["pyro-lora study --seeds 0,1", "pyro-lora study --seeds 0,1,2", "y"]
 
-    def replaces(config, overwrite=False):
+    def replaces(config, overwrite=False, flags=None):
         (Path(config.out) / "results.json").write_text(json.dumps({"config": asdict(config), "per_seed": []}))
 
     monkeypatch.setattr(compare, "run_compare", replaces)
@@ -754,7 +754,7 @@ def test_run_dataset_resumes_what_is_unfinished_and_refuses_another_configuratio
     # a kill (no finally) keeps the start: the record is written first, marked running; the next invocation lists it
     seen = []
 
-    def killed(config, overwrite=False):
+    def killed(config, overwrite=False, flags=None):
         seen.append(json.loads((Path(config.out) / "study_run.json").read_text()))
         raise KeyboardInterrupt
 
@@ -764,7 +764,7 @@ def test_run_dataset_resumes_what_is_unfinished_and_refuses_another_configuratio
         study.run_dataset(more, "u")
     assert seen[0]["running"]["command"] == "u" and seen[0]["commands"] == ["v", "u"]
     (runs / "arc_easy" / "study_run.json").write_text(json.dumps(seen[0]))  # what a kill -9 leaves
-    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False: None)
+    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, flags=None: None)
     study.run_dataset(more, "t")
     sidecar = json.loads((runs / "arc_easy" / "study_run.json").read_text())
     # w: the replacement's try that failed before any result, listed by the one that replaced the run
@@ -780,7 +780,7 @@ def test_an_invocation_killed_before_its_first_result_or_during_an_update_is_lis
 
     seen = []
 
-    def killed(config, overwrite=False, reference=None):
+    def killed(config, overwrite=False, reference=None, flags=None):
         seen.append(json.loads((runs / "arc_easy" / "study_run.json").read_text()))
         raise KeyboardInterrupt
 
@@ -791,7 +791,7 @@ def test_an_invocation_killed_before_its_first_result_or_during_an_update_is_lis
         study.run_dataset(replace(fresh, out=str(runs / "arc_easy" / "x")), "first")  # its sidecar: x/study_run.json
     sidecar = runs / "arc_easy" / "x" / "study_run.json"
     assert json.loads(sidecar.read_text())["running"]["command"] == "first"
-    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, reference=None: None)
+    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, reference=None, flags=None: None)
     study.run_dataset(replace(fresh, out=str(runs / "arc_easy" / "x")), "second")
     after = json.loads(sidecar.read_text())
     assert [i["command"] for i in after["interrupted"]] == ["first"] and after["commands"] == ["second"]
@@ -821,7 +821,7 @@ def test_a_sidecar_never_takes_another_configurations_history_and_a_killed_repla
     import pyro_lora.experiments.compare as compare
     from pyro_lora.experiments.results import ARRAYS, MERGING, RESULTS, RunFolder
 
-    def killed(config, overwrite=False, reference=None):
+    def killed(config, overwrite=False, reference=None, flags=None):
         raise KeyboardInterrupt
 
     common = ("--no-shift", "--guides", "map,temperature,meanfield", "--seeds", "0,1", "--train-size", "64", *SIZES)
@@ -832,7 +832,7 @@ def test_a_sidecar_never_takes_another_configurations_history_and_a_killed_repla
         study.run_dataset(replace(fresh, lr=5e-4), "A")
     with pytest.raises(KeyboardInterrupt):
         study.run_dataset(fresh, "B1")
-    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, reference=None: None)
+    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, reference=None, flags=None: None)
     study.run_dataset(fresh, "B2")
     sidecar = json.loads((tmp_path / "fresh" / "study_run.json").read_text())
     assert [i["command"] for i in sidecar["interrupted"]] == ["B1"]  # A's try is not this run's
@@ -844,7 +844,7 @@ def test_a_sidecar_never_takes_another_configurations_history_and_a_killed_repla
     study.run_dataset(replace(fresh, out=str(gone)), "after")
     assert [i["command"] for i in json.loads((gone / "study_run.json").read_text())["interrupted"]] == ["R"]
 
-    def first_result_then_killed(config, overwrite=False, reference=None):
+    def first_result_then_killed(config, overwrite=False, reference=None, flags=None):
         rows = [_row("map", "arc_easy", 0, "arc_easy", False)]
         arrays = {"probs": np.full((4, 2), 0.5), "labels": np.arange(4) % 2, "entropy": np.zeros(4), "mutual_information": np.zeros(4)}
         RunFolder(config.out, config, overwrite=overwrite).add("map", 0, rows, {f"arc_easy__seed0__{k}": arrays[k] for k in ARRAYS})
@@ -858,7 +858,7 @@ def test_a_sidecar_never_takes_another_configurations_history_and_a_killed_repla
         study.run_dataset(other, "replacing", force=True)
     assert seen[0]["running"]["command"] == "replacing" and seen[0]["commands"] == ["replacing"]  # the old run's story went
     (runs / "arc_easy" / "study_run.json").write_text(json.dumps(seen[0]))
-    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, reference=None: None)
+    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, reference=None, flags=None: None)
     study.run_dataset(other, "resume")
     sidecar = json.loads((runs / "arc_easy" / "study_run.json").read_text())
     assert [i["command"] for i in sidecar["interrupted"]] == ["replacing"] and "running" not in sidecar
@@ -901,7 +901,7 @@ def test_another_configuration_is_refused_before_any_training_and_force_keeps_co
     import pyro_lora.experiments.compare as compare
 
     calls = []
-    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False: calls.append((config.dataset, overwrite)))
+    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, flags=None: calls.append((config.dataset, overwrite)))
     argv = ["--datasets", "arc_easy,openbookqa", "--guides", "map,temperature,meanfield", "--seeds", "0,1", "--train-size", "64",
             *SIZES, "--runs", str(runs), "--docs", str(runs.parent / "docs")]
     assert cli.main(["study", *argv, "--lr", "5e-4"]) == 2 and not calls  # both refused, by name, before any training
@@ -935,7 +935,7 @@ def test_a_run_another_process_holds_mid_merge_fails_alone(study, runs, tmp_path
     from pyro_lora.experiments.results import MERGING
 
     calls = []
-    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, reference=None: calls.append(config.dataset))
+    monkeypatch.setattr(compare, "run_compare", lambda config, overwrite=False, reference=None, flags=None: calls.append(config.dataset))
     (runs / "arc_easy" / MERGING).write_text(str(runs / "arc_easy" / "update"))
     argv = ["--datasets", "arc_easy,openbookqa", "--guides", "map,temperature,meanfield", "--seeds", "0,1", "--train-size",
             "64", *SIZES, "--runs", str(runs), "--docs", str(tmp_path / "docs"), "--force"]  # openbookqa's plan: replaced
@@ -1425,3 +1425,95 @@ def test_the_verdict_names_a_score_no_row_records_not_a_missing_method():
                     "(a record from before it was scored, or edited).")
     assert "no finished seed" in verdict([r for r in rows if r["guide"] != "map"], "arc_easy")
 
+
+
+def _record_config(out):
+    """The CompareConfig of the run record in ``out`` (lists as tuples)."""
+    saved = json.loads((out / "results.json").read_text())["config"]
+    return CompareConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()
+                            if k in CompareConfig.__dataclass_fields__})
+
+
+def test_header_calls_unfinished_what_the_resume_reruns(study, runs, tmp_path):
+    """A (method, seed) with rows but without its +ts row or its arrays (a kill between them) read as done to the
+    header, while the study's resume reran it; its finished column gave the time a Ctrl-C stopped it, and its seeds
+    column only the seeds with rows."""
+    import numpy as np
+
+    from pyro_lora.experiments.results import ARRAYS
+    from pyro_lora.experiments.study_header import run_state
+
+    easy = runs / "arc_easy"
+    np.savez(easy / "predictions_meanfield.npz", **{f"arc_easy__seed0__{k}": np.zeros(4) for k in ARRAYS})  # seed 1's lost
+    saved = json.loads((easy / "results.json").read_text())
+    saved["request"] = {**saved["config"], "seeds": [0, 1, 2]}
+    (easy / "results.json").write_text(json.dumps(saved))
+    assert study.unfinished(replace(_record_config(easy), seeds=(0, 1))) == [("meanfield", 1)]
+    header = report.header_section(report.load_runs(runs, ["arc_easy"]), "x", "now")
+    assert "- ARC-Easy: **unfinished**: 4 of 9 (method, seed) neither finished nor failed" in header
+    assert "| ARC-Easy | SmolLM2-135M | 12m 34s | unfinished (stopped 2025-01-01T00:00:00+00:00) | 0,1,2 |" in header
+    # a method's row without its +ts row: unfinished, as run_compare's plan says
+    run = {"config": {"dataset": "d", "eval_datasets": [], "guides": ["ensemble"], "seeds": [0], "ts": True},
+           "per_seed": [{"guide": "ensemble", "dataset": "d", "seed": 0}]}
+    assert run_state(run) == ["**unfinished**: 1 of 1 (method, seed) neither finished nor failed (a run cut short, or "
+                              "still running; the same command resumes it)"]
+    assert run_state({**run, "per_seed": run["per_seed"] + [{"guide": "ensemble+ts", "dataset": "d", "seed": 0}]}) == []
+
+
+def test_report_draws_its_figures_from_the_rows_it_reports(runs, tmp_path):
+    """A kill where a run redraws its summary figures after its last row left PNGs without that method, and the
+    report copied them: it draws its own from the run's arrays."""
+    easy = runs / "arc_easy"
+    assert (easy / "reliability_grid.png").read_bytes() == b"\x89PNG fake"  # the run's stale figure
+    md = report.build_report(runs, tmp_path / "docs", command="x").read_text()
+    for kind in ("reliability_grid", "calibration_vs_accuracy"):
+        drawn = (tmp_path / "docs" / "study" / f"arc_easy_{kind}.png").read_bytes()
+        assert drawn.startswith(b"\x89PNG\r\n") and f"(study/arc_easy_{kind}.png)" in md
+    for name in ("predictions_map.npz", "predictions_temperature.npz", "predictions_meanfield.npz"):
+        (easy / name).unlink()  # no arrays: no figure, and the last report's copies go
+    md = report.build_report(runs, tmp_path / "docs", command="x").read_text()
+    assert not (tmp_path / "docs" / "study" / "arc_easy_reliability_grid.png").exists() and "arc_easy_reliability" not in md
+
+
+def test_study_refusals_name_the_studys_remedies(runs):
+    """Under the study, a run on another base model (or records, or scoring) was refused advising --overwrite, which
+    study rejects; its --force does not pass a digest refusal either: the study's wording names --update map."""
+    from pyro_lora.experiments.results import STUDY_FLAGS, RunFolder
+
+    config = _record_config(runs / "arc_easy")
+    for flags, says, never in ((STUDY_FLAGS, ("another --runs", "`pyro-lora study --update map`"), "--overwrite"),
+                               (None, ("another --out", "pass --overwrite to replace the run"), "--update")):
+        run = RunFolder(config.out, config, **({"flags": flags} if flags else {}))
+        run.base, run.data = "a" * 64, "a" * 64
+        for check in (lambda: run.check_base("b" * 64), lambda: run.check_data("b" * 64),
+                      lambda: run.check_scoring(replace(config, mc_format="letter"))):
+            with pytest.raises(ValueError) as error:
+                check()
+            assert all(s in str(error.value) for s in says) and never not in str(error.value)
+    with pytest.raises(ValueError, match="choose another --runs, or pass --force to replace that run"):
+        RunFolder(config.out, replace(config, lr=0.5), flags=STUDY_FLAGS)
+
+
+def test_header_names_the_machine_of_each_update(runs):
+    """An --update's rows were measured where it ran: its machine is recorded and listed (unknown for an older
+    record), beside the run's."""
+    from pyro_lora.experiments.study_header import machine_info
+
+    here = machine_info()
+    sidecar = {"command": "c", "machine": here, "finished": "2025-01-01T00:00:00+00:00", "updates": [
+        {"guides": ["meanfield"], "command": "u", "finished": "f", "wall_seconds": 1.0, "machine": {**here, "torch_threads": 97}},
+        {"guides": ["temperature"], "command": "v", "finished": "f", "wall_seconds": 1.0}]}
+    (runs / "arc_easy" / "study_run.json").write_text(json.dumps(sidecar))
+    machines = [line for line in report.header_section(report.load_runs(runs, ["arc_easy"]), "x", "now").splitlines()
+                if line.startswith("- machine")]
+    assert len(machines) == 3 and machines[0].endswith("(ran: the ARC-Easy run)")
+    assert "torch threads 97" in machines[1] and machines[1].endswith("(ran: the ARC-Easy --update of meanfield)")
+    assert machines[2] == "- machine: unknown (an update recorded without its machine) (ran: the ARC-Easy --update of temperature)"
+
+
+def test_a_mean_over_seeds_always_shows_its_spread():
+    from pyro_lora.experiments.table import format_cell
+
+    assert format_cell({"seeds": [0, 1], "x": 0.536, "x_std": 0.0}, "x", 3) == "0.536 ± 0.000"
+    assert format_cell({"seeds": [0, 1], "x": 0.705, "x_std": 1e-17}, "x", 3) == "0.705 ± 0.000"
+    assert format_cell({"seeds": [0], "x": 0.705, "x_std": 1e-17}, "x", 3) == "0.705"

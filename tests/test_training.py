@@ -397,16 +397,22 @@ def test_a_full_disk_names_what_was_being_written(tmp_path, monkeypatch):
         assert err.value is other
 
 
-def test_the_study_copies_figures_and_maps_atomically(tmp_path, monkeypatch):
-    """The report's figures and the MAPs study --update copies were written in place: a kill mid-copy left half a
-    file. A copy stopped before its swap leaves the old file and no temporary."""
+def test_the_study_draws_figures_and_copies_maps_atomically(tmp_path, monkeypatch):
+    """The report's figures and the MAPs study --update copies were written in place: a kill mid-write left half a
+    file. A write stopped before its swap leaves the old file and no temporary."""
     import os
 
-    from pyro_lora.experiments.study_report import copy_figures
+    import numpy as np
+
+    from pyro_lora.experiments.results import ARRAYS
+    from pyro_lora.experiments.study_report import draw_figures
 
     run, docs = tmp_path / "run", tmp_path / "docs"
     run.mkdir(), docs.mkdir()
-    (run / "reliability_grid.png").write_bytes(b"new figure")
+    arrays = {"probs": np.full((4, 2), 0.5), "labels": np.arange(4) % 2, "entropy": np.zeros(4), "mutual_information": np.zeros(4)}
+    np.savez(run / "predictions_map.npz", **{f"sst2__seed0__{k}": arrays[k] for k in ARRAYS})
+    record = {"folder": run, "config": {"guides": ["map"], "dataset": "sst2", "seeds": [0]}, "per_seed": [],
+              "summary": [{"guide": "map", "dataset": "sst2", "accuracy": 0.5, "ece": 1.0, "nll": 0.7}]}
     (docs / "sst2_reliability_grid.png").write_bytes(b"old figure")
 
     def killed(*args):
@@ -414,12 +420,13 @@ def test_the_study_copies_figures_and_maps_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", killed)
     with pytest.raises(KeyboardInterrupt):
-        copy_figures(run, "sst2", docs)
+        draw_figures(record, "sst2", docs)
     assert [p.name for p in docs.iterdir()] == ["sst2_reliability_grid.png"]
     assert (docs / "sst2_reliability_grid.png").read_bytes() == b"old figure"
     monkeypatch.undo()
-    assert copy_figures(run, "sst2", docs) == {"reliability_grid": "sst2_reliability_grid.png"}
-    assert (docs / "sst2_reliability_grid.png").read_bytes() == b"new figure"
+    assert draw_figures(record, "sst2", docs) == {"reliability_grid": "sst2_reliability_grid.png",
+                                                 "calibration_vs_accuracy": "sst2_calibration_vs_accuracy.png"}
+    assert (docs / "sst2_reliability_grid.png").read_bytes().startswith(b"\x89PNG")
 
 
 def test_save_is_atomic_and_load_refuses_other_models(tmp_path, monkeypatch):

@@ -14,7 +14,7 @@ from ..locking import folder_lock
 from ..metrics import accuracy
 from ..predictive import Prediction, predict
 from ..guides.registry import VALIDATION_TUNED, Fitted, get_method, join_notes
-from .results import PREDICT_SEEDING, RESULTS, RunFolder
+from .results import COMPARE_FLAGS, PREDICT_SEEDING, RESULTS, RunFolder, row_names
 from .scoring import MI_NO_SAMPLES_NOTE, join_row, ood_auroc, prediction_arrays, score
 from .setup import (CompareConfig, base_digest, check_config, default_guides, label_names, load_splits, prepare, records_digest,
                     seed_for, set_digests, train_map)
@@ -164,7 +164,7 @@ def small_validation_note(setup):
     return note
 
 
-def run_compare(config: CompareConfig, overwrite: bool = False, reference=None):
+def run_compare(config: CompareConfig, overwrite: bool = False, reference=None, flags=COMPARE_FLAGS):
     """Run the comparison of ``config`` over its seeds; returns the summary rows (mean and std over seeds).
 
     Writes to ``config.out`` as each (guide, seed) finishes (:class:`~pyro_lora.experiments.results.RunFolder`):
@@ -177,6 +177,7 @@ def run_compare(config: CompareConfig, overwrite: bool = False, reference=None):
     :param overwrite: replace a run of another configuration in ``config.out`` (otherwise refused).
     :param reference: the folder of the run a rerun of some methods will be merged into (``study --update``): each
         seed's MAP must be the one that run's rows started from (its digest; checked as on resume otherwise).
+    :param flags: how refusals name their remedies (:data:`~.results.STUDY_FLAGS` for the study, whose flags differ).
     One process at a time writes a run folder (:func:`~pyro_lora.locking.folder_lock`): two writing one ``results.json``
     would each keep only their own rows.
 
@@ -190,11 +191,11 @@ def run_compare(config: CompareConfig, overwrite: bool = False, reference=None):
                      data_dir=str(D.resolve_data_dir(config.data_dir)), dataset=os.path.normpath(config.dataset),
                      eval_datasets=tuple(map(os.path.normpath, config.eval_datasets)))
     with folder_lock(config.out, "this run folder") if is_main() else contextlib.nullcontext():
-        return _run_seeds(config, overwrite, reference)
+        return _run_seeds(config, overwrite, reference, flags)
 
 
-def _run_seeds(config, overwrite, reference):
-    run = RunFolder(config.out, config, overwrite=overwrite)
+def _run_seeds(config, overwrite, reference, flags):
+    run = RunFolder(config.out, config, overwrite=overwrite, flags=flags)
     try:
         _fill(run, config, reference)
     finally:  # the summary figures once, of every row written, however the run ended
@@ -205,16 +206,15 @@ def _run_seeds(config, overwrite, reference):
 
 def _fill(run, config, reference):
     """Run and record in ``run`` every (guide, seed) of ``config`` it does not hold yet."""
-    earlier = run if reference is None else RunFolder(reference, config)  # the rows the new ones join
+    earlier = run if reference is None else RunFolder(reference, config, flags=run.flags)  # the rows the new ones join
     splits = load_splits(config)  # prepare() warns about them, once it has the tokenizer
     digest, sets, labels = records_digest(*splits), set_digests(config, *splits), label_names(config)
     for folder in [run] if earlier is run else [run, earlier]:
         folder.check_data(digest, sets)
         folder.check_labels(labels)
-    datasets = [config.dataset, *config.eval_datasets]
     say = print if is_main() else (lambda *a, **k: None)
-    plan = {seed: [g for g in config.guides if not all(run.complete(r, seed, datasets) for r in row_names(config, g))]
-            for seed in config.seeds}
+    left = run.unfinished(config.guides, config.seeds)
+    plan = {seed: [g for g in config.guides if (g, seed) in left] for seed in config.seeds}
     if not any(plan.values()) and run.base is not None and run.model_moved:
         # nothing to run, so no seed loads the base its digest is checked on: a --model path other than the rows' may
         # name another checkpoint (refused) or the same one moved (its rows shown)
@@ -310,14 +310,8 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min"
 
 
-def row_names(config, name: str) -> list:
-    """The row names method ``name`` gives in a run of ``config``: its own and, with ``config.ts`` where the method
-    allows it, its ``+ts`` row."""
-    return [name, ts_name(name)] if config.ts and get_method(name).ts else [name]
-
-
 def run_method(setup, name: str, map_seconds: float, failed_sets: list | None = None) -> dict:
-    """Fit method ``name`` on ``setup`` and score it on every evaluation set, and, where :func:`row_names` has
+    """Fit method ``name`` on ``setup`` and score it on every evaluation set, and, where :func:`~.results.row_names` has
     them, its ``+ts`` rows: the temperature fitted on the validation split on the method's own averaged predictive
     (Guo et al., 2017), applied to its test predictions. Returns row name -> (its rows, npz arrays, the
     in-distribution ``(probs, labels)`` for its reliability diagram), or for a ``+ts`` row whose validation
@@ -341,7 +335,7 @@ def run_method(setup, name: str, map_seconds: float, failed_sets: list | None = 
     if _has_mean_predictor(method, fitted):
         costs[config.dataset]["mean_accuracy"] = mean_accuracy(setup, fitted.guide)
     out = {name: _score_rows(setup, name, method.setting, fitted.point_estimate, predictions, fit_costs, costs, MI_NO_SAMPLES_NOTE)}
-    if len(row_names(config, name)) > 1:
+    if len(row_names(config.ts, name)) > 1:
         try:
             out[ts_name(name)] = _ts_rows(setup, name, method, fitted, predictions, fit_costs, costs)
         except Exception as error:  # noqa: BLE001 -- recorded by the caller for the +ts row alone

@@ -14,13 +14,14 @@ import warnings
 import zipfile
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
-from ..guides.registry import join_notes
+from ..guides.registry import METHODS, join_notes
 from ..data import resolve_data_dir
 from ..distributed import is_main
 from ..checks import not_a_file
@@ -41,7 +42,22 @@ _UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)  # w
 ARRAYS = ("probs", "labels", "entropy", "mutual_information")  # per evaluation set and seed in predictions_<guide>.npz
 # settings a resumed run may change: what is run (guides, seeds), where it is written, and the bars
 _RESUMABLE = ("guides", "seeds", "out", "progress")
-_REPLACE = "pass --overwrite (pyro-lora study: --force) to replace"  # compare's flag and the study's for one thing
+
+
+class Flags(NamedTuple):
+    """How a refusal names its remedies in the command that met it: ``folder``, the flag of another run folder;
+    ``overwrite``, the one that replaces a run of another configuration; ``rescore``, how to rerun every row of a run
+    on the base model and records there now (a digest refusal: the configuration is the same, so ``--force`` does
+    not replace it under the study)."""
+
+    folder: str
+    overwrite: str
+    rescore: str
+
+
+COMPARE_FLAGS = Flags("--out", "--overwrite", "pass --overwrite to replace the run")
+STUDY_FLAGS = Flags("--runs", "--force", "rerun every row on the --model and records there now: "
+                    "`pyro-lora study --update map` with the same flags")
 
 
 # how compare seeds its predictives (run.json's "predict_seeding", results.json's per row name): 1, a seed per
@@ -141,6 +157,52 @@ def failed_run(record) -> str:
     return f"{record['guide']} (seed {record['seed']}{where})"
 
 
+def row_names(ts, name) -> list:
+    """The row names method ``name`` gives in a run with ``+ts`` rows or not (its config's ``ts``): its own and, where
+    ``ts`` and the method allows it, its ``+ts`` row."""
+    method = METHODS.get(name)
+    return [name, ts_name(name)] if ts and method is not None and method.ts else [name]
+
+
+def is_complete(rows, arrays, guide, seed, datasets) -> bool:
+    """Whether the row name ``guide`` under ``seed`` has a row in ``rows`` (a run's per-seed rows) for every
+    evaluation set in ``datasets``, and its arrays in ``arrays`` (its ``predictions_<guide>.npz``, by key)."""
+    have = {r["dataset"] for r in rows if r["guide"] == guide and r["seed"] == seed}
+    return set(datasets) <= have and all(f"{d}__seed{seed}__{kind}" in arrays for d in datasets for kind in ARRAYS)
+
+
+def unfinished_runs(out, rows, guides, seeds, datasets, ts) -> list:
+    """The (method, seed) of ``guides`` x ``seeds`` (seed-major) that the run in the folder ``out``, whose per-seed
+    rows are ``rows``, does not hold complete: a row name of it (:func:`row_names`; its ``+ts`` row too) lacks a row
+    on some set of ``datasets`` or its arrays (:func:`is_complete`). The one meaning of finished: what a resume
+    reruns (compare, the study) and what the study's report calls unfinished. ``out`` None (a record not read from
+    its folder): the rows alone are judged."""
+    arrays = {}  # row name -> its npz's arrays, read once
+
+    def complete(name, seed):
+        if name not in arrays:
+            arrays[name] = _read_arrays(out, name) if out is not None else _AnyKey()
+        return is_complete(rows, arrays[name], name, seed, datasets)
+
+    return [(g, s) for s in seeds for g in guides if not all(complete(r, s) for r in row_names(ts, g))]
+
+
+class _AnyKey:
+    """Holds every key: the arrays of a record judged without its folder."""
+
+    def __contains__(self, key):
+        return True
+
+
+def _read_arrays(out, guide) -> dict:
+    """The arrays of ``out/predictions_<guide>.npz`` by key; ``{}`` where it is missing or no npz (its rows are redone)."""
+    try:
+        with np.load(Path(out) / f"predictions_{guide}.npz") as saved:
+            return dict(saved)
+    except _UNREADABLE:
+        return {}
+
+
 class GuideFailures(RuntimeError):
     """Some (guide, seed) runs of a comparison failed; the others are written. ``summary`` holds their rows and
     ``verdict`` the paragraph on them ("" where the run has none: an ``--overwrite`` that failed before its first
@@ -160,11 +222,12 @@ class RunFolder:
 
     :param config: the run's :class:`~pyro_lora.experiments.compare.CompareConfig`, as requested (defaults such as the
         learning rate may be resolved later; :meth:`write` records the resolved values).
+    :param flags: how its refusals name their remedies (:data:`COMPARE_FLAGS`; the study's: :data:`STUDY_FLAGS`).
     :raises ValueError: if ``out`` holds a run of another configuration, or a ``results.json`` that is not one.
     """
 
-    def __init__(self, out, config, overwrite=False):
-        self.out, self.config = Path(out), config
+    def __init__(self, out, config, overwrite=False, flags=COMPARE_FLAGS):
+        self.out, self.config, self.flags = Path(out), config, flags
         self.request = asdict(config)
         self.rows, self.failed, self.guides, self.seeds = [], [], [], []
         self.sizes = None  # examples used per split (``Setup.sizes``), once a seed has loaded its data
@@ -201,7 +264,7 @@ class RunFolder:
 
     def _check_writable(self, guides):
         """Refuse, before any work, a folder or link where one of the run's files goes."""
-        names = [RESULTS, "reliability_grid.png", "calibration_vs_accuracy.png", *map(map_name, self.config.seeds)]
+        names = [RESULTS, *(f"{kind}.png" for kind in SUMMARY_FIGURES), *map(map_name, self.config.seeds)]
         names += [f"{kind}_{g}.{ext}" for name in guides for g in (name, ts_name(name))
                   for kind, ext in (("predictions", "npz"), ("reliability", "png"))]
         for name in names:
@@ -215,7 +278,7 @@ class RunFolder:
             return
         # results.json first: a kill from here until the new one is written leaves no record, never the old record
         # beside new files
-        names = [RESULTS, "reliability_grid.png", "calibration_vs_accuracy.png", SIDECAR]  # the sidecar: the old run's story
+        names = [RESULTS, *(f"{kind}.png" for kind in SUMMARY_FIGURES), SIDECAR]  # the sidecar: the old run's story
         for name in saved["config"].get("guides") or ():
             for guide in (name, ts_name(name)):
                 if guide not in self._added:
@@ -235,7 +298,7 @@ class RunFolder:
         if differ:
             raise ValueError(
                 f"{self.out} holds a run of another configuration ({'; '.join(differ)}): a rerun there resumes only the "
-                f"same configuration; choose another --out, or {_REPLACE} that run"
+                f"same configuration; choose another {self.flags.folder}, or pass {self.flags.overwrite} to replace that run"
             )
 
     def check_data(self, digest, sets=None):
@@ -274,8 +337,7 @@ class RunFolder:
         self._check_digest("base", digest, "the base model its rows were scored with", (
             f"holds rows scored with another base model than --model {self.config.model} loads now (its weights, "
             "configuration or tokenizer differ: the folder holds another checkpoint since, or the path names another "
-            "one): restore that model"), remedy=("pass --overwrite to replace the run; pyro-lora study: --update map "
-                                                 "reruns every row on the base --model loads now"))
+            "one): restore that model"))
 
     def check_scoring(self, config, since=None):
         """Refuse to add rows to a run whose rows were scored by another cloze scoring form than ``config``'s (the
@@ -291,25 +353,27 @@ class RunFolder:
                              "whole; form 4 cuts a passage only and asks a lone '_' outside WinoGrande as a question; "
                              "form 0: a record without a form; the run's options or records are touched by a change "
                              "since), which new "
-                             f"rows would be averaged with; run into another --out (or {_REPLACE} the run)")
+                             f"rows would be averaged with; run into another {self.flags.folder} (or {self.flags.rescore})")
         self.scoring, self.scoring_since = now, since
 
-    def _check_digest(self, key, digest, what, refusal, remedy=f"{_REPLACE} the run"):
+    def _check_digest(self, key, digest, what, refusal):
         if getattr(self, key) is None and self.rows:  # and stays without one: its old rows were never checked
             warnings.warn(f"{self.out / RESULTS} keeps no digest of {what} (written by an older version): they are not "
                           "checked now", stacklevel=3)
             return
         if getattr(self, key) not in (None, digest):
-            raise ValueError(f"{self.out / RESULTS} {refusal}, or run into another --out (or {remedy})")
+            raise ValueError(f"{self.out / RESULTS} {refusal}, or run into another {self.flags.folder} (or {self.flags.rescore})")
         setattr(self, key, digest)
 
     def complete(self, guide, seed, datasets):
-        """Whether ``guide`` under ``seed`` has its rows for every evaluation set in ``datasets`` and its arrays."""
-        have = {r["dataset"] for r in self.rows if r["guide"] == guide and r["seed"] == seed}
-        if not set(datasets) <= have:
-            return False
-        arrays = self._arrays(guide)
-        return all(f"{d}__seed{seed}__{kind}" in arrays for d in datasets for kind in ARRAYS)
+        """Whether the row name ``guide`` under ``seed`` has its rows for every evaluation set in ``datasets`` and its
+        arrays (:func:`is_complete`)."""
+        return is_complete(self.rows, self._arrays(guide), guide, seed, datasets)
+
+    def unfinished(self, guides, seeds):
+        """The (method, seed) of ``guides`` x ``seeds`` that a rerun of this run must fit (:func:`unfinished_runs`)."""
+        return unfinished_runs(self.out, self.rows, guides, seeds, [self.config.dataset, *self.config.eval_datasets],
+                               self.config.ts)
 
     def map_file(self, seed) -> Path:
         """The file that keeps the MAP of ``seed`` (``train_map``'s cache): a resumed seed loads it rather than training
@@ -414,12 +478,7 @@ class RunFolder:
         return self._arrays(guide)[f"{dataset}__seed{seed}__probs"]
 
     def _arrays(self, guide):
-        path = self.out / f"predictions_{guide}.npz"
-        try:
-            with np.load(path) as saved:
-                return dict(saved)
-        except _UNREADABLE:  # missing, or not an npz: those rows are redone
-            return {}
+        return _read_arrays(self.out, guide)
 
     def add(self, guide, seed, rows, arrays, first_seed=None):
         """Record a finished (guide, seed): its ``rows`` (one per evaluation set), npz ``arrays`` and, for the run's
@@ -509,7 +568,7 @@ class RunFolder:
             for f in failed:
                 by_error.setdefault(f["error"], []).append(failed_run(f))
             listed = "; ".join(f"{', '.join(runs)}: {error}" for error, runs in by_error.items())
-            where = (f"The run --overwrite was to replace is kept in {self.out}" if self._replaced is not None else
+            where = (f"The run {self.flags.overwrite} was to replace is kept in {self.out}" if self._replaced is not None else
                      f"The {done} finished{partly} are in {self.out / RESULTS} (tracebacks under 'failed'); the runs are "
                      "seeded, so the same command fails them again unless their cause is fixed outside its flags (code, "
                      "packages, memory), and then resumes with them")
@@ -517,33 +576,43 @@ class RunFolder:
                                 verdict(self.rows, self.config.dataset))
 
 
-def redraw_figures(out, record) -> None:
-    """Draw again, from the npz files in ``out``, the figures of its run record ``record`` (``results.json``): the
-    summary figures and every method's reliability diagram, which a kill after the run's last row left behind it."""
+SUMMARY_FIGURES = ("reliability_grid", "calibration_vs_accuracy")  # a run's figures of every method, <kind>.png
+
+
+def redraw_figures(out, record, to=None) -> bool:
+    """Draw again, from the npz files in ``out``, the figures of its run record ``record`` (``results.json``; or as
+    the study's report reads it, its summary recomputed from its rows): the summary figures and, unless ``to`` is
+    given, every method's reliability diagram, which a kill after the run's last row left behind it.
+
+    :param to: ``{kind: path}`` for each of :data:`SUMMARY_FIGURES` (the study's report: its own copies, drawn from
+        the rows it reports); default the run's own ``out/<kind>.png``.
+    :returns: whether the summary figures were drawn (no method has arrays of the run's first seed: none).
+    """
     config = record["config"]
-    _draw_summary(Path(out), record["summary"], config["guides"], config["dataset"], config["seeds"][0],
-                  each=config["guides"])
+    guides = config["guides"] or list(dict.fromkeys(base_guide(r["guide"]) for r in record["per_seed"]))
+    return _draw_summary(Path(out), record["summary"], guides, config["dataset"], config["seeds"][0],
+                         each=() if to else guides, to=to)
 
 
-def _draw_summary(out, summary, guides, dataset, seed, each=()):
+def _draw_summary(out, summary, guides, dataset, seed, each=(), to=None):
     """The reliability grid and calibration-vs-accuracy plot of the ``guides`` whose arrays for ``seed`` (the run's
-    first) on ``dataset`` are in ``out``; and the reliability diagram of each guide in ``each``."""
+    first) on ``dataset`` are in ``out`` (to ``to[kind]``, default ``out/<kind>.png``); and the reliability diagram
+    of each guide in ``each``. Returns whether the summary figures were drawn."""
+    to = to or {kind: out / f"{kind}.png" for kind in SUMMARY_FIGURES}
     first = {}
     for guide in guides:
-        try:
-            with np.load(out / f"predictions_{guide}.npz") as arrays:
-                key = f"{dataset}__seed{seed}__"
-                if key + "probs" in arrays and key + "labels" in arrays:
-                    first[guide] = (torch.from_numpy(arrays[key + "probs"]), torch.from_numpy(arrays[key + "labels"]))
-        except _UNREADABLE:  # this guide has no finished arrays
-            continue
+        arrays, key = _read_arrays(out, guide), f"{dataset}__seed{seed}__"
+        if key + "probs" in arrays and key + "labels" in arrays:  # else this guide has no finished arrays
+            first[guide] = (torch.from_numpy(arrays[key + "probs"]), torch.from_numpy(arrays[key + "labels"]))
     for guide in each:
         if guide in first:
             reliability_diagram(*first[guide], out / f"reliability_{guide}.png", title=f"{guide} on {dataset}")
     rows = [r for r in summary if r["dataset"] == dataset and r["guide"] in first]
-    if first and rows:
-        reliability_grid(first, out / "reliability_grid.png")
-        metric_scatter(rows, out / "calibration_vs_accuracy.png")
+    if not (first and rows):
+        return False
+    reliability_grid(first, to["reliability_grid"])
+    metric_scatter(rows, to["calibration_vs_accuracy"])
+    return True
 
 
 def read_record(out, advice, needs=()):
@@ -854,5 +923,5 @@ def _record_finished_update(path):
     del sidecar["running"]
     sidecar.setdefault("updates", []).append({"guides": running["update"], "command": running.get("command"),
                                               "started": running.get("started"), "wall_seconds": None,
-                                              "finished": now()})
+                                              "finished": now(), "machine": running.get("machine")})
     write_json(path, sidecar)

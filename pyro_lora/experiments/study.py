@@ -45,8 +45,8 @@ from ..guides.registry import METHODS
 from ..io import check_file_slot, copy_file, standard_json, writable_folder, write_json
 from ..locking import FolderLocked, folder_lock, locked_elsewhere
 from . import compare
-from .results import (MERGE_IGNORES, NEXT_SIDECAR, RESULTS, SIDECAR, GuideFailures, RunFolder, config_differences,
-                      finish_merge, map_name, merge_results, read_record, read_sidecar, redraw_figures)
+from .results import (MERGE_IGNORES, NEXT_SIDECAR, RESULTS, SIDECAR, STUDY_FLAGS, GuideFailures, RunFolder,
+                      config_differences, finish_merge, map_name, merge_results, read_record, read_sidecar, redraw_figures)
 from .setup import FULL, CompareConfig, check_config, data_digest, default_guides
 from .study_header import duration, machine_info, now
 from .study_report import DATASETS, build_report
@@ -227,10 +227,7 @@ def saved_differences(saved, config):
 
 def unfinished(config):
     """The (guide, seed) of ``config`` whose rows (every evaluation set, ``+ts`` rows too) its run folder lacks."""
-    run = RunFolder(config.out, config)
-    datasets = [config.dataset, *config.eval_datasets]
-    return [(g, s) for s in config.seeds for g in expected_guides(config)
-            if not all(run.complete(r, s, datasets) for r in compare.row_names(config, g))]
+    return RunFolder(config.out, config, flags=STUDY_FLAGS).unfinished(expected_guides(config), config.seeds)
 
 
 def _saved(config):
@@ -275,7 +272,7 @@ def run_dataset(config, command, force=False):
         print(f"## {config.dataset}: {config.model}, train {config.train_size}, test {config.test_size}, epochs {config.epochs}, "
               f"seeds {','.join(map(str, config.seeds))}{shift}", flush=True)
         with _sidecar(out, command, config, keep=resumed) as record:
-            compare.run_compare(config, overwrite=bool(changed))
+            compare.run_compare(config, overwrite=bool(changed), flags=STUDY_FLAGS)
     print(f"## {config.dataset}: done in {duration(record['seconds'])}", flush=True)
     return record["seconds"]
 
@@ -380,7 +377,9 @@ def update_dataset(config, command, force=False):
                   f"the (method, seed) it finished in {here} are kept (--force reruns them)", flush=True)
         elif here.exists():  # before the mark: an earlier update's rows must never be resumed or merged as this one's
             shutil.rmtree(here)
-        write_json(out / SIDECAR, {**sidecar, "running": {"command": command, "started": started, "update": list(config.guides)}})
+        machine = machine_info(config.device)  # the rerun rows' costs are measured here, maybe not where the run's were
+        write_json(out / SIDECAR, {**sidecar, "running": {"command": command, "started": started, "update": list(config.guides),
+                                                          "machine": machine}})
         retrain = REFERENCE in config.guides
         if not retrain:  # the rerun starts from the MAP the run's other rows started from
             here.mkdir(parents=True, exist_ok=True)
@@ -388,12 +387,12 @@ def update_dataset(config, command, force=False):
                 if (out / map_name(seed)).is_file():
                     copy_file(out / map_name(seed), here / map_name(seed))
         try:  # a retrained MAP's rows replace every row: nothing to match
-            compare.run_compare(rerun, overwrite=not resume, reference=None if retrain else out)
+            compare.run_compare(rerun, overwrite=not resume, reference=None if retrain else out, flags=STUDY_FLAGS)
         except GuideFailures as error:  # the finished rows are merged; the failed ones replace their stale rows
             failure = error
         seconds = time.perf_counter() - start
         sidecar.setdefault("updates", []).append({"guides": list(config.guides), "command": command, "started": started,
-                                                  "finished": now(), "wall_seconds": seconds})
+                                                  "finished": now(), "wall_seconds": seconds, "machine": machine})
         merge_results(out, here, record=lambda: write_json(out / SIDECAR, sidecar))
     if failure is not None:
         raise failure

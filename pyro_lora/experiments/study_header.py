@@ -52,11 +52,25 @@ def _machine_line(m):
             f"(torch threads {m['torch_threads']}), device {m['device']}{gpu}")
 
 
+def _machines(runs):
+    """``{machine line: [what ran there]}`` over every run's invocations and its ``--update`` ones: an update's rows'
+    costs were measured where it ran (an update recorded without its machine, before it was kept: ``unknown``)."""
+    machines = {}
+    for d, run in runs.items():
+        s = run["sidecar"]
+        if s.get("machine"):  # the last invocation's that ran the whole run
+            machines.setdefault(_machine_line(s["machine"]), []).append(f"the {long_name(d)} run")
+        for u in s.get("updates", []):
+            where = _machine_line(u["machine"]) if u.get("machine") else "unknown (an update recorded without its machine)"
+            machines.setdefault(where, []).append(f"the {long_name(d)} --update of {', '.join(u['guides'])}")
+    return machines
+
+
 def header_section(runs, command, now, failed=()):
     """Title, command lines, machine(s), dates, wall times and the sizes of every run."""
     sidecars = {d: run["sidecar"] for d, run in runs.items()}
     commands = list(dict.fromkeys(c for s in sidecars.values() for c in (s.get("commands") or ([s["command"]] if s.get("command") else []))))
-    machines = sorted({_machine_line(s["machine"]) for s in sidecars.values() if s.get("machine")})
+    machines = _machines(runs)
     walls = [s.get("wall_seconds") for s in sidecars.values()]
     # an --update's rerun is part of the study's time too: its recorded duration counts (one without is listed below)
     updated = [u["wall_seconds"] for s in sidecars.values() for u in s.get("updates", []) if u.get("wall_seconds") is not None]
@@ -73,7 +87,8 @@ def header_section(runs, command, now, failed=()):
     ]
     if commands and commands != [command]:
         lines.append("- runs made with: " + "; ".join(f"`{c}`" for c in commands))
-    lines += [f"- machine: {m}" for m in machines] or [f"- machine (this report): {_machine_line(machine_info())}"]
+    lines += [f"- machine: {m} (ran: {'; '.join(what)})" for m, what in machines.items()] or [
+        f"- machine (this report): {_machine_line(machine_info())}"]
     lines.append(f"- date: {now}")
     missing = "" if all(w is not None for w in walls) else " (some runs have no recorded wall time)"
     cut = sum(len(s.get("interrupted", [])) + ("running" in s) + sum(u.get("wall_seconds") is None for u in s.get("updates", []))
@@ -103,9 +118,12 @@ def header_section(runs, command, now, failed=()):
     for d, run in runs.items():
         c, s = run["config"], run["sidecar"]
         train, validation, test = used_sizes(run)
+        # a run cut short (Ctrl-C, a kill) has not finished, whenever its last invocation stopped
+        finished = s.get("finished", "—") if not unfinished_pairs(run)[0] else (
+            f"unfinished (stopped {s['finished']})" if s.get("finished") else "unfinished")
         lines.append(
-            f"| {long_name(d)} | {model_name(c)} | {duration(s.get('wall_seconds'))} | {s.get('finished', '—')} "
-            f"| {','.join(map(str, c['seeds']))} | {len(c['guides'])} | {train} | {validation} | {test} "
+            f"| {long_name(d)} | {model_name(c)} | {duration(s.get('wall_seconds'))} | {finished} "
+            f"| {','.join(map(str, requested_seeds(run)))} | {len(c['guides'])} | {train} | {validation} | {test} "
             f"| {c['epochs']} | {c['batch_size']} | {c['samples']} | {c['max_length']} | {answer_format(c)} | {c['lr']} "
             f"| {c.get('dtype', 'fp32')}{', 4-bit' if c.get('load_in_4bit') else ''} | {', '.join(map(long_name, c['eval_datasets'])) or '—'} |")
     lines += ["", "Train, validation and test are the examples used (a set smaller than the size asked for gives all it has); "
@@ -132,19 +150,32 @@ def used_sizes(run):
     return str(sizes["train"]), str(sizes["validation"]), f"{sizes['test']}" + (f" ({shifted})" if shifted else "")
 
 
-def run_state(run):
-    """Sentences on what a run lacks: the (method, seed) it was asked for that neither finished nor failed (cut
-    short, or still running), and those that failed."""
-    request, config = run.get("request") or {}, run["config"]
+def unfinished_pairs(run):
+    """``(unfinished, asked)``: the (method, seed) a run was asked for (its last request's, and each one it has rows
+    or failures of), and those of them that neither finished, as a resume judges it
+    (:func:`~.results.unfinished_runs`: the ``+ts`` row and arrays too), nor failed: cut short, or still running.
+    ``run["folder"]``: where :func:`~.study_report.load_runs` read it (without one, its rows alone are judged)."""
+    from .results import unfinished_runs  # results imports this module
+
+    request, config, rows = run.get("request") or {}, run["config"], run["per_seed"]
     guides, seeds = request.get("guides") or config["guides"], request.get("seeds") or config["seeds"]
-    done = {(base_guide(r["guide"]), r["seed"]) for r in run["per_seed"]}
-    failed = {(f["guide"], f["seed"]) for f in run.get("failed", [])}  # a method's, or its +ts step's alone
-    expected = {(g, s) for g in guides for s in seeds} | done | {(base_guide(g), s) for g, s in failed}
+    failed = {(base_guide(f["guide"]), f["seed"]) for f in run.get("failed", [])}  # a method's, or its +ts step's alone
+    asked = {(g, s) for g in guides for s in seeds} | {(base_guide(r["guide"]), r["seed"]) for r in rows} | failed
+    datasets = [config.get("dataset"), *config.get("eval_datasets", ())]
+    # a record from before the +ts rows has none (ADDED_SETTINGS' ts False)
+    judged = unfinished_runs(run.get("folder"), rows, list(dict.fromkeys(g for g, _ in asked)),
+                             list(dict.fromkeys(s for _, s in asked)), datasets, config.get("ts", False))
+    return (set(judged) & asked) - failed, asked
+
+
+def run_state(run):
+    """Sentences on what a run lacks: the (method, seed) it was asked for that neither finished nor failed
+    (:func:`unfinished_pairs`), and those that failed."""
+    missing, asked = unfinished_pairs(run)
     out = []
-    missing = expected - done - {(base_guide(g), s) for g, s in failed}
     if missing:
-        out.append(f"**unfinished**: {len(missing)} of {len(expected)} (method, seed) neither finished nor failed (a run cut "
-                   "short, or still running; the same command resumes it)")
+        out.append(f"**unfinished**: {len(missing)} of {len(asked)} (method, seed) neither finished nor failed (a "
+                   "run cut short, or still running; the same command resumes it)")
     by_guide = {}
     for f in sorted(run.get("failed", []), key=lambda f: (f["guide"], str(f.get("dataset")), str(f["seed"]))):
         on = f", on {f['dataset']}" if f.get("dataset") else ""  # one shifted set's scoring: the other rows kept
@@ -154,6 +185,12 @@ def run_state(run):
                                               for (g, on), v in by_guide.items())
                    + " (tracebacks in its results.json, under 'failed')")
     return out
+
+
+def requested_seeds(run):
+    """The seeds a run was asked for, in order: those its record holds and its last invocation's (a resume of
+    other seeds keeps the earlier ones)."""
+    return list(dict.fromkeys([*run["config"]["seeds"], *((run.get("request") or {}).get("seeds") or ())]))
 
 
 def model_name(config):

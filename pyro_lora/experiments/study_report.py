@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from ..guides.registry import METHODS, join_notes
-from ..io import atomic_file, copy_file
+from ..io import atomic_file
 from .plots import difference_heatmaps
-from .results import PREDICT_SEEDING, SIDECAR, read_record, recorded_seeding, summarize_run
+from .results import PREDICT_SEEDING, SIDECAR, SUMMARY_FIGURES, read_record, recorded_seeding, redraw_figures, summarize_run
 from .study_header import answer_format, header_section, long_name, model_name, short, used_sizes
 from .table import COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, row_setting, shown, ts_name
 from .verdict import ACCURACY_POINTS, accuracy_drop, clear_difference, verdict
@@ -66,6 +66,7 @@ def load_runs(runs_dir, datasets=None):
         run["summary"] = summarize_run(run["per_seed"], run.get("failed", []))
         sidecar = path.with_name(SIDECAR)
         run["sidecar"] = json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+        run["folder"] = path.parent  # its arrays: whether each (method, seed) is complete (study_header.run_state)
         runs[dataset] = run
     return runs
 
@@ -291,17 +292,17 @@ def cross_table(table, labels, guides, digits, lower_better=True, partial=frozen
     return "\n".join(lines)
 
 
-def copy_figures(run_dir, dataset, figures_dir):
-    """Copy a run's reliability grid and calibration-vs-accuracy PNGs to ``figures_dir/<dataset>_*.png``;
-    returns ``{kind: file name}`` of those that exist."""
-    copied = {}
-    for kind in ("reliability_grid", "calibration_vs_accuracy"):
-        source = Path(run_dir) / f"{kind}.png"
-        if source.is_file():
-            target = Path(figures_dir) / f"{dataset}_{kind}.png"
-            copy_file(source, target)
-            copied[kind] = target.name
-    return copied
+def draw_figures(run, dataset, figures_dir):
+    """Draw a run's reliability grid and calibration-vs-accuracy plot to ``figures_dir/<dataset>_*.png`` from the npz
+    files in its folder and the rows the report shows (:func:`~.results.redraw_figures`): the run's own PNGs may
+    predate its last rows (a kill where a run redraws them after its last row). Returns ``{kind: file name}`` of
+    those drawn (none without arrays: an earlier report's copies are removed, never shown for these rows)."""
+    targets = {kind: Path(figures_dir) / f"{dataset}_{kind}.png" for kind in SUMMARY_FIGURES}
+    if redraw_figures(run["folder"], run, to=targets):
+        return {kind: path.name for kind, path in targets.items()}
+    for path in targets.values():
+        path.unlink(missing_ok=True)
+    return {}
 
 
 def in_distribution_table(run):
@@ -542,7 +543,7 @@ def build_report(runs_dir, docs_dir, datasets=None, command=None, failed=()):
     figures_dir.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     parts = [header_section(runs, command, now, failed)]
-    parts += [dataset_section(d, run, copy_figures(Path(runs_dir) / d, d, figures_dir)) for d, run in runs.items()]
+    parts += [dataset_section(d, run, draw_figures(run, d, figures_dir)) for d, run in runs.items()]
     parts.append(shift_section(runs))
     figure = summary_plot(runs, figures_dir / "summary.png")
     parts.append(summary_section(runs, figure.name if figure else None))

@@ -120,12 +120,16 @@ def not_available(value):
 
 
 def format_cell(row, key, digits, missing=""):
-    """``row[key]`` with ``digits`` decimals, ``± row[key + "_std"]`` where the row has a nonzero std; ``n/a`` for a
-    value that is not available, ``missing`` for a key the row lacks (not measured there)."""
+    """``row[key]`` with ``digits`` decimals, ``± row[key + "_std"]`` where the row is a mean over several seeds (its
+    ``seeds``; a row without them: where its std is nonzero), ``± 0.000`` too: a std of exactly 0 and one of 1e-17
+    read alike, and a single seed never shows one; ``n/a`` for a value that is not available, ``missing`` for a key
+    the row lacks (not measured there)."""
     if key not in row:
         return missing
     std = row.get(key + "_std")
-    return _number(row[key], digits) + (f" ± {shown(std, digits)}" if std and not not_available(std) and not not_available(row[key]) else "")
+    several = len(row["seeds"]) > 1 if row.get("seeds") is not None else bool(std)
+    spread = several and std is not None and not not_available(std) and not not_available(row[key])
+    return _number(row[key], digits) + (f" ± {shown(std, digits)}" if spread else "")
 
 
 def shown(value, digits) -> str:
