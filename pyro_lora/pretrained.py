@@ -593,6 +593,12 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
         :func:`~pyro_lora.contract.drawn_at_load`, marked by :func:`load_pretrained`) and the adapter does not load it,
         e.g. one saved by plain peft without ``task_type='SEQ_CLS'`` or ``modules_to_save=[head name]``: it would
         predict with a freshly random head.
+
+    Warns (``UserWarning``) where another parameter ``model`` drew at load is not loaded by the adapter, naming it: a
+    BERT MLM checkpoint's pooler (inside the backbone, no head), which peft's ``task_type='SEQ_CLS'`` does not save.
+    It equals the one the adapter was trained with only if ``model`` was loaded under the torch seed of the training
+    (``torch.manual_seed`` before :func:`load_pretrained`); an adapter saved with it
+    (``modules_to_save=['classifier', 'pooler']``) loads it whatever the seed.
     """
     from peft import PeftModel
 
@@ -624,24 +630,50 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
         finally:
             hook.remove()
     _check_head_loaded(model, loaded, adapter_dir)
+    _warn_about_drawn(model, loaded, adapter_dir)
     for config in net.peft_config.values() if not lora_ga_can_run else ():
         if getattr(config, "init_lora_weights", None) == "lora_ga":
             config.lora_ga_config = None
     return net
 
 
+def _drawn_not_loaded(model, loaded: set) -> list:
+    """The parameters ``model`` drew at load that the adapter did not load (``loaded``: the names, within ``model``,
+    it gave values); a frozen original beside a loaded ``modules_to_save`` copy (``.original_module.``) does not run."""
+    return [name for name, p in model.named_parameters()
+            if drawn_at_load(p) and ".original_module." not in name and name not in loaded]
+
+
 def _check_head_loaded(model, loaded: set, adapter_dir) -> None:
-    """Refuse a task head ``model`` drew at load that the adapter did not load (``loaded``: the names, within ``model``,
-    it gave values): whatever the seed, the head the adapter was trained with is not there. A frozen original beside a
-    loaded ``modules_to_save`` copy (``.original_module.``) does not run, and a causal LM's ``lm_head`` is no head."""
+    """Refuse a task head ``model`` drew at load that the adapter did not load: whatever the seed, the head the adapter
+    was trained with is not there. A causal LM's ``lm_head`` is no head."""
     heads = tuple(f"{name}." for name in head_modules(model))
-    drawn = [name for name, p in model.named_parameters()
-             if name.startswith(heads) and drawn_at_load(p) and ".original_module." not in name and name not in loaded]
+    drawn = [name for name in _drawn_not_loaded(model, loaded) if name.startswith(heads)]
     if drawn:
         names = list(dict.fromkeys(name.split(".", 1)[0] for name in drawn))
         raise ValueError(f"the adapter in {adapter_dir} does not carry the trained task head ({drawn[:2]}): the base "
                          "model drew it at load (its checkpoint lacks it), so a random head would be scored; save the "
                          f"adapter with its head (peft's task_type='SEQ_CLS', or modules_to_save={names})")
+
+
+_DRAWN_NOT_LOADED = "the base model drew weights at load that the adapter does not carry"  # the start the CLI filters
+
+
+def _warn_about_drawn(model, loaded: set, adapter_dir) -> None:
+    """Warn about the parameters ``model`` drew at load, outside its head, that the adapter did not load (a BERT MLM
+    checkpoint's pooler, inside the backbone): they are the trained ones only under the training's torch seed. The
+    advice names the module to save below the backbone (``pooler``), beside the head's (``classifier``)."""
+    drawn = _drawn_not_loaded(model, loaded)
+    if not drawn:
+        return
+    prefix = f"{getattr(base_network(model), 'base_model_prefix', None)}."
+    names = list(dict.fromkeys([*head_modules(model), *(name.removeprefix(prefix).split(".", 1)[0] for name in drawn)]))
+    more = f" and {len(drawn) - 3} more" if len(drawn) > 3 else ""
+    warnings.warn(f"{_DRAWN_NOT_LOADED} ({drawn[:3]}{more}; the adapter in {adapter_dir}): its checkpoint lacks "
+                  "them, so they were drawn under the torch seed; they equal the ones the adapter was trained with only if the base was "
+                  "loaded under the same seed as for training (torch.manual_seed before load_pretrained); to load them "
+                  f"whatever the seed, save them in the adapter (peft's modules_to_save={names})", UserWarning,
+                  stacklevel=3)
 
 
 def default_mc_format(model: torch.nn.Module) -> str:

@@ -208,3 +208,28 @@ def test_an_adapter_from_elsewhere_without_its_head_is_refused_not_scored_with_a
     assert (f"the adapter in {tmp_path / 'adapter'} does not carry the trained task head ([{missing}]): the base model "
             "drew it at load (its checkpoint lacks it), so a random head would be scored; save the adapter with its head "
             "(peft's task_type='SEQ_CLS', or modules_to_save=['classifier'])") in err
+
+
+def test_bayesianize_says_once_that_a_pooler_drawn_at_load_is_the_fits_only_under_its_seed(tmp_path, capsys):
+    """load_adapter warns about a weight drawn at load that the adapter does not carry (an MLM checkpoint's pooler);
+    bayesianize checks the seed itself (an adapter from elsewhere: unknown, warned about): said once, not twice."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
+    from pyro_lora.model_files import minilm_dir
+    from pyro_lora.pretrained import load_pretrained
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4)).save_pretrained(tmp_path / "mlm")  # no pooler, no classifier
+    tokenizer.save_pretrained(tmp_path / "mlm")
+    net, _ = load_pretrained(str(tmp_path / "mlm"), "classification", num_labels=2, progress=False)
+    get_peft_model(net, LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS")).save_pretrained(
+        tmp_path / "adapter")  # the classifier saved, the pooler not
+    assert cli.main(["bayesianize", str(tmp_path / "adapter"), "--model", str(tmp_path / "mlm"), *SMALL, "--anchors", "8",
+                     "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "--model draws ['bert.pooler.dense.weight', 'bert.pooler.dense.bias'] at load under the seed" in err
+    assert err.count("bert.pooler.dense.weight") == 1  # load_adapter's own warning is not repeated
+

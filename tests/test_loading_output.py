@@ -239,6 +239,51 @@ def test_an_adapter_without_the_head_the_base_drew_at_load_is_refused_and_one_wi
         assert torch.allclose(loaded(input_ids=ids).logits, trained.eval()(input_ids=ids).logits, atol=1e-6)
 
 
+@pytest.mark.parametrize("options", [{"task_type": "SEQ_CLS"}, {"modules_to_save": ["classifier", "pooler"]}],
+                         ids=["pooler_not_saved", "pooler_saved"])
+def test_a_pooler_drawn_at_load_and_not_in_the_adapter_is_warned_about_and_one_saved_in_it_loads(tmp_path, options):
+    """A BERT MLM checkpoint lacks the pooler too, which sits inside the backbone (no head: not refused): an adapter
+    saved by plain peft with task_type='SEQ_CLS' (classifier kept, pooler not) loaded silently under another seed
+    with another random pooler (logits up to 2.49 off, 6% of predictions flipped). Now it is warned about, naming it
+    and how to save it; an adapter saved with it loads it and gives the saved network's logits, without a warning."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=96)).save_pretrained(tmp_path / "mlm")
+    _word_tokenizer(tmp_path / "mlm")
+
+    def base(seed):
+        torch.manual_seed(seed)  # the pooler and the classifier are drawn under it
+        return P.load_pretrained(str(tmp_path / "mlm"), "classification", num_labels=2, progress=False)[0]
+
+    trained = get_peft_model(base(0), LoraConfig(r=2, target_modules=["query", "value"], **options))
+    with torch.no_grad():  # a trained adapter: B and the saved classifier (and pooler) moved off their initial values
+        for p in trained.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    trained.save_pretrained(tmp_path / "adapter")
+    ids = torch.randint(2, 64, (50, 7))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        loaded = P.load_adapter(base(1), tmp_path / "adapter").eval()  # another seed than the training's
+    said = [w for w in record if "drew weights at load" in str(w.message)]
+    with torch.no_grad():
+        gap = (loaded(input_ids=ids).logits - trained.eval()(input_ids=ids).logits).abs().max().item()
+    if "pooler" in options.get("modules_to_save", []):
+        assert said == [] and gap < 1e-5
+        return
+    assert gap > 0.1  # what the warning is about: another pooler, other logits
+    assert [str(w.message) for w in said] == [
+        "the base model drew weights at load that the adapter does not carry (['bert.pooler.dense.weight', "
+        f"'bert.pooler.dense.bias']; the adapter in {tmp_path / 'adapter'}): its checkpoint lacks them, so they were "
+        "drawn under the torch seed; they equal the ones the adapter was trained with only if the base was loaded under the same "
+        "seed as for training (torch.manual_seed before load_pretrained); to load them whatever the seed, save them in "
+        "the adapter (peft's modules_to_save=['classifier', 'pooler'])"]
+    assert said[0].filename == __file__  # said at the caller's line
+
+
 def test_only_the_peft_warning_is_hidden():
     # The filter is scoped: the same deprecation raised outside add_lora/load_adapter still shows.
     with warnings.catch_warnings(record=True) as record:

@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import time
 import warnings
 from dataclasses import asdict, replace
@@ -17,6 +18,7 @@ from ..costs import PeakMemory
 from ..io import (_check_beside, _read_meta, check_sealed, load_guide, read_safetensors, recover_directory, save_guide,
                   writable_folder)
 from ..model import LoraModel
+from ..pretrained import _DRAWN_NOT_LOADED
 from ..model_files import label_key, local_model_path, minilm_dir
 from ..kinds import KINDS
 from ..distributed import is_main
@@ -273,7 +275,7 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
         done = _finished_row(config, made, overwrite)
         if done is not None:
             return done
-        setup = prepare(config, config.seeds[0], adapter_dir=adapter_dir)
+        setup = _prepare_saved(config, config.seeds[0], adapter_dir)
         if trained_on is not None and base_digest(setup.net, setup.tokenizer) != trained_on:
             raise ValueError(f"the adapter in {adapter_dir} was fitted on another base model than --model {config.model} loads "
                              "(the digest of its weights, configuration and tokenizer in the fit's run.json differs"
@@ -378,6 +380,15 @@ def _dtype_hint(fit_run, config) -> str:
     changed = [f"--{k.replace('_', '-')} {fitted[k]!r} there, {getattr(config, k)!r} now" for k in ("dtype", "load_in_4bit")
                if k in fitted and fitted[k] != getattr(config, k)]
     return f"; the fit loaded it otherwise: {', '.join(changed)}" if changed else ""
+
+
+def _prepare_saved(config, seed, adapter_dir):
+    """:func:`~pyro_lora.experiments.setup.prepare` with the saved adapter of ``adapter_dir`` (if any), without load_adapter's
+    warning about weights drawn at load that the adapter does not carry: here their seed is checked (bayesianize:
+    :func:`_check_drawn_weights` against the fit's; evaluate: the run's own seed), and a warning would repeat it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=re.escape(_DRAWN_NOT_LOADED), category=UserWarning)
+        return prepare(config, seed, adapter_dir=adapter_dir)
 
 
 def _check_drawn_weights(setup, fit_run, adapter_dir):
@@ -515,7 +526,7 @@ def evaluate_saved(run_dir, **overrides) -> dict:
     if adapter is not None:
         check_adapter_dir(adapter, task)
     # the saved adapter, if any, brings its own rank, alpha, targets and head
-    setup = prepare(config, run["seed"], adapter_dir=adapter)
+    setup = _prepare_saved(config, run["seed"], adapter)
     view = setup.for_method(method.name)
     prior = run.get("prior", config.prior_scale)  # the prior of the guide's model (e.g. post hoc: 0.1)
     model = method.model.restore(setup.net, view.likelihood, run["random"], num_data=len(setup.train), prior=prior)
