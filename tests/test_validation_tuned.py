@@ -640,6 +640,31 @@ def test_the_verdict_names_a_method_whose_scoring_of_a_shifted_set_failed():
     assert "OOD AUROC (entropy) on shift_a: map, temperature (0.700, tied)" in text  # compared without it
 
 
+def test_the_verdict_says_nothing_was_compared_on_a_shifted_set_without_any_row(monkeypatch):
+    """The verdict learnt the shifted sets from the rows only: one on which every method's scoring failed (no row at
+    all) vanished from it without a word. Given the run's shifted sets, it says nothing was compared there; the CLI
+    passes them from results.json's config."""
+    from pyro_lora.experiments import cli
+
+    runs = {"map": [(0.80, 14.0, 0.66, 0.09)] * 2, "temperature": [(0.80, 6.0, 0.45, 0.09)] * 2,
+            "laplace": [(0.80, 3.0, 0.40, 0.09)] * 2}
+    shift_a = [{**r, "dataset": "shift_a", "ood_auroc_entropy": 0.7, "ood_auroc_mi": 0.6} for r in _rows(runs)]
+    text = verdict(_rows(runs) + shift_a, "sst2", shifted=("shift_a", "shift_b"))
+    assert ("- Nothing compared on shift_b: no method has a row there (every method's scoring of it failed, or was not "
+            "run).") in text
+    assert "OOD AUROC (entropy) on shift_a: map, temperature, laplace (0.700, tied)" in text  # shift_a compared as before
+    assert text.count("shift_b") == 1  # no comparison lines of a set without rows
+    assert verdict(_rows(runs) + shift_a, "sst2", shifted=("shift_a",)) == verdict(_rows(runs) + shift_a, "sst2")
+    text = verdict(_rows(runs), "sst2", shifted=("shift_b", "shift_a"))
+    assert "- Nothing compared on shift_a, shift_b: no method has a row there (every method's scoring of them" in text
+    cut = [r for r in _rows(runs) if not (r["guide"] == "laplace" and r["seed"] == 1)]  # seed 1 left out
+    text = verdict(cut + [r for r in shift_a if r["seed"] == 1], "sst2", shifted=("shift_a",))
+    assert "- Nothing compared on shift_a: no method has a row there on seed 0 (every method's scoring" in text
+    monkeypatch.setattr(cli, "read_record", lambda out, hint: {
+        "per_seed": _rows(runs), "config": {"dataset": "sst2", "eval_datasets": ["shift_b"]}})
+    assert "- Nothing compared on shift_b:" in cli._verdict("out")
+
+
 def test_the_verdict_names_ties_and_leaves_out_a_method_with_a_missing_value():
     rows = _rows({"map": [(0.80, 14.0, 0.66, 0.09), (0.81, 13.0, 0.65, 0.08)],
                   "temperature": [(0.80, 6.0, 0.45, 0.09), (0.81, 5.0, 0.44, 0.08)],

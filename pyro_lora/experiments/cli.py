@@ -403,7 +403,7 @@ def _verdict(out):
     """The verdict on the rows of the run in ``out``, recomputed from them (one stored by older code misses what the
     verdict says now), after a blank line ("" where there are none)."""
     saved = read_record(out, "choose another --out")
-    text = verdict(saved["per_seed"], saved["config"]["dataset"]) if saved else ""
+    text = verdict(saved["per_seed"], saved["config"]["dataset"], saved["config"].get("eval_datasets", ())) if saved else ""
     return "\n" + text if text else ""
 
 

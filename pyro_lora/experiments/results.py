@@ -534,7 +534,8 @@ class RunFolder:
         summary = self.summary()
         config = {**asdict(self.config), "guides": self.guides, "seeds": self.seeds}
         write_json(self.out / RESULTS, {"config": config, "request": self.request, "sizes": self.sizes, "summary": summary,
-                                        "verdict": verdict(self.rows, self.config.dataset), "per_seed": self.rows,
+                                        "verdict": verdict(self.rows, self.config.dataset, self.config.eval_datasets),
+                                        "per_seed": self.rows,
                                         "failed": self.failed, "maps": self.maps, "data": self.data,
                                         "data_sets": self.data_sets, "base": self.base,
                                         "base_version": BASE_DIGEST_VERSION, "predict_seeding": self.seeding,
@@ -573,7 +574,7 @@ class RunFolder:
                      "seeded, so the same command fails them again unless their cause is fixed outside its flags (code, "
                      "packages, memory), and then resumes with them")
             raise GuideFailures(f"{len(failed)} guide run(s) failed: {listed}. {where}", self.summary(),
-                                verdict(self.rows, self.config.dataset))
+                                verdict(self.rows, self.config.dataset, self.config.eval_datasets))
 
 
 SUMMARY_FIGURES = ("reliability_grid", "calibration_vs_accuracy")  # a run's figures of every method, <kind>.png
@@ -850,7 +851,8 @@ def merge_results(out, update, record=None):
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
     # a rerun method's rows are the rerun's, every seed: so is their seeding
     seeding = {g: s for g, s in recorded_seeding(base).items() if base_guide(g) not in updated} | recorded_seeding(new)
-    write_json(out / RESULTS, {**base, "config": config, "summary": summary, "verdict": verdict(rows, config["dataset"]),
+    write_json(out / RESULTS, {**base, "config": config, "summary": summary,
+                               "verdict": verdict(rows, config["dataset"], config["eval_datasets"]),
                                "per_seed": rows, "failed": failed, "maps": maps, "predict_seeding": seeding})
     if record is not None:
         record()

@@ -329,7 +329,7 @@ def dataset_section(dataset, run, figures):
              + (f", {answer_format(c)} format." if c.get("mc_format") else "."), "",
              in_distribution_table(run), ""]
     # compare's paragraph, recomputed from the rows: one stored by older code would miss what the verdict says now
-    text = verdict(run["per_seed"], c["dataset"])
+    text = verdict(run["per_seed"], c["dataset"], c.get("eval_datasets", ()))
     if text:
         head, _, points = text.partition("\n")
         lines += [head, "", points, ""]

@@ -149,7 +149,7 @@ def _missing(name, guide, left, compared, what, finished):
     return f"{name} has no finished seed (it failed on every one, or was not run)"
 
 
-def verdict(rows, dataset) -> str:
+def verdict(rows, dataset, shifted=()) -> str:
     """The paragraph ``compare`` prints under its table, from the per-seed ``rows`` of one run whose training set
     is ``dataset``: the best row on ECE, NLL and AURC (and OOD AUROC by entropy and by MI on each shifted set); which
     rows beat MAP and temperature scaling on AURC and on OOD AUROC (a method's MI against the baselines' entropy:
@@ -159,7 +159,12 @@ def verdict(rows, dataset) -> str:
     (``mean_accuracy``), whether the weight noise or the fit itself costs it. A method whose score is n/a on one of the compared seeds is left out of that score's
     comparison, and the verdict names it with those seeds; where temperature scaling or MAP has no finished seed
     (or an n/a NLL / accuracy), it says that comparison was not made. Empty where ``rows`` hold nothing of
-    ``dataset``."""
+    ``dataset``.
+
+    :param shifted: the run's shifted evaluation sets (its config's ``eval_datasets``); the rows name the others. One
+        without a row on the compared seeds (every method's scoring of it failed, or was not run) is named as such,
+        rather than left out of the verdict without a word.
+    """
     by_guide = {}
     for r in rows:
         if r["dataset"] == dataset:
@@ -172,6 +177,8 @@ def verdict(rows, dataset) -> str:
     if not seeds:
         return (f"Verdict on {dataset}: none: no seed was finished by every method (seeds "
                 f"{', '.join(map(str, left_out))} each lack some); rerun the missing ones.")
+    # the run's shifted sets, and any the rows name: read before the seeds are cut, so a set none of them holds is said
+    evaluated = sorted(({*shifted} | {r["dataset"] for r in rows}) - {dataset})
     rows = [r for r in rows if r["seed"] in seeds]
     values, left = {}, {}
     for m in ("accuracy", "ece", "nll", "aurc"):
@@ -190,7 +197,9 @@ def verdict(rows, dataset) -> str:
     # (title, scores, metric, the baselines' n/a seeds, the baselines' score named where it is n/a, the set scored on)
     against = [("AURC", values["aurc"], "aurc", left["aurc"], "AURC", dataset)]
     accuracy = {dataset: (values["accuracy"], left["accuracy"])}  # evaluation set -> its scores and n/a seeds
-    for shifted in sorted({r["dataset"] for r in rows} - {dataset}):
+    scored = {r["dataset"] for r in rows}
+    unscored = [name for name in evaluated if name not in scored]
+    for shifted in [name for name in evaluated if name in scored]:
         # a method scored on the test set is scored on every shifted set: one without rows there failed on it
         accuracy[shifted] = _by_guide(rows, shifted, "accuracy", by_guide)
         dropped[f"{titles['accuracy']} on {shifted}"] = accuracy[shifted][1]
@@ -216,6 +225,10 @@ def verdict(rows, dataset) -> str:
     over = f" (means over {_seed_list(seeds)}, which every method finished)" if left_out else ""
     lines.append(f"- Best{over}: " + ("; ".join(best) if best else "none: every score is n/a") + ".")
     lines += _left_out(dropped, seeds)
+    if unscored:
+        lines.append(f"- Nothing compared on {', '.join(unscored)}: no method has a row there"
+                     f"{f' on {_seed_list(seeds)}' if left_out else ''} (every method's scoring of "
+                     f"{'them' if len(unscored) > 1 else 'it'} failed, or was not run).")
     if BASELINE in values["nll"]:
         lines += _against_baseline(rows, values, left)
     else:
