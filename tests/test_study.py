@@ -127,7 +127,7 @@ def test_report_sections_numbers_and_figures(runs, tmp_path):
     saved["config"].update(dtype="bf16", load_in_4bit=True)
     results.write_text(json.dumps(saved))
     assert "| 0.001 | bf16, 4-bit | ARC-Challenge" in report.build_report(runs, docs, command="x").read_text()
-    assert (docs / "study" / "arc_easy_reliability_grid.png").read_bytes() == b"\x89PNG fake"
+    assert (docs / "study" / "arc_easy_reliability_grid.png").read_bytes().startswith(b"\x89PNG\r\n")  # drawn, not copied
     assert "](study/arc_easy_reliability_grid.png)" in md
     assert (docs / "study" / "summary.png").stat().st_size > 1000 and "](study/summary.png)" in md
     assert not list(docs.glob(".*tmp"))  # the atomic write left no temp file
@@ -146,7 +146,8 @@ def test_report_names_each_runs_model_and_a_classification_run_has_no_answer_for
     md = report.build_report(runs, tmp_path / "docs", command="x").read_text()
     assert md.startswith("# Study: Bayesian LoRA guides on MiniLM and SmolLM2-135M\n")
     # the sizes used (results.json's sizes), not those asked for; a run without them says what was asked
-    assert "| SST-2 | MiniLM | unknown | — | 0,1 | 3 | 1800 | 200 | 872 | 10 | 16 | 8 | 256 | — | 0.002 | fp32 | — |" in md
+    # rows without their arrays (predictions_*.npz): what a resume reruns, so unfinished
+    assert "| SST-2 | MiniLM | unknown | unfinished | 0,1 | 3 | 1800 | 200 | 872 | 10 | 16 | 8 | 256 | — | 0.002 | fp32 | — |" in md
     assert "| ARC-Easy | SmolLM2-135M | 12m 34s |" in md and "| 64 asked | 20% of it | 64 asked | 2 | 4 | 4 | 192 | cloze | 0.001 |" in md
     assert "MiniLM; train 1800, validation 200, test 872, epochs 10, seeds 0,1, 8 posterior samples.\n" in md
     assert "SmolLM2-135M; train 64 asked, validation 20% of it, test 64 asked, epochs 2, seeds 0,1, 4 posterior samples, cloze format." in md
@@ -801,7 +802,9 @@ def test_an_invocation_killed_before_its_first_result_or_during_an_update_is_lis
                                        "--update", "meanfield")[1], ["arc_easy"], False, str(runs), ("meanfield",))[0]
     with pytest.raises(KeyboardInterrupt):
         study.update_dataset(config, "the update")
-    assert seen[-1]["running"] == {"command": "the update", "started": seen[-1]["running"]["started"], "update": ["meanfield"]}
+    assert seen[-1]["running"] == {"command": "the update", "started": seen[-1]["running"]["started"], "update": ["meanfield"],
+                                   "machine": seen[-1]["running"]["machine"]}
+    assert seen[-1]["running"]["machine"]["cpu_count"] >= 1  # each update records where it ran
     assert json.loads((runs / "arc_easy" / "study_run.json").read_text())["running"]["command"] == "the update"
     header = report.header_section(report.load_runs(runs, ["arc_easy"]), "x", "now")
     assert "(not counting 1 invocation(s) cut short or still running, whose time is not recorded)" in header
@@ -1061,7 +1064,7 @@ def test_an_update_cut_short_resumes_with_what_it_finished_and_nothing_else_does
     ran = []
 
     def rerun(stop=None, map_digest="a" * 64):
-        def run_compare(config, overwrite=False, reference=None):  # each (guide, seed) written as it finishes
+        def run_compare(config, overwrite=False, reference=None, flags=None):  # each (guide, seed) written as it finishes
             run = RunFolder(config.out, config, overwrite=overwrite)
             for seed in config.seeds:
                 for guide in config.guides:
@@ -1148,7 +1151,7 @@ def test_an_update_killed_around_its_folder_or_its_record_is_neither_resumed_fro
 
     ran = []
 
-    def run_compare(config, overwrite=False, reference=None):
+    def run_compare(config, overwrite=False, reference=None, flags=None):
         run = RunFolder(config.out, config, overwrite=overwrite)
         for seed in config.seeds:
             if not run.complete("meanfield", seed, ["arc_easy"]):
