@@ -662,6 +662,11 @@ class MultipleChoice(Likelihood):
         self.share_prefix = share_prefix is not False
         self._share_asked = share_prefix is True  # warn where the decoder cannot share it
 
+    def shares_prefix(self, net) -> bool:
+        """Whether cloze scoring runs each question's context once and its continuations on its key/value cache for
+        ``net`` (``share_prefix`` where the decoder allows it), rather than every row in full."""
+        return self.format == "cloze" and self.share_prefix and _unshareable(_decoder_and_head(net)[0]) is None
+
     def check_network(self, net) -> None:
         """Refuse a causal LM whose forward does something to its LM head's logits that this likelihood, which calls
         the decoder and the head itself, does not repeat (it repeats the softcappings and scalings of

@@ -150,6 +150,10 @@ def test_a_length_dependent_rope_is_scored_in_full_rows():
     items = [[(ctx, torch.randint(1, 64, (3,), generator=g).tolist()) for _ in range(3)]]
     assert not _can_share_prefix(_decoder_and_head(net)[0])
     assert _can_share_prefix(_decoder_and_head(_llama(max_position_embeddings=8))[0])
+    # what a run's scoring form reads: cloze scoring shared this cache before 2026-12-02 (form 0)
+    assert not MultipleChoice(format="cloze").shares_prefix(net)
+    assert MultipleChoice(format="cloze").shares_prefix(_llama(max_position_embeddings=8))
+    assert not MultipleChoice(format="cloze", share_prefix=False).shares_prefix(_llama(max_position_embeddings=8))
     with torch.no_grad():
         logits = LoraModel(net, MultipleChoice(format="cloze")).logits(cloze_batch(items, labels=(0,)))
         torch.testing.assert_close(logits[0], direct_scores(net, items)[0], rtol=1e-4, atol=1e-4)

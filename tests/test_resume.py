@@ -1440,6 +1440,7 @@ def test_rows_of_an_older_cloze_scoring_that_scores_the_run_alike_are_joined(tmp
     assert scoring_since(chars, set(), [question]) == 2  # the per-character divisor changed in form 2
     assert scoring_since(chars, set(), [{**blank, "blank": True}]) == 3  # WinoGrande's per-character count in form 3
     assert scoring_since(plain, {"cut"}, [question]) == 4  # the cut changed in forms 1, 2 and 4
+    assert scoring_since(plain, {"unshared"}, [question]) == 4  # a cache shared in form 0, refused for more decoders in 4
     assert scoring_since(plain, set(), [question, python]) == 4  # a lone '_' outside WinoGrande: a question since form 4
     row = {**ROW, "dataset": "arc_easy"}
     folder = RunFolder(tmp_path / "run", plain)

@@ -88,11 +88,14 @@ BASE_DIGEST_VERSION = 4
 CLOZE_SCORING = 4
 # what each form changed, by the runs it changes: "split" a run whose choices tokenized alone give other tokens than
 # within their context (:func:`~pyro_lora.collators.scored_apart_from_alone`), "cut" one whose cloze rows reach
-# --max-length (cut, or as long as it: taken as cut), "chars" one normalized per character, "blank_chars" a WinoGrande
+# --max-length (cut, or as long as it: taken as cut), "unshared" one whose decoder runs each cloze row in full
+# (MultipleChoice.shares_prefix: its cache was shared before 2026-12-02 under length-dependent rotary embeddings too,
+# and by later changes refused for more decoders), "chars" one normalized per character, "blank_chars" a WinoGrande
 # run normalized per character, "lone_blank" one holding questions shaped as blank sentences in a dataset that is not
 # all of them. A run none of whose changes since form f touch it scores the same rows under f as now
 # (:func:`scoring_since`)
-SCORING_CHANGES = {1: ("split", "cut"), 2: ("chars", "cut"), 3: ("blank_chars",), 4: ("cut", "lone_blank")}
+SCORING_CHANGES = {1: ("split", "cut", "unshared"), 2: ("chars", "cut"), 3: ("blank_chars",),
+                   4: ("cut", "lone_blank", "unshared")}
 # config entries that do not change what the network computes (the ones a saved guide's check leaves out too): where
 # it was read from, the dtype it was saved in (the run's --dtype loads it), label names, run-time switches, versions
 _CONFIG_NOT_COMPUTED = {*CONFIG_IGNORED, "_commit_hash"}
@@ -318,18 +321,22 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
     setup = Setup(config, net, tok, likelihood, train, val, test, collator, seed, shifted)
     if config.mc_format == "cloze":
         records = [r for split in [train, val, test, *shifted.values()] for r in split]
-        setup.scoring_since = scoring_since(config, collated, records)
+        # cloze scoring shared every question's cache until 2026-12-02 (form 0), under length-dependent RoPE too
+        shared = set() if likelihood.shares_prefix(net) else {"unshared"}
+        setup.scoring_since = scoring_since(config, collated | shared, records)
     return setup
 
 
 def scoring_since(config: CompareConfig, collated: set, records) -> int:
     """The oldest cloze scoring form (:data:`CLOZE_SCORING`) under which a run of ``config`` scores the same rows as
     now: none of the changes (:data:`SCORING_CHANGES`) of a later form touches it. ``collated``: what
-    :func:`_check_collates` found of its rows (``"cut"``, ``"split"``); ``records``: every record it scores or trains on.
+    :func:`_check_collates` found of its rows (``"cut"``, ``"split"``), and ``"unshared"`` where its decoder runs
+    each cloze row in full; ``records``: every record it scores or trains on.
     Rows of that form or later may be joined with the run's; an older form's would mix two scorings."""
     blank = any(r.get(BLANK) is True for r in records)
     chars = config.mc_normalize == "chars"
-    touched = {"split": "split" in collated, "cut": "cut" in collated, "chars": chars, "blank_chars": blank and chars,
+    touched = {"split": "split" in collated, "cut": "cut" in collated, "unshared": "unshared" in collated,
+               "chars": chars, "blank_chars": blank and chars,
                "lone_blank": any(looks_blank(r) and r.get(BLANK) is not True for r in records)}
     since = CLOZE_SCORING
     while since > 0 and not any(touched[change] for change in SCORING_CHANGES[since]):
