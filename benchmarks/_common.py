@@ -8,6 +8,7 @@ the project is not installed (a fresh GPU machine): the repository root goes on 
 
 from __future__ import annotations
 
+import argparse
 import gc
 import importlib
 import importlib.util
@@ -58,6 +59,39 @@ SIZES = {
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def positive_int(text: str) -> int:
+    """argparse ``type`` of a count (``--repeats``, ``--steps``, ``--batch``...): an int >= 1. Zero or a negative
+    count crashed later (a median of no timings, a division by zero steps) or printed a nonsense row; argparse now
+    refuses it with a usage message naming the argument."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer: give a count >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count >= 1: give a positive integer")
+    return value
+
+
+def positive_ints(text: str) -> tuple:
+    """argparse ``type`` of a comma-separated list of counts (``--chunks 1,2,8``): a tuple of ints >= 1."""
+    return tuple(positive_int(c) for c in text.split(","))
+
+
+def name_list(choices, allow_empty=False):
+    """argparse ``type`` of a comma-separated list of names from ``choices`` (kept as the string given); an unknown
+    name is refused with the known ones, instead of a ``KeyError`` after the model is built. ``allow_empty``: empty
+    items (``""``: none at all) pass."""
+    known = list(choices)
+
+    def parse(text: str) -> str:
+        bad = [n for n in text.split(",") if n not in known and not (allow_empty and n == "")]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown name(s) {', '.join(map(repr, bad))} in {text!r}: choose from {', '.join(known)}")
+        return text
+
+    return parse
 
 
 def default_dtype(device) -> str:

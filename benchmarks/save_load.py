@@ -64,7 +64,7 @@ def main():
     ap.add_argument("--size", choices=C.SIZES, default="small")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", choices=C.DTYPES, default=None, help="base weights (default bf16 on CUDA, fp32 on the CPU)")
-    ap.add_argument("--repeats", type=int, default=3, help="timings per step (median)")
+    ap.add_argument("--repeats", type=C.positive_int, default=3, help="timings per step (median)")
     args = ap.parse_args()
     out = run(args.size, args.device, args.dtype, args.repeats, log=lambda *a: None)
     print(f"# {args.size} Llama, LoRA r=8 on 7 projections, {out['device']}, {out['dtype']}, {C.device_name(args.device)}")

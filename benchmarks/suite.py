@@ -53,7 +53,9 @@ BUDGET_S = {"1b": 480, "small": 60}  # the whole suite, shell included: 8 minute
 
 
 def goals(svi, kfac, tfb):
-    """``(goal, target, measured, met)`` rows; ``measured`` is nan and ``met`` None where a figure is missing."""
+    """``(goal, target, measured, met, why)`` rows; ``measured`` is nan and ``met`` None where a figure is missing;
+    ``met`` is None and ``why`` says what the run did not do where the figure came from a run that did not do the work
+    the goal measures (a TFB search that stopped at an end of its range: no bisection), else ``why`` is None."""
     svi, kfac, tfb = svi or {}, kfac or {}, tfb or {}
     s = svi.get("samples", 8)
 
@@ -75,7 +77,9 @@ def goals(svi, kfac, tfb):
          lambda: svi["predictive"]["batched"] / svi["predictive"]["looped"], 0.25),
         ("KFAC fit (MC Fisher) / one forward+backward over the same batches", "<= 1.5", lambda: kfac["fit_mc"] / kfac["forward_backward"], 1.5),
         ("TFB search: passes over the anchors (the sigma=0 reference + the anchors each candidate scored)", "<= 6",
-         lambda: tfb["passes"], 6),
+         lambda: tfb["passes"], 6,
+         lambda: tfb.get("edge") and f"degenerate search, sigma_q = {tfb['sigma_q']:.3g} after {tfb['candidates']} candidate(s), "
+                                     f"no bisection ({tfb['edge']}): not the cost of a search"),
         ("SVI step peak memory / plain peft LoRA step's, mean-field", "<= 1.05", lambda: step_memory("meanfield"), 1.05),
         ("SVI step peak memory / plain peft LoRA step's, flow", "<= 1.05", lambda: step_memory("flow"), 1.05),
         (f"S={s} predictive memory above resident / (chunk_size x an S=1 predictive's), worst of chunk_size {chunks}", "<= 1.05",
@@ -84,20 +88,22 @@ def goals(svi, kfac, tfb):
          "KFAC fit peak memory, {} / {} streamed batches".format(*reversed(list(kfac["fit_memory"]))), "<= 1.01", kfac_memory, 1.01),
     ]
     out = []
-    for goal, target, measure, bound in rows:
+    for goal, target, measure, bound, *degenerate in rows:
         try:
             value = float(measure())
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             value = float("nan")
-        out.append((goal, target, value, None if math.isnan(value) else value <= bound))
+        why = degenerate[0]() if degenerate and not math.isnan(value) else None
+        out.append((goal, target, value, None if math.isnan(value) or why else value <= bound, why or None))
     return out
 
 
 def goal_table(rows) -> str:
     lines = ["| goal | target | measured | |", "|---|---|---|---|"]
-    for goal, target, value, met in rows:
+    for goal, target, value, met, why in rows:
         shown = "n/a" if math.isnan(value) else f"{value:.0f}" if float(value).is_integer() and value > 2 else f"{value:.2f}"
-        lines.append(f"| {goal} | {target} | {shown} | {'n/a' if met is None else 'met' if met else 'not met'} |")
+        verdict = f"n/a: {why}" if why else "n/a" if met is None else "met" if met else "not met"
+        lines.append(f"| {goal} | {target} | {shown} | {verdict} |")
     return "\n".join(lines)
 
 
@@ -199,8 +205,8 @@ def main(argv=None):
         "",
         kfac_fit.tables(kfac) if kfac else "Failed (see the errors below).",
         "",
-        f"### TFB search (`tfb_search.py`; {preset['tfb']['anchors']} anchors x {preset['tfb']['seq']} tokens, S={preset['tfb']['samples']}, "
-        "library defaults otherwise)",
+        f"### TFB search (`tfb_search.py`; {preset['tfb']['anchors']} anchors x {preset['tfb']['seq']} tokens, S={preset['tfb']['samples']} "
+        f"samples per candidate (the library's default is {tfb_search.TFB_SEARCH['num_samples']}), the library's search settings otherwise)",
         "",
         tfb_search.tables(tfb) if tfb else "Failed (see the errors below).",
         "",

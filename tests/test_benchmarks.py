@@ -8,6 +8,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 # the issue's goals (part 4 and 5), by the start of their row in the goal table
 GOALS = [
@@ -88,6 +90,8 @@ def test_benchmarks_import_the_project_from_the_tree_when_it_is_not_installed():
     code = """
 import importlib.util, sys
 from pathlib import Path
+
+import pytest
 root = Path(sys.argv[1])
 sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
 sys.path.insert(0, str(root))
@@ -129,3 +133,42 @@ def test_a_bad_out_file_is_refused_before_any_benchmark_runs(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode != 0 and "--out" in done.stderr and "cannot be appended to" in done.stderr
     assert "svi_step" not in done.stdout  # nothing was measured
+
+
+@pytest.mark.parametrize("script, args, named", [
+    *[(s, ["--repeats", "0"], "--repeats") for s in ("svi_step", "tfb_search", "kfac_fit", "save_load")],
+    ("svi_step", ["--steps", "-2"], "--steps"),
+    ("svi_step", ["--samples", "-1"], "--samples"),
+    ("svi_step", ["--guides", "map,nope"], "--guides"),
+    ("tfb_search", ["--batch", "0"], "--batch"),
+])
+def test_a_count_below_one_or_an_unknown_guide_is_refused_by_argparse(script, args, named):
+    # these crashed later with a traceback (a median of no timings, a division by zero steps, a KeyError) or printed
+    # a nonsense row; argparse refuses them before anything is built, naming the argument
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert "usage:" in done.stderr and f"argument {named}" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stdout == ""
+
+
+def test_a_tfb_search_that_gave_up_does_not_meet_the_goal(monkeypatch):
+    # 4 answer rows of lm_head nearly tied: every candidate flips, the search stops after high and low (sigma_q = 0)
+    # having scored a fraction of the anchors, and its 1.5 passes are not the cost of a search
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import _common as C
+    import suite
+    import tfb_search
+    import torch
+    from transformers import LlamaForCausalLM
+
+    net = C.build_llama(LlamaForCausalLM, "small", "cpu", "fp32")
+    with torch.no_grad():
+        head = net.get_output_embeddings().weight
+        head[6:9] = head[5] + 1e-7 * torch.randn_like(head[6:9])
+    with pytest.warns(UserWarning, match="infeasible"):
+        out = tfb_search.run("small", "cpu", "fp32", anchors=32, batch=16, seq=16, samples=10, repeats=1, net=net, log=lambda *a: None)
+    assert out["sigma_q"] == 0 and out["candidates"] == 2
+    assert "degenerate search" in tfb_search.tables(out)
+    row = next(r for r in table_rows(suite.goal_table(suite.goals(None, None, out)), "| goal") if r[0].startswith("TFB search"))
+    assert row[3].startswith("n/a: degenerate search, sigma_q = 0"), row
