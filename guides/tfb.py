@@ -3,7 +3,8 @@
 From a trained pair ``(B, A)`` of every LoRA layer, with the SVD ``B = U diag(d) V^T``: ``B' = U diag(d)``
 (a point estimate) and ``A' = V^T A``, so ``B' A' = B A``; the posterior over ``A'`` is
 ``N(A', Omega^2)`` with ``Omega_ij = sigma_q / d_i``. The weight noise ``s B' (A'_sample - A') = s U Z``,
-``Z_ij ~ N(0, sigma_q^2)`` iid, is then isotropic inside the column space of ``B``. One scalar
+``Z_ij ~ N(0, sigma_q^2)`` iid, is then isotropic inside the column space of ``B``. The SVD's signs are made canonical
+(:func:`_decompose`), so one ``B A`` gives one ``A'`` and the same draws however its factors are stored. One scalar
 ``sigma_q`` for all layers is chosen by bisection on an anchor set (:meth:`TFBGuide.search`).
 """
 
@@ -420,12 +421,23 @@ def _pair_sites(sites):
 def _decompose(a, b, ratio):
     """Batched ``B = U diag(d) V^T``; returns ``A' = V^T A``, ``B' = U diag(d)``, the floored ``d`` and flag masks.
 
+    Signs are canonical (each column of ``U`` has its largest-magnitude entry positive, the matching row of ``V^T``
+    flipped with it), so ``B A`` stored with the rows of ``A`` and columns of ``B`` flipped, or as an exported
+    ``(B', A')``, gives the same ``A'`` and ``B'``, so the same draws under one seed (up to rounding; a repeated singular
+    value leaves a rotation of its directions undetermined, which no sign fixes).
+
     :param a: ``[*L, r, d_in]``; ``b``: ``[*L, d_out, r]``. The SVD runs in float64; results are float32. Where
         ``r > d_out``, ``A'`` and ``B'`` are padded to rank ``r`` (zero rows, zero columns), so they fit the sites.
     :returns: ``A'`` ``[*L, r, d_in]``, ``B'`` ``[*L, d_out, r]``, scale ``[*L, r]``, and per-layer masks
         ``[*L]`` of layers with floored singular values and of layers whose ``B`` is zero.
     """
     u, d, vh = torch.linalg.svd(b.double(), full_matrices=False)
+    # the SVD fixes each pair (column of U, row of V^T) only up to a common sign, and a fixed draw eps moves A' by
+    # +-eps with it: the same B A stored another way (an exported and reloaded adapter) gave another search result.
+    # svd_flip's convention fixes it: each column of U has its largest-magnitude entry positive
+    sign = torch.sign(u.gather(-2, u.abs().argmax(-2, keepdim=True)))  # [*L, 1, k]
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)  # a zero column (B = 0): left as it is
+    u, vh = u * sign, vh * sign.transpose(-1, -2)
     a_prime = (vh @ a.double()).float()
     b_prime = (u * d.unsqueeze(-2)).float()
     top = d.amax(-1, keepdim=True)
@@ -453,13 +465,19 @@ def _singular_warning(flagged, ratio):
     return "TFB: " + "; ".join(parts)
 
 
+def anchor_count(setup, anchors: int = TFB_ANCHORS) -> int:
+    """How many anchors :func:`bayesianize_setup` draws for ``anchors`` requested: all of ``setup``'s training split
+    where it holds fewer (what a run records, not the request)."""
+    return min(anchors, len(setup.train))
+
+
 def bayesianize_setup(setup, model, anchors: int = TFB_ANCHORS, **search) -> TFBGuide:
     """:func:`bayesianize` ``model`` as ``compare`` does: :data:`TFB_SEARCH` (``search`` changes any setting) on
     ``anchors`` examples drawn from ``setup``'s training split, the noise seeded by its seed, its ``samples`` per
     anchor. What both the ``tfb`` method and ``pyro-lora bayesianize`` run."""
     c = setup.config
     # anchors from train, as the paper draws them: enough that a 1% flip rate allows a flip
-    records = subset(setup.train, min(anchors, len(setup.train)), seed=setup.seed)
+    records = subset(setup.train, anchor_count(setup, anchors), seed=setup.seed)
     search = {**TFB_SEARCH, "num_samples": c.samples, "seed": setup.seed, **search}
     return bayesianize(model, setup.loader(records), progress=c.progress, **search)
 

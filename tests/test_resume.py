@@ -283,6 +283,30 @@ def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path, capfd):
         S.evaluate_saved(_run_folder(tmp_path / "glm", saved="laplace", guides=["laplace"], predictive="glm_probit"), samples=3)
 
 
+def test_bayesianize_records_the_anchors_it_searched_on_not_those_requested(tmp_path, capfd):
+    """run.json's made.anchors said 512 (the request) where the training split held fewer and the search ran on all of
+    them: it records those searched on, and a rerun asking for as many or more (or an older record of the request) is
+    the same run."""
+    sizes = ["--train-size", "48", "--test-size", "16", "--quiet"]
+    assert cli.main(["fit", "--guide", "map", *sizes, "--epochs", "1", "--adapter", "--out", str(tmp_path / "fit")]) == 0
+    adapter, out = str(tmp_path / "fit" / "guide" / "adapter"), tmp_path / "tfb"
+    run = ["bayesianize", adapter, *sizes, "--iterations", "1", "--out", str(out)]
+    assert cli.main(run) == 0  # --anchors left at 512
+    record = json.loads((out / "guide" / "run.json").read_text())
+    train = record["sizes"]["train"]
+    assert train < 512 and record["made"]["anchors"] == train
+    trace = json.loads((out / "guide" / "guide.json").read_text())["config"]["trace"]
+    assert max(step["anchors"] for step in trace) == train  # what the search scored
+    capfd.readouterr()
+    assert cli.main([*run, "--anchors", "1000"]) == 0  # as many as the split holds: this run
+    assert "holds this run already" in capfd.readouterr().out
+    older = {**record, "made": {**record["made"], "anchors": 512}}  # recorded before: the request
+    (out / "guide" / "run.json").write_text(json.dumps(older))
+    assert cli.main(run) == 0 and "holds this run already" in capfd.readouterr().out
+    assert cli.main([*run, "--anchors", "8"]) == 2
+    assert "anchors 512 there, 8 now" in capfd.readouterr().err
+
+
 def test_a_request_is_compared_with_what_was_requested_not_with_resolved_defaults(tmp_path):
     config = small(tmp_path, guides=("map",))
     folder = RunFolder(tmp_path, config)

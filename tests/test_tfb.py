@@ -269,7 +269,9 @@ def test_peft_saved_adapter_loads_and_bayesianizes(tmp_path):
     reloaded = PeftModel.from_pretrained(tiny_bert_base(num_labels=2), tmp_path / "adapter").eval()
     model = LoraModel(reloaded, SequenceClassification(), random="AB")
     data = toy_data(n=16)
-    guide = bayesianize(model, data, criterion="flip", tolerance=0.1, low=0.5, high=40.0, iterations=2, num_samples=2, progress=False)
+    # seed 1: under seed 0 the two canonical-sign draws flip none of these 16 toy labels even at sigma_q 40 (high)
+    guide = bayesianize(model, data, criterion="flip", tolerance=0.1, low=0.5, high=40.0, iterations=2, num_samples=2,
+                        seed=1, progress=False)
     assert isinstance(guide, TFBGuide) and 0 < float(guide.sigma_q) < 40.0
     for name, ba in products(guide, model).items():
         torch.testing.assert_close(ba, expected[name], rtol=1e-5, atol=1e-6)
@@ -413,6 +415,38 @@ def test_save_load_round_trip(tmp_path):
     assert load_guide(tmp_path / "edge", mc_model()).search_note == guide.search_note is not None
 
 
+def test_one_product_stored_with_other_signs_or_exported_gives_the_same_posterior_draws_and_search(tmp_path):
+    """The SVD fixes U's columns only up to sign and the search draws one fixed eps: an exported TFB adapter
+    (B' = U diag(d)), reloaded and searched again with the same settings, gave sigma_q 0.0903 where the guide it came
+    from had 0.0259. The signs are canonical now: every storage of B A gives one A', one draw per seed, one search."""
+    from pyro_lora import export_adapter
+    from pyro_lora.pretrained import load_adapter
+
+    model, anchors = mc_model(), mc_anchors(n_batches=2)
+    values = model.adapter_values()
+    flipped = dict(values)  # rows of A and columns of B flipped together: the same B A
+    for name, site in model.sites.items():
+        if site.matrix == "A":
+            sign = torch.where(torch.arange(site.shape[-2]) % 2 == 0, -1.0, 1.0)  # [r]
+            flipped[name] = values[name] * sign[:, None]
+            flipped[name.replace("lora_A", "lora_B")] = values[name.replace("lora_A", "lora_B")] * sign
+    guide = TFBGuide(model)
+    kw = dict(criterion="nll", tolerance=0.02, low=1e-3, high=1.0, iterations=4, num_samples=4, progress=False)
+    trace = guide.search(anchors, **kw)
+    export_adapter(guide, tmp_path / "adapter")  # writes B' = U diag(d), A' into the adapter
+    reloaded = LoraModel(load_adapter(tiny_llama().unload(), tmp_path / "adapter").eval(),
+                         MultipleChoice(answer_token_ids=[5, 6, 7, 8]), random="AB")
+    draw = lambda g: g.sample(3, generator=torch.Generator().manual_seed(5), sigma_q=0.1)  # noqa: E731
+    for other in (TFBGuide(model, init=flipped), TFBGuide(reloaded)):
+        for k, v in draw(guide).items():
+            torch.testing.assert_close(draw(other)[k], v, rtol=1e-4, atol=1e-5)
+        for name, ba in products(other, model).items():
+            torch.testing.assert_close(ba, products(values, model)[name], rtol=1e-5, atol=1e-6)
+        again = other.search(anchors, **kw)
+        assert float(other.sigma_q) == float(guide.sigma_q)
+        assert [t["metric"] for t in again] == pytest.approx([t["metric"] for t in trace], rel=1e-3, abs=1e-5)
+
+
 def test_near_zero_singular_values_warn_and_stay_finite():
     rank_deficient = with_singular_values([1.0, 0.3, 0.0])
     model = tiny_layer_model(torch.stack([rank_deficient, torch.zeros(5, 3)]))
@@ -487,4 +521,4 @@ def test_search_refuses_anchors_from_a_loader_that_drops_its_last_batch():
     with pytest.raises(ValueError, match=r"TFBGuide.search reads every example of its data, but this DataLoader drops"):
         TFBGuide(model).search(DataLoader(rows, batch_size=4, drop_last=True), progress=False)
     trace = TFBGuide(model).search(DataLoader(rows, batch_size=4), high=5.0, iterations=1, progress=False)
-    assert trace[0]["anchors"] == 10
+    assert max(t["anchors"] for t in trace) == 10  # a feasible candidate scored all (an infeasible one may stop early)

@@ -23,7 +23,7 @@ from ..model_files import label_key, local_model_path, minilm_dir
 from ..kinds import KINDS
 from ..distributed import is_main
 from ..locking import folder_lock
-from ..guides.tfb import TFB_ANCHORS, TFB_SEARCH, bayesianize_setup, check_search
+from ..guides.tfb import TFB_ANCHORS, TFB_SEARCH, anchor_count, bayesianize_setup, check_search
 from ..guides.registry import METHODS, MODELS, Fitted, get_method, join_notes
 from .compare import evaluate, fit_method, predictor
 from .scoring import join_row, score
@@ -170,8 +170,16 @@ def _finished_row(config: CompareConfig, made: dict, overwrite: bool, adapter: b
     recorded = {k: run[k] for k in ("config", "request") if k in run}  # no digests: the model and data folder by path
     differ = [f"{k} {a!r} there, {list(b) if isinstance(b, tuple) else b!r} now"  # as JSON reads back
               for k, (a, b) in config_differences(recorded, config, ("out", "progress")).items()]
+    # "anchors" records those searched on (older records: those requested), at most the training split's: a request
+    # beyond it searched on the same ones (the split itself is compared by the data's digests below)
+    train = (run.get("sizes") or {}).get("train")
+
+    def searched(k, v):
+        return min(v, train) if k == "anchors" and isinstance(v, int) and isinstance(train, int) else v
+
     differ += [f"another adapter (the digest of its files: {str(there.get(k))[:12]} there, {v[:12]} now)" if k == "adapter"
-               else f"{k} {there.get(k)!r} there, {v!r} now" for k, v in made.items() if there.get(k) != v]
+               else f"{k} {there.get(k)!r} there, {v!r} now" for k, v in made.items()
+               if searched(k, there.get(k)) != searched(k, v)]
     if adapter and not (guide / "adapter").is_dir():
         differ.append("no adapter there, --adapter now")
     if differ:
@@ -283,6 +291,7 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
                              "the checkpoint it was fitted on")
         _check_drawn_weights(setup, fit_run, adapter_dir)
         config = setup.config
+        made = {**made, "anchors": anchor_count(setup, anchors)}  # the anchors searched on: the split may hold fewer
         setup.model = LoraModel(setup.net, setup.likelihood, random="AB", num_data=len(setup.train), prior=config.prior_scale)
         seed_for(setup.seed, "tfb", "fit")
         with PeakMemory(config.device) as memory:
