@@ -19,6 +19,7 @@ from pyro_lora import distributed
 from pyro_lora.checks import check_count, check_flag
 from pyro_lora.contract import check_guide, describe, differences, entry_checks
 from pyro_lora.data import check_every_example, subset, to_device
+from pyro_lora.loraxs import svd_flip
 from pyro_lora.sites import check_values
 from pyro_lora.modes import eval_mode
 
@@ -434,10 +435,8 @@ def _decompose(a, b, ratio):
     u, d, vh = torch.linalg.svd(b.double(), full_matrices=False)
     # the SVD fixes each pair (column of U, row of V^T) only up to a common sign, and a fixed draw eps moves A' by
     # +-eps with it: the same B A stored another way (an exported and reloaded adapter) gave another search result.
-    # svd_flip's convention fixes it: each column of U has its largest-magnitude entry positive
-    sign = torch.sign(u.gather(-2, u.abs().argmax(-2, keepdim=True)))  # [*L, 1, k]
-    sign = torch.where(sign == 0, torch.ones_like(sign), sign)  # a zero column (B = 0): left as it is
-    u, vh = u * sign, vh * sign.transpose(-1, -2)
+    # svd_flip's convention fixes it: each column of U has its largest-magnitude entry positive (B = 0: left as it is)
+    u, vh = svd_flip(u, vh)
     a_prime = (vh @ a.double()).float()
     b_prime = (u * d.unsqueeze(-2)).float()
     top = d.amax(-1, keepdim=True)

@@ -18,7 +18,17 @@ from .contract import parameter_adapter
 from .model import LoraModel
 from .sites import active_adapter, base_rewriting_inits, describe_inits, find_lora_layers, head_modules, layer_dims
 
-__all__ = ["LoraXSModel", "base_weight", "init_lora_xs", "lora_xs_parameter_counts"]
+__all__ = ["LoraXSModel", "base_weight", "init_lora_xs", "lora_xs_parameter_counts", "svd_flip"]
+
+
+def svd_flip(u: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An SVD's factors with canonical signs: each column of ``u`` (``[*, m, k]``) flipped so its largest-magnitude entry
+    is positive, the matching row of ``vh`` (``[*, k, n]``) with it (scikit-learn's ``svd_flip``). The SVD fixes each
+    pair only up to a common sign, so the same product decomposed twice (or stored another way) could give other
+    factors; a zero column is left as it is."""
+    sign = torch.sign(u.gather(-2, u.abs().argmax(-2, keepdim=True)))  # [*, 1, k]
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return u * sign, vh * sign.transpose(-1, -2)
 
 
 def base_weight(layer) -> torch.Tensor:
@@ -140,11 +150,9 @@ def init_lora_xs(net, adapter: str | None = None) -> list[str]:
                    "spectrum this steep: that direction would be rounding noise)")
             raise ValueError(f"the base weight of {paths[i]} has numerical rank below the LoRA rank {r}: {why}; LoRA-XS "
                              "adapts W0's top-r directions: lower the rank or leave that layer out of target_modules")
-        # svd_flip-style sign convention: U's largest-magnitude entry per column is positive
-        sign = torch.sign(u.gather(-2, u.abs().argmax(-2, keepdim=True)))  # [G, 1, r]
-        sign = torch.where(sign == 0, torch.ones_like(sign), sign)
-        b = u * sign
-        a = s.unsqueeze(-1) * vh * sign.transpose(-1, -2)
+        u, vh = svd_flip(u, vh)
+        b = u
+        a = s.unsqueeze(-1) * vh
         written.update({path: (a[i], b[i]) for i, path in enumerate(paths)})
     for path, (a, b) in written.items():
         layers[path].lora_A[adapter].weight.copy_(a)
