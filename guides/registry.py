@@ -87,6 +87,7 @@ class Method:
     trains: bool = False
     float16: bool = True
     tempered: bool = False
+    version: int = 1
 
     @property
     def missing(self) -> list:
@@ -153,7 +154,8 @@ MODELS: dict = {}  # a model class's registered name (its ``name`` attribute) ->
 def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[type] = None, model: type = LoraModel,
            exportable: bool = False, predictive: Callable = weight_samples, likelihood: Optional[Callable] = None,
            validation: bool = False, ts: bool = True, requires: tuple = (), base: Optional[str] = None,
-           mc_formats: tuple = MC_FORMATS, trains: bool = False, float16: bool = True, tempered: bool = False):
+           mc_formats: tuple = MC_FORMATS, trains: bool = False, float16: bool = True, tempered: bool = False,
+           version: int = 1):
     """Register the decorated recipe ``recipe(setup) -> Fitted`` as method ``name``.
 
     :param bayesian: whether it is a posterior (or an ensemble), not a point estimate or a recalibration.
@@ -185,6 +187,10 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
         it out of its defaults, there (IVON has no loss scaling).
     :param tempered: its recipe fits its guide's posterior temperature (:func:`~pyro_lora.guides.tuning.tempered_fit`),
         a number the guide's ``extra_parameters`` leaves out: its rows count it (:meth:`Method.extra_parameters`).
+    :param version: raise it (an integer from 1) with every change that gives other rows under the same seed: its
+        rows record it (``method_version``; a row without one is 1), and a resumed or updated run reruns the rows of
+        another version rather than average them with the new ones (:func:`~pyro_lora.experiments.results.is_complete`).
+        A variant whose ``base`` changed raises its own too.
     :raises ValueError: for a name already registered, or a model class whose ``name`` another class holds.
     """
     if not mc_formats or any(f not in MC_FORMATS for f in mc_formats):
@@ -195,6 +201,8 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
         raise ValueError(f"method {name!r} is already registered ({METHODS[name].recipe.__module__})")
     if not all(isinstance(flag, bool) for flag in (bayesian, exportable, validation, ts, trains, float16, tempered)):
         raise ValueError(f"method {name!r}: bayesian, exportable, validation, ts, trains, float16 and tempered are True or False")
+    if type(version) is not int or version < 1:
+        raise ValueError(f"method {name!r}: version={version!r} must be an integer from 1")
     if base is not None and (not isinstance(base, str) or base == name):
         raise ValueError(f"method {name!r}: base={base!r} must name another method")
     if guide is not None and not (isinstance(guide, type) and issubclass(guide, LoraGuide)):
@@ -216,7 +224,7 @@ def method(name: str, *, bayesian: bool, tasks: tuple = TASKS, guide: Optional[t
         MODELS[model.name] = model
         METHODS[name] = Method(name, recipe, bayesian, tuple(tasks), guide, model, exportable, predictive, likelihood,
                                validation, ts, tuple(requires), base, tuple(mc_formats), trains, float16,
-                               tempered)
+                               tempered, version)
         return recipe
 
     return register

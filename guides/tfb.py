@@ -425,7 +425,9 @@ def _decompose(a, b, ratio):
     Signs are canonical (each column of ``U`` has its largest-magnitude entry positive, the matching row of ``V^T``
     flipped with it), so ``B A`` stored with the rows of ``A`` and columns of ``B`` flipped, or as an exported
     ``(B', A')``, gives the same ``A'`` and ``B'``, so the same draws under one seed (up to rounding; a repeated singular
-    value leaves a rotation of its directions undetermined, which no sign fixes).
+    value leaves a rotation of its directions undetermined, which no sign fixes, and a column of ``U`` whose two
+    largest-magnitude entries are of opposite sign and tie up to rounding, e.g. ``(1, -1, 0, 0)/sqrt(2)``, takes its
+    sign from the rounding: another storage, such as the rank components in another order, may flip that pair).
 
     :param a: ``[*L, r, d_in]``; ``b``: ``[*L, d_out, r]``. The SVD runs in float64; results are float32. Where
         ``r > d_out``, ``A'`` and ``B'`` are padded to rank ``r`` (zero rows, zero columns), so they fit the sites.
@@ -481,7 +483,8 @@ def bayesianize_setup(setup, model, anchors: int = TFB_ANCHORS, **search) -> TFB
     return bayesianize(model, setup.loader(records), progress=c.progress, **search)
 
 
-@method("tfb", bayesian=True, guide=TFBGuide, exportable=True)
+# version 2 (ceee03e): _decompose's canonical SVD signs move A', so the search's fixed draw, sigma_q and every row
+@method("tfb", bayesian=True, guide=TFBGuide, exportable=True, version=2)
 def tfb(setup):
     """Training-free Bayesianization of the MAP: sigma_q searched on anchors drawn from the training set."""
     guide = bayesianize_setup(setup, setup.lora_model(random="AB"))
@@ -489,7 +492,7 @@ def tfb(setup):
                   chosen={"sigma_q": float(guide.sigma_q)})
 
 
-@method("tfb_val", bayesian=True, guide=TFBGuide, exportable=True, validation=True)
+@method("tfb_val", bayesian=True, guide=TFBGuide, exportable=True, validation=True, version=2)  # as tfb's
 def tfb_val(setup):
     """TFB with sigma_q by validation NLL among the values that keep validation accuracy (within 1 point) and flip at
     most the search's tolerance of the validation predictions: a log grid over the search's range, refined by golden

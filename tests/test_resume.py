@@ -1537,3 +1537,62 @@ def test_bayesianize_refuses_an_adapter_swapped_in_from_another_save(tmp_path):
         S.bayesianize_adapter(config, adapter)
     with pytest.raises(ValueError, match=r"adapter.*(not the one saved|SHA-256)"):
         S.fit_settings(adapter)  # what the command line reads first
+
+
+def test_rows_of_an_older_version_of_their_method_are_not_complete_and_every_seed_of_them_is_rerun(tmp_path):
+    """tfb's rows made before its canonical SVD signs (version 2) hold another sigma_q under the same seed: a resume
+    that kept them beside new rows averaged two methods as one."""
+    from pyro_lora.experiments.results import unfinished_runs
+
+    config = small(tmp_path, guides=("map", "tfb"), ts=False)
+    folder = RunFolder(tmp_path, config)
+    for seed in (0, 1):
+        folder.add("map", seed, [{**ROW, "seed": seed}], arrays(seed))
+        folder.add("tfb", seed, [{**ROW, "guide": "tfb", "seed": seed}], arrays(seed))
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert {r["method_version"] for r in record["per_seed"] if r["guide"] == "tfb"} == {METHODS["tfb"].version} == {2}
+    assert RunFolder(tmp_path, config).unfinished(["map", "tfb"], [0, 1]) == []  # the current version: kept
+    for r in record["per_seed"]:
+        if r["guide"] == "tfb" and r["seed"] == 1:
+            del r["method_version"]  # as written before it was kept: version 1
+    (tmp_path / "results.json").write_text(json.dumps(record))
+    again = RunFolder(tmp_path, config)
+    assert again.complete("map", 1, ["sst2"]) and again.complete("tfb", 0, ["sst2"]) and not again.complete("tfb", 1, ["sst2"])
+    # a resume of seed 0 alone reruns seed 1's old rows too: else seed 0's new rows would join them
+    assert again.unfinished(["map", "tfb"], [0]) == [("tfb", 1)]
+    assert unfinished_runs(None, record["per_seed"], ["map", "tfb"], [0, 1], ["sst2"], False) == [("tfb", 1)]
+    assert not again.has_other_seeds("tfb", 0) and again.has_other_seeds("map", 0)  # seed 0's new rows join none
+    assert again.drop_older_versions(["map", "tfb"]) == {"tfb": ([1], [1])}
+    assert [(r["guide"], r["seed"]) for r in again.rows] == [("map", 0), ("map", 1), ("tfb", 0)]
+
+
+@pytest.mark.real
+def test_a_resume_reruns_rows_of_an_older_version_of_the_method_and_gives_the_uninterrupted_runs_rows(tmp_path):
+    """A compare run begun before ceee03e (tfb version 1) and resumed after it kept seed 0's old tfb rows (sigma_q
+    0.1436, accuracy 0.333 where the current code gives 0.2000, 0.500) and averaged them with seed 1's new ones."""
+    config = toy_run(tmp_path, guides=("map", "tfb"), seeds=(0,))
+    reference = run_compare(replace(config, seeds=(0, 1), out=str(tmp_path / "reference")))
+    out = tmp_path / "out"
+    run_compare(config)
+    record = json.loads((out / "results.json").read_text())
+    for r in record["per_seed"]:
+        if r["guide"].startswith("tfb"):
+            r.pop("method_version", None)  # rows of the old code: other numbers, no version
+            r.update(sigma_q=0.1436, accuracy=1 / 3)
+    (out / "results.json").write_text(json.dumps(record))
+    with pytest.warns(UserWarning, match=r"tfb: its rows of seed 0 .* an older version of the method \(1, now 2\): rerun"):
+        resumed = run_compare(replace(config, seeds=(0, 1)))
+    rows = json.loads((out / "results.json").read_text())["per_seed"]
+    assert all(r["method_version"] == METHODS[r["guide"].removesuffix("+ts")].version for r in rows)
+    expected = json.loads((tmp_path / "reference" / "results.json").read_text())["per_seed"]
+    keys = (*METRICS, "sigma_q")
+    assert [{k: r.get(k) for k in ("guide", "seed", *keys)} for r in rows] == \
+        [{k: r.get(k) for k in ("guide", "seed", *keys)} for r in expected]
+    assert json.dumps([{k: r[k] for k in METRICS} for r in resumed]) == json.dumps([{k: r[k] for k in METRICS} for r in reference])
+    # rows of the current version are kept: nothing is rerun
+    marked = json.loads((out / "results.json").read_text())
+    for r in marked["per_seed"]:
+        r["accuracy"] = 0.25 if r["guide"] == "tfb" else r["accuracy"]
+    (out / "results.json").write_text(json.dumps(marked))
+    run_compare(replace(config, seeds=(0, 1)))
+    assert {r["accuracy"] for r in json.loads((out / "results.json").read_text())["per_seed"] if r["guide"] == "tfb"} == {0.25}

@@ -213,15 +213,21 @@ def _fill(run, config, reference):
         folder.check_data(digest, sets)
         folder.check_labels(labels)
     say = print if is_main() else (lambda *a, **k: None)
-    left = run.unfinished(config.guides, config.seeds)
-    plan = {seed: [g for g in config.guides if (g, seed) in left] for seed in config.seeds}
+    left = run.unfinished(config.guides, config.seeds)  # with every seed of rows of another version of a method
+    for name, (seeds, versions) in run.drop_older_versions(config.guides).items():
+        warnings.warn(f"{name}: its rows of seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} in {run.out / RESULTS} "
+                      f"were made by {'an older' if max(versions) < get_method(name).version else 'another'} version of "
+                      f"the method ({', '.join(map(str, versions))}, now "
+                      f"{get_method(name).version}): rerun, not averaged with the new rows", stacklevel=3)
+    seeds = list(dict.fromkeys([*config.seeds, *(s for _, s in left)]))
+    plan = {seed: [g for g in config.guides if (g, seed) in left] for seed in seeds}
     if not any(plan.values()) and run.base is not None and run.model_moved:
         # nothing to run, so no seed loads the base its digest is checked on: a --model path other than the rows' may
         # name another checkpoint (refused) or the same one moved (its rows shown)
         setup = prepare(config, config.seeds[0])
         run.check_base(base_digest(setup.net, setup.tokenizer))
     eta = _Estimate(sum(map(len, plan.values())))
-    for seed in config.seeds:
+    for seed in seeds:
         todo = plan[seed]
         if len(todo) < len(config.guides):
             done = ", ".join(g for g in config.guides if g not in todo)

@@ -66,7 +66,7 @@ STUDY_FLAGS = Flags("--runs", "--force", "rerun every row on the --model and rec
 PREDICT_SEEDING = 2
 
 # the entries of a per-seed row that are not scores: every other entry is a number, or null where it is n/a
-ROW_NAMES = ("guide", "dataset", "seed", "note", "setting")
+ROW_NAMES = ("guide", "dataset", "seed", "note", "setting", "method_version")
 # the config entries the readers of a record take as given (a resume, a merge, the study's report and header)
 CONFIG_KEYS = ("dataset", "model", "guides", "seeds", "train_size", "test_size", "val_fraction", "epochs", "batch_size",
                "samples", "max_length", "lr", "eval_datasets")
@@ -164,17 +164,49 @@ def row_names(ts, name) -> list:
     return [name, ts_name(name)] if ts and method is not None and method.ts else [name]
 
 
+def method_version(name) -> int | None:
+    """The :attr:`~pyro_lora.guides.registry.Method.version` of the method that makes the row name ``name`` (a
+    ``+ts`` row's is its method's); None for a method not registered here (its rows are not judged by version)."""
+    method = METHODS.get(base_guide(name))
+    return None if method is None else method.version
+
+
+def row_version(row) -> int:
+    """The version of its method that made the per-seed ``row`` (``method_version``; 1 in a row written before it
+    was kept)."""
+    return row.get("method_version", 1)
+
+
+def older_versions(rows, guides) -> dict:
+    """Method of ``guides`` -> ``(seeds, versions)``: the seeds whose rows in ``rows`` (its own or its ``+ts`` rows)
+    another version of the method made than the one registered now (:func:`method_version`), and those versions."""
+    out = {}
+    for r in rows:
+        name = base_guide(r["guide"])
+        if name in guides and method_version(name) not in (None, row_version(r)):
+            seeds, versions = out.setdefault(name, ({}, {}))  # dicts as ordered sets
+            seeds[r["seed"]] = versions[row_version(r)] = None
+    return {name: (list(seeds), list(versions)) for name, (seeds, versions) in out.items()}
+
+
 def is_complete(rows, arrays, guide, seed, datasets) -> bool:
     """Whether the row name ``guide`` under ``seed`` has a row in ``rows`` (a run's per-seed rows) for every
-    evaluation set in ``datasets``, and its arrays in ``arrays`` (its ``predictions_<guide>.npz``, by key)."""
-    have = {r["dataset"] for r in rows if r["guide"] == guide and r["seed"] == seed}
-    return set(datasets) <= have and all(f"{d}__seed{seed}__{kind}" in arrays for d in datasets for kind in ARRAYS)
+    evaluation set in ``datasets``, made by the version of its method registered now (:func:`method_version`: rows
+    of another version are rerun, never averaged with the new ones), and its arrays in ``arrays`` (its
+    ``predictions_<guide>.npz``, by key)."""
+    mine = [r for r in rows if r["guide"] == guide and r["seed"] == seed]
+    if any(method_version(guide) not in (None, row_version(r)) for r in mine):
+        return False
+    return set(datasets) <= {r["dataset"] for r in mine} and all(f"{d}__seed{seed}__{kind}" in arrays
+                                                                 for d in datasets for kind in ARRAYS)
 
 
 def unfinished_runs(out, rows, guides, seeds, datasets, ts) -> list:
     """The (method, seed) of ``guides`` x ``seeds`` (seed-major) that the run in the folder ``out``, whose per-seed
     rows are ``rows``, does not hold complete: a row name of it (:func:`row_names`; its ``+ts`` row too) lacks a row
-    on some set of ``datasets`` or its arrays (:func:`is_complete`). The one meaning of finished: what a resume
+    on some set of ``datasets`` or its arrays, or has rows of another version of its method (:func:`is_complete`;
+    a method's rows of any seed of ``rows`` in another version count too, after ``seeds``: they would be averaged
+    with the rows a resume adds). The one meaning of finished: what a resume
     reruns (compare, the study) and what the study's report calls unfinished. ``out`` None (a record not read from
     its folder): the rows alone are judged."""
     arrays = {}  # row name -> its npz's arrays, read once
@@ -184,6 +216,8 @@ def unfinished_runs(out, rows, guides, seeds, datasets, ts) -> list:
             arrays[name] = _read_arrays(out, name) if out is not None else _AnyKey()
         return is_complete(rows, arrays[name], name, seed, datasets)
 
+    older = older_versions(rows, guides)
+    seeds = list(dict.fromkeys([*seeds, *(s for g in guides for s in older.get(g, ([], []))[0])]))
     return [(g, s) for s in seeds for g in guides if not all(complete(r, s) for r in row_names(ts, g))]
 
 
@@ -463,8 +497,19 @@ class RunFolder:
             self.write()
 
     def has_other_seeds(self, guide, seed) -> bool:
-        """Whether finished rows of ``guide`` under seeds other than ``seed`` are saved (rows ``seed`` adds join them)."""
-        return any(r["guide"] == guide and r["seed"] != seed for r in self.rows)
+        """Whether finished rows of ``guide`` under seeds other than ``seed``, of its method's version now, are saved
+        (rows ``seed`` adds join them; those of another version are rerun)."""
+        version = method_version(guide)
+        return any(r["guide"] == guide and r["seed"] != seed and version in (None, row_version(r)) for r in self.rows)
+
+    def drop_older_versions(self, guides) -> dict:
+        """Remove the rows that another version of their method made (:func:`older_versions`) of the methods
+        ``guides`` (a resume reruns them): a rerun that fails leaves no old row to be averaged with the new ones.
+        Returns :func:`older_versions` of the rows before."""
+        older = older_versions(self.rows, guides)
+        self.rows = [r for r in self.rows if not (base_guide(r["guide"]) in older
+                                                   and method_version(r["guide"]) != row_version(r))]
+        return older
 
     def has_rows(self, seed) -> bool:
         """Whether some finished row of ``seed`` is saved."""
@@ -487,7 +532,9 @@ class RunFolder:
         self._added.add(guide)
         # joining its rows of other seeds, the guide keeps their (oldest) seeding; alone, this one's
         self.seeding[guide] = self.seeding.get(guide, PREDICT_SEEDING) if self.has_other_seeds(guide, seed) else PREDICT_SEEDING
-        self.rows = [r for r in self.rows if (r["guide"], r["seed"]) != (guide, seed)] + list(rows)
+        version = method_version(guide)  # what a resume compares (is_complete): rows of another version are rerun
+        rows = [r if version is None else {**r, "method_version": version} for r in rows]
+        self.rows = [r for r in self.rows if (r["guide"], r["seed"]) != (guide, seed)] + rows
         self.failed = [f for f in self.failed if (f["guide"], f["seed"]) != (guide, seed)]
         if not is_main():
             return
