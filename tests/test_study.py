@@ -1520,3 +1520,27 @@ def test_a_mean_over_seeds_always_shows_its_spread():
     assert format_cell({"seeds": [0, 1], "x": 0.536, "x_std": 0.0}, "x", 3) == "0.536 ± 0.000"
     assert format_cell({"seeds": [0, 1], "x": 0.705, "x_std": 1e-17}, "x", 3) == "0.705 ± 0.000"
     assert format_cell({"seeds": [0], "x": 0.705, "x_std": 1e-17}, "x", 3) == "0.705"
+
+
+def test_header_names_rows_of_an_older_version_of_a_method_as_such_not_as_a_run_cut_short(runs):
+    """Rows a method made before its version was raised (tfb's canonical SVD signs) are rerun by a resume, but the run
+    finished: the header called it unfinished, 'a run cut short', and its finished column 'unfinished (stopped ...)'."""
+    from pyro_lora.experiments.results import method_version
+    from pyro_lora.experiments.study_header import run_state
+
+    easy = runs / "arc_easy"
+    saved = json.loads((easy / "results.json").read_text())
+    for r in saved["per_seed"]:
+        if r["guide"] == "meanfield":
+            r.update(guide="tfb", method_version=method_version("tfb") - 1)
+        else:
+            r["method_version"] = method_version(r["guide"])
+    saved["config"]["guides"] = ["tfb" if g == "meanfield" else g for g in saved["config"]["guides"]]
+    (easy / "results.json").write_text(json.dumps(saved))
+    os.replace(easy / "predictions_meanfield.npz", easy / "predictions_tfb.npz")
+    run = report.load_runs(runs, ["arc_easy"])["arc_easy"]
+    assert run_state(run) == [f"**made by an older version of the method**: tfb (seeds 0, 1: version "
+                              f"{method_version('tfb') - 1}, now {method_version('tfb')}): its rows stand as measured "
+                              "then; `--update tfb` reruns them"]
+    header = report.header_section(report.load_runs(runs, ["arc_easy"]), "x", "now")
+    assert "unfinished" not in header and "| 2025-01-01T00:00:00+00:00 |" in header

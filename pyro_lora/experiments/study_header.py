@@ -153,9 +153,10 @@ def used_sizes(run):
 def unfinished_pairs(run):
     """``(unfinished, asked)``: the (method, seed) a run was asked for (its last request's, and each one it has rows
     or failures of), and those of them that neither finished, as a resume judges it
-    (:func:`~.results.unfinished_runs`: the ``+ts`` row and arrays too), nor failed: cut short, or still running.
+    (:func:`~.results.unfinished_runs`: the ``+ts`` row and arrays too), nor failed, nor hold rows of an older version
+    of their method (finished then: :func:`older_version_state` says so): cut short, or still running.
     ``run["folder"]``: where :func:`~.study_report.load_runs` read it (without one, its rows alone are judged)."""
-    from .results import unfinished_runs  # results imports this module
+    from .results import older_versions, unfinished_runs  # results imports this module
 
     request, config, rows = run.get("request") or {}, run["config"], run["per_seed"]
     guides, seeds = request.get("guides") or config["guides"], request.get("seeds") or config["seeds"]
@@ -165,14 +166,29 @@ def unfinished_pairs(run):
     # a record from before the +ts rows has none (ADDED_SETTINGS' ts False)
     judged = unfinished_runs(run.get("folder"), rows, list(dict.fromkeys(g for g, _ in asked)),
                              list(dict.fromkeys(s for _, s in asked)), datasets, config.get("ts", False))
-    return (set(judged) & asked) - failed, asked
+    older = {(g, s) for g, (seeds, _) in older_versions(rows, {g for g, _ in asked}).items() for s in seeds}
+    return (set(judged) & asked) - failed - older, asked
+
+
+def older_version_state(run) -> list:
+    """The sentence naming the methods whose rows in ``run`` an older version of the method made (a finished run
+    measured before a change to it: a resume or ``--update`` reruns them), or none."""
+    from .results import method_version, older_versions  # results imports this module
+
+    older = older_versions(run["per_seed"], {base_guide(r["guide"]) for r in run["per_seed"]})
+    if not older:
+        return []
+    parts = [f"{g} (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}: version {', '.join(map(str, versions))}, "
+             f"now {method_version(g)})" for g, (seeds, versions) in older.items()]
+    return [f"**made by an older version of the method**: {'; '.join(parts)}: its rows stand as measured then; "
+            f"`--update {','.join(older)}` reruns them"]
 
 
 def run_state(run):
     """Sentences on what a run lacks: the (method, seed) it was asked for that neither finished nor failed
     (:func:`unfinished_pairs`), and those that failed."""
     missing, asked = unfinished_pairs(run)
-    out = []
+    out = older_version_state(run)
     if missing:
         out.append(f"**unfinished**: {len(missing)} of {len(asked)} (method, seed) neither finished nor failed (a "
                    "run cut short, or still running; the same command resumes it)")
