@@ -451,6 +451,8 @@ class LoraModel:
         if fitted is None:
             return None
         paired = head_left_by(fitted, self)
+        if fitted.head is not None and not paired:  # its head replaced since (a snapshot restored, a reload): moved on
+            return None
         # a LoRA-XS start beside another's head starts afresh (_stale_layers)
         if paired and not (values is not None and not self.builds_on_adapter and fitted.builds_on_adapter):
             raise ValueError(

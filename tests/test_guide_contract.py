@@ -774,6 +774,30 @@ def test_a_guide_that_trained_no_point_parameter_leaves_the_adapter_free_but_an_
         TFBGuide(model)
 
 
+def test_a_network_restored_to_an_earlier_state_after_a_fit_is_no_unwritten_fit():
+    """A MAP written into the adapter and snapshotted, a mean-field fit over the network (a point B and the head
+    trained, A sampled), then the snapshot restored: the network is the MAP's again, yet a guide built from it was
+    warned that the adapter 'still holds the LoRA values' of the mean-field fit, advising to write that guide's mean,
+    which would start TFB from the mean-field mean (examples/compare_guides.py)."""
+    model = lora(random="AB")
+    first = MAPGuide(model)
+    fit(model, first, data(), lr=5e-2, progress=False)
+    model.write_adapter({k: v.detach() for k, v in first.mean().items()})
+    snapshot = {n: p.detach().clone() for n, p in model.net.named_parameters() if "lora_" in n or p.requires_grad}
+    other = LoraModel(model.net, model.likelihood, random="A", prior=0.1, num_data=model.num_data)
+    fit(other, MeanFieldGuide(other), data(), lr=5e-2, elbo=TraceMeanField_ELBO(), progress=False)
+    message = "still holds the LoRA values"
+    with pytest.raises(ValueError, match="whose LoRA values the adapter does not hold"):
+        TFBGuide(LoraModel(model.net, model.likelihood, random="AB"))  # the mean-field's head beside the MAP's A
+    with torch.no_grad():
+        params = dict(model.net.named_parameters())
+        for n, v in snapshot.items():
+            params[n].copy_(v)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=f".*{message}")
+        TFBGuide(LoraModel(model.net, model.likelihood, random="AB"))
+
+
 def test_the_owner_is_checked_too_and_a_non_owner_cannot_save_another_guides_head(tmp_path):
     from pyro_lora.guides.ensemble import reinitialize
 
