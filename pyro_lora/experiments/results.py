@@ -6,6 +6,7 @@ goes through the atomic writer: a kill leaves the previous complete file, and ``
 (guide, seed)'s arrays and diagram, is the record of what is complete.
 """
 
+import datetime
 import json
 import math
 import os
@@ -30,7 +31,6 @@ from ..locking import FolderLocked, folder_lock, locked_elsewhere
 from ..model_files import local_model_path
 from .plots import metric_scatter, reliability_diagram, reliability_grid
 from .setup import ADDED_SETTINGS, BASE_DIGEST_VERSION, CLOZE_SCORING, state_digest
-from .study_header import now
 from .table import base_guide, ts_name
 from .verdict import REFERENCE, verdict
 
@@ -59,6 +59,11 @@ COMPARE_FLAGS = Flags("--out", "--overwrite", "pass --overwrite to replace the r
 STUDY_FLAGS = Flags("--runs", "--force", "rerun every row on the --model and records there now: "
                     "`pyro-lora study --update map` with the same flags")
 
+
+
+def now():
+    """The local time as the study's records write it, ``2026-12-01T05:55:44+00:00``."""
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 # how compare seeds its predictives (run.json's "predict_seeding", results.json's per row name): 1, a seed per
 # evaluation set (weight samples drawn apart for the test and the shifted sets: OOD AUROC compared two draws); 2, one

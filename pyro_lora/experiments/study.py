@@ -46,9 +46,10 @@ from ..io import check_file_slot, copy_file, standard_json, writable_folder, wri
 from ..locking import FolderLocked, folder_lock, locked_elsewhere
 from . import compare
 from .results import (MERGE_IGNORES, NEXT_SIDECAR, RESULTS, SIDECAR, STUDY_FLAGS, GuideFailures, RunFolder,
-                      config_differences, finish_merge, map_name, merge_results, read_record, read_sidecar, redraw_figures)
+                      config_differences, finish_merge, map_name, merge_results, now, read_record, read_sidecar,
+                      redraw_figures)
 from .setup import FULL, CompareConfig, check_config, data_digest, default_guides
-from .study_header import duration, machine_info, now
+from .study_header import duration, machine_info
 from .study_report import DATASETS, build_report
 from .verdict import REFERENCE
 

@@ -5,6 +5,7 @@ import datetime
 import os
 import platform
 
+from .results import method_version, older_versions, unfinished_runs
 from .table import base_guide
 
 NAMES = {"sst2": "SST-2", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openbookqa": "OpenBookQA",
@@ -30,11 +31,6 @@ def machine_info(device="cpu"):
     if device == "cuda" and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
-
-
-def now():
-    """The local time as the study's records write it, ``2026-12-01T05:55:44+00:00``."""
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def duration(seconds):
@@ -156,8 +152,6 @@ def unfinished_pairs(run):
     (:func:`~.results.unfinished_runs`: the ``+ts`` row and arrays too), nor failed, nor hold rows of an older version
     of their method (finished then: :func:`older_version_state` says so): cut short, or still running.
     ``run["folder"]``: where :func:`~.study_report.load_runs` read it (without one, its rows alone are judged)."""
-    from .results import older_versions, unfinished_runs  # results imports this module
-
     request, config, rows = run.get("request") or {}, run["config"], run["per_seed"]
     guides, seeds = request.get("guides") or config["guides"], request.get("seeds") or config["seeds"]
     failed = {(base_guide(f["guide"]), f["seed"]) for f in run.get("failed", [])}  # a method's, or its +ts step's alone
@@ -173,8 +167,6 @@ def unfinished_pairs(run):
 def older_version_state(run) -> list:
     """The sentence naming the methods whose rows in ``run`` an older version of the method made (a finished run
     measured before a change to it: a resume or ``--update`` reruns them), or none."""
-    from .results import method_version, older_versions  # results imports this module
-
     older = older_versions(run["per_seed"], {base_guide(r["guide"]) for r in run["per_seed"]})
     if not older:
         return []
