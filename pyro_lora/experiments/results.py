@@ -182,13 +182,21 @@ def row_version(row) -> int:
     return row.get("method_version", 1)
 
 
+def of_other_version(row) -> bool:
+    """Whether another version of its method made the per-seed ``row`` than the one registered now
+    (:func:`method_version`; never for a method not registered here): a resume reruns such rows, never averaging them
+    with new ones."""
+    version = method_version(row["guide"])
+    return version is not None and version != row_version(row)
+
+
 def older_versions(rows, guides) -> dict:
     """Method of ``guides`` -> ``(seeds, versions)``: the seeds whose rows in ``rows`` (its own or its ``+ts`` rows)
-    another version of the method made than the one registered now (:func:`method_version`), and those versions."""
+    another version of the method made than the one registered now (:func:`of_other_version`), and those versions."""
     out = {}
     for r in rows:
         name = base_guide(r["guide"])
-        if name in guides and method_version(name) not in (None, row_version(r)):
+        if name in guides and of_other_version(r):
             seeds, versions = out.setdefault(name, ({}, {}))  # dicts as ordered sets
             seeds[r["seed"]] = versions[row_version(r)] = None
     return {name: (list(seeds), list(versions)) for name, (seeds, versions) in out.items()}
@@ -196,11 +204,11 @@ def older_versions(rows, guides) -> dict:
 
 def is_complete(rows, arrays, guide, seed, datasets) -> bool:
     """Whether the row name ``guide`` under ``seed`` has a row in ``rows`` (a run's per-seed rows) for every
-    evaluation set in ``datasets``, made by the version of its method registered now (:func:`method_version`: rows
-    of another version are rerun, never averaged with the new ones), and its arrays in ``arrays`` (its
+    evaluation set in ``datasets``, none made by another version of its method (:func:`of_other_version`), and its
+    arrays in ``arrays`` (its
     ``predictions_<guide>.npz``, by key)."""
     mine = [r for r in rows if r["guide"] == guide and r["seed"] == seed]
-    if any(method_version(guide) not in (None, row_version(r)) for r in mine):
+    if any(of_other_version(r) for r in mine):
         return False
     return set(datasets) <= {r["dataset"] for r in mine} and all(f"{d}__seed{seed}__{kind}" in arrays
                                                                  for d in datasets for kind in ARRAYS)
@@ -504,16 +512,14 @@ class RunFolder:
     def has_other_seeds(self, guide, seed) -> bool:
         """Whether finished rows of ``guide`` under seeds other than ``seed``, of its method's version now, are saved
         (rows ``seed`` adds join them; those of another version are rerun)."""
-        version = method_version(guide)
-        return any(r["guide"] == guide and r["seed"] != seed and version in (None, row_version(r)) for r in self.rows)
+        return any(r["guide"] == guide and r["seed"] != seed and not of_other_version(r) for r in self.rows)
 
     def drop_older_versions(self, guides) -> dict:
         """Remove the rows that another version of their method made (:func:`older_versions`) of the methods
         ``guides`` (a resume reruns them): a rerun that fails leaves no old row to be averaged with the new ones.
         Returns :func:`older_versions` of the rows before."""
         older = older_versions(self.rows, guides)
-        self.rows = [r for r in self.rows if not (base_guide(r["guide"]) in older
-                                                   and method_version(r["guide"]) != row_version(r))]
+        self.rows = [r for r in self.rows if not (base_guide(r["guide"]) in older and of_other_version(r))]
         return older
 
     def has_rows(self, seed) -> bool:
