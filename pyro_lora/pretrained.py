@@ -58,6 +58,7 @@ __all__ = [
     "default_lora_targets",
     "add_lora",
     "load_adapter",
+    "DrawnAtLoadWarning",
     "default_mc_format",
     "expected_mc_format",
     "DTYPES",
@@ -594,7 +595,7 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
         e.g. one saved by plain peft without ``task_type='SEQ_CLS'`` or ``modules_to_save=[head name]``: it would
         predict with a freshly random head.
 
-    Warns (``UserWarning``) where another parameter ``model`` drew at load is not loaded by the adapter, naming it: a
+    Warns (:class:`DrawnAtLoadWarning`) where another parameter ``model`` drew at load is not loaded by the adapter, naming it: a
     BERT MLM checkpoint's pooler (inside the backbone, no head), which peft's ``task_type='SEQ_CLS'`` does not save.
     It equals the one the adapter was trained with only if ``model`` was loaded under the torch seed of the training
     (``torch.manual_seed`` before :func:`load_pretrained`); an adapter saved with it
@@ -656,7 +657,10 @@ def _check_head_loaded(model, loaded: set, adapter_dir) -> None:
                          f"adapter with its head (peft's task_type='SEQ_CLS', or modules_to_save={names})")
 
 
-_DRAWN_NOT_LOADED = "the base model drew weights at load that the adapter does not carry"  # the start the CLI filters
+class DrawnAtLoadWarning(UserWarning):
+    """:func:`load_adapter`'s warning that the base drew weights at load, outside its task head, that the adapter does
+    not carry (an MLM checkpoint's pooler): they are the trained ones only under the training's torch seed. A caller
+    that checks the seed itself filters it by this category."""
 
 
 def _warn_about_drawn(model, loaded: set, adapter_dir) -> None:
@@ -669,10 +673,11 @@ def _warn_about_drawn(model, loaded: set, adapter_dir) -> None:
     prefix = f"{getattr(base_network(model), 'base_model_prefix', None)}."
     names = list(dict.fromkeys([*head_modules(model), *(name.removeprefix(prefix).split(".", 1)[0] for name in drawn)]))
     more = f" and {len(drawn) - 3} more" if len(drawn) > 3 else ""
-    warnings.warn(f"{_DRAWN_NOT_LOADED} ({drawn[:3]}{more}; the adapter in {adapter_dir}): its checkpoint lacks "
+    warnings.warn(f"the base model drew weights at load that the adapter does not carry ({drawn[:3]}{more}; the adapter "
+                  f"in {adapter_dir}): its checkpoint lacks "
                   "them, so they were drawn under the torch seed; they equal the ones the adapter was trained with only if the base was "
                   "loaded under the same seed as for training (torch.manual_seed before load_pretrained); to load them "
-                  f"whatever the seed, save them in the adapter (peft's modules_to_save={names})", UserWarning,
+                  f"whatever the seed, save them in the adapter (peft's modules_to_save={names})", DrawnAtLoadWarning,
                   stacklevel=3)
 
 

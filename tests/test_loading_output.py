@@ -282,6 +282,7 @@ def test_a_pooler_drawn_at_load_and_not_in_the_adapter_is_warned_about_and_one_s
         "seed as for training (torch.manual_seed before load_pretrained); to load them whatever the seed, save them in "
         "the adapter (peft's modules_to_save=['classifier', 'pooler'])"]
     assert said[0].filename == __file__  # said at the caller's line
+    assert said[0].category is P.DrawnAtLoadWarning  # what a caller checking the seed itself filters
 
 
 def test_only_the_peft_warning_is_hidden():

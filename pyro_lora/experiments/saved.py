@@ -5,7 +5,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import time
 import warnings
 from dataclasses import asdict, replace
@@ -18,7 +17,7 @@ from ..costs import PeakMemory
 from ..io import (_check_beside, _read_meta, check_sealed, load_guide, read_safetensors, recover_directory, save_guide,
                   writable_folder)
 from ..model import LoraModel
-from ..pretrained import _DRAWN_NOT_LOADED
+from ..pretrained import DrawnAtLoadWarning
 from ..model_files import label_key, local_model_path, minilm_dir
 from ..kinds import KINDS
 from ..distributed import is_main
@@ -396,7 +395,7 @@ def _prepare_saved(config, seed, adapter_dir):
     warning about weights drawn at load that the adapter does not carry: here their seed is checked (bayesianize:
     :func:`_check_drawn_weights` against the fit's; evaluate: the run's own seed), and a warning would repeat it."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=re.escape(_DRAWN_NOT_LOADED), category=UserWarning)
+        warnings.filterwarnings("ignore", category=DrawnAtLoadWarning)
         return prepare(config, seed, adapter_dir=adapter_dir)
 
 
