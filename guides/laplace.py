@@ -24,7 +24,7 @@ from pyro_lora.kfac import SiteFactors, accumulate, glm_batch, glm_predict, grid
 from pyro_lora.likelihoods import MultipleChoice, is_cloze
 from pyro_lora.metrics import nll
 from pyro_lora.checks import check_count
-from pyro_lora.predictive import predict
+from pyro_lora.predictive import NonFinitePredictionError, predict
 from pyro_lora.sites import check_values
 
 from .base import LoraGuide
@@ -406,7 +406,11 @@ class LaplaceGuide(LoraGuide):
                 self.set_prior_precision(lam)
                 with torch.random.fork_rng(devices=[self.model.device] if self.model.device.type == "cuda" else []):
                     torch.manual_seed(0)  # the same noise for every lambda
-                    pred = predict(self.model, self, data, num_samples=num_samples)
+                    try:
+                        pred = predict(self.model, self, data, num_samples=num_samples)
+                    except NonFinitePredictionError:  # a lambda this small overflows the logits: too wide, the worst
+                        nlls.append(math.inf)
+                        continue
                 nlls.append(nll(pred.probs, pred.labels))
         finally:
             for f, c in zip(self.factors, current):
@@ -537,9 +541,11 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide", tol=None):
     of the grid and then of the 7 refining values, in the order scored)``. Of values tied at the lowest NLL the
     largest is taken (the narrowest posterior: the validation data do not ask for more spread), whatever the grid's
     order or repeats. An NLL equal at every grid value is said (:func:`said_flat`) and not refined; a best value still
-    at an end of the grid warns, naming the end (``who`` says whose): the optimum may lie beyond it.
+    at an end of the grid warns, naming the end (``who`` says whose): the optimum may lie beyond it. An infinite NLL
+    (a weight-sample predictive that overflows float32 at that ``lambda``) is the worst value, never chosen.
 
-    :raises ValueError: naming the ``lambda`` values where the NLL is nan (no lambda is set).
+    :raises ValueError: naming the ``lambda`` values where the NLL is nan, or where it is infinite at every grid value
+        (no lambda is set).
     """
     def scored(values):
         nlls = list(nlls_of(values))
@@ -553,9 +559,12 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide", tol=None):
         return float(values[nlls == nlls.min()].max())
 
     nlls = scored(grid)
-    best = lowest(grid, nlls)
     ordered = torch.unique(grid)  # sorted, each value once
     low, high = float(ordered[0]), float(ordered[-1])
+    if all(v == math.inf for v in nlls):  # every tie at inf would take the largest lambda as if it were best
+        raise ValueError(f"{who} val_nll: the validation predictive overflows float32 (nan or inf logits) at every lambda "
+                         f"from {low:g} to {high:g}: no lambda was set; try larger values")
+    best = lowest(grid, nlls)
     if said_flat(who, nlls, low, high, best):
         return best, nlls
     if refine and len(ordered) > 1:  # one value is no search

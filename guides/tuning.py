@@ -17,7 +17,7 @@ import torch
 from pyro_lora.calibration import check_tol, golden_section
 from pyro_lora.data import fixed_batches
 from pyro_lora.metrics import accuracy, nll
-from pyro_lora.predictive import predict
+from pyro_lora.predictive import NonFinitePredictionError, predict
 
 from .registry import get_method, join_notes
 
@@ -47,13 +47,15 @@ class Tuning(NamedTuple):
 
 def validation_scores(guide, loader, num_samples: int, seed: int = 0) -> Scores:
     """The :class:`Scores` of ``guide``'s weight-sample predictive on ``loader``, its draws seeded by ``seed`` (in a
-    forked RNG); ``(inf, nan, None)`` where the predictive is not finite."""
+    forked RNG); ``(inf, nan, None)`` where the predictive is not finite (:func:`predict` refuses it), e.g. a wide
+    ScalaBL posterior overflowing ``exp(log s)``: the search refuses that value, as one too wide."""
     device = guide.model.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        prediction = predict(guide.model, guide, loader, num_samples=num_samples)
-    if not bool(torch.isfinite(prediction.probs).all()):  # e.g. a wide ScalaBL posterior overflows exp(log s)
-        return Scores(math.inf, math.nan, None)
+        try:
+            prediction = predict(guide.model, guide, loader, num_samples=num_samples)
+        except NonFinitePredictionError:
+            return Scores(math.inf, math.nan, None)
     return Scores(nll(prediction.probs, prediction.labels), accuracy(prediction.probs, prediction.labels),
                   prediction.probs.argmax(-1))
 

@@ -23,6 +23,12 @@ from .quantized import has_int8_layers
 SEED_RANGE = 2**62  # base seeds are drawn from [0, SEED_RANGE); chunk i uses base + i
 
 
+class NonFinitePredictionError(ValueError):
+    """:func:`predict`'s refusal of a batch whose probabilities hold a nan or inf: the logits overflowed float32 (weight
+    samples of a far too wide posterior, or a half-precision base). A search over a posterior's width catches it as
+    "this width is too wide" (:func:`~pyro_lora.guides.tuning.validation_scores`)."""
+
+
 @dataclass
 class Prediction:
     """Predictions over a dataset.
@@ -78,9 +84,9 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     :raises ValueError: for a bad ``num_samples`` / ``chunk_size`` (an ensemble's ``S`` not a multiple of
         ``K``), a ``DataLoader`` with ``drop_last=True``, ``mean=True`` with a guide whose mean is no predictor, a guide whose posterior its site samples do
         not carry (``guide.samples_carry_posterior`` false: last-layer Laplace), or a guide built for another model
-        (:func:`~pyro_lora.contract.check_guide`); at a batch whose probabilities are not finite (the logits overflowed
-        float32 under weight samples of a far too wide posterior), rather than return nan; for labelled batches
-        mixed with unlabelled ones.
+        (:func:`~pyro_lora.contract.check_guide`); for labelled batches mixed with unlabelled ones.
+    :raises NonFinitePredictionError: (a ``ValueError``) at a batch whose probabilities are not finite (the logits
+        overflowed float32 under weight samples of a far too wide posterior), rather than return nan.
 
     Under ``torch.distributed`` every rank is given the same ``data``, predicts its contiguous block of
     batches with rank 0's weight samples (rank 0's base seed is broadcast; the first chunk is checked to
@@ -153,7 +159,7 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
                     total = total / num_samples
                     log_total = log_total - math.log(num_samples)
                 if not bool(torch.isfinite(total).all()):  # one reduction per batch: a nan of any sample reaches the sum
-                    raise ValueError(_not_finite(total, guide, draws is not None))
+                    raise NonFinitePredictionError(_not_finite(total, guide, draws is not None))
                 sums.append(total)
                 logs.append(log_total)
                 if keep_samples:

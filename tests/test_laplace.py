@@ -934,3 +934,22 @@ def test_every_reader_of_batches_refuses_what_is_no_dict_of_batched_tensors():
                         lambda: guide.glm_logits(wrong[0] if isinstance(wrong, list) else next(iter(wrong)))):
                 with pytest.raises(ValueError, match=rf"a batch must be a dict of batched tensors.*{what}.*collator"):
                     run()
+
+
+def test_val_nll_on_weight_samples_refuses_a_lambda_whose_draws_overflow_not_the_search():
+    """predict refuses non-finite probabilities (0837de8), and the weight-sample val_nll search scored each lambda
+    through it: one lambda small enough to overflow the logits failed the whole search where it is only too wide."""
+    model = mlp_model()  # no LayerNorm to scale huge activations back
+    data = [{**b, "input_ids": b["input_ids"] * 1e4} for b in mlp_data()]
+    guide = LaplaceGuide(model)
+    guide.fit(data, progress=False)
+    guide.set_prior_precision(1e-38)  # stds ~1e19 on A and on B: the logits overflow float32
+    with pytest.raises(ValueError, match="not finite: the network's logits overflowed"):
+        predict(model, guide, data, num_samples=2)
+    nlls = guide.optimize_prior_precision("val_nll", val_loader=data, grid=[1e-38, 1.0, 10.0], predictive="samples",
+                                          num_samples=2, refine=False)
+    assert nlls[0] == math.inf and all(map(math.isfinite, nlls[1:]))
+    assert float(guide.factors[0].prior_precision.reshape(-1)[0]) in (1.0, 10.0)
+    with pytest.raises(ValueError, match=r"overflows float32 \(nan or inf logits\) at every lambda from 1e-38 to 2e-38"):
+        guide.optimize_prior_precision("val_nll", val_loader=data, grid=[1e-38, 2e-38], predictive="samples",
+                                       num_samples=2, refine=False)

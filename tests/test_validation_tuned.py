@@ -20,6 +20,7 @@ from pyro_lora.experiments.verdict import clear_difference, t_quantile_95, verdi
 from pyro_lora.guides import MeanFieldGuide, ScalaBLGuide
 from pyro_lora.guides.registry import METHODS, Fitted, method
 from pyro_lora.guides.tuning import tune_on_validation, validation_scores
+from pyro_lora.predictive import NonFinitePredictionError, predict
 from pyro_lora.scalabl import ScalaBLModel
 
 
@@ -87,6 +88,22 @@ def test_validation_scores_use_common_random_numbers():
     first, again = (validation_scores(guide, data(), num_samples=4, seed=3) for _ in range(2))
     assert first[:2] == again[:2] and torch.equal(first.predicted, again.predicted)
     assert validation_scores(guide, data(), num_samples=4, seed=4).nll != first.nll
+
+
+def test_a_width_whose_predictive_overflows_is_refused_by_the_search_not_fatal():
+    """predict refuses a batch of non-finite probabilities (0837de8); the search scored such a width through it, so
+    one overflowing grid value (a wide ScalaBL posterior at the demo's largest temperatures) failed the whole method
+    where it should refuse that value."""
+    model, guide = meanfield()
+    guide.set_temperature(1e60)  # stds x 1e30: the logits overflow float32
+    with pytest.raises(NonFinitePredictionError, match="not finite: the network's logits overflowed"):
+        predict(model, guide, data(), num_samples=4)
+    scores = validation_scores(guide, data(), num_samples=4)
+    assert scores.nll == math.inf and math.isnan(scores.accuracy) and scores.predicted is None
+    tuning = tune_on_validation(guide, "posterior temperature", guide.set_temperature, [0.1, 1.0, 1e60], data(),
+                                num_samples=4)
+    assert tuning.value < 1e60 == tuning.trace[2][0] and tuning.trace[2][1] == math.inf
+    assert guide.temperature == tuning.value
 
 
 def test_tuning_scores_every_value_on_the_same_batches_in_the_same_order():
