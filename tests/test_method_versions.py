@@ -105,4 +105,7 @@ def test_a_method_whose_rows_change_raises_its_version(computed, task):
         elif version != recorded[name]["version"]:
             problems.append(f"{name}: version {version} now, its fingerprint was recorded under "
                             f"{recorded[name]['version']}: record the fingerprints again")
+    if len(problems) == len(computed[task]) > 1:
+        problems.append("every method moved: a change they share may be one of the run-wide forms instead (the cloze "
+                        "scoring: setup.CLOZE_SCORING and SCORING_CHANGES; the predictive's seeding: results.PREDICT_SEEDING)")
     assert not problems, "\n".join(problems) + f"\n(see {Path(__file__).name}'s docstring for the command)"
