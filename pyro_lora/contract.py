@@ -18,6 +18,7 @@ import math
 import re
 
 import torch
+from pyro.poutine.messenger import unwrap
 
 from . import distributed, pyro_params
 from .checks import is_integer_tensor
@@ -564,6 +565,40 @@ def check_autoguide(model, autoguide, action: str) -> None:
             "changed since pyro.infer.SVI trained it or load_guide restored it (another guide trained them, e.g. fit with "
             "train_network=True, or they were re-initialised, written or cast to a lower precision): its sites would run "
             f"with another head; keep an autoguide's result before the network is trained again, with {pyro_params.AUTOGUIDE_SAVE}")
+
+
+def check_autoguide_model(model, autoguide, action: str, training: bool) -> None:
+    """Refuse to ``action`` with a Pyro autoguide built over another LoraModel object than ``model``, the one it runs
+    with (``SVI(model, autoguide)``, ``Predictive(model, guide=autoguide)``, an ELBO's loss, ``Importance``), as
+    :func:`check_guide` refuses a guide of the guides package: ``save_guide`` records the autoguide's own model
+    (``autoguide.model``) as the one its sites were fitted on and with. Training (``training``) needs that very object
+    (SVI would fit the sites and the head on this model); a run without training (predicting, a validation loss)
+    takes another object over the same network and sites (the same signature, :func:`describe`) whose point
+    parameters (the head) hold the same values, as ``predict`` does a guide of the guides package.
+
+    :raises ValueError: naming what differs, and to build the autoguide over this model or ``load_guide`` a saved one
+        into an autoguide over it.
+    """
+    own = unwrap(autoguide.model)
+    name = type(autoguide).__name__
+    todo = (f"build the autoguide over this model ({name}(model)), or save_guide it and load_guide it into one "
+            "built over this model")
+    if training:
+        raise ValueError(
+            f"cannot {action} with this {name}: it was built over another LoraModel object than the model it runs "
+            f"with, and training would fit its sites on this model while save_guide records that one as theirs; {todo}")
+    problems = differences(describe(own), describe(model))
+    if not problems:
+        theirs = dict(model.net.named_parameters())
+        differ = [n for n, p in own.named_adapter_parameters() if n not in theirs
+                  or not torch.equal(p.detach().to(theirs[n].device, theirs[n].dtype), theirs[n].detach())]
+        if differ:
+            problems = [f"the model's point parameters {_short(differ)} differ from those of the model it was built "
+                        "over (its trained head or non-random LoRA matrices)"]
+    if problems:
+        raise ValueError(f"cannot {action} with this {name}: it was built over another LoraModel object, which "
+                         f"differs from the model it runs with: {'; '.join(problems)}; run it with autoguide.model, or "
+                         f"{todo}")
 
 
 def tempered_training(guide, action: str) -> str | None:

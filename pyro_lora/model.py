@@ -12,6 +12,7 @@ import warnings
 
 import pyro
 import pyro.poutine as poutine
+from pyro.poutine.messenger import unwrap
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -20,7 +21,7 @@ from peft.utils import ModulesToSaveWrapper
 from . import distributed, handoff, pyro_params, quantized
 from .checks import check_batch, check_count, pickling_refused
 from .hooks import hooks_ran
-from .contract import check_autoguide, check_guide, check_not_meta, parameter_adapter, tempered_training
+from .contract import check_autoguide, check_autoguide_model, check_guide, check_not_meta, parameter_adapter, tempered_training
 from .ownership import (follow_autoguide, head_left_by, head_loaded, head_trainer, record_write, unwritten_fit,
                         written_beside_head)
 from .distributions import unchecked_isotropic_normal
@@ -28,8 +29,8 @@ from .kinds import KINDS, MatrixKind, between_kinds, down_kind, up_kind
 from .likelihoods import data_nll, is_cloze
 from .modes import dropout_in_training
 from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, drawn_by, elbo_run, hidden_from_elbo, in_averaging_elbo,
-                         in_importance, in_laplace_approximation, in_mcmc, in_predictive, in_svi_step, marked_guides,
-                         on_training_step, prototyping_autoguide, replayed_trace, running_autoguide)
+                         in_importance, in_laplace_approximation, in_mcmc, in_predictive, in_svi_step, innermost_autoguide,
+                         marked_guides, on_training_step, prototyping_autoguide, replayed_trace, running_autoguide)
 from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_inits, check_values,
                     describe_inits, embedding, find_lora_layers, head_modules, is_site_name, matrix_view, per_layer)
 
@@ -709,7 +710,8 @@ class LoraModel:
         are warned of (the loss may add terms of its own), and the batch counts towards the ``num_data`` warning.
 
         :raises ValueError: if a value replayed from a guide has another shape than its site (a guide built
-            for another model); inside a plate (Pyro's vectorized particles, or a minibatch plate of the user's: the
+            for another model); for a Pyro autoguide built over another LoraModel object, which an inference runs
+            with this one (:meth:`_check_autoguide_model`); inside a plate (Pyro's vectorized particles, or a minibatch plate of the user's: the
             model scales its data term itself; ``TraceTailAdaptive_ELBO``, which Pyro runs over vectorized particles
             only); under an ELBO (not a replay of one's own, as above), for a ``kl_weight`` the guide's sites are not
             scaled by (a Pyro autoguide: its ``log q`` unscaled), guide values blocked from the model
@@ -731,6 +733,7 @@ class LoraModel:
                              "checks of every later batch (a label of -100 scored, a num_data below the batch's rows "
                              "taken) and keep the network's train/eval mode of the first call (dropout after "
                              "net.eval()); use Trace_ELBO or TraceMeanField_ELBO")
+        self._check_autoguide_model()
         check_batch(batch)  # Pyro's own SVI hands batches here without fit's or predict's reading of them
         check_no_plate("model")
         mcmc = in_mcmc()
@@ -879,6 +882,25 @@ class LoraModel:
         warnings.warn(f"{found}: its predictions carry dropout noise besides the posterior's, where pyro_lora.predict "
                       "runs in eval mode; call model.net.eval() before Predictive (for MC dropout, use MCDropoutGuide)",
                       stacklevel=3)
+
+    def _check_autoguide_model(self) -> None:
+        """Refuse a Pyro autoguide built over another LoraModel object that ``SVI``, an ELBO (its loss, with or
+        without gradients), ``Importance`` or ``Predictive`` runs with this model
+        (:func:`~pyro_lora.contract.check_autoguide_model`: in training, any other object; else one whose signature or
+        head differs), before any work. An autoguide over a function of one's own that calls the model is not
+        compared: what it runs is the user's.
+
+        :raises ValueError: naming the difference, and to build the autoguide over this model or ``load_guide`` a
+            saved one into an autoguide over it.
+        """
+        autoguide = innermost_autoguide()
+        own = None if autoguide is None else unwrap(autoguide.model)
+        if own is self or not isinstance(own, LoraModel):
+            return
+        training = torch.is_grad_enabled() and elbo_run() == "training"
+        action = ("train with pyro.infer.SVI or an ELBO's training loss" if training else "run pyro.infer.Predictive" if in_predictive()
+                  else "run pyro.infer.Importance" if in_importance() else "compute an ELBO's loss")
+        check_autoguide_model(self, autoguide, action, training)
 
     def _follow_autoguide(self, guide_trace, training: bool) -> None:
         """Follow a Pyro autoguide running the model (read from the call stack:

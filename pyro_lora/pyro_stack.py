@@ -153,14 +153,23 @@ def _before_step(optimizer, args, kwargs) -> None:
 def running_autoguide(model):
     """The Pyro ``AutoGuide`` over ``model`` that the innermost ``SVI``, ELBO, ``Importance`` or ``Predictive`` around
     the call runs (handlers around it unwrapped), read from the Python call stack; ``None`` where that runs another
-    guide (pyro_lora's, a function), or where none runs (a replay of one's own)."""
+    guide (pyro_lora's, a function, an autoguide over another model: :func:`innermost_autoguide`), or where none runs
+    (a replay of one's own)."""
+    guide = innermost_autoguide()
+    return guide if guide is not None and unwrap(guide.model) is model else None
+
+
+def innermost_autoguide():
+    """The Pyro ``AutoGuide`` (handlers around it unwrapped) that the innermost ``SVI``, ELBO, ``Importance`` or
+    ``Predictive`` around the call runs, whatever model it was built over, read from the Python call stack; ``None``
+    where that runs another guide (pyro_lora's, a function), or where none runs (a replay of one's own)."""
     frame = sys._getframe(1)
     while frame is not None:
         owner = frame.f_locals.get("self")
         if _elbo_of(frame) is not None or isinstance(owner, (SVI, Importance, Predictive)):
             guide = frame.f_locals.get("guide") if "guide" in frame.f_code.co_varnames else getattr(owner, "guide", None)
             guide = unwrap(guide) if guide is not None else None
-            return guide if isinstance(guide, AutoGuide) and unwrap(guide.model) is model else None
+            return guide if isinstance(guide, AutoGuide) else None
         frame = frame.f_back
     return None
 

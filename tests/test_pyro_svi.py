@@ -1352,6 +1352,71 @@ def test_an_autoguide_over_another_model_is_refused_the_values_pyros_param_store
         large(data[0])
 
 
+def test_an_autoguide_run_with_another_lora_model_is_refused_before_any_work():
+    """An AutoNormal over one LoraModel ran, without a word, under Predictive, an ELBO's loss and SVI steps with another
+    (a second checkpoint of the same shapes): trained so and saved, it recorded the first model's base while its sites
+    were fitted on the second (Predictive on the first: accuracy 0.38, on the second 1.00). Every such run is refused,
+    naming the remedy; another object over the same network, sites and head predicts and evaluates as its own (as
+    predict allows a guide of the guides package) but is no model to train it on; an autoguide over a function of one's
+    own that calls the model, and handlers around either, are the user's and pass."""
+    from pyro.infer import Importance, Predictive
+    from pyro.infer.autoguide import AutoNormal
+
+    data = toy_data(n=16, batch=8)
+    m1 = LoraModel(tiny_bert(num_labels=2, seed=0), SequenceClassification(), prior=0.5, num_data=16)
+    g1 = AutoNormal(m1)
+    svi = SVI(m1, g1, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for batch in data:
+        svi.step(batch)
+    m2 = LoraModel(tiny_bert(num_labels=2, seed=1), SequenceClassification(), prior=0.5, num_data=16)
+    m1.net.eval()
+    m2.net.eval()
+    batch, unlabelled = data[0], {k: v for k, v in data[0].items() if k != "labels"}
+    before = {k: v.detach().clone() for k, v in g1.state_dict().items()}
+    remedy = r"build the autoguide over this model \(AutoNormal\(model\)\), or save_guide it and load_guide it"
+    other = r"with this AutoNormal: it was built over another LoraModel object"
+    with pytest.raises(ValueError, match=rf"cannot run pyro.infer.Predictive {other}, .*base weights differ.*{remedy}"):
+        Predictive(m2, guide=g1, num_samples=2)(unlabelled)
+    with pytest.raises(ValueError, match=rf"cannot compute an ELBO's loss {other}.*{remedy}"):
+        Trace_ELBO().loss(m2, g1, batch)
+    with torch.no_grad(), pytest.raises(ValueError, match=rf"cannot compute an ELBO's loss {other}"):
+        Trace_ELBO().loss(m2, g1, batch)
+    svi2 = SVI(m2, g1, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    with pytest.raises(ValueError, match=rf"cannot compute an ELBO's loss {other}"):
+        svi2.evaluate_loss(batch)
+    with pytest.raises(ValueError, match=rf"cannot train with pyro.infer.SVI or an ELBO's training loss {other} than "
+                                         rf"the model it runs with.*{remedy}"):
+        svi2.step(batch)
+    with pytest.raises(ValueError, match=rf"cannot run pyro.infer.Importance {other}"):
+        Importance(m2, g1, num_samples=2).run(batch)
+    assert all(torch.equal(v, before[k]) for k, v in g1.state_dict().items())  # refused before any step
+
+    # another object over the same network and sites: its own for predicting and evaluating, not for training
+    twin = LoraModel(m1.net, SequenceClassification(), prior=0.5, num_data=16)
+    pyro.set_rng_seed(0)
+    ours = Predictive(m1, guide=g1, num_samples=3, return_sites=["_RETURN"])(unlabelled)["_RETURN"]
+    pyro.set_rng_seed(0)
+    theirs = Predictive(twin, guide=g1, num_samples=3, return_sites=["_RETURN"])(unlabelled)["_RETURN"]
+    torch.testing.assert_close(theirs, ours)
+    Trace_ELBO().loss(twin, g1, batch)
+    with pytest.raises(ValueError, match=rf"cannot train with pyro.infer.SVI .*{other} than the model it runs with"):
+        SVI(twin, g1, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(batch)
+    other_prior = LoraModel(m1.net, SequenceClassification(), prior=2.0, num_data=16)
+    with pytest.raises(ValueError, match=rf"cannot run pyro.infer.Predictive {other}, which differs.*prior"):
+        Predictive(other_prior, guide=g1, num_samples=2)(unlabelled)
+
+    # the user's own: a function calling the model, handlers around the model and the guide
+    def wrapped(batch):
+        return m2(batch)
+
+    half = 0.5
+    SVI(pyro.poutine.scale(m1, half), pyro.poutine.scale(g1, half), pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(batch)
+    pyro.clear_param_store()  # g1's names are taken: a fresh AutoNormal over m2's network would be refused its start
+    own = AutoNormal(wrapped)
+    SVI(wrapped, own, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(batch)
+    Predictive(wrapped, guide=own, num_samples=2)(unlabelled)
+
+
 def test_mcmc_over_a_network_with_dropout_on_is_refused_and_importance_warns():
     """After the SVI recipe's model.net.train(), NUTS ran without a word on a random potential energy (5 calls at the
     same LoRA values: 1123.885 to 1123.929), an acceptance test of which is no valid MCMC; Importance weighed draws by a
