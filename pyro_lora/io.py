@@ -439,12 +439,21 @@ def _autoguide_model(autoguide, action):
     return model
 
 
-def _autoguide_sites(autoguide, model) -> list:
+def _autoguide_sites(autoguide, model, part=None) -> list:
     """``[name, shape]`` of each latent site of the autoguide's first trace of ``model``, in its order: what its
     parameters stand for (a flat vector's entries, for ``AutoDiagonalNormal`` and the like, site after site).
     ``AutoStructured`` and ``AutoGaussian`` empty that trace's nodes once set up (their parameters are named by site):
-    an emptied node of a weight site stands for it at the model's shape."""
-    return [[name, list(node["value"].shape if node else model.sites[name].shape)]
+    an emptied node of a weight site stands for it at the model's shape. An ``AutoGuideList``'s are each part's own,
+    ``[name, shape, part]`` (``part``: its index, ``"0.1"`` within a nested list): its parts' parameters are named by
+    their index alone (``0.loc``), so parts over other sites of the same shapes have the same keys."""
+    from pyro.infer.autoguide import AutoGuideList
+
+    if isinstance(autoguide, AutoGuideList):
+        return [row for i, p in enumerate(autoguide)
+                for row in _autoguide_sites(p, model, str(i) if part is None else f"{part}.{i}")]
+    if autoguide.prototype_trace is None:  # a part that is a plain guide function (AutoCallable): no state of its own
+        return []
+    return [[name, list(node["value"].shape if node else model.sites[name].shape), *([part] if part else [])]
             for name, node in autoguide.prototype_trace.nodes.items()
             if (node.get("type") == "sample" and not node["is_observed"]) or (not node and name in model.sites)]
 
@@ -695,9 +704,11 @@ def _read_meta(path):
             found = f"a JSON {_JSON_TYPES.get(type(meta[key]), 'value')}" if key in meta else "nothing"
             raise ValueError(f"{file} is corrupt: key {key!r} should hold a JSON {_JSON_TYPES[kind]}, it holds {found}")
     sites = meta["autoguide"].get("sites") if "autoguide" in meta else []
-    if not (isinstance(sites, list) and all(isinstance(x, list) and len(x) == 2 and isinstance(x[0], str) and
-                                            isinstance(x[1], list) and all(type(d) is int for d in x[1]) for x in sites)):
-        raise ValueError(f"{file} is corrupt: its 'autoguide' should map 'sites' to a list of [site name, shape], it "
+    if not (isinstance(sites, list) and all(isinstance(x, list) and len(x) in (2, 3) and isinstance(x[0], str) and
+                                            isinstance(x[1], list) and all(type(d) is int for d in x[1]) and
+                                            all(isinstance(p, str) for p in x[2:]) for x in sites)):
+        raise ValueError(f"{file} is corrupt: its 'autoguide' should map 'sites' to a list of [site name, shape] (and "
+                         "part, in a list of guides), it "
                          f"holds {json.dumps(meta['autoguide'])[:80]}")
     for key in ("tensors_sha256", "fit_state_sha256", "run_sha256", "meta_sha256"):  # older saves lack them
         if key in meta and not (isinstance(meta[key], str) and _SHA256.fullmatch(meta[key])):
@@ -1241,10 +1252,18 @@ def _check_autoguide(path, meta, autoguide, model):
         raise ValueError(f"cannot load the guide at {path} into this {name}: it is built over another LoraModel than "
                          "the one given; build it over that model")
     saved, now = meta["autoguide"]["sites"], _autoguide_sites(autoguide, model)
+    if now and len(now[0]) == 3 and saved and len(saved[0]) == 2:
+        raise ValueError(f"cannot load the guide at {path} into this {name}: it was saved by an older pyro_lora, which "
+                         "recorded the model's sites, not which part of the list stands for which: its parts could "
+                         "load onto other matrices of the same shapes unseen; save it again from the trained guide")
     if saved != now:
         i = next(i for i in range(max(len(saved), len(now))) if i >= len(saved) or i >= len(now) or saved[i] != now[i])
-        there = f"{saved[i][0]!r} of shape {tuple(saved[i][1])}" if i < len(saved) else "nothing"
-        here = f"{now[i][0]!r} of shape {tuple(now[i][1])}" if i < len(now) else "nothing"
+
+        def site(row):
+            return f"{row[0]!r} of shape {tuple(row[1])}" + (f" in part {row[2]}" if len(row) > 2 else "")
+
+        there = site(saved[i]) if i < len(saved) else "nothing"
+        here = site(now[i]) if i < len(now) else "nothing"
         raise ValueError(f"cannot load the guide at {path} into this {name}: its site {i + 1} was {there}, and this "
                          f"{name}'s is {here} ({len(saved)} sites saved, {len(now)} here): its parameters would stand "
                          "for other matrices; build the model, and the autoguide over it (handlers such as "
