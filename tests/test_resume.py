@@ -1566,6 +1566,44 @@ def test_rows_of_an_older_version_of_their_method_are_not_complete_and_every_see
     assert [(r["guide"], r["seed"]) for r in again.rows] == [("map", 0), ("map", 1), ("tfb", 0)]
 
 
+def test_rows_of_two_versions_of_a_method_are_never_averaged_by_a_summary_a_verdict_or_a_merge(tmp_path):
+    """A run holding tfb seed 0 of version 1 and seeds 1, 2 of version 2 (a resume that did not run tfb, a merge of
+    another method's --update) averaged the three into one mean, ± and verdict: accuracy 0.733 where version 2's rows
+    alone give 0.600 ± 0.141. Those are kept, and the note names the seed left out; the record keeps every row."""
+    from pyro_lora.experiments.results import merge_results
+    from pyro_lora.experiments.verdict import verdict
+
+    config = small(tmp_path / "run", guides=("map", "tfb"), seeds=(0, 1, 2), ts=False)
+    folder = RunFolder(tmp_path / "run", config)
+    for seed, accuracy in enumerate((0.5, 0.5, 0.7)):
+        folder.add("map", seed, [{**ROW, "seed": seed}], arrays(seed))
+        folder.add("tfb", seed, [{**ROW, "guide": "tfb", "seed": seed, "accuracy": accuracy}], arrays(seed))
+    record = json.loads((tmp_path / "run" / "results.json").read_text())
+    for r in record["per_seed"]:
+        if r["guide"] == "tfb" and r["seed"] == 0:
+            r.update(method_version=1, accuracy=1.0)  # the old code's row
+    (tmp_path / "run" / "results.json").write_text(json.dumps(record))
+
+    def check(summary, text):
+        tfb = next(r for r in summary if r["guide"] == "tfb")
+        assert tfb["seeds"] == [1, 2] and tfb["accuracy"] == pytest.approx(0.6) and tfb["accuracy_std"] == pytest.approx(2 ** 0.5 / 10)
+        assert "seed 0: rows of version 1 left out, not averaged with version 2's" in tfb["note"]
+        assert "- tfb: seed 0 of version 1 left out, compared on its version 2 rows alone" in text
+
+    resumed = RunFolder(tmp_path / "run", replace(config, guides=("map",)))  # a resume that does not run tfb
+    check(resumed.summary(), verdict(resumed.rows, "sst2"))
+    assert len(resumed.rows) == 6  # nothing dropped from the record: a run of tfb reruns seed 0
+    update = small(tmp_path / "update", guides=("map",), seeds=(0, 1, 2), ts=False)
+    rerun = RunFolder(tmp_path / "update", update)
+    for seed in (0, 1, 2):
+        rerun.add("map", seed, [{**ROW, "seed": seed}], arrays(seed))
+    summary = merge_results(tmp_path / "run", tmp_path / "update")
+    check(summary, json.loads((tmp_path / "run" / "results.json").read_text())["verdict"])
+    from pyro_lora.experiments.results import one_version
+
+    assert one_version(record["per_seed"])[1] == {"tfb": ([0], [1], 2)}
+
+
 @pytest.mark.real
 def test_a_resume_reruns_rows_of_an_older_version_of_the_method_and_gives_the_uninterrupted_runs_rows(tmp_path):
     """A compare run begun before ceee03e (tfb version 1) and resumed after it kept seed 0's old tfb rows (sigma_q

@@ -13,7 +13,7 @@ import pytest
 from pyro_lora.experiments import cli
 from pyro_lora.experiments import study_report as report
 from pyro_lora.experiments.results import summarize_seeds
-from pyro_lora.experiments.setup import CompareConfig
+from pyro_lora.experiments.setup import CLOZE_SCORING, CompareConfig
 from pyro_lora.experiments.table import format_table
 from pyro_lora.locking import folder_lock
 
@@ -79,7 +79,8 @@ def _write_run(runs_dir, dataset, shift=()):
     out = runs_dir / dataset
     out.mkdir(parents=True)
     (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows,
-                                                  "predict_seeding": 2}))  # one draw for every set: nothing withheld
+                                                  "predict_seeding": 2,  # one draw for every set: nothing withheld
+                                                  "scoring": CLOZE_SCORING}))  # the cloze form now
     _complete_arrays(out, guides, seeds, [dataset, *shift])
     return out
 
@@ -1512,6 +1513,79 @@ def test_header_names_the_machine_of_each_update(runs):
     assert len(machines) == 3 and machines[0].endswith("(ran: the ARC-Easy run)")
     assert "torch threads 97" in machines[1] and machines[1].endswith("(ran: the ARC-Easy --update of meanfield)")
     assert machines[2] == "- machine: unknown (an update recorded without its machine) (ran: the ARC-Easy --update of temperature)"
+
+
+def _as_tfb(runs, versions):
+    """The ARC-Easy run with its meanfield rows as tfb's of ``versions`` (seed -> method_version); the others current."""
+    from pyro_lora.experiments.results import method_version
+
+    easy = runs / "arc_easy"
+    saved = json.loads((easy / "results.json").read_text())
+    for r in saved["per_seed"]:
+        r["method_version"] = versions[r["seed"]] if r["guide"] == "meanfield" else method_version(r["guide"])
+        r["guide"] = "tfb" if r["guide"] == "meanfield" else r["guide"]
+    saved["config"]["guides"] = ["tfb" if g == "meanfield" else g for g in saved["config"]["guides"]]
+    (easy / "results.json").write_text(json.dumps(saved))
+    os.replace(easy / "predictions_meanfield.npz", easy / "predictions_tfb.npz")
+    return saved
+
+
+def test_report_takes_one_version_of_a_method_whose_rows_span_two_and_names_the_seeds_left_out(runs, tmp_path):
+    """tfb seed 0 of version 1 beside seed 1 of version 2: the report averaged the two into one mean (and ±, ranking,
+    verdict), a number of neither version. Version 2's rows alone are reported; the header and the note say so."""
+    from pyro_lora.experiments.study_header import run_state
+
+    saved = _as_tfb(runs, {0: 1, 1: 2})
+    seed1 = next(r for r in saved["per_seed"] if r["guide"] == "tfb" and r["seed"] == 1 and r["dataset"] == "arc_easy")
+    run = report.load_runs(runs, ["arc_easy"])["arc_easy"]
+    tfb = next(r for r in run["summary"] if r["guide"] == "tfb")
+    assert tfb["seeds"] == [1] and tfb["accuracy"] == seed1["accuracy"] and tfb["nll"] == seed1["nll"]
+    left = ("tfb: seed 0: rows of version 1 left out, not averaged with version 2's; a run of tfb reruns them (a resume "
+            "naming it in --guides, `pyro-lora study --update tfb`)")
+    assert tfb["note"] == left.removeprefix("tfb: ")
+    assert run_state(run) == ["**rows of two versions of a method**: " + left]  # not "unfinished", not "older"
+    pairs, _ = report.paired_differences({"arc_easy": run}, "nll")
+    assert [t for t, _ in pairs["tfb"]["ARC-E"]] == [seed1["nll"]]
+    md = report.build_report(runs, tmp_path / "docs", ["arc_easy"], command="x").read_text()
+    assert f"| tfb | {seed1['accuracy']:.3f} †" in md or f"| tfb | **{seed1['accuracy']:.3f}**" in md
+    assert "- tfb: seed 0 of version 1 left out, compared on its version 2 rows alone" in md
+
+
+def test_header_says_another_version_for_rows_of_a_newer_version_than_registered(runs):
+    """Rows of version 3 where tfb is 2 now (made by newer code) were called "made by an older version"."""
+    from pyro_lora.experiments.results import method_version
+    from pyro_lora.experiments.study_header import run_state
+
+    newer = method_version("tfb") + 1
+    _as_tfb(runs, {0: newer, 1: newer})
+    assert run_state(report.load_runs(runs, ["arc_easy"])["arc_easy"]) == [
+        f"**made by another version of the method**: tfb (seeds 0, 1: version {newer}, now {method_version('tfb')}): its "
+        "rows stand as measured then; `--update tfb` reruns them"]
+
+
+@pytest.mark.parametrize("form", [None, 0, 2, CLOZE_SCORING])
+def test_header_says_a_cloze_run_was_scored_under_an_older_form(runs, form):
+    """A cloze run of an older scoring form (one a resume or --update refuses to join rows to) was reported finished
+    without a word; a run of the form now, and a run scoring no cloze, are not named."""
+    from pyro_lora.experiments.study_header import run_state
+
+    path = runs / "arc_easy" / "results.json"
+    saved = json.loads(path.read_text())
+    saved.pop("scoring") if form is None else saved.update(scoring=form, scoring_since=0)
+    path.write_text(json.dumps(saved))
+    state = run_state(report.load_runs(runs, ["arc_easy"])["arc_easy"])
+    if form == CLOZE_SCORING:
+        assert state == []
+        return
+    what = "0 (a record without a form: form 0 or 1)" if not form else str(form)
+    assert state == [f"**scored under an older cloze scoring form**: form {what}, now {CLOZE_SCORING}: its rows stand as "
+                     "scored then; a resume or an --update of some methods adds no rows to them unless no change since "
+                     "touches this run (checked on its records and model); to score them now, rerun every row on the "
+                     "--model and records there now: `pyro-lora study --update map` with the same flags"]
+    saved["config"]["mc_format"] = None  # a classification run: no cloze rows
+    saved.pop("scoring", None)
+    path.write_text(json.dumps(saved))
+    assert run_state(report.load_runs(runs, ["arc_easy"])["arc_easy"]) == []
 
 
 def test_a_mean_over_seeds_always_shows_its_spread():

@@ -111,6 +111,13 @@ def _scorings_agree(old, new, since) -> bool:
     return None not in (old, new, since) and since <= min(old, new)
 
 
+def scoring_refused(old, new, since) -> bool:
+    """Whether rows of cloze scoring form ``new`` may not join a run's rows of form ``old`` (:func:`recorded_scoring`):
+    the forms differ and a change since touches the run (:func:`_scorings_agree`; ``since`` None: unknown, every change
+    counts). What a resume checks (:meth:`RunFolder.check_scoring`) and the study's header says of a run."""
+    return old != new and not _scorings_agree(old, new, since)
+
+
 def scoring_of(config) -> int | None:
     """The cloze scoring form a run of ``config`` (its ``mc_format`` resolved) computes its rows with."""
     return CLOZE_SCORING if config.mc_format == "cloze" else None
@@ -200,6 +207,38 @@ def older_versions(rows, guides) -> dict:
             seeds, versions = out.setdefault(name, ({}, {}))  # dicts as ordered sets
             seeds[r["seed"]] = versions[row_version(r)] = None
     return {name: (list(seeds), list(versions)) for name, (seeds, versions) in out.items()}
+
+
+def one_version(rows) -> tuple:
+    """``(kept, left)``: a run's per-seed ``rows`` with, for each method whose rows (its own and its ``+ts`` rows)
+    span several versions of it (:func:`row_version`), those of one version alone kept: the version registered now
+    (:func:`method_version`) where a row has it, else the newest there. Two versions' rows are two methods' numbers:
+    averaged, they made one mean, ± and verdict of neither. A method's rows all of one version, an older one too, are
+    kept (they stand as measured then). ``left``: ``{method: (seeds, versions, kept version)}``, the seeds and versions
+    of the rows left out. Every reader that averages or compares per-seed rows takes ``kept`` (the summaries, the
+    verdict, the study's report); the record keeps every row, and a resume of the method reruns those left out."""
+    versions = {}
+    for r in rows:
+        versions.setdefault(base_guide(r["guide"]), set()).add(row_version(r))
+    keep = {name: (method_version(name) if method_version(name) in vs else max(vs))
+            for name, vs in versions.items() if len(vs) > 1}
+    kept, left = [], {}
+    for r in rows:
+        name = base_guide(r["guide"])
+        if name in keep and row_version(r) != keep[name]:
+            seeds, older = left.setdefault(name, ({}, {}))  # dicts as ordered sets
+            seeds[r["seed"]] = older[row_version(r)] = None
+        else:
+            kept.append(r)
+    return kept, {name: (sorted(seeds), sorted(older), keep[name]) for name, (seeds, older) in left.items()}
+
+
+def left_out_text(name, seeds, versions, kept) -> str:
+    """What :func:`one_version` left out of method ``name``'s numbers, as its summary rows' note and the study's
+    header say it: ``seed 0: rows of version 1 left out, not averaged with version 2's; ...``."""
+    return (f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}: rows of version {', '.join(map(str, versions))} "
+            f"left out, not averaged with version {kept}'s; a run of {name} reruns them (a resume naming it in --guides, "
+            f"`pyro-lora study --update {name}`)")
 
 
 def is_complete(rows, arrays, guide, seed, datasets) -> bool:
@@ -392,7 +431,7 @@ class RunFolder:
         touches this run (``since``: :func:`~.setup.scoring_since` of its records; ``None``: unknown, every change
         counts): its old rows are then this form's rows, and are recorded as such."""
         now = scoring_of(config)
-        if self.rows and self.scoring != now and not _scorings_agree(self.scoring, now, since):
+        if self.rows and scoring_refused(self.scoring, now, since):
             raise ValueError(f"{self.out / RESULTS} holds rows of another multiple-choice scoring (cloze form {self.scoring} "
                              f"there, {now} now: form 1 scores a choice's tokens within its context, not tokenized alone; form 2 "
                              "divides a per-character score by len(choice), as lm-eval's acc_norm, and keeps one "
@@ -658,8 +697,10 @@ def _draw_summary(out, summary, guides, dataset, seed, each=(), to=None):
     first) on ``dataset`` are in ``out`` (to ``to[kind]``, default ``out/<kind>.png``); and the reliability diagram
     of each guide in ``each``. Returns whether the summary figures were drawn."""
     to = to or {kind: out / f"{kind}.png" for kind in SUMMARY_FIGURES}
+    # a method whose summary leaves ``seed`` out (its rows of another version: one_version) is not drawn from its arrays
+    held = {r["guide"]: r["seeds"] for r in summary if r["dataset"] == dataset}
     first = {}
-    for guide in guides:
+    for guide in [g for g in guides if seed in held.get(g, (seed,))]:
         arrays, key = _read_arrays(out, guide), f"{dataset}__seed{seed}__"
         if key + "probs" in arrays and key + "labels" in arrays:  # else this guide has no finished arrays
             first[guide] = (torch.from_numpy(arrays[key + "probs"]), torch.from_numpy(arrays[key + "labels"]))
@@ -772,10 +813,19 @@ def summarize_run(rows, failed):
     run's ``failed`` records) under some seed says so in its note (its mean is over the other seeds): a method's
     failure marks its rows and its ``+ts`` rows, a ``+ts`` step's failure its ``+ts`` rows alone, a failure on one
     shifted set (its ``dataset``) those rows alone; where the seed's row is there all the same (kept from an earlier
-    run of the folder that scored it), nothing is said: the mean holds it."""
-    summary = summarize_seeds(rows)
-    present = {(r["guide"], r["dataset"], r["seed"]) for r in rows}
+    run of the folder that scored it), nothing is said: the mean holds it. A method whose rows span several versions
+    of it is summarized over one version's rows (:func:`one_version`), its note naming the seeds left out."""
+    kept, left = one_version(rows)
+    dropped = {}  # (row name, evaluation set) -> ({seed}, {version}) of its rows left out
+    for r in [r for r in rows if id(r) not in {id(k) for k in kept}]:
+        seeds, versions = dropped.setdefault((r["guide"], r["dataset"]), ({}, {}))
+        seeds[r["seed"]] = versions[row_version(r)] = None
+    summary = summarize_seeds(kept)
+    present = {(r["guide"], r["dataset"], r["seed"]) for r in kept}
     for row in summary:
+        if (row["guide"], row["dataset"]) in dropped:
+            name, (seeds, versions) = base_guide(row["guide"]), dropped[row["guide"], row["dataset"]]
+            row["note"] = join_notes(row.get("note"), left_out_text(name, sorted(seeds), sorted(versions), left[name][2]))
         missing = [str(f["seed"]) for f in failed if f["guide"] in (row["guide"], base_guide(row["guide"]))
                    and f.get("dataset") in (None, row["dataset"])
                    and (row["guide"], row["dataset"], f["seed"]) not in present]

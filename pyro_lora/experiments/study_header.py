@@ -5,7 +5,9 @@ import datetime
 import os
 import platform
 
-from .results import method_version, older_versions, unfinished_runs
+from .results import (STUDY_FLAGS, left_out_text, method_version, older_versions, one_version, recorded_scoring,
+                      scoring_refused, unfinished_runs)
+from .setup import CLOZE_SCORING
 from .table import base_guide
 
 NAMES = {"sst2": "SST-2", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openbookqa": "OpenBookQA",
@@ -165,22 +167,45 @@ def unfinished_pairs(run):
 
 
 def older_version_state(run) -> list:
-    """The sentence naming the methods whose rows in ``run`` an older version of the method made (a finished run
-    measured before a change to it: a resume or ``--update`` reruns them), or none."""
-    older = older_versions(run["per_seed"], {base_guide(r["guide"]) for r in run["per_seed"]})
-    if not older:
+    """The sentences naming the methods whose rows in ``run`` span several versions of the method (those of one
+    version alone are reported, :func:`~.results.one_version`: the others are left out, and said), and those whose
+    reported rows another version made than the one registered now (a finished run measured before a change to it:
+    a resume or ``--update`` reruns them), or none."""
+    rows, left = one_version(run["per_seed"])
+    out = [f"**rows of two versions of a method**: {'; '.join(f'{g}: {left_out_text(g, *v)}' for g, v in left.items())}"] if left else []
+    older = older_versions(rows, {base_guide(r["guide"]) for r in rows})
+    if older:
+        parts = [f"{g} (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}: version {', '.join(map(str, versions))}, "
+                 f"now {method_version(g)})" for g, (seeds, versions) in older.items()]
+        # as compare's warning words it: a row of a newer version than this one registers is not "older"
+        which = "an older" if all(max(v) < method_version(g) for g, (_, v) in older.items()) else "another"
+        out.append(f"**made by {which} version of the method**: {'; '.join(parts)}: its rows stand as measured then; "
+                   f"`--update {','.join(older)}` reruns them")
+    return out
+
+
+def scoring_state(run) -> list:
+    """The sentence saying that ``run``'s cloze rows were scored under another scoring form than the one now
+    (:data:`~.setup.CLOZE_SCORING`), which a resume or ``--update`` would not join rows to (the decision of
+    :meth:`~.results.RunFolder.check_scoring`), or none."""
+    form = recorded_scoring(run)
+    # the record's scoring_since was found by the code of its own form: it says nothing of a later form's changes, and
+    # whether they touch the run needs its records' collation and model (setup.scoring_since), which the report does
+    # not load: judged as check_scoring judges a run whose since is unknown (every change counts)
+    if form is None or not scoring_refused(form, CLOZE_SCORING, None):
         return []
-    parts = [f"{g} (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}: version {', '.join(map(str, versions))}, "
-             f"now {method_version(g)})" for g, (seeds, versions) in older.items()]
-    return [f"**made by an older version of the method**: {'; '.join(parts)}: its rows stand as measured then; "
-            f"`--update {','.join(older)}` reruns them"]
+    what = "0 (a record without a form: form 0 or 1)" if form == 0 else str(form)
+    which = "an older" if form < CLOZE_SCORING else "another"
+    return [f"**scored under {which} cloze scoring form**: form {what}, now {CLOZE_SCORING}: its rows stand as scored "
+            "then; a resume or an --update of some methods adds no rows to them unless no change since touches this run "
+            f"(checked on its records and model); to score them now, {STUDY_FLAGS.rescore}"]
 
 
 def run_state(run):
     """Sentences on what a run lacks: the (method, seed) it was asked for that neither finished nor failed
     (:func:`unfinished_pairs`), and those that failed."""
     missing, asked = unfinished_pairs(run)
-    out = older_version_state(run)
+    out = older_version_state(run) + scoring_state(run)
     if missing:
         out.append(f"**unfinished**: {len(missing)} of {len(asked)} (method, seed) neither finished nor failed (a "
                    "run cut short, or still running; the same command resumes it)")

@@ -16,7 +16,8 @@ import numpy as np
 from ..guides.registry import METHODS, join_notes
 from ..io import atomic_file
 from .plots import difference_heatmaps
-from .results import PREDICT_SEEDING, SIDECAR, SUMMARY_FIGURES, read_record, recorded_seeding, redraw_figures, summarize_run
+from .results import (PREDICT_SEEDING, SIDECAR, SUMMARY_FIGURES, one_version, read_record, recorded_seeding, redraw_figures,
+                      summarize_run)
 from .study_header import answer_format, header_section, long_name, model_name, short, used_sizes
 from .table import COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, row_setting, shown, ts_name
 from .verdict import ACCURACY_POINTS, accuracy_drop, clear_difference, verdict
@@ -428,14 +429,15 @@ def paired_differences(runs, metric, reference="map"):
     the seeds before it, not dropped whole). A cell whose value is n/a (null, NaN, infinite, or missing where other
     rows hold it) on one of those seeds is left out whole, as the table's mean and the verdict take it, never compared
     on fewer seeds than they name; the reference's leaves out every guide of that set. A set no row scores
-    ``metric`` on (OOD AUROC in distribution) has no cell."""
+    ``metric`` on (OOD AUROC in distribution) has no cell. A method's rows of two versions are paired on one
+    version's alone (:func:`~.results.one_version`), as the table and the verdict take them."""
     out, left = {}, {}
     for dataset, run in runs.items():
-        cells = {}  # evaluation set -> guide -> seed -> value
-        for r in run["per_seed"]:
+        rows, cells = one_version(run["per_seed"])[0], {}  # cells: evaluation set -> guide -> seed -> value
+        for r in rows:
             cells.setdefault(r["dataset"], {}).setdefault(r["guide"], {})[r["seed"]] = r.get(metric)
         for evaluated, values in cells.items():
-            if not any(metric in r for r in run["per_seed"] if r["dataset"] == evaluated):
+            if not any(metric in r for r in rows if r["dataset"] == evaluated):
                 continue
             label = set_label(dataset, None if evaluated == dataset else evaluated)
             seeds = sorted(set.intersection(*(set(v) for v in values.values())))

@@ -161,10 +161,16 @@ def verdict(rows, dataset, shifted=()) -> str:
     (or an n/a NLL / accuracy), it says that comparison was not made. Empty where ``rows`` hold nothing of
     ``dataset``.
 
+    A method whose rows span several versions of it is compared on one version's rows
+    (:func:`~.results.one_version`), and the verdict names the seeds left out.
+
     :param shifted: the run's shifted evaluation sets (its config's ``eval_datasets``); the rows name the others. One
         without a row on the compared seeds (every method's scoring of it failed, or was not run) is named as such,
         rather than left out of the verdict without a word.
     """
+    from .results import one_version  # here: results imports this module
+
+    rows, versions = one_version(rows)
     by_guide = {}
     for r in rows:
         if r["dataset"] == dataset:
@@ -187,8 +193,11 @@ def verdict(rows, dataset, shifted=()) -> str:
            else "1 seed: no interval, the values compared as they are; run several --seeds to tell noise apart")
     if left_out:
         how += (f"; {_seed_list(left_out)} left out: not every method "
-                "finished it, and means over other seeds would not compare")
+                f"finished it{' (in the version compared)' if versions else ''}, and means over other seeds would not compare")
     lines = [f"Verdict on {dataset} ({how}):"]
+    lines += [f"- {name}: {_seed_list(seeds)} of version {', '.join(map(str, older))} left out, compared on its version "
+              f"{kept} rows alone (rows of two versions are not averaged; a run of {name} reruns them)."
+              for name, (seeds, older, kept) in versions.items()]
     best = [f"{COLUMNS[m].title}: {_best(values[m], m)}" for m in ("ece", "nll", "aurc") if values[m]]
     # a method n/a on one seed is left out of that metric's comparison (not compared on fewer seeds), and said
     titles = {m: COLUMNS[m].title.removesuffix(" x100") for m in ("accuracy", "ece", "nll", "aurc")}
