@@ -414,7 +414,8 @@ def test_update_reruns_some_guides_and_keeps_the_rest(study, runs, tmp_path, mon
         assert [(out / f"map_seed{s}.safetensors").read_bytes() for s in (0, 1)] == [b"seed 0's MAP", b"seed 1's MAP"]
         rows = [{**_row(g, "arc_easy", s, "arc_easy", False), "nll": BASE[(g, "arc_easy")][2] - 0.1} for s in config.seeds for g in config.guides]
         _fake_predictions(out, config.guides, "arc_easy")
-        (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows}))
+        (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows), "per_seed": rows,
+                                                     "scoring": CLOZE_SCORING}))  # a rerun records its cloze form
 
     monkeypatch.setattr(compare, "run_compare", fake_run_compare)
     argv = ["--datasets", "arc_easy", "--no-shift", "--update", "meanfield",
@@ -453,7 +454,7 @@ def _fail_rerun(out, config, rows, failed):
     from pyro_lora.experiments.results import GuideFailures
 
     (out / "results.json").write_text(json.dumps({"config": asdict(config), "summary": summarize_seeds(rows),
-                                                  "per_seed": rows, "failed": failed}))
+                                                  "per_seed": rows, "failed": failed, "scoring": CLOZE_SCORING}))
     raise GuideFailures(f"{len(failed)} guide run(s) failed", summarize_seeds(rows))
 
 
@@ -990,7 +991,8 @@ def test_a_merge_cut_short_by_a_kill_is_finished_by_the_next_reader(study, runs,
     update.mkdir()
     rows = [{**_row("meanfield", "arc_easy", s, "arc_easy", False), "nll": 0.5} for s in (0, 1)]
     config = {**json.loads((easy / "results.json").read_text())["config"], "guides": ["meanfield"]}
-    (update / "results.json").write_text(json.dumps({"config": config, "summary": summarize_seeds(rows), "per_seed": rows}))
+    (update / "results.json").write_text(json.dumps({"config": config, "summary": summarize_seeds(rows), "per_seed": rows,
+                                                     "scoring": CLOZE_SCORING}))  # a rerun records its cloze form
     np.savez(update / "predictions_meanfield.npz", arrays=np.zeros(2))
     (update / "map_seed0.safetensors").write_bytes(b"the MAP")
     real = R.write_json
@@ -1012,7 +1014,8 @@ def test_a_merge_cut_short_by_a_kill_is_finished_by_the_next_reader(study, runs,
     assert not (easy / R.MERGING).exists() and (easy / "map_seed0.safetensors").read_bytes() == b"the MAP"
     assert {r["seed"]: r["nll"] for r in record["per_seed"] if r["guide"] == "meanfield"} == {0: 0.5, 1: 0.5}
     later = [{**r, "nll": 0.9} for r in rows]
-    (update / "results.json").write_text(json.dumps({"config": config, "summary": summarize_seeds(later), "per_seed": later}))
+    (update / "results.json").write_text(json.dumps({"config": config, "summary": summarize_seeds(later), "per_seed": later,
+                                                    "scoring": CLOZE_SCORING}))
     with pytest.warns(UserWarning, match="finishing the merge of .*copy.*update"):
         copied = R.read_record(tmp_path / "copy", "x")
     assert {r["seed"]: r["nll"] for r in copied["per_seed"] if r["guide"] == "meanfield"} == {0: 0.5, 1: 0.5}
@@ -1067,6 +1070,7 @@ def test_an_update_cut_short_resumes_with_what_it_finished_and_nothing_else_does
     def rerun(stop=None, map_digest="a" * 64):
         def run_compare(config, overwrite=False, reference=None, flags=None):  # each (guide, seed) written as it finishes
             run = RunFolder(config.out, config, overwrite=overwrite)
+            run.check_scoring(config)  # as compare records it: the cloze form now
             for seed in config.seeds:
                 for guide in config.guides:
                     if run.complete(guide, seed, ["arc_easy"]):
@@ -1154,6 +1158,7 @@ def test_an_update_killed_around_its_folder_or_its_record_is_neither_resumed_fro
 
     def run_compare(config, overwrite=False, reference=None, flags=None):
         run = RunFolder(config.out, config, overwrite=overwrite)
+        run.check_scoring(config)  # as compare records it: the cloze form now
         for seed in config.seeds:
             if not run.complete("meanfield", seed, ["arc_easy"]):
                 ran.append((seed, overwrite))
@@ -1525,6 +1530,7 @@ def _as_tfb(runs, versions):
         r["method_version"] = versions[r["seed"]] if r["guide"] == "meanfield" else method_version(r["guide"])
         r["guide"] = "tfb" if r["guide"] == "meanfield" else r["guide"]
     saved["config"]["guides"] = ["tfb" if g == "meanfield" else g for g in saved["config"]["guides"]]
+    saved["scoring"] = CLOZE_SCORING  # the cloze form now: the header names no other
     (easy / "results.json").write_text(json.dumps(saved))
     os.replace(easy / "predictions_meanfield.npz", easy / "predictions_tfb.npz")
     return saved
@@ -1571,7 +1577,7 @@ def test_header_says_a_cloze_run_was_scored_under_an_older_form(runs, form):
 
     path = runs / "arc_easy" / "results.json"
     saved = json.loads(path.read_text())
-    saved.pop("scoring") if form is None else saved.update(scoring=form, scoring_since=0)
+    saved.pop("scoring", None) if form is None else saved.update(scoring=form, scoring_since=0)
     path.write_text(json.dumps(saved))
     state = run_state(report.load_runs(runs, ["arc_easy"])["arc_easy"])
     if form == CLOZE_SCORING:
@@ -1610,6 +1616,7 @@ def test_header_names_rows_of_an_older_version_of_a_method_as_such_not_as_a_run_
         else:
             r["method_version"] = method_version(r["guide"])
     saved["config"]["guides"] = ["tfb" if g == "meanfield" else g for g in saved["config"]["guides"]]
+    saved["scoring"] = CLOZE_SCORING  # the cloze form now: the header names no other
     (easy / "results.json").write_text(json.dumps(saved))
     os.replace(easy / "predictions_meanfield.npz", easy / "predictions_tfb.npz")
     run = report.load_runs(runs, ["arc_easy"])["arc_easy"]
