@@ -543,7 +543,9 @@ def rank_streams():
 def refused_together(action: str):
     """Checks that may refuse on some ranks only (a head changed on one of them): every rank runs the block, then all
     learn whether any refused, and all raise, so that none waits in a later collective for a rank that stopped. Its
-    ``ValueError`` on the rank that refused, one naming that rank's on the others. A collective: every rank enters it."""
+    ``ValueError`` on the rank that refused, one of the same class naming that rank's on the others (a caller that
+    catches one kind, as a width search catches :class:`~pyro_lora.predictive.NonFinitePredictionError`, then takes
+    the same path on every rank). A collective: every rank enters it."""
     error = None
     try:
         yield
@@ -551,12 +553,23 @@ def refused_together(action: str):
         error = caught
     if is_distributed():
         said = [None] * world_size()
-        dist.all_gather_object(said, None if error is None else str(error))
+        dist.all_gather_object(said, None if error is None else (type(error), str(error)))
         refused = [(r, m) for r, m in enumerate(said) if m is not None]
         if refused and error is None:
-            raise ValueError(f"cannot {action}: rank {refused[0][0]} refused: {refused[0][1]}")
+            rank, (kind, message) = refused[0]
+            raise _same_kind(kind, f"cannot {action}: rank {rank} refused: {message}")
     if error is not None:
         raise error
+
+
+def _same_kind(kind, message: str) -> ValueError:
+    """A ``kind`` error (a ``ValueError`` class another rank raised) saying ``message``; a plain ``ValueError`` where
+    that class takes no message alone."""
+    try:
+        error = kind(message)
+    except TypeError:
+        return ValueError(message)
+    return error if isinstance(error, ValueError) else ValueError(message)
 
 
 def on_main(write, what: str):

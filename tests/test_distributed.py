@@ -1,6 +1,7 @@
 """torch.distributed on CPU (gloo, 2 spawned processes): SVI, KFAC, predict and TFB on 2 ranks equal 1 process."""
 
 import copy
+import math
 import warnings
 import random
 import tempfile
@@ -280,6 +281,16 @@ def run_misuses(tmp):
     bad = toy_data(16, 4)
     bad[-1] = {**bad[-1], "labels": bad[-1]["labels"].clone().fill_(-100)}
     out["batch_one_rank"] = _refused(lambda: predict(make_model(48), None, bad))
+    # a width whose predictive overflows on rank 0's block only: every rank scores it as too wide (rank 1 raised a
+    # plain ValueError naming rank 0's while rank 0 went on to the next width's collectives)
+    from pyro_lora.guides.tuning import validation_scores
+    from test_laplace import mlp_data, mlp_model
+
+    overflowing = mlp_data()  # two batches, the same on every rank: the first is rank 0's alone
+    overflowing[0] = {**overflowing[0], "input_ids": overflowing[0]["input_ids"] * math.inf}
+    torch.manual_seed(0)
+    guide = MeanFieldGuide(mlp_model(), b="normal", init_scale=0.5)
+    out["overflow_one_rank"] = tuple(validation_scores(guide, overflowing, num_samples=2))
     # rank 0's write failed: no rank may have updated its adapter
     model = make_model(num_data=16)
     before = [p.detach().clone() for _, p in model.named_lora_weights()]
@@ -487,6 +498,7 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
             assert "changed since this guide was built or trained" in out[key]
         assert "cannot fit: the ranks hold different values of" in out["frozen_fit"]
         assert "labels hold negative values" in out["batch_one_rank"]
+        assert out["overflow_one_rank"][0] == math.inf and out["overflow_one_rank"][2] is None
         assert out["adapter_kept"] and out["kept_options"]
         for key in ("val_sampler", "glm_sampler"):
             assert "already gives each rank a part of the data (DistributedSampler" in out[key]
