@@ -421,9 +421,12 @@ def _is_autoguide(guide) -> bool:
 def _autoguide_model(autoguide, action):
     """The :class:`~pyro_lora.LoraModel` a Pyro autoguide is built over (through Pyro's handlers).
 
-    :raises ValueError: if it is over no ``LoraModel``, or was never called (it builds its parameters, and the
-        layout of its sites, on its first call).
+    :raises ValueError: if it is over no ``LoraModel``, or it (or a part of an ``AutoGuideList``) was never called (it
+        builds its parameters, and the layout of its sites, on its first call); for an ``AutoGuideList`` with a part
+        that is a guide function of one's own (``AutoCallable``): its parameters live in Pyro's param store, which is
+        not saved, so its trained values would be lost (or, loading, left as they are).
     """
+    from pyro.infer.autoguide import AutoCallable
     from pyro.poutine.messenger import unwrap
 
     from .model import LoraModel
@@ -433,28 +436,41 @@ def _autoguide_model(autoguide, action):
     if not isinstance(model, LoraModel):
         raise ValueError(f"cannot {action} this {name}: it is built over a {type(model).__name__}, not a pyro_lora "
                          f"LoraModel; build it over the model ({name}(model))")
-    if autoguide.prototype_trace is None:
+    parts = _autoguide_parts(autoguide)
+    functions = [path for path, part in parts if isinstance(part, AutoCallable)]
+    if functions:
+        raise ValueError(f"cannot {action} this {name}: its part{'s' * (len(functions) > 1)} {', '.join(functions)} "
+                         "is a guide function of your own (AutoCallable), whose parameters live in Pyro's param store, "
+                         "which save_guide does not keep: its trained values would be lost; make each part an autoguide "
+                         "(e.g. AutoNormal(poutine.block(model, expose=[...])))")
+    if autoguide.prototype_trace is None or any(part.prototype_trace is None for _, part in parts):
         raise ValueError(f"cannot {action} this {name}: it was never called, so it has no parameters yet; call it once "
                          "on a labelled batch (autoguide(batch)) first, as SVI's first step does")
     return model
 
 
-def _autoguide_sites(autoguide, model, part=None) -> list:
+def _autoguide_parts(autoguide, path=None) -> list:
+    """``[(path, autoguide)]``: an ``AutoGuideList``'s parts, within nested lists too (path ``"0.1"``), or the
+    autoguide itself (path None)."""
+    from pyro.infer.autoguide import AutoGuideList
+
+    if not isinstance(autoguide, AutoGuideList):
+        return [(path, autoguide)]
+    return [leaf for i, part in enumerate(autoguide)
+            for leaf in _autoguide_parts(part, str(i) if path is None else f"{path}.{i}")]
+
+
+def _autoguide_sites(autoguide, model) -> list:
     """``[name, shape]`` of each latent site of the autoguide's first trace of ``model``, in its order: what its
     parameters stand for (a flat vector's entries, for ``AutoDiagonalNormal`` and the like, site after site).
     ``AutoStructured`` and ``AutoGaussian`` empty that trace's nodes once set up (their parameters are named by site):
     an emptied node of a weight site stands for it at the model's shape. An ``AutoGuideList``'s are each part's own,
-    ``[name, shape, part]`` (``part``: its index, ``"0.1"`` within a nested list): its parts' parameters are named by
-    their index alone (``0.loc``), so parts over other sites of the same shapes have the same keys."""
-    from pyro.infer.autoguide import AutoGuideList
-
-    if isinstance(autoguide, AutoGuideList):
-        return [row for i, p in enumerate(autoguide)
-                for row in _autoguide_sites(p, model, str(i) if part is None else f"{part}.{i}")]
-    if autoguide.prototype_trace is None:  # a part that is a plain guide function (AutoCallable): no state of its own
-        return []
-    return [[name, list(node["value"].shape if node else model.sites[name].shape), *([part] if part else [])]
-            for name, node in autoguide.prototype_trace.nodes.items()
+    ``[name, shape, part]`` (``part``: its index, ``"0.1"`` within a nested list, :func:`_autoguide_parts`): its
+    parts' parameters are named by their index alone (``0.loc``), so parts over other sites of the same shapes have
+    the same keys."""
+    return [[name, list(node["value"].shape if node else model.sites[name].shape), *([path] if path else [])]
+            for path, part in _autoguide_parts(autoguide)
+            for name, node in part.prototype_trace.nodes.items()
             if (node.get("type") == "sample" and not node["is_observed"]) or (not node and name in model.sites)]
 
 
