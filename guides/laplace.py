@@ -562,8 +562,9 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide", tol=None):
     ordered = torch.unique(grid)  # sorted, each value once
     low, high = float(ordered[0]), float(ordered[-1])
     if all(v == math.inf for v in nlls):  # every tie at inf would take the largest lambda as if it were best
-        raise ValueError(f"{who} val_nll: the validation predictive overflows float32 (nan or inf logits) at every lambda "
-                         f"from {low:g} to {high:g}: no lambda was set; try larger values")
+        raise ValueError(f"{who} val_nll: the validation predictive is not finite at every lambda from {low:g} to "
+                         f"{high:g} (logits overflowing float32 under too wide a posterior: try larger values; or "
+                         "validation inputs that are not finite): no lambda was set")
     best = lowest(grid, nlls)
     if said_flat(who, nlls, low, high, best):
         return best, nlls

@@ -13,7 +13,7 @@ try:
     from .io import export_adapter, load_guide, save_guide
     from .likelihoods import CausalLM, MultipleChoice, SequenceClassification
     from .model import LoraModel
-    from .predictive import Prediction, predict
+    from .predictive import NonFinitePredictionError, Prediction, predict
     from .distributions import LowRankPlusDiagNormal, MatrixNormalKronecker, isotropic_normal
     from .scalabl import ScalaBLModel
     from .sites import Site
@@ -28,6 +28,7 @@ __all__ = [
     "LowRankPlusDiagNormal",
     "MatrixNormalKronecker",
     "MultipleChoice",
+    "NonFinitePredictionError",
     "Prediction",
     "ScalaBLModel",
     "SequenceClassification",

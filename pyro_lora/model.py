@@ -711,7 +711,7 @@ class LoraModel:
 
         :raises ValueError: if a value replayed from a guide has another shape than its site (a guide built
             for another model); for a Pyro autoguide built over another LoraModel object, which an inference runs
-            with this one (:meth:`_check_autoguide_model`); inside a plate (Pyro's vectorized particles, or a minibatch plate of the user's: the
+            with this one (:func:`~pyro_lora.contract.check_autoguide_model`); inside a plate (Pyro's vectorized particles, or a minibatch plate of the user's: the
             model scales its data term itself; ``TraceTailAdaptive_ELBO``, which Pyro runs over vectorized particles
             only); under an ELBO (not a replay of one's own, as above), for a ``kl_weight`` the guide's sites are not
             scaled by (a Pyro autoguide: its ``log q`` unscaled), guide values blocked from the model
