@@ -1417,6 +1417,30 @@ def test_a_failure_notes_only_the_rows_its_seed_lacks_and_names_its_set():
 
 
 
+def test_a_row_name_whose_rows_are_all_of_the_version_left_out_keeps_an_n_a_row_saying_why():
+    """tfb seed 0 of version 1 (its own and its +ts row) beside tfb+ts seed 1 of version 2: one_version keeps version
+    2, so tfb had no row left on sst2 and vanished from the summary (and the table) with its note and its failure. It
+    keeps a row there, no seed averaged and every number n/a, in its place, saying why."""
+    import math
+
+    from pyro_lora.experiments.results import summarize_run
+    from pyro_lora.experiments.table import format_table, partial_seeds_note
+
+    rows = [{**ROW, "guide": "map", "seed": s} for s in (0, 1)]
+    rows += [{**ROW, "guide": g, "seed": 0, "method_version": 1} for g in ("tfb", "tfb+ts")]
+    rows.append({**ROW, "guide": "tfb+ts", "seed": 1, "method_version": 2, "accuracy": 0.6})
+    summary = summarize_run(rows, [{"guide": "tfb", "seed": 2}])
+    assert [r["guide"] for r in summary] == ["map", "tfb", "tfb+ts"]  # in the rows' order
+    tfb = summary[1]
+    left = ("seed 0: rows of version 1 left out, not averaged with version 2's; a run of tfb reruns them (a resume "
+            "naming it in --guides, `pyro-lora study --update tfb`)")
+    assert tfb["seeds"] == [] and tfb["note"] == left + "; failed under seed 2 (results.json 'failed'): mean over the others"
+    assert all(math.isnan(tfb[k]) and math.isnan(tfb[k + "_std"]) for k in ("accuracy", "ece", "nll"))
+    assert summary[2]["seeds"] == [1] and summary[2]["accuracy"] == 0.6
+    line = next(line for line in format_table(summary).splitlines() if line.startswith("| tfb (note) |"))
+    assert "n/a" in line and "0." not in line
+    assert partial_seeds_note(tfb, summary) is None  # a row of no seed is no partial mean: its note says why
+
 def test_rows_of_another_cloze_scoring_are_not_joined(tmp_path):
     """Per-character cloze scores divided by len(choice) + 1 before 2026-12-03: a resume or an --update of such a run
     averaged rows of both scorings into one mean, without a word."""
@@ -1599,7 +1623,7 @@ def test_rows_of_two_versions_of_a_method_are_never_averaged_by_a_summary_a_verd
         rerun.add("map", seed, [{**ROW, "seed": seed}], arrays(seed))
     summary = merge_results(tmp_path / "run", tmp_path / "update")
     check(summary, json.loads((tmp_path / "run" / "results.json").read_text())["verdict"])
-    from pyro_lora.experiments.results import one_version
+    from pyro_lora.experiments.versions import one_version
 
     assert one_version(record["per_seed"])[1] == {"tfb": ([0], [1], 2)}
 

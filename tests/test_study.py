@@ -1522,7 +1522,7 @@ def test_header_names_the_machine_of_each_update(runs):
 
 def _as_tfb(runs, versions):
     """The ARC-Easy run with its meanfield rows as tfb's of ``versions`` (seed -> method_version); the others current."""
-    from pyro_lora.experiments.results import method_version
+    from pyro_lora.experiments.versions import method_version
 
     easy = runs / "arc_easy"
     saved = json.loads((easy / "results.json").read_text())
@@ -1559,7 +1559,7 @@ def test_report_takes_one_version_of_a_method_whose_rows_span_two_and_names_the_
 
 def test_header_says_another_version_for_rows_of_a_newer_version_than_registered(runs):
     """Rows of version 3 where tfb is 2 now (made by newer code) were called "made by an older version"."""
-    from pyro_lora.experiments.results import method_version
+    from pyro_lora.experiments.versions import method_version
     from pyro_lora.experiments.study_header import run_state
 
     newer = method_version("tfb") + 1
@@ -1605,7 +1605,7 @@ def test_a_mean_over_seeds_always_shows_its_spread():
 def test_header_names_rows_of_an_older_version_of_a_method_as_such_not_as_a_run_cut_short(runs):
     """Rows a method made before its version was raised (tfb's canonical SVD signs) are rerun by a resume, but the run
     finished: the header called it unfinished, 'a run cut short', and its finished column 'unfinished (stopped ...)'."""
-    from pyro_lora.experiments.results import method_version
+    from pyro_lora.experiments.versions import method_version
     from pyro_lora.experiments.study_header import run_state
 
     easy = runs / "arc_easy"

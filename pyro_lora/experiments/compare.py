@@ -14,11 +14,12 @@ from ..locking import folder_lock
 from ..metrics import accuracy
 from ..predictive import Prediction, predict
 from ..guides.registry import VALIDATION_TUNED, Fitted, get_method, join_notes
-from .results import COMPARE_FLAGS, PREDICT_SEEDING, RESULTS, RunFolder, method_version, row_names
+from .results import COMPARE_FLAGS, PREDICT_SEEDING, RESULTS, RunFolder, row_names
 from .scoring import MI_NO_SAMPLES_NOTE, join_row, ood_auroc, prediction_arrays, score
 from .setup import (CompareConfig, base_digest, check_config, default_guides, label_names, load_splits, prepare, records_digest,
                     seed_for, set_digests, train_map)
-from .table import base_guide, format_row, ts_name
+from .table import base_guide, format_row, seed_list, ts_name
+from .versions import method_version, other_version_words
 
 
 def fit_method(setup, name: str, map_seconds: float = 0.0):
@@ -215,8 +216,8 @@ def _fill(run, config, reference):
     say = print if is_main() else (lambda *a, **k: None)
     left = run.unfinished(config.guides, config.seeds)  # with every seed of rows of another version of a method
     for name, (seeds, versions) in run.drop_older_versions(config.guides).items():
-        warnings.warn(f"{name}: its rows of seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} in {run.out / RESULTS} "
-                      f"were made by {'an older' if max(versions) < method_version(name) else 'another'} version of "
+        warnings.warn(f"{name}: its rows of {seed_list(seeds)} in {run.out / RESULTS} "
+                      f"were made by {other_version_words({name: versions})} version of "
                       f"the method ({', '.join(map(str, versions))}, now {method_version(name)}): rerun, not averaged with the new rows", stacklevel=3)
     seeds = list(dict.fromkeys([*config.seeds, *(s for _, s in left)]))
     plan = {seed: [g for g in config.guides if (g, seed) in left] for seed in seeds}

@@ -31,8 +31,9 @@ from ..locking import FolderLocked, folder_lock, locked_elsewhere
 from ..model_files import local_model_path
 from .plots import metric_scatter, reliability_diagram, reliability_grid
 from .setup import ADDED_SETTINGS, BASE_DIGEST_VERSION, CLOZE_SCORING, state_digest
-from .table import base_guide, ts_name
+from .table import base_guide, seed_list, ts_name
 from .verdict import REFERENCE, verdict
+from .versions import left_out_text, method_version, of_other_version, older_versions, row_version, split_versions, versions_of
 
 RESULTS = "results.json"
 SIDECAR = "study_run.json"  # next to results.json where the study made the run: its commands, machine, wall time
@@ -149,7 +150,7 @@ def summarize_seeds(rows):
             if r.get("note"):
                 notes.setdefault(r["note"], []).append(str(r["seed"]))
         if notes:
-            row["note"] = "; ".join(f"seed{'s' * (len(s) > 1)} {', '.join(s)}: {n}" for n, s in notes.items())
+            row["note"] = "; ".join(f"{seed_list(s)}: {n}" for n, s in notes.items())
         keys = dict.fromkeys(k for r in group for k in r)  # every seed's columns: a resumed older run may lack some
         for key in keys:
             if key in ROW_NAMES:
@@ -174,71 +175,6 @@ def row_names(ts, name) -> list:
     ``ts`` and the method allows it, its ``+ts`` row."""
     method = METHODS.get(name)
     return [name, ts_name(name)] if ts and method is not None and method.ts else [name]
-
-
-def method_version(name) -> int | None:
-    """The :attr:`~pyro_lora.guides.registry.Method.version` of the method that makes the row name ``name`` (a
-    ``+ts`` row's is its method's); None for a method not registered here (its rows are not judged by version)."""
-    method = METHODS.get(base_guide(name))
-    return None if method is None else method.version
-
-
-def row_version(row) -> int:
-    """The version of its method that made the per-seed ``row`` (``method_version``; 1 in a row written before it
-    was kept)."""
-    return row.get("method_version", 1)
-
-
-def of_other_version(row) -> bool:
-    """Whether another version of its method made the per-seed ``row`` than the one registered now
-    (:func:`method_version`; never for a method not registered here): a resume reruns such rows, never averaging them
-    with new ones."""
-    version = method_version(row["guide"])
-    return version is not None and version != row_version(row)
-
-
-def older_versions(rows, guides) -> dict:
-    """Method of ``guides`` -> ``(seeds, versions)``: the seeds whose rows in ``rows`` (its own or its ``+ts`` rows)
-    another version of the method made than the one registered now (:func:`of_other_version`), and those versions."""
-    out = {}
-    for r in rows:
-        name = base_guide(r["guide"])
-        if name in guides and of_other_version(r):
-            seeds, versions = out.setdefault(name, ({}, {}))  # dicts as ordered sets
-            seeds[r["seed"]] = versions[row_version(r)] = None
-    return {name: (list(seeds), list(versions)) for name, (seeds, versions) in out.items()}
-
-
-def one_version(rows) -> tuple:
-    """``(kept, left)``: a run's per-seed ``rows`` with, for each method whose rows (its own and its ``+ts`` rows)
-    span several versions of it (:func:`row_version`), those of one version alone kept: the version registered now
-    (:func:`method_version`) where a row has it, else the newest there. Two versions' rows are two methods' numbers:
-    averaged, they made one mean, ± and verdict of neither. A method's rows all of one version, an older one too, are
-    kept (they stand as measured then). ``left``: ``{method: (seeds, versions, kept version)}``, the seeds and versions
-    of the rows left out. Every reader that averages or compares per-seed rows takes ``kept`` (the summaries, the
-    verdict, the study's report); the record keeps every row, and a resume of the method reruns those left out."""
-    versions = {}
-    for r in rows:
-        versions.setdefault(base_guide(r["guide"]), set()).add(row_version(r))
-    keep = {name: (method_version(name) if method_version(name) in vs else max(vs))
-            for name, vs in versions.items() if len(vs) > 1}
-    kept, left = [], {}
-    for r in rows:
-        name = base_guide(r["guide"])
-        if name in keep and row_version(r) != keep[name]:
-            seeds, older = left.setdefault(name, ({}, {}))  # dicts as ordered sets
-            seeds[r["seed"]] = older[row_version(r)] = None
-        else:
-            kept.append(r)
-    return kept, {name: (sorted(seeds), sorted(older), keep[name]) for name, (seeds, older) in left.items()}
-
-
-def left_out_text(name, seeds, versions, kept) -> str:
-    """What :func:`one_version` left out of method ``name``'s numbers, as its summary rows' note and the study's
-    header say it: ``seed 0: rows of version 1 left out, not averaged with version 2's; ...``."""
-    return (f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}: rows of version {', '.join(map(str, versions))} "
-            f"left out, not averaged with version {kept}'s; a run of {name} reruns them (a resume naming it in --guides, "
-            f"`pyro-lora study --update {name}`)")
 
 
 def is_complete(rows, arrays, guide, seed, datasets) -> bool:
@@ -697,7 +633,7 @@ def _draw_summary(out, summary, guides, dataset, seed, each=(), to=None):
     first) on ``dataset`` are in ``out`` (to ``to[kind]``, default ``out/<kind>.png``); and the reliability diagram
     of each guide in ``each``. Returns whether the summary figures were drawn."""
     to = to or {kind: out / f"{kind}.png" for kind in SUMMARY_FIGURES}
-    # a method whose summary leaves ``seed`` out (its rows of another version: one_version) is not drawn from its arrays
+    # a method whose summary leaves ``seed`` out (its rows of another version: versions.one_version) is not drawn from its arrays
     held = {r["guide"]: r["seeds"] for r in summary if r["dataset"] == dataset}
     first = {}
     for guide in [g for g in guides if seed in held.get(g, (seed,))]:
@@ -814,24 +750,34 @@ def summarize_run(rows, failed):
     failure marks its rows and its ``+ts`` rows, a ``+ts`` step's failure its ``+ts`` rows alone, a failure on one
     shifted set (its ``dataset``) those rows alone; where the seed's row is there all the same (kept from an earlier
     run of the folder that scored it), nothing is said: the mean holds it. A method whose rows span several versions
-    of it is summarized over one version's rows (:func:`one_version`), its note naming the seeds left out."""
-    kept, left = one_version(rows)
-    dropped = {}  # (row name, evaluation set) -> ({seed}, {version}) of its rows left out
-    for r in [r for r in rows if id(r) not in {id(k) for k in kept}]:
-        seeds, versions = dropped.setdefault((r["guide"], r["dataset"]), ({}, {}))
-        seeds[r["seed"]] = versions[row_version(r)] = None
+    of it is summarized over one version's rows (:func:`~.versions.one_version`), its note naming the seeds left out;
+    a row name whose rows on a set are all of the version left out keeps a row there, with no seed (``seeds`` ``[]``)
+    and every number n/a (NaN), its note saying why."""
+    kept, left_out, keep = split_versions(rows)
     summary = summarize_seeds(kept)
+    dropped = versions_of(left_out, lambda r: (r["guide"], r["dataset"]))  # its rows left out, per summary row
+    # a (row name, set) whose rows are all of the version left out keeps a row, every number n/a (NaN, as
+    # summarize_seeds writes a value some seed lacks) and no seed averaged, its note saying why: else the method would
+    # vanish from that set's table without a word
+    held = {(row["guide"], row["dataset"]) for row in summary}
+    for row in summarize_seeds([r for r in left_out if (r["guide"], r["dataset"]) not in held]):
+        summary.append({**{k: v if k in ("guide", "dataset", "setting") else math.nan for k, v in row.items() if k != "note"},
+                        "seeds": []})
+    at = {}  # (row name, set) -> the index in rows of its first row summarized (of one left out, for a row of none)
+    for i, r in enumerate(rows):
+        if row_version(r) == keep.get(base_guide(r["guide"]), row_version(r)) or (r["guide"], r["dataset"]) not in held:
+            at.setdefault((r["guide"], r["dataset"]), i)
+    summary.sort(key=lambda row: at[row["guide"], row["dataset"]])
     present = {(r["guide"], r["dataset"], r["seed"]) for r in kept}
     for row in summary:
         if (row["guide"], row["dataset"]) in dropped:
-            name, (seeds, versions) = base_guide(row["guide"]), dropped[row["guide"], row["dataset"]]
-            row["note"] = join_notes(row.get("note"), left_out_text(name, sorted(seeds), sorted(versions), left[name][2]))
-        missing = [str(f["seed"]) for f in failed if f["guide"] in (row["guide"], base_guide(row["guide"]))
+            name = base_guide(row["guide"])
+            row["note"] = join_notes(row.get("note"), left_out_text(name, *dropped[row["guide"], row["dataset"]], keep[name]))
+        missing = [f["seed"] for f in failed if f["guide"] in (row["guide"], base_guide(row["guide"]))
                    and f.get("dataset") in (None, row["dataset"])
                    and (row["guide"], row["dataset"], f["seed"]) not in present]
         if missing:
-            note = f"failed under seed{'s' * (len(missing) > 1)} {', '.join(missing)} (results.json 'failed'): mean over the others"
-            row["note"] = join_notes(row.get("note"), note)
+            row["note"] = join_notes(row.get("note"), f"failed under {seed_list(missing)} (results.json 'failed'): mean over the others")
     return summary
 
 

@@ -5,10 +5,10 @@ import datetime
 import os
 import platform
 
-from .results import (STUDY_FLAGS, left_out_text, method_version, older_versions, one_version, recorded_scoring,
-                      scoring_refused, unfinished_runs)
+from .results import STUDY_FLAGS, recorded_scoring, scoring_refused, unfinished_runs
 from .setup import CLOZE_SCORING
-from .table import base_guide
+from .table import base_guide, seed_list
+from .versions import left_out_text, method_version, older_versions, one_version, other_version_words
 
 NAMES = {"sst2": "SST-2", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge", "openbookqa": "OpenBookQA",
          "winogrande_s": "WinoGrande-S", "boolq": "BoolQ"}
@@ -168,17 +168,16 @@ def unfinished_pairs(run):
 
 def older_version_state(run) -> list:
     """The sentences naming the methods whose rows in ``run`` span several versions of the method (those of one
-    version alone are reported, :func:`~.results.one_version`: the others are left out, and said), and those whose
+    version alone are reported, :func:`~.versions.one_version`: the others are left out, and said), and those whose
     reported rows another version made than the one registered now (a finished run measured before a change to it:
     a resume or ``--update`` reruns them), or none."""
     rows, left = one_version(run["per_seed"])
     out = [f"**rows of two versions of a method**: {'; '.join(f'{g}: {left_out_text(g, *v)}' for g, v in left.items())}"] if left else []
     older = older_versions(rows, {base_guide(r["guide"]) for r in rows})
     if older:
-        parts = [f"{g} (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}: version {', '.join(map(str, versions))}, "
+        parts = [f"{g} ({seed_list(seeds)}: version {', '.join(map(str, versions))}, "
                  f"now {method_version(g)})" for g, (seeds, versions) in older.items()]
-        # as compare's warning words it: a row of a newer version than this one registers is not "older"
-        which = "an older" if all(max(v) < method_version(g) for g, (_, v) in older.items()) else "another"
+        which = other_version_words({g: versions for g, (_, versions) in older.items()})
         out.append(f"**made by {which} version of the method**: {'; '.join(parts)}: its rows stand as measured then; "
                    f"`--update {','.join(older)}` reruns them")
     return out
@@ -214,7 +213,7 @@ def run_state(run):
         on = f", on {f['dataset']}" if f.get("dataset") else ""  # one shifted set's scoring: the other rows kept
         by_guide.setdefault((f["guide"], on), []).append(str(f["seed"]))
     if by_guide:
-        out.append("**failed**: " + "; ".join(f"{g} (seed{'s' * (len(v) > 1)} {', '.join(v)}{on})"
+        out.append("**failed**: " + "; ".join(f"{g} ({seed_list(v)}{on})"
                                               for (g, on), v in by_guide.items())
                    + " (tracebacks in its results.json, under 'failed')")
     return out

@@ -16,10 +16,12 @@ import numpy as np
 from ..guides.registry import METHODS, join_notes
 from ..io import atomic_file
 from .plots import difference_heatmaps
-from .results import (PREDICT_SEEDING, SIDECAR, SUMMARY_FIGURES, one_version, read_record, recorded_seeding, redraw_figures,
+from .results import (PREDICT_SEEDING, SIDECAR, SUMMARY_FIGURES, read_record, recorded_seeding, redraw_figures,
                       summarize_run)
 from .study_header import answer_format, header_section, long_name, model_name, short, used_sizes
-from .table import COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, row_setting, shown, ts_name
+from .table import (COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, row_setting, seed_list, shown,
+                    ts_name)
+from .versions import one_version
 from .verdict import ACCURACY_POINTS, accuracy_drop, clear_difference, verdict
 
 DATASETS = ("sst2", "arc_easy", "openbookqa")  # the study's sets, in report order
@@ -430,7 +432,7 @@ def paired_differences(runs, metric, reference="map"):
     rows hold it) on one of those seeds is left out whole, as the table's mean and the verdict take it, never compared
     on fewer seeds than they name; the reference's leaves out every guide of that set. A set no row scores
     ``metric`` on (OOD AUROC in distribution) has no cell. A method's rows of two versions are paired on one
-    version's alone (:func:`~.results.one_version`), as the table and the verdict take them."""
+    version's alone (:func:`~.versions.one_version`), as the table and the verdict take them."""
     out, left = {}, {}
     for dataset, run in runs.items():
         rows, cells = one_version(run["per_seed"])[0], {}  # cells: evaluation set -> guide -> seed -> value
@@ -459,10 +461,6 @@ def clear_differences(pairs, lower_better=True, digits=9):
     return [k for k, v in outcome.items() if v == "better"], [k for k, v in outcome.items() if v == "worse"]
 
 
-def _seeds_text(seeds):
-    return f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
-
-
 def noise_sentences(runs, guides):
     """Per guide: on which sets it is *clearly* better or worse than MAP (paired over seeds, 95% t interval); then the
     cells left out (n/a on a seed) and what was not compared. "Within the seed noise" is said only of differences an
@@ -480,7 +478,7 @@ def noise_sentences(runs, guides):
                 found = True
                 lines.append(f"{g}, {_name(metric)}: clearly better than MAP on {', '.join(better) or 'no set'}; "
                              f"clearly worse on {', '.join(worse) or 'no set'}.")
-        left += [f"{_name(metric)} of {g} on {label} (n/a on {_seeds_text(s)}"
+        left += [f"{_name(metric)} of {g} on {label} (n/a on {seed_list(s)}"
                  + ("; every guide of that set left out)" if g == "map" else ")")
                  for (g, label), s in na.items() if g in guides or g == "map"]
     if left:

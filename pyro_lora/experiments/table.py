@@ -46,6 +46,12 @@ def base_guide(name: str) -> str:
     return name.removesuffix(TS_SUFFIX)
 
 
+def seed_list(seeds) -> str:
+    """``seed 0`` or ``seeds 0, 2``: the seeds ``seeds`` (numbers or their texts) as every message and note names
+    them."""
+    return f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+
+
 def row_setting(row) -> Optional[str]:
     """A row's setting ("no validation data" / "validation-tuned"): as recorded, else, for a record from before it was
     recorded, its method's (:attr:`~pyro_lora.guides.registry.Method.setting`; a ``+ts`` row is validation-tuned);
@@ -88,15 +94,15 @@ def partial_seeds_note(row, rows) -> Optional[str]:
     side by side, a mean over other seeds (a method failed, a run was cut short, a method got an extra seed) reads
     as a comparison it is not. Where as many rows have two seed sets, the larger is the common one."""
     seeds = row.get("seeds")
-    if seeds is None:
+    if not seeds:  # None, or a row of no seed (its rows all left out, results.summarize_run): its note says why
         return None
-    counts = Counter(tuple(sorted(r["seeds"])) for r in rows if r.get("dataset") == row.get("dataset") and r.get("seeds") is not None)
+    counts = Counter(tuple(sorted(r["seeds"])) for r in rows if r.get("dataset") == row.get("dataset") and r.get("seeds"))
     common = max(counts, key=lambda k: (counts[k], len(k)))
     if tuple(sorted(seeds)) == common:
         return None
     missing = [s for s in common if s not in seeds]
     if missing:
-        return (f"a mean over seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))} only: seed(s) "
+        return (f"a mean over {seed_list(seeds)} only: seed(s) "
                 f"{', '.join(map(str, missing))} missing")
     return f"a mean over seeds {', '.join(map(str, seeds))}, where the other rows have {', '.join(map(str, common))} only"
 

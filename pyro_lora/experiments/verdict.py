@@ -12,7 +12,8 @@ from functools import lru_cache
 import numpy as np
 
 from ..guides.registry import METHODS
-from .table import COLUMNS, base_guide, row_setting, shown
+from .table import COLUMNS, base_guide, row_setting, seed_list, shown
+from .versions import one_version
 
 BASELINE, REFERENCE = "temperature", "map"
 ACCURACY_POINTS = 1.0  # the accuracy loss against MAP, in points, that the verdict names
@@ -122,12 +123,8 @@ def _names(guides):
     return ", ".join(guides) if guides else "none"
 
 
-def _seed_list(seeds):
-    return f"seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
-
-
 def _seeds(seeds, compared):
-    return "every seed" if seeds == compared else _seed_list(seeds)
+    return "every seed" if seeds == compared else seed_list(seeds)
 
 
 def _left_out(left, compared):
@@ -162,14 +159,12 @@ def verdict(rows, dataset, shifted=()) -> str:
     ``dataset``.
 
     A method whose rows span several versions of it is compared on one version's rows
-    (:func:`~.results.one_version`), and the verdict names the seeds left out.
+    (:func:`~.versions.one_version`), and the verdict names the seeds left out.
 
     :param shifted: the run's shifted evaluation sets (its config's ``eval_datasets``); the rows name the others. One
         without a row on the compared seeds (every method's scoring of it failed, or was not run) is named as such,
         rather than left out of the verdict without a word.
     """
-    from .results import one_version  # here: results imports this module
-
     rows, versions = one_version(rows)
     by_guide = {}
     for r in rows:
@@ -192,10 +187,10 @@ def verdict(rows, dataset, shifted=()) -> str:
     how = (f"{len(seeds)} seeds; a difference counts where the paired per-seed 95% interval excludes 0" if len(seeds) > 1
            else "1 seed: no interval, the values compared as they are; run several --seeds to tell noise apart")
     if left_out:
-        how += (f"; {_seed_list(left_out)} left out: not every method "
+        how += (f"; {seed_list(left_out)} left out: not every method "
                 f"finished it{' (in the version compared)' if versions else ''}, and means over other seeds would not compare")
     lines = [f"Verdict on {dataset} ({how}):"]
-    lines += [f"- {name}: {_seed_list(seeds)} of version {', '.join(map(str, older))} left out, compared on its version "
+    lines += [f"- {name}: {seed_list(seeds)} of version {', '.join(map(str, older))} left out, compared on its version "
               f"{kept} rows alone (rows of two versions are not averaged; a run of {name} reruns them)."
               for name, (seeds, older, kept) in versions.items()]
     best = [f"{COLUMNS[m].title}: {_best(values[m], m)}" for m in ("ece", "nll", "aurc") if values[m]]
@@ -231,12 +226,12 @@ def verdict(rows, dataset, shifted=()) -> str:
             against.append((f"OOD AUROC (MI, theirs by entropy) on {shifted}",
                             {**mi, **{g: v for g, v in ood.items() if g in (BASELINE, REFERENCE)}}, "ood_auroc_mi",
                             dropped[entropy], entropy, shifted))
-    over = f" (means over {_seed_list(seeds)}, which every method finished)" if left_out else ""
+    over = f" (means over {seed_list(seeds)}, which every method finished)" if left_out else ""
     lines.append(f"- Best{over}: " + ("; ".join(best) if best else "none: every score is n/a") + ".")
     lines += _left_out(dropped, seeds)
     if unscored:
         lines.append(f"- Nothing compared on {', '.join(unscored)}: no method has a row there"
-                     f"{f' on {_seed_list(seeds)}' if left_out else ''} (every method's scoring of "
+                     f"{f' on {seed_list(seeds)}' if left_out else ''} (every method's scoring of "
                      f"{'them' if len(unscored) > 1 else 'it'} failed, or was not run).")
     if BASELINE in values["nll"]:
         lines += _against_baseline(rows, values, left)
