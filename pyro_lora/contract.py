@@ -472,6 +472,15 @@ def _unfrozen_and_changed(model, guide):
             and not _same_fingerprint(expected[n], _fingerprint_of(p))]
 
 
+def _differing_point_parameters(own, model, skip=()):
+    """The names of ``own``'s point parameters (its head, non-random LoRA matrices: ``named_adapter_parameters``),
+    but those in ``skip``, that ``model``'s network lacks or holds other values of (compared on its device, in its
+    dtype): another LoraModel object run in place of ``own`` would run with another head."""
+    theirs = dict(model.net.named_parameters())
+    return [n for n, p in own.named_adapter_parameters() if n not in skip
+            and (n not in theirs or not torch.equal(p.detach().to(theirs[n].device, theirs[n].dtype), theirs[n].detach()))]
+
+
 def _point_problems(model, guide):
     own = guide.model
     snapshot = guide._point_snapshot  # None while fit trains it: the live state is its own
@@ -493,11 +502,7 @@ def _point_problems(model, guide):
             f"this guide carries its own {sorted(carried)[0]} (per member), which it applies to the network it was built "
             "on; another network's head would run for every member instead: predict with guide.model"
         ]
-    theirs = dict(model.net.named_parameters())
-    differ = [
-        n for n, p in own.named_adapter_parameters() if n not in carried
-        and (n not in theirs or not torch.equal(p.detach().to(theirs[n].device, theirs[n].dtype), theirs[n].detach()))
-    ]
+    differ = _differing_point_parameters(own, model, skip=carried)
     if differ:
         return [
             f"the model's point parameters {_short(differ)} differ from those of the model the guide was built on "
@@ -589,9 +594,7 @@ def check_autoguide_model(model, autoguide, action: str, training: bool) -> None
             f"with, and training would fit its sites on this model while save_guide records that one as theirs; {todo}")
     problems = differences(describe(own), describe(model))
     if not problems:
-        theirs = dict(model.net.named_parameters())
-        differ = [n for n, p in own.named_adapter_parameters() if n not in theirs
-                  or not torch.equal(p.detach().to(theirs[n].device, theirs[n].dtype), theirs[n].detach())]
+        differ = _differing_point_parameters(own, model)
         if differ:
             problems = [f"the model's point parameters {_short(differ)} differ from those of the model it was built "
                         "over (its trained head or non-random LoRA matrices)"]
