@@ -1434,7 +1434,7 @@ def test_a_row_name_whose_rows_are_all_of_the_version_left_out_keeps_an_n_a_row_
     tfb = summary[1]
     left = ("seed 0: rows of version 1 left out, not averaged with version 2's; a run of tfb reruns them (a resume "
             "naming it in --guides, `pyro-lora study --update tfb`)")
-    assert tfb["seeds"] == [] and tfb["note"] == left + "; failed under seed 2 (results.json 'failed'): mean over the others"
+    assert tfb["seeds"] == [] and tfb["note"] == left + "; failed under seed 2 (results.json 'failed'): no other seed's row to average"
     assert all(math.isnan(tfb[k]) and math.isnan(tfb[k + "_std"]) for k in ("accuracy", "ece", "nll"))
     assert summary[2]["seeds"] == [1] and summary[2]["accuracy"] == 0.6
     line = next(line for line in format_table(summary).splitlines() if line.startswith("| tfb (note) |"))

@@ -777,7 +777,8 @@ def summarize_run(rows, failed):
                    and f.get("dataset") in (None, row["dataset"])
                    and (row["guide"], row["dataset"], f["seed"]) not in present]
         if missing:
-            row["note"] = join_notes(row.get("note"), f"failed under {seed_list(missing)} (results.json 'failed'): mean over the others")
+            rest = "mean over the others" if row["seeds"] else "no other seed's row to average"
+            row["note"] = join_notes(row.get("note"), f"failed under {seed_list(missing)} (results.json 'failed'): {rest}")
     return summary
 
 
