@@ -328,14 +328,19 @@ class TFBGuide(LoraGuide):
 
     def _metric(self, batches, reference, criterion, sigma, num_samples, seed, tolerance):
         """The criterion's value at ``sigma`` and the anchors scored: every one, but where the flip rate passed
-        ``tolerance`` part-way (flips only add up, so the candidate is infeasible: its value is the rate so far)."""
+        ``tolerance`` part-way (flips only add up, so the candidate is infeasible: its value is the rate so far), or
+        where the noise overflowed the logits (nan or inf: the value is inf, infeasible under every criterion; a nan's
+        argmax would count as class 0 and could pass the flip or accuracy test)."""
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
         values = self.sample(num_samples, generator=generator, sigma_q=sigma)
-        total, scored = 0.0, 0
+        total, scored, overflowed = 0.0, 0, 0.0
         for batch, y0 in zip(batches, reference["labels"]):
             logp = torch.log_softmax(self._logits(batch, values, num_samples), -1)
             log_mean = torch.logsumexp(logp, 0) - math.log(num_samples)  # log of the mean softmax over samples
             scored += y0.numel()
+            if bool((torch.isnan(log_mean) | torch.isposinf(log_mean)).any()):  # -inf: a missing or underflown choice
+                overflowed = 1.0
+                break
             if criterion == "nll":
                 total += -log_mean.gather(-1, y0[:, None]).sum().item()
             elif criterion == "flip":
@@ -344,7 +349,10 @@ class TFBGuide(LoraGuide):
                     break
             else:
                 total += (log_mean.argmax(-1) == self._labels(batch)).sum().item()
-        total, scored = distributed.all_reduce_(torch.tensor([total, scored], dtype=torch.double)).tolist()
+        total, scored, overflowed = distributed.all_reduce_(torch.tensor([total, scored, overflowed],
+                                                                         dtype=torch.double)).tolist()
+        if overflowed:  # on any rank: every rank takes the same bisection step
+            return math.inf, int(scored)
         value = total / reference["count"]
         if criterion == "nll":
             value = (value - reference["value"]) / max(reference["value"], 1e-12)

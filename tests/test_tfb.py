@@ -522,3 +522,18 @@ def test_search_refuses_anchors_from_a_loader_that_drops_its_last_batch():
         TFBGuide(model).search(DataLoader(rows, batch_size=4, drop_last=True), progress=False)
     trace = TFBGuide(model).search(DataLoader(rows, batch_size=4), high=5.0, iterations=1, progress=False)
     assert max(t["anchors"] for t in trace) == 10  # a feasible candidate scored all (an infeasible one may stop early)
+
+
+def test_a_sigma_whose_noise_overflows_the_logits_is_infeasible_under_every_criterion():
+    """The search scored an overflowing candidate's nan log-probabilities: argmax counts a nan as class 0, so under
+    "accuracy" sigma_q = 1e36 read feasible (an accuracy 'drop' of -0.125) and was chosen, with the advice to raise
+    ``high``; every criterion now takes it as infeasible (inf)."""
+    from test_laplace import mlp_data, mlp_model
+
+    model = mlp_model()  # no LayerNorm to scale huge activations back
+    data = [{**b, "input_ids": b["input_ids"] * 1e3} for b in mlp_data(n=8, batch=4)]
+    guide = TFBGuide(model)
+    for criterion in ("flip", "nll", "accuracy"):
+        trace = guide.search(data, criterion=criterion, low=1e-3, high=1e36, progress=False)
+        assert trace[0]["sigma"] == 1e36 and trace[0]["metric"] == math.inf and not trace[0]["feasible"]
+        assert float(guide.sigma_q) < 1e36
