@@ -12,6 +12,7 @@ import warnings
 
 import pyro
 import pyro.poutine as poutine
+from pyro.infer.autoguide import AutoGuide
 from pyro.poutine.messenger import unwrap
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -29,7 +30,7 @@ from .kinds import KINDS, MatrixKind, between_kinds, down_kind, up_kind
 from .likelihoods import data_nll, is_cloze
 from .modes import dropout_in_training
 from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, drawn_by, elbo_run, hidden_from_elbo, in_averaging_elbo,
-                         in_importance, in_laplace_approximation, in_mcmc, in_predictive, in_svi_step, innermost_autoguide,
+                         in_importance, in_laplace_approximation, in_mcmc, in_predictive, in_svi_step, inference_guide, innermost_autoguide,
                          marked_guides, on_training_step, prototyping_autoguide, replayed_trace, running_autoguide)
 from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_inits, check_values,
                     describe_inits, embedding, find_lora_layers, head_modules, is_site_name, matrix_view, per_layer)
@@ -887,20 +888,29 @@ class LoraModel:
         """Refuse a Pyro autoguide built over another LoraModel object that ``SVI``, an ELBO (its loss, with or
         without gradients), ``Importance`` or ``Predictive`` runs with this model
         (:func:`~pyro_lora.contract.check_autoguide_model`: in training, any other object; else one whose signature or
-        head differs), before any work. An autoguide over a function of one's own that calls the model is not
+        head differs), before any work: the autoguide the inference runs, or, where it runs a function of one's own
+        (``lambda b: autoguide(b)``), each autoguide whose parameters the guide trace replayed to the model read
+        (:func:`~pyro_lora.pyro_params.traced_autoguides`; ``Predictive``, which replays none, is checked on the
+        draws: :meth:`_check_drawer`). An autoguide over a function of one's own that calls the model is not
         compared: what it runs is the user's.
 
         :raises ValueError: naming the difference, and to build the autoguide over this model or ``load_guide`` a
             saved one into an autoguide over it.
         """
-        autoguide = innermost_autoguide()
-        own = None if autoguide is None else unwrap(autoguide.model)
-        if own is self or not isinstance(own, LoraModel):
-            return
-        training = torch.is_grad_enabled() and elbo_run() == "training"
-        action = ("train with pyro.infer.SVI or an ELBO's training loss" if training else "run pyro.infer.Predictive" if in_predictive()
-                  else "run pyro.infer.Importance" if in_importance() else "compute an ELBO's loss")
-        check_autoguide_model(self, autoguide, action, training)
+        guide = inference_guide()
+        if isinstance(guide, AutoGuide):
+            autoguides = [guide]
+        else:  # a guide of pyro_lora's marks its sites, and checks itself (_check_guide_trace)
+            trace = replayed_trace() if guide is not None and pyro_params.autoguides_seen() else None
+            autoguides = pyro_params.traced_autoguides(trace) if trace is not None and not marked_guides(trace) else []
+        for autoguide in autoguides:
+            own = unwrap(autoguide.model)
+            if own is self or not isinstance(own, LoraModel):
+                continue
+            training = torch.is_grad_enabled() and elbo_run() == "training"
+            action = ("train with pyro.infer.SVI or an ELBO's training loss" if training else "run pyro.infer.Predictive" if in_predictive()
+                      else "run pyro.infer.Importance" if in_importance() else "compute an ELBO's loss")
+            check_autoguide_model(self, autoguide, action, training)
 
     def _follow_autoguide(self, guide_trace, training: bool) -> None:
         """Follow a Pyro autoguide running the model (read from the call stack:
@@ -1075,19 +1085,27 @@ class LoraModel:
             )
 
     def _check_drawer(self, own) -> None:
-        """Where every weight site is conditioned on a draw a guide of the guides package recorded without gradients
-        (:func:`~pyro_lora.pyro_stack.drawn_by`: ``pyro.infer.Predictive``'s), refuse that guide as ``predict`` would
-        (:func:`~pyro_lora.contract.check_guide`): a guide for another checkpoint, LoRA scaling or prior of the same
-        sites gives values the model cannot tell apart by their shapes. Values several guides drew (point guides of two
-        models over one network) pass where one of them fits; a guide built on this model checked itself as it drew."""
+        """Where every weight site is conditioned on a draw a guide of the guides package, or a Pyro autoguide over a
+        LoraModel, recorded without gradients (:func:`~pyro_lora.pyro_stack.drawn_by`: ``pyro.infer.Predictive``'s, also
+        where a guide function of one's own called the autoguide), refuse that guide as ``predict`` would
+        (:func:`~pyro_lora.contract.check_guide`; an autoguide: :func:`~pyro_lora.contract.check_autoguide_model`): a
+        guide for another checkpoint, LoRA scaling or prior of the same sites gives values the model cannot tell apart
+        by their shapes. Values several guides drew (point guides of two models over one network) pass where one of
+        them fits; a guide built on this model checked itself as it drew, and an autoguide ``Predictive`` runs itself
+        was checked before any work (:meth:`_check_autoguide_model`)."""
         given = {n: own.nodes[n]["value"] for n in self.sites if own.nodes[n]["is_observed"]}
         drawers = drawn_by(given) if len(given) == len(self.sites) else []
-        if not drawers or any(guide.model is self for guide in drawers):  # its own guide checked itself as it drew
+        if not drawers or any(_built_over(guide) is self for guide in drawers):  # its own guide checked itself as it drew
             return
         refusals = []
         for guide in reversed(drawers):  # values several guides drew (point guides alike) are any fitting one's
             try:
-                return check_guide(self, guide, "predict with pyro.infer.Predictive")
+                if not isinstance(guide, AutoGuide):
+                    return check_guide(self, guide, "predict with pyro.infer.Predictive")
+                if not isinstance(_built_over(guide), LoraModel) or guide is innermost_autoguide():
+                    return  # an autoguide over a function of one's own; or checked before any work
+                action = "run pyro.infer.Predictive" if in_predictive() else "run the model on its draws"
+                return check_autoguide_model(self, guide, action, training=False)
             except ValueError as refused:
                 refusals.append(refused)
         raise refusals[0]
@@ -1096,6 +1114,11 @@ class LoraModel:
         # for fit's divergence check and bar, the data term alone (the ELBO's prior term scales with 1/N): per example,
         # or per scored token for a token-level likelihood (``scored``), whose per-row sums follow the rows' lengths
         self.last_nll = data_nll(log_prob, scored)
+
+
+def _built_over(guide):
+    """The model ``guide`` was built over: a Pyro autoguide's, handlers around it unwrapped."""
+    return unwrap(guide.model) if isinstance(guide, AutoGuide) else guide.model
 
 
 def _median(fitted) -> str:

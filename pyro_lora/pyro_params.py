@@ -15,8 +15,9 @@ import itertools
 import weakref
 
 import pyro
+import torch
 
-from .pyro_stack import running_svi
+from .pyro_stack import remember_draws, running_svi
 
 _NAMESPACE = "pyro_lora:"
 _ids = itertools.count()
@@ -148,7 +149,35 @@ def check_autoguide_start(autoguide, model) -> None:
                 "another LoraModel, which Pyro would hand to this one as its start, the two then sharing it (training one "
                 "moves the other's posterior); keep the other's result with pyro_lora.save_guide(autoguide, folder) if "
                 "you need it, and call pyro.clear_param_store() before building this one")
+    if autoguide not in _autoguides:  # a module-level hook: a deepcopy or pickle of the autoguide keeps it
+        autoguide.register_forward_hook(_remember_autoguide_draws)
     _autoguides[autoguide] = weakref.ref(model)
+
+
+def _remember_autoguide_draws(autoguide, args, draws) -> None:
+    """Forward hook of an autoguide :func:`check_autoguide_start` saw: its draws without gradients (``Predictive``'s
+    guide pass, which keeps no trace) are remembered (:func:`~pyro_lora.pyro_stack.remember_draws`), so that a model
+    conditioned on them tells which autoguide drew them, whatever function of one's own called it."""
+    if not torch.is_grad_enabled() and isinstance(draws, dict):
+        remember_draws(autoguide, {n: v for n, v in draws.items() if torch.is_tensor(v)})
+
+
+def autoguides_seen() -> bool:
+    """Whether any autoguide :func:`check_autoguide_start` saw is alive (else :func:`traced_autoguides` finds none)."""
+    return len(_autoguides) > 0
+
+
+def traced_autoguides(trace) -> list:
+    """The autoguides :func:`check_autoguide_start` saw (each first called over a LoraModel) whose parameters the
+    ``param`` sites of ``trace`` read, by identity (a site's value keeps a weak reference to the stored tensor, its
+    ``unconstrained``, which Pyro's ``SVI`` reads so too): those that ran in a guide trace, whatever function of one's
+    own called them."""
+    read = set()
+    for node in trace.nodes.values():
+        ref = getattr(node["value"], "unconstrained", None) if node["type"] == "param" else None
+        if ref is not None and ref() is not None:
+            read.add(id(ref()))  # a live tensor (the store's, the autoguide's): its id is no freed one's
+    return [g for g in list(_autoguides.keys()) if any(id(p) in read for p in g.parameters())] if read else []
 
 
 def _check_same(store, key, p, action=None):

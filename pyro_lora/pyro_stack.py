@@ -162,14 +162,23 @@ def running_autoguide(model):
 def innermost_autoguide():
     """The Pyro ``AutoGuide`` (handlers around it unwrapped) that the innermost ``SVI``, ELBO, ``Importance`` or
     ``Predictive`` around the call runs, whatever model it was built over, read from the Python call stack; ``None``
-    where that runs another guide (pyro_lora's, a function), or where none runs (a replay of one's own)."""
+    where that runs another guide (pyro_lora's, a function: :func:`inference_guide`), or where none runs (a replay of
+    one's own)."""
+    guide = inference_guide()
+    return guide if isinstance(guide, AutoGuide) else None
+
+
+def inference_guide():
+    """The guide (handlers around it unwrapped) that the innermost ``SVI``, ELBO, ``Importance`` or ``Predictive``
+    around the call runs, read from the Python call stack: a Pyro ``AutoGuide``, a guide of pyro_lora's, or a function
+    of one's own (which may call either); ``None`` where none runs (a replay of one's own, ``Predictive`` given
+    samples)."""
     frame = sys._getframe(1)
     while frame is not None:
         owner = frame.f_locals.get("self")
         if _elbo_of(frame) is not None or isinstance(owner, (SVI, Importance, Predictive)):
             guide = frame.f_locals.get("guide") if "guide" in frame.f_code.co_varnames else getattr(owner, "guide", None)
-            guide = unwrap(guide) if guide is not None else None
-            return guide if isinstance(guide, AutoGuide) else None
+            return unwrap(guide) if guide is not None else None
         frame = frame.f_back
     return None
 

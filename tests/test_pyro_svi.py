@@ -1417,6 +1417,65 @@ def test_an_autoguide_run_with_another_lora_model_is_refused_before_any_work():
     Predictive(wrapped, guide=own, num_samples=2)(unlabelled)
 
 
+def test_an_autoguide_called_by_a_guide_function_is_checked_against_the_model_it_runs_with():
+    """A guide function of one's own calling an autoguide (def guide(b): return autoguide(b), a lambda) hid it from
+    the check above: Predictive(B, guide=wrapper) over an autoguide trained on A predicted with B's untrained head
+    (P(class 1) 0.500 where A's posterior gives 0.817), and SVI(B, wrapper) trained it beside B's head while save_guide
+    recorded A's (restored: accuracy 0.25 where it was 0.75). The autoguide is found by its parameters in the guide
+    trace an ELBO replays, and by its draws under Predictive, and refused as when passed itself; over its own model,
+    or a twin of it for prediction, the wrapper predicts as the autoguide does."""
+    from pyro.infer import Importance, Predictive
+    from pyro.infer.autoguide import AutoNormal
+
+    data = toy_data(n=16, batch=8)
+    m1 = LoraModel(tiny_bert(num_labels=2, seed=0), SequenceClassification(), prior=0.5, num_data=16)
+    g1 = AutoNormal(m1)
+    svi = SVI(m1, g1, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    for batch in data:
+        svi.step(batch)
+    m2 = LoraModel(tiny_bert(num_labels=2, seed=1), SequenceClassification(), prior=0.5, num_data=16)
+    m1.net.eval()
+    m2.net.eval()
+    batch, unlabelled = data[0], {k: v for k, v in data[0].items() if k != "labels"}
+
+    def wrapper(batch):
+        return g1(batch)
+
+    before = {k: v.detach().clone() for k, v in g1.state_dict().items()}
+    other = r"with this AutoNormal: it was built over another LoraModel object"
+    remedy = r"build the autoguide over this model \(AutoNormal\(model\)\)"
+    for guide in (wrapper, lambda b: g1(b), pyro.poutine.scale(wrapper, 1.0)):
+        with pytest.raises(ValueError, match=rf"cannot run pyro.infer.Predictive {other}, .*base weights differ.*{remedy}"):
+            Predictive(m2, guide=guide, num_samples=2)(unlabelled)
+        with pytest.raises(ValueError, match=rf"cannot run pyro.infer.Predictive {other}"):  # the model in a function too
+            Predictive(lambda b: m2(b), guide=guide, num_samples=2)(unlabelled)
+        with pytest.raises(ValueError, match=rf"cannot compute an ELBO's loss {other}.*{remedy}"):
+            Trace_ELBO().loss(m2, guide, batch)
+        with pytest.raises(ValueError, match=rf"cannot train with pyro.infer.SVI or an ELBO's training loss {other} "
+                                             rf"than the model it runs with.*{remedy}"):
+            SVI(m2, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(batch)
+        with pytest.raises(ValueError, match=rf"cannot run pyro.infer.Importance {other}"):
+            Importance(m2, guide, num_samples=2).run(batch)
+    drawn = Predictive(m1, guide=wrapper, num_samples=2, return_sites=list(m1.sites))(unlabelled)
+    with pytest.raises(ValueError, match=rf"cannot run pyro.infer.Predictive {other}"):  # its draws fed back alike
+        Predictive(m2, posterior_samples=drawn)(unlabelled)
+    assert all(torch.equal(v, before[k]) for k, v in g1.state_dict().items())  # refused before any step
+
+    # over its own model, or a twin of it for prediction: the wrapper predicts as the autoguide itself
+    twin = LoraModel(m1.net, SequenceClassification(), prior=0.5, num_data=16)
+    pyro.set_rng_seed(0)
+    ours = Predictive(m1, guide=g1, num_samples=3, return_sites=["_RETURN"])(unlabelled)["_RETURN"]
+    for model in (m1, twin):
+        pyro.set_rng_seed(0)
+        theirs = Predictive(model, guide=wrapper, num_samples=3, return_sites=["_RETURN"])(unlabelled)["_RETURN"]
+        torch.testing.assert_close(theirs, ours)
+        Trace_ELBO().loss(model, wrapper, batch)
+    with pytest.raises(ValueError, match=rf"cannot train with pyro.infer.SVI .*{other} than the model it runs with"):
+        SVI(twin, wrapper, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(batch)
+    SVI(m1, wrapper, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(batch)
+    assert any(not torch.equal(v, before[k]) for k, v in g1.state_dict().items())  # trained through the wrapper
+
+
 def test_mcmc_over_a_network_with_dropout_on_is_refused_and_importance_warns():
     """After the SVI recipe's model.net.train(), NUTS ran without a word on a random potential energy (5 calls at the
     same LoRA values: 1123.885 to 1123.929), an acceptance test of which is no valid MCMC; Importance weighed draws by a
