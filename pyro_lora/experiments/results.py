@@ -634,9 +634,9 @@ def _draw_summary(out, summary, guides, dataset, seed, each=(), to=None):
     of each guide in ``each``. Returns whether the summary figures were drawn."""
     to = to or {kind: out / f"{kind}.png" for kind in SUMMARY_FIGURES}
     # a method whose summary leaves ``seed`` out (its rows of another version: versions.one_version) is not drawn from its arrays
-    held = {r["guide"]: r["seeds"] for r in summary if r["dataset"] == dataset}
+    held = {r["guide"]: r.get("seeds") for r in summary if r["dataset"] == dataset}  # a record may list no seeds
     first = {}
-    for guide in [g for g in guides if seed in held.get(g, (seed,))]:
+    for guide in [g for g in guides if held.get(g) is None or seed in held[g]]:
         arrays, key = _read_arrays(out, guide), f"{dataset}__seed{seed}__"
         if key + "probs" in arrays and key + "labels" in arrays:  # else this guide has no finished arrays
             first[guide] = (torch.from_numpy(arrays[key + "probs"]), torch.from_numpy(arrays[key + "labels"]))
