@@ -1352,14 +1352,9 @@ def test_an_autoguide_over_another_model_is_refused_the_values_pyros_param_store
         large(data[0])
 
 
-def test_an_autoguide_run_with_another_lora_model_is_refused_before_any_work():
-    """An AutoNormal over one LoraModel ran, without a word, under Predictive, an ELBO's loss and SVI steps with another
-    (a second checkpoint of the same shapes): trained so and saved, it recorded the first model's base while its sites
-    were fitted on the second (Predictive on the first: accuracy 0.38, on the second 1.00). Every such run is refused,
-    naming the remedy; another object over the same network, sites and head predicts and evaluates as its own (as
-    predict allows a guide of the guides package) but is no model to train it on; an autoguide over a function of one's
-    own that calls the model, and handlers around either, are the user's and pass."""
-    from pyro.infer import Importance, Predictive
+def _autoguide_and_another_model():
+    """Toy batches, a LoraModel over one tiny BERT with an AutoNormal trained on it, and a LoraModel over a second
+    checkpoint of the same shapes (both networks in eval mode)."""
     from pyro.infer.autoguide import AutoNormal
 
     data = toy_data(n=16, batch=8)
@@ -1371,6 +1366,20 @@ def test_an_autoguide_run_with_another_lora_model_is_refused_before_any_work():
     m2 = LoraModel(tiny_bert(num_labels=2, seed=1), SequenceClassification(), prior=0.5, num_data=16)
     m1.net.eval()
     m2.net.eval()
+    return data, m1, g1, m2
+
+
+def test_an_autoguide_run_with_another_lora_model_is_refused_before_any_work():
+    """An AutoNormal over one LoraModel ran, without a word, under Predictive, an ELBO's loss and SVI steps with another
+    (a second checkpoint of the same shapes): trained so and saved, it recorded the first model's base while its sites
+    were fitted on the second (Predictive on the first: accuracy 0.38, on the second 1.00). Every such run is refused,
+    naming the remedy; another object over the same network, sites and head predicts and evaluates as its own (as
+    predict allows a guide of the guides package) but is no model to train it on; an autoguide over a function of one's
+    own that calls the model, and handlers around either, are the user's and pass."""
+    from pyro.infer import Importance, Predictive
+    from pyro.infer.autoguide import AutoNormal
+
+    data, m1, g1, m2 = _autoguide_and_another_model()
     batch, unlabelled = data[0], {k: v for k, v in data[0].items() if k != "labels"}
     before = {k: v.detach().clone() for k, v in g1.state_dict().items()}
     remedy = r"build the autoguide over this model \(AutoNormal\(model\)\), or save_guide it and load_guide it"
@@ -1425,17 +1434,8 @@ def test_an_autoguide_called_by_a_guide_function_is_checked_against_the_model_it
     trace an ELBO replays, and by its draws under Predictive, and refused as when passed itself; over its own model,
     or a twin of it for prediction, the wrapper predicts as the autoguide does."""
     from pyro.infer import Importance, Predictive
-    from pyro.infer.autoguide import AutoNormal
 
-    data = toy_data(n=16, batch=8)
-    m1 = LoraModel(tiny_bert(num_labels=2, seed=0), SequenceClassification(), prior=0.5, num_data=16)
-    g1 = AutoNormal(m1)
-    svi = SVI(m1, g1, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
-    for batch in data:
-        svi.step(batch)
-    m2 = LoraModel(tiny_bert(num_labels=2, seed=1), SequenceClassification(), prior=0.5, num_data=16)
-    m1.net.eval()
-    m2.net.eval()
+    data, m1, g1, m2 = _autoguide_and_another_model()
     batch, unlabelled = data[0], {k: v for k, v in data[0].items() if k != "labels"}
 
     def wrapper(batch):
