@@ -903,13 +903,13 @@ class LoraModel:
         else:  # a guide of pyro_lora's marks its sites, and checks itself (_check_guide_trace)
             trace = replayed_trace() if guide is not None and pyro_params.autoguides_seen() else None
             autoguides = pyro_params.traced_autoguides(trace) if trace is not None and not marked_guides(trace) else []
-        for autoguide in autoguides:
-            own = unwrap(autoguide.model)
-            if own is self or not isinstance(own, LoraModel):
-                continue
-            training = torch.is_grad_enabled() and elbo_run() == "training"
-            action = ("train with pyro.infer.SVI or an ELBO's training loss" if training else "run pyro.infer.Predictive" if in_predictive()
-                      else "run pyro.infer.Importance" if in_importance() else "compute an ELBO's loss")
+        others = [g for g in autoguides if unwrap(g.model) is not self and isinstance(unwrap(g.model), LoraModel)]
+        if not others:
+            return
+        training = torch.is_grad_enabled() and elbo_run() == "training"  # read from the stack once, not per autoguide
+        action = ("train with pyro.infer.SVI or an ELBO's training loss" if training else "run pyro.infer.Predictive" if in_predictive()
+                  else "run pyro.infer.Importance" if in_importance() else "compute an ELBO's loss")
+        for autoguide in others:
             check_autoguide_model(self, autoguide, action, training)
 
     def _follow_autoguide(self, guide_trace, training: bool) -> None:
