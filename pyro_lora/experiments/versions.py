@@ -30,14 +30,10 @@ def of_other_version(row) -> bool:
 
 def older_versions(rows, guides) -> dict:
     """Method of ``guides`` -> ``(seeds, versions)``: the seeds whose rows in ``rows`` (its own or its ``+ts`` rows)
-    another version of the method made than the one registered now (:func:`of_other_version`), and those versions."""
-    out = {}
-    for r in rows:
-        name = base_guide(r["guide"])
-        if name in guides and of_other_version(r):
-            seeds, versions = out.setdefault(name, ({}, {}))  # dicts as ordered sets
-            seeds[r["seed"]] = versions[row_version(r)] = None
-    return {name: (list(seeds), list(versions)) for name, (seeds, versions) in out.items()}
+    another version of the method made than the one registered now (:func:`of_other_version`), and those versions,
+    sorted (:func:`versions_of`)."""
+    other = [r for r in rows if base_guide(r["guide"]) in guides and of_other_version(r)]
+    return versions_of(other, lambda r: base_guide(r["guide"]))
 
 
 def other_version_words(versions) -> str:
