@@ -41,7 +41,7 @@ from .checks import check_count
 from .hooks import SKIPPED
 from .contract import entry_checks
 from .modes import eval_mode
-from .predictive import Prediction, batch_labels, pad_choices
+from .predictive import SEED_RANGE, Prediction, batch_labels, pad_choices
 from .progress import progress_bar
 from .sites import Site, per_layer
 
@@ -648,7 +648,9 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     given: under ``torch.distributed`` every rank scores the whole data, so a rank holding another network or guide
     would return its own predictive, and the ranks are compared first. A uniform mixture of
     ``K`` Gaussians per example (mean ``[K, N, C]``, cov ``[K, N, C, C]``) averages the ``K`` predictives; its draws
-    with ``keep_samples`` are ``[S K, N, C]``. With the probit link, ``keep_samples`` keeps ``num_samples`` logit
+    with ``keep_samples`` are ``[S K, N, C]``. The ``"mc"`` link's logit draws come from a CPU generator seeded by one
+    draw of the global RNG (reproducible under ``torch.manual_seed``), rank 0's under ``torch.distributed``, so every
+    rank returns one predictive. With the probit link, ``keep_samples`` keeps ``num_samples`` logit
     draws of the same Gaussians (what the mutual information needs; from a CPU generator of their own, seeded 0 per
     call) while ``probs`` stay the probit's; where a covariance overflows them (not finite, or a variance beyond
     float32's range squared) it keeps none (``sample_probs`` None) and warns. ``log_probs`` is the float64 log of the
@@ -671,9 +673,15 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
         data = fixed_batches(data, desc)
     start = time.perf_counter()
     probs, logs, draws, labels = [], [], [], []
-    # the probit's draws (for the MI) come from a CPU generator of their own: deterministic on every device, and
-    # the global RNG is left alone
-    generator = torch.Generator().manual_seed(0) if keep_samples and link != "mc" else None
+    # logit draws come from a CPU generator of their own: the same on every device. The probit's (for the MI) are
+    # seeded 0 and leave the global RNG alone; "mc"'s by one draw of the global RNG (reproducible under
+    # torch.manual_seed, fresh each call), rank 0's under torch.distributed, where every rank scores the whole data
+    # and so must return one predictive (predict's broadcast seed)
+    if link == "mc":
+        seed = distributed.broadcast_parameters([torch.randint(SEED_RANGE, ())])[0]
+        generator = torch.Generator().manual_seed(int(seed))
+    else:
+        generator = torch.Generator().manual_seed(0) if keep_samples else None
     overflow = None
     for batch in progress_bar(data, desc=desc, disable=not progress, dynamic_ncols=True):
         y = batch_labels(observed, batch, labels, desc)  # None for an unlabelled batch: the predictive needs none
@@ -681,7 +689,7 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
         mean = mean.float()
         _check_gaussians(mean, cov, desc)
         # a mixture's components: equal weights
-        p, log_p = (x.reshape(-1, *mean.shape[-2:]) for x in _glm_probs(mean, cov, link, num_samples))
+        p, log_p = (x.reshape(-1, *mean.shape[-2:]) for x in _glm_probs(mean, cov, link, num_samples, generator))
         if not bool(torch.isfinite(p).all()):
             raise ValueError(
                 f"{desc}: the predictive is not finite (largest logit variance {float(cov.diagonal(dim1=-2, dim2=-1).max()):.3g}"
@@ -690,7 +698,7 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
         probs.append(p.mean(0))
         logs.append(torch.logsumexp(log_p, 0) - math.log(log_p.shape[0]))
         if keep_samples and overflow is None:
-            drawn = p if generator is None else _probit_draws(mean, cov, num_samples, generator)
+            drawn = p if link == "mc" else _probit_draws(mean, cov, num_samples, generator)
             if drawn is None:
                 overflow = float(cov.diagonal(dim1=-2, dim2=-1).max())  # the probit copes (uniform); draws cannot
             else:

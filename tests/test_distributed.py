@@ -116,6 +116,10 @@ def run_all():
     laplace.set_prior_precision(1.0)
     torch.manual_seed(7 + distributed.rank())
     out["laplace_pred"] = predict(model, laplace, toy_data(10, 4, seed=2), num_samples=3, keep_samples=True).sample_probs
+    # the GLM predictive's logit draws (link="mc") under each rank's own seed: rank 0's draws everywhere (each rank
+    # drew its own: 0.003 apart here, a flipped class under last-layer Laplace)
+    torch.manual_seed(9 + distributed.rank())
+    out["glm_mc"] = laplace.predict_glm(toy_data(10, 4, seed=2), link="mc", num_samples=20).probs
     # a short last batch on one rank (8 and 1 examples in step 2) counts by its examples, as in one process's global
     # batch of 9 (an equal mean weighted the lone example's data term by N/1 for N/9: parameters 0.037 off)
     parts = toy_data(25, 8)  # 8, 8, 8, 1 examples
@@ -462,8 +466,8 @@ def test_two_ranks_equal_one_process(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
     assert single["pred"][2].shape == (3, 10, 2) and single["kfac"]["n"] == 10
     assert any(s["feasible"] for s in single["tfb"]) and not all(s["feasible"] for s in single["tfb"])
-    for key in ("loss", "grads", "fit_loss", "params", "kfac", "pred", "tfb", "laplace_pred", "uneven_fit", "accumulated_fit",
-                "pooled"):
+    for key in ("loss", "grads", "fit_loss", "params", "kfac", "pred", "tfb", "laplace_pred", "glm_mc", "uneven_fit",
+                "accumulated_fit", "pooled"):
         for r, out in enumerate(ranks):
             assert close(out[key], single[key]), f"rank {r}: {key} differs from one process"
 
