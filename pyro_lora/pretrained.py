@@ -39,6 +39,7 @@ from .model_files import (
 from .contract import DRAWN_AT_LOAD, drawn_at_load
 from .io import _naming_errors, synced
 from .likelihoods import not_causal_lm
+from .quantized import keep_differentiable
 from .sites import base_network, head_modules
 
 if TYPE_CHECKING:
@@ -402,6 +403,7 @@ def load_pretrained(
         model, tokenizer = _load(name_or_path, task, model_class, num_labels, label_names, dtype, progress, extra)
     _ensure_pad_token(tokenizer, model)
     check_vocabulary(model, tokenizer)
+    keep_differentiable(model)  # before the caller's first prediction, which would repack a 4-bit layer for good
     return (model if quantization else model.to(device)).eval(), tokenizer
 
 

@@ -7,24 +7,35 @@ import torch
 
 
 def keep_differentiable(net) -> None:
-    """Keep every bitsandbytes 4-bit layer of ``net`` on its differentiable kernels.
+    """Keep every bitsandbytes 4-bit layer of ``net`` on its differentiable kernels, holding its checkpoint's weights.
 
     On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a faster inference kernel the first time the
     layer runs in eval mode on an input without gradient (every ``torch.no_grad`` prediction), and from then on
     uses that kernel, which has no backward, in training too: the gradients of the LoRA matrices below it come out
-    silently wrong. Switch the repacking off and undo it where it happened.
+    silently wrong. This switches the repacking off. A layer repacked already is refused: the repacking rounds its
+    block scales to bfloat16, which no inverse undoes (bitsandbytes' own leaves the weights up to 0.3% off with double
+    quantisation, and a layer without it with its scales in another block's place, 2% off).
+
+    :raises ValueError: where bitsandbytes repacked a 4-bit layer of ``net`` already.
     """
     try:
-        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
         from bitsandbytes.nn import Linear4bit
     except ImportError:  # no bitsandbytes: no quantised layers
         return
-    for module in net.modules():
+    repacked = []
+    for name, module in net.named_modules():
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
-            state = getattr(module.weight, "quant_state", None)
-            if getattr(state, "packing_format_for_cpu", False):
-                module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, state)
+            if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+                repacked.append(name)
+    if repacked:
+        more = f" and {len(repacked) - 1} more" if len(repacked) > 1 else ""
+        raise ValueError(
+            f"bitsandbytes repacked the 4-bit layer {repacked[0]}{more} for its CPU inference kernel (an eval forward "
+            "without gradients ran before this LoraModel was built), rounding its block scales to bfloat16: its weights "
+            "are no longer the checkpoint's, and no inverse restores them; load the network again and build the "
+            "LoraModel before running it (a network from pyro_lora.pretrained.load_pretrained never repacks)"
+        )
 
 
 def has_int8_layers(net) -> bool:
