@@ -29,6 +29,7 @@ from pyro_lora.sites import check_values
 
 from .base import LoraGuide
 from .registry import Fitted, join_notes, method
+from .tuning import margin_factor, near_overflow
 
 _LOG_LAMBDA_RANGE = (-25.0, 25.0)  # prior precision search bounds, log scale (exp(25) ~ 7e10)
 # A matrix whose largest Fisher eigenvalue is below float32 resolution of the largest of all matrices' has no
@@ -295,7 +296,8 @@ class LaplaceGuide(LoraGuide):
         numerator the informed matrices keep away from 0 however flat the others are.
         ``"val_nll"``: one ``lambda`` for all, the grid value with the lowest NLL on ``val_loader`` under the
         GLM probit predictive (one pass: the Jacobians do not depend on ``lambda``) or, with
-        ``predictive="samples"``, the sampled predictive with ``num_samples`` (common random numbers). ``val_loader``
+        ``predictive="samples"``, the sampled predictive with ``num_samples`` (common random numbers; a ``lambda``
+        whose predictive overflows is the worst, with a margin and a second set of draws: :func:`search_grid`). ``val_loader``
         is read once into a list of batches, so every pass sees them in the same order (a shuffling ``DataLoader``,
         a generator); a ``DataLoader`` dropping its last incomplete batch is refused, as ``predict`` refuses it.
 
@@ -365,8 +367,11 @@ class LaplaceGuide(LoraGuide):
         with entry_checks(self.model, self, "tune lambda on validation data"):  # every rank scores the whole data
             self._check_network("tune lambda on validation data")
         val_loader = fixed_batches(val_loader, f"{type(self).__name__} val_nll")  # each pass the same batches in the same order: common random numbers
+        # the samples' second set of draws, for a lambda chosen where others overflowed
+        again = None if predictive == "glm" else \
+            (lambda lam: self._grid_nll_samples(val_loader, torch.tensor([lam]), num_samples, False, seed=1)[0])
         best, nlls = search_grid(grid, lambda g: self._grid_nll(val_loader, g, predictive, num_samples, progress), refine,
-                                 type(self).__name__)
+                                 type(self).__name__, again=again)
         self.set_prior_precision(best)
         return nlls
 
@@ -398,14 +403,16 @@ class LaplaceGuide(LoraGuide):
     def _grid_nll_glm(self, data, grid, progress):
         return grid_nll_glm(self.model, self.sites, self.factors, data, grid, progress)
 
-    def _grid_nll_samples(self, data, grid, num_samples, progress):
+    def _grid_nll_samples(self, data, grid, num_samples, progress, seed=0):
+        """Validation NLL of the ``num_samples`` weight-sample predictive per ``lambda`` of ``grid``, every one on the
+        draws of ``seed``; inf where the predictive is not finite (``lambda`` too small: too wide a posterior)."""
         current = [f.prior_precision.clone() for f in self.factors]
         nlls = []
         try:
             for lam in tqdm(grid.tolist(), desc="val NLL grid", disable=not progress, dynamic_ncols=True):
                 self.set_prior_precision(lam)
                 with torch.random.fork_rng(devices=[self.model.device] if self.model.device.type == "cuda" else []):
-                    torch.manual_seed(0)  # the same noise for every lambda
+                    torch.manual_seed(seed)  # the same noise for every lambda
                     try:
                         pred = predict(self.model, self, data, num_samples=num_samples)
                     except NonFinitePredictionError:  # a lambda this small overflows the logits: too wide, the worst
@@ -532,7 +539,7 @@ def prior_precision_grid(grid=None, dtype=torch.float) -> torch.Tensor:
     return grid
 
 
-def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide", tol=None):
+def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide", tol=None, again=None):
     """The ``lambda`` of lowest validation NLL, the search every guide's ``"val_nll"`` shares: ``nlls_of(values) -> [NLL
     per value]`` over ``grid``, then (``refine``) between the best value's neighbours in the grid sorted, each value
     once (a repeated best value is not its own neighbour; at an end of the grid, between it and its one neighbour):
@@ -542,21 +549,42 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide", tol=None):
     largest is taken (the narrowest posterior: the validation data do not ask for more spread), whatever the grid's
     order or repeats. An NLL equal at every grid value is said (:func:`said_flat`) and not refined; a best value still
     at an end of the grid warns, naming the end (``who`` says whose): the optimum may lie beyond it. An infinite NLL
-    (a weight-sample predictive that overflows float32 at that ``lambda``) is the worst value, never chosen.
+    (a weight-sample predictive that overflows float32 at that ``lambda``) is the worst value, never chosen, and so is
+    every ``lambda`` within a factor :func:`~pyro_lora.guides.tuning.margin_factor` ``(-1)`` (4) of such a one, either
+    side (finite on these draws, at the edge of overflowing on others). Where anything
+    overflowed and ``again`` is given (``lambda -> NLL`` on a second set of draws), the ``lambda`` chosen is scored
+    there too: infinite, it counts as overflowing and the best value left is chosen (and checked) instead; a warning
+    says so.
 
     :raises ValueError: naming the ``lambda`` values where the NLL is nan, or where it is infinite at every grid value
-        (no lambda is set).
+        (no lambda is set), or where no value scored is clear of the overflow margin.
     """
+    margin, overflowed, seen = margin_factor(-1), [], []
+
+    def near(lam):  # overflowing, or within the margin of a lambda that overflowed
+        return near_overflow(lam, overflowed, margin)
+
     def scored(values):
         nlls = list(nlls_of(values))
         bad = [g for g, v in zip(values.tolist(), nlls) if math.isnan(v)]
         if bad:
             raise ValueError(f"the validation NLL is nan at lambda = {', '.join(f'{g:g}' for g in bad)}: no lambda was set")
+        overflowed.extend(g for g, v in zip(values.tolist(), nlls) if v == math.inf)
+        seen.extend(zip(values.tolist(), nlls))
         return nlls
 
     def lowest(values, nlls):
-        nlls = torch.tensor(nlls, dtype=torch.float64)
+        nlls = torch.tensor([math.inf if near(g) else v for g, v in zip(values.tolist(), nlls)], dtype=torch.float64)
         return float(values[nlls == nlls.min()].max())
+
+    def clear_of_overflow():
+        lams = torch.tensor([g for g, _ in seen], dtype=torch.float64)
+        best = lowest(lams, [v for _, v in seen])
+        if near(best):
+            raise ValueError(f"{who} val_nll: every lambda scored is within a factor {margin:g} of one whose "
+                             f"validation predictive overflows (at lambda {max(overflowed):g}, on the search's draws or "
+                             f"a second set): no lambda was set; try larger values")
+        return best
 
     nlls = scored(grid)
     ordered = torch.unique(grid)  # sorted, each value once
@@ -566,22 +594,38 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide", tol=None):
                          f"{high:g} (logits overflowing float32 under too wide a posterior: try larger values; or "
                          "validation inputs that are not finite): no lambda was set")
     best = lowest(grid, nlls)
+    if near(best):  # every finite grid value within the margin of an overflow: refused, naming it
+        clear_of_overflow()
     if said_flat(who, nlls, low, high, best):
         return best, nlls
     if refine and len(ordered) > 1:  # one value is no search
+        grid_min = min(math.inf if near(g) else v for g, v in zip(grid.tolist(), nlls))
         i = int((ordered == best).nonzero()[0, 0])
         a, b = float(ordered[max(i - 1, 0)]), float(ordered[min(i + 1, len(ordered) - 1)])
         if tol is None:  # a finer log-spaced grid around the best value: the grid's step is a factor 10^0.5 by default
             fine = torch.logspace(math.log10(a), math.log10(b), 9, dtype=grid.dtype)[1:-1]
             fine_nlls = scored(fine)
-            if min(fine_nlls) < min(nlls):
+            if min(math.inf if near(g) else v for g, v in zip(fine.tolist(), fine_nlls)) < grid_min:
                 best = lowest(fine, fine_nlls)
             nlls = nlls + fine_nlls
         else:
-            t, value = golden_section(lambda t: scored(torch.tensor([math.exp(t)], dtype=grid.dtype))[0],
-                                      math.log(a), math.log(b), tol)
-            if value < min(nlls):
+            def at(t):
+                value = scored(torch.tensor([math.exp(t)], dtype=grid.dtype))[0]
+                return math.inf if near(math.exp(t)) else value
+
+            t, value = golden_section(at, math.log(a), math.log(b), tol)
+            if value < grid_min:
                 best = math.exp(t)
+    if overflowed:  # the refinement may have found an overflow next to the best value; then a second set of draws
+        best = clear_of_overflow() if near(best) else best
+        while again is not None and again(best) == math.inf:
+            overflowed.append(best)
+            best = clear_of_overflow()
+        warnings.warn(
+            f"{who} val_nll: the validation predictive overflowed (not finite) at lambda {max(overflowed):g}: a lambda "
+            f"within a factor {margin:g} of one that overflows{', or overflowing on a second set of draws,' if again else ''} "
+            f"is refused as at the edge of overflowing; lambda = {best:g} is the best value clear of that"
+            f"{', finite on a second set of draws too' if again else ''}", stacklevel=3)
     if low < high and best in (low, high):
         side, beyond = ("smallest", f"below {low:g} (a wider posterior)") if best == low else \
             ("largest", f"above {high:g} (a narrower posterior, towards the MAP)")

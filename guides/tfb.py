@@ -22,10 +22,11 @@ from pyro_lora.data import check_every_example, subset, to_device
 from pyro_lora.loraxs import svd_flip
 from pyro_lora.sites import check_values
 from pyro_lora.modes import eval_mode
+from pyro_lora.predictive import NonFinitePredictionError, sampled_logits
 
 from .base import LoraGuide
 from .registry import Fitted, method
-from .tuning import tune_on_validation
+from .tuning import OVERFLOW_MARGIN, margin_factor, near_overflow, tune_on_validation
 
 CRITERIA = ("nll", "flip", "accuracy")
 DEFAULT_TOLERANCE = {"nll": 0.01, "flip": 0.01, "accuracy": 0.01}
@@ -237,10 +238,17 @@ class TFBGuide(LoraGuide):
         reference settings for 8B models are ``criterion="nll", low=1e-3, high=1.5e-2, spacing="linear"``.
 
         :param tolerance: ``None``: 0.01, the default of every criterion.
+        A candidate whose noise overflows the logits is infeasible (metric inf); one within a factor 2 of such a
+        ``sigma`` (4 in the noise's variance, :data:`~pyro_lora.guides.tuning.OVERFLOW_MARGIN`) is refused unscored,
+        and where anything overflowed the ``sigma_q`` found is checked for an overflow on a second set of draws
+        (``seed + 1``), stepping down to the largest feasible candidate clear of that margin where it is not (a
+        warning says so): a value next to an overflow overflows on other draws, e.g. ``predict``'s.
+
         :returns: the trace, a list of ``{"sigma", "metric", "feasible", "anchors"}`` in evaluation order
             (``anchors``: how many were scored; a flip rate that stopped early is the rate over the whole anchor set
-            of the flips so far, a lower bound), also kept in ``self.trace``, with ``criterion`` and ``tolerance``,
-            and saved by :func:`pyro_lora.save_guide`.
+            of the flips so far, a lower bound; ``"near_overflow": True`` on a candidate refused unscored for the
+            margin), also kept in ``self.trace``, with ``criterion`` and ``tolerance``, and saved by
+            :func:`pyro_lora.save_guide`.
         """
         with entry_checks(self.model, self, "search sigma_q"):
             tolerance = check_search(criterion, tolerance, low, high, iterations, spacing)
@@ -258,8 +266,17 @@ class TFBGuide(LoraGuide):
         trace = []
         bar = tqdm(total=iterations + 2, desc="TFB sigma_q search", disable=not progress, dynamic_ncols=True)
 
+        overflowed = []  # candidates whose noise overflowed the logits
+
         def evaluate(sigma):
+            if near_overflow(sigma, overflowed, margin_factor(2)):  # at the edge of overflowing: refused unscored
+                step = {"sigma": float(sigma), "metric": math.inf, "feasible": False, "anchors": 0, "near_overflow": True}
+                trace.append(step)
+                bar.update()
+                return False
             metric, scored = self._metric(batches, reference, criterion, sigma, int(num_samples), seed, tolerance)
+            if metric == math.inf:
+                overflowed.append(float(sigma))
             step = {"sigma": float(sigma), "metric": metric, "feasible": metric <= tolerance, "anchors": scored}
             trace.append(step)
             bar.update()
@@ -283,6 +300,10 @@ class TFBGuide(LoraGuide):
                         mid = math.sqrt(lo * hi) if spacing == "log" else (lo + hi) / 2
                         lo, hi = (mid, hi) if evaluate(mid) else (lo, mid)
                     best = lo
+                if overflowed:  # keep the margin from every overflow, the chosen value's on other draws included
+                    best, margin = self._clear_of_overflow(best, trace, overflowed, batches, reference, criterion,
+                                                           int(num_samples), seed)
+                    edge = "; ".join(filter(None, [edge, margin]))
         finally:
             bar.close()
         if edge:
@@ -294,13 +315,40 @@ class TFBGuide(LoraGuide):
             tqdm.write(f"TFB search: sigma_q = {best:.6g} after {len(trace)} candidates ({note})")
         return trace
 
+    def _clear_of_overflow(self, best, trace, overflowed, batches, reference, criterion, num_samples, seed):
+        """``(sigma_q, note)``: the largest feasible ``sigma`` of ``trace`` clear of the margin of ``overflowed``
+        (:func:`~pyro_lora.guides.tuning.near_overflow`; ``best`` where it is), once the anchors' logits under a
+        second, independent draw at it (seed ``seed + 1``) are finite too (else it joins ``overflowed``, and the next
+        one down is checked); 0 where none is left. The note says so, for the search's warning."""
+        seen, factor = min(overflowed), margin_factor(2)  # sigma_q scales the noise's std
+        while best > 0:
+            if near_overflow(best, overflowed, factor):
+                best = max((s["sigma"] for s in trace if s["feasible"] and s["sigma"] < best
+                            and not near_overflow(s["sigma"], overflowed, factor)), default=0.0)
+                continue
+            metric, _ = self._metric(batches, reference, criterion, best, num_samples, seed + 1, math.inf)
+            if metric < math.inf:
+                break
+            overflowed.append(best)
+        return best, (f"the noise overflowed the logits at sigma_q = {seen:g}: a sigma_q within a factor "
+                      f"{OVERFLOW_MARGIN:g} in variance ({factor:g} in sigma_q) of such a one, or overflowing on a "
+                      f"second set of draws, is refused as at the edge of overflowing; sigma_q = {best:g}"
+                      + (" (the point estimate)" if best == 0 else ", finite on a second set of draws too"))
+
     @property
     def search_note(self):
         """``"TFB search: <what it warned of>"`` where the last search ended at an end of its range, else None."""
         return f"TFB search: {self.search_edge}" if self.search_edge else None
 
     def _logits(self, batch, values=None, num_samples=None):
-        logits = self.model.logits(to_device(batch, self.model.device), self.mean() if values is None else values, num_samples)
+        """The anchors' logits at the mean (``values`` None) or under the weight samples ``values``: a half-precision
+        overflow there that the mean runs without is :class:`~pyro_lora.predictive.NonFinitePredictionError`, the
+        noise's (:func:`~pyro_lora.predictive.sampled_logits`)."""
+        batch = to_device(batch, self.model.device)
+        if values is None:
+            logits = self.model.logits(batch, self.mean())
+        else:
+            logits = sampled_logits(self.model, self, batch, values, num_samples, who="TFB search")
         if logits.dim() != (2 if num_samples is None else 3):
             raise ValueError(
                 f"TFB search needs per-example class logits [B, C]; {type(self.model.likelihood).__name__} gave shape "
@@ -329,15 +377,20 @@ class TFBGuide(LoraGuide):
     def _metric(self, batches, reference, criterion, sigma, num_samples, seed, tolerance):
         """The criterion's value at ``sigma`` and the anchors scored: every one, but where the flip rate passed
         ``tolerance`` part-way (flips only add up, so the candidate is infeasible: its value is the rate so far), or
-        where the noise overflowed the logits (nan or inf: the value is inf, infeasible under every criterion; a nan's
-        argmax would count as class 0 and could pass the flip or accuracy test)."""
+        where the noise overflowed the logits (nan or inf, or a half-precision network's activations under it: the
+        value is inf, infeasible under every criterion; a nan's argmax would count as class 0 and could pass the flip
+        or accuracy test)."""
         generator = torch.Generator(device=self.model.device).manual_seed(seed)
         values = self.sample(num_samples, generator=generator, sigma_q=sigma)
         total, scored, overflowed = 0.0, 0, 0.0
         for batch, y0 in zip(batches, reference["labels"]):
-            logp = torch.log_softmax(self._logits(batch, values, num_samples), -1)
-            log_mean = torch.logsumexp(logp, 0) - math.log(num_samples)  # log of the mean softmax over samples
             scored += y0.numel()
+            try:
+                logp = torch.log_softmax(self._logits(batch, values, num_samples), -1)
+            except NonFinitePredictionError:  # a half-precision network overflowed under this noise, not at the mean
+                overflowed = 1.0
+                break
+            log_mean = torch.logsumexp(logp, 0) - math.log(num_samples)  # log of the mean softmax over samples
             if bool((torch.isnan(log_mean) | torch.isposinf(log_mean)).any()):  # -inf: a missing or underflown choice
                 overflowed = 1.0
                 break
@@ -509,7 +562,8 @@ def tfb_val(setup):
     low, high = TFB_SEARCH["low"], TFB_SEARCH["high"]
     grid = [low * (high / low) ** (k / 6) for k in range(7)]
     tuning = tune_on_validation(guide, "sigma_q", guide.set_sigma_q, grid, setup.loader(setup.val), setup.config.samples,
-                                seed=setup.seed, max_flip_rate=TFB_SEARCH["tolerance"], start=float(guide.sigma_q))
+                                seed=setup.seed, max_flip_rate=TFB_SEARCH["tolerance"], start=float(guide.sigma_q),
+                                variance_power=2)  # sigma_q scales the noise's std
     guide.criterion, guide.tolerance = "val_nll", None
     guide.trace = [{"sigma_q": value, "val_nll": loss, "val_accuracy": acc, "val_flip_rate": flips}
                    for value, loss, acc, flips in tuning.trace]

@@ -5,7 +5,11 @@ each value is scored by the NLL of the guide's own weight-sample predictive on t
 weight noise for every value (common random numbers), so the comparison between values is not sampling noise. A
 value that costs validation accuracy is refused: the NLL alone can favour noise that flips predictions. Where the
 values share one set of weights (TFB), a value that flips more than a given share of the validation predictions is
-refused too: on a small split, flips in both directions hide an accuracy loss.
+refused too: on a small split, flips in both directions hide an accuracy loss. A value whose predictive overflows
+(not finite) is refused as too wide, and so is every value within :data:`OVERFLOW_MARGIN` of it in posterior
+variance: one finite on the search's draws at the edge of overflowing overflows on others (a ScalaBL temperature
+0.88 times one that overflowed failed on 22 of 60 other draws), so the value chosen there is checked on a second,
+independent set of draws too.
 """
 
 import math
@@ -23,6 +27,24 @@ from .registry import get_method, join_notes
 
 # the validation accuracy a tuned value may cost against the grid's first (least noisy) value: the issue's 1 point
 MAX_ACCURACY_DROP = 0.01
+# a width search refuses a value whose posterior variance is within this factor of one whose predictive overflowed: a
+# quarter of its variance at most (half its std). An overflow is a tail event of the draws, so a value near one
+# overflows on some draws: on a ScalaBL run whose 4-draw validation predictive overflowed at T = 415, other draws
+# overflowed on 22 of 60 seeds at T = 365, 3 of 60 at T = 207 (a factor 2) and none at T = 100 (a factor 4)
+OVERFLOW_MARGIN = 4.0
+
+
+def margin_factor(power: float) -> float:
+    """The factor :data:`OVERFLOW_MARGIN` is in a knob's own units, for a knob the posterior variance scales as
+    ``knob ** power`` with: 4 for a temperature (1), 2 for a std such as ``sigma_q`` (2), 4 for a prior precision
+    (-1)."""
+    return OVERFLOW_MARGIN ** (1 / abs(power))
+
+
+def near_overflow(value: float, overflowed, factor: float) -> bool:
+    """Whether ``value`` is within ``factor`` (either side) of one of the ``overflowed`` values, those whose predictive
+    overflowed: one that overflowed itself included."""
+    return any(v / factor <= value <= v * factor for v in overflowed)
 
 
 class Scores(NamedTuple):
@@ -38,7 +60,7 @@ class Tuning(NamedTuple):
     """What :func:`tune_on_validation` chose: the ``value`` the knob is left at, the ``trace``
     ``[(value, NLL, accuracy, flip rate), ...]`` in the order scored (the flip rate: the share of validation
     predictions that differ from the first value's, NaN where unknown), and a ``note`` where the choice is at an edge (the grid's
-    end, or every larger value costs accuracy), for the method's rows; else None."""
+    end, or every larger value costs accuracy) or kept a margin from an overflow, for the method's rows; else None."""
 
     value: float
     trace: list
@@ -69,7 +91,7 @@ def _flip_rate(predicted, reference) -> float:
 
 def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: int, tol: float = 0.1, seed: int = 0,
                        max_accuracy_drop: float = MAX_ACCURACY_DROP, max_flip_rate: Optional[float] = None,
-                       start: Optional[float] = None):
+                       start: Optional[float] = None, variance_power: float = 1.0):
     """Set the ``knob`` of ``guide`` (through ``set_value(value)``) to the value of lowest validation NLL among those
     that keep validation accuracy.
 
@@ -79,8 +101,12 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     the first grid value's (the first with a finite predictive) counts as infinitely bad: on SST-2, TFB's sigma_q of
     lowest validation NLL cost 3 test accuracy points. With ``max_flip_rate``, so does a value whose predicted classes
     differ from that value's on more than that share of the validation examples (for knobs that add noise to one set
-    of weights, as TFB's). A best value still at an end of the grid after the refinement may lie beyond it: a
-    warning names that end. A validation NLL
+    of weights, as TFB's). A value whose predictive is not finite (overflowing logits) is refused as too wide, and so
+    is every value within :data:`OVERFLOW_MARGIN` of one such in posterior variance, either side (``variance_power``):
+    finite on these draws, it is at the edge of overflowing on others. Where anything overflowed, the value chosen is
+    scored again on a second set of draws (seed ``seed + 1``); overflowing there, it counts as overflowing and the best
+    value left is chosen (and checked) instead; the note says so. A best value still at an end of the grid after the
+    refinement may lie beyond it: a warning names that end. A validation NLL
     the same at every grid value (a knob without effect on the predictions) leaves the smallest, with its own note.
 
     :param str knob: the knob's name, for the warning and the trace.
@@ -88,6 +114,8 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     :param max_flip_rate: a fraction in ``[0, 1]``, or None for no flip guard.
     :param start: the knob's value before the tuning, set back where it fails (a validation batch refused, no value
         with a finite NLL); None: left at the value the failure found.
+    :param variance_power: the posterior variance scales as ``knob ** variance_power`` (1: a temperature, 2: a std
+        such as ``sigma_q``), which sets the overflow margin in the knob's units (:func:`margin_factor`).
     :param loader: the validation data (batches), read once: each value is scored on the same batches in the same
         order, so a shuffling ``DataLoader`` or a generator is scored as the list of its batches (one dropping its last
         incomplete batch is refused, as ``predict`` refuses it).
@@ -96,7 +124,8 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     :raises ValueError: for a grid of fewer than 3 values or values that are not positive and increasing, a negative
         ``max_accuracy_drop``, a ``max_flip_rate`` outside ``[0, 1]``, a ``tol`` that is not positive and finite, or a
         grid none of whose values gives a finite validation NLL (a value whose predictive is not finite is refused, as
-        one that costs accuracy).
+        one that costs accuracy), or no value clear of the overflow margin; a ``variance_power`` that is not a
+        positive finite number.
     """
     grid = [float(v) for v in grid]
     if len(grid) < 3 or not all(0 < a < b for a, b in zip(grid, grid[1:])) or not all(map(math.isfinite, grid)):
@@ -106,20 +135,28 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     if max_flip_rate is not None and not 0 <= max_flip_rate <= 1:
         raise ValueError(f"max_flip_rate must be a fraction in [0, 1] or None, got {max_flip_rate!r}")
     check_tol(tol)
+    if not (variance_power > 0 and math.isfinite(variance_power)):
+        raise ValueError(f"variance_power must be a positive finite number (the posterior variance grows with the "
+                         f"{knob}), got {variance_power!r}")
     loader = fixed_batches(loader, f"the {knob} tuning")  # every value scored on the same batches, in the same order
     try:
         return _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate,
-                     lambda: validation_scores(guide, loader, num_samples, seed))
+                     lambda again=False: validation_scores(guide, loader, num_samples, seed + 1 if again else seed),
+                     margin_factor(variance_power))
     except BaseException:
         if start is not None:
             set_value(start)
         raise
 
 
-def _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate, scores):
-    """:func:`tune_on_validation` past its argument checks: ``scores()`` gives the validation ``(NLL, accuracy,
-    predicted classes)`` at the knob's current value."""
-    trace, refused, reference = [], set(), None
+def _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate, scores, margin):
+    """:func:`tune_on_validation` past its argument checks: ``scores(again=False)`` gives the validation ``(NLL,
+    accuracy, predicted classes)`` at the knob's current value (``again``: on the second set of draws); ``margin``: the
+    overflow margin in the knob's units (:func:`margin_factor`)."""
+    trace, refused, reference, overflowed = [], set(), None, []
+
+    def worst(value):  # refused, or within the margin of a value whose predictive overflowed
+        return value in refused or near_overflow(value, overflowed, margin)
 
     def score(value):
         nonlocal reference
@@ -133,15 +170,22 @@ def _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate, scores):
         flips = _flip_rate(predicted, reference[1] if reference else None)
         trace.append((value, loss, acc, flips))
         flipped = max_flip_rate is not None and not flips <= max_flip_rate + 1e-9  # NaN: unknown, refused
+        if not finite:
+            overflowed.append(value)
         if not finite or acc < reference[0] - max_accuracy_drop - 1e-9 or flipped:
             refused.add(value)  # a predictive that is not finite, or one that costs accuracy or flips predictions
-            return math.inf
-        return loss
+        return math.inf if worst(value) else loss
+
+    def best_left():
+        return min(trace, key=lambda t: (math.inf if worst(t[0]) else t[1], t[0]))[0]
 
     losses = [score(v) for v in grid]
-    if all(v in refused for v in grid):
-        raise ValueError(f"no {knob} of the grid ({grid[0]:g} to {grid[-1]:g}) gives a finite validation NLL: the tuning "
-                         f"stopped, with the {knob} left as it was")
+    if all(map(worst, grid)):
+        near = "" if all(v in refused for v in grid) else \
+            f" clear of the overflow margin (a {knob} within a factor {margin:g} of one whose predictive overflows)"
+        raise ValueError(f"no {knob} of the grid ({grid[0]:g} to {grid[-1]:g}) gives a finite validation NLL{near}: the "
+                         f"tuning stopped, with the {knob} left as it was")
+    losses = [math.inf if worst(v) else loss for v, loss in zip(grid, losses)]  # the margin of an overflow seen later
     i = min(range(len(grid)), key=losses.__getitem__)
     finite = [loss for loss in losses if math.isfinite(loss)]
     note = None
@@ -156,15 +200,44 @@ def _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate, scores):
         note = (f"every {knob} of the grid above its smallest ({grid[0]:g}) costs more than {100 * max_accuracy_drop:g} "
                 f"validation accuracy points{flips}: the search stays below the next one")
     golden_section(lambda t: score(math.exp(t)), math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)]), tol)
-    best = min(trace, key=lambda t: (math.inf if t[0] in refused else t[1], t[0]))[0]
+    best, margin_note = best_left(), None
+    if overflowed:
+        seen = min(overflowed)
+        best, again = _checked_again(knob, set_value, scores, overflowed, worst, best_left, best, margin)
+        again = f" and at {knob} {', '.join(f'{v:g}' for v in again)} on a second set of draws" if again else ""
+        margin_note = (f"the validation predictive overflowed (not finite) at {knob} {seen:g}{again}: a {knob} within a "
+                       f"factor {margin:g} of one that overflows is refused as at the edge of overflowing; {knob} "
+                       f"{best:g} is the best value clear of that, finite on a second set of draws too")
     if note is None and best in (grid[0], grid[-1]):  # judged after the refinement: an optimum inside is no edge
         side = "smallest" if best == grid[0] else "largest"
         note = (f"the validation NLL is lowest at the {side} {knob} of the grid ({best:g}; grid {grid[0]:g} to "
                 f"{grid[-1]:g}): the optimum may lie beyond it")
+    note = "; ".join(filter(None, [note, margin_note])) or None
     if note:
         warnings.warn(note, stacklevel=2)
     set_value(best)
     return Tuning(best, trace, note)
+
+
+def _checked_again(knob, set_value, scores, overflowed, worst, best_left, best, margin):
+    """``(value, the values that overflowed there)``: ``best``, or the best value left (``best_left()``) once each
+    choice whose predictive overflows on the second set of draws (``scores(again=True)``) joins ``overflowed``: one
+    whose second predictive is finite.
+
+    :raises ValueError: where no value scored is left clear of the overflow margin.
+    """
+    again = []
+    while True:
+        set_value(best)
+        if math.isfinite(scores(again=True)[0]):  # the NLL
+            return best, again
+        overflowed.append(best)
+        again.append(best)
+        best = best_left()
+        if worst(best):
+            raise ValueError(f"every {knob} tried is within a factor {margin:g} of one whose validation predictive "
+                             f"overflows (on the search's draws or a second set): the tuning stopped; start the grid "
+                             f"lower (below {min(overflowed) / margin:.4g})")
 
 
 # posterior temperatures tried first: every std times 0.1 to 100 (a post-hoc fit a few epochs long can leave the

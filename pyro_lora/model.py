@@ -41,6 +41,17 @@ from .sites import (Site, active_adapter, base_network, base_rewriting_inits, bu
 _SEQUENCE_FIRST = ("longformer", "led", "xlnet", "fsmt")
 
 
+class HalfPrecisionOverflowError(FloatingPointError):
+    """:meth:`LoraModel.logits`' refusal of NaN or infinite logits from a half-precision forward (a float16 or bfloat16
+    base, or half autocast): its activations overflowed. ``dtype``: the forward's dtype; ``way_out``: what runs it in
+    range (another dtype). Under weight samples the samples' width may be what overflowed, not the network: the sampled
+    predictives tell the two apart (:func:`~pyro_lora.predictive.sampled_logits`)."""
+
+    def __init__(self, message, dtype, way_out):
+        super().__init__(message)
+        self.dtype, self.way_out = dtype, way_out
+
+
 class LoraModel:
     """A Pyro model ``model(batch)`` whose latent variables are the LoRA matrices of ``net``.
 
@@ -621,8 +632,9 @@ class LoraModel:
         :raises ValueError: for batch entries the network takes but the likelihood does not hand it
             (:meth:`~pyro_lora.likelihoods.Likelihood.check_inputs`), values missing a site or naming an unknown one,
             or of another shape (a sample dim without ``num_samples``, or of another size).
-        :raises FloatingPointError: if a half-precision network's logits are NaN or ``+inf`` (an overflow; ``-inf`` is a
-            masked multiple-choice answer).
+        :raises HalfPrecisionOverflowError: (a ``FloatingPointError``) if a half-precision network's logits are NaN or
+            ``+inf`` (an overflow; ``-inf`` is a masked multiple-choice answer). Under weight samples the sampled
+            predictives (:func:`~pyro_lora.predict`, TFB's search) tell the samples' width from the network's own.
         """
         self.check_network()
         self.likelihood.check_inputs(self.net, batch)
@@ -642,12 +654,12 @@ class LoraModel:
         if dtype in HALF_DTYPES and (torch.isnan(logits) | torch.isposinf(logits)).any():  # one reduction, one sync
             name = str(dtype).removeprefix("torch.")
             if self.compute_dtype in HALF_DTYPES:
-                way_out = "bfloat16 (float32's range) or float32" if dtype == torch.float16 else "float32"
-                raise FloatingPointError(f"the logits of this {name} network are NaN or infinite: its activations "
-                                         f"overflowed; load the base in {way_out}")
-            raise FloatingPointError(f"the logits under {name} autocast are NaN or infinite: the float32 network's "
-                                     "activations overflowed in half precision; run it without autocast"
-                                     f"{' or under bfloat16 autocast' if dtype == torch.float16 else ''}")
+                way_out = "load the base in " + ("bfloat16 (float32's range) or float32" if dtype == torch.float16 else "float32")
+                raise HalfPrecisionOverflowError(f"the logits of this {name} network are NaN or infinite: its activations "
+                                                 f"overflowed; {way_out}", dtype, way_out)
+            way_out = f"run it without autocast{' or under bfloat16 autocast' if dtype == torch.float16 else ''}"
+            raise HalfPrecisionOverflowError(f"the logits under {name} autocast are NaN or infinite: the float32 network's "
+                                             f"activations overflowed in half precision; {way_out}", dtype, way_out)
         return logits
 
     def _logits(self, batch, values, num_samples, flipout_locs):

@@ -16,6 +16,7 @@ from .checks import check_batch, check_count
 from .contract import check_guide, entry_checks
 from .data import check_every_example, to_device
 from .likelihoods import check_label_range
+from .model import HalfPrecisionOverflowError
 from .modes import eval_mode
 from .progress import progress_bar
 from .quantized import has_int8_layers
@@ -25,8 +26,10 @@ SEED_RANGE = 2**62  # base seeds are drawn from [0, SEED_RANGE); chunk i uses ba
 
 class NonFinitePredictionError(ValueError):
     """:func:`predict`'s refusal of a batch whose probabilities hold a nan or inf: the logits overflowed float32 (weight
-    samples of a far too wide posterior, or a half-precision base). A search over a posterior's width catches it as
-    "this width is too wide" (:func:`~pyro_lora.guides.tuning.validation_scores`)."""
+    samples of a far too wide posterior, or a half-precision base), or a half-precision network's activations
+    overflowed under weight samples that its posterior mean runs without (:func:`sampled_logits`: the samples' width
+    is too wide for that dtype). A search over a posterior's width catches it as "this width is too wide"
+    (:func:`~pyro_lora.guides.tuning.validation_scores`)."""
 
 
 @dataclass
@@ -86,7 +89,11 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
         not carry (``guide.samples_carry_posterior`` false: last-layer Laplace), or a guide built for another model
         (:func:`~pyro_lora.contract.check_guide`); for labelled batches mixed with unlabelled ones.
     :raises NonFinitePredictionError: (a ``ValueError``) at a batch whose probabilities are not finite (the logits
-        overflowed float32 under weight samples of a far too wide posterior), rather than return nan.
+        overflowed float32 under weight samples of a far too wide posterior), rather than return nan; also where a
+        half-precision network overflows under the weight samples but not at the guide's mean (:func:`sampled_logits`).
+    :raises FloatingPointError: where a half-precision network's logits overflow at fixed weights (``mean``, a
+        deterministic guide, no guide), or under weight samples and at the guide's mean alike: the network, not the
+        posterior's width (:meth:`~pyro_lora.LoraModel.logits`).
 
     Under ``torch.distributed`` every rank is given the same ``data``, predicts its contiguous block of
     batches with rank 0's weight samples (rank 0's base seed is broadcast; the first chunk is checked to
@@ -225,6 +232,43 @@ def _not_finite(probs, guide, sampled):
             f"inf) at {weights}: weights this large (or a half-precision base) overflow float32; check the weights")
 
 
+def sampled_logits(model, guide, batch, values, num_samples, who="predict"):
+    """``model.logits(batch, values, num_samples)`` for weight samples ``values`` of ``guide``, where a half-precision
+    overflow is told apart: at the guide's mean too (one more forward of ``batch``, only then), the network's own
+    (its :class:`~pyro_lora.model.HalfPrecisionOverflowError` raised as it is); else the samples' width, too wide
+    for that dtype, which a width search takes as the worst width, as an overflow of float32.
+
+    :raises NonFinitePredictionError: where the sampled forward overflows a half-precision network and the mean's does
+        not; its message (prefixed ``who``) names the guide's width and the dtype.
+    :raises HalfPrecisionOverflowError: where the mean's forward overflows as well.
+    """
+    try:
+        return model.logits(batch, values, num_samples)
+    except HalfPrecisionOverflowError as error:
+        model.logits(batch, guide.mean())  # raises where the network overflows without the weight noise
+        name = str(error.dtype).removeprefix("torch.")
+        raise NonFinitePredictionError(
+            f"{who}: the logits of this {name} forward are NaN or infinite under this {type(guide).__name__}'s weight "
+            f"samples ({_width(guide)}), though not at its mean: draws of this width take the activations beyond "
+            f"{name}'s range, so the posterior is too wide for a {name} forward; narrow it (a smaller temperature, "
+            f"sigma_q or std, a larger prior precision) or {error.way_out}") from error
+
+
+def _width(guide):
+    """What sets ``guide``'s width, in words (``"posterior temperature 415"``), where it is one of the knobs the width
+    searches tune; else ``"its width as fitted"``."""
+    if torch.is_tensor(getattr(guide, "sigma_q", None)):
+        return f"sigma_q {float(guide.sigma_q):g}"
+    if isinstance(getattr(guide, "temperature", None), numbers.Real):
+        return f"posterior temperature {guide.temperature:g}"
+    factors = getattr(guide, "factors", None)
+    if factors and all(torch.is_tensor(getattr(f, "prior_precision", None)) for f in factors):
+        lam = torch.cat([f.prior_precision.reshape(-1) for f in factors])
+        low, high = float(lam.min()), float(lam.max())
+        return f"prior precision {low:g}" if low == high else f"prior precision {low:g} to {high:g}"
+    return "its width as fitted"
+
+
 def pad_choices(p, width, value=0.0):
     """``p`` widened to ``width`` choices with ``value`` (a probability's 0, a log-probability's ``-inf``)."""
     return torch.nn.functional.pad(p, (0, width - p.shape[-1]), value=value)
@@ -284,7 +328,7 @@ class _ChunkedDraws:
 
     def logits(self, model, batch, i):
         """``[n_i, B, C]`` logits of chunk ``i`` on ``batch`` (its samples are released on return)."""
-        return model.logits(batch, self.draw(i), self.size(i))
+        return sampled_logits(model, self.guide, batch, self.draw(i), self.size(i))
 
 
 def _cyclic_members(guide):

@@ -953,3 +953,24 @@ def test_val_nll_on_weight_samples_refuses_a_lambda_whose_draws_overflow_not_the
     with pytest.raises(ValueError, match=r"not finite at every lambda from 1e-38 to 2e-38 \(logits overflowing"):
         guide.optimize_prior_precision("val_nll", val_loader=data, grid=[1e-38, 2e-38], predictive="samples",
                                        num_samples=2, refine=False)
+
+
+def test_the_val_nll_search_keeps_a_margin_from_a_lambda_whose_predictive_overflows():
+    """The NLL falls with lambda (a wider posterior) down to an overflow below lambda = 1.5e-3: the search chose
+    10^-2.875 = 1.3e-3, next to it, where other weight samples overflow (as scalabl_val's temperature did)."""
+    from pyro_lora.guides.laplace import search_grid
+
+    def nlls_of(values, edge=1.5e-3):
+        return [math.inf if float(v) < edge else math.log10(float(v)) + 10 for v in values]
+
+    grid = torch.logspace(-4, 4, 17)
+    with pytest.warns(UserWarning, match=r"overflowed \(not finite\) at lambda 0.001: a lambda within a factor 4 of one"):
+        best, _ = search_grid(grid, nlls_of)
+    # by hand: the grid overflows up to 1e-3, so lambda <= 4e-3 is refused (the grid's 10^-2.5 too): the best grid value
+    # is 1e-2, refined between 10^-2.5 and 10^-1.5 in steps of 10^0.125; the smallest of those from 4e-3 up: 10^-2.375
+    assert best == pytest.approx(10 ** -2.375)
+    # a second set of draws overflowing below 5e-3: 10^-2.375 counts as overflowing, up to 4 x 10^-2.375 = 0.0169
+    # is refused, and of the values scored the smallest above it is 10^-1.75
+    best, _ = search_grid(grid, nlls_of, again=lambda lam: nlls_of([lam], edge=5e-3)[0])
+    assert best == pytest.approx(10 ** -1.75)
+    assert search_grid(grid, lambda values: nlls_of(values, edge=0.0))[0] == pytest.approx(1e-4)  # no overflow: as before

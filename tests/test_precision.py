@@ -441,3 +441,54 @@ def test_the_steps_float16s_loss_scaler_skips_are_counted_warned_and_collect_no_
     for step, skipped in ((2, False), (3, True), (4, False)):
         collector(FitState(step, 0, 0.0, 1.0, model, guide, skipped=skipped))
     assert int(swag.num_collected) == 2
+
+
+# --------------------------------------------------------------------------- an overflow under weight samples
+# model.logits refuses a float16 network's NaN logits with a FloatingPointError blaming the network, which neither
+# predict's NonFinitePredictionError nor TFB's own check saw: every width search crashed on a float16 base at a width
+# whose draws overflowed (TFB's search with high=1e4, Laplace's val_nll grid on weight samples), where float32 finished.
+
+
+def _fp16_guides():
+    from pyro_lora.guides import MeanFieldGuide, TFBGuide
+
+    torch.manual_seed(0)
+    model = lora(dtype=torch.float16)
+    return model, MeanFieldGuide(model, b="normal"), TFBGuide(model)
+
+
+def test_a_half_network_overflowing_under_weight_samples_is_the_widths_and_at_its_mean_the_networks():
+    from pyro_lora import NonFinitePredictionError
+
+    model, guide, _ = _fp16_guides()
+    guide.set_temperature(1e12)  # every std times 1e6: draws far beyond float16's 65504
+    with pytest.raises(NonFinitePredictionError, match=r"predict: the logits of this float16 forward are NaN or infinite "
+                       r"under this MeanFieldGuide's weight samples \(posterior temperature 1e\+12\), though not at its "
+                       r"mean: .* too wide for a float16 forward; narrow it .* or load the base in bfloat16"):
+        predict(model, guide, data(), num_samples=4)
+    assert torch.isfinite(predict(model, guide, data(), mean=True).probs).all()  # the mean: no overflow
+    net = tiny_bert(dtype=torch.float16)
+    with torch.no_grad():
+        for layer in net.base_model.model.bert.encoder.layer:
+            for dense in (layer.intermediate.dense, layer.output.dense):  # no inf weights: the guide's contract reads them
+                dense.weight.mul_(3e3)  # the network itself overflows: its error, under samples or not
+    model = LoraModel(net, SequenceClassification(), prior=0.5, num_data=6)
+    guide = type(guide)(model, b="normal")
+    for kwargs in ({"num_samples": 4}, {"mean": True}):
+        with pytest.raises(FloatingPointError, match="float16 network are NaN or infinite.*load the base in bfloat16") as error:
+            predict(model, guide, data(), **kwargs)
+        assert not isinstance(error.value, NonFinitePredictionError)
+
+
+def test_width_searches_on_a_half_network_take_a_width_whose_draws_overflow_as_too_wide():
+    from pyro_lora.guides.tuning import tune_on_validation
+
+    model, guide, tfb = _fp16_guides()
+    tuning = tune_on_validation(guide, "posterior temperature", guide.set_temperature, [1e-2, 1.0, 1e12], data(), 4)
+    assert tuning.trace[2][1] == float("inf") and tuning.value < 1e12
+    trace = tfb.search(data(), criterion="nll", low=1e-3, high=1e6, iterations=2, progress=False)
+    assert trace[0]["sigma"] == 1e6 and trace[0]["metric"] == float("inf") and float(tfb.sigma_q) < 1e6
+    laplace = LaplaceGuide(model, fisher="exact", rank=3).fit(data(), progress=False)
+    nlls = laplace.optimize_prior_precision("val_nll", val_loader=data(), grid=torch.tensor([1e-30, 1.0, 1e2]),
+                                            predictive="samples", refine=False)
+    assert nlls[0] == float("inf") and laplace.factors[0].prior_precision[0].item() > 1e-30

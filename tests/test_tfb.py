@@ -537,3 +537,28 @@ def test_a_sigma_whose_noise_overflows_the_logits_is_infeasible_under_every_crit
         trace = guide.search(data, criterion=criterion, low=1e-3, high=1e36, progress=False)
         assert trace[0]["sigma"] == 1e36 and trace[0]["metric"] == math.inf and not trace[0]["feasible"]
         assert float(guide.sigma_q) < 1e36
+
+
+def test_the_search_keeps_a_margin_from_a_sigma_whose_noise_overflows(monkeypatch):
+    """The bisection kept the largest feasible sigma_q below an infeasible one, which may be one whose noise overflowed
+    the logits: the sigma_q chosen was then at the edge of overflowing, on other draws (predict's) too. The noise is
+    feasible below an overflow from sigma_q = 0.9 (seed 0; from 0.4 on the second set of draws, seed 1, in part two)."""
+    model, anchors = mc_model(), mc_anchors(n_batches=1)
+    edges = {0: 0.9, 1: 0.9}
+    monkeypatch.setattr(TFBGuide, "_metric", lambda self, batches, reference, criterion, sigma, num_samples, seed, tol:
+                        (math.inf if sigma >= edges[seed] else 0.0, reference["count"]))
+    kw = dict(criterion="nll", low=1e-3, high=10.0, iterations=5, progress=False)
+    guide = TFBGuide(model)
+    with pytest.warns(UserWarning, match=r"overflowed the logits at sigma_q = 1: a sigma_q within a factor 4 in "
+                                         r"variance \(2 in sigma_q\) of such a one.*sigma_q = 0.421697, finite on a second"):
+        trace = guide.search(anchors, **kw)
+    # by hand, in log sigma_q: 10 overflows, 1e-3 is feasible; then 0.1 feasible, 1 overflows (so sigma_q >= 1 / 2 is
+    # refused, its std halved), 10^-0.5 feasible, 10^-0.25 refused unscored, 10^-0.375 feasible: the search without the
+    # margin took 10^-0.125 = 0.75, next to the overflow
+    assert [t["sigma"] for t in trace] == pytest.approx([10.0, 1e-3, 0.1, 1.0, 10 ** -0.5, 10 ** -0.25, 10 ** -0.375])
+    assert trace[5]["near_overflow"] and not trace[5]["feasible"] and trace[5]["anchors"] == 0
+    assert float(guide.sigma_q) == pytest.approx(10 ** -0.375)
+    edges[1] = 0.4  # 10^-0.375 overflows on the second draws: sigma_q >= 10^-0.375 / 2 is refused, leaving 0.1
+    with pytest.warns(UserWarning, match="sigma_q = 0.1, finite on a second set of draws too"):
+        guide.search(anchors, **kw)
+    assert float(guide.sigma_q) == pytest.approx(0.1)

@@ -965,3 +965,36 @@ def test_tuning_refuses_a_loader_that_drops_its_last_batch():
             tune_on_validation(guide, "posterior temperature", guide.set_temperature, [0.1, 1.0, 10.0], loader,
                                num_samples=4, start=1.0)
         assert guide.temperature == 1.0
+
+
+def test_tuning_keeps_a_margin_from_a_value_whose_predictive_overflows(monkeypatch):
+    """scalabl_val chose T = 365, finite on the search's one set of draws but next to T = 415, which overflowed: its
+    own predictive overflowed on validation and test (22 of 60 other draws at T = 365), and compare failed the method.
+    Here the NLL falls with T up to an overflow from T = 400 (from T = 200 on the second set of draws, seed + 1)."""
+    from pyro_lora.guides.tuning import TEMPERATURE_GRID
+
+    knob, edges = {}, {0: 400.0, 1: 400.0}
+
+    def scores(guide, loader, num_samples, seed=0):
+        t = knob["v"]
+        return (math.inf, math.nan, None) if t >= edges[seed] else (1.0 / t, 0.8, None)
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", scores)
+    set_value = lambda v: knob.update(v=v)  # noqa: E731
+    with pytest.warns(UserWarning, match=r"overflowed \(not finite\) at T 1000: a T within a factor 4 of one that "
+                                         r"overflows is refused"):
+        tuning = tune_on_validation(None, "T", set_value, TEMPERATURE_GRID, [], num_samples=4)
+    # by hand: the grid overflows from T = 1000, so T >= 1000 / 4 = 250 is refused; the NLL 1/T is lowest at the largest
+    # value scored below 250 (the golden section's, between the grid's 31.6 and 316)
+    below = [v for v, *_ in tuning.trace if v < 250]
+    assert tuning.value == knob["v"] == max(below) and 240 < tuning.value < 250  # not ~399 next to the overflow
+    edges[1] = 200.0  # the second set of draws overflows at that choice: it counts as overflowing, 4x below refused
+    tuning = tune_on_validation(None, "T", set_value, TEMPERATURE_GRID, [], num_samples=4)
+    limit = max(below) / 4  # 62.3: the golden section's values are all above it, so the grid's 31.6
+    assert tuning.value == knob["v"] == max(v for v, *_ in tuning.trace if v < limit) == TEMPERATURE_GRID[7]
+    assert f"and at T {max(below):g} on a second set of draws" in tuning.note
+    edges[0] = edges[1] = 0.02  # only the smallest finite, within 4x of 0.0316's overflow
+    with pytest.raises(ValueError, match="no T of the grid .* clear of the overflow margin .a T within a factor 4"):
+        tune_on_validation(None, "T", set_value, TEMPERATURE_GRID, [], num_samples=4)
+    edges[0], edges[1] = 1e9, 1e9  # nothing overflows: no margin, no second draws, the grid's end as before
+    tuning = tune_on_validation(None, "T", set_value, TEMPERATURE_GRID, [], num_samples=4)
+    assert tuning.value == TEMPERATURE_GRID[-1] and "overflow" not in tuning.note
