@@ -12,9 +12,12 @@ def keep_differentiable(net) -> None:
     On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a faster inference kernel the first time the
     layer runs in eval mode on an input without gradient (every ``torch.no_grad`` prediction), and from then on
     uses that kernel, which has no backward, in training too: the gradients of the LoRA matrices below it come out
-    silently wrong. This switches the repacking off. A layer repacked already is refused: the repacking rounds its
-    block scales to bfloat16, which no inverse undoes (bitsandbytes' own leaves the weights up to 0.3% off with double
-    quantisation, and a layer without it with its scales in another block's place, 2% off).
+    silently wrong. This switches the repacking off. A layer repacked already is refused, whether it is packed now
+    or was unpacked since (bitsandbytes' inverse, which its ``state_dict()`` and so ``save_pretrained`` run): the
+    repacking rounds its block scales to bfloat16, which no inverse undoes, and bitsandbytes' inverse leaves a layer
+    without double quantisation its scales in other blocks' places (weights up to 0.2% off with double quantisation,
+    22% without, on a tiny Llama). The repacking marks the layer's quantisation state, and the inverse leaves the
+    mark.
 
     :raises ValueError: where bitsandbytes repacked a 4-bit layer of ``net`` already.
     """
@@ -26,14 +29,15 @@ def keep_differentiable(net) -> None:
     for name, module in net.named_modules():
         if isinstance(module, Linear4bit):
             module.support_avx512bf16_for_cpu = False
-            if getattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu", False):
+            if hasattr(getattr(module.weight, "quant_state", None), "packing_format_for_cpu"):  # False once unpacked
                 repacked.append(name)
     if repacked:
         more = f" and {len(repacked) - 1} more" if len(repacked) > 1 else ""
         raise ValueError(
             f"bitsandbytes repacked the 4-bit layer {repacked[0]}{more} for its CPU inference kernel (an eval forward "
             "without gradients ran before this LoraModel was built), rounding its block scales to bfloat16: its weights "
-            "are no longer the checkpoint's, and no inverse restores them; load the network again and build the "
+            "are no longer the checkpoint's, unpacked since or not (state_dict() and save_pretrained unpack it), and no "
+            "inverse restores them; load the network again and build the "
             "LoraModel before running it (a network from pyro_lora.pretrained.load_pretrained never repacks)"
         )
 

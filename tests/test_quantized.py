@@ -163,7 +163,8 @@ def test_a_4bit_base_repacked_before_the_model_is_refused_and_load_pretrained_ne
     repacked its layers for its CPU kernel, rounding their scales to bfloat16, and the "undo" left the weights 0.16%
     off with double quantisation and 2% off without it (scales in other blocks' places): every number of the model
     then came from another base, and a guide saved from it was refused on the same checkpoint as "base weights
-    differ". Now refused by name; a network from load_pretrained is never repacked."""
+    differ". Now refused by name, also once state_dict() (save_pretrained) unpacked it again, which left the flag off
+    and the weights 22% off without double quantisation; a network from load_pretrained is never repacked."""
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
     from bitsandbytes.nn import Linear4bit
     from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
@@ -175,8 +176,13 @@ def test_a_4bit_base_repacked_before_the_model_is_refused_and_load_pretrained_ne
     assert layers
     for m in layers:  # what bitsandbytes' first no-grad eval forward does on a CPU with AVX512-BF16 (not every CPU has it)
         m.weight.data, m.weight.quant_state = _convert_weight_packed_for_cpu(m.weight.data, m.weight.quant_state)
-    with pytest.raises(ValueError, match=r"bitsandbytes repacked the 4-bit layer .*q_proj.* and \d+ more for its CPU "
-                                         r"inference kernel .*rounding its block scales to bfloat16.*load the network again"):
+    refusal = r"bitsandbytes repacked the 4-bit layer .*q_proj.* and \d+ more for its CPU inference kernel .*rounding its " \
+              r"block scales to bfloat16.*unpacked since or not.*load the network again"
+    with pytest.raises(ValueError, match=refusal):
+        LoraModel(net, SequenceClassification())
+    net.state_dict()  # bitsandbytes unpacks a repacked layer to save it (save_pretrained too): its weights stay changed
+    assert not any(m.weight.quant_state.packing_format_for_cpu for m in layers)
+    with pytest.raises(ValueError, match=refusal):
         LoraModel(net, SequenceClassification())
 
     net = quantized(folder, "nf4", dtype=torch.float32)
