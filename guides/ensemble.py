@@ -18,6 +18,7 @@ import pyro.poutine as poutine
 import torch
 from peft.utils import ModulesToSaveWrapper
 
+from pyro_lora import distributed
 from pyro_lora.checks import check_count
 from pyro_lora.contract import parameter_adapter
 from pyro_lora.hooks import forward_hooks
@@ -286,6 +287,8 @@ def predict_ensemble(model, guide, data, num_samples=None, **kwargs):
     :raises ValueError: for ``num_samples`` not a multiple of ``K``; with per-member heads, for another model
         object than ``guide.model`` or a ``chunk_size``.
     """
+    distributed.check_settings("predict_ensemble", {"num_samples": num_samples,
+                                                    **{k: v for k, v in kwargs.items() if k != "progress"}})
     num_samples = guide.num_members if num_samples is None else num_samples
     check_count(num_samples, "num_samples", alternative=f"a multiple of K={guide.num_members}")
     guide.check_num_samples(num_samples)

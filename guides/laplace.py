@@ -14,6 +14,7 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
+from pyro_lora import distributed
 from pyro_lora.calibration import golden_section
 from pyro_lora.checks import check_nonnegative
 from pyro_lora.contract import check_guide, entry_checks
@@ -311,7 +312,8 @@ class LaplaceGuide(LoraGuide):
         :param int max_iter: at most this many Newton iterations for ``"marglik"`` (a positive integer).
         :param float min_effective_parameters: ``gamma_min`` of the per-layer bound (0: none).
         :returns: the trace: evidence per Newton iteration, or NLL per grid value (the refining grid's after).
-        :raises ValueError: before :meth:`fit`, on an unknown ``method`` or ``predictive``, ``"marglik"`` given a
+        :raises ValueError: for settings that differ across ranks (under ``torch.distributed``, on every rank, first);
+            before :meth:`fit`, on an unknown ``method`` or ``predictive``, ``"marglik"`` given a
             ``val_loader``, a ``grid`` or ``predictive="samples"`` (it reads none of them), ``"val_nll"`` on a network
             whose head or adapter changed since the fit (as ``predict`` refuses it) or without
             ``val_loader`` or with ``per_layer=True``, a grid value that is not finite and positive (0, negative,
@@ -319,6 +321,9 @@ class LaplaceGuide(LoraGuide):
             that is not a finite number ``>= 0``, a ``val_loader`` that drops its last incomplete batch, or a grid NLL
             that is nan; all but the last before ``val_loader`` is read.
         """
+        distributed.check_settings("optimize_prior_precision", {  # first: the method decides which ranks run collectives
+            "method": method, "per_layer": per_layer, "grid": grid, "predictive": predictive, "num_samples": num_samples,
+            "max_iter": max_iter, "min_effective_parameters": min_effective_parameters, "refine": refine})
         self._check_fitted()
         check_prior_search(method, val_loader, grid)
         num_samples = check_count(num_samples, "num_samples")
@@ -459,7 +464,8 @@ class LaplaceGuide(LoraGuide):
             (with ``link="probit"``, draws of the same Gaussian for the mutual information; ``probs`` stay the
             probit's).
         :returns: a :class:`~pyro_lora.Prediction`.
-        :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, before :meth:`fit`, on a
+        :raises ValueError: for settings that differ across ranks (under ``torch.distributed``, on every rank, first);
+            on an unknown ``link``, ``num_samples`` not a positive integer, before :meth:`fit`, on a
             network whose head or adapter changed since (as ``predict``), or on empty ``data``.
         """
         return glm_predict(data, self._glm_logits, self.model.likelihood.observed, link, num_samples, keep_samples, progress,

@@ -372,10 +372,13 @@ class LastLayerLaplaceGuide(LoraGuide):
 
         :param int max_iter: at most this many Newton iterations (a positive integer).
         :returns: the evidence per Newton iteration, or the validation NLL per grid value (in ascending ``lambda``).
-        :raises ValueError: before :meth:`fit`, on an unknown ``method``, ``"marglik"`` given a ``val_loader`` or a
+        :raises ValueError: for settings that differ across ranks (under ``torch.distributed``, on every rank, first);
+            before :meth:`fit`, on an unknown ``method``, ``"marglik"`` given a ``val_loader`` or a
             ``grid``, ``"val_nll"`` without ``val_loader``, on an empty one or a ``DataLoader`` dropping its last
             incomplete batch, a grid value that is not finite and positive, or a grid NLL that is nan.
         """
+        distributed.check_settings("optimize_prior_precision", {  # first: the method decides which ranks run collectives
+            "method": method, "grid": grid, "max_iter": max_iter})
         self._check_fitted()
         check_prior_search(method, val_loader, grid)
         max_iter = check_count(max_iter, "max_iter")
@@ -435,7 +438,8 @@ class LastLayerLaplaceGuide(LoraGuide):
             (with ``link="probit"``, draws of the same Gaussian for the mutual information; ``probs`` stay the
             probit's).
         :returns: a :class:`~pyro_lora.Prediction` (probs ``[N, C]``, 0 for missing choices).
-        :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, before :meth:`fit`, a
+        :raises ValueError: for settings that differ across ranks (under ``torch.distributed``, on every rank, first);
+            on an unknown ``link``, ``num_samples`` not a positive integer, before :meth:`fit`, a
             head changed since, or empty ``data``.
         """
         return glm_predict(data, self._glm, self.model.likelihood.observed, link, num_samples, keep_samples, progress,

@@ -12,6 +12,7 @@ import pyro.distributions as dist
 import pyro.poutine as poutine
 import torch
 
+from pyro_lora import distributed
 from pyro_lora.checks import check_reiterable
 from pyro_lora.contract import check_guide, entry_checks
 from pyro_lora.data import fixed_batches
@@ -114,10 +115,13 @@ class LaplaceMixtureGuide(EnsembleGuide):
         where it fails.
 
         :returns: the components' evidence traces (``"marglik"``), or the validation NLL per grid value (``"val_nll"``).
-        :raises ValueError: before :meth:`fit`, on an unknown ``method``, ``"marglik"`` given a ``val_loader`` or a
+        :raises ValueError: for settings that differ across ranks (under ``torch.distributed``, on every rank, first);
+            before :meth:`fit`, on an unknown ``method``, ``"marglik"`` given a ``val_loader`` or a
             ``grid``, ``"val_nll"`` without ``val_loader``, with ``kwargs``, on a grid value that is not finite and positive, on a model
             the guide was not built for or a network whose head changed since, or where the NLL is nan.
         """
+        distributed.check_settings("optimize_prior_precision", {  # first: the method decides which ranks run collectives
+            "method": method, "grid": grid, "refine": refine, **kwargs})
         self._check_fitted()
         check_prior_search(method, val_loader, grid)
         if method == "marglik":
@@ -209,7 +213,8 @@ class LaplaceMixtureGuide(EnsembleGuide):
         :param keep_samples: also the logit draws of every component: ``[S K, N, C]`` (with ``link="probit"``, for
             the mutual information; ``probs`` stay the probits' average).
         :returns: a :class:`~pyro_lora.Prediction`.
-        :raises ValueError: before :meth:`fit`, on a model the guide was not built for or a network whose head changed
+        :raises ValueError: for settings that differ across ranks (under ``torch.distributed``, on every rank, first);
+            before :meth:`fit`, on a model the guide was not built for or a network whose head changed
             since, or as :meth:`LaplaceGuide.predict_glm` does.
         """
         return glm_predict(data, self._glm_logits, self.model.likelihood.observed, link, num_samples, keep_samples, progress,

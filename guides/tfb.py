@@ -249,8 +249,12 @@ class TFBGuide(LoraGuide):
             of the flips so far, a lower bound; ``"near_overflow": True`` on a candidate refused unscored for the
             margin), also kept in ``self.trace``, with ``criterion`` and ``tolerance``, and saved by
             :func:`pyro_lora.save_guide`.
+        :raises ValueError: for settings that differ across ranks (under ``torch.distributed``, on every rank, first),
+            and as :func:`check_search` and :func:`pyro_lora.predict` refuse.
         """
-        with entry_checks(self.model, self, "search sigma_q"):
+        settings = {"criterion": criterion, "tolerance": tolerance, "low": low, "high": high, "iterations": iterations,
+                    "num_samples": num_samples, "seed": seed, "spacing": spacing}
+        with entry_checks(self.model, self, "search sigma_q", settings=settings):
             tolerance = check_search(criterion, tolerance, low, high, iterations, spacing)
             check_count(num_samples, "num_samples")
             check_guide(self.model, self, "search sigma_q")  # a head changed since: the search would score another network

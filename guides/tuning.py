@@ -18,6 +18,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from pyro_lora import distributed
 from pyro_lora.calibration import check_tol, golden_section
 from pyro_lora.data import fixed_batches
 from pyro_lora.metrics import accuracy, nll
@@ -121,12 +122,16 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
         incomplete batch is refused, as ``predict`` refuses it).
     :returns: a :class:`Tuning` (the value, the trace, the edge note, which is also warned); the knob is left at the
         best value.
-    :raises ValueError: for a grid of fewer than 3 values or values that are not positive and increasing, a negative
+    :raises ValueError: for settings that differ across ranks (under ``torch.distributed``, on every rank, first),
+        a grid of fewer than 3 values or values that are not positive and increasing, a negative
         ``max_accuracy_drop``, a ``max_flip_rate`` outside ``[0, 1]``, a ``tol`` that is not positive and finite, or a
         grid none of whose values gives a finite validation NLL (a value whose predictive is not finite is refused, as
         one that costs accuracy), or no value clear of the overflow margin; a ``variance_power`` that is not a
         positive finite number.
     """
+    distributed.check_settings(f"the {knob} tuning", {
+        "knob": knob, "grid": grid, "num_samples": num_samples, "tol": tol, "seed": seed, "max_accuracy_drop": max_accuracy_drop,
+        "max_flip_rate": max_flip_rate, "start": start, "variance_power": variance_power})
     grid = [float(v) for v in grid]
     if len(grid) < 3 or not all(0 < a < b for a, b in zip(grid, grid[1:])) or not all(map(math.isfinite, grid)):
         raise ValueError(f"{knob} grid {grid} must hold at least 3 finite positive values, increasing")

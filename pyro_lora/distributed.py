@@ -403,6 +403,20 @@ def check_same(value, what: str, advice: str = "give every rank the same") -> No
         raise ValueError(f"the ranks were given different {what} ({'; '.join(differ)}): {advice}")
 
 
+def check_settings(action: str, settings: Mapping) -> None:
+    """Refuse, on every rank at once and before any work, ``settings`` of a collective ``action`` (a search, a
+    predictive: every rank scores the whole data, or sums its block's, and must return what one process would) that
+    differ across ranks: a grid, a method, a seed per rank (the DDP habit ``seed + rank``) would give each rank its own
+    result, or leave the ranks in other collectives. Call it first, before any check that may refuse on one rank only.
+    A collective: every rank calls it (:func:`check_same`, by value; a callable counts as its type).
+
+    :raises ValueError: ``the ranks were given different settings of {action} ({name}: {rank 0's} on rank 0, {other}
+        on rank {r})``, on every rank.
+    """
+    check_same(settings, f"settings of {action}", "give every rank the same settings (not a seed, grid or bound per "
+               "rank): every rank runs it on the same whole data and must reach one process's result")
+
+
 def _shown(value, width: int = 80) -> str:
     """``repr(value)``, its middle elided past ``width`` characters: paths differing by rank differ at their end."""
     text = repr(value)

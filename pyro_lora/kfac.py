@@ -657,11 +657,13 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     same predictive, computed before any float32 rounding: the probit's float64 ``log_softmax``, or the logsumexp of the
     draws' float64 ``log_softmax`` minus ``log(S K)``.
 
-    :raises ValueError: on an unknown ``link``, ``num_samples`` not a positive integer, empty ``data`` (or a
+    :raises ValueError: for settings that differ across ranks (under ``torch.distributed``, on every rank, first);
+        on an unknown ``link``, ``num_samples`` not a positive integer, empty ``data`` (or a
         ``DataLoader`` dropping its last incomplete batch), logits that
         are nan or ``+inf``, a covariance with a nan, a predictive that is not finite (an overflowing covariance), or
         labelled batches mixed with unlabelled ones.
     """
+    distributed.check_settings("predict_glm", {"link": link, "num_samples": num_samples, "keep_samples": keep_samples})
     if link not in ("probit", "mc"):
         raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
     num_samples = check_count(num_samples, "num_samples")

@@ -84,7 +84,8 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     :param keep_samples: also return the per-sample probabilities ``[S, N, C]`` (``[1, N, C]`` without samples).
     :returns: a :class:`Prediction` with ``probs`` (float32) and ``log_probs`` (float64, the log of the same
         average computed from the float64 log-softmax of each sample's logits, summed over chunks in log space).
-    :raises ValueError: for a bad ``num_samples`` / ``chunk_size`` (an ensemble's ``S`` not a multiple of
+    :raises ValueError: for settings that differ across ranks (under ``torch.distributed``, on every rank, first),
+        a bad ``num_samples`` / ``chunk_size`` (an ensemble's ``S`` not a multiple of
         ``K``), a ``DataLoader`` with ``drop_last=True``, ``mean=True`` with a guide whose mean is no predictor, a guide whose posterior its site samples do
         not carry (``guide.samples_carry_posterior`` false: last-layer Laplace), or a guide built for another model
         (:func:`~pyro_lora.contract.check_guide`); for labelled batches mixed with unlabelled ones.
@@ -105,7 +106,8 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     Over an LLM.int8() base an example's probabilities also depend on the other rows of its forward (its batch, and the
     weight samples of its chunk: :func:`~pyro_lora.quantized.has_int8_layers`), by a little: warned of once.
     """
-    with entry_checks(model, guide, "predict"):
+    with entry_checks(model, guide, "predict", settings={"num_samples": num_samples, "mean": mean, "chunk_size": chunk_size,
+                                                        "keep_samples": keep_samples}):
         check_every_example(data, "predict")
         num_samples = check_count(num_samples, "num_samples")
         if chunk_size is not None:

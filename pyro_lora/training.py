@@ -181,9 +181,8 @@ def fit(
                 "stop_on_divergence": stop_on_divergence,
                 "num_data": model.num_data,  # each rank would scale its data term to its own N
             }
-            distributed.check_same({**arguments, "checkpoint_every": checkpoint_every,
-                                    "checkpoint_dir": os.path.abspath(checkpoint_dir) if checkpoint_dir else None},
-                                   "settings of fit")
+            distributed.check_settings("fit", {**arguments, "checkpoint_every": checkpoint_every,
+                                               "checkpoint_dir": os.path.abspath(checkpoint_dir) if checkpoint_dir else None})
             grad_accum_steps = check_count(grad_accum_steps, "grad_accum_steps")
             check_count(epochs, "epochs", minimum=0)
             check_count(warmup_steps, "warmup_steps", minimum=0)

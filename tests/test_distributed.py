@@ -317,6 +317,24 @@ def run_misuses(tmp):
         "val_nll", val_loader=distributed.shard(toy_data(16, 4)), grid=[0.1, 10.0]))
     out["glm_sampler"] = _refused(lambda: laplace.predict_glm(part))
     out["save_paths"] = _refused(lambda: save_guide(laplace, f"{tmp}/laplace_rank{r}"))  # rank 1's was never written
+    # settings that differ across ranks: each search returned normally with its rank's own value (lambda 0.01 on rank 0,
+    # 10 on rank 1) and only a later predict refused; a method or link per rank left the ranks in other collectives
+    from pyro_lora.guides.ensemble import EnsembleGuide, predict_ensemble
+    from pyro_lora.guides.tuning import tune_on_validation
+
+    before = laplace.factors[0].prior_precision.clone()
+    out["settings"] = [
+        _refused(lambda: laplace.optimize_prior_precision("val_nll", val_loader=toy_data(8, 4), grid=[[0.01, 0.1], [10.0, 100.0]][r])),
+        _refused(lambda: laplace.optimize_prior_precision(["marglik", "val_nll"][r], val_loader=[None, toy_data(8, 4)][r])),
+        _refused(lambda: laplace.predict_glm(toy_data(8, 4), link=["probit", "mc"][r])),
+        _refused(lambda: predict(model, laplace, toy_data(8, 4), num_samples=4 + r)),
+        _refused(lambda: TFBGuide(model).search(toy_data(8, 4), seed=r, progress=False)),
+        _refused(lambda: tune_on_validation(laplace, "knob", lambda v: None, [1.0, 2.0, 4.0], toy_data(8, 4), num_samples=2,
+                                            max_flip_rate=[None, 0.1][r])),
+        _refused(lambda: LastLayerLaplaceGuide(model).optimize_prior_precision("marglik", max_iter=10 + r)),
+        _refused(lambda: predict_ensemble(model, EnsembleGuide(model, num_members=2), toy_data(8, 4), num_samples=2 * (1 + r))),
+    ]
+    out["settings_kept"] = torch.equal(laplace.factors[0].prior_precision, before)
     init = lambda worker: None  # noqa: E731
     out["kept_options"] = distributed.split_batches(DataLoader(TensorDataset(torch.arange(8)), batch_size=2, num_workers=1,
                                                                worker_init_fn=init)).worker_init_fn is init
@@ -508,10 +526,21 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
             assert "already gives each rank a part of the data (DistributedSampler" in out[key]
         assert "the ranks hold different batches (2 of 2 differ" in out["val_by_hand"]
         assert "the ranks were given different paths to save the guide to" in out["save_paths"]
+        grid, method, link, samples, seed, flips, iters, ensemble = out["settings"]
+        assert grid.startswith("the ranks were given different settings of optimize_prior_precision (grid: [0.01, 0.1] on "
+                               "rank 0, [10.0, 100.0] on rank 1): give every rank the same settings")
+        assert "optimize_prior_precision (method: 'marglik' on rank 0, 'val_nll' on rank 1)" in method
+        assert "settings of predict_glm (link: 'probit' on rank 0, 'mc' on rank 1)" in link
+        assert "settings of predict (num_samples: 4 on rank 0, 5 on rank 1)" in samples
+        assert "settings of search sigma_q (seed: 0 on rank 0, 1 on rank 1)" in seed
+        assert "settings of the knob tuning (max_flip_rate: None on rank 0, 0.1 on rank 1)" in flips
+        assert "optimize_prior_precision (max_iter: 10 on rank 0, 11 on rank 1)" in iters
+        assert "settings of predict_ensemble (num_samples: 2 on rank 0, 4 on rank 1)" in ensemble
+        assert out["settings_kept"]  # refused before any work
         message, steps = out["checkpoint_per_rank"]
         assert steps == 0 and message.startswith("the ranks were given different settings of fit (checkpoint_dir: '")
         # a long path keeps its start and its end, where the ranks' paths differ (pytest-xdist's are long)
-        assert "/ckpt_rank0' on rank 0, '" in message and message.endswith("/ckpt_rank1' on rank 1): give every rank the same")
+        assert "/ckpt_rank0' on rank 0, '" in message and "/ckpt_rank1' on rank 1): give every rank the same settings" in message
         assert "different settings of fit (epochs: 1 on rank 0, 2 on rank 1)" in out["epochs_per_rank"]
         message, steps = out["hand_fit"]
         assert steps == 0 and message.startswith("the ranks were given different data (dataset.indices: 'CRC-32 ")
