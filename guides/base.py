@@ -106,6 +106,11 @@ class LoraGuide(torch.nn.Module):
     # the sites do not carry: predict() refuses the guide and names ``own_predictive``, the function that predicts it
     samples_carry_posterior = True
     own_predictive = None
+    # True where the draws spread around a centre by a width that narrowing the posterior shrinks (a temperature,
+    # sigma_q, std, prior precision); False where they are fixed points or masks of fixed weights (an ensemble's
+    # members, MC dropout's column masks), which no width search narrows: a half-precision overflow under them is
+    # the network's at those weights (pyro_lora.predictive.sampled_logits)
+    samples_have_width = True
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -176,6 +181,12 @@ class LoraGuide(torch.nn.Module):
         """``num_samples`` draws of every site: name -> ``[S, *site.shape]`` (reparametrised where possible)."""
         num_samples = check_count(num_samples, "num_samples")
         return {name: _draw(d, num_samples) for name, d in self.posterior().items()}
+
+    def draw_centres(self, index):
+        """What draws ``index`` (``[n]`` sample indices of :meth:`sample`) spread around: ``None`` where it is
+        :meth:`mean` for every draw; else site -> ``[n, *site.shape]``, draw ``s``'s own centre (a Laplace mixture:
+        its component's member), run as an ``n``-sample forward (what per-member heads' hooks take)."""
+        return None
 
     @_in_float32
     def mean(self):

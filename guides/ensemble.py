@@ -65,6 +65,7 @@ class EnsembleGuide(LoraGuide):
     """
 
     mean_is_predictor = False  # mean() averages separately trained members' weights: predict(mean=True) refuses it
+    samples_have_width = False  # each draw is a member's fixed weights: an overflow under them is the network's there
 
     def __init__(self, model, members=None, heads=None, num_members=None, head_parameters=None):
         super().__init__(model)
@@ -167,6 +168,10 @@ class EnsembleGuide(LoraGuide):
     def sample_members(self, index):
         """Draw ``s`` from member ``index[s]`` (``index [n]``, ints in ``[0, K)``): name -> ``[n, *site.shape]``; a chunk
         of :func:`~pyro_lora.predict`'s ``S`` draws is the members of its own sample indices."""
+        return self.member_values(index)
+
+    def member_values(self, index):
+        """Member ``index[s]``'s own values for row ``s`` (``index [n]``): name -> ``[n, *site.shape]``."""
         return {name: v[index] for name, v in self.members().items()}
 
     def mean(self):

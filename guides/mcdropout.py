@@ -50,6 +50,8 @@ class MCDropoutGuide(LoraGuide):
     :raises ValueError: for a ``p`` that is no number in ``[0, 1)``, or a model without ``A`` sites.
     """
 
+    samples_have_width = False  # a draw masks columns of the fixed weights: p is fitted, no width search narrows it
+
     def __init__(self, model, p=0.1, init=None):
         super().__init__(model)
         if not check_nonnegative(p, "dropout probability p") < 1:  # a string or None refused as such, not compared

@@ -72,6 +72,8 @@ class LaplaceMixtureGuide(EnsembleGuide):
         heads = [{n: v[k] for n, v in ensemble.heads().items()} for k in range(ensemble.num_members)]
         return cls(model, members, heads if ensemble.head_parameters else None, **laplace_kwargs)
 
+    samples_have_width = True  # a draw spreads around its member by its component's width (the prior precision)
+
     @property
     def deterministic(self):
         return False
@@ -204,6 +206,11 @@ class LaplaceMixtureGuide(EnsembleGuide):
                 for name, v in component.sample(len(rows)).items():
                     out[name][rows] = v
         return out
+
+    def draw_centres(self, index):
+        """Draw ``s``'s centre, component ``index[s] mod K``'s member: name -> ``[n, *site.shape]``."""
+        index = torch.as_tensor(index, device=self.member_0.device) % self.num_members
+        return self.member_values(index)
 
     def predict_glm(self, data, link="probit", num_samples=100, keep_samples=False, progress=False):
         """``p(y | x) = 1/K sum_k p_k(y | x)``, ``p_k`` component ``k``'s GLM predictive (:meth:`LaplaceGuide.predict_glm`

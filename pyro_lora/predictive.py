@@ -93,8 +93,9 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
         overflowed float32 under weight samples of a far too wide posterior), rather than return nan; also where a
         half-precision network overflows under the weight samples but not at the guide's mean (:func:`sampled_logits`).
     :raises FloatingPointError: where a half-precision network's logits overflow at fixed weights (``mean``, a
-        deterministic guide, no guide), or under weight samples and at the guide's mean alike: the network, not the
-        posterior's width (:meth:`~pyro_lora.LoraModel.logits`).
+        deterministic guide, no guide, an ensemble's members, MC dropout's masks: draws without a width), or under
+        weight samples and at their centres alike: the network, not the posterior's width
+        (:meth:`~pyro_lora.LoraModel.logits`).
 
     Under ``torch.distributed`` every rank is given the same ``data``, predicts its contiguous block of
     batches with rank 0's weight samples (rank 0's base seed is broadcast; the first chunk is checked to
@@ -224,6 +225,10 @@ def batch_labels(observed, batch, earlier: list, desc: str):
 def _not_finite(probs, guide, sampled):
     """Why :func:`predict`'s probabilities ``probs`` (a batch's) hold a nan or inf: the float32 logits overflowed."""
     bad = f"{int((~torch.isfinite(probs)).sum())} of {probs.numel()}"
+    if sampled and not getattr(guide, "samples_have_width", True):  # fixed points or masks: no width to narrow
+        return (f"predict: {bad} predictive probabilities of a batch are not finite: the network's logits overflowed (nan "
+                f"or inf) under this {type(guide).__name__}'s draws, the fixed weights of its members (or their "
+                "masks): weights this large (or a half-precision base) overflow float32; check the weights")
     if sampled:
         return (f"predict: {bad} predictive probabilities of a batch are not finite: the network's logits overflowed (nan "
                 f"or inf) under this {type(guide).__name__}'s weight samples, so the posterior is likely far too wide (a "
@@ -234,26 +239,40 @@ def _not_finite(probs, guide, sampled):
             f"inf) at {weights}: weights this large (or a half-precision base) overflow float32; check the weights")
 
 
-def sampled_logits(model, guide, batch, values, num_samples, who="predict"):
+def sampled_logits(model, guide, batch, values, num_samples, who="predict", index=None):
     """``model.logits(batch, values, num_samples)`` for weight samples ``values`` of ``guide``, where a half-precision
-    overflow is told apart: at the guide's mean too (one more forward of ``batch``, only then), the network's own
-    (its :class:`~pyro_lora.model.HalfPrecisionOverflowError` raised as it is); else the samples' width, too wide
-    for that dtype, which a width search takes as the worst width, as an overflow of float32.
+    overflow is told apart. Where the draws spread around a centre by a width (``guide.samples_have_width``), the
+    centres run once more (only then): ``guide.mean()`` in one forward, or each draw's own
+    (``guide.draw_centres(index)``, a Laplace mixture's members) in a ``num_samples``-sample forward, the only kind
+    the hooks of an ensemble's per-member heads take. Overflowing there too, it is the network's own; else the
+    samples' width, too wide for that dtype, which a width search takes as the worst width, as an overflow of
+    float32. Where the draws are fixed points or masks (an ensemble's members, MC dropout), there is no width to
+    narrow: the network's error stands.
 
-    :raises NonFinitePredictionError: where the sampled forward overflows a half-precision network and the mean's does
-        not; its message (prefixed ``who``) names the guide's width and the dtype.
-    :raises HalfPrecisionOverflowError: where the mean's forward overflows as well.
+    :param index: ``[num_samples]``, the draws' sample indices (a chunk's of :func:`predict`); default ``0..S-1``.
+    :raises NonFinitePredictionError: where the sampled forward overflows a half-precision network and the centres'
+        does not; its message (prefixed ``who``) names the guide's width and the dtype.
+    :raises HalfPrecisionOverflowError: where the centres' forward overflows as well, or the guide's draws have no
+        width.
     """
     try:
         return model.logits(batch, values, num_samples)
     except HalfPrecisionOverflowError as error:
-        model.logits(batch, guide.mean())  # raises where the network overflows without the weight noise
+        if not getattr(guide, "samples_have_width", True):
+            raise  # the members' or the masks' own weights overflow: a narrower posterior does not exist
+        centres = getattr(guide, "draw_centres", lambda index: None)(
+            torch.arange(num_samples, device=model.device) if index is None else index)
+        if centres is None:
+            model.logits(batch, guide.mean())  # raises where the network overflows without the weight noise
+        else:
+            model.logits(batch, centres, num_samples)
         name = str(error.dtype).removeprefix("torch.")
         raise NonFinitePredictionError(
             f"{who}: the logits of this {name} forward are NaN or infinite under this {type(guide).__name__}'s weight "
-            f"samples ({_width(guide)}), though not at its mean: draws of this width take the activations beyond "
-            f"{name}'s range, so the posterior is too wide for a {name} forward; narrow it (a smaller temperature, "
-            f"sigma_q or std, a larger prior precision) or {error.way_out}") from error
+            f"samples ({_width(guide)}), though not at {'its mean' if centres is None else 'their centres'}: draws of "
+            f"this width take the activations beyond {name}'s range, so the posterior is too wide for a {name} "
+            f"forward; narrow it (a smaller temperature, sigma_q or std, a larger prior precision) or "
+            f"{error.way_out}") from error
 
 
 def _width(guide):
@@ -263,7 +282,8 @@ def _width(guide):
         return f"sigma_q {float(guide.sigma_q):g}"
     if isinstance(getattr(guide, "temperature", None), numbers.Real):
         return f"posterior temperature {guide.temperature:g}"
-    factors = getattr(guide, "factors", None)
+    factors = getattr(guide, "factors", None) or \
+        [f for c in getattr(guide, "components", None) or [] for f in getattr(c, "factors", None) or []]  # a mixture's
     if factors and all(torch.is_tensor(getattr(f, "prior_precision", None)) for f in factors):
         lam = torch.cat([f.prior_precision.reshape(-1) for f in factors])
         low, high = float(lam.min()), float(lam.max())
@@ -330,7 +350,9 @@ class _ChunkedDraws:
 
     def logits(self, model, batch, i):
         """``[n_i, B, C]`` logits of chunk ``i`` on ``batch`` (its samples are released on return)."""
-        return sampled_logits(model, self.guide, batch, self.draw(i), self.size(i))
+        start, stop = self.bounds[i]
+        return sampled_logits(model, self.guide, batch, self.draw(i), self.size(i),
+                              index=torch.arange(start, stop, device=self.device))
 
 
 def _cyclic_members(guide):

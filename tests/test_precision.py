@@ -492,3 +492,45 @@ def test_width_searches_on_a_half_network_take_a_width_whose_draws_overflow_as_t
     nlls = laplace.optimize_prior_precision("val_nll", val_loader=data(), grid=torch.tensor([1e-30, 1.0, 1e2]),
                                             predictive="samples", refine=False)
     assert nlls[0] == float("inf") and laplace.factors[0].prior_precision[0].item() > 1e-30
+
+
+def _fp16_members(scale):
+    """A float16 model, two members at ``scale`` times its adapter (the second's ``A`` negated) and their heads."""
+    torch.manual_seed(0)
+    model = lora(dtype=torch.float16)
+    base = {n: v.detach().float() for n, v in model.adapter_values().items()}
+    members = [{n: v * scale for n, v in base.items()},
+               {n: (-v if n.endswith("lora_A") else v) * scale for n, v in base.items()}]
+    heads = [{n: p.detach().clone() for n, p in model.named_point_parameters()} for _ in range(2)]
+    return model, members, heads
+
+
+def test_an_overflow_under_an_ensembles_members_is_the_networks_and_a_mixtures_is_told_inside_its_heads():
+    """sampled_logits took any float16 overflow under draws the mean ran without for a posterior too wide, and ran the
+    mean inside the caller's member_heads(S): an ensemble whose members' fixed weights overflow (its mean averages
+    them: no predictor) was told to narrow a width it has not, and with per-member heads failed on the hooks ("head
+    input has 3 rows, not a multiple of the 2 samples"). A Laplace mixture's draws spread around its members: there
+    the members run, in the draws' S-sample forward."""
+    from pyro_lora import NonFinitePredictionError
+    from pyro_lora.guides import EnsembleGuide, LaplaceMixtureGuide, MCDropoutGuide
+    from pyro_lora.guides.ensemble import predict_ensemble
+
+    model, members, heads = _fp16_members(300.0)  # the members themselves overflow float16
+    for guide in (EnsembleGuide(model, members), EnsembleGuide(model, members, heads)):
+        with pytest.raises(FloatingPointError, match="float16 network are NaN or infinite.*load the base in bfloat16") as error:
+            predict_ensemble(model, guide, data())
+        assert not isinstance(error.value, NonFinitePredictionError)
+    model, members, heads = _fp16_members(1.0)
+    mixture = LaplaceMixtureGuide(model, members, heads, fisher="exact", rank=3).fit(data(), progress=False)
+    assert torch.isfinite(predict_ensemble(model, mixture, data()).probs).all()
+    for component in mixture.components:
+        component.set_prior_precision(1e-30)  # a posterior far too wide: its draws overflow, its members do not
+    with pytest.raises(NonFinitePredictionError, match=r"under this LaplaceMixtureGuide's weight samples \(prior "
+                       r"precision 1e-30\), though not at their centres: .* narrow it"):
+        predict_ensemble(model, mixture, data())
+    mixture = LaplaceMixtureGuide(model, members, fisher="exact", rank=3).fit(data(), progress=False)
+    for component in mixture.components:
+        component.set_prior_precision(1e-30)
+    with pytest.raises(NonFinitePredictionError, match="though not at their centres"):  # each chunk its own members
+        predict(model, mixture, data(), num_samples=4, chunk_size=2)
+    assert not MCDropoutGuide.samples_have_width  # masks of the fitted weights: no width a search narrows
