@@ -589,7 +589,7 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide", tol=None, again=
         if near(best):
             raise ValueError(f"{who} val_nll: every lambda scored is within a factor {margin:g} of one whose "
                              f"validation predictive overflows (at lambda {max(overflowed):g}, on the search's draws or "
-                             f"a second set): no lambda was set; try larger values")
+                             f"a second set): no lambda was set; try larger values (above {max(overflowed) * margin:g})")
         return best
 
     nlls = scored(grid)
@@ -632,7 +632,13 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide", tol=None, again=
             f"within a factor {margin:g} of one that overflows{', or overflowing on a second set of draws,' if again else ''} "
             f"is refused as at the edge of overflowing; lambda = {best:g} is the best value clear of that"
             f"{', finite on a second set of draws too' if again else ''}", stacklevel=3)
-    if low < high and best in (low, high):
+    if low < high and best in (low, high) and [g for g in ordered.tolist() if not near(g)] == [best]:
+        # the other grid values were refused for the overflow margin, not scored worse: no optimum beyond is implied
+        warnings.warn(f"{who} val_nll: lambda = {best:g} is the only grid value (grid {low:g} to {high:g}) clear of "
+                      f"the overflow margin, the others overflowing or within a factor {margin:g} of one that did: it is "
+                      f"set with no other value to compare; a grid of more values above {max(overflowed) * margin:g} "
+                      "searches there", stacklevel=3)
+    elif low < high and best in (low, high):
         side, beyond = ("smallest", f"below {low:g} (a wider posterior)") if best == low else \
             ("largest", f"above {high:g} (a narrower posterior, towards the MAP)")
         warnings.warn(

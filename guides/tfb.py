@@ -297,14 +297,16 @@ class TFBGuide(LoraGuide):
                 if evaluate(high):
                     best, edge = high, f"high={high:g} is already feasible: sigma_q = high; raise `high` to search further"
                 elif not evaluate(low):
-                    best, edge = 0.0, f"low={low:g} is infeasible: sigma_q = 0 (the point estimate); lower `low` or raise the tolerance"
+                    best, edge = 0.0, _infeasible_low(low, trace[-1], overflowed)
                 else:
                     lo, hi, edge = low, high, None
                     for _ in range(int(iterations)):
                         mid = math.sqrt(lo * hi) if spacing == "log" else (lo + hi) / 2
                         lo, hi = (mid, hi) if evaluate(mid) else (lo, mid)
                     best = lo
-                if overflowed:  # keep the margin from every overflow, the chosen value's on other draws included
+                # keep the margin from every overflow, the chosen value's on other draws included (a low refused
+                # for it, the search's last step, said so already)
+                if overflowed and (best > 0 or not trace[-1].get("near_overflow")):
                     best, margin = self._clear_of_overflow(best, trace, overflowed, batches, reference, criterion,
                                                            int(num_samples), seed)
                     edge = "; ".join(filter(None, [edge, margin]))
@@ -315,7 +317,9 @@ class TFBGuide(LoraGuide):
         self.set_sigma_q(best)
         self.criterion, self.tolerance, self.trace, self.search_edge = criterion, tolerance, trace, edge
         if progress:
-            note = edge or f"largest feasible; next grid point up {hi:.6g} is infeasible"
+            refused = next(s for s in reversed(trace) if s["sigma"] == hi).get("near_overflow") if not edge else False
+            note = edge or f"largest feasible; next grid point up {hi:.6g} is " + (
+                "within the overflow margin, unscored" if refused else "infeasible")
             tqdm.write(f"TFB search: sigma_q = {best:.6g} after {len(trace)} candidates ({note})")
         return trace
 
@@ -417,6 +421,20 @@ class TFBGuide(LoraGuide):
             value = reference["value"] - value
         return value, int(scored)
 
+
+
+def _infeasible_low(low, step, overflowed):
+    """The search's warning where ``low`` (its trace entry ``step``) is not feasible: scored infeasible, or refused
+    unscored within the overflow margin of a ``sigma_q`` in ``overflowed`` (then neither a tolerance nor the criterion
+    mends it: only a lower ``low``)."""
+    if not step.get("near_overflow"):
+        return f"low={low:g} is infeasible: sigma_q = 0 (the point estimate); lower `low` or raise the tolerance"
+    factor = margin_factor(2)
+    seen = min(v for v in overflowed if near_overflow(low, [v], factor))
+    return (f"low={low:g} was not scored: it is within the overflow margin (a factor {factor:g} in sigma_q, "
+            f"{OVERFLOW_MARGIN:g} in variance) of sigma_q = {seen:g}, whose noise overflowed the logits, so it was "
+            f"refused as at the edge of overflowing: sigma_q = 0 (the point estimate); lower `low` (under {seen / factor:g}, "
+            f"clear of the margin); a tolerance does not change this")
 
 def check_search(criterion, tolerance, low, high, iterations, spacing) -> float:
     """Check :meth:`TFBGuide.search`'s settings (before any model is loaded, for the CLI); return the tolerance

@@ -158,7 +158,7 @@ def _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate, scores, 
     """:func:`tune_on_validation` past its argument checks: ``scores(again=False)`` gives the validation ``(NLL,
     accuracy, predicted classes)`` at the knob's current value (``again``: on the second set of draws); ``margin``: the
     overflow margin in the knob's units (:func:`margin_factor`)."""
-    trace, refused, reference, overflowed = [], set(), None, []
+    trace, refused, reference, overflowed, costly = [], set(), None, [], set()
 
     def worst(value):  # refused, or within the margin of a value whose predictive overflowed
         return value in refused or near_overflow(value, overflowed, margin)
@@ -179,6 +179,8 @@ def _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate, scores, 
             overflowed.append(value)
         if not finite or acc < reference[0] - max_accuracy_drop - 1e-9 or flipped:
             refused.add(value)  # a predictive that is not finite, or one that costs accuracy or flips predictions
+            if finite:
+                costly.add(value)
         return math.inf if worst(value) else loss
 
     def best_left():
@@ -188,8 +190,9 @@ def _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate, scores, 
     if all(map(worst, grid)):
         near = "" if all(v in refused for v in grid) else \
             f" clear of the overflow margin (a {knob} within a factor {margin:g} of one whose predictive overflows)"
+        lower = f"; start the grid lower (below {min(overflowed) / margin:.4g})" if overflowed else ""
         raise ValueError(f"no {knob} of the grid ({grid[0]:g} to {grid[-1]:g}) gives a finite validation NLL{near}: the "
-                         f"tuning stopped, with the {knob} left as it was")
+                         f"tuning stopped, with the {knob} left as it was{lower}")
     losses = [math.inf if worst(v) else loss for v, loss in zip(grid, losses)]  # the margin of an overflow seen later
     i = min(range(len(grid)), key=losses.__getitem__)
     finite = [loss for loss in losses if math.isfinite(loss)]
@@ -200,10 +203,19 @@ def _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate, scores, 
                 f"does not change these predictions (a posterior without spread?); left at the smallest, {grid[0]:g}")
         warnings.warn(note, stacklevel=2)
         return Tuning(grid[0], trace, note)
-    if i == 0 and all(v in refused for v in grid[1:]):
+    if i == 0 and all(map(worst, grid[1:])):  # refused for what it costs, or for an overflow: each said as it is
         flips = "" if max_flip_rate is None else f" or flips more than {100 * max_flip_rate:g}% of the validation predictions"
-        note = (f"every {knob} of the grid above its smallest ({grid[0]:g}) costs more than {100 * max_accuracy_drop:g} "
-                f"validation accuracy points{flips}: the search stays below the next one")
+        cost = f"costs more than {100 * max_accuracy_drop:g} validation accuracy points{flips}"
+        costs = [v for v in grid[1:] if v in costly]
+        if len(costs) == len(grid) - 1:
+            note = f"every {knob} of the grid above its smallest ({grid[0]:g}) {cost}: the search stays below the next one"
+        elif costs:
+            note = (f"{knob} {', '.join(f'{v:g}' for v in costs)} of the grid each {cost}, and every other above its smallest "
+                    f"({grid[0]:g}) overflowed or is within the overflow margin of one that did: the search stays below "
+                    "the next one")
+        else:  # refused for the overflow alone, not for its NLL: no optimum below the grid is implied
+            note = (f"every {knob} of the grid above its smallest ({grid[0]:g}) overflowed or is within the overflow "
+                    f"margin of one that did (not refused for its NLL or accuracy): the search stays below the next one")
     golden_section(lambda t: score(math.exp(t)), math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, len(grid) - 1)]), tol)
     best, margin_note = best_left(), None
     if overflowed:

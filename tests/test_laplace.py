@@ -974,3 +974,18 @@ def test_the_val_nll_search_keeps_a_margin_from_a_lambda_whose_predictive_overfl
     best, _ = search_grid(grid, nlls_of, again=lambda lam: nlls_of([lam], edge=5e-3)[0])
     assert best == pytest.approx(10 ** -1.75)
     assert search_grid(grid, lambda values: nlls_of(values, edge=0.0))[0] == pytest.approx(1e-4)  # no overflow: as before
+
+
+def test_a_lambda_left_alone_by_the_overflow_margin_is_not_said_to_be_the_grids_best():
+    """0.1 overflowed and 0.2 lay within its margin, unranked: lambda = 1, the one value left, was said to have "the
+    validation NLL lowest at the largest grid value" (0.2's NLL was lower) with the optimum perhaps beyond the grid."""
+    from pyro_lora.guides.laplace import search_grid
+
+    nlls = {0.1: math.inf, 0.2: 1.0, 1.0: 2.0}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        best, _ = search_grid(torch.tensor([0.1, 0.2, 1.0], dtype=torch.float64),
+                              lambda values: [nlls[round(float(v), 6)] for v in values], refine=False)
+    said = " ".join(str(w.message) for w in caught)
+    assert best == 1.0 and "lowest at the largest" not in said
+    assert "lambda = 1 is the only grid value (grid 0.1 to 1) clear of the overflow margin" in said

@@ -1,6 +1,7 @@
 """TFB guide: the SVD transform, the noise law, the sigma_q search, peft adapters, save/load, bad input."""
 
 import math
+import re
 import warnings
 
 import pyro.poutine as poutine
@@ -562,3 +563,22 @@ def test_the_search_keeps_a_margin_from_a_sigma_whose_noise_overflows(monkeypatc
     with pytest.warns(UserWarning, match="sigma_q = 0.1, finite on a second set of draws too"):
         guide.search(anchors, **kw)
     assert float(guide.sigma_q) == pytest.approx(0.1)
+
+
+def test_a_low_refused_for_the_overflow_margin_is_said_to_be_so_not_infeasible(monkeypatch):
+    """high = 1500 overflowed and low = 1000, within its margin, was refused unscored; the warning said "low=1000 is
+    infeasible ... lower `low` or raise the tolerance": low was never scored, and no tolerance changes the margin."""
+    model, anchors = mc_model(), mc_anchors(n_batches=1)
+    monkeypatch.setattr(TFBGuide, "_metric", lambda self, batches, reference, criterion, sigma, num_samples, seed, tol:
+                        (math.inf if sigma >= 1200 else 0.1875, reference["count"]))
+    guide = TFBGuide(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trace = guide.search(anchors, criterion="accuracy", tolerance=0.5, low=1000.0, high=1500.0, progress=False)
+    assert trace[1]["near_overflow"] and trace[1]["anchors"] == 0 and float(guide.sigma_q) == 0
+    (said,) = [str(w.message) for w in caught if "TFB search" in str(w.message)]
+    assert re.search(r"low=1000 was not scored: it is within the overflow margin \(a factor 2 in sigma_q, 4 in variance\) "
+                     r"of sigma_q = 1500, whose noise overflowed the logits.*lower `low` \(under 750", said)
+    assert "infeasible" not in said and "raise the tolerance" not in said
+    with pytest.warns(UserWarning, match="low=100 is infeasible: sigma_q = 0 .*raise the tolerance"):  # scored: as it was
+        guide.search(anchors, criterion="accuracy", tolerance=0.1, low=100.0, high=1500.0, progress=False)

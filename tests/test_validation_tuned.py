@@ -998,3 +998,20 @@ def test_tuning_keeps_a_margin_from_a_value_whose_predictive_overflows(monkeypat
     edges[0], edges[1] = 1e9, 1e9  # nothing overflows: no margin, no second draws, the grid's end as before
     tuning = tune_on_validation(None, "T", set_value, TEMPERATURE_GRID, [], num_samples=4)
     assert tuning.value == TEMPERATURE_GRID[-1] and "overflow" not in tuning.note
+
+
+def test_a_value_refused_for_the_overflow_margin_is_not_said_to_cost_accuracy(monkeypatch):
+    """Every value above the smallest refused, one for its accuracy and one overflowing: the note said every one "costs
+    more than 1 validation accuracy points", though T = 100's predictive overflowed."""
+    knob = {}
+
+    def scores(guide, loader, num_samples, seed=0):
+        t = knob["v"]
+        return (math.inf, math.nan, None) if t >= 100 else (1.0 / t, 0.9 if t <= 1.01 else 0.5, None)
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", scores)
+    with pytest.warns(UserWarning) as caught:
+        tuning = tune_on_validation(None, "T", lambda v: knob.update(v=v), [1.0, 2.0, 100.0], [], num_samples=4)
+    assert tuning.value == 1.0 and len(caught) == 1
+    assert tuning.note.startswith("T 2 of the grid each costs more than 1 validation accuracy points, and every other "
+                                  "above its smallest (1) overflowed or is within the overflow margin of one that did")
+    assert "every T of the grid above its smallest (1) costs" not in tuning.note
