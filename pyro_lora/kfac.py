@@ -20,7 +20,6 @@ the posterior's eigenbasis.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 import warnings
@@ -663,12 +662,15 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
         are nan or ``+inf``, a covariance with a nan, a predictive that is not finite (an overflowing covariance), or
         labelled batches mixed with unlabelled ones.
     """
-    distributed.check_settings("predict_glm", {"link": link, "num_samples": num_samples, "keep_samples": keep_samples})
-    if link not in ("probit", "mc"):
-        raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
-    num_samples = check_count(num_samples, "num_samples")
-    check_every_example(data, desc)
-    with entry_checks(guide.model, guide, "predict") if guide is not None else contextlib.nullcontext():
+    settings = {"link": link, "num_samples": num_samples, "keep_samples": keep_samples}
+    # every check inside the block: one that refuses on some ranks only (a loader dropping its last batch there) is
+    # raised on every rank, not left for the others to meet in the next collective
+    with entry_checks(guide.model, guide, "predict") if guide is not None else distributed.refused_together("predict"):
+        distributed.check_settings("predict_glm", settings)  # first: it decides which collectives follow
+        if link not in ("probit", "mc"):
+            raise ValueError(f"link must be 'probit' or 'mc', got {link!r}")
+        num_samples = check_count(num_samples, "num_samples")
+        check_every_example(data, desc)
         if ready is not None:
             ready()
     if distributed.is_distributed():  # every rank predicts the whole data: a rank's part, or its own data, is refused

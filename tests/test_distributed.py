@@ -316,6 +316,12 @@ def run_misuses(tmp):
     out["val_by_hand"] = _refused(lambda: laplace.optimize_prior_precision(
         "val_nll", val_loader=distributed.shard(toy_data(16, 4)), grid=[0.1, 10.0]))
     out["glm_sampler"] = _refused(lambda: laplace.predict_glm(part))
+    # a loader dropping its last batch on rank 1 only: refused there alone, it left rank 0 in the next collective
+    # ("too many values to unpack"), and the next call on the same data failed on both ranks ("Connection closed")
+    dropping = DataLoader(examples, batch_size=3, drop_last=r == 1)
+    last = LastLayerLaplaceGuide(model).fit(toy_data(8, 4), progress=False)
+    out["glm_drop_last"] = [_refused(lambda: guide.predict_glm(dropping)) for guide in (laplace, last)]
+    out["glm_after"] = laplace.predict_glm(toy_data(8, 4)).probs
     out["save_paths"] = _refused(lambda: save_guide(laplace, f"{tmp}/laplace_rank{r}"))  # rank 1's was never written
     # settings that differ across ranks: each search returned normally with its rank's own value (lambda 0.01 on rank 0,
     # 10 on rank 1) and only a later predict refused; a method or link per rank left the ranks in other collectives
@@ -524,6 +530,10 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         assert out["adapter_kept"] and out["kept_options"]
         for key in ("val_sampler", "glm_sampler"):
             assert "already gives each rank a part of the data (DistributedSampler" in out[key]
+        for message in out["glm_drop_last"]:  # both ranks refuse, and stay in step for the next call
+            assert "drops its last incomplete batch (drop_last=True)" in message
+            assert message.startswith("cannot predict: rank 1 refused: ") == (out is ranks[0])
+        torch.testing.assert_close(out["glm_after"], ranks[0]["glm_after"])
         assert "the ranks hold different batches (2 of 2 differ" in out["val_by_hand"]
         assert "the ranks were given different paths to save the guide to" in out["save_paths"]
         grid, method, link, samples, seed, flips, iters, ensemble = out["settings"]
