@@ -378,10 +378,10 @@ def _crc(values, dtype) -> str:
     return f"CRC-32 {_digest(values):08x}"
 
 
-def check_same(value, what: str, advice: str = "give every rank the same") -> None:
+def check_same(value, what: str, advice: str = "give every rank the same", compared=lambda v: v) -> None:
     """Refuse, on every rank alike, a ``value`` (a path, a setting; a mapping's entries one by one) that differs across
-    ranks. Values are compared by :func:`_digest` (by value, whatever their type) and named by their ``repr``: rank 0's
-    and each other rank's that differs. A collective: every rank calls it.
+    ranks. Values are compared by :func:`_digest` of ``compared(value)`` (by value and type) and named by their own
+    ``repr``: rank 0's and each other rank's that differs. A collective: every rank calls it.
 
     :raises ValueError: ``the ranks were given different {what} (...): {advice}``.
     """
@@ -389,7 +389,7 @@ def check_same(value, what: str, advice: str = "give every rank the same") -> No
         return
     named = value if isinstance(value, Mapping) else {None: value}
     said = [None] * world_size()
-    dist.all_gather_object(said, {key: (_digest(v), _shown(v)) for key, v in named.items()})
+    dist.all_gather_object(said, {key: (_digest(compared(v)), _shown(v)) for key, v in named.items()})
     absent = (None, "nothing")
     differ = []
     for key in dict.fromkeys(k for held in said for k in held):  # a key some ranks lack differs too
@@ -408,13 +408,27 @@ def check_settings(action: str, settings: Mapping) -> None:
     predictive: every rank scores the whole data, or sums its block's, and must return what one process would) that
     differ across ranks: a grid, a method, a seed per rank (the DDP habit ``seed + rank``) would give each rank its own
     result, or leave the ranks in other collectives. Call it first, before any check that may refuse on one rank only.
-    A collective: every rank calls it (:func:`check_same`, by value; a callable counts as its type).
+    A collective: every rank calls it (:func:`check_same`, by value, one number however typed: :func:`_setting`;
+    a callable counts as its type).
 
     :raises ValueError: ``the ranks were given different settings of {action} ({name}: {rank 0's} on rank 0, {other}
         on rank {r})``, on every rank.
     """
     check_same(settings, f"settings of {action}", "give every rank the same settings (not a seed, grid or bound per "
-               "rank): every rank runs it on the same whole data and must reach one process's result")
+               "rank): every rank runs it on the same whole data and must reach one process's result", _setting)
+
+
+def _setting(value):
+    """A setting as the calls read it: a number (Python's, numpy's, a 0-dim tensor, a bool) as a float, and a sequence,
+    an array or a tensor as a list of them, so that ranks handed ``8`` and ``8.0``, or one grid as a list and as a
+    tensor, agree; anything else as it is."""
+    if torch.is_tensor(value) or isinstance(value, (np.ndarray, np.generic)):
+        value = value.tolist()
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, (list, tuple)):
+        return [_setting(v) for v in value]
+    return value
 
 
 def _shown(value, width: int = 80) -> str:

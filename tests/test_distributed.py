@@ -341,6 +341,9 @@ def run_misuses(tmp):
         _refused(lambda: predict_ensemble(model, EnsembleGuide(model, num_members=2), toy_data(8, 4), num_samples=2 * (1 + r))),
     ]
     out["settings_kept"] = torch.equal(laplace.factors[0].prior_precision, before)
+    # equal settings however typed (a grid as a list and as a tensor, 4 and numpy's 4) were refused as different
+    laplace.optimize_prior_precision("val_nll", val_loader=toy_data(8, 4), grid=[[0.1, 10.0], torch.tensor([0.1, 10.0], dtype=torch.float64)][r])
+    out["settings_typed"] = predict(model, laplace, toy_data(8, 4), num_samples=[4, np.int64(4)][r]).probs
     init = lambda worker: None  # noqa: E731
     out["kept_options"] = distributed.split_batches(DataLoader(TensorDataset(torch.arange(8)), batch_size=2, num_workers=1,
                                                                worker_init_fn=init)).worker_init_fn is init
@@ -547,6 +550,7 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         assert "optimize_prior_precision (max_iter: 10 on rank 0, 11 on rank 1)" in iters
         assert "settings of predict_ensemble (num_samples: 2 on rank 0, 4 on rank 1)" in ensemble
         assert out["settings_kept"]  # refused before any work
+        torch.testing.assert_close(out["settings_typed"], ranks[0]["settings_typed"])
         message, steps = out["checkpoint_per_rank"]
         assert steps == 0 and message.startswith("the ranks were given different settings of fit (checkpoint_dir: '")
         # a long path keeps its start and its end, where the ranks' paths differ (pytest-xdist's are long)
