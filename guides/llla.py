@@ -207,7 +207,7 @@ class LastLayerLaplaceGuide(LoraGuide):
         """
         previous = earlier_fit(self)
         with self._all_or_nothing(adopt=True):  # the head as it is now is what the posterior is over
-            with entry_checks(self.model, None, "fit a last-layer Laplace"):
+            with entry_checks(self.model, None, "fit a last-layer Laplace", settings={"hessian": self.hessian}):
                 check_every_example(data, "a last-layer Laplace fit")
                 check_guide(self.model, self, "fit")
             count, rows = self._fit(data, progress)

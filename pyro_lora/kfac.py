@@ -445,7 +445,10 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
     :raises ValueError: on empty ``data``, a ``DataLoader`` dropping its last incomplete batch (the curvature is a sum
         over every example), or a likelihood that runs two forwards per batch.
     """
-    with entry_checks(model, None, "fit a Laplace", handed=loc is not None):  # else the adapter's LoRA weights are read
+    # the guide's own settings too (its fisher, sketch, each factor's rank): ranks built with others each summed their
+    # own kind of curvature into one posterior, or sent sums of other sizes (gloo aborted)
+    settings = {"fisher": fisher, "kfac": kfac, "sketch": sketch, "rank": [f.large_vecs.shape[-1] for f in factors]}
+    with entry_checks(model, None, "fit a Laplace", handed=loc is not None, settings=settings):  # else the adapter's LoRA weights are read
         check_every_example(data, "a Laplace fit")
         check_one_forward(model)
         check_autograd("fit a Laplace")

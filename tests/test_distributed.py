@@ -341,6 +341,11 @@ def run_misuses(tmp):
         _refused(lambda: predict_ensemble(model, EnsembleGuide(model, num_members=2), toy_data(8, 4), num_samples=2 * (1 + r))),
     ]
     out["settings_kept"] = torch.equal(laplace.factors[0].prior_precision, before)
+    # a guide built otherwise on each rank: fisher="exact" on one and "mc" on the other summed both kinds of curvature
+    # into one posterior without a word; rank=4 and 5 sent sums of other sizes and gloo aborted the process
+    out["guide_settings"] = [_refused(lambda: LaplaceGuide(model, fisher=["exact", "mc"][r]).fit(toy_data(8, 4), progress=False)),
+                             _refused(lambda: LaplaceGuide(model, rank=4 + r).fit(toy_data(8, 4), progress=False)),
+                             _refused(lambda: LastLayerLaplaceGuide(model, hessian=["full", "kfac"][r]).fit(toy_data(8, 4), progress=False))]
     # equal settings however typed (a grid as a list and as a tensor, 4 and numpy's 4) were refused as different
     laplace.optimize_prior_precision("val_nll", val_loader=toy_data(8, 4), grid=[[0.1, 10.0], torch.tensor([0.1, 10.0], dtype=torch.float64)][r])
     out["settings_typed"] = predict(model, laplace, toy_data(8, 4), num_samples=[4, np.int64(4)][r]).probs
@@ -550,6 +555,10 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         assert "optimize_prior_precision (max_iter: 10 on rank 0, 11 on rank 1)" in iters
         assert "settings of predict_ensemble (num_samples: 2 on rank 0, 4 on rank 1)" in ensemble
         assert out["settings_kept"]  # refused before any work
+        fisher, rank, hessian = out["guide_settings"]
+        assert "different settings of fit a Laplace (fisher: 'exact' on rank 0, 'mc' on rank 1)" in fisher
+        assert "different settings of fit a Laplace (sketch: 18 on rank 0, 20 on rank 1; rank: [4, 4, 4, 4] on r" in rank
+        assert "different settings of fit a last-layer Laplace (hessian: 'full' on rank 0, 'kfac' on rank 1)" in hessian
         torch.testing.assert_close(out["settings_typed"], ranks[0]["settings_typed"])
         message, steps = out["checkpoint_per_rank"]
         assert steps == 0 and message.startswith("the ranks were given different settings of fit (checkpoint_dir: '")
