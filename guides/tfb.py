@@ -427,6 +427,9 @@ def _infeasible_low(low, step, overflowed):
     """The search's warning where ``low`` (its trace entry ``step``) is not feasible: scored infeasible, or refused
     unscored within the overflow margin of a ``sigma_q`` in ``overflowed`` (then neither a tolerance nor the criterion
     mends it: only a lower ``low``)."""
+    if low in overflowed:  # infeasible under every criterion and tolerance
+        return (f"low={low:g} is infeasible: its noise overflowed the logits, so sigma_q = 0 (the point estimate); lower "
+                f"`low` (under {low / margin_factor(2):g}, clear of the overflow margin); a tolerance does not change this")
     if not step.get("near_overflow"):
         return f"low={low:g} is infeasible: sigma_q = 0 (the point estimate); lower `low` or raise the tolerance"
     factor = margin_factor(2)

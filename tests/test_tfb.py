@@ -582,3 +582,11 @@ def test_a_low_refused_for_the_overflow_margin_is_said_to_be_so_not_infeasible(m
     assert "infeasible" not in said and "raise the tolerance" not in said
     with pytest.warns(UserWarning, match="low=100 is infeasible: sigma_q = 0 .*raise the tolerance"):  # scored: as it was
         guide.search(anchors, criterion="accuracy", tolerance=0.1, low=100.0, high=1500.0, progress=False)
+    # a low whose own noise overflowed was told to "raise the tolerance", which no tolerance mends
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        guide.search(anchors, criterion="accuracy", tolerance=0.5, low=4000.0, high=10000.0, progress=False)
+    (said,) = [str(w.message) for w in caught if "TFB search" in str(w.message)]
+    assert re.search(r"low=4000 is infeasible: its noise overflowed the logits, so sigma_q = 0 \(the point estimate\); "
+                     r"lower `low` \(under 2000, clear of the overflow margin\); a tolerance does not change this", said)
+    assert "raise the tolerance" not in said
