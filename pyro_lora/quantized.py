@@ -37,7 +37,8 @@ def keep_differentiable(net) -> None:
             f"bitsandbytes repacked the 4-bit layer {repacked[0]}{more} for its CPU inference kernel (an eval forward "
             "without gradients ran before this LoraModel was built), rounding its block scales to bfloat16: its weights "
             "are no longer the checkpoint's, unpacked since or not (state_dict() and save_pretrained unpack it), and no "
-            "inverse restores them; load the network again and build the "
+            "inverse restores them; load the network again from its original checkpoint (not a copy saved after the "
+            "repack: it holds the changed weights) and build the "
             "LoraModel before running it (a network from pyro_lora.pretrained.load_pretrained never repacks)"
         )
 
