@@ -333,8 +333,11 @@ def fixed_batches(data, action: str) -> list:
     :raises ValueError: for one batch (a dict), a ``DataLoader`` dropping its last incomplete batch, a sharding loader,
         or data that differ across ranks.
     """
-    check_batches(data)
-    check_every_example(data, action)
+    # a refusal on one rank only (its loader drops its last batch) is raised on every rank: the others would go on into
+    # the collectives below and leave the ranks out of step for every later call
+    with distributed.refused_together(f"read the data of {action}"):
+        check_batches(data)
+        check_every_example(data, action)
     if not distributed.is_distributed():
         return data if isinstance(data, list) else list(data)
     distributed.check_unsharded(data, "scores the whole data on every rank here (each rank would score its part)")

@@ -181,7 +181,11 @@ def fit(
                 "stop_on_divergence": stop_on_divergence,
                 "num_data": model.num_data,  # each rank would scale its data term to its own N
             }
-            distributed.check_settings("fit", {**arguments, "checkpoint_every": checkpoint_every,
+            # and the guide as built: its options map one set of parameters to another posterior on each rank (a
+            # std per rank, each rank its own posterior), its tensors' shapes to sums of other sizes (gloo aborted)
+            guide_settings = {f"guide's {k}": v for k, v in {"class": type(guide).__name__, **guide.config()}.items()}
+            guide_settings["guide's tensor shapes"] = [tuple(t.shape) for t in [*guide.parameters(), *guide.buffers()]]
+            distributed.check_settings("fit", {**arguments, "checkpoint_every": checkpoint_every, **guide_settings,
                                                "checkpoint_dir": os.path.abspath(checkpoint_dir) if checkpoint_dir else None})
             grad_accum_steps = check_count(grad_accum_steps, "grad_accum_steps")
             check_count(epochs, "epochs", minimum=0)

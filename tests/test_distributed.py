@@ -341,6 +341,21 @@ def run_misuses(tmp):
         _refused(lambda: predict_ensemble(model, EnsembleGuide(model, num_members=2), toy_data(8, 4), num_samples=2 * (1 + r))),
     ]
     out["settings_kept"] = torch.equal(laplace.factors[0].prior_precision, before)
+    # fit with a guide built otherwise on each rank: a std map per rank trained one set of parameters into two posteriors
+    # (stds 31.8 apart), a dropout rate per rank mixed two runs, b="delta" and "normal" (other tensors) aborted gloo
+    from pyro_lora.guides.mcdropout import MCDropoutGuide
+
+    out["fit_guides"] = [
+        _refused(lambda: fit(model, MeanFieldGuide(model, std=["softplus", "square"][r]), toy_data(8, 4), progress=False)),
+        _refused(lambda: fit(model, MCDropoutGuide(model, p=[0.1, 0.5][r]), toy_data(8, 4), progress=False)),
+        _refused(lambda: fit(model, MeanFieldGuide(model, b=["delta", "normal"][r]), toy_data(8, 4), progress=False)),
+    ]
+    # a validation loader dropping its last batch on rank 1 only: refused there alone, it left rank 0 in the next
+    # collective and the next legitimate call failed on both ranks
+    out["tune_drop_last"] = _refused(lambda: tune_on_validation(laplace, "knob", lambda v: None, [1.0, 2.0, 4.0],
+                                                                DataLoader(examples, batch_size=3, drop_last=r == 1),
+                                                                num_samples=2))
+    out["after_drop_last"] = predict(model, MAPGuide(model), toy_data(8, 4), mean=True).probs
     # a guide built otherwise on each rank: fisher="exact" on one and "mc" on the other summed both kinds of curvature
     # into one posterior without a word; rank=4 and 5 sent sums of other sizes and gloo aborted the process
     out["guide_settings"] = [_refused(lambda: LaplaceGuide(model, fisher=["exact", "mc"][r]).fit(toy_data(8, 4), progress=False)),
@@ -555,6 +570,12 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         assert "optimize_prior_precision (max_iter: 10 on rank 0, 11 on rank 1)" in iters
         assert "settings of predict_ensemble (num_samples: 2 on rank 0, 4 on rank 1)" in ensemble
         assert out["settings_kept"]  # refused before any work
+        std, p, b = out["fit_guides"]
+        assert "different settings of fit (guide's std: 'softplus' on rank 0, 'square' on rank 1)" in std
+        assert "different settings of fit (guide's p: 0.1 on rank 0, 0.5 on rank 1)" in p
+        assert "guide's b: 'delta' on rank 0, 'normal' on rank 1; guide's tensor shapes: " in b
+        assert "drops its last incomplete batch (drop_last=True)" in out["tune_drop_last"]
+        torch.testing.assert_close(out["after_drop_last"], ranks[0]["after_drop_last"])
         fisher, rank, hessian = out["guide_settings"]
         assert "different settings of fit a Laplace (fisher: 'exact' on rank 0, 'mc' on rank 1)" in fisher
         assert "different settings of fit a Laplace (sketch: 18 on rank 0, 20 on rank 1; rank: [4, 4, 4, 4] on r" in rank
