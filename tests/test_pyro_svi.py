@@ -1352,6 +1352,14 @@ def test_an_autoguide_over_another_model_is_refused_the_values_pyros_param_store
         large(data[0])
 
 
+def _predicted(model, guide, batch):
+    """The model's returns ``[3, ...]`` under ``Predictive`` with ``guide``, its draws seeded 0."""
+    from pyro.infer import Predictive
+
+    pyro.set_rng_seed(0)
+    return Predictive(model, guide=guide, num_samples=3, return_sites=["_RETURN"])(batch)["_RETURN"]
+
+
 def _autoguide_and_another_model():
     """Toy batches, a LoraModel over one tiny BERT with an AutoNormal trained on it, and a LoraModel over a second
     checkpoint of the same shapes (both networks in eval mode)."""
@@ -1402,11 +1410,7 @@ def test_an_autoguide_run_with_another_lora_model_is_refused_before_any_work():
 
     # another object over the same network and sites: its own for predicting and evaluating, not for training
     twin = LoraModel(m1.net, SequenceClassification(), prior=0.5, num_data=16)
-    pyro.set_rng_seed(0)
-    ours = Predictive(m1, guide=g1, num_samples=3, return_sites=["_RETURN"])(unlabelled)["_RETURN"]
-    pyro.set_rng_seed(0)
-    theirs = Predictive(twin, guide=g1, num_samples=3, return_sites=["_RETURN"])(unlabelled)["_RETURN"]
-    torch.testing.assert_close(theirs, ours)
+    torch.testing.assert_close(_predicted(twin, g1, unlabelled), _predicted(m1, g1, unlabelled))
     Trace_ELBO().loss(twin, g1, batch)
     with pytest.raises(ValueError, match=rf"cannot train with pyro.infer.SVI .*{other} than the model it runs with"):
         SVI(twin, g1, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(batch)
@@ -1463,12 +1467,9 @@ def test_an_autoguide_called_by_a_guide_function_is_checked_against_the_model_it
 
     # over its own model, or a twin of it for prediction: the wrapper predicts as the autoguide itself
     twin = LoraModel(m1.net, SequenceClassification(), prior=0.5, num_data=16)
-    pyro.set_rng_seed(0)
-    ours = Predictive(m1, guide=g1, num_samples=3, return_sites=["_RETURN"])(unlabelled)["_RETURN"]
+    ours = _predicted(m1, g1, unlabelled)
     for model in (m1, twin):
-        pyro.set_rng_seed(0)
-        theirs = Predictive(model, guide=wrapper, num_samples=3, return_sites=["_RETURN"])(unlabelled)["_RETURN"]
-        torch.testing.assert_close(theirs, ours)
+        torch.testing.assert_close(_predicted(model, wrapper, unlabelled), ours)
         Trace_ELBO().loss(model, wrapper, batch)
     with pytest.raises(ValueError, match=rf"cannot train with pyro.infer.SVI .*{other} than the model it runs with"):
         SVI(twin, wrapper, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(batch)
