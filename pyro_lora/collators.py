@@ -121,20 +121,26 @@ def _cuttable(tokenizer, records, format: str, rows: list[list[int]]) -> list[in
     return [_shared_start(p, row) for p, row in zip(passages, rows)]
 
 
-def _warn_cut(collator, records, lengths: dict) -> None:
-    """Warn, once per collator, that texts of a batch lose their end to its ``max_length`` (a legitimate cut, but one
+# what a cut takes, as the warnings say it: a text's end, or a multiple-choice prompt's passage's start
+CUT_END = "the model reads none of what follows"
+CUT_PASSAGE = "each loses the start of its passage (its question and choices stay whole)"
+
+
+def _warn_cut(collator, records, lengths: dict, lost: str = CUT_END) -> None:
+    """Warn, once per collator, that texts of a batch lose tokens to its ``max_length`` (a legitimate cut, but one
     that can remove what tells texts apart): ``lengths`` maps a record's place in ``records`` to its whole length in
-    tokens (special ones included); those longer than ``max_length`` were cut. Later batches are not counted: a run's
-    per-split counts are :func:`~pyro_lora.experiments.setup.prepare`'s, which marks its collator said."""
+    tokens (special ones included); those longer than ``max_length`` were cut. ``lost`` says what they lose
+    (:data:`CUT_END` or :data:`CUT_PASSAGE`). Later batches are not counted: a run's per-split counts are
+    :func:`~pyro_lora.experiments.setup.prepare`'s, which marks its collator said."""
     cut = [(i, n) for i, n in lengths.items() if n > collator.max_length]
     if collator._cut_said or not cut:
         return
     collator._cut_said = True
     first, tokens = cut[0]
     warnings.warn(f"{len(cut)} of the {len(records)} texts of a batch are longer than max_length={collator.max_length} "
-                  f"tokens and are cut to it (the first, record {records[first].get('id')!r}, is {tokens} tokens): the "
-                  f"model reads none of what follows; raise max_length to keep them whole ({type(collator).__name__} "
-                  "says this once: later batches may cut more)", stacklevel=3)
+                  f"tokens and are cut to it (the first, record {records[first].get('id')!r}, is {tokens} tokens): "
+                  f"{lost}; raise max_length to keep them whole ({type(collator).__name__} says this once: later "
+                  "batches may cut more)", stacklevel=3)
 
 
 def _cloze_split(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[tuple[list[int], list[int]]], list[list[int]]]:
@@ -212,7 +218,13 @@ class LetterCollator:
     default) the last real token sits at position ``-1``, where the answer-letter logits are read;
     with right padding it sits at ``attention_mask.sum(-1) - 1``. Either way the positions count real
     tokens only (:class:`~pyro_lora.MultipleChoice`), so the logits do not depend on the padding.
+
+    The first batch that cuts a passage says so in a warning, once per collator (how many of its records, the first
+    by id and its whole length); ``last_cut`` holds, after each call, the records that call cut: their place in the
+    batch -> their whole length in tokens (special ones included), for a caller that counts them (``compare``).
     """
+
+    _cut_said = False  # whether a cut was said: once per collator
 
     def __init__(self, tokenizer, max_length: int = 512, padding_side: str = "left"):
         if padding_side not in ("left", "right"):
@@ -222,6 +234,7 @@ class LetterCollator:
         self.pad_id = _pad_id(tokenizer)
         self.prefix = _special_prefix(tokenizer)
         self.max_length = _check_max_length(tokenizer, max_length, len(self.prefix))
+        self.last_cut: dict[int, int] = {}
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
         _check_records(records, "multiple_choice")
@@ -236,6 +249,8 @@ class LetterCollator:
                     f"for a question or an option never seen)", len(self.prefix) + len(ids) - cuttable, self.tokenizer
                 )
         rows = [self.prefix + ids[-budget:] for ids in encoded]
+        self.last_cut = {i: len(self.prefix) + len(ids) for i, ids in enumerate(encoded) if len(ids) > budget}
+        _warn_cut(self, records, self.last_cut, CUT_PASSAGE)
         input_ids, attention_mask = _pad(rows, self.pad_id, self.padding_side)
         num_choices = max(len(r["choices"]) for r in records)
         return {
@@ -271,13 +286,21 @@ class ClozeCollator:
     passage is never cut), and an empty context (a WinoGrande
     sentence that is only its blank: the continuation's first token would have nothing to condition on). Missing choices become a 1-token dummy row with an
     empty target, lengths 1 (so normalising never divides by zero) and ``choice_mask`` False.
+
+    The first batch that cuts a passage says so in a warning, once per collator (how many of its records, the first
+    by id and the length of its longest row whole); ``last_cut`` holds, after each call, the records that call cut:
+    their place in the batch -> their longest row's whole length in tokens (special ones included), for a caller
+    that counts them (``compare``).
     """
+
+    _cut_said = False  # whether a cut was said: once per collator
 
     def __init__(self, tokenizer, max_length: int = 512):
         self.tokenizer = tokenizer
         self.pad_id = _pad_id(tokenizer)
         self.prefix = _special_prefix(tokenizer)
         self.max_length = _check_max_length(tokenizer, max_length, len(self.prefix), "a context and a continuation", 2)
+        self.last_cut: dict[int, int] = {}
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
         _check_records(records, "multiple_choice")
@@ -287,13 +310,13 @@ class ClozeCollator:
         tok = self.tokenizer
         split = iter(_cloze_split(tok, real)[0])
 
-        rows, spans, chars = [], [], []
+        rows, spans, chars, cuts = [], [], [], {}
         budget = self.max_length - len(self.prefix)
         own_rows = [[next(split) for _ in own_parts] for _, own_parts in parts]
         # what a cut may take of each choice's context: its passage, never the question
         cuttable = iter(_cuttable(tok, [r for r, (_, own_parts) in zip(records, parts) for _ in own_parts], "cloze",
                                   [ctx for own in own_rows for ctx, _ in own]))
-        for record, (_, own_parts), own in zip(records, parts, own_rows):
+        for place, (record, (_, own_parts), own) in enumerate(zip(records, parts, own_rows)):
             owner = record.get("id")
             for ctx, cont in own:
                 if len(cont) > budget - 1:  # at least one context token to condition on
@@ -318,6 +341,8 @@ class ClozeCollator:
                     "cut; in WinoGrande's partial scoring the choice sits in the context), scoring the choices on "
                     "fragments", len(self.prefix) + longest - shared, tok
                 )
+            if cut:
+                cuts[place] = len(self.prefix) + longest
             for (ctx, cont), (in_context, text) in zip(own, own_parts):
                 row = self.prefix + ctx[cut:] + cont
                 rows.append(row)
@@ -330,6 +355,8 @@ class ClozeCollator:
                 spans.append((1, 1))
                 chars.append(1)
 
+        self.last_cut = cuts
+        _warn_cut(self, records, cuts, CUT_PASSAGE)
         input_ids, attention_mask = _pad(rows, self.pad_id, "right")
         target_mask = torch.zeros_like(input_ids, dtype=torch.bool)
         for i, (start, stop) in enumerate(spans):
@@ -354,13 +381,14 @@ class CausalLMCollator:
     equal ``input_ids`` with -100 on padding (the model shifts them). The text of each record comes
     from ``text_fn`` (default ``record_text``). Records of either layout are checked as the reader checks them
     (:func:`~pyro_lora.records.validate_record`, the task told by :func:`~pyro_lora.records.record_task`).
-    A text longer than ``max_length`` tokens loses its end (the first batch that cuts one says so in a warning), except
-    a multiple-choice record's default text (question and correct answer), which loses the start of its question: cutting its end trained on the question without the
-    answer. A cut that would reach its question or answer (only a passage is cut) is refused (``ValueError`` naming
-    the ``max_length`` needed): the label would not change what is trained.
+    A text longer than ``max_length`` tokens loses its end, except a multiple-choice record's default text (passage,
+    question and correct answer), which loses the start of its passage: cutting its end trained on the question
+    without the answer. The first batch that cuts a text says so in a warning, once per collator (a batch that cuts
+    both kinds says the ends). A cut that would reach its question or answer (only a passage is cut) is refused
+    (``ValueError`` naming the ``max_length`` needed): the label would not change what is trained.
     """
 
-    _cut_said = False  # whether a cut of a text's end was said: once per collator
+    _cut_said = False  # whether a cut was said: once per collator
 
     def __init__(self, tokenizer, max_length: int = 512, text_fn: Callable[[dict], str] = record_text):
         self.tokenizer = tokenizer
@@ -393,6 +421,7 @@ class CausalLMCollator:
                         self.tokenizer
                     )
                 rows[i] = self.prefix + encoded[i][max(cut, 0):]
+            _warn_cut(self, records, {i: len(self.prefix) + len(encoded[i]) for i in kept}, CUT_PASSAGE)
         input_ids, attention_mask = _pad(rows, self.pad_id, "right")
         return {
             "input_ids": input_ids,

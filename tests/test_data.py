@@ -495,6 +495,105 @@ def test_a_run_knows_whether_its_cloze_rows_reach_max_length(smol_tok, records):
     assert not scored_apart_from_alone(smol_tok, [record])  # byte-level BPE: a choice's tokens alone are its own
 
 
+def _passage_records():
+    """A record whose long passage (only it) a small max_length cuts, and one without a passage."""
+    long = {"id": "p1", "context": "The river runs through the old town and past the mill. " * 6,
+            "question": "Does the river run through the town?", "choices": ["no", "yes"], "label": 1}
+    return long, {"id": "s1", "question": "Is it?", "choices": ["no", "yes"], "label": 0}
+
+
+@needs_smollm2
+@pytest.mark.parametrize("make", [D.LetterCollator, D.ClozeCollator, D.CausalLMCollator])
+def test_a_passage_cut_is_said_once(smol_tok, make):
+    """A multiple-choice prompt longer than max_length lost the start of its passage (BoolQ's "context") without a
+    word, where a classification text cut at its end was said. The first batch that cuts says how many of its records,
+    the first by id and its whole length (a cloze record's longest row), once per collator."""
+    import warnings
+
+    long, short = _passage_records()
+    # a letter prompt, a cloze record's longest row, a question and its answer: each whole, special tokens included
+    prefix = len(D.LetterCollator(smol_tok).prefix)
+    whole = prefix + max(len(smol_tok(t, add_special_tokens=False)["input_ids"]) for t in (
+        [D.letter_prompt(long)] if make is D.LetterCollator else
+        [c + t for c, t in D.cloze_pairs(long)] if make is D.ClozeCollator else [D.record_text(long)]))
+    collate = make(smol_tok, max_length=40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        collate([short])  # nothing cut: nothing said
+    with pytest.warns(UserWarning) as record:
+        collate([short, long])
+    assert [str(w.message) for w in record] == [
+        f"1 of the 2 texts of a batch are longer than max_length=40 tokens and are cut to it (the first, record 'p1', is "
+        f"{whole} tokens): each loses the start of its passage (its question and choices stay whole); raise max_length "
+        f"to keep them whole ({make.__name__} says this once: later batches may cut more)"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        collate([long])  # said once
+        make(smol_tok, max_length=whole)([long])  # fits exactly
+    if make is not D.CausalLMCollator:  # which records the last call cut, for compare's per-split counts
+        assert collate.last_cut == {0: whole}
+        collate([short, long, short, long])
+        assert collate.last_cut == {1: whole, 3: whole}
+        collate([short])
+        assert collate.last_cut == {}
+
+
+@needs_smollm2
+@pytest.mark.parametrize("make", [D.LetterCollator, D.ClozeCollator])
+def test_compare_says_passage_cuts_per_split(smol_tok, make):
+    """compare collates every split before training: it says per split how many records lose the start of their
+    passage, the first by id, and the --max-length the longest needs; its batches then say nothing more."""
+    import warnings
+
+    from pyro_lora.experiments.setup import _check_collates, _split_names
+
+    long, short = _passage_records()
+    longer = {**long, "id": "p2", "context": long["context"] * 2}
+    collate = make(smol_tok, max_length=40)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _check_collates(collate, {"train": [short, long, longer], "validation": [short], "test": [longer],
+                                  "boolq_shift": [long]}, chunk=2, names=_split_names("toy", ["boolq_shift"]))
+    said = [str(w.message) for w in record]
+    lengths = {}  # each record's whole length (a cloze record's longest row), as the collator counts it
+    for r in (long, longer):
+        collate([r])
+        lengths[r["id"]] = collate.last_cut[0]
+    tail = "each loses the start of its passage (its question and choices stay whole); raise --max-length to keep them whole"
+    assert said == [
+        f"2 of the 3 training records of 'toy' are longer than --max-length 40 tokens and are cut to it (the first, "
+        f"record 'p1', is {lengths['p1']} tokens): {tail} (the longest needs --max-length {lengths['p2']})",
+        f"1 of the 1 test records of 'toy' are longer than --max-length 40 tokens and are cut to it (the first, record "
+        f"'p2', is {lengths['p2']} tokens): {tail} (the longest needs --max-length {lengths['p2']})",
+        f"1 of the 1 records of the shifted set 'boolq_shift' are longer than --max-length 40 tokens and are cut to it "
+        f"(the first, record 'p1', is {lengths['p1']} tokens): {tail} (the longest needs --max-length {lengths['p1']})"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        collate([long, longer])  # the run's batches: said above
+        assert _check_collates(make(smol_tok, max_length=lengths["p2"]), {"train": [short, long, longer]}) <= {"cut"}
+
+
+@needs_smollm2
+def test_prepare_says_passage_cuts_before_training(smol_tok, tmp_path, monkeypatch):
+    """A BoolQ run under a small --max-length: each split's passage cuts are said before the LoRA is built."""
+    import shutil
+
+    from pyro_lora.experiments import setup
+    from pyro_lora.experiments.setup import CompareConfig
+
+    data = tmp_path / "data"
+    shutil.copytree(D.default_data_dir() / "boolq", data / "boolq")
+    monkeypatch.setattr(setup, "load_pretrained", lambda *a, **k: (object(), smol_tok))
+    monkeypatch.setattr(setup, "add_lora", lambda *a, **k: pytest.fail("went on to build the LoRA"))
+    config = CompareConfig(model="smollm2", dataset="boolq", data_dir=str(data), mc_format="letter", max_length=96,
+                           train_size=12, test_size=8)
+    with pytest.warns(UserWarning) as record, pytest.raises(pytest.fail.Exception, match="went on to build the LoRA"):
+        setup.prepare(config)
+    said = [str(w.message) for w in record if "loses the start of its passage" in str(w.message)]
+    assert [m.split(" are longer")[0] for m in said] == [  # the shipped records, their first 12 and 8
+        "10 of the 11 training records of 'boolq'", "1 of the 1 validation records of 'boolq'",
+        "5 of the 8 test records of 'boolq'"]
+
 def test_a_run_knows_whether_its_choices_tokenized_alone_differ():
     """Before 2026-12-02 (cloze form 0) each choice was tokenized alone: under a tokenizer that prepends '▁' to each
     text it encodes (Llama-2's), ' Paris' alone is ['▁', '▁Paris'], within its context ['▁Paris']. A run scored under

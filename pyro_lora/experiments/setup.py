@@ -16,7 +16,7 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from .. import data as D
-from ..collators import _TooLong, _positions, scored_apart_from_alone
+from ..collators import CUT_END, CUT_PASSAGE, _TooLong, _positions, scored_apart_from_alone
 from ..contract import CONFIG_IGNORED, weights_digest
 from ..ownership import take_over
 from ..io import writable_folder
@@ -306,7 +306,7 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
             likelihood = MultipleChoice(D.letter_token_ids(tok, num_choices), format="letter")
             collator = D.LetterCollator(tok, config.max_length)
         collated = _check_collates(collator, {"train": train, "validation": val, "test": test, **shifted},
-                                   max_positions(config.model))
+                                   max_positions(config.model), names=_split_names(config.dataset, shifted))
     _warn_about_splits(config, tok, train, val, test, shifted)
     collator._cut_said = True  # each split's cuts are said above: the batches need not say them again
     config = replace(config, lr=config.lr or default_lr(meta["task"]))
@@ -344,20 +344,25 @@ def scoring_since(config: CompareConfig, collated: set, records) -> int:
     return since
 
 
-def _check_collates(collator, splits: dict, positions=None, chunk: int = 256):
+def _check_collates(collator, splits: dict, positions=None, chunk: int = 256, names: Optional[dict] = None):
     """Collate every record of every split once, before any training: a cloze choice longer than ``--max-length``
     leaves (or a letter prompt whose options it would cut) was refused only when its split was predicted, after every
-    method had been fitted.
+    method had been fitted. Records whose passage ``--max-length`` cuts (a :class:`~pyro_lora.data.LetterCollator`'s
+    or :class:`~pyro_lora.data.ClozeCollator`'s ``last_cut``) are said in a warning per split, the first by id; the
+    collator is marked said, so its batches do not say it again.
 
     :param positions: the model's position limit (:func:`~pyro_lora.model_files.max_positions`): a record that needs
         more is said to be one the model cannot take, not one a larger ``--max-length`` takes.
+    :param names: what each split (a key of ``splits``) is called in a warning; ``"<key> records"`` where not given.
     :returns: for a cloze collator, what its rows show of the scoring forms' changes (:data:`SCORING_CHANGES`):
         ``"cut"`` where a row of any split reaches ``max_length`` (is cut, or as long as it), ``"split"`` where a
         choice tokenized alone gives other tokens than within its context.
     :raises ValueError: naming the split, from the collator's own refusal.
     """
     collated = set()
+    collator._cut_said = True  # each split's cuts are said below, counted over the split: a batch would repeat one
     for name, records in splits.items():
+        cut = []  # (record, its whole length in tokens) of each record the cut takes a passage's start from
         for i in range(0, len(records), chunk):
             try:
                 batch = collator(records[i : i + chunk])
@@ -371,7 +376,30 @@ def _check_collates(collator, splits: dict, positions=None, chunk: int = 256):
                     collated.add("cut")
                 if scored_apart_from_alone(collator.tokenizer, records[i : i + chunk]):
                     collated.add("split")
+            cut += [(records[i + place], tokens) for place, tokens in collator.last_cut.items()]
+        if cut:
+            _say_cut((names or {}).get(name, f"{name} records"), records, cut, collator.max_length,
+                     positions or _positions(collator.tokenizer), CUT_PASSAGE, stacklevel=3)
     return collated
+
+
+def _split_names(dataset: str, shifted) -> dict:
+    """What a run's splits (``train``, ``validation``, ``test`` and each shifted set's name) are called in a warning."""
+    return {"train": f"training records of {dataset!r}", "validation": f"validation records of {dataset!r}",
+            "test": f"test records of {dataset!r}", **{name: f"records of the shifted set {name!r}" for name in shifted}}
+
+
+def _say_cut(what: str, records, cut: list, max_length: int, positions, lost: str, stacklevel: int):
+    """Warn that ``--max-length`` cuts ``cut`` (``(record, its whole length in tokens)``, in order, non-empty) of a
+    split's ``records`` (``what`` they are), saying what they lose (``lost``: :data:`~pyro_lora.collators.CUT_END` or
+    :data:`~pyro_lora.collators.CUT_PASSAGE`) and the ``--max-length`` the longest needs (or that it is more than the
+    model's ``positions``); ``stacklevel`` as the caller's own."""
+    longest = max(n for _, n in cut)
+    room = (f"the longest is {longest} tokens, more than the model's {positions} positions" if positions and
+            longest > positions else f"the longest needs --max-length {longest}")
+    warnings.warn(f"{len(cut)} of the {len(records)} {what} are longer than --max-length {max_length} tokens and are "
+                  f"cut to it (the first, record {cut[0][0].get('id')!r}, is {cut[0][1]} tokens): {lost}; raise "
+                  f"--max-length to keep them whole ({room})", stacklevel=stacklevel + 1)
 
 
 def load_splits(config: CompareConfig):
@@ -391,15 +419,17 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
     """Say what makes a run's numbers mean less than they seem: test, validation or shifted records that repeat
     training ones as the model reads them (:func:`_model_inputs`: memory, not generalisation), shifted records that
     repeat test ones (no shift: the OOD AUROC cannot tell them apart), validation and test and shifted labels no
-    training record has, training labels no validation record has, and texts that ``--max-length`` cuts (:func:`_warn_about_cuts`)."""
+    training record has, training labels no validation record has, and texts that ``--max-length`` cuts (:func:`_warn_about_cuts`;
+    a multiple-choice passage's cut is said by :func:`_check_collates`)."""
     inputs = [_model_inputs(records, tokenizer, config.max_length) for records in (train, val, test, *shifted.values())]
     read = [[_any_order(key) for key in keys] for keys in inputs]  # a question with its choices reordered: learned alike
     trained = set(read[0])
     held = trained | set(read[1])
-    sets = [(f"validation records of {config.dataset!r}", val, trained, "training record"),
-            (f"test records of {config.dataset!r}", test, held, "training or validation record"),
-            *((f"records of the shifted set {name!r}", records, held, f"training or validation record of "
-               f"{config.dataset!r}") for name, records in shifted.items())]
+    names = _split_names(config.dataset, shifted)
+    sets = [(names["validation"], val, trained, "training record"),
+            (names["test"], test, held, "training or validation record"),
+            *((names[name], records, held, f"training or validation record of {config.dataset!r}")
+              for name, records in shifted.items())]
     for (what, records, seen, whose), keys in zip(sets, read[1:]):
         repeated = sum(key in seen for key in keys)
         if repeated:
@@ -419,7 +449,7 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
                           "test set's inputs, and the OOD AUROC against the test set cannot tell them apart); "
                           "deduplicate the sets", stacklevel=3)
     if train and record_task(train[0]) == "classification":
-        _warn_about_cuts(config, tokenizer, {f"training records of {config.dataset!r}": train, sets[0][0]: val},
+        _warn_about_cuts(config, tokenizer, {names["train"]: train, sets[0][0]: val},
                          {what: (records, keys) for (what, records, _, _), keys in zip(sets[1:], read[2:])})
         trained = {r["label"] for r in train}
         # the validation records matter where a row is fitted on them (temperature, +ts, *_val): not to fit or bayesianize a MAP
@@ -448,12 +478,7 @@ def _warn_about_cuts(config: CompareConfig, tokenizer, fitted: dict, scored: dic
         cut = [(r, len(ids)) for r, ids in zip(records, whole) if len(ids) > config.max_length]
         if not cut:
             continue
-        longest = max(n for _, n in cut)
-        room = (f"the longest is {longest} tokens, more than the model's {positions} positions" if positions and
-                longest > positions else f"the longest needs --max-length {longest}")
-        warnings.warn(f"{len(cut)} of the {len(records)} {what} are longer than --max-length {config.max_length} tokens "
-                      f"and are cut to it (the first, record {cut[0][0]['id']!r}, is {cut[0][1]} tokens): the model reads "
-                      f"none of what follows; raise --max-length to keep them whole ({room})", stacklevel=4)
+        _say_cut(what, records, cut, config.max_length, positions, CUT_END, stacklevel=4)
         if what in scored:
             texts = {}  # the input after the cut -> the ids of the records read as it, by their whole tokens
             for r, key, ids in zip(records, scored[what][1], whole):
