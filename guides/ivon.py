@@ -186,7 +186,7 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     :raises ValueError: before anything changes (the network, which guide owns the head, what is frozen), naming the
         argument, for a non-positive ``lr``, ``ess``, ``hess_init`` or ``clip_radius``, a negative ``weight_decay``,
         ``beta2`` outside ``[0, 1)``, ``epochs`` or ``mc_samples`` below 1, an unknown ``lr_schedule``, an empty
-        ``data``, a model with other sites than A and B, an ``autocast`` :func:`pyro_lora.fit` refuses, a run computing
+        ``data``, a model with other sites than A and B, adapters disabled (inside peft's ``disable_adapter()``), an ``autocast`` :func:`pyro_lora.fit` refuses, a run computing
         in float16 (IVON has no loss scaling) or one under ``torch.distributed``; and, as :func:`pyro_lora.fit` does,
         trainable parameters held in float16 or bfloat16 (ivon-opt keeps its state in their dtype, where its updates
         round away), or ones of several dtypes or devices (ivon-opt holds them in one buffer), naming them.
@@ -276,6 +276,10 @@ def _check_arguments(model, params, data, autocast, **args):
     if not hasattr(data, "__len__") or len(data) == 0:
         raise ValueError("data must be a non-empty sequence of batches (a DataLoader or a list), re-iterated each epoch")
     _check_sites(model, "train_ivon")
+    disabled = [path for path, layer in model.layers.items() if layer.disable_adapters]
+    if disabled:  # the network would run without the matrices IVON trains: no gradient reaches them
+        raise ValueError(f"the adapters are disabled ({disabled[0]}, e.g. inside net.disable_adapter()): train_ivon trains "
+                         "the adapter's LoRA matrices, which the network would not run; leave that context")
     model.adapter_values()  # refuses an adapter whose head a MAP trained beside LoRA values not written into it
     if distributed.is_distributed():
         raise ValueError("train_ivon runs in one process: under torch.distributed every rank would train its own posterior")

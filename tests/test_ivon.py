@@ -278,6 +278,15 @@ def test_models_it_cannot_train_are_refused():
         IVONGuide.from_optimizer(a_only, optimizer)
 
 
+def test_disabled_adapters_are_refused_before_training():
+    # the network would run without the LoRA matrices: no gradient reaches them, and the backward failed in autograd
+    model = lora()
+    start = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    with model.net.disable_adapter(), pytest.raises(ValueError, match=r"the adapters are disabled .*leave that context"):
+        train_ivon(model, data(), **FAST)
+    assert all(torch.equal(p, start[n]) for n, p in model.net.named_parameters())
+
+
 def test_from_optimizer_refuses_an_optimiser_that_never_trained_the_lora_matrices():
     # ivon-opt's README loop over a LoraModel's matrices as they come (frozen): their gradient is read as 0, so they only
     # shrink by weight decay and the "posterior" is the start's; one step of the same loop unfrozen is accepted (A's
