@@ -10,6 +10,7 @@ Guides never touch the network.
 import contextlib
 import copy
 import functools
+import inspect
 
 import pyro
 import pyro.distributions as dist
@@ -23,6 +24,7 @@ from pyro_lora.contract import check_guide, describe
 from pyro_lora.ownership import follow_svi_step, point_snapshot, record_fit, stop_following, take_over
 from pyro_lora.io import records_at_build, register_guide
 from pyro_lora.model import full_precision
+from pyro_lora.modes import building, library_dtype
 from pyro_lora.pyro_stack import check_no_plate, in_predictive, marking_sites, remember_draws
 
 
@@ -39,7 +41,8 @@ def _as_pyro_guide(forward):
         # without gradients (Predictive's draws) the draws are recorded: a model conditioned on them checks this guide
         drawn = poutine.trace() if not torch.is_grad_enabled() else None
         try:
-            with marking_sites(guide), full_precision(guide.model.device), drawn or contextlib.nullcontext():
+            with marking_sites(guide), full_precision(guide.model.device), library_dtype(), \
+                    drawn or contextlib.nullcontext():
                 out = forward(guide, *args, **kwargs)
         finally:
             guide._running = False
@@ -53,17 +56,50 @@ def _as_pyro_guide(forward):
 
 def _in_float32(method):
     """``method`` run without autocast: a guide's math (Choleskys, covariance products, log-densities) stays float32
-    under a user's ``torch.autocast`` or fit's, which are meant for the network's forward."""
+    under a user's ``torch.autocast`` or fit's, which are meant for the network's forward; and under
+    :func:`~pyro_lora.modes.library_dtype`, as every public method of a guide."""
 
     @functools.wraps(method)
     def run(guide, *args, **kwargs):
-        with full_precision(guide.model.device):
+        with full_precision(guide.model.device), library_dtype():
             return method(guide, *args, **kwargs)
 
     return run
 
 
 _FLOAT32_METHODS = ("posterior", "sample", "mean")
+_GUARDED = ("forward", *_FLOAT32_METHODS)  # their wrappers above hold library_dtype already
+
+
+def _in_library_state(cls):
+    """Every public method of ``cls`` (its own, as defined there) run under :func:`~pyro_lora.modes.library_dtype`, and
+    its constructor under :func:`~pyro_lora.modes.building`: a guide's tensors are the same under a user's
+    ``torch.set_default_dtype(torch.float64)`` or ``torch.inference_mode()`` as in a clean process (built there they
+    were float64, or inference tensors no later fit could train). The wrappers add one frame under each method: a
+    warning's ``stacklevel`` from a method's body counts it."""
+    for name, value in list(vars(cls).items()):
+        if name == "__init__":
+            setattr(cls, name, _building(value))
+        elif not name.startswith("_") and name not in _GUARDED and inspect.isfunction(value):
+            setattr(cls, name, _library_dtype(value))
+
+
+def _building(init):
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):  # so named, with its self: the search for the line building a guide passes it
+        with building():
+            init(self, *args, **kwargs)
+
+    return __init__
+
+
+def _library_dtype(method):
+    @functools.wraps(method)
+    def run(guide, *args, **kwargs):
+        with library_dtype():
+            return method(guide, *args, **kwargs)
+
+    return run
 
 
 def _record_parameters(guide):
@@ -119,6 +155,7 @@ class LoraGuide(torch.nn.Module):
         for name in _FLOAT32_METHODS:
             if name in cls.__dict__:
                 setattr(cls, name, _in_float32(cls.__dict__[name]))
+        _in_library_state(cls)
         register_guide(cls)  # load_guide builds registered classes only
 
     def __init__(self, model):
@@ -235,6 +272,9 @@ class LoraGuide(torch.nn.Module):
 
 def _draw(d, num_samples):
     return d.rsample((num_samples,)) if d.has_rsample else d.sample((num_samples,))
+
+
+_in_library_state(LoraGuide)
 
 
 class DensityDelta(dist.Delta):

@@ -109,7 +109,7 @@ class LastLayerLaplaceGuide(LoraGuide):
                 "posterior is over the answer rows as output rows only, the answer tokens' input embeddings stay at "
                 "the MAP; the GGN and the GLM predictive are exact for the model with its head untied at the MAP, not "
                 "for the tied one (where a sampled row would also move those tokens wherever the prompt holds them)",
-                UserWarning, stacklevel=2)
+                UserWarning, stacklevel=3)  # past guides.base's constructor wrapper
         self._head = (linear, rows)  # not a submodule: the network's weights are not the guide's
         # what the likelihood does to the head's output (a softcap, a scaling), known by the model's class: its
         # derivative goes into the GGN and the predictive in every dtype, rather than a float32 fit refusing it

@@ -114,7 +114,7 @@ class TFBGuide(LoraGuide):
             flagged["small"] += [layers[j] for j in small.reshape(-1).nonzero().flatten().tolist()]
             flagged["zero"] += [layers[j] for j in zero.reshape(-1).nonzero().flatten().tolist()]
         if flagged["small"] or flagged["zero"]:
-            warnings.warn(_singular_warning(flagged, self.min_singular_ratio), stacklevel=2)
+            warnings.warn(_singular_warning(flagged, self.min_singular_ratio), stacklevel=3)  # past base's wrapper
 
     @classmethod
     def from_guide(cls, model, guide, **kwargs):
@@ -313,7 +313,7 @@ class TFBGuide(LoraGuide):
         finally:
             bar.close()
         if edge:
-            warnings.warn(f"TFB search: {edge}", stacklevel=2)
+            warnings.warn(f"TFB search: {edge}", stacklevel=3)  # past guides.base's method wrapper
         self.set_sigma_q(best)
         self.criterion, self.tolerance, self.trace, self.search_edge = criterion, tolerance, trace, edge
         if progress:

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .checks import not_a_file
+from .modes import building
 from .digests import bytes_sha256, file_sha256
 from .contract import (_fingerprint_of, check_autoguide, check_guide, describe, differences, digested_parameters,
                        frozen_base_parameters, quantization, quantized_weights, require_lora_guide, unwrapped_name,
@@ -1156,7 +1157,8 @@ def load_guide(path, model, guide=None):
         are left as they were.
     """
     path = Path(path)
-    guide = _load_guide(path, model, guide)
+    with building():  # the guide's tensors as in a clean process: float32, and no inference tensors a fit cannot train
+        guide = _load_guide(path, model, guide)
     p = getattr(guide, "fit_progress", None)  # an autoguide has none
     if p and not p["finished"]:  # evaluating a checkpoint is fine; mistaking it for the result is not
         warnings.warn(f"the guide at {path} is a checkpoint of a fit that did not finish: it stopped after step {p['step']} "

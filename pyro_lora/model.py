@@ -604,8 +604,10 @@ class LoraModel:
     def prior_distribution(self, site: Site) -> torch.distributions.Distribution:
         """The prior of ``site`` with event shape ``site.shape``."""
         if isinstance(self.prior, (int, float)):
-            # a fill, not torch.tensor(..., device=...): a host-to-device copy would synchronise the GPU per site and step
-            return unchecked_isotropic_normal(site.shape, torch.full((), float(self.prior), device=self.device))
+            # a fill, not torch.tensor(..., device=...): a host-to-device copy would synchronise the GPU per site and step;
+            # float32 as the sites are, not the user's default dtype (a float64 default made the ELBO another number)
+            return unchecked_isotropic_normal(site.shape, torch.full((), float(self.prior), dtype=torch.float32,
+                                                                     device=self.device))
         d = self.prior[site.name] if isinstance(self.prior, dict) else self.prior(site)
         if not isinstance(d, torch.distributions.Distribution):
             raise ValueError(f"prior of site {site.name!r} is a {type(d).__name__}, not a distribution")

@@ -1,5 +1,6 @@
 """A network's train / eval mode for the length of a call, put back module by module afterwards, and the dropout its
-modes leave on.
+modes leave on; and the library's own tensors made as in a clean process whatever torch's ambient state
+(:func:`library_dtype`, :func:`building`).
 
 ``net.train(was_training)`` restores one flag recursively: a submodule the user had switched on its own (dropout kept
 off in the embeddings, one layer in train mode) would come back in the network's mode, changing later forwards.
@@ -17,7 +18,7 @@ import torch
 from torch.nn.modules.dropout import _DropoutNd
 from transformers import PretrainedConfig, PreTrainedModel
 
-__all__ = ["dropout_in_training", "eval_mode", "network_mode"]
+__all__ = ["building", "dropout_in_training", "eval_mode", "library_dtype", "network_mode"]
 
 
 @contextlib.contextmanager
@@ -36,6 +37,42 @@ def network_mode(net: torch.nn.Module, training: bool):
 def eval_mode(net: torch.nn.Module):
     """:func:`network_mode` in eval mode: no dropout."""
     return network_mode(net, False)
+
+
+@contextlib.contextmanager
+def library_dtype():
+    """Run the block (or, as a decorator, the function) with torch's default dtype float32, the caller's put back after.
+
+    The library's tensors are float32 by design (guide parameters and buffers, KFAC factors, priors: a float64
+    *network* keeps them float32 too), and many are made by factories that follow the default dtype (``torch.zeros``,
+    ``torch.tensor`` of Python floats, Pyro's and torch's distributions of Python numbers): under a user's
+    ``torch.set_default_dtype(torch.float64)`` they came out float64 beside float32 ones (a Laplace fit died in a
+    matmul, a guide loaded so held float64 buffers and drew other samples). One guard where the library is entered
+    covers every factory, a future one and third-party ones included, where explicit dtypes would have to be right at
+    each. ``set_default_dtype`` is process-wide: another thread making tensors meanwhile sees float32 too."""
+    saved = torch.get_default_dtype()
+    if saved == torch.float32:
+        yield
+        return
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+@contextlib.contextmanager
+def building():
+    """:func:`library_dtype`, and outside ``torch.inference_mode()``, for what builds state that outlives the call (a
+    guide's constructor, ``load_guide``): a tensor made in inference mode is an inference tensor for good, which a
+    later ``fit`` cannot update (AdamW: "Inplace update to inference tensor outside InferenceMode is not allowed") nor
+    differentiate through. Gradients stay off there, as inference mode had them."""
+    with library_dtype():
+        if not torch.is_inference_mode_enabled():
+            yield
+            return
+        with torch.inference_mode(False), torch.no_grad():
+            yield
 
 
 def dropout_in_training(net: torch.nn.Module) -> list[str]:

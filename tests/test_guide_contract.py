@@ -4,10 +4,12 @@ save/load round trip, Pyro's SVI with a Pyro optimizer, and the refusal of a mod
 A guide class exported by ``guides`` without a builder here fails ``test_every_guide_class_is_covered``.
 """
 
+import contextlib
 import copy
 import inspect
 import json
 import math
+import sys
 import warnings
 
 import pyro
@@ -1428,3 +1430,81 @@ def test_every_guide_taking_an_initial_value_checks_it(guide_class):
         guide_class(model, init={**values, "query.lora_A": values["query.lora_A"].transpose(-1, -2)})
     with pytest.raises(ValueError, match="no value for site"):
         guide_class(model, init={"query.lora_A": values["query.lora_A"]})
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype):
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(saved)
+
+
+# a user's ambient state around the library's calls, which must not change what they build or return
+AMBIENT = {"float64 default": lambda: _default_dtype(torch.float64), "inference_mode": torch.inference_mode}
+
+
+def _dtypes(guide):
+    return {k: v.dtype for k, v in guide.state_dict().items()}
+
+
+@pytest.mark.parametrize("ambient", list(AMBIENT))
+def test_a_guide_built_or_loaded_under_a_float64_default_or_inference_mode_is_the_clean_ones(built, ambient, tmp_path):
+    """Under ``torch.set_default_dtype(torch.float64)`` a guide's constructor made float64 buffers beside float32 ones (a
+    Laplace loaded so died in predict_glm once the default was back, a TFB drew other samples, 0.03 off in probability);
+    under ``torch.inference_mode()`` its parameters were inference tensors, and a later fit died in AdamW ("Inplace
+    update to inference tensor outside InferenceMode")."""
+    model, guide = built
+    predictive = _predictive(model, guide)
+    pyro.set_rng_seed(5)
+    before = predictive(guide)
+    save_guide(guide, tmp_path / "g")
+    with AMBIENT[ambient]():
+        rebuilt = type(guide)(model, **guide.config())
+        loaded = load_guide(tmp_path / "g", model)
+    assert torch.get_default_dtype() == torch.float32 and not torch.is_inference_mode_enabled()  # the user's, put back
+    for g in (rebuilt, loaded):
+        assert _dtypes(g) == _dtypes(guide)
+        assert not any(t.is_inference() for t in (*g.state_dict().values(), *model.net.parameters()))
+    pyro.set_rng_seed(5)
+    torch.testing.assert_close(predictive(loaded).probs, before.probs, rtol=0, atol=0)
+    if list(loaded.parameters()):
+        fit(model, loaded, data(), lr=1e-3, train_network=False, progress=False)
+
+
+@pytest.mark.parametrize("cls", list(BUILDERS), ids=lambda c: c.__name__)
+def test_every_guide_built_fitted_and_predicted_under_a_float64_default_gives_the_clean_numbers(cls, monkeypatch):
+    """The library's tensors followed the user's default dtype: a Laplace fit died in the sketch update ("float !=
+    double"), fit's ELBO summed a float64 prior. The network is the user's, built as before (a float64 network is
+    another, supported, thing); everything the library builds, fits and predicts runs under the float64 default."""
+    results = {}
+    for dtype in (torch.float32, torch.float64):
+        pyro.set_rng_seed(0)
+        torch.manual_seed(0)
+        with _default_dtype(dtype):
+            model, guide = BUILDERS[cls]()
+            pyro.set_rng_seed(5)
+            results[dtype] = guide, _predictive(model, guide)(guide).probs
+        monkeypatch.setattr(sys.modules[__name__], "tiny_bert", lambda plain=tiny_bert, **kw: _in_float32_default(plain, **kw))
+    (clean, p32), (under, p64) = results[torch.float32], results[torch.float64]
+    assert _dtypes(under) == _dtypes(clean) and p64.dtype == p32.dtype
+    torch.testing.assert_close(p64, p32, rtol=0, atol=0)
+
+
+def _in_float32_default(build, **kw):
+    with _default_dtype(torch.float32):
+        return build(**kw)
+
+
+def test_a_laplaces_glm_and_evidence_under_a_float64_default_are_the_clean_ones():
+    """predict_glm of a Laplace fitted in a clean state died under a float64 default ("expected scalar type Double but
+    found Float"); its evidence and lambda must be the same numbers too."""
+    model, guide = BUILDERS[LaplaceGuide]()
+    copied = copy.deepcopy(guide)
+    clean = guide.optimize_prior_precision("marglik"), guide.predict_glm(data()).probs
+    with _default_dtype(torch.float64):
+        under = copied.optimize_prior_precision("marglik"), copied.predict_glm(data()).probs
+    assert under[0] == clean[0]
+    torch.testing.assert_close(under[1], clean[1], rtol=0, atol=0)
