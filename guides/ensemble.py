@@ -25,7 +25,7 @@ from pyro_lora.hooks import forward_hooks
 from pyro_lora.ownership import take_over, trained_beside_head
 from pyro_lora.predictive import predict
 from pyro_lora.sites import base_network, base_rewriting_inits, check_values, lora_inits
-from pyro_lora.training import fit
+from pyro_lora.training import check_training_context, fit
 
 from .base import LoraGuide
 from .map import MAPGuide
@@ -434,8 +434,10 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
         member 0 and only ``k - 1`` members are trained (with ``seeds[1:]``).
     :raises ValueError: before any training, for repeated seeds, sites between A and B, LoRA parameters that are no
         sites, ``train_network=False`` with a head, or checkpointing ``fit_kwargs`` (``checkpoint_dir``,
-        ``checkpoint_every``, ``resume``: the members would share one checkpoint).
+        ``checkpoint_every``, ``resume``: the members would share one checkpoint), inside ``torch.inference_mode()`` or
+        a Pyro handler :func:`pyro_lora.fit` refuses.
     """
+    check_training_context("train_ensemble")  # as each member's fit would, but before the first is re-initialised
     k = check_count(k, "k")
     seeds = list(range(k)) if seeds is None else list(seeds)
     if len(seeds) != k:

@@ -20,8 +20,8 @@ from pyro_lora.data import to_device
 from pyro_lora.model import LoraModel, full_precision
 from pyro_lora.modes import network_mode
 from pyro_lora.sites import check_values
-from pyro_lora.training import (_DivergenceWatch, _schedule, batch_nll, check_full_precision, nll_unit, per_unit,
-                                 step_autocast, training_autocast)
+from pyro_lora.training import (_DivergenceWatch, _schedule, batch_nll, check_full_precision, check_training_context,
+                                 nll_unit, per_unit, step_autocast, training_autocast)
 
 from .base import LoraGuide
 from .registry import Fitted, method
@@ -186,10 +186,12 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     :raises ValueError: before anything changes (the network, which guide owns the head, what is frozen), naming the
         argument, for a non-positive ``lr``, ``ess``, ``hess_init`` or ``clip_radius``, a negative ``weight_decay``,
         ``beta2`` outside ``[0, 1)``, ``epochs`` or ``mc_samples`` below 1, an unknown ``lr_schedule``, an empty
-        ``data``, a model with other sites than A and B, adapters disabled (inside peft's ``disable_adapter()``), an ``autocast`` :func:`pyro_lora.fit` refuses, a run computing
-        in float16 (IVON has no loss scaling) or one under ``torch.distributed``; and, as :func:`pyro_lora.fit` does,
-        trainable parameters held in float16 or bfloat16 (ivon-opt keeps its state in their dtype, where its updates
-        round away), or ones of several dtypes or devices (ivon-opt holds them in one buffer), naming them.
+        ``data``, a model with other sites than A and B, adapters disabled (inside peft's ``disable_adapter()``), a
+        call inside ``torch.inference_mode()`` (under ``torch.no_grad()`` it switches gradients on for its run), an
+        ``autocast`` :func:`pyro_lora.fit` refuses, a run computing in float16 (IVON has no loss scaling) or one under
+        ``torch.distributed``; and, as :func:`pyro_lora.fit` does, trainable parameters held in float16 or bfloat16
+        (ivon-opt keeps its state in their dtype, where its updates round away), or ones of several dtypes or devices
+        (ivon-opt holds them in one buffer), naming them.
     :raises ~pyro_lora.training.DivergenceError: when the loss becomes non-finite or rises far above its start, judged
         per example, or per scored token for ``CausalLM`` (as :func:`pyro_lora.fit` judges it; the network is then put
         back as it was).
@@ -220,7 +222,8 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     bar = tqdm(total=epochs * len(data), desc="train IVON", disable=not progress, dynamic_ncols=True)
     trained = False
     try:
-        with full_precision(device), network_mode(model.net, True):  # an enclosing autocast is off for the run: autocast= alone sets the forward's
+        # gradients on under an enclosing torch.no_grad() too
+        with torch.enable_grad(), full_precision(device), network_mode(model.net, True):  # an enclosing autocast is off for the run: autocast= alone sets the forward's
             for epoch in range(epochs):
                 for batch in data:
                     batch = to_device(batch, device)
@@ -272,6 +275,8 @@ def _check_arguments(model, params, data, autocast, **args):
         raise ValueError(f"weight_decay must be >= 0, got {args['weight_decay']!r}")
     if not 0 <= args["beta2"] < 1:
         raise ValueError(f"beta2 must be in [0, 1), got {args['beta2']!r}")
+    # IVON's loop runs the network's own weights, no Pyro site: a Pyro handler around it changes nothing it computes
+    check_training_context("train_ivon", pyro_handlers=False)
     check_batches(data)
     if not hasattr(data, "__len__") or len(data) == 0:
         raise ValueError("data must be a non-empty sequence of batches (a DataLoader or a list), re-iterated each epoch")

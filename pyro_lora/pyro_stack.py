@@ -6,6 +6,7 @@ replay of the user's own, whether an optimizer step trains through it (:func:`on
 from __future__ import annotations
 
 import collections
+import re
 import sys
 import weakref
 
@@ -25,6 +26,7 @@ from pyro.poutine.escape_messenger import EscapeMessenger
 from pyro.poutine.indep_messenger import IndepMessenger
 from pyro.poutine.messenger import unwrap
 from pyro.poutine.replay_messenger import ReplayMessenger
+from pyro.poutine.seed_messenger import SeedMessenger
 from pyro.poutine.runtime import _PYRO_STACK
 from pyro.poutine.trace_struct import Trace
 from torch.optim.optimizer import register_optimizer_step_pre_hook
@@ -260,6 +262,37 @@ def check_no_plate(who: str) -> None:
         )
     if plates:
         raise ValueError(f"the {who} runs inside the plate(s) {plates}: its weight sites are global, and {VECTORIZED}")
+
+
+# handlers around a training loop that change nothing it computes: a block stops its sites at itself, after the loop's
+# own handlers (inside it) have seen them; a seed seeds the RNGs once on entry, as pyro.set_rng_seed would
+_HARMLESS_AROUND_TRAINING = (BlockMessenger, SeedMessenger)
+
+
+def check_no_handlers(who: str) -> None:
+    """Refuse to run ``who`` (an entry point running its own inference: ``fit``, ``train_ensemble``) inside any Pyro
+    handler but ``poutine.block`` and ``poutine.seed``: it traces, conditions, scales or plates its own model and guide,
+    and one around it would change that (``poutine.scale`` multiplied each loss, ``poutine.trace`` saw every step's
+    sites twice, ``poutine.condition`` fixed a site the guide draws).
+
+    :raises ValueError: naming the handlers, outermost first, and to call ``who`` outside them.
+    """
+    around = [m for m in _PYRO_STACK if not isinstance(m, _HARMLESS_AROUND_TRAINING)]
+    if around:
+        names = ", ".join(dict.fromkeys(_handler_name(m) for m in around))
+        raise ValueError(f"{who} runs inside the Pyro handler(s) {names}: it runs its own inference (its ELBO traces, "
+                         "replays and scales the model and guide), which a handler around it would change (a scale "
+                         f"multiplies the loss, a trace or condition breaks it); call {who} outside them")
+
+
+def _handler_name(messenger) -> str:
+    """How the user wrote ``messenger``: ``pyro.plate('data')``, ``poutine.scale``, or its class's name."""
+    if isinstance(messenger, IndepMessenger):
+        return f"pyro.plate({messenger.name!r})"
+    cls = type(messenger)
+    if cls.__module__.startswith("pyro.poutine.") and cls.__name__.endswith("Messenger"):
+        return "poutine." + re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__[: -len("Messenger")]).lower()
+    return cls.__name__
 
 
 def replayed_trace():

@@ -28,6 +28,7 @@ from .contract import check_guide, check_ranks_agree, require_lora_guide, temper
 from .ownership import point_snapshot, record_fit, take_over
 from .data import to_device
 from .modes import eval_mode, network_mode
+from .pyro_stack import check_no_handlers
 from .model import HALF_DTYPES, full_precision, warn_unscaled
 from .checks import check_batch, check_count, check_reiterable
 from .likelihoods import scored_labels
@@ -140,7 +141,10 @@ def fit(
         and samplers are compared, and of its contents the resumed epoch's batches read before the checkpoint (a
         digest); a callable ``kl_weight`` is not called to check it (a function of the step is assumed).
     :returns: list of per-step losses.
-    :raises ValueError: if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
+    :raises ValueError: inside ``torch.inference_mode()`` or a Pyro handler other than ``poutine.block`` and
+        ``poutine.seed`` (``poutine.scale``, ``trace``, ``condition``, a plate...: :func:`check_training_context`),
+        before any work (under ``torch.no_grad()`` the run switches gradients on: the same run as outside it);
+        if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
         on an ``epochs``, ``warmup_steps`` (longer than the run too), ``lr``, ``weight_decay`` (``lr * weight_decay``
         at least 1 too), ``grad_accum_steps``,
         ``max_grad_norm`` or ``checkpoint_every`` out of range (or without ``checkpoint_dir``), an ELBO it cannot
@@ -169,7 +173,9 @@ def fit(
     from .io import check_folder_slot, save_checkpoint, save_guide
 
     with contextlib.ExitStack() as held:  # the checkpoint_dir's lock, for the whole run
+        held.enter_context(torch.enable_grad())  # the run takes gradients, under an enclosing torch.no_grad() too
         with distributed.refused_together("fit"):  # a refusal on one rank only would leave the others waiting
+            check_training_context("fit")
             # first (a collective, which a rank refused earlier would skip): a rank's own checkpoint_dir was refused by
             # the first save, after the run; other steps or schedules would leave ranks waiting or apart
             require_lora_guide(guide, "fit")
@@ -432,6 +438,22 @@ def fit(
         if checkpoint_dir:
             save_guide(guide, checkpoint_dir)
         return losses
+
+
+def check_training_context(who: str, pyro_handlers: bool = True) -> None:
+    """Refuse to run ``who``, a training loop of its own, where it would not compute what it does outside any context:
+    inside ``torch.inference_mode()``, whose tensors never carry gradients (``torch.no_grad()`` is fine: the loop
+    switches gradients on itself); with ``pyro_handlers``, for a loop running the model's Pyro sites, inside a Pyro
+    handler that would change its inference (:func:`~pyro_lora.pyro_stack.check_no_handlers`).
+
+    :raises ValueError: naming the context, and to call ``who`` outside it.
+    """
+    if torch.is_inference_mode_enabled():
+        raise ValueError(f"cannot run {who} inside torch.inference_mode(): training takes gradients, which "
+                         f"inference-mode tensors never carry; call {who} outside it (under torch.no_grad() it "
+                         "switches gradients on for its run)")
+    if pyro_handlers:
+        check_no_handlers(who)
 
 
 # what orders a loader's data beside the global RNGs; numpy's RandomState is a Generator's legacy twin

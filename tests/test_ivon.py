@@ -1,6 +1,7 @@
 """IVON (guides/ivon.py): the guide read off ``ivon.IVON``'s state entry by entry, its samples and batched predictive,
 ``train_ivon``'s training and refusals, the saved guide, a bf16 base and the compare recipe."""
 
+import contextlib
 import io
 import json
 import math
@@ -503,3 +504,25 @@ def test_train_ivon_judges_a_causal_lm_per_scored_token(monkeypatch):
     with pytest.raises(DivergenceError, match=r"smoothed data NLL rose from 4.* per scored token"):
         train_ivon(LoraModel(tiny_llama(), CausalLM(), random="AB", num_data=24), [rows(4, 12, s) for s in range(6)],
                    lr=1e-9, progress=False)
+
+
+def test_train_ivon_under_no_grad_is_the_clean_run_and_inference_mode_is_refused():
+    """train_ivon under torch.no_grad() died in its first backward ('element 0 of tensors does not require grad'): it
+    switches gradients on for its run now, the same run as outside; inside torch.inference_mode(), whose tensors never
+    carry gradients, it is refused by name before anything changes."""
+    def trained(context=contextlib.nullcontext):
+        pyro.set_rng_seed(0)
+        model = lora()
+        with context():
+            guide = train_ivon(model, data(), epochs=2, lr=10.0, progress=False)
+        return {n: v.detach().clone() for n, v in guide.mean().items()}
+
+    clean = trained()
+    for context in (torch.no_grad, lambda: torch.set_grad_enabled(False)):
+        inside = trained(context)
+        assert all(torch.equal(clean[n], inside[n]) for n in clean)
+    model = lora()
+    before = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"cannot run train_ivon inside torch.inference_mode\(\)"):
+        train_ivon(model, data(), progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.net.named_parameters())

@@ -1,8 +1,10 @@
 """fit, predict, save/load and adapter export on tiny random networks."""
 
 import collections
+import contextlib
 import json
 import random
+import re
 
 import numpy as np
 import pyro
@@ -1350,3 +1352,65 @@ def test_fit_warns_where_num_data_is_not_the_examples_its_dataloader_draws():
     assert len(warned(96, dataset=rows, sampler=SubsetRandomSampler(range(24)))) == 1
     assert warned(24, dataset=Stream()) == []
     assert warned(24, dataset=rows, sampler=RandomSampler(rows, replacement=True)) == []
+
+
+def _seeded_fit(context=contextlib.nullcontext):
+    """A MAP fit from seed 0, run inside ``context()``: its losses and the guide."""
+    pyro.set_rng_seed(0)
+    model, guide = make()
+    with context():
+        losses = fit(model, guide, toy_data(), lr=1e-2, progress=False)
+    return losses, guide
+
+
+@pytest.mark.parametrize("context, named", [
+    (lambda: poutine.scale(scale=3.0), "poutine.scale"),
+    (poutine.trace, "poutine.trace"),
+    (lambda: poutine.condition(data={"query.lora_A": torch.zeros(2, 4, 32)}), "poutine.condition"),
+    (lambda: poutine.mask(mask=False), "poutine.mask"),
+    (lambda: pyro.plate("data", 8), "pyro.plate('data')"),
+])
+def test_fit_inside_a_pyro_handler_is_refused_naming_it_before_any_work(context, named):
+    """fit runs its own inference: under poutine.scale(3) it returned each loss x3 (the documented loss is per training
+    example), under poutine.trace or condition it died in Pyro ('Multiple sample sites named', 'must be sampled in
+    trace') after setting fit_progress. Such a handler is refused now, naming it, before any work; block and seed,
+    which change nothing fit computes, run the clean run."""
+    from pyro_lora.guides.ensemble import train_ensemble
+    model, guide = make()
+    network = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    with context(), pytest.raises(ValueError, match=rf"fit runs inside the Pyro handler\(s\) {re.escape(named)}: .*call fit outside"):
+        fit(model, guide, toy_data(), lr=1e-2, progress=False)
+    with context(), pytest.raises(ValueError, match=rf"train_ensemble runs inside the Pyro handler\(s\) {re.escape(named)}"):
+        train_ensemble(model, toy_data(), k=2)  # before its first member is re-initialised
+    assert guide.fit_progress is None
+    assert all(torch.equal(p, network[n]) for n, p in model.net.named_parameters())
+
+
+@contextlib.contextmanager
+def _reseeded():
+    pyro.set_rng_seed(1)
+    yield
+
+
+@pytest.mark.parametrize("context, outside", [
+    (torch.no_grad, contextlib.nullcontext), (lambda: torch.set_grad_enabled(False), contextlib.nullcontext),
+    (poutine.block, contextlib.nullcontext), (lambda: poutine.seed(rng_seed=1), _reseeded),  # seeds, as set_rng_seed
+])
+def test_fit_under_no_grad_or_a_harmless_handler_is_the_clean_run(context, outside):
+    """fit under torch.no_grad() or set_grad_enabled(False) died in its first backward ('element 0 of tensors does not
+    require grad'), leaving fit_progress at step 0 unfinished: it switches gradients on for its run now, the same run
+    as outside (and switches them back off after)."""
+    clean, guide = _seeded_fit(outside)
+    inside, other = _seeded_fit(context)
+    assert inside == clean and other.fit_progress["finished"]
+    assert all(torch.equal(a, b) for a, b in zip(guide.mean().values(), other.mean().values()))
+    with torch.no_grad():
+        _seeded_fit()
+        assert not torch.is_grad_enabled()
+
+
+def test_fit_inside_inference_mode_is_refused_before_any_work():
+    model, guide = make()
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"cannot run fit inside torch.inference_mode\(\): .*call fit outside it"):
+        fit(model, guide, toy_data(), lr=1e-2, progress=False)
+    assert guide.fit_progress is None
