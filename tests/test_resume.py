@@ -19,7 +19,11 @@ from pyro_lora.experiments.setup import CompareConfig, prepare
 from pyro_lora.guides.registry import METHODS
 from pyro_lora.digests import bytes_sha256
 from pyro_lora.io import FORMAT, _canonical, atomic_file, read_safetensors
-from pyro_lora.experiments.results import GuideFailures, RunFolder, config_differences
+from pyro_lora.experiments.results import ARRAYS, GuideFailures, RunFolder, config_differences, merge_results
+from pyro_lora.experiments.scoring import ood_auroc, prediction_arrays, score
+from pyro_lora.experiments.study_report import load_runs
+from pyro_lora.locking import locked_elsewhere
+from pyro_lora.predictive import Prediction
 
 ROW = {"guide": "map", "dataset": "sst2", "seed": 0, "accuracy": 0.5, "ece": 5.0, "nll": 0.7}
 METRICS = ("accuracy", "ece", "nll", "brier", "mutual_information", "aurc", "entropy")
@@ -741,11 +745,14 @@ def test_an_update_rerun_is_checked_against_the_map_of_the_run_it_merges_into(tm
     (base / "map_seed0.safetensors").unlink()  # a run from before MAPs were saved
     record = json.loads((base / "results.json").read_text())
     del record["maps"]
-    (base / "results.json").write_text(json.dumps(record))
     with np.load(base / "predictions_map.npz") as saved:
         arrays = dict(saved)
     arrays["sst2__seed0__probs"] = arrays["sst2__seed0__probs"] + np.array([1e-3, -1e-3])  # another MAP's rows
     np.savez(base / "predictions_map.npz", **arrays)
+    from pyro_lora.experiments.scoring import array_scores
+
+    record["per_seed"][0].update(array_scores(*(arrays[f"sst2__seed0__{k}"] for k in ARRAYS)))  # and their scores
+    (base / "results.json").write_text(json.dumps(record))
     with pytest.warns(UserWarning, match="MAP trained again for seed 0 on resume predicts up to 0.001 away"):
         (row,) = run_compare(small(tmp_path / "update", guides=("temperature",)), overwrite=True, reference=base)
     assert "two MAPs" in row["note"]
@@ -1590,12 +1597,17 @@ def test_rows_of_an_older_version_of_their_method_are_not_complete_and_every_see
     assert [(r["guide"], r["seed"]) for r in again.rows] == [("map", 0), ("map", 1), ("tfb", 0)]
 
 
-def test_rows_of_two_versions_of_a_method_are_never_averaged_by_a_summary_a_verdict_or_a_merge(tmp_path):
+def test_rows_of_two_versions_of_a_method_are_never_averaged_by_a_summary_a_verdict_or_a_merge(tmp_path, monkeypatch):
     """A run holding tfb seed 0 of version 1 and seeds 1, 2 of version 2 (a resume that did not run tfb, a merge of
     another method's --update) averaged the three into one mean, ± and verdict: accuracy 0.733 where version 2's rows
     alone give 0.600 ± 0.141. Those are kept, and the note names the seed left out; the record keeps every row."""
+    from pyro_lora.experiments import results
     from pyro_lora.experiments.results import merge_results
     from pyro_lora.experiments.verdict import verdict
+
+    # made-up accuracies beside placeholder arrays: the versions are what is tested, not the scores (whose check is
+    # test_a_finished_row_edited_since_is_refused_naming_the_field_and_both_values's)
+    monkeypatch.setattr(results, "check_scores", lambda *a, **k: None)
 
     config = small(tmp_path / "run", guides=("map", "tfb"), seeds=(0, 1, 2), ts=False)
     folder = RunFolder(tmp_path / "run", config)
@@ -1651,10 +1663,125 @@ def test_a_resume_reruns_rows_of_an_older_version_of_the_method_and_gives_the_un
     assert [{k: r.get(k) for k in ("guide", "seed", *keys)} for r in rows] == \
         [{k: r.get(k) for k in ("guide", "seed", *keys)} for r in expected]
     assert json.dumps([{k: r[k] for k in METRICS} for r in resumed]) == json.dumps([{k: r[k] for k in METRICS} for r in reference])
-    # rows of the current version are kept: nothing is rerun
+    # rows of the current version are kept: nothing is rerun (marked by a cost: an edited score is refused)
     marked = json.loads((out / "results.json").read_text())
     for r in marked["per_seed"]:
-        r["accuracy"] = 0.25 if r["guide"] == "tfb" else r["accuracy"]
+        r["fit_seconds"] = 12345.0 if r["guide"] == "tfb" else r["fit_seconds"]
     (out / "results.json").write_text(json.dumps(marked))
     run_compare(replace(config, seeds=(0, 1)))
-    assert {r["accuracy"] for r in json.loads((out / "results.json").read_text())["per_seed"] if r["guide"] == "tfb"} == {0.25}
+    assert {r["fit_seconds"] for r in json.loads((out / "results.json").read_text())["per_seed"] if r["guide"] == "tfb"} == {12345.0}
+
+
+def test_a_finished_row_edited_since_is_refused_naming_the_field_and_both_values(tmp_path, monkeypatch):
+    """A resume checked only that a finished row's arrays exist: a row whose accuracy was edited (or copied from another
+    run) was printed, averaged and judged by the verdict as the run's, though its own predictions give another."""
+    out = tmp_path / "run"
+    config = small(out, guides=("map",), ts=False)
+    first = run_compare(config)
+    record = (out / "results.json").read_bytes()
+    monkeypatch.setattr(C, "prepare", lambda *a, **k: pytest.fail("a finished run trains nothing"))
+    again = run_compare(config)  # untouched: resumed as before, its record as it was
+    assert json.dumps(again, sort_keys=True) == json.dumps(first, sort_keys=True)
+    assert (out / "results.json").read_bytes() == record
+    saved = json.loads(record)
+    (row,) = saved["per_seed"]
+    truth = dict(row)
+    row["nll"] = float(np.float32(row["nll"]))  # float rounding is no edit
+    (out / "results.json").write_text(json.dumps(saved))
+    run_compare(config)
+    edited = {**saved, "per_seed": [{**row, "accuracy": 0.95}]}
+    (out / "results.json").write_text(json.dumps(edited))
+    with pytest.raises(ValueError, match=re.escape(f"{out / 'results.json'}: the row of map on sst2, seed 0 holds accuracy "
+                                                   f"0.95 where its own arrays in predictions_map.npz give {truth['accuracy']!r}")
+                       + r".*remove the rows of map under seed 0 from results.json's per_seed"):
+        run_compare(config)
+    assert json.loads((out / "results.json").read_text()) == edited  # nothing written
+    monkeypatch.undo()  # the remedy it names: without the row, the same command reruns it
+    (out / "results.json").write_text(json.dumps({**saved, "per_seed": []}))
+    (rerun,) = run_compare(config)
+    assert rerun["accuracy"] == truth["accuracy"]
+
+
+def test_a_resume_with_nothing_to_run_writes_the_summary_it_prints(tmp_path, monkeypatch):
+    """The stored summary was not rewritten where nothing was left to run: results.json said one accuracy, the table
+    printed another (a summary edited by hand, or written by older code)."""
+    out = tmp_path / "run"
+    config = small(out, guides=("map",), ts=False)
+    (printed,) = run_compare(config)
+    saved = json.loads((out / "results.json").read_text())
+    saved["summary"][0]["accuracy"] = 0.95
+    (out / "results.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(C, "prepare", lambda *a, **k: pytest.fail("a finished run trains nothing"))
+    (again,) = run_compare(config)
+    stored = json.loads((out / "results.json").read_text())
+    assert again["accuracy"] == printed["accuracy"] == stored["summary"][0]["accuracy"] != 0.95
+    assert stored["per_seed"] == saved["per_seed"] and stored["config"] == saved["config"]  # the rest as it was
+
+
+def _scored_run(out, guides=("map",), seeds=(0, 1)):
+    """A run of ``guides`` on sst2 and the shifted set sst2_shift scored as compare scores (random float32 predictives
+    of 4 weight samples): its rows are what its arrays give."""
+    folder = RunFolder(out, small(out, guides=guides, seeds=seeds, eval_datasets=("sst2_shift",)))
+    for i, (guide, seed) in enumerate((g, s) for g in guides for s in seeds):
+        g = torch.Generator().manual_seed(i)
+        predictions = {}
+        for dataset in ("sst2", "sst2_shift"):
+            samples = torch.softmax(torch.randn(4, 8, 2, generator=g), -1)
+            predictions[dataset] = Prediction(samples.mean(0), torch.randint(0, 2, (8,), generator=g), samples)
+        rows, arrays = [], {}
+        for dataset, prediction in predictions.items():
+            row = {"guide": guide, "dataset": dataset, "seed": seed, **score(prediction)}
+            if dataset != "sst2":
+                row.update(ood_auroc(predictions["sst2"], prediction))
+            rows.append(row)
+            arrays.update(prediction_arrays(prediction, dataset, seed))
+        folder.add(guide, seed, rows, arrays)
+    return out
+
+
+def _edit_row(out, guide, dataset, seed, **scores):
+    saved = json.loads((out / "results.json").read_text())
+    for row in saved["per_seed"]:
+        if (row["guide"], row["dataset"], row["seed"]) == (guide, dataset, seed):
+            row.update(scores)
+    (out / "results.json").write_text(json.dumps(saved))
+
+
+def test_the_studys_report_and_merge_refuse_a_row_its_arrays_contradict(tmp_path):
+    """The report (``study --report-only``) and an update's merge took the rows of a run folder as they were."""
+    runs = tmp_path / "runs"
+    run = _scored_run(runs / "sst2", guides=("map", "temperature"))
+    assert set(load_runs(runs)) == {"sst2"}
+    _edit_row(run, "temperature", "sst2_shift", 1, ood_auroc_entropy=0.99)
+    with pytest.raises(ValueError, match=r"the row of temperature on sst2_shift, seed 1 holds ood_auroc_entropy 0.99 where "
+                                         r"its own arrays in predictions_temperature.npz give 0\.\d+"):
+        load_runs(runs)
+    update = _scored_run(tmp_path / "update", guides=("temperature",))
+    merge_results(run, update)  # the edited row is one the update replaces
+    assert set(load_runs(runs)) == {"sst2"}
+    _edit_row(update, "temperature", "sst2", 0, mutual_information=None)  # n/a where its arrays give a number
+    with pytest.raises(ValueError, match=r"update/results.json: the row of temperature on sst2, seed 0 holds "
+                                         r"mutual_information nan where"):
+        merge_results(run, update)
+    update = _scored_run(tmp_path / "update2", guides=("temperature",))
+    _edit_row(run, "map", "sst2", 1, aurc=0.5)  # a row the merge keeps
+    with pytest.raises(ValueError, match=r"the row of map on sst2, seed 1 holds aurc 0.5 .*older pyro_lora: before 2026-12-05"):
+        merge_results(run, update)
+
+
+def test_the_committed_runs_rows_are_what_their_arrays_give():
+    """Every finished row of the study's committed runs passes the check a resume makes (rows scored before a metric's
+    definition changed would be refused: none is there)."""
+    from pathlib import Path
+
+    from pyro_lora.experiments.results import check_scores
+
+    checked = 0
+    for record in sorted((Path(__file__).parents[1] / "runs").glob("*/*/results.json")):
+        if locked_elsewhere(record.parent):  # a study writing it now: its row and arrays may be a write apart
+            continue
+        saved = json.loads(record.read_text())
+        check_scores(record.parent, saved["per_seed"], saved["config"]["dataset"])
+        checked += 1
+    if not checked:
+        pytest.skip("no committed run to check")

@@ -30,6 +30,7 @@ from ..io import atomic_file, check_file_slot, copy_file, read_safetensors, stan
 from ..locking import FolderLocked, folder_lock, locked_elsewhere
 from ..model_files import local_model_path
 from .plots import metric_scatter, reliability_diagram, reliability_grid
+from .scoring import array_ood_auroc, array_scores
 from .setup import ADDED_SETTINGS, BASE_DIGEST_VERSION, CLOZE_SCORING, state_digest
 from .table import base_guide, seed_list, ts_name
 from .verdict import REFERENCE, verdict
@@ -209,6 +210,72 @@ def unfinished_runs(out, rows, guides, seeds, datasets, ts) -> list:
     return [(g, s) for s in seeds for g in guides if not all(complete(r, s) for r in row_names(ts, g))]
 
 
+# how far a stored score may be from its arrays scored again (check_scores): the same functions on the same stored
+# values give it again up to a reduction's order of summation (~1e-16 relative), and JSON keeps a float exactly; rel
+# 1e-5 also passes arrays stored in float32 from float64 scores (6e-8 relative each; a mean moves less), while a hand
+# edit or another run's numbers differ in the digits a table shows (1e-3, 1e-4). abs 1e-7: scores near 0 (MI, ECE)
+SCORE_RTOL, SCORE_ATOL = 1e-5, 1e-7
+# what a score computed before a change of its definition may differ by: the error says so for such a field
+_REDEFINED = {
+    **dict.fromkeys(("aurc", "accuracy_at_50", "accuracy_at_80"), "before 2026-12-05 selective prediction ranked ties "
+                    "otherwise (commits 4210797, 9f842bd)"),
+    **dict.fromkeys(("ood_auroc_entropy", "ood_auroc_mi"), "before 2026-12-05 the AUROC ranked float ties otherwise "
+                    "(commit 6357e23)"),
+    **dict.fromkeys(("accuracy", "ece"), "before 2026-12-03 a tie at the top counted 0 or 1 and float32 confidences "
+                    "were binned in float64 (commits f1b27f2, d3a066c)"),
+}
+
+
+def check_scores(out, rows, dataset, skip=lambda row: False):
+    """Refuse a finished per-seed row of ``rows`` (a run's, kept in the folder ``out``; ``dataset``: its
+    in-distribution test set) whose scores are not what its own arrays in ``predictions_<guide>.npz`` give
+    (:func:`~.scoring.array_scores`, and for a shifted set's row :func:`~.scoring.array_ood_auroc` against the test
+    set's arrays of its seed), beyond float rounding (:data:`SCORE_RTOL`, :data:`SCORE_ATOL`): a hand-edited row, or
+    one copied from another run, was shown, averaged and judged by the verdict as this run's. A row without its
+    arrays (unfinished: rerun) and those ``skip`` picks (rerun by the caller) are not checked; a field a row lacks
+    (written before it was kept) neither. Each npz is read once.
+
+    :raises ValueError: naming the folder, the row (method, set, seed), the field, both values and how to rerun it;
+        or naming arrays that are no prediction (:mod:`~pyro_lora.metrics`' refusal).
+    """
+    out, arrays = Path(out), {}
+    for row in rows:
+        name, on, seed = row["guide"], row["dataset"], row["seed"]
+        if skip(row):
+            continue
+        if name not in arrays:
+            arrays[name] = _read_arrays(out, name)
+        saved, key, test = arrays[name], f"{on}__seed{seed}__", f"{dataset}__seed{seed}__"
+        if not all(key + kind in saved for kind in ARRAYS):
+            continue
+        where = f"{out / RESULTS}: the row of {name} on {on}, seed {seed}"
+        try:
+            scores = array_scores(*(saved[key + kind] for kind in ARRAYS))
+            if on != dataset and all(test + kind in saved for kind in ARRAYS):
+                scores.update(array_ood_auroc(saved[test + "entropy"], saved[key + "entropy"],
+                                              saved[test + "mutual_information"], saved[key + "mutual_information"]))
+        except ValueError as error:
+            raise ValueError(f"{where}: its arrays in predictions_{name}.npz are no prediction ({error}); "
+                             f"{_rerun_advice(name, seed)}") from None
+        for field, value in [(f, v) for f, v in scores.items() if f in row]:
+            stored = math.nan if row[field] is None else row[field]  # null: n/a, written for NaN
+            if not (math.isclose(stored, value, rel_tol=SCORE_RTOL, abs_tol=SCORE_ATOL)
+                    or math.isnan(stored) and math.isnan(value)):
+                older = (f" (or it was scored by an older pyro_lora: {_REDEFINED[field]}; such a row cannot be "
+                         "recomputed under its own definition)" if field in _REDEFINED else "")
+                raise ValueError(f"{where} holds {field} {stored!r} where its own arrays in predictions_{name}.npz give "
+                                 f"{value!r} (more than float rounding: relative {SCORE_RTOL:g}): the row was edited or "
+                                 f"copied from another run, and would be shown and averaged as this run's{older}; "
+                                 f"{_rerun_advice(name, seed)}")
+
+
+def _rerun_advice(name, seed) -> str:
+    return (f"rerun it: remove the rows of {name} under seed {seed} from results.json's per_seed (or delete "
+            f"predictions_{name}.npz: every seed of it is rerun) and run the same `pyro-lora compare` or `pyro-lora "
+            f"study` again, which reruns what is missing; or, in a study's run, `pyro-lora study --update "
+            f"{base_guide(name)}` with its flags")
+
+
 class _AnyKey:
     """Holds every key: the arrays of a record judged without its folder."""
 
@@ -279,6 +346,7 @@ class RunFolder:
             self.scoring_since = saved.get("scoring_since")
             self.seeding = recorded_seeding(saved)
             self.guides, self.seeds = list(saved["config"]["guides"] or ()), list(saved["config"]["seeds"])
+        self._saved = saved if not overwrite else None  # the record as read, until this process writes one
 
     def _read(self):
         return read_record(self.out, "move it away or choose another --out (a run is replaced only where its record can be "
@@ -560,10 +628,28 @@ class RunFolder:
         self.rows.sort(key=_row_order(self.guides, self.seeds))
         return summarize_run(self.rows, self.failed)
 
+    def check_scores(self, skip=lambda row: False):
+        """Refuse a finished row whose scores are not what its arrays give (:func:`check_scores`; ``skip``: the rows
+        this run reruns)."""
+        check_scores(self.out, self.rows, self.config.dataset, skip)
+
+    def keep_summary(self):
+        """Rewrite the summary and verdict of ``results.json`` where they are not those of its rows, as the run prints
+        them: a resume with nothing left to run writes no record, and left a summary edited by hand (or by older code)
+        beside the table it printed. The rest of the record stays as read (a config not resolved by a run is not
+        written over the resolved one)."""
+        if not is_main() or self._saved is None or not self.rows:
+            return
+        now = json.loads(json.dumps(standard_json({"summary": self.summary(), "verdict": verdict(
+            self.rows, self.config.dataset, self.config.eval_datasets)})))
+        if any(self._saved.get(k) != v for k, v in now.items()):
+            write_json(self.out / RESULTS, {**self._saved, **now})
+
     def write(self):
         """Write ``results.json``."""
         if not is_main():
             return
+        self._saved = None  # the record is this process's now: keep_summary has nothing to mend
         summary = self.summary()
         config = {**asdict(self.config), "guides": self.guides, "seeds": self.seeds}
         write_json(self.out / RESULTS, {"config": config, "request": self.request, "sizes": self.sizes, "summary": summary,
@@ -852,7 +938,8 @@ def merge_results(out, update, record=None):
     :param record: called once the run holds the merged rows, before the merge's marker goes (the study records
         the update in its sidecar): a kill in between leaves the marker, and the merge is finished again.
 
-    :raises ValueError: if the two runs' configurations differ in anything but guides, output folder and bars.
+    :raises ValueError: if the two runs' configurations differ in anything but guides, output folder and bars; if a
+        row merged is not what its arrays give (:func:`check_scores`).
     """
     out, update = Path(out), Path(update)
     base, new = (json.loads((d / RESULTS).read_text()) for d in (out, update))
@@ -882,6 +969,9 @@ def merge_results(out, update, record=None):
         raise ValueError(f"cannot merge {update} into {out}: the rerun lacks seed(s) {', '.join(map(str, missing))} of the run, "
                          "whose rows of the rerun methods would be left from the old code")
     updated = list(new["config"]["guides"])
+    # the rows merged are what their arrays give: the run's rows kept (those of the rerun methods go) and the rerun's
+    check_scores(out, base["per_seed"], base["config"]["dataset"], skip=lambda r: base_guide(r["guide"]) in updated)
+    check_scores(update, new["per_seed"], new["config"]["dataset"])
     guides = list(base["config"]["guides"]) + [g for g in updated if g not in base["config"]["guides"]]
     rows = sorted([r for r in base["per_seed"] if base_guide(r["guide"]) not in updated] + new["per_seed"],
                   key=_row_order(guides, base["config"]["seeds"]))

@@ -1,6 +1,7 @@
 """Scores of one prediction: calibration, uncertainty, selective prediction and out-of-distribution detection."""
 
 import numpy as np
+import torch
 
 from .. import metrics as M
 from ..metrics import summarize
@@ -37,18 +38,35 @@ def score(prediction, num_bins=15, point_estimate=False, no_samples_note=MI_NO_S
     weight samples from a predictive that is not a ``point_estimate`` (whose MI is exactly 0); ``no_samples_note``
     is the reason where it kept none.
     """
-    p, y = prediction.probs, prediction.labels
-    row = summarize(p, y, num_bins)
+    p = prediction.probs
     samples, missing = _mi_samples(prediction, point_estimate, no_samples_note)
+    row = array_scores(p, prediction.labels, M.predictive_entropy(p.unsqueeze(0)),
+                       None if missing else M.mutual_information(samples), num_bins)
+    if missing:
+        row["note"] = missing
+    return row
+
+
+def array_scores(probs, labels, entropy, mutual_information, num_bins=15):
+    """The scores of one evaluation from its per-example arrays (:func:`prediction_arrays`): what :func:`score`
+    computes, and what a resume recomputes from a run's stored arrays to check its rows.
+
+    :param probs: ``[N, C]`` predictive probabilities; ``labels``: ``[N]`` class indices.
+    :param entropy: ``[N]`` predictive entropy per example; ``mutual_information``: ``[N]`` per example, or None
+        (n/a: the row's MI is NaN, as it is where the array is NaN).
+    :raises ValueError: if a row of ``probs`` is not a probability vector, or on bad shapes or labels
+        (:mod:`~pyro_lora.metrics`).
+    """
+    p, y = torch.as_tensor(probs), torch.as_tensor(labels)
+    row = summarize(p, y, num_bins)
     row.update(
-        entropy=float(M.predictive_entropy(p.unsqueeze(0)).mean()),
-        mutual_information=float("nan") if missing else float(M.mutual_information(samples).mean()),
+        entropy=float(torch.as_tensor(entropy).mean()),
+        mutual_information=(float("nan") if mutual_information is None
+                            else float(torch.as_tensor(mutual_information).mean())),
         accuracy_at_50=M.accuracy_at_coverage(p, y, 0.5),
         accuracy_at_80=M.accuracy_at_coverage(p, y, 0.8),
         aurc=M.aurc(p, y),
     )
-    if missing:
-        row["note"] = missing
     return row
 
 
@@ -57,9 +75,18 @@ def ood_auroc(in_dist, shifted, point_estimate=False):
     (NaN, n/a, where either set's MI cannot be computed: see :func:`score`)."""
     si, missing_in = _mi_samples(in_dist, point_estimate)
     so, missing_out = _mi_samples(shifted, point_estimate)
+    missing = missing_in or missing_out
+    return array_ood_auroc(M.predictive_entropy(in_dist.probs.unsqueeze(0)), M.predictive_entropy(shifted.probs.unsqueeze(0)),
+                           None if missing else M.mutual_information(si), None if missing else M.mutual_information(so))
+
+
+def array_ood_auroc(entropy_in, entropy_out, mi_in, mi_out):
+    """:func:`ood_auroc` from the per-example ``[N_in]`` / ``[N_out]`` entropies and mutual informations of the test
+    and the shifted set (:func:`prediction_arrays`); its MI AUROC NaN (n/a) where either MI is None or NaN."""
+    mi_na = mi_in is None or mi_out is None or any(bool(torch.as_tensor(mi).isnan().any()) for mi in (mi_in, mi_out))
     return {
-        "ood_auroc_entropy": M.auroc(M.predictive_entropy(in_dist.probs.unsqueeze(0)), M.predictive_entropy(shifted.probs.unsqueeze(0))),
-        "ood_auroc_mi": float("nan") if missing_in or missing_out else M.auroc(M.mutual_information(si), M.mutual_information(so)),
+        "ood_auroc_entropy": M.auroc(entropy_in, entropy_out),
+        "ood_auroc_mi": float("nan") if mi_na else M.auroc(mi_in, mi_out),
     }
 
 
