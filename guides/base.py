@@ -72,15 +72,22 @@ _GUARDED = ("forward", *_FLOAT32_METHODS)  # their wrappers above hold library_d
 
 
 def _in_library_state(cls):
-    """Every public method of ``cls`` (its own, as defined there) run under :func:`~pyro_lora.modes.library_dtype`, and
-    its constructor under :func:`~pyro_lora.modes.building`: a guide's tensors are the same under a user's
-    ``torch.set_default_dtype(torch.float64)`` or ``torch.inference_mode()`` as in a clean process (built there they
-    were float64, or inference tensors no later fit could train). The wrappers add one frame under each method: a
-    warning's ``stacklevel`` from a method's body counts it."""
+    """Every public method of ``cls`` (its own, as defined there) that returns its result run under
+    :func:`~pyro_lora.modes.library_dtype`, and its constructor under :func:`~pyro_lora.modes.building`: a guide's
+    tensors are the same under a user's ``torch.set_default_dtype(torch.float64)`` or ``torch.inference_mode()`` as in
+    a clean process (built there they were float64, or inference tensors no later fit could train).
+
+    The library's own classes only: a wrapper adds a frame under each method, so a user's or a plugin's subclass
+    warning with Python's usual ``stacklevel=2`` would point into this file (the library's warnings find the user's
+    line themselves, :func:`~pyro_lora.callers.user_stacklevel`). A generator or a context manager runs its body after
+    the call returns, outside any wrapper: those are left as they are."""
+    if cls.__module__.partition(".")[0] not in ("pyro_lora", "guides"):
+        return
     for name, value in list(vars(cls).items()):
         if name == "__init__":
             setattr(cls, name, _building(value))
-        elif not name.startswith("_") and name not in _GUARDED and inspect.isfunction(value):
+        elif (not name.startswith("_") and name not in _GUARDED and inspect.isfunction(value)
+              and not inspect.isgeneratorfunction(inspect.unwrap(value))):
             setattr(cls, name, _library_dtype(value))
 
 

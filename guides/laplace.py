@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from pyro_lora import distributed
 from pyro_lora.calibration import golden_section
+from pyro_lora.callers import user_stacklevel
 from pyro_lora.checks import check_nonnegative
 from pyro_lora.contract import check_guide, entry_checks
 from pyro_lora.data import fixed_batches, to_device
@@ -348,7 +349,7 @@ class LaplaceGuide(LoraGuide):
                     f"the largest) in {', '.join(self._flat_names(flat))}; the data do not constrain these LoRA matrices "
                     f"(the other matrix of their layer is zero, e.g. B at its zero init?), so the evidence leaves them "
                     f"out and they {outcome}",
-                    stacklevel=3,  # past the guide method's wrapper (guides.base._library_dtype)
+                    stacklevel=user_stacklevel(),
                 )
             if bool(flat.all()):
                 return [float(self.log_marginal_likelihood())]
@@ -365,7 +366,7 @@ class LaplaceGuide(LoraGuide):
                         "lambda towards 0 with the curvature (too few data, or the other matrix of the layer near zero, "
                         "e.g. B a few steps from its zero init); their lambda is held at that bound (prior std per entry "
                         f"at most {gamma ** -0.5:.2g} |theta*|); uninformed_matrices() flags them",
-                        stacklevel=3,
+                        stacklevel=user_stacklevel(),
                     )
             return self._optimize_marglik(per_layer, max_iter, floor)
         grid = prior_precision_grid(grid)
@@ -477,7 +478,7 @@ def _model_precision(model) -> float:
     if isinstance(model.prior, (int, float)):
         return 1.0 / float(model.prior) ** 2
     warnings.warn(f"the model's prior is a {type(model.prior).__name__}, not one std: the Laplace's prior precision starts "
-                  "at 1.0; pass prior_precision= to match the prior (optimize_prior_precision re-chooses it)", stacklevel=4)
+                  "at 1.0; pass prior_precision= to match the prior (optimize_prior_precision re-chooses it)", stacklevel=user_stacklevel())
     return 1.0
 
 
@@ -510,13 +511,13 @@ def warn_fitted_rows(model, count: int, who: str, rows: tuple, previous: tuple |
         warnings.warn(f"{who}.fit replaced the earlier fit over {earlier} examples by one over {which}: a fit replaces, it "
                       f"does not add to the curvature, so the posterior and the evidence are those of these {count} examples "
                       "alone; to fit on all of them, give every example in one loader (e.g. over a "
-                      "torch.utils.data.ConcatDataset)", stacklevel=4)
+                      "torch.utils.data.ConcatDataset)", stacklevel=user_stacklevel())
     if model.num_data is not None and count != model.num_data:
         part = "part of" if count < model.num_data else "more than"
         warnings.warn(f"{who}.fit summed the curvature of {count} examples, but the model was built with num_data="
                       f"{model.num_data} (its training set): the posterior and the evidence are those of {count} examples "
                       f"({part} the training set); fit on the whole training set once, or build the model with "
-                      f"num_data={count} if these are its data", stacklevel=4)
+                      f"num_data={count} if these are its data", stacklevel=user_stacklevel())
 
 
 def check_prior_search(method, val_loader, grid) -> None:
@@ -631,13 +632,13 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide", tol=None, again=
             f"{who} val_nll: the validation predictive overflowed (not finite) at lambda {max(overflowed):g}: a lambda "
             f"within a factor {margin:g} of one that overflows{', or overflowing on a second set of draws,' if again else ''} "
             f"is refused as at the edge of overflowing; lambda = {best:g} is the best value clear of that"
-            f"{', finite on a second set of draws too' if again else ''}", stacklevel=4)
+            f"{', finite on a second set of draws too' if again else ''}", stacklevel=user_stacklevel())
     if low < high and best in (low, high) and [g for g in ordered.tolist() if not near(g)] == [best]:
         # the other grid values were refused for the overflow margin, not scored worse: no optimum beyond is implied
         warnings.warn(f"{who} val_nll: lambda = {best:g} is the only grid value (grid {low:g} to {high:g}) clear of "
                       f"the overflow margin, the others overflowing or within a factor {margin:g} of one that did: it is "
                       f"set with no other value to compare; a grid of more values above {max(overflowed) * margin:g} "
-                      "searches there", stacklevel=4)
+                      "searches there", stacklevel=user_stacklevel())
     elif low < high and best in (low, high):
         side, beyond = ("smallest", f"below {low:g} (a wider posterior)") if best == low else \
             ("largest", f"above {high:g} (a narrower posterior, towards the MAP)")
@@ -645,7 +646,7 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide", tol=None, again=
             f"{who} val_nll: the validation NLL is lowest at the {side} grid value lambda = {best:g} (grid "
             f"{low:g} to {high:g}): the optimum may lie beyond the grid; lambda = {best:g} is set, but extend the "
             f"grid {beyond} to find it",
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
     return best, nlls
 
@@ -656,7 +657,7 @@ def said_flat(who, nlls, low, high, best) -> bool:
     if not (low < high and min(nlls) == max(nlls)):
         return False
     warnings.warn(f"{who} val_nll: the validation NLL is {nlls[0]:.6g} at every lambda from {low:g} to {high:g}: the "
-                  f"posterior's spread does not change the validation predictions; lambda = {best:g} is set", stacklevel=5)
+                  f"posterior's spread does not change the validation predictions; lambda = {best:g} is set", stacklevel=user_stacklevel())
     return True
 
 

@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_lora import distributed
+from pyro_lora.callers import user_stacklevel
 from pyro_lora.contract import check_guide, entry_checks
 from pyro_lora.data import RowDigest, check_every_example, fixed_batches, to_device
 from pyro_lora.evidence import maximise_evidence, precision_tensor
@@ -109,7 +110,7 @@ class LastLayerLaplaceGuide(LoraGuide):
                 "posterior is over the answer rows as output rows only, the answer tokens' input embeddings stay at "
                 "the MAP; the GGN and the GLM predictive are exact for the model with its head untied at the MAP, not "
                 "for the tied one (where a sampled row would also move those tokens wherever the prompt holds them)",
-                UserWarning, stacklevel=3)  # past guides.base's constructor wrapper
+                UserWarning, stacklevel=user_stacklevel())
         self._head = (linear, rows)  # not a submodule: the network's weights are not the guide's
         # what the likelihood does to the head's output (a softcap, a scaling), known by the model's class: its
         # derivative goes into the GGN and the predictive in every dtype, rather than a float32 fit refusing it

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_lora import distributed
+from pyro_lora.callers import user_stacklevel
 from pyro_lora.checks import check_count, check_flag
 from pyro_lora.contract import check_guide, describe, differences, entry_checks
 from pyro_lora.data import check_every_example, subset, to_device
@@ -114,7 +115,7 @@ class TFBGuide(LoraGuide):
             flagged["small"] += [layers[j] for j in small.reshape(-1).nonzero().flatten().tolist()]
             flagged["zero"] += [layers[j] for j in zero.reshape(-1).nonzero().flatten().tolist()]
         if flagged["small"] or flagged["zero"]:
-            warnings.warn(_singular_warning(flagged, self.min_singular_ratio), stacklevel=3)  # past base's wrapper
+            warnings.warn(_singular_warning(flagged, self.min_singular_ratio), stacklevel=user_stacklevel())
 
     @classmethod
     def from_guide(cls, model, guide, **kwargs):
@@ -313,7 +314,7 @@ class TFBGuide(LoraGuide):
         finally:
             bar.close()
         if edge:
-            warnings.warn(f"TFB search: {edge}", stacklevel=3)  # past guides.base's method wrapper
+            warnings.warn(f"TFB search: {edge}", stacklevel=user_stacklevel())
         self.set_sigma_q(best)
         self.criterion, self.tolerance, self.trace, self.search_edge = criterion, tolerance, trace, edge
         if progress:

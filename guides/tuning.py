@@ -20,6 +20,7 @@ import torch
 
 from pyro_lora import distributed
 from pyro_lora.calibration import check_tol, golden_section
+from pyro_lora.callers import user_stacklevel
 from pyro_lora.data import fixed_batches
 from pyro_lora.metrics import accuracy, nll
 from pyro_lora.predictive import NonFinitePredictionError, predict
@@ -201,7 +202,7 @@ def _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate, scores, 
         set_value(grid[0])
         note = (f"the validation NLL is the same at every {knob} of the grid ({grid[0]:g} to {grid[-1]:g}): the {knob} "
                 f"does not change these predictions (a posterior without spread?); left at the smallest, {grid[0]:g}")
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, stacklevel=user_stacklevel())
         return Tuning(grid[0], trace, note)
     if i == 0 and all(map(worst, grid[1:])):  # refused for what it costs, or for an overflow: each said as it is
         flips = "" if max_flip_rate is None else f" or flips more than {100 * max_flip_rate:g}% of the validation predictions"
@@ -231,7 +232,7 @@ def _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate, scores, 
                 f"{grid[-1]:g}): the optimum may lie beyond it")
     note = "; ".join(filter(None, [note, margin_note])) or None
     if note:
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(note, stacklevel=user_stacklevel())
     set_value(best)
     return Tuning(best, trace, note)
 

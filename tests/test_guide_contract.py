@@ -1508,3 +1508,29 @@ def test_a_laplaces_glm_and_evidence_under_a_float64_default_are_the_clean_ones(
         under = copied.optimize_prior_precision("marglik"), copied.predict_glm(data()).probs
     assert under[0] == clean[0]
     torch.testing.assert_close(under[1], clean[1], rtol=0, atol=0)
+
+
+def test_warnings_point_at_the_users_line_through_the_guides_wrappers():
+    """The dtype guard wrapped every public method of every guide class, a user's subclass too: its own
+    ``warnings.warn(..., stacklevel=2)`` then pointed into guides/base.py; and TFB's warnings pointed into
+    guides/tfb.py when the guide was built by ``from_guide`` or ``bayesianize`` (fixed frame counts)."""
+    from pyro_lora.guides.tfb import bayesianize
+
+    class Reporting(MAPGuide):
+        def report(self):
+            warnings.warn("the subclass's own warning", stacklevel=2)
+
+    model = lora()
+    with torch.no_grad():  # B = 0: TFB warns that it cannot bayesianize it
+        for layer in model.layers.values():
+            layer.lora_B["default"].weight.zero_()
+    calls = {"a subclass's method": lambda: Reporting(model).report(),
+             "TFBGuide.from_guide": lambda: TFBGuide.from_guide(model, MAPGuide(model)),
+             "bayesianize": lambda: bayesianize(model, data(), progress=False)}
+    for what, call in calls.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        mine = [w for w in caught if not w.filename.endswith("modeling_utils.py")]  # peft's own deprecation, if any
+        assert mine, what
+        assert {(w.filename, w.lineno) for w in mine} == {(__file__, call.__code__.co_firstlineno)}, what
