@@ -435,11 +435,19 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     :raises ValueError: before any training, for repeated seeds, sites between A and B, LoRA parameters that are no
         sites, ``train_network=False`` with a head, or checkpointing ``fit_kwargs`` (``checkpoint_dir``,
         ``checkpoint_every``, ``resume``: the members would share one checkpoint), inside ``torch.inference_mode()`` or
-        a Pyro handler :func:`pyro_lora.fit` refuses.
+        a Pyro handler :func:`pyro_lora.fit` refuses; under ``torch.distributed``, on every rank, where ``k``, ``seeds``
+        (``None`` and the same seeds given count as different), ``include_current`` or a ``fit_kwargs`` entry differ
+        across ranks.
     """
+    seeds = None if seeds is None else list(seeds)
+    fit_kwargs = {"progress": False, **(fit_kwargs or {})}
+    # first, before any check that may refuse on one rank only: seeds per rank trained other members on each rank (rank
+    # 0's kept), another k or include_current paired other members in each fit's collectives
+    distributed.check_settings("train_ensemble", {"k": k, "seeds": seeds, "include_current": include_current,
+                                                  **{f"fit_kwargs[{key!r}]": _fit_setting(key, v) for key, v in fit_kwargs.items()}})
     check_training_context("train_ensemble")  # as each member's fit would, but before the first is re-initialised
     k = check_count(k, "k")
-    seeds = list(range(k)) if seeds is None else list(seeds)
+    seeds = list(range(k)) if seeds is None else seeds
     if len(seeds) != k:
         raise ValueError(f"need k >= 1 and k seeds, got k={k} and seeds={seeds}")
     # torch.manual_seed takes 3.5 as 3, "3" as 3 and -1 as 2**64 - 1: such seeds are refused, not silently equal
@@ -462,7 +470,6 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     heads_names = _head_names(model)
     _restarts(model, heads_names)  # refused before any training, not at the first member's start
     _member_init(model)
-    fit_kwargs = {"progress": False, **(fit_kwargs or {})}
     if heads_names and not fit_kwargs.get("train_network", True):
         raise ValueError(f"fit_kwargs train_network=False with a head to train ({heads_names[0]}, ...): each member starts "
                          "from a freshly drawn head, which would stay untrained; leave train_network on")
@@ -489,6 +496,21 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
             for n, v in saved.items():
                 params[n].copy_(v)
     return EnsembleGuide(model, members, heads if heads_names else None)
+
+
+def _fit_setting(key, value):
+    """A ``fit_kwargs`` entry as ``fit`` compares it across ranks: callbacks by class, a callable (a ``kl_weight``
+    schedule) as one, an ELBO by class, a dtype by name (the digest reads an object by its attributes: an ELBO's
+    hold no model, a callback's may hold a whole network)."""
+    if key == "callbacks":
+        return [type(cb).__name__ for cb in value]
+    if callable(value):
+        return "a callable"
+    if isinstance(value, torch.dtype):
+        return str(value)
+    if value is None or isinstance(value, (bool, int, float, str, list, tuple)):
+        return value
+    return type(value).__name__
 
 
 def _warn_shared_head(guide, members):

@@ -173,6 +173,9 @@ class SWAGCollector:
 
     :param swag: the :class:`SWAGGuide` to fill.
     :param source: the guide whose ``mean()`` is the iterate; default the guide being trained (``FitState.guide``).
+    :raises ValueError: at the fit's first step, for a schedule that collects fewer than 2 iterates, and under
+        ``torch.distributed`` on every rank, for a schedule (``start_step``, ``start_epoch``, ``every``), SWAG guide (its
+        class, options, sizes, iterates already collected) or ``source`` class that differs across ranks.
     """
 
     def __init__(self, swag, start_step=0, start_epoch=0, every=1, source=None):
@@ -183,6 +186,7 @@ class SWAGCollector:
 
     def __call__(self, state):
         if state.step == 1:
+            self._check_settings()
             self._check_schedule(state)
         if state.skipped:  # float16's loss scaler left the weights as they were: no new iterate
             return
@@ -192,6 +196,17 @@ class SWAGCollector:
             self.swag.collect(source.mean())
         elif int(self.swag.num_collected):
             self.swag.adopt_point_parameters()
+
+    def _check_settings(self):
+        """Under ``torch.distributed``, at a fit's first step (every rank runs its callbacks, of classes ``fit`` compared):
+        refuse on every rank a schedule or SWAG guide that differs across ranks, each rank collecting other iterates
+        into a guide of other options or sizes (found only at predict, after the whole fit, or never)."""
+        swag = {f"SWAG guide's {k}": v for k, v in {"class": type(self.swag).__name__, **self.swag.config()}.items()}
+        swag["SWAG guide's tensor shapes"] = [tuple(t.shape) for t in [*self.swag.parameters(), *self.swag.buffers()]]
+        distributed.check_settings("SWAG collection", {
+            "start_step": self.start_step, "start_epoch": self.start_epoch, "every": self.every,
+            "SWAG guide's iterates collected": int(self.swag.num_collected), **swag,
+            "source": None if self.source is None else type(self.source).__name__})
 
 
     def _check_schedule(self, state):

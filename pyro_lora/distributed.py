@@ -381,7 +381,8 @@ def _crc(values, dtype) -> str:
 def check_same(value, what: str, advice: str = "give every rank the same", compared=lambda v: v) -> None:
     """Refuse, on every rank alike, a ``value`` (a path, a setting; a mapping's entries one by one) that differs across
     ranks. Values are compared by :func:`_digest` of ``compared(value)`` (by value and type) and named by their own
-    ``repr``: rank 0's and each other rank's that differs. A collective: every rank calls it.
+    ``repr``: rank 0's and each other rank's that differs, for the first 4 entries that differ. A collective: every rank
+    calls it.
 
     :raises ValueError: ``the ranks were given different {what} (...): {advice}``.
     """
@@ -399,8 +400,9 @@ def check_same(value, what: str, advice: str = "give every rank the same", compa
             listed = ", ".join(f"{shown} on rank {r}" for r, shown in [(0, first[1]), *others[:3]])
             listed += f" and {len(others) - 3} more ranks" if len(others) > 3 else ""
             differ.append(listed if key is None else f"{key}: {listed}")
-    if differ:
-        raise ValueError(f"the ranks were given different {what} ({'; '.join(differ)}): {advice}")
+    if differ:  # the first few: a per-site prior per rank differs at every site
+        listed = "; ".join(differ[:4]) + (f"; and {len(differ) - 4} more" if len(differ) > 4 else "")
+        raise ValueError(f"the ranks were given different {what} ({listed}): {advice}")
 
 
 def check_settings(action: str, settings: Mapping) -> None:

@@ -196,6 +196,9 @@ class LoraXSModel(LoraModel):
         if not self._svd_init:  # the SVD's A and B carry W0's top-r directions (init_lora_xs refuses a lower rank)
             super()._check_frozen_lora_carries_signal()
 
+    def settings(self) -> dict:
+        return {**super().settings(), "svd_init": self._svd_init}
+
     def _prepare_layers(self) -> None:
         if self._svd_init:  # its own refusals come before its first write
             init_lora_xs(self.net, self.adapter)

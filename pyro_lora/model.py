@@ -621,6 +621,27 @@ class LoraModel:
                              "give a distribution over the reals (Normal, MatrixNormalKronecker, ...)")
         return d
 
+    def settings(self) -> dict:
+        """What defines this model's loss, by name, as plain values to compare across ranks (:func:`~pyro_lora.fit`
+        refuses ranks that differ: it would average the gradients of other losses into one blended posterior): the
+        class, ``adapter``, ``num_data``, each site's matrix, shape and layers (what ``random`` and ``group`` made), the
+        prior (a float std as ``"prior"``; a dict or callable one per site, each entry of its distribution flattened:
+        ``"prior of <site>"`` its class, ``"prior of <site>.scale"`` a parameter: a number where all its entries are
+        equal, else its shape and a CRC-32), the likelihood's class and public attributes (``"likelihood.format"``),
+        and a subclass's own options (``svd_init``, ``rotate``). Calls a callable prior once per site."""
+        out = {"class": type(self).__name__, "adapter": self.adapter, "num_data": self.num_data,
+               "sites": {n: [s.matrix, list(s.shape), list(s.layers)] for n, s in self.sites.items()}}
+        if isinstance(self.prior, float):
+            out["prior"] = self.prior
+        else:
+            for name, site in self.sites.items():
+                out.update(_flat_setting(f"prior of {name}", self.prior_distribution(site)))
+        out["likelihood"] = type(self.likelihood).__name__
+        for key, value in vars(self.likelihood).items():
+            if not key.startswith("_"):
+                out.update(_flat_setting(f"likelihood.{key}", value))
+        return out
+
     def logits(self, batch: dict, values: dict | None = None, num_samples: int | None = None,
                flipout_locs: dict | None = None) -> torch.Tensor:
         """Class logits with the LoRA matrices set to ``values``.
@@ -1169,6 +1190,34 @@ def sequence_first_family(net) -> str | None:
     FSMT), else ``None``."""
     family = getattr(getattr(base_network(net), "config", None), "model_type", None)
     return family if family in _SEQUENCE_FIRST else None
+
+
+def _flat_setting(name: str, value, depth: int = 0) -> dict:
+    """``value`` as named plain values (:meth:`LoraModel.settings`): a distribution or transform as its class under
+    ``name`` and its public attributes under ``name.<attribute>`` (its cached lazy properties left out: one rank may have
+    read them), a tensor as one number where its entries are all equal (a filled prior std), as a list where it has
+    8 entries or fewer (answer token ids), else as its shape and a CRC-32 of its values, a list item by item, and
+    numbers, strings and other values as they are."""
+    if torch.is_tensor(value):
+        flat = value.detach().reshape(-1)
+        if flat.numel() and bool((flat == flat[0]).all()):
+            return {name: flat[0].item()}
+        if flat.numel() <= 8:
+            return {name: value.tolist()}
+        return {name: f"tensor {list(value.shape)} CRC-32 {distributed._digest(value):08x}"}
+    if isinstance(value, (torch.distributions.Distribution, torch.distributions.Transform)) and depth < 8:
+        out = {name: type(value).__name__}
+        for key, item in vars(value).items():
+            lazy = isinstance(getattr(type(value), key, None), torch.distributions.utils.lazy_property)
+            if not key.startswith("_") and not lazy:
+                out.update(_flat_setting(f"{name}.{key}", item, depth + 1))
+        return out
+    if isinstance(value, (list, tuple)) and depth < 8:
+        out = {}
+        for i, item in enumerate(value):
+            out.update(_flat_setting(f"{name}[{i}]", item, depth + 1))
+        return out or {name: []}
+    return {name: value}
 
 
 def _real_support(d) -> bool:

@@ -79,6 +79,9 @@ class ScalaBLModel(LoraModel):
         self._rotate = rotate
         super().__init__(net, likelihood, random="S", **kwargs)
 
+    def settings(self) -> dict:
+        return {**super().settings(), "rotate": self._rotate}
+
     def _prepare_layers(self) -> None:
         if self._rotate:
             # a guide that trained the head beside other values (ScalaBL's z, a MAP's unwritten LoRA) would no longer be

@@ -156,8 +156,10 @@ def fit(
         without a length,
         ``torch.distributed``, a ``DataLoader`` with persistent workers or a ``SWAGCollector`` callback,
         a ``checkpoint_dir`` that is a file or a link or cannot be written or that another fit checkpoints to (a
-        :class:`~pyro_lora.locking.FolderLocked`: each run holds a lock beside it), a guide at a posterior temperature other than 1 (training would undo it), settings (``checkpoint_dir`` too)
-        that differ across ranks, before any work, and on an epoch that yields no batch.
+        :class:`~pyro_lora.locking.FolderLocked`: each run holds a lock beside it), a guide at a posterior temperature other than 1 (training would undo it), settings (``checkpoint_dir``,
+        the callbacks' classes, the guide's and the model's: :meth:`~pyro_lora.LoraModel.settings`, its prior and
+        likelihood) that differ across ranks, before any work, a callable ``kl_weight`` that gives the ranks other
+        weights, at that step before its update, and on an epoch that yields no batch.
     :raises DivergenceError: see ``stop_on_divergence``.
 
     Under ``torch.distributed`` (``W > 1`` ranks, see :mod:`pyro_lora.distributed`): every rank is given
@@ -191,7 +193,12 @@ def fit(
             # std per rank, each rank its own posterior), its tensors' shapes to sums of other sizes (gloo aborted)
             guide_settings = {f"guide's {k}": v for k, v in {"class": type(guide).__name__, **guide.config()}.items()}
             guide_settings["guide's tensor shapes"] = [tuple(t.shape) for t in [*guide.parameters(), *guide.buffers()]]
+            # and the model, which defines the loss: a prior or likelihood per rank averaged the gradients of other
+            # losses into one blended posterior; the callbacks by class, as a collective one (SWAGCollector) runs on all
+            model_settings = {f"model's {k}": v for k, v in (model.settings().items() if distributed.is_distributed() else ())
+                              if k != "num_data"}
             distributed.check_settings("fit", {**arguments, "checkpoint_every": checkpoint_every, **guide_settings,
+                                               **model_settings, "callbacks": [type(cb).__name__ for cb in callbacks],
                                                "checkpoint_dir": os.path.abspath(checkpoint_dir) if checkpoint_dir else None})
             grad_accum_steps = check_count(grad_accum_steps, "grad_accum_steps")
             check_count(epochs, "epochs", minimum=0)
@@ -397,6 +404,8 @@ def fit(
                         rows += examples
                         share = examples / reference
                         weight = _kl_weight(beta(step), step)
+                        if callable(kl_weight):  # a schedule per rank would train at the ranks' mean weight
+                            _check_same_kl_weight(weight, step)
                         if watch is not None and watch.first is None:
                             watch.first = (batch, _mean_nll(model, guide, batch))
                         with step_autocast(device, autocast):
@@ -877,6 +886,26 @@ def _activation_checkpointing(net, enable):
         yield
     finally:
         base.activation_checkpointing_disable() if new_api else base.gradient_checkpointing_disable()
+
+
+def _check_same_kl_weight(weight: float, step: int) -> None:
+    """Refuse, on every rank before the step's update, a callable ``kl_weight`` that gave the ranks other weights at
+    ``step``: each rank's loss would weigh the KL its own way, and the averaged gradients train at their mean. Checked as
+    the schedule is called, not over the whole run beforehand (a run over data without a length has no known last step,
+    and a schedule may count its calls): one all-reduce of two numbers per micro-batch, nothing beside a step's
+    forward and backward, and none outside ``torch.distributed``.
+
+    :raises ValueError: naming the step and each rank's weight.
+    """
+    if not distributed.is_distributed():
+        return
+    low, high = distributed.spread(torch.tensor([weight], dtype=torch.float64))
+    if low.item() != high.item():
+        weights = distributed.gather_cat(torch.tensor([weight], dtype=torch.float64)).tolist()
+        raise ValueError(f"the ranks' kl_weight schedules gave different weights at step {step} ("
+                         f"{', '.join(f'{w:g} on rank {r}' for r, w in enumerate(weights))}): each rank's loss would "
+                         "weigh the KL its own way and the averaged gradients train at their mean; give every rank the "
+                         "same schedule (not one per rank)")
 
 
 def _kl_weight(weight, step) -> float:

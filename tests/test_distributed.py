@@ -694,3 +694,107 @@ def test_a_long_value_named_in_a_refusal_keeps_its_end():
     shown = _shown(path)
     assert len(shown) == 80 and shown.startswith("'/tmp/pytest-of-root/") and shown.endswith("/ckpt_rank1'")
     assert _shown("short") == "'short'"
+
+
+def _prior_model(prior):
+    """``make_model``'s network and data size under another prior."""
+    return LoraModel(make_model(num_data=16).net, SequenceClassification(), random="AB", num_data=16, prior=prior)
+
+
+def _scaled_prior(scale, loc=0.0):
+    import pyro.distributions as pdist
+
+    return lambda site: pdist.Normal(loc, scale).expand(site.shape).to_event(len(site.shape))
+
+
+def run_settings():
+    """On this rank: refusals of settings that differ across ranks (the message), and equal ones' results."""
+    from guides.ensemble import train_ensemble
+    from guides.swag import SWAGCollector, SWAGGuide
+
+    r, out = distributed.rank(), {}
+
+    def refused_fit(model, **kwargs):
+        guide = MAPGuide(model)
+        before = [p.detach().clone() for p in guide.parameters()]
+        message = _refused(lambda: fit(model, guide, toy_data(16, 8), epochs=2, lr=3e-2, progress=False, **kwargs))
+        return message, all(torch.equal(a, b) for a, b in zip(before, guide.parameters()))
+
+    # the model's prior per rank averaged the gradients of two losses (rank 0's MAP came out at rank 1's prior)
+    out["float_prior"] = refused_fit(_prior_model([1.0, 0.05][r]))
+    out["site_prior"] = refused_fit(_prior_model(_scaled_prior([0.5, 0.25][r], [0.0, 0.1][r])))
+    # a kl_weight schedule per rank trained at the ranks' mean weight; from step 1 on: one step taken before
+    out["schedule"] = refused_fit(make_model(num_data=16), kl_weight=lambda step: 1.0 if step == 0 else [1.0, 100.0][r])
+    data = toy_data(16, 8)
+    for key, kwargs in {"k": {"k": [2, 3][r]}, "seeds": {"k": 2, "seeds": [[3, 5], [7, 9]][r]},
+                        "include_current": {"k": 2, "include_current": [False, True][r]},
+                        "fit_kwargs": {"k": 2, "fit_kwargs": {"lr": [3e-2, 1e-2][r]}}}.items():
+        out[f"ensemble_{key}"] = _refused(lambda: train_ensemble(make_model(num_data=16), data, **kwargs))
+    model = make_model(num_data=16)
+    swag = SWAGGuide(model, rank=2)
+    out["swag_every"] = _refused(lambda: fit(model, MAPGuide(model), data, epochs=2, lr=3e-2, progress=False,
+                                             callbacks=[SWAGCollector(swag, every=[1, 2][r])]))
+    out["callback_one_rank"] = _refused(lambda: fit(model, MAPGuide(model), data, lr=3e-2, progress=False,
+                                                    callbacks=[SWAGCollector(swag)] if r == 0 else []))
+    # equal settings: one process's result (the global batch of 16 is one batch there, two halves of 8 here)
+    model = _prior_model(_scaled_prior(0.5))
+    guide = MAPGuide(model)
+    fit(model, guide, toy_data(16, 16 // distributed.world_size()), epochs=3, lr=3e-2, progress=False,
+        kl_weight=lambda step: 1.0 + step)
+    out["equal"] = [p.detach().clone() for p in [*model.point_parameters(), *guide.parameters()]]
+    return out
+
+
+def _settings_worker(rank, tmp):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    try:
+        torch.manual_seed(0)
+        torch.save(run_settings(), f"{tmp}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_model_schedule_ensemble_and_swag_settings_differing_across_ranks_are_refused(tmp_path):
+    """Each of these ran silently before: a prior per rank (float or per site) and a kl_weight schedule per rank trained
+    at a blend of the ranks' losses; train_ensemble's seeds per rank kept rank 0's members, another k or
+    include_current paired other members' fits (raw gloo errors), a SWAG schedule per rank was found at predict only."""
+    torch.manual_seed(0)
+    single = run_settings()["equal"]
+    mp.spawn(_settings_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    site = next(iter(make_model(num_data=16).sites))
+    for out in ranks:
+        for key in ("float_prior", "site_prior"):
+            assert out[key][1], f"{key}: refused before any step"
+        assert "different settings of fit (model's prior: 1.0 on rank 0, 0.05 on rank 1)" in out["float_prior"][0]
+        assert f"; model's prior of {site}.base_dist.scale: 0.5 on rank 0, 0.25 on rank 1; " in out["site_prior"][0]
+        assert "; and 4 more): give every rank the same settings" in out["site_prior"][0]  # loc and scale of 4 sites
+        message, _ = out["schedule"]
+        assert message.startswith("the ranks' kl_weight schedules gave different weights at step 1 (1 on rank 0, 100 on "
+                                  "rank 1)")
+        assert "different settings of train_ensemble (k: 2 on rank 0, 3 on rank 1)" in out["ensemble_k"]
+        assert "different settings of train_ensemble (seeds: [3, 5] on rank 0, [7, 9] on rank 1)" in out["ensemble_seeds"]
+        assert "(include_current: False on rank 0, True on rank 1)" in out["ensemble_include_current"]
+        assert "(fit_kwargs['lr']: 0.03 on rank 0, 0.01 on rank 1)" in out["ensemble_fit_kwargs"]
+        assert "different settings of SWAG collection (every: 1 on rank 0, 2 on rank 1)" in out["swag_every"]
+        assert "different settings of fit (callbacks: ['SWAGCollector'] on rank 0, [] on rank 1)" in out["callback_one_rank"]
+        assert close(out["equal"], single)
+
+
+def test_model_settings_name_each_prior_and_likelihood_entry():
+    """What fit compares across ranks of the model: a per-site prior flattened to its class and parameters (a tensor of
+    equal entries as one number, another by its shape and a CRC-32), the likelihood's public settings."""
+    import pyro.distributions as pdist
+
+    from pyro_lora.model import _flat_setting
+
+    settings = _prior_model(_scaled_prior(0.5)).settings()
+    site = next(iter(settings["sites"]))
+    assert settings[f"prior of {site}"] == "Independent" and settings[f"prior of {site}.base_dist"] == "Normal"
+    assert settings[f"prior of {site}.base_dist.scale"] == 0.5 and settings[f"prior of {site}.reinterpreted_batch_ndims"] == len(settings["sites"][site][1])
+    assert settings["likelihood"] == "SequenceClassification" and settings["num_data"] == 16
+    assert make_model(num_data=16).settings()["prior"] == 1.0
+    spread = _flat_setting("p", pdist.Normal(torch.arange(12.0), 1.0))
+    assert spread["p.loc"].startswith("tensor [12] CRC-32 ") and spread["p.scale"] == 1.0
+    assert _flat_setting("ids", torch.tensor([3, 4])) == {"ids": [3, 4]}
