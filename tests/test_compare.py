@@ -282,7 +282,16 @@ def _fake_run(out, guides, nll, test_size=32, data=None, data_dir=None, base=Non
                                                   **({"base": base, "base_version": BASE_DIGEST_VERSION} if base else {})}))
 
 
-def test_merge_results_replaces_the_rerun_guides_only(tmp_path):
+@pytest.fixture
+def made_up_scores(monkeypatch):
+    """The runs of :func:`_fake_run` hold made-up scores beside arrays that are no full prediction: a merge would
+    withhold every row as unchecked. What a merge does with rows is tested here; their check is test_resume's."""
+    from pyro_lora.experiments import results
+
+    monkeypatch.setattr(results, "check_scores", lambda *a, **k: [])
+
+
+def test_merge_results_replaces_the_rerun_guides_only(tmp_path, made_up_scores):
     from pyro_lora.experiments.results import merge_results
 
     _fake_run(tmp_path / "run", ("map", "meanfield", "temperature"), nll=0.5)  # a run before predict_seeding
@@ -306,7 +315,7 @@ def test_merge_results_replaces_the_rerun_guides_only(tmp_path):
         merge_results(tmp_path / "run", tmp_path / "other")
 
 
-def test_a_merge_keeps_the_digest_of_the_records_its_rows_were_scored_on(tmp_path):
+def test_a_merge_keeps_the_digest_of_the_records_its_rows_were_scored_on(tmp_path, made_up_scores):
     """A merge kept the run's digest whatever the rerun scored on: after `--update map` retrained every row on new
     records, the run claimed the old ones, and a later partial update on the old data was merged beside them."""
     from pyro_lora.experiments.results import merge_results
@@ -327,7 +336,7 @@ def test_a_merge_keeps_the_digest_of_the_records_its_rows_were_scored_on(tmp_pat
     assert merged["data"] == "b" * 64 and merged["config"]["data_dir"] == str(tmp_path / "new")  # the rerun's records
 
 
-def test_a_merge_keeps_the_digest_of_the_base_its_rows_were_scored_with(tmp_path):
+def test_a_merge_keeps_the_digest_of_the_base_its_rows_were_scored_with(tmp_path, made_up_scores):
     """After `study --update map` retrained every row on checkpoint B, results.json still named A's digest: a later
     update on B was refused, one on A was merged beside B's rows."""
     from pyro_lora.experiments.results import merge_results
@@ -347,7 +356,7 @@ def test_a_merge_keeps_the_digest_of_the_base_its_rows_were_scored_with(tmp_path
         merge_results(tmp_path / "run", tmp_path / "again")
 
 
-def test_a_rerun_of_every_method_without_the_map_is_checked_as_a_rerun_of_some(tmp_path):
+def test_a_rerun_of_every_method_without_the_map_is_checked_as_a_rerun_of_some(tmp_path, made_up_scores):
     """A run made without a map row, rerun on every one of its methods: taken as a retrained MAP's rerun, it was
     merged from other records and another base model beside the old run's MAPs, which the rerun started from."""
     from pyro_lora.experiments.results import merge_results

@@ -21,6 +21,7 @@ from pyro_lora.digests import bytes_sha256
 from pyro_lora.io import FORMAT, _canonical, atomic_file, read_safetensors
 from pyro_lora.experiments.results import ARRAYS, GuideFailures, RunFolder, config_differences, merge_results
 from pyro_lora.experiments.scoring import ood_auroc, prediction_arrays, score
+from pyro_lora.experiments.study_header import unfinished_pairs
 from pyro_lora.experiments.study_report import load_runs
 from pyro_lora.locking import locked_elsewhere
 from pyro_lora.predictive import Prediction
@@ -748,8 +749,11 @@ def test_an_update_rerun_is_checked_against_the_map_of_the_run_it_merges_into(tm
     with np.load(base / "predictions_map.npz") as saved:
         arrays = dict(saved)
     arrays["sst2__seed0__probs"] = arrays["sst2__seed0__probs"] + np.array([1e-3, -1e-3])  # another MAP's rows
-    np.savez(base / "predictions_map.npz", **arrays)
     from pyro_lora.experiments.scoring import array_scores
+    from pyro_lora.metrics import predictive_entropy
+
+    arrays["sst2__seed0__entropy"] = predictive_entropy(torch.as_tensor(arrays["sst2__seed0__probs"])[None]).numpy()
+    np.savez(base / "predictions_map.npz", **arrays)
 
     record["per_seed"][0].update(array_scores(*(arrays[f"sst2__seed0__{k}"] for k in ARRAYS)))  # and their scores
     (base / "results.json").write_text(json.dumps(record))
@@ -1607,7 +1611,7 @@ def test_rows_of_two_versions_of_a_method_are_never_averaged_by_a_summary_a_verd
 
     # made-up accuracies beside placeholder arrays: the versions are what is tested, not the scores (whose check is
     # test_a_finished_row_edited_since_is_refused_naming_the_field_and_both_values's)
-    monkeypatch.setattr(results, "check_scores", lambda *a, **k: None)
+    monkeypatch.setattr(results, "check_scores", lambda *a, **k: [])
 
     config = small(tmp_path / "run", guides=("map", "tfb"), seeds=(0, 1, 2), ts=False)
     folder = RunFolder(tmp_path / "run", config)
@@ -1785,3 +1789,108 @@ def test_the_committed_runs_rows_are_what_their_arrays_give():
         checked += 1
     if not checked:
         pytest.skip("no committed run to check")
+
+
+def _arrays_of(out, guide):
+    with np.load(out / f"predictions_{guide}.npz") as saved:
+        return dict(saved)
+
+
+def _put_arrays(out, guide, arrays):
+    np.savez(out / f"predictions_{guide}.npz", **arrays)
+
+
+def _rows(out):
+    return json.loads((out / "results.json").read_text())["per_seed"]
+
+
+def test_rows_without_their_arrays_are_withheld_from_the_report_whatever_their_seed(tmp_path):
+    """The report averaged and printed, as best, a row the check skipped as unfinished: its npz (or one array of it)
+    gone, or of a seed outside the run's --seeds (which nothing checked)."""
+    runs = tmp_path / "runs"
+    run = _scored_run(runs / "sst2", guides=("map", "temperature"))
+    truth = {r["seed"]: r["accuracy"] for r in _rows(run) if (r["guide"], r["dataset"]) == ("temperature", "sst2")}
+    saved = json.loads((run / "results.json").read_text())
+    extra = {**next(r for r in saved["per_seed"] if (r["guide"], r["seed"]) == ("temperature", 0)), "seed": 7, "accuracy": 0.99}
+    (run / "results.json").write_text(json.dumps({**saved, "per_seed": saved["per_seed"] + [extra]}))
+    with pytest.warns(UserWarning, match=r"the rows of temperature on sst2, seed 7 have no arrays .*withheld as unfinished"):
+        (row,) = [r for r in load_runs(runs)["sst2"]["summary"] if (r["guide"], r["dataset"]) == ("temperature", "sst2")]
+    assert row["seeds"] == [0, 1] and row["accuracy"] == pytest.approx(np.mean(list(truth.values())))
+    with pytest.warns(UserWarning, match="seed 7"):  # counted unfinished, as the header says
+        assert unfinished_pairs(load_runs(runs)["sst2"])[0] == {("temperature", 7)}
+    (run / "results.json").write_text(json.dumps(saved))
+    _edit_row(run, "temperature", "sst2", 0, accuracy=0.99)
+    arrays = _arrays_of(run, "temperature")
+    for drop in ("sst2__seed0__mutual_information", None):  # one array gone; the whole npz gone
+        if drop:
+            _put_arrays(run, "temperature", {k: v for k, v in arrays.items() if k != drop})
+        else:
+            (run / "predictions_temperature.npz").unlink()
+        with pytest.warns(UserWarning, match=r"the rows of temperature on sst2, seed 0.* have no arrays"):
+            summary = load_runs(runs)["sst2"]["summary"]
+        rows = [r for r in summary if (r["guide"], r["dataset"]) == ("temperature", "sst2")]
+        assert [r["seeds"] for r in rows] == ([[1]] if drop else [])
+        assert all(r["accuracy"] == truth[1] for r in rows)
+
+
+def test_a_resume_and_a_merge_average_no_row_they_cannot_check(tmp_path, monkeypatch):
+    """A resume with nothing to run (and an update's merge) printed and wrote into results.json's summary a row of a
+    seed outside the run's --seeds that no check saw: it holds no arrays."""
+    out = tmp_path / "run"
+    config = small(out, guides=("map",), ts=False)
+    (printed,) = run_compare(config)
+    saved = json.loads((out / "results.json").read_text())
+    extra = {**saved["per_seed"][0], "seed": 7, "accuracy": 0.99}
+    (out / "results.json").write_text(json.dumps({**saved, "per_seed": saved["per_seed"] + [extra]}))
+    monkeypatch.setattr(C, "prepare", lambda *a, **k: pytest.fail("a finished run trains nothing"))
+    with pytest.warns(UserWarning, match=r"the rows of map on sst2, seed 7 have no arrays"):
+        (again,) = run_compare(config)
+    stored = json.loads((out / "results.json").read_text())
+    assert again["seeds"] == [0] and again["accuracy"] == printed["accuracy"] == stored["summary"][0]["accuracy"]
+    assert stored["per_seed"][-1] == extra  # kept in the record, not averaged
+    run = _scored_run(tmp_path / "base", guides=("map", "temperature"))
+    rows = _rows(run)
+    base = json.loads((run / "results.json").read_text())
+    extra = {**rows[0], "seed": 7, "accuracy": 0.99}  # map's: a method the merge keeps
+    (run / "results.json").write_text(json.dumps({**base, "per_seed": rows + [extra]}))
+    summary = merge_results(run, _scored_run(tmp_path / "update", guides=("temperature",)))
+    (row,) = [r for r in summary if (r["guide"], r["dataset"]) == ("map", "sst2")]
+    truth = [r["accuracy"] for r in rows if (r["guide"], r["dataset"]) == ("map", "sst2")]
+    assert row["seeds"] == [0, 1] and row["accuracy"] == pytest.approx(np.mean(truth))
+
+
+def test_the_entropy_is_recomputed_from_the_probs_and_its_array_checked(tmp_path):
+    """The entropy was read from the stored entropy array: the array and the rows divided by 10 passed (its AUROC is
+    rank-invariant), stored 0.069 where the probs give 0.693."""
+    runs = tmp_path / "runs"
+    run = _scored_run(runs / "sst2", guides=("temperature",))
+    arrays = _arrays_of(run, "temperature")
+    for dataset in ("sst2", "sst2_shift"):
+        arrays[f"{dataset}__seed0__entropy"] = arrays[f"{dataset}__seed0__entropy"] / 10
+        (row,) = [r for r in _rows(run) if (r["dataset"], r["seed"]) == (dataset, 0)]
+        _edit_row(run, "temperature", dataset, 0, entropy=row["entropy"] / 10)
+    _put_arrays(run, "temperature", arrays)
+    with pytest.raises(ValueError, match=r"the row of temperature on sst2, seed 0: its arrays in predictions_temperature"
+                                         r"\.npz are no prediction \(its entropy array is not the entropy of its probs "
+                                         r"\(example \d+: .* stored, .* from the probs\)\); rerun it"):
+        load_runs(runs)
+    arrays["sst2__seed0__entropy"] = np.concatenate([arrays["sst2__seed0__entropy"] * 10, [0.5]]).astype(np.float32)
+    _put_arrays(run, "temperature", arrays)
+    with pytest.raises(ValueError, match=r"its entropy array has shape \(9,\), not 1-D of length 8"):
+        load_runs(runs)
+
+
+@pytest.mark.parametrize("dtype", [str, bytes, np.longdouble, "datetime64[s]"])
+def test_arrays_of_another_dtype_are_refused_naming_the_row(tmp_path, dtype):
+    """probs stored as str, bytes, longdouble or datetime64 died in torch.as_tensor, the message naming no folder,
+    row or remedy."""
+    runs = tmp_path / "runs"
+    run = _scored_run(runs / "sst2", guides=("map",))
+    arrays = _arrays_of(run, "map")
+    probs = arrays["sst2__seed1__probs"]
+    arrays["sst2__seed1__probs"] = (probs * 1e6).astype(np.int64).astype(dtype) if dtype == "datetime64[s]" else probs.astype(dtype)
+    _put_arrays(run, "map", arrays)
+    with pytest.raises(ValueError, match=r"the row of map on sst2, seed 1: its arrays in predictions_map\.npz are no "
+                                         r"prediction \(its probs array is of dtype .*, not float16, float32 or float64\); "
+                                         r"rerun it: remove the rows of map under seed 1"):
+        load_runs(runs)

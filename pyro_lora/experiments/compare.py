@@ -216,10 +216,11 @@ def _fill(run, config, reference):
         folder.check_labels(labels)
     say = print if is_main() else (lambda *a, **k: None)
     left = run.unfinished(config.guides, config.seeds)  # with every seed of rows of another version of a method
-    # the finished rows kept are what their arrays give: an edited row was shown, averaged and judged as this run's
-    run.check_scores(skip=lambda r: (base_guide(r["guide"]), r["seed"]) in left)
+    # the rows kept are what their arrays give (an edited row was shown, averaged and judged as this run's); those that
+    # cannot be checked, and those rerun that their arrays contradict (kept if the rerun fails), are never averaged
+    run.check_scores(rerun=lambda r: (base_guide(r["guide"]), r["seed"]) in left)
     if earlier is not run:  # an update's reference: the rows of the methods it does not rerun are merged with its own
-        earlier.check_scores(skip=lambda r: base_guide(r["guide"]) in config.guides)
+        earlier.check_scores(rerun=lambda r: base_guide(r["guide"]) in config.guides)
     for name, (seeds, versions) in run.drop_older_versions(config.guides).items():
         warnings.warn(f"{name}: its rows of {seed_list(seeds)} in {run.out / RESULTS} "
                       f"were made by {other_version_words({name: versions})} version of "

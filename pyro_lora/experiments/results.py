@@ -226,47 +226,71 @@ _REDEFINED = {
 }
 
 
-def check_scores(out, rows, dataset, skip=lambda row: False):
-    """Refuse a finished per-seed row of ``rows`` (a run's, kept in the folder ``out``; ``dataset``: its
-    in-distribution test set) whose scores are not what its own arrays in ``predictions_<guide>.npz`` give
-    (:func:`~.scoring.array_scores`, and for a shifted set's row :func:`~.scoring.array_ood_auroc` against the test
-    set's arrays of its seed), beyond float rounding (:data:`SCORE_RTOL`, :data:`SCORE_ATOL`): a hand-edited row, or
-    one copied from another run, was shown, averaged and judged by the verdict as this run's. A row without its
-    arrays (unfinished: rerun) and those ``skip`` picks (rerun by the caller) are not checked; a field a row lacks
-    (written before it was kept) neither. Each npz is read once.
+def check_scores(out, rows, dataset, rerun=lambda row: False) -> list:
+    """Refuse a per-seed row of ``rows`` (a run's, kept in the folder ``out``; ``dataset``: its in-distribution test
+    set) whose scores are not what its own arrays in ``predictions_<guide>.npz`` give (:func:`~.scoring.array_scores`,
+    and for a shifted set's row :func:`~.scoring.array_ood_auroc` against the test set's arrays of its seed), beyond
+    float rounding (:data:`SCORE_RTOL`, :data:`SCORE_ATOL`): a hand-edited row, or one copied from another run, was
+    shown, averaged and judged by the verdict as this run's. Every row is checked, whatever its seed; a field a row
+    lacks (written before it was kept) is not. Each npz is read once.
+
+    Returns the rows withheld, which no caller averages, shows or judges: those it cannot check (their arrays, or for
+    a shifted set's row the test set's, missing or incomplete: unfinished), and those ``rerun`` picks (the caller
+    reruns them, replacing them) that their arrays contradict, which are not refused.
 
     :raises ValueError: naming the folder, the row (method, set, seed), the field, both values and how to rerun it;
-        or naming arrays that are no prediction (:mod:`~pyro_lora.metrics`' refusal).
+        or naming arrays that are no prediction (of another dtype or shape, the entropy not the probs', or
+        :mod:`~pyro_lora.metrics`' refusal).
     """
-    out, arrays = Path(out), {}
+    out, arrays, withheld = Path(out), {}, []
     for row in rows:
         name, on, seed = row["guide"], row["dataset"], row["seed"]
-        if skip(row):
-            continue
         if name not in arrays:
             arrays[name] = _read_arrays(out, name)
         saved, key, test = arrays[name], f"{on}__seed{seed}__", f"{dataset}__seed{seed}__"
-        if not all(key + kind in saved for kind in ARRAYS):
+        if not all(k + kind in saved for kind in ARRAYS for k in {key, test}):
+            withheld.append(row)
             continue
         where = f"{out / RESULTS}: the row of {name} on {on}, seed {seed}"
         try:
             scores = array_scores(*(saved[key + kind] for kind in ARRAYS))
-            if on != dataset and all(test + kind in saved for kind in ARRAYS):
-                scores.update(array_ood_auroc(saved[test + "entropy"], saved[key + "entropy"],
+            if on != dataset:
+                scores.update(array_ood_auroc(saved[test + "probs"], saved[key + "probs"],
                                               saved[test + "mutual_information"], saved[key + "mutual_information"]))
         except ValueError as error:
+            if rerun(row):
+                withheld.append(row)
+                continue
             raise ValueError(f"{where}: its arrays in predictions_{name}.npz are no prediction ({error}); "
                              f"{_rerun_advice(name, seed)}") from None
         for field, value in [(f, v) for f, v in scores.items() if f in row]:
             stored = math.nan if row[field] is None else row[field]  # null: n/a, written for NaN
             if not (math.isclose(stored, value, rel_tol=SCORE_RTOL, abs_tol=SCORE_ATOL)
                     or math.isnan(stored) and math.isnan(value)):
+                if rerun(row):
+                    withheld.append(row)
+                    break
                 older = (f" (or it was scored by an older pyro_lora: {_REDEFINED[field]}; such a row cannot be "
                          "recomputed under its own definition)" if field in _REDEFINED else "")
                 raise ValueError(f"{where} holds {field} {stored!r} where its own arrays in predictions_{name}.npz give "
                                  f"{value!r} (more than float rounding: relative {SCORE_RTOL:g}): the row was edited or "
                                  f"copied from another run, and would be shown and averaged as this run's{older}; "
                                  f"{_rerun_advice(name, seed)}")
+    return withheld
+
+
+def withheld_text(out, withheld) -> str:
+    """The warning naming the rows ``withheld`` by :func:`check_scores` for want of their arrays in the run ``out``."""
+    names = "; ".join(f"{r['guide']} on {r['dataset']}, seed {r['seed']}" for r in withheld)
+    return (f"{Path(out) / RESULTS}: the rows of {names} have no arrays in their predictions_<method>.npz to check "
+            "them by: withheld as unfinished (not shown, averaged nor judged); run their seeds again (the same command "
+            "reruns the run's --seeds) or remove them from results.json's per_seed")
+
+
+def without(rows, withheld) -> list:
+    """``rows`` but those of ``withheld`` (the same row objects: :func:`check_scores`' return)."""
+    gone = set(map(id, withheld))
+    return [r for r in rows if id(r) not in gone]
 
 
 def _rerun_advice(name, seed) -> str:
@@ -347,6 +371,7 @@ class RunFolder:
             self.seeding = recorded_seeding(saved)
             self.guides, self.seeds = list(saved["config"]["guides"] or ()), list(saved["config"]["seeds"])
         self._saved = saved if not overwrite else None  # the record as read, until this process writes one
+        self._withheld = []  # rows check_scores could not check, or that a rerun replaces: never averaged
 
     def _read(self):
         return read_record(self.out, "move it away or choose another --out (a run is replaced only where its record can be "
@@ -589,6 +614,7 @@ class RunFolder:
         version = method_version(guide)  # what a resume compares (is_complete): rows of another version are rerun
         rows = [r if version is None else {**r, "method_version": version} for r in rows]
         self.rows = [r for r in self.rows if (r["guide"], r["seed"]) != (guide, seed)] + rows
+        self._withheld = [r for r in self._withheld if (r["guide"], r["seed"]) != (guide, seed)]
         self.failed = [f for f in self.failed if (f["guide"], f["seed"]) != (guide, seed)]
         if not is_main():
             return
@@ -626,12 +652,20 @@ class RunFolder:
     def summary(self):
         """Mean ± std over seeds per (guide, evaluation set) (:func:`summarize_run`); sorts the run's rows."""
         self.rows.sort(key=_row_order(self.guides, self.seeds))
-        return summarize_run(self.rows, self.failed)
+        return summarize_run(self.averaged(), self.failed)
 
-    def check_scores(self, skip=lambda row: False):
-        """Refuse a finished row whose scores are not what its arrays give (:func:`check_scores`; ``skip``: the rows
-        this run reruns)."""
-        check_scores(self.out, self.rows, self.config.dataset, skip)
+    def averaged(self) -> list:
+        """The rows the summary and the verdict are of: all but those :meth:`check_scores` withheld."""
+        return without(self.rows, self._withheld)
+
+    def check_scores(self, rerun=lambda row: False):
+        """Refuse a row whose scores are not what its arrays give, and withhold from the summary and verdict those
+        it cannot check (:func:`check_scores`; ``rerun``: the rows this run reruns, withheld where their arrays
+        contradict them). Warns naming the rows withheld that are not rerun (of a seed outside ``--seeds``)."""
+        self._withheld = check_scores(self.out, self.rows, self.config.dataset, rerun)
+        kept = [r for r in self._withheld if not rerun(r)]
+        if kept and is_main():
+            warnings.warn(withheld_text(self.out, kept), stacklevel=3)
 
     def keep_summary(self):
         """Rewrite the summary and verdict of ``results.json`` where they are not those of its rows, as the run prints
@@ -641,7 +675,7 @@ class RunFolder:
         if not is_main() or self._saved is None or not self.rows:
             return
         now = json.loads(json.dumps(standard_json({"summary": self.summary(), "verdict": verdict(
-            self.rows, self.config.dataset, self.config.eval_datasets)})))
+            self.averaged(), self.config.dataset, self.config.eval_datasets)})))
         if any(self._saved.get(k) != v for k, v in now.items()):
             write_json(self.out / RESULTS, {**self._saved, **now})
 
@@ -653,7 +687,7 @@ class RunFolder:
         summary = self.summary()
         config = {**asdict(self.config), "guides": self.guides, "seeds": self.seeds}
         write_json(self.out / RESULTS, {"config": config, "request": self.request, "sizes": self.sizes, "summary": summary,
-                                        "verdict": verdict(self.rows, self.config.dataset, self.config.eval_datasets),
+                                        "verdict": verdict(self.averaged(), self.config.dataset, self.config.eval_datasets),
                                         "per_seed": self.rows,
                                         "failed": self.failed, "maps": self.maps, "data": self.data,
                                         "data_sets": self.data_sets, "base": self.base,
@@ -746,8 +780,13 @@ def read_record(out, advice, needs=()):
         object with the :data:`CONFIG_KEYS`, or whose per-seed row holds a score that is not a number or null (naming
         the row and the entry); or from :func:`finish_merge`, which completes a merge a kill cut short first.
     """
-    path = Path(out) / RESULTS
     finish_merge(out)
+    return _parse_record(out, advice, needs)
+
+
+def _parse_record(out, advice, needs=()):
+    """:func:`read_record` without finishing a merge first (what :func:`merge_results`, which finishes it, reads)."""
+    path = Path(out) / RESULTS
     if not path.is_file():
         if path.exists():  # read as no run, the run would be started afresh beside it
             raise ValueError(f"{path} {not_a_file(path)}, where a run keeps its record: {advice}")
@@ -938,11 +977,15 @@ def merge_results(out, update, record=None):
     :param record: called once the run holds the merged rows, before the merge's marker goes (the study records
         the update in its sidecar): a kill in between leaves the marker, and the merge is finished again.
 
-    :raises ValueError: if the two runs' configurations differ in anything but guides, output folder and bars; if a
-        row merged is not what its arrays give (:func:`check_scores`).
+    :raises ValueError: if either ``results.json`` is missing or no run record (:func:`read_record`); if the two
+        runs' configurations differ in anything but guides, output folder and bars; if a row merged is not what its
+        arrays give (:func:`check_scores`).
     """
     out, update = Path(out), Path(update)
-    base, new = (json.loads((d / RESULTS).read_text()) for d in (out, update))
+    # the validating reader: a merged record's rows are read, checked and averaged as a resume's are
+    base, new = (_parse_record(d, "the --update cannot be merged: rerun it") for d in (out, update))
+    if None in (base, new):
+        raise ValueError(f"cannot merge {update} into {out}: {(out if base is None else update) / RESULTS} is missing")
     # a retrained MAP's rerun of every method: covering every method without the MAP (a run made without a map row)
     # still starts from the old MAPs, and must be on their records and base model as a rerun of some methods is
     replaces_all = REFERENCE in (new["config"]["guides"] or ()) and set(base["config"]["guides"] or ()) <= set(new["config"]["guides"])
@@ -969,9 +1012,10 @@ def merge_results(out, update, record=None):
         raise ValueError(f"cannot merge {update} into {out}: the rerun lacks seed(s) {', '.join(map(str, missing))} of the run, "
                          "whose rows of the rerun methods would be left from the old code")
     updated = list(new["config"]["guides"])
-    # the rows merged are what their arrays give: the run's rows kept (those of the rerun methods go) and the rerun's
-    check_scores(out, base["per_seed"], base["config"]["dataset"], skip=lambda r: base_guide(r["guide"]) in updated)
-    check_scores(update, new["per_seed"], new["config"]["dataset"])
+    # the rows merged are what their arrays give: the run's rows kept (those of the rerun methods go, whatever they
+    # hold) and the rerun's; rows without their arrays stay in per_seed, neither averaged nor judged
+    withheld = (check_scores(out, base["per_seed"], base["config"]["dataset"], rerun=lambda r: base_guide(r["guide"]) in updated)
+                + check_scores(update, new["per_seed"], new["config"]["dataset"]))
     guides = list(base["config"]["guides"]) + [g for g in updated if g not in base["config"]["guides"]]
     rows = sorted([r for r in base["per_seed"] if base_guide(r["guide"]) not in updated] + new["per_seed"],
                   key=_row_order(guides, base["config"]["seeds"]))
@@ -987,7 +1031,7 @@ def merge_results(out, update, record=None):
             copy_file(update / name, out / name)
         elif name in files or retrained:  # failed under every seed: nothing of the old code is kept
             (out / name).unlink(missing_ok=True)
-    summary = summarize_run(rows, failed)
+    summary = summarize_run(without(rows, withheld), failed)
     config = {**base["config"], "guides": guides}
     if replaces_all:  # every row rerun: the records and base are the rerun's, wherever they were read, however many used
         config.update(data_dir=new["config"].get("data_dir"), model=new["config"].get("model"))
@@ -997,7 +1041,7 @@ def merge_results(out, update, record=None):
     # a rerun method's rows are the rerun's, every seed: so is their seeding
     seeding = {g: s for g, s in recorded_seeding(base).items() if base_guide(g) not in updated} | recorded_seeding(new)
     write_json(out / RESULTS, {**base, "config": config, "summary": summary,
-                               "verdict": verdict(rows, config["dataset"], config["eval_datasets"]),
+                               "verdict": verdict(without(rows, withheld), config["dataset"], config["eval_datasets"]),
                                "per_seed": rows, "failed": failed, "maps": maps, "predict_seeding": seeding})
     if record is not None:
         record()

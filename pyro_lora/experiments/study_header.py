@@ -157,7 +157,9 @@ def unfinished_pairs(run):
     request, config, rows = run.get("request") or {}, run["config"], run["per_seed"]
     guides, seeds = request.get("guides") or config["guides"], request.get("seeds") or config["seeds"]
     failed = {(base_guide(f["guide"]), f["seed"]) for f in run.get("failed", [])}  # a method's, or its +ts step's alone
-    asked = {(g, s) for g in guides for s in seeds} | {(base_guide(r["guide"]), r["seed"]) for r in rows} | failed
+    # a row withheld for want of its arrays (load_runs) leaves its (method, seed) asked and unfinished
+    asked = ({(g, s) for g in guides for s in seeds} | failed
+             | {(base_guide(r["guide"]), r["seed"]) for r in [*rows, *run.get("withheld", ())]})
     datasets = [config.get("dataset"), *config.get("eval_datasets", ())]
     # a record from before the +ts rows has none (ADDED_SETTINGS' ts False)
     judged = unfinished_runs(run.get("folder"), rows, list(dict.fromkeys(g for g, _ in asked)),

@@ -18,7 +18,7 @@ from ..io import atomic_file
 from ..locking import locked_elsewhere
 from .plots import difference_heatmaps
 from .results import (PREDICT_SEEDING, SIDECAR, SUMMARY_FIGURES, check_scores, read_record, recorded_seeding, redraw_figures,
-                      summarize_run)
+                      summarize_run, withheld_text, without)
 from .study_header import answer_format, header_section, long_name, model_name, short, used_sizes
 from .table import (COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, row_setting, seed_list, shown,
                     ts_name)
@@ -40,7 +40,9 @@ def load_runs(runs_dir, datasets=None):
     ``datasets`` picks and orders them; default every run found, the study's datasets first. A folder whose
     run is of another dataset than its name (a copy, ``arc_easy.bak``) is left out, with a warning, and so is a record
     that cannot be read (:func:`~.results.read_record`: a config lacking a key the report reads, a score that is no
-    number). The summary is recomputed from the per-seed rows, as the verdict is.
+    number). The summary is recomputed from the per-seed rows, as the verdict is. A row without its arrays to check
+    it by (:func:`~.results.check_scores`), whatever its seed, is withheld with a warning: left out of ``per_seed``
+    (kept under ``"withheld"``), and its (method, seed) counted unfinished.
 
     :raises ValueError: naming the ``datasets`` asked for that have no run there, or a run's row whose scores are not
         what its arrays give (:func:`~.results.check_scores`).
@@ -65,14 +67,17 @@ def load_runs(runs_dir, datasets=None):
         if run["config"]["dataset"] != dataset:
             warnings.warn(f"{path.parent} holds a run of {run['config']['dataset']}, not of {dataset}: left out of the report")
             continue
-        try:  # an edited row is refused, not reported
-            check_scores(path.parent, run["per_seed"], dataset)
+        try:  # an edited row is refused, not reported; one without its arrays (whatever its seed) is withheld
+            withheld = check_scores(path.parent, run["per_seed"], dataset)
         except ValueError as error:
             if not locked_elsewhere(path.parent):
                 raise
             # a study writing the run now writes a row's arrays, then the row: the two may be a write apart
             raise ValueError(f"{error}. Another process holds {path.parent} (its .lock) and may be writing that row now: "
                              "build the report once it is done") from None
+        if withheld:  # unfinished, as the header counts them (study_header.unfinished_pairs)
+            warnings.warn(withheld_text(path.parent, withheld))
+            run["per_seed"], run["withheld"] = without(run["per_seed"], withheld), withheld
         seeding = recorded_seeding(run)
         run["per_seed"] = [_without_apart_draws(run, r, seeding) for r in run["per_seed"]]
         # the tables and the verdict from the same rows: a stored summary may be older than them (a hand-edited row)
