@@ -10,6 +10,7 @@ import math
 import numbers
 import warnings
 
+import numpy
 import pyro
 import pyro.poutine as poutine
 from pyro.infer.autoguide import AutoGuide
@@ -627,15 +628,23 @@ class LoraModel:
         class, ``adapter``, ``num_data``, each site's matrix, shape and layers (what ``random`` and ``group`` made), the
         prior (a float std as ``"prior"``; a dict or callable one per site, each entry of its distribution flattened:
         ``"prior of <site>"`` its class, ``"prior of <site>.scale"`` a parameter: a number where all its entries are
-        equal, else its shape and a CRC-32), the likelihood's class and public attributes (``"likelihood.format"``),
-        and a subclass's own options (``svd_init``, ``rotate``). Calls a callable prior once per site."""
+        equal, else its shape and a CRC-32; and ``"prior of <site> log-density"``, its log-density at two fixed points
+        to 6 significant digits, which sees what attributes hide: a covariance held privately or in lazy properties,
+        a mask), the likelihood's class and public attributes (``"likelihood.format"``), and a subclass's own options
+        (``svd_init``, ``rotate``). A float std as the float32 the prior holds (``0.1 + 0.2`` is ``0.3``). Calls a
+        callable prior twice per site."""
         out = {"class": type(self).__name__, "adapter": self.adapter, "num_data": self.num_data,
                "sites": {n: [s.matrix, list(s.shape), list(s.layers)] for n, s in self.sites.items()}}
-        if isinstance(self.prior, float):
-            out["prior"] = self.prior
+        if isinstance(self.prior, (int, float)):
+            out["prior"] = float(str(numpy.float32(self.prior)))  # the float32 held, as its shortest decimal
         else:
+            probe = torch.Generator().manual_seed(0)
             for name, site in self.sites.items():
                 out.update(_flat_setting(f"prior of {name}", self.prior_distribution(site)))
+                points = torch.randn(2, *site.shape, generator=probe).to(self.device)
+                with torch.no_grad():
+                    density = self.prior_distribution(site).log_prob(points).double().tolist()
+                out[f"prior of {name} log-density"] = [float(f"{v:.6g}") for v in density]
         out["likelihood"] = type(self.likelihood).__name__
         for key, value in vars(self.likelihood).items():
             if not key.startswith("_"):

@@ -403,9 +403,8 @@ def fit(
                             reference = examples * grad_accum_steps
                         rows += examples
                         share = examples / reference
-                        weight = _kl_weight(beta(step), step)
-                        if callable(kl_weight):  # a schedule per rank would train at the ranks' mean weight
-                            _check_same_kl_weight(weight, step)
+                        # a schedule per rank would train at the ranks' mean weight
+                        weight = (_same_kl_weight if callable(kl_weight) else _kl_weight)(beta(step), step)
                         if watch is not None and watch.first is None:
                             watch.first = (batch, _mean_nll(model, guide, batch))
                         with step_autocast(device, autocast):
@@ -888,24 +887,35 @@ def _activation_checkpointing(net, enable):
         base.activation_checkpointing_disable() if new_api else base.gradient_checkpointing_disable()
 
 
-def _check_same_kl_weight(weight: float, step: int) -> None:
-    """Refuse, on every rank before the step's update, a callable ``kl_weight`` that gave the ranks other weights at
-    ``step``: each rank's loss would weigh the KL its own way, and the averaged gradients train at their mean. Checked as
-    the schedule is called, not over the whole run beforehand (a run over data without a length has no known last step,
-    and a schedule may count its calls): one all-reduce of two numbers per micro-batch, nothing beside a step's
-    forward and backward, and none outside ``torch.distributed``.
+def _same_kl_weight(weight, step: int) -> float:
+    """:func:`_kl_weight` of a callable ``kl_weight``'s ``weight`` at ``step``, refused on every rank before the step's
+    update where the ranks' weights differ (each rank's loss would weigh the KL its own way, and the averaged gradients
+    train at their mean) or where one rank's is invalid (refused there alone, it left the others in the all-reduce).
+    Checked as the schedule is called, not over the whole run beforehand (a run over data without a length has no
+    known last step, and a schedule may count its calls): one all-reduce of four numbers per micro-batch, nothing
+    beside a step's forward and backward, and none outside ``torch.distributed``.
 
-    :raises ValueError: naming the step and each rank's weight.
+    :raises ValueError: naming the step and each rank's weight, or the rank whose weight is invalid.
     """
     if not distributed.is_distributed():
-        return
-    low, high = distributed.spread(torch.tensor([weight], dtype=torch.float64))
-    if low.item() != high.item():
+        return _kl_weight(weight, step)
+    try:
+        weight, error = _kl_weight(weight, step), None
+    except ValueError as caught:
+        weight, error = 0.0, caught
+    low, high = distributed.spread(torch.tensor([weight, float(error is not None)], dtype=torch.float64))
+    if error is not None:
+        raise error
+    if high[1].item():
+        raise ValueError(f"cannot fit: another rank's kl_weight schedule gave an invalid weight at step {step} (this "
+                         "rank's is valid); give every rank the same schedule")
+    if low[0].item() != high[0].item():
         weights = distributed.gather_cat(torch.tensor([weight], dtype=torch.float64)).tolist()
         raise ValueError(f"the ranks' kl_weight schedules gave different weights at step {step} ("
                          f"{', '.join(f'{w:g} on rank {r}' for r, w in enumerate(weights))}): each rank's loss would "
                          "weigh the KL its own way and the averaged gradients train at their mean; give every rank the "
                          "same schedule (not one per rank)")
+    return weight
 
 
 def _kl_weight(weight, step) -> float:

@@ -707,6 +707,17 @@ def _scaled_prior(scale, loc=0.0):
     return lambda site: pdist.Normal(loc, scale).expand(site.shape).to_event(len(site.shape))
 
 
+def _mvn_prior(variance):
+    import pyro.distributions as pdist
+
+    def prior(site):
+        # a covariance over each row, held privately (MultivariateNormal's scale_tril)
+        cols = site.shape[-1]
+        return pdist.MultivariateNormal(torch.zeros(site.shape), variance * torch.eye(cols)).to_event(len(site.shape) - 1)
+
+    return prior
+
+
 def run_settings():
     """On this rank: refusals of settings that differ across ranks (the message), and equal ones' results."""
     from guides.ensemble import train_ensemble
@@ -725,6 +736,12 @@ def run_settings():
     out["site_prior"] = refused_fit(_prior_model(_scaled_prior([0.5, 0.25][r], [0.0, 0.1][r])))
     # a kl_weight schedule per rank trained at the ranks' mean weight; from step 1 on: one step taken before
     out["schedule"] = refused_fit(make_model(num_data=16), kl_weight=lambda step: 1.0 if step == 0 else [1.0, 100.0][r])
+    # a covariance per rank, which no public attribute holds, trained rank 0 at rank 1's prior
+    out["mvn_prior"] = refused_fit(_prior_model(_mvn_prior([1.0, 1e-4][r])))
+    # an invalid weight on one rank was refused there alone: the other died in gloo
+    out["invalid_schedule"] = refused_fit(make_model(num_data=16), kl_weight=lambda step: 0.0 if r and step else 1.0)
+    # stds equal as the prior holds them (float32) are no difference
+    out["rounded_prior"] = refused_fit(_prior_model([0.3, 0.1 + 0.2][r]))
     data = toy_data(16, 8)
     for key, kwargs in {"k": {"k": [2, 3][r]}, "seeds": {"k": 2, "seeds": [[3, 5], [7, 9]][r]},
                         "include_current": {"k": 2, "include_current": [False, True][r]},
@@ -769,10 +786,15 @@ def test_model_schedule_ensemble_and_swag_settings_differing_across_ranks_are_re
             assert out[key][1], f"{key}: refused before any step"
         assert "different settings of fit (model's prior: 1.0 on rank 0, 0.05 on rank 1)" in out["float_prior"][0]
         assert f"; model's prior of {site}.base_dist.scale: 0.5 on rank 0, 0.25 on rank 1; " in out["site_prior"][0]
-        assert "; and 4 more): give every rank the same settings" in out["site_prior"][0]  # loc and scale of 4 sites
+        assert "; and 8 more): give every rank the same settings" in out["site_prior"][0]  # loc, scale, density of 4 sites
+        assert out["mvn_prior"][1] and f"(model's prior of {site} log-density: [" in out["mvn_prior"][0]
+        assert out["rounded_prior"][0] is None
         message, _ = out["schedule"]
         assert message.startswith("the ranks' kl_weight schedules gave different weights at step 1 (1 on rank 0, 100 on "
                                   "rank 1)")
+        message, _ = out["invalid_schedule"]
+        assert message.startswith("kl_weight gave 0.0 at step 1" if out is ranks[1] else
+                                  "cannot fit: another rank's kl_weight schedule gave an invalid weight at step 1")
         assert "different settings of train_ensemble (k: 2 on rank 0, 3 on rank 1)" in out["ensemble_k"]
         assert "different settings of train_ensemble (seeds: [3, 5] on rank 0, [7, 9] on rank 1)" in out["ensemble_seeds"]
         assert "(include_current: False on rank 0, True on rank 1)" in out["ensemble_include_current"]
@@ -795,6 +817,10 @@ def test_model_settings_name_each_prior_and_likelihood_entry():
     assert settings[f"prior of {site}.base_dist.scale"] == 0.5 and settings[f"prior of {site}.reinterpreted_batch_ndims"] == len(settings["sites"][site][1])
     assert settings["likelihood"] == "SequenceClassification" and settings["num_data"] == 16
     assert make_model(num_data=16).settings()["prior"] == 1.0
+    assert _prior_model(0.1 + 0.2).settings()["prior"] == _prior_model(0.3).settings()["prior"]  # one float32 std
+    covariances = [_prior_model(_mvn_prior(v)).settings() for v in (1.0, 1e-4)]  # only the log-density sees them
+    assert [k for k in covariances[0] if covariances[0][k] != covariances[1][k]] == [
+        f"prior of {s} log-density" for s in covariances[0]["sites"]]
     spread = _flat_setting("p", pdist.Normal(torch.arange(12.0), 1.0))
     assert spread["p.loc"].startswith("tensor [12] CRC-32 ") and spread["p.scale"] == 1.0
     assert _flat_setting("ids", torch.tensor([3, 4])) == {"ids": [3, 4]}
