@@ -632,7 +632,7 @@ class LoraModel:
         to 6 significant digits, which sees what attributes hide: a covariance held privately or in lazy properties,
         a mask), the likelihood's class and public attributes (``"likelihood.format"``), and a subclass's own options
         (``svd_init``, ``rotate``). A float std as the float32 the prior holds (``0.1 + 0.2`` is ``0.3``). Calls a
-        callable prior twice per site."""
+        callable prior once per site."""
         out = {"class": type(self).__name__, "adapter": self.adapter, "num_data": self.num_data,
                "sites": {n: [s.matrix, list(s.shape), list(s.layers)] for n, s in self.sites.items()}}
         if isinstance(self.prior, (int, float)):
@@ -640,10 +640,11 @@ class LoraModel:
         else:
             probe = torch.Generator().manual_seed(0)
             for name, site in self.sites.items():
-                out.update(_flat_setting(f"prior of {name}", self.prior_distribution(site)))
+                prior = self.prior_distribution(site)
+                out.update(_flat_setting(f"prior of {name}", prior))
                 points = torch.randn(2, *site.shape, generator=probe).to(self.device)
                 with torch.no_grad():
-                    density = self.prior_distribution(site).log_prob(points).double().tolist()
+                    density = prior.log_prob(points).double().tolist()
                 out[f"prior of {name} log-density"] = [float(f"{v:.6g}") for v in density]
         out["likelihood"] = type(self.likelihood).__name__
         for key, value in vars(self.likelihood).items():
