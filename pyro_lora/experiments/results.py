@@ -1012,13 +1012,13 @@ def merge_results(out, update, record=None):
         raise ValueError(f"cannot merge {update} into {out}: the rerun lacks seed(s) {', '.join(map(str, missing))} of the run, "
                          "whose rows of the rerun methods would be left from the old code")
     updated = list(new["config"]["guides"])
-    # the rows merged are what their arrays give: the run's rows kept (those of the rerun methods go, whatever they
-    # hold) and the rerun's; rows without their arrays stay in per_seed, neither averaged nor judged
-    withheld = (check_scores(out, base["per_seed"], base["config"]["dataset"], rerun=lambda r: base_guide(r["guide"]) in updated)
-                + check_scores(update, new["per_seed"], new["config"]["dataset"]))
+    # the rows merged are what their arrays give: the run's rows kept (those of the rerun methods go, unread) and the
+    # rerun's; rows without their arrays stay in per_seed, neither averaged nor judged
+    kept = [r for r in base["per_seed"] if base_guide(r["guide"]) not in updated]
+    withheld = check_scores(out, kept, base["config"]["dataset"]) + check_scores(update, new["per_seed"], new["config"]["dataset"])
     guides = list(base["config"]["guides"]) + [g for g in updated if g not in base["config"]["guides"]]
-    rows = sorted([r for r in base["per_seed"] if base_guide(r["guide"]) not in updated] + new["per_seed"],
-                  key=_row_order(guides, base["config"]["seeds"]))
+    rows = sorted(kept + new["per_seed"], key=_row_order(guides, base["config"]["seeds"]))
+    averaged = without(rows, withheld)
     failed = [f for f in base.get("failed", []) if base_guide(f["guide"]) not in updated] + new.get("failed", [])
     retrained = REFERENCE in updated  # then every row is the rerun's, and so is the MAP each seed starts from
     maps = {**base.get("maps", {}), **new.get("maps", {})} if retrained else {**new.get("maps", {}), **base.get("maps", {})}
@@ -1031,7 +1031,7 @@ def merge_results(out, update, record=None):
             copy_file(update / name, out / name)
         elif name in files or retrained:  # failed under every seed: nothing of the old code is kept
             (out / name).unlink(missing_ok=True)
-    summary = summarize_run(without(rows, withheld), failed)
+    summary = summarize_run(averaged, failed)
     config = {**base["config"], "guides": guides}
     if replaces_all:  # every row rerun: the records and base are the rerun's, wherever they were read, however many used
         config.update(data_dir=new["config"].get("data_dir"), model=new["config"].get("model"))
@@ -1041,7 +1041,7 @@ def merge_results(out, update, record=None):
     # a rerun method's rows are the rerun's, every seed: so is their seeding
     seeding = {g: s for g, s in recorded_seeding(base).items() if base_guide(g) not in updated} | recorded_seeding(new)
     write_json(out / RESULTS, {**base, "config": config, "summary": summary,
-                               "verdict": verdict(without(rows, withheld), config["dataset"], config["eval_datasets"]),
+                               "verdict": verdict(averaged, config["dataset"], config["eval_datasets"]),
                                "per_seed": rows, "failed": failed, "maps": maps, "predict_seeding": seeding})
     if record is not None:
         record()
