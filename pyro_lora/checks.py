@@ -121,6 +121,18 @@ def check_flag(value, name: str) -> bool:
     return bool(value)
 
 
+def check_not_inference_mode(action: str, why: str) -> None:
+    """Refuse to ``action`` under ``torch.inference_mode()``, whose tensors can never carry gradients;
+    ``torch.no_grad()`` is fine: the callers switch gradients on themselves where they need them.
+
+    :param why: what in ``action`` takes gradients, said in the error.
+    :raises ValueError: inside ``torch.inference_mode()``, naming ``action`` and to call it outside.
+    """
+    if torch.is_inference_mode_enabled():
+        raise ValueError(f"cannot {action} inside torch.inference_mode(): {why}, which inference-mode tensors never "
+                         f"carry; call it outside (under torch.no_grad() it is fine)")
+
+
 def not_a_file(path, missing: str = "does not exist") -> str:
     """Why ``path`` (a :class:`~pathlib.Path`) is no file to read, to follow its name in an error: "is a folder, not a
     file", "is not a regular file" (a pipe, a device), else ``missing`` (a link to nothing too): a folder where a

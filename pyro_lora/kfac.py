@@ -36,7 +36,7 @@ from .kinds import down_kind, up_kind
 from .likelihoods import is_cloze
 from .metrics import check_labels
 from .model import full_precision, sequence_first_family
-from .checks import check_count
+from .checks import check_count, check_not_inference_mode
 from .hooks import SKIPPED
 from .contract import entry_checks
 from .modes import eval_mode
@@ -414,17 +414,6 @@ def _cloze_terms(x, g, mask, choice_mask, kfac: str):
     return x[:, rows], g[:, :, rows], keep.reshape(n * c, -1)[rows]
 
 
-def check_autograd(action: str) -> None:
-    """The curvature and the GLM Jacobians are gradients: refuse to ``action`` under ``torch.inference_mode()``, whose
-    tensors can never require grad (``torch.no_grad()`` is fine: the gradients are taken with it switched off).
-
-    :raises ValueError: inside ``torch.inference_mode()``.
-    """
-    if torch.is_inference_mode_enabled():
-        raise ValueError(f"cannot {action} inside torch.inference_mode(): the Laplace curvature and the GLM's Jacobians "
-                         "are gradients, which inference-mode tensors never carry; call it outside (torch.no_grad() is fine)")
-
-
 # --------------------------------------------------------------------------- fitting the factors
 
 
@@ -451,7 +440,7 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
     with entry_checks(model, None, "fit a Laplace", handed=loc is not None, settings=settings):  # else the adapter's LoRA weights are read
         check_every_example(data, "a Laplace fit")
         check_one_forward(model)
-        check_autograd("fit a Laplace")
+        check_not_inference_mode("fit a Laplace", "the Laplace curvature is a gradient")
     if loc is not None:  # handed, so the ranks' check above skipped the LoRA weights: each rank's block at its own loc
         distributed.check_same(dict(loc), "values to fit the Laplace at (loc)", "give every rank the same loc (the same "
                                "guide's mean(), after it is loaded or trained alike on every rank)")
@@ -506,7 +495,7 @@ def glm_batch(model, sites: dict, factors, batch: dict, lams: list) -> tuple[tor
     in the posterior's eigenbasis, never formed as a ``P x P`` matrix.
     """
     check_one_forward(model)
-    check_autograd("compute GLM logits")
+    check_not_inference_mode("compute GLM logits", "the GLM's Jacobians are gradients")
     loc = {name: f.loc for name, f in zip(sites, factors)}
     with eval_mode(model.net):
         weights = layer_weights(model, sites, loc)

@@ -30,7 +30,7 @@ from .data import to_device
 from .modes import eval_mode, network_mode
 from .pyro_stack import check_no_handlers
 from .model import HALF_DTYPES, full_precision, warn_unscaled
-from .checks import check_batch, check_count, check_reiterable
+from .checks import check_batch, check_count, check_not_inference_mode, check_reiterable
 from .likelihoods import scored_labels
 from .locking import slot_lock
 from .sites import base_network
@@ -456,10 +456,7 @@ def check_training_context(who: str, pyro_handlers: bool = True) -> None:
 
     :raises ValueError: naming the context, and to call ``who`` outside it.
     """
-    if torch.is_inference_mode_enabled():
-        raise ValueError(f"cannot run {who} inside torch.inference_mode(): training takes gradients, which "
-                         f"inference-mode tensors never carry; call {who} outside it (under torch.no_grad() it "
-                         "switches gradients on for its run)")
+    check_not_inference_mode(f"run {who}", "training takes gradients")
     if pyro_handlers:
         check_no_handlers(who)
 

@@ -1411,6 +1411,6 @@ def test_fit_under_no_grad_or_a_harmless_handler_is_the_clean_run(context, outsi
 
 def test_fit_inside_inference_mode_is_refused_before_any_work():
     model, guide = make()
-    with torch.inference_mode(), pytest.raises(ValueError, match=r"cannot run fit inside torch.inference_mode\(\): .*call fit outside it"):
+    with torch.inference_mode(), pytest.raises(ValueError, match=r"cannot run fit inside torch.inference_mode\(\): .*call it outside"):
         fit(model, guide, toy_data(), lr=1e-2, progress=False)
     assert guide.fit_progress is None
