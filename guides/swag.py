@@ -22,6 +22,7 @@ from pyro_lora.training import fit
 from .base import LoraGuide
 from .map import MAPGuide
 from .registry import Fitted, method
+from pyro_lora.callers import user_stacklevel
 
 
 class SWAGGuide(LoraGuide):
@@ -222,7 +223,7 @@ class SWAGCollector:
             if least + collected < 2:
                 warnings.warn(f"{me}: over data without a length fit cannot tell how many iterates this schedule collects "
                               "by the run's end, and SWAG needs at least 2 (SWAGGuide refuses to sample from fewer); "
-                              "check swag.num_collected after fit, or give data with a length", stacklevel=2)
+                              "check swag.num_collected after fit, or give data with a length", stacklevel=user_stacklevel())
             return
         if state.steps_per_epoch is None:  # starts past the last epoch
             count, run = 0, f"{state.epochs} epoch(s)"

@@ -22,6 +22,7 @@ import torch
 
 from .checks import check_positive
 from .metrics import _NLL_FLOOR, _check_probs, _check_rows, _sum_tolerance, _tensor, _uncertainty
+from .callers import user_stacklevel
 
 __all__ = ["TemperatureFit", "apply_temperature", "fit_temperature", "scale_prediction", "temperature_nll"]
 
@@ -170,7 +171,7 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
     def done(temperature, note=None):
         note = "; ".join(notes + ([note] if note else [])) or None
         if note is not None:
-            warnings.warn(f"temperature scaling: {note}", stacklevel=3)
+            warnings.warn(f"temperature scaling: {note}", stacklevel=user_stacklevel())
         return TemperatureFit(temperature, note) if return_info else temperature
 
     reported = log_probs  # what apply_temperature and metrics.nll see: a saturated label's 0 stays 0
@@ -342,7 +343,7 @@ def apply_temperature(probs: torch.Tensor, temperature: float, kind: str = "prob
     if tied:
         warnings.warn(f"temperature T = {temperature:.3g} sharpens {tied} of {scaled[..., 0].numel()} rows to one-hot "
                       "even in float64 (their other probabilities below 5e-324): they tie, so AURC, accuracy at "
-                      "coverage and OOD AUROC cannot order them", stacklevel=2)
+                      "coverage and OOD AUROC cannot order them", stacklevel=user_stacklevel())
     return scaled
 
 

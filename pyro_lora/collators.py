@@ -15,6 +15,7 @@ import torch
 from .checks import check_count
 from .prompts import cloze_parts, letter_parts, passage_part, record_text
 from .records import record_task, validate_record
+from .callers import user_stacklevel
 
 __all__ = ["CausalLMCollator", "ClassificationCollator", "ClozeCollator", "LetterCollator"]
 
@@ -140,7 +141,7 @@ def _warn_cut(collator, records, lengths: dict, lost: str = CUT_END) -> None:
     warnings.warn(f"{len(cut)} of the {len(records)} texts of a batch are longer than max_length={collator.max_length} "
                   f"tokens and are cut to it (the first, record {records[first].get('id')!r}, is {tokens} tokens): "
                   f"{lost}; raise max_length to keep them whole ({type(collator).__name__} says this once: later "
-                  "batches may cut more)", stacklevel=3)
+                  "batches may cut more)", stacklevel=user_stacklevel())
 
 
 def _cloze_split(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[tuple[list[int], list[int]]], list[list[int]]]:

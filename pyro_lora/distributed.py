@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
 from .checks import check_batches
+from .callers import user_stacklevel
 
 
 def is_distributed() -> bool:
@@ -272,7 +273,7 @@ def split_batches(data, even: bool = False):
         warnings.warn(f"{size} batches over {world_size()} ranks: each rank trains on {size // world_size()} per epoch, "
                       f"and the last {size % world_size()} of each epoch's order are never trained on (a list's, or an "
                       f"unshuffled DataLoader's, always the same examples); give a number of batches divisible by "
-                      f"{world_size()} (the batch size, or drop_last)", stacklevel=3)
+                      f"{world_size()} (the batch size, or drop_last)", stacklevel=user_stacklevel())
     if isinstance(data, DataLoader):
         # records in memory are cheap to compare (rank 0's indices must name the same records everywhere)
         dataset = same_data(data.dataset, "record") if isinstance(data.dataset, (list, tuple)) else data.dataset

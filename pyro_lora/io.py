@@ -28,6 +28,7 @@ from .quantized import is_quantized
 from .sites import base_network, base_rewriting_inits, describe_inits
 from .ownership import follow_autoguide, forget_fit, restore_fit, take_over, trainer
 from .distributed import check_same, is_main, on_main, refused_together
+from .callers import user_stacklevel
 
 FORMAT = "pyro_lora.guide/2"
 _OLD_FORMATS = ("pyro_lora.guide/1",)  # sites only, no signature
@@ -405,7 +406,7 @@ def _save_guide(guide, path, run, adapter, fit_state=None):
         if auto:  # its own parameters are its state_dict; the network's are saved as they are, which must be its own
             check_autoguide(model, guide, "save the guide")
         if adapter:  # what export_adapter checks (of an autoguide: the network's adapter as it is), these below too
-            _check_adapter_write(model if auto else guide, "save", stacklevel=4)
+            _check_adapter_write(model if auto else guide, "save")
         elif not auto:
             check_guide(model, guide, "save")  # the network's point parameters it saves must still be its own
     _write_on_main(lambda: _write_guide(guide, model, path, run, adapter, fit_state), f"save the guide to {path}",
@@ -1082,7 +1083,7 @@ def _check_base_weights(path, meta, model):
         warnings.warn(f"the guide at {path} records no digest of its base weights (saved before they were recorded, or "
                       "its guide.json edited): the base was compared by its 4096-entry fingerprints only (a change between "
                       "the strides goes unseen); save the guide again on the checkpoint it was fitted on to record them",
-                      stacklevel=3)
+                      stacklevel=user_stacklevel())
         return
     now = quantization(model.net)
     if "weights" in saved:
@@ -1102,7 +1103,7 @@ def _check_base_weights(path, meta, model):
                    "by their 4096-entry fingerprints only (a change between the strides goes unseen)")
             warnings.warn(f"the guide at {path}: {_which(names)}, could be compared {how}: {reason}; load it on a base "
                           f"of the dtype{' and quantization' if quantized else ''} it was saved on to have every weight "
-                          "compared", stacklevel=3)
+                          "compared", stacklevel=user_stacklevel())
         return
     was_quantized, known = _saved_quantization(saved, meta, model.net)
     if not (was_quantized or now):
@@ -1113,7 +1114,7 @@ def _check_base_weights(path, meta, model):
             warnings.warn(f"the guide at {path}: {_which(unknown)}, could be compared by their 4096-entry "
                           "fingerprints only (a change between the strides goes unseen): the guide was saved before "
                           "each weight's digest was recorded, on a base held in other dtypes; load it on a base in the "
-                          "dtype it was saved in to have every weight compared", stacklevel=3)
+                          "dtype it was saved in to have every weight compared", stacklevel=user_stacklevel())
         return
     if saved.get("sha256") == weights_digest(model.net):
         return
@@ -1127,7 +1128,7 @@ def _check_base_weights(path, meta, model):
     warnings.warn(f"the guide at {path} was saved on {then} in {saved.get('dtype')}, and this model's base is "
                   f"{'quantized' if now else 'unquantized'}{other} in {model.compute_dtype}: the weights quantized on "
                   "either side could not be compared with the guide's base, only the others and the configuration; load "
-                  "it on a base of the dtype and quantization it was saved on to have every weight checked", stacklevel=3)
+                  "it on a base of the dtype and quantization it was saved on to have every weight checked", stacklevel=user_stacklevel())
 
 
 def load_guide(path, model, guide=None):
@@ -1167,7 +1168,7 @@ def load_guide(path, model, guide=None):
                       "resume the run (AdamW's moments, the learning-rate and kl_weight schedules and the data order "
                       "start again)" + (f": fit(..., checkpoint_dir={str(path)!r}, resume=True) with the run's settings "
                       "continues it" if p["steps"] is not None else "; a run over data without a length cannot be "
-                      "resumed (no position in its epoch to count): rerun it from the start"), stacklevel=2)
+                      "resumed (no position in its epoch to count): rerun it from the start"), stacklevel=user_stacklevel())
     return guide
 
 
@@ -1197,7 +1198,7 @@ def _load_guide(path, model, guide):
                 warnings.warn(f"the guide at {path} is of the old format {meta['format']}, which records its sites' shapes "
                               "only: the LoRA scaling, base weights, head, prior and likelihood it was fitted with could not "
                               "be checked against this model (on another network its predictions would be wrong); load it "
-                              "on the network it was fitted on and save it again to have them recorded", stacklevel=2)
+                              "on the network it was fitted on and save it again to have them recorded", stacklevel=user_stacklevel())
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:  # a hand-edited signature
         key = "signature" if meta["format"] == FORMAT else "sites"
         raise ValueError(f"{path}/guide.json is corrupt: its {key!r} is malformed ({err!r})") from None
@@ -1315,7 +1316,7 @@ def export_adapter(guide, path):
     """
     with refused_together("export the adapter"):  # a refusal on one rank only would leave the others waiting
         check_same(os.path.abspath(path), "paths to export the adapter to")  # rank 0 writes its own
-        model = _check_adapter_write(guide, "export the adapter", stacklevel=3)
+        model = _check_adapter_write(guide, "export the adapter")
     mean = model is not guide  # a guide's mean is written into the network's LoRA first
 
     def write():
@@ -1329,7 +1330,7 @@ def export_adapter(guide, path):
     return Path(path)
 
 
-def _check_adapter_write(subject, action, stacklevel):
+def _check_adapter_write(subject, action):
     """Every check before a peft adapter is written (:func:`export_adapter`, ``save_guide(..., adapter=True)``, and so
     ``pyro-lora fit --adapter`` and ``bayesianize``), on every rank, before anything is written; returns the model.
 
@@ -1338,8 +1339,7 @@ def _check_adapter_write(subject, action, stacklevel):
     peft parameter holds, ScalaBL's or LoRA-XS's) or a :class:`~pyro_lora.LoraModel` (its adapter and head as they are:
     refused where the head's guide holds other LoRA values, :meth:`~pyro_lora.LoraModel.check_adapter_trained`). Both:
     refused for a network whose adapter peft would not give back (:func:`_check_peft_model`); warned of trained values
-    its reload rounds (:func:`_warn_reload_rounding`). Warnings name the frame ``stacklevel`` levels up from here (the
-    user's call)."""
+    its reload rounds (:func:`_warn_reload_rounding`)."""
     from .model import LoraModel
 
     if isinstance(subject, LoraModel):
@@ -1370,8 +1370,8 @@ def _check_adapter_write(subject, action, stacklevel):
     _check_peft_model(model)
     if model is subject:  # sites without a peft parameter are no refusal here: the network holds none of their values
         model.check_adapter_trained("the exported adapter", "export_adapter(guide, folder) writes the guide's mean "
-                                    "with the head, or call model.write_adapter(guide.mean()) first", stacklevel)
-    _warn_reload_rounding(model, stacklevel + 1)
+                                    "with the head, or call model.write_adapter(guide.mean()) first")
+    _warn_reload_rounding(model)
     return model
 
 
@@ -1501,7 +1501,7 @@ def _rounded_on_reload(model) -> list:
     return out
 
 
-def _warn_reload_rounding(model, stacklevel):
+def _warn_reload_rounding(model):
     """Warn of trained values the exported adapter reloads rounded (:func:`_rounded_on_reload`): its predictions then
     differ from the model's. A warning, not a refusal: such an adapter is the nearest peft holds."""
     rounded = _rounded_on_reload(model)
@@ -1512,7 +1512,7 @@ def _warn_reload_rounding(model, stacklevel):
                       f"base's {str(dtype).removeprefix('torch.')} copy of its module (peft's modules_to_save), rounded by "
                       f"up to {change:.2g}, which its forward runs at full precision: the reloaded adapter predicts "
                       "otherwise than the model; save_guide (of a guide, or of a Pyro autoguide) keeps it exactly for "
-                      "load_guide; or train on a float32 base, or without that module in modules_to_save", stacklevel=stacklevel)
+                      "load_guide; or train on a float32 base, or without that module in modules_to_save", stacklevel=user_stacklevel())
 
 
 def _check_nothing_merged(model):

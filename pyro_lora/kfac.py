@@ -43,6 +43,7 @@ from .modes import eval_mode
 from .predictive import SEED_RANGE, Prediction, batch_labels, pad_choices
 from .progress import progress_bar
 from .sites import Site, per_layer
+from .callers import user_stacklevel
 
 __all__ = [
     "Accumulator",
@@ -705,7 +706,7 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     if overflow is not None:
         warnings.warn(f"{desc}: the logit covariance (largest variance {overflow:.3g}) overflows float32 logit draws: the "
                       "probit predictive is kept, but no logit draws, so its mutual information is n/a; a larger prior "
-                      "precision avoids this", stacklevel=2)
+                      "precision avoids this", stacklevel=user_stacklevel())
     width = max(p.shape[-1] for p in probs)
 
     def pad(parts, value=0.0):  # batches of fewer choices get columns of probability 0 (log-probability -inf)

@@ -25,6 +25,7 @@ from pyro.distributions import Categorical, TorchDistribution, constraints
 from .checks import is_integer_tensor
 from .modes import eval_mode
 from .sites import base_network, embedding
+from .callers import user_stacklevel
 
 _NET_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 _DECODER_INPUTS = ("input_ids", "attention_mask")  # a decoder's positions are computed here, from the attention mask
@@ -682,7 +683,7 @@ class MultipleChoice(Likelihood):
         reason = _unshareable(decoder)
         if self.format == "cloze" and self._share_asked and reason:
             warnings.warn(f"MultipleChoice(share_prefix=True): {type(decoder).__name__} {reason}, so every cloze row runs "
-                          "in full (the same scores, each question run once per choice)", stacklevel=3)
+                          "in full (the same scores, each question run once per choice)", stacklevel=user_stacklevel())
         weight = getattr(base_network(net).get_output_embeddings(), "weight", None)
         if weight is not None and self.answer_token_ids is not None and int(self.answer_token_ids.max()) >= len(weight):
             raise ValueError(f"answer_token_ids {self.answer_token_ids.tolist()} name a token beyond the LM head's {len(weight)} rows: "

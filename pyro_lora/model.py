@@ -33,6 +33,7 @@ from .modes import dropout_in_training
 from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, drawn_by, elbo_run, hidden_from_elbo, in_averaging_elbo,
                          in_importance, in_laplace_approximation, in_mcmc, in_predictive, in_svi_step, inference_guide, innermost_autoguide,
                          marked_guides, on_training_step, prototyping_autoguide, replayed_trace, running_autoguide)
+from .callers import user_stacklevel
 from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_inits, check_values,
                     describe_inits, embedding, find_lora_layers, head_modules, is_site_name, matrix_view, per_layer)
 
@@ -130,7 +131,7 @@ class LoraModel:
                 f"{describe_inits(rewritten)} moved part of each base weight it adapts into its A and B: the prior, "
                 "centred at A = B = 0, is centred at those residual base weights, not at the pretrained model (give a "
                 "prior centred at the initial A, B if that is not meant)",
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         self._lora_shapes = {path: _lora_shapes(layer, self.adapter) for path, layer in self.layers.items()}
         # peft's trainable copies (the classification head): what they ran when built, checked before every forward
@@ -430,7 +431,7 @@ class LoraModel:
             values[name] = torch.stack(mats) if site.stacked else mats[0].clone()
         return values
 
-    def check_adapter_trained(self, use: str, advice: str, stacklevel: int = 2, values: dict | None = None) -> None:
+    def check_adapter_trained(self, use: str, advice: str, values: dict | None = None) -> None:
         """Refuse an adapter whose LoRA values are not those of the guide that trained the network's head (``fit``,
         SVI; a MAP guide keeps its LoRA in the guide) or that ``load_guide`` restored it with: ``use`` (e.g. an exported
         adapter) would pair untrained LoRA values with the trained head. Each layer's delta ``B M A`` is compared
@@ -439,8 +440,7 @@ class LoraModel:
         which the guide's predictive pairs with that head too). Once that guide is gone, or where a Pyro autoguide
         trained the head with ``SVI`` (its median never written), the record of the training refuses alike while the
         adapter and the head are as it left them (:func:`~pyro_lora.ownership.unwritten_fit`). Warn where the training
-        left no head and its guide's mean was never written into the adapter. ``advice`` ends both sentences;
-        ``stacklevel`` is the warning's, counted from the caller.
+        left no head and its guide's mean was never written into the adapter. ``advice`` ends both sentences.
 
         :param values: the site values ``use`` runs this model at (a guide's start: :meth:`_held_values`, a LoRA-XS
             core at 0); ``None``: the adapter as peft runs it (an exported adapter: no core, ``R = I``; ``z = 0``).
@@ -453,7 +453,7 @@ class LoraModel:
             warnings.warn(
                 f"the adapter still holds the LoRA values it held when {fitted.by} last trained this network with a "
                 f"{fitted.name}, not that guide's mean: {use} would miss the training; {advice}{_median(fitted)}",
-                stacklevel=stacklevel + 1,
+                stacklevel=user_stacklevel(),
             )
 
     def _check_recorded_training(self, use: str, advice: str, values: dict | None):
@@ -842,7 +842,7 @@ class LoraModel:
                 raise ValueError(f"site {name!r} got a batch of values {tuple(v.shape)}: {VECTORIZED}")
         flipout = {n: tr.trace.nodes[n]["infer"]["flipout_loc"] for n in values if "flipout_loc" in tr.trace.nodes[n]["infer"]}
         if flipout and not in_averaging_elbo():
-            warnings.warn(FLIPOUT_WEIGHED, stacklevel=2)
+            warnings.warn(FLIPOUT_WEIGHED, stacklevel=user_stacklevel())
             flipout = {}
         y = self._labels(batch)  # its checks read the labels on the host: before the forward is queued
         # a training step of an ELBO outside fit (which keeps its own books): Pyro's SVI, or a loop of the user's own
@@ -923,11 +923,11 @@ class LoraModel:
                              "is no valid MCMC (its samples are not the posterior's); call model.net.eval() before MCMC")
         if who == "pyro.infer.Importance":
             warnings.warn(f"{found}: each draw's weight, and so the log evidence, carry dropout noise besides the "
-                          "posterior's; call model.net.eval() before Importance", stacklevel=3)
+                          "posterior's; call model.net.eval() before Importance", stacklevel=user_stacklevel())
             return
         warnings.warn(f"{found}: its predictions carry dropout noise besides the posterior's, where pyro_lora.predict "
                       "runs in eval mode; call model.net.eval() before Predictive (for MC dropout, use MCDropoutGuide)",
-                      stacklevel=3)
+                      stacklevel=user_stacklevel())
 
     def _check_autoguide_model(self) -> None:
         """Refuse a Pyro autoguide built over another LoraModel object that ``SVI``, an ELBO (its loss, with or
@@ -974,10 +974,9 @@ class LoraModel:
         else:
             check_autoguide(self, autoguide, "run pyro.infer.Predictive or an ELBO's loss")
 
-    def _count_svi_batches(self, batch, y, stacklevel=3):
+    def _count_svi_batches(self, batch, y):
         """Warn, as ``fit`` does (:func:`warn_unscaled`), once an ELBO trains on a second batch of a model without
-        ``num_data``: batches told apart by their rows as a set (one batch of the whole data, shuffled, is one).
-        ``stacklevel``: the warning's, counted from the caller."""
+        ``num_data``: batches told apart by their rows as a set (one batch of the whole data, shuffled, is one)."""
         rows = batch.get("input_ids")
         rows = (rows if torch.is_tensor(rows) else y).reshape(y.shape[0], -1).long()
         weights = torch.randint(1, 2**62, (rows.shape[1],), generator=torch.Generator().manual_seed(0)).to(rows.device)
@@ -986,8 +985,7 @@ class LoraModel:
             self._svi_batch = fingerprint
         elif self._svi_batch.shape != fingerprint.shape or not torch.equal(self._svi_batch, fingerprint):
             self._svi_batch = False
-            warn_unscaled(self, 2, "an ELBO trained outside fit (pyro.infer.SVI, a loop of your own)",
-                          stacklevel=stacklevel)
+            warn_unscaled(self, 2, "an ELBO trained outside fit (pyro.infer.SVI, a loop of your own)")
 
     def _check_observed(self, batch, node, y, rows):
         """The label checks, on the value the ``"obs"`` site received however it came (``batch["labels"]``, or a handler:
@@ -1102,9 +1100,9 @@ class LoraModel:
             warnings.warn("an optimizer step trains through a replay of your own (a backward pass through "
                           "poutine.trace(poutine.replay(model, trace=guide_trace)), as Pyro's custom objectives) in "
                           f"which {problems[0]}; a replay only read, as for the prior's log density, is no such step",
-                          stacklevel=4)
+                          stacklevel=user_stacklevel())
         if batch is not None:
-            self._count_svi_batches(batch, y, stacklevel=5)
+            self._count_svi_batches(batch, y)
 
     def _check_conditioned(self, own):
         """Refuse conditioned values (``poutine.condition``, ``pyro.infer.Predictive``'s posterior samples) for some of
@@ -1173,7 +1171,7 @@ def _median(fitted) -> str:
             if fitted.name.startswith("Pyro ") else "")
 
 
-def warn_unscaled(model, batches: int, runner: str, stacklevel: int = 2) -> None:
+def warn_unscaled(model, batches: int, runner: str) -> None:
     """Warn where ``runner`` (``"fit"``, an ELBO trained outside it) steps through ``batches`` batches, several, of a
     model without ``num_data``: each is taken as the whole training set, its likelihood weighed ``B / N`` against the
     prior (pyro#1437)."""
@@ -1182,7 +1180,7 @@ def warn_unscaled(model, batches: int, runner: str, stacklevel: int = 2) -> None
                       "whole training set, so the data weigh B/N of what they should against the prior (a posterior too "
                       "wide, a MAP pulled to 0); give LoraModel(..., num_data=len(training set)), and scale neither the "
                       "model nor the guide for the minibatch: the model scales its data term by num_data / rows itself",
-                      stacklevel=stacklevel + 1)
+                      stacklevel=user_stacklevel())
 
 
 FLIPOUT_WEIGHED = ("the guide marks its A sites for flipout, which applies only inside an ELBO that averages over its "
@@ -1276,7 +1274,7 @@ def _warn_head_partly_frozen(net) -> None:
             f"{type(base_network(net)).__name__}'s head {frozen} is frozen while {[n for n, t in trains.items() if t]} "
             "trains: fit leaves it at its values, random where the checkpoint lacked it (DeBERTa's pooler); build the "
             f"adapter with it in modules_to_save (LoraConfig(modules_to_save={list(heads)}), as pyro_lora.add_lora does)",
-            stacklevel=3)
+            stacklevel=user_stacklevel())
 
 
 def _input_embeddings(net):
@@ -1388,7 +1386,7 @@ def _check_skipped_hooks(layers: dict, adapter: str) -> None:
                 "register_module_forward_hook or a profiler's module tracker): peft calls it on every LoRA layer's "
                 "lora_A and lora_B, which the weight hand-off does not call, so a guide's forward skips it there; if "
                 "it changes outputs, register it on the modules you need instead (a LoRA layer's own hooks are "
-                "honoured)", stacklevel=4)
+                "honoured)", stacklevel=user_stacklevel())
     for path, layer in layers.items():
         for parameter in ("lora_A", "lora_B"):
             module = getattr(layer, parameter)[adapter]

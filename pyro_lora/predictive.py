@@ -20,6 +20,7 @@ from .model import HalfPrecisionOverflowError
 from .modes import eval_mode
 from .progress import progress_bar
 from .quantized import has_int8_layers
+from .callers import user_stacklevel
 
 SEED_RANGE = 2**62  # base seeds are drawn from [0, SEED_RANGE); chunk i uses base + i
 
@@ -119,7 +120,7 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
             warnings.warn("predict over an LLM.int8() base: its outlier decomposition runs in 16 bits the input columns "
                           "that exceed its threshold in any row of a forward, so an example's probabilities depend a little "
                           "on its batch and on the weight samples run beside it (an NF4 or unquantised base's do not)",
-                          stacklevel=3)
+                          stacklevel=user_stacklevel())
         if model.likelihood.event_dims != 0:  # CausalLM: a distribution per token, no [N, C] row per example
             raise ValueError(f"predict gives one class distribution per example ([N, C]), and {type(model.likelihood).__name__} "
                              "is token-level (one per token): score a language model with model.logits(batch, values) "

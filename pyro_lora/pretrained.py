@@ -41,6 +41,7 @@ from .io import _naming_errors, synced
 from .likelihoods import not_causal_lm
 from .quantized import keep_differentiable
 from .sites import base_network, head_modules
+from .callers import user_stacklevel
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -680,7 +681,7 @@ def _warn_about_drawn(model, loaded: set, adapter_dir) -> None:
                   "them, so they were drawn under the torch seed; they equal the ones the adapter was trained with only if the base was "
                   "loaded under the same seed as for training (torch.manual_seed before load_pretrained); to load them "
                   f"whatever the seed, save them in the adapter (peft's modules_to_save={names})", DrawnAtLoadWarning,
-                  stacklevel=3)
+                  stacklevel=user_stacklevel())
 
 
 def default_mc_format(model: torch.nn.Module) -> str:

@@ -22,6 +22,7 @@ import warnings
 import torch
 
 from .records import BLANK, looks_blank, record_task
+from .callers import user_stacklevel
 
 __all__ = ["LETTERS", "cloze_pairs", "cloze_parts", "is_blank_item", "letter_parts", "letter_prompt", "letter_token_ids",
            "mark_blank_sentences", "passage_part", "record_text"]
@@ -48,7 +49,7 @@ def is_blank_item(record: dict) -> bool:
         warnings.warn("a multiple-choice record holding one '_' between spaces, as a WinoGrande sentence does, carries "
                       f"no {BLANK!r} mark: it is asked as a question (the blank format is a dataset's, never guessed from "
                       "one record); decide it for records built in memory with "
-                      "pyro_lora.data.mark_blank_sentences(train, test)", stacklevel=2)
+                      "pyro_lora.data.mark_blank_sentences(train, test)", stacklevel=user_stacklevel())
     return mark is True
 
 
@@ -72,7 +73,7 @@ def blank_format(*splits, name: str = "the records") -> bool:
         warnings.warn(f"{len(looking)} of the {len(records)} records of {name} hold one '_' between spaces, as a "
                       f"WinoGrande blank sentence does (the first: record {looking[0]['id']!r}), but the others do "
                       "not: every record is asked as a question (the blank format is a whole dataset's); if they are "
-                      "blank sentences, make every record one", stacklevel=3)
+                      "blank sentences, make every record one", stacklevel=user_stacklevel())
     return bool(records) and len(looking) == len(records)
 
 

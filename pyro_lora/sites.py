@@ -17,6 +17,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 
 from .kinds import KINDS, MatrixKind
+from .callers import user_stacklevel
 
 
 def is_site_name(name: str) -> bool:
@@ -138,7 +139,7 @@ def find_lora_layers(net, adapter: str | None = None) -> OrderedDict:
         warnings.warn(
             f"LoRA on embedding layers {embeddings} is not made random: those LoRA matrices stay point estimates "
             "(trained by fit, no prior); target only Linear layers to make every LoRA matrix random",
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     variants = {p: type(m.lora_variant[adapter]).__name__ for p, m in layers.items() if adapter in getattr(m, "lora_variant", {})}
     if variants:

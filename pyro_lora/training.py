@@ -34,6 +34,7 @@ from .checks import check_batch, check_count, check_not_inference_mode, check_re
 from .likelihoods import scored_labels
 from .locking import slot_lock
 from .sites import base_network
+from .callers import user_stacklevel
 
 
 class DivergenceError(FloatingPointError):
@@ -249,7 +250,7 @@ def fit(
                 raise ValueError(f"under torch.distributed ({distributed.world_size()} ranks) the model needs num_data (the "
                                  "training set's size): without it each rank scales its data term to its own batch, so the "
                                  "averaged loss counts the data once per rank and the prior W times")
-            warn_unscaled(model, length or 0, "fit", stacklevel=2)  # data without a length: once a second batch is read
+            warn_unscaled(model, length or 0, "fit")  # data without a length: once a second batch is read
             _warn_num_data(model, data)
             beta = kl_weight if callable(kl_weight) else (lambda step: kl_weight)
             # what a resume must repeat; none for data without a length (no position to count) or under torch.distributed
@@ -270,7 +271,7 @@ def fit(
             if resumed is not None and callbacks:
                 warnings.warn(f"fit(resume=True): the callbacks' own state ({', '.join(type(cb).__name__ for cb in callbacks)})"
                               " is not in the checkpoint and is not restored; they see the steps from the resumed one on",
-                              stacklevel=2)
+                              stacklevel=user_stacklevel())
             if checkpoint_dir and not resume:
                 _warn_unfinished(checkpoint_dir)
         if distributed.is_distributed():  # its refusals (data that differ across ranks) before the guide takes anything over
@@ -396,8 +397,7 @@ def fit(
                             _digest_batch(digest, batch)
                         batch = to_device(batch, device)  # refuses what is no batch (a TensorDataset's lists)
                         if length is None and epoch == 0 and seen == 2:  # the warning a length gave before the run
-                            warn_unscaled(model, seen, "fit (over data without a length, its batches counted as read)",
-                                          stacklevel=2)
+                            warn_unscaled(model, seen, "fit (over data without a length, its batches counted as read)")
                         examples = _examples(batch)
                         if not pending:  # the group's first batch: a full group of equal batches needs no rescaling
                             reference = examples * grad_accum_steps
@@ -439,7 +439,7 @@ def fit(
         if skipped_steps:
             warnings.warn(f"fit: float16's loss scaler skipped {skipped_steps} of {step} optimizer steps (their gradients "
                           f"overflowed): the weights moved on {step - skipped_steps}; where that is many, lower lr, set "
-                          "max_grad_norm, or train in bfloat16 or float32", stacklevel=2)
+                          "max_grad_norm, or train in bfloat16 or float32", stacklevel=user_stacklevel())
         if train_network:
             record_fit(model, guide)
         guide.fit_progress.update(steps=step, finished=True)
@@ -636,7 +636,7 @@ def _warn_unfinished(path) -> None:
     if p and not p.get("finished"):
         warnings.warn(f"fit: {path} holds the checkpoint of an unfinished run (step {p['step']} of {p['steps']}); this "
                       "new run overwrites it from its first checkpoint on: fit(..., resume=True) continues that run "
-                      "instead", stacklevel=3)
+                      "instead", stacklevel=user_stacklevel())
 
 
 def _rng_state(device, keepers) -> dict:
@@ -993,7 +993,7 @@ def _warn_num_data(model, data) -> None:
     warnings.warn(f"the model has num_data={model.num_data}, but fit's DataLoader draws {size} examples an epoch "
                   f"(len(loader.dataset) is {len(data.dataset)}): the data term is scaled to num_data, so the prior "
                   f"weighs {size / model.num_data:.3g}x what it should against the data; build the model with "
-                  f"num_data={size} (the training set's size)", stacklevel=3)
+                  f"num_data={size} (the training set's size)", stacklevel=user_stacklevel())
 
 
 def _length(data):
@@ -1016,7 +1016,7 @@ def _warn_short_warmup(warmup, step, epoch_steps, epoch, epochs) -> bool:
             f"many make {ahead}")
     warnings.warn(f"fit: the run {when} of warmup_steps={warmup}: the learning rate reaches only {ahead / warmup:.2g} of "
                   "lr (its data has no length, so this could not be refused before the run, as it is for data with one); "
-                  f"use warmup_steps <= {ahead}, or more epochs", stacklevel=3)
+                  f"use warmup_steps <= {ahead}, or more epochs", stacklevel=user_stacklevel())
     return True
 
 

@@ -1414,3 +1414,46 @@ def test_fit_inside_inference_mode_is_refused_before_any_work():
     with torch.inference_mode(), pytest.raises(ValueError, match=r"cannot run fit inside torch.inference_mode\(\): .*call it outside"):
         fit(model, guide, toy_data(), lr=1e-2, progress=False)
     assert guide.fit_progress is None
+
+
+def test_the_num_data_warning_points_at_the_users_line_from_fit_and_from_a_loop_of_ones_own():
+    """The library's warnings counted fixed frames up (``stacklevel=3``), which breaks with every wrapper or path
+    between the user and the warning: they now find the first frame outside the library, Pyro and torch. And no
+    warning of the library keeps a fixed count."""
+    import re
+    import warnings
+    from pathlib import Path
+
+    from pyro.infer import SVI, Trace_ELBO
+
+    data = toy_data(n=24, batch=8)
+
+    def lines(call):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call()
+        said = [w for w in caught if "no num_data" in str(w.message)]
+        assert said
+        return {(w.filename, w.lineno) for w in said}
+
+    def fitted():
+        model = LoraModel(tiny_bert(num_labels=2), SequenceClassification())
+        fit(model, MAPGuide(model), data, epochs=1, lr=1e-3, progress=False)
+
+    def streamed():
+        model = LoraModel(tiny_bert(num_labels=2), SequenceClassification())
+        fit(model, MAPGuide(model), unsized(data), epochs=1, lr=1e-3, progress=False)
+
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification())
+    svi = SVI(model, MAPGuide(model), pyro.optim.Adam({"lr": 1e-3}), Trace_ELBO())
+
+    def stepped():
+        for batch in data[:2]:
+            svi.step(batch)
+
+    for call, line in ((fitted, 3), (streamed, 3), (stepped, 3)):
+        assert lines(call) == {(__file__, call.__code__.co_firstlineno + line - 1)}, call.__name__
+    root = Path(__file__).resolve().parents[1]
+    fixed = [f"{p.relative_to(root)}:{n}" for folder in ("pyro_lora", "guides") for p in sorted((root / folder).rglob("*.py"))
+             for n, text in enumerate(p.read_text().splitlines(), 1) if re.search(r"(?<!`)stacklevel=\d", text)]
+    assert not fixed, fixed

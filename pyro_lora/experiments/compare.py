@@ -20,6 +20,7 @@ from .setup import (CompareConfig, base_digest, check_config, default_guides, la
                     seed_for, set_digests, train_map)
 from .table import base_guide, format_row, seed_list, ts_name
 from .versions import method_version, other_version_words
+from ..callers import user_stacklevel
 
 
 def fit_method(setup, name: str, map_seconds: float = 0.0):
@@ -127,7 +128,7 @@ def map_drift(run, setup):
             return None, False
         note = (f"the MAP {how} for seed {setup.seed} on resume is not the one this seed's earlier rows used (another "
                 f"digest): its rows and theirs start from two MAPs ({RERUN_SEED})")
-    warnings.warn(note, stacklevel=2)
+    warnings.warn(note, stacklevel=user_stacklevel())
     return note, False
 
 
@@ -144,7 +145,7 @@ def older_seeding_note(run, row_name, seed):
     note = (f"{row_name}'s rows of other seeds drew each evaluation set's weight samples apart (pyro_lora before "
             "2026-12-03), these rows one draw for all: their OOD AUROC and +ts rows differ in kind; rerun the method "
             "(pyro-lora study --update) or the run into a new --out to compare seeds")
-    warnings.warn(note, stacklevel=2)
+    warnings.warn(note, stacklevel=user_stacklevel())
     return note
 
 # below it, one validation example weighs more than an accuracy point: the 1-point guard of the _val knobs, and a
@@ -224,7 +225,7 @@ def _fill(run, config, reference):
     for name, (seeds, versions) in run.drop_older_versions(config.guides).items():
         warnings.warn(f"{name}: its rows of {seed_list(seeds)} in {run.out / RESULTS} "
                       f"were made by {other_version_words({name: versions})} version of "
-                      f"the method ({', '.join(map(str, versions))}, now {method_version(name)}): rerun, not averaged with the new rows", stacklevel=3)
+                      f"the method ({', '.join(map(str, versions))}, now {method_version(name)}): rerun, not averaged with the new rows", stacklevel=user_stacklevel())
     seeds = list(dict.fromkeys([*config.seeds, *(s for _, s in left)]))
     plan = {seed: [g for g in config.guides if (g, seed) in left] for seed in seeds}
     if not any(plan.values()) and run.base is not None and run.model_moved:

@@ -35,6 +35,7 @@ from .setup import ADDED_SETTINGS, BASE_DIGEST_VERSION, CLOZE_SCORING, state_dig
 from .table import base_guide, seed_list, ts_name
 from .verdict import REFERENCE, verdict
 from .versions import left_out_text, method_version, of_other_version, older_versions, row_version, split_versions, versions_of
+from ..callers import user_stacklevel
 
 RESULTS = "results.json"
 SIDECAR = "study_run.json"  # next to results.json where the study made the run: its commands, machine, wall time
@@ -474,7 +475,7 @@ class RunFolder:
     def _check_digest(self, key, digest, what, refusal):
         if getattr(self, key) is None and self.rows:  # and stays without one: its old rows were never checked
             warnings.warn(f"{self.out / RESULTS} keeps no digest of {what} (written by an older version): they are not "
-                          "checked now", stacklevel=3)
+                          "checked now", stacklevel=user_stacklevel())
             return
         if getattr(self, key) not in (None, digest):
             raise ValueError(f"{self.out / RESULTS} {refusal}, or run into another {self.flags.folder} (or {self.flags.rescore})")
@@ -517,7 +518,7 @@ class RunFolder:
             if not isinstance(config, dict):
                 raise ValueError(f"its configuration is {config!r}, no JSON object")
         except (ValueError, TypeError) as err:  # json's errors are ValueErrors
-            warnings.warn(f"{path} cannot be read ({err}): the MAP of seed {setup.seed} is trained again", stacklevel=2)
+            warnings.warn(f"{path} cannot be read ({err}): the MAP of seed {setup.seed} is trained again", stacklevel=user_stacklevel())
             return None
         params = dict(setup.net.named_parameters())
         names = sorted(set(tensors) ^ set(setup.initial_state))
@@ -540,7 +541,7 @@ class RunFolder:
                    "it is not the MAP the seed's saved rows started from" if expected not in (None, digest) else
                    "the seed's saved rows record no MAP to check it against" if expected is None and self.has_rows(setup.seed) else None)
         if problem:
-            warnings.warn(f"{path} is not used: {problem}; the MAP of seed {setup.seed} is trained again", stacklevel=2)
+            warnings.warn(f"{path} is not used: {problem}; the MAP of seed {setup.seed} is trained again", stacklevel=user_stacklevel())
             return None
         with torch.no_grad():
             for n, t in tensors.items():
@@ -665,7 +666,7 @@ class RunFolder:
         self._withheld = check_scores(self.out, self.rows, self.config.dataset, rerun)
         kept = [r for r in self._withheld if not rerun(r)]
         if kept and is_main():
-            warnings.warn(withheld_text(self.out, kept), stacklevel=3)
+            warnings.warn(withheld_text(self.out, kept), stacklevel=user_stacklevel())
 
     def keep_summary(self):
         """Rewrite the summary and verdict of ``results.json`` where they are not those of its rows, as the run prints
@@ -713,7 +714,7 @@ class RunFolder:
         kept = [failed_run(f) for f in self.failed if f not in failed]
         if kept:
             warnings.warn(f"{self.out / RESULTS} keeps failed runs this invocation did not ask for: {', '.join(kept)}; "
-                          "add their methods to --guides and their seeds to --seeds to run them again", stacklevel=2)
+                          "add their methods to --guides and their seeds to --seeds to run them again", stacklevel=user_stacklevel())
         if failed:
             done = len({(base_guide(r["guide"]), r["seed"]) for r in self.rows}
                        - {(base_guide(f["guide"]), f["seed"]) for f in self.failed})
@@ -1074,7 +1075,7 @@ def finish_merge(out):
         if not (update / RESULTS).is_file():
             raise ValueError(f"{out} holds an --update whose merge was cut short, and its rerun folder {update} is gone: "
                              f"its rows and prediction files may disagree; delete {marker} and rerun that --update")
-        warnings.warn(f"{out}: finishing the merge of {update}, which a kill cut short", stacklevel=2)
+        warnings.warn(f"{out}: finishing the merge of {update}, which a kill cut short", stacklevel=user_stacklevel())
         merge_results(out, update, record=lambda: _record_finished_update(Path(out) / SIDECAR))
 
 

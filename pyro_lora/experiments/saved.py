@@ -27,6 +27,7 @@ from ..guides.registry import METHODS, MODELS, Fitted, get_method, join_notes
 from .compare import evaluate, fit_method, predictor
 from .scoring import join_row, score
 from .results import PREDICT_SEEDING, config_differences, is_seeding, recorded_base
+from ..callers import user_stacklevel
 from .setup import (ADDED_SETTINGS, BASE_DIGEST_VERSION, CompareConfig, base_digest, check_config, check_numbers, load_splits,
                     prepare, records_digest, seed_for, train_map)
 
@@ -115,7 +116,7 @@ def _check_data(run, config, whose) -> list | None:
     if not isinstance(run.get("records"), dict) or "label_names" not in run:
         warnings.warn(f"the run.json of {whose} was written before runs recorded their data's label names and records: "
                       f"whether {config.dataset!r} under {D.resolve_data_dir(config.data_dir)} is the data it was fitted on "
-                      "could not be checked", stacklevel=3)
+                      "could not be checked", stacklevel=user_stacklevel())
         return None
     then, now = run["label_names"], D.load_meta(config.dataset, config.data_dir).get("label_names")
     if [label_key(n) for n in then or ()] != [label_key(n) for n in now or ()]:  # None: multiple choice
@@ -411,7 +412,7 @@ def _check_drawn_weights(setup, fit_run, adapter_dir):
     if seed is None:
         warnings.warn(f"--model draws {drawn[:3]} at load under the seed (the checkpoint lacks them; the adapter in "
                       f"{adapter_dir} does not carry them): they equal the ones the adapter was trained with only under "
-                      "the seed of its fit", stacklevel=3)
+                      "the seed of its fit", stacklevel=user_stacklevel())
     elif seed != setup.seed:
         raise ValueError(f"--model draws {drawn[:3]} at load under the seed (the checkpoint lacks them, the adapter does "
                          f"not carry them), and the fit of {adapter_dir} drew them under seed {seed}: pass --seed {seed}")
@@ -428,7 +429,7 @@ def _warn_about_other_settings(config, recorded, adapter_dir):
         warnings.warn(f"bayesianize runs with other settings than the fit of {adapter_dir} recorded: {', '.join(changed)}; "
                       "its sigma_q or row is not compare's tfb row for that fit (pyro-lora bayesianize takes the fit's value of each "
                       "flag left out)",
-                      stacklevel=3)
+                      stacklevel=user_stacklevel())
 
 
 def _warn_about_other_records(config, differ, adapter_dir):
@@ -437,7 +438,7 @@ def _warn_about_other_records(config, differ, adapter_dir):
     if differ:
         warnings.warn(f"bayesianize runs on other records than the fit of {adapter_dir} recorded: the {' and '.join(differ)} "
                       f"records of {config.dataset!r} under {D.resolve_data_dir(config.data_dir)} differ from the fit's (its "
-                      "run.json's digests); its sigma_q or row is not compare's tfb row for that fit", stacklevel=3)
+                      "run.json's digests); its sigma_q or row is not compare's tfb row for that fit", stacklevel=user_stacklevel())
 
 
 def _warn_about_another_base(adapter_dir, model):
@@ -451,7 +452,7 @@ def _warn_about_another_base(adapter_dir, model):
     if recorded.is_dir() and given.is_dir() and recorded.resolve() != given.resolve():
         warnings.warn(f"the adapter in {adapter_dir} was trained on {recorded} (its adapter_config.json), and --model gives "
                       f"{given}: on another base than its own a LoRA gives other predictions; give --model {recorded}",
-                      stacklevel=2)
+                      stacklevel=user_stacklevel())
 
 
 def _run_file(run_dir):

@@ -29,6 +29,7 @@ from ..training import fit
 from ..guides import MAPGuide
 from ..guides.registry import METHODS, Fitted, get_method, methods_for_task
 from ..likelihoods import MC_FORMATS
+from ..callers import user_stacklevel
 
 
 @dataclass(frozen=True)
@@ -379,7 +380,7 @@ def _check_collates(collator, splits: dict, positions=None, chunk: int = 256, na
             cut += [(records[i + place], tokens) for place, tokens in collator.last_cut.items()]
         if cut:
             _say_cut((names or {}).get(name, f"{name} records"), records, cut, collator.max_length,
-                     positions or _positions(collator.tokenizer), CUT_PASSAGE, stacklevel=3)
+                     positions or _positions(collator.tokenizer), CUT_PASSAGE)
     return collated
 
 
@@ -389,17 +390,17 @@ def _split_names(dataset: str, shifted) -> dict:
             "test": f"test records of {dataset!r}", **{name: f"records of the shifted set {name!r}" for name in shifted}}
 
 
-def _say_cut(what: str, records, cut: list, max_length: int, positions, lost: str, stacklevel: int):
+def _say_cut(what: str, records, cut: list, max_length: int, positions, lost: str):
     """Warn that ``--max-length`` cuts ``cut`` (``(record, its whole length in tokens)``, in order, non-empty) of a
     split's ``records`` (``what`` they are), saying what they lose (``lost``: :data:`~pyro_lora.collators.CUT_END` or
     :data:`~pyro_lora.collators.CUT_PASSAGE`) and the ``--max-length`` the longest needs (or that it is more than the
-    model's ``positions``); ``stacklevel`` as the caller's own."""
+    model's ``positions``)."""
     longest = max(n for _, n in cut)
     room = (f"the longest is {longest} tokens, more than the model's {positions} positions" if positions and
             longest > positions else f"the longest needs --max-length {longest}")
     warnings.warn(f"{len(cut)} of the {len(records)} {what} are longer than --max-length {max_length} tokens and are "
                   f"cut to it (the first, record {cut[0][0].get('id')!r}, is {cut[0][1]} tokens): {lost}; raise "
-                  f"--max-length to keep them whole ({room})", stacklevel=stacklevel + 1)
+                  f"--max-length to keep them whole ({room})", stacklevel=user_stacklevel())
 
 
 def load_splits(config: CompareConfig):
@@ -436,7 +437,7 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
             warnings.warn(f"{repeated} of the {len(records)} {what} repeat a {whose} as the model reads it (the same "
                           "tokens: texts differing only in case or spacing are one input to an uncased tokenizer, a "
                           "question's choices in any order, whatever its label, one question): "
-                          "their scores measure memory there, not generalisation; deduplicate the splits", stacklevel=3)
+                          "their scores measure memory there, not generalisation; deduplicate the splits", stacklevel=user_stacklevel())
     # a copy of the test set scored as a shift: AUROC 0.5 reported as a result. The letter format scores a question
     # with its choices in another order as another input: a shift there
     shifts = inputs[2:] if config.mc_format == "letter" else read[2:]
@@ -447,7 +448,7 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
             warnings.warn(f"{repeated} of the {len(shifted[name])} records of the shifted set {name!r} repeat a test "
                           f"record of {config.dataset!r} as the model reads it: they are no shift (the model reads the "
                           "test set's inputs, and the OOD AUROC against the test set cannot tell them apart); "
-                          "deduplicate the sets", stacklevel=3)
+                          "deduplicate the sets", stacklevel=user_stacklevel())
     if train and record_task(train[0]) == "classification":
         _warn_about_cuts(config, tokenizer, {names["train"]: train, sets[0][0]: val},
                          {what: (records, keys) for (what, records, _, _), keys in zip(sets[1:], read[2:])})
@@ -459,12 +460,12 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
             unseen = sorted({r["label"] for r in records} - trained)
             if unseen:
                 warnings.warn(f"the {what} hold label(s) {unseen} that no training record has: the model never learns "
-                              "those classes", stacklevel=3)
+                              "those classes", stacklevel=user_stacklevel())
         absent = sorted(trained - {r["label"] for r in val}) if fitted_on_val else []
         if absent:
             warnings.warn(f"the validation records of {config.dataset!r} hold no record of label(s) {absent} that "
                           "training records have: temperature scaling and every +ts and *_val row are fitted without "
-                          "those classes; raise --val-fraction or --train-size", stacklevel=3)
+                          "those classes; raise --val-fraction or --train-size", stacklevel=user_stacklevel())
 
 
 def _warn_about_cuts(config: CompareConfig, tokenizer, fitted: dict, scored: dict):
@@ -478,7 +479,7 @@ def _warn_about_cuts(config: CompareConfig, tokenizer, fitted: dict, scored: dic
         cut = [(r, len(ids)) for r, ids in zip(records, whole) if len(ids) > config.max_length]
         if not cut:
             continue
-        _say_cut(what, records, cut, config.max_length, positions, CUT_END, stacklevel=4)
+        _say_cut(what, records, cut, config.max_length, positions, CUT_END)
         if what in scored:
             texts = {}  # the input after the cut -> the ids of the records read as it, by their whole tokens
             for r, key, ids in zip(records, scored[what][1], whole):
@@ -488,7 +489,7 @@ def _warn_about_cuts(config: CompareConfig, tokenizer, fitted: dict, scored: dic
                 warnings.warn(f"the cut to --max-length {config.max_length} leaves {sum(map(len, merged))} of the "
                               f"{len(records)} {what}, different texts, as {len(merged)} input(s) (the first: records "
                               f"{merged[0][0]!r} and {merged[0][1]!r}): the model cannot tell them apart, so each "
-                              "input's records get one prediction; raise --max-length", stacklevel=4)
+                              "input's records get one prediction; raise --max-length", stacklevel=user_stacklevel())
 
 
 def _model_inputs(records, tokenizer, max_length: int) -> list:
