@@ -826,7 +826,7 @@ class LoraModel:
             elbo_problems += self._check_guide_trace(guide_trace, tr.trace, run, loss)
         if run is not None and elbo_problems:
             raise ValueError(elbo_problems[0])
-        self._check_conditioned(tr.trace)
+        self._check_conditioned(tr.trace, guide_trace)
         if guide_trace is None and not torch.is_grad_enabled():
             self._check_drawer(tr.trace)
         for name, v in values.items():
@@ -1104,27 +1104,39 @@ class LoraModel:
         if batch is not None:
             self._count_svi_batches(batch, y)
 
-    def _check_conditioned(self, own):
-        """Refuse conditioned values (``poutine.condition``, ``pyro.infer.Predictive``'s posterior samples) for some of
-        the model's weight sites but not all, or for weight sites it does not have: the values were drawn for another
-        model (other target_modules or ``random``), and its other sites would be drawn from the prior. Which guide drew
-        the values is :meth:`_check_drawer`'s."""
+    def _check_conditioned(self, own, guide_trace=None):
+        """Refuse conditioned values (``poutine.condition``, ``pyro.infer.Predictive``'s posterior samples) for weight
+        sites the model does not have (drawn for another model: other target_modules or ``random``), or for some of its
+        weight sites where the others would be drawn from the prior. Sites the replayed ``guide_trace`` holds (an ELBO's
+        guide over the sites left free: Pyro's way of holding some latents fixed) are no such draws, nor are the draws
+        of an autoguide's prototype run (which become its sites). Which guide drew the values is :meth:`_check_drawer`'s."""
         conditioned = conditioned_names()
         # observed without a condition handler: a reparametrised site (poutine.reparam), or poutine.do's intervention
         given = [n for n in self.sites if own.nodes[n]["is_observed"] and n in conditioned]
         # a latent site of the model's own (a hierarchical prior's scale) may be named like a weight site
         foreign = sorted(n for n in conditioned - set(self.sites) if is_site_name(n) and n not in own.nodes)
         # drawn from the prior: not observed, and no value set by poutine.do (which observes "<site>__CF" instead)
-        missing = [n for n in self.sites if not own.nodes[n]["is_observed"]
+        supplied = set() if guide_trace is None else set(guide_trace.nodes)
+        missing = [n for n in self.sites if not own.nodes[n]["is_observed"] and n not in supplied
                    and not own.nodes.get(f"{n}__CF", {}).get("is_observed")]
-        if foreign or (given and missing):
+        # a guide drawing a site the model holds fixed: the draw is never used, and the ELBO widens q there without bound
+        redrawn = [n for n in given if guide_trace is not None and n in guide_trace.nodes
+                   and guide_trace.nodes[n]["type"] == "sample" and not guide_trace.nodes[n]["is_observed"]]
+        if redrawn:
+            raise ValueError(
+                f"the guide draws {redrawn[0]!r}, which poutine.condition holds fixed in the model ({len(redrawn)} such "
+                "sites): the model never uses those draws, and the ELBO's entropy term would widen the guide there "
+                "without bound; build the guide over the free sites only (a Pyro autoguide over the conditioned model)"
+            )
+        if foreign or (given and missing and prototyping_autoguide() is None):
             what = (f"for {len(foreign)} weight sites this model does not have (e.g. {foreign[0]!r})" if foreign else
                     f"for {len(given)} of the model's {len(self.sites)} weight sites, not for {len(missing)} (e.g. "
                     f"{missing[0]!r})")
             raise ValueError(
                 f"values were conditioned on (poutine.condition, pyro.infer.Predictive's guide or posterior samples) "
-                f"{what}: they were drawn for another model (other target_modules or random=), and the model's other "
-                "sites would be drawn from the prior; build the guide on this model, or give every weight site a value"
+                f"{what}: values drawn for another model (other target_modules or random=) would leave the model's other "
+                "sites drawn from the prior; build the guide on this model, give every weight site a value, or, to hold "
+                "some sites fixed, train a guide over the others with an ELBO (SVI)"
             )
 
     def _check_drawer(self, own) -> None:

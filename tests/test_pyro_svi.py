@@ -1,6 +1,8 @@
 """Pyro's own SVI and optimizers train exactly what fit trains: every guide parameter and the network's point
 parameters (a classification head, non-random LoRA matrices)."""
 
+import math
+
 import pyro
 import pyro.optim
 import pytest
@@ -1596,3 +1598,41 @@ def test_pyro_optimizer_state_of_objects_of_another_process_is_refused_and_of_li
                                          r"object in this process \('pyro_lora:.*this step trains 'pyro_lora:MAPGuide\..*"
                                          r"fit\(\.\.\., checkpoint_dir=\.\.\., resume=True\)"):
         svi(model, MAPGuide(model), loaded).step(batch)
+
+
+def test_condition_on_some_lora_sites_with_an_autoguide_over_the_others_trains_that_elbo():
+    """Pyro's way of holding some latents fixed, ``poutine.condition`` on the B sites with an autoguide over the A
+    sites, was refused as values "drawn for another model" that would leave the A sites drawn from the prior, where
+    the guide supplies them. Its loss is the random="A" model's (B held in the network) less log p(B); a guide drawing
+    the held sites too is refused (their draws unused, the ELBO would widen q there without bound)."""
+    from pyro import poutine
+    from pyro.infer.autoguide import AutoNormal
+
+    data = toy_data(n=16, batch=8)
+    gen = torch.Generator().manual_seed(1)
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.7, num_data=16)
+    fixed = {n: 0.2 * torch.randn(site.shape, generator=gen) for n, site in model.sites.items() if n.endswith("lora_B")}
+    held = poutine.condition(model, data=fixed)
+    plain = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="A", prior=0.7, num_data=16)
+    with torch.no_grad():  # B held in the network, layer by layer
+        for i, layer in enumerate(plain.net.base_model.model.bert.encoder.layer):
+            for kind in ("query", "value"):
+                getattr(layer.attention.self, kind).lora_B["default"].weight.copy_(fixed[f"{kind}.lora_B"][i])
+
+    def loss(m):
+        pyro.clear_param_store()
+        guide = AutoNormal(m)
+        guide(data[0])
+        pyro.set_rng_seed(3)
+        return Trace_ELBO().loss(m, guide, data[0]), guide
+
+    (got, guide), (reference, _) = loss(held), loss(plain)
+    log_prior_b = sum(torch.distributions.Normal(0.0, 0.7).log_prob(v.double()).sum().item() for v in fixed.values())
+    assert got == pytest.approx(reference - log_prior_b, rel=1e-5)
+    assert {n.split(".", 1)[1].rsplit("_", 1)[0] for n, _ in guide.named_parameters()} == {"query.lora_A", "value.lora_A"}
+    svi = SVI(held, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    assert all(math.isfinite(svi.step(batch)) for batch in data)
+    with pytest.raises(ValueError, match=r"the guide draws '\w+\.lora_B', which poutine.condition holds fixed in the model "
+                                         r"\(2 such sites\).*build the guide over the free sites only"):
+        other = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.7, num_data=16)
+        Trace_ELBO().loss(poutine.condition(other, data=fixed), MeanFieldGuide(other), data[0])
