@@ -186,6 +186,14 @@ def test_report_takes_na_values_partial_means_and_stray_folders(runs, tmp_path, 
     with pytest.warns(UserWarning, match="arc_easy.bak holds a run of arc_easy, not of arc_easy.bak: left out"):
         md = report.build_report(runs, tmp_path / "docs", command="x").read_text()
     assert "arc_easy.bak" not in md
+    only = tmp_path / "only"
+    only.mkdir()
+    (runs / "arc_easy.bak").rename(only / "arc_easy.bak")  # the one run found is left out: no "run the study first"
+    with pytest.warns(UserWarning, match="arc_easy.bak holds a run of arc_easy, not of arc_easy.bak: left out of the report "
+                                         r"\(a renamed or copied folder: name it arc_easy to have it reported\)"), \
+            pytest.raises(ValueError, match=rf"^every run under {only} \(arc_easy.bak\) was left out of the report, for the "
+                                            "reasons warned above: nothing to report$"):
+        report.build_report(only, tmp_path / "docs-only", command="x")
     shifted = md.split("## Distribution shift")[1].split("## Summary")[0]
     # partial: never bold, also where it reads as the best (0.455 ties MAP's accuracy)
     assert "| OBQA→ARC-E | meanfield (a mean over seed 0 only: seed(s) 1 missing) | 0.455 | 6.00 | 1.100 | 0.550 | 0.600 |" in shifted

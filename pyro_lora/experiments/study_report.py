@@ -65,7 +65,8 @@ def load_runs(runs_dir, datasets=None):
             warnings.warn(str(error))
             continue
         if run["config"]["dataset"] != dataset:
-            warnings.warn(f"{path.parent} holds a run of {run['config']['dataset']}, not of {dataset}: left out of the report")
+            warnings.warn(f"{path.parent} holds a run of {run['config']['dataset']}, not of {dataset}: left out of the report "
+                          f"(a renamed or copied folder: name it {run['config']['dataset']} to have it reported)")
             continue
         try:  # an edited row is refused, not reported; one without its arrays (whatever its seed) is withheld
             withheld = check_scores(path.parent, run["per_seed"], dataset)
@@ -549,6 +550,10 @@ def build_report(runs_dir, docs_dir, datasets=None, command=None, failed=()):
     :raises ValueError: if ``runs_dir`` holds no run of ``datasets``.
     """
     runs = load_runs(runs_dir, datasets)
+    left_out = sorted(p.parent.name for p in Path(runs_dir).glob("*/results.json") if not datasets or p.parent.name in datasets)
+    if not runs and left_out:  # found but none readable: no advice to run again a study that finished
+        raise ValueError(f"every run under {runs_dir} ({', '.join(left_out)}) was left out of the report, for the reasons "
+                         "warned above: nothing to report")
     if not runs:
         raise ValueError(f"no results.json under {runs_dir}{' for ' + ', '.join(datasets) if datasets else ''}: "
                          "run the study first (or give --runs the folder of its runs)")
