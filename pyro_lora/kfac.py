@@ -630,6 +630,24 @@ def _probit_draws(mean, cov, num_samples, generator):
     return p if bool(torch.isfinite(p).all()) else None
 
 
+# the probit's drift from the GLM predictive is checked against this many logit draws per example; a gap beyond
+# PROBIT_GAP is warned of (the draws' own error on a probability is at most 0.5 / sqrt(1000) = 0.016, six times less)
+PROBIT_CHECK_DRAWS, PROBIT_GAP = 1000, 0.1
+
+
+def _probit_drift(mean, cov, probs, generator, drift):
+    """Add to ``drift`` (examples checked, examples whose probit ``probs`` ``[N, C]`` are more than :data:`PROBIT_GAP`
+    from :data:`PROBIT_CHECK_DRAWS` logit draws of the same Gaussians, the largest gap) this batch's count; a covariance
+    the draws cannot hold (:func:`_probit_draws`) is passed over: the probit's limit there is the uniform predictive."""
+    drawn = _probit_draws(mean, cov, PROBIT_CHECK_DRAWS, generator)
+    if drawn is None:
+        return
+    gap = (drawn.mean(0) - probs).abs().amax(-1)  # [N]
+    drift[0] += gap.numel()
+    drift[1] += int((gap > PROBIT_GAP).sum())
+    drift[2] = max(drift[2], float(gap.max()))
+
+
 def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_samples=False, progress=False,
                 desc="GLM predict", ready=None, guide=None) -> Prediction:
     """The GLM predictive ``p(y | x) = E_{f ~ N(mean, cov)} softmax(f)`` over ``data``, what Laplace's and last-layer
@@ -647,7 +665,10 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     call) while ``probs`` stay the probit's; where a covariance overflows them (not finite, or a variance beyond
     float32's range squared) it keeps none (``sample_probs`` None) and warns. ``log_probs`` is the float64 log of the
     same predictive, computed before any float32 rounding: the probit's float64 ``log_softmax``, or the logsumexp of the
-    draws' float64 ``log_softmax`` minus ``log(S K)``.
+    draws' float64 ``log_softmax`` minus ``log(S K)``. The probit is compared with :data:`PROBIT_CHECK_DRAWS` logit draws
+    of the same Gaussians per example (a CPU generator of their own, seeded 0), and a probability more than
+    :data:`PROBIT_GAP` away from theirs is warned of: with a large, anisotropic logit covariance (a small prior precision)
+    the probit flattens the predictive, and ``link="mc"`` follows it.
 
     :raises ValueError: for settings that differ across ranks (under ``torch.distributed``, on every rank, first);
         on an unknown ``link``, ``num_samples`` not a positive integer, empty ``data`` (or a
@@ -679,7 +700,8 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
         generator = torch.Generator().manual_seed(int(seed))
     else:
         generator = torch.Generator().manual_seed(0) if keep_samples else None
-    overflow = None
+    overflow, drift = None, [0, 0, 0.0]  # examples checked, examples off, largest gap
+    checks = torch.Generator().manual_seed(0) if link == "probit" else None
     for batch in progress_bar(data, desc=desc, disable=not progress, dynamic_ncols=True):
         y = batch_labels(observed, batch, labels, desc)  # None for an unlabelled batch: the predictive needs none
         mean, cov = logits_of(batch)
@@ -693,6 +715,8 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
                 f" in {cov.dtype}): a prior precision this small overflows the posterior covariance; use a larger one"
             )
         probs.append(p.mean(0))
+        if checks is not None:
+            _probit_drift(mean, cov, probs[-1], checks, drift)
         logs.append(torch.logsumexp(log_p, 0) - math.log(log_p.shape[0]))
         if keep_samples and overflow is None:
             drawn = p if link == "mc" else _probit_draws(mean, cov, num_samples, generator)
@@ -703,6 +727,12 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
         labels.append(None if y is None else check_labels(y, p.shape[-2], p.shape[-1]))
     if not probs:
         raise ValueError("predict_glm got no batches: the data is empty")
+    if drift[1]:
+        warnings.warn(f"{desc}: the probit link's probabilities are up to {drift[2]:.2f} from {PROBIT_CHECK_DRAWS} draws of "
+                      f"the same logit Gaussians on {drift[1]} of {drift[0]} examples (more than {PROBIT_GAP}): with a "
+                      "large, anisotropic logit covariance (a small prior precision) the probit flattens the GLM "
+                      "predictive; link='mc' follows it (or a larger prior precision narrows the gap)",
+                      stacklevel=user_stacklevel())
     if overflow is not None:
         warnings.warn(f"{desc}: the logit covariance (largest variance {overflow:.3g}) overflows float32 logit draws: the "
                       "probit predictive is kept, but no logit draws, so its mutual information is n/a; a larger prior "

@@ -346,6 +346,28 @@ def test_probit_keeps_its_predictive_where_the_draws_overflow(variance):
         glm_predict([batch], lambda b: (mean, cov), lambda b: b["labels"], link="mc")
 
 
+def test_the_probit_drifting_from_the_glm_predictive_is_warned_of():
+    """With a large, anisotropic logit covariance the probit flattens the GLM predictive (m = 0, S = diag(100, 0.01,
+    0.01): draws give (0.472, 0.264, 0.264), the probit 1/3 each) and the reported laplace / llla / mola rows were
+    those of the flatter predictive without a word. The reference: float64 draws of the same Gaussian."""
+    from pyro_lora.kfac import glm_predict
+
+    mean = torch.zeros(2, 3)
+    cov = torch.stack([torch.diag(torch.tensor([100.0, 0.01, 0.01])), 0.01 * torch.eye(3)]).double()
+    batch = {"labels": torch.tensor([0, 1])}
+    noise = torch.distributions.MultivariateNormal(torch.zeros(3, dtype=torch.double), cov[0]).sample((200000,))
+    gap = float((torch.softmax(noise, -1).mean(0) - 1 / 3).abs().max())
+    assert 0.13 < gap < 0.15
+    with pytest.warns(UserWarning, match=r"the probit link's probabilities are up to 0\.1\d from 1000 draws of the same logit "
+                                         r"Gaussians on 1 of 2 examples \(more than 0\.1\).*link='mc' follows it"):
+        probit = glm_predict([batch], lambda b: (mean, cov), lambda b: b["labels"])
+    torch.testing.assert_close(probit.probs, torch.full((2, 3), 1 / 3))  # the probit's own, kept
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        glm_predict([batch], lambda b: (mean, cov), lambda b: b["labels"], link="mc")  # the draws are no probit
+        glm_predict([batch], lambda b: (mean, cov * 1e-2), lambda b: b["labels"])  # close: nothing to say
+
+
 def test_glm_logit_differences_survive_a_variance_that_shifts_every_logit_alike():
     """Where the prior precision is small, most of a logit's variance is a shift of every logit (softmax gives it no
     curvature): Var(f_c - f_k) is then 1e-5 of Var(f_c), and summed in float32 the covariance had rounded it away
