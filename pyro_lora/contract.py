@@ -620,13 +620,15 @@ def tempered_training(guide, action: str) -> str | None:
 @contextlib.contextmanager
 def entry_checks(model, guide, action: str, handed: bool | None = None, settings: dict | None = None):
     """The checks at the entry of a collective ``action``, run in the ``with`` block: ``settings`` (the call's, by
-    name) compared across ranks first (:func:`~pyro_lora.distributed.check_settings`), then a ``ValueError`` on any
-    rank is raised on every rank (:func:`~pyro_lora.distributed.refused_together`; one rank refusing alone would leave
-    the others waiting), then :func:`check_ranks_agree` on ``model``, ``guide`` (``None``: the network alone) and
-    ``handed``."""
+    name) and the model's (:meth:`~pyro_lora.LoraModel.settings`: its likelihood, prior, ``num_data``, sites; with a
+    likelihood per rank each rank scores its block by its own, and the gathered result blends them) compared across
+    ranks first (:func:`~pyro_lora.distributed.check_settings`), then a ``ValueError`` on any rank is raised on every
+    rank (:func:`~pyro_lora.distributed.refused_together`; one rank refusing alone would leave the others waiting),
+    then :func:`check_ranks_agree` on ``model``, ``guide`` (``None``: the network alone) and ``handed``."""
     with distributed.refused_together(action):
-        if settings is not None:
-            distributed.check_settings(action, settings)
+        if distributed.is_distributed():
+            model_settings = {f"model's {k}": v for k, v in model.settings().items()}
+            distributed.check_settings(action, {**(settings or {}), **model_settings})
         yield
     check_ranks_agree(model, guide, action, handed)
 

@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 from .checks import not_a_file
 from .modes import building
 from .digests import bytes_sha256, file_sha256
-from .contract import (_fingerprint_of, check_autoguide, check_guide, describe, differences, digested_parameters,
-                       frozen_base_parameters, quantization, quantized_weights, require_lora_guide, unwrapped_name,
-                       weight_digest, weight_scales, weights_digest)
+from .contract import (_fingerprint_of, check_autoguide, check_guide, check_ranks_agree, describe, differences,
+                       digested_parameters, frozen_base_parameters, quantization, quantized_weights, require_lora_guide,
+                       unwrapped_name, weight_digest, weight_scales, weights_digest)
 from . import pyro_params
 from .quantized import is_quantized
 from .sites import base_network, base_rewriting_inits, describe_inits
@@ -409,6 +409,9 @@ def _save_guide(guide, path, run, adapter, fit_state=None):
             _check_adapter_write(model if auto else guide, "save")
         elif not auto:
             check_guide(model, guide, "save")  # the network's point parameters it saves must still be its own
+    # rank 0 writes its own guide, and with adapter every rank then takes its mean: a rank holding another guide would
+    # go on with an adapter neither the file's nor rank 0's
+    check_ranks_agree(model, guide, "save the guide")
     _write_on_main(lambda: _write_guide(guide, model, path, run, adapter, fit_state), f"save the guide to {path}",
                    guide, adapter and not auto)
     return Path(path)
@@ -1318,6 +1321,7 @@ def export_adapter(guide, path):
         check_same(os.path.abspath(path), "paths to export the adapter to")  # rank 0 writes its own
         model = _check_adapter_write(guide, "export the adapter")
     mean = model is not guide  # a guide's mean is written into the network's LoRA first
+    check_ranks_agree(model, guide if mean else None, "export the adapter")  # rank 0 writes its own
 
     def write():
         with atomic_directory(path, own=_ADAPTER_FILES) as tmp:

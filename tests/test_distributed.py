@@ -753,6 +753,26 @@ def run_settings():
                                              callbacks=[SWAGCollector(swag, every=[1, 2][r])]))
     out["callback_one_rank"] = _refused(lambda: fit(model, MAPGuide(model), data, lr=3e-2, progress=False,
                                                     callbacks=[SWAGCollector(swag)] if r == 0 else []))
+    # a likelihood per rank: predict, the Laplace fit, the GLM predictive and the TFB search scored each rank's block by
+    # its own and gathered a blend (cloze normalize None / "tokens": rows 0-3 one's, 4-7 the other's); fit alone refused
+    from conftest import tiny_llama
+
+    from pyro_lora.io import save_guide
+    from pyro_lora.likelihoods import MultipleChoice
+
+    ids = MultipleChoice(answer_token_ids=[[10, 11, 12], [12, 11, 10]][r])
+    lettered = LoraModel(tiny_llama(), ids, random="AB", num_data=16)
+    out["predict_likelihood"] = _refused(lambda: predict(lettered, MAPGuide(lettered), data))
+    prior = _prior_model([1.0, 0.05][r])
+    out["laplace_prior"] = _refused(lambda: LaplaceGuide(prior).fit(data, progress=False))
+    fitted = make_model(num_data=[16, 32][r])
+    out["tfb_num_data"] = _refused(lambda: TFBGuide(fitted).search(data, progress=False))
+    # a guide per rank: rank 0 wrote its own and rank 1 then took its own mean into the adapter
+    model = make_model(num_data=16)
+    guide = MAPGuide(model)
+    with torch.no_grad():
+        next(iter(guide.parameters())).add_(0.5 * r)
+    out["save_other_guides"] = _refused(lambda: save_guide(guide, f"{tempfile.gettempdir()}/unused", adapter=True))
     # equal settings: one process's result (the global batch of 16 is one batch there, two halves of 8 here)
     model = _prior_model(_scaled_prior(0.5))
     guide = MAPGuide(model)
@@ -775,7 +795,9 @@ def _settings_worker(rank, tmp):
 def test_model_schedule_ensemble_and_swag_settings_differing_across_ranks_are_refused(tmp_path):
     """Each of these ran silently before: a prior per rank (float or per site) and a kl_weight schedule per rank trained
     at a blend of the ranks' losses; train_ensemble's seeds per rank kept rank 0's members, another k or
-    include_current paired other members' fits (raw gloo errors), a SWAG schedule per rank was found at predict only."""
+    include_current paired other members' fits (raw gloo errors), a SWAG schedule per rank was found at predict only;
+    a likelihood, prior or num_data per rank was compared by fit alone (predict, the Laplace fit and the TFB search
+    blended the ranks' blocks), and save_guide wrote rank 0's guide while rank 1 took its own mean into its adapter."""
     torch.manual_seed(0)
     single = run_settings()["equal"]
     mp.spawn(_settings_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
@@ -802,6 +824,11 @@ def test_model_schedule_ensemble_and_swag_settings_differing_across_ranks_are_re
         assert "different settings of SWAG collection (every: 1 on rank 0, 2 on rank 1)" in out["swag_every"]
         assert "different settings of fit (callbacks: ['SWAGCollector'] on rank 0, [] on rank 1)" in out["callback_one_rank"]
         assert close(out["equal"], single)
+        assert "different settings of predict (model's likelihood.answer_token_ids: [10, 11, 12] on rank 0, [12, 11, 10] " \
+               "on rank 1)" in out["predict_likelihood"]
+        assert "different settings of fit a Laplace (model's prior: 1.0 on rank 0, 0.05 on rank 1)" in out["laplace_prior"]
+        assert "different settings of search sigma_q (model's num_data: 16 on rank 0, 32 on rank 1)" in out["tfb_num_data"]
+        assert out["save_other_guides"].startswith("cannot save the guide: ") and "guide." in out["save_other_guides"]
 
 
 def test_model_settings_name_each_prior_and_likelihood_entry():
