@@ -32,7 +32,8 @@ from .likelihoods import data_nll, is_cloze
 from .modes import dropout_in_training
 from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, drawn_by, elbo_run, hidden_from_elbo, in_averaging_elbo,
                          in_importance, in_laplace_approximation, in_mcmc, in_predictive, in_svi_step, inference_guide, innermost_autoguide,
-                         marked_guides, on_training_step, prototyping_autoguide, replayed_trace, running_autoguide)
+                         marked_guides, on_training_step, probing_model, prototyping_autoguide, replayed_trace,
+                         running_autoguide)
 from .callers import user_stacklevel
 from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_inits, check_values,
                     describe_inits, embedding, find_lora_layers, head_modules, is_site_name, matrix_view, per_layer)
@@ -1108,8 +1109,9 @@ class LoraModel:
         """Refuse conditioned values (``poutine.condition``, ``pyro.infer.Predictive``'s posterior samples) for weight
         sites the model does not have (drawn for another model: other target_modules or ``random``), or for some of its
         weight sites where the others would be drawn from the prior. Sites the replayed ``guide_trace`` holds (an ELBO's
-        guide over the sites left free: Pyro's way of holding some latents fixed) are no such draws, nor are the draws
-        of an autoguide's prototype run (which become its sites). Which guide drew the values is :meth:`_check_drawer`'s."""
+        guide over the sites left free: Pyro's way of holding some latents fixed) are no such draws, nor are those of a
+        run whose draws are thrown away: an autoguide's prototype run (which become its sites), and the runs in which
+        ``Predictive`` and ``MCMC`` learn the model's structure and a starting point (:func:`probing_model`). Which guide drew the values is :meth:`_check_drawer`'s."""
         conditioned = conditioned_names()
         # observed without a condition handler: a reparametrised site (poutine.reparam), or poutine.do's intervention
         given = [n for n in self.sites if own.nodes[n]["is_observed"] and n in conditioned]
@@ -1128,15 +1130,16 @@ class LoraModel:
                 "sites): the model never uses those draws, and the ELBO's entropy term would widen the guide there "
                 "without bound; build the guide over the free sites only (a Pyro autoguide over the conditioned model)"
             )
-        if foreign or (given and missing and prototyping_autoguide() is None):
-            what = (f"for {len(foreign)} weight sites this model does not have (e.g. {foreign[0]!r})" if foreign else
+        if foreign or (given and missing and prototyping_autoguide() is None and not probing_model()):
+            what = (f"for {len(foreign)} weight sites this model does not have (e.g. {foreign[0]!r}): values drawn for "
+                    "another model (other target_modules or random=)" if foreign else
                     f"for {len(given)} of the model's {len(self.sites)} weight sites, not for {len(missing)} (e.g. "
-                    f"{missing[0]!r})")
+                    f"{missing[0]!r}), and no guide or sampler supplies the others, which would be drawn from the prior "
+                    "(values drawn for another model: other target_modules or random=?)")
             raise ValueError(
                 f"values were conditioned on (poutine.condition, pyro.infer.Predictive's guide or posterior samples) "
-                f"{what}: values drawn for another model (other target_modules or random=) would leave the model's other "
-                "sites drawn from the prior; build the guide on this model, give every weight site a value, or, to hold "
-                "some sites fixed, train a guide over the others with an ELBO (SVI)"
+                f"{what}; build the guide on this model, or give every weight site a value (to hold some fixed, run a "
+                "guide or MCMC over the others)"
             )
 
     def _check_drawer(self, own) -> None:

@@ -13,6 +13,8 @@ import weakref
 import pyro.poutine as poutine
 from pyro.infer.autoguide import AutoGuide, AutoLaplaceApproximation
 from pyro.infer.elbo import ELBO
+import pyro.infer.mcmc.util as mcmc_util
+import pyro.infer.predictive as predictive_module
 from pyro.infer.importance import Importance
 from pyro.infer.predictive import Predictive
 from pyro.infer.svi import SVI
@@ -189,6 +191,23 @@ def prototyping_autoguide():
     """The Pyro ``AutoGuide`` whose first call runs the model now (its prototype trace, before it has parameters), or
     ``None``."""
     return _running(AutoGuide._setup_prototype.__code__)
+
+
+# Pyro's runs of a model that only learn its structure or a starting point, their draws discarded: Predictive's
+# plate-nesting guess and shape trace (in _predictive itself, whose draws run in _predictive_sequential), MCMC's
+# plate-nesting guess, prototype trace and search for valid initial parameters (whose potential runs in _PEMaker)
+_PROBES = frozenset(f.__code__ for f in (predictive_module._guess_max_plate_nesting, predictive_module._predictive,
+                                         mcmc_util._guess_max_plate_nesting, mcmc_util.initialize_model,
+                                         mcmc_util._find_valid_initial_params))
+_PROBING_MODULES = frozenset({predictive_module.__name__, mcmc_util.__name__})
+
+
+def probing_model() -> bool:
+    """Whether the call runs in one of Pyro's runs of the model that only learn its structure or a starting point
+    (:data:`_PROBES`, the innermost frame of their modules): a site no guide or sampler supplies there is drawn from
+    the prior and thrown away."""
+    frame = _calling_frame(lambda frame: frame.f_globals.get("__name__") in _PROBING_MODULES)
+    return frame is not None and frame.f_code in _PROBES
 
 
 def _running(code):

@@ -475,7 +475,7 @@ def test_values_conditioned_on_for_another_models_sites_are_refused(other, names
     dropped the guide's extra sites, without a word: it hands the model values only, so the model checks their names."""
     guide_model, run_model, _ = OTHER_MODELS[other]
     guide, model = MeanFieldGuide(guide_model()), run_model()
-    with pytest.raises(ValueError, match=rf"values were conditioned on .* {names}: values drawn for another model"):
+    with pytest.raises(ValueError, match=rf"values were conditioned on .* {names}"):
         pyro.infer.Predictive(model, guide=guide, num_samples=2)(data()[0])
     values = guide.mean()
     with torch.no_grad(), pytest.raises(ValueError, match=names):

@@ -8,7 +8,7 @@ import pyro.optim
 import pytest
 import torch
 from conftest import tiny_bert, tiny_bert_base, tiny_llama
-from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import SVI, Predictive, Trace_ELBO, TraceMeanField_ELBO
 from test_training import toy_data
 
 from pyro_lora.guides import FlowGuide, MAPGuide, MCDropoutGuide, MeanFieldGuide, ScalaBLGuide
@@ -1632,6 +1632,13 @@ def test_condition_on_some_lora_sites_with_an_autoguide_over_the_others_trains_t
     assert {n.split(".", 1)[1].rsplit("_", 1)[0] for n, _ in guide.named_parameters()} == {"query.lora_A", "value.lora_A"}
     svi = SVI(held, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
     assert all(math.isfinite(svi.step(batch)) for batch in data)
+    # and used: Predictive's runs that only learn the model's shapes drew the A sites from the prior and were refused
+    samples = {n: v.expand(3, *v.shape) for n, v in guide.median(data[0]).items()}
+    for predictive in (Predictive(held, guide=guide, num_samples=3), Predictive(held, posterior_samples=samples)):
+        assert predictive(data[0])["obs"].shape == (3, 8)
+    with pytest.raises(ValueError, match=r"for 2 of the model's 4 weight sites, not for 2 .*and no guide or sampler "
+                                         "supplies the others"):
+        Predictive(model, posterior_samples={n: v.expand(3, *v.shape) for n, v in fixed.items()})(data[0])
     with pytest.raises(ValueError, match=r"the guide draws '\w+\.lora_B', which poutine.condition holds fixed in the model "
                                          r"\(2 such sites\).*build the guide over the free sites only"):
         other = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.7, num_data=16)
