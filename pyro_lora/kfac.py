@@ -630,19 +630,24 @@ def _probit_draws(mean, cov, num_samples, generator):
     return p if bool(torch.isfinite(p).all()) else None
 
 
-# the probit's drift from the GLM predictive is checked against this many logit draws per example; a gap beyond
-# PROBIT_GAP is warned of (the draws' own error on a probability is at most 0.5 / sqrt(1000) = 0.016, six times less)
-PROBIT_CHECK_DRAWS, PROBIT_GAP = 1000, 0.1
+# the probit's departure from the GLM predictive is checked against this many logit draws per example, on the first
+# PROBIT_CHECK_EXAMPLES examples of a call of at most PROBIT_CHECK_CLASSES classes (the draws cost S C^2 per example);
+# a gap beyond PROBIT_GAP is warned of (the draws' own error on a probability is at most 0.5 / sqrt(1000) = 0.016)
+PROBIT_CHECK_DRAWS, PROBIT_CHECK_EXAMPLES, PROBIT_CHECK_CLASSES, PROBIT_GAP = 1000, 256, 64, 0.1
 
 
 def _probit_drift(mean, cov, probs, generator, drift):
     """Add to ``drift`` (examples checked, examples whose probit ``probs`` ``[N, C]`` are more than :data:`PROBIT_GAP`
-    from :data:`PROBIT_CHECK_DRAWS` logit draws of the same Gaussians, the largest gap) this batch's count; a covariance
-    the draws cannot hold (:func:`_probit_draws`) is passed over: the probit's limit there is the uniform predictive."""
-    drawn = _probit_draws(mean, cov, PROBIT_CHECK_DRAWS, generator)
+    from :data:`PROBIT_CHECK_DRAWS` logit draws of the same Gaussians, the largest gap) this batch's count, up to
+    :data:`PROBIT_CHECK_EXAMPLES` examples in all; more than :data:`PROBIT_CHECK_CLASSES` classes, and a covariance the
+    draws cannot hold (:func:`_probit_draws`: the probit's limit there is the uniform predictive), are passed over."""
+    room = PROBIT_CHECK_EXAMPLES - drift[0]
+    if room <= 0 or mean.shape[-1] > PROBIT_CHECK_CLASSES:
+        return
+    drawn = _probit_draws(mean[..., :room, :], cov[..., :room, :, :], PROBIT_CHECK_DRAWS, generator)
     if drawn is None:
         return
-    gap = (drawn.mean(0) - probs).abs().amax(-1)  # [N]
+    gap = (drawn.mean(0) - probs[:room]).abs().amax(-1)  # [N]
     drift[0] += gap.numel()
     drift[1] += int((gap > PROBIT_GAP).sum())
     drift[2] = max(drift[2], float(gap.max()))
@@ -666,9 +671,10 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     float32's range squared) it keeps none (``sample_probs`` None) and warns. ``log_probs`` is the float64 log of the
     same predictive, computed before any float32 rounding: the probit's float64 ``log_softmax``, or the logsumexp of the
     draws' float64 ``log_softmax`` minus ``log(S K)``. The probit is compared with :data:`PROBIT_CHECK_DRAWS` logit draws
-    of the same Gaussians per example (a CPU generator of their own, seeded 0), and a probability more than
-    :data:`PROBIT_GAP` away from theirs is warned of: with a large, anisotropic logit covariance (a small prior precision)
-    the probit flattens the predictive, and ``link="mc"`` follows it.
+    of the same Gaussians per example (a CPU generator of their own, seeded 0; :func:`_probit_drift`'s examples), and a
+    probability more than :data:`PROBIT_GAP` away from theirs is warned of: with a large, anisotropic logit covariance
+    (a small prior precision) the probit flattens the predictive, with many classes it understates the top one, and
+    ``link="mc"`` follows it. ``seconds`` leaves that check out.
 
     :raises ValueError: for settings that differ across ranks (under ``torch.distributed``, on every rank, first);
         on an unknown ``link``, ``num_samples`` not a positive integer, empty ``data`` (or a
@@ -700,7 +706,7 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
         generator = torch.Generator().manual_seed(int(seed))
     else:
         generator = torch.Generator().manual_seed(0) if keep_samples else None
-    overflow, drift = None, [0, 0, 0.0]  # examples checked, examples off, largest gap
+    overflow, drift, checking = None, [0, 0, 0.0], 0.0  # examples checked, examples off, largest gap; its seconds
     checks = torch.Generator().manual_seed(0) if link == "probit" else None
     for batch in progress_bar(data, desc=desc, disable=not progress, dynamic_ncols=True):
         y = batch_labels(observed, batch, labels, desc)  # None for an unlabelled batch: the predictive needs none
@@ -716,7 +722,9 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
             )
         probs.append(p.mean(0))
         if checks is not None:
+            tick = time.perf_counter()
             _probit_drift(mean, cov, probs[-1], checks, drift)
+            checking += time.perf_counter() - tick
         logs.append(torch.logsumexp(log_p, 0) - math.log(log_p.shape[0]))
         if keep_samples and overflow is None:
             drawn = p if link == "mc" else _probit_draws(mean, cov, num_samples, generator)
@@ -729,10 +737,10 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
         raise ValueError("predict_glm got no batches: the data is empty")
     if drift[1]:
         warnings.warn(f"{desc}: the probit link's probabilities are up to {drift[2]:.2f} from {PROBIT_CHECK_DRAWS} draws of "
-                      f"the same logit Gaussians on {drift[1]} of {drift[0]} examples (more than {PROBIT_GAP}): with a "
-                      "large, anisotropic logit covariance (a small prior precision) the probit flattens the GLM "
-                      "predictive; link='mc' follows it (or a larger prior precision narrows the gap)",
-                      stacklevel=user_stacklevel())
+                      f"the same logit Gaussians on {drift[1]} of the {drift[0]} examples checked (more than {PROBIT_GAP}):"
+                      " the probit departs from the GLM predictive (flattening it where the logit covariance is large "
+                      "and anisotropic, a small prior precision; understating the top class among many); link='mc' "
+                      "follows it", stacklevel=user_stacklevel())
     if overflow is not None:
         warnings.warn(f"{desc}: the logit covariance (largest variance {overflow:.3g}) overflows float32 logit draws: the "
                       "probit predictive is kept, but no logit draws, so its mutual information is n/a; a larger prior "
@@ -745,7 +753,7 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     kept = keep_samples and overflow is None
     labels = None if labels[0] is None else torch.cat(labels).cpu()  # unlabelled data: none, as predict's
     return Prediction(probs=pad(probs), labels=labels, sample_probs=pad(draws) if kept else None,
-                      seconds=time.perf_counter() - start, log_probs=pad(logs, -math.inf))
+                      seconds=time.perf_counter() - start - checking, log_probs=pad(logs, -math.inf))
 
 
 def grid_nll_glm(model, sites: dict, factors, data, grid: torch.Tensor, progress: bool = False) -> list[float]:

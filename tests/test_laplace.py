@@ -352,20 +352,30 @@ def test_the_probit_drifting_from_the_glm_predictive_is_warned_of():
     those of the flatter predictive without a word. The reference: float64 draws of the same Gaussian."""
     from pyro_lora.kfac import glm_predict
 
-    mean = torch.zeros(2, 3)
-    cov = torch.stack([torch.diag(torch.tensor([100.0, 0.01, 0.01])), 0.01 * torch.eye(3)]).double()
-    batch = {"labels": torch.tensor([0, 1])}
+    mean = torch.zeros(300, 3)
+    cov = (0.01 * torch.eye(3)).expand(300, 3, 3).clone().double()
+    cov[0] = torch.diag(torch.tensor([100.0, 0.01, 0.01]))
+    cov[299] = cov[0]  # beyond the 256 examples checked
+    batch = {"labels": torch.zeros(300, dtype=torch.long)}
     noise = torch.distributions.MultivariateNormal(torch.zeros(3, dtype=torch.double), cov[0]).sample((200000,))
     gap = float((torch.softmax(noise, -1).mean(0) - 1 / 3).abs().max())
     assert 0.13 < gap < 0.15
     with pytest.warns(UserWarning, match=r"the probit link's probabilities are up to 0\.1\d from 1000 draws of the same logit "
-                                         r"Gaussians on 1 of 2 examples \(more than 0\.1\).*link='mc' follows it"):
+                                         r"Gaussians on 1 of the 256 examples checked \(more than 0\.1\).*link='mc' follows"):
         probit = glm_predict([batch], lambda b: (mean, cov), lambda b: b["labels"])
-    torch.testing.assert_close(probit.probs, torch.full((2, 3), 1 / 3))  # the probit's own, kept
+    torch.testing.assert_close(probit.probs, torch.full((300, 3), 1 / 3))  # the probit's own, kept
+    # many classes, an isotropic covariance: the probit understates the top class (0.51 where draws give 0.67)
+    many, spread = torch.zeros(1, 20), 3.0 * torch.eye(20, dtype=torch.double).unsqueeze(0)
+    many[0, 0] = 4.0
+    drawn = torch.softmax(many.double() + spread[0].sqrt().diagonal() * torch.randn(200000, 20, dtype=torch.double), -1)
+    with pytest.warns(UserWarning, match="on 1 of the 1 examples checked .*understating the top class among many"):
+        low = glm_predict([{"labels": torch.zeros(1, dtype=torch.long)}], lambda b: (many, spread), lambda b: b["labels"])
+    assert float(drawn.mean(0)[0]) - float(low.probs[0, 0]) > 0.1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         glm_predict([batch], lambda b: (mean, cov), lambda b: b["labels"], link="mc")  # the draws are no probit
         glm_predict([batch], lambda b: (mean, cov * 1e-2), lambda b: b["labels"])  # close: nothing to say
+        glm_predict([batch], lambda b: (mean[1:], cov[1:]), lambda b: b["labels"][1:])  # the far one unchecked
 
 
 def test_glm_logit_differences_survive_a_variance_that_shifts_every_logit_alike():
