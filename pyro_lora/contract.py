@@ -620,14 +620,16 @@ def tempered_training(guide, action: str) -> str | None:
 @contextlib.contextmanager
 def entry_checks(model, guide, action: str, handed: bool | None = None, settings: dict | None = None):
     """The checks at the entry of a collective ``action``, run in the ``with`` block: ``settings`` (the call's, by
-    name) and the model's (:meth:`~pyro_lora.LoraModel.settings`: its likelihood, prior, ``num_data``, sites; with a
-    likelihood per rank each rank scores its block by its own, and the gathered result blends them) compared across
-    ranks first (:func:`~pyro_lora.distributed.check_settings`), then a ``ValueError`` on any rank is raised on every
+    name) and the model's that a predictive or a curvature reads (:meth:`~pyro_lora.LoraModel.settings`: its class,
+    adapter, sites and likelihood; with a likelihood per rank each rank scores its block by its own, and the gathered
+    result blends them; the prior and ``num_data``, which only a loss reads, are ``fit``'s) compared across ranks
+    first (:func:`~pyro_lora.distributed.check_settings`), then a ``ValueError`` on any rank is raised on every
     rank (:func:`~pyro_lora.distributed.refused_together`; one rank refusing alone would leave the others waiting),
     then :func:`check_ranks_agree` on ``model``, ``guide`` (``None``: the network alone) and ``handed``."""
     with distributed.refused_together(action):
         if distributed.is_distributed():
-            model_settings = {f"model's {k}": v for k, v in model.settings().items()}
+            model_settings = {f"model's {k}": v for k, v in model.settings().items()
+                              if k in ("class", "adapter", "sites") or k.startswith("likelihood")}
             distributed.check_settings(action, {**(settings or {}), **model_settings})
         yield
     check_ranks_agree(model, guide, action, handed)

@@ -763,10 +763,11 @@ def run_settings():
     ids = MultipleChoice(answer_token_ids=[[10, 11, 12], [12, 11, 10]][r])
     lettered = LoraModel(tiny_llama(), ids, random="AB", num_data=16)
     out["predict_likelihood"] = _refused(lambda: predict(lettered, MAPGuide(lettered), data))
-    prior = _prior_model([1.0, 0.05][r])
-    out["laplace_prior"] = _refused(lambda: LaplaceGuide(prior).fit(data, progress=False))
-    fitted = make_model(num_data=[16, 32][r])
-    out["tfb_num_data"] = _refused(lambda: TFBGuide(fitted).search(data, progress=False))
+    out["laplace_likelihood"] = _refused(lambda: LaplaceGuide(lettered).fit(data, progress=False))
+    out["tfb_likelihood"] = _refused(lambda: TFBGuide(lettered).search(data, progress=False))
+    # what only a loss reads is fit's: a num_data per rank (each its own evaluation model) predicts as one process
+    counted = make_model(num_data=[16, None][r])
+    out["predict_num_data"] = predict(counted, MAPGuide(counted), data).probs
     # a guide per rank: rank 0 wrote its own and rank 1 then took its own mean into the adapter
     model = make_model(num_data=16)
     guide = MAPGuide(model)
@@ -796,8 +797,8 @@ def test_model_schedule_ensemble_and_swag_settings_differing_across_ranks_are_re
     """Each of these ran silently before: a prior per rank (float or per site) and a kl_weight schedule per rank trained
     at a blend of the ranks' losses; train_ensemble's seeds per rank kept rank 0's members, another k or
     include_current paired other members' fits (raw gloo errors), a SWAG schedule per rank was found at predict only;
-    a likelihood, prior or num_data per rank was compared by fit alone (predict, the Laplace fit and the TFB search
-    blended the ranks' blocks), and save_guide wrote rank 0's guide while rank 1 took its own mean into its adapter."""
+    a likelihood per rank was compared by fit alone (predict, the Laplace fit and the TFB search blended the ranks'
+    blocks), and save_guide wrote rank 0's guide while rank 1 took its own mean into its adapter."""
     torch.manual_seed(0)
     single = run_settings()["equal"]
     mp.spawn(_settings_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
@@ -826,8 +827,9 @@ def test_model_schedule_ensemble_and_swag_settings_differing_across_ranks_are_re
         assert close(out["equal"], single)
         assert "different settings of predict (model's likelihood.answer_token_ids: [10, 11, 12] on rank 0, [12, 11, 10] " \
                "on rank 1)" in out["predict_likelihood"]
-        assert "different settings of fit a Laplace (model's prior: 1.0 on rank 0, 0.05 on rank 1)" in out["laplace_prior"]
-        assert "different settings of search sigma_q (model's num_data: 16 on rank 0, 32 on rank 1)" in out["tfb_num_data"]
+        assert "different settings of fit a Laplace (model's likelihood.answer_token_ids: " in out["laplace_likelihood"]
+        assert "different settings of search sigma_q (model's likelihood.answer_token_ids: " in out["tfb_likelihood"]
+        assert torch.equal(out["predict_num_data"], ranks[0]["predict_num_data"])
         assert out["save_other_guides"].startswith("cannot save the guide: ") and "guide." in out["save_other_guides"]
 
 
