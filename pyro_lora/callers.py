@@ -5,8 +5,10 @@ from __future__ import annotations
 import sys
 
 # the packages a warning looks past: the library's own, and those whose machinery calls into it (Pyro's SVI running a
-# guide, torch's Module.__call__, contextlib and functools wrappers)
-_PASSED = frozenset({"pyro_lora", "guides", "pyro", "torch", "contextlib", "functools"})
+# guide, torch's Module.__call__ and DataLoader running a collator, tqdm's progress bar iterating the data,
+# transformers' and peft's forwards running a hook, contextlib and functools wrappers)
+_PASSED = frozenset({"pyro_lora", "guides", "pyro", "torch", "tqdm", "transformers", "peft", "accelerate", "contextlib",
+                     "functools"})
 
 
 def user_stacklevel() -> int:

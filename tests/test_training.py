@@ -5,6 +5,7 @@ import contextlib
 import json
 import random
 import re
+import sys
 
 import numpy as np
 import pyro
@@ -1457,3 +1458,28 @@ def test_the_num_data_warning_points_at_the_users_line_from_fit_and_from_a_loop_
     fixed = [f"{p.relative_to(root)}:{n}" for folder in ("pyro_lora", "guides") for p in sorted((root / folder).rglob("*.py"))
              for n, text in enumerate(p.read_text().splitlines(), 1) if re.search(r"(?<!`)stacklevel=\d", text)]
     assert not fixed, fixed
+
+
+def test_a_collators_warning_points_at_the_users_line_through_the_dataloader_and_the_progress_bar(tmp_path):
+    """A collator's cut warning, raised while predict iterates a DataLoader inside its progress bar, pointed into
+    tqdm/std.py: the walk to the user's line stopped at tqdm's frame."""
+    import warnings
+
+    from conftest import bert_checkpoint
+    from torch.utils.data import DataLoader
+    from transformers import BertTokenizer
+
+    from pyro_lora.collators import ClassificationCollator
+
+    bert_checkpoint(tmp_path)
+    tokenizer = BertTokenizer.from_pretrained(str(tmp_path))
+    records = [{"id": i, "text": "a b " * 20, "label": i % 2} for i in range(8)]
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification())
+    for progress in (False, True):
+        loader = DataLoader(records, batch_size=4, collate_fn=ClassificationCollator(tokenizer, max_length=8))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            line = sys._getframe().f_lineno + 1
+            predict(model, MAPGuide(model), loader, num_samples=1, progress=progress)
+        said = [(w.filename, w.lineno) for w in caught if "longer than max_length" in str(w.message)]
+        assert said == [(__file__, line)], progress
