@@ -35,6 +35,10 @@ _FOREIGN_CHECKPOINT = (
 )
 
 
+class ForeignCheckpointError(RuntimeError):
+    """A LoRA layer ran under an activation checkpoint the hand-off cannot see (:data:`_FOREIGN_CHECKPOINT`)."""
+
+
 class _Handed:
     """The weights handed to one layer: matrix letter (or :data:`FLIPOUT_LOC`) -> tensor."""
 
@@ -195,14 +199,18 @@ def _forward(layer, x, *args, **kwargs):
     if h is None:
         if getattr(layer, _NEEDS_GRAD, False):
             if torch._C._current_graph_task_id() != -1:  # recomputed inside backward, without the handed weights
-                raise RuntimeError(_FOREIGN_CHECKPOINT)
+                raise ForeignCheckpointError(_FOREIGN_CHECKPOINT)
             setattr(layer, _NEEDS_GRAD, False)
         return type(layer).forward(layer, x, *args, **kwargs)
-    # remembered so that a foreign checkpoint's recomputation (holder already cleared) is caught above
-    needs_grad = any(t.requires_grad for t in h.tensors().values())
+    # remembered so that a foreign checkpoint's recomputation (holder already cleared) is caught above: one that would
+    # take gradients through handed weights, whether they are trained or not (a point matrix beside them, the layer's
+    # input from trained layers below, run at peft's own values instead would get wrong gradients); a layer handed
+    # nothing runs at its own values either way
+    needs_grad = bool(h.weights) and h.grad_enabled and (
+        x.requires_grad or any(t.requires_grad for t in h.weights.values()) or any(p.requires_grad for p in layer.parameters()))
     setattr(layer, _NEEDS_GRAD, needs_grad)
     if needs_grad and h.grad_enabled and not torch.is_grad_enabled():
-        raise RuntimeError(_FOREIGN_CHECKPOINT)
+        raise ForeignCheckpointError(_FOREIGN_CHECKPOINT)
     if kwargs.get("adapter_names") is not None:
         raise ValueError("peft's mixed-batch forward (adapter_names=...) cannot run with handed LoRA weights: call it without a guide")
     if FLIPOUT_LOC in h.weights and torch._C._current_graph_task_id() == -1:  # a recomputation in backward is no new use

@@ -37,6 +37,7 @@ from .likelihoods import is_cloze
 from .metrics import check_labels
 from .model import full_precision, sequence_first_family
 from .checks import check_count, check_not_inference_mode
+from .handoff import ForeignCheckpointError
 from .hooks import SKIPPED
 from .contract import entry_checks
 from .modes import eval_mode
@@ -268,7 +269,7 @@ def output_grads(logits: torch.Tensor, outputs: dict, vectors: torch.Tensor, row
             return torch.autograd.grad(logits, ys, v, retain_graph=retain, allow_unused=True, materialize_grads=True)
         except RuntimeError as error:  # CheckpointError is one: a recomputation outside the forward's hooks and hand-off
             reentrant = "use_reentrant=True" in str(error)  # a reentrant checkpoint (around layers without LoRA) refuses .grad
-            if not (isinstance(error, CheckpointError) or reentrant):
+            if not (isinstance(error, (CheckpointError, ForeignCheckpointError)) or reentrant):
                 raise
             raise ValueError(_FOREIGN_CHECKPOINT.format(what=f"an activation checkpoint failed under the Laplace's "
                                                              f"Jacobians ({str(error).splitlines()[0]})")) from None

@@ -114,6 +114,37 @@ def test_checkpointing_applied_outside_transformers_is_refused(reentrant):
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_checkpointing_by_hand_is_refused_where_only_a_point_matrix_beside_the_handed_ones_trains(reentrant):
+    """A posterior over A held fixed (its parameters frozen) while the point B matrices train: the hand-off counted a
+    layer as taking gradients only where its handed tensors did, so torch.utils.checkpoint applied by hand recomputed
+    the layers at peft's own A (non-reentrant: B's gradient norm 0.0027 where it is 0.0044) or ran them under no_grad
+    (reentrant: B never moved), without a word. The reference: the same loss without checkpointing."""
+    from functools import partial
+
+    from torch.utils.checkpoint import checkpoint
+
+    def grads(by_hand):
+        torch.manual_seed(0)
+        model = LoraModel(tiny_bert(num_labels=3), SequenceClassification(), random="A", prior=0.5)
+        guide = MeanFieldGuide(model)
+        guide.requires_grad_(False)
+        if by_hand:
+            for layer in model.net.base_model.model.bert.encoder.layer:
+                layer.forward = partial(lambda f, *a, **k: checkpoint(partial(f, **k), *a, use_reentrant=reentrant),
+                                        layer.forward)
+        batch = random_batch() | {"labels": torch.tensor([0, 2, 1])}
+        model.net.train()
+        pyro.set_rng_seed(3)
+        Trace_ELBO().differentiable_loss(model, guide, batch).backward()
+        return {n: p.grad for n, p in model.named_point_parameters() if "lora_B" in n}
+
+    plain = grads(False)
+    assert plain and all(g is not None and g.abs().sum() > 0 for g in plain.values())
+    with pytest.raises(RuntimeError, match="activation checkpoint that pyro_lora cannot see .* use net.gradient_checkpointing_enable"):
+        grads(True)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
 def test_a_laplace_over_checkpointing_applied_outside_transformers_is_refused(reentrant):
     """A Laplace hands its mean, which needs no gradient, so the hand-off's check never fired: under a reentrant
     checkpoint_wrapper each layer ran under no_grad, its recorded output became a leaf the logits do not depend on, and
