@@ -200,7 +200,8 @@ def _forward(layer, x, *args, **kwargs):
         if getattr(layer, _NEEDS_GRAD, False):
             if torch._C._current_graph_task_id() != -1:  # recomputed inside backward, without the handed weights
                 raise ForeignCheckpointError(_FOREIGN_CHECKPOINT)
-            setattr(layer, _NEEDS_GRAD, False)
+            if torch.is_grad_enabled():  # a forward without gradients (a user's logging one) leaves nothing to recompute
+                setattr(layer, _NEEDS_GRAD, False)
         return type(layer).forward(layer, x, *args, **kwargs)
     # remembered so that a foreign checkpoint's recomputation (holder already cleared) is caught above: one that would
     # take gradients through handed weights, whether they are trained or not (a point matrix beside them, the layer's
