@@ -102,8 +102,9 @@ class TFBGuide(LoraGuide):
         if unknown:
             raise ValueError(f"init has unknown site(s) {unknown}; the model's sites are {list(self.sites)}")
         # the adapter only for the sites init leaves out: a trained guide's full mean is no stale adapter's
-        values = model.adapter_values() if set(init) != set(self.sites) else {}
-        values.update({k: torch.as_tensor(v).detach().to(device, torch.float32) for k, v in init.items()})
+        values = {k: torch.as_tensor(v).detach().to(device, torch.float32) for k, v in init.items()}
+        if set(init) != set(self.sites):
+            values = model.adapter_values(given=values)
         check_values(self.sites, values, allow_sample_dim=False)
         flagged = {"small": [], "zero": []}
         for i, (a, b) in enumerate(self.pairs):

@@ -409,14 +409,15 @@ class LoraModel:
                f"for {active!r}")
         )
 
-    def adapter_values(self) -> dict:
+    def adapter_values(self, given: dict | None = None) -> dict:
         """Current peft LoRA weights as site values (kinds without a peft parameter, ``R`` and ``S``, start at zero):
-        site -> ``site.shape``.
+        site -> ``site.shape``; ``given`` (site -> value, float32 on the model's device) in place of the adapter's for
+        its sites (a guide's ``init`` covering some sites: a BLoB-style guide's ``A``, its trained ``B`` read here).
 
-        :raises ValueError: as :meth:`check_adapter_trained` (a guide built from this adapter would pair untrained
-            LoRA values with the trained head).
+        :raises ValueError: as :meth:`check_adapter_trained`, on the values returned (a guide built from this adapter
+            would pair untrained LoRA values with the trained head).
         """
-        values = self._held_values()
+        values = self._held_values() | dict(given or {})
         self.check_adapter_trained("what is built from the adapter", "call model.write_adapter(guide.mean()) first "
                                    "(A and B sites), or pass init=guide.mean()", values=values)
         return values
@@ -482,7 +483,7 @@ class LoraModel:
         if owner is None:
             return None
         theirs = {n: v.detach() for n, v in owner.mean().items()}
-        held = self._held_values()
+        held = self._held_values() if values is None else values
         stale = [
             n for n, v in held.items()
             if self.sites[n].kind.parameter is not None and n in theirs and theirs[n].shape == v.shape and not torch.equal(theirs[n].float(), v)

@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from pyro.infer import Trace_ELBO
 from test_training import toy_data
 
-from pyro_lora.guides import MAPGuide
+from pyro_lora.guides import MAPGuide, MeanFieldGuide
 from pyro_lora.guides.tfb import TFB_SEARCH, TFBGuide, bayesianize
 from pyro_lora import CausalLM, LoraModel, MultipleChoice, SequenceClassification, load_guide, predict, save_guide
 from pyro_lora.loraxs import LoraXSModel
@@ -294,6 +294,28 @@ def test_from_map_export_and_from_a_only_guide():
     model.write_adapter(map_guide.mean())
     for name, ba in products(TFBGuide(model), model).items():
         torch.testing.assert_close(ba, products(map_guide, model)[name], rtol=1e-5, atol=1e-6)
+
+
+def test_from_guide_bayesianizes_an_a_only_guide_whose_fit_trained_b_and_the_head():
+    """A BLoB-style guide (A random) whose fit trained the point B and the head, the default: from_guide read the whole
+    adapter for the B sites, and its check refused the adapter's stale A, which init replaces (and so did the
+    init=guide.mean() its message advised). The reference: B'A' = B A with A the guide's mean, B the trained adapter's."""
+    from pyro_lora import fit
+
+    data = toy_data(n=16)
+    net = tiny_bert(num_labels=2)
+    model_a = LoraModel(net, SequenceClassification(), random="A", num_data=16)
+    guide_a = MeanFieldGuide(model_a)
+    fit(model_a, guide_a, data, epochs=2, lr=5e-2, progress=False)
+    model = LoraModel(net, SequenceClassification(), random="AB", num_data=16)
+    layers = net.base_model.model.bert.encoder.layer  # the trained B, as peft holds it
+    b = {f"{kind}.lora_B": torch.stack([getattr(layer.attention.self, kind).lora_B["default"].weight.detach()
+                                        for layer in layers]) for kind in ("query", "value")}
+    for tfb in (TFBGuide.from_guide(model, guide_a), TFBGuide(model, init=guide_a.mean())):
+        for name, ba in products(tfb, model).items():
+            torch.testing.assert_close(ba, b[name.replace("lora_A", "lora_B")] @ guide_a.mean()[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"write_adapter\(guide.mean\(\)\) first"):  # A from the stale adapter: refused
+        TFBGuide(model, init=b)
 
 
 def test_from_guide_bayesianizes_a_guide_fit_trained_without_writing_it_into_the_adapter():
