@@ -28,8 +28,9 @@ _BLANK = re.compile(r"(?<!\S)_(?![\w{])")
 def visible(text: str) -> bool:
     """Whether ``text`` holds a character a tokenizer keeps: not only whitespace, control or format characters
     (a zero-width space, a soft hyphen, a byte-order mark), which tokenizers drop, nor marks alone (a combining
-    accent, a variation selector), which an uncased tokenizer strips to nothing."""
-    return any(unicodedata.category(c)[0] not in "CZM" for c in text)
+    accent, a variation selector), which an uncased tokenizer strips to nothing, nor U+FFFD, the replacement character
+    a mis-decoded text is left with, which WordPiece tokenizers drop."""
+    return any(unicodedata.category(c)[0] not in "CZM" and c != "\ufffd" for c in text)
 
 
 def looks_blank(record: dict) -> bool:

@@ -897,13 +897,14 @@ def test_an_empty_batch_is_refused_by_name():
 
 
 def test_marks_alone_are_invisible():
-    """A text of combining marks or variation selectors passed the blank-text check and became [CLS] [SEP]."""
+    """A text of combining marks or variation selectors, or of U+FFFD (what a mis-decoded text is left with, which
+    WordPiece drops), passed the blank-text check and became [CLS] [SEP]."""
     from pyro_lora.records import visible
 
-    for text in ["\u0301", "\u0301\u0302 \u0303", "\ufe0f", "\u20dd"]:
+    for text in ["\u0301", "\u0301\u0302 \u0303", "\ufe0f", "\u20dd", "\ufffd\ufffd", " \ufffd"]:
         assert not visible(text)
         assert "invisible characters" in D.validate_record({"id": 1, "text": text, "label": 0}, "classification")
-    assert visible("\u0300a") and visible("कि")
+    assert visible("\u0300a") and visible("कि") and visible("\ufffda")
 
 
 def test_a_label_on_a_duplicated_choice_is_refused():
@@ -1120,3 +1121,27 @@ def test_a_folder_named_as_a_data_file_is_said_to_be_one(tmp_path):
         D.load_records("toy", "train", tmp_path)
     with pytest.raises(FileNotFoundError, match=r"^\S+test.jsonl does not exist$"):
         D.load_records("toy", "test", tmp_path)
+
+
+def test_compare_names_the_jsonl_files_of_a_dataset_folder_it_never_reads(tmp_path):
+    """A validation.jsonl (the Hugging Face layout) was never read: compare carved its validation split from
+    train.jsonl, fitting temperature, +ts and _val rows on 2 records where the file held 50, without a word."""
+    import warnings
+
+    from pyro_lora.experiments.setup import CompareConfig, load_splits
+
+    records = [json.dumps({"id": i, "text": f"text {i}", "label": i % 2}) for i in range(20)]
+    for split, lines in (("train", records[:10]), ("test", records[10:14]), ("validation", records[14:])):
+        _write(tmp_path, "toycls", CLS_META, lines, split)
+    (tmp_path / "toycls" / "dev.jsonl").write_text(records[0] + "\n")
+    config = CompareConfig(dataset="toycls", data_dir=str(tmp_path), val_fraction=0.2, progress=False)
+    with pytest.warns(UserWarning, match=rf"^{tmp_path / 'toycls'} holds dev.jsonl, validation.jsonl, which compare does "
+                                         r"not read: it reads train.jsonl and test.jsonl and carves its validation split "
+                                         r"from train.jsonl \(--val-fraction 0.2\)"):
+        train, val, test, _ = load_splits(config)
+    assert (len(train), len(val), len(test)) == (8, 2, 4)
+    for extra in ("validation.jsonl", "dev.jsonl"):
+        (tmp_path / "toycls" / extra).unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_splits(config)

@@ -405,7 +405,16 @@ def _say_cut(what: str, records, cut: list, max_length: int, positions, lost: st
 
 def load_splits(config: CompareConfig):
     """The records ``config`` runs on, the same for every seed: ``(train, validation, test, {shifted set: test})``.
-    :func:`prepare` says what makes their scores mean less (:func:`_warn_about_splits`), once it has the tokenizer."""
+    :func:`prepare` says what makes their scores mean less (:func:`_warn_about_splits`), once it has the tokenizer.
+    Other JSONL files in the dataset's folder (a ``validation.jsonl`` of the Hugging Face layout) are never read, and
+    a warning names them: the validation split is carved from ``train.jsonl``."""
+    folder = D.dataset_folder(config.dataset, config.data_dir)
+    unread = sorted(p.name for p in folder.glob("*.jsonl") if p.stem not in D.SPLITS)
+    if unread:
+        warnings.warn(f"{folder} holds {', '.join(unread)}, which compare does not read: it reads train.jsonl and "
+                      f"test.jsonl and carves its validation split from train.jsonl (--val-fraction "
+                      f"{config.val_fraction}); merge a validation file's records into train.jsonl to have them used",
+                      stacklevel=user_stacklevel())
     train_all = D.load_records(config.dataset, "train", config.data_dir)
     train_all = D.subset(train_all, min(len(train_all), config.train_size), seed=0)
     if len(train_all) < 2:
