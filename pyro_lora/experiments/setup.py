@@ -1,5 +1,6 @@
 """What every method of a comparison shares: its configuration, checked before loading, and the trained MAP."""
 
+import collections
 import copy
 import hashlib
 import importlib.util
@@ -458,6 +459,8 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
                           f"record of {config.dataset!r} as the model reads it: they are no shift (the model reads the "
                           "test set's inputs, and the OOD AUROC against the test set cannot tell them apart); "
                           "deduplicate the sets", stacklevel=user_stacklevel())
+    if test and record_task(test[0]) == "multiple_choice":
+        _warn_about_choice_counts(names, test, shifted)
     if train and record_task(train[0]) == "classification":
         _warn_about_cuts(config, tokenizer, {names["train"]: train, sets[0][0]: val},
                          {what: (records, keys) for (what, records, _, _), keys in zip(sets[1:], read[2:])})
@@ -475,6 +478,27 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
             warnings.warn(f"the validation records of {config.dataset!r} hold no record of label(s) {absent} that "
                           "training records have: temperature scaling and every +ts and *_val row are fitted without "
                           "those classes; raise --val-fraction or --train-size", stacklevel=user_stacklevel())
+
+
+def _warn_about_choice_counts(names: dict, test: list, shifted: dict):
+    """Say where a shifted multiple-choice set's questions have other numbers of choices than the test set's: the
+    predictive's entropy (at most log k) and mutual information grow with the count, so the OOD AUROC also tells the
+    counts apart (a model at chance, its test questions with one more distractor as the shift, scored 1.000)."""
+    def shares(records):
+        counts = collections.Counter(len(r["choices"]) for r in records)
+        return {k: n / len(records) for k, n in counts.items()}
+
+    def said(share):
+        return ", ".join(f"{k}: {share[k]:.0%}" for k in sorted(share))
+
+    tested = shares(test)
+    for name, records in shifted.items():
+        theirs = shares(records)
+        if max(abs(tested.get(k, 0.0) - theirs.get(k, 0.0)) for k in {*tested, *theirs}) > 0.05:
+            warnings.warn(f"the {names[name]} have other numbers of choices than the {names['test']} (choices per "
+                          f"question {said(theirs)}, against {said(tested)}): the entropy and mutual information grow "
+                          "with the number of choices, so the OOD AUROC against the test set also tells the counts "
+                          "apart, not the shift alone", stacklevel=user_stacklevel())
 
 
 def _warn_about_cuts(config: CompareConfig, tokenizer, fitted: dict, scored: dict):
