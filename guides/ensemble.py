@@ -301,8 +301,12 @@ def predict_ensemble(model, guide, data, num_samples=None, **kwargs):
         raise ValueError(
             "an ensemble with per-member heads sets the heads of the model it was built on: predict with guide.model"
         )
-    if guide.head_parameters and kwargs.get("chunk_size"):
-        raise ValueError("an ensemble with per-member heads predicts all samples in one forward: drop chunk_size")
+    chunk = kwargs.get("chunk_size")
+    if chunk is not None:
+        check_count(chunk, "chunk_size", alternative="or None: every sample in one forward")
+    if guide.head_parameters and chunk is not None and chunk < num_samples:  # chunk_size=S is that one forward
+        raise ValueError(f"an ensemble with per-member heads predicts all samples in one forward: chunk_size={chunk} "
+                         f"would split its S={num_samples}; drop chunk_size (or give {num_samples})")
     with guide.member_heads(num_samples):
         return predict(model, guide, data, num_samples=num_samples, **kwargs)
 

@@ -647,8 +647,11 @@ def test_train_ensemble_members_differ_heads_are_batched_and_network_is_restored
         predict(model, guide, data, num_samples=3)
     with pytest.raises(ValueError, match="no Pyro guide path"):
         guide(data[0])
-    with pytest.raises(ValueError, match="chunk_size"):
+    with pytest.raises(ValueError, match=r"chunk_size=1 would split its S=3; drop chunk_size \(or give 3\)"):
         predict_ensemble(model, guide, data, chunk_size=1)
+    # chunk_size=S is the one forward: it was refused all the same
+    whole = predict_ensemble(model, guide, data, chunk_size=3, keep_samples=True)
+    torch.testing.assert_close(whole.sample_probs, slow, rtol=1e-5, atol=1e-6)
 
 
 def test_members_of_separate_fits_without_their_heads_are_warned_of_sharing_the_last_ones_head():
