@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -113,9 +114,7 @@ def handed(layers: dict, adapter: str, weights: dict, num_samples: int | None = 
         (:func:`checkpointing_modules`); those switched on get their checkpoint function wrapped so that the
         recomputation in backward sees the same handed weights, passed as checkpoint inputs.
     """
-    for module in checkpointing:
-        if getattr(module, "gradient_checkpointing", False):
-            _wrap_checkpoint(module)
+    see_checkpoints(checkpointing)
     previous = {path: getattr(layer, _HOLDER) for path, layer in layers.items()}
     for path, layer in layers.items():
         w = weights.get(path)
@@ -128,6 +127,15 @@ def handed(layers: dict, adapter: str, weights: dict, num_samples: int | None = 
     finally:
         for path, layer in layers.items():
             setattr(layer, _HOLDER, previous[path])
+
+
+def see_checkpoints(checkpointing) -> None:
+    """Wrap the checkpoint function of each module of ``checkpointing`` (:func:`checkpointing_modules`) switched on
+    (:func:`_wrap_checkpoint`), before a forward with or without handed weights: a plain forward's recomputation is
+    then one the hand-off sees too, not taken for a foreign checkpoint's after a handed forward in the same backward."""
+    for module in checkpointing:
+        if getattr(module, "gradient_checkpointing", False):
+            _wrap_checkpoint(module)
 
 
 def _wrap_checkpoint(module):
@@ -146,7 +154,9 @@ def _wrap_checkpoint(module):
 
     @functools.wraps(func)
     def checkpoint(forward, *args, **kwargs):
-        forward = _under_kernels(forward)  # the recomputation in backward runs outside the forward's sdpa_kernel context
+        # the recomputation in backward runs outside the forward's sdpa_kernel context; and it is one this hand-off sees,
+        # whose layers hold what they held in the forward (a plain forward's: nothing handed)
+        forward = _seen(_under_kernels(forward))
         holders = [getattr(m, _HOLDER) for m in inner]
         keys = [(i, k) for i, h in enumerate(holders) if h is not None for k in h.tensors()]
         if not keys:
@@ -170,6 +180,23 @@ def _wrap_checkpoint(module):
 
     setattr(checkpoint, _WRAPPED, True)
     module._gradient_checkpointing_func = checkpoint
+
+
+_SEEN = threading.local()  # depth of the checkpoints of transformers' the hand-off wraps, running on this thread
+
+
+def _seen(forward):
+    """``forward`` run as a checkpoint the hand-off sees (:func:`_wrap_checkpoint`), in its first run and in its
+    recomputation in backward alike: a layer recomputed there without handed weights ran without them forward too."""
+    @functools.wraps(forward)
+    def run(*inputs, **kwargs):
+        _SEEN.depth = getattr(_SEEN, "depth", 0) + 1
+        try:
+            return forward(*inputs, **kwargs)
+        finally:
+            _SEEN.depth -= 1
+
+    return run
 
 
 _SDPA_BACKENDS = {SDPBackend.FLASH_ATTENTION: torch.backends.cuda.flash_sdp_enabled,
@@ -197,11 +224,10 @@ def _under_kernels(forward):
 def _forward(layer, x, *args, **kwargs):
     h = getattr(layer, _HOLDER)
     if h is None:
-        if getattr(layer, _NEEDS_GRAD, False):
+        if getattr(layer, _NEEDS_GRAD, False) and not getattr(_SEEN, "depth", 0):
             if torch._C._current_graph_task_id() != -1:  # recomputed inside backward, without the handed weights
                 raise ForeignCheckpointError(_FOREIGN_CHECKPOINT)
-            if torch.is_grad_enabled():  # a forward without gradients (a user's logging one) leaves nothing to recompute
-                setattr(layer, _NEEDS_GRAD, False)
+            setattr(layer, _NEEDS_GRAD, False)
         return type(layer).forward(layer, x, *args, **kwargs)
     # remembered so that a foreign checkpoint's recomputation (holder already cleared) is caught above: one that would
     # take gradients through handed weights, whether they are trained or not (a point matrix beside them, the layer's
@@ -210,7 +236,7 @@ def _forward(layer, x, *args, **kwargs):
     needs_grad = bool(h.weights) and h.grad_enabled and (
         x.requires_grad or any(t.requires_grad for t in h.weights.values()) or any(p.requires_grad for p in layer.parameters()))
     setattr(layer, _NEEDS_GRAD, needs_grad)
-    if needs_grad and h.grad_enabled and not torch.is_grad_enabled():
+    if needs_grad and not torch.is_grad_enabled():
         raise ForeignCheckpointError(_FOREIGN_CHECKPOINT)
     if kwargs.get("adapter_names") is not None:
         raise ValueError("peft's mixed-batch forward (adapter_names=...) cannot run with handed LoRA weights: call it without a guide")

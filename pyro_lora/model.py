@@ -708,6 +708,7 @@ class LoraModel:
             )
         if values is None:
             if disabled or all(site.kind.parameter is not None for site in self.sites.values()):
+                handoff.see_checkpoints(self._checkpointing)
                 return self.likelihood.logits(self.net, batch, num_samples)
             # the model at its start: peft's own forward runs no core, i.e. a LoRA-XS model at R = I, not at R = 0
             values = self._held_values()
