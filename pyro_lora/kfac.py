@@ -224,6 +224,9 @@ def record_layers(model, batch: dict, loc: dict) -> tuple[torch.Tensor, dict, di
     try:
         with torch.enable_grad():
             logits = model.logits(batch, loc)
+    except ForeignCheckpointError:  # the hand-off saw a layer run with autograd off before the hook above could
+        raise ValueError(_FOREIGN_CHECKPOINT.format(what="a LoRA layer ran with autograd off inside the network's "
+                                                         "forward")) from None
     finally:
         for h in handles:
             h.remove()

@@ -286,3 +286,38 @@ def test_plain_forwards_beside_handed_ones_under_transformers_checkpointing_are_
     assert plain.keys() == got.keys() and plain
     for name in plain:
         torch.testing.assert_close(got[name], plain[name], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_checkpointing_by_hand_is_refused_where_only_a_layer_below_the_handed_ones_trains(reentrant):
+    """Values held fixed, the network frozen but its word embeddings, LoRA on the feed-forward layers (their inputs
+    computed inside the checkpoint): under a reentrant checkpoint applied by hand, the first pass ran without gradients,
+    so nothing in the layer seemed to need them, and the recomputation ran peft's own LoRA: the embeddings' gradient
+    norm 0.32 where it is 0.20, without a word. The reference: the same plain forward checkpointed, exact."""
+    from functools import partial
+
+    from conftest import _randomize_b, tiny_bert_base
+    from peft import LoraConfig, get_peft_model
+    from torch.utils.checkpoint import checkpoint
+
+    def embedding_grad(by_hand, handed):
+        torch.manual_seed(0)
+        net = get_peft_model(tiny_bert_base(3), LoraConfig(r=4, lora_alpha=8, target_modules=["intermediate.dense",
+                                                                                              "output.dense"]))
+        _randomize_b(net)
+        model = LoraModel(net.eval(), SequenceClassification(), random="AB", prior=0.5)
+        values = {k: v.detach() + 0.3 * torch.randn_like(v) for k, v in MeanFieldGuide(model).mean().items()}
+        model.net.requires_grad_(False)
+        embedding = model.net.get_base_model().bert.embeddings.word_embeddings.weight.requires_grad_(True)
+        if by_hand:
+            for layer in model.net.get_base_model().bert.encoder.layer:
+                layer.forward = partial(lambda f, h, m=None, e=None, **k: checkpoint(
+                    lambda h, m: f(h, m, e, **k), h, m, use_reentrant=reentrant), layer.forward)
+        model.net.train()
+        logits = model.logits(random_batch(), values if handed else None)
+        logits.logsumexp(-1).sum().backward()
+        return embedding.grad
+
+    torch.testing.assert_close(embedding_grad(True, False), embedding_grad(False, False), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="activation checkpoint that pyro_lora cannot see"):
+        embedding_grad(True, True)
