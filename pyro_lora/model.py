@@ -25,7 +25,7 @@ from .checks import check_batch, check_count, pickling_refused
 from .hooks import hooks_ran
 from .contract import check_autoguide, check_autoguide_model, check_guide, check_not_meta, parameter_adapter, tempered_training
 from .ownership import (follow_autoguide, head_left_by, head_loaded, head_trainer, record_write, unwritten_fit,
-                        written_beside_head)
+                        value_sums, written_beside_head)
 from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, between_kinds, down_kind, up_kind
 from .likelihoods import data_nll, is_cloze
@@ -469,13 +469,25 @@ class LoraModel:
         paired = head_left_by(fitted, self)
         if fitted.head is not None and not paired:  # its head replaced since (a snapshot restored, a reload): moved on
             return None
-        # a LoRA-XS start beside another's head starts afresh (_stale_layers)
-        if paired and not (values is not None and not self.builds_on_adapter and fitted.builds_on_adapter):
+        # a LoRA-XS start beside another's head starts afresh (_stale_layers); values that are the training's mean, by
+        # the record's sums (a partial init of its guide's mean, the guide gone), are no stale adapter
+        if paired and not (values is not None and not self.builds_on_adapter and fitted.builds_on_adapter) \
+                and not (values is not None and self._hold_trained(values, fitted)):
             raise ValueError(
                 f"the network's head was trained by a {fitted.name} whose LoRA values the adapter does not hold (it "
                 f"still holds those from before {fitted.by} trained it, the guide alive or not): {use} would pair "
                 f"them with the trained head; {advice}{_median(fitted)}")
         return None if paired else fitted
+
+    def _hold_trained(self, values: dict, fitted) -> bool:
+        """Whether ``values`` give every LoRA weight the record ``fitted`` knows the trained value of
+        (:func:`~pyro_lora.ownership.record_fit`'s sums) that value."""
+        trained = {n: pair[1] for n, pair in fitted.weights.items() if pair[1] is not None}
+        mine = self.lora_weight_values({n: v.to(self.device, torch.float32) for n, v in values.items() if n in self.sites})
+        if not trained or not set(trained) <= set(mine):
+            return False
+        sums = value_sums(mine[n] for n in trained)
+        return all(sums[id(mine[n])] == trained[n] for n in trained)
 
     def _check_paired_with_head(self, use: str, advice: str, values: dict | None):
         """:meth:`check_adapter_trained`'s refusal; returns the guide that trained the head (``None``: none)."""

@@ -316,6 +316,18 @@ def test_from_guide_bayesianizes_an_a_only_guide_whose_fit_trained_b_and_the_hea
             torch.testing.assert_close(ba, b[name.replace("lora_A", "lora_B")] @ guide_a.mean()[name], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"write_adapter\(guide.mean\(\)\) first"):  # A from the stale adapter: refused
         TFBGuide(model, init=b)
+    # the guide gone, its training known by the record's sums: its mean as init is still that training's
+    import gc
+
+    mean = {name: v.detach().clone() for name, v in guide_a.mean().items()}
+    del guide_a, tfb
+    gc.collect()
+    for name, ba in products(TFBGuide(model, init=mean), model).items():
+        torch.testing.assert_close(ba, b[name.replace("lora_A", "lora_B")] @ mean[name], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"write_adapter\(guide.mean\(\)\) first"):
+        TFBGuide(model, init={name: v + 0.1 for name, v in mean.items()})  # not the training's mean
+    with pytest.raises(ValueError, match=r"write_adapter\(guide.mean\(\)\) first"):
+        TFBGuide(model, init=b)
 
 
 def test_from_guide_bayesianizes_a_guide_fit_trained_without_writing_it_into_the_adapter():
