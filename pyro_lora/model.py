@@ -417,7 +417,12 @@ class LoraModel:
         :raises ValueError: as :meth:`check_adapter_trained`, on the values returned (a guide built from this adapter
             would pair untrained LoRA values with the trained head).
         """
-        values = self._held_values() | dict(given or {})
+        given = {k: torch.as_tensor(v).detach() for k, v in (given or {}).items()}
+        unknown = sorted(set(given) - set(self.sites))
+        if unknown:
+            raise ValueError(f"unknown site(s) {unknown}; the model's sites are {list(self.sites)}")
+        check_values({k: self.sites[k] for k in given}, given, allow_sample_dim=False)
+        values = self._held_values() | {k: v.to(self.device, torch.float32) for k, v in given.items()}
         self.check_adapter_trained("what is built from the adapter", "call model.write_adapter(guide.mean()) first "
                                    "(A and B sites), or pass init=guide.mean()", values=values)
         return values
@@ -481,10 +486,14 @@ class LoraModel:
 
     def _hold_trained(self, values: dict, fitted) -> bool:
         """Whether ``values`` give every LoRA weight the record ``fitted`` knows the trained value of
-        (:func:`~pyro_lora.ownership.record_fit`'s sums) that value."""
+        (:func:`~pyro_lora.ownership.record_fit`'s sums) that value, and every other LoRA weight what the adapter holds
+        (what that training left there: a point ``B`` it trained beside a random ``A``)."""
         trained = {n: pair[1] for n, pair in fitted.weights.items() if pair[1] is not None}
         mine = self.lora_weight_values({n: v.to(self.device, torch.float32) for n, v in values.items() if n in self.sites})
         if not trained or not set(trained) <= set(mine):
+            return False
+        held = dict(self.named_lora_weights())
+        if any(not torch.equal(v, held[n].detach().to(v.dtype)) for n, v in mine.items() if n not in trained):
             return False
         sums = value_sums(mine[n] for n in trained)
         return all(sums[id(mine[n])] == trained[n] for n in trained)

@@ -326,6 +326,10 @@ def test_from_guide_bayesianizes_an_a_only_guide_whose_fit_trained_b_and_the_hea
         torch.testing.assert_close(ba, b[name.replace("lora_A", "lora_B")] @ mean[name], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"write_adapter\(guide.mean\(\)\) first"):
         TFBGuide(model, init={name: v + 0.1 for name, v in mean.items()})  # not the training's mean
+    with pytest.raises(ValueError, match=r"write_adapter\(guide.mean\(\)\) first"):  # the mean, with a B never trained
+        TFBGuide(model, init={**mean, "query.lora_B": torch.full_like(b["query.lora_B"], 0.01)})
+    with pytest.raises(ValueError, match=r"site 'query.lora_A' expects shape \(2, 4, 32\), got \(4, 32\)"):
+        TFBGuide(model, init={"query.lora_A": mean["query.lora_A"][0]})  # was a raw IndexError
     with pytest.raises(ValueError, match=r"write_adapter\(guide.mean\(\)\) first"):
         TFBGuide(model, init=b)
 
