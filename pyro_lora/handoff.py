@@ -233,12 +233,13 @@ def _forward(layer, x, *args, **kwargs):
     # take gradients through handed weights, whether they are trained or not (a point matrix beside them, the layer's
     # input from trained layers below, run at peft's own values instead would get wrong gradients); a layer handed
     # nothing runs at its own values either way
-    needs_grad = bool(h.weights) and h.grad_enabled and (
+    handed_with_grad = bool(h.weights) and h.grad_enabled
+    needs_grad = handed_with_grad and (
         x.requires_grad or any(t.requires_grad for t in h.weights.values()) or any(p.requires_grad for p in layer.parameters()))
     setattr(layer, _NEEDS_GRAD, needs_grad)
     # handed with gradients on, run with them off: a reentrant checkpoint's first pass, whose recomputation runs the
     # layer at peft's own values (its inputs and parameters need no gradient there, whatever trains below)
-    if h.weights and h.grad_enabled and not torch.is_grad_enabled():
+    if handed_with_grad and not torch.is_grad_enabled():
         raise ForeignCheckpointError(_FOREIGN_CHECKPOINT)
     if kwargs.get("adapter_names") is not None:
         raise ValueError("peft's mixed-batch forward (adapter_names=...) cannot run with handed LoRA weights: call it without a guide")

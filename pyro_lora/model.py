@@ -1134,19 +1134,20 @@ class LoraModel:
         weight sites where the others would be drawn from the prior. Sites the replayed ``guide_trace`` holds (an ELBO's
         guide over the sites left free: Pyro's way of holding some latents fixed) are no such draws, nor are those of a
         run whose draws are thrown away: an autoguide's prototype run (which become its sites), and the runs in which
-        ``Predictive`` and ``MCMC`` learn the model's structure and a starting point (:func:`probing_model`). Which guide drew the values is :meth:`_check_drawer`'s."""
+        ``Predictive`` and ``MCMC`` learn the model's structure and a starting point (:func:`probing_model`). Which
+        guide drew the values is :meth:`_check_drawer`'s."""
         conditioned = conditioned_names()
         # observed without a condition handler: a reparametrised site (poutine.reparam), or poutine.do's intervention
         given = [n for n in self.sites if own.nodes[n]["is_observed"] and n in conditioned]
         # a latent site of the model's own (a hierarchical prior's scale) may be named like a weight site
         foreign = sorted(n for n in conditioned - set(self.sites) if is_site_name(n) and n not in own.nodes)
         # drawn from the prior: not observed, and no value set by poutine.do (which observes "<site>__CF" instead)
-        supplied = set() if guide_trace is None else set(guide_trace.nodes)
+        supplied = set() if guide_trace is None else {n for n, node in guide_trace.nodes.items()
+                                                      if node["type"] == "sample" and not node["is_observed"]}
         missing = [n for n in self.sites if not own.nodes[n]["is_observed"] and n not in supplied
                    and not own.nodes.get(f"{n}__CF", {}).get("is_observed")]
         # a guide drawing a site the model holds fixed: the draw is never used, and the ELBO widens q there without bound
-        redrawn = [n for n in given if guide_trace is not None and n in guide_trace.nodes
-                   and guide_trace.nodes[n]["type"] == "sample" and not guide_trace.nodes[n]["is_observed"]]
+        redrawn = [n for n in given if n in supplied]
         if redrawn:
             raise ValueError(
                 f"the guide draws {redrawn[0]!r}, which poutine.condition holds fixed in the model ({len(redrawn)} such "
