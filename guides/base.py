@@ -20,7 +20,7 @@ from torch.distributions.kl import register_kl
 
 from pyro_lora import pyro_params
 from pyro_lora.checks import check_count, pickling_refused
-from pyro_lora.contract import check_guide, describe
+from pyro_lora.contract import check_guide, check_model, describe
 from pyro_lora.ownership import follow_svi_step, point_snapshot, record_fit, stop_following, take_over
 from pyro_lora.io import records_at_build, register_guide
 from pyro_lora.model import full_precision
@@ -167,6 +167,7 @@ class LoraGuide(torch.nn.Module):
 
     def __init__(self, model):
         super().__init__()
+        check_model(model, f"build {type(self).__name__}")
         model.check_network()  # a network that no longer runs the model's adapter (set_adapter, delete_adapter) is said
         self._model = (model,)  # not a submodule: the network's weights are not the guide's
         self.sites = model.sites

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from pyro_lora import distributed
 from pyro_lora.checks import check_batches, check_count
+from pyro_lora.contract import check_model
 from pyro_lora.ownership import take_over
 from pyro_lora.data import to_device
 from pyro_lora.model import LoraModel, full_precision
@@ -196,6 +197,7 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
         per example, or per scored token for ``CausalLM`` (as :func:`pyro_lora.fit` judges it; the network is then put
         back as it was).
     """
+    check_model(model, "train with IVON")
     params = model.random_parameters() + model.point_parameters()
     autocast = _check_arguments(model, params, data, autocast, epochs=epochs, lr=lr, ess=ess, hess_init=hess_init,
                                 weight_decay=weight_decay, beta2=beta2, mc_samples=mc_samples, clip_radius=clip_radius)

@@ -14,7 +14,7 @@ import torch
 
 from pyro_lora import distributed
 from pyro_lora.checks import check_reiterable
-from pyro_lora.contract import check_guide, entry_checks
+from pyro_lora.contract import check_guide, check_model, entry_checks
 from pyro_lora.data import fixed_batches
 from pyro_lora.ownership import point_snapshot
 from pyro_lora.distributions import UniformMixture
@@ -65,6 +65,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
         """The (unfitted) mixture over ``ensemble``'s members and heads, on ``model`` (default the ensemble's; another
         :class:`~pyro_lora.LoraModel` over the same network, e.g. with the one-forward likelihood KFAC needs)."""
         model = ensemble.model if model is None else model
+        check_model(model, "build a Laplace mixture")
         if model.net is not ensemble.model.net:
             raise ValueError("from_ensemble: the model must run the ensemble's network (its heads are set there)")
         check_guide(model, ensemble, "build a Laplace mixture from")  # its sites, adapter, base and head are the model's

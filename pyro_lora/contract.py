@@ -526,6 +526,26 @@ def require_lora_guide(guide, action: str) -> None:
         )
 
 
+def check_model(model, action: str) -> None:
+    """Refuse to ``action`` unless ``model`` is a :class:`~pyro_lora.LoraModel`.
+
+    :raises TypeError: naming what was passed instead: ``torch.compile(model)`` (a LoraModel is no
+        ``torch.nn.Module``, so torch.compile wraps it as a plain function), the peft network itself, or anything else.
+    """
+    from .model import LoraModel  # the model module imports this one
+
+    if isinstance(model, LoraModel):
+        return
+    if hasattr(model, "_torchdynamo_orig_callable"):
+        raise TypeError(f"cannot {action}: the model passed is a function torch.compile returned (torch.compile(model) "
+                        "of a LoraModel, which is no torch.nn.Module, wraps it as a plain function); compile the network "
+                        "instead, in place (net.compile()), and pass the LoraModel itself")
+    if isinstance(model, torch.nn.Module):
+        raise TypeError(f"cannot {action}: the model passed is a {type(model).__name__}, not a pyro_lora LoraModel; wrap "
+                        "the peft network first: model = LoraModel(net, likelihood)")
+    raise TypeError(f"cannot {action}: the model passed is a {type(model).__name__}, not a pyro_lora LoraModel")
+
+
 def check_guide(model, guide, action: str, same_model: bool = False) -> None:
     """Refuse to ``action`` (e.g. ``"predict"``) with ``guide`` on ``model`` unless the guide fits the model.
 
@@ -537,6 +557,7 @@ def check_guide(model, guide, action: str, same_model: bool = False) -> None:
         is no :class:`~pyro_lora.guides.LoraGuide` (a Pyro autoguide), or if Pyro's param store holds values restored
         over its or the network's parameters (:func:`~pyro_lora.pyro_params.check_store`).
     """
+    check_model(model, action)
     require_lora_guide(guide, action)
     pyro_params.check_store([(guide._pyro_name, guide.named_parameters()),
                              (model._pyro_name, model.named_point_parameters())], action)
@@ -626,6 +647,7 @@ def entry_checks(model, guide, action: str, handed: bool | None = None, settings
     first (:func:`~pyro_lora.distributed.check_settings`), then a ``ValueError`` on any rank is raised on every
     rank (:func:`~pyro_lora.distributed.refused_together`; one rank refusing alone would leave the others waiting),
     then :func:`check_ranks_agree` on ``model``, ``guide`` (``None``: the network alone) and ``handed``."""
+    check_model(model, action)  # before the collective, which reads it: the same refusal on every rank
     with distributed.refused_together(action):
         if distributed.is_distributed():
             model_settings = {f"model's {k}": v for k, v in model.settings().items()

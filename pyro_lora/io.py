@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from .checks import not_a_file
 from .modes import building
 from .digests import bytes_sha256, file_sha256
-from .contract import (_fingerprint_of, check_autoguide, check_guide, check_ranks_agree, describe, differences,
+from .contract import (_fingerprint_of, check_autoguide, check_guide, check_model, check_ranks_agree, describe, differences,
                        digested_parameters, frozen_base_parameters, quantization, quantized_weights, require_lora_guide,
                        unwrapped_name, weight_digest, weight_scales, weights_digest)
 from . import pyro_params
@@ -1160,6 +1160,7 @@ def load_guide(path, model, guide=None):
         Whatever it raises, and wherever it stops, ``model``, the guide that set its point parameters and ``guide``
         are left as they were.
     """
+    check_model(model, "load a guide")
     path = Path(path)
     with building():  # the guide's tensors as in a clean process: float32, and no inference tensors a fit cannot train
         guide = _load_guide(path, model, guide)

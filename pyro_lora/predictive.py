@@ -85,6 +85,7 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     :param keep_samples: also return the per-sample probabilities ``[S, N, C]`` (``[1, N, C]`` without samples).
     :returns: a :class:`Prediction` with ``probs`` (float32) and ``log_probs`` (float64, the log of the same
         average computed from the float64 log-softmax of each sample's logits, summed over chunks in log space).
+    :raises TypeError: if ``model`` is no :class:`~pyro_lora.LoraModel` (:func:`~pyro_lora.contract.check_model`).
     :raises ValueError: for settings that differ across ranks (under ``torch.distributed``, on every rank, first),
         a bad ``num_samples`` / ``chunk_size`` (an ensemble's ``S`` not a multiple of
         ``K``), a ``DataLoader`` with ``drop_last=True``, ``mean=True`` with a guide whose mean is no predictor, a guide whose posterior its site samples do

@@ -24,7 +24,7 @@ from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sequential
 from tqdm.auto import tqdm
 
 from . import distributed, pyro_params
-from .contract import check_guide, check_ranks_agree, require_lora_guide, tempered_training
+from .contract import check_guide, check_model, check_ranks_agree, require_lora_guide, tempered_training
 from .ownership import point_snapshot, record_fit, take_over
 from .data import to_device
 from .modes import eval_mode, network_mode
@@ -142,6 +142,7 @@ def fit(
         and samplers are compared, and of its contents the resumed epoch's batches read before the checkpoint (a
         digest); a callable ``kl_weight`` is not called to check it (a function of the step is assumed).
     :returns: list of per-step losses.
+    :raises TypeError: if ``model`` is no :class:`~pyro_lora.LoraModel` (:func:`~pyro_lora.contract.check_model`).
     :raises ValueError: inside ``torch.inference_mode()`` or a Pyro handler other than ``poutine.block`` and
         ``poutine.seed`` (``poutine.scale``, ``trace``, ``condition``, a plate...: :func:`check_training_context`),
         before any work (under ``torch.no_grad()`` the run switches gradients on: the same run as outside it);
@@ -179,6 +180,7 @@ def fit(
         held.enter_context(torch.enable_grad())  # the run takes gradients, under an enclosing torch.no_grad() too
         with distributed.refused_together("fit"):  # a refusal on one rank only would leave the others waiting
             check_training_context("fit")
+            check_model(model, "fit")
             # first (a collective, which a rank refused earlier would skip): a rank's own checkpoint_dir was refused by
             # the first save, after the run; other steps or schedules would leave ranks waiting or apart
             require_lora_guide(guide, "fit")

@@ -17,6 +17,28 @@ from pyro_lora.model import LoraModel
 from pyro_lora.sites import per_layer
 
 
+def test_every_entry_refuses_what_is_no_lora_model_by_name():
+    """torch.compile(model) of a LoraModel (no nn.Module) is a plain function, and the peft network is no model:
+    each entry names what it got (it died in a raw AttributeError deep inside: 'function' has no 'device')."""
+    from pyro_lora import fit, load_guide, predict
+    from pyro_lora.guides import EnsembleGuide, TFBGuide, train_ensemble, train_ivon
+
+    model = LoraModel(tiny_bert(), SequenceClassification(), num_data=8)
+    guide, data = MAPGuide(model), [random_batch()]
+    entries = {
+        "fit": lambda m: fit(m, guide, data, progress=False), "predict": lambda m: predict(m, guide, data),
+        "build MAPGuide": MAPGuide, "build TFBGuide": TFBGuide, "build LaplaceGuide": LaplaceGuide,
+        "build EnsembleGuide": lambda m: EnsembleGuide(m, num_members=2), "load a guide": lambda m: load_guide("x", m),
+        "train an ensemble": lambda m: train_ensemble(m, data), "train with IVON": lambda m: train_ivon(m, data),
+    }
+    for action, entry in entries.items():
+        with pytest.raises(TypeError, match=f"cannot {action}: the model passed is a function torch.compile returned.*net.compile"):
+            entry(torch.compile(model))
+        with pytest.raises(TypeError, match=f"cannot {action}: the model passed is a PeftModelForSequenceClassification, not a "
+                                            "pyro_lora LoraModel; wrap the peft network first"):
+            entry(model.net)
+
+
 def mc_batch(**kw):
     b = random_batch(**kw)
     b["choice_mask"] = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.bool)
