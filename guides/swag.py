@@ -184,11 +184,15 @@ class SWAGCollector:
         check_count(start_step, "start_step", minimum=0)
         check_count(start_epoch, "start_epoch", minimum=0)
         self.swag, self.start_step, self.start_epoch, self.every, self.source = swag, start_step, start_epoch, every, source
+        self._before = None  # (the SWAG guide's state, its point snapshot) as the running fit found them
 
     def __call__(self, state):
         if state.step == 1:
             self._check_settings()
             self._check_schedule(state)
+            # the SWAG guide as this fit found it, which a run that diverges leaves (on_divergence); empty, nothing to keep
+            saved = {n: t.to("cpu", copy=True) for n, t in self.swag.state_dict().items()} if int(self.swag.num_collected) else None
+            self._before = (saved, self.swag._point_snapshot)
         if state.skipped:  # float16's loss scaler left the weights as they were: no new iterate
             return
         if state.step >= self.start_step and state.epoch >= self.start_epoch and state.step % self.every == 0:
@@ -197,6 +201,23 @@ class SWAGCollector:
             self.swag.collect(source.mean())
         elif int(self.swag.num_collected):
             self.swag.adopt_point_parameters()
+
+    def on_divergence(self):
+        """Called by :func:`pyro_lora.fit` when the run raises :class:`~pyro_lora.training.DivergenceError`: put the SWAG
+        guide back as the run found it, as iterates of a diverged run (weights the run itself judged wrong, the last
+        ones before the judgement too) would stay in its mean and covariance; returns the note added to the error."""
+        state, snapshot = self._before
+        held = 0 if state is None else int(state["num_collected"])
+        taken = int(self.swag.num_collected) - held
+        with torch.no_grad():
+            if state is None:
+                for buffer in self.swag.buffers():
+                    buffer.zero_()
+            else:
+                self.swag.load_state_dict(state)
+        self.swag._point_snapshot = snapshot
+        return (f"SWAGCollector: the {taken} iterate(s) collected in the diverged run were taken back out of the SWAG "
+                f"guide, which holds the {held} it held before the run")
 
     def _check_settings(self):
         """Under ``torch.distributed``, at a fit's first step (every rank runs its callbacks, of classes ``fit`` compared):
@@ -240,7 +261,8 @@ class SWAGCollector:
 def swag_schedule(epochs: int, steps_per_epoch: int, per_epoch: int) -> tuple[int, int]:
     """``(start_epoch, every)`` of a :class:`SWAGCollector` collecting ``per_epoch`` times an epoch over the last half of
     ``epochs`` (at least one epoch), widened to earlier epochs where that collects fewer than 2 iterates (a short run:
-    one batch an epoch failed after its whole fit).
+    one batch an epoch failed after its whole fit), and then to every run's ``steps // 2``-th step (a short epoch
+    collected once).
 
     :raises ValueError: where the whole run collects fewer than 2 iterates, naming the flags that give more steps.
     """
@@ -249,6 +271,8 @@ def swag_schedule(epochs: int, steps_per_epoch: int, per_epoch: int) -> tuple[in
         first = (epochs - last) * steps_per_epoch + 1  # fit's steps count from 1 over the whole run
         if sum(s % every == 0 for s in range(first, epochs * steps_per_epoch + 1)) >= 2:
             return epochs - last, every
+    if epochs * steps_per_epoch >= 2:  # every epoch and still fewer: collect more often (steps // every >= 2)
+        return 0, epochs * steps_per_epoch // 2
     raise ValueError(f"SWAG needs at least 2 iterates, and the run takes {epochs * steps_per_epoch} optimizer step(s) "
                      f"({epochs} epoch(s) of {steps_per_epoch} batch(es)): raise --epochs or --train-size, or lower "
                      "--batch-size")

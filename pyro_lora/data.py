@@ -393,7 +393,7 @@ class RowDigest:
     one), and an all-zero ``token_type_ids`` as none (what a BERT reads where it is missing).
     """
 
-    _TOKENS = ("input_ids", "token_type_ids", "attention_mask", "target_mask")  # [rows, T]: masked by attention_mask
+    _TOKENS = ("input_ids", "token_type_ids", "attention_mask", "target_mask", "labels")  # [rows, T]: masked by attention_mask
     _CHOICES = ("choice_mask", "target_lengths", "target_chars")  # [B, K]: masked by choice_mask
 
     def __init__(self, net_inputs):

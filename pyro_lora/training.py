@@ -123,7 +123,10 @@ def fit(
         at the posterior mean (one more forward, in eval mode) exceeds its NLL before the run by more than half
         of it or half a nat, whichever is more (training on a batch should not make it worse); a non-finite
         loss always raises it.
-    :param callbacks: callables ``f(FitState)`` run after each optimizer step.
+    :param callbacks: callables ``f(FitState)`` run after each optimizer step. One with an ``on_divergence()`` method
+        has it called when the run raises :class:`DivergenceError` after its first step, to undo what it kept of the diverged run (a
+        :class:`~pyro_lora.guides.SWAGCollector` takes its iterates back out); a string it returns is added to the
+        error as a note.
     :param checkpoint_dir: if given, the guide is saved there (atomically) every ``checkpoint_every``
         steps and at the end, with its ``fit_progress`` (the step reached, of how many, and whether the run finished:
         :func:`~pyro_lora.io.load_guide` warns of an unfinished one). A checkpoint before the end also holds
@@ -322,6 +325,7 @@ def fit(
             kl_weights = list(resumed["kl_weights"])
             guide.fit_progress = dict(resumed["progress"])
             step = guide.fit_progress["step"]
+        first_run_step = step  # this run's first step is step + 1: a resumed run's too
         bar = tqdm(total=total, initial=step, desc=f"fit {type(guide).__name__}",
                    disable=not (progress and distributed.is_main()), dynamic_ncols=True)
 
@@ -432,6 +436,14 @@ def fit(
                         # each step's NLL is sampled, before its update and on another batch: the epoch is judged on
                         # the first batch at the posterior mean, as before the run
                         watch.check_first_batch(_mean_nll(model, guide, watch.first[0]), epoch)
+        except DivergenceError as error:
+            # what a callback kept of the diverged run (a SWAGCollector's iterates) it undoes, once it ran in this run
+            for cb in callbacks if step > first_run_step else ():
+                if callable(getattr(cb, "on_divergence", None)):
+                    note = cb.on_divergence()
+                    if note:
+                        error.add_note(note)
+            raise
         finally:
             bar.close()
             optimizer.zero_grad(set_to_none=True)
@@ -624,8 +636,10 @@ def _check_resumable(data, callbacks) -> None:
                          "persistent_workers=False (for the run and the resume), or rerun the fit from the start")
     kept = [type(cb).__name__ for cb in callbacks if isinstance(cb, SWAGCollector)]
     if kept:
-        raise ValueError(f"resume=True cannot continue the callbacks {', '.join(kept)}: their state (a SWAGCollector's "
-                         "iterates so far) is not in the checkpoint and would start empty; rerun the fit from the start")
+        raise ValueError(f"resume=True cannot continue the callbacks {', '.join(kept)}: their state (the iterates a "
+                         "SWAGCollector gave its SWAG guide up to the checkpoint) is not in the checkpoint, so a SWAG guide "
+                         "of a new process would lack them, and one that followed the run holds those of the steps after "
+                         "the checkpoint too, which the resumed run would collect again; rerun the fit from the start")
 
 
 def _warn_unfinished(path) -> None:

@@ -114,6 +114,31 @@ def test_collector_collects_the_map_iterates_of_the_last_epoch_and_predicts():
     torch.testing.assert_close(prediction.probs.sum(-1), torch.ones(48))
 
 
+def test_a_diverged_fit_takes_its_iterates_back_out_of_the_swag_guide():
+    """A fit that raised DivergenceError left the iterates it collected (cores ~100 at lr=100) in the SWAG guide, and a
+    retry averaged them in silently; the guide is put back as the run found it, and the error says so."""
+    from pyro_lora.training import DivergenceError
+
+    model = xs_model()
+    swag = SWAGGuide(model, rank=3)
+    with pytest.raises(DivergenceError) as error:
+        fit(model, MAPGuide(model), toy_data(), epochs=2, lr=100.0, progress=False, callbacks=[SWAGCollector(swag)])
+    assert "the 1 iterate(s) collected in the diverged run were taken back out" in str(error.value.__notes__)
+    assert int(swag.num_collected) == 0 and not any(bool(b.any()) for b in swag.buffers())
+
+    model = xs_model()
+    swag, first = SWAGGuide(model, rank=3), MAPGuide(model)
+    fit(model, first, toy_data(), epochs=1, lr=3e-2, progress=False, callbacks=[SWAGCollector(swag, every=2)])
+    before = {n: t.clone() for n, t in swag.state_dict().items()}
+    with pytest.raises(DivergenceError) as error:
+        fit(model, MAPGuide(model, init=first.mean()), toy_data(), epochs=2, lr=100.0, progress=False,
+            callbacks=[SWAGCollector(swag)])
+    assert "which holds the 3 it held before the run" in str(error.value.__notes__)
+    assert all(torch.equal(before[n], t) for n, t in swag.state_dict().items())
+    with pytest.raises(ValueError, match="changed"):  # the head the diverged run left is not the one the guide predicts with
+        predict(model, swag, toy_data(), num_samples=2)
+
+
 def test_guide_predicts_with_the_head_training_ended_on_when_the_last_step_collects_nothing():
     model = xs_model()
     head = "base_model.model.classifier.modules_to_save.default.weight"
@@ -189,6 +214,9 @@ def test_the_schedule_collects_two_iterates_where_the_run_has_them_and_refuses_o
     assert collected(10, 100, 10) == (50, 5)  # the last half, 10 an epoch: the paper's schedule, unchanged
     assert collected(3, 1, 10) == (2, 1)  # widened to the last two epochs
     assert collected(1, 2, 10) == (2, 0)
+    # one epoch collected once by per_epoch=1 (every = all its steps) refused a run of 8 steps: it collects more often
+    assert [collected(1, steps, 1) for steps in (2, 7, 8)] == [(2, 0), (2, 0), (2, 0)]
+    assert collected(2, 1, 1) == (2, 0)
     for epochs, steps in ((1, 1), (2, 0)):
         with pytest.raises(ValueError, match=r"SWAG needs at least 2 iterates, and the run takes . optimizer step.*raise --epochs"):
             swag_schedule(epochs, steps, 10)
