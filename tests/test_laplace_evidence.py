@@ -486,3 +486,27 @@ def test_the_row_digest_is_of_the_examples_not_their_order_batching_or_padding(l
     changed = collate(records)
     changed["input_ids"][tuple(changed["attention_mask"].bool().nonzero()[0].tolist())] += 1
     assert len({together, key([labelled]), key([changed]), key([collate(records), collate(records[:1])])}) == 4
+
+
+def test_the_row_digest_of_token_level_batches_leaves_the_padding_labels_out():
+    """A CausalLM batch's labels are [B, T] with -100 at the padding: hashed whole, the same examples batched together
+    and one per batch gave two keys (the padding width went into it); a real token's label changed still counts."""
+    from pyro_lora.data import RowDigest
+
+    def batch(rows, width):
+        ids = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+    def key(batches):
+        rows = RowDigest(("input_ids", "attention_mask"))
+        for b in batches:
+            rows.add(b, b["input_ids"].shape[0])
+        return rows.key()
+
+    rows = [[5, 6, 7, 8], [9, 10]]
+    together = key([batch(rows, 4)])
+    assert key([batch(rows[:1], 4), batch(rows[1:], 2)]) == key([batch(rows[::-1], 6)]) == together
+    relabelled = batch(rows, 4)
+    relabelled["labels"][1, 0] = -100  # a prompt token no longer scored
+    assert key([relabelled]) != together
