@@ -278,6 +278,8 @@ def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path, capfd):
     assert len(err) == 1 and err[0].startswith("pyro-lora: warning: TFB search: high=0.015 is already feasible")  # ours, one line
     record = json.loads((tfb_out / "guide" / "run.json").read_text())
     assert record["adapter"] == "adapter"  # a copy inside the unit: the output can be shared on its own
+    with pytest.raises(ValueError, match="--samples changes nothing here: .* holds a MAPGuide, a point estimate"):
+        S.evaluate_saved(fit_out, samples=8)  # the same row, which the note called "not the run's row"
     import shutil
 
     shutil.rmtree(fit_out)

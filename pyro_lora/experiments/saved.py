@@ -525,6 +525,9 @@ def evaluate_saved(run_dir, **overrides) -> dict:
     if "samples" in overrides and not getattr(method.predictive, "uses_samples", True):
         raise ValueError(f"--samples changes nothing here: {path} was scored with the {predictive} predictive, which "
                          "draws no weight samples")
+    if "samples" in overrides and method.guide.deterministic:  # the note would call the same row another
+        raise ValueError(f"--samples changes nothing here: {path} holds a {method.guide.__name__}, a point estimate, "
+                         "whose predictive runs one forward and draws no weight samples")
     if predictive != method.predictive.__name__:
         raise ValueError(f"{path} was scored with the {predictive} predictive, and method {method.name!r} gives "
                          f"{method.predictive.__name__}: the row would differ")
