@@ -15,10 +15,10 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .digests import file_sha256
+from .digests import bytes_sha256, file_sha256
 
 __all__ = ["EMBEDDED_MODELS", "cache_dir", "check_head_classes", "local_model_path", "max_positions", "minilm_dir",
-           "smollm2_gguf"]
+           "model_files_stamp", "smollm2_gguf"]
 
 EMBEDDED_MODELS = ("minilm", "smollm2")
 
@@ -115,6 +115,26 @@ def _cache_problem(folder: Path, stamp: dict, weights: bool = True) -> str | Non
         except OSError as err:
             return f"{name} cannot be read ({err})"
     return None
+
+
+def model_files_stamp(name_or_path) -> str | None:
+    """SHA-256 of the names, sizes and modification times of the files ``name_or_path`` loads (an embedded model's,
+    a local folder's, a ``.gguf`` file), read without opening any: what a run records so that a rerun finding its row
+    done notices a checkpoint replaced at the same path, and checks the weights' digest before showing the row.
+    ``None`` where there is nothing local to stamp (a name no file answers)."""
+    try:
+        path = minilm_dir() if name_or_path == "minilm" else smollm2_gguf() if name_or_path == "smollm2" else \
+            local_model_path(name_or_path)
+    except (ImportError, FileNotFoundError):
+        return None
+    if path is None:
+        return None
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    entries = []
+    for file in files:
+        stat = file.stat()
+        entries.append([file.name if file == path else file.relative_to(path).as_posix(), stat.st_size, stat.st_mtime_ns])
+    return bytes_sha256(json.dumps(entries).encode())
 
 
 def local_model_path(name_or_path) -> Path | None:

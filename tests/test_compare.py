@@ -523,3 +523,29 @@ def test_a_finished_run_is_not_shown_as_the_run_of_another_model(tmp_path):
         run_compare(replace(config, model=other))
     moved = shutil.copytree(config.model, tmp_path / "moved")  # the same checkpoint elsewhere: the same run
     assert run_compare(replace(config, model=str(moved))) == rows
+
+
+def test_a_checkpoint_replaced_at_the_same_path_is_not_shown_as_the_finished_run(tmp_path, capsys):
+    """A finished run knew its base by the --model path alone: another checkpoint saved there since had compare show
+    the old rows and fit reprint the old row, nothing loaded. The files' stamp (names, sizes, times) sends a rerun to
+    the base's digest: a file touched gives the same rows, another checkpoint is refused."""
+    import os
+    from pathlib import Path
+
+    from conftest import bert_checkpoint, toy_run
+    from pyro_lora.experiments.compare import run_compare
+    from pyro_lora.experiments.saved import fit_one
+
+    config = toy_run(tmp_path, guides=("map",), ts=False)
+    fitting = replace(config, out=str(tmp_path / "fit"))
+    rows, row = run_compare(config), fit_one(fitting)
+    os.utime(Path(config.model) / "config.json", ns=(1, 1))  # touched: the same checkpoint
+    assert run_compare(config) == rows and fit_one(fitting) == row
+    assert "holds this run already" in capsys.readouterr().out
+    torch.manual_seed(1)
+    bert_checkpoint(Path(config.model))  # another checkpoint at the same path
+    with pytest.raises(ValueError, match=r"another base model than --model .*bert loads now"):
+        run_compare(config)
+    with pytest.raises(ValueError, match=r"holds this run, fitted and scored on another base model than --model .*bert "
+                                         r"loads now .*another checkpoint at the same path.*pass --overwrite"):
+        fit_one(fitting)

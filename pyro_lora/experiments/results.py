@@ -28,7 +28,7 @@ from ..distributed import is_main
 from ..checks import not_a_file
 from ..io import atomic_file, check_file_slot, copy_file, read_safetensors, standard_json, write_json
 from ..locking import FolderLocked, folder_lock, locked_elsewhere
-from ..model_files import local_model_path
+from ..model_files import local_model_path, model_files_stamp
 from .plots import metric_scatter, reliability_diagram, reliability_grid
 from .scoring import array_ood_auroc, array_scores
 from .setup import ADDED_SETTINGS, BASE_DIGEST_VERSION, CLOZE_SCORING, state_digest
@@ -351,7 +351,8 @@ class RunFolder:
         self.data = None  # digest of the records its rows were scored on (:func:`~.setup.data_digest`)
         self.data_sets = None  # evaluation set -> digest of its records (:func:`~.setup.set_digests`)
         self.base = None  # digest of the base model's weights they were scored with (:func:`~.setup.base_digest`)
-        self.model_moved = False  # whether --model names another path than the one its rows were scored with
+        self.model_moved = False  # whether --model names another path, or other files, than its rows were scored with
+        self.model_files = model_files_stamp(config.model)  # names, sizes and times of those files, none read
         self.seeding = {}  # row name -> the oldest seeding of its rows (:func:`recorded_seeding`)
         self.labels = None  # evaluation set -> the label names its rows were scored under (:func:`~.setup.label_names`)
         self.scoring = None  # the cloze scoring form of its rows (:func:`recorded_scoring`)
@@ -363,9 +364,11 @@ class RunFolder:
             self._check_same(saved)
             self.rows, self.failed, self.sizes = saved["per_seed"], saved.get("failed", []), saved.get("sizes")
             self.maps, self.data, self.base = dict(saved.get("maps", {})), saved.get("data"), recorded_base(saved)
-            # compared by path here, as a record without the base's digest is (where it has one, the digest decides)
+            # compared by path and files' stamp here, as a record without the base's digest is (where it has one, the
+            # digest decides: a checkpoint replaced at the same path, a file touched)
             self.model_moved = "model" in config_differences({k: saved[k] for k in ("config", "request") if k in saved},
-                                                             {"model": config.model})
+                                                             {"model": config.model}) \
+                or saved.get("model_files") not in (None, self.model_files)
             self.data_sets = saved.get("data_sets")
             self.labels, self.scoring = saved.get("labels"), recorded_scoring(saved)
             self.scoring_since = saved.get("scoring_since")
@@ -692,7 +695,7 @@ class RunFolder:
                                         "per_seed": self.rows,
                                         "failed": self.failed, "maps": self.maps, "data": self.data,
                                         "data_sets": self.data_sets, "base": self.base,
-                                        "base_version": BASE_DIGEST_VERSION, "predict_seeding": self.seeding,
+                                        "base_version": BASE_DIGEST_VERSION, "model_files": self.model_files, "predict_seeding": self.seeding,
                                         "labels": self.labels, "scoring": self.scoring,
                                         "scoring_since": self.scoring_since})
 

@@ -18,7 +18,7 @@ from ..io import (_check_beside, _read_meta, check_sealed, load_guide, read_safe
                   writable_folder)
 from ..model import LoraModel
 from ..pretrained import DrawnAtLoadWarning
-from ..model_files import label_key, local_model_path, minilm_dir
+from ..model_files import label_key, local_model_path, minilm_dir, model_files_stamp
 from ..kinds import KINDS
 from ..distributed import is_main
 from ..locking import folder_lock
@@ -58,7 +58,7 @@ def fit_one(config: CompareConfig, adapter: bool = False, overwrite: bool = Fals
     check_free(config.out, "guide")
     made = {"command": "fit"}
     with _writing(config.out):
-        done = _finished_row(config, made, overwrite, adapter)
+        done = _finished_row(config, made, overwrite, lambda: _base(prepare(config, config.seeds[0])), adapter)
         if done is not None:
             return done
         setup = prepare(config, config.seeds[0])
@@ -90,9 +90,14 @@ def run_record(setup, row: dict, method, **extra) -> dict:
     model = local_model_path(setup.config.model) or setup.config.model
     config = {**asdict(setup.config), "data_dir": str(D.resolve_data_dir(setup.config.data_dir)), "model": str(model)}
     return {"config": config, "sizes": setup.sizes, "seed": setup.seed, "model_class": method.model.name,
-            "predictive": method.predictive.__name__, "base": base_digest(setup.net, setup.tokenizer),
+            "predictive": method.predictive.__name__, "base": _base(setup), "model_files": model_files_stamp(setup.config.model),
             "base_version": BASE_DIGEST_VERSION, "predict_seeding": PREDICT_SEEDING,
             **_data_record(setup.config, setup.train, setup.val, setup.test), **extra, "result": row}
+
+
+def _base(setup) -> str:
+    """The :func:`~.setup.base_digest` of the network ``setup`` loaded."""
+    return base_digest(setup.net, setup.tokenizer)
 
 
 def _data_record(config, train, val, test) -> dict:
@@ -138,17 +143,20 @@ def _check_data(run, config, whose) -> list | None:
     return [part for part, digest in now.items() if compared[part] and run["records"].get(part) != digest]
 
 
-def _finished_row(config: CompareConfig, made: dict, overwrite: bool, adapter: bool = False) -> dict | None:
+def _finished_row(config: CompareConfig, made: dict, overwrite: bool, base, adapter: bool = False) -> dict | None:
     """The row the ``run.json`` in ``config.out/guide`` records, where that run is this one: a rerun skips it, as
     ``compare`` skips what finished. This one: the same configuration (:func:`~.results.config_differences` with the
     ``request`` the record keeps; the model and data folder by path), the same ``made`` (the command, and for
     bayesianize the adapter's digest, anchors and search), its adapter written if ``adapter``, and the records of
-    its data, compared with the record's digests (:func:`_check_data`). ``None``: there is no run, or ``overwrite``
-    replaces it. Reads no model: call it before loading one.
+    its data, compared with the record's digests (:func:`_check_data`), and the base model: where the files
+    ``config.model`` names changed since the run (:func:`~pyro_lora.model_files.model_files_stamp`), ``base()``, the
+    :func:`~.setup.base_digest` of the network as the run loads it, must be the recorded one (a checkpoint replaced at
+    the same path gave the old row). ``None``: there is no run, or ``overwrite`` replaces it. Reads no model unless
+    its files changed: call it before loading one.
 
     :raises ValueError: naming what ``out`` holds, for another run there (what differs) or a guide without a readable
         run record, with ``--overwrite`` as the way to replace it; for ``out`` itself a guide folder; for this run
-        where its data gives other records now.
+        where its data gives other records now, or its model folder another base model.
     """
     out = Path(config.out)
     if (out / "guide.json").is_file() or (out / "run.json").is_file():
@@ -191,6 +199,12 @@ def _finished_row(config: CompareConfig, made: dict, overwrite: bool, adapter: b
         raise ValueError(f"{guide} holds this run, fitted and scored on other {' and '.join(other)} records than "
                          f"{config.dataset!r} under {D.resolve_data_dir(config.data_dir)} gives now (its run.json's digests): "
                          "restore that data, or pass --overwrite to run it again on these records")
+    if run.get("model_files") not in (None, model_files_stamp(config.model)) and recorded_base(run) is not None \
+            and base() != recorded_base(run):
+        raise ValueError(f"{guide} holds this run, fitted and scored on another base model than --model {config.model} "
+                         "loads now (its files changed since, and the digest of its weights, configuration and tokenizer "
+                         "differs from the run.json's: another checkpoint at the same path): restore that checkpoint, or "
+                         "pass --overwrite to run it again on this one")
     if is_main():
         print(f"# {guide} holds this run already (the same configuration, its run.json): skipped; --overwrite runs it again",
               flush=True)
@@ -280,11 +294,11 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
     check_free(config.out, "guide")
     request = config
     with _writing(config.out):
-        done = _finished_row(config, made, overwrite)
+        done = _finished_row(config, made, overwrite, lambda: _base(_prepare_saved(config, config.seeds[0], adapter_dir)))
         if done is not None:
             return done
         setup = _prepare_saved(config, config.seeds[0], adapter_dir)
-        if trained_on is not None and base_digest(setup.net, setup.tokenizer) != trained_on:
+        if trained_on is not None and _base(setup) != trained_on:
             raise ValueError(f"the adapter in {adapter_dir} was fitted on another base model than --model {config.model} loads "
                              "(the digest of its weights, configuration and tokenizer in the fit's run.json differs"
                              f"{_dtype_hint(fit_run, config)}): on another base a LoRA gives other predictions; give --model "
@@ -549,7 +563,7 @@ def evaluate_saved(run_dir, **overrides) -> dict:
                    costs, {"extra_parameters": method.extra_parameters(guide), "test_examples": len(setup.test)})
     # the fit's own note (a tuning at the end of its grid, a search at the end of its range) holds for the guide
     available = len(D.load_records(config.dataset, "test", config.data_dir))
-    base = base_digest(setup.net, setup.tokenizer) if recorded_base(run) is not None else None  # a pass over the weights
+    base = _base(setup) if recorded_base(run) is not None else None  # a pass over the weights
     note = join_notes(run.get("fit_note"), row.get("note"),
                       _rescored_note(row, run, overrides, available, base, config.model, other_test))
     if note:
