@@ -122,16 +122,24 @@ def _cuttable(tokenizer, records, format: str, rows: list[list[int]]) -> list[in
     return [_shared_start(p, row) for p, row in zip(passages, rows)]
 
 
-# what a cut takes, as the warnings say it: a text's end, or a multiple-choice prompt's passage's start
+# what a cut takes, as the warnings say it: a text's end (its start where the tokenizer truncates on the left), or a
+# multiple-choice prompt's passage's start
 CUT_END = "the model reads none of what follows"
+CUT_START = "the model reads none of what precedes"
 CUT_PASSAGE = "each loses the start of its passage (its question and choices stay whole)"
 
 
-def _warn_cut(collator, records, lengths: dict, lost: str = CUT_END) -> None:
+def text_cut(tokenizer) -> str:
+    """What a text cut by ``tokenizer`` loses: its end (:data:`CUT_END`), or its start (:data:`CUT_START`) where the
+    tokenizer's ``truncation_side`` is ``"left"`` (a checkpoint's tokenizer configuration may set it)."""
+    return CUT_START if getattr(tokenizer, "truncation_side", "right") == "left" else CUT_END
+
+
+def _warn_cut(collator, records, lengths: dict, lost: str) -> None:
     """Warn, once per collator, that texts of a batch lose tokens to its ``max_length`` (a legitimate cut, but one
     that can remove what tells texts apart): ``lengths`` maps a record's place in ``records`` to its whole length in
     tokens (special ones included); those longer than ``max_length`` were cut. ``lost`` says what they lose
-    (:data:`CUT_END` or :data:`CUT_PASSAGE`). Later batches are not counted: a run's per-split counts are
+    (:func:`text_cut` or :data:`CUT_PASSAGE`). Later batches are not counted: a run's per-split counts are
     :func:`~pyro_lora.experiments.setup.prepare`'s, which marks its collator said."""
     cut = [(i, n) for i, n in lengths.items() if n > collator.max_length]
     if collator._cut_said or not cut:
@@ -177,8 +185,9 @@ class ClassificationCollator:
     Returns ``input_ids [B, T]``, ``attention_mask [B, T]``, ``token_type_ids [B, T]`` (when the
     tokenizer makes them) and ``labels [B]``; padded on the right (whatever the tokenizer's
     ``padding_side``: :class:`~pyro_lora.SequenceClassification` reads right-padded batches) to the longest
-    text in the batch, truncated to ``max_length`` tokens: the first batch that cuts a text says so in a warning
-    (how many of its texts, the first by id).
+    text in the batch, truncated to ``max_length`` tokens at its end (at its start where the tokenizer's
+    ``truncation_side`` is ``"left"``): the first batch that cuts a text says so in a warning (how many of its texts,
+    the first by id, and which end it loses).
     """
 
     _cut_said = False  # whether a cut was said: once per collator
@@ -204,7 +213,7 @@ class ClassificationCollator:
             full = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).sum(-1) == self.max_length
             at = full.nonzero().flatten().tolist()
             whole = self.tokenizer([records[i]["text"] for i in at], verbose=False)["input_ids"] if at else []
-            _warn_cut(self, records, {i: len(ids) for i, ids in zip(at, whole)})
+            _warn_cut(self, records, {i: len(ids) for i, ids in zip(at, whole)}, text_cut(self.tokenizer))
         return out
 
 
@@ -409,7 +418,8 @@ class CausalLMCollator:
         rows = [self.prefix + ids[:budget] for ids in encoded]
         chosen = [(i, r) for i, r in enumerate(records) if self.text_fn is record_text and record_task(r) == "multiple_choice"]
         kept = {i for i, _ in chosen}  # their end stays: what they lose is checked below
-        _warn_cut(self, records, {i: len(self.prefix) + len(ids) for i, ids in enumerate(encoded) if i not in kept})
+        _warn_cut(self, records, {i: len(self.prefix) + len(ids) for i, ids in enumerate(encoded) if i not in kept},
+                  CUT_END)  # cut here, whatever the tokenizer's truncation_side
         if chosen:  # a multiple-choice record keeps its answer: it loses its question's start
             cuts = _cuttable(self.tokenizer, [r for _, r in chosen], "cloze", [encoded[i] for i, _ in chosen])
             for (i, record), cuttable in zip(chosen, cuts):

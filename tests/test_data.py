@@ -1103,6 +1103,11 @@ def test_classification_texts_cut_to_max_length_are_said_once(tmp_path):
         D.ClassificationCollator(tok, max_length=10)(recs)  # the longest fits exactly
         D.ClassificationCollator(tok, max_length=7)(recs[:1])
         D.CausalLMCollator(tok, max_length=9)(recs)  # [CLS] + words: 2, 7 and 9 tokens
+    tok.truncation_side = "left"  # as a checkpoint's tokenizer configuration may set it: the start is cut
+    with pytest.warns(UserWarning, match=r"is 8 tokens\): the model reads none of what precedes; raise max_length"):
+        batch = D.ClassificationCollator(tok, max_length=7)(recs)
+    whole = tok([recs[1]["text"]])["input_ids"][0]
+    assert batch["input_ids"][1].tolist() == [whole[0], *whole[-6:]]  # [CLS], then the last tokens of the text
     with pytest.warns(UserWarning, match=r"^1 of the 3 texts of a batch are longer than max_length=8 tokens and are cut "
                                          r"to it \(the first, record 'r8', is 9 tokens\).*\(CausalLMCollator says"):
         D.CausalLMCollator(tok, max_length=8)(recs)

@@ -17,7 +17,7 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from .. import data as D
-from ..collators import CUT_END, CUT_PASSAGE, _TooLong, _positions, scored_apart_from_alone
+from ..collators import CUT_PASSAGE, text_cut, _TooLong, _positions, scored_apart_from_alone
 from ..contract import CONFIG_IGNORED, weights_digest
 from ..ownership import take_over
 from ..io import writable_folder
@@ -393,7 +393,7 @@ def _split_names(dataset: str, shifted) -> dict:
 
 def _say_cut(what: str, records, cut: list, max_length: int, positions, lost: str):
     """Warn that ``--max-length`` cuts ``cut`` (``(record, its whole length in tokens)``, in order, non-empty) of a
-    split's ``records`` (``what`` they are), saying what they lose (``lost``: :data:`~pyro_lora.collators.CUT_END` or
+    split's ``records`` (``what`` they are), saying what they lose (``lost``: :func:`~pyro_lora.collators.text_cut` or
     :data:`~pyro_lora.collators.CUT_PASSAGE`) and the ``--max-length`` the longest needs (or that it is more than the
     model's ``positions``)."""
     longest = max(n for _, n in cut)
@@ -512,7 +512,7 @@ def _warn_about_cuts(config: CompareConfig, tokenizer, fitted: dict, scored: dic
         cut = [(r, len(ids)) for r, ids in zip(records, whole) if len(ids) > config.max_length]
         if not cut:
             continue
-        _say_cut(what, records, cut, config.max_length, positions, CUT_END)
+        _say_cut(what, records, cut, config.max_length, positions, text_cut(tokenizer))
         if what in scored:
             texts = {}  # the input after the cut -> the ids of the records read as it, by their whole tokens
             for r, key, ids in zip(records, scored[what][1], whole):
