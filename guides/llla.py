@@ -115,7 +115,9 @@ class LastLayerLaplaceGuide(LoraGuide):
         # what the likelihood does to the head's output (a softcap, a scaling), known by the model's class: its
         # derivative goes into the GGN and the predictive in every dtype, rather than a float32 fit refusing it
         self.steps = head_steps(model, linear)
-        c, d1 = rows.numel(), linear.in_features + (linear.bias is not None)
+        # the weight's shape, which the forward uses: peft's copy of a tied head (ensure_weight_tying) swaps its
+        # in_features and out_features
+        c, d1 = rows.numel(), linear.weight.shape[1] + (linear.bias is not None)
         self.hessian = ("full" if c * d1 <= _FULL_LIMIT else "kfac") if hessian == "auto" else hessian
         device = model.device
         for i, value in enumerate(model.adapter_values().values()):

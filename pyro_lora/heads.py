@@ -98,10 +98,10 @@ def class_rows(likelihood, linear: torch.nn.Linear) -> torch.Tensor:
     """
     ids = getattr(likelihood, "answer_token_ids", None)
     if ids is None:
-        return torch.arange(linear.out_features, device=linear.weight.device)
+        return torch.arange(linear.weight.shape[0], device=linear.weight.device)
     ids = torch.as_tensor(ids, device=linear.weight.device).long()
-    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= linear.out_features:
-        raise ValueError(f"answer_token_ids {ids.tolist()} are not rows of the head's {linear.out_features} outputs")
+    if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= linear.weight.shape[0]:
+        raise ValueError(f"answer_token_ids {ids.tolist()} are not rows of the head's {linear.weight.shape[0]} outputs")
     return ids
 
 
@@ -122,9 +122,13 @@ def head_steps(model, linear: torch.nn.Linear) -> dict:
 
 def tied_parameters(net, linear: torch.nn.Linear) -> list[str]:
     """The names of ``net``'s parameters that share the head's weight, the head's own name among them: empty
-    unless the weight is tied (a causal LM's ``tie_word_embeddings``: the output rows are also the input embeddings)."""
+    unless the weight is tied (a causal LM's ``tie_word_embeddings``: the output rows are also the input embeddings).
+    The frozen original of a module peft's ``modules_to_save`` replaces does not run while its copy does: an
+    ``embed_tokens`` trained so unties the head, though the original still shares its storage."""
     ptr = linear.weight.data_ptr()
-    names = [n for n, p in net.named_parameters(remove_duplicate=False) if p.data_ptr() == ptr]
+    idle = tuple(f"{path}.original_module." for path, m in net.named_modules() if isinstance(m, ModulesToSaveWrapper)
+                 and not m.disable_adapters and all(a in m.modules_to_save for a in m.active_adapters))
+    names = [n for n, p in net.named_parameters(remove_duplicate=False) if p.data_ptr() == ptr and not n.startswith(idle)]
     return names if len(names) > 1 else []
 
 

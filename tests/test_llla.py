@@ -71,7 +71,7 @@ def autograd_hessian(model, batches):
     """Hessian of the summed NLL w.r.t. the head's class rows ``[C, D1]``, the head replaced by ``F.linear``."""
     linear = find_head(model)
     rows = class_rows(model.likelihood, linear)
-    theta0, d = head_rows(linear, rows), linear.in_features
+    theta0, d = head_rows(linear, rows), linear.weight.shape[1]
     weight = linear.weight.detach().double()
     bias = None if linear.bias is None else linear.bias.detach().double()
 
@@ -389,6 +389,45 @@ def test_a_head_tied_to_the_input_embeddings_is_named_in_a_warning():
     with pytest.warns(UserWarning, match=r"tied to the input embeddings \(.*embed_tokens.weight.*lm_head.weight"):
         guide = LastLayerLaplaceGuide(LoraModel(net, likelihood))
     assert len(guide.tied) == 2  # the recipes' rows carry a note from it
+
+
+def _tied_llama(**options):
+    """Tiny Llama whose lm_head is tied to embed_tokens, LoRA on q/v and peft ``options`` (modules_to_save...)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, tie_word_embeddings=True)
+    net = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **options))
+    with torch.no_grad():
+        net.get_base_model().lm_head.weight[LETTERS] *= 20.0
+    return LoraModel(net.eval(), MultipleChoice(LETTERS, format="letter"), prior=0.5)
+
+
+def test_a_tied_head_trained_by_peft_with_ensure_weight_tying_is_sized_by_its_weight():
+    """peft's copy of a tied lm_head (modules_to_save, ensure_weight_tying) is a Linear whose in_features and
+    out_features are swapped (64, 16 for a [64, 16] weight): the guide sized its rows by in_features ([4, 64]) and
+    fit died in a raw size mismatch after the whole pass over the data."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's note on the tying, and the guide's
+        model = _tied_llama(modules_to_save=["lm_head"], ensure_weight_tying=True)
+        linear = find_head(model)
+        assert linear.in_features == 64 and tuple(linear.weight.shape) == (64, 32)  # peft's metadata, not the weight's
+        guide = LastLayerLaplaceGuide(model)
+    assert tuple(guide.loc.shape) == (4, 32) and guide.extra_parameters() == 128**2 + 128 + 1  # P = 4 rows x 32
+    guide.fit(letter_data(), progress=False)
+    exact = autograd_hessian(model, letter_data())
+    torch.testing.assert_close(guide.ggn(), exact, rtol=0, atol=2e-5 * float(exact.abs().max()))
+
+
+def test_a_tie_peft_broke_by_training_the_embeddings_is_no_tie():
+    """With embed_tokens in modules_to_save the forward reads the trained copy and lm_head the original weight: the
+    guide named them tied (the copy's frozen original shares the head's storage) and warned its GGN inexact."""
+    model = _tied_llama(modules_to_save=["embed_tokens"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guide = LastLayerLaplaceGuide(model)
+    assert guide.tied == []
 
 
 def test_repeated_answer_tokens_are_refused():
