@@ -140,11 +140,15 @@ class ColumnDropout(TorchDistribution):
         return per_column.flatten(-(len(self.event_shape) - 1)).sum(-1)
 
 
-@method("mcdropout", bayesian=True, guide=MCDropoutGuide, exportable=True, trains=True)
+# version 2: its initialisation's seed is derived from the run seed (seed + 1 was run seed s + 1's MAP's: the two rows
+# started from the same A, and per-seed intervals assume independent draws)
+@method("mcdropout", bayesian=True, guide=MCDropoutGuide, exportable=True, trains=True, version=2)
 def mcdropout(setup, p=0.1):
-    """MC dropout of the LoRA input units: a LoRA trained with that dropout from peft's init (MAP's budget)."""
+    """MC dropout of the LoRA input units: a LoRA trained with that dropout from peft's init (MAP's budget), under a
+    seed no other run seed shares."""
     model = setup.lora_model(random="AB")
-    reinitialize(model, seed=setup.seed + 1)
+    (seed,) = setup.derived_seeds("mcdropout init", 1)
+    reinitialize(model, seed=seed)
     guide = MCDropoutGuide(model, p=p)
     setup.fit(model, guide)
     return Fitted(guide=guide)

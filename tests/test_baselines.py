@@ -746,6 +746,25 @@ def test_the_ensembles_of_different_run_seeds_share_no_member(monkeypatch):
     assert torch.equal(a.members()["query.lora_A"][1], b.members()["query.lora_A"][1])
 
 
+def test_mc_dropout_of_a_run_seed_starts_from_no_other_run_seeds_initialisation(monkeypatch):
+    """The recipe re-initialised under run_seed + 1, the seed run seed s + 1's MAP's LoRA starts from (prepare seeds
+    torch with the run seed before add_lora): the two rows shared their A, and per-seed intervals assume independent
+    draws."""
+    from pyro_lora.experiments.compare import fit_method
+    from pyro_lora.experiments.setup import CompareConfig, Setup
+
+    asked = {}
+    monkeypatch.setattr("pyro_lora.guides.mcdropout.reinitialize", lambda model, seed: asked.setdefault(setup.seed, seed))
+    monkeypatch.setattr(Setup, "fit", lambda self, model, guide: None)
+    for seed in (0, 1, 2):
+        setup = Setup(CompareConfig(out="unused", guides=("mcdropout",), progress=False), tiny_bert(), None,
+                      SequenceClassification(), [{"id": 0, "label": 0}], [], [], None, seed=seed)
+        setup.for_method = lambda name, setup=setup: setup
+        fit_method(setup, "mcdropout")
+    assert len(asked) == 3 and not set(asked.values()) & set(range(100))  # no run seed's own, all distinct
+    assert len(set(asked.values())) == 3
+
+
 def test_ensemble_save_load_round_trip_with_heads(tmp_path):
     model = make()
     members = distinct_members(model, k=2)
