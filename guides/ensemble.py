@@ -292,6 +292,7 @@ def predict_ensemble(model, guide, data, num_samples=None, **kwargs):
     :raises ValueError: for ``num_samples`` not a multiple of ``K``; with per-member heads, for another model
         object than ``guide.model`` or a ``chunk_size``.
     """
+    check_model(model, "predict")
     distributed.check_settings("predict_ensemble", {"num_samples": num_samples,
                                                     **{k: v for k, v in kwargs.items() if k != "progress"}})
     num_samples = guide.num_members if num_samples is None else num_samples
@@ -341,6 +342,7 @@ def reinitialize(model, seed):
         adapter whose init rewrote the base weights or needs data (PiSSA, OLoRA, EVA, ...).
     :returns: the head parameter names.
     """
+    check_model(model, "re-initialise")
     heads = _head_names(model)
     fresh, copied = _restarts(model, heads)  # base weights refused first, then any head that is no nn.Linear
     base = base_network(model.net)

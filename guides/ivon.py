@@ -312,6 +312,7 @@ def _check_arguments(model, params, data, autocast, **args):
 def _check_sites(model, who):
     """Refuse a model whose sites are not its A and B matrices: IVON trains and samples both, so a guide over A alone
     would drop B's uncertainty, and a LoRA-XS core or ScalaBL scale has no peft matrix for IVON to train."""
+    check_model(model, f"build {who}")
     matrices = sorted({s.matrix for s in model.sites.values()})
     if matrices != ["A", "B"]:
         raise ValueError(f"{who} needs every LoRA matrix (A and B) as a site, the model's are {matrices}: build it "

@@ -6,6 +6,7 @@ alongside, so the rows drift from orthogonal. The KL
 to the model's ``N(0, prior^2)`` is closed form under :class:`~pyro.infer.TraceMeanField_ELBO`.
 """
 
+from pyro_lora.contract import check_model
 from pyro_lora.scalabl import ScalaBLModel
 
 from .meanfield import MeanFieldGuide, prior_variance
@@ -38,6 +39,7 @@ class ScalaBLGuide(MeanFieldGuide):
     """
 
     def __init__(self, model, std="softplus", init_scale=0.1, std_lr_scale=10.0, init=None, temperature=1.0):
+        check_model(model, "build ScalaBLGuide")  # before its sites are read
         other = [n for n, s in model.sites.items() if s.matrix != "S"]
         if other:
             raise ValueError(

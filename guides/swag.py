@@ -203,7 +203,8 @@ class SWAGCollector:
             self.swag.adopt_point_parameters()
 
     def on_divergence(self):
-        """Called by :func:`pyro_lora.fit` when the run raises :class:`~pyro_lora.training.DivergenceError`: put the SWAG
+        """Called by :func:`pyro_lora.fit` when the run raises :class:`~pyro_lora.training.DivergenceError` (or a
+        half-precision overflow, another ``FloatingPointError``): put the SWAG
         guide back as the run found it, as iterates of a diverged run (weights the run itself judged wrong, the last
         ones before the judgement too) would stay in its mean and covariance; returns the note added to the error."""
         state, snapshot = self._before

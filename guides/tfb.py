@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from pyro_lora import distributed
 from pyro_lora.callers import user_stacklevel
 from pyro_lora.checks import check_count, check_flag
-from pyro_lora.contract import check_guide, describe, differences, entry_checks
+from pyro_lora.contract import check_guide, check_model, describe, differences, entry_checks
 from pyro_lora.data import check_every_example, subset, to_device
 from pyro_lora.loraxs import svd_flip
 from pyro_lora.sites import check_values
@@ -481,6 +481,7 @@ def bayesianize(model, anchor_loader, init=None, min_singular_ratio=1e-3, **sear
 def _check_source(model, guide, action):
     """:func:`~pyro_lora.contract.check_guide` of ``guide`` on ``model``, except that the guide may lack some of
     the model's sites (they are read from the adapter): every other difference is refused, with its name."""
+    check_model(model, action)
     if not hasattr(guide, "signature") or set(guide.signature["sites"]) >= set(model.sites):
         check_guide(model, guide, action)  # the same refusal as predict's
         return

@@ -124,7 +124,8 @@ def fit(
         of it or half a nat, whichever is more (training on a batch should not make it worse); a non-finite
         loss always raises it.
     :param callbacks: callables ``f(FitState)`` run after each optimizer step. One with an ``on_divergence()`` method
-        has it called when the run raises :class:`DivergenceError` after its first step, to undo what it kept of the diverged run (a
+        has it called when the run raises :class:`DivergenceError` (or another ``FloatingPointError``: a
+        half-precision forward that overflowed as the weights blew up) after its first step, to undo what it kept of the diverged run (a
         :class:`~pyro_lora.guides.SWAGCollector` takes its iterates back out); a string it returns is added to the
         error as a note.
     :param checkpoint_dir: if given, the guide is saved there (atomically) every ``checkpoint_every``
@@ -436,7 +437,7 @@ def fit(
                         # each step's NLL is sampled, before its update and on another batch: the epoch is judged on
                         # the first batch at the posterior mean, as before the run
                         watch.check_first_batch(_mean_nll(model, guide, watch.first[0]), epoch)
-        except DivergenceError as error:
+        except FloatingPointError as error:  # DivergenceError, or a half-precision forward that overflowed on the way
             # what a callback kept of the diverged run (a SWAGCollector's iterates) it undoes, once it ran in this run
             for cb in callbacks if step > first_run_step else ():
                 if callable(getattr(cb, "on_divergence", None)):

@@ -20,22 +20,31 @@ from pyro_lora.sites import per_layer
 def test_every_entry_refuses_what_is_no_lora_model_by_name():
     """torch.compile(model) of a LoraModel (no nn.Module) is a plain function, and the peft network is no model:
     each entry names what it got (it died in a raw AttributeError deep inside: 'function' has no 'device')."""
+    import pyro_lora.guides as G
     from pyro_lora import fit, load_guide, predict
-    from pyro_lora.guides import EnsembleGuide, TFBGuide, train_ensemble, train_ivon
+    from pyro_lora.guides.ensemble import reinitialize
 
     model = LoraModel(tiny_bert(), SequenceClassification(), num_data=8)
     guide, data = MAPGuide(model), [random_batch()]
-    entries = {
-        "fit": lambda m: fit(m, guide, data, progress=False), "predict": lambda m: predict(m, guide, data),
-        "build MAPGuide": MAPGuide, "build TFBGuide": TFBGuide, "build LaplaceGuide": LaplaceGuide,
-        "build EnsembleGuide": lambda m: EnsembleGuide(m, num_members=2), "load a guide": lambda m: load_guide("x", m),
-        "train an ensemble": lambda m: train_ensemble(m, data), "train with IVON": lambda m: train_ivon(m, data),
-    }
-    for action, entry in entries.items():
+    ensemble = G.EnsembleGuide(model, num_members=2)
+    entries = [
+        ("fit", lambda m: fit(m, guide, data, progress=False)), ("predict", lambda m: predict(m, guide, data)),
+        ("load a guide", lambda m: load_guide("x", m)), ("train an ensemble", lambda m: G.train_ensemble(m, data)),
+        ("train with IVON", lambda m: G.train_ivon(m, data)), ("re-initialise", lambda m: reinitialize(m, 0)),
+        ("predict", lambda m: G.predict_ensemble(m, ensemble, data)),
+        ("build IVONGuide.from_optimizer", lambda m: G.IVONGuide.from_optimizer(m, None)),
+        ("build a TFB guide", lambda m: G.TFBGuide.from_guide(m, guide)),
+        ("build a Laplace mixture", lambda m: G.LaplaceMixtureGuide.from_ensemble(ensemble, m)),
+    ]
+    # every guide class of the package, each built first of all (some read the model's sites before their base)
+    classes = [c for c in map(G.__dict__.get, G.__all__) if isinstance(c, type) and issubclass(c, G.LoraGuide)]
+    entries += [(f"build {c.__name__}", c) for c in classes if c is not G.LoraGuide]
+    assert len(entries) == 10 + 12
+    for action, entry in entries:
         with pytest.raises(TypeError, match=f"cannot {action}: the model passed is a function torch.compile returned.*net.compile"):
             entry(torch.compile(model))
-        with pytest.raises(TypeError, match=f"cannot {action}: the model passed is a PeftModelForSequenceClassification, not a "
-                                            "pyro_lora LoraModel; wrap the peft network first"):
+        with pytest.raises(TypeError, match=f"cannot {action}: the model passed is a PeftModelForSequenceClassification, "
+                                            "not a pyro_lora LoraModel; wrap the peft network first"):
             entry(model.net)
 
 

@@ -1896,3 +1896,14 @@ def test_arrays_of_another_dtype_are_refused_naming_the_row(tmp_path, dtype):
                                          r"prediction \(its probs array is of dtype .*, not float16, float32 or float64\); "
                                          r"rerun it: remove the rows of map under seed 1"):
         load_runs(runs)
+
+
+def test_evaluate_samples_re_scores_a_sampling_guide_and_refuses_a_point_estimate(tmp_path):
+    """The point-estimate check read TFBGuide.deterministic off the class, a property (true), and refused --samples
+    on every TFB run, whose predictive draws sigma_q's noise (the MAP's refusal: test_fit_writes_a_peft_adapter...)."""
+    from conftest import toy_run
+
+    config = toy_run(tmp_path, guides=("tfb",))
+    S.fit_one(config)
+    again = S.evaluate_saved(tmp_path / "out", samples=8, progress=False)
+    assert again["test_examples"] == 12 and "samples 8 (the run: 4)" in again["note"]

@@ -125,6 +125,15 @@ def test_a_diverged_fit_takes_its_iterates_back_out_of_the_swag_guide():
         fit(model, MAPGuide(model), toy_data(), epochs=2, lr=100.0, progress=False, callbacks=[SWAGCollector(swag)])
     assert "the 1 iterate(s) collected in the diverged run were taken back out" in str(error.value.__notes__)
     assert int(swag.num_collected) == 0 and not any(bool(b.any()) for b in swag.buffers())
+    # weights blown up so far that the next float16 forward overflows before the divergence watch sees them
+    from pyro_lora.model import HalfPrecisionOverflowError
+
+    model = xs_model()
+    swag = SWAGGuide(model, rank=3)
+    with pytest.raises(HalfPrecisionOverflowError) as error:
+        fit(model, MAPGuide(model), toy_data(), epochs=2, lr=1e6, autocast=torch.float16, progress=False,
+            callbacks=[SWAGCollector(swag)])
+    assert "taken back out" in str(error.value.__notes__) and int(swag.num_collected) == 0
 
     model = xs_model()
     swag, first = SWAGGuide(model, rank=3), MAPGuide(model)

@@ -539,9 +539,6 @@ def evaluate_saved(run_dir, **overrides) -> dict:
     if "samples" in overrides and not getattr(method.predictive, "uses_samples", True):
         raise ValueError(f"--samples changes nothing here: {path} was scored with the {predictive} predictive, which "
                          "draws no weight samples")
-    if "samples" in overrides and method.guide.deterministic:  # the note would call the same row another
-        raise ValueError(f"--samples changes nothing here: {path} holds a {method.guide.__name__}, a point estimate, "
-                         "whose predictive runs one forward and draws no weight samples")
     if predictive != method.predictive.__name__:
         raise ValueError(f"{path} was scored with the {predictive} predictive, and method {method.name!r} gives "
                          f"{method.predictive.__name__}: the row would differ")
@@ -557,6 +554,9 @@ def evaluate_saved(run_dir, **overrides) -> dict:
     prior = run.get("prior", config.prior_scale)  # the prior of the guide's model (e.g. post hoc: 0.1)
     model = method.model.restore(setup.net, view.likelihood, run["random"], num_data=len(setup.train), prior=prior)
     guide = load_guide(path.parent, model)
+    if "samples" in overrides and guide.deterministic:  # the note would call the same row another (TFB at sigma_q 0 too)
+        raise ValueError(f"--samples changes nothing here: {path} holds a {type(guide).__name__}, a point estimate, "
+                         "whose predictive runs one forward and draws no weight samples")
     prediction, costs = evaluate(setup, Fitted(predictor(view, method, guide)), setup.test, method.name, config.dataset,
                                  seeding=run.get("predict_seeding", 1))
     row = join_row({"guide": method.name, "setting": method.setting, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),

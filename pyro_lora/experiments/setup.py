@@ -503,7 +503,8 @@ def _warn_about_choice_counts(names: dict, test: list, shifted: dict):
 
 def _warn_about_cuts(config: CompareConfig, tokenizer, fitted: dict, scored: dict):
     """Say, once per split (``fitted``: ``{what: records}``, a classification set's), how many texts ``--max-length``
-    cuts (their end is never read: a legitimate cut, but it can take what tells a text's class), the first by id; and,
+    cuts (their end is never read, or their start under a tokenizer truncating on the left: a legitimate cut, but it
+    can take what tells a text's class), the first by id; and,
     of a scored split (``scored``: ``{what: (records, their _model_inputs)}``), how many different texts the cut leaves
     as one input (their rows cannot be told apart)."""
     positions = _positions(tokenizer)
