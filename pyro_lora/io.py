@@ -1221,6 +1221,10 @@ def _load_guide(path, model, guide):
     try:
         if not auto:
             guide = _build_guide(path, cls, model, meta["config"])
+            built = guide.state_dict()
+            # saved from a guide in float64 (guide.double()): loaded into the float32 it is built in, every value rounded
+            if any(v.dtype == torch.float64 and k in built and built[k].dtype == torch.float32 for k, v in tensors.items()):
+                guide.double()
         _check_tensors(path / "guide.safetensors", tensors, guide, dict(model.named_adapter_parameters()), net_params)
         _check_unrounded(path, written, net_params, model.net)
         _check_base_weights(path, meta, model)
