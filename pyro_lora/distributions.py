@@ -68,6 +68,9 @@ def unchecked_isotropic_normal(shape: torch.Size, scale: torch.Tensor) -> dist.I
 
 _DENSE_MAX = 1024  # up to this many rows a K = W W^T + diag(d) is factored densely (see _LowRankPlusDiag)
 _WOODBURY_MAX_RATIO = 1e12  # above it a row's |W_j|^2 / d_j costs Woodbury more than 1e-4 of its cancelling terms
+# a dense Cholesky perturbs each pivot p_i of K by about eps max K_jj: its log-density loses about
+# 1e-16 sum_i max K_jj / p_i nats (1000 rows of rank 3 beside d = 1e-12: 2.5 nats); refused above this
+_DENSE_MAX_LOSS = 1e-2
 
 
 class _LowRankPlusDiag:
@@ -80,15 +83,28 @@ class _LowRankPlusDiag:
     float64 once some ``d_j`` is 1e-12 of its row of ``W W^T`` (hundreds of nats). Above it, Woodbury, ``O(m k^2)``:
     ``K^-1 = diag(1/d) - U U^T`` with ``U = diag(1/d) W L^-T`` and ``L L^T = I_k + W^T diag(1/d) W``;
     ``log det K = sum log d + 2 sum log diag L``; a ``K`` with some ``|W_j|^2 / d_j`` above ``_WOODBURY_MAX_RATIO``
-    is refused there rather than evaluated wrongly (one host read).
+    is refused there rather than evaluated wrongly (one host read), as is a dense one whose Cholesky would lose more
+    than ``_DENSE_MAX_LOSS`` nats (``1e-16 sum_i max K_jj / p_i`` over its pivots ``p_i``: a low-rank ``W`` beside a
+    diagonal far below it leaves ``m - k`` directions of size ``d``).
     """
 
     def __init__(self, factor, diag):
         factor, diag = factor.double(), diag.double()
         self.factor, self.diag = factor, diag
         self.dense = factor.shape[-2] <= _DENSE_MAX
+        m = factor.shape[-2]
         if self.dense:
-            self.tril = torch.linalg.cholesky(factor @ factor.mT + torch.diag_embed(diag))
+            cov = factor @ factor.mT + torch.diag_embed(diag)
+            tril, info = torch.linalg.cholesky_ex(cov)
+            pivots = tril.diagonal(dim1=-2, dim2=-1).pow(2)
+            loss = float(1e-16 * (cov.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True) / pivots).sum(-1).max()) if m else 0.0
+            if bool(info.any()) or not loss <= _DENSE_MAX_LOSS:  # a diagonal tiny where W W^T leaves directions to it
+                raise ValueError(
+                    f"a covariance W W^T + diag(d) of {m} rows is too near singular for float64: its smallest directions, "
+                    "which only the diagonal fills, are below float64's digits against the low-rank part"
+                    + ("" if info.any() else f" (a Cholesky would lose about {loss:.2g} nats of its log-density)")
+                    + "; floor the diagonal (SWAG's var_clamp, a prior's D) higher against the low-rank part")
+            self.tril = tril
             return
         ratio = (factor.pow(2).sum(-1) / diag).max() if factor.numel() else 0.0
         if ratio > _WOODBURY_MAX_RATIO:

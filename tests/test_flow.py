@@ -334,8 +334,9 @@ def test_a_float64_guide_comes_back_from_save_and_load_in_float64(tmp_path):
     assert all(b[n].dtype == torch.float64 and torch.equal(a[n], b[n]) for n in a)
 
 
-class _Shapes:
-    """Just the sites of a LoRA model (no network): enough to build a guide and count its parameters."""
+class _Shapes(LoraModel):
+    """Just the sites of a LoRA model (no network, LoraModel's constructor not run): enough to build a guide and count
+    its parameters."""
 
     def __init__(self, layers, r, d, kinds, random, prior=0.1):
         shape = {"A": (layers, r, d), "B": (layers, d, r)}
