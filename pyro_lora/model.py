@@ -1268,7 +1268,12 @@ def _flat_setting(name: str, value, depth: int = 0) -> dict:
 
 
 def _real_support(d) -> bool:
-    """Whether ``d``'s support is every real tensor of its event shape."""
+    """Whether ``d``'s support is every real tensor of its event shape: a transformed distribution's base's too (torch
+    reports an affine image of a Gamma as real, its transform's codomain, where its support is a half-line)."""
+    while isinstance(d, torch.distributions.Independent):
+        d = d.base_dist
+    if isinstance(d, torch.distributions.TransformedDistribution) and not _real_support(d.base_dist):
+        return False
     support = d.support
     while isinstance(support, torch.distributions.constraints.independent):
         support = support.base_constraint

@@ -478,10 +478,16 @@ def _prior_model(prior):
 def test_a_prior_off_the_real_line_or_a_bare_distribution_is_refused_by_name():
     """A Gamma prior gave +1.1 for A matrices half negative (log-density -inf) and fit trained on; a Pyro distribution
     object, being callable, failed with "'Site' object is not iterable"."""
+    from torch.distributions.transforms import AffineTransform
+
+    shifted = lambda s, base: dist.TransformedDistribution(base(s), [AffineTransform(-0.5, 1.0)]).to_event(len(s.shape))  # noqa: E731
     for family in (lambda s: dist.Gamma(torch.ones(s.shape), 1.0).to_event(len(s.shape)),
-                   lambda s: dist.Uniform(-torch.ones(s.shape), torch.ones(s.shape)).to_event(len(s.shape))):
+                   lambda s: dist.Uniform(-torch.ones(s.shape), torch.ones(s.shape)).to_event(len(s.shape)),
+                   # torch gives an affine image of a Gamma the transform's codomain (real) as its support
+                   lambda s: shifted(s, lambda s: dist.Gamma(torch.ones(s.shape), 1.0))):
         with pytest.raises(ValueError, match="LoRA matrices take any real values"):
             _prior_model(family)
+    _prior_model(lambda s: shifted(s, lambda s: dist.Normal(torch.zeros(s.shape), 1.0)))  # an image of the reals
     for bare in (dist.Normal(0.0, 1.0), torch.distributions.Normal(0.0, 1.0)):
         with pytest.raises(ValueError, match=r"give a callable, e.g. lambda site"):
             _prior_model(bare)
