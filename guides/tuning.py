@@ -34,6 +34,14 @@ MAX_ACCURACY_DROP = 0.01
 # overflows on some draws: on a ScalaBL run whose 4-draw validation predictive overflowed at T = 415, other draws
 # overflowed on 22 of 60 seeds at T = 365, 3 of 60 at T = 207 (a factor 2) and none at T = 100 (a factor 4)
 OVERFLOW_MARGIN = 4.0
+# validation NLLs within this relative spread are one value: a knob without effect on the predictions moves them in the
+# 8th digit (float noise), and the "best" of such a grid sat at whichever end won by 1e-8
+FLAT_NLL = 1e-6
+
+
+def flat(nlls) -> bool:
+    """Whether the finite validation NLLs ``nlls`` are one value (within :data:`FLAT_NLL`, relative)."""
+    return max(nlls) - min(nlls) <= FLAT_NLL * max(1.0, abs(min(nlls)))
 
 
 def margin_factor(power: float) -> float:
@@ -198,7 +206,7 @@ def _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate, scores, 
     i = min(range(len(grid)), key=losses.__getitem__)
     finite = [loss for loss in losses if math.isfinite(loss)]
     note = None
-    if len(finite) == len(grid) and max(finite) - min(finite) <= 1e-9 * max(1.0, abs(min(finite))):
+    if len(finite) == len(grid) and flat(finite):
         set_value(grid[0])
         note = (f"the validation NLL is the same at every {knob} of the grid ({grid[0]:g} to {grid[-1]:g}): the {knob} "
                 f"does not change these predictions (a posterior without spread?); left at the smallest, {grid[0]:g}")
