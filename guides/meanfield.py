@@ -58,7 +58,7 @@ class MeanFieldGuide(LoraGuide):
     Each std is ``sigma = softplus(c rho)`` (``std="softplus"``, ``~ exp(c rho)`` while small) or
     ``sigma = (c rho)^2`` (``std="square"``, BLoB), where ``c = std_lr_scale``: Adam moves ``rho`` by about one
     learning rate per step whatever the gradient's size, so ``log sigma`` moves by about ``c * lr`` per step
-    under softplus. ``c > 1`` lets the stds travel to where the data put them within a normal LoRA run
+    under softplus (by ``2 c lr / sqrt(sigma)`` under square: faster the smaller ``sigma``). ``c > 1`` lets the stds travel to where the data put them within a normal LoRA run
     (TyXe's mean-field failed because its stds could only creep one ``lr`` per step). Stds start at
     ``init_scale`` times each layer's RMS of ``mu`` (the prior's RMS std where ``mu`` is zero).
 

@@ -43,10 +43,11 @@ class ForeignCheckpointError(RuntimeError):
 class _Handed:
     """The weights handed to one layer: matrix letter (or :data:`FLIPOUT_LOC`) -> tensor."""
 
-    __slots__ = ("adapter", "weights", "num_samples", "grad_enabled", "flipout_calls", "flipout_seed")
+    __slots__ = ("adapter", "weights", "num_samples", "grad_enabled", "flipout_calls", "flipout_seed", "rows")
 
-    def __init__(self, adapter, weights, num_samples, flipout_calls=None, flipout_seed=None):
+    def __init__(self, adapter, weights, num_samples, flipout_calls=None, flipout_seed=None, rows=None):
         self.adapter = adapter
+        self.rows = rows  # the rows a flipout layer's input must have: one per example (and sample)
         self.weights = {k: v for k, v in weights.items() if v is not None and (k in KINDS or k == FLIPOUT_LOC)}
         self.num_samples = num_samples
         self.grad_enabled = torch.is_grad_enabled()  # autograd switched off between handing and the forward: see _forward
@@ -99,7 +100,7 @@ def reentrant_checkpointing(net) -> bool:
 
 
 @contextlib.contextmanager
-def handed(layers: dict, adapter: str, weights: dict, num_samples: int | None = None, checkpointing=()):
+def handed(layers: dict, adapter: str, weights: dict, num_samples: int | None = None, checkpointing=(), rows=None):
     """Within the context, ``layers[path]`` computes its LoRA delta from ``weights[path]``.
 
     Contexts nest: leaving one restores the weights the enclosing one handed.
@@ -113,6 +114,8 @@ def handed(layers: dict, adapter: str, weights: dict, num_samples: int | None = 
     :param checkpointing: modules that may run under activation checkpointing
         (:func:`checkpointing_modules`); those switched on get their checkpoint function wrapped so that the
         recomputation in backward sees the same handed weights, passed as checkpoint inputs.
+    :param int rows: with flipout, the rows each layer's input must have (the batch's examples times ``S``): its sign
+        flips are drawn per row, so a layer run on anything else is refused.
     """
     see_checkpoints(checkpointing)
     previous = {path: getattr(layer, _HOLDER) for path, layer in layers.items()}
@@ -121,7 +124,7 @@ def handed(layers: dict, adapter: str, weights: dict, num_samples: int | None = 
         if w is not None:
             dtype = layer.lora_A[adapter].weight.dtype
             w = {k: v.to(dtype) for k, v in w.items()}
-        setattr(layer, _HOLDER, _Handed(adapter, w or {}, num_samples))
+        setattr(layer, _HOLDER, _Handed(adapter, w or {}, num_samples, rows=rows))
     try:
         yield
     finally:
@@ -169,7 +172,8 @@ def _wrap_checkpoint(module):
             for (i, k), t in zip(keys, inputs[len(args):]):
                 given[i][k] = t
             for m, h, w in zip(inner, holders, given):
-                setattr(m, _HOLDER, None if h is None else _Handed(h.adapter, w, h.num_samples, h.flipout_calls, h.flipout_seed))
+                setattr(m, _HOLDER, None if h is None else
+                        _Handed(h.adapter, w, h.num_samples, h.flipout_calls, h.flipout_seed, h.rows))
             try:
                 return forward(*inputs[: len(args)])
             finally:
@@ -250,6 +254,12 @@ def _forward(layer, x, *args, **kwargs):
                 "a LoRA layer ran twice in one forward with flipout (a module shared across depths, as ALBERT's layers "
                 "are, or one run on other inputs too, as DeBERTa's query_proj on its relative-position embeddings): each "
                 "application would draw its own sign flips, two weights for one example; use flipout=False")
+        if h.rows is not None and x.shape[0] != h.rows:
+            raise ValueError(
+                f"a LoRA layer ({type(layer.base_layer).__name__} {tuple(layer.base_layer.weight.shape)}) got an input of "
+                f"{x.shape[0]} rows along its first dim, not the batch's {h.rows}: it runs on something other than the "
+                "examples (DeBERTa's relative-position embeddings), and flipout draws its sign flips per row, so every "
+                "example would share one draw there; use flipout=False, or leave that layer out of the LoRA targets")
     if h.num_samples is not None and h.num_samples > 1 and x.shape[0] % h.num_samples:
         raise ValueError(
             f"a LoRA layer ({type(layer.base_layer).__name__} {tuple(layer.base_layer.weight.shape)}) got an input of "

@@ -756,8 +756,10 @@ class LoraModel:
                                  "flips would be drawn per position and shared by every example; use flipout=False")
             for path, mats in per_layer({n: self.sites[n] for n in flipout_locs}, flipout_locs).items():
                 weights[path][handoff.FLIPOUT_LOC] = mats[down_kind().letter]
+        ids = batch.get("input_ids")  # flipout's sign flips are per row: each layer's input must hold the examples'
+        rows = ids.shape[0] * (num_samples or 1) if flipout_locs and torch.is_tensor(ids) else None
         _check_skipped_hooks(self.layers, self.adapter)
-        with handoff.handed(self.layers, self.adapter, weights, num_samples, self._checkpointing):
+        with handoff.handed(self.layers, self.adapter, weights, num_samples, self._checkpointing, rows):
             return self.likelihood.logits(self.net, batch, num_samples)
 
     def __call__(self, batch: dict, kl_weight: float = 1.0) -> torch.Tensor:

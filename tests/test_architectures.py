@@ -452,6 +452,19 @@ def test_layers_whose_rows_are_not_the_batch_refuse_a_shared_forward_and_predict
                    else "ran twice in one forward with flipout .*DeBERTa's query_proj")
         with torch.no_grad(), pytest.raises(ValueError, match=message):
             model.logits(batch, start, flipout_locs=a_sites)
+    # a layer run once, on the relative-position embeddings alone ([1, 2k, H]: DeBERTa's pos_key_proj without shared
+    # keys): every example shared its one sign draw, silently, where the docs promise a refusal
+    config = DebertaV2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=64, num_labels=3, relative_attention=True, position_buckets=8,
+                             pos_att_type=["p2c", "c2p"], share_att_key=False, max_relative_positions=16, pad_token_id=0)
+    torch.manual_seed(0)
+    net = add_lora(AutoModelForSequenceClassification.from_config(config), r=4, alpha=8, targets=["pos_key_proj"]).eval()
+    model = LoraModel(net, SequenceClassification(), num_data=2)
+    start = model.adapter_values()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"got an input of 1 rows along its first dim, not the batch's 2: "
+                                                          r".*flipout draws its sign flips per row"):
+        model.logits(batch, start, flipout_locs={n: v for n, v in start.items() if model.sites[n].matrix == "A"})
+    model.logits(batch, start)  # one draw per forward: every layer takes it, whatever rows it runs on
 
 
 def test_handed_values_are_checked_for_every_site_and_its_shape():
