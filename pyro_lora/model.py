@@ -623,7 +623,20 @@ class LoraModel:
                                  f"the sites are {list(self.sites)}")
         if not isinstance(self.prior, float):
             for site in self.sites.values():
-                self.prior_distribution(site)
+                d = self.prior_distribution(site)
+                # torch reports an affine image of a Gamma as real (the transform's codomain) where its support is a
+                # half-line: its log-density, NaN or -inf off it, is probed at a real matrix of entries -1 to 1
+                probe = _PRIOR_PROBE.to(self.device).repeat(site.numel // 5 + 1)[:site.numel].reshape(site.shape)
+                with torch.no_grad():
+                    try:
+                        value = float(d.log_prob(probe).min())
+                    except ValueError:  # torch's argument validation: the probe is off the support it checks
+                        value = math.nan
+                if not math.isfinite(value):
+                    raise ValueError(
+                        f"prior of site {site.name!r} gives log-density {value:g} at a real matrix (entries "
+                        "from -1 to 1): its support is not every real matrix, but LoRA matrices take any real values; "
+                        "give a distribution over the reals (Normal, MatrixNormalKronecker, ...)")
 
     def prior_distribution(self, site: Site) -> torch.distributions.Distribution:
         """The prior of ``site`` with event shape ``site.shape``."""
@@ -1269,13 +1282,14 @@ def _flat_setting(name: str, value, depth: int = 0) -> dict:
     return {name: value}
 
 
+# where a prior's log-density is probed (LoraModel._check_prior_sites): entries a LoRA matrix takes; wider, a legitimate
+# prior's tail overflows float32 (a Gumbel of scale 0.1 at -10: exp(100))
+_PRIOR_PROBE = torch.tensor([-1.0, -0.1, 0.0, 0.1, 1.0])
+
+
 def _real_support(d) -> bool:
-    """Whether ``d``'s support is every real tensor of its event shape: a transformed distribution's base's too (torch
-    reports an affine image of a Gamma as real, its transform's codomain, where its support is a half-line)."""
-    while isinstance(d, torch.distributions.Independent):
-        d = d.base_dist
-    if isinstance(d, torch.distributions.TransformedDistribution) and not _real_support(d.base_dist):
-        return False
+    """Whether ``d``'s support, as torch reports it, is every real tensor of its event shape (a transformed
+    distribution's is its last transform's codomain: :meth:`LoraModel._check_prior_sites` probes it too)."""
     support = d.support
     while isinstance(support, torch.distributions.constraints.independent):
         support = support.base_constraint

@@ -487,7 +487,16 @@ def test_a_prior_off_the_real_line_or_a_bare_distribution_is_refused_by_name():
                    lambda s: shifted(s, lambda s: dist.Gamma(torch.ones(s.shape), 1.0))):
         with pytest.raises(ValueError, match="LoRA matrices take any real values"):
             _prior_model(family)
-    _prior_model(lambda s: shifted(s, lambda s: dist.Normal(torch.zeros(s.shape), 1.0)))  # an image of the reals
+    # over the reals, built from bases that are not (torch's Gumbel over a Uniform, a logistic, a log-Gamma): accepted
+    from torch.distributions.transforms import ExpTransform, SigmoidTransform
+
+    for family in (lambda s: shifted(s, lambda s: dist.Normal(torch.zeros(s.shape), 1.0)),
+                   lambda s: dist.Gumbel(torch.zeros(s.shape), 0.1).to_event(len(s.shape)),
+                   lambda s: dist.TransformedDistribution(dist.Uniform(torch.zeros(s.shape), 1.0),
+                                                          [SigmoidTransform().inv, AffineTransform(0.0, 0.1)]).to_event(len(s.shape)),
+                   lambda s: dist.TransformedDistribution(dist.Gamma(torch.ones(s.shape), 1.0),
+                                                          [ExpTransform().inv]).to_event(len(s.shape))):
+        _prior_model(family)
     for bare in (dist.Normal(0.0, 1.0), torch.distributions.Normal(0.0, 1.0)):
         with pytest.raises(ValueError, match=r"give a callable, e.g. lambda site"):
             _prior_model(bare)
