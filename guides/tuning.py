@@ -34,13 +34,14 @@ MAX_ACCURACY_DROP = 0.01
 # overflows on some draws: on a ScalaBL run whose 4-draw validation predictive overflowed at T = 415, other draws
 # overflowed on 22 of 60 seeds at T = 365, 3 of 60 at T = 207 (a factor 2) and none at T = 100 (a factor 4)
 OVERFLOW_MARGIN = 4.0
-# validation NLLs within this relative spread are one value: a knob without effect on the predictions moves them in the
-# 8th digit (float noise), and the "best" of such a grid sat at whichever end won by 1e-8
+# validation NLLs within this spread (relative above 1 nat, absolute below) are one value: a knob without effect on the
+# predictions moves them in the 8th digit (float noise), and the "best" of such a grid sat at whichever end won by 1e-8
 FLAT_NLL = 1e-6
 
 
 def flat(nlls) -> bool:
-    """Whether the finite validation NLLs ``nlls`` are one value (within :data:`FLAT_NLL`, relative)."""
+    """Whether the finite validation NLLs ``nlls`` are one value (within :data:`FLAT_NLL` nats, or that share of the
+    least where it is above 1 nat)."""
     return max(nlls) - min(nlls) <= FLAT_NLL * max(1.0, abs(min(nlls)))
 
 

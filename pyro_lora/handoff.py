@@ -257,9 +257,10 @@ def _forward(layer, x, *args, **kwargs):
         if h.rows is not None and x.shape[0] != h.rows:
             raise ValueError(
                 f"a LoRA layer ({type(layer.base_layer).__name__} {tuple(layer.base_layer.weight.shape)}) got an input of "
-                f"{x.shape[0]} rows along its first dim, not the batch's {h.rows}: it runs on something other than the "
-                "examples (DeBERTa's relative-position embeddings), and flipout draws its sign flips per row, so every "
-                "example would share one draw there; use flipout=False, or leave that layer out of the LoRA targets")
+                f"{x.shape[0]} rows along its first dim, not the batch's {h.rows}: it runs on something other than one row "
+                "per example (DeBERTa's relative-position embeddings, tokens flattened or routed to experts), and flipout "
+                "draws its sign flips per row, so examples would share draws there or one example get several; use "
+                "flipout=False, or leave that layer out of the LoRA targets")
     if h.num_samples is not None and h.num_samples > 1 and x.shape[0] % h.num_samples:
         raise ValueError(
             f"a LoRA layer ({type(layer.base_layer).__name__} {tuple(layer.base_layer.weight.shape)}) got an input of "

@@ -1134,6 +1134,12 @@ def _check_base_weights(path, meta, model):
                   "it on a base of the dtype and quantization it was saved on to have every weight checked", stacklevel=user_stacklevel())
 
 
+def _rounds_float64(tensors: dict, state: dict) -> bool:
+    """Whether a saved float64 tensor would be loaded into a float32 one of ``state`` (a guide saved after
+    ``.double()``, loaded into one in float32: every value rounded)."""
+    return any(v.dtype == torch.float64 and k in state and state[k].dtype == torch.float32 for k, v in tensors.items())
+
+
 def load_guide(path, model, guide=None):
     """Rebuild a guide saved by :func:`save_guide` for ``model``, restoring the model's point parameters.
 
@@ -1211,6 +1217,9 @@ def _load_guide(path, model, guide):
     if auto:
         _check_autoguide(path, meta, guide, model)
         state = {k: v.detach().clone() for k, v in guide.state_dict().items()}  # put back if the load stops
+        if _rounds_float64(tensors, state):  # the autoguide is the caller's: its dtype is theirs to set
+            raise ValueError(f"the autoguide at {path} was saved in float64 and the {type(guide).__name__} given holds "
+                             "float32: loading would round every value; call .double() on it before load_guide")
     else:
         cls = _guide_class(meta["guide"], path)
     previous, fitted = trainer(model), forget_fit(model)  # both put back if the load stops
@@ -1221,9 +1230,7 @@ def _load_guide(path, model, guide):
     try:
         if not auto:
             guide = _build_guide(path, cls, model, meta["config"])
-            built = guide.state_dict()
-            # saved from a guide in float64 (guide.double()): loaded into the float32 it is built in, every value rounded
-            if any(v.dtype == torch.float64 and k in built and built[k].dtype == torch.float32 for k, v in tensors.items()):
+            if _rounds_float64(tensors, guide.state_dict()):  # saved from guide.double(): built in float32, it is cast
                 guide.double()
         _check_tensors(path / "guide.safetensors", tensors, guide, dict(model.named_adapter_parameters()), net_params)
         _check_unrounded(path, written, net_params, model.net)

@@ -371,6 +371,15 @@ def test_a_dense_factor_too_near_singular_for_float64_is_refused_not_evaluated()
         exact = -0.5 * (1000 * math.log(2 * math.pi) + logdet + orthogonal @ orthogonal + (a**2 / (s**2 + scale**2)).sum())
         if scale == 1e-4:
             assert abs(float(d.log_prob(x[:, None])) - float(exact)) < 1e-3
+            # the same covariance with its rows in other units (K = S C S), and a pure diagonal of scales 1 to 1e-16,
+            # are as well conditioned as before: refused by an estimate against the largest row's scale
+            rows = torch.ones(1000, **f64)
+            rows[24:] = 1e-6
+            scaled = LowRankPlusDiagNormal(torch.zeros(1000, **f64), rows[:, None] * z, (rows * scale) ** 2, event_dim=1)
+            assert torch.isfinite(scaled.log_prob(rows * x))
+            diagonal = LowRankPlusDiagNormal(torch.zeros(4, **f64), torch.zeros(4, 0, **f64), event_dim=1,
+                                             cov_diag=torch.tensor([1.0, 1e-10, 1e-14, 1e-16], **f64))
+            assert torch.isfinite(diagonal.log_prob(torch.zeros(4, **f64)))
         else:
             with pytest.raises(ValueError, match="floor the diagonal"):  # by the dense path or by Woodbury alike
                 d.log_prob(x[:, None])

@@ -603,3 +603,23 @@ def test_a_guide_function_of_ones_own_is_refused_by_name_by_every_entry_point(tm
         with pytest.raises(ValueError, match=f"cannot {action} with a function: .*or a guide function of your own, use pyro.infer.SVI"):
             call()
     assert not any(tmp_path.iterdir())
+
+
+def test_an_autoguide_saved_in_float64_is_refused_by_a_float32_one_and_loads_into_a_float64_one(tmp_path):
+    """load_guide rounded a float64 AutoNormal's saved values into the float32 one given (1.2e-7 off), without a word."""
+    from pyro.infer.autoguide import AutoNormal
+
+    from pyro_lora import load_guide, save_guide
+
+    batch = labelled()
+    model = autoguide_model("A")
+    guide = trained_autoguide(model, AutoNormal, batch).double()
+    with torch.no_grad():
+        for p in guide.parameters():
+            p.add_(1e-3 * torch.randn_like(p))  # off float32's grid
+    save_guide(guide, tmp_path / "auto")
+    other = autoguide_model("A")
+    with pytest.raises(ValueError, match="saved in float64 and the AutoNormal given holds float32.*call .double"):
+        load_guide(tmp_path / "auto", other, guide=fresh_autoguide(other, AutoNormal, batch))
+    loaded = load_guide(tmp_path / "auto", other, guide=fresh_autoguide(other, AutoNormal, batch).double())
+    assert all(torch.equal(p, q) for p, q in zip(guide.parameters(), loaded.parameters()))

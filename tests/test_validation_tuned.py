@@ -177,6 +177,12 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
     with pytest.warns(UserWarning, match="the same at every T of the grid .0.1 to 100.: the T does not change"):
         tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], [], num_samples=4)
     assert tuning.value == knob["v"] == 0.1 and len(tuning.trace) == 4 and "beyond" not in tuning.note
+    # the same up to float noise (the largest T lowest by 4e-8): said flat too, not an optimum beyond the grid
+    monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores",
+                        lambda *a, **k: (0.6931849 - 1e-8 * math.log10(knob["v"]), 0.5, None))
+    with pytest.warns(UserWarning, match="the same at every T of the grid"):
+        tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], [], num_samples=4)
+    assert tuning.value == 0.1 and "beyond" not in tuning.note
     for tol in (0.0, -0.1, float("nan"), float("inf")):  # 0 looped forever, NaN skipped the refinement
         with pytest.raises(ValueError, match=r"tol \(the search's stopping width in log space\) must be a finite positive number"):
             tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, tol=tol)
