@@ -448,6 +448,8 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_result(tmp_path):
     old.add("map", 0, [ROW], arrays(0))
     old.add("tfb", 0, [{**ROW, "guide": "tfb"}], arrays(0))
     (tmp_path / "map_seed0.safetensors").write_bytes(b"the old run's MAP")
+    # a seed killed after its MAP was saved but before its first row: in no list of the record
+    (tmp_path / "map_seed1.safetensors").write_bytes(b"the old run's MAP of seed 1")
     (tmp_path / "study_run.json").write_text('{"command": "the old run\'s study"}')
     before = sorted(p.name for p in tmp_path.iterdir())
     new = RunFolder(tmp_path, small(tmp_path, guides=("map",), seeds=(0, 1), test_size=32), overwrite=True)
@@ -472,6 +474,7 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_result(tmp_path):
     assert not (tmp_path / "predictions_tfb.npz").exists() and (tmp_path / "predictions_map.npz").exists()
     assert json.loads((tmp_path / "results.json").read_text())["config"]["test_size"] == 32
     assert not (tmp_path / "map_seed0.safetensors").exists()  # another configuration's MAP: a resume must not load it
+    assert not (tmp_path / "map_seed1.safetensors").exists()  # nor the new run's seed 1, which loaded it
     assert not (tmp_path / "study_run.json").exists()  # the old run's commands and wall time are not this run's
 
 
