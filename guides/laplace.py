@@ -31,7 +31,7 @@ from pyro_lora.sites import check_values
 
 from .base import LoraGuide
 from .registry import Fitted, join_notes, method
-from .tuning import FLAT_NLL, flat, margin_factor, near_overflow
+from .tuning import margin_factor, near_overflow
 
 _LOG_LAMBDA_RANGE = (-25.0, 25.0)  # prior precision search bounds, log scale (exp(25) ~ 7e10)
 # A matrix whose largest Fisher eigenvalue is below float32 resolution of the largest of all matrices' has no
@@ -603,8 +603,8 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide", tol=None, again=
     best = lowest(grid, nlls)
     if near(best):  # every finite grid value within the margin of an overflow: refused, naming it
         clear_of_overflow()
-    if said_flat(who, nlls, low, high, high):  # one NLL: the largest, as exact ties take
-        return high, nlls
+    if said_flat(who, nlls, low, high, best):
+        return best, nlls
     if refine and len(ordered) > 1:  # one value is no search
         grid_min = min(math.inf if near(g) else v for g, v in zip(grid.tolist(), nlls))
         i = int((ordered == best).nonzero()[0, 0])
@@ -652,13 +652,11 @@ def search_grid(grid, nlls_of, refine=True, who="LaplaceGuide", tol=None, again=
 
 
 def said_flat(who, nlls, low, high, best) -> bool:
-    """Warn, and return ``True``, where the validation NLL ``nlls`` is one value (:func:`~.tuning.flat`) over a grid from
-    ``low`` to ``high``:
+    """Warn, and return ``True``, where the validation NLL ``nlls`` is one value over a grid from ``low`` to ``high``:
     no lambda is better than another (``best``, the largest, is set), and no optimum lies beyond the grid either."""
-    if not (low < high and all(map(math.isfinite, nlls)) and flat(nlls)):
+    if not (low < high and min(nlls) == max(nlls)):
         return False
-    warnings.warn(f"{who} val_nll: the validation NLL is {nlls[0]:.6g} at every lambda from {low:g} to {high:g} (within "
-                  f"{FLAT_NLL:g} of it): the "
+    warnings.warn(f"{who} val_nll: the validation NLL is {nlls[0]:.6g} at every lambda from {low:g} to {high:g}: the "
                   f"posterior's spread does not change the validation predictions; lambda = {best:g} is set", stacklevel=user_stacklevel())
     return True
 

