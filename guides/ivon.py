@@ -119,7 +119,7 @@ class IVONGuide(LoraGuide):
                              "a LoraModel freezes them and ivon-opt takes a frozen parameter's gradient as 0; call "
                              "requires_grad_(True) on model.random_parameters() before training, as train_ivon does")
         # its numbers only: torch's load_state_dict adds a flag of its own (differentiable=False)
-        settings = {k: float(v) for k, v in optimizer.defaults.items() if not isinstance(v, bool)}
+        settings = {k: v if isinstance(v, int) else float(v) for k, v in optimizer.defaults.items() if not isinstance(v, bool)}
         # the settings the stds came from, group by group (the step size is scheduled within a group: not one)
         groups = [{k: float(g[k]) for k in ("ess", "weight_decay", "hess_init") if k in g} for g in optimizer.param_groups]
         if any(g != {k: settings[k] for k in g} for g in groups):

@@ -120,6 +120,7 @@ def test_train_ivon_leaves_the_network_at_the_guides_mean():
     locs = by_name(guide.locs(), model)
     assert all(torch.equal(locs[n], p.detach()) for n, p in lora_parameters(model).items())
     assert guide.trained_with["steps"] == 30 and guide.trained_with["ess"] == 1e7
+    assert type(guide.trained_with["mc_samples"]) is int  # a count, recorded as 1.0 before
     assert "param_groups" not in guide.trained_with  # one group: the defaults are its settings
     assert guide.extra_parameters() == sum(p.numel() for p in lora_parameters(model).values())
 
