@@ -96,11 +96,11 @@ class _LowRankPlusDiag:
         m = factor.shape[-2]
         if self.dense:
             cov = factor @ factor.mT + torch.diag_embed(diag)
+            if not bool(torch.isfinite(cov).all()):
+                raise ValueError(f"a covariance W W^T + diag(d) of {m} rows holds entries that are not finite")
             tril, info = torch.linalg.cholesky_ex(cov)
             pivots = tril.diagonal(dim1=-2, dim2=-1).pow(2)
             loss = float(1e-16 * (cov.diagonal(dim1=-2, dim2=-1) / pivots).sum(-1).max()) if m else 0.0
-            if not bool(torch.isfinite(cov).all()):
-                raise ValueError(f"a covariance W W^T + diag(d) of {m} rows holds entries that are not finite")
             if bool(info.any()) or not loss <= _DENSE_MAX_LOSS:  # a diagonal tiny where W W^T leaves directions to it
                 raise ValueError(
                     f"a covariance W W^T + diag(d) of {m} rows is too near singular for float64: its smallest directions, "

@@ -404,7 +404,7 @@ class RunFolder:
                     names += [f"predictions_{guide}.npz", f"reliability_{guide}.png"]
         # every MAP file there is the old run's (this run's wait in _pending_maps): one of a seed killed before its first
         # row is in no list of the record, and was loaded for that seed of the new run, its rows beside the new MAPs'
-        names += [map_name(seed) for seed in saved["config"]["seeds"]] + [p.name for p in self.out.glob(map_name("*"))]
+        names += [p.name for p in self.out.glob(map_name("*"))]
         for name in names:
             (self.out / name).unlink(missing_ok=True)
         if (self.out / NEXT_SIDECAR).is_file():  # the replacing study's record, marked running
