@@ -153,9 +153,9 @@ def fit(
         if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
         on an ``epochs``, ``warmup_steps`` (longer than the run too), ``lr``, ``weight_decay`` (``lr * weight_decay``
         at least 1 too), ``grad_accum_steps``,
-        ``max_grad_norm`` or ``checkpoint_every`` out of range (or without ``checkpoint_dir``), an ELBO it cannot
-        step, on a one-shot iterator with ``epochs > 1``, a decaying ``lr_schedule`` over data without a length, a
-        batch that is no dict of batched tensors (a list's first before any work, a loader's as read),
+        ``max_grad_norm`` or ``checkpoint_every`` out of range (or without ``checkpoint_dir``), two
+        :class:`~pyro_lora.guides.SWAGCollector` callbacks filling one SWAG guide, an ELBO it cannot step, on a
+        one-shot iterator with ``epochs > 1``, a decaying ``lr_schedule`` over data without a length, a batch that is no dict of batched tensors (a list's first before any work, a loader's as read),
         with ``resume``, a checkpoint that cannot be resumed (none, finished, saved without its state, of a model or
         guide this one's differs from) or settings or data other than the run's (each named; data whose replayed epoch
         ends elsewhere than the run's, or whose replayed batches are not the run's, before their first step), data
@@ -267,6 +267,7 @@ def fit(
                     "give checkpoint_dir" if not checkpoint_dir else "it needs data with a length (its position in an "
                     "epoch is counted in batches)" if length is None else "under torch.distributed it is not supported "
                     "(each rank draws from its own random streams); rerun the fit from the start"))
+            _check_collectors(callbacks)
             if resume:
                 _check_resumable(data, callbacks)
             keepers = _order_keepers(data) if resumable else ([], [])  # saved and restored for a resume alone
@@ -622,6 +623,18 @@ def _describe_data(data) -> dict:
             "batch_size": getattr(data, "batch_size", None), "drop_last": getattr(data, "drop_last", None),
             **{name: sampler(getattr(data, name)) for name in ("sampler", "batch_sampler")
                if getattr(data, name, None) is not None}}
+
+
+def _check_collectors(callbacks) -> None:
+    """Refuse two :class:`~pyro_lora.guides.SWAGCollector` callbacks (or one listed twice) filling one SWAG guide:
+    each would collect every iterate, so the guide would count it twice (its mean unchanged, its covariance not)."""
+    from .guides import SWAGCollector
+
+    filled = [id(cb.swag) for cb in callbacks if isinstance(cb, SWAGCollector)]
+    if len(filled) != len(set(filled)):
+        raise ValueError("callbacks: two SWAGCollector callbacks (or one listed twice) fill the same SWAG guide, which "
+                         "would collect every iterate twice (num_collected doubled, the deviations repeated in its "
+                         "covariance); give each SWAG guide one collector")
 
 
 def _check_resumable(data, callbacks) -> None:
