@@ -262,8 +262,15 @@ def brier(probs: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def _entropy(p: torch.Tensor) -> torch.Tensor:
-    """Entropy over the last dim in nats, with 0 log 0 = 0 (xlogy handles p = 0)."""
-    return -torch.special.xlogy(p, p).sum(dim=-1)
+    """Entropy over the last dim in nats, with 0 log 0 = 0 (xlogy handles p = 0); its terms summed in ascending order,
+    so that rows equal but for the order of their entries have bit-equal entropies (the AUROCs rank them exactly)."""
+    return -torch.special.xlogy(p, p).sort(dim=-1).values.sum(dim=-1)
+
+
+def _sample_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean over the samples (dim 0) of ``x [S, ...]``, summed in ascending order: the same bits whatever the
+    order of the draws."""
+    return x.sort(dim=0).values.mean(dim=0)
 
 
 def predictive_entropy(sample_probs: torch.Tensor) -> torch.Tensor:
@@ -272,7 +279,7 @@ def predictive_entropy(sample_probs: torch.Tensor) -> torch.Tensor:
     :raises ValueError: if a row of ``sample_probs`` is not a probability vector (e.g. logits), or on a bad shape.
     """
     sample_probs = _check_sample_probs(sample_probs)
-    return _entropy(sample_probs.mean(dim=0))
+    return _entropy(_sample_mean(sample_probs))
 
 
 def expected_entropy(sample_probs: torch.Tensor) -> torch.Tensor:
@@ -281,7 +288,7 @@ def expected_entropy(sample_probs: torch.Tensor) -> torch.Tensor:
     :raises ValueError: if a row of ``sample_probs`` is not a probability vector (e.g. logits), or on a bad shape.
     """
     sample_probs = _check_sample_probs(sample_probs)
-    return _entropy(sample_probs).mean(dim=0)
+    return _sample_mean(_entropy(sample_probs))
 
 
 def mutual_information(sample_probs: torch.Tensor) -> torch.Tensor:
@@ -293,19 +300,16 @@ def mutual_information(sample_probs: torch.Tensor) -> torch.Tensor:
     :raises ValueError: if a row of ``sample_probs`` is not a probability vector (e.g. logits), or on a bad shape.
     """
     sample_probs = _check_sample_probs(sample_probs)
-    mi = (_entropy(sample_probs.mean(dim=0)) - _entropy(sample_probs).mean(dim=0)).clamp(min=0.0)
+    mi = (_entropy(_sample_mean(sample_probs)) - _sample_mean(_entropy(sample_probs))).clamp(min=0.0)
     agree = (sample_probs == sample_probs[:1]).all(dim=2).all(dim=0)
     return mi.masked_fill(agree, 0.0)
 
 
 def _midranks(x: torch.Tensor) -> torch.Tensor:
-    """1-based ranks of ``x [M]`` with tied values sharing the average of their ranks: floats within a relative
-    1e-12 (:func:`_tie_groups`: the entropies of rows equal but for the order of their entries differ in rounding),
-    integers when equal."""
-    if x.is_floating_point():
-        inverse, counts = _tie_groups(x)
-    else:
-        _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
+    """1-based ranks of ``x [M]`` with equal values sharing the average of their ranks. Equal exactly, with no
+    tolerance: an entropy is flat at its maximum (``log C - 2 delta^2``), so near-uniform rows a float32 step apart
+    differ by 1e-13 in it, a real order (the entropies here are summed order-free: permuted rows are equal)."""
+    _, inverse, counts = torch.unique(x, sorted=True, return_inverse=True, return_counts=True)
     ends = counts.cumsum(0).to(torch.float64)
     return (ends - (counts.to(torch.float64) - 1) / 2)[inverse]
 

@@ -137,6 +137,30 @@ def test_auroc_ties_entropies_of_rows_equal_but_for_their_order_and_negative_sco
     assert metrics.auroc(torch.tensor([-2.0, -1.0]), torch.tensor([-1.0, 0.0])) == pytest.approx(0.875)
 
 
+def test_auroc_orders_near_uniform_rows_a_float32_step_apart():
+    """Entropy is flat at its maximum (log C - 2 delta^2): two-class rows 0.5 + k 6e-8 differ by 1e-13 in it, which a
+    relative 1e-12 tie tolerance chained into one group (OOD AUROC 0.5 where every shifted row is the more uniform:
+    1.0; a compare run's mcdropout+ts reported 0.5 for 0.326)."""
+    step = torch.finfo(torch.float32).eps / 2
+    top_in = torch.tensor([0.5 + k * step for k in (5, 6, 7, 8, 9)], dtype=torch.float32)
+    top_out = torch.tensor([0.5 + k * step for k in (1, 2, 3, 4)], dtype=torch.float32)
+    rows_in, rows_out = (torch.stack([t, 1 - t], -1) for t in (top_in, top_out))
+    h_in, h_out = metrics.predictive_entropy(rows_in[None]), metrics.predictive_entropy(rows_out[None])
+    assert bool(h_out.min() > h_in.max())  # float64 entropies keep the order
+    assert metrics.auroc(h_in, h_out) == 1.0 and metrics.auroc(h_out, h_in) == 0.0
+
+
+def test_entropies_and_mutual_information_do_not_depend_on_the_order_of_entries_or_draws():
+    """Bit-equal for a row's entries permuted and for the draws reordered: the AUROCs rank them with exact ties."""
+    gen = torch.Generator().manual_seed(3)
+    sp = torch.softmax(torch.randn(7, 50, 5, generator=gen, dtype=torch.float64) * 3, -1)
+    shuffled = sp[torch.randperm(7, generator=gen)][..., torch.randperm(5, generator=gen)]
+    for f in (metrics.predictive_entropy, metrics.expected_entropy, metrics.mutual_information):
+        assert torch.equal(f(sp), f(shuffled))
+    mi = metrics.mutual_information(sp)
+    assert metrics.auroc(mi, metrics.mutual_information(shuffled)) == 0.5
+
+
 def test_stratified_auroc_counts_pairs_within_bins():
     """Against a brute-force count over the pairs whose covariates fall in the same pooled-quantile bin (numpy's
     quantiles and digitize), with ties in both scores and covariates (answer lengths are integers)."""
