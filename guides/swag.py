@@ -295,7 +295,8 @@ def blora_xs(setup, rank=10, scale=0.5, per_epoch=10):
     # fit steps through this rank's block of the batches under torch.distributed (len // W of them)
     start_epoch, every = swag_schedule(c.epochs, len(loader) // distributed.world_size(), per_epoch)  # before the fit
     setup.restore()  # the head warm-starts from the MAP's trained one (IVON's from the initial one); the cores from zero
-    model = LoraXSModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=c.prior_scale)
+    # the MAP's LoRA, which the SVD replaces here, stays in the setup for the methods after this one
+    model = LoraXSModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=c.prior_scale, replace_trained=True)
     map_guide, swag = MAPGuide(model), SWAGGuide(model, rank=rank, scale=scale)
     collector = SWAGCollector(swag, start_epoch=start_epoch, every=every)
     fit(model, map_guide, loader, epochs=c.epochs, lr=LORA_XS_LR_FACTOR * c.lr, progress=c.progress, callbacks=[collector])

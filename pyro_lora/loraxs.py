@@ -92,6 +92,23 @@ def _check_cores_only(net, adapter: str) -> None:
                          f"lora_xs_parameter_counts; {fix}")
 
 
+def _check_untrained(layers, written, adapter) -> None:
+    """Refuse to overwrite a trained LoRA: a layer whose ``B`` is neither zero (peft's start) nor, to float32's
+    SVD rounding, the ``B`` about to be ``written`` (an adapter LoRA-XS set up before: a saved run rebuilt)."""
+    trained = []
+    for path, (_, b) in written.items():
+        held = layers[path].lora_B[adapter].weight.detach()
+        if held.any() and not torch.allclose(held.float(), b.to(held.device), rtol=1e-3, atol=1e-4):
+            trained.append(path)
+    if trained:
+        raise ValueError(
+            f"LoraXSModel writes the base weights' SVD into lora_A and lora_B (LoRA-XS trains only the r x r cores R "
+            f"between them), and {len(trained)} of the {len(written)} LoRA layers hold a B that is neither zero nor "
+            f"that SVD ({trained[0]}{', ...' if len(trained) > 1 else ''}): a trained LoRA, which would be lost from "
+            "the network; build LoRA-XS on a fresh adapter (get_peft_model on the base model, or a copy of the "
+            "network), or pass replace_trained=True to overwrite it")
+
+
 def _check_base_kept(net) -> None:
     """Refuse an adapter whose initialisation (PiSSA, OLoRA, ...) rewrote the base weights: the base then holds ``W0``
     minus the initial ``B A``, whose SVD is not the pretrained weight's."""
@@ -103,7 +120,7 @@ def _check_base_kept(net) -> None:
 
 
 @torch.no_grad()
-def init_lora_xs(net, adapter: str | None = None) -> list[str]:
+def init_lora_xs(net, adapter: str | None = None, replace_trained: bool = False) -> list[str]:
     """Write the truncated SVD of every LoRA layer's base weight into its ``lora_A`` / ``lora_B``.
 
     ``W0 = U S V^T``: ``lora_B = U_r`` (``[d_out, r]``, orthonormal columns) and ``lora_A = diag(S_r) V_r^T``
@@ -114,11 +131,14 @@ def init_lora_xs(net, adapter: str | None = None) -> list[str]:
 
     :param net: a peft model with (unmerged) LoRA layers.
     :param str adapter: adapter name; default the active one.
+    :param bool replace_trained: overwrite an adapter whose ``B`` is neither zero (peft's initialisation) nor this
+        SVD already (a rebuilt LoRA-XS run): a trained LoRA, which would be lost from ``net``; refused otherwise.
     :returns: the module paths of the initialised layers.
     :raises ValueError: (before any weight is written) if a rank exceeds ``min(d_out, d_in)`` or the base weight's
         rank, a layer uses DoRA, the adapter would train numbers beside the cores (peft's ``bias``, ``lora_bias``, an
         embedding LoRA, ``trainable_token_indices``, ``modules_to_save`` beyond the head), a base
-        weight is not dense, or an adapter's initialisation (PiSSA, OLoRA, ...) rewrote the base weights.
+        weight is not dense, an adapter's initialisation (PiSSA, OLoRA, ...) rewrote the base weights, or (without
+        ``replace_trained``) a layer's ``B`` holds a trained LoRA (non-zero, not the SVD's).
     """
     adapter = adapter or active_adapter(net)
     _check_cores_only(net, adapter)
@@ -154,6 +174,8 @@ def init_lora_xs(net, adapter: str | None = None) -> list[str]:
         b = u
         a = s.unsqueeze(-1) * vh
         written.update({path: (a[i], b[i]) for i, path in enumerate(paths)})
+    if not replace_trained:
+        _check_untrained(layers, written, adapter)
     for path, (a, b) in written.items():
         layers[path].lora_A[adapter].weight.copy_(a)
         layers[path].lora_B[adapter].weight.copy_(b)
@@ -176,6 +198,8 @@ class LoraXSModel(LoraModel):
 
     :param net: a peft model with LoRA layers; their ``lora_A`` / ``lora_B`` are overwritten by the SVD.
     :param bool svd_init: run :func:`init_lora_xs` (deterministic, so also right when rebuilding a saved run).
+    :param bool replace_trained: let :func:`init_lora_xs` overwrite a trained LoRA (a non-zero ``B`` that is not the
+        SVD's); refused by default, as the user's adapter would be lost from ``net``.
     :param kwargs: ``group``, ``prior``, ``num_data``, ``adapter`` as for :class:`~pyro_lora.LoraModel`.
     """
 
@@ -183,13 +207,13 @@ class LoraXSModel(LoraModel):
 
     builds_on_adapter = False  # its A and B are the base weights' SVD, never a LoRA trained beside the head
 
-    def __init__(self, net, likelihood, svd_init: bool = True, **kwargs):
+    def __init__(self, net, likelihood, svd_init: bool = True, replace_trained: bool = False, **kwargs):
         if "random" in kwargs:
             raise ValueError("LoraXSModel's random sites are always the R cores; do not pass random=")
         _check_cores_only(net, kwargs.get("adapter") or active_adapter(net))  # before find_lora_layers' warnings
         if svd_init:
             _check_base_kept(net)  # before LoraModel's warning of such a base
-        self._svd_init = svd_init
+        self._svd_init, self._replace_trained = svd_init, replace_trained
         super().__init__(net, likelihood, random="R", **kwargs)
 
     def _check_frozen_lora_carries_signal(self) -> None:
@@ -201,7 +225,7 @@ class LoraXSModel(LoraModel):
 
     def _prepare_layers(self) -> None:
         if self._svd_init:  # its own refusals come before its first write
-            init_lora_xs(self.net, self.adapter)
+            init_lora_xs(self.net, self.adapter, replace_trained=self._replace_trained)
 
     @classmethod
     def restore(cls, net, likelihood, random, **kwargs) -> LoraXSModel:

@@ -27,14 +27,15 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
 
 
-def tiny_llama(r=4, targets=("q_proj", "v_proj"), seed=0, vocab=64):
+def tiny_llama(r=4, targets=("q_proj", "v_proj"), seed=0, vocab=64, random_b=True):
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
     )
     net = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets)))
-    _randomize_b(net)
+    if random_b:
+        _randomize_b(net)
     return net.eval()
 
 
@@ -47,12 +48,13 @@ def tiny_bert_base(num_labels=3, seed=0):
     return BertForSequenceClassification(config)
 
 
-def tiny_bert(r=4, num_labels=3, seed=0, dtype=torch.float32):
+def tiny_bert(r=4, num_labels=3, seed=0, dtype=torch.float32, random_b=True):
     net = get_peft_model(
         tiny_bert_base(num_labels, seed).to(dtype),
         LoraConfig(r=r, lora_alpha=2 * r, target_modules=["query", "value"], task_type="SEQ_CLS"),
     )
-    _randomize_b(net)
+    if random_b:  # else peft's B = 0: an untrained adapter (LoRA-XS refuses to overwrite a trained one)
+        _randomize_b(net)
     return net.eval()
 
 

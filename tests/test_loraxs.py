@@ -22,7 +22,7 @@ def truncated(w, r):
 def test_svd_init_is_the_truncated_svd_with_orthonormal_b():
     net = tiny_llama(r=4, targets=("q_proj", "v_proj"))  # q_proj 32 x 32, v_proj 16 x 32
     model = LoraXSModel(net, CausalLM(), svd_init=False)
-    init_lora_xs(net)
+    init_lora_xs(net, replace_trained=True)  # over the fixture's random B
     for path, layer in model.layers.items():
         a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
         w0 = base_weight(layer)
@@ -36,14 +36,14 @@ def test_svd_init_is_the_truncated_svd_with_orthonormal_b():
 
 
 def test_svd_init_is_deterministic_and_refuses_too_large_ranks():
-    net = tiny_llama(r=4)
+    net = tiny_llama(r=4, random_b=False)
     init_lora_xs(net)
     first = {n: p.detach().clone() for n, p in net.named_parameters() if "lora_" in n}
     with torch.no_grad():
         for n, p in net.named_parameters():
             if "lora_" in n:
                 p.normal_()
-    init_lora_xs(net)
+    init_lora_xs(net, replace_trained=True)
     for n, p in net.named_parameters():
         if "lora_" in n:
             assert torch.equal(p, first[n]), n
@@ -51,9 +51,30 @@ def test_svd_init_is_deterministic_and_refuses_too_large_ranks():
         init_lora_xs(tiny_llama(r=20))  # v_proj is 16 x 32
 
 
+def test_a_trained_lora_is_not_overwritten_without_being_asked():
+    """A LoRA trained elsewhere (Trainer) handed to LoraXSModel had its A and B replaced by the SVD without a word:
+    the user's adapter was gone from their own network. Refused before any write; a fresh adapter, one set up by
+    LoRA-XS before (a rebuilt run) and replace_trained=True pass."""
+    net = tiny_bert(r=2)
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_B" in n:
+                p.normal_(std=0.1)
+    before = {n: p.detach().clone() for n, p in net.named_parameters() if "lora_" in n}
+    with pytest.raises(ValueError, match="a trained LoRA, which would be lost.*replace_trained=True"):
+        LoraXSModel(net, SequenceClassification())
+    assert all(torch.equal(p, before[n]) for n, p in net.named_parameters() if "lora_" in n)
+    LoraXSModel(net, SequenceClassification(), replace_trained=True)
+    svd = {n: p.detach().clone() for n, p in net.named_parameters() if "lora_" in n}
+    assert not torch.equal(svd[next(n for n in svd if "lora_B" in n)], before[next(n for n in svd if "lora_B" in n)])
+    LoraXSModel(net, SequenceClassification())  # already LoRA-XS's SVD: rebuilt without a word
+    assert all(torch.equal(p, svd[n]) for n, p in net.named_parameters() if "lora_" in n)
+    LoraXSModel(tiny_bert(r=2, random_b=False), SequenceClassification())  # peft's B = 0
+
+
 @pytest.mark.parametrize("group", ["kind", "matrix"])
 def test_r_zero_is_the_base_network_and_r_identity_adds_the_rank_r_part(group):
-    model = LoraXSModel(tiny_bert(r=4), SequenceClassification(), group=group)
+    model = LoraXSModel(tiny_bert(r=4, random_b=False), SequenceClassification(), group=group)
     batch = random_batch()
     zeros = model.adapter_values()
     assert all(torch.equal(v, torch.zeros(s.shape)) for v, s in zip(zeros.values(), model.sites.values()))
@@ -71,7 +92,7 @@ def test_r_zero_is_the_base_network_and_r_identity_adds_the_rank_r_part(group):
 
 
 def test_only_the_cores_and_the_head_train():
-    model = LoraXSModel(tiny_bert(num_labels=2), SequenceClassification(), num_data=48)
+    model = LoraXSModel(tiny_bert(num_labels=2, random_b=False), SequenceClassification(), num_data=48)
     lora = {n: p.detach().clone() for n, p in model.net.named_parameters() if "lora_" in n}
     names = {id(p): n for n, p in model.net.named_parameters()}
     assert all("classifier" in names[id(p)] for p in model.point_parameters())
@@ -87,7 +108,7 @@ def test_only_the_cores_and_the_head_train():
 
 
 def test_parameter_counts():
-    model = LoraXSModel(tiny_bert(r=4), SequenceClassification())
+    model = LoraXSModel(tiny_bert(r=4, random_b=False), SequenceClassification())
     counts = lora_xs_parameter_counts(model)
     assert len(counts["per_layer"]) == 4
     assert all(c == {"lora_xs": 16, "lora": 4 * (32 + 32)} for c in counts["per_layer"].values())
@@ -115,7 +136,7 @@ def test_loraxs_refuses_what_would_train_or_decompose_something_else_and_a_refus
     with pytest.raises(ValueError, match=r"base weight of .*layer.1.attention.self.value has numerical rank below the "
                                          "LoRA rank 2: it is all zero;"):
         LoraXSModel(net, SequenceClassification())
-    for net in (adapted(), tiny_bert(r=2)):
+    for net in (adapted(), tiny_bert(r=2, random_b=False)):
         before = {n: p.detach().clone() for n, p in net.named_parameters() if "lora_" in n}
         for bad in ({"prior": -1.0}, {"num_data": 0}, {"group": "nonsense"}):
             with pytest.raises(ValueError):
@@ -201,7 +222,7 @@ def test_the_classification_head_trains_beside_the_cores_but_an_output_embedding
         model = LoraXSModel(net, SequenceClassification())
         assert [n for n, _ in model.named_point_parameters()] == [
             "base_model.model.classifier.modules_to_save.default.weight", "base_model.model.classifier.modules_to_save.default.bias"]
-    net = tiny_llama(r=2)
+    net = tiny_llama(r=2, random_b=False)
     net.add_adapter("lm", LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
     net.set_adapter("lm")
     with pytest.raises(ValueError, match=r"modules_to_save trains a copy of a module other than the classification head "
@@ -252,7 +273,7 @@ def test_layers_running_another_adapter_are_refused_before_the_svd_is_written():
     x's trained A and B (8 matrices) with the SVD, and only the first forward refused."""
     from peft import LoraConfig
 
-    net = tiny_bert()
+    net = tiny_bert(random_b=False)
     net.add_adapter("y", LoraConfig(r=2, target_modules=["query", "value"]))
     net.base_model.set_adapter("y")
     before = {n: p.detach().clone() for n, p in net.named_parameters() if "lora_" in n}

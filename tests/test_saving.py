@@ -288,7 +288,7 @@ def autoguide_model(kind="AB", seed=0, **options):
     from pyro_lora import ScalaBLModel
     from pyro_lora.loraxs import LoraXSModel
 
-    net = tiny_bert(num_labels=2, seed=seed)
+    net = tiny_bert(num_labels=2, seed=seed, random_b=kind != "lora_xs")
     if kind == "scalabl":
         return ScalaBLModel(net, SequenceClassification(), prior=0.5, num_data=16, **options)
     if kind == "lora_xs":
@@ -534,7 +534,7 @@ def test_exporting_a_model_whose_head_was_trained_beside_cores_or_scales_is_refu
     from pyro_lora.loraxs import LoraXSModel
 
     batch = labelled()
-    net = tiny_bert(num_labels=2)
+    net = tiny_bert(num_labels=2, random_b=kind != "lora_xs")
     if kind == "lora_xs":
         model = LoraXSModel(net, SequenceClassification(), num_data=16)
         guide = MAPGuide(model)
@@ -572,7 +572,7 @@ def test_exporting_a_loraxs_model_whose_fit_trained_no_head_warns(tmp_path):
     export (peft's R = I) missed the training without a word, where a plain LoRA's unwritten fit warns."""
     from pyro_lora.loraxs import LoraXSModel
 
-    model = LoraXSModel(tiny_llama(), CausalLM(), num_data=4)
+    model = LoraXSModel(tiny_llama(random_b=False), CausalLM(), num_data=4)
     guide = MAPGuide(model)
     batch = {"input_ids": torch.randint(1, 64, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long)}
     fit(model, guide, [batch | {"labels": batch["input_ids"]}], epochs=2, lr=0.1, progress=False)

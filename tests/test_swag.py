@@ -15,7 +15,7 @@ from pyro_lora.loraxs import LoraXSModel
 
 
 def xs_model(r=2, num_labels=2):
-    return LoraXSModel(tiny_bert(r=r, num_labels=num_labels), SequenceClassification(), num_data=48)
+    return LoraXSModel(tiny_bert(r=r, num_labels=num_labels, random_b=False), SequenceClassification(), num_data=48)
 
 
 def iterates(model, n, seed=0):
