@@ -55,6 +55,21 @@ class HalfPrecisionOverflowError(FloatingPointError):
         self.dtype, self.way_out = dtype, way_out
 
 
+def _check_plain_forward(net) -> None:
+    """Refuse a network whose ``forward`` accelerate's mixed precision wrapped in an autocast (``Trainer(bf16=True)``
+    leaves it so, the unwrapped one kept as ``_original_forward``): that precision is hidden from
+    :attr:`LoraModel.forward_dtype`, so the half-precision tolerances and overflow checks would not apply (a last-layer
+    Laplace read its bfloat16 logits as a head that transforms its output)."""
+    wrapped = [name or "the network" for name, m in net.named_modules() if "_original_forward" in vars(m)]
+    if wrapped:
+        raise ValueError(
+            f"{wrapped[0]}'s forward is wrapped by accelerate's mixed precision (an autocast inside forward, left by "
+            "Trainer(bf16=True / fp16=True)): pyro_lora runs the precision it is given (a half-precision base, or your "
+            "torch.autocast around its calls) and its half-precision checks do not see this one; unwrap it first: "
+            "accelerate.utils.extract_model_from_parallel(net, keep_fp32_wrapper=False), or trainer.accelerator."
+            "unwrap_model(net, keep_fp32_wrapper=False)")
+
+
 class LoraModel:
     """A Pyro model ``model(batch)`` whose latent variables are the LoRA matrices of ``net``.
 
@@ -117,6 +132,7 @@ class LoraModel:
     def __init__(self, net, likelihood, random="AB", group: str = "kind", prior=1.0, num_data: int | None = None,
                  adapter: str | None = None):
         distributed.check_not_wrapped(net)
+        _check_plain_forward(net)
         self._net = (net,)
         self.likelihood = likelihood
         self.adapter = adapter or active_adapter(net)

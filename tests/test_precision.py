@@ -77,6 +77,25 @@ def test_a_bf16_head_trains_in_float32_and_follows_the_fp32_run():
     assert torch.nn.functional.cosine_similarity(step16.flatten(), step32.flatten(), dim=0) > 0.95
 
 
+def test_a_network_whose_forward_accelerate_wrapped_in_an_autocast_is_refused_until_unwrapped():
+    """Trainer(bf16=True) leaves accelerate's autocast inside the network's forward, hidden from forward_dtype: the
+    half-precision checks did not apply and a last-layer Laplace blamed a head that transforms its output."""
+    from accelerate import Accelerator
+    from accelerate.utils import extract_model_from_parallel
+
+    net = Accelerator(cpu=True, mixed_precision="bf16").prepare_model(tiny_bert())
+    with pytest.raises(ValueError, match="wrapped by accelerate's mixed precision.*keep_fp32_wrapper=False"):
+        LoraModel(net, SequenceClassification())
+    net = extract_model_from_parallel(net, keep_fp32_wrapper=False)
+    model = LoraModel(net, SequenceClassification())
+    batch = random_batch()
+    with torch.no_grad():
+        plain = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert plain.dtype == torch.float32
+    torch.testing.assert_close(predict(model, MAPGuide(model), [batch | {"labels": torch.tensor([0, 1, 2])}]).probs,
+                               plain.softmax(-1), atol=1e-6, rtol=0)
+
+
 def test_logits_are_float32_and_match_fp32_in_bf16_and_fp16():
     batch = random_batch()
     ref = LoraModel(tiny_bert(), SequenceClassification())
