@@ -442,3 +442,18 @@ def test_fit_and_val_nll_refuse_a_loader_that_drops_its_last_batch():
     for c, lam in zip(guide.components, before):
         for name in lam:
             assert torch.equal(c.prior_precision[name], lam[name])
+
+
+def test_a_base_fitted_inside_another_methods_view_gets_its_own_likelihood():
+    """mola's view (KFAC's cloze form: no shared prefix) fitted the ensemble it starts from, where the ensemble was
+    not kept (a resumed run, mola alone or first), under mola's likelihood: the members trained without the shared
+    prefix, and mola's rows moved by 9e-8 in probability against an uninterrupted run's."""
+    from pyro_lora.experiments.setup import CompareConfig, Setup
+    from pyro_lora.likelihoods import MultipleChoice
+
+    setup = Setup(CompareConfig(out="unused", guides=("ensemble", "mola"), progress=False), None, None,
+                  MultipleChoice(format="cloze", normalize="chars"), [], [], [], None)
+    mola = setup.for_method("mola")
+    assert mola.likelihood.share_prefix is False  # KFAC's form
+    for view in (mola.for_method("ensemble"), setup.for_method("ensemble")):
+        assert view.likelihood.share_prefix is True and view.likelihood.normalize == "chars"

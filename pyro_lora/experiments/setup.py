@@ -169,6 +169,13 @@ class Setup:
     map_digest: Optional[str] = None  # :func:`state_digest` of the trained MAP (:func:`train_map`)
     map_loaded: bool = False  # whether the MAP was loaded from a run's folder rather than trained
     scoring_since: Optional[int] = None  # the oldest cloze scoring form whose rows equal this run's (:func:`scoring_since`)
+    # the task's likelihood before any method's hook: each view applies its own method's hook to this one, so a base
+    # fitted inside another method's view (mola's ensemble) is not fitted under that method's form (no shared prefix)
+    task_likelihood: object = None
+
+    def __post_init__(self):
+        if self.task_likelihood is None:
+            self.task_likelihood = self.likelihood
 
     def derived_seeds(self, what: str, k: int) -> list:
         """``k`` seeds for ``what`` (e.g. ``"ensemble member"``) of this run seed, shared with no other run seed
@@ -264,14 +271,15 @@ class Setup:
         return max(10.0, math.log(travel) / (self.config.lr * steps))
 
     def for_method(self, name: str) -> "Setup":
-        """A copy of this setup for method ``name``: the task's likelihood in the form its model needs, the splits as
-        tuples (what one recipe reassigns or reorders, the next never sees).
+        """A copy of this setup for method ``name``: the task's likelihood (``task_likelihood``, whichever view this
+        is) in the form its model needs, the splits as tuples (what one recipe reassigns or reorders, the next never
+        sees).
 
         :raises ValueError: if the method's likelihood hook gives no likelihood.
         """
-        likelihood = get_method(name).task_likelihood(self.likelihood)
+        likelihood = get_method(name).task_likelihood(self.task_likelihood)
         if likelihood is None:
-            raise ValueError(f"method {name!r}: its likelihood hook returned None for {type(self.likelihood).__name__}")
+            raise ValueError(f"method {name!r}: its likelihood hook returned None for {type(self.task_likelihood).__name__}")
         return replace(self, method=name, likelihood=likelihood, train=tuple(self.train), val=tuple(self.val), test=tuple(self.test),
                        shifted={k: tuple(v) for k, v in self.shifted.items()})
 
