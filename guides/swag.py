@@ -8,6 +8,7 @@ running mean, the running second moment and the last ``K`` deviations ``theta_i 
 
 import math
 import warnings
+import weakref
 
 import torch
 
@@ -198,6 +199,15 @@ class SWAGCollector:
         if state.step >= self.start_step and state.epoch >= self.start_epoch and state.step % self.every == 0:
             source = self.source or state.guide
             check_guide(self.swag.model, source, "collect SWAG iterates")
+            # one iterate per step: a second collector on this guide (or this one called again through a wrapper
+            # fit cannot see into) would count it twice. A weak reference: the step's FitState, never an id reused
+            last = getattr(self.swag, "_collected_step", None)
+            if last is not None and last() is state:
+                raise ValueError(f"SWAGCollector: the SWAG guide already collected the iterate of step {state.step} of "
+                                 "this fit (a second collector on it, or one called twice per step through another "
+                                 "callback): it would count every iterate twice; give each SWAG guide one collector, "
+                                 "listed once")
+            self.swag._collected_step = weakref.ref(state)
             self.swag.collect(source.mean())
         elif int(self.swag.num_collected):
             self.swag.adopt_point_parameters()

@@ -98,7 +98,9 @@ def _check_untrained(layers, written, adapter) -> None:
     trained = []
     for path, (_, b) in written.items():
         held = layers[path].lora_B[adapter].weight.detach()
-        if held.any() and not torch.allclose(held.float(), b.to(held.device), rtol=1e-3, atol=1e-4):
+        # the SVD as stored in the adapter's dtype: bfloat16 rounds it by up to 2^-9 relative
+        rtol = max(1e-3, torch.finfo(held.dtype).eps) if held.is_floating_point() else 1e-3
+        if held.any() and not torch.allclose(held.float(), b.to(held.device), rtol=rtol, atol=1e-4):
             trained.append(path)
     if trained:
         raise ValueError(
@@ -106,7 +108,8 @@ def _check_untrained(layers, written, adapter) -> None:
             f"between them), and {len(trained)} of the {len(written)} LoRA layers hold a B that is neither zero nor "
             f"that SVD ({trained[0]}{', ...' if len(trained) > 1 else ''}): a trained LoRA, which would be lost from "
             "the network; build LoRA-XS on a fresh adapter (get_peft_model on the base model, or a copy of the "
-            "network), or pass replace_trained=True to overwrite it")
+            "network), or pass replace_trained=True to overwrite it (as for an adapter peft started with a random B, "
+            "init_lora_weights=False, which holds nothing to lose)")
 
 
 def _check_base_kept(net) -> None:

@@ -60,7 +60,9 @@ def _check_plain_forward(net) -> None:
     leaves it so, the unwrapped one kept as ``_original_forward``): that precision is hidden from
     :attr:`LoraModel.forward_dtype`, so the half-precision tolerances and overflow checks would not apply (a last-layer
     Laplace read its bfloat16 logits as a head that transforms its output)."""
-    wrapped = [name or "the network" for name, m in net.named_modules() if "_original_forward" in vars(m)]
+    # accelerate keeps the unwrapped forward beside the wrapper it sets on the instance; a forward deleted since is gone
+    wrapped = [name or "the network" for name, m in net.named_modules()
+               if "_original_forward" in vars(m) and "forward" in vars(m)]
     if wrapped:
         raise ValueError(
             f"{wrapped[0]}'s forward is wrapped by accelerate's mixed precision (an autocast inside forward, left by "
@@ -325,12 +327,14 @@ class LoraModel:
         """Check that the network still runs what this model was built on; called before every forward.
 
         :raises ValueError: if the network's active adapter changed (``set_adapter``, on the network, one layer or
-            the head) or was deleted (``delete_adapter``), several adapters are active, a LoRA layer was merged into its base weight, replaced or unloaded
+            the head) or was deleted (``delete_adapter``), several adapters are active, accelerate's mixed precision
+            wrapped the forward, a LoRA layer was merged into its base weight, replaced or unloaded
             from the network, its LoRA matrices changed shape or variant (``update_layer`` with another rank or
             ``use_dora``), or the head's adapter was disabled without the LoRA layers'.
         """
         if active_adapter(self.net) != self.adapter:
             raise self._not_running()
+        _check_plain_forward(self.net)  # Trainer(bf16=True) run on the network after the model was built
         for path, layer in self.layers.items():
             if _submodule(self.net, path) is not layer:
                 raise ValueError(

@@ -70,6 +70,10 @@ def test_a_trained_lora_is_not_overwritten_without_being_asked():
     LoraXSModel(net, SequenceClassification())  # already LoRA-XS's SVD: rebuilt without a word
     assert all(torch.equal(p, svd[n]) for n, p in net.named_parameters() if "lora_" in n)
     LoraXSModel(tiny_bert(r=2, random_b=False), SequenceClassification())  # peft's B = 0
+    # the SVD as a bfloat16 adapter stores it (rounded by up to 2^-9 relative) is LoRA-XS's still: rebuilt
+    half = tiny_bert(r=2, random_b=False, dtype=torch.bfloat16)
+    LoraXSModel(half, SequenceClassification())
+    LoraXSModel(half, SequenceClassification())
 
 
 @pytest.mark.parametrize("group", ["kind", "matrix"])

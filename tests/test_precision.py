@@ -89,11 +89,18 @@ def test_a_network_whose_forward_accelerate_wrapped_in_an_autocast_is_refused_un
     net = extract_model_from_parallel(net, keep_fp32_wrapper=False)
     model = LoraModel(net, SequenceClassification())
     batch = random_batch()
+    labelled = [batch | {"labels": torch.tensor([0, 1, 2])}]
+    late = LoraModel(tiny_bert(), SequenceClassification())
+    Accelerator(cpu=True, mixed_precision="bf16").prepare_model(late.net)  # after the model was built (Trainer.train)
+    with pytest.raises(ValueError, match="wrapped by accelerate's mixed precision"):
+        predict(late, MAPGuide(late), labelled)
+    del late.net.forward  # the wrapper removed by hand: the marker left behind is no wrapper
+    assert "_original_forward" in vars(late.net)
+    predict(late, MAPGuide(late), labelled)
     with torch.no_grad():
         plain = net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     assert plain.dtype == torch.float32
-    torch.testing.assert_close(predict(model, MAPGuide(model), [batch | {"labels": torch.tensor([0, 1, 2])}]).probs,
-                               plain.softmax(-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(predict(model, MAPGuide(model), labelled).probs, plain.softmax(-1), atol=1e-6, rtol=0)
 
 
 def test_logits_are_float32_and_match_fp32_in_bf16_and_fp16():

@@ -148,6 +148,28 @@ def test_a_diverged_fit_takes_its_iterates_back_out_of_the_swag_guide():
         predict(model, swag, toy_data(), num_samples=2)
 
 
+def test_two_collectors_filling_one_swag_guide_are_refused():
+    """One collector listed twice (or two on one guide, or one called again through a wrapper) collected every iterate
+    twice: num_collected 6 for 3, the deviations repeated in the covariance, silently."""
+    model = xs_model()
+    swag, map_guide = SWAGGuide(model, rank=3), MAPGuide(model)
+    before = {k: v.clone() for k, v in map_guide.mean().items()}
+    collector = SWAGCollector(swag, every=2)
+    for callbacks in ([collector, collector], [collector, SWAGCollector(swag, every=3)]):  # before any step
+        with pytest.raises(ValueError, match="fill the same SWAG guide"):
+            fit(model, map_guide, toy_data(), epochs=1, lr=3e-2, progress=False, callbacks=callbacks)
+    assert int(swag.num_collected) == 0 and all(torch.equal(before[k], v) for k, v in map_guide.mean().items())
+    with pytest.raises(ValueError, match="already collected the iterate of step 2"):  # a wrapper fit cannot see into
+        fit(model, map_guide, toy_data(), epochs=1, lr=3e-2, progress=False, callbacks=[collector, lambda s: collector(s)])
+    swag = SWAGGuide(model, rank=3)
+    collector, other = SWAGCollector(swag, every=2), SWAGGuide(model, rank=3)  # one collector per guide: supported
+    fit(model, map_guide, toy_data(), epochs=1, lr=3e-2, progress=False,
+        callbacks=[collector, SWAGCollector(other, every=3)])
+    assert int(swag.num_collected) == 3 and int(other.num_collected) == 2
+    fit(model, map_guide, toy_data(), epochs=1, lr=3e-2, progress=False, callbacks=[collector])  # and a second fit
+    assert int(swag.num_collected) == 6
+
+
 def test_guide_predicts_with_the_head_training_ended_on_when_the_last_step_collects_nothing():
     model = xs_model()
     head = "base_model.model.classifier.modules_to_save.default.weight"
