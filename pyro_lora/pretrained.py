@@ -108,7 +108,7 @@ def _from_pretrained(model_class, where, **kwargs):
     model, info = model_class.from_pretrained(where, output_loading_info=True, **kwargs)
     params = dict(model.named_parameters())
     missing = [name for name in info["missing_keys"] if name in params]
-    _check_complete(model, where, missing)
+    _check_complete(model, Path(where) / kwargs["gguf_file"] if "gguf_file" in kwargs else where, missing)
     for name in missing:
         setattr(params[name], DRAWN_AT_LOAD, True)
     return model
@@ -224,8 +224,12 @@ def _digits_then_gpt2():
                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
 
 
-# GGUF pre-tokenizers (``tokenizer.ggml.pre``) transformers' GGUF loader has no entry for, and the split they name
-_PRE_TOKENIZERS = {"smollm": _digits_then_gpt2}
+# GGUF pre-tokenizers (``tokenizer.ggml.pre``) transformers' GGUF loader has no entry for, as llama.cpp splits them:
+# GPT-2's regex alone (transformers' fallback, right as it is), or every number character first (SmolLM's, StarCoder's)
+_GPT2_SPLIT = {"gpt-2", "phi-2", "roberta-bpe", "mpt", "olmo", "jais", "gigachat", "trillion", "granite-docling",
+               "jina-es", "jina-de", "jina-v1-en", "jina-v2-es", "jina-v2-de", "jina-v2-code"}
+_PRE_TOKENIZERS = dict.fromkeys(("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+                                _digits_then_gpt2)
 
 
 def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
@@ -241,7 +245,7 @@ def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
     vocabulary, pre = gguf_tokenizer_kind(path)  # first: a truncated file refused by name, not in numpy's words
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
-    if vocabulary != "gpt2" or pre in (None, "gpt-2"):  # not byte-level BPE, or GPT-2's own split
+    if vocabulary != "gpt2" or pre is None or pre in _GPT2_SPLIT:  # not byte-level BPE, or GPT-2's own split
         return tokenizer
     if pre in _PRE_TOKENIZERS:
         tokenizer.backend_tokenizer.pre_tokenizer = _PRE_TOKENIZERS[pre]()

