@@ -188,26 +188,31 @@ class SWAGCollector:
         self._before = None  # (the SWAG guide's state, its point snapshot) as the running fit found them
 
     def __call__(self, state):
-        if state.step == 1:
+        last = getattr(self.swag, "_collected_step", None)
+        # this step's iterate is in the guide already: a second collector on it, or this one called again through a
+        # wrapper callback fit cannot see into (the step's FitState held weakly: an id reused never matches)
+        again = last is not None and last[0]() is state and last[1] == state.step
+        if state.step == 1 and not again:
             self._check_settings()
             self._check_schedule(state)
-            # the SWAG guide as this fit found it, which a run that diverges leaves (on_divergence); empty, nothing to keep
-            saved = {n: t.to("cpu", copy=True) for n, t in self.swag.state_dict().items()} if int(self.swag.num_collected) else None
-            self._before = (saved, self.swag._point_snapshot)
+            # the SWAG guide as this fit found it, which a run that diverges leaves (on_divergence); empty, nothing to
+            # keep. On the guide too, for a second collector that finds this step's iterate in already
+            saved = {n: t.to("cpu", copy=True) for n, t in self.swag.state_dict().items()} \
+                if int(self.swag.num_collected) else None
+            self._before = self.swag._fit_start = (saved, self.swag._point_snapshot)
         if state.skipped:  # float16's loss scaler left the weights as they were: no new iterate
             return
         if state.step >= self.start_step and state.epoch >= self.start_epoch and state.step % self.every == 0:
             source = self.source or state.guide
             check_guide(self.swag.model, source, "collect SWAG iterates")
-            # one iterate per step: a second collector on this guide (or this one called again through a wrapper
-            # fit cannot see into) would count it twice. A weak reference: the step's FitState, never an id reused
-            last = getattr(self.swag, "_collected_step", None)
-            if last is not None and last() is state:
+            if again:
+                taken, held = self._restore(self.swag._fit_start)
                 raise ValueError(f"SWAGCollector: the SWAG guide already collected the iterate of step {state.step} of "
                                  "this fit (a second collector on it, or one called twice per step through another "
                                  "callback): it would count every iterate twice; give each SWAG guide one collector, "
-                                 "listed once")
-            self.swag._collected_step = weakref.ref(state)
+                                 f"listed once (the {taken} iterate(s) this fit collected were taken back out: the "
+                                 f"guide holds the {held} it held before it)")
+            self.swag._collected_step = (weakref.ref(state), state.step)
             self.swag.collect(source.mean())
         elif int(self.swag.num_collected):
             self.swag.adopt_point_parameters()
@@ -217,7 +222,14 @@ class SWAGCollector:
         half-precision overflow, another ``FloatingPointError``): put the SWAG
         guide back as the run found it, as iterates of a diverged run (weights the run itself judged wrong, the last
         ones before the judgement too) would stay in its mean and covariance; returns the note added to the error."""
-        state, snapshot = self._before
+        taken, held = self._restore(self._before)
+        return (f"SWAGCollector: the {taken} iterate(s) collected in the diverged run were taken back out of the SWAG "
+                f"guide, which holds the {held} it held before the run")
+
+    def _restore(self, before):
+        """Put the SWAG guide back to ``before`` (its state, or None where it was empty, and its point snapshot);
+        returns (the iterates taken out, those it holds)."""
+        state, snapshot = before
         held = 0 if state is None else int(state["num_collected"])
         taken = int(self.swag.num_collected) - held
         with torch.no_grad():
@@ -227,8 +239,7 @@ class SWAGCollector:
             else:
                 self.swag.load_state_dict(state)
         self.swag._point_snapshot = snapshot
-        return (f"SWAGCollector: the {taken} iterate(s) collected in the diverged run were taken back out of the SWAG "
-                f"guide, which holds the {held} it held before the run")
+        return taken, held
 
     def _check_settings(self):
         """Under ``torch.distributed``, at a fit's first step (every rank runs its callbacks, of classes ``fit`` compared):
@@ -306,7 +317,8 @@ def blora_xs(setup, rank=10, scale=0.5, per_epoch=10):
     start_epoch, every = swag_schedule(c.epochs, len(loader) // distributed.world_size(), per_epoch)  # before the fit
     setup.restore()  # the head warm-starts from the MAP's trained one (IVON's from the initial one); the cores from zero
     # the MAP's LoRA, which the SVD replaces here, stays in the setup for the methods after this one
-    model = LoraXSModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=c.prior_scale, replace_trained=True)
+    model = LoraXSModel(setup.net, setup.likelihood, num_data=len(setup.train), prior=c.prior_scale,
+                        replace_trained=True)
     map_guide, swag = MAPGuide(model), SWAGGuide(model, rank=rank, scale=scale)
     collector = SWAGCollector(swag, start_epoch=start_epoch, every=every)
     fit(model, map_guide, loader, epochs=c.epochs, lr=LORA_XS_LR_FACTOR * c.lr, progress=c.progress, callbacks=[collector])

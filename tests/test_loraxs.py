@@ -70,10 +70,17 @@ def test_a_trained_lora_is_not_overwritten_without_being_asked():
     LoraXSModel(net, SequenceClassification())  # already LoRA-XS's SVD: rebuilt without a word
     assert all(torch.equal(p, svd[n]) for n, p in net.named_parameters() if "lora_" in n)
     LoraXSModel(tiny_bert(r=2, random_b=False), SequenceClassification())  # peft's B = 0
-    # the SVD as a bfloat16 adapter stores it (rounded by up to 2^-9 relative) is LoRA-XS's still: rebuilt
-    half = tiny_bert(r=2, random_b=False, dtype=torch.bfloat16)
-    LoraXSModel(half, SequenceClassification())
-    LoraXSModel(half, SequenceClassification())
+    from peft import LoraConfig, get_peft_model
+
+    # the SVD as a bfloat16 adapter stores it (rounded by up to 2^-8 relative, cast to float32 since) is LoRA-XS's
+    # still: rebuilt; and peft's "orthogonal" init, a non-zero B with B A = 0, holds nothing to lose
+    for dtype, init in ((torch.bfloat16, True), (torch.float32, "orthogonal")):
+        net = get_peft_model(tiny_bert_base(num_labels=2).to(dtype), LoraConfig(
+            r=2, target_modules=["query", "value"], task_type="SEQ_CLS", init_lora_weights=init),
+            autocast_adapter_dtype=False)
+        assert {p.dtype for n, p in net.named_parameters() if "lora_B" in n} == {dtype}
+        LoraXSModel(net, SequenceClassification())
+        LoraXSModel(net, SequenceClassification())
 
 
 @pytest.mark.parametrize("group", ["kind", "matrix"])

@@ -159,8 +159,23 @@ def test_two_collectors_filling_one_swag_guide_are_refused():
         with pytest.raises(ValueError, match="fill the same SWAG guide"):
             fit(model, map_guide, toy_data(), epochs=1, lr=3e-2, progress=False, callbacks=callbacks)
     assert int(swag.num_collected) == 0 and all(torch.equal(before[k], v) for k, v in map_guide.mean().items())
-    with pytest.raises(ValueError, match="already collected the iterate of step 2"):  # a wrapper fit cannot see into
-        fit(model, map_guide, toy_data(), epochs=1, lr=3e-2, progress=False, callbacks=[collector, lambda s: collector(s)])
+    for every in (1, 2):  # through a wrapper fit cannot see into; what this fit collected is taken back out
+        collector = SWAGCollector(swag, every=every)
+        with pytest.raises(ValueError, match=f"already collected the iterate of step {every}.*the 1 iterate"):
+            fit(model, map_guide, toy_data(), epochs=1, lr=3e-2, progress=False,
+                callbacks=[collector, lambda s, c=collector: c(s)])
+        assert int(swag.num_collected) == 0 and not any(bool(b.any()) for b in swag.buffers())
+    seen = []  # a loop of the user's own that reuses one FitState, bumping its step: each step collected once
+
+    class Loop:
+        step, epoch, skipped, guide, epochs, steps_per_epoch = 1, 0, False, map_guide, 1, 6
+
+    user = SWAGCollector(SWAGGuide(model, rank=3))
+    for step in (1, 2, 3):
+        Loop.step = step
+        user(Loop)
+        seen.append(int(user.swag.num_collected))
+    assert seen == [1, 2, 3]
     swag = SWAGGuide(model, rank=3)
     collector, other = SWAGCollector(swag, every=2), SWAGGuide(model, rank=3)  # one collector per guide: supported
     fit(model, map_guide, toy_data(), epochs=1, lr=3e-2, progress=False,

@@ -220,8 +220,8 @@ SCORE_RTOL, SCORE_ATOL = 1e-5, 1e-7
 _REDEFINED = {
     **dict.fromkeys(("aurc", "accuracy_at_50", "accuracy_at_80"), "before 2026-12-05 selective prediction ranked ties "
                     "otherwise (commits 4210797, 9f842bd)"),
-    **dict.fromkeys(("ood_auroc_entropy", "ood_auroc_mi"), "before 2026-12-05 the AUROC ranked float ties otherwise "
-                    "(commit 6357e23)"),
+    **dict.fromkeys(("ood_auroc_entropy", "ood_auroc_mi"), "before 2026-12-05 and again before 2026-12-06 the AUROC "
+                    "ranked float ties otherwise (commits 6357e23, 88e5b06)"),
     **dict.fromkeys(("accuracy", "ece"), "before 2026-12-03 a tie at the top counted 0 or 1 and float32 confidences "
                     "were binned in float64 (commits f1b27f2, d3a066c)"),
 }

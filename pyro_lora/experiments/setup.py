@@ -279,7 +279,8 @@ class Setup:
         """
         likelihood = get_method(name).task_likelihood(self.task_likelihood)
         if likelihood is None:
-            raise ValueError(f"method {name!r}: its likelihood hook returned None for {type(self.task_likelihood).__name__}")
+            raise ValueError(f"method {name!r}: its likelihood hook returned None for "
+                             f"{type(self.task_likelihood).__name__}")
         return replace(self, method=name, likelihood=likelihood, train=tuple(self.train), val=tuple(self.val), test=tuple(self.test),
                        shifted={k: tuple(v) for k, v in self.shifted.items()})
 
