@@ -185,7 +185,6 @@ class SWAGCollector:
         check_count(start_step, "start_step", minimum=0)
         check_count(start_epoch, "start_epoch", minimum=0)
         self.swag, self.start_step, self.start_epoch, self.every, self.source = swag, start_step, start_epoch, every, source
-        self._before = None  # (the SWAG guide's state, its point snapshot) as the running fit found them
 
     def __call__(self, state):
         last = getattr(self.swag, "_collected_step", None)
@@ -195,11 +194,11 @@ class SWAGCollector:
         if state.step == 1 and not again:
             self._check_settings()
             self._check_schedule(state)
-            # the SWAG guide as this fit found it, which a run that diverges leaves (on_divergence); empty, nothing to
-            # keep. On the guide too, for a second collector that finds this step's iterate in already
+            # the SWAG guide as this fit found it (its state, None where empty, and its point snapshot), which a run
+            # that diverges or a second collector leaves; kept on the guide, where any collector of this fit finds it
             saved = {n: t.to("cpu", copy=True) for n, t in self.swag.state_dict().items()} \
                 if int(self.swag.num_collected) else None
-            self._before = self.swag._fit_start = (saved, self.swag._point_snapshot)
+            self.swag._fit_start = (saved, self.swag._point_snapshot)
         if state.skipped:  # float16's loss scaler left the weights as they were: no new iterate
             return
         if state.step >= self.start_step and state.epoch >= self.start_epoch and state.step % self.every == 0:
@@ -222,7 +221,7 @@ class SWAGCollector:
         half-precision overflow, another ``FloatingPointError``): put the SWAG
         guide back as the run found it, as iterates of a diverged run (weights the run itself judged wrong, the last
         ones before the judgement too) would stay in its mean and covariance; returns the note added to the error."""
-        taken, held = self._restore(self._before)
+        taken, held = self._restore(self.swag._fit_start)
         return (f"SWAGCollector: the {taken} iterate(s) collected in the diverged run were taken back out of the SWAG "
                 f"guide, which holds the {held} it held before the run")
 
