@@ -550,6 +550,22 @@ def test_a_difference_of_float_round_off_is_a_tie_not_a_win(seeds):
     assert clear_difference([-1e-8] * 3, means=(0.5 - 1e-8, 0.5), digits=3) is None and clear_difference([-1e-8] * 3) == "better"
 
 
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_a_round_off_bias_straddling_a_rounding_boundary_is_a_tie(seeds):
+    """laplace_val below temperature scaling by 2e-9 on every seed, zero spread, the means either side of a printed
+    digit (0.4004999990 and 0.4005000010: 0.400 and 0.401): round-off, no win on NLL; a bias of 2e-4 (0.4004 and
+    0.4006, the same printed values) is one."""
+    def rows(bias):
+        t = [(0.6, 2.0, 0.400500001 + bias / 2, 0.3)] * seeds
+        return _rows({"map": [(0.6, 3.0, 0.6, 0.3)] * seeds, "temperature": t,
+                      "laplace_val": [(a, e - 1.0, n - bias, r) for a, e, n, r in t]})
+
+    assert "on both ECE and NLL: none; on NLL only: none." in verdict(rows(2e-9), "sst2")
+    assert "(ECE 2.00, NLL 0.401) on both ECE and NLL: laplace_val" in verdict(rows(2e-4), "sst2")
+    assert clear_difference([-2e-9] * 3, means=(0.4004999990, 0.4005000010), digits=3) is None
+    assert clear_difference([-2e-4] * 3, means=(0.4004, 0.4006), digits=3) == "better"
+
+
 def test_a_value_that_prints_as_minus_zero_ties_zero():
     """An NLL of -1.2e-7 (a hand-made or external record) printed -0.000, below temperature's 0.000: "beats"."""
     from pyro_lora.experiments.table import shown

@@ -146,6 +146,18 @@ def shown(value, digits) -> str:
     return text[1:] if text.startswith("-") and not float(text) else text
 
 
+# values this close are one value up to float round-off (a method at a grid edge equal to the MAP it starts from
+# differs by ~1e-8 relative): never a difference, even where a rounding boundary falls between them
+ROUND_OFF = 1e-6
+
+
+def read_apart(a, b, digits) -> bool:
+    """Whether ``a`` and ``b`` read differently with ``digits`` decimals (:func:`shown`) and are more than float
+    round-off apart (relative :data:`ROUND_OFF`): 0.4004999999 and 0.4005000001 print 0.400 and 0.401, a difference
+    the values do not have. No claim that one value beats another is made without it."""
+    return shown(a, digits) != shown(b, digits) and not math.isclose(a, b, rel_tol=ROUND_OFF, abs_tol=ROUND_OFF * 1e-3)
+
+
 def _number(value, digits):
     return "n/a" if not_available(value) else shown(value, digits)
 

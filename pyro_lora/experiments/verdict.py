@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..guides.registry import METHODS
-from .table import COLUMNS, base_guide, row_setting, seed_list, shown
+from .table import COLUMNS, base_guide, read_apart, row_setting, seed_list, shown
 from .versions import one_version
 
 BASELINE, REFERENCE = "temperature", "map"
@@ -56,9 +56,10 @@ def accuracy_drop(reference: float, accuracy: float) -> float:
 def clear_difference(diffs, lower_better=True, means=None, digits=None):
     """``"better"``, ``"worse"`` or ``None`` (within the noise, fewer than 2 seeds) for the per-seed differences
     ``diffs`` (method - other): the mean outside its 95% Student-t interval. With ``means`` (the method's and the
-    other's mean over those seeds) and ``digits``: ``None`` where the two means read the same as the tables print
-    them (float round-off between a method at a grid edge and the MAP it equals), whatever the interval."""
-    if len(diffs) < 2 or (means is not None and shown(means[0], digits) == shown(means[1], digits)):
+    other's mean over those seeds) and ``digits``: ``None`` where the two means are not :func:`~.table.read_apart` as
+    the tables print them (float round-off between a method at a grid edge and the MAP it equals, or a bias of 2e-9
+    straddling a rounding boundary), whatever the interval."""
+    if len(diffs) < 2 or (means is not None and not read_apart(*means, digits)):
         return None
     mean, se = float(np.mean(diffs)), float(np.std(diffs, ddof=1)) / np.sqrt(len(diffs))
     if mean == 0:
@@ -90,15 +91,15 @@ def _by_guide(rows, dataset, metric, expected=()):
 
 def _beats(values, guide, other, metric):
     """Whether ``guide`` is better than ``other`` on ``metric``: by the paired interval over their shared seeds
-    (two or more), by the value with one; never where their means read the same at the table's digits (what
-    :func:`_best` calls tied)."""
+    (two or more), by the value with one; never where their means are not :func:`~.table.read_apart` at the table's
+    digits (those that read the same :func:`_best` calls tied)."""
     lower, digits = COLUMNS[metric].lower_better, COLUMNS[metric].digits
     seeds = sorted(set(values.get(guide, {})) & set(values.get(other, {})))
     if not seeds:
         return False
     diffs = [values[guide][s] - values[other][s] for s in seeds]
     means = [float(np.mean([values[g][s] for s in seeds])) for g in (guide, other)]
-    if shown(means[0], digits) == shown(means[1], digits):
+    if not read_apart(*means, digits):
         return False
     if len(seeds) == 1:  # the values as the table shows them: 0.703 beats 0.704, as the Best line says
         return (diffs[0] < 0) == lower
