@@ -237,7 +237,8 @@ def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
     """The tokenizer of a GGUF file, split as the model was trained. transformers builds a byte-level BPE tokenizer
     with the split of the pre-tokenizer the file names where it knows it, else GPT-2's without a word: SmolLM2's
     ``"smollm"`` isolates digits first, so ``"x  1"`` became ``x Ġ Ġ 1`` for the model's ``x ĠĠ 1`` (log-probability
-    -55.4 for -35.6 on a text with ``½``). A name neither it nor :data:`_PRE_TOKENIZERS` knows is refused.
+    -55.4 for -35.6 on a text with ``½``). A name neither it nor :data:`_PRE_TOKENIZERS` knows is refused; a file
+    naming none (an older conversion) is split as GPT-2, with a warning: its split is not known.
 
     :raises ValueError: for a byte-level vocabulary whose pre-tokenizer is unknown here.
     """
@@ -246,6 +247,11 @@ def _gguf_tokenizer(path: Path) -> PreTrainedTokenizerBase:
 
     vocabulary, pre = gguf_tokenizer_kind(path)  # first: a truncated file refused by name, not in numpy's words
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, local_files_only=True)
+    if vocabulary == "gpt2" and pre is None:
+        warnings.warn(f"{path} names no pre-tokenizer (tokenizer.ggml.pre; an older conversion): its text is split as "
+                      "GPT-2 splits it (transformers' choice; llama.cpp uses a default split and warns that quality "
+                      "degrades), which may not be how the model was trained; if its scores look off, load the model "
+                      "from its Hugging Face folder, whose tokenizer.json holds its own split", stacklevel=user_stacklevel())
     if vocabulary != "gpt2" or pre is None or pre in _GPT2_SPLIT:  # not byte-level BPE, or GPT-2's own split
         return tokenizer
     if pre in _PRE_TOKENIZERS:

