@@ -572,9 +572,10 @@ class SequenceClassification(Likelihood):
         if mask is not None:
             if not _right_padded(mask):
                 raise ValueError(
-                    "SequenceClassification needs right-padded batches (tokenizer.padding_side = 'right'): left "
-                    "padding moves an encoder's [CLS] off column 0 and shifts the real tokens' positions (position "
-                    "ids count from the first column, padding included)"
+                    "SequenceClassification needs right-padded batches (tokenizer.padding_side = 'right'), for encoders "
+                    "and decoders alike: left padding moves an encoder's [CLS] off column 0, and shifts every model's "
+                    "real tokens' positions (position ids count from the first column, padding included), so an "
+                    "example's logits would depend on the longest row of its batch"
                 )
             if pad is None and not bool(mask.bool().all()):
                 raise ValueError(_NO_PAD_TOKEN + "; this batch is padded, and a decoder's head would read a padding cell")
