@@ -296,6 +296,8 @@ class TFBGuide(LoraGuide):
         try:
             with torch.no_grad(), eval_mode(self.model.net):  # no dropout: the only randomness is the weight noise
                 reference = self._reference(batches, criterion)
+                if criterion != "nll" and 0 < reference["count"] * tolerance < 1:  # 0: no change asked for
+                    warnings.warn(_few_anchors(criterion, tolerance, int(reference["count"])), stacklevel=user_stacklevel())
                 if evaluate(high):
                     best, edge = high, f"high={high:g} is already feasible: sigma_q = high; raise `high` to search further"
                 elif not evaluate(low):
@@ -541,6 +543,14 @@ def _decompose(a, b, ratio):
         b_prime = torch.cat([b_prime, b_prime.new_zeros(*b_prime.shape[:-1], missing)], -1)
         scale = torch.cat([scale, scale.new_ones(*scale.shape[:-1], missing)], -1)
     return a_prime, b_prime, scale, small, zero
+
+
+def _few_anchors(criterion, tolerance, count) -> str:
+    """The warning of a search whose anchors are too few for ``tolerance`` to allow one flip (or one wrong anchor)."""
+    return (f"TFB search on {count} anchors: a {_METRIC_NAMES[criterion]} tolerance of {tolerance:g} allows no anchor to "
+            f"change (one is {1 / count:.3g}), so any sigma_q that changes none of these {count} is taken, and on other "
+            f"data it may change far more than {tolerance:g} of the predictions; use at least {math.ceil(1 / tolerance)} "
+            "anchors (a larger training split) or the nll criterion")
 
 
 def _singular_warning(flagged, ratio):

@@ -563,6 +563,20 @@ def test_search_refuses_anchors_from_a_loader_that_drops_its_last_batch():
     assert max(t["anchors"] for t in trace) == 10  # a feasible candidate scored all (an infeasible one may stop early)
 
 
+def test_a_search_on_too_few_anchors_for_its_tolerance_is_warned_of():
+    """9 anchors under the 1% flip tolerance: any sigma_q that flips none of them was taken without a word, and one
+    that flipped 2 of 7 test questions (0.857 -> 0.571) was chosen; 100 anchors allow a flip, and nll is not a count."""
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), num_data=48)
+    for n, criterion, warned in ((9, "flip", True), (9, "accuracy", True), (100, "flip", False), (9, "nll", False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            TFBGuide(model).search(toy_data(n, batch=n), criterion=criterion, iterations=1, progress=False)
+        said = [str(w.message) for w in caught if "anchors:" in str(w.message)]
+        assert bool(said) == warned, (n, criterion, said)
+        if warned:
+            assert said[0].startswith(f"TFB search on {n} anchors:") and "use at least 100 anchors" in said[0]
+
+
 def test_a_sigma_whose_noise_overflows_the_logits_is_infeasible_under_every_criterion():
     """The search scored an overflowing candidate's nan log-probabilities: argmax counts a nan as class 0, so under
     "accuracy" sigma_q = 1e36 read feasible (an accuracy 'drop' of -0.125) and was chosen, with the advice to raise
