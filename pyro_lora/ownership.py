@@ -179,6 +179,9 @@ def head_trainer(model):
     snapshot = owner._point_snapshot  # None while fit trains it: the head as it is now is its own
     if snapshot is not None and changed_point_parameters(snapshot, owner.model):
         return None
+    entry = getattr(model.net, _FITTED, {}).get(model.adapter)
+    if entry is not None and entry.guide is not None and entry.guide() is owner and _trained_nothing(entry, model):
+        return None  # its SVI calls were never stepped: it trained no head
     return owner
 
 
@@ -225,6 +228,9 @@ class _Fitted(NamedTuple):
     weights: dict  # LoRA weight name -> (its sums then, its trained value's; None: unknown, another)
     head: dict | None  # the point snapshot the training left (None: it trained no point parameter)
     builds_on_adapter: bool  # the trainer model's (LoraModel.builds_on_adapter)
+    # SVI: the guide whose calls these are (a weakref) and (point snapshot, its mean's sums) before its first call
+    guide: weakref.ref | None = None
+    start: tuple | None = None
 
 
 def record_fit(model, guide, svi: bool = False) -> None:
@@ -244,8 +250,32 @@ def record_fit(model, guide, svi: bool = False) -> None:
     if any(model.sites[n].kind.parameter is None and v.any() for n, v in values.items() if n in model.sites):
         record.update({n: (sums[id(p)], None) for n, p in held.items()})
     head = guide._point_snapshot if model.named_point_parameters() else None
+    start = None
+    if svi:  # a call alone trains nothing (a loss computed with gradients, no step): kept to tell, per run of calls
+        previous = getattr(model.net, _FITTED, {}).get(model.adapter)
+        start = previous.start if previous is not None and previous.guide is not None and previous.guide() is guide \
+            else (point_snapshot(model), {n: sums[id(v)] for n, v in mean.items()})
     restore_fit(model, _Fitted(type(guide).__name__, "pyro.infer.SVI" if svi else "fit", record,
-                               head if svi or head is None else dict(head), model.builds_on_adapter))
+                               head if svi or head is None else dict(head), model.builds_on_adapter,
+                               weakref.ref(guide) if svi else None, start))
+
+
+def _trained_nothing(entry, model) -> bool:
+    """Whether the SVI calls ``entry`` records left the head and their guide's mean as they were before the first:
+    a loss computed with gradients and never stepped (a gradient check, a logged ELBO) is no training."""
+    if entry.start is None:
+        return False
+    head, mean = entry.start
+    _settle(mean)
+    guide = entry.guide()
+    if guide is None:
+        now = {n: pair[1] for n, pair in _settled(entry).items()}
+    else:
+        with torch.no_grad():
+            values = model.lora_weight_values({n: v.detach() for n, v in guide.mean().items()})
+        sums = value_sums(values.values())
+        now = {n: sums[id(v)] for n, v in values.items()}
+    return now == mean and not changed_point_parameters(head, model)
 
 
 def record_autoguide(model, owner) -> None:
@@ -267,7 +297,7 @@ def unwritten_fit(model) -> _Fitted | None:
     LoRA weight still holds what it held when that training ended and some differ from the guide's mean: its mean
     was never written into the adapter (``model.write_adapter``). ``None`` otherwise."""
     entry = getattr(model.net, _FITTED, {}).get(model.adapter)
-    if entry is None:
+    if entry is None or _trained_nothing(entry, model):
         return None
     record = _settled(entry)
     held = [(n, p) for n, p in model.named_lora_weights() if n in record]

@@ -2,6 +2,7 @@
 parameters (a classification head, non-random LoRA matrices)."""
 
 import math
+import warnings
 
 import pyro
 import pyro.optim
@@ -246,6 +247,32 @@ def test_pyro_elbos_train_the_guide(elbo):
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), elbo)
     assert all(torch.isfinite(torch.tensor(svi.step(b))) for b in toy_data(n=16, batch=8))
     assert all(not torch.equal(p, q) for p, q in zip(guide.parameters(), before))
+
+
+@pytest.mark.parametrize("guide_dropped", [False, True])
+def test_an_elbo_computed_but_never_stepped_trained_nothing(guide_dropped):
+    """A loss computed with gradients and no step (a gradient check, a logged ELBO) left the head and the guide as
+    they were, yet building another guide was refused: "the head was trained by a MeanFieldGuide whose LoRA values
+    the adapter does not hold". A step after it trains the head: refused, as before."""
+    model, guide = build("meanfield")
+    with torch.no_grad():
+        guide.locs[0].add_(0.1)  # a mean the adapter does not hold (a loaded guide, one being checked)
+    batch = toy_data(n=8, batch=8)[0]
+    for _ in range(2):
+        TraceMeanField_ELBO().differentiable_loss(model, guide, batch)
+    if guide_dropped:
+        del guide
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nor the warning that it "would miss the training"
+        MAPGuide(model)
+    model, guide = build("meanfield")
+    with torch.no_grad():
+        guide.locs[0].add_(0.1)
+    SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO()).step(batch)
+    if guide_dropped:
+        del guide
+    with pytest.raises(ValueError, match="head was trained by a MeanFieldGuide whose LoRA values the adapter does not hold"):
+        MAPGuide(model)
 
 
 def test_a_guide_built_after_pyros_svi_sees_the_head_it_trained():
