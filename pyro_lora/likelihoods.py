@@ -573,9 +573,10 @@ class SequenceClassification(Likelihood):
             if not _right_padded(mask):
                 raise ValueError(
                     "SequenceClassification needs right-padded batches (tokenizer.padding_side = 'right'), for encoders "
-                    "and decoders alike: left padding moves an encoder's [CLS] off column 0, and shifts every model's "
-                    "real tokens' positions (position ids count from the first column, padding included), so an "
-                    "example's logits would depend on the longest row of its batch"
+                    "and decoders alike: padding before a row's tokens moves an encoder's [CLS] off column 0 and "
+                    "shifts the real tokens' positions (position ids count from the first column, padding included), "
+                    "which changes the logits of a model with absolute positions (BERT, GPT-2) with its batch's "
+                    "longest row"
                 )
             if pad is None and not bool(mask.bool().all()):
                 raise ValueError(_NO_PAD_TOKEN + "; this batch is padded, and a decoder's head would read a padding cell")

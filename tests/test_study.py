@@ -1364,6 +1364,9 @@ def test_the_report_says_no_guide_beats_on_a_value_it_prints_as_a_tie():
     # the printed values decide, not their rounded difference: 0.500 against 0.501 beats, 0.501 against 0.501 does not
     tables = {"nll": {"g": {"a": 0.5004, "b": 0.5006}, "map": {"a": 0.5006, "b": 0.5014}}, "ece": {}, "accuracy": {}}
     assert report.guide_sentences(tables, "g", ["a", "b"])[0] == "**g** does not beat MAP on NLL on 1 of 2 sets: b (+0.000) nats."
+    # nor do values within float round-off that a rounding boundary separates (0.400 against 0.401 as printed)
+    tables = {"nll": {"g": {"a": 0.4004999990}, "map": {"a": 0.4005000010}}, "ece": {}, "accuracy": {}}
+    assert report.guide_sentences(tables, "g", ["a"])[0] == "**g** does not beat MAP on NLL on 1 of 1 sets: a (+0.000) nats."
 
 
 def test_a_report_over_runs_without_recorded_time_says_so(tmp_path):

@@ -577,6 +577,18 @@ def test_a_search_on_too_few_anchors_for_its_tolerance_is_warned_of():
             assert said[0].startswith(f"TFB search on {n} anchors:") and "use at least 100 anchors" in said[0]
 
 
+def test_the_accuracy_drop_counts_anchors_exactly():
+    """The drop was acc_0 - acc_sigma in floats: 0.57 - 0.56 is 0.010000000000000009, so one anchor lost of 100 was
+    infeasible at the 1% tolerance the few-anchors warning calls enough; it is the anchors lost over the count."""
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), num_data=48)
+    trace = TFBGuide(model).search(toy_data(100, batch=25), criterion="accuracy", low=1e-3, high=50.0, iterations=6,
+                                   progress=False)
+    scored = [t for t in trace if t["anchors"]]
+    assert any(t["metric"] != 0 for t in scored)
+    assert all(t["metric"] == round(t["metric"] * 100) / 100 and t["feasible"] == (round(t["metric"] * 100) <= 1)
+               for t in scored)
+
+
 def test_a_sigma_whose_noise_overflows_the_logits_is_infeasible_under_every_criterion():
     """The search scored an overflowing candidate's nan log-probabilities: argmax counts a nan as class 0, so under
     "accuracy" sigma_q = 1e36 read feasible (an accuracy 'drop' of -0.125) and was chosen, with the advice to raise

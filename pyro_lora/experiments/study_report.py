@@ -20,8 +20,8 @@ from .plots import difference_heatmaps
 from .results import (PREDICT_SEEDING, SIDECAR, SUMMARY_FIGURES, check_scores, read_record, recorded_seeding, redraw_figures,
                       summarize_run, withheld_text, without)
 from .study_header import answer_format, header_section, long_name, model_name, short, used_sizes
-from .table import (COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, row_setting, seed_list, shown,
-                    ts_name)
+from .table import (COLUMNS, base_guide, columns, format_cell, not_available, partial_seeds_note, read_apart, row_setting,
+                    seed_list, shown, ts_name)
 from .versions import one_version
 from .verdict import ACCURACY_POINTS, accuracy_drop, clear_difference, verdict
 
@@ -176,15 +176,18 @@ def average_ranks(table, labels, lower_better=True, digits=9):
 def not_beating(table, guide, reference, labels, lower_better=True, digits=9):
     """The set labels where ``guide`` does not beat ``reference``, with the difference ``guide - reference`` of the
     values as printed: both are read as the tables print them, ``digits`` decimals, so two NLLs both shown as 0.500
-    are a tie (a tie does not beat) and 0.500 against 0.501 a win. Lower-is-better metrics: sets where ``guide`` is
-    not below ``reference``; higher-is-better ones: not above it.
+    are a tie (a tie does not beat) and 0.500 against 0.501 a win; so are two within float round-off
+    (:func:`~.table.read_apart`: 0.4004999990 and 0.4005000010, difference 0). Lower-is-better metrics: sets where
+    ``guide`` is not below ``reference``; higher-is-better ones: not above it.
     """
     out = []
     for label in labels:
         if label not in table.get(guide, {}) or label not in table.get(reference, {}):
             continue
+        mine, theirs = table[guide][label], table[reference][label]
         # the difference of the printed values, itself rounded: 0.79 - 0.80 is -0.010000000000000009 in floats
-        diff = round(float(shown(table[guide][label], digits)) - float(shown(table[reference][label], digits)), digits) + 0.0
+        diff = round(float(shown(mine, digits)) - float(shown(theirs, digits)), digits) + 0.0 \
+            if read_apart(mine, theirs, digits) else 0.0
         if (diff >= 0) if lower_better else (diff <= 0):
             out.append((label, diff))
     return out

@@ -92,7 +92,7 @@ def _by_guide(rows, dataset, metric, expected=()):
 def _beats(values, guide, other, metric):
     """Whether ``guide`` is better than ``other`` on ``metric``: by the paired interval over their shared seeds
     (two or more), by the value with one; never where their means are not :func:`~.table.read_apart` at the table's
-    digits (those that read the same :func:`_best` calls tied)."""
+    digits (those that read the same :func:`_best` calls tied; a round-off straddle it names apart, as printed)."""
     lower, digits = COLUMNS[metric].lower_better, COLUMNS[metric].digits
     seeds = sorted(set(values.get(guide, {})) & set(values.get(other, {})))
     if not seeds:
