@@ -179,10 +179,7 @@ def head_trainer(model):
     snapshot = owner._point_snapshot  # None while fit trains it: the head as it is now is its own
     if snapshot is not None and changed_point_parameters(snapshot, owner.model):
         return None
-    entry = getattr(model.net, _FITTED, {}).get(model.adapter)
-    if entry is not None and entry.guide is not None and entry.guide() is owner and _trained_nothing(entry, model):
-        return None  # its SVI calls were never stepped: it trained no head
-    return owner
+    return None if _never_stepped(model, owner) else owner
 
 
 def head_loaded(guide) -> bool:
@@ -250,35 +247,58 @@ def record_fit(model, guide, svi: bool = False) -> None:
     if any(model.sites[n].kind.parameter is None and v.any() for n, v in values.items() if n in model.sites):
         record.update({n: (sums[id(p)], None) for n, p in held.items()})
     head = guide._point_snapshot if model.named_point_parameters() else None
-    start = None
-    if svi:  # a call alone trains nothing (a loss computed with gradients, no step): kept to tell, per run of calls
-        previous = getattr(model.net, _FITTED, {}).get(model.adapter)
-        start = previous.start if previous is not None and previous.guide is not None and previous.guide() is guide \
-            else (point_snapshot(model), {n: sums[id(v)] for n, v in mean.items()})
     restore_fit(model, _Fitted(type(guide).__name__, "pyro.infer.SVI" if svi else "fit", record,
                                head if svi or head is None else dict(head), model.builds_on_adapter,
-                               weakref.ref(guide) if svi else None, start))
+                               *(_svi_start(model, guide) if svi else (None, None))))
+
+
+def _svi_start(model, guide) -> tuple:
+    """``(weakref to guide, (point snapshot, its trained state))`` before ``guide``'s first call in a run of SVI calls
+    (the one its last record kept, else as they are now): a call alone trains nothing (a loss computed with
+    gradients, never stepped), which :func:`_trained_nothing` tells by them."""
+    previous = getattr(model.net, _FITTED, {}).get(model.adapter)
+    if previous is not None and previous.guide is not None and previous.guide() is guide:
+        return previous.guide, previous.start
+    return weakref.ref(guide), (point_snapshot(model), _trained_state(guide, model))
+
+
+def _trained_state(guide, model) -> dict:
+    """What ``guide`` trains, as sums: a guide of the guides package's mean per LoRA weight (the keys of
+    :func:`record_fit`'s record), a followed autoguide's parameters in order."""
+    if isinstance(guide, Followed):
+        params = list(guide.parameters())
+        sums = value_sums(params)
+        return {k: sums[id(p)] for k, p in enumerate(params)}
+    with torch.no_grad():
+        values = model.lora_weight_values({n: v.detach() for n, v in guide.mean().items()})
+    sums = value_sums(values.values())
+    return {n: sums[id(v)] for n, v in values.items()}
+
+
+def _never_stepped(model, owner) -> bool:
+    """Whether the last training record of ``model``'s adapter is ``owner``'s SVI calls, which trained nothing."""
+    entry = getattr(model.net, _FITTED, {}).get(model.adapter)
+    return entry is not None and entry.guide is not None and entry.guide() is owner and _trained_nothing(entry, model)
 
 
 def _trained_nothing(entry, model) -> bool:
-    """Whether the SVI calls ``entry`` records left the head and their guide's mean as they were before the first:
-    a loss computed with gradients and never stepped (a gradient check, a logged ELBO) is no training."""
+    """Whether the SVI calls ``entry`` records left the head and what their guide trains as they were before the
+    first: a loss computed with gradients and never stepped (a gradient check, a logged ELBO) is no training. A guide
+    gone is read from the record (its mean at its last call); an autoguide gone is not known, so it trained."""
     if entry.start is None:
         return False
-    head, mean = entry.start
-    _settle(mean)
+    head, before = entry.start
     guide = entry.guide()
-    if guide is None:
-        now = {n: pair[1] for n, pair in _settled(entry).items()}
+    if guide is not None:
+        now = _trained_state(guide, model)
     else:
-        with torch.no_grad():
-            values = model.lora_weight_values({n: v.detach() for n, v in guide.mean().items()})
-        sums = value_sums(values.values())
-        now = {n: sums[id(v)] for n, v in values.items()}
-    return now == mean and not changed_point_parameters(head, model)
+        now = {n: pair[1] for n, pair in _settled(entry).items()}
+        if any(v is None for v in now.values()):
+            return False
+    return now == before and not changed_point_parameters(head, model)
 
 
-def record_autoguide(model, owner) -> None:
+def record_autoguide(model, owner, svi: bool = True) -> None:
     """``owner`` (:class:`Followed`) trained or restored ``model``'s sites, as :func:`record_fit` keeps a guide's
     training: the adapter's LoRA weights its sites stand for as they are now (on their device), each with its value
     unknown (``None``: a step moved it; the autoguide's median is its own), and the head its snapshot. A site no peft
@@ -289,7 +309,7 @@ def record_autoguide(model, owner) -> None:
     sums = value_sums((p for _, p in held), lazy=True)
     head = owner._point_snapshot if model.named_point_parameters() else None
     restore_fit(model, _Fitted(owner.name, "pyro.infer.SVI", {n: (sums[id(p)], None) for n, p in held}, head,
-                               model.builds_on_adapter))
+                               model.builds_on_adapter, *(_svi_start(model, owner) if svi else (None, None))))
 
 
 def unwritten_fit(model) -> _Fitted | None:
@@ -328,7 +348,7 @@ def trained_beside_head(model, members: list):
     elif isinstance(trainer(model), Followed):
         owner = trainer(model)
         autoguide = owner._autoguide()
-        if autoguide is None or changed_point_parameters(owner._point_snapshot, owner.model):
+        if autoguide is None or changed_point_parameters(owner._point_snapshot, owner.model) or _never_stepped(model, owner):
             return None
         with torch.no_grad():
             theirs = autoguide.median()
@@ -434,4 +454,4 @@ def follow_autoguide(model, autoguide, loaded: bool = False) -> None:
         owner._point_snapshot = point_snapshot(model)
     else:
         follow_svi_step(owner)
-    record_autoguide(model, owner)
+    record_autoguide(model, owner, svi=not loaded)
