@@ -348,7 +348,8 @@ def trained_beside_head(model, members: list):
     elif isinstance(trainer(model), Followed):
         owner = trainer(model)
         autoguide = owner._autoguide()
-        if autoguide is None or changed_point_parameters(owner._point_snapshot, owner.model) or _never_stepped(model, owner):
+        if (autoguide is None or changed_point_parameters(owner._point_snapshot, owner.model)
+                or _never_stepped(model, owner)):
             return None
         with torch.no_grad():
             theirs = autoguide.median()
