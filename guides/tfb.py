@@ -547,10 +547,11 @@ def _decompose(a, b, ratio):
 
 def _few_anchors(criterion, tolerance, count) -> str:
     """The warning of a search whose anchors are too few for ``tolerance`` to allow one flip (or one wrong anchor)."""
-    return (f"TFB search on {count} anchors: a {_METRIC_NAMES[criterion]} tolerance of {tolerance:g} allows no anchor to "
-            f"change (one anchor is {1 / count:.3g}), so any sigma_q that changes none of these {count} is taken, and on other "
-            f"data it may change far more than {tolerance:g} of the predictions; use at least {math.ceil(1 / tolerance)} "
-            "anchors (a larger training split) or the nll criterion")
+    what = "to change" if criterion == "flip" else "lost"
+    return (f"TFB search on {count} anchors: a {_METRIC_NAMES[criterion]} tolerance of {tolerance:g} allows no anchor "
+            f"{what} (one anchor is {1 / count:.3g}), so any sigma_q that changes none of these {count} is taken, and on "
+            f"other data it may change far more than {tolerance:g} of the predictions; use at least "
+            f"{math.ceil(1 / tolerance)} anchors (a larger training split) or the nll criterion")
 
 
 def _singular_warning(flagged, ratio):
