@@ -24,8 +24,8 @@ from . import distributed, handoff, pyro_params, quantized
 from .checks import check_batch, check_count, pickling_refused
 from .hooks import hooks_ran
 from .contract import check_autoguide, check_autoguide_model, check_guide, check_not_meta, parameter_adapter, tempered_training
-from .ownership import (follow_autoguide, head_left_by, head_loaded, head_trainer, record_write, unwritten_fit,
-                        value_sums, written_beside_head)
+from .ownership import (follow_autoguide, head_left_by, head_loaded, head_trainer, record_write, svi_left_head,
+                        unwritten_fit, value_sums, written_beside_head)
 from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, between_kinds, down_kind, up_kind
 from .likelihoods import data_nll, is_cloze
@@ -491,8 +491,9 @@ class LoraModel:
         fitted = unwritten_fit(self)
         if fitted is None:
             return None
-        paired = head_left_by(fitted, self)
-        if fitted.head is not None and not paired:  # its head replaced since (a snapshot restored, a reload): moved on
+        left = svi_left_head(fitted, self)  # SVI steps of the guide alone: no head trained beside it, its training missed
+        paired = head_left_by(fitted, self) and not left
+        if fitted.head is not None and not paired and not left:  # its head replaced since (a snapshot restored, a reload)
             return None
         # a LoRA-XS start beside another's head starts afresh (_stale_layers); values that are the training's mean, by
         # the record's sums (a partial init of its guide's mean, the guide gone), are no stale adapter

@@ -179,7 +179,7 @@ def head_trainer(model):
     snapshot = owner._point_snapshot  # None while fit trains it: the head as it is now is its own
     if snapshot is not None and changed_point_parameters(snapshot, owner.model):
         return None
-    return None if _never_stepped(model, owner) else owner
+    return None if _head_left_by_svi(model, owner) else owner
 
 
 def head_loaded(guide) -> bool:
@@ -228,6 +228,7 @@ class _Fitted(NamedTuple):
     # SVI: the guide whose calls these are (a weakref) and (point snapshot, its mean's sums) before its first call
     guide: weakref.ref | None = None
     start: tuple | None = None
+    replaced: _Fitted | None = None  # SVI: the record before its guide's first call, which stands while it trains nothing
 
 
 def record_fit(model, guide, svi: bool = False) -> None:
@@ -249,17 +250,18 @@ def record_fit(model, guide, svi: bool = False) -> None:
     head = guide._point_snapshot if model.named_point_parameters() else None
     restore_fit(model, _Fitted(type(guide).__name__, "pyro.infer.SVI" if svi else "fit", record,
                                head if svi or head is None else dict(head), model.builds_on_adapter,
-                               *(_svi_start(model, guide) if svi else (None, None))))
+                               *(_svi_start(model, guide) if svi else (None, None, None))))
 
 
 def _svi_start(model, guide) -> tuple:
-    """``(weakref to guide, (point snapshot, its trained state))`` before ``guide``'s first call in a run of SVI calls
-    (the one its last record kept, else as they are now): a call alone trains nothing (a loss computed with
-    gradients, never stepped), which :func:`_trained_nothing` tells by them."""
+    """``(weakref to guide, (point snapshot, its trained state), the record replaced)`` before ``guide``'s first call
+    in a run of SVI calls (those its last record kept, else as they are now): a call alone trains nothing (a loss
+    computed with gradients, never stepped), which :func:`_trained_nothing` tells by them, and the training recorded
+    before it (a ``fit`` never written into the adapter) then stands."""
     previous = getattr(model.net, _FITTED, {}).get(model.adapter)
     if previous is not None and previous.guide is not None and previous.guide() is guide:
-        return previous.guide, previous.start
-    return weakref.ref(guide), (point_snapshot(model), _trained_state(guide, model))
+        return previous.guide, previous.start, previous.replaced
+    return weakref.ref(guide), (point_snapshot(model), _trained_state(guide, model)), previous
 
 
 def _trained_state(guide, model) -> dict:
@@ -275,10 +277,16 @@ def _trained_state(guide, model) -> dict:
     return {n: sums[id(v)] for n, v in values.items()}
 
 
-def _never_stepped(model, owner) -> bool:
-    """Whether the last training record of ``model``'s adapter is ``owner``'s SVI calls, which trained nothing."""
+def svi_left_head(entry, model) -> bool:
+    """Whether ``entry`` records SVI calls that left ``model``'s head as it was before the first (never stepped, or
+    stepping their guide alone): they trained no head, so the adapter's LoRA is no stale partner for it."""
+    return entry.start is not None and not changed_point_parameters(entry.start[0], model)
+
+
+def _head_left_by_svi(model, owner) -> bool:
+    """Whether the last training record of ``model``'s adapter is ``owner``'s SVI calls, which trained no head."""
     entry = getattr(model.net, _FITTED, {}).get(model.adapter)
-    return entry is not None and entry.guide is not None and entry.guide() is owner and _trained_nothing(entry, model)
+    return entry is not None and entry.guide is not None and entry.guide() is owner and svi_left_head(entry, model)
 
 
 def _trained_nothing(entry, model) -> bool:
@@ -309,7 +317,7 @@ def record_autoguide(model, owner, svi: bool = True) -> None:
     sums = value_sums((p for _, p in held), lazy=True)
     head = owner._point_snapshot if model.named_point_parameters() else None
     restore_fit(model, _Fitted(owner.name, "pyro.infer.SVI", {n: (sums[id(p)], None) for n, p in held}, head,
-                               model.builds_on_adapter, *(_svi_start(model, owner) if svi else (None, None))))
+                               model.builds_on_adapter, *(_svi_start(model, owner) if svi else (None, None, None))))
 
 
 def unwritten_fit(model) -> _Fitted | None:
@@ -317,7 +325,9 @@ def unwritten_fit(model) -> _Fitted | None:
     LoRA weight still holds what it held when that training ended and some differ from the guide's mean: its mean
     was never written into the adapter (``model.write_adapter``). ``None`` otherwise."""
     entry = getattr(model.net, _FITTED, {}).get(model.adapter)
-    if entry is None or _trained_nothing(entry, model):
+    while entry is not None and _trained_nothing(entry, model):
+        entry = entry.replaced  # its calls trained nothing: the training recorded before them stands
+    if entry is None:
         return None
     record = _settled(entry)
     held = [(n, p) for n, p in model.named_lora_weights() if n in record]
@@ -349,7 +359,7 @@ def trained_beside_head(model, members: list):
         owner = trainer(model)
         autoguide = owner._autoguide()
         if (autoguide is None or changed_point_parameters(owner._point_snapshot, owner.model)
-                or _never_stepped(model, owner)):
+                or _head_left_by_svi(model, owner)):
             return None
         with torch.no_grad():
             theirs = autoguide.median()
