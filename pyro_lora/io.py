@@ -26,7 +26,7 @@ from .contract import (_fingerprint_of, check_autoguide, check_guide, check_mode
 from . import pyro_params
 from .quantized import is_quantized
 from .sites import base_network, base_rewriting_inits, describe_inits
-from .ownership import follow_autoguide, forget_fit, restore_fit, take_over, trainer
+from .ownership import follow_autoguide, forget_fit, record_fit, restore_fit, take_over, trainer
 from .distributed import check_same, is_main, on_main, refused_together
 from .callers import user_stacklevel
 
@@ -1255,6 +1255,7 @@ def _load_guide(path, model, guide):
     take_over(model, guide)
     guide.adopt_point_parameters()
     guide._loaded_head = dict(guide._point_snapshot)  # restored, not trained: a refusal must not name it the trainer
+    record_fit(model, guide, by="load_guide")  # the pairing, kept once the guide is dropped (a helper returns the model)
     guide._base_records = meta["base_weights"].get("weights") if "base_weights" in meta else None
     guide.fit_progress = meta.get("fit")
     return guide

@@ -478,7 +478,7 @@ class LoraModel:
         fitted = self._check_recorded_training(use, advice, values)
         if fitted is not None:  # no head to pair: what is built from the adapter would silently miss the training
             warnings.warn(
-                f"the adapter still holds the LoRA values it held when {fitted.by} last trained this network with a "
+                f"the adapter still holds the LoRA values it held when {_trained(fitted)} this network with a "
                 f"{fitted.name}, not that guide's mean: {use} would miss the training; {advice}{_median(fitted)}",
                 stacklevel=user_stacklevel(),
             )
@@ -500,9 +500,10 @@ class LoraModel:
         if paired and not (values is not None and not self.builds_on_adapter and fitted.builds_on_adapter) \
                 and not (values is not None and self._hold_trained(values, fitted)):
             raise ValueError(
-                f"the network's head was trained by a {fitted.name} whose LoRA values the adapter does not hold (it "
-                f"still holds those from before {fitted.by} trained it, the guide alive or not): {use} would pair "
-                f"them with the trained head; {advice}{_median(fitted)}")
+                f"the network's head {'is the one load_guide restored with' if fitted.by == 'load_guide' else 'was trained by'} "
+                f"a {fitted.name} whose LoRA values the adapter does not hold (it still holds those from before "
+                f"{_trained(fitted)} it, the guide alive or not): {use} would pair them with the {_head(fitted)}; "
+                f"{advice}{_median(fitted)}")
         return None if paired else fitted
 
     def _hold_trained(self, values: dict, fitted) -> bool:
@@ -1237,6 +1238,15 @@ class LoraModel:
 def _built_over(guide):
     """The model ``guide`` was built over: a Pyro autoguide's, handlers around it unwrapped."""
     return unwrap(guide.model) if isinstance(guide, AutoGuide) else guide.model
+
+
+def _trained(fitted) -> str:
+    """What made the record ``fitted``, as a verb phrase: "fit last trained", "load_guide restored"."""
+    return f"{fitted.by} {'restored' if fitted.by == 'load_guide' else 'last trained'}"
+
+
+def _head(fitted) -> str:
+    return "restored head" if fitted.by == "load_guide" else "trained head"
 
 
 def _median(fitted) -> str:

@@ -221,7 +221,7 @@ _FITTED = "_pyro_lora_fitted"  # on the network: adapter -> _Fitted, the last tr
 
 class _Fitted(NamedTuple):
     name: str  # the guide's class ("Pyro AutoDelta" for an autoguide)
-    by: str  # what trained it: "fit", "pyro.infer.SVI"
+    by: str  # what trained it: "fit", "pyro.infer.SVI"; "load_guide": what restored the head with it
     weights: dict  # LoRA weight name -> (its sums then, its trained value's; None: unknown, another)
     head: dict | None  # the point snapshot the training left (None: it trained no point parameter)
     builds_on_adapter: bool  # the trainer model's (LoraModel.builds_on_adapter)
@@ -231,8 +231,9 @@ class _Fitted(NamedTuple):
     replaced: _Fitted | None = None  # SVI: the record before its guide's first call, which stands while it trains nothing
 
 
-def record_fit(model, guide, svi: bool = False) -> None:
-    """``fit`` (``svi``: a step of Pyro's SVI) trained the network with ``guide``: keep, per LoRA weight its sites
+def record_fit(model, guide, svi: bool = False, by: str = "fit") -> None:
+    """``fit`` (``svi``: a step of Pyro's SVI; ``by="load_guide"``: a load that restored the head with ``guide``)
+    trained the network with ``guide``: keep, per LoRA weight its sites
     hold, the sums of the adapter's weight as it is now and of the guide's mean, and the point parameters (the head)
     its training left (:func:`unwritten_fit`); sums, not the guide, so that a guide dropped after training or a model
     over the network with other sites still sees them. A site no peft parameter holds (a LoRA-XS core, ScalaBL's z)
@@ -248,7 +249,7 @@ def record_fit(model, guide, svi: bool = False) -> None:
     if any(model.sites[n].kind.parameter is None and v.any() for n, v in values.items() if n in model.sites):
         record.update({n: (sums[id(p)], None) for n, p in held.items()})
     head = guide._point_snapshot if model.named_point_parameters() else None
-    restore_fit(model, _Fitted(type(guide).__name__, "pyro.infer.SVI" if svi else "fit", record,
+    restore_fit(model, _Fitted(type(guide).__name__, "pyro.infer.SVI" if svi else by, record,
                                head if svi or head is None else dict(head), model.builds_on_adapter,
                                *(_svi_start(model, guide) if svi else (None, None, None))))
 
