@@ -488,13 +488,15 @@ class LoraModel:
         garbage-collected since, a Pyro autoguide), read from the record of the network's last training
         (:func:`~pyro_lora.ownership.unwritten_fit`): the adapter still holds the LoRA from before it, beside the head
         it left. Returns that record where it left no head (``None``: no unwritten training)."""
-        fitted = unwritten_fit(self)
+        fitted, missed = unwritten_fit(self), None
+        while fitted is not None and svi_left_head(fitted, self):  # SVI steps of a guide alone (its training missed):
+            missed = missed or fitted  # the head is an earlier training's, if any is left unwritten
+            fitted = unwritten_fit(self, below=fitted)
         if fitted is None:
-            return None
-        left = svi_left_head(fitted, self)  # SVI steps of the guide alone: no head trained beside it, its training missed
-        paired = head_left_by(fitted, self) and not left
-        if fitted.head is not None and not paired and not left:  # its head replaced since (a snapshot restored, a reload)
-            return None
+            return missed
+        paired = head_left_by(fitted, self)
+        if fitted.head is not None and not paired:  # its head replaced since (a snapshot restored, a reload): moved on
+            return missed
         # a LoRA-XS start beside another's head starts afresh (_stale_layers); values that are the training's mean, by
         # the record's sums (a partial init of its guide's mean, the guide gone), are no stale adapter
         if paired and not (values is not None and not self.builds_on_adapter and fitted.builds_on_adapter) \
@@ -504,7 +506,7 @@ class LoraModel:
                 f"a {fitted.name} whose LoRA values the adapter does not hold (it still holds those from before "
                 f"{_trained(fitted)} it, the guide alive or not): {use} would pair them with the {_head(fitted)}; "
                 f"{advice}{_median(fitted)}")
-        return None if paired else fitted
+        return missed if paired else fitted
 
     def _hold_trained(self, values: dict, fitted) -> bool:
         """Whether ``values`` give every LoRA weight the record ``fitted`` knows the trained value of

@@ -260,6 +260,11 @@ def _svi_start(model, guide) -> tuple:
     computed with gradients, never stepped), which :func:`_trained_nothing` tells by them, and the training recorded
     before it (a ``fit`` never written into the adapter) then stands."""
     previous = getattr(model.net, _FITTED, {}).get(model.adapter)
+    # another guide's calls that trained nothing (a loss logged beside this guide's steps) are passed over: this
+    # guide's run goes on, and the chain of records stays one per guide
+    while previous is not None and previous.guide is not None and previous.guide() is not guide \
+            and _trained_nothing(previous, model):
+        previous = previous.replaced
     if previous is not None and previous.guide is not None and previous.guide() is guide:
         return previous.guide, previous.start, previous.replaced
     return weakref.ref(guide), (point_snapshot(model), _trained_state(guide, model)), previous
@@ -321,11 +326,12 @@ def record_autoguide(model, owner, svi: bool = True) -> None:
                                model.builds_on_adapter, *(_svi_start(model, owner) if svi else (None, None, None))))
 
 
-def unwritten_fit(model) -> _Fitted | None:
+def unwritten_fit(model, below: _Fitted | None = None) -> _Fitted | None:
     """The record of the last training of ``model``'s network (:func:`record_fit`, :func:`record_autoguide`), if every
     LoRA weight still holds what it held when that training ended and some differ from the guide's mean: its mean
-    was never written into the adapter (``model.write_adapter``). ``None`` otherwise."""
-    entry = getattr(model.net, _FITTED, {}).get(model.adapter)
+    was never written into the adapter (``model.write_adapter``). ``None`` otherwise. ``below``: the search starts at
+    the record that one replaced (an earlier training under SVI calls that left the head as it was)."""
+    entry = getattr(model.net, _FITTED, {}).get(model.adapter) if below is None else below.replaced
     while entry is not None and _trained_nothing(entry, model):
         entry = entry.replaced  # its calls trained nothing: the training recorded before them stands
     if entry is None:
@@ -359,16 +365,18 @@ def trained_beside_head(model, members: list):
     elif isinstance(trainer(model), Followed):
         owner = trainer(model)
         autoguide = owner._autoguide()
-        if (autoguide is None or changed_point_parameters(owner._point_snapshot, owner.model)
-                or _head_left_by_svi(model, owner)):
+        if autoguide is None or changed_point_parameters(owner._point_snapshot, owner.model):
             return None
-        with torch.no_grad():
-            theirs = autoguide.median()
+        if not _head_left_by_svi(model, owner):  # else its calls left the head: an earlier training's, if any (below)
+            with torch.no_grad():
+                theirs = autoguide.median()
     if theirs is not None:
         theirs = {n: v.detach().float() for n, v in theirs.items()}
         return owner.name if isinstance(owner, Followed) else type(owner).__name__, [k for k, values in enumerate(members) if any(
             n in theirs and not torch.equal(theirs[n], v.detach().float()) for n, v in values.items())]
     entry = getattr(model.net, _FITTED, {}).get(model.adapter)
+    while entry is not None and svi_left_head(entry, model):  # SVI calls that left the head: an earlier training's
+        entry = entry.replaced
     if entry is None or not head_left_by(entry, model):
         return None
     trained = {n: pair[1] for n, pair in _settled(entry).items()}

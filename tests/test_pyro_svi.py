@@ -313,6 +313,47 @@ def test_an_unstepped_elbo_after_fit_keeps_the_fits_refusal(logged):
         MAPGuide(model)
 
 
+@pytest.mark.parametrize("after", ["guide-alone steps", "a collected AutoNormal's logged ELBO"])
+def test_svi_calls_that_left_the_head_keep_an_earlier_fits_refusal(after):
+    """After fit trained a MAP (never written), steps of another guide alone (the head as fit left it), or a logged
+    ELBO of an autoguide collected since, turned fit's refusal into a warning: MAPGuide(model) and export_adapter
+    paired fit's head with the stale adapter. An ensemble without heads= lost its warning that a member is not the
+    head's. The head is still fit's: refused, and warned, as before; the records stay one per guide."""
+    import gc
+
+    from pyro.infer.autoguide import AutoNormal
+
+    import pyro_lora.ownership as ownership
+    from pyro_lora.guides import EnsembleGuide
+
+    pyro.clear_param_store()
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5, num_data=16)
+    data = toy_data(n=16, batch=8)
+    stale = model.adapter_values()
+    trained = MAPGuide(model)
+    fit(model, trained, data, epochs=2, lr=2e-2, progress=False)
+    if after == "guide-alone steps":
+        other = MeanFieldGuide(model, init=trained.mean())
+        optimizer = torch.optim.Adam(other.parameters(), lr=1e-2)
+        for _ in range(3):
+            for batch in data:  # a loss logged by another guide between the steps: passed over
+                optimizer.zero_grad()
+                Trace_ELBO().differentiable_loss(model, other, batch).backward()
+                optimizer.step()
+                Trace_ELBO().differentiable_loss(model, MeanFieldGuide(model, init=trained.mean()), batch)
+        entry, count = getattr(model.net, ownership._FITTED)[model.adapter], 0
+        while entry is not None:
+            entry, count = entry.replaced, count + 1
+        assert count <= 3
+    else:
+        Trace_ELBO().differentiable_loss(model, AutoNormal(model), data[0])
+        gc.collect()
+    with pytest.raises(ValueError, match="head was trained by a MAPGuide whose LoRA values the adapter does not hold"):
+        MAPGuide(model)
+    with pytest.warns(UserWarning, match=r"head was trained by a MAPGuide beside LoRA values other than member\(s\) 1"):
+        EnsembleGuide(model, [trained.mean(), stale])
+
+
 def test_svi_steps_of_the_guide_alone_warn_that_the_adapter_misses_them():
     """An optimiser stepping the guide's parameters alone leaves the head as it was: the adapter's LoRA is no stale
     partner for it (was refused: "the head was trained by a MAPGuide"), but a guide built from it misses the training."""
