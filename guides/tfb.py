@@ -369,7 +369,7 @@ class TFBGuide(LoraGuide):
         return logits.float()
 
     def _reference(self, batches, criterion):
-        """The ``sigma = 0`` predictions: pseudo-labels per batch, and the reference NLL or accuracy."""
+        """The ``sigma = 0`` predictions: pseudo-labels per batch, and the anchors' summed NLL or count correct."""
         labels, total, count = [], 0.0, 0
         for batch in batches:
             logp = torch.log_softmax(self._logits(batch), -1)
@@ -381,7 +381,7 @@ class TFBGuide(LoraGuide):
             elif criterion == "accuracy":
                 total += (y0 == self._labels(batch)).sum().item()
         total, count = distributed.all_reduce_(torch.tensor([total, count], dtype=torch.double)).tolist()
-        return {"labels": labels, "value": total / count, "count": count, "total": total}
+        return {"labels": labels, "count": count, "total": total}
 
     def _labels(self, batch):
         return self.model.likelihood.observed(batch).to(self.model.device)
@@ -420,7 +420,8 @@ class TFBGuide(LoraGuide):
             return math.inf, int(scored)
         value = total / reference["count"]
         if criterion == "nll":
-            value = (value - reference["value"]) / max(reference["value"], 1e-12)
+            mean = reference["total"] / reference["count"]
+            value = (value - mean) / max(mean, 1e-12)
         elif criterion == "accuracy":  # anchors lost over the count: 0.57 - 0.56 is 0.010000000000000009 in floats
             value = (reference["total"] - total) / reference["count"]
         return value, int(scored)
