@@ -478,7 +478,7 @@ class LoraModel:
         fitted = self._check_recorded_training(use, advice, values)
         if fitted is not None:  # no head to pair: what is built from the adapter would silently miss the training
             warnings.warn(
-                f"the adapter still holds the LoRA values it held when {_trained(fitted)} this network with a "
+                f"the adapter still holds the LoRA values it held when {_wording(fitted)[1]} this network with a "
                 f"{fitted.name}, not that guide's mean: {use} would miss the training; {advice}{_median(fitted)}",
                 stacklevel=user_stacklevel(),
             )
@@ -501,10 +501,10 @@ class LoraModel:
         # the record's sums (a partial init of its guide's mean, the guide gone), are no stale adapter
         if paired and not (values is not None and not self.builds_on_adapter and fitted.builds_on_adapter) \
                 and not (values is not None and self._hold_trained(values, fitted)):
+            how, made, head = _wording(fitted)
             raise ValueError(
-                f"the network's head {'is the one load_guide restored with' if fitted.by == 'load_guide' else 'was trained by'} "
-                f"a {fitted.name} whose LoRA values the adapter does not hold (it still holds those from before "
-                f"{_trained(fitted)} it, the guide alive or not): {use} would pair them with the {_head(fitted)}; "
+                f"the network's head {how} a {fitted.name} whose LoRA values the adapter does not hold (it still holds "
+                f"those from before {made} it, the guide alive or not): {use} would pair them with the {head}; "
                 f"{advice}{_median(fitted)}")
         return missed if paired else fitted
 
@@ -1242,13 +1242,11 @@ def _built_over(guide):
     return unwrap(guide.model) if isinstance(guide, AutoGuide) else guide.model
 
 
-def _trained(fitted) -> str:
-    """What made the record ``fitted``, as a verb phrase: "fit last trained", "load_guide restored"."""
-    return f"{fitted.by} {'restored' if fitted.by == 'load_guide' else 'last trained'}"
-
-
-def _head(fitted) -> str:
-    return "restored head" if fitted.by == "load_guide" else "trained head"
+def _wording(fitted) -> tuple[str, str, str]:
+    """How the refusals name what made the record ``fitted``: a training, or a load that restored the head with it."""
+    if fitted.by == "load_guide":
+        return "is the one load_guide restored with", "load_guide restored", "restored head"
+    return "was trained by", f"{fitted.by} last trained", "trained head"
 
 
 def _median(fitted) -> str:
