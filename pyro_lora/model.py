@@ -24,7 +24,7 @@ from . import distributed, handoff, pyro_params, quantized
 from .checks import check_batch, check_count, pickling_refused
 from .hooks import hooks_ran
 from .contract import check_autoguide, check_autoguide_model, check_guide, check_not_meta, parameter_adapter, tempered_training
-from .ownership import (follow_autoguide, head_left_by, head_loaded, head_trainer, record_write, svi_left_head,
+from .ownership import (follow_autoguide, head_left_by, head_loaded, head_trainer, note_forward, record_write, svi_left_head,
                         unwritten_fit, value_sums, written_beside_head)
 from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, between_kinds, down_kind, up_kind
@@ -925,6 +925,8 @@ class LoraModel:
                              "with use_reentrant=False for the Hessian")
         with sdpa_kernel(SDPBackend.MATH) if hessian else contextlib.nullcontext():
             logits = self.logits(batch, values, flipout_locs=flipout)
+        if torch.is_grad_enabled() and pyro_params.recording():
+            note_forward(self, logits)  # a backward pass through it trains the head for this call's guide
         rows = logits.shape[0]
         size = self.num_data if self.num_data is not None and self.num_data >= rows else rows
         if mcmc and size != rows:  # Pyro's own refusal names no plate nor num_data

@@ -4,7 +4,8 @@ They are shared by every guide over the network, and each guide's predictions re
 them: the guide that trains them last owns them (:func:`take_over`), and what it leaves is kept as a snapshot of
 sums, so that :mod:`pyro_lora.contract` refuses any other guide once they changed under it. A guide trained by
 ``fit`` hands over explicitly; one trained by Pyro's own ``SVI`` is followed: its steps are told apart from any
-other change through torch's global optimiser step hooks (:func:`follow_svi_step`).
+other change through torch's global optimiser step hooks (:func:`follow_svi_step`), and each step goes to the guide
+whose call the backward pass before it went through (:func:`note_forward`).
 """
 
 from __future__ import annotations
@@ -91,6 +92,10 @@ _own_stepped = weakref.WeakSet()  # guides a parameter of which was stepped sinc
 _hooked = weakref.WeakSet()  # guides whose parameters report their gradients (_backward) and steps (_OWN)
 _hooks = []
 _in_step = {}  # id(optimiser) -> ids of its parameters, while its step runs: a wrapper's (Lookahead) ends after its inner one's
+# id(point parameter) -> (its weakref, the guide's): the last backward pass into it went through that guide's call
+_REACHED = {}
+_through = {}  # the same, set as a backward pass goes through a guide's call, until it reaches the parameter
+_accumulating = {}  # id(point parameter) -> its weakref: it reports its gradients' accumulation (_reached)
 
 
 def follow_svi_step(guide) -> None:
@@ -130,6 +135,33 @@ def follow_svi_step(guide) -> None:
             _STEPPING[id(p)] = (weakref.ref(p), me, n)
 
 
+def note_forward(model, output) -> None:
+    """``model`` ran with gradients in a step of Pyro's SVI or an ELBO of one's own, after the guide whose steps of
+    its point parameters are followed (:func:`follow_svi_step`), and gave ``output``: a backward pass through it makes
+    the next step of each that guide's, even where another guide ran between the pass and the step (a validation loss
+    computed before ``optimizer.step()`` would else take the step, and the head with it, as its own)."""
+    held = [(p, _STEPPING[id(p)][:2]) for _, p in model.named_adapter_parameters() if id(p) in _STEPPING]
+    if not held or not output.requires_grad:
+        return
+    fresh = [p for p, _ in held if (ref := _accumulating.get(id(p))) is None or ref() is not p]
+    for key in [k for k, ref in _accumulating.items() if ref() is None] if fresh else ():
+        del _accumulating[key]  # parameters of networks gone
+    for p in fresh:
+        p.register_post_accumulate_grad_hook(_reached)
+        _accumulating[id(p)] = weakref.ref(p)
+    output.register_hook(lambda _: _through.update((id(p), entry) for p, entry in held))
+
+
+def _reached(p) -> None:
+    """A gradient accumulated into point parameter ``p``: from a backward pass through a followed guide's call
+    (:func:`note_forward`), or from one through none (a plain torch loss), which no guide's step is."""
+    entry = _through.pop(id(p), None)
+    if entry is None or entry[0]() is not p:
+        _REACHED.pop(id(p), None)
+    else:
+        _REACHED[id(p)] = entry
+
+
 def stop_following(model) -> None:
     """Forget the steps any guide expects on ``model``'s point parameters (another guide trains them, or one is pinned)."""
     for _, p in model.named_adapter_parameters():
@@ -137,8 +169,33 @@ def stop_following(model) -> None:
 
 
 def _before_optimizer_step(optimizer, args, kwargs) -> None:
+    if _REACHED:
+        _hand_back(optimizer)
     if _STEPPING:  # nothing to follow (fit's own steps, a plain torch loop): no work on the step
         _in_step[id(optimizer)] = {id(p) for group in optimizer.param_groups for p in group["params"]}
+
+
+def _hand_back(optimizer) -> None:
+    """Before ``optimizer`` steps point parameters that a backward pass reached through a guide's call
+    (:func:`note_forward`) while another guide's call has since taken them over (run with gradients, it trained
+    nothing yet): the step, the head and the training record go back to the guide whose gradient is stepped, and the
+    other keeps the head as it is now, which the step changes under it."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            ref, me = _REACHED.pop(id(p), (None, None))
+            guide = me() if ref is not None and ref() is p else None
+            now = _STEPPING.get(id(p))
+            if guide is None or now is None or now[0]() is not p or now[1]() is guide:
+                continue  # the guide's own step, or nothing followed since (fit took over, a guide pinned them)
+            model = guide.model
+            take_over(model, guide)
+            for n, q in model.named_adapter_parameters():
+                if q.requires_grad:
+                    _STEPPING[id(q)] = (weakref.ref(q), me, n)
+            if isinstance(guide, Followed):
+                record_autoguide(model, guide)
+            else:
+                record_fit(model, guide, svi=True)
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:

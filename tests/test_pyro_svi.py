@@ -369,6 +369,56 @@ def test_svi_steps_of_the_guide_alone_warn_that_the_adapter_misses_them():
         MAPGuide(model)
 
 
+@pytest.mark.parametrize("check", ["a MAPGuide's loss after the backward pass", "an AutoDelta's loss after the backward pass",
+                                   "a MAPGuide's loss before the backward pass", "the head's own optimiser"])
+def test_a_guide_run_between_a_loss_and_its_step_takes_no_credit_for_the_step(check, tmp_path):
+    """A validation loss of another guide run between a training loss and its optimiser step took the step as its
+    own, and the head with it: MAPGuide(model) and export_adapter(model) then paired the adapter's LoRA with the head
+    the MeanFieldGuide trained (logits 0.084 off its mean's), without a word. The step goes to the guide whose call
+    the backward pass went through; the other guide is refused once the step changed the head under it."""
+    from pyro.infer.autoguide import AutoDelta
+
+    from pyro_lora import export_adapter
+
+    def run(validate):
+        pyro.clear_param_store()
+        model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5, num_data=16)
+        trained = MeanFieldGuide(model)
+        head = [p for _, p in model.named_point_parameters()]
+        both = check != "the head's own optimiser"
+        optimizers = [torch.optim.Adam([*trained.parameters(), *(head if both else [])], lr=2e-2)]
+        optimizers += [] if both else [torch.optim.SGD(head, lr=0.5)]
+        torch.manual_seed(0)
+        for batch in [b for _ in range(2) for b in toy_data(n=16, batch=8)]:
+            for opt in optimizers:
+                opt.zero_grad()
+            loss = Trace_ELBO().differentiable_loss(model, trained, batch)
+            other = (AutoDelta(model) if "AutoDelta" in check else MAPGuide(model, init=trained.mean())) if validate else None
+            with torch.random.fork_rng():  # its draws (dropout's) leave the training's as they were
+                if validate and "before" in check:
+                    Trace_ELBO().loss(model, other, batch)
+                loss.backward()
+                if validate and "before" not in check:
+                    Trace_ELBO().differentiable_loss(model, other, batch)
+            for opt in optimizers:
+                opt.step()
+        return model, trained, other
+
+    reference = run(validate=False)[0]
+    model, trained, other = run(validate=True)
+    for (n, p), (_, q) in zip(model.named_point_parameters(), reference.named_point_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=n)  # the check changes no step
+    refused = "head was trained by a MeanFieldGuide whose LoRA values the adapter does not hold"
+    with pytest.raises(ValueError, match=refused):
+        MAPGuide(model)
+    with pytest.raises(ValueError, match=refused):
+        export_adapter(model, tmp_path / "adapter")
+    if isinstance(other, MAPGuide):
+        with pytest.raises(ValueError, match="point parameters .* changed since this guide was built or trained"):
+            predict(model, other, toy_data(n=8, batch=8), mean=True)
+    predict(model, trained, toy_data(n=8, batch=8), mean=True)  # the head is its own
+
+
 def test_a_guide_built_after_pyros_svi_sees_the_head_it_trained():
     """After an SVI step (or any ELBO evaluation) the trainer's snapshot is live (None): building another guide
     raised TypeError; it is the refusal fit gives (the head goes with the SVI guide's LoRA), until the adapter holds it."""
