@@ -70,7 +70,7 @@ class TFBGuide(LoraGuide):
     :param float sigma_q: initial noise scale (0: the guide is the point estimate).
     :param float min_singular_ratio: relative floor (in ``(0, 1)``) on the singular values used in ``Omega``.
     :param str criterion: the last search's criterion; with ``tolerance``, ``trace`` (a list of dicts) and
-        ``search_edge`` (what it warned of, where it ended at an end of its range) it is what :meth:`config` saves and
+        ``search_edge`` (what it warned of: too few anchors, an end of its range) it is what :meth:`config` saves and
         :func:`pyro_lora.load_guide` restores.
     :param bool decompose: ``False`` builds zero buffers of the final shapes without an SVD, for
         ``load_state_dict`` (what :func:`pyro_lora.load_guide` uses).
@@ -86,7 +86,7 @@ class TFBGuide(LoraGuide):
         self.criterion = criterion
         self.tolerance = tolerance
         self.trace = list(trace or [])
-        self.search_edge = search_edge  # what the last search warned of, if it ended at an end of its range
+        self.search_edge = search_edge  # what the last search warned of (too few anchors, an end of its range)
         self.register_buffer("sigma_q", torch.zeros((), device=model.device))
         self.set_sigma_q(sigma_q)
         device = model.device
@@ -296,8 +296,10 @@ class TFBGuide(LoraGuide):
         try:
             with torch.no_grad(), eval_mode(self.model.net):  # no dropout: the only randomness is the weight noise
                 reference = self._reference(batches, criterion)
+                few = None
                 if criterion != "nll" and 0 < reference["count"] * tolerance < 1:  # 0: no change asked for
-                    warnings.warn(_few_anchors(criterion, tolerance, int(reference["count"])), stacklevel=user_stacklevel())
+                    few = _few_anchors(criterion, tolerance, int(reference["count"]))
+                    warnings.warn(f"TFB search: {few}", stacklevel=user_stacklevel())
                 if evaluate(high):
                     best, edge = high, f"high={high:g} is already feasible: sigma_q = high; raise `high` to search further"
                 elif not evaluate(low):
@@ -319,7 +321,9 @@ class TFBGuide(LoraGuide):
         if edge:
             warnings.warn(f"TFB search: {edge}", stacklevel=user_stacklevel())
         self.set_sigma_q(best)
-        self.criterion, self.tolerance, self.trace, self.search_edge = criterion, tolerance, trace, edge
+        # the row's note (search_note) keeps both: a table read later shows what the run warned of
+        self.criterion, self.tolerance, self.trace = criterion, tolerance, trace
+        self.search_edge = "; ".join(filter(None, [few, edge])) or None
         if progress:
             refused = next(s for s in reversed(trace) if s["sigma"] == hi).get("near_overflow") if not edge else False
             note = edge or f"largest feasible; next grid point up {hi:.6g} is " + (
@@ -349,7 +353,8 @@ class TFBGuide(LoraGuide):
 
     @property
     def search_note(self):
-        """``"TFB search: <what it warned of>"`` where the last search ended at an end of its range, else None."""
+        """``"TFB search: <what it warned of>"`` where the last search had too few anchors for its tolerance or ended at
+    an end of its range, else None."""
         return f"TFB search: {self.search_edge}" if self.search_edge else None
 
     def _logits(self, batch, values=None, num_samples=None):
@@ -549,7 +554,7 @@ def _decompose(a, b, ratio):
 def _few_anchors(criterion, tolerance, count) -> str:
     """The warning of a search whose anchors are too few for ``tolerance`` to allow one flip (or one wrong anchor)."""
     what = "to change" if criterion == "flip" else "lost"
-    return (f"TFB search on {count} anchors: a {_METRIC_NAMES[criterion]} tolerance of {tolerance:g} allows no anchor "
+    return (f"only {count} anchors: a {_METRIC_NAMES[criterion]} tolerance of {tolerance:g} allows no anchor "
             f"{what} (one anchor is {1 / count:.3g}), so any sigma_q that changes none of these {count} is taken, and on "
             f"other data it may change far more than {tolerance:g} of the predictions; use at least "
             f"{math.ceil(1 / tolerance)} anchors (a larger training split) or the nll criterion")

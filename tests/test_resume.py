@@ -275,7 +275,7 @@ def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path, capfd):
                          "--anchors", "16", "--iterations", "2", "--samples", "4", "--high", "0.015", "--out", str(tfb_out),
                          "--quiet"]) == 0
     err = capfd.readouterr().err.splitlines()  # ours, one line each: 16 anchors are too few for a 1% flip rate
-    assert len(err) == 2 and err[0].startswith("pyro-lora: warning: TFB search on 16 anchors: a flip rate tolerance")
+    assert len(err) == 2 and err[0].startswith("pyro-lora: warning: TFB search: only 16 anchors: a flip rate tolerance")
     assert err[1].startswith("pyro-lora: warning: TFB search: high=0.015 is already feasible")
     record = json.loads((tfb_out / "guide" / "run.json").read_text())
     assert record["adapter"] == "adapter"  # a copy inside the unit: the output can be shared on its own
@@ -1235,7 +1235,7 @@ def test_bayesianize_takes_the_seed_samples_and_sizes_of_the_fit_beside_the_adap
     assert cli.main(["bayesianize", adapter, "--quiet", "--out", str(tmp_path / "bayes")]) == 0
     # the warnings on the sentences --max-length 24 cuts (of every run on these splits) and on 36 anchors aside
     said = lambda: [line for line in capfd.readouterr().err.splitlines()  # noqa: E731
-                    if "--max-length 24" not in line and "TFB search on 36 anchors" not in line]
+                    if "--max-length 24" not in line and "TFB search: only 36 anchors" not in line]
     assert said() == []
     assert cli.main(["bayesianize", adapter, "--seed", "0", "--samples", "2", "--quiet", "--out", str(tmp_path / "seed0")]) == 0
     warned = said()
@@ -1288,7 +1288,7 @@ def test_bayesianize_and_evaluate_compare_the_data_with_the_fits_label_names_and
 
     def said():  # what the commands printed to stderr but the search's notes on its range and its 8 anchors
         return [line for line in capfd.readouterr().err.splitlines()
-                if "TFB search: high=0.2 is already feasible" not in line and "TFB search on 8 anchors" not in line]
+                if "TFB search: high=0.2 is already feasible" not in line and "TFB search: only 8 anchors" not in line]
 
     assert cli.main(["fit", "--guide", "map", "--adapter", *flags, "--data-dir", data, "--epochs", "1", "--out",
                      str(tmp_path / "fit")]) == 0

@@ -570,11 +570,15 @@ def test_a_search_on_too_few_anchors_for_its_tolerance_is_warned_of():
     for n, criterion, warned in ((9, "flip", True), (9, "accuracy", True), (100, "flip", False), (9, "nll", False)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            TFBGuide(model).search(toy_data(n, batch=n), criterion=criterion, iterations=1, progress=False)
+            guide = TFBGuide(model)
+            guide.search(toy_data(n, batch=n), criterion=criterion, iterations=1, progress=False)
         said = [str(w.message) for w in caught if "anchors:" in str(w.message)]
         assert bool(said) == warned, (n, criterion, said)
         if warned:
-            assert said[0].startswith(f"TFB search on {n} anchors:") and "use at least 100 anchors" in said[0]
+            assert said[0].startswith(f"TFB search: only {n} anchors:") and "use at least 100 anchors" in said[0]
+            assert guide.search_note.startswith(said[0])  # the row's note (compare's table) keeps it too
+        else:
+            assert "anchors:" not in (guide.search_note or "")
 
 
 def test_the_accuracy_drop_counts_anchors_exactly():
