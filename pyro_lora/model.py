@@ -18,7 +18,9 @@ from pyro.poutine.messenger import unwrap
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
+from peft.utils.other import AuxiliaryTrainingWrapper
 
 from . import distributed, handoff, pyro_params, quantized
 from .checks import check_batch, check_count, pickling_refused
@@ -155,6 +157,7 @@ class LoraModel:
         self._lora_shapes = {path: _lora_shapes(layer, self.adapter) for path, layer in self.layers.items()}
         # peft's trainable copies (the classification head): what they ran when built, checked before every forward
         self._heads = {name: (m, list(m.active_adapters)) for name, m in net.named_modules() if isinstance(m, ModulesToSaveWrapper)}
+        self._other_layers = None  # (adapters named in the network's peft_config, [(path, peft layer)]), when found
         self._check_runs_adapter()
         self.sites = build_sites(self.layers, self.adapter, tuple(random), group)
         self._check_kinds_model()
@@ -193,6 +196,7 @@ class LoraModel:
         ``net.base_model.set_adapter(name)`` switches them and leaves ``net.active_adapter`` as it was."""
         for path, layer in self.layers.items():
             _check_layer_runs(path, layer, self.adapter)
+        self._check_other_layers(next(iter(self.layers.values())).disable_adapters)  # built under net.disable_adapter()
         for name, (head, active) in self._heads.items():
             if self.adapter in getattr(head, "modules_to_save", {}) and active != [self.adapter]:
                 raise ValueError(
@@ -200,6 +204,39 @@ class LoraModel:
                     f"{active}, but net.active_adapter is {self.adapter!r} (net.base_model.set_adapter switches the "
                     f"layers alone): call net.set_adapter({self.adapter!r}), or net.set_adapter({active[0]!r}) to put a "
                     "posterior over that one")
+
+    def _check_other_layers(self, disabled: bool) -> None:
+        """Refuse a peft layer besides the sites and this adapter's heads (another adapter's LoRA, a LoRA embedding,
+        trainable tokens, another adapter's trained copy of a module) that runs other than this adapter's part, or
+        nothing with the adapters ``disabled``: a layer's own ``set_adapter`` or ``enable_adapters`` leaves
+        ``net.active_adapter`` as it was, and the model would fit and predict with that layer's other delta while
+        ``save_guide`` and ``export_adapter`` keep this adapter's."""
+        for name, layer in self._find_other_layers():
+            held = layer._get_available_adapters()
+            runs = [] if layer.disable_adapters else [a for a in layer.active_adapters if a in held]
+            expected = [] if disabled or self.adapter not in held else [self.adapter]
+            if runs != expected:
+                now = f"adapter(s) {runs}" if runs else "no adapter (disabled on its own)"
+                should = f"adapter {self.adapter!r}" if expected else "no adapter"
+                advice = (f"call net.set_adapter({self.adapter!r})" if layer.disable_adapters == disabled else
+                          "enable or disable the adapters of every layer together (net.disable_adapter() for the base model)")
+                raise ValueError(
+                    f"peft layer {name} ({type(layer).__name__}) runs {now}, where this LoraModel runs {should} (a "
+                    f"layer's own set_adapter or enable_adapters leaves net.active_adapter {self.adapter!r}): fit and "
+                    "predict would run that layer so, while save_guide and export_adapter keep adapter "
+                    f"{self.adapter!r} as it is; {advice}")
+
+    def _find_other_layers(self) -> list:
+        """Every peft layer besides the sites and this adapter's heads (another adapter's LoRA, a LoRA embedding,
+        trainable tokens, another adapter's trained copy of a module): found again once an adapter was added or deleted
+        (``add_adapter`` puts layers on other modules), not on every forward."""
+        adapters = tuple(getattr(self.net, "peft_config", {}))
+        if self._other_layers is None or self._other_layers[0] != adapters:
+            sites = {id(m) for m in self.layers.values()}
+            sites |= {id(m) for m, _ in self._heads.values() if self.adapter in m.modules_to_save}
+            self._other_layers = adapters, [(name, m) for name, m in self.net.named_modules()
+                                            if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper)) and id(m) not in sites]
+        return self._other_layers[1]
 
     def _check_kinds_model(self) -> None:
         """Refuse a kind whose layers another model class prepares (``MatrixKind.model``): ScalaBL's log-scales over
@@ -361,6 +398,13 @@ class LoraModel:
                 )
 
         disabled = next(iter(self.layers.values())).disable_adapters  # net.disable_adapter() disables heads alike
+        off = [p for p, layer in self.layers.items() if layer.disable_adapters]
+        if 0 < len(off) < len(self.layers):
+            raise ValueError(
+                f"LoRA layer {off[0]} has its adapters disabled on its own (layer.enable_adapters(False)) while "
+                f"{next(p for p in self.layers if p not in off)} runs them: the network would run part of adapter "
+                f"{self.adapter!r}; enable or disable them all (net.disable_adapter() for the base model)")
+        self._check_other_layers(disabled)
         for name, (head, active) in self._heads.items():
             if list(head.active_adapters) != active or head.disable_adapters != disabled:
                 now = "its adapters disabled" if head.disable_adapters != disabled else f"adapter(s) {list(head.active_adapters)}"

@@ -315,6 +315,78 @@ def test_one_layer_switched_to_another_adapter_is_refused():
         predict(model, guide, [batch()])
 
 
+def two_adapters(default, other):
+    """Adapters 'default' and 'other' (LoraConfig keywords; other's B and token rows far from zero), 'default' active."""
+    torch.manual_seed(0)
+    net = get_peft_model(tiny_bert_base(), LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS", **default))
+    _randomize_b(net)
+    net.add_adapter("other", LoraConfig(r=4, lora_alpha=8, task_type="SEQ_CLS", **other))
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if ".other" in n and any(k in n for k in ("lora_B", "lora_embedding_B", "trainable_tokens_delta")):
+                p.normal_(0, 2.0)
+    net.set_adapter("default")
+    return net.eval()
+
+
+QV, EMBEDDING = ["query", "value"], ["query", "value", "word_embeddings"]
+ANOTHER_LAYER = {  # a peft layer besides the sites switched on its own: (default's, other's config, its path, change)
+    "another adapter's LoRA layer": ({"target_modules": ["query"]}, {"target_modules": ["value"]},
+                                     "encoder.layer.0.attention.self.value", "other"),
+    "trainable tokens": (tokens := {"target_modules": QV, "trainable_token_indices": [7, 40]}, tokens,
+                         "embeddings.word_embeddings", "other"),
+    "a LoRA embedding": ({"target_modules": EMBEDDING}, {"target_modules": EMBEDDING}, "embeddings.word_embeddings", "other"),
+    "a LoRA embedding disabled": ({"target_modules": EMBEDDING}, {"target_modules": QV}, "embeddings.word_embeddings", None),
+}
+
+
+@pytest.mark.parametrize("when", ["before building", "after building"])
+@pytest.mark.parametrize("case", sorted(ANOTHER_LAYER))
+def test_a_peft_layer_besides_the_sites_running_on_its_own_is_refused(case, when, tmp_path):
+    """Only the sites and this adapter's heads were checked: another adapter's LoRA layer, a LoRA embedding or
+    trainable tokens switched to another adapter (or disabled) on their own ran in fit and predict, while save_guide
+    and export_adapter kept adapter 'default' as it is: the exported adapter gave logits 0.02-0.38 off the fitted
+    model's. Refused by name, at build and at every use; the network set back gives peft's own logits again."""
+    import warnings
+
+    default, other, path, change = ANOTHER_LAYER[case]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LoRA on embeddings is said
+        net = two_adapters(default, other)
+        layer = net.base_model.model.bert.get_submodule(path)
+        switch = (lambda: layer.set_adapter(change)) if change else (lambda: layer.enable_adapters(False))
+        refused = rf"peft layer base_model\.model\.bert\.{re.escape(path)} \(\w+\) runs .*net.active_adapter 'default'"
+        if when == "before building":
+            switch()
+            with pytest.raises(ValueError, match=refused):
+                LoraModel(net, SequenceClassification())
+            net.set_adapter("default")
+            if not change:
+                layer.enable_adapters(True)
+        model = LoraModel(net, SequenceClassification())
+    guide = MAPGuide(model)
+    if when == "after building":
+        switch()
+        for use in (lambda: predict(model, guide, [batch()]), lambda: export_adapter(guide, tmp_path / "a")):
+            with pytest.raises(ValueError, match=refused):
+                use()
+        net.set_adapter("default")
+        if not change:
+            layer.enable_adapters(True)
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(batch(), guide.mean()), net(**random_batch()).logits, rtol=0, atol=1e-6)
+
+
+def test_a_site_layer_disabled_on_its_own_is_refused():
+    """One LoRA layer's adapters disabled on its own: peft's forward ran part of the adapter."""
+    net = bert_with()
+    model = LoraModel(net, SequenceClassification())
+    path, layer = next(iter(model.layers.items()))
+    layer.enable_adapters(False)
+    with pytest.raises(ValueError, match=f"LoRA layer {re.escape(path)} has its adapters disabled on its own"):
+        model.logits(batch())
+
+
 def test_a_layer_rebuilt_as_dora_is_refused():
     """Same rank, so the same shapes: DoRA's magnitude would be dropped by the hand-off (outputs 0.5 off)."""
     net = bert_with()
