@@ -92,10 +92,13 @@ _own_stepped = weakref.WeakSet()  # guides a parameter of which was stepped sinc
 _hooked = weakref.WeakSet()  # guides whose parameters report their gradients (_backward) and steps (_OWN)
 _hooks = []
 _in_step = {}  # id(optimiser) -> ids of its parameters, while its step runs: a wrapper's (Lookahead) ends after its inner one's
-# id(point parameter) -> (its weakref, the guide's): the last backward pass into it went through that guide's call
+# Which guide's backward pass a step of a point parameter is (note_forward): id(parameter) -> (its weakref, the weakrefs
+# of the guides whose calls the pass went through, one but where a loss sums two guides'). _through is set by the hook
+# on a guide's forward output; the parameter's accumulate hook (_reached) moves it to _REACHED, which its next step
+# reads (_hand_back).
+_through = {}
 _REACHED = {}
-_through = {}  # the same, set as a backward pass goes through a guide's call, until it reaches the parameter
-_accumulating = {}  # id(point parameter) -> its weakref: it reports its gradients' accumulation (_reached)
+_accumulating = {}  # id(point parameter) -> its weakref, once its accumulate hook (_reached) is registered
 
 
 def follow_svi_step(guide) -> None:
@@ -125,40 +128,55 @@ def follow_svi_step(guide) -> None:
         _backward.add(guide)
     idle = guide in _own_stepped  # since the last call its loop stepped its own parameters: a step round ended
     _own_stepped.discard(guide)
-    for n, p in guide.model.named_adapter_parameters():
+    _expect_steps(guide.model, me, idle)
+
+
+def _expect_steps(model, me, idle: bool = False) -> None:
+    """The next step of each of ``model``'s trainable point parameters is the guide ``me``'s (a weakref); ``idle``:
+    its loop stepped its own parameters since its last call, so one it expected and did not step is not its loop's."""
+    for n, p in model.named_adapter_parameters():
         if not p.requires_grad:  # a frozen one is never stepped: it would stay listed
             continue
         ref, owner, _ = _STEPPING.get(id(p), (None, None, None))
-        if idle and ref is not None and ref() is p and owner() is guide:
+        if idle and ref is not None and ref() is p and owner() is me():
             del _STEPPING[id(p)]  # the round stepped the guide but not this one: a later step of it is not the loop's
         else:
             _STEPPING[id(p)] = (weakref.ref(p), me, n)
 
 
 def note_forward(model, output) -> None:
-    """``model`` ran with gradients in a step of Pyro's SVI or an ELBO of one's own, after the guide whose steps of
-    its point parameters are followed (:func:`follow_svi_step`), and gave ``output``: a backward pass through it makes
-    the next step of each that guide's, even where another guide ran between the pass and the step (a validation loss
-    computed before ``optimizer.step()`` would else take the step, and the head with it, as its own)."""
-    held = [(p, _STEPPING[id(p)][:2]) for _, p in model.named_adapter_parameters() if id(p) in _STEPPING]
+    """``model`` gave ``output`` with gradients on in a step of Pyro's SVI or an ELBO of one's own, after a guide's
+    call (:func:`follow_svi_step`): a backward pass through ``output`` makes the next step of each point parameter it
+    reaches that guide's, whichever guide runs between the pass and the step (a validation loss computed before
+    ``optimizer.step()`` took the step, and the head with it, as its own). A pass through two guides' calls makes it
+    the step of the guide whose own parameters the optimiser steps with it."""
+    held = [(ref, me) for ref, me, _ in _STEPPING.values()
+            if (p := ref()) is not None and (guide := me()) is not None
+            and guide.model.net is model.net and guide.model.adapter == model.adapter]
     if not held or not output.requires_grad:
         return
-    fresh = [p for p, _ in held if (ref := _accumulating.get(id(p))) is None or ref() is not p]
-    for key in [k for k, ref in _accumulating.items() if ref() is None] if fresh else ():
-        del _accumulating[key]  # parameters of networks gone
+    fresh = [p for p in (ref() for ref, _ in held) if (known := _accumulating.get(id(p))) is None or known() is not p]
+    if fresh:
+        for key in [k for k, known in _accumulating.items() if known() is None]:
+            del _accumulating[key]  # parameters of networks gone
     for p in fresh:
         p.register_post_accumulate_grad_hook(_reached)
         _accumulating[id(p)] = weakref.ref(p)
-    output.register_hook(lambda _: _through.update((id(p), entry) for p, entry in held))
+
+    def through(_):
+        for ref, me in held:
+            seen = _through.get(id(ref()))
+            others = () if seen is None or seen[0]() is not ref() else tuple(g for g in seen[1] if g != me)
+            _through[id(ref())] = (ref, (*others, me))
+
+    output.register_hook(through)
 
 
 def _reached(p) -> None:
-    """A gradient accumulated into point parameter ``p``: from a backward pass through a followed guide's call
-    (:func:`note_forward`), or from one through none (a plain torch loss), which no guide's step is."""
+    """A gradient accumulated into point parameter ``p``: from a pass through a guide's call (:func:`note_forward`)
+    it is that guide's; one through none (a weight penalty's own backward) leaves the credit as it was."""
     entry = _through.pop(id(p), None)
-    if entry is None or entry[0]() is not p:
-        _REACHED.pop(id(p), None)
-    else:
+    if entry is not None and entry[0]() is p:
         _REACHED[id(p)] = entry
 
 
@@ -177,25 +195,31 @@ def _before_optimizer_step(optimizer, args, kwargs) -> None:
 
 def _hand_back(optimizer) -> None:
     """Before ``optimizer`` steps point parameters that a backward pass reached through a guide's call
-    (:func:`note_forward`) while another guide's call has since taken them over (run with gradients, it trained
-    nothing yet): the step, the head and the training record go back to the guide whose gradient is stepped, and the
-    other keeps the head as it is now, which the step changes under it."""
-    for group in optimizer.param_groups:
+    (:func:`note_forward`): the step is that guide's, whichever call came since. Where another guide's call took them
+    over (run with gradients, it trained nothing yet), the head and the training record go back to the guide, and the
+    other keeps the head as it is now, which the step changes under it; where the guide's own call came since (a
+    validation loss of it), its gradient is still the one stepped."""
+    for key in [k for k, (ref, _) in _REACHED.items() if ref() is None or k not in _STEPPING]:
+        del _REACHED[key]  # nothing follows its steps any more (fit took over, a guide pinned it): no step to hand
+    for group in optimizer.param_groups if _REACHED else ():
         for p in group["params"]:
-            ref, me = _REACHED.pop(id(p), (None, None))
-            guide = me() if ref is not None and ref() is p else None
+            ref, guides = _REACHED.pop(id(p), (None, ()))
+            if len(guides) > 1:  # a loss summing two guides': the one whose own parameters step with it
+                guides = [g for g in guides if any(_OWN.get(id(q), (None, None))[1] == g
+                                                   for other in optimizer.param_groups for q in other["params"])]
+            me = guides[0] if ref is not None and ref() is p and len(guides) == 1 else None
+            guide = me() if me is not None else None
             now = _STEPPING.get(id(p))
-            if guide is None or now is None or now[0]() is not p or now[1]() is guide:
-                continue  # the guide's own step, or nothing followed since (fit took over, a guide pinned them)
-            model = guide.model
-            take_over(model, guide)
-            for n, q in model.named_adapter_parameters():
-                if q.requires_grad:
-                    _STEPPING[id(q)] = (weakref.ref(q), me, n)
-            if isinstance(guide, Followed):
-                record_autoguide(model, guide)
-            else:
-                record_fit(model, guide, svi=True)
+            if guide is None or now is None or now[0]() is not p:
+                continue
+            if now[1]() is not guide:
+                take_over(guide.model, guide)
+                _expect_steps(guide.model, me)
+                if isinstance(guide, Followed):
+                    record_autoguide(guide.model, guide)
+                else:
+                    record_fit(guide.model, guide, svi=True)
+            _backward.add(guide)
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:

@@ -370,12 +370,16 @@ def test_svi_steps_of_the_guide_alone_warn_that_the_adapter_misses_them():
 
 
 @pytest.mark.parametrize("check", ["a MAPGuide's loss after the backward pass", "an AutoDelta's loss after the backward pass",
-                                   "a MAPGuide's loss before the backward pass", "the head's own optimiser"])
+                                   "a MAPGuide's loss before the backward pass", "the head's own optimiser",
+                                   "its own loss after the backward pass", "an AutoDelta's loss, then a penalty's backward",
+                                   "an AutoDelta's loss summed in, called first", "an AutoDelta's loss summed in, called last"])
 def test_a_guide_run_between_a_loss_and_its_step_takes_no_credit_for_the_step(check, tmp_path):
     """A validation loss of another guide run between a training loss and its optimiser step took the step as its
     own, and the head with it: MAPGuide(model) and export_adapter(model) then paired the adapter's LoRA with the head
     the MeanFieldGuide trained (logits 0.084 off its mean's), without a word. The step goes to the guide whose call
-    the backward pass went through; the other guide is refused once the step changed the head under it."""
+    the backward pass went through (one through two guides' calls: the guide the optimiser steps); the other guide is
+    refused once the step changed the head under it. The trained guide's own validation loss, a weight penalty's own
+    backward pass, and a validation loss summed in at weight 0 left the step unadopted or another's, alike."""
     from pyro.infer.autoguide import AutoDelta
 
     from pyro_lora import export_adapter
@@ -392,14 +396,23 @@ def test_a_guide_run_between_a_loss_and_its_step_takes_no_credit_for_the_step(ch
         for batch in [b for _ in range(2) for b in toy_data(n=16, batch=8)]:
             for opt in optimizers:
                 opt.zero_grad()
-            loss = Trace_ELBO().differentiable_loss(model, trained, batch)
-            other = (AutoDelta(model) if "AutoDelta" in check else MAPGuide(model, init=trained.mean())) if validate else None
+            other = None
+            if validate:
+                other = (AutoDelta(model) if "AutoDelta" in check else trained if "its own" in check
+                         else MAPGuide(model, init=trained.mean()))
             with torch.random.fork_rng():  # its draws (dropout's) leave the training's as they were
+                summed = Trace_ELBO().differentiable_loss(model, other, batch) if "first" in check and validate else 0
+            loss = Trace_ELBO().differentiable_loss(model, trained, batch)
+            with torch.random.fork_rng():
+                if validate and "last" in check:
+                    summed = Trace_ELBO().differentiable_loss(model, other, batch)
                 if validate and "before" in check:
                     Trace_ELBO().loss(model, other, batch)
-                loss.backward()
-                if validate and "before" not in check:
+                (loss + 0 * summed).backward()
+                if validate and not any(w in check for w in ("before", "summed")):
                     Trace_ELBO().differentiable_loss(model, other, batch)
+                if "penalty" in check:  # a backward pass of its own, through no guide's call
+                    (1e-4 * sum(p.square().sum() for p in head)).backward()
             for opt in optimizers:
                 opt.step()
         return model, trained, other
