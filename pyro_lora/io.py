@@ -1432,7 +1432,16 @@ def _check_adapter_reloads(model):
     one its saved config gives (:func:`_check_saved_scalings`), or base weights rewritten by an initialisation peft does
     not redo on load (:func:`_check_base_redone`)."""
     from peft import get_peft_model_state_dict
+    from peft.utils.other import TrainableTokensWrapper
 
+    alone = next((n for n, m in model.net.named_modules() if isinstance(m, TrainableTokensWrapper)
+                  and model.adapter not in m._get_available_adapters()), None)
+    if alone is not None:  # peft's own save raises KeyError 'token_adapter.trainable_tokens_delta.<adapter>'
+        raise ValueError(
+            f"peft cannot save adapter {model.adapter!r} of this network: {alone} holds trainable tokens of other "
+            f"adapters only, and peft's adapter state dict expects rows of adapter {model.adapter!r} in it (deleting "
+            "the other adapter leaves the wrapper); save_guide keeps the guide, or build the adapters with "
+            "trainable_token_indices in each")
     saved = {t.data_ptr() for t in get_peft_model_state_dict(model.net, adapter_name=model.adapter).values()}
     unsaved = [n for n, p in model.named_point_parameters() if p.data_ptr() not in saved]
     if unsaved:

@@ -196,7 +196,7 @@ class LoraModel:
         ``net.base_model.set_adapter(name)`` switches them and leaves ``net.active_adapter`` as it was."""
         for path, layer in self.layers.items():
             _check_layer_runs(path, layer, self.adapter)
-        self._check_other_layers(next(iter(self.layers.values())).disable_adapters)  # built under net.disable_adapter()
+        self._check_other_layers(self._sites_disabled())  # built under net.disable_adapter(): all disabled
         for name, (head, active) in self._heads.items():
             if self.adapter in getattr(head, "modules_to_save", {}) and active != [self.adapter]:
                 raise ValueError(
@@ -204,6 +204,19 @@ class LoraModel:
                     f"{active}, but net.active_adapter is {self.adapter!r} (net.base_model.set_adapter switches the "
                     f"layers alone): call net.set_adapter({self.adapter!r}), or net.set_adapter({active[0]!r}) to put a "
                     "posterior over that one")
+
+    def _sites_disabled(self) -> bool:
+        """Whether the LoRA layers run with their adapters disabled (``net.disable_adapter()``).
+
+        :raises ValueError: if some are disabled and some not (``enable_adapters`` on one layer).
+        """
+        off = [p for p, layer in self.layers.items() if layer.disable_adapters]
+        if 0 < len(off) < len(self.layers):
+            raise ValueError(
+                f"LoRA layer {off[0]} has its adapters disabled on its own (layer.enable_adapters(False)) while "
+                f"{next(p for p in self.layers if p not in off)} runs them: the network would run part of adapter "
+                f"{self.adapter!r}; enable or disable them all (net.disable_adapter() for the base model)")
+        return bool(off)
 
     def _check_other_layers(self, disabled: bool) -> None:
         """Refuse a peft layer besides the sites and this adapter's heads (another adapter's LoRA, a LoRA embedding,
@@ -230,7 +243,8 @@ class LoraModel:
         """Every peft layer besides the sites and this adapter's heads (another adapter's LoRA, a LoRA embedding,
         trainable tokens, another adapter's trained copy of a module): found again once an adapter was added or deleted
         (``add_adapter`` puts layers on other modules), not on every forward."""
-        adapters = tuple(getattr(self.net, "peft_config", {}))
+        # an adapter deleted and loaded again under its name is another config object, maybe over other modules
+        adapters = tuple((name, id(config)) for name, config in getattr(self.net, "peft_config", {}).items())
         if self._other_layers is None or self._other_layers[0] != adapters:
             sites = {id(m) for m in self.layers.values()}
             sites |= {id(m) for m, _ in self._heads.values() if self.adapter in m.modules_to_save}
@@ -397,13 +411,7 @@ class LoraModel:
                     "rank?): build a LoraModel over the network as it is now"
                 )
 
-        disabled = next(iter(self.layers.values())).disable_adapters  # net.disable_adapter() disables heads alike
-        off = [p for p, layer in self.layers.items() if layer.disable_adapters]
-        if 0 < len(off) < len(self.layers):
-            raise ValueError(
-                f"LoRA layer {off[0]} has its adapters disabled on its own (layer.enable_adapters(False)) while "
-                f"{next(p for p in self.layers if p not in off)} runs them: the network would run part of adapter "
-                f"{self.adapter!r}; enable or disable them all (net.disable_adapter() for the base model)")
+        disabled = self._sites_disabled()  # net.disable_adapter() disables heads alike
         self._check_other_layers(disabled)
         for name, (head, active) in self._heads.items():
             if list(head.active_adapters) != active or head.disable_adapters != disabled:

@@ -377,14 +377,45 @@ def test_a_peft_layer_besides_the_sites_running_on_its_own_is_refused(case, when
         torch.testing.assert_close(model.logits(batch(), guide.mean()), net(**random_batch()).logits, rtol=0, atol=1e-6)
 
 
-def test_a_site_layer_disabled_on_its_own_is_refused():
-    """One LoRA layer's adapters disabled on its own: peft's forward ran part of the adapter."""
-    net = bert_with()
+def test_a_site_layer_disabled_on_its_own_is_refused_naming_it():
+    """One LoRA layer's adapters disabled on its own: peft's forward ran part of the adapter. Before building, beside
+    a LoRA embedding, the refusal named the embedding, the one layer running as it should."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # LoRA on embeddings is said
+        net = two_adapters({"target_modules": EMBEDDING}, {"target_modules": ["key"]})
+        model = LoraModel(net, SequenceClassification())
+        path, layer = next(iter(model.layers.items()))
+        layer.enable_adapters(False)
+        refused = f"LoRA layer {re.escape(path)} has its adapters disabled on its own"
+        with pytest.raises(ValueError, match=refused):
+            model.logits(batch())
+        with pytest.raises(ValueError, match=refused):
+            LoraModel(net, SequenceClassification())
+
+
+def test_another_adapter_loaded_again_under_its_name_on_other_modules_is_checked(tmp_path):
+    """The layers besides the sites were found once per set of adapter names: 'other' deleted and added again under
+    its name on other modules, one of its new layers switched on its own ran in every forward (0.0026 off)."""
+    net = two_adapters({"target_modules": ["query"]}, {"target_modules": ["value"]})
     model = LoraModel(net, SequenceClassification())
-    path, layer = next(iter(model.layers.items()))
-    layer.enable_adapters(False)
-    with pytest.raises(ValueError, match=f"LoRA layer {re.escape(path)} has its adapters disabled on its own"):
-        model.logits(batch())
+    guide = MAPGuide(model)
+    model.logits(batch(), guide.mean())
+    net.delete_adapter("other")
+    net.add_adapter("other", LoraConfig(r=4, task_type="SEQ_CLS", target_modules=["dense"]))
+    net.set_adapter("default")
+    model.logits(batch(), guide.mean())  # nothing runs it: accepted
+    net.base_model.model.bert.encoder.layer[1].output.dense.set_adapter("other")
+    with pytest.raises(ValueError, match=r"peft layer .*layer\.1\.output\.dense \(Linear\) runs adapter\(s\) \['other'\]"):
+        model.logits(batch(), guide.mean())
+
+
+def test_export_of_an_adapter_whose_network_holds_another_adapters_trainable_tokens_alone_is_refused(tmp_path):
+    """peft's adapter state dict raised a raw KeyError ('token_adapter.trainable_tokens_delta.default')."""
+    net = two_adapters({"target_modules": QV}, {"target_modules": ["value"], "trainable_token_indices": [3, 5]})
+    guide = MAPGuide(LoraModel(net, SequenceClassification()))
+    with pytest.raises(ValueError, match="word_embeddings holds trainable tokens of other adapters only"):
+        export_adapter(guide, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
 
 
 def test_a_layer_rebuilt_as_dora_is_refused():
