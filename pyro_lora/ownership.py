@@ -10,6 +10,7 @@ whose call the backward pass before it went through (:func:`note_forward`).
 
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import NamedTuple
 
@@ -92,13 +93,13 @@ _own_stepped = weakref.WeakSet()  # guides a parameter of which was stepped sinc
 _hooked = weakref.WeakSet()  # guides whose parameters report their gradients (_backward) and steps (_OWN)
 _hooks = []
 _in_step = {}  # id(optimiser) -> ids of its parameters, while its step runs: a wrapper's (Lookahead) ends after its inner one's
-# Which guide's backward pass a step of a point parameter is (note_forward): id(parameter) -> (its weakref, the weakrefs
-# of the guides whose calls the pass went through, one but where a loss sums two guides'). _through is set by the hook
-# on a guide's forward output; the parameter's accumulate hook (_reached) moves it to _REACHED, which its next step
-# reads (_hand_back).
+# Which guides' backward passes the gradient a point parameter holds came from (note_forward): id(parameter) -> (its
+# weakref, the weakrefs of those guides: one but where a loss sums two guides' or passes accumulate). The hook on a
+# guide's forward output sets _through for the pass; the parameter's gradient hook (_arriving) moves it to _REACHED,
+# which its next step reads (_hand_back).
 _through = {}
 _REACHED = {}
-_accumulating = {}  # id(point parameter) -> its weakref, once its accumulate hook (_reached) is registered
+_arrivals = {}  # id(point parameter) -> its weakref, once its gradient hook (_arriving) is registered
 
 
 def follow_svi_step(guide) -> None:
@@ -148,36 +149,48 @@ def note_forward(model, output) -> None:
     """``model`` gave ``output`` with gradients on in a step of Pyro's SVI or an ELBO of one's own, after a guide's
     call (:func:`follow_svi_step`): a backward pass through ``output`` makes the next step of each point parameter it
     reaches that guide's, whichever guide runs between the pass and the step (a validation loss computed before
-    ``optimizer.step()`` took the step, and the head with it, as its own). A pass through two guides' calls makes it
-    the step of the guide whose own parameters the optimiser steps with it."""
+    ``optimizer.step()`` took the step, and the head with it, as its own). Where the gradient stepped came from
+    two guides' passes (their losses summed, or backwarded in turn into one gradient), the step is that of the guide
+    whose own parameters the optimiser steps with it (if one only), else, as without a pass, the last called guide's."""
     held = [(ref, me) for ref, me, _ in _STEPPING.values()
-            if (p := ref()) is not None and (guide := me()) is not None
+            if ref() is not None and (guide := me()) is not None
             and guide.model.net is model.net and guide.model.adapter == model.adapter]
     if not held or not output.requires_grad:
         return
-    fresh = [p for p in (ref() for ref, _ in held) if (known := _accumulating.get(id(p))) is None or known() is not p]
+    fresh = [p for p in (ref() for ref, _ in held) if (known := _arrivals.get(id(p))) is None or known() is not p]
     if fresh:
-        for key in [k for k, known in _accumulating.items() if known() is None]:
-            del _accumulating[key]  # parameters of networks gone
+        for key in [k for k, known in _arrivals.items() if known() is None]:
+            del _arrivals[key]  # parameters of networks gone
     for p in fresh:
-        p.register_post_accumulate_grad_hook(_reached)
-        _accumulating[id(p)] = weakref.ref(p)
+        p.register_hook(functools.partial(_arriving, weakref.ref(p)))
+        _arrivals[id(p)] = weakref.ref(p)
 
     def through(_):
         for ref, me in held:
-            seen = _through.get(id(ref()))
-            others = () if seen is None or seen[0]() is not ref() else tuple(g for g in seen[1] if g != me)
-            _through[id(ref())] = (ref, (*others, me))
+            if (p := ref()) is not None:
+                _through[id(p)] = (ref, _joined(_through.get(id(p)), p, me))
 
     output.register_hook(through)
 
 
-def _reached(p) -> None:
-    """A gradient accumulated into point parameter ``p``: from a pass through a guide's call (:func:`note_forward`)
-    it is that guide's; one through none (a weight penalty's own backward) leaves the credit as it was."""
+def _joined(entry, p, *guides) -> tuple:
+    """The guides of ``entry`` (an entry of ``_through`` or ``_REACHED``, if it is ``p``'s) and ``guides``, each once."""
+    known = () if entry is None or entry[0]() is not p else entry[1]
+    return (*(g for g in known if g not in guides), *guides)
+
+
+def _arriving(ref, grad) -> None:
+    """A gradient arrives at point parameter ``ref()``, to be added to the one it holds: from a pass through guides'
+    calls (:func:`note_forward`) it is theirs, with those of the gradient it is added to; one from a pass through none
+    (a weight penalty's own backward) added to a gradient keeps its guides, and a fresh one (after ``zero_grad``, a
+    plain torch loss) is no guide's."""
+    p = ref()
     entry = _through.pop(id(p), None)
+    kept = _REACHED.get(id(p)) if p.grad is not None else None
     if entry is not None and entry[0]() is p:
-        _REACHED[id(p)] = entry
+        _REACHED[id(p)] = (ref, _joined(kept, p, *entry[1]))
+    elif kept is None:
+        _REACHED.pop(id(p), None)
 
 
 def stop_following(model) -> None:
@@ -201,25 +214,27 @@ def _hand_back(optimizer) -> None:
     validation loss of it), its gradient is still the one stepped."""
     for key in [k for k, (ref, _) in _REACHED.items() if ref() is None or k not in _STEPPING]:
         del _REACHED[key]  # nothing follows its steps any more (fit took over, a guide pinned it): no step to hand
-    for group in optimizer.param_groups if _REACHED else ():
-        for p in group["params"]:
-            ref, guides = _REACHED.pop(id(p), (None, ()))
-            if len(guides) > 1:  # a loss summing two guides': the one whose own parameters step with it
-                guides = [g for g in guides if any(_OWN.get(id(q), (None, None))[1] == g
-                                                   for other in optimizer.param_groups for q in other["params"])]
-            me = guides[0] if ref is not None and ref() is p and len(guides) == 1 else None
-            guide = me() if me is not None else None
-            now = _STEPPING.get(id(p))
-            if guide is None or now is None or now[0]() is not p:
-                continue
-            if now[1]() is not guide:
-                take_over(guide.model, guide)
-                _expect_steps(guide.model, me)
-                if isinstance(guide, Followed):
-                    record_autoguide(guide.model, guide)
-                else:
-                    record_fit(guide.model, guide, svi=True)
-            _backward.add(guide)
+    params = [p for group in optimizer.param_groups for p in group["params"]] if _REACHED else []
+    stepped = None  # the guides whose own parameters this step moves: read once, where two guides' passes meet
+    for p in params:
+        ref, guides = _REACHED.pop(id(p), (None, ()))
+        if len(guides) > 1:
+            if stepped is None:
+                stepped = [own[1] for q in params if (own := _OWN.get(id(q))) is not None and own[0]() is q]
+            guides = [g for g in guides if g in stepped]
+        me = guides[0] if ref is not None and ref() is p and len(guides) == 1 else None
+        guide = me() if me is not None else None
+        now = _STEPPING.get(id(p))
+        if guide is None or now is None or now[0]() is not p:
+            continue
+        if now[1]() is not guide:
+            take_over(guide.model, guide)
+            _expect_steps(guide.model, me)
+            if isinstance(guide, Followed):
+                record_autoguide(guide.model, guide)
+            else:
+                record_fit(guide.model, guide, svi=True)
+        _backward.add(guide)
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:

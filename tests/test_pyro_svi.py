@@ -372,7 +372,8 @@ def test_svi_steps_of_the_guide_alone_warn_that_the_adapter_misses_them():
 @pytest.mark.parametrize("check", ["a MAPGuide's loss after the backward pass", "an AutoDelta's loss after the backward pass",
                                    "a MAPGuide's loss before the backward pass", "the head's own optimiser",
                                    "its own loss after the backward pass", "an AutoDelta's loss, then a penalty's backward",
-                                   "an AutoDelta's loss summed in, called first", "an AutoDelta's loss summed in, called last"])
+                                   "an AutoDelta's loss summed in, called first", "an AutoDelta's loss summed in, called last",
+                                   "an AutoDelta's loss backwarded in turn"])
 def test_a_guide_run_between_a_loss_and_its_step_takes_no_credit_for_the_step(check, tmp_path):
     """A validation loss of another guide run between a training loss and its optimiser step took the step as its
     own, and the head with it: MAPGuide(model) and export_adapter(model) then paired the adapter's LoRA with the head
@@ -409,7 +410,9 @@ def test_a_guide_run_between_a_loss_and_its_step_takes_no_credit_for_the_step(ch
                 if validate and "before" in check:
                     Trace_ELBO().loss(model, other, batch)
                 (loss + 0 * summed).backward()
-                if validate and not any(w in check for w in ("before", "summed")):
+                if validate and "in turn" in check:  # its gradient added to the trained guide's
+                    (0 * Trace_ELBO().differentiable_loss(model, other, batch)).backward()
+                elif validate and not any(w in check for w in ("before", "summed")):
                     Trace_ELBO().differentiable_loss(model, other, batch)
                 if "penalty" in check:  # a backward pass of its own, through no guide's call
                     (1e-4 * sum(p.square().sum() for p in head)).backward()
@@ -430,6 +433,32 @@ def test_a_guide_run_between_a_loss_and_its_step_takes_no_credit_for_the_step(ch
         with pytest.raises(ValueError, match="point parameters .* changed since this guide was built or trained"):
             predict(model, other, toy_data(n=8, batch=8), mean=True)
     predict(model, trained, toy_data(n=8, batch=8), mean=True)  # the head is its own
+
+
+def test_a_gradient_never_stepped_gives_no_credit_to_a_plain_torch_step_after_zero_grad():
+    """A gradient check (a backward pass, no step) after the loop, the guide's own validation loss, then a plain torch
+    loss training the head after zero_grad: the check's credit was handed to that step, so the guide's predict took a
+    head trained on flipped labels as its own."""
+    import torch.nn.functional as F
+
+    pyro.clear_param_store()
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.5, num_data=16)
+    trained, data = MeanFieldGuide(model), toy_data(n=16, batch=8)
+    head = [p for _, p in model.named_point_parameters()]
+    optimizer = torch.optim.Adam([*trained.parameters(), *head], lr=2e-2)
+    for batch in data:
+        optimizer.zero_grad()
+        Trace_ELBO().differentiable_loss(model, trained, batch).backward()
+        optimizer.step()
+    Trace_ELBO().differentiable_loss(model, trained, data[0]).backward()  # a gradient check
+    Trace_ELBO().differentiable_loss(model, trained, data[0])
+    plain = torch.optim.SGD(head, lr=0.5)
+    plain.zero_grad()
+    inputs = {k: v for k, v in data[0].items() if k != "labels"}
+    F.cross_entropy(model.net(**inputs).logits, 1 - data[0]["labels"]).backward()
+    plain.step()
+    with pytest.raises(ValueError, match="point parameters .* changed since this guide was built or trained"):
+        predict(model, trained, data, mean=True)
 
 
 def test_a_guide_built_after_pyros_svi_sees_the_head_it_trained():
