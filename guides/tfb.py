@@ -70,14 +70,15 @@ class TFBGuide(LoraGuide):
     :param float sigma_q: initial noise scale (0: the guide is the point estimate).
     :param float min_singular_ratio: relative floor (in ``(0, 1)``) on the singular values used in ``Omega``.
     :param str criterion: the last search's criterion; with ``tolerance``, ``trace`` (a list of dicts) and
-        ``search_edge`` (what it warned of: too few anchors, an end of its range) it is what :meth:`config` saves and
+        ``search_edge`` (what it warned of, where it ended at an end of its range) and ``search_anchors`` (its warning
+        of too few anchors for its tolerance) it is what :meth:`config` saves and
         :func:`pyro_lora.load_guide` restores.
     :param bool decompose: ``False`` builds zero buffers of the final shapes without an SVD, for
         ``load_state_dict`` (what :func:`pyro_lora.load_guide` uses).
     """
 
     def __init__(self, model, init=None, sigma_q=0.0, min_singular_ratio=1e-3, criterion=None, tolerance=None, trace=None,
-                 decompose=True, search_edge=None):
+                 decompose=True, search_edge=None, search_anchors=None):
         super().__init__(model)
         if not 0 < min_singular_ratio < 1:
             raise ValueError(f"min_singular_ratio must be in (0, 1), got {min_singular_ratio}")
@@ -86,7 +87,8 @@ class TFBGuide(LoraGuide):
         self.criterion = criterion
         self.tolerance = tolerance
         self.trace = list(trace or [])
-        self.search_edge = search_edge  # what the last search warned of (too few anchors, an end of its range)
+        self.search_edge = search_edge  # what the last search warned of, if it ended at an end of its range
+        self.search_anchors = search_anchors  # its warning of too few anchors for its tolerance, if it gave one
         self.register_buffer("sigma_q", torch.zeros((), device=model.device))
         self.set_sigma_q(sigma_q)
         device = model.device
@@ -158,6 +160,7 @@ class TFBGuide(LoraGuide):
             "tolerance": self.tolerance,
             "trace": self.trace,
             "search_edge": self.search_edge,
+            "search_anchors": self.search_anchors,
             "decompose": False,
         }
 
@@ -321,9 +324,7 @@ class TFBGuide(LoraGuide):
         if edge:
             warnings.warn(f"TFB search: {edge}", stacklevel=user_stacklevel())
         self.set_sigma_q(best)
-        # the row's note (search_note) keeps both: a table read later shows what the run warned of
-        self.criterion, self.tolerance, self.trace = criterion, tolerance, trace
-        self.search_edge = "; ".join(filter(None, [few, edge])) or None
+        self.criterion, self.tolerance, self.trace, self.search_edge, self.search_anchors = criterion, tolerance, trace, edge, few
         if progress:
             refused = next(s for s in reversed(trace) if s["sigma"] == hi).get("near_overflow") if not edge else False
             note = edge or f"largest feasible; next grid point up {hi:.6g} is " + (
@@ -353,9 +354,10 @@ class TFBGuide(LoraGuide):
 
     @property
     def search_note(self):
-        """``"TFB search: <what it warned of>"`` where the last search had too few anchors for its tolerance or ended at
-    an end of its range, else None."""
-        return f"TFB search: {self.search_edge}" if self.search_edge else None
+        """``"TFB search: <what it warned of>"`` where the last search had too few anchors for its tolerance or ended
+        at an end of its range (the row's note, so a table read later says it), else None."""
+        said = "; ".join(filter(None, [self.search_anchors, self.search_edge]))
+        return f"TFB search: {said}" if said else None
 
     def _logits(self, batch, values=None, num_samples=None):
         """The anchors' logits at the mean (``values`` None) or under the weight samples ``values``: a half-precision
