@@ -405,7 +405,8 @@ def _base_differences(expected, actual):
     differ = [n for n in ef if n in af and not _same_fingerprint(ef[n], af[n])]
     if differ:
         out.append(
-            f"the base weights differ from the ones the guide was built on (another checkpoint of this architecture): {_short(differ)}"
+            "the base weights differ from the ones the guide was built on (another checkpoint of this architecture, or "
+            f"another adapter merged into them or unmerged since: merge_adapter, unmerge_adapter): {_short(differ)}"
         )
     eb, ab = expected.get("buffers"), actual.get("buffers")  # an older guide's signature has none
     if isinstance(eb, dict) and isinstance(ab, dict):

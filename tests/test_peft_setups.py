@@ -409,6 +409,18 @@ def test_another_adapter_loaded_again_under_its_name_on_other_modules_is_checked
         model.logits(batch(), guide.mean())
 
 
+def test_a_guide_built_before_another_adapter_was_merged_is_refused_naming_the_merge():
+    """Another adapter merged into the base after the guide was built: its predictions would run that delta; the
+    refusal named another checkpoint only."""
+    net = two_adapters({"target_modules": ["query"]}, {"target_modules": ["value"]})
+    guide = MAPGuide(LoraModel(net, SequenceClassification()))
+    net.base_model.merge_adapter(["other"])
+    with pytest.raises(ValueError, match=r"base weights differ .* or another adapter merged into them or unmerged since"):
+        predict(guide.model, guide, [batch()])
+    net.base_model.unmerge_adapter()
+    predict(guide.model, guide, [batch()])
+
+
 def test_export_of_an_adapter_whose_network_holds_another_adapters_trainable_tokens_alone_is_refused(tmp_path):
     """peft's adapter state dict raised a raw KeyError ('token_adapter.trainable_tokens_delta.default')."""
     net = two_adapters({"target_modules": QV}, {"target_modules": ["value"], "trainable_token_indices": [3, 5]})
