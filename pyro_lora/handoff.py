@@ -83,20 +83,21 @@ def reentrant_checkpointing(net) -> bool:
     wrapper of it (``offload=True``) leaving it unnamed, where torch takes its own default, reentrant): its
     recomputation cannot take ``torch.autograd.grad``. A function of the user's own is taken at its word: reentrant
     only where given a true ``use_reentrant``."""
-    for module in checkpointing_modules(net):
-        if getattr(module, "gradient_checkpointing", False) and module.training:
-            func = getattr(module, "_gradient_checkpointing_func", None)
-            while getattr(func, _WRAPPED, False):  # pyro_lora's own wrapper of it (torch's checkpoint wraps one too)
-                func = func.__wrapped__
-            keywords = func.keywords if isinstance(func, functools.partial) else {}
-            base = func.func if isinstance(func, functools.partial) else func
-            # torch's checkpoint, or transformers' own wrapper of it (offload=True), take torch's default, reentrant
-            torch_default = (base is torch.utils.checkpoint.checkpoint
-                             or getattr(base, "__module__", "").startswith("transformers."))
-            value = keywords.get("use_reentrant")
-            if (value is None and torch_default) or (value is not None and bool(value)):  # torch reads it as a bool
-                return True
-    return False
+    return any(getattr(module, "gradient_checkpointing", False) and module.training
+               and _reentrant(getattr(module, "_gradient_checkpointing_func", None)) for module in checkpointing_modules(net))
+
+
+def _reentrant(func) -> bool:
+    """Whether the checkpoint function ``func`` runs reentrant (:func:`reentrant_checkpointing`)."""
+    while getattr(func, _WRAPPED, False):  # pyro_lora's own wrapper of it (torch's checkpoint wraps one too)
+        func = func.__wrapped__
+    keywords = func.keywords if isinstance(func, functools.partial) else {}
+    base = func.func if isinstance(func, functools.partial) else func
+    # torch's checkpoint, or transformers' own wrapper of it (offload=True), take torch's default, reentrant
+    torch_default = (base is torch.utils.checkpoint.checkpoint
+                     or getattr(base, "__module__", "").startswith("transformers."))
+    value = keywords.get("use_reentrant")
+    return (value is None and torch_default) or (value is not None and bool(value))  # torch reads it as a bool
 
 
 @contextlib.contextmanager
@@ -162,9 +163,10 @@ def _wrap_checkpoint(module):
         forward = _seen(_under_kernels(forward))
         holders = [getattr(m, _HOLDER) for m in inner]
         keys = [(i, k) for i, h in enumerate(holders) if h is not None for k in h.tensors()]
-        if not keys:
-            return func(forward, *args, **kwargs)
         tensors = [holders[i].weights[k] for i, k in keys]
+        tensors += _gradient_carrier(module, func, [*args, *tensors])
+        if not keys:
+            return func(lambda *inputs: forward(*inputs[: len(args)]), *args, *tensors, **kwargs)
 
         def body(*inputs):
             outer = [getattr(m, _HOLDER) for m in inner]
@@ -184,6 +186,21 @@ def _wrap_checkpoint(module):
 
     setattr(checkpoint, _WRAPPED, True)
     module._gradient_checkpointing_func = checkpoint
+
+
+def _gradient_carrier(module, func, inputs) -> list:
+    """``[a scalar that needs a gradient]`` to pass through a reentrant checkpoint of ``module`` (ignored by its
+    forward) where, with gradients on, no input needs one but a parameter inside does, else ``[]``. torch's reentrant
+    checkpoint differentiates only through its inputs: with frozen embeddings (transformers 4's
+    gradient_checkpointing_enable on a peft network, without ``enable_input_require_grads``) and no handed weight
+    needing a gradient, its output had no graph, and such a parameter (a point B beside a fixed posterior, IVON's LoRA)
+    got no gradient, without a word."""
+    if not torch.is_grad_enabled() or any(torch.is_tensor(t) and t.requires_grad for t in inputs) or not _reentrant(func):
+        return []
+    if not any(p.requires_grad for p in module.parameters()):
+        return []
+    device = next((t.device for t in inputs if torch.is_tensor(t)), None)
+    return [torch.zeros((), device=device, requires_grad=True)]
 
 
 _SEEN = threading.local()  # depth of the checkpoints of transformers' the hand-off wraps, running on this thread

@@ -321,3 +321,44 @@ def test_checkpointing_by_hand_is_refused_where_only_a_layer_below_the_handed_on
     torch.testing.assert_close(embedding_grad(True, False), embedding_grad(False, False), rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="activation checkpoint that pyro_lora cannot see"):
         embedding_grad(True, True)
+
+
+@pytest.mark.parametrize("trainer", ["fit, a point B beside a fixed posterior", "train_ivon"])
+def test_reentrant_checkpointing_where_no_input_needs_a_gradient_trains_as_without_it(trainer):
+    """transformers 4's gradient_checkpointing_enable on a peft network leaves the embeddings' output without a
+    gradient; under reentrant checkpointing a point B beside a fixed posterior then got none (it stayed at its start,
+    where it moves 0.04 without checkpointing), and IVON died inside ivon-opt on a None gradient. A scalar that needs
+    a gradient now goes through the checkpoint: the run trains as without checkpointing, as with
+    net.enable_input_require_grads()."""
+    from functools import partial
+
+    from test_training import toy_data
+    from torch.utils.checkpoint import checkpoint
+
+    from pyro_lora.guides import train_ivon
+
+    def trained(checkpointing, inputs_need_grad=False):
+        torch.manual_seed(0)
+        net = tiny_bert(num_labels=2)
+        model = LoraModel(net, SequenceClassification(), random="AB" if trainer == "train_ivon" else "A", prior=0.5,
+                          num_data=16)
+        if checkpointing:
+            net.get_base_model()._set_gradient_checkpointing(
+                enable=True, gradient_checkpointing_func=partial(checkpoint, use_reentrant=True))
+        if inputs_need_grad:
+            net.enable_input_require_grads()
+        pyro.set_rng_seed(1)
+        if trainer == "train_ivon":
+            train_ivon(model, toy_data(16, 4), progress=False)
+        else:
+            guide = MeanFieldGuide(model)
+            guide.requires_grad_(False)
+            fit(model, guide, toy_data(16, 4), lr=1e-2, progress=False)
+        return {n: p.detach().clone() for n, p in net.named_parameters() if "lora_B" in n}
+
+    plain = trained(False)
+    start = {n: p.detach().clone() for n, p in tiny_bert(num_labels=2).named_parameters() if "lora_B" in n}
+    assert any(not torch.equal(plain[n], start[n]) for n in plain)  # it trains
+    for inputs_need_grad in (False, True):
+        for n, value in trained(True, inputs_need_grad).items():
+            torch.testing.assert_close(value, plain[n], rtol=1e-5, atol=1e-6, msg=n)
