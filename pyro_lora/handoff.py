@@ -154,13 +154,14 @@ def _wrap_checkpoint(module):
     func = module._gradient_checkpointing_func
     if getattr(func, _WRAPPED, False):
         return
-    inner = [m for m in module.modules() if hasattr(m, _HOLDER)]
 
     @functools.wraps(func)
     def checkpoint(forward, *args, **kwargs):
         # the recomputation in backward runs outside the forward's sdpa_kernel context; and it is one this hand-off sees,
         # whose layers hold what they held in the forward (a plain forward's: nothing handed)
         forward = _seen(_under_kernels(forward))
+        # found on each call: a LoraModel over another adapter, built later, hands weights to layers of its own here
+        inner = [m for m in module.modules() if hasattr(m, _HOLDER)]
         holders = [getattr(m, _HOLDER) for m in inner]
         keys = [(i, k) for i, h in enumerate(holders) if h is not None for k in h.tensors()]
         tensors = [holders[i].weights[k] for i, k in keys]

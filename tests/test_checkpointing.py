@@ -362,3 +362,27 @@ def test_reentrant_checkpointing_where_no_input_needs_a_gradient_trains_as_witho
     for inputs_need_grad in (False, True):
         for n, value in trained(True, inputs_need_grad).items():
             torch.testing.assert_close(value, plain[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non_reentrant"])
+def test_a_model_over_an_adapter_added_later_on_other_modules_is_checkpointed_alike(reentrant):
+    """The layers a checkpoint passes handed weights to were found once, when the first LoraModel wrapped it: a second
+    adapter's layers on other modules, added later, were recomputed with peft's own weights (refused as checkpointing
+    "applied outside transformers", or torch's raw CheckpointError). Its gradients now equal those without
+    checkpointing."""
+    from peft import LoraConfig
+
+    def second(checkpointing):
+        model, guide, batch = build("llama", "meanfield")
+        if checkpointing:
+            _enable(model.net, reentrant)
+        gradients(model, guide, batch)  # the first model's forward wraps the checkpoints
+        torch.manual_seed(5)
+        model.net.add_adapter("b", LoraConfig(r=4, lora_alpha=8, target_modules=["k_proj"], init_lora_weights=False))
+        model.net.set_adapter("b")
+        other = LoraModel(model.net, CausalLM(), random="AB", prior=0.5)
+        return gradients(other, GUIDES["meanfield"](other), batch)
+
+    plain = second(False)
+    for n, g in second(True).items():
+        torch.testing.assert_close(g, plain[n], rtol=1e-5, atol=1e-6, msg=n)
