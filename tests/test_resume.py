@@ -479,6 +479,62 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_has_a_result(tmp_path):
     assert not (tmp_path / "study_run.json").exists()  # the old run's commands and wall time are not this run's
 
 
+def test_a_kill_while_overwrite_deletes_the_old_run_is_finished_by_the_next_run(tmp_path):
+    """A kill after the old results.json was deleted and before its other files were left them beside the new run
+    for good (36 files of another configuration: predictions_*.npz, figures, a MAP), as nothing named them any more.
+    The list of files to delete is kept until they are gone; the next run in the folder finishes it."""
+    import unittest.mock
+    from pathlib import Path
+
+    old = RunFolder(tmp_path, small(tmp_path, guides=("map", "tfb")))
+    old.add("map", 0, [ROW], arrays(0))
+    old.add("tfb", 0, [{**ROW, "guide": "tfb"}], arrays(0))
+    new = RunFolder(tmp_path, small(tmp_path, guides=("map",), test_size=32), overwrite=True)
+    real_unlink, deleted = Path.unlink, []
+
+    def killed(path, *args, **kwargs):  # a kill on the third deletion, just after results.json went
+        deleted.append(path.name)
+        if len(deleted) == 3:
+            raise KeyboardInterrupt
+        return real_unlink(path, *args, **kwargs)
+
+    with unittest.mock.patch.object(Path, "unlink", killed), pytest.raises(KeyboardInterrupt):
+        new.add("map", 0, [ROW], arrays(0))
+    assert deleted[0] == "results.json" and (tmp_path / "predictions_tfb.npz").exists()
+    again = RunFolder(tmp_path, small(tmp_path, guides=("map",), test_size=32))
+    assert not (tmp_path / "predictions_tfb.npz").exists() and not (tmp_path / "reliability_tfb.png").exists()
+    again.add("map", 0, [ROW], arrays(0))
+    assert sorted(p.name for p in tmp_path.glob("predictions_*")) == ["predictions_map.npz"]
+    assert not (tmp_path / ".replacing.json").exists()
+
+
+def test_a_figure_the_disk_cannot_take_loses_no_finished_row_and_the_first_error_is_told(tmp_path, monkeypatch):
+    """A full disk while drawing a method's reliability diagram lost its finished row (npz written, results.json not),
+    and the error named the summary figure the run's end redrew, not the file that stopped the run."""
+    import errno
+
+    from pyro_lora.experiments import results as R
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[2]))
+
+    monkeypatch.setattr(R, "reliability_diagram", full)
+    run = RunFolder(tmp_path, small(tmp_path, guides=("map",)))
+    probs = np.full((4, 2), 0.5, dtype=np.float32)
+    with pytest.warns(UserWarning, match=r"reliability_map.png could not be written .* the row of map \(seed 0\) is kept"):
+        run.add("map", 0, [ROW], arrays(0), first_seed=(probs, np.array([0, 1, 0, 1])))
+    assert [r["guide"] for r in json.loads((tmp_path / "results.json").read_text())["per_seed"]] == ["map"]
+
+    def stopped(run, config, reference):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "predictions_laplace.npz"))
+
+    monkeypatch.setattr(C, "_fill", stopped)
+    monkeypatch.setattr(RunFolder, "redraw", lambda self: full(None, None, tmp_path / "reliability_grid.png"))
+    with pytest.raises(OSError, match="predictions_laplace.npz") as raised:
+        C._run_seeds(small(tmp_path, guides=("map",)), False, None, C.COMPARE_FLAGS)
+    assert "the summary figures were not redrawn either" in "".join(raised.value.__notes__)
+
+
 def test_overwrite_keeps_the_old_map_until_the_new_runs_first_result(tmp_path):
     """A kill after the new MAP is trained but before the new run's first result left the old run without its MAP."""
     from types import SimpleNamespace

@@ -201,8 +201,13 @@ def _run_seeds(config, overwrite, reference, flags):
     try:
         _fill(run, config, reference)
         run.keep_summary()
-    finally:  # the summary figures once, of every row written, however the run ended
-        run.redraw()
+    except BaseException as error:  # the summary figures once, of every row written, however the run ended
+        try:
+            run.redraw()
+        except Exception as also:  # noqa: BLE001 -- a full disk fails both: the error that stopped the run is told
+            error.add_note(f"the summary figures were not redrawn either: {type(also).__name__}: {also}")
+        raise
+    run.redraw()
     run.raise_failures()
     return run.summary()
 

@@ -40,6 +40,9 @@ from ..callers import user_stacklevel
 RESULTS = "results.json"
 SIDECAR = "study_run.json"  # next to results.json where the study made the run: its commands, machine, wall time
 NEXT_SIDECAR = ".study_run.next.json"  # a replacing study's sidecar, the SIDECAR once its first result replaces the run
+# the files of a run --overwrite replaces, listed while they are deleted: a kill then leaves the list, which the next
+# run in the folder finishes (its results.json went first, so nothing else names them)
+REPLACING = ".replacing.json"
 MERGING = ".merging"  # in a run's folder while merge_results copies a rerun in; names the rerun folder
 _UNREADABLE = (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile)  # what np.load raises for a missing or broken npz
 ARRAYS = ("probs", "labels", "entropy", "mutual_information")  # per evaluation set and seed in predictions_<guide>.npz
@@ -357,6 +360,7 @@ class RunFolder:
         self.labels = None  # evaluation set -> the label names its rows were scored under (:func:`~.setup.label_names`)
         self.scoring = None  # the cloze scoring form of its rows (:func:`recorded_scoring`)
         self.scoring_since = None  # the oldest form whose rows equal them (:func:`~.setup.scoring_since`)
+        self._finish_replacing()
         self._check_writable(config.guides or ())
         saved = self._read()
         self._replaced = saved if overwrite else None  # its files go once this run writes its first result
@@ -405,14 +409,23 @@ class RunFolder:
         # every MAP file there is the old run's (this run's wait in _pending_maps): one of a seed killed before its first
         # row is in no list of the record, and was loaded for that seed of the new run, its rows beside the new MAPs'
         names += [p.name for p in self.out.glob(map_name("*"))]
-        for name in names:
-            (self.out / name).unlink(missing_ok=True)
+        write_json(self.out / REPLACING, names)
+        self._finish_replacing()
         if (self.out / NEXT_SIDECAR).is_file():  # the replacing study's record, marked running
             os.replace(self.out / NEXT_SIDECAR, self.out / SIDECAR)
         for seed, data in self._pending_maps.items():
             with atomic_file(self.map_file(seed), "wb") as f:
                 f.write(data)
         self._pending_maps = {}
+
+    def _finish_replacing(self):
+        """Delete the files :data:`REPLACING` lists (a replaced run's, a kill cut their deletion short), then the list."""
+        marker = self.out / REPLACING
+        if not is_main() or not marker.is_file():
+            return
+        for name in json.loads(marker.read_text()):
+            (self.out / name).unlink(missing_ok=True)
+        marker.unlink()
 
     def _check_same(self, saved):
         differ = [f"{k} {there!r} there, {now!r} now" for k, (there, now) in config_differences(saved, self.request, _RESUMABLE).items()]
@@ -629,10 +642,14 @@ class RunFolder:
         kept = {k: v for k, v in self._arrays(guide).items() if k[: k.rindex("__") + 2] in recorded}  # not a replaced run's
         with atomic_file(self.out / f"predictions_{guide}.npz", "wb") as f:
             np.savez_compressed(f, **{**kept, **arrays})
+        self.write()  # the summary figures are drawn once, at the run's end (redraw): per add they cost O(methods^2)
         if first_seed is not None and seed == self.seeds[0]:
             probs, labels = first_seed
-            reliability_diagram(probs, labels, self.out / f"reliability_{guide}.png", title=f"{guide} on {self.config.dataset}")
-        self.write()  # the summary figures are drawn once, at the run's end (redraw): per add they cost O(methods^2)
+            figure = self.out / f"reliability_{guide}.png"
+            try:  # after the row is written: a figure that cannot be (a full disk) loses no finished result
+                reliability_diagram(probs, labels, figure, title=f"{guide} on {self.config.dataset}")
+            except OSError as error:
+                warnings.warn(f"{figure} could not be written ({error}); the row of {guide} (seed {seed}) is kept")
 
     def fail(self, guide, seed, error, dataset=None):
         """Record that ``guide`` failed under ``seed`` with ``error`` (its message and traceback go to results.json):
