@@ -535,6 +535,30 @@ def test_a_figure_the_disk_cannot_take_loses_no_finished_row_and_the_first_error
     assert "the summary figures were not redrawn either" in "".join(raised.value.__notes__)
 
 
+def test_a_resume_in_another_environment_is_warned_and_noted_on_the_rows_it_adds(tmp_path, monkeypatch):
+    """A run killed, then resumed after an update of pyro_lora's code (a method's version unchanged) or of a
+    library, averaged rows of both versions without a word. The record keeps every environment its rows were made
+    in; the resume warns, naming what differs, and the rows it adds say so in their note."""
+    from pyro_lora.experiments import results as R
+
+    first = RunFolder(tmp_path, small(tmp_path, guides=("map", "tfb")))
+    first.add("map", 0, [ROW], arrays(0))
+    assert json.loads((tmp_path / "results.json").read_text())["environments"] == [R.environment()]
+    again = RunFolder(tmp_path, small(tmp_path, guides=("map", "tfb")))  # the same environment: nothing said
+    again.add("tfb", 0, [{**ROW, "guide": "tfb"}], arrays(0))
+    assert all(r.get("note") is None for r in json.loads((tmp_path / "results.json").read_text())["per_seed"])
+    updated = {**R.environment(), "torch": "9.9.9", "code": "0" * 64}
+    monkeypatch.setattr(R, "environment", lambda: updated)
+    with pytest.warns(UserWarning, match=r"holds rows made in another environment than this run's \(torch .* there, "
+                                         r"9\.9\.9 now; pyro_lora's code differs\)"):
+        resumed = RunFolder(tmp_path, small(tmp_path, guides=("map", "tfb"), seeds=(0, 1)))
+    resumed.add("map", 1, [{**ROW, "seed": 1}], arrays(1))
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert len(record["environments"]) == 2 and record["environments"][-1] == updated
+    notes = {(r["guide"], r["seed"]): r.get("note") for r in record["per_seed"]}
+    assert notes[("map", 0)] is None and "made with other pyro_lora code or library versions" in notes[("map", 1)]
+
+
 def test_overwrite_keeps_the_old_map_until_the_new_runs_first_result(tmp_path):
     """A kill after the new MAP is trained but before the new run's first result left the old run without its MAP."""
     from types import SimpleNamespace

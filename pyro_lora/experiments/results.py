@@ -7,6 +7,7 @@ goes through the atomic writer: a kill leaves the previous complete file, and ``
 """
 
 import datetime
+import functools
 import json
 import math
 import os
@@ -23,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
 from ..guides.registry import METHODS, join_notes
+from ..digests import bytes_sha256
 from ..data import resolve_data_dir
 from ..distributed import is_main
 from ..checks import not_a_file
@@ -345,6 +347,9 @@ class RunFolder:
 
     def __init__(self, out, config, overwrite=False, flags=COMPARE_FLAGS):
         self.out, self.config, self.flags = Path(out), config, flags
+        self.environment = environment()
+        self.environments = [self.environment]  # every one whose rows the record holds, oldest first
+        self._mixed = None  # the note of rows added to rows made in another environment
         self.request = asdict(config)
         self.rows, self.failed, self.guides, self.seeds = [], [], [], []
         self.sizes = None  # examples used per split (``Setup.sizes``), once a seed has loaded its data
@@ -378,6 +383,7 @@ class RunFolder:
             self.scoring_since = saved.get("scoring_since")
             self.seeding = recorded_seeding(saved)
             self.guides, self.seeds = list(saved["config"]["guides"] or ()), list(saved["config"]["seeds"])
+            self._check_environment(saved)
         self._saved = saved if not overwrite else None  # the record as read, until this process writes one
         self._withheld = []  # rows check_scores could not check, or that a rerun replaces: never averaged
 
@@ -417,6 +423,28 @@ class RunFolder:
             with atomic_file(self.map_file(seed), "wb") as f:
                 f.write(data)
         self._pending_maps = {}
+
+    def _check_environment(self, saved):
+        """Warn, and note on the rows this run adds, where the record's rows were made with other code or library
+        versions (:func:`environment`): a resume after an update would average rows of two versions without a word
+        (a method's own version, :func:`~.versions.method_version`, follows its own changes only)."""
+        known = [e for e in saved.get("environments") or [saved.get("environment")] if e is not None]
+        if not known or not self.rows:  # a record from before environments were kept: not known
+            return
+        self.environments = known + ([self.environment] if self.environment not in known else [])
+        if len(self.environments) < 2:
+            return
+        self._mixed = ("added to rows made with other pyro_lora code or library versions (results.json's environments): "
+                       "the means mix them; --overwrite reruns them all")
+        last = known[-1]
+        if last == self.environment:  # said when the rows of this one were first added
+            return
+        differ = [f"{k} {last.get(k)} there, {self.environment.get(k)} now" for k in sorted({*last, *self.environment})
+                  if k != "code" and last.get(k) != self.environment.get(k)]
+        differ += ["pyro_lora's code differs"] if last.get("code") != self.environment.get("code") else []
+        warnings.warn(f"{self.out / RESULTS} holds rows made in another environment than this run's ({'; '.join(differ)}): "
+                      "the rows it adds are averaged with them, and their note says so; --overwrite reruns them all",
+                      stacklevel=user_stacklevel())
 
     def _finish_replacing(self):
         """Delete the files :data:`REPLACING` lists (a replaced run's, a kill cut their deletion short), then the list."""
@@ -632,6 +660,7 @@ class RunFolder:
         self.seeding[guide] = self.seeding.get(guide, PREDICT_SEEDING) if self.has_other_seeds(guide, seed) else PREDICT_SEEDING
         version = method_version(guide)  # what a resume compares (is_complete): rows of another version are rerun
         rows = [r if version is None else {**r, "method_version": version} for r in rows]
+        rows = [r if self._mixed is None else {**r, "note": join_notes(r.get("note"), self._mixed)} for r in rows]
         self.rows = [r for r in self.rows if (r["guide"], r["seed"]) != (guide, seed)] + rows
         self._withheld = [r for r in self._withheld if (r["guide"], r["seed"]) != (guide, seed)]
         self.failed = [f for f in self.failed if (f["guide"], f["seed"]) != (guide, seed)]
@@ -716,7 +745,8 @@ class RunFolder:
                                         "data_sets": self.data_sets, "base": self.base,
                                         "base_version": BASE_DIGEST_VERSION, "model_files": self.model_files, "predict_seeding": self.seeding,
                                         "labels": self.labels, "scoring": self.scoring,
-                                        "scoring_since": self.scoring_since})
+                                        "scoring_since": self.scoring_since, "environment": self.environment,
+                                        "environments": self.environments})
 
     def redraw(self):
         """Draw, from the npz files, the summary figures (reliability grid, calibration vs accuracy) and the
@@ -754,6 +784,23 @@ class RunFolder:
 
 
 SUMMARY_FIGURES = ("reliability_grid", "calibration_vs_accuracy")  # a run's figures of every method, <kind>.png
+
+
+@functools.lru_cache(maxsize=1)
+def environment() -> dict:
+    """What made a run's rows besides its configuration: a digest of pyro_lora's code (its package files) and the
+    versions of the libraries that compute them."""
+    import peft
+    import pyro
+    import transformers
+
+    from .. import guides
+
+    roots = [Path(__file__).resolve().parents[1], Path(guides.__file__).resolve().parent]
+    files = sorted({p.resolve() for root in roots for p in root.rglob("*.py")})
+    code = bytes_sha256(b"".join(p.name.encode() + b"\0" + p.read_bytes() for p in files))
+    return {"code": code, "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "pyro": pyro.__version__, "numpy": np.__version__}
 
 
 def redraw_figures(out, record, to=None) -> bool:
