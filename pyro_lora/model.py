@@ -243,9 +243,12 @@ class LoraModel:
         """Every peft layer besides the sites and this adapter's heads (another adapter's LoRA, a LoRA embedding,
         trainable tokens, another adapter's trained copy of a module): found again once an adapter was added or deleted
         (``add_adapter`` puts layers on other modules), not on every forward."""
-        # an adapter deleted and loaded again under its name is another config object, maybe over other modules
-        adapters = tuple((name, id(config)) for name, config in getattr(self.net, "peft_config", {}).items())
-        if self._other_layers is None or self._other_layers[0] != adapters:
+        # an adapter deleted and loaded again under its name is another config object, maybe over other modules: the
+        # objects themselves are kept and compared (an id could be the deleted one's, reused)
+        adapters = tuple(getattr(self.net, "peft_config", {}).items())
+        known = None if self._other_layers is None else self._other_layers[0]
+        if known is None or len(known) != len(adapters) or any(
+                a != b or c is not d for (a, c), (b, d) in zip(known, adapters)):
             sites = {id(m) for m in self.layers.values()}
             sites |= {id(m) for m, _ in self._heads.values() if self.adapter in m.modules_to_save}
             self._other_layers = adapters, [(name, m) for name, m in self.net.named_modules()
