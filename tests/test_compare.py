@@ -2,6 +2,7 @@
 
 import json
 import re
+import warnings
 from dataclasses import replace
 import math
 
@@ -334,6 +335,38 @@ def test_a_merge_keeps_the_digest_of_the_records_its_rows_were_scored_on(tmp_pat
     merge_results(tmp_path / "run", tmp_path / "every")
     merged = json.loads((tmp_path / "run" / "results.json").read_text())
     assert merged["data"] == "b" * 64 and merged["config"]["data_dir"] == str(tmp_path / "new")  # the rerun's records
+
+
+def test_a_merge_keeps_the_environments_of_the_rows_it_holds(tmp_path, made_up_scores):
+    """A merge kept the run's environment: the rerun's rows, made with other code, claimed the old one, and a later
+    resume in the rerun's environment was warned of as another's. Library versions that differ are said: the table
+    compares methods run under both."""
+    from pyro_lora.experiments.results import merge_results
+
+    def environment(code, torch_version="2.0"):
+        return {"code": code * 64, "torch": torch_version, "peft": "0.1"}
+
+    def run(out, guides, *environments):
+        _fake_run(out, guides, nll=0.5)
+        record = json.loads((out / "results.json").read_text())
+        (out / "results.json").write_text(json.dumps(record | {"environments": list(environments),
+                                                               "environment": environments[-1]}))
+
+    run(tmp_path / "run", ("map", "meanfield"), environment("a"), environment("b"))
+    run(tmp_path / "update", ("meanfield",), environment("a"))  # the rerun in the first environment
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # only the code differs: what an update is for
+        merge_results(tmp_path / "run", tmp_path / "update")
+    merged = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert merged["environments"] == [environment("b"), environment("a")] and merged["environment"] == environment("a")
+    run(tmp_path / "libraries", ("meanfield",), environment("c", "2.1"))
+    with pytest.warns(UserWarning, match=r"keeps rows made with other library versions than the rerun's \(torch 2\.0 there, "
+                                         r"2\.1 in the rerun\): its table compares methods run under both"):
+        merge_results(tmp_path / "run", tmp_path / "libraries")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["environment"] == environment("c", "2.1")
+    run(tmp_path / "every", ("map", "meanfield"), environment("d"))  # no row of the run kept: its environments go
+    merge_results(tmp_path / "run", tmp_path / "every")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["environments"] == [environment("d")]
 
 
 def test_a_merge_keeps_the_digest_of_the_base_its_rows_were_scored_with(tmp_path, made_up_scores):

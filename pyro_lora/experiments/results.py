@@ -428,7 +428,7 @@ class RunFolder:
         """Warn, and note on the rows this run adds, where the record's rows were made with other code or library
         versions (:func:`environment`): a resume after an update would average rows of two versions without a word
         (a method's own version, :func:`~.versions.method_version`, follows its own changes only)."""
-        known = [e for e in saved.get("environments") or [saved.get("environment")] if e is not None]
+        known = _environments(saved)
         if not known or not self.rows:  # a record from before environments were kept: not known
             return
         self.environments = known + ([self.environment] if self.environment not in known else [])
@@ -1037,6 +1037,29 @@ def _first_line(error):
 MERGE_IGNORES = ("guides", "out", "progress")
 
 
+def _environments(record) -> list:
+    """The environments a run record's rows were made in (:func:`environment`), oldest first; ``[]`` where not known."""
+    return [e for e in record.get("environments") or [record.get("environment")] if e is not None]
+
+
+def _merged_environments(base, new, out) -> dict:
+    """``environment``/``environments`` of a merge of ``new``'s rows into ``base``'s (``{}``: no row of it kept): both
+    lists (none known: ``None``, ``[]``). A method's rows are one run's, but where the kept rows were made with other library versions than the
+    rerun's, the table compares methods across them: said (another pyro_lora code is what an update is for)."""
+    kept, rerun = _environments(base), _environments(new)
+    if kept and rerun:
+        last, now = kept[-1], rerun[-1]
+        differ = [f"{k} {last.get(k)} there, {now.get(k)} in the rerun" for k in sorted({*last, *now})
+                  if k != "code" and last.get(k) != now.get(k)]
+        if differ:
+            warnings.warn(f"{out / RESULTS} keeps rows made with other library versions than the rerun's ({'; '.join(differ)}): "
+                          f"its table compares methods run under both; --update {REFERENCE} reruns every method",
+                          stacklevel=user_stacklevel())
+    # each once, where it came last: the rerun's is the newest
+    merged = list(dict.fromkeys(json.dumps(e, sort_keys=True) for e in reversed(kept + rerun)))[::-1]
+    return {"environments": [json.loads(e) for e in merged], "environment": json.loads(merged[-1]) if merged else None}
+
+
 def merge_results(out, update, record=None):
     """Replace the rows of some guides in the run ``out`` by those of the run ``update`` (a rerun of just those
     guides, e.g. after a change to them, with otherwise the same configuration); returns the merged summary.
@@ -1110,7 +1133,8 @@ def merge_results(out, update, record=None):
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
     # a rerun method's rows are the rerun's, every seed: so is their seeding
     seeding = {g: s for g, s in recorded_seeding(base).items() if base_guide(g) not in updated} | recorded_seeding(new)
-    write_json(out / RESULTS, {**base, "config": config, "summary": summary,
+    environments = _merged_environments(base if kept else {}, new, out)
+    write_json(out / RESULTS, {**base, **environments, "config": config, "summary": summary,
                                "verdict": verdict(averaged, config["dataset"], config["eval_datasets"]),
                                "per_seed": rows, "failed": failed, "maps": maps, "predict_seeding": seeding})
     if record is not None:
