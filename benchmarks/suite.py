@@ -39,12 +39,12 @@ from transformers import LlamaForCausalLM
 # small is the CPU/CI shape (about 30 s on 2 cores, one thread)
 PRESETS = {
     "1b": dict(
-        batch=4, seq=256, steps=3, repeats=3, samples=8, guides="map,meanfield,meanfield_flipout,flow,scalabl",
+        batch=4, seq=256, steps=3, repeats=3, samples=8, guides="map,meanfield,meanfield_flipout,meanfield_pyro,flow,scalabl",
         kfac=dict(batch=4, seq=256, batches=4, labels=4, repeats=2, samples=8),
         tfb=dict(anchors=64, batch=16, seq=256, samples=10, repeats=2),
     ),
     "small": dict(
-        batch=4, seq=64, steps=2, repeats=2, samples=8, guides="map,meanfield,meanfield_flipout,flow,scalabl",
+        batch=4, seq=64, steps=2, repeats=2, samples=8, guides="map,meanfield,meanfield_flipout,meanfield_pyro,flow,scalabl",
         kfac=dict(batch=4, seq=64, batches=2, labels=4, repeats=2, samples=8),
         tfb=dict(anchors=8, batch=8, seq=32, samples=10, repeats=3),
     ),

@@ -668,7 +668,7 @@ def check_ranks_agree(model, guide, action: str, handed: bool | None = None, bro
     another adapter's and a trained head's frozen original (neither runs with the adapter on) and ``broadcast`` (what ``action`` sets to rank 0's first: ``fit``'s trained
     parameters); and the guide's floating-point state.
 
-    Cost: one pass over the weights (three float64 sums of each tensor, :func:`~pyro_lora.ownership.value_sums`) and
+    Cost: one pass over the weights (three integer sums of each tensor's bits, :func:`~pyro_lora.ownership.value_sums`) and
     two all-reduces, of 6 numbers per tensor at most; no weight crosses the ranks. A collective: every rank calls it.
 
     :raises ValueError: naming the tensors that differ, and what to do for the first of them.
@@ -689,9 +689,8 @@ def check_ranks_agree(model, guide, action: str, handed: bool | None = None, bro
         raise ValueError(f"cannot {action}: the ranks hold {fewest} to {most} network and guide tensors; every rank "
                          "must build the same model and guide")
     sums = value_sums(t for _, t in named)
-    low, high = distributed.spread(torch.tensor([sums[id(t)] for _, t in named], dtype=torch.float64).reshape(-1, 3))
-    differ = [(n, t) for (n, t), lo, hi in zip(named, low, high)
-              if not torch.equal(lo.nan_to_num(), hi.nan_to_num())]  # a nan on every rank is no difference
+    low, high = distributed.spread(torch.tensor([sums[id(t)] for _, t in named], dtype=torch.int64).reshape(-1, 3))
+    differ = [(n, t) for (n, t), lo, hi in zip(named, low, high) if not torch.equal(lo, hi)]
     if not differ:
         return
     name, tensor = differ[0]

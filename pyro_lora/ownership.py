@@ -19,8 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 
 
 def point_snapshot(model, values: dict | None = None) -> dict:
-    """Name -> (float64 sum, sum of squares, position-weighted sum) of the network's point parameters (a trained
-    head, non-random LoRA matrices): what a guide's predictions rely on besides its own sites. ``values`` (name ->
+    """Name -> :func:`value_sums` of the network's point parameters (a trained head, non-random LoRA matrices): what a guide's predictions rely on besides its own sites. ``values`` (name ->
     tensor) stand in for the network's own (an ensemble member's head). An entry a step of Pyro's SVI adopted is
     left on its device as a ``[3]`` tensor (no host read in the step) until compared (:func:`_settle`)."""
     named = [(n, (values or {}).get(n, p)) for n, p in model.named_adapter_parameters()]
@@ -29,20 +28,50 @@ def point_snapshot(model, values: dict | None = None) -> dict:
 
 
 def value_sums(params, lazy=False) -> dict:
-    """``id(p)`` -> (float64 sum, sum of squares, position-weighted sum) of each of ``params``: one host read per
-    device, not three per parameter (each read waits for the GPU); ``lazy``: none, each a ``[3]`` tensor on its
-    device. The weighted sum tells a permutation (a head's rows swapped, as another label order) from the same values."""
-    by_device, f64 = {}, torch.float64
+    """``id(p)`` -> (sum, sum of squares, position-weighted sum) of the bit patterns of each of ``params`` as float32,
+    three integers: one host read per device (each read waits for the GPU); ``lazy``: none, each a ``[3]`` int64 tensor
+    on its device. Integer sums are exact, so a tensor's are the same however the tensors are batched (one stack per
+    size: a few kernels a call, not a few per tensor), and any one changed value changes them; the weighted sum tells
+    a permutation (a head's rows swapped, as another label order) from the same values."""
+    by_device = {}
     for p in params:
         by_device.setdefault(p.device, []).append(p)
     out = {}
     for group in by_device.values():
-        # float64 accumulators over float32 values (no float64 copy: an SVI step reads its head so)
-        rows = torch.stack([torch.stack((x.sum(dtype=f64), x.square().sum(dtype=f64),
-                                         (x * torch.arange(x.numel(), **_like(x))).sum(dtype=f64)))
-                            for x in (_flat(p) for p in group)])
-        out.update({id(p): row if lazy else tuple(row) for p, row in zip(group, rows if lazy else rows.tolist())})
+        rows = _bit_sums(group)
+        out.update({id(p): row if lazy else tuple(row) for p, row in zip(group, rows.unbind(0) if lazy else rows.tolist())})
     return out
+
+
+_WINDOW = 1 << 20  # elements reduced at once: the transient memory (about 40 bytes an element) whatever the sizes
+_MASK = (1 << 62) - 1  # the sums wrap modulo 2**64 (exact whatever the order); kept apart from int64's minimum, which negation (distributed.spread) keeps
+
+
+@torch.no_grad()
+def _bit_sums(tensors) -> torch.Tensor:
+    """:func:`value_sums` of ``tensors`` (one device), each read flat as float32 (a lossless cast, to float64, leaves
+    its sums as they were): ``[len(tensors), 3]`` int64. Tensors of one shape and dtype are stacked and reduced
+    together; one longer than the window is cut into pieces, whose sums add up to its own."""
+    pieces = {}  # (shape, dtype, offset) -> [(tensor index, piece)]
+    for k, t in enumerate(tensors):
+        flat = t.reshape(-1) if t.numel() > _WINDOW else t
+        for start in range(0, max(t.numel(), 1), _WINDOW):
+            piece = flat if flat is t else flat[start:start + _WINDOW]
+            pieces.setdefault((piece.shape, piece.dtype, start), []).append((k, piece))
+    parts = [[] for _ in tensors]
+    for (shape, _, start), group in pieces.items():
+        n = shape.numel()
+        pos = torch.arange(start, start + n, dtype=torch.int64, device=group[0][1].device)
+        per = max(1, _WINDOW // max(n, 1))
+        for i in range(0, len(group), per):
+            chunk = group[i:i + per]
+            # + 0.0 reads -0.0 as 0.0, the same value
+            values = torch.stack([piece for _, piece in chunk]).reshape(len(chunk), n).float() + 0.0
+            bits = values.view(torch.int32).long()
+            sums = torch.stack((bits.sum(1), bits.square().sum(1), (bits * pos).sum(1)), 1)
+            for (k, _), row in zip(chunk, sums.unbind(0)):
+                parts[k].append(row)
+    return torch.stack([rows[0] if len(rows) == 1 else torch.stack(rows).sum(0) for rows in parts]) & _MASK
 
 
 def _settle(snapshot) -> None:
@@ -53,16 +82,6 @@ def _settle(snapshot) -> None:
             by_device.setdefault(v.device, []).append(n)
     for names in by_device.values():
         snapshot.update(zip(names, map(tuple, torch.stack([snapshot[n] for n in names]).tolist())))
-
-
-def _flat(p):
-    """``p`` as a float32 vector, whatever its dtype: a lossless cast (to float64) leaves its sums as they were, and
-    a half-precision square would overflow at 256 (no copy for float32)."""
-    return p.detach().reshape(-1).float()
-
-
-def _like(x):
-    return {"dtype": x.dtype, "device": x.device}
 
 
 def changed_point_parameters(snapshot, model):
@@ -241,6 +260,7 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
     _in_step.pop(id(optimizer), None)
     if not _STEPPING:  # then no guide has a step to tell apart at its next call either (follow_svi_step's idle)
         return
+    adopted = []  # (snapshot, name, parameter): what the step left is its guide's, read in one batch
     for group in optimizer.param_groups:
         for p in group["params"]:
             if any(id(p) in others for others in _in_step.values()):
@@ -254,7 +274,10 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
             del _STEPPING[id(p)]
             guide = guide() if ref() is p else None
             if guide is not None and guide._point_snapshot is not None and guide in _backward:
-                guide._point_snapshot[name] = value_sums([p], lazy=True)[id(p)]
+                adopted.append((guide._point_snapshot, name, p))
+    sums = value_sums((p for _, _, p in adopted), lazy=True)
+    for snapshot, name, p in adopted:
+        snapshot[name] = sums[id(p)]
 
 
 def trainer(model):

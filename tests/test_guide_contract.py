@@ -37,6 +37,7 @@ from pyro_lora.guides import (
     TFBGuide,
 )
 from pyro_lora import LoraModel, ScalaBLModel, SequenceClassification, export_adapter, fit, load_guide, predict, save_guide
+from pyro_lora import ownership
 from pyro_lora.contract import describe, differences
 from pyro_lora.likelihoods import CausalLM
 from pyro_lora.loraxs import LoraXSModel
@@ -696,6 +697,43 @@ def test_a_head_with_its_rows_swapped_is_a_change():
         head.copy_(head[[1, 0, 2]])
     with pytest.raises(ValueError, match="changed since this guide was built or trained"):
         predict(model, guide, data())
+
+
+def test_value_sums_are_the_same_however_the_tensors_are_batched(monkeypatch):
+    """The sums are compared for equality across calls that batch other tensors (a snapshot of the whole head, a
+    step's one parameter): exact integer sums of the bits, whatever the stack or the cut of a long tensor."""
+    monkeypatch.setattr(ownership, "_WINDOW", 64)  # a tensor of 150 values is cut into three pieces
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(4, 8, generator=g), torch.randn(150, generator=g), torch.randn(4, 8, generator=g) * 1e-30,
+               torch.randn(3, 3, generator=g).double(), torch.zeros(0), torch.randn(8, 4, generator=g).t()]
+    together = ownership.value_sums(tensors)
+    lazy = ownership.value_sums(tensors, lazy=True)
+    for t in tensors:
+        assert ownership.value_sums([t])[id(t)] == together[id(t)] == tuple(lazy[id(t)].tolist())
+    def expected(t):  # the bits of its values in the order of t.reshape(-1)
+        bits = t.reshape(-1).float().view(torch.int32).long()
+        return tuple(int(v) & ((1 << 62) - 1) for v in (bits.sum(), (bits * bits).sum(), (bits * torch.arange(len(bits))).sum()))
+
+    long, transposed = tensors[1], tensors[-1]
+    assert together[id(long)] == expected(long) and together[id(transposed)] == expected(transposed)
+    monkeypatch.setattr(ownership, "_WINDOW", 1 << 20)
+    assert ownership.value_sums([long])[id(long)] == expected(long)
+
+
+def test_value_sums_see_one_changed_value_and_nothing_else():
+    base = torch.randn(1000, generator=torch.Generator().manual_seed(1))
+    base[1] = 1e30  # beside which a float64 sum loses any change of the others
+    sums = ownership.value_sums([base])[id(base)]
+    nudged = base.clone()
+    nudged[517] = torch.nextafter(nudged[517], torch.tensor(math.inf))  # one ulp
+    swapped = base.clone()
+    swapped[[3, 9]] = base[[9, 3]]
+    for other in (nudged, swapped):
+        assert ownership.value_sums([other])[id(other)] != sums
+    zeros, negative = torch.zeros(5), -torch.zeros(5)  # the same values
+    assert ownership.value_sums([zeros])[id(zeros)] == ownership.value_sums([negative])[id(negative)]
+    widened = base.double()  # a lossless cast (model.double()) changes no value
+    assert ownership.value_sums([widened])[id(widened)] == sums
 
 
 def test_ownership_is_per_network_not_per_model_object():
