@@ -165,16 +165,24 @@ def check_head_classes(name_or_path, num_labels: int, label_names: Sequence[str]
     where its ``id2label`` names them (not transformers' defaults ``LABEL_0``, ``LABEL_1``, ..., nor each class's index),
     other names than ``label_names`` or the same in another order (compared ignoring case and surrounding spaces):
     labels are indices, so every example would
-    be trained and scored as another class. Embedded models, ``.gguf`` files and checkpoints without a trained head
-    (a fresh one is drawn) pass.
+    be trained and scored as another class; and, head or not, a ``problem_type`` other than single-label
+    classification (a multi-label head's independent sigmoids, a regression head), which the head keeps and
+    :class:`~pyro_lora.likelihoods.SequenceClassification` refuses (in ``compare``, as the failure of every method of
+    every seed). Embedded models, ``.gguf`` files and checkpoints without a trained head (a fresh one is drawn) pass.
 
-    :raises ValueError: naming both counts, or both orders, and what to do.
+    :raises ValueError: naming both counts, or both orders, or the problem type, and what to do.
     """
     folder = local_model_path(name_or_path)
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8")) if folder and folder.is_dir() else {}
     except (OSError, ValueError):
         return  # transformers says what is wrong with the folder
+    problem = config.get("problem_type")
+    if problem not in (None, "single_label_classification"):
+        raise ValueError(f"{folder}'s config.json sets problem_type {problem!r}: pyro_lora reads a classification head's "
+                         "logits as one softmax over the classes, so only single-label classification is supported; give "
+                         "a single-label checkpoint, or, to train a fresh head on these weights, set its problem_type to "
+                         '"single_label_classification" (or remove it) in config.json')
     if not any(str(a).endswith("ForSequenceClassification") for a in config.get("architectures") or ()):
         return
     id2label = config.get("id2label") or {}

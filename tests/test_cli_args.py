@@ -1,6 +1,7 @@
 """Bad command-line arguments are refused at parse time, naming the flag, before anything is loaded."""
 
 import importlib.util
+import json
 
 import pytest
 
@@ -171,6 +172,23 @@ def test_a_checkpoint_head_naming_the_classes_in_another_order_is_refused_before
     err = capsys.readouterr().err
     assert (f"{model}'s head names its classes ['positive', 'negative'] (config.json's id2label, in index order) and "
             "the data's label_names are ['negative', 'positive']: the same classes in another order") in err
+
+
+@pytest.mark.parametrize("head", [True, False])
+@pytest.mark.parametrize("command", [["compare"], ["fit"], ["bayesianize", "/nowhere/adapter"]])
+def test_a_checkpoint_of_another_problem_type_is_refused_before_loading(command, head, nothing_loads, tmp_path, capsys):
+    """A --model checkpoint whose config.json says problem_type "multi_label_classification" (a multi-label head's
+    sigmoids; kept by the fresh head drawn over a base too) was refused by the likelihood only when each seed's MAP
+    started: compare recorded every method of every seed as failed, after loading the model for each."""
+    from conftest import bert_checkpoint
+
+    model = bert_checkpoint(tmp_path / "ckpt", head=head)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({**config, "problem_type": "multi_label_classification"}))
+    assert cli.main(command + ["--model", model, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert (f"{model}'s config.json sets problem_type 'multi_label_classification': pyro_lora reads a classification "
+            "head's logits as one softmax over the classes") in err
 
 
 @pytest.mark.parametrize("command", [["compare"], ["fit"], ["study", "--datasets", "arc_easy"]])
