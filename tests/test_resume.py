@@ -1,6 +1,7 @@
 """Nothing finished is lost: a failing guide keeps the others, a rerun resumes, a folder of another run is kept."""
 
 import json
+import math
 import re
 import warnings
 from dataclasses import asdict, replace
@@ -63,6 +64,28 @@ def test_rows_without_their_arrays_are_not_complete(tmp_path):
     folder.add("map", 0, [ROW], arrays(0))
     (tmp_path / "predictions_map.npz").write_bytes(b"PK\x03\x04 half an npz")  # e.g. written by hand
     assert not RunFolder(tmp_path, small(tmp_path)).complete("map", 0, ["sst2"])
+
+
+def test_a_resume_says_why_it_reruns_rows_the_record_holds(tmp_path):
+    """Rows whose arrays were lost, or a method stopped between its sets' rows, were run again without a word."""
+    config = small(tmp_path, guides=("map", "tfb"), eval_datasets=("other",), ts=False, seeds=(0, 1))
+    folder = RunFolder(tmp_path, config)
+    both = {**arrays(0), **{k.replace("sst2", "other"): v for k, v in arrays(0).items()}}
+    folder.add("map", 0, [ROW, {**ROW, "dataset": "other"}], both)
+    scoreless = {"guide": "tfb", "dataset": "sst2", "seed": 0}  # no score to contradict its arrays (ROW's do)
+    prediction = {**arrays(0), "sst2__seed0__entropy": np.full(2, math.log(2))}  # arrays(0)'s entropy is no prediction's
+    folder.add("tfb", 0, [scoreless], prediction)  # stopped before its row on "other"
+    folder.add("tfb", 1, [{**ROW, "guide": "tfb", "seed": 1}], arrays(1))  # its arrays say otherwise, and none on "other"
+    (tmp_path / "predictions_map.npz").unlink()
+    again = RunFolder(tmp_path, config)
+    left = again.unfinished(config.guides, config.seeds)
+    again.check_scores(rerun=lambda r: (r["guide"], r["seed"]) in left)
+    assert again.rerun_reasons(left) == {
+        ("map", 0): "results.json holds rows of map without their arrays in predictions_map.npz (removed, damaged or "
+                    "replaced since)",
+        ("tfb", 0): "results.json lacks its rows of tfb on other (a run stopped between them?)",
+        ("tfb", 1): "its arrays in its predictions npz do not give its rows in results.json (other scores, or no prediction)",
+    }
 
 
 def test_a_failed_seed_is_named_in_the_summary_and_the_error(tmp_path):

@@ -227,6 +227,8 @@ def _fill(run, config, reference):
     run.check_scores(rerun=lambda r: (base_guide(r["guide"]), r["seed"]) in left)
     if earlier is not run:  # an update's reference: the rows of the methods it does not rerun are merged with its own
         earlier.check_scores(rerun=lambda r: base_guide(r["guide"]) in config.guides)
+    for (name, seed), why in run.rerun_reasons(left).items():
+        say(f"# {name} (seed {seed}) is run again: {why}", flush=True)
     for name, (seeds, versions) in run.drop_older_versions(config.guides).items():
         warnings.warn(f"{name}: its rows of {seed_list(seeds)} in {run.out / RESULTS} "
                       f"were made by {other_version_words({name: versions})} version of "

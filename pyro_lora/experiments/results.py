@@ -537,6 +537,32 @@ class RunFolder:
         return unfinished_runs(self.out, self.rows, guides, seeds, [self.config.dataset, *self.config.eval_datasets],
                                self.config.ts)
 
+    def rerun_reasons(self, left) -> dict:
+        """``(method, seed)`` of ``left`` (:meth:`unfinished`) whose rows of this version the record holds -> why a
+        resume reruns them (said, not done without a word): their arrays missing from ``predictions_<method>.npz``
+        (written before the rows: the file removed, damaged or replaced since), arrays that contradict them (:meth:`check_scores`
+        withheld them), or a row name or set without its row (a kill between them). Call after :meth:`check_scores`."""
+        sets, reasons = [self.config.dataset, *self.config.eval_datasets], {}
+        for guide, seed in left:
+            names = row_names(self.config.ts, guide)
+            mine = [r for r in self.rows if r["guide"] in names and r["seed"] == seed and not of_other_version(r)]
+            if not mine:
+                continue
+            held = {name: _read_arrays(self.out, name) for name in names}
+            bare = sorted({r["guide"] for r in mine if not all(f"{r['dataset']}__seed{seed}__{kind}" in held[r["guide"]]
+                                                                for kind in ARRAYS)})
+            if bare:
+                reasons[guide, seed] = (f"results.json holds rows of {', '.join(bare)} without their arrays in "
+                                        f"{', '.join(f'predictions_{b}.npz' for b in bare)} (removed, damaged or replaced since)")
+            elif any(r in self._withheld for r in mine):
+                reasons[guide, seed] = ("its arrays in its predictions npz do not give its rows in results.json (other "
+                                        "scores, or no prediction)")
+            else:
+                missing = [f"{name} on {s}" for name in names for s in sets
+                           if not any(r["guide"] == name and r["dataset"] == s for r in mine)]
+                reasons[guide, seed] = f"results.json lacks its rows of {', '.join(missing)} (a run stopped between them?)"
+        return reasons
+
     def map_file(self, seed) -> Path:
         """The file that keeps the MAP of ``seed`` (``train_map``'s cache): a resumed seed loads it rather than training
         it again."""
