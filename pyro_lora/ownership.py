@@ -28,11 +28,12 @@ def point_snapshot(model, values: dict | None = None) -> dict:
 
 
 def value_sums(params, lazy=False) -> dict:
-    """``id(p)`` -> (sum, sum of squares, position-weighted sum) of the bit patterns of each of ``params`` as float32,
-    three integers: one host read per device (each read waits for the GPU); ``lazy``: none, each a ``[3]`` int64 tensor
-    on its device. Integer sums are exact, so a tensor's are the same however the tensors are batched (one stack per
-    size: a few kernels a call, not a few per tensor), and any one changed value changes them; the weighted sum tells
-    a permutation (a head's rows swapped, as another label order) from the same values."""
+    """``id(p)`` -> three integers of each of ``params``: the sum of its values' bits (as float32: a lossless cast, to
+    float64, changes nothing) and two sums of a hash of each value's bits and position, which any change of a value,
+    and a permutation (a head's rows swapped, as another label order), changes. One host read per device (each read
+    waits for the GPU); ``lazy``: none, each a ``[3]`` int64 tensor on its device. Integer sums are exact, so a
+    tensor's are the same however the tensors are batched (one stack per shape: a few kernels a call, not a few per
+    tensor)."""
     by_device = {}
     for p in params:
         by_device.setdefault(p.device, []).append(p)
@@ -43,17 +44,42 @@ def value_sums(params, lazy=False) -> dict:
     return out
 
 
-_WINDOW = 1 << 20  # elements reduced at once: the transient memory (about 40 bytes an element) whatever the sizes
+_WINDOW = 1 << 20  # elements reduced at once: the transient memory (about 60 bytes an element) whatever the sizes
 _MASK = (1 << 62) - 1  # the sums wrap modulo 2**64 (exact whatever the order); kept apart from int64's minimum, which negation (distributed.spread) keeps
+_GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -7723592293110705685  # splitmix64's, as int64
+
+
+def _mixed(z):
+    """splitmix64's finaliser (arithmetic shifts): each int64 to a pseudo-random one, so that structured changes do
+    not cancel in a sum (a sign flip moves a float's bits by 2**31 whatever its value: a head ``[w, -w]`` with its
+    rows swapped kept a plain sum of bits and of bits times position)."""
+    z = (z ^ (z >> 30)) * _MIX1
+    z = (z ^ (z >> 27)) * _MIX2
+    return z ^ (z >> 31)
+
+
+def _element_bits(values):
+    """Each of ``values`` as an int64: a float's float32 bits (-0.0 read as 0.0, the same value), plus, for a float64
+    value no float32 holds, its own bits hashed (a lossless cast changes nothing; a finer change is still seen); an
+    integer's or bool's value."""
+    if not values.is_floating_point():
+        return values.long()
+    single = values.float() + 0.0
+    bits = single.view(torch.int32).long()
+    if values.dtype == torch.float64:
+        off = values != single.double()  # NaN too: its own bits
+        bits = bits + torch.where(off, _mixed((values + 0.0).view(torch.int64)), 0)
+    return bits
 
 
 @torch.no_grad()
 def _bit_sums(tensors) -> torch.Tensor:
-    """:func:`value_sums` of ``tensors`` (one device), each read flat as float32 (a lossless cast, to float64, leaves
-    its sums as they were): ``[len(tensors), 3]`` int64. Tensors of one shape and dtype are stacked and reduced
-    together; one longer than the window is cut into pieces, whose sums add up to its own."""
+    """:func:`value_sums` of ``tensors`` (one device), each read flat (:func:`_element_bits`): ``[len(tensors), 3]``
+    int64. Tensors of one shape and dtype are stacked and reduced together; one longer than the window is cut into
+    pieces, whose sums add up to its own."""
     pieces = {}  # (shape, dtype, offset) -> [(tensor index, piece)]
     for k, t in enumerate(tensors):
+        t = torch.view_as_real(t) if t.is_complex() else t
         flat = t.reshape(-1) if t.numel() > _WINDOW else t
         for start in range(0, max(t.numel(), 1), _WINDOW):
             piece = flat if flat is t else flat[start:start + _WINDOW]
@@ -65,10 +91,8 @@ def _bit_sums(tensors) -> torch.Tensor:
         per = max(1, _WINDOW // max(n, 1))
         for i in range(0, len(group), per):
             chunk = group[i:i + per]
-            # + 0.0 reads -0.0 as 0.0, the same value
-            values = torch.stack([piece for _, piece in chunk]).reshape(len(chunk), n).float() + 0.0
-            bits = values.view(torch.int32).long()
-            sums = torch.stack((bits.sum(1), bits.square().sum(1), (bits * pos).sum(1)), 1)
+            bits = _element_bits(torch.stack([piece for _, piece in chunk]).reshape(len(chunk), n))
+            sums = torch.stack((bits.sum(1), _mixed(bits + pos * _GOLDEN).sum(1), _mixed(_mixed(bits) + pos).sum(1)), 1)
             for (k, _), row in zip(chunk, sums.unbind(0)):
                 parts[k].append(row)
     return torch.stack([rows[0] if len(rows) == 1 else torch.stack(rows).sum(0) for rows in parts]) & _MASK

@@ -710,14 +710,11 @@ def test_value_sums_are_the_same_however_the_tensors_are_batched(monkeypatch):
     lazy = ownership.value_sums(tensors, lazy=True)
     for t in tensors:
         assert ownership.value_sums([t])[id(t)] == together[id(t)] == tuple(lazy[id(t)].tolist())
-    def expected(t):  # the bits of its values in the order of t.reshape(-1)
-        bits = t.reshape(-1).float().view(torch.int32).long()
-        return tuple(int(v) & ((1 << 62) - 1) for v in (bits.sum(), (bits * bits).sum(), (bits * torch.arange(len(bits))).sum()))
-
     long, transposed = tensors[1], tensors[-1]
-    assert together[id(long)] == expected(long) and together[id(transposed)] == expected(transposed)
+    copy = transposed.contiguous()  # the same values in the same order
+    assert ownership.value_sums([copy])[id(copy)] == together[id(transposed)]
     monkeypatch.setattr(ownership, "_WINDOW", 1 << 20)
-    assert ownership.value_sums([long])[id(long)] == expected(long)
+    assert ownership.value_sums([long])[id(long)] == together[id(long)]  # in one piece
 
 
 def test_value_sums_see_one_changed_value_and_nothing_else():
@@ -730,10 +727,22 @@ def test_value_sums_see_one_changed_value_and_nothing_else():
     swapped[[3, 9]] = base[[9, 3]]
     for other in (nudged, swapped):
         assert ownership.value_sums([other])[id(other)] != sums
+    # a sign flip moves a float's bits by 2**31 whatever its value: a head [w, -w] with as many positive as negative
+    # entries kept plain sums of bits and of bits times position with its rows swapped (the label order reversed)
+    w = torch.tensor([0.3, -1.2, 0.7, -0.1])
+    head = torch.stack([w, -w])
+    flipped = head[[1, 0]]
+    assert ownership.value_sums([head])[id(head)] != ownership.value_sums([flipped])[id(flipped)]
     zeros, negative = torch.zeros(5), -torch.zeros(5)  # the same values
     assert ownership.value_sums([zeros])[id(zeros)] == ownership.value_sums([negative])[id(negative)]
     widened = base.double()  # a lossless cast (model.double()) changes no value
     assert ownership.value_sums([widened])[id(widened)] == sums
+    finer = widened.clone()
+    finer[5] += 1e-12  # no float32 holds it
+    huge = torch.tensor([1e300, 1.0], dtype=torch.float64)  # both past float32's range
+    counts = torch.tensor([1 << 40, 3])  # an int64 buffer a float32 cast would round
+    for before, after in ((widened, finer), (huge, huge * 2), (counts, counts + 1)):
+        assert ownership.value_sums([before])[id(before)] != ownership.value_sums([after])[id(after)]
 
 
 def test_ownership_is_per_network_not_per_model_object():
