@@ -113,8 +113,8 @@ def _record_parameters(guide):
     check_no_plate("guide")
     if torch.is_grad_enabled() and pyro_params.recording():  # a step of Pyro's SVI (fit keeps its own books)
         take_over(guide.model, guide)
-        follow_svi_step(guide)
-        record_fit(guide.model, guide, svi=True)  # what it trains, kept should the guide be dropped
+        points = follow_svi_step(guide)
+        record_fit(guide.model, guide, svi=True, points=points)  # what it trains, kept should the guide be dropped
     elif not torch.is_grad_enabled():  # Predictive (under no_grad), SVI.evaluate_loss: the network must still be its own
         check_guide(guide.model, guide, "run as a Pyro guide (pyro.infer.Predictive, a trace)")
         if not guide.samples_carry_posterior and in_predictive():  # pyro_lora.predict refuses it alike

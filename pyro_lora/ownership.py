@@ -145,13 +145,13 @@ _REACHED = {}
 _arrivals = {}  # id(point parameter) -> its weakref, once its gradient hook (_arriving) is registered
 
 
-def follow_svi_step(guide) -> None:
+def follow_svi_step(guide) -> bool:
     """``guide`` is called in a step of Pyro's ``SVI`` (or of a loop differentiating its ELBO): the next optimiser
     step on each of the network's point parameters ends that step (Pyro's optimisers step each parameter once), and
     the values it leaves are the guide's own. Pyro does not signal a loop's end: any other change to them afterwards
     (a re-initialisation, a value written, a plain torch loop) is a change under the guide, and so is a step after a
     call with no backward pass into the guide (a validation ELBO, a trace), or after a loop that stepped the guide but
-    not that parameter."""
+    not that parameter. Returns whether the network has such parameters (for :func:`record_fit`'s ``points``)."""
     if not _hooks:
         _hooks.extend((register_optimizer_step_pre_hook(_before_optimizer_step),
                        register_optimizer_step_post_hook(_after_optimizer_step)))
@@ -172,20 +172,21 @@ def follow_svi_step(guide) -> None:
         _backward.add(guide)
     idle = guide in _own_stepped  # since the last call its loop stepped its own parameters: a step round ended
     _own_stepped.discard(guide)
-    _expect_steps(guide.model, me, idle)
+    return _expect_steps(guide.model, me, idle)
 
 
-def _expect_steps(model, me, idle: bool = False) -> None:
-    """The next step of each of ``model``'s trainable point parameters is the guide ``me``'s (a weakref); ``idle``:
-    its loop stepped its own parameters since its last call, so one it expected and did not step is not its loop's."""
-    for n, p in model.named_adapter_parameters():
-        if not p.requires_grad:  # a frozen one is never stepped: it would stay listed
-            continue
+def _expect_steps(model, me, idle: bool = False) -> bool:
+    """The next step of each of ``model``'s point parameters is the guide ``me``'s (a weakref); ``idle``: its loop
+    stepped its own parameters since its last call, so one it expected and did not step is not its loop's. Returns
+    whether there is any."""
+    named = model.named_point_parameters()  # trainable: a frozen one is never stepped, it would stay listed
+    for n, p in named:
         ref, owner, _ = _STEPPING.get(id(p), (None, None, None))
         if idle and ref is not None and ref() is p and owner() is me():
             del _STEPPING[id(p)]  # the round stepped the guide but not this one: a later step of it is not the loop's
         else:
             _STEPPING[id(p)] = (weakref.ref(p), me, n)
+    return bool(named)
 
 
 def note_forward(model, output) -> None:
@@ -272,11 +273,11 @@ def _hand_back(optimizer) -> None:
             continue
         if now[1]() is not guide:
             take_over(guide.model, guide)
-            _expect_steps(guide.model, me)
+            points = _expect_steps(guide.model, me)
             if isinstance(guide, Followed):
-                record_autoguide(guide.model, guide)
+                record_autoguide(guide.model, guide, points=points)
             else:
-                record_fit(guide.model, guide, svi=True)
+                record_fit(guide.model, guide, svi=True, points=points)
         _backward.add(guide)
 
 
@@ -374,7 +375,7 @@ class _Fitted(NamedTuple):
     replaced: _Fitted | None = None  # SVI: the record before its guide's first call, which stands while it trains nothing
 
 
-def record_fit(model, guide, svi: bool = False, by: str = "fit") -> None:
+def record_fit(model, guide, svi: bool = False, by: str = "fit", points: bool | None = None) -> None:
     """``fit`` (``svi``: a step of Pyro's SVI; ``by="load_guide"``: a load that restored the head with ``guide``)
     trained the network with ``guide``: keep, per LoRA weight its sites
     hold, the sums of the adapter's weight as it is now and of the guide's mean, and the point parameters (the head)
@@ -382,7 +383,8 @@ def record_fit(model, guide, svi: bool = False, by: str = "fit") -> None:
     over the network with other sites still sees them. A site no peft parameter holds (a LoRA-XS core, ScalaBL's z)
     away from its start is a mean no weight holds: every weight's is ``None``. In an SVI step (before it moves the
     guide: its mean then differs from the adapter's as the stepped one does) the sums stay on their device (no host
-    read in the step) and the head is the guide's snapshot, which each followed step updates."""
+    read in the step) and the head is the guide's snapshot, which each followed step updates. ``points``: whether the
+    model has point parameters, where the caller just listed them (else listed here)."""
     held = dict(model.named_lora_weights())
     with torch.no_grad():
         values = {n: v.detach() for n, v in guide.mean().items()}
@@ -391,7 +393,7 @@ def record_fit(model, guide, svi: bool = False, by: str = "fit") -> None:
     record = {n: (sums[id(held[n])], sums[id(v)]) for n, v in mean.items()}
     if any(model.sites[n].kind.parameter is None and v.any() for n, v in values.items() if n in model.sites):
         record.update({n: (sums[id(p)], None) for n, p in held.items()})
-    head = guide._point_snapshot if model.named_point_parameters() else None
+    head = guide._point_snapshot if (model.named_point_parameters() if points is None else points) else None
     restore_fit(model, _Fitted(type(guide).__name__, "pyro.infer.SVI" if svi else by, record,
                                head if svi or head is None else dict(head), model.builds_on_adapter,
                                *(_svi_start(model, guide) if svi else (None, None, None))))
@@ -455,16 +457,16 @@ def _trained_nothing(entry, model) -> bool:
     return now == before and not changed_point_parameters(head, model)
 
 
-def record_autoguide(model, owner, svi: bool = True) -> None:
+def record_autoguide(model, owner, svi: bool = True, points: bool | None = None) -> None:
     """``owner`` (:class:`Followed`) trained or restored ``model``'s sites, as :func:`record_fit` keeps a guide's
     training: the adapter's LoRA weights its sites stand for as they are now (on their device), each with its value
     unknown (``None``: a step moved it; the autoguide's median is its own), and the head its snapshot. A site no peft
     parameter holds is left out: a LoRA-XS or ScalaBL model's adapter (its ``A``, ``B`` and head) is the network's
-    part of an autoguide's result (docs/saving.md)."""
+    part of an autoguide's result (docs/saving.md). ``points``: as :func:`record_fit`'s."""
     random = {id(p) for p in model.random_parameters()}
     held = [(n, p) for n, p in model.named_lora_weights() if id(p) in random]
     sums = value_sums((p for _, p in held), lazy=True)
-    head = owner._point_snapshot if model.named_point_parameters() else None
+    head = owner._point_snapshot if (model.named_point_parameters() if points is None else points) else None
     restore_fit(model, _Fitted(owner.name, "pyro.infer.SVI", {n: (sums[id(p)], None) for n, p in held}, head,
                                model.builds_on_adapter, *(_svi_start(model, owner) if svi else (None, None, None))))
 
@@ -615,6 +617,7 @@ def follow_autoguide(model, autoguide, loaded: bool = False) -> None:
     if loaded:  # restored, not trained: the point parameters as they are now are its own
         stop_following(model)
         owner._point_snapshot = point_snapshot(model)
+        points = None
     else:
-        follow_svi_step(owner)
-    record_autoguide(model, owner, svi=not loaded)
+        points = follow_svi_step(owner)
+    record_autoguide(model, owner, svi=not loaded, points=points)
