@@ -143,6 +143,22 @@ def timed(fn, device, repeats, warmup=1):
     return statistics.median(times)
 
 
+def ops_per_step(steps_of, steps=2) -> float:
+    """The aten ops a step dispatches (each one kernel launch or more on a GPU, where a small step is bound by launching
+    them): those of ``steps_of(2 * steps)()`` less those of ``steps_of(steps)()``, over ``steps``, so that a call's fixed
+    ops cancel; counted, not timed, so exact on any device. ``steps_of(k)``: a runner of ``k`` steps, run once before
+    it is counted (lazily built state). Counted: each aten op not called by another (a backward node's too)."""
+    counts = []
+    for k in (steps, 2 * steps):
+        run = steps_of(k)
+        run()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run()
+        counts.append(sum(1 for e in prof.events() if e.name.startswith("aten::")
+                          and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))))
+    return (counts[1] - counts[0]) / steps
+
+
 def device_name(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":

@@ -11,6 +11,9 @@ head, what the training left) instead of keeping ``fit``'s books.
     python benchmarks/svi_step.py                      # CPU, small, fp32
     python benchmarks/svi_step.py --size 1b --device cuda --guides map,meanfield,flow
 
+``--ops`` also counts the aten ops a step dispatches (:func:`_common.ops_per_step`): at the GPU goal's shape a step
+is bound by the host launching kernels, and the counts are exact on the CPU too.
+
 Peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the live tensors before the block plus
 the peak of the allocations torch.profiler traces within it (exact; sampling the resident set is too coarse
 for a small model). ``--no-memory`` skips it.
@@ -122,10 +125,10 @@ def pyro_svi_steps(model, guide, batch, steps, device, autocast, stamps=None):
 
 
 def run(size="small", device="cpu", dtype=None, batch=4, seq=None, steps=5, repeats=3, samples=8, guides=",".join(GUIDES),
-        memory=True, memory_guides="meanfield,flow", chunks=(1, 2, 8), net=None, log=print):
+        memory=True, memory_guides="meanfield,flow", chunks=(1, 2, 8), net=None, log=print, ops=False):
     """Measure; returns a dict of figures (seconds, MiB) that :func:`tables` prints. ``net``: a LoRA Llama of
     :func:`_common.build_llama` to reuse (else one is built). A measurement that fails is left out and its error
-    listed in ``out["errors"]``; the others go on."""
+    listed in ``out["errors"]``; the others go on. ``ops``: count each step's aten ops too (``out["ops"]``)."""
     device = torch.device(device)
     dtype = dtype or C.default_dtype(device)
     seq = seq or (64 if size == "small" else 256)
@@ -137,7 +140,7 @@ def run(size="small", device="cpu", dtype=None, batch=4, seq=None, steps=5, repe
     ids = torch.randint(1, net.config.vocab_size, (batch, seq), generator=g).to(device)
     data = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     out = {"size": size, "device": str(device), "dtype": dtype, "batch": batch, "seq": seq, "samples": samples,
-           "lora_params": C.lora_parameters(net), "steps": {}, "predictive": {}, "memory": {}, "errors": []}
+           "lora_params": C.lora_parameters(net), "steps": {}, "predictive": {}, "memory": {}, "ops": {}, "errors": []}
     errors = out["errors"]
     log(f"# svi_step: {size} Llama, LoRA r=8 on 7 projections ({out['lora_params'] / 1e6:.2f}M LoRA params), batch {batch}x{seq}, {device}, {dtype}")
 
@@ -145,6 +148,8 @@ def run(size="small", device="cpu", dtype=None, batch=4, seq=None, steps=5, repe
     step = C.timed(plain_steps(net, data, steps, device, autocast), device, repeats) / steps
     out["steps"]["plain"] = {"seconds": step}
     log(f"  plain peft LoRA step {step:.4f} s")
+    if ops:
+        out["ops"]["plain"] = C.ops_per_step(lambda k: plain_steps(net, data, k, device, autocast))
     for name in guides.split(","):
 
         def time_guide():
@@ -158,6 +163,9 @@ def run(size="small", device="cpu", dtype=None, batch=4, seq=None, steps=5, repe
                 svi_steps(model, guide, data, steps + 1, stamps)
             call = C.timed(steps_of, device, repeats)
             step = statistics.median(b - a for run in stamps[1:] for a, b in zip(run, run[1:]))  # [0]: the warm-up
+            if ops:
+                out["ops"][name] = C.ops_per_step(lambda k: pyro_svi_steps(model, guide, data, k, device, autocast) if pyro_svi
+                                                  else svi_steps(model, guide, data, k))
             return {"seconds": step, "fixed": None if pyro_svi else call - (steps + 1) * step, "sites": len(model.sites)}
 
         timing = C.attempt(errors, f"SVI step, {name}", time_guide)
@@ -249,6 +257,11 @@ def tables(out) -> str:
             f"| predictive, S={s} looped | {p['looped']:.4f} | {p['looped'] / p['forward']:.2f} |",
             f"| batched / looped | | {p['batched'] / p['looped']:.2f} |",
         ]
+    if out.get("ops"):
+        plain_ops = out["ops"].get("plain", math.nan)
+        lines += ["", "| aten ops a step | ops | ratio to plain LoRA |", "|---|---|---|"]
+        lines += [f"| {'plain peft LoRA step' if name == 'plain' else f'SVI step, {LABELS.get(name, name)} guide'} | {n:.0f} "
+                  f"| {C.ratio(n, plain_ops):.2f} |" for name, n in out["ops"].items()]
     if out["memory"]:
         lines += ["", memory_table(out["memory"], s)]
     if out.get("errors"):
@@ -304,9 +317,10 @@ def main():
     ap.add_argument("--memory-guides", type=C.name_list(GUIDES, allow_empty=True), default="meanfield,flow", help="guides whose step peak memory is measured")
     ap.add_argument("--chunks", type=C.positive_ints, default=(1, 2, 8), help="predictive chunk sizes whose peak memory is measured")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--ops", action="store_true", help="also count the aten ops a step dispatches")
     args = ap.parse_args()
     out = run(args.size, args.device, args.dtype, args.batch, args.seq, args.steps, args.repeats, args.samples, args.guides,
-              not args.no_memory, args.memory_guides, args.chunks, log=lambda *a: None)
+              not args.no_memory, args.memory_guides, args.chunks, log=lambda *a: None, ops=args.ops)
     print(f"# {args.size} Llama, LoRA r=8 on 7 projections ({out['lora_params'] / 1e6:.2f}M LoRA params), batch {out['batch']}x{out['seq']}, {out['device']}, {out['dtype']}")
     print(tables(out))
     sys.exit(1 if out["errors"] else 0)

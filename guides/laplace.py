@@ -67,8 +67,9 @@ class LaplaceGuide(LoraGuide):
         for the sites a dict leaves out) ``1 / prior**2`` of the model's float prior (the prior its MAP was trained
         under), else 1.0 (with a warning).
     :param str kfac: how token positions enter: ``"reduce"`` (per sequence: mean of the activations,
-        sum of the gradients over its tokens; right for one label per sequence) or ``"expand"`` (every
-        token a separate term, activations averaged over tokens).
+        sum of the gradients over its tokens; KFAC-reduce, Eschenhagen et al. 2023, the approximation for one label
+        per sequence, inexact where a layer's output reaches the logits through one token only) or ``"expand"``
+        (every token a separate term, activations averaged over tokens).
     :param int sketch: Nystrom sketch width for the ``D`` side (default ``2 k + 10``).
     """
 

@@ -40,8 +40,8 @@ _METRIC_NAMES = {"nll": "pseudo-label NLL rel. change", "flip": "flip rate", "ac
 # on 128 a few borderline training examples flip at the smallest noise and stop the search near 0. The range spans
 # 200x, so the bisection runs in log sigma_q: linear steps resolve only 0.0124, and on ARC-Easy (SmolLM2) every
 # linear midpoint flipped more than 1%, leaving sigma_q at the low end; 5 log steps resolve it to 18%. num_samples and
-# seed are compare's and bayesianize's defaults (--samples 4, --seed 0), which they search with: the search keeps the
-# predictive they score within the tolerance, so the run's --samples and --seed replace them there.
+# seed are compare's and bayesianize's defaults (--samples 4, --seed 0), which they search with: the search scores a
+# predictive of as many samples as the one they report (on its own draws), so the run's --samples and --seed replace them there.
 TFB_SEARCH = dict(criterion="flip", tolerance=0.01, low=1e-3, high=0.2, iterations=5, spacing="log", num_samples=4, seed=0)
 SPACINGS = ("log", "linear")
 TFB_ANCHORS = 512

@@ -28,11 +28,11 @@ def point_snapshot(model, values: dict | None = None) -> dict:
 
 
 def value_sums(params, lazy=False) -> dict:
-    """``id(p)`` -> three integers of each of ``params``: the sum of its values' bits (as float32: a lossless cast, to
-    float64, changes nothing) and two sums of a hash of each value's bits and position, which any change of a value,
+    """``id(p)`` -> three integers of each of ``params``: the sums of its values' bits (as float32: a lossless cast, to
+    float64, changes nothing), of the bits times their position, and of a hash of both, which any change of a value,
     and a permutation (a head's rows swapped, as another label order), changes. One host read per device (each read
     waits for the GPU); ``lazy``: none, each a ``[3]`` int64 tensor on its device. Integer sums are exact, so a
-    tensor's are the same however the tensors are batched (one stack per shape: a few kernels a call, not a few per
+    tensor's are the same however the tensors are batched (one stack per size: a few kernels a call, not a few per
     tensor)."""
     by_device = {}
     for p in params:
@@ -52,7 +52,7 @@ _GOLDEN, _MIX1, _MIX2 = -7046029254386353131, -4658895280553007687, -77235922931
 def _mixed(z):
     """splitmix64's finaliser (arithmetic shifts): each int64 to a pseudo-random one, so that structured changes do
     not cancel in a sum (a sign flip moves a float's bits by 2**31 whatever its value: a head ``[w, -w]`` with its
-    rows swapped kept a plain sum of bits and of bits times position)."""
+    rows swapped keeps the sums of bits and of bits times position)."""
     z = (z ^ (z >> 30)) * _MIX1
     z = (z ^ (z >> 27)) * _MIX2
     return z ^ (z >> 31)
@@ -75,24 +75,23 @@ def _element_bits(values):
 @torch.no_grad()
 def _bit_sums(tensors) -> torch.Tensor:
     """:func:`value_sums` of ``tensors`` (one device), each read flat (:func:`_element_bits`): ``[len(tensors), 3]``
-    int64. Tensors of one shape and dtype are stacked and reduced together; one longer than the window is cut into
+    int64. Tensors of one size and dtype are stacked and reduced together; one longer than the window is cut into
     pieces, whose sums add up to its own."""
-    pieces = {}  # (shape, dtype, offset) -> [(tensor index, piece)]
+    pieces = {}  # (size, dtype, offset) -> [(tensor index, flat piece)]
     for k, t in enumerate(tensors):
-        t = torch.view_as_real(t) if t.is_complex() else t
-        flat = t.reshape(-1) if t.numel() > _WINDOW else t
-        for start in range(0, max(t.numel(), 1), _WINDOW):
-            piece = flat if flat is t else flat[start:start + _WINDOW]
-            pieces.setdefault((piece.shape, piece.dtype, start), []).append((k, piece))
+        flat = (torch.view_as_real(t) if t.is_complex() else t).reshape(-1)
+        for start in range(0, max(flat.numel(), 1), _WINDOW):
+            piece = flat if flat.numel() <= _WINDOW else flat[start:start + _WINDOW]
+            pieces.setdefault((piece.numel(), piece.dtype, start), []).append((k, piece))
     parts = [[] for _ in tensors]
-    for (shape, _, start), group in pieces.items():
-        n = shape.numel()
+    for (n, _, start), group in pieces.items():
         pos = torch.arange(start, start + n, dtype=torch.int64, device=group[0][1].device)
+        salt = pos * _GOLDEN
         per = max(1, _WINDOW // max(n, 1))
         for i in range(0, len(group), per):
             chunk = group[i:i + per]
-            bits = _element_bits(torch.stack([piece for _, piece in chunk]).reshape(len(chunk), n))
-            sums = torch.stack((bits.sum(1), _mixed(bits + pos * _GOLDEN).sum(1), _mixed(_mixed(bits) + pos).sum(1)), 1)
+            bits = _element_bits(torch.stack([piece for _, piece in chunk]))
+            sums = torch.stack((bits.sum(1), (bits * pos).sum(1), _mixed(bits + salt).sum(1)), 1)
             for (k, _), row in zip(chunk, sums.unbind(0)):
                 parts[k].append(row)
     return torch.stack([rows[0] if len(rows) == 1 else torch.stack(rows).sum(0) for rows in parts]) & _MASK
