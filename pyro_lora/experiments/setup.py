@@ -290,13 +290,15 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
 
     ``Setup.config`` is ``config`` with the defaults it left resolved (``lr``, ``mc_format``, the adapter's
     ``rank`` and ``alpha``); ``Setup.sizes`` are the sizes actually used (at most those requested). :func:`check_config`
-    refuses first a configuration that cannot run.
+    refuses first a configuration that cannot run; its check of the shifted sets (:func:`check_eval_sets`) runs here
+    too, as a Python caller may not have called it.
 
     The data subsets and the train/validation split do not depend on ``seed``: every seed sees the same
     examples, only initialisation and training order change. With ``adapter_dir``, the LoRA is a saved
     peft adapter (``PeftModel.from_pretrained``) instead of a fresh one.
     """
     meta = D.load_meta(config.dataset, config.data_dir)
+    check_eval_sets(config, meta)  # a caller of the Python API may not have run check_config
     train, val, test, shifted = load_splits(config)
     torch.manual_seed(seed)  # a classification head is initialised while loading
     load = dict(device=config.device, progress=config.progress, dtype=DTYPES[config.dtype],
@@ -713,14 +715,7 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True, trains
                 "those of that set; list each shifted set once, not the training set")
         seen[folder] = repr(name)
     names = dataset_meta.get("label_names")
-    for name in config.eval_datasets:
-        meta = D.load_meta(name, config.data_dir)
-        if meta["task"] != task:
-            raise ValueError(f"evaluation set {name!r} is not a {task} dataset like {config.dataset!r}")
-        if task == "classification" and meta["label_names"] != names:
-            raise ValueError(f"evaluation set {name!r} names its labels {meta['label_names']}, {config.dataset!r} "
-                             f"{names}: labels are compared by index, so each would be scored as another class; give "
-                             "both sets the same label_names in the same order")
+    check_eval_sets(config, dataset_meta)
     if task == "classification":  # a local checkpoint's trained head: its classes, by number and by name
         check_head_classes(config.model, len(names), names)
     limit = max_positions(config.model)
@@ -729,6 +724,24 @@ def check_config(config: CompareConfig, guides=None, writes: bool = True, trains
     if writes:
         writable_folder(config.out)
     return task
+
+
+def check_eval_sets(config: CompareConfig, dataset_meta: dict) -> None:
+    """Refuse a shifted set of ``config.eval_datasets`` of another task than the dataset's (its ``meta.json``,
+    ``dataset_meta``), or, for classification, with other ``label_names`` or the same in another order: labels are
+    indices, so each of its examples would be scored as another class.
+
+    :raises ValueError: naming the set, both lists of labels, and what to do.
+    """
+    task, names = dataset_meta["task"], dataset_meta.get("label_names")
+    for name in config.eval_datasets:
+        meta = D.load_meta(name, config.data_dir)
+        if meta["task"] != task:
+            raise ValueError(f"evaluation set {name!r} is not a {task} dataset like {config.dataset!r}")
+        if task == "classification" and meta["label_names"] != names:
+            raise ValueError(f"evaluation set {name!r} names its labels {meta['label_names']}, {config.dataset!r} "
+                             f"{names}: labels are compared by index, so each would be scored as another class; give "
+                             "both sets the same label_names in the same order")
 
 
 def _check_normalize(config: CompareConfig, fmt) -> None:
