@@ -298,10 +298,11 @@ class LastLayerLaplaceGuide(LoraGuide):
 
     def _project(self, phi):
         """``phi [N, D1]`` in the posterior's eigenbasis, float64: ``J_c V`` ``[N, C, P]`` (full) or ``phi U_B``
-        ``[N, D1]`` (KFAC). In the eigenvectors' float32: a float64 copy of them would cost ``P^2`` numbers per call."""
+        ``[N, D1]`` (KFAC). In the eigenvectors' dtype (float32 but after ``guide.double()``): a float64 copy of them would
+        cost ``P^2`` numbers per call."""
         if self.hessian == "full":
-            return torch.einsum("nd,cdi->nci", phi.float(), self.eigvecs.view(*self.loc.shape, -1)).double()
-        return (phi.float() @ self.feature_eigvecs).double()
+            return torch.einsum("nd,cdi->nci", phi.to(self.eigvecs.dtype), self.eigvecs.view(*self.loc.shape, -1)).double()
+        return (phi.to(self.feature_eigvecs.dtype) @ self.feature_eigvecs).double()
 
     def _logit_cov(self, m, slope, lam):
         """``J Sigma J^T`` ``[N, K, K]`` from ``m = _project(phi)`` and ``g'(z)`` ``[N, K]``: the head's output

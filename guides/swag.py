@@ -146,7 +146,7 @@ class SWAGGuide(LoraGuide):
         for name in self.sites:
             mean, var = moments[name]
             z1 = torch.randn(num_samples, *mean.shape, device=device)
-            low = torch.tensordot(z2, deviations[name], dims=1) / math.sqrt(k - 1)
+            low = torch.tensordot(z2.to(deviations[name].dtype), deviations[name], dims=1) / math.sqrt(k - 1)  # float64 after guide.double()
             out[name] = mean.float() + math.sqrt(self.scale) * (var.sqrt().float() * z1 + low)
         return out
 

@@ -533,7 +533,7 @@ def glm_site_cov(f: SiteFactors, x: torch.Tensor, g: torch.Tensor, weights, lam:
         small, large = (g @ other.unsqueeze(1)) * scale.unsqueeze(1), x
     else:
         small, large = x @ other.mT.unsqueeze(1), g * scale.unsqueeze(1)
-    small = small @ f.small_vecs.unsqueeze(1)  # V^T s per token
+    small = small @ f.small_vecs.to(small.dtype).unsqueeze(1)  # V^T s per token (a guide.double()'s V: as the terms)
     m = (small.mT @ large).double()  # V^T J_c: [C, L, N, r, D]
     # the residual |m|^2 - |U^T m|^2 carries the largest weight 1 / (rest + lambda): float32's U, orthonormal to 1e-7,
     # moved Var(f_c - f_k) by 13% at lambda 1e-4, so U is orthonormalised in float64 first

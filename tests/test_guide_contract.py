@@ -115,6 +115,23 @@ def test_pyro_trace_has_the_models_sites_and_shapes(built):
     assert torch.isfinite(model_trace.log_prob_sum())
 
 
+def test_a_guide_in_float64_predicts_with_its_own_predictive(built):
+    """docs/saving.md: a guide cast with ``guide.double()`` saves, loads and draws in float64; SWAG's draws, the
+    Laplace GLM predictive and last-layer Laplace's mixed its float64 state with the network's float32 (a raw
+    RuntimeError)."""
+    from pyro_lora.guides.registry import METHODS
+
+    model, guide = built
+    own = next(m.predictive for m in METHODS.values() if m.guide is type(guide))
+    pyro.set_rng_seed(0)
+    single = own(guide, data(), 4).probs
+    guide.double()
+    pyro.set_rng_seed(0)
+    double = own(guide, data(), 4).probs
+    assert double.shape == single.shape and torch.isfinite(double).all()
+    assert torch.allclose(double.sum(-1).double(), torch.ones(len(double), dtype=torch.float64), atol=1e-5)
+
+
 def test_fast_path_shapes(built):
     model, guide = built
     samples, mean = guide.sample(4), guide.mean()  # 4: a multiple of the ensemble's 2 members
