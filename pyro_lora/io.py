@@ -195,6 +195,9 @@ def check_folder_slot(path, where, own=GUIDE_FILES):
         path.parent.mkdir(parents=True, exist_ok=True)
         os.rmdir(tempfile.mkdtemp(prefix=".write-check-", dir=path.parent))
     except OSError as error:
+        above = next((p for p in (path.parent, *path.parent.parents) if p.exists()), None)
+        if above is not None and not above.is_dir():  # mkdir says "File exists" of a folder to make under a file
+            raise ValueError(f"cannot write in {path.parent}: {above} is a file, not a folder, where {where}") from None
         raise ValueError(f"cannot write in {path.parent} ({error.strerror or error}), where {where}") from None
 
 

@@ -484,7 +484,7 @@ def test_half_precision_trainable_parameters_are_refused_before_training(dtype):
     assert all(torch.equal(p, q) for (_, p), q in zip(model.named_point_parameters(), head))
 
 
-@pytest.mark.parametrize("what", ["file", "link", "unwritable"])
+@pytest.mark.parametrize("what", ["file", "link", "unwritable", "under a file"])
 def test_fit_and_save_guide_refuse_a_folder_slot_they_cannot_fill_before_any_work(tmp_path, monkeypatch, what):
     """fit(checkpoint_dir=<a file>) trained to the end, then moved the user's file aside under a hidden name, put the
     guide folder in its place and raised NotADirectoryError naming that hidden name; its losses were lost. Under /proc
@@ -498,9 +498,14 @@ def test_fit_and_save_guide_refuse_a_folder_slot_they_cannot_fill_before_any_wor
     elif what == "link":
         (tmp_path / "elsewhere").mkdir()
         slot.symlink_to(tmp_path / "elsewhere")
+    elif what == "under a file":  # mkdir said "File exists"
+        (tmp_path / "notes").write_text("the user's file")
+        slot = tmp_path / "notes" / "run" / "results.csv"
     else:  # a folder that refuses new entries (chmod does not stop root, who runs CI): its probe fails
         monkeypatch.setattr("tempfile.mkdtemp", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
-    message = {"file": "is a file, where", "link": "is a link, where", "unwritable": "cannot write in .*Permission denied.*, where"}[what]
+    message = {"file": "is a file, where", "link": "is a link, where", "unwritable": "cannot write in .*Permission denied.*, where",
+               "under a file": re.escape(f"cannot write in {tmp_path / 'notes' / 'run'}: {tmp_path / 'notes'} is a file, not a "
+                                         "folder, where")}[what]
     monkeypatch.setattr(training, "_check_elbo", lambda elbo: pytest.fail("fit went on past its arguments"))
     with pytest.raises(ValueError, match=message + " fit saves the guide there as a folder: choose another checkpoint_dir"):
         fit(model, guide, toy_data(), checkpoint_dir=slot, progress=False)
