@@ -340,9 +340,8 @@ def test_a_plugin_that_fails_to_load_is_one_error_line(monkeypatch, capsys):
     assert line.startswith("pyro-lora: error: a pyro_lora.methods plugin failed to load: ModuleNotFoundError")
 
 
-def test_a_shifted_set_naming_its_labels_in_another_order_is_refused_before_loading(nothing_loads, tmp_path, capsys):
-    """Labels are compared by index: a set with label_names ["positive", "negative"] scored accuracy 1 - accuracy."""
-    import json
+def swapped_labels_set(tmp_path):
+    """A data folder holding sst2 and "swapped", its test set under label_names in the other order; and sst2's meta."""
     import shutil
 
     from pyro_lora.data import default_data_dir
@@ -353,6 +352,12 @@ def test_a_shifted_set_naming_its_labels_in_another_order_is_refused_before_load
     meta = json.loads((data / "sst2" / "meta.json").read_text())
     (data / "swapped" / "meta.json").write_text(json.dumps({**meta, "label_names": meta["label_names"][::-1]}))
     shutil.copy(data / "sst2" / "test.jsonl", data / "swapped" / "test.jsonl")
+    return data, meta
+
+
+def test_a_shifted_set_naming_its_labels_in_another_order_is_refused_before_loading(nothing_loads, tmp_path, capsys):
+    """Labels are compared by index: a set with label_names ["positive", "negative"] scored accuracy 1 - accuracy."""
+    data, meta = swapped_labels_set(tmp_path)
     argv = ["compare", "--data-dir", str(data), "--eval-datasets", "swapped", "--out", str(tmp_path / "out")]
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -362,17 +367,9 @@ def test_a_shifted_set_naming_its_labels_in_another_order_is_refused_before_load
 def test_prepare_refuses_a_shifted_set_naming_its_labels_in_another_order_before_loading(tmp_path, monkeypatch):
     """check_config refused it, but prepare, the Python API's entry, did not call it: a Setup came back with the
     shifted set loaded, each of its examples to be scored as the other class."""
-    import shutil
-
-    from pyro_lora.data import default_data_dir
     from pyro_lora.experiments import setup as S
 
-    data = tmp_path / "data"
-    shutil.copytree(default_data_dir() / "sst2", data / "sst2")
-    (data / "swapped").mkdir()
-    meta = json.loads((data / "sst2" / "meta.json").read_text())
-    (data / "swapped" / "meta.json").write_text(json.dumps({**meta, "label_names": meta["label_names"][::-1]}))
-    shutil.copy(data / "sst2" / "test.jsonl", data / "swapped" / "test.jsonl")
+    data, _ = swapped_labels_set(tmp_path)
     monkeypatch.setattr(S, "load_splits", lambda *a, **k: pytest.fail("the data was loaded"))
     config = S.CompareConfig(data_dir=str(data), eval_datasets=("swapped",), out=str(tmp_path / "out"))
     with pytest.raises(ValueError, match=r"evaluation set 'swapped' names its labels .* labels are compared by index"):
