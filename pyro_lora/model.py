@@ -57,6 +57,16 @@ class HalfPrecisionOverflowError(FloatingPointError):
         self.dtype, self.way_out = dtype, way_out
 
 
+def _overflowed(logits, choice_mask=None):
+    """Where ``logits`` overflowed: NaN or infinite, but ``-inf`` at a missing answer of ``choice_mask`` ``[B, C]``
+    (multiple choice masks it so; a class logit of ``-inf`` overflowed as one of ``+inf`` did)."""
+    bad = torch.isnan(logits) | torch.isposinf(logits)
+    low = torch.isneginf(logits)
+    if choice_mask is not None and tuple(choice_mask.shape) == tuple(logits.shape[-2:]):
+        low = low & choice_mask.to(logits.device).bool()
+    return bad | low
+
+
 def _check_plain_forward(net) -> None:
     """Refuse a network whose ``forward`` accelerate's mixed precision wrapped in an autocast (``Trainer(bf16=True)``
     leaves it so, the unwrapped one kept as ``_original_forward``): that precision is hidden from
@@ -781,7 +791,7 @@ class LoraModel:
             (:meth:`~pyro_lora.likelihoods.Likelihood.check_inputs`), values missing a site or naming an unknown one,
             or of another shape (a sample dim without ``num_samples``, or of another size).
         :raises HalfPrecisionOverflowError: (a ``FloatingPointError``) if a half-precision network's logits are NaN or
-            ``+inf`` (an overflow; ``-inf`` is a masked multiple-choice answer). Under weight samples the sampled
+            infinite (an overflow; but ``-inf`` at a missing answer of the batch's ``choice_mask``). Under weight samples the sampled
             predictives (:func:`~pyro_lora.predict`, TFB's search) tell the samples' width from the network's own.
         """
         self.check_network()
@@ -798,8 +808,7 @@ class LoraModel:
         torch.clear_autocast_cache()
         with _autocast(self.device, self.compute_dtype), hooks_ran(self):  # a call's hooks ran (heads)
             logits = self._logits(batch, values, num_samples, flipout_locs).float()
-        # -inf is a masked choice (multiple choice); NaN or +inf is an overflow
-        if dtype in HALF_DTYPES and (torch.isnan(logits) | torch.isposinf(logits)).any():  # one reduction, one sync
+        if dtype in HALF_DTYPES and _overflowed(logits, batch.get("choice_mask")).any():  # one reduction, one sync
             name = str(dtype).removeprefix("torch.")
             if self.compute_dtype in HALF_DTYPES:
                 way_out = "load the base in " + ("bfloat16 (float32's range) or float32" if dtype == torch.float16 else "float32")

@@ -341,6 +341,17 @@ def test_fp16_overflow_is_an_error_not_nan_probabilities():
         predict(model, None, data())
 
 
+def test_a_class_logit_overflowing_to_minus_inf_is_a_half_precision_overflow():
+    """-inf passed as a masked multiple-choice answer, so a float16 head whose logits overflowed downwards (a bias of
+    -1e5: every class at -inf) went on to predict's NonFinitePredictionError, a ValueError blaming float32 weights,
+    not the FloatingPointError docs/architectures.md promises."""
+    model = lora(dtype=torch.float16)
+    with torch.no_grad():
+        model.net.base_model.model.classifier.modules_to_save.default.bias.fill_(-1e5)
+    with pytest.raises(FloatingPointError, match="float16 network are NaN or infinite.*load the base in bfloat16"):
+        predict(model, None, data())
+
+
 @pytest.mark.parametrize("fmt", ["letter", "cloze"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_multiple_choice_with_a_missing_choice_runs_in_half_precision_as_in_fp32(fmt, dtype):
