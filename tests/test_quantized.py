@@ -66,7 +66,8 @@ def test_a_4bit_base_counts_its_parameters_not_its_packed_bytes(folder, monkeypa
 
 
 def dense_twin(net):
-    """The same peft network with every quantised base layer replaced by a float32 Linear of its dequantised weight."""
+    """The same peft network with every quantised base layer replaced by a float32 Linear of its dequantised weight,
+    frozen as the quantised one is (else a LoraModel over it trains it as a point parameter)."""
     import bitsandbytes as bnb
 
     from pyro_lora.quantized import int8_scales
@@ -82,6 +83,7 @@ def dense_twin(net):
             dense.weight.data = w.float()
             if module.bias is not None:
                 dense.bias.data = module.bias.data.float()
+            dense.requires_grad_(False)
             parent, _, name = path.rpartition(".")
             setattr(twin.get_submodule(parent), name, dense)
     return twin
