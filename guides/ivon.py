@@ -21,7 +21,7 @@ from pyro_lora.data import to_device
 from pyro_lora.model import LoraModel, full_precision
 from pyro_lora.modes import network_mode
 from pyro_lora.sites import check_values
-from pyro_lora.training import (_DivergenceWatch, _schedule, batch_nll, check_full_precision, check_training_context,
+from pyro_lora.training import (_DivergenceWatch, _replan, _Schedule, batch_nll, check_full_precision, check_training_context,
                                  nll_unit, per_unit, step_autocast, training_autocast)
 
 from .base import LoraGuide
@@ -201,7 +201,8 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     params = model.random_parameters() + model.point_parameters()
     autocast = _check_arguments(model, params, data, autocast, epochs=epochs, lr=lr, ess=ess, hess_init=hess_init,
                                 weight_decay=weight_decay, beta2=beta2, mc_samples=mc_samples, clip_radius=clip_radius)
-    schedule = _schedule(lr_schedule, 0, epochs * len(data))
+    steps_per_epoch = len(data)
+    schedule = _Schedule(lr_schedule, 0, epochs * steps_per_epoch)
     try:
         import ivon  # here, not at the top: a saved IVONGuide loads and predicts without the optimiser's package
     except ModuleNotFoundError:
@@ -227,6 +228,9 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
         # gradients on under an enclosing torch.no_grad() too
         with torch.enable_grad(), full_precision(device), network_mode(model.net, True):  # an enclosing autocast is off for the run: autocast= alone sets the forward's
             for epoch in range(epochs):
+                if epoch:  # data of another length this epoch: the decay ends at the run's last step still
+                    steps_per_epoch, bar.total = _replan(schedule, data, 1, steps_per_epoch, scheduler.last_epoch, epoch,
+                                                         epochs, lr_schedule)
                 for batch in data:
                     batch = to_device(batch, device)
                     unit = per_unit(model, batch)  # the check's NLL per scored token for CausalLM, per example else

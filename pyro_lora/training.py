@@ -30,7 +30,7 @@ from .data import to_device
 from .modes import eval_mode, network_mode
 from .pyro_stack import check_no_handlers
 from .model import HALF_DTYPES, full_precision, warn_unscaled
-from .checks import check_batch, check_count, check_not_inference_mode, check_reiterable
+from .checks import check_batch, check_count, check_flag, check_not_inference_mode, check_reiterable
 from .likelihoods import scored_labels
 from .locking import slot_lock
 from .sites import base_network
@@ -153,7 +153,8 @@ def fit(
         if ``guide`` was built on another model object (:func:`~pyro_lora.contract.check_guide`),
         on an ``epochs``, ``warmup_steps`` (longer than the run too), ``lr``, ``weight_decay`` (``lr * weight_decay``
         at least 1 too), ``grad_accum_steps``,
-        ``max_grad_norm`` or ``checkpoint_every`` out of range (or without ``checkpoint_dir``), two
+        ``max_grad_norm`` or ``checkpoint_every`` out of range (or without ``checkpoint_dir``), a switch
+        (``train_network``, ``gradient_checkpointing``, ``stop_on_divergence``, ``progress``) that is no bool, two
         :class:`~pyro_lora.guides.SWAGCollector` callbacks filling one SWAG guide, an ELBO it cannot step, on a
         one-shot iterator with ``epochs > 1``, a decaying ``lr_schedule`` over data without a length, a batch that
         is no dict of batched tensors (a list's first before any work, a loader's as read),
@@ -209,6 +210,9 @@ def fit(
                                                **model_settings, "callbacks": [type(cb).__name__ for cb in callbacks],
                                                "checkpoint_dir": os.path.abspath(checkpoint_dir) if checkpoint_dir else None})
             grad_accum_steps = check_count(grad_accum_steps, "grad_accum_steps")
+            for flag, name in ((train_network, "train_network"), (gradient_checkpointing, "gradient_checkpointing"),
+                               (stop_on_divergence, "stop_on_divergence"), (progress, "progress")):
+                check_flag(flag, name)  # the string "False" is truthy: the head trained under train_network="False"
             check_count(epochs, "epochs", minimum=0)
             check_count(warmup_steps, "warmup_steps", minimum=0)
             if checkpoint_every is not None:
@@ -238,7 +242,7 @@ def fit(
             if isinstance(data, (list, tuple)) and data:  # a loader's batches are checked as read (to_device)
                 check_batch(data[0])
             length = _length(data)
-            _schedule(lr_schedule, warmup_steps, length)  # a decay to 0 over a run of unknown length is refused
+            _Schedule(lr_schedule, warmup_steps, length)  # a decay to 0 over a run of unknown length is refused
             elbo = elbo or Trace_ELBO()
             _check_elbo(elbo)
             num_data = model.num_data or 1
@@ -307,7 +311,8 @@ def fit(
         # fp16's narrow range underflows small gradients: scale the loss up, unscale before the update, skip steps that
         # overflowed (bf16 has fp32's range and needs none)
         scaler = torch.amp.GradScaler(device.type, enabled=forward_dtype == torch.float16)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(lr_schedule, warmup_steps, total))
+        schedule = _Schedule(lr_schedule, warmup_steps, total)  # its total is saved and restored with the scheduler's state
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         net = model.net
         guide.train()
         losses, step, skipped_steps, short_warmup = [], 0, 0, False
@@ -390,7 +395,12 @@ def fit(
             # an enclosing autocast is switched off for the run (backward and checks too): autocast= alone sets the forward's
             with pyro.validation_enabled(False), pyro_params.own_optimizer(), _activation_checkpointing(net, gradient_checkpointing), \
                     distributed.rank_streams(), full_precision(device), network_mode(net, True):
-                for epoch in range(resumed["progress"]["epoch"] if resumed else 0, epochs):
+                start_epoch = resumed["progress"]["epoch"] if resumed else 0
+                for epoch in range(start_epoch, epochs):
+                    if steps_per_epoch is not None and epoch > start_epoch:
+                        steps_per_epoch, total = _replan(schedule, data, grad_accum_steps, steps_per_epoch, step, epoch,
+                                                         epochs, lr_schedule)
+                        bar.total = total
                     skip = resumed["seen"] if resumed and epoch == resumed["progress"]["epoch"] else 0
                     if skip:  # the epoch's order replayed from its start, to where the run's checkpoint was taken
                         _set_rng_state(resumed["epoch_rng"], device, keepers)
@@ -1057,25 +1067,44 @@ def _examples(batch: dict) -> int:
     return int(labels.shape[0]) if torch.is_tensor(labels) and labels.dim() > 0 else 1
 
 
-def _schedule(kind, warmup, total):
-    """The learning rate's factor at each step: a linear warmup over ``warmup`` steps, then ``kind`` (decaying to 0 at
-    step ``total``, ``None`` for data without a length).
+class _Schedule:
+    """The learning rate's factor at each step (``LambdaLR``'s): a linear warmup over ``warmup`` steps, then ``kind``
+    (decaying to 0 at step ``total``, ``None`` for data without a length). An object, not a function: ``LambdaLR``
+    saves and restores its ``total``, which :func:`_replan` may change.
 
     :raises ValueError: for an unknown ``kind``, or a decay over a run of unknown length.
     """
-    if kind not in ("constant", "linear", "cosine"):
-        raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {kind!r}")
-    if kind != "constant" and total is None:
-        raise ValueError(f"lr_schedule={kind!r} decays the learning rate to 0 over the run's optimizer steps, and data "
-                         "without a length (a generator, a DataLoader over an IterableDataset) does not tell how many "
-                         "there are: use lr_schedule='constant' (warmup_steps still applies), or data with a length")
 
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        if kind == "constant":
+    def __init__(self, kind, warmup, total):
+        if kind not in ("constant", "linear", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant', 'linear' or 'cosine', got {kind!r}")
+        if kind != "constant" and total is None:
+            raise ValueError(f"lr_schedule={kind!r} decays the learning rate to 0 over the run's optimizer steps, and data "
+                             "without a length (a generator, a DataLoader over an IterableDataset) does not tell how many "
+                             "there are: use lr_schedule='constant' (warmup_steps still applies), or data with a length")
+        self.kind, self.warmup, self.total = kind, warmup, total
+
+    def __call__(self, step):
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind == "constant":
             return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return 1.0 - progress if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return 1.0 - progress if self.kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return factor
+
+def _replan(schedule, data, grad_accum_steps, steps_per_epoch, step, epoch, epochs, kind):
+    """At the start of ``epoch``, after ``step`` optimizer steps: where ``data``'s length gives another number of steps
+    an epoch than ``steps_per_epoch`` (a bucketing sampler, a list extended between epochs), plan the schedule's end
+    again as if every epoch left gave as many (the first epoch's count kept a decay ending early: the rest of the run
+    trained at a learning rate of 0, or never decayed to 0), warning under a decaying schedule. Returns the steps an
+    epoch and the run's total steps."""
+    now = math.ceil(_length(data) / grad_accum_steps)
+    total = step + now * (epochs - epoch)
+    if now != steps_per_epoch:
+        if kind != "constant":
+            warnings.warn(f"fit: the data gives {now} optimizer steps in epoch {epoch}, {steps_per_epoch} in the epoch "
+                          f"before: lr_schedule={kind!r} now decays to 0 at step {total} (as if every epoch left gave "
+                          f"{now}), not at step {schedule.total}", stacklevel=user_stacklevel())
+        schedule.total = total
+    return now, total

@@ -41,6 +41,57 @@ def make(num_labels=2, random="AB"):
     return model, MAPGuide(model)
 
 
+def test_a_schedule_over_data_whose_length_changes_between_epochs_decays_to_0_at_the_runs_end(monkeypatch):
+    """The schedule's end was planned from the first epoch's length: data of 3, then 5, then 7 batches (a bucketing
+    sampler) decayed to 0 at step 9 of 15, and trained its last 6 steps at a learning rate of 0, without a word."""
+    class Growing:
+        def __init__(self):
+            self.epoch, self.batches = 0, toy_data(n=56, batch=8)
+
+        def __len__(self):  # the coming epoch's
+            return 3 + 2 * self.epoch
+
+        def __iter__(self):
+            n, self.epoch = len(self), self.epoch + 1
+            return iter(self.batches[:n])
+
+    lrs, real = [], torch.optim.lr_scheduler.LambdaLR.step
+
+    def step(self, *args, **kwargs):  # the rate each optimizer step uses, and the one after the last
+        real(self, *args, **kwargs)
+        lrs.append(self.optimizer.param_groups[0]["lr"])
+
+    monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
+    model, guide = make()
+    seen = []
+    with pytest.warns(UserWarning) as said:
+        fit(model, guide, Growing(), epochs=3, lr=1e-2, lr_schedule="linear", progress=False,
+            callbacks=[lambda state: seen.append(state.steps_per_epoch)])
+    assert [str(w.message) for w in said if "optimizer steps in epoch" in str(w.message)] == [
+        "fit: the data gives 5 optimizer steps in epoch 1, 3 in the epoch before: lr_schedule='linear' now decays to 0 "
+        "at step 13 (as if every epoch left gave 5), not at step 9",
+        "fit: the data gives 7 optimizer steps in epoch 2, 5 in the epoch before: lr_schedule='linear' now decays to 0 "
+        "at step 15 (as if every epoch left gave 7), not at step 13"]
+    assert seen == [3] * 3 + [5] * 5 + [7] * 7
+    assert len(lrs) == 16 and all(lr > 0 for lr in lrs[:15]) and lrs[15] == 0.0
+
+
+@pytest.mark.parametrize("call", ["fit", "predict", "save_guide"])
+def test_a_switch_given_as_a_string_is_refused(call, tmp_path):
+    """The string "False" is truthy: fit(train_network="False") trained the head, predict(mean="False") predicted
+    at the mean, without a word."""
+    model, guide = make()
+    head = {n: p.detach().clone() for n, p in model.named_point_parameters()}
+    with pytest.raises(ValueError, match=r"(train_network|mean|adapter) must be True or False, got 'False'"):
+        if call == "fit":
+            fit(model, guide, toy_data(), train_network="False", progress=False)
+        elif call == "predict":
+            predict(model, guide, toy_data(), mean="False")
+        else:
+            save_guide(guide, tmp_path / "guide", adapter="False")
+    assert all(torch.equal(p, head[n]) for n, p in model.named_point_parameters())
+
+
 def test_map_fit_reduces_loss_and_calls_back():
     model, guide = make()
     seen = []
