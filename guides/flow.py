@@ -116,6 +116,7 @@ class FlowGuide(LoraGuide):
         depth = check_count(depth, "depth", minimum=0)
         if hidden is not None:
             hidden = check_count(hidden, "hidden")
+        init_lambda, max_lambda = check_positive(init_lambda, "init_lambda"), check_positive(max_lambda, "max_lambda")
         if not 0 < init_lambda < max_lambda <= 1:
             raise ValueError(f"need 0 < init_lambda < max_lambda <= 1, got {init_lambda} and {max_lambda}")
         init_scale, std_lr_scale = check_positive(init_scale, "init_scale"), check_positive(std_lr_scale, "std_lr_scale")

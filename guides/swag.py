@@ -13,7 +13,7 @@ import weakref
 import torch
 
 from pyro_lora import distributed
-from pyro_lora.checks import check_count
+from pyro_lora.checks import check_count, check_positive
 from pyro_lora.contract import check_guide
 from pyro_lora.distributions import LowRankPlusDiagNormal
 from pyro_lora.loraxs import LoraXSModel
@@ -61,11 +61,8 @@ class SWAGGuide(LoraGuide):
     def __init__(self, model, rank=10, scale=0.5, var_clamp=1e-12):
         super().__init__(model)
         check_count(rank, "rank", minimum=2, alternative="the low-rank part divides by K - 1")
-        if not (scale > 0 and math.isfinite(scale)):
-            raise ValueError(f"scale must be a positive finite number, got {scale}")
-        if not (var_clamp > 0 and math.isfinite(var_clamp)):  # an infinite floor made every sample inf, predict nan
-            raise ValueError(f"var_clamp must be a positive finite number, got {var_clamp}")
-        self.rank, self.scale, self.var_clamp = rank, float(scale), float(var_clamp)
+        # an infinite floor made every sample inf (predict nan); True is a slip, not 1
+        self.rank, self.scale, self.var_clamp = rank, check_positive(scale, "scale"), check_positive(var_clamp, "var_clamp")
         device = model.device
         self.register_buffer("num_collected", torch.zeros((), dtype=torch.long, device=device))
         for i, site in enumerate(self.sites.values()):

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from pyro_lora import distributed
 from pyro_lora.callers import user_stacklevel
-from pyro_lora.checks import check_count, check_flag
+from pyro_lora.checks import check_count, check_flag, check_nonnegative
 from pyro_lora.contract import check_guide, check_model, describe, differences, entry_checks
 from pyro_lora.data import check_every_example, subset, to_device
 from pyro_lora.loraxs import svd_flip
@@ -148,10 +148,7 @@ class TFBGuide(LoraGuide):
 
     def set_sigma_q(self, value):
         """Set the noise scale ``sigma_q >= 0`` (one scalar for all layers)."""
-        value = float(value)
-        if not (value >= 0 and math.isfinite(value)):
-            raise ValueError(f"sigma_q must be a finite number >= 0, got {value}")
-        self.sigma_q.fill_(value)
+        self.sigma_q.fill_(check_nonnegative(value, "sigma_q"))  # True or "0.1" is a slip, not a scale
 
     def config(self):
         return {

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checks import not_a_file
+from .checks import check_flag, not_a_file
 from .modes import building
 from .digests import bytes_sha256, file_sha256
 from .contract import (_fingerprint_of, check_autoguide, check_guide, check_model, check_ranks_agree, describe, differences,
@@ -346,7 +346,7 @@ def save_guide(guide, path, run=None, adapter=False):
     only rank 0 writes (the ranks hold the same guide), every rank updates its adapter (``adapter=True``), and every
     rank returns once the file is written.
     """
-    return _save_guide(guide, path, run, adapter)
+    return _save_guide(guide, path, run, check_flag(adapter, "adapter"))
 
 
 def save_checkpoint(guide, path, fit_state) -> None:

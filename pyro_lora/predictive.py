@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
-from .checks import check_batch, check_count
+from .checks import check_batch, check_count, check_flag
 from .contract import check_guide, entry_checks
 from .data import check_every_example, to_device
 from .likelihoods import check_label_range
@@ -88,7 +88,7 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     :raises TypeError: if ``model`` is no :class:`~pyro_lora.LoraModel` (:func:`~pyro_lora.contract.check_model`).
     :raises ValueError: for settings that differ across ranks (under ``torch.distributed``, on every rank, first),
         a bad ``num_samples`` / ``chunk_size`` (an ensemble's ``S`` not a multiple of
-        ``K``), a ``DataLoader`` with ``drop_last=True``, ``mean=True`` with a guide whose mean is no predictor, a guide whose posterior its site samples do
+        ``K``), ``mean``, ``keep_samples`` or ``progress`` no bool, a ``DataLoader`` with ``drop_last=True``, ``mean=True`` with a guide whose mean is no predictor, a guide whose posterior its site samples do
         not carry (``guide.samples_carry_posterior`` false: last-layer Laplace), or a guide built for another model
         (:func:`~pyro_lora.contract.check_guide`); for labelled batches mixed with unlabelled ones.
     :raises NonFinitePredictionError: (a ``ValueError``) at a batch whose probabilities are not finite (the logits
@@ -112,6 +112,8 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     with entry_checks(model, guide, "predict", settings={"num_samples": num_samples, "mean": mean, "chunk_size": chunk_size,
                                                         "keep_samples": keep_samples}):
         check_every_example(data, "predict")
+        for flag, name in ((mean, "mean"), (keep_samples, "keep_samples"), (progress, "progress")):
+            check_flag(flag, name)  # the string "False" is truthy: mean="False" predicted at the mean
         num_samples = check_count(num_samples, "num_samples")
         if chunk_size is not None:
             chunk_size = check_count(chunk_size, "chunk_size", alternative="or None for all samples in one forward")

@@ -228,9 +228,11 @@ def test_bad_input():
         SWAGGuide(model, rank=1)
     with pytest.raises(ValueError, match="every"):
         SWAGCollector(guide, every=0)
-    for bad in (float("inf"), float("nan"), 0.0):  # an infinite floor made every sample inf and predict nan
-        with pytest.raises(ValueError, match="var_clamp must be a positive finite number"):
+    for bad in (float("inf"), float("nan"), 0.0, True, "1e-12"):  # an infinite floor made every sample inf, predict nan
+        with pytest.raises(ValueError, match="var_clamp must be a finite positive number"):
             SWAGGuide(model, var_clamp=bad)
+    with pytest.raises(ValueError, match="scale must be a finite positive number, got True"):  # taken as 1.0
+        SWAGGuide(model, scale=True)
 
 
 def test_a_collector_that_would_collect_fewer_than_two_iterates_is_refused_at_the_first_step():

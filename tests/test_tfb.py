@@ -140,8 +140,9 @@ def test_sigma_zero_reproduces_map_and_pyro_guide_path():
     for name, site in model.sites.items():
         assert trace.nodes[name]["value"].shape == site.shape
     assert torch.isfinite(Trace_ELBO().differentiable_loss(model, guide, batch))
-    with pytest.raises(ValueError, match="sigma_q must be"):
-        guide.set_sigma_q(-1.0)
+    for bad in (-1.0, True, "0.1"):  # True and "0.1" were taken as 1.0 and 0.1
+        with pytest.raises(ValueError, match="sigma_q must be a finite number >= 0"):
+            guide.set_sigma_q(bad)
 
 
 def manual_metric(guide, model, anchors, sigma, num_samples, seed):
