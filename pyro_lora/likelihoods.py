@@ -949,8 +949,8 @@ class CausalLM(Likelihood):
 
         :raises ValueError: on a batch without ``labels`` (absent or ``None``): its observed tokens are derived from them,
             so a batch without them can neither be scored nor have ``"obs"`` drawn by ``pyro.infer.Predictive`` (which
-            a classification likelihood's batch without labels has); and on labels that are not integer token ids of
-            ``input_ids``' shape ``[B, T]``.
+            a classification likelihood's batch without labels has); on labels that are not integer token ids of
+            ``input_ids``' shape ``[B, T]``; and on a row with no token to score.
         """
         if batch.get("labels") is None:
             raise ValueError(
@@ -969,6 +969,12 @@ class CausalLM(Likelihood):
         labels = labels.long()[:, 1:]
         mask = batch.get("attention_mask")
         if mask is not None:
+            check_attention_mask(mask, inputs)  # before its cells are read as real tokens
             real = mask.bool()
             labels = labels.masked_fill(~(real[:, 1:] & real[:, :-1]), -100)
+        empty = (labels == -100).all(-1).nonzero().flatten().tolist()
+        if empty:  # as SequenceClassification's label -100: an example of the data term's scaling with nothing in it
+            raise ValueError(f"CausalLM: row(s) {empty[:5]} of the batch have no token to score (every label -100, masked, or "
+                             "one real token): each would count as one of the batch's examples in the log-likelihood's "
+                             "num_data / rows scaling with nothing in it; drop them from the batch")
         return labels

@@ -260,6 +260,23 @@ def _lm_rows(n, length, seed):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
 
 
+@pytest.mark.parametrize("how", ["labels -100", "one real token"])
+def test_a_causal_lm_row_with_no_token_to_score_is_refused_before_training(how):
+    """Such a row counted as one of the batch's examples in the num_data / rows scaling with nothing in it: a batch with
+    2 of its 4 rows unscored weighed its data term half as much, and one with none scored trained on the prior alone."""
+    batch = _lm_rows(4, 6, 0)
+    if how == "labels -100":
+        batch["labels"][[1, 3]] = -100
+    else:
+        batch["attention_mask"][[1, 3], 1:] = 0
+    model = LoraModel(tiny_llama(), CausalLM(), random="AB", prior=1.0, num_data=24)
+    guide = MAPGuide(model)
+    before = {n: p.detach().clone() for n, p in guide.named_parameters()}
+    with pytest.raises(ValueError, match=r"CausalLM: row\(s\) \[1, 3\] of the batch have no token to score"):
+        fit(model, guide, [batch], lr=1e-2, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in guide.named_parameters())
+
+
 def test_causal_lm_divergence_is_judged_per_scored_token():
     """CausalLM's NLL per example sums a row's tokens: a first batch of 3-token rows, then 40-token ones, raised
     DivergenceError at lr=1e-7, where nothing moves (its smoothed NLL per example rose 4x + 4 with the rows' lengths).
