@@ -190,6 +190,11 @@ def fit(
             # first (a collective, which a rank refused earlier would skip): a rank's own checkpoint_dir was refused by
             # the first save, after the run; other steps or schedules would leave ranks waiting or apart
             require_lora_guide(guide, "fit")
+            callbacks = _checked_callbacks(callbacks)
+            if isinstance(elbo, type):
+                raise ValueError(f"elbo is the class {elbo.__name__}, not an ELBO: give an instance, elbo={elbo.__name__}()")
+            if data is None:
+                raise ValueError("data is None: give an iterable of batches (a DataLoader, a list of dicts)")
             arguments = {  # what every rank, and a resumed run, must share
                 "epochs": epochs, "lr": lr, "elbo": type(elbo).__name__, "weight_decay": weight_decay,
                 "lr_schedule": lr_schedule, "warmup_steps": warmup_steps,
@@ -418,6 +423,9 @@ def fit(
                         if length is None and epoch == 0 and seen == 2:  # the warning a length gave before the run
                             warn_unscaled(model, seen, "fit (over data without a length, its batches counted as read)")
                         examples = _examples(batch)
+                        if not examples:  # a group's weights divide by its examples
+                            raise ValueError(f"the batch has no rows (labels of shape {tuple(batch['labels'].shape)}): an "
+                                             "empty batch scores nothing; leave it out of the data")
                         if not pending:  # the group's first batch: a full group of equal batches needs no rescaling
                             reference = examples * grad_accum_steps
                         rows += examples
@@ -791,6 +799,10 @@ def _check_elbo(elbo) -> None:
         raise ValueError(f"fit cannot train with {name}: it has no differentiable_loss; fit takes Trace_ELBO, "
                          f"TraceMeanField_ELBO or TraceEnum_ELBO, and pyro.infer.SVI(model, guide, optim, {name}()) "
                          "trains with it")
+    particles = getattr(elbo, "num_particles", 1)
+    if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:  # 0: a loss of 0.0, no backward
+        raise ValueError(f"{name}(num_particles={particles!r}): an ELBO averages at least one particle; give "
+                         "num_particles >= 1")
 
 
 class _Smoothed:
@@ -1059,6 +1071,21 @@ def _warn_short_warmup(warmup, step, epoch_steps, epoch, epochs) -> bool:
                   "lr (its data has no length, so this could not be refused before the run, as it is for data with one); "
                   f"use warmup_steps <= {ahead}, or more epochs", stacklevel=user_stacklevel())
     return True
+
+
+def _checked_callbacks(callbacks) -> list:
+    """``callbacks`` as a list, each callable (one that is not failed after the run's first step, the guide moved).
+
+    :raises ValueError: for one callable given alone, or what is no iterable of callables.
+    """
+    if callable(callbacks) or isinstance(callbacks, (str, bytes)) or not hasattr(callbacks, "__iter__"):
+        raise ValueError(f"callbacks must be a list of callables, each called with the FitState after every step, got "
+                         f"{callbacks!r}" + (": pass [it]" if callable(callbacks) else ""))
+    callbacks = list(callbacks)
+    bad = [cb for cb in callbacks if not callable(cb)]
+    if bad:
+        raise ValueError(f"callbacks must be callables, each called with the FitState after every step: {bad[0]!r} is not")
+    return callbacks
 
 
 def _examples(batch: dict) -> int:

@@ -76,6 +76,29 @@ def test_a_schedule_over_data_whose_length_changes_between_epochs_decays_to_0_at
     assert len(lrs) == 16 and all(lr > 0 for lr in lrs[:15]) and lrs[15] == 0.0
 
 
+def test_fit_refuses_callbacks_an_elbo_class_and_no_data_before_any_step():
+    """Each failed late or raw: callbacks=[1] after the first step (the guide moved), callbacks=print as not
+    iterable, elbo=Trace_ELBO (the class) inside Pyro, num_particles=0 as a float with no backward, data=None as
+    not iterable; a batch of no rows divided by zero."""
+    from pyro.infer import Trace_ELBO
+
+    model, guide = make()
+    before = {n: p.detach().clone() for n, p in guide.named_parameters()}
+    for kwargs, message in [
+        (dict(callbacks=[1]), "callbacks must be callables, each called with the FitState after every step: 1 is not"),
+        (dict(callbacks=print), r"callbacks must be a list of callables.*: pass \[it\]"),
+        (dict(elbo=Trace_ELBO), r"elbo is the class Trace_ELBO, not an ELBO: give an instance, elbo=Trace_ELBO\(\)"),
+        (dict(elbo=Trace_ELBO(num_particles=0)), r"Trace_ELBO\(num_particles=0\): an ELBO averages at least one particle"),
+        (dict(data=None), "data is None: give an iterable of batches"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            fit(model, guide, **{"data": toy_data(), **kwargs}, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in guide.named_parameters())
+    empty = {k: v[:0] for k, v in toy_data()[0].items()}
+    with pytest.raises(ValueError, match=r"the batch has no rows \(labels of shape \(0,\)\)"):
+        fit(model, guide, [empty], progress=False)
+
+
 @pytest.mark.parametrize("call", ["fit", "predict", "save_guide"])
 def test_a_switch_given_as_a_string_is_refused(call, tmp_path):
     """The string "False" is truthy: fit(train_network="False") trained the head, predict(mean="False") predicted
