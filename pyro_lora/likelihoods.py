@@ -612,7 +612,17 @@ def _choice_mask(batch):
     if "choice_mask" not in batch:
         raise ValueError(f"a multiple-choice batch needs 'choice_mask' [B, K] (LetterCollator and ClozeCollator write it); "
                          f"its keys are {sorted(batch)}")
-    return batch["choice_mask"]
+    mask = batch["choice_mask"]
+    rows = next((v.shape[0] for k, v in batch.items() if k == "labels" and torch.is_tensor(v) and v.dim()), None)
+    if not torch.is_tensor(mask) or mask.dim() != 2 or (rows is not None and mask.shape[0] != rows):
+        shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
+        raise ValueError(f"the batch's choice_mask must be a [B, K] tensor, one row per question (its labels' {rows}), "
+                         f"got {shape}")
+    if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):  # 0.5 was read as a present choice
+        found = sorted({float(v) for v in mask[(mask != 0) & (mask != 1)].unique()[:3].tolist()})
+        raise ValueError(f"the batch's choice_mask holds {found} besides 0 and 1: it marks each choice present (1) or "
+                         "missing (0)")
+    return mask
 
 
 class MultipleChoice(Likelihood):

@@ -588,3 +588,15 @@ def test_an_attention_mask_of_other_values_than_0_and_1_is_refused_by_name(setup
     for other in (mask.numpy(), mask.tolist()):
         with pytest.raises(ValueError, match=f"attention_mask is a {type(other).__name__}, not a tensor"):
             model.logits({**batch, "attention_mask": other})
+
+
+def test_a_choice_mask_of_other_values_or_rows_than_the_batchs_is_refused_by_name():
+    """A choice_mask of 0.5 was read as every choice present, and one of fewer rows than the batch failed with a raw
+    reshape error in fit (predict blamed the labels)."""
+    model = LoraModel(tiny_llama(), MultipleChoice([30, 31, 32, 33], format="letter"))
+    batch = letter_batch([([5, 9, 17, 3], 4), ([6, 7], 3)])
+    with pytest.raises(ValueError, match=r"choice_mask holds \[0\.5\] besides 0 and 1"):
+        model.logits({**batch, "choice_mask": batch["choice_mask"] * 0.5})
+    with pytest.raises(ValueError, match=r"choice_mask must be a \[B, K\] tensor, one row per question \(its labels' 2\), "
+                                         r"got \(1, 4\)"):
+        model({**batch, "choice_mask": batch["choice_mask"][:1]})
