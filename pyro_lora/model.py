@@ -455,6 +455,22 @@ class LoraModel:
                 "building the LoraModel")
         self._ids_checked = True
 
+    def _check_token_types(self, types, ids) -> None:
+        """Refuse ``token_type_ids`` that are not integers of ``input_ids``' shape, or (on the CPU, where it costs no
+        stall) outside the network's ``type_vocab_size``: transformers' raw ``IndexError`` or size error otherwise.
+
+        :raises ValueError: naming the shape, dtype or the id found and the range.
+        """
+        if not isinstance(types, torch.Tensor):
+            return
+        if types.is_floating_point() or types.dtype == torch.bool or (isinstance(ids, torch.Tensor) and types.shape != ids.shape):
+            shape = f" of input_ids' shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else ""
+            raise ValueError(f"token_type_ids must be integer segment ids{shape}, got {types.dtype} of shape {tuple(types.shape)}")
+        size = getattr(getattr(base_network(self.net), "config", None), "type_vocab_size", None)
+        if isinstance(size, int) and types.device.type == "cpu" and bool(((types < 0) | (types >= size)).any()):
+            found = int(types[(types < 0) | (types >= size)][0])
+            raise ValueError(f"token_type_ids holds {found}, outside the network's {size} segment types (0 to {size - 1})")
+
     def _check_positions(self, ids) -> None:
         """Refuse rows of ``ids`` (wider than the position table) that hold more tokens than it has positions: every
         column, or, where the table numbers real tokens only (RoBERTa-like: padding sits at ``padding_idx``), the
@@ -797,6 +813,7 @@ class LoraModel:
         self.check_network()
         self.likelihood.check_inputs(self.net, batch)
         self._check_token_ids(batch.get("input_ids"))
+        self._check_token_types(batch.get("token_type_ids"), batch.get("input_ids"))
         if num_samples is not None:
             num_samples = check_count(num_samples, "num_samples", alternative="or None for values without a sample dim")
         if values is not None:  # shapes only (no host read): a missing layer ran the adapter's own matrices

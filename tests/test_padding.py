@@ -600,3 +600,17 @@ def test_a_choice_mask_of_other_values_or_rows_than_the_batchs_is_refused_by_nam
     with pytest.raises(ValueError, match=r"choice_mask must be a \[B, K\] tensor, one row per question \(its labels' 2\), "
                                          r"got \(1, 4\)"):
         model({**batch, "choice_mask": batch["choice_mask"][:1]})
+
+
+def test_token_type_ids_the_network_cannot_take_are_refused_by_name():
+    """Out of its type_vocab_size they failed inside the embedding (IndexError: index out of range in self), of
+    another shape inside transformers."""
+    model = LoraModel(tiny_bert(), SequenceClassification())
+    ids = torch.randint(1, 64, (2, 5))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1])}
+    torch.testing.assert_close(model.logits({**batch, "token_type_ids": torch.zeros_like(ids)}), model.logits(batch))
+    with pytest.raises(ValueError, match=r"token_type_ids holds 5, outside the network's 2 segment types \(0 to 1\)"):
+        model.logits({**batch, "token_type_ids": torch.full_like(ids, 5)})
+    with pytest.raises(ValueError, match=r"token_type_ids must be integer segment ids of input_ids' shape \(2, 5\), got "
+                                         r"torch.int64 of shape \(2, 4\)"):
+        model.logits({**batch, "token_type_ids": torch.zeros(2, 4, dtype=torch.long)})
