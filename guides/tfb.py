@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from pyro_lora import distributed
 from pyro_lora.callers import user_stacklevel
-from pyro_lora.checks import check_count, check_flag, check_nonnegative
+from pyro_lora.checks import check_count, check_flag, check_nonnegative, check_positive
 from pyro_lora.contract import check_guide, check_model, describe, differences, entry_checks
 from pyro_lora.data import check_every_example, subset, to_device
 from pyro_lora.loraxs import svd_flip
@@ -80,12 +80,14 @@ class TFBGuide(LoraGuide):
     def __init__(self, model, init=None, sigma_q=0.0, min_singular_ratio=1e-3, criterion=None, tolerance=None, trace=None,
                  decompose=True, search_edge=None, search_anchors=None):
         super().__init__(model)
-        if not 0 < min_singular_ratio < 1:
-            raise ValueError(f"min_singular_ratio must be in (0, 1), got {min_singular_ratio}")
+        if check_positive(min_singular_ratio, "min_singular_ratio") >= 1:  # a string or a bool refused there
+            raise ValueError(f"min_singular_ratio must be in (0, 1), got {min_singular_ratio!r}")
+        if criterion not in (None, *_METRIC_NAMES, "val_nll"):  # how sigma_q was chosen, saved with the guide
+            raise ValueError(f"criterion must be None, 'val_nll' or one of {sorted(_METRIC_NAMES)}, got {criterion!r}")
         self.pairs = _pair_sites(model.sites)
         self.min_singular_ratio = float(min_singular_ratio)
         self.criterion = criterion
-        self.tolerance = tolerance
+        self.tolerance = None if tolerance is None else check_nonnegative(tolerance, "tolerance")
         self.trace = list(trace or [])
         self.search_edge = search_edge  # what the last search warned of, if it ended at an end of its range
         self.search_anchors = search_anchors  # its warning of too few anchors for its tolerance, if it gave one

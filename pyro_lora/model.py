@@ -30,7 +30,7 @@ from .ownership import (follow_autoguide, head_left_by, head_loaded, head_traine
                         unwritten_fit, value_sums, written_beside_head)
 from .distributions import unchecked_isotropic_normal
 from .kinds import KINDS, MatrixKind, between_kinds, down_kind, up_kind
-from .likelihoods import data_nll, is_cloze
+from .likelihoods import Likelihood, data_nll, is_cloze
 from .modes import dropout_in_training
 from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, drawn_by, elbo_run, hidden_from_elbo, in_averaging_elbo,
                          in_importance, in_laplace_approximation, in_mcmc, in_predictive, in_svi_step, inference_guide, innermost_autoguide,
@@ -147,6 +147,10 @@ class LoraModel:
                  adapter: str | None = None):
         distributed.check_not_wrapped(net)
         _check_plain_forward(net)
+        if not isinstance(likelihood, Likelihood):  # None, a string, the class itself: a raw AttributeError later
+            made = f": give an instance, {likelihood.__name__}()" if isinstance(likelihood, type) else ""
+            raise ValueError(f"likelihood must be a pyro_lora likelihood (SequenceClassification(), MultipleChoice(...), "
+                             f"CausalLM()), got {likelihood!r}{made}")
         self._net = (net,)
         self.likelihood = likelihood
         self.adapter = adapter or active_adapter(net)

@@ -614,3 +614,13 @@ def test_token_type_ids_the_network_cannot_take_are_refused_by_name():
     with pytest.raises(ValueError, match=r"token_type_ids must be integer segment ids of input_ids' shape \(2, 5\), got "
                                          r"torch.int64 of shape \(2, 4\)"):
         model.logits({**batch, "token_type_ids": torch.zeros(2, 4, dtype=torch.long)})
+
+
+def test_a_likelihood_that_is_no_instance_is_refused_by_name():
+    """None, a string or the likelihood class itself failed with a raw AttributeError at the first forward."""
+    from pyro_lora import SequenceClassification as Classification
+
+    for likelihood, message in [(None, "got None"), ("cls", "got 'cls'"),
+                                (Classification, r"give an instance, SequenceClassification\(\)")]:
+        with pytest.raises(ValueError, match=rf"likelihood must be a pyro_lora likelihood .*{message}"):
+            LoraModel(tiny_bert(), likelihood)

@@ -143,6 +143,13 @@ def test_sigma_zero_reproduces_map_and_pyro_guide_path():
     for bad in (-1.0, True, "0.1"):  # True and "0.1" were taken as 1.0 and 0.1
         with pytest.raises(ValueError, match="sigma_q must be a finite number >= 0"):
             guide.set_sigma_q(bad)
+    # recorded with the guide and saved: a raw TypeError for a string ratio, anything at all for the others
+    for kwargs, message in [(dict(min_singular_ratio="1e-3"), "min_singular_ratio must be a finite positive number"),
+                            (dict(min_singular_ratio=2.0), r"min_singular_ratio must be in \(0, 1\)"),
+                            (dict(criterion="bogus"), "criterion must be None, 'val_nll' or one of"),
+                            (dict(tolerance=-1), "tolerance must be a finite number >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            TFBGuide(model, **kwargs)
 
 
 def manual_metric(guide, model, anchors, sigma, num_samples, seed):
