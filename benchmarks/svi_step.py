@@ -159,13 +159,15 @@ def run(size="small", device="cpu", dtype=None, batch=4, seq=None, steps=5, repe
             # fixed cost (its checks, the optimizer's construction, the point snapshot) that a long run spreads thin
             stamps = []
             pyro_svi = name.endswith("_pyro")
-            steps_of = pyro_svi_steps(model, guide, data, steps + 1, device, autocast, stamps) if pyro_svi else \
-                svi_steps(model, guide, data, steps + 1, stamps)
-            call = C.timed(steps_of, device, repeats)
+
+            def steps_of(k, ends=None):  # a runner of k steps; ends: as stamps
+                return (pyro_svi_steps(model, guide, data, k, device, autocast, ends) if pyro_svi
+                        else svi_steps(model, guide, data, k, ends))
+
+            call = C.timed(steps_of(steps + 1, stamps), device, repeats)
             step = statistics.median(b - a for run in stamps[1:] for a, b in zip(run, run[1:]))  # [0]: the warm-up
             if ops:
-                out["ops"][name] = C.ops_per_step(lambda k: pyro_svi_steps(model, guide, data, k, device, autocast) if pyro_svi
-                                                  else svi_steps(model, guide, data, k))
+                out["ops"][name] = C.ops_per_step(steps_of)
             return {"seconds": step, "fixed": None if pyro_svi else call - (steps + 1) * step, "sites": len(model.sites)}
 
         timing = C.attempt(errors, f"SVI step, {name}", time_guide)

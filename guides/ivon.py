@@ -230,7 +230,7 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
             for epoch in range(epochs):
                 if epoch:  # data of another length this epoch: the decay ends at the run's last step still
                     steps_per_epoch, bar.total = _replan(schedule, data, 1, steps_per_epoch, scheduler.last_epoch, epoch,
-                                                         epochs, lr_schedule)
+                                                         epochs)
                 for batch in data:
                     batch = to_device(batch, device)
                     unit = per_unit(model, batch)  # the check's NLL per scored token for CausalLM, per example else

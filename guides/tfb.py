@@ -80,12 +80,13 @@ class TFBGuide(LoraGuide):
     def __init__(self, model, init=None, sigma_q=0.0, min_singular_ratio=1e-3, criterion=None, tolerance=None, trace=None,
                  decompose=True, search_edge=None, search_anchors=None):
         super().__init__(model)
-        if check_positive(min_singular_ratio, "min_singular_ratio") >= 1:  # a string or a bool refused there
+        ratio = check_positive(min_singular_ratio, "min_singular_ratio")  # a string or a bool refused there
+        if ratio >= 1:
             raise ValueError(f"min_singular_ratio must be in (0, 1), got {min_singular_ratio!r}")
         if criterion not in (None, *_METRIC_NAMES, "val_nll"):  # how sigma_q was chosen, saved with the guide
             raise ValueError(f"criterion must be None, 'val_nll' or one of {sorted(_METRIC_NAMES)}, got {criterion!r}")
         self.pairs = _pair_sites(model.sites)
-        self.min_singular_ratio = float(min_singular_ratio)
+        self.min_singular_ratio = ratio
         self.criterion = criterion
         self.tolerance = None if tolerance is None else check_nonnegative(tolerance, "tolerance")
         self.trace = list(trace or [])

@@ -613,7 +613,8 @@ def _choice_mask(batch):
         raise ValueError(f"a multiple-choice batch needs 'choice_mask' [B, K] (LetterCollator and ClozeCollator write it); "
                          f"its keys are {sorted(batch)}")
     mask = batch["choice_mask"]
-    rows = next((v.shape[0] for k, v in batch.items() if k == "labels" and torch.is_tensor(v) and v.dim()), None)
+    labels = batch.get("labels")
+    rows = labels.shape[0] if torch.is_tensor(labels) and labels.dim() else None
     if not torch.is_tensor(mask) or mask.dim() != 2 or (rows is not None and mask.shape[0] != rows):
         shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
         raise ValueError(f"the batch's choice_mask must be a [B, K] tensor, one row per question (its labels' {rows}), "

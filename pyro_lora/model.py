@@ -471,8 +471,9 @@ class LoraModel:
             shape = f" of input_ids' shape {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else ""
             raise ValueError(f"token_type_ids must be integer segment ids{shape}, got {types.dtype} of shape {tuple(types.shape)}")
         size = getattr(getattr(base_network(self.net), "config", None), "type_vocab_size", None)
-        if isinstance(size, int) and types.device.type == "cpu" and bool(((types < 0) | (types >= size)).any()):
-            found = int(types[(types < 0) | (types >= size)][0])
+        outside = (types < 0) | (types >= size) if isinstance(size, int) and types.device.type == "cpu" else None
+        if outside is not None and bool(outside.any()):
+            found = int(types[outside][0])
             raise ValueError(f"token_type_ids holds {found}, outside the network's {size} segment types (0 to {size - 1})")
 
     def _check_positions(self, ids) -> None:

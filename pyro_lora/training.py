@@ -404,7 +404,7 @@ def fit(
                 for epoch in range(start_epoch, epochs):
                     if steps_per_epoch is not None and epoch > start_epoch:
                         steps_per_epoch, total = _replan(schedule, data, grad_accum_steps, steps_per_epoch, step, epoch,
-                                                         epochs, lr_schedule)
+                                                         epochs)
                         bar.total = total
                     skip = resumed["seen"] if resumed and epoch == resumed["progress"]["epoch"] else 0
                     if skip:  # the epoch's order replayed from its start, to where the run's checkpoint was taken
@@ -1120,7 +1120,7 @@ class _Schedule:
         return 1.0 - progress if self.kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _replan(schedule, data, grad_accum_steps, steps_per_epoch, step, epoch, epochs, kind):
+def _replan(schedule, data, grad_accum_steps, steps_per_epoch, step, epoch, epochs):
     """At the start of ``epoch``, after ``step`` optimizer steps: where ``data``'s length gives another number of steps
     an epoch than ``steps_per_epoch`` (a bucketing sampler, a list extended between epochs), plan the schedule's end
     again as if every epoch left gave as many (the first epoch's count kept a decay ending early: the rest of the run
@@ -1129,9 +1129,9 @@ def _replan(schedule, data, grad_accum_steps, steps_per_epoch, step, epoch, epoc
     now = math.ceil(_length(data) / grad_accum_steps)
     total = step + now * (epochs - epoch)
     if now != steps_per_epoch:
-        if kind != "constant":
+        if schedule.kind != "constant":
             warnings.warn(f"fit: the data gives {now} optimizer steps in epoch {epoch}, {steps_per_epoch} in the epoch "
-                          f"before: lr_schedule={kind!r} now decays to 0 at step {total} (as if every epoch left gave "
+                          f"before: lr_schedule={schedule.kind!r} now decays to 0 at step {total} (as if every epoch left gave "
                           f"{now}), not at step {schedule.total}", stacklevel=user_stacklevel())
         schedule.total = total
     return now, total

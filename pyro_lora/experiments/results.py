@@ -439,8 +439,7 @@ class RunFolder:
         last = known[-1]
         if last == self.environment:  # said when the rows of this one were first added
             return
-        differ = [f"{k} {last.get(k)} there, {self.environment.get(k)} now" for k in sorted({*last, *self.environment})
-                  if k != "code" and last.get(k) != self.environment.get(k)]
+        differ = _library_differences(last, self.environment, "now")
         differ += ["pyro_lora's code differs"] if last.get("code") != self.environment.get("code") else []
         warnings.warn(f"{self.out / RESULTS} holds rows made in another environment than this run's ({'; '.join(differ)}): "
                       "the rows it adds are averaged with them, and their note says so; --overwrite reruns them all",
@@ -1068,15 +1067,20 @@ def _environments(record) -> list:
     return [e for e in record.get("environments") or [record.get("environment")] if e is not None]
 
 
+def _library_differences(there, now, now_words) -> list:
+    """The library versions that differ between two :func:`environment` records, each as "torch 2.1 there, 2.2
+    ``now_words``" (the code digest left out)."""
+    return [f"{k} {there.get(k)} there, {now.get(k)} {now_words}" for k in sorted({*there, *now})
+            if k != "code" and there.get(k) != now.get(k)]
+
+
 def _merged_environments(base, new, out) -> dict:
     """``environment``/``environments`` of a merge of ``new``'s rows into ``base``'s (``{}``: no row of it kept): both
     lists (none known: ``None``, ``[]``). A method's rows are one run's, but where the kept rows were made with other library versions than the
     rerun's, the table compares methods across them: said (another pyro_lora code is what an update is for)."""
     kept, rerun = _environments(base), _environments(new)
     if kept and rerun:
-        last, now = kept[-1], rerun[-1]
-        differ = [f"{k} {last.get(k)} there, {now.get(k)} in the rerun" for k in sorted({*last, *now})
-                  if k != "code" and last.get(k) != now.get(k)]
+        differ = _library_differences(kept[-1], rerun[-1], "in the rerun")
         if differ:
             warnings.warn(f"{out / RESULTS} keeps rows made with other library versions than the rerun's ({'; '.join(differ)}): "
                           f"its table compares methods run under both; --update {REFERENCE} reruns every method",
