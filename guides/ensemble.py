@@ -70,11 +70,17 @@ class EnsembleGuide(LoraGuide):
     def __init__(self, model, members=None, heads=None, num_members=None, head_parameters=None):
         super().__init__(model)
         if members is not None:
+            if not isinstance(members, (list, tuple)):  # a dict's keys or a tensor's rows would be taken as members
+                raise ValueError(f"members must be a list of site-value dicts (one per member), got {type(members).__name__}")
             num_members = len(members)
         if members is None and num_members is None or members is not None and not members:
             raise ValueError(f"an ensemble needs members (a non-empty list of site-value dicts), got {members!r}")
         num_members = check_count(num_members, "num_members")
         if heads is not None:
+            if not isinstance(heads, (list, tuple)) or not all(
+                    isinstance(h, dict) and all(isinstance(v, torch.Tensor) for v in h.values()) for h in heads):
+                raise ValueError("heads must be a list of dicts of head parameter name -> tensor (one per member), got "
+                                 f"{type(heads).__name__}")
             if len(heads) != num_members:
                 raise ValueError(f"got {len(heads)} heads for {num_members} members")
             head_parameters = sorted(heads[0])
@@ -100,8 +106,7 @@ class EnsembleGuide(LoraGuide):
             self.register_buffer(f"head_{j}", torch.zeros((num_members, *params[name].shape), device=device))
         with torch.no_grad():
             for k, values in enumerate(members or []):
-                values = {n: v.detach() for n, v in values.items()}
-                check_values(self.sites, values, allow_sample_dim=False)
+                check_values(self.sites, values, allow_sample_dim=False, name=f"member {k}")
                 for i, name in enumerate(self.sites):
                     getattr(self, f"member_{i}")[k] = values[name]
             for k, head in enumerate(heads or []):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import math
+import os
 import numbers
 
 import torch
@@ -119,6 +120,16 @@ def check_flag(value, name: str) -> bool:
     if not (isinstance(value, bool) or type(value).__name__ == "bool_"):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return bool(value)
+
+
+def check_path(value, name: str):
+    """``value`` if it is a non-empty path (a string or ``os.PathLike``).
+
+    :raises ValueError: for anything else (``None``, a number, ``""``: the working folder).
+    """
+    if not isinstance(value, (str, os.PathLike)) or not os.fspath(value):
+        raise ValueError(f"{name} must be a path (a string or pathlib.Path), got {value!r}")
+    return value
 
 
 def check_not_inference_mode(action: str, why: str) -> None:

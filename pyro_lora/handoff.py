@@ -87,12 +87,17 @@ def reentrant_checkpointing(net) -> bool:
                and _reentrant(getattr(module, "_gradient_checkpointing_func", None)) for module in checkpointing_modules(net))
 
 
-def _reentrant(func) -> bool:
-    """Whether the checkpoint function ``func`` runs reentrant (:func:`reentrant_checkpointing`)."""
+def _partial(func) -> tuple:
+    """``(function, keywords)`` of the checkpoint function ``func``: transformers' ``functools.partial`` of torch's
+    checkpoint with its ``activation_checkpointing_kwargs``, under pyro_lora's own wrapper where there is one."""
     while getattr(func, _WRAPPED, False):  # pyro_lora's own wrapper of it (torch's checkpoint wraps one too)
         func = func.__wrapped__
-    keywords = func.keywords if isinstance(func, functools.partial) else {}
-    base = func.func if isinstance(func, functools.partial) else func
+    return (func.func, func.keywords) if isinstance(func, functools.partial) else (func, {})
+
+
+def _reentrant(func) -> bool:
+    """Whether the checkpoint function ``func`` runs reentrant (:func:`reentrant_checkpointing`)."""
+    base, keywords = _partial(func)
     # torch's checkpoint, or transformers' own wrapper of it (offload=True), take torch's default, reentrant
     torch_default = (base is torch.utils.checkpoint.checkpoint
                      or getattr(base, "__module__", "").startswith("transformers."))
@@ -157,6 +162,7 @@ def _wrap_checkpoint(module):
 
     @functools.wraps(func)
     def checkpoint(forward, *args, **kwargs):
+        _check_rng_preserved(module, func)
         # the recomputation in backward runs outside the forward's sdpa_kernel context; and it is one this hand-off sees,
         # whose layers hold what they held in the forward (a plain forward's: nothing handed)
         forward = _seen(_under_kernels(forward))
@@ -187,6 +193,24 @@ def _wrap_checkpoint(module):
 
     setattr(checkpoint, _WRAPPED, True)
     module._gradient_checkpointing_func = checkpoint
+
+
+def _check_rng_preserved(module, func) -> None:
+    """Refuse a checkpoint of ``module`` run with ``preserve_rng_state=False`` where it trains with dropout: the
+    recomputation in backward draws other dropout masks than the forward did, and the gradients are those of neither
+    (torch checks the recomputed tensors' shapes, not their values).
+
+    :raises ValueError: naming the module and the fix.
+    """
+    if _partial(func)[1].get("preserve_rng_state", True) or not (module.training and torch.is_grad_enabled()):
+        return
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
+           or isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0  # Llama's, functional
+           for m in module.modules()):
+        raise ValueError(f"activation checkpointing with preserve_rng_state=False recomputes the dropout of "
+                         f"{type(module).__name__} with other masks in backward than in the forward: its gradients "
+                         "would be wrong; leave preserve_rng_state out of the checkpointing kwargs (True, the default), or "
+                         "set the network's dropout to 0")
 
 
 def _gradient_carrier(module, func, inputs) -> list:

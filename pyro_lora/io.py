@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .checks import check_flag, not_a_file
+from .checks import check_flag, check_path, not_a_file
 from .modes import building
 from .digests import bytes_sha256, file_sha256
 from .contract import (_fingerprint_of, check_autoguide, check_guide, check_model, check_ranks_agree, describe, differences,
@@ -334,7 +334,7 @@ def save_guide(guide, path, run=None, adapter=False):
         (as :func:`export_adapter`): never a stale adapter beside a newer guide. Of an autoguide, the network's adapter
         as it is (as ``export_adapter(model, ...)``).
 
-    :raises ValueError: if the network's point parameters are no longer the guide's (another guide trained
+    :raises ValueError: if ``path`` is no path (:func:`~pyro_lora.checks.check_path`), if the network's point parameters are no longer the guide's (another guide trained
         them since: :func:`~pyro_lora.contract.check_guide`), since they are saved with it; with ``adapter``, as
         :func:`export_adapter` refuses, before anything is written (and warns as it warns: one set of checks,
         :func:`_check_adapter_write`); or if a base weight
@@ -346,7 +346,7 @@ def save_guide(guide, path, run=None, adapter=False):
     only rank 0 writes (the ranks hold the same guide), every rank updates its adapter (``adapter=True``), and every
     rank returns once the file is written.
     """
-    return _save_guide(guide, path, run, check_flag(adapter, "adapter"))
+    return _save_guide(guide, check_path(path, "path"), run, check_flag(adapter, "adapter"))
 
 
 def save_checkpoint(guide, path, fit_state) -> None:
@@ -715,6 +715,8 @@ def _read_meta(path):
         raise FileNotFoundError(f"{path} holds no saved guide (guide.json missing){hint}") from None
     except IsADirectoryError:
         raise ValueError(f"{file} {not_a_file(file)}: {path} holds no saved guide") from None
+    except NotADirectoryError:  # path, or a folder above it, is a file
+        raise ValueError(f"{path} is no folder (a file is on its path): a saved guide is the folder save_guide wrote") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:  # both name a position only, never the file
         raise ValueError(f"{file} is corrupt: it is not valid JSON ({err})") from None
     if not isinstance(meta, dict):
@@ -1157,7 +1159,8 @@ def load_guide(path, model, guide=None):
         with a warning naming the step it reached.
     :raises FileNotFoundError: if ``guide.json`` or ``guide.safetensors`` is missing.
     :raises ValueError: if a file is corrupt (not JSON, missing keys, a malformed ``base_weights`` record,
-        unreadable safetensors, NaN or inf values, tensors missing, unexpected or of another shape), a
+        unreadable safetensors, NaN or inf values, tensors missing, unexpected or of another shape), ``path`` no path
+        or a file, a
         ``guide.safetensors`` whose SHA-256 is not the one ``guide.json`` records (damaged, or another save's; saves
         that record none are not compared), a ``run.json`` or ``adapter/`` other than the one saved with it, missing
         or not written by the save (:func:`_check_beside`), or not a saved guide, or ``model`` differs from the model
@@ -1170,7 +1173,7 @@ def load_guide(path, model, guide=None):
         are left as they were.
     """
     check_model(model, "load a guide")
-    path = Path(path)
+    path = Path(check_path(path, "path"))
     with building():  # the guide's tensors as in a clean process: float32, and no inference tensors a fit cannot train
         guide = _load_guide(path, model, guide)
     p = getattr(guide, "fit_progress", None)  # an autoguide has none
@@ -1320,7 +1323,7 @@ def export_adapter(guide, path):
         ``B`` (ScalaBL's trained, LoRA-XS's from the SVD) and head, the model again only when rebuilt over it with
         ``rotate=False`` / ``svd_init=False`` (peft alone runs it as a plain LoRA: ScalaBL's at ``z = 0``, LoRA-XS's
         at ``R = I``, the base plus its own rank-``r`` approximation).
-    :raises ValueError: if the network changed since the guide (or model) was built (another active adapter, merged
+    :raises ValueError: if ``path`` is no path, if the network changed since the guide (or model) was built (another active adapter, merged
         layers, other LoRA scaling: :func:`~pyro_lora.contract.check_guide`), or is no ``PeftModel`` (a model built
         on ``net.base_model``); if the adapter would not reload as it runs (:func:`_check_adapter_reloads`: any
         adapter merged into the base, a LoRA layer's scaling other than its saved config gives, ...); if Pyro's param
@@ -1334,6 +1337,7 @@ def export_adapter(guide, path):
         dtype where the forward would show it (:func:`_rounded_on_reload`: a LayerNorm in ``modules_to_save``).
     """
     with refused_together("export the adapter"):  # a refusal on one rank only would leave the others waiting
+        check_path(path, "path")
         check_same(os.path.abspath(path), "paths to export the adapter to")  # rank 0 writes its own
         model = _check_adapter_write(guide, "export the adapter")
     mean = model is not guide  # a guide's mean is written into the network's LoRA first

@@ -652,6 +652,9 @@ class MultipleChoice(Likelihood):
         if normalize is not None and format == "letter":  # one answer token per choice: nothing to normalise
             raise ValueError(f"normalize={normalize!r} divides a cloze choice's log-likelihood by its length; the letter "
                              "format scores one answer token per choice: use format='cloze', or leave normalize None")
+        if isinstance(answer_token_ids, str):
+            raise ValueError(f"answer_token_ids must be token ids, got the string {answer_token_ids!r}: map the letters to "
+                             "this tokenizer's ids with pyro_lora.data.letter_token_ids")
         self.answer_token_ids = None if answer_token_ids is None else torch.as_tensor(answer_token_ids)
         if self.answer_token_ids is not None:
             ids = self.answer_token_ids

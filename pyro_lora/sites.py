@@ -343,13 +343,17 @@ def matrix_view(sites: dict) -> dict:
 
 
 def check_values(sites: dict, values: dict, allow_sample_dim: bool = True, num_samples: int | None = None,
-                 finite: bool = True) -> None:
+                 finite: bool = True, name: str = "site values") -> None:
     """Validate site values: every site present, shapes ``[*S, *site.shape]``, all finite.
 
     :param num_samples: the ``S`` a leading sample dim must have (1 broadcasts), where one is allowed.
     :param finite: check the values are finite (one host read per site: off in the forward's hot path).
-    :raises ValueError: naming the first missing/unknown site, wrong shape or non-finite value.
+    :param name: what ``values`` is to the caller, in the error for values that are no dict.
+    :raises ValueError: for values that are no dict of tensors, naming the first missing/unknown site, wrong shape or
+        non-finite value.
     """
+    if not isinstance(values, dict):
+        raise ValueError(f"{name} must be a dict of site name -> tensor, got {type(values).__name__}")
     unknown = sorted(set(values) - set(sites))
     if unknown:
         raise ValueError(f"unknown site(s) {unknown}; the model's sites are {list(sites)}")
@@ -357,6 +361,8 @@ def check_values(sites: dict, values: dict, allow_sample_dim: bool = True, num_s
         if name not in values:
             raise ValueError(f"no value for site {name!r}")
         v = values[name]
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f"the value of site {name!r} must be a tensor of shape {site.shape}, got {type(v).__name__}")
         lead = v.dim() - len(site.shape)
         if tuple(v.shape[lead:]) != site.shape or lead not in ((0, 1) if allow_sample_dim else (0,)):
             raise ValueError(

@@ -30,7 +30,7 @@ from .data import to_device
 from .modes import eval_mode, network_mode
 from .pyro_stack import check_no_handlers
 from .model import HALF_DTYPES, full_precision, warn_unscaled
-from .checks import check_batch, check_count, check_flag, check_not_inference_mode, check_reiterable
+from .checks import check_batch, check_count, check_flag, check_not_inference_mode, check_path, check_reiterable
 from .likelihoods import scored_labels
 from .locking import slot_lock
 from .sites import base_network
@@ -163,7 +163,7 @@ def fit(
         ends elsewhere than the run's, or whose replayed batches are not the run's, before their first step), data
         without a length,
         ``torch.distributed``, a ``DataLoader`` with persistent workers or a ``SWAGCollector`` callback,
-        a ``checkpoint_dir`` that is a file or a link or cannot be written or that another fit checkpoints to (a
+        a ``checkpoint_dir`` that is no path, a file or a link or cannot be written or that another fit checkpoints to (a
         :class:`~pyro_lora.locking.FolderLocked`: each run holds a lock beside it), a guide at a posterior temperature other than 1 (training would undo it), settings (``checkpoint_dir``,
         the callbacks' classes, the guide's and the model's: :meth:`~pyro_lora.LoraModel.settings`, its prior and
         likelihood) that differ across ranks, before any work, a callable ``kl_weight`` that gives the ranks other
@@ -195,6 +195,8 @@ def fit(
                 raise ValueError(f"elbo is the class {elbo.__name__}, not an ELBO: give an instance, elbo={elbo.__name__}()")
             if data is None:
                 raise ValueError("data is None: give an iterable of batches (a DataLoader, a list of dicts)")
+            if checkpoint_dir is not None:
+                check_path(checkpoint_dir, "checkpoint_dir")
             arguments = {  # what every rank, and a resumed run, must share
                 "epochs": epochs, "lr": lr, "elbo": type(elbo).__name__, "weight_decay": weight_decay,
                 "lr_schedule": lr_schedule, "warmup_steps": warmup_steps,

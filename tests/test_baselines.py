@@ -828,6 +828,16 @@ def test_ensemble_bad_input():
         EnsembleGuide(model, num_members=2, head_parameters=["base_model.model.bert.embeddings.LayerNorm.weight"])
     with pytest.raises(ValueError, match="expects shape"):
         EnsembleGuide(model, [{n: torch.zeros(2) for n in model.sites}])
+    values = model.adapter_values()
+    # each was a raw AttributeError or TypeError: a dict's keys taken as members, a member's floats as tensors
+    with pytest.raises(ValueError, match=r"^members must be a list of site-value dicts \(one per member\), got dict$"):
+        EnsembleGuide(model, members=values)
+    with pytest.raises(ValueError, match=r"^member 0 must be a dict of site name -> tensor, got list$"):
+        EnsembleGuide(model, [list(values.values())])
+    with pytest.raises(ValueError, match=r"^the value of site '.*' must be a tensor of shape \(2, 4, 32\), got float$"):
+        EnsembleGuide(model, [{n: 0.0 for n in values}])
+    with pytest.raises(ValueError, match=r"^heads must be a list of dicts of head parameter name -> tensor"):
+        EnsembleGuide(model, [values], heads={"classifier.weight": torch.zeros(2, 32)})
     with pytest.raises(ValueError, match="random='AB'"):
         train_ensemble(make(random="A"), toy_data(), k=2)
 

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from pyro_lora.guides import MAPGuide, MeanFieldGuide
 from pyro_lora import LoraModel, fit, predict
 from pyro_lora.ownership import point_snapshot, take_over, trainer
-from pyro_lora.io import check_sealed, load_guide, meta_sha256, read_fit_state, save_checkpoint, save_guide
+from pyro_lora.io import check_sealed, export_adapter, load_guide, meta_sha256, read_fit_state, save_checkpoint, save_guide
 from pyro_lora.likelihoods import SequenceClassification
 
 HEAD = "base_model.model.classifier.modules_to_save.default.weight"
@@ -238,6 +238,26 @@ def test_guide_json_of_another_format_or_missing(saved):
 
 
 # --------------------------------------------------------------------------- guide.safetensors
+
+
+def test_a_file_or_no_path_in_place_of_a_guide_folder_is_refused_by_name(saved, tmp_path):
+    """A file given to load_guide was Python's bare NotADirectoryError on guide.json; a path of None or a number to
+    save_guide, load_guide, export_adapter or fit's checkpoint_dir a TypeError from os.path."""
+    file = tmp_path / "notes.txt"
+    file.write_text("x")
+    assert refused(file) == f"{file} is no folder (a file is on its path): a saved guide is the folder save_guide wrote"
+    assert refused(file / "g") == f"{file / 'g'} is no folder (a file is on its path): a saved guide is the folder save_guide wrote"
+    guide = guide_over_head()
+    for bad in (None, 3, ""):
+        message = f"^path must be a path \\(a string or pathlib.Path\\), got {re.escape(repr(bad))}$"
+        with pytest.raises(ValueError, match=message):
+            save_guide(guide, bad)
+        with pytest.raises(ValueError, match=message):
+            load_guide(bad, guide.model)
+        with pytest.raises(ValueError, match=message):
+            export_adapter(guide, bad)
+    with pytest.raises(ValueError, match=r"^checkpoint_dir must be a path \(a string or pathlib.Path\), got 5$"):
+        fit(guide.model, guide, [random_batch()], epochs=1, checkpoint_dir=5)
 
 
 def test_guide_safetensors_missing(saved):

@@ -280,6 +280,14 @@ def test_models_it_cannot_train_are_refused():
         IVONGuide.from_optimizer(a_only, optimizer)
 
 
+def test_stds_that_are_no_dict_of_tensors_are_refused_by_name():
+    model = lora()  # a float for every std was a raw TypeError ('float' object is not iterable)
+    with pytest.raises(ValueError, match=r"^IVONGuide's stds must be a dict of site name -> tensor, got float$"):
+        IVONGuide(model, stds=0.1)
+    with pytest.raises(ValueError, match=r"^the value of site '.*' must be a tensor of shape .*, got float$"):
+        IVONGuide(model, stds={n: 0.1 for n in model.sites})
+
+
 def test_disabled_adapters_are_refused_before_training():
     # the network would run without the LoRA matrices: no gradient reaches them, and the backward failed in autograd
     model = lora()

@@ -431,6 +431,11 @@ def test_a_classification_row_without_a_real_token_or_label_is_refused():
         model({**batch, "labels": torch.tensor([0.0, 2.0, 1.0])})
 
 
+def test_answer_letters_in_place_of_token_ids_are_refused_naming_the_helper():
+    with pytest.raises(ValueError, match=r"^answer_token_ids must be token ids, got the string 'AB': .*letter_token_ids$"):
+        MultipleChoice(answer_token_ids="AB")  # was torch's "new(): invalid data type 'str'"
+
+
 def test_answer_token_ids_outside_the_vocabulary_are_refused_by_name():
     with pytest.raises(ValueError, match=r"answer_token_ids \[50, 51, -1\] hold a negative id"):
         MultipleChoice(answer_token_ids=[50, 51, -1])
