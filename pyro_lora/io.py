@@ -1441,6 +1441,12 @@ def _check_adapter_reloads(model):
     from peft import get_peft_model_state_dict
     from peft.utils.other import TrainableTokensWrapper
 
+    leaves = {n.rpartition(".")[2] for n, _ in model.net.named_parameters()}
+    if model.adapter in leaves:  # peft's load strips ".weight" from a modules_to_save key as the adapter's own name
+        raise ValueError(f"peft cannot load back an adapter named {model.adapter!r}, the name of a parameter of the "
+                         f"network (its modules_to_save weights come back missing: a KeyError in "
+                         "PeftModel.from_pretrained); build it under another name (get_peft_model(..., adapter_name=...)), "
+                         "or keep the guide with save_guide")
     alone = next((n for n, m in model.net.named_modules() if isinstance(m, TrainableTokensWrapper)
                   and model.adapter not in m._get_available_adapters()), None)
     if alone is not None:  # peft's own save raises KeyError 'token_adapter.trainable_tokens_delta.<adapter>'

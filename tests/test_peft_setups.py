@@ -599,6 +599,29 @@ def test_an_adapter_peft_would_not_give_back_is_refused_before_it_is_written(tmp
         load_adapter(tiny_bert_base(num_labels=3), tmp_path / "whole")
 
 
+@pytest.mark.parametrize("name", ["weight", "bias", "lora"])
+def test_an_adapter_named_as_a_parameter_is_refused_before_it_is_written(tmp_path, name):
+    """An adapter named 'weight' or 'bias' exported without a word and never loaded back: peft's load took the name
+    for its modules_to_save head's parameter (a KeyError in PeftModel.from_pretrained). Other names round-trip."""
+    from peft import PeftModel
+
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS")
+    net = get_peft_model(tiny_bert_base(num_labels=3), config, adapter_name=name).eval()
+    _randomize_b(net)
+    with torch.no_grad():
+        net.base_model.model.classifier.modules_to_save[name].weight.add_(0.5)  # a trained head, not the base's
+    guide = MAPGuide(LoraModel(net, SequenceClassification()))
+    if name == "lora":
+        export_adapter(guide, tmp_path / name)
+        batch = random_batch()
+        back = PeftModel.from_pretrained(tiny_bert_base(num_labels=3), tmp_path / name, adapter_name=name).eval()
+        assert torch.allclose(back(**batch).logits, net(**batch).logits, atol=1e-6)
+        return
+    with pytest.raises(ValueError, match=rf"^peft cannot load back an adapter named '{name}', the name of a parameter"):
+        export_adapter(guide, tmp_path / name)
+    assert not (tmp_path / name).exists()
+
+
 def test_add_lora_keeps_a_classification_head_of_another_name_trainable():
     """peft's SEQ_CLS keeps only a 'classifier' or 'score' trainable: BART's classification_head stayed frozen at its
     random draw, trained by no fit and saved in no adapter (0.04 off on reload)."""
