@@ -247,6 +247,32 @@ def _before_optimizer_step(optimizer, args, kwargs) -> None:
         _hand_back(optimizer)
     if _STEPPING:  # nothing to follow (fit's own steps, a plain torch loop): no work on the step
         _in_step[id(optimizer)] = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        _refuse_fixed_posterior(optimizer)
+
+
+def _refuse_fixed_posterior(optimizer) -> None:
+    """Refuse a step of point parameters (the head) whose gradient came through a guide with nothing to train (Laplace,
+    TFB, SWAG, IVON, an ensemble: a posterior fitted at the head as it is), before anything moves: the head would
+    train under it while its posterior stayed the one fitted at the old head, and its predictions and evidence would
+    mix the two without a word.
+
+    :raises ValueError: naming the guide and what to do instead.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            ref, me, name = _STEPPING.get(id(p), (None, None, None))
+            guide = me() if ref is not None and ref() is p and p.grad is not None else None
+            if guide is not None and not any(q.requires_grad for q in guide.parameters()):
+                _in_step.pop(id(optimizer), None)
+                raise ValueError(fixed_posterior_message(guide, f"this optimiser step would train {name} under it"))
+
+
+def fixed_posterior_message(guide, what: str) -> str:
+    """Why the network's point parameters must not train under ``guide``, a guide without trainable parameters."""
+    kind = type(guide).__name__
+    return (f"{kind} has no parameters to train: its posterior was fitted at the network's point parameters (the head) "
+            f"as they were, and {what}, leaving the posterior at the old head: train the network with a MAPGuide (or "
+            f"the method's own training), then build or fit the {kind} again")
 
 
 def _hand_back(optimizer) -> None:

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from . import distributed, pyro_params
 from .contract import check_guide, check_model, check_ranks_agree, require_lora_guide, tempered_training
-from .ownership import point_snapshot, record_fit, take_over
+from .ownership import fixed_posterior_message, point_snapshot, record_fit, take_over
 from .data import to_device
 from .modes import eval_mode, network_mode
 from .pyro_stack import check_no_handlers
@@ -190,6 +190,8 @@ def fit(
             # first (a collective, which a rank refused earlier would skip): a rank's own checkpoint_dir was refused by
             # the first save, after the run; other steps or schedules would leave ranks waiting or apart
             require_lora_guide(guide, "fit")
+            if not any(p.requires_grad for p in guide.parameters()):
+                raise ValueError(fixed_posterior_message(guide, "fit would train only the head under it"))
             callbacks = _checked_callbacks(callbacks)
             if isinstance(elbo, type):
                 raise ValueError(f"elbo is the class {elbo.__name__}, not an ELBO: give an instance, elbo={elbo.__name__}()")
@@ -256,8 +258,6 @@ def fit(
             model.set_trainable()
             device = model.device
             params = (model.point_parameters() if train_network else []) + [p for p in guide.parameters() if p.requires_grad]
-            if not params:
-                raise ValueError("nothing to train: the model has no point parameters and the guide no parameters")
             # first: a cast network (net.to(bfloat16)) also changed the head the guide was built beside, the lesser news
             check_full_precision(params, "fit", "AdamW's updates underflow there (the head becomes nan)")
             check_guide(model, guide, "fit", same_model=True)
