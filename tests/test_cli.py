@@ -134,6 +134,34 @@ def test_bayesianize_records_the_adapters_training_and_a_rerun_of_its_configurat
     assert (out / "guide" / "run.json").read_bytes() == record
 
 
+@pytest.mark.parametrize("damage", ["run.json edited", "guide.safetensors gone", "guide.safetensors flipped"])
+def test_a_finished_run_whose_files_were_changed_is_refused_not_shown(fitted, monkeypatch, tmp_path, capsys, damage):
+    """A rerun into a finished fit printed its run.json's row as this run's, exit 0, with the row edited (accuracy
+    0.95 shown) or its guide deleted or damaged, which evaluate refuses; bayesianize shares the path."""
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(fitted / "fit", out)
+    guide = out / "guide"
+    if damage == "run.json edited":
+        record = json.loads((guide / "run.json").read_text())
+        record["result"]["accuracy"] = 0.95
+        (guide / "run.json").write_text(json.dumps(record))
+    elif damage == "guide.safetensors gone":
+        (guide / "guide.safetensors").unlink()
+    else:
+        data = bytearray((guide / "guide.safetensors").read_bytes())
+        data[-1] ^= 1
+        (guide / "guide.safetensors").write_bytes(bytes(data))
+    nothing_loads(monkeypatch)
+    capsys.readouterr()
+    assert cli.main(["fit", "--guide", "map", "--adapter", "--epochs", "1", "--lr", "5e-3", *SMALL, "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert f"{guide} holds a run whose files are not the ones saved together (" in captured.err
+    assert "its recorded row cannot be trusted; choose another --out, or pass --overwrite to replace it" in captured.err
+    assert "0.950" not in captured.out
+
+
 def test_a_seed_fixes_the_fresh_classification_head():
     from pyro_lora.experiments.setup import prepare
 

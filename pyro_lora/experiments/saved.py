@@ -174,6 +174,11 @@ def _finished_row(config: CompareConfig, made: dict, overwrite: bool, base, adap
         run = None
     if not (isinstance(run, dict) and isinstance(run.get("config"), dict) and isinstance(run.get("result"), dict)):
         raise ValueError(f"{guide} holds a saved guide without a readable run record (its run.json): {replace_it}")
+    try:  # the row printed as this run's must be the record saved with its guide, as evaluate checks it
+        check_sealed(guide)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{guide} holds a run whose files are not the ones saved together ({err}): its recorded row "
+                         f"cannot be trusted; {replace_it}") from None
     there = {"command": "bayesianize" if run.get("adapter") else "fit", **(run.get("made") or {})}  # older: by its adapter
     recorded = {k: run[k] for k in ("config", "request") if k in run}  # no digests: the model and data folder by path
     differ = [f"{k} {a!r} there, {list(b) if isinstance(b, tuple) else b!r} now"  # as JSON reads back
