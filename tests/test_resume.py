@@ -1811,6 +1811,13 @@ def test_a_finished_row_edited_since_is_refused_naming_the_field_and_both_values
                        + r".*remove the rows of map under seed 0 from results.json's per_seed"):
         run_compare(config)
     assert json.loads((out / "results.json").read_text()) == edited  # nothing written
+    # the setting and +params too: each moved the table and the verdict (a method "validation-tuned") without a word
+    for field, value, says in (("setting", "validation-tuned", "where the method's is 'no validation data'"),
+                               ("extra_parameters", 5, f"where its arrays in predictions_map.npz record {truth['extra_parameters']}")):
+        (out / "results.json").write_text(json.dumps({**saved, "per_seed": [{**truth, field: value}]}))
+        with pytest.raises(ValueError, match=re.escape(f"{out / 'results.json'}: the row of map on sst2, seed 0 holds "
+                                                       f"{field} {value!r}, {says}: the row was edited")):
+            run_compare(config)
     monkeypatch.undo()  # the remedy it names: without the row, the same command reruns it
     (out / "results.json").write_text(json.dumps({**saved, "per_seed": []}))
     (rerun,) = run_compare(config)

@@ -6,6 +6,8 @@ import time
 import warnings
 from dataclasses import replace
 
+import numpy as np
+
 from .. import data as D
 from ..calibration import fit_temperature, scale_prediction
 from ..costs import PeakMemory
@@ -422,5 +424,7 @@ def _score_rows(setup, row_name, setting, point_estimate, predictions, fit_costs
             row.update(ood_auroc(predictions[config.dataset], prediction, point_estimate))
         rows.append(row)
         arrays.update(prediction_arrays(prediction, dataset, seed, point_estimate))
+        if isinstance(row.get("extra_parameters"), int):  # beside the arrays its scores are checked against, checked alike
+            arrays[f"{dataset}__seed{seed}__extra_parameters"] = np.asarray(row["extra_parameters"], dtype=np.int64)
     first = predictions[config.dataset]
     return rows, arrays, (first.probs, first.labels)

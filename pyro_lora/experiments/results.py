@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as save_safetensors
 
-from ..guides.registry import METHODS, join_notes
+from ..guides.registry import METHODS, VALIDATION_TUNED, join_notes
 from ..digests import bytes_sha256
 from ..data import resolve_data_dir
 from ..distributed import is_main
@@ -258,6 +258,7 @@ def check_scores(out, rows, dataset, rerun=lambda row: False) -> list:
             withheld.append(row)
             continue
         where = f"{out / RESULTS}: the row of {name} on {on}, seed {seed}"
+        _check_derived(row, saved.get(key + "extra_parameters"), where, name, seed)
         try:
             scores = array_scores(*(saved[key + kind] for kind in ARRAYS))
             if on != dataset:
@@ -283,6 +284,21 @@ def check_scores(out, rows, dataset, rerun=lambda row: False) -> list:
                                  f"copied from another run, and would be shown and averaged as this run's{older}; "
                                  f"{_rerun_advice(name, seed)}")
     return withheld
+
+
+def _check_derived(row, extra_parameters, where, name, seed) -> None:
+    """Refuse a row whose setting is not its method's (:attr:`~pyro_lora.guides.Method.setting`; a ``+ts`` row's is
+    validation-tuned) or whose ``extra_parameters`` is not the count saved beside its arrays (runs before it was
+    saved there: not compared): both move the verdict, which reads the setting, or the table without a word."""
+    method = METHODS.get(base_guide(name))
+    expected = VALIDATION_TUNED if name != base_guide(name) else method.setting if method is not None else None
+    if "setting" in row and expected is not None and row["setting"] != expected:
+        raise ValueError(f"{where} holds setting {row['setting']!r}, where the method's is {expected!r}: the row was "
+                         f"edited or copied from another run; {_rerun_advice(name, seed)}")
+    if extra_parameters is not None and "extra_parameters" in row and row["extra_parameters"] != int(extra_parameters):
+        raise ValueError(f"{where} holds extra_parameters {row['extra_parameters']!r}, where its arrays in "
+                         f"predictions_{name}.npz record {int(extra_parameters)}: the row was edited or copied from "
+                         f"another run; {_rerun_advice(name, seed)}")
 
 
 def withheld_text(out, withheld) -> str:
