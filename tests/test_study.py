@@ -435,6 +435,7 @@ def test_update_reruns_some_guides_and_keeps_the_rest(study, runs, tmp_path, mon
     argv = ["--datasets", "arc_easy", "--no-shift", "--update", "meanfield",
             "--seeds", "0,1", "--train-size", "64", *SIZES, "--runs", str(runs), "--docs", str(tmp_path / "docs")]
     assert cli.main(["study", *argv]) == 0
+    assert not (runs / "arc_easy" / "update").exists()  # merged: the rerun's folder (MAP copies) is gone
     merged = json.loads((runs / "arc_easy" / "results.json").read_text())
     nll = {(r["guide"], r["seed"]): r["nll"] for r in merged["per_seed"]}
     assert nll[("meanfield", 1)] == pytest.approx(1.1) and nll[("map", 1)] == pytest.approx(1.01)
@@ -1181,8 +1182,9 @@ def test_an_update_killed_around_its_folder_or_its_record_is_neither_resumed_fro
     monkeypatch.setattr(compare, "run_compare", run_compare)
     argv = ("--datasets", "arc_easy", "--no-shift", "--train-size", "64", *SIZES, "--runs", str(runs), "--update", "meanfield")
     config = study.study_configs(parse(*argv)[1], ["arc_easy"], False, str(runs), ("meanfield",))[0]
-    study.update_dataset(config, "first")
     real_rmtree = shutil.rmtree
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: None)  # its folder left, as a kill after its merge leaves it
+    study.update_dataset(config, "first")
 
     def killed(path, *a, **k):
         raise KeyboardInterrupt

@@ -395,6 +395,8 @@ def update_dataset(config, command, force=False):
         sidecar.setdefault("updates", []).append({"guides": list(config.guides), "command": command, "started": started,
                                                   "finished": now(), "wall_seconds": seconds, "machine": machine})
         merge_results(out, here, record=lambda: write_json(out / SIDECAR, sidecar))
+        if failure is None:  # merged whole: its copies of the MAPs and predictions are the run's now
+            shutil.rmtree(here)
     if failure is not None:
         raise failure
     print(f"## {config.dataset}: {', '.join(config.guides)} updated in {duration(seconds)}", flush=True)
