@@ -154,6 +154,10 @@ class LoraGuide(torch.nn.Module):
     # members, MC dropout's column masks), which no width search narrows: a half-precision overflow under them is
     # the network's at those weights (pyro_lora.predictive.sampled_logits)
     samples_have_width = True
+    # True where the posterior was fitted post hoc at the network's point parameters (the head) as they were (a
+    # curvature, a search, collected iterates, IVON's jointly learnt stds, members' heads): training them under it
+    # is refused (fit, a Pyro optimiser step), not a frozen guide's fixed q beside which a point B or a head trains
+    fitted_at_head = False
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -64,6 +64,7 @@ class EnsembleGuide(LoraGuide):
         shapes than the members' and the model's head, non-finite heads, or heads that are not ``nn.Linear`` ones.
     """
 
+    fitted_at_head = True  # each member was trained with the head (its own, or the network's) as it was
     mean_is_predictor = False  # mean() averages separately trained members' weights: predict(mean=True) refuses it
     samples_have_width = False  # each draw is a member's fixed weights: an overflow under them is the network's there
 

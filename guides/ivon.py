@@ -52,6 +52,8 @@ class IVONGuide(LoraGuide):
         ``locs``/``stds`` not of the sites' shapes or a std not positive.
     """
 
+    fitted_at_head = True  # its stds were learnt with the head moving beside them
+
     def __init__(self, model, locs=None, stds=None, trained_with=None):
         _check_sites(model, "IVONGuide")
         super().__init__(model)

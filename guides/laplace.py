@@ -73,6 +73,8 @@ class LaplaceGuide(LoraGuide):
     :param int sketch: Nystrom sketch width for the ``D`` side (default ``2 k + 10``).
     """
 
+    fitted_at_head = True  # its curvature (and evidence) was taken at the head
+
     def __init__(self, model, fisher="mc", rank=10, prior_precision=None, kfac="reduce", sketch=None):
         super().__init__(model)
         if prior_precision is None:

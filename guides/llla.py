@@ -80,6 +80,7 @@ class LastLayerLaplaceGuide(LoraGuide):
         unknown ``hessian``.
     """
 
+    fitted_at_head = True  # a posterior over the head's rows, at their values
     samples_carry_posterior = False
     own_predictive = "guide.predict_glm(loader)"
 

@@ -58,6 +58,8 @@ class SWAGGuide(LoraGuide):
     :param float var_clamp: floor on ``sigma^2`` (entries that never moved would otherwise get variance 0).
     """
 
+    fitted_at_head = True  # its moments were collected along the head's trajectory
+
     def __init__(self, model, rank=10, scale=0.5, var_clamp=1e-12):
         super().__init__(model)
         check_count(rank, "rank", minimum=2, alternative="the low-rank part divides by K - 1")

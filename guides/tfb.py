@@ -77,6 +77,8 @@ class TFBGuide(LoraGuide):
         ``load_state_dict`` (what :func:`pyro_lora.load_guide` uses).
     """
 
+    fitted_at_head = True  # its sigma_q was searched (and its centre taken) beside the head as it was
+
     def __init__(self, model, init=None, sigma_q=0.0, min_singular_ratio=1e-3, criterion=None, tolerance=None, trace=None,
                  decompose=True, search_edge=None, search_anchors=None):
         super().__init__(model)

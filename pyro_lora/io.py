@@ -1439,14 +1439,15 @@ def _check_adapter_reloads(model):
     one its saved config gives (:func:`_check_saved_scalings`), or base weights rewritten by an initialisation peft does
     not redo on load (:func:`_check_base_redone`)."""
     from peft import get_peft_model_state_dict
-    from peft.utils.other import TrainableTokensWrapper
+    from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
 
-    leaves = {n.rpartition(".")[2] for n, _ in model.net.named_parameters()}
-    if model.adapter in leaves:  # peft's load strips ".weight" from a modules_to_save key as the adapter's own name
-        raise ValueError(f"peft cannot load back an adapter named {model.adapter!r}, the name of a parameter of the "
-                         f"network (its modules_to_save weights come back missing: a KeyError in "
-                         "PeftModel.from_pretrained); build it under another name (get_peft_model(..., adapter_name=...)), "
-                         "or keep the guide with save_guide")
+    saved = {n.rpartition(".")[2] for m in model.net.modules() if isinstance(m, ModulesToSaveWrapper)
+             for n, _ in m.original_module.named_parameters()}
+    if model.adapter in saved:  # peft's load takes "<module>.weight" for the adapter's copy of that module
+        raise ValueError(f"peft cannot load back an adapter named {model.adapter!r}, the name of a parameter of a module "
+                         "in its modules_to_save (its copy comes back missing: a KeyError in PeftModel.from_pretrained); "
+                         "build it under another name (get_peft_model(..., adapter_name=...)), or keep the guide with "
+                         "save_guide")
     alone = next((n for n, m in model.net.named_modules() if isinstance(m, TrainableTokensWrapper)
                   and model.adapter not in m._get_available_adapters()), None)
     if alone is not None:  # peft's own save raises KeyError 'token_adapter.trainable_tokens_delta.<adapter>'

@@ -251,10 +251,10 @@ def _before_optimizer_step(optimizer, args, kwargs) -> None:
 
 
 def _refuse_fixed_posterior(optimizer) -> None:
-    """Refuse a step of point parameters (the head) whose gradient came through a guide with nothing to train (Laplace,
-    TFB, SWAG, IVON, an ensemble: a posterior fitted at the head as it is), before anything moves: the head would
-    train under it while its posterior stayed the one fitted at the old head, and its predictions and evidence would
-    mix the two without a word.
+    """Refuse a step of point parameters (the head) whose gradient came through a guide fitted at them as they were
+    (``fitted_at_head``: Laplace, TFB, SWAG, IVON, an ensemble), before anything moves: the head would train under it
+    while its posterior stayed the one fitted at the old head, and its predictions and evidence would mix the two
+    without a word.
 
     :raises ValueError: naming the guide and what to do instead.
     """
@@ -262,17 +262,17 @@ def _refuse_fixed_posterior(optimizer) -> None:
         for p in group["params"]:
             ref, me, name = _STEPPING.get(id(p), (None, None, None))
             guide = me() if ref is not None and ref() is p and p.grad is not None else None
-            if guide is not None and not any(q.requires_grad for q in guide.parameters()):
+            if guide is not None and guide.fitted_at_head:
                 _in_step.pop(id(optimizer), None)
                 raise ValueError(fixed_posterior_message(guide, f"this optimiser step would train {name} under it"))
 
 
 def fixed_posterior_message(guide, what: str) -> str:
-    """Why the network's point parameters must not train under ``guide``, a guide without trainable parameters."""
+    """Why the network's point parameters must not train under ``guide``, a guide ``fitted_at_head``."""
     kind = type(guide).__name__
-    return (f"{kind} has no parameters to train: its posterior was fitted at the network's point parameters (the head) "
-            f"as they were, and {what}, leaving the posterior at the old head: train the network with a MAPGuide (or "
-            f"the method's own training), then build or fit the {kind} again")
+    return (f"{kind}'s posterior was fitted post hoc at the network's point parameters (the head) as they were, and "
+            f"{what}, leaving the posterior at the old head: train the network with a MAPGuide (or the method's own "
+            f"training), then build or fit the {kind} again")
 
 
 def _hand_back(optimizer) -> None:

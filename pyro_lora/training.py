@@ -190,8 +190,6 @@ def fit(
             # first (a collective, which a rank refused earlier would skip): a rank's own checkpoint_dir was refused by
             # the first save, after the run; other steps or schedules would leave ranks waiting or apart
             require_lora_guide(guide, "fit")
-            if not any(p.requires_grad for p in guide.parameters()):
-                raise ValueError(fixed_posterior_message(guide, "fit would train only the head under it"))
             callbacks = _checked_callbacks(callbacks)
             if isinstance(elbo, type):
                 raise ValueError(f"elbo is the class {elbo.__name__}, not an ELBO: give an instance, elbo={elbo.__name__}()")
@@ -258,9 +256,15 @@ def fit(
             model.set_trainable()
             device = model.device
             params = (model.point_parameters() if train_network else []) + [p for p in guide.parameters() if p.requires_grad]
+            if not params:
+                raise ValueError("nothing to train: the guide has no trainable parameters, and " + (
+                    "train_network=False leaves the network's point parameters alone" if model.point_parameters()
+                    else "the model no point parameters"))
             # first: a cast network (net.to(bfloat16)) also changed the head the guide was built beside, the lesser news
             check_full_precision(params, "fit", "AdamW's updates underflow there (the head becomes nan)")
             check_guide(model, guide, "fit", same_model=True)
+            if guide.fitted_at_head and train_network:
+                raise ValueError(fixed_posterior_message(guide, "fit would train the head under it"))
             tempered = tempered_training(guide, "fit")
             if tempered:
                 raise ValueError(tempered)

@@ -617,9 +617,18 @@ def test_an_adapter_named_as_a_parameter_is_refused_before_it_is_written(tmp_pat
         back = PeftModel.from_pretrained(tiny_bert_base(num_labels=3), tmp_path / name, adapter_name=name).eval()
         assert torch.allclose(back(**batch).logits, net(**batch).logits, atol=1e-6)
         return
-    with pytest.raises(ValueError, match=rf"^peft cannot load back an adapter named '{name}', the name of a parameter"):
+    with pytest.raises(ValueError, match=rf"^peft cannot load back an adapter named '{name}', the name of a parameter "
+                                         r"of a module in its modules_to_save"):
         export_adapter(guide, tmp_path / name)
     assert not (tmp_path / name).exists()
+    # without modules_to_save peft gives it back: exported
+    net = get_peft_model(tiny_bert_base(num_labels=3), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"]),
+                         adapter_name=name).eval()
+    _randomize_b(net)
+    export_adapter(MAPGuide(LoraModel(net, SequenceClassification())), tmp_path / "plain")
+    batch = random_batch()
+    back = PeftModel.from_pretrained(tiny_bert_base(num_labels=3), tmp_path / "plain", adapter_name=name).eval()
+    assert torch.allclose(back(**batch).logits, net(**batch).logits, atol=1e-6)
 
 
 def test_add_lora_keeps_a_classification_head_of_another_name_trainable():
