@@ -262,7 +262,7 @@ def _refuse_fixed_posterior(optimizer) -> None:
         for p in group["params"]:
             ref, me, name = _STEPPING.get(id(p), (None, None, None))
             guide = me() if ref is not None and ref() is p and p.grad is not None else None
-            if guide is not None and guide.fitted_at_head:
+            if guide is not None and getattr(guide, "fitted_at_head", False):  # never an autoguide (Followed)
                 _in_step.pop(id(optimizer), None)
                 raise ValueError(fixed_posterior_message(guide, f"this optimiser step would train {name} under it"))
 
