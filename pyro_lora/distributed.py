@@ -456,6 +456,8 @@ def all_reduce_(tensors: torch.Tensor | list[torch.Tensor], op: str = "sum") -> 
 
     :param str op: ``"sum"``, ``"mean"``, ``"max"`` or ``"min"``.
     :returns: ``tensors``.
+    :raises ValueError: on every rank, where the ranks give tensors of other dtypes or shapes (gloo summed another
+        rank's bytes read as this rank's dtype, or reshaped them, without an error).
     """
     ops = {"sum": dist.ReduceOp.SUM, "mean": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
     if op not in ops:
@@ -466,6 +468,11 @@ def all_reduce_(tensors: torch.Tensor | list[torch.Tensor], op: str = "sum") -> 
     if not is_distributed():
         return tensors
     device = _comm_device()
+    layout = [(str(t.dtype), tuple(t.shape)) for t in group]
+    code = torch.tensor([_layout_code(layout)], device=device)
+    codes = [torch.zeros_like(code) for _ in range(world_size())]
+    dist.all_gather(codes, code)
+    _check_layouts(codes, layout, "all_reduce_", "tensors")
     for dtype in sorted({t.dtype for t in group}, key=str):
         same = [t for t in group if t.dtype == dtype]
         flat = _flat(same, device)
@@ -474,6 +481,23 @@ def all_reduce_(tensors: torch.Tensor | list[torch.Tensor], op: str = "sum") -> 
             flat /= world_size()
         _unflat_(flat, same)
     return tensors
+
+
+def _layout_code(layout) -> int:
+    """A checksum of ``[(dtype, shape), ...]``, compared across ranks before a collective over those tensors."""
+    return zlib.crc32(repr(layout).encode())
+
+
+def _check_layouts(codes, layout, who: str, what: str) -> None:
+    """Refuse, on every rank, where the ranks' ``codes`` (:func:`_layout_code` of each rank's ``layout``) differ;
+    the layouts are then gathered to name them (every rank takes this branch: no rank waits alone)."""
+    if len({int(c) for c in codes}) == 1:
+        return
+    layouts = [None] * world_size()
+    dist.all_gather_object(layouts, layout)
+    shown = "; ".join(f"rank {r}: {', '.join(f'{d} {list(s)}' for d, s in l)}" for r, l in enumerate(layouts))
+    raise ValueError(f"{who}: the ranks give tensors of other dtypes or shapes ({what}): {shown}; a collective over them "
+                     "reads one rank's bytes as another's: give every rank tensors of one dtype and shape")
 
 
 def spread(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -537,6 +561,8 @@ def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
 
     :param tensor: ``[n_rank, *rest]`` (``rest`` equal on every rank).
     :returns: ``[sum_rank n_rank, *rest]`` on ``tensor``'s device, the same on every rank.
+    :raises ValueError: on every rank, where the ranks' dtypes or ``rest`` differ (each rank got the others' bytes
+        read as its own dtype and shape, without an error).
     """
     if tensor.dim() == 0:
         raise ValueError("gather_cat concatenates along dim 0: give a tensor of at least one dimension (t.reshape(1))")
@@ -544,9 +570,11 @@ def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     device = _comm_device()
     local = tensor.to(device)
-    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
-    dist.all_gather(sizes, torch.tensor([local.shape[0]], device=device))
-    sizes = [int(s) for s in sizes]
+    layout = [(str(local.dtype), tuple(local.shape[1:]))]
+    said = [torch.zeros(2, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(said, torch.tensor([local.shape[0], _layout_code(layout)], device=device))  # one collective for both
+    _check_layouts([s[1:] for s in said], layout, "gather_cat", "tensor's dtype and dims after the first")
+    sizes = [int(s[0]) for s in said]
     padded = torch.cat([local, local.new_zeros(max(sizes) - local.shape[0], *local.shape[1:])])
     out = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(out, padded.contiguous())

@@ -174,6 +174,12 @@ def run_misuses(tmp):
     loader = DataLoader(TensorDataset(torch.arange(16)), batch_size=4, shuffle=True)
     seen = torch.cat([b[0] for b in distributed.split_batches(loader)])
     out["covered"] = sorted(distributed.gather_cat(seen).tolist())
+    # tensors of another dtype or shape per rank: gloo read one rank's bytes as another's (7 as 9.8e-45), no error
+    out["gather_dtype"] = _refused(lambda: distributed.gather_cat(torch.tensor([1.5, 2.5]) if r == 0 else torch.tensor([7, 8])))
+    out["gather_shape"] = _refused(lambda: distributed.gather_cat(torch.zeros(1, 6) if r == 0 else torch.zeros(1, 2, 3)))
+    out["reduce_dtype"] = _refused(lambda: distributed.all_reduce_(torch.ones(2) if r == 0 else torch.ones(2, dtype=torch.int32)))
+    out["reduce_shape"] = _refused(lambda: distributed.all_reduce_([torch.ones(2, 3) if r == 0 else torch.ones(3, 2)]))
+    out["gathered_rows"] = distributed.gather_cat(torch.full((r + 1, 2), float(r))).tolist()  # rows per rank may differ
     batches = DataLoader([torch.arange(i, i + 4) for i in range(0, 16, 4)], batch_size=None, shuffle=True)  # collated
     out["covered_collated"] = sorted(distributed.gather_cat(torch.cat(list(distributed.split_batches(batches)))).tolist())
     from accelerate.data_loader import prepare_data_loader
@@ -531,6 +537,15 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         assert out["ddp"].startswith("the network (DistributedDataParallel) is wrapped for data parallelism: pyro_lora "
                                      "averages the gradients across ranks itself")
         assert out["covered"] == list(range(16))  # each example once, whatever the ranks' own streams drew
+        assert out["gather_dtype"] == ("gather_cat: the ranks give tensors of other dtypes or shapes (tensor's dtype and "
+                                       "dims after the first): rank 0: torch.float32 []; rank 1: torch.int64 []; a "
+                                       "collective over them reads one rank's bytes as another's: give every rank "
+                                       "tensors of one dtype and shape")
+        assert "rank 0: torch.float32 [6]; rank 1: torch.float32 [2, 3]" in out["gather_shape"]
+        assert "all_reduce_: the ranks give tensors of other dtypes or shapes (tensors): rank 0: torch.float32 [2]; " \
+               "rank 1: torch.int32 [2]" in out["reduce_dtype"]
+        assert "rank 0: torch.float32 [2, 3]; rank 1: torch.float32 [3, 2]" in out["reduce_shape"]
+        assert out["gathered_rows"] == [[0.0, 0.0], [1.0, 1.0], [1.0, 1.0]]
         assert "already gives each rank a part of the data (DistributedSampler" in out["sharded"]
         assert "over an IterableDataset cannot be split" in out["iterable"]
         assert "the ranks were given 3 to 4 batches" in out["lengths"]
