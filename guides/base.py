@@ -21,7 +21,7 @@ from torch.distributions.kl import register_kl
 from pyro_lora import pyro_params
 from pyro_lora.checks import check_count, pickling_refused
 from pyro_lora.contract import check_guide, check_model, describe
-from pyro_lora.ownership import follow_svi_step, point_snapshot, record_fit, stop_following, take_over
+from pyro_lora.ownership import follow_svi_step, point_snapshot, record_fit, stop_following, take_over, watch_steps
 from pyro_lora.io import records_at_build, register_guide
 from pyro_lora.model import full_precision
 from pyro_lora.modes import building, library_dtype
@@ -177,6 +177,7 @@ class LoraGuide(torch.nn.Module):
         self.sites = model.sites
         self.signature = describe(model)
         self._point_snapshot = point_snapshot(model)  # the head etc. its predictions rely on (ownership.take_over)
+        watch_steps()
         self._loaded_head = None  # the point parameters load_guide restored with it (ownership.head_loaded)
         self._pyro_name = pyro_params.unique_name(self)
         self._running = False  # inside forward: a subclass's forward calling its base's is one guide call

@@ -205,8 +205,8 @@ def _check_rng_preserved(module, func) -> None:
     if _partial(func)[1].get("preserve_rng_state", True) or not (module.training and torch.is_grad_enabled()):
         return
     if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
-           or isinstance(getattr(m, "attention_dropout", None), float) and m.attention_dropout > 0  # Llama's, functional
-           for m in module.modules()):
+           or any("dropout" in k and isinstance(v, float) and v > 0 for k, v in vars(m).items())  # functional: Llama's
+           for m in module.modules()):  # attention_dropout, OPT's and BART's dropout and activation_dropout
         raise ValueError(f"activation checkpointing with preserve_rng_state=False recomputes the dropout of "
                          f"{type(module).__name__} with other masks in backward than in the forward: its gradients "
                          "would be wrong; leave preserve_rng_state out of the checkpointing kwargs (True, the default), or "

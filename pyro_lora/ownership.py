@@ -144,6 +144,14 @@ _REACHED = {}
 _arrivals = {}  # id(point parameter) -> its weakref, once its gradient hook (_arriving) is registered
 
 
+def watch_steps() -> None:
+    """Hook every torch optimiser's step (once per process): from a guide's building on, so that a closure step, whose
+    guide call comes inside the step, is seen from its first (:func:`_before_optimizer_step`)."""
+    if not _hooks:
+        _hooks.extend((register_optimizer_step_pre_hook(_before_optimizer_step),
+                       register_optimizer_step_post_hook(_after_optimizer_step)))
+
+
 def follow_svi_step(guide) -> bool:
     """``guide`` is called in a step of Pyro's ``SVI`` (or of a loop differentiating its ELBO): the next optimiser
     step on each of the network's point parameters ends that step (Pyro's optimisers step each parameter once), and
@@ -151,9 +159,7 @@ def follow_svi_step(guide) -> bool:
     (a re-initialisation, a value written, a plain torch loop) is a change under the guide, and so is a step after a
     call with no backward pass into the guide (a validation ELBO, a trace), or after a loop that stepped the guide but
     not that parameter. Returns whether the network has such parameters (for :func:`record_fit`'s ``points``)."""
-    if not _hooks:
-        _hooks.extend((register_optimizer_step_pre_hook(_before_optimizer_step),
-                       register_optimizer_step_post_hook(_after_optimizer_step)))
+    watch_steps()
     _in_step.clear()  # no optimiser step is under way while the guide runs (one that raised never ended)
     me = weakref.ref(guide)
     trained = [p for p in guide.parameters() if p.requires_grad]
@@ -242,12 +248,23 @@ def stop_following(model) -> None:
         _STEPPING.pop(id(p), None)
 
 
-def _before_optimizer_step(optimizer, args, kwargs) -> None:
+def _before_optimizer_step(optimizer, args, kwargs):
     if _REACHED:
+        _refuse_fixed_posterior(optimizer)
         _hand_back(optimizer)
     if _STEPPING:  # nothing to follow (fit's own steps, a plain torch loop): no work on the step
         _in_step[id(optimizer)] = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        _refuse_fixed_posterior(optimizer)
+    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer, step's self
+    if closure is None:
+        return None
+
+    def checked():  # a closure computes the gradients inside step(), after this hook: checked before any update
+        loss = closure()
+        if _REACHED:
+            _refuse_fixed_posterior(optimizer)
+        return loss
+
+    return args[:1], {**{k: v for k, v in kwargs.items() if k != "closure"}, "closure": checked}
 
 
 def _refuse_fixed_posterior(optimizer) -> None:
@@ -260,10 +277,14 @@ def _refuse_fixed_posterior(optimizer) -> None:
     """
     for group in optimizer.param_groups:
         for p in group["params"]:
-            ref, me, name = _STEPPING.get(id(p), (None, None, None))
-            guide = me() if ref is not None and ref() is p and p.grad is not None else None
-            if guide is not None and getattr(guide, "fitted_at_head", False):  # never an autoguide (Followed)
+            ref, guides = _REACHED.get(id(p), (None, ()))
+            if ref is None or ref() is not p or p.grad is None:
+                continue
+            # the guides whose ELBO's backward reached this gradient (a plain loss after their call is none of theirs)
+            guide = next((g for g in (me() for me in guides) if getattr(g, "fitted_at_head", False)), None)
+            if guide is not None:
                 _in_step.pop(id(optimizer), None)
+                name = next((n for n, q in guide.model.named_point_parameters() if q is p), "a point parameter")
                 raise ValueError(fixed_posterior_message(guide, f"this optimiser step would train {name} under it"))
 
 
@@ -323,7 +344,9 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
                 continue
             del _STEPPING[id(p)]
             guide = guide() if ref() is p else None
-            if guide is not None and guide._point_snapshot is not None and guide in _backward:
+            # a guide fitted at the head never adopts a step (one through its ELBO was refused): a change under it
+            if (guide is not None and guide._point_snapshot is not None and guide in _backward
+                    and not getattr(guide, "fitted_at_head", False)):
                 adopted.append((guide._point_snapshot, name, p))
     sums = value_sums((p for _, _, p in adopted), lazy=True)
     for snapshot, name, p in adopted:

@@ -349,6 +349,38 @@ def test_pyro_svi_with_a_pyro_optimizer_trains_the_guide_and_the_head(built):
             assert not torch.equal(p, before[n]), f"SVI left {n} unchanged"
 
 
+@pytest.mark.parametrize("optimizer", ["Adam", "LBFGS"])
+def test_a_closure_step_through_a_guide_fitted_at_the_head_is_refused_and_a_plain_step_after_its_loss_is_not(optimizer):
+    """torch's closure form computes the gradients inside step(), after the pre-step hook: three Adam.step(closure)
+    through Laplace's ELBO moved the head and predict took it (0.015 in probability). And a plain loss's step after a
+    Laplace loss (computed with gradients, never stepped) was refused as Laplace's."""
+    model, guide = BUILDERS[LaplaceGuide]()
+    before = {n: p.detach().clone() for n, p in model.named_point_parameters()}
+    opt = getattr(torch.optim, optimizer)(model.point_parameters(), lr=1e-2)
+
+    def closure():
+        opt.zero_grad()
+        loss = Trace_ELBO().differentiable_loss(model, guide, data()[0])
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        with pytest.raises(ValueError, match=r"^LaplaceGuide's posterior was fitted post hoc .* this optimiser step would "
+                                             r"train base_model.model.classifier"):
+            opt.step(closure)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_point_parameters())
+    Trace_ELBO().loss(model, guide, data()[0])  # with gradients on, no backward: trains nothing
+    opt.zero_grad()
+    batch = data()[0]
+    logits = model.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+    opt.step(lambda: torch.nn.functional.cross_entropy(
+        model.net(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits, batch["labels"]))
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_point_parameters())  # a plain step: taken
+    with pytest.raises(ValueError, match="changed since"):  # and the Laplace no longer predicts over that head
+        predict(model, guide, data())
+
+
 def test_a_model_the_guide_was_not_built_for_is_refused(built, tmp_path):
     model, guide = built
     kwargs = {} if type(model) is not LoraModel else {"random": "".join(sorted({s.matrix for s in model.sites.values()}))}
