@@ -20,6 +20,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .kinds import KINDS, between_kinds, down_kind, linear, up_kind
+from .modes import dropout_in_training
 
 _HOLDER = "_pyro_lora_handed"
 _WRAPPED = "_pyro_lora_checkpoint"
@@ -204,13 +205,12 @@ def _check_rng_preserved(module, func) -> None:
     """
     if _partial(func)[1].get("preserve_rng_state", True) or not (module.training and torch.is_grad_enabled()):
         return
-    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training and m.p > 0
-           or any("dropout" in k and isinstance(v, float) and v > 0 for k, v in vars(m).items())  # functional: Llama's
-           for m in module.modules()):  # attention_dropout, OPT's and BART's dropout and activation_dropout
+    found = dropout_in_training(module)  # as its modes stand: functional rates too, the active adapters' only
+    if found:
         raise ValueError(f"activation checkpointing with preserve_rng_state=False recomputes the dropout of "
-                         f"{type(module).__name__} with other masks in backward than in the forward: its gradients "
-                         "would be wrong; leave preserve_rng_state out of the checkpointing kwargs (True, the default), or "
-                         "set the network's dropout to 0")
+                         f"{type(module).__name__} ({found[0]}) with other masks in backward than in the forward: its "
+                         "gradients would be wrong; leave preserve_rng_state out of the checkpointing kwargs (True, the "
+                         "default), or set the network's dropout to 0")
 
 
 def _gradient_carrier(module, func, inputs) -> list:

@@ -1441,10 +1441,10 @@ def _check_adapter_reloads(model):
     from peft import get_peft_model_state_dict
     from peft.utils.other import ModulesToSaveWrapper, TrainableTokensWrapper
 
-    saved = {n.rpartition(".")[2] for m in model.net.modules() if isinstance(m, ModulesToSaveWrapper)
-             for n, _ in m.original_module.named_parameters()}
-    if model.adapter in saved:  # peft's load takes "<module>.weight" for the adapter's copy of that module
-        raise ValueError(f"peft cannot load back an adapter named {model.adapter!r}, the name of a parameter of a module "
+    saved = {part for m in model.net.modules() if isinstance(m, ModulesToSaveWrapper)
+             for n, _ in m.original_module.named_parameters() for part in n.split(".")}
+    if model.adapter in saved:  # peft's load takes "<module>.<name>..." for the adapter's copy of that module
+        raise ValueError(f"peft cannot load back an adapter named {model.adapter!r}, a name in the parameters of a module "
                          "in its modules_to_save (its copy comes back missing: a KeyError in PeftModel.from_pretrained); "
                          "build it under another name (get_peft_model(..., adapter_name=...)), or keep the guide with "
                          "save_guide")

@@ -11,6 +11,7 @@ whose call the backward pass before it went through (:func:`note_forward`).
 from __future__ import annotations
 
 import functools
+import inspect
 import weakref
 from typing import NamedTuple
 
@@ -236,6 +237,8 @@ def _arriving(ref, grad) -> None:
     p = ref()
     entry = _through.pop(id(p), None)
     kept = _REACHED.get(id(p)) if p.grad is not None else None
+    if kept is not None and not bool(p.grad.any()):  # zeroed in place since (zero_grad(set_to_none=False)): fresh
+        kept = None
     if entry is not None and entry[0]() is p:
         _REACHED[id(p)] = (ref, _joined(kept, p, *entry[1]))
     elif kept is None:
@@ -254,8 +257,9 @@ def _before_optimizer_step(optimizer, args, kwargs):
         _hand_back(optimizer)
     if _STEPPING:  # nothing to follow (fit's own steps, a plain torch loop): no work on the step
         _in_step[id(optimizer)] = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    closure = kwargs.get("closure", args[1] if len(args) > 1 else None)  # args[0]: the optimizer, step's self
-    if closure is None:
+    slot = "closure" if "closure" in kwargs else _closure_position(type(optimizer))
+    closure = kwargs.get(slot) if isinstance(slot, str) else args[slot] if slot is not None and slot < len(args) else None
+    if not callable(closure):
         return None
 
     def checked():  # a closure computes the gradients inside step(), after this hook: checked before any update
@@ -264,7 +268,20 @@ def _before_optimizer_step(optimizer, args, kwargs):
             _refuse_fixed_posterior(optimizer)
         return loss
 
-    return args[:1], {**{k: v for k, v in kwargs.items() if k != "closure"}, "closure": checked}
+    if isinstance(slot, str):
+        return args, {**kwargs, "closure": checked}
+    return (*args[:slot], checked, *args[slot + 1:]), kwargs
+
+
+@functools.lru_cache(maxsize=None)
+def _closure_position(kind) -> int | None:
+    """Where ``kind.step`` takes its ``closure`` among the arguments (``self`` at 0), ``None`` if it takes none
+    (an optimiser of its own whose step reads other arguments)."""
+    try:
+        names = list(inspect.signature(kind.step).parameters)
+    except (TypeError, ValueError):
+        return None
+    return names.index("closure") if "closure" in names else None
 
 
 def _refuse_fixed_posterior(optimizer) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections import Counter, OrderedDict
+from collections.abc import Mapping
 from dataclasses import MISSING, dataclass, fields, is_dataclass
 
 import torch
@@ -352,7 +353,7 @@ def check_values(sites: dict, values: dict, allow_sample_dim: bool = True, num_s
     :raises ValueError: for values that are no dict of tensors, naming the first missing/unknown site, wrong shape or
         non-finite value.
     """
-    if not isinstance(values, dict):
+    if not isinstance(values, Mapping):
         raise ValueError(f"{name} must be a dict of site name -> tensor, got {type(values).__name__}")
     unknown = sorted(set(values) - set(sites))
     if unknown:

@@ -429,3 +429,32 @@ def test_functional_dropout_under_checkpointing_that_does_not_preserve_the_rng_i
     _enable(model.net, reentrant, preserve_rng_state=False)
     with pytest.raises(ValueError, match=r"preserve_rng_state=False recomputes the dropout of OPTDecoderLayer"):
         gradients(model, MAPGuide(model), batch)
+
+
+def test_dropout_that_does_not_run_is_no_reason_to_refuse_checkpointing_without_the_rng():
+    """A rate read by no forward was refused: Llama's attention_dropout with its attention modules in eval mode, and
+    another adapter's lora_dropout (peft runs the active adapter's only); the gradients are the plain ones."""
+    from peft import LoraConfig
+
+    model, q, batch = build("llama", "map")
+    model.net.add_adapter("other", LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5))
+    model.net.set_adapter("default")
+    attention = [m for m in model.net.modules() if hasattr(m, "attention_dropout")]
+    for m in attention:
+        m.attention_dropout = 0.3
+
+    def grads():
+        model.net.train()
+        for m in attention:
+            m.eval()
+        params = dict(q.named_parameters()) | {f"net.{n}": p for n, p in model.named_point_parameters()}
+        for p in params.values():
+            p.grad = None
+        pyro.set_rng_seed(3)
+        Trace_ELBO().differentiable_loss(model, q, batch).backward()
+        return {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+
+    plain = grads()
+    _enable(model.net, False, preserve_rng_state=False)
+    checkpointed = grads()
+    assert plain and all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)

@@ -381,6 +381,37 @@ def test_a_closure_step_through_a_guide_fitted_at_the_head_is_refused_and_a_plai
         predict(model, guide, data())
 
 
+def test_optimisers_of_their_own_and_a_gradient_zeroed_in_place_are_not_taken_for_a_guide_fitted_at_the_head():
+    """The step hook (on from the first guide built) passed any second argument back as closure=: a step(self, fn)
+    of one's own raised a TypeError, a step(closure, grad_scale) lost its grad_scale; and after a refused Laplace
+    step, zero_grad(set_to_none=False) left the MAP's own SVI step refused as Laplace's."""
+    model, guide = BUILDERS[LaplaceGuide]()
+    linear = torch.nn.Linear(2, 1)
+
+    class Scaled(torch.optim.SGD):
+        def step(self, closure=None, grad_scale=None):
+            self.seen = grad_scale
+            return super().step(closure)
+
+    class Own(torch.optim.SGD):
+        def step(self, fn=None):
+            self.seen = fn
+            return super().step()
+
+    linear(torch.ones(1, 2)).sum().backward()
+    scaled, own = Scaled(linear.parameters(), lr=0.1), Own(linear.parameters(), lr=0.1)
+    scaled.step(None, 2.0)
+    own.step(0.5)
+    assert (scaled.seen, own.seen) == (2.0, 0.5)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    with pytest.raises(ValueError, match="LaplaceGuide's posterior was fitted post hoc"):
+        svi.step(data()[0])
+    model.net.zero_grad(set_to_none=False)
+    before = {n: p.detach().clone() for n, p in model.named_point_parameters()}
+    SVI(model, MAPGuide(model), pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step(data()[0])
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_point_parameters())
+
+
 def test_a_model_the_guide_was_not_built_for_is_refused(built, tmp_path):
     model, guide = built
     kwargs = {} if type(model) is not LoraModel else {"random": "".join(sorted({s.matrix for s in model.sites.values()}))}

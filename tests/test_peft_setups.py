@@ -599,6 +599,18 @@ def test_an_adapter_peft_would_not_give_back_is_refused_before_it_is_written(tmp
         load_adapter(tiny_bert_base(num_labels=3), tmp_path / "whole")
 
 
+def test_an_adapter_named_as_a_module_inside_a_saved_head_is_refused(tmp_path):
+    """RoBERTa's head holds classifier.dense: an adapter named "dense" exported, and peft's load raised a KeyError."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    config = RobertaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, max_position_embeddings=70, num_labels=2)
+    net = get_peft_model(RobertaForSequenceClassification(config), LoraConfig(r=2, target_modules=["query", "value"],
+                         task_type="SEQ_CLS"), adapter_name="dense")
+    with pytest.raises(ValueError, match=r"^peft cannot load back an adapter named 'dense'"):
+        export_adapter(MAPGuide(LoraModel(net, SequenceClassification())), tmp_path / "a")
+
+
 @pytest.mark.parametrize("name", ["weight", "bias", "lora"])
 def test_an_adapter_named_as_a_parameter_is_refused_before_it_is_written(tmp_path, name):
     """An adapter named 'weight' or 'bias' exported without a word and never loaded back: peft's load took the name
@@ -617,7 +629,7 @@ def test_an_adapter_named_as_a_parameter_is_refused_before_it_is_written(tmp_pat
         back = PeftModel.from_pretrained(tiny_bert_base(num_labels=3), tmp_path / name, adapter_name=name).eval()
         assert torch.allclose(back(**batch).logits, net(**batch).logits, atol=1e-6)
         return
-    with pytest.raises(ValueError, match=rf"^peft cannot load back an adapter named '{name}', the name of a parameter "
+    with pytest.raises(ValueError, match=rf"^peft cannot load back an adapter named '{name}', a name in the parameters "
                                          r"of a module in its modules_to_save"):
         export_adapter(guide, tmp_path / name)
     assert not (tmp_path / name).exists()

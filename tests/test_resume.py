@@ -21,7 +21,7 @@ from pyro_lora.experiments.setup import CompareConfig, prepare
 from pyro_lora.guides.registry import METHODS
 from pyro_lora.digests import bytes_sha256
 from pyro_lora.io import FORMAT, _canonical, atomic_file, read_safetensors
-from pyro_lora.experiments.results import ARRAYS, GuideFailures, RunFolder, config_differences, merge_results
+from pyro_lora.experiments.results import ARRAYS, GuideFailures, RunFolder, check_scores, config_differences, merge_results
 from pyro_lora.experiments.scoring import ood_auroc, prediction_arrays, score
 from pyro_lora.experiments.study_header import unfinished_pairs
 from pyro_lora.experiments.study_report import load_runs
@@ -1822,6 +1822,8 @@ def test_a_finished_row_edited_since_is_refused_naming_the_field_and_both_values
         with pytest.raises(ValueError, match=re.escape(f"{out / 'results.json'}: the row of map on sst2, seed 0 holds "
                                                        f"{field} {value!r}, {says}: the row was edited")):
             run_compare(config)
+        edited_row = {**truth, field: value}  # a row the caller reruns (study --update) is withheld, as an edited score
+        assert check_scores(out, [edited_row], "sst2", rerun=lambda r: True) == [edited_row]
     monkeypatch.undo()  # the remedy it names: without the row, the same command reruns it
     (out / "results.json").write_text(json.dumps({**saved, "per_seed": []}))
     (rerun,) = run_compare(config)

@@ -258,7 +258,13 @@ def check_scores(out, rows, dataset, rerun=lambda row: False) -> list:
             withheld.append(row)
             continue
         where = f"{out / RESULTS}: the row of {name} on {on}, seed {seed}"
-        _check_derived(row, saved.get(key + "extra_parameters"), where, name, seed)
+        try:
+            _check_derived(row, saved.get(key + "extra_parameters"), where, name, seed)
+        except ValueError:
+            if rerun(row):  # rerun, replacing it, as a row its arrays contradict
+                withheld.append(row)
+                continue
+            raise
         try:
             scores = array_scores(*(saved[key + kind] for kind in ARRAYS))
             if on != dataset:
