@@ -19,7 +19,7 @@ import torch
 from peft.utils import ModulesToSaveWrapper
 
 from pyro_lora import distributed
-from pyro_lora.checks import check_count
+from pyro_lora.checks import check_count, check_flag
 from pyro_lora.contract import check_model, parameter_adapter
 from pyro_lora.hooks import forward_hooks
 from pyro_lora.ownership import take_over, trained_beside_head
@@ -451,6 +451,7 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
         (``None`` and the same seeds given count as different), ``include_current`` or a ``fit_kwargs`` entry differ
         across ranks.
     """
+    include_current = check_flag(include_current, "include_current")
     check_model(model, "train an ensemble")
     seeds = None if seeds is None else list(seeds)
     fit_kwargs = {"progress": False, **(fit_kwargs or {})}

@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pyro_lora import distributed
-from pyro_lora.checks import check_batches, check_count
+from pyro_lora.checks import check_batches, check_count, check_flag
 from pyro_lora.contract import check_model
 from pyro_lora.ownership import take_over
 from pyro_lora.data import to_device
@@ -199,6 +199,8 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
         per example, or per scored token for ``CausalLM`` (as :func:`pyro_lora.fit` judges it; the network is then put
         back as it was).
     """
+    rescale_lr = check_flag(rescale_lr, "rescale_lr")
+    progress = check_flag(progress, "progress")
     check_model(model, "train with IVON")
     params = model.random_parameters() + model.point_parameters()
     autocast = _check_arguments(model, params, data, autocast, epochs=epochs, lr=lr, ess=ess, hess_init=hess_init,

@@ -25,7 +25,7 @@ from pyro_lora.evidence import curvature_peaks, evidence_terms, maximise_evidenc
 from pyro_lora.kfac import SiteFactors, accumulate, glm_batch, glm_predict, grid_nll_glm
 from pyro_lora.likelihoods import MultipleChoice, is_cloze
 from pyro_lora.metrics import nll
-from pyro_lora.checks import check_count
+from pyro_lora.checks import check_count, check_data_given, check_flag
 from pyro_lora.predictive import NonFinitePredictionError, predict
 from pyro_lora.sites import check_values
 
@@ -162,6 +162,8 @@ class LaplaceGuide(LoraGuide):
         log-likelihood) are linear in the data, so one ``all_reduce`` makes every rank's factors those of
         one process (with ``fisher="mc"`` the sampled labels differ, as with any other seed).
         """
+        check_data_given(data)
+        progress = check_flag(progress, "progress")
         previous = earlier_fit(self)
         count, self._rows = self._fit(data, progress, loc)
         warn_fitted_rows(self.model, count, "LaplaceGuide", self._rows, previous)
@@ -325,6 +327,8 @@ class LaplaceGuide(LoraGuide):
             that is not a finite number ``>= 0``, a ``val_loader`` that drops its last incomplete batch, or a grid NLL
             that is nan; all but the last before ``val_loader`` is read.
         """
+        per_layer = check_flag(per_layer, "per_layer")
+        progress = check_flag(progress, "progress")
         distributed.check_settings("optimize_prior_precision", {  # first: the method decides which ranks run collectives
             "method": method, "per_layer": per_layer, "grid": grid, "predictive": predictive, "num_samples": num_samples,
             "max_iter": max_iter, "min_effective_parameters": min_effective_parameters, "refine": refine})
@@ -472,6 +476,9 @@ class LaplaceGuide(LoraGuide):
             on an unknown ``link``, ``num_samples`` not a positive integer, before :meth:`fit`, on a
             network whose head or adapter changed since (as ``predict``), or on empty ``data``.
         """
+        check_data_given(data)
+        keep_samples = check_flag(keep_samples, "keep_samples")
+        progress = check_flag(progress, "progress")
         return glm_predict(data, self._glm_logits, self.model.likelihood.observed, link, num_samples, keep_samples, progress,
                            ready=lambda: self._check_network("predict"), guide=self)
 

@@ -38,7 +38,7 @@ from pyro_lora.kfac import glm_predict, probit
 from pyro_lora.likelihoods import is_cloze
 from pyro_lora.progress import progress_bar
 from pyro_lora.metrics import nll
-from pyro_lora.checks import check_count
+from pyro_lora.checks import check_count, check_data_given, check_flag
 
 from .base import LoraGuide
 from .laplace import (_LOG_LAMBDA_RANGE, LAMBDA_GRID, check_prior_search, earlier_fit, forget_rows, glm_probit,
@@ -209,6 +209,8 @@ class LastLayerLaplaceGuide(LoraGuide):
             every example), a model this guide does not fit (:func:`~pyro_lora.contract.check_guide`), or features that
             do not reproduce the logits (:meth:`features`).
         """
+        check_data_given(data)
+        progress = check_flag(progress, "progress")
         previous = earlier_fit(self)
         with self._all_or_nothing(adopt=True):  # the head as it is now is what the posterior is over
             with entry_checks(self.model, None, "fit a last-layer Laplace", settings={"hessian": self.hessian}):
@@ -382,6 +384,7 @@ class LastLayerLaplaceGuide(LoraGuide):
             ``grid``, ``"val_nll"`` without ``val_loader``, on an empty one or a ``DataLoader`` dropping its last
             incomplete batch, a grid value that is not finite and positive, or a grid NLL that is nan.
         """
+        progress = check_flag(progress, "progress")
         distributed.check_settings("optimize_prior_precision", {  # first: the method decides which ranks run collectives
             "method": method, "grid": grid, "max_iter": max_iter})
         self._check_fitted()
@@ -447,6 +450,9 @@ class LastLayerLaplaceGuide(LoraGuide):
             on an unknown ``link``, ``num_samples`` not a positive integer, before :meth:`fit`, a
             head changed since, or empty ``data``.
         """
+        check_data_given(data)
+        keep_samples = check_flag(keep_samples, "keep_samples")
+        progress = check_flag(progress, "progress")
         return glm_predict(data, self._glm, self.model.likelihood.observed, link, num_samples, keep_samples, progress,
                            desc="LLLA predict", ready=self._ready, guide=self)
 

@@ -13,7 +13,7 @@ import pyro.poutine as poutine
 import torch
 
 from pyro_lora import distributed
-from pyro_lora.checks import check_reiterable
+from pyro_lora.checks import check_data_given, check_flag, check_reiterable
 from pyro_lora.contract import check_guide, check_model, entry_checks
 from pyro_lora.data import fixed_batches
 from pyro_lora.ownership import point_snapshot
@@ -123,6 +123,8 @@ class LaplaceMixtureGuide(EnsembleGuide):
             ``grid``, ``"val_nll"`` without ``val_loader``, with ``kwargs``, on a grid value that is not finite and positive, on a model
             the guide was not built for or a network whose head changed since, or where the NLL is nan.
         """
+        refine = check_flag(refine, "refine")
+        progress = check_flag(progress, "progress")
         distributed.check_settings("optimize_prior_precision", {  # first: the method decides which ranks run collectives
             "method": method, "grid": grid, "refine": refine, **kwargs})
         self._check_fitted()
@@ -225,6 +227,9 @@ class LaplaceMixtureGuide(EnsembleGuide):
             before :meth:`fit`, on a model the guide was not built for or a network whose head changed
             since, or as :meth:`LaplaceGuide.predict_glm` does.
         """
+        check_data_given(data)
+        keep_samples = check_flag(keep_samples, "keep_samples")
+        progress = check_flag(progress, "progress")
         return glm_predict(data, self._glm_logits, self.model.likelihood.observed, link, num_samples, keep_samples, progress,
                            ready=self._check_ready, guide=self)
 

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from pyro_lora import distributed
 from pyro_lora.callers import user_stacklevel
-from pyro_lora.checks import check_count, check_flag, check_nonnegative, check_positive
+from pyro_lora.checks import check_count, check_data_given, check_flag, check_nonnegative, check_positive
 from pyro_lora.contract import check_guide, check_model, describe, differences, entry_checks
 from pyro_lora.data import check_every_example, subset, to_device
 from pyro_lora.loraxs import svd_flip
@@ -485,6 +485,7 @@ def bayesianize(model, anchor_loader, init=None, min_singular_ratio=1e-3, **sear
     (:data:`TFB_SEARCH`) are ``compare``'s at its default ``--samples`` and seed: on the anchors :func:`bayesianize_setup`
     draws, the same ``sigma_q`` as its ``tfb`` row.
     """
+    check_data_given(anchor_loader, "anchor_loader")
     guide = TFBGuide(model, init=init, min_singular_ratio=min_singular_ratio)
     guide.search(anchor_loader, **search_kwargs)
     return guide

@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .checks import check_positive
+from .checks import check_flag, check_positive
 from .metrics import _NLL_FLOOR, _check_probs, _check_rows, _sum_tolerance, _tensor, _uncertainty
 from .callers import user_stacklevel
 
@@ -100,7 +100,9 @@ def golden_section(f, a, b, tol):
     check_tol(tol)
     c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
     fc, fd = f(c), f(d)
-    while b - a > tol:
+    width = math.inf
+    while tol < b - a < width:  # a tol below float spacing: it stops where the bracket no longer narrows
+        width = b - a
         if fc <= fd:
             b, d, fd = d, c, fc
             c = b - _GOLDEN * (b - a)
@@ -157,6 +159,7 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
         of ``-inf`` at an example's label (a label on a missing choice), ``bounds`` that are not finite with
         ``0 < low < 1 < high``, or a ``tol`` that is not a positive finite number.
     """
+    return_info = check_flag(return_info, "return_info")
     # before any work: a bad tol never ends the search or ends it at once, an infinite bound makes T nan
     check_tol(tol)
     low, high = bounds
@@ -330,7 +333,7 @@ def apply_temperature(probs: torch.Tensor, temperature: float, kind: str = "prob
         # normalised first, as fit_temperature does: a finite logit beyond float64's range over T (1e300 at T = 1e-10)
         # would give inf - inf = nan in the softmax, where the row's largest entry is 0 after log_softmax
         x = x.log_softmax(-1)
-        scaled = (x / temperature).softmax(-1)
+        scaled = _scaled(x, temperature)
         x = x.exp()  # the unscaled row, which the one-hot count below compares with
     else:
         if not torch.isfinite(x).all():
@@ -338,12 +341,21 @@ def apply_temperature(probs: torch.Tensor, temperature: float, kind: str = "prob
         _check_rows(x, raw.dtype, "probs")
         if temperature == 1.0:
             return raw.clone()
-        scaled = (x.log() / temperature).softmax(-1)
+        scaled = _scaled(x.log(), temperature)
     tied = int(((_uncertainty(scaled) == 0) & (_uncertainty(x) > 0)).sum())
     if tied:
         warnings.warn(f"temperature T = {temperature:.3g} sharpens {tied} of {scaled[..., 0].numel()} rows to one-hot "
                       "even in float64 (their other probabilities below 5e-324): they tie, so AURC, accuracy at "
                       "coverage and OOD AUROC cannot order them", stacklevel=user_stacklevel())
+    return scaled
+
+
+def _scaled(log_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(log_probs / T)``; where a tiny ``T`` sends a whole row to ``-inf`` (``-0.3 / 1e-320``: nan), from the
+    rows less their largest entry, which stays 0 (the same softmax)."""
+    scaled = (log_probs / temperature).softmax(-1)
+    if torch.isnan(scaled).any():
+        scaled = ((log_probs - log_probs.max(-1, keepdim=True).values) / temperature).softmax(-1)
     return scaled
 
 

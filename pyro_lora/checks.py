@@ -122,6 +122,15 @@ def check_flag(value, name: str) -> bool:
     return bool(value)
 
 
+def check_data_given(data, name: str = "data") -> None:
+    """Refuse ``data`` of ``None`` (an iterable of batches was meant), before its iteration fails in a raw ``TypeError``.
+
+    :raises ValueError: naming ``name``.
+    """
+    if data is None:
+        raise ValueError(f"{name} is None: give an iterable of batches (a DataLoader, a list of dicts)")
+
+
 def check_path(value, name: str):
     """``value`` if it is a non-empty path (a string or ``os.PathLike``).
 

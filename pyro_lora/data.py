@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .checks import check_batch, check_batches, check_count, not_a_file
+from .checks import check_batch, check_batches, check_count, check_flag, not_a_file
 from .collators import CausalLMCollator, ClassificationCollator, ClozeCollator, LetterCollator
 from .prompts import (LETTERS, blank_format, cloze_pairs, is_blank_item, letter_prompt, letter_token_ids,
                       mark_blank_sentences, record_text)
@@ -306,6 +306,8 @@ def subset(records: list, n: int, seed: int = 0) -> list:
 def make_loader(records: list, collator: Callable[[list[dict]], dict], batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> DataLoader:
     """A ``DataLoader`` over ``records`` batched by ``collator``; the shuffle order is seeded, so it is
     the same on every run."""
+    shuffle = check_flag(shuffle, "shuffle")
+    drop_last = check_flag(drop_last, "drop_last")
     batch_size = check_count(batch_size, "batch_size")
     generator = torch.Generator().manual_seed(check_count(seed, "seed", minimum=0))
     return DataLoader(

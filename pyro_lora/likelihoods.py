@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from pyro.distributions import Categorical, TorchDistribution, constraints
 
-from .checks import is_integer_tensor
+from .checks import check_flag, is_integer_tensor
 from .modes import eval_mode
 from .sites import base_network, embedding
 from .callers import user_stacklevel
@@ -676,6 +676,8 @@ class MultipleChoice(Likelihood):
                 )
         self.format = format
         self.normalize = normalize
+        if share_prefix is not None:  # the string "False" would share: None is the default, else a bool
+            check_flag(share_prefix, "share_prefix")
         self.share_prefix = share_prefix is not False
         self._share_asked = share_prefix is True  # warn where the decoder cannot share it
 

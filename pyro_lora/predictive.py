@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from . import distributed
-from .checks import check_batch, check_count, check_flag
+from .checks import check_batch, check_count, check_data_given, check_flag
 from .contract import check_guide, entry_checks
 from .data import check_every_example, to_device
 from .likelihoods import check_label_range
@@ -109,6 +109,7 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     Over an LLM.int8() base an example's probabilities also depend on the other rows of its forward (its batch, and the
     weight samples of its chunk: :func:`~pyro_lora.quantized.has_int8_layers`), by a little: warned of once.
     """
+    check_data_given(data)
     with entry_checks(model, guide, "predict", settings={"num_samples": num_samples, "mean": mean, "chunk_size": chunk_size,
                                                         "keep_samples": keep_samples}):
         check_every_example(data, "predict")

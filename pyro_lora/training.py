@@ -30,7 +30,7 @@ from .data import to_device
 from .modes import eval_mode, network_mode
 from .pyro_stack import check_no_handlers
 from .model import HALF_DTYPES, full_precision, warn_unscaled
-from .checks import check_batch, check_count, check_flag, check_not_inference_mode, check_path, check_reiterable
+from .checks import check_batch, check_count, check_data_given, check_flag, check_not_inference_mode, check_path, check_reiterable
 from .likelihoods import scored_labels
 from .locking import slot_lock
 from .sites import base_network
@@ -193,8 +193,7 @@ def fit(
             callbacks = _checked_callbacks(callbacks)
             if isinstance(elbo, type):
                 raise ValueError(f"elbo is the class {elbo.__name__}, not an ELBO: give an instance, elbo={elbo.__name__}()")
-            if data is None:
-                raise ValueError("data is None: give an iterable of batches (a DataLoader, a list of dicts)")
+            check_data_given(data)
             if checkpoint_dir is not None:
                 check_path(checkpoint_dir, "checkpoint_dir")
             arguments = {  # what every rank, and a resumed run, must share

@@ -1677,3 +1677,26 @@ def test_warnings_point_at_the_users_line_through_the_guides_wrappers():
         mine = [w for w in caught if not w.filename.endswith("modeling_utils.py")]  # peft's own deprecation, if any
         assert mine, what
         assert {(w.filename, w.lineno) for w in mine} == {(__file__, call.__code__.co_firstlineno)}, what
+
+
+def test_switches_given_as_strings_and_data_of_none_are_refused_by_name():
+    """Each of these took the string "False" as true (predict_glm kept its samples, optimize_prior_precision went per
+    layer, train_ensemble kept the current adapter, a loader shuffled) or failed iterating None in a raw TypeError."""
+    from pyro_lora.data import make_loader
+    from pyro_lora.likelihoods import MultipleChoice
+
+    model, laplace = BUILDERS[LaplaceGuide]()
+    for call, name in ((lambda: laplace.predict_glm(data(), keep_samples="False"), "keep_samples"),
+                       (lambda: laplace.optimize_prior_precision(per_layer="False"), "per_layer"),
+                       (lambda: laplace.fit(data(), progress="no"), "progress"),
+                       (lambda: guides.train_ensemble(model, data(), k=2, include_current="False"), "include_current"),
+                       (lambda: guides.train_ivon(model, data(), rescale_lr="False"), "rescale_lr"),
+                       (lambda: make_loader([{"x": 1}], list, 1, shuffle="False"), "shuffle"),
+                       (lambda: MultipleChoice([5, 6], format="cloze", share_prefix="False"), "share_prefix")):
+        with pytest.raises(ValueError, match=rf"^{name} must be True or False, got '"):
+            call()
+    for call, name in ((lambda: laplace.fit(None), "data"), (lambda: laplace.predict_glm(None), "data"),
+                       (lambda: predict(model, laplace, None), "data"),
+                       (lambda: guides.bayesianize(model, None), "anchor_loader")):
+        with pytest.raises(ValueError, match=rf"^{name} is None: give an iterable of batches"):
+            call()

@@ -679,3 +679,19 @@ def test_a_float16_softmax_over_a_large_vocabulary_is_a_probability_vector():
     assert float(probs.double().sum(-1).max()) - 1 > torch.finfo(torch.float16).eps  # the case: beyond one eps
     assert metrics.nll(probs, torch.tensor([0, 5])) == pytest.approx(math.log(128256), rel=2e-3)
     apply_temperature(probs, 2.0)  # read as probabilities (a softmax of any temperature is uniform again)
+
+
+def test_a_tiny_tolerance_or_temperature_ends_and_stays_finite():
+    """tol=1e-17 never ended the search (the bracket cannot narrow below float spacing); T = 1e-320 sent every entry of
+    a row to -inf and returned nan probabilities; return_info="False" returned the TemperatureFit."""
+    from pyro_lora.calibration import apply_temperature, fit_temperature
+
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.5, 0.0]])
+    labels = torch.tensor([0, 1, 1, 0])
+    assert fit_temperature(logits, labels, tol=1e-17) == pytest.approx(fit_temperature(logits, labels, tol=1e-9), rel=1e-6)
+    probs = logits.softmax(-1)
+    with pytest.warns(UserWarning, match="sharpens"):
+        assert torch.equal(apply_temperature(probs, 1e-320), torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]],
+                                                                           dtype=torch.float64))
+    with pytest.raises(ValueError, match="^return_info must be True or False"):
+        fit_temperature(logits, labels, return_info="False")
