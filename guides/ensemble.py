@@ -107,7 +107,7 @@ class EnsembleGuide(LoraGuide):
             self.register_buffer(f"head_{j}", torch.zeros((num_members, *params[name].shape), device=device))
         with torch.no_grad():
             for k, values in enumerate(members or []):
-                check_values(self.sites, values, allow_sample_dim=False, name=f"member {k}")
+                check_values(self.sites, values, allow_sample_dim=False, what=f"member {k}")
                 for i, name in enumerate(self.sites):
                     getattr(self, f"member_{i}")[k] = values[name]
             for k, head in enumerate(heads or []):

@@ -60,7 +60,7 @@ class IVONGuide(LoraGuide):
         locs = model.initial_values(locs)
         if stds is None:
             stds = {n: model.prior_distribution(s).variance.sqrt().expand(s.shape) for n, s in self.sites.items()}
-        check_values(self.sites, stds, allow_sample_dim=False, name="IVONGuide's stds")
+        check_values(self.sites, stds, allow_sample_dim=False, what="IVONGuide's stds")
         if not all(bool((stds[n] > 0).all()) for n in self.sites):
             raise ValueError("IVONGuide: every std must be positive")
         for i, name in enumerate(self.sites):

@@ -298,7 +298,7 @@ def _refuse_fixed_posterior(optimizer) -> None:
             if ref is None or ref() is not p or p.grad is None:
                 continue
             # the guides whose ELBO's backward reached this gradient (a plain loss after their call is none of theirs)
-            guide = next((g for g in (me() for me in guides) if getattr(g, "fitted_at_head", False)), None)
+            guide = next((g for g in (me() for me in guides) if g is not None and g.fitted_at_head), None)
             if guide is not None:
                 _in_step.pop(id(optimizer), None)
                 name = next((n for n, q in guide.model.named_point_parameters() if q is p), "a point parameter")
@@ -363,7 +363,7 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
             guide = guide() if ref() is p else None
             # a guide fitted at the head never adopts a step (one through its ELBO was refused): a change under it
             if (guide is not None and guide._point_snapshot is not None and guide in _backward
-                    and not getattr(guide, "fitted_at_head", False)):
+                    and not guide.fitted_at_head):
                 adopted.append((guide._point_snapshot, name, p))
     sums = value_sums((p for _, _, p in adopted), lazy=True)
     for snapshot, name, p in adopted:
@@ -648,6 +648,8 @@ class Followed:
     """A Pyro autoguide over ``model`` as this module follows a guide of the guides package (:func:`take_over`,
     :func:`follow_svi_step`): its parameters, and the point parameters (the head) its sites were trained or restored
     beside (``_point_snapshot``). Kept beside the autoguide (:func:`followed`), never keeping it alive."""
+
+    fitted_at_head = False  # trained by SVI as any variational guide (guides.LoraGuide.fitted_at_head)
 
     def __init__(self, autoguide, model):
         self._autoguide = weakref.ref(autoguide)

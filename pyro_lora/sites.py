@@ -344,17 +344,17 @@ def matrix_view(sites: dict) -> dict:
 
 
 def check_values(sites: dict, values: dict, allow_sample_dim: bool = True, num_samples: int | None = None,
-                 finite: bool = True, name: str = "site values") -> None:
+                 finite: bool = True, what: str = "site values") -> None:
     """Validate site values: every site present, shapes ``[*S, *site.shape]``, all finite.
 
     :param num_samples: the ``S`` a leading sample dim must have (1 broadcasts), where one is allowed.
     :param finite: check the values are finite (one host read per site: off in the forward's hot path).
-    :param name: what ``values`` is to the caller, in the error for values that are no dict.
+    :param what: what ``values`` is to the caller, in the error for values that are no dict.
     :raises ValueError: for values that are no dict of tensors, naming the first missing/unknown site, wrong shape or
         non-finite value.
     """
     if not isinstance(values, Mapping):
-        raise ValueError(f"{name} must be a dict of site name -> tensor, got {type(values).__name__}")
+        raise ValueError(f"{what} must be a dict of site name -> tensor, got {type(values).__name__}")
     unknown = sorted(set(values) - set(sites))
     if unknown:
         raise ValueError(f"unknown site(s) {unknown}; the model's sites are {list(sites)}")
