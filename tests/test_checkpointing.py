@@ -36,9 +36,12 @@ def build(arch, guide):
     return model, GUIDES[guide](model), batch
 
 
-def gradients(model, guide, batch):
-    """Gradients of the negative ELBO w.r.t. the guide's and the network's trainable parameters."""
+def gradients(model, guide, batch, eval_modules=()):
+    """Gradients of the negative ELBO w.r.t. the guide's and the network's trainable parameters, the network in training
+    mode but for ``eval_modules``."""
     model.net.train()
+    for m in eval_modules:
+        m.eval()
     params = dict(guide.named_parameters()) | {f"net.{n}": p for n, p in model.named_point_parameters()}
     for p in params.values():
         p.grad = None
@@ -442,19 +445,7 @@ def test_dropout_that_does_not_run_is_no_reason_to_refuse_checkpointing_without_
     attention = [m for m in model.net.modules() if hasattr(m, "attention_dropout")]
     for m in attention:
         m.attention_dropout = 0.3
-
-    def grads():
-        model.net.train()
-        for m in attention:
-            m.eval()
-        params = dict(q.named_parameters()) | {f"net.{n}": p for n, p in model.named_point_parameters()}
-        for p in params.values():
-            p.grad = None
-        pyro.set_rng_seed(3)
-        Trace_ELBO().differentiable_loss(model, q, batch).backward()
-        return {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
-
-    plain = grads()
+    plain = gradients(model, q, batch, attention)
     _enable(model.net, False, preserve_rng_state=False)
-    checkpointed = grads()
+    checkpointed = gradients(model, q, batch, attention)
     assert plain and all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
