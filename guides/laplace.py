@@ -25,7 +25,7 @@ from pyro_lora.evidence import curvature_peaks, evidence_terms, maximise_evidenc
 from pyro_lora.kfac import SiteFactors, accumulate, glm_batch, glm_predict, grid_nll_glm
 from pyro_lora.likelihoods import MultipleChoice, is_cloze
 from pyro_lora.metrics import nll
-from pyro_lora.checks import check_count, check_data_given, check_flag
+from pyro_lora.checks import check_count, check_data_given, check_flag, check_numbers
 from pyro_lora.predictive import NonFinitePredictionError, predict
 from pyro_lora.sites import check_values
 
@@ -545,11 +545,12 @@ def check_prior_search(method, val_loader, grid) -> None:
 
 
 def prior_precision_grid(grid=None, dtype=torch.float) -> torch.Tensor:
-    """``grid`` as a flat tensor of ``dtype`` (default ``logspace(-4, 4, 17)``).
+    """``grid`` (a list, a tuple or a 1-d tensor) as a tensor of ``dtype`` (default ``logspace(-4, 4, 17)``).
 
-    :raises ValueError: for an empty grid or a value that is not finite and positive in ``dtype``.
+    :raises ValueError: for a grid that is no sequence of numbers (a string, a 2-d grid, a bool), an empty grid or a
+        value that is not finite and positive in ``dtype``.
     """
-    grid = torch.logspace(-4, 4, 17, dtype=dtype) if grid is None else torch.as_tensor(grid, dtype=dtype).reshape(-1)
+    grid = torch.logspace(-4, 4, 17, dtype=dtype) if grid is None else torch.tensor(check_numbers(grid, "grid"), dtype=dtype)
     if grid.numel() == 0 or not bool((torch.isfinite(grid) & (grid > 0)).all()):
         raise ValueError(f"grid must hold finite positive prior precisions ({str(dtype).removeprefix('torch.')}), got "
                          f"{grid.tolist()}")

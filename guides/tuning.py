@@ -21,6 +21,7 @@ import torch
 from pyro_lora import distributed
 from pyro_lora.calibration import check_tol, golden_section
 from pyro_lora.callers import user_stacklevel
+from pyro_lora.checks import check_nonnegative, check_numbers, check_positive
 from pyro_lora.data import fixed_batches
 from pyro_lora.metrics import accuracy, nll
 from pyro_lora.predictive import NonFinitePredictionError, predict
@@ -142,17 +143,14 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     distributed.check_settings(f"the {knob} tuning", {
         "knob": knob, "grid": grid, "num_samples": num_samples, "tol": tol, "seed": seed, "max_accuracy_drop": max_accuracy_drop,
         "max_flip_rate": max_flip_rate, "start": start, "variance_power": variance_power})
-    grid = [float(v) for v in grid]
+    grid = check_numbers(grid, f"the {knob} grid")
     if len(grid) < 3 or not all(0 < a < b for a, b in zip(grid, grid[1:])) or not all(map(math.isfinite, grid)):
         raise ValueError(f"{knob} grid {grid} must hold at least 3 finite positive values, increasing")
-    if not max_accuracy_drop >= 0:
-        raise ValueError(f"max_accuracy_drop must be a fraction >= 0, got {max_accuracy_drop!r}")
-    if max_flip_rate is not None and not 0 <= max_flip_rate <= 1:
+    check_nonnegative(max_accuracy_drop, "max_accuracy_drop")
+    if max_flip_rate is not None and not 0 <= check_nonnegative(max_flip_rate, "max_flip_rate") <= 1:
         raise ValueError(f"max_flip_rate must be a fraction in [0, 1] or None, got {max_flip_rate!r}")
     check_tol(tol)
-    if not (variance_power > 0 and math.isfinite(variance_power)):
-        raise ValueError(f"variance_power must be a positive finite number (the posterior variance grows with the "
-                         f"{knob}), got {variance_power!r}")
+    check_positive(variance_power, "variance_power")
     loader = fixed_batches(loader, f"the {knob} tuning")  # every value scored on the same batches, in the same order
     try:
         return _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate,

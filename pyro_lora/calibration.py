@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import replace
+from dataclasses import is_dataclass, replace
 from typing import NamedTuple, Optional
 
 import torch
 
-from .checks import check_flag, check_positive
+from .checks import check_flag, check_numbers, check_positive
 from .metrics import _NLL_FLOOR, _check_probs, _check_rows, _sum_tolerance, _tensor, _uncertainty
 from .callers import user_stacklevel
 
@@ -156,13 +156,13 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
     :raises ValueError: on bad shapes, labels that are not integers or out of range (checked as
         :mod:`pyro_lora.metrics` checks them), nan / +inf inputs, all ``-inf`` logit rows, ``kind="probs"`` rows
         that are not probability vectors, ``kind="auto"`` entries all in ``[0, 1]`` in rows not summing to 1, logits
-        of ``-inf`` at an example's label (a label on a missing choice), ``bounds`` that are not finite with
-        ``0 < low < 1 < high``, or a ``tol`` that is not a positive finite number.
+        of ``-inf`` at an example's label (a label on a missing choice), ``bounds`` that are not two finite numbers
+        with ``0 < low < 1 < high`` (a dict or a set refused: they have no order), or a ``tol`` that is not a positive finite number.
     """
     return_info = check_flag(return_info, "return_info")
     # before any work: a bad tol never ends the search or ends it at once, an infinite bound makes T nan
     check_tol(tol)
-    low, high = bounds
+    low, high = check_numbers(bounds, "bounds", length=2)
     if not 0 < low < 1 < high < math.inf:  # nan fails it too
         raise ValueError(f"bounds must be finite with 0 < low < 1 < high, got {bounds}")
     log_probs, from_probs = _log_probs(probs_or_logits, kind)
@@ -368,10 +368,17 @@ def scale_prediction(prediction, temperature: float):
     ``T = 1`` ``probs`` stay as given, as :func:`apply_temperature` keeps them.
 
     :param float temperature: ``T``, a finite positive number (from :func:`fit_temperature` on ``log_probs``).
-    :raises ValueError: as :func:`apply_temperature`.
+    :raises ValueError: as :func:`apply_temperature`; for a ``prediction`` that is no ``Prediction`` (a tensor of
+        probabilities goes to :func:`apply_temperature`), or whose ``log_probs`` differ in shape from its ``probs``.
     """
     temperature = check_positive(temperature, "temperature")
+    if not (is_dataclass(prediction) and not isinstance(prediction, type) and hasattr(prediction, "log_probs")):
+        raise ValueError(f"prediction must be a pyro_lora.Prediction (from predict), got {type(prediction).__name__}; "
+                         "for a tensor of probabilities or logits use apply_temperature")
     exact = prediction.log_probs
+    if exact is not None and tuple(_tensor(exact, "log_probs").shape) != tuple(_tensor(prediction.probs, "probs").shape):
+        raise ValueError(f"the prediction's log_probs have shape {tuple(exact.shape)} where its probs have "
+                         f"{tuple(prediction.probs.shape)}: they must be the same [N, C] predictive")
     if exact is None or temperature == 1.0:
         probs = apply_temperature(prediction.probs, temperature)
     else:

@@ -48,12 +48,43 @@ def check_nonnegative(value, name: str) -> float:
     return number
 
 
+def check_numbers(value, name: str, *, length: int = None) -> list[float]:
+    """``value`` as a list of floats if it is a sequence of real numbers (a list, a tuple, a 1-d tensor or array).
+
+    Unordered or keyed containers are refused: a set iterates in hash order and a dict by its keys, so a
+    ``bounds={"low": .01, "high": 100}`` was read as its key strings. Values are not range-checked here.
+
+    :param length: the number of values required, if fixed (2 for an interval).
+    :raises ValueError: for a string, a mapping, a set, a scalar, a nested sequence (a 2-d grid), an element that is
+        no real number (a bool or a string included), or the wrong length.
+    """
+    shape = getattr(value, "shape", None)
+    ordered = isinstance(value, collections.abc.Sequence) or (shape is not None and len(shape) == 1)
+    if isinstance(value, (str, bytes)) or not ordered:
+        kind = f"of shape {tuple(shape)}" if shape is not None else type(value).__name__
+        raise ValueError(f"{name} must be a list or tuple of numbers (or a 1-d tensor), got {kind}: {value!r}")
+    values = [_real(v) for v in value]
+    bad = [v for v, x in zip(value, values) if math.isnan(x) and not (isinstance(v, float) or _is_float_nan(v))]
+    if bad:
+        raise ValueError(f"{name} must hold numbers only, got {bad[0]!r} in {value!r}")
+    if length is not None and len(values) != length:
+        raise ValueError(f"{name} must hold {length} numbers, got {len(values)}: {value!r}")
+    return values
+
+
+def _is_float_nan(value) -> bool:
+    """Whether ``value`` is a scalar nan of a float type (numpy's or a 0-d float tensor): a number, if a bad one."""
+    dtype = getattr(value, "dtype", None)
+    return dtype is not None and getattr(value, "ndim", 1) == 0 and "float" in str(dtype)
+
+
 def _real(value) -> float:
-    """``float(value)``, or nan for what is no real number: numpy and 0-d torch scalars count as numbers; strings and
-    booleans (Python's, numpy's, a bool tensor) do not."""
+    """``float(value)``, or nan for what is no real number: numpy and 0-d torch scalars count as numbers; strings,
+    booleans (Python's, numpy's, a bool tensor) and arrays with a dimension (a one-element ``[1]`` tensor too) do
+    not."""
     boolean = isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
     try:
-        return math.nan if boolean or isinstance(value, str) else float(value)
+        return math.nan if boolean or isinstance(value, str) or getattr(value, "ndim", 0) != 0 else float(value)
     except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float's range, e.g. 10**400
         return math.nan
 

@@ -626,6 +626,16 @@ def _choice_mask(batch):
     return mask
 
 
+def _token_ids(value) -> torch.Tensor:
+    """``value`` as a tensor, or a ``ValueError`` for what is no array of numbers (a generator, a set, a list holding a
+    string), which ``torch.as_tensor`` refuses with a raw error."""
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"answer_token_ids must be a non-empty 1-d sequence of token ids (a list or a LongTensor), got "
+                         f"{type(value).__name__} {value!r}") from None
+
+
 class MultipleChoice(Likelihood):
     """Multiple choice with a causal LM; class logits ``[*S, B, K]``, missing choices at ``-inf``.
 
@@ -655,7 +665,7 @@ class MultipleChoice(Likelihood):
         if isinstance(answer_token_ids, str):
             raise ValueError(f"answer_token_ids must be token ids, got the string {answer_token_ids!r}: map the letters to "
                              "this tokenizer's ids with pyro_lora.data.letter_token_ids")
-        self.answer_token_ids = None if answer_token_ids is None else torch.as_tensor(answer_token_ids)
+        self.answer_token_ids = None if answer_token_ids is None else _token_ids(answer_token_ids)
         if self.answer_token_ids is not None:
             ids = self.answer_token_ids
             # uint8 and bool tensors index as masks, not ids

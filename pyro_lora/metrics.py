@@ -316,9 +316,17 @@ def _midranks(x: torch.Tensor) -> torch.Tensor:
 
 def _scores(scores_in, scores_out) -> tuple[torch.Tensor, torch.Tensor]:
     """Both score vectors in one dtype that ranks them exactly: float64, or int64 for integers (float64 would tie
-    integers beyond 2**53)."""
+    integers beyond 2**53).
+
+    :raises ValueError: for integer scores beyond ``2**53`` given with float ones: float64 cannot hold them, so they
+        would tie with their float neighbours (an AUROC of 0.5 where the scores differ).
+    """
     s_in, s_out = _tensor(scores_in, "scores_in"), _tensor(scores_out, "scores_out")
     exact = not (s_in.is_floating_point() or s_out.is_floating_point())
+    for name, s in (("scores_in", s_in), ("scores_out", s_out)):
+        if not exact and not s.is_floating_point() and s.numel() and int(s.long().abs().max()) > 2 ** 53:
+            raise ValueError(f"{name} holds integers beyond 2**53 while the other scores are floats: float64 cannot "
+                             "compare them exactly; give both as integers or both as floats")
     dtype = torch.int64 if exact else torch.float64
     return s_in.to(dtype), s_out.to(dtype)
 

@@ -37,7 +37,7 @@ from .pyro_stack import (VECTORIZED, check_no_plate, conditioned_names, drawn_by
                          marked_guides, on_training_step, probing_model, prototyping_autoguide, replayed_trace,
                          running_autoguide)
 from .callers import user_stacklevel
-from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_inits, check_values,
+from .sites import (Site, active_adapter, base_network, base_rewriting_inits, build_sites, check_inits, check_random, check_values,
                     describe_inits, embedding, find_lora_layers, head_modules, is_site_name, matrix_view, per_layer)
 
 # families whose attention projections run sequence-first ([T, batch, H]): their rows are positions, not the S samples'
@@ -145,6 +145,10 @@ class LoraModel:
 
     def __init__(self, net, likelihood, random="AB", group: str = "kind", prior=1.0, num_data: int | None = None,
                  adapter: str | None = None):
+        if not isinstance(net, torch.nn.Module):
+            raise ValueError(f"net must be a peft model with LoRA layers (peft.get_peft_model(...)), got "
+                             f"{type(net).__name__}")
+        check_random(random)  # before any work on the network
         distributed.check_not_wrapped(net)
         _check_plain_forward(net)
         if not isinstance(likelihood, Likelihood):  # None, a string, the class itself: a raw AttributeError later
@@ -173,7 +177,7 @@ class LoraModel:
         self._heads = {name: (m, list(m.active_adapters)) for name, m in net.named_modules() if isinstance(m, ModulesToSaveWrapper)}
         self._other_layers = None  # (adapters named in the network's peft_config, [(path, peft layer)]), when found
         self._check_runs_adapter()
-        self.sites = build_sites(self.layers, self.adapter, tuple(random), group)
+        self.sites = build_sites(self.layers, self.adapter, random, group)
         self._check_kinds_model()
         self._check_frozen_lora_carries_signal()
         self.matrices = matrix_view(self.sites)

@@ -129,7 +129,8 @@ def letter_token_ids(tokenizer, num_choices: int) -> torch.Tensor:
     Tokenized after ``Answer:``, not alone: a SentencePiece tokenizer that prepends ``▁`` to every text (Llama-2,
     Mistral-v0.1) makes ``" A"`` alone two tokens ``▁``, ``▁A``, where the prompt's answer is the one token ``▁A``.
 
-    Raises ``ValueError`` for more choices than letters, or if a letter after ``Answer:`` is not exactly one token.
+    Raises ``ValueError`` for more choices than letters, or if a letter after ``Answer:`` is not exactly one token or
+    is the tokenizer's unknown token.
     """
     try:  # an int, a numpy integer, a 0-d integer tensor
         count = None if isinstance(num_choices, bool) else operator.index(num_choices)
@@ -147,6 +148,10 @@ def letter_token_ids(tokenizer, num_choices: int) -> torch.Tensor:
             shown = tokenizer.convert_ids_to_tokens(whole) if hasattr(tokenizer, "convert_ids_to_tokens") else whole
             raise ValueError(f"' {letter}' after {_ANSWER!r} is not one token of its own for this tokenizer ({shown}); the "
                              "letter format needs one per letter: use the cloze format")
+        if tokens[0] == getattr(tokenizer, "unk_token_id", None):  # a vocabulary without the letter: one shared id
+            raise ValueError(f"' {letter}' after {_ANSWER!r} is this tokenizer's unknown token "
+                             f"{getattr(tokenizer, 'unk_token', None)!r}: the letter format needs a token per letter; use "
+                             "the cloze format")
         ids.append(tokens[0])
     return torch.tensor(ids, dtype=torch.long)
 

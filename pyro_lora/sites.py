@@ -296,6 +296,20 @@ def layer_dims(layer, adapter: str) -> tuple[int, int, int]:
     return r, d_in, layer.lora_B[adapter].weight.shape[0]
 
 
+def check_random(random) -> tuple:
+    """``random`` as a tuple of letters of :data:`~pyro_lora.kinds.KINDS`: a string (``"AB"``) or a list or tuple of
+    letters; a repeated letter counts once.
+
+    :raises ValueError: for ``None``, a number, a mapping or a set (read by its keys, in no order), an empty choice or a
+        letter that is no kind.
+    """
+    letters = tuple(random) if isinstance(random, (str, list, tuple)) else None
+    if not letters or any(m not in KINDS for m in letters):
+        raise ValueError(f"random must be a non-empty subset of {tuple(KINDS)} (a string such as 'AB', or a list of "
+                         f"letters), got {random!r}")
+    return letters
+
+
 def build_sites(layers: dict, adapter: str, random=("A", "B"), group: str = "kind") -> OrderedDict:
     """Group the random matrices of ``layers`` into sites.
 
@@ -308,10 +322,8 @@ def build_sites(layers: dict, adapter: str, random=("A", "B"), group: str = "kin
     :returns: ordered site name -> :class:`Site`, the matrices of a stack in the order of :data:`KINDS` whatever
         the order of ``random`` (``"BA"`` is ``"AB"``: a guide's state is restored site by site in this order).
     """
-    bad = [m for m in tuple(random) if m not in KINDS]
-    if bad or not random:
-        raise ValueError(f"random must be a non-empty subset of {tuple(KINDS)}, got {random!r}")
-    random = [m for m in KINDS if m in tuple(random)]
+    random = check_random(random)
+    random = [m for m in KINDS if m in random]
     if group not in ("kind", "matrix"):
         raise ValueError(f"group must be 'kind' or 'matrix', got {group!r}")
     # one stack per module kind and whole layer shape (r, d_in, d_out): the A and B sites of a stack then hold the

@@ -20,7 +20,7 @@ from pyro_lora.guides.map import MAPGuide
 from pyro_lora.guides.mcdropout import ColumnDropout, MCDropoutGuide
 from pyro_lora.guides.meanfield import MeanFieldGuide
 from pyro_lora import LoraModel, SequenceClassification, fit, load_guide, predict, save_guide
-from pyro_lora.calibration import _exact_nll, apply_temperature, fit_temperature, golden_section, temperature_nll
+from pyro_lora.calibration import _exact_nll, apply_temperature, fit_temperature, golden_section, scale_prediction, temperature_nll
 from pyro_lora.metrics import ece, nll
 from pyro_lora.predictive import SEED_RANGE
 
@@ -476,6 +476,14 @@ def test_temperature_bad_input():
     for bounds in ((0.01, math.inf), (0.01, math.nan), (0.0, 100.0), (2.0, 100.0), (0.01, 1.0)):
         with pytest.raises(ValueError, match="bounds must be finite with 0 < low < 1 < high"):
             fit_temperature(logits, labels, bounds=bounds)
+    # a dict was read by its keys (here T = 24.5 from bounds {0.01: .., 100: ..}), a set in hash order; a wrong length
+    # or a string bound raised raw unpacking or comparison errors
+    for bounds, match in (({0.01: "low", 100.0: "high"}, "list or tuple of numbers"), ({0.01, 100.0}, "list or tuple"),
+                          ("ab", "list or tuple"), ((0.1,), "2 numbers, got 1"), ((0.1, 1.0, 10.0), "2 numbers, got 3"),
+                          ((0.1, "10"), "numbers only"), ((True, 10.0), "numbers only"), (10.0, "list or tuple")):
+        with pytest.raises(ValueError, match=f"bounds must (be a|hold) .*{match}"):
+            fit_temperature(logits, labels, bounds=bounds)
+    assert fit_temperature(logits, labels, bounds=torch.tensor([0.01, 100.0], dtype=torch.float64)) == fit_temperature(logits, labels)
 
 
 def test_temperature_refuses_a_label_on_a_missing_choice_of_logits():
@@ -1088,11 +1096,26 @@ def test_apply_temperature_refuses_what_is_no_probability_vector_or_temperature(
                        (torch.tensor([[1.2, -0.2]]), "non-negative"), (torch.zeros(0, 2), "shape")):
         with pytest.raises(ValueError, match=match):
             apply_temperature(bad, 2.0)
-    for t in (True, 0.0, -1.0, math.inf, math.nan, "2"):
+    # a [1] tensor or array is no temperature (a per-class vector of one class?): it was read as its element
+    for t in (True, 0.0, -1.0, math.inf, math.nan, "2", torch.tensor([2.0]), np.array([2.0])):
         with pytest.raises(ValueError, match="temperature must be a finite positive number"):
             apply_temperature(probs, t)
     assert torch.equal(apply_temperature(probs, 1.0), probs.double())  # unchanged, not renormalised
     assert torch.equal(apply_temperature(probs.half(), torch.tensor(2.0)), apply_temperature(probs.half(), 2.0))
+
+
+def test_scale_prediction_refuses_what_is_no_prediction_and_log_probs_of_another_shape():
+    """A tensor raised a raw AttributeError; log_probs of another shape than probs (another predictive) were scaled
+    into the copy's probs."""
+    from pyro_lora import Prediction
+
+    probs = torch.tensor([[0.2, 0.8], [0.6, 0.4]])
+    with pytest.raises(ValueError, match="prediction must be a pyro_lora.Prediction .*use apply_temperature"):
+        scale_prediction(probs, 2.0)
+    with pytest.raises(ValueError, match=r"log_probs have shape \(2, 1\) where its probs have \(2, 2\)"):
+        scale_prediction(Prediction(probs, None, log_probs=probs.log()[:, :1].double()), 2.0)
+    scaled = scale_prediction(Prediction(probs, None, log_probs=probs.log().double()), 2.0)
+    assert torch.allclose(scaled.probs, (probs.double().log() / 2).softmax(-1))
 
 
 def test_a_sharpening_temperature_keeps_the_confidence_order_and_says_when_float64_cannot():

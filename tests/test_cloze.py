@@ -237,6 +237,21 @@ def test_letter_token_ids_refuses_more_choices_than_letters():
             letter_token_ids(None, bad)
 
 
+def test_letter_token_ids_refuses_a_letter_the_vocabulary_maps_to_its_unknown_token():
+    """A word-level vocabulary holding ' A' but not ' B' gave B the unknown token's id: two distinct ids, so the letter
+    format scored choice B by the logit of [UNK]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pyro_lora.data import letter_token_ids
+
+    backend = Tokenizer(models.WordLevel({"[UNK]": 0, "Answer:": 1, "A": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]")
+    with pytest.raises(ValueError, match=r"' B' after '\\nAnswer:' is this tokenizer's unknown token '\[UNK\]'.*cloze"):
+        letter_token_ids(tokenizer, 2)
+
+
 def test_letter_ids_are_the_tokens_that_follow_answer_in_the_prompt():
     """A tokenizer prepending '▁' to every text (Llama-2, Mistral-v0.1) makes ' A' alone '▁', '▁A': the letter format
     was refused, though after 'Answer:' each letter is one token. A numpy count was refused as out of range."""

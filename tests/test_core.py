@@ -86,6 +86,18 @@ def test_random_matrices_frozen_others_trainable():
     assert names == {id(p) for n, p in model.net.named_parameters() if "lora_B" in n}
 
 
+def test_random_and_the_network_are_checked_before_any_work():
+    """random=None or 5 raised raw TypeErrors, {"A": 1} was read by its keys, a network of None a raw AttributeError."""
+    for bad in (None, 5, {"A": 1}, {"A", "B"}, ["A", 1], "", "AX"):
+        with pytest.raises(ValueError, match="random must be a non-empty subset of .*got"):
+            LoraModel(tiny_llama(), CausalLM(), random=bad)
+    for bad in (None, "net"):
+        with pytest.raises(ValueError, match="net must be a peft model with LoRA layers"):
+            LoraModel(bad, CausalLM())
+    assert list(LoraModel(tiny_llama(), CausalLM(), random=["B", "A"]).sites) == list(
+        LoraModel(tiny_llama(), CausalLM(), random="AB").sites)
+
+
 def test_outside_context_logits_identical_to_peft():
     net = tiny_llama()
     batch = random_batch()

@@ -118,6 +118,14 @@ def test_auroc_hand_cases():
     assert metrics.auroc([1.0, 2.0], [2.0, 3.0]) == pytest.approx(0.875)
 
 
+def test_auroc_refuses_integers_float64_cannot_hold_beside_float_scores():
+    """Integer scores past 2**53 beside float ones were cast to float64 and tied: 0.5 where every pair is ordered."""
+    assert metrics.auroc([2**53 + 1], [2**53 + 2]) == 1.0  # integers only: ranked exactly
+    with pytest.raises(ValueError, match="scores_in holds integers beyond 2\\*\\*53 while the other scores are floats"):
+        metrics.auroc([2**53 + 1], [float(2**53)])
+    assert metrics.auroc([1, 2, 3], [2.5, 3.5]) == pytest.approx(5 / 6)  # small integers beside floats: exact
+
+
 def test_auroc_matches_pairwise_count_with_ties():
     gen = torch.Generator().manual_seed(0)
     s_in = torch.randint(0, 5, (40,), generator=gen).double()

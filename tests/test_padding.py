@@ -434,6 +434,10 @@ def test_a_classification_row_without_a_real_token_or_label_is_refused():
 def test_answer_letters_in_place_of_token_ids_are_refused_naming_the_helper():
     with pytest.raises(ValueError, match=r"^answer_token_ids must be token ids, got the string 'AB': .*letter_token_ids$"):
         MultipleChoice(answer_token_ids="AB")  # was torch's "new(): invalid data type 'str'"
+    # a generator, a set, strings among the ids raised torch's raw errors
+    for bad in ((i for i in (5, 6)), {5, 6}, ["5", "6"], [5, "B"]):
+        with pytest.raises(ValueError, match=r"^answer_token_ids must be a non-empty 1-d sequence of token ids \(a list"):
+            MultipleChoice(answer_token_ids=bad)
 
 
 def test_answer_token_ids_outside_the_vocabulary_are_refused_by_name():

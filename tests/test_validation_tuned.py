@@ -170,8 +170,16 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
                         lambda *a, **k: (math.inf, math.nan, None) if knob["v"] > 5 else (1.0 / knob["v"], 0.8, None))
     assert tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], [], num_samples=4).value <= 10.0
     assert knob["v"] < 10.0
-    with pytest.raises(ValueError, match="max_accuracy_drop must be a fraction >= 0"):
-        tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, max_accuracy_drop=-0.1)
+    for bad in (-0.1, "0.01", math.nan):  # the string raised a raw TypeError
+        with pytest.raises(ValueError, match="max_accuracy_drop must be a finite number >= 0"):
+            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, max_accuracy_drop=bad)
+    with pytest.raises(ValueError, match="max_flip_rate must be a fraction in"):
+        tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, max_flip_rate=1.5)
+    # "123" was read as the grid [1, 2, 3], a set in hash order, a 2-d grid raised a raw TypeError
+    for bad, match in (("123", "must be a list or tuple of numbers"), ({0.1, 1.0, 10.0}, "must be a list or tuple"),
+                       ([[0.1, 1.0], [10.0, 100.0]], "must hold numbers only"), ([0.1, True, 10.0], "must hold numbers only")):
+        with pytest.raises(ValueError, match=f"the T grid {match}"):
+            tune_on_validation(None, "T", set_value, bad, None, num_samples=4)
     # a knob without effect (an untrained posterior): not "the optimum may lie beyond" the grid
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *a, **k: (0.6547, 0.61, None))
     with pytest.warns(UserWarning, match="the same at every T of the grid .0.1 to 100.: the T does not change"):
