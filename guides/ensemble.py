@@ -8,7 +8,9 @@ must differ per member; it is not a Pyro site, so the guide carries the heads it
 used by :func:`predict_ensemble`).
 """
 
+import collections.abc
 import contextlib
+import inspect
 import sys
 import warnings
 
@@ -454,6 +456,7 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     include_current = check_flag(include_current, "include_current")
     check_model(model, "train an ensemble")
     seeds = None if seeds is None else list(seeds)
+    _check_fit_kwargs(fit_kwargs)
     fit_kwargs = {"progress": False, **(fit_kwargs or {})}
     # first, before any check that may refuse on one rank only: seeds per rank trained other members on each rank (rank
     # 0's kept), another k or include_current paired other members in each fit's collectives
@@ -510,6 +513,21 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
             for n, v in saved.items():
                 params[n].copy_(v)
     return EnsembleGuide(model, members, heads if heads_names else None)
+
+
+def _check_fit_kwargs(fit_kwargs) -> None:
+    """Refuse ``fit_kwargs`` that are no mapping of :func:`pyro_lora.fit`'s keyword arguments, before the first
+    member's adapter is re-initialised (``fit`` raised a raw ``TypeError`` on it, leaving the network's LoRA reset)."""
+    if fit_kwargs is None:
+        return
+    if not isinstance(fit_kwargs, collections.abc.Mapping):
+        raise ValueError(f"fit_kwargs must be a dict of pyro_lora.fit's keyword arguments, got "
+                         f"{type(fit_kwargs).__name__} {fit_kwargs!r}")
+    takes = [name for name, p in inspect.signature(fit).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = [key for key in fit_kwargs if key not in takes]
+    if unknown:
+        raise ValueError(f"fit_kwargs {unknown} are no keyword arguments of pyro_lora.fit (it takes {takes}); the model, "
+                         "guide and data are train_ensemble's own")
 
 
 def _fit_setting(key, value):

@@ -91,6 +91,8 @@ class TFBGuide(LoraGuide):
         self.min_singular_ratio = ratio
         self.criterion = criterion
         self.tolerance = None if tolerance is None else check_nonnegative(tolerance, "tolerance")
+        if trace is not None and not (isinstance(trace, (list, tuple)) and all(isinstance(s, dict) for s in trace)):
+            raise ValueError(f"trace must be a list of the search's dicts (as TFBGuide.search returns), got {trace!r}")
         self.trace = list(trace or [])
         self.search_edge = search_edge  # what the last search warned of, if it ended at an end of its range
         self.search_anchors = search_anchors  # its warning of too few anchors for its tolerance, if it gave one
@@ -462,16 +464,14 @@ def check_search(criterion, tolerance, low, high, iterations, spacing) -> float:
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
-    if isinstance(tolerance, bool):  # True is a slip, not a tolerance of 1
-        raise ValueError(f"tolerance must be a number >= 0, got {tolerance!r}")
-    tolerance = DEFAULT_TOLERANCE[criterion] if tolerance is None else float(tolerance)
-    if not (math.isfinite(tolerance) and tolerance >= 0):
-        raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
+    # True is a slip, not a tolerance of 1; a string from a hand-edited config is refused, as every number is
+    tolerance = DEFAULT_TOLERANCE[criterion] if tolerance is None else check_nonnegative(tolerance, "tolerance")
     if criterion != "nll" and tolerance >= 1:  # a rate never exceeds 1: every sigma_q would pass
         raise ValueError(f"tolerance {tolerance:g} for the {criterion} criterion (a fraction of the anchors) "
                          "lets every sigma_q pass: give a fraction below 1, e.g. 0.01")
-    if not (0 < low < high and math.isfinite(high)):  # high = inf made every midpoint inf: low returned silently
-        raise ValueError(f"need 0 < low < high, both finite, got low={low}, high={high}")
+    low, high = check_positive(low, "low"), check_positive(high, "high")
+    if not low < high:
+        raise ValueError(f"need 0 < low < high, got low={low}, high={high}")
     if spacing not in SPACINGS:
         raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
     check_count(iterations, "iterations", minimum=0)

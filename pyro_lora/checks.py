@@ -31,7 +31,7 @@ def check_positive(value, name: str) -> float:
 
     :raises ValueError: for a bool (``True`` is a slip, not 1), a string, nan, inf, 0 or less.
     """
-    number = _real(value)
+    number = as_real(value)
     if not 0 < number < math.inf:  # nan fails it too
         raise ValueError(f"{name} must be a finite positive number, got {value!r}")
     return number
@@ -42,7 +42,7 @@ def check_nonnegative(value, name: str) -> float:
 
     :raises ValueError: for a bool, a string, nan, inf or a negative number.
     """
-    number = _real(value)
+    number = as_real(value)
     if not 0 <= number < math.inf:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return number
@@ -63,7 +63,7 @@ def check_numbers(value, name: str, *, length: int = None) -> list[float]:
     if isinstance(value, (str, bytes)) or not ordered:
         kind = f"of shape {tuple(shape)}" if shape is not None else type(value).__name__
         raise ValueError(f"{name} must be a list or tuple of numbers (or a 1-d tensor), got {kind}: {value!r}")
-    values = [_real(v) for v in value]
+    values = [as_real(v) for v in value]
     bad = [v for v, x in zip(value, values) if math.isnan(x) and not (isinstance(v, float) or _is_float_nan(v))]
     if bad:
         raise ValueError(f"{name} must hold numbers only, got {bad[0]!r} in {value!r}")
@@ -78,7 +78,7 @@ def _is_float_nan(value) -> bool:
     return dtype is not None and getattr(value, "ndim", 1) == 0 and "float" in str(dtype)
 
 
-def _real(value) -> float:
+def as_real(value) -> float:
     """``float(value)``, or nan for what is no real number: numpy and 0-d torch scalars count as numbers; strings,
     booleans (Python's, numpy's, a bool tensor) and arrays with a dimension (a one-element ``[1]`` tensor too) do
     not."""

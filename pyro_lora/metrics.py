@@ -52,6 +52,7 @@ _NLL_FLOOR = 1e-12
 # round by an absolute amount instead, up to one subnormal step each (float16: 6e-8; a uniform 128256-class softmax
 # sums to 1.0015): a row may add that per class. More is no rounding: a bfloat16 row 1.4% short of 1 was scored as given
 _SUM_TOL = 1e-4
+_MAX_BINS = 10**6  # reliability bins: each is allocated, so a slip of 10**12 bins is refused rather than run out of memory
 _FLOAT8 = tuple(getattr(torch, name) for name in dir(torch) if name.startswith("float8_"))
 
 
@@ -87,6 +88,9 @@ def _tensor(x, name: str) -> torch.Tensor:
         x = torch.as_tensor(array)
     if x.is_complex():
         raise ValueError(f"{name} must be real, got dtype {x.dtype}")
+    if x.layout != torch.strided or x.is_meta:  # sparse tensors lack the ops below; a meta tensor holds no values
+        where = "on the meta device (no values)" if x.is_meta else f"of layout {x.layout}"
+        raise ValueError(f"{name} must be a dense tensor with values, got one {where}: pass .to_dense() or real values")
     return x.detach()
 
 
@@ -210,9 +214,13 @@ def reliability_bins(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 
 
     probs [N, C], labels [N] -> ReliabilityBins of ``[num_bins]`` tensors (mean confidence, accuracy, count).
 
-    :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
+    :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), on bad shapes or labels, or for
+        ``num_bins`` above ``10**6`` (each bin's three entries are allocated: 10**12 bins asked 24 TB).
     """
     num_bins = check_count(num_bins, "num_bins")
+    if num_bins > _MAX_BINS:
+        raise ValueError(f"num_bins must be at most {_MAX_BINS:,} (each bin is allocated; 15 is the usual ECE), got "
+                         f"{num_bins:,}")
     probs = _tensor(probs, "probs")  # its own dtype, read before _check_probs makes float64 of it
     dtype = probs.dtype
     probs, labels = _check_probs(probs, labels)
@@ -236,7 +244,7 @@ def ece(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> float:
 
     :raises ValueError: if a row of ``probs`` is not a probability vector (e.g. logits), or on bad shapes or labels.
     """
-    bins = reliability_bins(probs, labels, num_bins)
+    bins = reliability_bins(probs, labels, num_bins)  # its checks (num_bins at most 10**6 included)
     weights = bins.counts.to(torch.float64) / bins.counts.sum()
     return float((weights * (bins.accuracy - bins.confidence).abs()).sum())
 

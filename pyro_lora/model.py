@@ -23,7 +23,7 @@ from peft.utils import ModulesToSaveWrapper
 from peft.utils.other import AuxiliaryTrainingWrapper
 
 from . import distributed, handoff, pyro_params, quantized
-from .checks import check_batch, check_count, pickling_refused
+from .checks import check_batch, check_count, is_integer_tensor, pickling_refused
 from .hooks import hooks_ran
 from .contract import check_autoguide, check_autoguide_model, check_guide, check_not_meta, parameter_adapter, tempered_training
 from .ownership import (follow_autoguide, head_left_by, head_loaded, head_trainer, note_forward, record_write, svi_left_head,
@@ -449,6 +449,10 @@ class LoraModel:
         ``max_position_embeddings``: a tokenizer naming no ``model_max_length`` lets a collator build them):
         transformers' raw ``IndexError: index out of range in self`` otherwise. Ids on the CPU are checked in every
         forward; on an accelerator in the first only (a host read each forward would stall it); lengths always."""
+        # a network with a token embedding (a toy MLP reads float features as its "input_ids"): torch's raw RuntimeError
+        if self._embeddings is not None and isinstance(ids, torch.Tensor) and not is_integer_tensor(ids):
+            raise ValueError(f"input_ids must be integer token ids (int64), got {ids.dtype}: a collator's ids are "
+                             "integers; cast them with .long() if these are ids")
         if self._positions is not None and isinstance(ids, torch.Tensor) and ids.dim() and ids.shape[-1] > self._positions[1]:
             self._check_positions(ids)
         if self._embeddings is None or not isinstance(ids, torch.Tensor) or (ids.device.type != "cpu" and self._ids_checked):
@@ -820,6 +824,7 @@ class LoraModel:
             predictives (:func:`~pyro_lora.predict`, TFB's search) tell the samples' width from the network's own.
         """
         self.check_network()
+        check_batch(batch)
         self.likelihood.check_inputs(self.net, batch)
         self._check_token_ids(batch.get("input_ids"))
         self._check_token_types(batch.get("token_type_ids"), batch.get("input_ids"))

@@ -1192,6 +1192,19 @@ def test_an_ensemble_refuses_checkpointing_fit_kwargs_before_any_training(tmp_pa
     assert all(torch.equal(v, before[k]) for k, v in model.net.state_dict().items())
 
 
+def test_an_ensemble_refuses_fit_kwargs_fit_does_not_take_before_resetting_the_adapter():
+    """fit_kwargs=[1] raised a raw TypeError; a misspelt key raised fit's TypeError after the first member's adapter was
+    re-initialised, leaving the network's trained LoRA reset."""
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="AB", num_data=48)
+    before = copy.deepcopy(model.net.state_dict())
+    for bad, match in (([1], "fit_kwargs must be a dict of pyro_lora.fit's keyword arguments, got list"),
+                       ("epochs=1", "must be a dict"), ({"epochs": 1, "epoch": 2}, r"fit_kwargs \['epoch'\] are no keyword"),
+                       ({"data": toy_data()}, r"fit_kwargs \['data'\] are no keyword")):
+        with pytest.raises(ValueError, match=match):
+            train_ensemble(model, toy_data(), k=2, fit_kwargs=bad)
+        assert all(torch.equal(v, before[k]) for k, v in model.net.state_dict().items())
+
+
 def test_temperature_scaling_reads_lists_as_float64_integer_rows_and_refuses_a_bad_temperature():
     """A list of Python floats was read as float32 (1e-50 became 0: T 9.09 where 9.92 is right); one-hot integer rows
     failed in torch.finfo; temperature_nll took T = -1 (the NLL of inverted predictions)."""

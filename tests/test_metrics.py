@@ -497,6 +497,19 @@ def test_scores_that_are_no_array_of_numbers_are_refused_by_name(scores):
         metrics.auroc(scores, [0.3, 0.9])
 
 
+def test_sparse_or_meta_probabilities_and_a_huge_bin_count_are_refused_by_name():
+    """A sparse tensor raised 'Could not run aten::ne.Scalar', a meta one 'Tensor.item() cannot be called'; 10**9 bins
+    allocated three 8 GB tensors (10**12 ran out of memory)."""
+    probs, labels = torch.tensor([[0.2, 0.8], [0.6, 0.4]]), torch.tensor([1, 0])
+    for bad, match in ((probs.to_sparse(), "of layout torch.sparse_coo"), (probs.to("meta"), "on the meta device")):
+        for metric in (metrics.nll, metrics.ece, metrics.accuracy):
+            with pytest.raises(ValueError, match=f"probs must be a dense tensor with values, got one {match}"):
+                metric(bad, labels)
+    with pytest.raises(ValueError, match="num_bins must be at most 1,000,000 .* got 1,000,000,000"):
+        metrics.ece(probs, labels, num_bins=10**9)
+    assert metrics.ece(probs, labels, num_bins=10**6) == pytest.approx(0.3, abs=1e-6)  # |0.8 - 1| / 2 + |0.6 - 0| / 2
+
+
 def test_object_arrays_of_numbers_are_scored_as_their_lists_are():
     from decimal import Decimal
 

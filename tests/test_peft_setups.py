@@ -287,6 +287,20 @@ def test_token_ids_outside_the_input_embedding_are_refused_naming_its_rows(shift
         torch.testing.assert_close(model.logits(batch()), model.net(**random_batch()).logits)
 
 
+def test_token_ids_that_are_no_integers_are_refused_by_name():
+    """Float or bool input_ids raised torch's raw 'Expected tensor for argument #1 indices'; a list of ids an
+    AttributeError from model.logits."""
+    model = LoraModel(bert_with(), SequenceClassification(), num_data=3)
+    ids = batch()["input_ids"]
+    for bad, match in ((ids.float(), "input_ids must be integer token ids .int64., got torch.float32"),
+                       (ids.bool(), "input_ids must be integer token ids .int64., got torch.bool"),
+                       (ids.tolist(), "its input_ids is a list, not a tensor")):
+        for run in (lambda: model.logits(batch() | {"input_ids": bad}),
+                    lambda: predict(model, MAPGuide(model), [batch() | {"input_ids": bad}])):
+            with pytest.raises(ValueError, match=match):
+                run()
+
+
 def test_supported_setups_do_not_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)

@@ -147,7 +147,11 @@ def test_sigma_zero_reproduces_map_and_pyro_guide_path():
     for kwargs, message in [(dict(min_singular_ratio="1e-3"), "min_singular_ratio must be a finite positive number"),
                             (dict(min_singular_ratio=2.0), r"min_singular_ratio must be in \(0, 1\)"),
                             (dict(criterion="bogus"), "criterion must be None, 'val_nll' or one of"),
-                            (dict(tolerance=-1), "tolerance must be a finite number >= 0")]:
+                            (dict(tolerance=-1), "tolerance must be a finite number >= 0"),
+                            (dict(tolerance="0.01"), "tolerance must be a finite number >= 0"),
+                            # "x" was kept as the trace ["x"], saved with the guide
+                            (dict(trace="x"), "trace must be a list of the search's dicts"),
+                            (dict(trace=[1, 2]), "trace must be a list of the search's dicts")]:
         with pytest.raises(ValueError, match=message):
             TFBGuide(model, **kwargs)
 
@@ -532,8 +536,13 @@ def test_bad_inputs_have_clear_errors():
         guide.search(anchors, criterion="ece", progress=False)
     with pytest.raises(ValueError, match="0 < low < high"):
         guide.search(anchors, low=0.1, high=0.01, progress=False)
-    with pytest.raises(ValueError, match="tolerance must be a number"):
-        guide.search(anchors, tolerance=True, progress=False)  # read as a tolerance of 1: every sigma feasible
+    # True was read as a tolerance of 1 (every sigma feasible); strings compared raw or were read as numbers
+    for bad in (True, "0.01", math.nan):
+        with pytest.raises(ValueError, match="tolerance must be a finite number >= 0"):
+            guide.search(anchors, tolerance=bad, progress=False)
+    for bad in (dict(high=math.inf), dict(low="0.01"), dict(low=0.0), dict(high=True)):  # inf made every midpoint inf
+        with pytest.raises(ValueError, match="(low|high) must be a finite positive number"):
+            guide.search(anchors, progress=False, **bad)
     with pytest.raises(ValueError, match="empty"):
         guide.search([], progress=False)
     lm = LoraModel(tiny_llama(), CausalLM(), random="AB")
@@ -547,7 +556,7 @@ def test_search_bounds_and_tolerances_that_decide_nothing_are_refused_and_one_ba
     model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), num_data=48)
     guide = TFBGuide(model)
     anchors = toy_data(16)
-    for kwargs, message in [({"high": math.inf}, "both finite"), ({"tolerance": 5.0}, "lets every sigma_q pass"),
+    for kwargs, message in [({"high": math.inf}, "high must be a finite positive number"), ({"tolerance": 5.0}, "lets every sigma_q pass"),
                             ({"tolerance": math.inf}, "finite number >= 0"), ({"criterion": "accuracy", "tolerance": 1.0},
                                                                             "lets every sigma_q pass")]:
         with pytest.raises(ValueError, match=message):

@@ -173,8 +173,9 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
     for bad in (-0.1, "0.01", math.nan):  # the string raised a raw TypeError
         with pytest.raises(ValueError, match="max_accuracy_drop must be a finite number >= 0"):
             tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, max_accuracy_drop=bad)
-    with pytest.raises(ValueError, match="max_flip_rate must be a fraction in"):
-        tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, max_flip_rate=1.5)
+    for bad in (1.5, "0.1", math.nan, True):  # the string raised a raw TypeError, nan and True passed
+        with pytest.raises(ValueError, match="max_flip_rate must be a fraction in"):
+            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, max_flip_rate=bad)
     # "123" was read as the grid [1, 2, 3], a set in hash order, a 2-d grid raised a raw TypeError
     for bad, match in (("123", "must be a list or tuple of numbers"), ({0.1, 1.0, 10.0}, "must be a list or tuple"),
                        ([[0.1, 1.0], [10.0, 100.0]], "must hold numbers only"), ([0.1, True, 10.0], "must hold numbers only")):
