@@ -81,7 +81,8 @@ class EnsembleGuide(LoraGuide):
         num_members = check_count(num_members, "num_members")
         if heads is not None:
             if not isinstance(heads, (list, tuple)) or not all(
-                    isinstance(h, dict) and all(isinstance(v, torch.Tensor) for v in h.values()) for h in heads):
+                    isinstance(h, collections.abc.Mapping) and all(isinstance(v, torch.Tensor) for v in h.values())
+                    for h in heads):  # any Mapping, as a member's site values may be (a state_dict's OrderedDict)
                 raise ValueError("heads must be a list of dicts of head parameter name -> tensor (one per member), got "
                                  f"{type(heads).__name__}")
             if len(heads) != num_members:

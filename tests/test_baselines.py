@@ -846,6 +846,12 @@ def test_ensemble_bad_input():
         EnsembleGuide(model, [{n: 0.0 for n in values}])
     with pytest.raises(ValueError, match=r"^heads must be a list of dicts of head parameter name -> tensor"):
         EnsembleGuide(model, [values], heads={"classifier.weight": torch.zeros(2, 32)})
+    # a read-only mapping of head values was refused as no dict, where members may be any mapping
+    from types import MappingProxyType
+    head = {n: p.detach().clone() for n, p in model.named_point_parameters()}
+    given, proxied = (EnsembleGuide(model, [values], heads=[h]) for h in (head, MappingProxyType(head)))
+    assert given.head_parameters == proxied.head_parameters == sorted(head)
+    assert all(torch.equal(getattr(given, f"head_{j}"), getattr(proxied, f"head_{j}")) for j in range(len(head)))
     with pytest.raises(ValueError, match="random='AB'"):
         train_ensemble(make(random="A"), toy_data(), k=2)
 
