@@ -57,6 +57,9 @@ def _check_records(records, task: str | None) -> None:
     """Refuse a record the JSONL reader would refuse (records built in memory come here unchecked): a label 0.5 cast
     to long was class 0, a passage under "context" was dropped without a word. ``task`` None: each record's own.
     A batch of no records is refused too (the tokenizer fails on an empty list deep inside transformers)."""
+    if isinstance(records, dict):  # iterated as its keys: "record None: expected a JSON object, got str"
+        raise ValueError(f"a collator takes a list of records (a batch), got one record (a dict with keys "
+                         f"{list(records)[:4]}): pass [record]")
     if not records:
         raise ValueError("a batch of no records: give the collator at least one (a DataLoader never makes an empty batch)")
     for r in records:

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import distributed
-from .checks import check_batch, check_batches, check_count, check_flag, not_a_file
+from .checks import as_real, check_batch, check_batches, check_count, check_flag, not_a_file
 from .collators import CausalLMCollator, ClassificationCollator, ClozeCollator, LetterCollator
 from .prompts import (LETTERS, blank_format, cloze_pairs, is_blank_item, letter_prompt, letter_token_ids,
                       mark_blank_sentences, record_text)
@@ -274,11 +274,15 @@ def split_train_val(records: list, val_fraction: float = 0.1, val_size: int | No
 
     ``val_size`` (a count) overrides ``val_fraction``. The same seed gives the same split on every
     run; both parts keep the original record order.
+
+    :raises ValueError: for a ``seed`` that is no integer >= 0 (``None`` drew another split on every call), a
+        ``val_fraction`` that is no number in ``(0, 1)``, a ``val_size`` that is no integer in ``[1, n - 1]``.
     """
+    seed = check_count(seed, "seed", minimum=0, alternative="None drew another split on every call")
     n = len(records)
     if val_size is None:
-        if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        if not 0.0 < as_real(val_fraction) < 1.0:  # nan, a string, a bool fail it
+            raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
         val_size = max(1, int(round(n * val_fraction)))
         if not val_size < n:
             raise ValueError(f"val_fraction {val_fraction:g} of {n} records holds out {val_size}, leaving none to train on: "
@@ -305,7 +309,14 @@ def subset(records: list, n: int, seed: int = 0) -> list:
 
 def make_loader(records: list, collator: Callable[[list[dict]], dict], batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> DataLoader:
     """A ``DataLoader`` over ``records`` batched by ``collator``; the shuffle order is seeded, so it is
-    the same on every run."""
+    the same on every run.
+
+    :raises ValueError: for a ``collator`` that is a class (``ClozeCollator`` for ``ClozeCollator(tokenizer)``) or
+        not callable, or bad ``batch_size``, ``seed``, ``shuffle`` or ``drop_last``.
+    """
+    if isinstance(collator, type) or not callable(collator):  # else a raw error at the first batch
+        made = f": give an instance, {collator.__name__}(tokenizer)" if isinstance(collator, type) else ""
+        raise ValueError(f"collator must be a function of a list of records (a collator instance), got {collator!r}{made}")
     shuffle = check_flag(shuffle, "shuffle")
     drop_last = check_flag(drop_last, "drop_last")
     batch_size = check_count(batch_size, "batch_size")

@@ -541,6 +541,19 @@ class LoraModel:
                                    "(A and B sites), or pass init=guide.mean()", values=values)
         return values
 
+    def check_start_trained(self, use: str) -> None:
+        """:meth:`check_adapter_trained` for running the model at its start (``predict(model, None, ...)``: the
+        adapter's own weights, sites without a peft parameter at 0): after a ``fit`` whose guide's mean was never
+        written, that pairs the untrained LoRA with the trained head. Nothing to check with the adapters disabled
+        (``net.disable_adapter()``: the base network and its original head).
+
+        :raises ValueError: as :meth:`check_adapter_trained`.
+        """
+        if not self._sites_disabled():
+            self.check_adapter_trained(f"{use} with guide=None (the adapter's own weights)",
+                                       "call model.write_adapter(guide.mean()) first, or pass the guide",
+                                       values=self._held_values())
+
     def _held_values(self) -> dict:
         """The adapter's LoRA weights as site values (zeros for kinds without a peft parameter)."""
         values = {}

@@ -90,7 +90,9 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
         a bad ``num_samples`` / ``chunk_size`` (an ensemble's ``S`` not a multiple of
         ``K``), ``mean``, ``keep_samples`` or ``progress`` no bool, a ``DataLoader`` with ``drop_last=True``, ``mean=True`` with a guide whose mean is no predictor, a guide whose posterior its site samples do
         not carry (``guide.samples_carry_posterior`` false: last-layer Laplace), or a guide built for another model
-        (:func:`~pyro_lora.contract.check_guide`); for labelled batches mixed with unlabelled ones.
+        (:func:`~pyro_lora.contract.check_guide`); for labelled batches mixed with unlabelled ones; with ``guide=None``,
+        for an adapter still holding its LoRA values from before a ``fit`` that trained the network's head (the guide's
+        mean never written: :meth:`~pyro_lora.LoraModel.check_start_trained`; warned where the fit trained no head).
     :raises NonFinitePredictionError: (a ``ValueError``) at a batch whose probabilities are not finite (the logits
         overflowed float32 under weight samples of a far too wide posterior), rather than return nan; also where a
         half-precision network overflows under the weight samples but not at the guide's mean (:func:`sampled_logits`).
@@ -120,6 +122,8 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
             chunk_size = check_count(chunk_size, "chunk_size", alternative="or None for all samples in one forward")
         if guide is not None:
             check_guide(model, guide, "predict")
+        else:  # the adapter as it is: refused where a fit left its trained values in the guide, beside a trained head
+            model.check_start_trained("predict")
         if has_int8_layers(model.net):
             warnings.warn("predict over an LLM.int8() base: its outlier decomposition runs in 16 bits the input columns "
                           "that exceed its threshold in any row of a forward, so an example's probabilities depend a little "

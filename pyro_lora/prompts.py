@@ -21,7 +21,7 @@ import warnings
 
 import torch
 
-from .records import BLANK, looks_blank, record_task
+from .records import BLANK, looks_blank, record_task, validate_record
 from .callers import user_stacklevel
 
 __all__ = ["LETTERS", "cloze_pairs", "cloze_parts", "is_blank_item", "letter_parts", "letter_prompt", "letter_token_ids",
@@ -66,8 +66,13 @@ def blank_format(*splits, name: str = "the records") -> bool:
     records = [r for split in splits for r in split]
     foreign = next((r for r in records if record_task(r) != "multiple_choice"), None)
     if foreign is not None:
-        raise ValueError(f"record {foreign.get('id')!r} of {name} has no 'choices': the blank-sentence format is one of "
-                         "multiple-choice records only")
+        owner = f"record {foreign.get('id')!r}" if isinstance(foreign, dict) else f"a {type(foreign).__name__}"
+        raise ValueError(f"{owner} of {name} has no 'choices': the blank-sentence format is one of multiple-choice "
+                         "records only")
+    for r in records:  # in-memory records come here unchecked: a missing question was a raw KeyError
+        problem = validate_record({k: v for k, v in r.items() if k != BLANK}, "multiple_choice")
+        if problem:
+            raise ValueError(f"record {r.get('id')!r} of {name}: {problem}")
     looking = [r for r in records if looks_blank(r)]
     if looking and len(looking) < len(records):
         warnings.warn(f"{len(looking)} of the {len(records)} records of {name} hold one '_' between spaces, as a "

@@ -25,6 +25,16 @@ BLANK = "blank"  # the key marking a record of a dataset of WinoGrande blank sen
 _BLANK = re.compile(r"(?<!\S)_(?![\w{])")
 
 
+# fields of common dataset layouts holding text the model is meant to read, which this layout reads under another name:
+# loaded as they were, the passage or the NLI hypothesis was dropped without a word
+_UNREAD = {"classification": ("premise", "hypothesis", "sentence", "sentence1", "sentence2", "passage"),
+           "multiple_choice": ("passage", "article", "support", "fact1")}
+_UNREAD_ADVICE = {
+    "classification": "the classifier reads 'text' alone; join the texts into 'text' (e.g. an NLI premise and hypothesis "
+                      "with the tokenizer's separator) and drop the field",
+    "multiple_choice": "a multiple-choice record's passage goes under 'context'"}
+
+
 def visible(text: str) -> bool:
     """Whether ``text`` holds a character a tokenizer keeps: not only whitespace, control or format characters
     (a zero-width space, a soft hyphen, a byte-order mark), which tokenizers drop, nor marks alone (a combining
@@ -59,10 +69,17 @@ def validate_record(record: object, task: str, num_labels: int | None = None) ->
     if missing:
         return f"missing field(s) {', '.join(missing)}"
     if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
-        return "id must be a string or an integer"
+        numpy = isinstance(record["id"], numbers.Integral) and not isinstance(record["id"], bool)
+        return ("id must be a string or a Python int (the results name examples by it, as JSON), got "
+                f"{record['id']!r}" + (": convert it with int()" if numpy else ""))
     label = record["label"]
     if not isinstance(label, numbers.Integral) or isinstance(label, bool):  # numpy integers of in-memory records too
         return f"label must be an integer, got {label!r}"
+    if not -2**63 <= label < 2**63:  # torch's int64 labels: a raw overflow error naming no record
+        return f"label {label} is beyond int64's range"
+    unread = [k for k in _UNREAD[task] if k in record]
+    if unread:
+        return (f"the field(s) {', '.join(map(repr, unread))} would not be read: {_UNREAD_ADVICE[task]}")
     if task == "classification":
         if not isinstance(record["text"], str):
             return "text must be a string"
@@ -93,7 +110,9 @@ def validate_record(record: object, task: str, num_labels: int | None = None) ->
                 "scores as one likely token")
     if not 0 <= label < len(choices):
         return f"label {label} out of range [0, {len(choices)})"
-    copies = [i for i, c in enumerate(choices) if c == choices[label] and i != label]
+    # compared as the tokenizers that normalise (NFC) read them: "cafe" + a combining accent is "café"
+    same = unicodedata.normalize("NFC", choices[label])
+    copies = [i for i, c in enumerate(choices) if unicodedata.normalize("NFC", c) == same and i != label]
     if copies:  # duplicates of unlabelled choices are harmless (OpenBookQA's train split has some)
         return (f"the labelled choice {label} ({choices[label]!r}) is also choice(s) {copies}: the copies always score "
                 "the same, so the label can never win; remove the duplicate or fix the label")

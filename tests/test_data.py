@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import math
 import time
 
 import numpy as np
@@ -254,6 +255,13 @@ def test_split_train_val_is_deterministic_and_disjoint():
         D.split_train_val(recs, val_size=1000)
     with pytest.raises(ValueError, match=r"val_fraction 0.96 of 10 records holds out 10, leaving none.*--val-fraction"):
         D.split_train_val(recs[:10], val_fraction=0.96)
+    # seed None drew another split on every call; 1.5 and "0" raised numpy's raw TypeError, True was seed 1
+    for seed in (None, 1.5, "0", -1, True):
+        with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+            D.split_train_val(recs, seed=seed)
+    for fraction in (None, "0.1", math.nan, True):  # raw TypeErrors, or True read as 1
+        with pytest.raises(ValueError, match="val_fraction must be a number in .0, 1."):
+            D.split_train_val(recs, val_fraction=fraction)
 
 
 def test_subset_is_deterministic():
@@ -360,6 +368,13 @@ def test_records_built_in_memory_take_the_format_of_their_dataset():
     assert D.validate_record(dict(qa, blank=False), "multiple_choice") is None
     with pytest.raises(ValueError, match="record 'c' of the records has no 'choices'"):
         D.mark_blank_sentences([{"id": "c", "text": "a", "label": 0}])
+    # unchecked, a missing question was a raw KeyError, a list question counted as no blank, a string record an
+    # AttributeError
+    for bad, message in (({k: v for k, v in qa.items() if k != "question"}, "record 'q' of the records: missing field.s. question"),
+                         (dict(qa, question=["Why?"]), "record 'q' of the records: question must be a string"),
+                         ("Why?", "a str of the records has no 'choices'")):
+        with pytest.raises(ValueError, match=message):
+            D.mark_blank_sentences([bad])
 
 
 def test_cloze_pairs(records):
@@ -801,9 +816,23 @@ def test_in_memory_records_are_checked_as_the_reader_checks_a_file(minilm_tok):
                          ({"id": 0, "text": "a fine film"}, "missing field.s. label"),
                          ({**good, "text": "\u200b\ufeff \u00ad"}, "only whitespace or invisible characters"),
                          ({**good, "context": "the passage"}, "'context' .a passage. would not be read"),
-                         ({**good, "question": "q?"}, "holds the multiple-choice key.s. question")]:
+                         ({**good, "question": "q?"}, "holds the multiple-choice key.s. question"),
+                         # an NLI pair's hypothesis was dropped, the classifier reading the premise alone
+                         ({**good, "hypothesis": "it is good"}, "field.s. 'hypothesis' would not be read: the classifier"),
+                         # a pandas id: "id must be a string or an integer" for an integer
+                         ({**good, "id": np.int64(3)}, r"id must be a string or a Python int .*np.int64\(3\): convert it"),
+                         ({**good, "label": 2**63}, "label 9223372036854775808 is beyond int64's range")]:
         with pytest.raises(ValueError, match=message):
             collate([good, bad])
+    with pytest.raises(ValueError, match=r"field.s. 'passage' would not be read: a multiple-choice record's passage goes"):
+        D.ClozeCollator(minilm_tok)([{**GOOD_MC, "passage": "The sky is blue."}])
+    # one record: iterated as its keys, "record None: expected a JSON object, got str"
+    with pytest.raises(ValueError, match=r"a collator takes a list of records \(a batch\), got one record .*pass \[record\]"):
+        collate(good)
+    # the class for an instance: a raw AttributeError at the first batch
+    for bad in (D.ClassificationCollator, "collate"):
+        with pytest.raises(ValueError, match="collator must be a function of a list of records"):
+            D.make_loader([good], bad, 1)
     with pytest.raises(ValueError, match="choice.s. .1. are empty .or only whitespace or invisible"):
         D.ClozeCollator(minilm_tok)([{**GOOD_MC, "choices": ["x", "\u200b"]}])
     for bad, message in [(1, "leaves no room for a text token beside the 2 special tokens"), (2, "leaves no room"),
@@ -912,6 +941,9 @@ def test_a_label_on_a_duplicated_choice_is_refused():
     record = {"id": 1, "question": "q?", "choices": ["sky", "water", "sky", "water"], "label": 3}
     assert "labelled choice 3 ('water') is also choice(s) [1]" in D.validate_record(record, "multiple_choice")
     assert D.validate_record({**record, "choices": ["sky", "water", "sky", "soil"]}, "multiple_choice") is None
+    # the same text as a tokenizer normalising to NFC reads it: "cafe" and a combining accent is "café"
+    assert "labelled choice 1 ('café') is also choice(s) [0]" in D.validate_record(
+        {**record, "choices": ["cafe\u0301", "café", "tea"], "label": 1}, "multiple_choice")
 
 
 def test_record_text_tells_the_task_by_choices_not_by_a_text_field():

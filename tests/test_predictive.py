@@ -42,6 +42,32 @@ def loader(batch_size, n=N):
     return [{k: v[i : i + batch_size] for k, v in full.items()} for i in range(0, n, batch_size)]
 
 
+def test_predict_without_a_guide_refuses_an_adapter_a_fit_never_wrote_beside_its_trained_head():
+    """After fit(MAPGuide) without write_adapter, predict(model, None) paired the untrained LoRA with the trained head
+    (0.029 off the MAP's probabilities) and, for a causal LM, gave the zero-shot base: without a word, where
+    adapter_values() refused or warned."""
+    from pyro_lora import CausalLM, fit
+    from pyro_lora.guides import MAPGuide
+    from conftest import tiny_llama
+
+    model = make_model()
+    guide = MAPGuide(model)
+    fit(model, guide, loader(4), epochs=2, lr=5e-2, progress=False)
+    with pytest.raises(ValueError, match=r"predict with guide=None .the adapter's own weights. would pair them with the "
+                                         r"trained head; call model.write_adapter\(guide.mean\(\)\) first"):
+        predict(model, None, loader(4))
+    with model.net.disable_adapter():  # the base network and its original head: nothing of the fit to miss
+        predict(model, None, loader(4))
+    model.write_adapter(guide.mean())
+    torch.testing.assert_close(predict(model, None, loader(4)).probs, predict(model, guide, loader(4)).probs)
+    lm = LoraModel(tiny_llama(), CausalLM(), random="AB", num_data=4)
+    lm_guide = MAPGuide(lm)
+    batch = random_batch(batch=2, seq=6, seed=3)
+    fit(lm, lm_guide, [batch | {"labels": batch["input_ids"]}], epochs=1, lr=5e-2, progress=False)
+    with pytest.warns(UserWarning, match="the adapter still holds the LoRA values it held when fit last trained"):
+        lm.check_start_trained("predict")  # predict itself refuses a token-level likelihood
+
+
 def perturbed(model, scale, seed):
     g = torch.Generator().manual_seed(seed)
     return {k: v + scale * torch.randn(v.shape, generator=g) for k, v in model.adapter_values().items()}
