@@ -505,11 +505,15 @@ class KFACNormal(TorchDistribution):
     @property
     @_without_autocast
     def variance(self):
-        top, rest = self._eigenvalues()
-        u2 = self.large_vecs.pow(2)  # [L, D, k]
+        top, rest = (e.double() for e in self._eigenvalues())
+        # U re-orthonormalised in float64: float32 rounding leaves |U_d|^2 up to 1e-7 off 1, which the complement's
+        # 1 / rest magnified where the data dominate lambda (a negative variance at full rank, lambda = 1e-8)
+        u2 = torch.linalg.qr(self.large_vecs.double()).Q.pow(2)  # [L, D, k]
+        D, k = u2.shape[-2:]
+        outside = (1 - u2.sum(-1)).clamp(min=0) if k < D else torch.zeros_like(u2[..., 0])  # full rank: no complement
         # Var W_ad = sum_i V_ai^2 (sum_j U_dj^2 / top_ij + (1 - |U_d|^2) / rest_i)
-        per_i = (u2 @ top.reciprocal().mT).mT + (1 - u2.sum(-1)).unsqueeze(-2) / rest.unsqueeze(-1)  # [L, r, D]
-        return self._site(self.small_vecs.pow(2) @ per_i)
+        per_i = (u2 @ top.reciprocal().mT).mT + outside.unsqueeze(-2) / rest.unsqueeze(-1)  # [L, r, D]
+        return self._site(self.small_vecs.double().pow(2) @ per_i).to(self.loc.dtype)
 
     @_without_autocast
     def rsample(self, sample_shape=torch.Size()):
@@ -523,7 +527,9 @@ class KFACNormal(TorchDistribution):
         # eigenspace, which eigh picks by the float summation order (batches reordered, or split across ranks)
         m = v.mT @ z
         t = m @ u
-        inner = (t * top.rsqrt()) @ u.mT + rest.rsqrt().unsqueeze(-1) * (m - t @ u.mT)
+        inner = (t * top.rsqrt()) @ u.mT
+        if u.shape[-1] < D:  # at full rank the complement is empty: m - t U^T is float rounding, which 1 / sqrt(rest) magnified
+            inner = inner + rest.rsqrt().unsqueeze(-1) * (m - t @ u.mT)
         return self.loc + self._site(v @ inner)
 
     @_without_autocast
