@@ -119,8 +119,6 @@ def check_batch(batch) -> None:
             if isinstance(batch, (list, tuple)) else ""
         raise ValueError(f"{_BATCH}, got a {type(batch).__name__}{held} (a DataLoader over a TensorDataset yields "
                          f"such): {_COLLATE}")
-    if "input_ids" not in batch and "inputs_embeds" not in batch:  # transformers' own error names neither the batch nor a fix
-        raise ValueError(f"{_BATCH}, but it holds no input_ids (its keys: {list(batch)}): {_COLLATE}")
     for key in ("input_ids", "attention_mask", "token_type_ids", "labels"):
         value = batch.get(key)
         if value is None or (key == "labels" and not torch.is_tensor(value)):  # the likelihood's observed() names it

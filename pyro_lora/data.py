@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import copy
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -311,12 +312,16 @@ def make_loader(records: list, collator: Callable[[list[dict]], dict], batch_siz
     """A ``DataLoader`` over ``records`` batched by ``collator``; the shuffle order is seeded, so it is
     the same on every run.
 
-    :raises ValueError: for a ``collator`` that is a class (``ClozeCollator`` for ``ClozeCollator(tokenizer)``) or
-        not callable, or bad ``batch_size``, ``seed``, ``shuffle`` or ``drop_last``.
+    :param collator: a function of a list of records (a collator instance); ``None``: torch's default collation.
+    :raises ValueError: for a ``collator`` that is a collator class needing a tokenizer (``ClozeCollator`` for
+        ``ClozeCollator(tokenizer)``: a raw error at the first batch) or is not callable, or bad ``batch_size``,
+        ``seed``, ``shuffle`` or ``drop_last``.
     """
-    if isinstance(collator, type) or not callable(collator):  # else a raw error at the first batch
-        made = f": give an instance, {collator.__name__}(tokenizer)" if isinstance(collator, type) else ""
-        raise ValueError(f"collator must be a function of a list of records (a collator instance), got {collator!r}{made}")
+    if isinstance(collator, type) and "tokenizer" in inspect.signature(collator).parameters:
+        raise ValueError(f"collator must be a collator instance, got the class {collator.__name__}: give "
+                         f"{collator.__name__}(tokenizer)")
+    if collator is not None and not callable(collator):
+        raise ValueError(f"collator must be a function of a list of records (a collator instance) or None, got {collator!r}")
     shuffle = check_flag(shuffle, "shuffle")
     drop_last = check_flag(drop_last, "drop_last")
     batch_size = check_count(batch_size, "batch_size")

@@ -447,7 +447,8 @@ class Likelihood:
 
     def check_inputs(self, net, batch: dict) -> None:
         """Refuse batch entries the network's forward takes but :meth:`logits` does not hand it (``position_ids`` of
-        packed rows, ``inputs_embeds``): the network would run without them, and nothing would say so; a batch
+        packed rows, ``inputs_embeds``): the network would run without them, and nothing would say so; a batch without
+        the ``input_ids`` the network reads; a batch
         of no rows (a transformers forward fails on it deep inside attention); and an ``attention_mask`` handed on that
         is not 0/1 (:func:`check_attention_mask`, one host read unless it is ``bool``).
 
@@ -463,6 +464,10 @@ class Likelihood:
             takes = _forward_inputs(base_network(net).forward)
         except (TypeError, ValueError):  # a forward without a signature: nothing to compare
             return
+        if "input_ids" in takes and "input_ids" in self.net_inputs and "input_ids" not in batch:
+            # transformers' own "You must specify exactly one of input_ids or inputs_embeds" names no fix
+            raise ValueError(f"the batch holds no input_ids (its keys: {list(batch)}), which the network reads: batch "
+                             "the examples with a collator of pyro_lora.data (or transformers' DataCollatorWithPadding)")
         dropped = sorted(k for k in batch if k in takes and k not in self.net_inputs and k != "labels")
         if dropped:
             raise ValueError(

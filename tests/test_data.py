@@ -830,9 +830,12 @@ def test_in_memory_records_are_checked_as_the_reader_checks_a_file(minilm_tok):
     with pytest.raises(ValueError, match=r"a collator takes a list of records \(a batch\), got one record .*pass \[record\]"):
         collate(good)
     # the class for an instance: a raw AttributeError at the first batch
-    for bad in (D.ClassificationCollator, "collate"):
-        with pytest.raises(ValueError, match="collator must be a function of a list of records"):
-            D.make_loader([good], bad, 1)
+    with pytest.raises(ValueError, match=r"collator must be a collator instance, got the class ClassificationCollator: "
+                                         r"give ClassificationCollator\(tokenizer\)"):
+        D.make_loader([good], D.ClassificationCollator, 1)
+    with pytest.raises(ValueError, match="collator must be a function of a list of records .* or None, got 'collate'"):
+        D.make_loader([good], "collate", 1)
+    assert list(D.make_loader([good], list, 1)) == [[good]]  # any callable of the records, a class such as list too
     with pytest.raises(ValueError, match="choice.s. .1. are empty .or only whitespace or invisible"):
         D.ClozeCollator(minilm_tok)([{**GOOD_MC, "choices": ["x", "\u200b"]}])
     for bad, message in [(1, "leaves no room for a text token beside the 2 special tokens"), (2, "leaves no room"),

@@ -457,7 +457,10 @@ def run_misuses(tmp):
     # a loc handed to the fit is what its curvature is taken at: each rank's own was summed unchecked
     out["own_loc"] = _refused(lambda: LaplaceGuide(model).fit(toy_data(8, 4), progress=False,
                                                               loc={n: v + r for n, v in guide.mean().items()}))
-    out["read_lora"] = [_refused(lambda: predict(model, None, toy_data(8, 4))),
+    fresh = make_model(num_data=16)  # no fit: predict(model, None) after one is refused as missing it, on every rank
+    with torch.no_grad():
+        fresh.named_lora_weights()[0][1].add_(r)
+    out["read_lora"] = [_refused(lambda: predict(fresh, None, toy_data(8, 4))),
                         _refused(lambda: LaplaceGuide(model).fit(toy_data(8, 4), progress=False))]
     # a dynamic RoPE recomputes inv_freq from each forward's length: after fit, rank 0's last batch of 12 tokens and
     # rank 1's of 4 left it different, and predict was refused as a frozen weight drawn from each rank's seed

@@ -299,6 +299,10 @@ def test_token_ids_that_are_no_integers_are_refused_by_name():
                     lambda: predict(model, MAPGuide(model), [batch() | {"input_ids": bad}])):
             with pytest.raises(ValueError, match=match):
                 run()
+    # no ids at all: transformers' "You must specify exactly one of input_ids or inputs_embeds"
+    without = {k: v for k, v in batch().items() if k != "input_ids"}
+    with pytest.raises(ValueError, match=r"the batch holds no input_ids \(its keys: \['attention_mask'"):
+        predict(model, MAPGuide(model), [without])
 
 
 def test_supported_setups_do_not_warn():

@@ -1324,8 +1324,6 @@ def _single_examples():
      r"got a list of 3 tensors \(a DataLoader over a TensorDataset"),
     (_single_examples, r"but its input_ids has shape \(6,\): one example, not a batch of them"),
     (lambda: [{**toy_data()[0], "attention_mask": [[1] * 6] * 8}], r"but its attention_mask is a list, not a tensor"),
-    # transformers' "You must specify exactly one of input_ids or inputs_embeds"
-    (lambda: [{k: v for k, v in toy_data()[0].items() if k != "input_ids"}], r"but it holds no input_ids \(its keys: "),
 ])
 def test_batches_that_are_no_dicts_of_batched_tensors_are_refused_before_their_forward(data, message):
     """A TensorDataset's batches (lists) failed in fit with "'list' object has no attribute 'get'", a list of single
