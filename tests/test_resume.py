@@ -1983,6 +1983,28 @@ def test_a_resume_and_a_merge_average_no_row_they_cannot_check(tmp_path, monkeyp
     assert row["seeds"] == [0, 1] and row["accuracy"] == pytest.approx(np.mean(truth))
 
 
+def test_the_printed_verdict_is_of_the_rows_the_table_averages(tmp_path, monkeypatch):
+    """The CLI printed a verdict recomputed from every stored row: a row of a seed no check saw (no arrays) was judged
+    there ("2 seeds ... best NLL") while the table and results.json's verdict withheld it ("1 seed")."""
+    from pyro_lora.experiments.verdict import verdict
+
+    out = tmp_path / "run"
+    config = small(out, guides=("map", "temperature"), ts=False)
+    run_compare(config)
+    saved = json.loads((out / "results.json").read_text())
+    best = {**next(r for r in saved["per_seed"] if (r["guide"], r["dataset"]) == ("map", "sst2")),
+            "seed": 7, "accuracy": 0.99, "nll": 0.01, "ece": 0.0}
+    (out / "results.json").write_text(json.dumps({**saved, "per_seed": saved["per_seed"] + [best]}))
+    monkeypatch.setattr(C, "prepare", lambda *a, **k: pytest.fail("a finished run trains nothing"))
+    with pytest.warns(UserWarning, match=r"the rows of map on sst2, seed 7 have no arrays"):
+        run_compare(config)
+    stored = json.loads((out / "results.json").read_text())
+    judged = [r for r in stored["per_seed"] if r["seed"] != 7]
+    assert stored["verdict"] == verdict(judged, stored["config"]["dataset"], stored["config"]["eval_datasets"])
+    assert stored["verdict"] != verdict(stored["per_seed"], stored["config"]["dataset"], stored["config"]["eval_datasets"])
+    assert cli._verdict(out) == "\n" + stored["verdict"]  # printed as recorded
+
+
 def test_the_entropy_is_recomputed_from_the_probs_and_its_array_checked(tmp_path):
     """The entropy was read from the stored entropy array: the array and the rows divided by 10 passed (its AUROC is
     rank-invariant), stored 0.069 where the probs give 0.693."""

@@ -1644,3 +1644,25 @@ def test_header_names_rows_of_an_older_version_of_a_method_as_such_not_as_a_run_
                               "then; `--update tfb` reruns them"]
     header = report.header_section(report.load_runs(runs, ["arc_easy"]), "x", "now")
     assert "unfinished" not in header and "| 2025-01-01T00:00:00+00:00 |" in header
+
+
+def test_a_method_with_extra_seeds_is_marked_as_other_seeds_and_the_ts_part_says_why_it_compares_nothing():
+    """MAP and temperature scaling on seeds 0-2, every other method on 0-1: their means were marked † as over "fewer
+    seeds than the set's other methods" (they have more), and the +ts part printed its heading with nothing under it."""
+    from pyro_lora.experiments.results import summarize_run
+
+    def row(guide, seed, **scores):
+        setting = "validation-tuned" if guide == "temperature" or guide.endswith("+ts") else "no validation data"
+        return {"guide": guide, "dataset": "sst2", "seed": seed, "setting": setting, "accuracy": 0.8, "ece": 5.0,
+                "nll": 0.5, "aurc": 0.1, "brier": 0.3, **scores}
+
+    rows = [row(g, s, nll=base + 0.01 * s) for s in (0, 1, 2) for g, base in (("map", 0.5), ("temperature", 0.45))]
+    rows += [row(g, s, nll=0.44 + 0.01 * s, ece=3.0) for s in (0, 1) for g in ("laplace", "laplace+ts", "tfb", "tfb+ts")]
+    runs = {"sst2": {"config": {"dataset": "sst2", "seeds": [0, 1, 2], "eval_datasets": []}, "per_seed": rows,
+                     "summary": summarize_run(rows, [])}}
+    text = report.summary_section(runs)
+    assert "† marks a mean over other seeds than most of the set's methods have (fewer: a method failed, or the run was " \
+           "cut short; more: a method run on extra seeds)" in text
+    assert re.search(r"\| map \| 0\.510 † \|", text)  # MAP's mean over its 3 seeds, marked
+    part = text.split("against temperature scaling of the MAP:")[1].split("###")[0]
+    assert "No `+ts` row has a mean over the same seeds as temperature scaling's on any set" in part

@@ -24,7 +24,6 @@ from .results import GuideFailures, read_record
 from .saved import FIT_SETTINGS, bayesianize_adapter, evaluate_saved, fit_one, fit_settings
 from .setup import FULL, CompareConfig
 from .table import format_table
-from .verdict import verdict
 
 _MIN_MAX_LENGTH = 8  # shorter cuts most inputs to a few tokens
 SEED_LIMIT = 2**32  # numpy's seeds; torch's overflow above 2**63
@@ -400,10 +399,10 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None,
 
 
 def _verdict(out):
-    """The verdict on the rows of the run in ``out``, recomputed from them (one stored by older code misses what the
-    verdict says now), after a blank line ("" where there are none)."""
+    """The verdict the run just recorded in ``out`` (of the rows its table averages: not those it withheld; a verdict
+    stored by older code is rewritten by the run), after a blank line ("" where there is none)."""
     saved = read_record(out, "choose another --out")
-    text = verdict(saved["per_seed"], saved["config"]["dataset"], saved["config"].get("eval_datasets", ())) if saved else ""
+    text = saved.get("verdict") if saved else ""
     return "\n" + text if text else ""
 
 

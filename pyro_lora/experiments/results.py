@@ -827,7 +827,7 @@ class RunFolder:
                      "seeded, so the same command fails them again unless their cause is fixed outside its flags (code, "
                      "packages, memory), and then resumes with them")
             raise GuideFailures(f"{len(failed)} guide run(s) failed: {listed}. {where}", self.summary(),
-                                verdict(self.rows, self.config.dataset, self.config.eval_datasets))
+                                verdict(self.averaged(), self.config.dataset, self.config.eval_datasets))
 
 
 SUMMARY_FIGURES = ("reliability_grid", "calibration_vs_accuracy")  # a run's figures of every method, <kind>.png

@@ -393,9 +393,10 @@ def summary_section(runs, figure=None):
     tables = {m: metric_table(runs, m, complete_only=True) for m in ("accuracy", "ece", "nll", "ood_auroc_entropy", "ood_auroc_mi")}
     lines = ["## Summary", "",
              "Means over seeds; in-distribution sets first, then the shifts (source→target). The average rank (1 = best) "
-             "is shown where every method has every set. † marks a mean over fewer seeds than the set's other methods "
-             "(a method failed, or the run was cut short): it is left out of the comparisons of means below (the paired "
-             "comparison of the last part is on the seeds every method finished).", ""]
+             "is shown where every method has every set. † marks a mean over other seeds than most of the set's methods "
+             "have (fewer: a method failed, or the run was cut short; more: a method run on extra seeds): it is left out "
+             "of the comparisons of means below (the paired comparison of the last part is on the seeds every method "
+             "finished).", ""]
     for c in columns("nll", "ece", "accuracy"):
         lines += [f"### {c.title}", "", cross_table(shown[c.key], labels, guides, c.digits, c.lower_better, partial), ""]
     if figure:
@@ -429,7 +430,10 @@ def summary_section(runs, figure=None):
     if calibrated:
         lines += ["", "After temperature scaling on its own averaged predictive (the `+ts` rows), against temperature "
                       "scaling of the MAP:", ""]
-        lines += [f"- {s}" for g in calibrated for s in temperature_sentences(tables, g, labels)]
+        sentences = [s for g in calibrated for s in temperature_sentences(tables, g, labels)]
+        lines += [f"- {s}" for s in sentences] or [
+            "No `+ts` row has a mean over the same seeds as temperature scaling's on any set (a † mean, either's, or "
+            "n/a): the means are not compared here; the paired comparison below is on the seeds every method finished."]
     clear = noise_sentences(runs, [g for g in guides if g != "map"])
     lines += ["", "### Which differences from MAP stand out of the seed noise", "",
               "Per seed, each guide and MAP are scored on the same test questions; a difference counts as clear when "
