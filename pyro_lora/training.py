@@ -210,7 +210,7 @@ def fit(
             guide_settings["guide's tensor shapes"] = [tuple(t.shape) for t in [*guide.parameters(), *guide.buffers()]]
             # and the model, which defines the loss: a prior or likelihood per rank averaged the gradients of other
             # losses into one blended posterior; the callbacks by class, as a collective one (SWAGCollector) runs on all
-            model_settings = {f"model's {k}": v for k, v in (model.settings().items() if distributed.is_distributed() else ())
+            model_settings = {f"{_MODEL}{k}": v for k, v in (model.settings().items() if distributed.is_distributed() else ())
                               if k != "num_data"}
             distributed.check_settings("fit", {**arguments, "checkpoint_every": checkpoint_every, **guide_settings,
                                                **model_settings, "callbacks": [type(cb).__name__ for cb in callbacks],
@@ -219,10 +219,13 @@ def fit(
             for flag, name in ((train_network, "train_network"), (gradient_checkpointing, "gradient_checkpointing"),
                                (stop_on_divergence, "stop_on_divergence"), (progress, "progress")):
                 check_flag(flag, name)  # the string "False" is truthy: the head trained under train_network="False"
-            check_count(epochs, "epochs", minimum=0)
-            check_count(warmup_steps, "warmup_steps", minimum=0)
+            # as Python ints: a numpy int64 reached fit_progress, which no checkpoint or save_guide could write as JSON
+            epochs = check_count(epochs, "epochs", minimum=0)
+            warmup_steps = check_count(warmup_steps, "warmup_steps", minimum=0)
+            arguments.update(epochs=epochs, warmup_steps=warmup_steps, grad_accum_steps=grad_accum_steps)  # as ints
             if checkpoint_every is not None:
-                check_count(checkpoint_every, "checkpoint_every", alternative="or None: a checkpoint at the end only")
+                checkpoint_every = check_count(checkpoint_every, "checkpoint_every",
+                                               alternative="or None: a checkpoint at the end only")
                 if not checkpoint_dir:  # else no checkpoint would be written, without a word
                     raise ValueError(f"checkpoint_every={checkpoint_every} without checkpoint_dir saves nothing: give "
                                      "checkpoint_dir (where the checkpoints go), or leave checkpoint_every out")
@@ -251,7 +254,7 @@ def fit(
             _Schedule(lr_schedule, warmup_steps, length)  # a decay to 0 over a run of unknown length is refused
             elbo = elbo or Trace_ELBO()
             _check_elbo(elbo)
-            num_data = model.num_data or 1
+            num_data = model.num_data  # None: each batch is the whole training set, its loss per its own examples
             model.set_trainable()
             device = model.device
             params = (model.point_parameters() if train_network else []) + [p for p in guide.parameters() if p.requires_grad]
@@ -288,7 +291,9 @@ def fit(
             keepers = _order_keepers(data) if resumable else ([], [])  # saved and restored for a resume alone
             settings = resumable and _settings(guide, length, keepers, _describe_data(data), **{
                 **arguments, "elbo": _describe_elbo(elbo), "autocast": str(autocast),  # as defaulted since
-                "lora_dropout": _lora_dropout(model)})
+                "lora_dropout": _lora_dropout(model),
+                # what defines the loss (a callable or dict prior's distributions, which load_guide names by class only)
+                **{f"{_MODEL}{k}": v for k, v in model.settings().items()}})
             resumed = _resume_from(checkpoint_dir, model, guide, settings) if resume else None
             if resumed is not None and callbacks:
                 warnings.warn(f"fit(resume=True): the callbacks' own state ({', '.join(type(cb).__name__ for cb in callbacks)})"
@@ -440,7 +445,7 @@ def fit(
                         if watch is not None and watch.first is None:
                             watch.first = (batch, _mean_nll(model, guide, batch))
                         with step_autocast(device, autocast):
-                            loss = elbo.differentiable_loss(model, guide, batch, kl_weight=weight) / num_data
+                            loss = elbo.differentiable_loss(model, guide, batch, kl_weight=weight) / (num_data or examples)
                         scaler.scale(loss * share).backward()
                         accumulated += loss.item() * share
                         pending += 1
@@ -762,6 +767,11 @@ def _settings(guide, length, keepers, data, **arguments) -> dict:
 
 
 _RECORDED_SINCE = {"batch_rows", "lora_dropout", "set_epoch"}  # settings a checkpoint of an earlier version lacks: not compared
+_MODEL = "model's "  # the model's settings (LoraModel.settings) among a run's, which checkpoints of earlier versions lack
+
+
+def _is_model_key(key: str) -> bool:
+    return key.startswith(_MODEL)
 
 
 def _resume_from(path, model, guide, settings) -> dict:
@@ -775,7 +785,8 @@ def _resume_from(path, model, guide, settings) -> dict:
 
     state = read_fit_state(path)
     then = state["settings"]
-    keys = (then.keys() | settings.keys()) - (_RECORDED_SINCE - then.keys())
+    since = _RECORDED_SINCE | ({k for k in settings if _is_model_key(k)} if not any(map(_is_model_key, then)) else set())
+    keys = (then.keys() | settings.keys()) - (since - then.keys())
     differ = [f"{k}: {then.get(k)!r} there, {settings.get(k)!r} here" for k in sorted(keys) if then.get(k) != settings.get(k)]
     if differ:
         raise ValueError(f"cannot resume the run at {path} with settings other than its own ({'; '.join(differ)}): the "

@@ -1377,6 +1377,47 @@ def test_resume_refuses_other_particles_lora_dropout_or_batch_rows(tmp_path):
     run(tmp_path, batches, elbo=Trace_ELBO(), resume=True)  # the same settings still resume
 
 
+def test_resume_refuses_a_model_whose_callable_prior_differs_and_numpy_epochs_save(tmp_path):
+    """A callable prior N(0, 1) resumed as N(0, 0.1) without a word (the checkpoint named the prior by its class only):
+    the rest of the run optimised another objective. epochs=np.int64(2) reached fit_progress and failed the first
+    checkpoint's JSON after the last step."""
+    import numpy as np
+    import pyro.distributions as dist
+
+    def run(scale, kill_at=None, resume=False, epochs=2):
+        pyro.set_rng_seed(0)
+        prior = lambda site: dist.Normal(torch.zeros(site.shape), scale).to_event(len(site.shape))  # noqa: E731
+        model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="AB", prior=prior, num_data=24)
+        guide = MeanFieldGuide(model, b="normal")
+
+        def stop(state):
+            if state.step == kill_at:
+                raise _Kill
+        try:
+            return fit(model, guide, toy_data(n=24, batch=6), epochs=epochs, lr=3e-2, callbacks=[stop] if kill_at else [],
+                       checkpoint_dir=tmp_path, checkpoint_every=1, resume=resume, progress=False), guide
+        except _Kill:
+            return None, guide
+
+    run(1.0, kill_at=2)
+    with pytest.raises(ValueError, match=r"cannot resume .*model's prior of query\.lora_A\.base_dist\.scale: 1\.0 there, 0\.1"):
+        run(0.1, resume=True)
+    losses, guide = run(1.0, resume=True, epochs=np.int64(2))
+    assert len(losses) == 8 and type(guide.fit_progress["epochs"]) is int  # 2 epochs of 4 batches
+
+
+def test_a_model_without_num_data_trains_on_the_per_example_loss_of_each_batch():
+    """Without num_data the loss was the batch's whole negative ELBO (48x the documented per-example one for a batch
+    of 48), and max_grad_norm clipped that gradient."""
+    from pyro.infer import Trace_ELBO
+
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="AB")
+    guide = MAPGuide(model)
+    (batch,) = toy_data(n=8, batch=8)
+    expected = Trace_ELBO().differentiable_loss(model, guide, batch).item() / 8
+    assert fit(model, guide, [batch], epochs=1, lr=0.0, progress=False)[0] == pytest.approx(expected, rel=1e-5)
+
+
 def test_a_second_fit_on_a_checkpoint_dir_another_fit_holds_is_refused_before_any_work(tmp_path):
     """Two fits checkpointing to one folder both finished without a word, the folder holding whichever saved last: each
     run now holds a lock beside its checkpoint_dir, and a fit while another holds it is refused, naming the holder."""
