@@ -170,7 +170,8 @@ class SWAGCollector:
 
     Once it has collected, the network's point parameters (a head trained beside the cores) *after every step*
     become the ones the SWAG guide predicts with, so it predicts with the head training ended on, also when the
-    last step is not a collecting one.
+    last step is not a collecting one. It also carries the fit's ``fit_progress``: a SWAG guide of a run stopped part
+    way is saved and loaded as that run's checkpoint (with :func:`~pyro_lora.load_guide`'s warning), not as a result.
 
     :param swag: the :class:`SWAGGuide` to fill.
     :param source: the guide whose ``mean()`` is the iterate; default the guide being trained (``FitState.guide``).
@@ -197,10 +198,10 @@ class SWAGCollector:
             # that diverges or a second collector leaves; kept on the guide, where any collector of this fit finds it
             saved = {n: t.to("cpu", copy=True) for n, t in self.swag.state_dict().items()} \
                 if int(self.swag.num_collected) else None
-            self.swag._fit_start = (saved, self.swag._point_snapshot)
-        if state.skipped:  # float16's loss scaler left the weights as they were: no new iterate
-            return
-        if state.step >= self.start_step and state.epoch >= self.start_epoch and state.step % self.every == 0:
+            self.swag._fit_start = (saved, self.swag._point_snapshot, self.swag.fit_progress)
+        # a step float16's loss scaler skipped left the weights as they were: no new iterate
+        if not state.skipped and state.step >= self.start_step and state.epoch >= self.start_epoch \
+                and state.step % self.every == 0:
             source = self.source or state.guide
             check_guide(self.swag.model, source, "collect SWAG iterates")
             if again:
@@ -212,8 +213,12 @@ class SWAGCollector:
                                  f"guide holds the {held} it held before it)")
             self.swag._collected_step = (weakref.ref(state), state.step)
             self.swag.collect(source.mean())
-        elif int(self.swag.num_collected):
+        elif int(self.swag.num_collected) and not state.skipped:
             self.swag.adopt_point_parameters()
+        if int(self.swag.num_collected):
+            # the fit's own record of this step (the dict fit marks finished at its end): a SWAG guide of a run
+            # stopped part way saved and loaded as a result, without the warning its trained guide's checkpoint gives
+            self.swag.fit_progress = state.guide.fit_progress
 
     def on_divergence(self):
         """Called by :func:`pyro_lora.fit` when the run raises :class:`~pyro_lora.training.DivergenceError` (or a
@@ -227,7 +232,7 @@ class SWAGCollector:
     def _restore(self, before):
         """Put the SWAG guide back to ``before`` (its state, or None where it was empty, and its point snapshot);
         returns (the iterates taken out, those it holds)."""
-        state, snapshot = before
+        state, snapshot, progress = before
         held = 0 if state is None else int(state["num_collected"])
         taken = int(self.swag.num_collected) - held
         with torch.no_grad():
@@ -237,6 +242,7 @@ class SWAGCollector:
             else:
                 self.swag.load_state_dict(state)
         self.swag._point_snapshot = snapshot
+        self.swag.fit_progress = progress
         return taken, held
 
     def _check_settings(self):

@@ -644,17 +644,20 @@ def check_sealed(path) -> None:
     ``guide.json``, ``guide.safetensors`` or ``adapter/`` changed since, or was taken from another save
     (:func:`_check_beside`).
 
-    :raises ValueError: naming the file that is not the one saved with the others.
+    :raises ValueError: naming the file that is not the one saved with the others, or that is damaged or missing
+        (``guide.json`` not JSON or edited, as :func:`load_guide` reads it; ``guide.safetensors`` gone).
+    :raises FileNotFoundError: where ``guide.json`` is missing.
     """
     path = Path(path)
-    meta = json.loads((path / "guide.json").read_text(encoding="utf-8"))
+    meta = _read_meta(path)  # a truncated or non-UTF-8 file, an array: named, as load_guide names them
     if meta.get("format") != FORMAT or "run_sha256" not in meta:
         raise ValueError(f"{path / 'run.json'} is not the record saved with its guide ({path / 'guide.json'} records "
                          "none, or is of another format): it was edited or replaced since")
     _check_beside(path, meta)
-    if meta.get("tensors_sha256") != file_sha256(path / "guide.safetensors"):
-        raise ValueError(f"{path / 'guide.safetensors'} is not the one saved with {path / 'guide.json'}: it was "
-                         f"edited or replaced since; {_AGAIN}")
+    tensors = path / "guide.safetensors"
+    if not tensors.is_file() or meta.get("tensors_sha256") != file_sha256(tensors):
+        raise ValueError(f"{tensors} is not the one saved with {path / 'guide.json'}: it was "
+                         f"{'edited or replaced' if tensors.is_file() else 'removed'} since; {_AGAIN}")
 
 
 _JSON_TYPES = {dict: "object", str: "string", list: "array", int: "number", float: "number", bool: "boolean", type(None): "null"}
@@ -760,6 +763,17 @@ def _read_meta(path):
                          "an edited one would load another posterior without a word; load the guide as saved and change "
                          "a setting through its methods (set_temperature(...)), then save it again")
     return meta
+
+
+def _warn_unsealed(path, meta) -> None:
+    """Warn where a guide of the current format records no digest of its settings or tensors: saved by a version
+    before they were recorded, or its digests deleted by hand, which would take every check of an edit with them (a
+    temperature changed, a checkpoint's progress removed to pass for a result, a tensor replaced)."""
+    missing = [key for key in ("meta_sha256", "tensors_sha256") if key not in meta]
+    if meta["format"] == FORMAT and missing:
+        warnings.warn(f"the guide at {path} records no {' or '.join(missing)} (saved by a version before they were "
+                      "recorded, or its guide.json edited): an edit to its settings or tensors goes unseen; load it "
+                      "only if you trust the folder, and save it again to record them", stacklevel=user_stacklevel())
 
 
 def _is_progress(fit) -> bool:
@@ -1200,6 +1214,7 @@ def _load_guide(path, model, guide):
         raise ValueError(f"the guide at {path} is a {saved_class}, which load_guide builds itself: call "
                          "load_guide(path, model) without guide= (guide= takes a Pyro autoguide, for its save)")
     _check_beside(path, meta)
+    _warn_unsealed(path, meta)
     tensors = _read_tensors(path, str(model.device), meta.get("tensors_sha256"))
     model.check_network()
     current = describe(model)

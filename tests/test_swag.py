@@ -198,6 +198,36 @@ def test_guide_predicts_with_the_head_training_ended_on_when_the_last_step_colle
     torch.testing.assert_close(prediction.probs.sum(-1), torch.ones(48))
 
 
+def test_a_swag_guide_of_a_fit_stopped_part_way_loads_as_its_checkpoint(tmp_path):
+    """Interrupted at step 3 of 12, the trained guide loaded with the checkpoint warning and the SWAG guide it filled
+    (2 iterates) saved and loaded as a result, without a word; after the whole run it is a result."""
+    import warnings
+
+    class Stop(Exception):
+        pass
+
+    def stop(state):
+        if state.step == 3:
+            raise Stop
+
+    model = xs_model()
+    swag = SWAGGuide(model, rank=2)
+    with pytest.raises(Stop):
+        fit(model, MAPGuide(model), toy_data(), epochs=2, lr=3e-2, progress=False, callbacks=[SWAGCollector(swag), stop])
+    assert int(swag.num_collected) == 3 and swag.fit_progress["step"] == 3 and not swag.fit_progress["finished"]
+    save_guide(swag, tmp_path / "stopped")
+    with pytest.warns(UserWarning, match="is a checkpoint of a fit that did not finish: it stopped after step 3 of 12"):
+        load_guide(tmp_path / "stopped", xs_model())
+    model = xs_model()
+    swag = SWAGGuide(model, rank=2)
+    fit(model, MAPGuide(model), toy_data(), epochs=2, lr=3e-2, progress=False, callbacks=[SWAGCollector(swag, every=5)])
+    assert swag.fit_progress == {"step": 12, "steps": 12, "epoch": 1, "epochs": 2, "finished": True}  # last collected at 10
+    save_guide(swag, tmp_path / "done")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        load_guide(tmp_path / "done", xs_model())
+
+
 def test_save_load_round_trip(tmp_path):
     model = xs_model()
     guide, _ = collected(model, n=7, rank=3, scale=0.3)
