@@ -456,6 +456,9 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     """
     include_current = check_flag(include_current, "include_current")
     check_model(model, "train an ensemble")
+    if isinstance(seeds, (str, collections.abc.Mapping, collections.abc.Set)):
+        raise ValueError(f"seeds must be a list of k integers (in order: with include_current the first is the current "
+                         f"adapter's), got {type(seeds).__name__} {seeds!r}")
     seeds = None if seeds is None else list(seeds)
     _check_fit_kwargs(fit_kwargs)
     fit_kwargs = {"progress": False, **(fit_kwargs or {})}

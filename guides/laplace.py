@@ -9,6 +9,7 @@ accumulation, eigendecompositions, GLM Jacobians) is :mod:`pyro_lora.kfac`; the 
 """
 
 import math
+import numbers
 import warnings
 
 import torch
@@ -545,11 +546,14 @@ def check_prior_search(method, val_loader, grid) -> None:
 
 
 def prior_precision_grid(grid=None, dtype=torch.float) -> torch.Tensor:
-    """``grid`` (a list, a tuple or a 1-d tensor) as a tensor of ``dtype`` (default ``logspace(-4, 4, 17)``).
+    """``grid`` (a list, a tuple or a 1-d tensor; one number: a one-value grid) as a tensor of ``dtype`` (default
+    ``logspace(-4, 4, 17)``).
 
     :raises ValueError: for a grid that is no sequence of numbers (a string, a 2-d grid, a bool), an empty grid or a
         value that is not finite and positive in ``dtype``.
     """
+    if grid is not None and getattr(grid, "ndim", None) == 0 or isinstance(grid, numbers.Real):
+        grid = [grid]  # one number: a one-value grid (a bool is refused below)
     grid = torch.logspace(-4, 4, 17, dtype=dtype) if grid is None else torch.tensor(check_numbers(grid, "grid"), dtype=dtype)
     if grid.numel() == 0 or not bool((torch.isfinite(grid) & (grid > 0)).all()):
         raise ValueError(f"grid must hold finite positive prior precisions ({str(dtype).removeprefix('torch.')}), got "

@@ -21,7 +21,7 @@ import torch
 from pyro_lora import distributed
 from pyro_lora.calibration import check_tol, golden_section
 from pyro_lora.callers import user_stacklevel
-from pyro_lora.checks import as_real, check_nonnegative, check_numbers, check_positive
+from pyro_lora.checks import as_real, check_count, check_nonnegative, check_numbers, check_positive
 from pyro_lora.data import fixed_batches
 from pyro_lora.metrics import accuracy, nll
 from pyro_lora.predictive import NonFinitePredictionError, predict
@@ -146,7 +146,11 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
     grid = check_numbers(grid, f"the {knob} grid")
     if len(grid) < 3 or not all(0 < a < b for a, b in zip(grid, grid[1:])) or not all(map(math.isfinite, grid)):
         raise ValueError(f"{knob} grid {grid} must hold at least 3 finite positive values, increasing")
-    check_nonnegative(max_accuracy_drop, "max_accuracy_drop")
+    if not as_real(max_accuracy_drop) >= 0:  # inf switches the guard off; nan, a string, a bool fail it
+        raise ValueError(f"max_accuracy_drop must be a fraction >= 0 (inf: no guard), got {max_accuracy_drop!r}")
+    check_count(seed, "seed", minimum=0)
+    if start is not None:
+        start = check_nonnegative(start, "start")
     if max_flip_rate is not None and not 0 <= as_real(max_flip_rate) <= 1:  # nan, a string, a bool fail it
         raise ValueError(f"max_flip_rate must be a fraction in [0, 1] or None, got {max_flip_rate!r}")
     check_tol(tol)

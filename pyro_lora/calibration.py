@@ -372,15 +372,19 @@ def scale_prediction(prediction, temperature: float):
         probabilities goes to :func:`apply_temperature`), or whose ``log_probs`` differ in shape from its ``probs``.
     """
     temperature = check_positive(temperature, "temperature")
-    if not (is_dataclass(prediction) and not isinstance(prediction, type) and hasattr(prediction, "log_probs")):
+    fields = ("probs", "log_probs", "sample_probs")
+    if not (is_dataclass(prediction) and not isinstance(prediction, type) and all(hasattr(prediction, f) for f in fields)):
         raise ValueError(f"prediction must be a pyro_lora.Prediction (from predict), got {type(prediction).__name__}; "
                          "for a tensor of probabilities or logits use apply_temperature")
-    exact = prediction.log_probs
-    if exact is not None and tuple(_tensor(exact, "log_probs").shape) != tuple(_tensor(prediction.probs, "probs").shape):
+    if prediction.probs is None:
+        raise ValueError("the prediction holds no probs: there is no predictive to scale")
+    given = _tensor(prediction.probs, "probs")  # a list or an array too, as apply_temperature reads them
+    exact = None if prediction.log_probs is None else _tensor(prediction.log_probs, "log_probs")
+    if exact is not None and exact.shape != given.shape:
         raise ValueError(f"the prediction's log_probs have shape {tuple(exact.shape)} where its probs have "
-                         f"{tuple(prediction.probs.shape)}: they must be the same [N, C] predictive")
+                         f"{tuple(given.shape)}: they must be the same [N, C] predictive")
     if exact is None or temperature == 1.0:
-        probs = apply_temperature(prediction.probs, temperature)
+        probs = apply_temperature(given, temperature)
     else:
         probs = apply_temperature(exact, temperature, kind="logits")
     log_probs = None if exact is None else (exact.double() / temperature).log_softmax(-1)

@@ -284,6 +284,7 @@ def split_train_val(records: list, val_fraction: float = 0.1, val_size: int | No
     if val_size is None:
         if not 0.0 < as_real(val_fraction) < 1.0:  # nan, a string, a bool fail it
             raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
+        val_fraction = as_real(val_fraction)  # a 0-d tensor has no round()
         val_size = max(1, int(round(n * val_fraction)))
         if not val_size < n:
             raise ValueError(f"val_fraction {val_fraction:g} of {n} records holds out {val_size}, leaving none to train on: "
@@ -308,6 +309,14 @@ def subset(records: list, n: int, seed: int = 0) -> list:
     return [records[i] for i in keep.tolist()]
 
 
+def _parameters(cls) -> tuple:
+    """The names ``cls``'s constructor takes; none known for a builtin type (``dict``, ``list``) without a signature."""
+    try:
+        return tuple(inspect.signature(cls).parameters)
+    except (TypeError, ValueError):
+        return ()
+
+
 def make_loader(records: list, collator: Callable[[list[dict]], dict], batch_size: int, shuffle: bool = False, seed: int = 0, drop_last: bool = False) -> DataLoader:
     """A ``DataLoader`` over ``records`` batched by ``collator``; the shuffle order is seeded, so it is
     the same on every run.
@@ -317,7 +326,7 @@ def make_loader(records: list, collator: Callable[[list[dict]], dict], batch_siz
         ``ClozeCollator(tokenizer)``: a raw error at the first batch) or is not callable, or bad ``batch_size``,
         ``seed``, ``shuffle`` or ``drop_last``.
     """
-    if isinstance(collator, type) and "tokenizer" in inspect.signature(collator).parameters:
+    if isinstance(collator, type) and "tokenizer" in _parameters(collator):
         raise ValueError(f"collator must be a collator instance, got the class {collator.__name__}: give "
                          f"{collator.__name__}(tokenizer)")
     if collator is not None and not callable(collator):

@@ -649,7 +649,7 @@ def check_sealed(path) -> None:
     :raises FileNotFoundError: where ``guide.json`` is missing.
     """
     path = Path(path)
-    meta = _read_meta(path)  # a truncated or non-UTF-8 file, an array: named, as load_guide names them
+    meta = _json_object(path)  # a truncated or non-UTF-8 file, an array: named, as load_guide names them
     if meta.get("format") != FORMAT or "run_sha256" not in meta:
         raise ValueError(f"{path / 'run.json'} is not the record saved with its guide ({path / 'guide.json'} records "
                          "none, or is of another format): it was edited or replaced since")
@@ -701,11 +701,11 @@ def _base_record_problem(saved) -> str | None:
     return None
 
 
-def _read_meta(path):
-    """``guide.json`` of the guide folder ``path``, checked for every key :func:`load_guide` reads.
+def _json_object(path) -> dict:
+    """``guide.json`` of the folder ``path`` as a JSON object, its damage named (what :func:`check_sealed` reads).
 
     :raises FileNotFoundError: if it is missing.
-    :raises ValueError: if it is not UTF-8 JSON, not an object, of another format, or lacks a key.
+    :raises ValueError: if it is no file, not UTF-8 JSON or not an object.
     """
     file = path / "guide.json"
     try:
@@ -724,6 +724,17 @@ def _read_meta(path):
         raise ValueError(f"{file} is corrupt: it is not valid JSON ({err})") from None
     if not isinstance(meta, dict):
         raise ValueError(f"{file} is corrupt: it holds a JSON {_JSON_TYPES.get(type(meta), 'value')}, not an object")
+    return meta
+
+
+def _read_meta(path):
+    """``guide.json`` of the guide folder ``path``, checked for every key :func:`load_guide` reads.
+
+    :raises FileNotFoundError: if it is missing.
+    :raises ValueError: if it is not UTF-8 JSON, not an object, of another format, or lacks a key.
+    """
+    meta = _json_object(path)
+    file = path / "guide.json"
     if meta.get("format") not in (FORMAT, *_OLD_FORMATS):
         raise ValueError(f"{file} is not a pyro_lora guide (format {meta.get('format')!r})")
     # an old format holds the site shapes only; the current one the whole signature; an autoguide's, no config

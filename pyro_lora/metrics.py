@@ -88,10 +88,15 @@ def _tensor(x, name: str) -> torch.Tensor:
         x = torch.as_tensor(array)
     if x.is_complex():
         raise ValueError(f"{name} must be real, got dtype {x.dtype}")
-    if x.layout != torch.strided or x.is_meta:  # sparse tensors lack the ops below; a meta tensor holds no values
+    _check_dense(x, name)
+    return x.detach()
+
+
+def _check_dense(x: torch.Tensor, name: str) -> None:
+    """Refuse a sparse tensor (it lacks the ops the metrics run) or a meta one (it holds no values)."""
+    if x.layout != torch.strided or x.is_meta:
         where = "on the meta device (no values)" if x.is_meta else f"of layout {x.layout}"
         raise ValueError(f"{name} must be a dense tensor with values, got one {where}: pass .to_dense() or real values")
-    return x.detach()
 
 
 def _sum_tolerance(dtype: torch.dtype, num_classes: int) -> float:
@@ -142,6 +147,7 @@ def check_labels(labels, n: int, c: int) -> torch.Tensor:
         if array.dtype.kind not in "biufc":
             raise ValueError(f"labels must be integer class indices, got dtype {array.dtype}")
         labels = torch.as_tensor(array)
+    _check_dense(labels, "labels")
     labels = labels.detach()
     if labels.ndim != 1:
         raise ValueError(f"labels must have shape [N], got {tuple(labels.shape)}")

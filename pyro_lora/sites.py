@@ -8,6 +8,7 @@ keeps an SVI step close to a plain LoRA step.
 
 from __future__ import annotations
 
+import collections.abc
 import re
 import warnings
 from collections import Counter, OrderedDict
@@ -297,13 +298,14 @@ def layer_dims(layer, adapter: str) -> tuple[int, int, int]:
 
 
 def check_random(random) -> tuple:
-    """``random`` as a tuple of letters of :data:`~pyro_lora.kinds.KINDS`: a string (``"AB"``) or a list or tuple of
-    letters; a repeated letter counts once.
+    """``random`` as a tuple of letters of :data:`~pyro_lora.kinds.KINDS`: a string (``"AB"``) or any collection of
+    letters (a list, a set: their order is :data:`KINDS`'s whatever it is); a repeated letter counts once.
 
-    :raises ValueError: for ``None``, a number, a mapping or a set (read by its keys, in no order), an empty choice or a
-        letter that is no kind.
+    :raises ValueError: for ``None``, a number, a mapping (its keys would be read, its values ignored), an empty choice
+        or a letter that is no kind.
     """
-    letters = tuple(random) if isinstance(random, (str, list, tuple)) else None
+    collection = isinstance(random, collections.abc.Iterable) and not isinstance(random, collections.abc.Mapping)
+    letters = tuple(random) if collection else None
     if not letters or any(m not in KINDS for m in letters):
         raise ValueError(f"random must be a non-empty subset of {tuple(KINDS)} (a string such as 'AB', or a list of "
                          f"letters), got {random!r}")

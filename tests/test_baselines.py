@@ -976,7 +976,7 @@ def test_an_ensemble_of_repeated_seeds_is_refused_before_any_training():
         with pytest.raises(ValueError, match=r"seeds \[(5, 5, 5|7, 7)\] repeat a seed: members trained under one seed"):
             train_ensemble(model, toy_data(), k=3, seeds=seeds, include_current=current)
     # torch.manual_seed reads 3.5 and "3" as 3 and -1 as 2**64 - 1: distinct in Python, one member twice in torch
-    for seeds, says in (([3, 3.5], "got 3.5"), ([3, "3"], "got '3'"), ([torch.tensor(3), torch.tensor(3)], "got tensor"),
+    for seeds, says in (([3, 3.5], "got 3.5"), ([3, "3"], "got '3'"), ([torch.tensor(3.0), 4], "got tensor"),
                         ([-1, 2**64 - 1], "got -1"), ([0, 2**64], "below 2\\*\\*64")):
         with pytest.raises(ValueError, match=f"each seed must be .*{says}"):
             train_ensemble(model, toy_data(), k=2, seeds=seeds)
@@ -1120,8 +1120,13 @@ def test_scale_prediction_refuses_what_is_no_prediction_and_log_probs_of_another
         scale_prediction(probs, 2.0)
     with pytest.raises(ValueError, match=r"log_probs have shape \(2, 1\) where its probs have \(2, 2\)"):
         scale_prediction(Prediction(probs, None, log_probs=probs.log()[:, :1].double()), 2.0)
+    with pytest.raises(ValueError, match="the prediction holds no probs"):
+        scale_prediction(Prediction(None, None), 2.0)
     scaled = scale_prediction(Prediction(probs, None, log_probs=probs.log().double()), 2.0)
     assert torch.allclose(scaled.probs, (probs.double().log() / 2).softmax(-1))
+    # log_probs as an array (a raw AttributeError at .double()) are read as metrics read them
+    from_array = scale_prediction(Prediction(probs, None, log_probs=probs.log().double().numpy()), 2.0)
+    assert torch.equal(from_array.probs, scaled.probs) and torch.equal(from_array.log_probs, scaled.log_probs)
 
 
 def test_a_sharpening_temperature_keeps_the_confidence_order_and_says_when_float64_cannot():
@@ -1203,6 +1208,8 @@ def test_an_ensemble_refuses_fit_kwargs_fit_does_not_take_before_resetting_the_a
     re-initialised, leaving the network's trained LoRA reset."""
     model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), random="AB", num_data=48)
     before = copy.deepcopy(model.net.state_dict())
+    with pytest.raises(ValueError, match=r"seeds must be a list of k integers .*got dict"):  # its keys were the seeds
+        train_ensemble(model, toy_data(), k=2, seeds={5: "x", 6: "y"})
     for bad, match in (([1], "fit_kwargs must be a dict of pyro_lora.fit's keyword arguments, got list"),
                        ("epochs=1", "must be a dict"), ({"epochs": 1, "epoch": 2}, r"fit_kwargs \['epoch'\] are no keyword"),
                        ({"data": toy_data()}, r"fit_kwargs \['data'\] are no keyword")):

@@ -262,6 +262,7 @@ def test_split_train_val_is_deterministic_and_disjoint():
     for fraction in (None, "0.1", math.nan, True):  # raw TypeErrors, or True read as 1
         with pytest.raises(ValueError, match="val_fraction must be a number in .0, 1."):
             D.split_train_val(recs, val_fraction=fraction)
+    assert D.split_train_val(recs, val_fraction=torch.tensor(0.1), seed=3) == D.split_train_val(recs, val_fraction=0.1, seed=3)
 
 
 def test_subset_is_deterministic():
@@ -836,6 +837,7 @@ def test_in_memory_records_are_checked_as_the_reader_checks_a_file(minilm_tok):
     with pytest.raises(ValueError, match="collator must be a function of a list of records .* or None, got 'collate'"):
         D.make_loader([good], "collate", 1)
     assert list(D.make_loader([good], list, 1)) == [[good]]  # any callable of the records, a class such as list too
+    assert list(D.make_loader(["a", "b"], frozenset, 2)) == [frozenset("ab")]  # a builtin type of no signature (was a raw error)
     with pytest.raises(ValueError, match="choice.s. .1. are empty .or only whitespace or invisible"):
         D.ClozeCollator(minilm_tok)([{**GOOD_MC, "choices": ["x", "\u200b"]}])
     for bad, message in [(1, "leaves no room for a text token beside the 2 special tokens"), (2, "leaves no room"),

@@ -259,10 +259,12 @@ def test_val_nll_optimum_on_the_grid_edge_warns_and_bad_grids_are_refused():
         assert lam() == pytest.approx(5e-5)  # a refused grid changes nothing
     # "12" raised a raw error, a 2-d grid was flattened, True read as 1
     for bad, match in (("12", "a list or tuple of numbers"), ([[1e-5, 1e-4], [1e-3, 1e-2]], "numbers only"),
-                       ([True, 1e-4], "numbers only"), (1e-4, "a list or tuple")):
+                       ([True, 1e-4], "numbers only"), (True, "numbers only")):
         with pytest.raises(ValueError, match=f"grid must (be|hold) {match}"):
             guide.optimize_prior_precision("val_nll", val_loader=val, grid=bad)
         assert lam() == pytest.approx(5e-5)
+    assert guide.optimize_prior_precision("val_nll", val_loader=val, grid=torch.tensor(5e-5)) == \
+        guide.optimize_prior_precision("val_nll", val_loader=val, grid=[5e-5])  # one number: a one-value grid
     guide._grid_nll_glm = lambda *args: [1.0, float("nan"), 2.0]  # argmin took the nan as the best: 1e-4
     with pytest.raises(ValueError, match="NLL is nan at lambda = 0.0001"):
         guide.optimize_prior_precision("val_nll", val_loader=val, grid=[1e-5, 1e-4, 1e-3])

@@ -171,8 +171,11 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
     assert tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], [], num_samples=4).value <= 10.0
     assert knob["v"] < 10.0
     for bad in (-0.1, "0.01", math.nan):  # the string raised a raw TypeError
-        with pytest.raises(ValueError, match="max_accuracy_drop must be a finite number >= 0"):
+        with pytest.raises(ValueError, match="max_accuracy_drop must be a fraction >= 0 .inf: no guard."):
             tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, max_accuracy_drop=bad)
+    for bad, match in ((dict(seed="a"), "seed must be an integer >= 0"), (dict(start="0.5"), "start must be a finite")):
+        with pytest.raises(ValueError, match=match):  # a raw int() error; a string handed to set_value on a failure
+            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, **bad)
     for bad in (1.5, "0.1", math.nan, True):  # the string raised a raw TypeError, nan and True passed
         with pytest.raises(ValueError, match="max_flip_rate must be a fraction in"):
             tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, max_flip_rate=bad)

@@ -24,6 +24,7 @@ from .results import GuideFailures, read_record
 from .saved import FIT_SETTINGS, bayesianize_adapter, evaluate_saved, fit_one, fit_settings
 from .setup import FULL, CompareConfig
 from .table import format_table
+from .verdict import verdict
 
 _MIN_MAX_LENGTH = 8  # shorter cuts most inputs to a few tokens
 SEED_LIMIT = 2**32  # numpy's seeds; torch's overflow above 2**63
@@ -399,10 +400,17 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None,
 
 
 def _verdict(out):
-    """The verdict the run just recorded in ``out`` (of the rows its table averages: not those it withheld; a verdict
-    stored by older code is rewritten by the run), after a blank line ("" where there is none)."""
+    """The verdict on the rows of the run in ``out`` that its table averages, recomputed from them (one stored by older
+    code misses what the verdict says now), after a blank line ("" where there are none): the seeds each summary row
+    names, not rows the run withheld (no arrays to check them by, of a seed outside ``--seeds``)."""
     saved = read_record(out, "choose another --out")
-    text = saved.get("verdict") if saved else ""
+    if not saved:
+        return ""
+    rows = saved["per_seed"]
+    if "summary" in saved:  # a record without one (hand-made) is judged whole
+        averaged = {(r["guide"], r["dataset"]): set(r.get("seeds") or ()) for r in saved["summary"]}
+        rows = [r for r in rows if r["seed"] in averaged.get((r["guide"], r["dataset"]), ())]
+    text = verdict(rows, saved["config"]["dataset"], saved["config"].get("eval_datasets", ()))
     return "\n" + text if text else ""
 
 
