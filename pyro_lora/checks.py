@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import collections.abc
 import math
-import operator
+import numbers
 import os
 
 import torch
@@ -19,24 +19,11 @@ def check_count(value, name: str, *, minimum: int = 1, alternative: str = "") ->
     :param alternative: what else the argument accepts, said in the error (e.g. ``"or None for all samples"``).
     :raises ValueError: for a bool, a non-integer or a value below ``minimum``.
     """
-    number = _integer(value)
-    if number is None or number < minimum:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         extra = f" ({alternative})" if alternative else ""
         kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name} must be {kind}{extra}, got {value!r}")
-    return number
-
-
-def _integer(value) -> int | None:
-    """``value`` as an int if it is an integer: Python's, numpy's, a 0-d integer tensor or array (what
-    ``operator.index`` takes); ``None`` for a bool of any kind, a float, a string."""
-    if isinstance(value, bool) or str(getattr(value, "dtype", "")) in ("bool", "torch.bool") \
-            or getattr(value, "ndim", 0) != 0:  # a [1] tensor indexes as its element: no count
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
+    return int(value)  # a Python int: a numpy one reached fit_progress, which JSON cannot write
 
 
 def check_positive(value, name: str) -> float:

@@ -486,6 +486,7 @@ def test_a_guide_on_another_quantization_or_folder_of_its_checkpoint_loads_with_
     (tmp_path / "nf4_guide" / "guide.json").write_text(json.dumps(record))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same base: its whole-weight digest agrees, nothing to say
+        warnings.filterwarnings("ignore", message=".*records no meta_sha256")  # but that the record is an older one
         load_guide(tmp_path / "nf4_guide", LoraModel(quantized(folder, "nf4", dtype=torch.float32), SequenceClassification(),
                                                      num_data=6))
 
