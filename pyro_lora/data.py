@@ -282,12 +282,12 @@ def split_train_val(records: list, val_fraction: float = 0.1, val_size: int | No
     seed = check_count(seed, "seed", minimum=0, alternative="None drew another split on every call")
     n = len(records)
     if val_size is None:
-        if not 0.0 < as_real(val_fraction) < 1.0:  # nan, a string, a bool fail it
+        fraction = as_real(val_fraction)  # a float: a 0-d tensor has no round()
+        if not 0.0 < fraction < 1.0:  # nan, a string, a bool fail it
             raise ValueError(f"val_fraction must be a number in (0, 1), got {val_fraction!r}")
-        val_fraction = as_real(val_fraction)  # a 0-d tensor has no round()
-        val_size = max(1, int(round(n * val_fraction)))
+        val_size = max(1, int(round(n * fraction)))
         if not val_size < n:
-            raise ValueError(f"val_fraction {val_fraction:g} of {n} records holds out {val_size}, leaving none to train on: "
+            raise ValueError(f"val_fraction {fraction:g} of {n} records holds out {val_size}, leaving none to train on: "
                              "lower the validation fraction (--val-fraction) or give more records (--train-size)")
     if not check_count(val_size, "val_size") < n:
         raise ValueError(f"val_size must be in [1, {n - 1}] for {n} records, got {val_size!r}")

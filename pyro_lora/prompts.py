@@ -69,10 +69,6 @@ def blank_format(*splits, name: str = "the records") -> bool:
         owner = f"record {foreign.get('id')!r}" if isinstance(foreign, dict) else f"a {type(foreign).__name__}"
         raise ValueError(f"{owner} of {name} has no 'choices': the blank-sentence format is one of multiple-choice "
                          "records only")
-    for r in records:  # in-memory records come here unchecked: a missing question was a raw KeyError
-        problem = validate_record({k: v for k, v in r.items() if k != BLANK}, "multiple_choice")
-        if problem:
-            raise ValueError(f"record {r.get('id')!r} of {name}: {problem}")
     looking = [r for r in records if looks_blank(r)]
     if looking and len(looking) < len(records):
         warnings.warn(f"{len(looking)} of the {len(records)} records of {name} hold one '_' between spaces, as a "
@@ -96,6 +92,11 @@ def mark_blank_sentences(*splits, name: str = "the records") -> bool:
     :raises ValueError: for a record without ``choices``.
     :warns UserWarning: where some records but not all look like blank sentences.
     """
+    for r in (r for split in splits for r in split):  # in-memory records, unchecked: a missing question was a raw KeyError
+        problem = validate_record({k: v for k, v in r.items() if k != BLANK}, "multiple_choice") \
+            if record_task(r) == "multiple_choice" else None  # blank_format names a record without choices
+        if problem:
+            raise ValueError(f"record {r.get('id')!r} of {name}: {problem}")
     blank = blank_format(*splits, name=name)
     for split in splits:
         for record in split:
