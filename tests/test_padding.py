@@ -443,6 +443,9 @@ def test_answer_letters_in_place_of_token_ids_are_refused_naming_the_helper():
 def test_answer_token_ids_outside_the_vocabulary_are_refused_by_name():
     with pytest.raises(ValueError, match=r"answer_token_ids \[50, 51, -1\] hold a negative id"):
         MultipleChoice(answer_token_ids=[50, 51, -1])
+    # uint64 ids from 2**63 wrapped to negatives in the cast to int64 and were named "a negative id"
+    with pytest.raises(ValueError, match=r"hold an id beyond int64's range"):
+        MultipleChoice(answer_token_ids=torch.tensor([1, 2**63 + 5], dtype=torch.uint64))
     with pytest.raises(ValueError, match=r"answer_token_ids \[5, 64\] name a token beyond the LM head's 64 rows"):
         LoraModel(tiny_llama(), MultipleChoice(answer_token_ids=[5, 64]))
 
