@@ -8,12 +8,14 @@ variational family in its weight-space form.
 """
 
 import math
+import warnings
 
 import pyro.distributions as dist
 import torch
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
+from pyro_lora.callers import user_stacklevel
 from pyro_lora.checks import check_count, check_nonnegative
 from pyro_lora.distributions import check_event_shape
 
@@ -59,6 +61,10 @@ class MCDropoutGuide(LoraGuide):
         if not any(s.kind.role == "down" for s in self.sites.values()):
             raise ValueError(f"MC dropout drops columns of the A sites; the model has none ({list(self.sites)}): use random='A' or 'AB'")
         self.p = float(p)
+        if self.p == 0:  # allowed (a limit of the family), but a table would list the MAP as a Bayesian method
+            warnings.warn("MCDropoutGuide(p=0) drops nothing: every sample is A itself, so its predictive is the MAP's "
+                          "(mutual information 0); give the dropout probability of the LoRA input units, e.g. p=0.1",
+                          stacklevel=user_stacklevel())
         init = model.initial_values(init)
         self.locs = torch.nn.ParameterList([torch.nn.Parameter(init[name].detach().clone().float()) for name in self.sites])
 
@@ -125,6 +131,12 @@ class ColumnDropout(TorchDistribution):
 
     def rsample(self, sample_shape=torch.Size()):
         return _drop(self.loc, self.p, tuple(sample_shape))
+
+    def entropy(self):
+        """``H(Bernoulli(1 - p))`` nats per nonzero column of ``loc`` (a zero column is the same kept or dropped),
+        shape ``batch_shape`` (empty: every dim is an event dim)."""
+        per_column = -sum(q * math.log(q) for q in (self.p, 1 - self.p) if q > 0)
+        return (self.loc != 0).any(-2).flatten(-(len(self.event_shape) - 1)).sum(-1).to(self.loc.dtype) * per_column
 
     def log_prob(self, value):
         check_event_shape(self, value)

@@ -554,6 +554,10 @@ def test_column_dropout_log_prob_counts_columns():
     nonzero_where_loc_is_zero[1, 2] = 1.0  # no draw has it: it scored as column 2 kept (-1.39)
     assert q.log_prob(nonzero_where_loc_is_zero).item() == -math.inf
     torch.testing.assert_close(q.variance, loc.pow(2) / 3)
+    # entropy raised a bare NotImplementedError; two nonzero columns, each a Bernoulli(0.75) draw
+    bernoulli = torch.distributions.Bernoulli(probs=torch.tensor(0.75)).entropy().item()
+    assert q.entropy().item() == pytest.approx(2 * bernoulli)
+    assert ColumnDropout(loc, 0.0).entropy().item() == 0.0
 
 
 def test_mc_dropout_predicts_batched_and_its_mean_is_the_network():
@@ -593,6 +597,9 @@ def test_mc_dropout_bad_input():
             MCDropoutGuide(make(), p=p)
     with pytest.raises(ValueError, match="no"):
         MCDropoutGuide(make(random="B"))
+    # p=0 was taken without a word: every sample the MAP, listed as a Bayesian method
+    with pytest.warns(UserWarning, match=r"MCDropoutGuide\(p=0\) drops nothing: every sample is A itself"):
+        MCDropoutGuide(make(), p=0)
 
 
 # --- deep ensemble --------------------------------------------------------------------------------
