@@ -256,6 +256,8 @@ def fit(
             _check_elbo(elbo)
             num_data = model.num_data  # None: each batch is the whole training set, its loss per its own examples
             model.set_trainable()
+            if train_network:
+                _warn_frozen_initial_heads(model)
             device = model.device
             params = (model.point_parameters() if train_network else []) + [p for p in guide.parameters() if p.requires_grad]
             if not params:
@@ -652,6 +654,26 @@ def _describe_data(data) -> dict:
             "batch_size": getattr(data, "batch_size", None), "drop_last": getattr(data, "drop_last", None),
             **{name: sampler(getattr(data, name)) for name in ("sampler", "batch_sampler")
                if getattr(data, name, None) is not None}}
+
+
+def _warn_frozen_initial_heads(model) -> None:
+    """Warn of a head peft saves with the adapter (``modules_to_save``) that is frozen and still equal to the base
+    model's own module: a ``LoraConfig(inference_mode=True)`` freezes it before it ever trained, which for a head the
+    checkpoint lacked leaves its random initialisation under every posterior ``fit`` trains. (A head loaded with
+    ``is_trainable=False`` holds its trained values, which differ from the base's.)"""
+    from peft.utils import ModulesToSaveWrapper
+
+    for path, wrapper in model.net.named_modules():
+        if not (isinstance(wrapper, ModulesToSaveWrapper) and model.adapter in wrapper.modules_to_save):
+            continue
+        own, original = dict(wrapper.modules_to_save[model.adapter].named_parameters()), dict(wrapper.original_module.named_parameters())
+        if own and not any(p.requires_grad for p in own.values()) and own.keys() == original.keys() and all(
+                torch.equal(p, original[name]) for name, p in own.items()):
+            warnings.warn(f"fit trains no parameter of {path}: peft saves it with the adapter, but it is frozen "
+                          "(requires_grad False, as LoraConfig(inference_mode=True) leaves it) and still equal to the base "
+                          "model's own module, which for a head the checkpoint lacked is its random initialisation; build "
+                          "the adapter with inference_mode=False, or set requires_grad on it, to train it",
+                          stacklevel=user_stacklevel())
 
 
 def _check_collectors(callbacks) -> None:

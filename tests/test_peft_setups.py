@@ -802,6 +802,32 @@ def test_an_adapter_loaded_for_inference_keeps_its_non_random_matrices_frozen(tm
     assert moved == (set() if load == "is_trainable=False" else set(before))
 
 
+def test_fit_warns_of_a_head_frozen_before_it_ever_trained():
+    from pyro_lora.guides import MeanFieldGuide
+
+    # LoraConfig(inference_mode=True) froze the fresh head: fit trained the posterior against its random initialisation
+    for inference_mode in (True, False):
+        net = get_peft_model(tiny_bert_base(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                          task_type="SEQ_CLS", inference_mode=inference_mode))
+        model = LoraModel(net, SequenceClassification(), random="AB", num_data=3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(model, MeanFieldGuide(model), [batch()], epochs=1, progress=False)
+        frozen = [str(w.message) for w in caught if "fit trains no parameter of" in str(w.message)]
+        assert frozen == ([] if not inference_mode else [
+            "fit trains no parameter of base_model.model.classifier: peft saves it with the adapter, but it is frozen "
+            "(requires_grad False, as LoraConfig(inference_mode=True) leaves it) and still equal to the base model's own "
+            "module, which for a head the checkpoint lacked is its random initialisation; build the adapter with "
+            "inference_mode=False, or set requires_grad on it, to train it"])
+    net = get_peft_model(tiny_bert_base(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                      task_type="SEQ_CLS", inference_mode=True))
+    model = LoraModel(net, SequenceClassification(), random="AB", num_data=3)
+    with warnings.catch_warnings(record=True) as caught:  # train_network=False: the head is meant to stay
+        warnings.simplefilter("always")
+        fit(model, MeanFieldGuide(model), [batch()], epochs=1, progress=False, train_network=False)
+    assert not [w for w in caught if "fit trains no parameter of" in str(w.message)]
+
+
 def _rewritten_by(init, base):
     """``base`` under an adapter built with ``init`` after its preprocessing (LoRA-GA's gradients, CorDA's covariances)."""
     from peft import LoraGAConfig
