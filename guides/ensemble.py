@@ -452,7 +452,9 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
         ``checkpoint_every``, ``resume``: the members would share one checkpoint), inside ``torch.inference_mode()`` or
         a Pyro handler :func:`pyro_lora.fit` refuses; under ``torch.distributed``, on every rank, where ``k``, ``seeds``
         (``None`` and the same seeds given count as different), ``include_current`` or a ``fit_kwargs`` entry differ
-        across ranks.
+        across ranks. An error while training (an out-of-memory error, an interrupt) is raised as it is, with the
+        network restored, a note naming the member that failed, and the members that finished as its
+        ``finished_ensemble`` (an :class:`EnsembleGuide`, or ``None`` where none had).
     """
     include_current = check_flag(include_current, "include_current")
     check_model(model, "train an ensemble")
@@ -512,11 +514,33 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
                 fit(model, guide, data, **fit_kwargs)
                 members.append({n: v.detach().clone() for n, v in guide.mean().items()})
             heads.append({n: params[n].detach().clone() for n in heads_names})
-    finally:
-        with torch.no_grad():
-            for n, v in saved.items():
-                params[n].copy_(v)
+    except BaseException as error:
+        _restore(params, saved)
+        _keep_finished(error, model, members, heads if heads_names else None, i, seeds)
+        raise
+    _restore(params, saved)
     return EnsembleGuide(model, members, heads if heads_names else None)
+
+
+def _restore(params, saved) -> None:
+    with torch.no_grad():
+        for n, v in saved.items():
+            params[n].copy_(v)
+
+
+def _keep_finished(error, model, members, heads, failed, seeds) -> None:
+    """Keep the members that finished before member ``failed`` raised ``error`` (an out-of-memory error, an
+    interrupt): ``error.finished_ensemble`` is their :class:`EnsembleGuide` (``None`` where none finished), and a note
+    on the error names the member that failed and how to keep the rest."""
+    error.finished_ensemble, kept = None, "no member had finished"
+    if members:
+        try:
+            error.finished_ensemble = EnsembleGuide(model, members, heads)
+            kept = (f"the {len(members)} member(s) that finished are kept as this error's finished_ensemble (an "
+                    "EnsembleGuide: predict with it, or keep it with save_guide)")
+        except Exception as also:  # the error being raised stays the one to report
+            kept = f"the {len(members)} member(s) that finished could not be kept: {type(also).__name__}: {also}"
+    error.add_note(f"train_ensemble: member {failed} of {len(seeds)} (seed {seeds[failed]}) failed; {kept}")
 
 
 def _check_fit_kwargs(fit_kwargs) -> None:

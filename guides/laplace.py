@@ -380,7 +380,7 @@ class LaplaceGuide(LoraGuide):
         grid = prior_precision_grid(grid)
         with entry_checks(self.model, self, "tune lambda on validation data"):  # every rank scores the whole data
             self._check_network("tune lambda on validation data")
-        val_loader = fixed_batches(val_loader, f"{type(self).__name__} val_nll")  # each pass the same batches in the same order: common random numbers
+        val_loader = fixed_batches(val_loader, f"{type(self).__name__} val_nll", "val_loader")  # each pass the same batches in the same order: common random numbers
         # the samples' second set of draws, for a lambda chosen where others overflowed
         again = None if predictive == "glm" else \
             (lambda lam: self._grid_nll_samples(val_loader, torch.tensor([lam]), num_samples, False, seed=1)[0])

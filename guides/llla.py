@@ -408,7 +408,7 @@ class LastLayerLaplaceGuide(LoraGuide):
         projections are computed here, once."""
         with entry_checks(self.model, self, "tune lambda on validation data"):  # every rank scores the whole data
             self._check_head()
-        val_loader = fixed_batches(val_loader, "LastLayerLaplaceGuide val_nll")  # every rank scores the same whole validation set
+        val_loader = fixed_batches(val_loader, "LastLayerLaplaceGuide val_nll", "val_loader")  # every rank scores the same whole validation set
         cache, labels = [], []
         for batch in progress_bar(val_loader, desc="LLLA val features", disable=not progress, dynamic_ncols=True):
             logits, phi, slope = self._features(batch)

@@ -137,7 +137,7 @@ class LaplaceMixtureGuide(EnsembleGuide):
         grid = prior_precision_grid(grid)
         with entry_checks(self.model, self, "tune lambda on validation data"):  # every rank scores the whole data
             check_guide(self.model, self, "tune lambda on validation data")
-        val_loader = fixed_batches(val_loader, f"{type(self).__name__} val_nll")  # the grid in one pass, its refinement in another
+        val_loader = fixed_batches(val_loader, f"{type(self).__name__} val_nll", "val_loader")  # the grid in one pass, its refinement in another
         with self._all_or_nothing():
             best, nlls = search_grid(grid, lambda g: self._grid_nll(val_loader, g, progress), refine, type(self).__name__)
             for component in self.components:

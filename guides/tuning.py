@@ -155,7 +155,7 @@ def tune_on_validation(guide, knob: str, set_value, grid, loader, num_samples: i
         raise ValueError(f"max_flip_rate must be a fraction in [0, 1] or None, got {max_flip_rate!r}")
     check_tol(tol)
     check_positive(variance_power, "variance_power")
-    loader = fixed_batches(loader, f"the {knob} tuning")  # every value scored on the same batches, in the same order
+    loader = fixed_batches(loader, f"the {knob} tuning", "its validation loader")  # every value scored on the same batches, in the same order
     try:
         return _tune(knob, set_value, grid, tol, max_accuracy_drop, max_flip_rate,
                      lambda again=False: validation_scores(guide, loader, num_samples, seed + 1 if again else seed),

@@ -345,7 +345,7 @@ def make_loader(records: list, collator: Callable[[list[dict]], dict], batch_siz
     )
 
 
-def fixed_batches(data, action: str) -> list:
+def fixed_batches(data, action: str, name: str = "data") -> list:
     """The batches of ``data`` read once into a list, for a search that compares its passes over the same data: a
     shuffling ``DataLoader`` with a generator of its own orders each pass anew (so predictions of two passes would be
     compared across examples, and the weight noise fall on other examples), and a generator yields only once. The
@@ -358,13 +358,22 @@ def fixed_batches(data, action: str) -> list:
     each rank's own part set another value on each).
 
     :raises ValueError: for one batch (a dict), a ``DataLoader`` dropping its last incomplete batch, a sharding loader,
-        or data that differ across ranks.
+        data that differ across ranks, or no batch at all (named as ``action``'s argument ``name``, not as the
+        ``predict`` a search scores with).
     """
     # a refusal on one rank only (its loader drops its last batch) is raised on every rank: the others would go on into
     # the collectives below and leave the ranks out of step for every later call
     with distributed.refused_together(f"read the data of {action}"):
         check_batches(data)
         check_every_example(data, action)
+    batches = _read_once(data)
+    if not batches:  # the same list on every rank: refused on all alike
+        raise ValueError(f"{action} got no batches: {name} is empty")
+    return batches
+
+
+def _read_once(data) -> list:
+    """:func:`fixed_batches`' list of ``data``'s batches, past its checks."""
     if not distributed.is_distributed():
         return data if isinstance(data, list) else list(data)
     distributed.check_unsharded(data, "scores the whole data on every rank here (each rank would score its part)")

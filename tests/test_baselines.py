@@ -669,6 +669,38 @@ def test_train_ensemble_members_differ_heads_are_batched_and_network_is_restored
     torch.testing.assert_close(whole.sample_probs, slow, rtol=1e-5, atol=1e-6)
 
 
+def test_a_member_failing_late_keeps_the_members_that_finished():
+    """An error in member k's fit (out of memory, an interrupt) lost the k - 1 members already trained: nothing was
+    kept, and the error named no member."""
+    model = make()
+    before = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    whole = train_ensemble(model, toy_data(), k=3, seeds=[1, 2, 3], fit_kwargs={"epochs": 1, "lr": 1e-2})
+
+    fits = []
+
+    def boom(state):
+        fits.append(state.step == 1)
+        if sum(fits) == 3:  # the third member's first step
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        train_ensemble(model, toy_data(), k=3, seeds=[1, 2, 3], fit_kwargs={"epochs": 1, "lr": 1e-2, "callbacks": [boom]})
+    for n, p in model.net.named_parameters():
+        assert torch.equal(p, before[n]), n
+    assert caught.value.__notes__ == [
+        "train_ensemble: member 2 of 3 (seed 3) failed; the 2 member(s) that finished are kept as this error's "
+        "finished_ensemble (an EnsembleGuide: predict with it, or keep it with save_guide)"]
+    kept = caught.value.finished_ensemble
+    for name, values in kept.members().items():  # the same two members the whole run trained first
+        torch.testing.assert_close(values, whole.members()[name][:2])
+    for name, values in kept.heads().items():
+        torch.testing.assert_close(values, whole.heads()[name][:2])
+    with pytest.raises(RuntimeError, match="boom") as caught:  # the first member failing keeps none
+        train_ensemble(model, toy_data(), k=2, fit_kwargs={"callbacks": [lambda state: (_ for _ in ()).throw(RuntimeError("boom"))]})
+    assert caught.value.finished_ensemble is None
+    assert caught.value.__notes__ == ["train_ensemble: member 0 of 2 (seed 0) failed; no member had finished"]
+
+
 def test_members_of_separate_fits_without_their_heads_are_warned_of_sharing_the_last_ones_head():
     """Each fit trains its own head; EnsembleGuide(model, [g.mean() for g in guides]) paired every member with the
     last fit's head, the one the network holds (probabilities up to 0.12 off the mixture of each with its own head)

@@ -23,6 +23,8 @@ from pyro_lora.guides.tuning import tune_on_validation, validation_scores
 from pyro_lora.predictive import NonFinitePredictionError, predict
 from pyro_lora.scalabl import ScalaBLModel
 
+SCORED = [{}]  # the validation data of tunings whose scores are mocked: one placeholder batch, never read
+
 
 def data(seeds=(1, 2, 3)):
     return [random_batch(batch=4, seed=s) | {"labels": torch.tensor([0, 2, 1, 1])} for s in seeds]
@@ -150,12 +152,12 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
     optimum = 3.7
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        trace = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], [], num_samples=4, tol=0.01).trace
+        trace = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], SCORED, num_samples=4, tol=0.01).trace
     assert knob["v"] == pytest.approx(optimum, rel=0.01) and min(trace, key=lambda t: t[1])[0] == knob["v"]
     assert all(len(t) == 4 and t[2] == 0.8 and math.isnan(t[3]) for t in trace)  # no predictions: flips unknown
     optimum = 1e5  # beyond the grid's largest value
     with pytest.warns(UserWarning, match="lowest at the largest T of the grid .100; grid 0.1 to 100.: the optimum may lie beyond"):
-        tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], [], num_samples=4)
+        tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], SCORED, num_samples=4)
     assert "lowest at the largest T of the grid" in tuning.note  # for the method's rows
     assert knob["v"] == pytest.approx(100.0)  # the refinement stays inside the grid
     for bad in ([1.0, 2.0], [1.0, 0.5, 2.0], [0.0, 1.0, 2.0], [1.0, 2.0, float("inf")]):
@@ -163,22 +165,22 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
             tune_on_validation(None, "T", set_value, bad, None, num_samples=4)
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *args, **kw: (math.inf, math.nan, None))
     with pytest.raises(ValueError, match="no T of the grid .0.1 to 10. gives a finite validation NLL.*left as it was"):
-        tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, start=1.5)
+        tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], SCORED, num_samples=4, start=1.5)
     assert knob["v"] == 1.5  # it was left at 10, the grid's last value
     # the demo's scalabl_val: the widest temperatures overflow the predictive; they are refused, not fatal
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores",
                         lambda *a, **k: (math.inf, math.nan, None) if knob["v"] > 5 else (1.0 / knob["v"], 0.8, None))
-    assert tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], [], num_samples=4).value <= 10.0
+    assert tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], SCORED, num_samples=4).value <= 10.0
     assert knob["v"] < 10.0
     for bad in (-0.1, "0.01", math.nan):  # the string raised a raw TypeError
         with pytest.raises(ValueError, match="max_accuracy_drop must be a fraction >= 0 .inf: no guard."):
-            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, max_accuracy_drop=bad)
+            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], SCORED, num_samples=4, max_accuracy_drop=bad)
     for bad, match in ((dict(seed="a"), "seed must be an integer >= 0"), (dict(start="0.5"), "start must be a finite")):
         with pytest.raises(ValueError, match=match):  # a raw int() error; a string handed to set_value on a failure
-            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, **bad)
+            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], SCORED, num_samples=4, **bad)
     for bad in (1.5, "0.1", math.nan, True):  # the string raised a raw TypeError, nan and True passed
         with pytest.raises(ValueError, match="max_flip_rate must be a fraction in"):
-            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, max_flip_rate=bad)
+            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], SCORED, num_samples=4, max_flip_rate=bad)
     # "123" was read as the grid [1, 2, 3], a set in hash order, a 2-d grid raised a raw TypeError
     for bad, match in (("123", "must be a list or tuple of numbers"), ({0.1, 1.0, 10.0}, "must be a list or tuple"),
                        ([[0.1, 1.0], [10.0, 100.0]], "must hold numbers only"), ([0.1, True, 10.0], "must hold numbers only")):
@@ -187,17 +189,17 @@ def test_tuning_reaches_a_known_optimum_and_warns_at_a_grid_end(monkeypatch):
     # a knob without effect (an untrained posterior): not "the optimum may lie beyond" the grid
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", lambda *a, **k: (0.6547, 0.61, None))
     with pytest.warns(UserWarning, match="the same at every T of the grid .0.1 to 100.: the T does not change"):
-        tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], [], num_samples=4)
+        tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], SCORED, num_samples=4)
     assert tuning.value == knob["v"] == 0.1 and len(tuning.trace) == 4 and "beyond" not in tuning.note
     # the same up to float noise (the largest T lowest by 4e-8): said flat too, not an optimum beyond the grid
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores",
                         lambda *a, **k: (0.6931849 - 1e-8 * math.log10(knob["v"]), 0.5, None))
     with pytest.warns(UserWarning, match="the same at every T of the grid"):
-        tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], [], num_samples=4)
+        tuning = tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0, 100.0], SCORED, num_samples=4)
     assert tuning.value == 0.1 and "beyond" not in tuning.note
     for tol in (0.0, -0.1, float("nan"), float("inf")):  # 0 looped forever, NaN skipped the refinement
         with pytest.raises(ValueError, match=r"tol \(the search's stopping width in log space\) must be a finite positive number"):
-            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, tol=tol)
+            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], SCORED, num_samples=4, tol=tol)
 
 
 def test_tuning_refuses_a_value_that_costs_validation_accuracy(monkeypatch):
@@ -210,12 +212,16 @@ def test_tuning_refuses_a_value_that_costs_validation_accuracy(monkeypatch):
         return 1.0 / (1.0 + math.log10(t) + 2), 0.80 if t <= 3.0 else 0.75, None
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", scores)
     set_value = lambda v: knob.update(v=v)  # noqa: E731
-    trace = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], [], num_samples=4, tol=0.01).trace
+    trace = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], SCORED, num_samples=4, tol=0.01).trace
     assert 2.9 <= knob["v"] <= 3.0 and min(trace, key=lambda t: t[1])[0] == 100.0  # not the lowest NLL: it costs 5 points
-    tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], [], num_samples=4, max_accuracy_drop=0.1)
+    tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], SCORED, num_samples=4, max_accuracy_drop=0.1)
     assert knob["v"] == 100.0  # allowed 10 points: the lowest NLL
+    # no validation batch was named as predict's empty data, a function the caller never called
+    with pytest.raises(ValueError, match=r"^the T tuning got no batches: its validation loader is empty$"):
+        tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0], iter([]), num_samples=4, start=0.5)
+    assert knob["v"] == 100.0
     with pytest.warns(UserWarning, match="every T of the grid above its smallest .2. costs more than 1 validation accuracy"):
-        tune_on_validation(None, "T", set_value, [2.0, 10.0, 100.0], [], num_samples=4)
+        tune_on_validation(None, "T", set_value, [2.0, 10.0, 100.0], SCORED, num_samples=4)
     assert 2.0 <= knob["v"] <= 3.0
 
 
@@ -232,20 +238,20 @@ def test_tuning_refuses_a_value_whose_flips_hide_in_the_validation_accuracy(monk
         return 1.0 / (1.0 + math.log10(t) + 2), 0.80, predicted
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", scores)
     set_value = lambda v: knob.update(v=v)  # noqa: E731
-    tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], [], num_samples=4)
+    tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], SCORED, num_samples=4)
     assert knob["v"] == 100.0  # without the guard: the lowest NLL
-    tuning = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], [], num_samples=4, tol=0.01,
+    tuning = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], SCORED, num_samples=4, tol=0.01,
                                 max_flip_rate=0.01)
     assert 2.9 <= knob["v"] <= 3.0 and knob["v"] == max(t[0] for t in tuning.trace if t[3] <= 0.01)
     assert {t[3] for t in tuning.trace} == {0.0, 0.04}  # flips against the first value's predictions
-    tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], [], num_samples=4, max_flip_rate=0.05)
+    tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], SCORED, num_samples=4, max_flip_rate=0.05)
     assert knob["v"] == 100.0  # 4% allowed
     with pytest.warns(UserWarning, match="costs more than 1 validation accuracy points or flips more than 1% of the"):
-        tune_on_validation(None, "T", set_value, [2.0, 10.0, 100.0], [], num_samples=4, max_flip_rate=0.01)
+        tune_on_validation(None, "T", set_value, [2.0, 10.0, 100.0], SCORED, num_samples=4, max_flip_rate=0.01)
     assert 2.0 <= knob["v"] <= 3.0
     for bad in (-0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="max_flip_rate must be a fraction in"):
-            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], [], num_samples=4, max_flip_rate=bad)
+            tune_on_validation(None, "T", set_value, [0.1, 1.0, 10.0], SCORED, num_samples=4, max_flip_rate=bad)
 
 
 def test_tfb_val_guards_flips_with_the_search_tolerance_and_keeps_them_in_its_trace(monkeypatch):
@@ -892,7 +898,7 @@ def test_the_accuracy_note_only_where_every_larger_value_costs_accuracy(monkeypa
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores",
                         lambda *a, **k: (1.0 + abs(math.log10(knob["v"]) + 2), 0.7 if knob["v"] == 0.1 else 0.8, None))
     with pytest.warns(UserWarning, match="lowest at the smallest T of the grid"):
-        tuning = tune_on_validation(None, "T", knob.update and (lambda v: knob.update(v=v)), [0.01, 0.1, 1.0, 10.0], [],
+        tuning = tune_on_validation(None, "T", knob.update and (lambda v: knob.update(v=v)), [0.01, 0.1, 1.0, 10.0], SCORED,
                                     num_samples=4)
     assert "costs more than" not in tuning.note
 
@@ -946,7 +952,7 @@ def test_an_optimum_inside_the_grid_is_no_edge_and_a_non_finite_first_value_keep
                             lambda *a, **k: ((math.log(knob["v"]) - math.log(optimum)) ** 2, 0.9, None))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            tuning = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0], [],
+            tuning = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0], SCORED,
                                         num_samples=4)
         assert tuning.note is None and tuning.value == pytest.approx(optimum, rel=0.1)
 
@@ -957,7 +963,7 @@ def test_an_optimum_inside_the_grid_is_no_edge_and_a_non_finite_first_value_keep
         return (math.log(v) - math.log(50.0)) ** 2, 0.9 if v <= 5.0 else 0.5, None
 
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", scores)
-    tuning = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], [], num_samples=4, tol=0.01)
+    tuning = tune_on_validation(None, "T", set_value, [0.01, 0.1, 1.0, 10.0, 100.0], SCORED, num_samples=4, tol=0.01)
     assert 4.9 <= tuning.value <= 5.0  # the lowest NLL among the values keeping the first finite value's accuracy
 
 
@@ -1016,21 +1022,21 @@ def test_tuning_keeps_a_margin_from_a_value_whose_predictive_overflows(monkeypat
     set_value = lambda v: knob.update(v=v)  # noqa: E731
     with pytest.warns(UserWarning, match=r"overflowed \(not finite\) at T 1000: a T within a factor 4 of one that "
                                          r"overflows is refused"):
-        tuning = tune_on_validation(None, "T", set_value, TEMPERATURE_GRID, [], num_samples=4)
+        tuning = tune_on_validation(None, "T", set_value, TEMPERATURE_GRID, SCORED, num_samples=4)
     # by hand: the grid overflows from T = 1000, so T >= 1000 / 4 = 250 is refused; the NLL 1/T is lowest at the largest
     # value scored below 250 (the golden section's, between the grid's 31.6 and 316)
     below = [v for v, *_ in tuning.trace if v < 250]
     assert tuning.value == knob["v"] == max(below) and 240 < tuning.value < 250  # not ~399 next to the overflow
     edges[1] = 200.0  # the second set of draws overflows at that choice: it counts as overflowing, 4x below refused
-    tuning = tune_on_validation(None, "T", set_value, TEMPERATURE_GRID, [], num_samples=4)
+    tuning = tune_on_validation(None, "T", set_value, TEMPERATURE_GRID, SCORED, num_samples=4)
     limit = max(below) / 4  # 62.3: the golden section's values are all above it, so the grid's 31.6
     assert tuning.value == knob["v"] == max(v for v, *_ in tuning.trace if v < limit) == TEMPERATURE_GRID[7]
     assert f"and at T {max(below):g} on a second set of draws" in tuning.note
     edges[0] = edges[1] = 0.02  # only the smallest finite, within 4x of 0.0316's overflow
     with pytest.raises(ValueError, match="no T of the grid .* clear of the overflow margin .a T within a factor 4"):
-        tune_on_validation(None, "T", set_value, TEMPERATURE_GRID, [], num_samples=4)
+        tune_on_validation(None, "T", set_value, TEMPERATURE_GRID, SCORED, num_samples=4)
     edges[0], edges[1] = 1e9, 1e9  # nothing overflows: no margin, no second draws, the grid's end as before
-    tuning = tune_on_validation(None, "T", set_value, TEMPERATURE_GRID, [], num_samples=4)
+    tuning = tune_on_validation(None, "T", set_value, TEMPERATURE_GRID, SCORED, num_samples=4)
     assert tuning.value == TEMPERATURE_GRID[-1] and "overflow" not in tuning.note
 
 
@@ -1044,7 +1050,7 @@ def test_a_value_refused_for_the_overflow_margin_is_not_said_to_cost_accuracy(mo
         return (math.inf, math.nan, None) if t >= 100 else (1.0 / t, 0.9 if t <= 1.01 else 0.5, None)
     monkeypatch.setattr("pyro_lora.guides.tuning.validation_scores", scores)
     with pytest.warns(UserWarning) as caught:
-        tuning = tune_on_validation(None, "T", lambda v: knob.update(v=v), [1.0, 2.0, 100.0], [], num_samples=4)
+        tuning = tune_on_validation(None, "T", lambda v: knob.update(v=v), [1.0, 2.0, 100.0], SCORED, num_samples=4)
     assert tuning.value == 1.0 and len(caught) == 1
     assert tuning.note.startswith("T 2 of the grid each costs more than 1 validation accuracy points, and every other "
                                   "above its smallest (1) overflowed or is within the overflow margin of one that did")
