@@ -671,7 +671,7 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
     (``torch.manual_seed`` before :func:`load_pretrained`); an adapter saved with it
     (``modules_to_save=['classifier', 'pooler']``) loads it whatever the seed.
     """
-    from peft import PeftModel
+    from peft import PeftConfig, PeftModel
 
     # peft's LoRA-GA init runs on the gradients preprocess_loraga attached to the base layers, and without them falls
     # back to the default init, leaving the base weights as they are: loaded without them, the adapter's config says so
@@ -692,6 +692,15 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
                 f"the adapter in {adapter_dir} does not fit this model: {'; '.join(sizes[:2])}"
                 f"{f' (and {len(sizes) - 2} more)' if len(sizes) > 2 else ''}: a head of another number of classes, "
                 "another LoRA rank, or an adapter of another base model"
+            ) from None
+        except ValueError as error:  # peft's NoMatchingPeftModuleError (a ValueError) names neither adapter nor model
+            if "no modules were targeted" not in str(error).lower() and "not found in the base model" not in str(error):
+                raise
+            targets = getattr(PeftConfig.from_pretrained(adapter_dir), "target_modules", None)
+            raise ValueError(
+                f"the adapter in {adapter_dir} targets modules this {type(model).__name__} does not have (its target_modules: "
+                f"{sorted(targets) if isinstance(targets, (set, list, tuple)) else targets}): an adapter of another base "
+                f"model; load the model it was trained on (peft: {str(error).splitlines()[0]})"
             ) from None
         except (UserWarning, KeyError) as warning:  # peft indexes a missing head weight (modules_to_save) directly
             raise ValueError(

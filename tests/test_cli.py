@@ -108,6 +108,9 @@ def test_fit_and_bayesianize_refuse_to_replace_another_run_and_keep_a_finished_o
     assert "pass --overwrite to replace it" in err
     assert cli.main(["fit", "--guide", "map", "--epochs", "1", "--lr", "5e-3", *SMALL, "--out", str(out / "guide")]) == 2
     assert f"{out / 'guide'} is the guide folder of a saved run" in capsys.readouterr().err
+    # refused after its lock was taken, it left a .lock inside the sealed guide folder: a later save there refused that
+    # stray entry after its whole training
+    assert sorted(p.name for p in (out / "guide").iterdir() if p.name.startswith(".")) == []
     # the same configuration again: finished, its row shown as compare shows a finished run's
     run("fit", "--guide", "map", "--adapter", "--epochs", "1", "--lr", "5e-3", *SMALL, "--out", str(out))
     shown = capsys.readouterr().out
@@ -209,6 +212,12 @@ def test_a_head_or_base_the_task_does_not_fit_is_named(tmp_path):
     three.save_pretrained(tmp_path / "adapter")
     with pytest.raises(ValueError, match=r"does not fit this model: size mismatch for .*classifier.*a head of another number"):
         load_adapter(tiny_bert_base(num_labels=2), tmp_path / "adapter")
+    # a BERT adapter on a Llama: peft's "No modules were targeted for adaptation", naming neither adapter nor model
+    from conftest import tiny_llama
+    llama = tiny_llama().get_base_model()
+    with pytest.raises(ValueError, match=r"the adapter in .*adapter targets modules this LlamaForCausalLM does not have "
+                                         r"\(its target_modules: \['query'\]\): an adapter of another base model"):
+        load_adapter(llama, tmp_path / "adapter")
     config = tmp_path / "adapter" / "adapter_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": str(tmp_path / "two")}))
     tiny_bert_base(num_labels=2, seed=1).save_pretrained(tmp_path / "other")

@@ -116,7 +116,23 @@ def test_low_at_or_above_high_is_refused_at_parse_time(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["bayesianize", "adapter", "--low", "0.02", "--high", "0.01"])
     assert exit_info.value.code == 2
-    assert "--low 0.02 must be below --high 0.01" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the bayesianize usage line, as every other range error of its flags shows (it was pyro-lora's own)
+    assert err.startswith("usage: pyro-lora bayesianize ") and "pyro-lora bayesianize: error: --low 0.02 must be below --high 0.01" in err
+
+
+def test_bayesianize_on_another_kind_of_set_than_its_fit_names_the_fits_set(tmp_path, nothing_loads, capsys):
+    """A SmolLM2 adapter fitted on ARC-Easy given --dataset sst2 was refused for "--mc-format / --mc-normalize",
+    flags never given: they came from its fit's run.json."""
+    unit = tmp_path / "fit" / "guide"
+    (unit / "adapter").mkdir(parents=True)
+    (unit / "run.json").write_text(json.dumps({"seed": 0, "config": {"dataset": "arc_easy", "model": "smollm2",
+                                                                      "mc_format": "cloze", "mc_normalize": None}}))
+    assert cli.main(["bayesianize", str(unit / "adapter"), "--dataset", "sst2", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert (f"the adapter in {unit / 'adapter'} was fitted on 'arc_easy', a multiple-choice set (its fit's run.json), and "
+            "--dataset sst2 is a classification set, which that adapter's model and head do not score") in err
+    assert "--mc-format" not in err and not (tmp_path / "out").exists()
 
 
 @pytest.fixture

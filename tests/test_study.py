@@ -502,7 +502,7 @@ def test_a_run_on_other_records_is_another_configuration_and_only_a_full_update_
         == [("map", "temperature", "meanfield")]
     # a record from before digests, its data folder moved: only a rerun of every row may take the records now
     easy.write_text(json.dumps({**saved, "config": {**saved["config"], "data_dir": str(tmp_path / "moved")}}))
-    with pytest.raises(ValueError, match=r"these flags differ from it \(data_dir "):
+    with pytest.raises(ValueError, match=r"its settings here \(the flags given, else the study plan.s defaults\) differ from it \(data_dir "):
         study.study_configs(parse(*update, "--update", "meanfield")[1], ["arc_easy"], False, str(runs), ("meanfield",))
     assert len(study.study_configs(parse(*update, "--update", "map")[1], ["arc_easy"], False, str(runs), ("map",))) == 1
 
@@ -517,7 +517,7 @@ def test_an_update_without_the_runs_sizes_names_the_flags_not_changed_records(st
     digest = study.data_digest(study.make_config(parse(*argv)[1], "arc_easy", shift=False, runs=runs))
     easy.write_text(json.dumps({**saved, "data": digest}))
     update = ["--datasets", "arc_easy", "--no-shift", *SIZES, "--runs", str(runs), "--update", "meanfield"]
-    with pytest.raises(ValueError, match=r"these flags differ from it \(train_size 64 there, 1250 now\): give the run's "
+    with pytest.raises(ValueError, match=r"its settings here \(the flags given, else the study plan.s defaults\) differ from it \(train_size 64 there, 1250 now\): give the run's "
                                          r"settings \(--train-size 64\)") as error:
         study.study_configs(parse(*update)[1], ["arc_easy"], False, str(runs), ("meanfield",))
     assert "records" not in str(error.value)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from ..distributed import is_main
 from ..guides.registry import METHODS, load_plugins
 from ..guides.tfb import SPACINGS, TFB_ANCHORS, TFB_SEARCH
+from ..data import load_meta
 from ..pretrained import DTYPES
 from . import study
 from .compare import run_compare
@@ -284,6 +285,7 @@ def parser(full=False):
     p = sub.add_parser("study", allow_abbrev=False, help="every method on the reference task (MiniLM, SST-2) and on SmolLM2 (ARC-Easy, OBQA -> ARC); report in DOCS/study.md",
                        description=study.__doc__.splitlines()[0].replace("``", ""))
     _study_args(p)
+    ap.commands = sub.choices  # each command's own parser: its usage line heads an error about its flags
     return ap
 
 
@@ -311,8 +313,22 @@ def _bayesianize_config(args) -> CompareConfig:
     """``bayesianize``'s configuration: a flag of :data:`~.saved.FIT_SETTINGS` or ``--seed`` left out takes the value
     the fit's run.json beside the adapter records (:func:`~.saved.fit_settings`), else compare's default."""
     d = CompareConfig()
-    recorded = {**{k: getattr(d, k) for k in FIT_SETTINGS}, "seed": d.seeds[0], **fit_settings(args.adapter_dir)}
+    fitted = fit_settings(args.adapter_dir)
+    recorded = {**{k: getattr(d, k) for k in FIT_SETTINGS}, "seed": d.seeds[0], **fitted}
     given = {k: v for k, v in vars(args).items() if v is not None}
+    if "dataset" in fitted and given.get("dataset", fitted["dataset"]) != fitted["dataset"]:
+        # the fit's model and multiple-choice settings come with its record: another kind of set would be refused
+        # naming those flags, which were never given
+        data_dir = given.get("data_dir", recorded["data_dir"])
+        try:
+            then = load_meta(fitted["dataset"], data_dir)["task"]
+        except ValueError:  # the fit's set is not in this datasets folder: its kind is unknown here
+            then = None
+        now = load_meta(given["dataset"], data_dir)["task"]
+        if then is not None and then != now:
+            raise ValueError(f"the adapter in {args.adapter_dir} was fitted on {fitted['dataset']!r}, a {then.replace('_', '-')} set (its fit's "
+                             f"run.json), and --dataset {given['dataset']} is a {now.replace('_', '-')} set, which that adapter's model and "
+                             f"head do not score: bayesianize it on a {then.replace('_', '-')} set, or fit an adapter on {given['dataset']}")
     return _config(argparse.Namespace(**{**recorded, **given}), guides=("tfb",), ts=False)
 
 
@@ -340,7 +356,7 @@ def main(argv=None):
     ap = parser(full=argv[0] == "compare" and "--full" in argv)
     args = ap.parse_args(argv)
     if args.command == "bayesianize" and args.low >= args.high:
-        ap.error(f"bayesianize: --low {args.low} must be below --high {args.high}")
+        ap.commands["bayesianize"].error(f"--low {args.low} must be below --high {args.high}")
     debug, shown = getattr(args, "debug", False), warnings.showwarning
     if not debug:  # each text once per command: a note repeated per method and seed buried the table
         warnings.showwarning = functools.partial(_one_line_warning, seen=set())
@@ -429,13 +445,14 @@ def _run(args, argv=()):
         config = _config(args, guides=(args.guide,), ts=False)
         row = fit_one(config, adapter=args.adapter, overwrite=args.overwrite)
         say(format_table([row]))
-        say(f"saved: {Path(args.out) / 'guide'}" + (f", adapter: {Path(args.out) / 'guide' / 'adapter'}" if args.adapter else ""))
+        # "guide:", not "saved:": a rerun of a finished run skips it and writes nothing
+        say(f"guide: {Path(args.out) / 'guide'}" + (f", adapter: {Path(args.out) / 'guide' / 'adapter'}" if args.adapter else ""))
     elif args.command == "bayesianize":
         search = {k: getattr(args, k) for k in ("criterion", "tolerance", "low", "high", "iterations", "spacing")}
         row = bayesianize_adapter(_bayesianize_config(args), args.adapter_dir, anchors=args.anchors, overwrite=args.overwrite,
                                   **search)
         say(format_table([row]))
-        say(f"sigma_q = {row['sigma_q']:.5g}; saved: {Path(args.out) / 'guide'}")
+        say(f"sigma_q = {row['sigma_q']:.5g}; guide: {Path(args.out) / 'guide'}")
     elif args.command == "study":
         return study.main(args, _study_overrides(args), study.command_line(argv))
     elif args.command == "evaluate":

@@ -77,7 +77,16 @@ def fit_one(config: CompareConfig, adapter: bool = False, overwrite: bool = Fals
 
 def _writing(out):
     """One process at a time writes an ``--out`` folder (compare's lock): two saving one guide there would collide, and
-    one fit's result be lost."""
+    one fit's result be lost. A saved run's guide folder is refused first: the lock would leave its ``.lock`` inside
+    that sealed folder, which a later save of the run there refuses as a stray entry after its whole training.
+
+    :raises ValueError: where ``out`` is the guide folder of a saved run.
+    """
+    out = Path(out)
+    if (out / "guide.json").is_file() or (out / "run.json").is_file():
+        raise ValueError(f"{out} is the guide folder of a saved run (guide.json or run.json there): fit and bayesianize "
+                         "write OUT/guide, a run inside that run; give its parent folder (--overwrite replaces the run "
+                         "there) or another --out")
     return folder_lock(out, "this run folder") if is_main() else contextlib.nullcontext()
 
 
@@ -155,14 +164,10 @@ def _finished_row(config: CompareConfig, made: dict, overwrite: bool, base, adap
     its files changed: call it before loading one.
 
     :raises ValueError: naming what ``out`` holds, for another run there (what differs) or a guide without a readable
-        run record, with ``--overwrite`` as the way to replace it; for ``out`` itself a guide folder; for this run
-        where its data gives other records now, or its model folder another base model.
+        run record, with ``--overwrite`` as the way to replace it; for this run where its data gives other records now,
+        or its model folder another base model. (``out`` itself a guide folder :func:`_writing` refused.)
     """
     out = Path(config.out)
-    if (out / "guide.json").is_file() or (out / "run.json").is_file():
-        raise ValueError(f"{out} is the guide folder of a saved run (guide.json or run.json there): fit and bayesianize "
-                         "write OUT/guide, a run inside that run; give its parent folder (--overwrite replaces the run "
-                         "there) or another --out")
     guide = out / "guide"
     recover_directory(guide)  # a save killed between its renames left the run aside
     if overwrite or not (guide / "guide.json").is_file():  # check_free refused a folder of anything else

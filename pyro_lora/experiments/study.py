@@ -186,9 +186,9 @@ def _update_config(config, update, overrides):
         differ = config_differences({k: v for k, v in saved.items() if k not in ("base", "data")}, config, ignore=ignore)
         changed = ", ".join(f"{k} {a!r} there, {b!r} now" for k, (a, b) in differ.items())
         flags = " ".join(filter(None, (_flag(k, saved["config"].get(k) if a is None else a) for k, (a, _) in differ.items())))
-        raise ValueError(f"--update reruns {config.dataset} with its run's configuration, and these flags differ from "
-                         f"it ({changed}): give the run's settings{f' ({flags})' if flags else ''}, or rerun the whole "
-                         "dataset without --update")
+        raise ValueError(f"--update reruns {config.dataset} with its run's configuration, and its settings here (the flags "
+                         f"given, else the study plan's defaults) differ from it ({changed}): give the run's settings"
+                         f"{f' ({flags})' if flags else ''}, or rerun the whole dataset without --update")
     if not retrain and saved.get("data") and saved["data"] != (now := data_digest(config)):
         raise ValueError(f"the {config.dataset} records under {D.resolve_data_dir(config.data_dir)} changed since its run "
                          f"(data records {saved['data'][:12]} there, records {now[:12]} now): --update {','.join(update)} would mix "
