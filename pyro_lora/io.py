@@ -145,6 +145,12 @@ def writable_folder(path, flag="--out"):
     return path
 
 
+def is_saved_guide(path) -> bool:
+    """Whether ``path`` is the folder of a saved guide (its ``guide.json``, or a run's ``run.json``): a command that
+    wrote into it would leave entries that a later save there refuses, after its whole training."""
+    return (Path(path) / "guide.json").is_file() or (Path(path) / "run.json").is_file()
+
+
 def check_file_slot(path, where):
     """Refuse, before any long work, a link or folder at ``path``, where a file is to be written (found late, it
     stopped the run); ``where`` ends the sentence, e.g. "the run writes a file: choose another --out".

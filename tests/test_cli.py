@@ -1,6 +1,7 @@
 """The pyro-lora command line end to end on the embedded real models and real data (marked `real`)."""
 
 import json
+import shutil
 import warnings
 
 import pytest
@@ -117,6 +118,27 @@ def test_fit_and_bayesianize_refuse_to_replace_another_run_and_keep_a_finished_o
     accuracy = json.loads(record)["result"]["accuracy"]
     assert f"# {out / 'guide'} holds this run already" in shown and f"| map | no validation data | sst2 | {accuracy:.3f} |" in shown
     assert (out / "guide" / "run.json").read_bytes() == record
+
+
+def test_a_saved_guides_folder_is_refused_as_any_commands_output_before_loading(fitted, monkeypatch, tmp_path, capsys):
+    """compare and study wrote their results among a saved guide's files, and a fit --overwrite over a guide folder
+    holding an entry of another writer trained in full before its save refused that entry."""
+    guide = fitted / "fit" / "guide"
+    nothing_loads(monkeypatch)
+    monkeypatch.setattr("pyro_lora.experiments.compare.prepare", lambda *a, **k: pytest.fail("a model was loaded"))
+    before = sorted(p.name for p in guide.iterdir())
+    capsys.readouterr()
+    assert cli.main(["compare", "--guides", "map", *SMALL, "--out", str(guide)]) == 2
+    assert f"--out {guide} is the folder of a saved guide (guide.json or run.json there)" in capsys.readouterr().err
+    assert cli.main(["study", "--datasets", "sst2", "--runs", str(guide), "--docs", str(tmp_path / "docs")]) == 2
+    assert f"--runs {guide} is the folder of a saved guide" in capsys.readouterr().err
+    assert sorted(p.name for p in guide.iterdir()) == before  # nothing written there, no lock left
+    copy = tmp_path / "copy"
+    shutil.copytree(fitted / "fit", copy)
+    (copy / "guide" / "notes.txt").write_text("mine")
+    assert cli.main(["fit", "--guide", "map", "--seed", "1", "--overwrite", *SMALL, "--out", str(copy)]) == 2
+    assert (f"{copy / 'guide'} holds 1 entries the save does not write (e.g. 'notes.txt'), which replacing the folder "
+            "whole would delete, where the run saves its guide there as a folder") in capsys.readouterr().err
 
 
 def test_bayesianize_records_the_adapters_training_and_a_rerun_of_its_configuration_keeps_it(fitted, monkeypatch,

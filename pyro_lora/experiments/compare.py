@@ -12,6 +12,7 @@ from .. import data as D
 from ..calibration import fit_temperature, scale_prediction
 from ..costs import PeakMemory
 from ..distributed import is_main
+from ..io import is_saved_guide
 from ..locking import folder_lock
 from ..metrics import accuracy
 from ..predictive import Prediction, predict
@@ -186,9 +187,13 @@ def run_compare(config: CompareConfig, overwrite: bool = False, reference=None, 
     would each keep only their own rows.
 
     :raises ValueError: for a configuration that cannot run (:func:`check_config`), before loading anything; for a
-        folder another running process writes.
+        folder another running process writes, or a saved guide's folder.
     :raises GuideFailures: at the end, if some guide failed; every other one is written.
     """
+    if is_saved_guide(config.out):  # before check_config's write probe and the lock, which would leave entries there
+        raise ValueError(f"--out {config.out} is the folder of a saved guide (guide.json or run.json there): compare would "
+                         "write its results among the guide's files, which a later save of that run refuses; choose "
+                         "another --out")
     check_config(config)
     # a set's name as recorded and compared on resume (rows, arrays, verdict): "sst2_shift/" is sst2_shift
     config = replace(config, guides=tuple(config.guides or default_guides(config)),

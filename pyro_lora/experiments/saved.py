@@ -14,7 +14,7 @@ from .. import data as D
 from ..checks import check_count, not_a_file
 from ..contract import drawn_at_load
 from ..costs import PeakMemory
-from ..io import (_check_beside, _read_meta, check_sealed, load_guide, read_safetensors, recover_directory, save_guide,
+from ..io import (_check_beside, _read_meta, check_folder_slot, check_sealed, is_saved_guide, load_guide, read_safetensors, recover_directory, save_guide,
                   writable_folder)
 from ..model import LoraModel
 from ..pretrained import DrawnAtLoadWarning
@@ -83,7 +83,7 @@ def _writing(out):
     :raises ValueError: where ``out`` is the guide folder of a saved run.
     """
     out = Path(out)
-    if (out / "guide.json").is_file() or (out / "run.json").is_file():
+    if is_saved_guide(out):
         raise ValueError(f"{out} is the guide folder of a saved run (guide.json or run.json there): fit and bayesianize "
                          "write OUT/guide, a run inside that run; give its parent folder (--overwrite replaces the run "
                          "there) or another --out")
@@ -171,6 +171,8 @@ def _finished_row(config: CompareConfig, made: dict, overwrite: bool, base, adap
     guide = out / "guide"
     recover_directory(guide)  # a save killed between its renames left the run aside
     if overwrite or not (guide / "guide.json").is_file():  # check_free refused a folder of anything else
+        # what the save would refuse after the whole run (an entry of another writer there), refused before it
+        check_folder_slot(guide, "the run saves its guide there as a folder: move them, or choose another --out")
         return None
     replace_it = "choose another --out, or pass --overwrite to replace it"
     try:
