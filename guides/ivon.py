@@ -322,6 +322,11 @@ def _check_sites(model, who):
     would drop B's uncertainty, and a LoRA-XS core or ScalaBL scale has no peft matrix for IVON to train."""
     check_model(model, f"build {who}")
     matrices = sorted({s.matrix for s in model.sites.values()})
+    between = sorted({s.matrix for s in model.sites.values() if s.kind.role == "between"})
+    if between:  # a LoraXSModel or ScalaBLModel, which take no random= to follow the advice below
+        raise ValueError(f"{who} trains plain LoRA A and B matrices with IVON, and this {type(model).__name__}'s sites "
+                         f"are {matrices} ({', '.join(between)} between A and B, which no peft matrix holds for IVON to "
+                         "train): use a LoraModel(net, likelihood, random='AB')")
     if matrices != ["A", "B"]:
         raise ValueError(f"{who} needs every LoRA matrix (A and B) as a site, the model's are {matrices}: build it "
                          "with random='AB'")

@@ -59,7 +59,10 @@ class MCDropoutGuide(LoraGuide):
         if not check_nonnegative(p, "dropout probability p") < 1:  # a string or None refused as such, not compared
             raise ValueError(f"dropout probability p must be in [0, 1), got {p!r}")
         if not any(s.kind.role == "down" for s in self.sites.values()):
-            raise ValueError(f"MC dropout drops columns of the A sites; the model has none ({list(self.sites)}): use random='A' or 'AB'")
+            # a LoraXSModel or ScalaBLModel takes no random=: the model class is what to change there
+            fix = ("use random='A' or 'AB'" if not any(s.kind.role == "between" for s in self.sites.values()) else
+                   f"a {type(model).__name__} has none to give; use a LoraModel(net, likelihood, random='A' or 'AB')")
+            raise ValueError(f"MC dropout drops columns of the A sites; the model has none ({list(self.sites)}): {fix}")
         self.p = float(p)
         if self.p == 0:  # allowed (a limit of the family), but a table would list the MAP as a Bayesian method
             warnings.warn("MCDropoutGuide(p=0) drops nothing: every sample is A itself, so its predictive is the MAP's "

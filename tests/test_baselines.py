@@ -597,6 +597,12 @@ def test_mc_dropout_bad_input():
             MCDropoutGuide(make(), p=p)
     with pytest.raises(ValueError, match="no"):
         MCDropoutGuide(make(random="B"))
+    from pyro_lora.loraxs import LoraXSModel  # told to use random=, which LoraXSModel does not take
+
+    xs = LoraXSModel(tiny_bert(random_b=False), SequenceClassification(), num_data=4)
+    with pytest.raises(ValueError, match=r"the model has none \(\['query.lora_R', 'value.lora_R'\]\): a LoraXSModel has none "
+                                         r"to give; use a LoraModel\(net, likelihood, random='A' or 'AB'\)$"):
+        MCDropoutGuide(xs)
     # p=0 was taken without a word: every sample the MAP, listed as a Bayesian method
     with pytest.warns(UserWarning, match=r"MCDropoutGuide\(p=0\) drops nothing: every sample is A itself"):
         MCDropoutGuide(make(), p=0)

@@ -278,6 +278,13 @@ def test_models_it_cannot_train_are_refused():
     optimizer = ivon.IVON(params, lr=0.1, ess=1e4)
     with pytest.raises(ValueError, match=r"^IVONGuide.from_optimizer needs every LoRA matrix \(A and B\) as a site"):
         IVONGuide.from_optimizer(a_only, optimizer)
+    # a LoRA-XS model was told to use random='AB', which LoraXSModel does not take
+    from pyro_lora.loraxs import LoraXSModel
+
+    xs = LoraXSModel(tiny_bert(random_b=False), SequenceClassification(), num_data=4)
+    with pytest.raises(ValueError, match=r"^train_ivon trains plain LoRA A and B matrices with IVON, and this LoraXSModel's "
+                                         r"sites are \['R'\] \(R between A and B, .*use a LoraModel\(net, likelihood, random='AB'\)$"):
+        train_ivon(xs, data(), **FAST)
 
 
 def test_stds_that_are_no_dict_of_tensors_are_refused_by_name():
