@@ -66,7 +66,8 @@ class MCDropoutGuide(LoraGuide):
         self.p = float(p)
         if self.p == 0:  # allowed (a limit of the family), but a table would list the MAP as a Bayesian method
             warnings.warn("MCDropoutGuide(p=0) drops nothing: every sample is A itself, so its predictive is the MAP's "
-                          "(mutual information 0); give the dropout probability of the LoRA input units, e.g. p=0.1",
+                          "(mutual information 0); a dropout probability p > 0 of the LoRA input units (e.g. 0.1) gives "
+                          "the dropout posterior",
                           stacklevel=user_stacklevel())
         init = model.initial_values(init)
         self.locs = torch.nn.ParameterList([torch.nn.Parameter(init[name].detach().clone().float()) for name in self.sites])

@@ -120,9 +120,11 @@ class MeanFieldGuide(LoraGuide):
         # Gaussian: A (and R) sites always, B sites when b="normal"
         self.gaussian = [n for n, s in self.sites.items() if s.matrix != "B" or b == "normal"]
         if flipout and not any(self.sites[n].kind.role == "down" for n in self.gaussian):
+            # a LoraXSModel or ScalaBLModel takes no random=: the model class is what to change there
+            build = ("build the model with random='AB' (or 'A')" if not any(s.kind.role == "between" for s in self.sites.values())
+                     else f"a {type(model).__name__} has no A site to give; use a LoraModel(net, likelihood, random='AB')")
             raise ValueError(f"flipout=True applies to Gaussian A sites, and this model's random sites are "
-                             f"{sorted({s.matrix for s in self.sites.values()})}: build the model with random='AB' (or 'A'), "
-                             "or leave flipout off")
+                             f"{sorted({s.matrix for s in self.sites.values()})}: {build}, or leave flipout off")
         init = model.initial_values(init)
         self.locs = torch.nn.ParameterList([torch.nn.Parameter(init[n].detach().clone().float(), requires_grad=self.learn_loc) for n in self.sites])
         with torch.no_grad():

@@ -145,10 +145,29 @@ def writable_folder(path, flag="--out"):
     return path
 
 
-def is_saved_guide(path) -> bool:
-    """Whether ``path`` is the folder of a saved guide (its ``guide.json``, or a run's ``run.json``): a command that
-    wrote into it would leave entries that a later save there refuses, after its whole training."""
-    return (Path(path) / "guide.json").is_file() or (Path(path) / "run.json").is_file()
+def saved_folder(path) -> str | None:
+    """What ``path`` is, where it is a saved guide's folder (its ``guide.json``, or a run record ``run.json`` of the
+    command line), lies inside one (its ``adapter/``), or is a peft adapter's folder (``adapter_config.json``); ``None``
+    otherwise. An output written there would lie among their files: a later save of that guide refuses the entries, or
+    replaces an ``adapter/`` whole with them."""
+    path = Path(os.path.abspath(path))
+    for folder in (path, *path.parents):
+        if (folder / "guide.json").is_file() or _is_run_record(folder / "run.json"):
+            return ("the folder of a saved guide (guide.json or a run's run.json there)" if folder == path
+                    else f"inside the folder of the saved guide {folder}")
+    if (path / "adapter_config.json").is_file():
+        return "a peft adapter's folder (adapter_config.json there)"
+    return None
+
+
+def _is_run_record(file) -> bool:
+    """Whether ``file`` is the ``run.json`` of a run of the command line (its ``config`` and ``result``), not a file
+    of that name of some other tool."""
+    try:
+        record = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("config"), dict) and "result" in record
 
 
 def check_file_slot(path, where):

@@ -680,7 +680,7 @@ class MultipleChoice(Likelihood):
             if ids.numel() < 2:  # as SequenceClassification refuses num_labels=1
                 raise ValueError(f"answer_token_ids {ids.tolist()} name one choice: a softmax over one logit gives every "
                                  "probability 1 (accuracy 1, NLL 0, whatever the model); give one token per choice, >= 2")
-            if ids.dtype in (torch.uint32, torch.uint64) and int(ids.numpy().max()) >= 2**63:
+            if ids.dtype in (torch.uint32, torch.uint64) and int(ids.cpu().numpy().max()) >= 2**63:
                 # the cast to int64 below wraps these to negatives, which the check after it would misname
                 raise ValueError(f"answer_token_ids {ids.tolist()} hold an id beyond int64's range, which no vocabulary "
                                  "has; give each choice's token id")

@@ -696,11 +696,13 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
         except ValueError as error:  # peft's NoMatchingPeftModuleError (a ValueError) names neither adapter nor model
             if "no modules were targeted" not in str(error).lower() and "not found in the base model" not in str(error):
                 raise
-            targets = getattr(PeftConfig.from_pretrained(adapter_dir), "target_modules", None)
+            config = PeftConfig.from_pretrained(adapter_dir)
+            chosen = {k: sorted(v) if isinstance(v, (set, list, tuple)) else v for k in ("target_modules", "layers_to_transform",
+                      "exclude_modules") if (v := getattr(config, k, None)) is not None}
             raise ValueError(
-                f"the adapter in {adapter_dir} targets modules this {type(model).__name__} does not have (its target_modules: "
-                f"{sorted(targets) if isinstance(targets, (set, list, tuple)) else targets}): an adapter of another base "
-                f"model; load the model it was trained on (peft: {str(error).splitlines()[0]})"
+                f"none of the modules the adapter in {adapter_dir} targets matched this {type(model).__name__} "
+                f"({', '.join(f'{k} {v}' for k, v in chosen.items())}): an adapter of another base model; load the model "
+                f"it was trained on (peft: {str(error).splitlines()[0]})"
             ) from None
         except (UserWarning, KeyError) as warning:  # peft indexes a missing head weight (modules_to_save) directly
             raise ValueError(

@@ -657,22 +657,26 @@ def _describe_data(data) -> dict:
 
 
 def _warn_frozen_initial_heads(model) -> None:
-    """Warn of a head peft saves with the adapter (``modules_to_save``) that is frozen and still equal to the base
-    model's own module: a ``LoraConfig(inference_mode=True)`` freezes it before it ever trained, which for a head the
-    checkpoint lacked leaves its random initialisation under every posterior ``fit`` trains. (A head loaded with
-    ``is_trainable=False`` holds its trained values, which differ from the base's.)"""
+    """Warn of a head peft saves with the adapter (``modules_to_save``) that an adapter in inference mode froze while
+    it still equals the base model's own module: a ``LoraConfig(inference_mode=True)`` freezes it before it ever
+    trained, which for a head the checkpoint lacked leaves its random initialisation under every posterior ``fit``
+    trains. (A head loaded with ``is_trainable=False`` holds its trained values, which differ from the base's; one the
+    user froze by hand is theirs to keep.)"""
     from peft.utils import ModulesToSaveWrapper
 
+    if not getattr(getattr(model.net, "peft_config", {}).get(model.adapter), "inference_mode", False):
+        return
     for path, wrapper in model.net.named_modules():
         if not (isinstance(wrapper, ModulesToSaveWrapper) and model.adapter in wrapper.modules_to_save):
             continue
         own, original = dict(wrapper.modules_to_save[model.adapter].named_parameters()), dict(wrapper.original_module.named_parameters())
         if own and not any(p.requires_grad for p in own.values()) and own.keys() == original.keys() and all(
                 torch.equal(p, original[name]) for name, p in own.items()):
-            warnings.warn(f"fit trains no parameter of {path}: peft saves it with the adapter, but it is frozen "
-                          "(requires_grad False, as LoraConfig(inference_mode=True) leaves it) and still equal to the base "
-                          "model's own module, which for a head the checkpoint lacked is its random initialisation; build "
-                          "the adapter with inference_mode=False, or set requires_grad on it, to train it",
+            warnings.warn(f"fit trains no parameter of {path}: peft saves it with the adapter, but the adapter is in "
+                          "inference mode (LoraConfig(inference_mode=True), or loaded with is_trainable=False), which froze "
+                          "it while it still equals the base model's own module: for a head the checkpoint lacked, its "
+                          "random initialisation; build the adapter with inference_mode=False, or set requires_grad on it, "
+                          "to train it",
                           stacklevel=user_stacklevel())
 
 

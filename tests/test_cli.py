@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pyro_lora.experiments import cli
+from pyro_lora.io import saved_folder
 from pyro_lora.experiments.setup import CompareConfig
 
 pytestmark = pytest.mark.real
@@ -108,7 +109,8 @@ def test_fit_and_bayesianize_refuse_to_replace_another_run_and_keep_a_finished_o
     assert "guides ['map'] there, ['meanfield'] now" in err and "lr 0.005 there, None now" in err
     assert "pass --overwrite to replace it" in err
     assert cli.main(["fit", "--guide", "map", "--epochs", "1", "--lr", "5e-3", *SMALL, "--out", str(out / "guide")]) == 2
-    assert f"{out / 'guide'} is the guide folder of a saved run" in capsys.readouterr().err
+    assert (f"{out / 'guide'} is the folder of a saved guide (guide.json or a run's run.json there): fit and bayesianize "
+            "write OUT/guide") in capsys.readouterr().err
     # refused after its lock was taken, it left a .lock inside the sealed guide folder: a later save there refused that
     # stray entry after its whole training
     assert sorted(p.name for p in (out / "guide").iterdir() if p.name.startswith(".")) == []
@@ -129,10 +131,20 @@ def test_a_saved_guides_folder_is_refused_as_any_commands_output_before_loading(
     before = sorted(p.name for p in guide.iterdir())
     capsys.readouterr()
     assert cli.main(["compare", "--guides", "map", *SMALL, "--out", str(guide)]) == 2
-    assert f"--out {guide} is the folder of a saved guide (guide.json or run.json there)" in capsys.readouterr().err
+    assert (f"--out {guide} is the folder of a saved guide (guide.json or a run's run.json there): compare would write "
+            "its results among those files") in capsys.readouterr().err
+    adapter = sorted(p.name for p in (guide / "adapter").iterdir())  # replaced whole by a later save, with what lay there
+    assert cli.main(["compare", "--guides", "map", *SMALL, "--out", str(guide / "adapter")]) == 2
+    assert f"--out {guide / 'adapter'} is inside the folder of the saved guide {guide}: " in capsys.readouterr().err
     assert cli.main(["study", "--datasets", "sst2", "--runs", str(guide), "--docs", str(tmp_path / "docs")]) == 2
     assert f"--runs {guide} is the folder of a saved guide" in capsys.readouterr().err
-    assert sorted(p.name for p in guide.iterdir()) == before  # nothing written there, no lock left
+    assert cli.main(["study", "--datasets", "sst2", "--report-only", "--runs", str(tmp_path / "runs"), "--docs", str(guide)]) == 2
+    assert f"--docs {guide} is the folder of a saved guide" in capsys.readouterr().err
+    # nothing written there, no lock left
+    assert sorted(p.name for p in guide.iterdir()) == before and sorted(p.name for p in (guide / "adapter").iterdir()) == adapter
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "run.json").write_text('{"wandb": 1}')  # another tool's run.json: a folder like any other
+    assert saved_folder(tmp_path / "mine") is None
     copy = tmp_path / "copy"
     shutil.copytree(fitted / "fit", copy)
     (copy / "guide" / "notes.txt").write_text("mine")
@@ -237,8 +249,8 @@ def test_a_head_or_base_the_task_does_not_fit_is_named(tmp_path):
     # a BERT adapter on a Llama: peft's "No modules were targeted for adaptation", naming neither adapter nor model
     from conftest import tiny_llama
     llama = tiny_llama().get_base_model()
-    with pytest.raises(ValueError, match=r"the adapter in .*adapter targets modules this LlamaForCausalLM does not have "
-                                         r"\(its target_modules: \['query'\]\): an adapter of another base model"):
+    with pytest.raises(ValueError, match=r"none of the modules the adapter in .*adapter targets matched this LlamaForCausalLM "
+                                         r"\(target_modules \['query'\]\): an adapter of another base model"):
         load_adapter(llama, tmp_path / "adapter")
     config = tmp_path / "adapter" / "adapter_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": str(tmp_path / "two")}))

@@ -815,10 +815,20 @@ def test_fit_warns_of_a_head_frozen_before_it_ever_trained():
             fit(model, MeanFieldGuide(model), [batch()], epochs=1, progress=False)
         frozen = [str(w.message) for w in caught if "fit trains no parameter of" in str(w.message)]
         assert frozen == ([] if not inference_mode else [
-            "fit trains no parameter of base_model.model.classifier: peft saves it with the adapter, but it is frozen "
-            "(requires_grad False, as LoraConfig(inference_mode=True) leaves it) and still equal to the base model's own "
-            "module, which for a head the checkpoint lacked is its random initialisation; build the adapter with "
-            "inference_mode=False, or set requires_grad on it, to train it"])
+            "fit trains no parameter of base_model.model.classifier: peft saves it with the adapter, but the adapter is in "
+            "inference mode (LoraConfig(inference_mode=True), or loaded with is_trainable=False), which froze it while it "
+            "still equals the base model's own module: for a head the checkpoint lacked, its random initialisation; build "
+            "the adapter with inference_mode=False, or set requires_grad on it, to train it"])
+    # a head frozen by hand is the user's choice: no warning
+    net = get_peft_model(tiny_bert_base(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    for name, p in net.named_parameters():
+        if "modules_to_save" in name:
+            p.requires_grad_(False)
+    model = LoraModel(net, SequenceClassification(), random="AB", num_data=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fit(model, MeanFieldGuide(model), [batch()], epochs=1, progress=False)
+    assert not [w for w in caught if "fit trains no parameter of" in str(w.message)]
     net = get_peft_model(tiny_bert_base(), LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
                                                       task_type="SEQ_CLS", inference_mode=True))
     model = LoraModel(net, SequenceClassification(), random="AB", num_data=3)

@@ -12,7 +12,7 @@ from .. import data as D
 from ..calibration import fit_temperature, scale_prediction
 from ..costs import PeakMemory
 from ..distributed import is_main
-from ..io import is_saved_guide
+from ..io import saved_folder
 from ..locking import folder_lock
 from ..metrics import accuracy
 from ..predictive import Prediction, predict
@@ -190,10 +190,10 @@ def run_compare(config: CompareConfig, overwrite: bool = False, reference=None, 
         folder another running process writes, or a saved guide's folder.
     :raises GuideFailures: at the end, if some guide failed; every other one is written.
     """
-    if is_saved_guide(config.out):  # before check_config's write probe and the lock, which would leave entries there
-        raise ValueError(f"--out {config.out} is the folder of a saved guide (guide.json or run.json there): compare would "
-                         "write its results among the guide's files, which a later save of that run refuses; choose "
-                         "another --out")
+    taken = saved_folder(config.out)
+    if taken:  # before check_config's write probe and the lock, which would leave entries there
+        raise ValueError(f"--out {config.out} is {taken}: compare would write its results among those files, which a later "
+                         "save there refuses or deletes; choose another --out")
     check_config(config)
     # a set's name as recorded and compared on resume (rows, arrays, verdict): "sst2_shift/" is sst2_shift
     config = replace(config, guides=tuple(config.guides or default_guides(config)),

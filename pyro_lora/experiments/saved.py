@@ -14,8 +14,8 @@ from .. import data as D
 from ..checks import check_count, not_a_file
 from ..contract import drawn_at_load
 from ..costs import PeakMemory
-from ..io import (_check_beside, _read_meta, check_folder_slot, check_sealed, is_saved_guide, load_guide, read_safetensors, recover_directory, save_guide,
-                  writable_folder)
+from ..io import (_check_beside, _read_meta, check_folder_slot, check_sealed, load_guide, read_safetensors, recover_directory, save_guide,
+                  saved_folder, writable_folder)
 from ..model import LoraModel
 from ..pretrained import DrawnAtLoadWarning
 from ..model_files import label_key, local_model_path, minilm_dir, model_files_stamp
@@ -82,11 +82,10 @@ def _writing(out):
 
     :raises ValueError: where ``out`` is the guide folder of a saved run.
     """
-    out = Path(out)
-    if is_saved_guide(out):
-        raise ValueError(f"{out} is the guide folder of a saved run (guide.json or run.json there): fit and bayesianize "
-                         "write OUT/guide, a run inside that run; give its parent folder (--overwrite replaces the run "
-                         "there) or another --out")
+    taken = saved_folder(out)
+    if taken:
+        raise ValueError(f"{out} is {taken}: fit and bayesianize write OUT/guide, which would lie among its files; give "
+                         "the folder that holds the run (--overwrite replaces the run there) or another --out")
     return folder_lock(out, "this run folder") if is_main() else contextlib.nullcontext()
 
 

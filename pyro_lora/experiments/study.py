@@ -42,7 +42,7 @@ from pathlib import Path
 
 from .. import data as D
 from ..guides.registry import METHODS
-from ..io import check_file_slot, copy_file, is_saved_guide, standard_json, writable_folder, write_json
+from ..io import check_file_slot, copy_file, saved_folder, standard_json, writable_folder, write_json
 from ..locking import FolderLocked, folder_lock, locked_elsewhere
 from . import compare
 from .results import (MERGE_IGNORES, NEXT_SIDECAR, RESULTS, SIDECAR, STUDY_FLAGS, GuideFailures, RunFolder,
@@ -461,9 +461,11 @@ def main(args, overrides, command):
     runs = Path(args.runs)
     if runs.exists() and not runs.is_dir():
         raise ValueError(f"--runs {runs} is a file: give the folder that holds (or will hold) each dataset's run")
-    if is_saved_guide(runs):
-        raise ValueError(f"--runs {runs} is the folder of a saved guide (guide.json or run.json there): the study would write "
-                         "its runs among the guide's files, which a later save of that run refuses; choose another --runs")
+    for flag, folder in (("--runs", runs), ("--docs", Path(args.docs))):
+        taken = saved_folder(folder)
+        if taken:  # before the report's folder is made there
+            raise ValueError(f"{flag} {folder} is {taken}: the study would write among those files, which a later save "
+                             f"there refuses or deletes; choose another {flag}")
     writable_folder(Path(args.docs) / "study", "--docs")  # found after hours of training, it lost the report
     check_file_slot(Path(args.docs) / "study.md", "the study writes its report: move it, or choose another --docs")
     failed = []
