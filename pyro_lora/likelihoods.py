@@ -226,13 +226,20 @@ def _with_positions(module, inputs):
     if mask is None:
         return inputs
     takes = _takes(module.forward, "position_ids")
-    columns = "takes no position_ids" if not takes else _column_positions(module)
+    columns = ("takes no position_ids" if not _mask_positions(module) else None) if not takes else _column_positions(module)
     if columns and not _right_padded(mask):
         raise ValueError(
             f"{type(module).__name__} {columns}, so padding before a row's tokens would shift their "
             "positions: pad on the right (e.g. LetterCollator(tokenizer, padding_side='right'))"
         )
     return {**inputs, "position_ids": _real_positions(mask)} if takes else inputs
+
+
+def _mask_positions(module) -> bool:
+    """Whether ``module`` positions its tokens by the attention mask alone: ALiBi built from the mask's running count
+    (Bloom; Falcon with ``alibi=True``), which gives a left-padded row's real tokens the distances they have alone."""
+    config = getattr(module, "config", None)
+    return getattr(config, "model_type", None) == "bloom" or getattr(config, "alibi", False) is True
 
 
 def _column_positions(module) -> str | None:

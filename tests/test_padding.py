@@ -363,14 +363,15 @@ def test_a_pad_token_that_is_the_eos_token_is_text_unless_rows_differ_in_it():
 
 
 def test_decoder_without_position_ids_refuses_left_padding():
-    from transformers import BloomConfig, BloomForCausalLM
+    from transformers import BartConfig, BartForCausalLM
 
-    torch.manual_seed(0)
-    net = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, pad_token_id=PAD)).eval()
+    torch.manual_seed(0)  # BART's decoder numbers its learned positions by column
+    net = BartForCausalLM(BartConfig(vocab_size=64, d_model=32, decoder_layers=2, decoder_attention_heads=4,
+                                     decoder_ffn_dim=64, pad_token_id=PAD)).eval()
     lik = MultipleChoice(LETTERS, format="letter")
-    with pytest.raises(ValueError, match="BloomModel takes no position_ids"):
+    with pytest.raises(ValueError, match="BartDecoder takes no position_ids"):
         lik.logits(net, letter_batch(LETTER_RECORDS, "left"))
-    with pytest.raises(ValueError, match="BloomForCausalLM takes no position_ids"):
+    with pytest.raises(ValueError, match="BartForCausalLM takes no position_ids"):
         ids, mask = _pad([r for r, _ in LETTER_RECORDS], "left")
         CausalLM().logits(net, {"input_ids": ids, "attention_mask": mask})
     # right padding needs no position ids: each record's logits as alone
@@ -385,6 +386,23 @@ def test_decoder_without_position_ids_refuses_left_padding():
         MultipleChoice(format="cloze", share_prefix=False).logits(net, cloze_batch(CLOZE_RECORDS)),
         rtol=0, atol=1e-5,
     )
+
+
+def test_an_alibi_decoder_positions_left_padded_rows_by_their_mask():
+    """Bloom takes no position_ids, but its ALiBi counts positions from the attention mask: left padding (the
+    LetterCollator's default) is exact, and was refused as if it shifted positions."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    net = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, pad_token_id=PAD)).eval()
+    lik = MultipleChoice(LETTERS, format="letter")
+    batch = lik.logits(net, letter_batch(LETTER_RECORDS, "left"))
+    for b, record in enumerate(LETTER_RECORDS):
+        with torch.no_grad():
+            alone = net(input_ids=torch.tensor([record[0]])).logits[0, -1, LETTERS[: record[1]]]
+        torch.testing.assert_close(batch[b, : record[1]], alone, rtol=0, atol=1e-5)
+    ids, mask = _pad([r for r, _ in LETTER_RECORDS], "left")
+    CausalLM().logits(net, {"input_ids": ids, "attention_mask": mask})
 
 
 def test_multiple_choice_without_decoder_is_refused_by_name():
