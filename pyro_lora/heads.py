@@ -21,7 +21,7 @@ from .hooks import forward_hooks
 from .modes import eval_mode
 from .likelihoods import MultipleChoice, _head_steps, apply_head_steps
 from .model import HALF_DTYPES
-from .sites import base_network
+from .sites import base_network, head_modules
 
 __all__ = ["class_rows", "find_head", "head_features", "head_rows", "head_steps", "tied_parameters"]
 
@@ -34,7 +34,8 @@ def find_head(model, path: str | None = None) -> torch.nn.Linear:
     """The ``nn.Linear`` whose output gives ``model``'s class logits.
 
     At ``path`` (a name of ``model.net.named_modules()``), else the base model's ``classifier`` or ``score`` (a
-    sequence classifier) or its output embedding (:class:`~pyro_lora.MultipleChoice`); peft's trained copy of a
+    sequence classifier), or else its one module outside the backbone (:func:`~pyro_lora.sites.head_modules`: BART's
+    and T5's ``classification_head``), or its output embedding (:class:`~pyro_lora.MultipleChoice`); peft's trained copy of a
     saved module; within a module, its last linear layer (RoBERTa's ``classifier.out_proj``).
 
     :raises ValueError: if there is no such module, it carries a peft adapter layer (LoRA on the head, trainable tokens
@@ -42,6 +43,7 @@ def find_head(model, path: str | None = None) -> torch.nn.Linear:
     """
     net = model.net
     base = base_network(net)
+    others = {}
     if path is not None:
         try:
             module = net.get_submodule(path)
@@ -53,9 +55,14 @@ def find_head(model, path: str | None = None) -> torch.nn.Linear:
     else:
         module = next((getattr(base, n) for n in ("classifier", "score")
                        if isinstance(getattr(base, n, None), torch.nn.Module)), None)
+        others = head_modules(net) if module is None else others
+        if len(others) == 1:  # named otherwise: BART's and T5's classification_head
+            (module,) = others.values()
     if module is None:
-        raise ValueError(f"found no head in {type(base).__name__} (no 'classifier' or 'score' module, or output embedding "
-                         "for multiple choice): pass head='its.module.path' of model.net.named_modules()")
+        found = f" (the modules outside its backbone: {sorted(others)})" if len(others) > 1 else ""
+        raise ValueError(f"found no head in {type(base).__name__} (no 'classifier' or 'score' module, no other one module "
+                         f"outside its backbone{found}, or output embedding for multiple choice): pass head='its.module.path' "
+                         "of model.net.named_modules()")
     where = next((repr(n) for n, m in net.named_modules() if m is module), type(module).__name__)
     linears = list(_linears(module, model.adapter))
     if not linears:

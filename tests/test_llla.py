@@ -344,6 +344,26 @@ def test_trainable_tokens_on_a_tied_head_are_refused_naming_them_not_target_modu
         LastLayerLaplaceGuide(model)
 
 
+def test_a_classification_head_named_otherwise_is_found_outside_the_backbone():
+    """BART's and T5's heads are named classification_head: the guide found none and asked for a path."""
+    from transformers import BartConfig, BartForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_labels=3, pad_token_id=1,
+                        eos_token_id=2)
+    net = get_peft_model(BartForSequenceClassification(config), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                           modules_to_save=["classification_head"]))
+    model = LoraModel(net, SequenceClassification(), num_data=4)
+    assert find_head(model) is net.base_model.model.classification_head.modules_to_save["default"].out_proj
+    ids = torch.randint(3, 64, (4, 6))
+    ids[:, -1] = config.eos_token_id  # BART reads each row's last eos
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 2, 0])}
+    guide = LastLayerLaplaceGuide(model).fit([batch], progress=False)
+    guide.set_prior_precision(1e12)  # no spread: the GLM predictive is the network's own
+    torch.testing.assert_close(guide.predict_glm([batch]).log_probs, predict(model, None, [batch]).log_probs, rtol=0, atol=1e-6)
+
+
 def test_a_head_it_cannot_find_or_use_is_refused_by_name_and_one_named_is_used():
     with pytest.raises(ValueError, match="found no head in _MLP .* pass head="):
         LastLayerLaplaceGuide(mlp_model())  # LoRA on fc1 and fc2, no classifier
