@@ -527,15 +527,18 @@ def require_lora_guide(guide, action: str) -> None:
         )
 
 
+class ModelContract:
+    """The base class of :class:`~pyro_lora.LoraModel`, which :func:`check_model` recognises: defined here, under the
+    model's module, which imports this one for its own checks."""
+
+
 def check_model(model, action: str) -> None:
     """Refuse to ``action`` unless ``model`` is a :class:`~pyro_lora.LoraModel`.
 
     :raises TypeError: naming what was passed instead: ``torch.compile(model)`` (a LoraModel is no
         ``torch.nn.Module``, so torch.compile wraps it as a plain function), the peft network itself, or anything else.
     """
-    from .model import LoraModel  # the model module imports this one
-
-    if isinstance(model, LoraModel):
+    if isinstance(model, ModelContract):
         return
     if hasattr(model, "_torchdynamo_orig_callable"):
         raise TypeError(f"cannot {action}: the model passed is a function torch.compile returned (torch.compile(model) "

@@ -25,7 +25,8 @@ from peft.utils.other import AuxiliaryTrainingWrapper
 from . import distributed, handoff, pyro_params, quantized
 from .checks import check_batch, check_count, is_integer_tensor, pickling_refused
 from .hooks import hooks_ran
-from .contract import check_autoguide, check_autoguide_model, check_guide, check_not_meta, parameter_adapter, tempered_training
+from .contract import (ModelContract, check_autoguide, check_autoguide_model, check_guide, check_not_meta, parameter_adapter,
+                       tempered_training)
 from .ownership import (follow_autoguide, head_left_by, head_loaded, head_trainer, note_forward, record_write, svi_left_head,
                         unwritten_fit, value_sums, written_beside_head)
 from .distributions import unchecked_isotropic_normal
@@ -84,7 +85,7 @@ def _check_plain_forward(net) -> None:
             "unwrap_model(net, keep_fp32_wrapper=False)")
 
 
-class LoraModel:
+class LoraModel(ModelContract):
     """A Pyro model ``model(batch)`` whose latent variables are the LoRA matrices of ``net``.
 
     ``p(theta) p(y | x, theta)``: one sample site per stacked matrix kind (``"q_proj.lora_A"``:
