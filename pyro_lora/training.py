@@ -1041,13 +1041,20 @@ def training_autocast(model, autocast):
     """``fit``'s / ``train_ivon``'s ``autocast`` checked: ``(dtype to autocast in, or False; the dtype the forward then
     computes in)``. ``None`` is bfloat16 on CUDA, none on the CPU; a half-precision base computes in its own dtype.
 
+    Warns where ``autocast`` is given for a float64 network, which torch's autocast leaves in float64.
+
     :raises ValueError: for anything but ``None``, ``False``, ``torch.bfloat16`` or ``torch.float16``.
     """
+    given = autocast
     if autocast is None:
         autocast = torch.bfloat16 if model.device.type == "cuda" else False
     if autocast is not False and autocast not in HALF_DTYPES:
         raise ValueError(f"autocast must be torch.bfloat16, torch.float16, False (none) or None (bfloat16 on CUDA, none "
                          f"on the CPU), got {autocast!r}")
+    if given in HALF_DTYPES and model.compute_dtype == torch.float64:  # the run would be float64's, without a word
+        warnings.warn(f"autocast={given} has no effect on this float64 network: torch's autocast casts float32 operations "
+                      "only, so the forward computes in float64; cast the network to float32 (net.float()) to train "
+                      "under autocast", stacklevel=user_stacklevel())
     return autocast, model.compute_dtype if model.compute_dtype in HALF_DTYPES else (autocast or torch.float32)
 
 

@@ -1,6 +1,8 @@
 """Half precision: a bf16 / fp16 base runs under autocast while LoRA, head and guide parameters, logits, KFAC factors
 and metrics stay float32; every guide's fit and predictive are finite and within a stated tolerance of float32's."""
 
+import warnings
+
 import pyro
 import pyro.optim
 import pytest
@@ -201,6 +203,19 @@ def test_fit_and_train_ivon_refuse_an_autocast_that_is_not_a_half_dtype_before_a
         fit(model, MAPGuide(model), data(), progress=False, autocast=autocast)
     with pytest.raises(ValueError, match="autocast must be torch.bfloat16, torch.float16, False"):
         train_ivon(model, data(), progress=False, autocast=autocast)
+
+
+def test_an_autocast_given_for_a_float64_network_warns_that_it_does_nothing():
+    """torch's autocast leaves float64 operations alone: fit(autocast=torch.bfloat16) on a float64 network ran in
+    float64 without a word."""
+    model = lora(dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"^autocast=torch.bfloat16 has no effect on this float64 network: torch's autocast "
+                                         r"casts float32 operations only"):
+        fit(model, MAPGuide(model), data(), progress=False, autocast=torch.bfloat16)
+    model = lora(dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the default (None) asks for nothing
+        fit(model, MAPGuide(model), data(), progress=False)
 
 
 def test_train_ivon_refuses_fp16_autocast_on_a_float32_base():
