@@ -67,6 +67,11 @@ def find_head(model, path: str | None = None) -> torch.nn.Linear:
     linears = list(_linears(module, model.adapter))
     if not linears:
         raise ValueError(f"the head {where} ({type(module).__name__}) holds no linear layer with floating-point weights")
+    classes = getattr(getattr(base, "config", None), "num_labels", None)
+    if others and isinstance(classes, int) and linears[-1].out_features != classes:  # a guess, not the classifier
+        raise ValueError(f"the one module outside {type(base).__name__}'s backbone, {where}, ends in a linear layer of "
+                         f"{linears[-1].out_features} outputs, not one per class ({classes}): it is no classification head; "
+                         "pass head='its.module.path' of model.net.named_modules()")
     if isinstance(linears[-1], BaseTunerLayer):
         raise ValueError(f"the head {where} carries a peft adapter layer, {type(linears[-1]).__name__} ({_tuner_advice(linears[-1])}):"
                          " a last-layer posterior needs its plain weights, which the layer's own weights would change")

@@ -236,10 +236,10 @@ def _with_positions(module, inputs):
 
 
 def _mask_positions(module) -> bool:
-    """Whether ``module`` positions its tokens by the attention mask alone: ALiBi built from the mask's running count
-    (Bloom; Falcon with ``alibi=True``), which gives a left-padded row's real tokens the distances they have alone."""
-    config = getattr(module, "config", None)
-    return getattr(config, "model_type", None) == "bloom" or getattr(config, "alibi", False) is True
+    """Whether ``module``, which takes no ``position_ids``, gives a left-padded row's real tokens what they get alone:
+    ALiBi alone positions them, built from the mask's running count (Bloom) or from the columns (MPT), where the left
+    padding adds one constant to each query's scores, which the softmax over its unmasked keys takes away."""
+    return getattr(getattr(module, "config", None), "model_type", None) in ("bloom", "mpt")
 
 
 def _column_positions(module) -> str | None:

@@ -1045,17 +1045,29 @@ def training_autocast(model, autocast):
 
     :raises ValueError: for anything but ``None``, ``False``, ``torch.bfloat16`` or ``torch.float16``.
     """
-    given = autocast
-    if autocast is None:
-        autocast = torch.bfloat16 if model.device.type == "cuda" else False
+    given, wide = autocast, _float64(model)
+    if autocast is None:  # the default asks for none on a float64 network, which autocast would leave as it is
+        autocast = torch.bfloat16 if model.device.type == "cuda" and not wide else False
     if autocast is not False and autocast not in HALF_DTYPES:
         raise ValueError(f"autocast must be torch.bfloat16, torch.float16, False (none) or None (bfloat16 on CUDA, none "
                          f"on the CPU), got {autocast!r}")
-    if given in HALF_DTYPES and model.compute_dtype == torch.float64:  # the run would be float64's, without a word
+    if wide and autocast:  # the run would be float64's, without a word (and float16's loss scaler run for nothing)
         warnings.warn(f"autocast={given} has no effect on this float64 network: torch's autocast casts float32 operations "
                       "only, so the forward computes in float64; cast the network to float32 (net.float()) to train "
                       "under autocast", stacklevel=user_stacklevel())
-    return autocast, model.compute_dtype if model.compute_dtype in HALF_DTYPES else (autocast or torch.float32)
+        autocast = False
+    if model.compute_dtype in HALF_DTYPES:
+        return autocast, model.compute_dtype
+    return autocast, torch.float64 if wide else autocast or torch.float32
+
+
+def _float64(model) -> bool:
+    """Whether ``model``'s network computes in float64: its ``compute_dtype`` (its input embedding's), or for a network
+    without an input embedding (``compute_dtype`` float32 by default) its first floating-point parameter's."""
+    if model.compute_dtype != torch.float32:
+        return model.compute_dtype == torch.float64
+    first = next((p for p in model.net.parameters() if p.is_floating_point()), None)
+    return first is not None and first.dtype == torch.float64
 
 
 def step_autocast(device, autocast):

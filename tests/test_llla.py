@@ -364,6 +364,33 @@ def test_a_classification_head_named_otherwise_is_found_outside_the_backbone():
     torch.testing.assert_close(guide.predict_glm([batch]).log_probs, predict(model, None, [batch]).log_probs, rtol=0, atol=1e-6)
 
 
+def test_a_module_outside_the_backbone_that_is_no_classifier_is_refused_naming_it():
+    """A prototype classifier's one module outside the backbone is a projection to 16 features: the guess was caught
+    only later, as a model transforming its head's output, naming neither the module nor head=."""
+    from transformers import BertConfig, BertModel, BertPreTrainedModel
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class Prototypes(BertPreTrainedModel):
+        def __init__(self, config):
+            super().__init__(config)
+            self.bert = BertModel(config, add_pooling_layer=False)
+            self.proj = torch.nn.Sequential(torch.nn.Linear(config.hidden_size, 16), torch.nn.Tanh())
+            self.register_buffer("prototypes", torch.randn(config.num_labels, 16))
+            self.post_init()
+
+        def forward(self, input_ids, attention_mask=None, **kwargs):
+            h = self.bert(input_ids, attention_mask=attention_mask).last_hidden_state[:, 0]
+            return SequenceClassifierOutput(logits=self.proj(h) @ self.prototypes.T)
+
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                        num_labels=3)
+    net = get_peft_model(Prototypes(config), LoraConfig(r=2, target_modules=["query", "value"]))
+    with pytest.raises(ValueError, match=r"the one module outside Prototypes's backbone, 'base_model.model.proj', ends in a "
+                                         r"linear layer of 16 outputs, not one per class \(3\): it is no classification "
+                                         r"head; pass head="):
+        LastLayerLaplaceGuide(LoraModel(net, SequenceClassification(), num_data=4))
+
+
 def test_a_head_it_cannot_find_or_use_is_refused_by_name_and_one_named_is_used():
     with pytest.raises(ValueError, match="found no head in _MLP .* pass head="):
         LastLayerLaplaceGuide(mlp_model())  # LoRA on fc1 and fc2, no classifier

@@ -388,13 +388,17 @@ def test_decoder_without_position_ids_refuses_left_padding():
     )
 
 
-def test_an_alibi_decoder_positions_left_padded_rows_by_their_mask():
-    """Bloom takes no position_ids, but its ALiBi counts positions from the attention mask: left padding (the
-    LetterCollator's default) is exact, and was refused as if it shifted positions."""
-    from transformers import BloomConfig, BloomForCausalLM
+@pytest.mark.parametrize("family", ["bloom", "mpt"])
+def test_an_alibi_decoder_reads_left_padded_rows_as_alone(family):
+    """Bloom and MPT take no position_ids, but ALiBi alone positions their tokens (Bloom's counted from the mask,
+    MPT's from the columns, a constant per query that the softmax takes away): left padding (the LetterCollator's
+    default) is exact, and was refused as if it shifted positions."""
+    from transformers import BloomConfig, BloomForCausalLM, MptConfig, MptForCausalLM
 
     torch.manual_seed(0)
-    net = BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, pad_token_id=PAD)).eval()
+    net = (BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=2, n_head=4, pad_token_id=PAD))
+           if family == "bloom" else MptForCausalLM(MptConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4,
+                                                               pad_token_id=PAD))).eval()
     lik = MultipleChoice(LETTERS, format="letter")
     batch = lik.logits(net, letter_batch(LETTER_RECORDS, "left"))
     for b, record in enumerate(LETTER_RECORDS):

@@ -216,6 +216,14 @@ def test_an_autocast_given_for_a_float64_network_warns_that_it_does_nothing():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the default (None) asks for nothing
         fit(model, MAPGuide(model), data(), progress=False)
+    from test_laplace import mlp_model  # no input embedding: its compute_dtype says float32
+
+    from pyro_lora.training import training_autocast
+
+    mlp = mlp_model()
+    mlp.net.double()
+    with pytest.warns(UserWarning, match=r"has no effect on this float64 network"):
+        assert training_autocast(mlp, torch.float16) == (False, torch.float64)  # no loss scaler for nothing
 
 
 def test_train_ivon_refuses_fp16_autocast_on_a_float32_base():
