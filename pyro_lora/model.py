@@ -85,6 +85,11 @@ def _check_plain_forward(net) -> None:
             "unwrap_model(net, keep_fp32_wrapper=False)")
 
 
+def _unmasked(mask) -> bool:
+    """Whether a Pyro site's ``mask`` keeps it whole: none, ``True``, or a tensor of all ``True``."""
+    return mask is None or mask is True or (torch.is_tensor(mask) and bool(mask.all()))
+
+
 class LoraModel(ModelContract):
     """A Pyro model ``model(batch)`` whose latent variables are the LoRA matrices of ``net``.
 
@@ -1258,6 +1263,14 @@ class LoraModel(ModelContract):
                 f"num_data={self.num_data}). Scaling the model and the guide alike is right only to weigh the whole ELBO "
                 "(fit's 1 / num_data) or the KL (kl_weight, tempering): it scales the KL with the data. A Pyro autoguide "
                 "takes no kl_weight: run it under poutine.scale(scale=kl_weight), or use a pyro_lora guide"
+            )
+        masked = [n for n, node in guide_trace.nodes.items() if node["type"] == "sample" and not node["is_observed"]
+                  and (n in latent or node["infer"].get("is_auxiliary")) and not _unmasked(node.get("mask"))]
+        if masked:  # a scale of 0 by another name: the scale check above does not see it
+            problems.append(
+                f"the guide's site {masked[0]!r} runs under poutine.mask ({len(masked)} sites so): the ELBO drops its "
+                "log q, which is no ELBO (trained so, the posterior collapses to a point); mask neither side, and leave "
+                "rows out of the batch instead"
             )
         return problems
 

@@ -1033,6 +1033,30 @@ def test_a_mask_or_a_per_row_scale_around_the_model_is_refused():
         assert masked == Trace_ELBO().loss(model, guide, batch)  # mask=True masks nothing
 
 
+def test_a_mask_around_the_guide_alone_is_refused():
+    """poutine.mask(guide, False) dropped log q from the objective (631.0 where the ELBO is 1494.3 under Trace_ELBO,
+    44.0 under TraceMeanField_ELBO, whose KL went too), and training so collapsed the posterior; a scale of 0.5 on the
+    guide alone was refused already."""
+    from pyro.infer import TraceMeanField_ELBO
+    from pyro.infer.autoguide import AutoNormal
+
+    model = LoraModel(tiny_bert(num_labels=3), SequenceClassification(), random="AB", prior=0.7, num_data=40)
+    batch = toy_data(n=8, batch=8)[0]
+    autoguide = AutoNormal(model)
+    autoguide(batch)
+    for guide in (autoguide, build("meanfield")[1]):
+        run_model = model if guide is autoguide else guide.model
+        for mask in (False, torch.tensor(False), torch.tensor([True] * 3 + [False] * 5)):
+            for elbo in (Trace_ELBO(), TraceMeanField_ELBO()):
+                with pytest.raises(ValueError, match=r"the guide's site .* runs under poutine.mask \(\d+ sites so\): the "
+                                                     r"ELBO drops its log q, which is no ELBO"):
+                    elbo.loss(run_model, pyro.poutine.mask(guide, mask=mask), batch)
+    pyro.set_rng_seed(0)
+    kept = Trace_ELBO().loss(model, pyro.poutine.mask(autoguide, mask=True), batch)
+    pyro.set_rng_seed(0)
+    assert kept == Trace_ELBO().loss(model, autoguide, batch)  # mask=True masks nothing
+
+
 @pytest.mark.parametrize("where", ["model", "guide"])
 def test_a_weight_site_blocked_from_the_elbos_replay_is_refused(where):
     """poutine.block hiding a site of the model (or the guide) under Trace_ELBO: the model drew it from its prior and
