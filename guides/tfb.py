@@ -268,7 +268,11 @@ class TFBGuide(LoraGuide):
             check_count(num_samples, "num_samples")
             check_guide(self.model, self, "search sigma_q")  # a head changed since: the search would score another network
             check_every_example(anchors, "TFBGuide.search")  # the flip rate's denominator is the whole anchor set
-            if hasattr(anchors, "__len__") and len(anchors) == 0:
+            try:  # a DataLoader over an IterableDataset has __len__ but raises TypeError: read below, where it is named
+                empty = hasattr(anchors, "__len__") and len(anchors) == 0
+            except TypeError:
+                empty = False
+            if empty:
                 raise ValueError("search got no anchor batches: the anchor set is empty")
         # under torch.distributed each rank scores its block of anchors (a shuffling loader's as rank 0 draws it);
         # sums are all-reduced, so every rank sees the same metric and takes the same bisection steps

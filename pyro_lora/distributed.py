@@ -208,9 +208,12 @@ def same_data(items, what: str = "batch", length=None) -> list:
     if torch.equal(low, high):
         return items
     low, high = spread(torch.tensor(sorted(digests), dtype=torch.float64))
-    differ = (low != high).nonzero()
-    if len(differ):
-        raise ValueError(f"the ranks hold different {plural} ({len(differ)} of {len(items)} differ, not only in order): "
+    if bool((low != high).any()):
+        # counted against rank 0's as multisets: the sorted lists shift at the first difference, and every position after
+        # it differed (one flipped label read as "3 of 3")
+        unmatched = collections.Counter(digests) - collections.Counter(broadcast_object(digests))
+        most = int(spread(torch.tensor([float(sum(unmatched.values()))], dtype=torch.float64))[1][0])
+        raise ValueError(f"the ranks hold different {plural} ({most} of {len(items)} differ from rank 0's, not only in order): "
                          "every rank must be given the same full data (each keeps its block of it); do not shard it by "
                          "hand, nor shuffle examples into batches with a stream of each rank's own (pass a DataLoader, "
                          "drawn as rank 0 draws it, or a list)")

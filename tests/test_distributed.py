@@ -208,6 +208,9 @@ def run_misuses(tmp):
                                                                                progress=False))
     out["records_per_rank"] = _refused(lambda: distributed.split_batches(
         DataLoader([{"text": f"rank {r} row {i}"} for i in range(8)], batch_size=2)))
+    flipped = toy_data(12, 4)  # one label of the middle batch flipped on rank 1: counted "3 of 3", as sorted digests shift
+    flipped[1]["labels"][0] = 1 - flipped[1]["labels"][0] if r else flipped[1]["labels"][0]
+    out["one_flipped"] = _refused(lambda: predict(make_model(48), None, flipped))
 
     class Reordering:
         """Batches in another order on each pass, as a hand-written shuffling iterable: fit read it once and replayed
@@ -553,8 +556,9 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         assert "over an IterableDataset cannot be split" in out["iterable"]
         assert "the ranks were given 3 to 4 batches" in out["lengths"]
         assert sorted(out["shuffled_per_rank"]) == sorted(torch.cat([b["labels"] for b in toy_data(16, 4)]).tolist())
-        assert "the ranks hold different batches (2 of 2 differ, not only in order)" in out["sharded_by_hand"]
-        assert out["records_per_rank"].startswith("the ranks hold different records (8 of 8 differ")
+        assert "the ranks hold different batches (2 of 2 differ from rank 0's, not only in order)" in out["sharded_by_hand"]
+        assert out["records_per_rank"].startswith("the ranks hold different records (8 of 8 differ from rank 0's")
+        assert "the ranks hold different batches (1 of 3 differ from rank 0's, not only in order)" in out["one_flipped"]
         assert out["torch_shuffled_fit"] is None
         assert out["passes"] == [[1, 2, 3, 4], [2, 4, 1, 3]]
         assert out["fixed"][0] == out["fixed"][1] and sorted(out["fixed"][0]) == list(range(16))
@@ -575,7 +579,7 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
             assert "drops its last incomplete batch (drop_last=True)" in message
             assert message.startswith("cannot predict: rank 1 refused: ") == (out is ranks[0])
         torch.testing.assert_close(out["glm_after"], ranks[0]["glm_after"])
-        assert "the ranks hold different batches (2 of 2 differ" in out["val_by_hand"]
+        assert "the ranks hold different batches (2 of 2 differ from rank 0's" in out["val_by_hand"]
         assert "the ranks were given different paths to save the guide to" in out["save_paths"]
         grid, method, link, samples, seed, flips, iters, ensemble = out["settings"]
         assert grid.startswith("the ranks were given different settings of optimize_prior_precision (grid: [0.01, 0.1] on "

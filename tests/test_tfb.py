@@ -245,6 +245,15 @@ def test_search_edges_flip_and_accuracy(capsys):
     assert [(t["sigma"], t["feasible"]) for t in flip] == [(t["sigma"], t["feasible"]) for t in accuracy]
     assert all(f["metric"] == a["metric"] for f, a in zip(flip, accuracy) if f["anchors"] == 16)  # scored whole
     assert guide.search_edge is None
+    # a DataLoader over an IterableDataset has __len__ but raises TypeError: the emptiness check died on it raw
+    from torch.utils.data import DataLoader, IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(labelled)
+
+    streamed = guide.search(DataLoader(Stream(), batch_size=None), criterion="flip", **kw)
+    assert [(t["sigma"], t["metric"]) for t in streamed] == [(t["sigma"], t["metric"]) for t in flip]
 
 
 def manual_flip_rate(guide, model, anchors, sigma, num_samples, seed):
