@@ -179,6 +179,11 @@ def fisher_vectors(logits: torch.Tensor, fisher: str) -> torch.Tensor:
     (``fisher="mc"``, ``K = 1``), or (``"exact"``) ``K = C - 1`` vectors with
     ``sum_k v_k v_k^T = diag(p) - p p^T = E_y[(p - e_y)(p - e_y)^T]``.
     """
+    # -inf is a missing choice of a multiple-choice batch; nan or +inf made eigh die in a raw "failed to converge"
+    if bool((logits.isnan() | (logits == math.inf)).any()):
+        raise ValueError("the network's logits at the posterior mean hold nan or inf on a batch the curvature is taken "
+                         "from (NaN weights, or a forward that overflowed, e.g. a half-precision base): no Fisher can be "
+                         "taken from them; predict(model, None, data) shows the network's own output")
     p = torch.softmax(logits.float(), -1)
     if fisher == "mc":
         y = torch.distributions.Categorical(probs=p).sample()

@@ -184,6 +184,16 @@ def test_mc_fisher_is_unbiased():
         assert err < 0.1, (name, err)
 
 
+@pytest.mark.parametrize("fisher", ["exact", "mc"])
+def test_logits_holding_nan_are_refused_by_name_not_in_a_raw_eigh_error(fisher):
+    """A network giving NaN logits died in torch.linalg's "eigh failed to converge"."""
+    model = mlp_model()
+    with torch.no_grad():
+        model.net.base_model.model.fc2.base_layer.weight[0, 0] = math.nan
+    with pytest.raises(ValueError, match=r"^the network's logits at the posterior mean hold nan or inf on a batch"):
+        LaplaceGuide(model, fisher=fisher).fit(mlp_data(n=4, batch=4), progress=False)
+
+
 @pytest.mark.parametrize("kfac", ["reduce", "expand"])
 def test_padding_does_not_change_the_factors(kfac):
     model = bert_model()
