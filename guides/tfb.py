@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from pyro_lora import distributed
 from pyro_lora.callers import user_stacklevel
-from pyro_lora.checks import check_count, check_data_given, check_flag, check_nonnegative, check_positive
+from pyro_lora.checks import check_count, check_data_given, check_flag, check_nonnegative, check_positive, known_length
 from pyro_lora.contract import check_guide, check_model, describe, differences, entry_checks
 from pyro_lora.data import check_every_example, subset, to_device
 from pyro_lora.loraxs import svd_flip
@@ -268,11 +268,7 @@ class TFBGuide(LoraGuide):
             check_count(num_samples, "num_samples")
             check_guide(self.model, self, "search sigma_q")  # a head changed since: the search would score another network
             check_every_example(anchors, "TFBGuide.search")  # the flip rate's denominator is the whole anchor set
-            try:  # a DataLoader over an IterableDataset has __len__ but raises TypeError: read below, where it is named
-                empty = hasattr(anchors, "__len__") and len(anchors) == 0
-            except TypeError:
-                empty = False
-            if empty:
+            if known_length(anchors) == 0:  # one without a length (a loader over an IterableDataset) is read below
                 raise ValueError("search got no anchor batches: the anchor set is empty")
         # under torch.distributed each rank scores its block of anchors (a shuffling loader's as rank 0 draws it);
         # sums are all-reduced, so every rank sees the same metric and takes the same bisection steps

@@ -153,6 +153,15 @@ def check_flag(value, name: str) -> bool:
     return bool(value)
 
 
+def known_length(data) -> int | None:
+    """``len(data)``, or ``None`` for data without one (a generator, a DataLoader over an IterableDataset, whose
+    ``__len__`` raises ``TypeError``)."""
+    try:
+        return len(data)
+    except TypeError:
+        return None
+
+
 def check_data_given(data, name: str = "data") -> None:
     """Refuse ``data`` of ``None`` (an iterable of batches was meant), before its iteration fails in a raw ``TypeError``.
 

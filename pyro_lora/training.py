@@ -30,7 +30,8 @@ from .data import to_device
 from .modes import eval_mode, network_mode
 from .pyro_stack import check_no_handlers
 from .model import HALF_DTYPES, full_precision, warn_unscaled
-from .checks import check_batch, check_count, check_data_given, check_flag, check_not_inference_mode, check_path, check_reiterable
+from .checks import (check_batch, check_count, check_data_given, check_flag, check_not_inference_mode, check_path,
+                     check_reiterable, known_length)
 from .likelihoods import scored_labels
 from .locking import slot_lock
 from .sites import base_network
@@ -250,7 +251,7 @@ def fit(
                 check_reiterable(data, "data", f"epochs={epochs} needs them every epoch")
             if isinstance(data, (list, tuple)) and data:  # a loader's batches are checked as read (to_device)
                 check_batch(data[0])
-            length = _length(data)
+            length = known_length(data)
             _Schedule(lr_schedule, warmup_steps, length)  # a decay to 0 over a run of unknown length is refused
             elbo = elbo or Trace_ELBO()
             _check_elbo(elbo)
@@ -307,7 +308,7 @@ def fit(
             data = distributed.split_batches(data, even=True)  # the same number of steps on every rank
         # under torch.distributed, this rank's (every rank's alike); for data without a length, warmup_steps is checked
         # after each epoch (_warn_short_warmup)
-        steps_per_epoch = math.ceil(_length(data) / grad_accum_steps) if length is not None else None
+        steps_per_epoch = math.ceil(known_length(data) / grad_accum_steps) if length is not None else None
         total = steps_per_epoch * epochs if steps_per_epoch else None
         if total is not None and warmup_steps > total:
             raise ValueError(f"warmup_steps={warmup_steps} is longer than the run's {total} optimizer steps: the learning rate "
@@ -1110,14 +1111,6 @@ def _warn_num_data(model, data) -> None:
                   f"num_data={size} (the training set's size)", stacklevel=user_stacklevel())
 
 
-def _length(data):
-    """``len(data)``, or ``None`` for data without one (a generator, a DataLoader over an IterableDataset)."""
-    try:
-        return len(data)
-    except TypeError:
-        return None
-
-
 def _warn_short_warmup(warmup, step, epoch_steps, epoch, epochs) -> bool:
     """After ``epoch`` of a run over data without a length (whose warmup could not be checked before it), at ``step``
     optimizer steps, ``epoch_steps`` of them in this epoch: warn where the run ends inside its warmup (the learning rate
@@ -1187,7 +1180,7 @@ def _replan(schedule, data, grad_accum_steps, steps_per_epoch, step, epoch, epoc
     again as if every epoch left gave as many (the first epoch's count kept a decay ending early: the rest of the run
     trained at a learning rate of 0, or never decayed to 0), warning under a decaying schedule. Returns the steps an
     epoch and the run's total steps."""
-    now = math.ceil(_length(data) / grad_accum_steps)
+    now = math.ceil(known_length(data) / grad_accum_steps)
     total = step + now * (epochs - epoch)
     if now != steps_per_epoch:
         if schedule.kind != "constant":
