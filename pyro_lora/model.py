@@ -330,13 +330,37 @@ class LoraModel(ModelContract):
         """
         random = {id(p) for p in self.random_parameters()}
         frozen = {path for site in self.sites.values() if site.kind.freezes_lora for path in site.layers}
-        loaded_frozen = bool(getattr(getattr(self.net, "peft_config", {}).get(self.adapter), "inference_mode", False))
+        loaded_frozen = self._inference_mode()
         for path, layer in self.layers.items():
             for p in self._lora_parameters(layer):
                 if id(p) in random or path in frozen:  # drawn from samples; LoRA-XS: A, B fixed by the SVD
                     p.requires_grad_(False)
                 elif not loaded_frozen:
                     p.requires_grad_(True)
+
+    def _inference_mode(self) -> bool:
+        """Whether the adapter is in peft's ``inference_mode`` (``LoraConfig(inference_mode=True)``, or loaded with
+        ``is_trainable=False``), which froze its matrices and head."""
+        return bool(getattr(getattr(self.net, "peft_config", {}).get(self.adapter), "inference_mode", False))
+
+    def frozen_initial_heads(self) -> list[str]:
+        """The heads peft saves with the adapter (``modules_to_save``) that an adapter in inference mode froze while
+        they still equal the base model's own module: ``LoraConfig(inference_mode=True)`` freezes one before it ever
+        trained, which for a head the checkpoint lacked is its random initialisation. (A head loaded with
+        ``is_trainable=False`` holds its trained values, which differ from the base's; one frozen by hand, in an adapter
+        not in inference mode, is not listed.)"""
+        if not self._inference_mode():
+            return []
+        heads = []
+        for path, wrapper in self.net.named_modules():
+            if not (isinstance(wrapper, ModulesToSaveWrapper) and self.adapter in wrapper.modules_to_save):
+                continue
+            own = dict(wrapper.modules_to_save[self.adapter].named_parameters())
+            original = dict(wrapper.original_module.named_parameters())
+            if own and not any(p.requires_grad for p in own.values()) and own.keys() == original.keys() and all(
+                    torch.equal(p, original[name]) for name, p in own.items()):
+                heads.append(path)
+        return heads
 
     def _check_frozen_lora_carries_signal(self) -> None:
         """Refuse a kind that keeps ``A`` and ``B`` frozen (LoRA-XS's ``R``) on layers where one of them is all zeros

@@ -257,8 +257,12 @@ def fit(
             _check_elbo(elbo)
             num_data = model.num_data  # None: each batch is the whole training set, its loss per its own examples
             model.set_trainable()
-            if train_network:
-                _warn_frozen_initial_heads(model)
+            for path in model.frozen_initial_heads() if train_network else ():
+                warnings.warn(f"fit trains no parameter of {path}: peft saves it with the adapter, but the adapter is in "
+                              "inference mode (LoraConfig(inference_mode=True), or loaded with is_trainable=False), which "
+                              "froze it while it still equals the base model's own module: for a head the checkpoint "
+                              "lacked, its random initialisation; build the adapter with inference_mode=False, or set "
+                              "requires_grad on it, to train it", stacklevel=user_stacklevel())
             device = model.device
             params = (model.point_parameters() if train_network else []) + [p for p in guide.parameters() if p.requires_grad]
             if not params:
@@ -655,30 +659,6 @@ def _describe_data(data) -> dict:
             "batch_size": getattr(data, "batch_size", None), "drop_last": getattr(data, "drop_last", None),
             **{name: sampler(getattr(data, name)) for name in ("sampler", "batch_sampler")
                if getattr(data, name, None) is not None}}
-
-
-def _warn_frozen_initial_heads(model) -> None:
-    """Warn of a head peft saves with the adapter (``modules_to_save``) that an adapter in inference mode froze while
-    it still equals the base model's own module: a ``LoraConfig(inference_mode=True)`` freezes it before it ever
-    trained, which for a head the checkpoint lacked leaves its random initialisation under every posterior ``fit``
-    trains. (A head loaded with ``is_trainable=False`` holds its trained values, which differ from the base's; one the
-    user froze by hand is theirs to keep.)"""
-    from peft.utils import ModulesToSaveWrapper
-
-    if not getattr(getattr(model.net, "peft_config", {}).get(model.adapter), "inference_mode", False):
-        return
-    for path, wrapper in model.net.named_modules():
-        if not (isinstance(wrapper, ModulesToSaveWrapper) and model.adapter in wrapper.modules_to_save):
-            continue
-        own, original = dict(wrapper.modules_to_save[model.adapter].named_parameters()), dict(wrapper.original_module.named_parameters())
-        if own and not any(p.requires_grad for p in own.values()) and own.keys() == original.keys() and all(
-                torch.equal(p, original[name]) for name, p in own.items()):
-            warnings.warn(f"fit trains no parameter of {path}: peft saves it with the adapter, but the adapter is in "
-                          "inference mode (LoraConfig(inference_mode=True), or loaded with is_trainable=False), which froze "
-                          "it while it still equals the base model's own module: for a head the checkpoint lacked, its "
-                          "random initialisation; build the adapter with inference_mode=False, or set requires_grad on it, "
-                          "to train it",
-                          stacklevel=user_stacklevel())
 
 
 def _check_collectors(callbacks) -> None:
