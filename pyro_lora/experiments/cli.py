@@ -320,15 +320,15 @@ def _bayesianize_config(args) -> CompareConfig:
         # the fit's model and multiple-choice settings come with its record: another kind of set would be refused
         # naming those flags, which were never given
         data_dir = given.get("data_dir", recorded["data_dir"])
-        try:
-            then = load_meta(fitted["dataset"], data_dir)["task"]
+        try:  # each set's task in words ("multiple-choice")
+            then = load_meta(fitted["dataset"], data_dir)["task"].replace("_", "-")
         except ValueError:  # the fit's set is not in this datasets folder: its kind is unknown here
             then = None
-        now = load_meta(given["dataset"], data_dir)["task"]
+        now = load_meta(given["dataset"], data_dir)["task"].replace("_", "-")
         if then is not None and then != now:
-            raise ValueError(f"the adapter in {args.adapter_dir} was fitted on {fitted['dataset']!r}, a {then.replace('_', '-')} set (its fit's "
-                             f"run.json), and --dataset {given['dataset']} is a {now.replace('_', '-')} set, which that adapter's model and "
-                             f"head do not score: bayesianize it on a {then.replace('_', '-')} set, or fit an adapter on {given['dataset']}")
+            raise ValueError(f"the adapter in {args.adapter_dir} was fitted on {fitted['dataset']!r}, a {then} set (its fit's "
+                             f"run.json), and --dataset {given['dataset']} is a {now} set, which that adapter's model and "
+                             f"head do not score: bayesianize it on a {then} set, or fit an adapter on {given['dataset']}")
     return _config(argparse.Namespace(**{**recorded, **given}), guides=("tfb",), ts=False)
 
 
