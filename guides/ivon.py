@@ -8,12 +8,14 @@ estimate. :class:`IVONGuide` holds that Gaussian over the LoRA sites, read off t
 
 import math
 import numbers
+import warnings
 
 import pyro.distributions as dist
 import torch
 from tqdm.auto import tqdm
 
 from pyro_lora import distributed
+from pyro_lora.callers import user_stacklevel
 from pyro_lora.checks import check_batches, check_count, check_flag
 from pyro_lora.contract import check_model
 from pyro_lora.ownership import take_over
@@ -47,7 +49,8 @@ class IVONGuide(LoraGuide):
     :param dict locs: site -> mean (``site.shape``); default the adapter's current weights.
     :param dict stds: site -> positive std (``site.shape``); default the prior's std.
     :param dict trained_with: the IVON settings that trained it (a record kept in ``config()``; no effect); a
-        ``clip_radius`` of ``None`` (how a saved guide holds an infinite one) is read as ``inf``.
+        ``clip_radius`` of ``None`` (how a saved guide holds an infinite one) is read as ``inf``, and an
+        ``unfinished`` entry (a stopped run's, see :func:`train_ivon`) warns that it is not the run's result.
     :raises ValueError: for a model with other sites than A and B (``random="A"`` would drop B's uncertainty), or
         ``locs``/``stds`` not of the sites' shapes or a std not positive.
     """
@@ -69,6 +72,10 @@ class IVONGuide(LoraGuide):
         self.trained_with = dict(trained_with or {})
         if "clip_radius" in self.trained_with and self.trained_with["clip_radius"] is None:
             self.trained_with["clip_radius"] = math.inf  # ivon-opt's default (no clip), which guide.json holds as null
+        stopped = self.trained_with.get("unfinished")
+        if stopped:  # evaluating a stopped run is fine; mistaking it for the result is not
+            warnings.warn(f"IVONGuide: this Gaussian is of a train_ivon run stopped after step {stopped.get('step')} of "
+                          f"{stopped.get('steps')}, an intermediate state and not the run's result", stacklevel=user_stacklevel())
 
     @classmethod
     def from_optimizer(cls, model, optimizer):
@@ -198,6 +205,11 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
     :raises ~pyro_lora.training.DivergenceError: when the loss becomes non-finite or rises far above its start, judged
         per example, or per scored token for ``CausalLM`` (as :func:`pyro_lora.fit` judges it; the network is then put
         back as it was).
+
+    Any other error while training (an interrupt, an out-of-memory error, a bad batch) keeps the steps that finished,
+    as :func:`pyro_lora.fit` does: it is raised as it is, the network holds IVON's mean after the last finished step,
+    and ``error.unfinished_guide`` is that step's :class:`IVONGuide`, its ``trained_with["unfinished"]`` the step
+    reached of how many (``None``, with the network put back as it was, where no step had finished).
     """
     rescale_lr = check_flag(rescale_lr, "rescale_lr")
     progress = check_flag(progress, "progress")
@@ -227,7 +239,7 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
         p.requires_grad_(True)  # the sites' peft matrices are frozen in a LoraModel: IVON trains them in place
         p.grad = None
     bar = tqdm(total=epochs * len(data), desc="train IVON", disable=not progress, dynamic_ncols=True)
-    trained = False
+    trained, stepping, unfinished, mean, done = False, False, None, None, 0
     try:
         # gradients on under an enclosing torch.no_grad() too
         with torch.enable_grad(), full_precision(device), network_mode(model.net, True):  # an enclosing autocast is off for the run: autocast= alone sets the forward's
@@ -248,23 +260,58 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
                         loss += nll.item() * unit / mc_samples
                     watch.observe(loss, 1)
                     watch.update(optimizer.current_step, epoch)  # raises on a non-finite or runaway loss
+                    stepping = True  # an error inside the update may leave IVON's state half-updated: nothing kept
                     optimizer.step()
+                    # IVON's mean after this step: the next step's draws swap new tensors in, leaving these as they are
+                    mean, stepping, done = [p.data for p in params], False, done + 1
                     scheduler.step()
                     bar.update()
                     bar.set_postfix(nll=f"{loss:.4f}", epoch=epoch)
         trained = True
+    except FloatingPointError:  # diverged: nothing of the run is worth keeping
+        raise
+    except BaseException as error:
+        error.unfinished_guide = None
+        if stepping:
+            error.add_note(f"train_ivon: stopped inside IVON's update of step {done + 1}, which may have "
+                           "left its state half-updated: nothing is kept, and the network is put back as it was")
+        elif done:
+            for p, value in zip(params, mean):
+                p.data = value
+            unfinished = _unfinished_guide(error, model, optimizer, lr_schedule, schedule.total)
+        raise
     finally:
         bar.close()
         optimizer.zero_grad(set_to_none=True)
         model.set_trainable()
         with torch.no_grad():  # IVON's mean, or the start after a failure (an exception leaves a weight draw in place)
             for p, tensor, value in zip(params, own, start):
-                value = p.detach() if trained else value
+                value = p.detach() if trained or unfinished is not None else value
                 p.data = tensor
                 p.copy_(value)  # in place: bumps the version that the guides' ownership checks read
+        if unfinished is not None:
+            take_over(model, unfinished)
     guide = IVONGuide.from_optimizer(model, optimizer)
     guide.trained_with["lr_schedule"] = lr_schedule
     take_over(model, guide)  # the head is IVON's mean, which this guide predicts with
+    return guide
+
+
+def _unfinished_guide(error, model, optimizer, lr_schedule, steps):
+    """The :class:`IVONGuide` of the steps that finished before ``error`` stopped :func:`train_ivon` (the network's
+    parameters hold that step's mean), kept as ``error.unfinished_guide`` with a note; ``None`` where it cannot be read."""
+    step = optimizer.current_step
+    try:
+        guide = IVONGuide.from_optimizer(model, optimizer)
+    except Exception as also:  # the error being raised stays the one to report
+        error.add_note(f"train_ivon: stopped after step {step} of {steps}; its Gaussian could not be kept "
+                       f"({type(also).__name__}: {also}), and the network is put back as it was")
+        return None
+    guide.trained_with |= {"lr_schedule": lr_schedule, "unfinished": {"step": step, "steps": steps}}
+    error.unfinished_guide = guide
+    error.add_note(f"train_ivon: stopped after step {step} of {steps}; IVON's Gaussian of that step is kept as this "
+                   "error's unfinished_guide (an IVONGuide: predict with it, or keep it with save_guide), and the network "
+                   "holds its mean")
     return guide
 
 

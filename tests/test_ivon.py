@@ -205,6 +205,85 @@ def test_a_divergence_puts_the_network_back_as_it_was(monkeypatch):
     assert all(torch.equal(p, start[n]) for n, p in model.net.named_parameters())  # not a weight draw
 
 
+def _interrupt_on(monkeypatch, target, name, call):
+    """Make ``target.name`` raise KeyboardInterrupt on its ``call``-th call (1-based), as Ctrl-C there would."""
+    original, calls = getattr(target, name), []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, interrupted)
+
+
+@pytest.mark.parametrize("where", ["forward", "data"])
+def test_an_interrupt_keeps_the_steps_that_finished(monkeypatch, where, tmp_path):
+    """An interrupt (or an out-of-memory error) at step 7 of 30 threw away the 6 steps done, putting the network back at
+    its start. Interrupted inside a weight draw's forward, or while the data gave the next batch, the run keeps IVON's
+    Gaussian and mean after step 6: those of a 6-step run (a constant schedule, the same draws)."""
+    import pyro_lora.guides.ivon as module
+
+    settings = {**FAST, "lr_schedule": "constant"}
+    torch.manual_seed(3)
+    reference_model = lora()
+    reference = train_ivon(reference_model, data(), **{**settings, "epochs": 3})  # 2 batches an epoch: 6 steps
+
+    class Batches(list):  # the 7th batch read raises, as an interrupt inside a DataLoader's worker would
+        def __iter__(self):
+            for batch in super().__iter__():
+                if where == "data" and next(read) == 6:
+                    raise KeyboardInterrupt
+                yield batch
+
+    read = iter(range(100))
+    if where == "forward":
+        _interrupt_on(monkeypatch, module, "batch_nll", 7)
+    torch.manual_seed(3)
+    model = lora()
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train_ivon(model, Batches(data()), **settings)
+    guide = stopped.value.unfinished_guide
+    assert guide.trained_with["unfinished"] == {"step": 6, "steps": 30} and guide.trained_with["steps"] == 6
+    assert "stopped after step 6 of 30" in stopped.value.__notes__[0]
+    for name in reference.sites:
+        assert torch.equal(guide.locs()[name], reference.locs()[name])
+        assert torch.equal(guide.stds()[name], reference.stds()[name])
+    for (n, p), q in zip(model.net.named_parameters(), reference_model.net.parameters()):
+        assert torch.equal(p, q), n  # the network at the 6-step mean, its head too, not a draw nor the start
+    pyro.set_rng_seed(0)
+    kept = predict(model, guide, data(), num_samples=2).probs  # the guide owns the head it was kept with
+    save_guide(guide, tmp_path / "g")
+    with pytest.warns(UserWarning, match=r"^IVONGuide: this Gaussian is of a train_ivon run stopped after step 6 of 30, "
+                      "an intermediate state and not the run's result"):
+        loaded = load_guide(tmp_path / "g", lora())
+    assert loaded.trained_with["unfinished"] == {"step": 6, "steps": 30}
+    pyro.set_rng_seed(0)
+    torch.testing.assert_close(predict(loaded.model, loaded, data(), num_samples=2).probs, kept, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("call", [1, 3])
+def test_an_interrupt_with_no_finished_step_or_inside_ivons_update_keeps_nothing(monkeypatch, call):
+    """Interrupted in the first forward, no step had finished; inside ivon-opt's update of step 3, its state may be
+    half-updated: neither keeps a guide, and the network is put back at its start."""
+    import pyro_lora.guides.ivon as module
+
+    if call == 1:
+        _interrupt_on(monkeypatch, module, "batch_nll", 1)
+    else:
+        _interrupt_on(monkeypatch, ivon.IVON, "_update", 3)
+    model = lora()
+    start = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        train_ivon(model, data(), **FAST)
+    assert stopped.value.unfinished_guide is None
+    assert getattr(stopped.value, "__notes__", []) == ([] if call == 1 else [
+        "train_ivon: stopped inside IVON's update of step 3, which may have left its state half-updated: nothing is "
+        "kept, and the network is put back as it was"])
+    assert all(torch.equal(p, start[n]) for n, p in model.net.named_parameters())
+
+
 # ------------------------------------------------------------------ (4) saving
 
 
