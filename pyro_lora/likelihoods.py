@@ -638,6 +638,48 @@ def _choice_mask(batch):
     return mask
 
 
+def _check_cloze_targets(batch, present, length):
+    """Refuse a cloze batch whose choices cannot be scored as its ``target_mask`` says (a hand-built one: a
+    :class:`~pyro_lora.data.ClozeCollator`'s always can): a ``target_mask`` of another shape than ``input_ids``
+    ``[B*K, T]`` or holding other values than 0 and 1; on a present choice's row (``present [B*K]``), an empty target
+    (a score of 0, probability 1 before the softmax), one at position 0 (no earlier position predicts it: it was
+    dropped) or on padding (scored as text); and a normalisation count ``length`` (a key of the batch, or ``None``) that
+    is not one finite positive whole number per row, or, for ``target_lengths``, not the row's target token count."""
+    ids, target = batch["input_ids"], batch["target_mask"]
+    if not torch.is_tensor(target) or target.shape != ids.shape or target.shape[0] != present.numel():
+        shape = tuple(target.shape) if torch.is_tensor(target) else type(target).__name__
+        raise ValueError(f"a cloze batch's target_mask must be [B*K, T] like its input_ids {tuple(ids.shape)}, one row per "
+                         f"choice of its choice_mask's {present.numel()}; got {shape}")
+    if target.dtype != torch.bool and bool(((target != 0) & (target != 1)).any()):
+        raise ValueError("a cloze batch's target_mask must mark each token scored (1) or not (0); it holds other values")
+    target = target.bool()
+    real = batch["attention_mask"].bool() if torch.is_tensor(batch.get("attention_mask")) else torch.ones_like(target)
+    for bad, what in ((~target.any(-1), "an empty target (its score would be 0: probability 1 before the softmax)"),
+                      (target[:, 0], "a target at position 0 (no earlier position predicts it: it would be dropped)"),
+                      ((target & ~real).any(-1), "a target on padding (attention_mask 0: padding scored as text)")):
+        if bool((bad & present).any()):
+            rows = (bad & present).nonzero().flatten().tolist()
+            raise ValueError(f"cloze batch row(s) {rows[:5]} (present choices) have {what}: target_mask marks the "
+                             "choice's continuation tokens, after a context (ClozeCollator builds such batches)")
+    if length is None:
+        return
+    counts = batch[length]
+    if not torch.is_tensor(counts) or counts.shape != (present.numel(),):
+        shape = tuple(counts.shape) if torch.is_tensor(counts) else type(counts).__name__
+        raise ValueError(f"a cloze batch's {length} must be [B*K], one count per row ({present.numel()}); got {shape}")
+    counts = counts[present].double()
+    wrong = ~(torch.isfinite(counts) & (counts >= 1) & (counts == counts.round()))
+    if bool(wrong.any()):
+        raise ValueError(f"a cloze batch's {length} must be positive whole numbers on its present choices (each score is "
+                         f"divided by it); got {sorted(set(counts[wrong].tolist()))[:5]}")
+    if length == "target_lengths":
+        own = target[present].sum(-1)
+        if not bool((counts == own).all()):
+            rows = present.nonzero().flatten()[counts != own].tolist()
+            raise ValueError(f"cloze batch row(s) {rows[:5]} have target_lengths other than their target_mask's token "
+                             "counts: normalize='tokens' divides each score by the tokens it sums")
+
+
 def _token_ids(value) -> torch.Tensor:
     """``value`` as a tensor, or a ``ValueError`` for what is no array of numbers (a generator, a set, a list holding a
     string), which ``torch.as_tensor`` refuses with a raw error."""
@@ -796,6 +838,9 @@ class MultipleChoice(Likelihood):
         if self.format == "cloze" and length and length not in batch:  # checked before the network runs
             raise ValueError(f"MultipleChoice(normalize={self.normalize!r}) divides each choice's score by the batch's "
                              f"{length!r} [B*K] (ClozeCollator writes it); its keys are {sorted(batch)}")
+        if self.format == "cloze":
+            _refuse_empty_rows(batch, "a cloze")
+            _check_cloze_targets(batch, mask.bool().reshape(-1), length)
         return mask
 
     def logits(self, net, batch, num_samples=None):
@@ -817,7 +862,6 @@ class MultipleChoice(Likelihood):
             last = hidden[rows, last]
             logits = head(last)[:, self.answer_token_ids.to(hidden.device)[: choice_mask.shape[1]]]
         else:
-            _refuse_empty_rows(batch, "a cloze")
             split = _shared_context(batch) if self.share_prefix and _can_share_prefix(decoder) else None
             scores = None if split is None else self._cloze_shared(decoder, head, split, num_samples)
             if scores is None:

@@ -182,6 +182,63 @@ def test_transformers_checkpointing_in_training_scores_every_row_in_full():
     torch.testing.assert_close(losses[True], losses[False], rtol=1e-5, atol=1e-5)
 
 
+def _target_at_zero(b):
+    b["target_mask"][0, 0] = True
+
+
+def _target_on_padding(b):
+    b["target_mask"][1, 4] = True  # row 1 is 4 tokens long, then padding
+
+
+def _empty_target(b):
+    b["target_mask"][1] = False
+
+
+@pytest.mark.parametrize("change, match", [
+    (_target_at_zero, r"row\(s\) \[0\] \(present choices\) have a target at position 0 \(no earlier position predicts it"),
+    (_target_on_padding, r"row\(s\) \[1\] \(present choices\) have a target on padding"),
+    (_empty_target, r"row\(s\) \[1\] \(present choices\) have an empty target \(its score would be 0"),
+    (lambda b: b.update(target_mask=b["target_mask"][:, :-1]), r"target_mask must be \[B\*K, T\] like its input_ids"),
+    (lambda b: b.update(target_mask=b["target_mask"].float() * 2), r"target_mask must mark each token scored \(1\) or not"),
+], ids=["position 0", "padding", "empty", "shape", "values"])
+@pytest.mark.parametrize("share", [True, False])
+def test_a_target_mask_the_scores_cannot_follow_is_refused_naming_the_rows(change, match, share):
+    """A hand-built batch's target at position 0 lost its first token (row 0 scored tokens 1..3 of 4), one on padding
+    scored the pad token as text, and an empty target scored 0, probability 1 before the softmax: all were accepted."""
+    batch = cloze_batch()
+    change(batch)
+    with pytest.raises(ValueError, match=match):
+        LoraModel(tiny_llama(), MultipleChoice(format="cloze", share_prefix=share)).logits(batch)
+
+
+@pytest.mark.parametrize("normalize, key, value, match", [
+    ("tokens", "target_lengths", [5, 1, 3, 1, 2, 1], r"row\(s\) \[0\] have target_lengths other than their target_mask's"),
+    ("tokens", "target_lengths", [0, 1, 3, 1, 2, 1], r"target_lengths must be positive whole numbers .*got \[0\.0\]"),
+    ("chars", "target_chars", [6, -3, 9, 3, 6, 3], r"target_chars must be positive whole numbers .*got \[-3\.0\]"),
+    ("chars", "target_chars", [6.5, 3, 9, 3, 6, 3], r"target_chars must be positive whole numbers .*got \[6\.5\]"),
+    ("chars", "target_chars", [float("nan"), 3, 9, 3, 6, 3], r"target_chars must be positive whole numbers .*got \[nan\]"),
+    ("tokens", "target_lengths", [2], r"target_lengths must be \[B\*K\], one count per row \(6\); got \(1,\)"),
+])
+def test_normalisation_counts_that_are_not_each_rows_are_refused(normalize, key, value, match):
+    """Each score is divided by its row's count: 5 where the target holds 2 tokens, a 0 or negative count clamped to 1
+    (that choice left unnormalised), NaN (NaN logits) or one value broadcast to every row were all accepted."""
+    batch = cloze_batch()
+    batch[key] = torch.tensor(value)
+    with pytest.raises(ValueError, match=match):
+        LoraModel(tiny_llama(), MultipleChoice(format="cloze", normalize=normalize)).logits(batch)
+
+
+def test_normalised_scores_divide_by_the_rows_own_counts():
+    net = tiny_llama()
+    batch = cloze_batch()
+    expected = direct_scores(net)
+    for normalize, key in (("tokens", "target_lengths"), ("chars", "target_chars")):
+        logits = LoraModel(net, MultipleChoice(format="cloze", normalize=normalize)).logits(batch)
+        counts = batch[key].view(2, 3).double()
+        torch.testing.assert_close(logits[0].double(), expected[0].double() / counts[0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[1, :2].double(), expected[1].double() / counts[1, :2], rtol=1e-4, atol=1e-4)
+
+
 def test_a_row_without_a_real_token_is_refused_in_every_format():
     batch = cloze_batch(SHARED)
     batch["attention_mask"][4] = 0
