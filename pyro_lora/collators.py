@@ -398,7 +398,8 @@ class CausalLMCollator:
     question and correct answer), which loses the start of its passage: cutting its end trained on the question
     without the answer. The first batch that cuts a text says so in a warning, once per collator (a batch that cuts
     both kinds says the ends). A cut that would reach its question or answer (only a passage is cut) is refused
-    (``ValueError`` naming the ``max_length`` needed): the label would not change what is trained.
+    (``ValueError`` naming the ``max_length`` needed): the label would not change what is trained. So is (naming the
+    records) a ``text_fn`` giving no string, or text the tokenizer encodes as no token.
     """
 
     _cut_said = False  # whether a cut was said: once per collator
@@ -412,7 +413,12 @@ class CausalLMCollator:
 
     def __call__(self, records: list[dict]) -> dict[str, torch.Tensor]:
         _check_records(records, None)  # either layout; unchecked, a label -1 trained the last choice, True choice 1
-        encoded = self.tokenizer([self.text_fn(r) for r in records], add_special_tokens=False)["input_ids"]
+        texts = [self.text_fn(r) for r in records]
+        wrong = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if wrong:  # the tokenizer's own error named neither the record nor text_fn
+            raise ValueError(f"text_fn gave record(s) {wrong[:5]} of the batch (id {records[wrong[0]].get('id')!r} first) "
+                             f"no string but {type(texts[wrong[0]]).__name__}: it must return each record's text")
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
         empty = [i for i, ids in enumerate(encoded) if not ids]
         if empty:  # a row of no text scores nothing and failed deep inside the network
             raise ValueError(f"record(s) {empty[:5]} of the batch give no tokens (text_fn gave text the tokenizer "

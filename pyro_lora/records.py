@@ -110,12 +110,14 @@ def validate_record(record: object, task: str, num_labels: int | None = None) ->
                 "scores as one likely token")
     if not 0 <= label < len(choices):
         return f"label {label} out of range [0, {len(choices)})"
-    # compared as the tokenizers that normalise (NFC) read them: "cafe" + a combining accent is "café"
+    # the same text however encoded ("cafe" + a combining accent is "café"), which a tokenizer without a normaliser
+    # (byte-level BPE) still gives other tokens: the label between them is arbitrary either way
     same = unicodedata.normalize("NFC", choices[label])
     copies = [i for i, c in enumerate(choices) if unicodedata.normalize("NFC", c) == same and i != label]
     if copies:  # duplicates of unlabelled choices are harmless (OpenBookQA's train split has some)
-        return (f"the labelled choice {label} ({choices[label]!r}) is also choice(s) {copies}: the copies always score "
-                "the same, so the label can never win; remove the duplicate or fix the label")
+        return (f"the labelled choice {label} ({choices[label]!r}) is also choice(s) {copies} (the same text, in Unicode's "
+                "NFC form): nothing tells the answer from its copy, so the label is arbitrary (in the cloze format "
+                "identical copies score the same and the label can never win); remove the duplicate or fix the label")
     if "context" in record and not isinstance(record["context"], str):
         return "context must be a string"
     if "context" in record and not visible(record["context"]):  # a WinoGrande sentence with one is asked as a question

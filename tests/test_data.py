@@ -942,13 +942,15 @@ def test_marks_alone_are_invisible():
 
 
 def test_a_label_on_a_duplicated_choice_is_refused():
-    """Both copies of a choice always score the same: the label could never win."""
+    """Both copies of a choice are one answer: the label between them is arbitrary. Copies equal only in Unicode's NFC
+    form were said to "always score the same", false for a tokenizer without a normaliser (byte-level BPE)."""
     record = {"id": 1, "question": "q?", "choices": ["sky", "water", "sky", "water"], "label": 3}
     assert "labelled choice 3 ('water') is also choice(s) [1]" in D.validate_record(record, "multiple_choice")
     assert D.validate_record({**record, "choices": ["sky", "water", "sky", "soil"]}, "multiple_choice") is None
     # the same text as a tokenizer normalising to NFC reads it: "cafe" and a combining accent is "café"
-    assert "labelled choice 1 ('café') is also choice(s) [0]" in D.validate_record(
-        {**record, "choices": ["cafe\u0301", "café", "tea"], "label": 1}, "multiple_choice")
+    said = D.validate_record({**record, "choices": ["cafe\u0301", "café", "tea"], "label": 1}, "multiple_choice")
+    assert "labelled choice 1 ('café') is also choice(s) [0] (the same text, in Unicode's NFC form): nothing tells" in said
+    assert "always score" not in said
 
 
 def test_record_text_tells_the_task_by_choices_not_by_a_text_field():
@@ -975,6 +977,10 @@ def test_causal_lm_collator_checks_records_as_the_other_collators_do(smol_tok):
     # a text_fn giving no text: a row of no tokens failed deep inside the network (a reshape of 0 elements)
     with pytest.raises(ValueError, match=r"record\(s\) \[1\] of the batch give no tokens"):
         D.CausalLMCollator(smol_tok, text_fn=lambda r: "" if r["id"] == "t" else "some text")([mc, cls])
+    # one giving no string (a missing field read as None): the tokenizer's error named neither the record nor text_fn
+    with pytest.raises(ValueError, match=r"^text_fn gave record\(s\) \[1\] of the batch \(id 't' first\) no string but "
+                       "NoneType: it must return each record's text"):
+        D.CausalLMCollator(smol_tok, text_fn=lambda r: r.get("question"))([mc, cls])
 
 
 @needs_smollm2
