@@ -416,13 +416,24 @@ def _uncertainty(probs: torch.Tensor) -> torch.Tensor:
 def _tie_groups(u: torch.Tensor, rtol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
     """The tie group of each value of the float64 uncertainties ``u [N]`` (``[N]``, 0 for the smallest) and the
     groups' sizes, for the selective-prediction metrics (the AUROCs tie exact equals only: :func:`_midranks`): in
-    sorted order a value within ``rtol`` (relative) of the one before joins its group. Float64's rounding of a row's
-    sum (0.1 + 0.2 against 0.15 + 0.15 beside one top probability 0.7) is no order, while the margins float32
-    probabilities hold (relative 6e-8 and more) all are."""
+    sorted order a value within ``rtol`` (relative) of its group's first joins the group, so a chain of values each
+    near the one before does not tie its far-apart ends. Float64's rounding of a row's sum (0.1 + 0.2 against
+    0.15 + 0.15 beside one top probability 0.7) is no order, while the margins float32 probabilities hold (relative
+    6e-8 and more) all are."""
     order = torch.argsort(u, stable=True)
     ranked = u[order]
+    below = ranked - rtol * ranked.abs()  # value j joins a group first at i where below[j] <= ranked[i]; increasing
     starts = torch.ones_like(ranked, dtype=torch.bool)
-    starts[1:] = ranked[1:] - ranked[:-1] > rtol * ranked[1:].abs()
+    starts[1:] = below[1:] > ranked[:-1]  # chained: each value near the one before
+    firsts = starts.nonzero().flatten()
+    ends = torch.cat([firsts[1:], torch.tensor([len(ranked)])])
+    wide = below[ends - 1] > ranked[firsts]
+    # a chain wider than rtol (rare: float64 values spaced by about rtol) is split where its group's first is left behind
+    for first, end in zip(firsts[wide].tolist(), ends[wide].tolist()):
+        i = first
+        while i < end:
+            starts[i] = True
+            i = int(torch.searchsorted(below, ranked[i], right=True))
     groups = starts.cumsum(0) - 1
     inverse = torch.empty_like(groups)
     inverse[order] = groups
@@ -439,8 +450,8 @@ def risk_coverage(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
     and a temperature keeps the ranking of two-class rows. True ties are averaged, not broken by input order: when
     the k-th example falls inside a group of m equally confident examples with c correct, of which j are kept, the
     kept ones count j c / m correct (the expectation over the orders of the tie group), so the result does not depend
-    on the order of the examples. Ties are uncertainties equal up to float64's rounding of the row sums (a relative
-    1e-12: rows of one top probability 0.7 whose other entries are 0.1, 0.2 and 0.15, 0.15), far finer than the
+    on the order of the examples. Ties are uncertainties equal up to float64's rounding of the row sums (within a
+    relative 1e-12 of their group's smallest: rows of one top probability 0.7 whose other entries are 0.1, 0.2 and 0.15, 0.15), far finer than the
     margins float32 probabilities hold: repeated inputs, an ensemble's agreeing members, rows saturated to
     a one-hot (float32 margins beyond 103 nats), float64 rounded probabilities of one top value (in float32 their
     other entries differ by its own resolution: no tie). At a group's end, and everywhere without ties, this is the plain

@@ -244,6 +244,22 @@ def test_rounded_probabilities_of_one_top_value_tie_whatever_their_other_entries
         assert metrics.aurc(probs[order], labels[order]) == pytest.approx(float(torch.stack(by_order).mean()), abs=1e-12)
 
 
+def test_a_chain_of_near_values_does_not_tie_its_far_apart_ends():
+    """Ties were chained: each value within 1e-12 of the one before joined its group, so 4001 distinct float64
+    uncertainties spaced by 0.9e-12 (ends 3.6e-9 apart) were one tie (AURC 0.500, accuracy at half coverage 0.500). A
+    value joins its group's first only: groups of two here, which the strict order's metrics equal (0.154, 0.9995)."""
+    n = 4001
+    u = 0.3 * (1 + 0.9e-12 * torch.arange(n, dtype=torch.float64))
+    probs = torch.stack([1 - u, u], 1)
+    labels = (torch.arange(n) >= n // 2).long()  # the more confident half right
+    strict = (labels == 0).double().cumsum(0) / torch.arange(1, n + 1)
+    assert metrics.aurc(probs, labels) == pytest.approx(float((1 - strict).mean()), abs=1e-12)
+    kept = math.floor(0.5 * n + 0.5)  # 2001 examples: 2000 right, 1 wrong
+    assert metrics.accuracy_at_coverage(probs, labels, 0.5) == pytest.approx(float(strict[kept - 1]), abs=1e-12)
+    groups, sizes = metrics._tie_groups(0.3 * (1 + torch.tensor([0.0, 0.9e-12, 1.8e-12], dtype=torch.float64)))
+    assert groups.tolist() == [0, 0, 1] and sizes.tolist() == [2, 1]  # the third is 1.8e-12 from the group's first
+
+
 def test_risk_coverage_is_the_expectation_over_orders_and_order_invariant():
     import itertools
 
