@@ -123,8 +123,12 @@ def _check_rows(x: torch.Tensor, dtype: torch.dtype, name: str) -> None:
         # entries in [0, 1] summing to 1 within bfloat16's rounding, given wider: a bfloat16 softmax cast up
         rounded = (not (dtype.is_floating_point and torch.finfo(dtype).bits <= 16) and bool(((x >= 0) & (x <= 1)).all())
                    and bool(((sums - 1).abs() <= _sum_tolerance(torch.bfloat16, x.shape[-1])).all()))
+        # entries below 0 by no more than the sum's rounding, in rows summing to 1: a 1 - (sum of the others) in floats
+        noise = bool((x >= -tol).all()) and bool(((sums - 1).abs() <= tol).all())
         advice = ("they look like probabilities rounded in a narrower dtype (a bfloat16 or float16 softmax cast to "
                   f"{dtype}): pass them in that dtype, or renormalise (p / p.sum(-1, keepdim=True))" if rounded
+                  else "their negative entries are rounding error (a probability computed as 1 minus the others?): "
+                  "clamp them at 0 and renormalise (p = p.clamp(min=0); p / p.sum(-1, keepdim=True))" if noise
                   else "pass softmax(logits), not logits")
         raise ValueError(
             f"{name} rows must be probability vectors (non-negative, summing to 1 within {tol:.1g}); got values from "

@@ -344,6 +344,10 @@ def test_logits_and_unnormalised_rows_are_refused():
     with pytest.raises(ValueError, match=r"they look like probabilities rounded in a narrower dtype \(a bfloat16 or "
                                          r"float16 softmax cast to torch.float32\): pass them in that dtype, or renormalise"):
         metrics.ece(rounded.float(), labels[:45] % 2)
+    # 1 minus the others in float64 (-2.2e-16) was told to pass softmax(logits): the row is one, its rounding below 0
+    with pytest.raises(ValueError, match=r"their negative entries are rounding error \(a probability computed as 1 minus "
+                                         r"the others\?\): clamp them at 0 and renormalise"):
+        metrics.nll(torch.tensor([[1.0, 1 - 1.0000000000000002]], dtype=torch.float64), torch.tensor([0]))
     for fn in (metrics.predictive_entropy, metrics.expected_entropy, metrics.mutual_information):
         with pytest.raises(ValueError, match="sample_probs rows must be probability vectors"):
             fn(logits.reshape(5, 10, 4))
