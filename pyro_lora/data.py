@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from . import distributed
 from .checks import as_real, check_batch, check_batches, check_count, check_flag, not_a_file
@@ -386,10 +386,12 @@ def _read_once(data) -> list:
 
 
 def check_every_example(data, action: str) -> None:
-    """Refuse a ``DataLoader`` that leaves out its last incomplete batch where ``action`` scores or sums every example
-    (a prediction, a validation search, a curvature fit; SVI's minibatch steps are not such a pass): ``drop_last=True``
+    """Refuse a ``DataLoader`` that does not read each example once where ``action`` scores or sums every example (a
+    prediction, a validation search, a curvature fit; SVI's minibatch steps are not such a pass): ``drop_last=True``
     on the loader or on any sampler it reads through (a ``batch_sampler``, a ``BatchSampler`` given as ``sampler`` with
-    ``batch_size=None``, a sampler wrapped in another; the loader's own ``drop_last`` then stays False)."""
+    ``batch_size=None``, a sampler wrapped in another; the loader's own ``drop_last`` then stays False), and a sampler
+    drawing with replacement (``RandomSampler(replacement=True)``, a ``WeightedRandomSampler``'s default), or another
+    number of examples than its source holds (``num_samples``)."""
     stack, seen = [(data, "")], set()
     while stack:
         obj, where = stack.pop()
@@ -400,7 +402,24 @@ def check_every_example(data, action: str) -> None:
             raise ValueError(f"{action} reads every example of its data, but this DataLoader drops its last incomplete "
                              f"batch (drop_last=True{where and ' on its ' + where}), whose examples would be left out: "
                              f"build it with drop_last=False")
+        source = _sampler_source(obj)
+        if getattr(obj, "replacement", False) is True or (source is not None and obj.num_samples != source):
+            drawn = ("draws with replacement" if obj.replacement is True
+                     else f"draws {obj.num_samples} of its {source} examples")
+            raise ValueError(f"{action} reads every example of its data once, but this DataLoader's "
+                             f"{where or 'sampler'} ({type(obj).__name__}) {drawn}: examples would be read twice or "
+                             "never; read the data in order (shuffle=False) or shuffled (shuffle=True), not resampled")
         stack += [(getattr(obj, name, None), f"{where}'s {name}" if where else name) for name in ("batch_sampler", "sampler")]
+
+
+def _sampler_source(sampler) -> int | None:
+    """How many examples a ``RandomSampler`` or ``WeightedRandomSampler`` draws from (its ``data_source``'s length, or
+    its ``weights``'), ``None`` for other samplers."""
+    if isinstance(sampler, RandomSampler):
+        return len(sampler.data_source)
+    if isinstance(sampler, WeightedRandomSampler):
+        return len(sampler.weights)
+    return None
 
 
 def to_device(batch: dict, device: torch.device | str) -> dict:

@@ -917,6 +917,36 @@ def test_predict_refuses_a_loader_that_drops_examples():
     assert predict(model, None, loader, progress=False).probs.shape == (10, 2)
 
 
+@pytest.mark.parametrize("sampler, drawn", [
+    (lambda rows: torch.utils.data.WeightedRandomSampler([1.0] * 10, 10), r"\(WeightedRandomSampler\) draws with replacement"),
+    (lambda rows: torch.utils.data.RandomSampler(rows, replacement=True), r"\(RandomSampler\) draws with replacement"),
+    (lambda rows: torch.utils.data.RandomSampler(rows, num_samples=6), r"\(RandomSampler\) draws 6 of its 10 examples"),
+    (lambda rows: torch.utils.data.RandomSampler(rows, num_samples=15), r"\(RandomSampler\) draws 15 of its 10 examples"),
+    (lambda rows: torch.utils.data.WeightedRandomSampler([1.0] * 10, 7, replacement=False),
+     r"\(WeightedRandomSampler\) draws 7 of its 10 examples"),
+], ids=["weighted", "replacement", "fewer", "more", "weighted fewer"])
+def test_every_example_passes_refuse_a_resampling_loader(sampler, drawn):
+    """A class-balancing WeightedRandomSampler (with replacement by default) read 10 examples as 10 draws: examples
+    twice or never, summed into a Laplace fit (KFAC factors 140% off), a validation search or a prediction without a
+    word, since the count was right."""
+    from conftest import tiny_bert
+    from test_training import toy_data
+
+    from pyro_lora import LoraModel, SequenceClassification, predict
+    from pyro_lora.guides import LaplaceGuide
+
+    model = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), num_data=10)
+    rows = toy_data(10, batch=1)
+    loader = torch.utils.data.DataLoader(rows, sampler=sampler(rows), collate_fn=lambda b: b[0])
+    with pytest.raises(ValueError, match=r"^predict reads every example of its data once, but this DataLoader's "
+                                         rf"sampler {drawn}: examples would be read twice or never"):
+        predict(model, None, loader)
+    with pytest.raises(ValueError, match=rf"^a Laplace fit reads every example of its data once, .*{drawn}"):
+        LaplaceGuide(model, rank=2).fit(loader, progress=False)
+    shuffled = torch.utils.data.DataLoader(rows, shuffle=True, collate_fn=lambda b: b[0])  # each once, in any order
+    assert predict(model, None, shuffled, progress=False).probs.shape == (10, 2)
+
+
 def test_an_empty_batch_is_refused_by_name():
     from conftest import tiny_bert
     from test_training import toy_data
