@@ -46,8 +46,8 @@ class EnsembleGuide(LoraGuide):
     them. The Pyro guide path draws the member as an auxiliary site ``"ensemble_member"`` (condition on it
     to pick one) and records delta sites; :meth:`posterior` gives each site's marginal mixture, and
     :meth:`mean` the average of the members' values, which is no ensemble predictor (averaged weights of
-    separately trained adapters): ``predict(..., mean=True)`` refuses it (:attr:`mean_is_predictor`), and
-    :func:`pyro_lora.export_adapter` writes that average as one adapter, not the ensemble.
+    separately trained adapters): ``predict(..., mean=True)`` refuses it (:attr:`mean_is_predictor`), and so does
+    :func:`pyro_lora.export_adapter` (that average as one adapter would be none of the members).
 
     **Heads.** ``heads`` holds per-member values of point parameters outside the sites (a classification
     head). Only ``nn.Linear`` weights and biases are supported: inside :meth:`member_heads` each such layer

@@ -466,7 +466,8 @@ class LaplaceGuide(LoraGuide):
         """GLM predictive over ``data``: ``p(y | x) = E_{f ~ N(mean, cov)} softmax(f)`` from :meth:`glm_logits`.
 
         :param link: ``"probit"`` (the pairwise probit :func:`~pyro_lora.kfac.probit`, shift-invariant like
-            softmax) or ``"mc"`` (``num_samples`` logit draws per example).
+            softmax) or ``"mc"`` (``num_samples`` logit draws per example, each example's own: its estimate moves
+            with its place in the data within its Monte Carlo error, :func:`~pyro_lora.kfac.glm_predict`).
         :param int num_samples: logit draws per example for ``link="mc"`` (a positive integer, checked for
             either link as :func:`pyro_lora.predict` checks it).
         :param keep_samples: also return the per-draw probabilities ``[S, N, C]`` of ``num_samples`` logit draws

@@ -690,7 +690,9 @@ def glm_predict(data, logits_of, observed, link="probit", num_samples=100, keep_
     ``K`` Gaussians per example (mean ``[K, N, C]``, cov ``[K, N, C, C]``) averages the ``K`` predictives; its draws
     with ``keep_samples`` are ``[S K, N, C]``. The ``"mc"`` link's logit draws come from a CPU generator seeded by one
     draw of the global RNG (reproducible under ``torch.manual_seed``), rank 0's under ``torch.distributed``, so every
-    rank returns one predictive. With the probit link, ``keep_samples`` keeps ``num_samples`` logit
+    rank returns one predictive; they are each example's own, taken in the data's order, so unlike
+    :func:`~pyro_lora.predict`'s weight draws (shared by every example) an example's estimate moves with its place in
+    the data (batching, order) within its Monte Carlo error. With the probit link, ``keep_samples`` keeps ``num_samples`` logit
     draws of the same Gaussians (what the mutual information needs; from a CPU generator of their own, seeded 0 per
     call) while ``probs`` stay the probit's; where a covariance overflows them (not finite, or a variance beyond
     float32's range squared) it keeps none (``sample_probs`` None) and warns. ``log_probs`` is the float64 log of the
