@@ -13,6 +13,7 @@ A new method is its guide file, one recipe and one export line in :mod:`pyro_lor
 """
 
 import importlib.util
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -54,6 +55,11 @@ class Fitted:
     def __post_init__(self):
         if self.point_estimate is None:
             self.point_estimate = bool(getattr(self.guide, "deterministic", False))
+        count = self.extra_parameters
+        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:  # -5 and 2.5 were printed
+            raise ValueError(f"Fitted.extra_parameters must be a whole number >= 0 (the numbers the method's posterior "
+                             f"adds to its point estimate), got {count!r}")
+        self.extra_parameters = int(count)  # a numpy integer is no JSON
 
 
 def join_notes(*notes) -> Optional[str]:

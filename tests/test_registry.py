@@ -3,6 +3,7 @@
 import json
 from dataclasses import replace
 
+import numpy as np
 import pyro.distributions as dist
 import pytest
 import torch
@@ -142,6 +143,34 @@ def test_a_recipe_returning_other_than_it_registered_is_refused(returned, messag
             fit_method(setup, "liar")
     finally:
         METHODS.pop("liar")
+
+
+@pytest.mark.parametrize("count", [-5, 2.5, True, "3", None])
+def test_a_recipes_extra_parameters_must_be_a_whole_number_at_least_0(count):
+    """-5 was printed as +params -5, and 2.5 as 2 (rounded half to even), skipping the count's check on resume."""
+    with pytest.raises(ValueError, match=r"Fitted.extra_parameters must be a whole number >= 0 .*got"):
+        Fitted(lambda records: None, extra_parameters=count)
+    assert type(Fitted(lambda records: None, extra_parameters=np.int64(7)).extra_parameters) is int
+
+
+def test_a_predictive_that_builds_its_own_prediction_is_timed_not_read_as_free():
+    """A method's hand-built Prediction keeps seconds at its default 0: a predict of 0.2 s read predict s/1k 0.0."""
+    import time
+    from types import SimpleNamespace
+
+    from pyro_lora.experiments.compare import evaluate
+    from pyro_lora.predictive import Prediction
+
+    def slow(records):
+        time.sleep(0.2)
+        return Prediction(torch.full((len(records), 2), 0.5), torch.zeros(len(records), dtype=torch.long))
+
+    setup = SimpleNamespace(seed=0, config=SimpleNamespace(device="cpu"))
+    _, costs = evaluate(setup, Fitted(slow), [{}] * 4, "slow", "sst2")
+    assert costs["predict_seconds_per_1000"] >= 1000 * 0.2 / 4
+    timed = Prediction(torch.full((4, 2), 0.5), torch.zeros(4, dtype=torch.long), seconds=0.01)  # its own time stands
+    _, costs = evaluate(setup, Fitted(lambda records: time.sleep(0.2) or timed), [{}] * 4, "timed", "sst2")
+    assert costs["predict_seconds_per_1000"] == pytest.approx(1000 * 0.01 / 4)
 
 
 def _guide_on(model):

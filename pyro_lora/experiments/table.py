@@ -164,6 +164,6 @@ def _number(value, digits):
 
 def format_row(r, setting=True):
     """One line of :func:`format_table` (``setting``: with the setting column)."""
-    ood = " / ".join(_number(r[c.key], c.digits) for c in OOD) if "ood_auroc_entropy" in r else ""
+    ood = " / ".join(format_cell(r, c.key, c.digits) for c in OOD) if "ood_auroc_entropy" in r else ""
     guide = r["guide"] + (" (note)" if r.get("note") else "")
     return f"| {guide} | " + (f"{row_setting(r) or ''} | " if setting else "") + f"{r['dataset']} | " + " | ".join(format_cell(r, c.key, c.digits) for c in TABLE) + f" | {ood} |"
