@@ -14,6 +14,7 @@ A new method is its guide file, one recipe and one export line in :mod:`pyro_lor
 
 import importlib.util
 import numbers
+import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -32,7 +33,7 @@ NO_VALIDATION, VALIDATION_TUNED = "no validation data", "validation-tuned"
 
 @dataclass
 class Fitted:
-    """A fitted method: ``predict(records) -> Prediction``, and what it adds over plain LoRA.
+    """A fitted method: ``predict(records) -> Prediction``, and the numbers its posterior adds to its point estimate.
 
     ``predict`` may be left out when ``guide`` is given: the method's registered predictive then scores the guide.
     """
@@ -140,8 +141,9 @@ class Method:
 
     @property
     def summary(self) -> str:
-        """The first line of the recipe's docstring."""
-        return (self.recipe.__doc__ or self.name).strip().splitlines()[0]
+        """The first sentence of the recipe's docstring, on one line (its first line cut some mid-sentence)."""
+        paragraph = " ".join((self.recipe.__doc__ or self.name).strip().split("\n\n")[0].split()).replace("``", "`")
+        return re.split(r"(?<=[.!?])\s+(?=[A-Z`(])", paragraph, maxsplit=1)[0]
 
     def extra_parameters(self, guide) -> int:
         """What its rows count as ``+params`` for its fitted ``guide``: the guide's own numbers, and the posterior

@@ -153,6 +153,14 @@ def test_a_recipes_extra_parameters_must_be_a_whole_number_at_least_0(count):
     assert type(Fitted(lambda records: None, extra_parameters=np.int64(7)).extra_parameters) is int
 
 
+def test_every_methods_summary_is_its_first_whole_sentence():
+    """compare's progress line took the docstring's first line: "... baseline. ``T`` is fitted", "..., under a"."""
+    for name, m in METHODS.items():
+        assert m.summary.endswith(".") and "\n" not in m.summary and "``" not in m.summary, name
+    assert METHODS["temperature"].summary == ("Temperature scaling of the MAP, fitted on the validation split: the cheap "
+                                              "non-Bayesian baseline.")
+
+
 def test_a_predictive_that_builds_its_own_prediction_is_timed_not_read_as_free():
     """A method's hand-built Prediction keeps seconds at its default 0: a predict of 0.2 s read predict s/1k 0.0."""
     import time

@@ -132,9 +132,11 @@ def header_section(runs, command, now, failed=()):
                   "time for their whole cost; a method that trains its own adapter, such as MC dropout, counts that "
                   "whole training); a `_val` row includes its base method's whole fit (`mola_val`'s holds `mola`'s and "
                   "the ensemble's), a `+ts` row its method's fit and the temperature's. `+params` counts the numbers a "
-                  "method stores beyond plain LoRA, a fitted temperature as one. `peak MB` is the whole process's peak "
-                  "resident memory on the CPU (the imports and the base model dominate it; the order methods run in "
-                  "moves it by tens of MB)."]
+                  "method's posterior adds to the point estimate it is centred on (its LoRA, or B-LoRA-XS's r x r cores, "
+                  "themselves far fewer numbers than a LoRA), a fitted temperature as one. `peak MB` is the whole "
+                  "process's peak resident memory on the CPU (the imports and the base model dominate it, and memory an "
+                  "earlier method freed is not always given back to the system: the order methods run in moves it by "
+                  "up to a few hundred MB, so CPU rows closer than that say nothing about the methods)."]
     return "\n".join(lines)
 
 
