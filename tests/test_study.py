@@ -1348,6 +1348,10 @@ def test_the_shift_tables_bold_each_targets_best_and_never_a_point_estimates_mi(
     assert bold[("C", "laplace")][0] and bold[("C", "laplace")][3]  # ARC-C's best, though ARC-E's values are higher
     assert bold[("E", "map")][0] and bold[("E", "map")][3]
     assert not bold[("C", "map")][4] and not bold[("E", "map")][4]  # MAP's MI AUROC of 0.5 is no detection
+    # AUROCs below 0.5 (scores lower on the shifted set): the highest of them was bold, no detection at all
+    below = report.markdown_table([{"guide": g, "ood_auroc_entropy": v} for g, v in (("map", 0.30), ("tfb", 0.45))],
+                                  [c for c in report.SHIFTED if c.key == "ood_auroc_entropy"])
+    assert "**" not in below and "0.450" in below
 
 
 def test_the_report_says_no_guide_beats_on_a_value_it_prints_as_a_tie():

@@ -625,6 +625,25 @@ def test_a_posterior_without_mutual_information_on_one_seed_is_ranked_on_mi_by_i
     assert "OOD AUROC (MI, theirs by entropy) on arc_challenge: better than both MAP and temperature scaling: meanfield, tfb." in text
 
 
+@pytest.mark.parametrize("top, said", [
+    (0.303, "tfb (0.303, below chance: every method's score is lower on the shifted set, so none flags it as unfamiliar)"),
+    (0.5, "tfb (0.500, at chance: no method tells the shifted set apart)"),
+    (0.7, "tfb (0.700)")])
+def test_a_best_ood_auroc_that_does_not_beat_chance_is_said_so(top, said):
+    """"Best: OOD AUROC (MI) on arc_challenge: tfb (0.303)": an AUROC below 0.5 is a score lower on the shifted inputs,
+    no detection; it was called the best, and the study's shift table bolded it."""
+    rows = []
+    for g, mi, auroc_mi, auroc in (("map", 0.0, 0.5, 0.30), ("temperature", 0.0, 0.5, 0.29), ("meanfield", 0.02, 0.2, 0.28),
+                                   ("tfb", 0.03, top, 0.27)):
+        base = {"guide": g, "seed": 0, "setting": "no validation data", "accuracy": 0.6, "ece": 5.0, "nll": 1.0, "aurc": 0.3,
+                "mutual_information": mi}
+        rows += [{**base, "dataset": "openbookqa"},
+                 {**base, "dataset": "arc_challenge", "ood_auroc_entropy": auroc, "ood_auroc_mi": auroc_mi}]
+    text = verdict(rows, "openbookqa")
+    assert f"OOD AUROC (MI) on arc_challenge: {said}" in text
+    assert "OOD AUROC (entropy) on arc_challenge: map (0.300, below chance" in text
+
+
 def test_the_best_line_names_the_seeds_its_means_are_over_where_some_were_left_out():
     rows = _rows({"map": [(0.6, 5.0, 0.3, 0.3), (0.6, 5.0, 0.7, 0.3), (0.6, 5.0, 0.8, 0.3)],
                   "temperature": [(0.6, 5.0, 0.55, 0.3)] * 3, "laplace": [(0.6, 5.0, 0.9, 0.3)] * 2})

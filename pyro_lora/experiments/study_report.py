@@ -272,7 +272,7 @@ def markdown_table(rows, spec, first=("guide",), unranked=frozenset()):
     column key) cells shown but never the best, such as a point estimate's MI AUROC of 0.5 by construction)."""
     whole = [r for r in rows if not partial_seeds_note(r, rows)]  # a mean over fewer seeds is never the best
     best = {c.key: _best_shown([r[c.key] for r in whole if c.key in r and (r["guide"], c.key) not in unranked],
-                               c.digits, c.lower_better) for c in spec if c.better}
+                               c.digits, c.lower_better, c.chance) for c in spec if c.better}
     lines = ["| " + " | ".join([*first, *(c.title for c in spec)]) + " |", "|" + "---|" * (len(first) + len(spec))]
     for r in rows:
         cells = [str(r[k]) for k in first]
@@ -288,12 +288,14 @@ def markdown_table(rows, spec, first=("guide",), unranked=frozenset()):
     return "\n".join(lines)
 
 
-def _best_shown(values, digits, lower_better):
-    """The best of ``values`` as the table shows it (so equal-looking cells are bold alike); None where all look equal."""
+def _best_shown(values, digits, lower_better, chance=None):
+    """The best of ``values`` as the table shows it (so equal-looking cells are bold alike); None where all look equal
+    or the best does not beat ``chance`` (an OOD AUROC of 0.303 was bold)."""
     values = [v for v in values if not not_available(v)]  # n/a cells are never the best
     if len({shown(v, digits) for v in values}) < 2:
         return None
-    return shown(min(values) if lower_better else max(values), digits)
+    best = shown(min(values) if lower_better else max(values), digits)
+    return None if chance is not None and float(best) <= chance else best
 
 
 def cross_table(table, labels, guides, digits, lower_better=True, partial=frozenset()):

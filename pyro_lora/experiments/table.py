@@ -9,13 +9,15 @@ from ..guides.registry import METHODS, VALIDATION_TUNED, join_notes
 
 
 class Column(NamedTuple):
-    """One metric column: the row key, its header, the digits shown, and which way is better (``"min"``,
-    ``"max"``, or None for a cost that is not ranked)."""
+    """One metric column: the row key, its header, the digits shown, which way is better (``"min"``,
+    ``"max"``, or None for a cost that is not ranked), and the score that tells nothing (an AUROC's 0.5), where one
+    does: a best that does not beat it is said so, never shown as a success."""
 
     key: str
     title: str
     digits: int
     better: Optional[str] = None
+    chance: Optional[float] = None
 
     @property
     def lower_better(self) -> bool:
@@ -29,7 +31,7 @@ TABLE = [Column("accuracy", "accuracy", 3, "max"), Column("ece", "ECE x100", 2, 
          Column("fit_seconds", "fit s", 1), Column("predict_seconds_per_1000", "predict s/1k", 1),
          Column("fit_memory_mb", "peak MB", 0), Column("extra_parameters", "+params", 0)]
 # rows on a shifted evaluation set also carry the OOD AUROC of the predictive entropy and of the mutual information
-OOD = [Column("ood_auroc_entropy", "OOD AUROC entropy", 3, "max"), Column("ood_auroc_mi", "OOD AUROC MI", 3, "max")]
+OOD = [Column("ood_auroc_entropy", "OOD AUROC entropy", 3, "max", 0.5), Column("ood_auroc_mi", "OOD AUROC MI", 3, "max", 0.5)]
 COLUMNS = {c.key: c for c in TABLE + OOD}  # key -> Column: every metric a table shows
 
 # a method's row after temperature scaling fitted on the validation split on its averaged predictive

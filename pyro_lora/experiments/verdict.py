@@ -114,10 +114,15 @@ def _best(values, metric) -> str:
     """The best mean of ``metric``: ``"guide (value)"``, or every guide whose mean reads the same at the table's
     digits, ``"a, b (value, tied)"`` (with two classes a method and its +ts row share their AURC: a temperature keeps the ranking of binary
     confidences; with more choices it can reorder them)."""
-    printed = {g: shown(_mean(values, g), COLUMNS[metric].digits) for g in values}
-    top = (min if COLUMNS[metric].lower_better else max)(values, key=lambda g: _mean(values, g))
+    column = COLUMNS[metric]
+    printed = {g: shown(_mean(values, g), column.digits) for g in values}
+    top = (min if column.lower_better else max)(values, key=lambda g: _mean(values, g))
     tied = [g for g in values if printed[g] == printed[top]]
-    return f"{', '.join(tied)} ({printed[top]}{', tied' if len(tied) > 1 else ''})"
+    chance = ""
+    if column.chance is not None and float(printed[top]) <= column.chance:  # 0.303 was called the best OOD AUROC
+        chance = (", at chance: no method tells the shifted set apart" if float(printed[top]) == column.chance else
+                  ", below chance: every method's score is lower on the shifted set, so none flags it as unfamiliar")
+    return f"{', '.join(tied)} ({printed[top]}{', tied' if len(tied) > 1 else ''}{chance})"
 
 
 def _names(guides):
