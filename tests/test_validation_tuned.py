@@ -793,7 +793,7 @@ def test_the_verdict_sets_a_methods_mi_against_the_baselines_entropy_on_a_shift(
     assert "OOD AUROC (MI) on arc_easy: laplace (0.752)" in text
     for r in shifted:
         r["ood_auroc_mi"] = {"laplace": 0.3, "tfb": 0.35}.get(r["guide"], r["ood_auroc_mi"])
-    assert "OOD AUROC (MI) on arc_easy: tfb (0.350)" in verdict(_rows(runs) + shifted + point, "sst2")
+    assert "OOD AUROC (MI) on arc_easy: tfb (0.350, below chance" in verdict(_rows(runs) + shifted + point, "sst2")
     for r in shifted:
         r["ood_auroc_mi"] = ood[r["guide"]][1][r["seed"]]
     text = verdict(_rows(runs) + shifted, "sst2")
