@@ -445,8 +445,17 @@ def test_multiple_choice_repeats_are_found_in_every_field_the_model_reads():
             {k: v for k, v in r[0].items() if k != "context"}]
     shift = [test[2], {**r[2], "question": "what is item 2?"}]
     with pytest.warns(UserWarning) as record:
-        _warn_about_splits(CompareConfig(dataset="toy"), load_tokenizer("minilm"), train, val, test, {"shift": shift})
+        notes = _warn_about_splits(CompareConfig(dataset="toy"), load_tokenizer("minilm"), train, val, test, {"shift": shift})
     messages = [str(w.message) for w in record]
+    # said in a warning alone, the repeats reached no row of the table, no run record and no resume: kept as notes
+    assert notes == {
+        "validation": "1 of the 2 validation records of 'toy' repeat a training record as the model reads it: the rows "
+                      "fitted on them (temperature scaling, +ts, *_val) are fitted partly on memorised inputs",
+        "toy": "2 of the 5 test records of 'toy' repeat a training or validation record as the model reads it: memory "
+               "there, not generalisation",
+        "shift": "1 of the 2 records of the shifted set 'shift' repeat a training or validation record of 'toy' as the "
+                 "model reads it: memory there, not generalisation; 1 of the 2 records of the shifted set 'shift' repeat "
+                 "a test record of 'toy' as the model reads it: they are no shift (the OOD AUROC cannot tell them apart)"}
     assert messages[0].startswith("1 of the 2 validation records of 'toy' repeat a training record"), messages
     assert messages[1].startswith("2 of the 5 test records of 'toy' repeat a training or validation record"), messages
     assert messages[2].startswith("1 of the 2 records of the shifted set 'shift' repeat a training or validation "

@@ -171,6 +171,25 @@ def test_methods_report_mi_as_computed_zero_or_not_available():
     assert Fitted(None).point_estimate is False and Fitted(None, SimpleNamespace(deterministic=True)).point_estimate is True
 
 
+def test_the_rows_of_a_set_whose_records_repeat_others_carry_it_as_a_note():
+    """Test records repeating training ones, or a shifted set repeating the test set, were said in a warning alone:
+    no row, no results.json, no resume and no study report knew (OpenBookQA's test set repeats 5 training questions)."""
+    from types import SimpleNamespace
+
+    from pyro_lora.experiments.compare import _score_rows, validation_note
+
+    notes = {"toy": "2 of the 5 test records repeat", "shift": "1 of the 2 records of 'shift' repeat a test record",
+             "validation": "1 of the 2 validation records repeat"}
+    setup = SimpleNamespace(config=SimpleNamespace(dataset="toy"), seed=0, val=[{}] * 200, split_notes=notes)
+    p = Prediction(torch.tensor([[0.7, 0.3], [0.2, 0.8]]), torch.tensor([0, 1]))
+    rows, _, _ = _score_rows(setup, "map", "no validation data", True, {"toy": p, "shift": p}, {"note": "its fit's"},
+                             {"toy": {}, "shift": {}}, None)
+    assert [r["note"] for r in rows] == ["its fit's; 2 of the 5 test records repeat",
+                                         "its fit's; 1 of the 2 records of 'shift' repeat a test record"]
+    assert validation_note(setup) == "1 of the 2 validation records repeat"  # the rows fitted on that split
+    assert validation_note(SimpleNamespace(val=[{}] * 200, split_notes={})) is None
+
+
 def test_format_table_shows_mean_and_std():
     row = {"guide": "map", "dataset": "sst2", "accuracy": 0.8, "accuracy_std": 0.05, "ece": 3.0, "nll": 0.4, "brier": 0.3,
            "mutual_information": 0.0, "aurc": 0.1, "fit_seconds": 3.0, "predict_seconds_per_1000": 1.0,

@@ -45,7 +45,7 @@ def fit_method(setup, name: str, map_seconds: float = 0.0):
         fitted = replace(fitted, predict=predictor(view, method, fitted.guide))
     costs = {"fit_seconds": fit_seconds, "fit_memory_mb": memory.megabytes, "extra_parameters": fitted.extra_parameters}
     costs.update(fitted.chosen)
-    note = join_notes(fitted.note, small_validation_note(setup) if method.validation else None)
+    note = join_notes(fitted.note, validation_note(setup) if method.validation else None)
     if note:
         costs["note"] = note
     return fitted, costs
@@ -161,17 +161,16 @@ def older_seeding_note(run, row_name, seed):
 MIN_VALIDATION = 100
 
 
-def small_validation_note(setup):
-    """The note (also warned) for the rows fitted on ``setup``'s validation split where it holds fewer than
-    :data:`MIN_VALIDATION` examples; else None."""
-    n = len(setup.val)
-    if n == 0 or n >= MIN_VALIDATION:  # none: nothing is fitted on it (a real run's split holds at least one)
-        return None
-    note = (f"fitted on a validation split of {n} example{'s' * (n != 1)} (fewer than {MIN_VALIDATION}: each weighs "
-            f"{100 / n:.2g} accuracy points, more than the 1-point guard of the validation-tuned knobs; a larger "
-            "--train-size or --val-fraction gives more)")
-    warnings.warn(note)  # one text from one line, whichever method asks: Python shows it once per run
-    return note
+def validation_note(setup):
+    """The note for the rows fitted on ``setup``'s validation split: where it holds fewer than :data:`MIN_VALIDATION`
+    examples (also warned), and where its records repeat training ones (warned when the splits were read); else None."""
+    n, note = len(setup.val), None
+    if 0 < n < MIN_VALIDATION:  # none: nothing is fitted on it (a real run's split holds at least one)
+        note = (f"fitted on a validation split of {n} example{'s' * (n != 1)} (fewer than {MIN_VALIDATION}: each weighs "
+                f"{100 / n:.2g} accuracy points, more than the 1-point guard of the validation-tuned knobs; a larger "
+                "--train-size or --val-fraction gives more)")
+        warnings.warn(note)  # one text from one line, whichever method asks: Python shows it once per run
+    return join_notes(note, setup.split_notes.get("validation"))
 
 
 def run_compare(config: CompareConfig, overwrite: bool = False, reference=None, flags=COMPARE_FLAGS):
@@ -395,7 +394,7 @@ def _ts_rows(setup, name, method, fitted, predictions, fit_costs, costs):
         sharpened += [f"{d}: {w.message}" for w in caught]
     ts_costs = {**fit_costs, "fit_seconds": fit_costs["fit_seconds"] + time.perf_counter() - t,
                 "extra_parameters": fit_costs["extra_parameters"] + 1, "temperature": temperature,
-                "note": join_notes(fit_costs.get("note"), note, None if method.validation else small_validation_note(setup),
+                "note": join_notes(fit_costs.get("note"), note, None if method.validation else validation_note(setup),
                                    *sharpened)}
     # a predictive that keeps no per-sample probabilities (GLM probit) has no MI before the temperature either
     mi_note = TS_MI_NOTE if predictions[config.dataset].sample_probs is not None else MI_NO_SAMPLES_NOTE
@@ -432,6 +431,8 @@ def _score_rows(setup, row_name, setting, point_estimate, predictions, fit_costs
                        costs[dataset])
         if dataset != config.dataset:
             row.update(ood_auroc(predictions[config.dataset], prediction, point_estimate))
+        if setup.split_notes.get(dataset):  # its records repeat others: kept in the rows, not said in a warning alone
+            row["note"] = join_notes(row.get("note"), setup.split_notes[dataset])
         rows.append(row)
         arrays.update(prediction_arrays(prediction, dataset, seed, point_estimate))
         if isinstance(row.get("extra_parameters"), int):  # beside the arrays its scores are checked against, checked alike

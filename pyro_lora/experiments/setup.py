@@ -28,7 +28,7 @@ from ..pretrained import (DTYPES, add_lora, check_head_classes, default_mc_forma
 from ..records import BLANK, looks_blank, record_task
 from ..training import fit
 from ..guides import MAPGuide
-from ..guides.registry import METHODS, Fitted, get_method, methods_for_task
+from ..guides.registry import METHODS, Fitted, get_method, join_notes, methods_for_task
 from ..likelihoods import MC_FORMATS
 from ..callers import user_stacklevel
 
@@ -172,6 +172,9 @@ class Setup:
     # the task's likelihood before any method's hook: each view applies its own method's hook to this one, so a base
     # fitted inside another method's view (mola's ensemble) is not fitted under that method's form (no shared prefix)
     task_likelihood: object = None
+    # what the rows of an evaluation set (or, under "validation", those fitted on that split) must say of its records
+    # repeating others (:func:`_warn_about_splits`)
+    split_notes: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.task_likelihood is None:
@@ -320,7 +323,7 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
             collator = D.LetterCollator(tok, config.max_length)
         collated = _check_collates(collator, {"train": train, "validation": val, "test": test, **shifted},
                                    max_positions(config.model), names=_split_names(config.dataset, shifted))
-    _warn_about_splits(config, tok, train, val, test, shifted)
+    split_notes = _warn_about_splits(config, tok, train, val, test, shifted)
     collator._cut_said = True  # each split's cuts are said above: the batches need not say them again
     config = replace(config, lr=config.lr or default_lr(meta["task"]))
     torch.manual_seed(seed)  # the LoRA's initialisation, whatever loading drew
@@ -331,7 +334,7 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
         adapter = net.peft_config[net.active_adapter]
         config = replace(config, rank=adapter.r, alpha=float(adapter.lora_alpha))
     net = net.to(config.device)
-    setup = Setup(config, net, tok, likelihood, train, val, test, collator, seed, shifted)
+    setup = Setup(config, net, tok, likelihood, train, val, test, collator, seed, shifted, split_notes=split_notes)
     if config.mc_format == "cloze":
         records = [r for split in [train, val, test, *shifted.values()] for r in split]
         # cloze scoring shared every question's cache until 2026-12-02 (form 0), under length-dependent RoPE too
@@ -437,12 +440,15 @@ def load_splits(config: CompareConfig):
     return train, val, test, {name: _test_records(name, config) for name in config.eval_datasets}
 
 
-def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shifted):
+def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shifted) -> dict:
     """Say what makes a run's numbers mean less than they seem: test, validation or shifted records that repeat
     training ones as the model reads them (:func:`_model_inputs`: memory, not generalisation), shifted records that
     repeat test ones (no shift: the OOD AUROC cannot tell them apart), validation and test and shifted labels no
     training record has, training labels no validation record has, and texts that ``--max-length`` cuts (:func:`_warn_about_cuts`;
-    a multiple-choice passage's cut is said by :func:`_check_collates`)."""
+    a multiple-choice passage's cut is said by :func:`_check_collates`).
+
+    Returns the repeats as notes for the rows they touch, which a warning alone left out of the table, the run's
+    record and a resume: evaluation set (or ``"validation"``, for the rows fitted on it) -> note."""
     inputs = [_model_inputs(records, tokenizer, config.max_length) for records in (train, val, test, *shifted.values())]
     read = [[_any_order(key) for key in keys] for keys in inputs]  # a question with its choices reordered: learned alike
     trained = set(read[0])
@@ -452,13 +458,16 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
             (names["test"], test, held, "training or validation record"),
             *((names[name], records, held, f"training or validation record of {config.dataset!r}")
               for name, records in shifted.items())]
-    for (what, records, seen, whose), keys in zip(sets, read[1:]):
+    notes = {}
+    for split, (what, records, seen, whose), keys in zip(["validation", config.dataset, *shifted], sets, read[1:]):
         repeated = sum(key in seen for key in keys)
         if repeated:
-            warnings.warn(f"{repeated} of the {len(records)} {what} repeat a {whose} as the model reads it (the same "
-                          "tokens: texts differing only in case or spacing are one input to an uncased tokenizer, a "
-                          "question's choices in any order, whatever its label, one question): "
+            said = f"{repeated} of the {len(records)} {what} repeat a {whose} as the model reads it"
+            warnings.warn(said + " (the same tokens: texts differing only in case or spacing are one input to an "
+                          "uncased tokenizer, a question's choices in any order, whatever its label, one question): "
                           "their scores measure memory there, not generalisation; deduplicate the splits", stacklevel=user_stacklevel())
+            notes[split] = said + (": the rows fitted on them (temperature scaling, +ts, *_val) are fitted partly on "
+                                   "memorised inputs" if split == "validation" else ": memory there, not generalisation")
     # a copy of the test set scored as a shift: AUROC 0.5 reported as a result. The letter format scores a question
     # with its choices in another order as another input: a shift there
     shifts = inputs[2:] if config.mc_format == "letter" else read[2:]
@@ -466,10 +475,11 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
     for name, keys in zip(shifted, shifts[1:]):
         repeated = sum(key in tested for key in keys)
         if repeated:
-            warnings.warn(f"{repeated} of the {len(shifted[name])} records of the shifted set {name!r} repeat a test "
-                          f"record of {config.dataset!r} as the model reads it: they are no shift (the model reads the "
-                          "test set's inputs, and the OOD AUROC against the test set cannot tell them apart); "
-                          "deduplicate the sets", stacklevel=user_stacklevel())
+            said = (f"{repeated} of the {len(shifted[name])} records of the shifted set {name!r} repeat a test record of "
+                    f"{config.dataset!r} as the model reads it: they are no shift")
+            warnings.warn(said + " (the model reads the test set's inputs, and the OOD AUROC against the test set cannot "
+                          "tell them apart); deduplicate the sets", stacklevel=user_stacklevel())
+            notes[name] = join_notes(notes.get(name), said + " (the OOD AUROC cannot tell them apart)")
     if test and record_task(test[0]) == "multiple_choice":
         _warn_about_choice_counts(names, test, shifted)
     if train and record_task(train[0]) == "classification":
@@ -489,6 +499,7 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
             warnings.warn(f"the validation records of {config.dataset!r} hold no record of label(s) {absent} that "
                           "training records have: temperature scaling and every +ts and *_val row are fitted without "
                           "those classes; raise --val-fraction or --train-size", stacklevel=user_stacklevel())
+    return notes
 
 
 def _warn_about_choice_counts(names: dict, test: list, shifted: dict):
