@@ -13,7 +13,9 @@ A new method is its guide file, one recipe and one export line in :mod:`pyro_lor
 """
 
 import importlib.util
+import math
 import numbers
+import operator
 import re
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -56,11 +58,21 @@ class Fitted:
     def __post_init__(self):
         if self.point_estimate is None:
             self.point_estimate = bool(getattr(self.guide, "deterministic", False))
-        count = self.extra_parameters
-        if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count < 0:  # -5 and 2.5 were printed
-            raise ValueError(f"Fitted.extra_parameters must be a whole number >= 0 (the numbers the method's posterior "
-                             f"adds to its point estimate), got {count!r}")
-        self.extra_parameters = int(count)  # a numpy integer is no JSON
+        self.extra_parameters = _count(self.extra_parameters)
+
+
+def _count(value) -> int:
+    """``value`` as a Python int (a numpy integer or a tensor is no JSON), for ``Fitted.extra_parameters``: a whole
+    number >= 0 (an int, a numpy or 0-d tensor integer, a float such as 3.0); -5 and 2.5 were printed as counts."""
+    try:
+        count = operator.index(value)
+    except TypeError:
+        whole = isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()
+        count = int(value) if whole else None
+    if isinstance(value, bool) or count is None or count < 0:
+        raise ValueError(f"Fitted.extra_parameters must be a whole number >= 0 (the numbers the method's posterior adds "
+                         f"to its point estimate), got {value!r}")
+    return count
 
 
 def join_notes(*notes) -> Optional[str]:

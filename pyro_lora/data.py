@@ -390,8 +390,9 @@ def check_every_example(data, action: str) -> None:
     prediction, a validation search, a curvature fit; SVI's minibatch steps are not such a pass): ``drop_last=True``
     on the loader or on any sampler it reads through (a ``batch_sampler``, a ``BatchSampler`` given as ``sampler`` with
     ``batch_size=None``, a sampler wrapped in another; the loader's own ``drop_last`` then stays False), and a sampler
-    drawing with replacement (``RandomSampler(replacement=True)``, a ``WeightedRandomSampler``'s default), or another
-    number of examples than its source holds (``num_samples``)."""
+    drawing with replacement (``RandomSampler(replacement=True)``, a ``WeightedRandomSampler``'s default) or more
+    examples than its source holds (``num_samples``: a second pass). Fewer without replacement read a subset, each
+    example once, as a ``Subset`` does."""
     stack, seen = [(data, "")], set()
     while stack:
         obj, where = stack.pop()
@@ -403,7 +404,7 @@ def check_every_example(data, action: str) -> None:
                              f"batch (drop_last=True{where and ' on its ' + where}), whose examples would be left out: "
                              f"build it with drop_last=False")
         source = _sampler_source(obj)
-        if getattr(obj, "replacement", False) is True or (source is not None and obj.num_samples != source):
+        if getattr(obj, "replacement", False) is True or (source is not None and obj.num_samples > source):
             drawn = ("draws with replacement" if obj.replacement is True
                      else f"draws {obj.num_samples} of its {source} examples")
             raise ValueError(f"{action} reads every example of its data once, but this DataLoader's "

@@ -223,7 +223,8 @@ def record_layers(model, batch: dict, loc: dict) -> tuple[torch.Tensor, dict, di
                     "supported")
             if not out.requires_grad:  # frozen backbone: make the output a leaf we can differentiate to
                 out.requires_grad_()
-            inputs[path], outputs[path] = args[0], out
+            # the input detached: it holds no graph, which is freed with the logits and outputs once the grads are taken
+            inputs[path], outputs[path] = args[0].detach(), out
 
         return record
 
@@ -488,6 +489,7 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
                 rows.add(raw, labels.shape[0])  # the batch as read: no copy back from the device
                 cloze = rows_per_choice(model, batch, outputs)
                 grads = output_grads(logits, outputs, fisher_vectors(logits.detach(), fisher), cloze)
+                del logits, outputs  # a float16 backward kept the graph for its retries: freed before the next forward
                 # the recorded inputs of later layers still require grad; the sums stay float32 under a user's autocast
                 with torch.no_grad(), full_precision(model.device):
                     for idx, x, g, mask in stack_layers(sites, inputs, grads, batch):
@@ -529,9 +531,11 @@ def glm_batch(model, sites: dict, factors, batch: dict, lams: list) -> tuple[tor
         n, c = logits.shape
         eye = torch.eye(c, device=logits.device).unsqueeze(1).expand(c, n, c)
         grads = output_grads(logits, outputs, eye, rows_per_choice(model, batch, outputs))
+        mean = logits.detach()
+        del logits, outputs  # a float16 backward kept the graph for its retries: freed before the covariances
     # float64 sums: where most of the variance shifts every logit alike, the probit's S_cc + S_kk - 2 S_ck cancels it,
     # and float32 sums of that variance had already rounded the differences away (a variance of -0.008 for 0.014)
-    cov = logits.new_zeros(lams[0].shape[0], n, c, c, dtype=torch.double)
+    cov = mean.new_zeros(lams[0].shape[0], n, c, c, dtype=torch.double)
     with torch.no_grad(), full_precision(model.device):
         for idx, x, g, mask in stack_layers(sites, inputs, grads, batch):
             if x.shape[1] != n:  # cloze: K rows per example, whose Jacobian sums over all their tokens
@@ -543,7 +547,7 @@ def glm_batch(model, sites: dict, factors, batch: dict, lams: list) -> tuple[tor
                 g = g * mask.unsqueeze(-1)
             for i in idx:
                 cov += glm_site_cov(factors[i], x, g, weights[i], lams[i])
-    return logits.detach(), cov
+    return mean, cov
 
 
 def glm_site_cov(f: SiteFactors, x: torch.Tensor, g: torch.Tensor, weights, lam: torch.Tensor) -> torch.Tensor:

@@ -838,9 +838,6 @@ class MultipleChoice(Likelihood):
         if self.format == "cloze" and length and length not in batch:  # checked before the network runs
             raise ValueError(f"MultipleChoice(normalize={self.normalize!r}) divides each choice's score by the batch's "
                              f"{length!r} [B*K] (ClozeCollator writes it); its keys are {sorted(batch)}")
-        if self.format == "cloze":
-            _refuse_empty_rows(batch, "a cloze")
-            _check_cloze_targets(batch, mask.bool().reshape(-1), length)
         return mask
 
     def logits(self, net, batch, num_samples=None):
@@ -862,6 +859,9 @@ class MultipleChoice(Likelihood):
             last = hidden[rows, last]
             logits = head(last)[:, self.answer_token_ids.to(hidden.device)[: choice_mask.shape[1]]]
         else:
+            _refuse_empty_rows(batch, "a cloze")
+            _check_cloze_targets(batch, choice_mask.bool().reshape(-1),
+                                 {"tokens": "target_lengths", "chars": "target_chars"}.get(self.normalize))
             split = _shared_context(batch) if self.share_prefix and _can_share_prefix(decoder) else None
             scores = None if split is None else self._cloze_shared(decoder, head, split, num_samples)
             if scores is None:

@@ -465,6 +465,20 @@ def test_multiple_choice_repeats_are_found_in_every_field_the_model_reads():
 
 
 @needs_minilm
+def test_questions_the_prompts_ask_alike_are_one_question():
+    """The prompts end a question with exactly one '?' (BoolQ's come without one, some with one): "is it q" in training
+    and "is it q??" or "is it q? " in the test set are one prompt, and were no repeat (the raw fields were compared)."""
+    from pyro_lora.experiments.setup import CompareConfig, _warn_about_splits
+    from pyro_lora.pretrained import load_tokenizer
+
+    r = [{"id": i, "question": f"is item {i} red", "choices": ["no", "yes"], "label": i % 2, "context": f"Item {i}."}
+         for i in range(4)]
+    test = [{**r[0], "question": "is item 0 red??"}, {**r[1], "question": "is item 1 red? "}, {**r[1], "question": "is item 1 blue"}]
+    with pytest.warns(UserWarning, match=r"^2 of the 3 test records of 'toy' repeat a training or validation record"):
+        _warn_about_splits(CompareConfig(dataset="toy"), load_tokenizer("minilm"), r[:3], r[3:], test, {})
+
+
+@needs_minilm
 def test_a_multiple_choice_repeat_with_its_choices_reordered_is_said():
     """A training question copied into the test split with its choices reversed (its label moved with its choice)
     passed without a word, though the cloze format reads the same rows (the same metrics as the exact copy): a question

@@ -145,12 +145,14 @@ def test_a_recipe_returning_other_than_it_registered_is_refused(returned, messag
         METHODS.pop("liar")
 
 
-@pytest.mark.parametrize("count", [-5, 2.5, True, "3", None])
+@pytest.mark.parametrize("count", [-5, 2.5, True, "3", None, float("nan"), torch.tensor(-1)])
 def test_a_recipes_extra_parameters_must_be_a_whole_number_at_least_0(count):
     """-5 was printed as +params -5, and 2.5 as 2 (rounded half to even), skipping the count's check on resume."""
     with pytest.raises(ValueError, match=r"Fitted.extra_parameters must be a whole number >= 0 .*got"):
         Fitted(lambda records: None, extra_parameters=count)
-    assert type(Fitted(lambda records: None, extra_parameters=np.int64(7)).extra_parameters) is int
+    for whole in (np.int64(7), 7.0, torch.tensor(7)):
+        assert Fitted(lambda records: None, extra_parameters=whole).extra_parameters == 7
+        assert type(Fitted(lambda records: None, extra_parameters=whole).extra_parameters) is int
 
 
 def test_every_methods_summary_is_its_first_whole_sentence():

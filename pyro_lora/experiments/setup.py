@@ -25,6 +25,7 @@ from ..likelihoods import MultipleChoice, SequenceClassification
 from ..model import LoraModel
 from ..pretrained import (DTYPES, add_lora, check_head_classes, default_mc_format, encoder_only, expected_mc_format, load_adapter,
                           load_pretrained, max_positions)
+from ..prompts import as_question
 from ..records import BLANK, looks_blank, record_task
 from ..training import fit
 from ..guides import MAPGuide
@@ -559,8 +560,9 @@ def _model_inputs(records, tokenizer, max_length: int) -> list:
     if record_task(records[0]) == "classification":
         ids = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)["input_ids"]
         return [tuple(row) for row in ids]
-    # "" for a record without a passage
-    fields = [[r.get("context", ""), r["question"], *r["choices"]] for r in records]
+    # "" for a record without a passage; a question as the prompts ask it ("q?", "q??" and "q? " are one prompt)
+    fields = [[r.get("context", ""), r["question"] if r.get(BLANK) is True else as_question(r["question"]), *r["choices"]]
+              for r in records]
     flat = iter(tokenizer([f for row in fields for f in row], add_special_tokens=False)["input_ids"])
     read = [[tuple(next(flat)) for _ in row] for row in fields]
     return [(passage, question, tuple(choices)) for passage, question, *choices in read]

@@ -119,10 +119,17 @@ def _best(values, metric) -> str:
     top = (min if column.lower_better else max)(values, key=lambda g: _mean(values, g))
     tied = [g for g in values if printed[g] == printed[top]]
     chance = ""
-    if column.chance is not None and float(printed[top]) <= column.chance:  # 0.303 was called the best OOD AUROC
-        chance = (", at chance: no method tells the shifted set apart" if float(printed[top]) == column.chance else
-                  ", below chance: every method's score is lower on the shifted set, so none flags it as unfamiliar")
+    if _no_better_than_chance(values, top, metric):  # 0.303 was called the best OOD AUROC
+        chance = (", at chance: it tells the shifted set apart no better than a coin" if float(printed[top]) == column.chance
+                  else ", below chance: it ranks the shifted inputs as less uncertain than the test set's more often "
+                  "than not, detecting no shift")
     return f"{', '.join(tied)} ({printed[top]}{', tied' if len(tied) > 1 else ''}{chance})"
+
+
+def _no_better_than_chance(values, guide, metric) -> bool:
+    """Whether ``guide``'s mean of ``metric`` reads at or below the score that tells nothing (an AUROC's 0.5)."""
+    column = COLUMNS[metric]
+    return column.chance is not None and float(shown(_mean(values, guide), column.digits)) <= column.chance
 
 
 def _names(guides):
@@ -252,7 +259,11 @@ def verdict(rows, dataset, shifted=()) -> str:
         if BASELINE in scores and REFERENCE in scores:
             better = [g for g in scores if g not in (BASELINE, REFERENCE)
                       and all(_beats(scores, g, other, metric) for other in (REFERENCE, BASELINE))]
-            lines.append(f"- {title}: better than both MAP and temperature scaling: {_names(better)}.")
+            # above baselines that are below chance themselves, a method at or below it still detects nothing
+            chance = [g for g in better if _no_better_than_chance(scores, g, metric)]
+            said = f" (above them but at or below chance, detecting nothing: {_names(chance)})" if chance else ""
+            lines.append(f"- {title}: better than both MAP and temperature scaling: "
+                         f"{_names([g for g in better if g not in chance])}{said}.")
         else:
             scored = {r["guide"] for r in rows if r["dataset"] == evaluated}
             missing = [_missing(name, g, na, seeds, what, scored) for name, g in (("MAP", REFERENCE), ("temperature scaling", BASELINE))
