@@ -476,6 +476,12 @@ def test_questions_the_prompts_ask_alike_are_one_question():
     test = [{**r[0], "question": "is item 0 red??"}, {**r[1], "question": "is item 1 red? "}, {**r[1], "question": "is item 1 blue"}]
     with pytest.warns(UserWarning, match=r"^2 of the 3 test records of 'toy' repeat a training or validation record"):
         _warn_about_splits(CompareConfig(dataset="toy"), load_tokenizer("minilm"), r[:3], r[3:], test, {})
+    # a test question asked twice (one with a trailing space) was scored twice without a word
+    twice = [test[2], {**test[2], "id": "again", "question": "is item 1 blue "}, {**r[2], "question": "is item 2 green"}]
+    with pytest.warns(UserWarning, match=r"^1 of the 3 test records of 'toy' repeat another of them as the model reads it"):
+        notes = _warn_about_splits(CompareConfig(dataset="toy"), load_tokenizer("minilm"), r[:3], r[3:], twice, {})
+    assert notes == {"toy": "1 of the 3 test records of 'toy' repeat another of them as the model reads it (counted "
+                            "several times)"}
 
 
 @needs_minilm
@@ -505,9 +511,10 @@ def test_a_multiple_choice_repeat_with_its_choices_reordered_is_said():
     messages = [str(w.message) for w in record]
     assert messages[0].startswith("4 of the 6 test records of 'toy' repeat a training or validation record"), messages
     assert messages[1].startswith("2 of the 2 records of the shifted set 'shift' repeat"), messages
-    assert messages[2].startswith("2 of the 2 records of the shifted set 'shift' repeat a test record"), messages
-    assert messages[3].startswith("the records of the shifted set 'shift' have other numbers of choices"), messages
-    assert len(messages) == 4
+    assert messages[2].startswith("1 of the 2 records of the shifted set 'shift' repeat another of them"), messages
+    assert messages[3].startswith("2 of the 2 records of the shifted set 'shift' repeat a test record"), messages
+    assert messages[4].startswith("the records of the shifted set 'shift' have other numbers of choices"), messages
+    assert len(messages) == 5
     # a shifted set repeating the test set was said nothing of: its OOD AUROC of 0.5 was reported as a result
     with pytest.warns(UserWarning) as record:
         _warn_about_splits(CompareConfig(dataset="toy"), load_tokenizer("minilm"), train, val, test[4:],

@@ -469,6 +469,12 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
                           "their scores measure memory there, not generalisation; deduplicate the splits", stacklevel=user_stacklevel())
             notes[split] = said + (": the rows fitted on them (temperature scaling, +ts, *_val) are fitted partly on "
                                    "memorised inputs" if split == "validation" else ": memory there, not generalisation")
+        twice = len(keys) - len(set(keys))
+        if twice and split != "validation":  # an evaluation set's input scored several times weighs that many
+            said = f"{twice} of the {len(records)} {what} repeat another of them as the model reads it"
+            warnings.warn(said + ": each such input counts several times in the scores; deduplicate the set",
+                          stacklevel=user_stacklevel())
+            notes[split] = join_notes(notes.get(split), said + " (counted several times)")
     # a copy of the test set scored as a shift: AUROC 0.5 reported as a result. The letter format scores a question
     # with its choices in another order as another input: a shift there
     shifts = inputs[2:] if config.mc_format == "letter" else read[2:]
