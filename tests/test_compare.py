@@ -176,7 +176,7 @@ def test_the_rows_of_a_set_whose_records_repeat_others_carry_it_as_a_note():
     no row, no results.json, no resume and no study report knew (OpenBookQA's test set repeats 5 training questions)."""
     from types import SimpleNamespace
 
-    from pyro_lora.experiments.compare import _score_rows, validation_note
+    from pyro_lora.experiments.compare import _score_rows, validation_note, with_split_note
 
     notes = {"toy": "2 of the 5 test records repeat", "shift": "1 of the 2 records of 'shift' repeat a test record",
              "validation": "1 of the 2 validation records repeat"}
@@ -187,6 +187,10 @@ def test_the_rows_of_a_set_whose_records_repeat_others_carry_it_as_a_note():
     assert [r["note"] for r in rows] == ["its fit's; 2 of the 5 test records repeat",
                                          "its fit's; 1 of the 2 records of 'shift' repeat a test record"]
     assert validation_note(setup) == "1 of the 2 validation records repeat"  # the rows fitted on that split
+    # fit's, bayesianize's and evaluate's rows are built apart from compare's: the same note
+    assert with_split_note({"dataset": "toy", "note": "a search note"}, setup)["note"] == (
+        "a search note; 2 of the 5 test records repeat")
+    assert "note" not in with_split_note({"dataset": "other"}, setup)
     assert validation_note(SimpleNamespace(val=[{}] * 200, split_notes={})) is None
 
 

@@ -420,6 +420,15 @@ def mean_accuracy(setup, guide) -> float:
 TS_MI_NOTE = "MI n/a: the temperature applies to the averaged predictive, not to its weight samples"
 
 
+def with_split_note(row, setup):
+    """``row`` with the note on its evaluation set's records repeating others (:attr:`Setup.split_notes`), if any:
+    kept in the rows (compare's, ``fit``'s, ``bayesianize``'s and ``evaluate``'s), not said in a warning alone."""
+    note = setup.split_notes.get(row["dataset"])
+    if note:
+        row["note"] = join_notes(row.get("note"), note)
+    return row
+
+
 def _score_rows(setup, row_name, setting, point_estimate, predictions, fit_costs, costs, no_samples_note):
     """The rows, npz arrays and first-set ``(probs, labels)`` of one row name over the run's evaluation sets
     (``no_samples_note``: why its MI is n/a where its predictions keep no weight samples)."""
@@ -431,9 +440,7 @@ def _score_rows(setup, row_name, setting, point_estimate, predictions, fit_costs
                        costs[dataset])
         if dataset != config.dataset:
             row.update(ood_auroc(predictions[config.dataset], prediction, point_estimate))
-        if setup.split_notes.get(dataset):  # its records repeat others: kept in the rows, not said in a warning alone
-            row["note"] = join_notes(row.get("note"), setup.split_notes[dataset])
-        rows.append(row)
+        rows.append(with_split_note(row, setup))
         arrays.update(prediction_arrays(prediction, dataset, seed, point_estimate))
         if isinstance(row.get("extra_parameters"), int):  # beside the arrays its scores are checked against, checked alike
             arrays[f"{dataset}__seed{seed}__extra_parameters"] = np.asarray(row["extra_parameters"], dtype=np.int64)

@@ -24,7 +24,7 @@ from ..distributed import is_main
 from ..locking import folder_lock
 from ..guides.tfb import TFB_ANCHORS, TFB_SEARCH, anchor_count, bayesianize_setup, check_search
 from ..guides.registry import METHODS, MODELS, Fitted, get_method, join_notes
-from .compare import evaluate, fit_method, predictor
+from .compare import evaluate, fit_method, predictor, with_split_note
 from .scoring import join_row, score
 from .results import PREDICT_SEEDING, config_differences, is_seeding, recorded_base
 from ..callers import user_stacklevel
@@ -66,8 +66,8 @@ def fit_one(config: CompareConfig, adapter: bool = False, overwrite: bool = Fals
         guide = fitted.guide
         view = setup.for_method(name)
         prediction, predict_costs = evaluate(setup, Fitted(predictor(view, method, guide)), setup.test, name, config.dataset)
-        row = join_row({"guide": name, "setting": method.setting, "dataset": config.dataset}, score(prediction, point_estimate=fitted.point_estimate),
-                       costs, predict_costs)
+        row = with_split_note(join_row({"guide": name, "setting": method.setting, "dataset": config.dataset},
+                                       score(prediction, point_estimate=fitted.point_estimate), costs, predict_costs), setup)
         random = "".join(sorted({s.matrix for s in guide.sites.values()}))
         save_guide(guide, Path(config.out) / "guide", adapter=adapter,
                    run=run_record(setup, row, method, request=asdict(config), made=made, random=random,
@@ -327,8 +327,9 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
             costs["note"] = guide.search_note
         method = get_method("tfb")
         prediction, predict_costs = evaluate(setup, Fitted(predictor(setup, method, guide)), setup.test, "tfb", config.dataset)
-        row = join_row({"guide": "tfb", "setting": get_method("tfb").setting, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic), costs,
-                       predict_costs, {"sigma_q": float(guide.sigma_q)})
+        row = with_split_note(join_row({"guide": "tfb", "setting": get_method("tfb").setting, "dataset": config.dataset},
+                                       score(prediction, point_estimate=guide.deterministic), costs, predict_costs,
+                                       {"sigma_q": float(guide.sigma_q)}), setup)
         setup.config = replace(config, **trained)  # not the learning rate prepare resolved: TFB trained nothing
         # the adapter travels inside the unit (as the guide's mean, which TFB keeps at the adapter's values): the folder
         # can be shared and evaluated without the original adapter
@@ -570,8 +571,9 @@ def evaluate_saved(run_dir, **overrides) -> dict:
                          "whose predictive runs one forward and draws no weight samples")
     prediction, costs = evaluate(setup, Fitted(predictor(view, method, guide)), setup.test, method.name, config.dataset,
                                  seeding=run.get("predict_seeding", 1))
-    row = join_row({"guide": method.name, "setting": method.setting, "dataset": config.dataset}, score(prediction, point_estimate=guide.deterministic),
-                   costs, {"extra_parameters": method.extra_parameters(guide), "test_examples": len(setup.test)})
+    row = with_split_note(join_row({"guide": method.name, "setting": method.setting, "dataset": config.dataset},
+                                   score(prediction, point_estimate=guide.deterministic), costs,
+                                   {"extra_parameters": method.extra_parameters(guide), "test_examples": len(setup.test)}), setup)
     # the fit's own note (a tuning at the end of its grid, a search at the end of its range) holds for the guide
     available = len(D.load_records(config.dataset, "test", config.data_dir))
     base = _base(setup) if recorded_base(run) is not None else None  # a pass over the weights
