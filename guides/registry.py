@@ -22,6 +22,8 @@ from typing import Callable, Optional
 
 from importlib.metadata import entry_points
 
+import torch
+
 from pyro_lora.likelihoods import MC_FORMATS
 from pyro_lora.model import LoraModel
 from pyro_lora.predictive import Prediction, predict
@@ -63,13 +65,15 @@ class Fitted:
 
 def _count(value) -> int:
     """``value`` as a Python int (a numpy integer or a tensor is no JSON), for ``Fitted.extra_parameters``: a whole
-    number >= 0 (an int, a numpy or 0-d tensor integer, a float such as 3.0); -5 and 2.5 were printed as counts."""
+    number >= 0 (an int, a numpy integer, a one-element integer tensor, a float such as 3.0); -5 and 2.5 were printed
+    as counts, and a truth value is none."""
     try:
         count = operator.index(value)
     except TypeError:
         whole = isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer()
         count = int(value) if whole else None
-    if isinstance(value, bool) or count is None or count < 0:
+    boolean = isinstance(value, bool) or (torch.is_tensor(value) and value.dtype == torch.bool)
+    if boolean or count is None or count < 0:
         raise ValueError(f"Fitted.extra_parameters must be a whole number >= 0 (the numbers the method's posterior adds "
                          f"to its point estimate), got {value!r}")
     return count

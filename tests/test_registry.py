@@ -145,7 +145,7 @@ def test_a_recipe_returning_other_than_it_registered_is_refused(returned, messag
         METHODS.pop("liar")
 
 
-@pytest.mark.parametrize("count", [-5, 2.5, True, "3", None, float("nan"), torch.tensor(-1)])
+@pytest.mark.parametrize("count", [-5, 2.5, True, "3", None, float("nan"), torch.tensor(-1), torch.tensor(True)])
 def test_a_recipes_extra_parameters_must_be_a_whole_number_at_least_0(count):
     """-5 was printed as +params -5, and 2.5 as 2 (rounded half to even), skipping the count's check on resume."""
     with pytest.raises(ValueError, match=r"Fitted.extra_parameters must be a whole number >= 0 .*got"):

@@ -26,7 +26,7 @@ from ..likelihoods import MultipleChoice, SequenceClassification
 from ..model import LoraModel
 from ..pretrained import (DTYPES, add_lora, check_head_classes, default_mc_format, encoder_only, expected_mc_format, load_adapter,
                           load_pretrained, max_positions)
-from ..prompts import as_question
+from ..prompts import asked_question
 from ..records import BLANK, looks_blank, record_task
 from ..training import fit
 from ..guides import MAPGuide
@@ -465,8 +465,12 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
     folded = [[_folded(r) for r in records] for records in (train, val, test, *shifted.values())]
     near = [set(folded[0]), set(folded[0]) | set(folded[1])]
     notes = {}
-    for split, (what, records, seen, whose), keys, texts, near_seen in zip(
-            ["validation", config.dataset, *shifted], sets, read[1:], folded[1:], [near[0], *[near[1]] * (len(sets) - 1)]):
+    # within one set, as the shifted-against-test check reads inputs (the letter format's reordered choices are another
+    # prompt), and the texts too: two texts --max-length cuts to one input are said by _warn_about_cuts
+    own = inputs if config.mc_format == "letter" else read
+    for split, (what, records, seen, whose), keys, texts, near_seen, ordered in zip(
+            ["validation", config.dataset, *shifted], sets, read[1:], folded[1:], [near[0], *[near[1]] * (len(sets) - 1)],
+            own[1:]):
         repeated = sum(key in seen for key in keys)
         nearly = sum(key not in seen and text in near_seen for key, text in zip(keys, texts))
         if nearly:
@@ -482,7 +486,7 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
             notes[split] = join_notes(said + (": the rows fitted on them (temperature scaling, +ts, *_val) are fitted "
                                               "partly on memorised inputs" if split == "validation" else
                                               ": memory there, not generalisation"), notes.get(split))
-        twice = len(keys) - len(set(keys))
+        twice = len(keys) - len(set(zip(ordered, texts)))
         if twice and split != "validation":  # an evaluation set's input scored several times weighs that many
             said = f"{twice} of the {len(records)} {what} repeat another of them as the model reads it"
             warnings.warn(said + ": each such input counts several times in the scores; deduplicate the set",
@@ -579,24 +583,22 @@ def _model_inputs(records, tokenizer, max_length: int) -> list:
     if record_task(records[0]) == "classification":
         ids = tokenizer([r["text"] for r in records], truncation=True, max_length=max_length)["input_ids"]
         return [tuple(row) for row in ids]
-    # "" for a record without a passage; a question as the prompts ask it ("q?", "q??" and "q? " are one prompt)
-    fields = [[r.get("context", ""), r["question"] if r.get(BLANK) is True else as_question(r["question"]), *r["choices"]]
-              for r in records]
+    # "" for a record without a passage; a question as the prompts ask it (after a passage "q?", "q??" and "q? " are one)
+    fields = [[r.get("context", ""), asked_question(r), *r["choices"]] for r in records]
     flat = iter(tokenizer([f for row in fields for f in row], add_special_tokens=False)["input_ids"])
     read = [[tuple(next(flat)) for _ in row] for row in fields]
     return [(passage, question, tuple(choices)) for passage, question, *choices in read]
 
 
 def _folded(record) -> tuple:
-    """A record's text folded for case and spacing, a multiple-choice question's choices as a sorted set (as
+    """A record's text folded for case and spacing, a multiple-choice question's choices as a sorted multiset (as
     :func:`_any_order` compares them): what a reader takes for the same text, whatever tokens a cased tokenizer gives."""
     def fold(text):
         return " ".join(unicodedata.normalize("NFC", text).casefold().split())
 
     if record_task(record) == "classification":
         return (fold(record["text"]),)
-    question = record["question"] if record.get(BLANK) is True else as_question(record["question"])
-    return fold(record.get("context", "")), fold(question), tuple(sorted(fold(c) for c in record["choices"]))
+    return fold(record.get("context", "")), fold(asked_question(record)), tuple(sorted(fold(c) for c in record["choices"]))
 
 
 def _any_order(key):

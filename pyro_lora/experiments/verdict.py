@@ -120,9 +120,11 @@ def _best(values, metric) -> str:
     tied = [g for g in values if printed[g] == printed[top]]
     chance = ""
     if _no_better_than_chance(values, top, metric):  # 0.303 was called the best OOD AUROC
-        chance = (", at chance: it tells the shifted set apart no better than a coin" if float(printed[top]) == column.chance
-                  else ", below chance: it ranks the shifted inputs as less uncertain than the test set's more often "
-                  "than not, detecting no shift")
+        it = "they" if len(tied) > 1 else "it"
+        chance = (f", at chance: {it} tell{'s' * (it == 'it')} the shifted set apart no better than a coin"
+                  if float(printed[top]) == column.chance else
+                  f", below chance: {it} rank{'s' * (it == 'it')} the shifted inputs as less uncertain than the test "
+                  "set's more often than not, detecting no shift")
     return f"{', '.join(tied)} ({printed[top]}{', tied' if len(tied) > 1 else ''}{chance})"
 
 
