@@ -41,7 +41,7 @@ PRESETS = {
     "1b": dict(
         batch=4, seq=256, steps=3, repeats=3, samples=8, guides="map,meanfield,meanfield_flipout,meanfield_pyro,flow,scalabl",
         kfac=dict(batch=4, seq=256, batches=4, labels=4, repeats=2, samples=8),
-        tfb=dict(anchors=64, batch=16, seq=256, samples=10, repeats=2),
+        tfb=dict(anchors=128, batch=16, seq=256, samples=10, repeats=2),  # >= 100: a flip tolerance of 0.01 allows one
     ),
     "small": dict(
         batch=4, seq=64, steps=2, repeats=2, samples=8, guides="map,meanfield,meanfield_flipout,meanfield_pyro,flow,scalabl",
@@ -62,12 +62,14 @@ def goals(svi, kfac, tfb):
     def step(name):
         return svi["steps"][name]["seconds"] / svi["steps"]["plain"]["seconds"]
 
+    # memory above the resident weights, as the predictive's goal reads it: the whole peak, the frozen base included,
+    # diluted a step's growth (the flow's 1.07x above resident read 1.04x on a 1B base, and less on a larger one)
     def step_memory(name):
-        return C.ratio(svi["memory"][f"svi_{name}"][0], svi["memory"]["plain_step"][0])
+        return C.ratio(svi["memory"][f"svi_{name}"][1], svi["memory"]["plain_step"][1])
 
     def kfac_memory():
         (_, small), (_, large) = kfac["fit_memory"].items()
-        return C.ratio(large[0], small[0])
+        return C.ratio(large[1], small[1])
 
     chunks = ", ".join(k[6:] for k in svi.get("memory", {}) if k.startswith("chunk_")) or "1, 2, 8"
     rows = [
@@ -80,12 +82,13 @@ def goals(svi, kfac, tfb):
          lambda: tfb["passes"], 6,
          lambda: tfb.get("edge") and f"degenerate search, sigma_q = {tfb['sigma_q']:.3g} after {tfb['candidates']} candidate(s), "
                                      f"no bisection ({tfb['edge']}): not the cost of a search"),
-        ("SVI step peak memory / plain peft LoRA step's, mean-field", "<= 1.05", lambda: step_memory("meanfield"), 1.05),
-        ("SVI step peak memory / plain peft LoRA step's, flow", "<= 1.05", lambda: step_memory("flow"), 1.05),
+        ("SVI step peak memory above resident / plain peft LoRA step's, mean-field", "<= 1.05", lambda: step_memory("meanfield"), 1.05),
+        ("SVI step peak memory above resident / plain peft LoRA step's, flow", "<= 1.05", lambda: step_memory("flow"), 1.05),
         (f"S={s} predictive memory above resident / (chunk_size x an S=1 predictive's), worst of chunk_size {chunks}", "<= 1.05",
          lambda: svi_step.chunk_bound(svi["memory"]), 1.05),
-        ("KFAC fit peak memory, 2N / N streamed batches" if "fit_memory" not in kfac else
-         "KFAC fit peak memory, {} / {} streamed batches".format(*reversed(list(kfac["fit_memory"]))), "<= 1.01", kfac_memory, 1.01),
+        ("KFAC fit peak memory above resident, 2N / N streamed batches" if "fit_memory" not in kfac else
+         "KFAC fit peak memory above resident, {} / {} streamed batches".format(*reversed(list(kfac["fit_memory"]))),
+         "<= 1.01", kfac_memory, 1.01),
     ]
     out = []
     for goal, target, measure, bound, *degenerate in rows:

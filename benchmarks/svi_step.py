@@ -191,6 +191,12 @@ def run(size="small", device="cpu", dtype=None, batch=4, seq=None, steps=5, repe
             one = C.timed(lambda: model.logits(choices), device, repeats)
             batched = C.timed(lambda: model.logits(choices, values, samples), device, repeats)
             looped = C.timed(lambda: [model.logits(choices, {k: v[s] for k, v in values.items()}) for s in range(samples)], device, repeats)
+            # a fast path that computed something else would read as a speed-up: the batched logits must be the loop's
+            fast = model.logits(choices, values, samples)
+            slow = torch.stack([model.logits(choices, {k: v[s] for k, v in values.items()}) for s in range(samples)])
+        gap = float((fast.float() - slow.float()).abs().max())
+        if gap > (1e-4 if fast.dtype == torch.float32 else 0.05):  # bf16 autocast on CUDA rounds each row its own way
+            raise AssertionError(f"the batched predictive's logits are up to {gap:.3g} from the looped ones': no timing")
         return {"forward": one, "batched": batched, "looped": looped}
 
     net.eval()
@@ -210,7 +216,7 @@ def measure_memory(net, data, choices, mc_model, device, autocast, memory_guides
     plain forward and of the ``samples``-sample predictive with each chunk size (one batch). A block that fails
     reads ``(nan, nan)``."""
     nan = (float("nan"), float("nan"))
-    mem = {}
+    mem = {"samples": samples}
     for p in net.parameters():
         p.grad = None
     # a fresh optimizer: its state is allocated within the block, as fit's is
@@ -275,7 +281,7 @@ def chunk_bound(mem):
     """``max_c`` of the S-sample predictive's memory above resident with ``chunk_size=c`` over ``c`` times a one-sample
     predictive's: at most about 1 when the predictive's memory is bounded by the chunk, not by ``S`` (nan if any is missing)."""
     one = mem["one_sample"][1]
-    values = [C.ratio(v[1], int(k[6:]) * one) for k, v in mem.items() if k.startswith("chunk_")]
+    values = [C.ratio(v[1], min(int(k[6:]), mem["samples"]) * one) for k, v in mem.items() if k.startswith("chunk_")]
     return float("nan") if not values or any(math.isnan(v) for v in values) else max(values)
 
 
@@ -301,7 +307,9 @@ def memory_table(mem, samples) -> str:
     ]
     for k in (k for k in mem if k.startswith("chunk_")):
         (total, extra), c = mem[k], int(k[6:])
-        lines.append(f"| predictive, S={samples}, chunk_size={c} | {total:.1f} | {C.ratio(total, step[0]):.3f} | {extra:.1f} | {C.ratio(extra, c * one[1]):.2f} |")
+        # a chunk beyond S holds S draws (predict's chunk is min(chunk_size, S))
+        lines.append(f"| predictive, S={samples}, chunk_size={c} | {total:.1f} | {C.ratio(total, step[0]):.3f} | {extra:.1f} "
+                     f"| {C.ratio(extra, min(c, samples) * one[1]):.2f} |")
     return "\n".join(lines)
 
 

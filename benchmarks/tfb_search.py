@@ -70,6 +70,8 @@ def run(size="small", device="cpu", dtype=None, anchors=128, batch=16, seq=64, s
         # where the search ended at an end of its range (high already feasible, or low infeasible: sigma_q = 0) it
         # gave up without bisecting: its passes measure no search, and the suite's goal row says so
         "edge": guide.search_edge,
+        # the search's own warnings (too few anchors for the tolerance, an end of the range): the table shows them
+        "note": guide.search_note,
     }
     log(f"# tfb_search: {size} Llama, {anchors} anchors x {seq} tokens, S={samples}: {out['passes']:.3g} anchor passes, search {search_s:.2f} s, "
         f"plain forward {forward:.3f} s")
@@ -79,7 +81,8 @@ def run(size="small", device="cpu", dtype=None, anchors=128, batch=16, seq=64, s
 def tables(out) -> str:
     return "\n".join([
         f"sigma_q = {out['sigma_q']:.6g} ({out['criterion']}, tolerance {out['tolerance']}); trace: {out['trace']}"
-        + (f"; degenerate search, no bisection: {out['edge']}" if out.get("edge") else ""),
+        + (f"; degenerate search, no bisection: {out['edge']}" if out.get("edge") else "")
+        + (f"; the search said: {out['note']}" if out.get("note") else ""),
         "",
         "| device | anchors | S | candidates | anchor passes | forward rows / anchor | SVD build s | plain forward s | search s | search / forward |",
         "|---|---|---|---|---|---|---|---|---|---|",

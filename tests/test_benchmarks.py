@@ -172,3 +172,28 @@ def test_a_tfb_search_that_gave_up_does_not_meet_the_goal(monkeypatch):
     assert "degenerate search" in tfb_search.tables(out)
     row = next(r for r in table_rows(suite.goal_table(suite.goals(None, None, out)), "| goal") if r[0].startswith("TFB search"))
     assert row[3].startswith("n/a: degenerate search, sigma_q = 0"), row
+
+
+def test_a_batched_predictive_that_computes_something_else_is_no_speed_up(monkeypatch):
+    """A fast path that ran sample 0 alone and copied it S times read 0.13x of the looped forwards, "met": the benchmark
+    checked nothing of what it timed. It now refuses to time logits that are not the loop's."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import svi_step
+    import torch
+
+    from pyro_lora import LoraModel
+
+    logits = LoraModel.logits
+
+    def first_sample_only(self, batch, values=None, num_samples=None):
+        if num_samples is None:
+            return logits(self, batch, values)
+        one = logits(self, batch, {k: v[0] for k, v in values.items()})
+        return one.unsqueeze(0).expand(num_samples, *one.shape)
+
+    monkeypatch.setattr(LoraModel, "logits", first_sample_only)
+    out = svi_step.run("small", "cpu", "fp32", seq=16, steps=1, repeats=1, samples=4, guides="", memory=False,
+                       log=lambda *a: None)
+    assert out["predictive"] == {}
+    assert any("the batched predictive's logits are up to" in e for e in out["errors"]), out["errors"]
+    assert torch.isfinite(torch.tensor(out["steps"]["plain"]["seconds"]))
