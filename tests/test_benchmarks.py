@@ -18,10 +18,10 @@ GOALS = [
     "S=8 predictive in one batched forward / 8 looped forwards",
     "KFAC fit (MC Fisher) / one forward+backward",
     "TFB search: passes over the anchors",
-    "SVI step peak memory / plain peft LoRA step's, mean-field",
-    "SVI step peak memory / plain peft LoRA step's, flow",
+    "SVI step peak memory above resident / plain peft LoRA step's, mean-field",
+    "SVI step peak memory above resident / plain peft LoRA step's, flow",
     "S=8 predictive memory above resident / (chunk_size x an S=1 predictive's)",
-    "KFAC fit peak memory",
+    "KFAC fit peak memory above resident",
 ]
 NUMBER = r"\d+(?:\.\d+)?"
 
