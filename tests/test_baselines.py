@@ -351,7 +351,8 @@ def test_temperature_row_carries_the_fallback_note_into_results_and_table():
     predicted = predict(model, None, val).probs.argmax(-1)
     for i, batch in enumerate(val):  # labels = the MAP's own predictions: a separable validation split
         batch["labels"] = predicted[8 * i : 8 * (i + 1)]
-    setup = SimpleNamespace(config=SimpleNamespace(device="cpu"), seed=0, model=model, map_guide=None, val=val, loader=lambda r: r)
+    setup = SimpleNamespace(config=SimpleNamespace(device="cpu"), seed=0, model=model, map_guide=None, val=val, loader=lambda r: r,
+                            split_notes={})
     setup.for_method = lambda name: setup
     setup.keep_fit = lambda *args: None
     with pytest.warns(UserWarning, match="separable"), pytest.warns(UserWarning, match="validation split of 6 examples"):
@@ -418,7 +419,7 @@ def test_the_temperature_and_ts_rows_scale_the_exact_log_probabilities_not_float
     val, val_logits, val_labels = labelled_batches(model, 3)
     test, test_logits, test_labels = labelled_batches(model, 4)
     setup = SimpleNamespace(config=SimpleNamespace(device="cpu", dataset="sst2"), seed=0, model=model, map_guide=None,
-                            val=val, loader=lambda r: r)
+                            val=val, loader=lambda r: r, split_notes={})
     setup.for_method = lambda name: setup
     setup.keep_fit = lambda *args: None
     expected_t = reference_temperature(val_logits, val_labels)

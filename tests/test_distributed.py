@@ -416,7 +416,7 @@ def run_misuses(tmp):
         Rows(), batch_sampler=BatchSampler(mine, 2, drop_last=False))))
     weights = torch.ones(16).index_fill_(0, torch.tensor([r]), 2.0)
     out["weighted"] = _refused(lambda: predict(make_model(48), None, DataLoader(
-        Rows(), batch_size=2, sampler=WeightedRandomSampler(weights, 16, generator=torch.Generator().manual_seed(0)))))
+        Rows(), batch_size=2, sampler=WeightedRandomSampler(weights, 16, replacement=False, generator=torch.Generator().manual_seed(0)))))
     whole = SubsetRandomSampler(list(range(16)) if r == 0 else range(16))  # the same selection, held otherwise
     out["whole_sampler"] = len(predict(make_model(48), None, DataLoader(Rows(), batch_size=2, sampler=whole)).labels)
     # a model whose num_data differs by rank trained without a word, each rank scaling its data term to its own N
