@@ -705,6 +705,7 @@ class MultipleChoice(Likelihood):
     """
 
     net_inputs = _DECODER_INPUTS
+    _COUNTS = {"tokens": "target_lengths", "chars": "target_chars"}  # normalize -> the batch's count per row
 
     def __init__(self, answer_token_ids=None, format="letter", normalize=None, share_prefix=None):
         if format not in MC_FORMATS:
@@ -834,7 +835,7 @@ class MultipleChoice(Likelihood):
             wants = "ClozeCollator" if self.format == "cloze" else "LetterCollator"
             raise ValueError(f"the batch is in the {made[0]} format ({made[1]}) and MultipleChoice scores the {self.format} "
                              f"format: collate with {wants}, or build MultipleChoice(format={made[0]!r})")
-        length = {"tokens": "target_lengths", "chars": "target_chars"}.get(self.normalize)
+        length = self._COUNTS.get(self.normalize)
         if self.format == "cloze" and length and length not in batch:  # checked before the network runs
             raise ValueError(f"MultipleChoice(normalize={self.normalize!r}) divides each choice's score by the batch's "
                              f"{length!r} [B*K] (ClozeCollator writes it); its keys are {sorted(batch)}")
@@ -860,14 +861,13 @@ class MultipleChoice(Likelihood):
             logits = head(last)[:, self.answer_token_ids.to(hidden.device)[: choice_mask.shape[1]]]
         else:
             _refuse_empty_rows(batch, "a cloze")
-            _check_cloze_targets(batch, choice_mask.bool().reshape(-1),
-                                 {"tokens": "target_lengths", "chars": "target_chars"}.get(self.normalize))
+            _check_cloze_targets(batch, choice_mask.bool().reshape(-1), self._COUNTS.get(self.normalize))
             split = _shared_context(batch) if self.share_prefix and _can_share_prefix(decoder) else None
             scores = None if split is None else self._cloze_shared(decoder, head, split, num_samples)
             if scores is None:
                 scores = self._cloze(decoder, head, batch, num_samples)
             if self.normalize:
-                length = batch["target_lengths" if self.normalize == "tokens" else "target_chars"].to(scores)
+                length = batch[self._COUNTS[self.normalize]].to(scores)
                 scores = scores / (length if num_samples is None else length.repeat(num_samples)).clamp(min=1)
             logits = scores
         lead = () if num_samples is None else (num_samples,)
