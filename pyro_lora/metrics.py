@@ -430,7 +430,7 @@ def _tie_groups(u: torch.Tensor, rtol: float = 1e-12) -> tuple[torch.Tensor, tor
     starts = torch.ones_like(ranked, dtype=torch.bool)
     starts[1:] = below[1:] > ranked[:-1]  # chained: each value near the one before
     firsts = starts.nonzero().flatten()
-    ends = torch.cat([firsts[1:], torch.tensor([len(ranked)])])
+    ends = torch.cat([firsts[1:], torch.tensor([len(ranked)], device=firsts.device)])
     wide = below[ends - 1] > ranked[firsts]
     # a chain wider than rtol (rare: float64 values spaced by about rtol) is split where its group's first is left behind
     for first, end in zip(firsts[wide].tolist(), ends[wide].tolist()):
