@@ -442,6 +442,36 @@ def load_splits(config: CompareConfig):
     return train, val, test, {name: _test_records(name, config) for name in config.eval_datasets}
 
 
+class _Fed:
+    """One split's records as the repeat checks compare them: ``read``, each record's model input with a question's
+    choices in any order (:func:`_any_order`: learned alike), ``own``, the inputs as one set's repeats are counted (the
+    letter format's reordered choices are another prompt there), and ``folded``, its texts folded for case and spacing
+    (:func:`_folded`: a cased tokenizer reads "Paris" and "paris" apart, yet a training question lowercased into the
+    test set is memory all the same). ``keys`` and ``texts`` are the sets of ``read`` and ``folded``."""
+
+    def __init__(self, records, tokenizer, config):
+        inputs = _model_inputs(records, tokenizer, config.max_length)
+        self.records = records
+        self.read = [_any_order(key) for key in inputs]
+        self.own = inputs if config.mc_format == "letter" else self.read
+        self.folded = [_folded(r) for r in records]
+        self.keys, self.texts = set(self.read), set(self.folded)
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """A split checked for repeats: ``split``, the key of its note (``"validation"``, the dataset or a shifted set),
+    ``what`` it is called in messages, its records (``fed``), the inputs and folded texts it must not repeat (``seen``,
+    ``near_seen``) and ``whose`` they are."""
+
+    split: str
+    what: str
+    fed: _Fed
+    seen: set
+    near_seen: set
+    whose: str
+
+
 def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shifted) -> dict:
     """Say what makes a run's numbers mean less than they seem: test, validation or shifted records that repeat
     training ones as the model reads them (:func:`_model_inputs`: memory, not generalisation), shifted records that
@@ -451,28 +481,33 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
 
     Returns the repeats as notes for the rows they touch, which a warning alone left out of the table, the run's
     record and a resume: evaluation set (or ``"validation"``, for the rows fitted on it) -> note."""
-    inputs = [_model_inputs(records, tokenizer, config.max_length) for records in (train, val, test, *shifted.values())]
-    read = [[_any_order(key) for key in keys] for keys in inputs]  # a question with its choices reordered: learned alike
-    trained = set(read[0])
-    held = trained | set(read[1])
     names = _split_names(config.dataset, shifted)
-    sets = [(names["validation"], val, trained, "training record"),
-            (names["test"], test, held, "training or validation record"),
-            *((names[name], records, held, f"training or validation record of {config.dataset!r}")
-              for name, records in shifted.items())]
-    # texts folded for case and spacing: a cased tokenizer reads "Paris" and "paris" apart, yet a training question
-    # lowercased into the test set is memory all the same
-    folded = [[_folded(r) for r in records] for records in (train, val, test, *shifted.values())]
-    near = [set(folded[0]), set(folded[0]) | set(folded[1])]
+    trained, validation = _Fed(train, tokenizer, config), _Fed(val, tokenizer, config)
+    held, held_texts = trained.keys | validation.keys, trained.texts | validation.texts
+    scored = [_Scored("validation", names["validation"], validation, trained.keys, trained.texts, "training record"),
+              _Scored(config.dataset, names["test"], _Fed(test, tokenizer, config), held, held_texts,
+                      "training or validation record"),
+              *(_Scored(name, names[name], _Fed(records, tokenizer, config), held, held_texts,
+                        f"training or validation record of {config.dataset!r}") for name, records in shifted.items())]
+    notes = _repeat_notes(config, scored)
+    if test and record_task(test[0]) == "multiple_choice":
+        _warn_about_choice_counts(names, test, shifted)
+    if train and record_task(train[0]) == "classification":
+        _warn_about_cuts(config, tokenizer, {names["train"]: train, names["validation"]: val},
+                         {s.what: (s.fed.records, s.fed.read) for s in scored[1:]})
+        _warn_about_labels(config, train, val, scored)
+    return notes
+
+
+def _repeat_notes(config: CompareConfig, scored: list) -> dict:
+    """Warn of the records of each split of ``scored`` (:class:`_Scored`: validation, test, then the shifted sets)
+    that repeat what it must not have seen, exactly or but for case or spacing, or another record of their own
+    evaluation set, and of the shifted records that repeat test ones; return the warnings as notes, split -> note."""
     notes = {}
-    # within one set, as the shifted-against-test check reads inputs (the letter format's reordered choices are another
-    # prompt), and the texts too: two texts --max-length cuts to one input are said by _warn_about_cuts
-    own = inputs if config.mc_format == "letter" else read
-    for split, (what, records, seen, whose), keys, texts, near_seen, ordered in zip(
-            ["validation", config.dataset, *shifted], sets, read[1:], folded[1:], [near[0], *[near[1]] * (len(sets) - 1)],
-            own[1:]):
-        repeated = sum(key in seen for key in keys)
-        nearly = sum(key not in seen and text in near_seen for key, text in zip(keys, texts))
+    for s in scored:
+        what, records, keys, texts, split, whose = s.what, s.fed.records, s.fed.read, s.fed.folded, s.split, s.whose
+        repeated = sum(key in s.seen for key in keys)
+        nearly = sum(key not in s.seen and text in s.near_seen for key, text in zip(keys, texts))
         if nearly:
             said = f"{nearly} of the {len(records)} {what} repeat a {whose} but for case or spacing"
             warnings.warn(said + " (other tokens to this tokenizer, the same text to a reader): their scores measure "
@@ -486,7 +521,9 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
             notes[split] = join_notes(said + (": the rows fitted on them (temperature scaling, +ts, *_val) are fitted "
                                               "partly on memorised inputs" if split == "validation" else
                                               ": memory there, not generalisation"), notes.get(split))
-        twice = len(keys) - len(set(zip(ordered, texts)))
+        # within one set, as the shifted-against-test check reads inputs (the letter format's reordered choices are
+        # another prompt), and the texts too: two texts --max-length cuts to one input are said by _warn_about_cuts
+        twice = len(keys) - len(set(zip(s.fed.own, texts)))
         if twice and split != "validation":  # an evaluation set's input scored several times weighs that many
             said = f"{twice} of the {len(records)} {what} repeat another of them as the model reads it"
             warnings.warn(said + ": each such input counts several times in the scores; deduplicate the set",
@@ -494,36 +531,35 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
             notes[split] = join_notes(notes.get(split), said + " (counted several times)")
     # a copy of the test set scored as a shift: AUROC 0.5 reported as a result. The letter format scores a question
     # with its choices in another order as another input: a shift there
-    shifts = inputs[2:] if config.mc_format == "letter" else read[2:]
-    tested = set(shifts[0])
-    for name, keys in zip(shifted, shifts[1:]):
-        repeated = sum(key in tested for key in keys)
+    tested = set(scored[1].fed.own)
+    for s in scored[2:]:
+        repeated = sum(key in tested for key in s.fed.own)
         if repeated:
-            said = (f"{repeated} of the {len(shifted[name])} records of the shifted set {name!r} repeat a test record of "
-                    f"{config.dataset!r} as the model reads it: they are no shift")
+            said = (f"{repeated} of the {len(s.fed.records)} records of the shifted set {s.split!r} repeat a test record "
+                    f"of {config.dataset!r} as the model reads it: they are no shift")
             warnings.warn(said + " (the model reads the test set's inputs, and the OOD AUROC against the test set cannot "
                           "tell them apart); deduplicate the sets", stacklevel=user_stacklevel())
-            notes[name] = join_notes(notes.get(name), said + " (the OOD AUROC cannot tell them apart)")
-    if test and record_task(test[0]) == "multiple_choice":
-        _warn_about_choice_counts(names, test, shifted)
-    if train and record_task(train[0]) == "classification":
-        _warn_about_cuts(config, tokenizer, {names["train"]: train, sets[0][0]: val},
-                         {what: (records, keys) for (what, records, _, _), keys in zip(sets[1:], read[2:])})
-        trained = {r["label"] for r in train}
-        # the validation records matter where a row is fitted on them (temperature, +ts, *_val): not to fit or bayesianize a MAP
-        fitted_on_val = config.guides is None or any(  # None: every method of the task, temperature scaling among them
-            g in METHODS and (METHODS[g].validation or config.ts and METHODS[g].ts) for g in config.guides)
-        for what, records, _, _ in sets[0 if fitted_on_val else 1:]:  # validation, test and every shifted set
-            unseen = sorted({r["label"] for r in records} - trained)
-            if unseen:
-                warnings.warn(f"the {what} hold label(s) {unseen} that no training record has: the model never learns "
-                              "those classes", stacklevel=user_stacklevel())
-        absent = sorted(trained - {r["label"] for r in val}) if fitted_on_val else []
-        if absent:
-            warnings.warn(f"the validation records of {config.dataset!r} hold no record of label(s) {absent} that "
-                          "training records have: temperature scaling and every +ts and *_val row are fitted without "
-                          "those classes; raise --val-fraction or --train-size", stacklevel=user_stacklevel())
+            notes[s.split] = join_notes(notes.get(s.split), said + " (the OOD AUROC cannot tell them apart)")
     return notes
+
+
+def _warn_about_labels(config: CompareConfig, train, val, scored):
+    """Warn of labels of the validation (where a row is fitted on it), test or shifted records (``scored``) that no
+    training record has, and of training labels no validation record has."""
+    trained = {r["label"] for r in train}
+    # the validation records matter where a row is fitted on them (temperature, +ts, *_val): not to fit or bayesianize a MAP
+    fitted_on_val = config.guides is None or any(  # None: every method of the task, temperature scaling among them
+        g in METHODS and (METHODS[g].validation or config.ts and METHODS[g].ts) for g in config.guides)
+    for s in scored[0 if fitted_on_val else 1:]:  # validation, test and every shifted set
+        unseen = sorted({r["label"] for r in s.fed.records} - trained)
+        if unseen:
+            warnings.warn(f"the {s.what} hold label(s) {unseen} that no training record has: the model never learns "
+                          "those classes", stacklevel=user_stacklevel())
+    absent = sorted(trained - {r["label"] for r in val}) if fitted_on_val else []
+    if absent:
+        warnings.warn(f"the validation records of {config.dataset!r} hold no record of label(s) {absent} that "
+                      "training records have: temperature scaling and every +ts and *_val row are fitted without "
+                      "those classes; raise --val-fraction or --train-size", stacklevel=user_stacklevel())
 
 
 def _warn_about_choice_counts(names: dict, test: list, shifted: dict):
