@@ -40,8 +40,10 @@ def isotropic_normal(shape: tuple | torch.Size, scale: float | torch.Tensor) -> 
     :param shape: event shape of the site.
     :param scale: prior standard deviation; a float, or a positive tensor broadcastable to ``shape``
         (e.g. ``[L, 1, 1]`` for one scale per layer). Its dtype and device are those of the prior.
-    :returns: a distribution with ``batch_shape == ()`` and ``event_shape == shape``.
-    :raises ValueError: for a scale that is not positive.
+    :returns: a distribution with ``batch_shape == ()`` and ``event_shape == shape``, whose ``log_prob`` refuses a
+        value that does not end in ``shape`` (:func:`check_event_shape`).
+    :raises ValueError: for a scale that is not positive, or whose square is 0 in its dtype (its ``log_prob`` would be
+        NaN).
     """
     shape = torch.Size(shape)
     if isinstance(scale, bool) or isinstance(scale, numbers.Real) and not (math.isfinite(scale) and scale > 0):
@@ -49,8 +51,12 @@ def isotropic_normal(shape: tuple | torch.Size, scale: float | torch.Tensor) -> 
     scale = torch.as_tensor(scale)
     if not scale.is_floating_point():  # an int std made an int64 Normal that cannot sample
         scale = scale.to(torch.get_default_dtype())
-    if not bool(torch.isfinite(scale).all() & (scale > 0).all()):  # one host read per prior built
+    finite, squared = torch.stack([torch.isfinite(scale).all() & (scale > 0).all(), (scale * scale > 0).all()]).tolist()
+    if not finite:  # one host read per prior built
         raise ValueError(f"isotropic_normal: scale must be finite and positive, got {scale}")
+    if not squared:
+        raise ValueError(f"isotropic_normal: scale {scale} squares to 0 in {str(scale.dtype).removeprefix('torch.')}, "
+                         "so every log-density would be NaN; give a larger scale or a float64 one")
     try:
         broadcasts = torch.broadcast_shapes(scale.shape, shape) == shape
     except RuntimeError:
@@ -63,14 +69,22 @@ def isotropic_normal(shape: tuple | torch.Size, scale: float | torch.Tensor) -> 
 def unchecked_isotropic_normal(shape: torch.Size, scale: torch.Tensor) -> dist.Independent:
     """:func:`isotropic_normal` of a scale known to be right (the model's float prior, checked when the model was built):
     no host read per step."""
-    return dist.Normal(torch.zeros_like(scale), scale).expand(shape).to_event(len(shape))
+    return _Isotropic(dist.Normal(torch.zeros_like(scale), scale).expand(shape), len(shape))
 
 
-_DENSE_MAX = 1024  # up to this many rows a K = W W^T + diag(d) is factored densely (see _LowRankPlusDiag)
-_WOODBURY_MAX_RATIO = 1e12  # above it a row's |W_j|^2 / d_j costs Woodbury more than 1e-4 of its cancelling terms
-# a dense Cholesky perturbs each pivot p_i of K by about eps K_ii (its row's own scale): its log-density loses about
-# 1e-16 sum_i K_ii / p_i nats (1000 rows of rank 3 beside d = 1e-12: 0.3 estimated, 1.14 measured); refused above this
-_DENSE_MAX_LOSS = 1e-2
+class _Isotropic(dist.Independent):
+    """``Normal(0, scale).expand(shape).to_event(len(shape))`` whose ``log_prob`` refuses a value that does not end in
+    ``shape`` (a ``[3, 1]`` value broadcasts against a ``3 x 4`` Normal to a finite log-density)."""
+
+    def log_prob(self, value):
+        check_event_shape(self, value, "isotropic_normal")
+        return super().log_prob(value)
+
+
+_DENSE_MAX = 1024  # up to this many rows K = W W^T + diag(d) may be factored densely (see _LowRankPlusDiag)
+_WOODBURY_MAX_RATIO = 1e12  # above it a row's |W_j|^2 / d_j costs diag(1/d) - U U^T more than 1e-4 of its terms
+_MAX_LOSS = 1e-2  # nats a log-density may lose to float64's round-off before its covariance is refused
+_EPS = torch.finfo(torch.float64).eps
 
 
 class _LowRankPlusDiag:
@@ -79,75 +93,97 @@ class _LowRankPlusDiag:
     (every method returns float64; the distributions cast their results back): ``K^-1 v`` subtracts terms of size
     ``v / d``, so where ``d`` is small against ``W W^T`` float32 loses every digit (a log-density off by 80%).
 
-    Up to ``_DENSE_MAX`` rows ``K`` gets a dense Cholesky, ``O(m^3)``: Woodbury's cancellation costs digits even in
-    float64 once some ``d_j`` is 1e-12 of its row of ``W W^T`` (hundreds of nats). Above it, Woodbury, ``O(m k^2)``:
-    ``K^-1 = diag(1/d) - U U^T`` with ``U = diag(1/d) W L^-T`` and ``L L^T = I_k + W^T diag(1/d) W``;
-    ``log det K = sum log d + 2 sum log diag L``; a ``K`` with some ``|W_j|^2 / d_j`` above ``_WOODBURY_MAX_RATIO``
-    is refused there rather than evaluated wrongly (one host read), as is a dense one whose Cholesky would lose more
-    than ``_DENSE_MAX_LOSS`` nats (``1e-16 sum_i K_ii / p_i`` over its pivots ``p_i``, invariant to each row's scale: a
-    low-rank ``W`` beside a
-    diagonal far below it leaves ``m - k`` directions of size ``d``).
+    The log-density's parts go through the capacitance ``C = I_k + W^T diag(1/d) W = L L^T``, ``O(m k^2)``:
+    ``log det K = sum log d + 2 sum log diag L`` (the determinant lemma) and ``K^-1 = H^T H`` with the whitening
+    ``H v = [z; diag(d)^-1/2 (v - W z)]``, ``z = C^-1 W^T diag(1/d) v`` (the minimiser over the latent ``z`` of
+    ``|z|^2 + |v - W z|^2`` in ``diag(d)^-1``): ``v^T K^-1 v = |H v|^2``, a sum of squares, where the textbook
+    ``diag(1/d) v - U U^T v`` subtracts terms of size ``v / d`` and loses nats once some ``d_j`` is 1e-12 of its row.
+    That holds to about ``eps k cond(C)`` nats (``C``'s round-off over its ``k`` eigenvalues), which a few rows with a diagonal far below theirs make
+    large (they alone fill some directions of ``C``): then, up to ``_DENSE_MAX`` rows, ``K`` gets a dense Cholesky
+    ``K = L L^T`` (``H = L^-1``, ``O(m^3)``), good to about ``eps sqrt(m) sum_i K_ii / p_i`` over its pivots ``p_i``,
+    which is large where the diagonal fills many directions instead (a low-rank ``W``). ``weight`` is how many
+    times the density counts ``log det K`` (a matrix-normal's factor: the other factor's size); a ``K`` that
+    neither way holds to ``_MAX_LOSS`` nats is refused, as are a diagonal that is not positive and entries that are
+    not finite (whether or not torch's argument validation is on: ``fit`` turns it off).
+
+    The precision's diagonal (the KLs' trace terms) comes from the dense Cholesky up to ``_DENSE_MAX`` rows, refused
+    as above; above, from ``diag(1/d) - U U^T`` with ``U = diag(1/d) W L^-T``, refused where some ``|W_j|^2 / d_j``
+    exceeds ``_WOODBURY_MAX_RATIO``.
     """
 
-    def __init__(self, factor, diag):
+    def __init__(self, factor, diag, weight=1):
         factor, diag = factor.double(), diag.double()
-        self.factor, self.diag = factor, diag
-        self.dense = factor.shape[-2] <= _DENSE_MAX
-        m = factor.shape[-2]
-        if self.dense:
-            cov = factor @ factor.mT + torch.diag_embed(diag)
-            if not bool(torch.isfinite(cov).all()):
-                raise ValueError(f"a covariance W W^T + diag(d) of {m} rows holds entries that are not finite")
+        self.factor, self.diag, self.weight, self.tril = factor, diag, weight, None
+        m, k = factor.shape[-2:]
+        capacitance = torch.eye(k, dtype=factor.dtype, device=factor.device) + factor.mT @ (factor / diag.unsqueeze(-1))
+        self.cap_tril, info = torch.linalg.cholesky_ex(capacitance)
+        if k and m:
+            spectrum = torch.linalg.eigvalsh(capacitance.detach())  # a check: no graph
+            loss = weight * _EPS * k * (spectrum[..., -1] / spectrum[..., 0]).max()
+        else:
+            loss = diag.new_zeros(())
+        bad, info, loss = torch.stack([~(torch.isfinite(diag).all() & (diag > 0).all() & torch.isfinite(factor).all()),
+                                       info.any(), loss]).detach().tolist()
+        if bad:
+            raise ValueError(f"a covariance W W^T + diag(d) of {m} rows has a diagonal d that is not positive or entries "
+                             "that are not finite")
+        if info or not loss <= _MAX_LOSS:  # NaN too
+            self.tril = self._dense("Woodbury would lose " + ("all of them" if info else f"about {loss:.2g} nats"))
+
+    def _dense(self, why):
+        """The dense Cholesky factor of ``K``, refused above ``_DENSE_MAX`` rows or where it would lose more than
+        ``_MAX_LOSS`` nats (``why``: why it is needed)."""
+        m = self.factor.shape[-2]
+        if m <= _DENSE_MAX:
+            cov = self.factor @ self.factor.mT + torch.diag_embed(self.diag)
             tril, info = torch.linalg.cholesky_ex(cov)
             pivots = tril.diagonal(dim1=-2, dim2=-1).pow(2)
-            loss = float(1e-16 * (cov.diagonal(dim1=-2, dim2=-1) / pivots).sum(-1).max()) if m else 0.0
-            if bool(info.any()) or not loss <= _DENSE_MAX_LOSS:  # a diagonal tiny where W W^T leaves directions to it
-                raise ValueError(
-                    f"a covariance W W^T + diag(d) of {m} rows is too near singular for float64: its smallest directions, "
-                    "which only the diagonal fills, are below float64's digits against the low-rank part"
-                    + ("" if info.any() else f" (a Cholesky would lose about {loss:.2g} nats of its log-density)")
-                    + "; floor the diagonal (SWAG's var_clamp, a prior's D) higher against the low-rank part")
-            self.tril = tril
-            return
-        ratio = (factor.pow(2).sum(-1) / diag).max() if factor.numel() else 0.0
-        if ratio > _WOODBURY_MAX_RATIO:
-            raise ValueError(
-                f"a covariance W W^T + diag(d) of {factor.shape[-2]} rows (above {_DENSE_MAX}, evaluated by Woodbury) has a "
-                f"diagonal entry {float(ratio):.1e} times smaller than its row of W W^T: Woodbury would lose the digits "
-                f"of its log-density there; floor the diagonal (SWAG's var_clamp, a prior's D) at above 1e-12 of the "
-                "low-rank part"
-            )
-        self.diag_inv = diag.reciprocal()
-        scaled = factor * self.diag_inv.unsqueeze(-1)
-        k = factor.shape[-1]
-        capacitance = torch.eye(k, dtype=factor.dtype, device=factor.device) + factor.mT @ scaled
-        self.cap_tril = torch.linalg.cholesky(capacitance)
-        self.U = torch.linalg.solve_triangular(self.cap_tril, scaled.mT, upper=False).mT
+            loss = float(self.weight * _EPS * math.sqrt(m) * (cov.diagonal(dim1=-2, dim2=-1) / pivots).sum(-1).max()) if m else 0.0
+            if not bool(info.any()) and loss <= _MAX_LOSS:
+                return tril
+            why += "; a dense Cholesky would lose " + ("all of them" if info.any() else f"about {loss:.2g} nats")
+        raise ValueError(
+            f"a covariance W W^T + diag(d) of {m} rows is too near singular for float64's digits in its log-density "
+            f"({why}): directions that the diagonal alone fills are below float64's digits against the low-rank part; "
+            "floor the diagonal (SWAG's var_clamp, a prior's D) higher against the low-rank part")
 
     def logdet(self):
-        if self.dense:
+        if self.tril is not None:
             return 2 * self.tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         return self.diag.log().sum(-1) + 2 * self.cap_tril.diagonal(dim1=-2, dim2=-1).log().sum(-1)
 
-    def solve(self, v):
-        """``K^-1 v`` for ``v: (..., m, p)``."""
+    def whiten(self, v):
+        """``H v`` for ``v: (..., m, p)``, with ``(H v)^T (H v) = v^T K^-1 v``: ``(..., m, p)`` densely, else
+        ``(..., k + m, p)``."""
         v = v.double()
-        if self.dense:
-            return torch.cholesky_solve(v, self.tril)
-        return self.diag_inv.unsqueeze(-1) * v - self.U @ (self.U.mT @ v)
+        if self.tril is not None:
+            return torch.linalg.solve_triangular(self.tril, v, upper=False)
+        z = torch.cholesky_solve(self.factor.mT @ (v / self.diag.unsqueeze(-1)), self.cap_tril)
+        return torch.cat([z, (v - self.factor @ z) / self.diag.sqrt().unsqueeze(-1)], -2)
 
     def inv_diagonal(self):
-        if self.dense:  # K^-1 = L^-T L^-1: column sums of (L^-1)^2
-            eye = torch.eye(self.tril.shape[-1], dtype=self.tril.dtype, device=self.tril.device)
+        m = self.factor.shape[-2]
+        if m <= _DENSE_MAX:  # K^-1 = L^-T L^-1: column sums of (L^-1)^2
+            if self.tril is None:
+                self.tril = self._dense("the precision's diagonal of a closed-form KL needs a dense Cholesky")
+            eye = torch.eye(m, dtype=self.tril.dtype, device=self.tril.device)
             return torch.linalg.solve_triangular(self.tril, eye, upper=False).pow(2).sum(-2)
-        return self.diag_inv - self.U.pow(2).sum(-1)
+        ratio = (self.factor.pow(2).sum(-1) / self.diag).max() if self.factor.numel() else 0.0
+        if ratio > _WOODBURY_MAX_RATIO:
+            raise ValueError(
+                f"the precision of a covariance W W^T + diag(d) of {m} rows (a closed-form KL's trace term) has a "
+                f"diagonal entry {float(ratio):.1e} times smaller than its row of W W^T: above {_DENSE_MAX} rows its "
+                "diagonal is diag(1/d) - U U^T, which would lose its digits there; floor the diagonal (SWAG's var_clamp, "
+                "a prior's D) at above 1e-12 of the low-rank part, or estimate the KL by sampling (Trace_ELBO)")
+        u = torch.linalg.solve_triangular(self.cap_tril, (self.factor / self.diag.unsqueeze(-1)).mT, upper=False)
+        return self.diag.reciprocal() - u.pow(2).sum(-2)
 
     def diagonal(self):
         return self.diag + self.factor.pow(2).sum(-1)
 
     def trace_inv_times(self, other):
         """``tr(K^-1 K_other)`` for another :class:`_LowRankPlusDiag` of the same size."""
-        return (other.factor * self.solve(other.factor)).sum((-2, -1)) + (self.inv_diagonal() * other.diag).sum(-1)
+        return self.whiten(other.factor).pow(2).sum((-2, -1)) + (self.inv_diagonal() * other.diag).sum(-1)
 
 
 def _broadcast_batch(name, *shapes):
@@ -163,17 +199,17 @@ def _check_dtypes(name, **tensors):
         raise ValueError(f"{name}: the parameters must share a dtype, got {', '.join(f'{n} {d}' for d, n in dtypes.items())}")
 
 
-def check_event_shape(distribution, value) -> None:
+def check_event_shape(distribution, value, name=None) -> None:
     """Refuse a ``value`` whose trailing dims are not ``distribution``'s event shape, whatever torch's argument
     validation says (``fit`` switches it off, as ``pyro.validation_enabled(False)`` does): a ``[3, 1]`` value broadcast
     against a ``3 x 4`` mean gave a finite log-density of a matrix the distribution is not over. A shape comparison, no
     host read.
 
-    :raises ValueError: naming the shapes.
+    :raises ValueError: naming the shapes (and ``name``, the distribution's, else its class's).
     """
     event = distribution.event_shape
     if value.shape[value.dim() - len(event) :] != event:  # a negative start (too few dims) gives too short a tail
-        raise ValueError(f"{type(distribution).__name__}.log_prob: the value's shape {tuple(value.shape)} does not end in "
+        raise ValueError(f"{name or type(distribution).__name__}.log_prob: the value's shape {tuple(value.shape)} does not end in "
                          f"the event shape {tuple(event)}")
 
 
@@ -200,8 +236,8 @@ class MatrixNormalKronecker(TorchDistribution):
 
     ``log_prob``, ``rsample``, ``entropy`` and the KL divergences cost ``O(mn (k_r + k_c) + (m + n) k^2)``
     through Woodbury and the determinant lemma (``log det(K_row (x) K_col) = n log det K_row +
-    m log det K_col``); no ``mn x mn`` matrix is formed. A factor of up to 1024 rows is factored densely
-    instead (``O(m^3)``, for float64 accuracy where Woodbury cancels digits). The factors are identified
+    m log det K_col``); no ``mn x mn`` matrix is formed (a closed-form KL's trace term factors a factor of
+    up to 1024 rows densely, ``O(m^3)``). The factors are identified
     only up to a scalar: ``(c K_row) (x) (K_col / c)`` is the same distribution.
 
     Example, a prior over the stacked ``lora_A`` site ``[L, r, d_in]`` (batch ``L``, event ``(r, d_in)``)::
@@ -267,11 +303,12 @@ class MatrixNormalKronecker(TorchDistribution):
 
     @lazy_property
     def _row(self):
-        return _LowRankPlusDiag(self.row_factor, self.row_diag.double().pow(2))  # D^2 may overflow float16
+        # D^2 may overflow float16; the density counts log det K_row n times
+        return _LowRankPlusDiag(self.row_factor, self.row_diag.double().pow(2), weight=self.event_shape[1])
 
     @lazy_property
     def _col(self):
-        return _LowRankPlusDiag(self.col_factor, self.col_diag.double().pow(2))  # D^2 may overflow float16
+        return _LowRankPlusDiag(self.col_factor, self.col_diag.double().pow(2), weight=self.event_shape[0])
 
     @property
     def mean(self):
@@ -293,9 +330,9 @@ class MatrixNormalKronecker(TorchDistribution):
         return n * self._row.logdet() + m * self._col.logdet()
 
     def _mahalanobis(self, delta):
-        """``vec(delta)^T (K_row (x) K_col)^-1 vec(delta) = tr(K_row^-1 delta K_col^-1 delta^T)`` (float64)."""
-        d = delta.double()
-        return (self._col.solve(self._row.solve(d).mT).mT * d).sum((-2, -1))
+        """``vec(delta)^T (K_row (x) K_col)^-1 vec(delta) = |H_row delta H_col^T|^2`` with ``K^-1 = H^T H``
+        (:meth:`_LowRankPlusDiag.whiten`; float64)."""
+        return self._col.whiten(self._row.whiten(delta).mT).pow(2).sum((-2, -1))
 
     def _precision_diagonal(self):
         return self._row.inv_diagonal().unsqueeze(-1) * self._col.inv_diagonal().unsqueeze(-2)
@@ -420,8 +457,7 @@ class LowRankPlusDiagNormal(TorchDistribution):
         return self._cov.logdet()
 
     def _mahalanobis(self, delta):
-        d = delta.flatten(-len(self.event_shape)).unsqueeze(-1).double()  # float64, as the solve runs
-        return (d * self._cov.solve(d)).sum((-2, -1))
+        return self._cov.whiten(delta.flatten(-len(self.event_shape)).unsqueeze(-1)).pow(2).sum((-2, -1))
 
     def _precision_diagonal(self):
         return self._cov.inv_diagonal().unflatten(-1, self.event_shape)

@@ -355,13 +355,14 @@ def test_mnk_rank_deficient_factors_with_a_tiny_diagonal_in_float64(monkeypatch)
     assert abs(d.log_prob(x).item() - float(exact)) < 1e-2
 
 
-def test_a_dense_factor_too_near_singular_for_float64_is_refused_not_evaluated():
-    """1000 rows of rank 3 beside D = 1e-6 (a diagonal 1e-12 of the rows): the dense Cholesky's 997 tiny pivots lost
-    1.14 nats of log_prob and 1.30 of entropy, silently; at D = 1e-4 it holds the exact spectral value."""
+def test_a_tiny_diagonal_beside_a_low_rank_factor_keeps_the_exact_log_density():
+    """1000 rows of rank 3 beside D = 1e-6 to 1e-10 (a diagonal 1e-12 to 1e-20 of the rows): a dense Cholesky's 997
+    tiny pivots lost 1.14 nats of log_prob and 1.30 of entropy at 1e-6 (0.044 at 1e-5, its own estimate 0.0029), and
+    Woodbury's diag(1/d) v - U U^T v lost nats too; the whitening sum of squares holds the exact spectral value."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1000, 3, generator=g, **f64)
     u, s, _ = torch.linalg.svd(z, full_matrices=False)
-    for scale in (1e-4, 1e-6):
+    for scale in (1e-4, 1e-6, 1e-10):
         d = MatrixNormalKronecker(torch.zeros(1000, 1, **f64), z, torch.full((1000,), scale, **f64),
                                   torch.ones(1, 0, **f64), torch.ones(1, **f64))
         a, e = torch.randn(3, generator=g, **f64), torch.randn(1000, generator=g, **f64)
@@ -369,8 +370,9 @@ def test_a_dense_factor_too_near_singular_for_float64_is_refused_not_evaluated()
         x = u @ a + scale * orthogonal  # no cancellation in the reference: its span and orthogonal parts apart
         logdet = 997 * math.log(scale**2) + torch.log(s**2 + scale**2).sum()
         exact = -0.5 * (1000 * math.log(2 * math.pi) + logdet + orthogonal @ orthogonal + (a**2 / (s**2 + scale**2)).sum())
+        assert abs(float(d.log_prob(x[:, None])) - float(exact)) < 1e-3
+        assert abs(float(d.entropy()) - 0.5 * (1000 * (1 + math.log(2 * math.pi)) + float(logdet))) < 1e-6
         if scale == 1e-4:
-            assert abs(float(d.log_prob(x[:, None])) - float(exact)) < 1e-3
             # the same covariance with its rows in other units (K = S C S), and a pure diagonal of scales 1 to 1e-16,
             # are as well conditioned as before: refused by an estimate against the largest row's scale
             rows = torch.ones(1000, **f64)
@@ -380,9 +382,30 @@ def test_a_dense_factor_too_near_singular_for_float64_is_refused_not_evaluated()
             diagonal = LowRankPlusDiagNormal(torch.zeros(4, **f64), torch.zeros(4, 0, **f64), event_dim=1,
                                              cov_diag=torch.tensor([1.0, 1e-10, 1e-14, 1e-16], **f64))
             assert torch.isfinite(diagonal.log_prob(torch.zeros(4, **f64)))
+
+
+def test_a_rank_deficient_factor_too_near_singular_for_float64_is_refused_counting_the_other_factor():
+    """Columns of Z repeated beside D = 1e-4: the capacitance is near singular and its log-determinant carries
+    round-off, which a matrix-normal counts once per column of the other factor (11 nats were lost silently this way
+    at 500 columns). One column is evaluated exactly; 500 are refused."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    g = torch.Generator().manual_seed(5)
+    half = torch.randn(1000, 2, generator=g, **f64)
+    z = torch.cat([half, half], -1)
+    # log det K = sum log d + log det(I + Z^T Z / d), its 4 x 4 capacitance summed in 50 digits
+    zs = [[mpmath.mpf(v) for v in row] for row in z.tolist()]
+    cap = mpmath.eye(4) + mpmath.matrix([[mpmath.fsum(r[a] * r[b] for r in zs) / mpmath.mpf(1e-8) for b in range(4)]
+                                         for a in range(4)])
+    logdet = 1000 * mpmath.log(mpmath.mpf(1e-8)) + mpmath.log(mpmath.det(cap))
+    for n in (1, 500):
+        d = MatrixNormalKronecker(torch.zeros(1000, n, **f64), z, torch.full((1000,), 1e-4, **f64),
+                                  torch.ones(n, 0, **f64), torch.ones(n, **f64))
+        if n == 1:
+            assert abs(float(d.entropy()) - float(0.5 * (1000 * (1 + mpmath.log(2 * mpmath.pi)) + logdet))) < 1e-3
         else:
-            with pytest.raises(ValueError, match="floor the diagonal"):  # by the dense path or by Woodbury alike
-                d.log_prob(x[:, None])
+            with pytest.raises(ValueError, match="would lose about .* nats.*floor the diagonal"):
+                d.entropy()
 
 
 def test_half_precision_log_densities_sum_in_float64():
@@ -464,6 +487,58 @@ def test_woodbury_refuses_a_diagonal_it_cannot_evaluate(monkeypatch):
     dense = MultivariateNormal(loc, w @ w.T + torch.diag(d))
     torch.testing.assert_close(kl_divergence(normal, LowRankPlusDiagNormal(loc, w, d, event_dim=1)),
                                kl_divergence(MultivariateNormal(loc, torch.eye(300, **f64)), dense), rtol=1e-6, atol=1e-6)
+
+
+def test_a_diagonal_that_is_not_positive_or_entries_not_finite_are_refused_with_validation_off():
+    """fit runs without torch's argument validation: one negative variance among 1100 gave log_prob and entropy NaN,
+    and W W^T + diag(d) = 9 - 1 the log-density of N(0, 8) while rsample drew NaN."""
+    g = torch.Generator().manual_seed(0)
+    w, d = torch.randn(1100, 2, generator=g, **f64), torch.rand(1100, generator=g, **f64) + 0.1
+    for loc, factor, diag in ((torch.zeros(1100, **f64), w, d.index_fill(0, torch.tensor([0]), -0.05)),
+                              (torch.zeros(1, **f64), torch.tensor([[3.0]], **f64), torch.tensor([-1.0], **f64)),
+                              (torch.zeros(1100, **f64), w, d.index_fill(0, torch.tensor([3]), math.nan)),
+                              (torch.zeros(1100, **f64), w.index_fill(0, torch.tensor([3]), math.inf), d)):
+        q = LowRankPlusDiagNormal(loc, factor, diag, event_dim=1, validate_args=False)
+        for evaluate in (lambda: q.log_prob(loc), q.entropy):
+            with pytest.raises(ValueError, match="not positive or entries that are not finite"):
+                evaluate()
+
+
+def test_woodbury_holds_the_log_density_at_its_own_samples_with_a_diagonal_far_below_its_rows():
+    """1100 rows (no dense factor), each diagonal entry 1.1e-12 of its row of W W^T: diag(1/d) v - U U^T v lost 0.35 to
+    0.9 nats at the distribution's own samples; the whitening's sum of squares holds the 50-digit value."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(1100, 4, generator=g, **f64)
+    d = w.pow(2).sum(-1) * 1.1e-12
+    q = LowRankPlusDiagNormal(torch.zeros(1100, **f64), w, d, event_dim=1)
+    x = q.sample()
+    ws, ds, xs = ([[mpmath.mpf(v) for v in row] for row in w.tolist()], [mpmath.mpf(v) for v in d.tolist()],
+                  [mpmath.mpf(v) for v in x.tolist()])
+    # Woodbury in 50 digits: v^T K^-1 v = sum v^2/d - b^T C^-1 b, b = W^T diag(1/d) v, C = I + W^T diag(1/d) W
+    b = mpmath.matrix([mpmath.fsum(r[a] * v / s for r, v, s in zip(ws, xs, ds)) for a in range(4)])
+    cap = mpmath.eye(4) + mpmath.matrix([[mpmath.fsum(r[a] * r[c] / s for r, s in zip(ws, ds)) for c in range(4)]
+                                         for a in range(4)])
+    maha = mpmath.fsum(v * v / s for v, s in zip(xs, ds)) - (b.T * mpmath.lu_solve(cap, b))[0]
+    logdet = mpmath.fsum(mpmath.log(s) for s in ds) + mpmath.log(mpmath.det(cap))
+    exact = -0.5 * (1100 * mpmath.log(2 * mpmath.pi) + logdet + maha)
+    assert abs(float(q.log_prob(x)) - float(exact)) < 1e-3
+
+
+def test_isotropic_normal_refuses_a_value_of_another_shape_and_a_scale_whose_square_underflows():
+    """A [3, 1] value against a 3 x 4 prior broadcast to a finite -11.03; a float32 scale of 1e-30 (its square 0) gave
+    log_prob NaN."""
+    prior = isotropic_normal((3, 4), 1.0)
+    for value in (torch.zeros(3, 1), torch.zeros(4)):
+        with pytest.raises(ValueError, match=r"isotropic_normal.log_prob: the value's shape .* event shape \(3, 4\)"):
+            prior.log_prob(value)
+    assert prior.expand((2,)).log_prob(torch.zeros(5, 2, 3, 4)).shape == (5, 2)
+    for scale in (1e-30, torch.tensor([1.0, 1e-25])):
+        with pytest.raises(ValueError, match="squares to 0 in float32"):
+            isotropic_normal((2,), scale)
+    assert isotropic_normal((2,), torch.tensor(1e-30, **f64)).log_prob(torch.zeros(2, **f64)).item() == pytest.approx(
+        2 * (-0.5 * math.log(2 * math.pi) - math.log(1e-30)))
 
 
 def test_isotropic_normal_checks_tensor_scales_and_makes_a_float_prior_of_an_int():
