@@ -98,17 +98,19 @@ class _LowRankPlusDiag:
     ``H v = [z; diag(d)^-1/2 (v - W z)]``, ``z = C^-1 W^T diag(1/d) v`` (the minimiser over the latent ``z`` of
     ``|z|^2 + |v - W z|^2`` in ``diag(d)^-1``): ``v^T K^-1 v = |H v|^2``, a sum of squares, where the textbook
     ``diag(1/d) v - U U^T v`` subtracts terms of size ``v / d`` and loses nats once some ``d_j`` is 1e-12 of its row.
-    That holds to about ``eps k cond(C)`` nats (``C``'s round-off over its ``k`` eigenvalues), which a few rows with a diagonal far below theirs make
-    large (they alone fill some directions of ``C``): then, up to ``_DENSE_MAX`` rows, ``K`` gets a dense Cholesky
+    That holds to about ``eps k cond(C)`` nats (``C``'s round-off over its ``k`` eigenvalues, each at least 1) plus
+    ``eps sqrt(m max_j |W_j|^2 / d_j)`` (the residual ``v - W z`` cancels terms ``sqrt(|W_j|^2 / d_j)`` times its
+    own size), which a few rows with a diagonal far below theirs make large (they alone fill some directions of
+    ``C``), and any row once its ``d_j`` is about 1e-24 of it: then, up to ``_DENSE_MAX`` rows, ``K`` gets a dense Cholesky
     ``K = L L^T`` (``H = L^-1``, ``O(m^3)``), good to about ``eps sqrt(m) sum_i K_ii / p_i`` over its pivots ``p_i``,
     which is large where the diagonal fills many directions instead (a low-rank ``W``). ``weight`` is how many
     times the density counts ``log det K`` (a matrix-normal's factor: the other factor's size); a ``K`` that
     neither way holds to ``_MAX_LOSS`` nats is refused, as are a diagonal that is not positive and entries that are
     not finite (whether or not torch's argument validation is on: ``fit`` turns it off).
 
-    The precision's diagonal (the KLs' trace terms) comes from the dense Cholesky up to ``_DENSE_MAX`` rows, refused
-    as above; above, from ``diag(1/d) - U U^T`` with ``U = diag(1/d) W L^-T``, refused where some ``|W_j|^2 / d_j``
-    exceeds ``_WOODBURY_MAX_RATIO``.
+    The precision's diagonal (the KLs' trace terms) is ``|H e_j|^2`` up to ``_DENSE_MAX`` rows (``H`` as chosen above:
+    a sum of squares either way); above, ``diag(1/d) - U U^T`` with ``U = diag(1/d) W L^-T``, refused where some
+    ``|W_j|^2 / d_j`` exceeds ``_WOODBURY_MAX_RATIO``.
     """
 
     def __init__(self, factor, diag, weight=1):
@@ -117,9 +119,11 @@ class _LowRankPlusDiag:
         m, k = factor.shape[-2:]
         capacitance = torch.eye(k, dtype=factor.dtype, device=factor.device) + factor.mT @ (factor / diag.unsqueeze(-1))
         self.cap_tril, info = torch.linalg.cholesky_ex(capacitance)
-        if k and m:
-            spectrum = torch.linalg.eigvalsh(capacitance.detach())  # a check: no graph
-            loss = weight * _EPS * k * (spectrum[..., -1] / spectrum[..., 0]).max()
+        if k and m:  # a check: no graph. C's eigenvalues are >= 1: a computed one below is round-off
+            spectrum = torch.linalg.eigvalsh(capacitance.detach())
+            ratio = (factor.detach().pow(2).sum(-1) / diag.detach()).max()
+            loss = (weight * _EPS * k * (spectrum[..., -1] / spectrum[..., 0].clamp(min=1)).max()
+                    + _EPS * (m * weight * ratio).sqrt())
         else:
             loss = diag.new_zeros(())
         bad, info, loss = torch.stack([~(torch.isfinite(diag).all() & (diag > 0).all() & torch.isfinite(factor).all()),
@@ -163,11 +167,8 @@ class _LowRankPlusDiag:
 
     def inv_diagonal(self):
         m = self.factor.shape[-2]
-        if m <= _DENSE_MAX:  # K^-1 = L^-T L^-1: column sums of (L^-1)^2
-            if self.tril is None:
-                self.tril = self._dense("the precision's diagonal of a closed-form KL needs a dense Cholesky")
-            eye = torch.eye(m, dtype=self.tril.dtype, device=self.tril.device)
-            return torch.linalg.solve_triangular(self.tril, eye, upper=False).pow(2).sum(-2)
+        if m <= _DENSE_MAX:  # K^-1 = H^T H: column sums of (H I)^2
+            return self.whiten(torch.eye(m, dtype=self.diag.dtype, device=self.diag.device)).pow(2).sum(-2)
         ratio = (self.factor.pow(2).sum(-1) / self.diag).max() if self.factor.numel() else 0.0
         if ratio > _WOODBURY_MAX_RATIO:
             raise ValueError(

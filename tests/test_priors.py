@@ -1,5 +1,6 @@
 """Priors checked against dense ``MultivariateNormal`` on small sizes (float64)."""
 
+import contextlib
 import math
 
 import pytest
@@ -524,6 +525,60 @@ def test_woodbury_holds_the_log_density_at_its_own_samples_with_a_diagonal_far_b
     logdet = mpmath.fsum(mpmath.log(s) for s in ds) + mpmath.log(mpmath.det(cap))
     exact = -0.5 * (1100 * mpmath.log(2 * mpmath.pi) + logdet + maha)
     assert abs(float(q.log_prob(x)) - float(exact)) < 1e-3
+
+
+def test_a_diagonal_far_below_every_row_and_a_round_off_negative_eigenvalue_are_never_evaluated_wrongly(factorization):
+    """W = 1 beside d = 1e-40: the residual v - W z cancelled to a log-density of -9.9e8 for -4.17 (the capacitance is
+    well conditioned); a row of W in units of 1e9 gave the capacitance a computed eigenvalue of -2260 (a negative
+    condition number passed the check): entropy off by 5.8 nats. Both hold the 50-digit value now, through the
+    dense Cholesky (refused without it), and 1000 rows with a diagonal 1e-28 of each are refused."""
+    mpmath = pytest.importorskip("mpmath")
+    held = contextlib.nullcontext() if factorization == "dense" else pytest.raises(ValueError, match="floor the diagonal")
+    mpmath.mp.dps = 50
+    v = -2.549735406539597
+    tiny = LowRankPlusDiagNormal(torch.zeros(1, **f64), torch.ones(1, 1, **f64), torch.tensor([1e-40], **f64), event_dim=1)
+    k = 1 + mpmath.mpf(1e-40)
+    exact = -0.5 * (mpmath.log(2 * mpmath.pi) + mpmath.log(k) + mpmath.mpf(v) ** 2 / k)
+    with held:
+        assert abs(float(tiny.log_prob(torch.tensor([v], **f64))) - float(exact)) < 1e-9
+    rows = [["0x1.bd8036e084b47p+30", "-0x1.74a71a4298920p+31", "0x1.96a9f46e2ea65p+31"],
+            ["0x1.3e0f35f3ecfd5p+0", "0x1.716473d70e091p+1", "0x1.79850f0627171p-1"]]
+    w = torch.tensor([[float.fromhex(x) for x in r] for r in rows], **f64)
+    assert torch.linalg.eigvalsh(torch.eye(3, **f64) + w.T @ w)[0] < 0  # the round-off the check must see through
+    wm = mpmath.matrix(w.tolist())
+    logdet = mpmath.log(mpmath.det(wm * wm.T + mpmath.eye(2)))
+    q = LowRankPlusDiagNormal(torch.zeros(2, **f64), w, torch.ones(2, **f64), event_dim=1)
+    with held:
+        assert abs(float(q.entropy()) - float(0.5 * (2 * (1 + mpmath.log(2 * mpmath.pi)) + logdet))) < 1e-6
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, 3, generator=g, **f64)
+    with pytest.raises(ValueError, match="floor the diagonal"):
+        LowRankPlusDiagNormal(torch.zeros(1000, **f64), w, 1e-28 * w.pow(2).sum(-1), event_dim=1).log_prob(torch.zeros(1000, **f64))
+
+
+def test_a_kl_against_a_diagonal_far_below_its_rows_keeps_its_trace_term():
+    """q's diagonal 1e-11 of each of its rows (50 in the report, 24 here): the precision's diagonal from a dense
+    Cholesky lost 2.4e-6 of a KL of 3.8e12 (9e6 nats); the whitening's sum of squares holds the 50-digit value to
+    round-off."""
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+    g = torch.Generator().manual_seed(5)
+    m = 24
+    wp, wq = torch.randn(m, 8, generator=g, **f64), torch.randn(m, 8, generator=g, **f64)
+    dp, mup, muq = torch.rand(m, generator=g, **f64) + 0.5, torch.randn(m, generator=g, **f64), torch.randn(m, generator=g, **f64)
+    dq = 1e-11 * wq.pow(2).sum(-1)
+    p, q = (LowRankPlusDiagNormal(mu, w, d, event_dim=1) for mu, w, d in ((mup, wp, dp), (muq, wq, dq)))
+
+    def cov(w, d):
+        w = mpmath.matrix(w.tolist())
+        return w * w.T + mpmath.diag([mpmath.mpf(x) for x in d.tolist()])
+
+    kp, kq = cov(wp, dp), cov(wq, dq)
+    qi = mpmath.inverse(kq)
+    delta = mpmath.matrix((mup - muq).tolist())
+    exact = 0.5 * (sum((qi * kp)[i, i] for i in range(m)) + (delta.T * qi * delta)[0] - m
+                   + mpmath.log(mpmath.det(kq)) - mpmath.log(mpmath.det(kp)))
+    assert abs(float(kl_divergence(p, q)) - float(exact)) <= 1e-12 * float(exact)
 
 
 def test_isotropic_normal_refuses_a_value_of_another_shape_and_a_scale_whose_square_underflows():
