@@ -27,7 +27,7 @@ from pyro_lora.hooks import forward_hooks
 from pyro_lora.ownership import take_over, trained_beside_head
 from pyro_lora.predictive import predict
 from pyro_lora.sites import base_network, base_rewriting_inits, check_values, lora_inits
-from pyro_lora.training import check_training_context, fit
+from pyro_lora.training import check_training_context, data_order_seeded, fit
 
 from .base import LoraGuide
 from .map import MAPGuide
@@ -438,8 +438,9 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     """Train ``k`` MAP adapters from different initialisations; returns an :class:`EnsembleGuide`.
 
     Each member: :func:`reinitialize` under its seed, a :class:`~pyro_lora.guides.MAPGuide` from that adapter,
-    :func:`pyro_lora.fit` with ``fit_kwargs``; its site values and head are kept. The network's LoRA weights
-    and heads are restored afterwards. Costs ``k`` trainings (``k - 1`` with ``include_current``).
+    :func:`pyro_lora.fit` with ``fit_kwargs`` and the data's order drawn from its seed too (the generators the loader
+    holds are seeded from it for that run and put back after: :func:`~pyro_lora.training.data_order_seeded`); its site
+    values and head are kept. The network's LoRA weights and heads are restored afterwards. Costs ``k`` trainings (``k - 1`` with ``include_current``).
 
     :param model: a :class:`~pyro_lora.LoraModel` whose sites are all its LoRA matrices (``random="AB"``).
     :param data: the training batches, as for :func:`pyro_lora.fit`.
@@ -448,7 +449,7 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     :param bool include_current: the network's current adapter and head (e.g. an already trained MAP) is
         member 0 and only ``k - 1`` members are trained (with ``seeds[1:]``).
     :raises ValueError: before any training, for repeated seeds, sites between A and B, LoRA parameters that are no
-        sites, ``train_network=False`` with a head, or checkpointing ``fit_kwargs`` (``checkpoint_dir``,
+        sites, ``train_network=False`` with a head, ``epochs=0`` or ``lr=0`` (untrained members), or checkpointing ``fit_kwargs`` (``checkpoint_dir``,
         ``checkpoint_every``, ``resume``: the members would share one checkpoint), inside ``torch.inference_mode()`` or
         a Pyro handler :func:`pyro_lora.fit` refuses; under ``torch.distributed``, on every rank, where ``k``, ``seeds``
         (``None`` and the same seeds given count as different), ``include_current`` or a ``fit_kwargs`` entry differ
@@ -511,7 +512,8 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
             else:
                 reinitialize(model, seed)
                 guide = MAPGuide(model)
-                fit(model, guide, data, **fit_kwargs)
+                with data_order_seeded(data, seed):  # the loader's own generator: else its order followed the position
+                    fit(model, guide, data, **fit_kwargs)
                 members.append({n: v.detach().clone() for n, v in guide.mean().items()})
             heads.append({n: params[n].detach().clone() for n in heads_names})
     except BaseException as error:
@@ -556,6 +558,11 @@ def _check_fit_kwargs(fit_kwargs) -> None:
     if unknown:
         raise ValueError(f"fit_kwargs {unknown} are no keyword arguments of pyro_lora.fit (it takes {takes}); the model, "
                          "guide and data are train_ensemble's own")
+    idle = {key: fit_kwargs[key] for key in ("epochs", "lr") if key in fit_kwargs and fit_kwargs[key] == 0}
+    if idle:
+        raise ValueError(f"fit_kwargs {', '.join(f'{k}={v!r}' for k, v in idle.items())}: each member starts from a freshly "
+                         "initialised adapter (B = 0) and head, which such a run leaves untrained, so the ensemble would "
+                         "average untrained networks; give epochs >= 1 and lr > 0")
 
 
 def _fit_setting(key, value):
@@ -603,7 +610,7 @@ def ensemble_mixture(guide, loader, num_samples):
 ensemble_mixture.uses_samples = False
 
 
-@method("ensemble", bayesian=True, guide=EnsembleGuide, predictive=ensemble_mixture, trains=True)
+@method("ensemble", version=2, bayesian=True, guide=EnsembleGuide, predictive=ensemble_mixture, trains=True)
 def ensemble(setup, k=3):
     """Deep ensemble: the MAP plus k-1 LoRAs (and heads) trained from other seeds, probabilities averaged; no run
     seed shares a member seed with another (their rows are independent draws)."""

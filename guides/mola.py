@@ -272,7 +272,7 @@ mixture_glm_probit.uses_samples = False
 
 
 @method("mola", bayesian=True, guide=LaplaceMixtureGuide, predictive=mixture_glm_probit, likelihood=kfac_likelihood,
-        base="ensemble")
+        base="ensemble", version=2)  # 2: the ensemble's members draw their data order from their seeds
 def mola(setup):
     """Mixture of Laplace approximations: KFAC Laplace (evidence prior) around each ensemble member, GLM probit averaged.
 
@@ -286,7 +286,7 @@ def mola(setup):
 
 
 @method("mola_val", bayesian=True, guide=LaplaceMixtureGuide, predictive=mixture_glm_probit, likelihood=kfac_likelihood,
-        validation=True, base="mola")
+        validation=True, base="mola", version=2)  # as mola's
 def mola_val(setup):
     """Mixture of Laplace approximations with one prior precision by validation NLL of the mixture's GLM probit
     predictive (grid, then refined), on the validation split temperature scaling uses."""

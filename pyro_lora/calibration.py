@@ -59,6 +59,12 @@ def _log_probs(probs_or_logits, kind="auto"):
             f"every entry is in [0, 1] but a row's sum is {worst:.3g} away from 1: probabilities that were clipped or "
             "rounded, or logits? renormalise probabilities (p / p.sum(-1, keepdim=True)), or pass kind='logits'"
         )
+    if kind == "logits" and looks_like_probs:
+        # probabilities passed as logits got a T of another scale (0.68 for 2.92: test NLL worse than no scaling)
+        raise ValueError(
+            "kind='logits' but every row is a probability vector (entries in [0, 1] summing to 1): probabilities read "
+            "as logits get a temperature of another scale; pass kind='probs' (or 'auto'), or, for logits that really "
+            "are these numbers, add a constant to them (a softmax does not change)")
     if kind == "probs" or (kind == "auto" and looks_like_probs):
         if not looks_like_probs:
             raise ValueError("kind='probs' but the rows are not probability vectors (entries in [0, 1] summing to 1)")
@@ -155,7 +161,7 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
     :returns: ``T`` as a float, or a :class:`TemperatureFit`.
     :raises ValueError: on bad shapes, labels that are not integers or out of range (checked as
         :mod:`pyro_lora.metrics` checks them), nan / +inf inputs, all ``-inf`` logit rows, ``kind="probs"`` rows
-        that are not probability vectors, ``kind="auto"`` entries all in ``[0, 1]`` in rows not summing to 1, logits
+        that are not probability vectors, ``kind="logits"`` rows that all are, ``kind="auto"`` entries all in ``[0, 1]`` in rows not summing to 1, logits
         of ``-inf`` at an example's label (a label on a missing choice), ``bounds`` that are not two finite numbers
         with ``0 < low < 1 < high`` (a dict or a set refused: they have no order), or a ``tol`` that is not a positive finite number.
     """

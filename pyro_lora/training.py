@@ -753,6 +753,40 @@ def _set_rng(rng, state) -> None:
         rng.set_state(state)
 
 
+def _seed_rng(rng, seed: int) -> None:
+    """Seed ``rng``, one of ``_RNGS``, from ``seed`` (any int in ``[0, 2**64)``)."""
+    if isinstance(rng, torch.Generator):
+        rng.manual_seed(seed)
+    elif isinstance(rng, random.Random):
+        rng.seed(seed)
+    elif isinstance(rng, np.random.Generator):
+        rng.bit_generator.state = type(rng.bit_generator)(seed).state
+    else:
+        rng.set_state(np.random.RandomState(np.random.MT19937(seed)).get_state())
+
+
+@contextlib.contextmanager
+def data_order_seeded(data, seed: int):
+    """Inside, every generator that orders ``data`` beside the global RNGs (:func:`_order_keepers`: a
+    :func:`~pyro_lora.data.make_loader` loader's own, a sampler's, a dataset's) is seeded from ``seed``, and a
+    ``DistributedSampler``'s ``seed`` is ``seed``; after, each is put back as it was. A run started inside draws its
+    data order from ``seed``, not from how many passes the loader made before (an ensemble's members)."""
+    rngs, epoched = _order_keepers(data)
+    seeded = [obj for obj in epoched if isinstance(getattr(obj, "seed", None), int)]
+    states, seeds = [_get_rng(rng) for rng in rngs], [obj.seed for obj in seeded]
+    try:
+        for rng in rngs:
+            _seed_rng(rng, seed)
+        for obj in seeded:
+            obj.seed = seed
+        yield
+    finally:
+        for rng, state in zip(rngs, states):
+            _set_rng(rng, state)
+        for obj, own in zip(seeded, seeds):
+            obj.seed = own
+
+
 def _listed(state):
     """``state`` with its numpy arrays (of a numpy RNG's state) as lists."""
     if isinstance(state, dict):

@@ -116,6 +116,21 @@ def test_temperature_reads_half_precision_probabilities_as_probabilities(dtype):
     assert 2.0 < t < 4.5
 
 
+def test_probabilities_passed_as_logits_are_refused_and_shifted_logits_are_not():
+    """fit_temperature(probs, labels, kind="logits") fitted T = 0.683 where the logits give 2.919: a test NLL worse
+    than no scaling, without a word."""
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(200, 3, generator=g, dtype=torch.float64)
+    labels = torch.multinomial((logits / 3).softmax(-1), 1, generator=g).squeeze(-1)  # T = 3 fits them
+    probs = logits.softmax(-1)
+    with pytest.raises(ValueError, match="kind='logits' but every row is a probability vector"):
+        fit_temperature(probs, labels, kind="logits")
+    assert fit_temperature(probs, labels) == pytest.approx(fit_temperature(logits, labels, kind="logits"), rel=1e-4)
+    # logits that really are those numbers, shifted by a constant: the same softmax, taken as logits
+    assert fit_temperature(probs + 1.0, labels, kind="logits") == pytest.approx(
+        fit_temperature(probs + 5.0, labels, kind="logits"), rel=1e-6)
+
+
 def test_temperature_separable_validation_falls_back_to_one_with_a_warning():
     logits, labels = classification(n=2000, sharpness=3.0)
     probs = logits.softmax(-1)
@@ -1027,6 +1042,38 @@ def test_an_ensemble_of_repeated_seeds_is_refused_before_any_training():
         with pytest.raises(ValueError, match=f"each seed must be .*{says}"):
             train_ensemble(model, toy_data(), k=2, seeds=seeds)
     train_ensemble(model, toy_data(), k=2, seeds=[3, np.int64(4)], fit_kwargs={"epochs": 1, "lr": 1e-2, "progress": False})
+
+
+def test_an_ensemble_members_data_order_follows_its_seed_not_its_position_and_the_loader_is_put_back():
+    """make_loader's loader holds its own generator: the member of seed 7 trained on another order in seeds [7, 8]
+    than in [9, 7] (0.03 apart), and compare's first trained member replayed the MAP's order."""
+    from pyro_lora.data import make_loader
+
+    def collate(rows):
+        return {"input_ids": torch.stack([r[0] for r in rows]), "attention_mask": torch.ones(len(rows), 6, dtype=torch.long),
+                "labels": torch.stack([r[1] for r in rows])}
+
+    g = torch.Generator().manual_seed(0)
+    rows = [(torch.randint(1, 64, (6,), generator=g), torch.tensor(i % 3)) for i in range(24)]
+    loader = make_loader(rows, collate, 4, shuffle=True, seed=0)
+    model = LoraModel(tiny_bert(), SequenceClassification(), num_data=24)
+    before = loader.generator.get_state()
+    first, second = (train_ensemble(model, loader, k=2, seeds=seeds, fit_kwargs={"epochs": 2, "lr": 1e-2})
+                     for seeds in ([7, 8], [9, 7]))
+    assert torch.equal(loader.generator.get_state(), before)
+    members = [{**guide.members(), **guide.heads()} for guide in (first, second)]
+    for name, value in members[0].items():  # seed 7: first member of one, second of the other
+        torch.testing.assert_close(members[1][name][1], value[0], rtol=0, atol=0)
+    assert not torch.equal(members[0][name][0], members[1][name][0])
+
+
+def test_an_ensemble_of_untrained_members_is_refused_before_any_training():
+    """fit_kwargs epochs=0 or lr=0 left every member at its fresh initialisation (B = 0, a random head): predictions
+    [0.5015, 0.4985] averaged without a word."""
+    model = LoraModel(tiny_bert(), SequenceClassification(), num_data=16)
+    for kwargs in ({"epochs": 0}, {"lr": 0.0}, {"epochs": 0, "lr": 0}):
+        with pytest.raises(ValueError, match="untrained"):
+            train_ensemble(model, toy_data(), k=2, fit_kwargs=kwargs)
 
 
 @pytest.mark.parametrize("bad", [1, 2, 4, 5, 8])
