@@ -123,17 +123,24 @@ class IVONGuide(LoraGuide):
         # none after one step: A's gradient is 0 while B is still 0.)
         frozen = [layer for layer, m in moved.items() if not m]
         if frozen:
+            widest = max(float(s.max()) for s in stds.values())
             raise ValueError(f"IVONGuide.from_optimizer: the LoRA matrices of {frozen[:3]}{' ...' if len(frozen) > 3 else ''} "
-                             f"never had a gradient in the optimiser's {f'{steps} steps' if steps else 'training'} (their momentum is 0): "
-                             "a LoraModel freezes them and ivon-opt takes a frozen parameter's gradient as 0; call "
-                             "requires_grad_(True) on model.random_parameters() before training, as train_ivon does")
+                             f"never had a gradient in the optimiser's {f'{steps} steps' if steps else 'training'} (their "
+                             "momentum is 0): either they were frozen (a LoraModel freezes them and ivon-opt takes a "
+                             "frozen parameter's gradient as 0: call requires_grad_(True) on model.random_parameters() "
+                             "before training, as train_ivon does), or the loss did not depend on them, as under weight "
+                             f"noise that swamps the network (IVON's stds reach {widest:.3g} here, 1 / sqrt(ess * (hess + "
+                             "weight_decay)): raise ess)")
         # its numbers only: torch's load_state_dict adds a flag of its own (differentiable=False)
-        settings = {k: v if isinstance(v, int) else float(v) for k, v in optimizer.defaults.items() if not isinstance(v, bool)}
+        settings = {k: int(v) if isinstance(v, numbers.Integral) else float(v) for k, v in optimizer.defaults.items()
+                    if not isinstance(v, bool)}
         # the settings the stds came from, group by group (the step size is scheduled within a group: not one)
         groups = [{k: float(g[k]) for k in ("ess", "weight_decay", "hess_init") if k in g} for g in optimizer.param_groups]
         if any(g != {k: settings[k] for k in g} for g in groups):
             settings["param_groups"] = groups
-        settings |= {"rescale_lr": bool(optimizer.rescale_lr), "steps": steps}
+        # IVON's options held beside its defaults, which change its stds and means as much
+        settings |= {"rescale_lr": bool(optimizer.rescale_lr), "hess_approx": str(getattr(optimizer, "hess_approx", "price")),
+                     "debias": bool(getattr(optimizer, "debias", True)), "steps": steps}
         return cls(model, locs, stds, trained_with=settings)
 
     def locs(self):
@@ -246,7 +253,7 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
             for epoch in range(epochs):
                 if epoch:  # data of another length this epoch: the decay ends at the run's last step still
                     steps_per_epoch, bar.total = _replan(schedule, data, 1, steps_per_epoch, scheduler.last_epoch, epoch,
-                                                         epochs)
+                                                         epochs, caller="train_ivon")
                 for batch in data:
                     batch = to_device(batch, device)
                     unit = per_unit(model, batch)  # the check's NLL per scored token for CausalLM, per example else
@@ -291,7 +298,14 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
                 p.copy_(value)  # in place: bumps the version that the guides' ownership checks read
         if unfinished is not None:
             take_over(model, unfinished)
-    guide = IVONGuide.from_optimizer(model, optimizer)
+    try:
+        guide = IVONGuide.from_optimizer(model, optimizer)
+    except BaseException as error:  # no posterior to show for the run: the network as it was, as after a failed run
+        with torch.no_grad():
+            for p, value in zip(params, start):
+                p.copy_(value)
+        error.add_note("train_ivon: the network is put back as it was")
+        raise
     guide.trained_with["lr_schedule"] = lr_schedule
     take_over(model, guide)  # the head is IVON's mean, which this guide predicts with
     return guide
@@ -330,8 +344,6 @@ def _check_arguments(model, params, data, autocast, **args):
             check_count(value, name)
     if args["weight_decay"] < 0:
         raise ValueError(f"weight_decay must be >= 0, got {args['weight_decay']!r}")
-    if not 0 <= args["beta2"] < 1:
-        raise ValueError(f"beta2 must be in [0, 1), got {args['beta2']!r}")
     # IVON's loop runs the network's own weights, no Pyro site: a Pyro handler around it changes nothing it computes
     check_training_context("train_ivon", pyro_handlers=False)
     check_batches(data)
@@ -357,6 +369,23 @@ def _check_arguments(model, params, data, autocast, **args):
             raise ValueError(f"train_ivon trains parameters of several {what}s ({listed}): ivon-opt holds them all in "
                              f"one flat buffer, so they need one {what}; put the LoRA matrices and the trainable "
                              f"point parameters (head, any base parameter unfrozen) on one {what}, or freeze the others")
+    # ivon-opt computes ess * (hess + weight_decay) and its rsqrt in the parameters' dtype: beyond its range the
+    # state turns NaN at the first step, a divergence that would be blamed on lr
+    dtype = params[0].dtype if params else torch.float32
+    precision = args["ess"] * (args["hess_init"] + args["weight_decay"])
+    outside = {name: value for name, value in (("ess", args["ess"]), ("hess_init", args["hess_init"]),
+                                               ("weight_decay", args["weight_decay"]),
+                                               ("ess * (hess_init + weight_decay)", precision))
+               if value >= torch.finfo(dtype).max}
+    if not precision >= torch.finfo(dtype).tiny:
+        outside["ess * (hess_init + weight_decay)"] = precision
+    if outside:
+        raise ValueError(f"{', '.join(f'{k} = {v:g}' for k, v in outside.items())}: outside the range of "
+                         f"{str(dtype).removeprefix('torch.')}, in which IVON holds its precision (ess * (hess + "
+                         "weight_decay)) and draws its weight noise; give values whose precision is a normal number "
+                         "there")
+    if not 0 <= args["beta2"] < 1:
+        raise ValueError(f"beta2 must be in [0, 1), got {args['beta2']!r}")
     autocast, forward_dtype = training_autocast(model, autocast)
     if forward_dtype == torch.float16:
         raise ValueError("train_ivon computing in float16 (a float16 base, or autocast=torch.float16): IVON has no loss "

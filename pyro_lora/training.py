@@ -1188,17 +1188,17 @@ class _Schedule:
         return 1.0 - progress if self.kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _replan(schedule, data, grad_accum_steps, steps_per_epoch, step, epoch, epochs):
+def _replan(schedule, data, grad_accum_steps, steps_per_epoch, step, epoch, epochs, caller="fit"):
     """At the start of ``epoch``, after ``step`` optimizer steps: where ``data``'s length gives another number of steps
     an epoch than ``steps_per_epoch`` (a bucketing sampler, a list extended between epochs), plan the schedule's end
     again as if every epoch left gave as many (the first epoch's count kept a decay ending early: the rest of the run
-    trained at a learning rate of 0, or never decayed to 0), warning under a decaying schedule. Returns the steps an
-    epoch and the run's total steps."""
+    trained at a learning rate of 0, or never decayed to 0), warning under a decaying schedule (as ``caller``).
+    Returns the steps an epoch and the run's total steps."""
     now = math.ceil(known_length(data) / grad_accum_steps)
     total = step + now * (epochs - epoch)
     if now != steps_per_epoch:
         if schedule.kind != "constant":
-            warnings.warn(f"fit: the data gives {now} optimizer steps in epoch {epoch}, {steps_per_epoch} in the epoch "
+            warnings.warn(f"{caller}: the data gives {now} optimizer steps in epoch {epoch}, {steps_per_epoch} in the epoch "
                           f"before: lr_schedule={schedule.kind!r} now decays to 0 at step {total} (as if every epoch left gave "
                           f"{now}), not at step {schedule.total}", stacklevel=user_stacklevel())
         schedule.total = total

@@ -335,6 +335,9 @@ def test_ivon_opts_default_infinite_clip_radius_is_saved_as_standard_json_and_lo
     ({"clip_radius": 0.0}, "clip_radius must be positive"), ({"weight_decay": -1e-4}, "weight_decay must be >= 0"),
     ({"beta2": 1.0}, r"beta2 must be in \[0, 1\)"), ({"lr": float("nan")}, "lr must be a finite number"),
     ({"lr_schedule": "step"}, "lr_schedule must be"), ({"data": []}, "data must be a non-empty"),
+    # beyond float32: ivon-opt's state turned NaN at step 1, a divergence blamed on an lr of 1e-9
+    ({"ess": 1e42}, "ess = 1e.42.*outside the range of float32"), ({"hess_init": 1e36}, r"ess \* \(hess_init"),
+    ({"weight_decay": 1e39}, "weight_decay = 1e.39"), ({"ess": 1e-45}, r"ess \* \(hess_init \+ weight_decay\) = "),
 ])
 def test_bad_arguments_are_refused_before_training(bad, match):
     model = lora()
@@ -381,6 +384,58 @@ def test_disabled_adapters_are_refused_before_training():
     with model.net.disable_adapter(), pytest.raises(ValueError, match=r"the adapters are disabled .*leave that context"):
         train_ivon(model, data(), **FAST)
     assert all(torch.equal(p, start[n]) for n, p in model.net.named_parameters())
+
+
+def test_weight_noise_that_swamps_the_network_is_named_and_the_network_put_back():
+    """ess = 0.01 (weight noise of std 500): the query matrices' gradients were 0 on every step and the guide was
+    refused after training, advising requires_grad_(True) (which train_ivon had done), the network left changed."""
+    torch.manual_seed(0)
+    model = lora()
+    start = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    with pytest.raises(ValueError, match=r"the loss did not depend on them, as under weight noise that swamps the "
+                                         r"network \(IVON's stds reach [0-9.e+]+ here.*raise ess") as caught:
+        train_ivon(model, data(), epochs=5, lr=10.0, ess=0.01, progress=False)
+    assert caught.value.__notes__ == ["train_ivon: the network is put back as it was"]
+    assert all(torch.equal(p, start[n]) for n, p in model.net.named_parameters())
+
+
+def test_a_replanned_schedule_is_said_by_train_ivon_not_fit():
+    """Data of another length in epoch 1 under a decaying schedule: the warning was labelled "fit:"."""
+    class Growing:
+        def __init__(self):
+            self.batches = data()
+
+        def __len__(self):
+            return len(self.batches)
+
+        def __iter__(self):
+            yield from list(self.batches)
+            self.batches = data() + data()[:1]
+
+    with pytest.warns(UserWarning, match=r"^train_ivon: the data gives 3 optimizer steps in epoch 1"):
+        train_ivon(lora(), Growing(), epochs=2, lr=1.0, lr_schedule="linear", progress=False)
+
+
+def test_trained_with_records_counts_as_ints_and_ivons_own_options():
+    """mc_samples=np.int64(2) was recorded as 2.0; hess_approx and debias, which change the stds, were not recorded."""
+    import numpy as np
+
+    guide = train_ivon(lora(), data(), epochs=1, lr=1.0, mc_samples=np.int64(2), progress=False)
+    assert type(guide.trained_with["mc_samples"]) is int and guide.trained_with["mc_samples"] == 2
+    assert guide.trained_with["hess_approx"] == "price" and guide.trained_with["debias"] is True
+    model = lora()
+    for p in model.random_parameters():
+        p.requires_grad_(True)
+    optimizer = ivon.IVON(model.random_parameters() + model.point_parameters(), lr=0.1, ess=1e4, hess_init=0.5,
+                          hess_approx="gradsq", debias=False)
+    for batch in data():
+        with optimizer.sampled_params(train=True):
+            optimizer.zero_grad()
+            batch_nll(model, batch).backward()
+        optimizer.step()
+    model.set_trainable()
+    recorded = IVONGuide.from_optimizer(model, optimizer).trained_with
+    assert recorded["hess_approx"] == "gradsq" and recorded["debias"] is False
 
 
 def test_from_optimizer_refuses_an_optimiser_that_never_trained_the_lora_matrices():
