@@ -470,6 +470,11 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     distributed.check_settings("train_ensemble", {"k": k, "seeds": seeds, "include_current": include_current,
                                                   **{f"fit_kwargs[{key!r}]": _fit_setting(key, v) for key, v in fit_kwargs.items()}})
     check_training_context("train_ensemble")  # as each member's fit would, but before the first is re-initialised
+    idle = {key: fit_kwargs[key] for key in ("epochs", "lr") if key in fit_kwargs and fit_kwargs[key] == 0}
+    if idle:
+        raise ValueError(f"fit_kwargs {', '.join(f'{k}={v!r}' for k, v in idle.items())}: each member starts from a freshly "
+                         "initialised adapter (B = 0) and head, which such a run leaves untrained, so the ensemble would "
+                         "average untrained networks; give epochs >= 1 and lr > 0")
     k = check_count(k, "k")
     seeds = list(range(k)) if seeds is None else seeds
     if len(seeds) != k:
@@ -558,11 +563,6 @@ def _check_fit_kwargs(fit_kwargs) -> None:
     if unknown:
         raise ValueError(f"fit_kwargs {unknown} are no keyword arguments of pyro_lora.fit (it takes {takes}); the model, "
                          "guide and data are train_ensemble's own")
-    idle = {key: fit_kwargs[key] for key in ("epochs", "lr") if key in fit_kwargs and fit_kwargs[key] == 0}
-    if idle:
-        raise ValueError(f"fit_kwargs {', '.join(f'{k}={v!r}' for k, v in idle.items())}: each member starts from a freshly "
-                         "initialised adapter (B = 0) and head, which such a run leaves untrained, so the ensemble would "
-                         "average untrained networks; give epochs >= 1 and lr > 0")
 
 
 def _fit_setting(key, value):

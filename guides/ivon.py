@@ -10,11 +10,11 @@ import math
 import numbers
 import warnings
 
-import pyro.distributions as dist
 import torch
 from tqdm.auto import tqdm
 
 from pyro_lora import distributed
+from pyro_lora.distributions import checked_normal
 from pyro_lora.callers import user_stacklevel
 from pyro_lora.checks import check_batches, check_count, check_flag
 from pyro_lora.contract import check_model
@@ -90,7 +90,8 @@ class IVONGuide(LoraGuide):
         :raises ValueError: for a model with other sites than A and B (as the constructor), if a LoRA matrix of a
             site is not among the optimiser's parameters, if the optimiser is at its start (no step taken, none
             loaded: its Hessian estimate is ``hess_init`` and its momentum 0), or if a LoRA layer's matrices never
-            had a gradient (their momentum is still 0: frozen while it trained).
+            had a gradient (their momentum is still 0: frozen while it trained, or the loss did not depend on them,
+            as under weight noise that swamps the network).
         """
         _check_sites(model, "IVONGuide.from_optimizer")
         steps = optimizer.current_step
@@ -153,7 +154,7 @@ class IVONGuide(LoraGuide):
 
     def posterior(self):
         stds = self.stds()
-        return {n: dist.Normal(loc, stds[n]).to_event(loc.dim()) for n, loc in self.locs().items()}
+        return {n: checked_normal(loc, stds[n], loc.dim()) for n, loc in self.locs().items()}
 
     def mean(self):
         return self.locs()
@@ -208,7 +209,11 @@ def train_ivon(model, data, *, epochs=1, lr=0.03, ess=ESS, hess_init=3e-4, weigh
         ``autocast`` :func:`pyro_lora.fit` refuses, a run computing in float16 (IVON has no loss scaling) or one under
         ``torch.distributed``; and, as :func:`pyro_lora.fit` does, trainable parameters held in float16 or bfloat16
         (ivon-opt keeps its state in their dtype, where its updates round away), or ones of several dtypes or devices
-        (ivon-opt holds them in one buffer), naming them.
+        (ivon-opt holds them in one buffer), naming them; an ``ess``, ``hess_init``, ``weight_decay`` or precision
+        ``ess * (hess_init + weight_decay)`` outside what the parameters' dtype holds for IVON (from its smallest
+        normal number to the square root of its largest). After training, the ``ValueError`` of
+        :meth:`IVONGuide.from_optimizer` where no guide can be read (weight noise that swamped the network), the
+        network then put back as it was.
     :raises ~pyro_lora.training.DivergenceError: when the loss becomes non-finite or rises far above its start, judged
         per example, or per scored token for ``CausalLM`` (as :func:`pyro_lora.fit` judges it; the network is then put
         back as it was).
@@ -369,21 +374,21 @@ def _check_arguments(model, params, data, autocast, **args):
             raise ValueError(f"train_ivon trains parameters of several {what}s ({listed}): ivon-opt holds them all in "
                              f"one flat buffer, so they need one {what}; put the LoRA matrices and the trainable "
                              f"point parameters (head, any base parameter unfrozen) on one {what}, or freeze the others")
-    # ivon-opt computes ess * (hess + weight_decay) and its rsqrt in the parameters' dtype: beyond its range the
-    # state turns NaN at the first step, a divergence that would be blamed on lr
+    # ivon-opt computes ess * (hess + weight_decay), its rsqrt and squares of Hessian-sized terms in the parameters'
+    # dtype: beyond the square root of its range the state turns NaN within a few steps, a divergence that would be
+    # blamed on lr; below its smallest normal number, hess_init or the precision is 0
     dtype = params[0].dtype if params else torch.float32
     precision = args["ess"] * (args["hess_init"] + args["weight_decay"])
+    top, tiny = math.sqrt(torch.finfo(dtype).max), torch.finfo(dtype).tiny
     outside = {name: value for name, value in (("ess", args["ess"]), ("hess_init", args["hess_init"]),
                                                ("weight_decay", args["weight_decay"]),
                                                ("ess * (hess_init + weight_decay)", precision))
-               if value >= torch.finfo(dtype).max}
-    if not precision >= torch.finfo(dtype).tiny:
-        outside["ess * (hess_init + weight_decay)"] = precision
+               if value > top or value < tiny and name != "weight_decay"}
     if outside:
-        raise ValueError(f"{', '.join(f'{k} = {v:g}' for k, v in outside.items())}: outside the range of "
-                         f"{str(dtype).removeprefix('torch.')}, in which IVON holds its precision (ess * (hess + "
-                         "weight_decay)) and draws its weight noise; give values whose precision is a normal number "
-                         "there")
+        raise ValueError(f"{', '.join(f'{k} = {v:g}' for k, v in outside.items())}: outside what "
+                         f"{str(dtype).removeprefix('torch.')} holds for IVON, from its smallest normal number {tiny:g} "
+                         f"to the square root of its largest, {top:.3g} (it holds the precision ess * (hess + "
+                         "weight_decay) and squares Hessian-sized terms); give values within it")
     if not 0 <= args["beta2"] < 1:
         raise ValueError(f"beta2 must be in [0, 1), got {args['beta2']!r}")
     autocast, forward_dtype = training_autocast(model, autocast)

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from pyro_lora.checks import check_flag, check_positive
+from pyro_lora.distributions import checked_normal
 from pyro_lora.likelihoods import is_cloze
 from pyro_lora.model import FLIPOUT_CLOZE
 
@@ -175,7 +176,7 @@ class MeanFieldGuide(LoraGuide):
     def posterior(self):
         stds = self.stds()
         return {
-            n: dist.Normal(loc, stds[n]).to_event(loc.dim()) if n in stds else dist.Delta(loc, event_dim=loc.dim())
+            n: checked_normal(loc, stds[n], loc.dim()) if n in stds else dist.Delta(loc, event_dim=loc.dim())
             for n, loc in zip(self.sites, self.locs)
         }
 

@@ -51,7 +51,7 @@ def _log_probs(probs_or_logits, kind="auto"):
         raise ValueError("a row of logits is all -inf: it gives no class a probability")
     # the tolerance of pyro_lora.metrics: half-precision probabilities must not be taken for logits
     in_unit = bool(((x >= 0) & (x <= 1)).all())
-    looks_like_probs = in_unit and bool(((x.sum(-1) - 1).abs() <= _sum_tolerance(raw.dtype, x.shape[-1])).all())
+    looks_like_probs = in_unit and _sums_to_one(x, raw)
     if kind == "auto" and in_unit and not looks_like_probs:
         # clipped or rounded probabilities read as logits would get a T of another scale, without a word
         worst = float((x.sum(-1) - 1).abs().max())
@@ -60,16 +60,27 @@ def _log_probs(probs_or_logits, kind="auto"):
             "rounded, or logits? renormalise probabilities (p / p.sum(-1, keepdim=True)), or pass kind='logits'"
         )
     if kind == "logits" and looks_like_probs:
-        # probabilities passed as logits got a T of another scale (0.68 for 2.92: test NLL worse than no scaling)
-        raise ValueError(
-            "kind='logits' but every row is a probability vector (entries in [0, 1] summing to 1): probabilities read "
-            "as logits get a temperature of another scale; pass kind='probs' (or 'auto'), or, for logits that really "
-            "are these numbers, add a constant to them (a softmax does not change)")
+        _refuse_probabilities_as_logits()
     if kind == "probs" or (kind == "auto" and looks_like_probs):
         if not looks_like_probs:
             raise ValueError("kind='probs' but the rows are not probability vectors (entries in [0, 1] summing to 1)")
         return x.log(), True
     return x.log_softmax(-1), False
+
+
+def _sums_to_one(x, raw) -> bool:
+    """Whether every row of ``x`` (float64, from ``raw``) sums to 1 within ``raw``'s dtype's rounding (the tolerance of
+    :mod:`pyro_lora.metrics`: half-precision probabilities must not be taken for logits)."""
+    return bool(((x.sum(-1) - 1).abs() <= _sum_tolerance(raw.dtype, x.shape[-1])).all())
+
+
+def _refuse_probabilities_as_logits():
+    # probabilities taken as logits got a T of another scale (0.68 for 2.92: a test NLL worse than no scaling), and
+    # scaled as logits a row of another shape
+    raise ValueError(
+        "kind='logits' but every row is a probability vector (entries in [0, 1] summing to 1): probabilities read as "
+        "logits get a temperature of another scale; pass kind='probs' (or 'auto'), or, for logits that really are these "
+        "numbers, add a constant to them (a softmax does not change)")
 
 
 def temperature_nll(log_probs: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
@@ -320,8 +331,8 @@ def apply_temperature(probs: torch.Tensor, temperature: float, kind: str = "prob
     :param str kind: ``"probs"`` (logits refused: they are no probability vectors) or ``"logits"``.
     :returns: ``[..., C]`` float64 probabilities (for ``kind="probs"`` at ``T = 1`` a copy of ``probs``, of its dtype).
     :raises ValueError: for a ``T`` that is no finite positive number (a bool included), an unknown ``kind``, rows
-        that are not probability vectors (logits, nan, inf) for ``"probs"``, or logits with a nan or ``+inf`` or a row
-        all ``-inf`` for ``"logits"``.
+        that are not probability vectors (logits, nan, inf) for ``"probs"``, or logits with a nan or ``+inf``, a row
+        all ``-inf``, or rows that all are probability vectors for ``"logits"``.
     """
     temperature = check_positive(temperature, "temperature")
     if kind not in ("probs", "logits"):
@@ -334,6 +345,8 @@ def apply_temperature(probs: torch.Tensor, temperature: float, kind: str = "prob
     if kind == "logits":
         if torch.isnan(x).any() or (x == math.inf).any():
             raise ValueError("logits contain nan or +inf")
+        if bool(((x >= 0) & (x <= 1)).all()) and _sums_to_one(x, raw):
+            _refuse_probabilities_as_logits()
         if bool((x == -math.inf).all(-1).any()):
             raise ValueError("a row of logits is all -inf: it gives no class a probability")
         # normalised first, as fit_temperature does: a finite logit beyond float64's range over T (1e300 at T = 1e-10)

@@ -42,8 +42,8 @@ def isotropic_normal(shape: tuple | torch.Size, scale: float | torch.Tensor) -> 
         (e.g. ``[L, 1, 1]`` for one scale per layer). Its dtype and device are those of the prior.
     :returns: a distribution with ``batch_shape == ()`` and ``event_shape == shape``, whose ``log_prob`` refuses a
         value that does not end in ``shape`` (:func:`check_event_shape`).
-    :raises ValueError: for a scale that is not positive, or whose square is 0 in its dtype (its ``log_prob`` would be
-        NaN).
+    :raises ValueError: for a scale that is not positive, or whose square is 0 or inf in its dtype (its ``log_prob``
+        would be NaN).
     """
     shape = torch.Size(shape)
     if isinstance(scale, bool) or isinstance(scale, numbers.Real) and not (math.isfinite(scale) and scale > 0):
@@ -51,12 +51,15 @@ def isotropic_normal(shape: tuple | torch.Size, scale: float | torch.Tensor) -> 
     scale = torch.as_tensor(scale)
     if not scale.is_floating_point():  # an int std made an int64 Normal that cannot sample
         scale = scale.to(torch.get_default_dtype())
-    finite, squared = torch.stack([torch.isfinite(scale).all() & (scale > 0).all(), (scale * scale > 0).all()]).tolist()
+    squares = scale * scale
+    finite, squared = torch.stack([torch.isfinite(scale).all() & (scale > 0).all(),
+                                   ((squares > 0) & torch.isfinite(squares)).all()]).tolist()
     if not finite:  # one host read per prior built
         raise ValueError(f"isotropic_normal: scale must be finite and positive, got {scale}")
     if not squared:
-        raise ValueError(f"isotropic_normal: scale {scale} squares to 0 in {str(scale.dtype).removeprefix('torch.')}, "
-                         "so every log-density would be NaN; give a larger scale or a float64 one")
+        raise ValueError(f"isotropic_normal: scale {scale} squares to 0 or inf in "
+                         f"{str(scale.dtype).removeprefix('torch.')}, so every log-density would be NaN; give a scale "
+                         "within its range's square root, or a float64 one")
     try:
         broadcasts = torch.broadcast_shapes(scale.shape, shape) == shape
     except RuntimeError:
@@ -69,16 +72,23 @@ def isotropic_normal(shape: tuple | torch.Size, scale: float | torch.Tensor) -> 
 def unchecked_isotropic_normal(shape: torch.Size, scale: torch.Tensor) -> dist.Independent:
     """:func:`isotropic_normal` of a scale known to be right (the model's float prior, checked when the model was built):
     no host read per step."""
-    return _Isotropic(dist.Normal(torch.zeros_like(scale), scale).expand(shape), len(shape))
+    return _ShapeChecked(dist.Normal(torch.zeros_like(scale), scale).expand(shape), len(shape))
 
 
-class _Isotropic(dist.Independent):
-    """``Normal(0, scale).expand(shape).to_event(len(shape))`` whose ``log_prob`` refuses a value that does not end in
-    ``shape`` (a ``[3, 1]`` value broadcasts against a ``3 x 4`` Normal to a finite log-density)."""
+def checked_normal(loc: torch.Tensor, scale: torch.Tensor, event_dim: int) -> dist.Independent:
+    """``Normal(loc, scale).to_event(event_dim)`` whose ``log_prob`` refuses a value that does not end in its event
+    shape (:func:`check_event_shape`): a ``[3, 1]`` value broadcasts against a ``3 x 4`` Normal to a finite
+    log-density. A guide's Gaussian posterior."""
+    return _ShapeChecked(dist.Normal(loc, scale), event_dim)
 
-    def log_prob(self, value):
-        check_event_shape(self, value, "isotropic_normal")
-        return super().log_prob(value)
+
+def _shape_checked_log_prob(self, value):
+    check_event_shape(self, value, f"Normal(...).to_event({self.reinterpreted_batch_ndims})")
+    return dist.Independent.log_prob(self, value)
+
+
+# named as the class it refines: a prior's class is part of LoraModel.settings(), which a resumed run compares
+_ShapeChecked = type("Independent", (dist.Independent,), {"log_prob": _shape_checked_log_prob, "__module__": __name__})
 
 
 _DENSE_MAX = 1024  # up to this many rows K = W W^T + diag(d) may be factored densely (see _LowRankPlusDiag)
@@ -102,7 +112,7 @@ class _LowRankPlusDiag:
     ``eps sqrt(m max_j |W_j|^2 / d_j)`` (the residual ``v - W z`` cancels terms ``sqrt(|W_j|^2 / d_j)`` times its
     own size), which a few rows with a diagonal far below theirs make large (they alone fill some directions of
     ``C``), and any row once its ``d_j`` is about 1e-24 of it: then, up to ``_DENSE_MAX`` rows, ``K`` gets a dense Cholesky
-    ``K = L L^T`` (``H = L^-1``, ``O(m^3)``), good to about ``eps sqrt(m) sum_i K_ii / p_i`` over its pivots ``p_i``,
+    ``K = L L^T`` (``H = L^-1``, ``O(m^3)``), good to about ``eps sum_i K_ii / p_i`` over its pivots ``p_i``,
     which is large where the diagonal fills many directions instead (a low-rank ``W``). ``weight`` is how many
     times the density counts ``log det K`` (a matrix-normal's factor: the other factor's size); a ``K`` that
     neither way holds to ``_MAX_LOSS`` nats is refused, as are a diagonal that is not positive and entries that are
@@ -120,7 +130,8 @@ class _LowRankPlusDiag:
         capacitance = torch.eye(k, dtype=factor.dtype, device=factor.device) + factor.mT @ (factor / diag.unsqueeze(-1))
         self.cap_tril, info = torch.linalg.cholesky_ex(capacitance)
         if k and m:  # a check: no graph. C's eigenvalues are >= 1: a computed one below is round-off
-            spectrum = torch.linalg.eigvalsh(capacitance.detach())
+            # a zero or non-finite d makes C non-finite: refused below, by name, not by eigvalsh's LinAlgError
+            spectrum = torch.linalg.eigvalsh(capacitance.detach().nan_to_num(0.0, 0.0, 0.0))
             ratio = (factor.detach().pow(2).sum(-1) / diag.detach()).max()
             loss = (weight * _EPS * k * (spectrum[..., -1] / spectrum[..., 0].clamp(min=1)).max()
                     + _EPS * (m * weight * ratio).sqrt())
@@ -132,7 +143,7 @@ class _LowRankPlusDiag:
             raise ValueError(f"a covariance W W^T + diag(d) of {m} rows has a diagonal d that is not positive or entries "
                              "that are not finite")
         if info or not loss <= _MAX_LOSS:  # NaN too
-            self.tril = self._dense("Woodbury would lose " + ("all of them" if info else f"about {loss:.2g} nats"))
+            self.tril = self._dense("Woodbury would lose " + ("them all" if info or loss > 1e3 else f"about {loss:.2g} nats"))
 
     def _dense(self, why):
         """The dense Cholesky factor of ``K``, refused above ``_DENSE_MAX`` rows or where it would lose more than
@@ -142,10 +153,11 @@ class _LowRankPlusDiag:
             cov = self.factor @ self.factor.mT + torch.diag_embed(self.diag)
             tril, info = torch.linalg.cholesky_ex(cov)
             pivots = tril.diagonal(dim1=-2, dim2=-1).pow(2)
-            loss = float(self.weight * _EPS * math.sqrt(m) * (cov.diagonal(dim1=-2, dim2=-1) / pivots).sum(-1).max()) if m else 0.0
-            if not bool(info.any()) and loss <= _MAX_LOSS:
+            loss = self.weight * _EPS * (cov.diagonal(dim1=-2, dim2=-1) / pivots).sum(-1).max() if m else cov.new_zeros(())
+            info, loss = torch.stack([info.any(), loss]).detach().tolist()  # one host read; a check: no graph
+            if not info and loss <= _MAX_LOSS:
                 return tril
-            why += "; a dense Cholesky would lose " + ("all of them" if info.any() else f"about {loss:.2g} nats")
+            why += "; a dense Cholesky would lose " + ("them all" if info or loss > 1e3 else f"about {loss:.2g} nats")
         raise ValueError(
             f"a covariance W W^T + diag(d) of {m} rows is too near singular for float64's digits in its log-density "
             f"({why}): directions that the diagonal alone fills are below float64's digits against the low-rank part; "
@@ -237,8 +249,9 @@ class MatrixNormalKronecker(TorchDistribution):
 
     ``log_prob``, ``rsample``, ``entropy`` and the KL divergences cost ``O(mn (k_r + k_c) + (m + n) k^2)``
     through Woodbury and the determinant lemma (``log det(K_row (x) K_col) = n log det K_row +
-    m log det K_col``); no ``mn x mn`` matrix is formed (a closed-form KL's trace term factors a factor of
-    up to 1024 rows densely, ``O(m^3)``). The factors are identified
+    m log det K_col``); no ``mn x mn`` matrix is formed; a factor of up to 1024 rows whose capacitance is too
+    ill-conditioned for that gets a dense Cholesky (``O(m^3)``), and a closed-form KL's trace term whitens the
+    identity (``O(m^2 k)``) up to 1024 rows. The factors are identified
     only up to a scalar: ``(c K_row) (x) (K_col / c)`` is the same distribution.
 
     Example, a prior over the stacked ``lora_A`` site ``[L, r, d_in]`` (batch ``L``, event ``(r, d_in)``)::

@@ -768,21 +768,31 @@ def _seed_rng(rng, seed: int) -> None:
 @contextlib.contextmanager
 def data_order_seeded(data, seed: int):
     """Inside, every generator that orders ``data`` beside the global RNGs (:func:`_order_keepers`: a
-    :func:`~pyro_lora.data.make_loader` loader's own, a sampler's, a dataset's) is seeded from ``seed``, and a
-    ``DistributedSampler``'s ``seed`` is ``seed``; after, each is put back as it was. A run started inside draws its
-    data order from ``seed``, not from how many passes the loader made before (an ensemble's members)."""
+    :func:`~pyro_lora.data.make_loader` loader's own, a sampler's, a dataset's) is seeded: the first found with
+    ``seed``, each other with a seed derived from ``seed`` and its place (a sampler's and a dataset's masking generator
+    do not draw alike), and a
+    ``set_epoch`` holder (a ``DistributedSampler``) is at epoch 0 with ``seed`` as its seed; after, each is put back
+    as it was. A run started inside draws its data order from ``seed``, not from how many passes the loader made
+    before (an ensemble's members). Not reached: a persistent worker's copies of the dataset, and a generator shared
+    with another loader that draws from it meanwhile."""
     rngs, epoched = _order_keepers(data)
+    states, epochs = [_get_rng(rng) for rng in rngs], [obj.epoch for obj in epoched]
     seeded = [obj for obj in epoched if isinstance(getattr(obj, "seed", None), int)]
-    states, seeds = [_get_rng(rng) for rng in rngs], [obj.seed for obj in seeded]
+    seeds = [obj.seed for obj in seeded]
     try:
-        for rng in rngs:
-            _seed_rng(rng, seed)
+        for i, rng in enumerate(rngs):  # the first (a make_loader loader's only one) takes seed itself
+            derived = int(np.random.SeedSequence(seed, spawn_key=(i,)).generate_state(1, np.uint64)[0] >> 1)
+            _seed_rng(rng, seed if i == 0 else derived)
+        for obj in epoched:
+            obj.set_epoch(0)
         for obj in seeded:
             obj.seed = seed
         yield
     finally:
         for rng, state in zip(rngs, states):
             _set_rng(rng, state)
+        for obj, epoch in zip(epoched, epochs):
+            obj.set_epoch(epoch)
         for obj, own in zip(seeded, seeds):
             obj.seed = own
 

@@ -123,8 +123,10 @@ def test_probabilities_passed_as_logits_are_refused_and_shifted_logits_are_not()
     logits = 3 * torch.randn(200, 3, generator=g, dtype=torch.float64)
     labels = torch.multinomial((logits / 3).softmax(-1), 1, generator=g).squeeze(-1)  # T = 3 fits them
     probs = logits.softmax(-1)
-    with pytest.raises(ValueError, match="kind='logits' but every row is a probability vector"):
-        fit_temperature(probs, labels, kind="logits")
+    for misread in (lambda: fit_temperature(probs, labels, kind="logits"),
+                    lambda: apply_temperature(probs, 2.0, kind="logits")):  # rows 0.50 off the probabilities' scaling
+        with pytest.raises(ValueError, match="kind='logits' but every row is a probability vector"):
+            misread()
     assert fit_temperature(probs, labels) == pytest.approx(fit_temperature(logits, labels, kind="logits"), rel=1e-4)
     # logits that really are those numbers, shifted by a constant: the same softmax, taken as logits
     assert fit_temperature(probs + 1.0, labels, kind="logits") == pytest.approx(
@@ -1065,6 +1067,37 @@ def test_an_ensemble_members_data_order_follows_its_seed_not_its_position_and_th
     for name, value in members[0].items():  # seed 7: first member of one, second of the other
         torch.testing.assert_close(members[1][name][1], value[0], rtol=0, atol=0)
     assert not torch.equal(members[0][name][0], members[1][name][0])
+
+
+def test_a_seeded_data_order_gives_each_generator_its_own_draws_and_a_distributed_sampler_its_first_epoch():
+    """Every generator the loader held got the same seed (a sampler's and a dataset's masking one drew alike), and a
+    DistributedSampler kept the epoch it was left at (its order followed the loader's history)."""
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from pyro_lora.training import data_order_seeded
+
+    class Masked(torch.utils.data.Dataset):
+        def __init__(self):
+            self.generator = torch.Generator().manual_seed(1)
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.rand(3, generator=self.generator)
+
+    dataset = Masked()
+    loader = DataLoader(dataset, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(2))
+    with data_order_seeded(loader, 5):
+        states = [g.get_state() for g in (loader.generator, dataset.generator)]
+        assert not torch.equal(*states)  # the first found takes the seed itself, the other one derived from it
+        assert sum(torch.equal(s, torch.Generator().manual_seed(5).get_state()) for s in states) == 1
+    sampler = DistributedSampler(range(8), num_replicas=2, rank=0, seed=3)
+    sampler.set_epoch(4)
+    distributed = DataLoader(range(8), batch_size=2, sampler=sampler)
+    with data_order_seeded(distributed, 7):
+        assert (sampler.epoch, sampler.seed) == (0, 7)
+    assert (sampler.epoch, sampler.seed) == (4, 3)
 
 
 def test_an_ensemble_of_untrained_members_is_refused_before_any_training():

@@ -336,8 +336,10 @@ def test_ivon_opts_default_infinite_clip_radius_is_saved_as_standard_json_and_lo
     ({"beta2": 1.0}, r"beta2 must be in \[0, 1\)"), ({"lr": float("nan")}, "lr must be a finite number"),
     ({"lr_schedule": "step"}, "lr_schedule must be"), ({"data": []}, "data must be a non-empty"),
     # beyond float32: ivon-opt's state turned NaN at step 1, a divergence blamed on an lr of 1e-9
-    ({"ess": 1e42}, "ess = 1e.42.*outside the range of float32"), ({"hess_init": 1e36}, r"ess \* \(hess_init"),
+    ({"ess": 1e42}, "ess = 1e.42.*outside what float32 holds for IVON"), ({"hess_init": 1e36}, r"ess \* \(hess_init"),
     ({"weight_decay": 1e39}, "weight_decay = 1e.39"), ({"ess": 1e-45}, r"ess \* \(hess_init \+ weight_decay\) = "),
+    ({"hess_init": 1e20, "ess": 1.0}, "hess_init = 1e.20"), ({"ess": 1e37}, "ess = 1e.37"),
+    ({"hess_init": 1e-46, "ess": 1e9}, "hess_init = 1e-46"),
 ])
 def test_bad_arguments_are_refused_before_training(bad, match):
     model = lora()
