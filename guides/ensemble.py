@@ -11,6 +11,7 @@ used by :func:`predict_ensemble`).
 import collections.abc
 import contextlib
 import inspect
+import numbers
 import sys
 import warnings
 
@@ -577,6 +578,8 @@ def _fit_setting(key, value):
         return str(value)
     if value is None or isinstance(value, (bool, int, float, str, list, tuple)):
         return value
+    if isinstance(value, numbers.Real) or isinstance(value, torch.Tensor) and value.numel() == 1:
+        return float(value)  # a numpy or 0-dim tensor lr: its value (by type alone, 0 on one rank passed as 0.1)
     return type(value).__name__
 
 

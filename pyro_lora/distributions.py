@@ -58,7 +58,7 @@ def isotropic_normal(shape: tuple | torch.Size, scale: float | torch.Tensor) -> 
         raise ValueError(f"isotropic_normal: scale must be finite and positive, got {scale}")
     if not squared:
         raise ValueError(f"isotropic_normal: scale {scale} squares to 0 or inf in "
-                         f"{str(scale.dtype).removeprefix('torch.')}, so every log-density would be NaN; give a scale "
+                         f"{str(scale.dtype).removeprefix('torch.')}, so its log-densities would lose their quadratic term or be NaN; give a scale "
                          "within its range's square root, or a float64 one")
     try:
         broadcasts = torch.broadcast_shapes(scale.shape, shape) == shape
@@ -82,13 +82,17 @@ def checked_normal(loc: torch.Tensor, scale: torch.Tensor, event_dim: int) -> di
     return _ShapeChecked(dist.Normal(loc, scale), event_dim)
 
 
-def _shape_checked_log_prob(self, value):
-    check_event_shape(self, value, f"Normal(...).to_event({self.reinterpreted_batch_ndims})")
-    return dist.Independent.log_prob(self, value)
+class _ShapeChecked(dist.Independent):
+    """An ``Independent`` whose ``log_prob`` refuses a value that does not end in its event shape."""
+
+    def log_prob(self, value):
+        check_event_shape(self, value, f"Normal(...).to_event({self.reinterpreted_batch_ndims})")
+        return super().log_prob(value)
 
 
-# named as the class it refines: a prior's class is part of LoraModel.settings(), which a resumed run compares
-_ShapeChecked = type("Independent", (dist.Independent,), {"log_prob": _shape_checked_log_prob, "__module__": __name__})
+# named as the class it refines (a prior's class is part of LoraModel.settings(), which a resumed run compares);
+# pickle finds it by its __qualname__, which stays its own
+_ShapeChecked.__name__ = "Independent"
 
 
 _DENSE_MAX = 1024  # up to this many rows K = W W^T + diag(d) may be factored densely (see _LowRankPlusDiag)

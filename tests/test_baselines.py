@@ -1103,10 +1103,14 @@ def test_a_seeded_data_order_gives_each_generator_its_own_draws_and_a_distribute
 def test_an_ensemble_of_untrained_members_is_refused_before_any_training():
     """fit_kwargs epochs=0 or lr=0 left every member at its fresh initialisation (B = 0, a random head): predictions
     [0.5015, 0.4985] averaged without a word."""
+    from pyro_lora.guides.ensemble import _fit_setting
+
     model = LoraModel(tiny_bert(), SequenceClassification(), num_data=16)
-    for kwargs in ({"epochs": 0}, {"lr": 0.0}, {"epochs": 0, "lr": 0}):
+    for kwargs in ({"epochs": 0}, {"lr": 0.0}, {"epochs": 0, "lr": 0}, {"lr": np.float32(0)}):
         with pytest.raises(ValueError, match="untrained"):
             train_ensemble(model, toy_data(), k=2, fit_kwargs=kwargs)
+    # compared across ranks by value, before the refusal: by type alone, 0 on one rank passed as 0.1 on another
+    assert _fit_setting("lr", np.float32(0)) == 0.0 != _fit_setting("lr", torch.tensor(0.1))
 
 
 @pytest.mark.parametrize("bad", [1, 2, 4, 5, 8])

@@ -593,6 +593,12 @@ def test_isotropic_normal_refuses_a_value_of_another_shape_and_a_scale_whose_squ
         with pytest.raises(ValueError, match="squares to 0 or inf in float32"):
             isotropic_normal((2,), scale)
     assert type(prior).__name__ == "Independent"  # a prior's class is part of LoraModel.settings(), which a resume compares
+    import pickle
+
+    again = pickle.loads(pickle.dumps(prior))  # the renamed class pickled as torch's Independent was refused
+    assert again.log_prob(torch.ones(3, 4)).item() == prior.log_prob(torch.ones(3, 4)).item()
+    with pytest.raises(ValueError, match="does not end in the event shape"):
+        again.log_prob(torch.zeros(3, 1))
     assert isotropic_normal((2,), torch.tensor(1e-30, **f64)).log_prob(torch.zeros(2, **f64)).item() == pytest.approx(
         2 * (-0.5 * math.log(2 * math.pi) - math.log(1e-30)))
 
