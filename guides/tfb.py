@@ -20,6 +20,7 @@ from pyro_lora.callers import user_stacklevel
 from pyro_lora.checks import check_count, check_data_given, check_flag, check_nonnegative, check_positive, known_length
 from pyro_lora.contract import check_guide, check_model, describe, differences, entry_checks
 from pyro_lora.data import check_every_example, subset, to_device
+from pyro_lora.likelihoods import check_label_range
 from pyro_lora.loraxs import svd_flip
 from pyro_lora.sites import check_values
 from pyro_lora.modes import eval_mode
@@ -93,7 +94,8 @@ class TFBGuide(LoraGuide):
         self.tolerance = None if tolerance is None else check_nonnegative(tolerance, "tolerance")
         if trace is not None and not (isinstance(trace, (list, tuple)) and all(isinstance(s, dict) for s in trace)):
             raise ValueError(f"trace must be a list of the search's dicts (as TFBGuide.search returns), got {trace!r}")
-        self.trace = list(trace or [])
+        # a saved guide's JSON writes an overflowed candidate's metric (inf) as null: read back as the inf it was
+        self.trace = [{**s, "metric": math.inf} if "metric" in s and s["metric"] is None else dict(s) for s in trace or []]
         self.search_edge = search_edge  # what the last search warned of, if it ended at an end of its range
         self.search_anchors = search_anchors  # its warning of too few anchors for its tolerance, if it gave one
         self.register_buffer("sigma_q", torch.zeros((), device=model.device))
@@ -196,7 +198,8 @@ class TFBGuide(LoraGuide):
         :returns: site -> ``[S, *site.shape]``.
         """
         num_samples = check_count(num_samples, "num_samples")
-        sigma = self.sigma_q if sigma_q is None else torch.as_tensor(float(sigma_q), device=self.sigma_q.device)
+        sigma = self.sigma_q if sigma_q is None else torch.as_tensor(check_nonnegative(sigma_q, "sigma_q"),
+                                                                     device=self.sigma_q.device)
         out = {}
         for i, (a, b) in enumerate(self.pairs):
             a_prime, b_prime, scale = self._pair(i)
@@ -266,6 +269,7 @@ class TFBGuide(LoraGuide):
         with entry_checks(self.model, self, "search sigma_q", settings=settings):
             tolerance = check_search(criterion, tolerance, low, high, iterations, spacing)
             check_count(num_samples, "num_samples")
+            seed = check_count(seed, "seed", minimum=0)  # torch.manual_seed's message came after the sigma = 0 pass
             check_guide(self.model, self, "search sigma_q")  # a head changed since: the search would score another network
             check_every_example(anchors, "TFBGuide.search")  # the flip rate's denominator is the whole anchor set
             if known_length(anchors) == 0:  # one without a length (a loader over an IterableDataset) is read below
@@ -389,8 +393,10 @@ class TFBGuide(LoraGuide):
             count += y0.numel()
             if criterion == "nll":
                 total += -logp.gather(-1, y0[:, None]).sum().item()
-            elif criterion == "accuracy":
-                total += (y0 == self._labels(batch)).sum().item()
+            elif criterion == "accuracy":  # a label past the head's classes would never be right: no drop, any sigma
+                labels_y = self._labels(batch)
+                check_label_range(labels_y, logp.shape[-1])
+                total += (y0 == labels_y).sum().item()
         total, count = distributed.all_reduce_(torch.tensor([total, count], dtype=torch.double)).tolist()
         return {"labels": labels, "count": count, "total": total}
 

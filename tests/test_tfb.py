@@ -256,6 +256,31 @@ def test_search_edges_flip_and_accuracy(capsys):
     assert [(t["sigma"], t["metric"]) for t in streamed] == [(t["sigma"], t["metric"]) for t in flip]
 
 
+def test_search_checks_labels_seed_and_sample_sigma_before_drawing_and_a_trace_comes_back_with_its_inf():
+    """Anchors labelled 7 for a 3-class head gave sigma_q = high under "accuracy" (accuracy 0 can never drop) where
+    predict refuses them; a numpy or bool seed failed after the sigma = 0 pass; sample(sigma_q=-0.1) drew mirrored
+    noise and nan non-finite draws; a saved trace read an overflowed candidate's inf metric back as None."""
+    import numpy as np
+
+    classifier = TFBGuide(LoraModel(tiny_bert(), SequenceClassification(), random="AB"))
+    batch = random_batch(batch=8, seed=3)
+    with pytest.raises(ValueError, match=r"label\(s\) \[7\] outside the 3 classes"):
+        classifier.search([batch | {"labels": torch.full((8,), 7)}], criterion="accuracy",
+                          num_samples=2, progress=False)
+    model, anchors = mc_model(), mc_anchors(n_batches=1)
+    guide = TFBGuide(model)
+    for seed in (True, 1.5, None, -1):
+        with pytest.raises(ValueError, match="seed"):
+            guide.search(anchors, seed=seed, num_samples=2, progress=False)
+    trace = guide.search(anchors, seed=np.int64(3), num_samples=2, iterations=1, progress=False)
+    assert trace == guide.search(anchors, seed=3, num_samples=2, iterations=1, progress=False)
+    for bad in (-0.1, math.nan, math.inf):
+        with pytest.raises(ValueError, match="sigma_q must be"):
+            guide.sample(2, sigma_q=bad)
+    overflowed = [{"sigma": 1e36, "metric": math.inf, "feasible": False, "anchors": 0, "near_overflow": True}]
+    assert TFBGuide(model, trace=[{**overflowed[0], "metric": None}]).trace == overflowed
+
+
 def manual_flip_rate(guide, model, anchors, sigma, num_samples, seed):
     """Fraction of anchors whose mean-softmax prediction differs from the sigma = 0 one, over every anchor."""
     values = guide.sample(num_samples, generator=torch.Generator().manual_seed(seed), sigma_q=sigma)
