@@ -120,25 +120,42 @@ class SWAGGuide(LoraGuide):
         k = self._check_collected(1)
         return {name: self._stats(i)[2][:k] for i, name in enumerate(self.sites)}
 
+    def _moved(self, deviations):
+        """Refuse a posterior of iterates that never moved (every deviation 0: a run at ``lr=0``, or one iterate
+        collected again and again): a point mass at them, MAP's predictions with a mutual information of 0, where the
+        table would show a Bayesian method."""
+        if not any(bool(d.any()) for d in deviations.values()):
+            raise ValueError(f"SWAG collected {int(self.num_collected)} iterates that are all equal (every deviation is "
+                             "0): its posterior would be a point mass at them, the MAP's predictions with a mutual "
+                             "information of 0; collect from a run that trains (lr > 0, the iterates moving)")
+
     def posterior(self):
-        """Site -> its exact SWAG marginal, a low-rank plus diagonal Gaussian with event shape ``site.shape``."""
+        """Site -> its exact SWAG marginal, a low-rank plus diagonal Gaussian with event shape ``site.shape``.
+
+        :raises ValueError: for fewer than 2 iterates, or iterates that never moved.
+        """
         k = self._check_collected()
         moments, deviations = self.moments(), self.deviations()
+        self._moved(deviations)
         out = {}
         for name in self.sites:
             mean, var = moments[name]
             factor = deviations[name].movedim(0, -1) * math.sqrt(self.scale / (k - 1))  # [*shape, K']
-            out[name] = LowRankPlusDiagNormal(mean.float(), factor, (self.scale * var).float(), event_dim=mean.dim())
+            # float32 as the mean, whatever dtype the buffers hold (float64 after guide.double())
+            out[name] = LowRankPlusDiagNormal(mean.float(), factor.float(), (self.scale * var).float(), event_dim=mean.dim())
         return out
 
     def sample(self, num_samples):
         """``theta_s = mean + sqrt(scale) (sigma z1_s + D z2_s / sqrt(K' - 1))``: name -> ``[S, *site.shape]``.
 
         One ``z2_s`` per sample is shared by all sites (the joint SWAG Gaussian); no loop over samples or layers.
+
+        :raises ValueError: for fewer than 2 iterates, or iterates that never moved.
         """
         num_samples = check_count(num_samples, "num_samples")
         k = self._check_collected()
         moments, deviations = self.moments(), self.deviations()
+        self._moved(deviations)
         device = self.num_collected.device
         z2 = torch.randn(num_samples, k, device=device)
         out = {}
@@ -181,6 +198,8 @@ class SWAGCollector:
     """
 
     def __init__(self, swag, start_step=0, start_epoch=0, every=1, source=None):
+        if not isinstance(swag, SWAGGuide):  # else an AttributeError at the fit's first step
+            raise ValueError(f"SWAGCollector needs the SWAGGuide to fill, got {type(swag).__name__} {swag!r}")
         check_count(every, "every")
         check_count(start_step, "start_step", minimum=0)
         check_count(start_epoch, "start_epoch", minimum=0)

@@ -244,6 +244,27 @@ def test_save_load_round_trip(tmp_path):
         torch.testing.assert_close(a[name], b[name])
 
 
+def test_iterates_that_never_moved_a_non_guide_collector_and_a_float64_posterior():
+    """Iterates collected from a run at lr=0 (every deviation 0) predicted the MAP's probabilities with a spread of 0,
+    as a Bayesian row; SWAGCollector("x") failed at the fit's first step with an AttributeError; after guide.double()
+    (as load_guide does for a guide saved so) posterior() refused its own parameters' mixed dtypes."""
+    model = xs_model()
+    still = SWAGGuide(model, rank=3)
+    same = iterates(model, 1)[0]
+    for _ in range(3):
+        still.collect(same)
+    for use in (still.posterior, lambda: still.sample(2)):
+        with pytest.raises(ValueError, match="iterates that are all equal"):
+            use()
+    with pytest.raises(ValueError, match="SWAGCollector needs the SWAGGuide to fill, got str"):
+        SWAGCollector("x")
+    guide = collected(model, 5, 3)[0].double()
+    posterior = guide.posterior()
+    value = guide.sample(1)
+    for name, q in posterior.items():
+        assert torch.isfinite(q.log_prob(value[name][0].float()))
+
+
 def test_bad_input():
     model = xs_model()
     guide = SWAGGuide(model, rank=3)
