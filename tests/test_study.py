@@ -1485,11 +1485,15 @@ def test_header_calls_unfinished_what_the_resume_reruns(study, runs, tmp_path):
     assert "- ARC-Easy: **unfinished**: 4 of 9 (method, seed) neither finished nor failed" in header
     assert "| ARC-Easy | SmolLM2-135M | 12m 34s | unfinished (stopped 2025-01-01T00:00:00+00:00) | 0,1,2 |" in header
     # a method's row without its +ts row: unfinished, as run_compare's plan says
+    from pyro_lora.guides.registry import METHODS
+
+    version = METHODS["ensemble"].version  # rows of the version registered now: unfinished, not older
     run = {"config": {"dataset": "d", "eval_datasets": [], "guides": ["ensemble"], "seeds": [0], "ts": True},
-           "per_seed": [{"guide": "ensemble", "dataset": "d", "seed": 0}]}
+           "per_seed": [{"guide": "ensemble", "dataset": "d", "seed": 0, "method_version": version}]}
     assert run_state(run) == ["**unfinished**: 1 of 1 (method, seed) neither finished nor failed (a run cut short, or "
                               "still running; the same command resumes it)"]
-    assert run_state({**run, "per_seed": run["per_seed"] + [{"guide": "ensemble+ts", "dataset": "d", "seed": 0}]}) == []
+    assert run_state({**run, "per_seed": run["per_seed"] + [{"guide": "ensemble+ts", "dataset": "d", "seed": 0,
+                                                             "method_version": version}]}) == []
 
 
 def test_report_draws_its_figures_from_the_rows_it_reports(runs, tmp_path):

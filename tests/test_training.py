@@ -1092,13 +1092,14 @@ def test_resume_refuses_what_it_cannot_replay_before_any_work(tmp_path):
     SWAGCollector restarted empty (2 of 7 iterates), both without a word; both are refused now, naming the way out."""
     from torch.utils.data import DataLoader
 
-    from pyro_lora.guides import SWAGCollector
+    from pyro_lora.guides import SWAGCollector, SWAGGuide
 
     persistent = DataLoader(_rows(), batch_size=6, num_workers=1, persistent_workers=True)
     with pytest.raises(ValueError, match=r"persistent_workers=True \(num_workers=1\).*persistent_workers=False"):
         _run(tmp_path, persistent, resume=True)
     with pytest.raises(ValueError, match="cannot continue the callbacks SWAGCollector.*rerun the fit from the start"):
-        _run(tmp_path, DataLoader(_rows(), batch_size=6), resume=True, callbacks=[SWAGCollector(None)])
+        swag = SWAGGuide(LoraModel(tiny_bert(), SequenceClassification(), num_data=24), rank=2)
+        _run(tmp_path, DataLoader(_rows(), batch_size=6), resume=True, callbacks=[SWAGCollector(swag)])
 
 
 def test_resume_compares_stop_on_divergence_and_a_new_run_warns_of_an_unfinished_one(tmp_path):
