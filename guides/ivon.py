@@ -349,6 +349,8 @@ def _check_arguments(model, params, data, autocast, **args):
             check_count(value, name)
     if args["weight_decay"] < 0:
         raise ValueError(f"weight_decay must be >= 0, got {args['weight_decay']!r}")
+    if not 0 <= args["beta2"] < 1:
+        raise ValueError(f"beta2 must be in [0, 1), got {args['beta2']!r}")
     # IVON's loop runs the network's own weights, no Pyro site: a Pyro handler around it changes nothing it computes
     check_training_context("train_ivon", pyro_handlers=False)
     check_batches(data)
@@ -389,8 +391,6 @@ def _check_arguments(model, params, data, autocast, **args):
                          f"{str(dtype).removeprefix('torch.')} holds for IVON, from its smallest normal number {tiny:g} "
                          f"to the square root of its largest, {top:.3g} (it holds the precision ess * (hess + "
                          "weight_decay) and squares Hessian-sized terms); give values within it")
-    if not 0 <= args["beta2"] < 1:
-        raise ValueError(f"beta2 must be in [0, 1), got {args['beta2']!r}")
     autocast, forward_dtype = training_autocast(model, autocast)
     if forward_dtype == torch.float16:
         raise ValueError("train_ivon computing in float16 (a float16 base, or autocast=torch.float16): IVON has no loss "
