@@ -140,9 +140,11 @@ class _LowRankPlusDiag:
             loss = (weight * _EPS * k * (spectrum[..., -1] / spectrum[..., 0].clamp(min=1)).max()
                     + _EPS * (m * weight * ratio).sqrt())
         else:
-            loss = diag.new_zeros(())
-        bad, info, loss = torch.stack([~(torch.isfinite(diag).all() & (diag > 0).all() & torch.isfinite(factor).all()),
-                                       info.any(), loss]).detach().tolist()
+            ratio = loss = diag.new_zeros(())
+        # one host read; the largest |W_j|^2 / d_j is kept for the precision's diagonal above _DENSE_MAX rows
+        bad, info, loss, self.ratio = torch.stack([
+            ~(torch.isfinite(diag).all() & (diag > 0).all() & torch.isfinite(factor).all()), info.any(), loss,
+            ratio]).detach().tolist()
         if bad:
             raise ValueError(f"a covariance W W^T + diag(d) of {m} rows has a diagonal d that is not positive or entries "
                              "that are not finite")
@@ -185,11 +187,10 @@ class _LowRankPlusDiag:
         m = self.factor.shape[-2]
         if m <= _DENSE_MAX:  # K^-1 = H^T H: column sums of (H I)^2
             return self.whiten(torch.eye(m, dtype=self.diag.dtype, device=self.diag.device)).pow(2).sum(-2)
-        ratio = (self.factor.pow(2).sum(-1) / self.diag).max() if self.factor.numel() else 0.0
-        if ratio > _WOODBURY_MAX_RATIO:
+        if self.ratio > _WOODBURY_MAX_RATIO:
             raise ValueError(
                 f"the precision of a covariance W W^T + diag(d) of {m} rows (a closed-form KL's trace term) has a "
-                f"diagonal entry {float(ratio):.1e} times smaller than its row of W W^T: above {_DENSE_MAX} rows its "
+                f"diagonal entry {self.ratio:.1e} times smaller than its row of W W^T: above {_DENSE_MAX} rows its "
                 "diagonal is diag(1/d) - U U^T, which would lose its digits there; floor the diagonal (SWAG's var_clamp, "
                 "a prior's D) at above 1e-12 of the low-rank part, or estimate the KL by sampling (Trace_ELBO)")
         u = torch.linalg.solve_triangular(self.cap_tril, (self.factor / self.diag.unsqueeze(-1)).mT, upper=False)
