@@ -41,8 +41,8 @@ class SWAGGuide(LoraGuide):
     Pyro guide path (``guide(batch)``: ``Trace_ELBO``, ``Predictive``) draws from those marginals, i.e.
     without the low-rank correlation *between* sites (within a stacked site, across its layers, it is kept).
 
-    The moments are kept in float64: ``E[theta^2] - mean^2`` cancels catastrophically in float32 when the
-    iterates barely move. At least two iterates must be collected before sampling.
+    The moments are kept in float64, through ``guide.float()`` and any other cast: ``E[theta^2] - mean^2`` cancels
+    catastrophically in float32 when the iterates barely move. At least two iterates must be collected before sampling.
 
     Example (B-LoRA-XS)::
 
@@ -71,6 +71,15 @@ class SWAGGuide(LoraGuide):
             self.register_buffer(f"mean_{i}", torch.zeros(site.shape, dtype=torch.float64, device=device))
             self.register_buffer(f"sq_mean_{i}", torch.zeros(site.shape, dtype=torch.float64, device=device))
             self.register_buffer(f"dev_{i}", torch.zeros((rank, *site.shape), device=device))
+
+    def _apply(self, fn, recurse=True):
+        # guide.float() / .half() would round the moments, and E[theta^2] - mean^2 of barely moving iterates cancels to
+        # nothing in float32: they keep float64 through any cast, going only where a device move takes the rest
+        moments = {n: b for n, b in self._buffers.items() if n.startswith(("mean_", "sq_mean_"))}
+        super()._apply(fn, recurse)
+        for n, b in moments.items():
+            self._buffers[n] = b.to(self._buffers[n].device)
+        return self
 
     def _stats(self, i):
         return getattr(self, f"mean_{i}"), getattr(self, f"sq_mean_{i}"), getattr(self, f"dev_{i}")

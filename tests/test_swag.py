@@ -370,3 +370,24 @@ def test_a_collector_over_data_without_a_length_refuses_what_it_can_tell_and_war
         fit(model, guide, unsized(toy_data()[:1]), epochs=2, lr=3e-2, progress=False,
             callbacks=[SWAGCollector(swag)])
     assert int(swag.num_collected) == 2
+
+
+def test_a_dtype_cast_keeps_the_moments_in_float64():
+    """guide.float() (or .to(torch.float32), .half()) cast the float64 first and second moments too: iterates 1 + 1e-5 z
+    then had a variance of E[theta^2] - mean^2 rounded at 1e-7 of mean^2, 0 or 1e-7 where it is 1e-10, and collecting
+    on went on in float32. The moments stay float64 through any cast (a device move still moves them)."""
+    model = xs_model()
+    guide = SWAGGuide(model, rank=3)
+    g = torch.Generator().manual_seed(0)
+    thetas = [{k: 1 + 1e-5 * torch.randn(s.shape, generator=g) for k, s in model.sites.items()}
+              for _ in range(6)]
+    for theta in thetas[:3]:
+        guide.collect(theta)
+    guide.float()
+    guide.half().float()
+    for theta in thetas[3:]:
+        guide.collect(theta)
+    for name, (mean, var) in guide.moments().items():
+        stacked = torch.stack([t[name].double() for t in thetas])
+        assert mean.dtype == var.dtype == torch.float64
+        torch.testing.assert_close(var, stacked.var(0, unbiased=False).clamp(min=guide.var_clamp), rtol=1e-4, atol=0)
