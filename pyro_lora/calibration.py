@@ -50,7 +50,7 @@ def _log_probs(probs_or_logits, kind="auto"):
     if bool((x == -math.inf).all(-1).any()):
         raise ValueError("a row of logits is all -inf: it gives no class a probability")
     # the tolerance of pyro_lora.metrics: half-precision probabilities must not be taken for logits
-    in_unit = bool(((x >= 0) & (x <= 1)).all())
+    in_unit = _in_unit(x)
     looks_like_probs = in_unit and _sums_to_one(x, raw)
     if kind == "auto" and in_unit and not looks_like_probs:
         # clipped or rounded probabilities read as logits would get a T of another scale, without a word
@@ -66,6 +66,11 @@ def _log_probs(probs_or_logits, kind="auto"):
             raise ValueError("kind='probs' but the rows are not probability vectors (entries in [0, 1] summing to 1)")
         return x.log(), True
     return x.log_softmax(-1), False
+
+
+def _in_unit(x) -> bool:
+    """Whether every entry of ``x`` is in ``[0, 1]``."""
+    return bool(((x >= 0) & (x <= 1)).all())
 
 
 def _sums_to_one(x, raw) -> bool:
@@ -345,7 +350,7 @@ def apply_temperature(probs: torch.Tensor, temperature: float, kind: str = "prob
     if kind == "logits":
         if torch.isnan(x).any() or (x == math.inf).any():
             raise ValueError("logits contain nan or +inf")
-        if bool(((x >= 0) & (x <= 1)).all()) and _sums_to_one(x, raw):
+        if _in_unit(x) and _sums_to_one(x, raw):
             _refuse_probabilities_as_logits()
         if bool((x == -math.inf).all(-1).any()):
             raise ValueError("a row of logits is all -inf: it gives no class a probability")
