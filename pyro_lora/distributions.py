@@ -89,6 +89,11 @@ class _ShapeChecked(dist.Independent):
         check_event_shape(self, value, f"Normal(...).to_event({self.reinterpreted_batch_ndims})")
         return super().log_prob(value)
 
+    def to_event(self, reinterpreted_batch_ndims=None):
+        # Pyro's to_event unwraps an Independent into a plain one over the base: the check would go with it
+        wider = super().to_event(reinterpreted_batch_ndims)
+        return _ShapeChecked(wider.base_dist, wider.reinterpreted_batch_ndims) if isinstance(wider, dist.Independent) else wider
+
 
 # named as the class it refines (a prior's class is part of LoraModel.settings(), which a resumed run compares);
 # pickle finds it by its __qualname__, which stays its own

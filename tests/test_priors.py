@@ -12,7 +12,7 @@ import pyro.distributions as dist
 from pyro.infer import TraceMeanField_ELBO
 
 import pyro_lora.distributions as distributions
-from pyro_lora.distributions import LowRankPlusDiagNormal, MatrixNormalKronecker, isotropic_normal
+from pyro_lora.distributions import LowRankPlusDiagNormal, MatrixNormalKronecker, checked_normal, isotropic_normal
 
 B, M, N = 2, 3, 4
 f64 = dict(dtype=torch.float64)
@@ -601,6 +601,19 @@ def test_isotropic_normal_refuses_a_value_of_another_shape_and_a_scale_whose_squ
         again.log_prob(torch.zeros(3, 1))
     assert isotropic_normal((2,), torch.tensor(1e-30, **f64)).log_prob(torch.zeros(2, **f64)).item() == pytest.approx(
         2 * (-0.5 * math.log(2 * math.pi) - math.log(1e-30)))
+
+
+def test_a_shape_checked_normal_keeps_its_check_through_to_event_mask_and_expand():
+    """Pyro's to_event unwraps an Independent into a plain one over its Normal: a [3, 1] value against the 2 x 3 x 4
+    event of checked_normal(...).to_event(1) gave a finite -22.05."""
+    d = checked_normal(torch.zeros(2, 3, 4), torch.ones(2, 3, 4), 2)
+    for wider in (d.to_event(1), d.to_event(), d.mask(True), d.expand((5, 2)), d.to_event(1).to_event(0)):
+        with pytest.raises(ValueError, match="does not end in the event shape"):
+            wider.log_prob(torch.zeros(3, 1))
+    wide = d.to_event(1)
+    assert wide.event_shape == (2, 3, 4) and type(wide).__name__ == "Independent"
+    assert wide.log_prob(torch.zeros(2, 3, 4)).item() == pytest.approx(-12 * math.log(2 * math.pi))
+    assert d.to_event(-2).log_prob(torch.zeros(2, 3, 4)).shape == (2, 3, 4)  # a plain Normal: nothing left to check
 
 
 def test_isotropic_normal_checks_tensor_scales_and_makes_a_float_prior_of_an_int():
