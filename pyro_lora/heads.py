@@ -152,6 +152,33 @@ def head_rows(linear: torch.nn.Linear, rows: torch.Tensor) -> torch.Tensor:
     return theta
 
 
+def _read_positions(model, linear, batch, values, finite, length) -> torch.Tensor:
+    """``[B]``: the position of the head's ``[B, T, K]`` output each example's logits are read at, by autograd: a zero
+    added to that output moves the logits at that position only. For outputs that tie at several positions.
+
+    :raises ValueError: where an example's logits move with no position or with several (a pooling after the head).
+    """
+    added = []
+
+    def add_zero(module, args, output):
+        added.append(torch.zeros_like(output, requires_grad=True))
+        return output.detach() + added[-1]
+
+    with forward_hooks(model, [(linear, add_zero)], "the search for the position the logits are read at"), \
+            eval_mode(model.net), torch.enable_grad():
+        logits = model.logits(batch, values)
+        moved = torch.autograd.grad(logits.where(finite, 0.0).sum(), added[0], allow_unused=True)[0]
+    read = torch.zeros(finite.shape[0], length, dtype=torch.bool, device=finite.device) if moved is None else \
+        moved.reshape(finite.shape[0], length, -1).ne(0).any(-1)
+    count = read.sum(1)
+    if bool((count != 1).any()):
+        i = int((count != 1).nonzero()[0])
+        raise ValueError(f"the logits of example {i} are read from {int(count[i])} positions of the head's output, not "
+                         "one: the model pools after its head, and a last-layer posterior needs the logits to be the "
+                         "head's output at one position")
+    return read.int().argmax(1)
+
+
 @torch.no_grad()
 def head_features(model, linear: torch.nn.Linear, rows: torch.Tensor, batch: dict, values: dict | None = None,
                   steps: dict | None = None):
@@ -161,14 +188,16 @@ def head_features(model, linear: torch.nn.Linear, rows: torch.Tensor, batch: dic
     The logits are the head's output ``z`` through ``steps`` (default :func:`head_steps`): ``f = g(z)``, one
     logit at a time, so ``df/dz = diag(g'(z))`` (a softcap ``c tanh(z / c)``: ``sech^2(z / c)``). Where the head runs
     on every position (``[B, T, D]``: Llama's ``score``), the example's input is the position whose output, restricted
-    to ``rows``, gives the logits (their finite entries: ``-inf`` is a missing choice).
+    to ``rows``, gives the logits (their finite entries: ``-inf`` is a missing choice); where several give them (a
+    zero or untrained head gives every position the same output), the one the logits move with, by autograd.
 
     :returns: logits ``[B, K]`` (float32), the inputs ``phi`` ``[B, D]`` (float64) and ``g'(z)`` ``[B, K]`` (float64;
         ones without steps).
     :raises ValueError: if the head does not run exactly once in the forward (its hook skipped: a compiled network or
         a copy, :func:`~pyro_lora.hooks.hooks_ran`), its input is not per example, or no position gives the logits
         to ``1e-4`` of the largest (float32; ``2e-2`` in half precision: a half-precision base, or under a user's
-        ``torch.autocast``).
+        ``torch.autocast``), or, where several do, the logits move with none or several of them (a pooling after
+        the head).
     """
     steps = head_steps(model, linear) if steps is None else steps
     batch = to_device(batch, model.device)
@@ -186,16 +215,21 @@ def head_features(model, linear: torch.nn.Linear, rows: torch.Tensor, batch: dic
     w, bias = (theta[:, :-1], theta[:, -1]) if linear.bias is not None else (theta, theta.new_zeros(k))
     finite = torch.isfinite(logits)
     target = logits.double().where(finite, 0.0)
+    rtol, atol = _TOLERANCE[model.forward_dtype in HALF_DTYPES]  # a half-precision base, or a user's autocast
     # the position whose output gives the logits: searched in the input's dtype over all T, checked in float64
     out = apply_head_steps((x @ w.to(x.dtype).T).float() + bias.float(), steps)
-    pos = ((out - target.float()[:, None]).abs() * finite[:, None]).amax(-1).argmin(1)
+    gaps = ((out - target.float()[:, None]).abs() * finite[:, None]).amax(-1)  # [B, T]
+    pos = gaps.argmin(1)
+    if bool(((gaps <= (rtol * target.abs().amax(-1) + atol).float()[:, None]).sum(1) > 1).any()):
+        # several positions give the logits (a zero or untrained head gives every position the same output): which
+        # one the model reads is no longer told by the values, and another one's input is another posterior
+        pos = _read_positions(model, linear, batch, values, finite, x.shape[1])
     phi = x[torch.arange(b, device=x.device), pos].double()
     with torch.enable_grad():  # g'(z) by autograd: each step is elementwise, so the gradient of the sum is the diagonal
         z = (phi @ w.T + bias).requires_grad_()
         mine = apply_head_steps(z, steps)
         slope = torch.autograd.grad(mine.sum(), z)[0]
     gap = ((mine.detach() - target).abs() * finite).amax(-1)
-    rtol, atol = _TOLERANCE[model.forward_dtype in HALF_DTYPES]  # a half-precision base, or a user's autocast
     bad = gap > rtol * target.abs().amax(-1) + atol
     if bool(bad.any()):
         i = int(bad.nonzero()[0])

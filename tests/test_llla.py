@@ -299,6 +299,32 @@ def test_a_per_token_head_gives_the_last_real_token_of_each_right_padded_row():
     assert (last < ids.shape[1] - 1).any()  # some rows are padded: the last column would be wrong for them
 
 
+def test_a_head_whose_output_ties_at_every_position_still_reads_the_last_real_token():
+    """A zero score head (zero-initialised or untrained) gives every position the logits 0: the input was taken at
+    position 0, not at the last real token the model reads, and the GGN was off by 2.6 (of 3.8), the evidence by 0.66,
+    silently."""
+    model = LoraModel(tiny_llama_cls(), SequenceClassification(), prior=0.5)
+    with torch.no_grad():
+        find_head(model).weight.zero_()
+    ids, mask = _pad([r for r, _ in RECORDS], "right")
+    seen = []
+    handle = find_head(model).register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    guide = LastLayerLaplaceGuide(model).fit([{"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 2, 1, 0])}], progress=False)
+    _, phi = guide.features({"input_ids": ids, "attention_mask": mask})
+    handle.remove()
+    last = mask.sum(1) - 1
+    torch.testing.assert_close(phi, seen[-1][torch.arange(len(RECORDS)), last].double())
+    assert not torch.equal(phi, seen[-1][:, 0].double())  # position 0, which the tie took, is another input
+    # a zero head gives each of the 3 classes 1/3: Lambda = diag(p) - p p^T = (3 I - 1 1^T) / 9 for every example
+    spread = (3 * torch.eye(3, dtype=torch.float64) - 1) / 9
+    torch.testing.assert_close(guide.ggn(), torch.kron(spread, phi.T @ phi))
+    # logits averaged over the positions after the head (0 too, with a zero head): no one position is read
+    handle = find_head(model).register_forward_hook(lambda m, args, out: out.mean(1, keepdim=True).expand_as(out))
+    with pytest.raises(ValueError, match="read from 13 positions of the head's output, not one: the model pools after"):
+        guide.features({"input_ids": ids, "attention_mask": mask})
+    handle.remove()
+
+
 def test_cloze_multiple_choice_is_refused_with_the_way_out():
     model = LoraModel(tiny_llama(), MultipleChoice(format="cloze"), prior=0.5)
     with pytest.raises(ValueError, match="refuses cloze multiple choice.*use the letter format"):
