@@ -324,12 +324,14 @@ class LaplaceGuide(LoraGuide):
             ``val_loader``, a ``grid`` or ``predictive="samples"`` (it reads none of them), ``"val_nll"`` on a network
             whose head or adapter changed since the fit (as ``predict`` refuses it) or without
             ``val_loader`` or with ``per_layer=True``, a grid value that is not finite and positive (0, negative,
-            inf, nan), a ``num_samples`` or ``max_iter`` that is not a positive integer, a ``min_effective_parameters``
+            inf, nan), a ``num_samples`` or ``max_iter`` that is not a positive integer, ``per_layer``, ``refine`` or
+            ``progress`` not a bool, a ``min_effective_parameters``
             that is not a finite number ``>= 0``, a ``val_loader`` that drops its last incomplete batch, or a grid NLL
             that is nan; all but the last before ``val_loader`` is read.
         """
         per_layer = check_flag(per_layer, "per_layer")
         progress = check_flag(progress, "progress")
+        refine = check_flag(refine, "refine")  # "no" or 0.5 refined, None did not
         distributed.check_settings("optimize_prior_precision", {  # first: the method decides which ranks run collectives
             "method": method, "per_layer": per_layer, "grid": grid, "predictive": predictive, "num_samples": num_samples,
             "max_iter": max_iter, "min_effective_parameters": min_effective_parameters, "refine": refine})

@@ -49,6 +49,14 @@ _FULL_LIMIT = 8192  # P up to which hessian="auto" keeps the dense GGN (its P x 
 _VAL_TOL = 1e-3  # golden-section tolerance of "val_nll" in log lambda (0.1% in lambda)
 
 
+def _one_precision(value) -> torch.Tensor:
+    """``value`` as one float64 prior precision, finite and positive (:func:`precision_tensor`)."""
+    value = precision_tensor(value, torch.float64)
+    if value.numel() != 1:
+        raise ValueError(f"last-layer Laplace has one prior precision: give one number, got {value.numel()}")
+    return value
+
+
 class LastLayerLaplaceGuide(LoraGuide):
     r"""
     Post-hoc Laplace approximation over the classification head's class rows; the LoRA stays the MAP::
@@ -149,11 +157,11 @@ class LastLayerLaplaceGuide(LoraGuide):
         return sum(getattr(self, name).numel() for name in self._eigen) + self.prior_precision.numel()
 
     def set_prior_precision(self, value):
-        """Set ``lambda``, a positive finite number."""
-        value = precision_tensor(value, torch.float64)
-        if value.numel() != 1:
-            raise ValueError(f"last-layer Laplace has one prior precision: give one number, got {value.numel()}")
-        self.prior_precision.fill_(float(value))
+        """Set ``lambda``, a positive finite number.
+
+        :raises ValueError: for anything but one finite positive number.
+        """
+        self.prior_precision.fill_(float(_one_precision(value)))
 
     # ------------------------------------------------------------------ the sites: point masses at the MAP LoRA
 
@@ -358,9 +366,12 @@ class LastLayerLaplaceGuide(LoraGuide):
 
     def log_marginal_likelihood(self, prior_precision=None):
         """The Laplace evidence ``log p(D | theta*) - lambda/2 |theta*|^2 + P/2 log lambda - 1/2 log det(H + lambda I)``
-        (nats) at ``prior_precision`` (default: the current ``lambda``)."""
+        (nats) at ``prior_precision`` (default: the current ``lambda``).
+
+        :raises ValueError: before :meth:`fit`, or for a ``prior_precision`` that is not one finite positive number.
+        """
         self._check_fitted()
-        lam = self.prior_precision if prior_precision is None else precision_tensor(prior_precision, torch.float64)
+        lam = self.prior_precision if prior_precision is None else _one_precision(prior_precision)
         value, _, _ = self._evidence_terms(lam.to(self.loc.device).log().reshape(1))
         return float(self.log_likelihood + value[0])
 

@@ -18,7 +18,7 @@ from pyro_lora import LoraModel, MultipleChoice, SequenceClassification, fit, lo
 from pyro_lora.calibration import golden_section
 from pyro_lora.experiments.compare import fit_method
 from pyro_lora.experiments.setup import CompareConfig, Setup
-from pyro_lora.guides import METHODS, LastLayerLaplaceGuide, MAPGuide
+from pyro_lora.guides import METHODS, LaplaceGuide, LastLayerLaplaceGuide, MAPGuide
 from pyro_lora.heads import class_rows, find_head, head_rows
 from pyro_lora.metrics import nll
 
@@ -845,3 +845,18 @@ def test_a_last_layer_fit_on_a_compiled_network_whose_graph_skips_its_hook_is_re
                                    rtol=0, atol=0)
     finally:
         torch._dynamo.reset()
+
+
+def test_the_evidence_at_several_precisions_and_an_unchecked_refine_are_refused_by_name():
+    """log_marginal_likelihood([1.0, 2.0]) raised torch's "shape '[1]' is invalid"; LaplaceGuide's
+    optimize_prior_precision refined for refine="no" or 0.5 and not for None, without a word."""
+    model, data = bert(), bert_data()
+    guide = LastLayerLaplaceGuide(model).fit(data, progress=False)
+    for bad in ([1.0, 2.0], torch.ones(2)):
+        with pytest.raises(ValueError, match="one prior precision: give one number, got 2"):
+            guide.log_marginal_likelihood(bad)
+    assert guide.log_marginal_likelihood([2.0]) == guide.log_marginal_likelihood(2.0)
+    laplace = LaplaceGuide(model).fit(data, progress=False)
+    for bad in ("no", 0.5, None):
+        with pytest.raises(ValueError, match="refine must be True or False"):
+            laplace.optimize_prior_precision("val_nll", val_loader=data, refine=bad)
