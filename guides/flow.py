@@ -27,7 +27,7 @@ from pyro.distributions import constraints
 from pyro.distributions.torch_transform import TransformModule
 from pyro.distributions.transforms.utils import clamp_preserve_gradients
 
-from pyro_lora.checks import check_count, check_flag, check_positive
+from pyro_lora.checks import check_count, check_flag, check_initial_stds, check_positive
 from pyro_lora.distributions import MatrixNormalKronecker
 
 from .base import DensityDelta, LoraGuide
@@ -86,6 +86,8 @@ class FlowGuide(LoraGuide):
         ``W_map`` times ``sqrt(T)`` (for a Gaussian ``q`` exactly the tempered ``q^(1/T)``, as
         :class:`~pyro_lora.guides.meanfield.MeanFieldGuide`'s; through the flow a scaling of the posterior's spread,
         not of its density). SVI trains at ``T = 1``; the ``flow_val`` method chooses ``T`` by validation NLL.
+    :raises ValueError: for a model without a float prior, settings out of range, or an ``init_scale`` whose initial
+        ``q(U)`` stds float32 cannot compute a log-density for (:func:`~pyro_lora.checks.check_initial_stds`).
     """
 
     def __init__(
@@ -126,6 +128,8 @@ class FlowGuide(LoraGuide):
         self.prior_scale = float(model.prior)
         init = model.initial_values(init)
         self.parts = torch.nn.ModuleList([self._part(site, init[name].detach().float()) for name, site in self.sites.items()])
+        for name, part in zip(self.sites, self.parts):
+            check_initial_stds(F.softplus(part.c * part.u_rho.detach()), f"init_scale={init_scale:g} for {name}'s q(U)")
 
     def _part(self, site, loc):
         wide = {"A": "col", "B": "row"}.get(site.matrix) if self.share_basis else None

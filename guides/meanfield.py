@@ -14,7 +14,7 @@ import pyro.poutine as poutine
 import torch
 import torch.nn.functional as F
 
-from pyro_lora.checks import check_flag, check_positive
+from pyro_lora.checks import check_flag, check_initial_stds, check_positive
 from pyro_lora.distributions import checked_normal
 from pyro_lora.likelihoods import is_cloze
 from pyro_lora.model import FLIPOUT_CLOZE
@@ -141,6 +141,7 @@ class MeanFieldGuide(LoraGuide):
                                      "std_lr_scale cannot hold in float32 (they would start at "
                                      f"{float(self._std(rho).max()):.3g}; the stds are init_scale times each layer's "
                                      "RMS weight): choose values nearer 1")
+                check_initial_stds(std, f"init_scale={init_scale:g} for {name}")  # 1e-25: std^2 is 0 in float32
 
     def _initial_std(self, model, name, loc):
         """``init_scale *`` per-layer RMS of ``loc`` (``[L, 1, 1]`` or ``[1, 1]``), the prior's RMS std where ``loc`` is 0."""

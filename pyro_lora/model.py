@@ -23,7 +23,7 @@ from peft.utils import ModulesToSaveWrapper
 from peft.utils.other import AuxiliaryTrainingWrapper
 
 from . import distributed, handoff, pyro_params, quantized
-from .checks import check_batch, check_count, is_integer_tensor, pickling_refused
+from .checks import check_batch, check_count, float32_std_range, is_integer_tensor, pickling_refused
 from .hooks import hooks_ran
 from .contract import (ModelContract, check_autoguide, check_autoguide_model, check_guide, check_not_meta, parameter_adapter,
                        tempered_training)
@@ -1483,8 +1483,7 @@ def _check_prior_and_size(prior, num_data) -> None:
     # the prior computes in float32, its log-density as -x^2 / (2 std^2): 1e-50 was held as 0 (log-prior nan), 1e39
     # failed every call in torch's raw overflow error, each blamed on the learning rate by fit; from 1e19 on the
     # log-prior of a draw came out -inf or nan (2 std^2, or a draw's square, beyond float32)
-    f32 = torch.finfo(torch.float32)
-    low, high = math.sqrt(f32.tiny), math.sqrt(f32.max / 2) / 8  # a draw 8 stds out still squares within float32
+    low, high = float32_std_range()
     if isinstance(prior, numbers.Real) and not low <= prior <= high:
         raise ValueError(f"prior std {prior!r} is beyond float32's reach: the prior's log-density is -x^2 / (2 std^2), "
                          f"which float32 computes for std from {low:.4g} to {high:.4g} (draws up to 8 stds out); rescale "

@@ -380,6 +380,10 @@ def test_bad_inputs_have_clear_errors():
     for name in ("init_scale", "std_lr_scale"):  # inf passed 'not x > 0'
         with pytest.raises(ValueError, match=f"{name} must be a finite positive number, got inf"):
             FlowGuide(model, **{name: float("inf")})
+    # q(U)'s std 3.75e-26 squares to 0 in float32: the loss was nan, and fit blamed the learning rate
+    with pytest.raises(ValueError, match=r"init_scale=1e-25 for .*'s q\(U\) gives initial stds from 3.75e-26 .* beyond what "
+                                         "float32 computes a Gaussian log-density for"):
+        FlowGuide(model, init_scale=1e-25)
 
 
 def test_posterior_temperature_scales_each_draws_deviation_and_is_saved(tmp_path):

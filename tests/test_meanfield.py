@@ -10,8 +10,9 @@ from test_training import toy_data
 from torch.distributions import MultivariateNormal, kl_divergence
 
 import pyro_lora.handoff as handoff
+from pyro_lora.guides import ScalaBLGuide
 from pyro_lora.guides.meanfield import MeanFieldGuide
-from pyro_lora import LoraModel, MatrixNormalKronecker, MultipleChoice, SequenceClassification, fit, load_guide, predict, save_guide
+from pyro_lora import LoraModel, MatrixNormalKronecker, MultipleChoice, ScalaBLModel, SequenceClassification, fit, load_guide, predict, save_guide
 
 
 
@@ -58,6 +59,10 @@ def test_families_init_and_options():
     model.write_adapter({k: torch.full_like(v, 1e-40) for k, v in model.adapter_values().items()})
     with pytest.raises(ValueError, match="initial stds up to 0, which its parameter rho"):  # underflowed: rho = -inf
         MeanFieldGuide(model, init_scale=1e-6)
+    # stds of 1e-25 relative: their square is 0 in float32, the loss nan (fit blamed the learning rate); so for ScalaBL
+    for build in (lambda: make(init_scale=1e-25)[1], lambda: ScalaBLGuide(ScalaBLModel(tiny_bert(r=4), SequenceClassification(), prior=0.3), init_scale=1e-25)):
+        with pytest.raises(ValueError, match=r"init_scale=1e-25 for .* gives initial stds from .* beyond what float32 computes"):
+            build()
     # a peft B at 0 starts relative to the prior's std: a Cauchy's is infinite (the error blamed init_scale), a
     # transformed distribution's not computed (a bare NotImplementedError); a finite one is used (StudentT df=3: sqrt 3)
     import pyro.distributions as dist
