@@ -201,12 +201,22 @@ class FlowGuide(LoraGuide):
         return part.p_u(part.factors())
 
     def lambdas(self):
-        """Conditional noise scale ``lambda`` per site: name -> ``[L]``."""
-        return {name: part.factors()["lam"] for name, part in zip(self.sites, self.parts)}
+        """Conditional noise scale per site, the temperature's ``sqrt(T)`` included (the noise :meth:`sample`'s draws
+        carry; ``lambda`` itself at ``T = 1``): name -> ``[L]``."""
+        scale = math.sqrt(self.temperature)
+        return {name: scale * part.factors()["lam"] for name, part in zip(self.sites, self.parts)}
 
     @torch.no_grad()
     def kl_terms(self, num_samples=16):
-        """Per site, summed over layers: ``(KL(q(U) || p(U))`` from ``num_samples`` draws, the closed-form conditional KL)."""
+        """Per site, summed over layers: ``(KL(q(U) || p(U))`` from ``num_samples`` draws, the closed-form conditional KL).
+
+        :raises ValueError: at a posterior temperature other than 1: the KLs are the untempered ``q``'s, and the
+            tempered one's (a scaling of the spread through the flow) have no closed form.
+        """
+        if self.temperature != 1.0:  # they were the untempered q's, said as the tempered guide's
+            raise ValueError(f"kl_terms: FlowGuide at temperature {self.temperature:g}; its KLs are those of the "
+                             "untempered posterior, which SVI trains (a tempered flow's have no closed form): "
+                             "set_temperature(1.0) first to read them")
         num_samples = check_count(num_samples, "num_samples")
         out = {}
         for name, part in zip(self.sites, self.parts):
@@ -419,7 +429,7 @@ class BatchedAffineAutoregressive(TransformModule):
         deg_hidden = torch.arange(hidden) % max(1, dim - 1) + 1
         self.register_buffer("mask1", (deg_hidden[:, None] >= deg_in[None, :]).float(), persistent=False)
         self.register_buffer("mask2", (deg_in.repeat(2)[:, None] > deg_hidden[None, :]).float(), persistent=False)
-        self._cached_log_scale = None
+        self._cached_log_scale, self._cached_version = None, None
 
     def made(self, x):
         """``x: [..., L, R, D]`` -> ``(mu, log_sigma)``, each ``[..., L, R, D]``, output ``d`` depending on ``x_{<d}``."""
@@ -434,6 +444,24 @@ class BatchedAffineAutoregressive(TransformModule):
         mu, log_scale = self.made(x)
         y = mu + log_scale.exp() * x
         return (y.mT if self.transpose else y), log_scale
+
+    def _parameters_version(self):
+        return tuple((id(p), p._version) for p in (self.w1, self.b1, self.w2, self.b2))
+
+    def _drop_stale_cache(self):
+        # Pyro's transforms key their cache on the tensor alone: a draw scored again after the parameters moved (an
+        # optimiser step, load_state_dict) was read through the old parameters, its log-density 18 nats off
+        version = self._parameters_version()
+        if self._cached_version != version:
+            self._cached_x_y, self._cached_log_scale, self._cached_version = (None, None), None, version
+
+    def __call__(self, x):
+        self._drop_stale_cache()
+        return super().__call__(x)
+
+    def _inv_call(self, y):
+        self._drop_stale_cache()
+        return super()._inv_call(y)
 
     def _call(self, x):
         y, self._cached_log_scale = self.image(x)
@@ -453,7 +481,7 @@ class BatchedAffineAutoregressive(TransformModule):
         # the caches hold tensors of the last forward's graph, which deepcopy (a variant's copy of its base's fit)
         # and pickling refuse: a copy starts with empty ones, as after __init__
         state = super().__getstate__()
-        state["_cached_x_y"], state["_cached_log_scale"] = (None, None), None
+        state["_cached_x_y"], state["_cached_log_scale"], state["_cached_version"] = (None, None), None, None
         return state
 
     def log_abs_det_jacobian(self, x, y):
