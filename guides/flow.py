@@ -129,7 +129,9 @@ class FlowGuide(LoraGuide):
         init = model.initial_values(init)
         self.parts = torch.nn.ModuleList([self._part(site, init[name].detach().float()) for name, site in self.sites.items()])
         for name, part in zip(self.sites, self.parts):
-            check_initial_stds(F.softplus(part.c * part.u_rho.detach()), f"init_scale={init_scale:g} for {name}'s q(U)")
+            check_initial_stds(F.softplus(part.c * part.u_rho.detach()),
+                               f"init_scale={init_scale:g} times the prior std {self.prior_scale:g} for {name}'s q(U)",
+                               "choose an init_scale (or a prior std) nearer 1")
 
     def _part(self, site, loc):
         wide = {"A": "col", "B": "row"}.get(site.matrix) if self.share_basis else None
@@ -192,7 +194,8 @@ class FlowGuide(LoraGuide):
         return {name: part.loc.reshape(site.shape) for (name, site), part in zip(self.sites.items(), self.parts)}
 
     def q_inducing(self, name):
-        """``q(U)`` of site ``name``: batch ``[L]``, event ``(M_r, M_c)``."""
+        """``q(U)`` of site ``name`` at the parameters as they are now (build another after they change): batch ``[L]``,
+        event ``(M_r, M_c)``; untempered, as SVI trains it."""
         return self.parts[list(self.sites).index(name)].q_u()
 
     def p_inducing(self, name):
@@ -201,21 +204,20 @@ class FlowGuide(LoraGuide):
         return part.p_u(part.factors())
 
     def lambdas(self):
-        """Conditional noise scale per site, the temperature's ``sqrt(T)`` included (the noise :meth:`sample`'s draws
-        carry; ``lambda`` itself at ``T = 1``): name -> ``[L]``."""
-        scale = math.sqrt(self.temperature)
-        return {name: scale * part.factors()["lam"] for name, part in zip(self.sites, self.parts)}
+        """Conditional noise scale ``lambda`` per site, of the posterior SVI trains (at most ``max_lambda``): name ->
+        ``[L]``. At a temperature ``T`` (:meth:`set_temperature`) the draws of :meth:`sample` carry ``sqrt(T) lambda``."""
+        return {name: part.factors()["lam"] for name, part in zip(self.sites, self.parts)}
 
     @torch.no_grad()
     def kl_terms(self, num_samples=16):
         """Per site, summed over layers: ``(KL(q(U) || p(U))`` from ``num_samples`` draws, the closed-form conditional KL).
 
-        :raises ValueError: at a posterior temperature other than 1: the KLs are the untempered ``q``'s, and the
-            tempered one's (a scaling of the spread through the flow) have no closed form.
+        :raises ValueError: at a posterior temperature other than 1, whose draws these KLs do not describe (they are the
+            posterior's that SVI trains, at ``T = 1``).
         """
-        if self.temperature != 1.0:  # they were the untempered q's, said as the tempered guide's
+        if self.temperature != 1.0:  # read after flow_val's tuning, they would pass for the tempered posterior's
             raise ValueError(f"kl_terms: FlowGuide at temperature {self.temperature:g}; its KLs are those of the "
-                             "untempered posterior, which SVI trains (a tempered flow's have no closed form): "
+                             "posterior SVI trains, at temperature 1, not of the tempered one it predicts with: "
                              "set_temperature(1.0) first to read them")
         num_samples = check_count(num_samples, "num_samples")
         out = {}
@@ -292,6 +294,11 @@ class _Inducing(torch.nn.Module):
         return out
 
     def q_u(self):
+        # the flows' cache is keyed on the tensor alone (as Pyro's transforms key theirs), so a draw scored again after
+        # the parameters moved (by any optimiser: a fused or ClippedAdam step leaves no trace on them) was read through
+        # the old parameters, 18 nats off; a new q(U) starts from none, its own draws then cached within its step
+        for flow in self.flows:
+            flow.clear_cache()
         base = dist.Normal(self.u_loc, F.softplus(self.c * self.u_rho)).to_event(2)
         return dist.TransformedDistribution(base, list(self.flows)) if len(self.flows) else base
 
@@ -429,7 +436,7 @@ class BatchedAffineAutoregressive(TransformModule):
         deg_hidden = torch.arange(hidden) % max(1, dim - 1) + 1
         self.register_buffer("mask1", (deg_hidden[:, None] >= deg_in[None, :]).float(), persistent=False)
         self.register_buffer("mask2", (deg_in.repeat(2)[:, None] > deg_hidden[None, :]).float(), persistent=False)
-        self._cached_log_scale, self._cached_version = None, None
+        self._cached_log_scale = None
 
     def made(self, x):
         """``x: [..., L, R, D]`` -> ``(mu, log_sigma)``, each ``[..., L, R, D]``, output ``d`` depending on ``x_{<d}``."""
@@ -445,23 +452,9 @@ class BatchedAffineAutoregressive(TransformModule):
         y = mu + log_scale.exp() * x
         return (y.mT if self.transpose else y), log_scale
 
-    def _parameters_version(self):
-        return tuple((id(p), p._version) for p in (self.w1, self.b1, self.w2, self.b2))
-
-    def _drop_stale_cache(self):
-        # Pyro's transforms key their cache on the tensor alone: a draw scored again after the parameters moved (an
-        # optimiser step, load_state_dict) was read through the old parameters, its log-density 18 nats off
-        version = self._parameters_version()
-        if self._cached_version != version:
-            self._cached_x_y, self._cached_log_scale, self._cached_version = (None, None), None, version
-
-    def __call__(self, x):
-        self._drop_stale_cache()
-        return super().__call__(x)
-
-    def _inv_call(self, y):
-        self._drop_stale_cache()
-        return super()._inv_call(y)
+    def clear_cache(self):
+        """Forget the last ``(x, y)`` pair and its log-scales."""
+        self._cached_x_y, self._cached_log_scale = (None, None), None
 
     def _call(self, x):
         y, self._cached_log_scale = self.image(x)
@@ -481,7 +474,7 @@ class BatchedAffineAutoregressive(TransformModule):
         # the caches hold tensors of the last forward's graph, which deepcopy (a variant's copy of its base's fit)
         # and pickling refuse: a copy starts with empty ones, as after __init__
         state = super().__getstate__()
-        state["_cached_x_y"], state["_cached_log_scale"], state["_cached_version"] = (None, None), None, None
+        state["_cached_x_y"], state["_cached_log_scale"] = (None, None), None
         return state
 
     def log_abs_det_jacobian(self, x, y):

@@ -331,7 +331,7 @@ class LaplaceGuide(LoraGuide):
         """
         per_layer = check_flag(per_layer, "per_layer")
         progress = check_flag(progress, "progress")
-        refine = check_flag(refine, "refine")  # "no" or 0.5 refined, None did not
+        refine = check_flag(refine, "refine")  # a truthy "no" would refine
         distributed.check_settings("optimize_prior_precision", {  # first: the method decides which ranks run collectives
             "method": method, "per_layer": per_layer, "grid": grid, "predictive": predictive, "num_samples": num_samples,
             "max_iter": max_iter, "min_effective_parameters": min_effective_parameters, "refine": refine})

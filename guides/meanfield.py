@@ -141,7 +141,8 @@ class MeanFieldGuide(LoraGuide):
                                      "std_lr_scale cannot hold in float32 (they would start at "
                                      f"{float(self._std(rho).max()):.3g}; the stds are init_scale times each layer's "
                                      "RMS weight): choose values nearer 1")
-                check_initial_stds(std, f"init_scale={init_scale:g} for {name}")  # 1e-25: std^2 is 0 in float32
+                check_initial_stds(std, f"init_scale={init_scale:g} times {name}'s RMS weight (the prior's RMS std where it "
+                                   "is 0)", "choose an init_scale nearer 1, or rescale the weights")
 
     def _initial_std(self, model, name, loc):
         """``init_scale *`` per-layer RMS of ``loc`` (``[L, 1, 1]`` or ``[1, 1]``), the prior's RMS std where ``loc`` is 0."""

@@ -78,7 +78,8 @@ class SWAGGuide(LoraGuide):
         moments = {n: b for n, b in self._buffers.items() if n.startswith(("mean_", "sq_mean_"))}
         super()._apply(fn, recurse)
         for n, b in moments.items():
-            self._buffers[n] = b.to(self._buffers[n].device)
+            if self._buffers[n].dtype != torch.float64:  # kept where the cast kept it (to_empty's meta tensors hold none)
+                self._buffers[n] = b.to(self._buffers[n].device)
         return self
 
     def _stats(self, i):

@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .checks import check_flag, check_numbers, check_positive
-from .metrics import _NLL_FLOOR, _check_probs, _check_rows, _sum_tolerance, _tensor, _uncertainty
+from .metrics import _NLL_FLOOR, _check_probs, _check_rows, _in_unit, _sum_tolerance, _tensor, _uncertainty
 from .callers import user_stacklevel
 
 __all__ = ["TemperatureFit", "apply_temperature", "fit_temperature", "scale_prediction", "temperature_nll"]
@@ -66,11 +66,6 @@ def _log_probs(probs_or_logits, kind="auto"):
             raise ValueError("kind='probs' but the rows are not probability vectors (entries in [0, 1] summing to 1)")
         return x.log(), True
     return x.log_softmax(-1), False
-
-
-def _in_unit(x) -> bool:
-    """Whether every entry of ``x`` is in ``[0, 1]``."""
-    return bool(((x >= 0) & (x <= 1)).all())
 
 
 def _sums_to_one(x, raw) -> bool:

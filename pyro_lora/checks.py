@@ -26,7 +26,6 @@ def check_count(value, name: str, *, minimum: int = 1, alternative: str = "") ->
     return int(value)  # a Python int: a numpy one reached fit_progress, which JSON cannot write
 
 
-
 def float32_std_range() -> tuple[float, float]:
     """The Gaussian stds whose log-density ``-x^2 / (2 std^2)`` float32 computes, draws up to 8 stds out included:
     ``(sqrt(tiny), sqrt(max / 2) / 8)``, about ``(1.08e-19, 1.63e18)``; below, ``std^2`` is 0 or subnormal."""
@@ -34,19 +33,21 @@ def float32_std_range() -> tuple[float, float]:
     return math.sqrt(f32.tiny), math.sqrt(f32.max / 2) / 8
 
 
-def check_initial_stds(stds: torch.Tensor, what: str) -> None:
+def check_initial_stds(stds: torch.Tensor, what: str, remedy: str) -> None:
     """Refuse initial posterior stds ``stds`` beyond :func:`float32_std_range` (or not finite): their log-densities
     would be NaN from the first step, which ``fit`` could only blame on the learning rate.
 
-    :param what: the setting that gave them, for the message (``"FlowGuide init_scale=1e-25"``).
-    :raises ValueError: naming ``what``, the stds' range and float32's.
+    :param what: what gave them, for the message (``"init_scale=1e-25 times the prior std 0.3 for query.lora_A"``).
+    :param remedy: what to change (``"choose an init_scale nearer 1"``).
+    :raises ValueError: naming ``what``, the stds' range, float32's and ``remedy``.
     """
     low, high = float32_std_range()
     smallest, largest = torch.stack([stds.min(), stds.max()]).tolist()
     if not (low <= smallest and largest <= high):  # nan fails both
         raise ValueError(f"{what} gives initial stds from {smallest:.3g} to {largest:.3g}, beyond what float32 computes a "
                          f"Gaussian log-density for ({low:.4g} to {high:.4g}: std^2 is 0 below, a draw's square "
-                         "overflows above), so the loss would be NaN from the first step; choose a value nearer 1")
+                         f"overflows above), so the loss would be NaN from the first step; {remedy}")
+
 
 def check_positive(value, name: str) -> float:
     """``value`` as a ``float`` if it is a finite positive real number (a temperature, a scale).

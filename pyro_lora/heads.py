@@ -156,7 +156,8 @@ def _read_positions(model, linear, batch, values, finite, length) -> torch.Tenso
     """``[B]``: the position of the head's ``[B, T, K]`` output each example's logits are read at, by autograd: a zero
     added to that output moves the logits at that position only. For outputs that tie at several positions.
 
-    :raises ValueError: where an example's logits move with no position or with several (a pooling after the head).
+    :raises ValueError: where an example's logits move with no position (they come from elsewhere) or with several (a
+        pooling after the head).
     """
     added = []
 
@@ -164,15 +165,28 @@ def _read_positions(model, linear, batch, values, finite, length) -> torch.Tenso
         added.append(torch.zeros_like(output, requires_grad=True))
         return output.detach() + added[-1]
 
-    with forward_hooks(model, [(linear, add_zero)], "the search for the position the logits are read at"), \
-            eval_mode(model.net), torch.enable_grad():
-        logits = model.logits(batch, values)
-        moved = torch.autograd.grad(logits.where(finite, 0.0).sum(), added[0], allow_unused=True)[0]
+    # only the graph after the head is needed: the network's trainable parameters would record a training forward's
+    trainable = [p for p in model.net.parameters() if p.requires_grad]
+    values = None if values is None else {k: v.detach() for k, v in values.items()}
+    try:
+        for p in trainable:
+            p.requires_grad_(False)
+        with forward_hooks(model, [(linear, add_zero)], "the search for the position the logits are read at"), \
+                eval_mode(model.net), torch.enable_grad():
+            logits = model.logits(batch, values)
+            moved = torch.autograd.grad(logits.where(finite, 0.0).sum(), added[0], allow_unused=True)[0]
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
     read = torch.zeros(finite.shape[0], length, dtype=torch.bool, device=finite.device) if moved is None else \
         moved.reshape(finite.shape[0], length, -1).ne(0).any(-1)
     count = read.sum(1)
-    if bool((count != 1).any()):
-        i = int((count != 1).nonzero()[0])
+    if bool((count == 0).any()):
+        i = int((count == 0).nonzero()[0])
+        raise ValueError(f"the logits of example {i} do not move with the head's output at any position: they do not come "
+                         "from this head, and a last-layer posterior needs the logits to be its output")
+    if bool((count > 1).any()):
+        i = int((count > 1).nonzero()[0])
         raise ValueError(f"the logits of example {i} are read from {int(count[i])} positions of the head's output, not "
                          "one: the model pools after its head, and a last-layer posterior needs the logits to be the "
                          "head's output at one position")
@@ -189,7 +203,7 @@ def head_features(model, linear: torch.nn.Linear, rows: torch.Tensor, batch: dic
     logit at a time, so ``df/dz = diag(g'(z))`` (a softcap ``c tanh(z / c)``: ``sech^2(z / c)``). Where the head runs
     on every position (``[B, T, D]``: Llama's ``score``), the example's input is the position whose output, restricted
     to ``rows``, gives the logits (their finite entries: ``-inf`` is a missing choice); where several give them (a
-    zero or untrained head gives every position the same output), the one the logits move with, by autograd.
+    zero-initialised head gives every position the same output), the one the logits move with, by autograd.
 
     :returns: logits ``[B, K]`` (float32), the inputs ``phi`` ``[B, D]`` (float64) and ``g'(z)`` ``[B, K]`` (float64;
         ones without steps).

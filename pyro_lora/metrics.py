@@ -108,6 +108,11 @@ def _sum_tolerance(dtype: torch.dtype, num_classes: int) -> float:
     return max(_SUM_TOL, info.eps + num_classes * info.smallest_normal * info.eps)
 
 
+def _in_unit(x) -> bool:
+    """Whether every entry of ``x`` is in ``[0, 1]``."""
+    return bool(((x >= 0) & (x <= 1)).all())
+
+
 def _check_rows(x: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     """Raise ValueError unless every row (last dim) of the finite float64 ``x`` is a probability vector.
 
@@ -121,7 +126,7 @@ def _check_rows(x: torch.Tensor, dtype: torch.dtype, name: str) -> None:
     sums = x.sum(-1)
     if bool((x < 0).any()) or bool(((sums - 1).abs() > tol).any()):
         # entries in [0, 1] summing to 1 within bfloat16's rounding, given wider: a bfloat16 softmax cast up
-        rounded = (not (dtype.is_floating_point and torch.finfo(dtype).bits <= 16) and bool(((x >= 0) & (x <= 1)).all())
+        rounded = (not (dtype.is_floating_point and torch.finfo(dtype).bits <= 16) and _in_unit(x)
                    and bool(((sums - 1).abs() <= _sum_tolerance(torch.bfloat16, x.shape[-1])).all()))
         # entries below 0 by no more than the sum's rounding, in rows summing to 1: a 1 - (sum of the others) in floats
         noise = bool((x >= -tol).all()) and bool(((sums - 1).abs() <= tol).all())

@@ -14,6 +14,7 @@ log-scales per layer): ``r`` random numbers per layer.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 
 import torch
@@ -29,9 +30,10 @@ def rotate_to_singular_basis(net, adapter: str | None = None) -> list[str]:
     """Rewrite every LoRA pair ``(B, A)`` as ``(B U, diag(s) V^T)`` from the SVD ``A = U diag(s) V^T``.
 
     ``B A`` is unchanged (exactly, up to float rounding); afterwards the rows of ``A`` are orthogonal with
-    norms ``s``, so scaling row ``i`` scales ``A``'s ``i``-th singular value. The SVD runs in fp32 (fp64 for
-    float64 weights, which fp32 would round at 1e-7), batched over layers with the same ``(r, d_in)``. Where ``r > d_in``, ``U`` is completed to ``r x r`` and the last
-    ``r - d_in`` rows of ``A`` are zero (their scales then change nothing).
+    norms ``s``, so scaling row ``i`` scales ``A``'s ``i``-th singular value. The SVD runs in fp32 (fp64 where
+    a group holds float64 weights, which fp32 would round at 1e-7), batched over layers with the same
+    ``(r, d_in)``. Where ``r > d_in``, ``U`` is completed to ``r x r`` and the last ``r - d_in`` rows of ``A`` are
+    zero (their scales then change nothing).
 
     :param net: a peft model with (unmerged) LoRA layers.
     :returns: the module paths of the rotated layers.
@@ -43,9 +45,8 @@ def rotate_to_singular_basis(net, adapter: str | None = None) -> list[str]:
     for path, layer in layers.items():
         groups.setdefault(tuple(layer.lora_A[adapter].weight.shape), []).append(path)
     for paths in groups.values():
-        first = layers[paths[0]]
-        dtype = torch.promote_types(torch.promote_types(first.lora_A[adapter].weight.dtype, first.lora_B[adapter].weight.dtype),
-                                    torch.float32)
+        dtype = functools.reduce(torch.promote_types, [getattr(layers[p], m)[adapter].weight.dtype
+                                                       for p in paths for m in ("lora_A", "lora_B")], torch.float32)
         a = torch.stack([layers[p].lora_A[adapter].weight.to(dtype) for p in paths])  # [G, r, d_in]
         # r > d_in: A has d_in singular values; U completed to r x r, the rows past d_in zero (vh is then d_in x d_in)
         u, s, vh = torch.linalg.svd(a, full_matrices=a.shape[-2] > a.shape[-1])  # u: [G, r, r], vh: [G, k, d_in]

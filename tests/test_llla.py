@@ -318,6 +318,17 @@ def test_a_head_whose_output_ties_at_every_position_still_reads_the_last_real_to
     # a zero head gives each of the 3 classes 1/3: Lambda = diag(p) - p p^T = (3 I - 1 1^T) / 9 for every example
     spread = (3 * torch.eye(3, dtype=torch.float64) - 1) / 9
     torch.testing.assert_close(guide.ggn(), torch.kron(spread, phi.T @ phi))
+    # the search's forward records the graph after the head only: with B trainable (random="A") it recorded the whole
+    # network's (327 kB of activations for this toy, a training forward's on an LLM); the flags are put back
+    trained_b = LoraModel(tiny_llama_cls(), SequenceClassification(), prior=0.5, random="A")
+    with torch.no_grad():
+        find_head(trained_b).weight.zero_()
+    flags = {n: p.requires_grad for n, p in trained_b.net.named_parameters()}
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+        LastLayerLaplaceGuide(trained_b).features({"input_ids": ids, "attention_mask": mask})
+    assert sum(saved) <= ids.numel() * 3 * 4  # at most the head's [B, T, K] float32 output
+    assert {n: p.requires_grad for n, p in trained_b.net.named_parameters()} == flags
     # logits averaged over the positions after the head (0 too, with a zero head): no one position is read
     handle = find_head(model).register_forward_hook(lambda m, args, out: out.mean(1, keepdim=True).expand_as(out))
     with pytest.raises(ValueError, match="read from 13 positions of the head's output, not one: the model pools after"):

@@ -61,7 +61,7 @@ def test_families_init_and_options():
         MeanFieldGuide(model, init_scale=1e-6)
     # stds of 1e-25 relative: their square is 0 in float32, the loss nan (fit blamed the learning rate); so for ScalaBL
     for build in (lambda: make(init_scale=1e-25)[1], lambda: ScalaBLGuide(ScalaBLModel(tiny_bert(r=4), SequenceClassification(), prior=0.3), init_scale=1e-25)):
-        with pytest.raises(ValueError, match=r"init_scale=1e-25 for .* gives initial stds from .* beyond what float32 computes"):
+        with pytest.raises(ValueError, match=r"init_scale=1e-25 times .* gives initial stds from .* beyond what float32 computes"):
             build()
     # a peft B at 0 starts relative to the prior's std: a Cauchy's is infinite (the error blamed init_scale), a
     # transformed distribution's not computed (a bare NotImplementedError); a finite one is used (StudentT df=3: sqrt 3)

@@ -391,3 +391,5 @@ def test_a_dtype_cast_keeps_the_moments_in_float64():
         stacked = torch.stack([t[name].double() for t in thetas])
         assert mean.dtype == var.dtype == torch.float64
         torch.testing.assert_close(var, stacked.var(0, unbiased=False).clamp(min=guide.var_clamp), rtol=1e-4, atol=0)
+    moved = guide.to("meta").to_empty(device="cpu")  # the moments copied back from meta tensors, which hold no data
+    assert moved.mean_0.dtype == moved.sq_mean_0.dtype == torch.float64 and moved.mean_0.device.type == "cpu"
