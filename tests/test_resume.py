@@ -667,6 +667,14 @@ def test_a_record_from_before_dtype_and_4bit_existed_is_evaluated_as_fp32_unquan
     assert config_differences({"config": asdict(small(tmp_path))}, small(tmp_path, dtype="bf16")) == {"dtype": ("fp32", "bf16")}
 
 
+def test_dataset_names_are_compared_by_the_folder_they_name(tmp_path):
+    """A finished run of --dataset sst2 was refused as "another configuration" for --dataset sst2/, which the run itself
+    resolves and records as sst2 (and the data check reads as sst2)."""
+    saved = {"config": asdict(small(tmp_path, eval_datasets=("arc_easy",)))}
+    assert config_differences(saved, small(tmp_path, dataset="sst2/", eval_datasets=("./arc_easy/",))) == {}
+    assert config_differences(saved, small(tmp_path, dataset="sst2/x", eval_datasets=("arc_easy",))) == {"dataset": ("sst2", "sst2/x")}
+
+
 def test_a_record_with_an_unknown_dtype_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "prepare", lambda *a, **k: pytest.fail("loaded a model from a broken record"))
     with pytest.raises(ValueError, match="--dtype 'fp8' is none of fp32, bf16, fp16"):

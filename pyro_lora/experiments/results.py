@@ -1064,9 +1064,14 @@ def config_differences(saved, config, ignore=(), data=None):
 
 def _comparable(key, value):
     """``value`` as it reads back from JSON (tuples become lists); a data folder and a local model as their absolute
-    paths (a run recorded ``--model tinybert`` before local models were recorded absolute)."""
+    paths (a run recorded ``--model tinybert`` before local models were recorded absolute); dataset names as the folders
+    they name (``sst2/`` is ``sst2``, as the run resolves it)."""
     if key == "model" and isinstance(value, str) and value:  # a corrupt record's value is compared as written
         return str(local_model_path(value) or value)
+    if key == "dataset" and isinstance(value, str) and value:
+        return os.path.normpath(value)
+    if key == "eval_datasets" and isinstance(value, (list, tuple)) and all(isinstance(v, str) and v for v in value):
+        return [os.path.normpath(v) for v in value]
     if key == "data_dir":
         try:
             return str(resolve_data_dir(value))
