@@ -161,6 +161,11 @@ def test_bayesianize_records_the_adapters_training_and_a_rerun_of_its_configurat
     run("bayesianize", adapter, *search, "--out", str(out))
     config = json.loads((out / "guide" / "run.json").read_text())["config"]
     assert (config["epochs"], config["lr"], config["rank"], config["alpha"]) == (1, 5e-3, 8, 16.0)  # the fit's flags
+    # and its prior (the record said compare's 1.0 for an adapter trained under 2.0)
+    run("fit", "--guide", "map", "--adapter", "--epochs", "1", "--prior-scale", "2", *SMALL, "--out", str(tmp_path / "fit2"))
+    run("bayesianize", str(tmp_path / "fit2" / "guide" / "adapter"), *search, "--out", str(tmp_path / "tfb2"))
+    again = json.loads((tmp_path / "tfb2" / "guide" / "run.json").read_text())
+    assert again["config"]["prior_scale"] == again["prior"] == 2.0
     record = (out / "guide" / "run.json").read_bytes()
     nothing_loads(monkeypatch)
     capsys.readouterr()

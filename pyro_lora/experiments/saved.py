@@ -291,7 +291,8 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
                          "or not; choose an --out outside it")
     fit_run = _fit_run(adapter_dir)
     fitted = fit_run.get("config") or {}
-    trained = {"epochs": fitted.get("epochs"), "lr": fitted.get("lr")}  # the adapter's training, not compare's defaults
+    # the adapter's training, not compare's defaults (a prior from elsewhere is the model's, unrecorded by any fit)
+    trained = {"epochs": fitted.get("epochs"), "lr": fitted.get("lr"), "prior_scale": fitted.get("prior_scale", config.prior_scale)}
     config = replace(config, **trained)
     made = {"command": "bayesianize", "adapter": _adapter_digest(adapter_dir), "anchors": anchors,
             **{k: checked[k] for k in names}, **search}
