@@ -621,6 +621,8 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
     :raises ValueError: for a masked LM or an encoder-decoder LM as ``"causal_lm"`` (the default for them,
         :func:`~pyro_lora.likelihoods.not_causal_lm`): no likelihood scores them; their ``...ForSequenceClassification``
         class is a classifier.
+
+    Warns where ``r`` reaches an adapted layer's width ``min(d_in, d_out)`` (no low-rank adapter then).
     """
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -643,7 +645,24 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
         modules_to_save=heads,
     )
     with _quiet_peft_wrapping():
-        return get_peft_model(model, config)
+        net = get_peft_model(model, config)
+    _warn_about_full_rank(net, r)
+    return net
+
+
+def _warn_about_full_rank(net, r) -> None:
+    """Warn where rank ``r`` reaches a LoRA layer's width: ``B A`` has rank at most ``min(d_in, d_out)``, so such an
+    adapter is no low-rank one, and it holds ``r (d_in + d_out)`` numbers, at least as many as the weight it adapts."""
+    from peft.tuners.lora import LoraLayer
+
+    wide = {path: min(layer.in_features, layer.out_features) for path, layer in net.named_modules()
+            if isinstance(layer, LoraLayer) and isinstance(getattr(layer, "in_features", None), int)
+            and r >= min(layer.in_features, layer.out_features)}
+    if wide:
+        path, width = next(iter(wide.items()))
+        warnings.warn(f"LoRA rank r={r} reaches the width of {len(wide)} adapted layer(s) (e.g. {path}: min(d_in, d_out) = "
+                      f"{width}): B A has rank at most {width} there, so the adapter is no low-rank one and holds at least "
+                      "as many numbers as the weights it adapts; choose a rank below the layers' width", stacklevel=3)
 
 
 def _targets(targets, model):

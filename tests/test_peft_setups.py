@@ -661,6 +661,18 @@ def test_an_adapter_named_as_a_parameter_is_refused_before_it_is_written(tmp_pat
     assert torch.allclose(back(**batch).logits, net(**batch).logits, atol=1e-6)
 
 
+def test_add_lora_warns_of_a_rank_that_reaches_the_layers_width():
+    """--rank 1000 on MiniLM's 384-wide query and value ran as an ordinary LoRA row, without a word: B A has rank at
+    most 384 there, and the adapter held more numbers than the weights it adapts."""
+    from pyro_lora.pretrained import add_lora
+
+    with pytest.warns(UserWarning, match=r"LoRA rank r=32 reaches the width of 4 adapted layer\(s\) .*min\(d_in, d_out\) = 32"):
+        add_lora(tiny_bert_base(), r=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        add_lora(tiny_bert_base(), r=31)
+
+
 def test_add_lora_keeps_a_classification_head_of_another_name_trainable():
     """peft's SEQ_CLS keeps only a 'classifier' or 'score' trainable: BART's classification_head stayed frozen at its
     random draw, trained by no fit and saved in no adapter (0.04 off on reload)."""
