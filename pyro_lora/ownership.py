@@ -487,8 +487,9 @@ def _trained_state(guide, model) -> dict:
         params = list(guide.parameters())
         sums = value_sums(params)
         return {k: sums[id(p)] for k, p in enumerate(params)}
+    own = getattr(guide, "model", model)  # a guide of another model on this network (random="A" beside "AB"): its sites
     with torch.no_grad():
-        values = model.lora_weight_values({n: v.detach() for n, v in guide.mean().items()})
+        values = own.lora_weight_values({n: v.detach() for n, v in guide.mean().items()})
     sums = value_sums(values.values())
     return {n: sums[id(v)] for n, v in values.items()}
 

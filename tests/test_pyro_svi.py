@@ -1880,3 +1880,21 @@ def test_condition_on_some_lora_sites_with_an_autoguide_over_the_others_trains_t
                                          r"\(2 such sites\).*build the guide over the free sites only"):
         other = LoraModel(tiny_bert(num_labels=2), SequenceClassification(), prior=0.7, num_data=16)
         Trace_ELBO().loss(poutine.condition(other, data=fixed), MeanFieldGuide(other), data[0])
+
+
+@pytest.mark.parametrize("first,second", [(dict(random="A"), dict(random="AB")), (dict(random="B"), dict(random="AB")),
+                                          (dict(group="kind"), dict(group="matrix"))])
+@pytest.mark.parametrize("stepped", [True, False])
+def test_two_models_on_one_network_each_train_their_own_guide_by_svi(first, second, stepped):
+    """A random="A" mean-field beside a random="AB" one on the same network (or group="kind" beside "matrix"): the
+    second's first SVI step failed with a bare KeyError, its training record read through the first guide's mean
+    against the second model's sites."""
+    net = tiny_bert(num_labels=2)
+    batch = next(iter(toy_data(n=8, batch=8)))
+    models = [LoraModel(net, SequenceClassification(), prior=0.5, num_data=32, **kw) for kw in (first, second)]
+    guides = [MeanFieldGuide(models[0], init_scale=0.3), MeanFieldGuide(models[1], b="normal", init_scale=0.3)]
+    if stepped:
+        SVI(models[0], guides[0], pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO()).step(batch)
+    else:
+        TraceMeanField_ELBO().differentiable_loss(models[0], guides[0], batch)
+    assert math.isfinite(SVI(models[1], guides[1], pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO()).step(batch))
