@@ -90,6 +90,10 @@ def _unmasked(mask) -> bool:
     return mask is None or mask is True or (torch.is_tensor(mask) and bool(mask.all()))
 
 
+# set on a LoRA parameter that LoraModel.set_trainable froze (a random matrix): the one freeze it may undo
+_FROZEN_HERE = "_pyro_lora_frozen_here"
+
+
 class LoraModel(ModelContract):
     """A Pyro model ``model(batch)`` whose latent variables are the LoRA matrices of ``net``.
 
@@ -319,24 +323,28 @@ class LoraModel(ModelContract):
             "copy.deepcopy(model)")
 
     def set_trainable(self) -> None:
-        """Freeze the peft LoRA parameters that the sites replace; make the other LoRA matrices trainable.
+        """Freeze the peft LoRA parameters that the sites replace; make the other LoRA matrices trainable again where
+        this library froze them (the sites of another model on the network).
 
         Random matrices come from samples, so their parameters are unused; layers holding a kind with
         ``freezes_lora`` (LoRA-XS's ``R``) keep A and B frozen; other kinds without a peft parameter (ScalaBL's
-        ``S``) leave A and B trainable point estimates. An adapter loaded for inference
-        (``PeftModel.from_pretrained(..., is_trainable=False)``, peft's ``inference_mode``) leaves its non-random
-        matrices' ``requires_grad`` as loaded or as the user set it since, as for its head. Called by :func:`fit`,
-        since peft's ``set_adapter``/``load_adapter`` switch ``requires_grad`` back on.
+        ``S``) leave A and B trainable point estimates. A non-random matrix frozen otherwise (by hand, or by an adapter
+        loaded for inference: ``PeftModel.from_pretrained(..., is_trainable=False)``, peft's ``inference_mode``) keeps
+        its ``requires_grad`` as the user left it, as a head does. Called by :func:`fit` and every model call, since
+        peft's ``set_adapter``/``load_adapter`` switch ``requires_grad`` back on.
         """
         random = {id(p) for p in self.random_parameters()}
         frozen = {path for site in self.sites.values() if site.kind.freezes_lora for path in site.layers}
-        loaded_frozen = self._inference_mode()
         for path, layer in self.layers.items():
             for p in self._lora_parameters(layer):
                 if id(p) in random or path in frozen:  # drawn from samples; LoRA-XS: A, B fixed by the SVD
-                    p.requires_grad_(False)
-                elif not loaded_frozen:
+                    if p.requires_grad:
+                        p.requires_grad_(False)
+                        setattr(p, _FROZEN_HERE, True)
+                elif getattr(p, _FROZEN_HERE, False):
+                    # a matrix another model's sites froze; one frozen by hand was trained by every SVI step all the same
                     p.requires_grad_(True)
+                    delattr(p, _FROZEN_HERE)
 
     def _inference_mode(self) -> bool:
         """Whether the adapter is in peft's ``inference_mode`` (``LoraConfig(inference_mode=True)``, or loaded with

@@ -662,7 +662,7 @@ def _warn_about_full_rank(net, r) -> None:
         path, width = next(iter(wide.items()))
         warnings.warn(f"LoRA rank r={r} reaches the width of {len(wide)} adapted layer(s) (e.g. {path}: min(d_in, d_out) = "
                       f"{width}): B A has rank at most {width} there, so the adapter is no low-rank one and holds at least "
-                      "as many numbers as the weights it adapts; choose a rank below the layers' width", stacklevel=3)
+                      "as many numbers as the weights it adapts; choose a rank below the layers' width", stacklevel=user_stacklevel())
 
 
 def _targets(targets, model):

@@ -1898,3 +1898,27 @@ def test_two_models_on_one_network_each_train_their_own_guide_by_svi(first, seco
     else:
         TraceMeanField_ELBO().differentiable_loss(models[0], guides[0], batch)
     assert math.isfinite(SVI(models[1], guides[1], pyro.optim.Adam({"lr": 1e-3}), TraceMeanField_ELBO()).step(batch))
+
+
+def test_a_lora_matrix_frozen_by_hand_stays_frozen_and_one_another_models_sites_froze_trains_again():
+    """random="A" with every network parameter frozen by hand (a post-hoc SVI of the guide alone): each model call
+    switched B's requires_grad back on, and 6 SVI steps moved all 4 B matrices, while the head stayed as frozen."""
+    net = tiny_bert(num_labels=2)
+    batch = next(iter(toy_data(n=8, batch=8)))
+    model = LoraModel(net, SequenceClassification(), prior=0.5, num_data=32, random="A")
+    guide = MeanFieldGuide(model, init_scale=0.3)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in net.named_parameters() if "lora_B" in n}
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), TraceMeanField_ELBO())
+    for _ in range(3):
+        svi.step(batch)
+    after = dict(net.named_parameters())
+    assert all(torch.equal(after[n], v) and not after[n].requires_grad for n, v in before.items())
+    # sites of another model froze A and B: a model whose B is no site makes it trainable again
+    fresh = tiny_bert(num_labels=2)
+    both = LoraModel(fresh, SequenceClassification(), prior=0.5, num_data=32, random="AB")
+    b_names = [n for n, p in fresh.named_parameters() if "lora_B" in n]
+    assert not any(p.requires_grad for n, p in fresh.named_parameters() if n in b_names)
+    LoraModel(fresh, SequenceClassification(), prior=0.5, num_data=32, random="A").set_trainable()
+    assert all(p.requires_grad for n, p in fresh.named_parameters() if n in b_names) and len(both.sites) == 4
