@@ -162,9 +162,15 @@ def _cloze_split(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[tuple[li
     wholes = tokenizer([c + t for c, t in pairs], add_special_tokens=False)["input_ids"]
     alone = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
     # the continuation's tokens are the text's own: a SentencePiece tokenizer that prepends "▁" to each text gives
-    # " Paris" alone an extra "▁"; where the joint tokens merge across the boundary, the continuation alone
-    split = [(w[: len(c)], w[len(c) :]) if w[: len(c)] == c and len(w) > len(c) else (c, a)
-             for c, w, a in zip(contexts, wholes, alone)]
+    # " Paris" alone an extra "▁". Where the joint tokens merge across the boundary (":" and " Paris" as ":▁", "P",
+    # ...), the text's own tokens from the first the context's do not share: the merged one is scored with the
+    # continuation, as every choice whose start merges alike has it (the continuation alone scored "Answer:  Paris",
+    # a stray "▁" token more, its probabilities 0.75 off). Only a merge reaching the context's first token leaves
+    # the continuation alone.
+    split = []
+    for c, w, a in zip(contexts, wholes, alone):
+        shared = _shared_start(c, w)
+        split.append((w[:shared], w[shared:]) if 0 < shared < len(w) else (c, a))
     return split, alone
 
 
@@ -291,7 +297,8 @@ class ClozeCollator:
     The continuation's tokens are those of context and continuation tokenized together, after the context's
     own (as lm-evaluation-harness splits them), so they are the text's own: a SentencePiece tokenizer that
     prepends ``"▁"`` to each text it encodes would give a continuation tokenized alone an extra token. Where
-    the joint tokens merge across the boundary, the continuation is tokenized alone. Too long a question loses
+    a token merges the context's end with the continuation's start, the continuation is the text's tokens from that
+    one on (the context keeps the tokens it shares with the text). Too long a question loses
     tokens at the start of its passage, the same tokens for each of its choices (as many as its longest row needs),
     so the choices are compared under one context. Refused (``ValueError``): a choice longer than ``max_length``
     leaves for it (cutting its end would score the choices on their beginnings), a cut that would reach the question

@@ -632,6 +632,28 @@ def test_a_run_knows_whether_its_choices_tokenized_alone_differ():
     assert _check_collates(D.ClozeCollator(tok, max_length=64), {"test": [record]}) == {"split"}
 
 
+def test_a_cloze_whose_tokens_merge_across_the_boundary_scores_the_texts_own_tokens():
+    """Where ':' and ' Paris' tokenize together as ':▁', 'P', ... the context's tokens are no prefix of the text's, and
+    the continuation was tokenized alone: under a tokenizer that prepends '▁' to each text, the row read
+    'Answer:  Paris' (':', '▁', '▁', 'P', ...), a stray token more, its choice probabilities up to 0.75 off."""
+    from tokenizers import Tokenizer, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    record = {"id": "q", "question": "What is the capital of France?", "choices": ["Paris", "Rome"], "label": 0}
+    norm = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])  # Llama-2's tokenizer.json
+    chars = sorted({ch for c, cont in D.cloze_pairs(record) for ch in norm.normalize_str(c + cont)})
+    vocab = {"<unk>": 0, "<pad>": 1, **{ch: i + 2 for i, ch in enumerate(chars)}, ":▁": len(chars) + 2}
+    backend = Tokenizer(models.BPE(vocab, [(":", "▁")], unk_token="<unk>"))  # one merge, across the boundary
+    backend.normalizer = norm
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
+    batch = D.ClozeCollator(tok, max_length=128)([record])
+    for row, mask, length, (context, choice) in zip(batch["input_ids"], batch["attention_mask"], batch["target_lengths"],
+                                                   D.cloze_pairs(record)):
+        whole = tok(context + choice, add_special_tokens=False)["input_ids"]
+        assert row[mask.bool()].tolist() == whole  # the text's own tokens, no stray '▁'
+        assert tok.convert_ids_to_tokens(whole[-int(length):]) == [":▁", *choice.strip()]  # the merged one, then the choice
+
+
 @needs_smollm2
 def test_cloze_collator_truncates_context_from_the_left(smol_tok, records):
     record = records["boolq"][0]
