@@ -712,6 +712,9 @@ class MultipleChoice(Likelihood):
             raise ValueError(f"format must be 'letter' or 'cloze', got {format!r}")
         if format == "letter" and answer_token_ids is None:
             raise ValueError("format='letter' needs answer_token_ids (see pyro_lora.data.letter_token_ids)")
+        if format == "cloze" and answer_token_ids is not None:  # ignored, they read as if the letters were scored
+            raise ValueError("answer_token_ids name the letter tokens of format='letter'; format='cloze' scores each "
+                             "choice's own text: leave them out, or use format='letter'")
         if normalize not in (None, "tokens", "chars"):
             raise ValueError(f"normalize must be None, 'tokens' or 'chars', got {normalize!r}")
         if normalize is not None and format == "letter":  # one answer token per choice: nothing to normalise

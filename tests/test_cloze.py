@@ -401,3 +401,12 @@ def test_llama4s_decoder_is_found_and_its_column_numbered_queries_get_right_padd
                 with pytest.raises(ValueError, match=r"Llama4TextModel scales the queries of its NoPE layers by their column "
                                                      r"\(attn_temperature_tuning\).*pad on the right"):
                     letters.logits(batch)
+
+
+def test_answer_token_ids_given_to_the_cloze_format_are_refused():
+    """MultipleChoice([5, 6], format="cloze") was accepted and the ids ignored: the logits were the plain cloze's, for a
+    caller who meant the letters scored."""
+    for ids in ([5, 6], torch.tensor([5, 6, 7, 8])):
+        with pytest.raises(ValueError, match="answer_token_ids name the letter tokens of format='letter'; format='cloze'"):
+            MultipleChoice(ids, format="cloze")
+    assert MultipleChoice(format="cloze").answer_token_ids is None
