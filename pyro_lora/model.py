@@ -90,8 +90,19 @@ def _unmasked(mask) -> bool:
     return mask is None or mask is True or (torch.is_tensor(mask) and bool(mask.all()))
 
 
-# set on a LoRA parameter that LoraModel.set_trainable froze (a random matrix): the one freeze it may undo
-_FROZEN_HERE = "_pyro_lora_frozen_here"
+_FROZEN_HERE = "_pyro_lora_frozen_here"  # the network's attribute holding lora_freezes(net)
+
+
+def lora_freezes(net) -> set:
+    """The names (as in ``net.named_parameters()``) of the LoRA weights of ``net`` that a :class:`LoraModel` froze
+    because they were its sites (:meth:`LoraModel.set_trainable`): the freezes a model whose sites they are not undoes,
+    where one the user made is kept. Held by the network itself, so a copy of it (``copy.deepcopy``, pickling) carries
+    them; a caller that puts ``requires_grad`` back as it was at some point puts these back with it."""
+    marks = getattr(net, _FROZEN_HERE, None)
+    if marks is None:
+        marks = set()
+        setattr(net, _FROZEN_HERE, marks)
+    return marks
 
 
 class LoraModel(ModelContract):
@@ -324,27 +335,31 @@ class LoraModel(ModelContract):
 
     def set_trainable(self) -> None:
         """Freeze the peft LoRA parameters that the sites replace; make the other LoRA matrices trainable again where
-        this library froze them (the sites of another model on the network).
+        a model froze them as its sites (:func:`lora_freezes`: another model on the network).
 
         Random matrices come from samples, so their parameters are unused; layers holding a kind with
         ``freezes_lora`` (LoRA-XS's ``R``) keep A and B frozen; other kinds without a peft parameter (ScalaBL's
         ``S``) leave A and B trainable point estimates. A non-random matrix frozen otherwise (by hand, or by an adapter
         loaded for inference: ``PeftModel.from_pretrained(..., is_trainable=False)``, peft's ``inference_mode``) keeps
-        its ``requires_grad`` as the user left it, as a head does. Called by :func:`fit` and every model call, since
-        peft's ``set_adapter``/``load_adapter`` switch ``requires_grad`` back on.
+        its ``requires_grad`` as the user left it, as a head does. A matrix that another model's sites froze and the
+        user froze again since looks as it did before (both freezes are one ``requires_grad=False``): it is made
+        trainable. Called by :func:`fit` and every model call, since peft's ``set_adapter``/``load_adapter`` switch
+        ``requires_grad`` back on.
         """
         random = {id(p) for p in self.random_parameters()}
         frozen = {path for site in self.sites.values() if site.kind.freezes_lora for path in site.layers}
-        for path, layer in self.layers.items():
-            for p in self._lora_parameters(layer):
+        marks = lora_freezes(self.net)
+        for path in self.layers:
+            for kind in (k for k in KINDS.values() if k.parameter is not None):
+                name, p = self._weight_name(path, kind), self._parameter(path, kind)
                 if id(p) in random or path in frozen:  # drawn from samples; LoRA-XS: A, B fixed by the SVD
                     if p.requires_grad:
                         p.requires_grad_(False)
-                        setattr(p, _FROZEN_HERE, True)
-                elif getattr(p, _FROZEN_HERE, False):
+                        marks.add(name)
+                elif name in marks:
                     # a matrix another model's sites froze; one frozen by hand was trained by every SVI step all the same
                     p.requires_grad_(True)
-                    delattr(p, _FROZEN_HERE)
+                    marks.discard(name)
 
     def _inference_mode(self) -> bool:
         """Whether the adapter is in peft's ``inference_mode`` (``LoraConfig(inference_mode=True)``, or loaded with

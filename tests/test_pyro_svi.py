@@ -1,6 +1,7 @@
 """Pyro's own SVI and optimizers train exactly what fit trains: every guide parameter and the network's point
 parameters (a classification head, non-random LoRA matrices)."""
 
+import copy
 import math
 import warnings
 
@@ -1920,5 +1921,27 @@ def test_a_lora_matrix_frozen_by_hand_stays_frozen_and_one_another_models_sites_
     both = LoraModel(fresh, SequenceClassification(), prior=0.5, num_data=32, random="AB")
     b_names = [n for n, p in fresh.named_parameters() if "lora_B" in n]
     assert not any(p.requires_grad for n, p in fresh.named_parameters() if n in b_names)
+    copied = copy.deepcopy(fresh)  # the network holds which freezes were its sites': a copy carries them
     LoraModel(fresh, SequenceClassification(), prior=0.5, num_data=32, random="A").set_trainable()
     assert all(p.requires_grad for n, p in fresh.named_parameters() if n in b_names) and len(both.sites) == 4
+    LoraModel(copied, SequenceClassification(), prior=0.5, num_data=32, random="A")
+    assert all(p.requires_grad for n, p in copied.named_parameters() if n in b_names)
+
+
+def test_compares_setup_gives_every_method_whose_b_is_no_site_a_trainable_b():
+    """Setup.restore put requires_grad back as the MAP's random="AB" left it, and the first random="A" method had taken
+    B's freeze off the record: every later one trained no B."""
+    from conftest import random_batch
+
+    from pyro_lora.experiments.setup import CompareConfig, Setup, train_map
+
+    batches = [random_batch(batch=4, seed=s) | {"labels": torch.tensor([0, 2, 1, 0])} for s in (1, 2, 3)]
+    records = [{k: v[i] for k, v in b.items()} for b in batches for i in range(4)]
+    setup = Setup(CompareConfig(batch_size=3, epochs=1, lr=1e-2, progress=False), tiny_bert(), None, SequenceClassification(),
+                  records[:9], records[9:], [], lambda rs: {k: torch.stack([r[k] for r in rs]) for k in rs[0]})
+    train_map(setup)
+    for _ in range(3):
+        model = setup.lora_model(random="A")
+        assert all(p.requires_grad for n, p in setup.net.named_parameters() if "lora_B" in n)
+        assert len(model.point_parameters()) == 6  # four B matrices and the head's weight and bias
+        setup.restore()

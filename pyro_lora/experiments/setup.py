@@ -23,7 +23,7 @@ from ..contract import CONFIG_IGNORED, weights_digest
 from ..ownership import take_over
 from ..io import writable_folder
 from ..likelihoods import MultipleChoice, SequenceClassification
-from ..model import LoraModel
+from ..model import LoraModel, lora_freezes
 from ..pretrained import (DTYPES, add_lora, check_head_classes, default_mc_format, encoder_only, expected_mc_format, load_adapter,
                           load_pretrained, max_positions)
 from ..prompts import asked_question
@@ -164,6 +164,7 @@ class Setup:
     map_guide: object = None
     trained_state: dict = field(default_factory=dict)
     trainable: dict = field(default_factory=dict)  # parameter name -> requires_grad after the MAP's training
+    freezes: set = field(default_factory=set)  # the LoRA weights the MAP's sites froze then (lora_freezes)
     initial_state: dict = field(default_factory=dict)  # adapter and head before the MAP's training (name -> tensor)
     # method name -> (its Fitted, fit seconds, network state after it), for the requested methods that start from it
     kept: dict = field(default_factory=dict)
@@ -215,6 +216,9 @@ class Setup:
             for n, p in params.items():  # the next method starts from the MAP, not from another method's gradients
                 p.grad = None  # or its frozen parameters
                 p.requires_grad_(self.trainable.get(n, p.requires_grad))
+            marks = lora_freezes(self.net)  # with the flags: a method whose B is no site trains it again, as the first did
+            marks.clear()
+            marks.update(self.freezes)
 
     def fit(self, model, guide, **kwargs):
         """Train ``guide`` on the training split for the run's epochs, learning rate and progress bars."""
@@ -712,6 +716,7 @@ def train_map(setup: Setup, load=None) -> float:
     setup.model, setup.map_guide = model, guide
     setup.trained_state = {n: p.detach().clone() for n, p in setup.net.named_parameters() if "lora_" in n or p.requires_grad}
     setup.trainable = {n: p.requires_grad for n, p in setup.net.named_parameters()}
+    setup.freezes = set(lora_freezes(setup.net))
     setup.map_digest = state_digest(setup.trained_state)
     return seconds
 
