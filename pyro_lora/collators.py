@@ -174,13 +174,27 @@ def _cloze_split(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[tuple[li
     return split, alone
 
 
+def _record_pairs(records) -> list[tuple[str, str]]:
+    """The (context, continuation) text pairs the cloze scores of the multiple-choice ``records``."""
+    return [(head + own, cont) for head, own_parts in map(cloze_parts, records) for own, cont in own_parts]
+
+
 def scored_apart_from_alone(tokenizer, records) -> bool:
     """Whether a choice of the multiple-choice ``records`` is scored on other tokens than its continuation tokenized
     alone (what cloze scoring did before 2026-12-02: form 0 of
     :data:`~pyro_lora.experiments.setup.CLOZE_SCORING`)."""
-    parts = [cloze_parts(r) for r in records]
-    split, alone = _cloze_split(tokenizer, [(head + own, cont) for head, own_parts in parts for own, cont in own_parts])
+    split, alone = _cloze_split(tokenizer, _record_pairs(records))
     return any(cont != a for (_, cont), a in zip(split, alone))
+
+
+def merged_at_the_boundary(tokenizer, records) -> bool:
+    """Whether a token merges a context's end with its choice's start in the multiple-choice ``records`` (the
+    context's tokens are no prefix of the text's): such a choice was scored on its continuation tokenized alone before
+    2026-12-07 (forms 1 to 4 of :data:`~pyro_lora.experiments.setup.CLOZE_SCORING`)."""
+    pairs = _record_pairs(records)
+    contexts = tokenizer([c for c, _ in pairs], add_special_tokens=False)["input_ids"]
+    wholes = tokenizer([c + t for c, t in pairs], add_special_tokens=False)["input_ids"]
+    return any(w[: len(c)] != c for c, w in zip(contexts, wholes))
 
 
 def _choice_mask(records, num_choices: int) -> torch.Tensor:

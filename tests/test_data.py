@@ -652,6 +652,11 @@ def test_a_cloze_whose_tokens_merge_across_the_boundary_scores_the_texts_own_tok
         whole = tok(context + choice, add_special_tokens=False)["input_ids"]
         assert row[mask.bool()].tolist() == whole  # the text's own tokens, no stray '▁'
         assert tok.convert_ids_to_tokens(whole[-int(length):]) == [":▁", *choice.strip()]  # the merged one, then the choice
+    # form 5 changed such a run's rows: its older rows are not joined with them
+    from pyro_lora.experiments.setup import CompareConfig, _check_collates, scoring_since
+
+    collated = _check_collates(D.ClozeCollator(tok, max_length=128), {"test": [record]})
+    assert collated == {"split", "merge"} and scoring_since(CompareConfig(), collated, [record]) == 5
 
 
 @needs_smollm2

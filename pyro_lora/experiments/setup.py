@@ -18,7 +18,7 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from .. import data as D
-from ..collators import CUT_PASSAGE, text_cut, _TooLong, _positions, scored_apart_from_alone
+from ..collators import CUT_PASSAGE, text_cut, _TooLong, _positions, merged_at_the_boundary, scored_apart_from_alone
 from ..contract import CONFIG_IGNORED, weights_digest
 from ..ownership import take_over
 from ..io import writable_folder
@@ -87,19 +87,21 @@ BASE_DIGEST_VERSION = 4
 # 2026-12-04: WinoGrande's per-character score counts its continuation (the rest of the sentence) whole, its leading
 # space included, as every other continuation's characters are its own. 4 since 2026-12-05: a cut takes a passage only
 # (since 2026-12-04 05:23, the question never), and a question holding one lone "_" in a dataset not all of WinoGrande
-# blank sentences is asked as a question. A cloze record without "scoring" was scored by form 1, or before 2026-12-02
-# by form 0 (each continuation tokenized alone): taken as form 0
-CLOZE_SCORING = 4
+# blank sentences is asked as a question. 5 since 2026-12-07: where a token merges a context's end with a choice's
+# start, the choice is scored on the text's own tokens from that token on, not tokenized alone. A cloze record without
+# "scoring" was scored by form 1, or before 2026-12-02 by form 0 (each continuation tokenized alone): taken as form 0
+CLOZE_SCORING = 5
 # what each form changed, by the runs it changes: "split" a run whose choices tokenized alone give other tokens than
 # within their context (:func:`~pyro_lora.collators.scored_apart_from_alone`), "cut" one whose cloze rows reach
 # --max-length (cut, or as long as it: taken as cut), "unshared" one whose decoder runs each cloze row in full
 # (MultipleChoice.shares_prefix: its cache was shared before 2026-12-02 under length-dependent rotary embeddings too,
 # and by later changes refused for more decoders), "chars" one normalized per character, "blank_chars" a WinoGrande
 # run normalized per character, "lone_blank" one holding questions shaped as blank sentences in a dataset that is not
-# all of them. A run none of whose changes since form f touch it scores the same rows under f as now
-# (:func:`scoring_since`)
+# all of them, "merge" one whose tokenizer merges a context's end with a choice's start
+# (:func:`~pyro_lora.collators.merged_at_the_boundary`). A run none of whose changes since form f touch it scores the
+# same rows under f as now (:func:`scoring_since`)
 SCORING_CHANGES = {1: ("split", "cut", "unshared"), 2: ("chars", "cut"), 3: ("blank_chars",),
-                   4: ("cut", "lone_blank", "unshared")}
+                   4: ("cut", "lone_blank", "unshared"), 5: ("merge",)}
 # config entries that do not change what the network computes (the ones a saved guide's check leaves out too): where
 # it was read from, the dtype it was saved in (the run's --dtype loads it), label names, run-time switches, versions
 _CONFIG_NOT_COMPUTED = {*CONFIG_IGNORED, "_commit_hash"}
@@ -358,6 +360,7 @@ def scoring_since(config: CompareConfig, collated: set, records) -> int:
     blank = any(r.get(BLANK) is True for r in records)
     chars = config.mc_normalize == "chars"
     touched = {"split": "split" in collated, "cut": "cut" in collated, "unshared": "unshared" in collated,
+               "merge": "merge" in collated,
                "chars": chars, "blank_chars": blank and chars,
                "lone_blank": any(looks_blank(r) and r.get(BLANK) is not True for r in records)}
     since = CLOZE_SCORING
@@ -378,7 +381,8 @@ def _check_collates(collator, splits: dict, positions=None, chunk: int = 256, na
     :param names: what each split (a key of ``splits``) is called in a warning; ``"<key> records"`` where not given.
     :returns: for a cloze collator, what its rows show of the scoring forms' changes (:data:`SCORING_CHANGES`):
         ``"cut"`` where a row of any split reaches ``max_length`` (is cut, or as long as it), ``"split"`` where a
-        choice tokenized alone gives other tokens than within its context.
+        choice tokenized alone gives other tokens than within its context, ``"merge"`` where a token merges a
+        context's end with a choice's start.
     :raises ValueError: naming the split, from the collator's own refusal.
     """
     collated = set()
@@ -398,6 +402,8 @@ def _check_collates(collator, splits: dict, positions=None, chunk: int = 256, na
                     collated.add("cut")
                 if scored_apart_from_alone(collator.tokenizer, records[i : i + chunk]):
                     collated.add("split")
+                if merged_at_the_boundary(collator.tokenizer, records[i : i + chunk]):
+                    collated.add("merge")
             cut += [(records[i + place], tokens) for place, tokens in collator.last_cut.items()]
         if cut:
             _say_cut((names or {}).get(name, f"{name} records"), records, cut, collator.max_length,
