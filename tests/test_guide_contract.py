@@ -1693,7 +1693,7 @@ def test_switches_given_as_strings_and_data_of_none_are_refused_by_name():
                        (lambda: guides.train_ensemble(model, data(), k=2, include_current="False"), "include_current"),
                        (lambda: guides.train_ivon(model, data(), rescale_lr="False"), "rescale_lr"),
                        (lambda: make_loader([{"x": 1}], list, 1, shuffle="False"), "shuffle"),
-                       (lambda: MultipleChoice([5, 6], format="cloze", share_prefix="False"), "share_prefix")):
+                       (lambda: MultipleChoice(format="cloze", share_prefix="False"), "share_prefix")):
         with pytest.raises(ValueError, match=rf"^{name} must be True or False, got '"):
             call()
     for call, name in ((lambda: laplace.fit(None), "data"), (lambda: laplace.predict_glm(None), "data"),

@@ -336,7 +336,7 @@ def test_padding_without_an_attention_mask_is_refused_and_unpadded_rows_are_take
                                                                             "labels": labels})[mask[:, :-1].bool()])
     # a cloze batch pads on the right, after the scored tokens under causal attention: taken without its mask;
     # padded on the left, its logits were 0.16 off the masked batch's
-    cloze = LoraModel(tiny_llama(), MultipleChoice(LETTERS, format="cloze"), random="AB")
+    cloze = LoraModel(tiny_llama(), MultipleChoice(format="cloze"), random="AB")
     batch = cloze_batch(CLOZE_RECORDS)
     torch.testing.assert_close(cloze.logits({k: v for k, v in batch.items() if k != "attention_mask"}), cloze.logits(batch))
     left = {k: v for k, v in cloze_batch(CLOZE_RECORDS, "left").items() if k != "attention_mask"}

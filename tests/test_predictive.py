@@ -372,7 +372,11 @@ def far_too_wide(kind, model):
     if kind == "tfb":
         return TFBGuide(model, sigma_q=1e30)
     if kind == "meanfield":
-        return MeanFieldGuide(model, b="normal", init_scale=1e25)
+        guide = MeanFieldGuide(model, b="normal")  # then stds of 1e24, which no guide is built with
+        with torch.no_grad():
+            for rho in guide.rhos:
+                rho.copy_(guide._rho(torch.full_like(rho, 1e24)))
+        return guide
     if kind == "ensemble":  # every member's weights beyond float32's logits
         return EnsembleGuide(model, [{k: v * 1e30 * (i + 1) for k, v in model.adapter_values().items()} for i in range(2)])
     raise ValueError(kind)
@@ -395,7 +399,7 @@ def test_a_posterior_whose_draws_overflow_the_logits_is_refused_not_nan(kind, ch
 def test_a_point_estimate_whose_logits_overflow_is_refused_not_nan():
     model = make_model()
     model.write_adapter({k: v * 1e30 for k, v in model.adapter_values().items()})
-    for guide in (None, MeanFieldGuide(model, b="normal")):  # the network's own weights, a guide's mean
+    for guide in (None, MeanFieldGuide(model, b="normal", init_scale=1e-12)):  # the network's own weights, a guide's mean
         with pytest.raises(ValueError, match=r"predict: 15 of 15 predicted probabilities .* not finite.*overflowed"):
             predict(model, guide, loader(5), num_samples=4, mean=True)
 

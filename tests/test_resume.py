@@ -17,7 +17,7 @@ from pyro_lora.experiments import cli
 from pyro_lora.experiments import compare as C
 from pyro_lora.experiments import saved as S
 from pyro_lora.experiments.compare import run_compare
-from pyro_lora.experiments.setup import CompareConfig, prepare
+from pyro_lora.experiments.setup import CLOZE_SCORING, CompareConfig, prepare
 from pyro_lora.guides.registry import METHODS
 from pyro_lora.digests import bytes_sha256
 from pyro_lora.io import FORMAT, _canonical, atomic_file, read_safetensors
@@ -1584,22 +1584,22 @@ def test_rows_of_another_cloze_scoring_are_not_joined(tmp_path):
     folder.check_scoring(config)
     folder.add("map", 0, [row], {k.replace("sst2", "openbookqa"): v for k, v in arrays(0).items()})
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert saved["scoring"] == 4
+    assert saved["scoring"] == CLOZE_SCORING == 5
     RunFolder(tmp_path / "run", config).check_scoring(config)  # the same form: resumed
     (tmp_path / "run" / "results.json").write_text(json.dumps({k: v for k, v in saved.items() if k != "scoring"}))
-    with pytest.raises(ValueError, match=r"holds rows of another multiple-choice scoring \(cloze form 0 there, 4 now"):
+    with pytest.raises(ValueError, match=r"holds rows of another multiple-choice scoring \(cloze form 0 there, 5 now"):
         RunFolder(tmp_path / "run", config).check_scoring(config)
     letter = small(tmp_path / "letter", dataset="openbookqa", mc_format="letter")
     RunFolder(tmp_path / "letter", letter).check_scoring(letter)  # no cloze: nothing changed
     from pyro_lora.experiments.results import merge_results, recorded_scoring
 
-    assert recorded_scoring({k: v for k, v in saved.items() if k != "scoring"}) == 0 and recorded_scoring(saved) == 4
+    assert recorded_scoring({k: v for k, v in saved.items() if k != "scoring"}) == 0 and recorded_scoring(saved) == 5
     old = {k: v for k, v in saved.items() if k != "scoring"}  # a run of two methods, one of them rerun now
     (tmp_path / "run" / "results.json").write_text(json.dumps(old | {"config": {**old["config"], "guides": ["map", "temperature"]}}))
     update = tmp_path / "update"
     update.mkdir()
     (update / "results.json").write_text(json.dumps(saved))
-    with pytest.raises(ValueError, match=r"differ in scoring \(cloze form 0 there, 4 in the rerun\)"):
+    with pytest.raises(ValueError, match=r"differ in scoring \(cloze form 0 there, 5 in the rerun\)"):
         merge_results(tmp_path / "run", update)
 
 
@@ -1624,6 +1624,7 @@ def test_rows_of_an_older_cloze_scoring_that_scores_the_run_alike_are_joined(tmp
     assert scoring_since(plain, {"cut"}, [question]) == 4  # the cut changed in forms 1, 2 and 4
     assert scoring_since(plain, {"unshared"}, [question]) == 4  # a cache shared in form 0, refused for more decoders in 4
     assert scoring_since(plain, set(), [question, python]) == 4  # a lone '_' outside WinoGrande: a question since form 4
+    assert scoring_since(plain, {"split", "merge"}, [question]) == 5  # a choice merged with its context's end: form 5
     row = {**ROW, "dataset": "arc_easy"}
     folder = RunFolder(tmp_path / "run", plain)
     folder.check_scoring(plain, 0)
@@ -1632,24 +1633,24 @@ def test_rows_of_an_older_cloze_scoring_that_scores_the_run_alike_are_joined(tmp
     keyless = {k: v for k, v in saved.items() if k not in ("scoring", "scoring_since")}  # written before forms were kept
     (tmp_path / "run" / "results.json").write_text(json.dumps(keyless))
     for since in (1, None):  # a change touches the run, or its records were not looked at: refused
-        with pytest.raises(ValueError, match=r"cloze form 0 there, 4 now"):
+        with pytest.raises(ValueError, match=r"cloze form 0 there, 5 now"):
             RunFolder(tmp_path / "run", plain).check_scoring(plain, since)
     resumed = RunFolder(tmp_path / "run", plain)
     resumed.check_scoring(plain, 0)
     resumed.add("map", 1, [{**row, "seed": 1}], {k.replace("sst2", "arc_easy"): v for k, v in arrays(1).items()})
     joined = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert (joined["scoring"], joined["scoring_since"]) == (4, 0)  # the old rows are the form's now
+    assert (joined["scoring"], joined["scoring_since"]) == (5, 0)  # the old rows are the form's now
     # an --update: the rerun's record says which forms score its rows alike
     (tmp_path / "run" / "results.json").write_text(json.dumps(keyless | {"config": {**keyless["config"], "guides": ["map", "temperature"]}}))
     update = tmp_path / "update"
     update.mkdir()
     (update / "results.json").write_text(json.dumps(saved | {"scoring_since": 1}))
-    with pytest.raises(ValueError, match=r"differ in scoring \(cloze form 0 there, 4 in the rerun\)"):
+    with pytest.raises(ValueError, match=r"differ in scoring \(cloze form 0 there, 5 in the rerun\)"):
         merge_results(tmp_path / "run", update)
     (update / "results.json").write_text(json.dumps(saved))
     merge_results(tmp_path / "run", update)
     merged = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert (merged["scoring"], merged["scoring_since"]) == (4, 0)
+    assert (merged["scoring"], merged["scoring_since"]) == (5, 0)
 
 
 @pytest.mark.real

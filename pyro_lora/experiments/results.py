@@ -534,6 +534,7 @@ class RunFolder:
                              "divides a per-character score by len(choice), as lm-eval's acc_norm, and keeps one "
                              "truncated context for every choice of a question; form 3 counts WinoGrande's continuation "
                              "whole; form 4 cuts a passage only and asks a lone '_' outside WinoGrande as a question; "
+                             "form 5 scores a choice whose start merges with its context's end on the text's own tokens; "
                              "form 0: a record without a form; the run's options or records are touched by a change "
                              "since), which new "
                              f"rows would be averaged with; run into another {self.flags.folder} (or {self.flags.rescore})")
