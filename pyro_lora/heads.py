@@ -235,7 +235,7 @@ def head_features(model, linear: torch.nn.Linear, rows: torch.Tensor, batch: dic
     gaps = ((out - target.float()[:, None]).abs() * finite[:, None]).amax(-1)  # [B, T]
     pos = gaps.argmin(1)
     if bool(((gaps <= (rtol * target.abs().amax(-1) + atol).float()[:, None]).sum(1) > 1).any()):
-        # several positions give the logits (a zero or untrained head gives every position the same output): which
+        # several positions give the logits (a zero-initialised head gives every position the same output): which
         # one the model reads is no longer told by the values, and another one's input is another posterior
         pos = _read_positions(model, linear, batch, values, finite, x.shape[1])
     phi = x[torch.arange(b, device=x.device), pos].double()
