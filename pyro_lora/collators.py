@@ -155,9 +155,10 @@ def _warn_cut(collator, records, lengths: dict, lost: str) -> None:
                   "batches may cut more)", stacklevel=user_stacklevel())
 
 
-def _cloze_split(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[tuple[list[int], list[int]]], list[list[int]]]:
+def _cloze_split(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[tuple[list[int], list[int]]], list[list[int]], list[bool]]:
     """Per (context, continuation) text pair: its context's and continuation's token ids as the cloze format scores
-    them (:class:`ClozeCollator`), and the continuation's ids tokenized alone."""
+    them (:class:`ClozeCollator`), the continuation's ids tokenized alone, and whether a token merges the context's end
+    with the continuation's start (the context's tokens are no prefix of the text's)."""
     contexts = tokenizer([c for c, _ in pairs], add_special_tokens=False)["input_ids"]
     wholes = tokenizer([c + t for c, t in pairs], add_special_tokens=False)["input_ids"]
     alone = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
@@ -167,11 +168,12 @@ def _cloze_split(tokenizer, pairs: list[tuple[str, str]]) -> tuple[list[tuple[li
     # continuation, as every choice whose start merges alike has it (the continuation alone scored "Answer:  Paris",
     # a stray "▁" token more, its probabilities 0.75 off). Only a merge reaching the context's first token leaves
     # the continuation alone.
-    split = []
+    split, merged = [], []
     for c, w, a in zip(contexts, wholes, alone):
         shared = _shared_start(c, w)
         split.append((w[:shared], w[shared:]) if 0 < shared < len(w) else (c, a))
-    return split, alone
+        merged.append(shared < len(c))
+    return split, alone, merged
 
 
 def _record_pairs(records) -> list[tuple[str, str]]:
@@ -179,22 +181,15 @@ def _record_pairs(records) -> list[tuple[str, str]]:
     return [(head + own, cont) for head, own_parts in map(cloze_parts, records) for own, cont in own_parts]
 
 
-def scored_apart_from_alone(tokenizer, records) -> bool:
-    """Whether a choice of the multiple-choice ``records`` is scored on other tokens than its continuation tokenized
-    alone (what cloze scoring did before 2026-12-02: form 0 of
-    :data:`~pyro_lora.experiments.setup.CLOZE_SCORING`)."""
-    split, alone = _cloze_split(tokenizer, _record_pairs(records))
-    return any(cont != a for (_, cont), a in zip(split, alone))
-
-
-def merged_at_the_boundary(tokenizer, records) -> bool:
-    """Whether a token merges a context's end with its choice's start in the multiple-choice ``records`` (the
-    context's tokens are no prefix of the text's): such a choice was scored on its continuation tokenized alone before
-    2026-12-07 (forms 1 to 4 of :data:`~pyro_lora.experiments.setup.CLOZE_SCORING`)."""
-    pairs = _record_pairs(records)
-    contexts = tokenizer([c for c, _ in pairs], add_special_tokens=False)["input_ids"]
-    wholes = tokenizer([c + t for c, t in pairs], add_special_tokens=False)["input_ids"]
-    return any(w[: len(c)] != c for c, w in zip(contexts, wholes))
+def boundary_changes(tokenizer, records) -> set[str]:
+    """What the cloze rows of the multiple-choice ``records`` show of the changes to cloze scoring at a context's end
+    (:data:`~pyro_lora.experiments.setup.SCORING_CHANGES`), from one tokenization: ``"split"`` where a choice is scored
+    on other tokens than its continuation tokenized alone (what form 0 scored, before 2026-12-02), ``"merge"`` where a
+    token merges a context's end with its choice's start (such a choice was scored on its continuation alone by forms 1
+    to 4, before 2026-12-07)."""
+    split, alone, merged = _cloze_split(tokenizer, _record_pairs(records))
+    changes = {"merge"} if any(merged) else set()
+    return changes | ({"split"} if any(cont != a for (_, cont), a in zip(split, alone)) else set())
 
 
 def _choice_mask(records, num_choices: int) -> torch.Tensor:

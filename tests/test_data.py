@@ -500,7 +500,7 @@ def test_cloze_winogrande_rows_share_continuation(smol_tok, records):
 def test_a_run_knows_whether_its_cloze_rows_reach_max_length(smol_tok, records):
     """Whether a form change of the cut touches a run's rows (:func:`~pyro_lora.experiments.setup.scoring_since`)
     is read from its collation: a row as long as ``max_length`` counts as cut."""
-    from pyro_lora.collators import scored_apart_from_alone
+    from pyro_lora.collators import boundary_changes
     from pyro_lora.experiments.setup import _check_collates
 
     record = records["boolq"][0]
@@ -508,7 +508,7 @@ def test_a_run_knows_whether_its_cloze_rows_reach_max_length(smol_tok, records):
     assert _check_collates(D.ClozeCollator(smol_tok, max_length=32), {"test": [record]}) == {"cut"}
     assert _check_collates(D.ClozeCollator(smol_tok, max_length=whole), {"test": [record]}) == {"cut"}  # as long: taken as cut
     assert _check_collates(D.ClozeCollator(smol_tok, max_length=whole + 1), {"test": [record]}) == set()
-    assert not scored_apart_from_alone(smol_tok, [record])  # byte-level BPE: a choice's tokens alone are its own
+    assert boundary_changes(smol_tok, [record]) == set()  # byte-level BPE: a choice's tokens alone are its own
 
 
 def _passage_records():
@@ -616,7 +616,7 @@ def test_a_run_knows_whether_its_choices_tokenized_alone_differ():
     such a tokenizer differs from form 0's; one under SmolLM2's byte-level BPE does not."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-    from pyro_lora.collators import scored_apart_from_alone
+    from pyro_lora.collators import boundary_changes
     from pyro_lora.experiments.setup import _check_collates
 
     record = {"id": "q", "question": "What is the capital of France?", "choices": ["Paris", "Rome"], "label": 0}
@@ -628,7 +628,7 @@ def test_a_run_knows_whether_its_choices_tokenized_alone_differ():
     backend.normalizer, backend.pre_tokenizer = norm, pre
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>")
     assert tok.convert_ids_to_tokens(tok(" Paris", add_special_tokens=False)["input_ids"]) == ["▁", "▁Paris"]
-    assert scored_apart_from_alone(tok, [record])
+    assert boundary_changes(tok, [record]) == {"split"}
     assert _check_collates(D.ClozeCollator(tok, max_length=64), {"test": [record]}) == {"split"}
 
 

@@ -18,7 +18,7 @@ import torch
 from pyro.infer import TraceMeanField_ELBO
 
 from .. import data as D
-from ..collators import CUT_PASSAGE, text_cut, _TooLong, _positions, merged_at_the_boundary, scored_apart_from_alone
+from ..collators import CUT_PASSAGE, text_cut, _TooLong, _positions, boundary_changes
 from ..contract import CONFIG_IGNORED, weights_digest
 from ..ownership import take_over
 from ..io import writable_folder
@@ -92,13 +92,13 @@ BASE_DIGEST_VERSION = 4
 # "scoring" was scored by form 1, or before 2026-12-02 by form 0 (each continuation tokenized alone): taken as form 0
 CLOZE_SCORING = 5
 # what each form changed, by the runs it changes: "split" a run whose choices tokenized alone give other tokens than
-# within their context (:func:`~pyro_lora.collators.scored_apart_from_alone`), "cut" one whose cloze rows reach
+# within their context (:func:`~pyro_lora.collators.boundary_changes`), "cut" one whose cloze rows reach
 # --max-length (cut, or as long as it: taken as cut), "unshared" one whose decoder runs each cloze row in full
 # (MultipleChoice.shares_prefix: its cache was shared before 2026-12-02 under length-dependent rotary embeddings too,
 # and by later changes refused for more decoders), "chars" one normalized per character, "blank_chars" a WinoGrande
 # run normalized per character, "lone_blank" one holding questions shaped as blank sentences in a dataset that is not
 # all of them, "merge" one whose tokenizer merges a context's end with a choice's start
-# (:func:`~pyro_lora.collators.merged_at_the_boundary`). A run none of whose changes since form f touch it scores the
+# (:func:`~pyro_lora.collators.boundary_changes`). A run none of whose changes since form f touch it scores the
 # same rows under f as now (:func:`scoring_since`)
 SCORING_CHANGES = {1: ("split", "cut", "unshared"), 2: ("chars", "cut"), 3: ("blank_chars",),
                    4: ("cut", "lone_blank", "unshared"), 5: ("merge",)}
@@ -400,10 +400,7 @@ def _check_collates(collator, splits: dict, positions=None, chunk: int = 256, na
             if isinstance(collator, D.ClozeCollator):
                 if batch["attention_mask"].sum(-1).max() >= collator.max_length:
                     collated.add("cut")
-                if scored_apart_from_alone(collator.tokenizer, records[i : i + chunk]):
-                    collated.add("split")
-                if merged_at_the_boundary(collator.tokenizer, records[i : i + chunk]):
-                    collated.add("merge")
+                collated |= boundary_changes(collator.tokenizer, records[i : i + chunk])
             cut += [(records[i + place], tokens) for place, tokens in collator.last_cut.items()]
         if cut:
             _say_cut((names or {}).get(name, f"{name} records"), records, cut, collator.max_length,
