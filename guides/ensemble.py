@@ -22,7 +22,7 @@ import torch
 from peft.utils import ModulesToSaveWrapper
 
 from pyro_lora import distributed
-from pyro_lora.checks import check_count, check_flag
+from pyro_lora.checks import check_count, check_flag, check_reiterable
 from pyro_lora.contract import check_model, parameter_adapter
 from pyro_lora.hooks import forward_hooks
 from pyro_lora.ownership import take_over, trained_beside_head
@@ -64,7 +64,9 @@ class EnsembleGuide(LoraGuide):
     :param int num_members: ``K`` when ``members`` is ``None``: zero buffers of the final shapes (for loading).
     :param list head_parameters: parameter names when ``heads`` is ``None`` (for loading).
     :raises ValueError: for no members, members that are not the sites' values, heads of another count, names or
-        shapes than the members' and the model's head, non-finite heads, or heads that are not ``nn.Linear`` ones.
+        shapes than the members' and the model's head, heads that leave out some of the model's trained point
+        parameters (each member would run the network's current ones), non-finite heads, or heads that are not
+        ``nn.Linear`` ones.
     """
 
     fitted_at_head = True  # each member was trained with the head (its own, or the network's) as it was
@@ -104,6 +106,13 @@ class EnsembleGuide(LoraGuide):
                     raise ValueError(f"a member's head value {name!r} must be finite, of the parameter's shape "
                                      f"{tuple(params[name].shape)}, got shape {tuple(value.shape)}")
         self._head_modules = _linear_owners(model.net, self.head_parameters)
+        uncovered = sorted(point - set(self.head_parameters)) if self.head_parameters else []
+        if uncovered:  # a pooler trained beside the classifier: each member ran the last fit's pooler, 0.77 off
+            raise ValueError(
+                f"the heads hold {self.head_parameters} but not the model's other trained point parameters {uncovered[:4]}: "
+                "every member would run the network's current values of those (the last training's), not its own; give "
+                "each member's value of every point parameter (model.named_point_parameters(); train_ensemble keeps them "
+                "all), or make a LoRA matrix among them a site (random='AB')")
         device = model.device
         for i, site in enumerate(self.sites.values()):
             self.register_buffer(f"member_{i}", torch.zeros((num_members, *site.shape), device=device))
@@ -450,7 +459,7 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     :param bool include_current: the network's current adapter and head (e.g. an already trained MAP) is
         member 0 and only ``k - 1`` members are trained (with ``seeds[1:]``).
     :raises ValueError: before any training, for repeated seeds, sites between A and B, LoRA parameters that are no
-        sites, ``train_network=False`` with a head, ``epochs=0`` or ``lr=0`` (untrained members), or checkpointing ``fit_kwargs`` (``checkpoint_dir``,
+        sites, one-shot ``data`` (a generator) for two members or more, ``train_network=False`` with a head, ``epochs=0`` or ``lr=0`` (untrained members), or checkpointing ``fit_kwargs`` (``checkpoint_dir``,
         ``checkpoint_every``, ``resume``: the members would share one checkpoint), inside ``torch.inference_mode()`` or
         a Pyro handler :func:`pyro_lora.fit` refuses; under ``torch.distributed``, on every rank, where ``k``, ``seeds``
         (``None`` and the same seeds given count as different), ``include_current`` or a ``fit_kwargs`` entry differ
@@ -485,6 +494,8 @@ def train_ensemble(model, data, k=3, seeds=None, fit_kwargs=None, include_curren
     if any(s >= 2**64 for s in seeds):
         raise ValueError(f"each seed must be below 2**64 (torch.manual_seed's range), got {max(seeds)}")
     trained = seeds[1:] if include_current else seeds
+    if len(trained) > 1:  # the second member's fit found it used up, after the first member's whole training
+        check_reiterable(data, "data", f"each of the {len(trained)} members trains on it")
     if len(set(trained)) < len(trained):
         raise ValueError(f"seeds {trained} repeat a seed: members trained under one seed are one network (the same "
                          "initialisation and data order), and an ensemble of copies has no spread; give distinct seeds")

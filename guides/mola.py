@@ -57,7 +57,8 @@ class LaplaceMixtureGuide(EnsembleGuide):
         super().__init__(model, members, heads, num_members, head_parameters)
         self.components = torch.nn.ModuleList(
             LaplaceGuide(model, fisher=fisher, rank=rank, kfac=kfac) for _ in range(self.num_members))
-        self.fisher, self.rank, self.kfac = fisher, rank, kfac
+        first = self.components[0]  # the settings as each component checked them (a numpy rank as an int)
+        self.fisher, self.rank, self.kfac = first.fisher, first.rank, first.kfac
         self.adopt_point_parameters()
 
     @classmethod

@@ -62,7 +62,7 @@ class SWAGGuide(LoraGuide):
 
     def __init__(self, model, rank=10, scale=0.5, var_clamp=1e-12):
         super().__init__(model)
-        check_count(rank, "rank", minimum=2, alternative="the low-rank part divides by K - 1")
+        rank = check_count(rank, "rank", minimum=2, alternative="the low-rank part divides by K - 1")
         # an infinite floor made every sample inf (predict nan); True is a slip, not 1
         self.rank, self.scale, self.var_clamp = rank, check_positive(scale, "scale"), check_positive(var_clamp, "var_clamp")
         device = model.device
@@ -210,9 +210,8 @@ class SWAGCollector:
     def __init__(self, swag, start_step=0, start_epoch=0, every=1, source=None):
         if not isinstance(swag, SWAGGuide):  # else an AttributeError at the fit's first step
             raise ValueError(f"SWAGCollector needs the SWAGGuide to fill, got {type(swag).__name__} {swag!r}")
-        check_count(every, "every")
-        check_count(start_step, "start_step", minimum=0)
-        check_count(start_epoch, "start_epoch", minimum=0)
+        every, start_step = check_count(every, "every"), check_count(start_step, "start_step", minimum=0)
+        start_epoch = check_count(start_epoch, "start_epoch", minimum=0)
         self.swag, self.start_step, self.start_epoch, self.every, self.source = swag, start_step, start_epoch, every, source
 
     def __call__(self, state):

@@ -7,6 +7,7 @@ import math
 import numbers
 import os
 
+import numpy as np
 import torch
 
 
@@ -171,7 +172,7 @@ def check_flag(value, name: str) -> bool:
 
     :raises ValueError: for anything else: the string ``"false"`` of a hand-edited ``guide.json`` is truthy.
     """
-    if not (isinstance(value, bool) or type(value).__name__ == "bool_"):
+    if not isinstance(value, (bool, np.bool_)):  # numpy 2 names its type "bool", which a name test took for no bool
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return bool(value)
 

@@ -207,6 +207,8 @@ class LoraModel(ModelContract):
         self.num_data = num_data
         self._embeddings = _input_embeddings(net)
         self._positions = _learned_positions(net)
+        # rotary (or other computed) positions run past the config's limit: said once per model, not refused
+        self._trained_positions = None if self._positions else _config_positions(net)
         self._ids_checked = False  # token ids checked against the embedding's rows on an accelerator (once)
         quantized.keep_differentiable(net)  # before the likelihood's check runs the network: a 4-bit layer repacks in it
         with _autocast(self.device, self.compute_dtype):
@@ -508,6 +510,13 @@ class LoraModel(ModelContract):
                              "integers; cast them with .long() if these are ids")
         if self._positions is not None and isinstance(ids, torch.Tensor) and ids.dim() and ids.shape[-1] > self._positions[1]:
             self._check_positions(ids)
+        if self._trained_positions is not None and isinstance(ids, torch.Tensor) and ids.dim() and ids.shape[-1] > self._trained_positions:
+            warnings.warn(
+                f"the batch's rows are {ids.shape[-1]} tokens long, past the {self._trained_positions} positions of the "
+                "network's config (max_position_embeddings): its positions are computed (rotary), so it runs on, but it "
+                "was not trained that far and its predictions there are unreliable; build the batches with "
+                f"max_length={self._trained_positions} or less (said once per model)", stacklevel=user_stacklevel())
+            self._trained_positions = None
         if self._embeddings is None or not isinstance(ids, torch.Tensor) or (ids.device.type != "cpu" and self._ids_checked):
             return
         rows = self._embeddings.weight.shape[0]
@@ -1544,6 +1553,12 @@ def _input_embeddings(net):
 
 
 _POSITION_EMBEDDINGS = ("wpe", "position_embeddings", "embed_positions")  # GPT-2 and kin, BERT and kin, OPT and kin
+
+
+def _config_positions(net) -> int | None:
+    """The positions the network was trained on as its config names them (``max_position_embeddings``), or ``None``."""
+    limit = getattr(getattr(net, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
 
 
 def _learned_positions(net) -> tuple[str, int, int | None] | None:

@@ -840,12 +840,13 @@ def test_ensemble_save_load_round_trip_with_heads(tmp_path):
     model = make()
     members = distinct_members(model, k=2)
     name = "base_model.model.classifier.modules_to_save.default.weight"
-    heads = [{name: torch.randn(2, 32)}, {name: torch.randn(2, 32)}]
+    bias = name.replace("weight", "bias")
+    heads = [{name: torch.randn(2, 32), bias: torch.randn(2)} for _ in range(2)]
     guide = EnsembleGuide(model, [{n: v * 0.01 for n, v in m.items()} for m in members], heads)
     save_guide(guide, tmp_path / "ens")
     fresh = make()
     loaded = load_guide(tmp_path / "ens", fresh)
-    assert loaded.config() == {"num_members": 2, "head_parameters": [name]}
+    assert loaded.config() == {"num_members": 2, "head_parameters": [bias, name]}
     torch.testing.assert_close(loaded.heads()[name], guide.heads()[name])
     torch.testing.assert_close(predict_ensemble(fresh, loaded, toy_data()).probs, predict_ensemble(model, guide, toy_data()).probs)
 
@@ -1366,3 +1367,52 @@ def test_temperature_scaling_reads_lists_as_float64_integer_rows_and_refuses_a_b
     for bad in (-1.0, 0.0, math.nan, True):
         with pytest.raises(ValueError, match="temperature must be a finite positive number"):
             temperature_nll(probs.log(), labels, bad)
+
+
+def test_heads_that_leave_out_a_trained_point_parameter_are_refused():
+    """peft's modules_to_save=["pooler"] trains the pooler beside the classifier: heads= holding the classifier only was
+    taken, and every member ran the last fit's pooler (member 0's probabilities 0.77 off its own network's). With
+    random="A" the B matrices are point parameters too: heads= of the classifier paired every member with the last B."""
+    torch.manual_seed(0)
+    net = get_peft_model(tiny_bert_base(), LoraConfig(r=2, target_modules=["query", "value"], task_type="SEQ_CLS",
+                                                      modules_to_save=["pooler"]))
+    model, data = LoraModel(net, SequenceClassification(), random="AB", num_data=16), toy_data()
+    point = dict(model.named_point_parameters())
+    assert any("pooler" in n for n in point) and any("classifier" in n for n in point)
+    members, heads, own = [], [], []
+    for seed in (0, 1):
+        reinitialize(model, seed)
+        guide = MAPGuide(model)
+        fit(model, guide, data, epochs=2, lr=1e-1, progress=False)
+        members.append({n: v.detach().clone() for n, v in guide.mean().items()})
+        heads.append({n: p.detach().clone() for n, p in point.items()})
+        model.write_adapter(guide.mean())
+        with torch.no_grad():  # each member's own network, as it was trained
+            own.append(torch.softmax(net.eval()(input_ids=data[0]["input_ids"], attention_mask=data[0]["attention_mask"]).logits, -1))
+    classifier = [{n: v for n, v in h.items() if "classifier" in n} for h in heads]
+    with pytest.raises(ValueError, match=r"the heads hold .*classifier.* but not the model's other trained point "
+                                         r"parameters \[.*pooler.*\]: every member would run the network's current"):
+        EnsembleGuide(model, members, classifier)
+    ensemble = EnsembleGuide(model, members, heads)  # every point parameter per member: each member's own network
+    prediction = predict_ensemble(model, ensemble, data[:1], keep_samples=True)
+    torch.testing.assert_close(prediction.sample_probs, torch.stack(own))
+
+    only_a = LoraModel(tiny_bert(), SequenceClassification(), random="A", num_data=16)
+    b_and_head = [n for n, _ in only_a.named_point_parameters()]
+    head = [n for n in b_and_head if "lora_B" not in n]
+    values = {n: s.loc.detach().clone() if hasattr(s, "loc") else torch.zeros(s.shape) for n, s in only_a.sites.items()}
+    params = dict(only_a.net.named_parameters())
+    with pytest.raises(ValueError, match=r"not the model's other trained point parameters \[.*lora_B.*random='AB'"):
+        EnsembleGuide(only_a, [values] * 2, [{n: params[n].detach().clone() for n in head}] * 2)
+
+
+def test_an_ensemble_over_one_shot_data_is_refused_before_any_training():
+    """A generator of batches trained member 0 whole; member 1 then found it used up, blamed on 'a previous epoch'."""
+    model = LoraModel(tiny_bert(), SequenceClassification(), num_data=16)
+    before = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    for k, current in ((2, False), (3, True)):
+        with pytest.raises(ValueError, match=r"data is a one-shot iterator \(list_iterator\).*each of the 2 members trains on "
+                                             "it; pass a list of batches or a DataLoader"):
+            train_ensemble(model, iter(toy_data()), k=k, include_current=current, fit_kwargs={"epochs": 1, "progress": False})
+    assert all(torch.equal(p, before[n]) for n, p in model.net.named_parameters())
+    train_ensemble(model, iter(toy_data()), k=2, include_current=True, fit_kwargs={"epochs": 1, "progress": False})  # one trained

@@ -12,6 +12,7 @@ import math
 import sys
 import warnings
 
+import numpy as np
 import pyro
 import pyro.optim
 import pyro.poutine as poutine
@@ -1701,3 +1702,23 @@ def test_switches_given_as_strings_and_data_of_none_are_refused_by_name():
                        (lambda: guides.bayesianize(model, None), "anchor_loader")):
         with pytest.raises(ValueError, match=rf"^{name} is None: give an iterable of batches"):
             call()
+
+
+def _numpy_number(value):
+    """``value`` as the numpy scalar a grid or a DataFrame row hands over (bools first: a bool is an int)."""
+    if isinstance(value, bool):
+        return np.bool_(value)
+    if isinstance(value, int):
+        return np.int64(value)
+    return np.float32(value) if isinstance(value, float) else value
+
+
+def test_a_config_given_as_numpy_numbers_is_kept_as_python_ones(built):
+    """A guide built with numpy numbers kept them: SWAGGuide(rank=np.int64(3)) trained and sampled, and save_guide
+    failed only after the training ('Object of type int64 is not JSON serializable')."""
+    model, guide = built
+    config = guide.config()
+    again = type(guide)(model, **{key: _numpy_number(value) for key, value in config.items()}).config()
+    assert json.loads(json.dumps(again)) == {key: _numpy_number(value).item() if isinstance(value, (int, float)) else value
+                                             for key, value in config.items()}
+    assert all(type(again[key]) is type(value) for key, value in config.items()), (again, config)

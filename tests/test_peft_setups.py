@@ -1047,7 +1047,8 @@ def test_rows_longer_than_a_learned_position_embedding_are_refused_naming_its_po
     """A tokenizer naming no model_max_length (SmolLM2's) let a collator build rows past GPT-2's n_positions: torch's
     raw 'IndexError: index out of range in self' from the position lookup. Refused naming the table and its 16
     positions (OPT's rows start at its offset 2; RoBERTa's, XLM-R's and MPNet's at padding_idx + 1, so 18 rows hold
-    16 tokens: 17 crashed raw under the first version of this check); rows within run as plain transformers; rotary positions run on."""
+    16 tokens: 17 crashed raw under the first version of this check); rows within run as plain transformers; rotary positions run on,
+    said once: the model was not trained past max_position_embeddings (rows past it were scored without a word)."""
     model = LoraModel(_short_positions(family), SequenceClassification(), num_data=3)
     rows = lambda n: {"input_ids": torch.arange(1, n + 1).remainder(60).add(1).expand(2, n),  # noqa: E731
                       "attention_mask": torch.ones(2, n, dtype=torch.long), "labels": torch.tensor([0, 1])}
@@ -1055,7 +1056,12 @@ def test_rows_longer_than_a_learned_position_embedding_are_refused_naming_its_po
         torch.testing.assert_close(model.logits(rows(16)),
                                    model.net(**{k: v for k, v in rows(16).items() if k != "labels"}).logits)
         if table is None:
-            model.logits(rows(40))
+            with pytest.warns(UserWarning, match="rows are 40 tokens long, past the 16 positions of the network's config "
+                                                 r"\(max_position_embeddings\).*max_length=16 or less"):
+                model.logits(rows(40))
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                model.logits(rows(40))  # once per model
             return
         for run in (lambda: model.logits(rows(17)), lambda: predict(model, MAPGuide(model), [rows(17)])):
             with pytest.raises(ValueError, match=rf"rows are 17 tokens long, past the 16 positions the network's learned "
