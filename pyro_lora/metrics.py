@@ -345,6 +345,10 @@ def _scores(scores_in, scores_out) -> tuple[torch.Tensor, torch.Tensor]:
         would tie with their float neighbours (an AUROC of 0.5 where the scores differ).
     """
     s_in, s_out = _tensor(scores_in, "scores_in"), _tensor(scores_out, "scores_out")
+    for name, s in (("scores_in", s_in), ("scores_out", s_out)):
+        if s.dtype == torch.uint64 and bool((s.view(torch.int64) < 0).any()):  # as int64 they wrapped negative
+            raise ValueError(f"{name} holds unsigned 64-bit integers of 2**63 or more, beyond int64, which ranks them "
+                             "exactly: subtract an offset from both score sets, or give them as floats")
     exact = not (s_in.is_floating_point() or s_out.is_floating_point())
     for name, s in (("scores_in", s_in), ("scores_out", s_out)):
         if not exact and not s.is_floating_point() and s.numel() and int(s.long().abs().max()) > 2 ** 53:
@@ -377,9 +381,10 @@ def stratified_auroc(scores_in: torch.Tensor, scores_out: torch.Tensor, covariat
     """:func:`auroc` counted over pairs in the same covariate bin only: how well a score flags shifted examples
     that a nuisance covariate (a multiple-choice answer's length) does not already tell apart.
 
-    P(score_out > score_in + 1/2 tie | both in the same bin), the bins the ``bins`` quantiles of the pooled
-    covariate: each bin's Mann-Whitney AUROC weighted by its n_in n_out pairs. scores_in, covariate_in [N_in];
-    scores_out, covariate_out [N_out]. A score that only repeats the covariate falls towards 0.5.
+    P(score_out > score_in + 1/2 tie | both in the same bin), the bins the ``bins`` quantile bins of the pooled
+    covariate, each value placed by its mid-rank there (equal values always share a bin): each bin's Mann-Whitney
+    AUROC weighted by its n_in n_out pairs. scores_in, covariate_in [N_in]; scores_out, covariate_out [N_out]. A score
+    that only repeats the covariate falls towards 0.5.
 
     :raises ValueError: on bad shapes, empty or non-finite inputs, ``bins`` < 1, or when no bin holds examples of
         both sets (the covariate alone separates them).
@@ -395,8 +400,10 @@ def stratified_auroc(scores_in: torch.Tensor, scores_out: torch.Tensor, covariat
             raise ValueError(f"{name} contains non-finite values (nan or inf)")
     auroc(s_in, s_out)  # the scores' own checks
     pooled = torch.cat([c_in, c_out])
-    edges = torch.quantile(pooled, torch.arange(1, bins, dtype=torch.float64) / bins)
-    b_in, b_out = torch.bucketize(c_in, edges, right=True), torch.bucketize(c_out, edges, right=True)
+    # by mid-rank, not by quantile edges: an edge equal to a value (an integer length) put that value in the next bin
+    # beside the next value, and a score that only repeats the length kept its whole AUROC (1.0 for 0.5, or no error)
+    which = ((_midranks(pooled) - 0.5) / len(pooled) * bins).floor().long().clamp(max=bins - 1)
+    b_in, b_out = which[: len(c_in)], which[len(c_in):]
     total = pairs = 0.0
     for b in range(bins):
         i, o = s_in[b_in == b], s_out[b_out == b]

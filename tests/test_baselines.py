@@ -473,7 +473,7 @@ def test_temperature_bad_input():
         fit_temperature(torch.tensor([0.5, 0.5]), torch.tensor([0]))
     with pytest.raises(ValueError, match="out of range"):
         fit_temperature(torch.tensor([[0.5, 0.5]]), torch.tensor([2]))
-    with pytest.raises(ValueError, match="not probability vectors"):
+    with pytest.raises(ValueError, match=r"rows must be probability vectors .*: pass softmax\(logits\), not logits"):
         fit_temperature(torch.tensor([[2.0, 0.5]]), torch.tensor([0]), kind="probs")
     # float labels were truncated (labels + 0.7 gave the same T); refused as every metric refuses them
     logits, labels = classification(sharpness=3.0)
@@ -1416,3 +1416,21 @@ def test_an_ensemble_over_one_shot_data_is_refused_before_any_training():
             train_ensemble(model, iter(toy_data()), k=k, include_current=current, fit_kwargs={"epochs": 1, "progress": False})
     assert all(torch.equal(p, before[n]) for n, p in model.net.named_parameters())
     train_ensemble(model, iter(toy_data()), k=2, include_current=True, fit_kwargs={"epochs": 1, "progress": False})  # one trained
+
+
+def test_probabilities_a_rounding_error_below_zero_are_refused_not_read_as_logits():
+    """A float32 softmax whose last class is 1 minus the others holds entries of -1.2e-7 in rows summing to 1:
+    kind='auto' read them as logits, and a calibrated set got T = 0.237 for the 1.037 of its clean rows."""
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(6 * torch.randn(3000, 3, generator=g), -1)
+    labels = torch.multinomial(probs, 1, generator=g).squeeze(-1)
+    mended = probs.clone()
+    mended[:, -1] = 1 - mended[:, :-1].sum(-1)
+    assert bool((mended < 0).any()) and bool(((mended.double().sum(-1) - 1).abs() < 1e-6).all())
+    for kind in ("auto", "probs"):
+        with pytest.raises(ValueError, match=r"negative entries are rounding error \(a probability computed as 1 minus "
+                                             r"the others\?\): clamp them at 0 and renormalise"):
+            fit_temperature(mended, labels, kind=kind)
+    clean = mended.clamp(min=0)
+    assert fit_temperature(clean / clean.sum(-1, keepdim=True), labels) == pytest.approx(fit_temperature(probs, labels), rel=1e-3)
+    assert 0.9 < fit_temperature(probs, labels) < 1.15

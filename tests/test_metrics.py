@@ -124,6 +124,10 @@ def test_auroc_refuses_integers_float64_cannot_hold_beside_float_scores():
     with pytest.raises(ValueError, match="scores_in holds integers beyond 2\\*\\*53 while the other scores are floats"):
         metrics.auroc([2**53 + 1], [float(2**53)])
     assert metrics.auroc([1, 2, 3], [2.5, 3.5]) == pytest.approx(5 / 6)  # small integers beside floats: exact
+    # unsigned 64-bit scores from 2**63 on wrapped negative as int64: 0.0 where every out-score is larger
+    with pytest.raises(ValueError, match="scores_out holds unsigned 64-bit integers of 2\\*\\*63 or more"):
+        metrics.auroc(np.array([1, 2, 3], dtype=np.uint64), np.array([2**63, 2**64 - 1], dtype=np.uint64))
+    assert metrics.auroc(np.array([1, 2], dtype=np.uint64), np.array([2**63 - 1], dtype=np.uint64)) == 1.0
 
 
 def test_auroc_matches_pairwise_count_with_ties():
@@ -169,23 +173,38 @@ def test_entropies_and_mutual_information_do_not_depend_on_the_order_of_entries_
     assert metrics.auroc(mi, metrics.mutual_information(shuffled)) == 0.5
 
 
+def _quantile_bin(pooled, values, bins):
+    """Each of ``values``' quantile bin among ``pooled``, placed by its mid-rank (the count below it plus half of its
+    ties): equal values share a bin."""
+    below, equal = (pooled[None, :] < values[:, None]).sum(1), (pooled[None, :] == values[:, None]).sum(1)
+    return np.minimum(np.floor((below + equal / 2) / len(pooled) * bins), bins - 1)
+
+
 def test_stratified_auroc_counts_pairs_within_bins():
-    """Against a brute-force count over the pairs whose covariates fall in the same pooled-quantile bin (numpy's
-    quantiles and digitize), with ties in both scores and covariates (answer lengths are integers)."""
+    """Against a brute-force count over the pairs whose covariates fall in the same pooled-quantile bin, with ties in
+    both scores and covariates (answer lengths are integers, lengths of many examples where a quantile falls)."""
     gen = np.random.default_rng(0)
-    c_in, c_out = gen.integers(5, 25, 60).astype(float), gen.integers(10, 40, 45).astype(float)
-    s_in, s_out = c_in + gen.integers(0, 4, 60), c_out + gen.integers(0, 5, 45)  # scores that mostly repeat the length
-    for bins in (1, 3, 5):
-        edges = np.quantile(np.concatenate([c_in, c_out]), np.arange(1, bins) / bins)
-        same = np.digitize(c_in, edges)[:, None] == np.digitize(c_out, edges)[None, :]
-        diff = s_out[None, :] - s_in[:, None]
-        brute = (((diff > 0) + 0.5 * (diff == 0)) * same).sum() / same.sum()
-        assert metrics.stratified_auroc(s_in, s_out, c_in, c_out, bins=bins) == pytest.approx(brute, rel=1e-12)
+    lengths = [(gen.integers(5, 25, 60), gen.integers(10, 40, 45)), (gen.integers(1, 4, 50), gen.integers(2, 5, 30))]
+    for c_in, c_out in lengths:
+        c_in, c_out = c_in.astype(float), c_out.astype(float)
+        s_in, s_out = c_in + gen.integers(0, 4, len(c_in)), c_out + gen.integers(0, 5, len(c_out))  # mostly the length
+        pooled = np.concatenate([c_in, c_out])
+        for bins in (1, 2, 3, 5):
+            same = _quantile_bin(pooled, c_in, bins)[:, None] == _quantile_bin(pooled, c_out, bins)[None, :]
+            diff = s_out[None, :] - s_in[:, None]
+            brute = (((diff > 0) + 0.5 * (diff == 0)) * same).sum() / same.sum()
+            assert metrics.stratified_auroc(s_in, s_out, c_in, c_out, bins=bins) == pytest.approx(brute, rel=1e-12)
     assert metrics.stratified_auroc(s_in, s_out, c_in, c_out, bins=1) == pytest.approx(metrics.auroc(s_in, s_out), rel=1e-12)
     # a score that is the covariate alone separates the sets, and tells nothing within bins of one covariate value
     short, long = np.repeat([1.0, 2.0], [40, 10]), np.repeat([1.0, 2.0], [10, 40])
     assert metrics.auroc(short, long) == pytest.approx(0.8)
     assert metrics.stratified_auroc(short, long, short, long, bins=2) == 0.5
+    # a quantile edge on a length put it in the next bin beside the next length: the plain AUROC (0.79 for 0.5), or
+    # 1.0 for lengths that alone separate the sets
+    for short, long, bins in (([1.0] * 5 + [2.0], [1.0] + [2.0] * 3, 2), ([1.0] * 8 + [2.0] * 2, [2.0] * 3 + [3.0] * 3, 3)):
+        assert metrics.stratified_auroc(short, long, short, long, bins=bins) == 0.5
+    with pytest.raises(ValueError, match="no covariate bin of 2 holds examples of both sets"):
+        metrics.stratified_auroc([1.0] * 6, [2.0] * 4, [1.0] * 6, [2.0] * 4, bins=2)
 
 
 def test_stratified_auroc_refuses_bad_input():
@@ -738,3 +757,21 @@ def test_a_tiny_tolerance_or_temperature_ends_and_stays_finite():
                                                                            dtype=torch.float64))
     with pytest.raises(ValueError, match="^return_info must be True or False"):
         fit_temperature(logits, labels, return_info="False")
+
+
+def test_the_verdict_refuses_a_repeated_row_and_a_seed_that_is_no_integer():
+    """Rows of a rerun joined to the first run's: the verdict kept the last of two laplace seed-0 rows without a word
+    (laplace went from beating temperature scaling to not); a seed "0" beside 1 failed as a bare TypeError."""
+    from pyro_lora.experiments.verdict import verdict
+
+    def row(guide, seed, ece, nll):
+        return dict(guide=guide, seed=seed, dataset="d", accuracy=0.8, ece=ece, nll=nll, aurc=0.1)
+
+    rows = [r for s in range(3) for r in (row("map", s, 10.0, 0.6), row("temperature", s, 5.0, 0.5),
+                                          row("laplace", s, 4.0 - 0.1 * s, 0.45 - 0.001 * s))]
+    assert "laplace" in verdict(rows, "d")
+    with pytest.raises(ValueError, match=r"the rows hold the row of \('laplace', 'd', 0\) twice"):
+        verdict(rows + [row("laplace", 0, 9.0, 0.9)], "d")
+    with pytest.raises(ValueError, match=r"the row of 'map' on 'd' has seed '0': a seed is an integer"):
+        verdict([{**rows[0], "seed": "0"}, *rows[1:]], "d")
+    assert verdict([{**r, "seed": np.int64(r["seed"])} for r in rows], "d") == verdict(rows, "d")

@@ -161,6 +161,22 @@ def _missing(name, guide, left, compared, what, finished):
     return f"{name} has no finished seed (it failed on every one, or was not run)"
 
 
+def _check_keys(rows) -> None:
+    """Refuse a row whose seed is no integer, and rows repeating a (guide, dataset, seed): the last of two rows (a
+    rerun's joined to the first run's) replaced the first's values without a word, and a seed ``"0"`` beside ``1``
+    failed as a bare ``TypeError``. compare's record refuses both when read."""
+    seen = set()
+    for r in rows:
+        if not isinstance(r.get("seed"), numbers.Integral) or isinstance(r.get("seed"), bool):
+            raise ValueError(f"the row of {r.get('guide')!r} on {r.get('dataset')!r} has seed {r.get('seed')!r}: a "
+                             "seed is an integer")
+        key = (r.get("guide"), r.get("dataset"), int(r["seed"]))
+        if key in seen:
+            raise ValueError(f"the rows hold the row of {key} twice (a rerun's rows joined to the first run's?): keep "
+                             "one row per method, dataset and seed")
+        seen.add(key)
+
+
 def verdict(rows, dataset, shifted=()) -> str:
     """The paragraph ``compare`` prints under its table, from the per-seed ``rows`` of one run whose training set
     is ``dataset``: the best row on ECE, NLL and AURC (and OOD AUROC by entropy and by MI on each shifted set); which
@@ -179,7 +195,9 @@ def verdict(rows, dataset, shifted=()) -> str:
     :param shifted: the run's shifted evaluation sets (its config's ``eval_datasets``); the rows name the others. One
         without a row on the compared seeds (every method's scoring of it failed, or was not run) is named as such,
         rather than left out of the verdict without a word.
+    :raises ValueError: for a row whose seed is no integer, or two rows of one method, dataset and seed.
     """
+    _check_keys(rows)
     rows, versions = one_version(rows)
     by_guide = {}
     for r in rows:
