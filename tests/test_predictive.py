@@ -356,7 +356,7 @@ def test_bad_num_samples_is_an_error(bad):
 def test_ensemble_with_heads_refuses_chunks():
     model = make_model()
     name = "base_model.model.classifier.modules_to_save.default.weight"
-    heads = [{name: torch.randn(C, 32)} for _ in range(3)]
+    heads = [{name: torch.randn(C, 32), name.replace("weight", "bias"): torch.randn(C)} for _ in range(3)]
     guide = EnsembleGuide(model, [perturbed(model, 0.1, i) for i in range(3)], heads)
     with guide.member_heads(3), pytest.raises(ValueError, match="chunk_size"):
         predict(model, guide, loader(4), num_samples=3, chunk_size=2)
