@@ -59,12 +59,11 @@ def _log_probs(probs_or_logits, kind="auto"):
             f"every entry is in [0, 1] but a row's sum is {worst:.3g} away from 1: probabilities that were clipped or "
             "rounded, or logits? renormalise probabilities (p / p.sum(-1, keepdim=True)), or pass kind='logits'"
         )
-    if kind == "logits" and looks_like_probs:
-        _refuse_probabilities_as_logits()
     # entries a rounding error outside [0, 1] in rows summing to 1 (a 1 - sum of the others): read as logits, a
     # calibrated set got T = 0.24 for 1.04; refused as the metrics refuse them, saying how to mend them
-    tol = _sum_tolerance(raw.dtype, x.shape[-1])
-    noisy = not in_unit and bool(((x >= -tol) & (x <= 1 + tol)).all()) and _sums_to_one(x, raw)
+    noisy = not in_unit and _probability_like(x, raw)
+    if kind == "logits" and (looks_like_probs or noisy):
+        _refuse_probabilities_as_logits()
     if (kind == "probs" and not looks_like_probs) or (kind == "auto" and noisy):
         _check_rows(x, raw.dtype, "probs_or_logits")  # passes only entries above 1 by a rounding error: probabilities
         looks_like_probs = True
@@ -79,13 +78,20 @@ def _sums_to_one(x, raw) -> bool:
     return bool(((x.sum(-1) - 1).abs() <= _sum_tolerance(raw.dtype, x.shape[-1])).all())
 
 
+def _probability_like(x, raw) -> bool:
+    """Whether every row of ``x`` (float64, from ``raw``) is a probability vector up to rounding: entries within the
+    row sum's tolerance of ``[0, 1]`` (a ``1 -`` the others a rounding error below 0), summing to 1 within it."""
+    tol = _sum_tolerance(raw.dtype, x.shape[-1])
+    return bool(((x >= -tol) & (x <= 1 + tol)).all()) and _sums_to_one(x, raw)
+
+
 def _refuse_probabilities_as_logits():
     # probabilities taken as logits got a T of another scale (0.68 for 2.92: a test NLL worse than no scaling), and
     # scaled as logits a row of another shape
     raise ValueError(
-        "kind='logits' but every row is a probability vector (entries in [0, 1] summing to 1): probabilities read as "
-        "logits get a temperature of another scale; pass kind='probs' (or 'auto'), or, for logits that really are these "
-        "numbers, add a constant to them (a softmax does not change)")
+        "kind='logits' but every row is a probability vector (entries in [0, 1] up to rounding, summing to 1): "
+        "probabilities read as logits get a temperature of another scale; pass kind='probs' (or 'auto'), or, for logits "
+        "that really are these numbers, add a constant to them (a softmax does not change)")
 
 
 def temperature_nll(log_probs: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
@@ -177,7 +183,8 @@ def fit_temperature(probs_or_logits: torch.Tensor, labels: torch.Tensor, kind: s
     :returns: ``T`` as a float, or a :class:`TemperatureFit`.
     :raises ValueError: on bad shapes, labels that are not integers or out of range (checked as
         :mod:`pyro_lora.metrics` checks them), nan / +inf inputs, all ``-inf`` logit rows, ``kind="probs"`` rows
-        that are not probability vectors, ``kind="logits"`` rows that all are, ``kind="auto"`` entries all in ``[0, 1]`` in rows not summing to 1, logits
+        that are not probability vectors, ``kind="logits"`` rows that all are (up to rounding), ``kind="auto"`` entries
+        all in ``[0, 1]`` in rows not summing to 1 or entries a rounding error below 0 in rows summing to 1, logits
         of ``-inf`` at an example's label (a label on a missing choice), ``bounds`` that are not two finite numbers
         with ``0 < low < 1 < high`` (a dict or a set refused: they have no order), or a ``tol`` that is not a positive finite number.
     """
@@ -337,7 +344,7 @@ def apply_temperature(probs: torch.Tensor, temperature: float, kind: str = "prob
     :returns: ``[..., C]`` float64 probabilities (for ``kind="probs"`` at ``T = 1`` a copy of ``probs``, of its dtype).
     :raises ValueError: for a ``T`` that is no finite positive number (a bool included), an unknown ``kind``, rows
         that are not probability vectors (logits, nan, inf) for ``"probs"``, or logits with a nan or ``+inf``, a row
-        all ``-inf``, or rows that all are probability vectors for ``"logits"``.
+        all ``-inf``, or rows that all are probability vectors (up to rounding) for ``"logits"``.
     """
     temperature = check_positive(temperature, "temperature")
     if kind not in ("probs", "logits"):
@@ -350,7 +357,7 @@ def apply_temperature(probs: torch.Tensor, temperature: float, kind: str = "prob
     if kind == "logits":
         if torch.isnan(x).any() or (x == math.inf).any():
             raise ValueError("logits contain nan or +inf")
-        if _in_unit(x) and _sums_to_one(x, raw):
+        if _probability_like(x, raw):
             _refuse_probabilities_as_logits()
         if bool((x == -math.inf).all(-1).any()):
             raise ValueError("a row of logits is all -inf: it gives no class a probability")

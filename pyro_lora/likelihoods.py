@@ -748,8 +748,8 @@ class MultipleChoice(Likelihood):
                 )
         self.format = format
         self.normalize = normalize
-        if share_prefix is not None:  # the string "False" would share: None is the default, else a bool
-            check_flag(share_prefix, "share_prefix")
+        if share_prefix is not None:  # the string "False" would share: None is the default, else a bool (numpy's False
+            share_prefix = check_flag(share_prefix, "share_prefix")  # was no `False` below: it shared)
         self.share_prefix = share_prefix is not False
         self._share_asked = share_prefix is True  # warn where the decoder cannot share it
 

@@ -115,8 +115,9 @@ def predict(model, guide, data, num_samples: int = 8, mean: bool = False, chunk_
     with entry_checks(model, guide, "predict", settings={"num_samples": num_samples, "mean": mean, "chunk_size": chunk_size,
                                                         "keep_samples": keep_samples}):
         check_every_example(data, "predict")
-        for flag, name in ((mean, "mean"), (keep_samples, "keep_samples"), (progress, "progress")):
-            check_flag(flag, name)  # the string "False" is truthy: mean="False" predicted at the mean
+        # the string "False" is truthy: mean="False" predicted at the mean
+        mean, keep_samples, progress = (check_flag(flag, name) for flag, name in
+                                        ((mean, "mean"), (keep_samples, "keep_samples"), (progress, "progress")))
         num_samples = check_count(num_samples, "num_samples")
         if chunk_size is not None:
             chunk_size = check_count(chunk_size, "chunk_size", alternative="or None for all samples in one forward")

@@ -217,9 +217,13 @@ def fit(
                                                **model_settings, "callbacks": [type(cb).__name__ for cb in callbacks],
                                                "checkpoint_dir": os.path.abspath(checkpoint_dir) if checkpoint_dir else None})
             grad_accum_steps = check_count(grad_accum_steps, "grad_accum_steps")
-            for flag, name in ((train_network, "train_network"), (gradient_checkpointing, "gradient_checkpointing"),
-                               (stop_on_divergence, "stop_on_divergence"), (progress, "progress")):
-                check_flag(flag, name)  # the string "False" is truthy: the head trained under train_network="False"
+            # the string "False" is truthy: the head trained under train_network="False"; and as Python bools: numpy's
+            # True was recorded as "True", which refused a resume given True
+            train_network, gradient_checkpointing, stop_on_divergence, progress = (
+                check_flag(flag, name) for flag, name in ((train_network, "train_network"),
+                                                          (gradient_checkpointing, "gradient_checkpointing"),
+                                                          (stop_on_divergence, "stop_on_divergence"), (progress, "progress")))
+            arguments.update(train_network=train_network, stop_on_divergence=stop_on_divergence)
             # as Python ints: a numpy int64 reached fit_progress, which no checkpoint or save_guide could write as JSON
             epochs = check_count(epochs, "epochs", minimum=0)
             warmup_steps = check_count(warmup_steps, "warmup_steps", minimum=0)

@@ -1431,6 +1431,11 @@ def test_probabilities_a_rounding_error_below_zero_are_refused_not_read_as_logit
         with pytest.raises(ValueError, match=r"negative entries are rounding error \(a probability computed as 1 minus "
                                              r"the others\?\): clamp them at 0 and renormalise"):
             fit_temperature(mended, labels, kind=kind)
+    # read as logits by request: T = 0.27, and apply_temperature's rows of another shape
+    for run in (lambda: fit_temperature(mended, labels, kind="logits"), lambda: apply_temperature(mended, 2.0, kind="logits")):
+        with pytest.raises(ValueError, match=r"kind='logits' but every row is a probability vector \(entries in \[0, 1\] "
+                                             "up to rounding"):
+            run()
     clean = mended.clamp(min=0)
     assert fit_temperature(clean / clean.sum(-1, keepdim=True), labels) == pytest.approx(fit_temperature(probs, labels), rel=1e-3)
     assert 0.9 < fit_temperature(probs, labels) < 1.15

@@ -1621,3 +1621,24 @@ def test_a_collators_warning_points_at_the_users_line_through_the_dataloader_and
             predict(model, MAPGuide(model), loader, num_samples=1, progress=progress)
         said = [(w.filename, w.lineno) for w in caught if "longer than max_length" in str(w.message)]
         assert said == [(__file__, line)], progress
+
+
+def test_numpy_bools_are_taken_as_the_bools_they_are(tmp_path):
+    """check_flag took numpy 2's bools, and the raw values went on: fit recorded train_network=np.True_ as "True", so a
+    resume given True was refused as another run; MultipleChoice(share_prefix=np.False_) shared the prefix."""
+    from pyro_lora.likelihoods import MultipleChoice
+
+    assert MultipleChoice(format="cloze", share_prefix=np.False_).share_prefix is False
+    assert MultipleChoice(format="cloze", share_prefix=np.True_)._share_asked is True
+    model, guide = make()
+
+    def stop(state):
+        if state.step == len(toy_data()) + 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, guide, toy_data(), epochs=2, lr=1e-2, progress=np.False_, train_network=np.True_, callbacks=[stop],
+            stop_on_divergence=np.True_, checkpoint_dir=tmp_path / "run", checkpoint_every=len(toy_data()))
+    losses = fit(model, guide, toy_data(), epochs=2, lr=1e-2, progress=False, train_network=True,
+                 checkpoint_dir=tmp_path / "run", checkpoint_every=len(toy_data()), resume=True)
+    assert len(losses) == 2 * len(toy_data())  # the whole run's losses, the first epoch's from its checkpoint
