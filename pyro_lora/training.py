@@ -251,6 +251,13 @@ def fit(
             autocast, forward_dtype = training_autocast(model, autocast)
             if not callable(kl_weight):
                 kl_weight = _kl_weight(kl_weight, 0)
+            # as Python floats, recorded and handed to the optimiser: a numpy lr went into AdamW's param_groups and the
+            # checkpoint, which a resume's weights_only load refused as corrupt; a tensor kl_weight was compared by its
+            # printed form (0.5 and 0.50004 alike, 0.5 and tensor(0.5) apart)
+            lr, weight_decay = float(lr), float(weight_decay)
+            max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+            arguments.update(lr=lr, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                             kl_weight="a callable" if callable(kl_weight) else kl_weight)
             if epochs > 1:
                 check_reiterable(data, "data", f"epochs={epochs} needs them every epoch")
             if isinstance(data, (list, tuple)) and data:  # a loader's batches are checked as read (to_device)
@@ -412,7 +419,7 @@ def fit(
                         "kl_weights": kl_weights, "skipped_steps": skipped_steps, "seen": seen, "ran_out": ran_out,
                         "digest": digest.hexdigest(),
                         "epoch_rng": epoch_rng, "rng": _rng_state(device, keepers),
-                        "watch": watch and (watch.start, watch.ema, watch.first)})
+                        "watch": watch and (watch.start, watch.ema, watch.first and (_storable(watch.first[0]), watch.first[1]))})
                 else:
                     save_guide(guide, checkpoint_dir)
 
@@ -718,6 +725,17 @@ def _rng_state(device, keepers) -> dict:
     return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
             "random": random.getstate(), "numpy": _listed(np.random.get_state(legacy=False)),
             "generators": [_listed(_get_rng(rng)) for rng in rngs], "epochs": [obj.epoch for obj in epoched]}
+
+
+def _storable(batch):
+    """The batch as a checkpoint keeps it: numpy arrays and numbers as tensors (text arrays as lists). A resume loads
+    the checkpoint with ``weights_only``, which refused a collate's numpy column as a corrupt file."""
+    def kept(value):
+        if isinstance(value, (np.ndarray, np.generic)):
+            return torch.as_tensor(value) if value.dtype.kind in "biufc" else value.tolist()
+        return value
+
+    return {k: kept(v) for k, v in batch.items()} if isinstance(batch, dict) else batch
 
 
 def _set_rng_state(state, device, keepers) -> None:

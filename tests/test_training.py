@@ -1642,3 +1642,32 @@ def test_numpy_bools_are_taken_as_the_bools_they_are(tmp_path):
     losses = fit(model, guide, toy_data(), epochs=2, lr=1e-2, progress=False, train_network=True,
                  checkpoint_dir=tmp_path / "run", checkpoint_every=len(toy_data()), resume=True)
     assert len(losses) == 2 * len(toy_data())  # the whole run's losses, the first epoch's from its checkpoint
+
+
+def test_numpy_and_tensor_settings_and_a_numpy_column_checkpoint_and_resume_as_python_ones(tmp_path):
+    """A numpy lr or weight_decay went into AdamW's param_groups and the checkpoint, and a collate's numpy column into
+    the divergence watch's first batch there: the resume's weights_only load refused the file as corrupt. A tensor
+    kl_weight was compared by its printed form: 0.50004 resumed a run of 0.5, and 0.5 did not."""
+    data = [{**b, "idx": np.arange(len(b["labels"]))} for b in toy_data()]
+    steps = len(data)
+
+    def run(folder, kill=False, resume=False, **settings):
+        pyro.set_rng_seed(0)
+        model, guide = make()
+
+        def stop(state):
+            if kill and state.step == steps + 1:
+                raise KeyboardInterrupt
+
+        try:
+            return fit(model, guide, data, epochs=2, progress=False, callbacks=[stop], checkpoint_dir=tmp_path / folder,
+                       checkpoint_every=steps, resume=resume, **settings)
+        except KeyboardInterrupt:
+            return None
+
+    numpy = dict(lr=np.float32(0.01), weight_decay=np.float64(0.01), kl_weight=torch.tensor(0.5))
+    whole = run("whole", **numpy)
+    run("killed", kill=True, **numpy)
+    with pytest.raises(ValueError, match=r"kl_weight: 0.5 there, 0.500\d* here"):
+        run("killed", resume=True, **{**numpy, "kl_weight": torch.tensor(0.50004)})
+    assert run("killed", resume=True, lr=float(np.float32(0.01)), weight_decay=0.01, kl_weight=0.5) == whole
