@@ -513,9 +513,10 @@ class LoraModel(ModelContract):
         if self._trained_positions is not None and isinstance(ids, torch.Tensor) and ids.dim() and ids.shape[-1] > self._trained_positions:
             warnings.warn(
                 f"the batch's rows are {ids.shape[-1]} tokens long, past the {self._trained_positions} positions of the "
-                "network's config (max_position_embeddings): its positions are computed (rotary), so it runs on, but it "
-                "was not trained that far and its predictions there are unreliable; build the batches with "
-                f"max_length={self._trained_positions} or less (said once per model)", stacklevel=user_stacklevel())
+                "network's config (max_position_embeddings, times its rope scaling factor): its positions are computed, "
+                "not looked up, so it runs on, but it was not trained that far and its predictions there are unreliable; "
+                f"build the batches with max_length={self._trained_positions} or less (said once per model)",
+                stacklevel=user_stacklevel())
             self._trained_positions = None
         if self._embeddings is None or not isinstance(ids, torch.Tensor) or (ids.device.type != "cpu" and self._ids_checked):
             return
@@ -1556,9 +1557,24 @@ _POSITION_EMBEDDINGS = ("wpe", "position_embeddings", "embed_positions")  # GPT-
 
 
 def _config_positions(net) -> int | None:
-    """The positions the network was trained on as its config names them (``max_position_embeddings``), or ``None``."""
-    limit = getattr(getattr(net, "config", None), "max_position_embeddings", None)
-    return limit if isinstance(limit, int) and limit > 0 else None
+    """The positions a network of computed positions runs within as its config names them: ``max_position_embeddings``,
+    times a rope scaling's ``factor`` over its original length (Qwen2.5's YaRN keeps the original there); ``None``
+    without one, or for DeBERTa's relative positions (no absolute position is read: its 512 is no row limit)."""
+    config = getattr(net, "config", None)
+    limit = getattr(config, "max_position_embeddings", None)
+    if not (isinstance(limit, int) and limit > 0):
+        return None
+    if getattr(config, "relative_attention", False) and not getattr(config, "position_biased_input", True):
+        return None
+    scaling = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    # one dict, or one per layer type (ModernBERT's, Gemma 3's)
+    for rope in (scaling.values() if isinstance(scaling, dict) and all(isinstance(v, dict) for v in scaling.values())
+                 else [scaling]):
+        factor = rope.get("factor") if isinstance(rope, dict) else None
+        if isinstance(factor, (int, float)) and factor > 1:
+            original = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
+            limit = max(limit, int((original or limit) * factor))
+    return limit
 
 
 def _learned_positions(net) -> tuple[str, int, int | None] | None:
