@@ -282,8 +282,12 @@ def _adapter_parameter(name):
     if "trainable_tokens_" in name:
         return ("holds peft's trainable tokens (trainable_token_indices), which its embedding forward adds itself; "
                 "leave them out of the adapter")
-    return ("belongs to a LoRA layer (peft's lora_bias=True: B's bias): the weight hand-off adds it itself, not through "
-            "its module's forward, so a member's value would be ignored")
+    if name.endswith("bias"):
+        return ("belongs to a LoRA layer (peft's lora_bias=True: B's bias): the weight hand-off adds it itself, not "
+                "through its module's forward, so a member's value would be ignored")
+    return ("is a LoRA matrix left out of the sites, which the weight hand-off applies itself, not through its module's "
+            "forward, so a member's value would be ignored; build the model with random='AB' (each member's matrices "
+            "are its sites' values)")
 
 
 def _batched_linear(num_samples, weight, bias):

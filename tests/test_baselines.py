@@ -1404,6 +1404,8 @@ def test_heads_that_leave_out_a_trained_point_parameter_are_refused():
     params = dict(only_a.net.named_parameters())
     with pytest.raises(ValueError, match=r"not the model's other trained point parameters \[.*lora_B.*random='AB'"):
         EnsembleGuide(only_a, [values] * 2, [{n: params[n].detach().clone() for n in head}] * 2)
+    with pytest.raises(ValueError, match=r"lora_B.* is a LoRA matrix left out of the sites, .*random='AB'"):  # not 'B's bias'
+        EnsembleGuide(only_a, [values] * 2, [{n: params[n].detach().clone() for n in b_and_head}] * 2)
 
 
 def test_an_ensemble_over_one_shot_data_is_refused_before_any_training():
