@@ -310,6 +310,9 @@ def fit(
             settings = resumable and _settings(guide, length, keepers, _describe_data(data), **{
                 **arguments, "elbo": _describe_elbo(elbo), "autocast": str(autocast),  # as defaulted since
                 "lora_dropout": _lora_dropout(model),
+                # the base's dtype: a float32 run resumed on a bfloat16 cast of its base went on without a word (its
+                # weights' fingerprint allows a cast), 9e-3 off the run's parameters
+                "base_dtype": str(model.compute_dtype).removeprefix("torch."),
                 # what defines the loss (a callable or dict prior's distributions, which load_guide names by class only)
                 **{f"{_MODEL}{k}": v for k, v in model.settings().items()}})
             resumed = _resume_from(checkpoint_dir, model, guide, settings) if resume else None
@@ -839,7 +842,7 @@ def _settings(guide, length, keepers, data, **arguments) -> dict:
     }), default=str))
 
 
-_RECORDED_SINCE = {"batch_rows", "lora_dropout", "set_epoch"}  # settings a checkpoint of an earlier version lacks: not compared
+_RECORDED_SINCE = {"base_dtype", "batch_rows", "lora_dropout", "set_epoch"}  # settings a checkpoint of an earlier version lacks: not compared
 _MODEL = "model's "  # the model's settings (LoraModel.settings) among a run's, which checkpoints of earlier versions lack
 
 

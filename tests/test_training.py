@@ -1671,3 +1671,26 @@ def test_numpy_and_tensor_settings_and_a_numpy_column_checkpoint_and_resume_as_p
     with pytest.raises(ValueError, match=r"kl_weight: 0.5 there, 0.500\d* here"):
         run("killed", resume=True, **{**numpy, "kl_weight": torch.tensor(0.50004)})
     assert run("killed", resume=True, lr=float(np.float32(0.01)), weight_decay=0.01, kl_weight=0.5) == whole
+
+
+def test_a_resume_on_a_base_of_another_dtype_is_refused(tmp_path):
+    """A float32 run resumed on a bfloat16 cast of its base went on without a word (the base's fingerprint allows a
+    cast), its parameters 9e-3 off the uninterrupted run's."""
+    data = toy_data()
+
+    def run(dtype, resume=False):
+        pyro.set_rng_seed(0)
+        model = LoraModel(tiny_bert(num_labels=2, dtype=dtype), SequenceClassification(), random="AB", num_data=48)
+
+        def stop(state):
+            if not resume and state.step == len(data) + 1:
+                raise KeyboardInterrupt
+
+        return fit(model, MAPGuide(model), data, epochs=2, lr=1e-2, progress=False, callbacks=[stop],
+                   checkpoint_dir=tmp_path / "run", checkpoint_every=len(data), resume=resume)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(torch.float32)
+    with pytest.raises(ValueError, match=r"settings other than its own \(base_dtype: 'float32' there, 'bfloat16' here\)"):
+        run(torch.bfloat16, resume=True)
+    assert len(run(torch.float32, resume=True)) == 2 * len(data)
