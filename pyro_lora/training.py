@@ -731,14 +731,20 @@ def _rng_state(device, keepers) -> dict:
 
 
 def _storable(batch):
-    """The batch as a checkpoint keeps it: numpy arrays and numbers as tensors (text arrays as lists). A resume loads
-    the checkpoint with ``weights_only``, which refused a collate's numpy column as a corrupt file."""
-    def kept(value):
-        if isinstance(value, (np.ndarray, np.generic)):
-            return torch.as_tensor(value) if value.dtype.kind in "biufc" else value.tolist()
-        return value
+    """The batch's tensors as a checkpoint keeps them (nested in dicts, lists and tuples as given); other entries are
+    left out: the batch only feeds the divergence watch's NLL, which reads the likelihood's tensors. A resume loads the
+    checkpoint with ``weights_only``, which refused a collate's numpy column (or any object) as a corrupt file."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict):
+        return {k: v for k, v in ((k, _storable(v)) for k, v in batch.items()) if v is not _LEFT_OUT}
+    if isinstance(batch, (list, tuple)):
+        kept = [v for v in map(_storable, batch) if v is not _LEFT_OUT]
+        return kept if len(kept) == len(batch) else _LEFT_OUT  # a list with a part left out is no longer that list
+    return _LEFT_OUT
 
-    return {k: kept(v) for k, v in batch.items()} if isinstance(batch, dict) else batch
+
+_LEFT_OUT = object()  # what _storable leaves out of a checkpointed batch
 
 
 def _set_rng_state(state, device, keepers) -> None:
@@ -863,7 +869,9 @@ def _resume_from(path, model, guide, settings) -> dict:
     then = state["settings"]
     since = _RECORDED_SINCE | ({k for k in settings if _is_model_key(k)} if not any(map(_is_model_key, then)) else set())
     keys = (then.keys() | settings.keys()) - (since - then.keys())
-    differ = [f"{k}: {then.get(k)!r} there, {settings.get(k)!r} here" for k in sorted(keys) if then.get(k) != settings.get(k)]
+    legacy = "base_dtype" not in then  # recorded numpy and tensor settings by their printed form
+    differ = [f"{k}: {then.get(k)!r} there, {settings.get(k)!r} here" for k in sorted(keys)
+              if then.get(k) != settings.get(k) and not (legacy and _printed_alike(then.get(k), settings.get(k)))]
     if differ:
         raise ValueError(f"cannot resume the run at {path} with settings other than its own ({'; '.join(differ)}): the "
                          "run would not go on as it was; give the run's, or start a new run in another checkpoint_dir")
@@ -877,6 +885,23 @@ def _resume_from(path, model, guide, settings) -> dict:
     batches, group = settings["batches"], settings["grad_accum_steps"]
     state.setdefault("ran_out", state["seen"] == batches and batches % group != 0)
     return state
+
+
+def _printed_alike(then, now) -> bool:
+    """Whether a checkpoint of an earlier version recorded the setting ``now`` (a bool or a number) as ``then``: it wrote
+    numpy bools and numbers as their strings ('True', '1.0'), a tensor kl_weight as its print ('tensor(0.5000)', 4
+    decimals), which the Python values given now never equal."""
+    if not isinstance(then, str) or isinstance(now, str) or now is None:
+        return False
+    printed = then.startswith("tensor(") and then.endswith(")")
+    text = then[len("tensor("):-1] if printed else then
+    if isinstance(now, bool):
+        return text == str(now)
+    try:
+        value = float(text)
+    except ValueError:
+        return False
+    return value == now or (printed and abs(value - now) <= 5e-5 * max(1.0, abs(now)))
 
 
 def _check_elbo(elbo) -> None:
@@ -1212,7 +1237,8 @@ class _Schedule:
             raise ValueError(f"lr_schedule={kind!r} decays the learning rate to 0 over the run's optimizer steps, and data "
                              "without a length (a generator, a DataLoader over an IterableDataset) does not tell how many "
                              "there are: use lr_schedule='constant' (warmup_steps still applies), or data with a length")
-        self.kind, self.warmup, self.total = kind, warmup, total
+        # a str (numpy's str_ went into LambdaLR's state, which a resume's weights_only load refused as corrupt)
+        self.kind, self.warmup, self.total = str(kind), warmup, total
 
     def __call__(self, step):
         if step < self.warmup:

@@ -1648,7 +1648,9 @@ def test_numpy_and_tensor_settings_and_a_numpy_column_checkpoint_and_resume_as_p
     """A numpy lr or weight_decay went into AdamW's param_groups and the checkpoint, and a collate's numpy column into
     the divergence watch's first batch there: the resume's weights_only load refused the file as corrupt. A tensor
     kl_weight was compared by its printed form: 0.50004 resumed a run of 0.5, and 0.5 did not."""
-    data = [{**b, "idx": np.arange(len(b["labels"]))} for b in toy_data()]
+    # a reversed numpy column (torch.as_tensor refuses its negative stride), nested ones, a list of arrays
+    data = [{**b, "idx": np.arange(len(b["labels"]))[::-1], "meta": {"idx": np.arange(3), "when": np.datetime64("2026-01-01")},
+             "parts": [np.arange(2), np.arange(3)]} for b in toy_data()]
     steps = len(data)
 
     def run(folder, kill=False, resume=False, **settings):
@@ -1665,12 +1667,12 @@ def test_numpy_and_tensor_settings_and_a_numpy_column_checkpoint_and_resume_as_p
         except KeyboardInterrupt:
             return None
 
-    numpy = dict(lr=np.float32(0.01), weight_decay=np.float64(0.01), kl_weight=torch.tensor(0.5))
+    numpy = dict(lr=np.float32(0.01), weight_decay=np.float64(0.01), kl_weight=torch.tensor(0.5), lr_schedule=np.str_("linear"))
     whole = run("whole", **numpy)
     run("killed", kill=True, **numpy)
     with pytest.raises(ValueError, match=r"kl_weight: 0.5 there, 0.500\d* here"):
         run("killed", resume=True, **{**numpy, "kl_weight": torch.tensor(0.50004)})
-    assert run("killed", resume=True, lr=float(np.float32(0.01)), weight_decay=0.01, kl_weight=0.5) == whole
+    assert run("killed", resume=True, lr=float(np.float32(0.01)), weight_decay=0.01, kl_weight=0.5, lr_schedule="linear") == whole
 
 
 def test_a_resume_on_a_base_of_another_dtype_is_refused(tmp_path):
@@ -1694,3 +1696,38 @@ def test_a_resume_on_a_base_of_another_dtype_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"settings other than its own \(base_dtype: 'float32' there, 'bfloat16' here\)"):
         run(torch.bfloat16, resume=True)
     assert len(run(torch.float32, resume=True)) == 2 * len(data)
+
+
+def test_a_checkpoint_of_the_earlier_version_that_printed_numpy_and_tensor_settings_still_resumes(tmp_path):
+    """Before settings were recorded as Python values, a checkpoint held numpy's True as 'True' and a tensor kl_weight as
+    'tensor(0.5000)': the values given again (now Python ones) never equalled them, and its run could not resume."""
+    from pyro_lora.digests import file_sha256
+    from pyro_lora.io import FIT_STATE, meta_sha256
+
+    data = toy_data()
+
+    def run(resume=False, **settings):
+        pyro.set_rng_seed(0)
+        model, guide = make()
+
+        def stop(state):
+            if not resume and state.step == len(data) + 1:
+                raise KeyboardInterrupt
+
+        return fit(model, guide, data, epochs=2, lr=1e-2, progress=False, callbacks=[stop], checkpoint_dir=tmp_path / "run",
+                   checkpoint_every=len(data), resume=resume, **settings)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(train_network=np.True_, kl_weight=torch.tensor(0.5), max_grad_norm=np.float32(1.0))
+    path = tmp_path / "run" / FIT_STATE
+    state = torch.load(path, weights_only=True)
+    assert state["settings"].pop("base_dtype") == "float32"  # an earlier version's record: no base_dtype, printed values
+    state["settings"].update(train_network="True", kl_weight="tensor(0.5000)", max_grad_norm="1.0")
+    torch.save(state, path)
+    meta = json.loads((tmp_path / "run" / "guide.json").read_text())
+    meta["fit_state_sha256"] = file_sha256(path)
+    meta["meta_sha256"] = meta_sha256(meta)
+    (tmp_path / "run" / "guide.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"kl_weight: 'tensor\(0.5000\)' there, 0.6 here"):
+        run(resume=True, train_network=True, kl_weight=0.6, max_grad_norm=1.0)
+    assert len(run(resume=True, train_network=True, kl_weight=0.5, max_grad_norm=1.0)) == 2 * len(data)
