@@ -513,7 +513,7 @@ class LoraModel(ModelContract):
         if self._trained_positions is not None and isinstance(ids, torch.Tensor) and ids.dim() and ids.shape[-1] > self._trained_positions:
             warnings.warn(
                 f"the batch's rows are {ids.shape[-1]} tokens long, past the {self._trained_positions} positions of the "
-                "network's config (max_position_embeddings, times its rope scaling factor): its positions are computed, "
+                "network's config (max_position_embeddings, or a YaRN scaling's extension): its positions are computed, "
                 "not looked up, so it runs on, but it was not trained that far and its predictions there are unreliable; "
                 f"build the batches with max_length={self._trained_positions} or less (said once per model)",
                 stacklevel=user_stacklevel())
@@ -1558,8 +1558,10 @@ _POSITION_EMBEDDINGS = ("wpe", "position_embeddings", "embed_positions")  # GPT-
 
 def _config_positions(net) -> int | None:
     """The positions a network of computed positions runs within as its config names them: ``max_position_embeddings``,
-    times a rope scaling's ``factor`` over its original length (Qwen2.5's YaRN keeps the original there); ``None``
-    without one, or for DeBERTa's relative positions (no absolute position is read: its 512 is no row limit)."""
+    or a rope scaling's ``factor`` times the original length it names (YaRN, longrope: Qwen2.5 keeps the original in
+    ``max_position_embeddings``). A scaling naming no original length (linear: Gemma 3, Llama 3's ``llama3``, dynamic NTK)
+    extends nothing past ``max_position_embeddings``, which is already the trained length. ``None`` without one, or for
+    DeBERTa's relative positions (no absolute position is read: its 512 is no row limit)."""
     config = getattr(net, "config", None)
     limit = getattr(config, "max_position_embeddings", None)
     if not (isinstance(limit, int) and limit > 0):
@@ -1571,9 +1573,10 @@ def _config_positions(net) -> int | None:
     for rope in (scaling.values() if isinstance(scaling, dict) and all(isinstance(v, dict) for v in scaling.values())
                  else [scaling]):
         factor = rope.get("factor") if isinstance(rope, dict) else None
-        if isinstance(factor, (int, float)) and factor > 1:
-            original = rope.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
-            limit = max(limit, int((original or limit) * factor))
+        original = rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None
+        kind = (rope.get("rope_type") or rope.get("type")) if isinstance(rope, dict) else None
+        if kind in ("yarn", "longrope") and isinstance(factor, (int, float)) and isinstance(original, int):
+            limit = max(limit, int(original * factor))
     return limit
 
 

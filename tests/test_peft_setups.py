@@ -1057,7 +1057,7 @@ def test_rows_longer_than_a_learned_position_embedding_are_refused_naming_its_po
                                    model.net(**{k: v for k, v in rows(16).items() if k != "labels"}).logits)
         if table is None:
             with pytest.warns(UserWarning, match="rows are 40 tokens long, past the 16 positions of the network's config "
-                                                 r"\(max_position_embeddings, times its rope scaling factor\).*max_length=16 or less"):
+                                                 r"\(max_position_embeddings, or a YaRN scaling's extension\).*max_length=16 or less"):
                 model.logits(rows(40))
             with warnings.catch_warnings():
                 warnings.simplefilter("error")
@@ -1106,8 +1106,10 @@ def test_a_dynamic_rope_per_layer_type_is_no_edit_of_the_base(family):
 
 
 def test_rows_within_a_rope_scaling_or_under_relative_positions_are_not_said_to_be_past_the_config():
-    """The warning of rows past max_position_embeddings fired within a linear rope scaling (x4: 64 positions of 16),
-    a YaRN one that keeps the original length there (Qwen2.5's), and DeBERTa-v3's relative positions (512 no limit)."""
+    """The warning of rows past max_position_embeddings fired within a YaRN rope scaling that keeps the original length
+    there (Qwen2.5's: x4, 64 positions of 16), and for DeBERTa-v3's relative positions (512 no limit). Scalings that
+    name no original length (linear, dynamic NTK) or whose max_position_embeddings is already the extended length
+    (Llama 3's llama3, x32 over 8192 in 131072 positions) extend nothing."""
     from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, LlamaForSequenceClassification
 
     from pyro_lora.model import _config_positions
@@ -1116,14 +1118,19 @@ def test_rows_within_a_rope_scaling_or_under_relative_positions_are_not_said_to_
                  max_position_embeddings=16, num_labels=2, pad_token_id=0)
     linear = LlamaConfig(**small, rope_scaling={"rope_type": "linear", "factor": 4.0})
     yarn = LlamaConfig(**small, rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16})
-    assert _config_positions(LlamaForSequenceClassification(linear)) == 64
+    assert _config_positions(LlamaForSequenceClassification(linear)) == 16
     assert _config_positions(LlamaForSequenceClassification(yarn)) == 64
+    llama3 = {"rope_type": "llama3", "factor": 32.0, "original_max_position_embeddings": 8, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0}
+    assert _config_positions(LlamaForSequenceClassification(LlamaConfig(**small, rope_scaling=llama3))) == 16
+    dynamic = LlamaConfig(**small, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    assert _config_positions(LlamaForSequenceClassification(dynamic)) == 16
     assert _config_positions(LlamaForSequenceClassification(LlamaConfig(**small))) == 16
     relative = DebertaV2Config(**{k: v for k, v in small.items() if k != "pad_token_id"}, relative_attention=True,
                                position_biased_input=False, pos_att_type=["p2c", "c2p"])
     assert _config_positions(DebertaV2ForSequenceClassification(relative)) is None
     torch.manual_seed(0)
-    model = LoraModel(get_peft_model(LlamaForSequenceClassification(linear).eval(), LoraConfig(r=2, target_modules=["q_proj"],
+    model = LoraModel(get_peft_model(LlamaForSequenceClassification(yarn).eval(), LoraConfig(r=2, target_modules=["q_proj"],
                                                                                              task_type="SEQ_CLS")),
                       SequenceClassification(), num_data=2)
     rows = {"input_ids": torch.arange(1, 41).remainder(60).add(1).expand(2, 40), "attention_mask": torch.ones(2, 40, dtype=torch.long),
