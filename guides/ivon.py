@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from pyro_lora import distributed
 from pyro_lora.distributions import checked_normal
 from pyro_lora.callers import user_stacklevel
-from pyro_lora.checks import check_batches, check_count, check_flag
+from pyro_lora.checks import check_batches, check_count, check_flag, check_initial_stds, float32_std_range
 from pyro_lora.contract import check_model
 from pyro_lora.ownership import take_over
 from pyro_lora.data import to_device
@@ -33,6 +33,16 @@ CLIP_RADIUS = 1e-3  # Cong et al.'s bound on each entry's preconditioned step: t
 ESS, WEIGHT_DECAY = 1e7, 1e-4  # Cong et al.'s: IVON's prior is N(0, 1 / (ess * weight_decay)), a std of 0.0316
 
 
+
+def _placeholder_std(prior, shape) -> torch.Tensor:
+    """The prior's std where it has a finite one, else 1: a placeholder :func:`pyro_lora.load_guide` fills (a Cauchy
+    or Student-t prior of df <= 2 has none, and ``IVONGuide(model)`` failed, so its saved guide could not be loaded)."""
+    try:
+        std = prior.variance.sqrt()
+    except NotImplementedError:  # a TransformedDistribution's
+        return torch.ones(shape)
+    return torch.where(torch.isfinite(std), std, torch.ones_like(std)).expand(shape)
+
 class IVONGuide(LoraGuide):
     r"""IVON's posterior over the LoRA sites: ``q(theta_s) = N(m_s, diag(sigma_s^2))`` for every A and B site, with
     ``sigma = 1 / sqrt(ess * (h + delta))`` from IVON's Hessian estimate ``h``, effective sample size ``ess`` and
@@ -43,7 +53,7 @@ class IVONGuide(LoraGuide):
 
     Build it from a trained optimiser with :meth:`from_optimizer` (what :func:`train_ivon` returns);
     ``IVONGuide(model)`` alone is a placeholder that :func:`pyro_lora.load_guide` fills: means at the adapter's
-    weights, stds at the prior's.
+    weights, stds at the prior's (1 where the prior has no finite variance: a Cauchy's).
 
     :param model: a :class:`~pyro_lora.LoraModel` whose sites are A and B matrices (``random="AB"``).
     :param dict locs: site -> mean (``site.shape``); default the adapter's current weights.
@@ -52,7 +62,8 @@ class IVONGuide(LoraGuide):
         ``clip_radius`` of ``None`` (how a saved guide holds an infinite one) is read as ``inf``, and an
         ``unfinished`` entry (a stopped run's, see :func:`train_ivon`) warns that it is not the run's result.
     :raises ValueError: for a model with other sites than A and B (``random="A"`` would drop B's uncertainty), or
-        ``locs``/``stds`` not of the sites' shapes or a std not positive.
+        ``locs``/``stds`` not of the sites' shapes, stds that are no floats, a std not positive, or stds float32 cannot
+        hold as a Gaussian's (:func:`~pyro_lora.checks.float32_std_range`: 5e-44 was stored as 0).
     """
 
     fitted_at_head = True  # its stds were learnt with the head moving beside them
@@ -62,10 +73,16 @@ class IVONGuide(LoraGuide):
         super().__init__(model)
         locs = model.initial_values(locs)
         if stds is None:
-            stds = {n: model.prior_distribution(s).variance.sqrt().expand(s.shape) for n, s in self.sites.items()}
+            stds = {n: _placeholder_std(model.prior_distribution(s), s.shape) for n, s in self.sites.items()}
         check_values(self.sites, stds, allow_sample_dim=False, what="IVONGuide's stds")
+        if not all(stds[n].is_floating_point() for n in self.sites):
+            raise ValueError(f"IVONGuide: stds must be floating-point tensors, got {sorted({str(stds[n].dtype) for n in self.sites})}")
         if not all(bool((stds[n] > 0).all()) for n in self.sites):
             raise ValueError("IVONGuide: every std must be positive")
+        # as stored (float32): a float64 model's ess of 1e90 gave stds of 5e-44, stored as 0 (log-densities NaN)
+        check_initial_stds(torch.cat([stds[n].detach().float().flatten() for n in self.sites]), "IVONGuide",
+                           "train with an ess near the number of training examples", kind="float32 stds",
+                           effect="its log-densities would be NaN")
         for i, name in enumerate(self.sites):
             self.register_buffer(f"loc_{i}", locs[name].detach().float().clone().to(model.device))
             self.register_buffer(f"std_{i}", stds[name].detach().float().clone().to(model.device))
@@ -391,6 +408,11 @@ def _check_arguments(model, params, data, autocast, **args):
                          f"{str(dtype).removeprefix('torch.')} holds for IVON, from its smallest normal number {tiny:g} "
                          f"to the square root of its largest, {top:.3g} (it holds the precision ess * (hess + "
                          "weight_decay) and squares Hessian-sized terms); give values within it")
+    low, high = float32_std_range()  # the guide's stds are float32: a float64 network let ess reach 1e90 (stds of 0)
+    if not 1 / high**2 <= precision <= 1 / low**2:
+        raise ValueError(f"ess * (hess_init + weight_decay) = {precision:g} gives initial stds of {precision ** -0.5:.3g}, "
+                         f"beyond the {low:.3g} to {high:.3g} that the guide's float32 stds hold as a Gaussian; give an ess "
+                         "near the number of training examples")
     autocast, forward_dtype = training_autocast(model, autocast)
     if forward_dtype == torch.float16:
         raise ValueError("train_ivon computing in float16 (a float16 base, or autocast=torch.float16): IVON has no loss "

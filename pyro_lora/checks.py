@@ -34,20 +34,22 @@ def float32_std_range() -> tuple[float, float]:
     return math.sqrt(f32.tiny), math.sqrt(f32.max / 2) / 8
 
 
-def check_initial_stds(stds: torch.Tensor, what: str, remedy: str) -> None:
-    """Refuse initial posterior stds ``stds`` beyond :func:`float32_std_range` (or not finite): their log-densities
-    would be NaN from the first step, which ``fit`` could only blame on the learning rate.
+def check_initial_stds(stds: torch.Tensor, what: str, remedy: str, kind: str = "initial stds",
+                       effect: str = "the loss would be NaN from the first step") -> None:
+    """Refuse posterior stds ``stds`` beyond :func:`float32_std_range` (or not finite): their log-densities would be
+    NaN, from the first step of a fit (which ``fit`` could only blame on the learning rate) or in a trained guide.
 
     :param what: what gave them, for the message (``"init_scale=1e-25 times the prior std 0.3 for query.lora_A"``).
     :param remedy: what to change (``"choose an init_scale nearer 1"``).
+    :param kind: what they are, and ``effect``: what their NaN log-densities would do, for the message.
     :raises ValueError: naming ``what``, the stds' range, float32's and ``remedy``.
     """
     low, high = float32_std_range()
     smallest, largest = torch.stack([stds.min(), stds.max()]).tolist()
     if not (low <= smallest and largest <= high):  # nan fails both
-        raise ValueError(f"{what} gives initial stds from {smallest:.3g} to {largest:.3g}, beyond what float32 computes a "
+        raise ValueError(f"{what} gives {kind} from {smallest:.3g} to {largest:.3g}, beyond what float32 computes a "
                          f"Gaussian log-density for ({low:.4g} to {high:.4g}: std^2 is 0 below, a draw's square "
-                         f"overflows above), so the loss would be NaN from the first step; {remedy}")
+                         f"overflows above), so {effect}; {remedy}")
 
 
 def check_positive(value, name: str) -> float:

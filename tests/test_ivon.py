@@ -678,3 +678,43 @@ def test_train_ivon_under_no_grad_is_the_clean_run_and_inference_mode_is_refused
     with torch.inference_mode(), pytest.raises(ValueError, match=r"cannot run train_ivon inside torch.inference_mode\(\)"):
         train_ivon(model, data(), progress=False)
     assert all(torch.equal(p, before[n]) for n, p in model.net.named_parameters())
+
+
+@pytest.mark.parametrize("prior", ["cauchy", "transformed"])
+def test_a_guide_over_a_prior_without_a_finite_variance_saves_and_loads(prior, tmp_path):
+    """IVON's posterior does not read the model's prior, but IVONGuide(model), load_guide's placeholder, took its stds
+    from the prior's variance: a Cauchy prior's is infinite (refused as non-finite), a TransformedDistribution's not
+    implemented (a bare NotImplementedError), so the trained, saved guide could not be loaded."""
+    import pyro.distributions as dist
+    from pyro.distributions.transforms import AffineTransform
+
+    def distribution(site):
+        if prior == "cauchy":
+            return dist.Cauchy(torch.zeros(site.shape), 0.1).to_event(len(site.shape))
+        base = dist.Normal(torch.zeros(site.shape), 1.0)
+        return dist.TransformedDistribution(base, [AffineTransform(0.0, 0.1)]).to_event(len(site.shape))
+
+    def build():
+        return LoraModel(tiny_bert(), SequenceClassification(), prior=distribution, num_data=6)
+
+    guide = train_ivon(build(), data(), epochs=1, lr=10.0, progress=False)
+    save_guide(guide, tmp_path / "g")
+    loaded = load_guide(tmp_path / "g", build())
+    for name in guide.sites:
+        torch.testing.assert_close(loaded.posterior()[name].base_dist.scale, guide.posterior()[name].base_dist.scale, rtol=0, atol=0)
+
+
+def test_stds_float32_cannot_hold_are_refused_before_training_and_when_built():
+    """A float64 network let ess reach 1e90: the whole run trained, and its stds (5e-44) were stored in float32 as 0,
+    log-densities NaN. Stds of bools or ints were taken too."""
+    model = LoraModel(tiny_bert(dtype=torch.float64), SequenceClassification(), random="AB", num_data=6)
+    before = {n: p.detach().clone() for n, p in model.net.named_parameters()}
+    with pytest.raises(ValueError, match=r"ess \* \(hess_init \+ weight_decay\) = .* gives initial stds of .*, beyond the "
+                                         r".* that the guide's float32 stds hold"):
+        train_ivon(model, data(), epochs=1, lr=10.0, ess=1e90, progress=False)
+    assert all(torch.equal(p, before[n]) for n, p in model.net.named_parameters())
+    tiny = {n: torch.full(s.shape, 1e-50, dtype=torch.float64) for n, s in model.sites.items()}
+    with pytest.raises(ValueError, match=r"IVONGuide gives float32 stds from 0 to 0, beyond what float32 computes"):
+        IVONGuide(model, stds=tiny)
+    with pytest.raises(ValueError, match=r"stds must be floating-point tensors, got \['torch.int64'\]"):
+        IVONGuide(model, stds={n: torch.ones(s.shape, dtype=torch.long) for n, s in model.sites.items()})
