@@ -63,7 +63,8 @@ class IVONGuide(LoraGuide):
         ``unfinished`` entry (a stopped run's, see :func:`train_ivon`) warns that it is not the run's result.
     :raises ValueError: for a model with other sites than A and B (``random="A"`` would drop B's uncertainty), or
         ``locs``/``stds`` not of the sites' shapes, stds that are no floats, a std not positive, or stds float32 cannot
-        hold as a Gaussian's (:func:`~pyro_lora.checks.float32_std_range`: 5e-44 was stored as 0).
+        hold as a Gaussian's (:func:`~pyro_lora.checks.float32_std_range`: 5e-44 was stored as 0), or a
+        ``trained_with`` whose ``unfinished`` entry is no run record.
     """
 
     fitted_at_head = True  # its stds were learnt with the head moving beside them
@@ -90,6 +91,9 @@ class IVONGuide(LoraGuide):
         if "clip_radius" in self.trained_with and self.trained_with["clip_radius"] is None:
             self.trained_with["clip_radius"] = math.inf  # ivon-opt's default (no clip), which guide.json holds as null
         stopped = self.trained_with.get("unfinished")
+        if stopped is not None and not isinstance(stopped, dict):  # a bare AttributeError from .get below otherwise
+            raise ValueError(f"trained_with's 'unfinished' must be the stopped run's record (a dict of its 'step' and "
+                             f"'steps', as train_ivon writes it) or absent, got {stopped!r}")
         if stopped:  # evaluating a stopped run is fine; mistaking it for the result is not
             warnings.warn(f"IVONGuide: this Gaussian is of a train_ivon run stopped after step {stopped.get('step')} of "
                           f"{stopped.get('steps')}, an intermediate state and not the run's result", stacklevel=user_stacklevel())

@@ -718,3 +718,12 @@ def test_stds_float32_cannot_hold_are_refused_before_training_and_when_built():
         IVONGuide(model, stds=tiny)
     with pytest.raises(ValueError, match=r"stds must be floating-point tensors, got \['torch.int64'\]"):
         IVONGuide(model, stds={n: torch.ones(s.shape, dtype=torch.long) for n, s in model.sites.items()})
+
+
+def test_an_unfinished_record_that_is_no_run_record_is_refused_by_name():
+    """trained_with={"unfinished": True} failed as a bare AttributeError ('bool' object has no attribute 'get')."""
+    model = LoraModel(tiny_bert(), SequenceClassification(), random="AB", num_data=6)
+    with pytest.raises(ValueError, match=r"trained_with's 'unfinished' must be the stopped run's record .* got True"):
+        IVONGuide(model, trained_with={"unfinished": True})
+    with pytest.warns(UserWarning, match="stopped after step 3 of 9"):
+        IVONGuide(model, trained_with={"unfinished": {"step": 3, "steps": 9}})
