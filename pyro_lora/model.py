@@ -1570,12 +1570,11 @@ def _config_positions(net) -> int | None:
         return None
     scaling = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
     # one dict, or one per layer type (ModernBERT's, Gemma 3's)
-    for rope in (scaling.values() if isinstance(scaling, dict) and all(isinstance(v, dict) for v in scaling.values())
-                 else [scaling]):
-        factor = rope.get("factor") if isinstance(rope, dict) else None
-        original = rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None
-        kind = (rope.get("rope_type") or rope.get("type")) if isinstance(rope, dict) else None
-        if kind in ("yarn", "longrope") and isinstance(factor, (int, float)) and isinstance(original, int):
+    ropes = scaling.values() if isinstance(scaling, dict) and all(isinstance(v, dict) for v in scaling.values()) else [scaling]
+    for rope in (r for r in ropes if isinstance(r, dict)):
+        factor, original = rope.get("factor"), rope.get("original_max_position_embeddings")
+        extends = (rope.get("rope_type") or rope.get("type")) in ("yarn", "longrope")
+        if extends and isinstance(factor, (int, float)) and isinstance(original, int):
             limit = max(limit, int(original * factor))
     return limit
 

@@ -223,11 +223,11 @@ def fit(
                 check_flag(flag, name) for flag, name in ((train_network, "train_network"),
                                                           (gradient_checkpointing, "gradient_checkpointing"),
                                                           (stop_on_divergence, "stop_on_divergence"), (progress, "progress")))
-            arguments.update(train_network=train_network, stop_on_divergence=stop_on_divergence)
             # as Python ints: a numpy int64 reached fit_progress, which no checkpoint or save_guide could write as JSON
             epochs = check_count(epochs, "epochs", minimum=0)
             warmup_steps = check_count(warmup_steps, "warmup_steps", minimum=0)
-            arguments.update(epochs=epochs, warmup_steps=warmup_steps, grad_accum_steps=grad_accum_steps)  # as ints
+            arguments.update(epochs=epochs, warmup_steps=warmup_steps, grad_accum_steps=grad_accum_steps,  # as ints
+                             train_network=train_network, stop_on_divergence=stop_on_divergence)  # and bools
             if checkpoint_every is not None:
                 checkpoint_every = check_count(checkpoint_every, "checkpoint_every",
                                                alternative="or None: a checkpoint at the end only")
