@@ -34,6 +34,9 @@ def test_summarize_seeds_mean_std_and_round_trip(tmp_path):
     path.write_text(json.dumps({"summary": summary, "per_seed": rows}))
     back = json.loads(path.read_text())
     assert back["summary"] == summary and back["per_seed"] == rows
+    # a rerun's rows joined to the first run's: averaged as a fourth seed (accuracy 0.825) before, refused now
+    with pytest.raises(ValueError, match=r"the rows hold the row of \('map', 'sst2', 1\) twice .*one row per method"):
+        summarize_seeds(rows + [{**rows[1], "accuracy": 0.9}])
 
 
 def _prediction(sample_probs, labels):

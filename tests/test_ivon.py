@@ -464,6 +464,14 @@ def test_from_optimizer_refuses_an_optimiser_that_never_trained_the_lora_matrice
         p.requires_grad_(True)
     guide = IVONGuide.from_optimizer(model, optimiser(model, 1))
     assert guide.trained_with["steps"] == 1
+    # one matrix left frozen beside a trained one: after the first step each matrix is judged alone
+    model = lora()
+    params = iter(model.random_parameters())  # site by site, each site's layers in turn
+    for site_name, site in model.sites.items():
+        for _ in site.layers:
+            next(params).requires_grad_(not site_name.endswith("lora_B"))
+    with pytest.raises(ValueError, match=r"query \(query.lora_B\)'.* never had a gradient in the optimiser's 2 steps"):
+        IVONGuide.from_optimizer(model, optimiser(model, 2))
     with pytest.raises(ValueError, match=r"computing in float16 \(a float16 base.*IVON has no loss scaling"):
         train_ivon(lora(dtype=torch.float16), data(), **FAST)
 

@@ -34,7 +34,7 @@ from ..model_files import local_model_path, model_files_stamp
 from .plots import metric_scatter, reliability_diagram, reliability_grid
 from .scoring import array_ood_auroc, array_scores
 from .setup import ADDED_SETTINGS, BASE_DIGEST_VERSION, CLOZE_SCORING, state_digest
-from .table import base_guide, seed_list, ts_name
+from .table import base_guide, check_one_row_each, seed_list, ts_name
 from .verdict import REFERENCE, verdict
 from .versions import left_out_text, method_version, of_other_version, older_versions, row_version, split_versions, versions_of
 from ..callers import user_stacklevel
@@ -143,7 +143,10 @@ def summarize_seeds(rows):
     A value that is not available (NaN, None: JSON null, or missing from a seed's row) in any seed makes the column's
     mean and std NaN:
     n/a, not a mean over the seeds that happen to have it. It is written to ``results.json`` as ``null``.
+
+    :raises ValueError: for rows repeating a (guide, dataset, seed), which would count as one more seed.
     """
+    check_one_row_each(rows)
     groups = {}
     for r in rows:
         groups.setdefault((r["guide"], r["dataset"]), []).append(r)
@@ -960,14 +963,9 @@ def _check_rows(rows, key, names):
     verdict, ``true`` counted as 1.0, and ``"oops"`` failed the report or a resume's first write, naming no row."""
     if not isinstance(rows, list):
         raise ValueError(f"its {key!r} is a {type(rows).__name__}, not a list")
-    seen = set()
     for i, r in enumerate(rows):
         if not (isinstance(r, dict) and all(isinstance(r.get(n), str) for n in names) and type(r.get("seed")) is int):
             raise ValueError(f"its {key}[{i}] is not a row with a string {' and '.join(names)} and an integer seed: {r!r:.120}")
-        one = tuple(r.get(n) for n in (*names, "seed"))
-        if key == "per_seed" and one in seen:
-            raise ValueError(f"its per_seed holds the row of {one} twice")
-        seen.add(one)
         if key != "per_seed":
             continue
         for name, value in r.items():
@@ -977,6 +975,8 @@ def _check_rows(rows, key, names):
             if not (isinstance(value, str) if text else isinstance(value, (int, float)) and not isinstance(value, bool)):
                 raise ValueError(f"its per_seed[{i}] (guide {r['guide']}, {r['dataset']}, seed {r['seed']}) holds {name!r}: "
                                  f"{value!r:.40}, not {'a text' if text else 'a number'} or null (n/a); fix or remove that entry")
+    if key == "per_seed":
+        check_one_row_each(rows, "its per_seed holds")
 
 
 def _row_order(guides, seeds):

@@ -48,6 +48,18 @@ def base_guide(name: str) -> str:
     return name.removesuffix(TS_SUFFIX)
 
 
+def check_one_row_each(rows, holder="the rows hold") -> None:
+    """Refuse per-seed ``rows`` that repeat a (guide, dataset, seed): a table would average the repeat as one more
+    seed and a verdict keep only one of the two. ``holder`` begins the message (``"its per_seed holds"``)."""
+    seen = set()
+    for r in rows:
+        key = (r.get("guide"), r.get("dataset"), r.get("seed"))
+        if key in seen:
+            raise ValueError(f"{holder} the row of {key} twice (a rerun's rows joined to the first run's?): keep one "
+                             "row per method, dataset and seed")
+        seen.add(key)
+
+
 def seed_list(seeds) -> str:
     """``seed 0`` or ``seeds 0, 2``: the seeds ``seeds`` (numbers or their texts) as every message and note names
     them."""

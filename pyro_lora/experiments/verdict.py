@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 
 from ..guides.registry import METHODS
-from .table import COLUMNS, base_guide, read_apart, row_setting, seed_list, shown
+from .table import COLUMNS, base_guide, check_one_row_each, read_apart, row_setting, seed_list, shown
 from .versions import one_version
 
 BASELINE, REFERENCE = "temperature", "map"
@@ -165,16 +165,11 @@ def _check_keys(rows) -> None:
     """Refuse a row whose seed is no integer, and rows repeating a (guide, dataset, seed): the last of two rows (a
     rerun's joined to the first run's) replaced the first's values without a word, and a seed ``"0"`` beside ``1``
     failed as a bare ``TypeError``. compare's record refuses both when read."""
-    seen = set()
     for r in rows:
         if not isinstance(r.get("seed"), numbers.Integral) or isinstance(r.get("seed"), bool):
             raise ValueError(f"the row of {r.get('guide')!r} on {r.get('dataset')!r} has seed {r.get('seed')!r}: a "
                              "seed is an integer")
-        key = (r.get("guide"), r.get("dataset"), int(r["seed"]))
-        if key in seen:
-            raise ValueError(f"the rows hold the row of {key} twice (a rerun's rows joined to the first run's?): keep "
-                             "one row per method, dataset and seed")
-        seen.add(key)
+    check_one_row_each(rows)
 
 
 def verdict(rows, dataset, shifted=()) -> str:
