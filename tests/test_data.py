@@ -821,6 +821,9 @@ def test_records_are_parsed_once_per_content_and_each_reader_gets_its_own_copies
     first = D.load_records("toy", "train", tmp_path)
     first[0]["text"] = "edited by the caller"
     assert D.load_records("toy", "train", tmp_path) == [{"id": "a", "text": "a", "label": 0}, {"id": "b", "text": "b", "label": 1}]
+    _write(tmp_path, "mc", MC_META, [json.dumps(GOOD_MC)])  # a record's list is the caller's own too
+    D.load_records("mc", "train", tmp_path)[0]["choices"][0] = "edited by the caller"
+    assert D.load_records("mc", "train", tmp_path)[0]["choices"] == ["x", "y"]
     path = tmp_path / "toy" / "train.jsonl"
     stat = path.stat()
     path.write_text(path.read_text().replace('"label": 0', '"label": 1'))  # the same size
