@@ -286,6 +286,13 @@ def recover_directory(path):
     _remove_dead_temporaries(path)
 
 
+def directory_written(path) -> bool:
+    """Whether ``path`` holds a folder :func:`atomic_directory` wrote, or a killed replacement left its previous copy
+    beside it (:func:`recover_directory` puts it back)."""
+    path = Path(path)
+    return path.exists() or any(_leftovers(path, "old"))
+
+
 def _modified(path) -> float:
     """When ``path`` was last modified; ``-inf`` once another process recovering it has taken it."""
     try:

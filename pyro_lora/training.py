@@ -181,7 +181,7 @@ def fit(
     estimate of one process on the global batch of ``B`` examples: the data term is scaled to ``N`` once and the KL
     counted once (with ``grad_accum_steps``, every micro-batch of every rank is weighted so).
     """
-    from .io import check_folder_slot, save_checkpoint, save_guide
+    from .io import check_folder_slot, directory_written, save_checkpoint, save_guide
 
     with contextlib.ExitStack() as held:  # the checkpoint_dir's lock, for the whole run
         held.enter_context(torch.enable_grad())  # the run takes gradients, under an enclosing torch.no_grad() too
@@ -235,6 +235,9 @@ def fit(
                     raise ValueError(f"checkpoint_every={checkpoint_every} without checkpoint_dir saves nothing: give "
                                      "checkpoint_dir (where the checkpoints go), or leave checkpoint_every out")
             if checkpoint_dir:
+                if resume and not directory_written(checkpoint_dir):  # refused before the folders above it are created
+                    raise ValueError(f"resume=True: checkpoint_dir {checkpoint_dir} does not exist, so there is no run to "
+                                     "resume; fit without resume=True starts one")
                 check_folder_slot(checkpoint_dir, "fit saves the guide there as a folder: choose another checkpoint_dir")
                 if distributed.is_main():  # the rank that writes it; a second fit there would replace its checkpoints
                     held.enter_context(slot_lock(checkpoint_dir, f"checkpoint_dir {checkpoint_dir} (a fit checkpoints there)"))

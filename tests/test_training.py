@@ -692,8 +692,13 @@ def test_a_fit_killed_and_resumed_ends_bit_for_bit_as_the_uninterrupted_run(tmp_
     assert sorted(p.name for p in (tmp_path / "killed").iterdir()) == ["guide.json", "guide.safetensors"]  # finished
     with pytest.raises(ValueError, match="finished .step 12 of 12.: there is nothing to resume"):
         run("killed", resume=True)
+    (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no saved guide .guide.json missing.: there is no run to resume"):
-        run("nothing", resume=True)
+        run("empty", resume=True)
+    # a folder that does not exist is refused before its lock would create it and the folders above it
+    with pytest.raises(ValueError, match=r"checkpoint_dir \S+nothing.deeper does not exist, so there is no run to resume"):
+        run("nothing/deeper", resume=True)
+    assert not (tmp_path / "nothing").exists()
 
 
 class _Kill(Exception):
