@@ -312,7 +312,7 @@ def fit(
             keepers = _order_keepers(data) if resumable else ([], [])  # saved and restored for a resume alone
             settings = resumable and _settings(guide, length, keepers, _describe_data(data), **{
                 **arguments, "elbo": _describe_elbo(elbo), "autocast": str(autocast),  # as defaulted since
-                "lora_dropout": _lora_dropout(model),
+                "lora_dropout": _lora_dropout(model), "dropout": _dropouts(model),
                 # the base's dtype: a float32 run resumed on a bfloat16 cast of its base went on without a word (its
                 # weights' fingerprint allows a cast), 9e-3 off the run's parameters
                 "base_dtype": str(model.compute_dtype).removeprefix("torch."),
@@ -657,6 +657,16 @@ def _lora_dropout(model) -> dict:
     return {path: float(getattr(d[model.adapter], "p", 0.0)) if model.adapter in d else 0.0 for path, d in dropouts}
 
 
+_DROPOUTS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
+             torch.nn.FeatureAlphaDropout)
+
+
+def _dropouts(model) -> dict:
+    """Module path -> ``p`` of each dropout module of the network whose ``p`` is not 0: set at run time too, where the
+    config (compared with the model's settings) no longer says it."""
+    return {name: float(m.p) for name, m in model.net.named_modules() if isinstance(m, _DROPOUTS) and m.p}
+
+
 def _describe_data(data) -> dict:
     """What identifies ``data``'s batches without reading an item: the dataset's length, the batch size, drop_last and
     the samplers (their types, nested, and sizes: whether and how it shuffles); for a list of batches, each batch's
@@ -851,12 +861,21 @@ def _settings(guide, length, keepers, data, **arguments) -> dict:
     }), default=str))
 
 
-_RECORDED_SINCE = {"base_dtype", "batch_rows", "lora_dropout", "set_epoch"}  # settings a checkpoint of an earlier version lacks: not compared
+_RECORDED_SINCE = {"base_dtype", "batch_rows", "dropout", "lora_dropout", "set_epoch"}  # settings a checkpoint of an earlier version lacks: not compared
 _MODEL = "model's "  # the model's settings (LoraModel.settings) among a run's, which checkpoints of earlier versions lack
 
 
 def _is_model_key(key: str) -> bool:
     return key.startswith(_MODEL)
+
+
+def _difference(key, then, now) -> str:
+    """How the setting ``key`` differs: both values, or for two dicts (one entry per module) the entries that differ."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        changed = sorted(k for k in then.keys() | now.keys() if then.get(k) != now.get(k))
+        shown = ", ".join(f"{k} {then.get(k)!r} there, {now.get(k)!r} here" for k in changed[:3])
+        return f"{key}: {shown}{f' (and {len(changed) - 3} more)' if len(changed) > 3 else ''}"
+    return f"{key}: {then!r} there, {now!r} here"
 
 
 def _resume_from(path, model, guide, settings) -> dict:
@@ -873,7 +892,7 @@ def _resume_from(path, model, guide, settings) -> dict:
     since = _RECORDED_SINCE | ({k for k in settings if _is_model_key(k)} if not any(map(_is_model_key, then)) else set())
     keys = (then.keys() | settings.keys()) - (since - then.keys())
     legacy = "base_dtype" not in then  # recorded numpy and tensor settings by their printed form
-    differ = [f"{k}: {then.get(k)!r} there, {settings.get(k)!r} here" for k in sorted(keys)
+    differ = [_difference(k, then.get(k), settings.get(k)) for k in sorted(keys)
               if then.get(k) != settings.get(k) and not (legacy and _printed_alike(then.get(k), settings.get(k)))]
     if differ:
         raise ValueError(f"cannot resume the run at {path} with settings other than its own ({'; '.join(differ)}): the "
