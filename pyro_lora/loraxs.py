@@ -93,15 +93,18 @@ def _check_cores_only(net, adapter: str) -> None:
 
 
 def _check_untrained(layers, written, adapter) -> None:
-    """Refuse to overwrite a trained LoRA: a layer whose ``B A`` is not zero (peft's start) and whose ``B`` is not,
-    to the adapter's rounding, the ``B`` about to be ``written`` (an adapter LoRA-XS set up before: a saved run
-    rebuilt)."""
+    """Refuse to overwrite a trained LoRA: a layer whose ``B A`` is not zero (peft's start) and whose ``A`` and ``B``
+    are not, to the adapter's rounding, those about to be ``written`` (an adapter LoRA-XS set up before: a saved run
+    rebuilt). Both are compared: an ``A`` trained beside the SVD's ``B`` is a trained LoRA too."""
     trained = []
-    for path, (_, b) in written.items():
+    for path, (a, b) in written.items():
         held = layers[path].lora_B[adapter].weight.detach().float()
         start = layers[path].lora_A[adapter].weight.detach().float()
-        # an SVD written into a bfloat16 adapter (and cast to float32 since) keeps its rounding, up to 2^-8 relative
-        svd = torch.allclose(held, b.to(held.device), rtol=2.0**-8, atol=1e-4)
+        # an SVD written into a bfloat16 adapter (and cast to float32 since) keeps its rounding, up to 2^-8 relative;
+        # A's rows carry the singular values, so its absolute slack is on their scale
+        a = a.to(start.device, start.dtype)
+        svd = (torch.allclose(held, b.to(held.device, held.dtype), rtol=2.0**-8, atol=1e-4)
+               and torch.allclose(start, a, rtol=2.0**-8, atol=1e-4 * float(a.abs().max())))
         # B A = 0 is no LoRA yet, whatever B holds (peft's "orthogonal" init pairs a non-zero B with it)
         idle = float(torch.linalg.matrix_norm(held @ start)) <= 1e-5 * float(held.norm() * start.norm())
         if not (svd or idle):
@@ -132,7 +135,7 @@ def init_lora_xs(net, adapter: str | None = None, replace_trained: bool = False)
 
     ``W0 = U S V^T``: ``lora_B = U_r`` (``[d_out, r]``, orthonormal columns) and ``lora_A = diag(S_r) V_r^T``
     (``[r, d_in]``), so ``lora_B @ lora_A`` is the best rank-``r`` approximation of ``W0`` (Eckart-Young).
-    The SVD runs in fp32, batched over all layers with the same ``(d_out, d_in, r)``. Signs are fixed
+    The SVD runs in fp32 (fp64 for a float64 base), batched over all layers with the same ``(d_out, d_in, r)``. Signs are fixed
     (each column of ``U_r`` has its largest-magnitude entry positive), so re-running it, e.g. before
     loading a saved ``R`` posterior, gives the same ``A`` and ``B``.
 
@@ -146,7 +149,7 @@ def init_lora_xs(net, adapter: str | None = None, replace_trained: bool = False)
         rank, a layer uses DoRA, the adapter would train numbers beside the cores (peft's ``bias``, ``lora_bias``, an
         embedding LoRA, ``trainable_token_indices``, ``modules_to_save`` beyond the head), a base
         weight is not dense, an adapter's initialisation (PiSSA, OLoRA, ...) rewrote the base weights, or (without
-        ``replace_trained``) a layer holds a trained LoRA (``B A`` non-zero, ``B`` not the SVD's).
+        ``replace_trained``) a layer holds a trained LoRA (``B A`` non-zero, ``A`` or ``B`` not the SVD's).
     """
     adapter = adapter or active_adapter(net)
     _check_cores_only(net, adapter)
@@ -160,21 +163,24 @@ def init_lora_xs(net, adapter: str | None = None, replace_trained: bool = False)
             raise ValueError(f"LoRA rank {r} of {path} exceeds min(d_out, d_in) = {min(w0.shape)} of its base weight")
         if getattr(layer, "use_dora", {}).get(adapter, False):
             raise ValueError(f"{path} uses DoRA: LoRA-XS needs plain LoRA layers")
-        groups.setdefault((tuple(w0.shape), r, w0.device), []).append(path)
+        # float64 weights get a float64 SVD: float32's would round B's orthonormality and B A at 1e-6
+        dtype = torch.promote_types(w0.dtype, torch.float32)
+        groups.setdefault((tuple(w0.shape), r, w0.device, dtype), []).append(path)
     written = {}
-    for (_, r, _), paths in groups.items():
-        w0 = torch.stack([base_weight(layers[p]).float() for p in paths])  # [G, d_out, d_in]
+    for (_, r, _, dtype), paths in groups.items():
+        w0 = torch.stack([base_weight(layers[p]).to(dtype) for p in paths])  # [G, d_out, d_in]
         u, s, vh = torch.linalg.svd(w0, full_matrices=False)
         u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
         # a direction of singular value 0 is no direction of W0: A's row would be 0 and that core row and column inert.
-        # An fp32 SVD's zeros come out at rounding noise that grows with the width (numpy's matrix_rank tolerance)
-        tolerance = max(w0.shape[1:]) * torch.finfo(torch.float32).eps
+        # An SVD's zeros come out at rounding noise that grows with the width (numpy's matrix_rank tolerance)
+        precision = "float32" if dtype == torch.float32 else "float64"
+        tolerance = max(w0.shape[1:]) * torch.finfo(dtype).eps
         deficient = (s[:, -1] <= tolerance * s[:, 0]).nonzero().flatten().tolist()
         if deficient:
             i = deficient[0]
             why = ("it is all zero" if s[i, 0] == 0 else
-                   f"its singular value {r} is {float(s[i, -1] / s[i, 0]):.3g} of its largest, within width x float32 eps "
-                   f"= {tolerance:.3g} of it, where a float32 SVD cannot tell it from zero (a rank-deficient weight, or a "
+                   f"its singular value {r} is {float(s[i, -1] / s[i, 0]):.3g} of its largest, within width x {precision} "
+                   f"eps = {tolerance:.3g} of it, where a {precision} SVD cannot tell it from zero (a rank-deficient weight, or a "
                    "spectrum this steep: that direction would be rounding noise)")
             raise ValueError(f"the base weight of {paths[i]} has numerical rank below the LoRA rank {r}: {why}; LoRA-XS "
                              "adapts W0's top-r directions: lower the rank or leave that layer out of target_modules")

@@ -83,6 +83,32 @@ def test_a_trained_lora_is_not_overwritten_without_being_asked():
         LoraXSModel(net, SequenceClassification())
 
 
+def test_an_a_trained_beside_the_svds_b_is_a_trained_lora():
+    """An adapter set up by LoRA-XS whose A alone was trained since (B frozen at the SVD's) passed as "already
+    LoRA-XS": its A, 0.05 off, was overwritten without a word."""
+    net = tiny_bert(r=2, random_b=False)
+    LoraXSModel(net, SequenceClassification())
+    with torch.no_grad():
+        for n, p in net.named_parameters():
+            if "lora_A" in n:
+                p.add_(0.05)
+    before = {n: p.detach().clone() for n, p in net.named_parameters() if "lora_" in n}
+    with pytest.raises(ValueError, match="a trained LoRA, which would be lost"):
+        LoraXSModel(net, SequenceClassification())
+    assert all(torch.equal(p, before[n]) for n, p in net.named_parameters() if "lora_" in n)
+
+
+def test_a_float64_base_gets_a_float64_svd():
+    """A float32 SVD left a float64 base's B orthonormal and B A the best rank-r approximation to 1e-6 only."""
+    net = tiny_llama(r=4, targets=("q_proj", "v_proj"), random_b=False).double()
+    model = LoraXSModel(net, CausalLM())
+    for layer in model.layers.values():
+        a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        assert a.dtype == b.dtype == torch.float64
+        torch.testing.assert_close(b.T @ b, torch.eye(4, dtype=torch.float64), rtol=0, atol=1e-12)
+        torch.testing.assert_close(b @ a, truncated(base_weight(layer), 4)[0], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("group", ["kind", "matrix"])
 def test_r_zero_is_the_base_network_and_r_identity_adds_the_rank_r_part(group):
     model = LoraXSModel(tiny_bert(r=4, random_b=False), SequenceClassification(), group=group)
