@@ -97,17 +97,36 @@ def shard(items, even: bool = False):
 class _BlockSampler:
     """(Batch) sampler yielding this rank's block of another (batch) sampler's items, indices only: the other ranks'
     batches are never loaded or collated. Re-drawn per epoch as rank 0 draws it (its indices are broadcast): a
-    shuffling loader whose generator differs across ranks would otherwise give overlapping blocks."""
+    shuffling loader whose generator differs across ranks would otherwise give overlapping blocks. Each rank's own draw
+    must hold rank 0's items in some order (unless the sampler draws a random part: :func:`_draws_part`): a sampler
+    that shards by hand, which no attribute shows, would otherwise leave the other ranks' parts unread."""
 
     def __init__(self, batch_sampler, even):
         self.batch_sampler, self.even = batch_sampler, even
 
     def __iter__(self):
-        return iter(shard(broadcast_object(list(self.batch_sampler)), self.even))
+        drawn = list(self.batch_sampler)
+        if not _draws_part(getattr(self.batch_sampler, "sampler", self.batch_sampler)):
+            items = [i for b in drawn for i in (b if isinstance(b, (list, tuple)) else [b])]
+            check_same(sorted(items, key=repr), "items to draw batches from (their sampler's indices, in any order)",
+                       "each rank's sampler must draw the whole data (pyro_lora gives each rank its block of rank 0's "
+                       "batches); do not shard it by hand, and seed a sampler that draws a random part alike on every rank")
+        return iter(shard(broadcast_object(drawn), self.even))
 
     def __len__(self):
         start, stop = _bounds(len(self.batch_sampler), self.even)
         return stop - start
+
+
+def _draws_part(sampler) -> bool:
+    """Whether ``sampler`` draws a random part of its data, another on each rank unless its generator is seeded alike:
+    torch's samplers with ``replacement`` (``WeightedRandomSampler``'s default), or of ``num_samples`` other than the
+    data's length."""
+    if getattr(sampler, "replacement", False):
+        return True
+    source = getattr(sampler, "data_source", None)
+    return isinstance(getattr(sampler, "num_samples", None), int) and source is not None and \
+        sampler.num_samples != _length(source)
 
 
 def broadcast_object(obj):
@@ -527,9 +546,11 @@ def all_reduce_gradients(params: list[torch.Tensor], loss: float | None = None, 
         return loss
     params = list(params)
     device = _comm_device()
-    parts = [(p.grad * weight if p.grad is not None else torch.zeros_like(p)).float() for p in params]
+    # float32 sums (a half-precision gradient's too), float64 where a parameter is: its gradients and loss kept whole
+    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    parts = [(p.grad * weight if p.grad is not None else torch.zeros_like(p)).to(dtype) for p in params]
     flags = torch.tensor([float(p.grad is not None) for p in params] + [0.0 if loss is None else float(loss) * weight, weight],
-                         device=device)
+                         device=device, dtype=dtype)
     flat = torch.cat([_flat(parts, device), flags]) if parts else flags
     dist.all_reduce(flat)
     flat[:-1] /= flat[-1]
@@ -605,13 +626,14 @@ def rank_streams():
 def refused_together(action: str):
     """Checks that may refuse on some ranks only (a head changed on one of them): every rank runs the block, then all
     learn whether any refused, and all raise, so that none waits in a later collective for a rank that stopped. Its
-    ``ValueError`` on the rank that refused, one of the same class naming that rank's on the others (a caller that
+    error on the rank that refused; on the others a ``ValueError`` of the same class naming that rank's (a caller that
     catches one kind, as a width search catches :class:`~pyro_lora.predictive.NonFinitePredictionError`, then takes
-    the same path on every rank). A collective: every rank enters it."""
+    the same path on every rank), or a plain ``ValueError`` naming another kind of error (a ``KeyError`` of a collate
+    function). A collective: every rank enters it."""
     error = None
     try:
         yield
-    except ValueError as caught:
+    except Exception as caught:  # any failure on one rank: the others must not go on into the next collective
         error = caught
     if is_distributed():
         said = [None] * world_size()
@@ -619,7 +641,9 @@ def refused_together(action: str):
         refused = [(r, m) for r, m in enumerate(said) if m is not None]
         if refused and error is None:
             rank, (kind, message) = refused[0]
-            raise _same_kind(kind, f"cannot {action}: rank {rank} refused: {message}")
+            if issubclass(kind, ValueError):
+                raise _same_kind(kind, f"cannot {action}: rank {rank} refused: {message}")
+            raise ValueError(f"cannot {action}: rank {rank} failed: {kind.__name__}: {message}")
     if error is not None:
         raise error
 
@@ -628,10 +652,9 @@ def _same_kind(kind, message: str) -> ValueError:
     """A ``kind`` error (a ``ValueError`` class another rank raised) saying ``message``; a plain ``ValueError`` where
     that class takes no message alone."""
     try:
-        error = kind(message)
+        return kind(message)
     except TypeError:
         return ValueError(message)
-    return error if isinstance(error, ValueError) else ValueError(message)
 
 
 def on_main(write, what: str):

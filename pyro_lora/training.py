@@ -213,8 +213,12 @@ def fit(
             # losses into one blended posterior; the callbacks by class, as a collective one (SWAGCollector) runs on all
             model_settings = {f"{_MODEL}{k}": v for k, v in (model.settings().items() if distributed.is_distributed() else ())
                               if k != "num_data"}
-            distributed.check_settings("fit", {**arguments, "checkpoint_every": checkpoint_every, **guide_settings,
-                                               **model_settings, "callbacks": [type(cb).__name__ for cb in callbacks],
+            # and what changes every gradient but the arguments name by class or not at all: the ELBO's particles,
+            # each dropout module's p (set on the module at run time too)
+            network = {f"dropout p of {path}": p for path, p in _dropouts(model).items()} if distributed.is_distributed() else {}
+            distributed.check_settings("fit", {**arguments, "elbo": _describe_elbo(elbo or Trace_ELBO()),
+                                               "checkpoint_every": checkpoint_every, **guide_settings,
+                                               **model_settings, **network, "callbacks": [type(cb).__name__ for cb in callbacks],
                                                "checkpoint_dir": os.path.abspath(checkpoint_dir) if checkpoint_dir else None})
             grad_accum_steps = check_count(grad_accum_steps, "grad_accum_steps")
             # the string "False" is truthy: the head trained under train_network="False"; and as Python bools: numpy's

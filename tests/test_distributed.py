@@ -152,6 +152,14 @@ def _refused(call):
     return None
 
 
+def _raised(call):
+    try:
+        call()
+    except Exception as error:
+        return error
+    return None
+
+
 def run_misuses(tmp):
     """What each rank sees of a misuse (the message it raised, or a value to compare across ranks)."""
     from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, TensorDataset
@@ -419,6 +427,29 @@ def run_misuses(tmp):
         Rows(), batch_size=2, sampler=WeightedRandomSampler(weights, 16, replacement=False, generator=torch.Generator().manual_seed(0)))))
     whole = SubsetRandomSampler(list(range(16)) if r == 0 else range(16))  # the same selection, held otherwise
     out["whole_sampler"] = len(predict(make_model(48), None, DataLoader(Rows(), batch_size=2, sampler=whole)).labels)
+
+    class Mine(torch.utils.data.Sampler):  # shards by hand, which no attribute shows: predict returned 8 of 16 rows
+        def __iter__(self):
+            return iter(range(r, 16, WORLD))
+
+        def __len__(self):
+            return 16 // WORLD
+
+    out["own_sampler"] = _refused(lambda: predict(make_model(48), None, DataLoader(Rows(), batch_size=2, sampler=Mine())))
+    # a random part drawn per rank (replacement) is no sharding: rank 0's draw is every rank's
+    drawn = WeightedRandomSampler(torch.ones(16), 16, replacement=True, generator=torch.Generator().manual_seed(r))
+    resampled = distributed.split_batches(DataLoader(TensorDataset(torch.arange(16)), batch_size=4, sampler=drawn))
+    out["replacement"] = distributed.gather_cat(torch.cat([b[0] for b in resampled]))
+    # float64 gradients and loss were summed in float32: 1 + 1e-12 came back 1.0, 3e39 inf, 1e-300 0
+    wide = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    wide.grad = torch.tensor([1 + 1e-12, 1e-300, 3e39], dtype=torch.float64)
+    out["float64_grads"] = (distributed.all_reduce_gradients([wide], loss=1 + 1e-12), wide.grad.tolist())
+    # an error of another kind than ValueError in the checks on one rank (a collate's KeyError): raised on every rank
+    def failing():
+        with distributed.refused_together("read"):
+            if r == 1:
+                raise KeyError("attention_mask")
+    out["key_error"] = _refused(failing) if r == 0 else type(_raised(failing)).__name__
     # a model whose num_data differs by rank trained without a word, each rank scaling its data term to its own N
     model = make_model(num_data=16 * (1 + r))
     out["num_data_per_rank"] = _refused(lambda: fit(model, MAPGuide(model), toy_data(16, 4), progress=False))
@@ -624,6 +655,10 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         assert out["batch_sampler"].startswith("the ranks were given different data (batch_sampler.sampler.indices: ")
         assert out["weighted"].startswith("the ranks were given different data (sampler.weights: ")
         assert out["whole_sampler"] == 16
+        assert out["own_sampler"].startswith("the ranks were given different items to draw batches from")
+        assert "do not shard it by hand" in out["own_sampler"]
+        assert torch.equal(out["replacement"], ranks[0]["replacement"]) and len(out["replacement"]) == 16
+        assert out["float64_grads"] == (1 + 1e-12, [1 + 1e-12, 1e-300, 3e39])
         assert "different settings of fit (num_data: 16 on rank 0, 32 on rank 1)" in out["num_data_per_rank"]
         for key in ("pooler_fit", "pooler_predict", "pooler_laplace"):
             assert "the ranks hold different values of ['base_model.model.bert.pooler.dense.weight'" in out[key]
@@ -645,6 +680,8 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
     assert not torch.equal(ranks[0]["dynamic_rope"][0], ranks[1]["dynamic_rope"][0])  # each its last batch's
     assert close(ranks[0]["dynamic_rope"][1], ranks[1]["dynamic_rope"][1])
     assert "rank 1 refused" in ranks[0]["batch_one_rank"]
+    assert ranks[0]["key_error"] == "cannot read: rank 1 failed: KeyError: 'attention_mask'"
+    assert ranks[1]["key_error"] == "KeyError"
     for message, action in zip(ranks[0]["pooler_glm"], ["predict", "tune lambda on validation data"] * 2):
         assert message.startswith(f"cannot {action}: rank 1 refused: ")
     assert ranks[0]["odd_batches"] == ["5 batches over 2 ranks: each rank trains on 2 per epoch, and the last 1 of each "
@@ -762,6 +799,13 @@ def run_settings():
     out["mvn_prior"] = refused_fit(_prior_model(_mvn_prior([1.0, 1e-4][r])))
     # an invalid weight on one rank was refused there alone: the other died in gloo
     out["invalid_schedule"] = refused_fit(make_model(num_data=16), kl_weight=lambda step: 0.0 if r and step else 1.0)
+    # the ELBO's particles and a dropout set on the network per rank trained the ranks on other objectives, unchecked
+    out["particles"] = refused_fit(make_model(num_data=16), elbo=Trace_ELBO(num_particles=[1, 8][r]))
+    dropped = make_model(num_data=16)
+    for m in dropped.net.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = [0.0, 0.3][r]
+    out["dropout_per_rank"] = refused_fit(dropped)
     # stds equal as the prior holds them (float32) are no difference
     out["rounded_prior"] = refused_fit(_prior_model([0.3, 0.1 + 0.2][r]))
     data = toy_data(16, 8)
@@ -834,6 +878,10 @@ def test_model_schedule_ensemble_and_swag_settings_differing_across_ranks_are_re
         assert "; and 8 more): give every rank the same settings" in out["site_prior"][0]  # loc, scale, density of 4 sites
         assert out["mvn_prior"][1] and f"(model's prior of {site} log-density: [" in out["mvn_prior"][0]
         assert out["rounded_prior"][0] is None
+        assert ("different settings of fit (elbo: 'Trace_ELBO' on rank 0, 'Trace_ELBO(num_particles=8, "
+                "vectorize_particles=False)' on rank 1)") in out["particles"][0]
+        assert "(dropout p of base_model.model.bert.embeddings.dropout: nothing on rank 0, 0.3 on rank 1; " in \
+            out["dropout_per_rank"][0]
         message, _ = out["schedule"]
         assert message.startswith("the ranks' kl_weight schedules gave different weights at step 1 (1 on rank 0, 100 on "
                                   "rank 1)")
