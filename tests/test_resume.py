@@ -1603,6 +1603,32 @@ def test_rows_of_another_cloze_scoring_are_not_joined(tmp_path):
         merge_results(tmp_path / "run", update)
 
 
+def test_rows_of_a_run_on_another_number_of_ranks_are_not_joined(tmp_path, monkeypatch):
+    """A one-process rerun into a two-rank run's folder resumed it without a word: seed 0 (2 steps of 16 examples, 4
+    dropped) and seed 1 (5 steps of 8) were averaged as seeds of one training."""
+    from pyro_lora.experiments import results as R
+
+    monkeypatch.setattr(R, "world_size", lambda: 2)
+    R.RunFolder(tmp_path / "run", small(tmp_path / "run", guides=("map",))).add("map", 0, [ROW], arrays(0))
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["ranks"] == 2
+    R.RunFolder(tmp_path / "run", small(tmp_path / "run", guides=("map",), seeds=(0, 1)))  # the same ranks: resumed
+    monkeypatch.setattr(R, "world_size", lambda: 1)
+    with pytest.raises(ValueError, match=r"holds a run trained on 2 ranks \(torch.distributed\), and this run has one "
+                                         r"process: .*rerun on 2 ranks \(torch.distributed\), choose another --out"):
+        R.RunFolder(tmp_path / "run", small(tmp_path / "run", guides=("map",), seeds=(0, 1)))
+    R.RunFolder(tmp_path / "run", small(tmp_path / "run", guides=("map",)), overwrite=True)  # replaced: fine
+    old = {k: v for k, v in saved.items() if k != "ranks"}  # a record from before the number was kept: not compared
+    (tmp_path / "run" / "results.json").write_text(json.dumps(old))
+    R.RunFolder(tmp_path / "run", small(tmp_path / "run", guides=("map",)))
+    (tmp_path / "run" / "results.json").write_text(json.dumps(saved | {"config": {**saved["config"], "guides": ["map", "tfb"]}}))
+    update = tmp_path / "update"
+    update.mkdir()
+    (update / "results.json").write_text(json.dumps(saved | {"ranks": 1}))
+    with pytest.raises(ValueError, match=r"differ in ranks \(trained on 2 torch.distributed ranks there, 1 in the rerun\)"):
+        merge_results(tmp_path / "run", update)
+
+
 def test_rows_of_an_older_cloze_scoring_that_scores_the_run_alike_are_joined(tmp_path):
     """Every cloze run written before a form change was refused a resume or an --update, though the change (the
     per-character divisor, the truncated context, WinoGrande's continuation) may not touch its rows at all: ARC-Easy

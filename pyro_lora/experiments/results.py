@@ -26,7 +26,7 @@ from safetensors.torch import save as save_safetensors
 from ..guides.registry import METHODS, VALIDATION_TUNED, join_notes
 from ..digests import bytes_sha256
 from ..data import resolve_data_dir
-from ..distributed import is_main
+from ..distributed import is_main, world_size
 from ..checks import not_a_file
 from ..io import atomic_file, check_file_slot, copy_file, read_safetensors, standard_json, write_json
 from ..locking import FolderLocked, folder_lock, locked_elsewhere
@@ -374,6 +374,7 @@ class RunFolder:
         self.out, self.config, self.flags = Path(out), config, flags
         self.environment = environment()
         self.environments = [self.environment]  # every one whose rows the record holds, oldest first
+        self.ranks = world_size()  # torch.distributed's: each rank trains on batches of batch_size, a step on all
         self._mixed = None  # the note of rows added to rows made in another environment
         self.request = asdict(config)
         self.rows, self.failed, self.guides, self.seeds = [], [], [], []
@@ -396,6 +397,7 @@ class RunFolder:
         self._replaced = saved if overwrite else None  # its files go once this run writes its first result
         if saved is not None and not overwrite:
             self._check_same(saved)
+            self._check_ranks(saved)
             self.rows, self.failed, self.sizes = saved["per_seed"], saved.get("failed", []), saved.get("sizes")
             self.maps, self.data, self.base = dict(saved.get("maps", {})), saved.get("data"), recorded_base(saved)
             # compared by path and files' stamp here, as a record without the base's digest is (where it has one, the
@@ -469,6 +471,20 @@ class RunFolder:
         warnings.warn(f"{self.out / RESULTS} holds rows made in another environment than this run's ({'; '.join(differ)}): "
                       "the rows it adds are averaged with them, and their note says so; --overwrite reruns them all",
                       stacklevel=user_stacklevel())
+
+    def _check_ranks(self, saved):
+        """Refuse to add rows to a run trained on another number of torch.distributed ranks: each step there took
+        batch_size examples on every rank (and dropped another remainder of batches), so its rows are of another
+        training. A record from before the number was kept is not compared."""
+        ranks = saved.get("ranks")
+        if ranks is not None and ranks != self.ranks and saved["per_seed"]:
+            def said(n):
+                return "one process" if n == 1 else f"{n} ranks (torch.distributed)"
+
+            raise ValueError(f"{self.out} holds a run trained on {said(ranks)}, and this run has {said(self.ranks)}: "
+                             "each optimizer step takes batch_size examples on every rank, so rows of the two are of "
+                             f"other trainings; rerun on {said(ranks)}, choose another {self.flags.folder}, or pass "
+                             f"{self.flags.overwrite} to replace that run")
 
     def _finish_replacing(self):
         """Delete the files :data:`REPLACING` lists (a replaced run's, a kill cut their deletion short), then the list."""
@@ -797,7 +813,7 @@ class RunFolder:
                                         "base_version": BASE_DIGEST_VERSION, "model_files": self.model_files, "predict_seeding": self.seeding,
                                         "labels": self.labels, "scoring": self.scoring,
                                         "scoring_since": self.scoring_since, "environment": self.environment,
-                                        "environments": self.environments})
+                                        "environments": self.environments, "ranks": self.ranks})
 
     def redraw(self):
         """Draw, from the npz files, the summary figures (reliability grid, calibration vs accuracy) and the
@@ -1156,6 +1172,8 @@ def merge_results(out, update, record=None):
             differ.append(f"scoring (cloze form {forms[0]} there, {forms[1]} in the rerun)")
     if base.get("labels") and new.get("labels") and base["labels"] != new["labels"] and not replaces_all:
         differ.append(f"labels ({base['labels']} there, {new['labels']} in the rerun)")
+    if None not in (base.get("ranks"), new.get("ranks")) and base["ranks"] != new["ranks"] and not replaces_all:
+        differ.append(f"ranks (trained on {base['ranks']} torch.distributed ranks there, {new['ranks']} in the rerun)")
     if differ:
         raise ValueError(f"cannot merge {update} into {out}: their configurations differ in {', '.join(differ)}")
     missing = sorted(set(base["config"]["seeds"]) - set(new["config"]["seeds"]), key=str)
@@ -1187,7 +1205,7 @@ def merge_results(out, update, record=None):
     if replaces_all:  # every row rerun: the records and base are the rerun's, wherever they were read, however many used
         config.update(data_dir=new["config"].get("data_dir"), model=new["config"].get("model"))
         base = {**base, **{k: new.get(k) for k in ("data", "data_sets", "sizes", "base", "base_version", "labels", "scoring",
-                                                   "scoring_since")}}
+                                                   "scoring_since", "ranks")}}
     _draw_summary(out, summary, guides, config["dataset"], config["seeds"][0])
     # a rerun method's rows are the rerun's, every seed: so is their seeding
     seeding = {g: s for g, s in recorded_seeding(base).items() if base_guide(g) not in updated} | recorded_seeding(new)
