@@ -213,6 +213,7 @@ class SWAGCollector:
         every, start_step = check_count(every, "every"), check_count(start_step, "start_step", minimum=0)
         start_epoch = check_count(start_epoch, "start_epoch", minimum=0)
         self.swag, self.start_step, self.start_epoch, self.every, self.source = swag, start_step, start_epoch, every, source
+        self._lr = None  # (step, learning rate) of the fit's first collected iterate; (None, None) once warned
 
     def __call__(self, state):
         last = getattr(self.swag, "_collected_step", None)
@@ -222,6 +223,8 @@ class SWAGCollector:
         if state.step == 1 and not again:
             self._check_settings()
             self._check_schedule(state)
+            self._check_source(self.source or state.guide)
+            self._lr = None  # the learning rate of the fit's first collected iterate
             # the SWAG guide as this fit found it (its state, None where empty, and its point snapshot), which a run
             # that diverges or a second collector leaves; kept on the guide, where any collector of this fit finds it
             saved = {n: t.to("cpu", copy=True) for n, t in self.swag.state_dict().items()} \
@@ -241,6 +244,7 @@ class SWAGCollector:
                                  f"guide holds the {held} it held before it)")
             self.swag._collected_step = (weakref.ref(state), state.step)
             self.swag.collect(source.mean())
+            self._check_constant_lr(state)
         elif int(self.swag.num_collected) and not state.skipped:
             self.swag.adopt_point_parameters()
         if int(self.swag.num_collected):
@@ -272,6 +276,35 @@ class SWAGCollector:
         self.swag._point_snapshot = snapshot
         self.swag.fit_progress = progress
         return taken, held
+
+    def _check_source(self, source):
+        """At a fit's first step: refuse a SWAG guide built on another model than ``source``'s where ``source`` does not
+        fit it (found at the first collection otherwise, after training up to it, blaming ``source``)."""
+        if self.swag.model is source.model:
+            return
+        try:
+            check_guide(self.swag.model, source, "collect SWAG iterates")
+        except ValueError as error:
+            raise ValueError(f"SWAGCollector: the SWAG guide was built on another model than the {type(source).__name__} "
+                             f"it collects from, which does not fit it ({error}): build the SWAGGuide on the model this "
+                             "fit trains") from None
+
+    def _check_constant_lr(self, state):
+        """Warn, once per fit, where the learning rate changes between collected iterates (a decaying schedule, or a
+        warmup, over the collection): SWAG's covariance is of iterates at one constant rate, and a rate decaying
+        towards 0 shrinks their spread, so the posterior comes out narrower than SWAG's without a word."""
+        lr = getattr(state, "lr", None)  # a loop of the user's own may hand a state without it
+        if lr is None:
+            return
+        if self._lr is None:
+            self._lr = (state.step, lr)
+        elif self._lr[0] is not None and not math.isclose(lr, self._lr[1], rel_tol=1e-6):
+            warnings.warn(f"SWAGCollector: the learning rate changed while it collected ({self._lr[1]:.3g} at step "
+                          f"{self._lr[0]}, {lr:.3g} at step {state.step}): SWAG assumes a constant rate while it "
+                          "collects, and a decaying one shrinks the iterates' spread (the posterior); use "
+                          "lr_schedule='constant' with any warmup ending before the collection starts",
+                          stacklevel=user_stacklevel())
+            self._lr = (None, None)  # said once
 
     def _check_settings(self):
         """Under ``torch.distributed``, at a fit's first step (every rank runs its callbacks, of classes ``fit`` compared):

@@ -46,7 +46,8 @@ class DivergenceError(FloatingPointError):
 class FitState:
     """What a callback sees after each optimizer step (``step`` counts from 1, ``epoch`` from 0, in this fit);
     ``epochs`` and ``steps_per_epoch`` are the run's (``steps_per_epoch`` is ``None`` for data without a length);
-    ``skipped``: float16's loss scaler skipped this step (its gradients overflowed), so the weights did not move."""
+    ``skipped``: float16's loss scaler skipped this step (its gradients overflowed), so the weights did not move;
+    ``lr``: the learning rate this step took (the schedule's, of the first parameter group)."""
 
     step: int
     epoch: int
@@ -57,6 +58,7 @@ class FitState:
     epochs: int = 1
     steps_per_epoch: int | None = None
     skipped: bool = False
+    lr: float | None = None
 
 
 def fit(
@@ -406,6 +408,7 @@ def fit(
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             scale = scaler.get_scale() if scaler.is_enabled() else None
+            step_lr = optimizer.param_groups[0]["lr"]  # this step's, before the schedule moves it
             scaler.step(optimizer)
             scaler.update()
             skipped = scale is not None and scaler.get_scale() < scale  # the scaler backs off exactly where it skipped
@@ -418,7 +421,7 @@ def fit(
             guide.fit_progress = {"step": step, "steps": total, "epoch": epoch, "epochs": epochs, "finished": False}
             bar.update()
             bar.set_postfix(shown.postfix(accumulated), epoch=epoch)
-            state = FitState(step, epoch, accumulated, weight, model, guide, epochs, steps_per_epoch, skipped)
+            state = FitState(step, epoch, accumulated, weight, model, guide, epochs, steps_per_epoch, skipped, step_lr)
             for cb in callbacks:
                 cb(state)
             if checkpoint_dir and checkpoint_every and step % checkpoint_every == 0:

@@ -303,6 +303,35 @@ def test_a_collector_that_would_collect_fewer_than_two_iterates_is_refused_at_th
     assert int(swag.num_collected) == 2
 
 
+def test_a_swag_guide_of_another_model_is_refused_at_the_first_step_and_a_changing_rate_is_warned_of():
+    """A SWAG guide built on another network trained up to its first collection, and then the error blamed the MAP
+    guide; a decaying learning rate over the collection shrank the iterates' spread without a word."""
+    import warnings
+
+    model, other = xs_model(), xs_model()
+    guide, steps = MAPGuide(model), []
+    with pytest.raises(ValueError, match=r"^SWAGCollector: the SWAG guide was built on another model than the MAPGuide it collects from, which does "
+                                         r"not fit it \(cannot collect SWAG iterates with this MAPGuide on this model: .*\): build "
+                                         r"the SWAGGuide on the model this fit trains$"):
+        fit(model, guide, toy_data(), epochs=2, lr=3e-2, progress=False,
+            callbacks=[steps.append, SWAGCollector(SWAGGuide(other, rank=2), start_epoch=1)])
+    assert [s.step for s in steps] == [1]
+    said_of = {}
+    for schedule, warmup, said in (("linear", 0, True), ("constant", 3, True), ("constant", 3, False)):
+        swag = SWAGGuide(model, rank=2)
+        start = 1 if said else 6  # the collection over the whole run, or after the warmup's 3 steps
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(model, guide, toy_data(), epochs=2, lr=3e-2, lr_schedule=schedule, warmup_steps=warmup, progress=False,
+                callbacks=[SWAGCollector(swag, start_step=start)])
+        changed = [str(w.message) for w in caught if "the learning rate changed while it collected" in str(w.message)]
+        assert len(changed) == said, (schedule, warmup, changed)
+        assert int(swag.num_collected) == 13 - start
+        said_of[schedule, said] = changed
+    assert "(0.03 at step 1, 0.0275 at step 2)" in said_of["linear", True][0]  # 12 steps: 1/12 less each
+    assert "(0.01 at step 1, 0.02 at step 2)" in said_of["constant", True][0]  # the warmup's thirds
+
+
 def test_the_schedule_collects_two_iterates_where_the_run_has_them_and_refuses_otherwise():
     """One batch an epoch over 3 epochs collected 1 iterate (the last half: one epoch) and failed after the fit, with
     advice for the Python API."""
