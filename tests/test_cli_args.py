@@ -716,3 +716,7 @@ def test_a_warning_repeated_by_each_method_is_shown_once(monkeypatch, tmp_path, 
     assert cli.main(["compare", "--out", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().err.splitlines() == ["pyro-lora: warning: fitted on a small validation split",
                                                     "pyro-lora: warning: another note"]
+    # under torchrun every rank ran the same checks and printed each warning once more: rank 0 alone shows them
+    monkeypatch.setattr(cli, "is_main", lambda: False)
+    assert cli.main(["compare", "--out", str(tmp_path / "out")]) == 0
+    assert capsys.readouterr().err == ""

@@ -406,7 +406,10 @@ def _kept(command) -> str:
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None, seen=None):
     """A warning as one line, like errors, its category named unless a plain UserWarning (``--debug`` shows Python's
-    form, with the source line); a text already in ``seen`` is not shown again."""
+    form, with the source line); a text already in ``seen`` is not shown again, and under torch.distributed only rank
+    0 shows it (every rank runs the same checks on the same data: each said it once more)."""
+    if not is_main():
+        return
     kind = "" if category is UserWarning else f"{category.__name__}: "
     text = f"pyro-lora: warning: {kind}{message}"
     if seen is None or text not in seen:
