@@ -112,8 +112,9 @@ class IVONGuide(LoraGuide):
             site is not among the optimiser's parameters, if the optimiser is at its start (no step taken, none
             loaded: its Hessian estimate is ``hess_init`` and its momentum 0), or if a LoRA layer's matrices never
             had a gradient (their momentum is still 0: frozen while it trained, or the loss did not depend on them,
-            as under weight noise that swamps the network). After one step a layer is judged by its matrices together
-            (A's gradient is 0 while B is still 0); after more, or for a loaded state, each matrix alone.
+            as under weight noise that swamps the network). After more than one step each matrix is judged alone;
+            after one (A's gradient is 0 while B is still 0), or for a loaded state of unknown steps, a layer's
+            matrices together.
         """
         _check_sites(model, "IVONGuide.from_optimizer")
         steps = optimizer.current_step
@@ -137,8 +138,9 @@ class IVONGuide(LoraGuide):
             if any(id(p) not in std_of for p in mats):
                 raise ValueError(f"the optimiser does not hold the LoRA matrices of site {name!r}: train them with it")
             for layer, p in zip(site.layers, mats):
-                # after one step A alone may have no gradient (B is still 0), so the first step is judged per layer
-                key = layer if steps == 1 else f"{layer} ({name})"
+                # after one step A alone may have no gradient (B is still 0), so the first step, and a loaded state of
+                # unknown steps, is judged per layer
+                key = layer if steps in (1, None) else f"{layer} ({name})"
                 moved[key] = moved.get(key, False) or bool(momentum_of[id(p)].any())
             stack = torch.stack if site.stacked else (lambda ts: ts[0])
             locs[name] = stack([p.detach() for p in mats])

@@ -202,7 +202,8 @@ class SWAGCollector:
 
     :param swag: the :class:`SWAGGuide` to fill.
     :param source: the guide whose ``mean()`` is the iterate; default the guide being trained (``FitState.guide``).
-    :raises ValueError: at the fit's first step, for a schedule that collects fewer than 2 iterates, and under
+    :raises ValueError: at the fit's first step, for a SWAG guide built on another model than ``source``'s that does
+        not fit it, for a schedule that collects fewer than 2 iterates, and under
         ``torch.distributed`` on every rank, for a schedule (``start_step``, ``start_epoch``, ``every``), SWAG guide (its
         class, options, sizes, iterates already collected) or ``source`` class that differs across ranks.
     """

@@ -226,8 +226,8 @@ def _file_records(path: Path, task: str, num_labels: int | None) -> _Parsed:
     return parsed
 
 
-# (path, SHA-256 of its bytes, task, number of labels) -> its validated records: a run's readers (its splits, its data
-# digest, each seed) parse a 67k-line training file once
+# (path, SHA-256 of its bytes, task, number of labels) -> its validated records (_Parsed): a run's readers (its splits,
+# its data digest, each seed) parse a 67k-line training file once
 _PARSED: dict = {}
 
 

@@ -15,6 +15,7 @@ import collections
 import contextlib
 import datetime
 import numbers
+import pickle
 import warnings
 import zlib
 from collections.abc import Mapping, Sequence, Set
@@ -22,7 +23,7 @@ from collections.abc import Mapping, Sequence, Set
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset, Subset
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset, Subset
 
 from .checks import check_batches
 from .callers import user_stacklevel
@@ -105,10 +106,10 @@ class _BlockSampler:
         self.batch_sampler, self.even = batch_sampler, even
 
     def __iter__(self):
-        drawn = list(self.batch_sampler)
+        drawn, items = _draw(self.batch_sampler)
         if not _draws_part(getattr(self.batch_sampler, "sampler", self.batch_sampler)):
-            items = [i for b in drawn for i in (b if isinstance(b, (list, tuple)) else [b])]
-            check_same(sorted(items, key=repr), "items to draw batches from (their sampler's indices, in any order)",
+            check_same(sorted(items, key=lambda i: (0, i, "") if isinstance(i, int) else (1, 0, repr(i))),
+                       "items to draw batches from (their sampler's indices, in any order)",
                        "each rank's sampler must draw the whole data (pyro_lora gives each rank its block of rank 0's "
                        "batches); do not shard it by hand, and seed a sampler that draws a random part alike on every rank")
         return iter(shard(broadcast_object(drawn), self.even))
@@ -118,13 +119,28 @@ class _BlockSampler:
         return stop - start
 
 
+def _draw(batch_sampler) -> tuple[list, list]:
+    """One pass of a (batch) sampler: its batches (or items), and every item its sampler drew, in order. A torch
+    ``BatchSampler``'s items are its sampler's whole order, before ``drop_last`` drops the remainder (a shuffle per
+    rank drops other items on each), so it is batched here as its ``__iter__`` batches it."""
+    if type(batch_sampler).__iter__ is BatchSampler.__iter__:
+        order, size = list(batch_sampler.sampler), batch_sampler.batch_size
+        batches = [order[i : i + size] for i in range(0, len(order), size)]
+        if batch_sampler.drop_last and batches and len(batches[-1]) < size:
+            batches.pop()
+        return batches, order
+    drawn = list(batch_sampler)
+    return drawn, [i for b in drawn for i in (b if isinstance(b, (list, tuple)) else [b])]
+
+
 def _draws_part(sampler) -> bool:
     """Whether ``sampler`` draws a random part of its data, another on each rank unless its generator is seeded alike:
     torch's samplers with ``replacement`` (``WeightedRandomSampler``'s default), or of ``num_samples`` other than the
     data's length."""
     if getattr(sampler, "replacement", False):
         return True
-    source = getattr(sampler, "data_source", None)
+    # RandomSampler's data, or WeightedRandomSampler's weights (one per item)
+    source = getattr(sampler, "data_source", getattr(sampler, "weights", None))
     return isinstance(getattr(sampler, "num_samples", None), int) and source is not None and \
         sampler.num_samples != _length(source)
 
@@ -546,8 +562,9 @@ def all_reduce_gradients(params: list[torch.Tensor], loss: float | None = None, 
         return loss
     params = list(params)
     device = _comm_device()
-    # float32 sums (a half-precision gradient's too), float64 where a parameter is: its gradients and loss kept whole
-    dtype = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+    # float32 sums (a half-precision gradient's too), float64 where a parameter is: its gradients and loss kept whole;
+    # a loss alone (the divergence watch's) in float64
+    dtype = torch.float64 if not params or any(p.dtype == torch.float64 for p in params) else torch.float32
     parts = [(p.grad * weight if p.grad is not None else torch.zeros_like(p)).to(dtype) for p in params]
     flags = torch.tensor([float(p.grad is not None) for p in params] + [0.0 if loss is None else float(loss) * weight, weight],
                          device=device, dtype=dtype)
@@ -633,19 +650,33 @@ def refused_together(action: str):
     error = None
     try:
         yield
+    except dist.DistError:  # the process group itself failed: no further collective can tell the others
+        raise
     except Exception as caught:  # any failure on one rank: the others must not go on into the next collective
         error = caught
     if is_distributed():
         said = [None] * world_size()
-        dist.all_gather_object(said, None if error is None else (type(error), str(error)))
+        dist.all_gather_object(said, None if error is None else (_sendable(type(error)), type(error).__name__, str(error)))
         refused = [(r, m) for r, m in enumerate(said) if m is not None]
         if refused and error is None:
-            rank, (kind, message) = refused[0]
-            if issubclass(kind, ValueError):
+            rank, (kind, name, message) = refused[0]
+            if kind is not None:
                 raise _same_kind(kind, f"cannot {action}: rank {rank} refused: {message}")
-            raise ValueError(f"cannot {action}: rank {rank} failed: {kind.__name__}: {message}")
+            raise ValueError(f"cannot {action}: rank {rank} failed: {name}: {message}")
     if error is not None:
         raise error
+
+
+def _sendable(kind):
+    """``kind``, a ``ValueError`` class, where it can be sent to the other ranks (a class pickles by its import path:
+    one defined in a function cannot), else ``None``: they raise a plain ``ValueError`` naming it."""
+    if not issubclass(kind, ValueError):
+        return None
+    try:
+        pickle.dumps(kind)
+    except Exception:  # noqa: BLE001 -- any failure to pickle it: sent by name
+        return None
+    return kind
 
 
 def _same_kind(kind, message: str) -> ValueError:

@@ -173,14 +173,14 @@ def init_lora_xs(net, adapter: str | None = None, replace_trained: bool = False)
         u, s, vh = u[..., :r], s[..., :r], vh[..., :r, :]
         # a direction of singular value 0 is no direction of W0: A's row would be 0 and that core row and column inert.
         # An SVD's zeros come out at rounding noise that grows with the width (numpy's matrix_rank tolerance)
-        precision = "float32" if dtype == torch.float32 else "float64"
-        tolerance = max(w0.shape[1:]) * torch.finfo(dtype).eps
+        # float32's eps whatever the SVD's precision: a float64 cast of float32 weights holds float32's rounding noise
+        tolerance = max(w0.shape[1:]) * torch.finfo(torch.float32).eps
         deficient = (s[:, -1] <= tolerance * s[:, 0]).nonzero().flatten().tolist()
         if deficient:
             i = deficient[0]
             why = ("it is all zero" if s[i, 0] == 0 else
-                   f"its singular value {r} is {float(s[i, -1] / s[i, 0]):.3g} of its largest, within width x {precision} "
-                   f"eps = {tolerance:.3g} of it, where a {precision} SVD cannot tell it from zero (a rank-deficient weight, or a "
+                   f"its singular value {r} is {float(s[i, -1] / s[i, 0]):.3g} of its largest, within width x float32 eps "
+                   f"= {tolerance:.3g} of it, where a float32 SVD cannot tell it from zero (a rank-deficient weight, or a "
                    "spectrum this steep: that direction would be rounding noise)")
             raise ValueError(f"the base weight of {paths[i]} has numerical rank below the LoRA rank {r}: {why}; LoRA-XS "
                              "adapts W0's top-r directions: lower the rank or leave that layer out of target_modules")
@@ -212,8 +212,8 @@ class LoraXSModel(LoraModel):
 
     :param net: a peft model with LoRA layers; their ``lora_A`` / ``lora_B`` are overwritten by the SVD.
     :param bool svd_init: run :func:`init_lora_xs` (deterministic, so also right when rebuilding a saved run).
-    :param bool replace_trained: let :func:`init_lora_xs` overwrite a trained LoRA (a non-zero ``B A``, a ``B`` not the
-        SVD's); refused by default, as the user's adapter would be lost from ``net``.
+    :param bool replace_trained: let :func:`init_lora_xs` overwrite a trained LoRA (a non-zero ``B A``, an ``A`` or ``B``
+        not the SVD's); refused by default, as the user's adapter would be lost from ``net``.
     :param kwargs: ``group``, ``prior``, ``num_data``, ``adapter`` as for :class:`~pyro_lora.LoraModel`.
     """
 

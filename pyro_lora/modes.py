@@ -77,7 +77,16 @@ def building():
 
 def dropout_in_training(net: torch.nn.Module) -> list[str]:
     """Where the forward of ``net`` draws at random as its modules' train / eval modes stand: one entry per module,
-    ``"<name> (<what>=<p>, ...)"``; empty where every such probability that would apply is 0.
+    ``"<name> (<what>=<p>, ...)"``; empty where every such probability that would apply is 0
+    (:func:`dropout_probabilities`)."""
+    return [f"{name} ({', '.join(f'{k}={v:g}' for k, v in probs.items())})"
+            for name, probs in dropout_probabilities(net).items()]
+
+
+def dropout_probabilities(net: torch.nn.Module, as_set: bool = True) -> dict[str, dict[str, float]]:
+    """What draws at random in the forward of ``net``: module name -> ``{what: p}``, each probability above 0.
+    With ``as_set`` as the modules' train / eval modes stand; without, as in training (every module in training
+    mode: what a fit runs).
 
     Counted, for each module in training mode that the forward runs (:func:`_running_modules`): a dropout module's
     ``p`` (it drops where it is called); and what the module's own methods (not ``__init__``: :func:`_reads`) read
@@ -91,14 +100,14 @@ def dropout_in_training(net: torch.nn.Module) -> list[str]:
     layer runs the per-adapter modules of its active adapters only: another adapter's ``lora_dropout`` (or
     ``modules_to_save`` copy) is passed over.
     """
-    found = []
+    found = {}
     for name, module in _running_modules(net):
-        if not module.training:
+        if as_set and not module.training:
             continue
-        probs = {"p": module.p} if isinstance(module, _DropoutNd) and module.p > 0 else {}
+        probs = {"p": float(module.p)} if isinstance(module, _DropoutNd) and module.p > 0 else {}
         # a child in training mode is an entry of its own; one in eval mode drops only where this module reads its p
-        held = {f"{key}.p": child.p for key, child in module.named_children()
-                if isinstance(child, _DropoutNd) and not child.training and child.p > 0}
+        held = {f"{key}.p": float(child.p) for key, child in module.named_children()
+                if as_set and isinstance(child, _DropoutNd) and not child.training and child.p > 0}
         held.update((key, v) for key, v in vars(module).items() if _random(key, v))
         config = vars(module).get("config")
         if isinstance(config, PretrainedConfig):
@@ -107,7 +116,7 @@ def dropout_in_training(net: torch.nn.Module) -> list[str]:
         probs.update((what, v) for what, v in held.items()
                      if reads is None or (what if what.startswith("config.") else f"self.{what}") in reads)
         if probs:
-            found.append(f"{name or type(module).__name__} ({', '.join(f'{k}={v:g}' for k, v in probs.items())})")
+            found[name or type(module).__name__] = probs
     return found
 
 

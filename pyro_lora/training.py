@@ -27,7 +27,7 @@ from . import distributed, pyro_params
 from .contract import check_guide, check_model, check_ranks_agree, require_lora_guide, tempered_training
 from .ownership import fixed_posterior_message, point_snapshot, record_fit, take_over
 from .data import to_device
-from .modes import eval_mode, network_mode
+from .modes import dropout_probabilities, eval_mode, network_mode
 from .pyro_stack import check_no_handlers
 from .model import HALF_DTYPES, full_precision, warn_unscaled
 from .checks import (check_batch, check_count, check_data_given, check_flag, check_not_inference_mode, check_path,
@@ -216,8 +216,10 @@ def fit(
             model_settings = {f"{_MODEL}{k}": v for k, v in (model.settings().items() if distributed.is_distributed() else ())
                               if k != "num_data"}
             # and what changes every gradient but the arguments name by class or not at all: the ELBO's particles,
-            # each dropout module's p (set on the module at run time too)
-            network = {f"dropout p of {path}": p for path, p in _dropouts(model).items()} if distributed.is_distributed() else {}
+            # each dropout rate (set on the module at run time too)
+            network = {**{f"dropout {k}": p for k, p in _dropouts(model).items()},
+                       **{f"lora_dropout of {k}": p for k, p in _lora_dropout(model).items()}} \
+                if distributed.is_distributed() else {}
             distributed.check_settings("fit", {**arguments, "elbo": _describe_elbo(elbo or Trace_ELBO()),
                                                "checkpoint_every": checkpoint_every, **guide_settings,
                                                **model_settings, **network, "callbacks": [type(cb).__name__ for cb in callbacks],
@@ -664,14 +666,13 @@ def _lora_dropout(model) -> dict:
     return {path: float(getattr(d[model.adapter], "p", 0.0)) if model.adapter in d else 0.0 for path, d in dropouts}
 
 
-_DROPOUTS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout,
-             torch.nn.FeatureAlphaDropout)
-
-
 def _dropouts(model) -> dict:
-    """Module path -> ``p`` of each dropout module of the network whose ``p`` is not 0: set at run time too, where the
-    config (compared with the model's settings) no longer says it."""
-    return {name: float(m.p) for name, m in model.net.named_modules() if isinstance(m, _DROPOUTS) and m.p}
+    """``"<module>.<what>"`` -> each probability above 0 the network's forward draws with in training
+    (:func:`~pyro_lora.modes.dropout_probabilities`: dropout modules, and rates held as floats or config keys), set at
+    run time too, where the config (compared with the model's settings) no longer says it; peft's ``lora_dropout``
+    is :func:`_lora_dropout`'s."""
+    return {f"{name}.{what}": p for name, probs in dropout_probabilities(model.net, as_set=False).items()
+            if ".lora_dropout." not in f".{name}." for what, p in probs.items()}
 
 
 def _describe_data(data) -> dict:

@@ -440,6 +440,15 @@ def run_misuses(tmp):
     drawn = WeightedRandomSampler(torch.ones(16), 16, replacement=True, generator=torch.Generator().manual_seed(r))
     resampled = distributed.split_batches(DataLoader(TensorDataset(torch.arange(16)), batch_size=4, sampler=drawn))
     out["replacement"] = distributed.gather_cat(torch.cat([b[0] for b in resampled]))
+    part = WeightedRandomSampler(torch.ones(16), 8, replacement=False, generator=torch.Generator().manual_seed(r))
+    resampled = distributed.split_batches(DataLoader(TensorDataset(torch.arange(16)), batch_size=4, sampler=part))
+    out["weighted_part"] = distributed.gather_cat(torch.cat([b[0] for b in resampled]))
+    # shuffled per rank (fit's own streams) with drop_last: each rank's draw drops another remainder, no sharding
+    steps.clear()
+    model = make_model(num_data=15)
+    out["drop_last_fit"] = _refused(lambda: fit(model, MAPGuide(model), DataLoader(Rows(), batch_size=3, shuffle=True,
+                                                                                    drop_last=True),
+                                                callbacks=[steps.append], progress=False)), len(steps)
     # float64 gradients and loss were summed in float32: 1 + 1e-12 came back 1.0, 3e39 inf, 1e-300 0
     wide = torch.nn.Parameter(torch.zeros(3, dtype=torch.float64))
     wide.grad = torch.tensor([1 + 1e-12, 1e-300, 3e39], dtype=torch.float64)
@@ -656,8 +665,11 @@ def test_misuses_are_refused_on_every_rank_or_made_right(tmp_path):
         assert out["weighted"].startswith("the ranks were given different data (sampler.weights: ")
         assert out["whole_sampler"] == 16
         assert out["own_sampler"].startswith("the ranks were given different items to draw batches from")
+        assert "[0, 2, 4, 6, 8, 10, 12, 14] on rank 0, [1, 3, 5" in out["own_sampler"]  # numbers in their order
         assert "do not shard it by hand" in out["own_sampler"]
         assert torch.equal(out["replacement"], ranks[0]["replacement"]) and len(out["replacement"]) == 16
+        assert torch.equal(out["weighted_part"], ranks[0]["weighted_part"]) and len(out["weighted_part"]) == 8
+        assert out["drop_last_fit"] == (None, 2)  # 5 batches of 3 over 2 ranks: 2 steps
         assert out["float64_grads"] == (1 + 1e-12, [1 + 1e-12, 1e-300, 3e39])
         assert "different settings of fit (num_data: 16 on rank 0, 32 on rank 1)" in out["num_data_per_rank"]
         for key in ("pooler_fit", "pooler_predict", "pooler_laplace"):
@@ -880,7 +892,7 @@ def test_model_schedule_ensemble_and_swag_settings_differing_across_ranks_are_re
         assert out["rounded_prior"][0] is None
         assert ("different settings of fit (elbo: 'Trace_ELBO' on rank 0, 'Trace_ELBO(num_particles=8, "
                 "vectorize_particles=False)' on rank 1)") in out["particles"][0]
-        assert "(dropout p of base_model.model.bert.embeddings.dropout: nothing on rank 0, 0.3 on rank 1; " in \
+        assert "(dropout base_model.model.bert.embeddings.dropout.p: nothing on rank 0, 0.3 on rank 1; " in \
             out["dropout_per_rank"][0]
         message, _ = out["schedule"]
         assert message.startswith("the ranks' kl_weight schedules gave different weights at step 1 (1 on rank 0, 100 on "

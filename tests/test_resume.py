@@ -1612,15 +1612,20 @@ def test_rows_of_a_run_on_another_number_of_ranks_are_not_joined(tmp_path, monke
     R.RunFolder(tmp_path / "run", small(tmp_path / "run", guides=("map",))).add("map", 0, [ROW], arrays(0))
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["ranks"] == 2
-    R.RunFolder(tmp_path / "run", small(tmp_path / "run", guides=("map",), seeds=(0, 1)))  # the same ranks: resumed
+    R.RunFolder(tmp_path / "run", small(tmp_path / "run", guides=("map",), seeds=(0, 1))).check_ranks()  # the same
     monkeypatch.setattr(R, "world_size", lambda: 1)
+    more = R.RunFolder(tmp_path / "run", small(tmp_path / "run", guides=("map",), seeds=(0, 1)))  # read: fine
     with pytest.raises(ValueError, match=r"holds a run trained on 2 ranks \(torch.distributed\), and this run has one "
                                          r"process: .*rerun on 2 ranks \(torch.distributed\), choose another --out"):
-        R.RunFolder(tmp_path / "run", small(tmp_path / "run", guides=("map",), seeds=(0, 1)))
-    R.RunFolder(tmp_path / "run", small(tmp_path / "run", guides=("map",)), overwrite=True)  # replaced: fine
+        more.check_ranks()  # rows to add
+    with pytest.raises(ValueError, match=r"holds a run trained on 2 ranks"):  # as compare refuses it, before any work
+        run_compare(small(tmp_path / "run", guides=("map",), seeds=(0, 1)))
     old = {k: v for k, v in saved.items() if k != "ranks"}  # a record from before the number was kept: not compared
     (tmp_path / "run" / "results.json").write_text(json.dumps(old))
-    R.RunFolder(tmp_path / "run", small(tmp_path / "run", guides=("map",)))
+    legacy = R.RunFolder(tmp_path / "run", small(tmp_path / "run", guides=("map",), seeds=(0, 1)))
+    legacy.check_ranks()
+    legacy.add("map", 1, [{**ROW, "seed": 1}], arrays(1))
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["ranks"] is None  # unknown, not stamped 1
     (tmp_path / "run" / "results.json").write_text(json.dumps(saved | {"config": {**saved["config"], "guides": ["map", "tfb"]}}))
     update = tmp_path / "update"
     update.mkdir()

@@ -1379,7 +1379,7 @@ def test_resume_refuses_other_particles_lora_dropout_or_batch_rows(tmp_path):
     run(tmp_path, batches, kill_at=2)
     for kwargs, message in [({"elbo": Trace_ELBO(num_particles=4)}, r"elbo: 'Trace_ELBO' there, 'Trace_ELBO\(num_particles=4"),
                             ({"dropout": 0.3}, r"lora_dropout: .*0\.0.* there, .*0\.3.* here"),
-                            ({"hidden": 0.5}, r"\(dropout: base_model.model.bert.embeddings.dropout 0\.1 there, 0\.5 here\)"),
+                            ({"hidden": 0.5}, r"\(dropout: base_model.model.bert.embeddings.dropout.p 0\.1 there, 0\.5 here\)"),
                             ({"data": toy_data(n=20, batch=5)}, r"batch_rows: \[6, 6, 6, 6\] there, \[5, 5, 5, 5\] here")]:
         with pytest.raises(ValueError, match=message):
             run(tmp_path, **{"data": batches, **kwargs}, resume=True)

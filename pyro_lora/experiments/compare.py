@@ -233,6 +233,8 @@ def _fill(run, config, reference):
         folder.check_labels(labels)
     say = print if is_main() else (lambda *a, **k: None)
     left = run.unfinished(config.guides, config.seeds)  # with every seed of rows of another version of a method
+    if left:  # rows to add: to rows of as many ranks
+        run.check_ranks()
     # the rows kept are what their arrays give (an edited row was shown, averaged and judged as this run's); those that
     # cannot be checked, and those rerun that their arrays contradict (kept if the rerun fails), are never averaged
     run.check_scores(rerun=lambda r: (base_guide(r["guide"]), r["seed"]) in left)

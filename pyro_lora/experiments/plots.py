@@ -42,7 +42,7 @@ def save_png(fig, path) -> Path:
 # a reliability panel's margins in inches (left, right, bottom, top): fixed, because the panels' labels never change
 # and a layout engine measuring them costs as much as drawing the figure (the figures are drawn once per method)
 _PANEL = (4.0, 4.6)
-_MARGINS = (0.62, 0.15, 0.5, 0.32)
+_MARGINS = (0.62, 0.15, 0.5, 0.5)  # the top one holds a two-line title: the name, then the ECE
 
 
 def _panel_spec(fig, row: int, col: int):
@@ -80,7 +80,7 @@ def _draw_reliability(fig, sub, probs, labels, num_bins: int, title: str | None)
     ax.set_ylabel("accuracy")
     ax.tick_params(labelbottom=False)
     ax.legend(loc="upper left", fontsize=7, frameon=False)
-    name = f"{title}: " if title else ""
+    name = f"{title}\n" if title else ""  # a line of its own: "laplace_val+ts on openbookqa" fills the width
     ax.set_title(f"{name}ECE {ece100:.2f}  (N={int(counts.sum())}, {num_bins} bins)", fontsize=9)
 
     hist.bar(left, frac, width=width, align="edge", color="0.55", edgecolor="white", lw=0.5)

@@ -375,6 +375,7 @@ class RunFolder:
         self.environment = environment()
         self.environments = [self.environment]  # every one whose rows the record holds, oldest first
         self.ranks = world_size()  # torch.distributed's: each rank trains on batches of batch_size, a step on all
+        self._saved_ranks = None  # those of the rows the record holds (check_ranks)
         self._mixed = None  # the note of rows added to rows made in another environment
         self.request = asdict(config)
         self.rows, self.failed, self.guides, self.seeds = [], [], [], []
@@ -397,7 +398,10 @@ class RunFolder:
         self._replaced = saved if overwrite else None  # its files go once this run writes its first result
         if saved is not None and not overwrite:
             self._check_same(saved)
-            self._check_ranks(saved)
+            # a record from before the number was kept holds rows of an unknown number: not compared, and never
+            # stamped with this run's
+            self._saved_ranks = saved.get("ranks")
+            self.ranks = self._saved_ranks if saved["per_seed"] else self.ranks
             self.rows, self.failed, self.sizes = saved["per_seed"], saved.get("failed", []), saved.get("sizes")
             self.maps, self.data, self.base = dict(saved.get("maps", {})), saved.get("data"), recorded_base(saved)
             # compared by path and files' stamp here, as a record without the base's digest is (where it has one, the
@@ -472,16 +476,17 @@ class RunFolder:
                       "the rows it adds are averaged with them, and their note says so; --overwrite reruns them all",
                       stacklevel=user_stacklevel())
 
-    def _check_ranks(self, saved):
-        """Refuse to add rows to a run trained on another number of torch.distributed ranks: each step there took
-        batch_size examples on every rank (and dropped another remainder of batches), so its rows are of another
-        training. A record from before the number was kept is not compared."""
-        ranks = saved.get("ranks")
-        if ranks is not None and ranks != self.ranks and saved["per_seed"]:
+    def check_ranks(self):
+        """Refuse, before a run adds rows here, rows of a run trained on another number of torch.distributed ranks:
+        each step there took batch_size examples on every rank (and dropped another remainder of batches), so its rows
+        are of another training. Reading the folder is fine (a finished run lists nothing left to run). A record from
+        before the number was kept is not compared."""
+        ranks, now = self._saved_ranks, world_size()
+        if ranks is not None and ranks != now and self.rows:
             def said(n):
                 return "one process" if n == 1 else f"{n} ranks (torch.distributed)"
 
-            raise ValueError(f"{self.out} holds a run trained on {said(ranks)}, and this run has {said(self.ranks)}: "
+            raise ValueError(f"{self.out} holds a run trained on {said(ranks)}, and this run has {said(now)}: "
                              "each optimizer step takes batch_size examples on every rank, so rows of the two are of "
                              f"other trainings; rerun on {said(ranks)}, choose another {self.flags.folder}, or pass "
                              f"{self.flags.overwrite} to replace that run")
