@@ -756,6 +756,18 @@ def test_helpers_are_identities_without_a_process_group():
         distributed.gather_cat(torch.tensor(1.0))
 
 
+def test_a_refusal_is_sent_to_the_other_ranks_by_class_only_where_the_class_pickles():
+    """A ValueError class defined in a function failed to pickle on the refusing rank alone, before the collective: the
+    other ranks waited for it until the timeout. Such a class, and any other error kind, is sent by name."""
+    from pyro_lora.predictive import NonFinitePredictionError
+
+    class Local(ValueError):
+        pass
+
+    assert distributed._sendable(NonFinitePredictionError) is NonFinitePredictionError
+    assert distributed._sendable(Local) is None and distributed._sendable(KeyError) is None
+
+
 def test_a_long_value_named_in_a_refusal_keeps_its_end():
     """check_same cut a long value's repr at 80 characters: two ranks' checkpoint paths, differing only at their end,
     were both named '/tmp/pytest-of-root/.../ckp...', hiding the difference the refusal was about."""
