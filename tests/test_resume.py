@@ -1603,21 +1603,6 @@ def test_rows_of_another_cloze_scoring_are_not_joined(tmp_path):
         merge_results(tmp_path / "run", update)
 
 
-def test_a_record_whose_config_names_fewer_seeds_than_its_rows_hold_names_them_all(tmp_path):
-    """config.seeds edited to [0] beside rows of seeds 0 and 1: the report's table named seed 0 and averaged both, and a
-    resume kept the edited list."""
-    from pyro_lora.experiments.results import read_record
-
-    folder = RunFolder(tmp_path, small(tmp_path, guides=("map",), seeds=(0, 1)))
-    folder.add("map", 0, [ROW], arrays(0))
-    folder.add("map", 1, [{**ROW, "seed": 1}], arrays(1))
-    saved = json.loads((tmp_path / "results.json").read_text())
-    saved["config"]["seeds"] = [0]
-    (tmp_path / "results.json").write_text(json.dumps(saved))
-    assert read_record(tmp_path, "")["config"]["seeds"] == [0, 1]
-    assert RunFolder(tmp_path, small(tmp_path, guides=("map",), seeds=(0,))).seeds == [0, 1]
-
-
 def test_rows_of_a_run_on_another_number_of_ranks_are_not_joined(tmp_path, monkeypatch):
     """A one-process rerun into a two-rank run's folder resumed it without a word: seed 0 (2 steps of 16 examples, 4
     dropped) and seed 1 (5 steps of 8) were averaged as seeds of one training."""

@@ -953,10 +953,6 @@ def _parse_record(out, advice, needs=()):
             raise ValueError(f"its 'labels' is {labels!r:.80}, not evaluation set -> label names")
         _check_rows(saved["per_seed"], "per_seed", ("guide", "dataset"))
         _check_rows(saved.get("failed", []), "failed", ("guide",))
-        # the run's seeds are those its rows hold, as a resume that adds seeds records them: a config edited to fewer
-        # (or a merged rerun's extra seeds) had the table name some seeds and average others
-        held = dict.fromkeys(r["seed"] for r in saved["per_seed"])
-        saved["config"]["seeds"] = [*saved["config"]["seeds"], *(s for s in held if s not in saved["config"]["seeds"])]
     except (ValueError, KeyError, TypeError) as error:
         raise ValueError(f"{path} is not the results of a `pyro-lora compare` run ({type(error).__name__}: {error}); "
                          f"{advice}") from None
