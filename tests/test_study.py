@@ -128,6 +128,12 @@ def test_report_sections_numbers_and_figures(runs, tmp_path):
     assert "| OBQA→ARC-C | meanfield |" in md and "0.600" in md and "**0.600**" not in md
     assert "`pyro-lora study --report-only`" in md and "`pyro-lora study --seeds 0,1`" in md
     assert "12m 34s" in md  # the recorded wall time
+    # a config edited to fewer seeds than the rows it averages: the header named seed 0 beside means over seeds 0 and 1
+    record = json.loads((runs / "arc_easy" / "results.json").read_text())
+    (runs / "arc_easy" / "results.json").write_text(json.dumps(record | {"config": {**record["config"], "seeds": [0]}}))
+    md = report.build_report(runs, docs, command="pyro-lora study --report-only").read_text()
+    easy = md.split("## ARC-Easy (`arc_easy`)")[1].split("## ")[0]
+    assert ", epochs 2, seeds 0,1, 4 posterior samples, cloze format." in easy
     assert "| 0.001 | fp32 | —" in md  # each run's base precision
     results = runs / "openbookqa" / "results.json"
     saved = json.loads(results.read_text())

@@ -346,7 +346,10 @@ def in_distribution_table(run):
 def dataset_section(dataset, run, figures):
     """One in-distribution section: the table and the run's figures."""
     c = run["config"]
-    seeds = ",".join(map(str, c["seeds"]))
+    # the seeds the table averages, not the config's list: rows of a seed outside it (a hand edit, a merged rerun's
+    # extra seed) are averaged where their arrays confirm them, and a seed no row finished is not averaged
+    held = dict.fromkeys(s for row in run["summary"] for s in row.get("seeds") or ())
+    seeds = ",".join(map(str, [*(s for s in c["seeds"] if s in held), *(s for s in held if s not in c["seeds"])]))
     lines = [f"## {long_name(dataset)} (`{dataset}`)", "",
              f"{model_name(c)}; train {used_sizes(run)[0]}, validation {used_sizes(run)[1]}, test {used_sizes(run)[2]}, "
              f"epochs {c['epochs']}, seeds {seeds}, {c['samples']} posterior samples"
