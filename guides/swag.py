@@ -214,7 +214,8 @@ class SWAGCollector:
         every, start_step = check_count(every, "every"), check_count(start_step, "start_step", minimum=0)
         start_epoch = check_count(start_epoch, "start_epoch", minimum=0)
         self.swag, self.start_step, self.start_epoch, self.every, self.source = swag, start_step, start_epoch, every, source
-        self._lr = None  # (step, learning rate) of the fit's first collected iterate; (None, None) once warned
+        self._first_lr = None  # (step, learning rate) of the fit's first collected iterate
+        self._lr_warned = False
 
     def __call__(self, state):
         last = getattr(self.swag, "_collected_step", None)
@@ -225,7 +226,7 @@ class SWAGCollector:
             self._check_settings()
             self._check_schedule(state)
             self._check_source(self.source or state.guide)
-            self._lr = None  # the learning rate of the fit's first collected iterate
+            self._first_lr, self._lr_warned = None, False
             # the SWAG guide as this fit found it (its state, None where empty, and its point snapshot), which a run
             # that diverges or a second collector leaves; kept on the guide, where any collector of this fit finds it
             saved = {n: t.to("cpu", copy=True) for n, t in self.swag.state_dict().items()} \
@@ -295,17 +296,18 @@ class SWAGCollector:
         warmup, over the collection): SWAG's covariance is of iterates at one constant rate, and a rate decaying
         towards 0 shrinks their spread, so the posterior comes out narrower than SWAG's without a word."""
         lr = getattr(state, "lr", None)  # a loop of the user's own may hand a state without it
-        if lr is None:
+        if lr is None or self._lr_warned:
             return
-        if self._lr is None:
-            self._lr = (state.step, lr)
-        elif self._lr[0] is not None and not math.isclose(lr, self._lr[1], rel_tol=1e-6):
-            warnings.warn(f"SWAGCollector: the learning rate changed while it collected ({self._lr[1]:.3g} at step "
-                          f"{self._lr[0]}, {lr:.3g} at step {state.step}): SWAG assumes a constant rate while it "
+        if self._first_lr is None:
+            self._first_lr = (state.step, lr)
+        elif not math.isclose(lr, self._first_lr[1], rel_tol=1e-6):
+            first_step, first_lr = self._first_lr
+            warnings.warn(f"SWAGCollector: the learning rate changed while it collected ({first_lr:.3g} at step "
+                          f"{first_step}, {lr:.3g} at step {state.step}): SWAG assumes a constant rate while it "
                           "collects, and a decaying one shrinks the iterates' spread (the posterior); use "
                           "lr_schedule='constant' with any warmup ending before the collection starts",
                           stacklevel=user_stacklevel())
-            self._lr = (None, None)  # said once
+            self._lr_warned = True  # said once per fit
 
     def _check_settings(self):
         """Under ``torch.distributed``, at a fit's first step (every rank runs its callbacks, of classes ``fit`` compared):

@@ -216,9 +216,10 @@ def fit(
             model_settings = {f"{_MODEL}{k}": v for k, v in (model.settings().items() if distributed.is_distributed() else ())
                               if k != "num_data"}
             # and what changes every gradient but the arguments name by class or not at all: the ELBO's particles,
-            # each dropout rate (set on the module at run time too)
-            network = {**{f"dropout {k}": p for k, p in _dropouts(model).items()},
-                       **{f"lora_dropout of {k}": p for k, p in _lora_dropout(model).items()}} \
+            # each dropout rate (set on the module at run time too); flat, so a difference names its module
+            dropouts = {"dropout": _dropouts(model), "lora_dropout": _lora_dropout(model)}
+            network = {**{f"dropout {k}": p for k, p in dropouts["dropout"].items()},
+                       **{f"lora_dropout of {k}": p for k, p in dropouts["lora_dropout"].items()}} \
                 if distributed.is_distributed() else {}
             distributed.check_settings("fit", {**arguments, "elbo": _describe_elbo(elbo or Trace_ELBO()),
                                                "checkpoint_every": checkpoint_every, **guide_settings,
@@ -320,7 +321,7 @@ def fit(
             keepers = _order_keepers(data) if resumable else ([], [])  # saved and restored for a resume alone
             settings = resumable and _settings(guide, length, keepers, _describe_data(data), **{
                 **arguments, "elbo": _describe_elbo(elbo), "autocast": str(autocast),  # as defaulted since
-                "lora_dropout": _lora_dropout(model), "dropout": _dropouts(model),
+                **dropouts,
                 # the base's dtype: a float32 run resumed on a bfloat16 cast of its base went on without a word (its
                 # weights' fingerprint allows a cast), 9e-3 off the run's parameters
                 "base_dtype": str(model.compute_dtype).removeprefix("torch."),

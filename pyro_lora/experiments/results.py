@@ -375,7 +375,6 @@ class RunFolder:
         self.environment = environment()
         self.environments = [self.environment]  # every one whose rows the record holds, oldest first
         self.ranks = world_size()  # torch.distributed's: each rank trains on batches of batch_size, a step on all
-        self._saved_ranks = None  # those of the rows the record holds (check_ranks)
         self._mixed = None  # the note of rows added to rows made in another environment
         self.request = asdict(config)
         self.rows, self.failed, self.guides, self.seeds = [], [], [], []
@@ -400,8 +399,7 @@ class RunFolder:
             self._check_same(saved)
             # a record from before the number was kept holds rows of an unknown number: not compared, and never
             # stamped with this run's
-            self._saved_ranks = saved.get("ranks")
-            self.ranks = self._saved_ranks if saved["per_seed"] else self.ranks
+            self.ranks = saved.get("ranks") if saved["per_seed"] else self.ranks
             self.rows, self.failed, self.sizes = saved["per_seed"], saved.get("failed", []), saved.get("sizes")
             self.maps, self.data, self.base = dict(saved.get("maps", {})), saved.get("data"), recorded_base(saved)
             # compared by path and files' stamp here, as a record without the base's digest is (where it has one, the
@@ -481,7 +479,7 @@ class RunFolder:
         each step there took batch_size examples on every rank (and dropped another remainder of batches), so its rows
         are of another training. Reading the folder is fine (a finished run lists nothing left to run). A record from
         before the number was kept is not compared."""
-        ranks, now = self._saved_ranks, world_size()
+        ranks, now = self.ranks, world_size()
         if ranks is not None and ranks != now and self.rows:
             def said(n):
                 return "one process" if n == 1 else f"{n} ranks (torch.distributed)"
