@@ -256,11 +256,11 @@ def test_evaluate_reproduces_the_fit_row_exactly_with_the_recorded_predictive(tm
     (tmp_path / "data").symlink_to(default_data_dir().resolve())
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "fit"
-    config = small(out, guides=(guide,), train_size=200, samples=4, data_dir="data")  # a relative datasets folder
+    config = small(out, guides=(guide,), train_size=100, samples=4, data_dir="data")  # a relative datasets folder
     row = S.fit_one(config)
     run = json.loads((out / "guide" / "run.json").read_text())
     assert run["predictive"] == predictive and run["seed"] == 0
-    assert run["sizes"] == {"train": 180, "validation": 20, "test": 16}
+    assert run["sizes"] == {"train": 90, "validation": 10, "test": 16}
     assert run["config"]["data_dir"] == str((tmp_path / "data").resolve())  # absolute: found from any working directory
     monkeypatch.chdir("/")
     again = S.evaluate_saved(out, progress=False)
@@ -400,7 +400,7 @@ def test_a_test_size_at_or_above_the_data_scores_the_runs_rows_and_says_nothing(
 def test_evaluate_reproduces_a_smollm2_cloze_laplace_fit(tmp_path):
     """Laplace on cloze multiple choice runs one forward per batch (its KFAC hooks): evaluate rebuilds it so."""
     out = tmp_path / "smol"
-    config = small(out, model="smollm2", dataset="arc_easy", guides=("laplace",), train_size=4, test_size=4, batch_size=4)
+    config = small(out, model="smollm2", dataset="arc_easy", guides=("laplace",), train_size=2, test_size=2, batch_size=2)
     row = S.fit_one(config)
     again = S.evaluate_saved(out, progress=False)
     assert {k: again[k] for k in ("accuracy", "ece", "nll")} == {k: row[k] for k in ("accuracy", "ece", "nll")}
@@ -683,7 +683,7 @@ def test_a_record_with_an_unknown_dtype_is_refused(tmp_path, monkeypatch):
 
 def test_bayesianize_on_the_maps_adapter_gives_the_tfb_row_that_compare_and_fit_give(tmp_path):
     # one set of search defaults: `bayesianize` used to stop at sigma 0.015 on 256 anchors where compare searched to 0.2
-    sizes = ["--train-size", "48", "--test-size", "16", "--epochs", "1", "--quiet"]
+    sizes = ["--train-size", "24", "--test-size", "8", "--epochs", "1", "--quiet"]
     assert cli.main(["fit", "--guide", "map", *sizes, "--adapter", "--out", str(tmp_path / "map")]) == 0
     assert cli.main(["fit", "--guide", "tfb", *sizes, "--out", str(tmp_path / "tfb")]) == 0
     assert cli.main(["bayesianize", str(tmp_path / "map" / "guide" / "adapter"), *sizes[:4], "--quiet",
