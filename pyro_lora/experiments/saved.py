@@ -269,8 +269,8 @@ def bayesianize_adapter(config: CompareConfig, adapter_dir, anchors: int = TFB_A
     any of its settings. On the MAP adapter of :func:`fit_one` under the fit's settings (:func:`fit_settings`, which
     ``pyro-lora bayesianize`` takes where its flags are left out) it is the fit's ``tfb`` row of ``compare``; a
     ``config`` that differs from them in a setting the search or the row reads is warned of, naming both values.
-    TFB trains nothing: ``config``'s ``epochs`` and ``lr`` are not used, and the record names the adapter's own (its
-    fit's run.json beside it), ``None`` for an adapter from elsewhere. Where ``out`` holds this run already, its
+    TFB trains nothing: ``config``'s ``epochs``, ``lr`` and ``prior_scale`` are not used, and the record names the
+    adapter's own (its fit's run.json beside it), ``None`` for an adapter from elsewhere (the prior: ``config``'s). Where ``out`` holds this run already, its
     recorded row is returned (:func:`_finished_row`); ``overwrite`` replaces the run there, whichever it is.
 
     :raises ValueError: before loading the model, for a configuration that cannot run, a folder that holds no
