@@ -21,6 +21,7 @@ from .hooks import forward_hooks
 from .modes import eval_mode
 from .likelihoods import MultipleChoice, _head_steps, apply_head_steps
 from .model import HALF_DTYPES
+from .quantized import is_quantized
 from .sites import base_network, head_modules
 
 __all__ = ["class_rows", "find_head", "head_features", "head_rows", "head_steps", "tied_parameters"]
@@ -66,7 +67,9 @@ def find_head(model, path: str | None = None) -> torch.nn.Linear:
     where = next((repr(n) for n, m in net.named_modules() if m is module), type(module).__name__)
     linears = list(_linears(module, model.adapter))
     if not linears:
-        raise ValueError(f"the head {where} ({type(module).__name__}) holds no linear layer with floating-point weights")
+        raise ValueError(f"the head {where} ({type(module).__name__}) holds no linear layer with floating-point weights (a "
+                         "quantized one holds codes, not weights: load the head unquantized, e.g. with "
+                         "llm_int8_skip_modules=[its name] in transformers' BitsAndBytesConfig)")
     classes = getattr(getattr(base, "config", None), "num_labels", None)
     if others and isinstance(classes, int) and linears[-1].out_features != classes:  # a guess, not the classifier
         raise ValueError(f"the one module outside {type(base).__name__}'s backbone, {where}, ends in a linear layer of "
@@ -96,7 +99,7 @@ def _linears(module, adapter):
     elif isinstance(module, BaseTunerLayer):
         yield module
     elif isinstance(module, torch.nn.Linear):
-        if module.weight.is_floating_point():
+        if not is_quantized(module.weight):  # bitsandbytes' codes, packed into a float dtype too, are no weights
             yield module
     else:
         for child in module.children():

@@ -42,10 +42,10 @@ def base_weight(layer) -> torch.Tensor:
     if dense is not None:
         return dense
     w = getattr(layer.get_base_layer(), "weight", None)
-    if w is None or w.dim() != 2 or not w.is_floating_point():
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError(
             f"LoRA-XS needs a dense floating-point 2-D base weight; {type(layer.get_base_layer()).__name__} has "
-            f"{None if w is None else (tuple(w.shape), w.dtype)}"
+            f"{(tuple(w.shape), w.dtype) if isinstance(w, torch.Tensor) else 'no weight tensor'}"
         )
     return w.T if getattr(layer, "fan_in_fan_out", False) else w
 

@@ -39,7 +39,7 @@ from .model_files import (
 from .contract import DRAWN_AT_LOAD, drawn_at_load
 from .io import _naming_errors, synced
 from .likelihoods import not_causal_lm
-from .quantized import keep_differentiable
+from .quantized import check_no_torch_quantized, keep_differentiable
 from .sites import base_network, head_modules
 from .callers import user_stacklevel
 
@@ -618,7 +618,8 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
         module :func:`~pyro_lora.sites.head_modules` names: ``classifier`` / ``score`` and what sits beside them
         outside the backbone, DeBERTa's ``pooler``, BART's ``classification_head``) or ``"causal_lm"``; default from
         the model class.
-    :raises ValueError: for a masked LM or an encoder-decoder LM as ``"causal_lm"`` (the default for them,
+    :raises ValueError: for a model holding modules of PyTorch's own quantisation
+        (:func:`~pyro_lora.quantized.check_no_torch_quantized`); for a masked LM or an encoder-decoder LM as ``"causal_lm"`` (the default for them,
         :func:`~pyro_lora.likelihoods.not_causal_lm`): no likelihood scores them; their ``...ForSequenceClassification``
         class is a classifier.
 
@@ -630,6 +631,7 @@ def add_lora(model: PreTrainedModel, r: int = 8, alpha: float = 16, dropout: flo
         task = "classification" if type(model).__name__.endswith("ForSequenceClassification") else "causal_lm"
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    check_no_torch_quantized(model)  # its layers are no Linear: the default targets would list none of them
     if task == "causal_lm" and (kind := not_causal_lm(model)):  # peft's CAUSAL_LM wrapper fails on a masked LM deep inside
         raise ValueError(f"{kind}: CausalLM and MultipleChoice need a decoder-only causal LM, and SequenceClassification "
                          f"a classification head; load it with task='classification' (AutoModelForSequenceClassification)")

@@ -43,6 +43,32 @@ def keep_differentiable(net) -> None:
         )
 
 
+# the modules torch.ao.quantization puts in (quantize_dynamic, convert): quantised tensors, which autograd does not run
+# through, and under dynamic quantisation activations scaled per forward, so that one row's output depends on its batch
+_TORCH_QUANTIZED = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized",
+                    "torch.nn.intrinsic.quantized")
+
+
+def check_no_torch_quantized(net) -> None:
+    """Refuse a network holding a module of PyTorch's own quantisation (``torch.ao.quantization.quantize_dynamic``,
+    ``convert``): no gradient runs through its quantised kernels, so the LoRA matrices below it would train on the
+    LoRA branch's part of their gradient alone, and a dynamically quantised layer scales its input per forward, so a
+    prediction would depend on the rows batched with it (probabilities 0.3 apart between batch sizes 1 and 6 on
+    SmolLM2).
+
+    :raises ValueError: naming the first such module, its type and what to load instead.
+    """
+    found = [(name, m) for name, m in net.named_modules() if type(m).__module__.startswith(_TORCH_QUANTIZED)]
+    if found:
+        name, module = found[0]
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise ValueError(
+            f"{name or 'the network'} is a {type(module).__module__}.{type(module).__name__}{more}, a module of PyTorch's own "
+            "quantisation (torch.ao.quantization.quantize_dynamic or convert): no gradient runs through it, and a dynamic "
+            "one scales its input per forward, so a prediction would depend on its batch; load the model in floating "
+            "point, or quantised by bitsandbytes (transformers' BitsAndBytesConfig), and add the LoRA to that")
+
+
 def has_int8_layers(net) -> bool:
     """Whether ``net`` holds a bitsandbytes LLM.int8() layer, whose output for one row depends on the other rows run
     with it: its outlier decomposition runs in 16 bits every input column that holds a value beyond its threshold

@@ -20,6 +20,7 @@ from peft.tuners.tuners_utils import BaseTuner
 
 from .kinds import KINDS, MatrixKind
 from .callers import user_stacklevel
+from .quantized import check_no_torch_quantized
 
 
 def is_site_name(name: str) -> bool:
@@ -111,10 +112,12 @@ def find_lora_layers(net, adapter: str | None = None) -> OrderedDict:
     :raises ValueError: if the model has no LoRA layers for ``adapter``, any is merged, shares its LoRA matrices with
         another parameter (peft's ``ensure_weight_tying``), uses a LoRA variant
         (DoRA's magnitude vector, aLoRA, ...) or is a LoRA layer type the weight hand-off does not implement
-        (convolutions, other quantized bases such as GPTQ or HQQ, ...).
+        (convolutions, other quantized bases such as GPTQ or HQQ, ...), or the network holds a module of PyTorch's own
+        quantisation (:func:`~pyro_lora.quantized.check_no_torch_quantized`).
     """
     from peft.tuners.lora import Embedding, Linear, LoraLayer
 
+    check_no_torch_quantized(net)  # before the layers' weights are read: a quantised module's weight is a method
     adapter = adapter or active_adapter(net)
     holding = [(p, m) for p, m in net.named_modules() if isinstance(m, LoraLayer) and _holds(m, adapter)]
     layers = OrderedDict((p, m) for p, m in holding if type(m) in _linear_types(Linear))

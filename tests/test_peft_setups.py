@@ -1139,3 +1139,30 @@ def test_rows_within_a_rope_scaling_or_under_relative_positions_are_not_said_to_
         warnings.simplefilter("error")
         with torch.no_grad():
             model.logits(rows)
+
+
+@pytest.mark.parametrize("where", ["base layers", "every linear layer"])
+def test_a_network_quantized_by_torch_itself_is_refused_naming_the_module(where):
+    """torch.ao's quantize_dynamic: no gradient runs through its kernels (the LoRA below it trained on the LoRA
+    branch's gradient alone), and it scales activations per forward (SmolLM2's cloze probabilities 0.3 apart between
+    batch sizes 1 and 6). LoraModel built on it, LoRA-XS and ScalaBL crashed reading its weight, a method."""
+    from pyro_lora import ScalaBLModel
+    from pyro_lora.loraxs import LoraXSModel
+
+    net = tiny_llama()
+    names = {n for n, m in net.named_modules() if n.endswith(".base_layer")} if where == "base layers" else {torch.nn.Linear}
+    torch.ao.quantization.quantize_dynamic(net, names, dtype=torch.qint8, inplace=True)
+    for build in (lambda: LoraModel(net, CausalLM()), lambda: LoraXSModel(net, CausalLM()),
+                  lambda: ScalaBLModel(net, CausalLM())):
+        with pytest.raises(ValueError, match=r"q_proj\.base_layer is a torch\.ao\.nn\.quantized\.dynamic.*PyTorch's own "
+                                             r"quantisation.*no gradient runs through it.*bitsandbytes"):
+            build()
+
+
+def test_add_lora_on_a_model_quantized_by_torch_itself_names_the_quantization_not_an_empty_list_of_layers():
+    from pyro_lora.pretrained import add_lora
+
+    base = tiny_llama().get_base_model()
+    torch.ao.quantization.quantize_dynamic(base, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    with pytest.raises(ValueError, match=r"is a torch\.ao\.nn\.quantized\.dynamic.*PyTorch's own quantisation"):
+        add_lora(base, r=2)
