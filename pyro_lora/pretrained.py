@@ -680,7 +680,9 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
     ``_quiet_peft_wrapping``). peft's errors (e.g. no ``adapter_config.json`` there) pass through.
 
     :raises ValueError: if the weights file lacks some of the adapter's parameters, which peft only warns about
-        (those would stay at their initial values: ``B = 0``, a random head); or if a parameter of the task head
+        (those would stay at their initial values: ``B = 0``, a random head); if it holds weights that the model wrapped
+        by its ``adapter_config.json`` has no place for, which peft drops without a word (a config edited to fewer
+        ``target_modules`` or ``layers_to_transform``, an adapter of a deeper base model); or if a parameter of the task head
         (:func:`~pyro_lora.sites.head_modules`) is one ``model`` drew at load (its checkpoint lacks it:
         :func:`~pyro_lora.contract.drawn_at_load`, marked by :func:`load_pretrained`) and the adapter does not load it,
         e.g. one saved by plain peft without ``task_type='SEQ_CLS'`` or ``modules_to_save=[head name]``: it would
@@ -732,6 +734,7 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
             ) from None
         finally:
             hook.remove()
+    _check_all_loaded(model, loaded, adapter_dir)
     _check_head_loaded(model, loaded, adapter_dir)
     _warn_about_drawn(model, loaded, adapter_dir)
     for config in net.peft_config.values() if not lora_ga_can_run else ():
@@ -745,6 +748,26 @@ def _drawn_not_loaded(model, loaded: set) -> list:
     it gave values); a frozen original beside a loaded ``modules_to_save`` copy (``.original_module.``) does not run."""
     return [name for name, p in model.named_parameters()
             if drawn_at_load(p) and ".original_module." not in name and name not in loaded]
+
+
+def _check_all_loaded(model, loaded: set, adapter_dir) -> None:
+    """Refuse weights of the adapter's file that no parameter of ``model`` took (``loaded``: the names peft loaded,
+    within ``model``): peft's loading drops them without a word, so the adapter would predict without those layers
+    (logits 0.07 off where a config edited to one target module left half of its LoRA tensors unread)."""
+    def loaded_otherwise(name):  # bias='all' saves a head's modules_to_save bias twice, once without the adapter's name
+        module, _, rest = name.partition(".modules_to_save.")
+        return bool(rest) and any(k.startswith(f"{module}.modules_to_save.") and k.endswith(f".{rest}") and k != name
+                                  for k in loaded)
+
+    unread = sorted(k for k in loaded - set(model.state_dict()) if not loaded_otherwise(k))
+    if unread:
+        more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
+        raise ValueError(
+            f"the adapter in {adapter_dir} holds weights that this {type(model).__name__}, wrapped as its "
+            f"adapter_config.json says, has no place for ({', '.join(unread[:3])}{more}): peft drops them without a word, "
+            "so the adapter would predict without them; its adapter_config.json names fewer layers (target_modules, "
+            "layers_to_transform, exclude_modules) than the adapter was saved with, or it is an adapter of another base "
+            "model; save the adapter again from the trained model, or load the model it was trained on")
 
 
 def _check_head_loaded(model, loaded: set, adapter_dir) -> None:

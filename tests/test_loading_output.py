@@ -390,3 +390,32 @@ def test_max_positions_gguf_file(tmp_path, big_endian):
 
     assert P.max_positions(str(write(tmp_path / "tiny.gguf", 2048))) == 2048
     assert P.max_positions(str(write(tmp_path / "none.gguf", None))) is None
+
+
+@pytest.mark.parametrize("edit", [{"target_modules": ["query"]}, {"layers_to_transform": [0]}, {"extra_layer": 5}],
+                         ids=["fewer_targets", "fewer_layers", "deeper_base"])
+def test_an_adapter_whose_weights_the_wrapped_model_has_no_place_for_is_refused(tmp_path, edit):
+    """peft drops the weights of a saved adapter that its adapter_config.json does not name: an edited config, or an
+    adapter of a deeper base, loaded half its LoRA without a word (MiniLM's logits 0.07 off, and TFB's sigma_q searched
+    for the other half)."""
+    from conftest import random_batch, tiny_bert, tiny_bert_base
+    from safetensors.torch import load_file, save_file
+
+    saved = tiny_bert()
+    saved.save_pretrained(tmp_path / "adapter")
+    config_file, weights_file = tmp_path / "adapter" / "adapter_config.json", tmp_path / "adapter" / "adapter_model.safetensors"
+    config, weights = config_file.read_text(), load_file(weights_file)
+    if "extra_layer" in edit:  # the query LoRA of a layer this 2-layer BERT lacks
+        extra = {k.replace("layer.0.", f"layer.{edit['extra_layer']}."): v.clone() for k, v in weights.items() if "layer.0.attention.self.query" in k}
+        save_file({**weights, **extra}, weights_file)
+    else:
+        config_file.write_text(json.dumps({**json.loads(config), **edit}))
+    with pytest.raises(ValueError, match=r"holds weights that this BertForSequenceClassification, wrapped as its "
+                                         r"adapter_config.json says, has no place for \(bert\.encoder\.layer\..*lora_A"):
+        P.load_adapter(tiny_bert_base(), tmp_path / "adapter")
+    config_file.write_text(config)  # the adapter as saved loads, and gives its network's logits
+    save_file(weights, weights_file)
+    batch = random_batch()
+    with torch.no_grad():
+        assert torch.allclose(P.load_adapter(tiny_bert_base(), tmp_path / "adapter").eval()(**batch).logits,
+                              saved(**batch).logits, atol=1e-6)
