@@ -156,8 +156,15 @@ class TFBGuide(LoraGuide):
         return float(self.sigma_q) == 0.0  # sigma_q = 0: the predictive runs one forward
 
     def set_sigma_q(self, value):
-        """Set the noise scale ``sigma_q >= 0`` (one scalar for all layers)."""
-        self.sigma_q.fill_(check_nonnegative(value, "sigma_q"))  # True or "0.1" is a slip, not a scale
+        """Set the noise scale ``sigma_q >= 0`` (one scalar for all layers).
+
+        :raises ValueError: for a negative value, or a positive one below float32's smallest normal number (the
+            buffer's dtype would store it as 0, the point estimate, or with lost digits).
+        """
+        value = check_nonnegative(value, "sigma_q")  # True or "0.1" is a slip, not a scale
+        if value:
+            _check_float32_normal(value, "sigma_q")
+        self.sigma_q.fill_(value)
 
     def config(self):
         return {
@@ -461,12 +468,19 @@ def _infeasible_low(low, step, overflowed):
             f"refused as at the edge of overflowing: sigma_q = 0 (the point estimate); lower `low` (under {seen / factor:g}, "
             f"clear of the margin); a tolerance does not change this")
 
+def _check_float32_normal(value: float, name: str) -> None:
+    tiny = torch.finfo(torch.float32).tiny
+    if value < tiny:  # sigma_q is a float32 buffer: 1e-300 was searched, reported and saved as 0
+        raise ValueError(f"{name}={value:g} is below float32's smallest normal number ({tiny:.3g}), the dtype sigma_q is "
+                         "kept in: it would be stored as 0 (the point estimate) or with lost digits; give a larger one")
+
+
 def check_search(criterion, tolerance, low, high, iterations, spacing) -> float:
     """Check :meth:`TFBGuide.search`'s settings (before any model is loaded, for the CLI); return the tolerance
     (``None``: the criterion's default).
 
     :raises ValueError: for an unknown criterion or spacing, a tolerance not finite and >= 0 (below 1 for a rate),
-        not ``0 < low < high`` finite, or ``iterations`` not an integer >= 0.
+        not ``0 < low < high`` finite, a ``low`` below float32's smallest normal number (``sigma_q``'s dtype), or ``iterations`` not an integer >= 0.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
@@ -476,6 +490,7 @@ def check_search(criterion, tolerance, low, high, iterations, spacing) -> float:
         raise ValueError(f"tolerance {tolerance:g} for the {criterion} criterion (a fraction of the anchors) "
                          "lets every sigma_q pass: give a fraction below 1, e.g. 0.01")
     low, high = check_positive(low, "low"), check_positive(high, "high")
+    _check_float32_normal(low, "low")
     if not low < high:
         raise ValueError(f"need 0 < low < high, got low={low}, high={high}")
     if spacing not in SPACINGS:

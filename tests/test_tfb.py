@@ -592,9 +592,15 @@ def test_search_bounds_and_tolerances_that_decide_nothing_are_refused_and_one_ba
     anchors = toy_data(16)
     for kwargs, message in [({"high": math.inf}, "high must be a finite positive number"), ({"tolerance": 5.0}, "lets every sigma_q pass"),
                             ({"tolerance": math.inf}, "finite number >= 0"), ({"criterion": "accuracy", "tolerance": 1.0},
-                                                                            "lets every sigma_q pass")]:
+                                                                            "lets every sigma_q pass"),
+                            # sigma_q is float32: high=1e-300 was "already feasible", reported and saved as 0
+                            ({"low": 1e-60, "high": 1e-50}, r"low=1e-60 is below float32's smallest normal number")]:
         with pytest.raises(ValueError, match=message):
             guide.search(anchors, **kwargs)
+    with pytest.raises(ValueError, match=r"sigma_q=1e-300 is below float32's smallest normal number .* stored as 0"):
+        guide.set_sigma_q(1e-300)
+    guide.set_sigma_q(0)  # the point estimate, asked for
+    assert guide.deterministic
     guide.search(anchors, criterion="nll", tolerance=2.0, iterations=1)  # a relative NLL change may exceed 1
     for call in (lambda: guide.search(anchors[0]), lambda: predict(model, guide, anchors[0]),
                  lambda: bayesianize(model, anchors[0])):
