@@ -686,7 +686,8 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
         (:func:`~pyro_lora.sites.head_modules`) is one ``model`` drew at load (its checkpoint lacks it:
         :func:`~pyro_lora.contract.drawn_at_load`, marked by :func:`load_pretrained`) and the adapter does not load it,
         e.g. one saved by plain peft without ``task_type='SEQ_CLS'`` or ``modules_to_save=[head name]``: it would
-        predict with a freshly random head.
+        predict with a freshly random head; or if the adapter's ``task_type`` is a language model's and ``model`` is
+        none.
 
     Warns (:class:`DrawnAtLoadWarning`) where another parameter ``model`` drew at load is not loaded by the adapter, naming it: a
     BERT MLM checkpoint's pooler (inside the backbone, no head), which peft's ``task_type='SEQ_CLS'`` does not save.
@@ -700,6 +701,12 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
     # back to the default init, leaving the base weights as they are: loaded without them, the adapter's config says so
     # (no lora_ga_config, which LoRA-GA cannot run without: what sites.base_rewriting_inits reads)
     lora_ga_can_run = any(hasattr(m, "_peft_loraga_grad") for m in model.modules())
+    task_type = getattr(PeftConfig.from_pretrained(adapter_dir), "task_type", None)
+    if task_type in ("CAUSAL_LM", "SEQ_2_SEQ_LM") and not callable(getattr(model, "prepare_inputs_for_generation", None)):
+        # peft's wrapper for them reads the generation hook at once: an AttributeError naming neither
+        raise ValueError(f"the adapter in {adapter_dir} was saved for peft's task_type {task_type!r}, a language model's, "
+                         f"and this {type(model).__name__} is none: load the base as a language model "
+                         "(load_pretrained(..., 'causal_lm')), or give the adapter of this model")
     loaded = set()  # the names, within ``model``, that peft's load_state_dict gives values (whatever peft's key mapping)
     hook = model.register_load_state_dict_pre_hook(
         lambda module, state_dict, prefix, *_: loaded.update(k.removeprefix(prefix) for k in state_dict))

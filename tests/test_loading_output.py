@@ -419,3 +419,17 @@ def test_an_adapter_whose_weights_the_wrapped_model_has_no_place_for_is_refused(
     with torch.no_grad():
         assert torch.allclose(P.load_adapter(tiny_bert_base(), tmp_path / "adapter").eval()(**batch).logits,
                               saved(**batch).logits, atol=1e-6)
+
+
+@pytest.mark.parametrize("task_type", ["CAUSAL_LM", "SEQ_2_SEQ_LM"])
+def test_an_adapter_saved_for_a_language_model_on_a_classifier_is_refused_naming_the_task_type(tmp_path, task_type):
+    """peft's language-model wrappers read the generation hook at once: a classifier stopped on an AttributeError
+    ('prepare_inputs_for_generation') that named neither the adapter nor its task type."""
+    from conftest import tiny_bert, tiny_bert_base
+
+    tiny_bert().save_pretrained(tmp_path / "adapter")
+    config = tmp_path / "adapter" / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "task_type": task_type}))
+    with pytest.raises(ValueError, match=rf"saved for peft's task_type '{task_type}', a language model's, and this "
+                                         r"BertForSequenceClassification is none"):
+        P.load_adapter(tiny_bert_base(), tmp_path / "adapter")
