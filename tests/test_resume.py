@@ -277,7 +277,7 @@ def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path, capfd):
     fit_out = tmp_path / "fit"
     with warnings.catch_warnings():
         warnings.simplefilter("always")  # every warning printed, as one line each by the command line
-        assert cli.main(["fit", "--guide", "map", "--train-size", "48", "--test-size", "16", "--epochs", "1", "--adapter",
+        assert cli.main(["fit", "--guide", "map", "--train-size", "24", "--test-size", "8", "--epochs", "1", "--adapter",
                          "--out", str(fit_out), "--quiet"]) == 0
     assert capfd.readouterr().err == ""  # --quiet: no bar, not even the model loading's, and no warning
     from peft import PeftModel
@@ -295,7 +295,7 @@ def test_fit_writes_a_peft_adapter_that_bayesianize_takes(tmp_path, capfd):
     tfb_out = tmp_path / "tfb"
     with warnings.catch_warnings():
         warnings.simplefilter("always")
-        assert cli.main(["bayesianize", str(fit_out / "guide" / "adapter"), "--train-size", "48", "--test-size", "16",
+        assert cli.main(["bayesianize", str(fit_out / "guide" / "adapter"), "--train-size", "24", "--test-size", "8",
                          "--anchors", "16", "--iterations", "2", "--samples", "4", "--high", "0.015", "--out", str(tfb_out),
                          "--quiet"]) == 0
     err = capfd.readouterr().err.splitlines()  # ours, one line each: 16 anchors are too few for a 1% flip rate
@@ -319,7 +319,7 @@ def test_bayesianize_records_the_anchors_it_searched_on_not_those_requested(tmp_
     """run.json's made.anchors said 512 (the request) where the training split held fewer and the search ran on all of
     them: it records those searched on, and a rerun asking for as many or more (or an older record of the request) is
     the same run."""
-    sizes = ["--train-size", "48", "--test-size", "16", "--quiet"]
+    sizes = ["--train-size", "24", "--test-size", "8", "--quiet"]
     assert cli.main(["fit", "--guide", "map", *sizes, "--epochs", "1", "--adapter", "--out", str(tmp_path / "fit")]) == 0
     adapter, out = str(tmp_path / "fit" / "guide" / "adapter"), tmp_path / "tfb"
     run = ["bayesianize", adapter, *sizes, "--iterations", "1", "--out", str(out)]
