@@ -159,11 +159,13 @@ class TFBGuide(LoraGuide):
         """Set the noise scale ``sigma_q >= 0`` (one scalar for all layers).
 
         :raises ValueError: for a negative value, or a positive one below float32's smallest normal number (the
-            buffer's dtype would store it as 0, the point estimate, or with lost digits).
+            buffer's dtype would store it as 0, the point estimate, or with lost digits) or above its largest.
         """
         value = check_nonnegative(value, "sigma_q")  # True or "0.1" is a slip, not a scale
         if value:
             _check_float32_normal(value, "sigma_q")
+        if value > torch.finfo(torch.float32).max:
+            raise ValueError(f"sigma_q={value:g} is above float32's largest number, the dtype sigma_q is kept in")
         self.sigma_q.fill_(value)
 
     def config(self):
@@ -205,8 +207,9 @@ class TFBGuide(LoraGuide):
         :returns: site -> ``[S, *site.shape]``.
         """
         num_samples = check_count(num_samples, "num_samples")
-        sigma = self.sigma_q if sigma_q is None else torch.as_tensor(check_nonnegative(sigma_q, "sigma_q"),
-                                                                     device=self.sigma_q.device)
+        if sigma_q is not None and check_nonnegative(sigma_q, "sigma_q"):
+            _check_float32_normal(sigma_q, "sigma_q")
+        sigma = self.sigma_q if sigma_q is None else torch.as_tensor(float(sigma_q), device=self.sigma_q.device)
         out = {}
         for i, (a, b) in enumerate(self.pairs):
             a_prime, b_prime, scale = self._pair(i)

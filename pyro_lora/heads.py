@@ -40,7 +40,7 @@ def find_head(model, path: str | None = None) -> torch.nn.Linear:
     saved module; within a module, its last linear layer (RoBERTa's ``classifier.out_proj``).
 
     :raises ValueError: if there is no such module, it carries a peft adapter layer (LoRA on the head, trainable tokens
-        tied to it: the message names which), or holds no linear layer with floating-point weights.
+        tied to it: the message names which), holds no linear layer, or ends in a quantized one.
     """
     net = model.net
     base = base_network(net)
@@ -67,9 +67,12 @@ def find_head(model, path: str | None = None) -> torch.nn.Linear:
     where = next((repr(n) for n, m in net.named_modules() if m is module), type(module).__name__)
     linears = list(_linears(module, model.adapter))
     if not linears:
-        raise ValueError(f"the head {where} ({type(module).__name__}) holds no linear layer with floating-point weights (a "
-                         "quantized one holds codes, not weights: load the head unquantized, e.g. with "
-                         "llm_int8_skip_modules=[its name] in transformers' BitsAndBytesConfig)")
+        raise ValueError(f"the head {where} ({type(module).__name__}) holds no linear layer")
+    if not isinstance(linears[-1], BaseTunerLayer) and is_quantized(linears[-1].weight):
+        # bitsandbytes' codes, packed into a float dtype too, are no weights (an earlier layer is no head either)
+        raise ValueError(f"the head {where} ends in a quantized linear layer ({type(linears[-1]).__name__}), whose weight "
+                         "holds codes, not weights: load the head unquantized, e.g. with llm_int8_skip_modules=[its name] "
+                         "in transformers' BitsAndBytesConfig")
     classes = getattr(getattr(base, "config", None), "num_labels", None)
     if others and isinstance(classes, int) and linears[-1].out_features != classes:  # a guess, not the classifier
         raise ValueError(f"the one module outside {type(base).__name__}'s backbone, {where}, ends in a linear layer of "
@@ -99,8 +102,7 @@ def _linears(module, adapter):
     elif isinstance(module, BaseTunerLayer):
         yield module
     elif isinstance(module, torch.nn.Linear):
-        if not is_quantized(module.weight):  # bitsandbytes' codes, packed into a float dtype too, are no weights
-            yield module
+        yield module
     else:
         for child in module.children():
             yield from _linears(child, adapter)

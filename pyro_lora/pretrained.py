@@ -674,6 +674,12 @@ def _targets(targets, model):
     return targets if isinstance(targets, str) else list(targets)
 
 
+# the keyword arguments of PeftModel.from_pretrained that choose which adapter_config.json it reads
+_HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
+# peft's language-model task types: the model each wraps
+_LM_TASKS = {"CAUSAL_LM": "a causal language model", "SEQ_2_SEQ_LM": "an encoder-decoder language model"}
+
+
 def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwargs) -> PeftModel:
     """Wrap ``model`` in the saved peft adapter of ``adapter_dir`` (``PeftModel.from_pretrained``,
     ``kwargs`` passed on) and return the ``PeftModel``, without peft's deprecation noise (see
@@ -701,15 +707,17 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
     # back to the default init, leaving the base weights as they are: loaded without them, the adapter's config says so
     # (no lora_ga_config, which LoRA-GA cannot run without: what sites.base_rewriting_inits reads)
     lora_ga_can_run = any(hasattr(m, "_peft_loraga_grad") for m in model.modules())
-    task_type = getattr(PeftConfig.from_pretrained(adapter_dir), "task_type", None)
-    if task_type in ("CAUSAL_LM", "SEQ_2_SEQ_LM") and not callable(getattr(model, "prepare_inputs_for_generation", None)):
+    # the config peft reads: a subfolder, revision or config given pick another than the folder's own
+    config = kwargs.get("config") or PeftConfig.from_pretrained(adapter_dir, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    task_type = getattr(config, "task_type", None)
+    if task_type in _LM_TASKS and not callable(getattr(model, "prepare_inputs_for_generation", None)):
         # peft's wrapper for them reads the generation hook at once: an AttributeError naming neither
-        raise ValueError(f"the adapter in {adapter_dir} was saved for peft's task_type {task_type!r}, a language model's, "
-                         f"and this {type(model).__name__} is none: load the base as a language model "
-                         "(load_pretrained(..., 'causal_lm')), or give the adapter of this model")
-    loaded = set()  # the names, within ``model``, that peft's load_state_dict gives values (whatever peft's key mapping)
+        raise ValueError(f"the adapter in {adapter_dir} was saved for peft's task_type {task_type!r}, {_LM_TASKS[task_type]}'s, "
+                         f"and this {type(model).__name__} is none: load the base model the adapter was trained on, as "
+                         "that task's model, or give the adapter of this model")
+    loaded = {}  # name within ``model`` -> the value peft's load_state_dict gives it (whatever peft's key mapping)
     hook = model.register_load_state_dict_pre_hook(
-        lambda module, state_dict, prefix, *_: loaded.update(k.removeprefix(prefix) for k in state_dict))
+        lambda module, state_dict, prefix, *_: loaded.update((k.removeprefix(prefix), v) for k, v in state_dict.items()))
     with _quiet_peft_wrapping(), warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*Found missing adapter keys", category=UserWarning)
         try:
@@ -726,7 +734,6 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
         except ValueError as error:  # peft's NoMatchingPeftModuleError (a ValueError) names neither adapter nor model
             if "no modules were targeted" not in str(error).lower() and "not found in the base model" not in str(error):
                 raise
-            config = PeftConfig.from_pretrained(adapter_dir)
             chosen = {k: sorted(v) if isinstance(v, (set, list, tuple)) else v for k in ("target_modules", "layers_to_transform",
                       "exclude_modules") if (v := getattr(config, k, None)) is not None}
             raise ValueError(
@@ -750,23 +757,42 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
     return net
 
 
-def _drawn_not_loaded(model, loaded: set) -> list:
+def _drawn_not_loaded(model, loaded) -> list:
     """The parameters ``model`` drew at load that the adapter did not load (``loaded``: the names, within ``model``,
     it gave values); a frozen original beside a loaded ``modules_to_save`` copy (``.original_module.``) does not run."""
     return [name for name, p in model.named_parameters()
             if drawn_at_load(p) and ".original_module." not in name and name not in loaded]
 
 
-def _check_all_loaded(model, loaded: set, adapter_dir) -> None:
-    """Refuse weights of the adapter's file that no parameter of ``model`` took (``loaded``: the names peft loaded,
-    within ``model``): peft's loading drops them without a word, so the adapter would predict without those layers
-    (logits 0.07 off where a config edited to one target module left half of its LoRA tensors unread)."""
-    def loaded_otherwise(name):  # bias='all' saves a head's modules_to_save bias twice, once without the adapter's name
+def _check_all_loaded(model, loaded: dict, adapter_dir) -> None:
+    """Refuse weights of the adapter's file that no parameter of ``model`` took (``loaded``: name within ``model`` ->
+    the value peft gave it): peft's loading drops them without a word, so the adapter would predict without those
+    layers (logits 0.07 off where a config edited to one target module left half of its LoRA tensors unread).
+
+    Two copies peft saves beside the real one are no loss: a head's ``modules_to_save`` bias saved again without the
+    adapter's name (``bias='all'``), and a base layer's tensor saved as ``<layer>.base_layer.<name>`` while another
+    adapter wrapped the layer, where the layer holds that very value (a ``bias='all'`` adapter beside another). One
+    of another value, trained under the other adapter's wrapping, is refused."""
+    state = model.state_dict()
+
+    def copy_of_one_loaded(name):
         module, _, rest = name.partition(".modules_to_save.")
         return bool(rest) and any(k.startswith(f"{module}.modules_to_save.") and k.endswith(f".{rest}") and k != name
                                   for k in loaded)
 
-    unread = sorted(k for k in loaded - set(model.state_dict()) if not loaded_otherwise(k))
+    def unwrapped(name):  # the layer's own tensor, where only another adapter's wrapping gave the saved name
+        plain = name.replace(".base_layer.", ".")
+        return state.get(plain) if plain != name else None
+
+    unread = sorted(k for k in loaded.keys() - state.keys() if not copy_of_one_loaded(k))
+    trained = [k for k in unread if unwrapped(k) is not None and not _same_values(unwrapped(k), loaded[k])]
+    unread = [k for k in unread if unwrapped(k) is None]
+    if trained:
+        raise ValueError(
+            f"the adapter in {adapter_dir} holds {trained[0]}, a base layer's tensor trained (bias='all' or 'lora_only') "
+            "while another adapter wrapped that layer: peft drops it on load, so the adapter would predict with the "
+            f"base's {trained[0].replace('.base_layer.', '.')}; load it with the adapter that wraps that layer, or train "
+            "with bias='none'")
     if unread:
         more = f" and {len(unread) - 3} more" if len(unread) > 3 else ""
         raise ValueError(
@@ -774,10 +800,15 @@ def _check_all_loaded(model, loaded: set, adapter_dir) -> None:
             f"adapter_config.json says, has no place for ({', '.join(unread[:3])}{more}): peft drops them without a word, "
             "so the adapter would predict without them; its adapter_config.json names fewer layers (target_modules, "
             "layers_to_transform, exclude_modules) than the adapter was saved with, or it is an adapter of another base "
-            "model; save the adapter again from the trained model, or load the model it was trained on")
+            "model or task (a classifier's head on a language model); load the model it was trained on, as that task's "
+            "model, or save the adapter again from the trained model")
 
 
-def _check_head_loaded(model, loaded: set, adapter_dir) -> None:
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and torch.equal(a.detach().cpu().double(), b.detach().cpu().double())
+
+
+def _check_head_loaded(model, loaded, adapter_dir) -> None:
     """Refuse a task head ``model`` drew at load that the adapter did not load: whatever the seed, the head the adapter
     was trained with is not there. A causal LM's ``lm_head`` is no head."""
     heads = tuple(f"{name}." for name in head_modules(model))
@@ -795,7 +826,7 @@ class DrawnAtLoadWarning(UserWarning):
     that checks the seed itself filters it by this category."""
 
 
-def _warn_about_drawn(model, loaded: set, adapter_dir) -> None:
+def _warn_about_drawn(model, loaded, adapter_dir) -> None:
     """Warn about the parameters ``model`` drew at load, outside its head, that the adapter did not load (a BERT MLM
     checkpoint's pooler, inside the backbone): they are the trained ones only under the training's torch seed. The
     advice names the module to save below the backbone (``pooler``), beside the head's (``classifier``)."""

@@ -43,12 +43,6 @@ def keep_differentiable(net) -> None:
         )
 
 
-# the modules torch.ao.quantization puts in (quantize_dynamic, convert): quantised tensors, which autograd does not run
-# through, and under dynamic quantisation activations scaled per forward, so that one row's output depends on its batch
-_TORCH_QUANTIZED = ("torch.ao.nn.quantized", "torch.nn.quantized", "torch.ao.nn.intrinsic.quantized",
-                    "torch.nn.intrinsic.quantized")
-
-
 def check_no_torch_quantized(net) -> None:
     """Refuse a network holding a module of PyTorch's own quantisation (``torch.ao.quantization.quantize_dynamic``,
     ``convert``): no gradient runs through its quantised kernels, so the LoRA matrices below it would train on the
@@ -58,7 +52,13 @@ def check_no_torch_quantized(net) -> None:
 
     :raises ValueError: naming the first such module, its type and what to load instead.
     """
-    found = [(name, m) for name, m in net.named_modules() if type(m).__module__.startswith(_TORCH_QUANTIZED)]
+    from torch.ao.nn.quantized import Quantize
+
+    # by what the module does, not its package: packed quantised weights (dynamic or static, dense or sparse: Linear,
+    # Embedding, Conv), or the entry to quantised activations (convert's QuantStub); FloatFunctional, reference
+    # modules and QAT's fake quantisation run in float with gradients, and pass
+    found = [(name, m) for name, m in net.named_modules() if hasattr(m, "_packed_params") or isinstance(m, Quantize)]
+    found = [(name, m) for name, m in found if not any(name.startswith(f"{outer}.") for outer, _ in found)]  # its params
     if found:
         name, module = found[0]
         more = f" and {len(found) - 1} more" if len(found) > 1 else ""

@@ -430,6 +430,36 @@ def test_an_adapter_saved_for_a_language_model_on_a_classifier_is_refused_naming
     tiny_bert().save_pretrained(tmp_path / "adapter")
     config = tmp_path / "adapter" / "adapter_config.json"
     config.write_text(json.dumps({**json.loads(config.read_text()), "task_type": task_type}))
-    with pytest.raises(ValueError, match=rf"saved for peft's task_type '{task_type}', a language model's, and this "
-                                         r"BertForSequenceClassification is none"):
+    with pytest.raises(ValueError, match=rf"saved for peft's task_type '{task_type}', an? [a-z-]+ language model's, and "
+                                         r"this BertForSequenceClassification is none"):
         P.load_adapter(tiny_bert_base(), tmp_path / "adapter")
+    # the config peft reads, where a subfolder names another: a classifier's adapter beside that one loads
+    tiny_bert().save_pretrained(tmp_path / "adapter" / "cls")
+    P.load_adapter(tiny_bert_base(), tmp_path / "adapter", subfolder="cls")
+
+
+@pytest.mark.parametrize("trained", [False, True], ids=["base_bias", "trained_bias"])
+def test_a_base_bias_saved_under_another_adapters_wrapping_loads_where_unchanged_and_is_refused_where_trained(tmp_path, trained):
+    """bias='all' saves every bias, a layer another adapter wraps as <layer>.base_layer.bias, which peft drops on load:
+    harmless where it is the base's value (a file pyro_lora's export_adapter wrote was refused), a loss where trained."""
+    from conftest import random_batch, tiny_bert, tiny_bert_base
+    from peft import LoraConfig
+
+    net = tiny_bert()  # adapter "default": LoRA on query and value
+    net.add_adapter("cls", LoraConfig(r=2, target_modules=["query"], bias="all", task_type="SEQ_CLS"))
+    net.set_adapter("cls")
+    value_bias = net.base_model.model.bert.encoder.layer[0].attention.self.value.base_layer.bias
+    if trained:
+        with torch.no_grad():
+            value_bias.add_(0.5)
+    net.save_pretrained(tmp_path / "saved", selected_adapters=["cls"])
+    if trained:
+        with pytest.raises(ValueError, match=r"holds bert\.encoder\.layer\.0\.attention\.self\.value\.base_layer\.bias, a base "
+                                             r"layer's tensor trained .* while another adapter wrapped that layer"):
+            P.load_adapter(tiny_bert_base(), tmp_path / "saved" / "cls")
+        return
+    loaded = P.load_adapter(tiny_bert_base(), tmp_path / "saved" / "cls").eval()
+    batch = random_batch()
+    net.delete_adapter("default")  # the saved adapter alone: "cls" over the base
+    with torch.no_grad():
+        assert torch.allclose(loaded(**batch).logits, net.eval()(**batch).logits, atol=1e-6)

@@ -1159,6 +1159,19 @@ def test_a_network_quantized_by_torch_itself_is_refused_naming_the_module(where)
             build()
 
 
+
+def test_a_sparse_quantized_base_layer_of_torch_itself_is_refused_alike():
+    sparse, engine = tiny_llama(), torch.backends.quantized.engine
+    torch.backends.quantized.engine = "qnnpack"  # its sparse kernels' one engine
+    try:
+        sparse.base_model.model.model.layers[0].self_attn.q_proj.base_layer = torch.ao.nn.sparse.quantized.dynamic.Linear(32, 32, 1, 4)
+    finally:
+        torch.backends.quantized.engine = engine
+    with pytest.raises(ValueError, match=r"q_proj\.base_layer is a torch\.ao\.nn\.sparse\.quantized\.dynamic\..*Linear, a "
+                                         r"module of PyTorch's own quantisation"):
+        LoraModel(sparse, CausalLM())
+
+
 def test_add_lora_on_a_model_quantized_by_torch_itself_names_the_quantization_not_an_empty_list_of_layers():
     from pyro_lora.pretrained import add_lora
 
@@ -1166,3 +1179,11 @@ def test_add_lora_on_a_model_quantized_by_torch_itself_names_the_quantization_no
     torch.ao.quantization.quantize_dynamic(base, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
     with pytest.raises(ValueError, match=r"is a torch\.ao\.nn\.quantized\.dynamic.*PyTorch's own quantisation"):
         add_lora(base, r=2)
+
+
+def test_float_modules_of_torch_ao_are_not_taken_for_quantized_ones():
+    """The refusal reads what a module does: FloatFunctional and QAT's fake quantisation run in float, with gradients."""
+    net = tiny_llama()
+    net.base_model.model.model.add = torch.ao.nn.quantized.FloatFunctional()
+    net.base_model.model.model.layers[0].mlp.fake = torch.ao.quantization.FakeQuantize()
+    LoraModel(net, CausalLM())

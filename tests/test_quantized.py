@@ -510,20 +510,23 @@ def test_a_guide_saved_quantized_before_its_quantization_was_recorded_is_warned_
         load_guide(tmp_path / "g", LoraModel(quantized(folder, None), SequenceClassification(), num_data=6))
 
 
-def test_last_layer_laplace_refuses_a_4bit_head_whose_codes_are_stored_in_bfloat16(folder):
+@pytest.mark.parametrize("head", ["one layer", "last of two"])
+def test_last_layer_laplace_refuses_a_4bit_head_whose_codes_are_stored_in_bfloat16(folder, head):
     """FSDP-QLoRA's quant_storage=torch.bfloat16 packs a 4-bit head's codes into a float tensor ``[n, 1]``: taken for
-    the head's weights, the fit ended in a raw matmul shape error."""
+    the head's weights, the fit ended in a raw matmul shape error; and skipped, a RoBERTa-like head's earlier dense
+    layer was taken for the head."""
     import bitsandbytes as bnb
 
     from pyro_lora.guides import LastLayerLaplaceGuide
 
     net, _ = load_pretrained(str(folder), "classification", num_labels=3, progress=False)
     w = net.score.weight.detach().clone()
-    net.score = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=torch.float32, quant_type="nf4",
-                                  quant_storage=torch.bfloat16)
-    net.score.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", quant_storage=torch.bfloat16)._quantize("cpu")
-    assert net.score.weight.is_floating_point()
+    last = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                             quant_storage=torch.bfloat16)
+    last.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4", quant_storage=torch.bfloat16)._quantize("cpu")
+    assert last.weight.is_floating_point()
+    net.score = last if head == "one layer" else torch.nn.Sequential(torch.nn.Linear(w.shape[1], w.shape[1]), last)
     model = LoraModel(add_lora(net, r=4, alpha=8), SequenceClassification(), num_data=6)
-    with pytest.raises(ValueError, match=r"head .*score.* holds no linear layer with floating-point weights \(a quantized "
-                                         r"one holds codes, not weights.*llm_int8_skip_modules"):
+    with pytest.raises(ValueError, match=r"head .*score.* ends in a quantized linear layer \(Linear4bit\), whose weight "
+                                         r"holds codes, not weights.*llm_int8_skip_modules"):
         LastLayerLaplaceGuide(model)

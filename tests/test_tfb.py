@@ -597,8 +597,11 @@ def test_search_bounds_and_tolerances_that_decide_nothing_are_refused_and_one_ba
                             ({"low": 1e-60, "high": 1e-50}, r"low=1e-60 is below float32's smallest normal number")]:
         with pytest.raises(ValueError, match=message):
             guide.search(anchors, **kwargs)
-    with pytest.raises(ValueError, match=r"sigma_q=1e-300 is below float32's smallest normal number .* stored as 0"):
-        guide.set_sigma_q(1e-300)
+    for call in (lambda: guide.set_sigma_q(1e-300), lambda: guide.sample(2, sigma_q=1e-300)):
+        with pytest.raises(ValueError, match=r"sigma_q=1e-300 is below float32's smallest normal number .* stored as 0"):
+            call()
+    with pytest.raises(ValueError, match=r"sigma_q=1e\+39 is above float32's largest number"):
+        guide.set_sigma_q(1e39)
     guide.set_sigma_q(0)  # the point estimate, asked for
     assert guide.deterministic
     guide.search(anchors, criterion="nll", tolerance=2.0, iterations=1)  # a relative NLL change may exceed 1
