@@ -720,3 +720,28 @@ def test_a_warning_repeated_by_each_method_is_shown_once(monkeypatch, tmp_path, 
     monkeypatch.setattr(cli, "is_main", lambda: False)
     assert cli.main(["compare", "--out", str(tmp_path / "out")]) == 0
     assert capsys.readouterr().err == ""
+
+
+@needs_minilm
+def test_texts_an_uncased_tokenizer_reads_as_one_input_are_a_repeat_within_the_set_and_a_cut_merge_is_not():
+    """Within one set, repeats were counted where the tokens and the case- and space-folded texts matched: "café" and
+    "cafe", two emoji read as [UNK], "it's a film ." and "it 's a film." are one input to MiniLM, counted several times
+    in the scores without a word. Texts only --max-length cuts to one input stay the cut's to say."""
+    import warnings
+
+    from pyro_lora.experiments.setup import CompareConfig, _warn_about_splits
+    from pyro_lora.pretrained import load_tokenizer
+
+    train = [{"id": f"t{i}", "text": f"a training sentence number {i}", "label": i % 2} for i in range(4)]
+    test = [{"id": "a", "text": "the cafe scene is wonderful", "label": 1}, {"id": "b", "text": "the café scene is wonderful", "label": 0},
+            {"id": "c", "text": "😀", "label": 1}, {"id": "d", "text": "🤮", "label": 0},
+            {"id": "e", "text": "it's a charming , funny film .", "label": 1}, {"id": "f", "text": "it 's a charming, funny film.", "label": 1},
+            {"id": "g", "text": "a sentence of its own", "label": 0}]
+    with pytest.warns(UserWarning, match=r"^3 of the 7 test records of 'toy' repeat another of them as the model reads it"):
+        _warn_about_splits(CompareConfig(dataset="toy"), load_tokenizer("minilm"), train[:3], train[3:], test, {})
+    cut = [{"id": "x", "text": "one two three four five six", "label": 0}, {"id": "y", "text": "one two three four seven", "label": 1}]
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        _warn_about_splits(CompareConfig(dataset="toy", max_length=5), load_tokenizer("minilm"), train[:3], train[3:], cut, {})
+    messages = [str(w.message) for w in record]
+    assert any("leaves 2 of the 2" in m for m in messages) and not any("repeat another of them" in m for m in messages), messages

@@ -454,7 +454,8 @@ class _Fed:
     choices in any order (:func:`_any_order`: learned alike), ``own``, the inputs as one set's repeats are counted (the
     letter format's reordered choices are another prompt there), and ``folded``, its texts folded for case and spacing
     (:func:`_folded`: a cased tokenizer reads "Paris" and "paris" apart, yet a training question lowercased into the
-    test set is memory all the same). ``keys`` and ``texts`` are the sets of ``read`` and ``folded``."""
+    test set is memory all the same). ``keys`` and ``texts`` are the sets of ``read`` and ``folded``; ``whole``, the
+    inputs before ``--max-length``'s cut."""
 
     def __init__(self, records, tokenizer, config):
         inputs = _model_inputs(records, tokenizer, config.max_length)
@@ -463,6 +464,11 @@ class _Fed:
         self.own = inputs if config.mc_format == "letter" else self.read
         self.folded = [_folded(r) for r in records]
         self.keys, self.texts = set(self.read), set(self.folded)
+        # the inputs before --max-length's cut, where it may have cut: texts it merges are the cut's to say
+        # (_warn_about_cuts), not a repeat
+        cuts = records and record_task(records[0]) == "classification" and any(len(k) >= config.max_length for k in inputs)
+        self.whole = [tuple(ids) for ids in tokenizer([r["text"] for r in records], verbose=False)["input_ids"]] \
+            if cuts else self.own
 
 
 @dataclass(frozen=True)
@@ -529,8 +535,9 @@ def _repeat_notes(config: CompareConfig, scored: list) -> dict:
                                               "partly on memorised inputs" if split == "validation" else
                                               ": memory there, not generalisation"), notes.get(split))
         # within one set, as the shifted-against-test check reads inputs (the letter format's reordered choices are
-        # another prompt), and the texts too: two texts --max-length cuts to one input are said by _warn_about_cuts
-        twice = len(keys) - len(set(zip(s.fed.own, texts)))
+        # another prompt), by the tokens alone ("café" and "cafe", two emoji read as [UNK], are one input to an uncased
+        # tokenizer); two texts --max-length cuts to one input are said by _warn_about_cuts
+        twice = len(keys) - len(set(zip(s.fed.own, s.fed.whole)))
         if twice and split != "validation":  # an evaluation set's input scored several times weighs that many
             said = f"{twice} of the {len(records)} {what} repeat another of them as the model reads it"
             warnings.warn(said + ": each such input counts several times in the scores; deduplicate the set",
