@@ -745,3 +745,19 @@ def test_texts_an_uncased_tokenizer_reads_as_one_input_are_a_repeat_within_the_s
         _warn_about_splits(CompareConfig(dataset="toy", max_length=5), load_tokenizer("minilm"), train[:3], train[3:], cut, {})
     messages = [str(w.message) for w in record]
     assert any("leaves 2 of the 2" in m for m in messages) and not any("repeat another of them" in m for m in messages), messages
+
+
+def test_a_class_no_record_holds_is_warned_of():
+    """A third label name beside SST-2's two (a stale meta.json) trained and scored a 3-way head without a word: MAP's
+    NLL 1.03 where the two classes give 0.69."""
+    import warnings
+
+    from pyro_lora.experiments.setup import _warn_about_unheld_classes
+
+    records = [{"id": i, "text": "x", "label": i % 2} for i in range(4)]
+    with pytest.warns(UserWarning, match=r"the label_names of 'toy' name 3 classes, and no record of the run holds "
+                                         r"\['neutral'\]: the head gets an output that nothing trains"):
+        _warn_about_unheld_classes("toy", ["negative", "positive", "neutral"], [records[:2], [], records[2:]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_about_unheld_classes("toy", ["negative", "positive"], [records[:1], [], records[1:]])  # a class in test only
