@@ -38,6 +38,7 @@ from .checks import as_real, check_batch, check_batches, check_count, check_flag
 from .collators import CausalLMCollator, ClassificationCollator, ClozeCollator, LetterCollator
 from .prompts import (LETTERS, blank_format, cloze_pairs, is_blank_item, letter_prompt, letter_token_ids,
                       mark_blank_sentences, record_text)
+from .model_files import label_key
 from .records import BLANK, looks_blank, validate_record
 
 __all__ = [
@@ -162,8 +163,10 @@ def load_meta(name: str, data_dir: str | os.PathLike | None = None) -> dict:
         names = meta.get("label_names")
         if not isinstance(names, list) or len(names) < 2:
             raise ValueError(f"{path}: classification needs label_names, a list of at least 2 names")
-        if not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
-            raise ValueError(f"{path}: label_names must be distinct non-empty strings, got {names}")
+        # distinct as a reader tells them: "neg" and "neg ", or "café" in Unicode's two spellings, are one class
+        if not all(isinstance(n, str) and n.strip() for n in names) or len(set(map(label_key, names))) != len(names):
+            raise ValueError(f"{path}: label_names must be distinct non-blank strings (compared ignoring case, surrounding "
+                             f"spaces and Unicode's spellings of a character), got {names}")
     return meta
 
 

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import unicodedata
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -213,9 +214,9 @@ def check_head_classes(name_or_path, num_labels: int, label_names: Sequence[str]
 
 
 def label_key(name) -> str:
-    """A class name as two label lists are compared: ignoring case and surrounding spaces (``" Positive"`` is
-    ``positive``)."""
-    return str(name).strip().casefold()
+    """A class name as two label lists are compared: ignoring case, surrounding spaces and Unicode's two spellings of
+    one character (``" Positive"`` is ``positive``; "café" with a combining accent is "café")."""
+    return unicodedata.normalize("NFC", str(name)).strip().casefold()
 
 
 # --------------------------------------------------------------------------- causal LM or encoder

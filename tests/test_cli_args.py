@@ -761,3 +761,15 @@ def test_a_class_no_record_holds_is_warned_of():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_about_unheld_classes("toy", ["negative", "positive"], [records[:1], [], records[1:]])  # a class in test only
+
+
+def test_a_shifted_set_naming_its_labels_in_the_other_unicode_spelling_is_the_same_labels(tmp_path):
+    """"café" with a combining accent and "café" precomposed print alike: the refusal named two lists that read the
+    same."""
+    from pyro_lora.experiments.setup import CompareConfig, check_eval_sets
+
+    data = tmp_path / "data"
+    (data / "nfd").mkdir(parents=True)
+    (data / "nfd" / "meta.json").write_text(json.dumps({"task": "classification", "label_names": ["cafe\u0301", "tea"]}))
+    check_eval_sets(CompareConfig(data_dir=str(data), eval_datasets=("nfd",)), {"task": "classification",
+                                                                               "label_names": ["caf\u00e9", "tea"]})

@@ -731,10 +731,12 @@ def test_make_loader_is_seeded(smol_tok, records):
     assert sum(plain, []) == [r["label"] for r in recs]
 
 
-@pytest.mark.parametrize("names", [["x", "x"], ["neg", None], ["neg", ""]])
+# "neg" and "neg ", and "café" spelled with a combining accent, are one class to a reader (they were two)
+@pytest.mark.parametrize("names", [["x", "x"], ["neg", None], ["neg", ""], ["neg", " "], ["neg", "neg "], ["Neg", "neg"],
+                                   ["caf\u00e9", "cafe\u0301"]])
 def test_label_names_that_cannot_tell_classes_apart_are_refused(tmp_path, names):
     _write(tmp_path, "toycls", {**CLS_META, "label_names": names}, [json.dumps({"id": 1, "text": "fine", "label": 1})])
-    with pytest.raises(ValueError, match=r"label_names must be distinct non-empty strings"):
+    with pytest.raises(ValueError, match=r"label_names must be distinct non-blank strings \(compared ignoring case"):
         D.load_records("toycls", "train", tmp_path)
 
 
@@ -1276,3 +1278,19 @@ def test_a_shifted_set_with_other_numbers_of_choices_is_said_to_confound_the_ood
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_about_choice_counts(names, questions([4] * 500), {"plus": questions([4] * 995 + [3] * 3 + [5] * 2)})
+
+
+@needs_smollm2
+def test_a_question_with_more_choices_than_letters_is_refused_naming_its_record(tmp_path):
+    """The letter format stopped on "num_choices must be 2 to 26, got 30", naming no record, split or way out."""
+    from pyro_lora.experiments.setup import CompareConfig, prepare
+
+    question = {"question": "Which one?", "label": 0}
+    _write(tmp_path, "wide", {"task": "multiple_choice"}, [json.dumps({**question, "id": f"t{i}", "choices": ["yes", "no"]})
+                                                          for i in range(4)])
+    _write(tmp_path, "wide", {"task": "multiple_choice"},
+           [json.dumps({**question, "id": "wide one", "choices": [f"choice {i}" for i in range(30)]})], split="test")
+    config = CompareConfig(model="smollm2", dataset="wide", data_dir=str(tmp_path), mc_format="letter", progress=False)
+    with pytest.raises(ValueError, match=r"record 'wide one' \(test records of 'wide'\) has 30 choices, more than the "
+                                         r"letter format's 26 \(A to Z\): use --mc-format cloze"):
+        prepare(config)

@@ -327,6 +327,13 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
         else:
             # one letter per choice of the widest question of any split scored: ARC has 3-5 options, OBQA 4
             num_choices = max(len(r["choices"]) for records in [train, val, test, *shifted.values()] for r in records)
+            if num_choices > len(D.LETTERS):  # one letter per choice: named by its record, not by the count alone
+                names = _split_names(config.dataset, shifted)
+                what, record = next((names[s], r) for s, records in {"train": train, "validation": val, "test": test,
+                                                                     **shifted}.items()
+                                    for r in records if len(r["choices"]) == num_choices)
+                raise ValueError(f"record {record['id']!r} ({what}) has {num_choices} choices, more than the letter "
+                                 f"format's {len(D.LETTERS)} (A to Z): use --mc-format cloze, or drop the record")
             likelihood = MultipleChoice(D.letter_token_ids(tok, num_choices), format="letter")
             collator = D.LetterCollator(tok, config.max_length)
         collated = _check_collates(collator, {"train": train, "validation": val, "test": test, **shifted},
@@ -850,7 +857,8 @@ def check_eval_sets(config: CompareConfig, dataset_meta: dict) -> None:
         meta = D.load_meta(name, config.data_dir)
         if meta["task"] != task:
             raise ValueError(f"evaluation set {name!r} is not a {task} dataset like {config.dataset!r}")
-        if task == "classification" and meta["label_names"] != names:
+        if task == "classification" and [unicodedata.normalize("NFC", n) for n in meta["label_names"]] != \
+                [unicodedata.normalize("NFC", n) for n in names]:  # Unicode's two spellings of "é" print alike
             raise ValueError(f"evaluation set {name!r} names its labels {meta['label_names']}, {config.dataset!r} "
                              f"{names}: labels are compared by index, so each would be scored as another class; give "
                              "both sets the same label_names in the same order")
