@@ -1514,6 +1514,7 @@ def _check_adapter_reloads(model):
             f"adapters only, and peft's adapter state dict expects rows of adapter {model.adapter!r} in it (deleting "
             "the other adapter leaves the wrapper); save_guide keeps the guide, or build the adapters with "
             "trainable_token_indices in each")
+    _check_no_bias_under_other_wrapping(model)
     saved = {t.data_ptr() for t in get_peft_model_state_dict(model.net, adapter_name=model.adapter).values()}
     unsaved = [n for n, p in model.named_point_parameters() if p.data_ptr() not in saved]
     if unsaved:
@@ -1523,6 +1524,22 @@ def _check_adapter_reloads(model):
     _check_nothing_merged(model)
     _check_saved_scalings(model)
     _check_base_redone(model)
+
+
+def _check_no_bias_under_other_wrapping(model):
+    """Refuse a base layer's tensor the adapter trains (``bias='all'``) in a layer only another
+    adapter wraps: peft saves it as ``<layer>.base_layer.<name>``, and a reload of this adapter alone, which leaves the
+    layer unwrapped, drops it (``load_adapter`` refuses the file)."""
+    from peft.tuners.lora import LoraLayer
+
+    trained = [f"{path}.base_layer.{name}" for path, layer in model.net.named_modules()
+               if isinstance(layer, LoraLayer) and model.adapter not in layer.lora_A
+               for name, p in layer.get_base_layer().named_parameters() if p.requires_grad]
+    if trained:
+        raise ValueError(f"{trained[0]} is trained (bias='all'), in a layer that only another adapter "
+                         f"wraps: peft saves it under that wrapping, and a reload of adapter {model.adapter!r} alone drops "
+                         "it (the adapter would predict with the base's value); train with bias='none', or save the "
+                         "adapters together (net.save_pretrained)")
 
 
 # base-rewriting inits (sites.base_rewriting_inits) that PeftModel.from_pretrained redoes exactly on the pretrained

@@ -451,7 +451,12 @@ def test_a_base_bias_saved_under_another_adapters_wrapping_loads_where_unchanged
     value_bias = net.base_model.model.bert.encoder.layer[0].attention.self.value.base_layer.bias
     if trained:
         with torch.no_grad():
-            value_bias.add_(0.5)
+            value_bias.requires_grad_(True).add_(0.5)  # trained, as bias='all' trains it
+        from pyro_lora import LoraModel, SequenceClassification, export_adapter
+
+        with pytest.raises(ValueError, match=r"value\.base_layer\.bias is trained \(bias='all'\), in a layer that only "
+                                             r"another adapter wraps: .* a reload of adapter 'cls' alone drops it"):
+            export_adapter(LoraModel(net, SequenceClassification()), tmp_path / "exported")  # nor does it write it
     net.save_pretrained(tmp_path / "saved", selected_adapters=["cls"])
     if trained:
         with pytest.raises(ValueError, match=r"holds bert\.encoder\.layer\.0\.attention\.self\.value\.base_layer\.bias, a base "
