@@ -287,7 +287,8 @@ class LastLayerLaplaceGuide(LoraGuide):
     def _check_head(self):
         """Refuse predictions once the head's rows are no longer the ``theta*`` the posterior is centred on."""
         check_guide(self.model, self, "predict")
-        if not torch.equal(self.head_rows().float(), self.loc):
+        # in loc's dtype, as fit stored it: float32, or float64 after guide.double() (then .float() never matched)
+        if not torch.equal(self.head_rows().to(self.loc.dtype), self.loc):
             trained = {id(p) for p in self.model.point_parameters()}
             restore = ("load_guide the saved guide, which restores a trained head" if id(self._head[0].weight) in trained
                        else "reload the base model: an LM head is a base weight, which a saved guide does not restore")
@@ -439,13 +440,15 @@ class LastLayerLaplaceGuide(LoraGuide):
 
     def glm_logits(self, batch):
         """The logits' distribution under the posterior: mean ``[B, K]`` (the model's logits, ``-inf`` for a missing
-        choice) and covariance ``J Sigma J^T`` ``[B, K, K]``, both float64."""
+        choice) and covariance ``J Sigma J^T`` ``[B, K, K]`` (0 in a missing choice's row and column), both float64."""
         self._ready()
         return self._glm(batch)
 
     def _glm(self, batch):
         logits, phi, slope = self._features(batch)
-        return logits.double(), self._logit_cov(self._project(phi), slope, self.prior_precision)
+        cov = self._logit_cov(self._project(phi), slope, self.prior_precision)
+        missing = torch.isneginf(logits)  # a missing choice's -inf is a constant: no row of J, no variance
+        return logits.double(), cov.masked_fill(missing[:, :, None] | missing[:, None, :], 0.0)
 
     def predict_glm(self, data, link="probit", num_samples=100, keep_samples=False, progress=False):
         """The predictive ``p(y | x) = E_{f ~ N(mean, cov)} softmax(f)`` over ``data`` from :meth:`glm_logits`.

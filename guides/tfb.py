@@ -163,9 +163,7 @@ class TFBGuide(LoraGuide):
         """
         value = check_nonnegative(value, "sigma_q")  # True or "0.1" is a slip, not a scale
         if value:
-            _check_float32_normal(value, "sigma_q")
-        if value > torch.finfo(torch.float32).max:
-            raise ValueError(f"sigma_q={value:g} is above float32's largest number, the dtype sigma_q is kept in")
+            _check_float32_scale(value, "sigma_q")
         self.sigma_q.fill_(value)
 
     def config(self):
@@ -208,7 +206,7 @@ class TFBGuide(LoraGuide):
         """
         num_samples = check_count(num_samples, "num_samples")
         if sigma_q is not None and check_nonnegative(sigma_q, "sigma_q"):
-            _check_float32_normal(sigma_q, "sigma_q")
+            _check_float32_scale(sigma_q, "sigma_q")
         sigma = self.sigma_q if sigma_q is None else torch.as_tensor(float(sigma_q), device=self.sigma_q.device)
         out = {}
         for i, (a, b) in enumerate(self.pairs):
@@ -471,11 +469,16 @@ def _infeasible_low(low, step, overflowed):
             f"refused as at the edge of overflowing: sigma_q = 0 (the point estimate); lower `low` (under {seen / factor:g}, "
             f"clear of the margin); a tolerance does not change this")
 
-def _check_float32_normal(value: float, name: str) -> None:
-    tiny = torch.finfo(torch.float32).tiny
-    if value < tiny:  # sigma_q is a float32 buffer: 1e-300 was searched, reported and saved as 0
-        raise ValueError(f"{name}={value:g} is below float32's smallest normal number ({tiny:.3g}), the dtype sigma_q is "
-                         "kept in: it would be stored as 0 (the point estimate) or with lost digits; give a larger one")
+def _check_float32_scale(value: float, name: str) -> None:
+    """Refuse a positive ``value`` outside float32's normal range, the dtype ``sigma_q`` is kept in: 1e-300 was searched,
+    reported and saved as 0, and 1e39 drew infinite samples."""
+    info = torch.finfo(torch.float32)
+    if value < info.tiny:
+        raise ValueError(f"{name}={value:g} is below float32's smallest normal number ({info.tiny:.3g}), the dtype sigma_q "
+                         "is kept in: it would be stored as 0 (the point estimate) or with lost digits; give a larger one")
+    if value > info.max:
+        raise ValueError(f"{name}={value:g} is above float32's largest number ({info.max:.3g}), the dtype sigma_q is kept "
+                         "in: it would be stored as inf; give a smaller one")
 
 
 def check_search(criterion, tolerance, low, high, iterations, spacing) -> float:
@@ -483,7 +486,7 @@ def check_search(criterion, tolerance, low, high, iterations, spacing) -> float:
     (``None``: the criterion's default).
 
     :raises ValueError: for an unknown criterion or spacing, a tolerance not finite and >= 0 (below 1 for a rate),
-        not ``0 < low < high`` finite, a ``low`` below float32's smallest normal number (``sigma_q``'s dtype), or ``iterations`` not an integer >= 0.
+        not ``0 < low < high`` finite, bounds outside float32's normal range (``sigma_q``'s dtype), or ``iterations`` not an integer >= 0.
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}")
@@ -493,7 +496,8 @@ def check_search(criterion, tolerance, low, high, iterations, spacing) -> float:
         raise ValueError(f"tolerance {tolerance:g} for the {criterion} criterion (a fraction of the anchors) "
                          "lets every sigma_q pass: give a fraction below 1, e.g. 0.01")
     low, high = check_positive(low, "low"), check_positive(high, "high")
-    _check_float32_normal(low, "low")
+    _check_float32_scale(low, "low")
+    _check_float32_scale(high, "high")
     if not low < high:
         raise ValueError(f"need 0 < low < high, got low={low}, high={high}")
     if spacing not in SPACINGS:

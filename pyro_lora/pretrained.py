@@ -785,6 +785,11 @@ def _check_all_loaded(model, loaded: dict, adapter_dir) -> None:
         return state.get(plain) if plain != name else None
 
     unread = sorted(k for k in loaded.keys() - state.keys() if not copy_of_one_loaded(k))
+    unseen = next((k for k in unread if unwrapped(k) is not None and unwrapped(k).is_meta), None)
+    if unseen is not None:  # accelerate's offloading leaves the layer's own tensor on meta
+        raise ValueError(f"the adapter in {adapter_dir} holds {unseen}, a base layer's tensor saved while another adapter "
+                         "wrapped that layer, which peft drops on load; whether it is the base's value cannot be told on "
+                         "this model, whose weights are offloaded (on the meta device): load the model without offloading")
     trained = [k for k in unread if unwrapped(k) is not None and not _same_values(unwrapped(k), loaded[k])]
     unread = [k for k in unread if unwrapped(k) is None]
     if trained:
@@ -805,7 +810,10 @@ def _check_all_loaded(model, loaded: dict, adapter_dir) -> None:
 
 
 def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.shape == b.shape and torch.equal(a.detach().cpu().double(), b.detach().cpu().double())
+    """Whether ``a`` and ``b`` hold one value, up to rounding to the coarser of their dtypes (a half-precision save of
+    a float32 base's bias is that bias)."""
+    a, b = a.detach().cpu(), b.detach().cpu()
+    return a.shape == b.shape and (torch.equal(a.to(b.dtype), b) or torch.equal(b.to(a.dtype), a))
 
 
 def _check_head_loaded(model, loaded, adapter_dir) -> None:

@@ -43,6 +43,11 @@ def keep_differentiable(net) -> None:
         )
 
 
+# where PyTorch's quantised modules keep their packed weights: Linear, Embedding, Conv (dense or sparse), and the
+# dynamic LSTM/GRU and their cells
+_PACKED = ("_packed_params", "_all_weight_values", "_packed_weight_ih")
+
+
 def check_no_torch_quantized(net) -> None:
     """Refuse a network holding a module of PyTorch's own quantisation (``torch.ao.quantization.quantize_dynamic``,
     ``convert``): no gradient runs through its quantised kernels, so the LoRA matrices below it would train on the
@@ -57,7 +62,8 @@ def check_no_torch_quantized(net) -> None:
     # by what the module does, not its package: packed quantised weights (dynamic or static, dense or sparse: Linear,
     # Embedding, Conv), or the entry to quantised activations (convert's QuantStub); FloatFunctional, reference
     # modules and QAT's fake quantisation run in float with gradients, and pass
-    found = [(name, m) for name, m in net.named_modules() if hasattr(m, "_packed_params") or isinstance(m, Quantize)]
+    found = [(name, m) for name, m in net.named_modules()
+             if any(hasattr(m, a) for a in _PACKED) or isinstance(m, Quantize)]
     found = [(name, m) for name, m in found if not any(name.startswith(f"{outer}.") for outer, _ in found)]  # its params
     if found:
         name, module = found[0]

@@ -755,7 +755,8 @@ def test_a_class_no_record_holds_is_warned_of():
     from pyro_lora.experiments.setup import _warn_about_unheld_classes
 
     records = [{"id": i, "text": "x", "label": i % 2} for i in range(4)]
-    with pytest.warns(UserWarning, match=r"the label_names of 'toy' name 3 classes, and no record of the run holds "
+    with pytest.warns(UserWarning, match=r"the label_names of 'toy' name 3 classes, and no record this run reads \(its "
+                                         r"training, validation, test and shifted records, at the sizes asked\) holds "
                                          r"\['neutral'\]: the head gets an output that nothing trains"):
         _warn_about_unheld_classes("toy", ["negative", "positive", "neutral"], [records[:2], [], records[2:]])
     with warnings.catch_warnings():
@@ -763,13 +764,14 @@ def test_a_class_no_record_holds_is_warned_of():
         _warn_about_unheld_classes("toy", ["negative", "positive"], [records[:1], [], records[1:]])  # a class in test only
 
 
-def test_a_shifted_set_naming_its_labels_in_the_other_unicode_spelling_is_the_same_labels(tmp_path):
+@pytest.mark.parametrize("names", [["cafe\u0301", "tea"], ["Caf\u00e9", " tea"]], ids=["other_unicode_spelling", "other_case"])
+def test_a_shifted_set_naming_its_labels_as_every_label_list_is_compared_is_the_same_labels(tmp_path, names):
     """"café" with a combining accent and "café" precomposed print alike: the refusal named two lists that read the
-    same."""
+    same; and another case was refused here, where the data's, the model's and a resume's label lists ignore it."""
     from pyro_lora.experiments.setup import CompareConfig, check_eval_sets
 
     data = tmp_path / "data"
-    (data / "nfd").mkdir(parents=True)
-    (data / "nfd" / "meta.json").write_text(json.dumps({"task": "classification", "label_names": ["cafe\u0301", "tea"]}))
-    check_eval_sets(CompareConfig(data_dir=str(data), eval_datasets=("nfd",)), {"task": "classification",
-                                                                               "label_names": ["caf\u00e9", "tea"]})
+    (data / "other").mkdir(parents=True)
+    (data / "other" / "meta.json").write_text(json.dumps({"task": "classification", "label_names": names}))
+    check_eval_sets(CompareConfig(data_dir=str(data), eval_datasets=("other",)), {"task": "classification",
+                                                                                 "label_names": ["caf\u00e9", "tea"]})

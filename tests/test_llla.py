@@ -674,7 +674,8 @@ def test_a_softcapped_gemma2_head_carries_the_caps_derivative_into_the_ggn_and_t
     for batch, f, jac in cases:
         k = batch["choice_mask"].shape[1]
         mean, cov = guide.glm_logits(batch)
-        expected = (jac @ sigma @ jac.mT)[:, :k, :k]
+        given = batch["choice_mask"].bool()  # a missing choice's -inf logit is a constant: no variance
+        expected = (jac @ sigma @ jac.mT)[:, :k, :k] * (given[:, :, None] & given[:, None, :])
         torch.testing.assert_close(mean[batch["choice_mask"]], f[:, :k][batch["choice_mask"]], rtol=0,
                                    atol=rel * float(f.abs().max()))
         torch.testing.assert_close(cov, expected, rtol=0, atol=rel * float(expected.abs().max()))
@@ -871,3 +872,32 @@ def test_the_evidence_at_several_precisions_and_an_unchecked_refine_are_refused_
     for bad in ("no", 0.5, None):
         with pytest.raises(ValueError, match="refine must be True or False"):
             laplace.optimize_prior_precision("val_nll", val_loader=data, refine=bad)
+
+
+def test_a_guide_made_float64_before_its_fit_predicts_on_a_float64_head():
+    """guide.double() before fit (for float64 eigenvectors) kept theta* in float64, and every prediction compared the
+    head's rows rounded to float32 with it: "the head's rows changed since fit" on a head nothing had changed."""
+    model = bert(dtype=torch.float64)
+    head = find_head(model)
+    with torch.no_grad():  # a float64-trained head: values no float32 holds exactly
+        head.weight.add_(1e-9 * torch.randn_like(head.weight))
+    guide = LastLayerLaplaceGuide(model).double().fit(bert_data(), progress=False)
+    assert guide.loc.dtype == torch.float64 and torch.equal(guide.head_rows(), guide.loc)
+    assert torch.isfinite(guide.predict_glm(bert_data(seeds=(7,))).probs).all()
+    with torch.no_grad():  # and a head changed since is still refused
+        head.weight.add_(1e-3)
+    with pytest.raises(ValueError, match="changed since"):
+        guide.predict_glm(bert_data(seeds=(7,)))
+
+
+def test_a_missing_choices_logit_has_no_variance():
+    """glm_logits reported J Sigma J^T with a row of variance (19.9) at a missing choice, whose -inf logit is a
+    constant: its row of J is zero."""
+    model = LoraModel(tiny_llama(), MultipleChoice(LETTERS, format="letter"), prior=0.5, num_data=5)
+    guide = LastLayerLaplaceGuide(model, prior_precision=1.5).fit(letter_data(), progress=False)
+    batch = letter_data("right")[0]
+    mean, cov = guide.glm_logits(batch)
+    missing = ~batch["choice_mask"].bool()
+    assert missing.any() and torch.isneginf(mean[missing]).all()
+    assert (cov[missing] == 0).all() and (cov.transpose(1, 2)[missing] == 0).all()
+    assert (torch.diagonal(cov, dim1=1, dim2=2)[~missing] > 0).all()

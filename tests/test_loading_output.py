@@ -442,10 +442,21 @@ def test_an_adapter_saved_for_a_language_model_on_a_classifier_is_refused_naming
 def test_a_base_bias_saved_under_another_adapters_wrapping_loads_where_unchanged_and_is_refused_where_trained(tmp_path, trained):
     """bias='all' saves every bias, a layer another adapter wraps as <layer>.base_layer.bias, which peft drops on load:
     harmless where it is the base's value (a file pyro_lora's export_adapter wrote was refused), a loss where trained."""
+    import copy
+
     from conftest import random_batch, tiny_bert, tiny_bert_base
     from peft import LoraConfig
+    from safetensors.torch import load_file
 
     net = tiny_bert()  # adapter "default": LoRA on query and value
+    with torch.no_grad():  # biases of a pretrained base: BERT's start at 0, which every dtype holds exactly
+        for name, p in net.named_parameters():
+            if name.endswith("base_layer.bias"):
+                p.normal_(0, 0.1)
+    base = tiny_bert_base()
+    base.load_state_dict({k.removeprefix("base_model.model.").replace(".base_layer.", "."): v
+                          for k, v in net.state_dict().items() if "lora_" not in k and "modules_to_save" not in k
+                          and "original_module" not in k}, strict=False)
     net.add_adapter("cls", LoraConfig(r=2, target_modules=["query"], bias="all", task_type="SEQ_CLS"))
     net.set_adapter("cls")
     value_bias = net.base_model.model.bert.encoder.layer[0].attention.self.value.base_layer.bias
@@ -458,12 +469,17 @@ def test_a_base_bias_saved_under_another_adapters_wrapping_loads_where_unchanged
                                              r"another adapter wraps: .* a reload of adapter 'cls' alone drops it"):
             export_adapter(LoraModel(net, SequenceClassification()), tmp_path / "exported")  # nor does it write it
     net.save_pretrained(tmp_path / "saved", selected_adapters=["cls"])
+    if not trained:  # saved in half precision, the base's float32 bias rounded: the same value, not a trained one
+        half = tmp_path / "half"
+        copy.deepcopy(net).to(torch.bfloat16).save_pretrained(half, selected_adapters=["cls"])
+        assert "value.base_layer.bias" in " ".join(load_file(half / "cls" / "adapter_model.safetensors"))
+        P.load_adapter(copy.deepcopy(base), half / "cls")
     if trained:
         with pytest.raises(ValueError, match=r"holds bert\.encoder\.layer\.0\.attention\.self\.value\.base_layer\.bias, a base "
                                              r"layer's tensor trained .* while another adapter wrapped that layer"):
-            P.load_adapter(tiny_bert_base(), tmp_path / "saved" / "cls")
+            P.load_adapter(base, tmp_path / "saved" / "cls")
         return
-    loaded = P.load_adapter(tiny_bert_base(), tmp_path / "saved" / "cls").eval()
+    loaded = P.load_adapter(base, tmp_path / "saved" / "cls").eval()
     batch = random_batch()
     net.delete_adapter("default")  # the saved adapter alone: "cls" over the base
     with torch.no_grad():

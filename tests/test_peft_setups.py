@@ -1187,3 +1187,14 @@ def test_float_modules_of_torch_ao_are_not_taken_for_quantized_ones():
     net.base_model.model.model.add = torch.ao.nn.quantized.FloatFunctional()
     net.base_model.model.model.layers[0].mlp.fake = torch.ao.quantization.FakeQuantize()
     LoraModel(net, CausalLM())
+
+
+@pytest.mark.parametrize("rnn", [torch.nn.LSTM(4, 4), torch.nn.GRUCell(4, 4)], ids=["LSTM", "GRUCell"])
+def test_a_dynamically_quantized_rnn_of_torch_itself_is_refused(rnn):
+    """quantize_dynamic's default set holds LSTM, GRU and their cells, which keep their packed weights under other
+    names than Linear's: the refusal keyed on Linear's passed them."""
+    net = tiny_llama()
+    net.base_model.model.model.rnn = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(rnn), {type(rnn)},
+                                                                             dtype=torch.qint8)
+    with pytest.raises(ValueError, match=r"rnn\.0 is a torch\.ao\.nn\.quantized\.dynamic.*PyTorch's own quantisation"):
+        LoraModel(net, CausalLM())

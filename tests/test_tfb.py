@@ -600,8 +600,11 @@ def test_search_bounds_and_tolerances_that_decide_nothing_are_refused_and_one_ba
     for call in (lambda: guide.set_sigma_q(1e-300), lambda: guide.sample(2, sigma_q=1e-300)):
         with pytest.raises(ValueError, match=r"sigma_q=1e-300 is below float32's smallest normal number .* stored as 0"):
             call()
-    with pytest.raises(ValueError, match=r"sigma_q=1e\+39 is above float32's largest number"):
-        guide.set_sigma_q(1e39)
+    for call in (lambda: guide.set_sigma_q(1e39), lambda: guide.sample(2, sigma_q=1e39)):  # inf draws
+        with pytest.raises(ValueError, match=r"sigma_q=1e\+39 is above float32's largest number"):
+            call()
+    with pytest.raises(ValueError, match=r"high=1e\+39 is above float32's largest number"):
+        guide.search(anchors, low=1.0, high=1e39)
     guide.set_sigma_q(0)  # the point estimate, asked for
     assert guide.deterministic
     guide.search(anchors, criterion="nll", tolerance=2.0, iterations=1)  # a relative NLL change may exceed 1

@@ -26,6 +26,7 @@ from ..likelihoods import MultipleChoice, SequenceClassification
 from ..model import LoraModel, lora_freezes
 from ..pretrained import (DTYPES, add_lora, check_head_classes, default_mc_format, encoder_only, expected_mc_format, load_adapter,
                           load_pretrained, max_positions)
+from ..model_files import label_key
 from ..prompts import asked_question
 from ..records import BLANK, looks_blank, record_task
 from ..training import fit
@@ -340,7 +341,7 @@ def prepare(config: CompareConfig, seed: int = 0, adapter_dir=None) -> Setup:
                                    max_positions(config.model), names=_split_names(config.dataset, shifted))
     split_notes = _warn_about_splits(config, tok, train, val, test, shifted)
     if meta["task"] == "classification":
-        _warn_about_unheld_classes(config.dataset, meta["label_names"], [train, val, test])
+        _warn_about_unheld_classes(config.dataset, meta["label_names"], [train, val, test, *shifted.values()])
     collator._cut_said = True  # each split's cuts are said above: the batches need not say them again
     config = replace(config, lr=config.lr or default_lr(meta["task"]))
     torch.manual_seed(seed)  # the LoRA's initialisation, whatever loading drew
@@ -592,10 +593,11 @@ def _warn_about_unheld_classes(dataset: str, label_names: list, splits: list) ->
     held = {r["label"] for records in splits for r in records}
     unheld = [name for i, name in enumerate(label_names) if i not in held]
     if unheld:
-        warnings.warn(f"the label_names of {dataset!r} name {len(label_names)} classes, and no record of the run holds "
-                      f"{unheld}: the head gets an output that nothing trains, whose probability takes mass from the "
-                      "others (NLL, ECE and Brier change with it); drop the name from its meta.json, or check the "
-                      "records' labels", stacklevel=user_stacklevel())
+        warnings.warn(f"the label_names of {dataset!r} name {len(label_names)} classes, and no record this run reads "
+                      f"(its training, validation, test and shifted records, at the sizes asked) holds {unheld}: the head "
+                      "gets an output that nothing trains, whose probability takes mass from the others (NLL, ECE and "
+                      "Brier change with it); a larger --train-size gives it examples where the data holds them, and a "
+                      "name no record of the data holds is stale in its meta.json", stacklevel=user_stacklevel())
 
 
 def _warn_about_choice_counts(names: dict, test: list, shifted: dict):
@@ -857,8 +859,8 @@ def check_eval_sets(config: CompareConfig, dataset_meta: dict) -> None:
         meta = D.load_meta(name, config.data_dir)
         if meta["task"] != task:
             raise ValueError(f"evaluation set {name!r} is not a {task} dataset like {config.dataset!r}")
-        if task == "classification" and [unicodedata.normalize("NFC", n) for n in meta["label_names"]] != \
-                [unicodedata.normalize("NFC", n) for n in names]:  # Unicode's two spellings of "é" print alike
+        # as every label list is compared (label_key): case, surrounding spaces and Unicode's spellings aside
+        if task == "classification" and list(map(label_key, meta["label_names"])) != list(map(label_key, names)):
             raise ValueError(f"evaluation set {name!r} names its labels {meta['label_names']}, {config.dataset!r} "
                              f"{names}: labels are compared by index, so each would be scored as another class; give "
                              "both sets the same label_names in the same order")
