@@ -164,7 +164,7 @@ def load_meta(name: str, data_dir: str | os.PathLike | None = None) -> dict:
         if not isinstance(names, list) or len(names) < 2:
             raise ValueError(f"{path}: classification needs label_names, a list of at least 2 names")
         # distinct as a reader tells them: "neg" and "neg ", or "café" in Unicode's two spellings, are one class
-        if not all(isinstance(n, str) and n.strip() for n in names) or len(set(map(label_key, names))) != len(names):
+        if not all(isinstance(n, str) and label_key(n) for n in names) or len(set(map(label_key, names))) != len(names):
             raise ValueError(f"{path}: label_names must be distinct non-blank strings (compared ignoring case, surrounding "
                              f"spaces and Unicode's spellings of a character), got {names}")
     return meta

@@ -214,9 +214,13 @@ def check_head_classes(name_or_path, num_labels: int, label_names: Sequence[str]
 
 
 def label_key(name) -> str:
-    """A class name as two label lists are compared: ignoring case, surrounding spaces and Unicode's two spellings of
-    one character (``" Positive"`` is ``positive``; "café" with a combining accent is "café")."""
-    return unicodedata.normalize("NFC", str(name)).strip().casefold()
+    """A class name as two label lists are compared: ignoring case, surrounding spaces, characters that print as
+    nothing and Unicode's compatibility spellings of a character (``" Positive"`` is ``positive``; "café" with a
+    combining accent is "café"; full-width "ｎｅｇ" is "neg"; "neg" with a zero-width space is "neg")."""
+    return _INVISIBLE.sub("", unicodedata.normalize("NFKC", str(name))).strip().casefold()
+
+
+_INVISIBLE = re.compile("[\u200b-\u200d\u2060\ufeff]")  # zero-width spaces and joiners, the word joiner, the BOM
 
 
 # --------------------------------------------------------------------------- causal LM or encoder

@@ -733,7 +733,8 @@ def test_make_loader_is_seeded(smol_tok, records):
 
 # "neg" and "neg ", and "café" spelled with a combining accent, are one class to a reader (they were two)
 @pytest.mark.parametrize("names", [["x", "x"], ["neg", None], ["neg", ""], ["neg", " "], ["neg", "neg "], ["Neg", "neg"],
-                                   ["caf\u00e9", "cafe\u0301"]])
+                                   ["caf\u00e9", "cafe\u0301"], ["neg", "neg\u200b"], ["neg", "\uff4e\uff45\uff47"],
+                                   ["neg", "\u200b"]])
 def test_label_names_that_cannot_tell_classes_apart_are_refused(tmp_path, names):
     _write(tmp_path, "toycls", {**CLS_META, "label_names": names}, [json.dumps({"id": 1, "text": "fine", "label": 1})])
     with pytest.raises(ValueError, match=r"label_names must be distinct non-blank strings \(compared ignoring case"):
