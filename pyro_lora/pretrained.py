@@ -785,16 +785,17 @@ def _check_all_loaded(model, loaded: dict, adapter_dir) -> None:
         return state.get(plain) if plain != name else None
 
     unread = sorted(k for k in loaded.keys() - state.keys() if not copy_of_one_loaded(k))
-    unseen = next((k for k in unread if unwrapped(k) is not None and unwrapped(k).is_meta), None)
+    own = {k: unwrapped(k) for k in unread}
+    unseen = next((k for k in unread if own[k] is not None and own[k].is_meta), None)
     if unseen is not None:  # accelerate's offloading leaves the layer's own tensor on meta
         raise ValueError(f"the adapter in {adapter_dir} holds {unseen}, a base layer's tensor saved while another adapter "
                          "wrapped that layer, which peft drops on load; whether it is the base's value cannot be told on "
                          "this model, whose weights are offloaded (on the meta device): load the model without offloading")
-    trained = [k for k in unread if unwrapped(k) is not None and not _same_values(unwrapped(k), loaded[k])]
-    unread = [k for k in unread if unwrapped(k) is None]
+    trained = [k for k in unread if own[k] is not None and not _same_values(own[k], loaded[k])]
+    unread = [k for k in unread if own[k] is None]
     if trained:
         raise ValueError(
-            f"the adapter in {adapter_dir} holds {trained[0]}, a base layer's tensor trained (bias='all' or 'lora_only') "
+            f"the adapter in {adapter_dir} holds {trained[0]}, a base layer's tensor trained (bias='all') "
             "while another adapter wrapped that layer: peft drops it on load, so the adapter would predict with the "
             f"base's {trained[0].replace('.base_layer.', '.')}; load it with the adapter that wraps that layer, or train "
             "with bias='none'")
