@@ -516,8 +516,8 @@ def _warn_about_splits(config: CompareConfig, tokenizer, train, val, test, shift
     if test and record_task(test[0]) == "multiple_choice":
         _warn_about_choice_counts(names, test, shifted)
     if train and record_task(train[0]) == "classification":
-        _warn_about_cuts(config, tokenizer, {names["train"]: train, names["validation"]: val},
-                         {s.what: (s.fed.records, s.fed.read) for s in scored[1:]})
+        _warn_about_cuts(config, tokenizer, {names["train"]: trained, **{s.what: s.fed for s in scored}},
+                         scored={s.what for s in scored[1:]})
         _warn_about_labels(config, train, val, scored)
     return notes
 
@@ -621,23 +621,24 @@ def _warn_about_choice_counts(names: dict, test: list, shifted: dict):
                           "apart, not the shift alone", stacklevel=user_stacklevel())
 
 
-def _warn_about_cuts(config: CompareConfig, tokenizer, fitted: dict, scored: dict):
-    """Say, once per split (``fitted``: ``{what: records}``, a classification set's), how many texts ``--max-length``
-    cuts (their end is never read, or their start under a tokenizer truncating on the left: a legitimate cut, but it
-    can take what tells a text's class), the first by id; and,
-    of a scored split (``scored``: ``{what: (records, their _model_inputs)}``), how many different texts the cut leaves
-    as one input (their rows cannot be told apart)."""
+def _warn_about_cuts(config: CompareConfig, tokenizer, splits: dict, scored: set):
+    """Say, once per split (``splits``: what it is called -> its :class:`_Fed`, a classification set's), how many texts
+    ``--max-length`` cuts (their end is never read, or their start under a tokenizer truncating on the left: a
+    legitimate cut, but it can take what tells a text's class), the first by id; and, of a split named in ``scored``,
+    how many different texts the cut leaves as one input (their rows cannot be told apart)."""
     positions = _positions(tokenizer)
-    for what, records in {**fitted, **{what: records for what, (records, _) in scored.items()}}.items():
-        whole = tokenizer([r["text"] for r in records], verbose=False)["input_ids"]  # special tokens included
+    for what, fed in splits.items():
+        if fed.whole is fed.own:  # no input reaches --max-length: nothing was cut
+            continue
+        records, whole = fed.records, fed.whole  # whole: special tokens included, as the cut counts them
         cut = [(r, len(ids)) for r, ids in zip(records, whole) if len(ids) > config.max_length]
         if not cut:
             continue
         _say_cut(what, records, cut, config.max_length, positions, text_cut(tokenizer))
         if what in scored:
             texts = {}  # the input after the cut -> the ids of the records read as it, by their whole tokens
-            for r, key, ids in zip(records, scored[what][1], whole):
-                texts.setdefault(key, {}).setdefault(tuple(ids), []).append(r["id"])
+            for r, key, ids in zip(records, fed.read, whole):
+                texts.setdefault(key, {}).setdefault(ids, []).append(r["id"])
             merged = [[i for ids in group.values() for i in ids] for group in texts.values() if len(group) > 1]
             if merged:
                 warnings.warn(f"the cut to --max-length {config.max_length} leaves {sum(map(len, merged))} of the "
