@@ -16,6 +16,7 @@ names are importable from here too.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import os
@@ -674,8 +675,15 @@ def _targets(targets, model):
     return targets if isinstance(targets, str) else list(targets)
 
 
-# the keyword arguments of PeftModel.from_pretrained that choose which adapter_config.json it reads
-_HUB_KWARGS = ("subfolder", "revision", "token", "cache_dir", "local_files_only")
+def _hub_kwargs(kwargs: dict) -> dict:
+    """The keyword arguments of ``PeftModel.from_pretrained`` that choose which ``adapter_config.json`` it reads: as
+    peft's ``PeftConfig.from_pretrained`` splits them, those ``huggingface_hub.hf_hub_download`` takes (a subfolder,
+    revision, token, ``repo_type``, ...)."""
+    from huggingface_hub import hf_hub_download
+
+    return {k: v for k, v in kwargs.items() if k in inspect.signature(hf_hub_download).parameters}
+
+
 # peft's language-model task types: the model each wraps
 _LM_TASKS = {"CAUSAL_LM": "a causal language model", "SEQ_2_SEQ_LM": "an encoder-decoder language model"}
 
@@ -708,7 +716,7 @@ def load_adapter(model: PreTrainedModel, adapter_dir: str | os.PathLike, **kwarg
     # (no lora_ga_config, which LoRA-GA cannot run without: what sites.base_rewriting_inits reads)
     lora_ga_can_run = any(hasattr(m, "_peft_loraga_grad") for m in model.modules())
     # the config peft reads: a subfolder, revision or config given pick another than the folder's own
-    config = kwargs.get("config") or PeftConfig.from_pretrained(adapter_dir, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    config = kwargs.get("config") or PeftConfig.from_pretrained(adapter_dir, **_hub_kwargs(kwargs))
     task_type = getattr(config, "task_type", None)
     if task_type in _LM_TASKS and not callable(getattr(model, "prepare_inputs_for_generation", None)):
         # peft's wrapper for them reads the generation hook at once: an AttributeError naming neither
