@@ -562,6 +562,30 @@ def test_a_figure_the_disk_cannot_take_loses_no_finished_row_and_the_first_error
     assert "the summary figures were not redrawn either" in "".join(raised.value.__notes__)
 
 
+def test_a_reliability_diagram_lost_to_a_kill_is_drawn_by_the_resume_a_ts_rows_too(tmp_path, monkeypatch):
+    """A kill (or a full disk) between a row and its reliability diagram left the diagram missing for good: the resume
+    redrew the methods' diagrams only, never a +ts row's, and none of a method it added rows of another seed for."""
+    from matplotlib.image import imread
+
+    from pyro_lora.experiments import results as R
+
+    drawn = R.reliability_diagram
+    monkeypatch.setattr(R, "reliability_diagram", lambda *a, **k: None)  # killed before each diagram was drawn
+    config = small(tmp_path, guides=("map",), seeds=(0, 1))
+    first = RunFolder(tmp_path, config)
+    probs = np.full((2, 2), 0.5, dtype=np.float32)
+    for name in ("map", "map+ts"):
+        first.add(name, 0, [{**ROW, "guide": name}], arrays(0), first_seed=(probs, np.arange(2)))
+    assert not list(tmp_path.glob("reliability_map*.png"))
+    monkeypatch.setattr(R, "reliability_diagram", drawn)
+    resumed = RunFolder(tmp_path, config)  # resumes seed 1 alone: its rows draw no diagram of the first seed
+    for name in ("map", "map+ts"):
+        resumed.add(name, 1, [{**ROW, "guide": name, "seed": 1}], arrays(1))
+    resumed.redraw()
+    for name in ("map", "map+ts"):
+        assert imread(tmp_path / f"reliability_{name}.png").ndim == 3
+
+
 def test_a_resume_in_another_environment_is_warned_and_noted_on_the_rows_it_adds(tmp_path, monkeypatch):
     """A run killed, then resumed after an update of pyro_lora's code (a method's version unchanged) or of a
     library, averaged rows of both versions without a word. The record keeps every environment its rows were made

@@ -379,7 +379,8 @@ class RunFolder:
         self.request = asdict(config)
         self.rows, self.failed, self.guides, self.seeds = [], [], [], []
         self.sizes = None  # examples used per split (``Setup.sizes``), once a seed has loaded its data
-        self._added = set()  # guides this process added rows for (their figures are fresh)
+        self._added = set()  # guides this process added rows for
+        self._drawn = set()  # row names (a method, its +ts) whose reliability diagram this process drew
         self._pending_maps = {}  # seed -> MAP file bytes, kept while a replaced run's files stand (:meth:`save_map`)
         self.maps = {}  # seed (a string, as JSON keys are) -> digest of the MAP its rows start from
         self.data = None  # digest of the records its rows were scored on (:func:`~.setup.data_digest`)
@@ -747,6 +748,7 @@ class RunFolder:
             figure = self.out / f"reliability_{guide}.png"
             try:  # after the row is written: a figure that cannot be (a full disk) loses no finished result
                 reliability_diagram(probs, labels, figure, title=f"{guide} on {self.config.dataset}")
+                self._drawn.add(guide)
             except OSError as error:
                 warnings.warn(f"{figure} could not be written ({error}); the row of {guide} (seed {seed}) is kept")
 
@@ -820,11 +822,13 @@ class RunFolder:
 
     def redraw(self):
         """Draw, from the npz files, the summary figures (reliability grid, calibration vs accuracy) and the
-        reliability diagrams of the guides this process did not add (kept from an earlier run: a figure damaged since
-        is made whole). The end of every run calls it, however the run ended."""
+        reliability diagrams, a method's and its ``+ts`` row's, that this process did not draw (kept from an earlier
+        run, or lost to a kill or a full disk there: a figure damaged or missing since is made whole). The end of every
+        run calls it, however the run ended."""
         if is_main() and self.seeds and self.rows and self._replaced is None:
-            kept = [g for g in self.guides if g not in self._added]
-            _draw_summary(self.out, self.summary(), self.guides, self.config.dataset, self.seeds[0], each=kept)
+            names = dict.fromkeys([*self.guides, *(r["guide"] for r in self.rows)])
+            _draw_summary(self.out, self.summary(), self.guides, self.config.dataset, self.seeds[0],
+                          each=[g for g in names if g not in self._drawn])
 
     def raise_failures(self):
         """Raise :class:`GuideFailures` naming every failed (guide, seed) this invocation asked for (its ``--guides``
@@ -876,7 +880,7 @@ def environment() -> dict:
 def redraw_figures(out, record, to=None) -> bool:
     """Draw again, from the npz files in ``out``, the figures of its run record ``record`` (``results.json``; or as
     the study's report reads it, its summary recomputed from its rows): the summary figures and, unless ``to`` is
-    given, every method's reliability diagram, which a kill after the run's last row left behind it.
+    given, the reliability diagram of every method and ``+ts`` row, which a kill after the run's last row left behind it.
 
     :param to: ``{kind: path}`` for each of :data:`SUMMARY_FIGURES` (the study's report: its own copies, drawn from
         the rows it reports); default the run's own ``out/<kind>.png``.
@@ -884,25 +888,27 @@ def redraw_figures(out, record, to=None) -> bool:
     """
     config = record["config"]
     guides = config["guides"] or list(dict.fromkeys(base_guide(r["guide"]) for r in record["per_seed"]))
+    rows = dict.fromkeys([*guides, *(r["guide"] for r in record["per_seed"])])
     return _draw_summary(Path(out), record["summary"], guides, config["dataset"], config["seeds"][0],
-                         each=() if to else guides, to=to)
+                         each=() if to else list(rows), to=to)
 
 
 def _draw_summary(out, summary, guides, dataset, seed, each=(), to=None):
     """The reliability grid and calibration-vs-accuracy plot of the ``guides`` whose arrays for ``seed`` (the run's
     first) on ``dataset`` are in ``out`` (to ``to[kind]``, default ``out/<kind>.png``); and the reliability diagram
-    of each guide in ``each``. Returns whether the summary figures were drawn."""
+    of each row name in ``each`` (a method or its ``+ts`` row). Returns whether the summary figures were drawn."""
     to = to or {kind: out / f"{kind}.png" for kind in SUMMARY_FIGURES}
     # a method whose summary leaves ``seed`` out (its rows of another version: versions.one_version) is not drawn from its arrays
     held = {r["guide"]: r.get("seeds") for r in summary if r["dataset"] == dataset}  # a record may list no seeds
     first = {}
-    for guide in [g for g in guides if held.get(g) is None or seed in held[g]]:
+    for guide in [g for g in dict.fromkeys([*guides, *each]) if held.get(g) is None or seed in held[g]]:
         arrays, key = _read_arrays(out, guide), f"{dataset}__seed{seed}__"
         if key + "probs" in arrays and key + "labels" in arrays:  # else this guide has no finished arrays
             first[guide] = (torch.from_numpy(arrays[key + "probs"]), torch.from_numpy(arrays[key + "labels"]))
     for guide in each:
         if guide in first:
             reliability_diagram(*first[guide], out / f"reliability_{guide}.png", title=f"{guide} on {dataset}")
+    first = {g: first[g] for g in guides if g in first}  # the summary figures: the methods, not their +ts rows
     rows = [r for r in summary if r["dataset"] == dataset and r["guide"] in first]
     if not (first and rows):
         return False
