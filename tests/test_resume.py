@@ -356,6 +356,25 @@ def test_a_request_is_compared_with_what_was_requested_not_with_resolved_default
     assert config.lr is None  # the caller's config is never changed
 
 
+def test_a_default_left_to_the_run_now_is_the_value_there_it_resolves_to(tmp_path):
+    """A run made with --lr 2e-3 (as study records it), resumed without --lr on SST-2 (whose default it is), was
+    refused as another configuration ('lr 0.002 there, None now'), while the reverse resumed."""
+    from pyro_lora.experiments.results import config_differences
+
+    RunFolder(tmp_path, small(tmp_path, guides=("map",), lr=2e-3)).add("map", 0, [ROW], arrays(0))
+    RunFolder(tmp_path, small(tmp_path, guides=("map",)))  # the default: 2e-3 for a classification task
+    other = tmp_path / "other"
+    RunFolder(other, small(other, guides=("map",), lr=1e-3)).add("map", 0, [ROW], arrays(0))
+    with pytest.raises(ValueError, match=r"lr 0.001 there, None now"):
+        RunFolder(other, small(other, guides=("map",)))
+    # a multiple-choice set's: the learning rate of a causal LM, the format SmolLM2's metadata gives
+    arc = {"dataset": "arc_easy", "model": "smollm2"}
+    assert config_differences({**asdict(small(tmp_path)), **arc, "lr": 3e-4, "mc_format": "cloze"},
+                              {**asdict(small(tmp_path)), **arc}) == {}
+    assert config_differences({**asdict(small(tmp_path)), **arc, "mc_format": "letter"},
+                              {**asdict(small(tmp_path)), **arc}) == {"mc_format": ("letter", None)}
+
+
 @pytest.mark.real
 @pytest.mark.parametrize("guide", ["flow", "ensemble", "blora_xs", "scalabl"])
 def test_every_saveable_method_fits_and_evaluate_reproduces_its_row(tmp_path, guide):

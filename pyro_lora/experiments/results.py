@@ -33,7 +33,7 @@ from ..locking import FolderLocked, folder_lock, locked_elsewhere
 from ..model_files import local_model_path, model_files_stamp
 from .plots import metric_scatter, reliability_diagram, reliability_grid
 from .scoring import array_ood_auroc, array_scores
-from .setup import ADDED_SETTINGS, BASE_DIGEST_VERSION, CLOZE_SCORING, state_digest
+from .setup import ADDED_SETTINGS, BASE_DIGEST_VERSION, CLOZE_SCORING, resolved_default, state_digest
 from .table import base_guide, check_one_row_each, seed_list, ts_name
 from .verdict import REFERENCE, verdict
 from .versions import left_out_text, method_version, of_other_version, older_versions, row_version, split_versions, versions_of
@@ -1058,8 +1058,10 @@ def config_differences(saved, config, ignore=(), data=None):
 
     :param saved: a run record as ``results.json`` holds it (its resolved ``config`` and, where written, the
         ``request`` it was run with), or a bare config dict. A value now equal to either the requested or the
-        resolved one is the same: a default left to the run (e.g. ``lr=None``) matches what it resolved to.
-        The value there reported is the requested one.
+        resolved one is the same: a default left to the run (e.g. ``lr=None``) matches what it resolved to, and a
+        default left to the run now matches the value there that it resolves to now
+        (:func:`~pyro_lora.experiments.setup.resolved_default`: ``--lr 2e-3`` there, none now, on SST-2). The value
+        there reported is the requested one.
     :param config: the configuration now, a :class:`~pyro_lora.experiments.setup.CompareConfig` or its dict;
         its settings are the ones compared.
     :param ignore: setting names left out (e.g. what a resumed run may change: guides, seeds, out, progress).
@@ -1083,7 +1085,9 @@ def config_differences(saved, config, ignore=(), data=None):
             continue
         older = ADDED_SETTINGS.get(key)  # a record from before the setting existed ran with its old value
         there = requested.get(key, resolved.get(key, older))
-        if _comparable(key, value) not in (_comparable(key, requested.get(key, older)), _comparable(key, resolved.get(key, older))):
+        same = (_comparable(key, requested.get(key, older)), _comparable(key, resolved.get(key, older)))
+        if _comparable(key, value) not in same and (value is not None or there is None
+                                                    or _comparable(key, resolved_default(key, now)) not in same):
             out[key] = (there, value)
     return out
 

@@ -149,6 +149,21 @@ def default_lr(task: str) -> float:
     return 2e-3 if task == "classification" else 3e-4
 
 
+def resolved_default(key: str, config: dict):
+    """What the setting ``key`` left to the run (``None``) resolves to under ``config`` (a :class:`CompareConfig`'s
+    dict), where that is known before loading the model: ``lr`` by the dataset's task (:func:`default_lr`),
+    ``mc_format`` by the model's metadata (:func:`~pyro_lora.pretrained.expected_mc_format`); ``None`` otherwise, or
+    where the dataset cannot be read."""
+    try:
+        if key == "lr":
+            return default_lr(D.load_meta(config["dataset"], config.get("data_dir"))["task"])
+        if key == "mc_format" and D.load_meta(config["dataset"], config.get("data_dir"))["task"] != "classification":
+            return expected_mc_format(config["model"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return None
+
+
 @dataclass
 class Setup:
     """The trained MAP and the data every method shares; what a method's recipe receives."""
