@@ -373,6 +373,12 @@ def test_a_default_left_to_the_run_now_is_the_value_there_it_resolves_to(tmp_pat
                               {**asdict(small(tmp_path)), **arc}) == {}
     assert config_differences({**asdict(small(tmp_path)), **arc, "mc_format": "letter"},
                               {**asdict(small(tmp_path)), **arc}) == {"mc_format": ("letter", None)}
+    # a model folder whose metadata cannot be read resolves no default: the difference is said, nothing raised
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama", "num_attention_heads": 0}')
+    mine = {**asdict(small(tmp_path)), "dataset": "arc_easy", "model": str(broken)}
+    assert config_differences({**mine, "mc_format": "cloze"}, mine) == {"mc_format": ("cloze", None)}
 
 
 @pytest.mark.real
@@ -603,6 +609,29 @@ def test_a_reliability_diagram_lost_to_a_kill_is_drawn_by_the_resume_a_ts_rows_t
     resumed.redraw()
     for name in ("map", "map+ts"):
         assert imread(tmp_path / f"reliability_{name}.png").ndim == 3
+
+
+def test_a_diagram_the_redraw_cannot_write_is_warned_of_and_the_summary_figures_still_drawn(tmp_path, monkeypatch):
+    """The run's end retries a diagram its add could not write: a failure of that one file raised out of the redraw,
+    before the summary figures, and ended a finished run in an OSError."""
+    import errno
+
+    from pyro_lora.experiments import results as R
+
+    drawn = R.reliability_diagram
+
+    def diagram(probs, labels, path, title=None):
+        if path.name == "reliability_map.png":
+            raise OSError(errno.EACCES, "Permission denied", str(path))
+        return drawn(probs, labels, path, title=title)
+
+    monkeypatch.setattr(R, "reliability_diagram", diagram)
+    run = RunFolder(tmp_path, small(tmp_path, guides=("map",)))
+    with pytest.warns(UserWarning, match="reliability_map.png could not be written"):
+        run.add("map", 0, [ROW], arrays(0), first_seed=(np.full((2, 2), 0.5, dtype=np.float32), np.arange(2)))
+    with pytest.warns(UserWarning, match="reliability_map.png could not be written"):
+        run.redraw()
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["calibration_vs_accuracy.png", "reliability_grid.png"]
 
 
 def test_a_resume_in_another_environment_is_warned_and_noted_on_the_rows_it_adds(tmp_path, monkeypatch):

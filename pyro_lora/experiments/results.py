@@ -907,7 +907,11 @@ def _draw_summary(out, summary, guides, dataset, seed, each=(), to=None):
             first[guide] = (torch.from_numpy(arrays[key + "probs"]), torch.from_numpy(arrays[key + "labels"]))
     for guide in each:
         if guide in first:
-            reliability_diagram(*first[guide], out / f"reliability_{guide}.png", title=f"{guide} on {dataset}")
+            figure = out / f"reliability_{guide}.png"
+            try:  # as a run's add: a diagram that cannot be written does not stop the summary figures
+                reliability_diagram(*first[guide], figure, title=f"{guide} on {dataset}")
+            except OSError as error:
+                warnings.warn(f"{figure} could not be written ({error})", stacklevel=user_stacklevel())
     first = {g: first[g] for g in guides if g in first}  # the summary figures: the methods, not their +ts rows
     rows = [r for r in summary if r["dataset"] == dataset and r["guide"] in first]
     if not (first and rows):
