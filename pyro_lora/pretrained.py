@@ -681,7 +681,8 @@ def _hub_kwargs(kwargs: dict) -> dict:
     revision, token, ``repo_type``, ...)."""
     from huggingface_hub import hf_hub_download
 
-    return {k: v for k, v in kwargs.items() if k in inspect.signature(hf_hub_download).parameters}
+    hub = inspect.signature(hf_hub_download).parameters
+    return {k: v for k, v in kwargs.items() if k in hub}
 
 
 # peft's language-model task types: the model each wraps

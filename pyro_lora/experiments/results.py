@@ -888,9 +888,9 @@ def redraw_figures(out, record, to=None) -> bool:
     """
     config = record["config"]
     guides = config["guides"] or list(dict.fromkeys(base_guide(r["guide"]) for r in record["per_seed"]))
-    rows = dict.fromkeys([*guides, *(r["guide"] for r in record["per_seed"])])
+    names = dict.fromkeys([*guides, *(r["guide"] for r in record["per_seed"])])  # the methods and their +ts rows
     return _draw_summary(Path(out), record["summary"], guides, config["dataset"], config["seeds"][0],
-                         each=() if to else list(rows), to=to)
+                         each=() if to else list(names), to=to)
 
 
 def _draw_summary(out, summary, guides, dataset, seed, each=(), to=None):

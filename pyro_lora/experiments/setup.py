@@ -154,14 +154,15 @@ def resolved_default(key: str, config: dict):
     dict), where that is known before loading the model: ``lr`` by the dataset's task (:func:`default_lr`),
     ``mc_format`` by the model's metadata (:func:`~pyro_lora.pretrained.expected_mc_format`); ``None`` otherwise, or
     where the dataset or model metadata cannot be read (a default matches nothing then: the run is refused, naming it)."""
+    if key not in ("lr", "mc_format"):
+        return None
     try:
+        task = D.load_meta(config["dataset"], config.get("data_dir"))["task"]
         if key == "lr":
-            return default_lr(D.load_meta(config["dataset"], config.get("data_dir"))["task"])
-        if key == "mc_format" and D.load_meta(config["dataset"], config.get("data_dir"))["task"] != "classification":
-            return expected_mc_format(config["model"])
+            return default_lr(task)
+        return None if task == "classification" else expected_mc_format(config["model"])
     except Exception:  # noqa: BLE001 - whatever a broken dataset or model folder raises: nothing is matched on it
         return None
-    return None
 
 
 @dataclass
